@@ -1,0 +1,133 @@
+"""Block-diagonal layout of the d coordinates and the passes over an m x d array.
+
+Both the static operators work on consecutive blocks of ``size`` coordinates;
+the full (non-blocked) operator is the case of one block of size d. Blocks of
+equal size form a *group* that is processed as one stack, so a layout has at
+most two groups: the full blocks and a ragged last block.
+
+The m x d array (G, or W = L^{-1} G) stays in its original layout: a group's
+columns are viewed as a stack ``(count, m, size)`` without copying, which lets
+the set-up overwrite G in place. The passes walk the columns in *pieces* of
+bounded width so that float64 temporaries stay small.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["BlockGroup", "block_groups", "lowrank_apply", "pieces", "piece_stack"]
+
+
+@dataclass(frozen=True)
+class BlockGroup:
+    """``count`` consecutive blocks of ``size`` coordinates starting at ``start``.
+
+    ``dense`` says whether the group stores dense ``size x size`` inverses
+    (cheaper when ``size <= m``) or the low-rank Woodbury form.
+    """
+
+    start: int
+    count: int
+    size: int
+    dense: bool
+
+    @property
+    def end(self) -> int:
+        return self.start + self.count * self.size
+
+
+def block_groups(dim: int, block_size: int, num_grads: int) -> tuple[BlockGroup, ...]:
+    """Split ``dim`` coordinates into full blocks and a ragged last block."""
+    full, ragged = divmod(dim, block_size)
+    groups = []
+    if full:
+        groups.append(BlockGroup(0, full, block_size, block_size <= num_grads))
+    if ragged:
+        groups.append(BlockGroup(full * block_size, 1, ragged, ragged <= num_grads))
+    return tuple(groups)
+
+
+def pieces(group: BlockGroup, max_cols: int) -> Iterator[tuple[int, int, int, int]]:
+    """Pieces ``(b0, b1, c0, c1)``: blocks ``b0:b1``, columns ``c0:c1`` within each.
+
+    A piece is either several whole blocks, or part of one block when a block
+    is wider than ``max_cols``.
+    """
+    s = group.size
+    if s >= max_cols:
+        for b in range(group.count):
+            for c0 in range(0, s, max_cols):
+                yield b, b + 1, c0, min(c0 + max_cols, s)
+    else:
+        per = max(1, max_cols // s)
+        for b0 in range(0, group.count, per):
+            yield b0, min(b0 + per, group.count), 0, s
+
+
+def piece_columns(group: BlockGroup, piece: tuple[int, int, int, int]) -> tuple[int, int]:
+    """The column range of G that a piece covers."""
+    b0, b1, c0, c1 = piece
+    s = group.size
+    return group.start + b0 * s + c0, group.start + (b1 - 1) * s + c1
+
+
+def piece_stack(xp: Any, A: Any, group: BlockGroup, piece: tuple[int, int, int, int]) -> Any:
+    """The columns of ``A`` (m x d) in a piece as a ``(blocks, m, width)`` view."""
+    lo, hi = piece_columns(group, piece)
+    b0, b1, c0, c1 = piece
+    cols = A[:, lo:hi]
+    if b1 - b0 == 1:
+        return cols[None, ...]
+    return xp.permute_dims(xp.reshape(cols, (A.shape[0], b1 - b0, c1 - c0)), (1, 0, 2))
+
+
+def group_stack(xp: Any, A: Any, group: BlockGroup) -> Any:
+    """All columns of a group of ``A`` as a ``(count, m, size)`` view."""
+    return piece_stack(xp, A, group, (0, group.count, 0, group.size))
+
+
+def accumulate_blocks(
+    xp: Any,
+    G: Any,
+    group: BlockGroup,
+    max_cols: int,
+    product: Callable[[Any], Any],
+    progress: Callable[[int], None] | None = None,
+) -> Any:
+    """Sum ``product(piece)`` over the column pieces of each block; stack the blocks.
+
+    ``product`` maps a ``(blocks, m, width)`` float64 stack to a stack of small
+    matrices; the pieces of one block are added up, so a block wider than
+    ``max_cols`` never has a float64 copy in memory at once.
+    """
+    out, acc = [], None
+    for piece in pieces(group, max_cols):
+        b0, b1, c0, c1 = piece
+        X = xp.astype(piece_stack(xp, G, group, piece), xp.float64)
+        P = product(X)
+        acc = P if c0 == 0 else acc + P
+        if c1 == group.size:
+            out.append(acc)
+        if progress is not None:
+            progress((b1 - b0) * (c1 - c0))
+    return out[0] if len(out) == 1 else xp.concat(out, axis=0)
+
+
+def lowrank_apply(xp: Any, A: Any, X: Any, group: BlockGroup, alpha: float, beta: float) -> Any:
+    """``alpha X + beta A^T (A X)`` block by block, for the rows of X in ``group``.
+
+    ``A`` is m x d; the result has shape ``(count * size, k)``.
+    """
+    Xg = X[group.start:group.end, ...]
+    if group.count == 1:
+        Ag = A[:, group.start:group.end]
+        C = Ag @ Xg
+        return alpha * Xg + Ag.T @ (beta * C)
+    k = X.shape[1]
+    Ag = group_stack(xp, A, group)
+    Xb = xp.reshape(Xg, (group.count, group.size, k))
+    C = Ag @ Xb
+    Y = alpha * Xb + xp.matrix_transpose(Ag) @ (beta * C)
+    return xp.reshape(Y, (group.count * group.size, k))

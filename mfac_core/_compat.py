@@ -1,0 +1,48 @@
+"""The single import point for ``array_api_compat``.
+
+Every other module reaches array libraries through the names defined here, so
+that the dependency on ``array_api_compat`` (and its quirks) lives in one file.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from array_api_compat import (
+    array_namespace,
+    device,
+    is_array_api_obj,
+    is_array_api_strict_namespace,
+    is_cupy_namespace,
+    is_jax_namespace,
+    is_numpy_namespace,
+    is_torch_namespace,
+    is_writeable_array,
+)
+
+__all__ = [
+    "array_namespace",
+    "device",
+    "is_array_api_obj",
+    "is_array_api_strict_namespace",
+    "is_cupy_namespace",
+    "is_jax_namespace",
+    "is_numpy_namespace",
+    "is_torch_namespace",
+    "is_writeable_array",
+    "namespace_name",
+]
+
+
+def namespace_name(xp: Any) -> str:
+    """A short, human-readable name of an array namespace for error messages."""
+    for test, name in (
+        (is_numpy_namespace, "numpy"),
+        (is_torch_namespace, "torch"),
+        (is_cupy_namespace, "cupy"),
+        (is_jax_namespace, "jax"),
+        (is_array_api_strict_namespace, "array_api_strict"),
+    ):
+        if test(xp):
+            return name
+    return getattr(xp, "__name__", repr(xp))

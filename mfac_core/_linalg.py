@@ -1,0 +1,160 @@
+"""Small dense linear algebra, chosen per array library.
+
+The operators need three things on (stacks of) small float64 matrices: a
+Cholesky factor, triangular solves, and the inverse of a triangular factor.
+This module is the only place that knows which library provides them best
+(``scipy.linalg`` for NumPy, ``torch.linalg``, ``cupyx.scipy.linalg``,
+``jax.scipy.linalg``); any other Array-API namespace gets a pure
+``xp.linalg`` fallback. Backends are data: a table of functions looked up by
+namespace, not branches inside the algorithms.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+import numpy as np
+
+from ._compat import device, is_cupy_namespace, is_jax_namespace, is_numpy_namespace, is_torch_namespace
+
+__all__ = ["FactorizationError", "IllConditionedWarning", "cholesky", "solve_triangular",
+           "triangular_inverse"]
+
+
+class FactorizationError(np.linalg.LinAlgError):
+    """A matrix that should be positive definite could not be factorised.
+
+    Subclasses :class:`numpy.linalg.LinAlgError` (and so ``ValueError``). The
+    message names the damping and the condition number, the two knobs that
+    decide whether the factorisation can succeed.
+    """
+
+
+class IllConditionedWarning(UserWarning):
+    """The problem is so ill-conditioned that results may have few correct digits."""
+
+
+class _NotPositiveDefinite(Exception):
+    """Raised by the backends; callers turn it into a :class:`FactorizationError`."""
+
+
+@dataclass(frozen=True)
+class _Backend:
+    # cholesky(A) -> lower factor of each matrix in the stack A; raises _NotPositiveDefinite.
+    cholesky: Callable[[Any], Any]
+    # solve_triangular(T, B, lower, trans) -> T^{-1} B (or T^{-T} B), batched over leading axes.
+    solve_triangular: Callable[[Any, Any, bool, bool], Any]
+
+
+def _numpy_backend() -> _Backend:
+    import scipy.linalg
+
+    def chol(a: Any) -> Any:
+        try:
+            return np.linalg.cholesky(a)
+        except np.linalg.LinAlgError as exc:
+            raise _NotPositiveDefinite(str(exc)) from None
+
+    def solve(t: Any, b: Any, lower: bool, trans: bool) -> Any:
+        return scipy.linalg.solve_triangular(t, b, lower=lower, trans=1 if trans else 0,
+                                             check_finite=False)
+
+    return _Backend(chol, solve)
+
+
+def _torch_backend() -> _Backend:
+    import torch
+
+    def chol(a: Any) -> Any:
+        factor, info = torch.linalg.cholesky_ex(a)
+        if bool((info != 0).any()):
+            raise _NotPositiveDefinite("leading minor not positive definite")
+        return factor
+
+    def solve(t: Any, b: Any, lower: bool, trans: bool) -> Any:
+        if trans:
+            return torch.linalg.solve_triangular(t.mT, b, upper=lower)
+        return torch.linalg.solve_triangular(t, b, upper=not lower)
+
+    return _Backend(chol, solve)
+
+
+def _cupy_backend() -> _Backend:
+    import cupy
+    import cupyx.scipy.linalg
+
+    def solve(t: Any, b: Any, lower: bool, trans: bool) -> Any:
+        if t.ndim == 2:
+            return cupyx.scipy.linalg.solve_triangular(t, b, lower=lower, trans=1 if trans else 0)
+        # cupyx's triangular solve is not batched; a batched LU solve is, and the
+        # systems are small.
+        return cupy.linalg.solve(cupy.swapaxes(t, -1, -2) if trans else t, b)
+
+    # CuPy returns NaN instead of raising; _checked_cholesky catches that.
+    return _Backend(cupy.linalg.cholesky, solve)
+
+
+def _jax_backend() -> _Backend:
+    import jax.numpy as jnp
+    import jax.scipy.linalg
+
+    def solve(t: Any, b: Any, lower: bool, trans: bool) -> Any:
+        return jax.scipy.linalg.solve_triangular(t, b, lower=lower, trans=1 if trans else 0)
+
+    return _Backend(jnp.linalg.cholesky, solve)
+
+
+def _fallback_backend(xp: Any) -> _Backend:
+    def chol(a: Any) -> Any:
+        try:
+            return xp.linalg.cholesky(a)
+        except Exception as exc:  # each library raises its own LinAlgError
+            raise _NotPositiveDefinite(str(exc)) from None
+
+    def solve(t: Any, b: Any, lower: bool, trans: bool) -> Any:
+        # The Array API has no triangular solve; a general solve is exact enough
+        # for the small, well-conditioned triangular factors used here.
+        return xp.linalg.solve(xp.matrix_transpose(t) if trans else t, b)
+
+    return _Backend(chol, solve)
+
+
+@cache
+def _backend_for(xp: Any) -> _Backend:
+    for test, make in ((is_numpy_namespace, _numpy_backend), (is_torch_namespace, _torch_backend),
+                       (is_cupy_namespace, _cupy_backend), (is_jax_namespace, _jax_backend)):
+        if test(xp):
+            return make()
+    return _fallback_backend(xp)
+
+
+def cholesky(xp: Any, a: Any, /) -> Any:
+    """Lower Cholesky factor of each SPD matrix in the stack ``a``.
+
+    Raises ``_NotPositiveDefinite`` when any matrix is not numerically positive
+    definite, whether the library raises or (CuPy, JAX) returns NaN.
+    """
+    factor = _backend_for(xp).cholesky(a)
+    diag = xp.linalg.diagonal(factor)
+    if not bool(xp.all(xp.isfinite(factor))) or not bool(xp.all(diag > 0)):
+        raise _NotPositiveDefinite("factor has non-finite or non-positive pivots")
+    return factor
+
+
+def solve_triangular(xp: Any, t: Any, b: Any, /, *, lower: bool = True,
+                     trans: bool = False) -> Any:
+    """``t^{-1} b`` (or ``t^{-T} b`` with ``trans``) for triangular ``t``, batched."""
+    return _backend_for(xp).solve_triangular(t, b, lower, trans)
+
+
+def triangular_inverse(xp: Any, t: Any, /, *, lower: bool = True) -> Any:
+    """The inverse of each triangular matrix in the stack ``t``."""
+    n = t.shape[-1]
+    eye = xp.eye(n, dtype=t.dtype, device=device(t))
+    if t.ndim > 2:
+        eye = xp.broadcast_to(eye, t.shape)
+    return solve_triangular(xp, t, eye, lower=lower)
+

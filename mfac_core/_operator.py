@@ -1,0 +1,337 @@
+"""An Array-API linear operator with the names and semantics of SciPy's.
+
+:class:`LinearOperator` mirrors :class:`scipy.sparse.linalg.LinearOperator`
+(``shape``, ``dtype``, ``matvec``, ``matmat``, ``rmatvec``, ``rmatmat``,
+``adjoint``/``H``, ``transpose``/``T``, ``@``, ``dot``, ``+``, ``*``) but keeps
+every result in the namespace, dtype and device of the operator. It does not
+subclass SciPy's class, whose methods convert every input to NumPy; a real
+SciPy operator is available through :meth:`LinearOperator.to_scipy` for NumPy
+data.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+from ._compat import is_array_api_obj, namespace_name
+from ._validation import check_finite, check_same_space
+
+__all__ = ["LinearOperator"]
+
+#: Largest number of entries :meth:`LinearOperator.todense` builds by default.
+DEFAULT_MAX_DENSE_ENTRIES = 2**26
+
+
+class LinearOperator:
+    """Base class of the operators in :mod:`mfac_core`.
+
+    Subclasses call ``super().__init__`` with the shape, dtype, namespace and
+    device, and implement ``_matmat`` (and ``_rmatmat`` unless the operator is
+    symmetric). The public methods validate their input, so that subclasses
+    receive arrays of the right library, device, dtype and shape.
+
+    Parameters
+    ----------
+    shape : tuple of int
+        ``(M, N)``.
+    dtype : dtype
+        The dtype of the operator, in its array namespace.
+    xp : module
+        The (array-api-compat wrapped) namespace of the operator's arrays.
+    device : object
+        The device on which the operator's arrays live.
+    symmetric : bool, optional
+        Whether the operator equals its transpose; then ``rmatvec`` is
+        ``matvec`` and ``adjoint()`` returns the operator itself.
+    check_finite : bool, optional
+        Whether inputs to ``matvec``/``matmat`` are checked for NaN and
+        infinity (one extra read of the input).
+    """
+
+    ndim = 2
+
+    def __init__(
+        self,
+        *,
+        shape: tuple[int, int],
+        dtype: Any,
+        xp: Any,
+        device: Any,
+        symmetric: bool = False,
+        check_finite: bool = True,
+    ) -> None:
+        if len(shape) != 2 or not all(isinstance(s, int) and s >= 0 for s in shape):
+            raise ValueError(f"shape must be a pair of non-negative ints, got {shape!r}")
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.dtype = dtype
+        self._xp = xp
+        self.device = device
+        self._symmetric = bool(symmetric)
+        self.check_finite = bool(check_finite)
+
+    # -- to be provided by subclasses -------------------------------------------------
+
+    def _matmat(self, X: Any) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} does not implement _matmat")
+
+    def _rmatmat(self, X: Any) -> Any:
+        if self._symmetric:
+            return self._matmat(X)
+        raise NotImplementedError(f"{type(self).__name__} does not implement _rmatmat")
+
+    def _matvec(self, x: Any) -> Any:
+        return self._matmat(x[:, None])[:, 0]
+
+    def _rmatvec(self, x: Any) -> Any:
+        return self._rmatmat(x[:, None])[:, 0]
+
+    # -- validation --------------------------------------------------------------------
+
+    @property
+    def xp(self) -> Any:
+        """The array namespace of the operator (array-api-compat wrapped)."""
+        return self._xp
+
+    def _check_input(self, x: Any, name: str, n: int, ndims: tuple[int, ...]) -> None:
+        check_same_space(self._xp, self.device, self.dtype, x, name, owner=repr(self))
+        if x.ndim not in ndims or x.shape[0] != n:
+            want = " or ".join({1: f"({n},)", 2: f"({n}, k)"}[k] for k in ndims)
+            raise ValueError(f"{name} must have shape {want}, got {tuple(x.shape)}")
+        if self.check_finite:
+            check_finite(self._xp, x, name)
+
+    # -- the SciPy interface ---------------------------------------------------------
+
+    def matvec(self, x: Any, /) -> Any:
+        """``A @ x`` for ``x`` of shape ``(N,)`` or ``(N, 1)`` (same shape returned)."""
+        self._check_input(x, "x", self.shape[1], (1, 2))
+        if x.ndim == 2:
+            if x.shape[1] != 1:
+                raise ValueError(f"x must have shape ({self.shape[1]},) or ({self.shape[1]}, 1), "
+                                 f"got {tuple(x.shape)}; use matmat for several vectors")
+            return self._matvec(x[:, 0])[:, None]
+        return self._matvec(x)
+
+    def rmatvec(self, x: Any, /) -> Any:
+        """``A^H @ x`` for ``x`` of shape ``(M,)`` or ``(M, 1)``."""
+        self._check_input(x, "x", self.shape[0], (1, 2))
+        if x.ndim == 2:
+            if x.shape[1] != 1:
+                raise ValueError(f"x must have shape ({self.shape[0]},) or ({self.shape[0]}, 1), "
+                                 f"got {tuple(x.shape)}; use rmatmat for several vectors")
+            return self._rmatvec(x[:, 0])[:, None]
+        return self._rmatvec(x)
+
+    def matmat(self, X: Any, /) -> Any:
+        """``A @ X`` for ``X`` of shape ``(N, k)``."""
+        self._check_input(X, "X", self.shape[1], (2,))
+        return self._matmat(X)
+
+    def rmatmat(self, X: Any, /) -> Any:
+        """``A^H @ X`` for ``X`` of shape ``(M, k)``."""
+        self._check_input(X, "X", self.shape[0], (2,))
+        return self._rmatmat(X)
+
+    def dot(self, x: Any, /) -> Any:
+        """SciPy's ``dot``: an operator gives a product, a scalar a scaled operator,
+        an array ``matvec`` (1-D or ``(N, 1)``) or ``matmat`` (2-D)."""
+        if isinstance(x, LinearOperator):
+            return _ProductOperator(self, x)
+        if isinstance(x, numbers.Real) and not isinstance(x, bool):
+            return _ScaledOperator(self, float(x))
+        if not is_array_api_obj(x):
+            raise TypeError(f"expected an array, a scalar or a LinearOperator, got {type(x).__name__}")
+        if x.ndim == 1 or (x.ndim == 2 and x.shape[1] == 1):
+            return self.matvec(x)
+        if x.ndim == 2:
+            return self.matmat(x)
+        raise ValueError(f"expected a 1-D or 2-D array, got shape {tuple(x.shape)}")
+
+    __call__ = dot
+
+    def __matmul__(self, other: Any) -> Any:
+        if isinstance(other, numbers.Number):
+            raise ValueError("scalar operands are not allowed with @, use * instead")
+        return self.dot(other)
+
+    def __rmatmul__(self, other: Any) -> Any:
+        if isinstance(other, numbers.Number):
+            raise ValueError("scalar operands are not allowed with @, use * instead")
+        if isinstance(other, LinearOperator):
+            return _ProductOperator(other, self)
+        # x @ A == (A^T @ x^T)^T for a row vector or a stack of rows.
+        if is_array_api_obj(other):
+            if other.ndim == 1:
+                return self.transpose().matvec(other)
+            if other.ndim == 2:
+                return self.transpose().matmat(other.T).T
+        return NotImplemented
+
+    def __mul__(self, other: Any) -> Any:
+        return self.dot(other)
+
+    def __rmul__(self, other: Any) -> Any:
+        if isinstance(other, numbers.Real) and not isinstance(other, bool):
+            return _ScaledOperator(self, float(other))
+        return NotImplemented
+
+    def __truediv__(self, other: Any) -> Any:
+        if isinstance(other, numbers.Real) and not isinstance(other, bool):
+            return _ScaledOperator(self, 1.0 / float(other))
+        return NotImplemented
+
+    def __neg__(self) -> LinearOperator:
+        return _ScaledOperator(self, -1.0)
+
+    def __add__(self, other: Any) -> Any:
+        if isinstance(other, LinearOperator):
+            return _SumOperator(self, other)
+        return NotImplemented
+
+    def __sub__(self, other: Any) -> Any:
+        if isinstance(other, LinearOperator):
+            return _SumOperator(self, _ScaledOperator(other, -1.0))
+        return NotImplemented
+
+    def adjoint(self) -> LinearOperator:
+        """The Hermitian adjoint ``A^H`` (the transpose: operators here are real)."""
+        if self._symmetric:
+            return self
+        return _AdjointOperator(self)
+
+    def transpose(self) -> LinearOperator:
+        """The transpose ``A^T``; equal to :meth:`adjoint` for real operators."""
+        return self.adjoint()
+
+    H = property(adjoint)
+    T = property(transpose)
+
+    def todense(self, *, max_entries: int = DEFAULT_MAX_DENSE_ENTRIES) -> Any:
+        """The operator as a dense ``(M, N)`` array of its namespace and device.
+
+        Parameters
+        ----------
+        max_entries : int, optional
+            Refuse (``ValueError``) to build a matrix with more entries than
+            this; the default allows 2**26 entries (256 MiB in float32).
+        """
+        m, n = self.shape
+        if m * n > max_entries:
+            raise ValueError(
+                f"todense() would build a {m} x {n} matrix ({m * n} entries), more than "
+                f"max_entries={max_entries}; use matvec/matmat, diagonal() or entries() instead, "
+                "or raise max_entries"
+            )
+        eye = self._xp.eye(n, dtype=self.dtype, device=self.device)
+        return self._matmat(eye)
+
+    def to_scipy(self) -> Any:
+        """A :class:`scipy.sparse.linalg.LinearOperator` that calls this operator.
+
+        Only NumPy-backed operators can be exported: SciPy's operators convert
+        their inputs to NumPy, which would copy data off a GPU or out of
+        another library.
+        """
+        from .scipy import to_scipy
+
+        return to_scipy(self)
+
+    def __repr__(self) -> str:
+        m, n = self.shape
+        return (f"<{m}x{n} {type(self).__name__} with dtype={self.dtype}, "
+                f"namespace={namespace_name(self._xp)}, device={self.device!r}>")
+
+
+def _check_compatible(a: LinearOperator, b: LinearOperator, what: str) -> None:
+    if a._xp is not b._xp or a.device != b.device:
+        raise TypeError(f"cannot {what} operators over different array libraries or devices: "
+                        f"{a!r} and {b!r}")
+    if a.dtype != b.dtype:
+        raise TypeError(f"cannot {what} operators with different dtypes: {a.dtype} and {b.dtype}")
+
+
+class _AdjointOperator(LinearOperator):
+    def __init__(self, A: LinearOperator) -> None:
+        super().__init__(shape=(A.shape[1], A.shape[0]), dtype=A.dtype, xp=A._xp,
+                         device=A.device, check_finite=A.check_finite)
+        self.A = A
+
+    def _matmat(self, X: Any) -> Any:
+        return self.A._rmatmat(X)
+
+    def _rmatmat(self, X: Any) -> Any:
+        return self.A._matmat(X)
+
+    def _matvec(self, x: Any) -> Any:
+        return self.A._rmatvec(x)
+
+    def _rmatvec(self, x: Any) -> Any:
+        return self.A._matvec(x)
+
+    def adjoint(self) -> LinearOperator:
+        return self.A
+
+
+class _ScaledOperator(LinearOperator):
+    def __init__(self, A: LinearOperator, alpha: float) -> None:
+        super().__init__(shape=A.shape, dtype=A.dtype, xp=A._xp, device=A.device,
+                         symmetric=A._symmetric, check_finite=A.check_finite)
+        self.A, self.alpha = A, alpha
+
+    def _matmat(self, X: Any) -> Any:
+        return self.alpha * self.A._matmat(X)
+
+    def _rmatmat(self, X: Any) -> Any:
+        return self.alpha * self.A._rmatmat(X)
+
+    def _matvec(self, x: Any) -> Any:
+        return self.alpha * self.A._matvec(x)
+
+    def _rmatvec(self, x: Any) -> Any:
+        return self.alpha * self.A._rmatvec(x)
+
+
+class _SumOperator(LinearOperator):
+    def __init__(self, A: LinearOperator, B: LinearOperator) -> None:
+        _check_compatible(A, B, "add")
+        if A.shape != B.shape:
+            raise ValueError(f"cannot add operators of shapes {A.shape} and {B.shape}")
+        super().__init__(shape=A.shape, dtype=A.dtype, xp=A._xp, device=A.device,
+                         symmetric=A._symmetric and B._symmetric,
+                         check_finite=A.check_finite or B.check_finite)
+        self.args = (A, B)
+
+    def _matmat(self, X: Any) -> Any:
+        return self.args[0]._matmat(X) + self.args[1]._matmat(X)
+
+    def _rmatmat(self, X: Any) -> Any:
+        return self.args[0]._rmatmat(X) + self.args[1]._rmatmat(X)
+
+    def _matvec(self, x: Any) -> Any:
+        return self.args[0]._matvec(x) + self.args[1]._matvec(x)
+
+    def _rmatvec(self, x: Any) -> Any:
+        return self.args[0]._rmatvec(x) + self.args[1]._rmatvec(x)
+
+
+class _ProductOperator(LinearOperator):
+    def __init__(self, A: LinearOperator, B: LinearOperator) -> None:
+        _check_compatible(A, B, "multiply")
+        if A.shape[1] != B.shape[0]:
+            raise ValueError(f"cannot multiply operators of shapes {A.shape} and {B.shape}")
+        super().__init__(shape=(A.shape[0], B.shape[1]), dtype=A.dtype, xp=A._xp,
+                         device=A.device, check_finite=A.check_finite or B.check_finite)
+        self.args = (A, B)
+
+    def _matmat(self, X: Any) -> Any:
+        return self.args[0]._matmat(self.args[1]._matmat(X))
+
+    def _rmatmat(self, X: Any) -> Any:
+        return self.args[1]._rmatmat(self.args[0]._rmatmat(X))
+
+    def _matvec(self, x: Any) -> Any:
+        return self.args[0]._matvec(self.args[1]._matvec(x))
+
+    def _rmatvec(self, x: Any) -> Any:
+        return self.args[1]._rmatvec(self.args[0]._rmatvec(x))
