@@ -6,6 +6,7 @@ linear operators with SciPy's interface over NumPy, CuPy, PyTorch, JAX and
 array-api-strict arrays.
 """
 
+from ._dynamic import DynamicIHVP
 from ._linalg import FactorizationError, IllConditionedWarning
 from ._operator import LinearOperator
 from ._static import EmpiricalFisher, StaticIHVP
@@ -13,6 +14,7 @@ from ._static import EmpiricalFisher, StaticIHVP
 __version__ = "0.1.0"
 
 __all__ = [
+    "DynamicIHVP",
     "EmpiricalFisher",
     "FactorizationError",
     "IllConditionedWarning",
