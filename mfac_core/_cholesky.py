@@ -1,16 +1,18 @@
-"""O(k^2) edits of an upper Cholesky factor ``C = U^T U`` (float64, any namespace).
+"""O(k^2) replacement of one row and column of ``C = U^T U`` (float64, any namespace).
 
 The sliding-window operator replaces one gradient per step, which replaces one
-row and column of its capacitance matrix. Instead of refactorising in O(k^3),
-it deletes the row/column from the factor (a rank-one update of the trailing
-block) and appends the new one (a triangular solve), both O(k^2).
+row and column of its k x k capacitance matrix. Instead of refactorising in
+O(k^3) it edits the upper Cholesky factor U in O(k^2): it deletes row and
+column p (a rank-one update of the trailing block) and appends the new ones
+(one triangular solve).
 
 The rank-one update uses the product form of Gill, Golub, Murray and Saunders
-(1974): ``U^T U + u u^T = U^T (I + q q^T) U`` with ``q = U^{-T} u``, and the
-Cholesky factor of ``I + q q^T`` is known in closed form. Applying it needs one
-triangular solve and a handful of elementwise passes with a cumulative sum, all
-vectorised: no loop of k sequential steps, so it runs as well through NumPy,
-PyTorch or CuPy as a compiled kernel would, up to a small constant.
+(1974): ``V^T V + u u^T = V^T (I + q q^T) V`` with ``q = V^{-T} u``, where the
+factor of ``I + q q^T`` is known in closed form and is *semiseparable*: its
+off-diagonal blocks have rank one. Applied by row panels of ``block`` rows,
+from the bottom up, each panel costs one small matrix product plus a rank-one
+correction from a running sum, so the whole update is BLAS-3 rich, without a
+loop of k dependent scalar steps, in any Array-API library.
 """
 
 from __future__ import annotations
@@ -18,59 +20,81 @@ from __future__ import annotations
 from typing import Any
 
 from . import _linalg
-from ._compat import device
 
-__all__ = ["append", "delete", "rank_one_update"]
+__all__ = ["replace"]
+
+#: Rows per panel of the rank-one update; 64 keeps a panel of a 1024-wide
+#: factor (512 KiB) in cache.
+PANEL_ROWS = 64
 
 
-def rank_one_update(xp: Any, U: Any, u: Any, /) -> Any:
-    """The upper factor of ``U^T U + u u^T`` for upper triangular ``U`` (n x n)."""
-    n = U.shape[0]
-    if n == 0:
-        return U
-    q = _linalg.solve_triangular(xp, U, u[:, None], lower=False, trans=True)[:, 0]
-    # s_j = 1 + sum_{i<j} q_i^2 for j = 0..n; the factor of I + q q^T has diagonal
-    # sqrt(s_{j+1}/s_j) and entries q_i q_j / sqrt(s_j s_{j+1}) below it.
+def _rank_one_update(xp: Any, V: Any, q: Any, out: Any, at: int, block: int) -> None:
+    """Write the upper factor of ``V^T (I + q q^T) V`` into ``out[at:, at:]``."""
+    n = V.shape[0]
     s = 1.0 + xp.cumulative_sum(q * q, include_initial=True)
+    # (I + q q^T) = K^T K with K upper: K_jj = sqrt(s_{j+1}/s_j),
+    # K_ji = beta_j q_i for i > j, where s_j = 1 + sum_{i<j} q_i^2.
     diag = xp.sqrt(s[1:] / s[:-1])
     beta = q / xp.sqrt(s[1:] * s[:-1])
-    M = q[:, None] * U
-    # Row j of the result adds beta_j * sum_{i>j} M_i: a suffix sum, written as the
-    # total minus a prefix sum so that the zeros below the diagonal stay exact.
-    prefix = xp.cumulative_sum(M, axis=0)
-    suffix = prefix[-1:, :] - prefix
-    return diag[:, None] * U + beta[:, None] * suffix
+    idx = xp.arange(min(block, n), device=_linalg.device(V))
+    upper = idx[:, None] < idx[None, :]
+    on_diag = idx[:, None] == idx[None, :]
+    # tail = sum over the rows below the current panel of q_i V_i.
+    tail = xp.zeros((n,), dtype=V.dtype, device=_linalg.device(V))
+    for j0 in reversed(range(0, n, block)):
+        j1 = min(j0 + block, n)
+        b = j1 - j0
+        VJ = V[j0:j1, j0:]
+        qJ, bJ = q[j0:j1], beta[j0:j1]
+        K = xp.where(upper[:b, :b], bJ[:, None] * qJ[None, :],
+                     xp.where(on_diag[:b, :b], diag[j0:j1, None], 0.0))
+        out[at + j0:at + j1, at + j0:at + n] = K @ VJ + bJ[:, None] * tail[None, j0:]
+        out[at + j0:at + j1, at:at + j0] = 0.0
+        tail[j0:] = tail[j0:] + qJ @ VJ
 
 
-def delete(xp: Any, U: Any, p: int, /) -> Any:
-    """The factor of ``C`` without row and column ``p``."""
-    k = U.shape[0]
-    tail = rank_one_update(xp, U[p + 1:, p + 1:], U[p, p + 1:])
-    if p == 0:
-        return tail
-    top = xp.concat([U[:p, :p], U[:p, p + 1:]], axis=1)
-    zeros = xp.zeros((k - 1 - p, p), dtype=U.dtype, device=device(U))
-    return xp.concat([top, xp.concat([zeros, tail], axis=1)], axis=0)
+def replace(xp: Any, U: Any, p: int, b: Any, c: float, out: Any, /, *,
+            block: int = PANEL_ROWS) -> Any:
+    """Factor of C with row/column p removed and ``[b; c]`` appended last.
 
+    Parameters
+    ----------
+    U : array (k, k)
+        Upper factor of ``C``, float64.
+    p : int
+        The row and column to remove.
+    b : array (k - 1,)
+        The new row's entries against the remaining rows, in their order.
+    c : float
+        The new diagonal entry.
+    out : array (k, k)
+        Where the new factor is written (not ``U``).
 
-def append(xp: Any, U: Any, b: Any, c: float, /) -> Any:
-    """The factor of ``[[C, b], [b^T, c]]``.
-
-    Raises ``_linalg._NotPositiveDefinite`` if the new pivot is not positive.
+    Raises ``_linalg._NotPositiveDefinite`` if the new pivot is not positive,
+    that is, if the new row is numerically dependent on the others.
     """
     k = U.shape[0]
-    dev = device(U)
-    if k == 0:
-        if not c > 0.0:
-            raise _linalg._NotPositiveDefinite("non-positive pivot")
-        return xp.full((1, 1), c ** 0.5, dtype=U.dtype, device=dev)
-    col = _linalg.solve_triangular(xp, U, b[:, None], lower=False, trans=True)
-    pivot = c - float(xp.sum(col * col))
-    # A pivot lost to rounding means the new gradient is (numerically) in the span
-    # of the window at this damping: the caller refactorises or reports it.
+    n = k - 1
+    dev = _linalg.device(U)
+    # q = V^{-T} u for the trailing block V = U[p+1:, p+1:] and u = U[p, p+1:].
+    # Solving with the whole (contiguous) U gives it without copying V:
+    # U^T y = U_pp e_p has y[:p] = 0, y[p] = 1 and y[p+1:] = -q.
+    rhs = xp.where(xp.arange(k, device=dev) == p, U[p, p], 0.0)
+    q = -_linalg.solve_triangular(xp, U, rhs[:, None], lower=False, trans=True)[p + 1:, 0]
+    if p:
+        out[:p, :p] = U[:p, :p]
+        out[:p, p:n] = U[:p, p + 1:]
+        out[p:n, :p] = 0.0
+    _rank_one_update(xp, U[p + 1:, p + 1:], q, out, p, block)
+    # Append: with the last row and column set to those of the identity, ``out``
+    # is a whole triangular matrix whose solve gives the new column.
+    out[:n, n] = 0.0
+    out[n, :] = xp.astype(xp.arange(k, device=dev) == n, out.dtype)
+    rhs = xp.concat([b, xp.zeros((1,), dtype=b.dtype, device=dev)])
+    col = _linalg.solve_triangular(xp, out, rhs[:, None], lower=False, trans=True)[:n, 0]
+    pivot = c - float(xp.vecdot(col, col))
     if not pivot > 1e-13 * abs(c):
         raise _linalg._NotPositiveDefinite(f"pivot {pivot:g} not positive")
-    top = xp.concat([U, col], axis=1)
-    bottom = xp.concat([xp.zeros((1, k), dtype=U.dtype, device=dev),
-                        xp.full((1, 1), pivot ** 0.5, dtype=U.dtype, device=dev)], axis=1)
-    return xp.concat([top, bottom], axis=0)
+    out[:n, n] = col
+    out[n, n] = pivot ** 0.5
+    return out

@@ -194,6 +194,7 @@ class DynamicIHVP(LinearOperator):
         self._gram[...] = 0
         self._since_refactor = 0
         self.refactor_count = 0
+        self._spare = None
         if self.zero_init:
             self._age = deque(range(m))
             self._free = []
@@ -286,21 +287,24 @@ class DynamicIHVP(LinearOperator):
         perm = [s for s in self._perm if s != slot] + [slot]
         k = len(perm)
         incremental = (self.update_method == "incremental"
-                       and (self.zero_init or (replacing and k == len(self._perm)))
+                       and replacing and k == self.num_grads
                        and self._since_refactor < self.refactor_every)
         new_gram = None
         U = None
         if incremental:
+            if self._spare is None:
+                self._spare = xp.empty((k, k), dtype=xp.float64, device=self.device)
             try:
-                U = self._U
-                if replacing:
-                    U = _cholesky.delete(xp, U, self._perm.index(slot))
                 bp = xp.take(b, self._perm_idx_without(slot), axis=0)
-                U = _cholesky.append(xp, U, bp, float(b[slot]) + self._shift(k))
+                U = _cholesky.replace(xp, self._U, self._perm.index(slot), bp,
+                                      float(b[slot]) + self._shift(k), self._spare)
                 if self._drifted(U, perm, b, slot):
                     U = None
             except _linalg._NotPositiveDefinite:
                 U = None
+            if U is not None:
+                # Ping-pong between two k x k buffers: no allocation per step.
+                self._spare = self._U if self._U.shape == (k, k) else None
         if U is None:
             new_gram = xp.asarray(self._gram, copy=True)
             new_gram[slot, :] = b

@@ -1,0 +1,452 @@
+"""DynamicIHVP against the oracles: window bookkeeping, updates, products, checkpoints."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from mfac_core import DynamicIHVP, FactorizationError, StaticIHVP
+from mfac_core.testing import (
+    SpectralOracle,
+    assert_close,
+    paper_dynamic,
+    to_numpy,
+)
+
+
+def condition_number(G: np.ndarray, damp: float) -> float:
+    """The error scale of the Woodbury form, ``1 + ||G||_2^2 / (m damp)``.
+
+    DynamicIHVP always uses the low-rank form, so even when d <= m its
+    rounding errors scale with this, not with the (smaller) cond(F).
+    """
+    G = np.asarray(G, dtype=np.float64)
+    if G.size == 0:
+        return 1.0
+    return 1.0 + float(np.linalg.norm(G, 2)) ** 2 / (G.shape[0] * damp)
+
+
+def _window_matrix(window: list[np.ndarray], capacity: int, dim: int, zero_init: bool):
+    """The gradients that define F: the window, padded with zero rows under zero_init."""
+    rows = list(window)
+    if zero_init:
+        rows = [np.zeros(dim)] * (capacity - len(rows)) + rows
+    return np.array(rows, dtype=np.float64).reshape(len(rows), dim)
+
+
+def _oracle_product(window, capacity, dim, zero_init, damp, x):
+    G = _window_matrix(window, capacity, dim, zero_init)
+    if G.shape[0] == 0:
+        return x / damp, 1.0
+    return SpectralOracle(G, damp).matvec(x), condition_number(G, damp)
+
+
+# -- the backend matrix ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("zero_init", [False, True], ids=["window", "zero-init"])
+def test_updates_match_oracle_on_every_backend(xp_device, dtype, rng, zero_init):
+    m, d, damp = 5, 23, 0.3
+    op = DynamicIHVP(m, d, damp=damp, dtype=dtype, xp=xp_device.xp, device=xp_device.device,
+                     zero_init=zero_init)
+    assert op.shape == (d, d) and op.device == xp_device.device
+    window: list[np.ndarray] = []
+    for step in range(3 * m + 2):
+        g = rng.standard_normal(d).astype(dtype)
+        y = op.update_and_matvec(xp_device.asarray(g, dtype))
+        window = ([*window, g.astype(np.float64)])[-m:]
+        assert type(y) is type(xp_device.asarray(g, dtype))
+        assert y.dtype == xp_device.dtype(dtype) and y.shape == (d,)
+        want, kappa = _oracle_product(window, m, d, zero_init, damp, g.astype(np.float64))
+        assert_close(y, want, kappa=kappa, err_msg=f"step {step}")
+    assert len(op) == m and op.is_full
+    x = rng.standard_normal((d, 3)).astype(dtype)
+    Y = op.matmat(xp_device.asarray(x, dtype))
+    G = _window_matrix(window, m, d, zero_init)
+    assert_close(Y, SpectralOracle(G, damp).matmat(x.astype(np.float64)),
+                 kappa=condition_number(G, damp))
+    assert_close(op.window(), np.array(window), dtype="float64", factor=1)
+
+
+def test_dynamic_equals_static_on_the_same_window(xp_device, rng):
+    m, d, damp = 4, 30, 0.05
+    op = DynamicIHVP(m, d, damp=damp, dtype="float64", xp=xp_device.xp, device=xp_device.device)
+    for _ in range(7):
+        op.update(xp_device.asarray(rng.standard_normal(d), "float64"))
+    static = StaticIHVP(op.window(), damp=damp)
+    x = xp_device.asarray(rng.standard_normal(d), "float64")
+    kappa = condition_number(to_numpy(op.window()), damp)
+    assert_close(op.matvec(x), to_numpy(static.matvec(x)), kappa=kappa)
+    assert_close(op.todense(), to_numpy(static.todense()), kappa=kappa)
+
+
+def test_update_and_matvec_equals_update_then_matvec(numpy_backend, rng):
+    m, d, damp = 6, 40, 1e-2
+    a = DynamicIHVP(m, d, damp=damp, dtype="float64")
+    b = DynamicIHVP(m, d, damp=damp, dtype="float64")
+    for _ in range(2 * m + 1):
+        g = rng.standard_normal(d)
+        y1 = a.update_and_matvec(g)
+        b.update(g)
+        y2 = b.matvec(g)
+        assert_close(y1, y2, kappa=condition_number(to_numpy(b.window()), damp))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_newest_gradient_in_span_is_accurate(dtype, rng):
+    """x = the newest gradient: F^{-1} x is small and cancels; tolerance scales with kappa."""
+    m, d = 8, 200
+    damp = 1e-3 if dtype == "float64" else 1e-1
+    op = DynamicIHVP(m, d, damp=damp, dtype=dtype)
+    window = []
+    for _ in range(3 * m):
+        g = (rng.standard_normal(d) * rng.uniform(0.5, 2.0)).astype(dtype)
+        y = op.update_and_matvec(g)
+        window = [*window, g.astype(np.float64)][-m:]
+    G = np.array(window)
+    kappa = condition_number(G, damp)
+    assert kappa > 10  # the check is about cancellation, not a trivially damped case
+    assert_close(y, SpectralOracle(G, damp).matvec(G[-1]), kappa=kappa)
+
+
+def test_zero_init_matches_the_papers_dynamic_algorithm(rng):
+    m, d, damp = 5, 17, 0.2
+    op = DynamicIHVP(m, d, damp=damp, dtype="float64", zero_init=True)
+    window = []
+    for _ in range(m + 3):
+        g = rng.standard_normal(d)
+        op.update(g)
+        window = [*window, g][-m:]
+    x = rng.standard_normal(d)
+    # The paper keeps the buffer in slot order; F does not depend on the order.
+    reference = paper_dynamic(_window_matrix(window, m, d, True), damp)
+    assert_close(op.matvec(x), reference.matvec(x), kappa=condition_number(reference.G, damp))
+
+
+def test_from_window_equals_inserting_one_by_one(xp_device, rng):
+    m, d, damp = 6, 25, 0.1
+    G = rng.standard_normal((4, d))
+    for zero_init in (False, True):
+        a = DynamicIHVP.from_window(xp_device.asarray(G, "float64"), damp=damp, num_grads=m,
+                                    zero_init=zero_init)
+        b = DynamicIHVP(m, d, damp=damp, dtype="float64", xp=xp_device.xp,
+                        device=xp_device.device, zero_init=zero_init)
+        for g in G:
+            b.update(xp_device.asarray(g, "float64"))
+        assert a.slots == b.slots and len(a) == len(b)
+        x = xp_device.asarray(rng.standard_normal(d), "float64")
+        assert_close(a.matvec(x), to_numpy(b.matvec(x)))
+        g = xp_device.asarray(rng.standard_normal(d), "float64")
+        assert_close(a.update_and_matvec(g), to_numpy(b.update_and_matvec(g)))
+
+
+# -- incremental factor against refactorisation -------------------------------------------------
+
+
+def _factor_drift(op: DynamicIHVP) -> float:
+    U = to_numpy(op._U)
+    perm = op._perm
+    gram = to_numpy(op._gram)[np.ix_(perm, perm)]
+    C = gram + op._shift(len(perm)) * np.eye(len(perm))
+    return float(np.abs(U.T @ U - C).max() / np.abs(C).max())
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_long_run_drift_stays_bounded(dtype, rng):
+    """10 m incremental updates, never refactorised: the factor stays accurate."""
+    m, d, damp = 16, 64, 1e-2
+    inc = DynamicIHVP(m, d, damp=damp, dtype=dtype, refactor_every=10**9)
+    ref = DynamicIHVP(m, d, damp=damp, dtype=dtype, update_method="refactor")
+    worst = 0.0
+    for step in range(10 * m):
+        g = (rng.standard_normal(d) * rng.uniform(0.1, 10.0)).astype(dtype)
+        y_inc = inc.update_and_matvec(g)
+        y_ref = ref.update_and_matvec(g)
+        if step >= m:
+            worst = max(worst, _factor_drift(inc))
+            kappa = condition_number(to_numpy(inc.window()), damp)
+            assert_close(y_inc, y_ref, kappa=kappa, err_msg=f"step {step}")
+    # Filling the window refactorises (the 1/k normalisation changes); after that
+    # every update was an O(m^2) edit.
+    assert inc.refactor_count == m + 1
+    assert worst < 1e-13
+
+
+def test_periodic_and_drift_triggered_refactorisation(rng):
+    m, d = 4, 12
+    op = DynamicIHVP(m, d, damp=0.5, dtype="float64", refactor_every=3)
+    for _ in range(m):
+        op.update(rng.standard_normal(d))
+    before = op.refactor_count
+    for _ in range(8):
+        op.update(rng.standard_normal(d))
+    # 8 replacements with a refactorisation after every 3 edits.
+    assert op.refactor_count - before == 2
+
+
+def test_refactor_method_refactorises_every_update(rng):
+    op = DynamicIHVP(3, 10, damp=0.5, dtype="float64", update_method="refactor")
+    for _ in range(7):
+        op.update(rng.standard_normal(10))
+    assert op.refactor_count == 8  # reset() + one per update
+
+
+# -- removal, reset ------------------------------------------------------------------------------
+
+
+def test_remove_and_reset(rng):
+    m, d, damp = 5, 20, 0.1
+    op = DynamicIHVP(m, d, damp=damp, dtype="float64")
+    grads = [rng.standard_normal(d) for _ in range(7)]
+    for g in grads:
+        op.update(g)
+    window = grads[-m:]
+    slots = op.slots
+    op.remove(slots[2])
+    del window[2]
+    op.remove_oldest()
+    del window[0]
+    assert len(op) == 3
+    x = rng.standard_normal(d)
+    assert_close(op.matvec(x), SpectralOracle(np.array(window), damp).matvec(x),
+                 kappa=condition_number(np.array(window), damp))
+    g = rng.standard_normal(d)
+    op.update(g)  # goes to a free slot; nothing is dropped
+    window.append(g)
+    assert len(op) == 4
+    assert_close(op.matvec(x), SpectralOracle(np.array(window), damp).matvec(x),
+                 kappa=condition_number(np.array(window), damp))
+    op.reset()
+    assert len(op) == 0
+    assert_close(op.matvec(x), x / damp)
+    with pytest.raises(ValueError, match="empty"):
+        op.remove_oldest()
+
+
+def test_zero_init_removal_zeroes_the_slot_and_it_is_replaced_next(rng):
+    m, d, damp = 4, 9, 0.3
+    op = DynamicIHVP(m, d, damp=damp, dtype="float64", zero_init=True)
+    grads = [rng.standard_normal(d) for _ in range(m)]
+    for g in grads:
+        op.update(g)
+    victim = op.slots[2]
+    op.remove(victim)
+    assert len(op) == m and op.slots[0] == victim
+    rows = [np.zeros(d), grads[0], grads[1], grads[3]]
+    x = rng.standard_normal(d)
+    assert_close(op.matvec(x), SpectralOracle(np.array(rows), damp).matvec(x),
+                 kappa=condition_number(np.array(rows), damp))
+    op.update(grads[2])
+    assert op.slots[-1] == victim
+
+
+# -- checkpoints ---------------------------------------------------------------------------------
+
+
+def test_state_dict_round_trip_is_bit_for_bit(xp_device, rng):
+    m, d = 5, 16
+    kw = {"damp": 0.1, "dtype": "float32", "xp": xp_device.xp, "device": xp_device.device}
+    a = DynamicIHVP(m, d, **kw)
+    grads = [xp_device.asarray(rng.standard_normal(d), "float32") for _ in range(12)]
+    for g in grads[:8]:
+        a.update(g)
+    b = DynamicIHVP(m, d, **kw)
+    b.load_state_dict(a.state_dict())
+    for g in grads[8:]:
+        np.testing.assert_array_equal(to_numpy(a.update_and_matvec(g)),
+                                      to_numpy(b.update_and_matvec(g)))
+    assert a.slots == b.slots
+    # The state holds copies: changing the source afterwards changes nothing.
+    state = a.state_dict()
+    a.update(grads[0])
+    b.load_state_dict(state)
+    assert b.slots != a.slots
+
+
+def test_load_state_dict_refuses_mismatches(rng):
+    a = DynamicIHVP(4, 10, damp=0.1, dtype="float64")
+    a.update(rng.standard_normal(10))
+    state = a.state_dict()
+    with pytest.raises(ValueError, match="num_grads, dim"):
+        DynamicIHVP(5, 10, damp=0.1, dtype="float64").load_state_dict(state)
+    with pytest.raises(ValueError, match="damp"):
+        DynamicIHVP(4, 10, damp=0.2, dtype="float64").load_state_dict(state)
+    with pytest.raises(TypeError, match="dtype"):
+        DynamicIHVP(4, 10, damp=0.1, dtype="float32").load_state_dict(state)
+    bad = dict(state, grads=np.zeros((4, 11)))
+    with pytest.raises(ValueError, match="shape"):
+        DynamicIHVP(4, 10, damp=0.1, dtype="float64").load_state_dict(bad)
+    bad = dict(state, age_order=[0, 0])
+    with pytest.raises(ValueError, match="inconsistent"):
+        DynamicIHVP(4, 10, damp=0.1, dtype="float64").load_state_dict(bad)
+    with pytest.raises(ValueError, match="not a DynamicIHVP state_dict"):
+        DynamicIHVP(4, 10, damp=0.1, dtype="float64").load_state_dict({"grads": 1})
+
+
+# -- bad input -----------------------------------------------------------------------------------
+
+
+def test_constructor_refuses_bad_arguments():
+    for kwargs, exc, match in [
+        ({"damp": 0.0}, ValueError, "damp"),
+        ({"damp": -1.0}, ValueError, "damp"),
+        ({"damp": math.nan}, ValueError, "damp"),
+        ({"damp": 1.0, "dtype": "int32"}, TypeError, "dtype"),
+        ({"damp": 1.0, "update_method": "fast"}, ValueError, "update_method"),
+        ({"damp": 1.0, "refactor_every": 0}, ValueError, "refactor_every"),
+    ]:
+        kwargs.setdefault("dtype", "float64")
+        with pytest.raises(exc, match=match):
+            DynamicIHVP(3, 5, **kwargs)
+    with pytest.raises(ValueError, match="num_grads"):
+        DynamicIHVP(0, 5, damp=1.0, dtype="float64")
+    with pytest.raises(ValueError, match="dim"):
+        DynamicIHVP(3, 0, damp=1.0, dtype="float64")
+    with pytest.raises(TypeError, match="num_grads"):
+        DynamicIHVP(2.5, 5, damp=1.0, dtype="float64")
+
+
+def test_bad_gradients_are_refused_and_leave_the_window_unchanged(rng, strict_device1):
+    op = DynamicIHVP(3, 6, damp=0.1, dtype="float64")
+    for _ in range(4):
+        op.update(rng.standard_normal(6))
+    state = op.state_dict()
+    x = rng.standard_normal(6)
+    before = op.matvec(x)
+    torch = pytest.importorskip("torch")
+    for g, exc, match in [
+        (rng.standard_normal(5), ValueError, "shape"),
+        (rng.standard_normal((6, 1)), ValueError, "shape"),
+        (rng.standard_normal(6).astype(np.float32), TypeError, "dtype"),
+        (np.arange(6), TypeError, "floating"),
+        (np.array([1.0, np.nan, 0, 0, 0, 0]), ValueError, "NaN"),
+        (np.array([1.0, np.inf, 0, 0, 0, 0]), ValueError, "NaN"),
+        (torch.zeros(6, dtype=torch.float64), TypeError, "torch"),
+        ([0.0] * 6, TypeError, "array"),
+    ]:
+        with pytest.raises(exc, match=match):
+            op.update(g)
+        with pytest.raises(exc, match=match):
+            op.update_and_matvec(g)
+    np.testing.assert_array_equal(op.matvec(x), before)
+    assert op.slots == state["age_order"]
+    strict = DynamicIHVP(3, 6, damp=0.1, dtype="float64", xp=strict_device1.xp)
+    with pytest.raises(ValueError, match="device"):
+        strict.update(strict_device1.asarray(rng.standard_normal(6), "float64"))
+
+
+def test_remove_refuses_unknown_slots(rng):
+    op = DynamicIHVP(3, 4, damp=0.1, dtype="float64")
+    op.update(rng.standard_normal(4))
+    for slot in (1, -1, 3, 0.0, True):
+        with pytest.raises(ValueError, match="holds no gradient"):
+            op.remove(slot)
+
+
+def test_duplicated_gradient_with_hopeless_damping_fails_cleanly():
+    """kappa far above 1/eps(float64): a clear error, and the window is unchanged."""
+    g = np.full(8, 1e8)
+    op = DynamicIHVP(3, 8, damp=1e-12, dtype="float64", zero_init=True)
+    op.update(g)
+    before = op.state_dict()
+    with pytest.raises(FactorizationError, match=r"damp=1e-12.*kappa"):
+        op.update(g.copy())
+    after = op.state_dict()
+    assert after["age_order"] == before["age_order"]
+    np.testing.assert_array_equal(after["factor"], before["factor"])
+    np.testing.assert_array_equal(after["grads"], before["grads"])
+
+
+# -- stateful property test ---------------------------------------------------------------------
+
+
+class WindowMachine(RuleBasedStateMachine):
+    """Random inserts, replacements and removals against a plain list of the window."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rng = np.random.default_rng(0)
+
+    @initialize(m=st.integers(1, 6), d=st.integers(1, 12),
+                log_damp=st.floats(-3.0, 1.0), zero_init=st.booleans(),
+                method=st.sampled_from(["incremental", "refactor"]))
+    def setup(self, m, d, log_damp, zero_init, method):
+        self.m, self.d, self.damp, self.zero_init = m, d, 10.0**log_damp, zero_init
+        self.op = DynamicIHVP(m, d, damp=self.damp, dtype="float64", zero_init=zero_init,
+                              update_method=method, refactor_every=max(1, m // 2 + 1))
+        self.window: list[tuple[int, np.ndarray]] = []  # (slot, gradient), oldest first
+
+    def _insert(self, g: np.ndarray, with_product: bool) -> None:
+        y = self.op.update_and_matvec(g) if with_product else self.op.update(g)
+        if len(self.window) == self.m:
+            self.window.pop(0)
+        elif self.zero_init:
+            pass
+        self.window.append((self.op.slots[-1], g))
+        if with_product:
+            want, kappa = self._oracle(g)
+            assert_close(y, want, kappa=kappa)
+
+    def _rows(self) -> list[np.ndarray]:
+        return [g for _, g in self.window]
+
+    def _oracle(self, x: np.ndarray):
+        return _oracle_product(self._rows(), self.m, self.d, self.zero_init, self.damp, x)
+
+    @rule(scale=st.floats(1e-2, 1e2), product=st.booleans())
+    def insert_random(self, scale, product):
+        self._insert(self.rng.standard_normal(self.d) * scale, product)
+
+    @precondition(lambda self: self.window)
+    @rule(which=st.integers(0, 10), product=st.booleans())
+    def insert_duplicate(self, which, product):
+        self._insert(self._rows()[which % len(self.window)].copy(), product)
+
+    @rule()
+    def insert_zero(self):
+        self._insert(np.zeros(self.d), False)
+
+    @precondition(lambda self: self.window)
+    @rule(which=st.integers(0, 10))
+    def remove_slot(self, which):
+        slot, _ = self.window.pop(which % len(self.window))
+        self.op.remove(slot)
+
+    @precondition(lambda self: self.window)
+    @rule()
+    def remove_oldest(self):
+        if self.zero_init:
+            # In zero_init mode the oldest slot may hold a zero gradient that the
+            # model does not list; remove the model's oldest explicitly.
+            slot, _ = self.window.pop(0)
+            self.op.remove(slot)
+        else:
+            self.window.pop(0)
+            self.op.remove_oldest()
+
+    @rule()
+    def reset(self):
+        self.op.reset()
+        self.window.clear()
+
+    @invariant()
+    def matches_oracle(self):
+        if not hasattr(self, "op"):
+            return
+        if not self.zero_init:
+            assert len(self.op) == len(self.window)
+            assert self.op.slots == [s for s, _ in self.window]
+        x = self.rng.standard_normal(self.d)
+        want, kappa = self._oracle(x)
+        assert_close(self.op.matvec(x), want, kappa=kappa)
+
+
+WindowMachine.TestCase.settings = settings(
+    max_examples=40, stateful_step_count=25, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow])
+test_window_state_machine = WindowMachine.TestCase
