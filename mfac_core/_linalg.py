@@ -18,7 +18,13 @@ from typing import Any
 
 import numpy as np
 
-from ._compat import device, is_cupy_namespace, is_jax_namespace, is_numpy_namespace, is_torch_namespace
+from ._compat import (
+    device,
+    is_cupy_namespace,
+    is_jax_namespace,
+    is_numpy_namespace,
+    is_torch_namespace,
+)
 
 __all__ = ["FactorizationError", "IllConditionedWarning", "cholesky", "solve_triangular",
            "triangular_inverse"]

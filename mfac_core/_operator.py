@@ -141,7 +141,8 @@ class LinearOperator:
         if isinstance(x, numbers.Real) and not isinstance(x, bool):
             return _ScaledOperator(self, float(x))
         if not is_array_api_obj(x):
-            raise TypeError(f"expected an array, a scalar or a LinearOperator, got {type(x).__name__}")
+            raise TypeError("expected an array, a scalar or a LinearOperator, "
+                            f"got {type(x).__name__}")
         if x.ndim == 1 or (x.ndim == 2 and x.shape[1] == 1):
             return self.matvec(x)
         if x.ndim == 2:

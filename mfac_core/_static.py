@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import math
+import operator
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -16,7 +16,6 @@ from ._validation import (
     check_damp,
     check_finite,
     check_floating,
-    check_same_space,
     namespace_of,
 )
 
@@ -44,16 +43,33 @@ def _check_grads(G: Any, check: bool) -> Any:
 def _check_block_size(block_size: Any, d: int) -> int:
     if block_size is None:
         return d
-    if isinstance(block_size, bool) or not isinstance(block_size, int):
-        try:
-            if int(block_size) != block_size:
-                raise ValueError
-            block_size = int(block_size)
-        except (TypeError, ValueError):
-            raise TypeError(f"block_size must be an int or None, got {block_size!r}") from None
+    if isinstance(block_size, bool):
+        raise TypeError(f"block_size must be an int or None, got {block_size!r}")
+    try:
+        block_size = operator.index(block_size)
+    except TypeError:
+        raise TypeError(f"block_size must be an int or None, got {block_size!r}") from None
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
     return min(block_size, d)
+
+
+def _lambda_max_bounds(xp: Any, gram: Any, iterations: int = 4) -> tuple[float, float]:
+    """Bounds on the largest eigenvalue over a stack of PSD Gram matrices.
+
+    The upper bound is the trace; the lower bound a Rayleigh quotient after a
+    few power iterations from the all-ones vector (exact for rank one). Both
+    cost O(m^2) per block, nothing next to the Gram product.
+    """
+    hi = float(xp.max(xp.sum(xp.linalg.diagonal(gram), axis=-1)))
+    v = xp.ones((*gram.shape[:-1], 1), dtype=gram.dtype, device=device(gram))
+    for _ in range(iterations):
+        v = gram @ v
+        v = v / xp.maximum(xp.max(xp.abs(v), axis=-2, keepdims=True), 1e-300)
+    # v = 0 only for a zero Gram, whose Rayleigh quotient is then 0/tiny = 0.
+    norm2 = xp.maximum(xp.sum(v * v, axis=(-2, -1)), 1e-300)
+    rayleigh = xp.sum(v * (gram @ v), axis=(-2, -1)) / norm2
+    return float(xp.max(rayleigh)), hi
 
 
 class _BlockOperatorBase(LinearOperator):
@@ -204,40 +220,43 @@ class StaticIHVP(_BlockOperatorBase):
             elif is_writeable_array(G):
                 self._W = xp.empty((m, wood_end), dtype=G.dtype, device=self.device)
         self._factors: list[Any] = []
-        kappa = 1.0
+        kappa_lo = kappa_hi = 1.0
         W_parts = []
         for group in self._groups:
             if group.dense:
                 # F_b = damp I + G_b^T G_b / m is only size x size: invert it densely.
+                # G_b^T G_b needs whole blocks (size <= m columns: an O(m^2) piece).
                 gram = _blocks.accumulate_blocks(
-                    xp, G, group, max_cols, lambda X: xp.matrix_transpose(X) @ X, advance)
-                fro = xp.sum(xp.linalg.diagonal(gram), axis=-1)
+                    xp, G, group, max(max_cols, group.size),
+                    lambda X: xp.matrix_transpose(X) @ X, advance)
+                lo, hi = _lambda_max_bounds(xp, gram)
                 eye = xp.eye(group.size, dtype=xp.float64, device=self.device)
-                L = self._factorize(gram / m + self.damp * eye, fro)
+                L = self._factorize(gram / m + self.damp * eye, hi)
                 Linv = _linalg.triangular_inverse(xp, L)
                 self._factors.append(xp.astype(xp.matrix_transpose(Linv) @ Linv, G.dtype))
                 advance(group.count * group.size)
             else:
                 gram = _blocks.accumulate_blocks(
                     xp, G, group, max_cols, lambda X: X @ xp.matrix_transpose(X), advance)
-                fro = xp.sum(xp.linalg.diagonal(gram), axis=-1)
+                lo, hi = _lambda_max_bounds(xp, gram)
                 eye = xp.eye(m, dtype=xp.float64, device=self.device)
-                L = self._factorize(gram + (m * self.damp) * eye, fro)
+                L = self._factorize(gram + (m * self.damp) * eye, hi)
                 Linv = xp.astype(_linalg.triangular_inverse(xp, L), G.dtype)
                 self._factors.append(None)
                 W_parts.extend(self._apply_inverse_factor(xp, Linv, G, group, max_cols, advance))
-            kappa = max(kappa, 1.0 + float(xp.max(fro)) / (m * self.damp))
+            kappa_lo = max(kappa_lo, 1.0 + lo / (m * self.damp))
+            kappa_hi = max(kappa_hi, 1.0 + hi / (m * self.damp))
         if W_parts:
             # Only for libraries with immutable arrays: assemble W from its pieces.
             self._W = xp.concat(W_parts, axis=1)
-        self.kappa_bound = kappa
-        self._warn_if_hopeless(kappa)
+        self.kappa_bound = kappa_hi
+        self._warn_if_hopeless(kappa_lo)
 
-    def _factorize(self, S: Any, fro: Any) -> Any:
+    def _factorize(self, S: Any, lambda_max_bound: float) -> Any:
         try:
             return _linalg.cholesky(self._xp, S)
         except _linalg._NotPositiveDefinite:
-            kappa = 1.0 + float(self._xp.max(fro)) / (self.num_grads * self.damp)
+            kappa = 1.0 + lambda_max_bound / (self.num_grads * self.damp)
             raise FactorizationError(
                 f"the damped Fisher of these gradients is not numerically positive definite in "
                 f"float64 (damp={self.damp:g}, condition number kappa <= {kappa:.3g}); increase "
@@ -264,14 +283,13 @@ class StaticIHVP(_BlockOperatorBase):
             advance((b1 - b0) * (c1 - c0))
         return out
 
-    def _warn_if_hopeless(self, kappa_upper: float) -> None:
+    def _warn_if_hopeless(self, kappa_lower: float) -> None:
         eps = float(self._xp.finfo(self.dtype).eps)
-        # kappa_upper over-estimates kappa by at most a factor m.
-        if eps * kappa_upper / self.num_grads >= 1.0:
+        if eps * kappa_lower >= 1.0:
             warnings.warn(
-                f"F is so ill-conditioned (kappa >= {kappa_upper / self.num_grads:.3g}, damp="
-                f"{self.damp:g}) that {self.dtype} products may have no correct digits; increase "
-                "damp or use float64", IllConditionedWarning, stacklevel=3)
+                f"F is so ill-conditioned (kappa >= {kappa_lower:.3g}, damp={self.damp:g}) that "
+                f"{self.dtype} products may have no correct digits; increase damp or use "
+                "float64", IllConditionedWarning, stacklevel=3)
 
     # -- products ------------------------------------------------------------------------
 
@@ -287,7 +305,7 @@ class StaticIHVP(_BlockOperatorBase):
         return self._groups_matmat(X, self._apply_group)
 
     def _matvec(self, x: Any) -> Any:
-        if len(self._groups) == 1 and not self._groups[0].dense:
+        if len(self._groups) == 1 and self._groups[0].count == 1 and not self._groups[0].dense:
             W = self._W
             return (x - (W @ x) @ W) / self.damp
         return self._matmat(x[:, None])[:, 0]
@@ -364,10 +382,11 @@ class StaticIHVP(_BlockOperatorBase):
                             f"device ({self!r})")
         if not xp.isdtype(idx.dtype, "integral"):
             raise TypeError(f"{name} must have an integer dtype, got {idx.dtype}")
-        if idx.size and (bool(xp.any(idx < 0)) or bool(xp.any(idx >= self.dim))):
-            bad = xp.where((idx < 0) | (idx >= self.dim))
-            first = int(idx[bad][0]) if bad else None
-            raise IndexError(f"{name} holds an index out of range [0, {self.dim}): {first}")
+        if idx.size:
+            lo, hi = int(xp.min(idx)), int(xp.max(idx))
+            if lo < 0 or hi >= self.dim:
+                raise IndexError(f"{name} holds an index out of range [0, {self.dim}): "
+                                 f"{lo if lo < 0 else hi}")
         return idx
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 from ._compat import array_namespace, device, is_array_api_obj, namespace_name
@@ -42,10 +43,9 @@ def check_finite(xp: Any, x: Any, name: str) -> None:
 
 def check_damp(damp: Any) -> float:
     """The damping as a Python float; it must be finite and strictly positive."""
-    try:
-        value = float(damp)
-    except (TypeError, ValueError):
-        raise TypeError(f"damp must be a real number, got {damp!r}") from None
+    if isinstance(damp, bool) or not isinstance(damp, numbers.Real):
+        raise TypeError(f"damp must be a real number, got {damp!r}")
+    value = float(damp)
     if not math.isfinite(value) or value <= 0.0:
         raise ValueError(f"damp must be finite and > 0, got {damp!r}")
     return value
