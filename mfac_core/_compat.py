@@ -18,6 +18,7 @@ from array_api_compat import (
     is_numpy_namespace,
     is_torch_namespace,
     is_writeable_array,
+    size,
 )
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "is_torch_namespace",
     "is_writeable_array",
     "namespace_name",
+    "size",
 ]
 
 

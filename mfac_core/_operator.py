@@ -50,6 +50,8 @@ class LinearOperator:
     """
 
     ndim = 2
+    # NumPy must hand ``ndarray @ op`` (and other binary operators) to this class.
+    __array_ufunc__ = None
 
     def __init__(
         self,
@@ -205,8 +207,9 @@ class LinearOperator:
         """The transpose ``A^T``; equal to :meth:`adjoint` for real operators."""
         return self.adjoint()
 
-    H = property(adjoint)
-    T = property(transpose)
+    # Through lambdas, so that a subclass's own adjoint()/transpose() is used.
+    H = property(lambda self: self.adjoint(), doc="The adjoint, as :meth:`adjoint`.")
+    T = property(lambda self: self.transpose(), doc="The transpose, as :meth:`transpose`.")
 
     def todense(self, *, max_entries: int = DEFAULT_MAX_DENSE_ENTRIES) -> Any:
         """The operator as a dense ``(M, N)`` array of its namespace and device.

@@ -9,7 +9,7 @@ from typing import Any
 
 from . import _blocks, _linalg
 from ._blocks import BlockGroup
-from ._compat import device, is_writeable_array
+from ._compat import device, is_writeable_array, size
 from ._linalg import FactorizationError, IllConditionedWarning
 from ._operator import LinearOperator
 from ._validation import (
@@ -288,8 +288,8 @@ class StaticIHVP(_BlockOperatorBase):
         if eps * kappa_lower >= 1.0:
             warnings.warn(
                 f"F is so ill-conditioned (kappa >= {kappa_lower:.3g}, damp={self.damp:g}) that "
-                f"{self.dtype} products may have no correct digits; increase damp or use "
-                "float64", IllConditionedWarning, stacklevel=3)
+                f"{self.dtype} products may have no correct digits; increase damp"
+                + (" or use float64" if eps > 1e-15 else ""), IllConditionedWarning, stacklevel=3)
 
     # -- products ------------------------------------------------------------------------
 
@@ -382,7 +382,7 @@ class StaticIHVP(_BlockOperatorBase):
                             f"device ({self!r})")
         if not xp.isdtype(idx.dtype, "integral"):
             raise TypeError(f"{name} must have an integer dtype, got {idx.dtype}")
-        if idx.size:
+        if size(idx):
             lo, hi = int(xp.min(idx)), int(xp.max(idx))
             if lo < 0 or hi >= self.dim:
                 raise IndexError(f"{name} holds an index out of range [0, {self.dim}): "

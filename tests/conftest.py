@@ -1,0 +1,141 @@
+"""Shared fixtures: the backend matrix (library x device) and the dtypes.
+
+Hypothesis profiles: ``ci`` (the default: derandomized, so every run draws the
+same examples) and ``dev`` (more examples, random); pick one with the
+``HYPOTHESIS_PROFILE`` environment variable.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import array_api_compat
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "ci",
+    derandomize=True,
+    deadline=None,
+    max_examples=60,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile("dev", deadline=None, max_examples=200)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One array library on one device, as the tests see it.
+
+    Attributes
+    ----------
+    name : str
+        A readable id ("numpy", "strict-cpu", "strict-device1", "torch").
+    xp : module
+        The array-api-compat namespace (what ``array_namespace`` returns).
+    device : object
+        The device arrays are created on.
+    make : callable
+        ``make(np_array, dtype)`` -> array of this library on this device.
+    """
+
+    name: str
+    xp: Any
+    device: Any
+    make: Callable[[Any, Any], Any]
+
+    def dtype(self, name: str) -> Any:
+        """The namespace's dtype called ``name`` ("float32", "int64", ...)."""
+        return getattr(self.xp, name)
+
+    def asarray(self, a: Any, dtype: str | None = None) -> Any:
+        """A copy of ``a`` (NumPy or nested lists) on this backend's device."""
+        a = np.asarray(a)
+        return self.make(a, self.dtype(dtype) if dtype is not None else None)
+
+    @property
+    def is_numpy(self) -> bool:
+        return self.name == "numpy"
+
+
+def _numpy_backend() -> Backend:
+    xp = array_api_compat.array_namespace(np.zeros(1))
+
+    def make(a: Any, dtype: Any) -> Any:
+        return np.array(a, dtype=dtype, copy=True)
+
+    return Backend("numpy", xp, array_api_compat.device(np.zeros(1)), make)
+
+
+def _strict_backend(device_name: str) -> Backend:
+    strict = pytest.importorskip("array_api_strict")
+    dev = strict.Device(device_name)
+    example = strict.asarray(np.zeros(1), device=dev)
+    xp = array_api_compat.array_namespace(example)
+
+    def make(a: Any, dtype: Any) -> Any:
+        return xp.asarray(a, dtype=dtype, device=dev, copy=True)
+
+    name = "strict-cpu" if device_name == "CPU_DEVICE" else f"strict-{device_name}"
+    return Backend(name, xp, dev, make)
+
+
+def _torch_backend() -> Backend:
+    torch = pytest.importorskip("torch")
+    example = torch.zeros(1, device="cpu")
+    xp = array_api_compat.array_namespace(example)
+
+    def make(a: Any, dtype: Any) -> Any:
+        return torch.tensor(a, dtype=dtype, device="cpu")  # always a copy
+
+    return Backend("torch", xp, example.device, make)
+
+
+_BACKENDS: dict[str, Callable[[], Backend]] = {
+    "numpy": _numpy_backend,
+    "strict-cpu": lambda: _strict_backend("CPU_DEVICE"),
+    "strict-device1": lambda: _strict_backend("device1"),
+    "torch": _torch_backend,
+}
+
+
+@pytest.fixture(scope="session", params=list(_BACKENDS), ids=list(_BACKENDS))
+def xp_device(request: pytest.FixtureRequest) -> Backend:
+    """Each array library and device of the CPU test matrix."""
+    return _BACKENDS[request.param]()
+
+
+@pytest.fixture(scope="session")
+def numpy_backend() -> Backend:
+    """NumPy only (for tests about NumPy-specific behaviour)."""
+    return _numpy_backend()
+
+
+@pytest.fixture(scope="session")
+def strict_device1() -> Backend:
+    """array-api-strict on its second simulated device."""
+    return _strict_backend("device1")
+
+
+@pytest.fixture(scope="session", params=["float32", "float64"])
+def dtype(request: pytest.FixtureRequest) -> str:
+    """The floating dtypes, by name (convert with ``Backend.dtype``)."""
+    return request.param
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    """A seeded generator, so every test draws the same data on every run."""
+    return np.random.default_rng(20211206)
+
+
+@pytest.fixture(scope="session")
+def make_backend() -> Callable[[str], Backend]:
+    """``make_backend(name)`` -> the :class:`Backend` of that id (for custom parametrisations)."""
+    return lambda name: _BACKENDS[name]()

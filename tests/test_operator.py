@@ -1,0 +1,378 @@
+"""Tests of the array-API LinearOperator base class (mfac_core._operator)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import array_api_compat
+import numpy as np
+import pytest
+
+from mfac_core import EmpiricalFisher, LinearOperator, StaticIHVP
+from mfac_core.testing import (
+    SpectralOracle,
+    assert_close,
+    condition_number,
+    empirical_fisher_dense,
+    to_numpy,
+)
+
+
+class Dense(LinearOperator):
+    """A general (rectangular, non-symmetric) matrix, to test what StaticIHVP cannot."""
+
+    def __init__(self, A: Any, *, check_finite: bool = True) -> None:
+        xp = array_api_compat.array_namespace(A)
+        super().__init__(shape=tuple(int(s) for s in A.shape), dtype=A.dtype, xp=xp,
+                         device=array_api_compat.device(A), check_finite=check_finite)
+        self.A = A
+
+    def _matmat(self, X: Any) -> Any:
+        return self.A @ X
+
+    def _rmatmat(self, X: Any) -> Any:
+        return self.A.T @ X
+
+
+class WrongAdjoint(Dense):
+    """An operator whose adjoint is wrong (``A`` instead of ``A^T``)."""
+
+    def _rmatmat(self, X: Any) -> Any:
+        return self.A @ X
+
+
+def _rounded(a: np.ndarray, dtype: str) -> np.ndarray:
+    """Values exactly representable in ``dtype``, kept in float64 for the references."""
+    return a.astype(dtype).astype(np.float64)
+
+
+def _check_space(y: Any, backend, dtype: str) -> None:
+    assert array_api_compat.array_namespace(y) is backend.xp
+    assert y.dtype == backend.dtype(dtype)
+    assert array_api_compat.device(y) == backend.device
+
+
+@pytest.fixture
+def fisher_setup(xp_device, dtype, rng):
+    m, d, damp = 4, 11, 0.3
+    G = _rounded(rng.standard_normal((m, d)), dtype)
+    Gx = xp_device.asarray(G, dtype)
+    return {
+        "G": G, "damp": damp, "d": d, "backend": xp_device, "dtype": dtype,
+        "F": EmpiricalFisher(Gx, damp=damp), "Finv": StaticIHVP(Gx, damp=damp),
+        "kappa": condition_number(G, damp),
+    }
+
+
+@pytest.fixture
+def dense_setup(xp_device, dtype, rng):
+    A = _rounded(rng.standard_normal((3, 5)), dtype)
+    B = _rounded(rng.standard_normal((5, 4)), dtype)
+    return {"A": A, "B": B, "backend": xp_device, "dtype": dtype,
+            "opA": Dense(xp_device.asarray(A, dtype)), "opB": Dense(xp_device.asarray(B, dtype))}
+
+
+# -- attributes -----------------------------------------------------------------------------
+
+
+def test_attributes(fisher_setup):
+    s = fisher_setup
+    be, dt, d = s["backend"], s["dtype"], s["d"]
+    for op in (s["F"], s["Finv"]):
+        assert op.shape == (d, d)
+        assert op.ndim == 2
+        assert op.dtype == be.dtype(dt)
+        assert op.device == be.device
+        assert op.xp is be.xp
+        r = repr(op)
+        assert type(op).__name__ in r and f"{d}x{d}" in r and "dtype=" in r
+        assert "namespace=" + {"numpy": "numpy", "torch": "torch"}.get(
+            be.name, "array_api_strict") in r
+
+
+def test_base_class_shape_validation():
+    xp = array_api_compat.array_namespace(np.ones(1))
+    with pytest.raises(ValueError, match="shape"):
+        LinearOperator(shape=(3,), dtype=np.float64, xp=xp, device="cpu")
+    with pytest.raises(ValueError, match="shape"):
+        LinearOperator(shape=(3, -1), dtype=np.float64, xp=xp, device="cpu")
+    op = LinearOperator(shape=(2, 2), dtype=np.float64, xp=xp, device="cpu")
+    with pytest.raises(NotImplementedError, match="_matmat"):
+        op.matvec(np.ones(2))
+    with pytest.raises(NotImplementedError, match="_rmatmat"):
+        op.rmatvec(np.ones(2))
+    with pytest.raises(NotImplementedError, match="_rmatmat"):
+        op.H.matvec(np.ones(2))
+
+
+# -- products -------------------------------------------------------------------------------
+
+
+def test_matvec_matmat_shapes_and_values(fisher_setup, rng):
+    s = fisher_setup
+    be, dt, d = s["backend"], s["dtype"], s["d"]
+    x = _rounded(rng.standard_normal(d), dt)
+    X = _rounded(rng.standard_normal((d, 3)), dt)
+    Fd = empirical_fisher_dense(s["G"], s["damp"])
+    oracle = SpectralOracle(s["G"], s["damp"])
+    for op, ref in ((s["F"], lambda v: Fd @ v), (s["Finv"], oracle.matmat)):
+        y1 = op.matvec(be.asarray(x, dt))
+        assert tuple(y1.shape) == (d,)
+        _check_space(y1, be, dt)
+        assert_close(y1, ref(x[:, None])[:, 0], kappa=s["kappa"])
+        y2 = op.matvec(be.asarray(x[:, None], dt))
+        assert tuple(y2.shape) == (d, 1)
+        assert_close(y2[:, 0], to_numpy(y1), kappa=s["kappa"])
+        Y = op.matmat(be.asarray(X, dt))
+        assert tuple(Y.shape) == (d, 3)
+        _check_space(Y, be, dt)
+        assert_close(Y, ref(X), kappa=s["kappa"])
+        # Symmetric operators: rmatvec/rmatmat are matvec/matmat.
+        assert_close(op.rmatvec(be.asarray(x, dt)), to_numpy(y1), kappa=s["kappa"])
+        assert_close(op.rmatmat(be.asarray(X, dt)), to_numpy(Y), kappa=s["kappa"])
+        # __call__ and dot are matvec/matmat for arrays.
+        assert_close(op(be.asarray(x, dt)), to_numpy(y1), kappa=s["kappa"])
+        assert_close(op.dot(be.asarray(X, dt)), to_numpy(Y), kappa=s["kappa"])
+        assert_close(op @ be.asarray(X, dt), to_numpy(Y), kappa=s["kappa"])
+        assert_close(op * be.asarray(x, dt), to_numpy(y1), kappa=s["kappa"])
+
+
+def test_rectangular_matvec_rmatvec(dense_setup, rng):
+    s = dense_setup
+    be, dt, A, opA = s["backend"], s["dtype"], s["A"], s["opA"]
+    x, y = _rounded(rng.standard_normal(5), dt), _rounded(rng.standard_normal(3), dt)
+    assert opA.shape == (3, 5)
+    r = opA.matvec(be.asarray(x, dt))
+    assert tuple(r.shape) == (3,)
+    _check_space(r, be, dt)
+    assert_close(r, A @ x)
+    assert_close(opA.rmatvec(be.asarray(y, dt)), A.T @ y)
+    assert tuple(opA.rmatvec(be.asarray(y[:, None], dt)).shape) == (5, 1)
+    assert_close(opA.rmatmat(be.asarray(np.stack([y, 2 * y], 1), dt)),
+                 A.T @ np.stack([y, 2 * y], 1))
+    with pytest.raises(ValueError, match="shape"):
+        opA.matvec(be.asarray(y, dt))
+    with pytest.raises(ValueError, match="shape"):
+        opA.rmatvec(be.asarray(x, dt))
+    with pytest.raises(ValueError, match="rmatmat"):
+        opA.rmatvec(be.asarray(np.ones((3, 2)), dt))
+
+
+def test_adjoint_and_transpose(dense_setup, fisher_setup, rng):
+    s = dense_setup
+    be, dt, A, opA = s["backend"], s["dtype"], s["A"], s["opA"]
+    for At in (opA.adjoint(), opA.H, opA.transpose(), opA.T):
+        assert At.shape == (5, 3)
+        y = _rounded(rng.standard_normal(3), dt)
+        assert_close(At.matvec(be.asarray(y, dt)), A.T @ y)
+        assert_close(At.rmatvec(be.asarray(_rounded(np.ones(5), dt), dt)), A @ np.ones(5))
+        assert_close(At.matmat(be.asarray(np.eye(3), dt)), A.T)
+        assert_close(At.rmatmat(be.asarray(np.eye(5), dt)), A)
+        assert At.adjoint() is opA
+        assert At.transpose() is opA
+    Finv = fisher_setup["Finv"]
+    assert Finv.H is Finv and Finv.T is Finv and Finv.adjoint() is Finv
+
+
+def test_H_uses_the_subclass_adjoint():
+    A = Dense(np.arange(6.0).reshape(2, 3))
+    assert A.H.H is A
+
+
+def test_operator_algebra(dense_setup, fisher_setup):
+    s = dense_setup
+    be, dt, A, B, opA, opB = (s[k] for k in ("backend", "dtype", "A", "B", "opA", "opB"))
+    cases = {
+        "A@B": (opA @ opB, A @ B), "A.dot(B)": (opA.dot(opB), A @ B), "A*B": (opA * opB, A @ B),
+        "A+A": (opA + opA, 2 * A), "A-2A": (opA - 2 * opA, -A), "2*A": (2 * opA, 2 * A),
+        "A*3": (opA * 3, 3 * A), "A/4": (opA / 4, A / 4), "-A": (-opA, -A),
+        "A.dot(0.5)": (opA.dot(0.5), 0.5 * A), "B.T@A.T": (opB.T @ opA.T, (A @ B).T),
+        "(A@B).H": ((opA @ opB).H, (A @ B).T), "(A+A).T": ((opA + opA).T, 2 * A.T),
+        "(2A).H": ((2 * opA).H, 2 * A.T), "A.T.T": (opA.T.T, A),
+    }
+    for name, (op, ref) in cases.items():
+        assert isinstance(op, LinearOperator), name
+        assert op.shape == ref.shape, name
+        assert op.dtype == be.dtype(dt)
+        dense = op.todense()
+        _check_space(dense, be, dt)
+        assert_close(dense, ref, factor=100, err_msg=name)
+        assert_close(op.rmatmat(be.asarray(np.eye(ref.shape[0]), dt)), ref.T, err_msg=name)
+    F, Finv = fisher_setup["F"], fisher_setup["Finv"]
+    d = fisher_setup["d"]
+    kappa = fisher_setup["kappa"]
+    prod = F @ Finv
+    assert_close(prod.todense(), np.eye(fisher_setup["d"]), kappa=kappa, atol=0)
+    combo = 2 * F - Finv / 3 + F @ F
+    Fd = empirical_fisher_dense(fisher_setup["G"], fisher_setup["damp"])
+    ref = 2 * Fd - np.linalg.inv(Fd) / 3 + Fd @ Fd
+    assert_close(combo.todense(), ref, kappa=kappa**2)
+    assert combo.shape == (d, d)
+    assert combo.H.shape == (d, d)
+
+
+def test_composition_errors(dense_setup, fisher_setup, numpy_backend, strict_device1):
+    opA, opB = dense_setup["opA"], dense_setup["opB"]
+    with pytest.raises(ValueError, match="shapes"):
+        opA @ opA
+    with pytest.raises(ValueError, match="shapes"):
+        opA + opB
+    with pytest.raises(ValueError, match="shapes"):
+        opA - opB
+    with pytest.raises(ValueError, match="scalar"):
+        opA @ 2
+    with pytest.raises(ValueError, match="scalar"):
+        2 @ opA
+    with pytest.raises(TypeError):
+        opA + 1
+    with pytest.raises(TypeError):
+        opA / "x"
+    with pytest.raises(TypeError, match="expected"):
+        opA.dot("x")
+    with pytest.raises(ValueError, match="1-D or 2-D"):
+        opA.dot(dense_setup["backend"].asarray(np.ones((5, 1, 1)), dense_setup["dtype"]))
+    # Different dtypes, libraries or devices do not mix.
+    other_dtype = "float64" if dense_setup["dtype"] == "float32" else "float32"
+    be = dense_setup["backend"]
+    other = Dense(be.asarray(np.ones((5, 2)), other_dtype))
+    with pytest.raises(TypeError, match="dtype"):
+        opA @ other
+    foreign = numpy_backend if be.name != "numpy" else strict_device1
+    other = Dense(foreign.asarray(np.ones((5, 2)), dense_setup["dtype"]))
+    with pytest.raises(TypeError, match="different array libraries or devices"):
+        opA @ other
+    with pytest.raises(TypeError, match="different array libraries or devices"):
+        Dense(foreign.asarray(np.ones((3, 5)), dense_setup["dtype"])) + opA
+
+
+def test_row_vector_times_operator_torch():
+    torch = pytest.importorskip("torch")
+    A = np.arange(15.0).reshape(3, 5)
+    op = Dense(torch.asarray(A))
+    y = torch.asarray(np.arange(3.0))
+    assert_close(y @ op, np.arange(3.0) @ A)
+    Y = torch.asarray(np.ones((2, 3)))
+    assert_close(Y @ op, np.ones((2, 3)) @ A)
+
+
+def test_row_vector_times_operator_numpy():
+    A = np.arange(15.0).reshape(3, 5)
+    assert_close(np.arange(3.0) @ Dense(A), np.arange(3.0) @ A)
+
+
+# -- dottest ---------------------------------------------------------------------------------
+
+
+def _dottest(op, backend, dtype, rng, *, kappa=1.0) -> float:
+    """``<A y, x> = <y, A^H x>`` up to ``100 eps kappa (||Ay|| ||x|| + ||y|| ||A^H x||)``."""
+    n_out, n_in = op.shape
+    y = _rounded(rng.standard_normal(n_in), dtype)
+    x = _rounded(rng.standard_normal(n_out), dtype)
+    Ay = to_numpy(op.matvec(backend.asarray(y, dtype))).astype(np.float64)
+    AHx = to_numpy(op.H.matvec(backend.asarray(x, dtype))).astype(np.float64)
+    lhs, rhs = Ay @ x, y @ AHx
+    eps = float(np.finfo(dtype).eps)
+    scale = np.linalg.norm(Ay) * np.linalg.norm(x) + np.linalg.norm(y) * np.linalg.norm(AHx)
+    assert abs(lhs - rhs) <= 100 * eps * kappa * scale, (lhs, rhs, scale)
+    return abs(lhs - rhs) / scale
+
+
+def test_dottest(fisher_setup, dense_setup, rng):
+    s = fisher_setup
+    be, dt, k = s["backend"], s["dtype"], s["kappa"]
+    F, Finv = s["F"], s["Finv"]
+    opA, opB = dense_setup["opA"], dense_setup["opB"]
+    for op, kappa in ((F, k), (Finv, k), (F @ Finv, k * k), (2 * F - Finv, k), (F @ F, k * k),
+                      (opA, 1), (opB, 1), (opA @ opB, 1), (opA.H, 1), (opB.T @ opA.T, 1),
+                      (opA + 2 * opA, 1), (opA.T @ opA, 1)):
+        _dottest(op, be, dt, rng, kappa=kappa)
+
+
+def test_dottest_detects_a_wrong_adjoint(numpy_backend, rng):
+    A = rng.standard_normal((6, 6))
+    with pytest.raises(AssertionError):
+        _dottest(WrongAdjoint(A), numpy_backend, "float64", rng)
+
+
+# -- input checks ----------------------------------------------------------------------------
+
+
+def test_wrong_shapes(fisher_setup):
+    s = fisher_setup
+    be, dt, d, op = s["backend"], s["dtype"], s["d"], s["Finv"]
+    for bad in (np.ones(d + 1), np.ones((d + 1, 1)), np.ones((d, 1, 1)), np.ones(()).reshape(())):
+        with pytest.raises(ValueError, match="shape"):
+            op.matvec(be.asarray(bad, dt))
+    with pytest.raises(ValueError, match="use matmat"):
+        op.matvec(be.asarray(np.ones((d, 2)), dt))
+    for bad in (np.ones(d), np.ones((d + 1, 2)), np.ones((d, 2, 1))):
+        with pytest.raises(ValueError, match="shape"):
+            op.matmat(be.asarray(bad, dt))
+        with pytest.raises(ValueError, match="shape"):
+            op.rmatmat(be.asarray(bad, dt))
+
+
+def test_other_library_device_dtype(fisher_setup, numpy_backend, strict_device1):
+    s = fisher_setup
+    be, dt, d, op = s["backend"], s["dtype"], s["d"], s["Finv"]
+    if be.name != "numpy":
+        with pytest.raises(TypeError, match="numpy array"):
+            op.matvec(numpy_backend.asarray(np.ones(d), dt))
+    else:
+        torch = pytest.importorskip("torch")
+        with pytest.raises(TypeError, match="torch array"):
+            op.matvec(torch.ones(d, dtype=getattr(torch, dt)))
+        with pytest.raises(TypeError, match="array_api_strict array"):
+            op.matmat(strict_device1.asarray(np.ones((d, 1)), dt))
+    if be.name == "strict-cpu":
+        with pytest.raises(ValueError, match="device"):
+            op.matvec(strict_device1.asarray(np.ones(d), dt))
+    if be.name == "strict-device1":
+        import array_api_strict
+
+        cpu = be.xp.asarray(np.ones(d), dtype=be.dtype(dt),
+                            device=array_api_strict.Device("CPU_DEVICE"))
+        with pytest.raises(ValueError, match="device"):
+            op.matvec(cpu)
+    other = "float64" if dt == "float32" else "float32"
+    with pytest.raises(TypeError, match="dtype"):
+        op.matvec(be.asarray(np.ones(d), other))
+    with pytest.raises(TypeError, match="floating"):
+        op.matvec(be.asarray(np.ones(d), "int64"))
+    with pytest.raises(TypeError, match="array"):
+        op.matvec([1.0] * d)
+
+
+def test_non_finite_inputs(fisher_setup):
+    s = fisher_setup
+    be, dt, d = s["backend"], s["dtype"], s["d"]
+    for op in (s["F"], s["Finv"], s["F"] @ s["Finv"], s["F"] + s["Finv"], 2 * s["Finv"]):
+        for bad in (np.nan, np.inf, -np.inf):
+            x = np.ones(d)
+            x[1] = bad
+            with pytest.raises(ValueError, match="NaN or infinity"):
+                op.matvec(be.asarray(x, dt))
+            with pytest.raises(ValueError, match="NaN or infinity"):
+                op.matmat(be.asarray(x[:, None], dt))
+
+
+def test_check_finite_false_skips_the_check(xp_device, dtype, rng):
+    G = rng.standard_normal((3, 7))
+    x = np.ones(7)
+    x[2] = np.nan
+    for cls in (StaticIHVP, EmpiricalFisher):
+        op = cls(xp_device.asarray(G, dtype), damp=0.5, check_finite=False)
+        assert not op.check_finite
+        y = to_numpy(op.matvec(xp_device.asarray(x, dtype)))
+        assert np.isnan(y).any()
+
+
+def test_todense_max_entries(fisher_setup):
+    s = fisher_setup
+    op, d = s["Finv"], s["d"]
+    with pytest.raises(ValueError, match="max_entries"):
+        op.todense(max_entries=d * d - 1)
+    with pytest.raises(ValueError, match="max_entries"):
+        (op @ op).todense(max_entries=10)
+    dense = op.todense(max_entries=d * d)
+    assert tuple(dense.shape) == (d, d)

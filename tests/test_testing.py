@@ -1,0 +1,413 @@
+"""Tests of mfac_core.testing: the oracles agree, assert_close catches real errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, find, given, settings
+from hypothesis import strategies as st
+from hypothesis.errors import NoSuchExample
+
+from mfac_core import StaticIHVP
+from mfac_core.testing import (
+    DEFAULT_FACTOR,
+    Problem,
+    SpectralOracle,
+    assert_close,
+    condition_number,
+    dense_inverse,
+    empirical_fisher_dense,
+    paper_dynamic,
+    paper_static,
+    problems,
+    to_numpy,
+)
+
+EPS64 = float(np.finfo(np.float64).eps)
+EPS32 = float(np.finfo(np.float32).eps)
+
+# Small, well-conditioned problems: (m, d, block_size). Blocks both <= m (the library's
+# dense path) and > m (Woodbury), ragged last blocks, d < m, m = 1 and d = 1.
+SHAPES = [(1, 1, None), (1, 7, None), (3, 1, None), (6, 4, None), (5, 17, None),
+          (4, 10, 3), (3, 11, 5), (2, 9, 1), (8, 20, 20), (8, 20, 30)]
+
+
+def _grads(rng: np.random.Generator, m: int, d: int) -> np.ndarray:
+    return rng.standard_normal((m, d))
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+# -- the oracles agree --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("m", "d"), [(1, 1), (1, 6), (4, 1), (6, 4), (5, 17), (8, 8)])
+def test_paper_oracles_agree_with_dense_and_spectral(rng, m, d):
+    G = _grads(rng, m, d)
+    damp = 0.3
+    x = rng.standard_normal(d)
+    inv = dense_inverse(G, damp)
+    want = inv @ x
+    ps, pd, so = paper_static(G, damp), paper_dynamic(G, damp), SpectralOracle(G, damp)
+    assert so.kappa < 1e3
+    for got in (ps.matvec(x), pd.matvec(x), so.matvec(x)):
+        assert _rel(got, want) < 1e-10
+    assert _rel(ps.diagonal(), np.diag(inv)) < 1e-10
+    assert _rel(so.diagonal(), np.diag(inv)) < 1e-10
+    for i, j in [(0, 0), (0, d - 1), (d - 1, 0), (d // 2, d - 1)]:
+        assert abs(ps.entry(i, j) - inv[i, j]) < 1e-10 * np.abs(inv).max()
+    assert _rel(so.todense(), inv) < 1e-10
+
+
+def test_paper_dynamic_structure(rng):
+    m, d, damp = 6, 15, 0.2
+    G = _grads(rng, m, d)
+    pd, ps = paper_dynamic(G, damp), paper_static(G, damp)
+    np.testing.assert_allclose(pd.GG, G @ G.T, rtol=1e-14)
+    assert np.array_equal(pd.D, np.triu(pd.D))
+    assert np.array_equal(pd.B, np.tril(pd.B))
+    np.testing.assert_allclose(np.diag(pd.B), 1.0 / damp)
+    # D_ij = g_i^T F_{i-1}^{-1} g_j with F_{i-1} the partial Fisher of the first i-1 gradients.
+    for i in range(m):
+        Fi = damp * np.eye(d) + G[:i].T @ G[:i] / m
+        row = G[i] @ np.linalg.solve(Fi, G[i:].T)
+        np.testing.assert_allclose(pd.D[i, i:], row, rtol=1e-10)
+    # Row i of B holds the coefficients of v_i = F_{i-1}^{-1} g_i in the gradients (Eq. 7),
+    # and the static q_i are m + D_ii.
+    np.testing.assert_allclose(pd.B @ G, ps.v, rtol=1e-10, atol=1e-12 * np.abs(ps.v).max())
+    np.testing.assert_allclose(ps.q, m + np.diag(pd.D), rtol=1e-12)
+
+
+def test_paper_static_closed_form(rng):
+    # DESIGN.md: q = diag(Delta), the LDL^T pivots of S = m I + G G^T / damp, and
+    # V = damp^{-1} L^{-1} G.
+    m, d, damp = 5, 12, 0.7
+    G = _grads(rng, m, d)
+    ps = paper_static(G, damp)
+    S = m * np.eye(m) + G @ G.T / damp
+    R = np.linalg.cholesky(S)
+    piv = np.diag(R) ** 2
+    L = R / np.diag(R)
+    np.testing.assert_allclose(ps.q, piv, rtol=1e-12)
+    np.testing.assert_allclose(ps.v, np.linalg.solve(L, G) / damp, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize(("m", "d", "block_size"), SHAPES)
+def test_spectral_oracle_matches_dense_inverse(rng, m, d, block_size):
+    G = _grads(rng, m, d)
+    damp = 0.5
+    inv = dense_inverse(G, damp, block_size=block_size)
+    so = SpectralOracle(G, damp, block_size=block_size)
+    X = rng.standard_normal((d, 3))
+    assert _rel(so.todense(), inv) < 1e-12
+    assert _rel(so.matmat(X), inv @ X) < 1e-12
+    assert _rel(so.matvec(X[:, 0]), inv @ X[:, 0]) < 1e-12
+    assert so.matvec(X[:, :1]).shape == (d, 1)
+    assert _rel(so.diagonal(), np.diag(inv)) < 1e-12
+    rows, cols = np.meshgrid(np.arange(d), np.arange(d), indexing="ij")
+    ent = so.entries(rows, cols)
+    assert ent.shape == (d, d)
+    assert _rel(ent, inv) < 1e-12
+    assert np.array_equal(ent == 0, inv == 0)  # cross-block entries are exactly zero
+    assert so.shape == (d, d)
+    assert "kappa" in repr(so)
+
+
+@pytest.mark.parametrize(("m", "d", "block_size"), SHAPES)
+def test_dense_fisher_and_condition_number(rng, m, d, block_size):
+    G = _grads(rng, m, d)
+    damp = 0.25
+    F = empirical_fisher_dense(G, damp, block_size=block_size)
+    full = damp * np.eye(d) + G.T @ G / m
+    b = d if block_size is None else block_size
+    same_block = (np.arange(d)[:, None] // b) == (np.arange(d)[None, :] // b)
+    np.testing.assert_allclose(F, np.where(same_block, full, 0.0), rtol=1e-14, atol=0)
+    assert np.array_equal(F, F.T)
+    np.testing.assert_allclose(dense_inverse(G, damp, block_size=block_size) @ F, np.eye(d),
+                               atol=1e-12)
+    kappa = condition_number(G, damp, block_size=block_size)
+    # The largest condition number of a block (not cond(F) of the assembled matrix).
+    per_block = max(np.linalg.cond(F[s:s + b, s:s + b]) for s in range(0, d, b))
+    assert kappa == pytest.approx(per_block, rel=1e-10)
+    if block_size is None:
+        assert kappa == pytest.approx(np.linalg.cond(F), rel=1e-10)
+    assert SpectralOracle(G, damp, block_size=block_size).kappa == pytest.approx(kappa, rel=1e-10)
+
+
+def test_condition_number_formula_for_blocks_with_null_space(rng):
+    m, d, damp = 3, 10, 1e-3
+    G = _grads(rng, m, d)
+    top = np.linalg.eigvalsh(G @ G.T)[-1]
+    assert condition_number(G, damp) == pytest.approx(1 + top / (m * damp), rel=1e-12)
+
+
+def test_spectral_oracle_accurate_at_huge_kappa():
+    # Identical gradients: F = damp I + g g^T, known in closed form; kappa = 1e12.
+    rng = np.random.default_rng(1)
+    m, d = 4, 30
+    g = rng.standard_normal(d)
+    g *= 1e3 / np.linalg.norm(g)
+    G = np.repeat(g[None], m, axis=0)
+    damp = 1e-6
+    so = SpectralOracle(G, damp)
+    assert so.kappa == pytest.approx(1 + 1e6 / damp, rel=1e-12)
+
+    def exact(x: np.ndarray) -> np.ndarray:
+        return x / damp - g * (g @ x) / (damp * (damp + g @ g))
+
+    x = rng.standard_normal(d)
+    # A generic vector: the null-space part dominates and is computed without loss.
+    assert _rel(so.matvec(x), exact(x)) < 100 * EPS64
+    # A vector in the span: the problem itself is conditioned like kappa.
+    assert_close(so.matvec(g), g / (damp + g @ g), kappa=so.kappa)
+    diag = 1 / damp - g * g / (damp * (damp + g @ g))
+    assert _rel(so.diagonal(), diag) < 100 * EPS64
+
+
+def test_oracles_validate_input():
+    with pytest.raises(ValueError, match="2-D"):
+        SpectralOracle(np.ones(3), 1.0)
+    with pytest.raises(ValueError, match="damp"):
+        SpectralOracle(np.ones((2, 3)), 0.0)
+    with pytest.raises(ValueError, match="block_size"):
+        empirical_fisher_dense(np.ones((2, 3)), 1.0, block_size=0)
+    so = SpectralOracle(np.ones((2, 3)), 1.0, block_size=2)
+    with pytest.raises(IndexError):
+        so.entries(np.array([3]), np.array([0]))
+    with pytest.raises(ValueError, match="same shape"):
+        so.entries(np.array([0, 1]), np.array([0]))
+    with pytest.raises(ValueError, match="shape"):
+        so.matvec(np.ones(4))
+
+
+# -- to_numpy -------------------------------------------------------------------------------
+
+
+def test_to_numpy_backends(xp_device):
+    a = np.arange(6.0).reshape(2, 3)
+    x = xp_device.asarray(a, "float32")
+    out = to_numpy(x)
+    assert isinstance(out, np.ndarray)
+    assert out.dtype == np.float32
+    np.testing.assert_array_equal(out, a)
+
+
+def test_to_numpy_numpy_is_as_is_and_casts_integers():
+    a = np.ones(3)
+    assert to_numpy(a) is a
+    assert to_numpy(np.arange(3)).dtype == np.float64
+    assert to_numpy([1, 2]).dtype == np.float64
+    assert to_numpy(2.5).shape == ()
+
+
+def test_to_numpy_torch_grad_and_half():
+    torch = pytest.importorskip("torch")
+    t = torch.ones(3, requires_grad=True) * 2
+    np.testing.assert_array_equal(to_numpy(t), [2.0, 2.0, 2.0])
+    assert to_numpy(torch.ones(2, dtype=torch.bfloat16)).dtype == np.float32
+    assert to_numpy(torch.ones(2, dtype=torch.float16)).dtype == np.float32
+
+
+# -- assert_close -------------------------------------------------------------------------
+
+
+def test_assert_close_passes_on_the_library_result(xp_device, dtype, rng):
+    m, d, damp = 6, 25, 1e-2
+    G = _grads(rng, m, d)
+    x = rng.standard_normal(d)
+    if dtype == "float32":
+        G, x = G.astype(np.float32).astype(np.float64), x.astype(np.float32).astype(np.float64)
+    so = SpectralOracle(G, damp)
+    op = StaticIHVP(xp_device.asarray(G, dtype), damp=damp)
+    y = op.matmat(xp_device.asarray(x[:, None], dtype))
+    assert_close(y, so.matvec(x)[:, None], kappa=so.kappa)
+
+
+@pytest.mark.parametrize("dtype_name", ["float32", "float64"])
+@pytest.mark.parametrize("mistake", ["damp+1%", "damp*10", "missing 1/m", "permuted coordinates",
+                                     "dropped gradient", "sign"])
+def test_assert_close_fails_on_real_errors(rng, dtype_name, mistake):
+    m, d, damp = 8, 30, 0.05
+    G = _grads(rng, m, d)
+    x = rng.standard_normal(d)
+    npdt = np.dtype(dtype_name)
+    G = G.astype(npdt).astype(np.float64)
+    x = x.astype(npdt).astype(np.float64)
+    so = SpectralOracle(G, damp)
+    kappa = so.kappa
+    assert 10 < kappa < 1e3
+    right = StaticIHVP(G.astype(npdt), damp=damp).matmat(x.astype(npdt)[:, None])[:, 0]
+    assert_close(right, so.matvec(x), kappa=kappa)
+    wrong = {
+        "damp+1%": lambda: SpectralOracle(G, damp * 1.01).matvec(x),
+        "damp*10": lambda: SpectralOracle(G, damp * 10).matvec(x),
+        "missing 1/m": lambda: np.linalg.solve(damp * np.eye(d) + G.T @ G, x),
+        "permuted coordinates": lambda: dense_inverse(G[:, ::-1], damp) @ x,
+        "dropped gradient": lambda: SpectralOracle(G[1:], damp).matvec(x),
+        "sign": lambda: np.linalg.solve(damp * np.eye(d) - G.T @ G / m, x),
+    }[mistake]().astype(npdt)
+    with pytest.raises(AssertionError, match="relative error"):
+        assert_close(wrong, so.matvec(x), kappa=kappa)
+
+
+def test_assert_close_fails_on_missing_1_over_m_near_kappa_one(rng):
+    # Huge damping: kappa - 1 = 1e-6, a missing 1/m changes F^{-1} x by ~ (m - 1) 1e-6.
+    m, d = 4, 10
+    G = _grads(rng, m, d)
+    damp = np.linalg.eigvalsh(G @ G.T)[-1] / m * 1e6
+    so = SpectralOracle(G, damp)
+    x = rng.standard_normal(d)
+    wrong = np.linalg.solve(damp * np.eye(d) + G.T @ G, x)
+    with pytest.raises(AssertionError):
+        assert_close(wrong, so.matvec(x), kappa=so.kappa)
+
+
+def test_assert_close_message_and_shapes():
+    a = np.ones(4)
+    with pytest.raises(AssertionError) as info:
+        assert_close(a * (1 + 1e-6), a, kappa=3.0, err_msg="context here")
+    msg = str(info.value)
+    for word in ("context here", "relative error", "tolerance", "kappa 3", "float64"):
+        assert word in msg
+    with pytest.raises(AssertionError, match="shapes differ"):
+        assert_close(np.ones((4, 1)), np.ones(4))
+    with pytest.raises(AssertionError, match="NaN"):
+        assert_close(np.array([1.0, np.nan]), np.ones(2))
+    with pytest.raises(AssertionError, match="NaN"):
+        assert_close(np.ones(2), np.array([1.0, np.inf]))
+
+
+def test_assert_close_tolerance_scales_with_eps_kappa_factor_atol():
+    d = np.ones(100)
+    rel = 50 * EPS64  # the error below is rel * ||d||
+    a = d + rel
+    assert_close(a, d)  # 50 < DEFAULT_FACTOR
+    with pytest.raises(AssertionError):
+        assert_close(a, d, factor=10)
+    assert_close(a, d, factor=10, kappa=10)
+    # The dtype decides eps: the same error passes as float32 (by the dtype argument).
+    big = d + 1e-6
+    with pytest.raises(AssertionError):
+        assert_close(big, d)
+    assert_close(big, d, dtype="float32")
+    assert_close(big.astype(np.float32), d)
+    # atol for zero references.
+    assert_close(np.zeros(3), np.zeros(3))
+    with pytest.raises(AssertionError):
+        assert_close(np.full(3, 1e-300), np.zeros(3))
+    assert_close(np.full(3, 1e-12), np.zeros(3), atol=1e-11)
+    assert DEFAULT_FACTOR == 100.0
+
+
+def test_assert_close_dtypes_of_other_libraries(xp_device):
+    d = np.ones(10)
+    x32 = xp_device.asarray(d + 1e-6, "float32")
+    assert_close(x32, d)  # float32 eps
+    x64 = xp_device.asarray(d + 1e-6, "float64")
+    with pytest.raises(AssertionError, match="float64"):
+        assert_close(x64, d)
+
+
+def test_assert_close_bfloat16():
+    torch = pytest.importorskip("torch")
+    d = np.linspace(1, 2, 20)
+    t = torch.asarray(d, dtype=torch.bfloat16)
+    assert_close(t, d)
+    with pytest.raises(AssertionError, match="bfloat16"):
+        assert_close(t + 0.5, d)
+    with pytest.raises(TypeError, match="floating"):
+        assert_close(np.arange(3), np.arange(3.0), dtype="int64")
+
+
+# -- Hypothesis strategies -------------------------------------------------------------------
+
+FIND = settings(database=None, max_examples=2000, suppress_health_check=list(HealthCheck))
+
+
+@pytest.mark.parametrize("dtype_name", ["float32", "float64"])
+@settings(max_examples=40)
+@given(data=st.data())
+def test_problems_are_valid(dtype_name, data):
+    p = data.draw(problems(dtype=dtype_name, max_m=5, max_d=12))
+    assert isinstance(p, Problem)
+    m, d = p.G.shape
+    assert 1 <= m <= 5 and 1 <= d <= 12
+    assert p.x.shape == (d,)
+    assert p.G.dtype == np.float64 and p.x.dtype == np.float64
+    assert np.all(np.isfinite(p.G)) and np.all(np.isfinite(p.x))
+    assert np.isfinite(p.damp) and p.damp > 0
+    assert p.block_size is None or 1 <= p.block_size <= d + 2
+    assert p.kappa <= 1 + (1e4 if dtype_name == "float32" else 1e6) * (1 + 1e-9)
+    if dtype_name == "float32":
+        assert np.array_equal(p.G.astype(np.float32).astype(np.float64), p.G)
+        assert np.array_equal(p.x.astype(np.float32).astype(np.float64), p.x)
+    assert f"m={m}" in p.description and repr(p).startswith("Problem(")
+    assert not p.G.flags.writeable
+
+
+@pytest.mark.parametrize("condition", [
+    lambda p: p.m == 1,
+    lambda p: p.d == 1,
+    lambda p: p.d < p.m,
+    lambda p: p.m > 2 and np.all(p.G == p.G[0]),
+    lambda p: p.m > 2 and len({r.tobytes() for r in p.G}) not in (1, p.m),
+    lambda p: p.block_size is not None and p.d % p.block_size != 0 and p.block_size < p.d,
+    lambda p: p.block_size is not None and p.block_size <= p.m < p.d,
+    lambda p: not np.any(p.x),
+    lambda p: np.any(p.x) and np.linalg.matrix_rank(np.vstack([p.G, p.x])) ==
+    np.linalg.matrix_rank(p.G) < p.d,
+    lambda p: p.kappa > 1e5,
+    lambda p: p.kappa < 1 + 1e-6,
+    lambda p: np.ptp(np.log10(np.linalg.norm(p.G, axis=1))) > 3,
+], ids=["m=1", "d=1", "d<m", "identical", "duplicated", "ragged", "dense-blocks", "x=0",
+        "x-in-span", "tiny-damp", "huge-damp", "scaled-rows"])
+def test_problems_cover_the_hard_cases(condition):
+    find(problems(), condition, settings=FIND)
+
+
+def test_problems_float32_bounds_kappa():
+    with pytest.raises(NoSuchExample):
+        find(problems(dtype="float32"), lambda p: p.kappa > 1.0001e4 + 1,
+             settings=settings(FIND, max_examples=300))
+
+
+def test_problem_as_arrays(xp_device, dtype):
+    p = Problem(G=np.ones((2, 3)), damp=1.0, x=np.arange(3.0), block_size=None,
+                description="test")
+    G, x = p.as_arrays(xp_device.xp, dtype, device=xp_device.device)
+    assert G.dtype == xp_device.dtype(dtype) and x.dtype == xp_device.dtype(dtype)
+    assert tuple(G.shape) == (2, 3) and tuple(x.shape) == (3,)
+    np.testing.assert_array_equal(to_numpy(x), [0, 1, 2])
+    G2, _ = p.as_arrays(xp_device.xp, xp_device.dtype(dtype), device=xp_device.device)
+    G2[0, 0] = 5.0  # a copy: the problem is unchanged
+    assert p.G[0, 0] == 1.0
+    assert isinstance(p.oracle(), SpectralOracle)
+
+
+def test_problems_bad_arguments():
+    with pytest.raises(ValueError, match="dtype"):
+        problems(dtype="float16")
+    with pytest.raises(ValueError):
+        problems(max_m=0)
+
+
+def test_import_without_hypothesis():
+    code = (
+        "import sys\n"
+        "sys.modules['hypothesis'] = None\n"
+        "sys.modules['hypothesis.strategies'] = None\n"
+        "import mfac_core.testing as t\n"
+        "t.SpectralOracle([[1.0, 2.0]], 1.0)\n"
+        "try:\n"
+        "    t.problems()\n"
+        "except ImportError as e:\n"
+        "    assert 'Hypothesis' in str(e), e\n"
+        "else:\n"
+        "    raise SystemExit('no ImportError')\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
