@@ -148,6 +148,7 @@ class DynamicIHVP(LinearOperator):
         self.refactor_every = refactor_every
         self._G = G
         self._gram = xp.zeros((num_grads, num_grads), dtype=xp.float64, device=self.device)
+        self._buffers: tuple[Any, Any] | None = None
         self.reset()
 
     @classmethod
@@ -194,7 +195,7 @@ class DynamicIHVP(LinearOperator):
         self._gram[...] = 0
         self._since_refactor = 0
         self.refactor_count = 0
-        self._spare = None
+        self._U = None
         if self.zero_init:
             self._age = deque(range(m))
             self._free = []
@@ -262,8 +263,7 @@ class DynamicIHVP(LinearOperator):
 
     def _refactor(self) -> None:
         perm = list(self._age)
-        L = self._factorize(self._gram, perm)
-        self._set_factor(self._xp.matrix_transpose(L) if perm else L, perm)
+        self._set_factor(self._upper_from_lower(self._factorize(self._gram, perm)), perm)
         self._since_refactor = 0
         self.refactor_count += 1
 
@@ -276,51 +276,69 @@ class DynamicIHVP(LinearOperator):
         if self.check_finite:
             check_finite(self._xp, g, "g")
 
+    def _free_buffer(self) -> Any:
+        """The one of the two m x m factor buffers that does not hold the factor.
+
+        Once the window is full, factors ping-pong between two C-ordered
+        buffers created once: no allocation per step, and row-wise writes.
+        """
+        if self._buffers is None:
+            m = self.num_grads
+            self._buffers = tuple(
+                self._xp.empty((m, m), dtype=self._xp.float64, device=self.device)
+                for _ in range(2))
+        first, second = self._buffers
+        return second if self._U is first else first
+
+    def _upper_from_lower(self, L: Any) -> Any:
+        U = self._xp.matrix_transpose(L)
+        if L.shape[0] != self.num_grads:
+            return U
+        out = self._free_buffer()
+        out[...] = U
+        return out
+
+    def _new_factor(self, slot: int, b: Any) -> tuple[Any, list[int], bool]:
+        """The factor after ``slot`` gets Gram row ``b``; the O(m^2) or O(m^3) part.
+
+        Returns ``(U, perm, refactored)``; nothing of the operator changes (the
+        free factor buffer is scratch).
+        """
+        xp = self._xp
+        replacing = slot in self._perm
+        perm = [s for s in self._perm if s != slot] + [slot]
+        k = len(perm)
+        if (self.update_method == "incremental" and replacing and k == self.num_grads
+                and self._since_refactor < self.refactor_every):
+            try:
+                bp = xp.take(b, self._perm_idx_without(slot), axis=0)
+                U = _cholesky.replace(xp, self._U, self._perm.index(slot), bp,
+                                      float(b[slot]) + self._shift(k), self._free_buffer())
+                if not self._drifted(U, perm, b, slot):
+                    return U, perm, False
+            except _linalg._NotPositiveDefinite:
+                pass
+        gram = xp.asarray(self._gram, copy=True)
+        gram[slot, :] = b
+        gram[:, slot] = b
+        return self._upper_from_lower(self._factorize(gram, perm)), perm, True
+
     def _place(self, slot: int, g: Any, b: Any) -> None:
         """Put gradient ``g`` (with Gram row ``b``, b[slot] = g.g) into ``slot``.
 
         The new factor is computed first; the window changes only once it is
         known to be valid, so a failure leaves the operator as it was.
         """
-        xp = self._xp
-        replacing = slot in self._perm
-        perm = [s for s in self._perm if s != slot] + [slot]
-        k = len(perm)
-        incremental = (self.update_method == "incremental"
-                       and replacing and k == self.num_grads
-                       and self._since_refactor < self.refactor_every)
-        new_gram = None
-        U = None
-        if incremental:
-            if self._spare is None:
-                self._spare = xp.empty((k, k), dtype=xp.float64, device=self.device)
-            try:
-                bp = xp.take(b, self._perm_idx_without(slot), axis=0)
-                U = _cholesky.replace(xp, self._U, self._perm.index(slot), bp,
-                                      float(b[slot]) + self._shift(k), self._spare)
-                if self._drifted(U, perm, b, slot):
-                    U = None
-            except _linalg._NotPositiveDefinite:
-                U = None
-            if U is not None:
-                # Ping-pong between two k x k buffers: no allocation per step.
-                self._spare = self._U if self._U.shape == (k, k) else None
-        if U is None:
-            new_gram = xp.asarray(self._gram, copy=True)
-            new_gram[slot, :] = b
-            new_gram[:, slot] = b
-            L = self._factorize(new_gram, perm)
-            U = xp.matrix_transpose(L)
-        # Commit.
+        U, perm, refactored = self._new_factor(slot, b)
         self._gram[slot, :] = b
         self._gram[:, slot] = b
         self._G[slot, ...] = g
         self._set_factor(U, perm)
-        if new_gram is None:
-            self._since_refactor += 1
-        else:
+        if refactored:
             self._since_refactor = 0
             self.refactor_count += 1
+        else:
+            self._since_refactor += 1
 
     def _perm_idx_without(self, slot: int) -> Any:
         xp = self._xp
@@ -399,10 +417,10 @@ class DynamicIHVP(LinearOperator):
         gram = xp.asarray(self._gram, copy=True)
         gram[slot, :] = zero_row
         gram[:, slot] = zero_row
-        L = self._factorize(gram, perm)
+        U = self._upper_from_lower(self._factorize(gram, perm))
         self._gram[...] = gram
         self._G[slot, ...] = 0
-        self._set_factor(xp.matrix_transpose(L) if perm else L, perm)
+        self._set_factor(U, perm)
         self._since_refactor = 0
         self.refactor_count += 1
         self._age.remove(slot)
