@@ -428,17 +428,21 @@ class DynamicIHVP(LinearOperator):
 
     # -- products ----------------------------------------------------------------------
 
-    def _finish(self, X: Any, P: Any) -> Any:
-        """``(X - G^T C^{-1} P) / damp`` given ``P = G X`` (float64, slot order)."""
+    def _coefficients(self, P: Any) -> Any:
+        """``C^{-1} P`` in slot order (zero for empty slots): the m x m part of a product."""
         xp = self._xp
-        if not self._perm:
-            return X / self.damp
         Pp = xp.take(P, self._perm_idx, axis=0)
         Z = _linalg.solve_triangular(xp, self._U, Pp, lower=False, trans=True)
         coef = _linalg.solve_triangular(xp, self._U, Z, lower=False)
         zero = xp.zeros((1, coef.shape[1]), dtype=coef.dtype, device=self.device)
-        A = xp.take(xp.concat([coef, zero], axis=0), self._inv_idx, axis=0)
-        return (X - self._G.T @ xp.astype(A, self.dtype)) / self.damp
+        return xp.take(xp.concat([coef, zero], axis=0), self._inv_idx, axis=0)
+
+    def _finish(self, X: Any, P: Any) -> Any:
+        """``(X - G^T C^{-1} P) / damp`` given ``P = G X`` (float64, slot order)."""
+        if not self._perm:
+            return X / self.damp
+        A = self._xp.astype(self._coefficients(P), self.dtype)
+        return (X - self._G.T @ A) / self.damp
 
     def _matmat(self, X: Any) -> Any:
         return self._finish(X, self._xp.astype(self._G @ X, self._xp.float64))
