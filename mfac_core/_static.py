@@ -217,7 +217,8 @@ class StaticIHVP(_BlockOperatorBase):
         if wood_end:
             if overwrite_G:
                 self._W = G
-            elif is_writeable_array(G):
+            elif is_writeable_array(xp.empty((0,), dtype=G.dtype, device=self.device)):
+                # The library's arrays are mutable (G itself may be read-only).
                 self._W = xp.empty((m, wood_end), dtype=G.dtype, device=self.device)
         self._factors: list[Any] = []
         kappa_lo = kappa_hi = 1.0
