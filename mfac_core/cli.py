@@ -1,0 +1,353 @@
+"""The ``mfac-core`` command line (also ``python -m mfac_core``).
+
+Commands
+--------
+``mfac-core ihvp GRADS.npy VECS.npy -o OUT.npy --damp D``
+    Multiply one vector, or each row of a stack of vectors, by the inverse of
+    the damped empirical Fisher ``F = D I + G^T G / m`` of the gradients in the
+    rows of ``GRADS.npy``, and save the results with the shape of ``VECS.npy``.
+``mfac-core demo``
+    Run :class:`~mfac_core.StaticIHVP` on a built-in problem, check it against
+    a dense inverse and print errors and timings next to this machine's floors.
+
+User errors (missing files, wrong shapes, a bad damping, a factorisation that
+fails) print ``mfac-core: error: <message>`` and exit with status 2, as
+:mod:`argparse` does for bad arguments; a failed demo check exits with 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Sequence
+from typing import TextIO
+
+import numpy as np
+
+from . import __version__
+
+__all__ = ["main"]
+
+PROG = "mfac-core"
+
+#: Exit status of user errors (as argparse uses for bad arguments).
+EXIT_USAGE = 2
+
+
+class UserError(Exception):
+    """An error of the user's input: printed as one line, no traceback."""
+
+
+# -- argument types ------------------------------------------------------------------------
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value) or value <= 0.0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text!r}")
+    return value
+
+
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``mfac-core``."""
+    from ._demo import DEFAULT_DAMP, MAX_DEMO_GRADS, MAX_DENSE_DIM
+
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Matrix-free inverse-Fisher-vector products (M-FAC).",
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    ihvp = sub.add_parser(
+        "ihvp",
+        help="multiply vectors by the inverse of the damped empirical Fisher",
+        description=(
+            "Compute F^-1 v for F = damp*I + G^T G / m, with the m gradients in the rows of "
+            "GRADS (an .npy file of shape (m, d)), for one vector (d,) or each row of a stack "
+            "(k, d) in VECS. The results are saved to OUT with the shape of VECS."),
+    )
+    ihvp.add_argument("grads", metavar="GRADS.npy", help="gradients, shape (m, d)")
+    ihvp.add_argument("vecs", metavar="VECS.npy", help="one vector (d,) or a stack (k, d)")
+    ihvp.add_argument("-o", "--output", metavar="OUT.npy", required=True,
+                      help="where to save the results (.npy)")
+    ihvp.add_argument("--damp", type=_positive_float, required=True,
+                      help="the damping lambda > 0 (absolute; the M-FAC paper uses 1e-5)")
+    ihvp.add_argument("--block-size", type=_positive_int, default=None, metavar="B",
+                      help="use a block-diagonal F over blocks of B consecutive coordinates")
+    ihvp.add_argument("--dtype", choices=("float32", "float64"), default=None,
+                      help="precision of the products and of OUT (default: that of GRADS "
+                           "if it is float32 or float64, else float64)")
+    ihvp.add_argument("--overwrite", action="store_true",
+                      help="replace OUT if it exists (by default an existing OUT is an error)")
+    ihvp.add_argument("--progress", action="store_true",
+                      help="show the set-up progress bar on stderr even when it is not a "
+                           "terminal")
+    ihvp.add_argument("-q", "--quiet", action="store_true",
+                      help="print nothing but errors (overrides --progress)")
+
+    demo = sub.add_parser(
+        "demo",
+        help="check StaticIHVP against a dense inverse on a built-in problem",
+        description=(
+            "Build per-sample gradients of a logistic-regression model on synthetic data "
+            "(no download), run StaticIHVP (full and block-wise, float32 and float64), compare "
+            "with the float64 dense inverse and print errors, timings and this machine's "
+            "floors. Exits with 0 only if every error is within eps(dtype) * kappa * 100."),
+    )
+    demo.add_argument("--m", type=_positive_int, default=64,
+                      help=f"number of gradients (64; at most {MAX_DEMO_GRADS})")
+    demo.add_argument("--d", type=_positive_int, default=2000,
+                      help=f"number of parameters (2000; at most {MAX_DENSE_DIM})")
+    demo.add_argument("--seed", type=_nonnegative_int, default=0,
+                      help="seed of the synthetic data (0)")
+    demo.add_argument("--damp", type=_positive_float, default=DEFAULT_DAMP,
+                      help=f"damping lambda ({DEFAULT_DAMP:g})")
+    return parser
+
+
+# -- progress bar --------------------------------------------------------------------------
+
+
+class ProgressBar:
+    """A one-line text progress bar, redrawn in place with carriage returns."""
+
+    def __init__(self, stream: TextIO, label: str, width: int = 30) -> None:
+        self.stream, self.label, self.width = stream, label, width
+        self._shown = -1
+        self._start = time.perf_counter()
+
+    def __call__(self, done: int, total: int) -> None:
+        frac = 1.0 if total <= 0 else min(max(done / total, 0.0), 1.0)
+        percent = int(frac * 100)
+        if percent == self._shown:
+            return
+        self._shown = percent
+        filled = int(frac * self.width)
+        bar = "#" * filled + "." * (self.width - filled)
+        elapsed = time.perf_counter() - self._start
+        self.stream.write(f"\r{self.label} [{bar}] {percent:3d}% {elapsed:6.1f} s")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self._shown >= 0:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _wants_progress(args: argparse.Namespace, stream: TextIO) -> bool:
+    if args.quiet:
+        return False
+    if args.progress:
+        return True
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty())
+
+
+# -- ihvp ----------------------------------------------------------------------------------
+
+
+def _load(path: str, what: str, mmap: bool) -> np.ndarray:
+    if not os.path.exists(path):
+        raise UserError(f"{what} file not found: {path}")
+    if os.path.isdir(path):
+        raise UserError(f"{what} is a directory, not an .npy file: {path}")
+    try:
+        with open(path, "rb") as fh:
+            magic = fh.read(6)
+    except OSError as exc:
+        raise UserError(f"cannot read {what} file {path}: {exc.strerror or exc}") from None
+    if magic[:2] == b"PK":
+        raise UserError(f"{what} file {path} is an .npz archive; save a single array with "
+                        "numpy.save")
+    if magic != b"\x93NUMPY":
+        raise UserError(f"{what} file {path} is not an .npy file (written by numpy.save)")
+    try:
+        try:
+            # Copy-on-write mapping: read-only in effect (nothing writes to it), but
+            # writeable to NumPy, so that StaticIHVP allocates its m x d work array
+            # once instead of assembling it from pieces.
+            arr = np.load(path, mmap_mode="c" if mmap else None, allow_pickle=False)
+        except ValueError:
+            if not mmap:
+                raise
+            arr = np.load(path, allow_pickle=False)  # e.g. an empty array cannot be mapped
+    except (ValueError, OSError, EOFError) as exc:
+        raise UserError(f"cannot read {what} file {path}: {exc}") from None
+    if arr.dtype.kind not in "fiub" or arr.dtype.itemsize > 8:
+        raise UserError(f"{what} in {path} must hold real numbers, got dtype {arr.dtype}")
+    return arr
+
+
+def _check_output(path: str, overwrite: bool) -> None:
+    if os.path.isdir(path):
+        raise UserError(f"output is a directory, not a file: {path}")
+    if os.path.exists(path) and not overwrite:
+        raise UserError(f"output file exists: {path} (pass --overwrite to replace it)")
+
+
+def _save(path: str, arr: np.ndarray, overwrite: bool) -> None:
+    """Write ``arr`` to ``path`` as .npy, atomically (a temporary file, then a rename)."""
+    _check_output(path, overwrite)
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UserError(f"output folder does not exist: {folder}")
+    fd, tmp = tempfile.mkstemp(prefix=".mfac-core-", suffix=".npy", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            # mkstemp makes the file private to its owner; give it the usual permissions.
+            umask = os.umask(0)
+            os.umask(umask)
+            os.fchmod(fh.fileno(), 0o666 & ~umask)
+            np.save(fh, arr, allow_pickle=False)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _cmd_ihvp(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
+    from ._static import StaticIHVP
+
+    _check_output(args.output, args.overwrite)
+    G = _load(args.grads, "GRADS", mmap=True)
+    V = _load(args.vecs, "VECS", mmap=False)
+    if G.ndim != 2:
+        raise UserError(f"GRADS must have shape (m, d), one gradient per row; {args.grads} has "
+                        f"shape {G.shape}")
+    m, d = G.shape
+    if V.ndim not in (1, 2):
+        raise UserError(f"VECS must have shape (d,) or (k, d); {args.vecs} has shape {V.shape}")
+    if V.shape[-1] != d:
+        raise UserError(f"VECS has d={V.shape[-1]} coordinates ({args.vecs}, shape {V.shape}) "
+                        f"but GRADS has d={d} ({args.grads}, shape {G.shape})")
+    if args.dtype is not None:
+        dtype = np.dtype(args.dtype)
+    else:
+        dtype = G.dtype if G.dtype in (np.float32, np.float64) else np.dtype(np.float64)
+    # A cast makes a private copy of G, which the operator may then overwrite with its
+    # work array; the memory-mapped file itself is never written.
+    overwrite_G = G.dtype != dtype
+    if overwrite_G:
+        G = G.astype(dtype)
+    V = np.ascontiguousarray(V, dtype=dtype)
+
+    bar = ProgressBar(stderr, "set-up") if _wants_progress(args, stderr) else None
+    t0 = time.perf_counter()
+    try:
+        op = StaticIHVP(G, damp=args.damp, block_size=args.block_size, overwrite_G=overwrite_G,
+                        progress=bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    t1 = time.perf_counter()
+    if V.ndim == 1:
+        out = op.matvec(V)
+    elif V.shape[0] == 0:
+        out = np.empty_like(V)
+    else:
+        out = op.matmat(V.T).T
+    t2 = time.perf_counter()
+    _save(args.output, np.ascontiguousarray(out), args.overwrite)
+    if not args.quiet:
+        k = 1 if V.ndim == 1 else V.shape[0]
+        blocks = "" if args.block_size is None else f", block size {op.block_size}"
+        print(f"{PROG}: wrote {args.output}: {k} vector{'' if k == 1 else 's'}, m={m}, d={d}"
+              f"{blocks}, {dtype}, kappa <= {op.kappa_bound:.3g}; set-up {t1 - t0:.3g} s, "
+              f"products {t2 - t1:.3g} s", file=stderr)
+    return 0
+
+
+# -- demo ----------------------------------------------------------------------------------
+
+
+def _cmd_demo(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
+    from ._demo import run_demo
+
+    passed = run_demo(m=args.m, d=args.d, seed=args.seed, damp=args.damp, out=stdout)
+    return 0 if passed else 1
+
+
+# -- entry point ---------------------------------------------------------------------------
+
+#: Exceptions that the library raises for bad input; reported without a traceback.
+_USER_ERRORS = (UserError, ValueError, TypeError, IndexError, FileNotFoundError,
+                np.linalg.LinAlgError)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``mfac-core`` with the arguments ``argv`` (default: ``sys.argv[1:]``).
+
+    Parameters
+    ----------
+    argv : sequence of str, optional
+        The command-line arguments, without the program name.
+
+    Returns
+    -------
+    int
+        The exit status: 0 on success, 1 if the demo's check fails, 2 for a
+        usage or input error (the message goes to stderr, without a traceback).
+    """
+    stdout, stderr = sys.stdout, sys.stderr
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version and argparse's own errors
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    if args.command is None:
+        parser.print_usage(stderr)
+        print(f"{PROG}: error: a command is required (ihvp or demo); see {PROG} --help",
+              file=stderr)
+        return EXIT_USAGE
+    command = {"ihvp": _cmd_ihvp, "demo": _cmd_demo}[args.command]
+    error = None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            status = command(args, stdout, stderr)
+        except _USER_ERRORS as exc:
+            status, error = EXIT_USAGE, str(exc) or type(exc).__name__
+        except MemoryError:
+            status, error = 1, "out of memory"
+        except KeyboardInterrupt:
+            status, error = 130, "interrupted"
+    seen = set()
+    for w in caught:  # each distinct warning once, in order
+        key = (w.category, str(w.message))
+        if key not in seen:
+            seen.add(key)
+            print(f"{PROG}: warning: {w.message}", file=stderr)
+    if error is not None:
+        print(f"{PROG}: error: {error}", file=stderr)
+    return status

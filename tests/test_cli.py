@@ -1,0 +1,342 @@
+"""The ``mfac-core`` command line: ``ihvp``, ``demo``, ``--version`` and its errors."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import mfac_core
+from mfac_core import StaticIHVP
+from mfac_core.cli import ProgressBar, main
+
+M, D = 6, 40
+DAMP = 1e-2
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> dict[str, Path]:
+    rng = np.random.default_rng(7)
+    arrays = {
+        "G": rng.standard_normal((M, D)),
+        "G32": rng.standard_normal((M, D)).astype(np.float32),
+        "v": rng.standard_normal(D),
+        "V": rng.standard_normal((3, D)),
+        "V32": rng.standard_normal((3, D)).astype(np.float32),
+        "short": rng.standard_normal((2, D - 1)),
+        "cube": rng.standard_normal((2, 2, D)),
+        "empty_stack": np.zeros((0, D)),
+        "Gnan": np.full((M, D), np.nan),
+    }
+    paths = {}
+    for name, arr in arrays.items():
+        paths[name] = tmp_path / f"{name}.npy"
+        np.save(paths[name], arr)
+    paths["npz"] = tmp_path / "archive.npz"
+    np.savez(paths["npz"], G=arrays["G"])
+    paths["text"] = tmp_path / "text.npy"
+    paths["text"].write_text("not an array\n")
+    paths["out"] = tmp_path / "out.npy"
+    return paths
+
+
+def run(args: list[str | Path]) -> int:
+    return main([str(a) for a in args])
+
+
+def assert_user_error(capsys: pytest.CaptureFixture[str], status: int, *words: str) -> str:
+    """Exit status 2, one ``mfac-core...error:`` message and no traceback."""
+    out, err = capsys.readouterr()
+    assert status == 2, (out, err)
+    assert "Traceback" not in err and "Traceback" not in out
+    assert "error:" in err
+    for word in words:
+        assert word in err, err
+    return err
+
+
+# -- ihvp ----------------------------------------------------------------------------------
+
+
+def test_ihvp_one_vector_equals_library(files, capsys):
+    status = run(["ihvp", files["G"], files["v"], "-o", files["out"], "--damp", DAMP])
+    assert status == 0
+    G, v = np.load(files["G"]), np.load(files["v"])
+    got = np.load(files["out"])
+    assert got.shape == v.shape and got.dtype == np.float64
+    np.testing.assert_allclose(got, StaticIHVP(G, damp=DAMP).matvec(v), rtol=1e-13, atol=0)
+    # A summary on stderr, nothing on stdout; no progress bar when stderr is not a TTY.
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert "wrote" in err and "[" not in err
+
+
+def test_ihvp_stack_equals_library(files):
+    assert run(["ihvp", files["G"], files["V"], "-o", files["out"], "--damp", DAMP, "-q"]) == 0
+    G, V = np.load(files["G"]), np.load(files["V"])
+    got = np.load(files["out"])
+    assert got.shape == V.shape
+    expected = StaticIHVP(G, damp=DAMP).matmat(V.T).T
+    np.testing.assert_array_equal(got, expected)
+    # The products are F^{-1} v: F times them gives back V.
+    F = DAMP * np.eye(D) + G.T @ G / M
+    np.testing.assert_allclose(got @ F, V, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("block_size", [1, 4, 7, 13, D, 2 * D])
+def test_ihvp_block_size_equals_library(files, block_size):
+    args = ["ihvp", files["G"], files["V"], "-o", files["out"], "--damp", DAMP,
+            "--block-size", block_size, "--quiet"]
+    assert run(args) == 0
+    G, V = np.load(files["G"]), np.load(files["V"])
+    expected = StaticIHVP(G, damp=DAMP, block_size=block_size).matmat(V.T).T
+    np.testing.assert_array_equal(np.load(files["out"]), expected)
+
+
+def dense_block_inverse_times(G, damp, block_size, V):
+    """``V @ F^{-1}`` for the block-diagonal F, with a dense float64 solve per block."""
+    m, d = G.shape
+    out = np.empty_like(V, dtype=np.float64)
+    for lo in range(0, d, block_size):
+        Gb = G[:, lo:lo + block_size]
+        Fb = damp * np.eye(Gb.shape[1]) + Gb.T @ Gb / m
+        out[..., lo:lo + block_size] = np.linalg.solve(Fb, V[..., lo:lo + block_size].T).T
+    return out
+
+
+@pytest.mark.parametrize("block_size", [1, 4, 10, 13, D])
+@pytest.mark.parametrize("vecs", ["v", "V"])
+def test_ihvp_block_size_matches_dense_inverse(files, block_size, vecs):
+    # Independent of the library: a dense solve per block, for one vector and a stack.
+    assert run(["ihvp", files["G"], files[vecs], "-o", files["out"], "--damp", DAMP,
+                "--block-size", block_size, "-q"]) == 0
+    G, V = np.load(files["G"]), np.load(files[vecs])
+    expected = dense_block_inverse_times(G, DAMP, block_size, V)
+    np.testing.assert_allclose(np.load(files["out"]), expected, rtol=1e-9, atol=0)
+
+
+def test_ihvp_float32_input_keeps_float32(files):
+    assert run(["ihvp", files["G32"], files["V32"], "-o", files["out"], "--damp", DAMP,
+                "-q"]) == 0
+    got = np.load(files["out"])
+    assert got.dtype == np.float32
+    G, V = np.load(files["G32"]), np.load(files["V32"])
+    np.testing.assert_array_equal(got, StaticIHVP(G, damp=DAMP).matmat(V.T).T)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_ihvp_dtype_option_casts(files, dtype):
+    assert run(["ihvp", files["G"], files["V32"], "-o", files["out"], "--damp", DAMP,
+                "--dtype", dtype, "-q"]) == 0
+    got = np.load(files["out"])
+    assert got.dtype == np.dtype(dtype)
+    G = np.load(files["G"]).astype(dtype)
+    V = np.load(files["V32"]).astype(dtype)
+    np.testing.assert_array_equal(got, StaticIHVP(G, damp=DAMP).matmat(V.T).T)
+
+
+def test_ihvp_does_not_modify_inputs(files):
+    before = files["G"].read_bytes(), files["V"].read_bytes()
+    assert run(["ihvp", files["G"], files["V"], "-o", files["out"], "--damp", DAMP, "-q"]) == 0
+    assert run(["ihvp", files["G"], files["V"], "-o", files["out"], "--damp", DAMP, "-q",
+                "--dtype", "float32", "--overwrite"]) == 0
+    assert (files["G"].read_bytes(), files["V"].read_bytes()) == before
+
+
+def test_ihvp_empty_stack(files):
+    assert run(["ihvp", files["G"], files["empty_stack"], "-o", files["out"], "--damp", DAMP,
+                "-q"]) == 0
+    assert np.load(files["out"]).shape == (0, D)
+
+
+def test_ihvp_overwrite(files, capsys):
+    args = ["ihvp", files["G"], files["v"], "-o", files["out"], "--damp", DAMP, "-q"]
+    assert run(args) == 0
+    capsys.readouterr()
+    assert_user_error(capsys, run(args), "exists", "--overwrite")
+    assert run([*args, "--overwrite", "--damp", 2 * DAMP]) == 0
+    G, v = np.load(files["G"]), np.load(files["v"])
+    np.testing.assert_allclose(np.load(files["out"]), StaticIHVP(G, damp=2 * DAMP).matvec(v),
+                               rtol=1e-13, atol=0)
+    # No temporary files are left beside the output.
+    assert not [p for p in files["out"].parent.iterdir() if p.name.startswith(".mfac-core-")]
+
+
+def test_ihvp_progress_bar(files, capsys):
+    assert run(["ihvp", files["G"], files["V"], "-o", files["out"], "--damp", DAMP,
+                "--progress"]) == 0
+    err = capsys.readouterr().err
+    assert "set-up [" in err and "100%" in err and "\r" in err
+
+
+def test_ihvp_quiet_prints_nothing(files, capsys):
+    assert run(["ihvp", files["G"], files["V"], "-o", files["out"], "--damp", DAMP, "-q"]) == 0
+    assert capsys.readouterr() == ("", "")
+
+
+def test_progress_bar_draws_each_percent_once():
+    class Stream:
+        def __init__(self):
+            self.text = ""
+
+        def write(self, s):
+            self.text += s
+
+        def flush(self):
+            pass
+
+    stream = Stream()
+    bar = ProgressBar(stream, "set-up", width=10)
+    for done in range(0, 2001):
+        bar(done, 2000)
+    bar.close()
+    assert stream.text.count("\r") == 101
+    assert stream.text.endswith("\n")
+    assert "[##########] 100%" in stream.text
+
+
+@pytest.mark.parametrize(
+    ("grads", "vecs", "extra", "words"),
+    [
+        ("missing", "v", [], ["GRADS", "not found"]),
+        ("G", "missing", [], ["VECS", "not found"]),
+        ("G", "short", [], ["d=39", "d=40"]),
+        ("G", "cube", [], ["VECS", "shape"]),
+        ("v", "v", [], ["GRADS", "(m, d)"]),
+        ("npz", "v", [], [".npz"]),
+        ("text", "v", [], ["not an .npy"]),
+        ("Gnan", "v", [], ["NaN"]),
+        ("G", "v", ["--damp", "0"], ["--damp"]),
+        ("G", "v", ["--damp", "-1"], ["--damp"]),
+        ("G", "v", ["--damp", "nan"], ["--damp"]),
+        ("G", "v", ["--damp", "abc"], ["--damp"]),
+        ("G", "v", ["--block-size", "0"], ["--block-size"]),
+        ("G", "v", ["--dtype", "int32"], ["--dtype"]),
+    ],
+)
+def test_ihvp_user_errors_exit_2_without_traceback(files, capsys, grads, vecs, extra, words):
+    def path(name):
+        return files.get(name, files["out"].parent / f"{name}.npy")
+
+    args = ["ihvp", path(grads), path(vecs), "-o", files["out"]]
+    if "--damp" not in extra:
+        args += ["--damp", DAMP]
+    status = run(args + extra)
+    assert_user_error(capsys, status, *words)
+    assert not files["out"].exists()
+
+
+def test_ihvp_missing_output_folder(files, capsys):
+    out = files["out"].parent / "no" / "such" / "out.npy"
+    status = run(["ihvp", files["G"], files["v"], "-o", out, "--damp", DAMP])
+    assert_user_error(capsys, status, "folder")
+
+
+def test_ihvp_output_is_a_directory(files, capsys):
+    status = run(["ihvp", files["G"], files["v"], "-o", files["out"].parent, "--damp", DAMP,
+                  "--overwrite"])
+    assert_user_error(capsys, status, "directory")
+
+
+def test_ihvp_factorization_error_is_a_user_error(tmp_path, capsys):
+    # Many duplicated gradients with a tiny damping: C = m damp I + G G^T is singular in
+    # float64, which the library reports as FactorizationError (a LinAlgError).
+    g = np.random.default_rng(0).standard_normal(30) * 1e8
+    np.save(tmp_path / "G.npy", np.tile(g, (40, 1)))
+    np.save(tmp_path / "v.npy", np.ones(30))
+    status = run(["ihvp", tmp_path / "G.npy", tmp_path / "v.npy", "-o", tmp_path / "o.npy",
+                  "--damp", "1e-30"])
+    assert_user_error(capsys, status, "positive definite", "damp=1e-30")
+
+
+def test_missing_command_and_bad_arguments(capsys):
+    assert main([]) == 2
+    assert "command" in capsys.readouterr().err
+    assert main(["frobnicate"]) == 2
+    assert "invalid choice" in capsys.readouterr().err
+    assert main(["ihvp"]) == 2
+    assert "required" in capsys.readouterr().err
+
+
+def test_version_and_help(capsys):
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"mfac-core {mfac_core.__version__}"
+    assert main(["--help"]) == 0
+    assert "ihvp" in capsys.readouterr().out
+    assert main(["ihvp", "--help"]) == 0
+    assert "--block-size" in capsys.readouterr().out
+
+
+# -- demo ----------------------------------------------------------------------------------
+
+
+def test_demo_runs_and_passes(capsys):
+    assert main(["demo", "--m", "8", "--d", "120", "--seed", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "kappa" in out and "all errors within tolerance" in out
+    for variant in ("full", "blocks B=32", "blocks B=4 (dense)"):
+        assert variant in out
+    assert out.count(" yes") == 6 and " NO" not in out
+
+
+def test_demo_is_deterministic():
+    from mfac_core._demo import demo_gradients
+
+    a, b = demo_gradients(5, 30, seed=1), demo_gradients(5, 30, seed=1)
+    np.testing.assert_array_equal(a, b)
+    assert a.shape == (5, 30) and np.all(np.isfinite(a))
+    assert not np.array_equal(a, demo_gradients(5, 30, seed=2))
+    assert demo_gradients(3, 1).shape == (3, 1)
+
+
+def test_demo_rejects_too_large_sizes(capsys):
+    assert_user_error(capsys, main(["demo", "--d", "100000"]), "--d")
+    assert_user_error(capsys, main(["demo", "--m", "100000", "--d", "10"]), "--m")
+    assert_user_error(capsys, main(["demo", "--m", "0"]), "--m")
+
+
+def test_quiet_overrides_progress(files, capsys):
+    assert run(["ihvp", files["G"], files["v"], "-o", files["out"], "--damp", DAMP,
+                "--progress", "--quiet"]) == 0
+    assert capsys.readouterr() == ("", "")
+
+
+# -- README ----------------------------------------------------------------------------------
+
+
+def test_readme_quickstart_runs():
+    readme = Path(__file__).resolve().parent.parent / "README.md"
+    if not readme.exists():
+        pytest.skip("README.md is not beside the tests")
+    text = readme.read_text(encoding="utf-8")
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert blocks, "README.md has no python code block"
+    for block in blocks:
+        exec(compile(block, str(readme), "exec"), {})
+    # Exactly two set-up commands, each one line.
+    commands = re.findall(r"```sh\n(.*?)```", text, flags=re.S)
+    assert [c.count("\n") for c in commands] == [1, 1]
+
+
+# -- python -m mfac_core -------------------------------------------------------------------
+
+
+def test_python_m_subprocess(files):
+    """One end-to-end run in a fresh interpreter, as a user would."""
+    env = dict(os.environ)
+    root = str(Path(mfac_core.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    ok = subprocess.run(
+        [sys.executable, "-m", "mfac_core", "ihvp", str(files["G"]), str(files["V"]),
+         "-o", str(files["out"]), "--damp", str(DAMP)],
+        capture_output=True, text=True, env=env, timeout=120, check=False)
+    assert ok.returncode == 0, ok.stderr
+    assert "Traceback" not in ok.stderr and ok.stdout == ""
+    G, V = np.load(files["G"]), np.load(files["V"])
+    np.testing.assert_array_equal(np.load(files["out"]),
+                                  StaticIHVP(G, damp=DAMP).matmat(V.T).T)
