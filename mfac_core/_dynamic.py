@@ -323,22 +323,35 @@ class DynamicIHVP(LinearOperator):
         gram[:, slot] = b
         return self._upper_from_lower(self._factorize(gram, perm)), perm, True
 
-    def _place(self, slot: int, g: Any, b: Any) -> None:
-        """Put gradient ``g`` (with Gram row ``b``, b[slot] = g.g) into ``slot``.
+    def _place(self, slot: int, g: Any, b: Any | None = None) -> Any:
+        """Put gradient ``g`` into ``slot``; return its Gram row (float64, slot order).
 
-        The new factor is computed first; the window changes only once it is
-        known to be valid, so a failure leaves the operator as it was.
+        The row is written first so that one product ``G g`` gives the whole
+        Gram row, the diagonal included: entries of one kernel keep a
+        duplicated gradient's 2 x 2 block exactly singular, not indefinite by
+        rounding. ``b`` may be given when it is known (a zero gradient). If
+        the new factor cannot be computed, the old row is put back and the
+        operator is as it was.
         """
-        U, perm, refactored = self._new_factor(slot, b)
+        xp = self._xp
+        old = xp.asarray(self._G[slot, ...], copy=True)
+        self._G[slot, ...] = g
+        try:
+            if b is None:
+                b = xp.astype(self._G @ g, xp.float64)
+            U, perm, refactored = self._new_factor(slot, b)
+        except BaseException:
+            self._G[slot, ...] = old
+            raise
         self._gram[slot, :] = b
         self._gram[:, slot] = b
-        self._G[slot, ...] = g
         self._set_factor(U, perm)
         if refactored:
             self._since_refactor = 0
             self.refactor_count += 1
         else:
             self._since_refactor += 1
+        return b
 
     def _perm_idx_without(self, slot: int) -> Any:
         xp = self._xp
@@ -355,17 +368,13 @@ class DynamicIHVP(LinearOperator):
         got = xp.sum(U * U, axis=0)
         return float(xp.max(xp.abs(got - want) / want)) > _DRIFT_TOL
 
-    def _insert(self, g: Any) -> int:
+    def _insert(self, g: Any) -> Any:
         self._check_gradient(g)
-        xp = self._xp
         if self.is_full:
             slot = self._age[0]
         else:
             slot = self._free[-1]
-        b = xp.astype(self._G @ g, xp.float64)
-        gg = xp.astype(xp.reshape(xp.vecdot(g, g), (1,)), xp.float64)
-        b = xp.where(xp.arange(self.num_grads, device=self.device) == slot, gg, b)
-        self._place(slot, g, b)
+        b = self._place(slot, g)
         if self.is_full:
             self._age.popleft()
         else:

@@ -53,6 +53,8 @@ class _Backend:
     cholesky: Callable[[Any], Any]
     # solve_triangular(T, B, lower, trans) -> T^{-1} B (or T^{-T} B), batched over leading axes.
     solve_triangular: Callable[[Any, Any, bool, bool], Any]
+    # inverse(T) -> T^{-1} for a stack of triangular T; None: solve against the identity.
+    inverse: Callable[[Any], Any] | None = None
 
 
 def _numpy_backend() -> _Backend:
@@ -68,7 +70,11 @@ def _numpy_backend() -> _Backend:
         return scipy.linalg.solve_triangular(t, b, lower=lower, trans=1 if trans else 0,
                                              check_finite=False)
 
-    return _Backend(chol, solve)
+    # The set-up's O(m^3) work stays on NumPy's own LAPACK: NumPy and SciPy wheels
+    # each bundle an OpenBLAS, and the idle threads of one spin while the other
+    # works, which made the set-up many times slower on a 2-core machine. The
+    # general inverse of a triangular factor is as accurate as trtri here.
+    return _Backend(chol, solve, np.linalg.inv)
 
 
 def _torch_backend() -> _Backend:
@@ -89,18 +95,34 @@ def _torch_backend() -> _Backend:
 
 
 def _cupy_backend() -> _Backend:
+    # Two implementations, chosen at every call (MFAC_CUPY_LINALG or
+    # mfac_core._kernels.set_cupy_linalg; see mfac_core._kernels): this project's CUDA
+    # kernels (default), or CuPy's cuSOLVER/cuBLAS routines for comparison.
     import cupy
     import cupyx.scipy.linalg
 
-    def solve(t: Any, b: Any, lower: bool, trans: bool) -> Any:
+    from . import _kernels
+
+    def cusolver_solve(t: Any, b: Any, lower: bool, trans: bool) -> Any:
         if t.ndim == 2:
             return cupyx.scipy.linalg.solve_triangular(t, b, lower=lower, trans=1 if trans else 0)
         # cupyx's triangular solve is not batched; a batched LU solve is, and the
         # systems are small.
         return cupy.linalg.solve(cupy.swapaxes(t, -1, -2) if trans else t, b)
 
-    # CuPy returns NaN instead of raising; _checked_cholesky catches that.
-    return _Backend(cupy.linalg.cholesky, solve)
+    def chol(a: Any) -> Any:
+        if _kernels.get_cupy_linalg() == "cusolver":
+            # CuPy returns NaN instead of raising; cholesky() below catches that.
+            return cupy.linalg.cholesky(a)
+        # Raises _NotPositiveDefinite from the kernels' LAPACK-style info.
+        return _kernels.cholesky(a)
+
+    def solve(t: Any, b: Any, lower: bool, trans: bool) -> Any:
+        if _kernels.get_cupy_linalg() == "cusolver":
+            return cusolver_solve(t, b, lower, trans)
+        return _kernels.solve_triangular(t, b, lower=lower, trans=trans)
+
+    return _Backend(chol, solve)
 
 
 def _jax_backend() -> _Backend:
@@ -158,6 +180,9 @@ def solve_triangular(xp: Any, t: Any, b: Any, /, *, lower: bool = True,
 
 def triangular_inverse(xp: Any, t: Any, /, *, lower: bool = True) -> Any:
     """The inverse of each triangular matrix in the stack ``t``."""
+    inverse = _backend_for(xp).inverse
+    if inverse is not None:
+        return inverse(t)
     n = t.shape[-1]
     eye = xp.eye(n, dtype=t.dtype, device=device(t))
     if t.ndim > 2:

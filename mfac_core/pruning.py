@@ -1,0 +1,811 @@
+r"""Pruning with the static M-FAC inverse Fisher: OBD/OBS saliencies, masks and updates.
+
+Section 4.1 of the M-FAC paper (Frantar, Kurtic & Alistarh, NeurIPS 2021)
+prunes a trained model ``theta`` under the local quadratic model of the loss
+``L(theta + delta) ~ L(theta) + delta^T F delta / 2`` with the damped
+empirical Fisher ``F = damp I + G^T G / m`` of ``m`` gradients (the rows of
+``G``). Everything here works on a flat parameter vector of any Array-API
+library and stays in its namespace and on its device:
+
+- saliencies: :func:`obs_saliency` (``theta_i^2 / (2 [F^{-1}]_ii)`` from a
+  :class:`~mfac_core.StaticIHVP`), :func:`obd_saliency` (the same with the
+  diagonal of F, as in Optimal Brain Damage) and :func:`magnitude_saliency`;
+- :func:`select_pruned` picks the least salient weights, globally or per
+  block, never picking weights that a mask already prunes;
+- :func:`obs_update` applies the Optimal Brain Surgeon update of the
+  remaining weights, either the paper's sum of single-weight updates or the
+  exact joint update within each block;
+- :func:`prune` is one step (saliency, selection, update), and
+  :func:`gradual_prune` reaches a target sparsity in several steps,
+  resampling the gradients at each one (the paper's "recomputations").
+
+Masks are boolean arrays with ``True`` for the weights that are kept.
+
+Notes
+-----
+Pruned weights must not move again. The functions assume, and :func:`prune`
+makes sure, that the gradients are zero at already-pruned coordinates; then
+``F`` decouples those coordinates from the others and the updates never move
+them. All updated vectors have their pruned coordinates set to exactly zero.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, NamedTuple
+
+from ._compat import device as device_of
+from ._compat import namespace_name
+from ._static import EmpiricalFisher, StaticIHVP
+from ._validation import check_floating, check_same_space, namespace_of
+
+__all__ = [
+    "PruneResult",
+    "gradual_prune",
+    "magnitude_saliency",
+    "obd_saliency",
+    "obs_saliency",
+    "obs_update",
+    "prune",
+    "select_pruned",
+    "sparsity_schedule",
+]
+
+Saliency = Literal["obs", "obd", "magnitude"]
+Update = Literal["single", "joint", "none"]
+Schedule = Literal["linear", "cubic", "exponential"]
+
+#: Entries of ``F^{-1}`` requested from :meth:`StaticIHVP.entries` per call, times m.
+_ENTRY_BUDGET = 2**22
+
+#: Slack when turning a sparsity into a count, so that 0.29 * 100 gives 29, not 28.
+_ROUND_SLACK = 1e-9
+
+
+class PruneResult(NamedTuple):
+    """The outcome of a pruning step: the new weights and the new mask.
+
+    Attributes
+    ----------
+    theta : array, shape (d,)
+        The weights after the step; pruned coordinates are exactly zero.
+    mask : array of bool, shape (d,)
+        ``True`` for the weights that are kept.
+    """
+
+    theta: Any
+    mask: Any
+
+
+# -- validation ---------------------------------------------------------------------------
+
+
+def _check_theta(theta: Any, name: str = "theta") -> Any:
+    xp = namespace_of(theta, name)
+    if theta.ndim != 1:
+        raise ValueError(f"{name} must be a flat 1-D parameter vector, got shape "
+                         f"{tuple(theta.shape)}")
+    if theta.shape[0] == 0:
+        raise ValueError(f"{name} must hold at least one weight")
+    check_floating(xp, theta, name)
+    return xp
+
+
+def _check_mask(xp: Any, theta: Any, mask: Any) -> Any:
+    """The mask (all True when ``None``), checked against ``theta``."""
+    d = theta.shape[0]
+    if mask is None:
+        return xp.ones((d,), dtype=xp.bool, device=device_of(theta))
+    _check_bool(xp, theta, mask, "mask")
+    if mask.ndim != 1 or mask.shape[0] != d:
+        raise ValueError(f"mask must have shape ({d},) like theta, got {tuple(mask.shape)}")
+    return mask
+
+
+def _check_bool(xp: Any, theta: Any, x: Any, name: str) -> None:
+    """``x`` must be a boolean array of theta's library and device."""
+    xp_x = namespace_of(x, name)
+    if xp_x is not xp:
+        raise TypeError(f"{name} is a {namespace_name(xp_x)} array but theta is a "
+                        f"{namespace_name(xp)} array; convert it explicitly first")
+    if device_of(x) != device_of(theta):
+        raise ValueError(f"{name} is on device {device_of(x)!r} but theta on "
+                         f"{device_of(theta)!r}; move it explicitly first")
+    if x.dtype != xp.bool:
+        raise TypeError(f"{name} must be a boolean array (True = kept), got dtype {x.dtype}")
+
+
+def _check_operator(ihvp: Any, theta: Any) -> Any:
+    if not (hasattr(ihvp, "matvec") and hasattr(ihvp, "shape") and hasattr(ihvp, "xp")):
+        raise TypeError(f"ihvp must be an inverse-Fisher operator such as StaticIHVP, got "
+                        f"{type(ihvp).__name__}")
+    d = theta.shape[0]
+    if tuple(ihvp.shape) != (d, d):
+        raise ValueError(f"ihvp has shape {tuple(ihvp.shape)} but theta has {d} weights")
+    check_same_space(ihvp.xp, ihvp.device, ihvp.dtype, theta, "theta", owner=repr(ihvp))
+    return ihvp.xp
+
+
+def _check_sparsity(sparsity: Any) -> float:
+    try:
+        value = float(sparsity)
+    except (TypeError, ValueError):
+        raise TypeError(f"sparsity must be a real number, got {sparsity!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"sparsity must lie in [0, 1), got {sparsity!r}")
+    return value
+
+
+def _check_positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return value
+
+
+def _check_choice(value: Any, name: str, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    return value
+
+
+def _check_grads(xp: Any, theta: Any, G: Any) -> None:
+    check_same_space(xp, device_of(theta), theta.dtype, G, "G", owner="theta")
+    d = theta.shape[0]
+    if G.ndim != 2 or G.shape[1] != d or G.shape[0] == 0:
+        raise ValueError(f"G must have shape (m, {d}) with m >= 1, one gradient per row, got "
+                         f"{tuple(G.shape)}")
+
+
+# -- saliencies ---------------------------------------------------------------------------
+
+
+def obs_saliency(theta: Any, ihvp: StaticIHVP, /) -> Any:
+    r"""The OBS/OBD saliency ``theta_i^2 / (2 [F^{-1}]_ii)`` of every weight.
+
+    The increase of the quadratic model of the loss when weight ``i`` alone is
+    set to zero and the others are moved optimally (paper Section 4.1).
+
+    Parameters
+    ----------
+    theta : array, shape (d,)
+        The flat weights.
+    ihvp : StaticIHVP
+        The inverse Fisher ``F^{-1}`` over the same d coordinates, in the
+        namespace, device and dtype of ``theta``; its ``diagonal()`` is used
+        (O(d m)).
+
+    Returns
+    -------
+    array, shape (d,)
+        The saliencies, in theta's namespace, device and dtype.
+
+    Raises
+    ------
+    TypeError
+        If ``theta`` is not a floating array of the operator's library and
+        dtype.
+    ValueError
+        If the shapes or devices do not match.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from mfac_core import StaticIHVP
+    >>> from mfac_core.pruning import obs_saliency
+    >>> G = np.random.default_rng(0).standard_normal((16, 6))
+    >>> theta = np.array([1.0, -0.1, 0.5, 2.0, 0.0, -1.0])
+    >>> rho = obs_saliency(theta, StaticIHVP(G, damp=0.1))
+    >>> Finv = np.linalg.inv(0.1 * np.eye(6) + G.T @ G / 16)
+    >>> bool(np.allclose(rho, theta**2 / (2 * np.diag(Finv))))
+    True
+    """
+    _check_theta(theta)
+    _check_operator(ihvp, theta)
+    return theta * theta / (2 * ihvp.diagonal())
+
+
+def obd_saliency(theta: Any, G: Any, /, *, damp: float) -> Any:
+    r"""The OBD saliency with a diagonal Fisher: ``theta_i^2 F_ii / 2``.
+
+    Optimal Brain Damage approximates ``[F^{-1}]_ii`` by ``1 / F_ii`` with
+    ``F_ii = damp + sum_k G_ki^2 / m``, which ignores all correlations between
+    weights.
+
+    Parameters
+    ----------
+    theta : array, shape (d,)
+        The flat weights.
+    G : array, shape (m, d)
+        The gradients, one per row, in theta's namespace, device and dtype.
+    damp : float
+        The damping ``lambda > 0``.
+
+    Returns
+    -------
+    array, shape (d,)
+        The saliencies.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from mfac_core.pruning import obd_saliency
+    >>> G = np.array([[1.0, 0.0], [1.0, 2.0]])
+    >>> obd_saliency(np.array([1.0, 1.0]), G, damp=1.0)
+    array([1. , 1.5])
+    """
+    xp = _check_theta(theta)
+    _check_grads(xp, theta, G)
+    return theta * theta * EmpiricalFisher(G, damp=damp).diagonal() / 2
+
+
+def magnitude_saliency(theta: Any, /) -> Any:
+    """The magnitude saliency ``theta_i^2`` (magnitude pruning).
+
+    Parameters
+    ----------
+    theta : array, shape (d,)
+        The flat weights.
+
+    Returns
+    -------
+    array, shape (d,)
+        ``theta * theta``; ranks weights like ``abs(theta)``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from mfac_core.pruning import magnitude_saliency
+    >>> magnitude_saliency(np.array([-2.0, 0.5]))
+    array([4.  , 0.25])
+    """
+    _check_theta(theta)
+    return theta * theta
+
+
+# -- selection ----------------------------------------------------------------------------
+
+
+def _target_count(sparsity: float, n: int) -> int:
+    return min(n, math.floor(sparsity * n + _ROUND_SLACK))
+
+
+def select_pruned(
+    scores: Any,
+    /,
+    *,
+    sparsity: float | None = None,
+    count: int | None = None,
+    mask: Any = None,
+    block_size: int | None = None,
+) -> Any:
+    """Select the least salient weights that are still kept.
+
+    Give exactly one of ``sparsity`` and ``count``. Weights that ``mask``
+    already prunes are never selected; ties are broken by the lower index.
+
+    Parameters
+    ----------
+    scores : array, shape (d,)
+        The saliencies (lower = pruned first); no NaN.
+    sparsity : float, optional
+        The fraction of weights, in ``[0, 1)``, that is pruned after the
+        selection, counting the already-pruned ones: ``floor(sparsity * n)``
+        weights of each group of ``n`` (all d weights, or each block). Groups
+        that are already sparser get no new selection.
+    count : int, optional
+        The number of *new* weights to select (globally, or in each block).
+    mask : array of bool, shape (d,), optional
+        ``True`` for the weights still kept (default: all).
+    block_size : int, optional
+        Select within each block of this many consecutive weights (the last
+        block may be shorter) instead of globally.
+
+    Returns
+    -------
+    array of bool, shape (d,)
+        ``True`` for the newly selected weights.
+
+    Raises
+    ------
+    ValueError
+        For a sparsity outside ``[0, 1)``, a ``count`` larger than the number
+        of kept weights (in some block), scores holding NaN, or mismatched
+        shapes.
+    TypeError
+        For arrays of different libraries or a non-boolean mask.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from mfac_core.pruning import select_pruned
+    >>> scores = np.array([0.5, 0.1, 0.9, 0.2, 0.3, 0.8])
+    >>> select_pruned(scores, count=2).nonzero()[0]
+    array([1, 3])
+    >>> kept = np.array([True, False, True, True, True, True])
+    >>> select_pruned(scores, sparsity=0.5, mask=kept).nonzero()[0]
+    array([3, 4])
+    >>> select_pruned(scores, count=1, block_size=3).nonzero()[0]
+    array([1, 3])
+    """
+    xp = _check_theta(scores, "scores")
+    mask = _check_mask(xp, scores, mask)
+    if (sparsity is None) == (count is None):
+        raise ValueError("give exactly one of sparsity and count")
+    if sparsity is not None:
+        sparsity = _check_sparsity(sparsity)
+    else:
+        if isinstance(count, bool) or not isinstance(count, int):
+            raise TypeError(f"count must be an int, got {count!r}")
+        if count < 0:
+            raise ValueError(f"count must be >= 0, got {count}")
+    if bool(xp.any(xp.isnan(scores))):
+        raise ValueError("scores must not contain NaN")
+    d = scores.shape[0]
+    B = d if block_size is None else min(_check_positive_int(block_size, "block_size"), d)
+    dev = device_of(scores)
+    nb = -(-d // B)
+    pad = nb * B - d
+    inf = xp.full((pad,), math.inf, dtype=scores.dtype, device=dev)
+    s = xp.reshape(xp.concat([scores, inf]), (nb, B))
+    keep = xp.reshape(xp.concat([mask, xp.zeros((pad,), dtype=xp.bool, device=dev)]), (nb, B))
+    kept = xp.sum(xp.astype(keep, xp.int64), axis=1)
+
+    if count is not None:
+        if count > int(xp.min(kept)):
+            raise ValueError(f"count={count} is more than the {int(xp.min(kept))} weights still "
+                             f"kept" + (" in some block" if nb > 1 else ""))
+        k = xp.full((nb,), count, dtype=xp.int64, device=dev)
+    else:
+        sizes = [B] * nb
+        sizes[-1] = B - pad
+        target = xp.asarray([_target_count(sparsity, n) for n in sizes], dtype=xp.int64,
+                            device=dev)
+        pruned = xp.asarray(sizes, dtype=xp.int64, device=dev) - kept
+        k = xp.clip(target - pruned, min=0)
+
+    # Order each block by (pruned, score): kept weights first, by increasing score, then a
+    # stable sort so that equal scores keep their index order.
+    offsets = xp.reshape(xp.arange(nb, dtype=xp.int64, device=dev) * B, (nb, 1))
+    by_score = xp.argsort(s, axis=1, stable=True)
+    dropped = xp.astype(xp.take(xp.reshape(~keep, (-1,)), xp.reshape(by_score + offsets, (-1,))),
+                        xp.int8)
+    by_kept = xp.argsort(xp.reshape(dropped, (nb, B)), axis=1, stable=True)
+    order = xp.reshape(xp.take(xp.reshape(by_score, (-1,)), xp.reshape(by_kept + offsets, (-1,))),
+                       (nb, B))
+    rank = xp.argsort(order, axis=1)  # the inverse permutation: position of each weight
+    selected = rank < xp.reshape(k, (nb, 1))
+    return xp.reshape(selected, (-1,))[:d]
+
+
+# -- the OBS update -----------------------------------------------------------------------
+
+
+def obs_update(
+    theta: Any,
+    ihvp: StaticIHVP,
+    selected: Any,
+    /,
+    *,
+    joint: bool = False,
+    block_size: int | None = None,
+    mask: Any = None,
+    max_joint_size: int = 4096,
+) -> Any:
+    r"""The OBS update that removes the ``selected`` weights and moves the others.
+
+    With ``P`` the selected coordinates:
+
+    - ``joint=False`` (the paper's update): the sum of the single-weight OBS
+      updates, ``delta = -F^{-1} sum_{q in P} (theta_q / [F^{-1}]_qq) e_q``,
+      one IHVP in all;
+    - ``joint=True``: the exact multi-weight OBS update within each block,
+      ``delta = -F^{-1}_{:,P} ([F^{-1}]_{PP})^{-1} theta_P``, the minimiser of
+      ``delta^T F delta / 2`` subject to ``theta_P + delta_P = 0`` (for a
+      block-diagonal F when ``block_size`` is the operator's block size). The
+      small systems are built from :meth:`StaticIHVP.entries` and solved in
+      float64, all blocks at once; then one IHVP applies the update.
+
+    The selected weights, and any weight that ``mask`` already prunes, are
+    then set to exactly zero.
+
+    Parameters
+    ----------
+    theta : array, shape (d,)
+        The flat weights.
+    ihvp : StaticIHVP
+        ``F^{-1}`` over the same coordinates (theta's namespace, device and
+        dtype). Its gradients should be zero at coordinates pruned earlier.
+    selected : array of bool, shape (d,)
+        The weights to remove.
+    joint : bool, optional
+        Solve the joint system in each block (default ``False``).
+    block_size : int, optional
+        Block size of the joint systems (default: the operator's
+        ``block_size``). A block size smaller than the operator's ignores the
+        correlations between blocks, an approximation.
+    mask : array of bool, shape (d,), optional
+        ``True`` for the weights kept before this step.
+    max_joint_size : int, optional
+        Refuse joint systems with more selected weights than this in one
+        block (their cost grows as its cube); use blocks instead.
+
+    Returns
+    -------
+    array, shape (d,)
+        The updated weights, with exact zeros at the pruned coordinates.
+
+    Raises
+    ------
+    ValueError
+        For mismatched shapes, or a joint block with more than
+        ``max_joint_size`` selected weights.
+    TypeError
+        For arrays of another library or dtype than the operator's.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from mfac_core import StaticIHVP
+    >>> from mfac_core.pruning import obs_update
+    >>> rng = np.random.default_rng(0)
+    >>> G, theta = rng.standard_normal((32, 5)), rng.standard_normal(5)
+    >>> ihvp = StaticIHVP(G, damp=0.1)
+    >>> P = np.array([True, False, True, False, False])
+    >>> new = obs_update(theta, ihvp, P, joint=True)
+    >>> new[P]
+    array([0., 0.])
+
+    The joint update minimises ``delta^T F delta`` under the constraint:
+
+    >>> F = 0.1 * np.eye(5) + G.T @ G / 32
+    >>> delta = new - theta
+    >>> free = ~P
+    >>> bool(np.allclose(F[free] @ delta, 0))  # the stationarity conditions
+    True
+    """
+    xp = _check_theta(theta)
+    _check_operator(ihvp, theta)
+    mask = _check_mask(xp, theta, mask)
+    _check_bool(xp, theta, selected, "selected")
+    d = theta.shape[0]
+    if selected.ndim != 1 or selected.shape[0] != d:
+        raise ValueError(f"selected must have shape ({d},), got {tuple(selected.shape)}")
+    gone = selected | ~mask
+    zero = xp.zeros((), dtype=theta.dtype, device=device_of(theta))
+    if not bool(xp.any(selected)):
+        return xp.where(gone, zero, theta)
+    if joint:
+        B = getattr(ihvp, "block_size", d) if block_size is None else block_size
+        B = min(_check_positive_int(B, "block_size"), d)
+        coef = _joint_coefficients(xp, theta, ihvp, selected, B, max_joint_size)
+    else:
+        coef = xp.where(selected, theta / ihvp.diagonal(), zero)
+    return xp.where(gone, zero, theta - ihvp.matvec(coef))
+
+
+def _joint_coefficients(xp: Any, theta: Any, ihvp: Any, selected: Any, B: int,
+                        max_joint_size: int) -> Any:
+    """``u`` with ``u_P = ([F^{-1}]_{PP})^{-1} theta_P`` per block and zeros elsewhere."""
+    d = theta.shape[0]
+    dev = device_of(theta)
+    nb = -(-d // B)
+    pad = nb * B - d
+    sel = xp.reshape(xp.concat([selected, xp.zeros((pad,), dtype=xp.bool, device=dev)]), (nb, B))
+    counts = xp.sum(xp.astype(sel, xp.int64), axis=1)
+    p = int(xp.max(counts))
+    if p > max_joint_size:
+        raise ValueError(f"the joint OBS update would solve a {p} x {p} system in one block "
+                         f"(max_joint_size={max_joint_size}); use a smaller block_size")
+    offsets = xp.reshape(xp.arange(nb, dtype=xp.int64, device=dev) * B, (nb, 1))
+    # The selected positions of each block, in increasing order, padded to p.
+    first = xp.argsort(xp.astype(~sel, xp.int8), axis=1, stable=True)[:, :p]
+    valid = xp.reshape(xp.arange(p, dtype=xp.int64, device=dev), (1, p)) < \
+        xp.reshape(counts, (nb, 1))
+    idx = xp.clip(first + offsets, max=d - 1)  # (nb, p) global indices; padding is ignored
+    flat_idx = xp.reshape(idx, (-1,))
+    rhs = xp.where(valid, xp.reshape(xp.astype(xp.take(theta, flat_idx), xp.float64), (nb, p)),
+                   0.0)
+
+    # [F^{-1}]_{PP} of each block: only its upper triangle (it is symmetric), requested in
+    # chunks of blocks to bound the temporaries of entries().
+    ar = xp.arange(p, dtype=xp.int64, device=dev)
+    lo, hi = xp.minimum(ar[:, None], ar[None, :]), xp.maximum(ar[:, None], ar[None, :])
+    n_tri = p * (p + 1) // 2
+    upper = xp.reshape(ar[:, None] <= ar[None, :], (-1,))
+    tri = xp.argsort(xp.astype(~upper, xp.int8), stable=True)[:n_tri]  # row-major (i <= j)
+    tri_r, tri_c = tri // p, tri % p
+    # Position of (min(i, j), max(i, j)) in that list of upper-triangle pairs.
+    packed = xp.reshape(lo * p - (lo * (lo - 1)) // 2 + (hi - lo), (-1,))
+    rows_all = xp.take(idx, tri_r, axis=1)  # (nb, n_tri)
+    cols_all = xp.take(idx, tri_c, axis=1)
+    scale = getattr(ihvp, "num_grads", 1)
+    chunk = max(1, _ENTRY_BUDGET // max(1, n_tri * scale))
+    parts = []
+    for b0 in range(0, nb, chunk):
+        b1 = min(nb, b0 + chunk)
+        vals = ihvp.entries(xp.reshape(rows_all[b0:b1, ...], (-1,)),
+                            xp.reshape(cols_all[b0:b1, ...], (-1,)))
+        vals = xp.reshape(xp.astype(vals, xp.float64), (b1 - b0, n_tri))
+        parts.append(xp.reshape(xp.take(vals, packed, axis=1), (b1 - b0, p, p)))
+    M = parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)
+    both = xp.reshape(valid, (nb, p, 1)) & xp.reshape(valid, (nb, 1, p))
+    eye = xp.eye(p, dtype=xp.float64, device=dev)
+    M = xp.where(both, M, xp.broadcast_to(eye, (nb, p, p)))
+    c = xp.linalg.solve(M, xp.reshape(rhs, (nb, p, 1)))
+    c = xp.reshape(xp.astype(c, theta.dtype), (-1,))
+
+    # Scatter c back: the k-th selected weight of block b takes c[b, k].
+    pos = xp.cumulative_sum(xp.astype(sel, xp.int64), axis=1) - 1
+    where_c = xp.clip(xp.reshape(pos + xp.reshape(xp.arange(nb, dtype=xp.int64, device=dev)
+                                                  * p, (nb, 1)), (-1,)), min=0)
+    u = xp.where(xp.reshape(sel, (-1,)), xp.take(c, where_c),
+                 xp.zeros((), dtype=theta.dtype, device=dev))
+    return u[:d]
+
+
+# -- pruning steps ------------------------------------------------------------------------
+
+
+def prune(
+    theta: Any,
+    G: Any,
+    /,
+    *,
+    sparsity: float,
+    damp: float = 1e-5,
+    block_size: int | None = None,
+    saliency: Saliency = "obs",
+    update: Update = "single",
+    mask: Any = None,
+    selection_block_size: int | None = None,
+    joint_block_size: int | None = None,
+) -> PruneResult:
+    r"""One pruning step: saliencies, selection to a target sparsity, weight update.
+
+    The gradients are masked (set to zero at already-pruned coordinates),
+    the inverse Fisher is built once with :class:`~mfac_core.StaticIHVP`, and
+    the weights are pruned to ``sparsity`` of all d coordinates.
+
+    Parameters
+    ----------
+    theta : array, shape (d,)
+        The flat weights.
+    G : array, shape (m, d), or None
+        The gradients at ``theta``, one per row (theta's namespace, device and
+        dtype). Only ``saliency="magnitude"`` with ``update="none"`` may pass
+        ``None``.
+    sparsity : float
+        The fraction of weights pruned after the step, in ``[0, 1)``.
+    damp : float, optional
+        The damping ``lambda`` of the Fisher (default ``1e-5``, the paper's).
+    block_size : int, optional
+        Use a block-diagonal Fisher over blocks of this many weights
+        (default: the full Fisher).
+    saliency : {"obs", "obd", "magnitude"}, optional
+        ``"obs"``: ``theta_i^2 / (2 [F^{-1}]_ii)`` with the M-FAC inverse
+        (default); ``"obd"``: the diagonal-Fisher version; ``"magnitude"``:
+        ``theta_i^2``.
+    update : {"single", "joint", "none"}, optional
+        The update of the remaining weights: the paper's summed single-weight
+        OBS update (default), the joint OBS update within each block, or none
+        (OBD / magnitude pruning).
+    mask : array of bool, shape (d,), optional
+        ``True`` for the weights kept so far; they stay pruned.
+    selection_block_size : int, optional
+        Prune ``sparsity`` of each block of this many weights instead of
+        choosing globally.
+    joint_block_size : int, optional
+        Block size of the joint update (default: ``block_size``).
+
+    Returns
+    -------
+    PruneResult
+        ``(theta, mask)`` after the step.
+
+    Raises
+    ------
+    ValueError
+        For a sparsity outside ``[0, 1)``, wrong shapes, or unknown choices.
+    TypeError
+        For arrays of different libraries or dtypes.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from mfac_core.pruning import prune
+    >>> rng = np.random.default_rng(0)
+    >>> theta, G = rng.standard_normal(100), rng.standard_normal((16, 100))
+    >>> res = prune(theta, G, sparsity=0.6, damp=1e-3, block_size=20)
+    >>> int((~res.mask).sum()), bool(np.all(res.theta[~res.mask] == 0))
+    (60, True)
+    >>> res2 = prune(res.theta, G, sparsity=0.8, damp=1e-3, mask=res.mask)
+    >>> bool(np.all(res2.mask <= res.mask))  # pruned weights stay pruned
+    True
+    """
+    xp = _check_theta(theta)
+    sparsity = _check_sparsity(sparsity)
+    _check_choice(saliency, "saliency", ("obs", "obd", "magnitude"))
+    _check_choice(update, "update", ("single", "joint", "none"))
+    mask = _check_mask(xp, theta, mask)
+    needs_grads = saliency != "magnitude" or update != "none"
+    if G is None:
+        if needs_grads:
+            raise ValueError(f"saliency={saliency!r} with update={update!r} needs the "
+                             "gradients G")
+    else:
+        _check_grads(xp, theta, G)
+        G = G * xp.astype(mask, G.dtype)
+    ihvp = None
+    if saliency == "obs" or update != "none":
+        ihvp = StaticIHVP(G, damp=damp, block_size=block_size)
+    if saliency == "obs":
+        scores = obs_saliency(theta, ihvp)
+    elif saliency == "obd":
+        scores = obd_saliency(theta, G, damp=damp)
+    else:
+        scores = magnitude_saliency(theta)
+    selected = select_pruned(scores, sparsity=sparsity, mask=mask,
+                             block_size=selection_block_size)
+    if update == "none":
+        zero = xp.zeros((), dtype=theta.dtype, device=device_of(theta))
+        new = xp.where(selected | ~mask, zero, theta)
+    else:
+        new = obs_update(theta, ihvp, selected, mask=mask, joint=update == "joint",
+                         block_size=joint_block_size)
+    return PruneResult(new, mask & ~selected)
+
+
+def sparsity_schedule(start: float, end: float, steps: int, /, *,
+                      schedule: Schedule = "linear") -> list[float]:
+    r"""The intermediate sparsities of a gradual pruning run, ending at ``end``.
+
+    Parameters
+    ----------
+    start, end : float
+        The sparsity before the first step and after the last, ``0 <= start
+        <= end < 1``.
+    steps : int
+        The number of pruning steps (at least 1).
+    schedule : {"linear", "cubic", "exponential"}, optional
+        ``"linear"``: equal increments of sparsity; ``"cubic"``: the cubic
+        schedule of Zhu & Gupta, ``s_t = end + (start - end)(1 - t/T)^3``,
+        which prunes most early; ``"exponential"``: every step keeps the same
+        fraction of the remaining weights.
+
+    Returns
+    -------
+    list of float
+        ``steps`` sparsities, increasing, the last equal to ``end``.
+
+    Examples
+    --------
+    >>> from mfac_core.pruning import sparsity_schedule
+    >>> [round(s, 3) for s in sparsity_schedule(0.0, 0.9, 3)]
+    [0.3, 0.6, 0.9]
+    >>> [round(s, 3) for s in sparsity_schedule(0.0, 0.9, 2, schedule="exponential")]
+    [0.684, 0.9]
+    """
+    start, end = _check_sparsity(start), _check_sparsity(end)
+    if start > end:
+        raise ValueError(f"the target sparsity {end} is below the current one {start}")
+    T = _check_positive_int(steps, "steps")
+    _check_choice(schedule, "schedule", ("linear", "cubic", "exponential"))
+    out = []
+    for t in range(1, T + 1):
+        f = t / T
+        if schedule == "linear":
+            s = start + (end - start) * f
+        elif schedule == "cubic":
+            s = end + (start - end) * (1.0 - f) ** 3
+        else:
+            s = 1.0 - (1.0 - start) * ((1.0 - end) / (1.0 - start)) ** f
+        out.append(s)
+    out[-1] = end
+    return out
+
+
+def gradual_prune(
+    theta: Any,
+    grad_fn: Callable[[Any, Any], Any],
+    /,
+    *,
+    sparsity: float,
+    steps: int,
+    schedule: Schedule = "linear",
+    mask: Any = None,
+    damp: float = 1e-5,
+    block_size: int | None = None,
+    saliency: Saliency = "obs",
+    update: Update = "single",
+    selection_block_size: int | None = None,
+    joint_block_size: int | None = None,
+    callback: Callable[[int, PruneResult], None] | None = None,
+) -> PruneResult:
+    r"""Prune to ``sparsity`` in several steps, recomputing the Fisher at each.
+
+    Each step asks ``grad_fn(theta, mask)`` for fresh gradients at the current
+    (partially pruned and updated) weights, rebuilds the inverse Fisher and
+    prunes to the next sparsity of :func:`sparsity_schedule`: the paper's
+    "recomputations", which make a coarse one-shot step more accurate.
+
+    Parameters
+    ----------
+    theta : array, shape (d,)
+        The flat weights.
+    grad_fn : callable
+        ``grad_fn(theta, mask) -> G``, an ``(m, d)`` array of gradients at
+        ``theta`` (theta's namespace, device and dtype). Coordinates where
+        ``mask`` is ``False`` are zeroed whatever it returns.
+    sparsity : float
+        The final sparsity, in ``[0, 1)``.
+    steps : int
+        The number of steps (recomputations).
+    schedule : {"linear", "cubic", "exponential"}, optional
+        How the sparsity grows from step to step (see
+        :func:`sparsity_schedule`).
+    mask : array of bool, shape (d,), optional
+        ``True`` for the weights kept so far.
+    damp : float, optional
+        The damping of the Fisher (default ``1e-5``), as for :func:`prune`.
+    block_size : int, optional
+        Block size of a block-diagonal Fisher, as for :func:`prune`.
+    saliency : {"obs", "obd", "magnitude"}, optional
+        As for :func:`prune`.
+    update : {"single", "joint", "none"}, optional
+        As for :func:`prune`.
+    selection_block_size : int, optional
+        As for :func:`prune`.
+    joint_block_size : int, optional
+        As for :func:`prune`.
+    callback : callable, optional
+        Called as ``callback(step, result)`` after each step (``step`` from 1).
+
+    Returns
+    -------
+    PruneResult
+        ``(theta, mask)`` after the last step.
+
+    Raises
+    ------
+    ValueError
+        For a sparsity outside ``[0, 1)`` or below the mask's, ``steps < 1``,
+        or ``grad_fn`` returning an array of the wrong shape.
+
+    Examples
+    --------
+    A least-squares model ``(x^T theta - y)^2 / 2``, pruned to 75% in 3 steps:
+
+    >>> import numpy as np
+    >>> from mfac_core.pruning import gradual_prune
+    >>> rng = np.random.default_rng(0)
+    >>> X = rng.standard_normal((64, 12))
+    >>> y = X @ rng.standard_normal(12)
+    >>> theta = np.linalg.lstsq(X, y, rcond=None)[0]
+    >>> def grad_fn(theta, mask):
+    ...     return (X @ theta - y)[:, None] * X  # one gradient per sample
+    >>> res = gradual_prune(theta, grad_fn, sparsity=0.75, steps=3, damp=1e-4)
+    >>> int(res.mask.sum()), bool(np.all(res.theta[~res.mask] == 0))
+    (3, True)
+    """
+    xp = _check_theta(theta)
+    sparsity = _check_sparsity(sparsity)
+    mask = _check_mask(xp, theta, mask)
+    if not callable(grad_fn):
+        raise TypeError(f"grad_fn must be callable, got {type(grad_fn).__name__}")
+    d = theta.shape[0]
+    start = 1.0 - int(xp.sum(xp.astype(mask, xp.int64))) / d
+    targets = sparsity_schedule(min(start, sparsity), sparsity, steps, schedule=schedule)
+    result = PruneResult(theta, mask)
+    for t, target in enumerate(targets, start=1):
+        G = grad_fn(result.theta, result.mask) if (saliency != "magnitude"
+                                                   or update != "none") else None
+        result = prune(result.theta, G, sparsity=target, damp=damp, block_size=block_size,
+                       saliency=saliency, update=update, mask=result.mask,
+                       selection_block_size=selection_block_size,
+                       joint_block_size=joint_block_size)
+        if callback is not None:
+            callback(t, result)
+    return result

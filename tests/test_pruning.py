@@ -1,0 +1,432 @@
+"""mfac_core.pruning against brute force: saliencies, selection, OBS updates, schedules."""
+
+from __future__ import annotations
+
+import doctest
+import itertools
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mfac_core import StaticIHVP, pruning
+from mfac_core.pruning import (
+    PruneResult,
+    gradual_prune,
+    magnitude_saliency,
+    obd_saliency,
+    obs_saliency,
+    obs_update,
+    prune,
+    select_pruned,
+    sparsity_schedule,
+)
+from mfac_core.testing import to_numpy
+
+# -- dense references ---------------------------------------------------------------------
+
+
+def dense_fisher(G: np.ndarray, damp: float, block_size: int | None = None) -> np.ndarray:
+    """``damp I + G^T G / m``, with the couplings between blocks removed."""
+    m, d = G.shape
+    F = damp * np.eye(d) + G.T @ G / m
+    if block_size is not None:
+        blocks = np.arange(d) // block_size
+        F = np.where(blocks[:, None] == blocks[None, :], F, 0.0)
+    return F
+
+
+def constrained_minimiser(F: np.ndarray, theta: np.ndarray, removed: np.ndarray) -> np.ndarray:
+    """``theta + delta`` for ``argmin delta^T F delta / 2`` s.t. ``(theta + delta)_P = 0``.
+
+    Solved as one dense KKT system in float64 (the textbook OBS problem).
+    """
+    d = theta.size
+    P = np.flatnonzero(removed)
+    E = np.eye(d)[:, P]
+    K = np.block([[F, E], [E.T, np.zeros((P.size, P.size))]])
+    rhs = np.concatenate([np.zeros(d), -theta[P]])
+    return theta + np.linalg.solve(K, rhs)[:d]
+
+
+def quadratic_cost(F: np.ndarray, delta: np.ndarray) -> float:
+    return 0.5 * float(delta @ F @ delta)
+
+
+def tolerance(dtype: str, G: np.ndarray, damp: float) -> float:
+    kappa = 1.0 + np.linalg.norm(G, 2) ** 2 / (G.shape[0] * damp)
+    eps = np.finfo(dtype).eps
+    return 100 * eps * kappa
+
+
+def problem(rng: np.random.Generator, m: int = 6, d: int = 17, pruned: float = 0.2):
+    G = rng.standard_normal((m, d))
+    theta = rng.standard_normal(d)
+    mask = rng.random(d) >= pruned
+    # Keep a weight in every block of >= 3 and in a ragged last block, so that no block of
+    # G is entirely zero (see test_fully_pruned_block for that case).
+    mask[::3] = True
+    mask[-1] = True
+    theta = np.where(mask, theta, 0.0)
+    return G * mask, theta, mask
+
+
+# -- saliencies ---------------------------------------------------------------------------
+
+
+def test_obs_saliency_matches_dense_inverse(xp_device, dtype, rng):
+    G, theta, _ = problem(rng)
+    damp = 0.3
+    for block_size in (None, 4):
+        ihvp = StaticIHVP(xp_device.asarray(G, dtype), damp=damp, block_size=block_size)
+        rho = obs_saliency(xp_device.asarray(theta, dtype), ihvp)
+        Finv = np.linalg.inv(dense_fisher(G, damp, block_size))
+        want = theta**2 / (2 * np.diag(Finv))
+        assert rho.dtype == xp_device.dtype(dtype)
+        np.testing.assert_allclose(to_numpy(rho), want, rtol=tolerance(dtype, G, damp), atol=0)
+
+
+def test_obd_and_magnitude_saliencies(xp_device, rng):
+    G, theta, _ = problem(rng)
+    got = obd_saliency(xp_device.asarray(theta), xp_device.asarray(G), damp=0.5)
+    want = theta**2 * (0.5 + np.mean(G**2, axis=0)) / 2
+    np.testing.assert_allclose(to_numpy(got), want, rtol=1e-12)
+    np.testing.assert_array_equal(to_numpy(magnitude_saliency(xp_device.asarray(theta))),
+                                  theta**2)
+
+
+# -- selection ----------------------------------------------------------------------------
+
+
+def brute_select(scores, sparsity, mask, block_size):
+    d = scores.size
+    B = d if block_size is None else min(block_size, d)
+    out = np.zeros(d, dtype=bool)
+    for b0 in range(0, d, B):
+        s, k = scores[b0:b0 + B], mask[b0:b0 + B]
+        n = s.size
+        want = int(np.floor(sparsity * n + 1e-9)) - int((~k).sum())
+        if want <= 0:
+            continue
+        candidates = [i for i in np.argsort(s, kind="stable") if k[i]]
+        out[b0 + np.array(candidates[:want], dtype=int)] = True
+    return out
+
+
+@given(
+    d=st.integers(1, 40),
+    sparsity=st.floats(0.0, 0.99),
+    block_size=st.one_of(st.none(), st.integers(1, 12)),
+    seed=st.integers(0, 2**16),
+    ties=st.booleans(),
+)
+def test_select_matches_brute_force(d, sparsity, block_size, seed, ties):
+    rng = np.random.default_rng(seed)
+    scores = rng.integers(0, 3, d).astype(float) if ties else rng.random(d)
+    mask = rng.random(d) > 0.3
+    got = select_pruned(scores, sparsity=sparsity, mask=mask, block_size=block_size)
+    want = brute_select(scores, sparsity, mask, block_size)
+    np.testing.assert_array_equal(got, want)
+    assert not np.any(got & ~mask), "a pruned weight was selected again"
+
+
+def test_select_on_every_backend(xp_device, rng):
+    scores = rng.random(23)
+    mask = rng.random(23) > 0.25
+    for block_size in (None, 5):
+        got = select_pruned(xp_device.asarray(scores), sparsity=0.6,
+                            mask=xp_device.asarray(mask, "bool"), block_size=block_size)
+        assert got.dtype == xp_device.xp.bool
+        np.testing.assert_array_equal(to_numpy(got).astype(bool),
+                                      brute_select(scores, 0.6, mask, block_size))
+
+
+def test_select_count_and_already_sparse():
+    scores = np.array([5.0, 1.0, 4.0, 2.0, 3.0, 0.0])
+    kept = np.array([True, True, True, True, True, False])
+    np.testing.assert_array_equal(np.flatnonzero(select_pruned(scores, count=2, mask=kept)),
+                                  [1, 3])
+    # Already at 1/6 sparsity: asking for 10% selects nothing, never un-prunes.
+    assert not select_pruned(scores, sparsity=0.1, mask=kept).any()
+    # Per block: one new weight in each block of 3 (the second block has 2 kept).
+    np.testing.assert_array_equal(
+        np.flatnonzero(select_pruned(scores, count=1, mask=kept, block_size=3)), [1, 3])
+    with pytest.raises(ValueError, match="count=3"):
+        select_pruned(scores, count=3, mask=kept, block_size=3)
+    with pytest.raises(ValueError, match="count=6"):
+        select_pruned(scores, count=6, mask=kept)
+
+
+# -- the OBS update -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("block_size", [None, 4, 5, 40])
+def test_joint_update_is_the_constrained_minimiser(xp_device, dtype, rng, block_size):
+    m, damp = 7, 0.05
+    G, theta, mask = problem(rng, m=m, d=23)
+    selected = (rng.random(23) < 0.4) & mask
+    ihvp = StaticIHVP(xp_device.asarray(G, dtype), damp=damp, block_size=block_size)
+    got = obs_update(xp_device.asarray(theta, dtype), ihvp, xp_device.asarray(selected, "bool"),
+                     joint=True, mask=xp_device.asarray(mask, "bool"))
+    F = dense_fisher(G, damp, block_size)
+    want = constrained_minimiser(F, theta, selected | ~mask)
+    got = to_numpy(got)
+    assert got.dtype == np.dtype(dtype)
+    np.testing.assert_array_equal(got[selected | ~mask], 0.0)
+    tol = tolerance(dtype, G, damp) * max(1.0, np.abs(want).max())
+    np.testing.assert_allclose(got, want, rtol=0, atol=tol)
+
+
+def test_joint_update_within_smaller_blocks_is_exact_for_that_block_diagonal(rng):
+    # The operator is the full F, the joint systems are per block of 4: exact for the
+    # block-diagonal F only when the operator is block-diagonal too; with a full operator
+    # the update still zeroes the selected weights.
+    G, theta, mask = problem(rng, d=16)
+    selected = (rng.random(16) < 0.5) & mask
+    ihvp = StaticIHVP(G, damp=0.1, block_size=4)
+    got = obs_update(theta, ihvp, selected, joint=True, block_size=4, mask=mask)
+    want = constrained_minimiser(dense_fisher(G, 0.1, 4), theta, selected | ~mask)
+    np.testing.assert_allclose(got, want, atol=1e-10)
+    full = obs_update(theta, StaticIHVP(G, damp=0.1), selected, joint=True, block_size=4,
+                      mask=mask)
+    np.testing.assert_array_equal(full[selected | ~mask], 0.0)
+
+
+def test_single_update_is_the_summed_obs_formula(xp_device, dtype, rng):
+    G, theta, mask = problem(rng)
+    damp = 0.2
+    selected = (rng.random(17) < 0.3) & mask
+    ihvp = StaticIHVP(xp_device.asarray(G, dtype), damp=damp)
+    got = to_numpy(obs_update(xp_device.asarray(theta, dtype), ihvp,
+                              xp_device.asarray(selected, "bool"),
+                              mask=xp_device.asarray(mask, "bool")))
+    Finv = np.linalg.inv(dense_fisher(G, damp))
+    coef = np.where(selected, theta / np.diag(Finv), 0.0)
+    want = theta - Finv @ coef
+    want[selected | ~mask] = 0.0
+    np.testing.assert_array_equal(got[selected | ~mask], 0.0)
+    np.testing.assert_allclose(got, want, rtol=0, atol=tolerance(dtype, G, damp))
+
+
+def test_single_and_joint_agree_for_one_weight_and_joint_is_best(rng):
+    G, theta, _ = problem(rng, d=20, pruned=0.0)
+    ihvp = StaticIHVP(G, damp=0.05)
+    one = np.zeros(20, dtype=bool)
+    one[7] = True
+    np.testing.assert_allclose(obs_update(theta, ihvp, one),
+                               obs_update(theta, ihvp, one, joint=True), atol=1e-12)
+    # For several weights the joint update has the least quadratic cost of the three.
+    F = dense_fisher(G, 0.05)
+    sel = select_pruned(obs_saliency(theta, ihvp), count=8)
+    costs = {
+        "none": quadratic_cost(F, np.where(sel, 0.0, theta) - theta),
+        "single": quadratic_cost(F, obs_update(theta, ihvp, sel) - theta),
+        "joint": quadratic_cost(F, obs_update(theta, ihvp, sel, joint=True) - theta),
+    }
+    assert costs["joint"] <= costs["single"] * (1 + 1e-12)
+    assert costs["joint"] <= costs["none"] * (1 + 1e-12)
+
+
+def test_update_with_nothing_selected_only_zeroes_the_mask(rng):
+    G, theta, mask = problem(rng)
+    theta_dirty = theta + (~mask) * 3.0  # pruned coordinates that drifted
+    none = np.zeros(17, dtype=bool)
+    out = obs_update(theta_dirty, StaticIHVP(G, damp=0.1), none, mask=mask, joint=True)
+    np.testing.assert_array_equal(out, np.where(mask, theta, 0.0))
+
+
+def test_fully_pruned_block(rng):
+    # Pruning can empty a whole block; its masked gradients are zero there and F = damp I.
+    G, theta, _ = problem(rng, d=12, pruned=0.0)
+    mask = np.ones(12, dtype=bool)
+    mask[4:8] = False
+    res = prune(np.where(mask, theta, 0.0), G, sparsity=0.5, damp=0.1, block_size=4,
+                update="joint", mask=mask)
+    want = constrained_minimiser(dense_fisher(G * mask, 0.1, 4), np.where(mask, theta, 0.0),
+                                 ~res.mask)
+    np.testing.assert_allclose(res.theta, want, atol=1e-12)
+
+
+def test_joint_refuses_huge_systems(rng):
+    G, theta, _ = problem(rng, d=30, pruned=0.0)
+    sel = np.ones(30, dtype=bool)
+    with pytest.raises(ValueError, match="max_joint_size"):
+        obs_update(theta, StaticIHVP(G, damp=0.1), sel, joint=True, max_joint_size=10)
+
+
+# -- prune and gradual_prune --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("saliency", "update"), [
+    ("obs", "single"), ("obs", "joint"), ("obs", "none"), ("obd", "none"),
+    ("magnitude", "none"), ("magnitude", "single"),
+])
+def test_prune_bookkeeping(xp_device, rng, saliency, update):
+    G, theta, mask = problem(rng, m=8, d=40, pruned=0.1)
+    xp = xp_device.xp
+    res = prune(xp_device.asarray(theta), xp_device.asarray(G), sparsity=0.7, damp=1e-2,
+                block_size=8, saliency=saliency, update=update,
+                mask=xp_device.asarray(mask, "bool"))
+    assert isinstance(res, PruneResult)
+    assert res.mask.dtype == xp.bool
+    new_theta, new_mask = to_numpy(res.theta), to_numpy(res.mask).astype(bool)
+    assert (~new_mask).sum() == 28
+    assert not np.any(new_mask & ~mask), "a pruned weight came back"
+    np.testing.assert_array_equal(new_theta[~new_mask], 0.0)
+    if update == "none":
+        np.testing.assert_array_equal(new_theta[new_mask], theta[new_mask])
+
+
+def test_prune_masks_the_gradients(rng):
+    # Gradients with garbage at pruned coordinates give the same result as clean ones.
+    G, theta, mask = problem(rng, d=30, pruned=0.3)
+    dirty = G + (~mask) * rng.standard_normal(G.shape)
+    a = prune(theta, G, sparsity=0.6, damp=1e-2, mask=mask)
+    b = prune(theta, dirty, sparsity=0.6, damp=1e-2, mask=mask)
+    np.testing.assert_array_equal(a.mask, b.mask)
+    np.testing.assert_allclose(a.theta, b.theta, atol=1e-12)
+
+
+def test_prune_magnitude_needs_no_gradients_and_selection_blocks():
+    theta = np.array([0.1, -3.0, 0.2, 0.3, 4.0, -0.05, 1.0, 2.0])
+    res = prune(theta, None, sparsity=0.5, saliency="magnitude", update="none",
+                selection_block_size=4)
+    np.testing.assert_array_equal(res.mask, [False, True, False, True, True, False, False, True])
+    np.testing.assert_array_equal(res.theta, np.where(res.mask, theta, 0.0))
+
+
+def test_sparsity_schedule():
+    assert sparsity_schedule(0.0, 0.8, 4) == pytest.approx([0.2, 0.4, 0.6, 0.8])
+    cubic = sparsity_schedule(0.2, 0.9, 5, schedule="cubic")
+    assert cubic[-1] == 0.9 and all(b > a for a, b in itertools.pairwise(cubic))
+    assert cubic[0] - 0.2 > (0.9 - 0.2) / 5  # front-loaded
+    expo = sparsity_schedule(0.0, 0.75, 2, schedule="exponential")
+    assert expo == pytest.approx([0.5, 0.75])
+    with pytest.raises(ValueError, match="below"):
+        sparsity_schedule(0.5, 0.4, 2)
+    with pytest.raises(ValueError, match="steps"):
+        sparsity_schedule(0.0, 0.4, 0)
+
+
+def test_gradual_prune_recomputes_at_each_step(xp_device, rng):
+    d = 24
+    X = rng.standard_normal((48, d))
+    y = X @ rng.standard_normal(d)
+    theta0 = np.linalg.lstsq(X, y, rcond=None)[0]
+    Xb, yb = xp_device.asarray(X), xp_device.asarray(y)
+    calls = []
+
+    def grad_fn(theta, mask):
+        calls.append((to_numpy(theta), to_numpy(mask).astype(bool)))
+        r = Xb @ theta - yb
+        return r[:, None] * Xb
+
+    history = []
+    res = gradual_prune(xp_device.asarray(theta0), grad_fn, sparsity=0.75, steps=3,
+                        damp=1e-4, block_size=8, update="joint",
+                        callback=lambda t, r: history.append(to_numpy(r.mask).astype(bool)))
+    assert len(calls) == 3
+    assert [int((~h).sum()) for h in history] == [6, 12, 18]
+    for (theta_seen, mask_seen), prev in zip(calls[1:], history[:-1], strict=True):
+        np.testing.assert_array_equal(mask_seen, prev)  # grad_fn sees the current mask
+        np.testing.assert_array_equal(theta_seen[~mask_seen], 0.0)
+    for a, b in itertools.pairwise(history):
+        assert not np.any(b & ~a)
+    np.testing.assert_array_equal(to_numpy(res.theta)[~history[-1]], 0.0)
+
+
+def test_gradual_obs_beats_magnitude_on_least_squares(rng):
+    # Correlated features: OBS with recomputations keeps the fit far better.
+    d, n = 30, 200
+    base = rng.standard_normal((n, 6))
+    X = base @ rng.standard_normal((6, d)) + 0.1 * rng.standard_normal((n, d))
+    y = X @ rng.standard_normal(d)
+    theta = np.linalg.lstsq(X, y, rcond=None)[0]
+
+    def grad_fn(theta, mask):
+        return (X @ theta - y)[:, None] * X
+
+    def loss(t):
+        return float(np.mean((X @ t - y) ** 2))
+
+    obs = gradual_prune(theta, grad_fn, sparsity=0.8, steps=4, damp=1e-6)
+    mag = prune(theta, None, sparsity=0.8, saliency="magnitude", update="none")
+    assert loss(obs.theta) < 0.5 * loss(mag.theta)
+
+
+# -- errors -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5, float("nan")])
+def test_bad_sparsity(bad, rng):
+    G, theta, _ = problem(rng)
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        prune(theta, G, sparsity=bad)
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        select_pruned(theta, sparsity=bad)
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        gradual_prune(theta, lambda t, m: G, sparsity=bad, steps=2)
+
+
+def test_bad_shapes_and_types(rng):
+    G, theta, mask = problem(rng)
+    ihvp = StaticIHVP(G, damp=0.1)
+    with pytest.raises(ValueError, match="1-D"):
+        obs_saliency(theta[:, None], ihvp)
+    with pytest.raises(ValueError, match=r"17 weights|shape"):
+        obs_saliency(theta[:5], ihvp)
+    with pytest.raises(ValueError, match="shape"):
+        prune(theta, G[:, :5], sparsity=0.5)
+    with pytest.raises(ValueError, match="mask"):
+        prune(theta, G, sparsity=0.5, mask=mask[:3])
+    with pytest.raises(TypeError, match="bool"):
+        prune(theta, G, sparsity=0.5, mask=mask.astype(np.int64))
+    with pytest.raises(TypeError, match="dtype"):
+        obs_saliency(theta.astype(np.float32), ihvp)
+    with pytest.raises(TypeError):
+        prune(list(theta), G, sparsity=0.5)
+    with pytest.raises(TypeError, match="floating"):
+        magnitude_saliency(np.arange(3))
+    with pytest.raises(ValueError, match="exactly one"):
+        select_pruned(theta, sparsity=0.5, count=2)
+    with pytest.raises(ValueError, match="NaN"):
+        select_pruned(np.array([1.0, np.nan]), count=1)
+    with pytest.raises(ValueError, match="saliency"):
+        prune(theta, G, sparsity=0.5, saliency="random")
+    with pytest.raises(ValueError, match="update"):
+        prune(theta, G, sparsity=0.5, update="full")
+    with pytest.raises(ValueError, match="needs the gradients"):
+        prune(theta, None, sparsity=0.5)
+    with pytest.raises(ValueError, match="selected"):
+        obs_update(theta, ihvp, np.ones(3, dtype=bool))
+    with pytest.raises(ValueError, match="shape"):
+        gradual_prune(theta, lambda t, m: G[:, :4], sparsity=0.5, steps=2)
+    with pytest.raises(TypeError, match="callable"):
+        gradual_prune(theta, G, sparsity=0.5, steps=2)
+
+
+def test_mismatched_namespaces(rng):
+    torch = pytest.importorskip("torch")
+    G, theta, mask = problem(rng)
+    ihvp = StaticIHVP(torch.asarray(G), damp=0.1)
+    with pytest.raises(TypeError, match=r"numpy|torch"):
+        obs_saliency(theta, ihvp)
+    with pytest.raises(TypeError, match=r"numpy|torch"):
+        prune(torch.asarray(theta), G, sparsity=0.5)
+    with pytest.raises(TypeError, match=r"numpy|torch"):
+        select_pruned(theta, sparsity=0.5, mask=torch.asarray(mask))
+
+
+def test_mismatched_devices(strict_device1, rng):
+    import array_api_strict as strict
+
+    G, theta, _ = problem(rng)
+    theta_cpu = strict.asarray(theta)
+    with pytest.raises(ValueError, match="device"):
+        prune(theta_cpu, strict_device1.asarray(G), sparsity=0.5)
+
+
+def test_docstring_examples_run():
+    failures, tried = doctest.testmod(pruning, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert tried > 0 and failures == 0
