@@ -6,7 +6,7 @@ import math
 from collections import deque
 from typing import Any
 
-from . import _cholesky, _linalg
+from . import _linalg
 from ._blocks import BlockGroup, accumulate_blocks
 from ._compat import array_namespace, is_writeable_array
 from ._compat import device as device_of
@@ -312,7 +312,7 @@ class DynamicIHVP(LinearOperator):
                 and self._since_refactor < self.refactor_every):
             try:
                 bp = xp.take(b, self._perm_idx_without(slot), axis=0)
-                U = _cholesky.replace(xp, self._U, self._perm.index(slot), bp,
+                U = _linalg.replace_row(xp, self._U, self._perm.index(slot), bp,
                                       float(b[slot]) + self._shift(k), self._free_buffer())
                 if not self._drifted(U, perm, b, slot):
                     return U, perm, False

@@ -26,8 +26,8 @@ from ._compat import (
     is_torch_namespace,
 )
 
-__all__ = ["FactorizationError", "IllConditionedWarning", "cholesky", "solve_triangular",
-           "triangular_inverse"]
+__all__ = ["FactorizationError", "IllConditionedWarning", "cholesky", "replace_row",
+           "solve_triangular", "triangular_inverse"]
 
 
 class FactorizationError(np.linalg.LinAlgError):
@@ -53,8 +53,10 @@ class _Backend:
     cholesky: Callable[[Any], Any]
     # solve_triangular(T, B, lower, trans) -> T^{-1} B (or T^{-T} B), batched over leading axes.
     solve_triangular: Callable[[Any, Any, bool, bool], Any]
-    # inverse(T) -> T^{-1} for a stack of triangular T; None: solve against the identity.
+    # inverse(T) -> T^{-1} for a stack of lower triangular T; None: solve against the identity.
     inverse: Callable[[Any], Any] | None = None
+    # replace(U, p, b, c, out): _cholesky.replace's row edit; None: the generic one.
+    replace: Callable[..., Any] | None = None
 
 
 def _numpy_backend() -> _Backend:
@@ -95,34 +97,50 @@ def _torch_backend() -> _Backend:
 
 
 def _cupy_backend() -> _Backend:
-    # Two implementations, chosen at every call (MFAC_CUPY_LINALG or
-    # mfac_core._kernels.set_cupy_linalg; see mfac_core._kernels): this project's CUDA
-    # kernels (default), or CuPy's cuSOLVER/cuBLAS routines for comparison.
+    # Chosen at every call (MFAC_CUPY_LINALG or mfac_core._kernels.set_cupy_linalg; see
+    # mfac_core._kernels): this project's CUDA kernels, CuPy's cuSOLVER/cuBLAS routines,
+    # or ("auto", the default) each operation where it measured faster.
     import cupy
     import cupyx.scipy.linalg
 
     from . import _kernels
 
-    def cusolver_solve(t: Any, b: Any, lower: bool, trans: bool) -> Any:
+    def kernels_for(stacked: bool) -> bool:
+        mode = _kernels.get_cupy_linalg()
+        return mode == "kernels" or (mode == "auto" and stacked)
+
+    def chol(a: Any) -> Any:
+        if kernels_for(a.ndim > 2):
+            # Raises _NotPositiveDefinite from the kernels' LAPACK-style info.
+            return _kernels.cholesky(a)
+        # CuPy returns NaN instead of raising; cholesky() below catches that.
+        return cupy.linalg.cholesky(a)
+
+    def solve(t: Any, b: Any, lower: bool, trans: bool) -> Any:
+        if kernels_for(t.ndim > 2):
+            return _kernels.solve_triangular(t, b, lower=lower, trans=trans)
         if t.ndim == 2:
             return cupyx.scipy.linalg.solve_triangular(t, b, lower=lower, trans=1 if trans else 0)
         # cupyx's triangular solve is not batched; a batched LU solve is, and the
         # systems are small.
         return cupy.linalg.solve(cupy.swapaxes(t, -1, -2) if trans else t, b)
 
-    def chol(a: Any) -> Any:
-        if _kernels.get_cupy_linalg() == "cusolver":
-            # CuPy returns NaN instead of raising; cholesky() below catches that.
-            return cupy.linalg.cholesky(a)
-        # Raises _NotPositiveDefinite from the kernels' LAPACK-style info.
-        return _kernels.cholesky(a)
+    def inverse(t: Any) -> Any:
+        if kernels_for(t.ndim > 2):
+            return _kernels.triangular_inverse(t)
+        eye = cupy.broadcast_to(cupy.eye(t.shape[-1], dtype=t.dtype), t.shape)
+        return solve(t, eye, True, False)
 
-    def solve(t: Any, b: Any, lower: bool, trans: bool) -> Any:
-        if _kernels.get_cupy_linalg() == "cusolver":
-            return cusolver_solve(t, b, lower, trans)
-        return _kernels.solve_triangular(t, b, lower=lower, trans=trans)
+    def replace(U: Any, p: int, b: Any, c: float, out: Any) -> Any:
+        mode = _kernels.get_cupy_linalg()
+        if mode == "kernels" or (mode == "auto" and U.shape[0] <= 1024):
+            return _kernels.replace(cupy, U, p, b, c, out)
+        from ._cholesky import replace as generic
+        from ._compat import array_namespace
 
-    return _Backend(chol, solve)
+        return generic(array_namespace(U), U, p, b, c, out)
+
+    return _Backend(chol, solve, inverse, replace)
 
 
 def _jax_backend() -> _Backend:
@@ -181,7 +199,7 @@ def solve_triangular(xp: Any, t: Any, b: Any, /, *, lower: bool = True,
 def triangular_inverse(xp: Any, t: Any, /, *, lower: bool = True) -> Any:
     """The inverse of each triangular matrix in the stack ``t``."""
     inverse = _backend_for(xp).inverse
-    if inverse is not None:
+    if inverse is not None and lower:
         return inverse(t)
     n = t.shape[-1]
     eye = xp.eye(n, dtype=t.dtype, device=device(t))
@@ -189,3 +207,13 @@ def triangular_inverse(xp: Any, t: Any, /, *, lower: bool = True) -> Any:
         eye = xp.broadcast_to(eye, t.shape)
     return solve_triangular(xp, t, eye, lower=lower)
 
+
+
+def replace_row(xp: Any, U: Any, p: int, b: Any, c: float, out: Any, /) -> Any:
+    """Replace row/column ``p`` of the factored matrix (see ``_cholesky.replace``)."""
+    edit = _backend_for(xp).replace
+    if edit is None:
+        from ._cholesky import replace
+
+        return replace(xp, U, p, b, c, out)
+    return edit(U, p, b, c, out)

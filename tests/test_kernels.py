@@ -392,7 +392,7 @@ def test_plans() -> None:
 
 def test_switch(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MFAC_CUPY_LINALG", raising=False)
-    assert _kernels.get_cupy_linalg() == "kernels"
+    assert _kernels.get_cupy_linalg() == "auto"
     monkeypatch.setenv("MFAC_CUPY_LINALG", "cusolver")
     assert _kernels.get_cupy_linalg() == "cusolver"  # read at call time
     previous = _kernels.set_cupy_linalg("kernels")
@@ -402,7 +402,7 @@ def test_switch(monkeypatch: pytest.MonkeyPatch) -> None:
         _kernels.set_cupy_linalg(previous)
     assert _kernels.get_cupy_linalg() == "cusolver"
     monkeypatch.setenv("MFAC_CUPY_LINALG", "magma")
-    with pytest.raises(ValueError, match="MFAC_CUPY_LINALG must be one of kernels, cusolver"):
+    with pytest.raises(ValueError, match="MFAC_CUPY_LINALG must be one of auto, kernels, cusolver"):
         _kernels.get_cupy_linalg()
     with pytest.raises(ValueError, match="one of"):
         _kernels.set_cupy_linalg("cublas")
