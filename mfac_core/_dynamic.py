@@ -304,6 +304,10 @@ class DynamicIHVP(LinearOperator):
         Returns ``(U, perm, refactored)``; nothing of the operator changes (the
         free factor buffer is scratch).
         """
+        with _linalg.single_threaded(self._xp):
+            return self._new_factor_unlimited(slot, b)
+
+    def _new_factor_unlimited(self, slot: int, b: Any) -> tuple[Any, list[int], bool]:
         xp = self._xp
         replacing = slot in self._perm
         perm = [s for s in self._perm if s != slot] + [slot]
@@ -359,13 +363,22 @@ class DynamicIHVP(LinearOperator):
                           device=self.device)
 
     def _drifted(self, U: Any, perm: list[int], b: Any, slot: int) -> bool:
-        """Cheap check of an edited factor: diag(U^T U) against diag(C)."""
+        """Cheap check of an edited factor: diag(U^T U) against diag(C).
+
+        On up to 32 evenly spaced columns, the new one included: O(32 m), next
+        to the O(m^2) edit. Rounding drift spreads over all columns of the
+        rank-one updates, so a sample sees it.
+        """
         xp = self._xp
-        idx = xp.asarray(perm, dtype=xp.int64, device=self.device)
-        diag_gram = xp.take(xp.linalg.diagonal(self._gram), idx, axis=0)
-        diag_gram = xp.where(idx == slot, b[slot], diag_gram)
-        want = diag_gram + self._shift(len(perm))
-        got = xp.sum(U * U, axis=0)
+        k = len(perm)
+        cols = sorted({round(i * (k - 1) / 31) for i in range(32)} if k > 32 else range(k))
+        pos = xp.asarray(cols, dtype=xp.int64, device=self.device)
+        slots = xp.asarray([perm[c] for c in cols], dtype=xp.int64, device=self.device)
+        diag_gram = xp.take(xp.linalg.diagonal(self._gram), slots, axis=0)
+        diag_gram = xp.where(slots == slot, b[slot], diag_gram)
+        want = diag_gram + self._shift(k)
+        Uc = xp.take(U, pos, axis=1)
+        got = xp.sum(Uc * Uc, axis=0)
         return float(xp.max(xp.abs(got - want) / want)) > _DRIFT_TOL
 
     def _insert(self, g: Any) -> Any:
@@ -441,8 +454,9 @@ class DynamicIHVP(LinearOperator):
         """``C^{-1} P`` in slot order (zero for empty slots): the m x m part of a product."""
         xp = self._xp
         Pp = xp.take(P, self._perm_idx, axis=0)
-        Z = _linalg.solve_triangular(xp, self._U, Pp, lower=False, trans=True)
-        coef = _linalg.solve_triangular(xp, self._U, Z, lower=False)
+        with _linalg.single_threaded(xp):
+            Z = _linalg.solve_triangular(xp, self._U, Pp, lower=False, trans=True)
+            coef = _linalg.solve_triangular(xp, self._U, Z, lower=False)
         zero = xp.zeros((1, coef.shape[1]), dtype=coef.dtype, device=self.device)
         return xp.take(xp.concat([coef, zero], axis=0), self._inv_idx, axis=0)
 
