@@ -26,6 +26,12 @@ extensions = [
 # No network at build time: no inventories to fetch.
 intersphinx_mapping: dict = {}
 
+# The PyTorch adapter is documented even where PyTorch is not installed.
+try:
+    import torch  # noqa: F401
+except ImportError:
+    autodoc_mock_imports = ["torch"]
+
 autodoc_default_options = {"members": True, "inherited-members": False}
 autodoc_typehints = "none"
 autodoc_member_order = "groupwise"
