@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 from . import _linalg
+from ._compat import device
 
 __all__ = ["replace"]
 
@@ -37,11 +38,11 @@ def _rank_one_update(xp: Any, V: Any, q: Any, out: Any, at: int, block: int) -> 
     # K_ji = beta_j q_i for i > j, where s_j = 1 + sum_{i<j} q_i^2.
     diag = xp.sqrt(s[1:] / s[:-1])
     beta = q / xp.sqrt(s[1:] * s[:-1])
-    idx = xp.arange(min(block, n), device=_linalg.device(V))
+    idx = xp.arange(min(block, n), device=device(V))
     upper = idx[:, None] < idx[None, :]
     on_diag = idx[:, None] == idx[None, :]
     # tail = sum over the rows below the current panel of q_i V_i.
-    tail = xp.zeros((n,), dtype=V.dtype, device=_linalg.device(V))
+    tail = xp.zeros((n,), dtype=V.dtype, device=device(V))
     for j0 in reversed(range(0, n, block)):
         j1 = min(j0 + block, n)
         b = j1 - j0
@@ -76,7 +77,7 @@ def replace(xp: Any, U: Any, p: int, b: Any, c: float, out: Any, /, *,
     """
     k = U.shape[0]
     n = k - 1
-    dev = _linalg.device(U)
+    dev = device(U)
     # q = V^{-T} u for the trailing block V = U[p+1:, p+1:] and u = U[p, p+1:].
     # Solving with the whole (contiguous) U gives it without copying V:
     # U^T y = U_pp e_p has y[:p] = 0, y[p] = 1 and y[p+1:] = -q.

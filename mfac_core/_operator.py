@@ -105,25 +105,23 @@ class LinearOperator:
 
     # -- the SciPy interface ---------------------------------------------------------
 
+    def _vector(self, x: Any, n: int, apply: Any, several: str) -> Any:
+        """Apply ``apply`` to a vector given as ``(n,)`` or ``(n, 1)``, keeping the shape."""
+        self._check_input(x, "x", n, (1, 2))
+        if x.ndim == 1:
+            return apply(x)
+        if x.shape[1] != 1:
+            raise ValueError(f"x must have shape ({n},) or ({n}, 1), got {tuple(x.shape)}; "
+                             f"use {several} for several vectors")
+        return apply(x[:, 0])[:, None]
+
     def matvec(self, x: Any, /) -> Any:
         """``A @ x`` for ``x`` of shape ``(N,)`` or ``(N, 1)`` (same shape returned)."""
-        self._check_input(x, "x", self.shape[1], (1, 2))
-        if x.ndim == 2:
-            if x.shape[1] != 1:
-                raise ValueError(f"x must have shape ({self.shape[1]},) or ({self.shape[1]}, 1), "
-                                 f"got {tuple(x.shape)}; use matmat for several vectors")
-            return self._matvec(x[:, 0])[:, None]
-        return self._matvec(x)
+        return self._vector(x, self.shape[1], self._matvec, "matmat")
 
     def rmatvec(self, x: Any, /) -> Any:
         """``A^H @ x`` for ``x`` of shape ``(M,)`` or ``(M, 1)``."""
-        self._check_input(x, "x", self.shape[0], (1, 2))
-        if x.ndim == 2:
-            if x.shape[1] != 1:
-                raise ValueError(f"x must have shape ({self.shape[0]},) or ({self.shape[0]}, 1), "
-                                 f"got {tuple(x.shape)}; use rmatmat for several vectors")
-            return self._rmatvec(x[:, 0])[:, None]
-        return self._rmatvec(x)
+        return self._vector(x, self.shape[0], self._rmatvec, "rmatmat")
 
     def matmat(self, X: Any, /) -> Any:
         """``A @ X`` for ``X`` of shape ``(N, k)``."""
