@@ -17,7 +17,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["BlockGroup", "block_groups", "lowrank_apply", "pieces", "piece_stack"]
+__all__ = ["BlockGroup", "block_groups", "chunk_gram", "chunks", "lowrank_apply", "piece_stack",
+           "pieces"]
 
 
 @dataclass(frozen=True)
@@ -49,21 +50,29 @@ def block_groups(dim: int, block_size: int, num_grads: int) -> tuple[BlockGroup,
     return tuple(groups)
 
 
-def pieces(group: BlockGroup, max_cols: int) -> Iterator[tuple[int, int, int, int]]:
-    """Pieces ``(b0, b1, c0, c1)``: blocks ``b0:b1``, columns ``c0:c1`` within each.
+def chunks(group: BlockGroup, max_cols: int) -> Iterator[list[tuple[int, int, int, int]]]:
+    """The pieces ``(b0, b1, c0, c1)`` of a group, in lists that cover whole blocks.
 
-    A piece is either several whole blocks, or part of one block when a block
-    is wider than ``max_cols``.
+    A piece is either several whole blocks (then it is a chunk by itself), or
+    part of one block when a block is wider than ``max_cols`` (then the
+    chunk is that block's pieces). The set-up finishes a chunk, from its Gram
+    matrices to its part of W, before it reads the next, so the float64 work
+    arrays never exceed a chunk.
     """
     s = group.size
     if s >= max_cols:
         for b in range(group.count):
-            for c0 in range(0, s, max_cols):
-                yield b, b + 1, c0, min(c0 + max_cols, s)
+            yield [(b, b + 1, c0, min(c0 + max_cols, s)) for c0 in range(0, s, max_cols)]
     else:
         per = max(1, max_cols // s)
         for b0 in range(0, group.count, per):
-            yield b0, min(b0 + per, group.count), 0, s
+            yield [(b0, min(b0 + per, group.count), 0, s)]
+
+
+def pieces(group: BlockGroup, max_cols: int) -> Iterator[tuple[int, int, int, int]]:
+    """All pieces of a group, chunk after chunk (see :func:`chunks`)."""
+    for chunk in chunks(group, max_cols):
+        yield from chunk
 
 
 def piece_columns(group: BlockGroup, piece: tuple[int, int, int, int]) -> tuple[int, int]:
@@ -88,31 +97,28 @@ def group_stack(xp: Any, A: Any, group: BlockGroup) -> Any:
     return piece_stack(xp, A, group, (0, group.count, 0, group.size))
 
 
-def accumulate_blocks(
+def chunk_gram(
     xp: Any,
     G: Any,
     group: BlockGroup,
-    max_cols: int,
+    chunk: list[tuple[int, int, int, int]],
     product: Callable[[Any], Any],
     progress: Callable[[int], None] | None = None,
 ) -> Any:
-    """Sum ``product(piece)`` over the column pieces of each block; stack the blocks.
+    """``product`` summed over the pieces of one chunk, in float64.
 
     ``product`` maps a ``(blocks, m, width)`` float64 stack to a stack of small
-    matrices; the pieces of one block are added up, so a block wider than
-    ``max_cols`` never has a float64 copy in memory at once.
+    matrices; the pieces of one block are added up, so a block wider than a
+    piece never has a float64 copy in memory at once.
     """
-    out, acc = [], None
-    for piece in pieces(group, max_cols):
+    acc = None
+    for piece in chunk:
         b0, b1, c0, c1 = piece
-        X = xp.astype(piece_stack(xp, G, group, piece), xp.float64)
-        P = product(X)
-        acc = P if c0 == 0 else acc + P
-        if c1 == group.size:
-            out.append(acc)
+        P = product(xp.astype(piece_stack(xp, G, group, piece), xp.float64))
+        acc = P if acc is None else acc + P
         if progress is not None:
             progress((b1 - b0) * (c1 - c0))
-    return out[0] if len(out) == 1 else xp.concat(out, axis=0)
+    return acc
 
 
 def lowrank_apply(xp: Any, A: Any, X: Any, group: BlockGroup, alpha: float, beta: float) -> Any:

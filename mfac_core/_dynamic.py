@@ -7,7 +7,7 @@ from collections import deque
 from typing import Any
 
 from . import _linalg
-from ._blocks import BlockGroup, accumulate_blocks
+from ._blocks import BlockGroup, chunk_gram, pieces
 from ._compat import array_namespace, is_writeable_array
 from ._compat import device as device_of
 from ._linalg import FactorizationError
@@ -176,8 +176,9 @@ class DynamicIHVP(LinearOperator):
         # Both conventions put the k gradients into slots 0..k-1, oldest first.
         op._G[:k, ...] = G
         whole = BlockGroup(0, 1, d, False)
-        op._gram[:k, :k] = accumulate_blocks(xp, G, whole, max(1, 2**22 // k),
-                                             lambda X: X @ xp.matrix_transpose(X))[0, ...]
+        chunk = list(pieces(whole, max(1, 2**22 // k)))  # one block: a single chunk
+        op._gram[:k, :k] = chunk_gram(xp, G, whole, chunk,
+                                      lambda X: X @ xp.matrix_transpose(X))[0, ...]
         if op.zero_init:
             op._age = deque(list(range(k, num_grads)) + list(range(k)))
         else:

@@ -75,8 +75,9 @@ def _lambda_max_bounds(xp: Any, gram: Any, iterations: int = 4) -> tuple[float, 
 class _BlockOperatorBase(LinearOperator):
     """What the forward and inverse operators share: G, damp, the block layout."""
 
-    def _init_layout(self, G: Any, damp: Any, block_size: Any, check: bool) -> Any:
-        xp = _check_grads(G, check)
+    def _init_layout(self, G: Any, damp: Any, block_size: Any, check: bool,
+                     check_G: bool = True) -> Any:
+        xp = _check_grads(G, check and check_G)
         self.damp = check_damp(damp)
         m, d = G.shape
         self.num_grads, self.dim = int(m), int(d)
@@ -114,7 +115,8 @@ class StaticIHVP(_BlockOperatorBase):
         the full F.
     overwrite_G : bool, optional
         Reuse G's memory for the m x d working array ``W = L^{-1} G``, so the
-        operator needs no second m x d array. G's contents are destroyed.
+        operator needs no second m x d array. G's contents are destroyed
+        (also when the set-up fails, for instance on a NaN found late in G).
         Needs a writeable array (not JAX).
     check_finite : bool, optional
         Check G, and later each input vector, for NaN and infinity
@@ -196,7 +198,8 @@ class StaticIHVP(_BlockOperatorBase):
         check_finite: bool = True,
         progress: Callable[[int, int], None] | None = None,
     ) -> None:
-        xp = self._init_layout(G, damp, block_size, check_finite)
+        # G's finiteness is checked on the Gram diagonals, without a pass of its own.
+        xp = self._init_layout(G, damp, block_size, check_finite, check_G=False)
         m, d = self.num_grads, self.dim
         if overwrite_G and not is_writeable_array(G):
             raise ValueError("overwrite_G=True needs a writeable array; this G is read-only "
@@ -220,38 +223,62 @@ class StaticIHVP(_BlockOperatorBase):
             elif is_writeable_array(xp.empty((0,), dtype=G.dtype, device=self.device)):
                 # The library's arrays are mutable (G itself may be read-only).
                 self._W = xp.empty((m, wood_end), dtype=G.dtype, device=self.device)
-        self._factors: list[Any] = []
         kappa_lo = kappa_hi = 1.0
-        W_parts = []
-        for group in self._groups:
-            if group.dense:
-                # F_b = damp I + G_b^T G_b / m is only size x size: invert it densely.
-                # G_b^T G_b needs whole blocks (size <= m columns: an O(m^2) piece).
-                gram = _blocks.accumulate_blocks(
-                    xp, G, group, max(max_cols, group.size),
-                    lambda X: xp.matrix_transpose(X) @ X, advance)
-                lo, hi = _lambda_max_bounds(xp, gram)
-                eye = xp.eye(group.size, dtype=xp.float64, device=self.device)
-                L = self._factorize(gram / m + self.damp * eye, hi)
-                Linv = _linalg.triangular_inverse(xp, L)
-                self._factors.append(xp.astype(xp.matrix_transpose(Linv) @ Linv, G.dtype))
-                advance(group.count * group.size)
-            else:
-                gram = _blocks.accumulate_blocks(
-                    xp, G, group, max_cols, lambda X: X @ xp.matrix_transpose(X), advance)
-                lo, hi = _lambda_max_bounds(xp, gram)
-                eye = xp.eye(m, dtype=xp.float64, device=self.device)
-                L = self._factorize(gram + (m * self.damp) * eye, hi)
-                Linv = xp.astype(_linalg.triangular_inverse(xp, L), G.dtype)
-                self._factors.append(None)
-                W_parts.extend(self._apply_inverse_factor(xp, Linv, G, group, max_cols, advance))
-            kappa_lo = max(kappa_lo, 1.0 + lo / (m * self.damp))
-            kappa_hi = max(kappa_hi, 1.0 + hi / (m * self.damp))
+        factors: list[list[Any]] = [[] for _ in self._groups]
+        W_parts: list[Any] = []
+        for group, parts in zip(self._groups, factors, strict=True):
+            # A dense block's G_b^T G_b needs whole blocks (size <= m columns: O(m^2)).
+            cols = max(max_cols, group.size) if group.dense else max_cols
+            for chunk in _blocks.chunks(group, cols):
+                lo, hi = self._setup_chunk(xp, G, group, chunk, parts, W_parts, advance)
+                kappa_lo = max(kappa_lo, 1.0 + lo / (m * self.damp))
+                kappa_hi = max(kappa_hi, 1.0 + hi / (m * self.damp))
+        self._factors = [None if not parts else parts[0] if len(parts) == 1
+                         else xp.concat(parts, axis=0) for parts in factors]
         if W_parts:
             # Only for libraries with immutable arrays: assemble W from its pieces.
             self._W = xp.concat(W_parts, axis=1)
         self.kappa_bound = kappa_hi
         self._warn_if_hopeless(kappa_lo)
+
+    def _setup_chunk(self, xp: Any, G: Any, group: BlockGroup, chunk: list[Any],
+                     factors: list[Any], W_parts: list[Any],
+                     advance: Callable[[int], None]) -> tuple[float, float]:
+        """Factorise the blocks of one chunk; returns bounds on their largest eigenvalue.
+
+        Dense blocks append their ``size x size`` inverses to ``factors``;
+        Woodbury blocks write their part of ``W = L^{-1} G`` (or append it to
+        ``W_parts``).
+        """
+        m = self.num_grads
+        if group.dense:
+            # F_b = damp I + G_b^T G_b / m is only size x size: invert it densely.
+            gram = _blocks.chunk_gram(xp, G, group, chunk,
+                                      lambda X: xp.matrix_transpose(X) @ X, advance)
+            shift, scale = self.damp, 1.0 / m
+        else:
+            gram = _blocks.chunk_gram(xp, G, group, chunk,
+                                      lambda X: X @ xp.matrix_transpose(X), advance)
+            shift, scale = m * self.damp, 1.0
+        if self.check_finite:
+            # A NaN or infinity anywhere in G makes its row's (or column's) sum of
+            # squares non-finite: the Gram diagonal checks G at no extra pass.
+            check_finite(xp, xp.linalg.diagonal(gram), "G")
+        # Small matrices: one BLAS thread (see _linalg.single_threaded).
+        with _linalg.single_threaded(xp):
+            lo, hi = _lambda_max_bounds(xp, gram)
+            eye = xp.eye(gram.shape[-1], dtype=xp.float64, device=self.device)
+            L = self._factorize(scale * gram + shift * eye, hi)
+            Linv = _linalg.triangular_inverse(xp, L)
+            if group.dense:
+                inverse = xp.astype(xp.matrix_transpose(Linv) @ Linv, self.dtype)
+        if group.dense:
+            factors.append(inverse)
+            advance(sum((b1 - b0) * (c1 - c0) for b0, b1, c0, c1 in chunk))
+        else:
+            W_parts.extend(self._apply_inverse_factor(xp, xp.astype(Linv, self.dtype), G,
+                                                      group, chunk, advance))
+        return lo, hi
 
     def _factorize(self, S: Any, lambda_max_bound: float) -> Any:
         try:
@@ -264,17 +291,21 @@ class StaticIHVP(_BlockOperatorBase):
                 "damp, or remove duplicated or non-finite gradients") from None
 
     def _apply_inverse_factor(self, xp: Any, Linv: Any, G: Any, group: BlockGroup,
-                              max_cols: int, advance: Callable[[int], None]) -> list[Any]:
-        """W = L^{-1} G for a group, written piece by piece into ``self._W``."""
+                              chunk: list[Any], advance: Callable[[int], None]) -> list[Any]:
+        """W = L^{-1} G for the blocks of a chunk, written piece by piece into ``self._W``.
+
+        ``Linv`` holds the chunk's blocks only (its first is the chunk's first).
+        """
         out = []
         m = self.num_grads
-        for piece in _blocks.pieces(group, max_cols):
+        first = chunk[0][0]
+        for piece in chunk:
             b0, b1, c0, c1 = piece
             X = _blocks.piece_stack(xp, G, group, piece)
             if b1 - b0 == 1:
-                Y = Linv[b0, ...] @ X[0, ...] if Linv.ndim == 3 else Linv @ X[0, ...]
+                Y = Linv[b0 - first, ...] @ X[0, ...]
             else:
-                Y = xp.reshape(xp.permute_dims(Linv[b0:b1, ...] @ X, (1, 0, 2)),
+                Y = xp.reshape(xp.permute_dims(Linv[b0 - first:b1 - first, ...] @ X, (1, 0, 2)),
                                (m, (b1 - b0) * (c1 - c0)))
             if self._W is None:
                 out.append(Y)
