@@ -27,7 +27,7 @@ from ._compat import (
     is_torch_namespace,
 )
 
-__all__ = ["FactorizationError", "IllConditionedWarning", "cholesky", "replace_row",
+__all__ = ["FactorizationError", "IllConditionedWarning", "cholesky", "matmul_into", "replace_row",
            "single_threaded", "solve_triangular", "triangular_inverse"]
 
 
@@ -58,6 +58,8 @@ class _Backend:
     inverse: Callable[[Any], Any] | None = None
     # replace(U, p, b, c, out): _cholesky.replace's row edit; None: the generic one.
     replace: Callable[..., Any] | None = None
+    # matmul_into(A, B, out): out[...] = A @ B without a temporary; None: with one.
+    matmul_into: Callable[[Any, Any, Any], None] | None = None
 
 
 def _numpy_backend() -> _Backend:
@@ -84,7 +86,10 @@ def _numpy_backend() -> _Backend:
             out[i] = scipy.linalg.lapack.dtrtri(flat[i], lower=1)[0]
         return np.reshape(out, t.shape)
 
-    return _Backend(chol, solve, inverse)
+    def matmul_into(a: Any, b: Any, out: Any) -> None:
+        np.matmul(a, b, out=out)  # NumPy buffers the product itself if out overlaps b
+
+    return _Backend(chol, solve, inverse, matmul_into=matmul_into)
 
 
 def _torch_backend() -> _Backend:
@@ -215,6 +220,15 @@ def triangular_inverse(xp: Any, t: Any, /, *, lower: bool = True) -> Any:
         eye = xp.broadcast_to(eye, t.shape)
     return solve_triangular(xp, t, eye, lower=lower)
 
+
+
+def matmul_into(xp: Any, a: Any, b: Any, out: Any, /) -> None:
+    """``out[...] = a @ b``, without a temporary where the library allows it."""
+    into = _backend_for(xp).matmul_into
+    if into is None:
+        out[...] = a @ b
+    else:
+        into(a, b, out)
 
 
 def replace_row(xp: Any, U: Any, p: int, b: Any, c: float, out: Any, /) -> Any:

@@ -205,7 +205,9 @@ class StaticIHVP(_BlockOperatorBase):
             raise ValueError("overwrite_G=True needs a writeable array; this G is read-only "
                              "(or from a library with immutable arrays such as JAX)")
         self._groups = _blocks.block_groups(d, self.block_size, m)
-        max_cols = max(1, _PIECE_ENTRIES // m)
+        # float64 pieces of at most 32 MiB and at most 1/16 of G's entries (1/8 of a
+        # float32 G's bytes), so that small problems stay small too.
+        max_cols = max(1, min(_PIECE_ENTRIES, m * d // 16) // m)
 
         done = 0
 
@@ -302,6 +304,11 @@ class StaticIHVP(_BlockOperatorBase):
         for piece in chunk:
             b0, b1, c0, c1 = piece
             X = _blocks.piece_stack(xp, G, group, piece)
+            if b1 - b0 == 1 and self._W is not None:
+                lo, hi = _blocks.piece_columns(group, piece)
+                _linalg.matmul_into(xp, Linv[b0 - first, ...], X[0, ...], self._W[:, lo:hi])
+                advance(c1 - c0)
+                continue
             if b1 - b0 == 1:
                 Y = Linv[b0 - first, ...] @ X[0, ...]
             else:

@@ -1,0 +1,361 @@
+"""Benchmark of ``mfac_core.StaticIHVP`` on NumPy against measured machine floors.
+
+Usage::
+
+    python benchmarks/static.py                    # d = 1e6, m = 64 and 256, float32
+    python benchmarks/static.py --m 64 --m 128 --d 2e6 --repeat 5
+    python benchmarks/static.py --dtype float64 --block-size 4096
+    python benchmarks/static.py --quick            # CI smoke run, d = 2e5, m = 32, < 30 s
+    python benchmarks/static.py --no-memory        # skip the child processes
+
+It prints a header with the machine facts (CPU, cache, BLAS library, core type and
+thread count, ``OPENBLAS_CORETYPE``, load) and three markdown tables. The gradients are
+Gaussian, scaled so that ``kappa = 1 + ||G||_F^2 / (m damp)`` is about 1e4 (timings do not
+depend on it; it keeps float32 meaningful and silences ``IllConditionedWarning``).
+
+**Set-up** (DESIGN.md section 5): the time of ``StaticIHVP(G, damp=1e-5)`` (and of the
+``overwrite_G=True``, ``check_finite=False`` and block-wise variants) over the BLAS
+floor, measured in the same process and interleaved with it: the fastest Gram product
+``G G^T`` in G's dtype (NumPy's ``G @ G.T``, which calls ``syrk``, or SciPy's ``syrk``)
+plus the fastest triangular solve on G (SciPy's ``solve_triangular(L, G)``, an in-place
+``trsm`` on ``G^T``, an in-place ``trmm`` with ``L^{-1}`` on ``G^T`` or the GEMM
+``L^{-1} @ G``); the m x m Cholesky factor and its inverse are not counted (O(m^3)). The
+block-wise row is held to the same floor, since DESIGN.md says the total cost does not
+depend on the block size. Target: 1.5x.
+
+**IHVP**: ``op.matvec(x)`` and ``op.matmat(X)`` (k columns) over the streaming floor
+``bytes / bandwidth``, where bytes = ``2 m d itemsize`` for ``matvec`` (W read twice;
+the O(d) vector traffic is not counted) and ``(2 m + 2 k) d itemsize`` for ``matmat``
+(W twice, X once, the result once). Two bandwidths, measured in the same run and
+interleaved with the products: *copy* (``2 * nbytes / t`` of ``np.copyto``, the
+convention of the target, 1.3x) and *read* (the fastest read-only BLAS pass, which is
+what a product can at best reach; on machines where reading alone is slower than
+copying, only this floor is reachable).
+
+**Memory**: in a fresh child process per row, the ``tracemalloc`` peak of the
+constructor on top of G (NumPy reports its buffers to tracemalloc), shown as
+``(size(G) + peak) / size(G)``, and the growth of the peak resident set (VmHWM, reset
+before the call; ``ru_maxrss`` where there is no /proc) as a cross-check that also sees
+BLAS workspaces. Target for ``overwrite_G=True``: ``1.1 size(G) + O(m^2)``
+(here ``+ 16 m^2`` float64 entries).
+
+The last lines say how many cores other processes used during the run: timings taken
+while that number is well above zero are not trustworthy on a small machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from typing import Any
+
+import numpy as np
+import scipy.linalg
+from scipy.linalg import blas as sblas
+
+if __package__ in (None, ""):               # run as a script: python benchmarks/static.py
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import _common as common
+else:                                        # python -m benchmarks.static
+    from . import _common as common
+
+SETUP_TARGET = 1.5
+IHVP_TARGET = 1.3
+MEMORY_TARGET = 1.1
+KAPPA = 1e4
+
+
+def make_grads(m: int, d: int, dtype: Any, damp: float, seed: int) -> np.ndarray:
+    """Gaussian gradients scaled so that ``||G||_F^2 / (m damp)`` is about ``KAPPA``."""
+    rng = np.random.default_rng(seed)
+    G = rng.standard_normal((m, d), dtype=dtype)
+    G *= dtype(np.sqrt(KAPPA * damp / d))
+    return G
+
+
+def _load_mfac() -> Any:
+    import mfac_core
+    return mfac_core
+
+
+# -- set-up ------------------------------------------------------------------------------
+
+def setup_candidates(G: np.ndarray, damp: float, block_size: int) -> tuple[dict, dict]:
+    """Timing candidates for the set-up floor and for the operator's set-up."""
+    mfac = _load_mfac()
+    m = G.shape[0]
+    dt = G.dtype
+    syrk, trsm, trmm = sblas.get_blas_funcs(("syrk", "trsm", "trmm"), dtype=dt)
+    C = G.astype(np.float64) @ G.T.astype(np.float64) + m * damp * np.eye(m)
+    L64 = np.linalg.cholesky(C)
+    L = L64.astype(dt)
+    Linv = scipy.linalg.solve_triangular(L64, np.eye(m), lower=True).astype(dt)
+    Lf, Linvf = np.asfortranarray(L), np.asfortranarray(Linv)
+
+    def fresh_copy() -> np.ndarray:
+        return G.copy()
+
+    floor = {
+        # G^T is Fortran-ordered d x m, so SciPy's syrk(trans=1) reads G without a copy.
+        "gram:numpy G@G.T": (lambda _: G @ G.T, None),
+        "gram:scipy syrk": (lambda _: syrk(1.0, G.T, trans=1, lower=1), None),
+        "solve:solve_triangular": (lambda _: scipy.linalg.solve_triangular(
+            L, G, lower=True, check_finite=False), None),
+        # X L^T = G^T in place on a copy of G (G^T is a Fortran d x m view).
+        "solve:trsm in place": (lambda B: trsm(1.0, Lf, B.T, side=1, lower=1, trans_a=1,
+                                               overwrite_b=1), fresh_copy),
+        "solve:trmm(L^-1) in place": (lambda B: trmm(1.0, Linvf, B.T, side=1, lower=1,
+                                                     trans_a=1, overwrite_b=1), fresh_copy),
+        "solve:gemm L^-1 @ G": (lambda _: Linv @ G, None),
+    }
+    ops = {
+        "full": (lambda _: mfac.StaticIHVP(G, damp=damp), None),
+        "full, overwrite_G": (lambda B: mfac.StaticIHVP(B, damp=damp, overwrite_G=True),
+                              fresh_copy),
+        "full, check_finite=False": (
+            lambda _: mfac.StaticIHVP(G, damp=damp, check_finite=False), None),
+        f"block {block_size}": (lambda _: mfac.StaticIHVP(G, damp=damp, block_size=block_size),
+                                None),
+    }
+    return floor, ops
+
+
+def check_floor_kernels(G: np.ndarray, damp: float) -> None:
+    """The floor kernels must compute what they claim (checked on a slice of G)."""
+    floor, _ = setup_candidates(np.ascontiguousarray(G[:, :4096]), damp, 1024)
+    outs = {}
+    for name, (fn, setup) in floor.items():
+        arg = setup() if setup is not None else None
+        res = fn(arg)
+        outs[name] = arg if name.endswith("in place") else res
+    ref = outs["solve:gemm L^-1 @ G"]
+    scale = float(np.abs(ref).max())
+    for name in ("solve:solve_triangular", "solve:trsm in place", "solve:trmm(L^-1) in place"):
+        err = float(np.abs(outs[name] - ref).max()) / scale
+        if err > 1e-3:
+            raise AssertionError(f"floor kernel {name} is wrong: relative error {err:.2e}")
+    gram = np.tril(outs["gram:numpy G@G.T"])
+    err = float(np.abs(np.tril(outs["gram:scipy syrk"]) - gram).max()) / float(gram.max())
+    if err > 1e-3:
+        raise AssertionError(f"floor kernel syrk is wrong: relative error {err:.2e}")
+
+
+# -- products ----------------------------------------------------------------------------
+
+def product_candidates(ops: dict[str, Any], d: int, k: int, dtype: Any, seed: int) -> dict:
+    rng = np.random.default_rng(seed + 1)
+    x = rng.standard_normal(d, dtype=dtype)
+    X = rng.standard_normal((d, k), dtype=dtype)
+    cands = {}
+    for name, op in ops.items():
+        cands[f"{name}|matvec"] = (lambda _, op=op: op.matvec(x), None)
+        cands[f"{name}|matmat"] = (lambda _, op=op: op.matmat(X), None)
+    return cands
+
+
+# -- memory (child processes) ------------------------------------------------------------
+
+MEMORY_VARIANTS = {
+    "full, overwrite_G": {"overwrite_G": True},
+    "full, overwrite_G, check_finite=False": {"overwrite_G": True, "check_finite": False},
+    "full (copy: W is new)": {},
+    "block {bs}, overwrite_G": {"overwrite_G": True, "block_size": None},
+}
+
+
+def memory_child(spec: dict[str, Any]) -> dict[str, Any]:
+    """Runs in a fresh process: build G, measure the constructor's peak memory."""
+    mfac = _load_mfac()
+    dtype = np.dtype(spec["dtype"]).type
+    G = make_grads(spec["m"], spec["d"], dtype, spec["damp"], spec["seed"])
+    kwargs = dict(spec["kwargs"])
+    out = common.memory_probe(lambda: mfac.StaticIHVP(G, damp=spec["damp"], **kwargs))
+    out["size_G"] = G.nbytes
+    return out
+
+
+def measure_memory(m: int, d: int, dtype: str, damp: float, seed: int,
+                   block_size: int) -> list[list[str]]:
+    rows = []
+    for label, kwargs in MEMORY_VARIANTS.items():
+        kwargs = dict(kwargs)
+        if "block_size" in kwargs:
+            kwargs["block_size"] = block_size
+            label = label.format(bs=block_size)
+        spec = {"m": m, "d": d, "dtype": dtype, "damp": damp, "seed": seed, "kwargs": kwargs}
+        res = common.run_child([os.path.abspath(__file__), "--_memory-child", json.dumps(spec)])
+        size = res["size_G"]
+        total = size + res["tracemalloc_peak"]
+        target = None
+        if kwargs.get("overwrite_G"):
+            target = MEMORY_TARGET * size + 16 * m * m * 8
+        rows.append([
+            m, label, common.fmt_bytes(size), common.fmt_bytes(res["tracemalloc_peak"]),
+            f"{total / size:.3f}" + ("" if target is None else
+                                     (" ok" if total <= target else " MISS")),
+            common.fmt_bytes(res["tracemalloc_kept"]), common.fmt_bytes(res["rss_growth"]),
+            f"{(size + res['rss_growth']) / size:.3f}",
+        ])
+    return rows
+
+
+# -- main --------------------------------------------------------------------------------
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--d", type=float, default=None, help="coordinates (default 1e6)")
+    p.add_argument("--m", type=int, action="append", default=None,
+                   help="number of gradients; repeat for several (default 64 and 256)")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--repeat", type=int, default=None, help="runs per timing (best of)")
+    p.add_argument("--damp", type=float, default=1e-5)
+    p.add_argument("--block-size", type=int, default=1024)
+    p.add_argument("--k", type=int, default=8, help="columns for matmat")
+    p.add_argument("--bw-mib", type=int, default=None,
+                   help="array size for the bandwidth runs (default max(1024, 4 x LLC))")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-memory", action="store_true", help="skip the memory table")
+    p.add_argument("--quick", action="store_true",
+                   help="CI smoke run: d=2e5, m=32, 2 repeats, small bandwidth arrays")
+    p.add_argument("--_memory-child", dest="memory_child", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.d = args.d or 2e5
+        args.m = args.m or [32]
+        args.repeat = args.repeat or 2
+        args.bw_mib = args.bw_mib or 128
+    args.d = int(args.d or 1e6)
+    args.m = args.m or [64, 256]
+    args.repeat = args.repeat or 3
+    if args.bw_mib is None:
+        llc = common.last_level_cache_bytes() or 0
+        args.bw_mib = max(1024, 4 * llc // common.MiB)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.memory_child is not None:
+        print(json.dumps(memory_child(json.loads(args.memory_child))))
+        return 0
+    warnings.simplefilter("ignore", category=UserWarning)   # IllConditionedWarning etc.
+    monitor = common.CpuMonitor()
+    dtype = np.dtype(args.dtype).type
+    itemsize = np.dtype(dtype).itemsize
+    d, k, bs = args.d, args.k, args.block_size
+
+    print("# StaticIHVP benchmark (benchmarks/static.py)\n")
+    for name, value in common.machine_facts():
+        print(f"{name + ':' if name else '':28s} {value}")
+    print(f"{'parameters:':28s} d={d}, m={args.m}, dtype={args.dtype}, damp={args.damp:g}, "
+          f"block_size={bs}, k={k}, best of {args.repeat} (interleaved), kappa~{KAPPA:g}")
+
+    setup_rows, ihvp_rows, mem_rows, floor_notes, bw_notes = [], [], [], [], []
+    for m in args.m:
+        print(f"... m={m}: building G ({common.fmt_bytes(m * d * itemsize)})",
+              file=sys.stderr, flush=True)
+        G = make_grads(m, d, dtype, args.damp, args.seed)
+        check_floor_kernels(G, args.damp)
+
+        # Set-up: floor kernels and operators, interleaved.
+        print(f"... m={m}: set-up timings", file=sys.stderr, flush=True)
+        floor, ops = setup_candidates(G, args.damp, bs)
+        t = common.interleaved({**floor, **ops}, args.repeat)
+        gram = min((n for n in floor if n.startswith("gram:")), key=lambda n: t[n].best)
+        solve = min((n for n in floor if n.startswith("solve:")), key=lambda n: t[n].best)
+        floor_s = t[gram].best + t[solve].best
+        floor_notes.append(
+            f"m={m}: floor = {gram[5:]} {common.fmt_time(t[gram].best)} + {solve[6:]} "
+            f"{common.fmt_time(t[solve].best)}; all candidates: " + ", ".join(
+                f"{n.split(':', 1)[1]} {common.fmt_time(t[n].best)}" for n in floor))
+        for name in ops:
+            ratio = t[name].best / floor_s
+            setup_rows.append([m, name, common.fmt_time(t[name].best),
+                               common.fmt_time(t[name].median), common.fmt_time(floor_s),
+                               common.fmt_ratio(ratio, SETUP_TARGET)])
+        del floor, ops
+
+        # Products, interleaved with the bandwidth runs.
+        print(f"... m={m}: product timings", file=sys.stderr, flush=True)
+        mfac = _load_mfac()
+        prod_ops = {"full": mfac.StaticIHVP(G, damp=args.damp, overwrite_G=True)}
+        G = make_grads(m, d, dtype, args.damp, args.seed)
+        prod_ops[f"block {bs}"] = mfac.StaticIHVP(G, damp=args.damp, block_size=bs,
+                                                  overwrite_G=True)
+        del G
+        bw_cands, bw_result = common.bandwidth_candidates(args.bw_mib * common.MiB, dtype)
+        cands = {**bw_cands, **product_candidates(prod_ops, d, k, dtype, args.seed)}
+        t = common.interleaved(cands, max(args.repeat, 5))
+        bw = bw_result(t)
+        del bw_cands, cands
+        bw_notes.append(f"m={m}: copy {bw.copy / 1e9:.1f} GB/s (2 x {common.fmt_bytes(bw.nbytes)}"
+                        f" per copy), read {bw.read / 1e9:.1f} GB/s ({bw.read_kernel})")
+        for name in prod_ops:
+            for prod, cols in (("matvec", 1), ("matmat", k)):
+                nbytes = 2 * m * d * itemsize + (2 * k * d * itemsize if prod == "matmat" else 0)
+                best = t[f"{name}|{prod}"].best
+                f_copy, f_read = nbytes / bw.copy, nbytes / bw.read
+                ihvp_rows.append([
+                    m, name, prod if cols == 1 else f"matmat k={k}", common.fmt_time(best),
+                    common.fmt_time(best / cols), common.fmt_time(f_copy),
+                    common.fmt_ratio(best / f_copy, IHVP_TARGET), common.fmt_time(f_read),
+                    common.fmt_ratio(best / f_read)])
+        del prod_ops
+
+        if not args.no_memory:
+            print(f"... m={m}: memory (child processes)", file=sys.stderr, flush=True)
+            mem_rows.extend(measure_memory(m, d, args.dtype, args.damp, args.seed, bs))
+
+    print("\n## Set-up: time of the constructor vs BLAS floor (Gram + one triangular solve "
+          f"on G), target <= {SETUP_TARGET}x\n")
+    print(common.markdown_table(
+        ["m", "operator", "set-up (best)", "(median)", "floor", "ratio"], setup_rows))
+    print()
+    for note in floor_notes:
+        print("- " + note)
+    print("- the floor excludes the m x m Cholesky factor and its inverse (O(m^3)); the "
+          "block row is held to the same floor, although each of its d/B blocks adds its own "
+          "m x m factorisation and inverse ((d/B) (2/3) m^3 flops of small-matrix LAPACK). "
+          "Rows without overwrite_G also allocate a new m x d array that the in-place "
+          "floor kernels do not.")
+
+    print(f"\n## IHVP: product time vs streaming floor, target <= {IHVP_TARGET}x (copy bw)\n")
+    print(common.markdown_table(
+        ["m", "operator", "product", "time (best)", "per vector", "floor (copy bw)", "ratio",
+         "floor (read bw)", "ratio (read)"], ihvp_rows))
+    print(f"\n- floor bytes: matvec 2*m*d*{itemsize}; matmat (2*m + 2*k)*d*{itemsize}. "
+          "copy bw counts read+write (2 x nbytes per np.copyto); read bw = fastest read-only "
+          "BLAS pass.")
+    for note in bw_notes:
+        print("- " + note)
+    llc = common.last_level_cache_bytes()
+    if llc:
+        small = [m for m in args.m if m * d * itemsize < 2 * llc]
+        if small:
+            print(f"- note: W for m={small} is smaller than 2 x LLC ({common.fmt_bytes(llc)}); "
+                  "part of it may stay in cache between products, so ratios < 1 are possible.")
+
+    if mem_rows:
+        print("\n## Memory of the set-up (fresh child process per row); target for "
+              f"overwrite_G: <= {MEMORY_TARGET} size(G) + 16 m^2 float64\n")
+        print(common.markdown_table(
+            ["m", "operator", "size(G)", "tracemalloc peak", "(G+peak)/G", "kept after",
+             "peak RSS growth", "(G+RSS growth)/G"], mem_rows))
+
+    foreign = monitor.foreign_cores()
+    if foreign is not None:
+        print(f"\nOther processes used {foreign:.2f} CPU cores on average during this run"
+              + (" -- timings are disturbed; rerun on a quiet machine." if foreign > 0.25
+                 else "."))
+    if hasattr(os, "getloadavg"):
+        print("load average at the end: " + " / ".join(f"{x:.2f}" for x in os.getloadavg()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
