@@ -205,9 +205,9 @@ class StaticIHVP(_BlockOperatorBase):
             raise ValueError("overwrite_G=True needs a writeable array; this G is read-only "
                              "(or from a library with immutable arrays such as JAX)")
         self._groups = _blocks.block_groups(d, self.block_size, m)
-        # float64 pieces of at most 32 MiB and at most 1/16 of G's entries (1/8 of a
-        # float32 G's bytes), so that small problems stay small too.
-        max_cols = max(1, min(_PIECE_ENTRIES, m * d // 16) // m)
+        # float64 pieces of at most 32 MiB and at most 1/64 of G's entries (1/32 of a
+        # float32 G's bytes), so that the set-up's peak memory stays near size(G).
+        max_cols = max(1, min(_PIECE_ENTRIES, m * d // 64) // m)
 
         done = 0
 
