@@ -86,6 +86,12 @@ class DynamicIHVP(LinearOperator):
     changes every diagonal entry of ``C`` and the factor is recomputed
     (O(k^3)); with ``zero_init=True`` it never changes.
 
+    Precision: each new Gram row is the one product ``G g'`` in the storage
+    dtype (a float64 copy of the window would double the step's traffic), so
+    its rounding is that of the O(dm) passes, about ``eps(dtype)`` relative;
+    the factor and all m x m work are float64. :meth:`from_window`
+    accumulates its initial Gram matrix in float64.
+
     Examples
     --------
     >>> import numpy as np
