@@ -176,7 +176,6 @@ class DynamicIHVP(LinearOperator):
         op = cls(num_grads, d, damp=damp, dtype=G.dtype, xp=xp, device=device_of(G), **options)
         if k == 0:
             return op
-        check_same_space(op._xp, op.device, op.dtype, G, "G")
         if op.check_finite:
             check_finite(xp, G, "G")
         # Both conventions put the k gradients into slots 0..k-1, oldest first.
@@ -268,8 +267,9 @@ class DynamicIHVP(LinearOperator):
             f"(damp={self.damp:g}, condition number kappa ~ {kappa:.3g}); increase damp, or do "
             "not insert duplicated gradients")
 
-    def _refactor(self) -> None:
-        perm = list(self._age)
+    def _refactor(self, perm: list[int] | None = None) -> None:
+        """Factorise the capacitance matrix of ``perm`` (default: the window) in full."""
+        perm = list(self._age) if perm is None else perm
         self._set_factor(self._upper_from_lower(self._factorize(self._gram, perm)), perm)
         self._since_refactor = 0
         self.refactor_count += 1
@@ -435,25 +435,20 @@ class DynamicIHVP(LinearOperator):
             raise ValueError(f"slot {slot!r} holds no gradient; the window's slots are "
                              f"{list(self._age)}")
         xp = self._xp
-        zero_row = xp.zeros((self.num_grads,), dtype=xp.float64, device=self.device)
         if self.zero_init:
             self._place(slot, xp.zeros((self.dim,), dtype=self.dtype, device=self.device),
-                        zero_row)
+                        xp.zeros((self.num_grads,), dtype=xp.float64, device=self.device))
             self._age.remove(slot)
             self._age.appendleft(slot)
             return
-        perm = [s for s in self._perm if s != slot]
-        gram = xp.asarray(self._gram, copy=True)
-        gram[slot, :] = zero_row
-        gram[:, slot] = zero_row
-        U = self._upper_from_lower(self._factorize(gram, perm))
-        self._gram[...] = gram
-        self._G[slot, ...] = 0
-        self._set_factor(U, perm)
-        self._since_refactor = 0
-        self.refactor_count += 1
+        # The normalisation 1/k changes: refactorise without the slot (its Gram row
+        # is not read), then clear it; a failure leaves the window as it was.
+        self._refactor([s for s in self._age if s != slot])
         self._age.remove(slot)
         self._free.append(slot)
+        self._G[slot, ...] = 0
+        self._gram[slot, :] = 0
+        self._gram[:, slot] = 0
 
     # -- products ----------------------------------------------------------------------
 
