@@ -7,13 +7,14 @@ array-api-strict arrays.
 """
 
 from ._dynamic import DynamicIHVP
-from ._linalg import FactorizationError, IllConditionedWarning
+from ._errors import FactorizationError, IllConditionedWarning
+from ._linalg import CUPY_LINALG_CHOICES, get_cupy_linalg, set_cupy_linalg
 from ._operator import LinearOperator
 from ._static import EmpiricalFisher, StaticIHVP
-
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = [
+    "CUPY_LINALG_CHOICES",
     "DynamicIHVP",
     "EmpiricalFisher",
     "FactorizationError",
@@ -21,4 +22,6 @@ __all__ = [
     "LinearOperator",
     "StaticIHVP",
     "__version__",
+    "get_cupy_linalg",
+    "set_cupy_linalg",
 ]

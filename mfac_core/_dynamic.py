@@ -1,30 +1,103 @@
-"""The dynamic M-FAC operator: the inverse Fisher of a sliding window of gradients."""
+"""The dynamic M-FAC operator: the inverse Fisher of a sliding window of gradients.
+
+The operator is window bookkeeping plus an editable capacitance factor. One
+vocabulary for the rows of the m x d buffer: a *slot* is a buffer row; the
+*window slots* hold the window's gradients, oldest first; the *free slots* hold
+none (the last one is filled next); the *factor slots* are the window slots in
+the row order of the Cholesky factor, which differs from the window order
+because an edit moves the replaced slot to the end of the factor.
+"""
 
 from __future__ import annotations
 
-import math
 from collections import deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
-from . import _linalg
-from ._blocks import BlockGroup, chunk_gram, pieces
-from ._compat import array_namespace, is_writeable_array
+from . import _capacitance
+from ._capacitance import CapacitanceFactor
+from ._compat import array_namespace
 from ._compat import device as device_of
-from ._linalg import FactorizationError
+from ._errors import NotPositiveDefinite
+from ._layout import BlockGroup, chunk_gram, pieces
 from ._operator import LinearOperator
-from ._validation import check_damp, check_finite, check_same_space, namespace_of
+from ._validation import (
+    check_choice,
+    check_count,
+    check_damp,
+    check_finite,
+    check_flag,
+    check_operand,
+    check_same_space,
+    check_writeable,
+    namespace_of,
+)
 
 __all__ = ["DynamicIHVP"]
 
-_STATE_VERSION = 1
+_STATE_VERSION = 2
 #: Relative drift of diag(U^T U) against diag(C) that triggers a full refactorisation.
 _DRIFT_TOL = 1e-10
+#: Columns of an edited factor checked for drift after each edit (O(m) each).
+_DRIFT_SAMPLE = 32
+#: float64 entries in one piece of the initial Gram product of ``from_window``.
+_PIECE_ENTRIES = 2**22
 
 
 def _default_namespace() -> Any:
     import numpy as np
 
     return array_namespace(np.empty(0))
+
+
+def _evenly_spaced(k: int, count: int) -> list[int]:
+    """Up to ``count`` evenly spaced positions in ``range(k)``, both ends included."""
+    if k <= count:
+        return list(range(k))
+    return sorted({round(i * (k - 1) / (count - 1)) for i in range(count)})
+
+
+@dataclass(frozen=True)
+class _SlotFactor:
+    """The capacitance factor of the window, with the slot of each of its rows.
+
+    Attributes
+    ----------
+    factor : CapacitanceFactor
+        ``C = shift I + Gram[slots][:, slots] = U^T U``.
+    slots : tuple of int
+        The factor slots: the slot of each row of ``U``.
+    slot_index : array
+        ``slots`` as an int64 array on the device.
+    position : array
+        For each of the m slots its row in ``U``, or k for slots outside the
+        factor (which read an appended zero).
+    """
+
+    factor: CapacitanceFactor
+    slots: tuple[int, ...]
+    slot_index: Any
+    position: Any
+
+    @classmethod
+    def build(cls, factor: CapacitanceFactor, slots: Iterable[int], num_slots: int) -> _SlotFactor:
+        xp = factor.xp
+        slots = tuple(slots)
+        dev = device_of(factor.U)
+        where = [len(slots)] * num_slots
+        for row, slot in enumerate(slots):
+            where[slot] = row
+        return cls(factor, slots,
+                   xp.asarray(list(slots), dtype=xp.int64, device=dev),
+                   xp.asarray(where, dtype=xp.int64, device=dev))
+
+    def coefficients(self, P: Any) -> Any:
+        """``C^{-1} P`` in slot order (zero rows for slots outside the factor)."""
+        xp = self.factor.xp
+        coef = self.factor.solve(xp.take(P, self.slot_index, axis=0))
+        zero = xp.zeros((1, coef.shape[1]), dtype=coef.dtype, device=device_of(coef))
+        return xp.take(xp.concat([coef, zero], axis=0), self.position, axis=0)
 
 
 class DynamicIHVP(LinearOperator):
@@ -122,20 +195,14 @@ class DynamicIHVP(LinearOperator):
         refactor_every: int | None = None,
         check_finite: bool = True,
     ) -> None:
-        for name, value in (("num_grads", num_grads), ("dim", dim)):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name} must be an int, got {value!r}")
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+        num_grads = check_count(num_grads, "num_grads")
+        dim = check_count(dim, "dim")
         self.damp = check_damp(damp)
-        if update_method not in ("incremental", "refactor"):
-            raise ValueError(f"update_method must be 'incremental' or 'refactor', "
-                             f"got {update_method!r}")
-        if refactor_every is None:
-            refactor_every = num_grads
-        if isinstance(refactor_every, bool) or not isinstance(refactor_every, int) \
-                or refactor_every < 1:
-            raise ValueError(f"refactor_every must be an int >= 1, got {refactor_every!r}")
+        self.update_method = check_choice(update_method, "update_method",
+                                          ("incremental", "refactor"))
+        self.refactor_every = (num_grads if refactor_every is None
+                               else check_count(refactor_every, "refactor_every"))
+        self.zero_init = check_flag(zero_init, "zero_init")
         xp = _default_namespace() if xp is None else array_namespace(xp.empty(0))
         if isinstance(dtype, str):
             if dtype not in ("float32", "float64"):
@@ -144,16 +211,14 @@ class DynamicIHVP(LinearOperator):
         if dtype not in (xp.float32, xp.float64):
             raise TypeError(f"dtype must be float32 or float64, got {dtype!r}")
         G = xp.zeros((num_grads, dim), dtype=dtype, device=device)
-        if not is_writeable_array(G):
-            raise TypeError("DynamicIHVP needs a library with mutable arrays (not JAX)")
+        check_writeable(G, "window buffer", why="DynamicIHVP (a window edited in place)")
         super().__init__(shape=(dim, dim), dtype=dtype, xp=xp, device=device_of(G), symmetric=True,
-                         check_finite=check_finite)
+                         check_finite=check_flag(check_finite, "check_finite"))
         self.num_grads, self.dim = num_grads, dim
-        self.zero_init = bool(zero_init)
-        self.update_method = update_method
-        self.refactor_every = refactor_every
         self._G = G
         self._gram = xp.zeros((num_grads, num_grads), dtype=xp.float64, device=self.device)
+        # Once the window is full, factors ping-pong between two C-ordered buffers
+        # created once: no allocation per step, and row-wise writes.
         self._buffers: tuple[Any, Any] | None = None
         self.reset()
 
@@ -164,13 +229,13 @@ class DynamicIHVP(LinearOperator):
 
         ``num_grads`` (default: the number of rows) is the capacity; the
         namespace, device and dtype are G's. The set-up is BLAS-3: one Gram
-        product and one factorisation.
+        product (accumulated in float64) and one factorisation.
         """
         xp = namespace_of(G, "G")
         if G.ndim != 2:
             raise ValueError(f"G must be 2-D (k, d), got shape {tuple(G.shape)}")
         k, d = G.shape
-        num_grads = k if num_grads is None else num_grads
+        num_grads = k if num_grads is None else check_count(num_grads, "num_grads")
         if k > num_grads:
             raise ValueError(f"G holds {k} gradients, more than num_grads={num_grads}")
         op = cls(num_grads, d, damp=damp, dtype=G.dtype, xp=xp, device=device_of(G), **options)
@@ -178,18 +243,22 @@ class DynamicIHVP(LinearOperator):
             return op
         if op.check_finite:
             check_finite(xp, G, "G")
+        whole = BlockGroup(0, 1, d)
+        chunk = list(pieces(whole, max(1, _PIECE_ENTRIES // k)))  # one block: a single chunk
+        gram = chunk_gram(xp, G, whole, chunk, lambda X: X @ xp.matrix_transpose(X))[0, ...]
         # Both conventions put the k gradients into slots 0..k-1, oldest first.
-        op._G[:k, ...] = G
-        whole = BlockGroup(0, 1, d, False)
-        chunk = list(pieces(whole, max(1, 2**22 // k)))  # one block: a single chunk
-        op._gram[:k, :k] = chunk_gram(xp, G, whole, chunk,
-                                      lambda X: X @ xp.matrix_transpose(X))[0, ...]
         if op.zero_init:
-            op._age = deque(list(range(k, num_grads)) + list(range(k)))
+            window = list(range(k, num_grads)) + list(range(k))
+            free: list[int] = []
         else:
-            op._age = deque(range(k))
-            op._free = list(range(num_grads - 1, k - 1, -1))
-        op._refactor()
+            window, free = list(range(k)), list(range(num_grads - 1, k - 1, -1))
+        full_gram = xp.zeros((num_grads, num_grads), dtype=xp.float64, device=op.device)
+        full_gram[:k, :k] = gram
+        factor = op._factorized(full_gram, window)  # raises before anything changes
+        op._G[:k, ...] = G
+        op._gram = full_gram
+        op._window, op._free = deque(window), free
+        op._commit(factor, refactored=True)
         return op
 
     # -- bookkeeping -------------------------------------------------------------------
@@ -199,140 +268,124 @@ class DynamicIHVP(LinearOperator):
         m = self.num_grads
         self._G[...] = 0
         self._gram[...] = 0
-        self._since_refactor = 0
+        self._edits = 0
         self.refactor_count = 0
-        self._U = None
         if self.zero_init:
-            self._age = deque(range(m))
-            self._free = []
+            self._window: deque[int] = deque(range(m))
+            self._free: list[int] = []
         else:
-            self._age = deque()
+            self._window = deque()
             self._free = list(range(m - 1, -1, -1))
-        self._refactor()
+        self._factor: _SlotFactor | None = None
+        self._commit(self._factorized(self._gram, list(self._window)), refactored=True)
 
     def __len__(self) -> int:
         """The number of gradients in the window."""
-        return len(self._age)
+        return len(self._window)
 
     @property
     def is_full(self) -> bool:
-        return len(self._age) == self.num_grads
+        """Whether the window holds ``num_grads`` gradients."""
+        return len(self._window) == self.num_grads
 
     @property
     def slots(self) -> list[int]:
-        """The buffer rows of the window's gradients, oldest first."""
-        return list(self._age)
+        """The window slots: the buffer rows of the window's gradients, oldest first."""
+        return list(self._window)
 
     def window(self) -> Any:
         """The window's gradients as a new ``(k, d)`` array, oldest first."""
-        idx = self._xp.asarray(list(self._age), dtype=self._xp.int64, device=self.device)
+        idx = self._xp.asarray(list(self._window), dtype=self._xp.int64, device=self.device)
         return self._xp.take(self._G, idx, axis=0)
 
     def _shift(self, k: int) -> float:
         return (self.num_grads if self.zero_init else k) * self.damp
 
-    def _set_factor(self, U: Any, perm: list[int]) -> None:
-        xp = self._xp
-        self._U, self._perm = U, perm
-        self._perm_idx = xp.asarray(perm, dtype=xp.int64, device=self.device)
-        # Position of each slot in the factor, or k (an extra zero) for slots outside it.
-        inv = [len(perm)] * self.num_grads
-        for pos, slot in enumerate(perm):
-            inv[slot] = pos
-        self._inv_idx = xp.asarray(inv, dtype=xp.int64, device=self.device)
+    # -- the factor --------------------------------------------------------------------
 
-    def _capacitance(self, gram: Any, perm: list[int]) -> Any:
+    def _free_buffer(self) -> Any:
+        """The one of the two m x m factor buffers that does not hold the factor."""
+        if self._buffers is None:
+            m = self.num_grads
+            self._buffers = (
+                self._xp.empty((m, m), dtype=self._xp.float64, device=self.device),
+                self._xp.empty((m, m), dtype=self._xp.float64, device=self.device))
+        first, second = self._buffers
+        return second if self._factor is not None and self._factor.factor.U is first else first
+
+    def _factorized(self, gram: Any, slots: list[int]) -> _SlotFactor:
+        """The factor of the capacitance matrix of ``slots``, in full (O(k^3)).
+
+        Raises ``FactorizationError``; nothing of the operator changes.
+        """
         xp = self._xp
-        idx = xp.asarray(perm, dtype=xp.int64, device=self.device)
+        k = len(slots)
+        idx = xp.asarray(slots, dtype=xp.int64, device=self.device)
         sub = xp.take(xp.take(gram, idx, axis=0), idx, axis=1)
-        eye = xp.eye(len(perm), dtype=xp.float64, device=self.device)
-        return sub + self._shift(len(perm)) * eye
+        out = self._free_buffer() if k == self.num_grads else None
+        factor = _capacitance.factorize(
+            xp, sub, shift=self._shift(k), scale=1.0, damp=self.damp,
+            gram_dtype=str(self.dtype).rsplit(".", 1)[-1], out=out)
+        return _SlotFactor.build(factor, slots, self.num_grads)
 
-    def _factorize(self, gram: Any, perm: list[int]) -> Any:
-        if not perm:
-            return self._xp.zeros((0, 0), dtype=self._xp.float64, device=self.device)
-        C = self._capacitance(gram, perm)
-        try:
-            return _linalg.cholesky(self._xp, C)
-        except _linalg._NotPositiveDefinite:
-            raise self._factorization_error(C) from None
+    def _edited(self, slot: int, b: Any) -> tuple[_SlotFactor, bool]:
+        """The factor after ``slot`` gets Gram row ``b``: an O(m^2) edit where possible.
 
-    def _factorization_error(self, C: Any) -> FactorizationError:
-        k = C.shape[0]
+        Returns ``(factor, refactored)``; raises ``FactorizationError``; nothing
+        of the operator changes (the free factor buffer is scratch).
+        """
+        current = self._factor
+        slots = [s for s in current.slots if s != slot] + [slot]
+        k = len(slots)
+        if (self.update_method == "incremental" and len(current.slots) == k == self.num_grads
+                and self._edits < self.refactor_every):
+            xp = self._xp
+            row = current.slots.index(slot)
+            others = xp.asarray(slots[:-1], dtype=xp.int64, device=self.device)
+            try:
+                factor = current.factor.replace_row(
+                    row, xp.take(b, others, axis=0), float(b[slot]) + self._shift(k),
+                    out=self._free_buffer())
+            except NotPositiveDefinite:
+                pass  # the full factorisation below decides, and words any error
+            else:
+                edited = _SlotFactor.build(factor, slots, self.num_grads)
+                if not self._drifted(edited, b[slot]):
+                    return edited, False
+        gram = self._xp.asarray(self._gram, copy=True)
+        gram[slot, :] = b
+        gram[:, slot] = b
+        return self._factorized(gram, slots), True
+
+    def _drifted(self, edited: _SlotFactor, new_diagonal: Any) -> bool:
+        """Whether diag(U^T U) drifted from diag(C) on a sample of columns (O(32 m)).
+
+        The edited slot is the factor's last; its Gram diagonal is ``new_diagonal``.
+        """
         xp = self._xp
-        shift = self._shift(k)
-        kappa = float(xp.max(xp.linalg.diagonal(C))) / shift if k else 1.0
-        return FactorizationError(
-            f"the window's damped Fisher is not numerically positive definite in float64 "
-            f"(damp={self.damp:g}, condition number kappa ~ {kappa:.3g}); increase damp, or do "
-            "not insert duplicated gradients")
+        k = len(edited.slots)
+        pos = xp.asarray(_evenly_spaced(k, _DRIFT_SAMPLE), dtype=xp.int64, device=self.device)
+        want = xp.take(xp.linalg.diagonal(self._gram), xp.take(edited.slot_index, pos), axis=0)
+        want = xp.where(pos == k - 1, new_diagonal, want)
+        return edited.factor.column_drift(pos, want + self._shift(k)) > _DRIFT_TOL
 
-    def _refactor(self, perm: list[int] | None = None) -> None:
-        """Factorise the capacitance matrix of ``perm`` (default: the window) in full."""
-        perm = list(self._age) if perm is None else perm
-        self._set_factor(self._upper_from_lower(self._factorize(self._gram, perm)), perm)
-        self._since_refactor = 0
-        self.refactor_count += 1
+    def _commit(self, factor: _SlotFactor, *, refactored: bool) -> None:
+        self._factor = factor
+        if refactored:
+            self._edits = 0
+            self.refactor_count += 1
+        else:
+            self._edits += 1
 
     # -- updates -----------------------------------------------------------------------
 
-    def _check_gradient(self, g: Any) -> None:
-        check_same_space(self._xp, self.device, self.dtype, g, "g", owner=repr(self))
+    def _check_gradient(self, g: Any) -> Any:
+        g = check_operand(self._xp, self.device, self.dtype, g, "g", owner=repr(self))
         if g.ndim != 1 or g.shape[0] != self.dim:
             raise ValueError(f"g must have shape ({self.dim},), got {tuple(g.shape)}")
         if self.check_finite:
             check_finite(self._xp, g, "g")
-
-    def _free_buffer(self) -> Any:
-        """The one of the two m x m factor buffers that does not hold the factor.
-
-        Once the window is full, factors ping-pong between two C-ordered
-        buffers created once: no allocation per step, and row-wise writes.
-        """
-        if self._buffers is None:
-            m = self.num_grads
-            self._buffers = tuple(
-                self._xp.empty((m, m), dtype=self._xp.float64, device=self.device)
-                for _ in range(2))
-        first, second = self._buffers
-        return second if self._U is first else first
-
-    def _upper_from_lower(self, L: Any) -> Any:
-        U = self._xp.matrix_transpose(L)
-        if L.shape[0] != self.num_grads:
-            return U
-        out = self._free_buffer()
-        out[...] = U
-        return out
-
-    def _new_factor(self, slot: int, b: Any) -> tuple[Any, list[int], bool]:
-        """The factor after ``slot`` gets Gram row ``b``; the O(m^2) or O(m^3) part.
-
-        Returns ``(U, perm, refactored)``; nothing of the operator changes (the
-        free factor buffer is scratch).
-        """
-        with _linalg.single_threaded(self._xp):
-            return self._new_factor_unlimited(slot, b)
-
-    def _new_factor_unlimited(self, slot: int, b: Any) -> tuple[Any, list[int], bool]:
-        xp = self._xp
-        replacing = slot in self._perm
-        perm = [s for s in self._perm if s != slot] + [slot]
-        k = len(perm)
-        if (self.update_method == "incremental" and replacing and k == self.num_grads
-                and self._since_refactor < self.refactor_every):
-            try:
-                bp = xp.take(b, self._perm_idx_without(slot), axis=0)
-                U = _linalg.replace_row(xp, self._U, self._perm.index(slot), bp,
-                                      float(b[slot]) + self._shift(k), self._free_buffer())
-                if not self._drifted(U, perm, b, slot):
-                    return U, perm, False
-            except _linalg._NotPositiveDefinite:
-                pass
-        gram = xp.asarray(self._gram, copy=True)
-        gram[slot, :] = b
-        gram[:, slot] = b
-        return self._upper_from_lower(self._factorize(gram, perm)), perm, True
+        return g
 
     def _place(self, slot: int, g: Any, b: Any | None = None) -> Any:
         """Put gradient ``g`` into ``slot``; return its Gram row (float64, slot order).
@@ -350,63 +403,32 @@ class DynamicIHVP(LinearOperator):
         try:
             if b is None:
                 b = xp.astype(self._G @ g, xp.float64)
-            U, perm, refactored = self._new_factor(slot, b)
+            factor, refactored = self._edited(slot, b)
         except BaseException:
             self._G[slot, ...] = old
             raise
         self._gram[slot, :] = b
         self._gram[:, slot] = b
-        self._set_factor(U, perm)
-        if refactored:
-            self._since_refactor = 0
-            self.refactor_count += 1
-        else:
-            self._since_refactor += 1
+        self._commit(factor, refactored=refactored)
         return b
 
-    def _perm_idx_without(self, slot: int) -> Any:
-        xp = self._xp
-        return xp.asarray([s for s in self._perm if s != slot], dtype=xp.int64,
-                          device=self.device)
-
-    def _drifted(self, U: Any, perm: list[int], b: Any, slot: int) -> bool:
-        """Cheap check of an edited factor: diag(U^T U) against diag(C).
-
-        On up to 32 evenly spaced columns, the new one included: O(32 m), next
-        to the O(m^2) edit. Rounding drift spreads over all columns of the
-        rank-one updates, so a sample sees it.
-        """
-        xp = self._xp
-        k = len(perm)
-        cols = sorted({round(i * (k - 1) / 31) for i in range(32)} if k > 32 else range(k))
-        pos = xp.asarray(cols, dtype=xp.int64, device=self.device)
-        slots = xp.asarray([perm[c] for c in cols], dtype=xp.int64, device=self.device)
-        diag_gram = xp.take(xp.linalg.diagonal(self._gram), slots, axis=0)
-        diag_gram = xp.where(slots == slot, b[slot], diag_gram)
-        want = diag_gram + self._shift(k)
-        Uc = xp.take(U, pos, axis=1)
-        got = xp.sum(Uc * Uc, axis=0)
-        return float(xp.max(xp.abs(got - want) / want)) > _DRIFT_TOL
-
     def _insert(self, g: Any) -> Any:
-        self._check_gradient(g)
-        if self.is_full:
-            slot = self._age[0]
-        else:
-            slot = self._free[-1]
+        g = self._check_gradient(g)
+        slot = self._window[0] if self.is_full else self._free[-1]
         b = self._place(slot, g)
         if self.is_full:
-            self._age.popleft()
+            self._window.popleft()
         else:
             self._free.pop()
-        self._age.append(slot)
+        self._window.append(slot)
         return b
 
     def update(self, g: Any, /) -> None:
         """Insert gradient ``g`` (shape ``(d,)``); a full window drops its oldest.
 
-        A gradient holding NaN or infinity is refused and the window is left
-        unchanged.
+        A gradient holding NaN or infinity, or one that makes the window's
+        capacitance matrix singular in float64 (``FactorizationError``), is
+        refused and the window is left unchanged.
         """
         self._insert(g)
 
@@ -416,14 +438,15 @@ class DynamicIHVP(LinearOperator):
         The optimiser step: the product ``G g`` serves both the update of the
         Gram matrix and the product, so the m x d window is read twice in all.
         """
+        g = self._check_gradient(g)
         b = self._insert(g)
         return self._finish(g[:, None], b[:, None])[:, 0]
 
     def remove_oldest(self) -> None:
         """Remove the oldest gradient of the window."""
-        if not self._age:
+        if not self._window:
             raise ValueError("the window is empty")
-        self.remove(self._age[0])
+        self.remove(self._window[0])
 
     def remove(self, slot: int, /) -> None:
         """Remove the gradient in buffer row ``slot`` (see :attr:`slots`).
@@ -431,42 +454,33 @@ class DynamicIHVP(LinearOperator):
         With ``zero_init`` the slot is set to a zero gradient and becomes the
         next one to be replaced.
         """
-        if isinstance(slot, bool) or not isinstance(slot, int) or slot not in self._age:
+        if isinstance(slot, bool) or not isinstance(slot, int) or slot not in self._window:
             raise ValueError(f"slot {slot!r} holds no gradient; the window's slots are "
-                             f"{list(self._age)}")
+                             f"{list(self._window)}")
         xp = self._xp
         if self.zero_init:
             self._place(slot, xp.zeros((self.dim,), dtype=self.dtype, device=self.device),
                         xp.zeros((self.num_grads,), dtype=xp.float64, device=self.device))
-            self._age.remove(slot)
-            self._age.appendleft(slot)
+            self._window.remove(slot)
+            self._window.appendleft(slot)
             return
         # The normalisation 1/k changes: refactorise without the slot (its Gram row
         # is not read), then clear it; a failure leaves the window as it was.
-        self._refactor([s for s in self._age if s != slot])
-        self._age.remove(slot)
+        factor = self._factorized(self._gram, [s for s in self._window if s != slot])
+        self._window.remove(slot)
         self._free.append(slot)
         self._G[slot, ...] = 0
         self._gram[slot, :] = 0
         self._gram[:, slot] = 0
+        self._commit(factor, refactored=True)
 
     # -- products ----------------------------------------------------------------------
 
-    def _coefficients(self, P: Any) -> Any:
-        """``C^{-1} P`` in slot order (zero for empty slots): the m x m part of a product."""
-        xp = self._xp
-        Pp = xp.take(P, self._perm_idx, axis=0)
-        with _linalg.single_threaded(xp):
-            Z = _linalg.solve_triangular(xp, self._U, Pp, lower=False, trans=True)
-            coef = _linalg.solve_triangular(xp, self._U, Z, lower=False)
-        zero = xp.zeros((1, coef.shape[1]), dtype=coef.dtype, device=self.device)
-        return xp.take(xp.concat([coef, zero], axis=0), self._inv_idx, axis=0)
-
     def _finish(self, X: Any, P: Any) -> Any:
         """``(X - G^T C^{-1} P) / damp`` given ``P = G X`` (float64, slot order)."""
-        if not self._perm:
+        if not self._factor.slots:
             return X / self.damp
-        A = self._xp.astype(self._coefficients(P), self.dtype)
+        A = self._xp.astype(self._factor.coefficients(P), self.dtype)
         return (X - self._G.T @ A) / self.damp
 
     def _matmat(self, X: Any) -> Any:
@@ -489,47 +503,131 @@ class DynamicIHVP(LinearOperator):
             "zero_init": self.zero_init,
             "grads": xp.asarray(self._G, copy=True),
             "gram": xp.asarray(self._gram, copy=True),
-            "factor": xp.asarray(self._U, copy=True),
-            "factor_order": list(self._perm),
-            "age_order": list(self._age),
+            "factor": xp.asarray(self._factor.factor.U, copy=True),
+            "window_slots": list(self._window),
             "free_slots": list(self._free),
-            "since_refactor": self._since_refactor,
+            "factor_slots": list(self._factor.slots),
+            "edits": self._edits,
         }
 
-    def load_state_dict(self, state: dict[str, Any], /) -> None:
-        """Restore a state from :meth:`state_dict` (same sizes, dtype and device)."""
-        xp = self._xp
-        try:
-            version = state["version"]
-            sizes = (state["num_grads"], state["dim"])
-        except (KeyError, TypeError):
-            raise ValueError("not a DynamicIHVP state_dict") from None
-        if version != _STATE_VERSION:
-            raise ValueError(f"unsupported state_dict version {version!r}")
-        if sizes != (self.num_grads, self.dim):
-            raise ValueError(f"state_dict is for num_grads, dim = {sizes}, this operator has "
-                             f"{(self.num_grads, self.dim)}")
-        if bool(state["zero_init"]) != self.zero_init:
-            raise ValueError("state_dict and operator disagree on zero_init")
-        if not math.isclose(float(state["damp"]), self.damp, rel_tol=0.0, abs_tol=0.0):
-            raise ValueError(f"state_dict has damp={state['damp']}, this operator "
-                             f"damp={self.damp}")
-        grads, gram, factor = state["grads"], state["gram"], state["factor"]
-        perm, age, free = (list(map(int, state[k])) for k in
-                           ("factor_order", "age_order", "free_slots"))
-        m = self.num_grads
-        check_same_space(xp, self.device, self.dtype, grads, "state['grads']")
-        check_same_space(xp, self.device, xp.float64, gram, "state['gram']")
-        check_same_space(xp, self.device, xp.float64, factor, "state['factor']")
-        if tuple(grads.shape) != (m, self.dim) or tuple(gram.shape) != (m, m) \
-                or tuple(factor.shape) != (len(perm), len(perm)):
-            raise ValueError("state_dict arrays have the wrong shapes")
-        if sorted(perm) != sorted(age) or len(set(age)) != len(age) \
-                or sorted(age + free) != list(range(m)):
-            raise ValueError("state_dict slot lists are inconsistent")
-        self._G[...] = grads
-        self._gram[...] = gram
-        self._age, self._free = deque(age), free
-        self._set_factor(xp.asarray(factor, copy=True), perm)
-        self._since_refactor = int(state["since_refactor"])
+    def load_state_dict(self, state: Mapping[str, Any], /) -> None:
+        """Restore a state from :meth:`state_dict` (same sizes, dtype and device).
 
+        Everything is checked before anything changes: a state that is
+        malformed, or whose gradients, Gram matrix and factor do not agree
+        (checked on a sample, O(m d + m^2)), raises ``ValueError`` and leaves
+        the operator exactly as it was.
+        """
+        loaded = _LoadedState.check(self, state)
+        self._G[...] = loaded.grads
+        self._gram = loaded.gram
+        self._window, self._free = deque(loaded.window), list(loaded.free)
+        self._factor = loaded.factor
+        self._edits = loaded.edits
+
+
+@dataclass(frozen=True)
+class _LoadedState:
+    """A state dict checked against an operator, ready to be committed."""
+
+    grads: Any
+    gram: Any
+    window: tuple[int, ...]
+    free: tuple[int, ...]
+    factor: _SlotFactor
+    edits: int
+
+    @classmethod
+    def check(cls, op: DynamicIHVP, state: Mapping[str, Any]) -> _LoadedState:
+        """Every check of ``load_state_dict``; raises ``ValueError`` naming what is wrong."""
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state must be a mapping from state_dict(), got "
+                            f"{type(state).__name__}")
+        version = state.get("version")
+        if version == 1:
+            # Version 1 named the slot lists by age and permutation.
+            state = {**state, "window_slots": state.get("age_order"),
+                     "factor_slots": state.get("factor_order"),
+                     "edits": state.get("since_refactor")}
+        elif version != _STATE_VERSION:
+            raise ValueError(f"not a DynamicIHVP state_dict of a known version (got version "
+                             f"{version!r}, expected {_STATE_VERSION})")
+        keys = ("num_grads", "dim", "damp", "zero_init", "grads", "gram", "factor",
+                "window_slots", "free_slots", "factor_slots", "edits")
+        missing = [k for k in keys if state.get(k) is None]
+        if missing:
+            raise ValueError(f"DynamicIHVP state_dict lacks {', '.join(missing)}")
+        m, d, xp = op.num_grads, op.dim, op._xp
+        if (state["num_grads"], state["dim"]) != (m, d):
+            raise ValueError(f"state_dict is for num_grads, dim = "
+                             f"{(state['num_grads'], state['dim'])}, this operator has {(m, d)}")
+        if bool(state["zero_init"]) != op.zero_init:
+            raise ValueError("state_dict and operator disagree on zero_init")
+        if float(state["damp"]) != op.damp:
+            raise ValueError(f"state_dict has damp={state['damp']}, this operator "
+                             f"damp={op.damp}")
+        grads, gram, U = state["grads"], state["gram"], state["factor"]
+        for name, array, dtype in (("grads", grads, op.dtype), ("gram", gram, xp.float64),
+                                   ("factor", U, xp.float64)):
+            check_same_space(xp, op.device, array, f"state['{name}']", owner=repr(op))
+            if array.dtype != dtype:
+                raise TypeError(f"state['{name}'] has dtype {array.dtype}, expected {dtype}")
+        try:
+            window, free, slots = (tuple(check_count(s, f"state['{key}'] entries", minimum=0)
+                                         for s in state[key])
+                                   for key in ("window_slots", "free_slots", "factor_slots"))
+            edits = check_count(state["edits"], "state['edits']", minimum=0)
+        except TypeError as exc:
+            raise ValueError(str(exc)) from None
+        k = len(window)
+        if sorted(slots) != sorted(window) or len(set(window)) != k \
+                or sorted(window + free) != list(range(m)) \
+                or (op.zero_init and k != m):
+            raise ValueError("state_dict slot lists are inconsistent")
+        if tuple(grads.shape) != (m, d) or tuple(gram.shape) != (m, m) \
+                or tuple(U.shape) != (k, k):
+            raise ValueError("state_dict arrays have the wrong shapes")
+        if not (bool(xp.all(xp.isfinite(grads))) and bool(xp.all(xp.isfinite(gram)))
+                and bool(xp.all(xp.isfinite(U)))):
+            raise ValueError("state_dict holds NaN or infinity")
+        cls._check_agreement(op, grads, gram, U, list(slots), k)
+        factor = CapacitanceFactor(xp.asarray(U, copy=True), op._shift(k), 1.0)
+        return cls(xp.asarray(grads, copy=True), xp.asarray(gram, copy=True), window, free,
+                   _SlotFactor.build(factor, slots, m), edits)
+
+    @staticmethod
+    def _check_agreement(op: DynamicIHVP, grads: Any, gram: Any, U: Any, slots: list[int],
+                         k: int) -> None:
+        """The Gram matrix against the gradients and the factor against the Gram matrix.
+
+        On a sample of evenly spaced factor columns: the Gram diagonal against
+        the squared norms of the stored gradients (within the rounding bound of a
+        sum of d squares in the storage dtype), and the columns of ``U^T U``
+        against those of the capacitance matrix (within the rounding of a
+        Cholesky factor, a small multiple of ``k eps`` relative to the matrix, or the
+        drift that incremental edits may accumulate before a refactorisation).
+        """
+        xp = op._xp
+        if not k:
+            return
+        eps64 = float(xp.finfo(xp.float64).eps)
+        pos = _evenly_spaced(k, 8)
+        sample = xp.asarray([slots[p] for p in pos], dtype=xp.int64, device=op.device)
+        rows = xp.astype(xp.take(grads, sample, axis=0), xp.float64)
+        norms = xp.sum(rows * rows, axis=1)
+        diag = xp.take(xp.linalg.diagonal(gram), sample, axis=0)
+        eps = float(xp.finfo(op.dtype).eps)
+        # A dot product of d terms in the storage dtype errs by at most d eps |x||y|.
+        if bool(xp.any(xp.abs(diag - norms) > min(1.0, 2 * op.dim * eps) * norms + 1e-300)):
+            raise ValueError("state_dict's Gram matrix does not match its gradients")
+        idx = xp.asarray(slots, dtype=xp.int64, device=op.device)
+        C = xp.take(xp.take(gram, idx, axis=0), idx, axis=1)
+        C = C + op._shift(k) * xp.eye(k, dtype=xp.float64, device=op.device)
+        cols = xp.asarray(pos, dtype=xp.int64, device=op.device)
+        got = xp.matrix_transpose(U) @ xp.take(U, cols, axis=1)
+        want = xp.take(C, cols, axis=1)
+        scale = float(xp.max(xp.abs(xp.linalg.diagonal(C))))
+        tol = max(64 * k * eps64, 1e3 * _DRIFT_TOL) * scale
+        if float(xp.max(xp.abs(got - want))) > tol:
+            raise ValueError("state_dict's factor does not match its Gram matrix (a permuted "
+                             "slot order or a corrupted factor)")

@@ -14,8 +14,8 @@ from __future__ import annotations
 import numbers
 from typing import Any
 
-from ._compat import is_array_api_obj, namespace_name
-from ._validation import check_finite, check_same_space
+from ._compat import is_array_api_obj, is_numpy_namespace, namespace_name
+from ._validation import check_count, check_finite, check_operand
 
 __all__ = ["LinearOperator"]
 
@@ -95,19 +95,21 @@ class LinearOperator:
         """The array namespace of the operator (array-api-compat wrapped)."""
         return self._xp
 
-    def _check_input(self, x: Any, name: str, n: int, ndims: tuple[int, ...]) -> None:
-        check_same_space(self._xp, self.device, self.dtype, x, name, owner=repr(self))
+    def _check_input(self, x: Any, name: str, n: int, ndims: tuple[int, ...]) -> Any:
+        """``x`` checked, and promoted to the operator's dtype where that is lossless."""
+        x = check_operand(self._xp, self.device, self.dtype, x, name, owner=repr(self))
         if x.ndim not in ndims or x.shape[0] != n:
             want = " or ".join({1: f"({n},)", 2: f"({n}, k)"}[k] for k in ndims)
             raise ValueError(f"{name} must have shape {want}, got {tuple(x.shape)}")
         if self.check_finite:
             check_finite(self._xp, x, name)
+        return x
 
     # -- the SciPy interface ---------------------------------------------------------
 
     def _vector(self, x: Any, n: int, apply: Any, several: str) -> Any:
         """Apply ``apply`` to a vector given as ``(n,)`` or ``(n, 1)``, keeping the shape."""
-        self._check_input(x, "x", n, (1, 2))
+        x = self._check_input(x, "x", n, (1, 2))
         if x.ndim == 1:
             return apply(x)
         if x.shape[1] != 1:
@@ -125,13 +127,11 @@ class LinearOperator:
 
     def matmat(self, X: Any, /) -> Any:
         """``A @ X`` for ``X`` of shape ``(N, k)``."""
-        self._check_input(X, "X", self.shape[1], (2,))
-        return self._matmat(X)
+        return self._matmat(self._check_input(X, "X", self.shape[1], (2,)))
 
     def rmatmat(self, X: Any, /) -> Any:
         """``A^H @ X`` for ``X`` of shape ``(M, k)``."""
-        self._check_input(X, "X", self.shape[0], (2,))
-        return self._rmatmat(X)
+        return self._rmatmat(self._check_input(X, "X", self.shape[0], (2,)))
 
     def dot(self, x: Any, /) -> Any:
         """SciPy's ``dot``: an operator gives a product, a scalar a scaled operator,
@@ -219,6 +219,7 @@ class LinearOperator:
             this; the default allows 2**26 entries (256 MiB in float32).
         """
         m, n = self.shape
+        max_entries = check_count(max_entries, "max_entries", minimum=0)
         if m * n > max_entries:
             raise ValueError(
                 f"todense() would build a {m} x {n} matrix ({m * n} entries), more than "
@@ -233,11 +234,50 @@ class LinearOperator:
 
         Only NumPy-backed operators can be exported: SciPy's operators convert
         their inputs to NumPy, which would copy data off a GPU or out of
-        another library.
-        """
-        from .scipy import to_scipy
+        another library. SciPy's solvers hand in float64 work vectors; they are
+        cast to the operator's dtype here, where the SciPy contract asks for
+        it. A complex vector is applied to its real and imaginary parts (the
+        operators are real), as SciPy's own real operators do.
 
-        return to_scipy(self)
+        Returns
+        -------
+        scipy.sparse.linalg.LinearOperator
+            With this operator's shape and dtype, and its ``matvec``, ``matmat``,
+            ``rmatvec`` and ``rmatmat``.
+
+        Raises
+        ------
+        TypeError
+            If the operator works on arrays of another library than NumPy.
+        """
+        import numpy as np
+        import scipy.sparse.linalg
+
+        if not is_numpy_namespace(self._xp):
+            raise TypeError(
+                f"to_scipy needs a NumPy-backed operator, but {self!r} works on "
+                f"{namespace_name(self._xp)} arrays; SciPy would copy every vector into NumPy. "
+                "Build the operator from NumPy arrays, or call its matvec directly")
+
+        def real_or_complex(apply: Any) -> Any:
+            def call(x: Any) -> Any:
+                x = np.asarray(x)
+                if np.iscomplexobj(x):
+                    # A real operator acts on both parts; casting would drop the imaginary one.
+                    re = apply(np.asarray(x.real, dtype=self.dtype))
+                    im = apply(np.asarray(x.imag, dtype=self.dtype))
+                    return re + 1j * im
+                return apply(np.asarray(x, dtype=self.dtype))
+            return call
+
+        return scipy.sparse.linalg.LinearOperator(
+            self.shape,
+            matvec=real_or_complex(self.matvec),
+            rmatvec=real_or_complex(self.rmatvec),
+            matmat=real_or_complex(self.matmat),
+            rmatmat=real_or_complex(self.rmatmat),
+            dtype=self.dtype,
+        )
 
     def __repr__(self) -> str:
         m, n = self.shape

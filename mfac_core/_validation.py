@@ -1,20 +1,47 @@
-"""Input checks shared by the operators: each failure names what was wrong."""
+"""Input checks shared by the operators, ``pruning``, ``torch`` and the command line.
+
+One helper per rule, and one exception type per kind of mistake:
+
+- ``TypeError`` for a wrong *type*: not an array, an array of another library,
+  an integer or complex dtype where floats are needed (or floats where indices
+  are), a non-integer count, a non-boolean flag, a lossy change of precision;
+- ``ValueError`` for a wrong *value*: a shape, a range, NaN or infinity, an
+  array on another device, an unknown option;
+- ``IndexError`` for an index outside its range.
+
+Every message names the argument and says what was expected.
+"""
 
 from __future__ import annotations
 
 import math
 import numbers
+import operator
+from collections.abc import Sequence
 from typing import Any
 
-from ._compat import array_namespace, device, is_array_api_obj, namespace_name
+from ._compat import array_namespace, device, is_array_api_obj, is_writeable_array, namespace_name
 
 __all__ = [
+    "check_block_size",
+    "check_choice",
+    "check_count",
     "check_damp",
     "check_finite",
+    "check_flag",
     "check_floating",
+    "check_fraction",
+    "check_gradients",
+    "check_index_array",
+    "check_number",
+    "check_operand",
     "check_same_space",
+    "check_writeable",
     "namespace_of",
 ]
+
+#: The storage dtypes whose precision the operators state (docs/mathematics.rst).
+FLOATING_DTYPES = ("float32", "float64")
 
 
 def namespace_of(x: Any, name: str) -> Any:
@@ -27,9 +54,20 @@ def namespace_of(x: Any, name: str) -> Any:
     return array_namespace(x)
 
 
+def _dtype_name(xp: Any, dtype: Any) -> str | None:
+    for name in FLOATING_DTYPES:
+        if dtype == getattr(xp, name):
+            return name
+    return None
+
+
 def check_floating(xp: Any, x: Any, name: str) -> None:
-    """Accept only real floating dtypes; integers and complex numbers are refused."""
-    if not xp.isdtype(x.dtype, "real floating"):
+    """Accept float32 and float64 only: integers, complex numbers and other widths are refused.
+
+    float16, bfloat16 and extended precision are refused rather than given a
+    precision nobody stated.
+    """
+    if _dtype_name(xp, x.dtype) is None:
         raise TypeError(
             f"{name} must have a real floating dtype (float32 or float64), got {x.dtype}"
         )
@@ -39,6 +77,20 @@ def check_finite(xp: Any, x: Any, name: str) -> None:
     """Raise ``ValueError`` if ``x`` holds NaN or infinity."""
     if not bool(xp.all(xp.isfinite(x))):
         raise ValueError(f"{name} must not contain NaN or infinity")
+
+
+def check_number(value: Any, name: str, *, low: float = -math.inf, high: float = math.inf,
+                 low_open: bool = False, high_open: bool = False) -> float:
+    """A real number (not a bool) in the given interval, as a Python float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    v = float(value)
+    above = v > low if low_open else v >= low
+    below = v < high if high_open else v <= high
+    if not (math.isfinite(v) and above and below):
+        interval = (("(" if low_open else "[") + f"{low:g}, {high:g}" + (")" if high_open else "]"))
+        raise ValueError(f"{name} must be finite and lie in {interval}, got {value!r}")
+    return v
 
 
 def check_damp(damp: Any) -> float:
@@ -51,14 +103,59 @@ def check_damp(damp: Any) -> float:
     return value
 
 
-def check_same_space(
-    xp: Any, dev: Any, dtype: Any, x: Any, name: str, *, owner: str = "the operator"
-) -> None:
-    """Refuse arrays from another library, another device or with another dtype.
+def check_fraction(value: Any, name: str) -> float:
+    """A fraction in ``[0, 1)`` (a sparsity), as a Python float."""
+    return check_number(value, name, low=0.0, high=1.0, high_open=True)
+
+
+def check_count(value: Any, name: str, *, minimum: int = 1) -> int:
+    """An integer ``>= minimum`` (Python or NumPy integers; not bools, not floats)."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    try:
+        count = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {value!r}") from None
+    if count < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {count}")
+    return count
+
+
+def check_block_size(block_size: Any, dim: int) -> int:
+    """``block_size`` as an int in ``[1, dim]`` (``None``: one block of ``dim``)."""
+    if block_size is None:
+        return dim
+    return min(check_count(block_size, "block_size"), dim)
+
+
+def check_flag(value: Any, name: str) -> bool:
+    """A boolean (Python or NumPy); strings such as ``"no"`` are refused, not taken as true."""
+    if isinstance(value, bool):
+        return value
+    if type(value).__name__ == "bool_" and type(value).__module__ == "numpy":
+        return bool(value)
+    raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
+def check_choice(value: Any, name: str, choices: Sequence[str]) -> str:
+    """One of ``choices`` (strings)."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    return value
+
+
+def check_writeable(x: Any, name: str, *, why: str) -> None:
+    """Refuse a read-only array (or one of a library with immutable arrays) for ``why``."""
+    if not is_writeable_array(x):
+        raise ValueError(f"{why} needs a writeable array; this {name} is read-only (or from a "
+                         "library with immutable arrays such as JAX)")
+
+
+def check_same_space(xp: Any, dev: Any, x: Any, name: str, *, owner: str) -> None:
+    """Refuse an array of another library (``TypeError``) or on another device (``ValueError``).
 
     The operators never move data between libraries or devices behind the
-    user's back, and never change precision silently: such a mismatch is an
-    error that says how to fix it.
+    user's back: such a mismatch is an error that says how to fix it.
     """
     xp_x = namespace_of(x, name)
     if xp_x is not xp:
@@ -72,9 +169,54 @@ def check_same_space(
             f"{name} is on device {dev_x!r} but {owner} lives on device {dev!r}; "
             "move it explicitly first"
         )
-    if x.dtype != dtype:
-        check_floating(xp, x, name)
-        raise TypeError(
-            f"{name} has dtype {x.dtype} but {owner} has dtype {dtype}; cast it explicitly "
-            "first (no silent change of precision)"
-        )
+
+
+def check_operand(xp: Any, dev: Any, dtype: Any, x: Any, name: str, *, owner: str) -> Any:
+    """``x`` in the operator's library, device and dtype, promoted where that is lossless.
+
+    A float32 array given to a float64 operator is promoted to float64 (as the
+    Array API's promotion rules do); the lossy direction is a ``TypeError``,
+    never a silent loss of precision.
+    """
+    check_same_space(xp, dev, x, name, owner=owner)
+    if x.dtype == dtype:
+        return x
+    check_floating(xp, x, name)
+    if x.dtype == xp.float32 and dtype == xp.float64:
+        return xp.astype(x, xp.float64)
+    raise TypeError(
+        f"{name} has dtype {x.dtype} but {owner} has dtype {dtype}; cast it explicitly "
+        "first (no silent loss of precision)"
+    )
+
+
+def check_gradients(G: Any, *, require_finite: bool, name: str = "G") -> Any:
+    """A non-empty 2-D float32/float64 array of gradients (rows); returns its namespace."""
+    xp = namespace_of(G, name)
+    if G.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D array of shape (m, d), one gradient per row; "
+                         f"got shape {tuple(G.shape)}")
+    if G.shape[0] == 0 or G.shape[1] == 0:
+        raise ValueError(f"{name} must hold at least one gradient of at least one coordinate; "
+                         f"got shape {tuple(G.shape)}")
+    check_floating(xp, G, name)
+    if require_finite:
+        check_finite(xp, G, name)
+    return xp
+
+
+def check_index_array(idx: Any, name: str, *, xp: Any, device: Any, bound: int) -> Any:
+    """Integer indices in ``[0, bound)`` of the given library and device, as int64.
+
+    Any integer dtype is accepted; the result is int64 so that offsets computed
+    from it cannot wrap around (an int8 index times a block size would).
+    """
+    check_same_space(xp, device, idx, name, owner="the operator")
+    if not xp.isdtype(idx.dtype, "integral"):
+        raise TypeError(f"{name} must have an integer dtype, got {idx.dtype}")
+    if math.prod(idx.shape):
+        lo, hi = int(xp.min(idx)), int(xp.max(idx))
+        if lo < 0 or hi >= bound:
+            raise IndexError(f"{name} holds an index out of range [0, {bound}): "
+                             f"{lo if lo < 0 else hi}")
+    return xp.astype(idx, xp.int64)

@@ -32,15 +32,25 @@ them. All updated vectors have their pruned coordinates set to exactly zero.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from typing import Any, Literal, NamedTuple
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple, Protocol, runtime_checkable
 
 from ._compat import device as device_of
-from ._compat import namespace_name
+from ._compat import is_writeable_array
 from ._static import EmpiricalFisher, StaticIHVP
-from ._validation import check_floating, check_same_space, namespace_of
+from ._validation import (
+    check_choice,
+    check_count,
+    check_floating,
+    check_fraction,
+    check_gradients,
+    check_operand,
+    check_same_space,
+    namespace_of,
+)
 
 __all__ = [
+    "InverseFisherOperator",
     "PruneResult",
     "gradual_prune",
     "magnitude_saliency",
@@ -56,11 +66,48 @@ Saliency = Literal["obs", "obd", "magnitude"]
 Update = Literal["single", "joint", "none"]
 Schedule = Literal["linear", "cubic", "exponential"]
 
-#: Entries of ``F^{-1}`` requested from :meth:`StaticIHVP.entries` per call, times m.
-_ENTRY_BUDGET = 2**22
+#: Entries of ``F^{-1}`` requested from :meth:`StaticIHVP.entries` per call.
+_ENTRY_BUDGET = 2**20
 
 #: Slack when turning a sparsity into a count, so that 0.29 * 100 gives 29, not 28.
 _ROUND_SLACK = 1e-9
+
+
+@runtime_checkable
+class InverseFisherOperator(Protocol):
+    """What the pruning functions need from an inverse-Fisher operator.
+
+    :class:`~mfac_core.StaticIHVP` is one; any object with these members (for
+    instance a wrapper around another curvature approximation) can be used.
+
+    Attributes
+    ----------
+    shape : tuple of int
+        ``(d, d)``.
+    dtype, device, xp
+        The dtype, device and Array-API namespace of its arrays.
+    block_size : int
+        The size of the diagonal blocks of ``F^{-1}`` (``d`` for a full one):
+        entries across blocks are zero, and joint updates are block-wise.
+    """
+
+    shape: tuple[int, int]
+    dtype: Any
+    device: Any
+    block_size: int
+
+    @property
+    def xp(self) -> Any:
+        """The Array-API namespace of the operator's arrays."""
+
+    def matvec(self, x: Any, /) -> Any:
+        """``F^{-1} x``."""
+
+    def diagonal(self) -> Any:
+        """The diagonal of ``F^{-1}``."""
+
+    def entries(self, rows: Any, cols: Any, /) -> Any:
+        """``[F^{-1}]_{rows[k], cols[k]}``."""
 
 
 class PruneResult(NamedTuple):
@@ -105,56 +152,30 @@ def _check_mask(xp: Any, theta: Any, mask: Any) -> Any:
 
 def _check_bool(xp: Any, theta: Any, x: Any, name: str) -> None:
     """``x`` must be a boolean array of theta's library and device."""
-    xp_x = namespace_of(x, name)
-    if xp_x is not xp:
-        raise TypeError(f"{name} is a {namespace_name(xp_x)} array but theta is a "
-                        f"{namespace_name(xp)} array; convert it explicitly first")
-    if device_of(x) != device_of(theta):
-        raise ValueError(f"{name} is on device {device_of(x)!r} but theta on "
-                         f"{device_of(theta)!r}; move it explicitly first")
+    check_same_space(xp, device_of(theta), x, name, owner="theta")
     if x.dtype != xp.bool:
         raise TypeError(f"{name} must be a boolean array (True = kept), got dtype {x.dtype}")
 
 
 def _check_operator(ihvp: Any, theta: Any) -> Any:
-    if not (hasattr(ihvp, "matvec") and hasattr(ihvp, "shape") and hasattr(ihvp, "xp")):
-        raise TypeError(f"ihvp must be an inverse-Fisher operator such as StaticIHVP, got "
-                        f"{type(ihvp).__name__}")
+    """The operator's checks; returns ``theta`` in its dtype (promoted where lossless)."""
+    if not isinstance(ihvp, InverseFisherOperator):
+        raise TypeError(f"ihvp must be an inverse-Fisher operator such as StaticIHVP (see "
+                        f"InverseFisherOperator), got {type(ihvp).__name__}")
     d = theta.shape[0]
     if tuple(ihvp.shape) != (d, d):
         raise ValueError(f"ihvp has shape {tuple(ihvp.shape)} but theta has {d} weights")
-    check_same_space(ihvp.xp, ihvp.device, ihvp.dtype, theta, "theta", owner=repr(ihvp))
-    return ihvp.xp
-
-
-def _check_sparsity(sparsity: Any) -> float:
-    try:
-        value = float(sparsity)
-    except (TypeError, ValueError):
-        raise TypeError(f"sparsity must be a real number, got {sparsity!r}") from None
-    if not 0.0 <= value < 1.0:
-        raise ValueError(f"sparsity must lie in [0, 1), got {sparsity!r}")
-    return value
-
-
-def _check_positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return value
-
-
-def _check_choice(value: Any, name: str, choices: Sequence[str]) -> str:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
-    return value
+    return check_operand(ihvp.xp, ihvp.device, ihvp.dtype, theta, "theta", owner=repr(ihvp))
 
 
 def _check_grads(xp: Any, theta: Any, G: Any) -> None:
-    check_same_space(xp, device_of(theta), theta.dtype, G, "G", owner="theta")
+    check_gradients(G, require_finite=False)
+    check_same_space(xp, device_of(theta), G, "G", owner="theta")
+    if G.dtype != theta.dtype:
+        raise TypeError(f"G has dtype {G.dtype} but theta has dtype {theta.dtype}; cast one "
+                        "explicitly first")
     d = theta.shape[0]
-    if G.ndim != 2 or G.shape[1] != d or G.shape[0] == 0:
+    if G.shape[1] != d:
         raise ValueError(f"G must have shape (m, {d}) with m >= 1, one gradient per row, got "
                          f"{tuple(G.shape)}")
 
@@ -162,7 +183,7 @@ def _check_grads(xp: Any, theta: Any, G: Any) -> None:
 # -- saliencies ---------------------------------------------------------------------------
 
 
-def obs_saliency(theta: Any, ihvp: StaticIHVP, /) -> Any:
+def obs_saliency(theta: Any, ihvp: InverseFisherOperator, /) -> Any:
     r"""The OBS/OBD saliency ``theta_i^2 / (2 [F^{-1}]_ii)`` of every weight.
 
     The increase of the quadratic model of the loss when weight ``i`` alone is
@@ -172,10 +193,10 @@ def obs_saliency(theta: Any, ihvp: StaticIHVP, /) -> Any:
     ----------
     theta : array, shape (d,)
         The flat weights.
-    ihvp : StaticIHVP
-        The inverse Fisher ``F^{-1}`` over the same d coordinates, in the
-        namespace, device and dtype of ``theta``; its ``diagonal()`` is used
-        (O(d m)).
+    ihvp : InverseFisherOperator
+        The inverse Fisher ``F^{-1}`` over the same d coordinates, such as a
+        :class:`~mfac_core.StaticIHVP`, in the namespace and on the device of
+        ``theta``; its ``diagonal()`` is used (O(d m)).
 
     Returns
     -------
@@ -203,7 +224,7 @@ def obs_saliency(theta: Any, ihvp: StaticIHVP, /) -> Any:
     True
     """
     _check_theta(theta)
-    _check_operator(ihvp, theta)
+    theta = _check_operator(ihvp, theta)
     return theta * theta / (2 * ihvp.diagonal())
 
 
@@ -335,16 +356,13 @@ def select_pruned(
     if (sparsity is None) == (count is None):
         raise ValueError("give exactly one of sparsity and count")
     if sparsity is not None:
-        sparsity = _check_sparsity(sparsity)
+        sparsity = check_fraction(sparsity, "sparsity")
     else:
-        if isinstance(count, bool) or not isinstance(count, int):
-            raise TypeError(f"count must be an int, got {count!r}")
-        if count < 0:
-            raise ValueError(f"count must be >= 0, got {count}")
+        count = check_count(count, "count", minimum=0)
     if bool(xp.any(xp.isnan(scores))):
         raise ValueError("scores must not contain NaN")
     d = scores.shape[0]
-    B = d if block_size is None else min(_check_positive_int(block_size, "block_size"), d)
+    B = d if block_size is None else min(check_count(block_size, "block_size"), d)
     dev = device_of(scores)
     nb = -(-d // B)
     pad = nb * B - d
@@ -385,7 +403,7 @@ def select_pruned(
 
 def obs_update(
     theta: Any,
-    ihvp: StaticIHVP,
+    ihvp: InverseFisherOperator,
     selected: Any,
     /,
     *,
@@ -467,7 +485,7 @@ def obs_update(
     True
     """
     xp = _check_theta(theta)
-    _check_operator(ihvp, theta)
+    theta = _check_operator(ihvp, theta)
     mask = _check_mask(xp, theta, mask)
     _check_bool(xp, theta, selected, "selected")
     d = theta.shape[0]
@@ -478,8 +496,8 @@ def obs_update(
     if not bool(xp.any(selected)):
         return xp.where(gone, zero, theta)
     if joint:
-        B = getattr(ihvp, "block_size", d) if block_size is None else block_size
-        B = min(_check_positive_int(B, "block_size"), d)
+        B = min(check_count(ihvp.block_size if block_size is None else block_size,
+                            "block_size"), d)
         coef = _joint_coefficients(xp, theta, ihvp, selected, B, max_joint_size)
     else:
         coef = xp.where(selected, theta / ihvp.diagonal(), zero)
@@ -521,8 +539,7 @@ def _joint_coefficients(xp: Any, theta: Any, ihvp: Any, selected: Any, B: int,
     packed = xp.reshape(lo * p - (lo * (lo - 1)) // 2 + (hi - lo), (-1,))
     rows_all = xp.take(idx, tri_r, axis=1)  # (nb, n_tri)
     cols_all = xp.take(idx, tri_c, axis=1)
-    scale = getattr(ihvp, "num_grads", 1)
-    chunk = max(1, _ENTRY_BUDGET // max(1, n_tri * scale))
+    chunk = max(1, _ENTRY_BUDGET // max(1, n_tri))
     parts = []
     for b0 in range(0, nb, chunk):
         b1 = min(nb, b0 + chunk)
@@ -626,9 +643,9 @@ def prune(
     True
     """
     xp = _check_theta(theta)
-    sparsity = _check_sparsity(sparsity)
-    _check_choice(saliency, "saliency", ("obs", "obd", "magnitude"))
-    _check_choice(update, "update", ("single", "joint", "none"))
+    sparsity = check_fraction(sparsity, "sparsity")
+    check_choice(saliency, "saliency", ("obs", "obd", "magnitude"))
+    check_choice(update, "update", ("single", "joint", "none"))
     mask = _check_mask(xp, theta, mask)
     needs_grads = saliency != "magnitude" or update != "none"
     if G is None:
@@ -637,16 +654,18 @@ def prune(
                              "gradients G")
     else:
         _check_grads(xp, theta, G)
+        # A masked copy, then the set-up writes W over it: two m x d arrays in all.
         G = G * xp.astype(mask, G.dtype)
+    if saliency == "obd":
+        scores = obd_saliency(theta, G, damp=damp)  # before the set-up overwrites G
+    elif saliency == "magnitude":
+        scores = magnitude_saliency(theta)
     ihvp = None
     if saliency == "obs" or update != "none":
-        ihvp = StaticIHVP(G, damp=damp, block_size=block_size)
+        ihvp = StaticIHVP(G, damp=damp, block_size=block_size,
+                          overwrite_G=is_writeable_array(G))
     if saliency == "obs":
         scores = obs_saliency(theta, ihvp)
-    elif saliency == "obd":
-        scores = obd_saliency(theta, G, damp=damp)
-    else:
-        scores = magnitude_saliency(theta)
     selected = select_pruned(scores, sparsity=sparsity, mask=mask,
                              block_size=selection_block_size)
     if update == "none":
@@ -688,11 +707,11 @@ def sparsity_schedule(start: float, end: float, steps: int, /, *,
     >>> [round(s, 3) for s in sparsity_schedule(0.0, 0.9, 2, schedule="exponential")]
     [0.684, 0.9]
     """
-    start, end = _check_sparsity(start), _check_sparsity(end)
+    start, end = check_fraction(start, "start"), check_fraction(end, "end")
     if start > end:
         raise ValueError(f"the target sparsity {end} is below the current one {start}")
-    T = _check_positive_int(steps, "steps")
-    _check_choice(schedule, "schedule", ("linear", "cubic", "exponential"))
+    T = check_count(steps, "steps")
+    check_choice(schedule, "schedule", ("linear", "cubic", "exponential"))
     out = []
     for t in range(1, T + 1):
         f = t / T
@@ -791,7 +810,7 @@ def gradual_prune(
     (3, True)
     """
     xp = _check_theta(theta)
-    sparsity = _check_sparsity(sparsity)
+    sparsity = check_fraction(sparsity, "sparsity")
     mask = _check_mask(xp, theta, mask)
     if not callable(grad_fn):
         raise TypeError(f"grad_fn must be callable, got {type(grad_fn).__name__}")

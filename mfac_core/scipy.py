@@ -7,12 +7,8 @@ them unchanged.
 
 from __future__ import annotations
 
-from typing import Any
-
-import numpy as np
 import scipy.sparse.linalg
 
-from ._compat import is_numpy_namespace, namespace_name
 from ._operator import LinearOperator
 
 __all__ = ["to_scipy"]
@@ -20,6 +16,8 @@ __all__ = ["to_scipy"]
 
 def to_scipy(op: LinearOperator, /) -> scipy.sparse.linalg.LinearOperator:
     """A :class:`scipy.sparse.linalg.LinearOperator` that calls ``op``.
+
+    The same as ``op.to_scipy()`` (see :meth:`mfac_core.LinearOperator.to_scipy`).
 
     Parameters
     ----------
@@ -53,23 +51,4 @@ def to_scipy(op: LinearOperator, /) -> scipy.sparse.linalg.LinearOperator:
     """
     if not isinstance(op, LinearOperator):
         raise TypeError(f"to_scipy expects an mfac_core LinearOperator, got {type(op).__name__}")
-    if not is_numpy_namespace(op.xp):
-        raise TypeError(
-            f"to_scipy needs a NumPy-backed operator, but {op!r} works on "
-            f"{namespace_name(op.xp)} arrays; SciPy would copy every vector into NumPy. Build "
-            "the operator from NumPy arrays, or call its matvec directly")
-
-    def cast(x: Any) -> np.ndarray:
-        # SciPy's solvers hand in float64 work vectors or views; the operator wants
-        # its own dtype, and refuses a silent change of precision from its users,
-        # so the conversion happens here, where the SciPy contract asks for it.
-        return np.asarray(x, dtype=op.dtype)
-
-    return scipy.sparse.linalg.LinearOperator(
-        op.shape,
-        matvec=lambda x: op.matvec(cast(x)),
-        rmatvec=lambda x: op.rmatvec(cast(x)),
-        matmat=lambda X: op.matmat(cast(X)),
-        rmatmat=lambda X: op.rmatmat(cast(X)),
-        dtype=op.dtype,
-    )
+    return op.to_scipy()

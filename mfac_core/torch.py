@@ -19,7 +19,6 @@ factor and every buffer are allocated there once.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -29,21 +28,11 @@ from torch import nn
 from . import pruning
 from ._compat import array_namespace
 from ._dynamic import DynamicIHVP
+from ._validation import check_choice, check_count, check_damp, check_fraction, check_number
 
 __all__ = ["MFAC", "MFACPruner"]
 
 _PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
-def _check_number(value: Any, name: str, *, high: float = math.inf) -> float:
-    """``value`` as a float in ``[0, high)``; ``TypeError``/``ValueError`` otherwise."""
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a real number, got {value!r}") from None
-    if not (math.isfinite(out) and 0.0 <= out < high):
-        raise ValueError(f"{name} must be finite and lie in [0, {high}), got {value!r}")
-    return out
 
 
 class MFAC(torch.optim.Optimizer):
@@ -141,11 +130,10 @@ class MFAC(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         zero_init: bool = True,
     ) -> None:
-        lr = _check_number(lr, "lr")
-        momentum = _check_number(momentum, "momentum", high=1.0)
-        weight_decay = _check_number(weight_decay, "weight_decay")
-        if isinstance(num_grads, bool) or not isinstance(num_grads, int) or num_grads < 1:
-            raise ValueError(f"num_grads must be an int >= 1, got {num_grads!r}")
+        lr = check_number(lr, "lr", low=0.0)
+        momentum = check_number(momentum, "momentum", low=0.0, high=1.0, high_open=True)
+        weight_decay = check_number(weight_decay, "weight_decay", low=0.0)
+        num_grads = check_count(num_grads, "num_grads")
         self._frozen = False
         super().__init__(params, {"lr": lr, "momentum": momentum,
                                   "weight_decay": weight_decay})
@@ -375,10 +363,10 @@ class MFACPruner:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if isinstance(num_grads, bool) or not isinstance(num_grads, int) or num_grads < 1:
-            raise ValueError(f"num_grads must be an int >= 1, got {num_grads!r}")
-        pruning._check_choice(saliency, "saliency", ("obs", "obd", "magnitude"))
-        pruning._check_choice(update, "update", ("single", "joint", "none"))
+        num_grads = check_count(num_grads, "num_grads")
+        damp = check_damp(damp)
+        check_choice(saliency, "saliency", ("obs", "obd", "magnitude"))
+        check_choice(update, "update", ("single", "joint", "none"))
         self.model = model
         self.num_grads = num_grads
         self.block_size = block_size
@@ -554,7 +542,7 @@ class MFACPruner:
         ValueError
             For a sparsity outside ``[0, 1)`` or ``steps < 1``.
         """
-        sparsity = pruning._check_sparsity(sparsity)
+        sparsity = check_fraction(sparsity, "sparsity")
 
         def grad_fn(theta: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
             self._write(theta, mask)

@@ -27,7 +27,9 @@ import pytest
 import scipy.linalg
 from array_api_compat import array_namespace
 
-from mfac_core import _cholesky, _kernels, _linalg
+import mfac_core
+from mfac_core import _kernels, _linalg
+from mfac_core._errors import NotPositiveDefinite
 from mfac_core._kernels import _plan
 from mfac_core._kernels._source import DIRECTORY, SOURCES, kernel_source
 
@@ -227,7 +229,7 @@ def test_cholesky_reports_the_first_failing_minor_as_lapack(host, rng, pivot: in
     lapack_info = scipy.linalg.lapack.dpotrf(a[1], lower=True)[1]
     assert info.tolist() == [0, pivot + 1, 0] and lapack_info == pivot + 1
     assert rel_err(factor[[0, 2]], np.linalg.cholesky(a[[0, 2]])) <= tol(100)
-    with pytest.raises(_linalg._NotPositiveDefinite, match=f"order {pivot + 1}.*matrix \\(1,\\)"):
+    with pytest.raises(NotPositiveDefinite, match=f"order {pivot + 1}.*matrix \\(1,\\)"):
         host.cholesky(a)
 
 
@@ -321,7 +323,7 @@ def _factor_problem(rng: np.random.Generator, k: int) -> tuple[np.ndarray, np.nd
 def test_replace_matches_the_array_api_version(host, rng, k: int, p: int) -> None:
     u, b, c = _factor_problem(rng, k)
     xp = array_namespace(np.zeros(1))
-    ref = _cholesky.replace(xp, u, p, b, c, np.zeros_like(u))
+    ref = _linalg.replace_row(xp, u, p, b, c, np.zeros_like(u))
     out = host.replace(u, p, b, c, out=np.full_like(u, np.nan))
     assert rel_err(out, ref) <= tol(k)
     assert np.all(np.tril(out, -1) == 0)
@@ -335,9 +337,9 @@ def test_replace_refuses_a_dependent_row_as_the_array_api_version(host, rng) -> 
     b = c_mat[keep, 3]  # the new row duplicates row 3: pivot ~ 0 relative to c
     c = float(c_mat[3, 3]) * (1 - 1e-15)
     xp = array_namespace(np.zeros(1))
-    with pytest.raises(_linalg._NotPositiveDefinite, match="pivot"):
-        _cholesky.replace(xp, u, p, b, c, np.zeros_like(u))
-    with pytest.raises(_linalg._NotPositiveDefinite, match="pivot"):
+    with pytest.raises(NotPositiveDefinite, match="pivot"):
+        _linalg.replace_row(xp, u, p, b, c, np.zeros_like(u))
+    with pytest.raises(NotPositiveDefinite, match="pivot"):
         host.replace(u, p, b, c)
 
 
@@ -392,20 +394,20 @@ def test_plans() -> None:
 
 def test_switch(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MFAC_CUPY_LINALG", raising=False)
-    assert _kernels.get_cupy_linalg() == "auto"
+    assert mfac_core.get_cupy_linalg() == "auto"
     monkeypatch.setenv("MFAC_CUPY_LINALG", "cusolver")
-    assert _kernels.get_cupy_linalg() == "cusolver"  # read at call time
-    previous = _kernels.set_cupy_linalg("kernels")
+    assert mfac_core.get_cupy_linalg() == "cusolver"  # read at call time
+    previous = mfac_core.set_cupy_linalg("kernels")
     try:
-        assert previous is None and _kernels.get_cupy_linalg() == "kernels"
+        assert previous is None and mfac_core.get_cupy_linalg() == "kernels"
     finally:
-        _kernels.set_cupy_linalg(previous)
-    assert _kernels.get_cupy_linalg() == "cusolver"
+        mfac_core.set_cupy_linalg(previous)
+    assert mfac_core.get_cupy_linalg() == "cusolver"
     monkeypatch.setenv("MFAC_CUPY_LINALG", "magma")
     with pytest.raises(ValueError, match="MFAC_CUPY_LINALG must be one of auto, kernels, cusolver"):
-        _kernels.get_cupy_linalg()
+        mfac_core.get_cupy_linalg()
     with pytest.raises(ValueError, match="one of"):
-        _kernels.set_cupy_linalg("cublas")
+        mfac_core.set_cupy_linalg("cublas")
 
 
 def test_importing_the_package_does_not_import_cupy() -> None:
@@ -482,13 +484,13 @@ def test_cupy_kernels_match_numpy(cupy, rng, m: int) -> None:
 def test_cupy_replace_and_errors(cupy, rng) -> None:
     u, b, c = _factor_problem(rng, 90)
     xp = array_namespace(np.zeros(1))
-    ref = _cholesky.replace(xp, u, 30, b, c, np.zeros_like(u))
+    ref = _linalg.replace_row(xp, u, 30, b, c, np.zeros_like(u))
     out = cupy.zeros_like(cupy.asarray(u))
     _kernels.replace(None, cupy.asarray(u), 30, cupy.asarray(b), c, out)
     assert rel_err(cupy.asnumpy(out), ref) <= tol(90)
     a = spd(rng, 50)
     a[10, 10] = -1
-    with pytest.raises(_linalg._NotPositiveDefinite):
+    with pytest.raises(NotPositiveDefinite):
         _kernels.cholesky(cupy.asarray(a))
     with pytest.raises(TypeError, match=r"cupy\.ndarray"):
         _kernels.cholesky(a)

@@ -382,8 +382,10 @@ def test_bad_shapes_and_types(rng):
         prune(theta, G, sparsity=0.5, mask=mask[:3])
     with pytest.raises(TypeError, match="bool"):
         prune(theta, G, sparsity=0.5, mask=mask.astype(np.int64))
-    with pytest.raises(TypeError, match="dtype"):
-        obs_saliency(theta.astype(np.float32), ihvp)
+    with pytest.raises(TypeError, match="dtype"):  # float64 weights, float32 operator: lossy
+        obs_saliency(theta, StaticIHVP(G.astype(np.float32), damp=0.1))
+    promoted = obs_saliency(theta.astype(np.float32), ihvp)  # lossless: promoted
+    assert promoted.dtype == np.float64
     with pytest.raises(TypeError):
         prune(list(theta), G, sparsity=0.5)
     with pytest.raises(TypeError, match="floating"):

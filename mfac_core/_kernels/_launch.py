@@ -115,7 +115,7 @@ def cholesky(a: Any, *, dtype: Any = None) -> Any:
     """Lower Cholesky factors of the SPD stack ``a`` (..., n, n); upper triangles are zero.
 
     Computed in float64 unless ``dtype=cupy.float32``. Reads ``info`` back (one
-    synchronisation) and raises ``mfac_core._linalg._NotPositiveDefinite`` naming the first
+    synchronisation) and raises ``mfac_core._errors.NotPositiveDefinite`` naming the first
     failing matrix and minor.
     """
     _check(a, "a")
@@ -142,10 +142,10 @@ def triangular_inverse(t: Any, *, lower: bool = True, dtype: Any = None) -> Any:
 
 def replace(xp: Any, U: Any, p: int, b: Any, c: float, out: Any, /, *,
             block: int | None = None) -> Any:
-    """Drop-in for ``_cholesky.replace(xp, U, p, b, c, out)`` on CuPy arrays.
+    """Drop-in for the generic row edit ``mfac_core._linalg.replace_row`` on CuPy arrays.
 
     ``xp`` and ``block`` (the panel height of the array-API version) are accepted for the
-    same signature and not used. Raises ``_NotPositiveDefinite`` if the new pivot is not
+    same signature and not used. Raises ``NotPositiveDefinite`` if the new pivot is not
     positive (after a synchronisation, as the array-API version).
     """
     del xp, block

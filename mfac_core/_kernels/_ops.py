@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .._linalg import _NotPositiveDefinite
+from .._errors import NotPositiveDefinite
 from . import _plan
 
 __all__ = ["cholesky", "potrf", "replace", "solve_triangular", "triangular_inverse"]
@@ -81,7 +81,7 @@ def potrf(ex: ArrayExecutor, a: Any, *, dtype: Any = None) -> tuple[Any, Any]:
 
 
 def cholesky(ex: ArrayExecutor, a: Any, *, dtype: Any = None) -> Any:
-    """:func:`potrf` that raises ``_NotPositiveDefinite`` (after a synchronisation)."""
+    """:func:`potrf` that raises ``NotPositiveDefinite`` (after a synchronisation)."""
     factor, info = potrf(ex, a, dtype=dtype)
     if info.size:
         host = ex.to_host(info)
@@ -91,7 +91,7 @@ def cholesky(ex: ArrayExecutor, a: Any, *, dtype: Any = None) -> Any:
             if host.ndim:
                 index = tuple(int(i) for i in np.unravel_index(bad[0], host.shape))
                 where = f" (matrix {index} of the stack)"
-            raise _NotPositiveDefinite(
+            raise NotPositiveDefinite(
                 f"leading minor of order {int(host.flat[bad[0]])} is not positive "
                 f"definite{where}")
     return factor
@@ -153,11 +153,11 @@ def triangular_inverse(ex: ArrayExecutor, t: Any, *, lower: bool = True,
 def replace(ex: ArrayExecutor, U: Any, p: Any, b: Any, c: Any, out: Any) -> Any:
     """Factor of ``C = U^T U`` with row/column ``p`` removed and ``[b; c]`` appended last.
 
-    The semantics of ``_cholesky.replace``: ``U`` (k, k) upper (its strict lower triangle is
-    not read), ``b`` (k - 1,), ``out`` (k, k) C-contiguous with U's dtype and not overlapping
-    ``U``, written and returned. Raises ``_NotPositiveDefinite`` (after a synchronisation) if
-    the new pivot is not > 1e-13 |c|; ``out`` then holds the edited factor with the last row
-    and column of the identity.
+    The semantics of ``mfac_core._linalg.replace_row``: ``U`` (k, k) upper (its strict
+    lower triangle is not read), ``b`` (k - 1,), ``out`` (k, k) C-contiguous with U's dtype
+    and not overlapping ``U``, written and returned. Raises ``NotPositiveDefinite`` (after a
+    synchronisation) if the new pivot is not > 1e-13 |c|; ``out`` then holds the edited
+    factor with the last row and column of the identity.
     """
     _check_floating(U, "U")
     k = _check_square(U, "U")
@@ -183,5 +183,5 @@ def replace(ex: ArrayExecutor, U: Any, p: Any, b: Any, c: Any, out: Any) -> Any:
     arrays = {"U": ex.contiguous(U, dt), "out": out, "b": ex.contiguous(b, dt)}
     status = ex.to_host(_plan.execute(plan, ex, arrays)["status"])
     if status[1] != 0:
-        raise _NotPositiveDefinite(f"pivot {float(status[0]):g} not positive")
+        raise NotPositiveDefinite(f"pivot {float(status[0]):g} not positive")
     return out

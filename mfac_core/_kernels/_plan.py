@@ -39,7 +39,7 @@ TRSM_FORWARD, TRSM_TRANS, TRSM_IDENTITY = 1, 2, 4
 #: CUDA's limit on ``gridDim.x``; sizes are passed as C ``int`` and must fit it too.
 MAX_GRID = 2**31 - 1
 MAX_INT = 2**31 - 1
-#: The appended pivot must exceed this times ``|c|``: the threshold of ``_cholesky.replace``.
+#: The appended pivot must exceed this times ``|c|``: the threshold of the generic row edit.
 PIVOT_RTOL = 1e-13
 
 #: Kernel-name suffix per compute dtype.
@@ -204,7 +204,7 @@ def replace(k: int, p: int, c: float, dtype: str, *, rtol: float = PIVOT_RTOL) -
     """Delete row/column ``p`` of the upper factor ``U`` (k x k), append ``[b; c]``.
 
     Binds ``U`` (read), ``out`` (k x k, written) and ``b`` (k - 1 entries); writes
-    ``status = [pivot, failed]``. The same steps as ``_cholesky.replace``: ``q = V^{-T} u``
+    ``status = [pivot, failed]``. The same steps as the generic row edit: ``q = V^{-T} u``
     for ``V = U[p+1:, p+1:]``, ``u = U[p, p+1:]``; the closed-form rank-one update; the new
     column ``col = out[:n, :n]^{-T} b`` and its pivot ``c - col.col``.
     """

@@ -17,17 +17,21 @@ loop of k dependent scalar steps, in any Array-API library.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-from . import _linalg
-from ._compat import device
+from .._compat import device
+from .._errors import NotPositiveDefinite
 
-__all__ = ["replace"]
+__all__ = ["PANEL_ROWS", "replace"]
 
-#: Rows per panel of the rank-one update. The panel products cost ~PANEL_ROWS * k^2
-#: flops in all, the Python loop k / PANEL_ROWS steps; 32 was fastest at k = 1024
-#: on a 2-core Xeon (3.4 ms against 4.1 ms for 64 and 5.1 ms for 16).
+#: Rows per panel of the rank-one update: the panel products cost ~PANEL_ROWS * k^2
+#: flops in all, the Python loop k / PANEL_ROWS steps (timings of the choice:
+#: benchmarks/RESULTS.md).
 PANEL_ROWS = 32
+
+#: ``solve(T, B, lower, trans)``: a backend's triangular solve.
+Solve = Callable[[Any, Any, bool, bool], Any]
 
 
 def _rank_one_update(xp: Any, V: Any, q: Any, out: Any, at: int, block: int) -> None:
@@ -55,12 +59,14 @@ def _rank_one_update(xp: Any, V: Any, q: Any, out: Any, at: int, block: int) -> 
         tail[j0:] = tail[j0:] + qJ @ VJ
 
 
-def replace(xp: Any, U: Any, p: int, b: Any, c: float, out: Any, /, *,
+def replace(xp: Any, solve: Solve, U: Any, p: int, b: Any, c: float, out: Any, /, *,
             block: int = PANEL_ROWS) -> Any:
     """Factor of C with row/column p removed and ``[b; c]`` appended last.
 
     Parameters
     ----------
+    solve : callable
+        The backend's triangular solve, ``solve(T, B, lower, trans)``.
     U : array (k, k)
         Upper factor of ``C``, float64.
     p : int
@@ -72,7 +78,7 @@ def replace(xp: Any, U: Any, p: int, b: Any, c: float, out: Any, /, *,
     out : array (k, k)
         Where the new factor is written (not ``U``).
 
-    Raises ``_linalg._NotPositiveDefinite`` if the new pivot is not positive,
+    Raises ``NotPositiveDefinite`` if the new pivot is not positive,
     that is, if the new row is numerically dependent on the others.
     """
     k = U.shape[0]
@@ -82,7 +88,7 @@ def replace(xp: Any, U: Any, p: int, b: Any, c: float, out: Any, /, *,
     # Solving with the whole (contiguous) U gives it without copying V:
     # U^T y = U_pp e_p has y[:p] = 0, y[p] = 1 and y[p+1:] = -q.
     rhs = xp.where(xp.arange(k, device=dev) == p, U[p, p], 0.0)
-    q = -_linalg.solve_triangular(xp, U, rhs[:, None], lower=False, trans=True)[p + 1:, 0]
+    q = -solve(U, rhs[:, None], False, True)[p + 1:, 0]
     if p:
         out[:p, :p] = U[:p, :p]
         out[:p, p:n] = U[:p, p + 1:]
@@ -93,10 +99,10 @@ def replace(xp: Any, U: Any, p: int, b: Any, c: float, out: Any, /, *,
     out[:n, n] = 0.0
     out[n, :] = xp.astype(xp.arange(k, device=dev) == n, out.dtype)
     rhs = xp.concat([b, xp.zeros((1,), dtype=b.dtype, device=dev)])
-    col = _linalg.solve_triangular(xp, out, rhs[:, None], lower=False, trans=True)[:n, 0]
+    col = solve(out, rhs[:, None], False, True)[:n, 0]
     pivot = c - float(xp.vecdot(col, col))
     if not pivot > 1e-13 * abs(c):
-        raise _linalg._NotPositiveDefinite(f"pivot {pivot:g} not positive")
+        raise NotPositiveDefinite(f"pivot {pivot:g} not positive")
     out[:n, n] = col
     out[n, n] = pivot ** 0.5
     return out

@@ -1,6 +1,7 @@
 """Block-diagonal layout of the d coordinates and the passes over an m x d array.
 
-Both the static operators work on consecutive blocks of ``size`` coordinates;
+The layout says where blocks are, not how they are solved: the static operators
+work on consecutive blocks of ``size`` coordinates;
 the full (non-blocked) operator is the case of one block of size d. Blocks of
 equal size form a *group* that is processed as one stack, so a layout has at
 most two groups: the full blocks and a ragged last block.
@@ -17,40 +18,38 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["BlockGroup", "block_groups", "chunk_gram", "chunks", "lowrank_apply", "piece_stack",
-           "pieces"]
+__all__ = ["BlockGroup", "Piece", "block_groups", "chunk_gram", "chunks", "group_stack",
+           "lowrank_apply", "piece_columns", "piece_stack", "pieces"]
+
+#: ``(b0, b1, c0, c1)``: columns ``c0:c1`` of blocks ``b0:b1`` of a group.
+Piece = tuple[int, int, int, int]
 
 
 @dataclass(frozen=True)
 class BlockGroup:
-    """``count`` consecutive blocks of ``size`` coordinates starting at ``start``.
-
-    ``dense`` says whether the group stores dense ``size x size`` inverses
-    (cheaper when ``size <= m``) or the low-rank Woodbury form.
-    """
+    """``count`` consecutive blocks of ``size`` coordinates starting at ``start``."""
 
     start: int
     count: int
     size: int
-    dense: bool
 
     @property
     def end(self) -> int:
         return self.start + self.count * self.size
 
 
-def block_groups(dim: int, block_size: int, num_grads: int) -> tuple[BlockGroup, ...]:
+def block_groups(dim: int, block_size: int) -> tuple[BlockGroup, ...]:
     """Split ``dim`` coordinates into full blocks and a ragged last block."""
     full, ragged = divmod(dim, block_size)
     groups = []
     if full:
-        groups.append(BlockGroup(0, full, block_size, block_size <= num_grads))
+        groups.append(BlockGroup(0, full, block_size))
     if ragged:
-        groups.append(BlockGroup(full * block_size, 1, ragged, ragged <= num_grads))
+        groups.append(BlockGroup(full * block_size, 1, ragged))
     return tuple(groups)
 
 
-def chunks(group: BlockGroup, max_cols: int) -> Iterator[list[tuple[int, int, int, int]]]:
+def chunks(group: BlockGroup, max_cols: int) -> Iterator[list[Piece]]:
     """The pieces ``(b0, b1, c0, c1)`` of a group, in lists that cover whole blocks.
 
     A piece is either several whole blocks (then it is a chunk by itself), or
@@ -69,20 +68,20 @@ def chunks(group: BlockGroup, max_cols: int) -> Iterator[list[tuple[int, int, in
             yield [(b0, min(b0 + per, group.count), 0, s)]
 
 
-def pieces(group: BlockGroup, max_cols: int) -> Iterator[tuple[int, int, int, int]]:
+def pieces(group: BlockGroup, max_cols: int) -> Iterator[Piece]:
     """All pieces of a group, chunk after chunk (see :func:`chunks`)."""
     for chunk in chunks(group, max_cols):
         yield from chunk
 
 
-def piece_columns(group: BlockGroup, piece: tuple[int, int, int, int]) -> tuple[int, int]:
+def piece_columns(group: BlockGroup, piece: Piece) -> tuple[int, int]:
     """The column range of G that a piece covers."""
     b0, b1, c0, c1 = piece
     s = group.size
     return group.start + b0 * s + c0, group.start + (b1 - 1) * s + c1
 
 
-def piece_stack(xp: Any, A: Any, group: BlockGroup, piece: tuple[int, int, int, int]) -> Any:
+def piece_stack(xp: Any, A: Any, group: BlockGroup, piece: Piece) -> Any:
     """The columns of ``A`` (m x d) in a piece as a ``(blocks, m, width)`` view."""
     lo, hi = piece_columns(group, piece)
     b0, b1, c0, c1 = piece
@@ -101,7 +100,7 @@ def chunk_gram(
     xp: Any,
     G: Any,
     group: BlockGroup,
-    chunk: list[tuple[int, int, int, int]],
+    chunk: list[Piece],
     product: Callable[[Any], Any],
     progress: Callable[[int], None] | None = None,
 ) -> Any:

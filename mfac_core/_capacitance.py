@@ -1,0 +1,223 @@
+"""The capacitance factor: ``C = shift * I + scale * Gram`` in float64, shared by every operator.
+
+Both operators reduce F^{-1} to a small symmetric positive definite matrix of
+this form: the static Woodbury form and the dynamic window use the m x m
+``C = m damp I + G G^T`` (shift ``m damp``, scale 1), dense blocks of the static
+operator the B x B ``F_b = damp I + G_b^T G_b / m`` (shift ``damp``, scale
+``1/m``). In every case the condition number of F is that of C,
+
+    kappa = 1 + scale * lambda_max(Gram) / shift,
+
+and this module is the one place that factorises such a matrix, estimates
+kappa, edits the factor and words the error when float64 cannot factorise it.
+
+Convention: the upper Cholesky factor, ``C = U^T U`` (LAPACK's ``uplo='U'``),
+for a single matrix or a stack. ``U^{-T} = L^{-1}`` is what the static operator
+applies to G (``W = U^{-T} G``); the dynamic operator edits rows of ``U``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+from . import _linalg
+from ._compat import array_namespace, device
+from ._errors import FactorizationError, IllConditionedWarning, NotPositiveDefinite
+
+__all__ = ["CapacitanceFactor", "factorize", "kappa_bounds", "warn_if_hopeless"]
+
+#: Power iterations behind the lower bound of lambda_max (O(k^2) each).
+_POWER_ITERATIONS = 4
+
+
+def lambda_max_bounds(xp: Any, gram: Any, /) -> tuple[Any, Any]:
+    """Lower and upper bounds of the largest eigenvalue of each PSD matrix of a stack.
+
+    The upper bound is the trace. The lower bound is the largest Rayleigh quotient
+    of a few power iterations started from the unit vector of the largest diagonal
+    entry: its quotient is that entry, at least ``trace / k >= lambda_max / k``, and
+    power iterations on a PSD matrix never lower the quotient, so the bound cannot
+    collapse to zero for a nonzero Gram (a start such as the all-ones vector can
+    lie in the null space, e.g. for gradients that sum to zero).
+
+    Returns arrays of the stack's leading shape (float64).
+    """
+    diag = xp.linalg.diagonal(gram)
+    upper = xp.sum(diag, axis=-1)
+    k = gram.shape[-1]
+    start = xp.argmax(diag, axis=-1)
+    v = xp.astype(xp.arange(k, device=device(gram)) == start[..., None], gram.dtype)[..., None]
+    lower = xp.max(diag, axis=-1)
+    for _ in range(_POWER_ITERATIONS):
+        w = gram @ v
+        # Rescale so that the iterates neither overflow nor underflow.
+        scale = xp.max(xp.abs(w), axis=(-2, -1), keepdims=True)
+        v = w / xp.where(scale > 0, scale, 1.0)
+        norm2 = xp.sum(v * v, axis=(-2, -1))
+        rayleigh = xp.sum(v * (gram @ v), axis=(-2, -1)) / xp.where(norm2 > 0, norm2, 1.0)
+        lower = xp.maximum(lower, rayleigh)
+    return lower, upper
+
+
+def kappa_bounds(xp: Any, gram: Any, /, *, shift: float, scale: float) -> tuple[float, float]:
+    """Bounds ``(lo, hi)`` of the largest condition number over a stack of capacitances.
+
+    ``kappa = 1 + scale * lambda_max(Gram) / shift`` for each matrix of the stack.
+    """
+    if not gram.shape[-1] or math.prod(gram.shape[:-2]) == 0:
+        return 1.0, 1.0
+    lo, hi = lambda_max_bounds(xp, gram)
+    return (1.0 + scale * float(xp.max(lo)) / shift, 1.0 + scale * float(xp.max(hi)) / shift)
+
+
+def factorization_error(damp: float, kappa: tuple[float, float], *,
+                        gram_dtype: str = "float64") -> FactorizationError:
+    """The one wording of a failed factorisation: it names damp and kappa."""
+    lo, hi = kappa
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return FactorizationError(
+            f"the Gram matrix of these gradients is not finite (damp={damp:g}): the gradients "
+            "hold NaN or infinity, or are so large that their squared norms overflow")
+    cause = (f"its Gram matrix was accumulated in {gram_dtype}, whose rounding can make a nearly "
+             "singular matrix indefinite; use float64 gradients, " if gram_dtype != "float64"
+             else "")
+    return FactorizationError(
+        f"the damped Fisher of these gradients is not numerically positive definite "
+        f"(damp={damp:g}, condition number kappa between {lo:.3g} and {hi:.3g}); {cause}"
+        "increase damp, or remove duplicated or nearly collinear gradients")
+
+
+def warn_if_hopeless(kappa_lower: float, *, damp: float, eps: float, dtype: Any,
+                     stacklevel: int = 3) -> None:
+    """Warn when ``eps * kappa >= 1``: products may then have no correct digit."""
+    if eps * kappa_lower >= 1.0:
+        warnings.warn(
+            f"F is so ill-conditioned (kappa >= {kappa_lower:.3g}, damp={damp:g}) that "
+            f"{dtype} products may have no correct digits; increase damp"
+            + (" or use float64" if eps > 1e-15 else ""), IllConditionedWarning,
+            stacklevel=stacklevel + 1)
+
+
+@dataclass(frozen=True)
+class CapacitanceFactor:
+    """The upper Cholesky factor ``U`` of ``C = shift * I + scale * Gram`` (float64).
+
+    ``U`` is one ``(k, k)`` matrix or a stack ``(..., k, k)``; its strict lower
+    triangle is zero.
+
+    Attributes
+    ----------
+    U : array
+        The factor.
+    shift, scale : float
+        The shape of C (see the module docstring).
+    kappa : tuple of float
+        Bounds ``(lo, hi)`` of the largest condition number, or ``None`` where
+        they were not computed (an edited factor).
+    """
+
+    U: Any
+    shift: float
+    scale: float
+    kappa: tuple[float, float] | None = None
+
+    @property
+    def xp(self) -> Any:
+        """The array namespace of ``U`` (derived, so that the object pickles)."""
+        return array_namespace(self.U)
+
+    @property
+    def size(self) -> int:
+        """k, the order of C."""
+        return int(self.U.shape[-1])
+
+    def lower_inverse(self) -> Any:
+        """``U^{-T}`` (lower triangular), so that ``C^{-1} = (U^{-T})^T U^{-T}``."""
+        xp = self.xp
+        with _linalg.small_work(xp):
+            return _linalg.triangular_inverse(xp, xp.matrix_transpose(self.U), lower=True)
+
+    def inverse(self) -> Any:
+        """``C^{-1}`` (float64), for matrices small enough to hold densely."""
+        Linv = self.lower_inverse()
+        with _linalg.small_work(self.xp):
+            return self.xp.matrix_transpose(Linv) @ Linv
+
+    def solve(self, P: Any, /) -> Any:
+        """``C^{-1} P`` by two triangular solves (never through an inverse)."""
+        xp = self.xp
+        with _linalg.small_work(xp):
+            Z = _linalg.solve_triangular(xp, self.U, P, lower=False, trans=True)
+            return _linalg.solve_triangular(xp, self.U, Z, lower=False)
+
+    def replace_row(self, p: int, b: Any, c: float, /, *, out: Any) -> CapacitanceFactor:
+        """The factor with row/column ``p`` removed and ``[b; c]`` appended last, in O(k^2).
+
+        ``b`` holds the new row's entries of ``scale * Gram`` against the other rows in
+        their order, ``c`` the new diagonal entry of C (shift included). The result
+        is written into ``out`` (a C-contiguous ``(k, k)`` float64 buffer, not ``U``).
+
+        Raises
+        ------
+        NotPositiveDefinite
+            If the new pivot is not positive; the caller refactorises in full.
+        """
+        with _linalg.small_work(self.xp):
+            U = _linalg.replace_row(self.xp, self.U, p, b, c, out)
+        return CapacitanceFactor(U, self.shift, self.scale)
+
+    def column_drift(self, columns: Any, want: Any, /) -> float:
+        """Largest relative error of ``diag(U^T U)`` on ``columns`` against ``want``.
+
+        A cheap check of an edited factor: rounding drift of the rank-one updates
+        spreads over every column, so a sample of columns sees it.
+        """
+        xp = self.xp
+        Uc = xp.take(self.U, columns, axis=1)
+        got = xp.sum(Uc * Uc, axis=0)
+        return float(xp.max(xp.abs(got - want) / want))
+
+
+def factorize(xp: Any, gram: Any, /, *, shift: float, scale: float, damp: float,
+              gram_dtype: str = "float64", out: Any = None) -> CapacitanceFactor:
+    """Factorise ``C = shift * I + scale * gram`` (float64; a matrix or a stack).
+
+    Parameters
+    ----------
+    xp : module
+        The namespace of ``gram``.
+    gram : array (..., k, k)
+        Symmetric positive semi-definite, float64.
+    shift, scale : float
+        The shape of C; ``shift > 0``.
+    damp : float
+        The damping, for the error message.
+    gram_dtype : str, optional
+        The dtype in which the Gram matrix was accumulated, for the error message.
+    out : array (k, k), optional
+        A C-contiguous float64 buffer for ``U`` (a single matrix only).
+
+    Raises
+    ------
+    FactorizationError
+        If some matrix of the stack is not numerically positive definite in
+        float64; the message names ``damp`` and bounds of ``kappa``.
+    """
+    with _linalg.small_work(xp):
+        kappa = kappa_bounds(xp, gram, shift=shift, scale=scale)
+        if not gram.shape[-1]:
+            return CapacitanceFactor(
+                xp.zeros(gram.shape, dtype=xp.float64, device=device(gram)), shift, scale, kappa)
+        eye = xp.eye(gram.shape[-1], dtype=xp.float64, device=device(gram))
+        try:
+            L = _linalg.cholesky(xp, scale * gram + shift * eye)
+        except NotPositiveDefinite:
+            raise factorization_error(damp, kappa, gram_dtype=gram_dtype) from None
+    U = xp.matrix_transpose(L)
+    if out is not None:
+        out[...] = U
+        U = out
+    return CapacitanceFactor(U, shift, scale, kappa)

@@ -1,0 +1,100 @@
+"""Small dense linear algebra on float64 matrices, chosen per array library.
+
+The operators need a few things on (stacks of) small float64 matrices: a
+Cholesky factor, triangular solves, the inverse of a triangular factor and the
+row edit of a factor. This package is the only place that knows which library
+provides them best: one module per backend (``_numpy``: NumPy/SciPy, ``_torch``,
+``_cupy``: this project's CUDA kernels or cuSOLVER/cuBLAS, with the policy
+that chooses, ``_jax``; ``_fallback``: any other Array-API namespace through
+``xp.linalg``). Backends are data: a :class:`~._backend.Backend` table looked up
+by namespace, not branches inside the algorithms.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from functools import cache
+from typing import Any
+
+from .._compat import (
+    device,
+    is_cupy_namespace,
+    is_jax_namespace,
+    is_numpy_namespace,
+    is_torch_namespace,
+)
+from .._errors import NotPositiveDefinite
+from . import _cupy, _fallback, _jax, _numpy, _rowedit, _torch
+from ._backend import Backend
+from ._cupy import CUPY_LINALG_CHOICES, get_cupy_linalg, set_cupy_linalg
+
+__all__ = ["CUPY_LINALG_CHOICES", "cholesky", "get_cupy_linalg", "matmul_into", "replace_row",
+           "set_cupy_linalg", "small_work", "solve_triangular", "triangular_inverse"]
+
+_MAKERS = ((is_numpy_namespace, _numpy.make_backend), (is_torch_namespace, _torch.make_backend),
+           (is_cupy_namespace, _cupy.make_backend), (is_jax_namespace, _jax.make_backend))
+
+
+@cache
+def _backend_for(xp: Any) -> Backend:
+    for test, make in _MAKERS:
+        if test(xp):
+            return make()
+    return _fallback.make_backend(xp)
+
+
+def cholesky(xp: Any, a: Any, /) -> Any:
+    """Lower Cholesky factor of each SPD matrix in the stack ``a``.
+
+    Raises ``NotPositiveDefinite`` when any matrix is not numerically positive
+    definite, whether the library raises or (CuPy, JAX) returns NaN.
+    """
+    factor = _backend_for(xp).cholesky(a)
+    diag = xp.linalg.diagonal(factor)
+    if not bool(xp.all(xp.isfinite(factor))) or not bool(xp.all(diag > 0)):
+        raise NotPositiveDefinite("factor has non-finite or non-positive pivots")
+    return factor
+
+
+def solve_triangular(xp: Any, t: Any, b: Any, /, *, lower: bool = True,
+                     trans: bool = False) -> Any:
+    """``t^{-1} b`` (or ``t^{-T} b`` with ``trans``) for triangular ``t``, batched."""
+    return _backend_for(xp).solve_triangular(t, b, lower, trans)
+
+
+def triangular_inverse(xp: Any, t: Any, /, *, lower: bool = True) -> Any:
+    """The inverse of each triangular matrix in the stack ``t``."""
+    inverse = _backend_for(xp).inverse
+    if inverse is not None and lower:
+        return inverse(t)
+    n = t.shape[-1]
+    eye = xp.eye(n, dtype=t.dtype, device=device(t))
+    if t.ndim > 2:
+        eye = xp.broadcast_to(eye, t.shape)
+    return solve_triangular(xp, t, eye, lower=lower)
+
+
+def matmul_into(xp: Any, a: Any, b: Any, out: Any, /) -> None:
+    """``out[...] = a @ b``, without a temporary where the library allows it."""
+    into = _backend_for(xp).matmul_into
+    if into is None:
+        out[...] = a @ b
+    else:
+        into(a, b, out)
+
+
+def replace_row(xp: Any, U: Any, p: int, b: Any, c: float, out: Any, /) -> Any:
+    """The upper factor of ``C = U^T U`` with row/column ``p`` removed and ``[b; c]`` appended.
+
+    Written into ``out`` (not ``U``) and returned; raises ``NotPositiveDefinite``
+    if the new pivot is not positive. O(k^2).
+    """
+    backend = _backend_for(xp)
+    if backend.replace is None:
+        return _rowedit.replace(xp, backend.solve_triangular, U, p, b, c, out)
+    return backend.replace(U, p, b, c, out)
+
+
+def small_work(xp: Any, /) -> contextlib.AbstractContextManager[None]:
+    """The context in which the backend of ``xp`` runs m x m work."""
+    return _backend_for(xp).small_work()

@@ -1,0 +1,140 @@
+"""CuPy: this project's CUDA kernels or cuSOLVER/cuBLAS, and the policy that chooses.
+
+The policy is public (:func:`mfac_core.set_cupy_linalg`, :func:`mfac_core.get_cupy_linalg`)
+and read at every call, so a change takes effect at once:
+
+- ``"auto"`` (default): each operation where it measured faster (``benchmarks/gpu.py``;
+  figures in ``benchmarks/RESULTS.md``): the kernels for stacks of matrices (the block-wise
+  operator) and for the row edit of a factor up to m = 1024, cuSOLVER/cuBLAS for a single
+  matrix's factorisation, inverse and solves;
+- ``"kernels"``: the kernels of ``mfac_core._kernels`` for everything;
+- ``"cusolver"``: CuPy's own ``cupy.linalg.cholesky`` (cuSOLVER) and
+  ``cupyx.scipy.linalg.solve_triangular`` (cuBLAS).
+
+The environment variable ``MFAC_CUPY_LINALG`` gives the choice unless
+:func:`set_cupy_linalg` overrides it in-process.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from .. import _kernels
+from .._compat import array_namespace
+from ._backend import Backend
+from ._rowedit import replace as generic_replace
+
+__all__ = ["CUPY_LINALG_CHOICES", "ENVIRONMENT_VARIABLE", "get_cupy_linalg", "make_backend",
+           "set_cupy_linalg"]
+
+#: The implementations of the small dense linear algebra on CuPy arrays.
+CUPY_LINALG_CHOICES = ("auto", "kernels", "cusolver")
+#: The environment variable read at every call unless :func:`set_cupy_linalg` overrides it.
+ENVIRONMENT_VARIABLE = "MFAC_CUPY_LINALG"
+#: The largest factor whose row edit ``"auto"`` sends to the kernels.
+AUTO_KERNEL_REPLACE_MAX = 1024
+
+_override: str | None = None
+
+
+def _check_choice(name: Any, source: str) -> str:
+    if not isinstance(name, str) or name not in CUPY_LINALG_CHOICES:
+        raise ValueError(f"{source} must be one of {', '.join(CUPY_LINALG_CHOICES)}; "
+                         f"got {name!r}")
+    return name
+
+
+def set_cupy_linalg(name: str | None, /) -> str | None:
+    """Choose the implementation of small dense linear algebra on CuPy arrays.
+
+    Parameters
+    ----------
+    name : {"auto", "kernels", "cusolver"} or None
+        ``"auto"``: per operation, where it measured faster; ``"kernels"``: this
+        package's CUDA kernels; ``"cusolver"``: cuSOLVER/cuBLAS through CuPy.
+        ``None`` removes the override, so that the environment variable
+        ``MFAC_CUPY_LINALG`` (or the default, ``"auto"``) decides again.
+
+    Returns
+    -------
+    str or None
+        The previous override, to restore it.
+
+    Raises
+    ------
+    ValueError
+        For any other name.
+
+    Examples
+    --------
+    >>> import mfac_core
+    >>> previous = mfac_core.set_cupy_linalg("cusolver")
+    >>> mfac_core.get_cupy_linalg()
+    'cusolver'
+    >>> _ = mfac_core.set_cupy_linalg(previous)
+    """
+    global _override
+    previous = _override
+    _override = None if name is None else _check_choice(name, "set_cupy_linalg's name")
+    return previous
+
+
+def get_cupy_linalg() -> str:
+    """The implementation in force for CuPy arrays.
+
+    Returns
+    -------
+    str
+        The override of :func:`set_cupy_linalg`, else ``MFAC_CUPY_LINALG``, else
+        ``"auto"``.
+
+    Raises
+    ------
+    ValueError
+        If ``MFAC_CUPY_LINALG`` names no implementation.
+    """
+    if _override is not None:
+        return _override
+    value = os.environ.get(ENVIRONMENT_VARIABLE, "").strip().lower()
+    return _check_choice(value, ENVIRONMENT_VARIABLE) if value else "auto"
+
+
+def make_backend() -> Backend:
+    """The CuPy backend; every call consults the policy."""
+    import cupy
+    import cupyx.scipy.linalg
+
+    def kernels_for(stacked: bool) -> bool:
+        mode = get_cupy_linalg()
+        return mode == "kernels" or (mode == "auto" and stacked)
+
+    def chol(a: Any) -> Any:
+        if kernels_for(a.ndim > 2):
+            # Raises NotPositiveDefinite from the kernels' LAPACK-style info.
+            return _kernels.cholesky(a)
+        # CuPy returns NaN instead of raising; the dispatcher catches that.
+        return cupy.linalg.cholesky(a)
+
+    def solve(t: Any, b: Any, lower: bool, trans: bool) -> Any:
+        if kernels_for(t.ndim > 2):
+            return _kernels.solve_triangular(t, b, lower=lower, trans=trans)
+        if t.ndim == 2:
+            return cupyx.scipy.linalg.solve_triangular(t, b, lower=lower, trans=1 if trans else 0)
+        # cupyx's triangular solve is not batched; a batched LU solve is, and the
+        # systems are small.
+        return cupy.linalg.solve(cupy.swapaxes(t, -1, -2) if trans else t, b)
+
+    def inverse(t: Any) -> Any:
+        if kernels_for(t.ndim > 2):
+            return _kernels.triangular_inverse(t)
+        eye = cupy.broadcast_to(cupy.eye(t.shape[-1], dtype=t.dtype), t.shape)
+        return solve(t, eye, True, False)
+
+    def replace(U: Any, p: int, b: Any, c: float, out: Any) -> Any:
+        mode = get_cupy_linalg()
+        if mode == "kernels" or (mode == "auto" and U.shape[0] <= AUTO_KERNEL_REPLACE_MAX):
+            return _kernels.replace(cupy, U, p, b, c, out)
+        return generic_replace(array_namespace(U), solve, U, p, b, c, out)
+
+    return Backend(chol, solve, inverse, replace)

@@ -1,0 +1,60 @@
+"""NumPy: LAPACK through NumPy and SciPy."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from functools import cache
+from typing import Any
+
+import numpy as np
+
+from .._errors import NotPositiveDefinite
+from ._backend import Backend
+
+__all__ = ["make_backend"]
+
+
+@cache
+def _blas_controller() -> Any:
+    # Created on first use, once NumPy's and SciPy's BLAS libraries are both loaded.
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
+
+
+@contextlib.contextmanager
+def _one_blas_thread() -> Iterator[None]:
+    with _blas_controller().limit(limits=1, user_api="blas"):
+        yield
+
+
+def make_backend() -> Backend:
+    """The backend over ``numpy.linalg`` and ``scipy.linalg``."""
+    import scipy.linalg
+
+    def chol(a: Any) -> Any:
+        try:
+            return np.linalg.cholesky(a)
+        except np.linalg.LinAlgError as exc:
+            raise NotPositiveDefinite(str(exc)) from None
+
+    def solve(t: Any, b: Any, lower: bool, trans: bool) -> Any:
+        return scipy.linalg.solve_triangular(t, b, lower=lower, trans=1 if trans else 0,
+                                             check_finite=False)
+
+    def inverse(t: Any) -> Any:
+        # LAPACK's trtri, a third of the work of a general inverse; SciPy's is not
+        # batched, so stacks go matrix by matrix.
+        if t.ndim == 2:
+            return scipy.linalg.lapack.dtrtri(t, lower=1)[0]
+        flat = np.reshape(t, (-1, *t.shape[-2:]))
+        out = np.empty_like(flat)
+        for i in range(flat.shape[0]):
+            out[i] = scipy.linalg.lapack.dtrtri(flat[i], lower=1)[0]
+        return np.reshape(out, t.shape)
+
+    def matmul_into(a: Any, b: Any, out: Any) -> None:
+        np.matmul(a, b, out=out)  # NumPy buffers the product itself if out overlaps b
+
+    return Backend(chol, solve, inverse, matmul_into=matmul_into, small_work=_one_blas_thread)

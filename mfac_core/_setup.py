@@ -1,0 +1,200 @@
+"""The streaming set-up of the static inverse: Gram, capacitance factor and ``W``, chunk by chunk.
+
+For each group of blocks (see ``_layout``) and each chunk of its columns the
+set-up builds the chunk's Gram matrices in float64 (piece by piece, so no
+float64 copy of G is ever whole), factorises them (``_capacitance``), and
+either keeps the dense inverses (blocks no wider than m) or writes the chunk's
+columns of ``W = U^{-T} G`` into a *sink* chosen once for the whole set-up:
+
+- :class:`WritableSink` over G itself (``overwrite_G``: no second m x d array)
+  or over a preallocated array of the library;
+- :class:`AssembledSink`, which collects the pieces and joins them at the end,
+  for libraries whose arrays cannot be written (JAX).
+
+A chunk is finished, Gram to W, before the next is read, so the float64 work
+arrays never exceed a chunk and an in-place W never overwrites columns of G
+that are still to be read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from . import _capacitance, _linalg
+from ._compat import is_writeable_array
+from ._group_factors import DenseBlockInverses, GroupFactor, WoodburyFactor
+from ._layout import BlockGroup, Piece, chunk_gram, chunks, piece_columns, piece_stack
+from ._validation import check_finite
+
+__all__ = ["AssembledSink", "SetupResult", "WritableSink", "choose_sink", "factorize_groups"]
+
+#: float64 entries in one column piece of the set-up (32 MiB).
+PIECE_ENTRIES = 2**22
+
+
+class Sink(Protocol):
+    """Where the set-up writes ``W = U^{-T} G``, piece by piece."""
+
+    def store(self, columns: tuple[int, int], Linv: Any, X: Any) -> None:
+        """Write ``Linv @ X`` (stacks ``(b, m, m)`` and ``(b, m, w)``) to ``columns``."""
+
+    def finish(self) -> Any:
+        """The whole ``(m, n)`` array W, once every piece is stored."""
+
+
+def _stacked_product(xp: Any, Linv: Any, X: Any) -> Any:
+    """``Linv @ X`` for stacks, laid out as the ``(m, b * w)`` columns of W."""
+    b, m, w = X.shape
+    if b == 1:
+        return Linv[0, ...] @ X[0, ...]
+    return xp.reshape(xp.permute_dims(Linv @ X, (1, 0, 2)), (m, b * w))
+
+
+@dataclass
+class WritableSink:
+    """Writes W into ``target`` (G itself, or a preallocated ``(m, n)`` array)."""
+
+    xp: Any
+    target: Any
+
+    def store(self, columns: tuple[int, int], Linv: Any, X: Any) -> None:
+        lo, hi = columns
+        if X.shape[0] == 1:
+            # One block: the product goes straight into W, without a temporary.
+            _linalg.matmul_into(self.xp, Linv[0, ...], X[0, ...], self.target[:, lo:hi])
+        else:
+            self.target[:, lo:hi] = _stacked_product(self.xp, Linv, X)
+
+    def finish(self) -> Any:
+        return self.target
+
+
+@dataclass
+class AssembledSink:
+    """Collects the pieces of W and joins them at the end (for immutable arrays)."""
+
+    xp: Any
+    parts: list[Any] = field(default_factory=list)
+
+    def store(self, columns: tuple[int, int], Linv: Any, X: Any) -> None:
+        self.parts.append(_stacked_product(self.xp, Linv, X))
+
+    def finish(self) -> Any:
+        return self.parts[0] if len(self.parts) == 1 else self.xp.concat(self.parts, axis=1)
+
+
+def choose_sink(xp: Any, G: Any, n: int, *, overwrite_G: bool, device: Any) -> Sink:
+    """The sink for the first ``n`` columns of W (the Woodbury groups' columns)."""
+    if overwrite_G:
+        return WritableSink(xp, G)
+    if is_writeable_array(xp.empty((0,), dtype=G.dtype, device=device)):
+        # The library's arrays are mutable (G itself may be read-only).
+        return WritableSink(xp, xp.empty((G.shape[0], n), dtype=G.dtype, device=device))
+    return AssembledSink(xp)
+
+
+@dataclass
+class _Tracker:
+    """Progress over the two passes of the set-up, and kappa over every factor."""
+
+    callback: Callable[[int, int], None] | None
+    total: int
+    done: int = 0
+    kappa_lo: float = 1.0
+    kappa_hi: float = 1.0
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        if self.callback is not None:
+            self.callback(self.done, self.total)
+
+    def add(self, factor: _capacitance.CapacitanceFactor) -> None:
+        lo, hi = factor.kappa if factor.kappa is not None else (1.0, 1.0)
+        self.kappa_lo, self.kappa_hi = max(self.kappa_lo, lo), max(self.kappa_hi, hi)
+
+
+@dataclass(frozen=True)
+class SetupResult:
+    """The factors of every group, and bounds of the largest condition number."""
+
+    factors: tuple[GroupFactor, ...]
+    kappa_lo: float
+    kappa_hi: float
+
+
+def _piece_width(G: Any) -> int:
+    # float64 pieces of at most 32 MiB and at most 1/64 of G's entries (1/32 of a
+    # float32 G's bytes), so that the set-up's peak memory stays near size(G).
+    m, d = G.shape
+    return max(1, min(PIECE_ENTRIES, m * d // 64) // m)
+
+
+def _checked_gram(xp: Any, G: Any, group: BlockGroup, chunk: list[Piece], product: Any,
+                  track: _Tracker, check: bool) -> Any:
+    gram = chunk_gram(xp, G, group, chunk, product, track.advance)
+    if check:
+        # A NaN or infinity anywhere in G makes its row's (or column's) sum of
+        # squares non-finite: the Gram diagonal checks G at no extra pass.
+        check_finite(xp, xp.linalg.diagonal(gram), "G")
+    return gram
+
+
+def _dense_inverses(xp: Any, G: Any, group: BlockGroup, *, damp: float, check: bool,
+                    track: _Tracker) -> DenseBlockInverses:
+    m = G.shape[0]
+    parts = []
+    # F_b = damp I + G_b^T G_b / m is only size x size (size <= m): invert it densely.
+    # Its Gram needs whole blocks, at most m columns each: O(m^2) memory.
+    for chunk in chunks(group, max(_piece_width(G), group.size)):
+        gram = _checked_gram(xp, G, group, chunk, lambda X: xp.matrix_transpose(X) @ X, track,
+                             check)
+        factor = _capacitance.factorize(xp, gram, shift=damp, scale=1.0 / m, damp=damp)
+        track.add(factor)
+        parts.append(xp.astype(factor.inverse(), G.dtype))
+        track.advance(sum((b1 - b0) * (c1 - c0) for b0, b1, c0, c1 in chunk))
+    return DenseBlockInverses(group, parts[0] if len(parts) == 1 else xp.concat(parts))
+
+
+def _woodbury_columns(xp: Any, G: Any, group: BlockGroup, sink: Sink, *, damp: float,
+                      check: bool, track: _Tracker) -> None:
+    m = G.shape[0]
+    for chunk in chunks(group, _piece_width(G)):
+        gram = _checked_gram(xp, G, group, chunk, lambda X: X @ xp.matrix_transpose(X), track,
+                             check)
+        factor = _capacitance.factorize(xp, gram, shift=m * damp, scale=1.0, damp=damp)
+        track.add(factor)
+        Linv = xp.astype(factor.lower_inverse(), G.dtype)
+        first = chunk[0][0]  # Linv holds the chunk's blocks only
+        for piece in chunk:
+            b0, b1, c0, c1 = piece
+            sink.store(piece_columns(group, piece), Linv[b0 - first:b1 - first, ...],
+                       piece_stack(xp, G, group, piece))
+            track.advance((b1 - b0) * (c1 - c0))
+
+
+def factorize_groups(xp: Any, G: Any, groups: tuple[BlockGroup, ...], *, damp: float,
+                     sink: Sink, check_finite: bool,
+                     progress: Callable[[int, int], None] | None) -> SetupResult:
+    """Factorise every group of blocks of ``F = damp I + G^T G / m``.
+
+    Groups of blocks no wider than m become :class:`DenseBlockInverses`, the
+    others :class:`WoodburyFactor` over the columns of W in ``sink`` (which
+    must cover the Woodbury groups, the leading columns of the layout).
+    """
+    m, d = G.shape
+    track = _Tracker(progress, 2 * d)
+    dense = {g: g.size <= m for g in groups}
+    built: dict[BlockGroup, DenseBlockInverses] = {}
+    for group in groups:
+        if dense[group]:
+            built[group] = _dense_inverses(xp, G, group, damp=damp, check=check_finite,
+                                           track=track)
+        else:
+            _woodbury_columns(xp, G, group, sink, damp=damp, check=check_finite, track=track)
+    W = sink.finish() if not all(dense.values()) else None
+    factors: list[GroupFactor] = [
+        built[g] if dense[g] else WoodburyFactor(g, W[:, g.start:g.end], damp)
+        for g in groups]
+    return SetupResult(tuple(factors), track.kappa_lo, track.kappa_hi)
