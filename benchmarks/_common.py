@@ -17,7 +17,8 @@ Conventions (DESIGN.md section 5), used by every script that imports this module
   cross-check that also sees BLAS workspaces, the growth of the peak resident set
   (Linux VmHWM, reset before the call; ``ru_maxrss`` elsewhere).
 
-The module needs only NumPy; ``threadpoolctl`` is used for the BLAS header when it is
+The module needs NumPy and the installed package (for the timing helpers it shares with
+``mfac-core demo``); ``threadpoolctl`` is used for the BLAS header when it is
 installed.
 """
 
@@ -28,16 +29,17 @@ import json
 import os
 import platform
 import resource
-import statistics
 import subprocess
 import sys
 import time
 import tracemalloc
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from mfac_core._timing import Timing, best_time, fmt_time, interleaved, markdown_table
 
 __all__ = [
     "Bandwidth",
@@ -204,48 +206,7 @@ class CpuMonitor:
         return max(0.0, ((busy1 - busy0) - (own1 - own0)) / (t1 - t0))
 
 
-# -- timing ------------------------------------------------------------------------------
-
-@dataclass
-class Timing:
-    """All the run times of one candidate, in seconds."""
-
-    times: list[float] = field(default_factory=list)
-
-    @property
-    def best(self) -> float:
-        return min(self.times)
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.times)
-
-
-def best_time(fn: Callable[[Any], Any], repeat: int,
-              setup: Callable[[], Any] | None = None) -> Timing:
-    """Time ``fn(setup())`` ``repeat`` times; ``setup`` is not timed."""
-    return interleaved({"x": (fn, setup)}, repeat)["x"]
-
-
-def interleaved(candidates: dict[str, tuple[Callable[[Any], Any], Callable[[], Any] | None]],
-                repeat: int) -> dict[str, Timing]:
-    """Round-robin timing: each round runs every candidate once.
-
-    ``candidates`` maps a name to ``(fn, setup)``; ``fn(setup())`` is timed (``fn(None)``
-    when ``setup`` is None). Results are dropped at once, and the garbage collector is
-    run between candidates, so that one candidate's memory does not burden the next.
-    """
-    out = {name: Timing() for name in candidates}
-    for _ in range(repeat):
-        for name, (fn, setup) in candidates.items():
-            arg = setup() if setup is not None else None
-            gc.collect()
-            t0 = time.perf_counter()
-            result = fn(arg)
-            out[name].times.append(time.perf_counter() - t0)
-            del result, arg
-    return out
-
+# -- timing: shared with the package's demo (mfac_core._timing) --------------------------
 
 # -- bandwidth ---------------------------------------------------------------------------
 
@@ -364,16 +325,6 @@ def run_child(argv: Sequence[str], timeout: float = 900) -> dict[str, Any]:
 
 # -- formatting --------------------------------------------------------------------------
 
-def fmt_time(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    if seconds >= 1:
-        return f"{seconds:.2f} s"
-    if seconds >= 1e-3:
-        return f"{seconds * 1e3:.1f} ms"
-    return f"{seconds * 1e6:.0f} us"
-
-
 def fmt_bytes(n: float | None) -> str:
     if n is None:
         return "unknown"
@@ -388,15 +339,3 @@ def fmt_ratio(ratio: float, target: float | None = None) -> str:
     if target is not None:
         text += " ok" if ratio <= target else " MISS"
     return text
-
-
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A markdown table with columns padded for reading in a terminal."""
-    cells = [[str(h) for h in headers], *[[str(c) for c in row] for row in rows]]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-
-    def line(row: Sequence[str]) -> str:
-        return "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |"
-
-    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([line(cells[0]), sep, *(line(r) for r in cells[1:])])

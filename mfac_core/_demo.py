@@ -21,7 +21,6 @@ the set-up and one IHVP next to the floors measured in the same process:
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TextIO
@@ -30,6 +29,7 @@ import numpy as np
 import scipy.linalg
 
 from ._static import StaticIHVP
+from ._timing import best_time, copy_bandwidth, fmt_time
 
 __all__ = ["DEFAULT_DAMP", "MAX_DEMO_GRADS", "MAX_DENSE_DIM", "demo_gradients", "run_demo"]
 
@@ -93,24 +93,11 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
 
 
 def _best_time(fn: Callable[[], Any], repeat: int) -> float:
-    best = math.inf
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+    return best_time(lambda _: fn(), repeat).best
 
 
 #: Size of each of the two arrays copied to measure the bandwidth.
 COPY_BYTES = 2**26
-
-
-def copy_bandwidth(nbytes: int = COPY_BYTES, repeat: int = 5) -> float:
-    """Bytes per second of :func:`numpy.copyto` on two ``nbytes`` arrays (read + write)."""
-    src = np.ones(nbytes // 8)
-    dst = np.empty_like(src)
-    np.copyto(dst, src)
-    return 2 * src.nbytes / _best_time(lambda: np.copyto(dst, src), repeat)
 
 
 def setup_floor(G: np.ndarray, damp: float, repeat: int = 3) -> float:
@@ -162,13 +149,6 @@ def _apply_blocks(invs: list[np.ndarray], X: np.ndarray) -> np.ndarray:
     return np.concatenate(parts, axis=0)
 
 
-def _fmt_time(t: float) -> str:
-    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
-        if t >= scale:
-            return f"{t / scale:.3g} {unit}"
-    return f"{t / 1e-9:.3g} ns"
-
-
 def run_demo(*, m: int = 64, d: int = 2000, seed: int = 0, damp: float = DEFAULT_DAMP,
              out: TextIO, repeat: int = 5) -> bool:
     """Run the demo, print its table to ``out`` and return whether every check passed."""
@@ -184,7 +164,7 @@ def run_demo(*, m: int = 64, d: int = 2000, seed: int = 0, damp: float = DEFAULT
     # Two random vectors and two in the span of the gradients (the hard case).
     X64 = np.concatenate([rng.standard_normal((d, 2)), G64.T @ rng.standard_normal((m, 2))],
                          axis=1)
-    bandwidth = copy_bandwidth()
+    bandwidth = copy_bandwidth(COPY_BYTES)
 
     half = max(1, m // 2)
     variants = [("full", None)]
@@ -222,8 +202,8 @@ def run_demo(*, m: int = 64, d: int = 2000, seed: int = 0, damp: float = DEFAULT
     header = ("variant", "dtype", "rel.err", "tolerance", "set-up", "floor", "IHVP", "floor",
               "ok")
     table = [header] + [
-        (r.variant, r.dtype, f"{r.error:.2e}", f"{r.tol:.2e}", _fmt_time(r.setup),
-         _fmt_time(r.setup_floor), _fmt_time(r.ihvp), _fmt_time(r.ihvp_floor),
+        (r.variant, r.dtype, f"{r.error:.2e}", f"{r.tol:.2e}", fmt_time(r.setup),
+         fmt_time(r.setup_floor), fmt_time(r.ihvp), fmt_time(r.ihvp_floor),
          ("yes*" if r.tol >= 1 else "yes") if r.ok else "NO")
         for r in rows
     ]

@@ -11,6 +11,7 @@ data.
 
 from __future__ import annotations
 
+import importlib
 import numbers
 from typing import Any
 
@@ -71,6 +72,18 @@ class LinearOperator:
         self.device = device
         self._symmetric = bool(symmetric)
         self.check_finite = bool(check_finite)
+
+    # -- pickling: the namespace is a module, which pickle cannot store -----------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_xp"] = self._xp.__name__
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        state["_xp"] = importlib.import_module(state["_xp"])
+        self.__dict__.update(state)
 
     # -- to be provided by subclasses -------------------------------------------------
 
