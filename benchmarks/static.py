@@ -13,15 +13,16 @@ thread count, ``OPENBLAS_CORETYPE``, load) and three markdown tables. The gradie
 Gaussian, scaled so that ``kappa = 1 + ||G||_F^2 / (m damp)`` is about 1e4 (timings do not
 depend on it; it keeps float32 meaningful and silences ``IllConditionedWarning``).
 
-**Set-up** (DESIGN.md section 5): the time of ``StaticIHVP(G, damp=1e-5)`` (and of the
+**Set-up** (docs/design.rst): the time of ``StaticIHVP(G, damp=1e-5)`` (and of the
 ``overwrite_G=True``, ``check_finite=False`` and block-wise variants) over the BLAS
 floor, measured in the same process and interleaved with it: the fastest Gram product
 ``G G^T`` in G's dtype (NumPy's ``G @ G.T``, which calls ``syrk``, or SciPy's ``syrk``)
 plus the fastest triangular solve on G (SciPy's ``solve_triangular(L, G)``, an in-place
 ``trsm`` on ``G^T``, an in-place ``trmm`` with ``L^{-1}`` on ``G^T`` or the GEMM
 ``L^{-1} @ G``); the m x m Cholesky factor and its inverse are not counted (O(m^3)). The
-block-wise row is held to the same floor, since DESIGN.md says the total cost does not
-depend on the block size. Target: 1.5x.
+block-wise row is held to the same floor: its Gram products and solve cost the same
+d m^2 flops whatever the block size (its d / B factorisations add O(d m^3 / B)).
+Target: 1.5x.
 
 **IHVP**: ``op.matvec(x)`` and ``op.matmat(X)`` (k columns) over the streaming floor
 ``bytes / bandwidth``, where bytes = ``2 m d itemsize`` for ``matvec`` (W read twice;

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import _linalg
-from ._compat import array_namespace, device
+from ._compat import Array, array_namespace, device
 from ._errors import FactorizationError, IllConditionedWarning, NotPositiveDefinite
 
 __all__ = ["CapacitanceFactor", "factorize", "kappa_bounds", "warn_if_hopeless"]
@@ -33,7 +33,7 @@ __all__ = ["CapacitanceFactor", "factorize", "kappa_bounds", "warn_if_hopeless"]
 _POWER_ITERATIONS = 4
 
 
-def lambda_max_bounds(xp: Any, gram: Any, /) -> tuple[Any, Any]:
+def lambda_max_bounds(xp: Any, gram: Array, /) -> tuple[Any, Any]:
     """Lower and upper bounds of the largest eigenvalue of each PSD matrix of a stack.
 
     The upper bound is the trace. The lower bound is the largest Rayleigh quotient
@@ -62,7 +62,7 @@ def lambda_max_bounds(xp: Any, gram: Any, /) -> tuple[Any, Any]:
     return lower, upper
 
 
-def kappa_bounds(xp: Any, gram: Any, /, *, shift: float, scale: float) -> tuple[float, float]:
+def kappa_bounds(xp: Any, gram: Array, /, *, shift: float, scale: float) -> tuple[float, float]:
     """Bounds ``(lo, hi)`` of the largest condition number over a stack of capacitances.
 
     ``kappa = 1 + scale * lambda_max(Gram) / shift`` for each matrix of the stack.
@@ -119,7 +119,7 @@ class CapacitanceFactor:
         they were not computed (an edited factor).
     """
 
-    U: Any
+    U: Array
     shift: float
     scale: float
     kappa: tuple[float, float] | None = None
@@ -134,26 +134,26 @@ class CapacitanceFactor:
         """k, the order of C."""
         return int(self.U.shape[-1])
 
-    def lower_inverse(self) -> Any:
+    def lower_inverse(self) -> Array:
         """``U^{-T}`` (lower triangular), so that ``C^{-1} = (U^{-T})^T U^{-T}``."""
         xp = self.xp
         with _linalg.small_work(xp):
             return _linalg.triangular_inverse(xp, xp.matrix_transpose(self.U), lower=True)
 
-    def inverse(self) -> Any:
+    def inverse(self) -> Array:
         """``C^{-1}`` (float64), for matrices small enough to hold densely."""
         Linv = self.lower_inverse()
         with _linalg.small_work(self.xp):
             return self.xp.matrix_transpose(Linv) @ Linv
 
-    def solve(self, P: Any, /) -> Any:
+    def solve(self, P: Array, /) -> Array:
         """``C^{-1} P`` by two triangular solves (never through an inverse)."""
         xp = self.xp
         with _linalg.small_work(xp):
             Z = _linalg.solve_triangular(xp, self.U, P, lower=False, trans=True)
             return _linalg.solve_triangular(xp, self.U, Z, lower=False)
 
-    def replace_row(self, p: int, b: Any, c: float, /, *, out: Any) -> CapacitanceFactor:
+    def replace_row(self, p: int, b: Array, c: float, /, *, out: Array) -> CapacitanceFactor:
         """The factor with row/column ``p`` removed and ``[b; c]`` appended last, in O(k^2).
 
         ``b`` holds the new row's entries of ``scale * Gram`` against the other rows in
@@ -169,7 +169,7 @@ class CapacitanceFactor:
             U = _linalg.replace_row(self.xp, self.U, p, b, c, out)
         return CapacitanceFactor(U, self.shift, self.scale)
 
-    def column_drift(self, columns: Any, want: Any, /) -> float:
+    def column_drift(self, columns: Array, want: Array, /) -> float:
         """Largest relative error of ``diag(U^T U)`` on ``columns`` against ``want``.
 
         A cheap check of an edited factor: rounding drift of the rank-one updates
@@ -181,8 +181,8 @@ class CapacitanceFactor:
         return float(xp.max(xp.abs(got - want) / want))
 
 
-def factorize(xp: Any, gram: Any, /, *, shift: float, scale: float, damp: float,
-              gram_dtype: str = "float64", out: Any = None) -> CapacitanceFactor:
+def factorize(xp: Any, gram: Array, /, *, shift: float, scale: float, damp: float,
+              gram_dtype: str = "float64", out: Array = None) -> CapacitanceFactor:
     """Factorise ``C = shift * I + scale * gram`` (float64; a matrix or a stack).
 
     Parameters

@@ -6,7 +6,7 @@ that the dependency on ``array_api_compat`` (and its quirks) lives in one file.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeAlias
 
 from array_api_compat import (
     array_namespace,
@@ -21,7 +21,12 @@ from array_api_compat import (
     size,
 )
 
+#: An array of any Array-API library (NumPy, CuPy, PyTorch, JAX, array-api-strict). The
+#: libraries share no static type, so this documents intent; the checks are at run time.
+Array: TypeAlias = Any
+
 __all__ = [
+    "Array",
     "array_namespace",
     "device",
     "is_array_api_obj",

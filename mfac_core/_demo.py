@@ -167,7 +167,7 @@ def run_demo(*, m: int = 64, d: int = 2000, seed: int = 0, damp: float = DEFAULT
     bandwidth = copy_bandwidth(COPY_BYTES)
 
     half = max(1, m // 2)
-    variants = [("full", None)]
+    variants: list[tuple[str, int | None]] = [("full", None)]
     if d > 4 * m:
         # Blocks wider than m use Woodbury; the last block is ragged unless d divides.
         variants.append((f"blocks B={4 * m}", 4 * m))
@@ -188,13 +188,15 @@ def run_demo(*, m: int = 64, d: int = 2000, seed: int = 0, damp: float = DEFAULT
             X = X64.astype(dtype)
             eps = float(np.finfo(dtype).eps)
             op = StaticIHVP(G, damp=damp, block_size=block)
-            setup = _best_time(lambda G=G, block=block: StaticIHVP(G, damp=damp,
-                                                                   block_size=block), repeat)
+            def build(G: np.ndarray = G, block: int | None = block) -> StaticIHVP:
+                return StaticIHVP(G, damp=damp, block_size=block)
+
+            setup = _best_time(build, repeat)
             Y = np.stack([op.matvec(X[:, j]) for j in range(X.shape[1])], axis=1)
             error = float(np.max(np.linalg.norm(Y - reference, axis=0)
                                  / np.linalg.norm(reference, axis=0)))
             x = X[:, 0].copy()
-            ihvp = _best_time(lambda op=op, x=x: op.matvec(x), repeat)
+            ihvp = _best_time(lambda: op.matvec(x), repeat)  # noqa: B023 (called at once)
             rows.append(_Row(name, np.dtype(dtype).name, error, eps * kappa * TOL_FACTOR,
                              setup, setup_floor(G, damp, repeat),
                              ihvp, 2 * m * d * G.itemsize / bandwidth))

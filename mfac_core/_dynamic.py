@@ -17,7 +17,7 @@ from typing import Any
 
 from . import _capacitance
 from ._capacitance import CapacitanceFactor
-from ._compat import array_namespace
+from ._compat import Array, array_namespace
 from ._compat import device as device_of
 from ._errors import NotPositiveDefinite
 from ._layout import BlockGroup, chunk_gram, pieces
@@ -92,7 +92,7 @@ class _SlotFactor:
                    xp.asarray(list(slots), dtype=xp.int64, device=dev),
                    xp.asarray(where, dtype=xp.int64, device=dev))
 
-    def coefficients(self, P: Any) -> Any:
+    def coefficients(self, P: Array) -> Array:
         """``C^{-1} P`` in slot order (zero rows for slots outside the factor)."""
         xp = self.factor.xp
         coef = self.factor.solve(xp.take(P, self.slot_index, axis=0))
@@ -223,7 +223,7 @@ class DynamicIHVP(LinearOperator):
         self.reset()
 
     @classmethod
-    def from_window(cls, G: Any, /, *, damp: float, num_grads: int | None = None,
+    def from_window(cls, G: Array, /, *, damp: float, num_grads: int | None = None,
                     **options: Any) -> DynamicIHVP:
         """A window initialised with the gradients in the rows of ``G`` (oldest first).
 
@@ -276,7 +276,6 @@ class DynamicIHVP(LinearOperator):
         else:
             self._window = deque()
             self._free = list(range(m - 1, -1, -1))
-        self._factor: _SlotFactor | None = None
         self._commit(self._factorized(self._gram, list(self._window)), refactored=True)
 
     def __len__(self) -> int:
@@ -293,7 +292,7 @@ class DynamicIHVP(LinearOperator):
         """The window slots: the buffer rows of the window's gradients, oldest first."""
         return list(self._window)
 
-    def window(self) -> Any:
+    def window(self) -> Array:
         """The window's gradients as a new ``(k, d)`` array, oldest first."""
         idx = self._xp.asarray(list(self._window), dtype=self._xp.int64, device=self.device)
         return self._xp.take(self._G, idx, axis=0)
@@ -311,9 +310,11 @@ class DynamicIHVP(LinearOperator):
                 self._xp.empty((m, m), dtype=self._xp.float64, device=self.device),
                 self._xp.empty((m, m), dtype=self._xp.float64, device=self.device))
         first, second = self._buffers
-        return second if self._factor is not None and self._factor.factor.U is first else first
+        # Before the first factor exists, either buffer is free.
+        current = getattr(self, "_factor", None)
+        return second if current is not None and current.factor.U is first else first
 
-    def _factorized(self, gram: Any, slots: list[int]) -> _SlotFactor:
+    def _factorized(self, gram: Array, slots: list[int]) -> _SlotFactor:
         """The factor of the capacitance matrix of ``slots``, in full (O(k^3)).
 
         Raises ``FactorizationError``; nothing of the operator changes.
@@ -328,7 +329,7 @@ class DynamicIHVP(LinearOperator):
             gram_dtype=str(self.dtype).rsplit(".", 1)[-1], out=out)
         return _SlotFactor.build(factor, slots, self.num_grads)
 
-    def _edited(self, slot: int, b: Any) -> tuple[_SlotFactor, bool]:
+    def _edited(self, slot: int, b: Array) -> tuple[_SlotFactor, bool]:
         """The factor after ``slot`` gets Gram row ``b``: an O(m^2) edit where possible.
 
         Returns ``(factor, refactored)``; raises ``FactorizationError``; nothing
@@ -357,7 +358,7 @@ class DynamicIHVP(LinearOperator):
         gram[:, slot] = b
         return self._factorized(gram, slots), True
 
-    def _drifted(self, edited: _SlotFactor, new_diagonal: Any) -> bool:
+    def _drifted(self, edited: _SlotFactor, new_diagonal: Array) -> bool:
         """Whether diag(U^T U) drifted from diag(C) on a sample of columns (O(32 m)).
 
         The edited slot is the factor's last; its Gram diagonal is ``new_diagonal``.
@@ -379,7 +380,7 @@ class DynamicIHVP(LinearOperator):
 
     # -- updates -----------------------------------------------------------------------
 
-    def _check_gradient(self, g: Any) -> Any:
+    def _check_gradient(self, g: Array) -> Any:
         g = check_operand(self._xp, self.device, self.dtype, g, "g", owner=repr(self))
         if g.ndim != 1 or g.shape[0] != self.dim:
             raise ValueError(f"g must have shape ({self.dim},), got {tuple(g.shape)}")
@@ -387,7 +388,7 @@ class DynamicIHVP(LinearOperator):
             check_finite(self._xp, g, "g")
         return g
 
-    def _place(self, slot: int, g: Any, b: Any | None = None) -> Any:
+    def _place(self, slot: int, g: Array, b: Array | None = None) -> Any:
         """Put gradient ``g`` into ``slot``; return its Gram row (float64, slot order).
 
         The row is written first so that one product ``G g`` gives the whole
@@ -412,7 +413,7 @@ class DynamicIHVP(LinearOperator):
         self._commit(factor, refactored=refactored)
         return b
 
-    def _insert(self, g: Any) -> Any:
+    def _insert(self, g: Array) -> Any:
         g = self._check_gradient(g)
         slot = self._window[0] if self.is_full else self._free[-1]
         b = self._place(slot, g)
@@ -423,7 +424,7 @@ class DynamicIHVP(LinearOperator):
         self._window.append(slot)
         return b
 
-    def update(self, g: Any, /) -> None:
+    def update(self, g: Array, /) -> None:
         """Insert gradient ``g`` (shape ``(d,)``); a full window drops its oldest.
 
         A gradient holding NaN or infinity, or one that makes the window's
@@ -432,7 +433,7 @@ class DynamicIHVP(LinearOperator):
         """
         self._insert(g)
 
-    def update_and_matvec(self, g: Any, /) -> Any:
+    def update_and_matvec(self, g: Array, /) -> Array:
         """Insert ``g``, then return ``F^{-1} g`` for the window that includes it.
 
         The optimiser step: the product ``G g`` serves both the update of the
@@ -476,14 +477,14 @@ class DynamicIHVP(LinearOperator):
 
     # -- products ----------------------------------------------------------------------
 
-    def _finish(self, X: Any, P: Any) -> Any:
+    def _finish(self, X: Array, P: Array) -> Any:
         """``(X - G^T C^{-1} P) / damp`` given ``P = G X`` (float64, slot order)."""
         if not self._factor.slots:
             return X / self.damp
         A = self._xp.astype(self._factor.coefficients(P), self.dtype)
         return (X - self._G.T @ A) / self.damp
 
-    def _matmat(self, X: Any) -> Any:
+    def _matmat(self, X: Array) -> Array:
         return self._finish(X, self._xp.astype(self._G @ X, self._xp.float64))
 
     # -- checkpoints -------------------------------------------------------------------
@@ -530,8 +531,8 @@ class DynamicIHVP(LinearOperator):
 class _LoadedState:
     """A state dict checked against an operator, ready to be committed."""
 
-    grads: Any
-    gram: Any
+    grads: Array
+    gram: Array
     window: tuple[int, ...]
     free: tuple[int, ...]
     factor: _SlotFactor
@@ -596,7 +597,7 @@ class _LoadedState:
                    _SlotFactor.build(factor, slots, m), edits)
 
     @staticmethod
-    def _check_agreement(op: DynamicIHVP, grads: Any, gram: Any, U: Any, slots: list[int],
+    def _check_agreement(op: DynamicIHVP, grads: Array, gram: Array, U: Array, slots: list[int],
                          k: int) -> None:
         """The Gram matrix against the gradients and the factor against the Gram matrix.
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from ._compat import array_namespace, device
+from ._compat import Array, array_namespace, device
 from ._layout import BlockGroup, lowrank_apply
 
 __all__ = ["DenseBlockInverses", "GroupFactor", "WoodburyFactor"]
@@ -31,18 +31,20 @@ CHUNK_ENTRIES = 2**22
 class GroupFactor(Protocol):
     """The inverse of F restricted to one group of blocks."""
 
-    group: BlockGroup
+    @property
+    def group(self) -> BlockGroup:
+        """The blocks this factor covers."""
 
-    def apply(self, X: Any, /) -> Any:
+    def apply(self, X: Array, /) -> Array:
         """``F_g^{-1} X`` for the group's rows ``X`` (``(count * size, k)``)."""
 
-    def apply_vector(self, x: Any, /) -> Any:
+    def apply_vector(self, x: Array, /) -> Array:
         """``F_g^{-1} x`` for the group's entries ``x`` (``(count * size,)``)."""
 
-    def diagonal(self) -> Any:
+    def diagonal(self) -> Array:
         """The group's diagonal entries of ``F^{-1}``."""
 
-    def entries(self, rows: Any, cols: Any, /) -> Any:
+    def entries(self, rows: Array, cols: Array, /) -> Array:
         """``[F_g^{-1}]_{rows, cols}`` for int64 group-local indices in one block each."""
 
 
@@ -51,24 +53,24 @@ class DenseBlockInverses:
     """The dense inverses ``(count, size, size)`` of a group's blocks (storage dtype)."""
 
     group: BlockGroup
-    inverses: Any
+    inverses: Array
 
     @property
     def xp(self) -> Any:
         return array_namespace(self.inverses)
 
-    def apply(self, X: Any, /) -> Any:
+    def apply(self, X: Array, /) -> Array:
         xp, g = self.xp, self.group
         Xb = xp.reshape(X, (g.count, g.size, X.shape[-1]))
         return xp.reshape(self.inverses @ Xb, (g.count * g.size, X.shape[-1]))
 
-    def apply_vector(self, x: Any, /) -> Any:
+    def apply_vector(self, x: Array, /) -> Array:
         return self.apply(x[:, None])[:, 0]
 
-    def diagonal(self) -> Any:
+    def diagonal(self) -> Array:
         return self.xp.reshape(self.xp.linalg.diagonal(self.inverses), (-1,))
 
-    def entries(self, rows: Any, cols: Any, /) -> Any:
+    def entries(self, rows: Array, cols: Array, /) -> Array:
         s = self.group.size
         # int64 offsets: a stack of B x B blocks can hold more than 2**31 entries.
         flat = (rows // s) * (s * s) + (rows % s) * s + (cols % s)
@@ -80,24 +82,24 @@ class WoodburyFactor:
     """A group's columns of ``W = U^{-T} G`` (``(m, count * size)``, storage dtype)."""
 
     group: BlockGroup
-    W: Any
+    W: Array
     damp: float
 
     @property
     def xp(self) -> Any:
         return array_namespace(self.W)
 
-    def apply(self, X: Any, /) -> Any:
+    def apply(self, X: Array, /) -> Array:
         whole = BlockGroup(0, self.group.count, self.group.size)
         return lowrank_apply(self.xp, self.W, X, whole, 1.0 / self.damp, -1.0 / self.damp)
 
-    def apply_vector(self, x: Any, /) -> Any:
+    def apply_vector(self, x: Array, /) -> Array:
         if self.group.count == 1:
             W = self.W
             return (x - (W @ x) @ W) / self.damp
         return self.apply(x[:, None])[:, 0]
 
-    def diagonal(self) -> Any:
+    def diagonal(self) -> Array:
         # (1 - sum_i W_ij^2) / damp, the sums in float64, a bounded piece at a time.
         xp = self.xp
         W = self.W
@@ -108,7 +110,7 @@ class WoodburyFactor:
             parts.append(xp.astype((1.0 - xp.sum(Wc * Wc, axis=0)) / self.damp, W.dtype))
         return parts[0] if len(parts) == 1 else xp.concat(parts)
 
-    def entries(self, rows: Any, cols: Any, /) -> Any:
+    def entries(self, rows: Array, cols: Array, /) -> Array:
         # (delta_jk - W_:j^T W_:k) / damp, in float64, a bounded number of pairs at a time.
         xp = self.xp
         W = self.W

@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from ._compat import Array
+
 __all__ = ["BlockGroup", "Piece", "block_groups", "chunk_gram", "chunks", "group_stack",
            "lowrank_apply", "piece_columns", "piece_stack", "pieces"]
 
@@ -81,7 +83,7 @@ def piece_columns(group: BlockGroup, piece: Piece) -> tuple[int, int]:
     return group.start + b0 * s + c0, group.start + (b1 - 1) * s + c1
 
 
-def piece_stack(xp: Any, A: Any, group: BlockGroup, piece: Piece) -> Any:
+def piece_stack(xp: Any, A: Array, group: BlockGroup, piece: Piece) -> Any:
     """The columns of ``A`` (m x d) in a piece as a ``(blocks, m, width)`` view."""
     lo, hi = piece_columns(group, piece)
     b0, b1, c0, c1 = piece
@@ -91,14 +93,14 @@ def piece_stack(xp: Any, A: Any, group: BlockGroup, piece: Piece) -> Any:
     return xp.permute_dims(xp.reshape(cols, (A.shape[0], b1 - b0, c1 - c0)), (1, 0, 2))
 
 
-def group_stack(xp: Any, A: Any, group: BlockGroup) -> Any:
+def group_stack(xp: Any, A: Array, group: BlockGroup) -> Any:
     """All columns of a group of ``A`` as a ``(count, m, size)`` view."""
     return piece_stack(xp, A, group, (0, group.count, 0, group.size))
 
 
 def chunk_gram(
     xp: Any,
-    G: Any,
+    G: Array,
     group: BlockGroup,
     chunk: list[Piece],
     product: Callable[[Any], Any],
@@ -120,7 +122,8 @@ def chunk_gram(
     return acc
 
 
-def lowrank_apply(xp: Any, A: Any, X: Any, group: BlockGroup, alpha: float, beta: float) -> Any:
+def lowrank_apply(xp: Any, A: Array, X: Array, group: BlockGroup, alpha: float,
+                  beta: float) -> Array:
     """``alpha X + beta A^T (A X)`` block by block, for the rows of X in ``group``.
 
     ``A`` is m x d; the result has shape ``(count * size, k)``.

@@ -15,7 +15,7 @@ import importlib
 import numbers
 from typing import Any
 
-from ._compat import is_array_api_obj, is_numpy_namespace, namespace_name
+from ._compat import Array, is_array_api_obj, is_numpy_namespace, namespace_name
 from ._validation import check_count, check_finite, check_operand
 
 __all__ = ["LinearOperator"]
@@ -87,18 +87,18 @@ class LinearOperator:
 
     # -- to be provided by subclasses -------------------------------------------------
 
-    def _matmat(self, X: Any) -> Any:
+    def _matmat(self, X: Array) -> Array:
         raise NotImplementedError(f"{type(self).__name__} does not implement _matmat")
 
-    def _rmatmat(self, X: Any) -> Any:
+    def _rmatmat(self, X: Array) -> Array:
         if self._symmetric:
             return self._matmat(X)
         raise NotImplementedError(f"{type(self).__name__} does not implement _rmatmat")
 
-    def _matvec(self, x: Any) -> Any:
+    def _matvec(self, x: Array) -> Array:
         return self._matmat(x[:, None])[:, 0]
 
-    def _rmatvec(self, x: Any) -> Any:
+    def _rmatvec(self, x: Array) -> Array:
         return self._rmatmat(x[:, None])[:, 0]
 
     # -- validation --------------------------------------------------------------------
@@ -108,7 +108,7 @@ class LinearOperator:
         """The array namespace of the operator (array-api-compat wrapped)."""
         return self._xp
 
-    def _check_input(self, x: Any, name: str, n: int, ndims: tuple[int, ...]) -> Any:
+    def _check_input(self, x: Array, name: str, n: int, ndims: tuple[int, ...]) -> Any:
         """``x`` checked, and promoted to the operator's dtype where that is lossless."""
         x = check_operand(self._xp, self.device, self.dtype, x, name, owner=repr(self))
         if x.ndim not in ndims or x.shape[0] != n:
@@ -120,7 +120,7 @@ class LinearOperator:
 
     # -- the SciPy interface ---------------------------------------------------------
 
-    def _vector(self, x: Any, n: int, apply: Any, several: str) -> Any:
+    def _vector(self, x: Array, n: int, apply: Any, several: str) -> Any:
         """Apply ``apply`` to a vector given as ``(n,)`` or ``(n, 1)``, keeping the shape."""
         x = self._check_input(x, "x", n, (1, 2))
         if x.ndim == 1:
@@ -130,23 +130,23 @@ class LinearOperator:
                              f"use {several} for several vectors")
         return apply(x[:, 0])[:, None]
 
-    def matvec(self, x: Any, /) -> Any:
+    def matvec(self, x: Array, /) -> Array:
         """``A @ x`` for ``x`` of shape ``(N,)`` or ``(N, 1)`` (same shape returned)."""
         return self._vector(x, self.shape[1], self._matvec, "matmat")
 
-    def rmatvec(self, x: Any, /) -> Any:
+    def rmatvec(self, x: Array, /) -> Array:
         """``A^H @ x`` for ``x`` of shape ``(M,)`` or ``(M, 1)``."""
         return self._vector(x, self.shape[0], self._rmatvec, "rmatmat")
 
-    def matmat(self, X: Any, /) -> Any:
+    def matmat(self, X: Array, /) -> Array:
         """``A @ X`` for ``X`` of shape ``(N, k)``."""
         return self._matmat(self._check_input(X, "X", self.shape[1], (2,)))
 
-    def rmatmat(self, X: Any, /) -> Any:
+    def rmatmat(self, X: Array, /) -> Array:
         """``A^H @ X`` for ``X`` of shape ``(M, k)``."""
         return self._rmatmat(self._check_input(X, "X", self.shape[0], (2,)))
 
-    def dot(self, x: Any, /) -> Any:
+    def dot(self, x: Array, /) -> Any:
         """SciPy's ``dot``: an operator gives a product, a scalar a scaled operator,
         an array ``matvec`` (1-D or ``(N, 1)``) or ``matmat`` (2-D)."""
         if isinstance(x, LinearOperator):
@@ -222,7 +222,7 @@ class LinearOperator:
     H = property(lambda self: self.adjoint(), doc="The adjoint, as :meth:`adjoint`.")
     T = property(lambda self: self.transpose(), doc="The transpose, as :meth:`transpose`.")
 
-    def todense(self, *, max_entries: int = DEFAULT_MAX_DENSE_ENTRIES) -> Any:
+    def todense(self, *, max_entries: int = DEFAULT_MAX_DENSE_ENTRIES) -> Array:
         """The operator as a dense ``(M, N)`` array of its namespace and device.
 
         Parameters
@@ -273,7 +273,7 @@ class LinearOperator:
                 "Build the operator from NumPy arrays, or call its matvec directly")
 
         def real_or_complex(apply: Any) -> Any:
-            def call(x: Any) -> Any:
+            def call(x: Array) -> Any:
                 x = np.asarray(x)
                 if np.iscomplexobj(x):
                     # A real operator acts on both parts; casting would drop the imaginary one.
@@ -312,16 +312,16 @@ class _AdjointOperator(LinearOperator):
                          device=A.device, check_finite=A.check_finite)
         self.A = A
 
-    def _matmat(self, X: Any) -> Any:
+    def _matmat(self, X: Array) -> Array:
         return self.A._rmatmat(X)
 
-    def _rmatmat(self, X: Any) -> Any:
+    def _rmatmat(self, X: Array) -> Array:
         return self.A._matmat(X)
 
-    def _matvec(self, x: Any) -> Any:
+    def _matvec(self, x: Array) -> Array:
         return self.A._rmatvec(x)
 
-    def _rmatvec(self, x: Any) -> Any:
+    def _rmatvec(self, x: Array) -> Array:
         return self.A._matvec(x)
 
     def adjoint(self) -> LinearOperator:
@@ -334,16 +334,16 @@ class _ScaledOperator(LinearOperator):
                          symmetric=A._symmetric, check_finite=A.check_finite)
         self.A, self.alpha = A, alpha
 
-    def _matmat(self, X: Any) -> Any:
+    def _matmat(self, X: Array) -> Array:
         return self.alpha * self.A._matmat(X)
 
-    def _rmatmat(self, X: Any) -> Any:
+    def _rmatmat(self, X: Array) -> Array:
         return self.alpha * self.A._rmatmat(X)
 
-    def _matvec(self, x: Any) -> Any:
+    def _matvec(self, x: Array) -> Array:
         return self.alpha * self.A._matvec(x)
 
-    def _rmatvec(self, x: Any) -> Any:
+    def _rmatvec(self, x: Array) -> Array:
         return self.alpha * self.A._rmatvec(x)
 
 
@@ -357,16 +357,16 @@ class _SumOperator(LinearOperator):
                          check_finite=A.check_finite or B.check_finite)
         self.args = (A, B)
 
-    def _matmat(self, X: Any) -> Any:
+    def _matmat(self, X: Array) -> Array:
         return self.args[0]._matmat(X) + self.args[1]._matmat(X)
 
-    def _rmatmat(self, X: Any) -> Any:
+    def _rmatmat(self, X: Array) -> Array:
         return self.args[0]._rmatmat(X) + self.args[1]._rmatmat(X)
 
-    def _matvec(self, x: Any) -> Any:
+    def _matvec(self, x: Array) -> Array:
         return self.args[0]._matvec(x) + self.args[1]._matvec(x)
 
-    def _rmatvec(self, x: Any) -> Any:
+    def _rmatvec(self, x: Array) -> Array:
         return self.args[0]._rmatvec(x) + self.args[1]._rmatvec(x)
 
 
@@ -379,14 +379,14 @@ class _ProductOperator(LinearOperator):
                          device=A.device, check_finite=A.check_finite or B.check_finite)
         self.args = (A, B)
 
-    def _matmat(self, X: Any) -> Any:
+    def _matmat(self, X: Array) -> Array:
         return self.args[0]._matmat(self.args[1]._matmat(X))
 
-    def _rmatmat(self, X: Any) -> Any:
+    def _rmatmat(self, X: Array) -> Array:
         return self.args[1]._rmatmat(self.args[0]._rmatmat(X))
 
-    def _matvec(self, x: Any) -> Any:
+    def _matvec(self, x: Array) -> Array:
         return self.args[0]._matvec(self.args[1]._matvec(x))
 
-    def _rmatvec(self, x: Any) -> Any:
+    def _rmatvec(self, x: Array) -> Array:
         return self.args[1]._rmatvec(self.args[0]._rmatvec(x))

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from . import _capacitance, _linalg
-from ._compat import is_writeable_array
+from ._compat import Array, is_writeable_array
 from ._group_factors import DenseBlockInverses, GroupFactor, WoodburyFactor
 from ._layout import BlockGroup, Piece, chunk_gram, chunks, piece_columns, piece_stack
 from ._validation import check_finite
@@ -37,14 +37,14 @@ PIECE_ENTRIES = 2**22
 class Sink(Protocol):
     """Where the set-up writes ``W = U^{-T} G``, piece by piece."""
 
-    def store(self, columns: tuple[int, int], Linv: Any, X: Any) -> None:
+    def store(self, columns: tuple[int, int], Linv: Array, X: Array) -> None:
         """Write ``Linv @ X`` (stacks ``(b, m, m)`` and ``(b, m, w)``) to ``columns``."""
 
-    def finish(self) -> Any:
+    def finish(self) -> Array:
         """The whole ``(m, n)`` array W, once every piece is stored."""
 
 
-def _stacked_product(xp: Any, Linv: Any, X: Any) -> Any:
+def _stacked_product(xp: Any, Linv: Array, X: Array) -> Any:
     """``Linv @ X`` for stacks, laid out as the ``(m, b * w)`` columns of W."""
     b, m, w = X.shape
     if b == 1:
@@ -57,9 +57,9 @@ class WritableSink:
     """Writes W into ``target`` (G itself, or a preallocated ``(m, n)`` array)."""
 
     xp: Any
-    target: Any
+    target: Array
 
-    def store(self, columns: tuple[int, int], Linv: Any, X: Any) -> None:
+    def store(self, columns: tuple[int, int], Linv: Array, X: Array) -> None:
         lo, hi = columns
         if X.shape[0] == 1:
             # One block: the product goes straight into W, without a temporary.
@@ -67,7 +67,7 @@ class WritableSink:
         else:
             self.target[:, lo:hi] = _stacked_product(self.xp, Linv, X)
 
-    def finish(self) -> Any:
+    def finish(self) -> Array:
         return self.target
 
 
@@ -78,14 +78,14 @@ class AssembledSink:
     xp: Any
     parts: list[Any] = field(default_factory=list)
 
-    def store(self, columns: tuple[int, int], Linv: Any, X: Any) -> None:
+    def store(self, columns: tuple[int, int], Linv: Array, X: Array) -> None:
         self.parts.append(_stacked_product(self.xp, Linv, X))
 
-    def finish(self) -> Any:
+    def finish(self) -> Array:
         return self.parts[0] if len(self.parts) == 1 else self.xp.concat(self.parts, axis=1)
 
 
-def choose_sink(xp: Any, G: Any, n: int, *, overwrite_G: bool, device: Any) -> Sink:
+def choose_sink(xp: Any, G: Array, n: int, *, overwrite_G: bool, device: Any) -> Sink:
     """The sink for the first ``n`` columns of W (the Woodbury groups' columns)."""
     if overwrite_G:
         return WritableSink(xp, G)
@@ -124,14 +124,14 @@ class SetupResult:
     kappa_hi: float
 
 
-def _piece_width(G: Any) -> int:
+def _piece_width(G: Array) -> int:
     # float64 pieces of at most 32 MiB and at most 1/64 of G's entries (1/32 of a
     # float32 G's bytes), so that the set-up's peak memory stays near size(G).
     m, d = G.shape
     return max(1, min(PIECE_ENTRIES, m * d // 64) // m)
 
 
-def _checked_gram(xp: Any, G: Any, group: BlockGroup, chunk: list[Piece], product: Any,
+def _checked_gram(xp: Any, G: Array, group: BlockGroup, chunk: list[Piece], product: Any,
                   track: _Tracker, check: bool) -> Any:
     gram = chunk_gram(xp, G, group, chunk, product, track.advance)
     if check:
@@ -141,7 +141,7 @@ def _checked_gram(xp: Any, G: Any, group: BlockGroup, chunk: list[Piece], produc
     return gram
 
 
-def _dense_inverses(xp: Any, G: Any, group: BlockGroup, *, damp: float, check: bool,
+def _dense_inverses(xp: Any, G: Array, group: BlockGroup, *, damp: float, check: bool,
                     track: _Tracker) -> DenseBlockInverses:
     m = G.shape[0]
     parts = []
@@ -157,7 +157,7 @@ def _dense_inverses(xp: Any, G: Any, group: BlockGroup, *, damp: float, check: b
     return DenseBlockInverses(group, parts[0] if len(parts) == 1 else xp.concat(parts))
 
 
-def _woodbury_columns(xp: Any, G: Any, group: BlockGroup, sink: Sink, *, damp: float,
+def _woodbury_columns(xp: Any, G: Array, group: BlockGroup, sink: Sink, *, damp: float,
                       check: bool, track: _Tracker) -> None:
     m = G.shape[0]
     for chunk in chunks(group, _piece_width(G)):
@@ -174,7 +174,7 @@ def _woodbury_columns(xp: Any, G: Any, group: BlockGroup, sink: Sink, *, damp: f
             track.advance((b1 - b0) * (c1 - c0))
 
 
-def factorize_groups(xp: Any, G: Any, groups: tuple[BlockGroup, ...], *, damp: float,
+def factorize_groups(xp: Any, G: Array, groups: tuple[BlockGroup, ...], *, damp: float,
                      sink: Sink, check_finite: bool,
                      progress: Callable[[int, int], None] | None) -> SetupResult:
     """Factorise every group of blocks of ``F = damp I + G^T G / m``.
@@ -193,8 +193,9 @@ def factorize_groups(xp: Any, G: Any, groups: tuple[BlockGroup, ...], *, damp: f
                                            track=track)
         else:
             _woodbury_columns(xp, G, group, sink, damp=damp, check=check_finite, track=track)
-    W = sink.finish() if not all(dense.values()) else None
-    factors: list[GroupFactor] = [
-        built[g] if dense[g] else WoodburyFactor(g, W[:, g.start:g.end], damp)
-        for g in groups]
+    W = None if all(dense.values()) else sink.finish()
+    factors: list[GroupFactor] = []
+    for g in groups:
+        factors.append(built[g] if W is None or dense[g]
+                       else WoodburyFactor(g, W[:, g.start:g.end], damp))
     return SetupResult(tuple(factors), track.kappa_lo, track.kappa_hi)

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import _capacitance, _setup
-from ._compat import device
+from ._compat import Array, device
 from ._group_factors import GroupFactor
 from ._layout import BlockGroup, block_groups, lowrank_apply
 from ._operator import LinearOperator
@@ -30,7 +30,7 @@ __all__ = ["EmpiricalFisher", "StaticIHVP"]
 class _BlockOperatorBase(LinearOperator):
     """What the forward and inverse operators share: G's sizes, damp and the block layout."""
 
-    def _init_layout(self, G: Any, damp: Any, block_size: Any, check: bool,
+    def _init_layout(self, G: Array, damp: Any, block_size: Any, check: bool,
                      check_G: bool = True) -> Any:
         xp = check_gradients(G, require_finite=check and check_G)
         self.damp = check_damp(damp)
@@ -145,7 +145,7 @@ class StaticIHVP(_BlockOperatorBase):
 
     def __init__(
         self,
-        G: Any,
+        G: Array,
         /,
         *,
         damp: float,
@@ -169,15 +169,15 @@ class StaticIHVP(_BlockOperatorBase):
 
     # -- products ------------------------------------------------------------------------
 
-    def _matmat(self, X: Any) -> Any:
+    def _matmat(self, X: Array) -> Array:
         return self._join([f.apply(X[f.group.start:f.group.end, ...]) for f in self._factors])
 
-    def _matvec(self, x: Any) -> Any:
+    def _matvec(self, x: Array) -> Array:
         return self._join([f.apply_vector(x[f.group.start:f.group.end]) for f in self._factors])
 
     # -- entries -------------------------------------------------------------------------
 
-    def diagonal(self) -> Any:
+    def diagonal(self) -> Array:
         """The d diagonal entries of ``F^{-1}``, in O(d m).
 
         Returns
@@ -188,7 +188,7 @@ class StaticIHVP(_BlockOperatorBase):
         """
         return self._join([f.diagonal() for f in self._factors])
 
-    def entries(self, rows: Any, cols: Any, /) -> Any:
+    def entries(self, rows: Array, cols: Array, /) -> Array:
         """Selected entries ``[F^{-1}][rows[k], cols[k]]``, O(m) each (paper Eq. 5).
 
         Parameters
@@ -262,19 +262,19 @@ class EmpiricalFisher(_BlockOperatorBase):
     True
     """
 
-    def __init__(self, G: Any, /, *, damp: float, block_size: int | None = None,
+    def __init__(self, G: Array, /, *, damp: float, block_size: int | None = None,
                  check_finite: bool = True) -> None:
         self._init_layout(G, damp, block_size, check_finite)
         self._G = G
 
-    def _matmat(self, X: Any) -> Any:
+    def _matmat(self, X: Array) -> Array:
         # Every block in the low-rank form: applying F needs no inverse.
         return self._join([
             lowrank_apply(self._xp, self._G[:, g.start:g.end], X[g.start:g.end, ...],
                           BlockGroup(0, g.count, g.size), self.damp, 1.0 / self.num_grads)
             for g in self._groups])
 
-    def diagonal(self) -> Any:
+    def diagonal(self) -> Array:
         """The diagonal ``damp + sum_i G_ij^2 / m`` (shape ``(d,)``)."""
         xp = self._xp
         return self.damp + xp.sum(self._G * self._G, axis=0) / self.num_grads

@@ -20,7 +20,14 @@ import operator
 from collections.abc import Sequence
 from typing import Any
 
-from ._compat import array_namespace, device, is_array_api_obj, is_writeable_array, namespace_name
+from ._compat import (
+    Array,
+    array_namespace,
+    device,
+    is_array_api_obj,
+    is_writeable_array,
+    namespace_name,
+)
 
 __all__ = [
     "check_block_size",
@@ -44,7 +51,7 @@ __all__ = [
 FLOATING_DTYPES = ("float32", "float64")
 
 
-def namespace_of(x: Any, name: str) -> Any:
+def namespace_of(x: Array, name: str) -> Any:
     """The array namespace of ``x``, or a ``TypeError`` naming the argument."""
     if not is_array_api_obj(x):
         raise TypeError(
@@ -61,7 +68,7 @@ def _dtype_name(xp: Any, dtype: Any) -> str | None:
     return None
 
 
-def check_floating(xp: Any, x: Any, name: str) -> None:
+def check_floating(xp: Any, x: Array, name: str) -> None:
     """Accept float32 and float64 only: integers, complex numbers and other widths are refused.
 
     float16, bfloat16 and extended precision are refused rather than given a
@@ -73,7 +80,7 @@ def check_floating(xp: Any, x: Any, name: str) -> None:
         )
 
 
-def check_finite(xp: Any, x: Any, name: str) -> None:
+def check_finite(xp: Any, x: Array, name: str) -> None:
     """Raise ``ValueError`` if ``x`` holds NaN or infinity."""
     if not bool(xp.all(xp.isfinite(x))):
         raise ValueError(f"{name} must not contain NaN or infinity")
@@ -144,14 +151,14 @@ def check_choice(value: Any, name: str, choices: Sequence[str]) -> str:
     return value
 
 
-def check_writeable(x: Any, name: str, *, why: str) -> None:
+def check_writeable(x: Array, name: str, *, why: str) -> None:
     """Refuse a read-only array (or one of a library with immutable arrays) for ``why``."""
     if not is_writeable_array(x):
         raise ValueError(f"{why} needs a writeable array; this {name} is read-only (or from a "
                          "library with immutable arrays such as JAX)")
 
 
-def check_same_space(xp: Any, dev: Any, x: Any, name: str, *, owner: str) -> None:
+def check_same_space(xp: Any, dev: Any, x: Array, name: str, *, owner: str) -> None:
     """Refuse an array of another library (``TypeError``) or on another device (``ValueError``).
 
     The operators never move data between libraries or devices behind the
@@ -171,7 +178,7 @@ def check_same_space(xp: Any, dev: Any, x: Any, name: str, *, owner: str) -> Non
         )
 
 
-def check_operand(xp: Any, dev: Any, dtype: Any, x: Any, name: str, *, owner: str) -> Any:
+def check_operand(xp: Any, dev: Any, dtype: Any, x: Array, name: str, *, owner: str) -> Any:
     """``x`` in the operator's library, device and dtype, promoted where that is lossless.
 
     A float32 array given to a float64 operator is promoted to float64 (as the
@@ -190,7 +197,7 @@ def check_operand(xp: Any, dev: Any, dtype: Any, x: Any, name: str, *, owner: st
     )
 
 
-def check_gradients(G: Any, *, require_finite: bool, name: str = "G") -> Any:
+def check_gradients(G: Array, *, require_finite: bool, name: str = "G") -> Any:
     """A non-empty 2-D float32/float64 array of gradients (rows); returns its namespace."""
     xp = namespace_of(G, name)
     if G.ndim != 2:
@@ -205,7 +212,7 @@ def check_gradients(G: Any, *, require_finite: bool, name: str = "G") -> Any:
     return xp
 
 
-def check_index_array(idx: Any, name: str, *, xp: Any, device: Any, bound: int) -> Any:
+def check_index_array(idx: Array, name: str, *, xp: Any, device: Any, bound: int) -> Any:
     """Integer indices in ``[0, bound)`` of the given library and device, as int64.
 
     Any integer dtype is accepted; the result is int64 so that offsets computed

@@ -35,8 +35,8 @@ import math
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple, Protocol, runtime_checkable
 
+from ._compat import Array, is_writeable_array
 from ._compat import device as device_of
-from ._compat import is_writeable_array
 from ._static import EmpiricalFisher, StaticIHVP
 from ._validation import (
     check_choice,
@@ -100,13 +100,13 @@ class InverseFisherOperator(Protocol):
     def xp(self) -> Any:
         """The Array-API namespace of the operator's arrays."""
 
-    def matvec(self, x: Any, /) -> Any:
+    def matvec(self, x: Array, /) -> Array:
         """``F^{-1} x``."""
 
-    def diagonal(self) -> Any:
+    def diagonal(self) -> Array:
         """The diagonal of ``F^{-1}``."""
 
-    def entries(self, rows: Any, cols: Any, /) -> Any:
+    def entries(self, rows: Array, cols: Array, /) -> Array:
         """``[F^{-1}]_{rows[k], cols[k]}``."""
 
 
@@ -121,14 +121,14 @@ class PruneResult(NamedTuple):
         ``True`` for the weights that are kept.
     """
 
-    theta: Any
-    mask: Any
+    theta: Array
+    mask: Array
 
 
 # -- validation ---------------------------------------------------------------------------
 
 
-def _check_theta(theta: Any, name: str = "theta") -> Any:
+def _check_theta(theta: Array, name: str = "theta") -> Any:
     xp = namespace_of(theta, name)
     if theta.ndim != 1:
         raise ValueError(f"{name} must be a flat 1-D parameter vector, got shape "
@@ -139,7 +139,7 @@ def _check_theta(theta: Any, name: str = "theta") -> Any:
     return xp
 
 
-def _check_mask(xp: Any, theta: Any, mask: Any) -> Any:
+def _check_mask(xp: Any, theta: Array, mask: Array) -> Any:
     """The mask (all True when ``None``), checked against ``theta``."""
     d = theta.shape[0]
     if mask is None:
@@ -150,14 +150,14 @@ def _check_mask(xp: Any, theta: Any, mask: Any) -> Any:
     return mask
 
 
-def _check_bool(xp: Any, theta: Any, x: Any, name: str) -> None:
+def _check_bool(xp: Any, theta: Array, x: Array, name: str) -> None:
     """``x`` must be a boolean array of theta's library and device."""
     check_same_space(xp, device_of(theta), x, name, owner="theta")
     if x.dtype != xp.bool:
         raise TypeError(f"{name} must be a boolean array (True = kept), got dtype {x.dtype}")
 
 
-def _check_operator(ihvp: Any, theta: Any) -> Any:
+def _check_operator(ihvp: Any, theta: Array) -> Any:
     """The operator's checks; returns ``theta`` in its dtype (promoted where lossless)."""
     if not isinstance(ihvp, InverseFisherOperator):
         raise TypeError(f"ihvp must be an inverse-Fisher operator such as StaticIHVP (see "
@@ -168,7 +168,7 @@ def _check_operator(ihvp: Any, theta: Any) -> Any:
     return check_operand(ihvp.xp, ihvp.device, ihvp.dtype, theta, "theta", owner=repr(ihvp))
 
 
-def _check_grads(xp: Any, theta: Any, G: Any) -> None:
+def _check_grads(xp: Any, theta: Array, G: Array) -> None:
     check_gradients(G, require_finite=False)
     check_same_space(xp, device_of(theta), G, "G", owner="theta")
     if G.dtype != theta.dtype:
@@ -183,7 +183,7 @@ def _check_grads(xp: Any, theta: Any, G: Any) -> None:
 # -- saliencies ---------------------------------------------------------------------------
 
 
-def obs_saliency(theta: Any, ihvp: InverseFisherOperator, /) -> Any:
+def obs_saliency(theta: Array, ihvp: InverseFisherOperator, /) -> Array:
     r"""The OBS/OBD saliency ``theta_i^2 / (2 [F^{-1}]_ii)`` of every weight.
 
     The increase of the quadratic model of the loss when weight ``i`` alone is
@@ -228,7 +228,7 @@ def obs_saliency(theta: Any, ihvp: InverseFisherOperator, /) -> Any:
     return theta * theta / (2 * ihvp.diagonal())
 
 
-def obd_saliency(theta: Any, G: Any, /, *, damp: float) -> Any:
+def obd_saliency(theta: Array, G: Array, /, *, damp: float) -> Array:
     r"""The OBD saliency with a diagonal Fisher: ``theta_i^2 F_ii / 2``.
 
     Optimal Brain Damage approximates ``[F^{-1}]_ii`` by ``1 / F_ii`` with
@@ -262,7 +262,7 @@ def obd_saliency(theta: Any, G: Any, /, *, damp: float) -> Any:
     return theta * theta * EmpiricalFisher(G, damp=damp).diagonal() / 2
 
 
-def magnitude_saliency(theta: Any, /) -> Any:
+def magnitude_saliency(theta: Array, /) -> Array:
     """The magnitude saliency ``theta_i^2`` (magnitude pruning).
 
     Parameters
@@ -294,14 +294,14 @@ def _target_count(sparsity: float, n: int) -> int:
 
 
 def select_pruned(
-    scores: Any,
+    scores: Array,
     /,
     *,
     sparsity: float | None = None,
     count: int | None = None,
-    mask: Any = None,
+    mask: Array = None,
     block_size: int | None = None,
-) -> Any:
+) -> Array:
     """Select the least salient weights that are still kept.
 
     Give exactly one of ``sparsity`` and ``count``. Weights that ``mask``
@@ -379,7 +379,8 @@ def select_pruned(
     else:
         sizes = [B] * nb
         sizes[-1] = B - pad
-        target = xp.asarray([_target_count(sparsity, n) for n in sizes], dtype=xp.int64,
+        fraction = check_fraction(sparsity, "sparsity")
+        target = xp.asarray([_target_count(fraction, n) for n in sizes], dtype=xp.int64,
                             device=dev)
         pruned = xp.asarray(sizes, dtype=xp.int64, device=dev) - kept
         k = xp.clip(target - pruned, min=0)
@@ -402,16 +403,16 @@ def select_pruned(
 
 
 def obs_update(
-    theta: Any,
+    theta: Array,
     ihvp: InverseFisherOperator,
-    selected: Any,
+    selected: Array,
     /,
     *,
     joint: bool = False,
     block_size: int | None = None,
-    mask: Any = None,
+    mask: Array = None,
     max_joint_size: int = 4096,
-) -> Any:
+) -> Array:
     r"""The OBS update that removes the ``selected`` weights and moves the others.
 
     With ``P`` the selected coordinates:
@@ -504,7 +505,7 @@ def obs_update(
     return xp.where(gone, zero, theta - ihvp.matvec(coef))
 
 
-def _joint_coefficients(xp: Any, theta: Any, ihvp: Any, selected: Any, B: int,
+def _joint_coefficients(xp: Any, theta: Array, ihvp: Any, selected: Array, B: int,
                         max_joint_size: int) -> Any:
     """``u`` with ``u_P = ([F^{-1}]_{PP})^{-1} theta_P`` per block and zeros elsewhere."""
     d = theta.shape[0]
@@ -567,8 +568,8 @@ def _joint_coefficients(xp: Any, theta: Any, ihvp: Any, selected: Any, B: int,
 
 
 def prune(
-    theta: Any,
-    G: Any,
+    theta: Array,
+    G: Array,
     /,
     *,
     sparsity: float,
@@ -576,7 +577,7 @@ def prune(
     block_size: int | None = None,
     saliency: Saliency = "obs",
     update: Update = "single",
-    mask: Any = None,
+    mask: Array = None,
     selection_block_size: int | None = None,
     joint_block_size: int | None = None,
 ) -> PruneResult:
@@ -664,11 +665,11 @@ def prune(
     if saliency == "obs" or update != "none":
         ihvp = StaticIHVP(G, damp=damp, block_size=block_size,
                           overwrite_G=is_writeable_array(G))
-    if saliency == "obs":
-        scores = obs_saliency(theta, ihvp)
+        if saliency == "obs":
+            scores = obs_saliency(theta, ihvp)
     selected = select_pruned(scores, sparsity=sparsity, mask=mask,
                              block_size=selection_block_size)
-    if update == "none":
+    if ihvp is None or update == "none":
         zero = xp.zeros((), dtype=theta.dtype, device=device_of(theta))
         new = xp.where(selected | ~mask, zero, theta)
     else:
@@ -727,14 +728,14 @@ def sparsity_schedule(start: float, end: float, steps: int, /, *,
 
 
 def gradual_prune(
-    theta: Any,
+    theta: Array,
     grad_fn: Callable[[Any, Any], Any],
     /,
     *,
     sparsity: float,
     steps: int,
     schedule: Schedule = "linear",
-    mask: Any = None,
+    mask: Array = None,
     damp: float = 1e-5,
     block_size: int | None = None,
     saliency: Saliency = "obs",

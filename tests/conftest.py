@@ -1,4 +1,5 @@
-"""Shared fixtures: the backend matrix (library x device) and the dtypes.
+"""Shared fixtures and helpers: the backend matrix (library x device), the dtypes, and the
+small helpers several test modules use (import them with ``from conftest import ...``).
 
 Hypothesis profiles: ``ci`` (the default: derandomized, so every run draws the
 same examples) and ``dev`` (more examples, random); pick one with the
@@ -16,6 +17,8 @@ import array_api_compat
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
+
+from mfac_core import LinearOperator
 
 settings.register_profile(
     "ci",
@@ -139,3 +142,34 @@ def rng() -> np.random.Generator:
 def make_backend() -> Callable[[str], Backend]:
     """``make_backend(name)`` -> the :class:`Backend` of that id (for custom parametrisations)."""
     return lambda name: _BACKENDS[name]()
+
+
+# -- helpers shared by several test modules ------------------------------------------------------
+
+
+def rounded(a: np.ndarray, dtype: str) -> np.ndarray:
+    """Values exactly representable in ``dtype``, kept in float64 for the references."""
+    return np.asarray(a).astype(dtype).astype(np.float64)
+
+
+def check_space(y: Any, backend: Backend, dtype: str) -> None:
+    """``y`` is an array of the backend's library, on its device, with ``dtype``."""
+    assert array_api_compat.array_namespace(y) is backend.xp
+    assert y.dtype == backend.dtype(dtype)
+    assert array_api_compat.device(y) == backend.device
+
+
+class Dense(LinearOperator):
+    """A general (rectangular, non-symmetric) matrix as an operator, of any library."""
+
+    def __init__(self, A: Any, *, check_finite: bool = True) -> None:
+        xp = array_api_compat.array_namespace(A)
+        super().__init__(shape=tuple(int(s) for s in A.shape), dtype=A.dtype, xp=xp,
+                         device=array_api_compat.device(A), check_finite=check_finite)
+        self.A = A
+
+    def _matmat(self, X: Any) -> Any:
+        return self.A @ X
+
+    def _rmatmat(self, X: Any) -> Any:
+        return self.A.T @ X

@@ -7,6 +7,7 @@ from typing import Any
 import array_api_compat
 import numpy as np
 import pytest
+from conftest import Dense, check_space, rounded
 
 from mfac_core import EmpiricalFisher, LinearOperator, StaticIHVP
 from mfac_core.testing import (
@@ -18,22 +19,6 @@ from mfac_core.testing import (
 )
 
 
-class Dense(LinearOperator):
-    """A general (rectangular, non-symmetric) matrix, to test what StaticIHVP cannot."""
-
-    def __init__(self, A: Any, *, check_finite: bool = True) -> None:
-        xp = array_api_compat.array_namespace(A)
-        super().__init__(shape=tuple(int(s) for s in A.shape), dtype=A.dtype, xp=xp,
-                         device=array_api_compat.device(A), check_finite=check_finite)
-        self.A = A
-
-    def _matmat(self, X: Any) -> Any:
-        return self.A @ X
-
-    def _rmatmat(self, X: Any) -> Any:
-        return self.A.T @ X
-
-
 class WrongAdjoint(Dense):
     """An operator whose adjoint is wrong (``A`` instead of ``A^T``)."""
 
@@ -41,21 +26,10 @@ class WrongAdjoint(Dense):
         return self.A @ X
 
 
-def _rounded(a: np.ndarray, dtype: str) -> np.ndarray:
-    """Values exactly representable in ``dtype``, kept in float64 for the references."""
-    return a.astype(dtype).astype(np.float64)
-
-
-def _check_space(y: Any, backend, dtype: str) -> None:
-    assert array_api_compat.array_namespace(y) is backend.xp
-    assert y.dtype == backend.dtype(dtype)
-    assert array_api_compat.device(y) == backend.device
-
-
 @pytest.fixture
 def fisher_setup(xp_device, dtype, rng):
     m, d, damp = 4, 11, 0.3
-    G = _rounded(rng.standard_normal((m, d)), dtype)
+    G = rounded(rng.standard_normal((m, d)), dtype)
     Gx = xp_device.asarray(G, dtype)
     return {
         "G": G, "damp": damp, "d": d, "backend": xp_device, "dtype": dtype,
@@ -66,8 +40,8 @@ def fisher_setup(xp_device, dtype, rng):
 
 @pytest.fixture
 def dense_setup(xp_device, dtype, rng):
-    A = _rounded(rng.standard_normal((3, 5)), dtype)
-    B = _rounded(rng.standard_normal((5, 4)), dtype)
+    A = rounded(rng.standard_normal((3, 5)), dtype)
+    B = rounded(rng.standard_normal((5, 4)), dtype)
     return {"A": A, "B": B, "backend": xp_device, "dtype": dtype,
             "opA": Dense(xp_device.asarray(A, dtype)), "opB": Dense(xp_device.asarray(B, dtype))}
 
@@ -111,21 +85,21 @@ def test_base_class_shape_validation():
 def test_matvec_matmat_shapes_and_values(fisher_setup, rng):
     s = fisher_setup
     be, dt, d = s["backend"], s["dtype"], s["d"]
-    x = _rounded(rng.standard_normal(d), dt)
-    X = _rounded(rng.standard_normal((d, 3)), dt)
+    x = rounded(rng.standard_normal(d), dt)
+    X = rounded(rng.standard_normal((d, 3)), dt)
     Fd = empirical_fisher_dense(s["G"], s["damp"])
     oracle = SpectralOracle(s["G"], s["damp"])
     for op, ref in ((s["F"], lambda v: Fd @ v), (s["Finv"], oracle.matmat)):
         y1 = op.matvec(be.asarray(x, dt))
         assert tuple(y1.shape) == (d,)
-        _check_space(y1, be, dt)
+        check_space(y1, be, dt)
         assert_close(y1, ref(x[:, None])[:, 0], kappa=s["kappa"])
         y2 = op.matvec(be.asarray(x[:, None], dt))
         assert tuple(y2.shape) == (d, 1)
         assert_close(y2[:, 0], to_numpy(y1), kappa=s["kappa"])
         Y = op.matmat(be.asarray(X, dt))
         assert tuple(Y.shape) == (d, 3)
-        _check_space(Y, be, dt)
+        check_space(Y, be, dt)
         assert_close(Y, ref(X), kappa=s["kappa"])
         # Symmetric operators: rmatvec/rmatmat are matvec/matmat.
         assert_close(op.rmatvec(be.asarray(x, dt)), to_numpy(y1), kappa=s["kappa"])
@@ -140,11 +114,11 @@ def test_matvec_matmat_shapes_and_values(fisher_setup, rng):
 def test_rectangular_matvec_rmatvec(dense_setup, rng):
     s = dense_setup
     be, dt, A, opA = s["backend"], s["dtype"], s["A"], s["opA"]
-    x, y = _rounded(rng.standard_normal(5), dt), _rounded(rng.standard_normal(3), dt)
+    x, y = rounded(rng.standard_normal(5), dt), rounded(rng.standard_normal(3), dt)
     assert opA.shape == (3, 5)
     r = opA.matvec(be.asarray(x, dt))
     assert tuple(r.shape) == (3,)
-    _check_space(r, be, dt)
+    check_space(r, be, dt)
     assert_close(r, A @ x)
     assert_close(opA.rmatvec(be.asarray(y, dt)), A.T @ y)
     assert tuple(opA.rmatvec(be.asarray(y[:, None], dt)).shape) == (5, 1)
@@ -163,9 +137,9 @@ def test_adjoint_and_transpose(dense_setup, fisher_setup, rng):
     be, dt, A, opA = s["backend"], s["dtype"], s["A"], s["opA"]
     for At in (opA.adjoint(), opA.H, opA.transpose(), opA.T):
         assert At.shape == (5, 3)
-        y = _rounded(rng.standard_normal(3), dt)
+        y = rounded(rng.standard_normal(3), dt)
         assert_close(At.matvec(be.asarray(y, dt)), A.T @ y)
-        assert_close(At.rmatvec(be.asarray(_rounded(np.ones(5), dt), dt)), A @ np.ones(5))
+        assert_close(At.rmatvec(be.asarray(rounded(np.ones(5), dt), dt)), A @ np.ones(5))
         assert_close(At.matmat(be.asarray(np.eye(3), dt)), A.T)
         assert_close(At.rmatmat(be.asarray(np.eye(5), dt)), A)
         assert At.adjoint() is opA
@@ -195,7 +169,7 @@ def test_operator_algebra(dense_setup, fisher_setup):
         assert op.shape == ref.shape, name
         assert op.dtype == be.dtype(dt)
         dense = op.todense()
-        _check_space(dense, be, dt)
+        check_space(dense, be, dt)
         assert_close(dense, ref, factor=100, err_msg=name)
         assert_close(op.rmatmat(be.asarray(np.eye(ref.shape[0]), dt)), ref.T, err_msg=name)
     F, Finv = fisher_setup["F"], fisher_setup["Finv"]
@@ -266,8 +240,8 @@ def test_row_vector_times_operator_numpy():
 def _dottest(op, backend, dtype, rng, *, kappa=1.0) -> float:
     """``<A y, x> = <y, A^H x>`` up to ``100 eps kappa (||Ay|| ||x|| + ||y|| ||A^H x||)``."""
     n_out, n_in = op.shape
-    y = _rounded(rng.standard_normal(n_in), dtype)
-    x = _rounded(rng.standard_normal(n_out), dtype)
+    y = rounded(rng.standard_normal(n_in), dtype)
+    x = rounded(rng.standard_normal(n_out), dtype)
     Ay = to_numpy(op.matvec(backend.asarray(y, dtype))).astype(np.float64)
     AHx = to_numpy(op.H.matvec(backend.asarray(x, dtype))).astype(np.float64)
     lhs, rhs = Ay @ x, y @ AHx

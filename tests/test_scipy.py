@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import array_api_compat
 import numpy as np
 import pytest
 import scipy.sparse.linalg as sla
+from conftest import Dense
 
-from mfac_core import EmpiricalFisher, LinearOperator, StaticIHVP
+from mfac_core import EmpiricalFisher, StaticIHVP
 from mfac_core.scipy import to_scipy
 from mfac_core.testing import (
     SpectralOracle,
@@ -64,21 +64,6 @@ def test_to_scipy_passes_matmat_through(problem):
     sop = op.to_scipy()
     sop.matmat(np.ones((40, 5)))
     assert seen == [(40, 5)]  # one call with the whole block, not five matvecs
-
-
-class Dense(LinearOperator):
-    """A rectangular NumPy matrix as an operator."""
-
-    def __init__(self, A: np.ndarray) -> None:
-        super().__init__(shape=A.shape, dtype=A.dtype, xp=array_api_compat.array_namespace(A),
-                         device="cpu")
-        self.A = A
-
-    def _matmat(self, X: np.ndarray) -> np.ndarray:
-        return self.A @ X
-
-    def _rmatmat(self, X: np.ndarray) -> np.ndarray:
-        return self.A.T @ X
 
 
 def test_to_scipy_rectangular_rmatmat(rng):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import warnings
 
-import array_api_compat
 import numpy as np
 import pytest
+from conftest import check_space, rounded
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -40,23 +40,13 @@ LAYOUTS = {
 }
 
 
-def _rounded(a: np.ndarray, dtype: str) -> np.ndarray:
-    return a.astype(dtype).astype(np.float64)
-
-
 def _eps(dtype: str) -> float:
     return float(np.finfo(dtype).eps)
 
 
-def _check_space(y, backend, dtype: str) -> None:
-    assert array_api_compat.array_namespace(y) is backend.xp
-    assert y.dtype == backend.dtype(dtype)
-    assert array_api_compat.device(y) == backend.device
-
-
 def _data(rng, m, d, dtype, damp_rel=1e-2):
     """Gaussian gradients and a damping giving kappa ~ 1e2 - 1e3."""
-    G = _rounded(rng.standard_normal((m, d)), dtype)
+    G = rounded(rng.standard_normal((m, d)), dtype)
     damp = damp_rel * float(np.linalg.norm(G, 2)) ** 2 / m
     return G, damp
 
@@ -77,24 +67,24 @@ def test_static_ihvp_against_oracle(layout, xp_device, dtype, rng):
     assert op.block_size == (d if bs is None else min(bs, d))
     assert op.kappa_bound >= kappa * (1 - 1e-10)
 
-    X = _rounded(rng.standard_normal((d, 3)), dtype)
+    X = rounded(rng.standard_normal((d, 3)), dtype)
     Y = op.matmat(be.asarray(X, dtype))
-    _check_space(Y, be, dtype)
+    check_space(Y, be, dtype)
     for j in range(3):
         assert_close(Y[:, j], oracle.matvec(X[:, j]), kappa=kappa, err_msg=f"column {j}")
 
     diag = op.diagonal()
-    _check_space(diag, be, dtype)
+    check_space(diag, be, dtype)
     assert_close(diag, oracle.diagonal(), kappa=kappa)
 
     dense = op.todense()
-    _check_space(dense, be, dtype)
+    check_space(dense, be, dtype)
     assert_close(dense, oracle.todense(), kappa=kappa)
 
     # Every entry, as 2-D index arrays: the shape is kept and cross-block entries are 0.
     rows, cols = np.meshgrid(np.arange(d), np.arange(d), indexing="ij")
     ent = op.entries(be.asarray(rows, "int64"), be.asarray(cols, "int64"))
-    _check_space(ent, be, dtype)
+    check_space(ent, be, dtype)
     assert tuple(ent.shape) == (d, d)
     ref = oracle.todense()
     assert_close(ent, ref, kappa=kappa)
@@ -110,9 +100,9 @@ def test_static_ihvp_matvec(layout, xp_device, dtype, rng):
     be = xp_device
     op = StaticIHVP(be.asarray(G, dtype), damp=damp, block_size=bs)
     oracle = SpectralOracle(G, damp, block_size=bs)
-    x = _rounded(rng.standard_normal(d), dtype)
+    x = rounded(rng.standard_normal(d), dtype)
     y = op.matvec(be.asarray(x, dtype))
-    _check_space(y, be, dtype)
+    check_space(y, be, dtype)
     assert tuple(y.shape) == (d,)
     assert_close(y, oracle.matvec(x), kappa=oracle.kappa)
     y2 = op.matvec(be.asarray(x[:, None], dtype))
@@ -139,16 +129,16 @@ def test_empirical_fisher_against_dense(layout, xp_device, dtype, rng):
     Fd = empirical_fisher_dense(G, damp, block_size=bs)
     kappa = condition_number(G, damp, block_size=bs)
     assert F.shape == (d, d) and F.dtype == be.dtype(dtype)
-    x = _rounded(rng.standard_normal(d), dtype)
-    X = _rounded(rng.standard_normal((d, 2)), dtype)
+    x = rounded(rng.standard_normal(d), dtype)
+    X = rounded(rng.standard_normal((d, 2)), dtype)
     y = F.matvec(be.asarray(x, dtype))
-    _check_space(y, be, dtype)
+    check_space(y, be, dtype)
     assert_close(y, Fd @ x, kappa=kappa)
     Y = F.matmat(be.asarray(X, dtype))
     for j in range(2):
         assert_close(Y[:, j], Fd @ X[:, j], kappa=kappa)
     diag = F.diagonal()
-    _check_space(diag, be, dtype)
+    check_space(diag, be, dtype)
     assert_close(diag, np.diag(Fd))
     assert_close(F.todense(), Fd, kappa=kappa)
     # F (F^{-1} x) = x, kappa-scaled.
@@ -214,14 +204,14 @@ def _check_inverse_properties(p, backend, dtype: str, extra: np.ndarray) -> None
     # matmat, column by column (the columns' norms may differ a lot).
     X = np.stack([p.x, extra], axis=1)
     Y = op.matmat(be.asarray(X, dtype))
-    _check_space(Y, be, dtype)
+    check_space(Y, be, dtype)
     Yn = to_numpy(Y).astype(np.float64)
     for j in range(2):
         assert_close(Yn[:, j], oracle.matvec(X[:, j]), kappa=k, dtype=dtype,
                      err_msg=f"{msg}: matmat column {j}")
     # matvec, and matvec == matmat columns.
     y = op.matvec(x)
-    _check_space(y, be, dtype)
+    check_space(y, be, dtype)
     assert_close(y, oracle.matvec(p.x), kappa=k, err_msg=f"{msg}: matvec")
     assert_close(y, Yn[:, 0], kappa=k, err_msg=f"{msg}: matvec vs matmat")
     # Symmetry <F^-1 a, b> = <a, F^-1 b>.
@@ -254,7 +244,7 @@ def _entries_check(p, backend, dtype: str, rows: list[int], cols: list[int]) -> 
 
 def _extra(data, p, dtype):
     seed = data.draw(st.integers(0, 2**32 - 1), label="extra seed")
-    return _rounded(np.random.default_rng(seed).standard_normal(p.d), dtype)
+    return rounded(np.random.default_rng(seed).standard_normal(p.d), dtype)
 
 
 @pytest.mark.parametrize("dtype_name", ["float32", "float64"])
@@ -481,7 +471,7 @@ def test_duplicated_gradients_tiny_damp_never_silent(xp_device, dtype, block_siz
     be = xp_device
     G = _identical(3, 5, 1e8)
     if dtype == "float32":
-        G = _rounded(G, "float32")
+        G = rounded(G, "float32")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -516,7 +506,7 @@ def test_hopeless_float64_warns():
 
 
 def test_ill_conditioned_warning_float32(xp_device):
-    G = _rounded(_identical(2, 6, 1.0), "float32")
+    G = rounded(_identical(2, 6, 1.0), "float32")
     with pytest.warns(IllConditionedWarning, match="damp"):
         StaticIHVP(xp_device.asarray(G, "float32"), damp=1e-9)
 
@@ -524,8 +514,8 @@ def test_ill_conditioned_warning_float32(xp_device):
 def test_no_warning_when_well_conditioned(xp_device, dtype):
     # kappa = 1e9 is fine in float64 (and accurate); float32 with kappa = 1e3 too.
     damp = 1e-9 if dtype == "float64" else 1e-3
-    G = _rounded(_identical(2, 6, 1.0), dtype)
-    x = _rounded(np.arange(6.0), dtype)
+    G = rounded(_identical(2, 6, 1.0), dtype)
+    x = rounded(np.arange(6.0), dtype)
     with warnings.catch_warnings():
         warnings.simplefilter("error", IllConditionedWarning)
         op = StaticIHVP(xp_device.asarray(G, dtype), damp=damp)

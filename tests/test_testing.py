@@ -84,7 +84,7 @@ def test_paper_dynamic_structure(rng):
 
 
 def test_paper_static_closed_form(rng):
-    # DESIGN.md: q = diag(Delta), the LDL^T pivots of S = m I + G G^T / damp, and
+    # docs/mathematics.rst: q = diag(Delta), the LDL^T pivots of S = m I + G G^T / damp, and
     # V = damp^{-1} L^{-1} G.
     m, d, damp = 5, 12, 0.7
     G = _grads(rng, m, d)
