@@ -1,6 +1,7 @@
 """Helpers shared by the benchmark scripts: machine facts, timing, bandwidth, memory.
 
-Conventions (docs/design.rst, "Speed: how it is measured"), used by every script that imports this module:
+Conventions (docs/design.rst, "Speed: how it is measured"), used by every script that
+imports this module:
 
 * **Time** is the best of ``repeat`` runs, and the candidates of one table are run
   *interleaved* (round-robin: one run of each, then the next round), so that a floor

@@ -10,7 +10,9 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
+import mfac_core._linalg
 from mfac_core import DynamicIHVP, FactorizationError, StaticIHVP
+from mfac_core._errors import NotPositiveDefinite
 from mfac_core.testing import (
     SpectralOracle,
     assert_close,
@@ -439,6 +441,60 @@ class WindowMachine(RuleBasedStateMachine):
         self.op.reset()
         self.window.clear()
 
+    # -- failures: each must leave the operator exactly as the model says ----------------
+
+    def _unchanged_after(self, call, exc) -> None:
+        before = self.op.state_dict()
+        with pytest.raises(exc):
+            call()
+        _assert_same_state(self.op.state_dict(), before)
+
+    @rule(bad=st.sampled_from([np.nan, np.inf, -np.inf]), where=st.integers(0, 11),
+          product=st.booleans())
+    def insert_non_finite(self, bad, where, product):
+        g = self.rng.standard_normal(self.d)
+        g[where % self.d] = bad
+        self._unchanged_after(
+            lambda: self.op.update_and_matvec(g) if product else self.op.update(g), ValueError)
+
+    @rule(product=st.booleans())
+    def insert_with_failing_factorisation(self, product):
+        # Every factorisation and row edit fails: the insertion must raise
+        # FactorizationError and put back the row it had written.
+        g = self.rng.standard_normal(self.d)
+
+        def fail(*args, **kwargs):
+            raise NotPositiveDefinite("injected")
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(mfac_core._linalg, "cholesky", fail)
+            mp.setattr(mfac_core._linalg, "replace_row", fail)
+            self._unchanged_after(
+                lambda: self.op.update_and_matvec(g) if product else self.op.update(g),
+                FactorizationError)
+
+    @precondition(lambda self: self.window and not self.zero_init)
+    @rule(which=st.integers(0, 10))
+    def remove_with_failing_factorisation(self, which):
+        slot, _ = self.window[which % len(self.window)]
+
+        def fail(*args, **kwargs):
+            raise NotPositiveDefinite("injected")
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(mfac_core._linalg, "cholesky", fail)
+            if len(self.window) > 1:
+                self._unchanged_after(lambda: self.op.remove(slot), FactorizationError)
+
+    @rule(corruption=st.sampled_from(["missing", "permuted", "nan-factor", "gram", "grads-shape",
+                                      "slots", "version", "dtype"]))
+    def load_corrupted_state(self, corruption):
+        state = self.op.state_dict()
+        bad = _corrupt(state, corruption)
+        if bad is None:
+            return  # this corruption needs a window of at least two gradients
+        self._unchanged_after(lambda: self.op.load_state_dict(bad), (ValueError, TypeError))
+
     @invariant()
     def matches_oracle(self):
         if not hasattr(self, "op"):
@@ -449,6 +505,51 @@ class WindowMachine(RuleBasedStateMachine):
         x = self.rng.standard_normal(self.d)
         want, kappa = self._oracle(x)
         assert_close(self.op.matvec(x), want, kappa=kappa)
+
+
+def _assert_same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        if isinstance(a[key], np.ndarray):
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+        else:
+            assert a[key] == b[key], key
+
+
+def _corrupt(state: dict, how: str) -> dict | None:
+    """A copy of a DynamicIHVP state dict with one kind of damage (None if not applicable)."""
+    bad = {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in state.items()}
+    k = len(bad["window_slots"])
+    if how == "missing":
+        del bad["factor"]
+    elif how == "permuted":
+        if k < 2 or len(set(bad["factor_slots"])) < 2:
+            return None
+        slots = list(bad["factor_slots"])
+        slots[0], slots[-1] = slots[-1], slots[0]
+        gram = bad["gram"][np.ix_(slots, slots)]
+        if np.allclose(gram, bad["gram"][np.ix_(bad["factor_slots"], bad["factor_slots"])],
+                       rtol=1e-6, atol=1e-12 * max(1.0, float(np.abs(gram).max()))):
+            return None  # swapping two equal gradients changes nothing
+        bad["factor_slots"] = slots
+    elif how == "nan-factor":
+        if not k:
+            return None
+        bad["factor"][-1, -1] = np.nan
+    elif how == "gram":
+        if not k or not np.any(bad["grads"]):
+            return None
+        slot = bad["window_slots"][-1]
+        bad["gram"][slot, slot] = 4 * bad["gram"][slot, slot] + 1.0
+    elif how == "grads-shape":
+        bad["grads"] = bad["grads"][:, :-1]
+    elif how == "slots":
+        bad["window_slots"] = list(bad["window_slots"]) + list(bad["window_slots"][:1] or [0])
+    elif how == "version":
+        bad["version"] = 99
+    elif how == "dtype":
+        bad["grads"] = bad["grads"].astype(np.float32)
+    return bad
 
 
 WindowMachine.TestCase.settings = settings(
