@@ -10,27 +10,30 @@ Commands
     Run :class:`~mfac_core.StaticIHVP` on a built-in problem, check it against
     a dense inverse and print errors and timings next to this machine's floors.
 
-User errors (missing files, wrong shapes, a bad damping, a factorisation that
-fails) print ``mfac-core: error: <message>`` and exit with status 2, as
-:mod:`argparse` does for bad arguments; a failed demo check exits with 1.
+User errors (missing files, wrong shapes, an output that is an input, NaN or
+infinity in the inputs, a bad damping, a factorisation that fails) print
+``mfac-core: error: <message>`` and exit with status 2, as :mod:`argparse` does
+for bad arguments; a failed demo check exits with 1. Warnings are printed once
+each, before the summary line of ``ihvp``.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import math
 import os
+import re
 import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TextIO
 
 import numpy as np
 
 from . import __version__
+from ._validation import check_damp
 
 __all__ = ["main"]
 
@@ -47,14 +50,17 @@ class UserError(Exception):
 # -- argument types ------------------------------------------------------------------------
 
 
-def _positive_float(text: str) -> float:
+def _damp(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not math.isfinite(value) or value <= 0.0:
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
-    return value
+    # The library's own check, so that the command line and the API refuse the same values
+    # with the same message.
+    try:
+        return check_damp(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _positive_int(text: str) -> int:
@@ -77,11 +83,31 @@ def _nonnegative_int(text: str) -> int:
     return value
 
 
+#: Negative numbers as Python's float() writes them, exponents included.
+_NEGATIVE_NUMBER = re.compile(
+    r"^-(?:(?:\d[\d_]*(?:\.[\d_]*)?|\.\d[\d_]*)(?:[eE][+-]?\d[\d_]*)?|inf|infinity|nan)$",
+    re.IGNORECASE)
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """An ArgumentParser that reads ``-1e-5`` as a value, not as an option.
+
+    Before Python 3.13 argparse recognises only ``-1`` and ``-1.5`` as negative
+    numbers, so ``--damp -1e-5`` failed with "expected one argument" instead of
+    saying what is wrong with the value. No option of ``mfac-core`` looks like a
+    number, so every such word is a value. (The subparsers are of this class too.)
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = _NEGATIVE_NUMBER
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``mfac-core``."""
     from ._demo import DEFAULT_DAMP, MAX_DEMO_GRADS, MAX_DENSE_DIM
 
-    parser = argparse.ArgumentParser(
+    parser = _ArgumentParser(
         prog=PROG,
         description="Matrix-free inverse-Fisher-vector products (M-FAC).",
     )
@@ -100,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     ihvp.add_argument("vecs", metavar="VECS.npy", help="one vector (d,) or a stack (k, d)")
     ihvp.add_argument("-o", "--output", metavar="OUT.npy", required=True,
                       help="where to save the results (.npy)")
-    ihvp.add_argument("--damp", type=_positive_float, required=True,
+    ihvp.add_argument("--damp", type=_damp, required=True,
                       help="the damping lambda > 0 (absolute; the M-FAC paper uses 1e-5)")
     ihvp.add_argument("--block-size", type=_positive_int, default=None, metavar="B",
                       help="use a block-diagonal F over blocks of B consecutive coordinates")
@@ -130,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"number of parameters (2000; at most {MAX_DENSE_DIM})")
     demo.add_argument("--seed", type=_nonnegative_int, default=0,
                       help="seed of the synthetic data (0)")
-    demo.add_argument("--damp", type=_positive_float, default=DEFAULT_DAMP,
+    demo.add_argument("--damp", type=_damp, default=DEFAULT_DAMP,
                       help=f"damping lambda ({DEFAULT_DAMP:g})")
     return parser
 
@@ -208,16 +234,70 @@ def _load(path: str, what: str, mmap: bool) -> np.ndarray:
     return arr
 
 
-def _check_output(path: str, overwrite: bool) -> None:
+def _same_file(a: str, b: str) -> bool:
+    try:
+        # The same device and inode: through symbolic links, hard links, "..", case-
+        # insensitive file systems; a path that does not exist names no input.
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _check_output(path: str, overwrite: bool, inputs: dict[str, str]) -> None:
+    for what, source in inputs.items():
+        if _same_file(path, source):
+            raise UserError(f"output {path} is the {what} file {source}; the inputs are never "
+                            "replaced, not even with --overwrite: choose another output")
     if os.path.isdir(path):
         raise UserError(f"output is a directory, not a file: {path}")
     if os.path.exists(path) and not overwrite:
         raise UserError(f"output file exists: {path} (pass --overwrite to replace it)")
 
 
-def _save(path: str, arr: np.ndarray, overwrite: bool) -> None:
+def _nonfinite_rows(arr: np.ndarray, dtype: np.dtype, piece_entries: int = 1 << 20,
+                    ) -> tuple[int, int, bool] | None:
+    """``(first, count, overflow)`` of the rows of ``arr`` that are not finite in ``dtype``.
+
+    ``overflow`` is true when ``arr`` itself is finite there and only the cast to
+    ``dtype`` makes it infinite. ``None`` if every row is finite. Reads ``arr``
+    (possibly memory-mapped) in pieces of whole rows and about ``piece_entries``
+    entries, so that the check needs no memory of the size of ``arr``.
+    """
+    rows = arr[None, :] if arr.ndim == 1 else arr  # one vector (d,) or rows (k, d)
+    step = max(1, piece_entries // max(1, rows.shape[1]))
+    first, count, overflow = -1, 0, False
+    for start in range(0, rows.shape[0], step):
+        piece = rows[start:start + step]
+        with np.errstate(over="ignore"):  # an overflow is what is looked for
+            bad = ~np.isfinite(piece.astype(dtype, copy=False)).all(axis=1)
+        n = int(np.count_nonzero(bad))
+        if n and first < 0:
+            first = start + int(np.argmax(bad))
+            overflow = bool(np.isfinite(piece[first - start]).all())
+        count += n
+    return None if first < 0 else (first, count, overflow)
+
+
+def _finiteness_error(path: str, arr: np.ndarray, dtype: np.dtype) -> UserError | None:
+    """A message naming the file and the first row that holds NaN or infinity, if any."""
+    found = _nonfinite_rows(arr, dtype)
+    if found is None:
+        return None
+    first, count, overflow = found
+    if arr.ndim == 1:
+        where, note = f"{path} holds", ""
+    else:
+        where = f"{path} row {first} holds"
+        note = f" (rows count from 0{f'; {count} such rows' if count > 1 else ''})"
+    if overflow:
+        return UserError(f"{where} values beyond the range of {dtype}{note}; pass "
+                         "--dtype float64")
+    return UserError(f"{where} NaN or infinity{note}")
+
+
+def _save(path: str, arr: np.ndarray, overwrite: bool, inputs: dict[str, str]) -> None:
     """Write ``arr`` to ``path`` as .npy, atomically (a temporary file, then a rename)."""
-    _check_output(path, overwrite)
+    _check_output(path, overwrite, inputs)
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise UserError(f"output folder does not exist: {folder}")
@@ -236,12 +316,14 @@ def _save(path: str, arr: np.ndarray, overwrite: bool) -> None:
         raise
 
 
-def _cmd_ihvp(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
+def _cmd_ihvp(args: argparse.Namespace, stdout: TextIO, stderr: TextIO,
+              flush_warnings: Callable[[], None]) -> int:
     from ._static import StaticIHVP
 
-    _check_output(args.output, args.overwrite)
-    G = _load(args.grads, "GRADS", mmap=True)
-    V = _load(args.vecs, "VECS", mmap=False)
+    inputs = {"GRADS": args.grads, "VECS": args.vecs}
+    _check_output(args.output, args.overwrite, inputs)
+    G = G_file = _load(args.grads, "GRADS", mmap=True)
+    V = V_file = _load(args.vecs, "VECS", mmap=False)
     if G.ndim != 2:
         raise UserError(f"GRADS must have shape (m, d), one gradient per row; {args.grads} has "
                         f"shape {G.shape}")
@@ -267,18 +349,35 @@ def _cmd_ihvp(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
     try:
         op = StaticIHVP(G, damp=args.damp, block_size=args.block_size, overwrite_G=overwrite_G,
                         progress=bar)
+    except ValueError:
+        # The library finds a NaN without a pass of its own but cannot say where; only
+        # now, on failure, is the file read once more to name the row. (G itself may be
+        # the cast copy, already partly overwritten by the work array.)
+        error = _finiteness_error(args.grads, G_file, dtype)
+        if error is None:
+            raise
+        raise error from None
     finally:
         if bar is not None:
             bar.close()
     t1 = time.perf_counter()
-    if V.ndim == 1:
-        out = op.matvec(V)
-    elif V.shape[0] == 0:
-        out = np.empty_like(V)
-    else:
-        out = op.matmat(V.T).T
+    try:
+        if V.ndim == 1:
+            out = op.matvec(V)
+        elif V.shape[0] == 0:
+            out = np.empty_like(V)
+        else:
+            out = op.matmat(V.T).T
+    except ValueError:
+        error = _finiteness_error(args.vecs, V_file, dtype)
+        if error is None:
+            raise
+        raise error from None
     t2 = time.perf_counter()
-    _save(args.output, np.ascontiguousarray(out), args.overwrite)
+    _save(args.output, np.ascontiguousarray(out), args.overwrite, inputs)
+    # Warnings (an ill-conditioned F, ...) qualify the results: they come before the line
+    # that announces them.
+    flush_warnings()
     if not args.quiet:
         k = 1 if V.ndim == 1 else V.shape[0]
         blocks = "" if args.block_size is None else f", block size {op.block_size}"
@@ -291,7 +390,8 @@ def _cmd_ihvp(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
 # -- demo ----------------------------------------------------------------------------------
 
 
-def _cmd_demo(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
+def _cmd_demo(args: argparse.Namespace, stdout: TextIO, stderr: TextIO,
+              flush_warnings: Callable[[], None]) -> int:
     from ._demo import run_demo
 
     passed = run_demo(m=args.m, d=args.d, seed=args.seed, damp=args.damp, out=stdout)
@@ -332,22 +432,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     command = {"ihvp": _cmd_ihvp, "demo": _cmd_demo}[args.command]
     error = None
+    seen: set[tuple[type[Warning], str]] = set()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+
+        def flush_warnings() -> None:
+            """Print the warnings caught so far, each distinct one once, in order."""
+            for w in caught:
+                key = (w.category, str(w.message))
+                if key not in seen:
+                    seen.add(key)
+                    print(f"{PROG}: warning: {w.message}", file=stderr)
+            caught.clear()
+
         try:
-            status = command(args, stdout, stderr)
+            status = command(args, stdout, stderr, flush_warnings)
         except _USER_ERRORS as exc:
             status, error = EXIT_USAGE, str(exc) or type(exc).__name__
         except MemoryError:
             status, error = 1, "out of memory"
         except KeyboardInterrupt:
             status, error = 130, "interrupted"
-    seen = set()
-    for w in caught:  # each distinct warning once, in order
-        key = (w.category, str(w.message))
-        if key not in seen:
-            seen.add(key)
-            print(f"{PROG}: warning: {w.message}", file=stderr)
+        flush_warnings()
     if error is not None:
         print(f"{PROG}: error: {error}", file=stderr)
     return status

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 import mfac_core
-from mfac_core import StaticIHVP
-from mfac_core.cli import ProgressBar, main
+from mfac_core import IllConditionedWarning, StaticIHVP
+from mfac_core.cli import ProgressBar, _nonfinite_rows, main
+from mfac_core.testing import assert_close, condition_number
 
 M, D = 6, 40
 DAMP = 1e-2
@@ -69,7 +70,8 @@ def test_ihvp_one_vector_equals_library(files, capsys):
     G, v = np.load(files["G"]), np.load(files["v"])
     got = np.load(files["out"])
     assert got.shape == v.shape and got.dtype == np.float64
-    np.testing.assert_allclose(got, StaticIHVP(G, damp=DAMP).matvec(v), rtol=1e-13, atol=0)
+    # Normwise: an entry of F^{-1} v may be small by cancellation.
+    assert_close(got, StaticIHVP(G, damp=DAMP).matvec(v), kappa=condition_number(G, DAMP))
     # A summary on stderr, nothing on stdout; no progress bar when stderr is not a TTY.
     out, err = capsys.readouterr()
     assert out == ""
@@ -85,7 +87,7 @@ def test_ihvp_stack_equals_library(files):
     np.testing.assert_array_equal(got, expected)
     # The products are F^{-1} v: F times them gives back V.
     F = DAMP * np.eye(D) + G.T @ G / M
-    np.testing.assert_allclose(got @ F, V, rtol=1e-10, atol=1e-10)
+    assert_close(got @ F, V, kappa=condition_number(G, DAMP))
 
 
 @pytest.mark.parametrize("block_size", [1, 4, 7, 13, D, 2 * D])
@@ -117,7 +119,9 @@ def test_ihvp_block_size_matches_dense_inverse(files, block_size, vecs):
                 "--block-size", block_size, "-q"]) == 0
     G, V = np.load(files["G"]), np.load(files[vecs])
     expected = dense_block_inverse_times(G, DAMP, block_size, V)
-    np.testing.assert_allclose(np.load(files["out"]), expected, rtol=1e-9, atol=0)
+    # Both sides err by about eps * kappa relative to ||F^{-1} V||, not to each entry.
+    assert_close(np.load(files["out"]), expected,
+                 kappa=condition_number(G, DAMP, block_size=block_size))
 
 
 def test_ihvp_float32_input_keeps_float32(files):
@@ -161,8 +165,8 @@ def test_ihvp_overwrite(files, capsys):
     assert_user_error(capsys, run(args), "exists", "--overwrite")
     assert run([*args, "--overwrite", "--damp", 2 * DAMP]) == 0
     G, v = np.load(files["G"]), np.load(files["v"])
-    np.testing.assert_allclose(np.load(files["out"]), StaticIHVP(G, damp=2 * DAMP).matvec(v),
-                               rtol=1e-13, atol=0)
+    assert_close(np.load(files["out"]), StaticIHVP(G, damp=2 * DAMP).matvec(v),
+                 kappa=condition_number(G, 2 * DAMP))
     # No temporary files are left beside the output.
     assert not [p for p in files["out"].parent.iterdir() if p.name.startswith(".mfac-core-")]
 
@@ -210,7 +214,7 @@ def test_progress_bar_draws_each_percent_once():
         ("v", "v", [], ["GRADS", "(m, d)"]),
         ("npz", "v", [], [".npz"]),
         ("text", "v", [], ["not an .npy"]),
-        ("Gnan", "v", [], ["NaN"]),
+        ("Gnan", "v", [], ["Gnan.npy row 0 holds NaN or infinity", f"{M} such rows"]),
         ("G", "v", ["--damp", "0"], ["--damp"]),
         ("G", "v", ["--damp", "-1"], ["--damp"]),
         ("G", "v", ["--damp", "nan"], ["--damp"]),
@@ -229,6 +233,131 @@ def test_ihvp_user_errors_exit_2_without_traceback(files, capsys, grads, vecs, e
     status = run(args + extra)
     assert_user_error(capsys, status, *words)
     assert not files["out"].exists()
+
+
+@pytest.mark.parametrize("which", ["G", "v"])
+@pytest.mark.parametrize("how", ["same path", "another spelling", "symlink to the input",
+                                 "input is a symlink to it", "hard link"])
+def test_ihvp_refuses_an_output_that_is_an_input(files, capsys, which, how):
+    source = files[which]
+    before = {name: files[name].read_bytes() for name in ("G", "v")}
+    if how == "same path":
+        out = source
+    elif how == "another spelling":
+        out = source.parent / "sub" / ".." / source.name
+        (source.parent / "sub").mkdir()
+    elif how == "symlink to the input":
+        out = source.parent / "link.npy"
+        out.symlink_to(source)
+    elif how == "input is a symlink to it":
+        # Replacing out would change what the input names.
+        out = source.parent / "real.npy"
+        source.rename(out)
+        source.symlink_to(out)
+    else:
+        out = source.parent / "hard.npy"
+        os.link(source, out)
+    status = run(["ihvp", files["G"], files["v"], "-o", out, "--damp", DAMP, "--overwrite"])
+    assert_user_error(capsys, status, str(out), "GRADS" if which == "G" else "VECS",
+                      "another output")
+    assert {name: files[name].read_bytes() for name in ("G", "v")} == before
+    assert out.is_symlink() == (how == "symlink to the input")
+
+
+def test_ihvp_output_beside_an_input_of_the_same_name(files, tmp_path):
+    # Same file name in another folder is another file: not refused.
+    other = tmp_path / "other"
+    other.mkdir()
+    out = other / files["G"].name
+    assert run(["ihvp", files["G"], files["v"], "-o", out, "--damp", DAMP, "-q"]) == 0
+    assert np.load(out).shape == (D,)
+
+
+@pytest.mark.parametrize("damp", [["--damp", "-1e-5"], ["--damp=-1e-5"], ["--damp", "-1E-05"],
+                                  ["--damp", "-.5"], ["--damp", "-inf"], ["--damp", "-0"]])
+@pytest.mark.parametrize("command", ["ihvp", "demo"])
+def test_negative_damp_reaches_the_library_check(files, capsys, damp, command):
+    # argparse before 3.13 reads -1e-5 as an option ("expected one argument").
+    args = ["ihvp", files["G"], files["v"], "-o", files["out"]] if command == "ihvp" else ["demo"]
+    status = run([*args, *damp])
+    value = float(damp[-1].split("=")[-1])
+    with pytest.raises(ValueError) as library:
+        StaticIHVP(np.load(files["G"]), damp=value)
+    err = assert_user_error(capsys, status, "--damp", str(library.value))
+    assert "damp must be finite and > 0" in err and "expected one argument" not in err
+    assert not files["out"].exists()
+
+
+def test_negative_number_values_leave_options_alone(files, capsys):
+    # A value that looks like a negative number does not turn real options into values.
+    status = run(["ihvp", files["G"], files["v"], "--damp", "1e-2", "-o", files["out"], "-q"])
+    assert status == 0 and files["out"].exists()
+    assert_user_error(capsys, run(["ihvp", files["G"], files["v"], "-o", files["out"],
+                                   "--damp", "-q"]), "--damp")
+
+
+def test_ihvp_names_the_file_and_row_of_a_nan(files, capsys):
+    G = np.load(files["G"])
+    G[3, 7], G[5, 0] = np.nan, -np.inf
+    np.save(files["out"].parent / "bad.npy", G)
+    status = run(["ihvp", files["out"].parent / "bad.npy", files["v"], "-o", files["out"],
+                  "--damp", DAMP])
+    assert_user_error(capsys, status, "bad.npy row 3 holds NaN or infinity", "2 such rows")
+    V = np.load(files["V"])
+    V[1, -1] = np.inf
+    np.save(files["out"].parent / "badV.npy", V)
+    status = run(["ihvp", files["G"], files["out"].parent / "badV.npy", "-o", files["out"],
+                  "--damp", DAMP])
+    err = assert_user_error(capsys, status, "badV.npy row 1 holds NaN or infinity")
+    assert "such rows" not in err
+    v = np.load(files["v"])
+    v[4] = np.nan
+    np.save(files["out"].parent / "badv.npy", v)
+    status = run(["ihvp", files["G"], files["out"].parent / "badv.npy", "-o", files["out"],
+                  "--damp", DAMP])
+    assert_user_error(capsys, status, "badv.npy holds NaN or infinity")
+    assert not files["out"].exists()
+
+
+def test_ihvp_names_the_row_that_overflows_the_dtype(files, capsys):
+    G = np.load(files["G"])
+    G[2, 1] = 1e39  # finite in float64, infinite in float32
+    np.save(files["out"].parent / "big.npy", G)
+    status = run(["ihvp", files["out"].parent / "big.npy", files["v"], "-o", files["out"],
+                  "--damp", DAMP, "--dtype", "float32"])
+    assert_user_error(capsys, status, "big.npy row 2", "range of float32", "--dtype float64")
+
+
+def test_nonfinite_rows_reads_in_pieces():
+    A = np.zeros((7, 5))
+    A[4, 2], A[6, 0] = np.nan, np.inf
+    for piece in (1, 5, 9, 10, 35, 1 << 20):  # pieces of 1, 1, 1, 2, 7 and 7 rows
+        assert _nonfinite_rows(A, np.dtype(np.float64), piece) == (4, 2, False)
+    assert _nonfinite_rows(np.zeros((3, 0)), np.dtype(np.float64)) is None
+    assert _nonfinite_rows(np.zeros((0, 4)), np.dtype(np.float64)) is None
+    B = np.ones((3, 4))
+    B[1, 3] = 1e300
+    assert _nonfinite_rows(B, np.dtype(np.float64)) is None
+    assert _nonfinite_rows(B, np.dtype(np.float32), 4) == (1, 1, True)
+
+
+def test_ihvp_warnings_come_before_the_summary(tmp_path, capsys):
+    # float32 with kappa ~ 1e10: eps * kappa > 1, so StaticIHVP warns (float64 still
+    # factorises m damp I + G G^T).
+    rng = np.random.default_rng(3)
+    np.save(tmp_path / "G.npy", rng.standard_normal((M, D)).astype(np.float32))
+    np.save(tmp_path / "v.npy", rng.standard_normal(D).astype(np.float32))
+    status = run(["ihvp", tmp_path / "G.npy", tmp_path / "v.npy", "-o", tmp_path / "o.npy",
+                  "--damp", "1e-9"])
+    assert status == 0
+    lines = capsys.readouterr().err.splitlines()
+    warned = [i for i, line in enumerate(lines) if line.startswith("mfac-core: warning:")]
+    wrote = [i for i, line in enumerate(lines) if line.startswith("mfac-core: wrote")]
+    assert len(warned) == 1 and len(wrote) == 1, lines
+    assert "ill-conditioned" in lines[warned[0]]
+    assert warned[0] < wrote[0]
+    with pytest.warns(IllConditionedWarning):  # the warning the command printed
+        StaticIHVP(np.load(tmp_path / "G.npy"), damp=1e-9)
 
 
 def test_ihvp_missing_output_folder(files, capsys):
