@@ -26,7 +26,6 @@ from . import _capacitance, _linalg
 from ._compat import Array, is_writeable_array
 from ._group_factors import DenseBlockInverses, GroupFactor, WoodburyFactor
 from ._layout import BlockGroup, Piece, chunk_gram, chunks, piece_columns, piece_stack
-from ._validation import check_finite
 
 __all__ = ["AssembledSink", "SetupResult", "WritableSink", "choose_sink", "factorize_groups"]
 
@@ -134,11 +133,26 @@ def _piece_width(G: Array) -> int:
 def _checked_gram(xp: Any, G: Array, group: BlockGroup, chunk: list[Piece], product: Any,
                   track: _Tracker, check: bool) -> Any:
     gram = chunk_gram(xp, G, group, chunk, product, track.advance)
-    if check:
-        # A NaN or infinity anywhere in G makes its row's (or column's) sum of
-        # squares non-finite: the Gram diagonal checks G at no extra pass.
-        check_finite(xp, xp.linalg.diagonal(gram), "G")
+    # A NaN or infinity anywhere in G makes its row's (or column's) sum of squares
+    # non-finite: the Gram diagonal checks G at no extra pass. Only on failure is the
+    # chunk read again, to say where.
+    if check and not bool(xp.all(xp.isfinite(xp.linalg.diagonal(gram)))):
+        lo, _ = piece_columns(group, chunk[0])
+        _, hi = piece_columns(group, chunk[-1])
+        _raise_non_finite(xp, G[:, lo:hi], lo)
     return gram
+
+
+def _raise_non_finite(xp: Any, columns: Array, offset: int) -> None:
+    """Say where G holds NaN or infinity, or that its squared norms overflow."""
+    bad = ~xp.isfinite(columns)
+    if bool(xp.any(bad)):
+        row = int(xp.argmax(xp.astype(xp.any(bad, axis=1), xp.int8)))
+        col = int(xp.argmax(xp.astype(bad[row, ...], xp.int8))) + offset
+        raise ValueError(f"G must not contain NaN or infinity: G[{row}, {col}] is "
+                         f"{float(columns[row, col - offset])}")
+    raise ValueError("the squared norms of G's rows or columns overflow float64: G is finite but "
+                     "too large; rescale the gradients (the damping scales with them)")
 
 
 def _dense_inverses(xp: Any, G: Array, group: BlockGroup, *, damp: float, check: bool,
