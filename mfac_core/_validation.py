@@ -20,6 +20,8 @@ import operator
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from ._compat import (
     Array,
     array_namespace,
@@ -137,9 +139,7 @@ def check_block_size(block_size: Any, dim: int) -> int:
 
 def check_flag(value: Any, name: str) -> bool:
     """A boolean (Python or NumPy); strings such as ``"no"`` are refused, not taken as true."""
-    if isinstance(value, bool):
-        return value
-    if type(value).__name__ == "bool_" and type(value).__module__ == "numpy":
+    if isinstance(value, (bool, np.bool_)):
         return bool(value)
     raise TypeError(f"{name} must be True or False, got {value!r}")
 

@@ -556,3 +556,72 @@ WindowMachine.TestCase.settings = settings(
     max_examples=40, stateful_step_count=25, deadline=None,
     suppress_health_check=[HealthCheck.too_slow])
 test_window_state_machine = WindowMachine.TestCase
+
+
+# -- checkpoints that do not add up ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("corruption", ["missing", "permuted", "nan-factor", "gram",
+                                        "grads-shape", "slots", "version", "dtype"])
+@pytest.mark.parametrize("zero_init", [False, True])
+def test_load_state_dict_refuses_inconsistent_states_and_changes_nothing(corruption, zero_init,
+                                                                         rng):
+    m, d = 6, 20
+    src = DynamicIHVP(m, d, damp=0.1, dtype="float64", zero_init=zero_init)
+    for _ in range(9):  # wraps around: the factor order differs from the window order
+        src.update(rng.standard_normal(d) * rng.uniform(0.5, 3.0))
+    bad = _corrupt(src.state_dict(), corruption)
+    assert bad is not None
+    dst = DynamicIHVP(m, d, damp=0.1, dtype="float64", zero_init=zero_init)
+    dst.update(rng.standard_normal(d))
+    before = dst.state_dict()
+    x = rng.standard_normal(d)
+    y = dst.matvec(x)
+    with pytest.raises((ValueError, TypeError)) as info:
+        dst.load_state_dict(bad)
+    assert not isinstance(info.value, KeyError)
+    _assert_same_state(dst.state_dict(), before)
+    np.testing.assert_array_equal(dst.matvec(x), y)
+    dst.load_state_dict(src.state_dict())  # a sound state still loads
+    np.testing.assert_array_equal(dst.matvec(x), src.matvec(x))
+
+
+def test_load_state_dict_of_version_1(rng):
+    src = DynamicIHVP(4, 10, damp=0.1, dtype="float64")
+    for _ in range(6):
+        src.update(rng.standard_normal(10))
+    state = src.state_dict()
+    old = {k: v for k, v in state.items()
+           if k not in ("window_slots", "factor_slots", "edits")}
+    old.update(version=1, age_order=state["window_slots"], factor_order=state["factor_slots"],
+               since_refactor=state["edits"])
+    dst = DynamicIHVP(4, 10, damp=0.1, dtype="float64")
+    dst.load_state_dict(old)
+    x = rng.standard_normal(10)
+    np.testing.assert_array_equal(dst.matvec(x), src.matvec(x))
+
+
+# -- refinement ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("zero_init", [False, True])
+def test_refinement_of_the_window_mean(zero_init):
+    rng = np.random.default_rng(3)
+    m, d = 12, 200
+    G = 0.1 * rng.standard_normal((m, d)) + rng.standard_normal(d)
+    damp = float(np.linalg.norm(G, 2)) ** 2 / (m * 1e8)
+    ops = [DynamicIHVP(m, d, damp=damp, dtype="float64", zero_init=zero_init, refine=k)
+           for k in (0, 1)]
+    for g in G:
+        steps = [op.update_and_matvec(g) for op in ops]
+    F = damp * np.eye(d) + G.T @ G / m
+    eps = float(np.finfo(np.float64).eps)
+
+    def backward_error(y, x):
+        return float(np.linalg.norm(x - F @ y) / (np.linalg.norm(F, 2) * np.linalg.norm(y)
+                                                 + np.linalg.norm(x)))
+
+    x = G.mean(axis=0)
+    plain, refined = (backward_error(op.matvec(x), x) for op in ops)
+    assert refined <= 10 * eps < plain
+    assert backward_error(steps[1], G[-1]) <= 10 * eps

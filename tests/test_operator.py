@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import Dense, check_space, rounded
 
-from mfac_core import EmpiricalFisher, LinearOperator, StaticIHVP
+from mfac_core import DynamicIHVP, EmpiricalFisher, LinearOperator, StaticIHVP
 from mfac_core.testing import (
     SpectralOracle,
     assert_close,
@@ -358,3 +358,42 @@ def test_todense_max_entries(fisher_setup):
         (op @ op).todense(max_entries=10)
     dense = op.todense(max_entries=d * d)
     assert tuple(dense.shape) == (d, d)
+
+
+# -- pickling and copying ---------------------------------------------------------------------
+
+
+def _operators(be, dtype, rng):
+    G = be.asarray(rng.standard_normal((5, 23)), dtype)
+    dyn = DynamicIHVP(4, 23, damp=0.3, dtype=be.dtype(dtype), xp=be.xp, device=be.device)
+    for g in rng.standard_normal((6, 23)):
+        dyn.update(be.asarray(g, dtype))
+    return {
+        "static": StaticIHVP(G, damp=0.3),
+        "static-blocks": StaticIHVP(G, damp=0.3, block_size=4),
+        "static-refine": StaticIHVP(G, damp=0.3, refine=1),
+        "fisher": EmpiricalFisher(G, damp=0.3, block_size=7),
+        "dynamic": dyn,
+        "sum": EmpiricalFisher(G, damp=0.3) + StaticIHVP(G, damp=0.3),
+    }
+
+
+@pytest.mark.parametrize("how", ["pickle", "deepcopy"])
+def test_operators_pickle_and_deepcopy_to_equal_working_objects(xp_device, dtype, rng, how):
+    import copy
+    import pickle
+
+    be = xp_device
+    x = be.asarray(rng.standard_normal(23), dtype)
+    for name, op in _operators(be, dtype, rng).items():
+        twin = pickle.loads(pickle.dumps(op)) if how == "pickle" else copy.deepcopy(op)
+        assert type(twin) is type(op) and twin.xp is op.xp and twin.device == op.device
+        assert bool(be.xp.all(twin.matvec(x) == op.matvec(x))), name
+        if isinstance(op, DynamicIHVP):
+            # The copy keeps working, independently of the original.
+            g = be.asarray(rng.standard_normal(23), dtype)
+            twin.update(g)
+            op.update(g)
+            assert bool(be.xp.all(twin.matvec(x) == op.matvec(x)))
+            twin.reset()
+            assert len(op) == 4 and len(twin) == 0

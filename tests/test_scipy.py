@@ -187,3 +187,22 @@ def test_lobpcg_float32(rng):
     vals, _ = sla.lobpcg(F, rng.standard_normal((d, k)).astype(np.float32), M=M,
                          largest=False, maxiter=200, tol=1e-4)
     np.testing.assert_allclose(np.sort(vals), want[:k], rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_complex_vectors_act_on_both_parts(rng, dtype):
+    # Regression: a complex vector lost its imaginary part (with only a NumPy warning).
+    G = rng.standard_normal((4, 30)).astype(dtype)
+    sop = StaticIHVP(G, damp=0.5).to_scipy()
+    re, im = rng.standard_normal((2, 30, 3))
+    Z = re + 1j * im
+    r, i = re.astype(dtype), im.astype(dtype)
+    for got, want in ((sop.matmat(Z), sop.matmat(r) + 1j * sop.matmat(i)),
+                      (sop @ Z, sop.matmat(r) + 1j * sop.matmat(i)),
+                      (sop.matvec(Z[:, 0]), sop.matvec(r[:, 0]) + 1j * sop.matvec(i[:, 0])),
+                      (sop.rmatvec(Z[:, 0]), sop.rmatvec(r[:, 0]) + 1j * sop.rmatvec(i[:, 0]))):
+        assert np.iscomplexobj(got)
+        np.testing.assert_array_equal(got, want)
+    x, info = sla.gmres(EmpiricalFisher(G.astype(np.float64), damp=0.5).to_scipy(),
+                        Z[:, 0].astype(np.complex128), rtol=1e-10)
+    assert info == 0

@@ -523,3 +523,134 @@ def test_no_warning_when_well_conditioned(xp_device, dtype):
     Y = op.matmat(xp_device.asarray(x[:, None], dtype))
     assert_close(Y[:, 0], oracle.matvec(x), kappa=oracle.kappa)
     assert_close(op.diagonal(), oracle.diagonal(), kappa=oracle.kappa)
+
+
+# -- index arithmetic cannot overflow -------------------------------------------------------
+
+
+@pytest.mark.parametrize("index_dtype", ["int8", "uint8", "int16", "uint16", "int32", "int64"])
+@pytest.mark.parametrize("layout", ["dense-blocks", "woodbury"])
+def test_entries_with_any_integer_index_dtype(xp_device, index_dtype, layout, rng):
+    # Regression: flat offsets into the dense block inverses were computed in the dtype of
+    # the indices, so int8 indices wrapped around (here offsets reach 9 * 16 * 16) and
+    # gave other entries without an error.
+    be = xp_device
+    if be.name == "torch" and index_dtype in ("uint16",):
+        pytest.skip("torch has no uint16 indexing")
+    m, d, bs = (20, 160, 16) if layout == "dense-blocks" else (4, 160, 60)
+    G = rng.standard_normal((m, d))
+    op = StaticIHVP(be.asarray(G, "float64"), damp=0.5, block_size=bs)
+    top = 127 if index_dtype == "int8" else d - 1
+    rows = np.array([top, top - 1, 0, top, 5])
+    cols = np.array([top, top - 2, 0, top - 15, 9])
+    got = op.entries(be.asarray(rows, index_dtype), be.asarray(cols, index_dtype))
+    want = op.entries(be.asarray(rows, "int64"), be.asarray(cols, "int64"))
+    assert bool(be.xp.all(got == want))
+    Gb = G[:, top - top % bs:][:, :bs]
+    dense = np.linalg.inv(0.5 * np.eye(Gb.shape[1]) + Gb.T @ Gb / m)
+    assert abs(float(to_numpy(got)[0]) - dense[top % bs, top % bs]) <= \
+        1e-10 * np.abs(dense).max()
+
+
+def test_entries_temporaries_are_bounded(monkeypatch, rng):
+    # Regression: entries() allocated several (m, n) float64 arrays at once.
+    import tracemalloc
+
+    m, d, n = 64, 3000, 40_000
+    op = StaticIHVP(rng.standard_normal((m, d)), damp=1.0)
+    rows = rng.integers(0, d, n)
+    cols = rng.integers(0, d, n)
+    want = op.entries(rows, cols)
+    monkeypatch.setattr(mfac_core._group_factors, "CHUNK_ENTRIES", 2**16)
+    tracemalloc.start()
+    got = op.entries(rows, cols)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    np.testing.assert_array_equal(got, want)
+    chunk_bytes = 2**16 * 8
+    # The output and int64 copies of the indices (3 n entries), plus a few chunk temporaries;
+    # unchunked, the temporaries alone would be 3 m n float64 entries (61 MiB).
+    assert peak < 3 * n * 8 + 12 * chunk_bytes, peak
+
+
+# -- iterative refinement -------------------------------------------------------------------
+
+
+def _reference_ld(G: np.ndarray, damp: float, x: np.ndarray) -> np.ndarray:
+    """F^{-1} x by Woodbury in extended precision (80-bit long double where the platform has
+    it), for an error reference that is more accurate than float64."""
+    LD = np.longdouble
+    Gl, xl = G.astype(LD), x.astype(LD)
+    m = G.shape[0]
+    C = np.einsum("ik,jk->ij", Gl, Gl) + m * LD(damp) * np.eye(m, dtype=LD)
+    # Gaussian elimination without pivoting (C is SPD), in long double.
+    A, b = C.copy(), Gl @ xl
+    for k in range(m):
+        f = A[k + 1:, k] / A[k, k]
+        A[k + 1:, k:] -= f[:, None] * A[k, k:]
+        b[k + 1:] -= f * b[k]
+    z = np.zeros(m, dtype=LD)
+    for k in range(m - 1, -1, -1):
+        z[k] = (b[k] - A[k, k + 1:] @ z[k + 1:]) / A[k, k]
+    return np.asarray((xl - Gl.T @ z) / LD(damp), dtype=np.float64)
+
+
+@pytest.mark.skipif(np.finfo(np.longdouble).eps >= 1e-17, reason="no extended precision")
+@pytest.mark.parametrize("kappa", [1e5, 1e7, 1e9])
+@pytest.mark.parametrize("block_size", [None, 200])
+def test_refinement_brings_the_mean_gradient_to_eps_kappa(kappa, block_size):
+    # Gradients with a strong common mean: F^{-1} of their mean is the hard case (the
+    # product nearly cancels). Without refinement the error exceeds eps * kappa by orders
+    # of magnitude; one step brings it to eps * ||x|| / (damp ||y||) <= eps * kappa.
+    rng = np.random.default_rng(7)
+    m, d = 24, 400
+    G = 0.1 * rng.standard_normal((m, d)) * np.exp(-np.arange(d) / 60) + rng.standard_normal(d)
+    damp = float(np.linalg.norm(G, 2)) ** 2 / (m * (kappa - 1))
+    x = G.mean(axis=0)
+    if block_size is None:
+        want = _reference_ld(G, damp, x)
+    else:
+        want = np.concatenate([_reference_ld(G[:, lo:lo + block_size], damp,
+                                             x[lo:lo + block_size])
+                               for lo in range(0, d, block_size)])
+    eps = float(np.finfo(np.float64).eps)
+    ratio = float(np.linalg.norm(x) / (damp * np.linalg.norm(want)))
+
+    def error(steps):
+        y = StaticIHVP(G, damp=damp, block_size=block_size, refine=steps).matvec(x)
+        return float(np.linalg.norm(y - want) / np.linalg.norm(want))
+
+    plain, refined = error(0), error(1)
+    assert refined <= 10 * eps * ratio <= 10 * eps * kappa
+    assert plain > 10 * refined  # the step did something
+
+
+@pytest.mark.parametrize("kappa", [1e3, 1e5])
+def test_refinement_with_float32_storage(kappa):
+    # float32 storage, float64 residuals: each step gains digits while eps32 * kappa < 1.
+    rng = np.random.default_rng(8)
+    m, d = 16, 300
+    G = (0.1 * rng.standard_normal((m, d)) + rng.standard_normal(d)).astype(np.float32)
+    G64 = G.astype(np.float64)
+    damp = float(np.linalg.norm(G64, 2)) ** 2 / (m * (kappa - 1))
+    x = G.mean(axis=0)
+    want = SpectralOracle(G64, damp).matvec(x.astype(np.float64))
+    errs = [float(np.linalg.norm(StaticIHVP(G, damp=damp, refine=k).matvec(x) - want)
+                  / np.linalg.norm(want)) for k in (0, 1, 2)]
+    eps32 = float(np.finfo(np.float32).eps)
+    assert errs[1] <= 10 * eps32 * kappa
+    assert errs[2] <= errs[1] and errs[2] <= 100 * eps32 + 1e-3 * errs[0]
+
+
+def test_refinement_options(rng):
+    G = rng.standard_normal((4, 30))
+    with pytest.raises(ValueError, match="overwrite_G"):
+        StaticIHVP(G.copy(), damp=1.0, overwrite_G=True, refine=1)
+    with pytest.raises(TypeError, match="refine must be an int"):
+        StaticIHVP(G, damp=1.0, refine=0.5)
+    op = StaticIHVP(G, damp=1.0, refine=2)
+    assert op._G is G  # kept by reference, not copied
+    assert StaticIHVP(G, damp=1.0)._G is None  # and let go without refinement
+    X = rng.standard_normal((30, 3))
+    assert_close(op.matmat(X), SpectralOracle(G, 1.0).matmat(X))
+    assert_close(op.matvec(X[:, 0]), op.matmat(X)[:, 0])

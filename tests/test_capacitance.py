@@ -1,0 +1,136 @@
+"""The one capacitance factor (mfac_core._capacitance): kappa bounds, factor, edits, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mfac_core import DynamicIHVP, FactorizationError, IllConditionedWarning, StaticIHVP
+from mfac_core._capacitance import factorize, kappa_bounds, lambda_max_bounds
+from mfac_core._compat import array_namespace
+from mfac_core.testing import to_numpy
+
+XP = array_namespace(np.zeros(1))
+
+
+def _zero_sum(rng, m, d):
+    """Gradients that sum to zero: the all-ones vector is in their Gram's null space."""
+    G = rng.standard_normal((m, d))
+    return G - G.mean(axis=0)
+
+
+def _alternating(rng, m, d):
+    """Pairs g, -g: every vector with equal entries in a pair is in the null space."""
+    g = rng.standard_normal((m // 2, d))
+    return np.concatenate([g, -g])[np.argsort(np.tile(np.arange(m // 2), 2), kind="stable")]
+
+
+def _one_large(rng, m, d):
+    """One gradient far larger than the rest, in the last row."""
+    G = 1e-3 * rng.standard_normal((m, d))
+    G[-1] *= 1e6
+    return G
+
+
+def _orthogonal_to_largest(rng, m, d):
+    """The top eigenvector of the Gram orthogonal to the largest-norm gradient's unit vector
+    is impossible; the closest is a top direction spread over many equal small gradients."""
+    base = rng.standard_normal(d)
+    G = np.tile(base, (m, 1)) + 1e-3 * rng.standard_normal((m, d))
+    G[0] = 1.01 * np.linalg.norm(base) * np.eye(d)[0]  # the largest diagonal entry
+    return G
+
+
+BUILDERS = [_zero_sum, _alternating, _one_large, _orthogonal_to_largest]
+
+
+@pytest.mark.parametrize("build", BUILDERS, ids=lambda f: f.__name__)
+def test_lambda_max_lower_bound_cannot_collapse(build, rng):
+    G = build(rng, 8, 30)
+    gram = G @ G.T
+    lo, hi = (float(v) for v in lambda_max_bounds(XP, gram))
+    true = float(np.linalg.eigvalsh(gram)[-1])
+    assert true / 8 * (1 - 1e-12) <= lo <= true * (1 + 1e-12)
+    assert true * (1 - 1e-12) <= hi
+
+
+@given(m=st.integers(1, 12), seed=st.integers(0, 2**31), rank=st.integers(1, 12),
+       stack=st.integers(1, 3))
+def test_lambda_max_bounds_on_stacks_of_psd_matrices(m, seed, rank, stack):
+    rng = np.random.default_rng(seed)
+    A = rng.standard_normal((stack, m, min(rank, m)))
+    A[0] -= A[0].mean(axis=0)  # one matrix with the all-ones vector in its null space
+    gram = A @ np.swapaxes(A, -1, -2)
+    lo, hi = lambda_max_bounds(XP, gram)
+    true = np.linalg.eigvalsh(gram)[..., -1]
+    tol = 1e-12 * np.maximum(true, 1e-300)
+    assert np.all(to_numpy(lo) <= true + tol) and np.all(true <= to_numpy(hi) + tol)
+    assert np.all(to_numpy(lo) >= true / m - tol)
+
+
+def test_hopeless_zero_sum_gradients_warn(rng):
+    # Regression: a power iteration started from the all-ones vector stayed in the null
+    # space of these gradients and reported kappa = 1, so no warning was given.
+    G = _zero_sum(rng, 6, 40).astype(np.float32)
+    damp = float(np.linalg.norm(G.astype(np.float64), 2) ** 2) / (6 * 1e9)
+    with pytest.warns(IllConditionedWarning, match="kappa >= "):
+        StaticIHVP(G, damp=damp)
+
+
+def test_kappa_bounds_match_the_condition_number(rng):
+    G = rng.standard_normal((5, 20))
+    shift = 5 * 0.1
+    lo, hi = kappa_bounds(XP, G @ G.T, shift=shift, scale=1.0)
+    true = 1 + np.linalg.eigvalsh(G @ G.T)[-1] / shift
+    assert lo <= true * (1 + 1e-12) and true <= hi * (1 + 1e-12)
+
+
+def test_factor_convention_and_solves(rng):
+    G = rng.standard_normal((6, 15))
+    gram = G @ G.T
+    f = factorize(XP, gram, shift=0.3, scale=2.0, damp=0.1)
+    C = 0.3 * np.eye(6) + 2.0 * gram
+    assert np.allclose(f.U.T @ f.U, C, rtol=0, atol=1e-13 * np.abs(C).max())
+    assert np.all(np.tril(f.U, -1) == 0)
+    P = rng.standard_normal((6, 2))
+    assert np.allclose(C @ f.solve(P), P, atol=1e-12 * np.linalg.norm(P))
+    assert np.allclose(f.inverse() @ C, np.eye(6), atol=1e-12 * np.linalg.cond(C))
+    Linv = f.lower_inverse()
+    assert np.allclose(Linv.T @ Linv, f.inverse(), atol=1e-12 * np.linalg.cond(C))
+
+
+def test_one_wording_of_the_error_for_both_operators():
+    g = np.full(8, 1e8)
+    G = np.stack([g, g])
+    with pytest.raises(FactorizationError) as static:
+        StaticIHVP(G, damp=1e-12)
+    op = DynamicIHVP(3, 8, damp=1e-12, dtype="float64", zero_init=True)
+    op.update(g)
+    with pytest.raises(FactorizationError) as dynamic:
+        op.update(g.copy())
+    for err in (static.value, dynamic.value):
+        assert "not numerically positive definite" in str(err)
+        assert "damp=1e-12" in str(err) and "kappa between" in str(err)
+
+
+def test_dynamic_float32_error_names_the_gram_dtype_and_a_correct_kappa(rng):
+    # Duplicated float32 gradients with a hopeless damping: the Gram row is float32, and
+    # the error says so; its kappa bounds enclose the condition number of the window.
+    g = rng.standard_normal(50).astype(np.float32)
+    op = DynamicIHVP(4, 50, damp=1e-16, dtype="float32", zero_init=True)
+    op.update(g)
+    with pytest.raises(FactorizationError) as info:
+        op.update(g.copy())
+    message = str(info.value)
+    assert "accumulated in float32" in message
+    lo, hi = (float(x) for x in message.split("kappa between ")[1].split(")")[0].split(" and "))
+    true = 1 + 2 * float(g.astype(np.float64) @ g) / (4 * 1e-16)
+    assert lo <= true * 1.01 and true <= hi * 1.01  # the message rounds to 3 digits
+    assert hi <= 4 * lo  # the trace bound is within a factor k of the power iteration
+
+
+def test_overflowing_gram_is_not_called_nan():
+    with pytest.raises(ValueError, match="overflow"), np.errstate(over="ignore"):
+        StaticIHVP(np.full((3, 20), 1e160), damp=1.0)

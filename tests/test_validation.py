@@ -1,0 +1,122 @@
+"""One rule per helper, one exception type per kind of mistake (mfac_core._validation),
+checked through every public entry point that takes the argument."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mfac_core import DynamicIHVP, EmpiricalFisher, StaticIHVP
+from mfac_core.pruning import prune, select_pruned, sparsity_schedule
+
+G = np.random.default_rng(0).standard_normal((4, 10))
+
+# -- counts: non-integers are TypeErrors, NumPy integers are integers ---------------------------
+
+
+@pytest.mark.parametrize("value", [2.5, "3", True, 3.0])
+def test_counts_refuse_non_integers_everywhere(value):
+    with pytest.raises(TypeError, match="num_grads must be an int"):
+        DynamicIHVP(value, 5, damp=1.0, dtype="float64")
+    with pytest.raises(TypeError, match="refactor_every must be an int"):
+        DynamicIHVP(3, 5, damp=1.0, dtype="float64", refactor_every=value)
+    with pytest.raises(TypeError, match="block_size must be an int"):
+        StaticIHVP(G, damp=1.0, block_size=value)
+    with pytest.raises(TypeError, match="steps must be an int"):
+        sparsity_schedule(0.0, 0.5, value)
+    with pytest.raises(TypeError, match="max_entries must be an int"):
+        EmpiricalFisher(G, damp=1.0).todense(max_entries=value)
+
+
+@pytest.mark.parametrize("kind", [np.int8, np.int32, np.int64, np.uint16])
+def test_counts_accept_numpy_integers_everywhere(kind):
+    op = DynamicIHVP(kind(3), kind(10), damp=1.0, dtype="float64", refactor_every=kind(2))
+    assert (op.num_grads, op.dim, op.refactor_every) == (3, 10, 2)
+    assert type(op.num_grads) is int
+    assert StaticIHVP(G, damp=1.0, block_size=kind(4)).block_size == 4
+    assert len(sparsity_schedule(0.0, 0.5, kind(3))) == 3
+    assert EmpiricalFisher(G, damp=1.0).todense(max_entries=kind(100)).shape == (10, 10)
+
+
+def test_counts_refuse_values_below_their_minimum():
+    for call in (lambda: DynamicIHVP(0, 5, damp=1.0, dtype="float64"),
+                 lambda: DynamicIHVP(3, 5, damp=1.0, dtype="float64", refactor_every=0),
+                 lambda: StaticIHVP(G, damp=1.0, block_size=0),
+                 lambda: StaticIHVP(G, damp=1.0, refine=-1)):
+        with pytest.raises(ValueError, match=">= "):
+            call()
+
+
+# -- flags, choices, fractions ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["no", "", 0, 1, None, "False"])
+def test_flags_refuse_anything_but_booleans(value):
+    with pytest.raises(TypeError, match="zero_init must be True or False"):
+        DynamicIHVP(3, 5, damp=1.0, dtype="float64", zero_init=value)
+
+
+def test_flags_accept_numpy_booleans():
+    assert DynamicIHVP(3, 5, damp=1.0, dtype="float64", zero_init=np.bool_(True)).zero_init
+
+
+@pytest.mark.parametrize("value", ["0.5", None, [0.5], complex(0.5, 0)])
+def test_fractions_refuse_non_numbers(value):
+    theta = np.ones(10)
+    with pytest.raises(TypeError, match="sparsity must be a real number"):
+        prune(theta, G, sparsity=value)
+    if value is not None:  # select_pruned takes a sparsity or a count; None means "not given"
+        with pytest.raises(TypeError, match="sparsity must be a real number"):
+            select_pruned(theta, sparsity=value)
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.0, 1.5, float("nan"), float("inf")])
+def test_fractions_refuse_values_outside_their_interval(value):
+    with pytest.raises(ValueError, match=r"sparsity must be finite and lie in \[0, 1\)"):
+        prune(np.ones(10), G, sparsity=value)
+
+
+def test_choices_refuse_unknown_options():
+    with pytest.raises(ValueError, match="update_method must be one of"):
+        DynamicIHVP(3, 5, damp=1.0, dtype="float64", update_method="fast")
+    with pytest.raises(ValueError, match="saliency must be one of"):
+        prune(np.ones(10), G, sparsity=0.5, saliency=3)
+
+
+@pytest.mark.parametrize("damp", [0.0, -1e-5, float("nan"), float("inf")])
+def test_damp_values(damp):
+    for call in (lambda: StaticIHVP(G, damp=damp), lambda: EmpiricalFisher(G, damp=damp),
+                 lambda: DynamicIHVP(3, 10, damp=damp, dtype="float64")):
+        with pytest.raises(ValueError, match="damp must be finite and > 0"):
+            call()
+
+
+@pytest.mark.parametrize("damp", ["1e-5", None, True, np.ones(1)])
+def test_damp_types(damp):
+    with pytest.raises(TypeError, match="damp must be a real number"):
+        StaticIHVP(G, damp=damp)
+
+
+# -- dtypes outside the documented set ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.longdouble, np.complex128, np.int64, np.bool_])
+def test_storage_dtypes_outside_float32_float64_are_refused(dtype):
+    if np.dtype(dtype) == np.dtype(np.float64):
+        pytest.skip("longdouble is float64 on this platform")
+    Gx = G.astype(dtype)
+    for call in (lambda: StaticIHVP(Gx, damp=1.0), lambda: EmpiricalFisher(Gx, damp=1.0),
+                 lambda: DynamicIHVP.from_window(Gx, damp=1.0)):
+        with pytest.raises(TypeError, match="float32 or float64"):
+            call()
+    with pytest.raises(TypeError, match="float32 or float64"):
+        StaticIHVP(G, damp=1.0).matvec(np.ones(10, dtype=dtype))
+
+
+def test_torch_half_dtypes_are_refused():
+    torch = pytest.importorskip("torch")
+    for dtype in (torch.float16, torch.bfloat16):
+        with pytest.raises(TypeError, match="float32 or float64"):
+            StaticIHVP(torch.tensor(G, dtype=dtype), damp=1.0)
+        with pytest.raises(TypeError, match="float32 or float64"):
+            DynamicIHVP(3, 10, damp=1.0, dtype=dtype, xp=torch)
