@@ -137,21 +137,18 @@ class CapacitanceFactor:
     def lower_inverse(self) -> Array:
         """``U^{-T}`` (lower triangular), so that ``C^{-1} = (U^{-T})^T U^{-T}``."""
         xp = self.xp
-        with _linalg.small_work(xp):
-            return _linalg.triangular_inverse(xp, xp.matrix_transpose(self.U), lower=True)
+        return _linalg.triangular_inverse(xp, xp.matrix_transpose(self.U), lower=True)
 
     def inverse(self) -> Array:
         """``C^{-1}`` (float64), for matrices small enough to hold densely."""
         Linv = self.lower_inverse()
-        with _linalg.small_work(self.xp):
-            return self.xp.matrix_transpose(Linv) @ Linv
+        return self.xp.matrix_transpose(Linv) @ Linv
 
     def solve(self, P: Array, /) -> Array:
         """``C^{-1} P`` by two triangular solves (never through an inverse)."""
         xp = self.xp
-        with _linalg.small_work(xp):
-            Z = _linalg.solve_triangular(xp, self.U, P, lower=False, trans=True)
-            return _linalg.solve_triangular(xp, self.U, Z, lower=False)
+        Z = _linalg.solve_triangular(xp, self.U, P, lower=False, trans=True)
+        return _linalg.solve_triangular(xp, self.U, Z, lower=False)
 
     def replace_row(self, p: int, b: Array, c: float, /, *, out: Array) -> CapacitanceFactor:
         """The factor with row/column ``p`` removed and ``[b; c]`` appended last, in O(k^2).
@@ -165,8 +162,7 @@ class CapacitanceFactor:
         NotPositiveDefinite
             If the new pivot is not positive; the caller refactorises in full.
         """
-        with _linalg.small_work(self.xp):
-            U = _linalg.replace_row(self.xp, self.U, p, b, c, out)
+        U = _linalg.replace_row(self.xp, self.U, p, b, c, out)
         return CapacitanceFactor(U, self.shift, self.scale)
 
     def column_drift(self, columns: Array, want: Array, /) -> float:
@@ -206,16 +202,15 @@ def factorize(xp: Any, gram: Array, /, *, shift: float, scale: float, damp: floa
         If some matrix of the stack is not numerically positive definite in
         float64; the message names ``damp`` and bounds of ``kappa``.
     """
-    with _linalg.small_work(xp):
-        kappa = kappa_bounds(xp, gram, shift=shift, scale=scale)
-        if not gram.shape[-1]:
-            return CapacitanceFactor(
-                xp.zeros(gram.shape, dtype=xp.float64, device=device(gram)), shift, scale, kappa)
-        eye = xp.eye(gram.shape[-1], dtype=xp.float64, device=device(gram))
-        try:
-            L = _linalg.cholesky(xp, scale * gram + shift * eye)
-        except NotPositiveDefinite:
-            raise factorization_error(damp, kappa, gram_dtype=gram_dtype) from None
+    kappa = kappa_bounds(xp, gram, shift=shift, scale=scale)
+    if not gram.shape[-1]:
+        return CapacitanceFactor(
+            xp.zeros(gram.shape, dtype=xp.float64, device=device(gram)), shift, scale, kappa)
+    eye = xp.eye(gram.shape[-1], dtype=xp.float64, device=device(gram))
+    try:
+        L = _linalg.cholesky(xp, scale * gram + shift * eye)
+    except NotPositiveDefinite:
+        raise factorization_error(damp, kappa, gram_dtype=gram_dtype) from None
     U = xp.matrix_transpose(L)
     if out is not None:
         out[...] = U

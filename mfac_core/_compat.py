@@ -16,6 +16,7 @@ from array_api_compat import (
     is_cupy_namespace,
     is_jax_namespace,
     is_numpy_namespace,
+    is_torch_array,
     is_torch_namespace,
     is_writeable_array,
     size,
@@ -28,6 +29,7 @@ Array: TypeAlias = Any
 __all__ = [
     "Array",
     "array_namespace",
+    "detached",
     "device",
     "is_array_api_obj",
     "is_array_api_strict_namespace",
@@ -39,6 +41,17 @@ __all__ = [
     "namespace_name",
     "size",
 ]
+
+
+def detached(x: Any) -> Any:
+    """``x`` without autograd history (PyTorch tensors); any other array as it is.
+
+    Buffers that store data (a window of gradients) must not record the graph of
+    the values written into them: it would grow with every write.
+    """
+    if is_torch_array(x) and x.requires_grad:
+        return x.detach()
+    return x
 
 
 def namespace_name(xp: Any) -> str:

@@ -17,7 +17,7 @@ from typing import Any
 
 from . import _capacitance
 from ._capacitance import CapacitanceFactor
-from ._compat import Array, array_namespace
+from ._compat import Array, array_namespace, detached
 from ._compat import device as device_of
 from ._errors import NotPositiveDefinite
 from ._layout import BlockGroup, chunk_gram, pieces
@@ -252,6 +252,7 @@ class DynamicIHVP(LinearOperator):
             return op
         if op.check_finite:
             check_finite(xp, G, "G")
+        G = detached(G)
         whole = BlockGroup(0, 1, d)
         chunk = list(pieces(whole, max(1, _PIECE_ENTRIES // k)))  # one block: a single chunk
         gram = chunk_gram(xp, G, whole, chunk, lambda X: X @ xp.matrix_transpose(X))[0, ...]
@@ -389,8 +390,9 @@ class DynamicIHVP(LinearOperator):
 
     # -- updates -----------------------------------------------------------------------
 
-    def _check_gradient(self, g: Array) -> Any:
-        g = check_operand(self._xp, self.device, self.dtype, g, "g", owner=repr(self))
+    def _check_gradient(self, g: Array) -> Array:
+        # The window stores gradients, never their autograd history.
+        g = detached(check_operand(self._xp, self.device, self.dtype, g, "g", owner=repr(self)))
         if g.ndim != 1 or g.shape[0] != self.dim:
             raise ValueError(f"g must have shape ({self.dim},), got {tuple(g.shape)}")
         if self.check_finite:
@@ -537,6 +539,44 @@ class DynamicIHVP(LinearOperator):
             "edits": self._edits,
         }
 
+    def set_damp(self, damp: float, /) -> None:
+        """Change the damping, refactorising from the stored Gram matrix (O(m^3), no pass over G).
+
+        Parameters
+        ----------
+        damp : float
+            The new damping ``lambda > 0``.
+
+        Raises
+        ------
+        FactorizationError
+            If the window's capacitance matrix cannot be factorised with the
+            new damping; the operator keeps the old one.
+        """
+        damp = check_damp(damp)
+        old, self.damp = self.damp, damp
+        try:
+            factor = self._factorized(self._gram, list(self._factor.slots))
+        except BaseException:
+            self.damp = old
+            raise
+        self._commit(factor, refactored=True)
+
+    def check_state_dict(self, state: Mapping[str, Any], /) -> None:
+        """Check that :meth:`load_state_dict` would accept ``state``, changing nothing.
+
+        Parameters
+        ----------
+        state : mapping
+            A state from :meth:`state_dict`.
+
+        Raises
+        ------
+        ValueError, TypeError
+            As :meth:`load_state_dict`.
+        """
+        _LoadedState.check(self, state)
+
     def load_state_dict(self, state: Mapping[str, Any], /) -> None:
         """Restore a state from :meth:`state_dict` (same sizes, dtype and device).
 
@@ -593,7 +633,7 @@ class _LoadedState:
         if float(state["damp"]) != op.damp:
             raise ValueError(f"state_dict has damp={state['damp']}, this operator "
                              f"damp={op.damp}")
-        grads, gram, U = state["grads"], state["gram"], state["factor"]
+        grads, gram, U = (detached(state[k]) for k in ("grads", "gram", "factor"))
         for name, array, dtype in (("grads", grads, op.dtype), ("gram", gram, xp.float64),
                                    ("factor", U, xp.float64)):
             check_same_space(xp, op.device, array, f"state['{name}']", owner=repr(op))

@@ -12,7 +12,6 @@ by namespace, not branches inside the algorithms.
 
 from __future__ import annotations
 
-import contextlib
 from functools import cache
 from typing import Any
 
@@ -29,7 +28,7 @@ from ._backend import Backend
 from ._cupy import CUPY_LINALG_CHOICES, get_cupy_linalg, set_cupy_linalg
 
 __all__ = ["CUPY_LINALG_CHOICES", "cholesky", "get_cupy_linalg", "matmul_into", "replace_row",
-           "set_cupy_linalg", "small_work", "solve_triangular", "triangular_inverse"]
+           "set_cupy_linalg", "solve_triangular", "triangular_inverse"]
 
 _MAKERS = ((is_numpy_namespace, _numpy.make_backend), (is_torch_namespace, _torch.make_backend),
            (is_cupy_namespace, _cupy.make_backend), (is_jax_namespace, _jax.make_backend))
@@ -94,7 +93,3 @@ def replace_row(xp: Any, U: Any, p: int, b: Any, c: float, out: Any, /) -> Any:
         return _rowedit.replace(xp, backend.solve_triangular, U, p, b, c, out)
     return backend.replace(U, p, b, c, out)
 
-
-def small_work(xp: Any, /) -> contextlib.AbstractContextManager[None]:
-    """The context in which the backend of ``xp`` runs m x m work."""
-    return _backend_for(xp).small_work()

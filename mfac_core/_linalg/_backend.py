@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 __all__ = ["Backend"]
@@ -32,8 +31,6 @@ class Backend:
     matmul_into : callable or None
         ``matmul_into(A, B, out)``: ``out[...] = A @ B`` without a temporary; ``None``:
         with one.
-    small_work : callable
-        A context manager entered around m x m work.
     """
 
     cholesky: Callable[[Any], Any]
@@ -41,5 +38,3 @@ class Backend:
     inverse: Callable[[Any], Any] | None = None
     replace: Callable[..., Any] | None = None
     matmul_into: Callable[[Any, Any, Any], None] | None = None
-    small_work: Callable[[], contextlib.AbstractContextManager[None]] = field(
-        default=contextlib.nullcontext)

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-from functools import cache
 from typing import Any
 
 import numpy as np
@@ -15,22 +12,15 @@ from ._backend import Backend
 __all__ = ["make_backend"]
 
 
-@cache
-def _blas_controller() -> Any:
-    # Created on first use, once NumPy's and SciPy's BLAS libraries are both loaded.
-    from threadpoolctl import ThreadpoolController
-
-    return ThreadpoolController()
-
-
-@contextlib.contextmanager
-def _one_blas_thread() -> Iterator[None]:
-    with _blas_controller().limit(limits=1, user_api="blas"):
-        yield
-
-
 def make_backend() -> Backend:
-    """The backend over ``numpy.linalg`` and ``scipy.linalg``."""
+    """The backend over ``numpy.linalg`` and ``scipy.linalg``.
+
+    NumPy's and SciPy's wheels each bundle an OpenBLAS with its own thread pool;
+    the m x m work alternates between them (NumPy products, SciPy triangular
+    solves). The package leaves both pools as the process set them: limiting
+    threads would change BLAS for the whole process, and from other threads
+    too. What the alternation costs is measured in ``benchmarks/dynamic.py``.
+    """
     import scipy.linalg
 
     def chol(a: Any) -> Any:
@@ -57,4 +47,4 @@ def make_backend() -> Backend:
     def matmul_into(a: Any, b: Any, out: Any) -> None:
         np.matmul(a, b, out=out)  # NumPy buffers the product itself if out overlaps b
 
-    return Backend(chol, solve, inverse, matmul_into=matmul_into, small_work=_one_blas_thread)
+    return Backend(chol, solve, inverse, matmul_into=matmul_into)
