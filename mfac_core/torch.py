@@ -200,9 +200,9 @@ class MFAC(torch.optim.Optimizer):
       :class:`~mfac_core.FactorizationError`, e.g. a gradient repeated exactly
       with a tiny ``damp``) is left out of the window, which is unchanged,
       and the step is taken with the previous window: ``s = F^{-1} g`` of the
-      window without ``g``. Skipping instead could stall a run for good: the
-      parameters would not move, and the next gradient would be the same.
-      :attr:`rejected_grads` counts these steps.
+      window without ``g``, which is still a valid preconditioner: the
+      gradient is used for the step, only not stored (skipping would discard
+      it). :attr:`rejected_grads` counts these steps.
 
     With ``errors="raise"`` both raise instead (``FloatingPointError``,
     ``FactorizationError``) and the optimizer is left as it was, except that a
