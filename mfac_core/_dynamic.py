@@ -307,8 +307,8 @@ class DynamicIHVP(LinearOperator):
         idx = self._xp.asarray(list(self._window), dtype=self._xp.int64, device=self.device)
         return self._xp.take(self._G, idx, axis=0)
 
-    def _shift(self, k: int) -> float:
-        return (self.num_grads if self.zero_init else k) * self.damp
+    def _shift(self, k: int, damp: float | None = None) -> float:
+        return (self.num_grads if self.zero_init else k) * (self.damp if damp is None else damp)
 
     # -- the factor --------------------------------------------------------------------
 
@@ -324,18 +324,21 @@ class DynamicIHVP(LinearOperator):
         current = getattr(self, "_factor", None)
         return second if current is not None and current.factor.U is first else first
 
-    def _factorized(self, gram: Array, slots: list[int]) -> _SlotFactor:
+    def _factorized(self, gram: Array, slots: list[int],
+                    damp: float | None = None) -> _SlotFactor:
         """The factor of the capacitance matrix of ``slots``, in full (O(k^3)).
 
-        Raises ``FactorizationError``; nothing of the operator changes.
+        With the operator's damping unless ``damp`` is given. Raises
+        ``FactorizationError``; nothing of the operator changes.
         """
+        damp = self.damp if damp is None else damp
         xp = self._xp
         k = len(slots)
         idx = xp.asarray(slots, dtype=xp.int64, device=self.device)
         sub = xp.take(xp.take(gram, idx, axis=0), idx, axis=1)
         out = self._free_buffer() if k == self.num_grads else None
         factor = _capacitance.factorize(
-            xp, sub, shift=self._shift(k), scale=1.0, damp=self.damp,
+            xp, sub, shift=self._shift(k, damp), scale=1.0, damp=damp,
             gram_dtype=str(self.dtype).rsplit(".", 1)[-1], out=out)
         return _SlotFactor.build(factor, slots, self.num_grads)
 
@@ -554,38 +557,59 @@ class DynamicIHVP(LinearOperator):
             new damping; the operator keeps the old one.
         """
         damp = check_damp(damp)
-        old, self.damp = self.damp, damp
-        try:
-            factor = self._factorized(self._gram, list(self._factor.slots))
-        except BaseException:
-            self.damp = old
-            raise
+        factor = self._factorized(self._gram, list(self._factor.slots), damp)
+        self.damp = damp
         self._commit(factor, refactored=True)
 
-    def check_state_dict(self, state: Mapping[str, Any], /) -> None:
+    def check_state_dict(self, state: Mapping[str, Any], /, *,
+                         damp: float | None = None) -> None:
         """Check that :meth:`load_state_dict` would accept ``state``, changing nothing.
 
         Parameters
         ----------
         state : mapping
             A state from :meth:`state_dict`.
+        damp : float, optional
+            As for :meth:`load_state_dict` (the refactorisation is not tried).
 
         Raises
         ------
         ValueError, TypeError
             As :meth:`load_state_dict`.
         """
-        _LoadedState.check(self, state)
+        _LoadedState.check(self, state, damp=damp, refactor=False)
 
-    def load_state_dict(self, state: Mapping[str, Any], /) -> None:
+    def load_state_dict(self, state: Mapping[str, Any], /, *, damp: float | None = None) -> None:
         """Restore a state from :meth:`state_dict` (same sizes, dtype and device).
 
         Everything is checked before anything changes: a state that is
         malformed, or whose gradients, Gram matrix and factor do not agree
-        (checked on a sample, O(m d + m^2)), raises ``ValueError`` and leaves
-        the operator exactly as it was.
+        (checked on a sample, O(m d + m^2)), raises and leaves the operator
+        exactly as it was.
+
+        Parameters
+        ----------
+        state : mapping
+            A state from :meth:`state_dict`; its ``damp`` must equal the
+            operator's unless ``damp`` is given.
+        damp : float, optional
+            Resume with this damping: the state is checked against its own
+            damping, then its factor is recomputed from the stored Gram matrix
+            with this one (O(m^3), no pass over the gradients); the operator
+            takes this damping.
+
+        Raises
+        ------
+        ValueError
+            For a malformed or inconsistent state, or one of other sizes or
+            damping.
+        TypeError
+            For arrays of another library or dtype.
+        FactorizationError
+            If the window cannot be factorised with the new ``damp``.
         """
-        loaded = _LoadedState.check(self, state)
+        loaded = _LoadedState.check(self, state, damp=damp, refactor=True)
+        self.damp = loaded.damp
         self._G[...] = loaded.grads
         self._gram = loaded.gram
         self._window, self._free = deque(loaded.window), list(loaded.free)
@@ -603,10 +627,16 @@ class _LoadedState:
     free: tuple[int, ...]
     factor: _SlotFactor
     edits: int
+    damp: float
 
     @classmethod
-    def check(cls, op: DynamicIHVP, state: Mapping[str, Any]) -> _LoadedState:
-        """Every check of ``load_state_dict``; raises ``ValueError`` naming what is wrong."""
+    def check(cls, op: DynamicIHVP, state: Mapping[str, Any], *, damp: float | None,
+              refactor: bool) -> _LoadedState:
+        """Every check of ``load_state_dict``; raises ``ValueError`` naming what is wrong.
+
+        With ``damp`` the state is checked against its own damping and, with
+        ``refactor``, its factor recomputed for ``damp``.
+        """
         if not isinstance(state, Mapping):
             raise TypeError(f"state must be a mapping from state_dict(), got "
                             f"{type(state).__name__}")
@@ -630,9 +660,15 @@ class _LoadedState:
                              f"{(state['num_grads'], state['dim'])}, this operator has {(m, d)}")
         if bool(state["zero_init"]) != op.zero_init:
             raise ValueError("state_dict and operator disagree on zero_init")
-        if float(state["damp"]) != op.damp:
+        try:
+            saved_damp = check_damp(state["damp"])
+        except TypeError as exc:
+            raise ValueError(f"state['damp']: {exc}") from None
+        if damp is None and saved_damp != op.damp:
             raise ValueError(f"state_dict has damp={state['damp']}, this operator "
-                             f"damp={op.damp}")
+                             f"damp={op.damp}; pass load_state_dict(..., damp=...) to resume with "
+                             "another damping")
+        target = saved_damp if damp is None else check_damp(damp)
         grads, gram, U = (detached(state[k]) for k in ("grads", "gram", "factor"))
         for name, array, dtype in (("grads", grads, op.dtype), ("gram", gram, xp.float64),
                                    ("factor", U, xp.float64)):
@@ -651,20 +687,28 @@ class _LoadedState:
                 or sorted(window + free) != list(range(m)) \
                 or (op.zero_init and k != m):
             raise ValueError("state_dict slot lists are inconsistent")
-        if tuple(grads.shape) != (m, d) or tuple(gram.shape) != (m, m) \
-                or tuple(U.shape) != (k, k):
-            raise ValueError("state_dict arrays have the wrong shapes")
+        for name, array, shape in (("grads", grads, (m, d)), ("gram", gram, (m, m)),
+                                   ("factor", U, (k, k))):
+            if tuple(array.shape) != shape:
+                raise ValueError(f"state['{name}'] has shape {tuple(array.shape)}, expected "
+                                 f"{shape}")
         if not (bool(xp.all(xp.isfinite(grads))) and bool(xp.all(xp.isfinite(gram)))
                 and bool(xp.all(xp.isfinite(U)))):
-            raise ValueError("state_dict holds NaN or infinity")
-        cls._check_agreement(op, grads, gram, U, list(slots), k)
-        factor = CapacitanceFactor(xp.asarray(U, copy=True), op._shift(k), 1.0)
-        return cls(xp.asarray(grads, copy=True), xp.asarray(gram, copy=True), window, free,
-                   _SlotFactor.build(factor, slots, m), edits)
+            name = next(n for n, a in (("grads", grads), ("gram", gram), ("factor", U))
+                        if not bool(xp.all(xp.isfinite(a))))
+            raise ValueError(f"state['{name}'] holds NaN or infinity")
+        cls._check_agreement(op, grads, gram, U, list(slots), k, saved_damp)
+        gram = xp.asarray(gram, copy=True)
+        if refactor and target != saved_damp:
+            return cls(xp.asarray(grads, copy=True), gram, window, free,
+                       op._factorized(gram, list(slots), target), 0, target)
+        factor = CapacitanceFactor(xp.asarray(U, copy=True), op._shift(k, saved_damp), 1.0)
+        return cls(xp.asarray(grads, copy=True), gram, window, free,
+                   _SlotFactor.build(factor, slots, m), edits, saved_damp)
 
     @staticmethod
     def _check_agreement(op: DynamicIHVP, grads: Array, gram: Array, U: Array, slots: list[int],
-                         k: int) -> None:
+                         k: int, damp: float) -> None:
         """The Gram matrix against the gradients and the factor against the Gram matrix.
 
         On a sample of evenly spaced factor columns: the Gram diagonal against
@@ -689,7 +733,7 @@ class _LoadedState:
             raise ValueError("state_dict's Gram matrix does not match its gradients")
         idx = xp.asarray(slots, dtype=xp.int64, device=op.device)
         C = xp.take(xp.take(gram, idx, axis=0), idx, axis=1)
-        C = C + op._shift(k) * xp.eye(k, dtype=xp.float64, device=op.device)
+        C = C + op._shift(k, damp) * xp.eye(k, dtype=xp.float64, device=op.device)
         cols = xp.asarray(pos, dtype=xp.int64, device=op.device)
         got = xp.matrix_transpose(U) @ xp.take(U, cols, axis=1)
         want = xp.take(C, cols, axis=1)

@@ -14,12 +14,18 @@ This module imports :mod:`torch`; ``import mfac_core`` does not import it.
   gradually with recomputations, and keeps the masks applied afterwards.
 
 All tensors stay on the parameters' device; the window, its float64
-factor and every buffer are allocated there once.
+factor and every buffer are allocated there once. Both classes log the memory
+of their ``num_grads x d`` gradient matrices (logger ``"mfac_core.torch"``,
+level ``INFO``) when they allocate them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import logging
+import sys
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -28,11 +34,35 @@ from torch import nn
 from . import pruning
 from ._compat import array_namespace
 from ._dynamic import DynamicIHVP
+from ._errors import FactorizationError
 from ._validation import check_choice, check_count, check_damp, check_fraction, check_number
 
-__all__ = ["MFAC", "MFACPruner"]
+__all__ = ["MFAC", "MFACPruner", "MFACStepWarning"]
 
 _PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+logger = logging.getLogger("mfac_core.torch")
+
+_GROUP_KEYS = ("lr", "momentum", "weight_decay")
+#: Options of the whole optimizer (one window over all parameters), not per group.
+_GLOBAL_KEYS = ("num_grads", "damp", "zero_init", "errors")
+
+
+class MFACStepWarning(RuntimeWarning):
+    """An :class:`MFAC` step was skipped, or its gradient left out of the window."""
+
+
+def _format_bytes(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024:
+            return f"{value:.1f} {unit}" if unit != "B" else f"{n} B"
+        value /= 1024
+    return f"{value:.1f} TiB"
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
 
 
 class MFAC(torch.optim.Optimizer):
@@ -50,7 +80,10 @@ class MFAC(torch.optim.Optimizer):
     where ``F = damp I + (1/m) sum g_i g_i^T`` over the window of the last
     ``m = num_grads`` gradients. The step vector is split back per parameter,
     so the learning rate ``eta``, the momentum ``mu`` and the weight decay
-    ``wd`` are per parameter group, as in :class:`torch.optim.SGD`.
+    ``wd`` are per parameter group, as in :class:`torch.optim.SGD`;
+    ``num_grads``, ``damp``, ``zero_init`` and ``errors`` belong to the one
+    window and are the same for all groups (they are in :attr:`defaults`,
+    not in the groups).
 
     Parameters
     ----------
@@ -60,9 +93,11 @@ class MFAC(torch.optim.Optimizer):
         device with one dtype (float32 or float64).
     lr : float, optional
         The learning rate (default ``1e-3``).
-    num_grads : int, optional
-        The window size m (default 1024, the paper's default for language
-        models). Memory: ``m * d`` values of the parameters' dtype.
+    num_grads : int
+        The window size m; required, because the window holds ``m * d``
+        values of the parameters' dtype (41 GB for m = 1024 and ten million
+        float32 parameters). The paper uses 1024. The size is logged when the
+        window is allocated (logger ``"mfac_core.torch"``, level ``INFO``).
     damp : float, optional
         The damping ``lambda > 0`` (default ``1e-5``).
     momentum : float, optional
@@ -72,9 +107,14 @@ class MFAC(torch.optim.Optimizer):
         L2 penalty added to the gradient before preconditioning (default 0).
     zero_init : bool, optional
         Start from a window of ``m`` zero gradients with the normalisation
-        ``1/m`` fixed, as the authors' implementation does (default). With
+        ``1/m`` fixed, as the paper and the authors' implementation do
+        (default). Every insertion is then an O(m^2) edit of the factor. With
         ``False`` the normalisation is ``1/k`` for the ``k`` gradients seen so
-        far, which makes the first steps ``g / |g|^2``-sized.
+        far, which makes the first steps ``g / |g|^2``-sized, and each of the
+        first m insertions refactorises the k x k factor (O(k^3)).
+    errors : {"skip", "raise"}, optional
+        What a step does with a gradient it cannot use (default ``"skip"``);
+        see Notes.
 
     Attributes
     ----------
@@ -82,6 +122,16 @@ class MFAC(torch.optim.Optimizer):
         The window and its factorisation.
     dim : int
         The number of coordinates d.
+    num_grads, damp : int, float
+        The window's size m and damping (read-only; see
+        :meth:`load_state_dict` to change the damping).
+    steps : int
+        Steps taken (parameters moved).
+    skipped_steps : int
+        Steps skipped because the gradient or the step was not finite.
+    rejected_grads : int
+        Gradients left out of the window (their step was taken with the
+        previous window).
 
     Raises
     ------
@@ -89,18 +139,53 @@ class MFAC(torch.optim.Optimizer):
         For parameters on different devices or with different dtypes, no
         parameters, or out-of-range hyper-parameters.
     TypeError
-        For non-floating parameters.
+        For non-floating parameters, or without ``num_grads``.
+
+    Warns
+    -----
+    MFACStepWarning
+        With ``errors="skip"``, for every skipped step and every gradient
+        left out of the window.
 
     Notes
     -----
     Parameters whose ``grad`` is ``None`` in a step contribute zeros to the
     flat gradient and are not moved in that step (their momentum buffer still
     decays). A step reads the ``m x d`` window twice, the floor of the
-    dynamic algorithm; see :meth:`DynamicIHVP.update_and_matvec`.
+    dynamic algorithm; see :meth:`DynamicIHVP.update_and_matvec`. Gradients
+    never enter autograd: the window, the momentum and the step are computed
+    without recording history even if the gradients require grad (e.g. after
+    ``backward(create_graph=True)``).
+
+    A training run does not die of a bad gradient, as with AMP's
+    ``GradScaler``:
+
+    - A gradient (after weight decay) holding NaN or infinity skips the
+      step: parameters, momentum, window and :attr:`steps` are untouched,
+      :attr:`skipped_steps` counts it and a :class:`MFACStepWarning` names the
+      parameter. So does a finite gradient whose preconditioned step is not
+      finite (the gradient then stays in the window).
+    - A gradient that cannot be inserted because the window's Fisher would
+      not be numerically positive definite (a
+      :class:`~mfac_core.FactorizationError`, e.g. a gradient repeated exactly
+      with a tiny ``damp``) is left out of the window, which is unchanged,
+      and the step is taken with the previous window: ``s = F^{-1} g`` of the
+      window without ``g``, which is still a valid preconditioner: the
+      gradient is used for the step, only not stored (skipping would discard
+      it). :attr:`rejected_grads` counts these steps.
+
+    With ``errors="raise"`` both raise instead (``FloatingPointError``,
+    ``FactorizationError``) and the optimizer is left as it was, except that a
+    non-finite step of a finite gradient leaves that gradient in the window.
 
     :meth:`state_dict` holds the window (gradients, Gram matrix and Cholesky
-    factor), the momentum buffer and the step count, so that a run restored
-    from a checkpoint continues bit for bit.
+    factor), the momentum buffer, the step count and the two counters, so
+    that a run restored from a checkpoint continues bit for bit;
+    :meth:`load_state_dict` can also resume it with another damping. An
+    optimizer can be copied with :func:`copy.deepcopy` (with its model, as
+    ``copy.deepcopy((model, opt))``) and pickled; the copy continues exactly
+    as the original would. Hooks are not copied, as for every
+    :class:`torch.optim.Optimizer`.
 
     Examples
     --------
@@ -110,6 +195,8 @@ class MFAC(torch.optim.Optimizer):
     >>> model = torch.nn.Linear(4, 1)
     >>> X, y = torch.randn(32, 4), torch.randn(32, 1)
     >>> opt = MFAC(model.parameters(), lr=1e-3, num_grads=8, damp=1e-2)
+    >>> opt.defaults["num_grads"], opt.defaults["damp"]
+    (8, 0.01)
     >>> first = torch.nn.functional.mse_loss(model(X), y).item()
     >>> for _ in range(20):
     ...     opt.zero_grad()
@@ -117,6 +204,8 @@ class MFAC(torch.optim.Optimizer):
     ...     opt.step()
     >>> torch.nn.functional.mse_loss(model(X), y).item() < first
     True
+    >>> opt.steps, opt.skipped_steps, opt.rejected_grads
+    (20, 0, 0)
     """
 
     def __init__(
@@ -124,20 +213,38 @@ class MFAC(torch.optim.Optimizer):
         params: Iterable[Any],
         lr: float = 1e-3,
         *,
-        num_grads: int = 1024,
+        num_grads: int,
         damp: float = 1e-5,
         momentum: float = 0.0,
         weight_decay: float = 0.0,
         zero_init: bool = True,
+        errors: str = "skip",
     ) -> None:
         lr = check_number(lr, "lr", low=0.0)
         momentum = check_number(momentum, "momentum", low=0.0, high=1.0, high_open=True)
         weight_decay = check_number(weight_decay, "weight_decay", low=0.0)
         num_grads = check_count(num_grads, "num_grads")
+        damp = check_damp(damp)
+        check_choice(errors, "errors", ("skip", "raise"))
         self._frozen = False
         super().__init__(params, {"lr": lr, "momentum": momentum,
                                   "weight_decay": weight_decay})
         self._frozen = True
+        # Added after the groups exist, so that add_param_group does not copy these
+        # window-wide options into every group (where changing them would do nothing).
+        self.defaults.update(num_grads=int(num_grads), damp=damp, zero_init=bool(zero_init),
+                             errors=errors)
+        self._layout()
+        self.ihvp = self._new_window(damp)
+        self._momentum: torch.Tensor | None = None
+        self.steps = 0
+        self.skipped_steps = 0
+        self.rejected_grads = 0
+
+    # -- construction ---------------------------------------------------------------------
+
+    def _layout(self) -> None:
+        """Check the parameters and map each to its slice of the flat vector."""
         flat = [p for group in self.param_groups for p in group["params"]]
         if not flat:
             raise ValueError("MFAC got an empty parameter list")
@@ -159,12 +266,24 @@ class MFAC(torch.optim.Optimizer):
                 offset += p.numel()
             self._slices.append(layout)
         self.dim = offset
-        xp = array_namespace(first)
-        self.ihvp = DynamicIHVP(num_grads, self.dim, damp=damp, dtype=self.dtype, xp=xp,
-                                device=self.device, zero_init=zero_init)
+        # The flat gradient, reused by every step.
         self._grad = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
-        self._momentum: torch.Tensor | None = None
-        self.steps = 0
+
+    def _log_window(self, damp: float) -> None:
+        m, d = self.defaults["num_grads"], self.dim
+        window = m * d * _itemsize(self.dtype)
+        # The Gram matrix and the two factor buffers the core keeps once the window is full.
+        small = 3 * m * m * 8
+        logger.info("MFAC allocates a window of num_grads=%d x dim=%d %s on %s (damp=%g): "
+                    "%d bytes (%s), plus %d bytes (%s) of float64 m x m matrices",
+                    m, d, str(self.dtype).removeprefix("torch."), self.device, damp, window,
+                    _format_bytes(window), small, _format_bytes(small))
+
+    def _new_window(self, damp: float) -> DynamicIHVP:
+        self._log_window(damp)
+        return DynamicIHVP(self.defaults["num_grads"], self.dim, damp=damp, dtype=self.dtype,
+                           xp=array_namespace(self._grad), device=self.device,
+                           zero_init=self.defaults["zero_init"])
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a parameter group; possible only while the optimizer is being built.
@@ -176,15 +295,62 @@ class MFAC(torch.optim.Optimizer):
         ----------
         param_group : dict
             The group, as for :meth:`torch.optim.Optimizer.add_param_group`.
+
+        Raises
+        ------
+        ValueError
+            After construction, or for an out-of-range ``lr``, ``momentum`` or
+            ``weight_decay`` of the group.
         """
         if getattr(self, "_frozen", False):
             raise ValueError("MFAC cannot add parameter groups after construction: the "
                              "window's dimension is fixed; build a new optimizer instead")
+        for key in _GLOBAL_KEYS:
+            if isinstance(param_group, Mapping) and key in param_group:
+                raise ValueError(f"{key} is an option of the whole MFAC optimizer (one window "
+                                 "over all parameters), not of a parameter group")
         super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            self._check_group(group, "the parameter group")
+        except (TypeError, ValueError):
+            self.param_groups.pop()
+            raise
+
+    @staticmethod
+    def _check_group(group: Mapping[str, Any], where: str) -> None:
+        for key in _GROUP_KEYS:
+            if key not in group:
+                raise ValueError(f"{where} has no {key!r}")
+            if key == "momentum":
+                check_number(group[key], f"{key} of {where}", low=0.0, high=1.0,
+                             high_open=True)
+            else:
+                check_number(group[key], f"{key} of {where}", low=0.0)
+
+    # -- properties -----------------------------------------------------------------------
+
+    @property
+    def num_grads(self) -> int:
+        """The window size m."""
+        return self.ihvp.num_grads
+
+    @property
+    def damp(self) -> float:
+        """The damping lambda of the window."""
+        return self.ihvp.damp
+
+    def __repr__(self) -> str:
+        head = ", ".join(f"{key}: {self.defaults[key]!r}" for key in _GLOBAL_KEYS)
+        base = super().__repr__()
+        name = type(self).__name__ + " ("
+        return f"{name}{head}, dim: {self.dim}{base[len(name):]}"
+
+    # -- the step -------------------------------------------------------------------------
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Take one M-FAC step.
+        """Take one M-FAC step (or skip it; see the class's Notes).
 
         Parameters
         ----------
@@ -196,11 +362,45 @@ class MFAC(torch.optim.Optimizer):
         -------
         object
             The loss returned by ``closure``, or ``None``.
+
+        Raises
+        ------
+        FloatingPointError
+            With ``errors="raise"``, for a gradient or a step holding NaN or
+            infinity.
+        FactorizationError
+            With ``errors="raise"``, for a gradient the window cannot take.
         """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        g = self._gather()
+        # One reduction and one host sync per step, next to two passes over m x d.
+        if not bool(torch.isfinite(g).all()):
+            self._skip(f"{self._culprit()} holds NaN or infinity; the step is skipped "
+                       "(parameters, momentum and window unchanged)")
+            return loss
+        try:
+            s = self.ihvp.update_and_matvec(g)
+        except FactorizationError as exc:
+            if self.defaults["errors"] == "raise":
+                raise
+            # The core leaves the window as it was; precondition with it.
+            self.rejected_grads += 1
+            self._warn(f"the gradient was left out of the window and the step taken with the "
+                       f"previous window ({self.rejected_grads} so far): {exc}")
+            s = self.ihvp.matvec(g)
+        if not bool(torch.isfinite(s).all()):
+            self._skip("the preconditioned step holds NaN or infinity (damp too small for "
+                       "the dtype?); the step is skipped (parameters and momentum unchanged)")
+            return loss
+        self._apply(s)
+        self.steps += 1
+        return loss
+
+    def _gather(self) -> torch.Tensor:
+        """The flat gradient, weight decay included, in the reused buffer."""
         g = self._grad
         for group, layout in zip(self.param_groups, self._slices, strict=True):
             wd = group["weight_decay"]
@@ -214,21 +414,61 @@ class MFAC(torch.optim.Optimizer):
                 seg.copy_(p.grad.reshape(-1))
                 if wd:
                     seg.add_(p.detach().reshape(-1), alpha=wd)
-        s = self.ihvp.update_and_matvec(g)
+        return g
+
+    def _culprit(self) -> str:
+        """Which parameter made the flat gradient non-finite (for the message)."""
+        for j, layout in enumerate(self._slices):
+            for i, (p, lo, hi) in enumerate(layout):
+                if not bool(torch.isfinite(self._grad[lo:hi]).all()):
+                    what = "gradient" if p.grad is not None and not bool(
+                        torch.isfinite(p.grad).all()) else "weight-decayed gradient"
+                    return (f"the {what} of parameter {i} of group {j} (shape "
+                            f"{tuple(p.shape)})")
+        return "the gradient"
+
+    def _skip(self, message: str) -> None:
+        if self.defaults["errors"] == "raise":
+            raise FloatingPointError(f"MFAC step {self.steps + 1}: {message}")
+        self.skipped_steps += 1
+        self._warn(f"{message} ({self.skipped_steps} skipped so far)")
+
+    def _warn(self, message: str) -> None:
+        # Point at the caller of opt.step(), past this module and torch's wrappers of step
+        # (no_grad, hooks, profiling), whose depth depends on torch's version.
+        frame, level = sys._getframe(0), 1
+        while frame.f_back is not None and (
+                frame.f_globals.get("__name__") == __name__
+                or str(frame.f_globals.get("__name__")).startswith("torch.")):
+            frame, level = frame.f_back, level + 1
+        warnings.warn(f"MFAC step {self.steps + 1}: {message}", MFACStepWarning,
+                      stacklevel=level)
+
+    def _apply(self, s: torch.Tensor) -> None:
         if self._momentum is None and any(gr["momentum"] for gr in self.param_groups):
             self._momentum = torch.zeros_like(s)
+        momentum = self._momentum
         for group, layout in zip(self.param_groups, self._slices, strict=True):
             lr, mu = group["lr"], group["momentum"]
             for p, lo, hi in layout:
                 d_p = s[lo:hi]
-                if mu:
-                    buf = self._momentum[lo:hi]
+                if mu and momentum is not None:
+                    buf = momentum[lo:hi]
                     buf.mul_(mu).add_(d_p)
                     d_p = buf
                 if p.grad is not None:
                     p.add_(d_p.view(p.shape), alpha=-lr)
-        self.steps += 1
-        return loss
+
+    # -- checkpoints ----------------------------------------------------------------------
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {
+            "window": self.ihvp.state_dict(),
+            "momentum_buffer": None if self._momentum is None else self._momentum.clone(),
+            "steps": self.steps,
+            "skipped_steps": self.skipped_steps,
+            "rejected_grads": self.rejected_grads,
+        }
 
     def state_dict(self) -> dict[str, Any]:
         """The optimizer's state, including the M-FAC window.
@@ -238,47 +478,174 @@ class MFAC(torch.optim.Optimizer):
         dict
             :meth:`torch.optim.Optimizer.state_dict` plus a key ``"mfac"``
             holding copies of the window's state
-            (:meth:`DynamicIHVP.state_dict`), the momentum buffer and the
-            step count.
+            (:meth:`DynamicIHVP.state_dict`), the momentum buffer, the step
+            count and the counters ``skipped_steps`` and ``rejected_grads``.
         """
         state = super().state_dict()
-        state["mfac"] = {
-            "window": self.ihvp.state_dict(),
-            "momentum_buffer": None if self._momentum is None else self._momentum.clone(),
-            "steps": self.steps,
-        }
+        state["mfac"] = self._extra_state()
         return state
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+    @torch.no_grad()
+    def load_state_dict(self, state_dict: Mapping[str, Any], *,
+                        damp: float | None = None) -> None:
         """Restore a state from :meth:`state_dict`, window included.
+
+        Everything is checked before anything changes: a state that cannot
+        be loaded raises and leaves the optimizer exactly as it was.
 
         Parameters
         ----------
         state_dict : dict
-            From :meth:`state_dict` of an MFAC optimizer over parameters of
-            the same shapes. Tensors are moved to this optimizer's device.
+            From :meth:`state_dict` of an MFAC optimizer with the same
+            ``num_grads``, ``zero_init``, dtype and parameter sizes. Tensors
+            are moved to this optimizer's device; none keeps autograd
+            history.
+        damp : float, optional
+            Resume with this damping. Without it the state's damping must
+            equal the optimizer's. With a damping other than the state's,
+            the window's factor is recomputed from its gradients
+            from the stored Gram matrix (O(m^3), no pass over the window and no
+            extra ``m x d`` buffer); the continuation then differs from the
+            original run.
 
         Raises
         ------
         ValueError
-            If the state has no M-FAC window or its sizes do not match.
+            If the state is not an MFAC state of matching sizes, or a value
+            in it is missing, of the wrong type or out of range.
+        FactorizationError
+            If the window cannot be factorised with the new ``damp``.
         """
-        state_dict = dict(state_dict)
-        extra = state_dict.pop("mfac", None)
-        if not isinstance(extra, dict) or "window" not in extra:
-            raise ValueError("not an MFAC state_dict: it has no 'mfac' window state")
-        window = {k: v.to(device=self.device) if isinstance(v, torch.Tensor) else v
-                  for k, v in extra["window"].items()}
-        self.ihvp.load_state_dict(window)
-        super().load_state_dict(state_dict)
-        buf = extra.get("momentum_buffer")
-        if buf is not None:
-            if tuple(buf.shape) != (self.dim,):
-                raise ValueError(f"momentum buffer has shape {tuple(buf.shape)}, expected "
-                                 f"({self.dim},)")
-            buf = buf.to(device=self.device, dtype=self.dtype, copy=True)
-        self._momentum = buf
-        self.steps = int(extra.get("steps", 0))
+        plan = self._check_state(state_dict, damp)
+        # Commit. The core's loader checks its state before it changes anything, and
+        # a new damping's refactorisation is its one step that may still raise: first.
+        self.ihvp.load_state_dict(plan.window, damp=plan.damp)
+        super().load_state_dict(plan.base)
+        self.defaults["damp"] = self.ihvp.damp
+        self._momentum = plan.momentum
+        self.steps = plan.steps
+        self.skipped_steps = plan.skipped_steps
+        self.rejected_grads = plan.rejected_grads
+
+    def _check_state(self, state_dict: Any, damp: float | None) -> SimpleNamespace:
+        """Check a state for :meth:`load_state_dict`: what to commit; nothing changes here."""
+        if not isinstance(state_dict, Mapping):
+            raise ValueError(f"not an MFAC state_dict: expected a dict, got "
+                             f"{type(state_dict).__name__}")
+        missing = [k for k in ("state", "param_groups", "mfac") if k not in state_dict]
+        if missing:
+            raise ValueError(f"not an MFAC state_dict: it has no {missing} "
+                             f"(the 'mfac' entry holds the window)")
+        base = {k: v for k, v in state_dict.items() if k != "mfac"}
+        self._check_groups(base)
+        extra = state_dict["mfac"]
+        if not isinstance(extra, Mapping):
+            raise ValueError("state_dict['mfac'] must be a dict")
+        missing = [k for k in ("window", "momentum_buffer", "steps") if k not in extra]
+        if missing:
+            raise ValueError(f"state_dict['mfac'] has no {missing}")
+        counts = {}
+        for key in ("steps", "skipped_steps", "rejected_grads"):
+            value = extra.get(key, 0)  # the counters are absent from older checkpoints
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"state_dict['mfac'][{key!r}] must be an int >= 0, "
+                                 f"got {value!r}")
+            counts[key] = int(value)
+        momentum = self._check_momentum(extra["momentum_buffer"])
+        window, target = self._check_window(extra["window"], damp)
+        return SimpleNamespace(base=base, window=window, damp=target, momentum=momentum,
+                               **counts)
+
+    def _check_groups(self, base: Mapping[str, Any]) -> None:
+        if not isinstance(base["state"], Mapping):
+            raise ValueError("state_dict['state'] must be a dict")
+        groups = base["param_groups"]
+        if not isinstance(groups, Sequence) or isinstance(groups, str) \
+                or len(groups) != len(self.param_groups):
+            have = len(groups) if isinstance(groups, Sequence) else groups
+            raise ValueError(f"state_dict['param_groups'] must list {len(self.param_groups)} "
+                             f"parameter groups, got {have!r}")
+        ids = []
+        for j, (saved, group) in enumerate(zip(groups, self.param_groups, strict=True)):
+            where = f"state_dict['param_groups'][{j}]"
+            if not isinstance(saved, Mapping) or not isinstance(saved.get("params"), Sequence):
+                raise ValueError(f"{where} must be a dict with a list 'params'")
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(f"{where} has {len(saved['params'])} parameters, this "
+                                 f"optimizer's group {len(group['params'])}")
+            try:
+                self._check_group(saved, where)
+            except TypeError as exc:  # one kind of error for every malformed state
+                raise ValueError(str(exc)) from None
+            ids.extend(saved["params"])
+        if len(set(ids)) != len(ids):
+            raise ValueError("state_dict['param_groups'] lists a parameter twice")
+
+    def _check_momentum(self, buf: Any) -> torch.Tensor | None:
+        if buf is None:
+            return None
+        if not isinstance(buf, torch.Tensor) or not buf.is_floating_point() \
+                or tuple(buf.shape) != (self.dim,):
+            shape = tuple(buf.shape) if isinstance(buf, torch.Tensor) else type(buf).__name__
+            raise ValueError(f"the momentum buffer must be a floating tensor of shape "
+                             f"({self.dim},), got {shape}")
+        # A copy, detached: the buffer is updated in place and must not join a graph.
+        buf = buf.detach().to(device=self.device, dtype=self.dtype, copy=True)
+        if not bool(torch.isfinite(buf).all()):
+            raise ValueError("the momentum buffer holds NaN or infinity")
+        return buf
+
+    def _check_window(self, window: Any,
+                      damp: float | None) -> tuple[dict[str, Any], float | None]:
+        """The window's state on this device, checked by the core (nothing changes here).
+
+        Returns the state and the damping to load it with (``None``: its own).
+        """
+        where = "state_dict['mfac']['window']"
+        if not isinstance(window, Mapping):
+            raise ValueError(f"{where} must be a dict")
+        # Tensors to this device; the core detaches them, and checks everything else.
+        out = {k: v.to(device=self.device) if isinstance(v, torch.Tensor) else v
+               for k, v in window.items()}
+        target = None if damp is None else check_damp(damp)
+        try:
+            self.ihvp.check_state_dict(out, damp=target)
+        except (TypeError, ValueError) as exc:  # one kind of error for every malformed state
+            raise ValueError(f"{where}: {exc}") from None
+        return out, target
+
+    # -- copies and pickles ---------------------------------------------------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        # torch.optim.Optimizer pickles only defaults, state and param_groups; the
+        # window goes as its state_dict (plain tensors), because DynamicIHVP holds its
+        # array namespace, a module, which neither pickle nor deepcopy can copy.
+        state = super().__getstate__()
+        state["_mfac"] = self._extra_state()
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        extra = state.pop("_mfac", None)
+        defaults = state.get("defaults", self.__dict__.get("defaults", {}))
+        had_flag = "differentiable" in defaults
+        super().__setstate__(state)
+        if not had_flag:
+            # torch adds this for pickles of its own old optimizers; MFAC has no
+            # differentiable mode, and keeping defaults as built makes copies equal.
+            self.defaults.pop("differentiable", None)
+        if extra is None:  # torch's load_state_dict sets the groups through here
+            return
+        with torch.no_grad():
+            self._frozen = True
+            self._layout()
+            self.ihvp = self._new_window(extra["window"]["damp"])
+            window, _ = self._check_window(extra["window"], None)
+            self.ihvp.load_state_dict(window)
+            self._momentum = self._check_momentum(extra["momentum_buffer"])
+            self.steps = extra["steps"]
+            self.skipped_steps = extra["skipped_steps"]
+            self.rejected_grads = extra["rejected_grads"]
 
 
 # -- pruning ------------------------------------------------------------------------------
@@ -300,7 +667,10 @@ class MFACPruner:
     model : torch.nn.Module
         The model; its chosen weights are changed in place.
     num_grads : int, optional
-        Gradients (batches) per Fisher estimate (default 64).
+        Gradients (batches) per Fisher estimate (default 64). Each estimate
+        holds them in a ``num_grads x d`` matrix of the Fisher's dtype, ``d``
+        the number of chosen weights; its size is logged when it is allocated
+        (logger ``"mfac_core.torch"``, level ``INFO``).
     block_size : int or None, optional
         Block size of the block-diagonal Fisher (default 128); ``None`` uses
         the full Fisher over all chosen weights.
@@ -363,8 +733,8 @@ class MFACPruner:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        num_grads = check_count(num_grads, "num_grads")
-        damp = check_damp(damp)
+        if isinstance(num_grads, bool) or not isinstance(num_grads, int) or num_grads < 1:
+            raise ValueError(f"num_grads must be an int >= 1, got {num_grads!r}")
         check_choice(saliency, "saliency", ("obs", "obd", "magnitude"))
         check_choice(update, "update", ("single", "joint", "none"))
         self.model = model
@@ -388,7 +758,7 @@ class MFACPruner:
         self.dim = sum(w.numel() for w in self.weights.values())
 
     @staticmethod
-    def _resolve(model: nn.Module, layers: Sequence[str] | None) -> dict[str, nn.Parameter]:
+    def _resolve(model: nn.Module, layers: Sequence[str] | None) -> dict[str, torch.Tensor]:
         modules = dict(model.named_modules())
         if layers is None:
             found = {name: m.weight for name, m in modules.items() if isinstance(m, _PRUNABLE)}
@@ -478,6 +848,10 @@ class MFACPruner:
             In the Fisher's dtype, on the weights' device.
         """
         weights = list(self.weights.values())
+        size = self.num_grads * self.dim * _itemsize(self.dtype)
+        logger.info("MFACPruner allocates num_grads=%d x dim=%d %s gradients on %s: %d bytes "
+                    "(%s)", self.num_grads, self.dim, str(self.dtype).removeprefix("torch."),
+                    self.device, size, _format_bytes(size))
         G = torch.empty((self.num_grads, self.dim), dtype=self.dtype, device=self.device)
         mask = self.flat_mask()
         row = 0

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import copy
 import doctest
 import io
+import logging
+import pickle
+import re
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
-from mfac_core import pruning  # noqa: E402
+from mfac_core import FactorizationError, pruning  # noqa: E402
 from mfac_core import torch as mfac_torch  # noqa: E402
-from mfac_core.torch import MFAC, MFACPruner  # noqa: E402
+from mfac_core.torch import MFAC, MFACPruner, MFACStepWarning  # noqa: E402
 
 nn = torch.nn
 F = torch.nn.functional
@@ -178,22 +183,31 @@ def test_optimizer_errors():
     a = nn.Parameter(torch.zeros(3))
     b = nn.Parameter(torch.zeros(3, dtype=torch.float64))
     with pytest.raises(ValueError, match="one device and one dtype"):
-        MFAC([a, b])
+        MFAC([a, b], num_grads=2)
     meta = nn.Parameter(torch.zeros(3, device="meta"))
     with pytest.raises(ValueError, match="one device"):
-        MFAC([a, meta])
+        MFAC([a, meta], num_grads=2)
     with pytest.raises(TypeError, match="float32 or float64"):
-        MFAC([torch.zeros(3, dtype=torch.float16, requires_grad=True)])
+        MFAC([torch.zeros(3, dtype=torch.float16, requires_grad=True)], num_grads=2)
     with pytest.raises(ValueError, match="empty"):
-        MFAC([])
+        MFAC([], num_grads=2)
     with pytest.raises(ValueError, match="lr"):
-        MFAC([a], lr=-1.0)
+        MFAC([a], lr=-1.0, num_grads=2)
     with pytest.raises(ValueError, match="momentum"):
-        MFAC([a], momentum=1.0)
+        MFAC([a], momentum=1.0, num_grads=2)
     with pytest.raises(ValueError, match="num_grads"):
         MFAC([a], num_grads=0)
     with pytest.raises(ValueError, match="damp"):
-        MFAC([a], damp=0.0)
+        MFAC([a], damp=0.0, num_grads=2)
+    with pytest.raises(ValueError, match="errors"):
+        MFAC([a], num_grads=2, errors="ignore")
+    # Per-group values are checked like the defaults; window options are not per group.
+    with pytest.raises(ValueError, match="lr of the parameter group"):
+        MFAC([{"params": [a], "lr": -1.0}], num_grads=2)
+    with pytest.raises(ValueError, match="momentum of the parameter group"):
+        MFAC([{"params": [a], "momentum": 1.5}], num_grads=2)
+    with pytest.raises(ValueError, match="whole MFAC optimizer"):
+        MFAC([{"params": [a], "damp": 1e-3}], num_grads=2)
     opt = MFAC([a], num_grads=2)
     with pytest.raises(ValueError, match="parameter groups"):
         opt.add_param_group({"params": [nn.Parameter(torch.zeros(1))]})
@@ -209,6 +223,583 @@ def test_optimizer_errors():
 def test_import_mfac_core_does_not_import_torch():
     code = "import sys, mfac_core, mfac_core.pruning; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# -- copies, pickles and checkpoints -------------------------------------------------------
+
+
+def assert_same(a, b, path="state"):
+    """Equal structure, and tensors equal bit for bit with the same dtype, shape and device."""
+    assert type(a) is type(b), f"{path}: {type(a).__name__} vs {type(b).__name__}"
+    if isinstance(a, torch.Tensor):
+        assert (a.dtype, a.shape, a.device) == (b.dtype, b.shape, b.device), path
+        assert torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for key in a:
+            assert_same(a[key], b[key], f"{path}[{key!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, f"{path}: {a!r} vs {b!r}"
+
+
+def all_params(opt):
+    return [p for group in opt.param_groups for p in group["params"]]
+
+
+def snapshot(opt, *, diagnostics: bool = True) -> dict:
+    """Everything a load can change, as copies (the window through its state_dict).
+
+    ``diagnostics`` adds the core's count of refactorisations, which is not state: a
+    copy or a restored checkpoint starts it again.
+    """
+    out = {
+        "state_dict": copy.deepcopy(opt.state_dict()),
+        "defaults": dict(opt.defaults),
+        "groups": [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups],
+        "params": [p.detach().clone() for p in all_params(opt)],
+        "counters": (opt.steps, opt.skipped_steps, opt.rejected_grads),
+        "window": (len(opt.ihvp), opt.ihvp.slots, opt.ihvp.damp),
+        "state": dict(opt.state),
+        "repr": repr(opt),
+    }
+    if diagnostics:
+        out["refactor_count"] = opt.ihvp.refactor_count
+    return out
+
+
+def torch_roundtrip(obj):
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+COPIERS = {
+    "deepcopy": copy.deepcopy,
+    "pickle": lambda obj: pickle.loads(pickle.dumps(obj)),
+    "torch.save": torch_roundtrip,
+}
+
+
+@pytest.mark.parametrize("how", list(COPIERS))
+@pytest.mark.parametrize(("dtype", "zero_init", "momentum", "steps"), [
+    (torch.float64, True, 0.0, 0),    # a fresh optimizer
+    (torch.float64, False, 0.9, 2),   # a window still filling up
+    (torch.float32, True, 0.9, 6),    # past the window: incremental edits
+    (torch.float32, False, 0.0, 6),
+])
+def test_copies_equal_the_original_and_continue_like_it(how, dtype, zero_init, momentum, steps):
+    data = batches(8, steps + 5, dtype=dtype)
+    model = make_model(8, dtype=dtype)
+    opt = MFAC(model.parameters(), lr=0.05, num_grads=4, damp=1e-3, momentum=momentum,
+               weight_decay=1e-3, zero_init=zero_init)
+    train(model, opt, data[:steps])
+    model2, opt2 = COPIERS[how]((model, opt))
+    # The copy optimizes the copied model, not the original one.
+    assert all(p is q for p, q in zip(all_params(opt2), model2.parameters(), strict=True))
+    assert not any(p is q for p in all_params(opt2) for q in model.parameters())
+    assert opt2.ihvp is not opt.ihvp
+    assert_same(snapshot(opt2, diagnostics=False), snapshot(opt, diagnostics=False))
+    # The copy trains first: a buffer shared with the original would change the original's run.
+    train(model2, opt2, data[steps:])
+    train(model, opt, data[steps:])
+    for a, b in zip(model.parameters(), model2.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert_same(snapshot(opt2, diagnostics=False), snapshot(opt, diagnostics=False))
+
+
+def trained(seed: int, steps: int, **kw):
+    kw = {"lr": 0.05, "num_grads": 4, "damp": 1e-3, "momentum": 0.9, "weight_decay": 1e-3,
+          **kw}
+    model = make_model(seed)
+    opt = MFAC(model.parameters(), **kw)
+    train(model, opt, batches(seed, steps))
+    return model, opt
+
+
+def _set(path, value):
+    def edit(state):
+        *head, last = path
+        target = state
+        for key in head:
+            target = target[key]
+        target[last] = value(target[last]) if callable(value) else value
+        return state
+    return edit
+
+
+def _delete(*path):
+    def edit(state):
+        target = state
+        for key in path[:-1]:
+            target = target[key]
+        del target[path[-1]]
+        return state
+    return edit
+
+
+def _nan_at(*path):
+    def edit(state):
+        t = state
+        for key in path:
+            t = t[key]
+        t.view(-1)[0] = float("nan")
+        return state
+    return edit
+
+
+W = ("mfac", "window")
+MALFORMED = {
+    "not a dict": (lambda s: [s], "expected a dict"),
+    "no state": (_delete("state"), "state"),
+    "no param_groups": (_delete("param_groups"), "param_groups"),
+    "no mfac": (_delete("mfac"), "mfac"),
+    "extra group": (lambda s: (s["param_groups"].append({**s["param_groups"][0], "params": []}),
+                               s)[1], "2 parameter groups|1 parameter groups"),
+    "short group": (lambda s: (s["param_groups"][0]["params"].pop(), s)[1], "parameters"),
+    "group without lr": (_delete("param_groups", 0, "lr"), "lr"),
+    "negative lr": (_set(("param_groups", 0, "lr"), -1.0), "lr"),
+    "momentum 1": (_set(("param_groups", 0, "momentum"), 1.0), "momentum"),
+    "lr not a number": (_set(("param_groups", 0, "lr"), "fast"), "lr"),
+    "mfac not a dict": (_set(("mfac",), None), "mfac"),
+    "no steps": (_delete("mfac", "steps"), "steps"),
+    "no momentum": (_delete("mfac", "momentum_buffer"), "momentum_buffer"),
+    "negative steps": (_set(("mfac", "steps"), -1), "steps"),
+    "fractional steps": (_set(("mfac", "steps"), 2.5), "steps"),
+    "negative counter": (_set(("mfac", "skipped_steps"), -3), "skipped_steps"),
+    "momentum shape": (_set(("mfac", "momentum_buffer"), lambda t: t[:-1]), "momentum"),
+    "momentum not a tensor": (_set(("mfac", "momentum_buffer"), [0.0]), "momentum"),
+    "momentum NaN": (_nan_at("mfac", "momentum_buffer"), "momentum.*NaN"),
+    "window not a dict": (_set(W, 3), "window"),
+    "other damp": (_set((*W, "damp"), lambda d: 2 * d), "damp="),
+    "zero damp": (_set((*W, "damp"), 0.0), "damp"),
+    "other num_grads": (_set((*W, "num_grads"), 5), "num_grads"),
+    "other dim": (_set((*W, "dim"), lambda d: d + 1), "dim"),
+    "other zero_init": (_set((*W, "zero_init"), False), "zero_init"),
+    "other version": (_set((*W, "version"), 99), "version"),
+    "grads dtype": (_set((*W, "grads"), lambda t: t.float()), "grads"),
+    "grads shape": (_set((*W, "grads"), lambda t: t[:, :-1]), "grads"),
+    "grads NaN": (_nan_at(*W, "grads"), "grads.*NaN"),
+    "gram shape": (_set((*W, "gram"), lambda t: t[:-1]), "gram"),
+    "factor shape": (_set((*W, "factor"), lambda t: t[:-1, :-1]), "factor"),
+    "factor infinite": (_set((*W, "factor"), lambda t: t / 0), "factor.*NaN"),
+    "slot lists": (_set((*W, "window_slots"), lambda a: [a[0]] * len(a)), "slot lists"),
+    "slot not an int": (_set((*W, "free_slots"), [0.5]), "free_slots"),
+    "edits": (_set((*W, "edits"), "never"), "edits"),
+}
+
+
+@pytest.mark.parametrize("key", [
+    "version", "num_grads", "dim", "damp", "zero_init", "grads", "gram", "factor",
+    "window_slots", "free_slots", "factor_slots", "edits"])
+def test_every_window_key_is_required(key):
+    _, source = trained(1, 6)
+    assert key in source.state_dict()["mfac"]["window"]  # the list is the saved keys
+    _, target = trained(2, 3)
+    before = snapshot(target)
+    state = _delete(*W, key)(source.state_dict())
+    with pytest.raises(ValueError, match=key):
+        target.load_state_dict(state)
+    assert_same(snapshot(target), before)
+
+
+def test_failed_loads_leave_the_optimizer_as_it_was():
+    model, source = trained(1, 6)
+    good = source.state_dict()
+    target_model, target = trained(2, 3)  # another state: a partial load would show
+    before = snapshot(target)
+    for name, (edit, match) in MALFORMED.items():
+        bad = edit(copy.deepcopy(good))
+        with pytest.raises(ValueError, match=match):
+            target.load_state_dict(bad)
+        assert_same(snapshot(target), before, f"after {name!r}")
+    # It still loads a good state, and then continues exactly like the source.
+    target_model.load_state_dict(model.state_dict())
+    target.load_state_dict(good)
+    data = batches(3, 4)
+    train(model, source, data)
+    train(target_model, target, data)
+    for a, b in zip(model.parameters(), target_model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_old_checkpoints_without_counters_load():
+    _, source = trained(1, 6)
+    state = source.state_dict()
+    del state["mfac"]["skipped_steps"], state["mfac"]["rejected_grads"]
+    _, target = trained(2, 3)
+    target.load_state_dict(state)
+    assert (target.steps, target.skipped_steps, target.rejected_grads) == (6, 0, 0)
+
+
+# -- autograd --------------------------------------------------------------------------------
+
+
+def assert_no_history(opt):
+    state = opt.state_dict()["mfac"]
+    probe = torch.ones(opt.dim, dtype=opt.dtype)
+    tensors = [opt.ihvp.window(), opt.ihvp @ probe, state["momentum_buffer"],
+               *(v for v in state["window"].values() if isinstance(v, torch.Tensor))]
+    for t in tensors:
+        assert t is not None and not t.requires_grad and t.grad_fn is None
+    for p in all_params(opt):
+        assert p.is_leaf and p.grad_fn is None
+
+
+def set_grads(model, x, y, how):
+    params = list(model.parameters())
+    loss = F.cross_entropy(model(x), y)
+    if how == "create_graph":
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+    else:
+        grads = [g.detach().requires_grad_(how == "requires_grad")
+                 for g in torch.autograd.grad(loss, params)]
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g
+    return grads
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("how", ["create_graph", "requires_grad", "load_state_dict"])
+def test_buffers_never_record_autograd_history(dtype, how):
+    kw = {"lr": 0.05, "num_grads": 3, "damp": 1e-3, "momentum": 0.9}
+    model, ref_model = make_model(9, dtype), make_model(9, dtype)
+    opt, ref = MFAC(model.parameters(), **kw), MFAC(ref_model.parameters(), **kw)
+    data = batches(9, 6, dtype=dtype)
+    for i, (x, y) in enumerate(data):
+        grads = set_grads(model, x, y, "plain" if how == "load_state_dict" else how)
+        assert all(g.requires_grad for g in grads) == (how != "load_state_dict")
+        set_grads(ref_model, x, y, "plain")
+        opt.step()
+        ref.step()
+        if how == "load_state_dict" and i == 2:
+            state = opt.state_dict()
+            for t in (state["mfac"]["momentum_buffer"],
+                      *(v for v in state["mfac"]["window"].values()
+                        if isinstance(v, torch.Tensor))):
+                t.requires_grad_(True)
+            opt.load_state_dict(state)
+        assert_no_history(opt)
+    # The values are those of the same run with plain gradients.
+    for a, b in zip(model.parameters(), ref_model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    opt.ihvp.reset()
+    assert_no_history(opt)
+
+
+# -- window options, memory and damping -------------------------------------------------------
+
+
+def test_num_grads_is_required():
+    with pytest.raises(TypeError, match="num_grads"):
+        MFAC(make_model().parameters())
+
+
+@pytest.mark.parametrize(("dtype", "m", "shapes"), [
+    (torch.float32, 8, [(5, 4), (3,)]),
+    (torch.float64, 1, [(7,)]),
+    (torch.float64, 33, [(2, 3, 4), (1,)]),
+])
+def test_window_memory_is_logged_once(caplog, dtype, m, shapes):
+    params = [nn.Parameter(torch.zeros(s, dtype=dtype)) for s in shapes]
+    d = sum(p.numel() for p in params)
+    with caplog.at_level(logging.INFO, logger="mfac_core.torch"):
+        MFAC(params, num_grads=m, damp=1e-4)
+    records = [r for r in caplog.records if r.name == "mfac_core.torch"]
+    assert len(records) == 1
+    message = records[0].getMessage()
+    assert "\n" not in message
+    assert f"num_grads={m} x dim={d} {str(dtype).removeprefix('torch.')}" in message
+    window = int(re.search(r": (\d+) bytes", message).group(1))
+    small = int(re.search(r"plus (\d+) bytes", message).group(1))
+    assert window == m * d * torch.empty((), dtype=dtype).element_size()
+    assert small == 3 * m * m * 8
+
+
+def test_pruner_logs_its_gradient_matrix(caplog):
+    model = make_model(1)
+    pruner = MFACPruner(model, num_grads=5, block_size=None, damp=1e-3)
+    with caplog.at_level(logging.INFO, logger="mfac_core.torch"):
+        pruner.collect_grads(loader(), F.cross_entropy)
+    (record,) = [r for r in caplog.records if r.name == "mfac_core.torch"]
+    assert f"{5 * pruner.dim * 8} bytes" in record.getMessage()
+
+
+def test_defaults_and_repr_show_the_window_options():
+    model = make_model()
+    opt = MFAC(model.parameters(), lr=0.1, num_grads=5, damp=2e-3, zero_init=False,
+               errors="raise")
+    assert opt.defaults == {"lr": 0.1, "momentum": 0.0, "weight_decay": 0.0, "num_grads": 5,
+                            "damp": 2e-3, "zero_init": False, "errors": "raise"}
+    assert (opt.num_grads, opt.damp) == (5, 2e-3)
+    text = repr(opt)
+    for part in ("num_grads: 5", "damp: 0.002", "zero_init: False", "errors: 'raise'",
+                 f"dim: {opt.dim}", "Parameter Group 0", "lr: 0.1"):
+        assert part in text
+    # The window options are not per group: changing a group's copy would do nothing.
+    assert all("damp" not in g and "num_grads" not in g for g in opt.param_groups)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("zero_init", [True, False])
+@pytest.mark.parametrize("steps", [2, 7])  # window filling up, and full
+def test_resume_with_another_damping(dtype, zero_init, steps):
+    m, damp, new_damp, lr = 4, 1e-3, 3e-2, 0.05
+    kw = {"lr": lr, "num_grads": m, "zero_init": zero_init}
+    model = make_model(5, dtype)
+    opt = MFAC(model.parameters(), damp=damp, **kw)
+    data = batches(5, steps + 1, dtype=dtype)
+    train(model, opt, data[:steps])
+    state = opt.state_dict()
+    window = opt.ihvp.window().double().numpy()
+
+    # Without the option another damping is refused, and nothing changes.
+    other = MFAC(make_model(6, dtype).parameters(), damp=new_damp, **kw)
+    before = snapshot(other)
+    with pytest.raises(ValueError, match=r"damp=\.\.\."):
+        other.load_state_dict(state)
+    assert_same(snapshot(other), before)
+
+    # With it, the window is refactorised for the new damping.
+    resumed_model = make_model(6, dtype)
+    resumed_model.load_state_dict(model.state_dict())
+    resumed = MFAC(resumed_model.parameters(), damp=damp, **kw)
+    resumed.load_state_dict(state, damp=new_damp)
+    assert resumed.damp == resumed.defaults["damp"] == new_damp == resumed.ihvp.damp
+    assert f"damp: {new_damp!r}" in repr(resumed)
+    x, y = data[steps]
+    resumed.zero_grad()
+    F.cross_entropy(resumed_model(x), y).backward()
+    params = list(resumed_model.parameters())
+    g = np.concatenate([p.grad.double().numpy().reshape(-1) for p in params])
+    theta = flat_params(params).astype(np.float64)
+    s = dense_step([*window, g], g, new_damp, m, zero_init)
+    resumed.step()
+    # Relative to the step's size: float32 rounds at about eps * kappa.
+    tol = (1e-10 if dtype == torch.float64 else 1e-4) * np.abs(s).max()
+    np.testing.assert_allclose(flat_params(params), theta - lr * s, rtol=0, atol=lr * tol)
+
+    # Asking for the state's own damping restores it bit for bit, whatever the optimizer's.
+    same_model = make_model(7, dtype)
+    same_model.load_state_dict(model.state_dict())
+    same = MFAC(same_model.parameters(), damp=new_damp, **kw)
+    same.load_state_dict(state, damp=damp)
+    assert same.damp == damp
+    train(model, opt, data[steps:])
+    train(same_model, same, data[steps:])
+    for a, b in zip(model.parameters(), same_model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_damping_that_cannot_factorise_the_window_changes_nothing():
+    w = nn.Parameter(torch.zeros(16, dtype=torch.float64))
+    opt = MFAC([w], lr=0.1, num_grads=3, damp=1e-2)
+    for _ in range(2):  # the same gradient twice: fine with damp=1e-2, singular without
+        w.grad = torch.ones(16, dtype=torch.float64)
+        opt.step()
+    assert opt.rejected_grads == 0
+    state = opt.state_dict()
+    before = snapshot(opt)
+    with pytest.raises(FactorizationError):
+        opt.load_state_dict(state, damp=1e-30)
+    assert_same(snapshot(opt), before)
+
+
+# -- bad gradients ----------------------------------------------------------------------------
+
+
+def poison(model, which: int, value: float) -> None:
+    list(model.parameters())[which].grad.view(-1)[-1] = value
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("zero_init", [True, False])
+def test_training_through_nonfinite_gradients(dtype, bad, zero_init):
+    kw = {"lr": 0.05, "num_grads": 3, "damp": 1e-3, "momentum": 0.9, "weight_decay": 1e-3,
+          "zero_init": zero_init}
+    data = batches(11, 9, dtype=dtype)
+    poisoned = {2, 3, 7}
+    model, clean_model = make_model(11, dtype), make_model(11, dtype)
+    opt, clean = MFAC(model.parameters(), **kw), MFAC(clean_model.parameters(), **kw)
+    for i, (x, y) in enumerate(data):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        if i in poisoned:
+            poison(model, 1, bad)
+            before = snapshot(opt)
+            with pytest.warns(MFACStepWarning, match="parameter 1 of group 0") as record:
+                opt.step()
+            assert record[0].filename == __file__  # the warning points at opt.step()
+            after = snapshot(opt)
+            # Only the counter of skipped steps moved.
+            assert after["counters"] == (before["counters"][0], before["counters"][1] + 1, 0)
+            after["state_dict"]["mfac"]["skipped_steps"] -= 1
+            assert_same({**after, "counters": None}, {**before, "counters": None})
+            continue
+        opt.step()
+    train(clean_model, clean, [b for i, b in enumerate(data) if i not in poisoned])
+    # Skipping left no trace: the run equals the one without those batches.
+    for a, b in zip(model.parameters(), clean_model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert (opt.steps, opt.skipped_steps, opt.rejected_grads) == (6, 3, 0)
+    assert opt.state_dict()["mfac"]["skipped_steps"] == 3
+
+
+def test_a_nonfinite_weight_decay_term_is_named():
+    model = make_model(3)
+    opt = MFAC(model.parameters(), num_grads=2, weight_decay=0.1)
+    x, y = batches(3, 1)[0]
+    F.cross_entropy(model(x), y).backward()
+    with torch.no_grad():
+        model[2].bias[0] = float("inf")
+    with pytest.warns(MFACStepWarning, match="weight-decayed gradient of parameter 3"):
+        opt.step()
+    assert opt.skipped_steps == 1 and opt.steps == 0
+
+
+def test_a_nonfinite_step_is_skipped(monkeypatch):
+    """A finite gradient whose step overflows: the parameters and momentum stay."""
+    model = make_model(4, torch.float32)
+    opt = MFAC(model.parameters(), lr=0.1, num_grads=2, momentum=0.5)
+    train(model, opt, batches(4, 2, dtype=torch.float32))
+    monkeypatch.setattr(opt.ihvp, "update_and_matvec",
+                        lambda g: torch.full_like(g, float("inf")))
+    before = [p.detach().clone() for p in model.parameters()]
+    momentum = opt.state_dict()["mfac"]["momentum_buffer"]
+    x, y = batches(5, 1, dtype=torch.float32)[0]
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    with pytest.warns(MFACStepWarning, match="preconditioned step"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before, strict=True))
+    assert torch.equal(opt.state_dict()["mfac"]["momentum_buffer"], momentum)
+    assert (opt.steps, opt.skipped_steps) == (2, 1)
+
+
+def window_state(opt):
+    return {k: v for k, v in opt.state_dict()["mfac"]["window"].items()
+            if k != "edits"}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("zero_init", [True, False])
+@pytest.mark.parametrize("shape", [(16,), (2, 3, 2)])
+def test_training_through_a_collinear_window(dtype, zero_init, shape):
+    """The same gradient again and again with a hopeless damping: the run goes on.
+
+    The repeated gradient makes the window's capacitance matrix exactly singular
+    up to a shift far below float64's resolution, so every insertion after the
+    first fails; each step is taken with the window as it was.
+    """
+    # m * damp is below half an ulp of |g|^2 >= 192: the shift vanishes in float64.
+    m, damp, lr = 3, 1e-16, 1e-3
+    w = nn.Parameter(torch.zeros(shape, dtype=dtype))
+    c = torch.full(shape, 4.0, dtype=dtype)  # L(w) = <c, w>: the gradient is always c
+    opt = MFAC([w], lr=lr, num_grads=m, damp=damp, zero_init=zero_init)
+    for step in range(1, 7):
+        opt.zero_grad()
+        (w * c).sum().backward()
+        before, window = w.detach().clone(), window_state(opt)
+        if step == 1:
+            opt.step()
+            continue
+        expected = opt.ihvp.matvec(c.reshape(-1))  # the window before the step
+        with pytest.warns(MFACStepWarning, match="left out of the window") as record:
+            opt.step()
+        assert record[0].filename == __file__
+        assert_same(window_state(opt), window)
+        assert torch.equal(w.detach(), before - lr * expected.view(shape))
+    assert (opt.steps, opt.skipped_steps, opt.rejected_grads) == (6, 0, 5)
+    assert opt.state_dict()["mfac"]["rejected_grads"] == 5
+
+
+@pytest.mark.parametrize("zero_init", [True, False])
+def test_a_rejected_gradient_is_stepped_with_the_previous_window(zero_init, monkeypatch):
+    """The fallback's step is F^{-1} g of the window without g (a well-conditioned case)."""
+    m, damp, lr = 3, 1e-2, 0.05
+    model = make_model(13)
+    params = list(model.parameters())
+    opt = MFAC(params, lr=lr, num_grads=m, damp=damp, momentum=0.5, zero_init=zero_init)
+    data = batches(13, 6)
+    window, buf = [], np.zeros(opt.dim)
+    insert = opt.ihvp.update_and_matvec
+    for i, (x, y) in enumerate(data):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        g = np.concatenate([p.grad.numpy().reshape(-1) for p in params])
+        theta = flat_params(params)
+        if i in (2, 4):
+            def refuse(_g):
+                raise FactorizationError("injected")
+            monkeypatch.setattr(opt.ihvp, "update_and_matvec", refuse)
+            s = dense_step(window, g, damp, m, zero_init)
+            with pytest.warns(MFACStepWarning, match="injected"):
+                opt.step()
+            monkeypatch.setattr(opt.ihvp, "update_and_matvec", insert)
+        else:
+            window.append(g)
+            s = dense_step(window, g, damp, m, zero_init)
+            opt.step()
+        buf = 0.5 * buf + s
+        np.testing.assert_allclose(flat_params(params), theta - lr * buf, rtol=1e-9,
+                                   atol=1e-9 * lr * np.abs(buf).max())
+    assert len(opt.ihvp) == (m if zero_init else min(m, 4))
+    assert (opt.steps, opt.rejected_grads) == (6, 2)
+
+
+def test_errors_raise_leaves_the_optimizer_as_it_was():
+    model = make_model(12)
+    opt = MFAC(model.parameters(), lr=0.05, num_grads=3, damp=1e-3, momentum=0.9,
+               errors="raise")
+    data = batches(12, 4)
+    train(model, opt, data[:3])
+    x, y = data[3]
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    poison(model, 0, float("nan"))
+    before = snapshot(opt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(FloatingPointError, match="parameter 0 of group 0"):
+            opt.step()
+    assert_same(snapshot(opt), before)
+
+    w = nn.Parameter(torch.zeros(8, dtype=torch.float64))
+    opt = MFAC([w], lr=1e-3, num_grads=3, damp=1e-14, errors="raise")
+    w.grad = torch.full((8,), 100.0, dtype=torch.float64)
+    opt.step()
+    before = snapshot(opt)
+    with pytest.raises(FactorizationError, match="damp=1e-14"):
+        opt.step()
+    assert_same(snapshot(opt), before)
+
+
+# -- cost of the fill-up ---------------------------------------------------------------------
+
+
+def test_default_fill_up_edits_the_factor_instead_of_refactorising():
+    """Filling the window must not cost one O(k^3) factorisation per gradient."""
+    m, d = 32, 50
+    gen = torch.Generator().manual_seed(0)
+    counts = {}
+    for zero_init in (None, False):
+        w = nn.Parameter(torch.zeros(d, dtype=torch.float64))
+        options = {} if zero_init is None else {"zero_init": zero_init}
+        opt = MFAC([w], num_grads=m, damp=1e-3, **options)
+        start = opt.ihvp.refactor_count
+        for _ in range(m):
+            w.grad = torch.randn(d, dtype=torch.float64, generator=gen)
+            opt.step()
+        counts[zero_init] = opt.ihvp.refactor_count - start
+    # The default: O(m^2) edits, with a full refactorisation every m edits.
+    assert counts[None] <= 2
+    # The 1/k convention refactorises at every insertion while the window fills.
+    assert counts[False] == m
 
 
 # -- the pruner ---------------------------------------------------------------------------
