@@ -26,11 +26,14 @@ extensions = [
 # No network at build time: no inventories to fetch.
 intersphinx_mapping: dict = {}
 
-# The PyTorch adapter is documented even where PyTorch is not installed.
-try:
-    import torch  # noqa: F401
-except ImportError:
-    autodoc_mock_imports = ["torch"]
+# The PyTorch and JAX front-ends are documented even where their libraries are not
+# installed (mocked: their pages then lose the signatures, not the text).
+autodoc_mock_imports = []
+for _name in ("torch", "jax", "optax"):
+    try:
+        __import__(_name)
+    except ImportError:
+        autodoc_mock_imports.append(_name)
 
 autodoc_default_options = {"members": True, "inherited-members": False}
 autodoc_typehints = "none"

@@ -1,0 +1,577 @@
+"""mfac_core.jax: pytree operators, the functional window and the optax optimizer.
+
+JAX's 64-bit mode: every test of this module runs inside ``jax.enable_x64(True)``,
+a thread-local context entered by a module-scoped fixture and left when the module
+ends, so the process-wide setting that other tests see never changes. Tests of the
+mode being off open ``jax.enable_x64(False)`` inside. The docstring examples, which
+show users ``jax.config.update("jax_enable_x64", True)``, run in a child process.
+"""
+
+from __future__ import annotations
+
+import doctest
+import os
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+jax = pytest.importorskip("jax")
+optax = pytest.importorskip("optax")
+
+import jax.numpy as jnp  # noqa: E402
+
+from mfac_core import DynamicIHVP, FactorizationError, IllConditionedWarning  # noqa: E402
+from mfac_core import jax as mj  # noqa: E402
+from mfac_core.testing import (  # noqa: E402
+    SpectralOracle,
+    assert_close,
+    dense_inverse,
+    problems,
+)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _x64():
+    with jax.enable_x64(True):
+        yield
+
+
+def woodbury_kappa(G: np.ndarray, damp: float) -> float:
+    """The error scale of the Woodbury form, ``1 + ||G||_2^2 / (m damp)``.
+
+    mfac_core.jax always uses the low-rank form, so even when d < m its rounding
+    scales with this, not with the smaller cond(F) (as in test_dynamic.py).
+    """
+    G = np.asarray(G, dtype=np.float64)
+    return 1.0 + float(np.linalg.norm(G, 2)) ** 2 / (G.shape[0] * damp)
+
+
+def gaussian(rng: np.random.Generator, shape, dtype: str, scale: float = 1.0) -> np.ndarray:
+    """Values exactly representable in ``dtype``, as float64 (so oracles see the same data)."""
+    return (scale * rng.standard_normal(shape)).astype(dtype).astype(np.float64)
+
+
+# -- packaging ---------------------------------------------------------------------------------
+
+
+def test_import_mfac_core_does_not_import_jax():
+    code = ("import sys, mfac_core; assert 'jax' not in sys.modules and 'optax' not in "
+            "sys.modules, sorted(m for m in sys.modules if 'jax' in m)")
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=ROOT)
+
+
+def test_docstring_examples():
+    """The Examples run in a child: they switch the 64-bit mode on process-wide."""
+    code = ("import doctest, mfac_core.jax as m; r = doctest.testmod(m, optionflags="
+            f"{doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE}); "
+            "assert r.failed == 0 and r.attempted >= 10, r")
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# -- the static operator -------------------------------------------------------------------------
+
+
+@settings(max_examples=15)  # every new shape compiles afresh: keep the run short
+@given(data=st.data())
+def test_static_matches_dense_oracle(dtype, data):
+    p = data.draw(problems(dtype=dtype, max_m=8, max_d=24, block_sizes=False), label="problem")
+    G, x = jnp.asarray(p.G, dtype=dtype), jnp.asarray(p.x, dtype=dtype)
+    op = mj.static_ihvp(G, damp=p.damp)
+    assert op.shape == (p.d, p.d) and op.dtype == jnp.dtype(dtype)
+    oracle = SpectralOracle(p.G, p.damp)
+    kappa = woodbury_kappa(p.G, p.damp)
+    y = op.matvec(x)
+    assert y.dtype == jnp.dtype(dtype)
+    assert_close(y, oracle.matvec(p.x), kappa=kappa, err_msg=repr(p))
+    X = np.stack([p.x, p.G[0], np.ones(p.d)], axis=1)
+    assert_close(op.matmat(jnp.asarray(X, dtype=dtype)), oracle.matmat(X.astype(dtype)),
+                 kappa=kappa, err_msg=repr(p))
+    # Each diagonal entry 1/damp - sum_i W_ij^2 / damp cancels like a product does.
+    assert_close(op.diagonal(), oracle.diagonal(), kappa=kappa, err_msg=repr(p))
+    assert float(op.kappa_bound) >= p.kappa * (1 - 1e-12)
+
+
+def test_static_under_jit_and_as_a_pytree(dtype, rng):
+    m, d, damp = 6, 40, 0.05
+    G = gaussian(rng, (m, d), dtype)
+    x = gaussian(rng, d, dtype)
+    build = jax.jit(mj.static_ihvp, static_argnames="damp")
+    op = build(jnp.asarray(G, dtype=dtype), damp=damp)
+    leaves, treedef = jax.tree_util.tree_flatten(op)
+    assert len(leaves) == 2 and op.damp == damp
+    assert jax.tree_util.tree_unflatten(treedef, leaves).damp == damp
+    y = jax.jit(lambda op, x: op @ x)(op, jnp.asarray(x, dtype=dtype))
+    assert_close(y, dense_inverse(G, damp) @ x, kappa=woodbury_kappa(G, damp))
+    eager = mj.static_ihvp(jnp.asarray(G, dtype=dtype), damp=damp).matvec(
+        jnp.asarray(x, dtype=dtype))
+    assert_close(y, eager, kappa=woodbury_kappa(G, damp))
+
+
+def test_static_vmap_over_vectors_operators_and_blocks(rng):
+    m, d, damp, B = 5, 36, 0.1, 12
+    G = gaussian(rng, (m, d), "float64")
+    X = rng.standard_normal((4, d))
+    op = mj.static_ihvp(jnp.asarray(G), damp=damp)
+    Y = jax.vmap(op.matvec)(jnp.asarray(X))
+    assert_close(Y, (dense_inverse(G, damp) @ X.T).T, kappa=woodbury_kappa(G, damp))
+    # A batch of operators: one per block of B coordinates gives the block-diagonal F.
+    Gb = jnp.asarray(G).reshape(m, d // B, B).transpose(1, 0, 2)
+    ops = jax.vmap(lambda g: mj.static_ihvp(g, damp=damp))(Gb)
+    assert ops.W.shape == (d // B, m, B) and ops.kappa_bound.shape == (d // B,)
+    yb = jax.vmap(lambda o, v: o.matvec(v))(ops, jnp.asarray(X[0]).reshape(d // B, B))
+    want = dense_inverse(G, damp, block_size=B) @ X[0]
+    kappa = max(woodbury_kappa(G[:, i:i + B], damp) for i in range(0, d, B))
+    assert_close(yb.reshape(d), want, kappa=kappa)
+    diag = jax.vmap(lambda o: o.diagonal())(ops).reshape(d)
+    assert_close(diag, np.diag(dense_inverse(G, damp, block_size=B)), kappa=kappa)
+    with pytest.raises(ValueError, match=r"under jax\.vmap"):
+        ops.matvec(jnp.asarray(X[0]))
+
+
+def test_static_grad_through_matvec(rng):
+    """Gradients with respect to x and, through the set-up, to G, against closed forms."""
+    m, d, damp = 4, 15, 0.2
+    G, x, v = rng.standard_normal((m, d)), rng.standard_normal(d), rng.standard_normal(d)
+    Finv = dense_inverse(G, damp)
+    kappa = woodbury_kappa(G, damp)
+
+    def f(G, x):
+        return jnp.vdot(jnp.asarray(v), mj.static_ihvp(G, damp=damp).matvec(x))
+
+    gG, gx = jax.jit(jax.grad(f, argnums=(0, 1)))(jnp.asarray(G), jnp.asarray(x))
+    # f = v^T F^{-1} x: df/dx = F^{-1} v (F symmetric) and, with a = F^{-1} v and
+    # c = F^{-1} x, df/dG = -(G c a^T + G a c^T) / m since dF = (dG^T G + G^T dG) / m.
+    a, c = Finv @ v, Finv @ x
+    assert_close(gx, a, kappa=kappa)
+    # a and c each carry a relative error of eps kappa, as products do.
+    assert_close(gG, -(np.outer(G @ c, a) + np.outer(G @ a, c)) / m, kappa=kappa)
+
+
+def test_static_float32_operator_runs_with_x64_off(rng):
+    """Products need no float64: a float32 operator built in 64-bit mode runs without it."""
+    G, x = gaussian(rng, (6, 30), "float32"), gaussian(rng, 30, "float32")
+    op = mj.static_ihvp(jnp.asarray(G, jnp.float32), damp=0.1)
+    with jax.enable_x64(False), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = jax.jit(lambda op, x: op.matvec(x))(op, jnp.asarray(x, jnp.float32))
+        assert y.dtype == jnp.float32
+        with pytest.raises(RuntimeError, match="jax_enable_x64"):
+            op.diagonal()
+    assert_close(y, dense_inverse(G, 0.1) @ x, kappa=woodbury_kappa(G, 0.1))
+
+
+def test_static_refuses_bad_input(rng):
+    G = jnp.asarray(rng.standard_normal((3, 7)))
+    for damp, exc in ((0.0, ValueError), (-1.0, ValueError), (float("nan"), ValueError),
+                      (True, TypeError), (jnp.float64(0.1), TypeError)):
+        with pytest.raises(exc, match="damp"):
+            mj.static_ihvp(G, damp=damp)
+    for bad in (G[0], jnp.zeros((0, 3)), jnp.zeros((2, 3, 4))):
+        with pytest.raises(ValueError, match="2-D"):
+            mj.static_ihvp(bad, damp=1.0)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        mj.static_ihvp(jnp.ones((2, 3), jnp.int32), damp=1.0)
+    op = mj.static_ihvp(G, damp=1.0)
+    with pytest.raises(TypeError, match="cast it explicitly"):
+        op.matvec(jnp.ones(7, jnp.float32))
+    with pytest.raises(ValueError, match=r"shape \(d,\)"):
+        op.matvec(jnp.ones(6))
+    with pytest.raises(FactorizationError, match="damp=1e-300"):
+        mj.static_ihvp(G.at[0, 0].set(jnp.nan), damp=1e-300)
+    with pytest.warns(IllConditionedWarning, match="float32"):
+        mj.static_ihvp(jnp.asarray(rng.standard_normal((3, 7)), jnp.float32), damp=1e-9)
+
+
+# -- 64-bit mode off -----------------------------------------------------------------------------
+
+
+def test_x64_off_is_refused_with_a_clear_error_and_no_truncation(rng):
+    G = rng.standard_normal((3, 9)).astype(np.float32)
+    state = mj.window_init(3, 9, damp=0.1, dtype=jnp.float32)
+    opt = mj.mfac(3, 0.1)
+    with jax.enable_x64(False), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        calls = {
+            "static_ihvp": lambda: mj.static_ihvp(jnp.asarray(G), damp=0.1),
+            "static_ihvp under jit": lambda: jax.jit(mj.static_ihvp, static_argnames="damp")(
+                jnp.asarray(G), damp=0.1),
+            "window_init": lambda: mj.window_init(3, 9, damp=0.1, dtype=jnp.float32),
+            # A state made in 64-bit mode, traced with the mode off.
+            "window_update": lambda: jax.jit(mj.window_update)(state, jnp.ones(9, jnp.float32)),
+            "window_matvec": lambda: mj.window_matvec(state, jnp.ones(9, jnp.float32)),
+            "mfac init": lambda: opt.init({"w": jnp.ones(9, jnp.float32)}),
+        }
+        for name, call in calls.items():
+            with pytest.raises(RuntimeError) as info:
+                call()
+            message = str(info.value)
+            assert 'jax.config.update("jax_enable_x64", True)' in message, name
+            assert "jax.enable_x64(True)" in message, name
+    assert not [w for w in caught if "truncated" in str(w.message)], \
+        [str(w.message) for w in caught]
+
+
+# -- the sliding window --------------------------------------------------------------------------
+
+
+def window_oracle(rows: list[np.ndarray], m: int, d: int, damp: float, zero_init: bool,
+                  x: np.ndarray) -> tuple[np.ndarray, float]:
+    """``F^{-1} x`` for the window's rows (padded with zero gradients under zero_init)."""
+    G = np.array(rows[-m:], dtype=np.float64).reshape(-1, d)
+    if zero_init:
+        G = np.concatenate([np.zeros((m - len(G), d)), G])
+    if len(G) == 0:
+        return x / damp, 1.0
+    return SpectralOracle(G, damp).matvec(x), woodbury_kappa(G, damp)
+
+
+@pytest.mark.parametrize("zero_init", [True, False], ids=["zero-init", "window"])
+def test_window_matches_dense_oracle_step_by_step(dtype, rng, zero_init):
+    m, d, damp = 5, 23, 0.05
+    state = mj.window_init(m, d, damp=damp, dtype=dtype, zero_init=zero_init)
+    step = jax.jit(mj.window_update_and_matvec, donate_argnums=0)
+    rows: list[np.ndarray] = []
+    steps = 4 * m + 3
+    for t in range(steps):
+        g = gaussian(rng, d, dtype, scale=rng.uniform(0.1, 10.0))
+        state, y = step(state, jnp.asarray(g, dtype=dtype))
+        rows.append(g)
+        assert y.dtype == jnp.dtype(dtype)
+        want, kappa = window_oracle(rows, m, d, damp, zero_init, g)
+        assert_close(y, want, kappa=kappa, err_msg=f"step {t}")
+        x = rng.standard_normal(d).astype(dtype)
+        want, kappa = window_oracle(rows, m, d, damp, zero_init, x.astype(np.float64))
+        assert_close(mj.window_matvec(state, jnp.asarray(x)), want, kappa=kappa)
+    assert int(state.count) == m and int(state.pos) == steps % m
+    assert_close(state.gradients(), np.array(rows[-m:]), dtype="float64", factor=1)
+    # The O(m^2) edit did the work: full factorisations only while a window without
+    # zero_init filled, and once after every m edits (refactor_every = m).
+    filling = 0 if zero_init else m
+    assert int(state.refactors) == filling + (steps - filling) // (m + 1)
+
+
+def test_window_agrees_with_dynamic_ihvp(dtype, rng):
+    m, d, damp = 6, 31, 1e-3
+    state = mj.window_init(m, d, damp=damp, dtype=dtype)
+    core = DynamicIHVP(m, d, damp=damp, dtype=dtype, zero_init=True)
+    step = jax.jit(mj.window_update_and_matvec)
+    for t in range(3 * m):
+        g = rng.standard_normal(d).astype(dtype)
+        state, y = step(state, jnp.asarray(g))
+        want = core.update_and_matvec(g)
+        kappa = woodbury_kappa(core.window(), damp)
+        # Two computations of the same float64 product, each within eps kappa of it.
+        assert_close(y, want, kappa=kappa, factor=200, err_msg=f"step {t}")
+
+
+def test_window_refactor_every_and_m_equal_one(rng):
+    m, d = 4, 12
+    state = mj.window_init(m, d, damp=0.5, dtype=jnp.float64, zero_init=False, refactor_every=3)
+    for _ in range(m + 8):
+        state = mj.window_update(state, jnp.asarray(rng.standard_normal(d)))
+    # m while filling, then 8 replacements with a full factorisation after every 3 edits.
+    assert int(state.refactors) == m + 2
+    state = mj.window_init(1, 3, damp=1.0, dtype=jnp.float64)
+    for _ in range(3):
+        g = jnp.asarray(rng.standard_normal(3))
+        state, y = mj.window_update_and_matvec(state, g)
+        assert_close(y, np.linalg.solve(np.eye(3) + np.outer(g, g), np.asarray(g)))
+    assert int(state.refactors) == 1
+
+
+def test_window_matvec_matrix_and_vmap(rng):
+    m, d, damp = 4, 17, 0.2
+    state = mj.window_init(m, d, damp=damp, dtype=jnp.float64, zero_init=False)
+    rows = []
+    for _ in range(m + 2):
+        rows.append(rng.standard_normal(d))
+        state = mj.window_update(state, jnp.asarray(rows[-1]))
+    X = rng.standard_normal((d, 3))
+    want = SpectralOracle(np.array(rows[-m:]), damp).matmat(X)
+    kappa = woodbury_kappa(np.array(rows[-m:]), damp)
+    assert_close(mj.window_matvec(state, jnp.asarray(X)), want, kappa=kappa)
+    assert_close(jax.vmap(state.matvec, in_axes=1, out_axes=1)(jnp.asarray(X)), want,
+                 kappa=kappa)
+    assert_close(state @ jnp.asarray(X[:, 0]), want[:, 0], kappa=kappa)
+    # d/dx v^T F^{-1} x = F^{-1} v: differentiable through the float64 solves.
+    v = rng.standard_normal(d)
+    grad = jax.jit(jax.grad(lambda x: jnp.vdot(jnp.asarray(v), mj.window_matvec(state, x))))(
+        jnp.asarray(X[:, 0]))
+    assert_close(grad, SpectralOracle(np.array(rows[-m:]), damp).matvec(v), kappa=kappa)
+    # A batch of windows, stepped together.
+    states = jax.vmap(lambda _: mj.window_init(m, d, damp=damp, dtype=jnp.float64))(
+        jnp.arange(3))
+    G = rng.standard_normal((m + 1, 3, d))
+    for t in range(m + 1):
+        states, Y = jax.vmap(mj.window_update_and_matvec)(states, jnp.asarray(G[t]))
+    for b in range(3):
+        rows_b = [G[t, b] for t in range(m + 1)]
+        want, kappa = window_oracle(rows_b, m, d, damp, True, G[m, b])
+        assert_close(Y[b], want, kappa=kappa)
+
+
+def test_window_step_updates_the_donated_window_in_place(rng):
+    m, d = 8, 4096
+    state = mj.window_init(m, d, damp=1e-2, dtype=jnp.float32)
+    step = jax.jit(mj.window_update_and_matvec, donate_argnums=0)
+    g = jnp.asarray(rng.standard_normal(d), jnp.float32)
+    # No m x d copy in the compiled step: XLA's CPU backend copies the window when a
+    # row of it is read for later use after the in-place write (see _insert).
+    hlo = step.lower(state, g).compile().as_text()
+    copies = [line for line in hlo.splitlines() if f"f32[{m},{d}]" in line and " copy(" in line]
+    assert not copies, copies
+    pointer = state.grads.unsafe_buffer_pointer()
+    for _ in range(3):
+        state, _ = step(state, g)
+    assert state.grads.unsafe_buffer_pointer() == pointer
+
+
+def test_window_refuses_non_finite_gradients_and_stays_unchanged(rng):
+    m, d = 3, 10
+    state = mj.window_init(m, d, damp=0.1, dtype=jnp.float32)
+    step = jax.jit(mj.window_update_and_matvec)
+    for _ in range(2):
+        state, _ = step(state, jnp.asarray(rng.standard_normal(d), jnp.float32))
+    for bad in (jnp.nan, jnp.inf, 1e30):  # 1e30^2 overflows float32
+        g = jnp.asarray(rng.standard_normal(d), jnp.float32).at[3].set(bad)
+        new, y = step(state, g)
+        assert bool(jnp.all(jnp.isnan(y)))
+        for a, b in zip(jax.tree_util.tree_leaves(new), jax.tree_util.tree_leaves(state),
+                        strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    g = rng.standard_normal(d).astype(np.float32)
+    state, y = step(state, jnp.asarray(g))
+    rows = [np.asarray(r, np.float64) for r in state.gradients()]
+    want, kappa = window_oracle(rows, m, d, 0.1, True, g.astype(np.float64))
+    assert_close(y, want, kappa=kappa)
+
+
+def test_window_refuses_a_hopeless_duplicate_and_stays_unchanged():
+    """kappa far above 1/eps(float64): refused (NaN), the window as it was."""
+    g = jnp.full(8, 1e8)
+    state = mj.window_init(3, 8, damp=1e-12, dtype=jnp.float64)
+    state, y = mj.window_update_and_matvec(state, g)
+    assert bool(jnp.all(jnp.isfinite(y)))
+    new, y = mj.window_update_and_matvec(state, g)
+    assert bool(jnp.all(jnp.isnan(y)))
+    np.testing.assert_array_equal(np.asarray(new.factor), np.asarray(state.factor))
+    np.testing.assert_array_equal(np.asarray(new.grads), np.asarray(state.grads))
+    assert int(new.pos) == int(state.pos)
+
+
+def test_window_refuses_bad_arguments():
+    for kwargs, exc, match in (({"damp": 0.0}, ValueError, "damp"),
+                               ({"dtype": jnp.int32}, TypeError, "float32 or float64"),
+                               ({"dtype": jnp.float16}, TypeError, "float32 or float64"),
+                               ({"refactor_every": 0}, ValueError, "refactor_every")):
+        args = {"damp": 0.1, "dtype": jnp.float32, **kwargs}
+        with pytest.raises(exc, match=match):
+            mj.window_init(3, 5, **args)
+    for m, d in ((0, 5), (3, 0), (2.0, 5), (True, 5)):
+        with pytest.raises(ValueError, match="must be an int"):
+            mj.window_init(m, d, damp=0.1, dtype=jnp.float32)
+    state = mj.window_init(3, 5, damp=0.1, dtype=jnp.float32)
+    with pytest.raises(TypeError, match="cast it explicitly"):
+        mj.window_update(state, jnp.ones(5, jnp.float64))
+    with pytest.raises(ValueError, match="shape"):
+        mj.window_update_and_matvec(state, jnp.ones(6, jnp.float32))
+    with pytest.raises(TypeError, match="WindowState"):
+        mj.window_matvec({"grads": None}, jnp.ones(5, jnp.float32))
+
+
+# -- the optax optimizer against mfac_core.torch.MFAC ----------------------------------------
+
+
+def _torch():
+    return pytest.importorskip("torch")
+
+
+def _torch_mlp(torch, params: dict[str, np.ndarray], dtype):
+    """A 5-4-3 tanh MLP whose weights are ``params`` (JAX layout: x @ w + b)."""
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))
+    model = model.to(dtype)
+    with torch.no_grad():
+        for i, layer in ((1, model[0]), (2, model[2])):
+            layer.weight.copy_(torch.from_numpy(params[f"w{i}"].T.copy()))
+            layer.bias.copy_(torch.from_numpy(params[f"b{i}"].copy()))
+    return model
+
+
+def _torch_params(model) -> dict[str, np.ndarray]:
+    """Copies (``.numpy()`` shares memory with the tensors the optimizer changes)."""
+    return {"w1": model[0].weight.detach().numpy().T.copy(),
+            "b1": model[0].bias.detach().numpy().copy(),
+            "w2": model[2].weight.detach().numpy().T.copy(),
+            "b2": model[2].bias.detach().numpy().copy()}
+
+
+def _jax_loss(params, x, y):
+    h = jnp.tanh(x @ params["w1"] + params["b1"])
+    logits = h @ params["w2"] + params["b2"]
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
+
+
+def _init_params(rng, dtype) -> dict[str, np.ndarray]:
+    return {"w1": (rng.standard_normal((5, 4)) / 2).astype(dtype),
+            "b1": (rng.standard_normal(4) / 4).astype(dtype),
+            "w2": (rng.standard_normal((4, 3)) / 2).astype(dtype),
+            "b2": (rng.standard_normal(3) / 4).astype(dtype)}
+
+
+def _window_kappa(opt, damp: float) -> float:
+    return woodbury_kappa(opt.ihvp.window().numpy(), damp)
+
+
+@pytest.mark.parametrize(("momentum", "weight_decay"), [(0.0, 0.0), (0.9, 0.01)])
+def test_mfac_sgd_steps_match_torch_mfac_given_the_same_gradients(dtype, rng, momentum,
+                                                                  weight_decay):
+    """The documented mapping, step for step: the same gradients into both optimizers."""
+    torch = _torch()
+    tdtype = getattr(torch, dtype)
+    m, damp, lr, steps = 4, 1e-3, 0.05, 11
+    params = _init_params(rng, dtype)
+    model = _torch_mlp(torch, params, tdtype)
+    topt = mj_torch_mfac(model, lr=lr, num_grads=m, damp=damp, momentum=momentum,
+                         weight_decay=weight_decay)
+    opt = mj.mfac_sgd(lr, m, damp, momentum=momentum, weight_decay=weight_decay)
+    jparams = jax.tree_util.tree_map(jnp.asarray, params)
+    state = opt.init(jparams)
+
+    @jax.jit
+    def jstep(params, state, grads):
+        updates, state = opt.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    layers = {"w1": (0, "weight"), "b1": (0, "bias"), "w2": (2, "weight"), "b2": (2, "bias")}
+    kappa = 1.0
+    for t in range(steps):
+        grads = {k: (rng.standard_normal(v.shape) * rng.uniform(0.1, 3.0)).astype(dtype)
+                 for k, v in params.items()}
+        before = _torch_params(model)
+        for name, (i, attr) in layers.items():
+            g = grads[name].T if attr == "weight" else grads[name]
+            getattr(model[i], attr).grad = torch.from_numpy(np.ascontiguousarray(g))
+        topt.step()
+        jparams, state = jstep(jparams, state, jax.tree_util.tree_map(jnp.asarray, grads))
+        after = _torch_params(model)
+        kappa = max(kappa, _window_kappa(topt, damp))
+        for name in params:
+            assert jparams[name].dtype == jnp.dtype(dtype)
+            # The step theta_t - theta_{t-1} (with momentum a sum of earlier steps), up
+            # to eps kappa; atol: both sides carry the rounding of theta to the dtype.
+            assert_close(np.asarray(jparams[name], np.float64) - before[name].astype(np.float64),
+                         after[name].astype(np.float64) - before[name].astype(np.float64),
+                         kappa=kappa, dtype=dtype, atol=8 * np.finfo(dtype).eps
+                         * np.abs(before[name]).max(),
+                         err_msg=f"step {t}, {name}")
+
+
+def mj_torch_mfac(model, **kwargs):
+    from mfac_core.torch import MFAC
+
+    return MFAC(model.parameters(), **kwargs)
+
+
+def test_mfac_trains_the_same_model_as_torch_mfac(rng):
+    """End to end in float64: the same MLP, data and hyper-parameters, 15 steps."""
+    torch = _torch()
+    m, damp, lr, momentum, wd = 4, 1e-3, 0.1, 0.5, 1e-2
+    params = _init_params(rng, "float64")
+    model = _torch_mlp(torch, params, torch.float64)
+    topt = mj_torch_mfac(model, lr=lr, num_grads=m, damp=damp, momentum=momentum,
+                         weight_decay=wd)
+    opt = optax.chain(optax.add_decayed_weights(wd), mj.mfac(m, damp), optax.trace(momentum),
+                      optax.scale(-lr))
+    jparams = jax.tree_util.tree_map(jnp.asarray, params)
+    state = opt.init(jparams)
+
+    @jax.jit
+    def train_step(params, state, x, y):
+        loss, grads = jax.value_and_grad(_jax_loss)(params, x, y)
+        updates, state = opt.update(grads, state, params)
+        return optax.apply_updates(params, updates), state, loss
+
+    kappa = 1.0
+    for t in range(15):
+        x, y = rng.standard_normal((8, 5)), rng.integers(0, 3, 8)
+        topt.zero_grad()
+        tloss = torch.nn.functional.cross_entropy(model(torch.from_numpy(x)),
+                                                  torch.from_numpy(y))
+        tloss.backward()
+        topt.step()
+        jparams, state, loss = train_step(jparams, state, jnp.asarray(x), jnp.asarray(y))
+        assert_close(loss, tloss.item(), kappa=kappa, err_msg=f"loss at step {t}")
+        kappa = max(kappa, _window_kappa(topt, damp))
+        after = _torch_params(model)
+        for name in params:
+            # The differences start as rounding of two autodiff implementations and
+            # pass through F^{-1}: eps kappa relative to the parameters.
+            assert_close(jparams[name], after[name], kappa=kappa, err_msg=f"step {t}, {name}")
+
+
+def test_mfac_state_is_the_window_and_updates_in_place(rng):
+    params = {"a": jnp.zeros((30, 20), jnp.float32), "b": jnp.zeros(20, jnp.float32)}
+    opt = optax.chain(mj.mfac(num_grads=4, damp=1e-2), optax.scale(-0.1))
+    state = opt.init(params)
+    window = state[0].window
+    assert isinstance(state[0], mj.MFACState) and window.grads.shape == (4, 620)
+    assert window.dtype == jnp.float32 and window.gram.dtype == jnp.float64
+
+    def train_step(params, state, grads):
+        updates, state = opt.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    step = jax.jit(train_step, donate_argnums=(0, 1))
+    hlo = step.lower(params, state, params).compile().as_text()
+    copies = [line for line in hlo.splitlines() if "f32[4,620]" in line and " copy(" in line]
+    assert not copies, copies
+    pointer = window.grads.unsafe_buffer_pointer()
+    for _ in range(3):
+        grads = jax.tree_util.tree_map(
+            lambda p: jnp.asarray(rng.standard_normal(p.shape), jnp.float32), params)
+        params, state = step(params, state, grads)
+    assert state[0].window.grads.unsafe_buffer_pointer() == pointer
+    assert int(state[0].window.pos) == 3
+
+
+def test_mfac_with_apply_if_finite_skips_bad_steps(rng):
+    opt = optax.apply_if_finite(optax.chain(mj.mfac(3, 1e-2), optax.scale(-0.1)), 5)
+    params = {"w": jnp.zeros(6)}
+    state = opt.init(params)
+    good = {"w": jnp.asarray(rng.standard_normal(6))}
+    updates, state = opt.update(good, state, params)
+    before = state.inner_state[0].window
+    updates, state = opt.update({"w": good["w"].at[2].set(jnp.nan)}, state, params)
+    assert bool(jnp.all(updates["w"] == 0)) and int(state.notfinite_count) == 1
+    np.testing.assert_array_equal(np.asarray(state.inner_state[0].window.grads),
+                                  np.asarray(before.grads))
+
+
+def test_mfac_refuses_bad_arguments():
+    with pytest.raises(ValueError, match="num_grads"):
+        mj.mfac(0)
+    with pytest.raises(ValueError, match="damp"):
+        mj.mfac(4, -1.0)
+    with pytest.raises(ValueError, match="momentum"):
+        mj.mfac_sgd(0.1, 4, momentum=1.0)
+    with pytest.raises(ValueError, match="weight_decay"):
+        mj.mfac_sgd(0.1, 4, weight_decay=-1.0)
+    opt = mj.mfac(4)
+    with pytest.raises(TypeError, match="share one dtype"):
+        opt.init({"a": jnp.zeros(3, jnp.float32), "b": jnp.zeros(3, jnp.float64)})
+    with pytest.raises(ValueError, match="empty"):
+        opt.init({})
+    state = opt.init({"a": jnp.zeros(3)})
+    with pytest.raises(ValueError, match="coordinates"):
+        opt.update({"a": jnp.zeros(4)}, state)
