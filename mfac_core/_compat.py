@@ -14,6 +14,7 @@ from array_api_compat import (
     is_array_api_obj,
     is_array_api_strict_namespace,
     is_cupy_namespace,
+    is_jax_array,
     is_jax_namespace,
     is_numpy_namespace,
     is_torch_array,
@@ -30,10 +31,13 @@ __all__ = [
     "Array",
     "array_namespace",
     "detached",
+    "picklable_device",
+    "restored_device",
     "device",
     "is_array_api_obj",
     "is_array_api_strict_namespace",
     "is_cupy_namespace",
+    "is_jax_array",
     "is_jax_namespace",
     "is_numpy_namespace",
     "is_torch_namespace",
@@ -41,6 +45,22 @@ __all__ = [
     "namespace_name",
     "size",
 ]
+
+
+def picklable_device(dev: Any) -> Any:
+    """``dev`` in a form pickle can store (JAX's devices cannot be pickled)."""
+    if type(dev).__module__.split(".")[0] in ("jax", "jaxlib"):
+        return ("jax-device", dev.platform, dev.id)
+    return dev
+
+
+def restored_device(token: Any) -> Any:
+    """The device that :func:`picklable_device` stored."""
+    if isinstance(token, tuple) and len(token) == 3 and token[0] == "jax-device":
+        import jax
+
+        return next(d for d in jax.devices(token[1]) if d.id == token[2])
+    return token
 
 
 def detached(x: Any) -> Any:

@@ -15,7 +15,14 @@ import importlib
 import numbers
 from typing import Any
 
-from ._compat import Array, is_array_api_obj, is_numpy_namespace, namespace_name
+from ._compat import (
+    Array,
+    is_array_api_obj,
+    is_numpy_namespace,
+    namespace_name,
+    picklable_device,
+    restored_device,
+)
 from ._validation import check_count, check_finite, check_operand
 
 __all__ = ["LinearOperator"]
@@ -78,11 +85,13 @@ class LinearOperator:
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_xp"] = self._xp.__name__
+        state["device"] = picklable_device(self.device)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state = dict(state)
         state["_xp"] = importlib.import_module(state["_xp"])
+        state["device"] = restored_device(state["device"])
         self.__dict__.update(state)
 
     # -- to be provided by subclasses -------------------------------------------------

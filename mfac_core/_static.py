@@ -21,6 +21,7 @@ from ._validation import (
     check_block_size,
     check_count,
     check_damp,
+    check_float64_available,
     check_gradients,
     check_index_array,
     check_writeable,
@@ -174,6 +175,7 @@ class StaticIHVP(_BlockOperatorBase):
     ) -> None:
         # G's finiteness is checked on the Gram diagonals, without a pass of its own.
         xp = self._init_layout(G, damp, block_size, check_finite, check_G=False)
+        check_float64_available(xp)
         self.refine = check_count(refine, "refine", minimum=0)
         if overwrite_G:
             check_writeable(G, "G", why="overwrite_G=True")

@@ -27,6 +27,8 @@ from ._compat import (
     array_namespace,
     device,
     is_array_api_obj,
+    is_jax_array,
+    is_jax_namespace,
     is_writeable_array,
     namespace_name,
 )
@@ -38,6 +40,7 @@ __all__ = [
     "check_damp",
     "check_finite",
     "check_flag",
+    "check_float64_available",
     "check_floating",
     "check_fraction",
     "check_gradients",
@@ -165,6 +168,10 @@ def check_same_space(xp: Any, dev: Any, x: Array, name: str, *, owner: str) -> N
     user's back: such a mismatch is an error that says how to fix it.
     """
     xp_x = namespace_of(x, name)
+    if is_jax_array(x) and device(x) is None:
+        raise TypeError(f"{name} is a traced JAX value (inside jax.jit, vmap or grad), but "
+                        f"{owner} is not a JAX transformation; use mfac_core.jax, whose "
+                        "operators are pytrees")
     if xp_x is not xp:
         raise TypeError(
             f"{name} is a {namespace_name(xp_x)} array but {owner} works on "
@@ -195,6 +202,24 @@ def check_operand(xp: Any, dev: Any, dtype: Any, x: Array, name: str, *, owner: 
         f"{name} has dtype {x.dtype} but {owner} has dtype {dtype}; cast it explicitly "
         "first (no silent loss of precision)"
     )
+
+
+def check_float64_available(xp: Any) -> None:
+    """Refuse a JAX namespace without 64-bit mode: the m x m work needs float64.
+
+    Without it JAX turns float64 into float32 with only a warning, which would
+    factorise the capacitance matrix in float32, never what the precision
+    statements assume.
+    """
+    if not is_jax_namespace(xp):
+        return
+    import jax
+
+    if not jax.config.jax_enable_x64:
+        raise RuntimeError(
+            "mfac_core does its m x m work in float64, which JAX provides only in 64-bit "
+            "mode: call jax.config.update('jax_enable_x64', True) at start-up, or build the "
+            "operator inside `with jax.enable_x64(True):`")
 
 
 def check_gradients(G: Array, *, require_finite: bool, name: str = "G") -> Any:

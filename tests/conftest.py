@@ -66,6 +66,17 @@ class Backend:
     def is_numpy(self) -> bool:
         return self.name == "numpy"
 
+    @property
+    def mutable(self) -> bool:
+        """Whether the library's arrays can be written in place (not JAX's)."""
+        return self.name != "jax"
+
+    def skip_if_immutable(self) -> None:
+        """Skip a test of the in-place sliding window on JAX (see mfac_core.jax instead)."""
+        if not self.mutable:
+            pytest.skip("JAX arrays are immutable: DynamicIHVP refuses them; the JAX window "
+                        "is mfac_core.jax's functional one (tests/test_jax.py)")
+
 
 def _numpy_backend() -> Backend:
     xp = array_api_compat.array_namespace(np.zeros(1))
@@ -100,12 +111,58 @@ def _torch_backend() -> Backend:
     return Backend("torch", xp, example.device, make)
 
 
+def _jax_backend() -> Backend:
+    # The core needs JAX's 64-bit mode; the autouse fixture below turns it on, for the
+    # test's thread only, around every test that uses this backend.
+    jax = pytest.importorskip("jax")
+    with jax.enable_x64(True):
+        example = jax.numpy.zeros(1)
+        xp = array_api_compat.array_namespace(example)
+        dev = array_api_compat.device(example)
+
+    def make(a: Any, dtype: Any) -> Any:
+        with jax.enable_x64(True):
+            return jax.numpy.array(a, dtype=dtype, copy=True)
+
+    return Backend("jax", xp, dev, make)
+
+
+def _cupy_backend() -> Backend:
+    cupy = pytest.importorskip("cupy")
+    try:
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            pytest.skip("no CUDA device")
+    except Exception as exc:  # no driver
+        pytest.skip(f"no CUDA device ({exc})")
+    example = cupy.zeros(1)
+    xp = array_api_compat.array_namespace(example)
+
+    def make(a: Any, dtype: Any) -> Any:
+        return cupy.array(a, dtype=dtype, copy=True)
+
+    return Backend("cupy", xp, array_api_compat.device(example), make)
+
+
 _BACKENDS: dict[str, Callable[[], Backend]] = {
     "numpy": _numpy_backend,
     "strict-cpu": lambda: _strict_backend("CPU_DEVICE"),
     "strict-device1": lambda: _strict_backend("device1"),
     "torch": _torch_backend,
+    "jax": _jax_backend,
+    "cupy": _cupy_backend,
 }
+
+
+@pytest.fixture(autouse=True)
+def _jax_float64(request: pytest.FixtureRequest) -> Any:
+    """64-bit JAX (thread-local, restored afterwards) for tests on the JAX backend."""
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is None or "jax" not in callspec.params.values():
+        yield
+        return
+    jax = pytest.importorskip("jax")
+    with jax.enable_x64(True):
+        yield
 
 
 @pytest.fixture(scope="session", params=list(_BACKENDS), ids=list(_BACKENDS))

@@ -417,8 +417,9 @@ def test_problem_as_arrays(xp_device, dtype):
     assert tuple(G.shape) == (2, 3) and tuple(x.shape) == (3,)
     np.testing.assert_array_equal(to_numpy(x), [0, 1, 2])
     G2, _ = p.as_arrays(xp_device.xp, xp_device.dtype(dtype), device=xp_device.device)
-    G2[0, 0] = 5.0  # a copy: the problem is unchanged
-    assert p.G[0, 0] == 1.0
+    if xp_device.mutable:
+        G2[0, 0] = 5.0  # a copy: the problem is unchanged
+        assert p.G[0, 0] == 1.0
     assert isinstance(p.oracle(), SpectralOracle)
 
 
