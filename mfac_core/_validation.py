@@ -215,7 +215,7 @@ def check_float64_available(xp: Any) -> None:
         return
     import jax
 
-    if not jax.config.jax_enable_x64:
+    if not jax.config.read("jax_enable_x64"):
         raise RuntimeError(
             "mfac_core does its m x m work in float64, which JAX provides only in 64-bit "
             "mode: call jax.config.update('jax_enable_x64', True) at start-up, or build the "

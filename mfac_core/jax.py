@@ -81,7 +81,7 @@ def _require_x64(what: str) -> None:
     kappa nears 1e7, far earlier than the float64 one. An error that says how
     to turn the mode on is better than a silently wrong optimizer.
     """
-    if not jax.config.jax_enable_x64:
+    if not jax.config.read("jax_enable_x64"):
         raise RuntimeError(
             f"mfac_core.jax.{what} does its m x m work in float64, which needs JAX's 64-bit "
             "mode; it is off. Enable it at start-up with "
