@@ -399,3 +399,56 @@ def test_operators_pickle_and_deepcopy_to_equal_working_objects(xp_device, dtype
             assert bool(be.xp.all(twin.matvec(x) == op.matvec(x)))
             twin.reset()
             assert len(op) == 4 and len(twin) == 0
+
+
+# -- no process-wide side effects ---------------------------------------------------------------
+
+
+def test_concurrent_use_leaves_blas_settings_alone(rng):
+    # Regression: a process-wide one-thread BLAS limit around the m x m work, saved and
+    # restored by each call, raced between threads and left NumPy's BLAS at one thread.
+    import threading
+
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    import scipy.linalg  # noqa: F401  (load SciPy's BLAS too before the snapshot)
+
+    before = [(i["filepath"], i["num_threads"]) for i in threadpoolctl.threadpool_info()]
+    G = rng.standard_normal((32, 400))
+    x = rng.standard_normal(400)
+    want = StaticIHVP(G, damp=0.1).matvec(x)
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            for _ in range(5):
+                np.testing.assert_allclose(StaticIHVP(G, damp=0.1).matvec(x), want,
+                                           rtol=1e-10, atol=0)
+                op = DynamicIHVP(8, 400, damp=0.1, dtype="float64")
+                for g in G[:12]:
+                    op.update_and_matvec(g)
+        except BaseException as exc:  # re-raised in the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    after = [(i["filepath"], i["num_threads"]) for i in threadpoolctl.threadpool_info()]
+    assert after == before
+
+
+def test_the_package_does_not_touch_blas_threads():
+    # Nothing in mfac_core may reach for a thread-pool controller: run a set-up and a window
+    # step in a fresh process and check that threadpoolctl was never imported.
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np, mfac_core\n"
+            "G = np.random.default_rng(0).standard_normal((16, 300))\n"
+            "mfac_core.StaticIHVP(G, damp=0.1, block_size=50).matvec(G[0])\n"
+            "op = mfac_core.DynamicIHVP(4, 300, damp=0.1, dtype='float64')\n"
+            "[op.update_and_matvec(g) for g in G[:9]]\n"
+            "assert 'threadpoolctl' not in sys.modules, 'threadpoolctl imported'\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
