@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import doctest
 import io
 import logging
 import pickle
@@ -18,7 +17,6 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from mfac_core import FactorizationError, pruning  # noqa: E402
-from mfac_core import torch as mfac_torch  # noqa: E402
 from mfac_core.torch import MFAC, MFACPruner, MFACStepWarning  # noqa: E402
 
 nn = torch.nn
@@ -886,7 +884,3 @@ def test_pruner_errors():
     with pytest.raises(ValueError, match="saliency"):
         MFACPruner(model, saliency="random")
 
-
-def test_docstring_examples_run():
-    failures, tried = doctest.testmod(mfac_torch)
-    assert tried > 0 and failures == 0
