@@ -127,13 +127,19 @@ def _jax_backend() -> Backend:
     return Backend("jax", xp, dev, make)
 
 
-def _cupy_backend() -> Backend:
+def cupy_with_a_device() -> Any:
+    """The ``cupy`` module, or a skip when CuPy or a CUDA device is missing."""
     cupy = pytest.importorskip("cupy")
     try:
         if cupy.cuda.runtime.getDeviceCount() < 1:
             pytest.skip("no CUDA device")
     except Exception as exc:  # no driver
         pytest.skip(f"no CUDA device ({exc})")
+    return cupy
+
+
+def _cupy_backend() -> Backend:
+    cupy = cupy_with_a_device()
     example = cupy.zeros(1)
     xp = array_api_compat.array_namespace(example)
 

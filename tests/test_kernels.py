@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 from array_api_compat import array_namespace
+from conftest import cupy_with_a_device
 
 import mfac_core
 from mfac_core import _kernels, _linalg
@@ -454,13 +455,7 @@ def test_gpu_benchmark_skips_cleanly_without_cupy(gpu_benchmark, capsys) -> None
 
 @pytest.fixture(scope="module")
 def cupy():
-    cp = pytest.importorskip("cupy")
-    try:
-        if cp.cuda.runtime.getDeviceCount() < 1:
-            pytest.skip("no CUDA device")
-    except Exception as exc:  # no driver
-        pytest.skip(f"no CUDA device ({exc})")
-    return cp
+    return cupy_with_a_device()
 
 
 @pytest.mark.parametrize("m", (*ODD_SIZES, 300))
