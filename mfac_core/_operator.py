@@ -113,7 +113,7 @@ class LinearOperator:
     # -- validation --------------------------------------------------------------------
 
     @property
-    def xp(self) -> Any:
+    def xp(self) -> Any:  # numpydoc ignore=RT01
         """The array namespace of the operator (array-api-compat wrapped)."""
         return self._xp
 
@@ -140,24 +140,142 @@ class LinearOperator:
         return apply(x[:, 0])[:, None]
 
     def matvec(self, x: Array, /) -> Array:
-        """``A @ x`` for ``x`` of shape ``(N,)`` or ``(N, 1)`` (same shape returned)."""
+        """Apply the operator to one vector: ``A @ x``.
+
+        Parameters
+        ----------
+        x : array, shape (N,) or (N, 1)
+            In the operator's namespace and device, and its dtype (or float32
+            for a float64 operator).
+
+        Returns
+        -------
+        array, shape (M,) or (M, 1)
+            ``A @ x``, with as many dimensions as ``x``, in the operator's
+            namespace, dtype and device.
+
+        Raises
+        ------
+        TypeError
+            If ``x`` is not an array of the operator's library, or has a
+            floating dtype that would lose precision in the operator's dtype
+            (float32 is promoted to a float64 operator's dtype; the reverse is
+            refused).
+        ValueError
+            If ``x`` is on another device, has the wrong shape, or (with
+            ``check_finite``) holds NaN or infinity.
+        """
         return self._vector(x, self.shape[1], self._matvec, "matmat")
 
     def rmatvec(self, x: Array, /) -> Array:
-        """``A^H @ x`` for ``x`` of shape ``(M,)`` or ``(M, 1)``."""
+        """Apply the adjoint to one vector: ``A^H @ x``.
+
+        Parameters
+        ----------
+        x : array, shape (M,) or (M, 1)
+            In the operator's namespace and device, and its dtype (or float32
+            for a float64 operator).
+
+        Returns
+        -------
+        array, shape (N,) or (N, 1)
+            ``A^H @ x``, with as many dimensions as ``x``, in the operator's
+            namespace, dtype and device.
+
+        Raises
+        ------
+        TypeError
+            If ``x`` is not an array of the operator's library, or has a
+            floating dtype that would lose precision in the operator's dtype
+            (float32 is promoted to a float64 operator's dtype; the reverse is
+            refused).
+        ValueError
+            If ``x`` is on another device, has the wrong shape, or (with
+            ``check_finite``) holds NaN or infinity.
+        """
         return self._vector(x, self.shape[0], self._rmatvec, "rmatmat")
 
     def matmat(self, X: Array, /) -> Array:
-        """``A @ X`` for ``X`` of shape ``(N, k)``."""
+        """Apply the operator to the columns of a matrix: ``A @ X``.
+
+        Parameters
+        ----------
+        X : array, shape (N, k)
+            In the operator's namespace and device, and its dtype (or float32
+            for a float64 operator).
+
+        Returns
+        -------
+        array, shape (M, k)
+            ``A @ X`` in the operator's namespace, dtype and device.
+
+        Raises
+        ------
+        TypeError
+            If ``X`` is not an array of the operator's library, or has a
+            floating dtype that would lose precision in the operator's dtype
+            (float32 is promoted to a float64 operator's dtype; the reverse is
+            refused).
+        ValueError
+            If ``X`` is on another device, has the wrong shape, or (with
+            ``check_finite``) holds NaN or infinity.
+        """
         return self._matmat(self._check_input(X, "X", self.shape[1], (2,)))
 
     def rmatmat(self, X: Array, /) -> Array:
-        """``A^H @ X`` for ``X`` of shape ``(M, k)``."""
+        """Apply the adjoint to the columns of a matrix: ``A^H @ X``.
+
+        Parameters
+        ----------
+        X : array, shape (M, k)
+            In the operator's namespace and device, and its dtype (or float32
+            for a float64 operator).
+
+        Returns
+        -------
+        array, shape (N, k)
+            ``A^H @ X`` in the operator's namespace, dtype and device.
+
+        Raises
+        ------
+        TypeError
+            If ``X`` is not an array of the operator's library, or has a
+            floating dtype that would lose precision in the operator's dtype
+            (float32 is promoted to a float64 operator's dtype; the reverse is
+            refused).
+        ValueError
+            If ``X`` is on another device, has the wrong shape, or (with
+            ``check_finite``) holds NaN or infinity.
+        """
         return self._rmatmat(self._check_input(X, "X", self.shape[0], (2,)))
 
     def dot(self, x: Array, /) -> Any:
-        """SciPy's ``dot``: an operator gives a product, a scalar a scaled operator,
-        an array ``matvec`` (1-D or ``(N, 1)``) or ``matmat`` (2-D)."""
+        """Multiply by an operator, a scalar or an array, as SciPy's ``dot`` does.
+
+        Calling the operator, ``A(x)``, is the same.
+
+        Parameters
+        ----------
+        x : LinearOperator, float or array
+            Another operator (of the same library, device and dtype), a real
+            scalar, or an array of shape ``(N,)``, ``(N, 1)`` or ``(N, k)``.
+
+        Returns
+        -------
+        LinearOperator or array
+            For an operator, the product operator ``A B``; for a scalar, the
+            scaled operator ``x A``; for an array, :meth:`matvec` of a vector
+            (1-D or ``(N, 1)``) or :meth:`matmat` of a matrix.
+
+        Raises
+        ------
+        TypeError
+            If ``x`` is none of these, or is an operator over another library,
+            device or dtype; and as :meth:`matvec` and :meth:`matmat`.
+        ValueError
+            If ``x`` is an array of more than two dimensions, or an operator
+            whose shape does not fit; and as :meth:`matvec` and :meth:`matmat`.
+        """
         if isinstance(x, LinearOperator):
             return _ProductOperator(self, x)
         if isinstance(x, numbers.Real) and not isinstance(x, bool):
@@ -218,13 +336,27 @@ class LinearOperator:
         return NotImplemented
 
     def adjoint(self) -> LinearOperator:
-        """The Hermitian adjoint ``A^H`` (the transpose: operators here are real)."""
+        """Return the Hermitian adjoint ``A^H`` (the transpose: operators here are real).
+
+        Returns
+        -------
+        LinearOperator
+            The operator itself if it is symmetric, otherwise an ``(N, M)``
+            operator whose products are this one's adjoint products (no
+            data are copied).
+        """
         if self._symmetric:
             return self
         return _AdjointOperator(self)
 
     def transpose(self) -> LinearOperator:
-        """The transpose ``A^T``; equal to :meth:`adjoint` for real operators."""
+        """Return the transpose ``A^T``, equal to :meth:`adjoint` for real operators.
+
+        Returns
+        -------
+        LinearOperator
+            ``self.adjoint()``.
+        """
         return self.adjoint()
 
     # Through lambdas, so that a subclass's own adjoint()/transpose() is used.
@@ -232,13 +364,26 @@ class LinearOperator:
     T = property(lambda self: self.transpose(), doc="The transpose, as :meth:`transpose`.")
 
     def todense(self, *, max_entries: int = DEFAULT_MAX_DENSE_ENTRIES) -> Array:
-        """The operator as a dense ``(M, N)`` array of its namespace and device.
+        """Build the operator as a dense ``(M, N)`` array of its namespace and device.
 
         Parameters
         ----------
         max_entries : int, optional
             Refuse (``ValueError``) to build a matrix with more entries than
             this; the default allows 2**26 entries (256 MiB in float32).
+
+        Returns
+        -------
+        array, shape (M, N)
+            ``A @ I``, in the operator's namespace, dtype and device.
+
+        Raises
+        ------
+        ValueError
+            If ``M * N`` exceeds ``max_entries``, or ``max_entries`` is
+            negative.
+        TypeError
+            If ``max_entries`` is not an int.
         """
         m, n = self.shape
         max_entries = check_count(max_entries, "max_entries", minimum=0)

@@ -191,7 +191,7 @@ class StaticIHVP:
 
     See Also
     --------
-    mfac_core.StaticIHVP : the same operator for any Array-API library (not jittable).
+    mfac_core.StaticIHVP : The same operator for any Array-API library (not jittable).
 
     Notes
     -----
@@ -205,24 +205,24 @@ class StaticIHVP:
     damp: float = dataclasses.field(metadata={"static": True})
 
     @property
-    def shape(self) -> tuple[int, int]:
-        """``(d, d)``."""
+    def shape(self) -> tuple[int, int]:  # numpydoc ignore=RT01
+        """The shape ``(d, d)`` of ``F^{-1}``."""
         d = self.W.shape[-1]
         return (d, d)
 
     @property
-    def dtype(self) -> Any:
+    def dtype(self) -> Any:  # numpydoc ignore=RT01
         """The storage dtype (G's)."""
         return self.W.dtype
 
     @property
-    def num_grads(self) -> int:
-        """m, the number of gradients."""
+    def num_grads(self) -> int:  # numpydoc ignore=RT01
+        """The number m of gradients."""
         return self.W.shape[-2]
 
     @property
-    def dim(self) -> int:
-        """d, the number of coordinates."""
+    def dim(self) -> int:  # numpydoc ignore=RT01
+        """The number d of coordinates."""
         return self.W.shape[-1]
 
     def _check_mode(self, what: str) -> None:
@@ -240,6 +240,18 @@ class StaticIHVP:
         Returns
         -------
         jax.Array, shape (d,)
+            ``F^{-1} x`` in the operator's dtype.
+
+        Raises
+        ------
+        RuntimeError
+            If the operator is float64 and JAX's 64-bit mode is off.
+        ValueError
+            If ``x`` does not have shape ``(d,)``, or the operator is a batch
+            of operators (from :func:`jax.vmap`) applied outside of
+            :func:`jax.vmap`.
+        TypeError
+            If ``x`` does not have the operator's dtype.
         """
         self._check_mode("StaticIHVP.matvec")
         if self.W.ndim != 2:
@@ -249,7 +261,27 @@ class StaticIHVP:
         return (x - (self.W @ x) @ self.W) / self.damp
 
     def matmat(self, X: Any, /) -> Any:
-        """``F^{-1} X`` for the columns of ``X`` (shape ``(d, n)``), in O(dmn)."""
+        """Apply ``F^{-1}`` to the columns of ``X``, in O(dmn).
+
+        Parameters
+        ----------
+        X : array, shape (d, n) or (d,)
+            In the operator's dtype; a 1-D ``X`` is passed to :meth:`matvec`.
+
+        Returns
+        -------
+        jax.Array, shape (d, n) or (d,)
+            ``F^{-1} X`` in the operator's dtype.
+
+        Raises
+        ------
+        RuntimeError
+            If the operator is float64 and JAX's 64-bit mode is off.
+        ValueError
+            If ``X`` does not have shape ``(d, n)`` or ``(d,)``.
+        TypeError
+            If ``X`` does not have the operator's dtype.
+        """
         self._check_mode("StaticIHVP.matmat")
         X = _check_vector(X, "X", self.dim, np.dtype(self.W.dtype), matrix=True)
         if X.ndim == 1:
@@ -264,6 +296,16 @@ class StaticIHVP:
 
         The sums of squares are accumulated in float64 (needs the 64-bit
         mode); the result has the operator's dtype.
+
+        Returns
+        -------
+        jax.Array, shape (d,)
+            The diagonal entries ``[F^{-1}]_{jj}`` in the operator's dtype.
+
+        Raises
+        ------
+        RuntimeError
+            If JAX's 64-bit mode is off.
         """
         _require_x64("StaticIHVP.diagonal")
         sq = jnp.sum(jnp.square(self.W.astype(jnp.float64)), axis=-2)
@@ -319,6 +361,7 @@ def static_ihvp(G: Any, /, *, damp: float) -> StaticIHVP:
     Returns
     -------
     StaticIHVP
+        The operator ``F^{-1}``, a pytree in G's dtype.
 
     Raises
     ------
@@ -456,37 +499,63 @@ class WindowState:
     refactor_every: int = dataclasses.field(metadata={"static": True})
 
     @property
-    def num_grads(self) -> int:
-        """m, the window's capacity."""
+    def num_grads(self) -> int:  # numpydoc ignore=RT01
+        """The window's capacity m."""
         return self.grads.shape[-2]
 
     @property
-    def dim(self) -> int:
-        """d, the number of coordinates."""
+    def dim(self) -> int:  # numpydoc ignore=RT01
+        """The number d of coordinates."""
         return self.grads.shape[-1]
 
     @property
-    def dtype(self) -> Any:
+    def dtype(self) -> Any:  # numpydoc ignore=RT01
         """The storage dtype of the gradients."""
         return self.grads.dtype
 
     @property
-    def shape(self) -> tuple[int, int]:
-        """``(d, d)``, the shape of ``F^{-1}``."""
+    def shape(self) -> tuple[int, int]:  # numpydoc ignore=RT01
+        """The shape ``(d, d)`` of ``F^{-1}``."""
         return (self.dim, self.dim)
 
     def matvec(self, x: Any, /) -> Any:
-        """``F^{-1} x``; the same as :func:`window_matvec`."""
+        """Apply the window's ``F^{-1}``, as :func:`window_matvec` does.
+
+        Parameters
+        ----------
+        x : array, shape (d,) or (d, n)
+            In the window's storage dtype.
+
+        Returns
+        -------
+        jax.Array, shape (d,) or (d, n)
+            ``F^{-1} x`` in the storage dtype.
+
+        Raises
+        ------
+        RuntimeError
+            If JAX's 64-bit mode is off.
+        ValueError
+            If ``x`` does not have shape ``(d,)`` or ``(d, n)``.
+        TypeError
+            If ``x`` does not have the storage dtype.
+        """
         return window_matvec(self, x)
 
     def __matmul__(self, x: Any) -> Any:
         return window_matvec(self, x)
 
     def gradients(self) -> Any:
-        """The m gradient rows oldest first (shape ``(m, d)``).
+        """Return the m gradient rows, oldest first.
 
         Without ``zero_init`` only the last ``count`` rows are gradients; the
         first ``m - count`` are the zeros of empty slots.
+
+        Returns
+        -------
+        jax.Array, shape (m, d)
+            A new array of the rows of ``grads`` in age order, in the
+            storage dtype.
         """
         m = self.num_grads
         return jnp.take(self.grads, (self.pos + jnp.arange(m, dtype=jnp.int32)) % m, axis=0)
@@ -509,7 +578,7 @@ def window_init(num_grads: int, dim: int, /, *, damp: float, dtype: Any,
     damp : float
         The damping ``lambda > 0``.
     dtype : dtype
-        float32 or float64, the storage dtype of the gradients.
+        The storage dtype of the gradients, float32 or float64.
     zero_init : bool, optional
         The authors' convention and :class:`mfac_core.torch.MFAC`'s default
         (default ``True``): the window starts as m zero gradients with the
@@ -525,6 +594,19 @@ def window_init(num_grads: int, dim: int, /, *, damp: float, dtype: Any,
     Returns
     -------
     WindowState
+        The empty window: zero gradients and the factor ``sqrt(m damp) I``
+        (``sqrt(damp) I`` without ``zero_init``).
+
+    Raises
+    ------
+    RuntimeError
+        If JAX's 64-bit mode is off.
+    ValueError
+        If ``num_grads``, ``dim`` or ``refactor_every`` is not an int
+        ``>= 1``, or ``damp`` is not finite and positive.
+    TypeError
+        If ``damp`` is not a real Python number, or ``dtype`` is neither
+        float32 nor float64.
 
     Examples
     --------
@@ -751,11 +833,28 @@ def window_update(state: WindowState, g: Any, /) -> WindowState:
     (kappa near 1e16), leaves the window unchanged; nothing tells, so use
     :func:`window_update_and_matvec` (NaN result) where that matters.
 
+    Parameters
+    ----------
+    state : WindowState
+        The window, from :func:`window_init` or a previous update.
+    g : array, shape (d,)
+        The new gradient, in the window's storage dtype.
+
     Returns
     -------
     WindowState
         The new state. Jit with ``donate_argnums=0`` to update the window in
         place.
+
+    Raises
+    ------
+    TypeError
+        If ``state`` is not a :class:`WindowState`, or ``g`` does not have
+        the window's dtype.
+    RuntimeError
+        If JAX's 64-bit mode is off.
+    ValueError
+        If ``g`` does not have shape ``(d,)``.
     """
     _check_state(state, "window_update")
     return _update_jit(state, _check_vector(g, "g", state.dim, np.dtype(state.dtype)))
@@ -768,6 +867,13 @@ def window_update_and_matvec(state: WindowState, g: Any, /) -> tuple[WindowState
     product, so the m x d window is read twice in all, the floor; the m x m
     part is an O(m^2) float64 factor edit plus two triangular solves.
 
+    Parameters
+    ----------
+    state : WindowState
+        The window, from :func:`window_init` or a previous update.
+    g : array, shape (d,)
+        The new gradient, in the window's storage dtype.
+
     Returns
     -------
     state : WindowState
@@ -776,6 +882,16 @@ def window_update_and_matvec(state: WindowState, g: Any, /) -> tuple[WindowState
         ``F^{-1} g`` in the storage dtype; all NaN if ``g`` was refused (NaN
         or infinity, or a factorisation failure), in which case the window is
         unchanged (so ``optax.apply_if_finite`` can skip the step).
+
+    Raises
+    ------
+    TypeError
+        If ``state`` is not a :class:`WindowState`, or ``g`` does not have
+        the window's dtype.
+    RuntimeError
+        If JAX's 64-bit mode is off.
+    ValueError
+        If ``g`` does not have shape ``(d,)``.
     """
     _check_state(state, "window_update_and_matvec")
     g = _check_vector(g, "g", state.dim, np.dtype(state.dtype))
@@ -783,10 +899,32 @@ def window_update_and_matvec(state: WindowState, g: Any, /) -> tuple[WindowState
 
 
 def window_matvec(state: WindowState, x: Any, /) -> Any:
-    r"""``F^{-1} x`` for the window's damped Fisher, in O(dm): two reads of the window.
+    r"""Apply the inverse of the window's damped Fisher, in O(dm): two reads of the window.
 
     ``F = damp I + (1/k) sum g g^T`` over the ``k`` gradients in the window
     (``k = m`` with ``zero_init``). ``x`` may also be a matrix ``(d, n)``.
+
+    Parameters
+    ----------
+    state : WindowState
+        The window.
+    x : array, shape (d,) or (d, n)
+        A vector or the columns of a matrix, in the window's storage dtype.
+
+    Returns
+    -------
+    jax.Array, shape (d,) or (d, n)
+        ``F^{-1} x`` in the storage dtype.
+
+    Raises
+    ------
+    TypeError
+        If ``state`` is not a :class:`WindowState`, or ``x`` does not have
+        the window's dtype.
+    RuntimeError
+        If JAX's 64-bit mode is off.
+    ValueError
+        If ``x`` does not have shape ``(d,)`` or ``(d, n)``.
     """
     _check_state(state, "window_matvec")
     return _matvec_jit(state, _check_vector(x, "x", state.dim, np.dtype(state.dtype),
@@ -845,7 +983,7 @@ def mfac(num_grads: int = 1024, damp: float = 1e-5, *, zero_init: bool = True,
 
     See Also
     --------
-    mfac_sgd : the whole optimizer of :class:`mfac_core.torch.MFAC`.
+    mfac_sgd : The whole optimizer of :class:`mfac_core.torch.MFAC`.
 
     Notes
     -----
@@ -926,16 +1064,32 @@ def mfac_sgd(learning_rate: Any, num_grads: int = 1024, damp: float = 1e-5, *,
     ----------
     learning_rate : float or optax schedule
         The learning rate eta.
-    num_grads, damp, zero_init
-        As for :func:`mfac`.
+    num_grads : int, optional
+        The window size m (default 1024), as for :func:`mfac`.
+    damp : float, optional
+        The damping ``lambda > 0`` (default ``1e-5``), as for :func:`mfac`.
     momentum : float, optional
         Momentum mu on the preconditioned step, in ``[0, 1)`` (default 0).
     weight_decay : float, optional
         L2 penalty added to the gradient before preconditioning (default 0).
+    zero_init : bool, optional
+        Start from m zero gradients (default), as for :func:`mfac`.
 
     Returns
     -------
     optax.GradientTransformation
+        The chain of ``optax.add_decayed_weights`` (if ``weight_decay``),
+        :func:`mfac`, ``optax.trace`` (if ``momentum``) and
+        ``optax.scale_by_learning_rate``.
+
+    Raises
+    ------
+    ValueError
+        If ``momentum`` is not a real number in ``[0, 1)``, ``weight_decay``
+        is not a finite real number ``>= 0``, ``num_grads`` is not an int
+        ``>= 1``, or ``damp`` is not finite and positive.
+    TypeError
+        If ``damp`` is not a real Python number.
     """
     for name, value, high in (("momentum", momentum, 1.0), ("weight_decay", weight_decay,
                                                            math.inf)):

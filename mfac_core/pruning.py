@@ -101,13 +101,43 @@ class InverseFisherOperator(Protocol):
         """The Array-API namespace of the operator's arrays."""
 
     def matvec(self, x: Array, /) -> Array:
-        """``F^{-1} x``."""
+        """Apply ``F^{-1}`` to a vector.
+
+        Parameters
+        ----------
+        x : array, shape (d,)
+            A vector in the operator's namespace, dtype and device.
+
+        Returns
+        -------
+        array, shape (d,)
+            ``F^{-1} x``.
+        """
 
     def diagonal(self) -> Array:
-        """The diagonal of ``F^{-1}``."""
+        """Return the diagonal of ``F^{-1}``.
+
+        Returns
+        -------
+        array, shape (d,)
+            The diagonal entries ``[F^{-1}]_{jj}``.
+        """
 
     def entries(self, rows: Array, cols: Array, /) -> Array:
-        """``[F^{-1}]_{rows[k], cols[k]}``."""
+        """Return selected entries of ``F^{-1}``.
+
+        Parameters
+        ----------
+        rows, cols : array of int
+            Row and column indices in ``[0, d)``, of the same shape, in the
+            operator's namespace and device.
+
+        Returns
+        -------
+        array
+            ``[F^{-1}]_{rows[k], cols[k]}`` for every ``k``, in the shape of
+            ``rows``; zero across blocks.
+        """
 
 
 class PruneResult(NamedTuple):

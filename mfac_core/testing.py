@@ -158,6 +158,12 @@ def empirical_fisher_dense(G: Any, damp: float, *, block_size: int | None = None
     Returns
     -------
     numpy.ndarray, shape (d, d)
+        ``F`` in float64, zero outside the diagonal blocks.
+
+    Raises
+    ------
+    ValueError
+        If ``G`` is not a non-empty 2-D array, or ``block_size < 1``.
     """
     G = _as_grads(G)
     m, d = G.shape
@@ -178,12 +184,26 @@ def dense_inverse(G: Any, damp: float, *, block_size: int | None = None) -> np.n
     Parameters
     ----------
     G : array, shape (m, d)
+        The gradients, one per row.
     damp : float
+        The damping ``lambda``.
     block_size : int, optional
+        Invert only the diagonal blocks of this many consecutive coordinates
+        (the last block may be shorter); ``None`` inverts the full matrix.
 
     Returns
     -------
     numpy.ndarray, shape (d, d)
+        ``F^{-1}`` in float64, symmetrised block by block and zero outside
+        the diagonal blocks.
+
+    Raises
+    ------
+    ValueError
+        If ``G`` is not a non-empty 2-D array, or ``block_size < 1``.
+    numpy.linalg.LinAlgError
+        If a block of ``F`` is exactly singular in float64, as it can be
+        for ``damp <= 0``.
     """
     F = empirical_fisher_dense(G, damp, block_size=block_size)
     out = np.zeros_like(F)
@@ -212,12 +232,22 @@ def condition_number(G: Any, damp: float, *, block_size: int | None = None) -> f
     Parameters
     ----------
     G : array, shape (m, d)
+        The gradients, one per row.
     damp : float
+        The damping ``lambda > 0``.
     block_size : int, optional
+        Consider the diagonal blocks of this many consecutive coordinates
+        (the last block may be shorter); ``None`` takes the full matrix.
 
     Returns
     -------
     float
+        The condition number, at least 1: the largest over the blocks.
+
+    Raises
+    ------
+    ValueError
+        If ``G`` is not a non-empty 2-D array, or ``block_size < 1``.
     """
     G = _as_grads(G)
     m, d = G.shape
@@ -282,6 +312,12 @@ class SpectralOracle:
         (:func:`condition_number`).
     damp, num_grads, dim, block_size
         lambda, m, d and the block size (``d`` for the full matrix).
+
+    Raises
+    ------
+    ValueError
+        If ``G`` is not a non-empty 2-D array, ``damp`` is not finite and
+        positive, or ``block_size < 1``.
     """
 
     def __init__(self, G: Any, damp: float, *, block_size: int | None = None) -> None:
@@ -316,7 +352,23 @@ class SpectralOracle:
         self.kappa = kappa
 
     def matmat(self, X: Any) -> np.ndarray:
-        """``F^{-1} X`` for ``X`` of shape ``(d, k)``."""
+        """Apply ``F^{-1}`` to the columns of a matrix.
+
+        Parameters
+        ----------
+        X : array, shape (d, k)
+            Of any supported library (converted to NumPy float64).
+
+        Returns
+        -------
+        numpy.ndarray, shape (d, k)
+            ``F^{-1} X`` in float64.
+
+        Raises
+        ------
+        ValueError
+            If ``X`` does not have shape ``(d, k)``.
+        """
         X = np.asarray(to_numpy(X), dtype=np.float64)
         if X.ndim != 2 or X.shape[0] != self.dim:
             raise ValueError(f"X must have shape ({self.dim}, k), got {X.shape}")
@@ -330,7 +382,23 @@ class SpectralOracle:
         return out
 
     def matvec(self, x: Any) -> np.ndarray:
-        """``F^{-1} x`` for ``x`` of shape ``(d,)`` (or ``(d, 1)``, shape kept)."""
+        """Apply ``F^{-1}`` to a vector.
+
+        Parameters
+        ----------
+        x : array, shape (d,) or (d, 1)
+            Of any supported library (converted to NumPy float64).
+
+        Returns
+        -------
+        numpy.ndarray, shape (d,) or (d, 1)
+            ``F^{-1} x`` in float64, in the shape of ``x``.
+
+        Raises
+        ------
+        ValueError
+            If ``x`` has another shape.
+        """
         x = np.asarray(to_numpy(x), dtype=np.float64)
         if x.ndim == 2 and x.shape[1] == 1:
             return self.matmat(x)
@@ -339,7 +407,13 @@ class SpectralOracle:
         return self.matmat(x[:, None])[:, 0]
 
     def diagonal(self) -> np.ndarray:
-        """The diagonal of ``F^{-1}``, shape ``(d,)``."""
+        """Return the diagonal of ``F^{-1}``.
+
+        Returns
+        -------
+        numpy.ndarray, shape (d,)
+            The diagonal entries ``[F^{-1}]_{jj}`` in float64.
+        """
         out = np.empty(self.dim)
         for b in self._blocks:
             V2 = b.V * b.V
@@ -349,7 +423,27 @@ class SpectralOracle:
         return out
 
     def entries(self, rows: Any, cols: Any) -> np.ndarray:
-        """Entries ``[F^{-1}][rows[k], cols[k]]`` (zero across blocks), shape of ``rows``."""
+        """Return selected entries ``[F^{-1}][rows[k], cols[k]]``.
+
+        Parameters
+        ----------
+        rows, cols : array of int
+            Row and column indices in ``[0, d)``, of the same shape, of any
+            supported library.
+
+        Returns
+        -------
+        numpy.ndarray
+            The entries in float64, in the shape of ``rows``; entries that
+            couple two different blocks are zero.
+
+        Raises
+        ------
+        ValueError
+            If ``rows`` and ``cols`` have different shapes.
+        IndexError
+            For an index outside ``[0, d)``.
+        """
         r = np.asarray(to_numpy(rows)).astype(np.int64)
         c = np.asarray(to_numpy(cols)).astype(np.int64)
         if r.shape != c.shape:
@@ -371,7 +465,13 @@ class SpectralOracle:
         return out
 
     def todense(self) -> np.ndarray:
-        """The dense ``d x d`` inverse."""
+        """Build the dense inverse.
+
+        Returns
+        -------
+        numpy.ndarray, shape (d, d)
+            ``F^{-1}`` in float64, zero outside the diagonal blocks.
+        """
         out = np.zeros(self.shape)
         for b in self._blocks:
             n = b.sl.stop - b.sl.start
@@ -391,12 +491,24 @@ class SpectralOracle:
 class PaperStatic:
     """The paper's static algorithm (Eqs. 3-5); built by :func:`paper_static`.
 
+    Parameters
+    ----------
+    G : array, shape (m, d)
+        The gradients ``g_i`` in the rows (converted to NumPy float64).
+    damp : float
+        The damping ``lambda``.
+
     Attributes
     ----------
     v : numpy.ndarray, shape (m, d)
         ``v_i = F_{i-1}^{-1} g_i`` (row i).
     q : numpy.ndarray, shape (m,)
         ``q_i = m + g_i^T v_i``.
+
+    Raises
+    ------
+    ValueError
+        If ``G`` is not a non-empty 2-D array.
     """
 
     def __init__(self, G: Any, damp: float) -> None:
@@ -419,19 +531,47 @@ class PaperStatic:
         return out
 
     def matvec(self, x: Any) -> np.ndarray:
-        """``F_m^{-1} x`` by Eq. (4)."""
+        """Apply ``F_m^{-1}`` to a vector by Eq. (4).
+
+        Parameters
+        ----------
+        x : array, shape (d,)
+            Of any supported library (converted to NumPy float64).
+
+        Returns
+        -------
+        numpy.ndarray, shape (d,)
+            ``F_m^{-1} x`` in float64.
+        """
         x = np.asarray(to_numpy(x), dtype=np.float64)
         return self._apply(x, upto=self.num_grads)
 
     def entry(self, i: int, j: int) -> float:
-        """``[F_m^{-1}]_{ij}`` in O(m) by Eq. (5)."""
+        """Return one entry of ``F_m^{-1}`` in O(m) by Eq. (5).
+
+        Parameters
+        ----------
+        i, j : int
+            The row and the column, in ``[0, d)``.
+
+        Returns
+        -------
+        float
+            ``[F_m^{-1}]_{ij}``.
+        """
         total = (1.0 if i == j else 0.0) / self.damp
         for k in range(self.num_grads):
             total -= self.v[k, i] * self.v[k, j] / self.q[k]
         return total
 
     def diagonal(self) -> np.ndarray:
-        """The diagonal of ``F_m^{-1}``, one Eq. (5) per entry."""
+        """Return the diagonal of ``F_m^{-1}``, one Eq. (5) per entry.
+
+        Returns
+        -------
+        numpy.ndarray, shape (d,)
+            The diagonal entries ``[F_m^{-1}]_{jj}`` in float64.
+        """
         return np.array([self.entry(j, j) for j in range(self.dim)])
 
 
@@ -461,6 +601,13 @@ def paper_static(G: Any, damp: float) -> PaperStatic:
 class PaperDynamic:
     """The paper's dynamic algorithm (Eqs. 8-13); built by :func:`paper_dynamic`.
 
+    Parameters
+    ----------
+    G : array, shape (m, d)
+        The gradients in the rows (converted to NumPy float64).
+    damp : float
+        The damping ``lambda``.
+
     Attributes
     ----------
     GG : numpy.ndarray, shape (m, m)
@@ -470,6 +617,11 @@ class PaperDynamic:
     B : numpy.ndarray, shape (m, m)
         Lower triangular with ``1/lambda`` on the diagonal; row ``i`` holds the
         coefficients of ``F_{i-1}^{-1} g_i`` in the gradients (Eq. 7).
+
+    Raises
+    ------
+    ValueError
+        If ``G`` is not a non-empty 2-D array.
     """
 
     def __init__(self, G: Any, damp: float) -> None:
@@ -504,7 +656,18 @@ class PaperDynamic:
                 self.B[i, j] = -total
 
     def matvec(self, x: Any) -> np.ndarray:
-        """``F_m^{-1} x`` by Eqs. (11)-(13)."""
+        """Apply ``F_m^{-1}`` to a vector by Eqs. (11)-(13).
+
+        Parameters
+        ----------
+        x : array, shape (d,)
+            Of any supported library (converted to NumPy float64).
+
+        Returns
+        -------
+        numpy.ndarray, shape (d,)
+            ``F_m^{-1} x`` in float64.
+        """
         x = np.asarray(to_numpy(x), dtype=np.float64)
         m, lam, G = self.num_grads, self.damp, self.G
         p = np.array([G[j] @ x for j in range(m)])
@@ -697,9 +860,13 @@ class Problem:
     Attributes
     ----------
     G : numpy.ndarray, shape (m, d)
+        The gradients, one per row (read-only).
     damp : float
+        The damping ``lambda > 0``.
     x : numpy.ndarray, shape (d,)
+        The vector to apply ``F^{-1}`` to (read-only).
     block_size : int or None
+        The block size of a block-diagonal F, or ``None`` for the full one.
     description : str
         How the problem was drawn (kinds, sizes, condition number).
     """
@@ -711,22 +878,28 @@ class Problem:
     description: str
 
     @property
-    def m(self) -> int:
+    def m(self) -> int:  # numpydoc ignore=RT01
         """The number of gradients."""
         return int(self.G.shape[0])
 
     @property
-    def d(self) -> int:
+    def d(self) -> int:  # numpydoc ignore=RT01
         """The dimension."""
         return int(self.G.shape[1])
 
     @property
-    def kappa(self) -> float:
+    def kappa(self) -> float:  # numpydoc ignore=RT01
         """The exact condition number of (block-diagonal) F."""
         return condition_number(self.G, self.damp, block_size=self.block_size)
 
     def oracle(self) -> SpectralOracle:
-        """The :class:`SpectralOracle` of this problem."""
+        """Build the :class:`SpectralOracle` of this problem.
+
+        Returns
+        -------
+        SpectralOracle
+            ``F^{-1}`` for this problem's ``G``, ``damp`` and ``block_size``.
+        """
         return SpectralOracle(self.G, self.damp, block_size=self.block_size)
 
     def as_arrays(self, xp: Any, dtype: Any, device: Any = None) -> tuple[Any, Any]:
@@ -743,7 +916,10 @@ class Problem:
 
         Returns
         -------
-        (G, x)
+        G : array, shape (m, d)
+            A copy of ``G`` in ``xp``, with ``dtype``, on ``device``.
+        x : array, shape (d,)
+            A copy of ``x`` in ``xp``, with ``dtype``, on ``device``.
         """
         if isinstance(dtype, str):
             dtype = getattr(xp, dtype)
@@ -802,6 +978,15 @@ def problems(
     Returns
     -------
     hypothesis.strategies.SearchStrategy
+        A strategy whose examples are :class:`Problem` instances.
+
+    Raises
+    ------
+    ValueError
+        If ``dtype`` is neither ``"float32"`` nor ``"float64"``, or
+        ``max_m`` or ``max_d`` is below 1.
+    ImportError
+        If Hypothesis is not installed.
     """
     st = _hypothesis()
     if dtype not in ("float32", "float64"):

@@ -101,7 +101,19 @@ def get_cupy_linalg() -> str:
 
 
 def make_backend() -> Backend:
-    """The CuPy backend; every call consults the policy."""
+    """Build the CuPy backend, whose every call consults the policy.
+
+    Each function of the backend reads :func:`get_cupy_linalg` when it is
+    called, so a later :func:`set_cupy_linalg` (or a change of
+    ``MFAC_CUPY_LINALG``) applies to a backend built before it.
+
+    Returns
+    -------
+    Backend
+        The Cholesky factorisation, triangular solve, triangular inverse and
+        row edit of a factor on CuPy arrays, each sent to this package's
+        kernels or to cuSOLVER/cuBLAS as the policy says.
+    """
     import cupy
     import cupyx.scipy.linalg
 
