@@ -148,7 +148,7 @@ class DynamicIHVP(LinearOperator):
 
     See Also
     --------
-    StaticIHVP : the same inverse for a fixed set of gradients.
+    StaticIHVP : The same inverse for a fixed set of gradients.
 
     Notes
     -----
@@ -234,11 +234,35 @@ class DynamicIHVP(LinearOperator):
     @classmethod
     def from_window(cls, G: Array, /, *, damp: float, num_grads: int | None = None,
                     **options: Any) -> DynamicIHVP:
-        """A window initialised with the gradients in the rows of ``G`` (oldest first).
+        """Build a window holding the gradients in the rows of ``G`` (oldest first).
 
-        ``num_grads`` (default: the number of rows) is the capacity; the
-        namespace, device and dtype are G's. The set-up is BLAS-3: one Gram
-        product (accumulated in float64) and one factorisation.
+        The set-up is BLAS-3: one Gram product (accumulated in float64) and one
+        factorisation.
+
+        Parameters
+        ----------
+        G : array, shape (k, d)
+            The gradients, oldest first; the operator takes G's namespace,
+            device and dtype.
+        damp : float
+            The damping ``lambda > 0``.
+        num_grads : int, optional
+            The window's capacity m (default: k).
+        **options
+            The other keyword arguments of :class:`DynamicIHVP`.
+
+        Returns
+        -------
+        DynamicIHVP
+            The window, with its factor computed.
+
+        Raises
+        ------
+        ValueError
+            If G is not 2-D, holds NaN or infinity, or has more rows than
+            ``num_grads``.
+        FactorizationError
+            If the window's capacitance matrix cannot be factorised in float64.
         """
         xp = namespace_of(G, "G")
         if G.ndim != 2:
@@ -289,21 +313,33 @@ class DynamicIHVP(LinearOperator):
         self._commit(self._factorized(self._gram, list(self._window)), refactored=True)
 
     def __len__(self) -> int:
-        """The number of gradients in the window."""
+        """Return the number of gradients in the window.
+
+        Returns
+        -------
+        int
+            ``k``, at most ``num_grads``.
+        """
         return len(self._window)
 
     @property
     def is_full(self) -> bool:
-        """Whether the window holds ``num_grads`` gradients."""
+        """Whether the window holds ``num_grads`` gradients."""  # numpydoc ignore=RT01
         return len(self._window) == self.num_grads
 
     @property
     def slots(self) -> list[int]:
-        """The window slots: the buffer rows of the window's gradients, oldest first."""
+        """The window slots: buffer rows of its gradients, oldest first."""  # numpydoc ignore=RT01
         return list(self._window)
 
     def window(self) -> Array:
-        """The window's gradients as a new ``(k, d)`` array, oldest first."""
+        """Return the window's gradients, oldest first.
+
+        Returns
+        -------
+        array, shape (k, d)
+            A new array (not a view of the buffer).
+        """
         idx = self._xp.asarray(list(self._window), dtype=self._xp.int64, device=self.device)
         return self._xp.take(self._G, idx, axis=0)
 
@@ -439,11 +475,26 @@ class DynamicIHVP(LinearOperator):
         return b
 
     def update(self, g: Array, /) -> None:
-        """Insert gradient ``g`` (shape ``(d,)``); a full window drops its oldest.
+        """Insert gradient ``g``; a full window drops its oldest.
 
         A gradient holding NaN or infinity, or one that makes the window's
-        capacitance matrix singular in float64 (``FactorizationError``), is
-        refused and the window is left unchanged.
+        capacitance matrix singular in float64, is refused and the window is
+        left unchanged.
+
+        Parameters
+        ----------
+        g : array, shape (d,)
+            The gradient, in the operator's namespace and device; float32 into
+            a float64 window is promoted.
+
+        Raises
+        ------
+        ValueError
+            For a wrong shape, NaN or infinity, or another device.
+        TypeError
+            For another library or a lossy dtype.
+        FactorizationError
+            If the window's capacitance matrix cannot be factorised with it.
         """
         self._insert(g)
 
@@ -452,6 +503,21 @@ class DynamicIHVP(LinearOperator):
 
         The optimiser step: the product ``G g`` serves both the update of the
         Gram matrix and the product, so the m x d window is read twice in all.
+
+        Parameters
+        ----------
+        g : array, shape (d,)
+            The gradient, as for :meth:`update`.
+
+        Returns
+        -------
+        array, shape (d,)
+            ``F^{-1} g`` in the operator's dtype (after ``refine`` steps).
+
+        Raises
+        ------
+        ValueError, TypeError, FactorizationError
+            As :meth:`update`; the window is then unchanged.
         """
         g = self._check_gradient(g)
         b = self._insert(g)
@@ -469,6 +535,18 @@ class DynamicIHVP(LinearOperator):
 
         With ``zero_init`` the slot is set to a zero gradient and becomes the
         next one to be replaced.
+
+        Parameters
+        ----------
+        slot : int
+            One of :attr:`slots`.
+
+        Raises
+        ------
+        ValueError
+            If ``slot`` holds no gradient.
+        FactorizationError
+            If the remaining window cannot be factorised (it is then unchanged).
         """
         if isinstance(slot, bool) or not isinstance(slot, int) or slot not in self._window:
             raise ValueError(f"slot {slot!r} holds no gradient; the window's slots are "
@@ -521,10 +599,18 @@ class DynamicIHVP(LinearOperator):
     # -- checkpoints -------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """The window's state as plain arrays and numbers (for checkpoints).
+        """Return the window's state as plain arrays and numbers (for checkpoints).
 
         Restoring it with :meth:`load_state_dict` reproduces the operator bit
         for bit, including its Cholesky factor.
+
+        Returns
+        -------
+        dict
+            Copies of the gradients, the float64 Gram matrix and factor, the
+            slot lists (``window_slots``, ``free_slots``, ``factor_slots``),
+            the sizes, ``damp``, ``zero_init``, the edit count and a format
+            ``version``.
         """
         xp = self._xp
         return {

@@ -117,8 +117,8 @@ class StaticIHVP(_BlockOperatorBase):
 
     See Also
     --------
-    EmpiricalFisher : the forward operator F.
-    DynamicIHVP : the same inverse over a sliding window of gradients.
+    EmpiricalFisher : The forward operator F.
+    DynamicIHVP : The same inverse over a sliding window of gradients.
 
     Notes
     -----
@@ -228,7 +228,7 @@ class StaticIHVP(_BlockOperatorBase):
 
         Parameters
         ----------
-        rows, cols : integer arrays of the same shape
+        rows, cols : array of int, of the same shape
             Indices in ``[0, d)``, in the operator's namespace and device; any
             integer dtype (offsets are computed in int64).
 
@@ -310,6 +310,12 @@ class EmpiricalFisher(_BlockOperatorBase):
             for g in self._groups])
 
     def diagonal(self) -> Array:
-        """The diagonal ``damp + sum_i G_ij^2 / m`` (shape ``(d,)``)."""
+        """Return the diagonal ``damp + sum_i G_ij^2 / m``.
+
+        Returns
+        -------
+        array, shape (d,)
+            In the operator's namespace, dtype and device.
+        """
         xp = self._xp
         return self.damp + xp.sum(self._G * self._G, axis=0) / self.num_grads
