@@ -1,7 +1,7 @@
 """The ``mfac-core`` command line (also ``python -m mfac_core``).
 
-Commands
---------
+Two commands:
+
 ``mfac-core ihvp GRADS.npy VECS.npy -o OUT.npy --damp D``
     Multiply one vector, or each row of a stack of vectors, by the inverse of
     the damped empirical Fisher ``F = D I + G^T G / m`` of the gradients in the
@@ -104,7 +104,13 @@ class _ArgumentParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``mfac-core``."""
+    """Build the argument parser of ``mfac-core``.
+
+    Returns
+    -------
+    argparse.ArgumentParser
+        With the subcommands ``ihvp`` and ``demo``.
+    """
     from ._demo import DEFAULT_DAMP, MAX_DEMO_GRADS, MAX_DENSE_DIM
 
     parser = _ArgumentParser(
@@ -165,7 +171,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class ProgressBar:
-    """A one-line text progress bar, redrawn in place with carriage returns."""
+    """A one-line text progress bar, redrawn in place with carriage returns.
+
+    Parameters
+    ----------
+    stream : file-like
+        Where the bar is written (standard error).
+    label : str
+        The text before the bar.
+    width : int, optional
+        The number of characters of the bar itself.
+    """
 
     def __init__(self, stream: TextIO, label: str, width: int = 30) -> None:
         self.stream, self.label, self.width = stream, label, width

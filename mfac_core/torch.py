@@ -332,12 +332,12 @@ class MFAC(torch.optim.Optimizer):
 
     @property
     def num_grads(self) -> int:
-        """The window size m."""
+        """The window size m."""  # numpydoc ignore=RT01
         return self.ihvp.num_grads
 
     @property
     def damp(self) -> float:
-        """The damping lambda of the window."""
+        """The damping lambda of the window."""  # numpydoc ignore=RT01
         return self.ihvp.damp
 
     def __repr__(self) -> str:
