@@ -40,6 +40,7 @@ from _common import (
 )
 
 from mfac_core import IllConditionedWarning, StaticIHVP
+from mfac_core.testing import extended_precision_inverse
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -60,23 +61,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def reference(G: np.ndarray, damp: float, x: np.ndarray) -> np.ndarray:
-    """F^{-1} x by Woodbury's identity in extended precision (Gaussian elimination on C)."""
-    LD = np.longdouble
-    Gl, xl = G.astype(LD), x.astype(LD)
-    m = G.shape[0]
-    C = np.einsum("ik,jk->ij", Gl, Gl) + m * LD(damp) * np.eye(m, dtype=LD)
-    b = Gl @ xl
-    for k in range(m):  # C is SPD: no pivoting needed
-        f = C[k + 1:, k] / C[k, k]
-        C[k + 1:, k:] -= f[:, None] * C[k, k:]
-        b[k + 1:] -= f * b[k]
-    z = np.zeros(m, dtype=LD)
-    for k in range(m - 1, -1, -1):
-        z[k] = (b[k] - C[k, k + 1:] @ z[k + 1:]) / C[k, k]
-    return np.asarray((xl - Gl.T @ z) / LD(damp), dtype=np.float64)
-
-
 def gradients(rng: np.random.Generator, m: int, d: int) -> np.ndarray:
     """Per-sample-like gradients: a strong common mean plus a decaying spectrum."""
     return 0.1 * rng.standard_normal((m, d)) * np.exp(-np.arange(d) / (d / 10)) \
@@ -92,7 +76,7 @@ def accuracy_rows(args: argparse.Namespace) -> list[list[str]]:
             G64 = G.astype(np.float64)
             damp = float(np.linalg.norm(G64, 2)) ** 2 / (args.m * (kappa - 1))
             x = G.mean(axis=0)
-            want = reference(G64, damp, x.astype(np.float64))
+            want = extended_precision_inverse(G64, damp, x.astype(np.float64))
             errors = []
             for steps in (0, 1, 2):
                 with warnings.catch_warnings():

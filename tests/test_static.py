@@ -19,6 +19,7 @@ from mfac_core.testing import (
     assert_close,
     condition_number,
     empirical_fisher_dense,
+    extended_precision_inverse,
     problems,
     to_numpy,
 )
@@ -580,25 +581,6 @@ def test_entries_temporaries_are_bounded(monkeypatch, rng):
 # -- iterative refinement -------------------------------------------------------------------
 
 
-def _reference_ld(G: np.ndarray, damp: float, x: np.ndarray) -> np.ndarray:
-    """F^{-1} x by Woodbury in extended precision (80-bit long double where the platform has
-    it), for an error reference that is more accurate than float64."""
-    LD = np.longdouble
-    Gl, xl = G.astype(LD), x.astype(LD)
-    m = G.shape[0]
-    C = np.einsum("ik,jk->ij", Gl, Gl) + m * LD(damp) * np.eye(m, dtype=LD)
-    # Gaussian elimination without pivoting (C is SPD), in long double.
-    A, b = C.copy(), Gl @ xl
-    for k in range(m):
-        f = A[k + 1:, k] / A[k, k]
-        A[k + 1:, k:] -= f[:, None] * A[k, k:]
-        b[k + 1:] -= f * b[k]
-    z = np.zeros(m, dtype=LD)
-    for k in range(m - 1, -1, -1):
-        z[k] = (b[k] - A[k, k + 1:] @ z[k + 1:]) / A[k, k]
-    return np.asarray((xl - Gl.T @ z) / LD(damp), dtype=np.float64)
-
-
 @pytest.mark.skipif(np.finfo(np.longdouble).eps >= 1e-17, reason="no extended precision")
 @pytest.mark.parametrize("kappa", [1e5, 1e7, 1e9])
 @pytest.mark.parametrize("block_size", [None, 200])
@@ -612,9 +594,9 @@ def test_refinement_brings_the_mean_gradient_to_eps_kappa(kappa, block_size):
     damp = float(np.linalg.norm(G, 2)) ** 2 / (m * (kappa - 1))
     x = G.mean(axis=0)
     if block_size is None:
-        want = _reference_ld(G, damp, x)
+        want = extended_precision_inverse(G, damp, x)
     else:
-        want = np.concatenate([_reference_ld(G[:, lo:lo + block_size], damp,
+        want = np.concatenate([extended_precision_inverse(G[:, lo:lo + block_size], damp,
                                              x[lo:lo + block_size])
                                for lo in range(0, d, block_size)])
     eps = float(np.finfo(np.float64).eps)
