@@ -33,7 +33,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import numbers
 import warnings
 from typing import Any, NamedTuple
 
@@ -44,8 +43,8 @@ import numpy as np
 import optax
 from jax import lax
 
-# The public names, not the private module that defines them.
-from . import FactorizationError, IllConditionedWarning
+from ._errors import FactorizationError, IllConditionedWarning
+from ._validation import check_count, check_damp, check_flag, check_number
 
 __all__ = [
     "MFACState",
@@ -88,23 +87,6 @@ def _require_x64(what: str) -> None:
             "jax.config.update(\"jax_enable_x64\", True), or around both the tracing and the "
             "calls with `with jax.enable_x64(True): ...`. float32 gradients and parameters "
             "stay float32 in that mode.")
-
-
-def _check_damp(damp: Any) -> float:
-    # damp is static (a Python float): the factor depends on it, so a new damping is
-    # a new operator; a traced damp would make every set-up a retrace anyway.
-    if isinstance(damp, bool) or not isinstance(damp, numbers.Real):
-        raise TypeError(f"damp must be a real Python number, got {damp!r}")
-    value = float(damp)
-    if not math.isfinite(value) or value <= 0.0:
-        raise ValueError(f"damp must be finite and > 0, got {damp!r}")
-    return value
-
-
-def _check_int(value: Any, name: str, low: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    return int(value)
 
 
 def _check_dtype(dtype: Any, name: str) -> np.dtype:
@@ -399,7 +381,7 @@ def static_ihvp(G: Any, /, *, damp: float) -> StaticIHVP:
     True
     """
     _require_x64("static_ihvp")
-    damp = _check_damp(damp)
+    damp = check_damp(damp)
     G = jnp.asarray(G)
     if G.ndim != 2 or 0 in G.shape:
         raise ValueError(f"G must be a non-empty 2-D array of shape (m, d), one gradient per "
@@ -625,13 +607,13 @@ def window_init(num_grads: int, dim: int, /, *, damp: float, dtype: Any,
     True
     """
     _require_x64("window_init")
-    m = _check_int(num_grads, "num_grads")
-    d = _check_int(dim, "dim")
-    damp = _check_damp(damp)
+    m = check_count(num_grads, "num_grads")
+    d = check_count(dim, "dim")
+    damp = check_damp(damp)
     dt = _check_dtype(dtype, "dtype")
-    refactor_every = m if refactor_every is None else _check_int(refactor_every,
+    refactor_every = m if refactor_every is None else check_count(refactor_every,
                                                                  "refactor_every")
-    zero_init = bool(zero_init)
+    zero_init = check_flag(zero_init, "zero_init")
     shift = m * damp if zero_init else damp  # without zero_init any k >= 1 gives it; see _shift
     return WindowState(
         grads=jnp.zeros((m, d), dt),
@@ -1028,10 +1010,10 @@ def mfac(num_grads: int = 1024, damp: float = 1e-5, *, zero_init: bool = True,
     >>> bool(loss(params) < 0.75 * first)
     True
     """
-    m = _check_int(num_grads, "num_grads")
-    damp = _check_damp(damp)
+    m = check_count(num_grads, "num_grads")
+    damp = check_damp(damp)
     if refactor_every is not None:
-        _check_int(refactor_every, "refactor_every")
+        check_count(refactor_every, "refactor_every")
 
     def init_fn(params: Any) -> MFACState:
         d, dtype = _flat_layout(params, "params")
@@ -1085,17 +1067,15 @@ def mfac_sgd(learning_rate: Any, num_grads: int = 1024, damp: float = 1e-5, *,
     Raises
     ------
     ValueError
-        If ``momentum`` is not a real number in ``[0, 1)``, ``weight_decay``
-        is not a finite real number ``>= 0``, ``num_grads`` is not an int
-        ``>= 1``, or ``damp`` is not finite and positive.
+        If ``momentum`` is not in ``[0, 1)``, ``weight_decay`` is not finite
+        and ``>= 0``, ``num_grads`` is not ``>= 1``, or ``damp`` is not finite
+        and positive.
     TypeError
-        If ``damp`` is not a real Python number.
+        If ``momentum``, ``weight_decay`` or ``damp`` is not a real number, or
+        ``num_grads`` not an int.
     """
-    for name, value, high in (("momentum", momentum, 1.0), ("weight_decay", weight_decay,
-                                                           math.inf)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) \
-                or not (0.0 <= float(value) < high):
-            raise ValueError(f"{name} must be a real number in [0, {high}), got {value!r}")
+    momentum = check_number(momentum, "momentum", low=0.0, high=1.0, high_open=True)
+    weight_decay = check_number(weight_decay, "weight_decay", low=0.0)
     parts = []
     if weight_decay:
         parts.append(optax.add_decayed_weights(float(weight_decay)))

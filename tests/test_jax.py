@@ -378,8 +378,11 @@ def test_window_refuses_bad_arguments():
         args = {"damp": 0.1, "dtype": jnp.float32, **kwargs}
         with pytest.raises(exc, match=match):
             mj.window_init(3, 5, **args)
-    for m, d in ((0, 5), (3, 0), (2.0, 5), (True, 5)):
-        with pytest.raises(ValueError, match="must be an int"):
+    for m, d in ((0, 5), (3, 0)):
+        with pytest.raises(ValueError, match="must be >= 1"):
+            mj.window_init(m, d, damp=0.1, dtype=jnp.float32)
+    for m, d in ((2.0, 5), (True, 5)):  # not integers: a wrong type
+        with pytest.raises(TypeError, match="must be an int"):
             mj.window_init(m, d, damp=0.1, dtype=jnp.float32)
     state = mj.window_init(3, 5, damp=0.1, dtype=jnp.float32)
     with pytest.raises(TypeError, match="cast it explicitly"):
