@@ -1,23 +1,116 @@
-"""Shared pieces of the digits examples: data, model, training and evaluation.
+"""Shared pieces of the digits examples: data, model, training, evaluation and output.
 
 The data are scikit-learn's bundled copy of the UCI optical handwritten digits
 (1797 8x8 images, 10 classes), which ships inside the ``sklearn`` package:
 nothing is downloaded.
+
+Every script writes its figure and a summary (``NAME.md``, the tables it
+printed under a header naming the command, the machine, the date and the
+library versions, and ``NAME.json``, the same numbers) to ``--out``, by default
+``$XDG_CACHE_HOME/mfac_core-examples`` (``~/.cache/mfac_core-examples``), so
+that a run never writes into the repository unless asked to.
 """
 
 from __future__ import annotations
 
+import argparse
+import datetime
+import json
 import math
+import os
+import platform
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
-import torch
+
+try:
+    import torch
+except ImportError:  # pragma: no cover - depends on the environment
+    # The examples extra does not list torch: pip would pick the multi-GB CUDA build.
+    sys.exit("The examples need PyTorch. For the CPU-only build (enough for them), run\n"
+             "    pip install torch --index-url https://download.pytorch.org/whl/cpu\n"
+             "or see https://pytorch.org/get-started/locally/ for a CUDA build.")
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["Digits", "History", "ShuffledBatches", "evaluate", "load", "make_mlp", "train"]
+__all__ = ["Digits", "History", "ShuffledBatches", "add_output_options", "default_out",
+           "environment", "evaluate", "load", "make_mlp", "markdown_table", "train",
+           "write_summary"]
+
+
+def default_out() -> Path:
+    """``$XDG_CACHE_HOME/mfac_core-examples``, else ``~/.cache/mfac_core-examples``."""
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache) / "mfac_core-examples"
+
+
+def add_output_options(parser: argparse.ArgumentParser) -> None:
+    """``--out`` (alias ``--outdir``) and ``--threads``, shared by the scripts."""
+    parser.add_argument("--out", "--outdir", dest="out", type=Path, default=default_out(),
+                        help=f"folder for the figure and the summary ({default_out()})")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1 is fastest for these tiny matrices, and "
+                             "deterministic)")
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(threads: int) -> dict[str, Any]:
+    """The facts a reader needs to reproduce a run: command, machine, date, versions."""
+    import scipy
+    import sklearn
+
+    import mfac_core
+
+    return {
+        "command": "python " + " ".join([os.path.relpath(sys.argv[0]), *sys.argv[1:]]),
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+        "machine": f"{_cpu_model()}, {os.cpu_count()} logical CPUs",
+        "torch_threads": threads,
+        "python": platform.python_version(),
+        "versions": {"mfac_core": mfac_core.__version__, "torch": torch.__version__,
+                     "numpy": np.__version__, "scipy": scipy.__version__,
+                     "scikit-learn": sklearn.__version__},
+    }
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """A GitHub markdown table, columns padded to equal width."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+                     + [line(r) for r in rows])
+
+
+def write_summary(out: Path, name: str, env: dict[str, Any], sections: list[str],
+                  data: dict[str, Any]) -> Path:
+    """Write ``out/NAME.md`` (header and ``sections``) and ``out/NAME.json``; return the .md."""
+    out.mkdir(parents=True, exist_ok=True)
+    versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items())
+    header = (f"Written by `{env['command']}` on {env['date_utc']} UTC; {env['machine']}; "
+              f"{env['torch_threads']} torch thread(s); Python {env['python']}, {versions}.")
+    md = out / f"{name}.md"
+    md.write_text("\n\n".join([header, *sections]) + "\n", encoding="utf-8")
+    (out / f"{name}.json").write_text(json.dumps({"environment": env, **data}, indent=1) + "\n",
+                                      encoding="utf-8")
+    return md
 
 
 @dataclass
@@ -123,3 +216,36 @@ def train(model: nn.Module, opt: torch.optim.Optimizer, data: Digits, *, epochs:
             break
     hist.seconds = time.perf_counter() - start
     return hist
+
+
+#: examples/README.md quotes each summary between these two lines, verbatim.
+QUOTE_BEGIN = "<!-- begin {} (written by the script; `python examples/_common.py` copies it) -->"
+QUOTE_END = "<!-- end {} -->"
+
+
+def sync_readme(readme: Path, results: Path) -> list[str]:
+    """Replace each quoted block of ``readme`` with the current ``results/NAME.md``.
+
+    Returns the names of the blocks that changed.
+    """
+    import re
+
+    text = readme.read_text(encoding="utf-8")
+    changed = []
+
+    def quote(match: re.Match[str]) -> str:
+        name = match.group(1)
+        body = (results / name).read_text(encoding="utf-8")
+        if match.group(2) != body:
+            changed.append(name)
+        return QUOTE_BEGIN.format(name) + "\n" + body + QUOTE_END.format(name)
+
+    pattern = (re.escape(QUOTE_BEGIN).replace(r"\{\}", r"(\S+)") + r"\n(.*?)"
+               + re.escape(QUOTE_END).replace(r"\{\}", r"\1"))
+    readme.write_text(re.sub(pattern, quote, text, flags=re.S), encoding="utf-8")
+    return changed
+
+
+if __name__ == "__main__":
+    here = Path(__file__).resolve().parent
+    print("updated:", ", ".join(sync_readme(here / "README.md", here / "results")) or "nothing")

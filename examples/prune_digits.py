@@ -19,9 +19,11 @@ paper's setting), in float64 (the best damping is tiny, which makes F too
 ill-conditioned for float32 products). Its damping is chosen on the *training* loss: the value of
 a small grid with the lowest training loss after one-shot OBS pruning to 90%
 (first seed). Results are averaged over ``--seeds`` independently trained
-models. Writes ``prune_digits.png`` and prints tables. Usage::
+models. Prints tables and writes, to ``--out`` (default
+``~/.cache/mfac_core-examples``), ``prune_digits.png`` and ``prune_digits.md``/``.json``
+(the tables, the command, the machine and the library versions). Usage::
 
-    python examples/prune_digits.py [--seeds 3] [--outdir DIR]
+    python examples/prune_digits.py [--seeds 3] [--out DIR]
 """
 
 from __future__ import annotations
@@ -39,7 +41,18 @@ from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import Digits, ShuffledBatches, evaluate, load, make_mlp, train
+from _common import (
+    Digits,
+    ShuffledBatches,
+    add_output_options,
+    environment,
+    evaluate,
+    load,
+    make_mlp,
+    markdown_table,
+    train,
+    write_summary,
+)
 
 from mfac_core.torch import MFACPruner
 
@@ -84,30 +97,40 @@ def prune_copy(model: torch.nn.Module, data: Digits, sparsity: float, damp: floa
     return evaluate(pruned, data.X_test, data.y_test)[1], train_loss
 
 
-def choose_damp(model: torch.nn.Module, data: Digits) -> float:
+def choose_damp(model: torch.nn.Module, data: Digits) -> tuple[float, str]:
+    """The damping of ``DAMP_GRID`` with the lowest training loss, and the sweep's table."""
     print(f"Damping sweep (seed 0, one-shot M-FAC OBS B={BLOCK} to 90%, no test data used):")
     print(f"  {'damp':>8s} {'train loss':>11s} {'(test acc)':>11s}")
     best = None
+    losses, accs = [], []
     for damp in DAMP_GRID:
         acc, loss = prune_copy(model, data, 0.9, damp, METHODS[f"M-FAC OBS, B={BLOCK}"][0], 1,
                                0)
         print(f"  {damp:8.0e} {loss:11.4f} {acc:11.4f}")
+        losses.append(f"{loss:.4f}")
+        accs.append(f"{acc:.4f}")
         if best is None or loss < best[1]:
             best = (damp, loss)
     print(f"  -> damp = {best[0]:g}\n")
-    return best[0]
+    sweep = markdown_table(["damp", *(f"{d:.0e}" for d in DAMP_GRID)],
+                           [["training loss", *losses], ["(test accuracy)", *accs]])
+    return best[0], sweep
 
 
 def table(title: str, results: dict[str, dict[float, list[float]]], dense: list[float],
-          fmt: str) -> None:
+          fmt: str) -> str:
+    """Print the means over models and return them as a markdown table."""
     print(title)
     header = f"{'method':34s}" + "".join(f"{f'{s:.0%}':>9s}" for s in SPARSITIES)
     print(header)
     print("-" * len(header))
     print(f"{'dense (0%)':34s}" + f"{statistics.fmean(dense):9{fmt}}")
+    rows = []
     for name, per in results.items():
         print(f"{name:34s}" + "".join(f"{statistics.fmean(per[s]):9{fmt}}" for s in SPARSITIES))
+        rows.append([name, *(f"{statistics.fmean(per[s]):{fmt}}" for s in SPARSITIES)])
     print()
+    return markdown_table(["method", *(f"{s:.0%}" for s in SPARSITIES)], rows)
 
 
 def plot(results: dict[str, dict[float, list[float]]], dense: float, path: Path) -> None:
@@ -136,20 +159,20 @@ def plot(results: dict[str, dict[float, list[float]]], dense: float, path: Path)
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--outdir", type=Path, default=Path(__file__).resolve().parent)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (1 is fastest for these tiny matrices)")
+    add_output_options(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    env = environment(args.threads)
     start = time.perf_counter()
     data = load()
     models = [dense_model(data, seed) for seed in range(args.seeds)]
     dense_acc = [evaluate(m, data.X_test, data.y_test)[1] for m in models]
     dense_loss = [evaluate(m, data.X_train, data.y_train)[0] for m in models]
-    print(f"{args.seeds} dense models: test accuracy {statistics.fmean(dense_acc):.4f}, "
-          f"training loss {statistics.fmean(dense_loss):.4f}; Fisher from m={NUM_GRADS} "
-          f"gradients of batches of {GRAD_BATCH}\n")
-    damp = choose_damp(models[0], data)
+    intro = (f"{args.seeds} dense model(s): test accuracy {statistics.fmean(dense_acc):.4f}, "
+             f"training loss {statistics.fmean(dense_loss):.4f}; Fisher from m={NUM_GRADS} "
+             f"gradients of batches of {GRAD_BATCH}, float64")
+    print(intro + "\n")
+    damp, sweep = choose_damp(models[0], data)
     acc: dict[str, dict[float, list[float]]] = {n: {s: [] for s in SPARSITIES} for n in METHODS}
     loss: dict[str, dict[float, list[float]]] = {n: {s: [] for s in SPARSITIES}
                                                   for n in METHODS}
@@ -159,13 +182,26 @@ def main(argv: list[str] | None = None) -> None:
                 a, ell = prune_copy(model, data, s, damp, options, steps, seed)
                 acc[name][s].append(a)
                 loss[name][s].append(ell)
-    table(f"Test accuracy after one-shot pruning (mean of {args.seeds} models, "
-          f"{data.X_test.shape[0]} test images)", acc, dense_acc, ".4f")
-    table("Training loss after one-shot pruning (what OBS minimises)", loss, dense_loss, ".4f")
-    args.outdir.mkdir(parents=True, exist_ok=True)
-    path = args.outdir / "prune_digits.png"
+    acc_table = table(f"Test accuracy after one-shot pruning (mean of {args.seeds} models, "
+                      f"{data.X_test.shape[0]} test images)", acc, dense_acc, ".4f")
+    loss_table = table("Training loss after one-shot pruning (what OBS minimises)", loss,
+                       dense_loss, ".4f")
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "prune_digits.png"
     plot(acc, statistics.fmean(dense_acc), path)
-    print(f"damp={damp:g}; wrote {path} ({time.perf_counter() - start:.0f} s in all)")
+    md = write_summary(
+        args.out, "prune_digits", env,
+        [intro + ".", f"Damping sweep (first model, one-shot M-FAC OBS B={BLOCK} to 90%; "
+         f"chosen on the training loss): damp = {damp:g}.", sweep,
+         f"Test accuracy after pruning (mean of {args.seeds} model(s), "
+         f"{data.X_test.shape[0]} test images; dense: {statistics.fmean(dense_acc):.4f}):",
+         acc_table, "Training loss after pruning (dense: "
+         f"{statistics.fmean(dense_loss):.4f}):", loss_table],
+        {"seeds": args.seeds, "damp": damp, "damp_grid": list(DAMP_GRID),
+         "dense_test_acc": dense_acc, "dense_train_loss": dense_loss,
+         "test_acc": {n: {str(s): v for s, v in per.items()} for n, per in acc.items()},
+         "train_loss": {n: {str(s): v for s, v in per.items()} for n, per in loss.items()}})
+    print(f"damp={damp:g}; wrote {path} and {md} ({time.perf_counter() - start:.0f} s in all)")
 
 
 if __name__ == "__main__":

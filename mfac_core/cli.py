@@ -7,8 +7,9 @@ Two commands:
     the damped empirical Fisher ``F = D I + G^T G / m`` of the gradients in the
     rows of ``GRADS.npy``, and save the results with the shape of ``VECS.npy``.
 ``mfac-core demo``
-    Run :class:`~mfac_core.StaticIHVP` on a built-in problem, check it against
-    a dense inverse and print errors and timings next to this machine's floors.
+    Run :class:`~mfac_core.StaticIHVP` on a built-in problem, check each
+    product against a dense inverse and the error bound of its docstring, and
+    print errors and timings next to this machine's floors, with a legend.
 
 User errors (missing files, wrong shapes, an output that is an input, NaN or
 infinity in the inputs, a bad damping, a factorisation that fails) print
@@ -154,7 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
             "Build per-sample gradients of a logistic-regression model on synthetic data "
             "(no download), run StaticIHVP (full and block-wise, float32 and float64), compare "
             "with the float64 dense inverse and print errors, timings and this machine's "
-            "floors. Exits with 0 only if every error is within eps(dtype) * kappa * 100."),
+            "floors; the output explains its columns. Exits with 0 only if, for every test "
+            "vector x, the relative error is within its bound "
+            "C * eps(dtype) * kappa * ||x|| / (damp * ||F^-1 x||) (StaticIHVP's docstring, "
+            "Notes, Precision; C is printed)."),
     )
     demo.add_argument("--m", type=_positive_int, default=64,
                       help=f"number of gradients (64; at most {MAX_DEMO_GRADS})")

@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ import pytest
 
 import mfac_core
 from mfac_core import IllConditionedWarning, StaticIHVP
+from mfac_core._demo import BOUND_CONSTANT
 from mfac_core.cli import ProgressBar, _nonfinite_rows, main
 from mfac_core.testing import assert_close, condition_number
 
@@ -407,10 +409,67 @@ def test_version_and_help(capsys):
 def test_demo_runs_and_passes(capsys):
     assert main(["demo", "--m", "8", "--d", "120", "--seed", "3"]) == 0
     out = capsys.readouterr().out
-    assert "kappa" in out and "all errors within tolerance" in out
-    for variant in ("full", "blocks B=32", "blocks B=4 (dense)"):
+    assert "all errors within their bounds" in out
+    for variant in ("full", "blocks B=32", "blocks B=4"):
         assert variant in out
-    assert out.count(" yes") == 6 and " NO" not in out
+    assert len(re.findall(r" yes\*?$", out, flags=re.M)) == 6
+    assert not re.search(r" NO$", out, flags=re.M)
+    # The output explains its columns, and states the constant of the bound.
+    assert "columns:" in out
+    for column in ("variant", "kappa", "err/bound", "rel.err", "bound", "set-up", "IHVP", "ok"):
+        assert f"\n  {column} " in out, column
+    assert f"C = {BOUND_CONSTANT:g}" in out
+
+
+def test_demo_fails_when_an_error_exceeds_its_bound(capsys, monkeypatch):
+    # A bound 1e6 times too tight must fail the check: "ok" depends on the bound.
+    import mfac_core._demo as demo
+
+    monkeypatch.setattr(demo, "BOUND_CONSTANT", BOUND_CONSTANT * 1e-6)
+    assert main(["demo", "--m", "8", "--d", "120", "--seed", "3"]) == 1
+    out = capsys.readouterr().out
+    assert re.search(r" NO$", out, flags=re.M) and "FAILED: an error exceeds its bound" in out
+
+
+@pytest.mark.parametrize("m", [8, 64])
+@pytest.mark.parametrize("d", [120, 500])
+@pytest.mark.parametrize("damp", [1e-2, 1e-4, 1e-6])
+def test_demo_bound_holds_with_margin(m, d, damp):
+    # Part of the sweep that chose BOUND_CONSTANT (see its comment): every vector's error is
+    # within half the bound, in float32 and float64, full and block-wise.
+    import mfac_core._demo as demo
+
+    for seed in range(3):
+        G64 = demo.demo_gradients(m, d, seed)
+        rng = np.random.default_rng(seed + 1)
+        X64 = np.concatenate([rng.standard_normal((d, 2)),
+                              G64.T @ rng.standard_normal((m, 2))], axis=1)
+        for block in sorted({d, 4 * m, max(1, m // 2)}):
+            if block > d:
+                continue
+            reference = demo._apply_blocks(demo._dense_block_inverse(G64, damp, block), X64)
+            kappa = demo.block_kappa(G64, damp, block)
+            for dtype in (np.float32, np.float64):
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", IllConditionedWarning)
+                    op = StaticIHVP(G64.astype(dtype), damp=damp,
+                                    block_size=None if block == d else block)
+                Y = op.matmat(X64.astype(dtype))
+                error, bound = demo.error_ratios(Y, reference, X64, damp=damp, kappa=kappa,
+                                                 eps=float(np.finfo(dtype).eps))
+                assert np.all(error <= bound / 2), (seed, block, dtype, error / bound)
+
+
+def test_demo_passes_under_prescott():
+    """The demo in a fresh interpreter with OpenBLAS's Prescott kernels (another order of
+    summation): the bounds hold there too."""
+    env = dict(os.environ, OPENBLAS_CORETYPE="Prescott")
+    root = str(Path(mfac_core.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    run_ = subprocess.run([sys.executable, "-m", "mfac_core", "demo", "--m", "16", "--d", "300"],
+                          capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert run_.returncode == 0, run_.stdout + run_.stderr
+    assert "all errors within their bounds" in run_.stdout
 
 
 def test_demo_is_deterministic():
@@ -447,9 +506,31 @@ def test_readme_quickstart_runs():
     assert blocks, "README.md has no python code block"
     for block in blocks:
         exec(compile(block, str(readme), "exec"), {})
-    # Exactly two set-up commands, each one line.
+    # Every shell block is one command on one line, and the set-up section has two: install
+    # and demo, install and tests.
     commands = re.findall(r"```sh\n(.*?)```", text, flags=re.S)
-    assert [c.count("\n") for c in commands] == [1, 1]
+    assert commands and all(c.count("\n") == 1 for c in commands), commands
+    setup = text.split("## Set-up", 1)[1].split("\n## ", 1)[0]
+    assert "pip install . && mfac-core demo\n" in setup
+    assert 'pip install ".[test]" && python -m pytest -q tests\n' in setup
+    # The examples' torch comes from the CPU index: the extra does not pull the CUDA build.
+    assert "--index-url https://download.pytorch.org/whl/cpu" in setup
+
+
+def test_examples_readme_quotes_the_results_verbatim():
+    """examples/README.md quotes each summary the scripts wrote to examples/results, unchanged."""
+    examples = Path(__file__).resolve().parent.parent / "examples"
+    if not (examples / "README.md").exists():
+        pytest.skip("examples/ is not beside the tests")
+    text = (examples / "README.md").read_text(encoding="utf-8")
+    quoted = re.findall(r"<!-- begin (\S+) \(.*?\) -->\n(.*?)<!-- end \1 -->", text, flags=re.S)
+    assert {name for name, _ in quoted} == {"train_digits.md", "train_digits-tune.md",
+                                           "prune_digits.md", "damp_and_m.md"}
+    for name, body in quoted:
+        written = (examples / "results" / name).read_text(encoding="utf-8")
+        assert body == written, f"examples/README.md quotes an old {name}; run examples/_common.py"
+        # Each summary names the command that wrote it and the versions it ran with.
+        assert written.startswith("Written by `python examples/") and "mfac_core " in written
 
 
 # -- python -m mfac_core -------------------------------------------------------------------
