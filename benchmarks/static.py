@@ -382,6 +382,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name + ':' if name else '':28s} {value}")
     print(f"{'parameters:':28s} d={d}, m={args.m}, dtype={args.dtype}, damp={args.damp:g}, "
           f"block_size={bs}, k={k}, best of {args.repeat} (interleaved), kappa~{KAPPA:g}")
+    print(f"{'block-wise set-up:':28s} (m, B) in {args.block}, d={args.block_d}"
+          + (" (only this table)" if args.only_block else ""))
 
     setup_rows, ihvp_rows, mem_rows, floor_notes, bw_notes = [], [], [], [], []
     block_rows, block_notes = block_setup_rows(

@@ -159,8 +159,9 @@ def _dense_inverses(xp: Any, G: Array, group: BlockGroup, *, damp: float, check:
                     track: _Tracker) -> DenseBlockInverses:
     m = G.shape[0]
     s = group.size
-    # The inverses go straight into one array of the storage dtype where the library's
-    # arrays can be written (no float64 stack of the group, no join at the end).
+    # The inverses go chunk by chunk into one array of the storage dtype where the
+    # library's arrays can be written: no join of per-chunk parts at the end, which
+    # would hold the group's inverses twice.
     writeable = is_writeable_array(xp.empty((0,), dtype=G.dtype, device=device(G)))
     out = xp.empty((group.count, s, s), dtype=G.dtype, device=device(G)) if writeable else None
     parts = []

@@ -28,8 +28,7 @@ from ._backend import Backend
 from ._cupy import CUPY_LINALG_CHOICES, get_cupy_linalg, set_cupy_linalg
 
 __all__ = ["CUPY_LINALG_CHOICES", "cholesky", "cholesky_inverse", "get_cupy_linalg", "matmul_into",
-           "replace_row",
-           "set_cupy_linalg", "solve_triangular", "triangular_inverse"]
+           "replace_row", "set_cupy_linalg", "solve_triangular", "triangular_inverse"]
 
 _MAKERS = ((is_numpy_namespace, _numpy.make_backend), (is_torch_namespace, _torch.make_backend),
            (is_cupy_namespace, _cupy.make_backend), (is_jax_namespace, _jax.make_backend))
@@ -78,9 +77,10 @@ def cholesky_inverse(xp: Any, U: Any, dtype: Any, /, *, out: Any = None) -> Any:
     """``(U^T U)^{-1}`` for a stack ``(b, k, k)`` of upper Cholesky factors, in ``dtype``.
 
     The inverse is computed in U's precision (float64) and only then rounded to
-    ``dtype``; where the backend allows, straight into the result (``out``, a
-    writeable ``(b, k, k)`` array of ``dtype``, if given), without a float64 copy of
-    the whole stack. Returns the result (``out`` where given).
+    ``dtype``, into ``out`` (a writeable ``(b, k, k)`` array of ``dtype``) if given, so
+    that a caller can fill one array chunk by chunk. A backend may provide its own
+    (``Backend.cholesky_inverse``); the generic one is ``U^{-1} U^{-T}`` from the
+    triangular inverse. Returns the result (``out`` where given).
     """
     into = _backend_for(xp).cholesky_inverse
     if into is None:

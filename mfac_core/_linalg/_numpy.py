@@ -50,22 +50,9 @@ def make_backend() -> Backend:
     def matmul_into(a: Any, b: Any, out: Any) -> None:
         np.matmul(a, b, out=out)  # NumPy buffers the product itself if out overlaps b
 
-    def cholesky_inverse(U: Any, out: Any) -> None:
-        # LAPACK's potri (trtri and lauum: 2 k^3 / 3 flops, a third of what the
-        # triangular inverse and a full product with it cost), matrix by matrix: SciPy's
-        # is not batched, and at these orders the call costs little next to the work.
-        # potri writes the upper triangle of the inverse; the strict lower one keeps
-        # what it had, zeros from U. The transpose of each result, cast on assignment
-        # into ``out``, holds the lower triangle; the upper one is mirrored afterwards.
-        k = U.shape[-1]
-        flat_U = np.reshape(U, (-1, k, k))
-        flat = np.reshape(out, (-1, k, k))
-        for i in range(flat_U.shape[0]):
-            inv, info = scipy.linalg.lapack.dpotri(flat_U[i], lower=0)
-            if info != 0:
-                raise NotPositiveDefinite(f"potri failed with info={info}")
-            flat[i] = inv.T
-        flat += np.matrix_transpose(np.tril(flat, -1))
-
-    return Backend(chol, solve, inverse, matmul_into=matmul_into,
-                   cholesky_inverse=cholesky_inverse)
+    # No ``cholesky_inverse``: LAPACK's potri per matrix (trtri + lauum, a third of
+    # the flops of trtri and a full product) took 0.77x the CPU time of the generic
+    # path with one BLAS thread, but 3.3x its wall time with OpenBLAS's two threads
+    # at order 128 (benchmarks/RESULTS.md, 2026-11-29): its small threaded calls
+    # synchronise more than they compute.
+    return Backend(chol, solve, inverse, matmul_into=matmul_into)
