@@ -24,6 +24,16 @@ block-wise row is held to the same floor: its Gram products and solve cost the s
 d m^2 flops whatever the block size (its d / B factorisations add O(d m^3 / B)).
 Target: 1.5x.
 
+**Block-wise set-up** (the settings pruning recipes use): ``StaticIHVP(G, damp,
+block_size=B)`` at ``(m, B)`` = (1024, 50), (256, 128), (64, 128) and (64, 1024) over its
+*compute floor*: the flops of the per-block work at the rate of one large float64 GEMM
+(and of one in G's dtype for the products of W), measured in the same run and interleaved
+with it. Per block of B <= m (dense inverse): the Gram ``G_b^T G_b`` (m B^2, symmetric),
+its Cholesky factor (B^3 / 3) and the inverse from the factor (2 B^3 / 3); per block of
+B > m (Woodbury): the Gram ``G_b G_b^T`` (m^2 B), the Cholesky factor and its inverse
+(2 m^3 / 3), and ``W_b = L^{-1} G_b`` (m^2 B, triangular, in G's dtype). Target: 2.5x.
+``--block-d`` sets d for these rows (default: d).
+
 **IHVP**: ``op.matvec(x)`` and ``op.matmat(X)`` (k columns) over the streaming floor
 ``bytes / bandwidth``, where bytes = ``2 m d itemsize`` for ``matvec`` (W read twice;
 the O(d) vector traffic is not counted) and ``(2 m + 2 k) d itemsize`` for ``matmat``
@@ -51,6 +61,7 @@ import json
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -65,6 +76,10 @@ else:                                        # python -m benchmarks.static
     from . import _common as common
 
 SETUP_TARGET = 1.5
+BLOCK_SETUP_TARGET = 2.5
+#: (m, B) of the block-wise set-up rows (the settings of pruning recipes).
+BLOCK_SETTINGS = ((1024, 50), (256, 128), (64, 128), (64, 1024))
+QUICK_BLOCK_SETTINGS = ((64, 16), (32, 64))
 IHVP_TARGET = 1.3
 MEMORY_TARGET = 1.1
 KAPPA = 1e4
@@ -145,6 +160,62 @@ def check_floor_kernels(G: np.ndarray, damp: float) -> None:
         raise AssertionError(f"floor kernel syrk is wrong: relative error {err:.2e}")
 
 
+# -- block-wise set-up ----------------------------------------------------------------
+
+def block_flops(m: int, B: int, d: int) -> tuple[float, float]:
+    """Flops of the block-wise set-up: ``(float64 part, storage-dtype part)``.
+
+    The minimal counts of the per-block work (see the module docstring): symmetric Grams,
+    Cholesky factors, inverses from the factor; for Woodbury blocks also the triangular
+    product ``L^{-1} G_b``, done in G's dtype.
+    """
+    full, ragged = divmod(d, B)
+    f64 = f_st = 0.0
+    for count, size in ((full, B), (1 if ragged else 0, ragged)):
+        if size <= m:
+            f64 += count * (m * size * size + size**3)
+        else:
+            f64 += count * (m * m * size + 2 * m**3 / 3)
+            f_st += count * m * m * size
+    return f64, f_st
+
+
+def gemm_candidates(n: int) -> tuple[dict, Callable[[dict], dict[str, float]]]:
+    """Candidates timing one large GEMM in float64 and float32; and their rates in flop/s."""
+    rng = np.random.default_rng(7)
+    mats = {dt: rng.standard_normal((n, n)).astype(dt) for dt in ("float64", "float32")}
+    cands = {f"gemm:{dt}": (lambda _, a=a: a @ a, None) for dt, a in mats.items()}
+
+    def rates(t: dict) -> dict[str, float]:
+        return {dt: 2.0 * n**3 / t[f"gemm:{dt}"].best for dt in mats}
+
+    return cands, rates
+
+
+def block_setup_rows(settings: list[tuple[int, int]], d: int, dtype: Any, damp: float,
+                     repeat: int, seed: int, gemm_n: int) -> tuple[list[list[Any]], list[str]]:
+    """Rows of the block-wise set-up table, each setting timed interleaved with the GEMMs."""
+    mfac = _load_mfac()
+    rows, notes = [], []
+    for m, B in settings:
+        print(f"... block-wise set-up m={m}, B={B}, d={d}", file=sys.stderr, flush=True)
+        G = make_grads(m, d, dtype, damp, seed)
+        cands, rates = gemm_candidates(gemm_n)
+        cands["op"] = (lambda _, G=G, B=B: mfac.StaticIHVP(G, damp=damp, block_size=B), None)
+        t = common.interleaved(cands, repeat)
+        r = rates(t)
+        f64, f_st = block_flops(m, B, d)
+        floor_s = f64 / r["float64"] + f_st / r[np.dtype(dtype).name]
+        kind = "dense" if B <= m else "Woodbury"
+        rows.append([m, B, kind, common.fmt_time(t["op"].best), common.fmt_time(t["op"].median),
+                     f"{(f64 + f_st) / 1e9:.1f}", common.fmt_time(floor_s),
+                     common.fmt_ratio(t["op"].best / floor_s, BLOCK_SETUP_TARGET)])
+        notes.append(f"m={m}, B={B}: GEMM n={gemm_n} float64 {r['float64'] / 1e9:.0f} GFlop/s, "
+                     f"float32 {r['float32'] / 1e9:.0f} GFlop/s")
+        del G, cands
+    return rows, notes
+
+
 # -- products ----------------------------------------------------------------------------
 
 def product_candidates(ops: dict[str, Any], d: int, k: int, dtype: Any, seed: int) -> dict:
@@ -221,6 +292,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="array size for the bandwidth runs (default max(1024, 4 x LLC))")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-memory", action="store_true", help="skip the memory table")
+    p.add_argument("--block-d", type=float, default=None,
+                   help="d for the block-wise set-up rows (default: --d)")
+    p.add_argument("--block", action="append", default=None, metavar="M,B",
+                   help="(m, B) of a block-wise set-up row; repeat for several "
+                        "(default: the pruning settings; 'none' skips the table)")
+    p.add_argument("--only-block", action="store_true",
+                   help="run only the block-wise set-up table")
     p.add_argument("--quick", action="store_true",
                    help="CI smoke run: d=2e5, m=32, 2 repeats, small bandwidth arrays")
     p.add_argument("--_memory-child", dest="memory_child", default=None, help=argparse.SUPPRESS)
@@ -231,12 +309,61 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.repeat = args.repeat or 2
         args.bw_mib = args.bw_mib or 128
     args.d = int(args.d or 1e6)
+    args.block_d = int(args.block_d or args.d)
+    if args.block is None:
+        args.block = list(QUICK_BLOCK_SETTINGS if args.quick else BLOCK_SETTINGS)
+    elif args.block == ["none"]:
+        args.block = []
+    else:
+        args.block = [tuple(int(v) for v in b.split(",")) for b in args.block]
     args.m = args.m or [64, 256]
     args.repeat = args.repeat or 3
     if args.bw_mib is None:
         llc = common.last_level_cache_bytes() or 0
         args.bw_mib = max(1024, 4 * llc // common.MiB)
     return args
+
+
+def print_main_tables(args: argparse.Namespace, setup_rows: list, floor_notes: list,
+                      ihvp_rows: list, bw_notes: list, mem_rows: list) -> None:
+    """The set-up, IHVP and memory tables of the ``--m`` runs."""
+    itemsize, d = np.dtype(args.dtype).itemsize, args.d
+    print("\n## Set-up: time of the constructor vs BLAS floor (Gram + one triangular solve "
+          f"on G), target <= {SETUP_TARGET}x\n")
+    print(common.markdown_table(
+        ["m", "operator", "set-up (best)", "(median)", "floor", "ratio"], setup_rows))
+    print()
+    for note in floor_notes:
+        print("- " + note)
+    print("- the floor excludes the m x m Cholesky factor and its inverse (O(m^3)); the "
+          "block row is held to the same floor, although each of its d/B blocks adds its own "
+          "m x m factorisation and inverse ((d/B) (2/3) m^3 flops of small-matrix LAPACK). "
+          "Rows without overwrite_G also allocate a new m x d array that the in-place "
+          "floor kernels do not.")
+
+    print(f"\n## IHVP: product time vs streaming floor, target <= {IHVP_TARGET}x (copy bw)\n")
+    print(common.markdown_table(
+        ["m", "operator", "product", "time (best)", "per vector", "floor (copy bw)", "ratio",
+         "floor (read bw)", "ratio (read)"], ihvp_rows))
+    print(f"\n- floor bytes: matvec 2*m*d*{itemsize}; matmat (2*m + 2*k)*d*{itemsize}. "
+          "copy bw counts read+write (2 x nbytes per np.copyto); read bw = fastest read-only "
+          "BLAS pass.")
+    for note in bw_notes:
+        print("- " + note)
+    llc = common.last_level_cache_bytes()
+    if llc:
+        small = [m for m in args.m if m * d * itemsize < 2 * llc]
+        if small:
+            print(f"- note: W for m={small} is smaller than 2 x LLC ({common.fmt_bytes(llc)}); "
+                  "part of it may stay in cache between products, so ratios < 1 are possible.")
+
+    if mem_rows:
+        print("\n## Memory of the set-up (fresh child process per row); target for "
+              f"overwrite_G: <= {MEMORY_TARGET} size(G) + 16 m^2 float64\n")
+        print(common.markdown_table(
+            ["m", "operator", "size(G)", "tracemalloc peak", "(G+peak)/G", "kept after",
+             "peak RSS growth", "(G+RSS growth)/G"], mem_rows))
+
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -255,9 +382,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name + ':' if name else '':28s} {value}")
     print(f"{'parameters:':28s} d={d}, m={args.m}, dtype={args.dtype}, damp={args.damp:g}, "
           f"block_size={bs}, k={k}, best of {args.repeat} (interleaved), kappa~{KAPPA:g}")
+    print(f"{'block-wise set-up:':28s} (m, B) in {args.block}, d={args.block_d}"
+          + (" (only this table)" if args.only_block else ""))
 
     setup_rows, ihvp_rows, mem_rows, floor_notes, bw_notes = [], [], [], [], []
-    for m in args.m:
+    block_rows, block_notes = block_setup_rows(
+        args.block, args.block_d, dtype, args.damp, args.repeat, args.seed,
+        1024 if args.quick else 2048)
+    for m in ([] if args.only_block else args.m):
         print(f"... m={m}: building G ({common.fmt_bytes(m * d * itemsize)})",
               file=sys.stderr, flush=True)
         G = make_grads(m, d, dtype, args.damp, args.seed)
@@ -312,42 +444,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"... m={m}: memory (child processes)", file=sys.stderr, flush=True)
             mem_rows.extend(measure_memory(m, d, args.dtype, args.damp, args.seed, bs))
 
-    print("\n## Set-up: time of the constructor vs BLAS floor (Gram + one triangular solve "
-          f"on G), target <= {SETUP_TARGET}x\n")
-    print(common.markdown_table(
-        ["m", "operator", "set-up (best)", "(median)", "floor", "ratio"], setup_rows))
-    print()
-    for note in floor_notes:
-        print("- " + note)
-    print("- the floor excludes the m x m Cholesky factor and its inverse (O(m^3)); the "
-          "block row is held to the same floor, although each of its d/B blocks adds its own "
-          "m x m factorisation and inverse ((d/B) (2/3) m^3 flops of small-matrix LAPACK). "
-          "Rows without overwrite_G also allocate a new m x d array that the in-place "
-          "floor kernels do not.")
-
-    print(f"\n## IHVP: product time vs streaming floor, target <= {IHVP_TARGET}x (copy bw)\n")
-    print(common.markdown_table(
-        ["m", "operator", "product", "time (best)", "per vector", "floor (copy bw)", "ratio",
-         "floor (read bw)", "ratio (read)"], ihvp_rows))
-    print(f"\n- floor bytes: matvec 2*m*d*{itemsize}; matmat (2*m + 2*k)*d*{itemsize}. "
-          "copy bw counts read+write (2 x nbytes per np.copyto); read bw = fastest read-only "
-          "BLAS pass.")
-    for note in bw_notes:
-        print("- " + note)
-    llc = common.last_level_cache_bytes()
-    if llc:
-        small = [m for m in args.m if m * d * itemsize < 2 * llc]
-        if small:
-            print(f"- note: W for m={small} is smaller than 2 x LLC ({common.fmt_bytes(llc)}); "
-                  "part of it may stay in cache between products, so ratios < 1 are possible.")
-
-    if mem_rows:
-        print("\n## Memory of the set-up (fresh child process per row); target for "
-              f"overwrite_G: <= {MEMORY_TARGET} size(G) + 16 m^2 float64\n")
+    if block_rows:
+        print(f"\n## Block-wise set-up (d={args.block_d}) vs compute floor (per-block flops at "
+              f"the rate of one large GEMM), target <= {BLOCK_SETUP_TARGET}x\n")
         print(common.markdown_table(
-            ["m", "operator", "size(G)", "tracemalloc peak", "(G+peak)/G", "kept after",
-             "peak RSS growth", "(G+RSS growth)/G"], mem_rows))
-
+            ["m", "B", "blocks", "set-up (best)", "(median)", "GFlop", "floor", "ratio"],
+            block_rows))
+        print()
+        for note in block_notes:
+            print("- " + note)
+    if not args.only_block:
+        print_main_tables(args, setup_rows, floor_notes, ihvp_rows, bw_notes, mem_rows)
     foreign = monitor.foreign_cores()
     if foreign is not None:
         print(f"\nOther processes used {foreign:.2f} CPU cores on average during this run"

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from . import _capacitance, _linalg
-from ._compat import Array, is_writeable_array
+from ._compat import Array, device, is_writeable_array
 from ._group_factors import DenseBlockInverses, GroupFactor, WoodburyFactor
 from ._layout import BlockGroup, Piece, chunk_gram, chunks, piece_columns, piece_stack
 
@@ -158,16 +158,28 @@ def _raise_non_finite(xp: Any, columns: Array, offset: int) -> None:
 def _dense_inverses(xp: Any, G: Array, group: BlockGroup, *, damp: float, check: bool,
                     track: _Tracker) -> DenseBlockInverses:
     m = G.shape[0]
+    s = group.size
+    # The inverses go chunk by chunk into one array of the storage dtype where the
+    # library's arrays can be written: no join of per-chunk parts at the end, which
+    # would hold the group's inverses twice.
+    writeable = is_writeable_array(xp.empty((0,), dtype=G.dtype, device=device(G)))
+    out = xp.empty((group.count, s, s), dtype=G.dtype, device=device(G)) if writeable else None
     parts = []
     # F_b = damp I + G_b^T G_b / m is only size x size (size <= m): invert it densely.
     # Its Gram needs whole blocks, at most m columns each: O(m^2) memory.
-    for chunk in chunks(group, max(_piece_width(G), group.size)):
+    for chunk in chunks(group, max(_piece_width(G), s)):
         gram = _checked_gram(xp, G, group, chunk, lambda X: xp.matrix_transpose(X) @ X, track,
                              check)
         factor = _capacitance.factorize(xp, gram, shift=damp, scale=1.0 / m, damp=damp)
         track.add(factor)
-        parts.append(xp.astype(factor.inverse(), G.dtype))
-        track.advance(sum((b1 - b0) * (c1 - c0) for b0, b1, c0, c1 in chunk))
+        b0, b1 = chunk[0][0], chunk[-1][1]
+        # From the Cholesky factor (LAPACK's potri where the backend has it), in float64,
+        # rounded to the storage dtype once.
+        parts.append(_linalg.cholesky_inverse(xp, factor.U, G.dtype,
+                                              out=None if out is None else out[b0:b1, ...]))
+        track.advance(sum((p1 - p0) * (c1 - c0) for p0, p1, c0, c1 in chunk))
+    if out is not None:
+        return DenseBlockInverses(group, out)
     return DenseBlockInverses(group, parts[0] if len(parts) == 1 else xp.concat(parts))
 
 

@@ -134,3 +134,26 @@ def test_dynamic_float32_error_names_the_gram_dtype_and_a_correct_kappa(rng):
 def test_overflowing_gram_is_not_called_nan():
     with pytest.raises(ValueError, match="overflow"), np.errstate(over="ignore"):
         StaticIHVP(np.full((3, 20), 1e160), damp=1.0)
+
+
+@pytest.mark.parametrize("k", [1, 7, 50])
+def test_cholesky_inverse_of_a_stack(xp_device, rng, dtype, k):
+    # What the dense blocks of StaticIHVP store: (U^T U)^{-1}, symmetric, rounded once.
+    from mfac_core import _linalg
+
+    X = rng.standard_normal((3, 2 * k, k))
+    C = np.swapaxes(X, -1, -2) @ X + 0.1 * np.eye(k)
+    U = np.swapaxes(np.linalg.cholesky(C), -1, -2)
+    xp = xp_device.xp
+    want = np.linalg.inv(C)
+    got = _linalg.cholesky_inverse(xp, xp_device.asarray(U, "float64"), xp_device.dtype(dtype))
+    assert got.dtype == xp_device.dtype(dtype)
+    got = to_numpy(got).astype(np.float64)
+    assert np.array_equal(got, np.swapaxes(got, -1, -2))
+    eps = np.finfo(dtype).eps
+    assert np.abs(got - want).max() <= 10 * eps * np.linalg.cond(C).max() * np.abs(want).max()
+    if xp_device.mutable:
+        out = xp.zeros((3, k, k), dtype=xp_device.dtype(dtype), device=xp_device.device)
+        res = _linalg.cholesky_inverse(xp, xp_device.asarray(U, "float64"),
+                                       xp_device.dtype(dtype), out=out)
+        assert res is out and np.array_equal(to_numpy(out).astype(np.float64), got)

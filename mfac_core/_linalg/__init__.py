@@ -27,8 +27,8 @@ from . import _cupy, _fallback, _jax, _numpy, _rowedit, _torch
 from ._backend import Backend
 from ._cupy import CUPY_LINALG_CHOICES, get_cupy_linalg, set_cupy_linalg
 
-__all__ = ["CUPY_LINALG_CHOICES", "cholesky", "get_cupy_linalg", "matmul_into", "replace_row",
-           "set_cupy_linalg", "solve_triangular", "triangular_inverse"]
+__all__ = ["CUPY_LINALG_CHOICES", "cholesky", "cholesky_inverse", "get_cupy_linalg", "matmul_into",
+           "replace_row", "set_cupy_linalg", "solve_triangular", "triangular_inverse"]
 
 _MAKERS = ((is_numpy_namespace, _numpy.make_backend), (is_torch_namespace, _torch.make_backend),
            (is_cupy_namespace, _cupy.make_backend), (is_jax_namespace, _jax.make_backend))
@@ -71,6 +71,29 @@ def triangular_inverse(xp: Any, t: Any, /, *, lower: bool = True) -> Any:
     if t.ndim > 2:
         eye = xp.broadcast_to(eye, t.shape)
     return solve_triangular(xp, t, eye, lower=lower)
+
+
+def cholesky_inverse(xp: Any, U: Any, dtype: Any, /, *, out: Any = None) -> Any:
+    """``(U^T U)^{-1}`` for a stack ``(b, k, k)`` of upper Cholesky factors, in ``dtype``.
+
+    The inverse is computed in U's precision (float64) and only then rounded to
+    ``dtype``, into ``out`` (a writeable ``(b, k, k)`` array of ``dtype``) if given, so
+    that a caller can fill one array chunk by chunk. A backend may provide its own
+    (``Backend.cholesky_inverse``); the generic one is ``U^{-1} U^{-T}`` from the
+    triangular inverse. Returns the result (``out`` where given).
+    """
+    into = _backend_for(xp).cholesky_inverse
+    if into is None:
+        Linv = triangular_inverse(xp, xp.matrix_transpose(U), lower=True)
+        inv = xp.astype(xp.matrix_transpose(Linv) @ Linv, dtype)
+        if out is None:
+            return inv
+        out[...] = inv
+        return out
+    if out is None:
+        out = xp.empty(U.shape, dtype=dtype, device=device(U))
+    into(U, out)
+    return out
 
 
 def matmul_into(xp: Any, a: Any, b: Any, out: Any, /) -> None:

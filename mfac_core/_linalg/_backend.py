@@ -31,6 +31,10 @@ class Backend:
     matmul_into : callable or None
         ``matmul_into(A, B, out)``: ``out[...] = A @ B`` without a temporary; ``None``:
         with one.
+    cholesky_inverse : callable or None
+        ``cholesky_inverse(U, out)``: writes ``(U^T U)^{-1}`` for a stack of upper factors
+        ``U`` into ``out`` (a stack of the same shape, any float dtype); ``None``: from
+        the triangular inverse, ``U^{-1} U^{-T}``.
     """
 
     cholesky: Callable[[Any], Any]
@@ -38,3 +42,4 @@ class Backend:
     inverse: Callable[[Any], Any] | None = None
     replace: Callable[..., Any] | None = None
     matmul_into: Callable[[Any, Any, Any], None] | None = None
+    cholesky_inverse: Callable[[Any, Any], None] | None = None

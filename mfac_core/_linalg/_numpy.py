@@ -35,7 +35,10 @@ def make_backend() -> Backend:
 
     def inverse(t: Any) -> Any:
         # LAPACK's trtri, a third of the work of a general inverse; SciPy's is not
-        # batched, so stacks go matrix by matrix.
+        # batched, so stacks go matrix by matrix. (A blocked recursion over the whole
+        # stack with NumPy's batched products was tried: faster below order ~64 and
+        # at 256, 40% slower at 128, where OpenBLAS's small products are no faster
+        # than trtri itself; not worth a second code path.)
         if t.ndim == 2:
             return scipy.linalg.lapack.dtrtri(t, lower=1)[0]
         flat = np.reshape(t, (-1, *t.shape[-2:]))
@@ -47,4 +50,9 @@ def make_backend() -> Backend:
     def matmul_into(a: Any, b: Any, out: Any) -> None:
         np.matmul(a, b, out=out)  # NumPy buffers the product itself if out overlaps b
 
+    # No ``cholesky_inverse``: LAPACK's potri per matrix (trtri + lauum, a third of
+    # the flops of trtri and a full product) took 0.77x the CPU time of the generic
+    # path with one BLAS thread, but 3.3x its wall time with OpenBLAS's two threads
+    # at order 128 (benchmarks/RESULTS.md, 2026-11-29): its small threaded calls
+    # synchronise more than they compute.
     return Backend(chol, solve, inverse, matmul_into=matmul_into)
