@@ -454,6 +454,19 @@ class SpectralIHVP(LinearOperator):
     def _matmat(self, X: Array) -> Array:
         return self._apply(X, [self.damp])[0, ...]
 
+    def _matvec(self, x: Array) -> Array:
+        if any(g.count > 1 for g in self._groups):
+            return self._matmat(x[:, None])[:, 0]
+        # One block per group: two GEMVs over V, without the stacked layout of _apply.
+        xp = self._xp
+        alpha, H = self._coefs([self.damp])
+        parts = []
+        for g, h in zip(self._groups, H, strict=True):
+            V, xg = self._V[:, g.start:g.end], x[g.start:g.end]
+            c = xp.astype(h[0, 0, :] * xp.astype(V @ xg, xp.float64), self.dtype)
+            parts.append(alpha[0] * xg + c @ V)
+        return parts[0] if len(parts) == 1 else xp.concat(parts)
+
     def sweep(self, x: Array, /, *, damps: Sequence[float]) -> Array:
         """This power of F at each of K dampings applied to ``x``, in one pass over ``V``.
 
@@ -488,9 +501,21 @@ class SpectralIHVP(LinearOperator):
         """
         dl = _check_dampings(damps)
         x = self._check_input(x, "x", self.dim, (1, 2))
-        if x.ndim == 1:
+        if x.ndim == 2:
+            return self._apply(x, dl)
+        if any(g.count > 1 for g in self._groups):
             return self._apply(x[:, None], dl)[..., 0]
-        return self._apply(x, dl)
+        # One block per group: V x once, then one (K x m) @ (m x d) GEMM that reads V once and
+        # writes the K results in their final layout.
+        xp = self._xp
+        alphas, H = self._coefs(dl)
+        alpha = xp.reshape(xp.asarray(alphas, dtype=self.dtype, device=self.device), (-1, 1))
+        parts = []
+        for g, h in zip(self._groups, H, strict=True):
+            V, xg = self._V[:, g.start:g.end], x[g.start:g.end]
+            C = xp.astype(h[:, 0, :] * xp.astype(V @ xg, xp.float64), self.dtype)  # (K, m)
+            parts.append(C @ V + alpha * xg)
+        return parts[0] if len(parts) == 1 else xp.concat(parts, axis=1)
 
     def diagonal(self, *, damps: Sequence[float] | None = None) -> Array:
         """The diagonal of this operator, at its damping or at each of K dampings, in O(d m).

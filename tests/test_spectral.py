@@ -360,3 +360,55 @@ def test_agrees_with_cholesky_form(xp_device, dtype, rng):
     chol = StaticIHVP(be.asarray(G, dtype), damp=damp, block_size=16)
     kappa = error_scale(G, damp, 16)
     assert_close(spec @ X, to_numpy(chol @ X).astype(np.float64), kappa=kappa)
+
+
+# -- pruning: the damping sweep -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bs", [None, 8], ids=["full", "blocks"])
+def test_damping_sweep_against_brute_force(bs, xp_device, dtype, rng):
+    from mfac_core.pruning import damping_sweep, obs_saliency, select_pruned
+
+    m, d = 5, 30
+    G = rounded(rng.standard_normal((m, d)), dtype)
+    theta = rounded(rng.standard_normal(d), dtype)
+    top = float(np.linalg.norm(G, 2)) ** 2 / m
+    dampings = [top * 10.0**e for e in (-2, -1, 0, 2)]
+    be = xp_device
+    kept = np.ones(d, dtype=bool)
+    kept[[3, 17]] = False
+    res = damping_sweep(be.asarray(theta, dtype), be.asarray(G, dtype), dampings,
+                        sparsity=0.4, block_size=bs, mask=be.asarray(kept))
+    assert res.dampings == tuple(dampings)
+    check_space(res.saliency, be, dtype)
+    assert tuple(res.selected.shape) == (4, d)
+    sel = to_numpy(res.selected) != 0  # to_numpy gives float64 for booleans
+    for k, dp in enumerate(dampings):
+        kappa = error_scale(G, dp, bs)
+        # Brute force: a Cholesky-form operator per damping, in float64 on the host.
+        rho = to_numpy(obs_saliency(theta, StaticIHVP(G, damp=dp, block_size=bs)))
+        assert_close(res.saliency[k, ...], rho, kappa=kappa)
+        want = select_pruned(rho, sparsity=0.4, mask=kept)
+        assert np.array_equal(sel[k], want), dp
+        assert not np.any(sel[k] & ~kept)
+        assert int(sel[k].sum()) == 12 - 2
+        assert_close(res.loss_increase[k], np.sum(rho[want]), kappa=kappa)
+    # A larger damping makes the diagonal of F^{-1} smaller and every saliency larger.
+    s = to_numpy(res.saliency).astype(np.float64)
+    assert np.all(np.diff(s, axis=0) >= -100 * np.finfo(dtype).eps * s[1:])
+
+
+def test_damping_sweep_validation(rng):
+    from mfac_core.pruning import damping_sweep
+
+    G, theta = rng.standard_normal((3, 10)), rng.standard_normal(10)
+    with pytest.raises(ValueError, match="damp"):
+        damping_sweep(theta, G, [0.1, -1.0], sparsity=0.5)
+    with pytest.raises(TypeError, match="damps"):
+        damping_sweep(theta, G, 0.1, sparsity=0.5)
+    with pytest.raises(ValueError, match="sparsity"):
+        damping_sweep(theta, G, [0.1], sparsity=1.0)
+    with pytest.raises(ValueError, match="shape"):
+        damping_sweep(theta[:9], G, [0.1], sparsity=0.5)
+    with pytest.raises(TypeError, match="dtype"):
+        damping_sweep(theta.astype(np.float32), G, [0.1], sparsity=0.5)
