@@ -412,3 +412,13 @@ def test_damping_sweep_validation(rng):
         damping_sweep(theta[:9], G, [0.1], sparsity=0.5)
     with pytest.raises(TypeError, match="dtype"):
         damping_sweep(theta.astype(np.float32), G, [0.1], sparsity=0.5)
+
+
+def test_docstring_examples():
+    import doctest
+
+    import mfac_core._spectral
+
+    result = doctest.testmod(mfac_core._spectral,
+                             optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.failed == 0 and result.attempted > 20
