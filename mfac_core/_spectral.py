@@ -167,9 +167,10 @@ class SpectralIHVP(LinearOperator):
 
     which has no factorisation to fail: any damping works, also where the
     Cholesky factor of ``m damp I + G G^T`` would not exist in float64. A
-    product has the Cholesky form's relative error, about
-    ``eps(dtype) * error_scale`` (two passes over V in G's dtype; the m x m
-    work is float64). Blocks no wider than m are not special-cased (unlike
+    product's relative error is within about 2x of the Cholesky form's, about
+    ``eps(dtype) * error_scale`` at worst (two passes over V in G's dtype; the
+    m x m work is float64); see the documentation page "Beyond inverse-vector
+    products" for measurements. Blocks no wider than m are not special-cased (unlike
     :class:`StaticIHVP`, which inverts them densely): their error scale is
     ``1 + ||G_b||_2^2 / (m damp)`` even where ``F_b`` itself is better
     conditioned, and they store ``m x B`` numbers each.
@@ -553,10 +554,17 @@ class SpectralIHVP(LinearOperator):
             for chunk in chunks(g, max(1, _PIECE_ENTRIES // m)):
                 for piece in chunk:
                     b0, b1, _, _ = piece
-                    Vs = xp.astype(piece_stack(xp, self._V, g, piece), xp.float64)  # (b, m, w)
-                    hb = xp.permute_dims(h[:, b0:b1, :], (1, 0, 2))  # (b, K, m)
-                    D = xp.permute_dims(hb @ (Vs * Vs), (1, 0, 2))  # (K, b, w)
-                    parts.append(xp.astype(alpha + xp.reshape(D, (K, -1)), self.dtype))
+                    if b1 - b0 == 1:
+                        # Part of one block: plain 2-D products (a GEMV for one damping).
+                        lo, hi = piece_columns(g, piece)
+                        Vc = xp.astype(self._V[:, lo:hi], xp.float64)
+                        S = Vc * Vc
+                        D = (h[0, b0, :] @ S)[None, ...] if K == 1 else h[:, b0, :] @ S
+                    else:
+                        Vs = xp.astype(piece_stack(xp, self._V, g, piece), xp.float64)
+                        hb = xp.permute_dims(h[:, b0:b1, :], (1, 0, 2))  # (b, K, m)
+                        D = xp.reshape(xp.permute_dims(hb @ (Vs * Vs), (1, 0, 2)), (K, -1))
+                    parts.append(xp.astype(alpha + D, self.dtype))
         out = parts[0] if len(parts) == 1 else xp.concat(parts, axis=1)
         return out[0, ...] if damps is None else out
 
