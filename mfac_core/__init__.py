@@ -10,6 +10,7 @@ from ._dynamic import DynamicIHVP
 from ._errors import FactorizationError, IllConditionedWarning
 from ._linalg import CUPY_LINALG_CHOICES, get_cupy_linalg, set_cupy_linalg
 from ._operator import LinearOperator
+from ._spectral import SpectralIHVP
 from ._static import EmpiricalFisher, StaticIHVP
 from ._version import __version__
 
@@ -20,6 +21,7 @@ __all__ = [
     "FactorizationError",
     "IllConditionedWarning",
     "LinearOperator",
+    "SpectralIHVP",
     "StaticIHVP",
     "__version__",
     "get_cupy_linalg",

@@ -1,0 +1,424 @@
+"""Tests of SpectralIHVP (mfac_core._spectral) against dense float64 oracles."""
+
+from __future__ import annotations
+
+import math
+import pickle
+
+import numpy as np
+import pytest
+from conftest import check_space, rounded
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mfac_core import SpectralIHVP, StaticIHVP
+from mfac_core.testing import (
+    SpectralOracle,
+    assert_close,
+    empirical_fisher_dense,
+    problems,
+    to_numpy,
+)
+
+# (m, d, block_size): full operators, blocks wider and narrower than m, ragged last blocks.
+LAYOUTS = {
+    "full": (5, 23, None),
+    "full-d<m": (6, 4, None),
+    "m=1-d=1": (1, 1, None),
+    "wide-blocks+ragged": (3, 23, 7),
+    "narrow-blocks+ragged": (6, 23, 4),
+    "wide-blocks": (2, 12, 4),
+}
+
+
+def error_scale(G: np.ndarray, damp: float, block_size: int | None) -> float:
+    """``max_b 1 + ||G_b||_2^2 / (m damp)``: the spectral form's rounding scale (see Notes)."""
+    m, d = G.shape
+    B = d if block_size is None else block_size
+    top = max(float(np.linalg.eigvalsh(G[:, s:s + B] @ G[:, s:s + B].T)[-1])
+              for s in range(0, d, B))
+    return 1.0 + max(top, 0.0) / (m * damp)
+
+
+def dense_power(G: np.ndarray, damp: float, block_size: int | None, power: float) -> np.ndarray:
+    """``F ** power`` (block-diagonal) from ``eigh`` of the dense float64 F."""
+    F = empirical_fisher_dense(G, damp, block_size=block_size)
+    w, Q = np.linalg.eigh(F)
+    return (Q * w**power) @ Q.T
+
+
+def spectrum_logdet(G: np.ndarray, damp: float, block_size: int | None) -> float:
+    """``log det F`` from the singular values of each block (float64, no Gram)."""
+    m, d = G.shape
+    B = d if block_size is None else block_size
+    total = 0.0
+    for s in range(0, d, B):
+        sv = np.linalg.svd(G[:, s:s + B], compute_uv=False)
+        width = min(B, d - s)
+        total += width * math.log(damp) + float(np.sum(np.log1p(sv**2 / (m * damp))))
+    return total
+
+
+def _data(rng, m, d, dtype, rel=1e-2):
+    G = rounded(rng.standard_normal((m, d)), dtype)
+    return G, rel * float(np.linalg.norm(G, 2)) ** 2 / m
+
+
+# -- every backend and dtype ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS), ids=list(LAYOUTS))
+def test_products_and_diagonal_against_oracle(layout, xp_device, dtype, rng):
+    m, d, bs = LAYOUTS[layout]
+    G, damp = _data(rng, m, d, dtype)
+    be = xp_device
+    op = SpectralIHVP(be.asarray(G, dtype), damp=damp, block_size=bs)
+    oracle = SpectralOracle(G, damp, block_size=bs)
+    kappa = error_scale(G, damp, bs)
+    assert op.shape == (d, d) and op.power == -1.0
+    assert (op.num_grads, op.dim, op.damp, op.block_size) == (m, d, damp, min(bs or d, d))
+    assert op.kappa == pytest.approx(oracle.kappa, rel=1e-8)
+    assert op.error_scale == pytest.approx(kappa, rel=1e-8)
+
+    X = rounded(rng.standard_normal((d, 3)), dtype)
+    Y = op.matmat(be.asarray(X, dtype))
+    check_space(Y, be, dtype)
+    assert_close(Y, oracle.matmat(X), kappa=kappa)
+    assert_close(op.matvec(be.asarray(X[:, 0], dtype)), oracle.matvec(X[:, 0]), kappa=kappa)
+    # A vector in the gradients' span: the hard case of the cancellation.
+    g = G[0]
+    assert_close(op @ be.asarray(g, dtype), oracle.matvec(g), kappa=kappa)
+    diag = op.diagonal()
+    check_space(diag, be, dtype)
+    assert_close(diag, oracle.diagonal(), kappa=kappa)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS), ids=list(LAYOUTS))
+def test_spectrum_against_dense(layout, xp_device, dtype, rng):
+    m, d, bs = LAYOUTS[layout]
+    G, damp = _data(rng, m, d, dtype)
+    op = SpectralIHVP(xp_device.asarray(G, dtype), damp=damp, block_size=bs)
+    F = empirical_fisher_dense(G, damp, block_size=bs)
+    eps = float(np.finfo(np.float64).eps)
+    sign, ref = np.linalg.slogdet(F)
+    assert sign == 1.0
+    # All spectral quantities are float64 sums of m terms: a few eps of their magnitude.
+    assert op.logdet() == pytest.approx(-ref, rel=100 * eps, abs=100 * eps * d)
+    assert op.inverse().logdet() == pytest.approx(ref, rel=100 * eps, abs=100 * eps * d)
+    assert op.sqrt().logdet() == pytest.approx(-ref / 2, rel=100 * eps, abs=100 * eps * d)
+    Finv = dense_power(G, damp, bs, -1.0)
+    assert op.trace() == pytest.approx(np.trace(Finv), rel=100 * eps)
+    assert op.trace_inverse() == pytest.approx(np.trace(F), rel=100 * eps)
+    assert op.inv_sqrt().trace() == pytest.approx(np.trace(dense_power(G, damp, bs, 0.5)),
+                                                  rel=100 * eps)
+    assert op.sqrt().trace_inverse() == pytest.approx(
+        np.trace(dense_power(G, damp, bs, 0.5)), rel=100 * eps)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS), ids=list(LAYOUTS))
+def test_roots_and_forward(layout, xp_device, dtype, rng):
+    m, d, bs = LAYOUTS[layout]
+    G, damp = _data(rng, m, d, dtype)
+    be = xp_device
+    op = SpectralIHVP(be.asarray(G, dtype), damp=damp, block_size=bs)
+    kappa = error_scale(G, damp, bs)
+    X = rounded(rng.standard_normal((d, 2)), dtype)
+    Xb = be.asarray(X, dtype)
+    for derived, power in ((op.sqrt(), -0.5), (op.inv_sqrt(), 0.5), (op.inverse(), 1.0),
+                           (op.inverse().sqrt(), 0.5), (op.inverse().inv_sqrt(), -0.5)):
+        assert derived.power == power
+        Y = derived @ Xb
+        check_space(Y, be, dtype)
+        assert_close(Y, dense_power(G, damp, bs, power) @ X, kappa=kappa,
+                     err_msg=f"power {power}")
+        assert_close(derived.diagonal(), np.diag(dense_power(G, damp, bs, power)), kappa=kappa)
+    half = op.sqrt()
+    assert_close(half @ (half @ Xb), SpectralOracle(G, damp, block_size=bs).matmat(X),
+                 kappa=kappa, err_msg="F^{-1/2} F^{-1/2} = F^{-1}")
+    with pytest.raises(ValueError, match="powers"):
+        half.sqrt()
+    with pytest.raises(ValueError, match="powers"):
+        half.inv_sqrt()
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS), ids=list(LAYOUTS))
+def test_dampings_in_one_pass(layout, xp_device, dtype, rng):
+    m, d, bs = LAYOUTS[layout]
+    G, damp = _data(rng, m, d, dtype)
+    be = xp_device
+    op = SpectralIHVP(be.asarray(G, dtype), damp=damp, block_size=bs)
+    damps = [damp * 10.0**k for k in (-1, 0, 1, 3)]
+    X = rounded(rng.standard_normal((d, 2)), dtype)
+    Y = op.sweep(be.asarray(X, dtype), damps=damps)
+    y = op.sweep(be.asarray(X[:, 0], dtype), damps=damps)
+    D = op.diagonal(damps=damps)
+    check_space(Y, be, dtype)
+    assert tuple(Y.shape) == (4, d, 2) and tuple(y.shape) == (4, d)
+    assert tuple(D.shape) == (4, d)
+    for j, dp in enumerate(damps):
+        kappa = error_scale(G, dp, bs)
+        oracle = SpectralOracle(G, dp, block_size=bs)
+        assert_close(Y[j, ...], oracle.matmat(X), kappa=kappa, err_msg=f"damp {dp:g}")
+        assert_close(y[j, ...], oracle.matvec(X[:, 0]), kappa=kappa)
+        assert_close(D[j, ...], oracle.diagonal(), kappa=kappa)
+        other = op.with_damp(dp)
+        assert other.damp == dp and other._V is op._V  # V is shared, not copied
+        assert_close(other @ be.asarray(X, dtype), oracle.matmat(X), kappa=kappa)
+    # The inverse's sweep is F_j itself, for every damping.
+    Fs = op.inverse().sweep(be.asarray(X, dtype), damps=damps)
+    for j, dp in enumerate(damps):
+        assert_close(Fs[j, ...], empirical_fisher_dense(G, dp, block_size=bs) @ X,
+                     kappa=error_scale(G, dp, bs))
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS), ids=list(LAYOUTS))
+def test_bilinear_and_quadratic(layout, xp_device, dtype, rng):
+    m, d, bs = LAYOUTS[layout]
+    G, damp = _data(rng, m, d, dtype)
+    be = xp_device
+    op = SpectralIHVP(be.asarray(G, dtype), damp=damp, block_size=bs)
+    kappa = error_scale(G, damp, bs)
+    Finv = SpectralOracle(G, damp, block_size=bs).todense()
+    # Rows mixing random vectors and the gradients themselves (the ill-conditioned direction).
+    Q = rounded(np.vstack([rng.standard_normal((2, d)), G[:1]]), dtype)
+    R = rounded(np.vstack([rng.standard_normal((4, d)), G]), dtype)
+    for batch in (None, 1, 3):
+        B = op.bilinear(be.asarray(Q, dtype), be.asarray(R, dtype), batch_size=batch)
+        check_space(B, be, dtype)
+        ref = Q @ Finv @ R.T
+        # Entry-wise error: eps * kappa * ||q|| ||r|| / damp, scaled per entry pair, not by one
+        # entry that may cancel.
+        scale = np.outer(np.linalg.norm(Q, axis=1), np.linalg.norm(R, axis=1)) / damp
+        err = np.abs(to_numpy(B).astype(np.float64) - ref)
+        assert np.all(err <= 100 * np.finfo(dtype).eps * kappa * scale), batch
+        q = op.quadratic(be.asarray(R, dtype), batch_size=batch)
+        check_space(q, be, dtype)
+        assert_close(q, np.einsum("ij,jk,ik->i", R, Finv, R), kappa=kappa)
+    half = op.sqrt()
+    assert_close(half.quadratic(be.asarray(R, dtype)),
+                 np.einsum("ij,jk,ik->i", R, dense_power(G, damp, bs, -0.5), R), kappa=kappa)
+    empty = op.bilinear(be.asarray(Q, dtype), be.asarray(np.zeros((0, d)), dtype))
+    assert tuple(empty.shape) == (3, 0)
+
+
+# -- Hypothesis: condition numbers up to 1e12 in float64 ----------------------------------------
+
+
+@settings(max_examples=40)
+@given(problem=problems(dtype="float64", max_m=6, max_d=24),
+       log_kappa=st.floats(0.0, 12.0))
+def test_hypothesis_float64_up_to_kappa_1e12(problem, log_kappa):
+    G, bs = problem.G, problem.block_size
+    m = G.shape[0]
+    top = float(np.linalg.eigvalsh(G @ G.T)[-1])
+    damp = max(top, 1e-300) / (m * max(10.0**log_kappa - 1.0, 1e-8))
+    op = SpectralIHVP(G, damp=1.0, block_size=bs).with_damp(damp)
+    oracle = SpectralOracle(G, damp, block_size=bs)
+    kappa = error_scale(G, damp, bs)
+    eps = float(np.finfo(np.float64).eps)
+    x = problem.x
+    assert_close(op @ x, oracle.matvec(x), kappa=kappa, atol=0.0)
+    assert_close(op.diagonal(), oracle.diagonal(), kappa=kappa)
+    half = op.sqrt()
+    assert_close(half @ (half @ x), oracle.matvec(x), kappa=kappa)
+    assert_close(op.inverse() @ x, empirical_fisher_dense(G, damp, block_size=bs) @ x,
+                 kappa=kappa)
+    # log det: each of the k = min(B, m) terms log1p(Lambda / (m damp)) has an absolute error
+    # of about eps * kappa (Lambda's error is eps * Lambda_max), the d log(damp) part eps.
+    ref = spectrum_logdet(G, damp, bs)
+    assert abs(op.inverse().logdet() - ref) <= 100 * eps * (abs(ref) + kappa * G.size)
+    # The trace of F^{-1}: a sum of positive terms 1 / (damp + mu), each with relative error
+    # eps * kappa at worst (mu's absolute error eps * Lambda_max / m, over damp + mu >= damp).
+    ref_tr = float(np.trace(oracle.todense()))
+    assert abs(op.trace() - ref_tr) <= 100 * eps * kappa * ref_tr
+
+
+# -- sampling ----------------------------------------------------------------------------------
+
+
+def _rng_for(backend, seed):
+    if backend.name == "torch":
+        import torch
+
+        return torch.Generator(device="cpu").manual_seed(seed)
+    if backend.name == "jax":
+        import jax
+
+        return jax.random.key(seed)
+    if backend.name == "cupy":
+        import cupy
+
+        return cupy.random.default_rng(seed)
+    return np.random.default_rng(seed)
+
+
+def test_sample_covariance_converges_at_root_n(xp_device, rng):
+    """The sample covariance of ``sample(n)`` approaches ``F^{-1}`` like ``1/sqrt(n)``.
+
+    For ``x ~ N(0, S)`` and ``S_n = X^T X / n`` (known zero mean), each entry has
+    ``Var([S_n]_ij) = (S_ij^2 + S_ii S_jj) / n`` exactly, so
+    ``z_ij = sqrt(n) ([S_n]_ij - S_ij) / sqrt(S_ij^2 + S_ii S_jj)`` is about standard
+    normal. With 21 distinct entries, ``max |z| > 5`` has probability about
+    ``21 * 5.7e-7``: a correct sampler passes, while a wrong covariance (a missing
+    square root, a wrong damping) gives ``|z|`` growing like ``sqrt(n)``. The seed is
+    fixed, so the test is deterministic. ``E ||S_n - S||_F^2 = (||S||_F^2 + tr(S)^2) / n``
+    exactly; the normalised squared error ``r_n`` has mean 1 at every n, which is the
+    1/sqrt(n) rate: checked to stay below 5 (Markov: probability < 0.2 each, and the
+    z bound already holds).
+    """
+    m, d = 3, 6
+    G = rng.standard_normal((m, d))
+    damp = 0.05 * float(np.linalg.norm(G, 2)) ** 2 / m
+    be = xp_device
+    op = SpectralIHVP(be.asarray(G, "float64"), damp=damp)
+    S = SpectralOracle(G, damp).todense()
+    sd = np.sqrt(S**2 + np.outer(np.diag(S), np.diag(S)))
+    norm2 = float(np.sum(S**2) + np.trace(S) ** 2)
+    errs = []
+    for k, n in enumerate((1_000, 8_000, 64_000)):
+        X = op.sample(n, rng=_rng_for(be, 1234 + k))
+        check_space(X, be, "float64")
+        assert tuple(X.shape) == (n, d)
+        Xn = to_numpy(X)
+        Sn = Xn.T @ Xn / n
+        z = np.sqrt(n) * (Sn - S) / sd
+        assert np.max(np.abs(z)) < 5.0, (n, z)
+        r = n * float(np.sum((Sn - S) ** 2)) / norm2
+        assert r < 5.0, (n, r)
+        errs.append(float(np.linalg.norm(Sn - S)))
+    # 64x the samples: the error falls by about 8x; a floor (a biased sampler) would not.
+    assert errs[-1] < errs[0] / 2.5, errs
+
+
+def test_sample_float32_and_seeds(xp_device, rng):
+    G = rounded(rng.standard_normal((4, 10)), "float32")
+    be = xp_device
+    op = SpectralIHVP(be.asarray(G, "float32"), damp=0.3)
+    seed = 7
+    a, b = op.sample(5, rng=seed), op.sample(5, rng=seed)
+    check_space(a, be, "float32")
+    assert np.array_equal(to_numpy(a), to_numpy(b))  # an int seed is reproducible
+    assert tuple(op.sample(0, rng=seed).shape) == (0, 10)
+    with pytest.raises(TypeError, match="rng"):
+        op.sample(2, rng="not a generator")
+    with pytest.raises(ValueError, match="powers"):
+        op.sqrt().sample(2, rng=seed)
+
+
+# -- validation, pickling, the Cholesky form -----------------------------------------------------
+
+
+def test_validation(numpy_backend, rng):
+    G = rng.standard_normal((3, 8))
+    op = SpectralIHVP(G, damp=0.1)
+    with pytest.raises(TypeError, match="damps"):
+        op.sweep(np.ones(8), damps=0.1)
+    with pytest.raises(ValueError, match="at least one"):
+        op.diagonal(damps=[])
+    with pytest.raises(ValueError, match="damp"):
+        op.with_damp(0.0)
+    with pytest.raises(TypeError, match="damp"):
+        op.with_damp("1")
+    with pytest.raises(ValueError, match="shape"):
+        op.bilinear(np.ones((2, 7)), np.ones((2, 8)))
+    with pytest.raises(ValueError, match="NaN"):
+        op.quadratic(np.full((1, 8), np.nan))
+    with pytest.raises(TypeError, match="dtype"):
+        SpectralIHVP(G.astype(np.float32), damp=0.1).quadratic(np.ones((1, 8)))
+    with pytest.raises(ValueError, match="NaN"):
+        bad = G.copy()
+        bad[1, 2] = np.inf
+        SpectralIHVP(bad, damp=0.1)
+    with pytest.raises(ValueError, match="damp"):
+        SpectralIHVP(G, damp=-1.0)
+    with pytest.raises(ValueError, match="batch_size"):
+        op.quadratic(np.ones((1, 8)), batch_size=0)
+
+
+def test_other_device_refused(strict_device1, make_backend, rng):
+    G = rng.standard_normal((3, 8))
+    op = SpectralIHVP(strict_device1.asarray(G, "float64"), damp=0.1)
+    other = make_backend("strict-cpu").asarray(np.ones((1, 8)), "float64")
+    with pytest.raises(ValueError, match="device"):
+        op.quadratic(other)
+
+
+def test_pickle_keeps_results(rng):
+    G = rng.standard_normal((4, 30))
+    op = SpectralIHVP(G, damp=0.2, block_size=8).sqrt()
+    back = pickle.loads(pickle.dumps(op))
+    x = rng.standard_normal(30)
+    assert np.array_equal(back @ x, op @ x) and back.logdet() == op.logdet()
+
+
+def test_agrees_with_cholesky_form(xp_device, dtype, rng):
+    m, d = 6, 40
+    G, damp = _data(rng, m, d, dtype)
+    be = xp_device
+    X = be.asarray(rounded(rng.standard_normal((d, 2)), dtype), dtype)
+    spec = SpectralIHVP(be.asarray(G, dtype), damp=damp, block_size=16)
+    chol = StaticIHVP(be.asarray(G, dtype), damp=damp, block_size=16)
+    kappa = error_scale(G, damp, 16)
+    assert_close(spec @ X, to_numpy(chol @ X).astype(np.float64), kappa=kappa)
+
+
+# -- pruning: the damping sweep -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bs", [None, 8], ids=["full", "blocks"])
+def test_damping_sweep_against_brute_force(bs, xp_device, dtype, rng):
+    from mfac_core.pruning import damping_sweep, obs_saliency, select_pruned
+
+    m, d = 5, 30
+    G = rounded(rng.standard_normal((m, d)), dtype)
+    theta = rounded(rng.standard_normal(d), dtype)
+    top = float(np.linalg.norm(G, 2)) ** 2 / m
+    dampings = [top * 10.0**e for e in (-2, -1, 0, 2)]
+    be = xp_device
+    kept = np.ones(d, dtype=bool)
+    kept[[3, 17]] = False
+    res = damping_sweep(be.asarray(theta, dtype), be.asarray(G, dtype), dampings,
+                        sparsity=0.4, block_size=bs, mask=be.asarray(kept))
+    assert res.dampings == tuple(dampings)
+    check_space(res.saliency, be, dtype)
+    assert tuple(res.selected.shape) == (4, d)
+    sel = to_numpy(res.selected) != 0  # to_numpy gives float64 for booleans
+    for k, dp in enumerate(dampings):
+        kappa = error_scale(G, dp, bs)
+        # Brute force: a Cholesky-form operator per damping, in float64 on the host.
+        rho = to_numpy(obs_saliency(theta, StaticIHVP(G, damp=dp, block_size=bs)))
+        assert_close(res.saliency[k, ...], rho, kappa=kappa)
+        want = select_pruned(rho, sparsity=0.4, mask=kept)
+        assert np.array_equal(sel[k], want), dp
+        assert not np.any(sel[k] & ~kept)
+        assert int(sel[k].sum()) == 12 - 2
+        assert_close(res.loss_increase[k], np.sum(rho[want]), kappa=kappa)
+    # A larger damping makes the diagonal of F^{-1} smaller and every saliency larger.
+    s = to_numpy(res.saliency).astype(np.float64)
+    assert np.all(np.diff(s, axis=0) >= -100 * np.finfo(dtype).eps * s[1:])
+
+
+def test_damping_sweep_validation(rng):
+    from mfac_core.pruning import damping_sweep
+
+    G, theta = rng.standard_normal((3, 10)), rng.standard_normal(10)
+    with pytest.raises(ValueError, match="damp"):
+        damping_sweep(theta, G, [0.1, -1.0], sparsity=0.5)
+    with pytest.raises(TypeError, match="damps"):
+        damping_sweep(theta, G, 0.1, sparsity=0.5)
+    with pytest.raises(ValueError, match="sparsity"):
+        damping_sweep(theta, G, [0.1], sparsity=1.0)
+    with pytest.raises(ValueError, match="shape"):
+        damping_sweep(theta[:9], G, [0.1], sparsity=0.5)
+    with pytest.raises(TypeError, match="dtype"):
+        damping_sweep(theta.astype(np.float32), G, [0.1], sparsity=0.5)
+
+
+def test_docstring_examples():
+    import doctest
+
+    import mfac_core._spectral
+
+    result = doctest.testmod(mfac_core._spectral,
+                             optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.failed == 0 and result.attempted > 20
