@@ -33,6 +33,7 @@ of the (block-diagonal) F and the constant ``C = BOUND_CONSTANT``.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -184,6 +185,14 @@ def _blocks(d: int, block: int) -> list[slice]:
     return [slice(lo, min(lo + block, d)) for lo in range(0, d, block)]
 
 
+def _build(G: np.ndarray, damp: float, block_size: int | None, _: Any) -> StaticIHVP:
+    return StaticIHVP(G, damp=damp, block_size=block_size)
+
+
+def _apply(op: StaticIHVP, x: np.ndarray, _: Any) -> np.ndarray:
+    return op.matvec(x)
+
+
 def _dense_block_inverse(G: np.ndarray, damp: float, block: int) -> list[np.ndarray]:
     """float64 ``inv`` of each diagonal block of ``damp I + G^T G / m``."""
     m, d = G.shape
@@ -284,9 +293,8 @@ def run_demo(*, m: int = 64, d: int = 2000, seed: int = 0, damp: float = DEFAULT
             error, bound = error_ratios(Y, reference, X64, damp=damp, kappa=kappa,
                                         eps=float(np.finfo(dtype).eps))
             checks.append((name, kappa, error, bound))
-            candidates[f"setup {name}"] = lambda _, G=G, size=size: StaticIHVP(
-                G, damp=damp, block_size=size)
-            candidates[f"ihvp {name}"] = lambda _, op=op, x=x: op.matvec(x)
+            candidates[f"setup {name}"] = functools.partial(_build, G, damp, size)
+            candidates[f"ihvp {name}"] = functools.partial(_apply, op, x)
             # The floor kernels take well under a millisecond: each round runs them
             # FLOOR_TRIES times, so that a busy machine leaves some of the tries alone.
             for floor, fn in _setup_floor_candidates(G, damp).items():

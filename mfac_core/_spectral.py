@@ -155,7 +155,7 @@ class SpectralIHVP(LinearOperator):
 
     See Also
     --------
-    StaticIHVP : the Cholesky form of the same inverse.
+    StaticIHVP : The Cholesky form of the same inverse.
 
     Notes
     -----
@@ -321,6 +321,7 @@ class SpectralIHVP(LinearOperator):
         Returns
         -------
         SpectralIHVP
+            The operator of the opposite power, sharing ``V`` (O(m)).
 
         Examples
         --------
@@ -356,6 +357,7 @@ class SpectralIHVP(LinearOperator):
         Returns
         -------
         float
+            The log-determinant, summed in float64.
 
         Examples
         --------
@@ -404,6 +406,7 @@ class SpectralIHVP(LinearOperator):
         Returns
         -------
         float
+            The trace, summed in float64.
 
         Examples
         --------
@@ -469,7 +472,7 @@ class SpectralIHVP(LinearOperator):
         return parts[0] if len(parts) == 1 else xp.concat(parts)
 
     def sweep(self, x: Array, /, *, damps: Sequence[float]) -> Array:
-        """This power of F at each of K dampings applied to ``x``, in one pass over ``V``.
+        """Apply this power of F at each of K dampings to ``x``, in one pass over ``V``.
 
         Parameters
         ----------

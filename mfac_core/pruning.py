@@ -931,6 +931,8 @@ def damping_sweep(
     Returns
     -------
     DampingSweep
+        The dampings, and per damping the saliencies, the selected weights and
+        the predicted loss increase.
 
     Raises
     ------
