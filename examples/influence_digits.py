@@ -14,16 +14,15 @@ those with the most positive hurt it. All n values are one call of
 batches). The script checks the same computation for the last layer alone
 (d = 1290) against a dense float64 inverse, and writes ``influence_digits.png``
 (the test image, its 6 most helpful and 6 most harmful training images) to
-``--outdir``, by default a folder in the system's temporary directory. Usage::
+``--out``, by default ``~/.cache/mfac_core-examples`` as for the other examples. Usage::
 
-    python examples/influence_digits.py [--test-index 0] [--rel-damp 1e-3] [--outdir DIR]
+    python examples/influence_digits.py [--test-index 0] [--rel-damp 1e-3] [--out DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import evaluate, load, make_mlp, train
+from _common import add_output_options, evaluate, load, make_mlp, train
 
 from mfac_core import SpectralIHVP
 
@@ -100,10 +99,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--test-index", type=int, default=0)
     parser.add_argument("--rel-damp", type=float, default=1e-3)
     parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--outdir", type=Path,
-                        default=Path(tempfile.gettempdir()) / "mfac_core_examples")
+    add_output_options(parser)
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
 
     data = load()
     model = make_mlp()
@@ -141,8 +139,8 @@ def main(argv: list[str] | None = None) -> None:
     # Both sides are float64 computations with errors of about eps * kappa.
     assert err < 1e3 * np.finfo(np.float64).eps * kappa2, err
 
-    args.outdir.mkdir(parents=True, exist_ok=True)
-    path = args.outdir / "influence_digits.png"
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "influence_digits.png"
     plot(data, i, infl, path)
     print(f"wrote {path}")
 
