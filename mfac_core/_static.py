@@ -190,6 +190,8 @@ class StaticIHVP(_BlockOperatorBase):
                                          check_finite=check_finite, progress=progress)
         self._factors: tuple[GroupFactor, ...] = result.factors
         self.kappa_bound = result.kappa_hi
+        # Chunks whose single-precision Gram failed its check (kept for tests and benchmarks).
+        self._gram_recomputed = result.recomputed
         _capacitance.warn_if_hopeless(result.kappa_lo, damp=self.damp,
                                       eps=float(xp.finfo(self.dtype).eps), dtype=self.dtype)
 
