@@ -229,6 +229,23 @@ def _woodbury_factor(xp: Any, G: Array, group: BlockGroup, chunk: list[Piece], *
     return _capacitance.factorize(xp, gram, shift=m * damp, scale=1.0, damp=damp)
 
 
+def factorize_gform(xp: Any, G: Array, group: BlockGroup, *, damp: float, check_finite: bool,
+                    progress: Callable[[int, int], None] | None
+                    ) -> tuple[_capacitance.CapacitanceFactor, int]:
+    """The capacitance factor of one block of 2-byte gradients, and whether it was recomputed.
+
+    The G-form keeps no W, so the set-up is the Gram product alone (one pass),
+    in float32 products checked like float32 storage (see :func:`mixed_gram_trusted`).
+    """
+    track = _Tracker(progress, group.count * group.size)
+    (chunk,) = list(chunks(group, _piece_width(G)))  # one block: one chunk of pieces
+    factor = _woodbury_factor(xp, G, group, chunk, damp=damp, check=check_finite, track=track)
+    # The chunk's stack holds one block: its factor as a single matrix.
+    single = _capacitance.CapacitanceFactor(factor.U[0, ...], factor.shift, factor.scale,
+                                            factor.kappa)
+    return single, track.recomputed
+
+
 def _woodbury_columns(xp: Any, G: Array, group: BlockGroup, sink: Sink, *, damp: float,
                       check: bool, track: _Tracker) -> None:
     for chunk in chunks(group, _piece_width(G)):

@@ -213,3 +213,99 @@ def test_dynamic_failure_changes_nothing(rng):
     np.testing.assert_array_equal(to_numpy(op.window()), before[0])
     np.testing.assert_array_equal(to_numpy(op._gram), before[1])
     assert op.slots == before[2]
+
+
+# -- 2-byte storage (G-form) -------------------------------------------------------------------
+
+_HALF_CASES = [("numpy", "float16"), ("torch", "float16"), ("torch", "bfloat16"),
+               ("cupy", "float16")]
+
+
+@pytest.fixture(params=_HALF_CASES, ids=[f"{b}-{d}" for b, d in _HALF_CASES])
+def half_case(request, make_backend):
+    name, dtype = request.param
+    try:
+        backend = make_backend(name)
+    except KeyError:
+        pytest.skip(f"{name} is not available here")
+    return backend, dtype
+
+
+def _stored(backend, G: np.ndarray, dtype: str):
+    """G in the 2-byte dtype on the backend, and the stored values in float64 (the oracle's G)."""
+    if dtype == "bfloat16":
+        import torch
+
+        Gs = torch.tensor(G, dtype=torch.bfloat16)
+        return Gs, Gs.double().numpy()
+    Gs = backend.asarray(G, dtype)
+    return Gs, to_numpy(Gs).astype(np.float64)
+
+
+def test_half_storage_products_diagonal_entries(half_case, rng):
+    backend, dtype = half_case
+    m, d, damp = 12, 900, 1e-2
+    Gs, G64 = _stored(backend, rng.standard_normal((m, d)), dtype)
+    op = StaticIHVP(Gs, damp=damp)
+    assert op.dtype == backend.dtype("float32") and op.storage_dtype == dtype
+    assert op._factors[0].G is Gs  # kept as given: m d * 2 bytes, no W
+    kappa = condition_number(G64, damp)
+    Finv = dense_inverse(G64, damp)
+    X = rounded(rng.standard_normal((d, 3)), "float32")
+    Y = op @ backend.asarray(X, "float32")
+    assert Y.dtype == backend.dtype("float32")
+    assert_close(Y, Finv @ X, kappa=kappa)
+    assert_close(op.matvec(backend.asarray(X[:, 0], "float32")), Finv @ X[:, 0], kappa=kappa)
+    assert_close(op.diagonal(), np.diag(Finv), kappa=kappa)
+    rows, cols = np.array([0, 5, 899, 7]), np.array([0, 9, 899, 3])
+    got = op.entries(backend.asarray(rows, "int64"), backend.asarray(cols, "int64"))
+    assert_close(got, Finv[rows, cols], kappa=kappa, atol=1e-6 * float(np.abs(Finv).max()))
+    # A 2-byte operand is promoted to float32 (lossless).
+    xh = backend.asarray(X[:, 0], "float16") if dtype == "float16" else None
+    if xh is not None:
+        assert_close(op @ xh, Finv @ to_numpy(xh).astype(np.float64), kappa=kappa)
+
+
+@given(seed=st.integers(0, 2**32 - 1), rank=st.integers(1, 12),
+       damp=st.sampled_from([1e-1, 1e-3, 1e-5]), case=st.sampled_from(_HALF_CASES[:3]))
+def test_half_storage_matches_the_stored_gradients_oracle(seed, rank, damp, case):
+    # Against the exact inverse of the Fisher of the stored (rounded) gradients, at three
+    # and more condition numbers: random vectors without refinement, vectors in the span
+    # of G (a gradient, their mean) with one step of refinement.
+    backend_name, dtype = case
+    if backend_name == "torch":
+        pytest.importorskip("torch")
+    rng = np.random.default_rng(seed)
+    m, d = 12, 400
+    G = _subspace_grads(rng, m, d, rank=rank, top=10.0)
+    from conftest import _BACKENDS
+
+    backend = _BACKENDS[backend_name]()
+    Gs, G64 = _stored(backend, G, dtype)
+    C = G64 @ G64.T + m * damp * np.eye(m)
+    kappa = condition_number(G64, damp)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", IllConditionedWarning)
+        op = StaticIHVP(Gs, damp=damp)
+        op1 = StaticIHVP(Gs, damp=damp, refine=1)
+    if 2**-23 * kappa >= 1e-2:
+        return  # nothing to check: the stated precision has no correct digit left
+    assert np.all(np.linalg.eigvalsh(C) > 0)
+
+    def oracle(x):
+        return (x - G64.T @ np.linalg.solve(C, G64 @ x)) / damp
+
+    x = rounded(rng.standard_normal(d), "float32")
+    assert_close(op @ backend.asarray(x, "float32"), oracle(x), kappa=kappa)
+    for x in (rounded(G64[0], "float32"), rounded(G64.mean(axis=0), "float32")):
+        assert_close(op1 @ backend.asarray(x, "float32"), oracle(x), kappa=kappa)
+
+
+def test_half_storage_refuses_what_it_does_not_support(rng):
+    G = rng.standard_normal((4, 50)).astype(np.float16)
+    with pytest.raises(ValueError, match="block_size"):
+        StaticIHVP(G, damp=1.0, block_size=10)
+    with pytest.raises(ValueError, match="overwrite_G"):
+        StaticIHVP(G, damp=1.0, overwrite_G=True)
+    with pytest.raises(ValueError, match="d > m"):
+        StaticIHVP(rng.standard_normal((8, 5)).astype(np.float16), damp=1.0)
