@@ -147,7 +147,11 @@ class StaticIHVP(_BlockOperatorBase):
     These are the paper's recursions (3)-(5) in closed form: the LDL^T
     pivots of ``C / lambda`` are its ``q_i`` and ``W`` its ``v_i`` up to
     scaling. Blocks no larger than m store the dense inverse of their
-    ``B x B`` block instead, which is cheaper. All m x m work is float64.
+    ``B x B`` block instead, which is cheaper. All m x m work is float64;
+    for float32 (and 2-byte) G the Gram matrix of the Woodbury blocks is
+    summed in float64 from float32 products over short column pieces and
+    checked a posteriori, with a float64 recomputation where the check fails
+    (docs/mathematics.rst, "Mixed-precision Gram").
 
     Precision, with ``kappa = 1 + ||G||_2^2 / (m damp)`` and ``y = F^{-1} x``:
     the relative error of a product is at most about ``eps(dtype) * kappa *
