@@ -19,7 +19,7 @@ from . import _capacitance
 from ._capacitance import CapacitanceFactor
 from ._compat import Array, array_namespace, detached
 from ._compat import device as device_of
-from ._errors import NotPositiveDefinite
+from ._errors import FactorizationError, NotPositiveDefinite
 from ._layout import BlockGroup, chunk_gram, pieces
 from ._operator import LinearOperator
 from ._refine import fisher_residual, refine
@@ -226,6 +226,9 @@ class DynamicIHVP(LinearOperator):
         self.num_grads, self.dim = num_grads, dim
         self._G = G
         self._gram = xp.zeros((num_grads, num_grads), dtype=xp.float64, device=self.device)
+        # Whether every Gram entry was accumulated in float64 (float64 storage, an empty
+        # window, from_window, or a Gram recomputed after a failed edit; see _place).
+        self._exact_gram = True
         # Once the window is full, factors ping-pong between two C-ordered buffers
         # created once: no allocation per step, and row-wise writes.
         self._buffers: tuple[Any, Any] | None = None
@@ -291,6 +294,7 @@ class DynamicIHVP(LinearOperator):
         factor = op._factorized(full_gram, window)  # raises before anything changes
         op._G[:k, ...] = G
         op._gram = full_gram
+        op._exact_gram = True
         op._window, op._free = deque(window), free
         op._commit(factor, refactored=True)
         return op
@@ -302,6 +306,7 @@ class DynamicIHVP(LinearOperator):
         m = self.num_grads
         self._G[...] = 0
         self._gram[...] = 0
+        self._exact_gram = True
         self._edits = 0
         self.refactor_count = 0
         if self.zero_init:
@@ -360,8 +365,8 @@ class DynamicIHVP(LinearOperator):
         current = getattr(self, "_factor", None)
         return second if current is not None and current.factor.U is first else first
 
-    def _factorized(self, gram: Array, slots: list[int],
-                    damp: float | None = None) -> _SlotFactor:
+    def _factorized(self, gram: Array, slots: list[int], damp: float | None = None, *,
+                    exact: bool = False) -> _SlotFactor:
         """The factor of the capacitance matrix of ``slots``, in full (O(k^3)).
 
         With the operator's damping unless ``damp`` is given. Raises
@@ -375,18 +380,23 @@ class DynamicIHVP(LinearOperator):
         out = self._free_buffer() if k == self.num_grads else None
         factor = _capacitance.factorize(
             xp, sub, shift=self._shift(k, damp), scale=1.0, damp=damp,
-            gram_dtype=str(self.dtype).rsplit(".", 1)[-1], out=out)
+            gram_dtype="float64" if exact or self._exact_gram else "float32", out=out)
         return _SlotFactor.build(factor, slots, self.num_grads)
 
-    def _edited(self, slot: int, b: Array) -> tuple[_SlotFactor, bool]:
+    def _edited(self, slot: int, b: Array, *, gram: Array | None = None
+                ) -> tuple[_SlotFactor, bool]:
         """The factor after ``slot`` gets Gram row ``b``: an O(m^2) edit where possible.
 
         Returns ``(factor, refactored)``; raises ``FactorizationError``; nothing
-        of the operator changes (the free factor buffer is scratch).
+        of the operator changes (the free factor buffer is scratch). With
+        ``gram`` (a recomputed Gram matrix, row ``slot`` included) the factor is
+        computed from it in full.
         """
         current = self._factor
         slots = [s for s in current.slots if s != slot] + [slot]
         k = len(slots)
+        if gram is not None:
+            return self._factorized(gram, slots, exact=True), True
         if (self.update_method == "incremental" and len(current.slots) == k == self.num_grads
                 and self._edits < self.refactor_every):
             xp = self._xp
@@ -451,17 +461,61 @@ class DynamicIHVP(LinearOperator):
         xp = self._xp
         old = xp.asarray(self._G[slot, ...], copy=True)
         self._G[slot, ...] = g
+        gram = None
+        exact = self.dtype == xp.float64 or b is not None
         try:
             if b is None:
                 b = xp.astype(self._G @ g, xp.float64)
-            factor, refactored = self._edited(slot, b)
+            try:
+                factor, refactored = self._edited(slot, b)
+            except FactorizationError:
+                if exact:
+                    raise
+                # Single-precision rounding of ``G g`` (a length-d sum) can make a window
+                # of nearly collinear gradients indefinite (docs/mathematics.rst,
+                # "Mixed-precision Gram"): the row again with float64 accumulation, and
+                # the whole Gram matrix too unless it is already exact.
+                exact = True
+                if self._exact_gram:
+                    b = self._exact_row(g)
+                    factor, refactored = self._edited(slot, b)
+                else:
+                    gram = self._exact_gram_matrix()
+                    b = xp.asarray(gram[slot, :], copy=True)
+                    factor, refactored = self._edited(slot, b, gram=gram)
         except BaseException:
             self._G[slot, ...] = old
             raise
+        if gram is not None:
+            self._gram = gram
+            self._exact_gram = True
+        elif not exact:
+            self._exact_gram = False
         self._gram[slot, :] = b
         self._gram[:, slot] = b
         self._commit(factor, refactored=refactored)
         return b
+
+    def _pieces(self) -> list[Any]:
+        """The column pieces of the buffer for its float64 passes (32 MiB each at most)."""
+        whole = BlockGroup(0, 1, self.dim)
+        return list(pieces(whole, max(1, _PIECE_ENTRIES // self.num_grads)))
+
+    def _exact_row(self, g: Array) -> Any:
+        """``G g`` accumulated in float64, a bounded column piece at a time (O(m d))."""
+        xp, G = self._xp, self._G
+        b = None
+        for _, _, c0, c1 in self._pieces():
+            part = (xp.astype(G[:, c0:c1], xp.float64) @ xp.astype(g[c0:c1], xp.float64))
+            b = part if b is None else b + part
+        return b
+
+    def _exact_gram_matrix(self) -> Any:
+        """The buffer's Gram matrix accumulated in float64 (O(m^2 d), on the rare path)."""
+        xp = self._xp
+        gram = chunk_gram(xp, self._G, BlockGroup(0, 1, self.dim), self._pieces(),
+                          lambda X: X @ xp.matrix_transpose(X))
+        return gram[0, ...]
 
     def _insert(self, g: Array) -> Any:
         g = self._check_gradient(g)
@@ -698,6 +752,7 @@ class DynamicIHVP(LinearOperator):
         self.damp = loaded.damp
         self._G[...] = loaded.grads
         self._gram = loaded.gram
+        self._exact_gram = self.dtype == self._xp.float64
         self._window, self._free = deque(loaded.window), list(loaded.free)
         self._factor = loaded.factor
         self._edits = loaded.edits

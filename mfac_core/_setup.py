@@ -24,8 +24,17 @@ from typing import Any, Protocol
 
 from . import _capacitance, _linalg
 from ._compat import Array, device, is_writeable_array
+from ._errors import FactorizationError
 from ._group_factors import DenseBlockInverses, GroupFactor, WoodburyFactor
-from ._layout import BlockGroup, Piece, chunk_gram, chunks, piece_columns, piece_stack
+from ._layout import (
+    BlockGroup,
+    Piece,
+    chunk_gram,
+    chunks,
+    mixed_chunk_gram,
+    piece_columns,
+    piece_stack,
+)
 
 __all__ = ["AssembledSink", "SetupResult", "WritableSink", "choose_sink", "factorize_groups"]
 
@@ -103,6 +112,8 @@ class _Tracker:
     done: int = 0
     kappa_lo: float = 1.0
     kappa_hi: float = 1.0
+    #: Chunks whose single-precision Gram failed its check and was recomputed in float64.
+    recomputed: int = 0
 
     def advance(self, n: int) -> None:
         self.done += n
@@ -121,6 +132,7 @@ class SetupResult:
     factors: tuple[GroupFactor, ...]
     kappa_lo: float
     kappa_hi: float
+    recomputed: int = 0
 
 
 def _piece_width(G: Array) -> int:
@@ -183,13 +195,73 @@ def _dense_inverses(xp: Any, G: Array, group: BlockGroup, *, damp: float, check:
     return DenseBlockInverses(group, parts[0] if len(parts) == 1 else xp.concat(parts))
 
 
+def mixed_gram_trusted(xp: Any, factor: _capacitance.CapacitanceFactor, weight: Array) -> bool:
+    """Whether a factor of a single-precision Gram keeps the stated accuracy.
+
+    The a-posteriori check of docs/mathematics.rst ("Mixed-precision Gram"):
+    ``u * scale * weight[j]`` estimates the rounding error of row ``j`` of the
+    Gram matrix (``u`` the unit roundoff of float32), and the ``j``-th pivot
+    ``U_jj^2`` (a Schur complement of C) is what that error is amplified
+    against. The factor is kept when every ratio is at most
+    ``eps(float32) * kappa``: the products then err by at most about what the
+    float32 passes over G already do. Otherwise (nearly collinear gradients
+    with a small damping) the caller recomputes the Gram in float64.
+    """
+    u = float(xp.finfo(xp.float32).eps) / 2
+    pivots = xp.linalg.diagonal(factor.U) ** 2
+    ratio = float(xp.max(weight / pivots)) * u * factor.scale
+    kappa_lo = factor.kappa[0] if factor.kappa is not None else 1.0
+    return ratio <= 2 * u * kappa_lo
+
+
+def _woodbury_factor(xp: Any, G: Array, group: BlockGroup, chunk: list[Piece], *, damp: float,
+                     check: bool, track: _Tracker) -> _capacitance.CapacitanceFactor:
+    """The chunk's capacitance factor, from a single-precision Gram where that is accurate."""
+    m = G.shape[0]
+
+    def product(X: Array) -> Array:
+        return X @ xp.matrix_transpose(X)
+
+    if G.dtype != xp.float64:
+        gram, weight = mixed_chunk_gram(xp, G, group, chunk, product, track.advance)
+        if bool(xp.all(xp.isfinite(xp.linalg.diagonal(gram)))):
+            try:
+                factor = _capacitance.factorize(xp, gram, shift=m * damp, scale=1.0, damp=damp,
+                                                gram_dtype="float32")
+            except FactorizationError:
+                pass  # recomputed in float64 below, which words any error
+            else:
+                if mixed_gram_trusted(xp, factor, weight):
+                    return factor
+        # The check failed: this chunk's Gram again, in float64 (progress already counted).
+        track.recomputed += 1
+        gram = _checked_gram(xp, G, group, chunk, product, _Tracker(None, 0), check)
+    else:
+        gram = _checked_gram(xp, G, group, chunk, product, track, check)
+    return _capacitance.factorize(xp, gram, shift=m * damp, scale=1.0, damp=damp)
+
+
+def factorize_gform(xp: Any, G: Array, group: BlockGroup, *, damp: float, check_finite: bool,
+                    progress: Callable[[int, int], None] | None
+                    ) -> tuple[_capacitance.CapacitanceFactor, int]:
+    """The capacitance factor of one block of 2-byte gradients, and whether it was recomputed.
+
+    The G-form keeps no W, so the set-up is the Gram product alone (one pass),
+    in float32 products checked like float32 storage (see :func:`mixed_gram_trusted`).
+    """
+    track = _Tracker(progress, group.count * group.size)
+    (chunk,) = list(chunks(group, _piece_width(G)))  # one block: one chunk of pieces
+    factor = _woodbury_factor(xp, G, group, chunk, damp=damp, check=check_finite, track=track)
+    # The chunk's stack holds one block: its factor as a single matrix.
+    single = _capacitance.CapacitanceFactor(factor.U[0, ...], factor.shift, factor.scale,
+                                            factor.kappa)
+    return single, track.recomputed
+
+
 def _woodbury_columns(xp: Any, G: Array, group: BlockGroup, sink: Sink, *, damp: float,
                       check: bool, track: _Tracker) -> None:
-    m = G.shape[0]
     for chunk in chunks(group, _piece_width(G)):
-        gram = _checked_gram(xp, G, group, chunk, lambda X: X @ xp.matrix_transpose(X), track,
-                             check)
-        factor = _capacitance.factorize(xp, gram, shift=m * damp, scale=1.0, damp=damp)
+        factor = _woodbury_factor(xp, G, group, chunk, damp=damp, check=check, track=track)
         track.add(factor)
         Linv = xp.astype(factor.lower_inverse(), G.dtype)
         first = chunk[0][0]  # Linv holds the chunk's blocks only
@@ -224,4 +296,4 @@ def factorize_groups(xp: Any, G: Array, groups: tuple[BlockGroup, ...], *, damp:
     for g in groups:
         factors.append(built[g] if W is None or dense[g]
                        else WoodburyFactor(g, W[:, g.start:g.end], damp))
-    return SetupResult(tuple(factors), track.kappa_lo, track.kappa_hi)
+    return SetupResult(tuple(factors), track.kappa_lo, track.kappa_hi, track.recomputed)

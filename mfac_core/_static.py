@@ -13,6 +13,7 @@ from typing import Any
 
 from . import _capacitance, _setup
 from ._compat import Array, device
+from ._gform import GFormFactor
 from ._group_factors import GroupFactor
 from ._layout import BlockGroup, block_groups, lowrank_apply
 from ._operator import LinearOperator
@@ -25,6 +26,7 @@ from ._validation import (
     check_gradients,
     check_index_array,
     check_writeable,
+    half_dtype_name,
 )
 
 __all__ = ["EmpiricalFisher", "StaticIHVP"]
@@ -34,14 +36,18 @@ class _BlockOperatorBase(LinearOperator):
     """What the forward and inverse operators share: G's sizes, damp and the block layout."""
 
     def _init_layout(self, G: Array, damp: Any, block_size: Any, check: bool,
-                     check_G: bool = True) -> Any:
-        xp = check_gradients(G, require_finite=check and check_G)
+                     check_G: bool = True, half: bool = False) -> Any:
+        xp = check_gradients(G, require_finite=check and check_G, half=half)
         self.damp = check_damp(damp)
         m, d = G.shape
         self.num_grads, self.dim = int(m), int(d)
         self.block_size = check_block_size(block_size, d)
         self._groups = block_groups(d, self.block_size)
-        super().__init__(shape=(d, d), dtype=G.dtype, xp=xp, device=device(G), symmetric=True,
+        #: The 2-byte storage dtype's name ("float16", "bfloat16"), or None; with one the
+        #: operator computes, and returns results, in float32.
+        self.storage_dtype = half_dtype_name(xp, G.dtype)
+        dtype = G.dtype if self.storage_dtype is None else xp.float32
+        super().__init__(shape=(d, d), dtype=dtype, xp=xp, device=device(G), symmetric=True,
                          check_finite=check)
         return xp
 
@@ -65,6 +71,11 @@ class StaticIHVP(_BlockOperatorBase):
     G : array, shape (m, d)
         The gradients, one per row, of any Array-API library; float32 or
         float64. The operator lives in G's namespace and on G's device.
+        2-byte gradients (NumPy and CuPy float16, PyTorch float16 and
+        bfloat16) are kept as given, for the full operator with ``d > m``:
+        the operator then computes in float32 and its ``dtype`` is float32
+        (docs/mathematics.rst, "2-byte storage"; one step of ``refine``
+        brings vectors in the gradients' span to the float32 precision).
     damp : float
         The damping ``lambda > 0`` (absolute, as in the M-FAC paper, whose
         default is ``1e-5``).
@@ -96,7 +107,9 @@ class StaticIHVP(_BlockOperatorBase):
     shape : tuple
         ``(d, d)``.
     dtype, device
-        G's dtype and device.
+        G's dtype (float32 for 2-byte G) and device.
+    storage_dtype : str or None
+        ``"float16"`` or ``"bfloat16"`` for 2-byte G, else ``None``.
     num_grads, dim, damp, block_size
         m, d, lambda and the block size (``d`` for the full operator).
     kappa_bound : float
@@ -134,7 +147,11 @@ class StaticIHVP(_BlockOperatorBase):
     These are the paper's recursions (3)-(5) in closed form: the LDL^T
     pivots of ``C / lambda`` are its ``q_i`` and ``W`` its ``v_i`` up to
     scaling. Blocks no larger than m store the dense inverse of their
-    ``B x B`` block instead, which is cheaper. All m x m work is float64.
+    ``B x B`` block instead, which is cheaper. All m x m work is float64;
+    for float32 (and 2-byte) G the Gram matrix of the Woodbury blocks is
+    summed in float64 from float32 products over short column pieces and
+    checked a posteriori, with a float64 recomputation where the check fails
+    (docs/mathematics.rst, "Mixed-precision Gram").
 
     Precision, with ``kappa = 1 + ||G||_2^2 / (m damp)`` and ``y = F^{-1} x``:
     the relative error of a product is at most about ``eps(dtype) * kappa *
@@ -174,9 +191,13 @@ class StaticIHVP(_BlockOperatorBase):
         progress: Callable[[int, int], None] | None = None,
     ) -> None:
         # G's finiteness is checked on the Gram diagonals, without a pass of its own.
-        xp = self._init_layout(G, damp, block_size, check_finite, check_G=False)
+        xp = self._init_layout(G, damp, block_size, check_finite, check_G=False, half=True)
         check_float64_available(xp)
         self.refine = check_count(refine, "refine", minimum=0)
+        if self.storage_dtype is not None:
+            self._init_half(G, overwrite_G=overwrite_G, check_finite=check_finite,
+                            progress=progress)
+            return
         if overwrite_G:
             check_writeable(G, "G", why="overwrite_G=True")
             if self.refine:
@@ -190,8 +211,34 @@ class StaticIHVP(_BlockOperatorBase):
                                          check_finite=check_finite, progress=progress)
         self._factors: tuple[GroupFactor, ...] = result.factors
         self.kappa_bound = result.kappa_hi
+        # Chunks whose single-precision Gram failed its check (kept for tests and benchmarks).
+        self._gram_recomputed = result.recomputed
         _capacitance.warn_if_hopeless(result.kappa_lo, damp=self.damp,
                                       eps=float(xp.finfo(self.dtype).eps), dtype=self.dtype)
+
+    def _init_half(self, G: Array, *, overwrite_G: bool, check_finite: bool,
+                   progress: Callable[[int, int], None] | None) -> None:
+        """The G-form set-up for 2-byte gradients (docs/mathematics.rst, "2-byte storage")."""
+        xp = self._xp
+        if overwrite_G:
+            raise ValueError(f"overwrite_G=True has nothing to overwrite with {self.storage_dtype} "
+                             "gradients: the operator keeps G itself (W is never stored in "
+                             "2 bytes); drop overwrite_G")
+        if len(self._groups) != 1 or self._groups[0].count != 1 or self.dim <= self.num_grads:
+            raise ValueError(f"{self.storage_dtype} gradients are supported for the full "
+                             "operator with more coordinates than gradients (d > m, no "
+                             "block_size) only; cast G to float32 for block-wise operators")
+        # G is kept (by reference) for every product, and for refinement's residuals.
+        self._G = G
+        factor, recomputed = _setup.factorize_gform(xp, G, self._groups[0], damp=self.damp,
+                                                    check_finite=check_finite,
+                                                    progress=progress)
+        self._factors = (GFormFactor(self._groups[0], G, factor, self.damp, xp.float32),)
+        self._gram_recomputed = recomputed
+        self.kappa_bound = factor.kappa[1] if factor.kappa is not None else 1.0
+        _capacitance.warn_if_hopeless(factor.kappa[0] if factor.kappa is not None else 1.0,
+                                      damp=self.damp, eps=float(xp.finfo(xp.float32).eps),
+                                      dtype="float32 (the compute dtype)", stacklevel=4)
 
     # -- products ------------------------------------------------------------------------
 

@@ -29,6 +29,7 @@ from ._compat import (
     is_array_api_obj,
     is_jax_array,
     is_jax_namespace,
+    is_torch_namespace,
     is_writeable_array,
     namespace_name,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "check_floating",
     "check_fraction",
     "check_gradients",
+    "half_dtype_name",
     "check_index_array",
     "check_number",
     "check_operand",
@@ -54,6 +56,26 @@ __all__ = [
 
 #: The storage dtypes whose precision the operators state (docs/mathematics.rst).
 FLOATING_DTYPES = ("float32", "float64")
+
+#: 2-byte storage dtypes, accepted for gradients where a library has them (NumPy and
+#: CuPy float16, PyTorch float16 and bfloat16); the operators then compute in float32
+#: (docs/mathematics.rst, "2-byte storage").
+HALF_DTYPES = ("float16", "bfloat16")
+
+
+def half_dtype_name(xp: Any, dtype: Any) -> str | None:
+    """``"float16"`` or ``"bfloat16"`` for a supported 2-byte dtype of ``xp``, else ``None``.
+
+    JAX and array-api-strict are not among them (JAX's operators are pytrees of
+    immutable arrays, array-api-strict has no 2-byte dtype).
+    """
+    if is_jax_namespace(xp):
+        return None
+    if dtype == getattr(xp, "float16", None):
+        return "float16"
+    if is_torch_namespace(xp) and dtype == getattr(xp, "bfloat16", None):
+        return "bfloat16"
+    return None
 
 
 def namespace_of(x: Array, name: str) -> Any:
@@ -195,6 +217,8 @@ def check_operand(xp: Any, dev: Any, dtype: Any, x: Array, name: str, *, owner: 
     check_same_space(xp, dev, x, name, owner=owner)
     if x.dtype == dtype:
         return x
+    if half_dtype_name(xp, x.dtype) is not None and dtype in (xp.float32, xp.float64):
+        return xp.astype(x, dtype)  # lossless: every 2-byte value is a float32 value
     check_floating(xp, x, name)
     if x.dtype == xp.float32 and dtype == xp.float64:
         return xp.astype(x, xp.float64)
@@ -222,8 +246,12 @@ def check_float64_available(xp: Any) -> None:
             "operator inside `with jax.enable_x64(True):`")
 
 
-def check_gradients(G: Array, *, require_finite: bool, name: str = "G") -> Any:
-    """A non-empty 2-D float32/float64 array of gradients (rows); returns its namespace."""
+def check_gradients(G: Array, *, require_finite: bool, name: str = "G",
+                    half: bool = False) -> Any:
+    """A non-empty 2-D float32/float64 array of gradients (rows); returns its namespace.
+
+    With ``half``, the 2-byte dtypes of :func:`half_dtype_name` are accepted too.
+    """
     xp = namespace_of(G, name)
     if G.ndim != 2:
         raise ValueError(f"{name} must be a 2-D array of shape (m, d), one gradient per row; "
@@ -231,7 +259,11 @@ def check_gradients(G: Array, *, require_finite: bool, name: str = "G") -> Any:
     if G.shape[0] == 0 or G.shape[1] == 0:
         raise ValueError(f"{name} must hold at least one gradient of at least one coordinate; "
                          f"got shape {tuple(G.shape)}")
-    check_floating(xp, G, name)
+    if not (half and half_dtype_name(xp, G.dtype) is not None):
+        if half and _dtype_name(xp, G.dtype) is None:
+            raise TypeError(f"{name} must have a real floating dtype (float32 or float64, or "
+                            f"float16/bfloat16 storage where the library has it), got {G.dtype}")
+        check_floating(xp, G, name)
     if require_finite:
         check_finite(xp, G, name)
     return xp

@@ -1,0 +1,251 @@
+"""Benchmark of storage precision: float32 and 2-byte gradients in ``StaticIHVP``.
+
+Usage::
+
+    python benchmarks/precision.py                 # d = 1e6, m = 64
+    python benchmarks/precision.py --m 256 --d 2e6 --repeat 5
+    python benchmarks/precision.py --quick         # CI smoke run, d = 2e5, m = 32, < 1 min
+
+Per backend (NumPy, PyTorch on the CPU) and storage dtype (float32; float16; PyTorch's
+bfloat16), interleaved with the floors they are held to, in the same run:
+
+**IHVP**: ``op.matvec(x)`` over the *float32 two-pass floor*: the library's own
+``G32 @ x`` plus ``G32.T @ a`` on a float32 m x d array (two reads of ``4 m d`` bytes).
+A 2-byte operator reads ``2 m d`` bytes per pass; its target is 0.6x this floor (half
+the bytes, plus the float32 casts of cached pieces).
+
+**Set-up**: the constructor over its floor, one float32 Gram product ``G32 @ G32.T``
+(plus, for float32 storage, one float32 ``L^{-1} G`` product: the W-form writes W; the
+2-byte G-form stores no W and has the Gram alone as its floor).
+
+**Error**: on a small problem (m = 32, d = 4000) at three condition numbers, the
+normwise relative error of ``F^{-1} x`` against the float64 oracle of the *stored*
+gradients (upcast to float64), for a random x and for the gradients' mean (a vector in
+their span), without and with one step of ``refine``; the column ``/(eps32 kappa)`` is
+the error in units of the stated bound.
+
+**Memory**: NumPy only (tracemalloc sees NumPy's buffers): bytes the operator keeps,
+and the constructor's peak, relative to size(G) in its own dtype.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import time
+import tracemalloc
+import warnings
+from typing import Any
+
+import _common as common
+import numpy as np
+
+import mfac_core as mfac
+
+KAPPA = 1e4
+
+
+def make_grads(m: int, d: int, damp: float, seed: int) -> np.ndarray:
+    """Gaussian float32 gradients with ``||G||_F^2 / (m damp)`` about ``KAPPA``."""
+    rng = np.random.default_rng(seed)
+    G = rng.standard_normal((m, d), dtype=np.float32)
+    G *= np.float32(np.sqrt(KAPPA * damp / d))
+    return G
+
+
+def backends(G32: np.ndarray) -> list[tuple[str, str, Any, Any]]:
+    """``(backend, dtype, G in that dtype, float32 G of that backend)`` for every case."""
+    out: list[tuple[str, str, Any, Any]] = [
+        ("numpy", "float32", G32, G32),
+        ("numpy", "float16", G32.astype(np.float16), G32),
+    ]
+    try:
+        import torch
+    except ImportError:
+        return out
+    T32 = torch.from_numpy(G32)
+    out += [("torch", "float32", T32, T32),
+            ("torch", "float16", T32.to(torch.float16), T32),
+            ("torch", "bfloat16", T32.to(torch.bfloat16), T32)]
+    return out
+
+
+def vector(like: Any, n: int, seed: int) -> Any:
+    x = np.random.default_rng(seed).standard_normal(n).astype(np.float32)
+    if isinstance(like, np.ndarray):
+        return x
+    import torch
+
+    return torch.from_numpy(x)
+
+
+def timing_rows(G32: np.ndarray, damp: float, repeat: int) -> tuple[list, list]:
+    m, d = G32.shape
+    ihvp_rows, setup_rows = [], []
+    cases = backends(G32)
+    for lib in ("numpy", "torch"):
+        mine = [c for c in cases if c[0] == lib]
+        if not mine:
+            continue
+        F32 = mine[0][3]
+        x = vector(F32, d, 1)
+        a = vector(F32, m, 2)
+        if lib == "numpy":
+            Linv = np.tril(np.random.default_rng(3).standard_normal((m, m))).astype(np.float32)
+        else:
+            import torch
+
+            Linv = torch.tril(torch.randn(m, m))
+        ops = {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for _, dt, G, _ in mine:
+                ops[dt] = mfac.StaticIHVP(G, damp=damp)
+        cands: dict[str, tuple[Any, Any]] = {
+            "floor:two passes": (lambda _, F=F32, x=x, a=a: (F @ x, F.T @ a), None),
+            "floor:gram": (lambda _, F=F32: F @ F.T, None),
+            "floor:trmm": (lambda _, F=F32, L=Linv: L @ F, None),
+        }
+        for dt, op in ops.items():
+            cands[f"ihvp:{dt}"] = (lambda _, op=op, x=x: op.matvec(x), None)
+        for _, dt, G, _ in mine:
+            cands[f"setup:{dt}"] = (lambda _, G=G: mfac.StaticIHVP(G, damp=damp), None)
+        print(f"... {lib}: timings", file=sys.stderr, flush=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            t = common.interleaved(cands, repeat)
+        floor2 = t["floor:two passes"].best
+        for dt in ops:
+            ratio = t[f"ihvp:{dt}"].best / floor2
+            target = 0.6 if dt != "float32" and lib == "torch" else None
+            ihvp_rows.append([lib, dt, common.fmt_time(t[f"ihvp:{dt}"].best),
+                              common.fmt_time(t[f"ihvp:{dt}"].median), common.fmt_time(floor2),
+                              common.fmt_ratio(ratio, target)])
+            floor = t["floor:gram"].best + (t["floor:trmm"].best if dt == "float32" else 0.0)
+            setup_rows.append([lib, dt, common.fmt_time(t[f"setup:{dt}"].best),
+                               common.fmt_time(floor),
+                               "gram + trmm" if dt == "float32" else "gram",
+                               common.fmt_ratio(t[f"setup:{dt}"].best / floor)])
+        del ops, cands
+        gc.collect()
+    return ihvp_rows, setup_rows
+
+
+def error_rows(seed: int) -> list:
+    m, d = 32, 4000
+    rng = np.random.default_rng(seed)
+    # Correlated gradients (a shared mean direction), as real ones are.
+    G0 = rng.standard_normal((m, d)) + 3.0 * rng.standard_normal(d)
+    G0 *= 1.0 / np.sqrt(d)
+    rows = []
+    eps32 = float(np.finfo(np.float32).eps)
+    for target in (1e2, 1e4, 1e6):
+        lam_max = np.linalg.eigvalsh(G0 @ G0.T)[-1]
+        damp = lam_max / (m * (target - 1))
+        for lib, dt, G, _ in backends(G0.astype(np.float32)):
+            if lib == "numpy":
+                G64 = np.asarray(G, dtype=np.float64)
+            else:
+                G64 = G.double().numpy()
+            kappa = 1 + np.linalg.eigvalsh(G64 @ G64.T)[-1] / (m * damp)
+            C = G64 @ G64.T + m * damp * np.eye(m)
+            xs = {"random": rng.standard_normal(d).astype(np.float32),
+                  "mean g": G64.mean(axis=0).astype(np.float32)}
+            errs = []
+            for refine in (0, 1):
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    op = mfac.StaticIHVP(G, damp=damp, refine=refine)
+                for x in xs.values():
+                    x64 = x.astype(np.float64)
+                    want = (x64 - G64.T @ np.linalg.solve(C, G64 @ x64)) / damp
+                    arg = x if lib == "numpy" else __import__("torch").from_numpy(x)
+                    got = np.asarray(op.matvec(arg), dtype=np.float64)
+                    errs.append(float(np.linalg.norm(got - want) / np.linalg.norm(want)))
+            worst = max(errs)
+            rows.append([lib, dt, f"{kappa:.2g}", *(f"{e:.1e}" for e in errs),
+                         f"{worst / (eps32 * kappa):.2g}"])
+    return rows
+
+
+def memory_rows(G32: np.ndarray, damp: float) -> list:
+    rows = []
+    for dt in ("float32", "float16"):
+        G = G32 if dt == "float32" else G32.astype(np.float16)
+        gc.collect()
+        tracemalloc.start()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            op = mfac.StaticIHVP(G, damp=damp)
+        kept, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        rows.append(["numpy", dt, common.fmt_bytes(G.nbytes), common.fmt_bytes(kept),
+                     f"{kept / G.nbytes:.3f}", f"{peak / G.nbytes:.3f}"])
+        del op
+    return rows
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--d", type=float, default=None, help="parameters (default 1e6)")
+    p.add_argument("--m", type=int, default=None, help="gradients (default 64)")
+    p.add_argument("--repeat", type=int, default=None, help="timing rounds (default 3)")
+    p.add_argument("--damp", type=float, default=1e-5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--torch-threads", type=int, default=None,
+                   help="torch.set_num_threads (default: PyTorch's; on a shared, "
+                        "oversubscribed machine 1 avoids OpenMP barriers stalling)")
+    p.add_argument("--quick", action="store_true", help="CI smoke run: d=2e5, m=32, 2 rounds")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.d, args.m, args.repeat = args.d or 2e5, args.m or 32, args.repeat or 2
+    args.d, args.m, args.repeat = int(args.d or 1e6), args.m or 64, args.repeat or 3
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    monitor = common.CpuMonitor()
+    print("# Storage precision benchmark (benchmarks/precision.py)\n")
+    for name, value in common.machine_facts():
+        print(f"{name + ':' if name else '':28s} {value}")
+    try:
+        import torch
+
+        if args.torch_threads:
+            torch.set_num_threads(args.torch_threads)
+        print(f"{'torch:':28s} {torch.__version__}, {torch.get_num_threads()} threads")
+    except ImportError:
+        print(f"{'torch:':28s} not installed (its rows are skipped)")
+    print(f"{'parameters:':28s} d={args.d}, m={args.m}, damp={args.damp:g}, "
+          f"best of {args.repeat} (interleaved), kappa~{KAPPA:g}, "
+          f"date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    G32 = make_grads(args.m, args.d, args.damp, args.seed)
+    ihvp_rows, setup_rows = timing_rows(G32, args.damp, args.repeat)
+    print("\n## IHVP: op.matvec(x) vs the float32 two-pass floor (target 0.6x for 2-byte "
+          "storage on PyTorch)\n")
+    print(common.markdown_table(["backend", "storage", "matvec (best)", "(median)",
+                                 "float32 floor", "ratio"], ihvp_rows))
+    print("\n## Set-up: constructor vs its floor\n")
+    print(common.markdown_table(["backend", "storage", "set-up (best)", "floor", "floor is",
+                                 "ratio"], setup_rows))
+    print("\n## Error vs the float64 oracle of the stored gradients (m=32, d=4000)\n")
+    print(common.markdown_table(["backend", "storage", "kappa", "random", "mean g",
+                                 "random, refine=1", "mean g, refine=1",
+                                 "worst / (eps32 kappa)"], error_rows(args.seed)))
+    print("\n## Memory (NumPy, tracemalloc, in this process)\n")
+    print(common.markdown_table(["backend", "storage", "size(G)", "kept", "kept / size(G)",
+                                 "peak / size(G)"], memory_rows(G32, args.damp)))
+    print("\nNotes:")
+    print("- 2-byte operators keep G itself (no W) and cast it to float32 in cached pieces; "
+          "NumPy's float16 -> float32 cast runs below memory bandwidth, so NumPy float16 "
+          "saves memory, not time.")
+    foreign = monitor.foreign_cores()
+    if foreign is not None:
+        print(f"- other processes kept {foreign:.2f} cores busy on average during this run")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
