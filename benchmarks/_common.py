@@ -65,6 +65,7 @@ MiB = 2**20
 
 # -- machine facts -----------------------------------------------------------------------
 
+
 def last_level_cache_bytes() -> int | None:
     """Size of the largest CPU cache reported by Linux sysfs (None elsewhere)."""
     best = None
@@ -111,15 +112,18 @@ def blas_summary() -> list[str]:
             lines.append(
                 f"{info.get('internal_api')} {info.get('version')} "
                 f"core={info.get('architecture')} threads={info.get('num_threads')} "
-                f"({os.path.basename(str(info.get('filepath')))})")
+                f"({os.path.basename(str(info.get('filepath')))})"
+            )
         if lines:
             return lines
     # Without threadpoolctl: what NumPy was built against (not what runs; no thread count).
     try:
         config = np.show_config(mode="dicts")
         blas = config["Build Dependencies"]["blas"]
-        return [f"{blas.get('name')} {blas.get('version')} (NumPy build info; install "
-                "threadpoolctl for the runtime core type and thread count)"]
+        return [
+            f"{blas.get('name')} {blas.get('version')} (NumPy build info; install "
+            "threadpoolctl for the runtime core type and thread count)"
+        ]
     except Exception:  # older NumPy: no mode="dicts"
         return ["unknown (install threadpoolctl for BLAS details)"]
 
@@ -130,8 +134,12 @@ def machine_facts() -> list[tuple[str, str]]:
 
     facts = [
         ("cpu", _cpu_model()),
-        ("cpu count", f"{os.cpu_count()} (usable: {len(os.sched_getaffinity(0))})"
-         if hasattr(os, "sched_getaffinity") else str(os.cpu_count())),
+        (
+            "cpu count",
+            f"{os.cpu_count()} (usable: {len(os.sched_getaffinity(0))})"
+            if hasattr(os, "sched_getaffinity")
+            else str(os.cpu_count()),
+        ),
         ("last-level cache", fmt_bytes(last_level_cache_bytes())),
         ("memory", _total_memory()),
         ("python", platform.python_version()),
@@ -139,15 +147,13 @@ def machine_facts() -> list[tuple[str, str]]:
     ]
     for i, line in enumerate(blas_summary()):
         facts.append(("BLAS" if i == 0 else "", line))
-    for var in ("OPENBLAS_CORETYPE", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
-                "MKL_NUM_THREADS"):
+    for var in ("OPENBLAS_CORETYPE", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         facts.append((var, os.environ.get(var, "(unset)")))
     thp = _read_first_line("/sys/kernel/mm/transparent_hugepage/enabled")
     if thp:
         facts.append(("transparent hugepages", thp))
     if hasattr(os, "getloadavg"):
-        facts.append(("load average (1/5/15 min)",
-                      " / ".join(f"{x:.2f}" for x in os.getloadavg())))
+        facts.append(("load average (1/5/15 min)", " / ".join(f"{x:.2f}" for x in os.getloadavg())))
     return facts
 
 
@@ -211,6 +217,7 @@ class CpuMonitor:
 
 # -- bandwidth ---------------------------------------------------------------------------
 
+
 @dataclass
 class Bandwidth:
     """Streaming bandwidths in bytes per second (see the module docstring)."""
@@ -221,14 +228,15 @@ class Bandwidth:
     nbytes: int
 
 
-def bandwidth_candidates(nbytes: int, dtype: Any = np.float32) -> tuple[
-        dict[str, tuple[Callable[[Any], Any], None]], Callable[[dict[str, Timing]], Bandwidth]]:
+def bandwidth_candidates(
+    nbytes: int, dtype: Any = np.float32
+) -> tuple[dict[str, tuple[Callable[[Any], Any], None]], Callable[[dict[str, Timing]], Bandwidth]]:
     """Timing candidates for the copy and read bandwidth, and how to turn their timings
     into a :class:`Bandwidth`. Use with :func:`interleaved` next to other candidates.
     """
     n = max(1, nbytes // np.dtype(dtype).itemsize)
     src = np.ones(n, dtype=dtype)
-    dst = np.zeros_like(src)                    # touch the pages before timing
+    dst = np.zeros_like(src)  # touch the pages before timing
     rows = 64
     wide = src[: (n // rows) * rows].reshape(rows, -1)
     vec = np.ones(wide.shape[1], dtype=dtype)
@@ -240,10 +248,14 @@ def bandwidth_candidates(nbytes: int, dtype: Any = np.float32) -> tuple[
 
     def result(t: dict[str, Timing]) -> Bandwidth:
         read_kernel = min(("bw:dot", "bw:gemv"), key=lambda k: t[k].best)
-        return Bandwidth(copy=2 * src.nbytes / t["bw:copy"].best,
-                         read=wide.nbytes / t[read_kernel].best if read_kernel == "bw:gemv"
-                         else src.nbytes / t[read_kernel].best,
-                         read_kernel=read_kernel.split(":")[1], nbytes=src.nbytes)
+        return Bandwidth(
+            copy=2 * src.nbytes / t["bw:copy"].best,
+            read=wide.nbytes / t[read_kernel].best
+            if read_kernel == "bw:gemv"
+            else src.nbytes / t[read_kernel].best,
+            read_kernel=read_kernel.split(":")[1],
+            nbytes=src.nbytes,
+        )
 
     return cands, result
 
@@ -255,6 +267,7 @@ def measure_bandwidth(nbytes: int, repeat: int = 5, dtype: Any = np.float32) -> 
 
 
 # -- memory ------------------------------------------------------------------------------
+
 
 def _rss_bytes() -> int | None:
     try:
@@ -278,7 +291,7 @@ def _peak_rss_bytes() -> int:
     except (OSError, ValueError, IndexError):
         pass
     value = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return value if sys.platform == "darwin" else value * 1024   # kB on Linux
+    return value if sys.platform == "darwin" else value * 1024  # kB on Linux
 
 
 def _reset_peak_rss() -> None:
@@ -311,20 +324,26 @@ def memory_probe(fn: Callable[[], Any]) -> dict[str, Any]:
         tracemalloc.stop()
     peak1 = _peak_rss_bytes()
     del result
-    return {"tracemalloc_peak": peak, "tracemalloc_kept": kept,
-            "rss_growth": peak1 - max(peak0, rss0 or 0), "rss_before": rss0}
+    return {
+        "tracemalloc_peak": peak,
+        "tracemalloc_kept": kept,
+        "rss_growth": peak1 - max(peak0, rss0 or 0),
+        "rss_before": rss0,
+    }
 
 
 def run_child(argv: Sequence[str], timeout: float = 900) -> dict[str, Any]:
     """Run ``python argv...`` and parse the JSON object on the last line of its stdout."""
-    proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True,
-                          timeout=timeout, check=False)
+    proc = subprocess.run(
+        [sys.executable, *argv], capture_output=True, text=True, timeout=timeout, check=False
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"child {argv} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 # -- formatting --------------------------------------------------------------------------
+
 
 def fmt_bytes(n: float | None) -> str:
     if n is None:

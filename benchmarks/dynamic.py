@@ -30,7 +30,7 @@ import sys
 
 import numpy as np
 
-if __package__ in (None, ""):               # run as a script: python benchmarks/dynamic.py
+if __package__ in (None, ""):  # run as a script: python benchmarks/dynamic.py
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import (
@@ -47,11 +47,17 @@ from mfac_core import DynamicIHVP
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--d", type=float, default=None, help="coordinates (default 1e6)")
-    p.add_argument("--m", type=int, action="append", default=None,
-                   help="window sizes (repeatable; default 64, 256, 1024)")
+    p.add_argument(
+        "--m",
+        type=int,
+        action="append",
+        default=None,
+        help="window sizes (repeatable; default 64, 256, 1024)",
+    )
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     p.add_argument("--damp", type=float, default=1e-5)
     p.add_argument("--repeat", type=int, default=None, help="runs per timing (best of)")
@@ -88,16 +94,25 @@ def step_row(args: argparse.Namespace, m: int, rng: np.random.Generator) -> list
     nbytes = 2 * m * d * np.dtype(dtype).itemsize
     floor_copy, floor_read = nbytes / bw.copy, nbytes / bw.read
     target = 1.3 if m >= 256 else None
-    return [str(m), fmt_time(step), fmt_time(timings["step"].median), fmt_time(floor_copy),
-            fmt_ratio(step / floor_copy, target), fmt_time(floor_read),
-            fmt_ratio(step / floor_read), f"{bw.copy / 1e9:.1f} GB/s"]
+    return [
+        str(m),
+        fmt_time(step),
+        fmt_time(timings["step"].median),
+        fmt_time(floor_copy),
+        fmt_ratio(step / floor_copy, target),
+        fmt_time(floor_read),
+        fmt_ratio(step / floor_read),
+        f"{bw.copy / 1e9:.1f} GB/s",
+    ]
 
 
 def mm_row(args: argparse.Namespace, m: int, rng: np.random.Generator) -> list[str]:
     d = 2 * m
     G = _window(rng, m, d, "float64", args.damp)
-    ops = {method: DynamicIHVP.from_window(G, damp=args.damp, update_method=method)
-           for method in ("incremental", "refactor")}
+    ops = {
+        method: DynamicIHVP.from_window(G, damp=args.damp, update_method=method)
+        for method in ("incremental", "refactor")
+    }
     g = _window(rng, 1, d, "float64", args.damp)[0]
     slot = ops["incremental"].slots[0]
     b = ops["incremental"]._G @ g
@@ -108,8 +123,14 @@ def mm_row(args: argparse.Namespace, m: int, rng: np.random.Generator) -> list[s
     cands["solve"] = (lambda _: ops["incremental"]._factor.coefficients(P), None)
     t = interleaved(cands, max(args.repeat, 7))
     inc, ref = t["incremental"].best, t["refactor"].best
-    return [str(m), fmt_time(inc), fmt_ratio(inc / 2e-3, 1.0) if m == 1024 else "-",
-            fmt_time(ref), f"{ref / inc:.0f}x", fmt_time(t["solve"].best)]
+    return [
+        str(m),
+        fmt_time(inc),
+        fmt_ratio(inc / 2e-3, 1.0) if m == 1024 else "-",
+        fmt_time(ref),
+        f"{ref / inc:.0f}x",
+        fmt_time(t["solve"].best),
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,16 +140,42 @@ def main(argv: list[str] | None = None) -> int:
     print("# DynamicIHVP benchmark\n")
     for key, value in machine_facts():
         print(f"- {key}: {value}")
-    print(f"- problem: d = {args.d:.3g}, {args.dtype} window, damp = {args.damp:g}, "
-          f"best of {args.repeat}\n")
+    print(
+        f"- problem: d = {args.d:.3g}, {args.dtype} window, damp = {args.damp:g}, "
+        f"best of {args.repeat}\n"
+    )
     rows = [step_row(args, m, rng) for m in args.m]
     print("## Step: update_and_matvec on a full window\n")
-    print(markdown_table(["m", "step", "median", "floor (copy)", "step/floor",
-                          "floor (read)", "step/read floor", "copy bw"], rows))
+    print(
+        markdown_table(
+            [
+                "m",
+                "step",
+                "median",
+                "floor (copy)",
+                "step/floor",
+                "floor (read)",
+                "step/read floor",
+                "copy bw",
+            ],
+            rows,
+        )
+    )
     rows = [mm_row(args, m, rng) for m in args.m]
     print("\n## m x m part of one update (float64, independent of d)\n")
-    print(markdown_table(["m", "incremental edit", "vs 2 ms", "O(m^3) refactor",
-                          "refactor/edit", "product's solves"], rows))
+    print(
+        markdown_table(
+            [
+                "m",
+                "incremental edit",
+                "vs 2 ms",
+                "O(m^3) refactor",
+                "refactor/edit",
+                "product's solves",
+            ],
+            rows,
+        )
+    )
     foreign = monitor.foreign_cores()
     if foreign is not None:
         print(f"\nOther processes used {foreign:.2f} cores on average during this run.")

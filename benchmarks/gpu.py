@@ -59,11 +59,24 @@ class Sizes:
     repeat: int  # timed repetitions (the median is reported)
 
 
-FULL = Sizes(check_sizes=(1, 2, 31, 33, 65, 100, 256, 1024), check_stack=(8192, 64),
-             factor_sizes=(256, 1024, 4096), blocks=(8192, 64), ihvp=(1024, 10_000_000),
-             copy_bytes=4 << 30, repeat=10)
-QUICK = Sizes(check_sizes=(1, 33, 100, 256), check_stack=(512, 64), factor_sizes=(256, 1024),
-              blocks=(1024, 64), ihvp=(256, 1_000_000), copy_bytes=1 << 30, repeat=5)
+FULL = Sizes(
+    check_sizes=(1, 2, 31, 33, 65, 100, 256, 1024),
+    check_stack=(8192, 64),
+    factor_sizes=(256, 1024, 4096),
+    blocks=(8192, 64),
+    ihvp=(1024, 10_000_000),
+    copy_bytes=4 << 30,
+    repeat=10,
+)
+QUICK = Sizes(
+    check_sizes=(1, 33, 100, 256),
+    check_stack=(512, 64),
+    factor_sizes=(256, 1024),
+    blocks=(1024, 64),
+    ihvp=(256, 1_000_000),
+    copy_bytes=1 << 30,
+    repeat=5,
+)
 
 #: Targets from the issue: m = 1024 factorisation + inverse, and IHVP bandwidth share.
 FACTOR_TARGET_MS = 1.0
@@ -77,10 +90,16 @@ IHVP_TARGET_FRACTION = 0.8
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes (seconds)")
-    parser.add_argument("--require-gpu", action="store_true",
-                        help="exit with status 2 (not 0) when CuPy or a GPU is missing")
-    parser.add_argument("--skip-ihvp", action="store_true",
-                        help="skip the IHVP timing (needs 2 m d bytes of float32 at full size)")
+    parser.add_argument(
+        "--require-gpu",
+        action="store_true",
+        help="exit with status 2 (not 0) when CuPy or a GPU is missing",
+    )
+    parser.add_argument(
+        "--skip-ihvp",
+        action="store_true",
+        help="skip the IHVP timing (needs 2 m d bytes of float32 at full size)",
+    )
     return parser.parse_args(argv)
 
 
@@ -100,8 +119,9 @@ def gpu_unavailable_reason() -> str | None:
     return None
 
 
-def spd_matrix(rng: np.random.Generator, m: int, batch: tuple[int, ...] = (),
-               *, shift: float = 0.5) -> np.ndarray:
+def spd_matrix(
+    rng: np.random.Generator, m: int, batch: tuple[int, ...] = (), *, shift: float = 0.5
+) -> np.ndarray:
     """Random SPD matrices (float64) with eigenvalues in about [shift, shift + 4]."""
     g = rng.standard_normal((*batch, m, m + 8)) / math.sqrt(m + 8)
     return g @ np.swapaxes(g, -1, -2) + shift * np.eye(m)
@@ -133,8 +153,10 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
     text = [[cell(v) for v in row] for row in rows]
     widths = [max([len(h)] + [len(r[i]) for r in text]) for i, h in enumerate(headers)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)),
-             "  ".join("-" * w for w in widths)]
+    lines = [
+        "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)),
+        "  ".join("-" * w for w in widths),
+    ]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in text]
     return "\n".join(lines)
 
@@ -200,8 +222,9 @@ class Checks:
         self.rows.append((what, path, error, tol, "PASS" if ok else "FAIL"))
 
     def expect(self, what: str, path: str, ok: bool, detail: str = "") -> None:
-        self.rows.append((what + (f" ({detail})" if detail else ""), path, 0.0, 0.0,
-                          "PASS" if ok else "FAIL"))
+        self.rows.append(
+            (what + (f" ({detail})" if detail else ""), path, 0.0, 0.0, "PASS" if ok else "FAIL")
+        )
 
     @property
     def failed(self) -> int:
@@ -246,13 +269,18 @@ def run_checks(sizes: Sizes, rng: np.random.Generator) -> Checks:
         a_gpu = cupy.asarray(a)
         factor = _kernels.cholesky(a_gpu)
         checks.add(f"cholesky m={m}", "kernels", relative_error(cupy.asnumpy(factor), ref), tol(m))
-        checks.add(f"cholesky m={m}", "cusolver",
-                   relative_error(cupy.asnumpy(cupy.linalg.cholesky(a_gpu)), ref), tol(m))
+        checks.add(
+            f"cholesky m={m}",
+            "cusolver",
+            relative_error(cupy.asnumpy(cupy.linalg.cholesky(a_gpu)), ref),
+            tol(m),
+        )
         inv = _kernels.triangular_inverse(cupy.asarray(ref), lower=True)
         checks.add(f"inverse m={m}", "kernels", relative_error(cupy.asnumpy(inv), inv_ref), tol(m))
         inv_cs = cupyx.scipy.linalg.solve_triangular(cupy.asarray(ref), cupy.eye(m), lower=True)
-        checks.add(f"inverse m={m}", "cusolver", relative_error(cupy.asnumpy(inv_cs), inv_ref),
-                   tol(m))
+        checks.add(
+            f"inverse m={m}", "cusolver", relative_error(cupy.asnumpy(inv_cs), inv_ref), tol(m)
+        )
         # Solves: 4 cases x (1, 20) right-hand sides.
         for lower in (True, False):
             t = ref if lower else ref.T.copy()
@@ -260,40 +288,53 @@ def run_checks(sizes: Sizes, rng: np.random.Generator) -> Checks:
                 for k in (1, 20):
                     b = rng.standard_normal((m, k))
                     x_ref = scipy.linalg.solve_triangular(t, b, lower=lower, trans=int(trans))
-                    x = _kernels.solve_triangular(cupy.asarray(t), cupy.asarray(b), lower=lower,
-                                                  trans=trans)
+                    x = _kernels.solve_triangular(
+                        cupy.asarray(t), cupy.asarray(b), lower=lower, trans=trans
+                    )
                     x_cs = cupyx.scipy.linalg.solve_triangular(
-                        cupy.asarray(t), cupy.asarray(b), lower=lower, trans=int(trans))
+                        cupy.asarray(t), cupy.asarray(b), lower=lower, trans=int(trans)
+                    )
                     what = f"solve m={m} {'L' if lower else 'U'}{'^T' if trans else ''} k={k}"
                     checks.add(what, "kernels", relative_error(cupy.asnumpy(x), x_ref), tol(m))
-                    checks.add(what, "cusolver", relative_error(cupy.asnumpy(x_cs), x_ref),
-                               tol(m))
+                    checks.add(what, "cusolver", relative_error(cupy.asnumpy(x_cs), x_ref), tol(m))
     # float32 factorisation as an explicit option.
     m = sizes.check_sizes[-1]
     a = spd_matrix(rng, m)
     f32 = _kernels.cholesky(cupy.asarray(a), dtype=cupy.float32)
-    checks.add(f"cholesky float32 m={m}", "kernels",
-               relative_error(cupy.asnumpy(f32), np.linalg.cholesky(a)),
-               20.0 * m * float(np.finfo(np.float32).eps))
+    checks.add(
+        f"cholesky float32 m={m}",
+        "kernels",
+        relative_error(cupy.asnumpy(f32), np.linalg.cholesky(a)),
+        20.0 * m * float(np.finfo(np.float32).eps),
+    )
 
     # Stacks: one launch per step for all the blocks.
     count, m = sizes.check_stack
     a = spd_matrix(rng, m, (count,))
     ref = np.linalg.cholesky(a)
     factor = _kernels.cholesky(cupy.asarray(a))
-    checks.add(f"cholesky {count} x m={m}", "kernels", relative_error(cupy.asnumpy(factor), ref),
-               tol(m))
-    checks.add(f"cholesky {count} x m={m}", "cusolver",
-               relative_error(cupy.asnumpy(cupy.linalg.cholesky(cupy.asarray(a))), ref), tol(m))
+    checks.add(
+        f"cholesky {count} x m={m}", "kernels", relative_error(cupy.asnumpy(factor), ref), tol(m)
+    )
+    checks.add(
+        f"cholesky {count} x m={m}",
+        "cusolver",
+        relative_error(cupy.asnumpy(cupy.linalg.cholesky(cupy.asarray(a))), ref),
+        tol(m),
+    )
     inv_ref = np.linalg.inv(ref)
     inv = _kernels.triangular_inverse(cupy.asarray(ref))
-    checks.add(f"inverse {count} x m={m}", "kernels", relative_error(cupy.asnumpy(inv), inv_ref),
-               tol(m))
+    checks.add(
+        f"inverse {count} x m={m}", "kernels", relative_error(cupy.asnumpy(inv), inv_ref), tol(m)
+    )
     b = rng.standard_normal((count, m, 3))
     x = _kernels.solve_triangular(cupy.asarray(ref), cupy.asarray(b), lower=True, trans=True)
-    checks.add(f"solve {count} x m={m} L^T k=3", "kernels",
-               relative_error(cupy.asnumpy(x), np.linalg.solve(np.swapaxes(ref, -1, -2), b)),
-               tol(m))
+    checks.add(
+        f"solve {count} x m={m} L^T k=3",
+        "kernels",
+        relative_error(cupy.asnumpy(x), np.linalg.solve(np.swapaxes(ref, -1, -2), b)),
+        tol(m),
+    )
 
     # Not positive definite: LAPACK's info, and the raise.
     m = 100
@@ -301,8 +342,12 @@ def run_checks(sizes: Sizes, rng: np.random.Generator) -> Checks:
     a[1, 70, 70] = -1.0
     _, info = _kernels.potrf(cupy.asarray(a))
     lapack_info = scipy.linalg.lapack.dpotrf(a[1], lower=True)[1]
-    checks.expect("non-SPD info", "kernels", list(cupy.asnumpy(info)) == [0, lapack_info, 0],
-                  f"info={list(cupy.asnumpy(info))}, LAPACK {lapack_info}")
+    checks.expect(
+        "non-SPD info",
+        "kernels",
+        list(cupy.asnumpy(info)) == [0, lapack_info, 0],
+        f"info={list(cupy.asnumpy(info))}, LAPACK {lapack_info}",
+    )
     try:
         _kernels.cholesky(cupy.asarray(a))
         raised = False
@@ -321,8 +366,9 @@ def run_checks(sizes: Sizes, rng: np.random.Generator) -> Checks:
             ref = _linalg.replace_row(xp_np, u, p, b, c, np.zeros_like(u))
             out = cupy.zeros((k, k))
             _kernels.replace(None, cupy.asarray(u), p, cupy.asarray(b), c, out)
-            checks.add(f"replace k={k} p={p}", "kernels",
-                       relative_error(cupy.asnumpy(out), ref), tol(k))
+            checks.add(
+                f"replace k={k} p={p}", "kernels", relative_error(cupy.asnumpy(out), ref), tol(k)
+            )
 
     # The operators end to end, both paths, against NumPy.
     from mfac_core import DynamicIHVP, StaticIHVP
@@ -332,11 +378,15 @@ def run_checks(sizes: Sizes, rng: np.random.Generator) -> Checks:
     xv = rng.standard_normal(d)
     for block_size in (None, 50, 100):
         ref = StaticIHVP(g, damp=damp, block_size=block_size).matvec(xv)
-        out = _all_paths(lambda bs=block_size: cupy.asnumpy(
-            StaticIHVP(cupy.asarray(g), damp=damp, block_size=bs).matvec(cupy.asarray(xv))))
+        out = _all_paths(
+            lambda bs=block_size: cupy.asnumpy(
+                StaticIHVP(cupy.asarray(g), damp=damp, block_size=bs).matvec(cupy.asarray(xv))
+            )
+        )
         for path, value in out.items():
-            checks.add(f"StaticIHVP block_size={block_size}", path, relative_error(value, ref),
-                       1e-9)
+            checks.add(
+                f"StaticIHVP block_size={block_size}", path, relative_error(value, ref), 1e-9
+            )
 
     def dynamic(xp_g: Any, asarray: Callable[[Any], Any]) -> Any:
         op = DynamicIHVP(16, 300, damp=1e-2, dtype="float64", xp=xp_g)
@@ -392,10 +442,13 @@ def run_timings(sizes: Sizes, rng: np.random.Generator) -> list[tuple[Any, ...]]
     for m in sizes.factor_sizes:
         factor = cupy.asarray(np.linalg.cholesky(spd_matrix(rng, m)))
         b = cupy.asarray(rng.standard_normal((m, 1)))
-        t_k = gpu_time_ms(lambda f=factor, b=b: _kernels.solve_triangular(f, b, trans=True),
-                          sizes.repeat)
-        t_c = gpu_time_ms(lambda f=factor, b=b: cupyx.scipy.linalg.solve_triangular(
-            f, b, lower=True, trans=1), sizes.repeat)
+        t_k = gpu_time_ms(
+            lambda f=factor, b=b: _kernels.solve_triangular(f, b, trans=True), sizes.repeat
+        )
+        t_c = gpu_time_ms(
+            lambda f=factor, b=b: cupyx.scipy.linalg.solve_triangular(f, b, lower=True, trans=1),
+            sizes.repeat,
+        )
         rows.append((f"solve L^T x = b, 1 rhs, m={m}", t_k, t_c, t_c / t_k, ""))
         u = cupy.ascontiguousarray(factor.T)
         new_row = cupy.asarray(0.1 * rng.standard_normal(m - 1))
@@ -413,8 +466,9 @@ def run_timings(sizes: Sizes, rng: np.random.Generator) -> list[tuple[Any, ...]]
                 mfac_core.set_cupy_linalg(previous)
 
         t_c = gpu_time_ms(array_api_replace, sizes.repeat)
-        rows.append((f"factor row replace m={m} (cusolver: array-API edit)", t_k, t_c,
-                     t_c / t_k, ""))
+        rows.append(
+            (f"factor row replace m={m} (cusolver: array-API edit)", t_k, t_c, t_c / t_k, "")
+        )
     return rows
 
 
@@ -428,8 +482,9 @@ def copy_bandwidth(nbytes: int, repeat: int) -> float:
     return 2.0 * src.nbytes / (ms * 1e-3)
 
 
-def _time_ihvp(m: int, d: int, repeat: int, rng: np.random.Generator
-               ) -> tuple[float, float, dict[str, float]]:
+def _time_ihvp(
+    m: int, d: int, repeat: int, rng: np.random.Generator
+) -> tuple[float, float, dict[str, float]]:
     """(set-up seconds, matvec ms, the two passes' ms) of StaticIHVP on float32 gradients."""
     import cupy
 
@@ -451,10 +506,11 @@ def _time_ihvp(m: int, d: int, repeat: int, rng: np.random.Generator
     split = 16 if d % 16 == 0 else 1
     Wk = W.reshape(m, split, d // split).transpose(1, 0, 2)
     xk = x.reshape(split, d // split, 1)
-    passes = {"W @ x": gpu_time_ms(lambda: W @ x, repeat),
-              "c @ W": gpu_time_ms(lambda: c @ W, repeat),
-              f"W @ x split-K {split}": gpu_time_ms(lambda: cupy.matmul(Wk, xk).sum(axis=0),
-                                                    repeat)}
+    passes = {
+        "W @ x": gpu_time_ms(lambda: W @ x, repeat),
+        "c @ W": gpu_time_ms(lambda: c @ W, repeat),
+        f"W @ x split-K {split}": gpu_time_ms(lambda: cupy.matmul(Wk, xk).sum(axis=0), repeat),
+    }
     return setup, gpu_time_ms(lambda: op.matvec(x), repeat), passes
 
 
@@ -470,13 +526,27 @@ def run_ihvp(sizes: Sizes, rng: np.random.Generator) -> list[tuple[Any, ...]]:
     one_pass = floor / 2
     fraction = floor / (ms * 1e-3)
     verdict = "met" if fraction >= IHVP_TARGET_FRACTION else "MISSED"
-    return [("copy bandwidth", f"{bandwidth / 1e9:.0f} GB/s", "", "", ""),
-            (f"StaticIHVP set-up m={m} d={d:.0e} float32", f"{setup:.2f} s", "", "", ""),
-            (f"StaticIHVP matvec m={m} d={d:.0e} float32", f"{ms:.3f} ms",
-             f"{floor * 1e3:.3f} ms", f"{fraction:.0%}",
-             f">= {IHVP_TARGET_FRACTION:.0%}: {verdict}"),
-            *((f"  one pass: {name}", f"{t:.3f} ms", f"{one_pass * 1e3:.3f} ms",
-               f"{one_pass * 1e3 / t:.0%}", "") for name, t in passes.items())]
+    return [
+        ("copy bandwidth", f"{bandwidth / 1e9:.0f} GB/s", "", "", ""),
+        (f"StaticIHVP set-up m={m} d={d:.0e} float32", f"{setup:.2f} s", "", "", ""),
+        (
+            f"StaticIHVP matvec m={m} d={d:.0e} float32",
+            f"{ms:.3f} ms",
+            f"{floor * 1e3:.3f} ms",
+            f"{fraction:.0%}",
+            f">= {IHVP_TARGET_FRACTION:.0%}: {verdict}",
+        ),
+        *(
+            (
+                f"  one pass: {name}",
+                f"{t:.3f} ms",
+                f"{one_pass * 1e3:.3f} ms",
+                f"{one_pass * 1e3 / t:.0%}",
+                "",
+            )
+            for name, t in passes.items()
+        ),
+    ]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -490,8 +560,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     sizes = QUICK if args.quick else FULL
     props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
     name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
-    print(f"device: {name}, CuPy {cupy.__version__}, CUDA runtime "
-          f"{cupy.cuda.runtime.runtimeGetVersion()}, CUPY_TF32={os.environ.get('CUPY_TF32')}")
+    print(
+        f"device: {name}, CuPy {cupy.__version__}, CUDA runtime "
+        f"{cupy.cuda.runtime.runtimeGetVersion()}, CUPY_TF32={os.environ.get('CUPY_TF32')}"
+    )
     rng = np.random.default_rng(20211206)
 
     checks = run_checks(sizes, rng)
@@ -499,15 +571,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(format_table(("what", "path", "error", "tolerance", "result"), checks.rows))
 
     warm_up()
-    print(f"\ntimes (median of CUDA-event timings, ms; SM clock {sm_clock_mhz()} after a "
-          "warm-up)")
+    print(f"\ntimes (median of CUDA-event timings, ms; SM clock {sm_clock_mhz()} after a warm-up)")
     rows = run_timings(sizes, rng)
     print(format_table(("what", "kernels", "cusolver", "speed-up", "target"), rows))
 
     if not args.skip_ihvp:
         print("\nIHVP against the copy bandwidth")
-        print(format_table(("what", "time", "floor", "of floor", "target"),
-                           run_ihvp(sizes, rng)))
+        print(format_table(("what", "time", "floor", "of floor", "target"), run_ihvp(sizes, rng)))
     if checks.failed:
         print(f"\n{checks.failed} check(s) FAILED")
         return EXIT_CHECK_FAILED

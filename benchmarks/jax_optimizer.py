@@ -42,7 +42,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-if __package__ in (None, ""):         # run as a script: python benchmarks/jax_optimizer.py
+if __package__ in (None, ""):  # run as a script: python benchmarks/jax_optimizer.py
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax
@@ -66,11 +66,17 @@ BURST = 10
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--d", type=float, default=None, help="coordinates (default 1e6)")
-    p.add_argument("--m", type=int, action="append", default=None,
-                   help="window sizes (repeatable; default 64, 256, 1024)")
+    p.add_argument(
+        "--m",
+        type=int,
+        action="append",
+        default=None,
+        help="window sizes (repeatable; default 64, 256, 1024)",
+    )
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     p.add_argument("--damp", type=float, default=1e-5)
     p.add_argument("--repeat", type=int, default=None, help="runs per timing (best of)")
@@ -106,16 +112,24 @@ def _full_window(m: int, d: int, dtype: str, damp: float, key: jax.Array) -> mj.
     What m updates would give, up to rounding, without compiling and running them.
     """
     G = _scale(m, d, damp) * jax.random.normal(key, (m, d), dtype)
-    gram = jax.jit(mj._gram_f64)(G)           # float64 by chunks: no float64 copy of G
+    gram = jax.jit(mj._gram_f64)(G)  # float64 by chunks: no float64 copy of G
     pos = jnp.zeros((), jnp.int32)
     factor, ok = jax.jit(mj._refactor)(gram, pos, jnp.asarray(m * damp, jnp.float64))
     assert bool(ok)
     # Separate arrays for every leaf: the step donates them, and one buffer cannot be
     # donated twice.
-    return mj.WindowState(grads=G, gram=gram, factor=factor, pos=pos,
-                          count=jnp.asarray(m, jnp.int32), since_refactor=jnp.zeros((), jnp.int32),
-                          refactors=jnp.zeros((), jnp.int32),
-                          damp=damp, zero_init=True, refactor_every=m)
+    return mj.WindowState(
+        grads=G,
+        gram=gram,
+        factor=factor,
+        pos=pos,
+        count=jnp.asarray(m, jnp.int32),
+        since_refactor=jnp.zeros((), jnp.int32),
+        refactors=jnp.zeros((), jnp.int32),
+        damp=damp,
+        zero_init=True,
+        refactor_every=m,
+    )
 
 
 def step_rows(args: argparse.Namespace, m: int, key: jax.Array) -> list[list[str]]:
@@ -136,8 +150,10 @@ def step_rows(args: argparse.Namespace, m: int, key: jax.Array) -> list[list[str
     opt = optax.chain(mj.mfac(m, args.damp), optax.scale(-1e-3))
     params = _params(d, dtype)
     opt_box = {"params": params, "state": opt.init(params)}
-    grads = [jax.tree_util.tree_map(lambda p, k=k: scale * jax.random.normal(k, p.shape, dtype),
-                                    params) for k in jax.random.split(k_opt, 8)]
+    grads = [
+        jax.tree_util.tree_map(lambda p, k=k: scale * jax.random.normal(k, p.shape, dtype), params)
+        for k in jax.random.split(k_opt, 8)
+    ]
 
     def train_step(params: dict, state: tuple, grads: dict) -> tuple[dict, tuple]:
         updates, state = opt.update(grads, state, params)
@@ -146,13 +162,14 @@ def step_rows(args: argparse.Namespace, m: int, key: jax.Array) -> list[list[str
     jitted = jax.jit(train_step, donate_argnums=(0, 1))
 
     def optax_step(_: object) -> None:
-        opt_box["params"], opt_box["state"] = jitted(opt_box["params"], opt_box["state"],
-                                                     grads[next(counter) % len(grads)])
+        opt_box["params"], opt_box["state"] = jitted(
+            opt_box["params"], opt_box["state"], grads[next(counter) % len(grads)]
+        )
         jax.block_until_ready(opt_box["params"])
 
     itemsize = np.dtype(dtype).itemsize
     window_bytes = m * d * itemsize
-    probe_bytes = max(256 * MiB, window_bytes // 2)   # well above the last-level cache
+    probe_bytes = max(256 * MiB, window_bytes // 2)  # well above the last-level cache
     cands, bandwidth = bandwidth_candidates(probe_bytes)
     xla = {"x": jnp.zeros((probe_bytes // 4,), jnp.float32)}
     bump = jax.jit(lambda x: x + 1.0, donate_argnums=0)
@@ -174,11 +191,30 @@ def step_rows(args: argparse.Namespace, m: int, key: jax.Array) -> list[list[str
     rows = []
     for name in ("window step", "optax step"):
         best = t[name].best
-        rows.append([str(m), name, fmt_time(best), fmt_time(t[name].median),
-                     fmt_time(floor_copy), fmt_ratio(best / floor_copy),
-                     fmt_ratio(best / floor_read), fmt_ratio(best / floor_xla)])
-    rows.append([str(m), "floor: 2 passes", fmt_time(floor_copy), "-", fmt_time(floor_copy),
-                 "1.00x", f"copy {bw.copy / 1e9:.1f} GB/s", f"xla {xla_bw / 1e9:.1f} GB/s"])
+        rows.append(
+            [
+                str(m),
+                name,
+                fmt_time(best),
+                fmt_time(t[name].median),
+                fmt_time(floor_copy),
+                fmt_ratio(best / floor_copy),
+                fmt_ratio(best / floor_read),
+                fmt_ratio(best / floor_xla),
+            ]
+        )
+    rows.append(
+        [
+            str(m),
+            "floor: 2 passes",
+            fmt_time(floor_copy),
+            "-",
+            fmt_time(floor_copy),
+            "1.00x",
+            f"copy {bw.copy / 1e9:.1f} GB/s",
+            f"xla {xla_bw / 1e9:.1f} GB/s",
+        ]
+    )
     return rows
 
 
@@ -208,6 +244,7 @@ def mm_row(args: argparse.Namespace, m: int, key: jax.Array) -> list[str]:
             for _ in range(BURST):
                 out = call()
             jax.block_until_ready(out)
+
         return run
 
     cands = {name: (burst(call), None) for name, call in calls.items()}
@@ -215,8 +252,13 @@ def mm_row(args: argparse.Namespace, m: int, key: jax.Array) -> list[str]:
         fn(None)
     t = interleaved(cands, max(args.repeat, 7))
     inc, ref = t["edit"].best / BURST, t["refactor"].best / BURST
-    return [str(m), fmt_time(inc), fmt_time(ref), f"{ref / inc:.1f}x",
-            fmt_time(t["solves"].best / BURST)]
+    return [
+        str(m),
+        fmt_time(inc),
+        fmt_time(ref),
+        f"{ref / inc:.1f}x",
+        fmt_time(t["solves"].best / BURST),
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -229,21 +271,48 @@ def main(argv: list[str] | None = None) -> int:
     for name, value in machine_facts():
         print(f"- {name}: {value}")
     print(f"- jax / optax: {jax.__version__} / {optax.__version__}, devices {jax.devices()}")
-    print(f"- problem: d = {args.d:.3g}, {args.dtype} window, damp = {args.damp:g}, "
-          f"best of {args.repeat}\n")
+    print(
+        f"- problem: d = {args.d:.3g}, {args.dtype} window, damp = {args.damp:g}, "
+        f"best of {args.repeat}\n"
+    )
     rows = []
     for m in args.m:
         rows += step_rows(args, m, jax.random.fold_in(key, m))
     print("## Step on a full window, jitted, state donated\n")
-    print(markdown_table(["m", "what", "best", "median", "floor (copy)", "vs floor",
-                          "vs read floor", "vs XLA floor"], rows))
-    print("\nThe floor is 2 m d itemsize bytes at the copy bandwidth of np.copyto (one read "
-          "and one write per byte); the steps only read the window, so ratios below 1 are "
-          "possible. 'vs XLA floor' uses XLA's own in-place streaming bandwidth.")
+    print(
+        markdown_table(
+            [
+                "m",
+                "what",
+                "best",
+                "median",
+                "floor (copy)",
+                "vs floor",
+                "vs read floor",
+                "vs XLA floor",
+            ],
+            rows,
+        )
+    )
+    print(
+        "\nThe floor is 2 m d itemsize bytes at the copy bandwidth of np.copyto (one read "
+        "and one write per byte); the steps only read the window, so ratios below 1 are "
+        "possible. 'vs XLA floor' uses XLA's own in-place streaming bandwidth."
+    )
     rows = [mm_row(args, m, jax.random.fold_in(key, 10**6 + m)) for m in args.m]
     print("\n## m x m part of one step (float64, independent of d)\n")
-    print(markdown_table(["m", "O(m^2) row replacement", "O(m^3) refactor", "refactor/edit",
-                          "product's two solves"], rows))
+    print(
+        markdown_table(
+            [
+                "m",
+                "O(m^2) row replacement",
+                "O(m^3) refactor",
+                "refactor/edit",
+                "product's two solves",
+            ],
+            rows,
+        )
+    )
     foreign = monitor.foreign_cores()
     if foreign is not None:
         print(f"\nOther processes used {foreign:.2f} cores on average during this run.")

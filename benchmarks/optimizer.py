@@ -40,7 +40,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-if __package__ in (None, ""):               # run as a script: python benchmarks/optimizer.py
+if __package__ in (None, ""):  # run as a script: python benchmarks/optimizer.py
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import (
@@ -58,20 +58,36 @@ MiB = 2**20
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--m", type=int, action="append", default=None,
-                   help="window sizes (repeatable; default 256)")
-    p.add_argument("--hidden", type=int, nargs="+", default=None,
-                   help="hidden layer widths (default 1024 256: ~1.07e6 parameters)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--m",
+        type=int,
+        action="append",
+        default=None,
+        help="window sizes (repeatable; default 256)",
+    )
+    p.add_argument(
+        "--hidden",
+        type=int,
+        nargs="+",
+        default=None,
+        help="hidden layer widths (default 1024 256: ~1.07e6 parameters)",
+    )
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--damp", type=float, default=1e-5)
     p.add_argument("--repeat", type=int, default=None, help="runs per timing (best of)")
-    p.add_argument("--copy-mib", type=int, default=None,
-                   help="size of the bandwidth probe (default 512 MiB)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads (default 1: on a small shared machine, more threads "
-                        "than idle cores make every kernel wait; see the module docstring)")
+    p.add_argument(
+        "--copy-mib", type=int, default=None, help="size of the bandwidth probe (default 512 MiB)"
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: on a small shared machine, more threads "
+        "than idle cores make every kernel wait; see the module docstring)",
+    )
     p.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
     args = p.parse_args(argv)
     if args.quick:
@@ -127,8 +143,10 @@ def run(args: argparse.Namespace, m: int) -> tuple[list[list[str]], dict[str, fl
         "SGD step": (lambda _: sgd.step(), lambda: backward(sgd_model, sgd)),
         "SGD iteration": (lambda _: iteration(sgd_model, sgd), None),
         # A fresh gradient each time: inserting one twice would make the window singular.
-        "IHVP (update_and_matvec)": (lambda g: mfac.ihvp.update_and_matvec(g),
-                                     lambda: 1e-2 * torch.randn(d, generator=gen)),
+        "IHVP (update_and_matvec)": (
+            lambda g: mfac.ihvp.update_and_matvec(g),
+            lambda: 1e-2 * torch.randn(d, generator=gen),
+        ),
         "M-FAC step": (lambda _: mfac.step(), lambda: backward(mfac_model, mfac)),
         "M-FAC iteration": (lambda _: iteration(mfac_model, mfac), None),
     }
@@ -137,14 +155,34 @@ def run(args: argparse.Namespace, m: int) -> tuple[list[list[str]], dict[str, fl
     floor = 2 * m * d * 4 / copy_bw
     sgd_iter = t["SGD iteration"].best
     rows = []
-    for name in ("SGD step", "SGD iteration", "IHVP (update_and_matvec)", "M-FAC step",
-                 "M-FAC iteration"):
+    for name in (
+        "SGD step",
+        "SGD iteration",
+        "IHVP (update_and_matvec)",
+        "M-FAC step",
+        "M-FAC iteration",
+    ):
         best, med = t[name].best, t[name].median
-        rows.append([f"{m}", name, fmt_time(best), fmt_time(med),
-                     fmt_ratio(best / floor) if "SGD" not in name else "-",
-                     fmt_ratio(best / sgd_iter)])
-    rows.append([f"{m}", "dynamic floor (2 passes over m x d)", fmt_time(floor), "-", "1.00x",
-                 fmt_ratio(floor / sgd_iter)])
+        rows.append(
+            [
+                f"{m}",
+                name,
+                fmt_time(best),
+                fmt_time(med),
+                fmt_ratio(best / floor) if "SGD" not in name else "-",
+                fmt_ratio(best / sgd_iter),
+            ]
+        )
+    rows.append(
+        [
+            f"{m}",
+            "dynamic floor (2 passes over m x d)",
+            fmt_time(floor),
+            "-",
+            "1.00x",
+            fmt_ratio(floor / sgd_iter),
+        ]
+    )
     info = {"d": d, "copy_bw": copy_bw, "window_bytes": m * d * 4}
     return rows, info
 
@@ -154,22 +192,26 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     monitor = CpuMonitor()
     print("# M-FAC optimizer step on the CPU\n")
-    facts = [*machine_facts(), ("torch", f"{torch.__version__}, "
-                                         f"{torch.get_num_threads()} threads")]
+    facts = [*machine_facts(), ("torch", f"{torch.__version__}, {torch.get_num_threads()} threads")]
     print(markdown_table(["machine", ""], facts))
     all_rows = []
     for m in args.m:
         rows, info = run(args, m)
         all_rows += rows
-        print(f"\nm = {m}: d = {info['d']:,} parameters, window {info['window_bytes'] / MiB:.0f} "
-              f"MiB, copy bandwidth {info['copy_bw'] / 1e9:.1f} GB/s (torch copy_ of "
-              f"{args.copy_mib} MiB)")
-    print(f"\nBest of {args.repeat} runs (median shown as noise indicator); batch "
-          f"{args.batch}, hidden {args.hidden}, float32, damp {args.damp:g}\n")
-    print(markdown_table(["m", "what", "best", "median", "vs floor", "vs SGD iteration"],
-                         all_rows))
-    print("\n'vs floor' below 1 is possible: the two passes only read the window, and reading "
-          "streams faster than copying (which also writes).")
+        print(
+            f"\nm = {m}: d = {info['d']:,} parameters, window {info['window_bytes'] / MiB:.0f} "
+            f"MiB, copy bandwidth {info['copy_bw'] / 1e9:.1f} GB/s (torch copy_ of "
+            f"{args.copy_mib} MiB)"
+        )
+    print(
+        f"\nBest of {args.repeat} runs (median shown as noise indicator); batch "
+        f"{args.batch}, hidden {args.hidden}, float32, damp {args.damp:g}\n"
+    )
+    print(markdown_table(["m", "what", "best", "median", "vs floor", "vs SGD iteration"], all_rows))
+    print(
+        "\n'vs floor' below 1 is possible: the two passes only read the window, and reading "
+        "streams faster than copying (which also writes)."
+    )
     foreign = monitor.foreign_cores()
     if foreign is not None:
         print(f"\nother processes kept {foreign:.2f} cores busy on average during the run")

@@ -65,9 +65,11 @@ def backends(G32: np.ndarray) -> list[tuple[str, str, Any, Any]]:
     except ImportError:
         return out
     T32 = torch.from_numpy(G32)
-    out += [("torch", "float32", T32, T32),
-            ("torch", "float16", T32.to(torch.float16), T32),
-            ("torch", "bfloat16", T32.to(torch.bfloat16), T32)]
+    out += [
+        ("torch", "float32", T32, T32),
+        ("torch", "float16", T32.to(torch.float16), T32),
+        ("torch", "bfloat16", T32.to(torch.bfloat16), T32),
+    ]
     return out
 
 
@@ -119,14 +121,27 @@ def timing_rows(G32: np.ndarray, damp: float, repeat: int) -> tuple[list, list]:
         for dt in ops:
             ratio = t[f"ihvp:{dt}"].best / floor2
             target = 0.6 if dt != "float32" and lib == "torch" else None
-            ihvp_rows.append([lib, dt, common.fmt_time(t[f"ihvp:{dt}"].best),
-                              common.fmt_time(t[f"ihvp:{dt}"].median), common.fmt_time(floor2),
-                              common.fmt_ratio(ratio, target)])
+            ihvp_rows.append(
+                [
+                    lib,
+                    dt,
+                    common.fmt_time(t[f"ihvp:{dt}"].best),
+                    common.fmt_time(t[f"ihvp:{dt}"].median),
+                    common.fmt_time(floor2),
+                    common.fmt_ratio(ratio, target),
+                ]
+            )
             floor = t["floor:gram"].best + (t["floor:trmm"].best if dt == "float32" else 0.0)
-            setup_rows.append([lib, dt, common.fmt_time(t[f"setup:{dt}"].best),
-                               common.fmt_time(floor),
-                               "gram + trmm" if dt == "float32" else "gram",
-                               common.fmt_ratio(t[f"setup:{dt}"].best / floor)])
+            setup_rows.append(
+                [
+                    lib,
+                    dt,
+                    common.fmt_time(t[f"setup:{dt}"].best),
+                    common.fmt_time(floor),
+                    "gram + trmm" if dt == "float32" else "gram",
+                    common.fmt_ratio(t[f"setup:{dt}"].best / floor),
+                ]
+            )
         del ops, cands
         gc.collect()
     return ihvp_rows, setup_rows
@@ -150,8 +165,10 @@ def error_rows(seed: int) -> list:
                 G64 = G.double().numpy()
             kappa = 1 + np.linalg.eigvalsh(G64 @ G64.T)[-1] / (m * damp)
             C = G64 @ G64.T + m * damp * np.eye(m)
-            xs = {"random": rng.standard_normal(d).astype(np.float32),
-                  "mean g": G64.mean(axis=0).astype(np.float32)}
+            xs = {
+                "random": rng.standard_normal(d).astype(np.float32),
+                "mean g": G64.mean(axis=0).astype(np.float32),
+            }
             errs = []
             for refine in (0, 1):
                 with warnings.catch_warnings():
@@ -164,8 +181,15 @@ def error_rows(seed: int) -> list:
                     got = np.asarray(op.matvec(arg), dtype=np.float64)
                     errs.append(float(np.linalg.norm(got - want) / np.linalg.norm(want)))
             worst = max(errs)
-            rows.append([lib, dt, f"{kappa:.2g}", *(f"{e:.1e}" for e in errs),
-                         f"{worst / (eps32 * kappa):.2g}"])
+            rows.append(
+                [
+                    lib,
+                    dt,
+                    f"{kappa:.2g}",
+                    *(f"{e:.1e}" for e in errs),
+                    f"{worst / (eps32 * kappa):.2g}",
+                ]
+            )
     return rows
 
 
@@ -180,8 +204,16 @@ def memory_rows(G32: np.ndarray, damp: float) -> list:
             op = mfac.StaticIHVP(G, damp=damp)
         kept, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
-        rows.append(["numpy", dt, common.fmt_bytes(G.nbytes), common.fmt_bytes(kept),
-                     f"{kept / G.nbytes:.3f}", f"{peak / G.nbytes:.3f}"])
+        rows.append(
+            [
+                "numpy",
+                dt,
+                common.fmt_bytes(G.nbytes),
+                common.fmt_bytes(kept),
+                f"{kept / G.nbytes:.3f}",
+                f"{peak / G.nbytes:.3f}",
+            ]
+        )
         del op
     return rows
 
@@ -193,9 +225,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=None, help="timing rounds (default 3)")
     p.add_argument("--damp", type=float, default=1e-5)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--torch-threads", type=int, default=None,
-                   help="torch.set_num_threads (default: PyTorch's; on a shared, "
-                        "oversubscribed machine 1 avoids OpenMP barriers stalling)")
+    p.add_argument(
+        "--torch-threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads (default: PyTorch's; on a shared, "
+        "oversubscribed machine 1 avoids OpenMP barriers stalling)",
+    )
     p.add_argument("--quick", action="store_true", help="CI smoke run: d=2e5, m=32, 2 rounds")
     args = p.parse_args(argv)
     if args.quick:
@@ -218,29 +254,57 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'torch:':28s} {torch.__version__}, {torch.get_num_threads()} threads")
     except ImportError:
         print(f"{'torch:':28s} not installed (its rows are skipped)")
-    print(f"{'parameters:':28s} d={args.d}, m={args.m}, damp={args.damp:g}, "
-          f"best of {args.repeat} (interleaved), kappa~{KAPPA:g}, "
-          f"date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    print(
+        f"{'parameters:':28s} d={args.d}, m={args.m}, damp={args.damp:g}, "
+        f"best of {args.repeat} (interleaved), kappa~{KAPPA:g}, "
+        f"date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+    )
     G32 = make_grads(args.m, args.d, args.damp, args.seed)
     ihvp_rows, setup_rows = timing_rows(G32, args.damp, args.repeat)
-    print("\n## IHVP: op.matvec(x) vs the float32 two-pass floor (target 0.6x for 2-byte "
-          "storage on PyTorch)\n")
-    print(common.markdown_table(["backend", "storage", "matvec (best)", "(median)",
-                                 "float32 floor", "ratio"], ihvp_rows))
+    print(
+        "\n## IHVP: op.matvec(x) vs the float32 two-pass floor (target 0.6x for 2-byte "
+        "storage on PyTorch)\n"
+    )
+    print(
+        common.markdown_table(
+            ["backend", "storage", "matvec (best)", "(median)", "float32 floor", "ratio"], ihvp_rows
+        )
+    )
     print("\n## Set-up: constructor vs its floor\n")
-    print(common.markdown_table(["backend", "storage", "set-up (best)", "floor", "floor is",
-                                 "ratio"], setup_rows))
+    print(
+        common.markdown_table(
+            ["backend", "storage", "set-up (best)", "floor", "floor is", "ratio"], setup_rows
+        )
+    )
     print("\n## Error vs the float64 oracle of the stored gradients (m=32, d=4000)\n")
-    print(common.markdown_table(["backend", "storage", "kappa", "random", "mean g",
-                                 "random, refine=1", "mean g, refine=1",
-                                 "worst / (eps32 kappa)"], error_rows(args.seed)))
+    print(
+        common.markdown_table(
+            [
+                "backend",
+                "storage",
+                "kappa",
+                "random",
+                "mean g",
+                "random, refine=1",
+                "mean g, refine=1",
+                "worst / (eps32 kappa)",
+            ],
+            error_rows(args.seed),
+        )
+    )
     print("\n## Memory (NumPy, tracemalloc, in this process)\n")
-    print(common.markdown_table(["backend", "storage", "size(G)", "kept", "kept / size(G)",
-                                 "peak / size(G)"], memory_rows(G32, args.damp)))
+    print(
+        common.markdown_table(
+            ["backend", "storage", "size(G)", "kept", "kept / size(G)", "peak / size(G)"],
+            memory_rows(G32, args.damp),
+        )
+    )
     print("\nNotes:")
-    print("- 2-byte operators keep G itself (no W) and cast it to float32 in cached pieces; "
-          "NumPy's float16 -> float32 cast runs below memory bandwidth, so NumPy float16 "
-          "saves memory, not time.")
+    print(
+        "- 2-byte operators keep G itself (no W) and cast it to float32 in cached pieces; "
+        "NumPy's float16 -> float32 cast runs below memory bandwidth, so NumPy float16 "
+        "saves memory, not time."
+    )
     foreign = monitor.foreign_cores()
     if foreign is not None:
         print(f"- other processes kept {foreign:.2f} cores busy on average during this run")

@@ -26,7 +26,7 @@ import warnings
 
 import numpy as np
 
-if __package__ in (None, ""):               # run as a script: python benchmarks/refinement.py
+if __package__ in (None, ""):  # run as a script: python benchmarks/refinement.py
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import (
@@ -44,8 +44,9 @@ from mfac_core.testing import extended_precision_inverse
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--m", type=int, default=None, help="gradients (default 64)")
     p.add_argument("--d", type=int, default=None, help="coordinates of the accuracy table")
     p.add_argument("--cost-d", type=float, default=None, help="coordinates of the cost table")
@@ -63,8 +64,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def gradients(rng: np.random.Generator, m: int, d: int) -> np.ndarray:
     """Per-sample-like gradients: a strong common mean plus a decaying spectrum."""
-    return 0.1 * rng.standard_normal((m, d)) * np.exp(-np.arange(d) / (d / 10)) \
-        + rng.standard_normal(d)
+    return 0.1 * rng.standard_normal((m, d)) * np.exp(
+        -np.arange(d) / (d / 10)
+    ) + rng.standard_normal(d)
 
 
 def accuracy_rows(args: argparse.Namespace) -> list[list[str]]:
@@ -85,8 +87,15 @@ def accuracy_rows(args: argparse.Namespace) -> list[list[str]]:
                 errors.append(float(np.linalg.norm(y - want) / np.linalg.norm(want)))
             eps = float(np.finfo(dtype).eps)
             r = float(np.linalg.norm(x) / (damp * np.linalg.norm(want)))
-            rows.append([dtype, f"{kappa:.0e}", f"{eps * kappa:.1e}", f"{eps * r:.1e}",
-                         *(f"{e:.1e}" for e in errors)])
+            rows.append(
+                [
+                    dtype,
+                    f"{kappa:.0e}",
+                    f"{eps * kappa:.1e}",
+                    f"{eps * r:.1e}",
+                    *(f"{e:.1e}" for e in errors),
+                ]
+            )
     return rows
 
 
@@ -101,8 +110,15 @@ def cost_rows(args: argparse.Namespace) -> list[list[str]]:
         cands[f"refine={steps}"] = (lambda _, op=op: op.matvec(x), None)
     timings = interleaved(cands, args.repeat)
     floor = 2 * G.nbytes / bandwidth(timings).copy
-    return [[f"refine={steps}", fmt_time(timings[f"refine={steps}"].best), fmt_time(floor),
-             fmt_ratio(timings[f"refine={steps}"].best / floor)] for steps in ops]
+    return [
+        [
+            f"refine={steps}",
+            fmt_time(timings[f"refine={steps}"].best),
+            fmt_time(floor),
+            fmt_ratio(timings[f"refine={steps}"].best / floor),
+        ]
+        for steps in ops
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,12 +128,20 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in machine_facts():
         print(f"- {key}: {value}")
     print(f"\n## Accuracy: x = the gradients' mean, m = {args.m}, d = {args.d}\n")
-    print(markdown_table(["storage", "kappa", "eps*kappa", "eps*r", "refine=0", "refine=1",
-                          "refine=2"], accuracy_rows(args)))
-    print(f"\n## Cost: matvec, float32, m = {args.m}, d = {args.cost_d:.3g}, best of "
-          f"{args.repeat}\n")
-    print(markdown_table(["product", "time", "floor (2 passes, copy bw)", "time/floor"],
-                         cost_rows(args)))
+    print(
+        markdown_table(
+            ["storage", "kappa", "eps*kappa", "eps*r", "refine=0", "refine=1", "refine=2"],
+            accuracy_rows(args),
+        )
+    )
+    print(
+        f"\n## Cost: matvec, float32, m = {args.m}, d = {args.cost_d:.3g}, best of {args.repeat}\n"
+    )
+    print(
+        markdown_table(
+            ["product", "time", "floor (2 passes, copy bw)", "time/floor"], cost_rows(args)
+        )
+    )
     foreign = monitor.foreign_cores()
     if foreign is not None:
         print(f"\nOther processes used {foreign:.2f} cores on average during this run.")

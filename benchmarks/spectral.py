@@ -40,11 +40,11 @@ from typing import Any
 
 import numpy as np
 
-if __package__ in (None, ""):               # run as a script: python benchmarks/spectral.py
+if __package__ in (None, ""):  # run as a script: python benchmarks/spectral.py
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import _common as common
-else:                                        # python -m benchmarks.spectral
+else:  # python -m benchmarks.spectral
     from . import _common as common
 
 import mfac_core
@@ -81,8 +81,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def timing_rows(m: int, d: int, dtype: Any, k: int, repeat: int, seed: int,
-                bw_mib: int) -> tuple[list[list[Any]], list[list[Any]], str]:
+def timing_rows(
+    m: int, d: int, dtype: Any, k: int, repeat: int, seed: int, bw_mib: int
+) -> tuple[list[list[Any]], list[list[Any]], str]:
     itemsize = np.dtype(dtype).itemsize
     G = make_grads(m, d, dtype, seed)
     gram64 = G.astype(np.float64) @ G.T.astype(np.float64)
@@ -96,9 +97,17 @@ def timing_rows(m: int, d: int, dtype: Any, k: int, repeat: int, seed: int,
     }
     t = common.interleaved(setup, repeat)
     floor = t["floor:gram"].best + t["floor:gemm"].best
-    setup_rows = [[m, name, common.fmt_time(t[name].best), common.fmt_time(t[name].median),
-                   common.fmt_time(floor), common.fmt_ratio(t[name].best / floor)]
-                  for name in ("SpectralIHVP", "StaticIHVP")]
+    setup_rows = [
+        [
+            m,
+            name,
+            common.fmt_time(t[name].best),
+            common.fmt_time(t[name].median),
+            common.fmt_time(floor),
+            common.fmt_ratio(t[name].best / floor),
+        ]
+        for name in ("SpectralIHVP", "StaticIHVP")
+    ]
     del setup
 
     spec = mfac_core.SpectralIHVP(G, damp=DAMP)
@@ -128,11 +137,21 @@ def timing_rows(m: int, d: int, dtype: Any, k: int, repeat: int, seed: int,
         # K dampings are compared with the same call at one damping.
         one = t["spectral diagonal" if "diagonal" in name else "spectral matvec"].best
         multi = "sweep" in name or "diagonal, " in name
-        prod_rows.append([m, name, common.fmt_time(best), common.fmt_time(t[name].median),
-                          common.fmt_time(floor), common.fmt_ratio(best / floor),
-                          common.fmt_ratio(best / one, SWEEP_TARGET if multi else None)])
-    note = (f"m={m}: read bandwidth {bw.read / 1e9:.1f} GB/s ({bw.read_kernel}), copy "
-            f"{bw.copy / 1e9:.1f} GB/s")
+        prod_rows.append(
+            [
+                m,
+                name,
+                common.fmt_time(best),
+                common.fmt_time(t[name].median),
+                common.fmt_time(floor),
+                common.fmt_ratio(best / floor),
+                common.fmt_ratio(best / one, SWEEP_TARGET if multi else None),
+            ]
+        )
+    note = (
+        f"m={m}: read bandwidth {bw.read / 1e9:.1f} GB/s ({bw.read_kernel}), copy "
+        f"{bw.copy / 1e9:.1f} GB/s"
+    )
     return setup_rows, prod_rows, note
 
 
@@ -173,14 +192,16 @@ def accuracy_rows(m: int, d: int, seed: int) -> list[list[Any]]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    warnings.simplefilter("ignore", category=UserWarning)   # IllConditionedWarning etc.
+    warnings.simplefilter("ignore", category=UserWarning)  # IllConditionedWarning etc.
     monitor = common.CpuMonitor()
     dtype = np.dtype(args.dtype).type
     print("# SpectralIHVP benchmark (benchmarks/spectral.py)\n")
     for name, value in common.machine_facts():
         print(f"{name + ':' if name else '':28s} {value}")
-    print(f"{'parameters:':28s} d={args.d}, m={args.m}, dtype={args.dtype}, damp={DAMP:g}, "
-          f"K={args.k} dampings, best of {args.repeat} (interleaved)")
+    print(
+        f"{'parameters:':28s} d={args.d}, m={args.m}, dtype={args.dtype}, damp={DAMP:g}, "
+        f"K={args.k} dampings, best of {args.repeat} (interleaved)"
+    )
     setup_rows, prod_rows, notes = [], [], []
     for m in args.m:
         print(f"... m={m}: timings", file=sys.stderr, flush=True)
@@ -190,28 +211,50 @@ def main(argv: list[str] | None = None) -> int:
         notes.append(note)
 
     print("\n## Set-up vs BLAS floor (Gram + one m x m GEMM on G, same run)\n")
-    print(common.markdown_table(["m", "operator", "best", "median", "floor", "ratio"],
-                                setup_rows))
-    print(f"\n## Products and diagonals (floor: V read twice at the read bandwidth); "
-          f"target for K dampings in one pass <= {SWEEP_TARGET}x the same call at one damping\n")
-    print(common.markdown_table(["m", "call", "best", "median", "floor", "/ floor",
-                                 "/ spectral, one damping"], prod_rows))
+    print(common.markdown_table(["m", "operator", "best", "median", "floor", "ratio"], setup_rows))
+    print(
+        f"\n## Products and diagonals (floor: V read twice at the read bandwidth); "
+        f"target for K dampings in one pass <= {SWEEP_TARGET}x the same call at one damping\n"
+    )
+    print(
+        common.markdown_table(
+            ["m", "call", "best", "median", "floor", "/ floor", "/ spectral, one damping"],
+            prod_rows,
+        )
+    )
     print()
     for note in notes:
         print("- " + note)
 
-    print(f"\n## Accuracy vs the float64 spectral oracle (d={args.acc_d}): relative 2-norm "
-          "errors of one product; relative error of log det F - d log(damp) against the "
-          "float64 singular values\n")
+    print(
+        f"\n## Accuracy vs the float64 spectral oracle (d={args.acc_d}): relative 2-norm "
+        "errors of one product; relative error of log det F - d log(damp) against the "
+        "float64 singular values\n"
+    )
     rows = []
     for m in args.m:
         rows += accuracy_rows(m, args.acc_d, args.seed)
-    print(common.markdown_table(["m", "dtype", "kappa", "spectral, random x", "Cholesky, random x",
-                                 "spectral, mean grad", "Cholesky, mean grad",
-                                 "spectral logdet"], rows))
+    print(
+        common.markdown_table(
+            [
+                "m",
+                "dtype",
+                "kappa",
+                "spectral, random x",
+                "Cholesky, random x",
+                "spectral, mean grad",
+                "Cholesky, mean grad",
+                "spectral logdet",
+            ],
+            rows,
+        )
+    )
     foreign = monitor.foreign_cores()
-    print(f"\nOther processes kept {foreign:.1f} cores busy during this run"
-          if foreign is not None else "\nLoad of other processes: unknown")
+    print(
+        f"\nOther processes kept {foreign:.1f} cores busy during this run"
+        if foreign is not None
+        else "\nLoad of other processes: unknown"
+    )
     return 0
 
 

@@ -68,11 +68,11 @@ import numpy as np
 import scipy.linalg
 from scipy.linalg import blas as sblas
 
-if __package__ in (None, ""):               # run as a script: python benchmarks/static.py
+if __package__ in (None, ""):  # run as a script: python benchmarks/static.py
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import _common as common
-else:                                        # python -m benchmarks.static
+else:  # python -m benchmarks.static
     from . import _common as common
 
 SETUP_TARGET = 1.5
@@ -95,10 +95,12 @@ def make_grads(m: int, d: int, dtype: Any, damp: float, seed: int) -> np.ndarray
 
 def _load_mfac() -> Any:
     import mfac_core
+
     return mfac_core
 
 
 # -- set-up ------------------------------------------------------------------------------
+
 
 def setup_candidates(G: np.ndarray, damp: float, block_size: int) -> tuple[dict, dict]:
     """Timing candidates for the set-up floor and for the operator's set-up."""
@@ -119,23 +121,35 @@ def setup_candidates(G: np.ndarray, damp: float, block_size: int) -> tuple[dict,
         # G^T is Fortran-ordered d x m, so SciPy's syrk(trans=1) reads G without a copy.
         "gram:numpy G@G.T": (lambda _: G @ G.T, None),
         "gram:scipy syrk": (lambda _: syrk(1.0, G.T, trans=1, lower=1), None),
-        "solve:solve_triangular": (lambda _: scipy.linalg.solve_triangular(
-            L, G, lower=True, check_finite=False), None),
+        "solve:solve_triangular": (
+            lambda _: scipy.linalg.solve_triangular(L, G, lower=True, check_finite=False),
+            None,
+        ),
         # X L^T = G^T in place on a copy of G (G^T is a Fortran d x m view).
-        "solve:trsm in place": (lambda B: trsm(1.0, Lf, B.T, side=1, lower=1, trans_a=1,
-                                               overwrite_b=1), fresh_copy),
-        "solve:trmm(L^-1) in place": (lambda B: trmm(1.0, Linvf, B.T, side=1, lower=1,
-                                                     trans_a=1, overwrite_b=1), fresh_copy),
+        "solve:trsm in place": (
+            lambda B: trsm(1.0, Lf, B.T, side=1, lower=1, trans_a=1, overwrite_b=1),
+            fresh_copy,
+        ),
+        "solve:trmm(L^-1) in place": (
+            lambda B: trmm(1.0, Linvf, B.T, side=1, lower=1, trans_a=1, overwrite_b=1),
+            fresh_copy,
+        ),
         "solve:gemm L^-1 @ G": (lambda _: Linv @ G, None),
     }
     ops = {
         "full": (lambda _: mfac.StaticIHVP(G, damp=damp), None),
-        "full, overwrite_G": (lambda B: mfac.StaticIHVP(B, damp=damp, overwrite_G=True),
-                              fresh_copy),
+        "full, overwrite_G": (
+            lambda B: mfac.StaticIHVP(B, damp=damp, overwrite_G=True),
+            fresh_copy,
+        ),
         "full, check_finite=False": (
-            lambda _: mfac.StaticIHVP(G, damp=damp, check_finite=False), None),
-        f"block {block_size}": (lambda _: mfac.StaticIHVP(G, damp=damp, block_size=block_size),
-                                None),
+            lambda _: mfac.StaticIHVP(G, damp=damp, check_finite=False),
+            None,
+        ),
+        f"block {block_size}": (
+            lambda _: mfac.StaticIHVP(G, damp=damp, block_size=block_size),
+            None,
+        ),
     }
     return floor, ops
 
@@ -161,6 +175,7 @@ def check_floor_kernels(G: np.ndarray, damp: float) -> None:
 
 
 # -- block-wise set-up ----------------------------------------------------------------
+
 
 def block_flops(m: int, B: int, d: int) -> tuple[float, float]:
     """Flops of the block-wise set-up: ``(float64 part, storage-dtype part)``.
@@ -192,8 +207,15 @@ def gemm_candidates(n: int) -> tuple[dict, Callable[[dict], dict[str, float]]]:
     return cands, rates
 
 
-def block_setup_rows(settings: list[tuple[int, int]], d: int, dtype: Any, damp: float,
-                     repeat: int, seed: int, gemm_n: int) -> tuple[list[list[Any]], list[str]]:
+def block_setup_rows(
+    settings: list[tuple[int, int]],
+    d: int,
+    dtype: Any,
+    damp: float,
+    repeat: int,
+    seed: int,
+    gemm_n: int,
+) -> tuple[list[list[Any]], list[str]]:
     """Rows of the block-wise set-up table, each setting timed interleaved with the GEMMs."""
     mfac = _load_mfac()
     rows, notes = [], []
@@ -207,16 +229,28 @@ def block_setup_rows(settings: list[tuple[int, int]], d: int, dtype: Any, damp: 
         f64, f_st = block_flops(m, B, d)
         floor_s = f64 / r["float64"] + f_st / r[np.dtype(dtype).name]
         kind = "dense" if B <= m else "Woodbury"
-        rows.append([m, B, kind, common.fmt_time(t["op"].best), common.fmt_time(t["op"].median),
-                     f"{(f64 + f_st) / 1e9:.1f}", common.fmt_time(floor_s),
-                     common.fmt_ratio(t["op"].best / floor_s, BLOCK_SETUP_TARGET)])
-        notes.append(f"m={m}, B={B}: GEMM n={gemm_n} float64 {r['float64'] / 1e9:.0f} GFlop/s, "
-                     f"float32 {r['float32'] / 1e9:.0f} GFlop/s")
+        rows.append(
+            [
+                m,
+                B,
+                kind,
+                common.fmt_time(t["op"].best),
+                common.fmt_time(t["op"].median),
+                f"{(f64 + f_st) / 1e9:.1f}",
+                common.fmt_time(floor_s),
+                common.fmt_ratio(t["op"].best / floor_s, BLOCK_SETUP_TARGET),
+            ]
+        )
+        notes.append(
+            f"m={m}, B={B}: GEMM n={gemm_n} float64 {r['float64'] / 1e9:.0f} GFlop/s, "
+            f"float32 {r['float32'] / 1e9:.0f} GFlop/s"
+        )
         del G, cands
     return rows, notes
 
 
 # -- products ----------------------------------------------------------------------------
+
 
 def product_candidates(ops: dict[str, Any], d: int, k: int, dtype: Any, seed: int) -> dict:
     rng = np.random.default_rng(seed + 1)
@@ -250,8 +284,9 @@ def memory_child(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def measure_memory(m: int, d: int, dtype: str, damp: float, seed: int,
-                   block_size: int) -> list[list[str]]:
+def measure_memory(
+    m: int, d: int, dtype: str, damp: float, seed: int, block_size: int
+) -> list[list[str]]:
     rows = []
     for label, kwargs in MEMORY_VARIANTS.items():
         kwargs = dict(kwargs)
@@ -265,42 +300,70 @@ def measure_memory(m: int, d: int, dtype: str, damp: float, seed: int,
         target = None
         if kwargs.get("overwrite_G"):
             target = MEMORY_TARGET * size + 16 * m * m * 8
-        rows.append([
-            m, label, common.fmt_bytes(size), common.fmt_bytes(res["tracemalloc_peak"]),
-            f"{total / size:.3f}" + ("" if target is None else
-                                     (" ok" if total <= target else " MISS")),
-            common.fmt_bytes(res["tracemalloc_kept"]), common.fmt_bytes(res["rss_growth"]),
-            f"{(size + res['rss_growth']) / size:.3f}",
-        ])
+        rows.append(
+            [
+                m,
+                label,
+                common.fmt_bytes(size),
+                common.fmt_bytes(res["tracemalloc_peak"]),
+                f"{total / size:.3f}"
+                + ("" if target is None else (" ok" if total <= target else " MISS")),
+                common.fmt_bytes(res["tracemalloc_kept"]),
+                common.fmt_bytes(res["rss_growth"]),
+                f"{(size + res['rss_growth']) / size:.3f}",
+            ]
+        )
     return rows
 
 
 # -- main --------------------------------------------------------------------------------
 
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--d", type=float, default=None, help="coordinates (default 1e6)")
-    p.add_argument("--m", type=int, action="append", default=None,
-                   help="number of gradients; repeat for several (default 64 and 256)")
+    p.add_argument(
+        "--m",
+        type=int,
+        action="append",
+        default=None,
+        help="number of gradients; repeat for several (default 64 and 256)",
+    )
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     p.add_argument("--repeat", type=int, default=None, help="runs per timing (best of)")
     p.add_argument("--damp", type=float, default=1e-5)
     p.add_argument("--block-size", type=int, default=1024)
     p.add_argument("--k", type=int, default=8, help="columns for matmat")
-    p.add_argument("--bw-mib", type=int, default=None,
-                   help="array size for the bandwidth runs (default max(1024, 4 x LLC))")
+    p.add_argument(
+        "--bw-mib",
+        type=int,
+        default=None,
+        help="array size for the bandwidth runs (default max(1024, 4 x LLC))",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-memory", action="store_true", help="skip the memory table")
-    p.add_argument("--block-d", type=float, default=None,
-                   help="d for the block-wise set-up rows (default: --d)")
-    p.add_argument("--block", action="append", default=None, metavar="M,B",
-                   help="(m, B) of a block-wise set-up row; repeat for several "
-                        "(default: the pruning settings; 'none' skips the table)")
-    p.add_argument("--only-block", action="store_true",
-                   help="run only the block-wise set-up table")
-    p.add_argument("--quick", action="store_true",
-                   help="CI smoke run: d=2e5, m=32, 2 repeats, small bandwidth arrays")
+    p.add_argument(
+        "--block-d",
+        type=float,
+        default=None,
+        help="d for the block-wise set-up rows (default: --d)",
+    )
+    p.add_argument(
+        "--block",
+        action="append",
+        default=None,
+        metavar="M,B",
+        help="(m, B) of a block-wise set-up row; repeat for several "
+        "(default: the pruning settings; 'none' skips the table)",
+    )
+    p.add_argument("--only-block", action="store_true", help="run only the block-wise set-up table")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="CI smoke run: d=2e5, m=32, 2 repeats, small bandwidth arrays",
+    )
     p.add_argument("--_memory-child", dest="memory_child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
@@ -324,46 +387,89 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def print_main_tables(args: argparse.Namespace, setup_rows: list, floor_notes: list,
-                      ihvp_rows: list, bw_notes: list, mem_rows: list) -> None:
+def print_main_tables(
+    args: argparse.Namespace,
+    setup_rows: list,
+    floor_notes: list,
+    ihvp_rows: list,
+    bw_notes: list,
+    mem_rows: list,
+) -> None:
     """The set-up, IHVP and memory tables of the ``--m`` runs."""
     itemsize, d = np.dtype(args.dtype).itemsize, args.d
-    print("\n## Set-up: time of the constructor vs BLAS floor (Gram + one triangular solve "
-          f"on G), target <= {SETUP_TARGET}x\n")
-    print(common.markdown_table(
-        ["m", "operator", "set-up (best)", "(median)", "floor", "ratio"], setup_rows))
+    print(
+        "\n## Set-up: time of the constructor vs BLAS floor (Gram + one triangular solve "
+        f"on G), target <= {SETUP_TARGET}x\n"
+    )
+    print(
+        common.markdown_table(
+            ["m", "operator", "set-up (best)", "(median)", "floor", "ratio"], setup_rows
+        )
+    )
     print()
     for note in floor_notes:
         print("- " + note)
-    print("- the floor excludes the m x m Cholesky factor and its inverse (O(m^3)); the "
-          "block row is held to the same floor, although each of its d/B blocks adds its own "
-          "m x m factorisation and inverse ((d/B) (2/3) m^3 flops of small-matrix LAPACK). "
-          "Rows without overwrite_G also allocate a new m x d array that the in-place "
-          "floor kernels do not.")
+    print(
+        "- the floor excludes the m x m Cholesky factor and its inverse (O(m^3)); the "
+        "block row is held to the same floor, although each of its d/B blocks adds its own "
+        "m x m factorisation and inverse ((d/B) (2/3) m^3 flops of small-matrix LAPACK). "
+        "Rows without overwrite_G also allocate a new m x d array that the in-place "
+        "floor kernels do not."
+    )
 
     print(f"\n## IHVP: product time vs streaming floor, target <= {IHVP_TARGET}x (copy bw)\n")
-    print(common.markdown_table(
-        ["m", "operator", "product", "time (best)", "per vector", "floor (copy bw)", "ratio",
-         "floor (read bw)", "ratio (read)"], ihvp_rows))
-    print(f"\n- floor bytes: matvec 2*m*d*{itemsize}; matmat (2*m + 2*k)*d*{itemsize}. "
-          "copy bw counts read+write (2 x nbytes per np.copyto); read bw = fastest read-only "
-          "BLAS pass.")
+    print(
+        common.markdown_table(
+            [
+                "m",
+                "operator",
+                "product",
+                "time (best)",
+                "per vector",
+                "floor (copy bw)",
+                "ratio",
+                "floor (read bw)",
+                "ratio (read)",
+            ],
+            ihvp_rows,
+        )
+    )
+    print(
+        f"\n- floor bytes: matvec 2*m*d*{itemsize}; matmat (2*m + 2*k)*d*{itemsize}. "
+        "copy bw counts read+write (2 x nbytes per np.copyto); read bw = fastest read-only "
+        "BLAS pass."
+    )
     for note in bw_notes:
         print("- " + note)
     llc = common.last_level_cache_bytes()
     if llc:
         small = [m for m in args.m if m * d * itemsize < 2 * llc]
         if small:
-            print(f"- note: W for m={small} is smaller than 2 x LLC ({common.fmt_bytes(llc)}); "
-                  "part of it may stay in cache between products, so ratios < 1 are possible.")
+            print(
+                f"- note: W for m={small} is smaller than 2 x LLC ({common.fmt_bytes(llc)}); "
+                "part of it may stay in cache between products, so ratios < 1 are possible."
+            )
 
     if mem_rows:
-        print("\n## Memory of the set-up (fresh child process per row); target for "
-              f"overwrite_G: <= {MEMORY_TARGET} size(G) + 16 m^2 float64\n")
-        print(common.markdown_table(
-            ["m", "operator", "size(G)", "tracemalloc peak", "(G+peak)/G", "kept after",
-             "peak RSS growth", "(G+RSS growth)/G"], mem_rows))
-
+        print(
+            "\n## Memory of the set-up (fresh child process per row); target for "
+            f"overwrite_G: <= {MEMORY_TARGET} size(G) + 16 m^2 float64\n"
+        )
+        print(
+            common.markdown_table(
+                [
+                    "m",
+                    "operator",
+                    "size(G)",
+                    "tracemalloc peak",
+                    "(G+peak)/G",
+                    "kept after",
+                    "peak RSS growth",
+                    "(G+RSS growth)/G",
+                ],
+                mem_rows,
+            )
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -371,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.memory_child is not None:
         print(json.dumps(memory_child(json.loads(args.memory_child))))
         return 0
-    warnings.simplefilter("ignore", category=UserWarning)   # IllConditionedWarning etc.
+    warnings.simplefilter("ignore", category=UserWarning)  # IllConditionedWarning etc.
     monitor = common.CpuMonitor()
     dtype = np.dtype(args.dtype).type
     itemsize = np.dtype(dtype).itemsize
@@ -380,18 +486,31 @@ def main(argv: list[str] | None = None) -> int:
     print("# StaticIHVP benchmark (benchmarks/static.py)\n")
     for name, value in common.machine_facts():
         print(f"{name + ':' if name else '':28s} {value}")
-    print(f"{'parameters:':28s} d={d}, m={args.m}, dtype={args.dtype}, damp={args.damp:g}, "
-          f"block_size={bs}, k={k}, best of {args.repeat} (interleaved), kappa~{KAPPA:g}")
-    print(f"{'block-wise set-up:':28s} (m, B) in {args.block}, d={args.block_d}"
-          + (" (only this table)" if args.only_block else ""))
+    print(
+        f"{'parameters:':28s} d={d}, m={args.m}, dtype={args.dtype}, damp={args.damp:g}, "
+        f"block_size={bs}, k={k}, best of {args.repeat} (interleaved), kappa~{KAPPA:g}"
+    )
+    print(
+        f"{'block-wise set-up:':28s} (m, B) in {args.block}, d={args.block_d}"
+        + (" (only this table)" if args.only_block else "")
+    )
 
     setup_rows, ihvp_rows, mem_rows, floor_notes, bw_notes = [], [], [], [], []
     block_rows, block_notes = block_setup_rows(
-        args.block, args.block_d, dtype, args.damp, args.repeat, args.seed,
-        1024 if args.quick else 2048)
-    for m in ([] if args.only_block else args.m):
-        print(f"... m={m}: building G ({common.fmt_bytes(m * d * itemsize)})",
-              file=sys.stderr, flush=True)
+        args.block,
+        args.block_d,
+        dtype,
+        args.damp,
+        args.repeat,
+        args.seed,
+        1024 if args.quick else 2048,
+    )
+    for m in [] if args.only_block else args.m:
+        print(
+            f"... m={m}: building G ({common.fmt_bytes(m * d * itemsize)})",
+            file=sys.stderr,
+            flush=True,
+        )
         G = make_grads(m, d, dtype, args.damp, args.seed)
         check_floor_kernels(G, args.damp)
 
@@ -404,13 +523,21 @@ def main(argv: list[str] | None = None) -> int:
         floor_s = t[gram].best + t[solve].best
         floor_notes.append(
             f"m={m}: floor = {gram[5:]} {common.fmt_time(t[gram].best)} + {solve[6:]} "
-            f"{common.fmt_time(t[solve].best)}; all candidates: " + ", ".join(
-                f"{n.split(':', 1)[1]} {common.fmt_time(t[n].best)}" for n in floor))
+            f"{common.fmt_time(t[solve].best)}; all candidates: "
+            + ", ".join(f"{n.split(':', 1)[1]} {common.fmt_time(t[n].best)}" for n in floor)
+        )
         for name in ops:
             ratio = t[name].best / floor_s
-            setup_rows.append([m, name, common.fmt_time(t[name].best),
-                               common.fmt_time(t[name].median), common.fmt_time(floor_s),
-                               common.fmt_ratio(ratio, SETUP_TARGET)])
+            setup_rows.append(
+                [
+                    m,
+                    name,
+                    common.fmt_time(t[name].best),
+                    common.fmt_time(t[name].median),
+                    common.fmt_time(floor_s),
+                    common.fmt_ratio(ratio, SETUP_TARGET),
+                ]
+            )
         del floor, ops
 
         # Products, interleaved with the bandwidth runs.
@@ -418,26 +545,37 @@ def main(argv: list[str] | None = None) -> int:
         mfac = _load_mfac()
         prod_ops = {"full": mfac.StaticIHVP(G, damp=args.damp, overwrite_G=True)}
         G = make_grads(m, d, dtype, args.damp, args.seed)
-        prod_ops[f"block {bs}"] = mfac.StaticIHVP(G, damp=args.damp, block_size=bs,
-                                                  overwrite_G=True)
+        prod_ops[f"block {bs}"] = mfac.StaticIHVP(
+            G, damp=args.damp, block_size=bs, overwrite_G=True
+        )
         del G
         bw_cands, bw_result = common.bandwidth_candidates(args.bw_mib * common.MiB, dtype)
         cands = {**bw_cands, **product_candidates(prod_ops, d, k, dtype, args.seed)}
         t = common.interleaved(cands, max(args.repeat, 5))
         bw = bw_result(t)
         del bw_cands, cands
-        bw_notes.append(f"m={m}: copy {bw.copy / 1e9:.1f} GB/s (2 x {common.fmt_bytes(bw.nbytes)}"
-                        f" per copy), read {bw.read / 1e9:.1f} GB/s ({bw.read_kernel})")
+        bw_notes.append(
+            f"m={m}: copy {bw.copy / 1e9:.1f} GB/s (2 x {common.fmt_bytes(bw.nbytes)}"
+            f" per copy), read {bw.read / 1e9:.1f} GB/s ({bw.read_kernel})"
+        )
         for name in prod_ops:
             for prod, cols in (("matvec", 1), ("matmat", k)):
                 nbytes = 2 * m * d * itemsize + (2 * k * d * itemsize if prod == "matmat" else 0)
                 best = t[f"{name}|{prod}"].best
                 f_copy, f_read = nbytes / bw.copy, nbytes / bw.read
-                ihvp_rows.append([
-                    m, name, prod if cols == 1 else f"matmat k={k}", common.fmt_time(best),
-                    common.fmt_time(best / cols), common.fmt_time(f_copy),
-                    common.fmt_ratio(best / f_copy, IHVP_TARGET), common.fmt_time(f_read),
-                    common.fmt_ratio(best / f_read)])
+                ihvp_rows.append(
+                    [
+                        m,
+                        name,
+                        prod if cols == 1 else f"matmat k={k}",
+                        common.fmt_time(best),
+                        common.fmt_time(best / cols),
+                        common.fmt_time(f_copy),
+                        common.fmt_ratio(best / f_copy, IHVP_TARGET),
+                        common.fmt_time(f_read),
+                        common.fmt_ratio(best / f_read),
+                    ]
+                )
         del prod_ops
 
         if not args.no_memory:
@@ -445,11 +583,16 @@ def main(argv: list[str] | None = None) -> int:
             mem_rows.extend(measure_memory(m, d, args.dtype, args.damp, args.seed, bs))
 
     if block_rows:
-        print(f"\n## Block-wise set-up (d={args.block_d}) vs compute floor (per-block flops at "
-              f"the rate of one large GEMM), target <= {BLOCK_SETUP_TARGET}x\n")
-        print(common.markdown_table(
-            ["m", "B", "blocks", "set-up (best)", "(median)", "GFlop", "floor", "ratio"],
-            block_rows))
+        print(
+            f"\n## Block-wise set-up (d={args.block_d}) vs compute floor (per-block flops at "
+            f"the rate of one large GEMM), target <= {BLOCK_SETUP_TARGET}x\n"
+        )
+        print(
+            common.markdown_table(
+                ["m", "B", "blocks", "set-up (best)", "(median)", "GFlop", "floor", "ratio"],
+                block_rows,
+            )
+        )
         print()
         for note in block_notes:
             print("- " + note)
@@ -457,9 +600,10 @@ def main(argv: list[str] | None = None) -> int:
         print_main_tables(args, setup_rows, floor_notes, ihvp_rows, bw_notes, mem_rows)
     foreign = monitor.foreign_cores()
     if foreign is not None:
-        print(f"\nOther processes used {foreign:.2f} CPU cores on average during this run"
-              + (" -- timings are disturbed; rerun on a quiet machine." if foreign > 0.25
-                 else "."))
+        print(
+            f"\nOther processes used {foreign:.2f} CPU cores on average during this run"
+            + (" -- timings are disturbed; rerun on a quiet machine." if foreign > 0.25 else ".")
+        )
     if hasattr(os, "getloadavg"):
         print("load average at the end: " + " / ".join(f"{x:.2f}" for x in os.getloadavg()))
     return 0

@@ -32,15 +32,28 @@ try:
     import torch
 except ImportError:  # pragma: no cover - depends on the environment
     # The examples extra does not list torch: pip would pick the multi-GB CUDA build.
-    sys.exit("The examples need PyTorch. For the CPU-only build (enough for them), run\n"
-             "    pip install torch --index-url https://download.pytorch.org/whl/cpu\n"
-             "or see https://pytorch.org/get-started/locally/ for a CUDA build.")
+    sys.exit(
+        "The examples need PyTorch. For the CPU-only build (enough for them), run\n"
+        "    pip install torch --index-url https://download.pytorch.org/whl/cpu\n"
+        "or see https://pytorch.org/get-started/locally/ for a CUDA build."
+    )
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["Digits", "History", "ShuffledBatches", "add_output_options", "default_out",
-           "environment", "evaluate", "load", "make_mlp", "markdown_table", "train",
-           "write_summary"]
+__all__ = [
+    "Digits",
+    "History",
+    "ShuffledBatches",
+    "add_output_options",
+    "default_out",
+    "environment",
+    "evaluate",
+    "load",
+    "make_mlp",
+    "markdown_table",
+    "train",
+    "write_summary",
+]
 
 
 def default_out() -> Path:
@@ -51,11 +64,20 @@ def default_out() -> Path:
 
 def add_output_options(parser: argparse.ArgumentParser) -> None:
     """``--out`` (alias ``--outdir``) and ``--threads``, shared by the scripts."""
-    parser.add_argument("--out", "--outdir", dest="out", type=Path, default=default_out(),
-                        help=f"folder for the figure and the summary ({default_out()})")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (1 is fastest for these tiny matrices, and "
-                             "deterministic)")
+    parser.add_argument(
+        "--out",
+        "--outdir",
+        dest="out",
+        type=Path,
+        default=default_out(),
+        help=f"folder for the figure and the summary ({default_out()})",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (1 is fastest for these tiny matrices, and deterministic)",
+    )
 
 
 def _cpu_model() -> str:
@@ -82,9 +104,13 @@ def environment(threads: int) -> dict[str, Any]:
         "machine": f"{_cpu_model()}, {os.cpu_count()} logical CPUs",
         "torch_threads": threads,
         "python": platform.python_version(),
-        "versions": {"mfac_core": mfac_core.__version__, "torch": torch.__version__,
-                     "numpy": np.__version__, "scipy": scipy.__version__,
-                     "scikit-learn": sklearn.__version__},
+        "versions": {
+            "mfac_core": mfac_core.__version__,
+            "torch": torch.__version__,
+            "numpy": np.__version__,
+            "scipy": scipy.__version__,
+            "scikit-learn": sklearn.__version__,
+        },
     }
 
 
@@ -95,21 +121,27 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     def line(cells: list[str]) -> str:
         return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
 
-    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-                     + [line(r) for r in rows])
+    return "\n".join(
+        [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+        + [line(r) for r in rows]
+    )
 
 
-def write_summary(out: Path, name: str, env: dict[str, Any], sections: list[str],
-                  data: dict[str, Any]) -> Path:
+def write_summary(
+    out: Path, name: str, env: dict[str, Any], sections: list[str], data: dict[str, Any]
+) -> Path:
     """Write ``out/NAME.md`` (header and ``sections``) and ``out/NAME.json``; return the .md."""
     out.mkdir(parents=True, exist_ok=True)
     versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items())
-    header = (f"Written by `{env['command']}` on {env['date_utc']} UTC; {env['machine']}; "
-              f"{env['torch_threads']} torch thread(s); Python {env['python']}, {versions}.")
+    header = (
+        f"Written by `{env['command']}` on {env['date_utc']} UTC; {env['machine']}; "
+        f"{env['torch_threads']} torch thread(s); Python {env['python']}, {versions}."
+    )
     md = out / f"{name}.md"
     md.write_text("\n\n".join([header, *sections]) + "\n", encoding="utf-8")
-    (out / f"{name}.json").write_text(json.dumps({"environment": env, **data}, indent=1) + "\n",
-                                      encoding="utf-8")
+    (out / f"{name}.json").write_text(
+        json.dumps({"environment": env, **data}, indent=1) + "\n", encoding="utf-8"
+    )
     return md
 
 
@@ -122,13 +154,16 @@ class Digits:
     X_test: torch.Tensor
     y_test: torch.Tensor
 
-    def batches(self, batch_size: int, generator: torch.Generator) -> list[tuple[torch.Tensor,
-                                                                               torch.Tensor]]:
+    def batches(
+        self, batch_size: int, generator: torch.Generator
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """One epoch of shuffled training batches (the last, short batch is dropped)."""
         n = self.X_train.shape[0]
         perm = torch.randperm(n, generator=generator)
-        return [(self.X_train[perm[i:i + batch_size]], self.y_train[perm[i:i + batch_size]])
-                for i in range(0, n - batch_size + 1, batch_size)]
+        return [
+            (self.X_train[perm[i : i + batch_size]], self.y_train[perm[i : i + batch_size]])
+            for i in range(0, n - batch_size + 1, batch_size)
+        ]
 
 
 class ShuffledBatches:
@@ -154,10 +189,15 @@ def load(seed: int = 0, test_size: float = 0.25) -> Digits:
 
     data = load_digits()
     X = data.data.astype(np.float32) / 16.0
-    X_tr, X_te, y_tr, y_te = train_test_split(X, data.target, test_size=test_size,
-                                              stratify=data.target, random_state=seed)
-    return Digits(torch.from_numpy(X_tr), torch.from_numpy(y_tr).long(),
-                  torch.from_numpy(X_te), torch.from_numpy(y_te).long())
+    X_tr, X_te, y_tr, y_te = train_test_split(
+        X, data.target, test_size=test_size, stratify=data.target, random_state=seed
+    )
+    return Digits(
+        torch.from_numpy(X_tr),
+        torch.from_numpy(y_tr).long(),
+        torch.from_numpy(X_te),
+        torch.from_numpy(y_te).long(),
+    )
 
 
 def make_mlp(seed: int = 0, hidden: int = 128) -> nn.Module:
@@ -193,9 +233,16 @@ class History:
         return not all(math.isfinite(v) for v in self.train_loss)
 
 
-def train(model: nn.Module, opt: torch.optim.Optimizer, data: Digits, *, epochs: int,
-          batch_size: int = 32, seed: int = 0,
-          after_step: Callable[[], None] | None = None) -> History:
+def train(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    data: Digits,
+    *,
+    epochs: int,
+    batch_size: int = 32,
+    seed: int = 0,
+    after_step: Callable[[], None] | None = None,
+) -> History:
     """Train with ``opt`` for ``epochs`` epochs; the batch order depends only on ``seed``."""
     gen = torch.Generator().manual_seed(seed)
     hist = History()
@@ -240,8 +287,11 @@ def sync_readme(readme: Path, results: Path) -> list[str]:
             changed.append(name)
         return QUOTE_BEGIN.format(name) + "\n" + body + QUOTE_END.format(name)
 
-    pattern = (re.escape(QUOTE_BEGIN).replace(r"\{\}", r"(\S+)") + r"\n(.*?)"
-               + re.escape(QUOTE_END).replace(r"\{\}", r"\1"))
+    pattern = (
+        re.escape(QUOTE_BEGIN).replace(r"\{\}", r"(\S+)")
+        + r"\n(.*?)"
+        + re.escape(QUOTE_END).replace(r"\{\}", r"\1")
+    )
     readme.write_text(re.sub(pattern, quote, text, flags=re.S), encoding="utf-8")
     return changed
 

@@ -77,8 +77,11 @@ BLOCK = 128
 SPARSITY = 0.9
 
 
-def gradient_scale(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],
-                   params: list[torch.Tensor]) -> float:
+def gradient_scale(
+    model: torch.nn.Module,
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    params: list[torch.Tensor],
+) -> float:
     """``||G||_2^2 / m`` for the gradients of ``params`` on ``batches`` (float64)."""
     rows = []
     for x, y in batches:
@@ -95,11 +98,18 @@ def window_bytes(m: int, d: int) -> int:
 
 def train_mfac(data: Digits, m: int, damp: float, lr: float, epochs: int) -> dict[str, Any]:
     model = make_mlp(0)
-    h = train(model, MFAC(model.parameters(), lr=lr, num_grads=m, damp=damp), data,
-              epochs=epochs, seed=0)
-    return {"m": m, "damp": damp, "lr": lr, "train_loss": h.train_loss[-1],
-            "test_acc": h.test_acc[-1], "diverged": h.diverged,
-            "s_per_epoch": h.seconds / max(1, len(h.train_loss) - 1)}
+    h = train(
+        model, MFAC(model.parameters(), lr=lr, num_grads=m, damp=damp), data, epochs=epochs, seed=0
+    )
+    return {
+        "m": m,
+        "damp": damp,
+        "lr": lr,
+        "train_loss": h.train_loss[-1],
+        "test_acc": h.test_acc[-1],
+        "diverged": h.diverged,
+        "s_per_epoch": h.seconds / max(1, len(h.train_loss) - 1),
+    }
 
 
 def best_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -120,16 +130,22 @@ def prune_once(model: torch.nn.Module, data: Digits, m: int, damp: float) -> dic
     pruner.prune(loader, F.cross_entropy, sparsity=SPARSITY)
     seconds = time.perf_counter() - t0
     loss = evaluate(pruned, data.X_train, data.y_train)[0]
-    return {"m": m, "damp": damp, "train_loss": loss,
-            "test_acc": evaluate(pruned, data.X_test, data.y_test)[1], "seconds": seconds,
-            "grad_bytes": m * pruner.dim * 8}
+    return {
+        "m": m,
+        "damp": damp,
+        "train_loss": loss,
+        "test_acc": evaluate(pruned, data.X_test, data.y_test)[1],
+        "seconds": seconds,
+        "grad_bytes": m * pruner.dim * 8,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--quick", action="store_true",
-                        help="3 epochs and smaller grids: a smoke test")
+    parser.add_argument(
+        "--quick", action="store_true", help="3 epochs and smaller grids: a smoke test"
+    )
     add_output_options(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -146,8 +162,10 @@ def main(argv: list[str] | None = None) -> None:
     gen = torch.Generator().manual_seed(0)
     init = make_mlp(0)
     s_train = gradient_scale(init, data.batches(32, gen)[:TRAIN_M], list(init.parameters()))
-    print(f"training: d={d}, gradient scale s=||G||^2/m at the initial weights "
-          f"(m={TRAIN_M} batches of 32) = {s_train:.3g}")
+    print(
+        f"training: d={d}, gradient scale s=||G||^2/m at the initial weights "
+        f"(m={TRAIN_M} batches of 32) = {s_train:.3g}"
+    )
 
     # -- training: damping at m = TRAIN_M, then m at the chosen damping ---------------------
     damp_rows, damp_runs = [], []
@@ -155,9 +173,16 @@ def main(argv: list[str] | None = None) -> None:
         runs = [train_mfac(data, TRAIN_M, damp, lr, args.epochs) for lr in train_lrs]
         best = best_of(runs)
         damp_runs.append(runs)
-        damp_rows.append([f"{damp:g}", f"{damp / s_train:.1e}", f"{1 + s_train / damp:.3g}",
-                          f"{best['lr']:g}", f"{best['train_loss']:.4f}",
-                          f"{best['test_acc']:.4f}"])
+        damp_rows.append(
+            [
+                f"{damp:g}",
+                f"{damp / s_train:.1e}",
+                f"{1 + s_train / damp:.3g}",
+                f"{best['lr']:g}",
+                f"{best['train_loss']:.4f}",
+                f"{best['test_acc']:.4f}",
+            ]
+        )
         print("  " + "  ".join(damp_rows[-1]), flush=True)
     train_damp = best_of([best_of(r) for r in damp_runs])["damp"]
     m_rows, m_runs = [], []
@@ -165,35 +190,59 @@ def main(argv: list[str] | None = None) -> None:
         runs = [train_mfac(data, m, train_damp, lr, args.epochs) for lr in m_lrs]
         best = best_of(runs)
         m_runs.append(runs)
-        m_rows.append([str(m), f"{best['lr']:g}", f"{best['train_loss']:.4f}",
-                       f"{best['test_acc']:.4f}", f"{best['s_per_epoch']:.3f}",
-                       fmt_bytes(window_bytes(m, d))])
+        m_rows.append(
+            [
+                str(m),
+                f"{best['lr']:g}",
+                f"{best['train_loss']:.4f}",
+                f"{best['test_acc']:.4f}",
+                f"{best['s_per_epoch']:.3f}",
+                fmt_bytes(window_bytes(m, d)),
+            ]
+        )
         print("  " + "  ".join(m_rows[-1]), flush=True)
 
     # -- pruning: damping at m = PRUNE_M, then m at the chosen damping ----------------------
     dense = make_mlp(0)
-    train(dense, torch.optim.SGD(dense.parameters(), lr=0.1, momentum=0.9), data, epochs=20,
-          seed=0)
+    train(dense, torch.optim.SGD(dense.parameters(), lr=0.1, momentum=0.9), data, epochs=20, seed=0)
     dense.eval()
     dense_loss = evaluate(dense, data.X_train, data.y_train)[0]
     dense_acc = evaluate(dense, data.X_test, data.y_test)[1]
     weights = [dense[0].weight, dense[2].weight]
     d_pruned = sum(w.numel() for w in weights)
-    s_prune = gradient_scale(dense, list(ShuffledBatches(data, GRAD_BATCH, seed=1000))[:PRUNE_M],
-                             weights)
-    print(f"pruning: dense model training loss {dense_loss:.4f}, test accuracy {dense_acc:.4f}; "
-          f"d={d_pruned} weights, gradient scale s at the trained weights (m={PRUNE_M} "
-          f"batches of {GRAD_BATCH}) = {s_prune:.3g}")
+    s_prune = gradient_scale(
+        dense, list(ShuffledBatches(data, GRAD_BATCH, seed=1000))[:PRUNE_M], weights
+    )
+    print(
+        f"pruning: dense model training loss {dense_loss:.4f}, test accuracy {dense_acc:.4f}; "
+        f"d={d_pruned} weights, gradient scale s at the trained weights (m={PRUNE_M} "
+        f"batches of {GRAD_BATCH}) = {s_prune:.3g}"
+    )
     pd_runs = [prune_once(dense, data, PRUNE_M, damp) for damp in prune_damps]
-    pd_rows = [[f"{r['damp']:g}", f"{r['damp'] / s_prune:.1e}",
-                f"{1 + s_prune / r['damp']:.3g}", f"{r['train_loss']:.4f}",
-                f"{r['test_acc']:.4f}"] for r in pd_runs]
+    pd_rows = [
+        [
+            f"{r['damp']:g}",
+            f"{r['damp'] / s_prune:.1e}",
+            f"{1 + s_prune / r['damp']:.3g}",
+            f"{r['train_loss']:.4f}",
+            f"{r['test_acc']:.4f}",
+        ]
+        for r in pd_runs
+    ]
     for row in pd_rows:
         print("  " + "  ".join(row))
     prune_damp = min(pd_runs, key=lambda r: r["train_loss"])["damp"]
     pm_runs = [prune_once(dense, data, m, prune_damp) for m in prune_ms]
-    pm_rows = [[str(r["m"]), f"{r['train_loss']:.4f}", f"{r['test_acc']:.4f}",
-                f"{r['seconds']:.3f}", fmt_bytes(r["grad_bytes"])] for r in pm_runs]
+    pm_rows = [
+        [
+            str(r["m"]),
+            f"{r['train_loss']:.4f}",
+            f"{r['test_acc']:.4f}",
+            f"{r['seconds']:.3f}",
+            fmt_bytes(r["grad_bytes"]),
+        ]
+        for r in pm_runs
+    ]
     for row in pm_rows:
         print("  " + "  ".join(row))
 
@@ -204,8 +253,9 @@ def main(argv: list[str] | None = None) -> None:
         f"scale at the initial weights: s = {s_train:.3g}. Damping at m = {TRAIN_M}, each "
         f"with the best lr of {{{', '.join(f'{x:g}' for x in train_lrs)}}} (lowest final "
         "training loss):",
-        markdown_table(["damp", "damp / s", "kappa", "best lr", "train loss", "test acc"],
-                       damp_rows),
+        markdown_table(
+            ["damp", "damp / s", "kappa", "best lr", "train loss", "test acc"], damp_rows
+        ),
         f"m at damp = {train_damp:g}, each with the best lr of "
         f"{{{', '.join(f'{x:g}' for x in m_lrs)}}} (s/epoch includes the evaluation on "
         "the full training and test sets after each epoch; memory: the window, "
@@ -222,12 +272,26 @@ def main(argv: list[str] | None = None) -> None:
         markdown_table(["m", "train loss", "test acc", "seconds", "memory"], pm_rows),
     ]
     md = write_summary(
-        args.out, "damp_and_m", env, sections,
-        {"epochs": args.epochs, "quick": args.quick, "d": d, "train_scale": s_train,
-         "train_damp_sweep": damp_runs, "train_damp": train_damp, "train_m_sweep": m_runs,
-         "prune_scale": s_prune, "prune_d": d_pruned, "prune_damp_sweep": pd_runs,
-         "prune_damp": prune_damp, "prune_m_sweep": pm_runs,
-         "dense": {"train_loss": dense_loss, "test_acc": dense_acc}})
+        args.out,
+        "damp_and_m",
+        env,
+        sections,
+        {
+            "epochs": args.epochs,
+            "quick": args.quick,
+            "d": d,
+            "train_scale": s_train,
+            "train_damp_sweep": damp_runs,
+            "train_damp": train_damp,
+            "train_m_sweep": m_runs,
+            "prune_scale": s_prune,
+            "prune_d": d_pruned,
+            "prune_damp_sweep": pd_runs,
+            "prune_damp": prune_damp,
+            "prune_m_sweep": pm_runs,
+            "dense": {"train_loss": dense_loss, "test_acc": dense_acc},
+        },
+    )
     print(f"wrote {md} ({time.perf_counter() - start:.0f} s in all)")
 
 

@@ -38,8 +38,9 @@ from _common import add_output_options, evaluate, load, make_mlp, train
 from mfac_core import SpectralIHVP
 
 
-def per_example_grads(model: torch.nn.Module, X: torch.Tensor, y: torch.Tensor,
-                      names: list[str] | None = None) -> torch.Tensor:
+def per_example_grads(
+    model: torch.nn.Module, X: torch.Tensor, y: torch.Tensor, names: list[str] | None = None
+) -> torch.Tensor:
     """The gradients of each example's loss, flattened to rows (over ``names`` only)."""
     params = {k: v.detach() for k, v in model.named_parameters()}
     names = list(params) if names is None else names
@@ -53,8 +54,9 @@ def per_example_grads(model: torch.nn.Module, X: torch.Tensor, y: torch.Tensor,
     return torch.cat([g[k].reshape(X.shape[0], -1) for k in names], dim=1)
 
 
-def influences(G: torch.Tensor, g_test: torch.Tensor,
-               rel_damp: float) -> tuple[np.ndarray, float, float]:
+def influences(
+    G: torch.Tensor, g_test: torch.Tensor, rel_damp: float
+) -> tuple[np.ndarray, float, float]:
     """``-g_test^T F^{-1} g_j`` for every row j of G, the damping and kappa of F."""
     # The damping relative to the average diagonal of G^T G / n, so that it means the same
     # for every layer and scale of the gradients.
@@ -87,8 +89,7 @@ def plot(data: object, test_index: int, infl: np.ndarray, path: Path, k: int = 6
     for row, idx, what in ((1, helpful, "helps"), (2, harmful, "hurts")):
         for col, j in enumerate(idx):
             axes[row, col].imshow(data.X_train[j].reshape(8, 8), cmap="gray_r")
-            axes[row, col].set_title(f"{what}: {int(data.y_train[j])}\nI={infl[j]:.2g}",
-                                     fontsize=7)
+            axes[row, col].set_title(f"{what}: {int(data.y_train[j])}\nI={infl[j]:.2g}", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"trained: test loss {loss:.3f}, accuracy {acc:.3f}")
 
     i = args.test_index
-    x_t, y_t = data.X_test[i:i + 1], data.y_test[i:i + 1]
+    x_t, y_t = data.X_test[i : i + 1], data.y_test[i : i + 1]
     pred = int(model(x_t).argmax())
     start = time.perf_counter()
     # float64: the rows of G are the gradients themselves, the direction in which a product
@@ -119,14 +120,20 @@ def main(argv: list[str] | None = None) -> None:
     G = per_example_grads(model, data.X_train, data.y_train).double()
     g_test = per_example_grads(model, x_t, y_t)[0].double()
     infl, damp, kappa = influences(G, g_test, args.rel_damp)
-    print(f"test image {i}: label {int(y_t)}, predicted {pred}; G is {tuple(G.shape)} "
-          f"(float64), damp {damp:.3g}, kappa {kappa:.3g}; influences of all {G.shape[0]} "
-          f"training images in {time.perf_counter() - start:.2f} s")
+    print(
+        f"test image {i}: label {int(y_t)}, predicted {pred}; G is {tuple(G.shape)} "
+        f"(float64), damp {damp:.3g}, kappa {kappa:.3g}; influences of all {G.shape[0]} "
+        f"training images in {time.perf_counter() - start:.2f} s"
+    )
     order = np.argsort(infl)
-    print("most helpful (index, label, influence):",
-          [(int(j), int(data.y_train[j]), f"{infl[j]:.3g}") for j in order[:6]])
-    print("most harmful (index, label, influence):",
-          [(int(j), int(data.y_train[j]), f"{infl[j]:.3g}") for j in order[::-1][:6]])
+    print(
+        "most helpful (index, label, influence):",
+        [(int(j), int(data.y_train[j]), f"{infl[j]:.3g}") for j in order[:6]],
+    )
+    print(
+        "most harmful (index, label, influence):",
+        [(int(j), int(data.y_train[j]), f"{infl[j]:.3g}") for j in order[::-1][:6]],
+    )
 
     # The same on the last layer alone, where a dense d x d inverse is cheap.
     names = ["2.weight", "2.bias"]
@@ -134,8 +141,10 @@ def main(argv: list[str] | None = None) -> None:
     g2 = per_example_grads(model, x_t, y_t, names)[0].double()
     infl2, damp2, kappa2 = influences(G2, g2, args.rel_damp)
     err = dense_check(G2, g2, damp2, infl2)
-    print(f"last layer (d={G2.shape[1]}, kappa {kappa2:.3g}): relative error of bilinear against "
-          f"a dense float64 solve: {err:.2e}")
+    print(
+        f"last layer (d={G2.shape[1]}, kappa {kappa2:.3g}): relative error of bilinear against "
+        f"a dense float64 solve: {err:.2e}"
+    )
     # Both sides are float64 computations with errors of about eps * kappa.
     assert err < 1e3 * np.finfo(np.float64).eps * kappa2, err
 

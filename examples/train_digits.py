@@ -52,11 +52,12 @@ OPTIMIZERS: dict[str, tuple[str, Factory]] = {
     "SGD": ("lr=1.0", lambda p: torch.optim.SGD(p, lr=1.0)),
     "SGD+momentum": ("lr=0.1, momentum=0.9", lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9)),
     "Adam": ("lr=0.01", lambda p: torch.optim.Adam(p, lr=0.01)),
-    "M-FAC": ("m=64, damp=1e-2, lr=0.03",
-              lambda p: MFAC(p, lr=0.03, num_grads=64, damp=1e-2)),
+    "M-FAC": ("m=64, damp=1e-2, lr=0.03", lambda p: MFAC(p, lr=0.03, num_grads=64, damp=1e-2)),
     # The paper's default damping, with the best learning rate of the grid for it at m=64.
-    "M-FAC (damp=1e-5)": ("m=64, damp=1e-5, lr=1e-2",
-                          lambda p: MFAC(p, lr=1e-2, num_grads=64, damp=1e-5)),
+    "M-FAC (damp=1e-5)": (
+        "m=64, damp=1e-5, lr=1e-2",
+        lambda p: MFAC(p, lr=1e-2, num_grads=64, damp=1e-5),
+    ),
 }
 
 REPORT_EPOCHS = (1, 2, 3, 5, 10, 20)
@@ -72,8 +73,9 @@ def tune_grid() -> dict[str, Factory]:
     for lr in (1e-3, 3e-3, 1e-2):
         grid[f"Adam lr={lr}"] = lambda p, lr=lr: torch.optim.Adam(p, lr=lr)
     for m, damp, lr in itertools.product((32, 64, 128), (1e-5, 1e-3, 1e-2), (1e-3, 1e-2, 3e-2)):
-        grid[f"M-FAC m={m} damp={damp:g} lr={lr:g}"] = (
-            lambda p, m=m, damp=damp, lr=lr: MFAC(p, lr=lr, num_grads=m, damp=damp))
+        grid[f"M-FAC m={m} damp={damp:g} lr={lr:g}"] = lambda p, m=m, damp=damp, lr=lr: MFAC(
+            p, lr=lr, num_grads=m, damp=damp
+        )
     return grid
 
 
@@ -86,24 +88,46 @@ def run_tuning(epochs: int, out: Path, env: dict[str, Any]) -> None:
         model = make_mlp(0)
         h = train(model, make(model.parameters()), data, epochs=epochs)
         loss = h.train_loss + [float("nan")] * 3  # a diverged run stops early
-        print(f"{name:36s} {loss[1]:8.4f} {loss[3]:8.4f} {h.train_loss[-1]:8.4f} "
-              f"{h.test_acc[-1]:8.4f}", flush=True)
-        rows.append([name, f"{loss[1]:.4f}", f"{loss[3]:.4f}", f"{h.train_loss[-1]:.4f}",
-                     f"{h.test_acc[-1]:.4f}"])
+        print(
+            f"{name:36s} {loss[1]:8.4f} {loss[3]:8.4f} {h.train_loss[-1]:8.4f} "
+            f"{h.test_acc[-1]:8.4f}",
+            flush=True,
+        )
+        rows.append(
+            [
+                name,
+                f"{loss[1]:.4f}",
+                f"{loss[3]:.4f}",
+                f"{h.train_loss[-1]:.4f}",
+                f"{h.test_acc[-1]:.4f}",
+            ]
+        )
         results[name] = {"train_loss": h.train_loss, "test_acc": h.test_acc}
-    table = markdown_table(["configuration", "loss ep1", "loss ep3", f"loss ep{epochs}",
-                            "test acc"], rows)
-    path = write_summary(out, "train_digits-tune", env,
-                         [f"Tuning grid: seed 0, {epochs} epochs (training loss on the full "
-                          "training set; NaN: diverged).", table], {"runs": results})
+    table = markdown_table(
+        ["configuration", "loss ep1", "loss ep3", f"loss ep{epochs}", "test acc"], rows
+    )
+    path = write_summary(
+        out,
+        "train_digits-tune",
+        env,
+        [
+            f"Tuning grid: seed 0, {epochs} epochs (training loss on the full "
+            "training set; NaN: diverged).",
+            table,
+        ],
+        {"runs": results},
+    )
     print(f"\nwrote {path}")
 
 
 def summarise(runs: dict[str, list[History]], epochs: int) -> str:
     """Print the results and return them as a markdown table."""
     cols = [e for e in REPORT_EPOCHS if e <= epochs]
-    header = (f"{'optimizer':20s} " + " ".join(f"{'ep' + str(e):>7s}" for e in cols)
-              + f" {'test acc (final)':>18s} {'s/epoch':>8s}")
+    header = (
+        f"{'optimizer':20s} "
+        + " ".join(f"{'ep' + str(e):>7s}" for e in cols)
+        + f" {'test acc (final)':>18s} {'s/epoch':>8s}"
+    )
     print("\nTraining loss (mean over seeds; full training set, end of epoch)\n")
     print(header)
     print("-" * len(header))
@@ -116,15 +140,23 @@ def summarise(runs: dict[str, list[History]], epochs: int) -> str:
         accs = [h.test_acc[-1] for h in hists]
         spread = statistics.stdev(accs) if len(accs) > 1 else 0.0
         per_epoch = statistics.fmean(h.seconds / max(1, len(h.train_loss) - 1) for h in hists)
-        print(f"{name:20s} " + " ".join(f"{v:7.4f}" for v in losses)
-              + f" {statistics.fmean(accs):11.4f} ±{spread:.4f} {per_epoch:8.3f}")
-        rows.append([name, *(f"{v:.4f}" for v in losses),
-                     f"{statistics.fmean(accs):.4f} ± {spread:.4f}", f"{per_epoch:.3f}"])
+        print(
+            f"{name:20s} "
+            + " ".join(f"{v:7.4f}" for v in losses)
+            + f" {statistics.fmean(accs):11.4f} ±{spread:.4f} {per_epoch:8.3f}"
+        )
+        rows.append(
+            [
+                name,
+                *(f"{v:.4f}" for v in losses),
+                f"{statistics.fmean(accs):.4f} ± {spread:.4f}",
+                f"{per_epoch:.3f}",
+            ]
+        )
     print("\nHyper-parameters:")
     for name, (desc, _) in OPTIMIZERS.items():
         print(f"  {name:20s} {desc}")
-    return markdown_table(["optimizer", *(f"ep{e}" for e in cols), "test acc", "s/epoch"],
-                          rows)
+    return markdown_table(["optimizer", *(f"ep{e}" for e in cols), "test acc", "s/epoch"], rows)
 
 
 def plot(runs: dict[str, list[History]], path: Path) -> None:
@@ -173,9 +205,11 @@ def main(argv: list[str] | None = None) -> None:
         return
     data = load()
     n_params = sum(p.numel() for p in make_mlp().parameters())
-    intro = (f"digits: {data.X_train.shape[0]} training, {data.X_test.shape[0]} test images; "
-             f"MLP 64-128-10 ({n_params} parameters); batches of 32, {args.epochs} epochs, "
-             f"{args.seeds} seed(s)")
+    intro = (
+        f"digits: {data.X_train.shape[0]} training, {data.X_test.shape[0]} test images; "
+        f"MLP 64-128-10 ({n_params} parameters); batches of 32, {args.epochs} epochs, "
+        f"{args.seeds} seed(s)"
+    )
     print(intro)
     start = time.perf_counter()
     runs: dict[str, list[History]] = {}
@@ -183,22 +217,37 @@ def main(argv: list[str] | None = None) -> None:
         runs[name] = []
         for seed in range(args.seeds):
             model = make_mlp(seed)
-            runs[name].append(train(model, make(model.parameters()), data, epochs=args.epochs,
-                                    seed=seed))
+            runs[name].append(
+                train(model, make(model.parameters()), data, epochs=args.epochs, seed=seed)
+            )
     table = summarise(runs, args.epochs)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "train_digits.png"
     plot(runs, path)
     hyper = "\n".join(f"- {name}: {desc}" for name, (desc, _) in OPTIMIZERS.items())
     md = write_summary(
-        args.out, "train_digits", env,
-        [intro + ".", "Training loss on the full training set at the end of each epoch (mean "
-         "over seeds), final test accuracy (mean ± std over seeds) and seconds per epoch:",
-         table, "Hyper-parameters:\n\n" + hyper],
-        {"epochs": args.epochs, "seeds": args.seeds,
-         "runs": {name: [{"train_loss": h.train_loss, "test_acc": h.test_acc,
-                          "seconds": h.seconds} for h in hists]
-                  for name, hists in runs.items()}})
+        args.out,
+        "train_digits",
+        env,
+        [
+            intro + ".",
+            "Training loss on the full training set at the end of each epoch (mean "
+            "over seeds), final test accuracy (mean ± std over seeds) and seconds per epoch:",
+            table,
+            "Hyper-parameters:\n\n" + hyper,
+        ],
+        {
+            "epochs": args.epochs,
+            "seeds": args.seeds,
+            "runs": {
+                name: [
+                    {"train_loss": h.train_loss, "test_acc": h.test_acc, "seconds": h.seconds}
+                    for h in hists
+                ]
+                for name, hists in runs.items()
+            },
+        },
+    )
     print(f"\nwrote {path} and {md} ({time.perf_counter() - start:.0f} s in all)")
 
 

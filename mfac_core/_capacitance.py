@@ -73,32 +73,41 @@ def kappa_bounds(xp: Any, gram: Array, /, *, shift: float, scale: float) -> tupl
     return (1.0 + scale * float(xp.max(lo)) / shift, 1.0 + scale * float(xp.max(hi)) / shift)
 
 
-def factorization_error(damp: float, kappa: tuple[float, float], *,
-                        gram_dtype: str = "float64") -> FactorizationError:
+def factorization_error(
+    damp: float, kappa: tuple[float, float], *, gram_dtype: str = "float64"
+) -> FactorizationError:
     """The one wording of a failed factorisation: it names damp and kappa."""
     lo, hi = kappa
     if not (math.isfinite(lo) and math.isfinite(hi)):
         return FactorizationError(
             f"the Gram matrix of these gradients is not finite (damp={damp:g}): the gradients "
-            "hold NaN or infinity, or are so large that their squared norms overflow")
-    cause = (f"its Gram matrix was accumulated in {gram_dtype}, whose rounding can make a nearly "
-             "singular matrix indefinite; use float64 gradients, " if gram_dtype != "float64"
-             else "")
+            "hold NaN or infinity, or are so large that their squared norms overflow"
+        )
+    cause = (
+        f"its Gram matrix was accumulated in {gram_dtype}, whose rounding can make a nearly "
+        "singular matrix indefinite; use float64 gradients, "
+        if gram_dtype != "float64"
+        else ""
+    )
     return FactorizationError(
         f"the damped Fisher of these gradients is not numerically positive definite "
         f"(damp={damp:g}, condition number kappa between {lo:.3g} and {hi:.3g}); {cause}"
-        "increase damp, or remove duplicated or nearly collinear gradients")
+        "increase damp, or remove duplicated or nearly collinear gradients"
+    )
 
 
-def warn_if_hopeless(kappa_lower: float, *, damp: float, eps: float, dtype: Any,
-                     stacklevel: int = 3) -> None:
+def warn_if_hopeless(
+    kappa_lower: float, *, damp: float, eps: float, dtype: Any, stacklevel: int = 3
+) -> None:
     """Warn when ``eps * kappa >= 1``: products may then have no correct digit."""
     if eps * kappa_lower >= 1.0:
         warnings.warn(
             f"F is so ill-conditioned (kappa >= {kappa_lower:.3g}, damp={damp:g}) that "
             f"{dtype} products may have no correct digits; increase damp"
-            + (" or use float64" if eps > 1e-15 else ""), IllConditionedWarning,
-            stacklevel=stacklevel + 1)
+            + (" or use float64" if eps > 1e-15 else ""),
+            IllConditionedWarning,
+            stacklevel=stacklevel + 1,
+        )
 
 
 @dataclass(frozen=True)
@@ -177,8 +186,17 @@ class CapacitanceFactor:
         return float(xp.max(xp.abs(got - want) / want))
 
 
-def factorize(xp: Any, gram: Array, /, *, shift: float, scale: float, damp: float,
-              gram_dtype: str = "float64", out: Array = None) -> CapacitanceFactor:
+def factorize(
+    xp: Any,
+    gram: Array,
+    /,
+    *,
+    shift: float,
+    scale: float,
+    damp: float,
+    gram_dtype: str = "float64",
+    out: Array = None,
+) -> CapacitanceFactor:
     """Factorise ``C = shift * I + scale * gram`` (float64; a matrix or a stack).
 
     Parameters
@@ -205,7 +223,8 @@ def factorize(xp: Any, gram: Array, /, *, shift: float, scale: float, damp: floa
     kappa = kappa_bounds(xp, gram, shift=shift, scale=scale)
     if not gram.shape[-1]:
         return CapacitanceFactor(
-            xp.zeros(gram.shape, dtype=xp.float64, device=device(gram)), shift, scale, kappa)
+            xp.zeros(gram.shape, dtype=xp.float64, device=device(gram)), shift, scale, kappa
+        )
     eye = xp.eye(gram.shape[-1], dtype=xp.float64, device=device(gram))
     try:
         L = _linalg.cholesky(xp, scale * gram + shift * eye)

@@ -45,8 +45,16 @@ import scipy.linalg
 from ._static import StaticIHVP
 from ._timing import fmt_time, interleaved
 
-__all__ = ["BOUND_CONSTANT", "DEFAULT_DAMP", "MAX_DEMO_GRADS", "MAX_DENSE_DIM", "block_kappa",
-           "demo_gradients", "error_ratios", "run_demo"]
+__all__ = [
+    "BOUND_CONSTANT",
+    "DEFAULT_DAMP",
+    "MAX_DEMO_GRADS",
+    "MAX_DENSE_DIM",
+    "block_kappa",
+    "demo_gradients",
+    "error_ratios",
+    "run_demo",
+]
 
 #: The demo's default damping: the gradients below have squared norms of about 0.1 to 1,
 #: so this gives a condition number of a few thousand (the paper's 1e-5 gives ~25 000).
@@ -143,8 +151,9 @@ def _setup_floor_candidates(G: np.ndarray, damp: float) -> dict[str, Callable[[A
     """
     m, d = G.shape
     C = G.astype(np.float64) @ G.T.astype(np.float64) + m * damp * np.eye(m)
-    Linv = scipy.linalg.solve_triangular(np.linalg.cholesky(C), np.eye(m),
-                                         lower=True).astype(G.dtype)
+    Linv = scipy.linalg.solve_triangular(np.linalg.cholesky(C), np.eye(m), lower=True).astype(
+        G.dtype
+    )
     out = np.empty_like(G)
 
     gram = np.empty((m, m), dtype=G.dtype)
@@ -152,15 +161,19 @@ def _setup_floor_candidates(G: np.ndarray, damp: float) -> dict[str, Callable[[A
     def gram_pieces(_: Any) -> None:
         gram[...] = 0
         for lo in range(0, d, FLOOR_PIECE):
-            piece = G[:, lo:lo + FLOOR_PIECE]
+            piece = G[:, lo : lo + FLOOR_PIECE]
             gram[...] += piece @ piece.T
 
     def gemm_pieces(_: Any) -> None:
         for lo in range(0, d, FLOOR_PIECE):
-            np.matmul(Linv, G[:, lo:lo + FLOOR_PIECE], out=out[:, lo:lo + FLOOR_PIECE])
+            np.matmul(Linv, G[:, lo : lo + FLOOR_PIECE], out=out[:, lo : lo + FLOOR_PIECE])
 
-    return {"gram": lambda _: G @ G.T, "gram pieces": gram_pieces,
-            "gemm": lambda _: Linv @ G, "gemm pieces": gemm_pieces}
+    return {
+        "gram": lambda _: G @ G.T,
+        "gram pieces": gram_pieces,
+        "gemm": lambda _: Linv @ G,
+        "gemm pieces": gemm_pieces,
+    }
 
 
 @dataclass
@@ -196,14 +209,16 @@ def _apply(op: StaticIHVP, x: np.ndarray, _: Any) -> np.ndarray:
 def _dense_block_inverse(G: np.ndarray, damp: float, block: int) -> list[np.ndarray]:
     """float64 ``inv`` of each diagonal block of ``damp I + G^T G / m``."""
     m, d = G.shape
-    return [np.linalg.inv(damp * np.eye(b.stop - b.start) + G[:, b].T @ G[:, b] / m)
-            for b in _blocks(d, block)]
+    return [
+        np.linalg.inv(damp * np.eye(b.stop - b.start) + G[:, b].T @ G[:, b] / m)
+        for b in _blocks(d, block)
+    ]
 
 
 def _apply_blocks(invs: list[np.ndarray], X: np.ndarray) -> np.ndarray:
     parts, lo = [], 0
     for inv in invs:
-        parts.append(inv @ X[lo:lo + inv.shape[0]])
+        parts.append(inv @ X[lo : lo + inv.shape[0]])
         lo += inv.shape[0]
     return np.concatenate(parts, axis=0)
 
@@ -215,8 +230,9 @@ def block_kappa(G: np.ndarray, damp: float, block: int) -> float:
     return 1.0 + top / (m * damp)
 
 
-def error_ratios(Y: np.ndarray, reference: np.ndarray, X: np.ndarray, *, damp: float,
-                 kappa: float, eps: float) -> tuple[np.ndarray, np.ndarray]:
+def error_ratios(
+    Y: np.ndarray, reference: np.ndarray, X: np.ndarray, *, damp: float, kappa: float, eps: float
+) -> tuple[np.ndarray, np.ndarray]:
     """Per column: the relative error of ``Y`` and its bound ``C eps kappa ||x|| / (damp ||y||)``.
 
     ``reference`` is the float64 dense ``F^{-1} X``, ``X`` the vectors in float64.
@@ -249,19 +265,27 @@ columns:
   ok         yes: every test vector within its bound; NO: one is not"""
 
 
-def run_demo(*, m: int = 64, d: int = 2000, seed: int = 0, damp: float = DEFAULT_DAMP,
-             out: TextIO, repeat: int = REPEAT) -> bool:
+def run_demo(
+    *,
+    m: int = 64,
+    d: int = 2000,
+    seed: int = 0,
+    damp: float = DEFAULT_DAMP,
+    out: TextIO,
+    repeat: int = REPEAT,
+) -> bool:
     """Run the demo, print its table to ``out`` and return whether every check passed."""
     if d > MAX_DENSE_DIM:
-        raise ValueError(f"--d must be at most {MAX_DENSE_DIM} (the demo inverts the dense "
-                         f"d x d matrix in float64), got {d}")
+        raise ValueError(
+            f"--d must be at most {MAX_DENSE_DIM} (the demo inverts the dense "
+            f"d x d matrix in float64), got {d}"
+        )
     if m > MAX_DEMO_GRADS:
         raise ValueError(f"--m must be at most {MAX_DEMO_GRADS}, got {m}")
     G64 = demo_gradients(m, d, seed)
     rng = np.random.default_rng(seed + 1)
     # Two random vectors and two in the span of the gradients (the hard case).
-    X64 = np.concatenate([rng.standard_normal((d, 2)), G64.T @ rng.standard_normal((m, 2))],
-                         axis=1)
+    X64 = np.concatenate([rng.standard_normal((d, 2)), G64.T @ rng.standard_normal((m, 2))], axis=1)
     src = np.ones(COPY_BYTES // 8)
     dst = np.empty_like(src)
     np.copyto(dst, src)  # touch the pages before timing
@@ -290,8 +314,9 @@ def run_demo(*, m: int = 64, d: int = 2000, seed: int = 0, damp: float = DEFAULT
             Y = np.stack([op.matvec(X[:, j]) for j in range(X.shape[1])], axis=1)
             kappa = block_kappa(G64, damp, block)
             reference = _apply_blocks(_dense_block_inverse(G64, damp, block), X64)
-            error, bound = error_ratios(Y, reference, X64, damp=damp, kappa=kappa,
-                                        eps=float(np.finfo(dtype).eps))
+            error, bound = error_ratios(
+                Y, reference, X64, damp=damp, kappa=kappa, eps=float(np.finfo(dtype).eps)
+            )
             checks.append((name, kappa, error, bound))
             candidates[f"setup {name}"] = functools.partial(_build, G, damp, size)
             candidates[f"ihvp {name}"] = functools.partial(_apply, op, x)
@@ -303,50 +328,100 @@ def run_demo(*, m: int = 64, d: int = 2000, seed: int = 0, damp: float = DEFAULT
             for k in range(FLOOR_TRIES):
                 candidates.setdefault(f"copy {k}", lambda _: np.copyto(dst, src))
         t = interleaved({k: (fn, None) for k, fn in candidates.items()}, repeat)
-        bandwidth = max(bandwidth, 2 * src.nbytes / min(t[f"copy {k}"].best
-                                                         for k in range(FLOOR_TRIES)))
+        bandwidth = max(
+            bandwidth, 2 * src.nbytes / min(t[f"copy {k}"].best for k in range(FLOOR_TRIES))
+        )
+
         def best(*floors: str, t: dict = t) -> float:
             return min(t[f"{f} {k}"].best for f in floors for k in range(FLOOR_TRIES))
 
         setup_floor = best("gram", "gram pieces") + best("gemm", "gemm pieces")
         for name, kappa, error, bound in checks:
             worst = int(np.argmax(error / bound))
-            rows.append(_Row(name, np.dtype(dtype).name, kappa,
-                             float(error[worst] / bound[worst]), float(error[worst]),
-                             float(bound[worst]), t[f"setup {name}"].best, setup_floor,
-                             t[f"ihvp {name}"].best, 0.0))
+            rows.append(
+                _Row(
+                    name,
+                    np.dtype(dtype).name,
+                    kappa,
+                    float(error[worst] / bound[worst]),
+                    float(error[worst]),
+                    float(bound[worst]),
+                    t[f"setup {name}"].best,
+                    setup_floor,
+                    t[f"ihvp {name}"].best,
+                    0.0,
+                )
+            )
     # The bandwidth is a property of the machine: the best copy of all rounds, both dtypes.
     for r in rows:
         r.ihvp_floor = 2 * m * d * np.dtype(r.dtype).itemsize / bandwidth
 
-    print(f"mfac-core demo: m={m} per-sample gradients of a logistic-regression model with "
-          f"d={d} parameters (seed {seed}), damp={damp:g}; {X64.shape[1]} test vectors "
-          f"(2 random, 2 in the span of the gradients); copy bandwidth "
-          f"{bandwidth / 1e9:.3g} GB/s (best of all rounds)", file=out)
-    header = ("variant", "dtype", "kappa", "err/bound", "rel.err", "bound", "set-up", "floor",
-              "IHVP", "floor", "ok")
+    print(
+        f"mfac-core demo: m={m} per-sample gradients of a logistic-regression model with "
+        f"d={d} parameters (seed {seed}), damp={damp:g}; {X64.shape[1]} test vectors "
+        f"(2 random, 2 in the span of the gradients); copy bandwidth "
+        f"{bandwidth / 1e9:.3g} GB/s (best of all rounds)",
+        file=out,
+    )
+    header = (
+        "variant",
+        "dtype",
+        "kappa",
+        "err/bound",
+        "rel.err",
+        "bound",
+        "set-up",
+        "floor",
+        "IHVP",
+        "floor",
+        "ok",
+    )
     table = [header] + [
-        (r.variant, r.dtype, f"{r.kappa:.3g}", f"{r.ratio:.2g}", f"{r.error:.2e}",
-         f"{r.bound:.2e}", fmt_time(r.setup), fmt_time(r.setup_floor), fmt_time(r.ihvp),
-         fmt_time(r.ihvp_floor), ("yes*" if r.bound >= 1 else "yes") if r.ok else "NO")
+        (
+            r.variant,
+            r.dtype,
+            f"{r.kappa:.3g}",
+            f"{r.ratio:.2g}",
+            f"{r.error:.2e}",
+            f"{r.bound:.2e}",
+            fmt_time(r.setup),
+            fmt_time(r.setup_floor),
+            fmt_time(r.ihvp),
+            fmt_time(r.ihvp_floor),
+            ("yes*" if r.bound >= 1 else "yes") if r.ok else "NO",
+        )
         for r in rows
     ]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
-        print("  ".join(c.ljust(w) if i < 2 else c.rjust(w)
-                        for i, (c, w) in enumerate(zip(row, widths, strict=True))).rstrip(),
-              file=out)
-    print(LEGEND.format(k=X64.shape[1], c=BOUND_CONSTANT, r=repeat, p=FLOOR_PIECE, f=FLOOR_TRIES),
-          file=out)
+        print(
+            "  ".join(
+                c.ljust(w) if i < 2 else c.rjust(w)
+                for i, (c, w) in enumerate(zip(row, widths, strict=True))
+            ).rstrip(),
+            file=out,
+        )
+    print(
+        LEGEND.format(k=X64.shape[1], c=BOUND_CONSTANT, r=repeat, p=FLOOR_PIECE, f=FLOOR_TRIES),
+        file=out,
+    )
     g_bytes = m * d * 8
     if g_bytes < COPY_BYTES // 2:
-        print(f"note: G ({g_bytes / 2**20:.3g} MiB in float64) may fit in this machine's caches, "
-              f"where an IHVP can beat the floor, which uses the bandwidth of a "
-              f"{COPY_BYTES // 2**20} MiB copy", file=out)
+        print(
+            f"note: G ({g_bytes / 2**20:.3g} MiB in float64) may fit in this machine's caches, "
+            f"where an IHVP can beat the floor, which uses the bandwidth of a "
+            f"{COPY_BYTES // 2**20} MiB copy",
+            file=out,
+        )
     if any(r.bound >= 1 for r in rows):
-        print("* a bound >= 1 cannot fail: at this kappa the dtype leaves no correct digits "
-              "for that vector", file=out)
+        print(
+            "* a bound >= 1 cannot fail: at this kappa the dtype leaves no correct digits "
+            "for that vector",
+            file=out,
+        )
     passed = all(r.ok for r in rows)
-    print("all errors within their bounds" if passed
-          else "FAILED: an error exceeds its bound", file=out)
+    print(
+        "all errors within their bounds" if passed else "FAILED: an error exceeds its bound",
+        file=out,
+    )
     return passed

@@ -89,9 +89,12 @@ class _SlotFactor:
         where = [len(slots)] * num_slots
         for row, slot in enumerate(slots):
             where[slot] = row
-        return cls(factor, slots,
-                   xp.asarray(list(slots), dtype=xp.int64, device=dev),
-                   xp.asarray(where, dtype=xp.int64, device=dev))
+        return cls(
+            factor,
+            slots,
+            xp.asarray(list(slots), dtype=xp.int64, device=dev),
+            xp.asarray(where, dtype=xp.int64, device=dev),
+        )
 
     def coefficients(self, P: Array) -> Array:
         """``C^{-1} P`` in slot order (zero rows for slots outside the factor)."""
@@ -207,10 +210,12 @@ class DynamicIHVP(LinearOperator):
         self.refine = check_count(refine, "refine", minimum=0)
         dim = check_count(dim, "dim")
         self.damp = check_damp(damp)
-        self.update_method = check_choice(update_method, "update_method",
-                                          ("incremental", "refactor"))
-        self.refactor_every = (num_grads if refactor_every is None
-                               else check_count(refactor_every, "refactor_every"))
+        self.update_method = check_choice(
+            update_method, "update_method", ("incremental", "refactor")
+        )
+        self.refactor_every = (
+            num_grads if refactor_every is None else check_count(refactor_every, "refactor_every")
+        )
         self.zero_init = check_flag(zero_init, "zero_init")
         xp = _default_namespace() if xp is None else array_namespace(xp.empty(0))
         if isinstance(dtype, str):
@@ -221,8 +226,14 @@ class DynamicIHVP(LinearOperator):
             raise TypeError(f"dtype must be float32 or float64, got {dtype!r}")
         G = xp.zeros((num_grads, dim), dtype=dtype, device=device)
         check_writeable(G, "window buffer", why="DynamicIHVP (a window edited in place)")
-        super().__init__(shape=(dim, dim), dtype=dtype, xp=xp, device=device_of(G), symmetric=True,
-                         check_finite=check_flag(check_finite, "check_finite"))
+        super().__init__(
+            shape=(dim, dim),
+            dtype=dtype,
+            xp=xp,
+            device=device_of(G),
+            symmetric=True,
+            check_finite=check_flag(check_finite, "check_finite"),
+        )
         self.num_grads, self.dim = num_grads, dim
         self._G = G
         self._gram = xp.zeros((num_grads, num_grads), dtype=xp.float64, device=self.device)
@@ -235,8 +246,9 @@ class DynamicIHVP(LinearOperator):
         self.reset()
 
     @classmethod
-    def from_window(cls, G: Array, /, *, damp: float, num_grads: int | None = None,
-                    **options: Any) -> DynamicIHVP:
+    def from_window(
+        cls, G: Array, /, *, damp: float, num_grads: int | None = None, **options: Any
+    ) -> DynamicIHVP:
         """Build a window holding the gradients in the rows of ``G`` (oldest first).
 
         The set-up is BLAS-3: one Gram product (accumulated in float64) and one
@@ -359,14 +371,16 @@ class DynamicIHVP(LinearOperator):
             m = self.num_grads
             self._buffers = (
                 self._xp.empty((m, m), dtype=self._xp.float64, device=self.device),
-                self._xp.empty((m, m), dtype=self._xp.float64, device=self.device))
+                self._xp.empty((m, m), dtype=self._xp.float64, device=self.device),
+            )
         first, second = self._buffers
         # Before the first factor exists, either buffer is free.
         current = getattr(self, "_factor", None)
         return second if current is not None and current.factor.U is first else first
 
-    def _factorized(self, gram: Array, slots: list[int], damp: float | None = None, *,
-                    exact: bool = False) -> _SlotFactor:
+    def _factorized(
+        self, gram: Array, slots: list[int], damp: float | None = None, *, exact: bool = False
+    ) -> _SlotFactor:
         """The factor of the capacitance matrix of ``slots``, in full (O(k^3)).
 
         With the operator's damping unless ``damp`` is given. Raises
@@ -379,12 +393,19 @@ class DynamicIHVP(LinearOperator):
         sub = xp.take(xp.take(gram, idx, axis=0), idx, axis=1)
         out = self._free_buffer() if k == self.num_grads else None
         factor = _capacitance.factorize(
-            xp, sub, shift=self._shift(k, damp), scale=1.0, damp=damp,
-            gram_dtype="float64" if exact or self._exact_gram else "float32", out=out)
+            xp,
+            sub,
+            shift=self._shift(k, damp),
+            scale=1.0,
+            damp=damp,
+            gram_dtype="float64" if exact or self._exact_gram else "float32",
+            out=out,
+        )
         return _SlotFactor.build(factor, slots, self.num_grads)
 
-    def _edited(self, slot: int, b: Array, *, gram: Array | None = None
-                ) -> tuple[_SlotFactor, bool]:
+    def _edited(
+        self, slot: int, b: Array, *, gram: Array | None = None
+    ) -> tuple[_SlotFactor, bool]:
         """The factor after ``slot`` gets Gram row ``b``: an O(m^2) edit where possible.
 
         Returns ``(factor, refactored)``; raises ``FactorizationError``; nothing
@@ -397,15 +418,21 @@ class DynamicIHVP(LinearOperator):
         k = len(slots)
         if gram is not None:
             return self._factorized(gram, slots, exact=True), True
-        if (self.update_method == "incremental" and len(current.slots) == k == self.num_grads
-                and self._edits < self.refactor_every):
+        if (
+            self.update_method == "incremental"
+            and len(current.slots) == k == self.num_grads
+            and self._edits < self.refactor_every
+        ):
             xp = self._xp
             row = current.slots.index(slot)
             others = xp.asarray(slots[:-1], dtype=xp.int64, device=self.device)
             try:
                 factor = current.factor.replace_row(
-                    row, xp.take(b, others, axis=0), float(b[slot]) + self._shift(k),
-                    out=self._free_buffer())
+                    row,
+                    xp.take(b, others, axis=0),
+                    float(b[slot]) + self._shift(k),
+                    out=self._free_buffer(),
+                )
             except NotPositiveDefinite:
                 pass  # the full factorisation below decides, and words any error
             else:
@@ -506,15 +533,20 @@ class DynamicIHVP(LinearOperator):
         xp, G = self._xp, self._G
         b = None
         for _, _, c0, c1 in self._pieces():
-            part = (xp.astype(G[:, c0:c1], xp.float64) @ xp.astype(g[c0:c1], xp.float64))
+            part = xp.astype(G[:, c0:c1], xp.float64) @ xp.astype(g[c0:c1], xp.float64)
             b = part if b is None else b + part
         return b
 
     def _exact_gram_matrix(self) -> Any:
         """The buffer's Gram matrix accumulated in float64 (O(m^2 d), on the rare path)."""
         xp = self._xp
-        gram = chunk_gram(xp, self._G, BlockGroup(0, 1, self.dim), self._pieces(),
-                          lambda X: X @ xp.matrix_transpose(X))
+        gram = chunk_gram(
+            xp,
+            self._G,
+            BlockGroup(0, 1, self.dim),
+            self._pieces(),
+            lambda X: X @ xp.matrix_transpose(X),
+        )
         return gram[0, ...]
 
     def _insert(self, g: Array) -> Any:
@@ -603,12 +635,16 @@ class DynamicIHVP(LinearOperator):
             If the remaining window cannot be factorised (it is then unchanged).
         """
         if isinstance(slot, bool) or not isinstance(slot, int) or slot not in self._window:
-            raise ValueError(f"slot {slot!r} holds no gradient; the window's slots are "
-                             f"{list(self._window)}")
+            raise ValueError(
+                f"slot {slot!r} holds no gradient; the window's slots are {list(self._window)}"
+            )
         xp = self._xp
         if self.zero_init:
-            self._place(slot, xp.zeros((self.dim,), dtype=self.dtype, device=self.device),
-                        xp.zeros((self.num_grads,), dtype=xp.float64, device=self.device))
+            self._place(
+                slot,
+                xp.zeros((self.dim,), dtype=self.dtype, device=self.device),
+                xp.zeros((self.num_grads,), dtype=xp.float64, device=self.device),
+            )
             self._window.remove(slot)
             self._window.appendleft(slot)
             return
@@ -645,8 +681,7 @@ class DynamicIHVP(LinearOperator):
         whole = (BlockGroup(0, 1, self.dim),)
 
         def residual(X: Array, Y64: Array) -> Array:
-            return fisher_residual(self._xp, self._G, whole, X, Y64, damp=self.damp,
-                                   scale=scale)
+            return fisher_residual(self._xp, self._G, whole, X, Y64, damp=self.damp, scale=scale)
 
         return refine(self._xp, self._solve, residual, X, Y, self.refine)
 
@@ -701,8 +736,7 @@ class DynamicIHVP(LinearOperator):
         self.damp = damp
         self._commit(factor, refactored=True)
 
-    def check_state_dict(self, state: Mapping[str, Any], /, *,
-                         damp: float | None = None) -> None:
+    def check_state_dict(self, state: Mapping[str, Any], /, *, damp: float | None = None) -> None:
         """Check that :meth:`load_state_dict` would accept ``state``, changing nothing.
 
         Parameters
@@ -771,34 +805,54 @@ class _LoadedState:
     damp: float
 
     @classmethod
-    def check(cls, op: DynamicIHVP, state: Mapping[str, Any], *, damp: float | None,
-              refactor: bool) -> _LoadedState:
+    def check(
+        cls, op: DynamicIHVP, state: Mapping[str, Any], *, damp: float | None, refactor: bool
+    ) -> _LoadedState:
         """Every check of ``load_state_dict``; raises ``ValueError`` naming what is wrong.
 
         With ``damp`` the state is checked against its own damping and, with
         ``refactor``, its factor recomputed for ``damp``.
         """
         if not isinstance(state, Mapping):
-            raise TypeError(f"state must be a mapping from state_dict(), got "
-                            f"{type(state).__name__}")
+            raise TypeError(
+                f"state must be a mapping from state_dict(), got {type(state).__name__}"
+            )
         version = state.get("version")
         if version == 1:
             # Version 1 named the slot lists by age and permutation.
-            state = {**state, "window_slots": state.get("age_order"),
-                     "factor_slots": state.get("factor_order"),
-                     "edits": state.get("since_refactor")}
+            state = {
+                **state,
+                "window_slots": state.get("age_order"),
+                "factor_slots": state.get("factor_order"),
+                "edits": state.get("since_refactor"),
+            }
         elif version != _STATE_VERSION:
-            raise ValueError(f"not a DynamicIHVP state_dict of a known version (got version "
-                             f"{version!r}, expected {_STATE_VERSION})")
-        keys = ("num_grads", "dim", "damp", "zero_init", "grads", "gram", "factor",
-                "window_slots", "free_slots", "factor_slots", "edits")
+            raise ValueError(
+                f"not a DynamicIHVP state_dict of a known version (got version "
+                f"{version!r}, expected {_STATE_VERSION})"
+            )
+        keys = (
+            "num_grads",
+            "dim",
+            "damp",
+            "zero_init",
+            "grads",
+            "gram",
+            "factor",
+            "window_slots",
+            "free_slots",
+            "factor_slots",
+            "edits",
+        )
         missing = [k for k in keys if state.get(k) is None]
         if missing:
             raise ValueError(f"DynamicIHVP state_dict lacks {', '.join(missing)}")
         m, d, xp = op.num_grads, op.dim, op._xp
         if (state["num_grads"], state["dim"]) != (m, d):
-            raise ValueError(f"state_dict is for num_grads, dim = "
-                             f"{(state['num_grads'], state['dim'])}, this operator has {(m, d)}")
+            raise ValueError(
+                f"state_dict is for num_grads, dim = "
+                f"{(state['num_grads'], state['dim'])}, this operator has {(m, d)}"
+            )
         if bool(state["zero_init"]) != op.zero_init:
             raise ValueError("state_dict and operator disagree on zero_init")
         try:
@@ -806,50 +860,84 @@ class _LoadedState:
         except TypeError as exc:
             raise ValueError(f"state['damp']: {exc}") from None
         if damp is None and saved_damp != op.damp:
-            raise ValueError(f"state_dict has damp={state['damp']}, this operator "
-                             f"damp={op.damp}; pass load_state_dict(..., damp=...) to resume with "
-                             "another damping")
+            raise ValueError(
+                f"state_dict has damp={state['damp']}, this operator "
+                f"damp={op.damp}; pass load_state_dict(..., damp=...) to resume with "
+                "another damping"
+            )
         target = saved_damp if damp is None else check_damp(damp)
         grads, gram, U = (detached(state[k]) for k in ("grads", "gram", "factor"))
-        for name, array, dtype in (("grads", grads, op.dtype), ("gram", gram, xp.float64),
-                                   ("factor", U, xp.float64)):
+        for name, array, dtype in (
+            ("grads", grads, op.dtype),
+            ("gram", gram, xp.float64),
+            ("factor", U, xp.float64),
+        ):
             check_same_space(xp, op.device, array, f"state['{name}']", owner=repr(op))
             if array.dtype != dtype:
                 raise TypeError(f"state['{name}'] has dtype {array.dtype}, expected {dtype}")
         try:
-            window, free, slots = (tuple(check_count(s, f"state['{key}'] entries", minimum=0)
-                                         for s in state[key])
-                                   for key in ("window_slots", "free_slots", "factor_slots"))
+            window, free, slots = (
+                tuple(check_count(s, f"state['{key}'] entries", minimum=0) for s in state[key])
+                for key in ("window_slots", "free_slots", "factor_slots")
+            )
             edits = check_count(state["edits"], "state['edits']", minimum=0)
         except TypeError as exc:
             raise ValueError(str(exc)) from None
         k = len(window)
-        if sorted(slots) != sorted(window) or len(set(window)) != k \
-                or sorted(window + free) != list(range(m)) \
-                or (op.zero_init and k != m):
+        if (
+            sorted(slots) != sorted(window)
+            or len(set(window)) != k
+            or sorted(window + free) != list(range(m))
+            or (op.zero_init and k != m)
+        ):
             raise ValueError("state_dict slot lists are inconsistent")
-        for name, array, shape in (("grads", grads, (m, d)), ("gram", gram, (m, m)),
-                                   ("factor", U, (k, k))):
+        for name, array, shape in (
+            ("grads", grads, (m, d)),
+            ("gram", gram, (m, m)),
+            ("factor", U, (k, k)),
+        ):
             if tuple(array.shape) != shape:
-                raise ValueError(f"state['{name}'] has shape {tuple(array.shape)}, expected "
-                                 f"{shape}")
-        if not (bool(xp.all(xp.isfinite(grads))) and bool(xp.all(xp.isfinite(gram)))
-                and bool(xp.all(xp.isfinite(U)))):
-            name = next(n for n, a in (("grads", grads), ("gram", gram), ("factor", U))
-                        if not bool(xp.all(xp.isfinite(a))))
+                raise ValueError(
+                    f"state['{name}'] has shape {tuple(array.shape)}, expected {shape}"
+                )
+        if not (
+            bool(xp.all(xp.isfinite(grads)))
+            and bool(xp.all(xp.isfinite(gram)))
+            and bool(xp.all(xp.isfinite(U)))
+        ):
+            name = next(
+                n
+                for n, a in (("grads", grads), ("gram", gram), ("factor", U))
+                if not bool(xp.all(xp.isfinite(a)))
+            )
             raise ValueError(f"state['{name}'] holds NaN or infinity")
         cls._check_agreement(op, grads, gram, U, list(slots), k, saved_damp)
         gram = xp.asarray(gram, copy=True)
         if refactor and target != saved_damp:
-            return cls(xp.asarray(grads, copy=True), gram, window, free,
-                       op._factorized(gram, list(slots), target), 0, target)
+            return cls(
+                xp.asarray(grads, copy=True),
+                gram,
+                window,
+                free,
+                op._factorized(gram, list(slots), target),
+                0,
+                target,
+            )
         factor = CapacitanceFactor(xp.asarray(U, copy=True), op._shift(k, saved_damp), 1.0)
-        return cls(xp.asarray(grads, copy=True), gram, window, free,
-                   _SlotFactor.build(factor, slots, m), edits, saved_damp)
+        return cls(
+            xp.asarray(grads, copy=True),
+            gram,
+            window,
+            free,
+            _SlotFactor.build(factor, slots, m),
+            edits,
+            saved_damp,
+        )
 
     @staticmethod
-    def _check_agreement(op: DynamicIHVP, grads: Array, gram: Array, U: Array, slots: list[int],
-                         k: int, damp: float) -> None:
+    def _check_agreement(
+        op: DynamicIHVP, grads: Array, gram: Array, U: Array, slots: list[int], k: int, damp: float
+    ) -> None:
         """The Gram matrix against the gradients and the factor against the Gram matrix.
 
         On a sample of evenly spaced factor columns: the Gram diagonal against
@@ -883,5 +971,7 @@ class _LoadedState:
         # Sampled columns of U^T U, and its whole diagonal (O(k^2)), against C.
         diag_err = xp.abs(xp.sum(U * U, axis=0) - xp.linalg.diagonal(C))
         if float(xp.max(xp.abs(got - want))) > tol or float(xp.max(diag_err)) > tol:
-            raise ValueError("state_dict's factor does not match its Gram matrix (a permuted "
-                             "slot order or a corrupted factor)")
+            raise ValueError(
+                "state_dict's factor does not match its Gram matrix (a permuted "
+                "slot order or a corrupted factor)"
+            )

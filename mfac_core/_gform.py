@@ -49,8 +49,9 @@ def half_product(xp: Any, G: Array, X: Array, compute: Any) -> Array:
     return P
 
 
-def half_transpose_product(xp: Any, G: Array, X: Array, A: Array, alpha: float,
-                           compute: Any) -> Array:
+def half_transpose_product(
+    xp: Any, G: Array, X: Array, A: Array, alpha: float, compute: Any
+) -> Array:
     """``alpha * (X - G^T A)`` (``(n, k)``), a float32 piece of G at a time."""
     m, n = G.shape
     w = piece_width(m)
@@ -110,7 +111,7 @@ class GFormFactor:
         width = max(1, CHUNK_ENTRIES // m)
         parts = []
         for lo in range(0, n, width):
-            Z = Linv @ xp.astype(G[:, lo:min(lo + width, n)], xp.float64)
+            Z = Linv @ xp.astype(G[:, lo : min(lo + width, n)], xp.float64)
             parts.append(xp.astype((1.0 - xp.sum(Z * Z, axis=0)) / self.damp, self.compute))
         return parts[0] if len(parts) == 1 else xp.concat(parts)
 
@@ -121,7 +122,7 @@ class GFormFactor:
         width = max(1, CHUNK_ENTRIES // G.shape[0])
         parts = []
         for lo in range(0, n, width):
-            r, c = rows[lo:lo + width], cols[lo:lo + width]
+            r, c = rows[lo : lo + width], cols[lo : lo + width]
             Zr = Linv @ xp.astype(xp.take(G, r, axis=1), xp.float64)
             Zc = Linv @ xp.astype(xp.take(G, c, axis=1), xp.float64)
             delta = xp.astype(r == c, xp.float64)

@@ -106,7 +106,7 @@ class WoodburyFactor:
         width = max(1, CHUNK_ENTRIES // W.shape[0])
         parts = []
         for lo in range(0, W.shape[1], width):
-            Wc = xp.astype(W[:, lo:min(lo + width, W.shape[1])], xp.float64)
+            Wc = xp.astype(W[:, lo : min(lo + width, W.shape[1])], xp.float64)
             parts.append(xp.astype((1.0 - xp.sum(Wc * Wc, axis=0)) / self.damp, W.dtype))
         return parts[0] if len(parts) == 1 else xp.concat(parts)
 

@@ -20,8 +20,19 @@ from typing import Any
 
 from ._compat import Array
 
-__all__ = ["BlockGroup", "Piece", "block_groups", "chunk_gram", "chunks", "group_stack",
-           "lowrank_apply", "mixed_chunk_gram", "piece_columns", "piece_stack", "pieces"]
+__all__ = [
+    "BlockGroup",
+    "Piece",
+    "block_groups",
+    "chunk_gram",
+    "chunks",
+    "group_stack",
+    "lowrank_apply",
+    "mixed_chunk_gram",
+    "piece_columns",
+    "piece_stack",
+    "pieces",
+]
 
 #: Columns of one single-precision product of :func:`mixed_chunk_gram`: its rounding
 #: error grows with the length of the sums, so they are kept short and added in float64.
@@ -163,7 +174,7 @@ def mixed_chunk_gram(
         stack = piece_stack(xp, G, group, piece)
         for a in range(0, c1 - c0, width):
             w = min(width, c1 - c0 - a)
-            X = stack[..., a:a + w]
+            X = stack[..., a : a + w]
             if X.dtype != low:
                 X = xp.astype(X, low)
             P = xp.astype(product(X), xp.float64)
@@ -175,15 +186,16 @@ def mixed_chunk_gram(
     return acc, weight
 
 
-def lowrank_apply(xp: Any, A: Array, X: Array, group: BlockGroup, alpha: float,
-                  beta: float) -> Array:
+def lowrank_apply(
+    xp: Any, A: Array, X: Array, group: BlockGroup, alpha: float, beta: float
+) -> Array:
     """``alpha X + beta A^T (A X)`` block by block, for the rows of X in ``group``.
 
     ``A`` is m x d; the result has shape ``(count * size, k)``.
     """
-    Xg = X[group.start:group.end, ...]
+    Xg = X[group.start : group.end, ...]
     if group.count == 1:
-        Ag = A[:, group.start:group.end]
+        Ag = A[:, group.start : group.end]
         C = Ag @ Xg
         # (C^T A)^T rather than A^T C: OpenBLAS is ~25% faster for this thin shape.
         return alpha * Xg + ((beta * C).T @ Ag).T

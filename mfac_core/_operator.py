@@ -135,8 +135,10 @@ class LinearOperator:
         if x.ndim == 1:
             return apply(x)
         if x.shape[1] != 1:
-            raise ValueError(f"x must have shape ({n},) or ({n}, 1), got {tuple(x.shape)}; "
-                             f"use {several} for several vectors")
+            raise ValueError(
+                f"x must have shape ({n},) or ({n}, 1), got {tuple(x.shape)}; "
+                f"use {several} for several vectors"
+            )
         return apply(x[:, 0])[:, None]
 
     def matvec(self, x: Array, /) -> Array:
@@ -281,8 +283,9 @@ class LinearOperator:
         if isinstance(x, numbers.Real) and not isinstance(x, bool):
             return _ScaledOperator(self, float(x))
         if not is_array_api_obj(x):
-            raise TypeError("expected an array, a scalar or a LinearOperator, "
-                            f"got {type(x).__name__}")
+            raise TypeError(
+                f"expected an array, a scalar or a LinearOperator, got {type(x).__name__}"
+            )
         if x.ndim == 1 or (x.ndim == 2 and x.shape[1] == 1):
             return self.matvec(x)
         if x.ndim == 2:
@@ -424,7 +427,8 @@ class LinearOperator:
             raise TypeError(
                 f"to_scipy needs a NumPy-backed operator, but {self!r} works on "
                 f"{namespace_name(self._xp)} arrays; SciPy would copy every vector into NumPy. "
-                "Build the operator from NumPy arrays, or call its matvec directly")
+                "Build the operator from NumPy arrays, or call its matvec directly"
+            )
 
         def real_or_complex(apply: Any) -> Any:
             def call(x: Array) -> Any:
@@ -435,6 +439,7 @@ class LinearOperator:
                     im = apply(np.asarray(x.imag, dtype=self.dtype))
                     return re + 1j * im
                 return apply(np.asarray(x, dtype=self.dtype))
+
             return call
 
         return scipy.sparse.linalg.LinearOperator(
@@ -448,22 +453,30 @@ class LinearOperator:
 
     def __repr__(self) -> str:
         m, n = self.shape
-        return (f"<{m}x{n} {type(self).__name__} with dtype={self.dtype}, "
-                f"namespace={namespace_name(self._xp)}, device={self.device!r}>")
+        return (
+            f"<{m}x{n} {type(self).__name__} with dtype={self.dtype}, "
+            f"namespace={namespace_name(self._xp)}, device={self.device!r}>"
+        )
 
 
 def _check_compatible(a: LinearOperator, b: LinearOperator, what: str) -> None:
     if a._xp is not b._xp or a.device != b.device:
-        raise TypeError(f"cannot {what} operators over different array libraries or devices: "
-                        f"{a!r} and {b!r}")
+        raise TypeError(
+            f"cannot {what} operators over different array libraries or devices: {a!r} and {b!r}"
+        )
     if a.dtype != b.dtype:
         raise TypeError(f"cannot {what} operators with different dtypes: {a.dtype} and {b.dtype}")
 
 
 class _AdjointOperator(LinearOperator):
     def __init__(self, A: LinearOperator) -> None:
-        super().__init__(shape=(A.shape[1], A.shape[0]), dtype=A.dtype, xp=A._xp,
-                         device=A.device, check_finite=A.check_finite)
+        super().__init__(
+            shape=(A.shape[1], A.shape[0]),
+            dtype=A.dtype,
+            xp=A._xp,
+            device=A.device,
+            check_finite=A.check_finite,
+        )
         self.A = A
 
     def _matmat(self, X: Array) -> Array:
@@ -484,8 +497,14 @@ class _AdjointOperator(LinearOperator):
 
 class _ScaledOperator(LinearOperator):
     def __init__(self, A: LinearOperator, alpha: float) -> None:
-        super().__init__(shape=A.shape, dtype=A.dtype, xp=A._xp, device=A.device,
-                         symmetric=A._symmetric, check_finite=A.check_finite)
+        super().__init__(
+            shape=A.shape,
+            dtype=A.dtype,
+            xp=A._xp,
+            device=A.device,
+            symmetric=A._symmetric,
+            check_finite=A.check_finite,
+        )
         self.A, self.alpha = A, alpha
 
     def _matmat(self, X: Array) -> Array:
@@ -506,9 +525,14 @@ class _SumOperator(LinearOperator):
         _check_compatible(A, B, "add")
         if A.shape != B.shape:
             raise ValueError(f"cannot add operators of shapes {A.shape} and {B.shape}")
-        super().__init__(shape=A.shape, dtype=A.dtype, xp=A._xp, device=A.device,
-                         symmetric=A._symmetric and B._symmetric,
-                         check_finite=A.check_finite or B.check_finite)
+        super().__init__(
+            shape=A.shape,
+            dtype=A.dtype,
+            xp=A._xp,
+            device=A.device,
+            symmetric=A._symmetric and B._symmetric,
+            check_finite=A.check_finite or B.check_finite,
+        )
         self.args = (A, B)
 
     def _matmat(self, X: Array) -> Array:
@@ -529,8 +553,13 @@ class _ProductOperator(LinearOperator):
         _check_compatible(A, B, "multiply")
         if A.shape[1] != B.shape[0]:
             raise ValueError(f"cannot multiply operators of shapes {A.shape} and {B.shape}")
-        super().__init__(shape=(A.shape[0], B.shape[1]), dtype=A.dtype, xp=A._xp,
-                         device=A.device, check_finite=A.check_finite or B.check_finite)
+        super().__init__(
+            shape=(A.shape[0], B.shape[1]),
+            dtype=A.dtype,
+            xp=A._xp,
+            device=A.device,
+            check_finite=A.check_finite or B.check_finite,
+        )
         self.args = (A, B)
 
     def _matmat(self, X: Array) -> Array:

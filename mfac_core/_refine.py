@@ -33,8 +33,16 @@ def _rows(xp: Any, Y: Array, group: BlockGroup, piece: tuple[int, int, int, int]
     return xp.reshape(Y[lo:hi, ...], (b1 - b0, c1 - c0, Y.shape[1]))
 
 
-def fisher_residual(xp: Any, G: Array, groups: tuple[BlockGroup, ...], X: Array, Y: Array, *,
-                    damp: float, scale: float) -> Array:
+def fisher_residual(
+    xp: Any,
+    G: Array,
+    groups: tuple[BlockGroup, ...],
+    X: Array,
+    Y: Array,
+    *,
+    damp: float,
+    scale: float,
+) -> Array:
     """``X - F Y`` in float64 for ``F = damp I + scale * blockdiag(G_b^T G_b)``.
 
     ``X`` (d x k, any floating dtype) and ``Y`` (d x k, float64). G is read
@@ -61,8 +69,14 @@ def fisher_residual(xp: Any, G: Array, groups: tuple[BlockGroup, ...], X: Array,
     return parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)
 
 
-def refine(xp: Any, apply: Callable[[Array], Array], residual: Callable[[Array, Array], Array],
-           X: Array, Y: Array, steps: int) -> Array:
+def refine(
+    xp: Any,
+    apply: Callable[[Array], Array],
+    residual: Callable[[Array, Array], Array],
+    X: Array,
+    Y: Array,
+    steps: int,
+) -> Array:
     """``steps`` refinement steps of ``Y ~ F^{-1} X``; returns Y in X's dtype.
 
     ``apply`` is the operator's own product (in the storage dtype),

@@ -142,8 +142,15 @@ def _piece_width(G: Array) -> int:
     return max(1, min(PIECE_ENTRIES, m * d // 64) // m)
 
 
-def _checked_gram(xp: Any, G: Array, group: BlockGroup, chunk: list[Piece], product: Any,
-                  track: _Tracker, check: bool) -> Any:
+def _checked_gram(
+    xp: Any,
+    G: Array,
+    group: BlockGroup,
+    chunk: list[Piece],
+    product: Any,
+    track: _Tracker,
+    check: bool,
+) -> Any:
     gram = chunk_gram(xp, G, group, chunk, product, track.advance)
     # A NaN or infinity anywhere in G makes its row's (or column's) sum of squares
     # non-finite: the Gram diagonal checks G at no extra pass. Only on failure is the
@@ -161,14 +168,19 @@ def _raise_non_finite(xp: Any, columns: Array, offset: int) -> None:
     if bool(xp.any(bad)):
         row = int(xp.argmax(xp.astype(xp.any(bad, axis=1), xp.int8)))
         col = int(xp.argmax(xp.astype(bad[row, ...], xp.int8))) + offset
-        raise ValueError(f"G must not contain NaN or infinity: G[{row}, {col}] is "
-                         f"{float(columns[row, col - offset])}")
-    raise ValueError("the squared norms of G's rows or columns overflow float64: G is finite but "
-                     "too large; rescale the gradients (the damping scales with them)")
+        raise ValueError(
+            f"G must not contain NaN or infinity: G[{row}, {col}] is "
+            f"{float(columns[row, col - offset])}"
+        )
+    raise ValueError(
+        "the squared norms of G's rows or columns overflow float64: G is finite but "
+        "too large; rescale the gradients (the damping scales with them)"
+    )
 
 
-def _dense_inverses(xp: Any, G: Array, group: BlockGroup, *, damp: float, check: bool,
-                    track: _Tracker) -> DenseBlockInverses:
+def _dense_inverses(
+    xp: Any, G: Array, group: BlockGroup, *, damp: float, check: bool, track: _Tracker
+) -> DenseBlockInverses:
     m = G.shape[0]
     s = group.size
     # The inverses go chunk by chunk into one array of the storage dtype where the
@@ -180,15 +192,19 @@ def _dense_inverses(xp: Any, G: Array, group: BlockGroup, *, damp: float, check:
     # F_b = damp I + G_b^T G_b / m is only size x size (size <= m): invert it densely.
     # Its Gram needs whole blocks, at most m columns each: O(m^2) memory.
     for chunk in chunks(group, max(_piece_width(G), s)):
-        gram = _checked_gram(xp, G, group, chunk, lambda X: xp.matrix_transpose(X) @ X, track,
-                             check)
+        gram = _checked_gram(
+            xp, G, group, chunk, lambda X: xp.matrix_transpose(X) @ X, track, check
+        )
         factor = _capacitance.factorize(xp, gram, shift=damp, scale=1.0 / m, damp=damp)
         track.add(factor)
         b0, b1 = chunk[0][0], chunk[-1][1]
         # From the Cholesky factor (LAPACK's potri where the backend has it), in float64,
         # rounded to the storage dtype once.
-        parts.append(_linalg.cholesky_inverse(xp, factor.U, G.dtype,
-                                              out=None if out is None else out[b0:b1, ...]))
+        parts.append(
+            _linalg.cholesky_inverse(
+                xp, factor.U, G.dtype, out=None if out is None else out[b0:b1, ...]
+            )
+        )
         track.advance(sum((p1 - p0) * (c1 - c0) for p0, p1, c0, c1 in chunk))
     if out is not None:
         return DenseBlockInverses(group, out)
@@ -214,8 +230,16 @@ def mixed_gram_trusted(xp: Any, factor: _capacitance.CapacitanceFactor, weight: 
     return ratio <= 2 * u * kappa_lo
 
 
-def _woodbury_factor(xp: Any, G: Array, group: BlockGroup, chunk: list[Piece], *, damp: float,
-                     check: bool, track: _Tracker) -> _capacitance.CapacitanceFactor:
+def _woodbury_factor(
+    xp: Any,
+    G: Array,
+    group: BlockGroup,
+    chunk: list[Piece],
+    *,
+    damp: float,
+    check: bool,
+    track: _Tracker,
+) -> _capacitance.CapacitanceFactor:
     """The chunk's capacitance factor, from a single-precision Gram where that is accurate."""
     m = G.shape[0]
 
@@ -226,8 +250,9 @@ def _woodbury_factor(xp: Any, G: Array, group: BlockGroup, chunk: list[Piece], *
         gram, weight = mixed_chunk_gram(xp, G, group, chunk, product, track.advance)
         if bool(xp.all(xp.isfinite(xp.linalg.diagonal(gram)))):
             try:
-                factor = _capacitance.factorize(xp, gram, shift=m * damp, scale=1.0, damp=damp,
-                                                gram_dtype="float32")
+                factor = _capacitance.factorize(
+                    xp, gram, shift=m * damp, scale=1.0, damp=damp, gram_dtype="float32"
+                )
             except FactorizationError:
                 pass  # recomputed in float64 below, which words any error
             else:
@@ -241,9 +266,15 @@ def _woodbury_factor(xp: Any, G: Array, group: BlockGroup, chunk: list[Piece], *
     return _capacitance.factorize(xp, gram, shift=m * damp, scale=1.0, damp=damp)
 
 
-def factorize_gform(xp: Any, G: Array, group: BlockGroup, *, damp: float, check_finite: bool,
-                    progress: Callable[[int, int], None] | None
-                    ) -> tuple[_capacitance.CapacitanceFactor, int]:
+def factorize_gform(
+    xp: Any,
+    G: Array,
+    group: BlockGroup,
+    *,
+    damp: float,
+    check_finite: bool,
+    progress: Callable[[int, int], None] | None,
+) -> tuple[_capacitance.CapacitanceFactor, int]:
     """The capacitance factor of one block of 2-byte gradients, and whether it was recomputed.
 
     The G-form keeps no W, so the set-up is the Gram product alone (one pass),
@@ -253,13 +284,15 @@ def factorize_gform(xp: Any, G: Array, group: BlockGroup, *, damp: float, check_
     (chunk,) = list(chunks(group, _piece_width(G)))  # one block: one chunk of pieces
     factor = _woodbury_factor(xp, G, group, chunk, damp=damp, check=check_finite, track=track)
     # The chunk's stack holds one block: its factor as a single matrix.
-    single = _capacitance.CapacitanceFactor(factor.U[0, ...], factor.shift, factor.scale,
-                                            factor.kappa)
+    single = _capacitance.CapacitanceFactor(
+        factor.U[0, ...], factor.shift, factor.scale, factor.kappa
+    )
     return single, track.recomputed
 
 
-def _woodbury_columns(xp: Any, G: Array, group: BlockGroup, sink: Sink, *, damp: float,
-                      check: bool, track: _Tracker) -> None:
+def _woodbury_columns(
+    xp: Any, G: Array, group: BlockGroup, sink: Sink, *, damp: float, check: bool, track: _Tracker
+) -> None:
     for chunk in chunks(group, _piece_width(G)):
         factor = _woodbury_factor(xp, G, group, chunk, damp=damp, check=check, track=track)
         track.add(factor)
@@ -267,14 +300,24 @@ def _woodbury_columns(xp: Any, G: Array, group: BlockGroup, sink: Sink, *, damp:
         first = chunk[0][0]  # Linv holds the chunk's blocks only
         for piece in chunk:
             b0, b1, c0, c1 = piece
-            sink.store(piece_columns(group, piece), Linv[b0 - first:b1 - first, ...],
-                       piece_stack(xp, G, group, piece))
+            sink.store(
+                piece_columns(group, piece),
+                Linv[b0 - first : b1 - first, ...],
+                piece_stack(xp, G, group, piece),
+            )
             track.advance((b1 - b0) * (c1 - c0))
 
 
-def factorize_groups(xp: Any, G: Array, groups: tuple[BlockGroup, ...], *, damp: float,
-                     sink: Sink, check_finite: bool,
-                     progress: Callable[[int, int], None] | None) -> SetupResult:
+def factorize_groups(
+    xp: Any,
+    G: Array,
+    groups: tuple[BlockGroup, ...],
+    *,
+    damp: float,
+    sink: Sink,
+    check_finite: bool,
+    progress: Callable[[int, int], None] | None,
+) -> SetupResult:
     """Factorise every group of blocks of ``F = damp I + G^T G / m``.
 
     Groups of blocks no wider than m become :class:`DenseBlockInverses`, the
@@ -287,13 +330,13 @@ def factorize_groups(xp: Any, G: Array, groups: tuple[BlockGroup, ...], *, damp:
     built: dict[BlockGroup, DenseBlockInverses] = {}
     for group in groups:
         if dense[group]:
-            built[group] = _dense_inverses(xp, G, group, damp=damp, check=check_finite,
-                                           track=track)
+            built[group] = _dense_inverses(xp, G, group, damp=damp, check=check_finite, track=track)
         else:
             _woodbury_columns(xp, G, group, sink, damp=damp, check=check_finite, track=track)
     W = None if all(dense.values()) else sink.finish()
     factors: list[GroupFactor] = []
     for g in groups:
-        factors.append(built[g] if W is None or dense[g]
-                       else WoodburyFactor(g, W[:, g.start:g.end], damp))
+        factors.append(
+            built[g] if W is None or dense[g] else WoodburyFactor(g, W[:, g.start : g.end], damp)
+        )
     return SetupResult(tuple(factors), track.kappa_lo, track.kappa_hi, track.recomputed)

@@ -193,8 +193,9 @@ class SpectralIHVP(LinearOperator):
     True
     """
 
-    def __init__(self, G: Array, /, *, damp: float, block_size: int | None = None,
-                 check_finite: bool = True) -> None:
+    def __init__(
+        self, G: Array, /, *, damp: float, block_size: int | None = None, check_finite: bool = True
+    ) -> None:
         xp = check_gradients(G, require_finite=False)
         damp = check_damp(damp)
         check_float64_available(xp)
@@ -203,16 +204,23 @@ class SpectralIHVP(LinearOperator):
         groups = block_groups(d, bs)
         dev = device(G)
         V, lams = _setup(xp, G, groups, check_finite=bool(check_finite), device=dev)
-        super().__init__(shape=(d, d), dtype=G.dtype, xp=xp, device=dev, symmetric=True,
-                         check_finite=check_finite)
+        super().__init__(
+            shape=(d, d),
+            dtype=G.dtype,
+            xp=xp,
+            device=dev,
+            symmetric=True,
+            check_finite=check_finite,
+        )
         self.num_grads, self.dim, self.block_size = m, d, bs
         self._groups = groups
         self._V = V
         self._lams = lams  # per group: (count, m) float64, ascending, clipped at 0
         self.power = -1.0
         self._set_damp(damp)
-        _capacitance.warn_if_hopeless(self.error_scale, damp=damp,
-                                      eps=float(xp.finfo(self.dtype).eps), dtype=self.dtype)
+        _capacitance.warn_if_hopeless(
+            self.error_scale, damp=damp, eps=float(xp.finfo(self.dtype).eps), dtype=self.dtype
+        )
 
     # -- damping, spectrum and derived operators -----------------------------------------------
 
@@ -336,8 +344,10 @@ class SpectralIHVP(LinearOperator):
 
     def _power_checked(self, power: float, what: str) -> float:
         if power not in _POWERS:
-            raise ValueError(f"{what}() of F**{self.power:g} would be F**{power:g}; the closed "
-                             f"forms cover the powers {', '.join(f'{p:g}' for p in _POWERS)}")
+            raise ValueError(
+                f"{what}() of F**{self.power:g} would be F**{power:g}; the closed "
+                f"forms cover the powers {', '.join(f'{p:g}' for p in _POWERS)}"
+            )
         return power
 
     def _spectrum_sum(self, term: Any) -> float:
@@ -345,7 +355,7 @@ class SpectralIHVP(LinearOperator):
         m, total = self.num_grads, 0.0
         for g, lam in zip(self._groups, self._lams, strict=True):
             k = min(g.size, m)
-            total += float(self._xp.sum(term(lam[:, m - k:], k, g.size)))
+            total += float(self._xp.sum(term(lam[:, m - k :], k, g.size)))
         return total
 
     def logdet(self) -> float:
@@ -370,15 +380,18 @@ class SpectralIHVP(LinearOperator):
         """
         xp, m, damp = self._xp, self.num_grads, self.damp
         logdet_f = self._spectrum_sum(
-            lambda top, k, size: size * math.log(damp) + xp.sum(xp.log1p(top / (m * damp)), axis=1))
+            lambda top, k, size: size * math.log(damp) + xp.sum(xp.log1p(top / (m * damp)), axis=1)
+        )
         return self.power * logdet_f
 
     def _trace(self, power: float) -> float:
         xp, m, damp = self._xp, self.num_grads, self.damp
         # (B - k) f(damp) + sum f(damp + mu): a sum of positive terms, nothing cancels.
         return self._spectrum_sum(
-            lambda top, k, size: (size - k) * damp**power
-            + xp.sum((damp + top / m) ** power, axis=1))
+            lambda top, k, size: (
+                (size - k) * damp**power + xp.sum((damp + top / m) ** power, axis=1)
+            )
+        )
 
     def trace(self) -> float:
         """The trace of this operator (``tr F^{-1}`` for ``F^{-1}``), in O(m) per block.
@@ -425,8 +438,10 @@ class SpectralIHVP(LinearOperator):
         """``f(damp)`` per damping, and per group the ``(K, count, m)`` float64 coefficients."""
         xp, m = self._xp, self.num_grads
         alphas = [dp**self.power for dp in damps]
-        H = [xp.stack([_coefficients(xp, lam, dp, self.power, m) for dp in damps])
-             for lam in self._lams]
+        H = [
+            xp.stack([_coefficients(xp, lam, dp, self.power, m) for dp in damps])
+            for lam in self._lams
+        ]
         return alphas, H
 
     def _apply(self, X: Array, damps: list[float]) -> Array:
@@ -437,9 +452,9 @@ class SpectralIHVP(LinearOperator):
         alpha = xp.reshape(xp.asarray(alphas, dtype=dt, device=self.device), (K, 1, 1))
         parts = []
         for g, h in zip(self._groups, H, strict=True):
-            Xg = X[g.start:g.end, ...]
+            Xg = X[g.start : g.end, ...]
             if g.count == 1:
-                V = self._V[:, g.start:g.end]
+                V = self._V[:, g.start : g.end]
                 P = xp.astype(V @ Xg, xp.float64)  # (m, k)
                 C = xp.astype(xp.reshape(h, (K, -1, 1)) * P, dt)  # (K, m, k)
                 C = xp.reshape(xp.permute_dims(C, (1, 0, 2)), (V.shape[0], K * k))
@@ -466,7 +481,7 @@ class SpectralIHVP(LinearOperator):
         alpha, H = self._coefs([self.damp])
         parts = []
         for g, h in zip(self._groups, H, strict=True):
-            V, xg = self._V[:, g.start:g.end], x[g.start:g.end]
+            V, xg = self._V[:, g.start : g.end], x[g.start : g.end]
             c = xp.astype(h[0, 0, :] * xp.astype(V @ xg, xp.float64), self.dtype)
             parts.append(alpha[0] * xg + c @ V)
         return parts[0] if len(parts) == 1 else xp.concat(parts)
@@ -516,7 +531,7 @@ class SpectralIHVP(LinearOperator):
         alpha = xp.reshape(xp.asarray(alphas, dtype=self.dtype, device=self.device), (-1, 1))
         parts = []
         for g, h in zip(self._groups, H, strict=True):
-            V, xg = self._V[:, g.start:g.end], x[g.start:g.end]
+            V, xg = self._V[:, g.start : g.end], x[g.start : g.end]
             C = xp.astype(h[:, 0, :] * xp.astype(V @ xg, xp.float64), self.dtype)  # (K, m)
             parts.append(C @ V + alpha * xg)
         return parts[0] if len(parts) == 1 else xp.concat(parts, axis=1)
@@ -576,8 +591,9 @@ class SpectralIHVP(LinearOperator):
     def _rows(self, A: Array, name: str) -> Any:
         A = check_operand(self._xp, self.device, self.dtype, A, name, owner=repr(self))
         if A.ndim != 2 or A.shape[1] != self.dim:
-            raise ValueError(f"{name} must have shape (n, {self.dim}), one vector per row; "
-                             f"got {tuple(A.shape)}")
+            raise ValueError(
+                f"{name} must have shape (n, {self.dim}), one vector per row; got {tuple(A.shape)}"
+            )
         if self.check_finite:
             check_finite(self._xp, A, name)
         return A
@@ -592,9 +608,9 @@ class SpectralIHVP(LinearOperator):
     def _project(self, A: Array, g: BlockGroup) -> Any:
         """``V_b A_b^T`` per block of ``g`` for the rows of ``A``, ``(count, m, n)`` float64."""
         xp = self._xp
-        Ag = A[:, g.start:g.end]
+        Ag = A[:, g.start : g.end]
         if g.count == 1:
-            return xp.astype(self._V[:, g.start:g.end] @ Ag.T, xp.float64)[None, ...]
+            return xp.astype(self._V[:, g.start : g.end] @ Ag.T, xp.float64)[None, ...]
         Ab = xp.permute_dims(xp.reshape(Ag, (Ag.shape[0], g.count, g.size)), (1, 2, 0))
         return xp.astype(group_stack(xp, self._V, g) @ Ab, xp.float64)
 
@@ -639,11 +655,13 @@ class SpectralIHVP(LinearOperator):
         Q, R = self._rows(Q, "Q"), self._rows(R, "R")
         step = self._batch(batch_size)
         alphas, H = self._coefs([self.damp])
-        PQ = [xp.reshape(h[0, ...], (g.count, -1, 1)) * self._project(Q, g)
-              for g, h in zip(self._groups, H, strict=True)]
+        PQ = [
+            xp.reshape(h[0, ...], (g.count, -1, 1)) * self._project(Q, g)
+            for g, h in zip(self._groups, H, strict=True)
+        ]
         parts = []
         for lo in range(0, R.shape[0], step):
-            Rb = R[lo:min(lo + step, R.shape[0]), :]
+            Rb = R[lo : min(lo + step, R.shape[0]), :]
             acc = alphas[0] * xp.astype(Q @ Rb.T, xp.float64)
             for g, pq in zip(self._groups, PQ, strict=True):
                 acc = acc + xp.sum(xp.matrix_transpose(pq) @ self._project(Rb, g), axis=0)
@@ -689,7 +707,7 @@ class SpectralIHVP(LinearOperator):
         alphas, H = self._coefs([self.damp])
         parts = []
         for lo in range(0, R.shape[0], step):
-            Rb = R[lo:min(lo + step, R.shape[0]), :]
+            Rb = R[lo : min(lo + step, R.shape[0]), :]
             R64 = xp.astype(Rb, xp.float64)
             acc = alphas[0] * xp.sum(R64 * R64, axis=1)
             for g, h in zip(self._groups, H, strict=True):
@@ -762,8 +780,10 @@ def _standard_normal(xp: Any, rng: Any, shape: tuple[int, int], dtype: Any, dev:
 
         gen = np.random.default_rng(rng) if isinstance(rng, int) else rng
         if not isinstance(gen, np.random.Generator):
-            raise TypeError(f"rng must be a numpy.random.Generator or an int seed for {name} "
-                            f"operators, got {type(rng).__name__}")
+            raise TypeError(
+                f"rng must be a numpy.random.Generator or an int seed for {name} "
+                f"operators, got {type(rng).__name__}"
+            )
         npdt = np.float32 if dtype == xp.float32 else np.float64
         Z = gen.standard_normal(shape, dtype=npdt)
         return Z if is_numpy_namespace(xp) else xp.asarray(Z, device=dev)
@@ -772,31 +792,38 @@ def _standard_normal(xp: Any, rng: Any, shape: tuple[int, int], dtype: Any, dev:
 
         gen = torch.Generator(device=dev).manual_seed(rng) if isinstance(rng, int) else rng
         if not isinstance(gen, torch.Generator):
-            raise TypeError(f"rng must be a torch.Generator or an int seed for torch operators, "
-                            f"got {type(rng).__name__}")
+            raise TypeError(
+                f"rng must be a torch.Generator or an int seed for torch operators, "
+                f"got {type(rng).__name__}"
+            )
         return torch.randn(shape, generator=gen, dtype=dtype, device=dev)
     if is_jax_namespace(xp):
         import jax
 
         key = jax.random.key(rng) if isinstance(rng, int) else rng
         if not isinstance(key, jax.Array):
-            raise TypeError(f"rng must be a JAX PRNG key or an int seed for jax operators, "
-                            f"got {type(rng).__name__}")
+            raise TypeError(
+                f"rng must be a JAX PRNG key or an int seed for jax operators, "
+                f"got {type(rng).__name__}"
+            )
         return jax.device_put(jax.random.normal(key, shape, dtype=dtype), dev)
     if is_cupy_namespace(xp):
         import cupy
 
         gen = cupy.random.default_rng(rng) if isinstance(rng, int) else rng
         if not isinstance(gen, cupy.random.Generator):
-            raise TypeError(f"rng must be a cupy.random.Generator or an int seed for cupy "
-                            f"operators, got {type(rng).__name__}")
+            raise TypeError(
+                f"rng must be a cupy.random.Generator or an int seed for cupy "
+                f"operators, got {type(rng).__name__}"
+            )
         with cupy.cuda.Device(dev.id):
             return gen.standard_normal(shape, dtype=dtype)
     raise TypeError(f"sample() has no random number generator for {name} arrays")
 
 
-def _setup(xp: Any, G: Array, groups: tuple[BlockGroup, ...], *, check_finite: bool,
-           device: Any) -> tuple[Array, list[Any]]:
+def _setup(
+    xp: Any, G: Array, groups: tuple[BlockGroup, ...], *, check_finite: bool, device: Any
+) -> tuple[Array, list[Any]]:
     """``V = U^T G`` (G's dtype, G's layout) and each group's Gram eigenvalues ``(count, m)``.
 
     Chunk by chunk, as the Cholesky set-up: the chunk's float64 Grams summed
@@ -814,8 +841,9 @@ def _setup(xp: Any, G: Array, groups: tuple[BlockGroup, ...], *, check_finite: b
             gram = chunk_gram(xp, G, g, chunk, lambda X: X @ xp.matrix_transpose(X))
             # A NaN or infinity in G makes its row's squared norm non-finite.
             if check_finite and not bool(xp.all(xp.isfinite(xp.linalg.diagonal(gram)))):
-                raise ValueError("G must not contain NaN or infinity (or its squared row norms "
-                                 "overflow float64)")
+                raise ValueError(
+                    "G must not contain NaN or infinity (or its squared row norms overflow float64)"
+                )
             lam, U = xp.linalg.eigh(gram)
             glams.append(xp.clip(lam, min=0.0))
             Ut = xp.astype(xp.matrix_transpose(U), G.dtype)
@@ -823,7 +851,7 @@ def _setup(xp: Any, G: Array, groups: tuple[BlockGroup, ...], *, check_finite: b
             for piece in chunk:
                 b0, b1, _, _ = piece
                 lo, hi = piece_columns(g, piece)
-                P = Ut[b0 - first:b1 - first, ...] @ piece_stack(xp, G, g, piece)  # (b, m, w)
+                P = Ut[b0 - first : b1 - first, ...] @ piece_stack(xp, G, g, piece)  # (b, m, w)
                 P = xp.reshape(xp.permute_dims(P, (1, 0, 2)), (m, hi - lo))
                 if V is not None:
                     V[:, lo:hi] = P

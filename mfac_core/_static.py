@@ -35,8 +35,15 @@ __all__ = ["EmpiricalFisher", "StaticIHVP"]
 class _BlockOperatorBase(LinearOperator):
     """What the forward and inverse operators share: G's sizes, damp and the block layout."""
 
-    def _init_layout(self, G: Array, damp: Any, block_size: Any, check: bool,
-                     check_G: bool = True, half: bool = False) -> Any:
+    def _init_layout(
+        self,
+        G: Array,
+        damp: Any,
+        block_size: Any,
+        check: bool,
+        check_G: bool = True,
+        half: bool = False,
+    ) -> Any:
         xp = check_gradients(G, require_finite=check and check_G, half=half)
         self.damp = check_damp(damp)
         m, d = G.shape
@@ -47,8 +54,9 @@ class _BlockOperatorBase(LinearOperator):
         #: operator computes, and returns results, in float32.
         self.storage_dtype = half_dtype_name(xp, G.dtype)
         dtype = G.dtype if self.storage_dtype is None else xp.float32
-        super().__init__(shape=(d, d), dtype=dtype, xp=xp, device=device(G), symmetric=True,
-                         check_finite=check)
+        super().__init__(
+            shape=(d, d), dtype=dtype, xp=xp, device=device(G), symmetric=True, check_finite=check
+        )
         return xp
 
     def _join(self, parts: list[Any]) -> Any:
@@ -195,55 +203,80 @@ class StaticIHVP(_BlockOperatorBase):
         check_float64_available(xp)
         self.refine = check_count(refine, "refine", minimum=0)
         if self.storage_dtype is not None:
-            self._init_half(G, overwrite_G=overwrite_G, check_finite=check_finite,
-                            progress=progress)
+            self._init_half(
+                G, overwrite_G=overwrite_G, check_finite=check_finite, progress=progress
+            )
             return
         if overwrite_G:
             check_writeable(G, "G", why="overwrite_G=True")
             if self.refine:
-                raise ValueError("refine needs the gradients for its residuals, but "
-                                 "overwrite_G=True replaces them by W; pass one or the other")
+                raise ValueError(
+                    "refine needs the gradients for its residuals, but "
+                    "overwrite_G=True replaces them by W; pass one or the other"
+                )
         # Refinement's residuals read G (by reference, not copied); otherwise it is let go.
         self._G = G if self.refine else None
         wood_end = max((g.end for g in self._groups if g.size > self.num_grads), default=0)
         sink = _setup.choose_sink(xp, G, wood_end, overwrite_G=overwrite_G, device=self.device)
-        result = _setup.factorize_groups(xp, G, self._groups, damp=self.damp, sink=sink,
-                                         check_finite=check_finite, progress=progress)
+        result = _setup.factorize_groups(
+            xp,
+            G,
+            self._groups,
+            damp=self.damp,
+            sink=sink,
+            check_finite=check_finite,
+            progress=progress,
+        )
         self._factors: tuple[GroupFactor, ...] = result.factors
         self.kappa_bound = result.kappa_hi
         # Chunks whose single-precision Gram failed its check (kept for tests and benchmarks).
         self._gram_recomputed = result.recomputed
-        _capacitance.warn_if_hopeless(result.kappa_lo, damp=self.damp,
-                                      eps=float(xp.finfo(self.dtype).eps), dtype=self.dtype)
+        _capacitance.warn_if_hopeless(
+            result.kappa_lo, damp=self.damp, eps=float(xp.finfo(self.dtype).eps), dtype=self.dtype
+        )
 
-    def _init_half(self, G: Array, *, overwrite_G: bool, check_finite: bool,
-                   progress: Callable[[int, int], None] | None) -> None:
+    def _init_half(
+        self,
+        G: Array,
+        *,
+        overwrite_G: bool,
+        check_finite: bool,
+        progress: Callable[[int, int], None] | None,
+    ) -> None:
         """The G-form set-up for 2-byte gradients (docs/mathematics.rst, "2-byte storage")."""
         xp = self._xp
         if overwrite_G:
-            raise ValueError(f"overwrite_G=True has nothing to overwrite with {self.storage_dtype} "
-                             "gradients: the operator keeps G itself (W is never stored in "
-                             "2 bytes); drop overwrite_G")
+            raise ValueError(
+                f"overwrite_G=True has nothing to overwrite with {self.storage_dtype} "
+                "gradients: the operator keeps G itself (W is never stored in "
+                "2 bytes); drop overwrite_G"
+            )
         if len(self._groups) != 1 or self._groups[0].count != 1 or self.dim <= self.num_grads:
-            raise ValueError(f"{self.storage_dtype} gradients are supported for the full "
-                             "operator with more coordinates than gradients (d > m, no "
-                             "block_size) only; cast G to float32 for block-wise operators")
+            raise ValueError(
+                f"{self.storage_dtype} gradients are supported for the full "
+                "operator with more coordinates than gradients (d > m, no "
+                "block_size) only; cast G to float32 for block-wise operators"
+            )
         # G is kept (by reference) for every product, and for refinement's residuals.
         self._G = G
-        factor, recomputed = _setup.factorize_gform(xp, G, self._groups[0], damp=self.damp,
-                                                    check_finite=check_finite,
-                                                    progress=progress)
+        factor, recomputed = _setup.factorize_gform(
+            xp, G, self._groups[0], damp=self.damp, check_finite=check_finite, progress=progress
+        )
         self._factors = (GFormFactor(self._groups[0], G, factor, self.damp, xp.float32),)
         self._gram_recomputed = recomputed
         self.kappa_bound = factor.kappa[1] if factor.kappa is not None else 1.0
-        _capacitance.warn_if_hopeless(factor.kappa[0] if factor.kappa is not None else 1.0,
-                                      damp=self.damp, eps=float(xp.finfo(xp.float32).eps),
-                                      dtype="float32 (the compute dtype)", stacklevel=4)
+        _capacitance.warn_if_hopeless(
+            factor.kappa[0] if factor.kappa is not None else 1.0,
+            damp=self.damp,
+            eps=float(xp.finfo(xp.float32).eps),
+            dtype="float32 (the compute dtype)",
+            stacklevel=4,
+        )
 
     # -- products ------------------------------------------------------------------------
 
     def _solve(self, X: Array) -> Array:
-        return self._join([f.apply(X[f.group.start:f.group.end, ...]) for f in self._factors])
+        return self._join([f.apply(X[f.group.start : f.group.end, ...]) for f in self._factors])
 
     def _matmat(self, X: Array) -> Array:
         return refine(self._xp, self._solve, self._residual, X, self._solve(X), self.refine)
@@ -251,11 +284,12 @@ class StaticIHVP(_BlockOperatorBase):
     def _matvec(self, x: Array) -> Array:
         if self.refine:
             return self._matmat(x[:, None])[:, 0]
-        return self._join([f.apply_vector(x[f.group.start:f.group.end]) for f in self._factors])
+        return self._join([f.apply_vector(x[f.group.start : f.group.end]) for f in self._factors])
 
     def _residual(self, X: Array, Y: Array) -> Array:
-        return fisher_residual(self._xp, self._G, self._groups, X, Y, damp=self.damp,
-                               scale=1.0 / self.num_grads)
+        return fisher_residual(
+            self._xp, self._G, self._groups, X, Y, damp=self.damp, scale=1.0 / self.num_grads
+        )
 
     # -- entries -------------------------------------------------------------------------
 
@@ -299,8 +333,9 @@ class StaticIHVP(_BlockOperatorBase):
         r = check_index_array(rows, "rows", xp=xp, device=self.device, bound=self.dim)
         c = check_index_array(cols, "cols", xp=xp, device=self.device, bound=self.dim)
         if r.shape != c.shape:
-            raise ValueError(f"rows and cols must have the same shape, got {tuple(r.shape)} and "
-                             f"{tuple(c.shape)}")
+            raise ValueError(
+                f"rows and cols must have the same shape, got {tuple(r.shape)} and {tuple(c.shape)}"
+            )
         shape = r.shape
         r, c = xp.reshape(r, (-1,)), xp.reshape(c, (-1,))
         B = self.block_size
@@ -344,17 +379,27 @@ class EmpiricalFisher(_BlockOperatorBase):
     True
     """
 
-    def __init__(self, G: Array, /, *, damp: float, block_size: int | None = None,
-                 check_finite: bool = True) -> None:
+    def __init__(
+        self, G: Array, /, *, damp: float, block_size: int | None = None, check_finite: bool = True
+    ) -> None:
         self._init_layout(G, damp, block_size, check_finite)
         self._G = G
 
     def _matmat(self, X: Array) -> Array:
         # Every block in the low-rank form: applying F needs no inverse.
-        return self._join([
-            lowrank_apply(self._xp, self._G[:, g.start:g.end], X[g.start:g.end, ...],
-                          BlockGroup(0, g.count, g.size), self.damp, 1.0 / self.num_grads)
-            for g in self._groups])
+        return self._join(
+            [
+                lowrank_apply(
+                    self._xp,
+                    self._G[:, g.start : g.end],
+                    X[g.start : g.end, ...],
+                    BlockGroup(0, g.count, g.size),
+                    self.damp,
+                    1.0 / self.num_grads,
+                )
+                for g in self._groups
+            ]
+        )
 
     def diagonal(self) -> Array:
         """Return the diagonal ``damp + sum_i G_ij^2 / m``.

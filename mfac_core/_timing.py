@@ -17,8 +17,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Timing", "best_time", "copy_bandwidth", "fmt_time", "interleaved",
-           "markdown_table"]
+__all__ = ["Timing", "best_time", "copy_bandwidth", "fmt_time", "interleaved", "markdown_table"]
 
 
 @dataclass
@@ -36,14 +35,16 @@ class Timing:
         return statistics.median(self.times)
 
 
-def best_time(fn: Callable[[Any], Any], repeat: int,
-              setup: Callable[[], Any] | None = None) -> Timing:
+def best_time(
+    fn: Callable[[Any], Any], repeat: int, setup: Callable[[], Any] | None = None
+) -> Timing:
     """Time ``fn(setup())`` ``repeat`` times; ``setup`` is not timed."""
     return interleaved({"x": (fn, setup)}, repeat)["x"]
 
 
-def interleaved(candidates: dict[str, tuple[Callable[[Any], Any], Callable[[], Any] | None]],
-                repeat: int) -> dict[str, Timing]:
+def interleaved(
+    candidates: dict[str, tuple[Callable[[Any], Any], Callable[[], Any] | None]], repeat: int
+) -> dict[str, Timing]:
     """Round-robin timing: each round runs every candidate once.
 
     ``candidates`` maps a name to ``(fn, setup)``; ``fn(setup())`` is timed (``fn(None)``

@@ -113,8 +113,15 @@ def check_finite(xp: Any, x: Array, name: str) -> None:
         raise ValueError(f"{name} must not contain NaN or infinity")
 
 
-def check_number(value: Any, name: str, *, low: float = -math.inf, high: float = math.inf,
-                 low_open: bool = False, high_open: bool = False) -> float:
+def check_number(
+    value: Any,
+    name: str,
+    *,
+    low: float = -math.inf,
+    high: float = math.inf,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
     """A real number (not a bool) in the given interval, as a Python float."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {value!r}")
@@ -122,7 +129,7 @@ def check_number(value: Any, name: str, *, low: float = -math.inf, high: float =
     above = v > low if low_open else v >= low
     below = v < high if high_open else v <= high
     if not (math.isfinite(v) and above and below):
-        interval = (("(" if low_open else "[") + f"{low:g}, {high:g}" + (")" if high_open else "]"))
+        interval = ("(" if low_open else "[") + f"{low:g}, {high:g}" + (")" if high_open else "]")
         raise ValueError(f"{name} must be finite and lie in {interval}, got {value!r}")
     return v
 
@@ -179,8 +186,10 @@ def check_choice(value: Any, name: str, choices: Sequence[str]) -> str:
 def check_writeable(x: Array, name: str, *, why: str) -> None:
     """Refuse a read-only array (or one of a library with immutable arrays) for ``why``."""
     if not is_writeable_array(x):
-        raise ValueError(f"{why} needs a writeable array; this {name} is read-only (or from a "
-                         "library with immutable arrays such as JAX)")
+        raise ValueError(
+            f"{why} needs a writeable array; this {name} is read-only (or from a "
+            "library with immutable arrays such as JAX)"
+        )
 
 
 def check_same_space(xp: Any, dev: Any, x: Array, name: str, *, owner: str) -> None:
@@ -191,9 +200,11 @@ def check_same_space(xp: Any, dev: Any, x: Array, name: str, *, owner: str) -> N
     """
     xp_x = namespace_of(x, name)
     if is_jax_array(x) and device(x) is None:
-        raise TypeError(f"{name} is a traced JAX value (inside jax.jit, vmap or grad), but "
-                        f"{owner} is not a JAX transformation; use mfac_core.jax, whose "
-                        "operators are pytrees")
+        raise TypeError(
+            f"{name} is a traced JAX value (inside jax.jit, vmap or grad), but "
+            f"{owner} is not a JAX transformation; use mfac_core.jax, whose "
+            "operators are pytrees"
+        )
     if xp_x is not xp:
         raise TypeError(
             f"{name} is a {namespace_name(xp_x)} array but {owner} works on "
@@ -243,26 +254,32 @@ def check_float64_available(xp: Any) -> None:
         raise RuntimeError(
             "mfac_core does its m x m work in float64, which JAX provides only in 64-bit "
             "mode: call jax.config.update('jax_enable_x64', True) at start-up, or build the "
-            "operator inside `with jax.enable_x64(True):`")
+            "operator inside `with jax.enable_x64(True):`"
+        )
 
 
-def check_gradients(G: Array, *, require_finite: bool, name: str = "G",
-                    half: bool = False) -> Any:
+def check_gradients(G: Array, *, require_finite: bool, name: str = "G", half: bool = False) -> Any:
     """A non-empty 2-D float32/float64 array of gradients (rows); returns its namespace.
 
     With ``half``, the 2-byte dtypes of :func:`half_dtype_name` are accepted too.
     """
     xp = namespace_of(G, name)
     if G.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D array of shape (m, d), one gradient per row; "
-                         f"got shape {tuple(G.shape)}")
+        raise ValueError(
+            f"{name} must be a 2-D array of shape (m, d), one gradient per row; "
+            f"got shape {tuple(G.shape)}"
+        )
     if G.shape[0] == 0 or G.shape[1] == 0:
-        raise ValueError(f"{name} must hold at least one gradient of at least one coordinate; "
-                         f"got shape {tuple(G.shape)}")
+        raise ValueError(
+            f"{name} must hold at least one gradient of at least one coordinate; "
+            f"got shape {tuple(G.shape)}"
+        )
     if not (half and half_dtype_name(xp, G.dtype) is not None):
         if half and _dtype_name(xp, G.dtype) is None:
-            raise TypeError(f"{name} must have a real floating dtype (float32 or float64, or "
-                            f"float16/bfloat16 storage where the library has it), got {G.dtype}")
+            raise TypeError(
+                f"{name} must have a real floating dtype (float32 or float64, or "
+                f"float16/bfloat16 storage where the library has it), got {G.dtype}"
+            )
         check_floating(xp, G, name)
     if require_finite:
         check_finite(xp, G, name)
@@ -281,6 +298,7 @@ def check_index_array(idx: Array, name: str, *, xp: Any, device: Any, bound: int
     if math.prod(idx.shape):
         lo, hi = int(xp.min(idx)), int(xp.max(idx))
         if lo < 0 or hi >= bound:
-            raise IndexError(f"{name} holds an index out of range [0, {bound}): "
-                             f"{lo if lo < 0 else hi}")
+            raise IndexError(
+                f"{name} holds an index out of range [0, {bound}): {lo if lo < 0 else hi}"
+            )
     return xp.astype(idx, xp.int64)

@@ -87,7 +87,8 @@ def _nonnegative_int(text: str) -> int:
 #: Negative numbers as Python's float() writes them, exponents included.
 _NEGATIVE_NUMBER = re.compile(
     r"^-(?:(?:\d[\d_]*(?:\.[\d_]*)?|\.\d[\d_]*)(?:[eE][+-]?\d[\d_]*)?|inf|infinity|nan)$",
-    re.IGNORECASE)
+    re.IGNORECASE,
+)
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -127,26 +128,47 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Compute F^-1 v for F = damp*I + G^T G / m, with the m gradients in the rows of "
             "GRADS (an .npy file of shape (m, d)), for one vector (d,) or each row of a stack "
-            "(k, d) in VECS. The results are saved to OUT with the shape of VECS."),
+            "(k, d) in VECS. The results are saved to OUT with the shape of VECS."
+        ),
     )
     ihvp.add_argument("grads", metavar="GRADS.npy", help="gradients, shape (m, d)")
     ihvp.add_argument("vecs", metavar="VECS.npy", help="one vector (d,) or a stack (k, d)")
-    ihvp.add_argument("-o", "--output", metavar="OUT.npy", required=True,
-                      help="where to save the results (.npy)")
-    ihvp.add_argument("--damp", type=_damp, required=True,
-                      help="the damping lambda > 0 (absolute; the M-FAC paper uses 1e-5)")
-    ihvp.add_argument("--block-size", type=_positive_int, default=None, metavar="B",
-                      help="use a block-diagonal F over blocks of B consecutive coordinates")
-    ihvp.add_argument("--dtype", choices=("float32", "float64"), default=None,
-                      help="precision of the products and of OUT (default: that of GRADS "
-                           "if it is float32 or float64, else float64)")
-    ihvp.add_argument("--overwrite", action="store_true",
-                      help="replace OUT if it exists (by default an existing OUT is an error)")
-    ihvp.add_argument("--progress", action="store_true",
-                      help="show the set-up progress bar on stderr even when it is not a "
-                           "terminal")
-    ihvp.add_argument("-q", "--quiet", action="store_true",
-                      help="print nothing but errors (overrides --progress)")
+    ihvp.add_argument(
+        "-o", "--output", metavar="OUT.npy", required=True, help="where to save the results (.npy)"
+    )
+    ihvp.add_argument(
+        "--damp",
+        type=_damp,
+        required=True,
+        help="the damping lambda > 0 (absolute; the M-FAC paper uses 1e-5)",
+    )
+    ihvp.add_argument(
+        "--block-size",
+        type=_positive_int,
+        default=None,
+        metavar="B",
+        help="use a block-diagonal F over blocks of B consecutive coordinates",
+    )
+    ihvp.add_argument(
+        "--dtype",
+        choices=("float32", "float64"),
+        default=None,
+        help="precision of the products and of OUT (default: that of GRADS "
+        "if it is float32 or float64, else float64)",
+    )
+    ihvp.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace OUT if it exists (by default an existing OUT is an error)",
+    )
+    ihvp.add_argument(
+        "--progress",
+        action="store_true",
+        help="show the set-up progress bar on stderr even when it is not a terminal",
+    )
+    ihvp.add_argument(
+        "-q", "--quiet", action="store_true", help="print nothing but errors (overrides --progress)"
+    )
 
     demo = sub.add_parser(
         "demo",
@@ -158,16 +180,27 @@ def build_parser() -> argparse.ArgumentParser:
             "floors; the output explains its columns. Exits with 0 only if, for every test "
             "vector x, the relative error is within its bound "
             "C * eps(dtype) * kappa * ||x|| / (damp * ||F^-1 x||) (StaticIHVP's docstring, "
-            "Notes, Precision; C is printed)."),
+            "Notes, Precision; C is printed)."
+        ),
     )
-    demo.add_argument("--m", type=_positive_int, default=64,
-                      help=f"number of gradients (64; at most {MAX_DEMO_GRADS})")
-    demo.add_argument("--d", type=_positive_int, default=2000,
-                      help=f"number of parameters (2000; at most {MAX_DENSE_DIM})")
-    demo.add_argument("--seed", type=_nonnegative_int, default=0,
-                      help="seed of the synthetic data (0)")
-    demo.add_argument("--damp", type=_damp, default=DEFAULT_DAMP,
-                      help=f"damping lambda ({DEFAULT_DAMP:g})")
+    demo.add_argument(
+        "--m",
+        type=_positive_int,
+        default=64,
+        help=f"number of gradients (64; at most {MAX_DEMO_GRADS})",
+    )
+    demo.add_argument(
+        "--d",
+        type=_positive_int,
+        default=2000,
+        help=f"number of parameters (2000; at most {MAX_DENSE_DIM})",
+    )
+    demo.add_argument(
+        "--seed", type=_nonnegative_int, default=0, help="seed of the synthetic data (0)"
+    )
+    demo.add_argument(
+        "--damp", type=_damp, default=DEFAULT_DAMP, help=f"damping lambda ({DEFAULT_DAMP:g})"
+    )
     return parser
 
 
@@ -233,8 +266,9 @@ def _load(path: str, what: str, mmap: bool) -> np.ndarray:
     except OSError as exc:
         raise UserError(f"cannot read {what} file {path}: {exc.strerror or exc}") from None
     if magic[:2] == b"PK":
-        raise UserError(f"{what} file {path} is an .npz archive; save a single array with "
-                        "numpy.save")
+        raise UserError(
+            f"{what} file {path} is an .npz archive; save a single array with numpy.save"
+        )
     if magic != b"\x93NUMPY":
         raise UserError(f"{what} file {path} is not an .npy file (written by numpy.save)")
     try:
@@ -266,16 +300,21 @@ def _same_file(a: str, b: str) -> bool:
 def _check_output(path: str, overwrite: bool, inputs: dict[str, str]) -> None:
     for what, source in inputs.items():
         if _same_file(path, source):
-            raise UserError(f"output {path} is the {what} file {source}; the inputs are never "
-                            "replaced, not even with --overwrite: choose another output")
+            raise UserError(
+                f"output {path} is the {what} file {source}; the inputs are never "
+                "replaced, not even with --overwrite: choose another output"
+            )
     if os.path.isdir(path):
         raise UserError(f"output is a directory, not a file: {path}")
     if os.path.exists(path) and not overwrite:
         raise UserError(f"output file exists: {path} (pass --overwrite to replace it)")
 
 
-def _nonfinite_rows(arr: np.ndarray, dtype: np.dtype, piece_entries: int = 1 << 20,
-                    ) -> tuple[int, int, bool] | None:
+def _nonfinite_rows(
+    arr: np.ndarray,
+    dtype: np.dtype,
+    piece_entries: int = 1 << 20,
+) -> tuple[int, int, bool] | None:
     """``(first, count, overflow)`` of the rows of ``arr`` that are not finite in ``dtype``.
 
     ``overflow`` is true when ``arr`` itself is finite there and only the cast to
@@ -287,7 +326,7 @@ def _nonfinite_rows(arr: np.ndarray, dtype: np.dtype, piece_entries: int = 1 << 
     step = max(1, piece_entries // max(1, rows.shape[1]))
     first, count, overflow = -1, 0, False
     for start in range(0, rows.shape[0], step):
-        piece = rows[start:start + step]
+        piece = rows[start : start + step]
         with np.errstate(over="ignore"):  # an overflow is what is looked for
             bad = ~np.isfinite(piece.astype(dtype, copy=False)).all(axis=1)
         n = int(np.count_nonzero(bad))
@@ -310,8 +349,7 @@ def _finiteness_error(path: str, arr: np.ndarray, dtype: np.dtype) -> UserError 
         where = f"{path} row {first} holds"
         note = f" (rows count from 0{f'; {count} such rows' if count > 1 else ''})"
     if overflow:
-        return UserError(f"{where} values beyond the range of {dtype}{note}; pass "
-                         "--dtype float64")
+        return UserError(f"{where} values beyond the range of {dtype}{note}; pass --dtype float64")
     return UserError(f"{where} NaN or infinity{note}")
 
 
@@ -336,8 +374,9 @@ def _save(path: str, arr: np.ndarray, overwrite: bool, inputs: dict[str, str]) -
         raise
 
 
-def _cmd_ihvp(args: argparse.Namespace, stdout: TextIO, stderr: TextIO,
-              flush_warnings: Callable[[], None]) -> int:
+def _cmd_ihvp(
+    args: argparse.Namespace, stdout: TextIO, stderr: TextIO, flush_warnings: Callable[[], None]
+) -> int:
     from ._static import StaticIHVP
 
     inputs = {"GRADS": args.grads, "VECS": args.vecs}
@@ -345,14 +384,17 @@ def _cmd_ihvp(args: argparse.Namespace, stdout: TextIO, stderr: TextIO,
     G = G_file = _load(args.grads, "GRADS", mmap=True)
     V = V_file = _load(args.vecs, "VECS", mmap=False)
     if G.ndim != 2:
-        raise UserError(f"GRADS must have shape (m, d), one gradient per row; {args.grads} has "
-                        f"shape {G.shape}")
+        raise UserError(
+            f"GRADS must have shape (m, d), one gradient per row; {args.grads} has shape {G.shape}"
+        )
     m, d = G.shape
     if V.ndim not in (1, 2):
         raise UserError(f"VECS must have shape (d,) or (k, d); {args.vecs} has shape {V.shape}")
     if V.shape[-1] != d:
-        raise UserError(f"VECS has d={V.shape[-1]} coordinates ({args.vecs}, shape {V.shape}) "
-                        f"but GRADS has d={d} ({args.grads}, shape {G.shape})")
+        raise UserError(
+            f"VECS has d={V.shape[-1]} coordinates ({args.vecs}, shape {V.shape}) "
+            f"but GRADS has d={d} ({args.grads}, shape {G.shape})"
+        )
     if args.dtype is not None:
         dtype = np.dtype(args.dtype)
     else:
@@ -367,8 +409,9 @@ def _cmd_ihvp(args: argparse.Namespace, stdout: TextIO, stderr: TextIO,
     bar = ProgressBar(stderr, "set-up") if _wants_progress(args, stderr) else None
     t0 = time.perf_counter()
     try:
-        op = StaticIHVP(G, damp=args.damp, block_size=args.block_size, overwrite_G=overwrite_G,
-                        progress=bar)
+        op = StaticIHVP(
+            G, damp=args.damp, block_size=args.block_size, overwrite_G=overwrite_G, progress=bar
+        )
     except ValueError:
         # The library finds a NaN without a pass of its own but cannot say where; only
         # now, on failure, is the file read once more to name the row. (G itself may be
@@ -401,17 +444,21 @@ def _cmd_ihvp(args: argparse.Namespace, stdout: TextIO, stderr: TextIO,
     if not args.quiet:
         k = 1 if V.ndim == 1 else V.shape[0]
         blocks = "" if args.block_size is None else f", block size {op.block_size}"
-        print(f"{PROG}: wrote {args.output}: {k} vector{'' if k == 1 else 's'}, m={m}, d={d}"
-              f"{blocks}, {dtype}, kappa <= {op.kappa_bound:.3g}; set-up {t1 - t0:.3g} s, "
-              f"products {t2 - t1:.3g} s", file=stderr)
+        print(
+            f"{PROG}: wrote {args.output}: {k} vector{'' if k == 1 else 's'}, m={m}, d={d}"
+            f"{blocks}, {dtype}, kappa <= {op.kappa_bound:.3g}; set-up {t1 - t0:.3g} s, "
+            f"products {t2 - t1:.3g} s",
+            file=stderr,
+        )
     return 0
 
 
 # -- demo ----------------------------------------------------------------------------------
 
 
-def _cmd_demo(args: argparse.Namespace, stdout: TextIO, stderr: TextIO,
-              flush_warnings: Callable[[], None]) -> int:
+def _cmd_demo(
+    args: argparse.Namespace, stdout: TextIO, stderr: TextIO, flush_warnings: Callable[[], None]
+) -> int:
     from ._demo import run_demo
 
     passed = run_demo(m=args.m, d=args.d, seed=args.seed, damp=args.damp, out=stdout)
@@ -421,8 +468,14 @@ def _cmd_demo(args: argparse.Namespace, stdout: TextIO, stderr: TextIO,
 # -- entry point ---------------------------------------------------------------------------
 
 #: Exceptions that the library raises for bad input; reported without a traceback.
-_USER_ERRORS = (UserError, ValueError, TypeError, IndexError, FileNotFoundError,
-                np.linalg.LinAlgError)
+_USER_ERRORS = (
+    UserError,
+    ValueError,
+    TypeError,
+    IndexError,
+    FileNotFoundError,
+    np.linalg.LinAlgError,
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -447,8 +500,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     if args.command is None:
         parser.print_usage(stderr)
-        print(f"{PROG}: error: a command is required (ihvp or demo); see {PROG} --help",
-              file=stderr)
+        print(
+            f"{PROG}: error: a command is required (ihvp or demo); see {PROG} --help", file=stderr
+        )
         return EXIT_USAGE
     command = {"ihvp": _cmd_ihvp, "demo": _cmd_demo}[args.command]
     error = None

@@ -72,6 +72,7 @@ _F64 = np.dtype("float64")
 
 # -- checks --------------------------------------------------------------------------------
 
+
 def _require_x64(what: str) -> None:
     """Refuse to trace or run float64 m x m work while JAX's 64-bit mode is off.
 
@@ -84,9 +85,10 @@ def _require_x64(what: str) -> None:
         raise RuntimeError(
             f"mfac_core.jax.{what} does its m x m work in float64, which needs JAX's 64-bit "
             "mode; it is off. Enable it at start-up with "
-            "jax.config.update(\"jax_enable_x64\", True), or around both the tracing and the "
+            'jax.config.update("jax_enable_x64", True), or around both the tracing and the '
             "calls with `with jax.enable_x64(True): ...`. float32 gradients and parameters "
-            "stay float32 in that mode.")
+            "stay float32 in that mode."
+        )
 
 
 def _check_dtype(dtype: Any, name: str) -> np.dtype:
@@ -106,8 +108,10 @@ def _check_vector(x: Any, name: str, dim: int, dtype: np.dtype, *, matrix: bool 
     if x.ndim not in ((1, 2) if matrix else (1,)) or x.shape[0] != dim:
         raise ValueError(f"{name} must have shape {shapes} with d = {dim}, got {x.shape}")
     if np.dtype(x.dtype) != dtype:
-        raise TypeError(f"{name} has dtype {x.dtype} but the operator has dtype {dtype}; cast "
-                        "it explicitly first (no silent change of precision)")
+        raise TypeError(
+            f"{name} has dtype {x.dtype} but the operator has dtype {dtype}; cast "
+            "it explicitly first (no silent change of precision)"
+        )
     return x
 
 
@@ -128,6 +132,7 @@ def _concrete_true(flag: Any) -> bool:
 # m = 1024. With the upper factor U stored (C = U^T U), U.T is handed over as a
 # lower triangular matrix.
 
+
 def _solve_upper_t(U: Any, B: Any) -> Any:
     """``U^{-T} B`` for upper triangular ``U`` (B of shape (m,) or (m, n))."""
     vec = B.ndim == 1
@@ -138,12 +143,14 @@ def _solve_upper_t(U: Any, B: Any) -> Any:
 def _solve_upper(U: Any, B: Any) -> Any:
     """``U^{-1} B`` for upper triangular ``U``."""
     vec = B.ndim == 1
-    X = lax.linalg.triangular_solve(U.T, B[:, None] if vec else B, left_side=True, lower=True,
-                                    transpose_a=True)
+    X = lax.linalg.triangular_solve(
+        U.T, B[:, None] if vec else B, left_side=True, lower=True, transpose_a=True
+    )
     return X[:, 0] if vec else X
 
 
 # -- the static operator ---------------------------------------------------------------------
+
 
 @dataclasses.dataclass(frozen=True)
 class StaticIHVP:
@@ -237,8 +244,9 @@ class StaticIHVP:
         """
         self._check_mode("StaticIHVP.matvec")
         if self.W.ndim != 2:
-            raise ValueError("a batch of operators (from jax.vmap) must be applied under "
-                             "jax.vmap too")
+            raise ValueError(
+                "a batch of operators (from jax.vmap) must be applied under jax.vmap too"
+            )
         x = _check_vector(x, "x", self.dim, np.dtype(self.W.dtype))
         return (x - (self.W @ x) @ self.W) / self.damp
 
@@ -315,12 +323,13 @@ def _gram_f64(G: Any) -> Any:
 
     gram = jnp.zeros((m, m), jnp.float64)
     if full:
+
         def body(i: Any, acc: Any) -> Any:
             return acc + chunk_gram(lax.dynamic_slice_in_dim(G, i * width, width, axis=1))
 
         gram = lax.fori_loop(0, full, body, gram) if full > 1 else chunk_gram(G[:, :width])
     if full * width < d:
-        gram = gram + chunk_gram(G[:, full * width:])
+        gram = gram + chunk_gram(G[:, full * width :])
     return gram
 
 
@@ -384,8 +393,10 @@ def static_ihvp(G: Any, /, *, damp: float) -> StaticIHVP:
     damp = check_damp(damp)
     G = jnp.asarray(G)
     if G.ndim != 2 or 0 in G.shape:
-        raise ValueError(f"G must be a non-empty 2-D array of shape (m, d), one gradient per "
-                         f"row; got shape {G.shape}")
+        raise ValueError(
+            f"G must be a non-empty 2-D array of shape (m, d), one gradient per "
+            f"row; got shape {G.shape}"
+        )
     dtype = _check_dtype(G.dtype, "G")
     W, kappa_bound, kappa_lower, finite = _static_setup(G, damp)
     # Outside of tracing these are concrete, and a failure is an exception as in
@@ -394,13 +405,17 @@ def static_ihvp(G: Any, /, *, damp: float) -> StaticIHVP:
         raise FactorizationError(
             f"the damped Fisher of these gradients is not numerically positive definite in "
             f"float64 (damp={damp:g}, condition number kappa <= {float(kappa_bound):.3g}); "
-            "increase damp, or remove duplicated or non-finite gradients")
+            "increase damp, or remove duplicated or non-finite gradients"
+        )
     eps = float(np.finfo(dtype).eps)
     if not _concrete_true(eps * kappa_lower < 1.0):
         warnings.warn(
             f"F is so ill-conditioned (kappa >= {float(kappa_lower):.3g}, damp={damp:g}) that "
             f"{dtype} products may have no correct digits; increase damp"
-            + (" or use float64" if eps > 1e-15 else ""), IllConditionedWarning, stacklevel=2)
+            + (" or use float64" if eps > 1e-15 else ""),
+            IllConditionedWarning,
+            stacklevel=2,
+        )
     return StaticIHVP(W=W, kappa_bound=kappa_bound, damp=damp)
 
 
@@ -415,8 +430,7 @@ def _static_setup(G: Any, damp: float) -> tuple[Any, Any, Any, Any]:
     gram = _gram_f64(G)
     C = gram + (m * damp) * jnp.eye(m, dtype=jnp.float64)
     L = jnp.linalg.cholesky(C)
-    Linv = lax.linalg.triangular_solve(L, jnp.eye(m, dtype=jnp.float64), left_side=True,
-                                       lower=True)
+    Linv = lax.linalg.triangular_solve(L, jnp.eye(m, dtype=jnp.float64), left_side=True, lower=True)
     W = Linv.astype(G.dtype) @ G
     kappa_bound = 1.0 + jnp.trace(gram) / (m * damp)
     # A lower estimate of the largest eigenvalue of G G^T, as in mfac_core.StaticIHVP:
@@ -430,6 +444,7 @@ def _static_setup(G: Any, damp: float) -> tuple[Any, Any, Any, Any]:
 
 
 # -- the sliding window --------------------------------------------------------------------
+
 
 @dataclasses.dataclass(frozen=True)
 class WindowState:
@@ -546,8 +561,16 @@ class WindowState:
 jax.tree_util.register_dataclass(WindowState)
 
 
-def window_init(num_grads: int, dim: int, /, *, damp: float, dtype: Any,
-                zero_init: bool = True, refactor_every: int | None = None) -> WindowState:
+def window_init(
+    num_grads: int,
+    dim: int,
+    /,
+    *,
+    damp: float,
+    dtype: Any,
+    zero_init: bool = True,
+    refactor_every: int | None = None,
+) -> WindowState:
     r"""An empty sliding window of ``num_grads`` gradients of ``dim`` coordinates.
 
     Parameters
@@ -611,8 +634,7 @@ def window_init(num_grads: int, dim: int, /, *, damp: float, dtype: Any,
     d = check_count(dim, "dim")
     damp = check_damp(damp)
     dt = _check_dtype(dtype, "dtype")
-    refactor_every = m if refactor_every is None else check_count(refactor_every,
-                                                                 "refactor_every")
+    refactor_every = m if refactor_every is None else check_count(refactor_every, "refactor_every")
     zero_init = check_flag(zero_init, "zero_init")
     shift = m * damp if zero_init else damp  # without zero_init any k >= 1 gives it; see _shift
     return WindowState(
@@ -623,7 +645,10 @@ def window_init(num_grads: int, dim: int, /, *, damp: float, dtype: Any,
         count=jnp.asarray(m if zero_init else 0, jnp.int32),
         since_refactor=jnp.zeros((), jnp.int32),
         refactors=jnp.zeros((), jnp.int32),
-        damp=damp, zero_init=zero_init, refactor_every=refactor_every)
+        damp=damp,
+        zero_init=zero_init,
+        refactor_every=refactor_every,
+    )
 
 
 def _shift(state: WindowState, count: Any) -> Any:
@@ -707,8 +732,9 @@ def _replace_oldest(U: Any, b_age: Any, shift: Any) -> tuple[Any, Any]:
 
 def _check_state(state: Any, what: str) -> None:
     if not isinstance(state, WindowState):
-        raise TypeError(f"{what} needs a WindowState (from window_init), got "
-                        f"{type(state).__name__}")
+        raise TypeError(
+            f"{what} needs a WindowState (from window_init), got {type(state).__name__}"
+        )
     _require_x64(what)
 
 
@@ -725,7 +751,7 @@ def _insert(state: WindowState, g: Any) -> tuple[WindowState, Any, Any]:
     # duplicated gradient's 2 x 2 block may be indefinite by rounding before the
     # shift k damp is added; unless k damp < eps(dtype) |g|^2 the shift absorbs it,
     # and otherwise the gradient is refused, never half-inserted.
-    b = (state.grads @ g).astype(jnp.float64)             # pass 1 over the window
+    b = (state.grads @ g).astype(jnp.float64)  # pass 1 over the window
     b = b.at[slot].set(jnp.vdot(g, g).astype(jnp.float64))
     count = jnp.minimum(state.count + 1, m)
     pos = (slot + 1) % m
@@ -746,8 +772,9 @@ def _insert(state: WindowState, g: Any) -> tuple[WindowState, Any, Any]:
         return state.factor, jnp.zeros((), bool)
 
     U, edited = lax.cond(use_edit, edit, skip, None)
-    U, ok = lax.cond(edited, lambda _: (U, jnp.ones((), bool)),
-                     lambda _: _refactor(gram, pos, shift), None)
+    U, ok = lax.cond(
+        edited, lambda _: (U, jnp.ones((), bool)), lambda _: _refactor(gram, pos, shift), None
+    )
     # A gradient holding NaN/inf (or overflowing) makes g.g non-finite: refuse it and
     # keep the window as it was, rather than poisoning every later step.
     ok = ok & jnp.isfinite(b[slot])
@@ -756,15 +783,21 @@ def _insert(state: WindowState, g: Any) -> tuple[WindowState, Any, Any]:
         grads=lax.dynamic_update_index_in_dim(
             state.grads,
             jnp.where(ok, g, lax.dynamic_index_in_dim(state.grads, slot, axis=0, keepdims=False)),
-            slot, axis=0),
+            slot,
+            axis=0,
+        ),
         gram=jnp.where(ok, gram, state.gram),
         factor=jnp.where(ok, U, state.factor),
         pos=jnp.where(ok, pos, state.pos),
         count=jnp.where(ok, count, state.count),
-        since_refactor=jnp.where(ok, jnp.where(edited, state.since_refactor + 1, 0),
-                                 state.since_refactor),
+        since_refactor=jnp.where(
+            ok, jnp.where(edited, state.since_refactor + 1, 0), state.since_refactor
+        ),
         refactors=state.refactors + (ok & ~edited).astype(jnp.int32),
-        damp=state.damp, zero_init=state.zero_init, refactor_every=state.refactor_every)
+        damp=state.damp,
+        zero_init=state.zero_init,
+        refactor_every=state.refactor_every,
+    )
     return new, b, ok
 
 
@@ -786,6 +819,7 @@ def _finish(state: WindowState, X: Any, P: Any) -> Any:
 # caller's choice: jax.jit(window_update, donate_argnums=0) updates the window in
 # place. The public functions are plain Python around them, which checks the
 # arguments and the 64-bit mode at every call and at every trace.
+
 
 @jax.jit
 def _update_jit(state: WindowState, g: Any) -> WindowState:
@@ -909,11 +943,11 @@ def window_matvec(state: WindowState, x: Any, /) -> Any:
         If ``x`` does not have shape ``(d,)`` or ``(d, n)``.
     """
     _check_state(state, "window_matvec")
-    return _matvec_jit(state, _check_vector(x, "x", state.dim, np.dtype(state.dtype),
-                                            matrix=True))
+    return _matvec_jit(state, _check_vector(x, "x", state.dim, np.dtype(state.dtype), matrix=True))
 
 
 # -- optax ---------------------------------------------------------------------------------
+
 
 class MFACState(NamedTuple):
     """The state of :func:`mfac`: the sliding window of flat gradients."""
@@ -927,14 +961,21 @@ def _flat_layout(tree: Any, what: str) -> tuple[int, np.dtype]:
         raise ValueError(f"mfac got an empty {what} pytree")
     dtypes = {np.dtype(jnp.asarray(x).dtype) for x in leaves}
     if len(dtypes) != 1:
-        raise TypeError(f"mfac treats all parameters as one vector: they must share one dtype "
-                        f"(float32 or float64), got {sorted(map(str, dtypes))}")
+        raise TypeError(
+            f"mfac treats all parameters as one vector: they must share one dtype "
+            f"(float32 or float64), got {sorted(map(str, dtypes))}"
+        )
     dtype = _check_dtype(dtypes.pop(), what)
     return sum(int(np.prod(jnp.shape(x))) for x in leaves), dtype
 
 
-def mfac(num_grads: int = 1024, damp: float = 1e-5, *, zero_init: bool = True,
-         refactor_every: int | None = None) -> optax.GradientTransformation:
+def mfac(
+    num_grads: int = 1024,
+    damp: float = 1e-5,
+    *,
+    zero_init: bool = True,
+    refactor_every: int | None = None,
+) -> optax.GradientTransformation:
     r"""The M-FAC preconditioner as an optax transformation: ``g -> F^{-1} g``.
 
     All leaves of the update pytree are treated as one flat vector of ``d``
@@ -1017,15 +1058,19 @@ def mfac(num_grads: int = 1024, damp: float = 1e-5, *, zero_init: bool = True,
 
     def init_fn(params: Any) -> MFACState:
         d, dtype = _flat_layout(params, "params")
-        return MFACState(window_init(m, d, damp=damp, dtype=dtype, zero_init=zero_init,
-                                     refactor_every=refactor_every))
+        return MFACState(
+            window_init(
+                m, d, damp=damp, dtype=dtype, zero_init=zero_init, refactor_every=refactor_every
+            )
+        )
 
     def update_fn(updates: Any, state: MFACState, params: Any = None) -> tuple[Any, MFACState]:
         del params
         d, _ = _flat_layout(updates, "updates")
         if d != state.window.dim:
-            raise ValueError(f"the updates have {d} coordinates but the M-FAC window "
-                             f"{state.window.dim}")
+            raise ValueError(
+                f"the updates have {d} coordinates but the M-FAC window {state.window.dim}"
+            )
         flat, unravel = jax.flatten_util.ravel_pytree(updates)
         window, direction = window_update_and_matvec(state.window, flat)
         return unravel(direction), MFACState(window)
@@ -1033,9 +1078,15 @@ def mfac(num_grads: int = 1024, damp: float = 1e-5, *, zero_init: bool = True,
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def mfac_sgd(learning_rate: Any, num_grads: int = 1024, damp: float = 1e-5, *,
-             momentum: float = 0.0, weight_decay: float = 0.0,
-             zero_init: bool = True) -> optax.GradientTransformation:
+def mfac_sgd(
+    learning_rate: Any,
+    num_grads: int = 1024,
+    damp: float = 1e-5,
+    *,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    zero_init: bool = True,
+) -> optax.GradientTransformation:
     r"""The optimizer of :class:`mfac_core.torch.MFAC` as an optax chain.
 
     ``g = grad + weight_decay * theta``; ``s = F^{-1} g`` (:func:`mfac`);

@@ -164,8 +164,9 @@ class PruneResult(NamedTuple):
 def _check_theta(theta: Array, name: str = "theta") -> Any:
     xp = namespace_of(theta, name)
     if theta.ndim != 1:
-        raise ValueError(f"{name} must be a flat 1-D parameter vector, got shape "
-                         f"{tuple(theta.shape)}")
+        raise ValueError(
+            f"{name} must be a flat 1-D parameter vector, got shape {tuple(theta.shape)}"
+        )
     if theta.shape[0] == 0:
         raise ValueError(f"{name} must hold at least one weight")
     check_floating(xp, theta, name)
@@ -193,8 +194,10 @@ def _check_bool(xp: Any, theta: Array, x: Array, name: str) -> None:
 def _check_operator(ihvp: Any, theta: Array) -> Any:
     """The operator's checks; returns ``theta`` in its dtype (promoted where lossless)."""
     if not isinstance(ihvp, InverseFisherOperator):
-        raise TypeError(f"ihvp must be an inverse-Fisher operator such as StaticIHVP (see "
-                        f"InverseFisherOperator), got {type(ihvp).__name__}")
+        raise TypeError(
+            f"ihvp must be an inverse-Fisher operator such as StaticIHVP (see "
+            f"InverseFisherOperator), got {type(ihvp).__name__}"
+        )
     d = theta.shape[0]
     if tuple(ihvp.shape) != (d, d):
         raise ValueError(f"ihvp has shape {tuple(ihvp.shape)} but theta has {d} weights")
@@ -205,12 +208,14 @@ def _check_grads(xp: Any, theta: Array, G: Array) -> None:
     check_gradients(G, require_finite=False)
     check_same_space(xp, device_of(theta), G, "G", owner="theta")
     if G.dtype != theta.dtype:
-        raise TypeError(f"G has dtype {G.dtype} but theta has dtype {theta.dtype}; cast one "
-                        "explicitly first")
+        raise TypeError(
+            f"G has dtype {G.dtype} but theta has dtype {theta.dtype}; cast one explicitly first"
+        )
     d = theta.shape[0]
     if G.shape[1] != d:
-        raise ValueError(f"G must have shape (m, {d}) with m >= 1, one gradient per row, got "
-                         f"{tuple(G.shape)}")
+        raise ValueError(
+            f"G must have shape (m, {d}) with m >= 1, one gradient per row, got {tuple(G.shape)}"
+        )
 
 
 # -- saliencies ---------------------------------------------------------------------------
@@ -406,15 +411,16 @@ def select_pruned(
 
     if count is not None:
         if count > int(xp.min(kept)):
-            raise ValueError(f"count={count} is more than the {int(xp.min(kept))} weights still "
-                             f"kept" + (" in some block" if nb > 1 else ""))
+            raise ValueError(
+                f"count={count} is more than the {int(xp.min(kept))} weights still "
+                f"kept" + (" in some block" if nb > 1 else "")
+            )
         k = xp.full((nb,), count, dtype=xp.int64, device=dev)
     else:
         sizes = [B] * nb
         sizes[-1] = B - pad
         fraction = check_fraction(sparsity, "sparsity")
-        target = xp.asarray([_target_count(fraction, n) for n in sizes], dtype=xp.int64,
-                            device=dev)
+        target = xp.asarray([_target_count(fraction, n) for n in sizes], dtype=xp.int64, device=dev)
         pruned = xp.asarray(sizes, dtype=xp.int64, device=dev) - kept
         k = xp.clip(target - pruned, min=0)
 
@@ -422,11 +428,13 @@ def select_pruned(
     # stable sort so that equal scores keep their index order.
     offsets = xp.reshape(xp.arange(nb, dtype=xp.int64, device=dev) * B, (nb, 1))
     by_score = xp.argsort(s, axis=1, stable=True)
-    dropped = xp.astype(xp.take(xp.reshape(~keep, (-1,)), xp.reshape(by_score + offsets, (-1,))),
-                        xp.int8)
+    dropped = xp.astype(
+        xp.take(xp.reshape(~keep, (-1,)), xp.reshape(by_score + offsets, (-1,))), xp.int8
+    )
     by_kept = xp.argsort(xp.reshape(dropped, (nb, B)), axis=1, stable=True)
-    order = xp.reshape(xp.take(xp.reshape(by_score, (-1,)), xp.reshape(by_kept + offsets, (-1,))),
-                       (nb, B))
+    order = xp.reshape(
+        xp.take(xp.reshape(by_score, (-1,)), xp.reshape(by_kept + offsets, (-1,))), (nb, B)
+    )
     rank = xp.argsort(order, axis=1)  # the inverse permutation: position of each weight
     selected = rank < xp.reshape(k, (nb, 1))
     return xp.reshape(selected, (-1,))[:d]
@@ -530,16 +538,16 @@ def obs_update(
     if not bool(xp.any(selected)):
         return xp.where(gone, zero, theta)
     if joint:
-        B = min(check_count(ihvp.block_size if block_size is None else block_size,
-                            "block_size"), d)
+        B = min(check_count(ihvp.block_size if block_size is None else block_size, "block_size"), d)
         coef = _joint_coefficients(xp, theta, ihvp, selected, B, max_joint_size)
     else:
         coef = xp.where(selected, theta / ihvp.diagonal(), zero)
     return xp.where(gone, zero, theta - ihvp.matvec(coef))
 
 
-def _joint_coefficients(xp: Any, theta: Array, ihvp: Any, selected: Array, B: int,
-                        max_joint_size: int) -> Any:
+def _joint_coefficients(
+    xp: Any, theta: Array, ihvp: Any, selected: Array, B: int, max_joint_size: int
+) -> Any:
     """``u`` with ``u_P = ([F^{-1}]_{PP})^{-1} theta_P`` per block and zeros elsewhere."""
     d = theta.shape[0]
     dev = device_of(theta)
@@ -549,17 +557,19 @@ def _joint_coefficients(xp: Any, theta: Array, ihvp: Any, selected: Array, B: in
     counts = xp.sum(xp.astype(sel, xp.int64), axis=1)
     p = int(xp.max(counts))
     if p > max_joint_size:
-        raise ValueError(f"the joint OBS update would solve a {p} x {p} system in one block "
-                         f"(max_joint_size={max_joint_size}); use a smaller block_size")
+        raise ValueError(
+            f"the joint OBS update would solve a {p} x {p} system in one block "
+            f"(max_joint_size={max_joint_size}); use a smaller block_size"
+        )
     offsets = xp.reshape(xp.arange(nb, dtype=xp.int64, device=dev) * B, (nb, 1))
     # The selected positions of each block, in increasing order, padded to p.
     first = xp.argsort(xp.astype(~sel, xp.int8), axis=1, stable=True)[:, :p]
-    valid = xp.reshape(xp.arange(p, dtype=xp.int64, device=dev), (1, p)) < \
-        xp.reshape(counts, (nb, 1))
+    valid = xp.reshape(xp.arange(p, dtype=xp.int64, device=dev), (1, p)) < xp.reshape(
+        counts, (nb, 1)
+    )
     idx = xp.clip(first + offsets, max=d - 1)  # (nb, p) global indices; padding is ignored
     flat_idx = xp.reshape(idx, (-1,))
-    rhs = xp.where(valid, xp.reshape(xp.astype(xp.take(theta, flat_idx), xp.float64), (nb, p)),
-                   0.0)
+    rhs = xp.where(valid, xp.reshape(xp.astype(xp.take(theta, flat_idx), xp.float64), (nb, p)), 0.0)
 
     # [F^{-1}]_{PP} of each block: only its upper triangle (it is symmetric), requested in
     # chunks of blocks to bound the temporaries of entries().
@@ -577,8 +587,9 @@ def _joint_coefficients(xp: Any, theta: Array, ihvp: Any, selected: Array, B: in
     parts = []
     for b0 in range(0, nb, chunk):
         b1 = min(nb, b0 + chunk)
-        vals = ihvp.entries(xp.reshape(rows_all[b0:b1, ...], (-1,)),
-                            xp.reshape(cols_all[b0:b1, ...], (-1,)))
+        vals = ihvp.entries(
+            xp.reshape(rows_all[b0:b1, ...], (-1,)), xp.reshape(cols_all[b0:b1, ...], (-1,))
+        )
         vals = xp.reshape(xp.astype(vals, xp.float64), (b1 - b0, n_tri))
         parts.append(xp.reshape(xp.take(vals, packed, axis=1), (b1 - b0, p, p)))
     M = parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)
@@ -590,10 +601,13 @@ def _joint_coefficients(xp: Any, theta: Array, ihvp: Any, selected: Array, B: in
 
     # Scatter c back: the k-th selected weight of block b takes c[b, k].
     pos = xp.cumulative_sum(xp.astype(sel, xp.int64), axis=1) - 1
-    where_c = xp.clip(xp.reshape(pos + xp.reshape(xp.arange(nb, dtype=xp.int64, device=dev)
-                                                  * p, (nb, 1)), (-1,)), min=0)
-    u = xp.where(xp.reshape(sel, (-1,)), xp.take(c, where_c),
-                 xp.zeros((), dtype=theta.dtype, device=dev))
+    where_c = xp.clip(
+        xp.reshape(pos + xp.reshape(xp.arange(nb, dtype=xp.int64, device=dev) * p, (nb, 1)), (-1,)),
+        min=0,
+    )
+    u = xp.where(
+        xp.reshape(sel, (-1,)), xp.take(c, where_c), xp.zeros((), dtype=theta.dtype, device=dev)
+    )
     return u[:d]
 
 
@@ -684,8 +698,7 @@ def prune(
     needs_grads = saliency != "magnitude" or update != "none"
     if G is None:
         if needs_grads:
-            raise ValueError(f"saliency={saliency!r} with update={update!r} needs the "
-                             "gradients G")
+            raise ValueError(f"saliency={saliency!r} with update={update!r} needs the gradients G")
     else:
         _check_grads(xp, theta, G)
         # A masked copy, then the set-up writes W over it: two m x d arrays in all.
@@ -696,23 +709,23 @@ def prune(
         scores = magnitude_saliency(theta)
     ihvp = None
     if saliency == "obs" or update != "none":
-        ihvp = StaticIHVP(G, damp=damp, block_size=block_size,
-                          overwrite_G=is_writeable_array(G))
+        ihvp = StaticIHVP(G, damp=damp, block_size=block_size, overwrite_G=is_writeable_array(G))
         if saliency == "obs":
             scores = obs_saliency(theta, ihvp)
-    selected = select_pruned(scores, sparsity=sparsity, mask=mask,
-                             block_size=selection_block_size)
+    selected = select_pruned(scores, sparsity=sparsity, mask=mask, block_size=selection_block_size)
     if ihvp is None or update == "none":
         zero = xp.zeros((), dtype=theta.dtype, device=device_of(theta))
         new = xp.where(selected | ~mask, zero, theta)
     else:
-        new = obs_update(theta, ihvp, selected, mask=mask, joint=update == "joint",
-                         block_size=joint_block_size)
+        new = obs_update(
+            theta, ihvp, selected, mask=mask, joint=update == "joint", block_size=joint_block_size
+        )
     return PruneResult(new, mask & ~selected)
 
 
-def sparsity_schedule(start: float, end: float, steps: int, /, *,
-                      schedule: Schedule = "linear") -> list[float]:
+def sparsity_schedule(
+    start: float, end: float, steps: int, /, *, schedule: Schedule = "linear"
+) -> list[float]:
     r"""The intermediate sparsities of a gradual pruning run, ending at ``end``.
 
     Parameters
@@ -853,12 +866,23 @@ def gradual_prune(
     targets = sparsity_schedule(min(start, sparsity), sparsity, steps, schedule=schedule)
     result = PruneResult(theta, mask)
     for t, target in enumerate(targets, start=1):
-        G = grad_fn(result.theta, result.mask) if (saliency != "magnitude"
-                                                   or update != "none") else None
-        result = prune(result.theta, G, sparsity=target, damp=damp, block_size=block_size,
-                       saliency=saliency, update=update, mask=result.mask,
-                       selection_block_size=selection_block_size,
-                       joint_block_size=joint_block_size)
+        G = (
+            grad_fn(result.theta, result.mask)
+            if (saliency != "magnitude" or update != "none")
+            else None
+        )
+        result = prune(
+            result.theta,
+            G,
+            sparsity=target,
+            damp=damp,
+            block_size=block_size,
+            saliency=saliency,
+            update=update,
+            mask=result.mask,
+            selection_block_size=selection_block_size,
+            joint_block_size=joint_block_size,
+        )
         if callback is not None:
             callback(t, result)
     return result
@@ -966,8 +990,12 @@ def damping_sweep(
     op = SpectralIHVP(G, damp=1.0, block_size=block_size)
     diag = op.diagonal(damps=dampings)  # validates the dampings
     saliency = theta * theta / (2 * diag)
-    selected = xp.stack([select_pruned(saliency[k, ...], sparsity=sparsity, mask=mask)
-                         for k in range(saliency.shape[0])])
+    selected = xp.stack(
+        [
+            select_pruned(saliency[k, ...], sparsity=sparsity, mask=mask)
+            for k in range(saliency.shape[0])
+        ]
+    )
     zero = xp.zeros_like(saliency)
     increase = xp.sum(xp.where(selected, saliency, zero), axis=1)
     return DampingSweep(tuple(float(dp) for dp in dampings), saliency, selected, increase)

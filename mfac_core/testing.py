@@ -257,12 +257,12 @@ def extended_precision_inverse(G: Any, damp: float, x: Any) -> np.ndarray:
     C = np.einsum("ik,jk->ij", Gl, Gl) + m * LD(damp) * np.eye(m, dtype=LD)
     b = Gl @ xl
     for k in range(m):
-        f = C[k + 1:, k] / C[k, k]
-        C[k + 1:, k:] -= f[:, None] * C[k, k:]
-        b[k + 1:] -= f * b[k]
+        f = C[k + 1 :, k] / C[k, k]
+        C[k + 1 :, k:] -= f[:, None] * C[k, k:]
+        b[k + 1 :] -= f * b[k]
     z = np.zeros(m, dtype=LD)
     for k in range(m - 1, -1, -1):
-        z[k] = (b[k] - C[k, k + 1:] @ z[k + 1:]) / C[k, k]
+        z[k] = (b[k] - C[k, k + 1 :] @ z[k + 1 :]) / C[k, k]
     return np.asarray((xl - Gl.T @ z) / LD(damp), dtype=np.float64)
 
 
@@ -505,8 +505,9 @@ class SpectralOracle:
         for idx in np.ndindex(r.shape):
             i, j = int(r[idx]), int(c[idx])
             if not (0 <= i < self.dim and 0 <= j < self.dim):
-                raise IndexError(f"index ({i}, {j}) out of range for a "
-                                 f"{self.dim} x {self.dim} matrix")
+                raise IndexError(
+                    f"index ({i}, {j}) out of range for a {self.dim} x {self.dim} matrix"
+                )
             if i // B != j // B:
                 continue
             b = self._blocks[i // B]
@@ -533,8 +534,10 @@ class SpectralOracle:
         return out
 
     def __repr__(self) -> str:
-        return (f"<SpectralOracle d={self.dim} m={self.num_grads} damp={self.damp:g} "
-                f"block_size={self.block_size} kappa={self.kappa:.3g}>")
+        return (
+            f"<SpectralOracle d={self.dim} m={self.num_grads} damp={self.damp:g} "
+            f"block_size={self.block_size} kappa={self.kappa:.3g}>"
+        )
 
 
 # -- literal transcriptions of the paper ---------------------------------------------------
@@ -883,8 +886,10 @@ def assert_close(
         raise AssertionError(f"{prefix}desired holds NaN or infinity")
     a64 = a.astype(np.float64)
     if not np.all(np.isfinite(a64)):
-        raise AssertionError(f"{prefix}actual holds NaN or infinity "
-                             f"({int(np.sum(~np.isfinite(a64)))} of {a64.size} entries)")
+        raise AssertionError(
+            f"{prefix}actual holds NaN or infinity "
+            f"({int(np.sum(~np.isfinite(a64)))} of {a64.size} entries)"
+        )
     err = _norm(a64 - desired_np)
     ref = _norm(desired_np)
     tol = factor * eps * float(kappa) * ref + float(atol)
@@ -895,7 +900,8 @@ def assert_close(
             f"tolerance {tol:.3e} (= {factor:g} * eps {eps:.3g} * kappa {float(kappa):.3g} * "
             f"||desired|| {ref:.3e} + atol {float(atol):.3g}); dtype {dtype}, shape {a.shape}; "
             f"error / (eps kappa ||desired||) = "
-            f"{err / (eps * float(kappa) * ref) if ref > 0 else math.inf:.3g}")
+            f"{err / (eps * float(kappa) * ref) if ref > 0 else math.inf:.3g}"
+        )
 
 
 # -- Hypothesis strategies -------------------------------------------------------------------
@@ -976,8 +982,10 @@ class Problem:
         if isinstance(dtype, str):
             dtype = getattr(xp, dtype)
         kw = {} if device is None else {"device": device}
-        return (xp.asarray(self.G, dtype=dtype, copy=True, **kw),
-                xp.asarray(self.x, dtype=dtype, copy=True, **kw))
+        return (
+            xp.asarray(self.G, dtype=dtype, copy=True, **kw),
+            xp.asarray(self.x, dtype=dtype, copy=True, **kw),
+        )
 
     def __repr__(self) -> str:
         return f"Problem({self.description})"
@@ -991,8 +999,10 @@ def _hypothesis() -> Any:
     try:
         import hypothesis.strategies as st
     except ImportError:  # pragma: no cover - exercised only without hypothesis
-        raise ImportError("mfac_core.testing.problems needs Hypothesis: "
-                          "pip install hypothesis (or mfac_core[test])") from None
+        raise ImportError(
+            "mfac_core.testing.problems needs Hypothesis: "
+            "pip install hypothesis (or mfac_core[test])"
+        ) from None
     return st
 
 
@@ -1093,8 +1103,10 @@ def problems(
         x = x.astype(store).astype(np.float64)
 
         kappa = condition_number(G, damp, block_size=block_size)
-        description = (f"m={m}, d={d}, G={g_kind}, x={x_kind}, block_size={block_size}, "
-                       f"damp={damp:.3g}, kappa={kappa:.3g}, seed={seed}")
+        description = (
+            f"m={m}, d={d}, G={g_kind}, x={x_kind}, block_size={block_size}, "
+            f"damp={damp:.3g}, kappa={kappa:.3g}, seed={seed}"
+        )
         G.setflags(write=False)
         x.setflags(write=False)
         return Problem(G=G, damp=damp, x=x, block_size=block_size, description=description)

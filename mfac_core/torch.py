@@ -227,13 +227,13 @@ class MFAC(torch.optim.Optimizer):
         damp = check_damp(damp)
         check_choice(errors, "errors", ("skip", "raise"))
         self._frozen = False
-        super().__init__(params, {"lr": lr, "momentum": momentum,
-                                  "weight_decay": weight_decay})
+        super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay})
         self._frozen = True
         # Added after the groups exist, so that add_param_group does not copy these
         # window-wide options into every group (where changing them would do nothing).
-        self.defaults.update(num_grads=int(num_grads), damp=damp, zero_init=bool(zero_init),
-                             errors=errors)
+        self.defaults.update(
+            num_grads=int(num_grads), damp=damp, zero_init=bool(zero_init), errors=errors
+        )
         self._layout()
         self.ihvp = self._new_window(damp)
         self._momentum: torch.Tensor | None = None
@@ -255,7 +255,8 @@ class MFAC(torch.optim.Optimizer):
             if p.device != first.device or p.dtype != first.dtype:
                 raise ValueError(
                     "MFAC treats all parameters as one vector: they must share one device and "
-                    f"one dtype, got {first.device}/{first.dtype} and {p.device}/{p.dtype}")
+                    f"one dtype, got {first.device}/{first.dtype} and {p.device}/{p.dtype}"
+                )
         self.device, self.dtype = first.device, first.dtype
         self._slices: list[list[tuple[torch.Tensor, int, int]]] = []
         offset = 0
@@ -274,16 +275,31 @@ class MFAC(torch.optim.Optimizer):
         window = m * d * _itemsize(self.dtype)
         # The Gram matrix and the two factor buffers the core keeps once the window is full.
         small = 3 * m * m * 8
-        logger.info("MFAC allocates a window of num_grads=%d x dim=%d %s on %s (damp=%g): "
-                    "%d bytes (%s), plus %d bytes (%s) of float64 m x m matrices",
-                    m, d, str(self.dtype).removeprefix("torch."), self.device, damp, window,
-                    _format_bytes(window), small, _format_bytes(small))
+        logger.info(
+            "MFAC allocates a window of num_grads=%d x dim=%d %s on %s (damp=%g): "
+            "%d bytes (%s), plus %d bytes (%s) of float64 m x m matrices",
+            m,
+            d,
+            str(self.dtype).removeprefix("torch."),
+            self.device,
+            damp,
+            window,
+            _format_bytes(window),
+            small,
+            _format_bytes(small),
+        )
 
     def _new_window(self, damp: float) -> DynamicIHVP:
         self._log_window(damp)
-        return DynamicIHVP(self.defaults["num_grads"], self.dim, damp=damp, dtype=self.dtype,
-                           xp=array_namespace(self._grad), device=self.device,
-                           zero_init=self.defaults["zero_init"])
+        return DynamicIHVP(
+            self.defaults["num_grads"],
+            self.dim,
+            damp=damp,
+            dtype=self.dtype,
+            xp=array_namespace(self._grad),
+            device=self.device,
+            zero_init=self.defaults["zero_init"],
+        )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a parameter group; possible only while the optimizer is being built.
@@ -303,12 +319,16 @@ class MFAC(torch.optim.Optimizer):
             ``weight_decay`` of the group.
         """
         if getattr(self, "_frozen", False):
-            raise ValueError("MFAC cannot add parameter groups after construction: the "
-                             "window's dimension is fixed; build a new optimizer instead")
+            raise ValueError(
+                "MFAC cannot add parameter groups after construction: the "
+                "window's dimension is fixed; build a new optimizer instead"
+            )
         for key in _GLOBAL_KEYS:
             if isinstance(param_group, Mapping) and key in param_group:
-                raise ValueError(f"{key} is an option of the whole MFAC optimizer (one window "
-                                 "over all parameters), not of a parameter group")
+                raise ValueError(
+                    f"{key} is an option of the whole MFAC optimizer (one window "
+                    "over all parameters), not of a parameter group"
+                )
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
@@ -323,8 +343,7 @@ class MFAC(torch.optim.Optimizer):
             if key not in group:
                 raise ValueError(f"{where} has no {key!r}")
             if key == "momentum":
-                check_number(group[key], f"{key} of {where}", low=0.0, high=1.0,
-                             high_open=True)
+                check_number(group[key], f"{key} of {where}", low=0.0, high=1.0, high_open=True)
             else:
                 check_number(group[key], f"{key} of {where}", low=0.0)
 
@@ -344,7 +363,7 @@ class MFAC(torch.optim.Optimizer):
         head = ", ".join(f"{key}: {self.defaults[key]!r}" for key in _GLOBAL_KEYS)
         base = super().__repr__()
         name = type(self).__name__ + " ("
-        return f"{name}{head}, dim: {self.dim}{base[len(name):]}"
+        return f"{name}{head}, dim: {self.dim}{base[len(name) :]}"
 
     # -- the step -------------------------------------------------------------------------
 
@@ -378,8 +397,10 @@ class MFAC(torch.optim.Optimizer):
         g = self._gather()
         # One reduction and one host sync per step, next to two passes over m x d.
         if not bool(torch.isfinite(g).all()):
-            self._skip(f"{self._culprit()} holds NaN or infinity; the step is skipped "
-                       "(parameters, momentum and window unchanged)")
+            self._skip(
+                f"{self._culprit()} holds NaN or infinity; the step is skipped "
+                "(parameters, momentum and window unchanged)"
+            )
             return loss
         try:
             s = self.ihvp.update_and_matvec(g)
@@ -388,12 +409,16 @@ class MFAC(torch.optim.Optimizer):
                 raise
             # The core leaves the window as it was; precondition with it.
             self.rejected_grads += 1
-            self._warn(f"the gradient was left out of the window and the step taken with the "
-                       f"previous window ({self.rejected_grads} so far): {exc}")
+            self._warn(
+                f"the gradient was left out of the window and the step taken with the "
+                f"previous window ({self.rejected_grads} so far): {exc}"
+            )
             s = self.ihvp.matvec(g)
         if not bool(torch.isfinite(s).all()):
-            self._skip("the preconditioned step holds NaN or infinity (damp too small for "
-                       "the dtype?); the step is skipped (parameters and momentum unchanged)")
+            self._skip(
+                "the preconditioned step holds NaN or infinity (damp too small for "
+                "the dtype?); the step is skipped (parameters and momentum unchanged)"
+            )
             return loss
         self._apply(s)
         self.steps += 1
@@ -421,10 +446,12 @@ class MFAC(torch.optim.Optimizer):
         for j, layout in enumerate(self._slices):
             for i, (p, lo, hi) in enumerate(layout):
                 if not bool(torch.isfinite(self._grad[lo:hi]).all()):
-                    what = "gradient" if p.grad is not None and not bool(
-                        torch.isfinite(p.grad).all()) else "weight-decayed gradient"
-                    return (f"the {what} of parameter {i} of group {j} (shape "
-                            f"{tuple(p.shape)})")
+                    what = (
+                        "gradient"
+                        if p.grad is not None and not bool(torch.isfinite(p.grad).all())
+                        else "weight-decayed gradient"
+                    )
+                    return f"the {what} of parameter {i} of group {j} (shape {tuple(p.shape)})"
         return "the gradient"
 
     def _skip(self, message: str) -> None:
@@ -438,11 +465,11 @@ class MFAC(torch.optim.Optimizer):
         # (no_grad, hooks, profiling), whose depth depends on torch's version.
         frame, level = sys._getframe(0), 1
         while frame.f_back is not None and (
-                frame.f_globals.get("__name__") == __name__
-                or str(frame.f_globals.get("__name__")).startswith("torch.")):
+            frame.f_globals.get("__name__") == __name__
+            or str(frame.f_globals.get("__name__")).startswith("torch.")
+        ):
             frame, level = frame.f_back, level + 1
-        warnings.warn(f"MFAC step {self.steps + 1}: {message}", MFACStepWarning,
-                      stacklevel=level)
+        warnings.warn(f"MFAC step {self.steps + 1}: {message}", MFACStepWarning, stacklevel=level)
 
     def _apply(self, s: torch.Tensor) -> None:
         if self._momentum is None and any(gr["momentum"] for gr in self.param_groups):
@@ -486,8 +513,7 @@ class MFAC(torch.optim.Optimizer):
         return state
 
     @torch.no_grad()
-    def load_state_dict(self, state_dict: Mapping[str, Any], *,
-                        damp: float | None = None) -> None:
+    def load_state_dict(self, state_dict: Mapping[str, Any], *, damp: float | None = None) -> None:
         """Restore a state from :meth:`state_dict`, window included.
 
         Everything is checked before anything changes: a state that cannot
@@ -530,12 +556,14 @@ class MFAC(torch.optim.Optimizer):
     def _check_state(self, state_dict: Any, damp: float | None) -> SimpleNamespace:
         """Check a state for :meth:`load_state_dict`: what to commit; nothing changes here."""
         if not isinstance(state_dict, Mapping):
-            raise ValueError(f"not an MFAC state_dict: expected a dict, got "
-                             f"{type(state_dict).__name__}")
+            raise ValueError(
+                f"not an MFAC state_dict: expected a dict, got {type(state_dict).__name__}"
+            )
         missing = [k for k in ("state", "param_groups", "mfac") if k not in state_dict]
         if missing:
-            raise ValueError(f"not an MFAC state_dict: it has no {missing} "
-                             f"(the 'mfac' entry holds the window)")
+            raise ValueError(
+                f"not an MFAC state_dict: it has no {missing} (the 'mfac' entry holds the window)"
+            )
         base = {k: v for k, v in state_dict.items() if k != "mfac"}
         self._check_groups(base)
         extra = state_dict["mfac"]
@@ -548,31 +576,36 @@ class MFAC(torch.optim.Optimizer):
         for key in ("steps", "skipped_steps", "rejected_grads"):
             value = extra.get(key, 0)  # the counters are absent from older checkpoints
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"state_dict['mfac'][{key!r}] must be an int >= 0, "
-                                 f"got {value!r}")
+                raise ValueError(f"state_dict['mfac'][{key!r}] must be an int >= 0, got {value!r}")
             counts[key] = int(value)
         momentum = self._check_momentum(extra["momentum_buffer"])
         window, target = self._check_window(extra["window"], damp)
-        return SimpleNamespace(base=base, window=window, damp=target, momentum=momentum,
-                               **counts)
+        return SimpleNamespace(base=base, window=window, damp=target, momentum=momentum, **counts)
 
     def _check_groups(self, base: Mapping[str, Any]) -> None:
         if not isinstance(base["state"], Mapping):
             raise ValueError("state_dict['state'] must be a dict")
         groups = base["param_groups"]
-        if not isinstance(groups, Sequence) or isinstance(groups, str) \
-                or len(groups) != len(self.param_groups):
+        if (
+            not isinstance(groups, Sequence)
+            or isinstance(groups, str)
+            or len(groups) != len(self.param_groups)
+        ):
             have = len(groups) if isinstance(groups, Sequence) else groups
-            raise ValueError(f"state_dict['param_groups'] must list {len(self.param_groups)} "
-                             f"parameter groups, got {have!r}")
+            raise ValueError(
+                f"state_dict['param_groups'] must list {len(self.param_groups)} "
+                f"parameter groups, got {have!r}"
+            )
         ids = []
         for j, (saved, group) in enumerate(zip(groups, self.param_groups, strict=True)):
             where = f"state_dict['param_groups'][{j}]"
             if not isinstance(saved, Mapping) or not isinstance(saved.get("params"), Sequence):
                 raise ValueError(f"{where} must be a dict with a list 'params'")
             if len(saved["params"]) != len(group["params"]):
-                raise ValueError(f"{where} has {len(saved['params'])} parameters, this "
-                                 f"optimizer's group {len(group['params'])}")
+                raise ValueError(
+                    f"{where} has {len(saved['params'])} parameters, this "
+                    f"optimizer's group {len(group['params'])}"
+                )
             try:
                 self._check_group(saved, where)
             except TypeError as exc:  # one kind of error for every malformed state
@@ -584,19 +617,22 @@ class MFAC(torch.optim.Optimizer):
     def _check_momentum(self, buf: Any) -> torch.Tensor | None:
         if buf is None:
             return None
-        if not isinstance(buf, torch.Tensor) or not buf.is_floating_point() \
-                or tuple(buf.shape) != (self.dim,):
+        if (
+            not isinstance(buf, torch.Tensor)
+            or not buf.is_floating_point()
+            or tuple(buf.shape) != (self.dim,)
+        ):
             shape = tuple(buf.shape) if isinstance(buf, torch.Tensor) else type(buf).__name__
-            raise ValueError(f"the momentum buffer must be a floating tensor of shape "
-                             f"({self.dim},), got {shape}")
+            raise ValueError(
+                f"the momentum buffer must be a floating tensor of shape ({self.dim},), got {shape}"
+            )
         # A copy, detached: the buffer is updated in place and must not join a graph.
         buf = buf.detach().to(device=self.device, dtype=self.dtype, copy=True)
         if not bool(torch.isfinite(buf).all()):
             raise ValueError("the momentum buffer holds NaN or infinity")
         return buf
 
-    def _check_window(self, window: Any,
-                      damp: float | None) -> tuple[dict[str, Any], float | None]:
+    def _check_window(self, window: Any, damp: float | None) -> tuple[dict[str, Any], float | None]:
         """The window's state on this device, checked by the core (nothing changes here).
 
         Returns the state and the damping to load it with (``None``: its own).
@@ -605,8 +641,10 @@ class MFAC(torch.optim.Optimizer):
         if not isinstance(window, Mapping):
             raise ValueError(f"{where} must be a dict")
         # Tensors to this device; the core detaches them, and checks everything else.
-        out = {k: v.to(device=self.device) if isinstance(v, torch.Tensor) else v
-               for k, v in window.items()}
+        out = {
+            k: v.to(device=self.device) if isinstance(v, torch.Tensor) else v
+            for k, v in window.items()
+        }
         target = None if damp is None else check_damp(damp)
         try:
             self.ihvp.check_state_dict(out, damp=target)
@@ -748,13 +786,16 @@ class MFACPruner:
         first = next(iter(self.weights.values()))
         for name, w in self.weights.items():
             if w.device != first.device or w.dtype != first.dtype:
-                raise ValueError(f"all pruned weights must share one device and dtype; "
-                                 f"{name} is {w.device}/{w.dtype}, not "
-                                 f"{first.device}/{first.dtype}")
+                raise ValueError(
+                    f"all pruned weights must share one device and dtype; "
+                    f"{name} is {w.device}/{w.dtype}, not "
+                    f"{first.device}/{first.dtype}"
+                )
         self.device = first.device
         self.dtype = first.dtype if dtype is None else dtype
-        self.masks = {name: torch.ones_like(w, dtype=torch.bool)
-                      for name, w in self.weights.items()}
+        self.masks = {
+            name: torch.ones_like(w, dtype=torch.bool) for name, w in self.weights.items()
+        }
         self.dim = sum(w.numel() for w in self.weights.values())
 
     @staticmethod
@@ -763,16 +804,20 @@ class MFACPruner:
         if layers is None:
             found = {name: m.weight for name, m in modules.items() if isinstance(m, _PRUNABLE)}
             if not found:
-                raise ValueError("the model has no Linear or Conv layer to prune; name the "
-                                 "layers explicitly with layers=[...]")
+                raise ValueError(
+                    "the model has no Linear or Conv layer to prune; name the "
+                    "layers explicitly with layers=[...]"
+                )
             return found
         if isinstance(layers, str):
             layers = [layers]
         out = {}
         for name in layers:
             if name not in modules:
-                raise ValueError(f"the model has no layer named {name!r}; its layers are "
-                                 f"{[n for n in modules if n]}")
+                raise ValueError(
+                    f"the model has no layer named {name!r}; its layers are "
+                    f"{[n for n in modules if n]}"
+                )
             weight = getattr(modules[name], "weight", None)
             if not isinstance(weight, torch.Tensor):
                 raise ValueError(f"layer {name!r} has no weight tensor to prune")
@@ -808,8 +853,8 @@ class MFACPruner:
         offset = 0
         for name, w in self.weights.items():
             n = w.numel()
-            w.copy_(theta[offset:offset + n].view(w.shape))
-            self.masks[name] = mask[offset:offset + n].reshape(w.shape).clone()
+            w.copy_(theta[offset : offset + n].view(w.shape))
+            self.masks[name] = mask[offset : offset + n].reshape(w.shape).clone()
             offset += n
         self.apply_masks()
 
@@ -825,8 +870,9 @@ class MFACPruner:
 
     # -- gradients ------------------------------------------------------------------------
 
-    def collect_grads(self, loader: Iterable[Any], loss_fn: Callable[[Any, Any], Any],
-                      /) -> torch.Tensor:
+    def collect_grads(
+        self, loader: Iterable[Any], loss_fn: Callable[[Any, Any], Any], /
+    ) -> torch.Tensor:
         """``num_grads`` gradients of the chosen weights, one per batch.
 
         Batches are ``(inputs, targets)`` pairs; the gradient of
@@ -849,9 +895,15 @@ class MFACPruner:
         """
         weights = list(self.weights.values())
         size = self.num_grads * self.dim * _itemsize(self.dtype)
-        logger.info("MFACPruner allocates num_grads=%d x dim=%d %s gradients on %s: %d bytes "
-                    "(%s)", self.num_grads, self.dim, str(self.dtype).removeprefix("torch."),
-                    self.device, size, _format_bytes(size))
+        logger.info(
+            "MFACPruner allocates num_grads=%d x dim=%d %s gradients on %s: %d bytes (%s)",
+            self.num_grads,
+            self.dim,
+            str(self.dtype).removeprefix("torch."),
+            self.device,
+            size,
+            _format_bytes(size),
+        )
         G = torch.empty((self.num_grads, self.dim), dtype=self.dtype, device=self.device)
         mask = self.flat_mask()
         row = 0
@@ -867,9 +919,9 @@ class MFACPruner:
                 for w, g in zip(weights, grads, strict=True):
                     n = w.numel()
                     if g is None:
-                        G[row, offset:offset + n] = 0
+                        G[row, offset : offset + n] = 0
                     else:
-                        G[row, offset:offset + n] = g.reshape(-1)
+                        G[row, offset : offset + n] = g.reshape(-1)
                     offset += n
                 row += 1
                 if row == self.num_grads:
@@ -923,10 +975,18 @@ class MFACPruner:
             return self.collect_grads(loader, loss_fn)
 
         result = pruning.gradual_prune(
-            self.flat_weights(), grad_fn, sparsity=sparsity, steps=steps, schedule=schedule,
-            mask=self.flat_mask(), damp=self.damp, block_size=self.block_size,
-            saliency=self.saliency, update=self.update,
-            selection_block_size=self.selection_block_size)
+            self.flat_weights(),
+            grad_fn,
+            sparsity=sparsity,
+            steps=steps,
+            schedule=schedule,
+            mask=self.flat_mask(),
+            damp=self.damp,
+            block_size=self.block_size,
+            saliency=self.saliency,
+            update=self.update,
+            selection_block_size=self.selection_block_size,
+        )
         self._write(result.theta, result.mask)
 
     @torch.no_grad()

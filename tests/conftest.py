@@ -74,8 +74,10 @@ class Backend:
     def skip_if_immutable(self) -> None:
         """Skip a test of the in-place sliding window on JAX (see mfac_core.jax instead)."""
         if not self.mutable:
-            pytest.skip("JAX arrays are immutable: DynamicIHVP refuses them; the JAX window "
-                        "is mfac_core.jax's functional one (tests/test_jax.py)")
+            pytest.skip(
+                "JAX arrays are immutable: DynamicIHVP refuses them; the JAX window "
+                "is mfac_core.jax's functional one (tests/test_jax.py)"
+            )
 
 
 def _numpy_backend() -> Backend:
@@ -227,8 +229,13 @@ class Dense(LinearOperator):
 
     def __init__(self, A: Any, *, check_finite: bool = True) -> None:
         xp = array_api_compat.array_namespace(A)
-        super().__init__(shape=tuple(int(s) for s in A.shape), dtype=A.dtype, xp=xp,
-                         device=array_api_compat.device(A), check_finite=check_finite)
+        super().__init__(
+            shape=tuple(int(s) for s in A.shape),
+            dtype=A.dtype,
+            xp=xp,
+            device=array_api_compat.device(A),
+            check_finite=check_finite,
+        )
         self.A = A
 
     def _matmat(self, X: Any) -> Any:

@@ -56,8 +56,12 @@ def test_lambda_max_lower_bound_cannot_collapse(build, rng):
     assert true * (1 - 1e-12) <= hi
 
 
-@given(m=st.integers(1, 12), seed=st.integers(0, 2**31), rank=st.integers(1, 12),
-       stack=st.integers(1, 3))
+@given(
+    m=st.integers(1, 12),
+    seed=st.integers(0, 2**31),
+    rank=st.integers(1, 12),
+    stack=st.integers(1, 3),
+)
 def test_lambda_max_bounds_on_stacks_of_psd_matrices(m, seed, rank, stack):
     rng = np.random.default_rng(seed)
     A = rng.standard_normal((stack, m, min(rank, m)))
@@ -156,6 +160,7 @@ def test_cholesky_inverse_of_a_stack(xp_device, rng, dtype, k):
     assert np.abs(got - want).max() <= 10 * eps * np.linalg.cond(C).max() * np.abs(want).max()
     if xp_device.mutable:
         out = xp.zeros((3, k, k), dtype=xp_device.dtype(dtype), device=xp_device.device)
-        res = _linalg.cholesky_inverse(xp, xp_device.asarray(U, "float64"),
-                                       xp_device.dtype(dtype), out=out)
+        res = _linalg.cholesky_inverse(
+            xp, xp_device.asarray(U, "float64"), xp_device.dtype(dtype), out=out
+        )
         assert res is out and np.array_equal(to_numpy(out).astype(np.float64), got)

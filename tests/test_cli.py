@@ -94,8 +94,18 @@ def test_ihvp_stack_equals_library(files):
 
 @pytest.mark.parametrize("block_size", [1, 4, 7, 13, D, 2 * D])
 def test_ihvp_block_size_equals_library(files, block_size):
-    args = ["ihvp", files["G"], files["V"], "-o", files["out"], "--damp", DAMP,
-            "--block-size", block_size, "--quiet"]
+    args = [
+        "ihvp",
+        files["G"],
+        files["V"],
+        "-o",
+        files["out"],
+        "--damp",
+        DAMP,
+        "--block-size",
+        block_size,
+        "--quiet",
+    ]
     assert run(args) == 0
     G, V = np.load(files["G"]), np.load(files["V"])
     expected = StaticIHVP(G, damp=DAMP, block_size=block_size).matmat(V.T).T
@@ -107,9 +117,9 @@ def dense_block_inverse_times(G, damp, block_size, V):
     m, d = G.shape
     out = np.empty_like(V, dtype=np.float64)
     for lo in range(0, d, block_size):
-        Gb = G[:, lo:lo + block_size]
+        Gb = G[:, lo : lo + block_size]
         Fb = damp * np.eye(Gb.shape[1]) + Gb.T @ Gb / m
-        out[..., lo:lo + block_size] = np.linalg.solve(Fb, V[..., lo:lo + block_size].T).T
+        out[..., lo : lo + block_size] = np.linalg.solve(Fb, V[..., lo : lo + block_size].T).T
     return out
 
 
@@ -117,18 +127,33 @@ def dense_block_inverse_times(G, damp, block_size, V):
 @pytest.mark.parametrize("vecs", ["v", "V"])
 def test_ihvp_block_size_matches_dense_inverse(files, block_size, vecs):
     # Independent of the library: a dense solve per block, for one vector and a stack.
-    assert run(["ihvp", files["G"], files[vecs], "-o", files["out"], "--damp", DAMP,
-                "--block-size", block_size, "-q"]) == 0
+    assert (
+        run(
+            [
+                "ihvp",
+                files["G"],
+                files[vecs],
+                "-o",
+                files["out"],
+                "--damp",
+                DAMP,
+                "--block-size",
+                block_size,
+                "-q",
+            ]
+        )
+        == 0
+    )
     G, V = np.load(files["G"]), np.load(files[vecs])
     expected = dense_block_inverse_times(G, DAMP, block_size, V)
     # Both sides err by about eps * kappa relative to ||F^{-1} V||, not to each entry.
-    assert_close(np.load(files["out"]), expected,
-                 kappa=condition_number(G, DAMP, block_size=block_size))
+    assert_close(
+        np.load(files["out"]), expected, kappa=condition_number(G, DAMP, block_size=block_size)
+    )
 
 
 def test_ihvp_float32_input_keeps_float32(files):
-    assert run(["ihvp", files["G32"], files["V32"], "-o", files["out"], "--damp", DAMP,
-                "-q"]) == 0
+    assert run(["ihvp", files["G32"], files["V32"], "-o", files["out"], "--damp", DAMP, "-q"]) == 0
     got = np.load(files["out"])
     assert got.dtype == np.float32
     G, V = np.load(files["G32"]), np.load(files["V32"])
@@ -137,8 +162,23 @@ def test_ihvp_float32_input_keeps_float32(files):
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_ihvp_dtype_option_casts(files, dtype):
-    assert run(["ihvp", files["G"], files["V32"], "-o", files["out"], "--damp", DAMP,
-                "--dtype", dtype, "-q"]) == 0
+    assert (
+        run(
+            [
+                "ihvp",
+                files["G"],
+                files["V32"],
+                "-o",
+                files["out"],
+                "--damp",
+                DAMP,
+                "--dtype",
+                dtype,
+                "-q",
+            ]
+        )
+        == 0
+    )
     got = np.load(files["out"])
     assert got.dtype == np.dtype(dtype)
     G = np.load(files["G"]).astype(dtype)
@@ -149,14 +189,32 @@ def test_ihvp_dtype_option_casts(files, dtype):
 def test_ihvp_does_not_modify_inputs(files):
     before = files["G"].read_bytes(), files["V"].read_bytes()
     assert run(["ihvp", files["G"], files["V"], "-o", files["out"], "--damp", DAMP, "-q"]) == 0
-    assert run(["ihvp", files["G"], files["V"], "-o", files["out"], "--damp", DAMP, "-q",
-                "--dtype", "float32", "--overwrite"]) == 0
+    assert (
+        run(
+            [
+                "ihvp",
+                files["G"],
+                files["V"],
+                "-o",
+                files["out"],
+                "--damp",
+                DAMP,
+                "-q",
+                "--dtype",
+                "float32",
+                "--overwrite",
+            ]
+        )
+        == 0
+    )
     assert (files["G"].read_bytes(), files["V"].read_bytes()) == before
 
 
 def test_ihvp_empty_stack(files):
-    assert run(["ihvp", files["G"], files["empty_stack"], "-o", files["out"], "--damp", DAMP,
-                "-q"]) == 0
+    assert (
+        run(["ihvp", files["G"], files["empty_stack"], "-o", files["out"], "--damp", DAMP, "-q"])
+        == 0
+    )
     assert np.load(files["out"]).shape == (0, D)
 
 
@@ -167,15 +225,19 @@ def test_ihvp_overwrite(files, capsys):
     assert_user_error(capsys, run(args), "exists", "--overwrite")
     assert run([*args, "--overwrite", "--damp", 2 * DAMP]) == 0
     G, v = np.load(files["G"]), np.load(files["v"])
-    assert_close(np.load(files["out"]), StaticIHVP(G, damp=2 * DAMP).matvec(v),
-                 kappa=condition_number(G, 2 * DAMP))
+    assert_close(
+        np.load(files["out"]),
+        StaticIHVP(G, damp=2 * DAMP).matvec(v),
+        kappa=condition_number(G, 2 * DAMP),
+    )
     # No temporary files are left beside the output.
     assert not [p for p in files["out"].parent.iterdir() if p.name.startswith(".mfac-core-")]
 
 
 def test_ihvp_progress_bar(files, capsys):
-    assert run(["ihvp", files["G"], files["V"], "-o", files["out"], "--damp", DAMP,
-                "--progress"]) == 0
+    assert (
+        run(["ihvp", files["G"], files["V"], "-o", files["out"], "--damp", DAMP, "--progress"]) == 0
+    )
     err = capsys.readouterr().err
     assert "set-up [" in err and "100%" in err and "\r" in err
 
@@ -238,8 +300,16 @@ def test_ihvp_user_errors_exit_2_without_traceback(files, capsys, grads, vecs, e
 
 
 @pytest.mark.parametrize("which", ["G", "v"])
-@pytest.mark.parametrize("how", ["same path", "another spelling", "symlink to the input",
-                                 "input is a symlink to it", "hard link"])
+@pytest.mark.parametrize(
+    "how",
+    [
+        "same path",
+        "another spelling",
+        "symlink to the input",
+        "input is a symlink to it",
+        "hard link",
+    ],
+)
 def test_ihvp_refuses_an_output_that_is_an_input(files, capsys, which, how):
     source = files[which]
     before = {name: files[name].read_bytes() for name in ("G", "v")}
@@ -260,8 +330,9 @@ def test_ihvp_refuses_an_output_that_is_an_input(files, capsys, which, how):
         out = source.parent / "hard.npy"
         os.link(source, out)
     status = run(["ihvp", files["G"], files["v"], "-o", out, "--damp", DAMP, "--overwrite"])
-    assert_user_error(capsys, status, str(out), "GRADS" if which == "G" else "VECS",
-                      "another output")
+    assert_user_error(
+        capsys, status, str(out), "GRADS" if which == "G" else "VECS", "another output"
+    )
     assert {name: files[name].read_bytes() for name in ("G", "v")} == before
     assert out.is_symlink() == (how == "symlink to the input")
 
@@ -275,8 +346,17 @@ def test_ihvp_output_beside_an_input_of_the_same_name(files, tmp_path):
     assert np.load(out).shape == (D,)
 
 
-@pytest.mark.parametrize("damp", [["--damp", "-1e-5"], ["--damp=-1e-5"], ["--damp", "-1E-05"],
-                                  ["--damp", "-.5"], ["--damp", "-inf"], ["--damp", "-0"]])
+@pytest.mark.parametrize(
+    "damp",
+    [
+        ["--damp", "-1e-5"],
+        ["--damp=-1e-5"],
+        ["--damp", "-1E-05"],
+        ["--damp", "-.5"],
+        ["--damp", "-inf"],
+        ["--damp", "-0"],
+    ],
+)
 @pytest.mark.parametrize("command", ["ihvp", "demo"])
 def test_negative_damp_reaches_the_library_check(files, capsys, damp, command):
     # argparse before 3.13 reads -1e-5 as an option ("expected one argument").
@@ -294,29 +374,33 @@ def test_negative_number_values_leave_options_alone(files, capsys):
     # A value that looks like a negative number does not turn real options into values.
     status = run(["ihvp", files["G"], files["v"], "--damp", "1e-2", "-o", files["out"], "-q"])
     assert status == 0 and files["out"].exists()
-    assert_user_error(capsys, run(["ihvp", files["G"], files["v"], "-o", files["out"],
-                                   "--damp", "-q"]), "--damp")
+    assert_user_error(
+        capsys, run(["ihvp", files["G"], files["v"], "-o", files["out"], "--damp", "-q"]), "--damp"
+    )
 
 
 def test_ihvp_names_the_file_and_row_of_a_nan(files, capsys):
     G = np.load(files["G"])
     G[3, 7], G[5, 0] = np.nan, -np.inf
     np.save(files["out"].parent / "bad.npy", G)
-    status = run(["ihvp", files["out"].parent / "bad.npy", files["v"], "-o", files["out"],
-                  "--damp", DAMP])
+    status = run(
+        ["ihvp", files["out"].parent / "bad.npy", files["v"], "-o", files["out"], "--damp", DAMP]
+    )
     assert_user_error(capsys, status, "bad.npy row 3 holds NaN or infinity", "2 such rows")
     V = np.load(files["V"])
     V[1, -1] = np.inf
     np.save(files["out"].parent / "badV.npy", V)
-    status = run(["ihvp", files["G"], files["out"].parent / "badV.npy", "-o", files["out"],
-                  "--damp", DAMP])
+    status = run(
+        ["ihvp", files["G"], files["out"].parent / "badV.npy", "-o", files["out"], "--damp", DAMP]
+    )
     err = assert_user_error(capsys, status, "badV.npy row 1 holds NaN or infinity")
     assert "such rows" not in err
     v = np.load(files["v"])
     v[4] = np.nan
     np.save(files["out"].parent / "badv.npy", v)
-    status = run(["ihvp", files["G"], files["out"].parent / "badv.npy", "-o", files["out"],
-                  "--damp", DAMP])
+    status = run(
+        ["ihvp", files["G"], files["out"].parent / "badv.npy", "-o", files["out"], "--damp", DAMP]
+    )
     assert_user_error(capsys, status, "badv.npy holds NaN or infinity")
     assert not files["out"].exists()
 
@@ -325,8 +409,19 @@ def test_ihvp_names_the_row_that_overflows_the_dtype(files, capsys):
     G = np.load(files["G"])
     G[2, 1] = 1e39  # finite in float64, infinite in float32
     np.save(files["out"].parent / "big.npy", G)
-    status = run(["ihvp", files["out"].parent / "big.npy", files["v"], "-o", files["out"],
-                  "--damp", DAMP, "--dtype", "float32"])
+    status = run(
+        [
+            "ihvp",
+            files["out"].parent / "big.npy",
+            files["v"],
+            "-o",
+            files["out"],
+            "--damp",
+            DAMP,
+            "--dtype",
+            "float32",
+        ]
+    )
     assert_user_error(capsys, status, "big.npy row 2", "range of float32", "--dtype float64")
 
 
@@ -349,8 +444,9 @@ def test_ihvp_warnings_come_before_the_summary(tmp_path, capsys):
     rng = np.random.default_rng(3)
     np.save(tmp_path / "G.npy", rng.standard_normal((M, D)).astype(np.float32))
     np.save(tmp_path / "v.npy", rng.standard_normal(D).astype(np.float32))
-    status = run(["ihvp", tmp_path / "G.npy", tmp_path / "v.npy", "-o", tmp_path / "o.npy",
-                  "--damp", "1e-9"])
+    status = run(
+        ["ihvp", tmp_path / "G.npy", tmp_path / "v.npy", "-o", tmp_path / "o.npy", "--damp", "1e-9"]
+    )
     assert status == 0
     lines = capsys.readouterr().err.splitlines()
     warned = [i for i, line in enumerate(lines) if line.startswith("mfac-core: warning:")]
@@ -369,8 +465,9 @@ def test_ihvp_missing_output_folder(files, capsys):
 
 
 def test_ihvp_output_is_a_directory(files, capsys):
-    status = run(["ihvp", files["G"], files["v"], "-o", files["out"].parent, "--damp", DAMP,
-                  "--overwrite"])
+    status = run(
+        ["ihvp", files["G"], files["v"], "-o", files["out"].parent, "--damp", DAMP, "--overwrite"]
+    )
     assert_user_error(capsys, status, "directory")
 
 
@@ -380,8 +477,17 @@ def test_ihvp_factorization_error_is_a_user_error(tmp_path, capsys):
     g = np.random.default_rng(0).standard_normal(30) * 1e8
     np.save(tmp_path / "G.npy", np.tile(g, (40, 1)))
     np.save(tmp_path / "v.npy", np.ones(30))
-    status = run(["ihvp", tmp_path / "G.npy", tmp_path / "v.npy", "-o", tmp_path / "o.npy",
-                  "--damp", "1e-30"])
+    status = run(
+        [
+            "ihvp",
+            tmp_path / "G.npy",
+            tmp_path / "v.npy",
+            "-o",
+            tmp_path / "o.npy",
+            "--damp",
+            "1e-30",
+        ]
+    )
     assert_user_error(capsys, status, "positive definite", "damp=1e-30")
 
 
@@ -442,8 +548,9 @@ def test_demo_bound_holds_with_margin(m, d, damp):
     for seed in range(3):
         G64 = demo.demo_gradients(m, d, seed)
         rng = np.random.default_rng(seed + 1)
-        X64 = np.concatenate([rng.standard_normal((d, 2)),
-                              G64.T @ rng.standard_normal((m, 2))], axis=1)
+        X64 = np.concatenate(
+            [rng.standard_normal((d, 2)), G64.T @ rng.standard_normal((m, 2))], axis=1
+        )
         for block in sorted({d, 4 * m, max(1, m // 2)}):
             if block > d:
                 continue
@@ -452,11 +559,13 @@ def test_demo_bound_holds_with_margin(m, d, damp):
             for dtype in (np.float32, np.float64):
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", IllConditionedWarning)
-                    op = StaticIHVP(G64.astype(dtype), damp=damp,
-                                    block_size=None if block == d else block)
+                    op = StaticIHVP(
+                        G64.astype(dtype), damp=damp, block_size=None if block == d else block
+                    )
                 Y = op.matmat(X64.astype(dtype))
-                error, bound = demo.error_ratios(Y, reference, X64, damp=damp, kappa=kappa,
-                                                 eps=float(np.finfo(dtype).eps))
+                error, bound = demo.error_ratios(
+                    Y, reference, X64, damp=damp, kappa=kappa, eps=float(np.finfo(dtype).eps)
+                )
                 assert np.all(error <= bound / 2), (seed, block, dtype, error / bound)
 
 
@@ -466,8 +575,14 @@ def test_demo_passes_under_prescott():
     env = dict(os.environ, OPENBLAS_CORETYPE="Prescott")
     root = str(Path(mfac_core.__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-    run_ = subprocess.run([sys.executable, "-m", "mfac_core", "demo", "--m", "16", "--d", "300"],
-                          capture_output=True, text=True, env=env, timeout=300, check=False)
+    run_ = subprocess.run(
+        [sys.executable, "-m", "mfac_core", "demo", "--m", "16", "--d", "300"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
     assert run_.returncode == 0, run_.stdout + run_.stderr
     assert "all errors within their bounds" in run_.stdout
 
@@ -489,8 +604,22 @@ def test_demo_rejects_too_large_sizes(capsys):
 
 
 def test_quiet_overrides_progress(files, capsys):
-    assert run(["ihvp", files["G"], files["v"], "-o", files["out"], "--damp", DAMP,
-                "--progress", "--quiet"]) == 0
+    assert (
+        run(
+            [
+                "ihvp",
+                files["G"],
+                files["v"],
+                "-o",
+                files["out"],
+                "--damp",
+                DAMP,
+                "--progress",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr() == ("", "")
 
 
@@ -524,8 +653,12 @@ def test_examples_readme_quotes_the_results_verbatim():
         pytest.skip("examples/ is not beside the tests")
     text = (examples / "README.md").read_text(encoding="utf-8")
     quoted = re.findall(r"<!-- begin (\S+) \(.*?\) -->\n(.*?)<!-- end \1 -->", text, flags=re.S)
-    assert {name for name, _ in quoted} == {"train_digits.md", "train_digits-tune.md",
-                                           "prune_digits.md", "damp_and_m.md"}
+    assert {name for name, _ in quoted} == {
+        "train_digits.md",
+        "train_digits-tune.md",
+        "prune_digits.md",
+        "damp_and_m.md",
+    }
     for name, body in quoted:
         written = (examples / "results" / name).read_text(encoding="utf-8")
         assert body == written, f"examples/README.md quotes an old {name}; run examples/_common.py"
@@ -542,11 +675,25 @@ def test_python_m_subprocess(files):
     root = str(Path(mfac_core.__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
     ok = subprocess.run(
-        [sys.executable, "-m", "mfac_core", "ihvp", str(files["G"]), str(files["V"]),
-         "-o", str(files["out"]), "--damp", str(DAMP)],
-        capture_output=True, text=True, env=env, timeout=120, check=False)
+        [
+            sys.executable,
+            "-m",
+            "mfac_core",
+            "ihvp",
+            str(files["G"]),
+            str(files["V"]),
+            "-o",
+            str(files["out"]),
+            "--damp",
+            str(DAMP),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
     assert ok.returncode == 0, ok.stderr
     assert "Traceback" not in ok.stderr and ok.stdout == ""
     G, V = np.load(files["G"]), np.load(files["V"])
-    np.testing.assert_array_equal(np.load(files["out"]),
-                                  StaticIHVP(G, damp=DAMP).matmat(V.T).T)
+    np.testing.assert_array_equal(np.load(files["out"]), StaticIHVP(G, damp=DAMP).matmat(V.T).T)

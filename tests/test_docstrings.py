@@ -11,9 +11,16 @@ import importlib
 
 import pytest
 
-MODULES = ["mfac_core._operator", "mfac_core._static", "mfac_core._dynamic", "mfac_core.scipy",
-           "mfac_core.pruning", "mfac_core.testing", "mfac_core._linalg._cupy",
-           "mfac_core.torch"]
+MODULES = [
+    "mfac_core._operator",
+    "mfac_core._static",
+    "mfac_core._dynamic",
+    "mfac_core.scipy",
+    "mfac_core.pruning",
+    "mfac_core.testing",
+    "mfac_core._linalg._cupy",
+    "mfac_core.torch",
+]
 #: Modules whose docstrings may have no example (documented helpers only).
 WITHOUT_EXAMPLES = {"mfac_core._operator", "mfac_core.testing"}
 

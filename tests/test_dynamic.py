@@ -55,8 +55,9 @@ def _oracle_product(window, capacity, dim, zero_init, damp, x):
 def test_updates_match_oracle_on_every_backend(xp_device, dtype, rng, zero_init):
     xp_device.skip_if_immutable()
     m, d, damp = 5, 23, 0.3
-    op = DynamicIHVP(m, d, damp=damp, dtype=dtype, xp=xp_device.xp, device=xp_device.device,
-                     zero_init=zero_init)
+    op = DynamicIHVP(
+        m, d, damp=damp, dtype=dtype, xp=xp_device.xp, device=xp_device.device, zero_init=zero_init
+    )
     assert op.shape == (d, d) and op.device == xp_device.device
     window: list[np.ndarray] = []
     for step in range(3 * m + 2):
@@ -71,8 +72,9 @@ def test_updates_match_oracle_on_every_backend(xp_device, dtype, rng, zero_init)
     x = rng.standard_normal((d, 3)).astype(dtype)
     Y = op.matmat(xp_device.asarray(x, dtype))
     G = _window_matrix(window, m, d, zero_init)
-    assert_close(Y, SpectralOracle(G, damp).matmat(x.astype(np.float64)),
-                 kappa=condition_number(G, damp))
+    assert_close(
+        Y, SpectralOracle(G, damp).matmat(x.astype(np.float64)), kappa=condition_number(G, damp)
+    )
     assert_close(op.window(), np.array(window), dtype="float64", factor=1)
 
 
@@ -137,10 +139,18 @@ def test_from_window_equals_inserting_one_by_one(xp_device, rng):
     m, d, damp = 6, 25, 0.1
     G = rng.standard_normal((4, d))
     for zero_init in (False, True):
-        a = DynamicIHVP.from_window(xp_device.asarray(G, "float64"), damp=damp, num_grads=m,
-                                    zero_init=zero_init)
-        b = DynamicIHVP(m, d, damp=damp, dtype="float64", xp=xp_device.xp,
-                        device=xp_device.device, zero_init=zero_init)
+        a = DynamicIHVP.from_window(
+            xp_device.asarray(G, "float64"), damp=damp, num_grads=m, zero_init=zero_init
+        )
+        b = DynamicIHVP(
+            m,
+            d,
+            damp=damp,
+            dtype="float64",
+            xp=xp_device.xp,
+            device=xp_device.device,
+            zero_init=zero_init,
+        )
         for g in G:
             b.update(xp_device.asarray(g, "float64"))
         assert a.slots == b.slots and len(a) == len(b)
@@ -218,14 +228,20 @@ def test_remove_and_reset(rng):
     del window[0]
     assert len(op) == 3
     x = rng.standard_normal(d)
-    assert_close(op.matvec(x), SpectralOracle(np.array(window), damp).matvec(x),
-                 kappa=condition_number(np.array(window), damp))
+    assert_close(
+        op.matvec(x),
+        SpectralOracle(np.array(window), damp).matvec(x),
+        kappa=condition_number(np.array(window), damp),
+    )
     g = rng.standard_normal(d)
     op.update(g)  # goes to a free slot; nothing is dropped
     window.append(g)
     assert len(op) == 4
-    assert_close(op.matvec(x), SpectralOracle(np.array(window), damp).matvec(x),
-                 kappa=condition_number(np.array(window), damp))
+    assert_close(
+        op.matvec(x),
+        SpectralOracle(np.array(window), damp).matvec(x),
+        kappa=condition_number(np.array(window), damp),
+    )
     op.reset()
     assert len(op) == 0
     assert_close(op.matvec(x), x / damp)
@@ -244,8 +260,11 @@ def test_zero_init_removal_zeroes_the_slot_and_it_is_replaced_next(rng):
     assert len(op) == m and op.slots[0] == victim
     rows = [np.zeros(d), grads[0], grads[1], grads[3]]
     x = rng.standard_normal(d)
-    assert_close(op.matvec(x), SpectralOracle(np.array(rows), damp).matvec(x),
-                 kappa=condition_number(np.array(rows), damp))
+    assert_close(
+        op.matvec(x),
+        SpectralOracle(np.array(rows), damp).matvec(x),
+        kappa=condition_number(np.array(rows), damp),
+    )
     op.update(grads[2])
     assert op.slots[-1] == victim
 
@@ -264,8 +283,9 @@ def test_state_dict_round_trip_is_bit_for_bit(xp_device, rng):
     b = DynamicIHVP(m, d, **kw)
     b.load_state_dict(a.state_dict())
     for g in grads[8:]:
-        np.testing.assert_array_equal(to_numpy(a.update_and_matvec(g)),
-                                      to_numpy(b.update_and_matvec(g)))
+        np.testing.assert_array_equal(
+            to_numpy(a.update_and_matvec(g)), to_numpy(b.update_and_matvec(g))
+        )
     assert a.slots == b.slots
     # The state holds copies: changing the source afterwards changes nothing.
     state = a.state_dict()
@@ -383,13 +403,24 @@ class WindowMachine(RuleBasedStateMachine):
         super().__init__()
         self.rng = np.random.default_rng(0)
 
-    @initialize(m=st.integers(1, 6), d=st.integers(1, 12),
-                log_damp=st.floats(-3.0, 1.0), zero_init=st.booleans(),
-                method=st.sampled_from(["incremental", "refactor"]))
+    @initialize(
+        m=st.integers(1, 6),
+        d=st.integers(1, 12),
+        log_damp=st.floats(-3.0, 1.0),
+        zero_init=st.booleans(),
+        method=st.sampled_from(["incremental", "refactor"]),
+    )
     def setup(self, m, d, log_damp, zero_init, method):
         self.m, self.d, self.damp, self.zero_init = m, d, 10.0**log_damp, zero_init
-        self.op = DynamicIHVP(m, d, damp=self.damp, dtype="float64", zero_init=zero_init,
-                              update_method=method, refactor_every=max(1, m // 2 + 1))
+        self.op = DynamicIHVP(
+            m,
+            d,
+            damp=self.damp,
+            dtype="float64",
+            zero_init=zero_init,
+            update_method=method,
+            refactor_every=max(1, m // 2 + 1),
+        )
         self.window: list[tuple[int, np.ndarray]] = []  # (slot, gradient), oldest first
 
     def _insert(self, g: np.ndarray, with_product: bool) -> None:
@@ -453,13 +484,17 @@ class WindowMachine(RuleBasedStateMachine):
             call()
         _assert_same_state(self.op.state_dict(), before)
 
-    @rule(bad=st.sampled_from([np.nan, np.inf, -np.inf]), where=st.integers(0, 11),
-          product=st.booleans())
+    @rule(
+        bad=st.sampled_from([np.nan, np.inf, -np.inf]),
+        where=st.integers(0, 11),
+        product=st.booleans(),
+    )
     def insert_non_finite(self, bad, where, product):
         g = self.rng.standard_normal(self.d)
         g[where % self.d] = bad
         self._unchanged_after(
-            lambda: self.op.update_and_matvec(g) if product else self.op.update(g), ValueError)
+            lambda: self.op.update_and_matvec(g) if product else self.op.update(g), ValueError
+        )
 
     @rule(product=st.booleans())
     def insert_with_failing_factorisation(self, product):
@@ -475,7 +510,8 @@ class WindowMachine(RuleBasedStateMachine):
             mp.setattr(mfac_core._linalg, "replace_row", fail)
             self._unchanged_after(
                 lambda: self.op.update_and_matvec(g) if product else self.op.update(g),
-                FactorizationError)
+                FactorizationError,
+            )
 
     @precondition(lambda self: self.window and not self.zero_init)
     @rule(which=st.integers(0, 10))
@@ -490,8 +526,20 @@ class WindowMachine(RuleBasedStateMachine):
             if len(self.window) > 1:
                 self._unchanged_after(lambda: self.op.remove(slot), FactorizationError)
 
-    @rule(corruption=st.sampled_from(["missing", "permuted", "nan-factor", "gram", "grads-shape",
-                                      "slots", "version", "dtype"]))
+    @rule(
+        corruption=st.sampled_from(
+            [
+                "missing",
+                "permuted",
+                "nan-factor",
+                "gram",
+                "grads-shape",
+                "slots",
+                "version",
+                "dtype",
+            ]
+        )
+    )
     def load_corrupted_state(self, corruption):
         state = self.op.state_dict()
         bad = _corrupt(state, corruption)
@@ -532,8 +580,12 @@ def _corrupt(state: dict, how: str) -> dict | None:
         slots = list(bad["factor_slots"])
         slots[0], slots[-1] = slots[-1], slots[0]
         gram = bad["gram"][np.ix_(slots, slots)]
-        if np.allclose(gram, bad["gram"][np.ix_(bad["factor_slots"], bad["factor_slots"])],
-                       rtol=1e-6, atol=1e-12 * max(1.0, float(np.abs(gram).max()))):
+        if np.allclose(
+            gram,
+            bad["gram"][np.ix_(bad["factor_slots"], bad["factor_slots"])],
+            rtol=1e-6,
+            atol=1e-12 * max(1.0, float(np.abs(gram).max())),
+        ):
             return None  # swapping two equal gradients changes nothing
         bad["factor_slots"] = slots
     elif how == "nan-factor":
@@ -557,19 +609,25 @@ def _corrupt(state: dict, how: str) -> dict | None:
 
 
 WindowMachine.TestCase.settings = settings(
-    max_examples=40, stateful_step_count=25, deadline=None,
-    suppress_health_check=[HealthCheck.too_slow])
+    max_examples=40,
+    stateful_step_count=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 test_window_state_machine = WindowMachine.TestCase
 
 
 # -- checkpoints that do not add up ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("corruption", ["missing", "permuted", "nan-factor", "gram",
-                                        "grads-shape", "slots", "version", "dtype"])
+@pytest.mark.parametrize(
+    "corruption",
+    ["missing", "permuted", "nan-factor", "gram", "grads-shape", "slots", "version", "dtype"],
+)
 @pytest.mark.parametrize("zero_init", [False, True])
-def test_load_state_dict_refuses_inconsistent_states_and_changes_nothing(corruption, zero_init,
-                                                                         rng):
+def test_load_state_dict_refuses_inconsistent_states_and_changes_nothing(
+    corruption, zero_init, rng
+):
     m, d = 6, 20
     src = DynamicIHVP(m, d, damp=0.1, dtype="float64", zero_init=zero_init)
     for _ in range(9):  # wraps around: the factor order differs from the window order
@@ -595,10 +653,13 @@ def test_load_state_dict_of_version_1(rng):
     for _ in range(6):
         src.update(rng.standard_normal(10))
     state = src.state_dict()
-    old = {k: v for k, v in state.items()
-           if k not in ("window_slots", "factor_slots", "edits")}
-    old.update(version=1, age_order=state["window_slots"], factor_order=state["factor_slots"],
-               since_refactor=state["edits"])
+    old = {k: v for k, v in state.items() if k not in ("window_slots", "factor_slots", "edits")}
+    old.update(
+        version=1,
+        age_order=state["window_slots"],
+        factor_order=state["factor_slots"],
+        since_refactor=state["edits"],
+    )
     dst = DynamicIHVP(4, 10, damp=0.1, dtype="float64")
     dst.load_state_dict(old)
     x = rng.standard_normal(10)
@@ -614,16 +675,19 @@ def test_refinement_of_the_window_mean(zero_init):
     m, d = 12, 200
     G = 0.1 * rng.standard_normal((m, d)) + rng.standard_normal(d)
     damp = float(np.linalg.norm(G, 2)) ** 2 / (m * 1e8)
-    ops = [DynamicIHVP(m, d, damp=damp, dtype="float64", zero_init=zero_init, refine=k)
-           for k in (0, 1)]
+    ops = [
+        DynamicIHVP(m, d, damp=damp, dtype="float64", zero_init=zero_init, refine=k) for k in (0, 1)
+    ]
     for g in G:
         steps = [op.update_and_matvec(g) for op in ops]
     F = damp * np.eye(d) + G.T @ G / m
     eps = float(np.finfo(np.float64).eps)
 
     def backward_error(y, x):
-        return float(np.linalg.norm(x - F @ y) / (np.linalg.norm(F, 2) * np.linalg.norm(y)
-                                                 + np.linalg.norm(x)))
+        return float(
+            np.linalg.norm(x - F @ y)
+            / (np.linalg.norm(F, 2) * np.linalg.norm(y) + np.linalg.norm(x))
+        )
 
     x = G.mean(axis=0)
     plain, refined = (backward_error(op.matvec(x), x) for op in ops)

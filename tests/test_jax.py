@@ -62,20 +62,25 @@ def gaussian(rng: np.random.Generator, shape, dtype: str, scale: float = 1.0) ->
 
 
 def test_import_mfac_core_does_not_import_jax():
-    code = ("import sys, mfac_core; assert 'jax' not in sys.modules and 'optax' not in "
-            "sys.modules, sorted(m for m in sys.modules if 'jax' in m)")
+    code = (
+        "import sys, mfac_core; assert 'jax' not in sys.modules and 'optax' not in "
+        "sys.modules, sorted(m for m in sys.modules if 'jax' in m)"
+    )
     env = {**os.environ, "PYTHONPATH": ROOT}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=ROOT)
 
 
 def test_docstring_examples():
     """The Examples run in a child: they switch the 64-bit mode on process-wide."""
-    code = ("import doctest, mfac_core.jax as m; r = doctest.testmod(m, optionflags="
-            f"{doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE}); "
-            "assert r.failed == 0 and r.attempted >= 10, r")
+    code = (
+        "import doctest, mfac_core.jax as m; r = doctest.testmod(m, optionflags="
+        f"{doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE}); "
+        "assert r.failed == 0 and r.attempted >= 10, r"
+    )
     env = {**os.environ, "PYTHONPATH": ROOT}
-    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True,
-                          text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -95,8 +100,12 @@ def test_static_matches_dense_oracle(dtype, data):
     assert y.dtype == jnp.dtype(dtype)
     assert_close(y, oracle.matvec(p.x), kappa=kappa, err_msg=repr(p))
     X = np.stack([p.x, p.G[0], np.ones(p.d)], axis=1)
-    assert_close(op.matmat(jnp.asarray(X, dtype=dtype)), oracle.matmat(X.astype(dtype)),
-                 kappa=kappa, err_msg=repr(p))
+    assert_close(
+        op.matmat(jnp.asarray(X, dtype=dtype)),
+        oracle.matmat(X.astype(dtype)),
+        kappa=kappa,
+        err_msg=repr(p),
+    )
     # Each diagonal entry 1/damp - sum_i W_ij^2 / damp cancels like a product does.
     assert_close(op.diagonal(), oracle.diagonal(), kappa=kappa, err_msg=repr(p))
     assert float(op.kappa_bound) >= p.kappa * (1 - 1e-12)
@@ -114,7 +123,8 @@ def test_static_under_jit_and_as_a_pytree(dtype, rng):
     y = jax.jit(lambda op, x: op @ x)(op, jnp.asarray(x, dtype=dtype))
     assert_close(y, dense_inverse(G, damp) @ x, kappa=woodbury_kappa(G, damp))
     eager = mj.static_ihvp(jnp.asarray(G, dtype=dtype), damp=damp).matvec(
-        jnp.asarray(x, dtype=dtype))
+        jnp.asarray(x, dtype=dtype)
+    )
     assert_close(y, eager, kappa=woodbury_kappa(G, damp))
 
 
@@ -131,7 +141,7 @@ def test_static_vmap_over_vectors_operators_and_blocks(rng):
     assert ops.W.shape == (d // B, m, B) and ops.kappa_bound.shape == (d // B,)
     yb = jax.vmap(lambda o, v: o.matvec(v))(ops, jnp.asarray(X[0]).reshape(d // B, B))
     want = dense_inverse(G, damp, block_size=B) @ X[0]
-    kappa = max(woodbury_kappa(G[:, i:i + B], damp) for i in range(0, d, B))
+    kappa = max(woodbury_kappa(G[:, i : i + B], damp) for i in range(0, d, B))
     assert_close(yb.reshape(d), want, kappa=kappa)
     diag = jax.vmap(lambda o: o.diagonal())(ops).reshape(d)
     assert_close(diag, np.diag(dense_inverse(G, damp, block_size=B)), kappa=kappa)
@@ -173,8 +183,13 @@ def test_static_float32_operator_runs_with_x64_off(rng):
 
 def test_static_refuses_bad_input(rng):
     G = jnp.asarray(rng.standard_normal((3, 7)))
-    for damp, exc in ((0.0, ValueError), (-1.0, ValueError), (float("nan"), ValueError),
-                      (True, TypeError), (jnp.float64(0.1), TypeError)):
+    for damp, exc in (
+        (0.0, ValueError),
+        (-1.0, ValueError),
+        (float("nan"), ValueError),
+        (True, TypeError),
+        (jnp.float64(0.1), TypeError),
+    ):
         with pytest.raises(exc, match="damp"):
             mj.static_ihvp(G, damp=damp)
     for bad in (G[0], jnp.zeros((0, 3)), jnp.zeros((2, 3, 4))):
@@ -205,7 +220,8 @@ def test_x64_off_is_refused_with_a_clear_error_and_no_truncation(rng):
         calls = {
             "static_ihvp": lambda: mj.static_ihvp(jnp.asarray(G), damp=0.1),
             "static_ihvp under jit": lambda: jax.jit(mj.static_ihvp, static_argnames="damp")(
-                jnp.asarray(G), damp=0.1),
+                jnp.asarray(G), damp=0.1
+            ),
             "window_init": lambda: mj.window_init(3, 9, damp=0.1, dtype=jnp.float32),
             # A state made in 64-bit mode, traced with the mode off.
             "window_update": lambda: jax.jit(mj.window_update)(state, jnp.ones(9, jnp.float32)),
@@ -218,15 +234,17 @@ def test_x64_off_is_refused_with_a_clear_error_and_no_truncation(rng):
             message = str(info.value)
             assert 'jax.config.update("jax_enable_x64", True)' in message, name
             assert "jax.enable_x64(True)" in message, name
-    assert not [w for w in caught if "truncated" in str(w.message)], \
-        [str(w.message) for w in caught]
+    assert not [w for w in caught if "truncated" in str(w.message)], [
+        str(w.message) for w in caught
+    ]
 
 
 # -- the sliding window --------------------------------------------------------------------------
 
 
-def window_oracle(rows: list[np.ndarray], m: int, d: int, damp: float, zero_init: bool,
-                  x: np.ndarray) -> tuple[np.ndarray, float]:
+def window_oracle(
+    rows: list[np.ndarray], m: int, d: int, damp: float, zero_init: bool, x: np.ndarray
+) -> tuple[np.ndarray, float]:
     """``F^{-1} x`` for the window's rows (padded with zero gradients under zero_init)."""
     G = np.array(rows[-m:], dtype=np.float64).reshape(-1, d)
     if zero_init:
@@ -301,17 +319,16 @@ def test_window_matvec_matrix_and_vmap(rng):
     want = SpectralOracle(np.array(rows[-m:]), damp).matmat(X)
     kappa = woodbury_kappa(np.array(rows[-m:]), damp)
     assert_close(mj.window_matvec(state, jnp.asarray(X)), want, kappa=kappa)
-    assert_close(jax.vmap(state.matvec, in_axes=1, out_axes=1)(jnp.asarray(X)), want,
-                 kappa=kappa)
+    assert_close(jax.vmap(state.matvec, in_axes=1, out_axes=1)(jnp.asarray(X)), want, kappa=kappa)
     assert_close(state @ jnp.asarray(X[:, 0]), want[:, 0], kappa=kappa)
     # d/dx v^T F^{-1} x = F^{-1} v: differentiable through the float64 solves.
     v = rng.standard_normal(d)
     grad = jax.jit(jax.grad(lambda x: jnp.vdot(jnp.asarray(v), mj.window_matvec(state, x))))(
-        jnp.asarray(X[:, 0]))
+        jnp.asarray(X[:, 0])
+    )
     assert_close(grad, SpectralOracle(np.array(rows[-m:]), damp).matvec(v), kappa=kappa)
     # A batch of windows, stepped together.
-    states = jax.vmap(lambda _: mj.window_init(m, d, damp=damp, dtype=jnp.float64))(
-        jnp.arange(3))
+    states = jax.vmap(lambda _: mj.window_init(m, d, damp=damp, dtype=jnp.float64))(jnp.arange(3))
     G = rng.standard_normal((m + 1, 3, d))
     for t in range(m + 1):
         states, Y = jax.vmap(mj.window_update_and_matvec)(states, jnp.asarray(G[t]))
@@ -347,8 +364,9 @@ def test_window_refuses_non_finite_gradients_and_stays_unchanged(rng):
         g = jnp.asarray(rng.standard_normal(d), jnp.float32).at[3].set(bad)
         new, y = step(state, g)
         assert bool(jnp.all(jnp.isnan(y)))
-        for a, b in zip(jax.tree_util.tree_leaves(new), jax.tree_util.tree_leaves(state),
-                        strict=True):
+        for a, b in zip(
+            jax.tree_util.tree_leaves(new), jax.tree_util.tree_leaves(state), strict=True
+        ):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     g = rng.standard_normal(d).astype(np.float32)
     state, y = step(state, jnp.asarray(g))
@@ -371,10 +389,12 @@ def test_window_refuses_a_hopeless_duplicate_and_stays_unchanged():
 
 
 def test_window_refuses_bad_arguments():
-    for kwargs, exc, match in (({"damp": 0.0}, ValueError, "damp"),
-                               ({"dtype": jnp.int32}, TypeError, "float32 or float64"),
-                               ({"dtype": jnp.float16}, TypeError, "float32 or float64"),
-                               ({"refactor_every": 0}, ValueError, "refactor_every")):
+    for kwargs, exc, match in (
+        ({"damp": 0.0}, ValueError, "damp"),
+        ({"dtype": jnp.int32}, TypeError, "float32 or float64"),
+        ({"dtype": jnp.float16}, TypeError, "float32 or float64"),
+        ({"refactor_every": 0}, ValueError, "refactor_every"),
+    ):
         args = {"damp": 0.1, "dtype": jnp.float32, **kwargs}
         with pytest.raises(exc, match=match):
             mj.window_init(3, 5, **args)
@@ -413,10 +433,12 @@ def _torch_mlp(torch, params: dict[str, np.ndarray], dtype):
 
 def _torch_params(model) -> dict[str, np.ndarray]:
     """Copies (``.numpy()`` shares memory with the tensors the optimizer changes)."""
-    return {"w1": model[0].weight.detach().numpy().T.copy(),
-            "b1": model[0].bias.detach().numpy().copy(),
-            "w2": model[2].weight.detach().numpy().T.copy(),
-            "b2": model[2].bias.detach().numpy().copy()}
+    return {
+        "w1": model[0].weight.detach().numpy().T.copy(),
+        "b1": model[0].bias.detach().numpy().copy(),
+        "w2": model[2].weight.detach().numpy().T.copy(),
+        "b2": model[2].bias.detach().numpy().copy(),
+    }
 
 
 def _jax_loss(params, x, y):
@@ -426,10 +448,12 @@ def _jax_loss(params, x, y):
 
 
 def _init_params(rng, dtype) -> dict[str, np.ndarray]:
-    return {"w1": (rng.standard_normal((5, 4)) / 2).astype(dtype),
-            "b1": (rng.standard_normal(4) / 4).astype(dtype),
-            "w2": (rng.standard_normal((4, 3)) / 2).astype(dtype),
-            "b2": (rng.standard_normal(3) / 4).astype(dtype)}
+    return {
+        "w1": (rng.standard_normal((5, 4)) / 2).astype(dtype),
+        "b1": (rng.standard_normal(4) / 4).astype(dtype),
+        "w2": (rng.standard_normal((4, 3)) / 2).astype(dtype),
+        "b2": (rng.standard_normal(3) / 4).astype(dtype),
+    }
 
 
 def _window_kappa(opt, damp: float) -> float:
@@ -437,16 +461,18 @@ def _window_kappa(opt, damp: float) -> float:
 
 
 @pytest.mark.parametrize(("momentum", "weight_decay"), [(0.0, 0.0), (0.9, 0.01)])
-def test_mfac_sgd_steps_match_torch_mfac_given_the_same_gradients(dtype, rng, momentum,
-                                                                  weight_decay):
+def test_mfac_sgd_steps_match_torch_mfac_given_the_same_gradients(
+    dtype, rng, momentum, weight_decay
+):
     """The documented mapping, step for step: the same gradients into both optimizers."""
     torch = _torch()
     tdtype = getattr(torch, dtype)
     m, damp, lr, steps = 4, 1e-3, 0.05, 11
     params = _init_params(rng, dtype)
     model = _torch_mlp(torch, params, tdtype)
-    topt = mj_torch_mfac(model, lr=lr, num_grads=m, damp=damp, momentum=momentum,
-                         weight_decay=weight_decay)
+    topt = mj_torch_mfac(
+        model, lr=lr, num_grads=m, damp=damp, momentum=momentum, weight_decay=weight_decay
+    )
     opt = mj.mfac_sgd(lr, m, damp, momentum=momentum, weight_decay=weight_decay)
     jparams = jax.tree_util.tree_map(jnp.asarray, params)
     state = opt.init(jparams)
@@ -459,8 +485,10 @@ def test_mfac_sgd_steps_match_torch_mfac_given_the_same_gradients(dtype, rng, mo
     layers = {"w1": (0, "weight"), "b1": (0, "bias"), "w2": (2, "weight"), "b2": (2, "bias")}
     kappa = 1.0
     for t in range(steps):
-        grads = {k: (rng.standard_normal(v.shape) * rng.uniform(0.1, 3.0)).astype(dtype)
-                 for k, v in params.items()}
+        grads = {
+            k: (rng.standard_normal(v.shape) * rng.uniform(0.1, 3.0)).astype(dtype)
+            for k, v in params.items()
+        }
         before = _torch_params(model)
         for name, (i, attr) in layers.items():
             g = grads[name].T if attr == "weight" else grads[name]
@@ -473,11 +501,14 @@ def test_mfac_sgd_steps_match_torch_mfac_given_the_same_gradients(dtype, rng, mo
             assert jparams[name].dtype == jnp.dtype(dtype)
             # The step theta_t - theta_{t-1} (with momentum a sum of earlier steps), up
             # to eps kappa; atol: both sides carry the rounding of theta to the dtype.
-            assert_close(np.asarray(jparams[name], np.float64) - before[name].astype(np.float64),
-                         after[name].astype(np.float64) - before[name].astype(np.float64),
-                         kappa=kappa, dtype=dtype, atol=8 * np.finfo(dtype).eps
-                         * np.abs(before[name]).max(),
-                         err_msg=f"step {t}, {name}")
+            assert_close(
+                np.asarray(jparams[name], np.float64) - before[name].astype(np.float64),
+                after[name].astype(np.float64) - before[name].astype(np.float64),
+                kappa=kappa,
+                dtype=dtype,
+                atol=8 * np.finfo(dtype).eps * np.abs(before[name]).max(),
+                err_msg=f"step {t}, {name}",
+            )
 
 
 def mj_torch_mfac(model, **kwargs):
@@ -492,10 +523,10 @@ def test_mfac_trains_the_same_model_as_torch_mfac(rng):
     m, damp, lr, momentum, wd = 4, 1e-3, 0.1, 0.5, 1e-2
     params = _init_params(rng, "float64")
     model = _torch_mlp(torch, params, torch.float64)
-    topt = mj_torch_mfac(model, lr=lr, num_grads=m, damp=damp, momentum=momentum,
-                         weight_decay=wd)
-    opt = optax.chain(optax.add_decayed_weights(wd), mj.mfac(m, damp), optax.trace(momentum),
-                      optax.scale(-lr))
+    topt = mj_torch_mfac(model, lr=lr, num_grads=m, damp=damp, momentum=momentum, weight_decay=wd)
+    opt = optax.chain(
+        optax.add_decayed_weights(wd), mj.mfac(m, damp), optax.trace(momentum), optax.scale(-lr)
+    )
     jparams = jax.tree_util.tree_map(jnp.asarray, params)
     state = opt.init(jparams)
 
@@ -509,8 +540,7 @@ def test_mfac_trains_the_same_model_as_torch_mfac(rng):
     for t in range(15):
         x, y = rng.standard_normal((8, 5)), rng.integers(0, 3, 8)
         topt.zero_grad()
-        tloss = torch.nn.functional.cross_entropy(model(torch.from_numpy(x)),
-                                                  torch.from_numpy(y))
+        tloss = torch.nn.functional.cross_entropy(model(torch.from_numpy(x)), torch.from_numpy(y))
         tloss.backward()
         topt.step()
         jparams, state, loss = train_step(jparams, state, jnp.asarray(x), jnp.asarray(y))
@@ -542,7 +572,8 @@ def test_mfac_state_is_the_window_and_updates_in_place(rng):
     pointer = window.grads.unsafe_buffer_pointer()
     for _ in range(3):
         grads = jax.tree_util.tree_map(
-            lambda p: jnp.asarray(rng.standard_normal(p.shape), jnp.float32), params)
+            lambda p: jnp.asarray(rng.standard_normal(p.shape), jnp.float32), params
+        )
         params, state = step(params, state, grads)
     assert state[0].window.grads.unsafe_buffer_pointer() == pointer
     assert int(state[0].window.pos) == 3
@@ -557,8 +588,9 @@ def test_mfac_with_apply_if_finite_skips_bad_steps(rng):
     before = state.inner_state[0].window
     updates, state = opt.update({"w": good["w"].at[2].set(jnp.nan)}, state, params)
     assert bool(jnp.all(updates["w"] == 0)) and int(state.notfinite_count) == 1
-    np.testing.assert_array_equal(np.asarray(state.inner_state[0].window.grads),
-                                  np.asarray(before.grads))
+    np.testing.assert_array_equal(
+        np.asarray(state.inner_state[0].window.grads), np.asarray(before.grads)
+    )
 
 
 def test_mfac_refuses_bad_arguments():

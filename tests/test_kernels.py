@@ -59,23 +59,33 @@ def rel_err(x: np.ndarray, ref: np.ndarray) -> float:
 ARCHS = ("sm_80", "sm_90")
 _PTXAS_FUNCTION = re.compile(
     r"Function properties for (\w+)\s*\n\s*(\d+) bytes stack frame, (\d+) bytes spill stores, "
-    r"(\d+) bytes spill loads\s*\n[^\n]*Used (\d+) registers")
+    r"(\d+) bytes spill loads\s*\n[^\n]*Used (\d+) registers"
+)
 
 
 def parse_ptxas(log: str) -> dict[str, dict[str, int]]:
     """Per function: stack frame, spill stores, spill loads (bytes) and registers."""
-    return {name: {"stack": int(stack), "spill_stores": int(stores), "spill_loads": int(loads),
-                   "registers": int(regs)}
-            for name, stack, stores, loads, regs in _PTXAS_FUNCTION.findall(log)}
+    return {
+        name: {
+            "stack": int(stack),
+            "spill_stores": int(stores),
+            "spill_loads": int(loads),
+            "registers": int(regs),
+        }
+        for name, stack, stores, loads, regs in _PTXAS_FUNCTION.findall(log)
+    }
 
 
 def test_parse_ptxas() -> None:
-    log = ("ptxas info    : Compiling entry function 'k_f64' for 'sm_90'\n"
-           "ptxas info    : Function properties for k_f64\n"
-           "    8 bytes stack frame, 4 bytes spill stores, 4 bytes spill loads\n"
-           "ptxas info    : Used 64 registers, used 1 barriers, 33792 bytes smem\n")
-    assert parse_ptxas(log) == {"k_f64": {"stack": 8, "spill_stores": 4, "spill_loads": 4,
-                                          "registers": 64}}
+    log = (
+        "ptxas info    : Compiling entry function 'k_f64' for 'sm_90'\n"
+        "ptxas info    : Function properties for k_f64\n"
+        "    8 bytes stack frame, 4 bytes spill stores, 4 bytes spill loads\n"
+        "ptxas info    : Used 64 registers, used 1 barriers, 33792 bytes smem\n"
+    )
+    assert parse_ptxas(log) == {
+        "k_f64": {"stack": 8, "spill_stores": 4, "spill_loads": 4, "registers": 64}
+    }
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +96,16 @@ def ptxas_logs(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str]
     out = tmp_path_factory.mktemp("cubin")
 
     def compile_one(source: str, arch: str) -> str:
-        command = [nvcc, "-cubin", f"-arch={arch}", "-Xptxas", "-v", "-o",
-                   str(out / f"{source}.{arch}.cubin"), str(DIRECTORY / source)]
+        command = [
+            nvcc,
+            "-cubin",
+            f"-arch={arch}",
+            "-Xptxas",
+            "-v",
+            "-o",
+            str(out / f"{source}.{arch}.cubin"),
+            str(DIRECTORY / source),
+        ]
         result = subprocess.run(command, capture_output=True, text=True, check=False)
         assert result.returncode == 0, f"{' '.join(command)}:\n{result.stderr}"
         return result.stdout + result.stderr
@@ -100,11 +118,16 @@ def ptxas_logs(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str]
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("source", (*SOURCES, "common.cu"))
-def test_compiles_without_spills(ptxas_logs: dict[tuple[str, str], str], source: str,
-                                 arch: str) -> None:
+def test_compiles_without_spills(
+    ptxas_logs: dict[tuple[str, str], str], source: str, arch: str
+) -> None:
     report = parse_ptxas(ptxas_logs[source, arch])
-    expected = {f"{name}_{suffix}" for name, kernel in _plan.KERNELS.items()
-                if kernel.source == source for suffix in ("f64", "f32")}
+    expected = {
+        f"{name}_{suffix}"
+        for name, kernel in _plan.KERNELS.items()
+        if kernel.source == source
+        for suffix in ("f64", "f32")
+    }
     assert set(report) == expected
     for name, info in report.items():
         assert info["spill_stores"] == 0 and info["spill_loads"] == 0, (name, arch, info)
@@ -156,8 +179,7 @@ def host_library(tmp_path_factory: pytest.TempPathFactory) -> Path:
         pytest.skip("g++ is not on PATH")
     from mfac_core._kernels._host import HostKernels
 
-    return HostKernels.build(tmp_path_factory.mktemp("host"),
-                             extra_sources=(_HARNESS_SELF_TEST,))
+    return HostKernels.build(tmp_path_factory.mktemp("host"), extra_sources=(_HARNESS_SELF_TEST,))
 
 
 @pytest.fixture(scope="module")
@@ -189,8 +211,10 @@ def test_harness_exposes_a_missing_barrier(host_library: Path) -> None:
     results = set()
     for seed in (0, 1, 2):
         out = np.zeros(_plan.THREADS, dtype=np.int32)
-        assert lib.host_self_test(1, ctypes.c_ulonglong(seed),
-                                  out.ctypes.data_as(ctypes.c_void_p)) == 0
+        assert (
+            lib.host_self_test(1, ctypes.c_ulonglong(seed), out.ctypes.data_as(ctypes.c_void_p))
+            == 0
+        )
         results.add(out.tobytes())
     assert len(results) > 1  # the result depends on the thread order: a race
 
@@ -253,8 +277,9 @@ def test_solve_matches_scipy(host, rng, m: int, lower: bool, trans: bool, k: int
     t_nan = t.copy()
     t_nan[:, other[0], other[1]] = np.nan  # the other triangle is not read
     x = host.solve_triangular(t_nan, b, lower=lower, trans=trans)
-    ref = np.stack([scipy.linalg.solve_triangular(t[i], b[i], lower=lower, trans=int(trans))
-                    for i in range(2)])
+    ref = np.stack(
+        [scipy.linalg.solve_triangular(t[i], b[i], lower=lower, trans=int(trans)) for i in range(2)]
+    )
     assert x.shape == ref.shape and x.dtype == np.float64
     assert rel_err(x, ref) <= tol(m)
 
@@ -269,8 +294,9 @@ def test_solve_broadcasts_and_takes_vectors(host, rng) -> None:
     assert x.shape == (70,) and rel_err(x, np.linalg.solve(t.T, v)) <= tol(70)
     ts = np.linalg.cholesky(spd(rng, 70, (2,)))
     x = host.solve_triangular(ts, v)  # a stack of t, one vector
-    assert x.shape == (2, 70) and rel_err(x, np.linalg.solve(ts, v[None, :, None])[..., 0]) \
-        <= tol(70)
+    assert x.shape == (2, 70) and rel_err(x, np.linalg.solve(ts, v[None, :, None])[..., 0]) <= tol(
+        70
+    )
 
 
 def test_solve_in_float32(host, rng) -> None:
@@ -319,8 +345,22 @@ def _factor_problem(rng: np.random.Generator, k: int) -> tuple[np.ndarray, np.nd
     return u, b, float(b @ b) + 2.0
 
 
-@pytest.mark.parametrize(("k", "p"), [(1, 0), (2, 0), (2, 1), (5, 2), (33, 0), (33, 16),
-                                      (33, 32), (70, 5), (130, 64), (300, 299), (300, 1)])
+@pytest.mark.parametrize(
+    ("k", "p"),
+    [
+        (1, 0),
+        (2, 0),
+        (2, 1),
+        (5, 2),
+        (33, 0),
+        (33, 16),
+        (33, 32),
+        (70, 5),
+        (130, 64),
+        (300, 299),
+        (300, 1),
+    ],
+)
 def test_replace_matches_the_array_api_version(host, rng, k: int, p: int) -> None:
     u, b, c = _factor_problem(rng, k)
     xp = array_namespace(np.zeros(1))
@@ -364,8 +404,13 @@ def test_results_do_not_depend_on_the_thread_order(host_library: Path, rng, seed
     for order_seed in (seed, 12345):
         h = HostKernels(host_library, seed=order_seed, workers=1)
         factor = h.cholesky(a)
-        results.append((factor, h.solve_triangular(factor, b, trans=True),
-                        h.triangular_inverse(factor, lower=True)))
+        results.append(
+            (
+                factor,
+                h.solve_triangular(factor, b, trans=True),
+                h.triangular_inverse(factor, lower=True),
+            )
+        )
     for first, second in zip(*results, strict=True):
         np.testing.assert_array_equal(first, second)
 
@@ -412,9 +457,11 @@ def test_switch(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_importing_the_package_does_not_import_cupy() -> None:
-    code = ("import sys, mfac_core, mfac_core._kernels, mfac_core._kernels._plan, "
-            "mfac_core._kernels._ops, mfac_core._kernels._host; "
-            "assert 'cupy' not in sys.modules, 'cupy imported'")
+    code = (
+        "import sys, mfac_core, mfac_core._kernels, mfac_core._kernels._plan, "
+        "mfac_core._kernels._ops, mfac_core._kernels._host; "
+        "assert 'cupy' not in sys.modules, 'cupy imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
@@ -470,8 +517,9 @@ def test_cupy_kernels_match_numpy(cupy, rng, m: int) -> None:
     for lower in (True, False):
         t = ref if lower else np.swapaxes(ref, -1, -2).copy()
         for trans in (False, True):
-            x = _kernels.solve_triangular(cupy.asarray(t), cupy.asarray(b), lower=lower,
-                                          trans=trans)
+            x = _kernels.solve_triangular(
+                cupy.asarray(t), cupy.asarray(b), lower=lower, trans=trans
+            )
             op = np.swapaxes(t, -1, -2) if trans else t
             assert rel_err(cupy.asnumpy(x), np.linalg.solve(op, b)) <= tol(m)
 

@@ -32,8 +32,13 @@ def fisher_setup(xp_device, dtype, rng):
     G = rounded(rng.standard_normal((m, d)), dtype)
     Gx = xp_device.asarray(G, dtype)
     return {
-        "G": G, "damp": damp, "d": d, "backend": xp_device, "dtype": dtype,
-        "F": EmpiricalFisher(Gx, damp=damp), "Finv": StaticIHVP(Gx, damp=damp),
+        "G": G,
+        "damp": damp,
+        "d": d,
+        "backend": xp_device,
+        "dtype": dtype,
+        "F": EmpiricalFisher(Gx, damp=damp),
+        "Finv": StaticIHVP(Gx, damp=damp),
         "kappa": condition_number(G, damp),
     }
 
@@ -42,8 +47,14 @@ def fisher_setup(xp_device, dtype, rng):
 def dense_setup(xp_device, dtype, rng):
     A = rounded(rng.standard_normal((3, 5)), dtype)
     B = rounded(rng.standard_normal((5, 4)), dtype)
-    return {"A": A, "B": B, "backend": xp_device, "dtype": dtype,
-            "opA": Dense(xp_device.asarray(A, dtype)), "opB": Dense(xp_device.asarray(B, dtype))}
+    return {
+        "A": A,
+        "B": B,
+        "backend": xp_device,
+        "dtype": dtype,
+        "opA": Dense(xp_device.asarray(A, dtype)),
+        "opB": Dense(xp_device.asarray(B, dtype)),
+    }
 
 
 # -- attributes -----------------------------------------------------------------------------
@@ -60,8 +71,11 @@ def test_attributes(fisher_setup):
         assert op.xp is be.xp
         r = repr(op)
         assert type(op).__name__ in r and f"{d}x{d}" in r and "dtype=" in r
-        assert "namespace=" + {"numpy": "numpy", "torch": "torch", "jax": "jax"}.get(
-            be.name, "array_api_strict") in r
+        assert (
+            "namespace="
+            + {"numpy": "numpy", "torch": "torch", "jax": "jax"}.get(be.name, "array_api_strict")
+            in r
+        )
 
 
 def test_base_class_shape_validation():
@@ -122,8 +136,9 @@ def test_rectangular_matvec_rmatvec(dense_setup, rng):
     assert_close(r, A @ x)
     assert_close(opA.rmatvec(be.asarray(y, dt)), A.T @ y)
     assert tuple(opA.rmatvec(be.asarray(y[:, None], dt)).shape) == (5, 1)
-    assert_close(opA.rmatmat(be.asarray(np.stack([y, 2 * y], 1), dt)),
-                 A.T @ np.stack([y, 2 * y], 1))
+    assert_close(
+        opA.rmatmat(be.asarray(np.stack([y, 2 * y], 1), dt)), A.T @ np.stack([y, 2 * y], 1)
+    )
     with pytest.raises(ValueError, match="shape"):
         opA.matvec(be.asarray(y, dt))
     with pytest.raises(ValueError, match="shape"):
@@ -157,12 +172,21 @@ def test_operator_algebra(dense_setup, fisher_setup):
     s = dense_setup
     be, dt, A, B, opA, opB = (s[k] for k in ("backend", "dtype", "A", "B", "opA", "opB"))
     cases = {
-        "A@B": (opA @ opB, A @ B), "A.dot(B)": (opA.dot(opB), A @ B), "A*B": (opA * opB, A @ B),
-        "A+A": (opA + opA, 2 * A), "A-2A": (opA - 2 * opA, -A), "2*A": (2 * opA, 2 * A),
-        "A*3": (opA * 3, 3 * A), "A/4": (opA / 4, A / 4), "-A": (-opA, -A),
-        "A.dot(0.5)": (opA.dot(0.5), 0.5 * A), "B.T@A.T": (opB.T @ opA.T, (A @ B).T),
-        "(A@B).H": ((opA @ opB).H, (A @ B).T), "(A+A).T": ((opA + opA).T, 2 * A.T),
-        "(2A).H": ((2 * opA).H, 2 * A.T), "A.T.T": (opA.T.T, A),
+        "A@B": (opA @ opB, A @ B),
+        "A.dot(B)": (opA.dot(opB), A @ B),
+        "A*B": (opA * opB, A @ B),
+        "A+A": (opA + opA, 2 * A),
+        "A-2A": (opA - 2 * opA, -A),
+        "2*A": (2 * opA, 2 * A),
+        "A*3": (opA * 3, 3 * A),
+        "A/4": (opA / 4, A / 4),
+        "-A": (-opA, -A),
+        "A.dot(0.5)": (opA.dot(0.5), 0.5 * A),
+        "B.T@A.T": (opB.T @ opA.T, (A @ B).T),
+        "(A@B).H": ((opA @ opB).H, (A @ B).T),
+        "(A+A).T": ((opA + opA).T, 2 * A.T),
+        "(2A).H": ((2 * opA).H, 2 * A.T),
+        "A.T.T": (opA.T.T, A),
     }
     for name, (op, ref) in cases.items():
         assert isinstance(op, LinearOperator), name
@@ -256,9 +280,20 @@ def test_dottest(fisher_setup, dense_setup, rng):
     be, dt, k = s["backend"], s["dtype"], s["kappa"]
     F, Finv = s["F"], s["Finv"]
     opA, opB = dense_setup["opA"], dense_setup["opB"]
-    for op, kappa in ((F, k), (Finv, k), (F @ Finv, k * k), (2 * F - Finv, k), (F @ F, k * k),
-                      (opA, 1), (opB, 1), (opA @ opB, 1), (opA.H, 1), (opB.T @ opA.T, 1),
-                      (opA + 2 * opA, 1), (opA.T @ opA, 1)):
+    for op, kappa in (
+        (F, k),
+        (Finv, k),
+        (F @ Finv, k * k),
+        (2 * F - Finv, k),
+        (F @ F, k * k),
+        (opA, 1),
+        (opB, 1),
+        (opA @ opB, 1),
+        (opA.H, 1),
+        (opB.T @ opA.T, 1),
+        (opA + 2 * opA, 1),
+        (opA.T @ opA, 1),
+    ):
         _dottest(op, be, dt, rng, kappa=kappa)
 
 
@@ -304,8 +339,9 @@ def test_other_library_device_dtype(fisher_setup, numpy_backend, strict_device1)
     if be.name == "strict-device1":
         import array_api_strict
 
-        cpu = be.xp.asarray(np.ones(d), dtype=be.dtype(dt),
-                            device=array_api_strict.Device("CPU_DEVICE"))
+        cpu = be.xp.asarray(
+            np.ones(d), dtype=be.dtype(dt), device=array_api_strict.Device("CPU_DEVICE")
+        )
         with pytest.raises(ValueError, match="device"):
             op.matvec(cpu)
     if dt == "float32":
@@ -367,8 +403,9 @@ def _operators(be, dtype, rng):
     G = be.asarray(rng.standard_normal((5, 23)), dtype)
     ops = {}
     if be.mutable:
-        ops["dynamic"] = DynamicIHVP(4, 23, damp=0.3, dtype=be.dtype(dtype), xp=be.xp,
-                                     device=be.device)
+        ops["dynamic"] = DynamicIHVP(
+            4, 23, damp=0.3, dtype=be.dtype(dtype), xp=be.xp, device=be.device
+        )
         for g in rng.standard_normal((6, 23)):
             ops["dynamic"].update(be.asarray(g, dtype))
     return ops | {
@@ -421,8 +458,9 @@ def test_concurrent_use_leaves_blas_settings_alone(rng):
     def work() -> None:
         try:
             for _ in range(5):
-                np.testing.assert_allclose(StaticIHVP(G, damp=0.1).matvec(x), want,
-                                           rtol=1e-10, atol=0)
+                np.testing.assert_allclose(
+                    StaticIHVP(G, damp=0.1).matvec(x), want, rtol=1e-10, atol=0
+                )
                 op = DynamicIHVP(8, 400, damp=0.1, dtype="float64")
                 for g in G[:12]:
                     op.update_and_matvec(g)
@@ -445,10 +483,12 @@ def test_the_package_does_not_touch_blas_threads():
     import subprocess
     import sys
 
-    code = ("import sys, numpy as np, mfac_core\n"
-            "G = np.random.default_rng(0).standard_normal((16, 300))\n"
-            "mfac_core.StaticIHVP(G, damp=0.1, block_size=50).matvec(G[0])\n"
-            "op = mfac_core.DynamicIHVP(4, 300, damp=0.1, dtype='float64')\n"
-            "[op.update_and_matvec(g) for g in G[:9]]\n"
-            "assert 'threadpoolctl' not in sys.modules, 'threadpoolctl imported'\n")
+    code = (
+        "import sys, numpy as np, mfac_core\n"
+        "G = np.random.default_rng(0).standard_normal((16, 300))\n"
+        "mfac_core.StaticIHVP(G, damp=0.1, block_size=50).matvec(G[0])\n"
+        "op = mfac_core.DynamicIHVP(4, 300, damp=0.1, dtype='float64')\n"
+        "[op.update_and_matvec(g) for g in G[:9]]\n"
+        "assert 'threadpoolctl' not in sys.modules, 'threadpoolctl imported'\n"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

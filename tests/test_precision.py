@@ -22,8 +22,7 @@ from mfac_core import DynamicIHVP, IllConditionedWarning, StaticIHVP, _layout, _
 from mfac_core.testing import assert_close, condition_number, dense_inverse, to_numpy
 
 
-def _subspace_grads(rng: np.random.Generator, m: int, d: int, rank: int,
-                    top: float) -> np.ndarray:
+def _subspace_grads(rng: np.random.Generator, m: int, d: int, rank: int, top: float) -> np.ndarray:
     """m float32-representable gradients in a ``rank``-dimensional subspace, norms 1..top."""
     basis = np.linalg.qr(rng.standard_normal((d, rank)))[0].T
     norms = np.logspace(0.0, np.log10(top), m)
@@ -60,8 +59,11 @@ def test_mixed_gram_is_used_and_accurate(xp_device, rng, small_pieces):
         assert op._gram_recomputed == 0
         X = rounded(rng.standard_normal((d, 3)), "float32")
         want = dense_inverse(G, damp, block_size=block_size) @ X
-        assert_close(op @ xp_device.asarray(X, "float32"), want,
-                     kappa=condition_number(G, damp, block_size=block_size))
+        assert_close(
+            op @ xp_device.asarray(X, "float32"),
+            want,
+            kappa=condition_number(G, damp, block_size=block_size),
+        )
 
 
 def test_mixed_gram_matches_float64_gram(rng, small_pieces):
@@ -74,8 +76,9 @@ def test_mixed_gram_matches_float64_gram(rng, small_pieces):
     op64 = StaticIHVP(G, damp=damp)
     assert op32._gram_recomputed == 0
     x = rounded(rng.standard_normal(d), "float32")
-    assert_close(op32 @ x.astype(np.float32), op64 @ x, kappa=condition_number(G, damp),
-                 dtype="float32")
+    assert_close(
+        op32 @ x.astype(np.float32), op64 @ x, kappa=condition_number(G, damp), dtype="float32"
+    )
 
 
 def test_collinear_gradients_fall_back_to_float64(xp_device, rng, monkeypatch):
@@ -92,12 +95,19 @@ def test_collinear_gradients_fall_back_to_float64(xp_device, rng, monkeypatch):
         op = StaticIHVP(xp_device.asarray(G, "float32"), damp=damp)
     assert op._gram_recomputed == 1
     x = rounded(rng.standard_normal(d), "float32")
-    assert_close(op @ xp_device.asarray(x, "float32"), _oracle_apply(G, damp, x),
-                 kappa=condition_number(G, damp))
+    assert_close(
+        op @ xp_device.asarray(x, "float32"),
+        _oracle_apply(G, damp, x),
+        kappa=condition_number(G, damp),
+    )
 
 
-@given(seed=st.integers(0, 2**32 - 1), rank=st.integers(1, 10),
-       top=st.sampled_from([1.0, 1e2, 1e4, 2.5e5]), damp=st.sampled_from([1e-5, 1e-3, 1e-1]))
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    rank=st.integers(1, 10),
+    top=st.sampled_from([1.0, 1e2, 1e4, 2.5e5]),
+    damp=st.sampled_from([1e-5, 1e-3, 1e-1]),
+)
 def test_no_factorization_error_where_float64_gram_is_definite(seed, rank, top, damp):
     # The promise of the rule: a float32 G whose float64 Gram gives a positive definite
     # capacitance matrix never raises, whatever the single-precision products do.
@@ -118,20 +128,23 @@ def test_no_factorization_error_where_float64_gram_is_definite(seed, rank, top, 
     finally:
         _layout.MIXED_WIDTH = old
     x = rounded(rng.standard_normal(d), "float32")
-    assert_close(op @ x.astype(np.float32), _oracle_apply(G, damp, x),
-                 kappa=condition_number(G, damp))
+    assert_close(
+        op @ x.astype(np.float32), _oracle_apply(G, damp, x), kappa=condition_number(G, damp)
+    )
 
 
 def test_mixed_gram_weights():
     # The weight that bounds the rounding is sum over pieces of sqrt(w) * diag(product).
     G = np.arange(1.0, 1.0 + 2 * 10, dtype=np.float32).reshape(2, 10)
     whole = _layout.BlockGroup(0, 1, 10)
-    gram, weight = _layout.mixed_chunk_gram(np, G, whole, [(0, 1, 0, 10)],
-                                            lambda X: X @ np.swapaxes(X, -1, -2), width=4)
+    gram, weight = _layout.mixed_chunk_gram(
+        np, G, whole, [(0, 1, 0, 10)], lambda X: X @ np.swapaxes(X, -1, -2), width=4
+    )
     G64 = G.astype(np.float64)
     np.testing.assert_allclose(gram[0], G64 @ G64.T, rtol=1e-6)
-    want = sum(np.sqrt(hi - lo) * (G64[:, lo:hi] ** 2).sum(axis=1)
-               for lo, hi in ((0, 4), (4, 8), (8, 10)))
+    want = sum(
+        np.sqrt(hi - lo) * (G64[:, lo:hi] ** 2).sum(axis=1) for lo, hi in ((0, 4), (4, 8), (8, 10))
+    )
     np.testing.assert_allclose(weight[0], want, rtol=1e-6)
 
 
@@ -145,8 +158,9 @@ def test_dynamic_collinear_float32_window(xp_device, rng):
     xp_device.skip_if_immutable()
     m, d, damp = 48, 300, 1e-3
     G = _subspace_grads(rng, m, d, rank=9, top=2.5e5)
-    op = DynamicIHVP(m, d, damp=damp, dtype=xp_device.dtype("float32"), xp=xp_device.xp,
-                     device=xp_device.device)
+    op = DynamicIHVP(
+        m, d, damp=damp, dtype=xp_device.dtype("float32"), xp=xp_device.xp, device=xp_device.device
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", IllConditionedWarning)
         for g in G:
@@ -156,11 +170,15 @@ def test_dynamic_collinear_float32_window(xp_device, rng):
     # Every stored Gram entry is the float64 Gram of the stored gradients.
     gram = to_numpy(op._gram)
     slots = op.slots
-    np.testing.assert_allclose(gram[np.ix_(slots, slots)], G @ G.T, rtol=1e-12,
-                               atol=1e-12 * float(np.max(np.abs(G @ G.T))))
+    np.testing.assert_allclose(
+        gram[np.ix_(slots, slots)], G @ G.T, rtol=1e-12, atol=1e-12 * float(np.max(np.abs(G @ G.T)))
+    )
     x = rounded(rng.standard_normal(d), "float32")
-    assert_close(op @ xp_device.asarray(x, "float32"), _oracle_apply(G, damp, x),
-                 kappa=condition_number(G, damp))
+    assert_close(
+        op @ xp_device.asarray(x, "float32"),
+        _oracle_apply(G, damp, x),
+        kappa=condition_number(G, damp),
+    )
 
 
 def test_dynamic_repeated_float32_gradients(rng):
@@ -173,8 +191,9 @@ def test_dynamic_repeated_float32_gradients(rng):
         op.update(g.astype(np.float32))
     x = rounded(rng.standard_normal(d), "float32")
     G = np.tile(g, (m, 1))
-    assert_close(op @ x.astype(np.float32), _oracle_apply(G, damp, x),
-                 kappa=condition_number(G, damp))
+    assert_close(
+        op @ x.astype(np.float32), _oracle_apply(G, damp, x), kappa=condition_number(G, damp)
+    )
 
 
 def test_dynamic_common_case_keeps_two_passes(rng, monkeypatch):
@@ -217,8 +236,12 @@ def test_dynamic_failure_changes_nothing(rng):
 
 # -- 2-byte storage (G-form) -------------------------------------------------------------------
 
-_HALF_CASES = [("numpy", "float16"), ("torch", "float16"), ("torch", "bfloat16"),
-               ("cupy", "float16")]
+_HALF_CASES = [
+    ("numpy", "float16"),
+    ("torch", "float16"),
+    ("torch", "bfloat16"),
+    ("cupy", "float16"),
+]
 
 
 @pytest.fixture(params=_HALF_CASES, ids=[f"{b}-{d}" for b, d in _HALF_CASES])
@@ -266,8 +289,12 @@ def test_half_storage_products_diagonal_entries(half_case, rng):
         assert_close(op @ xh, Finv @ to_numpy(xh).astype(np.float64), kappa=kappa)
 
 
-@given(seed=st.integers(0, 2**32 - 1), rank=st.integers(1, 12),
-       damp=st.sampled_from([1e-1, 1e-3, 1e-5]), case=st.sampled_from(_HALF_CASES[:3]))
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    rank=st.integers(1, 12),
+    damp=st.sampled_from([1e-1, 1e-3, 1e-5]),
+    case=st.sampled_from(_HALF_CASES[:3]),
+)
 def test_half_storage_matches_the_stored_gradients_oracle(seed, rank, damp, case):
     # Against the exact inverse of the Fisher of the stored (rounded) gradients, at three
     # and more condition numbers: random vectors without refinement, vectors in the span

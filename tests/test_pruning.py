@@ -92,8 +92,7 @@ def test_obd_and_magnitude_saliencies(xp_device, rng):
     got = obd_saliency(xp_device.asarray(theta), xp_device.asarray(G), damp=0.5)
     want = theta**2 * (0.5 + np.mean(G**2, axis=0)) / 2
     np.testing.assert_allclose(to_numpy(got), want, rtol=1e-12)
-    np.testing.assert_array_equal(to_numpy(magnitude_saliency(xp_device.asarray(theta))),
-                                  theta**2)
+    np.testing.assert_array_equal(to_numpy(magnitude_saliency(xp_device.asarray(theta))), theta**2)
 
 
 # -- selection ----------------------------------------------------------------------------
@@ -104,7 +103,7 @@ def brute_select(scores, sparsity, mask, block_size):
     B = d if block_size is None else min(block_size, d)
     out = np.zeros(d, dtype=bool)
     for b0 in range(0, d, B):
-        s, k = scores[b0:b0 + B], mask[b0:b0 + B]
+        s, k = scores[b0 : b0 + B], mask[b0 : b0 + B]
         n = s.size
         want = int(np.floor(sparsity * n + 1e-9)) - int((~k).sum())
         if want <= 0:
@@ -135,23 +134,28 @@ def test_select_on_every_backend(xp_device, rng):
     scores = rng.random(23)
     mask = rng.random(23) > 0.25
     for block_size in (None, 5):
-        got = select_pruned(xp_device.asarray(scores), sparsity=0.6,
-                            mask=xp_device.asarray(mask, "bool"), block_size=block_size)
+        got = select_pruned(
+            xp_device.asarray(scores),
+            sparsity=0.6,
+            mask=xp_device.asarray(mask, "bool"),
+            block_size=block_size,
+        )
         assert got.dtype == xp_device.xp.bool
-        np.testing.assert_array_equal(to_numpy(got).astype(bool),
-                                      brute_select(scores, 0.6, mask, block_size))
+        np.testing.assert_array_equal(
+            to_numpy(got).astype(bool), brute_select(scores, 0.6, mask, block_size)
+        )
 
 
 def test_select_count_and_already_sparse():
     scores = np.array([5.0, 1.0, 4.0, 2.0, 3.0, 0.0])
     kept = np.array([True, True, True, True, True, False])
-    np.testing.assert_array_equal(np.flatnonzero(select_pruned(scores, count=2, mask=kept)),
-                                  [1, 3])
+    np.testing.assert_array_equal(np.flatnonzero(select_pruned(scores, count=2, mask=kept)), [1, 3])
     # Already at 1/6 sparsity: asking for 10% selects nothing, never un-prunes.
     assert not select_pruned(scores, sparsity=0.1, mask=kept).any()
     # Per block: one new weight in each block of 3 (the second block has 2 kept).
     np.testing.assert_array_equal(
-        np.flatnonzero(select_pruned(scores, count=1, mask=kept, block_size=3)), [1, 3])
+        np.flatnonzero(select_pruned(scores, count=1, mask=kept, block_size=3)), [1, 3]
+    )
     with pytest.raises(ValueError, match="count=3"):
         select_pruned(scores, count=3, mask=kept, block_size=3)
     with pytest.raises(ValueError, match="count=6"):
@@ -167,8 +171,13 @@ def test_joint_update_is_the_constrained_minimiser(xp_device, dtype, rng, block_
     G, theta, mask = problem(rng, m=m, d=23)
     selected = (rng.random(23) < 0.4) & mask
     ihvp = StaticIHVP(xp_device.asarray(G, dtype), damp=damp, block_size=block_size)
-    got = obs_update(xp_device.asarray(theta, dtype), ihvp, xp_device.asarray(selected, "bool"),
-                     joint=True, mask=xp_device.asarray(mask, "bool"))
+    got = obs_update(
+        xp_device.asarray(theta, dtype),
+        ihvp,
+        xp_device.asarray(selected, "bool"),
+        joint=True,
+        mask=xp_device.asarray(mask, "bool"),
+    )
     F = dense_fisher(G, damp, block_size)
     want = constrained_minimiser(F, theta, selected | ~mask)
     got = to_numpy(got)
@@ -187,10 +196,10 @@ def test_joint_update_within_smaller_blocks_is_exact_for_that_block_diagonal(rng
     ihvp = StaticIHVP(G, damp=0.1, block_size=4)
     got = obs_update(theta, ihvp, selected, joint=True, block_size=4, mask=mask)
     want = constrained_minimiser(dense_fisher(G, 0.1, 4), theta, selected | ~mask)
-    np.testing.assert_allclose(got, want, rtol=0,
-                               atol=tolerance("float64", G, 0.1) * np.abs(want).max())
-    full = obs_update(theta, StaticIHVP(G, damp=0.1), selected, joint=True, block_size=4,
-                      mask=mask)
+    np.testing.assert_allclose(
+        got, want, rtol=0, atol=tolerance("float64", G, 0.1) * np.abs(want).max()
+    )
+    full = obs_update(theta, StaticIHVP(G, damp=0.1), selected, joint=True, block_size=4, mask=mask)
     np.testing.assert_array_equal(full[selected | ~mask], 0.0)
 
 
@@ -199,9 +208,14 @@ def test_single_update_is_the_summed_obs_formula(xp_device, dtype, rng):
     damp = 0.2
     selected = (rng.random(17) < 0.3) & mask
     ihvp = StaticIHVP(xp_device.asarray(G, dtype), damp=damp)
-    got = to_numpy(obs_update(xp_device.asarray(theta, dtype), ihvp,
-                              xp_device.asarray(selected, "bool"),
-                              mask=xp_device.asarray(mask, "bool")))
+    got = to_numpy(
+        obs_update(
+            xp_device.asarray(theta, dtype),
+            ihvp,
+            xp_device.asarray(selected, "bool"),
+            mask=xp_device.asarray(mask, "bool"),
+        )
+    )
     Finv = np.linalg.inv(dense_fisher(G, damp))
     coef = np.where(selected, theta / np.diag(Finv), 0.0)
     want = theta - Finv @ coef
@@ -216,8 +230,12 @@ def test_single_and_joint_agree_for_one_weight_and_joint_is_best(rng):
     one = np.zeros(20, dtype=bool)
     one[7] = True
     joint = obs_update(theta, ihvp, one, joint=True)
-    np.testing.assert_allclose(obs_update(theta, ihvp, one), joint, rtol=0,
-                               atol=tolerance("float64", G, 0.05) * np.abs(joint).max())
+    np.testing.assert_allclose(
+        obs_update(theta, ihvp, one),
+        joint,
+        rtol=0,
+        atol=tolerance("float64", G, 0.05) * np.abs(joint).max(),
+    )
     # For several weights the joint update has the least quadratic cost of the three.
     F = dense_fisher(G, 0.05)
     sel = select_pruned(obs_saliency(theta, ihvp), count=8)
@@ -243,12 +261,21 @@ def test_fully_pruned_block(rng):
     G, theta, _ = problem(rng, d=12, pruned=0.0)
     mask = np.ones(12, dtype=bool)
     mask[4:8] = False
-    res = prune(np.where(mask, theta, 0.0), G, sparsity=0.5, damp=0.1, block_size=4,
-                update="joint", mask=mask)
-    want = constrained_minimiser(dense_fisher(G * mask, 0.1, 4), np.where(mask, theta, 0.0),
-                                 ~res.mask)
-    np.testing.assert_allclose(res.theta, want, rtol=0,
-                               atol=tolerance("float64", G * mask, 0.1) * np.abs(want).max())
+    res = prune(
+        np.where(mask, theta, 0.0),
+        G,
+        sparsity=0.5,
+        damp=0.1,
+        block_size=4,
+        update="joint",
+        mask=mask,
+    )
+    want = constrained_minimiser(
+        dense_fisher(G * mask, 0.1, 4), np.where(mask, theta, 0.0), ~res.mask
+    )
+    np.testing.assert_allclose(
+        res.theta, want, rtol=0, atol=tolerance("float64", G * mask, 0.1) * np.abs(want).max()
+    )
 
 
 def test_joint_refuses_huge_systems(rng):
@@ -261,16 +288,30 @@ def test_joint_refuses_huge_systems(rng):
 # -- prune and gradual_prune --------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("saliency", "update"), [
-    ("obs", "single"), ("obs", "joint"), ("obs", "none"), ("obd", "none"),
-    ("magnitude", "none"), ("magnitude", "single"),
-])
+@pytest.mark.parametrize(
+    ("saliency", "update"),
+    [
+        ("obs", "single"),
+        ("obs", "joint"),
+        ("obs", "none"),
+        ("obd", "none"),
+        ("magnitude", "none"),
+        ("magnitude", "single"),
+    ],
+)
 def test_prune_bookkeeping(xp_device, rng, saliency, update):
     G, theta, mask = problem(rng, m=8, d=40, pruned=0.1)
     xp = xp_device.xp
-    res = prune(xp_device.asarray(theta), xp_device.asarray(G), sparsity=0.7, damp=1e-2,
-                block_size=8, saliency=saliency, update=update,
-                mask=xp_device.asarray(mask, "bool"))
+    res = prune(
+        xp_device.asarray(theta),
+        xp_device.asarray(G),
+        sparsity=0.7,
+        damp=1e-2,
+        block_size=8,
+        saliency=saliency,
+        update=update,
+        mask=xp_device.asarray(mask, "bool"),
+    )
     assert isinstance(res, PruneResult)
     assert res.mask.dtype == xp.bool
     new_theta, new_mask = to_numpy(res.theta), to_numpy(res.mask).astype(bool)
@@ -288,14 +329,16 @@ def test_prune_masks_the_gradients(rng):
     a = prune(theta, G, sparsity=0.6, damp=1e-2, mask=mask)
     b = prune(theta, dirty, sparsity=0.6, damp=1e-2, mask=mask)
     np.testing.assert_array_equal(a.mask, b.mask)
-    np.testing.assert_allclose(a.theta, b.theta, rtol=0,
-                               atol=tolerance("float64", G, 1e-2) * np.abs(b.theta).max())
+    np.testing.assert_allclose(
+        a.theta, b.theta, rtol=0, atol=tolerance("float64", G, 1e-2) * np.abs(b.theta).max()
+    )
 
 
 def test_prune_magnitude_needs_no_gradients_and_selection_blocks():
     theta = np.array([0.1, -3.0, 0.2, 0.3, 4.0, -0.05, 1.0, 2.0])
-    res = prune(theta, None, sparsity=0.5, saliency="magnitude", update="none",
-                selection_block_size=4)
+    res = prune(
+        theta, None, sparsity=0.5, saliency="magnitude", update="none", selection_block_size=4
+    )
     np.testing.assert_array_equal(res.mask, [False, True, False, True, True, False, False, True])
     np.testing.assert_array_equal(res.theta, np.where(res.mask, theta, 0.0))
 
@@ -327,9 +370,16 @@ def test_gradual_prune_recomputes_at_each_step(xp_device, rng):
         return r[:, None] * Xb
 
     history = []
-    res = gradual_prune(xp_device.asarray(theta0), grad_fn, sparsity=0.75, steps=3,
-                        damp=1e-4, block_size=8, update="joint",
-                        callback=lambda t, r: history.append(to_numpy(r.mask).astype(bool)))
+    res = gradual_prune(
+        xp_device.asarray(theta0),
+        grad_fn,
+        sparsity=0.75,
+        steps=3,
+        damp=1e-4,
+        block_size=8,
+        update="joint",
+        callback=lambda t, r: history.append(to_numpy(r.mask).astype(bool)),
+    )
     assert len(calls) == 3
     assert [int((~h).sum()) for h in history] == [6, 12, 18]
     for (theta_seen, mask_seen), prev in zip(calls[1:], history[:-1], strict=True):

@@ -29,8 +29,11 @@ def problem(rng):
 def test_to_scipy_is_a_scipy_operator(problem, dtype, rng):
     G, damp = problem
     G = G.astype(dtype)
-    for op in (StaticIHVP(G, damp=damp), EmpiricalFisher(G, damp=damp, block_size=7),
-               StaticIHVP(G, damp=damp) @ EmpiricalFisher(G, damp=damp)):
+    for op in (
+        StaticIHVP(G, damp=damp),
+        EmpiricalFisher(G, damp=damp, block_size=7),
+        StaticIHVP(G, damp=damp) @ EmpiricalFisher(G, damp=damp),
+    ):
         sop = op.to_scipy()
         assert isinstance(sop, sla.LinearOperator)
         assert sop.shape == op.shape
@@ -100,8 +103,11 @@ def test_krylov_solvers(problem, rng, solver, preconditioner):
     G, damp = problem
     d = G.shape[1]
     F = EmpiricalFisher(G, damp=damp).to_scipy()
-    M = {None: None, "exact": StaticIHVP(G, damp=damp).to_scipy(),
-         "blocks": StaticIHVP(G, damp=damp, block_size=7).to_scipy()}[preconditioner]
+    M = {
+        None: None,
+        "exact": StaticIHVP(G, damp=damp).to_scipy(),
+        "blocks": StaticIHVP(G, damp=damp, block_size=7).to_scipy(),
+    }[preconditioner]
     b = rng.standard_normal(d)
     kappa = condition_number(G, damp)
     x, info = getattr(sla, solver)(F, b, M=M, rtol=1e-12, maxiter=500)
@@ -154,8 +160,7 @@ def test_eigsh_shift_invert_smallest(rng, m, d):
     F = EmpiricalFisher(G, damp=damp).to_scipy()
     Finv = StaticIHVP(G, damp=damp).to_scipy()
     want = np.linalg.eigvalsh(empirical_fisher_dense(G, damp))
-    vals = np.sort(sla.eigsh(F, k=3, sigma=0, which="LM", OPinv=Finv,
-                             return_eigenvectors=False))
+    vals = np.sort(sla.eigsh(F, k=3, sigma=0, which="LM", OPinv=Finv, return_eigenvectors=False))
     np.testing.assert_allclose(vals, want[:3], rtol=1e-10)
     if d > m:
         np.testing.assert_allclose(vals, damp, rtol=1e-10)  # the null space of G
@@ -171,8 +176,7 @@ def test_lobpcg(rng, largest):
     want = np.linalg.eigvalsh(empirical_fisher_dense(G, damp))
     X0 = rng.standard_normal((d, k))
     # F^{-1} preconditions the smallest eigenvalues; it would hold back the largest.
-    vals, _ = sla.lobpcg(F, X0, M=None if largest else M, largest=largest, maxiter=200,
-                         tol=1e-8)
+    vals, _ = sla.lobpcg(F, X0, M=None if largest else M, largest=largest, maxiter=200, tol=1e-8)
     ref = want[-k:] if largest else want[:k]
     np.testing.assert_allclose(np.sort(vals), ref, rtol=1e-7)
 
@@ -184,8 +188,9 @@ def test_lobpcg_float32(rng):
     F = EmpiricalFisher(G, damp=damp).to_scipy()
     M = StaticIHVP(G, damp=damp).to_scipy()
     want = np.linalg.eigvalsh(empirical_fisher_dense(G.astype(np.float64), damp))
-    vals, _ = sla.lobpcg(F, rng.standard_normal((d, k)).astype(np.float32), M=M,
-                         largest=False, maxiter=200, tol=1e-4)
+    vals, _ = sla.lobpcg(
+        F, rng.standard_normal((d, k)).astype(np.float32), M=M, largest=False, maxiter=200, tol=1e-4
+    )
     np.testing.assert_allclose(np.sort(vals), want[:k], rtol=1e-4)
 
 
@@ -197,10 +202,12 @@ def test_complex_vectors_act_on_both_parts(rng, dtype):
     re, im = rng.standard_normal((2, 30, 3))
     Z = re + 1j * im
     r, i = re.astype(dtype), im.astype(dtype)
-    for got, want in ((sop.matmat(Z), sop.matmat(r) + 1j * sop.matmat(i)),
-                      (sop @ Z, sop.matmat(r) + 1j * sop.matmat(i)),
-                      (sop.matvec(Z[:, 0]), sop.matvec(r[:, 0]) + 1j * sop.matvec(i[:, 0])),
-                      (sop.rmatvec(Z[:, 0]), sop.rmatvec(r[:, 0]) + 1j * sop.rmatvec(i[:, 0]))):
+    for got, want in (
+        (sop.matmat(Z), sop.matmat(r) + 1j * sop.matmat(i)),
+        (sop @ Z, sop.matmat(r) + 1j * sop.matmat(i)),
+        (sop.matvec(Z[:, 0]), sop.matvec(r[:, 0]) + 1j * sop.matvec(i[:, 0])),
+        (sop.rmatvec(Z[:, 0]), sop.rmatvec(r[:, 0]) + 1j * sop.rmatvec(i[:, 0])),
+    ):
         assert np.iscomplexobj(got)
         np.testing.assert_array_equal(got, want)
     F = EmpiricalFisher(G.astype(np.float64), damp=0.5).to_scipy()

@@ -35,8 +35,9 @@ def error_scale(G: np.ndarray, damp: float, block_size: int | None) -> float:
     """``max_b 1 + ||G_b||_2^2 / (m damp)``: the spectral form's rounding scale (see Notes)."""
     m, d = G.shape
     B = d if block_size is None else block_size
-    top = max(float(np.linalg.eigvalsh(G[:, s:s + B] @ G[:, s:s + B].T)[-1])
-              for s in range(0, d, B))
+    top = max(
+        float(np.linalg.eigvalsh(G[:, s : s + B] @ G[:, s : s + B].T)[-1]) for s in range(0, d, B)
+    )
     return 1.0 + max(top, 0.0) / (m * damp)
 
 
@@ -53,7 +54,7 @@ def spectrum_logdet(G: np.ndarray, damp: float, block_size: int | None) -> float
     B = d if block_size is None else block_size
     total = 0.0
     for s in range(0, d, B):
-        sv = np.linalg.svd(G[:, s:s + B], compute_uv=False)
+        sv = np.linalg.svd(G[:, s : s + B], compute_uv=False)
         width = min(B, d - s)
         total += width * math.log(damp) + float(np.sum(np.log1p(sv**2 / (m * damp))))
     return total
@@ -109,10 +110,12 @@ def test_spectrum_against_dense(layout, xp_device, dtype, rng):
     Finv = dense_power(G, damp, bs, -1.0)
     assert op.trace() == pytest.approx(np.trace(Finv), rel=100 * eps)
     assert op.trace_inverse() == pytest.approx(np.trace(F), rel=100 * eps)
-    assert op.inv_sqrt().trace() == pytest.approx(np.trace(dense_power(G, damp, bs, 0.5)),
-                                                  rel=100 * eps)
+    assert op.inv_sqrt().trace() == pytest.approx(
+        np.trace(dense_power(G, damp, bs, 0.5)), rel=100 * eps
+    )
     assert op.sqrt().trace_inverse() == pytest.approx(
-        np.trace(dense_power(G, damp, bs, 0.5)), rel=100 * eps)
+        np.trace(dense_power(G, damp, bs, 0.5)), rel=100 * eps
+    )
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS), ids=list(LAYOUTS))
@@ -124,17 +127,25 @@ def test_roots_and_forward(layout, xp_device, dtype, rng):
     kappa = error_scale(G, damp, bs)
     X = rounded(rng.standard_normal((d, 2)), dtype)
     Xb = be.asarray(X, dtype)
-    for derived, power in ((op.sqrt(), -0.5), (op.inv_sqrt(), 0.5), (op.inverse(), 1.0),
-                           (op.inverse().sqrt(), 0.5), (op.inverse().inv_sqrt(), -0.5)):
+    for derived, power in (
+        (op.sqrt(), -0.5),
+        (op.inv_sqrt(), 0.5),
+        (op.inverse(), 1.0),
+        (op.inverse().sqrt(), 0.5),
+        (op.inverse().inv_sqrt(), -0.5),
+    ):
         assert derived.power == power
         Y = derived @ Xb
         check_space(Y, be, dtype)
-        assert_close(Y, dense_power(G, damp, bs, power) @ X, kappa=kappa,
-                     err_msg=f"power {power}")
+        assert_close(Y, dense_power(G, damp, bs, power) @ X, kappa=kappa, err_msg=f"power {power}")
         assert_close(derived.diagonal(), np.diag(dense_power(G, damp, bs, power)), kappa=kappa)
     half = op.sqrt()
-    assert_close(half @ (half @ Xb), SpectralOracle(G, damp, block_size=bs).matmat(X),
-                 kappa=kappa, err_msg="F^{-1/2} F^{-1/2} = F^{-1}")
+    assert_close(
+        half @ (half @ Xb),
+        SpectralOracle(G, damp, block_size=bs).matmat(X),
+        kappa=kappa,
+        err_msg="F^{-1/2} F^{-1/2} = F^{-1}",
+    )
     with pytest.raises(ValueError, match="powers"):
         half.sqrt()
     with pytest.raises(ValueError, match="powers"):
@@ -167,8 +178,11 @@ def test_dampings_in_one_pass(layout, xp_device, dtype, rng):
     # The inverse's sweep is F_j itself, for every damping.
     Fs = op.inverse().sweep(be.asarray(X, dtype), damps=damps)
     for j, dp in enumerate(damps):
-        assert_close(Fs[j, ...], empirical_fisher_dense(G, dp, block_size=bs) @ X,
-                     kappa=error_scale(G, dp, bs))
+        assert_close(
+            Fs[j, ...],
+            empirical_fisher_dense(G, dp, block_size=bs) @ X,
+            kappa=error_scale(G, dp, bs),
+        )
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS), ids=list(LAYOUTS))
@@ -195,8 +209,11 @@ def test_bilinear_and_quadratic(layout, xp_device, dtype, rng):
         check_space(q, be, dtype)
         assert_close(q, np.einsum("ij,jk,ik->i", R, Finv, R), kappa=kappa)
     half = op.sqrt()
-    assert_close(half.quadratic(be.asarray(R, dtype)),
-                 np.einsum("ij,jk,ik->i", R, dense_power(G, damp, bs, -0.5), R), kappa=kappa)
+    assert_close(
+        half.quadratic(be.asarray(R, dtype)),
+        np.einsum("ij,jk,ik->i", R, dense_power(G, damp, bs, -0.5), R),
+        kappa=kappa,
+    )
     empty = op.bilinear(be.asarray(Q, dtype), be.asarray(np.zeros((0, d)), dtype))
     assert tuple(empty.shape) == (3, 0)
 
@@ -205,8 +222,7 @@ def test_bilinear_and_quadratic(layout, xp_device, dtype, rng):
 
 
 @settings(max_examples=40)
-@given(problem=problems(dtype="float64", max_m=6, max_d=24),
-       log_kappa=st.floats(0.0, 12.0))
+@given(problem=problems(dtype="float64", max_m=6, max_d=24), log_kappa=st.floats(0.0, 12.0))
 def test_hypothesis_float64_up_to_kappa_1e12(problem, log_kappa):
     G, bs = problem.G, problem.block_size
     m = G.shape[0]
@@ -221,8 +237,7 @@ def test_hypothesis_float64_up_to_kappa_1e12(problem, log_kappa):
     assert_close(op.diagonal(), oracle.diagonal(), kappa=kappa)
     half = op.sqrt()
     assert_close(half @ (half @ x), oracle.matvec(x), kappa=kappa)
-    assert_close(op.inverse() @ x, empirical_fisher_dense(G, damp, block_size=bs) @ x,
-                 kappa=kappa)
+    assert_close(op.inverse() @ x, empirical_fisher_dense(G, damp, block_size=bs) @ x, kappa=kappa)
     # log det: each of the k = min(B, m) terms log1p(Lambda / (m damp)) has an absolute error
     # of about eps * kappa (Lambda's error is eps * Lambda_max), the d log(damp) part eps.
     ref = spectrum_logdet(G, damp, bs)
@@ -377,8 +392,14 @@ def test_damping_sweep_against_brute_force(bs, xp_device, dtype, rng):
     be = xp_device
     kept = np.ones(d, dtype=bool)
     kept[[3, 17]] = False
-    res = damping_sweep(be.asarray(theta, dtype), be.asarray(G, dtype), dampings,
-                        sparsity=0.4, block_size=bs, mask=be.asarray(kept))
+    res = damping_sweep(
+        be.asarray(theta, dtype),
+        be.asarray(G, dtype),
+        dampings,
+        sparsity=0.4,
+        block_size=bs,
+        mask=be.asarray(kept),
+    )
     assert res.dampings == tuple(dampings)
     check_space(res.saliency, be, dtype)
     assert tuple(res.selected.shape) == (4, d)
@@ -419,6 +440,7 @@ def test_docstring_examples():
 
     import mfac_core._spectral
 
-    result = doctest.testmod(mfac_core._spectral,
-                             optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    result = doctest.testmod(
+        mfac_core._spectral, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
+    )
     assert result.failed == 0 and result.attempted > 20

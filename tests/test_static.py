@@ -208,8 +208,13 @@ def _check_inverse_properties(p, backend, dtype: str, extra: np.ndarray) -> None
     check_space(Y, be, dtype)
     Yn = to_numpy(Y).astype(np.float64)
     for j in range(2):
-        assert_close(Yn[:, j], oracle.matvec(X[:, j]), kappa=k, dtype=dtype,
-                     err_msg=f"{msg}: matmat column {j}")
+        assert_close(
+            Yn[:, j],
+            oracle.matvec(X[:, j]),
+            kappa=k,
+            dtype=dtype,
+            err_msg=f"{msg}: matmat column {j}",
+        )
     # matvec, and matvec == matmat columns.
     y = op.matvec(x)
     check_space(y, be, dtype)
@@ -217,8 +222,9 @@ def _check_inverse_properties(p, backend, dtype: str, extra: np.ndarray) -> None
     assert_close(y, Yn[:, 0], kappa=k, err_msg=f"{msg}: matvec vs matmat")
     # Symmetry <F^-1 a, b> = <a, F^-1 b>.
     lhs, rhs = Yn[:, 0] @ X[:, 1], X[:, 0] @ Yn[:, 1]
-    scale = (np.linalg.norm(Yn[:, 0]) * np.linalg.norm(X[:, 1])
-             + np.linalg.norm(X[:, 0]) * np.linalg.norm(Yn[:, 1]))
+    scale = np.linalg.norm(Yn[:, 0]) * np.linalg.norm(X[:, 1]) + np.linalg.norm(
+        X[:, 0]
+    ) * np.linalg.norm(Yn[:, 1])
     assert abs(lhs - rhs) <= 100 * eps * k * scale, (msg, lhs, rhs)
     # The diagonal.
     assert_close(op.diagonal(), oracle.diagonal(), kappa=k, err_msg=f"{msg}: diagonal")
@@ -226,8 +232,9 @@ def _check_inverse_properties(p, backend, dtype: str, extra: np.ndarray) -> None
     F = EmpiricalFisher(G, damp=p.damp, block_size=p.block_size)
     assert_close(F.matmat(Y), X, kappa=k, err_msg=f"{msg}: F F^-1 X")
     Fd = empirical_fisher_dense(p.G, p.damp, block_size=p.block_size)
-    assert_close(F.matmat(be.asarray(X[:, :1], dtype)), Fd @ X[:, :1], kappa=k,
-                 err_msg=f"{msg}: F x")
+    assert_close(
+        F.matmat(be.asarray(X[:, :1], dtype)), Fd @ X[:, :1], kappa=k, err_msg=f"{msg}: F x"
+    )
 
 
 def _entries_check(p, backend, dtype: str, rows: list[int], cols: list[int]) -> None:
@@ -255,8 +262,9 @@ def test_properties_numpy(numpy_backend, dtype_name, data):
     _check_inverse_properties(p, numpy_backend, dtype_name, _extra(data, p, dtype_name))
     idx = st.lists(st.integers(0, p.d - 1), min_size=1, max_size=8)
     rows = data.draw(idx, label="rows")
-    cols = data.draw(st.lists(st.integers(0, p.d - 1), min_size=len(rows),
-                              max_size=len(rows)), label="cols")
+    cols = data.draw(
+        st.lists(st.integers(0, p.d - 1), min_size=len(rows), max_size=len(rows)), label="cols"
+    )
     _entries_check(p, numpy_backend, dtype_name, rows, cols)
 
 
@@ -276,9 +284,16 @@ def test_properties_other_backends(make_backend, backend_name, dtype_name, data)
 
 
 @pytest.mark.parametrize("piece_entries", [1, 5, 12, 40])
-@pytest.mark.parametrize("layout", ["full-woodbury", "woodbury-blocks+dense-ragged",
-                                    "dense-blocks+ragged", "woodbury-blocks+woodbury-ragged",
-                                    "block>d"])
+@pytest.mark.parametrize(
+    "layout",
+    [
+        "full-woodbury",
+        "woodbury-blocks+dense-ragged",
+        "dense-blocks+ragged",
+        "woodbury-blocks+woodbury-ragged",
+        "block>d",
+    ],
+)
 @pytest.mark.parametrize("backend_name", ["numpy", "strict-device1"])
 def test_column_pieces(monkeypatch, make_backend, backend_name, layout, piece_entries, rng):
     # Shrink the set-up's column pieces so that small problems split blocks into pieces
@@ -289,8 +304,12 @@ def test_column_pieces(monkeypatch, make_backend, backend_name, layout, piece_en
     m, d, bs = LAYOUTS[layout]
     G, damp = _data(rng, m, d, "float64")
     calls = []
-    op = StaticIHVP(be.asarray(G, "float64"), damp=damp, block_size=bs,
-                    progress=lambda done, total: calls.append((done, total)))
+    op = StaticIHVP(
+        be.asarray(G, "float64"),
+        damp=damp,
+        block_size=bs,
+        progress=lambda done, total: calls.append((done, total)),
+    )
     oracle = SpectralOracle(G, damp, block_size=bs)
     X = rng.standard_normal((d, 2))
     assert_close(op.matmat(be.asarray(X, "float64")), oracle.matmat(X), kappa=oracle.kappa)
@@ -315,8 +334,15 @@ def test_dense_block_wider_than_a_piece(monkeypatch):
 # -- overwrite_G and progress --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("layout", ["full-woodbury", "woodbury-blocks+dense-ragged",
-                                    "dense-blocks+ragged", "woodbury-blocks+woodbury-ragged"])
+@pytest.mark.parametrize(
+    "layout",
+    [
+        "full-woodbury",
+        "woodbury-blocks+dense-ragged",
+        "dense-blocks+ragged",
+        "woodbury-blocks+woodbury-ragged",
+    ],
+)
 def test_overwrite_G(xp_device, layout, rng):
     m, d, bs = LAYOUTS[layout]
     G, damp = _data(rng, m, d, "float64")
@@ -349,8 +375,9 @@ def test_overwrite_G_refuses_read_only(rng):
     with pytest.raises(ValueError, match="writeable"):
         StaticIHVP(G, damp=0.1, overwrite_G=True)
     op = StaticIHVP(G, damp=0.1)  # without overwrite_G a read-only G is fine
-    assert_close(op.matvec(np.ones(10)), SpectralOracle(G, 0.1).matvec(np.ones(10)),
-                 kappa=op.kappa_bound)
+    assert_close(
+        op.matvec(np.ones(10)), SpectralOracle(G, 0.1).matvec(np.ones(10)), kappa=op.kappa_bound
+    )
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS), ids=list(LAYOUTS))
@@ -358,8 +385,9 @@ def test_progress(layout, rng):
     m, d, bs = LAYOUTS[layout]
     G, damp = _data(rng, m, d, "float64")
     calls = []
-    StaticIHVP(G, damp=damp, block_size=bs, progress=lambda done, total: calls.append(
-        (done, total)))
+    StaticIHVP(
+        G, damp=damp, block_size=bs, progress=lambda done, total: calls.append((done, total))
+    )
     assert len(calls) >= 2
     assert calls[-1] == (2 * d, 2 * d)
     assert all(t == 2 * d for _, t in calls)
@@ -408,8 +436,9 @@ def test_bad_damp(cls):
     assert cls(G, damp=np.float32(0.5)).damp == 0.5
 
 
-@pytest.mark.parametrize("damp", ["0.1", True, np.array(0.5)],
-                         ids=["numeric-string", "bool", "0-d-array"])
+@pytest.mark.parametrize(
+    "damp", ["0.1", True, np.array(0.5)], ids=["numeric-string", "bool", "0-d-array"]
+)
 def test_damp_refuses_strings_and_bools(damp):
     with pytest.raises(TypeError, match="damp"):
         StaticIHVP(np.ones((2, 4)), damp=damp)
@@ -430,8 +459,11 @@ def test_bad_block_size(cls):
 
 def test_bad_entries_indices(xp_device, numpy_backend, strict_device1):
     be = xp_device
-    op = StaticIHVP(be.asarray(np.random.default_rng(0).standard_normal((3, 10)), "float64"),
-                    damp=0.5, block_size=4)
+    op = StaticIHVP(
+        be.asarray(np.random.default_rng(0).standard_normal((3, 10)), "float64"),
+        damp=0.5,
+        block_size=4,
+    )
     ok = be.asarray(np.array([0, 1]), "int64")
     with pytest.raises(ValueError, match="same shape"):
         op.entries(ok, be.asarray(np.array([[0, 1]]), "int64"))
@@ -452,8 +484,11 @@ def test_bad_entries_indices(xp_device, numpy_backend, strict_device1):
 @pytest.mark.parametrize("bad", [[0, 10], [-1, 0], [3, 99]], ids=["d", "negative", "far"])
 def test_entries_out_of_range(xp_device, bad):
     be = xp_device
-    op = StaticIHVP(be.asarray(np.random.default_rng(0).standard_normal((3, 10)), "float64"),
-                    damp=0.5, block_size=4)
+    op = StaticIHVP(
+        be.asarray(np.random.default_rng(0).standard_normal((3, 10)), "float64"),
+        damp=0.5,
+        block_size=4,
+    )
     ok = be.asarray(np.array([0, 1]), "int64")
     with pytest.raises(IndexError, match="out of range"):
         op.entries(be.asarray(np.array(bad), "int64"), ok)
@@ -486,8 +521,9 @@ def test_duplicated_gradients_tiny_damp_never_silent(xp_device, dtype, block_siz
             assert "damp=1e-12" in msg and "kappa" in msg
             assert isinstance(exc, np.linalg.LinAlgError) and isinstance(exc, ValueError)
             return
-    assert any(issubclass(w.category, IllConditionedWarning) for w in caught), \
+    assert any(issubclass(w.category, IllConditionedWarning) for w in caught), (
         "a kappa = 1e28 problem gave neither a FactorizationError nor a warning"
+    )
 
 
 def test_factorization_error_full_operator(xp_device):
@@ -551,10 +587,9 @@ def test_entries_with_any_integer_index_dtype(xp_device, index_dtype, layout, rn
     got = op.entries(be.asarray(rows, index_dtype), be.asarray(cols, index_dtype))
     want = op.entries(be.asarray(rows, "int64"), be.asarray(cols, "int64"))
     assert bool(be.xp.all(got == want))
-    Gb = G[:, top - top % bs:][:, :bs]
+    Gb = G[:, top - top % bs :][:, :bs]
     dense = np.linalg.inv(0.5 * np.eye(Gb.shape[1]) + Gb.T @ Gb / m)
-    assert abs(float(to_numpy(got)[0]) - dense[top % bs, top % bs]) <= \
-        1e-10 * np.abs(dense).max()
+    assert abs(float(to_numpy(got)[0]) - dense[top % bs, top % bs]) <= 1e-10 * np.abs(dense).max()
 
 
 def test_entries_temporaries_are_bounded(monkeypatch, rng):
@@ -596,9 +631,14 @@ def test_refinement_brings_the_mean_gradient_to_eps_kappa(kappa, block_size):
     if block_size is None:
         want = extended_precision_inverse(G, damp, x)
     else:
-        want = np.concatenate([extended_precision_inverse(G[:, lo:lo + block_size], damp,
-                                             x[lo:lo + block_size])
-                               for lo in range(0, d, block_size)])
+        want = np.concatenate(
+            [
+                extended_precision_inverse(
+                    G[:, lo : lo + block_size], damp, x[lo : lo + block_size]
+                )
+                for lo in range(0, d, block_size)
+            ]
+        )
     eps = float(np.finfo(np.float64).eps)
     ratio = float(np.linalg.norm(x) / (damp * np.linalg.norm(want)))
 
@@ -621,8 +661,13 @@ def test_refinement_with_float32_storage(kappa):
     damp = float(np.linalg.norm(G64, 2)) ** 2 / (m * (kappa - 1))
     x = G.mean(axis=0)
     want = SpectralOracle(G64, damp).matvec(x.astype(np.float64))
-    errs = [float(np.linalg.norm(StaticIHVP(G, damp=damp, refine=k).matvec(x) - want)
-                  / np.linalg.norm(want)) for k in (0, 1, 2)]
+    errs = [
+        float(
+            np.linalg.norm(StaticIHVP(G, damp=damp, refine=k).matvec(x) - want)
+            / np.linalg.norm(want)
+        )
+        for k in (0, 1, 2)
+    ]
     eps32 = float(np.finfo(np.float32).eps)
     assert errs[1] <= 10 * eps32 * kappa
     assert errs[2] <= errs[1] and errs[2] <= 100 * eps32 + 1e-3 * errs[0]

@@ -32,8 +32,18 @@ EPS32 = float(np.finfo(np.float32).eps)
 
 # Small, well-conditioned problems: (m, d, block_size). Blocks both <= m (the library's
 # dense path) and > m (Woodbury), ragged last blocks, d < m, m = 1 and d = 1.
-SHAPES = [(1, 1, None), (1, 7, None), (3, 1, None), (6, 4, None), (5, 17, None),
-          (4, 10, 3), (3, 11, 5), (2, 9, 1), (8, 20, 20), (8, 20, 30)]
+SHAPES = [
+    (1, 1, None),
+    (1, 7, None),
+    (3, 1, None),
+    (6, 4, None),
+    (5, 17, None),
+    (4, 10, 3),
+    (3, 11, 5),
+    (2, 9, 1),
+    (8, 20, 20),
+    (8, 20, 30),
+]
 
 
 def _grads(rng: np.random.Generator, m: int, d: int) -> np.ndarray:
@@ -158,15 +168,16 @@ def test_dense_fisher_and_condition_number(rng, m, d, block_size):
     # G_b^T G_b and G^T G are different BLAS calls, summing in different orders; entries of
     # G^T G may nearly cancel, so the bound scales with |G|^T |G|, plus the roundings of
     # the division by m and of adding damp.
-    tol = _product_rounding(G.T, G) / m + 4 * EPS64 * (np.abs(G.T) @ np.abs(G) / m
-                                                       + damp * np.eye(d))
+    tol = _product_rounding(G.T, G) / m + 4 * EPS64 * (
+        np.abs(G.T) @ np.abs(G) / m + damp * np.eye(d)
+    )
     assert np.all(np.abs(F - np.where(same_block, full, 0.0)) <= tol)
     assert np.all(F[~same_block] == 0.0)
     assert np.array_equal(F, F.T)
     kappa = condition_number(G, damp, block_size=block_size)
     assert_close(dense_inverse(G, damp, block_size=block_size) @ F, np.eye(d), kappa=kappa)
     # The largest condition number of a block (not cond(F) of the assembled matrix).
-    per_block = max(np.linalg.cond(F[s:s + b, s:s + b]) for s in range(0, d, b))
+    per_block = max(np.linalg.cond(F[s : s + b, s : s + b]) for s in range(0, d, b))
     assert kappa == pytest.approx(per_block, rel=1e-10)
     if block_size is None:
         assert kappa == pytest.approx(np.linalg.cond(F), rel=1e-10)
@@ -263,8 +274,10 @@ def test_assert_close_passes_on_the_library_result(xp_device, dtype, rng):
 
 
 @pytest.mark.parametrize("dtype_name", ["float32", "float64"])
-@pytest.mark.parametrize("mistake", ["damp+1%", "damp*10", "missing 1/m", "permuted coordinates",
-                                     "dropped gradient", "sign"])
+@pytest.mark.parametrize(
+    "mistake",
+    ["damp+1%", "damp*10", "missing 1/m", "permuted coordinates", "dropped gradient", "sign"],
+)
 def test_assert_close_fails_on_real_errors(rng, dtype_name, mistake):
     m, d, damp = 8, 30, 0.05
     G = _grads(rng, m, d)
@@ -384,35 +397,55 @@ def test_problems_are_valid(dtype_name, data):
     assert not p.G.flags.writeable
 
 
-@pytest.mark.parametrize("condition", [
-    lambda p: p.m == 1,
-    lambda p: p.d == 1,
-    lambda p: p.d < p.m,
-    lambda p: p.m > 2 and np.all(p.G == p.G[0]),
-    lambda p: p.m > 2 and len({r.tobytes() for r in p.G}) not in (1, p.m),
-    lambda p: p.block_size is not None and p.d % p.block_size != 0 and p.block_size < p.d,
-    lambda p: p.block_size is not None and p.block_size <= p.m < p.d,
-    lambda p: not np.any(p.x),
-    lambda p: np.any(p.x) and np.linalg.matrix_rank(np.vstack([p.G, p.x])) ==
-    np.linalg.matrix_rank(p.G) < p.d,
-    lambda p: p.kappa > 1e5,
-    lambda p: p.kappa < 1 + 1e-6,
-    lambda p: np.ptp(np.log10(np.linalg.norm(p.G, axis=1))) > 3,
-], ids=["m=1", "d=1", "d<m", "identical", "duplicated", "ragged", "dense-blocks", "x=0",
-        "x-in-span", "tiny-damp", "huge-damp", "scaled-rows"])
+@pytest.mark.parametrize(
+    "condition",
+    [
+        lambda p: p.m == 1,
+        lambda p: p.d == 1,
+        lambda p: p.d < p.m,
+        lambda p: p.m > 2 and np.all(p.G == p.G[0]),
+        lambda p: p.m > 2 and len({r.tobytes() for r in p.G}) not in (1, p.m),
+        lambda p: p.block_size is not None and p.d % p.block_size != 0 and p.block_size < p.d,
+        lambda p: p.block_size is not None and p.block_size <= p.m < p.d,
+        lambda p: not np.any(p.x),
+        lambda p: (
+            np.any(p.x)
+            and np.linalg.matrix_rank(np.vstack([p.G, p.x])) == np.linalg.matrix_rank(p.G) < p.d
+        ),
+        lambda p: p.kappa > 1e5,
+        lambda p: p.kappa < 1 + 1e-6,
+        lambda p: np.ptp(np.log10(np.linalg.norm(p.G, axis=1))) > 3,
+    ],
+    ids=[
+        "m=1",
+        "d=1",
+        "d<m",
+        "identical",
+        "duplicated",
+        "ragged",
+        "dense-blocks",
+        "x=0",
+        "x-in-span",
+        "tiny-damp",
+        "huge-damp",
+        "scaled-rows",
+    ],
+)
 def test_problems_cover_the_hard_cases(condition):
     find(problems(), condition, settings=FIND)
 
 
 def test_problems_float32_bounds_kappa():
     with pytest.raises(NoSuchExample):
-        find(problems(dtype="float32"), lambda p: p.kappa > 1.0001e4 + 1,
-             settings=settings(FIND, max_examples=300))
+        find(
+            problems(dtype="float32"),
+            lambda p: p.kappa > 1.0001e4 + 1,
+            settings=settings(FIND, max_examples=300),
+        )
 
 
 def test_problem_as_arrays(xp_device, dtype):
-    p = Problem(G=np.ones((2, 3)), damp=1.0, x=np.arange(3.0), block_size=None,
-                description="test")
+    p = Problem(G=np.ones((2, 3)), damp=1.0, x=np.arange(3.0), block_size=None, description="test")
     G, x = p.as_arrays(xp_device.xp, dtype, device=xp_device.device)
     assert G.dtype == xp_device.dtype(dtype) and x.dtype == xp_device.dtype(dtype)
     assert tuple(G.shape) == (2, 3) and tuple(x.shape) == (3,)
@@ -455,8 +488,9 @@ def test_extended_precision_inverse_against_the_dense_inverse(rng):
         want = dense_inverse(G, damp) @ x
         got = extended_precision_inverse(G, damp, x)
         kappa = condition_number(G, damp)
-        assert np.linalg.norm(got - want) <= 100 * np.finfo(np.float64).eps * kappa \
-            * np.linalg.norm(want)
+        assert np.linalg.norm(got - want) <= 100 * np.finfo(
+            np.float64
+        ).eps * kappa * np.linalg.norm(want)
     # Where float64 loses digits (x = the gradients' mean, kappa ~ 1e9), it agrees with
     # the spectral oracle to the oracle's own accuracy, not better: both are references,
     # the extended one for the cancelling directions.

@@ -23,8 +23,9 @@ nn = torch.nn
 F = torch.nn.functional
 
 
-def dense_step(window: list[np.ndarray], g: np.ndarray, damp: float, m: int,
-               zero_init: bool) -> np.ndarray:
+def dense_step(
+    window: list[np.ndarray], g: np.ndarray, damp: float, m: int, zero_init: bool
+) -> np.ndarray:
     """``F^{-1} g`` with the dense inverse of the window's damped Fisher (float64)."""
     d = g.size
     rows = np.array(window[-m:]).reshape(-1, d)
@@ -44,8 +45,10 @@ def make_model(seed: int = 0, dtype=torch.float64) -> nn.Module:
 
 def batches(seed: int, n: int, dtype=torch.float64):
     gen = torch.Generator().manual_seed(seed)
-    return [(torch.randn(8, 5, generator=gen, dtype=dtype),
-             torch.randint(0, 3, (8,), generator=gen)) for _ in range(n)]
+    return [
+        (torch.randn(8, 5, generator=gen, dtype=dtype), torch.randint(0, 3, (8,), generator=gen))
+        for _ in range(n)
+    ]
 
 
 def train(model, opt, data):
@@ -64,8 +67,15 @@ def test_step_matches_dense_inverse(zero_init, momentum, weight_decay):
     model = make_model()
     params = list(model.parameters())
     m, damp, lr = 3, 1e-2, 0.05
-    opt = MFAC(params, lr=lr, num_grads=m, damp=damp, momentum=momentum,
-               weight_decay=weight_decay, zero_init=zero_init)
+    opt = MFAC(
+        params,
+        lr=lr,
+        num_grads=m,
+        damp=damp,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        zero_init=zero_init,
+    )
     window: list[np.ndarray] = []
     buf = np.zeros(opt.dim)
     for x, y in batches(1, 6):  # more steps than the window holds
@@ -77,16 +87,14 @@ def test_step_matches_dense_inverse(zero_init, momentum, weight_decay):
         s = dense_step(window, g, damp, m, zero_init)
         buf = momentum * buf + s
         opt.step()
-        np.testing.assert_allclose(flat_params(params), theta - lr * buf, rtol=1e-9,
-                                   atol=1e-11)
+        np.testing.assert_allclose(flat_params(params), theta - lr * buf, rtol=1e-9, atol=1e-11)
     assert opt.steps == 6
 
 
 def test_per_group_learning_rate():
     model = make_model()
     first, second = list(model[0].parameters()), list(model[2].parameters())
-    opt = MFAC([{"params": first}, {"params": second, "lr": 0.5}], lr=0.1, num_grads=4,
-               damp=1e-2)
+    opt = MFAC([{"params": first}, {"params": second, "lr": 0.5}], lr=0.1, num_grads=4, damp=1e-2)
     assert [g["lr"] for g in opt.param_groups] == [0.1, 0.5]
     window = []
     for x, y in batches(2, 3):
@@ -99,8 +107,9 @@ def test_per_group_learning_rate():
         opt.step()
         n1 = sum(p.numel() for p in first)
         lr = np.where(np.arange(opt.dim) < n1, 0.1, 0.5)
-        np.testing.assert_allclose(flat_params(first + second), before - lr * s, rtol=1e-9,
-                                   atol=1e-11)
+        np.testing.assert_allclose(
+            flat_params(first + second), before - lr * s, rtol=1e-9, atol=1e-11
+        )
 
 
 def test_params_without_grad_contribute_zeros_and_stay():
@@ -144,8 +153,7 @@ def test_closure_and_float32():
 @pytest.mark.parametrize("momentum", [0.0, 0.5])
 def test_state_dict_resumes_bit_for_bit(momentum):
     data = batches(5, 14)
-    kw = {"lr": 0.05, "num_grads": 4, "damp": 1e-3, "momentum": momentum,
-          "weight_decay": 1e-3}
+    kw = {"lr": 0.05, "num_grads": 4, "damp": 1e-3, "momentum": momentum, "weight_decay": 1e-3}
     model = make_model(7)
     opt = MFAC(model.parameters(), **kw)
     train(model, opt, data[:6])  # past the window size: incremental updates happen
@@ -284,17 +292,27 @@ COPIERS = {
 
 
 @pytest.mark.parametrize("how", list(COPIERS))
-@pytest.mark.parametrize(("dtype", "zero_init", "momentum", "steps"), [
-    (torch.float64, True, 0.0, 0),    # a fresh optimizer
-    (torch.float64, False, 0.9, 2),   # a window still filling up
-    (torch.float32, True, 0.9, 6),    # past the window: incremental edits
-    (torch.float32, False, 0.0, 6),
-])
+@pytest.mark.parametrize(
+    ("dtype", "zero_init", "momentum", "steps"),
+    [
+        (torch.float64, True, 0.0, 0),  # a fresh optimizer
+        (torch.float64, False, 0.9, 2),  # a window still filling up
+        (torch.float32, True, 0.9, 6),  # past the window: incremental edits
+        (torch.float32, False, 0.0, 6),
+    ],
+)
 def test_copies_equal_the_original_and_continue_like_it(how, dtype, zero_init, momentum, steps):
     data = batches(8, steps + 5, dtype=dtype)
     model = make_model(8, dtype=dtype)
-    opt = MFAC(model.parameters(), lr=0.05, num_grads=4, damp=1e-3, momentum=momentum,
-               weight_decay=1e-3, zero_init=zero_init)
+    opt = MFAC(
+        model.parameters(),
+        lr=0.05,
+        num_grads=4,
+        damp=1e-3,
+        momentum=momentum,
+        weight_decay=1e-3,
+        zero_init=zero_init,
+    )
     train(model, opt, data[:steps])
     model2, opt2 = COPIERS[how]((model, opt))
     # The copy optimizes the copied model, not the original one.
@@ -311,8 +329,7 @@ def test_copies_equal_the_original_and_continue_like_it(how, dtype, zero_init, m
 
 
 def trained(seed: int, steps: int, **kw):
-    kw = {"lr": 0.05, "num_grads": 4, "damp": 1e-3, "momentum": 0.9, "weight_decay": 1e-3,
-          **kw}
+    kw = {"lr": 0.05, "num_grads": 4, "damp": 1e-3, "momentum": 0.9, "weight_decay": 1e-3, **kw}
     model = make_model(seed)
     opt = MFAC(model.parameters(), **kw)
     train(model, opt, batches(seed, steps))
@@ -327,6 +344,7 @@ def _set(path, value):
             target = target[key]
         target[last] = value(target[last]) if callable(value) else value
         return state
+
     return edit
 
 
@@ -337,6 +355,7 @@ def _delete(*path):
             target = target[key]
         del target[path[-1]]
         return state
+
     return edit
 
 
@@ -347,6 +366,7 @@ def _nan_at(*path):
             t = t[key]
         t.view(-1)[0] = float("nan")
         return state
+
     return edit
 
 
@@ -356,8 +376,10 @@ MALFORMED = {
     "no state": (_delete("state"), "state"),
     "no param_groups": (_delete("param_groups"), "param_groups"),
     "no mfac": (_delete("mfac"), "mfac"),
-    "extra group": (lambda s: (s["param_groups"].append({**s["param_groups"][0], "params": []}),
-                               s)[1], "2 parameter groups|1 parameter groups"),
+    "extra group": (
+        lambda s: (s["param_groups"].append({**s["param_groups"][0], "params": []}), s)[1],
+        "2 parameter groups|1 parameter groups",
+    ),
     "short group": (lambda s: (s["param_groups"][0]["params"].pop(), s)[1], "parameters"),
     "group without lr": (_delete("param_groups", 0, "lr"), "lr"),
     "negative lr": (_set(("param_groups", 0, "lr"), -1.0), "lr"),
@@ -391,9 +413,23 @@ MALFORMED = {
 }
 
 
-@pytest.mark.parametrize("key", [
-    "version", "num_grads", "dim", "damp", "zero_init", "grads", "gram", "factor",
-    "window_slots", "free_slots", "factor_slots", "edits"])
+@pytest.mark.parametrize(
+    "key",
+    [
+        "version",
+        "num_grads",
+        "dim",
+        "damp",
+        "zero_init",
+        "grads",
+        "gram",
+        "factor",
+        "window_slots",
+        "free_slots",
+        "factor_slots",
+        "edits",
+    ],
+)
 def test_every_window_key_is_required(key):
     _, source = trained(1, 6)
     assert key in source.state_dict()["mfac"]["window"]  # the list is the saved keys
@@ -440,8 +476,12 @@ def test_old_checkpoints_without_counters_load():
 def assert_no_history(opt):
     state = opt.state_dict()["mfac"]
     probe = torch.ones(opt.dim, dtype=opt.dtype)
-    tensors = [opt.ihvp.window(), opt.ihvp @ probe, state["momentum_buffer"],
-               *(v for v in state["window"].values() if isinstance(v, torch.Tensor))]
+    tensors = [
+        opt.ihvp.window(),
+        opt.ihvp @ probe,
+        state["momentum_buffer"],
+        *(v for v in state["window"].values() if isinstance(v, torch.Tensor)),
+    ]
     for t in tensors:
         assert t is not None and not t.requires_grad and t.grad_fn is None
     for p in all_params(opt):
@@ -454,8 +494,10 @@ def set_grads(model, x, y, how):
     if how == "create_graph":
         grads = torch.autograd.grad(loss, params, create_graph=True)
     else:
-        grads = [g.detach().requires_grad_(how == "requires_grad")
-                 for g in torch.autograd.grad(loss, params)]
+        grads = [
+            g.detach().requires_grad_(how == "requires_grad")
+            for g in torch.autograd.grad(loss, params)
+        ]
     for p, g in zip(params, grads, strict=True):
         p.grad = g
     return grads
@@ -476,9 +518,10 @@ def test_buffers_never_record_autograd_history(dtype, how):
         ref.step()
         if how == "load_state_dict" and i == 2:
             state = opt.state_dict()
-            for t in (state["mfac"]["momentum_buffer"],
-                      *(v for v in state["mfac"]["window"].values()
-                        if isinstance(v, torch.Tensor))):
+            for t in (
+                state["mfac"]["momentum_buffer"],
+                *(v for v in state["mfac"]["window"].values() if isinstance(v, torch.Tensor)),
+            ):
                 t.requires_grad_(True)
             opt.load_state_dict(state)
         assert_no_history(opt)
@@ -497,11 +540,14 @@ def test_num_grads_is_required():
         MFAC(make_model().parameters())
 
 
-@pytest.mark.parametrize(("dtype", "m", "shapes"), [
-    (torch.float32, 8, [(5, 4), (3,)]),
-    (torch.float64, 1, [(7,)]),
-    (torch.float64, 33, [(2, 3, 4), (1,)]),
-])
+@pytest.mark.parametrize(
+    ("dtype", "m", "shapes"),
+    [
+        (torch.float32, 8, [(5, 4), (3,)]),
+        (torch.float64, 1, [(7,)]),
+        (torch.float64, 33, [(2, 3, 4), (1,)]),
+    ],
+)
 def test_window_memory_is_logged_once(caplog, dtype, m, shapes):
     params = [nn.Parameter(torch.zeros(s, dtype=dtype)) for s in shapes]
     d = sum(p.numel() for p in params)
@@ -529,14 +575,27 @@ def test_pruner_logs_its_gradient_matrix(caplog):
 
 def test_defaults_and_repr_show_the_window_options():
     model = make_model()
-    opt = MFAC(model.parameters(), lr=0.1, num_grads=5, damp=2e-3, zero_init=False,
-               errors="raise")
-    assert opt.defaults == {"lr": 0.1, "momentum": 0.0, "weight_decay": 0.0, "num_grads": 5,
-                            "damp": 2e-3, "zero_init": False, "errors": "raise"}
+    opt = MFAC(model.parameters(), lr=0.1, num_grads=5, damp=2e-3, zero_init=False, errors="raise")
+    assert opt.defaults == {
+        "lr": 0.1,
+        "momentum": 0.0,
+        "weight_decay": 0.0,
+        "num_grads": 5,
+        "damp": 2e-3,
+        "zero_init": False,
+        "errors": "raise",
+    }
     assert (opt.num_grads, opt.damp) == (5, 2e-3)
     text = repr(opt)
-    for part in ("num_grads: 5", "damp: 0.002", "zero_init: False", "errors: 'raise'",
-                 f"dim: {opt.dim}", "Parameter Group 0", "lr: 0.1"):
+    for part in (
+        "num_grads: 5",
+        "damp: 0.002",
+        "zero_init: False",
+        "errors: 'raise'",
+        f"dim: {opt.dim}",
+        "Parameter Group 0",
+        "lr: 0.1",
+    ):
         assert part in text
     # The window options are not per group: changing a group's copy would do nothing.
     assert all("damp" not in g and "num_grads" not in g for g in opt.param_groups)
@@ -618,8 +677,14 @@ def poison(model, which: int, value: float) -> None:
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("zero_init", [True, False])
 def test_training_through_nonfinite_gradients(dtype, bad, zero_init):
-    kw = {"lr": 0.05, "num_grads": 3, "damp": 1e-3, "momentum": 0.9, "weight_decay": 1e-3,
-          "zero_init": zero_init}
+    kw = {
+        "lr": 0.05,
+        "num_grads": 3,
+        "damp": 1e-3,
+        "momentum": 0.9,
+        "weight_decay": 1e-3,
+        "zero_init": zero_init,
+    }
     data = batches(11, 9, dtype=dtype)
     poisoned = {2, 3, 7}
     model, clean_model = make_model(11, dtype), make_model(11, dtype)
@@ -665,8 +730,7 @@ def test_a_nonfinite_step_is_skipped(monkeypatch):
     model = make_model(4, torch.float32)
     opt = MFAC(model.parameters(), lr=0.1, num_grads=2, momentum=0.5)
     train(model, opt, batches(4, 2, dtype=torch.float32))
-    monkeypatch.setattr(opt.ihvp, "update_and_matvec",
-                        lambda g: torch.full_like(g, float("inf")))
+    monkeypatch.setattr(opt.ihvp, "update_and_matvec", lambda g: torch.full_like(g, float("inf")))
     before = [p.detach().clone() for p in model.parameters()]
     momentum = opt.state_dict()["mfac"]["momentum_buffer"]
     x, y = batches(5, 1, dtype=torch.float32)[0]
@@ -680,8 +744,7 @@ def test_a_nonfinite_step_is_skipped(monkeypatch):
 
 
 def window_state(opt):
-    return {k: v for k, v in opt.state_dict()["mfac"]["window"].items()
-            if k != "edits"}
+    return {k: v for k, v in opt.state_dict()["mfac"]["window"].items() if k != "edits"}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -732,8 +795,10 @@ def test_a_rejected_gradient_is_stepped_with_the_previous_window(zero_init, monk
         g = np.concatenate([p.grad.numpy().reshape(-1) for p in params])
         theta = flat_params(params)
         if i in (2, 4):
+
             def refuse(_g):
                 raise FactorizationError("injected")
+
             monkeypatch.setattr(opt.ihvp, "update_and_matvec", refuse)
             s = dense_step(window, g, damp, m, zero_init)
             with pytest.warns(MFACStepWarning, match="injected"):
@@ -744,16 +809,16 @@ def test_a_rejected_gradient_is_stepped_with_the_previous_window(zero_init, monk
             s = dense_step(window, g, damp, m, zero_init)
             opt.step()
         buf = 0.5 * buf + s
-        np.testing.assert_allclose(flat_params(params), theta - lr * buf, rtol=1e-9,
-                                   atol=1e-9 * lr * np.abs(buf).max())
+        np.testing.assert_allclose(
+            flat_params(params), theta - lr * buf, rtol=1e-9, atol=1e-9 * lr * np.abs(buf).max()
+        )
     assert len(opt.ihvp) == (m if zero_init else min(m, 4))
     assert (opt.steps, opt.rejected_grads) == (6, 2)
 
 
 def test_errors_raise_leaves_the_optimizer_as_it_was():
     model = make_model(12)
-    opt = MFAC(model.parameters(), lr=0.05, num_grads=3, damp=1e-3, momentum=0.9,
-               errors="raise")
+    opt = MFAC(model.parameters(), lr=0.05, num_grads=3, damp=1e-3, momentum=0.9, errors="raise")
     data = batches(12, 4)
     train(model, opt, data[:3])
     x, y = data[3]
@@ -855,8 +920,9 @@ def test_pruner_keeps_masks_after_optimizer_steps():
 
 def test_pruner_with_mfac_optimizer_and_float64_fisher():
     model = make_model(4, dtype=torch.float32)
-    pruner = MFACPruner(model, num_grads=6, block_size=8, damp=1e-4, dtype=torch.float64,
-                        update="joint")
+    pruner = MFACPruner(
+        model, num_grads=6, block_size=8, damp=1e-4, dtype=torch.float64, update="joint"
+    )
     pruner.prune(batches(0, 6, dtype=torch.float32), F.cross_entropy, sparsity=0.5)
     assert model[0].weight.dtype == torch.float32
     opt = MFAC(model.parameters(), lr=1e-3, num_grads=4, damp=1e-3)
@@ -883,4 +949,3 @@ def test_pruner_errors():
         pruner.prune([], F.cross_entropy, sparsity=0.5)
     with pytest.raises(ValueError, match="saliency"):
         MFACPruner(model, saliency="random")
-

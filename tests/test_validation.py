@@ -39,10 +39,12 @@ def test_counts_accept_numpy_integers_everywhere(kind):
 
 
 def test_counts_refuse_values_below_their_minimum():
-    for call in (lambda: DynamicIHVP(0, 5, damp=1.0, dtype="float64"),
-                 lambda: DynamicIHVP(3, 5, damp=1.0, dtype="float64", refactor_every=0),
-                 lambda: StaticIHVP(G, damp=1.0, block_size=0),
-                 lambda: StaticIHVP(G, damp=1.0, refine=-1)):
+    for call in (
+        lambda: DynamicIHVP(0, 5, damp=1.0, dtype="float64"),
+        lambda: DynamicIHVP(3, 5, damp=1.0, dtype="float64", refactor_every=0),
+        lambda: StaticIHVP(G, damp=1.0, block_size=0),
+        lambda: StaticIHVP(G, damp=1.0, refine=-1),
+    ):
         with pytest.raises(ValueError, match=">= "):
             call()
 
@@ -85,8 +87,11 @@ def test_choices_refuse_unknown_options():
 
 @pytest.mark.parametrize("damp", [0.0, -1e-5, float("nan"), float("inf")])
 def test_damp_values(damp):
-    for call in (lambda: StaticIHVP(G, damp=damp), lambda: EmpiricalFisher(G, damp=damp),
-                 lambda: DynamicIHVP(3, 10, damp=damp, dtype="float64")):
+    for call in (
+        lambda: StaticIHVP(G, damp=damp),
+        lambda: EmpiricalFisher(G, damp=damp),
+        lambda: DynamicIHVP(3, 10, damp=damp, dtype="float64"),
+    ):
         with pytest.raises(ValueError, match="damp must be finite and > 0"):
             call()
 
@@ -105,8 +110,11 @@ def test_storage_dtypes_outside_the_documented_set_are_refused(dtype):
     if np.dtype(dtype) == np.dtype(np.float64):
         pytest.skip("longdouble is float64 on this platform")
     Gx = G.astype(dtype)
-    for call in (lambda: StaticIHVP(Gx, damp=1.0), lambda: EmpiricalFisher(Gx, damp=1.0),
-                 lambda: DynamicIHVP.from_window(Gx, damp=1.0)):
+    for call in (
+        lambda: StaticIHVP(Gx, damp=1.0),
+        lambda: EmpiricalFisher(Gx, damp=1.0),
+        lambda: DynamicIHVP.from_window(Gx, damp=1.0),
+    ):
         with pytest.raises(TypeError, match="float32 or float64"):
             call()
     with pytest.raises(TypeError, match="float32 or float64"):
@@ -120,8 +128,10 @@ def test_float16_storage_is_accepted_where_supported():
     G16 = G.astype(np.float16)
     op = StaticIHVP(G16, damp=1.0)
     assert op.dtype == np.float32 and op.storage_dtype == "float16"
-    for call in (lambda: EmpiricalFisher(G16, damp=1.0),
-                 lambda: DynamicIHVP.from_window(G16, damp=1.0)):
+    for call in (
+        lambda: EmpiricalFisher(G16, damp=1.0),
+        lambda: DynamicIHVP.from_window(G16, damp=1.0),
+    ):
         with pytest.raises(TypeError, match="float32 or float64"):
             call()
     # A float16 operand is promoted losslessly, to float32 and to float64 operators.

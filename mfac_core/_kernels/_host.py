@@ -54,8 +54,15 @@ class HostError(RuntimeError):
 
 
 def _c_param(kind: str, scalar: str) -> str:
-    return {"T*": f"{scalar}*", "const T*": f"const {scalar}*", "int*": "int*",
-            "const int*": "const int*", "int": "int", "i64": "long long", "T": scalar}[kind]
+    return {
+        "T*": f"{scalar}*",
+        "const T*": f"const {scalar}*",
+        "int*": "int*",
+        "const int*": "const int*",
+        "int": "int",
+        "i64": "long long",
+        "T": scalar,
+    }[kind]
 
 
 def shim_source() -> str:
@@ -66,16 +73,19 @@ def shim_source() -> str:
     """
     lines = ['#include "cuda_host.h"']
     lines += [f'#include "{name}"' for name in sorted({k.source for k in _plan.KERNELS.values()})]
-    lines += [f'static_assert({macro} == {value}, "{macro} differs from _plan.py");'
-              for macro, value in _CONSTANTS.items()]
+    lines += [
+        f'static_assert({macro} == {value}, "{macro} differs from _plan.py");'
+        for macro, value in _CONSTANTS.items()
+    ]
     for name, kernel in _plan.KERNELS.items():
         for suffix, scalar in (("f64", "double"), ("f32", "float")):
-            params = "".join(f", {_c_param(kind, scalar)} a{i}"
-                             for i, kind in enumerate(kernel.params))
+            params = "".join(
+                f", {_c_param(kind, scalar)} a{i}" for i, kind in enumerate(kernel.params)
+            )
             args = ", ".join(f"a{i}" for i in range(len(kernel.params)))
             lines += [
                 f'extern "C" int host_{name}_{suffix}(unsigned grid, unsigned long long seed, '
-                f'int workers{params})',
+                f"int workers{params})",
                 "{",
                 f"    return cuda_host::launch(grid, MFAC_THREADS, [&] {{ {name}_{suffix}({args}); "
                 "}, seed, workers);",
@@ -94,14 +104,14 @@ class _Guarded:
         dt = np.dtype(dtype)
         nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
         raw = np.full(nbytes + 2 * _GUARD_BYTES, _GUARD_BYTE, dtype=np.uint8)
-        body = raw[_GUARD_BYTES:_GUARD_BYTES + nbytes].view(dt).reshape(shape)
+        body = raw[_GUARD_BYTES : _GUARD_BYTES + nbytes].view(dt).reshape(shape)
         body[...] = fill
         self._buffers.append((raw, _GUARD_BYTES, nbytes))
         return body
 
     def check(self) -> None:
         for raw, lo, nbytes in self._buffers:
-            if not (np.all(raw[:lo] == _GUARD_BYTE) and np.all(raw[lo + nbytes:] == _GUARD_BYTE)):
+            if not (np.all(raw[:lo] == _GUARD_BYTE) and np.all(raw[lo + nbytes :] == _GUARD_BYTE)):
                 raise HostError("a kernel wrote out of the bounds of an array")
 
 
@@ -165,16 +175,21 @@ class HostKernels:
         OS threads that run blocks in parallel (default: the number of CPUs, at most 4).
     """
 
-    def __init__(self, library: str | os.PathLike[str], *, seed: int = 1,
-                 workers: int | None = None) -> None:
+    def __init__(
+        self, library: str | os.PathLike[str], *, seed: int = 1, workers: int | None = None
+    ) -> None:
         self._lib = ctypes.CDLL(os.fspath(library))
         self.seed = seed
         self.workers = workers if workers is not None else min(4, os.cpu_count() or 1)
         self.launches: list[tuple[str, int]] = []  # (kernel, grid) of every launch, in order
 
     @staticmethod
-    def build(directory: str | os.PathLike[str], *, compiler: str = "g++",
-              extra_sources: tuple[str, ...] = ()) -> Path:
+    def build(
+        directory: str | os.PathLike[str],
+        *,
+        compiler: str = "g++",
+        extra_sources: tuple[str, ...] = (),
+    ) -> Path:
         """Compile the kernels and their shims into ``directory``; return the library's path.
 
         ``extra_sources`` are more C++ snippets appended to the generated source (tests use
@@ -183,15 +198,29 @@ class HostKernels:
         if shutil.which(compiler) is None:
             raise HostError(f"no C++ compiler {compiler!r} on PATH")
         if not (HOST_DIRECTORY / "cuda_host.h").is_file():
-            raise HostError(f"{HOST_DIRECTORY / 'cuda_host.h'} is missing: the CPU harness "
-                            "needs a source checkout of mfac_core")
+            raise HostError(
+                f"{HOST_DIRECTORY / 'cuda_host.h'} is missing: the CPU harness "
+                "needs a source checkout of mfac_core"
+            )
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         source = directory / "mfac_host_shims.cpp"
         source.write_text(shim_source() + "".join(extra_sources))
         library = directory / "libmfac_host.so"
-        command = [compiler, "-O1", "-std=c++20", "-pthread", "-shared", "-fPIC", "-Wall",
-                   f"-I{HOST_DIRECTORY}", f"-I{DIRECTORY}", str(source), "-o", str(library)]
+        command = [
+            compiler,
+            "-O1",
+            "-std=c++20",
+            "-pthread",
+            "-shared",
+            "-fPIC",
+            "-Wall",
+            f"-I{HOST_DIRECTORY}",
+            f"-I{DIRECTORY}",
+            str(source),
+            "-o",
+            str(library),
+        ]
         result = subprocess.run(command, capture_output=True, text=True, check=False)
         if result.returncode != 0:
             raise HostError(f"{' '.join(command)} failed:\n{result.stderr}")
@@ -202,11 +231,14 @@ class HostKernels:
         function = getattr(self._lib, f"host_{name}")
         function.restype = ctypes.c_int
         self.launches.append((name, grid))
-        status = function(ctypes.c_uint(grid), ctypes.c_ulonglong(self.seed),
-                          ctypes.c_int(self.workers), *args)
+        status = function(
+            ctypes.c_uint(grid), ctypes.c_ulonglong(self.seed), ctypes.c_int(self.workers), *args
+        )
         if status == 1:
-            raise HostError(f"{name}: divergent __syncthreads (some threads of a block exited "
-                            "while others waited at a barrier)")
+            raise HostError(
+                f"{name}: divergent __syncthreads (some threads of a block exited "
+                "while others waited at a barrier)"
+            )
         if status != 0:
             raise HostError(f"{name}: launch failed with status {status}")
 
@@ -226,17 +258,27 @@ class HostKernels:
     def cholesky(self, a: np.ndarray, *, dtype: Any = None) -> np.ndarray:
         return np.array(self._run(_ops.cholesky, a, dtype=dtype))
 
-    def solve_triangular(self, t: np.ndarray, b: np.ndarray, *, lower: bool = True,
-                         trans: bool = False, dtype: Any = None) -> np.ndarray:
-        return np.array(self._run(_ops.solve_triangular, t, b, lower=lower, trans=trans,
-                                  dtype=dtype))
+    def solve_triangular(
+        self,
+        t: np.ndarray,
+        b: np.ndarray,
+        *,
+        lower: bool = True,
+        trans: bool = False,
+        dtype: Any = None,
+    ) -> np.ndarray:
+        return np.array(
+            self._run(_ops.solve_triangular, t, b, lower=lower, trans=trans, dtype=dtype)
+        )
 
-    def triangular_inverse(self, t: np.ndarray, *, lower: bool = True,
-                           dtype: Any = None) -> np.ndarray:
+    def triangular_inverse(
+        self, t: np.ndarray, *, lower: bool = True, dtype: Any = None
+    ) -> np.ndarray:
         return np.array(self._run(_ops.triangular_inverse, t, lower=lower, dtype=dtype))
 
-    def replace(self, U: np.ndarray, p: int, b: np.ndarray, c: float,
-                out: np.ndarray | None = None) -> np.ndarray:
+    def replace(
+        self, U: np.ndarray, p: int, b: np.ndarray, c: float, out: np.ndarray | None = None
+    ) -> np.ndarray:
         def run(ex: _HostExecutor) -> np.ndarray:
             target = ex.copy(out if out is not None else np.zeros_like(U), U.dtype.name)
             _ops.replace(ex, U, p, b, c, target)

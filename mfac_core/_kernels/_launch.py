@@ -37,8 +37,9 @@ def _function(source: str, name: str) -> Any:
     if function is None:
         module = _modules.get(source)
         if module is None:
-            module = _modules[source] = cupy.RawModule(code=kernel_source(source),
-                                                       options=NVRTC_OPTIONS)
+            module = _modules[source] = cupy.RawModule(
+                code=kernel_source(source), options=NVRTC_OPTIONS
+            )
         function = _functions[source, name] = module.get_function(name)
     return function
 
@@ -96,8 +97,10 @@ def _check(x: Any, name: str) -> None:
         raise TypeError(f"{name} must be a cupy.ndarray, got {type(x).__name__}")
     current = cupy.cuda.Device().id
     if x.device.id != current:
-        raise ValueError(f"{name} is on GPU {x.device.id} but the current device is GPU "
-                         f"{current}; call under `with cupy.cuda.Device({x.device.id}):`")
+        raise ValueError(
+            f"{name} is on GPU {x.device.id} but the current device is GPU "
+            f"{current}; call under `with cupy.cuda.Device({x.device.id}):`"
+        )
 
 
 def potrf(a: Any, *, dtype: Any = None) -> tuple[Any, Any]:
@@ -122,8 +125,9 @@ def cholesky(a: Any, *, dtype: Any = None) -> Any:
     return _ops.cholesky(_EXECUTOR, a, dtype=dtype)
 
 
-def solve_triangular(t: Any, b: Any, *, lower: bool = True, trans: bool = False,
-                     dtype: Any = None) -> Any:
+def solve_triangular(
+    t: Any, b: Any, *, lower: bool = True, trans: bool = False, dtype: Any = None
+) -> Any:
     """``op(t)^{-1} b``, ``op(t) = t`` or ``t.T``, for triangular ``t`` (..., m, m).
 
     ``b`` is (..., m, k) or a vector (m,); leading dimensions broadcast. Only the triangle
@@ -140,8 +144,9 @@ def triangular_inverse(t: Any, *, lower: bool = True, dtype: Any = None) -> Any:
     return _ops.triangular_inverse(_EXECUTOR, t, lower=lower, dtype=dtype)
 
 
-def replace(xp: Any, U: Any, p: int, b: Any, c: float, out: Any, /, *,
-            block: int | None = None) -> Any:
+def replace(
+    xp: Any, U: Any, p: int, b: Any, c: float, out: Any, /, *, block: int | None = None
+) -> Any:
     """Drop-in for the generic row edit ``mfac_core._linalg.replace_row`` on CuPy arrays.
 
     ``xp`` and ``block`` (the panel height of the array-API version) are accepted for the

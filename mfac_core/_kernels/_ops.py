@@ -56,8 +56,10 @@ def _check_floating(a: Any, name: str) -> None:
 
 def _check_square(a: Any, name: str) -> int:
     if a.ndim < 2 or a.shape[-1] != a.shape[-2]:
-        raise ValueError(f"{name} must be a square matrix or a stack of them (..., n, n), "
-                         f"got shape {tuple(a.shape)}")
+        raise ValueError(
+            f"{name} must be a square matrix or a stack of them (..., n, n), "
+            f"got shape {tuple(a.shape)}"
+        )
     return int(a.shape[-1])
 
 
@@ -92,13 +94,14 @@ def cholesky(ex: ArrayExecutor, a: Any, *, dtype: Any = None) -> Any:
                 index = tuple(int(i) for i in np.unravel_index(bad[0], host.shape))
                 where = f" (matrix {index} of the stack)"
             raise NotPositiveDefinite(
-                f"leading minor of order {int(host.flat[bad[0]])} is not positive "
-                f"definite{where}")
+                f"leading minor of order {int(host.flat[bad[0]])} is not positive definite{where}"
+            )
     return factor
 
 
-def solve_triangular(ex: ArrayExecutor, t: Any, b: Any, *, lower: bool = True,
-                     trans: bool = False, dtype: Any = None) -> Any:
+def solve_triangular(
+    ex: ArrayExecutor, t: Any, b: Any, *, lower: bool = True, trans: bool = False, dtype: Any = None
+) -> Any:
     """``op(t)^{-1} b`` for triangular ``t`` (..., m, m) and ``b`` (..., m, k) or (m,).
 
     Only the triangle of ``t`` named by ``lower`` is read. The leading (stack) dimensions
@@ -112,8 +115,9 @@ def solve_triangular(ex: ArrayExecutor, t: Any, b: Any, *, lower: bool = True,
     if vector:
         b = b.reshape(b.shape[0], 1)
     if b.ndim < 2 or b.shape[-2] != m:
-        raise ValueError(f"b must have shape (m,) or (..., m, k) with m = {m}, got "
-                         f"{tuple(b.shape)}")
+        raise ValueError(
+            f"b must have shape (m,) or (..., m, k) with m = {m}, got {tuple(b.shape)}"
+        )
     both32 = np.dtype(t.dtype) == np.float32 and np.dtype(b.dtype) == np.float32
     dt = compute_dtype(dtype, "float32" if both32 else "float64")
     k = int(b.shape[-1])
@@ -132,8 +136,7 @@ def solve_triangular(ex: ArrayExecutor, t: Any, b: Any, *, lower: bool = True,
     return x.reshape((*batch, m)) if vector else x
 
 
-def triangular_inverse(ex: ArrayExecutor, t: Any, *, lower: bool = True,
-                       dtype: Any = None) -> Any:
+def triangular_inverse(ex: ArrayExecutor, t: Any, *, lower: bool = True, dtype: Any = None) -> Any:
     """The inverse of each triangular matrix of the stack ``t`` (..., m, m).
 
     Only the triangle named by ``lower`` is read; the other triangle of the result is zero.
@@ -164,8 +167,10 @@ def replace(ex: ArrayExecutor, U: Any, p: Any, b: Any, c: Any, out: Any) -> Any:
     if U.ndim != 2:
         raise ValueError(f"U must be one k x k factor, got shape {tuple(U.shape)}")
     if tuple(out.shape) != (k, k) or out.dtype != U.dtype:
-        raise ValueError(f"out must have shape {(k, k)} and dtype {U.dtype}, got "
-                         f"{tuple(out.shape)} and {out.dtype}")
+        raise ValueError(
+            f"out must have shape {(k, k)} and dtype {U.dtype}, got "
+            f"{tuple(out.shape)} and {out.dtype}"
+        )
     if not out.flags.c_contiguous:
         raise ValueError("out must be C-contiguous")
     if ex.may_share_memory(out, U):

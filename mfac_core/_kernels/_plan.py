@@ -66,13 +66,30 @@ KERNELS: dict[str, Kernel] = {
     # A, n, k0, tiles, info, diag
     "chol_syrk": Kernel("cholesky.cu", ("T*", "int", "int", "int", "const int*", "const T*")),
     # T, ldt, stride_t, B, ldb, stride_b, X, ldx, stride_x, m, k, chunks, flags
-    "trsm": Kernel("trsm.cu", ("const T*", "i64", "i64", "const T*", "i64", "i64", "T*", "i64",
-                               "i64", "int", "int", "int", "int")),
+    "trsm": Kernel(
+        "trsm.cu",
+        (
+            "const T*",
+            "i64",
+            "i64",
+            "const T*",
+            "i64",
+            "i64",
+            "T*",
+            "i64",
+            "i64",
+            "int",
+            "int",
+            "int",
+            "int",
+        ),
+    ),
     # q, diag, beta, nv
     "replace_prep": Kernel("update.cu", ("const T*", "T*", "T*", "int")),
     # U, out, q, diag, beta, k, p
-    "replace_update": Kernel("update.cu", ("const T*", "T*", "const T*", "const T*", "const T*",
-                                           "int", "int")),
+    "replace_update": Kernel(
+        "update.cu", ("const T*", "T*", "const T*", "const T*", "const T*", "int", "int")
+    ),
     # out, col, c, rtol, status, k
     "replace_finish": Kernel("update.cu", ("T*", "const T*", "T", "T", "T*", "int")),
 }
@@ -125,8 +142,10 @@ def _ceil(a: int, b: int) -> int:
 
 def _grid(blocks: int) -> int:
     if blocks > MAX_GRID:
-        raise ValueError(f"the problem needs {blocks} blocks in one launch, more than CUDA's "
-                         f"limit of {MAX_GRID}; split the stack")
+        raise ValueError(
+            f"the problem needs {blocks} blocks in one launch, more than CUDA's "
+            f"limit of {MAX_GRID}; split the stack"
+        )
     return blocks
 
 
@@ -161,28 +180,52 @@ def cholesky(n: int, batch: int, dtype: str) -> Plan:
         nb = min(TILE, n - k0)
         below = n - k0 - nb
         chunks = max(1, _ceil(below, PANEL_ROWS))
-        launches.append(Launch("chol_panel", _grid(batch * chunks),
-                               (Buf("A"), n, k0, chunks, Buf("info"), Buf("diag"))))
+        launches.append(
+            Launch(
+                "chol_panel",
+                _grid(batch * chunks),
+                (Buf("A"), n, k0, chunks, Buf("info"), Buf("diag")),
+            )
+        )
         if below:
             t = _ceil(below, TILE)
             tiles = t * (t + 1) // 2
-            launches.append(Launch("chol_syrk", _grid(batch * (tiles + 1)),
-                                   (Buf("A"), n, k0, tiles, Buf("info"), Buf("diag"))))
-    temporaries = {"info": ((batch,), "int32", True),
-                   "diag": ((batch, TILE) if n > TILE else (0,), "T", False)}
+            launches.append(
+                Launch(
+                    "chol_syrk",
+                    _grid(batch * (tiles + 1)),
+                    (Buf("A"), n, k0, tiles, Buf("info"), Buf("diag")),
+                )
+            )
+    temporaries = {
+        "info": ((batch,), "int32", True),
+        "diag": ((batch, TILE) if n > TILE else (0,), "T", False),
+    }
     return Plan(dtype, tuple(launches), temporaries)
 
 
 def trsm_flags(*, lower: bool, trans: bool, identity: bool = False) -> int:
     """The ``trsm`` flags for ``op(T) = T`` or ``T^T`` of a lower or upper ``T``."""
     forward = lower != trans  # op(T) is lower triangular
-    return ((TRSM_FORWARD if forward else 0) | (TRSM_TRANS if trans else 0)
-            | (TRSM_IDENTITY if identity else 0))
+    return (
+        (TRSM_FORWARD if forward else 0)
+        | (TRSM_TRANS if trans else 0)
+        | (TRSM_IDENTITY if identity else 0)
+    )
 
 
 @lru_cache(maxsize=_PLAN_CACHE)
-def trsm(m: int, k: int, batch: int, dtype: str, *, lower: bool, trans: bool,
-         identity: bool = False, broadcast_t: bool = False) -> Plan:
+def trsm(
+    m: int,
+    k: int,
+    batch: int,
+    dtype: str,
+    *,
+    lower: bool,
+    trans: bool,
+    identity: bool = False,
+    broadcast_t: bool = False,
+) -> Plan:
     """``X = op(T)^{-1} B`` for ``batch`` systems (``op(T)^{-1}`` itself with ``identity``).
 
     ``T`` holds ``batch`` contiguous m x m matrices, or one when ``broadcast_t``; ``B`` and
@@ -217,18 +260,48 @@ def replace(k: int, p: int, c: float, dtype: str, *, rtol: float = PIVOT_RTOL) -
     forward_trans = trsm_flags(lower=False, trans=True)
     launches = []
     if nv:
-        launches.append(Launch("trsm", 1, (
-            Buf("U", (p + 1) * k + p + 1), k, 0,   # V, a view with leading dimension k
-            Buf("U", p * k + p + 1), 1, 0,         # u, one entry per row
-            Buf("q"), 1, 0, nv, 1, 1, forward_trans)))
+        launches.append(
+            Launch(
+                "trsm",
+                1,
+                (
+                    Buf("U", (p + 1) * k + p + 1),
+                    k,
+                    0,  # V, a view with leading dimension k
+                    Buf("U", p * k + p + 1),
+                    1,
+                    0,  # u, one entry per row
+                    Buf("q"),
+                    1,
+                    0,
+                    nv,
+                    1,
+                    1,
+                    forward_trans,
+                ),
+            )
+        )
         launches.append(Launch("replace_prep", 1, (Buf("q"), Buf("diag"), Buf("beta"), nv)))
-    launches.append(Launch("replace_update", _ceil(k, THREADS),
-                           (Buf("U"), Buf("out"), Buf("q"), Buf("diag"), Buf("beta"), k, p)))
+    launches.append(
+        Launch(
+            "replace_update",
+            _ceil(k, THREADS),
+            (Buf("U"), Buf("out"), Buf("q"), Buf("diag"), Buf("beta"), k, p),
+        )
+    )
     if n:
-        launches.append(Launch("trsm", 1, (
-            Buf("out"), k, 0, Buf("b"), 1, 0, Buf("col"), 1, 0, n, 1, 1, forward_trans)))
-    launches.append(Launch("replace_finish", 1,
-                           (Buf("out"), Buf("col"), float(c), float(rtol), Buf("status"), k)))
+        launches.append(
+            Launch(
+                "trsm",
+                1,
+                (Buf("out"), k, 0, Buf("b"), 1, 0, Buf("col"), 1, 0, n, 1, 1, forward_trans),
+            )
+        )
+    launches.append(
+        Launch(
+            "replace_finish", 1, (Buf("out"), Buf("col"), float(c), float(rtol), Buf("status"), k)
+        )
+    )
     temporaries = {
         "q": ((nv,), "T", False),
         "diag": ((nv,), "T", False),
@@ -249,8 +322,9 @@ def execute(plan: Plan, executor: Executor, arrays: Mapping[str, Any]) -> dict[s
     for launch in plan.launches:
         kernel = KERNELS[launch.kernel]
         if len(launch.args) != len(kernel.params):
-            raise AssertionError(f"{launch.kernel}: {len(launch.args)} arguments for "
-                                 f"{len(kernel.params)} parameters")
+            raise AssertionError(
+                f"{launch.kernel}: {len(launch.args)} arguments for {len(kernel.params)} parameters"
+            )
         args = tuple((bound[a.name], a.offset) if isinstance(a, Buf) else a for a in launch.args)
         executor.launch(kernel, f"{launch.kernel}_{suffix}", launch.grid, args)
     return bound

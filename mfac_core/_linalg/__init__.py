@@ -27,11 +27,24 @@ from . import _cupy, _fallback, _jax, _numpy, _rowedit, _torch
 from ._backend import Backend
 from ._cupy import CUPY_LINALG_CHOICES, get_cupy_linalg, set_cupy_linalg
 
-__all__ = ["CUPY_LINALG_CHOICES", "cholesky", "cholesky_inverse", "get_cupy_linalg", "matmul_into",
-           "replace_row", "set_cupy_linalg", "solve_triangular", "triangular_inverse"]
+__all__ = [
+    "CUPY_LINALG_CHOICES",
+    "cholesky",
+    "cholesky_inverse",
+    "get_cupy_linalg",
+    "matmul_into",
+    "replace_row",
+    "set_cupy_linalg",
+    "solve_triangular",
+    "triangular_inverse",
+]
 
-_MAKERS = ((is_numpy_namespace, _numpy.make_backend), (is_torch_namespace, _torch.make_backend),
-           (is_cupy_namespace, _cupy.make_backend), (is_jax_namespace, _jax.make_backend))
+_MAKERS = (
+    (is_numpy_namespace, _numpy.make_backend),
+    (is_torch_namespace, _torch.make_backend),
+    (is_cupy_namespace, _cupy.make_backend),
+    (is_jax_namespace, _jax.make_backend),
+)
 
 
 @cache
@@ -55,8 +68,7 @@ def cholesky(xp: Any, a: Any, /) -> Any:
     return factor
 
 
-def solve_triangular(xp: Any, t: Any, b: Any, /, *, lower: bool = True,
-                     trans: bool = False) -> Any:
+def solve_triangular(xp: Any, t: Any, b: Any, /, *, lower: bool = True, trans: bool = False) -> Any:
     """``t^{-1} b`` (or ``t^{-T} b`` with ``trans``) for triangular ``t``, batched."""
     return _backend_for(xp).solve_triangular(t, b, lower, trans)
 
@@ -115,4 +127,3 @@ def replace_row(xp: Any, U: Any, p: int, b: Any, c: float, out: Any, /) -> Any:
     if backend.replace is None:
         return _rowedit.replace(xp, backend.solve_triangular, U, p, b, c, out)
     return backend.replace(U, p, b, c, out)
-

@@ -25,8 +25,13 @@ from .._compat import array_namespace
 from ._backend import Backend
 from ._rowedit import replace as generic_replace
 
-__all__ = ["CUPY_LINALG_CHOICES", "ENVIRONMENT_VARIABLE", "get_cupy_linalg", "make_backend",
-           "set_cupy_linalg"]
+__all__ = [
+    "CUPY_LINALG_CHOICES",
+    "ENVIRONMENT_VARIABLE",
+    "get_cupy_linalg",
+    "make_backend",
+    "set_cupy_linalg",
+]
 
 #: The implementations of the small dense linear algebra on CuPy arrays.
 CUPY_LINALG_CHOICES = ("auto", "kernels", "cusolver")
@@ -40,8 +45,7 @@ _override: str | None = None
 
 def _check_choice(name: Any, source: str) -> str:
     if not isinstance(name, str) or name not in CUPY_LINALG_CHOICES:
-        raise ValueError(f"{source} must be one of {', '.join(CUPY_LINALG_CHOICES)}; "
-                         f"got {name!r}")
+        raise ValueError(f"{source} must be one of {', '.join(CUPY_LINALG_CHOICES)}; got {name!r}")
     return name
 
 

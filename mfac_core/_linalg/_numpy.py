@@ -30,8 +30,9 @@ def make_backend() -> Backend:
             raise NotPositiveDefinite(str(exc)) from None
 
     def solve(t: Any, b: Any, lower: bool, trans: bool) -> Any:
-        return scipy.linalg.solve_triangular(t, b, lower=lower, trans=1 if trans else 0,
-                                             check_finite=False)
+        return scipy.linalg.solve_triangular(
+            t, b, lower=lower, trans=1 if trans else 0, check_finite=False
+        )
 
     def inverse(t: Any) -> Any:
         # LAPACK's trtri, a third of the work of a general inverse; SciPy's is not

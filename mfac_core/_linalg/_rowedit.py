@@ -52,15 +52,19 @@ def _rank_one_update(xp: Any, V: Any, q: Any, out: Any, at: int, block: int) -> 
         b = j1 - j0
         VJ = V[j0:j1, j0:]
         qJ, bJ = q[j0:j1], beta[j0:j1]
-        K = xp.where(upper[:b, :b], bJ[:, None] * qJ[None, :],
-                     xp.where(on_diag[:b, :b], diag[j0:j1, None], 0.0))
-        out[at + j0:at + j1, at + j0:at + n] = K @ VJ + bJ[:, None] * tail[None, j0:]
-        out[at + j0:at + j1, at:at + j0] = 0.0
+        K = xp.where(
+            upper[:b, :b],
+            bJ[:, None] * qJ[None, :],
+            xp.where(on_diag[:b, :b], diag[j0:j1, None], 0.0),
+        )
+        out[at + j0 : at + j1, at + j0 : at + n] = K @ VJ + bJ[:, None] * tail[None, j0:]
+        out[at + j0 : at + j1, at : at + j0] = 0.0
         tail[j0:] = tail[j0:] + qJ @ VJ
 
 
-def replace(xp: Any, solve: Solve, U: Any, p: int, b: Any, c: float, out: Any, /, *,
-            block: int = PANEL_ROWS) -> Any:
+def replace(
+    xp: Any, solve: Solve, U: Any, p: int, b: Any, c: float, out: Any, /, *, block: int = PANEL_ROWS
+) -> Any:
     """Factor of C with row/column p removed and ``[b; c]`` appended last.
 
     Parameters
@@ -88,12 +92,12 @@ def replace(xp: Any, solve: Solve, U: Any, p: int, b: Any, c: float, out: Any, /
     # Solving with the whole (contiguous) U gives it without copying V:
     # U^T y = U_pp e_p has y[:p] = 0, y[p] = 1 and y[p+1:] = -q.
     rhs = xp.where(xp.arange(k, device=dev) == p, U[p, p], 0.0)
-    q = -solve(U, rhs[:, None], False, True)[p + 1:, 0]
+    q = -solve(U, rhs[:, None], False, True)[p + 1 :, 0]
     if p:
         out[:p, :p] = U[:p, :p]
-        out[:p, p:n] = U[:p, p + 1:]
+        out[:p, p:n] = U[:p, p + 1 :]
         out[p:n, :p] = 0.0
-    _rank_one_update(xp, U[p + 1:, p + 1:], q, out, p, block)
+    _rank_one_update(xp, U[p + 1 :, p + 1 :], q, out, p, block)
     # Append: with the last row and column set to those of the identity, ``out``
     # is a whole triangular matrix whose solve gives the new column.
     out[:n, n] = 0.0
@@ -104,5 +108,5 @@ def replace(xp: Any, solve: Solve, U: Any, p: int, b: Any, c: float, out: Any, /
     if not pivot > 1e-13 * abs(c):
         raise NotPositiveDefinite(f"pivot {pivot:g} not positive")
     out[:n, n] = col
-    out[n, n] = pivot ** 0.5
+    out[n, n] = pivot**0.5
     return out
