@@ -10,6 +10,8 @@ because an edit moves the replaced slot to the end of the factor.
 
 from __future__ import annotations
 
+import copy
+import operator
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -217,7 +219,16 @@ class DynamicIHVP(LinearOperator):
             num_grads if refactor_every is None else check_count(refactor_every, "refactor_every")
         )
         self.zero_init = check_flag(zero_init, "zero_init")
-        xp = _default_namespace() if xp is None else array_namespace(xp.empty(0))
+        if xp is None:
+            xp = _default_namespace()
+        else:
+            try:
+                xp = array_namespace(xp.empty(0))
+            except (AttributeError, TypeError):
+                raise TypeError(
+                    f"xp must be an array namespace or library module (numpy, "
+                    f"torch, cupy, ...), got {xp!r}"
+                ) from None
         if isinstance(dtype, str):
             if dtype not in ("float32", "float64"):
                 raise TypeError(f"dtype must be float32 or float64, got {dtype!r}")
@@ -401,7 +412,30 @@ class DynamicIHVP(LinearOperator):
             gram_dtype="float64" if exact or self._exact_gram else "float32",
             out=out,
         )
+        self._warn_if_hopeless(factor)
         return _SlotFactor.build(factor, slots, self.num_grads)
+
+    def _warn_if_hopeless(self, factor: CapacitanceFactor) -> None:
+        """Warn, once until the window recovers, when eps(dtype) * kappa >= 1.
+
+        Checked at every full factorisation (at least every ``refactor_every``
+        edits), where the kappa bounds come for free.
+        """
+        if factor.kappa is None:
+            return
+        eps = float(self._xp.finfo(self.dtype).eps)
+        hopeless = eps * factor.kappa[0] >= 1.0
+        if hopeless and not getattr(self, "_warned_hopeless", False):
+            _capacitance.warn_if_hopeless(
+                factor.kappa[0],
+                damp=factor.shift / max(factor.size, 1)
+                if not self.zero_init
+                else factor.shift / self.num_grads,
+                eps=eps,
+                dtype=self.dtype,
+                stacklevel=5,
+            )
+        self._warned_hopeless = hopeless
 
     def _edited(
         self, slot: int, b: Array, *, gram: Array | None = None
@@ -455,6 +489,11 @@ class DynamicIHVP(LinearOperator):
         want = xp.take(xp.linalg.diagonal(self._gram), xp.take(edited.slot_index, pos), axis=0)
         want = xp.where(pos == k - 1, new_diagonal, want)
         return edited.factor.column_drift(pos, want + self._shift(k)) > _DRIFT_TOL
+
+    def __copy__(self) -> DynamicIHVP:
+        # The window is edited in place: a copy that shared its buffers would corrupt the
+        # original at its next update, so every copy is a deep one.
+        return copy.deepcopy(self)
 
     def _commit(self, factor: _SlotFactor, *, refactored: bool) -> None:
         self._factor = factor
@@ -634,7 +673,11 @@ class DynamicIHVP(LinearOperator):
         FactorizationError
             If the remaining window cannot be factorised (it is then unchanged).
         """
-        if isinstance(slot, bool) or not isinstance(slot, int) or slot not in self._window:
+        try:
+            slot = operator.index(slot) if not isinstance(slot, bool) else -1
+        except TypeError:
+            slot = -1  # not an integer: reported as holding no gradient below
+        if slot not in self._window:
             raise ValueError(
                 f"slot {slot!r} holds no gradient; the window's slots are {list(self._window)}"
             )

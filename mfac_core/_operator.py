@@ -23,7 +23,7 @@ from ._compat import (
     picklable_device,
     restored_device,
 )
-from ._validation import check_count, check_finite, check_operand
+from ._validation import check_count, check_finite, check_flag, check_operand
 
 __all__ = ["LinearOperator"]
 
@@ -78,7 +78,7 @@ class LinearOperator:
         self._xp = xp
         self.device = device
         self._symmetric = bool(symmetric)
-        self.check_finite = bool(check_finite)
+        self.check_finite = check_flag(check_finite, "check_finite")
 
     # -- pickling: the namespace is a module, which pickle cannot store -----------------
 

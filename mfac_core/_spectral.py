@@ -50,6 +50,7 @@ from ._validation import (
     check_count,
     check_damp,
     check_finite,
+    check_flag,
     check_float64_available,
     check_gradients,
     check_operand,
@@ -196,6 +197,7 @@ class SpectralIHVP(LinearOperator):
     def __init__(
         self, G: Array, /, *, damp: float, block_size: int | None = None, check_finite: bool = True
     ) -> None:
+        check_finite = check_flag(check_finite, "check_finite")
         xp = check_gradients(G, require_finite=False)
         damp = check_damp(damp)
         check_float64_available(xp)
@@ -203,7 +205,7 @@ class SpectralIHVP(LinearOperator):
         bs = check_block_size(block_size, d)
         groups = block_groups(d, bs)
         dev = device(G)
-        V, lams = _setup(xp, G, groups, check_finite=bool(check_finite), device=dev)
+        V, lams = _setup(xp, G, groups, check_finite=check_finite, device=dev)
         super().__init__(
             shape=(d, d),
             dtype=G.dtype,
@@ -243,6 +245,13 @@ class SpectralIHVP(LinearOperator):
             new.power = power
         if damp is not None:
             new._set_damp(damp)
+            _capacitance.warn_if_hopeless(
+                new.error_scale,
+                damp=damp,
+                eps=float(new._xp.finfo(new.dtype).eps),
+                dtype=new.dtype,
+                stacklevel=4,
+            )
         return new
 
     def with_damp(self, damp: float, /) -> SpectralIHVP:

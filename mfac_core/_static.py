@@ -22,6 +22,7 @@ from ._validation import (
     check_block_size,
     check_count,
     check_damp,
+    check_flag,
     check_float64_available,
     check_gradients,
     check_index_array,
@@ -198,6 +199,10 @@ class StaticIHVP(_BlockOperatorBase):
         refine: int = 0,
         progress: Callable[[int, int], None] | None = None,
     ) -> None:
+        overwrite_G = check_flag(overwrite_G, "overwrite_G")
+        check_finite = check_flag(check_finite, "check_finite")
+        if progress is not None and not callable(progress):
+            raise TypeError(f"progress must be callable or None, got {type(progress).__name__}")
         # G's finiteness is checked on the Gram diagonals, without a pass of its own.
         xp = self._init_layout(G, damp, block_size, check_finite, check_G=False, half=True)
         check_float64_available(xp)

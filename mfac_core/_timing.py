@@ -43,19 +43,26 @@ def best_time(
 
 
 def interleaved(
-    candidates: dict[str, tuple[Callable[[Any], Any], Callable[[], Any] | None]], repeat: int
+    candidates: dict[str, tuple[Callable[[Any], Any], Callable[[], Any] | None]],
+    repeat: int,
+    *,
+    collect: bool = True,
 ) -> dict[str, Timing]:
     """Round-robin timing: each round runs every candidate once.
 
     ``candidates`` maps a name to ``(fn, setup)``; ``fn(setup())`` is timed (``fn(None)``
-    when ``setup`` is None). Results are dropped at once, and the garbage collector is
-    run between candidates, so that one candidate's memory does not burden the next.
+    when ``setup`` is None). Results are dropped at once, and with ``collect`` the garbage
+    collector is run between candidates, so that one candidate's memory does not burden
+    the next. Timings of small arrays pass ``collect=False``: a collection costs time in
+    proportion to every object of the process (seconds in a long test session), not to
+    what the candidates allocate.
     """
     out = {name: Timing() for name in candidates}
     for _ in range(repeat):
         for name, (fn, setup) in candidates.items():
             arg = setup() if setup is not None else None
-            gc.collect()
+            if collect:
+                gc.collect()
             t0 = time.perf_counter()
             result = fn(arg)
             out[name].times.append(time.perf_counter() - t0)

@@ -35,7 +35,14 @@ from . import pruning
 from ._compat import array_namespace
 from ._dynamic import DynamicIHVP
 from ._errors import FactorizationError
-from ._validation import check_choice, check_count, check_damp, check_fraction, check_number
+from ._validation import (
+    check_choice,
+    check_count,
+    check_damp,
+    check_flag,
+    check_fraction,
+    check_number,
+)
 
 __all__ = ["MFAC", "MFACPruner", "MFACStepWarning"]
 
@@ -232,7 +239,10 @@ class MFAC(torch.optim.Optimizer):
         # Added after the groups exist, so that add_param_group does not copy these
         # window-wide options into every group (where changing them would do nothing).
         self.defaults.update(
-            num_grads=int(num_grads), damp=damp, zero_init=bool(zero_init), errors=errors
+            num_grads=int(num_grads),
+            damp=damp,
+            zero_init=check_flag(zero_init, "zero_init"),
+            errors=errors,
         )
         self._layout()
         self.ihvp = self._new_window(damp)

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 import mfac_core._linalg
-from mfac_core import DynamicIHVP, FactorizationError, StaticIHVP
+from mfac_core import DynamicIHVP, FactorizationError, IllConditionedWarning, StaticIHVP
 from mfac_core._errors import NotPositiveDefinite
 from mfac_core.testing import (
     SpectralOracle,
@@ -693,3 +693,33 @@ def test_refinement_of_the_window_mean(zero_init):
     plain, refined = (backward_error(op.matvec(x), x) for op in ops)
     assert refined <= 10 * eps < plain
     assert backward_error(steps[1], G[-1]) <= 10 * eps
+
+
+def test_hopeless_windows_warn_on_every_path(rng):
+    # Regression: only StaticIHVP warned when eps(dtype) * kappa >= 1.
+    G = rng.standard_normal((6, 40)).astype(np.float32)
+    with pytest.warns(IllConditionedWarning):
+        DynamicIHVP.from_window(G, damp=1e-9)
+    op = DynamicIHVP.from_window(G, damp=1.0)
+    with pytest.warns(IllConditionedWarning):
+        op.set_damp(1e-9)
+    op = DynamicIHVP(6, 40, damp=1e-9, dtype="float32", update_method="refactor")
+    with pytest.warns(IllConditionedWarning):
+        for g in G:
+            op.update(g)
+
+
+def test_remove_takes_numpy_integers_and_copies_are_independent(rng):
+    import copy
+
+    op = DynamicIHVP(3, 20, damp=1.0, dtype="float64")
+    for g in rng.standard_normal((2, 20)):
+        op.update(g)
+    op.remove(np.int64(op.slots[0]))  # e.g. a slot from np.argmax
+    assert len(op) == 1
+    twin = copy.copy(op)  # the window is edited in place: a copy must not share it
+    x = rng.standard_normal(20)
+    before = op.matvec(x)
+    twin.update(rng.standard_normal(20))
+    np.testing.assert_array_equal(op.matvec(x), before)
+    assert (len(op), len(twin)) == (1, 2)

@@ -147,3 +147,33 @@ def test_torch_half_dtypes():
         assert op.dtype == torch.float32
         with pytest.raises(TypeError, match="float32 or float64"):
             DynamicIHVP(3, 10, damp=1.0, dtype=dtype, xp=torch)
+
+
+@pytest.mark.parametrize("value", ["no", "", 0, None])
+def test_every_flag_refuses_non_booleans(value):
+    # Regression: overwrite_G="no" overwrote the caller's G, and check_finite=0 turned the
+    # checks off, because these flags were read with bool().
+    from mfac_core import SpectralIHVP
+
+    G2 = G.copy()
+    for call, name in (
+        (lambda: StaticIHVP(G2, damp=1.0, overwrite_G=value), "overwrite_G"),
+        (lambda: StaticIHVP(G2, damp=1.0, check_finite=value), "check_finite"),
+        (lambda: EmpiricalFisher(G2, damp=1.0, check_finite=value), "check_finite"),
+        (lambda: SpectralIHVP(G2, damp=1.0, check_finite=value), "check_finite"),
+    ):
+        with pytest.raises(TypeError, match=f"{name} must be True or False"):
+            call()
+    np.testing.assert_array_equal(G2, G)  # nothing was overwritten
+
+
+def test_optimizer_flags_and_callables():
+    torch = pytest.importorskip("torch")
+    from mfac_core.torch import MFAC
+
+    with pytest.raises(TypeError, match="zero_init must be True or False"):
+        MFAC([torch.nn.Parameter(torch.zeros(3))], num_grads=2, zero_init="False")
+    with pytest.raises(TypeError, match="progress must be callable"):
+        StaticIHVP(G, damp=1.0, progress="x")
+    with pytest.raises(TypeError, match="xp must be an array namespace"):
+        DynamicIHVP(3, 5, damp=1.0, dtype="float64", xp="numpy")
