@@ -239,7 +239,7 @@ class DynamicIHVP(LinearOperator):
         check_writeable(G, "window buffer", why="DynamicIHVP (a window edited in place)")
         super().__init__(
             shape=(dim, dim),
-            dtype=dtype,
+            dtype=G.dtype,  # the library's dtype object, as G's, whatever form was given
             xp=xp,
             device=device_of(G),
             symmetric=True,
