@@ -1,0 +1,181 @@
+"""Collective building blocks of the column-sharded (SPMD) operators.
+
+Two rules (docs/scaling.rst) shape everything here:
+
+- everything m x m is computed on every rank from reduced data, so it must be
+  reduced bit-identically (the communicator's contract) and never decided from
+  rank-local values;
+- an error is collective: a rank whose local part fails still joins the
+  reduction that was due (with zeros and a status word), so that every rank
+  learns of the failure from the reduced status and raises, instead of one rank
+  raising while the others wait in the reduction.
+
+:func:`reduce_checked` implements the second rule for any local computation;
+:func:`gather_ints` and :class:`ShardLayout` tell each rank where its columns
+lie among all ranks' columns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ._compat import Array
+from .distributed import Communicator
+
+__all__ = ["ShardLayout", "gather_ints", "host_values", "reduce_checked"]
+
+# The exception classes a status word can carry, in the order a rank that saw
+# several kinds of failure among its peers reports them.
+_KINDS: tuple[type[Exception], ...] = (TypeError, IndexError, ValueError, RuntimeError)
+
+
+def host_values(a: Array) -> list[float]:
+    """The entries of a small 1-D array as Python floats (one transfer)."""
+    tolist = getattr(a, "tolist", None)
+    if tolist is not None:
+        return [float(v) for v in tolist()]
+    return [float(a[i]) for i in range(int(a.shape[0]))]
+
+
+def gather_ints(
+    comm: Communicator, xp: Any, device: Any, values: Sequence[int]
+) -> list[tuple[int, ...]]:
+    """Every rank's ``values`` (the same count on every rank), in rank order.
+
+    One reduction of ``size x len(values)`` float64 numbers: each rank fills its
+    own row and zeros elsewhere, so every reduced entry is one rank's value plus
+    zeros, exact for integers below 2**53.
+    """
+    k = len(values)
+    flat_host = [0.0] * (comm.size * k)
+    flat_host[comm.rank * k : (comm.rank + 1) * k] = [float(v) for v in values]
+    flat = xp.asarray(flat_host, dtype=xp.float64, device=device)
+    total = host_values(comm.allreduce_sum(flat))
+    return [tuple(int(v) for v in total[r * k : (r + 1) * k]) for r in range(comm.size)]
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """Where this rank's columns lie among all ranks' columns.
+
+    Attributes
+    ----------
+    rank : int
+        This rank.
+    widths : tuple of int
+        The number of columns each rank holds, in rank order.
+    """
+
+    rank: int
+    widths: tuple[int, ...]
+
+    @classmethod
+    def exchange(cls, comm: Communicator, xp: Any, device: Any, width: int) -> ShardLayout:
+        """The layout, from one reduction of every rank's column count."""
+        widths = tuple(row[0] for row in gather_ints(comm, xp, device, [width]))
+        return cls(comm.rank, widths)
+
+    @property
+    def start(self) -> int:
+        """The global index of this rank's first column."""
+        return sum(self.widths[: self.rank])
+
+    @property
+    def stop(self) -> int:
+        """One past the global index of this rank's last column."""
+        return self.start + self.widths[self.rank]
+
+    @property
+    def dim(self) -> int:
+        """The number of columns over all ranks."""
+        return sum(self.widths)
+
+
+def _encode(error: Exception | None, size: int) -> float:
+    if error is None:
+        return 0.0
+    for k, kind in enumerate(_KINDS):
+        if isinstance(error, kind):
+            return float((size + 1) ** k)
+    return float((size + 1) ** (len(_KINDS) - 1))
+
+
+def _decode(code: float, size: int) -> dict[type[Exception], int]:
+    counts = {}
+    rest = round(code)
+    for kind in _KINDS:
+        counts[kind] = rest % (size + 1)
+        rest //= size + 1
+    return counts
+
+
+def reduce_checked(
+    comm: Communicator,
+    xp: Any,
+    local: Callable[[], Array],
+    *,
+    length: int,
+    dtype: Any,
+    device: Any,
+    what: str,
+) -> Array:
+    """All-reduce ``local()`` with a status word; every rank raises if any rank failed.
+
+    Parameters
+    ----------
+    comm : Communicator
+        The group.
+    xp, device : namespace, device
+        Where the payload lives.
+    local : callable
+        Computes this rank's 1-D payload of ``length`` entries of ``dtype``; it
+        validates this rank's inputs and may raise.
+    length : int
+        The payload length, the same on every rank (from replicated state).
+    dtype : dtype
+        float32 or float64 (the status word must be exact in it).
+    device : device
+        The payload's device.
+    what : str
+        The operation, for the message of ranks whose own part was fine.
+
+    Returns
+    -------
+    array
+        The reduced payload (``length`` entries), the same on every rank.
+
+    Raises
+    ------
+    Exception
+        On a rank whose ``local()`` raised: that exception, after the reduction.
+        On every other rank, if some rank failed: an exception of the same class
+        (TypeError, IndexError, ValueError, else RuntimeError) naming how many
+        ranks failed.
+    """
+    error: Exception | None = None
+    try:
+        payload = local()
+        if tuple(payload.shape) != (length,):
+            raise RuntimeError(
+                f"internal error: local payload of shape {tuple(payload.shape)}, "
+                f"expected ({length},)"
+            )
+    except Exception as exc:  # every failure must reach the other ranks
+        error = exc
+        payload = xp.zeros((length,), dtype=dtype, device=device)
+    status = xp.asarray([_encode(error, comm.size)], dtype=dtype, device=device)
+    total = comm.allreduce_sum(xp.concat([xp.astype(payload, dtype), status]))
+    code = host_values(total[length:])[0]
+    if code != 0.0:
+        if error is not None:
+            raise error
+        counts = _decode(code, comm.size)
+        kind = next((k for k in _KINDS if counts[k]), RuntimeError)
+        failed = sum(counts.values())
+        raise kind(
+            f"{what} failed on {failed} other rank(s) of {comm.size} (their errors say "
+            f"why); rank {comm.rank} left its state as it was"
+        )
+    return total[:length]
