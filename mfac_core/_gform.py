@@ -21,7 +21,7 @@ from ._capacitance import CapacitanceFactor
 from ._compat import Array, array_namespace, device, is_writeable_array
 from ._layout import BlockGroup
 
-__all__ = ["GFormFactor", "half_product", "half_transpose_product"]
+__all__ = ["GFormFactor", "half_product", "half_product64", "half_transpose_product"]
 
 #: float32 entries of one cast piece of G (4 MiB): large enough that the per-piece
 #: overhead of a library call stays small, small enough to be read back from cache.
@@ -45,6 +45,24 @@ def half_product(xp: Any, G: Array, X: Array, compute: Any) -> Array:
     for c0 in range(0, n, w):
         c1 = min(c0 + w, n)
         term = xp.astype(G[:, c0:c1], compute) @ X[c0:c1, ...]
+        P = term if P is None else P + term
+    return P
+
+
+def half_product64(xp: Any, G: Array, X: Array, compute: Any) -> Array:
+    """``G @ X`` in float64: float32 products over cast pieces of G, summed in float64.
+
+    The dynamic window's Gram rows come from here: each piece's product of
+    2-byte values is exact term by term and summed in float32 over at most one
+    piece's columns, so the rounding of a row is that of a float32 dot product
+    of one piece's length, not of all d columns.
+    """
+    m, n = G.shape
+    w = piece_width(m)
+    P = None
+    for c0 in range(0, n, w):
+        c1 = min(c0 + w, n)
+        term = xp.astype(xp.astype(G[:, c0:c1], compute) @ X[c0:c1, ...], xp.float64)
         P = term if P is None else P + term
     return P
 

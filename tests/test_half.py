@@ -1,0 +1,247 @@
+"""2-byte (float16, bfloat16) storage: the sliding window, the pruning functions, MFAC.
+
+The rule (docs/mathematics.rst, "2-byte storage"): an operator inverts the Fisher of
+the gradients *as stored*. Every product is compared with the float64 oracle of the
+stored gradients (their 2-byte values, upcast), at the float32 precision of the
+compute dtype: ``100 eps32 kappa`` times the amplification ``r(x)`` of a vector in
+the window's span without refinement, ``100 eps32 kappa`` with one step of it.
+"""
+
+from __future__ import annotations
+
+import tracemalloc
+import warnings
+
+import numpy as np
+import pytest
+from conftest import _BACKENDS, rounded
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mfac_core import DynamicIHVP, IllConditionedWarning
+from mfac_core.testing import assert_close, to_numpy
+
+_CASES = [("numpy", "float16"), ("torch", "float16"), ("torch", "bfloat16")]
+_IDS = [f"{b}-{d}" for b, d in _CASES]
+
+
+def _backend(name: str):
+    if name == "torch":
+        pytest.importorskip("torch")
+    return _BACKENDS[name]()
+
+
+def _as64(a) -> np.ndarray:
+    """Any array (bfloat16 tensors included) as a float64 NumPy array."""
+    if type(a).__module__.startswith("torch"):
+        return a.detach().double().cpu().numpy()
+    return to_numpy(a).astype(np.float64)
+
+
+def _store(dtype: str, a: np.ndarray) -> np.ndarray:
+    """``a`` rounded to the 2-byte ``dtype`` (round to nearest even), in float64."""
+    if dtype == "bfloat16":
+        import torch
+
+        return torch.tensor(a, dtype=torch.float32).to(torch.bfloat16).double().numpy()
+    return rounded(a, dtype)
+
+
+def _window_op(backend, m: int, d: int, dtype: str, **kw) -> DynamicIHVP:
+    return DynamicIHVP(m, d, dtype=dtype, xp=backend.xp, device=backend.device, **kw)
+
+
+def _kappa(G: np.ndarray, scale_rows: int, damp: float) -> float:
+    """The Woodbury form's error scale ``1 + ||G||_2^2 / (m damp)`` (DynamicIHVP's form)."""
+    return 1.0 + float(np.linalg.norm(G, 2)) ** 2 / (scale_rows * damp)
+
+
+def _oracle(G: np.ndarray, scale_rows: int, damp: float, x: np.ndarray) -> np.ndarray:
+    """``F^{-1} x`` for ``F = damp I + G^T G / scale_rows``, in float64."""
+    C = G @ G.T + scale_rows * damp * np.eye(G.shape[0])
+    return (x - G.T @ np.linalg.solve(C, G @ x)) / damp
+
+
+def _amplified(G, scale_rows, damp, x):
+    """The oracle and the error scale ``kappa * r(x)``, ``r(x) = ||x|| / (damp ||F^-1 x||)``."""
+    want = _oracle(G, scale_rows, damp, x)
+    r = float(np.linalg.norm(x)) / (damp * float(np.linalg.norm(want)))
+    return want, _kappa(G, scale_rows, damp) * max(1.0, r)
+
+
+# -- the sliding window ------------------------------------------------------------------------
+
+
+@settings(max_examples=25)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    case=st.sampled_from(_CASES),
+    rank=st.integers(1, 8),
+    damp=st.sampled_from([1e-1, 1e-3, 1e-5]),
+    zero_init=st.booleans(),
+    steps=st.integers(1, 14),
+)
+def test_half_window_matches_the_stored_gradients_oracle(
+    seed, case, rank, damp, zero_init, steps
+):
+    backend_name, dtype = case
+    backend = _backend(backend_name)
+    rng = np.random.default_rng(seed)
+    m, d = 6, 300
+    basis = np.linalg.qr(rng.standard_normal((d, rank)))[0].T
+    grads = rounded((rng.standard_normal((steps, rank)) * 3.0) @ basis, "float32")
+    kw = {"damp": damp, "zero_init": zero_init}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", IllConditionedWarning)
+        op = _window_op(backend, m, d, dtype, **kw)
+        refined = _window_op(backend, m, d, dtype, refine=1, **kw)
+        for g in grads:
+            y = op.update_and_matvec(backend.asarray(g, "float32"))
+            y1 = refined.update_and_matvec(backend.asarray(g, "float32"))
+    assert op.dtype == backend.dtype("float32") and op.storage_dtype == dtype
+    assert y.dtype == backend.dtype("float32")
+    # Each gradient was rounded once, to the nearest 2-byte value.
+    G = _store(dtype, grads[-m:])
+    if zero_init:  # the window starts as m zero gradients
+        G = np.concatenate([np.zeros((m - G.shape[0], d)), G])
+    np.testing.assert_array_equal(_as64(op.window()), G)
+    rows = G.shape[0]
+    kappa = _kappa(G, rows, damp)
+    if 2**-23 * kappa >= 1e-2:
+        return  # the stated precision has no correct digit left
+    g = grads[-1]
+    want, scale = _amplified(G, rows, damp, g)
+    assert_close(y, want, kappa=scale, err_msg="update_and_matvec")
+    assert_close(y1, want, kappa=kappa, err_msg="update_and_matvec, refine=1")
+    x = rounded(rng.standard_normal(d), "float32")
+    want, scale = _amplified(G, rows, damp, x)
+    assert_close(op @ backend.asarray(x, "float32"), want, kappa=scale, err_msg="random x")
+    mean = rounded(G.mean(axis=0), "float32")
+    X = np.stack([x, mean], axis=1)
+    Y = refined.matmat(backend.asarray(X, "float32"))
+    assert_close(Y[:, 1], _oracle(G, rows, damp, mean), kappa=kappa, err_msg="mean, refine=1")
+
+
+@pytest.mark.parametrize("case", _CASES, ids=_IDS)
+def test_half_window_checkpoints_edits_and_damping(case, rng):
+    backend_name, dtype = case
+    backend = _backend(backend_name)
+    m, d, damp = 5, 400, 1e-2
+    grads = rounded(rng.standard_normal((9, d)), "float32")
+    op = _window_op(backend, m, d, dtype, damp=damp)
+    for g in grads[:7]:
+        op.update(backend.asarray(g, "float32"))
+    # The state keeps the storage dtype; it restores bit for bit.
+    state = op.state_dict()
+    assert state["grads"].dtype == op.window().dtype == backend.dtype(dtype)
+    twin = _window_op(backend, m, d, dtype, damp=damp)
+    twin.load_state_dict(state)
+    for g in grads[7:]:
+        a = op.update_and_matvec(backend.asarray(g, "float32"))
+        b = twin.update_and_matvec(backend.asarray(g, "float32"))
+        np.testing.assert_array_equal(_as64(a), _as64(b))
+    with pytest.raises(TypeError, match="dtype"):
+        _window_op(backend, m, d, "float32", damp=damp).load_state_dict(state)
+    # A window built at once from the stored gradients is the same operator.
+    G = _store(dtype, grads[-m:])
+    x = rounded(rng.standard_normal(d), "float32")
+    kappa = _kappa(G, m, damp)
+    whole = DynamicIHVP.from_window(op.window(), damp=damp)
+    assert whole.storage_dtype == dtype
+    for each in (op, whole):
+        assert_close(each @ backend.asarray(x, "float32"), _oracle(G, m, damp, x), kappa=kappa)
+    # Another damping, refactorised from the stored Gram matrix.
+    op.set_damp(1e-1)
+    assert_close(
+        op @ backend.asarray(x, "float32"),
+        _oracle(G, m, 1e-1, x),
+        kappa=_kappa(G, m, 1e-1),
+    )
+    # Removals: the oldest, then one in the middle.
+    op.remove_oldest()
+    op.remove(op.slots[1])
+    G = np.delete(G[1:], 1, axis=0)
+    assert_close(
+        op @ backend.asarray(x, "float32"),
+        _oracle(G, 3, 1e-1, x),
+        kappa=_kappa(G, 3, 1e-1),
+    )
+    np.testing.assert_array_equal(_as64(op.window()), G)
+
+
+@pytest.mark.parametrize("case", _CASES, ids=_IDS)
+def test_half_window_takes_its_storage_dtype_and_refuses_overflow(case, rng):
+    backend_name, dtype = case
+    backend = _backend(backend_name)
+    m, d = 3, 50
+    op = _window_op(backend, m, d, dtype, damp=1.0)
+    g = rng.standard_normal(d)
+    op.update(backend.asarray(_store(dtype, g), dtype))  # the storage dtype as given
+    op.update(backend.asarray(g, "float32"))  # float32, rounded
+    np.testing.assert_array_equal(_as64(op.window()), _store(dtype, np.stack([g, g])))
+    before = op.state_dict()
+    with pytest.raises(TypeError, match="dtype"):  # float64 would lose precision silently
+        op.update(backend.asarray(g, "float64"))
+    big = g.copy()
+    big[7] = 1e5  # beyond float16's largest finite value 65504; bfloat16 has float32's range
+    if dtype == "float16":
+        for call in (op.update, op.update_and_matvec):
+            with pytest.raises(ValueError, match="overflows"):
+                call(backend.asarray(big, "float32"))
+        nan = g.copy()
+        nan[0] = np.nan
+        unchecked = _window_op(backend, m, d, dtype, damp=1.0, check_finite=False)
+        with pytest.raises(ValueError, match="NaN"):
+            unchecked.update(backend.asarray(nan, "float32"))
+    else:
+        with pytest.warns(IllConditionedWarning):  # kappa ~ 1e10 / (m damp)
+            op.update(backend.asarray(big, "float32"))
+        op.remove(op.slots[-1])
+    after = op.state_dict()
+    assert after["window_slots"] == before["window_slots"]
+    np.testing.assert_array_equal(_as64(after["grads"]), _as64(before["grads"]))
+
+
+def test_half_window_dtypes_the_library_lacks(strict_device1):
+    with pytest.raises(TypeError, match="no bfloat16"):
+        DynamicIHVP(2, 4, damp=1.0, dtype="bfloat16")  # NumPy
+    with pytest.raises(TypeError, match="no float16"):
+        DynamicIHVP(2, 4, damp=1.0, dtype="float16", xp=strict_device1.xp)
+    with pytest.raises(TypeError, match="dtype"):
+        DynamicIHVP(2, 4, damp=1.0, dtype="float8")
+    with pytest.raises(TypeError, match="dtype"):
+        DynamicIHVP(2, 4, damp=1.0, dtype=np.int16)
+
+
+def test_half_window_keeps_no_float32_copy(rng):
+    # Memory: the 2-byte buffer plus O(m^2) float64 matrices, nothing of m x d float32.
+    m, d = 16, 20_000
+    grads = rng.standard_normal((m + 3, d)).astype(np.float32)
+    tracemalloc.start()
+    op = DynamicIHVP(m, d, damp=1e-2, dtype="float16")
+    for g in grads:
+        op.update_and_matvec(g)
+    kept, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert kept <= 2 * m * d + 8 * (4 * m * m + 4 * d) + 64 * 1024
+    assert op._G.dtype == np.float16 and op._G.shape == (m, d)
+
+
+def test_half_window_of_nearly_collinear_gradients(rng):
+    # One gradient repeated with a tiny damping: float32 products of the rounded rows
+    # can make the factor fail; the window then recomputes in float64 (from the stored
+    # gradient, not the given one) instead of refusing.
+    m, d, damp = 12, 2000, 1e-6
+    g = rng.standard_normal(d).astype(np.float32) * 30
+    op = DynamicIHVP(m, d, damp=damp, dtype="float16", zero_init=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", IllConditionedWarning)
+        for k in range(2 * m):
+            op.update(g * np.float32(1 + 1e-3 * (k % 3)))
+    G = _as64(op.window())
+    gram = to_numpy(op._gram)[np.ix_(op.slots, op.slots)]
+    np.testing.assert_allclose(gram, G @ G.T, rtol=1e-5 * 1, atol=1e-6 * float(np.max(G @ G.T)))
+    x = rounded(rng.standard_normal(d), "float32")
+    assert_close(
+        op @ x.astype(np.float32), _oracle(G, m, damp, x), kappa=_kappa(G, m, damp), dtype="float32"
+    )
