@@ -22,7 +22,7 @@ from ._capacitance import CapacitanceFactor
 from ._compat import Array, array_namespace, detached
 from ._compat import device as device_of
 from ._errors import FactorizationError, NotPositiveDefinite
-from ._gform import half_product64, half_transpose_product
+from ._gform import half_matvecs64, half_product64, half_transpose_product
 from ._layout import BlockGroup, chunk_gram, pieces
 from ._operator import LinearOperator
 from ._refine import fisher_residual, refine
@@ -592,8 +592,8 @@ class DynamicIHVP(LinearOperator):
         if self.storage_dtype is None:
             return xp.astype(self._G @ g, xp.float64), None
         stored = xp.astype(self._G[slot, ...], self.dtype)
-        P = half_product64(xp, self._G, xp.stack([stored, g], axis=1), self.dtype)
-        return P[:, 0], P[:, 1:]
+        b, p = half_matvecs64(xp, self._G, [stored, g], self.dtype)
+        return b, p[:, None]
 
     def _place(self, slot: int, g: Array, b: Array | None = None) -> tuple[Any, Any]:
         """Put gradient ``g`` into ``slot``; return its Gram row (float64, slot order).
