@@ -245,3 +245,159 @@ def test_half_window_of_nearly_collinear_gradients(rng):
     assert_close(
         op @ x.astype(np.float32), _oracle(G, m, damp, x), kappa=_kappa(G, m, damp), dtype="float32"
     )
+
+
+# -- the PyTorch optimizer ---------------------------------------------------------------------
+
+
+def _mfac_problem(seed: int, dtype_name: str = "float32"):
+    """A small classifier and its batches (the same for every run of one seed)."""
+    torch = pytest.importorskip("torch")
+    dtype = getattr(torch, dtype_name)
+    gen = torch.Generator().manual_seed(seed)
+    X = torch.randn(256, 10, generator=gen, dtype=dtype)
+    w = torch.randn(10, 3, generator=gen, dtype=dtype)
+    y = torch.argmax(X @ w + 0.3 * torch.randn(256, 3, generator=gen, dtype=dtype), dim=1)
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(10, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)
+    ).to(dtype)
+    batches = [(X[i : i + 32], y[i : i + 32]) for i in range(0, 256, 32)]
+    return model, batches, (X, y)
+
+
+def _loss(model, data) -> float:
+    import torch
+
+    with torch.no_grad():
+        return float(torch.nn.functional.cross_entropy(model(data[0]), data[1]))
+
+
+def _train(model, opt, batches, epochs: int) -> None:
+    import torch
+
+    for _ in range(epochs):
+        for x, y in batches:
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+
+
+@pytest.mark.parametrize("grad_dtype", ["bfloat16", "float16"])
+def test_mfac_trains_with_a_2byte_window(grad_dtype):
+    torch = pytest.importorskip("torch")
+    from mfac_core.torch import MFAC
+
+    kw = {"lr": 0.05, "num_grads": 16, "damp": 1e-3, "momentum": 0.5}
+    results = {}
+    for name in ("float32", grad_dtype):
+        model, batches, data = _mfac_problem(0)
+        start = _loss(model, data)
+        dt = None if name == "float32" else getattr(torch, name)
+        opt = MFAC(model.parameters(), grad_dtype=dt, **kw)
+        _train(model, opt, batches, epochs=5)
+        results[name] = _loss(model, data)
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        assert opt.ihvp.storage_dtype == (None if dt is None else name)
+        assert opt.state_dict()["mfac"]["window"]["grads"].dtype == getattr(torch, name)
+        assert (opt.steps, opt.skipped_steps, opt.rejected_grads) == (40, 0, 0)
+    gain = start - results["float32"]
+    assert gain > 0.3 * start  # the float32 run learns
+    # The 2-byte window learns as much, to a tenth of the float32 run's gain.
+    assert results[grad_dtype] <= results["float32"] + 0.1 * gain
+
+
+@pytest.mark.parametrize("grad_dtype", ["bfloat16", "float16"])
+def test_mfac_2byte_window_checkpoints(grad_dtype):
+    torch = pytest.importorskip("torch")
+    import copy
+    import io
+
+    from mfac_core.torch import MFAC
+
+    dt = getattr(torch, grad_dtype)
+    kw = {"lr": 0.05, "num_grads": 4, "damp": 1e-3, "momentum": 0.5, "grad_dtype": dt}
+    model, batches, _ = _mfac_problem(1)
+    opt = MFAC(model.parameters(), **kw)
+    _train(model, opt, batches[:6], epochs=1)
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+    twin_model, twin_opt = copy.deepcopy((model, opt))
+    assert twin_opt.defaults["grad_dtype"] == dt
+    _train(model, opt, batches[6:], epochs=1)
+    _train(twin_model, twin_opt, batches[6:], epochs=1)
+    buffer.seek(0)
+    ckpt = torch.load(buffer, weights_only=True)
+    fresh, _, _ = _mfac_problem(2)
+    fresh.load_state_dict(ckpt["model"])
+    fresh_opt = MFAC(fresh.parameters(), **kw)
+    fresh_opt.load_state_dict(ckpt["opt"])
+    _train(fresh, fresh_opt, batches[6:], epochs=1)
+    for a, b, c in zip(model.parameters(), fresh.parameters(), twin_model.parameters(), strict=True):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    # A float32 window cannot take the 2-byte state (nor the reverse).
+    other, _, _ = _mfac_problem(1)
+    with pytest.raises(ValueError, match="dtype"):
+        MFAC(other.parameters(), **{**kw, "grad_dtype": None}).load_state_dict(ckpt["opt"])
+    with pytest.raises(TypeError, match="grad_dtype"):
+        MFAC(other.parameters(), **{**kw, "grad_dtype": torch.float64})
+
+
+def test_mfac_2byte_window_skips_and_rejects():
+    torch = pytest.importorskip("torch")
+    from mfac_core.torch import MFAC, MFACStepWarning
+
+    model, batches, _ = _mfac_problem(3)
+    kw = {"lr": 0.05, "num_grads": 4, "damp": 1e-3, "grad_dtype": torch.float16}
+    opt = MFAC(model.parameters(), **kw)
+    _train(model, opt, batches[:3], epochs=1)
+    x, y = batches[3]
+
+    def backward(bad: float) -> None:
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        list(model.parameters())[0].grad.view(-1)[0] = bad
+
+    # A NaN gradient skips the step; one beyond float16's range is left out of the
+    # window and stepped with the previous window.
+    backward(float("nan"))
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.warns(MFACStepWarning, match="NaN"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before, strict=True))
+    window = opt.ihvp.state_dict()
+    backward(1e6)
+    with pytest.warns(MFACStepWarning, match="beyond the range"):
+        opt.step()
+    assert (opt.steps, opt.skipped_steps, opt.rejected_grads) == (4, 1, 1)
+    assert opt.ihvp.slots == window["window_slots"]
+    assert torch.equal(opt.ihvp.window(), window["grads"][window["window_slots"]])
+    # errors="raise": the window's own error, and nothing changes.
+    strict = MFAC(model.parameters(), **kw, errors="raise")
+    backward(1e6)
+    with pytest.raises(ValueError, match="overflows"):
+        strict.step()
+    assert strict.steps == 0 and not bool(torch.any(strict.ihvp.window()))  # m zeros still
+
+
+def test_mfac_2byte_window_with_float64_parameters():
+    # float64 parameters, a bfloat16 window: the step is F^{-1} g of the stored window
+    # in float32, and the parameters stay float64.
+    torch = pytest.importorskip("torch")
+    from mfac_core.torch import MFAC
+
+    model, batches, _ = _mfac_problem(4, "float64")
+    opt = MFAC(model.parameters(), lr=1.0, num_grads=3, damp=1e-2, grad_dtype=torch.bfloat16)
+    _train(model, opt, batches[:2], epochs=1)
+    x, y = batches[2]
+    opt.zero_grad()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    g = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).to(torch.float32)
+    before = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    opt.step()
+    after = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    assert after.dtype == torch.float64
+    G = _as64(opt.ihvp.window())
+    g64 = g.double().numpy()
+    want = _oracle(G, 3, 1e-2, g64)
+    assert_close((before - after).numpy(), want, kappa=_kappa(G, 3, 1e-2), dtype="float32")
