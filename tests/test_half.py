@@ -401,3 +401,83 @@ def test_mfac_2byte_window_with_float64_parameters():
     g64 = g.double().numpy()
     want = _oracle(G, 3, 1e-2, g64)
     assert_close((before - after).numpy(), want, kappa=_kappa(G, 3, 1e-2), dtype="float32")
+
+
+# -- the pruning functions ---------------------------------------------------------------------
+
+
+def _pruning_case(case, rng, m=8, d=120):
+    backend_name, dtype = case
+    backend = _backend(backend_name)
+    G = _store(dtype, rng.standard_normal((m, d)) + 0.5 * rng.standard_normal(d))
+    theta = rounded(rng.standard_normal(d), "float32")
+    if dtype == "bfloat16":
+        import torch
+
+        Gs = torch.tensor(G, dtype=torch.bfloat16)
+    else:
+        Gs = backend.asarray(G, dtype)
+    return backend, Gs, G, theta
+
+
+@pytest.mark.parametrize("case", _CASES, ids=_IDS)
+def test_pruning_with_2byte_gradients(case, rng):
+    from mfac_core import pruning
+    from mfac_core.testing import dense_inverse
+
+    backend, Gs, G, theta = _pruning_case(case, rng)
+    m, d = G.shape
+    damp = 1e-2
+    t32 = backend.asarray(theta, "float32")
+    Finv = dense_inverse(G, damp)
+    kappa = 1.0 + float(np.linalg.norm(G, 2)) ** 2 / (m * damp)
+    # OBD: the diagonal of the stored gradients' Fisher.
+    obd = pruning.obd_saliency(t32, Gs, damp=damp)
+    assert obd.dtype == backend.dtype("float32")
+    assert_close(obd, theta**2 * (damp + (G**2).sum(axis=0) / m) / 2, dtype="float32")
+    # OBS with the paper's update: the selection ranks the oracle's saliencies (to
+    # float32 rounding), and the update is the oracle's for that selection.
+    res = pruning.prune(t32, Gs, sparsity=0.5, damp=damp)
+    assert res.theta.dtype == backend.dtype("float32")
+    pruned = ~to_numpy(res.mask).astype(bool)
+    assert pruned.sum() == d // 2
+    rho = theta**2 / (2 * np.diag(Finv))
+    slack = 1e3 * 2**-23 * kappa * float(rho.max())
+    assert rho[pruned].max() <= rho[~pruned].min() + slack
+    coef = np.where(pruned, theta / np.diag(Finv), 0.0)
+    want = np.where(pruned, 0.0, theta - Finv @ coef)
+    assert_close(res.theta, want, kappa=kappa)
+    assert np.all(to_numpy(res.theta)[pruned] == 0)
+    # The joint update: stationary where the weights are free.
+    joint = pruning.prune(t32, Gs, sparsity=0.5, damp=damp, update="joint")
+    keep = to_numpy(joint.mask).astype(bool)
+    delta = to_numpy(joint.theta).astype(np.float64) - theta
+    Fm = damp * np.eye(d) + G.T @ G / m
+    scale = float(np.linalg.norm(Fm, 2) * np.linalg.norm(delta))
+    assert np.linalg.norm((Fm @ delta)[keep]) <= 1e3 * 2**-23 * kappa * scale
+    # Block-wise Fishers and the damping sweep work on a float32 copy: the same
+    # results as for the float32 copy given.
+    G32 = backend.asarray(G, "float32")
+    for kw in ({"block_size": 30}, {"block_size": 30, "saliency": "obd", "update": "joint"}):
+        a = pruning.prune(t32, Gs, sparsity=0.4, damp=damp, **kw)
+        b = pruning.prune(t32, G32, sparsity=0.4, damp=damp, **kw)
+        np.testing.assert_array_equal(to_numpy(a.mask), to_numpy(b.mask))
+        np.testing.assert_allclose(to_numpy(a.theta), to_numpy(b.theta), rtol=1e-5, atol=1e-6)
+    a = pruning.damping_sweep(t32, Gs, [1e-3, 1e-1], sparsity=0.3)
+    b = pruning.damping_sweep(t32, G32, [1e-3, 1e-1], sparsity=0.3)
+    np.testing.assert_array_equal(to_numpy(a.saliency), to_numpy(b.saliency))
+    # Gradual pruning with 2-byte gradients from grad_fn.
+    steps = []
+    out = pruning.gradual_prune(
+        t32,
+        lambda th, mk: Gs,
+        sparsity=0.75,
+        steps=3,
+        damp=damp,
+        callback=lambda t, r: steps.append(to_numpy(r.mask).astype(bool)),
+    )
+    assert (to_numpy(out.mask) == 0).sum() == 90
+    assert all(np.all(b <= a) for a, b in zip(steps, steps[1:]))
+    # 2-byte gradients compute in float32: float64 weights are refused.
+    with pytest.raises(TypeError, match="float32 weights"):
+        pruning.prune(backend.asarray(theta, "float64"), Gs, sparsity=0.5)
