@@ -68,7 +68,9 @@ def _window_dtypes(xp: Any, dtype: Any) -> tuple[Any, Any, str | None]:
         if dtype not in ("float32", "float64", "float16", "bfloat16"):
             raise TypeError(f"dtype must be {wanted}, got {dtype!r}")
         named = getattr(xp, dtype, None)
-        if named is None or (dtype in ("float16", "bfloat16") and half_dtype_name(xp, named) is None):
+        if named is None or (
+            dtype in ("float16", "bfloat16") and half_dtype_name(xp, named) is None
+        ):
             raise TypeError(
                 f"dtype {dtype!r}: this array library ({xp.__name__}) has no {dtype} "
                 "storage that DynamicIHVP supports (NumPy and CuPy have float16, PyTorch "

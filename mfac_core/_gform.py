@@ -14,8 +14,8 @@ the results have float32's precision.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from ._capacitance import CapacitanceFactor

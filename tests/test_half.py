@@ -9,6 +9,7 @@ the window's span without refinement, ``100 eps32 kappa`` with one step of it.
 
 from __future__ import annotations
 
+import itertools
 import tracemalloc
 import warnings
 
@@ -81,9 +82,7 @@ def _amplified(G, scale_rows, damp, x):
     zero_init=st.booleans(),
     steps=st.integers(1, 14),
 )
-def test_half_window_matches_the_stored_gradients_oracle(
-    seed, case, rank, damp, zero_init, steps
-):
+def test_half_window_matches_the_stored_gradients_oracle(seed, case, rank, damp, zero_init, steps):
     backend_name, dtype = case
     backend = _backend(backend_name)
     rng = np.random.default_rng(seed)
@@ -333,7 +332,9 @@ def test_mfac_2byte_window_checkpoints(grad_dtype):
     fresh_opt = MFAC(fresh.parameters(), **kw)
     fresh_opt.load_state_dict(ckpt["opt"])
     _train(fresh, fresh_opt, batches[6:], epochs=1)
-    for a, b, c in zip(model.parameters(), fresh.parameters(), twin_model.parameters(), strict=True):
+    for a, b, c in zip(
+        model.parameters(), fresh.parameters(), twin_model.parameters(), strict=True
+    ):
         assert torch.equal(a, b) and torch.equal(a, c)
     # A float32 window cannot take the 2-byte state (nor the reverse).
     other, _, _ = _mfac_problem(1)
@@ -356,7 +357,7 @@ def test_mfac_2byte_window_skips_and_rejects():
     def backward(bad: float) -> None:
         opt.zero_grad()
         torch.nn.functional.cross_entropy(model(x), y).backward()
-        list(model.parameters())[0].grad.view(-1)[0] = bad
+        next(iter(model.parameters())).grad.view(-1)[0] = bad
 
     # A NaN gradient skips the step; one beyond float16's range is left out of the
     # window and stepped with the previous window.
@@ -477,7 +478,7 @@ def test_pruning_with_2byte_gradients(case, rng):
         callback=lambda t, r: steps.append(to_numpy(r.mask).astype(bool)),
     )
     assert (to_numpy(out.mask) == 0).sum() == 90
-    assert all(np.all(b <= a) for a, b in zip(steps, steps[1:]))
+    assert all(np.all(b <= a) for a, b in itertools.pairwise(steps))
     # 2-byte gradients compute in float32: float64 weights are refused.
     with pytest.raises(TypeError, match="float32 weights"):
         pruning.prune(backend.asarray(theta, "float64"), Gs, sparsity=0.5)
