@@ -48,9 +48,9 @@ def cast_pieces(xp: Any, G: Array, compute: Any) -> Iterator[tuple[int, int, Arr
     """``(c0, c1, G[:, c0:c1] in compute)`` for the column pieces of G.
 
     The pieces are written into one scratch array where the library allows it:
-    a fresh array per piece made PyTorch's CPU conversion 4 times slower (the
-    allocation, not the conversion, dominated). A piece is valid until the next
-    one is produced.
+    with a fresh array per piece, PyTorch's CPU passes took 1.2 to 6 times as
+    long on the development machine (benchmarks/RESULTS.md). A piece is valid
+    until the next one is produced.
     """
     m, n = G.shape
     w = min(piece_width(m), n)
