@@ -1,4 +1,4 @@
-"""Benchmark of storage precision: float32 and 2-byte gradients in ``StaticIHVP``.
+"""Benchmark of storage precision: float32 and 2-byte gradients in the static and dynamic IHVP.
 
 Usage::
 
@@ -14,6 +14,11 @@ bfloat16), interleaved with the floors they are held to, in the same run:
 A 2-byte operator reads ``2 m d`` bytes per pass; its target is 0.6x this floor (half
 the bytes, plus the float32 casts of cached pieces).
 
+**Dynamic step**: ``DynamicIHVP.update_and_matvec(g)`` (the optimizer's step: insert a
+float32 gradient into a full window of m, return ``F^{-1} g``) over the same float32
+two-pass floor: the step reads the window twice (``G [g_stored, g]``, then ``G^T a``); a
+2-byte window reads ``2 m d`` bytes per pass plus the float32 casts of cached pieces.
+
 **Set-up**: the constructor over its floor, one float32 Gram product ``G32 @ G32.T``
 (plus, for float32 storage, one float32 ``L^{-1} G`` product: the W-form writes W; the
 2-byte G-form stores no W and has the Gram alone as its floor).
@@ -25,7 +30,9 @@ their span), without and with one step of ``refine``; the column ``/(eps32 kappa
 the error in units of the stated bound.
 
 **Memory**: NumPy only (tracemalloc sees NumPy's buffers): bytes the operator keeps,
-and the constructor's peak, relative to size(G) in its own dtype.
+and the constructor's peak, relative to size(G) in its own dtype; for the dynamic window,
+the bytes kept and the peak of construction plus m steps, relative to ``m d`` float32
+entries (``4 m d`` bytes).
 """
 
 from __future__ import annotations
@@ -147,6 +154,76 @@ def timing_rows(G32: np.ndarray, damp: float, repeat: int) -> tuple[list, list]:
     return ihvp_rows, setup_rows
 
 
+def dynamic_rows(G32: np.ndarray, damp: float, repeat: int) -> list:
+    """The dynamic step per backend and storage dtype, against the float32 two-pass floor."""
+    m, d = G32.shape
+    rows = []
+    cases = backends(G32)
+    for lib in ("numpy", "torch"):
+        mine = [c for c in cases if c[0] == lib]
+        if not mine:
+            continue
+        F32 = mine[0][3]
+        x, a = vector(F32, d, 1), vector(F32, m, 2)
+        cands: dict[str, tuple[Any, Any]] = {
+            "floor:two passes": (lambda _, F=F32, x=x, a=a: (F @ x, F.T @ a), None),
+        }
+        ops = {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for _, dt, G, _ in mine:
+                ops[dt] = mfac.DynamicIHVP.from_window(G, damp=damp)
+        for dt, op in ops.items():
+            # The window's own gradients again, in turn: it stays m distinct gradients.
+            turn = iter(range(10**9))
+
+            def step(_: Any, op: Any = op, turn: Any = turn, F: Any = F32) -> Any:
+                return op.update_and_matvec(F[next(turn) % m])
+
+            cands[f"step:{dt}"] = (step, None)
+        print(f"... {lib}: dynamic step", file=sys.stderr, flush=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            t = common.interleaved(cands, repeat)
+        floor2 = t["floor:two passes"].best
+        for dt in ops:
+            rows.append(
+                [
+                    lib,
+                    dt,
+                    common.fmt_time(t[f"step:{dt}"].best),
+                    common.fmt_time(t[f"step:{dt}"].median),
+                    common.fmt_time(floor2),
+                    common.fmt_ratio(t[f"step:{dt}"].best / floor2),
+                ]
+            )
+        del ops, cands
+        gc.collect()
+    return rows
+
+
+def dynamic_memory_rows(G32: np.ndarray, damp: float) -> list:
+    """Bytes a NumPy window keeps, and its peak, over construction plus m steps."""
+    m, d = G32.shape
+    rows = []
+    for dt in ("float32", "float16"):
+        gc.collect()
+        tracemalloc.start()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            op = mfac.DynamicIHVP(m, d, damp=damp, dtype=dt, zero_init=True)
+            for g in G32:
+                op.update_and_matvec(g)
+        kept, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        size = 4 * m * d
+        rows.append(
+            ["numpy", dt, common.fmt_bytes(kept), f"{kept / size:.3f}", f"{peak / size:.3f}"]
+        )
+        del op
+    return rows
+
+
 def error_rows(seed: int) -> list:
     m, d = 32, 4000
     rng = np.random.default_rng(seed)
@@ -261,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     G32 = make_grads(args.m, args.d, args.damp, args.seed)
     ihvp_rows, setup_rows = timing_rows(G32, args.damp, args.repeat)
+    dyn_rows = dynamic_rows(G32, args.damp, args.repeat)
     print(
         "\n## IHVP: op.matvec(x) vs the float32 two-pass floor (target 0.6x for 2-byte "
         "storage on PyTorch)\n"
@@ -268,6 +346,12 @@ def main(argv: list[str] | None = None) -> int:
     print(
         common.markdown_table(
             ["backend", "storage", "matvec (best)", "(median)", "float32 floor", "ratio"], ihvp_rows
+        )
+    )
+    print("\n## Dynamic step: update_and_matvec(g) on a full window vs the float32 floor\n")
+    print(
+        common.markdown_table(
+            ["backend", "storage", "step (best)", "(median)", "float32 floor", "ratio"], dyn_rows
         )
     )
     print("\n## Set-up: constructor vs its floor\n")
@@ -297,6 +381,13 @@ def main(argv: list[str] | None = None) -> int:
         common.markdown_table(
             ["backend", "storage", "size(G)", "kept", "kept / size(G)", "peak / size(G)"],
             memory_rows(G32, args.damp),
+        )
+    )
+    print("\n## Memory of the dynamic window (NumPy, construction + m steps)\n")
+    print(
+        common.markdown_table(
+            ["backend", "storage", "kept", "kept / (4 m d)", "peak / (4 m d)"],
+            dynamic_memory_rows(G32, args.damp),
         )
     )
     print("\nNotes:")

@@ -22,6 +22,7 @@ from ._capacitance import CapacitanceFactor
 from ._compat import Array, array_namespace, detached
 from ._compat import device as device_of
 from ._errors import FactorizationError, NotPositiveDefinite
+from ._gform import half_matvecs64, half_product64, half_transpose_product
 from ._layout import BlockGroup, chunk_gram, pieces
 from ._operator import LinearOperator
 from ._refine import fisher_residual, refine
@@ -34,6 +35,7 @@ from ._validation import (
     check_operand,
     check_same_space,
     check_writeable,
+    half_dtype_name,
     namespace_of,
 )
 
@@ -52,6 +54,35 @@ def _default_namespace() -> Any:
     import numpy as np
 
     return array_namespace(np.empty(0))
+
+
+def _window_dtypes(xp: Any, dtype: Any) -> tuple[Any, Any, str | None]:
+    """The buffer's dtype, the compute dtype and the 2-byte storage name (or None).
+
+    float32 and float64 windows compute in their own dtype; a 2-byte window
+    (docs/mathematics.rst, "2-byte storage") stores float16 or bfloat16 and
+    computes in float32.
+    """
+    wanted = "float32 or float64, or float16/bfloat16 storage where the library has it"
+    if isinstance(dtype, str):
+        if dtype not in ("float32", "float64", "float16", "bfloat16"):
+            raise TypeError(f"dtype must be {wanted}, got {dtype!r}")
+        named = getattr(xp, dtype, None)
+        if named is None or (
+            dtype in ("float16", "bfloat16") and half_dtype_name(xp, named) is None
+        ):
+            raise TypeError(
+                f"dtype {dtype!r}: this array library ({xp.__name__}) has no {dtype} "
+                "storage that DynamicIHVP supports (NumPy and CuPy have float16, PyTorch "
+                "float16 and bfloat16)"
+            )
+        dtype = named
+    if dtype in (xp.float32, xp.float64):
+        return dtype, dtype, None
+    name = half_dtype_name(xp, dtype)
+    if name is None:
+        raise TypeError(f"dtype must be {wanted}, got {dtype!r}")
+    return dtype, xp.float32, name
 
 
 def _evenly_spaced(k: int, count: int) -> list[int]:
@@ -124,7 +155,12 @@ class DynamicIHVP(LinearOperator):
         The damping ``lambda > 0``.
     dtype : dtype or str
         Storage dtype of the gradients (``"float32"`` or ``"float64"`` or the
-        namespace's dtype object). All m x m work is float64.
+        namespace's dtype object). All m x m work is float64. 2-byte storage
+        (``"float16"`` for NumPy and CuPy, ``"float16"`` or ``"bfloat16"``
+        for PyTorch) keeps the window in 2 bytes per entry: each gradient is
+        rounded to it once when it is inserted, the operator is the inverse
+        Fisher of the stored (rounded) gradients, it computes in float32 and
+        its ``dtype`` is float32 (docs/mathematics.rst, "2-byte storage").
     xp : module, optional
         The array namespace (default: NumPy). Any Array-API namespace, or
         the library module itself (``torch``, ``cupy``, ...).
@@ -151,6 +187,16 @@ class DynamicIHVP(LinearOperator):
         down to ``eps * kappa``, at the cost of about two more products and
         two float64 passes over the window.
 
+    Attributes
+    ----------
+    dtype, device
+        The dtype of products and vectors (the storage dtype, or float32 for
+        2-byte storage) and the device.
+    storage_dtype : str or None
+        ``"float16"`` or ``"bfloat16"`` for a 2-byte window, else ``None``.
+    num_grads, dim, damp
+        m, d and lambda.
+
     See Also
     --------
     StaticIHVP : The same inverse for a fixed set of gradients.
@@ -175,7 +221,11 @@ class DynamicIHVP(LinearOperator):
     dtype (a float64 copy of the window would double the step's traffic), so
     its rounding is that of the O(dm) passes, about ``eps(dtype)`` relative;
     the factor and all m x m work are float64. :meth:`from_window`
-    accumulates its initial Gram matrix in float64.
+    accumulates its initial Gram matrix in float64. A 2-byte window computes
+    the row from the *rounded* gradient (float32 products over column pieces,
+    summed in float64), so that factor and stored window agree, and its
+    products are accurate to about ``eps(float32) * kappa`` against the
+    Fisher of the stored gradients.
 
     Examples
     --------
@@ -229,17 +279,16 @@ class DynamicIHVP(LinearOperator):
                     f"xp must be an array namespace or library module (numpy, "
                     f"torch, cupy, ...), got {xp!r}"
                 ) from None
-        if isinstance(dtype, str):
-            if dtype not in ("float32", "float64"):
-                raise TypeError(f"dtype must be float32 or float64, got {dtype!r}")
-            dtype = getattr(xp, dtype)
-        if dtype not in (xp.float32, xp.float64):
-            raise TypeError(f"dtype must be float32 or float64, got {dtype!r}")
+        dtype, compute, storage = _window_dtypes(xp, dtype)
         G = xp.zeros((num_grads, dim), dtype=dtype, device=device)
         check_writeable(G, "window buffer", why="DynamicIHVP (a window edited in place)")
+        #: The 2-byte storage dtype's name ("float16", "bfloat16"), or None.
+        self.storage_dtype = storage
         super().__init__(
             shape=(dim, dim),
-            dtype=G.dtype,  # the library's dtype object, as G's, whatever form was given
+            # The library's dtype object, as G's, whatever form was given; for 2-byte
+            # storage the compute dtype (float32).
+            dtype=G.dtype if storage is None else compute,
             xp=xp,
             device=device_of(G),
             symmetric=True,
@@ -269,7 +318,7 @@ class DynamicIHVP(LinearOperator):
         ----------
         G : array, shape (k, d)
             The gradients, oldest first; the operator takes G's namespace,
-            device and dtype.
+            device and dtype (a 2-byte G gives a 2-byte window).
         damp : float
             The damping ``lambda > 0``.
         num_grads : int, optional
@@ -366,7 +415,7 @@ class DynamicIHVP(LinearOperator):
         Returns
         -------
         array, shape (k, d)
-            A new array (not a view of the buffer).
+            A new array (not a view of the buffer), in the storage dtype.
         """
         idx = self._xp.asarray(list(self._window), dtype=self._xp.int64, device=self.device)
         return self._xp.take(self._G, idx, axis=0)
@@ -512,10 +561,48 @@ class DynamicIHVP(LinearOperator):
             raise ValueError(f"g must have shape ({self.dim},), got {tuple(g.shape)}")
         if self.check_finite:
             check_finite(self._xp, g, "g")
+        if self.storage_dtype is not None:
+            self._check_representable(g)
         return g
 
-    def _place(self, slot: int, g: Array, b: Array | None = None) -> Any:
+    def _check_representable(self, g: Array) -> None:
+        """Refuse a gradient that the 2-byte storage would turn into infinity."""
+        xp = self._xp
+        info = xp.finfo(self._G.dtype)
+        top, eps = float(info.max), float(info.eps)
+        # Magnitudes from the largest finite value plus half its spacing upwards round
+        # to infinity (the spacing there is 2**emax * eps, and top = (2 - eps) 2**emax).
+        limit = top + top * eps / (2 * (2 - eps))
+        biggest = float(xp.max(xp.abs(g)))
+        if not biggest < limit:
+            check_finite(xp, g, "g")  # a NaN or infinity given is reported as such
+            raise ValueError(
+                f"g does not fit the window's {self.storage_dtype} storage: an entry "
+                f"({biggest:g}) overflows its range (largest finite {top:g}); scale the "
+                "gradients or store them in a wider dtype"
+            )
+
+    def _products(self, slot: int, g: Array) -> tuple[Any, Any]:
+        """The Gram row of ``slot`` (float64) and ``G g`` (float64, ``(m, 1)``), one pass.
+
+        ``G g`` is ``None`` when it is the Gram row. With 2-byte storage the row
+        is that of the stored (rounded) gradient, so that factor and window
+        agree, and ``G g`` that of ``g`` as given, for the product of
+        :meth:`update_and_matvec`: both columns in one float32 pass.
+        """
+        xp = self._xp
+        if self.storage_dtype is None:
+            return xp.astype(self._G @ g, xp.float64), None
+        stored = xp.astype(self._G[slot, ...], self.dtype)
+        b, p = half_matvecs64(xp, self._G, [stored, g], self.dtype)
+        return b, p[:, None]
+
+    def _place(self, slot: int, g: Array, b: Array | None = None) -> tuple[Any, Any]:
         """Put gradient ``g`` into ``slot``; return its Gram row (float64, slot order).
+
+        Also returns ``G g`` (float64, ``(m, 1)``) for the product of
+        :meth:`update_and_matvec` (``None`` when ``b`` is given). A 2-byte
+        window rounds ``g`` here, once.
 
         The row is written first so that one product ``G g`` gives the whole
         Gram row, the diagonal included: entries of one kernel keep a
@@ -529,9 +616,10 @@ class DynamicIHVP(LinearOperator):
         self._G[slot, ...] = g
         gram = None
         exact = self.dtype == xp.float64 or b is not None
+        product = None
         try:
             if b is None:
-                b = xp.astype(self._G @ g, xp.float64)
+                b, product = self._products(slot, g)
             try:
                 factor, refactored = self._edited(slot, b)
             except FactorizationError:
@@ -543,7 +631,7 @@ class DynamicIHVP(LinearOperator):
                 # the whole Gram matrix too unless it is already exact.
                 exact = True
                 if self._exact_gram:
-                    b = self._exact_row(g)
+                    b = self._exact_row(self._G[slot, ...])  # the stored gradient
                     factor, refactored = self._edited(slot, b)
                 else:
                     gram = self._exact_gram_matrix()
@@ -560,7 +648,7 @@ class DynamicIHVP(LinearOperator):
         self._gram[slot, :] = b
         self._gram[:, slot] = b
         self._commit(factor, refactored=refactored)
-        return b
+        return b, (b[:, None] if product is None else product)
 
     def _pieces(self) -> list[Any]:
         """The column pieces of the buffer for its float64 passes (32 MiB each at most)."""
@@ -589,15 +677,15 @@ class DynamicIHVP(LinearOperator):
         return gram[0, ...]
 
     def _insert(self, g: Array) -> Any:
-        g = self._check_gradient(g)
+        """Insert a checked gradient; return ``G g`` (float64, ``(m, 1)``)."""
         slot = self._window[0] if self.is_full else self._free[-1]
-        b = self._place(slot, g)
+        _, product = self._place(slot, g)
         if self.is_full:
             self._window.popleft()
         else:
             self._free.pop()
         self._window.append(slot)
-        return b
+        return product
 
     def update(self, g: Array, /) -> None:
         """Insert gradient ``g``; a full window drops its oldest.
@@ -610,18 +698,21 @@ class DynamicIHVP(LinearOperator):
         ----------
         g : array, shape (d,)
             The gradient, in the operator's namespace and device; float32 into
-            a float64 window is promoted.
+            a float64 window is promoted; float32 (or 2-byte) into a 2-byte
+            window is rounded to its storage dtype, once.
 
         Raises
         ------
         ValueError
-            For a wrong shape, NaN or infinity, or another device.
+            For a wrong shape, NaN or infinity, or another device; for an
+            entry beyond the range of a 2-byte storage dtype (float16's
+            largest finite value is 65504).
         TypeError
             For another library or a lossy dtype.
         FactorizationError
             If the window's capacitance matrix cannot be factorised with it.
         """
-        self._insert(g)
+        self._insert(self._check_gradient(g))
 
     def update_and_matvec(self, g: Array, /) -> Array:
         """Insert ``g``, then return ``F^{-1} g`` for the window that includes it.
@@ -637,7 +728,9 @@ class DynamicIHVP(LinearOperator):
         Returns
         -------
         array, shape (d,)
-            ``F^{-1} g`` in the operator's dtype (after ``refine`` steps).
+            ``F^{-1} g`` in the operator's dtype (after ``refine`` steps),
+            for ``g`` as given (a 2-byte window stores it rounded: ``F`` is
+            the Fisher of the stored gradients).
 
         Raises
         ------
@@ -645,9 +738,8 @@ class DynamicIHVP(LinearOperator):
             As :meth:`update`; the window is then unchanged.
         """
         g = self._check_gradient(g)
-        b = self._insert(g)
         X = g[:, None]
-        return self._refined(X, self._finish(X, b[:, None]))[:, 0]
+        return self._refined(X, self._finish(X, self._insert(g)))[:, 0]
 
     def remove_oldest(self) -> None:
         """Remove the oldest gradient of the window."""
@@ -708,9 +800,13 @@ class DynamicIHVP(LinearOperator):
         if not self._factor.slots:
             return X / self.damp
         A = self._xp.astype(self._factor.coefficients(P), self.dtype)
+        if self.storage_dtype is not None:
+            return half_transpose_product(self._xp, self._G, X, A, 1.0 / self.damp, self.dtype)
         return (X - self._G.T @ A) / self.damp
 
     def _solve(self, X: Array) -> Array:
+        if self.storage_dtype is not None:
+            return self._finish(X, half_product64(self._xp, self._G, X, self.dtype))
         return self._finish(X, self._xp.astype(self._G @ X, self._xp.float64))
 
     def _matmat(self, X: Array) -> Array:
@@ -911,7 +1007,7 @@ class _LoadedState:
         target = saved_damp if damp is None else check_damp(damp)
         grads, gram, U = (detached(state[k]) for k in ("grads", "gram", "factor"))
         for name, array, dtype in (
-            ("grads", grads, op.dtype),
+            ("grads", grads, op._G.dtype),
             ("gram", gram, xp.float64),
             ("factor", U, xp.float64),
         ):

@@ -14,6 +14,7 @@ the results have float32's precision.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +22,13 @@ from ._capacitance import CapacitanceFactor
 from ._compat import Array, array_namespace, device, is_writeable_array
 from ._layout import BlockGroup
 
-__all__ = ["GFormFactor", "half_product", "half_transpose_product"]
+__all__ = [
+    "GFormFactor",
+    "half_matvecs64",
+    "half_product",
+    "half_product64",
+    "half_transpose_product",
+]
 
 #: float32 entries of one cast piece of G (4 MiB): large enough that the per-piece
 #: overhead of a library call stays small, small enough to be read back from cache.
@@ -37,30 +44,76 @@ def piece_width(m: int) -> int:
     return max(MIN_WIDTH, COMPUTE_ENTRIES // max(m, 1))
 
 
-def half_product(xp: Any, G: Array, X: Array, compute: Any) -> Array:
-    """``G @ X`` (``(m, n)`` 2-byte, ``(n, k)`` compute dtype), summed over float32 pieces."""
+def cast_pieces(xp: Any, G: Array, compute: Any) -> Iterator[tuple[int, int, Array]]:
+    """``(c0, c1, G[:, c0:c1] in compute)`` for the column pieces of G.
+
+    The pieces are written into one scratch array where the library allows it:
+    with a fresh array per piece, PyTorch's CPU passes took 1.2 to 6 times as
+    long on the development machine (benchmarks/RESULTS.md). A piece is valid
+    until the next one is produced.
+    """
     m, n = G.shape
-    w = piece_width(m)
-    P = None
+    w = min(piece_width(m), n)
+    scratch = xp.empty((m, w), dtype=compute, device=device(G))
+    reuse = is_writeable_array(scratch)
     for c0 in range(0, n, w):
         c1 = min(c0 + w, n)
-        term = xp.astype(G[:, c0:c1], compute) @ X[c0:c1, ...]
+        if reuse:
+            piece = scratch[:, : c1 - c0]
+            piece[...] = G[:, c0:c1]
+        else:
+            piece = xp.astype(G[:, c0:c1], compute)
+        yield c0, c1, piece
+
+
+def half_product(xp: Any, G: Array, X: Array, compute: Any) -> Array:
+    """``G @ X`` (``(m, n)`` 2-byte, ``(n, k)`` compute dtype), summed over float32 pieces."""
+    P = None
+    for c0, c1, piece in cast_pieces(xp, G, compute):
+        term = piece @ X[c0:c1, ...]
         P = term if P is None else P + term
     return P
+
+
+def half_product64(xp: Any, G: Array, X: Array, compute: Any) -> Array:
+    """``G @ X`` in float64: float32 products over cast pieces of G, summed in float64.
+
+    The dynamic window's Gram rows come from here: each piece's product of
+    2-byte values is exact term by term and summed in float32 over at most one
+    piece's columns, so the rounding of a row is that of a float32 dot product
+    of one piece's length, not of all d columns.
+    """
+    P = None
+    for c0, c1, piece in cast_pieces(xp, G, compute):
+        term = xp.astype(piece @ X[c0:c1, ...], xp.float64)
+        P = term if P is None else P + term
+    return P
+
+
+def half_matvecs64(xp: Any, G: Array, vectors: list[Array], compute: Any) -> list[Array]:
+    """``G @ v`` in float64 for each of a few vectors, one cast piece of G serving all.
+
+    As :func:`half_product64`, with one matrix-vector product per vector on each
+    cached piece: libraries run those at bandwidth, a product with a two-column
+    matrix not always (PyTorch's CPU one took five times as long).
+    """
+    out: list[Any] = [None] * len(vectors)
+    for c0, c1, piece in cast_pieces(xp, G, compute):
+        for i, v in enumerate(vectors):
+            term = xp.astype(piece @ v[c0:c1], xp.float64)
+            out[i] = term if out[i] is None else out[i] + term
+    return out
 
 
 def half_transpose_product(
     xp: Any, G: Array, X: Array, A: Array, alpha: float, compute: Any
 ) -> Array:
     """``alpha * (X - G^T A)`` (``(n, k)``), a float32 piece of G at a time."""
-    m, n = G.shape
-    w = piece_width(m)
     out = xp.empty(X.shape, dtype=compute, device=device(X))
     writable = is_writeable_array(out)
     parts = []
-    for c0 in range(0, n, w):
-        c1 = min(c0 + w, n)
-        Y = alpha * (X[c0:c1, ...] - xp.matrix_transpose(xp.astype(G[:, c0:c1], compute)) @ A)
+    for c0, c1, piece in cast_pieces(xp, G, compute):
+        Y = alpha * (X[c0:c1, ...] - xp.matrix_transpose(piece) @ A)
         if writable:
             out[c0:c1, ...] = Y
         else:

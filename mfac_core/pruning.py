@@ -21,6 +21,11 @@ library and stays in its namespace and on its device:
 
 Masks are boolean arrays with ``True`` for the weights that are kept.
 
+Gradients may be stored in 2 bytes (float16; PyTorch's bfloat16) with float32
+weights: the full Fisher then keeps them as given (``StaticIHVP``'s 2-byte
+storage, docs/mathematics.rst), block-wise Fishers and :func:`damping_sweep`
+work on a float32 copy, and every result is float32.
+
 Notes
 -----
 Pruned weights must not move again. The functions assume, and :func:`prune`
@@ -37,16 +42,19 @@ from typing import Any, Literal, NamedTuple, Protocol, runtime_checkable
 
 from ._compat import Array, is_writeable_array
 from ._compat import device as device_of
+from ._gform import cast_pieces
 from ._spectral import SpectralIHVP
 from ._static import EmpiricalFisher, StaticIHVP
 from ._validation import (
     check_choice,
     check_count,
+    check_damp,
     check_floating,
     check_fraction,
     check_gradients,
     check_operand,
     check_same_space,
+    half_dtype_name,
     namespace_of,
 )
 
@@ -204,10 +212,18 @@ def _check_operator(ihvp: Any, theta: Array) -> Any:
     return check_operand(ihvp.xp, ihvp.device, ihvp.dtype, theta, "theta", owner=repr(ihvp))
 
 
-def _check_grads(xp: Any, theta: Array, G: Array) -> None:
-    check_gradients(G, require_finite=False)
+def _check_grads(xp: Any, theta: Array, G: Array) -> str | None:
+    """G against theta; returns G's 2-byte storage name ("float16", "bfloat16") or None."""
+    check_gradients(G, require_finite=False, half=True)
     check_same_space(xp, device_of(theta), G, "G", owner="theta")
-    if G.dtype != theta.dtype:
+    storage = half_dtype_name(xp, G.dtype)
+    if storage is not None:
+        if theta.dtype != xp.float32:
+            raise TypeError(
+                f"G has dtype {G.dtype}, 2-byte storage computed in float32, but theta has "
+                f"dtype {theta.dtype}; pass float32 weights"
+            )
+    elif G.dtype != theta.dtype:
         raise TypeError(
             f"G has dtype {G.dtype} but theta has dtype {theta.dtype}; cast one explicitly first"
         )
@@ -216,6 +232,16 @@ def _check_grads(xp: Any, theta: Array, G: Array) -> None:
         raise ValueError(
             f"G must have shape (m, {d}) with m >= 1, one gradient per row, got {tuple(G.shape)}"
         )
+    return storage
+
+
+def _half_fisher_diagonal(xp: Any, G: Array, damp: float) -> Array:
+    """``damp + sum_k G_ki^2 / m`` of 2-byte G in float32, a cast column piece at a time."""
+    m = G.shape[0]
+    parts = [
+        damp + xp.sum(piece * piece, axis=0) / m for _, _, piece in cast_pieces(xp, G, xp.float32)
+    ]
+    return parts[0] if len(parts) == 1 else xp.concat(parts)
 
 
 # -- saliencies ---------------------------------------------------------------------------
@@ -278,14 +304,15 @@ def obd_saliency(theta: Array, G: Array, /, *, damp: float) -> Array:
     theta : array, shape (d,)
         The flat weights.
     G : array, shape (m, d)
-        The gradients, one per row, in theta's namespace, device and dtype.
+        The gradients, one per row, in theta's namespace, device and dtype,
+        or stored in 2 bytes (float16, bfloat16) with float32 ``theta``.
     damp : float
         The damping ``lambda > 0``.
 
     Returns
     -------
     array, shape (d,)
-        The saliencies.
+        The saliencies (theta's dtype).
 
     Examples
     --------
@@ -296,7 +323,8 @@ def obd_saliency(theta: Array, G: Array, /, *, damp: float) -> Array:
     array([1. , 1.5])
     """
     xp = _check_theta(theta)
-    _check_grads(xp, theta, G)
+    if _check_grads(xp, theta, G) is not None:
+        return theta * theta * _half_fisher_diagonal(xp, G, check_damp(damp)) / 2
     return theta * theta * EmpiricalFisher(G, damp=damp).diagonal() / 2
 
 
@@ -640,8 +668,10 @@ def prune(
         The flat weights.
     G : array, shape (m, d), or None
         The gradients at ``theta``, one per row (theta's namespace, device and
-        dtype). Only ``saliency="magnitude"`` with ``update="none"`` may pass
-        ``None``.
+        dtype, or 2-byte float16/bfloat16 with float32 ``theta``: the full
+        Fisher with ``d > m`` keeps them in 2 bytes, otherwise the masked
+        copy of G is float32). Only ``saliency="magnitude"`` with
+        ``update="none"`` may pass ``None``.
     sparsity : float
         The fraction of weights pruned after the step, in ``[0, 1)``.
     damp : float, optional
@@ -700,16 +730,25 @@ def prune(
         if needs_grads:
             raise ValueError(f"saliency={saliency!r} with update={update!r} needs the gradients G")
     else:
-        _check_grads(xp, theta, G)
-        # A masked copy, then the set-up writes W over it: two m x d arrays in all.
-        G = G * xp.astype(mask, G.dtype)
+        storage = _check_grads(xp, theta, G)
+        if storage is not None and (block_size is not None or G.shape[0] >= G.shape[1]):
+            # StaticIHVP keeps 2-byte G for the full operator with d > m only: the
+            # masked copy is float32 instead, which the set-up then overwrites with W.
+            G32 = xp.astype(G, xp.float32)
+            G32 *= xp.astype(mask, xp.float32)
+            G = G32
+        else:
+            # A masked copy, then the set-up writes W over it: two m x d arrays in all
+            # (2-byte G keeps its copy: no W).
+            G = G * xp.astype(mask, G.dtype)
     if saliency == "obd":
         scores = obd_saliency(theta, G, damp=damp)  # before the set-up overwrites G
     elif saliency == "magnitude":
         scores = magnitude_saliency(theta)
     ihvp = None
     if saliency == "obs" or update != "none":
-        ihvp = StaticIHVP(G, damp=damp, block_size=block_size, overwrite_G=is_writeable_array(G))
+        overwrite = is_writeable_array(G) and half_dtype_name(xp, G.dtype) is None
+        ihvp = StaticIHVP(G, damp=damp, block_size=block_size, overwrite_G=overwrite)
         if saliency == "obs":
             scores = obs_saliency(theta, ihvp)
     selected = select_pruned(scores, sparsity=sparsity, mask=mask, block_size=selection_block_size)
@@ -803,8 +842,9 @@ def gradual_prune(
         The flat weights.
     grad_fn : callable
         ``grad_fn(theta, mask) -> G``, an ``(m, d)`` array of gradients at
-        ``theta`` (theta's namespace, device and dtype). Coordinates where
-        ``mask`` is ``False`` are zeroed whatever it returns.
+        ``theta`` (theta's namespace, device and dtype, or 2-byte as for
+        :func:`prune`). Coordinates where ``mask`` is ``False`` are zeroed
+        whatever it returns.
     sparsity : float
         The final sparsity, in ``[0, 1)``.
     steps : int
@@ -940,7 +980,9 @@ def damping_sweep(
     theta : array, shape (d,)
         The flat weights.
     G : array, shape (m, d)
-        The gradients, one per row, in theta's namespace, device and dtype.
+        The gradients, one per row, in theta's namespace, device and dtype;
+        2-byte G (with float32 ``theta``) is cast to float32, since
+        :class:`~mfac_core.SpectralIHVP` has no 2-byte storage.
     dampings : sequence of float
         The K dampings ``> 0``.
     sparsity : float
@@ -984,9 +1026,11 @@ def damping_sweep(
     True
     """
     xp = _check_theta(theta)
-    _check_grads(xp, theta, G)
+    storage = _check_grads(xp, theta, G)
     mask = _check_mask(xp, theta, mask)
     sparsity = check_fraction(sparsity, "sparsity")
+    if storage is not None:
+        G = xp.astype(G, xp.float32)
     op = SpectralIHVP(G, damp=1.0, block_size=block_size)
     diag = op.diagonal(damps=dampings)  # validates the dampings
     saliency = theta * theta / (2 * diag)

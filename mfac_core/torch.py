@@ -52,11 +52,17 @@ logger = logging.getLogger("mfac_core.torch")
 
 _GROUP_KEYS = ("lr", "momentum", "weight_decay")
 #: Options of the whole optimizer (one window over all parameters), not per group.
-_GLOBAL_KEYS = ("num_grads", "damp", "zero_init", "errors")
+_GLOBAL_KEYS = ("num_grads", "damp", "zero_init", "errors", "grad_dtype")
+#: Window storage dtypes of MFAC's ``grad_dtype`` besides the parameters' own.
+_HALF_GRAD_DTYPES = (torch.float16, torch.bfloat16)
 
 
 class MFACStepWarning(RuntimeWarning):
     """An :class:`MFAC` step was skipped, or its gradient left out of the window."""
+
+
+class _Unstorable(Exception):
+    """A finite gradient that the window's 2-byte storage would make infinite."""
 
 
 def _format_bytes(n: int) -> str:
@@ -122,6 +128,16 @@ class MFAC(torch.optim.Optimizer):
     errors : {"skip", "raise"}, optional
         What a step does with a gradient it cannot use (default ``"skip"``);
         see Notes.
+    grad_dtype : torch.dtype, optional
+        The storage dtype of the window: the parameters' dtype (default,
+        ``None``), or ``torch.bfloat16`` or ``torch.float16``, which halve
+        (float32 parameters) the window's memory, ``2 m d`` bytes. Each
+        gradient is then rounded to it once when inserted, the window's Fisher
+        is that of the stored gradients, and the step is computed in float32
+        (a float64 gradient is first rounded to float32); the parameters keep
+        their dtype (docs/mathematics.rst, "2-byte storage"). float16's range
+        ends at 65504: a larger gradient entry is not stored (see Notes);
+        bfloat16 has float32's range.
 
     Attributes
     ----------
@@ -173,7 +189,8 @@ class MFAC(torch.optim.Optimizer):
       parameter. So does a finite gradient whose preconditioned step is not
       finite (the gradient then stays in the window).
     - A gradient that cannot be inserted because the window's Fisher would
-      not be numerically positive definite (a
+      not be numerically positive definite, or (with a float16
+      ``grad_dtype``) because an entry exceeds float16's range (a
       :class:`~mfac_core.FactorizationError`, e.g. a gradient repeated exactly
       with a tiny ``damp``) is left out of the window, which is unchanged,
       and the step is taken with the previous window: ``s = F^{-1} g`` of the
@@ -182,7 +199,8 @@ class MFAC(torch.optim.Optimizer):
       it). :attr:`rejected_grads` counts these steps.
 
     With ``errors="raise"`` both raise instead (``FloatingPointError``,
-    ``FactorizationError``) and the optimizer is left as it was, except that a
+    ``FactorizationError``, or the window's ``ValueError`` for a gradient
+    beyond float16's range) and the optimizer is left as it was, except that a
     non-finite step of a finite gradient leaves that gradient in the window.
 
     :meth:`state_dict` holds the window (gradients, Gram matrix and Cholesky
@@ -226,6 +244,7 @@ class MFAC(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         zero_init: bool = True,
         errors: str = "skip",
+        grad_dtype: torch.dtype | None = None,
     ) -> None:
         lr = check_number(lr, "lr", low=0.0)
         momentum = check_number(momentum, "momentum", low=0.0, high=1.0, high_open=True)
@@ -243,6 +262,7 @@ class MFAC(torch.optim.Optimizer):
             damp=damp,
             zero_init=check_flag(zero_init, "zero_init"),
             errors=errors,
+            grad_dtype=grad_dtype,
         )
         self._layout()
         self.ihvp = self._new_window(damp)
@@ -279,10 +299,18 @@ class MFAC(torch.optim.Optimizer):
         self.dim = offset
         # The flat gradient, reused by every step.
         self._grad = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
+        grad_dtype = self.defaults.get("grad_dtype")
+        if grad_dtype is not None and grad_dtype not in (*_HALF_GRAD_DTYPES, self.dtype):
+            raise TypeError(
+                f"grad_dtype must be None (the parameters' dtype, {self.dtype}), "
+                f"torch.bfloat16 or torch.float16, got {grad_dtype!r}"
+            )
+        #: The window's storage dtype.
+        self.grad_dtype: torch.dtype = self.dtype if grad_dtype is None else grad_dtype
 
     def _log_window(self, damp: float) -> None:
         m, d = self.defaults["num_grads"], self.dim
-        window = m * d * _itemsize(self.dtype)
+        window = m * d * _itemsize(self.grad_dtype)
         # The Gram matrix and the two factor buffers the core keeps once the window is full.
         small = 3 * m * m * 8
         logger.info(
@@ -290,7 +318,7 @@ class MFAC(torch.optim.Optimizer):
             "%d bytes (%s), plus %d bytes (%s) of float64 m x m matrices",
             m,
             d,
-            str(self.dtype).removeprefix("torch."),
+            str(self.grad_dtype).removeprefix("torch."),
             self.device,
             damp,
             window,
@@ -305,7 +333,7 @@ class MFAC(torch.optim.Optimizer):
             self.defaults["num_grads"],
             self.dim,
             damp=damp,
-            dtype=self.dtype,
+            dtype=self.grad_dtype,
             xp=array_namespace(self._grad),
             device=self.device,
             zero_init=self.defaults["zero_init"],
@@ -412,9 +440,16 @@ class MFAC(torch.optim.Optimizer):
                 "(parameters, momentum and window unchanged)"
             )
             return loss
+        if g.dtype != self.ihvp.dtype:
+            g = g.to(self.ihvp.dtype)  # float64 gradients for a 2-byte window: float32 steps
         try:
+            if self.defaults["errors"] == "skip" and not self._fits_window(g):
+                raise _Unstorable(
+                    f"an entry of the gradient ({float(g.abs().max()):g}) is beyond the "
+                    f"range of the window's {str(self.grad_dtype).removeprefix('torch.')}"
+                )
             s = self.ihvp.update_and_matvec(g)
-        except FactorizationError as exc:
+        except (FactorizationError, _Unstorable) as exc:
             if self.defaults["errors"] == "raise":
                 raise
             # The core leaves the window as it was; precondition with it.
@@ -430,9 +465,15 @@ class MFAC(torch.optim.Optimizer):
                 "the dtype?); the step is skipped (parameters and momentum unchanged)"
             )
             return loss
-        self._apply(s)
+        self._apply(s.to(self.dtype))
         self.steps += 1
         return loss
+
+    def _fits_window(self, g: torch.Tensor) -> bool:
+        """Whether a finite gradient stays finite when rounded to the window's dtype."""
+        if self.grad_dtype not in _HALF_GRAD_DTYPES:
+            return True
+        return bool(torch.isfinite(g.to(self.grad_dtype)).all())
 
     def _gather(self) -> torch.Tensor:
         """The flat gradient, weight decay included, in the reused buffer."""

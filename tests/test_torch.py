@@ -584,6 +584,7 @@ def test_defaults_and_repr_show_the_window_options():
         "damp": 2e-3,
         "zero_init": False,
         "errors": "raise",
+        "grad_dtype": None,
     }
     assert (opt.num_grads, opt.damp) == (5, 2e-3)
     text = repr(opt)

@@ -1,0 +1,484 @@
+"""2-byte (float16, bfloat16) storage: the sliding window, the pruning functions, MFAC.
+
+The rule (docs/mathematics.rst, "2-byte storage"): an operator inverts the Fisher of
+the gradients *as stored*. Every product is compared with the float64 oracle of the
+stored gradients (their 2-byte values, upcast), at the float32 precision of the
+compute dtype: ``100 eps32 kappa`` times the amplification ``r(x)`` of a vector in
+the window's span without refinement, ``100 eps32 kappa`` with one step of it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import tracemalloc
+import warnings
+
+import numpy as np
+import pytest
+from conftest import _BACKENDS, rounded
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mfac_core import DynamicIHVP, IllConditionedWarning
+from mfac_core.testing import assert_close, to_numpy
+
+_CASES = [("numpy", "float16"), ("torch", "float16"), ("torch", "bfloat16")]
+_IDS = [f"{b}-{d}" for b, d in _CASES]
+
+
+def _backend(name: str):
+    if name == "torch":
+        pytest.importorskip("torch")
+    return _BACKENDS[name]()
+
+
+def _as64(a) -> np.ndarray:
+    """Any array (bfloat16 tensors included) as a float64 NumPy array."""
+    if type(a).__module__.startswith("torch"):
+        return a.detach().double().cpu().numpy()
+    return to_numpy(a).astype(np.float64)
+
+
+def _store(dtype: str, a: np.ndarray) -> np.ndarray:
+    """``a`` rounded to the 2-byte ``dtype`` (round to nearest even), in float64."""
+    if dtype == "bfloat16":
+        import torch
+
+        return torch.tensor(a, dtype=torch.float32).to(torch.bfloat16).double().numpy()
+    return rounded(a, dtype)
+
+
+def _window_op(backend, m: int, d: int, dtype: str, **kw) -> DynamicIHVP:
+    return DynamicIHVP(m, d, dtype=dtype, xp=backend.xp, device=backend.device, **kw)
+
+
+def _kappa(G: np.ndarray, scale_rows: int, damp: float) -> float:
+    """The Woodbury form's error scale ``1 + ||G||_2^2 / (m damp)`` (DynamicIHVP's form)."""
+    return 1.0 + float(np.linalg.norm(G, 2)) ** 2 / (scale_rows * damp)
+
+
+def _oracle(G: np.ndarray, scale_rows: int, damp: float, x: np.ndarray) -> np.ndarray:
+    """``F^{-1} x`` for ``F = damp I + G^T G / scale_rows``, in float64."""
+    C = G @ G.T + scale_rows * damp * np.eye(G.shape[0])
+    return (x - G.T @ np.linalg.solve(C, G @ x)) / damp
+
+
+def _amplified(G, scale_rows, damp, x):
+    """The oracle and the error scale ``kappa * r(x)``, ``r(x) = ||x|| / (damp ||F^-1 x||)``."""
+    want = _oracle(G, scale_rows, damp, x)
+    r = float(np.linalg.norm(x)) / (damp * float(np.linalg.norm(want)))
+    return want, _kappa(G, scale_rows, damp) * max(1.0, r)
+
+
+# -- the sliding window ------------------------------------------------------------------------
+
+
+@settings(max_examples=25)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    case=st.sampled_from(_CASES),
+    rank=st.integers(1, 8),
+    damp=st.sampled_from([1e-1, 1e-3, 1e-5]),
+    zero_init=st.booleans(),
+    steps=st.integers(1, 14),
+)
+def test_half_window_matches_the_stored_gradients_oracle(seed, case, rank, damp, zero_init, steps):
+    backend_name, dtype = case
+    backend = _backend(backend_name)
+    rng = np.random.default_rng(seed)
+    m, d = 6, 300
+    basis = np.linalg.qr(rng.standard_normal((d, rank)))[0].T
+    grads = rounded((rng.standard_normal((steps, rank)) * 3.0) @ basis, "float32")
+    kw = {"damp": damp, "zero_init": zero_init}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", IllConditionedWarning)
+        op = _window_op(backend, m, d, dtype, **kw)
+        refined = _window_op(backend, m, d, dtype, refine=1, **kw)
+        for g in grads:
+            y = op.update_and_matvec(backend.asarray(g, "float32"))
+            y1 = refined.update_and_matvec(backend.asarray(g, "float32"))
+    assert op.dtype == backend.dtype("float32") and op.storage_dtype == dtype
+    assert y.dtype == backend.dtype("float32")
+    # Each gradient was rounded once, to the nearest 2-byte value.
+    G = _store(dtype, grads[-m:])
+    if zero_init:  # the window starts as m zero gradients
+        G = np.concatenate([np.zeros((m - G.shape[0], d)), G])
+    np.testing.assert_array_equal(_as64(op.window()), G)
+    rows = G.shape[0]
+    kappa = _kappa(G, rows, damp)
+    if 2**-23 * kappa >= 1e-2:
+        return  # the stated precision has no correct digit left
+    g = grads[-1]
+    want, scale = _amplified(G, rows, damp, g)
+    assert_close(y, want, kappa=scale, err_msg="update_and_matvec")
+    assert_close(y1, want, kappa=kappa, err_msg="update_and_matvec, refine=1")
+    x = rounded(rng.standard_normal(d), "float32")
+    want, scale = _amplified(G, rows, damp, x)
+    assert_close(op @ backend.asarray(x, "float32"), want, kappa=scale, err_msg="random x")
+    mean = rounded(G.mean(axis=0), "float32")
+    X = np.stack([x, mean], axis=1)
+    Y = refined.matmat(backend.asarray(X, "float32"))
+    assert_close(Y[:, 1], _oracle(G, rows, damp, mean), kappa=kappa, err_msg="mean, refine=1")
+
+
+@pytest.mark.parametrize("case", _CASES, ids=_IDS)
+def test_half_window_checkpoints_edits_and_damping(case, rng):
+    backend_name, dtype = case
+    backend = _backend(backend_name)
+    m, d, damp = 5, 400, 1e-2
+    grads = rounded(rng.standard_normal((9, d)), "float32")
+    op = _window_op(backend, m, d, dtype, damp=damp)
+    for g in grads[:7]:
+        op.update(backend.asarray(g, "float32"))
+    # The state keeps the storage dtype; it restores bit for bit.
+    state = op.state_dict()
+    assert state["grads"].dtype == op.window().dtype == backend.dtype(dtype)
+    twin = _window_op(backend, m, d, dtype, damp=damp)
+    twin.load_state_dict(state)
+    for g in grads[7:]:
+        a = op.update_and_matvec(backend.asarray(g, "float32"))
+        b = twin.update_and_matvec(backend.asarray(g, "float32"))
+        np.testing.assert_array_equal(_as64(a), _as64(b))
+    with pytest.raises(TypeError, match="dtype"):
+        _window_op(backend, m, d, "float32", damp=damp).load_state_dict(state)
+    # A window built at once from the stored gradients is the same operator.
+    G = _store(dtype, grads[-m:])
+    x = rounded(rng.standard_normal(d), "float32")
+    kappa = _kappa(G, m, damp)
+    whole = DynamicIHVP.from_window(op.window(), damp=damp)
+    assert whole.storage_dtype == dtype
+    for each in (op, whole):
+        assert_close(each @ backend.asarray(x, "float32"), _oracle(G, m, damp, x), kappa=kappa)
+    # Another damping, refactorised from the stored Gram matrix.
+    op.set_damp(1e-1)
+    assert_close(
+        op @ backend.asarray(x, "float32"),
+        _oracle(G, m, 1e-1, x),
+        kappa=_kappa(G, m, 1e-1),
+    )
+    # Removals: the oldest, then one in the middle.
+    op.remove_oldest()
+    op.remove(op.slots[1])
+    G = np.delete(G[1:], 1, axis=0)
+    assert_close(
+        op @ backend.asarray(x, "float32"),
+        _oracle(G, 3, 1e-1, x),
+        kappa=_kappa(G, 3, 1e-1),
+    )
+    np.testing.assert_array_equal(_as64(op.window()), G)
+
+
+@pytest.mark.parametrize("case", _CASES, ids=_IDS)
+def test_half_window_takes_its_storage_dtype_and_refuses_overflow(case, rng):
+    backend_name, dtype = case
+    backend = _backend(backend_name)
+    m, d = 3, 50
+    op = _window_op(backend, m, d, dtype, damp=1.0)
+    g = rng.standard_normal(d)
+    op.update(backend.asarray(_store(dtype, g), dtype))  # the storage dtype as given
+    op.update(backend.asarray(g, "float32"))  # float32, rounded
+    np.testing.assert_array_equal(_as64(op.window()), _store(dtype, np.stack([g, g])))
+    before = op.state_dict()
+    with pytest.raises(TypeError, match="dtype"):  # float64 would lose precision silently
+        op.update(backend.asarray(g, "float64"))
+    big = g.copy()
+    big[7] = 1e5  # beyond float16's largest finite value 65504; bfloat16 has float32's range
+    if dtype == "float16":
+        for call in (op.update, op.update_and_matvec):
+            with pytest.raises(ValueError, match="overflows"):
+                call(backend.asarray(big, "float32"))
+        nan = g.copy()
+        nan[0] = np.nan
+        unchecked = _window_op(backend, m, d, dtype, damp=1.0, check_finite=False)
+        with pytest.raises(ValueError, match="NaN"):
+            unchecked.update(backend.asarray(nan, "float32"))
+    else:
+        with pytest.warns(IllConditionedWarning):  # kappa ~ 1e10 / (m damp)
+            op.update(backend.asarray(big, "float32"))
+        op.remove(op.slots[-1])
+    after = op.state_dict()
+    assert after["window_slots"] == before["window_slots"]
+    np.testing.assert_array_equal(_as64(after["grads"]), _as64(before["grads"]))
+
+
+def test_half_window_dtypes_the_library_lacks(strict_device1):
+    with pytest.raises(TypeError, match="no bfloat16"):
+        DynamicIHVP(2, 4, damp=1.0, dtype="bfloat16")  # NumPy
+    with pytest.raises(TypeError, match="no float16"):
+        DynamicIHVP(2, 4, damp=1.0, dtype="float16", xp=strict_device1.xp)
+    with pytest.raises(TypeError, match="dtype"):
+        DynamicIHVP(2, 4, damp=1.0, dtype="float8")
+    with pytest.raises(TypeError, match="dtype"):
+        DynamicIHVP(2, 4, damp=1.0, dtype=np.int16)
+
+
+def test_half_window_keeps_no_float32_copy(rng):
+    # Memory: the 2-byte buffer plus O(m^2) float64 matrices, nothing of m x d float32.
+    m, d = 16, 20_000
+    grads = rng.standard_normal((m + 3, d)).astype(np.float32)
+    tracemalloc.start()
+    op = DynamicIHVP(m, d, damp=1e-2, dtype="float16")
+    for g in grads:
+        op.update_and_matvec(g)
+    kept, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert kept <= 2 * m * d + 8 * (4 * m * m + 4 * d) + 64 * 1024
+    assert op._G.dtype == np.float16 and op._G.shape == (m, d)
+
+
+def test_half_window_of_nearly_collinear_gradients(rng):
+    # One gradient repeated with a tiny damping: float32 products of the rounded rows
+    # can make the factor fail; the window then recomputes in float64 (from the stored
+    # gradient, not the given one) instead of refusing.
+    m, d, damp = 12, 2000, 1e-6
+    g = rng.standard_normal(d).astype(np.float32) * 30
+    op = DynamicIHVP(m, d, damp=damp, dtype="float16", zero_init=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", IllConditionedWarning)
+        for k in range(2 * m):
+            op.update(g * np.float32(1 + 1e-3 * (k % 3)))
+    G = _as64(op.window())
+    gram = to_numpy(op._gram)[np.ix_(op.slots, op.slots)]
+    np.testing.assert_allclose(gram, G @ G.T, rtol=1e-5 * 1, atol=1e-6 * float(np.max(G @ G.T)))
+    x = rounded(rng.standard_normal(d), "float32")
+    assert_close(
+        op @ x.astype(np.float32), _oracle(G, m, damp, x), kappa=_kappa(G, m, damp), dtype="float32"
+    )
+
+
+# -- the PyTorch optimizer ---------------------------------------------------------------------
+
+
+def _mfac_problem(seed: int, dtype_name: str = "float32"):
+    """A small classifier and its batches (the same for every run of one seed)."""
+    torch = pytest.importorskip("torch")
+    dtype = getattr(torch, dtype_name)
+    gen = torch.Generator().manual_seed(seed)
+    X = torch.randn(256, 10, generator=gen, dtype=dtype)
+    w = torch.randn(10, 3, generator=gen, dtype=dtype)
+    y = torch.argmax(X @ w + 0.3 * torch.randn(256, 3, generator=gen, dtype=dtype), dim=1)
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(10, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)
+    ).to(dtype)
+    batches = [(X[i : i + 32], y[i : i + 32]) for i in range(0, 256, 32)]
+    return model, batches, (X, y)
+
+
+def _loss(model, data) -> float:
+    import torch
+
+    with torch.no_grad():
+        return float(torch.nn.functional.cross_entropy(model(data[0]), data[1]))
+
+
+def _train(model, opt, batches, epochs: int) -> None:
+    import torch
+
+    for _ in range(epochs):
+        for x, y in batches:
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+
+
+@pytest.mark.parametrize("grad_dtype", ["bfloat16", "float16"])
+def test_mfac_trains_with_a_2byte_window(grad_dtype):
+    torch = pytest.importorskip("torch")
+    from mfac_core.torch import MFAC
+
+    kw = {"lr": 0.05, "num_grads": 16, "damp": 1e-3, "momentum": 0.5}
+    results = {}
+    for name in ("float32", grad_dtype):
+        model, batches, data = _mfac_problem(0)
+        start = _loss(model, data)
+        dt = None if name == "float32" else getattr(torch, name)
+        opt = MFAC(model.parameters(), grad_dtype=dt, **kw)
+        _train(model, opt, batches, epochs=5)
+        results[name] = _loss(model, data)
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        assert opt.ihvp.storage_dtype == (None if dt is None else name)
+        assert opt.state_dict()["mfac"]["window"]["grads"].dtype == getattr(torch, name)
+        assert (opt.steps, opt.skipped_steps, opt.rejected_grads) == (40, 0, 0)
+    gain = start - results["float32"]
+    assert gain > 0.3 * start  # the float32 run learns
+    # The 2-byte window learns as much, to a tenth of the float32 run's gain.
+    assert results[grad_dtype] <= results["float32"] + 0.1 * gain
+
+
+@pytest.mark.parametrize("grad_dtype", ["bfloat16", "float16"])
+def test_mfac_2byte_window_checkpoints(grad_dtype):
+    torch = pytest.importorskip("torch")
+    import copy
+    import io
+
+    from mfac_core.torch import MFAC
+
+    dt = getattr(torch, grad_dtype)
+    kw = {"lr": 0.05, "num_grads": 4, "damp": 1e-3, "momentum": 0.5, "grad_dtype": dt}
+    model, batches, _ = _mfac_problem(1)
+    opt = MFAC(model.parameters(), **kw)
+    _train(model, opt, batches[:6], epochs=1)
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+    twin_model, twin_opt = copy.deepcopy((model, opt))
+    assert twin_opt.defaults["grad_dtype"] == dt
+    _train(model, opt, batches[6:], epochs=1)
+    _train(twin_model, twin_opt, batches[6:], epochs=1)
+    buffer.seek(0)
+    ckpt = torch.load(buffer, weights_only=True)
+    fresh, _, _ = _mfac_problem(2)
+    fresh.load_state_dict(ckpt["model"])
+    fresh_opt = MFAC(fresh.parameters(), **kw)
+    fresh_opt.load_state_dict(ckpt["opt"])
+    _train(fresh, fresh_opt, batches[6:], epochs=1)
+    for a, b, c in zip(
+        model.parameters(), fresh.parameters(), twin_model.parameters(), strict=True
+    ):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    # A float32 window cannot take the 2-byte state (nor the reverse).
+    other, _, _ = _mfac_problem(1)
+    with pytest.raises(ValueError, match="dtype"):
+        MFAC(other.parameters(), **{**kw, "grad_dtype": None}).load_state_dict(ckpt["opt"])
+    with pytest.raises(TypeError, match="grad_dtype"):
+        MFAC(other.parameters(), **{**kw, "grad_dtype": torch.float64})
+
+
+def test_mfac_2byte_window_skips_and_rejects():
+    torch = pytest.importorskip("torch")
+    from mfac_core.torch import MFAC, MFACStepWarning
+
+    model, batches, _ = _mfac_problem(3)
+    kw = {"lr": 0.05, "num_grads": 4, "damp": 1e-3, "grad_dtype": torch.float16}
+    opt = MFAC(model.parameters(), **kw)
+    _train(model, opt, batches[:3], epochs=1)
+    x, y = batches[3]
+
+    def backward(bad: float) -> None:
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        next(iter(model.parameters())).grad.view(-1)[0] = bad
+
+    # A NaN gradient skips the step; one beyond float16's range is left out of the
+    # window and stepped with the previous window.
+    backward(float("nan"))
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.warns(MFACStepWarning, match="NaN"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before, strict=True))
+    window = opt.ihvp.state_dict()
+    backward(1e6)
+    with pytest.warns(MFACStepWarning, match="beyond the range"):
+        opt.step()
+    assert (opt.steps, opt.skipped_steps, opt.rejected_grads) == (4, 1, 1)
+    assert opt.ihvp.slots == window["window_slots"]
+    assert torch.equal(opt.ihvp.window(), window["grads"][window["window_slots"]])
+    # errors="raise": the window's own error, and nothing changes.
+    strict = MFAC(model.parameters(), **kw, errors="raise")
+    backward(1e6)
+    with pytest.raises(ValueError, match="overflows"):
+        strict.step()
+    assert strict.steps == 0 and not bool(torch.any(strict.ihvp.window()))  # m zeros still
+
+
+def test_mfac_2byte_window_with_float64_parameters():
+    # float64 parameters, a bfloat16 window: the step is F^{-1} g of the stored window
+    # in float32, and the parameters stay float64.
+    torch = pytest.importorskip("torch")
+    from mfac_core.torch import MFAC
+
+    model, batches, _ = _mfac_problem(4, "float64")
+    opt = MFAC(model.parameters(), lr=1.0, num_grads=3, damp=1e-2, grad_dtype=torch.bfloat16)
+    _train(model, opt, batches[:2], epochs=1)
+    x, y = batches[2]
+    opt.zero_grad()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    g = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).to(torch.float32)
+    before = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    opt.step()
+    after = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    assert after.dtype == torch.float64
+    G = _as64(opt.ihvp.window())
+    g64 = g.double().numpy()
+    want = _oracle(G, 3, 1e-2, g64)
+    assert_close((before - after).numpy(), want, kappa=_kappa(G, 3, 1e-2), dtype="float32")
+
+
+# -- the pruning functions ---------------------------------------------------------------------
+
+
+def _pruning_case(case, rng, m=8, d=120):
+    backend_name, dtype = case
+    backend = _backend(backend_name)
+    G = _store(dtype, rng.standard_normal((m, d)) + 0.5 * rng.standard_normal(d))
+    theta = rounded(rng.standard_normal(d), "float32")
+    if dtype == "bfloat16":
+        import torch
+
+        Gs = torch.tensor(G, dtype=torch.bfloat16)
+    else:
+        Gs = backend.asarray(G, dtype)
+    return backend, Gs, G, theta
+
+
+@pytest.mark.parametrize("case", _CASES, ids=_IDS)
+def test_pruning_with_2byte_gradients(case, rng):
+    from mfac_core import pruning
+    from mfac_core.testing import dense_inverse
+
+    backend, Gs, G, theta = _pruning_case(case, rng)
+    m, d = G.shape
+    damp = 1e-2
+    t32 = backend.asarray(theta, "float32")
+    Finv = dense_inverse(G, damp)
+    kappa = 1.0 + float(np.linalg.norm(G, 2)) ** 2 / (m * damp)
+    # OBD: the diagonal of the stored gradients' Fisher.
+    obd = pruning.obd_saliency(t32, Gs, damp=damp)
+    assert obd.dtype == backend.dtype("float32")
+    assert_close(obd, theta**2 * (damp + (G**2).sum(axis=0) / m) / 2, dtype="float32")
+    # OBS with the paper's update: the selection ranks the oracle's saliencies (to
+    # float32 rounding), and the update is the oracle's for that selection.
+    res = pruning.prune(t32, Gs, sparsity=0.5, damp=damp)
+    assert res.theta.dtype == backend.dtype("float32")
+    pruned = ~to_numpy(res.mask).astype(bool)
+    assert pruned.sum() == d // 2
+    rho = theta**2 / (2 * np.diag(Finv))
+    slack = 1e3 * 2**-23 * kappa * float(rho.max())
+    assert rho[pruned].max() <= rho[~pruned].min() + slack
+    coef = np.where(pruned, theta / np.diag(Finv), 0.0)
+    want = np.where(pruned, 0.0, theta - Finv @ coef)
+    assert_close(res.theta, want, kappa=kappa)
+    assert np.all(to_numpy(res.theta)[pruned] == 0)
+    # The joint update: stationary where the weights are free.
+    joint = pruning.prune(t32, Gs, sparsity=0.5, damp=damp, update="joint")
+    keep = to_numpy(joint.mask).astype(bool)
+    delta = to_numpy(joint.theta).astype(np.float64) - theta
+    Fm = damp * np.eye(d) + G.T @ G / m
+    scale = float(np.linalg.norm(Fm, 2) * np.linalg.norm(delta))
+    assert np.linalg.norm((Fm @ delta)[keep]) <= 1e3 * 2**-23 * kappa * scale
+    # Block-wise Fishers and the damping sweep work on a float32 copy: the same
+    # results as for the float32 copy given.
+    G32 = backend.asarray(G, "float32")
+    for kw in ({"block_size": 30}, {"block_size": 30, "saliency": "obd", "update": "joint"}):
+        a = pruning.prune(t32, Gs, sparsity=0.4, damp=damp, **kw)
+        b = pruning.prune(t32, G32, sparsity=0.4, damp=damp, **kw)
+        np.testing.assert_array_equal(to_numpy(a.mask), to_numpy(b.mask))
+        np.testing.assert_allclose(to_numpy(a.theta), to_numpy(b.theta), rtol=1e-5, atol=1e-6)
+    a = pruning.damping_sweep(t32, Gs, [1e-3, 1e-1], sparsity=0.3)
+    b = pruning.damping_sweep(t32, G32, [1e-3, 1e-1], sparsity=0.3)
+    np.testing.assert_array_equal(to_numpy(a.saliency), to_numpy(b.saliency))
+    # Gradual pruning with 2-byte gradients from grad_fn.
+    steps = []
+    out = pruning.gradual_prune(
+        t32,
+        lambda th, mk: Gs,
+        sparsity=0.75,
+        steps=3,
+        damp=damp,
+        callback=lambda t, r: steps.append(to_numpy(r.mask).astype(bool)),
+    )
+    assert (to_numpy(out.mask) == 0).sum() == 90
+    assert all(np.all(b <= a) for a, b in itertools.pairwise(steps))
+    # 2-byte gradients compute in float32: float64 weights are refused.
+    with pytest.raises(TypeError, match="float32 weights"):
+        pruning.prune(backend.asarray(theta, "float64"), Gs, sparsity=0.5)
