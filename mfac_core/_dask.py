@@ -88,6 +88,10 @@ def _woodbury_diagonal(W: Any, *, damp: float) -> Any:
     return WoodburyFactor(BlockGroup(0, 1, W.shape[1]), W, damp).diagonal()
 
 
+def _woodbury_entries(W: Any, rows: Any, cols: Any, *, damp: float) -> Any:
+    return WoodburyFactor(BlockGroup(0, 1, W.shape[1]), W, damp).entries(rows, cols)
+
+
 @dataclass(frozen=True)
 class _ChunkInverse:
     """``F^{-1}`` on one chunk of whole blocks: the NumPy set-up's factors of that chunk.
@@ -503,11 +507,21 @@ class DaskStaticIHVP(StaticIHVP):
         c = check_index_array(np.asarray(c_np), "cols", xp=_NP, device="cpu", bound=self.dim)
         r, c = r.reshape(-1), c.reshape(-1)
         if self._W is not None:
-            # One block: every pair; the columns are gathered from W's chunks.
-            Wr = self._W[:, r].astype(np.float64)
-            Wc = self._W[:, c].astype(np.float64)
-            vals = ((r == c) - (Wr * Wc).sum(axis=0)) / self.damp
-            return vals.astype(self.dtype).reshape(shape)
+            # One block: every pair. The columns asked for, in increasing order (one task
+            # per chunk of W), as one chunk; then the pairs as the NumPy factor forms them.
+            n = r.shape[0]
+            cols_u, where = np.unique(np.concatenate([r, c]), return_inverse=True)
+            Wu = self._W[:, cols_u].rechunk({1: -1})
+            vals = Wu.map_blocks(
+                _woodbury_entries,
+                where[:n],
+                where[n:],
+                damp=self.damp,
+                drop_axis=0,
+                chunks=((n,),),
+                dtype=self.dtype,
+            )
+            return vals.reshape(shape)
         # Pairs within one block lie in one chunk; the others are zero.
         B = self.block_size
         ends = np.cumsum(self.chunks)
