@@ -225,7 +225,8 @@ class DaskStaticIHVP(StaticIHVP):
         chunks that cut blocks, unknown chunk sizes, ``refine > 0`` and a
         ``progress`` callback. The message says how to rechunk.
     TypeError
-        As for :class:`~mfac_core.StaticIHVP`; also for 2-byte G.
+        As for :class:`~mfac_core.StaticIHVP`; also for 2-byte G (cast it to
+        float32).
     FactorizationError
         If the capacitance matrix cannot be factorised in float64.
 
@@ -293,12 +294,8 @@ class DaskStaticIHVP(StaticIHVP):
             raise ValueError(
                 f"G has unknown chunk sizes (shape {G.shape}); call G.compute_chunk_sizes() first"
             )
-        self._init_layout(G, damp, block_size, check_finite, check_G=False, half=True)
-        if self.storage_dtype is not None:
-            raise TypeError(
-                f"{self.storage_dtype} gradients are not supported for Dask arrays; "
-                "cast G to float32 first (G.astype('float32'))"
-            )
+        # float32 and float64 only: Dask's namespace has no 2-byte float dtype.
+        self._init_layout(G, damp, block_size, check_finite, check_G=False)
         m, d, B = self.num_grads, self.dim, self.block_size
         if len(G.chunks[0]) != 1:
             raise ValueError(
