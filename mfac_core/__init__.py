@@ -6,6 +6,8 @@ linear operators with SciPy's interface over NumPy, CuPy, PyTorch, JAX and
 array-api-strict arrays.
 """
 
+# Registers StaticIHVP's implementation for Dask arrays (dask itself is imported on use).
+from . import _dask  # noqa: F401
 from ._dynamic import DynamicIHVP
 from ._errors import FactorizationError, IllConditionedWarning
 from ._linalg import CUPY_LINALG_CHOICES, get_cupy_linalg, set_cupy_linalg

@@ -14,6 +14,8 @@ from array_api_compat import (
     is_array_api_obj,
     is_array_api_strict_namespace,
     is_cupy_namespace,
+    is_dask_array,
+    is_dask_namespace,
     is_jax_array,
     is_jax_namespace,
     is_numpy_namespace,
@@ -37,6 +39,8 @@ __all__ = [
     "is_array_api_obj",
     "is_array_api_strict_namespace",
     "is_cupy_namespace",
+    "is_dask_array",
+    "is_dask_namespace",
     "is_jax_array",
     "is_jax_namespace",
     "is_numpy_namespace",
@@ -82,6 +86,7 @@ def namespace_name(xp: Any) -> str:
         (is_cupy_namespace, "cupy"),
         (is_jax_namespace, "jax"),
         (is_array_api_strict_namespace, "array_api_strict"),
+        (is_dask_namespace, "dask"),
     ):
         if test(xp):
             return name

@@ -8,6 +8,7 @@ route rows to those factors.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -30,7 +31,25 @@ from ._validation import (
     half_dtype_name,
 )
 
-__all__ = ["EmpiricalFisher", "StaticIHVP"]
+__all__ = ["EmpiricalFisher", "StaticIHVP", "register_array_type"]
+
+#: ``(accepts(G), subclass)`` pairs: ``StaticIHVP(G, ...)`` builds the first subclass
+#: whose predicate accepts G. ``_dask`` registers the Dask operator here (at package
+#: import), so that this module needs no import of it.
+_OTHER_ARRAYS: list[tuple[Callable[[Any], bool], type[StaticIHVP]]] = []
+
+
+def register_array_type(accepts: Callable[[Any], bool], subclass: type[StaticIHVP]) -> None:
+    """Let ``StaticIHVP(G, ...)`` build ``subclass`` for the G that ``accepts(G)`` is true for.
+
+    Parameters
+    ----------
+    accepts : callable
+        A predicate on G (e.g. "is a Dask array").
+    subclass : type
+        A subclass of :class:`StaticIHVP` whose ``__init__`` takes StaticIHVP's arguments.
+    """
+    _OTHER_ARRAYS.append((accepts, subclass))
 
 
 class _BlockOperatorBase(LinearOperator):
@@ -85,6 +104,8 @@ class StaticIHVP(_BlockOperatorBase):
         the operator then computes in float32 and its ``dtype`` is float32
         (docs/mathematics.rst, "2-byte storage"; one step of ``refine``
         brings vectors in the gradients' span to the float32 precision).
+        A ``dask.array.Array`` chunked along d (one chunk along m) gives the
+        operator over Dask, whose results are Dask arrays (docs/dask.rst).
     damp : float
         The damping ``lambda > 0`` (absolute, as in the M-FAC paper, whose
         default is ``1e-5``).
@@ -186,6 +207,15 @@ class StaticIHVP(_BlockOperatorBase):
     >>> bool(np.allclose(op.diagonal(), np.diag(np.linalg.inv(F))))
     True
     """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> StaticIHVP:
+        # Arrays with an implementation of their own (Dask) get their subclass, whose
+        # __init__ Python then calls. No arguments: pickle's reconstruction.
+        if cls is StaticIHVP and args:
+            for accepts, subclass in _OTHER_ARRAYS:
+                if accepts(args[0]):
+                    return super().__new__(subclass)
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -353,6 +383,14 @@ class StaticIHVP(_BlockOperatorBase):
             # but meaningless: ``inside`` masks them out.
             out = xp.where(inside, factor.entries(rr, cc), out)
         return xp.reshape(out, shape)
+
+
+# The signature that help() and the docs show is __init__'s, not that of __new__ above.
+_init_signature = inspect.signature(StaticIHVP.__init__)
+StaticIHVP.__signature__ = _init_signature.replace(  # type: ignore[attr-defined]
+    parameters=list(_init_signature.parameters.values())[1:],
+    return_annotation=inspect.Signature.empty,
+)
 
 
 class EmpiricalFisher(_BlockOperatorBase):

@@ -71,7 +71,9 @@ def half_dtype_name(xp: Any, dtype: Any) -> str | None:
     """
     if is_jax_namespace(xp):
         return None
-    if dtype == getattr(xp, "float16", None):
+    # Not ``dtype == getattr(xp, "float16", None)``: a NumPy dtype equals None (float64).
+    half = getattr(xp, "float16", None)
+    if half is not None and dtype == half:
         return "float16"
     if is_torch_namespace(xp) and dtype == getattr(xp, "bfloat16", None):
         return "bfloat16"

@@ -40,7 +40,7 @@ import math
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple, Protocol, runtime_checkable
 
-from ._compat import Array, is_writeable_array
+from ._compat import Array, is_dask_namespace, is_writeable_array
 from ._compat import device as device_of
 from ._gform import cast_pieces
 from ._spectral import SpectralIHVP
@@ -566,6 +566,11 @@ def obs_update(
     if not bool(xp.any(selected)):
         return xp.where(gone, zero, theta)
     if joint:
+        if is_dask_namespace(xp):
+            raise ValueError(
+                "joint=True is not available for Dask arrays (Dask has no batched "
+                "linalg.solve for the per-block systems); use joint=False"
+            )
         B = min(check_count(ihvp.block_size if block_size is None else block_size, "block_size"), d)
         coef = _joint_coefficients(xp, theta, ihvp, selected, B, max_joint_size)
     else:

@@ -14,6 +14,7 @@ import pytest
 MODULES = [
     "mfac_core._operator",
     "mfac_core._static",
+    "mfac_core._dask",
     "mfac_core._dynamic",
     "mfac_core.scipy",
     "mfac_core.pruning",
@@ -29,6 +30,8 @@ WITHOUT_EXAMPLES = {"mfac_core._operator", "mfac_core.testing"}
 def test_docstring_examples(name):
     if name == "mfac_core.torch":
         pytest.importorskip("torch")
+    if name == "mfac_core._dask":
+        pytest.importorskip("dask.array")
     module = importlib.import_module(name)
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.failed == 0

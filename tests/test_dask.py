@@ -1,0 +1,313 @@
+"""Tests of StaticIHVP over Dask arrays (mfac_core._dask) on a dask.distributed cluster.
+
+Every test runs on one local cluster of two worker processes (started once for the
+module), against the NumPy operator and the float64 oracles of mfac_core.testing.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+from conftest import rounded
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mfac_core import FactorizationError, IllConditionedWarning, StaticIHVP
+from mfac_core.pruning import obs_saliency, obs_update, prune
+from mfac_core.testing import SpectralOracle, assert_close, problems
+
+da = pytest.importorskip("dask.array")
+distributed = pytest.importorskip("distributed")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def client():
+    """A local cluster of 2 worker processes, the default scheduler of every test here."""
+    with (
+        distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster,
+        distributed.Client(cluster) as c,
+    ):
+        yield c
+
+
+# (m, d, block_size, chunk width): every path of the Dask operator.
+LAYOUTS = {
+    "full-woodbury": (5, 23, None, 7),  # one Woodbury block over 4 chunks (ragged last)
+    "full-one-chunk": (5, 23, None, 23),
+    "full-d<m": (6, 4, None, 4),  # one dense block, one chunk
+    "block>d": (3, 10, 15, 4),  # the full operator again
+    "woodbury-blocks+dense-ragged": (3, 23, 7, 14),
+    "dense-blocks+ragged": (6, 23, 4, 8),
+    "woodbury-blocks+woodbury-ragged": (3, 14, 5, 5),
+    "block=1": (1, 5, 1, 2),
+}
+
+
+def _data(rng, m, d, dtype):
+    """Gaussian gradients and a damping giving kappa ~ 1e2."""
+    G = rounded(rng.standard_normal((m, d)), dtype)
+    return G, 1e-2 * float(np.linalg.norm(G, 2)) ** 2 / m
+
+
+def _check_dask(y, dtype, chunks=None):
+    assert isinstance(y, da.Array)
+    assert y.dtype == np.dtype(dtype)
+    if chunks is not None:
+        assert y.chunks[0] == chunks
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("layout", list(LAYOUTS), ids=list(LAYOUTS))
+def test_against_numpy_and_oracle(layout, dtype, rng):
+    m, d, bs, width = LAYOUTS[layout]
+    G, damp = _data(rng, m, d, dtype)
+    op = StaticIHVP(da.from_array(G.astype(dtype), chunks=(m, width)), damp=damp, block_size=bs)
+    ref = StaticIHVP(G.astype(dtype), damp=damp, block_size=bs)
+    oracle = SpectralOracle(G, damp, block_size=bs)
+    kappa = oracle.kappa
+    assert isinstance(op, StaticIHVP)
+    assert op.shape == (d, d) and op.dtype == np.dtype(dtype)
+    assert (op.num_grads, op.dim, op.damp, op.block_size) == (m, d, damp, ref.block_size)
+    assert op.kappa_bound >= kappa * (1 - 1e-6)
+    assert op.chunks == da.from_array(G, chunks=(m, width)).chunks[1]
+
+    # Vectors chunked otherwise than G: results come back in G's column chunks.
+    X = rounded(rng.standard_normal((d, 3)), dtype)
+    Y = op.matmat(da.from_array(X.astype(dtype), chunks=(3, 2)))
+    _check_dask(Y, dtype, op.chunks)
+    Yn = Y.compute()
+    assert_close(Yn, ref.matmat(X.astype(dtype)), kappa=kappa)
+    for j in range(3):
+        assert_close(Yn[:, j], oracle.matvec(X[:, j]), kappa=kappa, err_msg=f"column {j}")
+    x = X[:, 0].astype(dtype)
+    y = op.matvec(da.from_array(x, chunks=6))
+    _check_dask(y, dtype, op.chunks)
+    assert_close(y.compute(), oracle.matvec(X[:, 0]), kappa=kappa)
+    y2 = op @ da.from_array(x[:, None], chunks=6)
+    assert y2.shape == (d, 1)
+    assert_close(y2.compute()[:, 0], oracle.matvec(X[:, 0]), kappa=kappa)
+
+    diag = op.diagonal()
+    _check_dask(diag, dtype, op.chunks)
+    assert_close(diag.compute(), oracle.diagonal(), kappa=kappa)
+    assert_close(diag.compute(), ref.diagonal(), kappa=kappa)
+    assert_close(op.todense().compute(), oracle.todense(), kappa=kappa)
+
+    # Every entry, as 2-D index arrays: the shape is kept and cross-block entries are 0.
+    rows, cols = np.meshgrid(np.arange(d), np.arange(d), indexing="ij")
+    ent = op.entries(da.from_array(rows, chunks=5), da.from_array(cols, chunks=5))
+    _check_dask(ent, dtype)
+    assert ent.shape == (d, d)
+    assert_close(ent.compute(), oracle.todense(), kappa=kappa)
+    cross = rows // op.block_size != cols // op.block_size
+    assert np.all(ent.compute()[cross] == 0)
+
+
+@pytest.mark.parametrize("bs", [None, 4])
+def test_entries_shapes(bs, rng):
+    G, damp = _data(rng, 3, 12, "float64")
+    op = StaticIHVP(da.from_array(G, chunks=(3, 4)), damp=damp, block_size=bs)
+    oracle = SpectralOracle(G, damp, block_size=bs)
+    one = op.entries(da.from_array(np.asarray(2)), da.from_array(np.asarray(3)))
+    assert one.shape == ()
+    assert_close(one.compute(), oracle.entries(np.asarray(2), np.asarray(3)), kappa=oracle.kappa)
+    empty = da.from_array(np.zeros((2, 0), dtype=np.int32))
+    none = op.entries(empty, empty)
+    assert none.shape == (2, 0) and none.compute().shape == (2, 0)
+    # int32 indices, repeated and unsorted.
+    r = np.array([11, 0, 5, 5, 3], dtype=np.int32)
+    c = np.array([10, 0, 6, 5, 3], dtype=np.int32)
+    got = op.entries(da.from_array(r, chunks=2), da.from_array(c, chunks=3)).compute()
+    assert_close(got, oracle.entries(r, c), kappa=oracle.kappa)
+
+
+@st.composite
+def _chunked_problems(draw, dtype):
+    """A problem and a chunk width the operator accepts for it (any for one Woodbury block)."""
+    p = draw(problems(dtype=dtype, max_m=6, max_d=30), label="problem")
+    B = p.d if p.block_size is None else min(p.block_size, p.d)
+    if B == p.d and p.d <= p.m:
+        return p, p.d
+    if B == p.d:
+        return p, draw(st.integers(1, p.d), label="chunk width")
+    return p, B * draw(st.integers(1, -(-p.d // B)), label="blocks per chunk")
+
+
+# The scheduler's thread (in this process) uses the random module while Hypothesis draws,
+# which Hypothesis takes for a strategy's doing; the strategies here use none.
+@pytest.mark.filterwarnings("ignore:Do not use the `random` module inside strategies")
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_properties(dtype):
+    @settings(max_examples=12)
+    @given(case=_chunked_problems(dtype))
+    def check(case):
+        p, width = case
+        with warnings.catch_warnings():
+            # Drawn problems may be ill-conditioned enough to warn (tested below).
+            warnings.simplefilter("ignore", IllConditionedWarning)
+            op = StaticIHVP(
+                da.from_array(p.G.astype(dtype), chunks=(p.m, width)),
+                damp=p.damp,
+                block_size=p.block_size,
+            )
+            ref = StaticIHVP(p.G.astype(dtype), damp=p.damp, block_size=p.block_size)
+        oracle = p.oracle()
+        k, msg = oracle.kappa, f"{p.description}, chunk width {width}"
+        y = op.matvec(da.from_array(p.x.astype(dtype), chunks=max(1, p.d // 3))).compute()
+        assert_close(y, oracle.matvec(p.x), kappa=k, err_msg=f"{msg}: matvec")
+        assert_close(y, ref.matvec(p.x.astype(dtype)), kappa=k, err_msg=f"{msg}: against NumPy")
+        diag = op.diagonal().compute()
+        assert_close(diag, oracle.diagonal(), kappa=k, err_msg=f"{msg}: diagonal")
+
+    check()
+
+
+def test_mixed_gram_falls_back_to_float64(rng):
+    # Gradients in a 3-dimensional subspace with a tiny damping: the float32 Gram's
+    # rounding is far above the last pivots, so the Gram is recomputed in float64 (one
+    # more reduction), as the NumPy set-up does, and the products stay accurate.
+    m, d, damp = 8, 3000, 1e-7
+    B = rng.standard_normal((3, d)) / np.sqrt(d)
+    G = rounded(rng.standard_normal((m, 3)) @ B, "float32")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", IllConditionedWarning)
+        op = StaticIHVP(da.from_array(G.astype(np.float32), chunks=(m, 1000)), damp=damp)
+    assert op._gram_recomputed == 1
+    x = rounded(rng.standard_normal(d), "float32")
+    oracle = SpectralOracle(G, damp)
+    y = op.matvec(da.from_array(x.astype(np.float32), chunks=1000)).compute()
+    assert_close(y, oracle.matvec(x), kappa=oracle.kappa)
+    well = StaticIHVP(
+        da.from_array(
+            rounded(rng.standard_normal((m, d)), "float32").astype(np.float32), chunks=(m, 1000)
+        ),
+        damp=1e-2,
+    )
+    assert well._gram_recomputed == 0
+
+
+# -- pruning --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bs", [None, 10])
+def test_pruning_saliencies_and_update(bs, rng):
+    m, d = 8, 60
+    G, damp = _data(rng, m, d, "float64")
+    theta = rng.standard_normal(d)
+    op = StaticIHVP(da.from_array(G, chunks=(m, 20)), damp=damp, block_size=bs)
+    ref = StaticIHVP(G, damp=damp, block_size=bs)
+    t = da.from_array(theta, chunks=15)
+    kappa = SpectralOracle(G, damp, block_size=bs).kappa
+
+    scores = obs_saliency(t, op)
+    assert isinstance(scores, da.Array)
+    want = obs_saliency(theta, ref)
+    assert_close(scores.compute(), want, kappa=kappa)
+    Finv = SpectralOracle(G, damp, block_size=bs)
+    assert_close(scores.compute(), theta**2 / (2 * Finv.diagonal()), kappa=kappa)
+
+    selected = rng.random(d) < 0.3
+    new = obs_update(t, op, da.from_array(selected, chunks=15))
+    assert isinstance(new, da.Array)
+    assert_close(new.compute(), obs_update(theta, ref, selected), kappa=kappa)
+    with pytest.raises(ValueError, match="joint=True is not available for Dask"):
+        obs_update(t, op, da.from_array(selected, chunks=15), joint=True)
+
+    # One whole pruning step from Dask gradients, as from NumPy ones.
+    res = prune(t, da.from_array(G, chunks=(m, 20)), sparsity=0.5, damp=damp, block_size=bs)
+    res_np = prune(theta, G, sparsity=0.5, damp=damp, block_size=bs)
+    assert np.array_equal(res.mask.compute(), res_np.mask)
+    assert_close(res.theta.compute(), res_np.theta, kappa=kappa)
+
+
+# -- set-up checks and errors ------------------------------------------------------------------
+
+
+def test_overwrite_G_leaves_G(rng):
+    G, damp = _data(rng, 4, 20, "float64")
+    Gd = da.from_array(G.copy(), chunks=(4, 5))
+    op = StaticIHVP(Gd, damp=damp, overwrite_G=True)
+    assert np.array_equal(Gd.compute(), G)
+    assert_close(op.diagonal().compute(), SpectralOracle(G, damp).diagonal(), kappa=1e3)
+
+
+def test_layout_errors(rng):
+    G, damp = _data(rng, 8, 100, "float64")
+    with pytest.raises(ValueError, match=r"chunked along its 8 rows.*G\.rechunk\(\{0: -1\}\)"):
+        StaticIHVP(da.from_array(G, chunks=(4, 25)), damp=damp)
+    with pytest.raises(ValueError, match=r"cut blocks of block_size=10.*G\.rechunk\(\{1: 20\}\)"):
+        StaticIHVP(da.from_array(G, chunks=(8, 25)), damp=damp, block_size=10)
+    with pytest.raises(ValueError, match=r"one dense d x d block.*G\.rechunk\(\{1: -1\}\)"):
+        StaticIHVP(da.from_array(G[:, :6], chunks=(8, 3)), damp=damp)
+    # The suggested chunking works.
+    op = StaticIHVP(da.from_array(G, chunks=(8, 25)).rechunk({1: 20}), damp=damp, block_size=10)
+    assert op.chunks == (20,) * 5
+    unknown = da.from_array(G, chunks=(8, 25))[:, da.from_array(np.arange(100)) >= 0]
+    with pytest.raises(ValueError, match=r"unknown chunk sizes.*compute_chunk_sizes"):
+        StaticIHVP(unknown, damp=damp)
+
+
+def test_option_and_dtype_errors(rng):
+    G, damp = _data(rng, 4, 20, "float64")
+    Gd = da.from_array(G, chunks=(4, 5))
+    with pytest.raises(ValueError, match="refine is not available for Dask"):
+        StaticIHVP(Gd, damp=damp, refine=1)
+    with pytest.raises(ValueError, match="progress is not available for Dask"):
+        StaticIHVP(Gd, damp=damp, progress=lambda done, total: None)
+    with pytest.raises(TypeError, match="overwrite_G must be True or False"):
+        StaticIHVP(Gd, damp=damp, overwrite_G="no")
+    with pytest.raises(ValueError, match="damp must be finite and > 0"):
+        StaticIHVP(Gd, damp=0.0)
+    for bad in (Gd.astype(np.float16), Gd.astype(np.int64), Gd.astype(np.complex128)):
+        with pytest.raises(TypeError, match="real floating dtype"):
+            StaticIHVP(bad, damp=damp)
+    with pytest.raises(ValueError, match="2-D array"):
+        StaticIHVP(Gd[0], damp=damp)
+
+
+@pytest.mark.parametrize("bs", [None, 5])
+def test_non_finite_and_singular_G(bs, rng):
+    G, damp = _data(rng, 4, 20, "float64")
+    bad = G.copy()
+    bad[2, 17] = np.inf
+    with pytest.raises(ValueError, match=r"G\[2, 17\] is inf"):
+        StaticIHVP(da.from_array(bad, chunks=(4, 5)), damp=damp, block_size=bs)
+    huge = np.full((4, 20), 1e300)
+    with pytest.raises(ValueError, match="overflow float64"):
+        StaticIHVP(da.from_array(huge, chunks=(4, 5)), damp=1.0, block_size=bs)
+    same = np.repeat(G[:1], 4, axis=0)
+    with pytest.raises(FactorizationError, match=r"damp=1e-300.*kappa"):
+        StaticIHVP(da.from_array(same, chunks=(4, 5)), damp=1e-300, block_size=bs)
+    with pytest.warns(IllConditionedWarning, match="float32 products may have no correct"):
+        StaticIHVP(da.from_array(G.astype(np.float32), chunks=(4, 5)), damp=1e-9, block_size=bs)
+
+
+def test_operand_errors(rng):
+    G, damp = _data(rng, 4, 20, "float64")
+    op = StaticIHVP(da.from_array(G, chunks=(4, 5)), damp=damp)
+    op32 = StaticIHVP(da.from_array(G.astype(np.float32), chunks=(4, 5)), damp=damp)
+    x = rng.standard_normal(20)
+    with pytest.raises(TypeError, match=r"numpy array but .* works on dask arrays"):
+        op.matvec(x)
+    with pytest.raises(TypeError, match="no silent loss of precision"):
+        op32.matvec(da.from_array(x))
+    # float32 is promoted to a float64 operator's dtype.
+    y = op.matvec(da.from_array(x.astype(np.float32)))
+    assert y.dtype == np.float64
+    with pytest.raises(ValueError, match="must not contain NaN"):
+        op.matvec(da.from_array(np.full(20, np.nan)))
+    with pytest.raises(ValueError, match=r"shape \(20,\)"):
+        op.matvec(da.from_array(x[:5]))
+    idx = np.array([1, 2])
+    with pytest.raises(TypeError, match="rows is a numpy array"):
+        op.entries(idx, idx)
+    with pytest.raises(TypeError, match="integer dtype"):
+        op.entries(da.from_array(idx * 1.0), da.from_array(idx))
+    with pytest.raises(IndexError, match=r"cols holds an index out of range \[0, 20\): 20"):
+        op.entries(da.from_array(idx), da.from_array(idx + 18))
+    with pytest.raises(ValueError, match="same shape"):
+        op.entries(da.from_array(idx), da.from_array(idx[:1]))
