@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from . import _capacitance, _setup, _store
+from . import _capacitance, _setup, _store, _streaming
 from ._compat import Array, device
 from ._gform import GFormFactor
 from ._group_factors import GroupFactor
@@ -121,6 +121,16 @@ class StaticIHVP(_BlockOperatorBase):
         inverses, in memory) are left as they were. After a failed set-up its
         contents are unspecified (partly written), and no operator exists.
         Not for 2-byte G (which keeps no W); ``out=G`` is ``overwrite_G=True``.
+    stream_to : str or torch.device, optional
+        PyTorch only: build the operator for this device (e.g. ``"cuda"``)
+        from a G in host memory, keeping W in host memory too (a new pinned
+        array of m x d values, in column pieces), and stream W to the device
+        through two device buffers in every product, the copy of one piece
+        overlapping the computation on the previous one (docs/gpu.rst, "W in
+        host memory"). The set-up runs on the host. Inputs and results are on
+        that device. For the full operator with ``d > m`` and float32/float64
+        G only; not with ``overwrite_G``, ``out`` or ``refine``. ``"cpu"``
+        runs the same schedule on the host, without overlap.
 
     Attributes
     ----------
@@ -212,6 +222,7 @@ class StaticIHVP(_BlockOperatorBase):
         refine: int = 0,
         progress: Callable[[int, int], None] | None = None,
         out: Array = None,
+        stream_to: Any = None,
     ) -> None:
         overwrite_G = check_flag(overwrite_G, "overwrite_G")
         check_finite = check_flag(check_finite, "check_finite")
@@ -221,6 +232,16 @@ class StaticIHVP(_BlockOperatorBase):
         xp = self._init_layout(G, damp, block_size, check_finite, check_G=False, half=True)
         check_float64_available(xp)
         self.refine = check_count(refine, "refine", minimum=0)
+        if stream_to is not None:
+            self._init_streamed(
+                G,
+                stream_to,
+                overwrite_G=overwrite_G,
+                out=out,
+                check_finite=check_finite,
+                progress=progress,
+            )
+            return
         if out is not None:
             _store.check_w_out(
                 xp,
@@ -302,6 +323,52 @@ class StaticIHVP(_BlockOperatorBase):
             eps=float(xp.finfo(xp.float32).eps),
             dtype="float32 (the compute dtype)",
             stacklevel=4,
+        )
+
+    def _init_streamed(
+        self,
+        G: Array,
+        stream_to: Any,
+        *,
+        overwrite_G: bool,
+        out: Any,
+        check_finite: bool,
+        progress: Callable[[int, int], None] | None,
+    ) -> None:
+        """The set-up on the host, W piece-major in host memory, products on ``stream_to``."""
+        xp = self._xp
+        full = len(self._groups) == 1 and self._groups[0].count == 1
+        target = _streaming.check_stream_to(
+            xp,
+            G,
+            stream_to,
+            full=full and self.dim > self.num_grads,
+            half=self.storage_dtype is not None,
+            overwrite_G=overwrite_G,
+            out=out,
+            refine=self.refine,
+        )
+        (group,) = self._groups
+        width = _streaming.piece_width(self.num_grads, self.dim, G.element_size())
+        host = _streaming.new_host_w(G, target, width)
+        sink = _streaming.PieceMajorSink(xp, host, width, self.dim)
+        result = _setup.factorize_groups(
+            xp,
+            G,
+            self._groups,
+            damp=self.damp,
+            sink=sink,
+            check_finite=check_finite,
+            progress=progress,
+        )
+        self._G = None
+        # The set-up's WoodburyFactor wraps a placeholder: the streamed factor replaces it.
+        self._factors = (_streaming.StreamedWoodbury.build(group, host, self.damp, target),)
+        self.kappa_bound = result.kappa_hi
+        self._gram_recomputed = result.recomputed
+        self.device = target
+        _capacitance.warn_if_hopeless(
+            result.kappa_lo, damp=self.damp, eps=float(xp.finfo(self.dtype).eps), dtype=self.dtype
         )
 
     @classmethod
