@@ -7,6 +7,7 @@ Usage::
     python benchmarks/static.py --dtype float64 --block-size 4096
     python benchmarks/static.py --quick            # CI smoke run, d = 2e5, m = 32, < 30 s
     python benchmarks/static.py --no-memory        # skip the child processes
+    python benchmarks/static.py --only-memmap      # only G and W in memmap files
 
 It prints a header with the machine facts (CPU, cache, BLAS library, core type and
 thread count, ``OPENBLAS_CORETYPE``, load) and three markdown tables. The gradients are
@@ -58,7 +59,7 @@ interleaved with it), and the products over the read bandwidth of the same W fil
 fastest read-only BLAS pass over a read-only map of it), both measured in the same run.
 The files were just written, so the pages come from the page cache (warm): dropping it
 needs root, so cold reads (the disk's speed) are not measured. Target for a product:
-1.3x. ``--no-memmap`` skips it.
+1.3x. ``--no-memmap`` skips it, ``--only-memmap`` runs only it.
 
 The last lines say how many cores other processes used during the run: timings taken
 while that number is well above zero are not trustworthy on a small machine.
@@ -474,6 +475,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-memmap", action="store_true", help="skip the memmap table")
+    p.add_argument("--only-memmap", action="store_true", help="run only the memmap table")
     p.add_argument(
         "--memmap-dir", default=None, help="where the memmap files go (default: a temp dir)"
     )
@@ -507,6 +509,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.bw_mib = args.bw_mib or 128
     args.d = int(args.d or 1e6)
     args.block_d = int(args.block_d or args.d)
+    if args.only_memmap:
+        args.block = ["none"]
     if args.block is None:
         args.block = list(QUICK_BLOCK_SETTINGS if args.quick else BLOCK_SETTINGS)
     elif args.block == ["none"]:
@@ -632,6 +636,14 @@ def main(argv: list[str] | None = None) -> int:
     setup_rows, ihvp_rows, mem_rows, floor_notes, bw_notes = [], [], [], [], []
     mm_rows: list = []
     mm_notes: list = []
+    if args.only_memmap:
+        args.only_block = True
+        for m in args.m:
+            print(f"... m={m}: memmap G and W", file=sys.stderr, flush=True)
+            r, n = memmap_rows(m, d, dtype, args.damp, args.repeat, args.seed, k, args.memmap_dir)
+            mm_rows.extend(r)
+            mm_notes.extend(n)
+        print_memmap_table(mm_rows, mm_notes, args.memmap_dir)
     block_rows, block_notes = block_setup_rows(
         args.block,
         args.block_d,
