@@ -151,10 +151,12 @@ class StaticIHVP(_BlockOperatorBase):
     ValueError
         For a G that is not 2-D, empty, or holds NaN/inf, for ``damp <= 0``
         and for ``block_size < 1``; for an ``out`` of another shape or
-        device, read-only, or overlapping G.
+        device, read-only, or overlapping G; for a ``stream_to`` that names
+        no available device, or options it does not support.
     TypeError
         For an integer or complex G, or a G that is not an array; for an
-        ``out`` of another library or dtype.
+        ``out`` of another library or dtype; for ``stream_to`` with a G that
+        is not a PyTorch tensor.
     FactorizationError
         If the capacitance matrix cannot be factorised in float64 (possible
         only when ``kappa`` approaches 1e16, e.g. duplicated gradients with a
