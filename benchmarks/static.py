@@ -7,6 +7,7 @@ Usage::
     python benchmarks/static.py --dtype float64 --block-size 4096
     python benchmarks/static.py --quick            # CI smoke run, d = 2e5, m = 32, < 30 s
     python benchmarks/static.py --no-memory        # skip the child processes
+    python benchmarks/static.py --only-memmap      # only G and W in memmap files
 
 It prints a header with the machine facts (CPU, cache, BLAS library, core type and
 thread count, ``OPENBLAS_CORETYPE``, load) and three markdown tables. The gradients are
@@ -49,6 +50,16 @@ constructor on top of G (NumPy reports its buffers to tracemalloc), shown as
 before the call; ``ru_maxrss`` where there is no /proc) as a cross-check that also sees
 BLAS workspaces. Target for ``overwrite_G=True``: ``1.1 size(G) + O(m^2)``
 (here ``+ 16 m^2`` float64 entries).
+
+**Memmap** (G and W larger than memory; docs/guidance.rst): G written to a ``.npy`` file
+in ``--memmap-dir`` (default: the system's temporary directory) and reopened read-only,
+the operator built with ``out=`` a second ``.npy`` memmap. The set-up over its floor (the
+fastest Gram ``G @ G.T`` on the memmap plus ``L^{-1} @ G`` written into a third memmap,
+interleaved with it), and the products over the read bandwidth of the same W file (the
+fastest read-only BLAS pass over a read-only map of it), both measured in the same run.
+The files were just written, so the pages come from the page cache (warm): dropping it
+needs root, so cold reads (the disk's speed) are not measured. Target for a product:
+1.3x. ``--no-memmap`` skips it, ``--only-memmap`` runs only it.
 
 The last lines say how many cores other processes used during the run: timings taken
 while that number is well above zero are not trustworthy on a small machine.
@@ -316,6 +327,126 @@ def measure_memory(
     return rows
 
 
+# -- memmap: G and W in files -------------------------------------------------------------
+
+
+def memmap_rows(
+    m: int, d: int, dtype: Any, damp: float, repeat: int, seed: int, k: int, where: str | None
+) -> tuple[list, list]:
+    """Set-up and products with a read-only memmap G and W in a second memmap (warm cache)."""
+    import tempfile
+    import tracemalloc
+
+    mfac = _load_mfac()
+    rows, notes = [], []
+    with tempfile.TemporaryDirectory(dir=where, prefix="mfac-memmap-") as tmp:
+
+        def new_file(name: str) -> np.memmap:
+            return np.lib.format.open_memmap(
+                os.path.join(tmp, name), mode="w+", dtype=dtype, shape=(m, d)
+            )
+
+        G_file = new_file("G.npy")
+        G_file[...] = make_grads(m, d, dtype, damp, seed)
+        G_file.flush()
+        del G_file
+        G = np.load(os.path.join(tmp, "G.npy"), mmap_mode="r")
+        W, W_floor = new_file("W.npy"), new_file("W_floor.npy")
+        C = G.astype(np.float64) @ G.T.astype(np.float64) + m * damp * np.eye(m)
+        Linv = scipy.linalg.solve_triangular(np.linalg.cholesky(C), np.eye(m), lower=True).astype(
+            dtype
+        )
+        setup_cands: dict = {
+            "gram:G@G.T": (lambda _: G @ G.T, None),
+            "solve:L^-1 @ G into a memmap": (lambda _: np.matmul(Linv, G, out=W_floor), None),
+            "memmap G, out=memmap W": (lambda _: mfac.StaticIHVP(G, damp=damp, out=W), None),
+        }
+        t = common.interleaved(setup_cands, repeat)
+        floor = t["gram:G@G.T"].best + t["solve:L^-1 @ G into a memmap"].best
+        for name in ("memmap G, out=memmap W",):
+            rows.append(
+                [
+                    m,
+                    name,
+                    "set-up",
+                    common.fmt_time(t[name].best),
+                    common.fmt_time(floor),
+                    common.fmt_ratio(t[name].best / floor, SETUP_TARGET),
+                    "",
+                ]
+            )
+        notes.append(
+            f"m={m}: set-up floor = G@G.T {common.fmt_time(t['gram:G@G.T'].best)} + "
+            f"L^-1 @ G into a memmap {common.fmt_time(t['solve:L^-1 @ G into a memmap'].best)}"
+        )
+        tracemalloc.start()
+        op = mfac.StaticIHVP(G, damp=damp, out=W)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        notes.append(
+            f"m={m}: memory NumPy allocated during that set-up (tracemalloc peak): "
+            f"{common.fmt_bytes(peak)}, for G and W of {common.fmt_bytes(G.nbytes)} each"
+        )
+        W.flush()
+        W_read = np.load(os.path.join(tmp, "W.npy"), mmap_mode="r")
+        wide = W_read.reshape(64, -1) if (m * d) % 64 == 0 else W_read
+        flat = W_read.reshape(-1)
+        vec = np.ones(wide.shape[1], dtype=dtype)
+        rng = np.random.default_rng(seed)
+        x = rng.standard_normal(d).astype(dtype)
+        X = rng.standard_normal((d, k)).astype(dtype)
+        prod_cands: dict = {
+            "read:gemv": (lambda _: wide @ vec, None),
+            "read:dot": (lambda _: np.dot(flat, flat), None),
+            "matvec": (lambda _: op.matvec(x), None),
+            f"matmat k={k}": (lambda _: op.matmat(X), None),
+        }
+        t = common.interleaved(prod_cands, max(repeat, 5))
+        read_kernel = min(("read:gemv", "read:dot"), key=lambda n: t[n].best)
+        bw = W_read.nbytes / t[read_kernel].best
+        itemsize = np.dtype(dtype).itemsize
+        for name, cols in (("matvec", 1), (f"matmat k={k}", k)):
+            nbytes = 2 * m * d * itemsize + (2 * k * d * itemsize if cols > 1 else 0)
+            best = t[name].best
+            rows.append(
+                [
+                    m,
+                    "memmap W",
+                    name,
+                    common.fmt_time(best),
+                    common.fmt_time(nbytes / bw),
+                    common.fmt_ratio(best / (nbytes / bw), IHVP_TARGET),
+                    f"{bw / 1e9:.1f} GB/s ({read_kernel.split(':')[1]})",
+                ]
+            )
+    return rows, notes
+
+
+def print_memmap_table(rows: list, notes: list, where: str | None) -> None:
+    """The memmap table (G and W in files, warm page cache)."""
+    import tempfile
+
+    print(
+        "\n## Memmap: read-only G and W in .npy files (warm page cache) vs floors of the same "
+        f"files; target set-up <= {SETUP_TARGET}x, product <= {IHVP_TARGET}x\n"
+    )
+    print(
+        common.markdown_table(
+            ["m", "operator", "call", "time (best)", "floor", "ratio", "read bw of W's file"],
+            rows,
+        )
+    )
+    print()
+    for note in notes:
+        print("- " + note)
+    print(
+        f"- files in {where or tempfile.gettempdir()}, just written: the pages come from the "
+        "page cache; cold reads (from the disk) need the page cache dropped (root) and run at "
+        "the disk's speed. Product floors: matvec 2 m d itemsize, matmat (2 m + 2 k) d "
+        "itemsize, over the read bandwidth of W's file."
+    )
+
+
 # -- main --------------------------------------------------------------------------------
 
 
@@ -343,6 +474,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="array size for the bandwidth runs (default max(1024, 4 x LLC))",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-memmap", action="store_true", help="skip the memmap table")
+    p.add_argument("--only-memmap", action="store_true", help="run only the memmap table")
+    p.add_argument(
+        "--memmap-dir", default=None, help="where the memmap files go (default: a temp dir)"
+    )
     p.add_argument("--no-memory", action="store_true", help="skip the memory table")
     p.add_argument(
         "--block-d",
@@ -373,6 +509,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.bw_mib = args.bw_mib or 128
     args.d = int(args.d or 1e6)
     args.block_d = int(args.block_d or args.d)
+    if args.only_memmap:
+        args.block = ["none"]
     if args.block is None:
         args.block = list(QUICK_BLOCK_SETTINGS if args.quick else BLOCK_SETTINGS)
     elif args.block == ["none"]:
@@ -496,6 +634,16 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     setup_rows, ihvp_rows, mem_rows, floor_notes, bw_notes = [], [], [], [], []
+    mm_rows: list = []
+    mm_notes: list = []
+    if args.only_memmap:
+        args.only_block = True
+        for m in args.m:
+            print(f"... m={m}: memmap G and W", file=sys.stderr, flush=True)
+            r, n = memmap_rows(m, d, dtype, args.damp, args.repeat, args.seed, k, args.memmap_dir)
+            mm_rows.extend(r)
+            mm_notes.extend(n)
+        print_memmap_table(mm_rows, mm_notes, args.memmap_dir)
     block_rows, block_notes = block_setup_rows(
         args.block,
         args.block_d,
@@ -582,6 +730,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"... m={m}: memory (child processes)", file=sys.stderr, flush=True)
             mem_rows.extend(measure_memory(m, d, args.dtype, args.damp, args.seed, bs))
 
+        if not args.no_memmap:
+            print(f"... m={m}: memmap G and W", file=sys.stderr, flush=True)
+            r, n = memmap_rows(m, d, dtype, args.damp, args.repeat, args.seed, k, args.memmap_dir)
+            mm_rows.extend(r)
+            mm_notes.extend(n)
+
     if block_rows:
         print(
             f"\n## Block-wise set-up (d={args.block_d}) vs compute floor (per-block flops at "
@@ -598,6 +752,8 @@ def main(argv: list[str] | None = None) -> int:
             print("- " + note)
     if not args.only_block:
         print_main_tables(args, setup_rows, floor_notes, ihvp_rows, bw_notes, mem_rows)
+        if mm_rows:
+            print_memmap_table(mm_rows, mm_notes, args.memmap_dir)
     foreign = monitor.foreign_cores()
     if foreign is not None:
         print(

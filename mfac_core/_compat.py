@@ -46,6 +46,7 @@ __all__ = [
     "is_numpy_namespace",
     "is_torch_namespace",
     "is_writeable_array",
+    "may_share_memory",
     "namespace_name",
     "size",
 ]
@@ -91,3 +92,38 @@ def namespace_name(xp: Any) -> str:
         if test(xp):
             return name
     return getattr(xp, "__name__", repr(xp))
+
+
+def may_share_memory(a: Any, b: Any) -> bool:
+    """Whether arrays ``a`` and ``b`` of one library may overlap in memory (conservative).
+
+    True when their memory ranges intersect (NumPy's ``may_share_memory``; the
+    storages of PyTorch tensors; CuPy's ``may_share_memory``); for other
+    libraries, whose arrays are not written in place by the operators, only
+    when they are the same object.
+    """
+    if a is b:
+        return True
+    if is_torch_array(a) and is_torch_array(b):
+        sa, sb = a.untyped_storage(), b.untyped_storage()
+        if sa.device != sb.device:
+            return False
+        a0, b0 = sa.data_ptr(), sb.data_ptr()
+        return a0 < b0 + sb.nbytes() and b0 < a0 + sa.nbytes()
+    module = type(a).__module__.split(".")[0]
+    if module == "numpy" and type(b).__module__.split(".")[0] == "numpy":
+        import numpy as np
+
+        return bool(np.may_share_memory(a, b))
+    if module == "cupy":
+        import cupy
+
+        return bool(cupy.may_share_memory(a, b))
+    if module == "array_api_strict":
+        import numpy as np
+
+        try:  # CPU arrays of array-api-strict export their buffer without a copy
+            return bool(np.may_share_memory(np.from_dlpack(a), np.from_dlpack(b)))
+        except (BufferError, RuntimeError, TypeError, ValueError):
+            return False
+    return False

@@ -9,10 +9,11 @@ route rows to those factors.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterable
 from typing import Any
 
-from . import _capacitance, _setup
+from . import _capacitance, _setup, _store, _streaming
 from ._compat import Array, device
 from ._gform import GFormFactor
 from ._group_factors import GroupFactor
@@ -131,6 +132,26 @@ class StaticIHVP(_BlockOperatorBase):
     progress : callable, optional
         Called as ``progress(done, total)`` while the set-up runs, with the
         amount of work done so far and in all (two passes over d columns).
+    out : array, shape (m, d), optional
+        Where to write ``W = U^{-T} G`` instead of a new array: a writeable
+        array of G's library, device, shape and dtype that does not overlap G,
+        for instance a NumPy ``memmap`` (with a read-only memmap G, nothing of
+        size m x d is then held in memory; docs/guidance.rst, "Gradients
+        larger than memory"). The operator keeps it by reference and reads it
+        in every product. Columns of blocks no wider than m (which keep dense
+        inverses, in memory) are left as they were. After a failed set-up its
+        contents are unspecified (partly written), and no operator exists.
+        Not for 2-byte G (which keeps no W); ``out=G`` is ``overwrite_G=True``.
+    stream_to : str or torch.device, optional
+        PyTorch only: build the operator for this device (e.g. ``"cuda"``)
+        from a G in host memory, keeping W in host memory too (a new pinned
+        array of m x d values, in column pieces), and stream W to the device
+        through two device buffers in every product, the copy of one piece
+        overlapping the computation on the previous one (docs/gpu.rst, "W in
+        host memory"). The set-up runs on the host. Inputs and results are on
+        that device. For the full operator with ``d > m`` and float32/float64
+        G only; not with ``overwrite_G``, ``out`` or ``refine``. ``"cpu"``
+        runs the same schedule on the host, without overlap.
 
     Attributes
     ----------
@@ -150,9 +171,13 @@ class StaticIHVP(_BlockOperatorBase):
     ------
     ValueError
         For a G that is not 2-D, empty, or holds NaN/inf, for ``damp <= 0``
-        and for ``block_size < 1``.
+        and for ``block_size < 1``; for an ``out`` of another shape or
+        device, read-only, or overlapping G; for a ``stream_to`` that names
+        no available device, or options it does not support.
     TypeError
-        For an integer or complex G, or a G that is not an array.
+        For an integer or complex G, or a G that is not an array; for an
+        ``out`` of another library or dtype; for ``stream_to`` with a G that
+        is not a PyTorch tensor.
     FactorizationError
         If the capacitance matrix cannot be factorised in float64 (possible
         only when ``kappa`` approaches 1e16, e.g. duplicated gradients with a
@@ -228,6 +253,8 @@ class StaticIHVP(_BlockOperatorBase):
         check_finite: bool = True,
         refine: int = 0,
         progress: Callable[[int, int], None] | None = None,
+        out: Array = None,
+        stream_to: Any = None,
     ) -> None:
         overwrite_G = check_flag(overwrite_G, "overwrite_G")
         check_finite = check_flag(check_finite, "check_finite")
@@ -237,6 +264,25 @@ class StaticIHVP(_BlockOperatorBase):
         xp = self._init_layout(G, damp, block_size, check_finite, check_G=False, half=True)
         check_float64_available(xp)
         self.refine = check_count(refine, "refine", minimum=0)
+        if stream_to is not None:
+            self._init_streamed(
+                G,
+                stream_to,
+                overwrite_G=overwrite_G,
+                out=out,
+                check_finite=check_finite,
+                progress=progress,
+            )
+            return
+        if out is not None:
+            _store.check_w_out(
+                xp,
+                self.device,
+                G,
+                out,
+                overwrite_G=overwrite_G,
+                half=self.storage_dtype is not None,
+            )
         if self.storage_dtype is not None:
             self._init_half(
                 G, overwrite_G=overwrite_G, check_finite=check_finite, progress=progress
@@ -252,7 +298,10 @@ class StaticIHVP(_BlockOperatorBase):
         # Refinement's residuals read G (by reference, not copied); otherwise it is let go.
         self._G = G if self.refine else None
         wood_end = max((g.end for g in self._groups if g.size > self.num_grads), default=0)
-        sink = _setup.choose_sink(xp, G, wood_end, overwrite_G=overwrite_G, device=self.device)
+        if out is None or out is G:
+            sink = _setup.choose_sink(xp, G, wood_end, overwrite_G=overwrite_G, device=self.device)
+        else:
+            sink = _setup.WritableSink(xp, out[:, :wood_end])
         result = _setup.factorize_groups(
             xp,
             G,
@@ -307,6 +356,201 @@ class StaticIHVP(_BlockOperatorBase):
             dtype="float32 (the compute dtype)",
             stacklevel=4,
         )
+
+    def _init_streamed(
+        self,
+        G: Array,
+        stream_to: Any,
+        *,
+        overwrite_G: bool,
+        out: Any,
+        check_finite: bool,
+        progress: Callable[[int, int], None] | None,
+    ) -> None:
+        """The set-up on the host, W piece-major in host memory, products on ``stream_to``."""
+        xp = self._xp
+        full = len(self._groups) == 1 and self._groups[0].count == 1
+        target = _streaming.check_stream_to(
+            xp,
+            G,
+            stream_to,
+            full=full and self.dim > self.num_grads,
+            half=self.storage_dtype is not None,
+            overwrite_G=overwrite_G,
+            out=out,
+            refine=self.refine,
+        )
+        (group,) = self._groups
+        width = _streaming.piece_width(self.num_grads, self.dim, G.element_size())
+        host = _streaming.new_host_w(G, target, width)
+        sink = _streaming.PieceMajorSink(xp, host, width, self.dim)
+        result = _setup.factorize_groups(
+            xp,
+            G,
+            self._groups,
+            damp=self.damp,
+            sink=sink,
+            check_finite=check_finite,
+            progress=progress,
+        )
+        self._G = None
+        # The set-up's WoodburyFactor wraps a placeholder: the streamed factor replaces it.
+        self._factors = (_streaming.StreamedWoodbury.build(group, host, self.damp, target),)
+        self.kappa_bound = result.kappa_hi
+        self._gram_recomputed = result.recomputed
+        self.device = target
+        _capacitance.warn_if_hopeless(
+            result.kappa_lo, damp=self.damp, eps=float(xp.finfo(self.dtype).eps), dtype=self.dtype
+        )
+
+    @classmethod
+    def from_gradients(
+        cls,
+        gradients: Iterable[Array],
+        /,
+        *,
+        num_grads: int,
+        dim: int,
+        damp: float,
+        dtype: Any = None,
+        grads_out: Any = None,
+        out: Any = None,
+        block_size: int | None = None,
+        overwrite_G: bool = False,
+        check_finite: bool = True,
+        refine: int = 0,
+        progress: Any = None,
+    ) -> StaticIHVP:
+        """Collect gradients from an iterable (a data loader) into G, then build the operator.
+
+        G is filled one gradient, or one batch of gradients, at a time, into
+        memory or into a ``.npy`` file opened as a memmap, so that neither G
+        nor W needs to fit in memory (docs/guidance.rst, "Gradients larger
+        than memory").
+
+        Parameters
+        ----------
+        gradients : iterable of arrays
+            Yields exactly ``num_grads`` gradients, each of shape ``(dim,)``
+            or in batches ``(k, dim)``, of the store's library and device
+            (NumPy unless ``grads_out`` is an array of another library). Use
+            ``itertools.islice`` to take the first ones of a longer iterable.
+        num_grads, dim : int
+            The number of gradients m and their length d.
+        damp : float
+            The damping, as in :class:`StaticIHVP`.
+        dtype : dtype or str, optional
+            The dtype of G (``"float32"``, ``"float64"``, or ``"float16"`` for
+            2-byte storage): every gradient is converted to it. By default the
+            first gradient's dtype, which all the others must then have.
+        grads_out : None, str, os.PathLike or array, optional
+            Where G goes: a new NumPy array (``None``, the default), a new
+            ``.npy`` file of that path opened as a memmap (an existing file is
+            refused; reopen it later with ``numpy.load(path, mmap_mode="r")``),
+            or a writeable ``(num_grads, dim)`` array to fill (any library).
+        out : None, str, os.PathLike or array, optional
+            Where W goes (see :class:`StaticIHVP`, ``out``): a new array of
+            the library (``None``), a new ``.npy`` memmap file of that path,
+            or an array. Not with ``overwrite_G``, which writes W over G.
+        block_size : int, optional
+            As in :class:`StaticIHVP`.
+        overwrite_G : bool, optional
+            As in :class:`StaticIHVP`: W is written over G (over its file,
+            for a path ``grads_out``).
+        check_finite : bool, optional
+            As in :class:`StaticIHVP`; each gradient is checked as it arrives.
+        refine : int, optional
+            As in :class:`StaticIHVP`.
+        progress : None, True or callable, optional
+            ``True`` draws a text progress bar on stderr; a callable is called
+            as ``progress(stage, done, total)``, with ``stage`` ``"gradients"``
+            (gradients stored so far, of ``num_grads``) and then ``"set-up"``
+            (the set-up's work, as in :class:`StaticIHVP`). To use tqdm, pass
+            a callable that updates a bar of your own.
+
+        Returns
+        -------
+        StaticIHVP
+            The operator; it keeps G (for ``refine`` and 2-byte storage) or W
+            by reference, so memmap files must stay where they are while it is
+            in use.
+
+        Raises
+        ------
+        ValueError
+            If the iterable yields fewer or more than ``num_grads`` gradients,
+            one of another shape, or one holding NaN or infinity; and as in
+            :class:`StaticIHVP`.
+        TypeError
+            For a gradient of another library or a non-floating dtype, or a
+            dtype that differs from the first gradient's without ``dtype``.
+        FileExistsError
+            If a path names an existing file.
+
+        Notes
+        -----
+        Nothing half-built is left after a failure: files this method created
+        are removed. An array passed as ``grads_out`` or ``out`` keeps what was
+        written into it (the gradients read so far, a partial W).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from mfac_core import StaticIHVP
+        >>> rng = np.random.default_rng(0)
+        >>> batches = (rng.standard_normal((4, 50)) for _ in range(3))
+        >>> op = StaticIHVP.from_gradients(batches, num_grads=12, dim=50, damp=0.1)
+        >>> op.num_grads, op.dim
+        (12, 50)
+        """
+        report = _store.progress_callback(progress)
+        # What can be checked before the gradients are read is, so that a mistake
+        # does not cost a pass over the data loader.
+        check_damp(damp)
+        check_block_size(block_size, check_count(dim, "dim"))
+        check_count(refine, "refine", minimum=0)
+        if check_flag(overwrite_G, "overwrite_G") and out is not None:
+            raise ValueError(
+                "overwrite_G=True writes W over G, and out names another place for W; "
+                "pass one or the other"
+            )
+        if _store.is_path(out):
+            _store.check_new_path(out, "out")
+            if _store.is_path(grads_out) and os.fspath(grads_out) == os.fspath(out):
+                raise ValueError("grads_out and out name the same file; give W a file of its own")
+        created: list[_store.GradientStore] = []
+        try:
+            store = _store.gather_gradients(
+                gradients,
+                num_grads=num_grads,
+                dim=dim,
+                dtype=dtype,
+                store=grads_out,
+                check_finite=check_finite,
+                progress=report,
+            )
+            created.append(store)
+            G = store.array
+            W = out
+            if _store.is_path(out):
+                W_store = _store.open_store(out, tuple(G.shape), G.dtype, "out")
+                created.append(W_store)
+                W = W_store.array
+            setup = None if report is None else _stage(report, "set-up")
+            return cls(
+                G,
+                damp=damp,
+                block_size=block_size,
+                overwrite_G=overwrite_G,
+                check_finite=check_finite,
+                refine=refine,
+                progress=setup,
+                out=W,
+            )
+        except BaseException:
+            for made in created:
+                made.discard()
+            raise
 
     # -- products ------------------------------------------------------------------------
 
@@ -391,6 +635,15 @@ StaticIHVP.__signature__ = _init_signature.replace(  # type: ignore[attr-defined
     parameters=list(_init_signature.parameters.values())[1:],
     return_annotation=inspect.Signature.empty,
 )
+
+
+def _stage(report: Callable[[str, int, int], None], stage: str) -> Callable[[int, int], None]:
+    """The set-up's ``progress(done, total)`` as one stage of a staged report."""
+
+    def call(done: int, total: int) -> None:
+        report(stage, done, total)
+
+    return call
 
 
 class EmpiricalFisher(_BlockOperatorBase):

@@ -1,0 +1,324 @@
+"""Where the m x d arrays of the static inverse live, when the user says where.
+
+Two things for gradients that do not fit in memory (docs/guidance.rst,
+"Gradients larger than memory"):
+
+- :func:`check_w_out`: the checks of ``StaticIHVP(G, out=W)``, an array the user
+  names (for instance a NumPy ``memmap``) that the set-up writes ``W`` into, so
+  that a read-only G and its W can both stay on disk; every check runs before
+  anything is written;
+- :func:`gather_gradients`: fills an ``(m, d)`` store (a new array, a new
+  ``.npy`` file opened as a memmap, or an array the user passes) from an
+  iterable of gradients or batches, for ``StaticIHVP.from_gradients``, with
+  clear errors for too few, too many, mis-shaped or non-finite gradients.
+  A store this module created is removed again when the call fails.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+import numpy as np
+
+from ._compat import Array, array_namespace, device, may_share_memory, namespace_name
+from ._validation import (
+    check_count,
+    check_flag,
+    check_same_space,
+    check_writeable,
+    half_dtype_name,
+    namespace_of,
+)
+
+__all__ = [
+    "GradientStore",
+    "TextProgress",
+    "check_w_out",
+    "gather_gradients",
+    "open_store",
+    "progress_callback",
+]
+
+#: The dtypes a gradient store may have (the operator's storage dtypes).
+STORE_DTYPES = ("float16", "float32", "float64")
+
+
+def check_w_out(xp: Any, dev: Any, G: Array, out: Array, *, overwrite_G: bool, half: bool) -> None:
+    """Refuse an ``out`` array that cannot hold ``W`` for this G; write nothing.
+
+    ``out`` must be a writeable array of G's library, device, shape and dtype
+    that does not overlap G, or G itself with ``overwrite_G=True``.
+    """
+    if half:
+        raise ValueError(
+            "out has nothing to hold for 2-byte gradients: the operator keeps G itself "
+            "and no W (docs/mathematics.rst, '2-byte storage'); drop out"
+        )
+    check_same_space(xp, dev, out, "out", owner="StaticIHVP")
+    if tuple(out.shape) != tuple(G.shape):
+        raise ValueError(
+            f"out must have G's shape {tuple(G.shape)} (it receives W = U^-T G), "
+            f"got {tuple(out.shape)}"
+        )
+    if out.dtype != G.dtype:
+        raise TypeError(
+            f"out must have G's dtype {G.dtype} (W is stored in the gradients' dtype), "
+            f"got {out.dtype}"
+        )
+    check_writeable(out, "out", why="out (the array W is written to)")
+    if out is G:
+        if not overwrite_G:
+            raise ValueError(
+                "out is G: writing W over the gradients destroys them; say so with "
+                "overwrite_G=True (then out is not needed)"
+            )
+        return
+    if overwrite_G:
+        raise ValueError(
+            "overwrite_G=True writes W over G, and out names another array for W; "
+            "pass one or the other"
+        )
+    if may_share_memory(out, G):
+        raise ValueError(
+            "out overlaps G in memory: W would overwrite gradients still to be read; "
+            "pass an array of its own, or G itself with overwrite_G=True"
+        )
+
+
+# -- progress ------------------------------------------------------------------------------
+
+
+@dataclass
+class TextProgress:
+    """A text progress bar on a stream (stderr), redrawn when its percentage changes."""
+
+    stream: TextIO = field(default_factory=lambda: sys.stderr)
+    width: int = 30
+    _last: tuple[str, int] | None = None
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        percent = 100 if total <= 0 else min(100, 100 * done // total)
+        if self._last == (stage, percent):
+            return
+        self._last = (stage, percent)
+        filled = self.width * percent // 100
+        bar = "#" * filled + "." * (self.width - filled)
+        end = "\n" if percent == 100 else ""
+        self.stream.write(f"\r{stage:>9s} [{bar}] {percent:3d}% ({done}/{total}){end}")
+        self.stream.flush()
+
+
+def progress_callback(progress: Any) -> Callable[[str, int, int], None] | None:
+    """``None``, the built-in text bar (``True``), or the user's callable."""
+    if progress is None or progress is False:
+        return None
+    if progress is True:
+        return TextProgress()
+    if callable(progress):
+        return progress
+    raise TypeError(
+        "progress must be None, True (a text bar on stderr) or a callable "
+        f"progress(stage, done, total), got {type(progress).__name__}"
+    )
+
+
+# -- the gradient store --------------------------------------------------------------------
+
+
+@dataclass
+class GradientStore:
+    """An ``(m, d)`` array to write into, and the file this module created for it (or None)."""
+
+    array: Any
+    created: str | None = None
+
+    def discard(self) -> None:
+        """Remove the file this module created (after a failure); arrays are let go."""
+        self.array = None
+        if self.created is not None:
+            try:
+                os.remove(self.created)
+            except FileNotFoundError:
+                pass
+            self.created = None
+
+
+def _numpy_dtype(dtype: Any, name: str) -> np.dtype:
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"{name} must be a NumPy dtype or its name, got {dtype!r}") from None
+    if dt.name not in STORE_DTYPES:
+        raise TypeError(f"{name} must be one of {', '.join(STORE_DTYPES)}, got {dt.name}")
+    return dt
+
+
+def is_path(target: Any) -> bool:
+    """Whether ``target`` names a file (a string or an ``os.PathLike``)."""
+    return isinstance(target, (str, os.PathLike))
+
+
+def check_new_path(target: Any, name: str) -> str:
+    """The path of a store to create; an existing file is refused, not overwritten."""
+    path = os.fspath(target)
+    if os.path.exists(path):
+        raise FileExistsError(
+            f"{name}: {path!r} exists; remove it first or pass another path (an existing "
+            "file is not overwritten)"
+        )
+    return path
+
+
+def open_store(target: Any, shape: tuple[int, int], dtype: Any, name: str) -> GradientStore:
+    """A new NumPy array (``target`` None) or ``.npy`` memmap file (a path) of ``shape``."""
+    dt = _numpy_dtype(dtype, "dtype")
+    if target is None:
+        return GradientStore(np.empty(shape, dtype=dt))
+    path = check_new_path(target, name)
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=dt, shape=shape)
+    return GradientStore(array, created=path)
+
+
+def _check_store_array(store: Any, shape: tuple[int, int], name: str) -> Any:
+    xp = namespace_of(store, name)
+    if tuple(store.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(store.shape)}")
+    if half_dtype_name(xp, store.dtype) is None and store.dtype not in (xp.float32, xp.float64):
+        raise TypeError(
+            f"{name} must have a floating dtype (float32, float64 or a 2-byte one), "
+            f"got {store.dtype}"
+        )
+    check_writeable(store, name, why="filling it with the gradients")
+    return xp
+
+
+def _batches(gradients: Iterable[Any]) -> Iterator[Any]:
+    try:
+        return iter(gradients)
+    except TypeError:
+        raise TypeError(
+            f"gradients must be an iterable of arrays, got {type(gradients).__name__}"
+        ) from None
+
+
+def gather_gradients(
+    gradients: Iterable[Array],
+    *,
+    num_grads: Any,
+    dim: Any,
+    dtype: Any,
+    store: Any,
+    check_finite: bool,
+    progress: Callable[[str, int, int], None] | None,
+) -> GradientStore:
+    """Fill an ``(num_grads, dim)`` store from ``gradients``, one gradient or batch at a time.
+
+    Each item is a gradient ``(dim,)`` or a batch ``(k, dim)`` of the store's
+    library and device. The iterable must yield exactly ``num_grads``
+    gradients. On any error a store this function created is removed; an
+    array the caller passed keeps the rows written so far.
+    """
+    m = check_count(num_grads, "num_grads")
+    d = check_count(dim, "dim")
+    check_finite = check_flag(check_finite, "check_finite")
+    shape = (m, d)
+    given = store is not None and not is_path(store)
+    if given:
+        xp = _check_store_array(store, shape, "grads_out")
+        if dtype is not None and dtype != store.dtype and str(dtype) != _dtype_name(store.dtype):
+            raise TypeError(
+                f"dtype={dtype!r} differs from grads_out's dtype {store.dtype}; drop dtype "
+                "(the store's dtype is used)"
+            )
+    else:
+        if dtype is not None:
+            _numpy_dtype(dtype, "dtype")
+        if store is not None:
+            check_new_path(store, "grads_out")
+    items = _batches(gradients)
+    explicit = given or dtype is not None
+    target: GradientStore | None = GradientStore(store) if given else None
+    row = 0
+    try:
+        for index, item in enumerate(items):
+            if target is None:
+                # The store is made once the first gradient says which dtype to use.
+                first = namespace_of(item, f"gradient {index}")
+                if not first.isdtype(item.dtype, "real floating"):
+                    raise TypeError(
+                        f"gradient {index} must have a real floating dtype, got {item.dtype}"
+                    )
+                if namespace_name(first) != "numpy":
+                    raise TypeError(
+                        f"the gradients are {namespace_name(first)} arrays, but without "
+                        "grads_out the store is a NumPy array (or .npy file); pass "
+                        "grads_out, an array of their library, or convert them"
+                    )
+                target = open_store(
+                    store, shape, dtype if dtype is not None else item.dtype, "grads_out"
+                )
+                xp = array_namespace(target.array)
+            rows = _checked_rows(xp, target.array, item, index, d, explicit, check_finite)
+            k = rows.shape[0]
+            if row + k > m:
+                raise ValueError(
+                    f"the gradients exceed num_grads={m}: item {index} brings the count to "
+                    f"{row + k} (take the first ones with itertools.islice)"
+                )
+            target.array[row : row + k, ...] = rows
+            row += k
+            if progress is not None:
+                progress("gradients", row, m)
+            if row == m:
+                break
+        if row < m:
+            raise ValueError(f"the gradients ended after {row} of num_grads={m}")
+        if next(items, None) is not None:
+            raise ValueError(
+                f"the gradients exceed num_grads={m}: more were yielded after the "
+                f"{m}-th (take the first ones with itertools.islice)"
+            )
+    except BaseException:
+        if target is not None and not given:
+            target.discard()
+        raise
+    assert target is not None
+    return target
+
+
+def _dtype_name(dt: Any) -> str:
+    return str(dt).rsplit(".", 1)[-1]
+
+
+def _checked_rows(
+    xp: Any, store: Any, item: Any, index: int, d: int, explicit: bool, check_finite: bool
+) -> Any:
+    """One item as ``(k, d)`` rows in the store's dtype, or a clear error."""
+    name = f"gradient {index}"
+    check_same_space(xp, device(store), item, name, owner="the gradient store")
+    if item.ndim not in (1, 2) or item.shape[-1] != d or (item.ndim == 2 and item.shape[0] < 1):
+        raise ValueError(
+            f"{name} has shape {tuple(item.shape)}; expected ({d},) for one gradient or "
+            f"(k, {d}) for a batch of k"
+        )
+    if not xp.isdtype(item.dtype, "real floating"):
+        raise TypeError(f"{name} must have a real floating dtype, got {item.dtype}")
+    if item.dtype != store.dtype:
+        if not explicit:
+            raise TypeError(
+                f"{name} has dtype {item.dtype}, the first gradient {store.dtype}; pass "
+                "dtype= to convert them all to one dtype"
+            )
+        if check_finite and not bool(xp.all(xp.isfinite(item))):
+            raise ValueError(f"{name} holds NaN or infinity")
+        # Checked before the cast, which would turn such values into infinity.
+        if check_finite and float(xp.max(xp.abs(item))) > float(xp.finfo(store.dtype).max):
+            raise ValueError(f"{name} overflows the store's dtype {store.dtype}")
+        item = xp.astype(item, store.dtype)
+    elif check_finite and not bool(xp.all(xp.isfinite(item))):
+        raise ValueError(f"{name} holds NaN or infinity")
+    return item if item.ndim == 2 else item[None, :]

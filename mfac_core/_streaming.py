@@ -1,0 +1,375 @@
+"""Products of the static inverse with W in host memory, computed on a device (``stream_to``).
+
+For gradients whose ``W = U^{-T} G`` does not fit in device memory but does
+fit in (pinned) host memory: the set-up runs on the host and writes W
+*piece-major* (``(pieces, m, width)``, one contiguous block per column piece,
+so that each piece is one host-to-device copy), and every product streams the
+pieces to the device through two device buffers, so that the copy of piece
+``k + 1`` overlaps the computation on piece ``k``.
+
+The schedule (:class:`DoubleBuffer`) is written against a few stream
+operations (:class:`StreamOps`): run a function on a stream, record an event,
+make a stream wait for an event. :class:`TorchCudaOps` maps them onto a side
+stream for the copies and the current stream for the computations;
+:class:`ImmediateOps` runs everything at once in program order (a host
+target, and the stand-in that lets the schedule run without a GPU). The tests
+drive the same schedule through a simulated pair of streams that runs the
+queued operations in random interleavings, and check that every piece is
+copied once, into buffer ``k % 2``, and never overwritten before its
+computation has finished.
+
+Only PyTorch tensors and the full operator (one block, ``d > m``) are
+supported; the set-up itself is not streamed (it runs on the host's BLAS).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ._compat import Array, is_torch_namespace
+from ._layout import BlockGroup
+
+__all__ = [
+    "DoubleBuffer",
+    "ImmediateOps",
+    "PieceMajorSink",
+    "StreamOps",
+    "StreamedWoodbury",
+    "TorchCudaOps",
+    "check_stream_to",
+    "make_ops",
+    "new_host_w",
+    "piece_width",
+]
+
+#: Bytes of one streamed piece: large enough that a copy's fixed cost is small against
+#: its transfer (a few microseconds against ~1 ms at PCIe speeds), small enough that the
+#: two device buffers stay small.
+PIECE_BYTES = 2**25
+
+#: float64 entries of one temporary of ``entries`` (32 MiB).
+CHUNK_ENTRIES = 2**22
+
+
+class StreamOps(Protocol):
+    """The stream operations the double-buffered schedule needs."""
+
+    @property
+    def copy_stream(self) -> Any:
+        """The stream of the host-to-device copies."""
+
+    @property
+    def compute_stream(self) -> Any:
+        """The stream of the computations (the caller's)."""
+
+    def event(self) -> Any:
+        """A new event."""
+
+    def record(self, event: Any, stream: Any) -> None:
+        """Mark the point, in ``stream``, that later waits on ``event`` wait for."""
+
+    def wait(self, stream: Any, event: Any) -> None:
+        """Make ``stream`` wait for the last point recorded in ``event`` so far."""
+
+    def run(self, stream: Any, fn: Callable[[], None]) -> None:
+        """Queue ``fn``'s work on ``stream``."""
+
+    def drain(self) -> None:
+        """End of a pass: what was queued is ordered before later work of the caller."""
+
+
+class ImmediateOps:
+    """Runs every operation at once, in program order (no overlap; always correct)."""
+
+    copy_stream = "copy"
+    compute_stream = "compute"
+
+    def event(self) -> Any:
+        return None
+
+    def record(self, event: Any, stream: Any) -> None:
+        pass
+
+    def wait(self, stream: Any, event: Any) -> None:
+        pass
+
+    def run(self, stream: Any, fn: Callable[[], None]) -> None:
+        fn()
+
+    def drain(self) -> None:
+        pass
+
+
+class TorchCudaOps:
+    """Copies on a side stream, computations on the device's current stream, CUDA events."""
+
+    def __init__(self, device: Any) -> None:
+        import torch
+
+        self._torch = torch
+        self._device = device
+        self.copy_stream = torch.cuda.Stream(device)
+
+    @property
+    def compute_stream(self) -> Any:
+        # Looked up at each use: the caller's inputs and results belong to whichever
+        # stream is current when a product is called.
+        return self._torch.cuda.current_stream(self._device)
+
+    def event(self) -> Any:
+        return self._torch.cuda.Event()
+
+    def record(self, event: Any, stream: Any) -> None:
+        event.record(stream)
+
+    def wait(self, stream: Any, event: Any) -> None:
+        stream.wait_event(event)
+
+    def run(self, stream: Any, fn: Callable[[], None]) -> None:
+        with self._torch.cuda.stream(stream):
+            fn()
+
+    def drain(self) -> None:
+        # The results were computed on the current stream, so the caller's later work is
+        # ordered after them; copies are ordered before the computations that read them.
+        pass
+
+
+def make_ops(device: Any) -> StreamOps:
+    """The stream operations for a target device (CUDA streams, or immediate on the host)."""
+    if getattr(device, "type", None) == "cuda":
+        return TorchCudaOps(device)
+    return ImmediateOps()
+
+
+@dataclass
+class DoubleBuffer:
+    """Two device buffers and their events; :meth:`run` streams pieces through them.
+
+    The events and buffers persist across passes, so that the first copy of a
+    pass waits for the last computation of the previous one on that buffer.
+    """
+
+    ops: StreamOps
+    buffers: list[Any]
+    ready: list[Any] = field(default_factory=list)
+    done: list[Any] = field(default_factory=list)
+    used: list[bool] = field(default_factory=lambda: [False, False])
+
+    def __post_init__(self) -> None:
+        self.ready = [self.ops.event(), self.ops.event()]
+        self.done = [self.ops.event(), self.ops.event()]
+
+    def _load(self, k: int, load: Callable[[int, Any], None]) -> None:
+        """Queue the copy of piece ``k`` into buffer ``k % 2``, once its last reader is done."""
+        ops, s = self.ops, k % 2
+        if self.used[s]:
+            ops.wait(ops.copy_stream, self.done[s])
+        ops.run(ops.copy_stream, functools.partial(load, k, self.buffers[s]))
+        ops.record(self.ready[s], ops.copy_stream)
+        self.used[s] = True
+
+    def run(
+        self, count: int, load: Callable[[int, Any], None], kernel: Callable[[int, Any], None]
+    ) -> None:
+        """``load(k, buffer)`` then ``kernel(k, buffer)`` for pieces ``k = 0 .. count - 1``.
+
+        The copy of piece ``k + 1`` is queued before the computation on piece
+        ``k``, so the two overlap where the streams run concurrently.
+        """
+        ops = self.ops
+        if count > 0:
+            self._load(0, load)
+        for k in range(count):
+            s = k % 2
+            if k + 1 < count:
+                self._load(k + 1, load)
+            ops.wait(ops.compute_stream, self.ready[s])
+            ops.run(ops.compute_stream, functools.partial(kernel, k, self.buffers[s]))
+            ops.record(self.done[s], ops.compute_stream)
+        ops.drain()
+
+
+def piece_width(m: int, d: int, itemsize: int) -> int:
+    """Columns of one streamed piece of an ``(m, d)`` W."""
+    return max(1, min(d, PIECE_BYTES // max(1, m * itemsize)))
+
+
+@dataclass
+class PieceMajorSink:
+    """A set-up sink that writes W into a ``(pieces, m, width)`` host tensor (see module doc)."""
+
+    xp: Any
+    host: Any
+    width: int
+    dim: int
+
+    def store(self, columns: tuple[int, int], Linv: Array, X: Array) -> None:
+        lo, hi = columns
+        # One block: a (1, m, m) factor and (1, m, w) columns.
+        Wc = Linv[0, ...] @ X[0, ...]
+        w = self.width
+        for p in range(lo // w, (hi - 1) // w + 1):
+            a, b = max(lo, p * w), min(hi, (p + 1) * w)
+            self.host[p, :, a - p * w : b - p * w] = Wc[:, a - lo : b - lo]
+
+    def finish(self) -> Array:
+        # The set-up wraps what it gets here in a WoodburyFactor that the operator then
+        # replaces: a zero-stride view of the right shape, holding no memory.
+        m = int(self.host.shape[1])
+        return self.xp.broadcast_to(self.xp.zeros((1, 1), dtype=self.host.dtype), (m, self.dim))
+
+
+def check_stream_to(
+    xp: Any,
+    G: Array,
+    stream_to: Any,
+    *,
+    full: bool,
+    half: bool,
+    overwrite_G: bool,
+    out: Any,
+    refine: int,
+) -> Any:
+    """The target device of ``stream_to``, or a clear error; nothing is allocated."""
+    if not is_torch_namespace(xp):
+        raise TypeError(
+            "stream_to needs G as a PyTorch tensor in host memory (pinned, for a CUDA "
+            "target); this G is not a PyTorch tensor"
+        )
+    import torch
+
+    if G.device.type != "cpu":
+        raise ValueError(
+            f"stream_to streams W from host memory, but G is on {G.device}; pass a CPU "
+            "(pinned) G, or drop stream_to to build the operator on G's device"
+        )
+    try:
+        target = torch.device(stream_to)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"stream_to must name a PyTorch device, got {stream_to!r}") from exc
+    if target.type not in ("cuda", "cpu"):
+        raise ValueError(f"stream_to must be a CUDA device (or 'cpu'), got {target}")
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"stream_to={stream_to!r}, but PyTorch sees no CUDA device")
+    if half:
+        raise ValueError("stream_to supports float32 and float64 gradients, not 2-byte ones")
+    if not full:
+        raise ValueError(
+            "stream_to supports the full operator with more coordinates than gradients "
+            "(d > m, no block_size) only"
+        )
+    for flag, name in ((overwrite_G, "overwrite_G"), (out is not None, "out"), (refine, "refine")):
+        if flag:
+            raise ValueError(
+                f"stream_to keeps W in a pinned host array of its own; {name} is not "
+                "supported with it"
+            )
+    return target
+
+
+def new_host_w(G: Array, target: Any, width: int) -> Any:
+    """The ``(pieces, m, width)`` host tensor for W, pinned for a CUDA target."""
+    import torch
+
+    m, d = G.shape
+    pieces = -(-d // width)
+    return torch.empty(
+        (pieces, m, width), dtype=G.dtype, device="cpu", pin_memory=target.type == "cuda"
+    )
+
+
+@dataclass
+class StreamedWoodbury:
+    """The full operator's W in piece-major host memory, applied on ``device`` piece by piece.
+
+    Offers the group-factor interface of ``_group_factors`` (``apply``,
+    ``apply_vector``, ``diagonal``, ``entries``); inputs and results are on
+    ``device``.
+    """
+
+    group: BlockGroup
+    host: Any
+    damp: float
+    device: Any
+    buffer: DoubleBuffer
+
+    @classmethod
+    def build(cls, group: BlockGroup, host: Any, damp: float, device: Any) -> StreamedWoodbury:
+        import torch
+
+        _, m, w = host.shape
+        buffers = [torch.empty((m, w), dtype=host.dtype, device=device) for _ in range(2)]
+        return cls(group, host, damp, device, DoubleBuffer(make_ops(device), buffers))
+
+    @property
+    def _width(self) -> int:
+        return int(self.host.shape[2])
+
+    def _cols(self, k: int) -> tuple[int, int]:
+        w = self._width
+        return k * w, min((k + 1) * w, self.group.size)
+
+    def _load(self, k: int, buf: Any) -> None:
+        buf.copy_(self.host[k], non_blocking=True)
+
+    def _pass(self, kernel: Callable[[int, Any], None]) -> None:
+        self.buffer.run(int(self.host.shape[0]), self._load, kernel)
+
+    def apply(self, X: Array, /) -> Array:
+        import torch
+
+        m = self.host.shape[1]
+        C = torch.zeros((m, X.shape[1]), dtype=X.dtype, device=self.device)
+
+        def gram_pass(k: int, buf: Any) -> None:
+            c0, c1 = self._cols(k)
+            C.add_(buf[:, : c1 - c0] @ X[c0:c1, :])
+
+        self._pass(gram_pass)
+        Y = torch.empty_like(X)
+
+        def out_pass(k: int, buf: Any) -> None:
+            c0, c1 = self._cols(k)
+            Y[c0:c1, :] = (X[c0:c1, :] - buf[:, : c1 - c0].T @ C) / self.damp
+
+        self._pass(out_pass)
+        return Y
+
+    def apply_vector(self, x: Array, /) -> Array:
+        return self.apply(x[:, None])[:, 0]
+
+    def diagonal(self) -> Array:
+        import torch
+
+        out = torch.empty((self.group.size,), dtype=self.host.dtype, device=self.device)
+
+        def kernel(k: int, buf: Any) -> None:
+            c0, c1 = self._cols(k)
+            Wc = buf[:, : c1 - c0].double()
+            out[c0:c1] = (1.0 - (Wc * Wc).sum(0)) / self.damp
+
+        self._pass(kernel)
+        return out
+
+    def entries(self, rows: Array, cols: Array, /) -> Array:
+        # Single entries gather their columns of W on the host: the indices go there
+        # (an explicit, small transfer), and only the gathered columns come back.
+        import torch
+
+        m, w = self.host.shape[1], self._width
+        n = rows.shape[0]
+        step = max(1, CHUNK_ENTRIES // m)
+        parts = []
+        for lo in range(0, n, step):
+            r, c = rows[lo : lo + step].cpu(), cols[lo : lo + step].cpu()
+            Wr = self.host[r // w, :, r % w].to(self.device, torch.float64)
+            Wc = self.host[c // w, :, c % w].to(self.device, torch.float64)
+            delta = (rows[lo : lo + step] == cols[lo : lo + step]).double()
+            parts.append(((delta - (Wr * Wc).sum(1)) / self.damp).to(self.host.dtype))
+        if not parts:
+            return torch.zeros((0,), dtype=self.host.dtype, device=self.device)
+        return torch.cat(parts)

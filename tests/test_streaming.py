@@ -1,0 +1,196 @@
+"""The double-buffered streaming of W from host memory (``stream_to``, mfac_core._streaming).
+
+No GPU here: the schedule runs against a simulated pair of streams that executes the
+queued copies and computations in random interleavings (respecting only the events),
+so a missing wait shows up as a computation reading a buffer that a later copy has
+already overwritten. The operator itself runs on CPU PyTorch, with that simulation in
+place of CUDA streams, against the non-streamed operator and the float64 oracle.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+
+import numpy as np
+import pytest
+
+import mfac_core._streaming
+from mfac_core import StaticIHVP
+from mfac_core._streaming import DoubleBuffer, ImmediateOps
+from mfac_core.testing import SpectralOracle, assert_close
+
+torch = pytest.importorskip("torch")
+
+
+class _Event:
+    def __init__(self) -> None:
+        self.recorded = 0  # records queued so far
+        self.completed = 0  # records executed so far
+
+
+class SimulatedStreams:
+    """Two FIFO streams whose heads run in a random order, as far as the events allow.
+
+    ``wait(stream, event)`` captures the event's latest record at call time (as
+    cudaStreamWaitEvent does); the stream blocks until that record has executed.
+    """
+
+    copy_stream = "copy"
+    compute_stream = "compute"
+
+    def __init__(self, seed: int, *, drop_copy_waits: bool = False) -> None:
+        self.rng = random.Random(seed)
+        self.queues: dict[str, deque] = {"copy": deque(), "compute": deque()}
+        self.drop_copy_waits = drop_copy_waits  # a broken schedule, to see the checks fail
+
+    def event(self) -> _Event:
+        return _Event()
+
+    def record(self, event: _Event, stream: str) -> None:
+        event.recorded += 1
+        self.queues[stream].append(("record", event, event.recorded))
+
+    def wait(self, stream: str, event: _Event) -> None:
+        if self.drop_copy_waits and stream == "copy":
+            return
+        self.queues[stream].append(("wait", event, event.recorded))
+
+    def run(self, stream: str, fn) -> None:
+        self.queues[stream].append(("run", fn, None))
+
+    def _runnable(self, stream: str) -> bool:
+        q = self.queues[stream]
+        if not q:
+            return False
+        kind, event, version = q[0]
+        return kind != "wait" or event.completed >= version
+
+    def drain(self) -> None:
+        while any(self.queues.values()):
+            ready = [s for s in self.queues if self._runnable(s)]
+            assert ready, "deadlock: both streams wait"
+            kind, obj, version = self.queues[self.rng.choice(ready)].popleft()
+            if kind == "run":
+                obj()
+            elif kind == "record":
+                obj.completed = max(obj.completed, version)
+
+
+def _schedule_log(ops, count: int, passes: int = 2):
+    """Stream ``count`` pieces ``passes`` times; log copies and what each computation read."""
+    buffers = [np.full(3, -1.0), np.full(3, -1.0)]
+    db = DoubleBuffer(ops, buffers)
+    copies, reads = [], []
+    for p in range(passes):
+
+        def load(k, buf, p=p):
+            copies.append((p, k, next(i for i, b in enumerate(buffers) if b is buf)))
+            buf[:] = [p, k, 7.0]
+
+        def kernel(k, buf, p=p):
+            reads.append((p, k, tuple(buf)))
+
+        db.run(count, load, kernel)
+    return copies, reads
+
+
+@pytest.mark.parametrize("seed", range(40))
+@pytest.mark.parametrize("count", [1, 2, 5])
+def test_schedule_copies_once_into_the_right_buffer_and_never_early(seed, count):
+    copies, reads = _schedule_log(SimulatedStreams(seed), count)
+    for p in range(2):
+        mine = [c for c in copies if c[0] == p]
+        assert sorted(k for _, k, _ in mine) == list(range(count))  # each piece once
+        assert all(slot == k % 2 for _, k, slot in mine)  # into buffer k % 2
+    # Every computation saw its own piece: not yet overwritten by a later copy, and
+    # copied before it ran (the buffer starts at -1).
+    assert sorted(reads) == sorted((p, k, (p, k, 7.0)) for p in range(2) for k in range(count))
+
+
+def test_schedule_checks_catch_a_missing_wait():
+    # Without the copy stream's wait for the computation on a buffer, some interleaving
+    # overwrites a piece before it is read: the checks above must see it.
+    caught = 0
+    for seed in range(40):
+        _, reads = _schedule_log(SimulatedStreams(seed, drop_copy_waits=True), 5)
+        caught += any(tuple(r[2][:2]) != r[:2] for r in reads)
+    assert caught > 0
+
+
+def test_schedule_overlaps_copy_and_compute():
+    # The copy of piece k + 1 is queued before the computation on piece k.
+    order = []
+
+    class Recording(ImmediateOps):
+        def run(self, stream, fn):
+            order.append(stream)
+            fn()
+
+    DoubleBuffer(Recording(), [0, 1]).run(3, lambda k, b: None, lambda k, b: None)
+    assert order == ["copy", "copy", "compute", "copy", "compute", "compute"]
+
+
+@pytest.fixture(params=[0, 1, 2])
+def simulated(request, monkeypatch):
+    """CPU torch with a simulated pair of streams, and pieces of 7 columns."""
+    monkeypatch.setattr(mfac_core._streaming, "piece_width", lambda m, d, itemsize: 7)
+    monkeypatch.setattr(
+        mfac_core._streaming, "make_ops", lambda device: SimulatedStreams(request.param)
+    )
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_streamed_operator_equals_the_plain_one(simulated, dtype, rng):
+    m, d = 8, 100
+    G64 = rng.standard_normal((m, d))
+    G = torch.tensor(G64, dtype=getattr(torch, dtype))
+    G64 = G.double().numpy()
+    damp = 1e-2 * float(np.linalg.norm(G64, 2)) ** 2 / m
+    op = StaticIHVP(G, damp=damp, stream_to="cpu")
+    ref = StaticIHVP(G, damp=damp)
+    assert op._factors[0].host.shape == (15, m, 7)  # 100 columns in pieces of 7
+    assert op.device == torch.device("cpu") and op.dtype == G.dtype
+    oracle = SpectralOracle(G64, damp)
+    X = torch.tensor(rng.standard_normal((d, 3)), dtype=G.dtype)
+    for _ in range(2):  # the buffers and events carry over from one product to the next
+        assert_close(op @ X, ref @ X, kappa=oracle.kappa)
+        assert_close(op @ X[:, 0], oracle.matvec(X[:, 0].double().numpy()), kappa=oracle.kappa)
+    assert_close(op.diagonal(), oracle.diagonal(), kappa=oracle.kappa)
+    rows, cols = torch.tensor([0, 6, 7, 99, 50]), torch.tensor([0, 6, 14, 99, 3])
+    assert_close(op.entries(rows, cols), ref.entries(rows, cols), kappa=oracle.kappa)
+
+
+def test_stream_to_refusals(rng):
+    G = torch.tensor(rng.standard_normal((4, 30)))
+    with pytest.raises(TypeError, match="PyTorch"):
+        StaticIHVP(G.numpy(), damp=1.0, stream_to="cuda")
+    with pytest.raises(ValueError, match="PyTorch device"):
+        StaticIHVP(G, damp=1.0, stream_to="gpu please")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            StaticIHVP(G, damp=1.0, stream_to="cuda")
+    for kwargs, match in [
+        ({"block_size": 10}, "full operator"),
+        ({"overwrite_G": True}, "overwrite_G"),
+        ({"out": torch.zeros(4, 30, dtype=torch.float64)}, "out"),
+        ({"refine": 1}, "refine"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            StaticIHVP(G, damp=1.0, stream_to="cpu", **kwargs)
+    with pytest.raises(ValueError, match="full operator"):
+        StaticIHVP(G[:, :3], damp=1.0, stream_to="cpu")  # d <= m: dense, nothing to stream
+    with pytest.raises(ValueError, match="2-byte"):
+        StaticIHVP(G.half(), damp=1.0, stream_to="cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_streamed_on_cuda(rng):
+    m, d = 16, 3000
+    G = torch.tensor(rng.standard_normal((m, d)), dtype=torch.float32).pin_memory()
+    op = StaticIHVP(G, damp=1.0, stream_to="cuda")
+    ref = StaticIHVP(G.cuda(), damp=1.0)
+    X = torch.randn(d, 4, device="cuda")
+    assert (op @ X).device.type == "cuda"
+    assert_close(op @ X, ref @ X, kappa=ref.kappa_bound)
+    assert_close(op.diagonal(), ref.diagonal(), kappa=ref.kappa_bound)
