@@ -275,7 +275,14 @@ class DaskStaticIHVP(StaticIHVP):
         check_finite: bool = True,
         refine: int = 0,
         progress: Callable[[int, int], None] | None = None,
+        out: Array = None,
+        stream_to: Any = None,
     ) -> None:
+        if out is not None or stream_to is not None:
+            raise ValueError(
+                "out= and stream_to= are not available for Dask gradients: W stays "
+                "with Dask's workers (persisted), and Dask moves the chunks itself"
+            )
         check_flag(overwrite_G, "overwrite_G")
         check_finite = check_flag(check_finite, "check_finite")
         if check_count(refine, "refine", minimum=0):
