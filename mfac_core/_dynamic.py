@@ -849,6 +849,8 @@ class DynamicIHVP(LinearOperator):
 
     def _pieces(self) -> list[Any]:
         """The column pieces of the buffer for its float64 passes (32 MiB each at most)."""
+        if not self.dim:  # a shard without columns
+            return []
         whole = BlockGroup(0, 1, self.dim)
         return list(pieces(whole, max(1, _PIECE_ENTRIES // self.num_grads)))
 
@@ -866,6 +868,9 @@ class DynamicIHVP(LinearOperator):
     def _exact_gram_matrix(self) -> Any:
         """The buffer's Gram matrix accumulated in float64 (O(m^2 d), on the rare path)."""
         xp = self._xp
+        if not self.dim:  # a shard without columns
+            m = self.num_grads
+            return self._summed(xp.zeros((m, m), dtype=xp.float64, device=self.device))
         gram = chunk_gram(
             xp,
             self._G,
@@ -1031,7 +1036,7 @@ class DynamicIHVP(LinearOperator):
         reduction of the m x k product that the sum over d needs.
         """
         xp = self._xp
-        spans = [(c0, c1) for _, _, c0, c1 in self._pieces()] if self.dim else []
+        spans = [(c0, c1) for _, _, c0, c1 in self._pieces()]
         P = xp.zeros((self.num_grads, Y.shape[1]), dtype=xp.float64, device=self.device)
         for c0, c1 in spans:
             P = P + xp.astype(self._G[:, c0:c1], xp.float64) @ Y[c0:c1, ...]
