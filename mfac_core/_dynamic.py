@@ -24,8 +24,9 @@ from ._compat import device as device_of
 from ._errors import FactorizationError, NotPositiveDefinite
 from ._gform import half_matvecs64, half_product64, half_transpose_product
 from ._layout import BlockGroup, chunk_gram, pieces
-from ._operator import LinearOperator
+from ._operator import DEFAULT_MAX_DENSE_ENTRIES, LinearOperator
 from ._refine import fisher_residual, refine
+from ._sharding import ShardLayout, host_values, reduce_checked
 from ._validation import (
     check_choice,
     check_count,
@@ -38,6 +39,7 @@ from ._validation import (
     half_dtype_name,
     namespace_of,
 )
+from .distributed import Communicator, check_communicator
 
 __all__ = ["DynamicIHVP"]
 
@@ -46,6 +48,10 @@ _STATE_VERSION = 2
 _DRIFT_TOL = 1e-10
 #: Columns of an edited factor checked for drift after each edit (O(m) each).
 _DRIFT_SAMPLE = 32
+#: Gradients whose norms ``load_state_dict`` checks against the Gram diagonal.
+_NORM_SAMPLE = 8
+#: Numbers describing the replicated state, compared across ranks by ``load_state_dict``.
+_NUM_FINGERPRINT = 6
 #: float64 entries in one piece of the initial Gram product of ``from_window``.
 _PIECE_ENTRIES = 2**22
 
@@ -83,6 +89,29 @@ def _window_dtypes(xp: Any, dtype: Any) -> tuple[Any, Any, str | None]:
     if name is None:
         raise TypeError(f"dtype must be {wanted}, got {dtype!r}")
     return dtype, xp.float32, name
+
+
+#: Entries of the row each rank contributes when a sharded operator is built: its width,
+#: then the settings that must agree on every rank (see ``DynamicIHVP._settings``).
+_NUM_SETTINGS = 9
+
+
+def _reduction_space(xp: Any, device: Any) -> tuple[Any, Any]:
+    """The namespace and device of a set-up reduction, NumPy's when ``xp`` is unusable.
+
+    A rank whose ``xp`` is wrong must still join the reduction that reports it.
+    """
+    try:
+        return (_default_namespace() if xp is None else array_namespace(xp.empty(0))), device
+    except (AttributeError, TypeError):
+        return _default_namespace(), None
+
+
+def _rows(total: Array, size: int) -> list[tuple[float, ...]]:
+    """A reduced rank-by-rank table (each rank filled its own row) as host tuples."""
+    values = host_values(total)
+    width = len(values) // size
+    return [tuple(values[r * width : (r + 1) * width]) for r in range(size)]
 
 
 def _evenly_spaced(k: int, count: int) -> list[int]:
@@ -137,6 +166,49 @@ class _SlotFactor:
         return xp.take(xp.concat([coef, zero], axis=0), self.position, axis=0)
 
 
+def _agreed_rows(G: Array, num_grads: int | None, options: Mapping[str, Any]) -> int | None:
+    """``from_window(comm=...)``'s first reduction: G checked on every rank, one k for all.
+
+    Returns ``num_grads`` (None stays None). Every rank raises if a rank's G is
+    malformed or not finite, or if the ranks hold different numbers of gradients.
+    """
+    comm = check_communicator(options["comm"])
+    try:
+        space = array_namespace(G), device_of(G)
+    except TypeError:
+        space = _default_namespace(), None
+
+    def local() -> Array:
+        xp = namespace_of(G, "G")
+        if G.ndim != 2:
+            raise ValueError(f"G must be 2-D (k, d), got shape {tuple(G.shape)}")
+        k = int(G.shape[0])
+        if num_grads is not None and k > check_count(num_grads, "num_grads"):
+            raise ValueError(f"G holds {k} gradients, more than num_grads={num_grads}")
+        if options.get("check_finite", True) is not False:
+            check_finite(xp, G, "G")
+        flat = [0.0] * comm.size
+        flat[comm.rank] = float(k)
+        return xp.asarray(flat, dtype=xp.float64, device=device_of(G))
+
+    total = reduce_checked(
+        comm,
+        space[0],
+        local,
+        length=comm.size,
+        dtype=space[0].float64,
+        device=space[1],
+        what="DynamicIHVP.from_window",
+    )
+    ks = [int(v) for v in host_values(total)]
+    if len(set(ks)) != 1:
+        raise ValueError(
+            f"DynamicIHVP.from_window(comm=...): the ranks hold the columns of different "
+            f"numbers of gradients, rank by rank {ks}"
+        )
+    return num_grads
+
+
 class DynamicIHVP(LinearOperator):
     r"""The inverse damped Fisher of a sliding window of the last gradients.
 
@@ -186,9 +258,19 @@ class DynamicIHVP(LinearOperator):
         brings the error of vectors near the window's span (such as its mean)
         down to ``eps * kappa``, at the cost of about two more products and
         two float64 passes over the window.
+    comm : Communicator, optional
+        Shard the window by columns over the ranks of ``comm`` (see
+        :mod:`mfac_core.distributed`): ``dim`` is then this rank's number of
+        coordinates (0 allowed), and every method takes and returns this
+        rank's entries; see Notes. Every other argument must be the same on
+        every rank.
 
     Attributes
     ----------
+    layout : ShardLayout or None
+        Sharded: this rank and every rank's width (``layout.start``,
+        ``layout.stop``: this rank's global columns; ``layout.dim``: d over all
+        ranks). None otherwise.
     dtype, device
         The dtype of products and vectors (the storage dtype, or float32 for
         2-byte storage) and the device.
@@ -227,6 +309,25 @@ class DynamicIHVP(LinearOperator):
     products are accurate to about ``eps(float32) * kappa`` against the
     Fisher of the stored gradients.
 
+    Sharded (``comm=``), each rank holds its ``m x d_r`` columns of the
+    window; every contraction over d is this rank's part summed by
+    ``comm.allreduce_sum``, and everything m x m (Gram matrix, factor, slot
+    order, refactorisation and drift decisions, the mixed-precision fallback,
+    warnings) is computed on every rank from the reduced, bit-identical
+    numbers, so the ranks' replicated states stay identical bit for bit. One
+    call, one reduction: :meth:`update` and :meth:`update_and_matvec` reduce
+    the new Gram row (m numbers, its diagonal ``|g|^2`` included, since the
+    row is written before the product), :meth:`matvec` m numbers and
+    :meth:`matmat` ``m k``, each with one status word appended, so that a
+    bad input on one rank (wrong shape or dtype, NaN) makes every rank raise
+    the same exception class and leaves every rank's window as it was. The
+    rare float64 recomputation of a Gram row (a float32 window whose edited
+    factor fails) is decided from the reduced row, so on every rank alike,
+    and costs one more reduction of m numbers (of the m x m Gram matrix if it
+    was not yet exact); each refinement step two more of ``m k``.
+    :meth:`remove` and :meth:`set_damp` reduce ``size`` numbers to check that
+    every rank passed the same argument. :meth:`todense` is refused.
+
     Examples
     --------
     >>> import numpy as np
@@ -257,10 +358,74 @@ class DynamicIHVP(LinearOperator):
         refactor_every: int | None = None,
         check_finite: bool = True,
         refine: int = 0,
+        comm: Communicator | None = None,
+    ) -> None:
+        options = dict(
+            damp=damp,
+            dtype=dtype,
+            xp=xp,
+            device=device,
+            zero_init=zero_init,
+            update_method=update_method,
+            refactor_every=refactor_every,
+            check_finite=check_finite,
+            refine=refine,
+        )
+        self._comm: Communicator | None = None
+        self.layout: ShardLayout | None = None
+        if comm is None:
+            self._build(num_grads, dim, **options)
+            return
+        comm = check_communicator(comm)
+        row: list[float] = []
+
+        def local() -> Array:
+            self._build(num_grads, dim, sharded=True, **options)
+            row.extend(self._settings())
+            return self._one_hot(comm, row)
+
+        space = _reduction_space(xp, device)
+        total = reduce_checked(
+            comm,
+            space[0],
+            local,
+            length=comm.size * _NUM_SETTINGS,
+            dtype=space[0].float64,
+            device=space[1],
+            what="DynamicIHVP(comm=...)",
+        )
+        rows = _rows(total, comm.size)
+        if any(r[1:] != rows[0][1:] for r in rows):
+            raise ValueError(
+                "DynamicIHVP(comm=...) must be built with the same num_grads, damp, dtype, "
+                "zero_init, update_method, refactor_every, refine and check_finite on every "
+                f"rank; rank by rank: {[r[1:] for r in rows]}"
+            )
+        if sum(int(r[0]) for r in rows) == 0:
+            raise ValueError("DynamicIHVP(comm=...): every rank holds 0 columns (dim=0)")
+        self._comm = comm
+        self.layout = ShardLayout(comm.rank, tuple(int(r[0]) for r in rows))
+
+    def _build(
+        self,
+        num_grads: int,
+        dim: int,
+        *,
+        damp: float,
+        dtype: Any,
+        xp: Any,
+        device: Any,
+        zero_init: bool,
+        update_method: str,
+        refactor_every: int | None,
+        check_finite: bool,
+        refine: int,
+        sharded: bool = False,
     ) -> None:
         num_grads = check_count(num_grads, "num_grads")
         self.refine = check_count(refine, "refine", minimum=0)
-        dim = check_count(dim, "dim")
+        # A shard may hold no column (more ranks than coordinates).
+        dim = check_count(dim, "dim", minimum=0 if sharded else 1)
         self.damp = check_damp(damp)
         self.update_method = check_choice(
             update_method, "update_method", ("incremental", "refactor")
@@ -305,6 +470,35 @@ class DynamicIHVP(LinearOperator):
         self._buffers: tuple[Any, Any] | None = None
         self.reset()
 
+    def _settings(self) -> list[float]:
+        """This rank's width and the settings every rank must share, as numbers."""
+        return [
+            float(self.dim),
+            float(self.num_grads),
+            self.damp,
+            float(self._xp.finfo(self.dtype).bits),
+            float(self.zero_init),
+            float(self.update_method == "incremental"),
+            float(self.refactor_every),
+            float(self.refine),
+            float(self.check_finite),
+        ]
+
+    def _one_hot(self, comm: Communicator, values: list[float]) -> Array:
+        """A ``size x len(values)`` table, flattened, holding ``values`` in this rank's row.
+
+        Summed over ranks it tells every rank every rank's values exactly (each entry
+        is one rank's value plus zeros).
+        """
+        flat = [0.0] * (comm.size * len(values))
+        flat[comm.rank * len(values) : (comm.rank + 1) * len(values)] = values
+        return self._xp.asarray(flat, dtype=self._xp.float64, device=self.device)
+
+    @property
+    def comm(self) -> Communicator | None:
+        """The communicator of a sharded operator, or None."""  # numpydoc ignore=RT01
+        return self._comm
+
     @classmethod
     def from_window(
         cls, G: Array, /, *, damp: float, num_grads: int | None = None, **options: Any
@@ -339,6 +533,8 @@ class DynamicIHVP(LinearOperator):
         FactorizationError
             If the window's capacitance matrix cannot be factorised in float64.
         """
+        if options.get("comm") is not None:
+            num_grads = _agreed_rows(G, num_grads, options)
         xp = namespace_of(G, "G")
         if G.ndim != 2:
             raise ValueError(f"G must be 2-D (k, d), got shape {tuple(G.shape)}")
@@ -349,12 +545,16 @@ class DynamicIHVP(LinearOperator):
         op = cls(num_grads, d, damp=damp, dtype=G.dtype, xp=xp, device=device_of(G), **options)
         if k == 0:
             return op
-        if op.check_finite:
+        if op.check_finite and op._comm is None:  # a sharded G was checked collectively
             check_finite(xp, G, "G")
         G = detached(G)
-        whole = BlockGroup(0, 1, d)
-        chunk = list(pieces(whole, max(1, _PIECE_ENTRIES // k)))  # one block: a single chunk
-        gram = chunk_gram(xp, G, whole, chunk, lambda X: X @ xp.matrix_transpose(X))[0, ...]
+        if d:
+            whole = BlockGroup(0, 1, d)
+            chunk = list(pieces(whole, max(1, _PIECE_ENTRIES // k)))  # one block: one chunk
+            gram = chunk_gram(xp, G, whole, chunk, lambda X: X @ xp.matrix_transpose(X))[0, ...]
+        else:
+            gram = xp.zeros((k, k), dtype=xp.float64, device=op.device)
+        gram = op._summed(gram)
         # Both conventions put the k gradients into slots 0..k-1, oldest first.
         if op.zero_init:
             window = list(range(k, num_grads)) + list(range(k))
@@ -544,6 +744,28 @@ class DynamicIHVP(LinearOperator):
         # original at its next update, so every copy is a deep one.
         return copy.deepcopy(self)
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> DynamicIHVP:
+        # The communicator is shared, not copied: it stands for the group of processes.
+        state = LinearOperator.__getstate__(self)
+        comm = state.pop("_comm", None)
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__setstate__(copy.deepcopy(state, memo))
+        new._comm = comm
+        return new
+
+    def __getstate__(self) -> dict[str, Any]:
+        if self._comm is not None:
+            raise TypeError(
+                "a sharded DynamicIHVP holds a communicator, which cannot be pickled; "
+                "save state_dict() on every rank instead"
+            )
+        return super().__getstate__()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Pickles made before operators could be sharded have neither attribute.
+        super().__setstate__({"_comm": None, "layout": None, **state})
+
     def _commit(self, factor: _SlotFactor, *, refactored: bool) -> None:
         self._factor = factor
         if refactored:
@@ -597,8 +819,8 @@ class DynamicIHVP(LinearOperator):
         b, p = half_matvecs64(xp, self._G, [stored, g], self.dtype)
         return b, p[:, None]
 
-    def _place(self, slot: int, g: Array, b: Array | None = None) -> tuple[Any, Any]:
-        """Put gradient ``g`` into ``slot``; return its Gram row (float64, slot order).
+    def _place(self, slot: int, g: Array, b: Array | None = None) -> tuple[Array, Any, Any]:
+        """Put gradient ``g`` into ``slot``; return it (checked) and its Gram row (float64).
 
         Also returns ``G g`` (float64, ``(m, 1)``) for the product of
         :meth:`update_and_matvec` (``None`` when ``b`` is given). A 2-byte
@@ -609,17 +831,19 @@ class DynamicIHVP(LinearOperator):
         duplicated gradient's 2 x 2 block exactly singular, not indefinite by
         rounding. ``b`` may be given when it is known (a zero gradient). If
         the new factor cannot be computed, the old row is put back and the
-        operator is as it was.
+        operator is as it was. A sharded operator checks ``g`` here, inside the
+        reduction of the row, so that every rank raises if one rank's ``g`` is bad.
         """
         xp = self._xp
         old = xp.asarray(self._G[slot, ...], copy=True)
-        self._G[slot, ...] = g
         gram = None
         exact = self.dtype == xp.float64 or b is not None
         product = None
         try:
             if b is None:
-                b, product = self._products(slot, g)
+                g, b, product = self._written_row(slot, g)
+            else:
+                self._G[slot, ...] = g
             try:
                 factor, refactored = self._edited(slot, b)
             except FactorizationError:
@@ -648,10 +872,77 @@ class DynamicIHVP(LinearOperator):
         self._gram[slot, :] = b
         self._gram[:, slot] = b
         self._commit(factor, refactored=refactored)
-        return b, (b[:, None] if product is None else product)
+        return g, b, (b[:, None] if product is None else product)
+
+    # -- reductions over the d coordinates (every one goes through here) ---------------
+
+    def _written_row(self, slot: int, g: Array) -> tuple[Array, Any, Any]:
+        """Write ``g`` into ``slot``; return it, its Gram row and ``G g`` (float64, summed).
+
+        ``G g`` (``(m, 1)``) is ``None`` when it is the row (see :meth:`_products`).
+        Unsharded, ``g`` was checked by the caller. Sharded, it is checked here and the
+        row reduced with the status word: one reduction of m + 1 numbers (2 m + 1 for a
+        2-byte window, whose row and ``G g`` differ).
+        """
+        xp = self._xp
+        m = self.num_grads
+        checked = [g]
+
+        def local() -> Array:
+            if self._comm is not None:
+                checked[0] = self._check_gradient(g)
+            self._G[slot, ...] = checked[0]
+            row, product = self._products(slot, checked[0])
+            return row if product is None else xp.concat([row, product[:, 0]])
+
+        if self.storage_dtype is None:
+            return checked[0], self._reduced(local, m, "DynamicIHVP.update"), None
+        total = self._reduced(local, 2 * m, "DynamicIHVP.update")
+        return checked[0], total[:m], total[m:][:, None]
+
+    def _reduced(self, local: Any, length: int, what: str) -> Any:
+        """``local()`` (1-D float64) summed over the ranks with a status word.
+
+        Every rank raises if ``local()`` raised on any rank (``reduce_checked``).
+        """
+        if self._comm is None:
+            return local()
+        xp = self._xp
+        return reduce_checked(
+            self._comm, xp, local, length=length, dtype=xp.float64, device=self.device, what=what
+        )
+
+    def _summed(self, x: Array) -> Array:
+        """``x`` (float64, computed from this rank's columns) summed over the ranks."""
+        if self._comm is None:
+            return x
+        xp = self._xp
+        total = self._comm.allreduce_sum(xp.reshape(x, (-1,)))
+        return xp.reshape(total, x.shape)
+
+    def _agreed(self, what: str, local: Any) -> None:
+        """Check collectively that ``local()`` (one number; it may raise) agrees on every rank.
+
+        For arguments that must be the same on every rank of a sharded operator (a
+        slot, a damping), whose replicated state would otherwise diverge silently:
+        one reduction of ``size`` numbers. Unsharded, just ``local()``.
+        """
+        if self._comm is None:
+            local()
+            return
+        comm = self._comm
+        total = self._reduced(lambda: self._one_hot(comm, [float(local())]), comm.size, what)
+        values = host_values(total)
+        if any(v != values[0] for v in values):
+            raise ValueError(
+                f"{what} must be called with the same argument on every rank of a sharded "
+                f"operator; rank by rank: {values}"
+            )
 
     def _pieces(self) -> list[Any]:
         """The column pieces of the buffer for its float64 passes (32 MiB each at most)."""
+        if not self.dim:  # a shard without columns
+            return []
         whole = BlockGroup(0, 1, self.dim)
         return list(pieces(whole, max(1, _PIECE_ENTRIES // self.num_grads)))
 
@@ -662,11 +953,16 @@ class DynamicIHVP(LinearOperator):
         for _, _, c0, c1 in self._pieces():
             part = xp.astype(G[:, c0:c1], xp.float64) @ xp.astype(g[c0:c1], xp.float64)
             b = part if b is None else b + part
-        return b
+        if b is None:  # a shard without columns
+            b = xp.zeros((self.num_grads,), dtype=xp.float64, device=self.device)
+        return self._summed(b)
 
     def _exact_gram_matrix(self) -> Any:
         """The buffer's Gram matrix accumulated in float64 (O(m^2 d), on the rare path)."""
         xp = self._xp
+        if not self.dim:  # a shard without columns
+            m = self.num_grads
+            return self._summed(xp.zeros((m, m), dtype=xp.float64, device=self.device))
         gram = chunk_gram(
             xp,
             self._G,
@@ -674,18 +970,20 @@ class DynamicIHVP(LinearOperator):
             self._pieces(),
             lambda X: X @ xp.matrix_transpose(X),
         )
-        return gram[0, ...]
+        return self._summed(gram[0, ...])
 
-    def _insert(self, g: Array) -> Any:
-        """Insert a checked gradient; return ``G g`` (float64, ``(m, 1)``)."""
+    def _insert(self, g: Array) -> tuple[Array, Any]:
+        """Insert gradient ``g``; return it (checked) and ``G g`` (float64, ``(m, 1)``)."""
+        if self._comm is None:  # sharded, g is checked inside the reduction of its row
+            g = self._check_gradient(g)
         slot = self._window[0] if self.is_full else self._free[-1]
-        _, product = self._place(slot, g)
+        g, _, product = self._place(slot, g)
         if self.is_full:
             self._window.popleft()
         else:
             self._free.pop()
         self._window.append(slot)
-        return product
+        return g, product
 
     def update(self, g: Array, /) -> None:
         """Insert gradient ``g``; a full window drops its oldest.
@@ -712,7 +1010,7 @@ class DynamicIHVP(LinearOperator):
         FactorizationError
             If the window's capacitance matrix cannot be factorised with it.
         """
-        self._insert(self._check_gradient(g))
+        self._insert(g)
 
     def update_and_matvec(self, g: Array, /) -> Array:
         """Insert ``g``, then return ``F^{-1} g`` for the window that includes it.
@@ -737,9 +1035,9 @@ class DynamicIHVP(LinearOperator):
         ValueError, TypeError, FactorizationError
             As :meth:`update`; the window is then unchanged.
         """
-        g = self._check_gradient(g)
+        g, product = self._insert(g)
         X = g[:, None]
-        return self._refined(X, self._finish(X, self._insert(g)))[:, 0]
+        return self._refined(X, self._finish(X, product))[:, 0]
 
     def remove_oldest(self) -> None:
         """Remove the oldest gradient of the window."""
@@ -765,14 +1063,21 @@ class DynamicIHVP(LinearOperator):
         FactorizationError
             If the remaining window cannot be factorised (it is then unchanged).
         """
-        try:
-            slot = operator.index(slot) if not isinstance(slot, bool) else -1
-        except TypeError:
-            slot = -1  # not an integer: reported as holding no gradient below
-        if slot not in self._window:
-            raise ValueError(
-                f"slot {slot!r} holds no gradient; the window's slots are {list(self._window)}"
-            )
+        given = slot
+
+        def check() -> int:
+            try:
+                index = operator.index(given) if not isinstance(given, bool) else -1
+            except TypeError:
+                index = -1  # not an integer: reported as holding no gradient below
+            if index not in self._window:
+                raise ValueError(
+                    f"slot {given!r} holds no gradient; the window's slots are {list(self._window)}"
+                )
+            return index
+
+        self._agreed("DynamicIHVP.remove", check)
+        slot = check()
         xp = self._xp
         if self.zero_init:
             self._place(
@@ -805,9 +1110,10 @@ class DynamicIHVP(LinearOperator):
         return (X - self._G.T @ A) / self.damp
 
     def _solve(self, X: Array) -> Array:
+        xp = self._xp
         if self.storage_dtype is not None:
-            return self._finish(X, half_product64(self._xp, self._G, X, self.dtype))
-        return self._finish(X, self._xp.astype(self._G @ X, self._xp.float64))
+            return self._finish(X, self._summed(half_product64(xp, self._G, X, self.dtype)))
+        return self._finish(X, self._summed(xp.astype(self._G @ X, xp.float64)))
 
     def _matmat(self, X: Array) -> Array:
         return self._refined(X, self._solve(X))
@@ -820,9 +1126,172 @@ class DynamicIHVP(LinearOperator):
         whole = (BlockGroup(0, 1, self.dim),)
 
         def residual(X: Array, Y64: Array) -> Array:
+            if self._comm is not None:
+                return self._sharded_residual(X, Y64, scale)
             return fisher_residual(self._xp, self._G, whole, X, Y64, damp=self.damp, scale=scale)
 
         return refine(self._xp, self._solve, residual, X, Y, self.refine)
+
+    def _sharded_residual(self, X: Array, Y: Array, scale: float) -> Array:
+        """This rank's rows of ``X - F Y`` in float64, with ``G Y`` summed over the ranks.
+
+        As ``fisher_residual`` (one block, bounded float64 column pieces), with the one
+        reduction of the m x k product that the sum over d needs.
+        """
+        xp = self._xp
+        spans = [(c0, c1) for _, _, c0, c1 in self._pieces()]
+        P = xp.zeros((self.num_grads, Y.shape[1]), dtype=xp.float64, device=self.device)
+        for c0, c1 in spans:
+            P = P + xp.astype(self._G[:, c0:c1], xp.float64) @ Y[c0:c1, ...]
+        P = self._summed(P)
+        X64 = xp.astype(X, xp.float64)
+        parts = [
+            X64[c0:c1, ...]
+            - self.damp * Y[c0:c1, ...]
+            - scale * (xp.matrix_transpose(xp.astype(self._G[:, c0:c1], xp.float64)) @ P)
+            for c0, c1 in spans
+        ]
+        if not parts:
+            return xp.zeros(X.shape, dtype=xp.float64, device=self.device)
+        return parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)
+
+    # -- the sharded products: the input is checked inside the reduction ---------------
+
+    def _collective_product(self, X: Array, name: str, ndims: tuple[int, ...], k: int) -> Array:
+        """``F^{-1} X`` of a sharded operator: one reduction of ``m k`` numbers + status.
+
+        ``X`` is checked inside the reduction, so that every rank raises if one
+        rank's part is bad; ``k`` (the number of columns) must be the same on every
+        rank, as the length of a collective.
+        """
+        xp, n = self._xp, self.shape[1]
+        checked: list[Array] = []
+
+        def local() -> Array:
+            Xc = self._check_input(X, name, n, ndims)
+            if name == "x" and Xc.ndim == 2 and Xc.shape[1] != 1:
+                raise ValueError(
+                    f"x must have shape ({n},) or ({n}, 1), got {tuple(Xc.shape)}; "
+                    "use matmat for several vectors"
+                )
+            X2 = Xc[:, None] if Xc.ndim == 1 else Xc
+            if X2.shape[1] != k:
+                raise ValueError(f"X must have {k} columns on every rank, got {X2.shape[1]}")
+            checked.append(X2)
+            return xp.reshape(xp.astype(self._G @ X2, xp.float64), (-1,))
+
+        what = "DynamicIHVP.matvec" if name == "x" else "DynamicIHVP.matmat"
+        P = self._reduced(local, self.num_grads * k, what)
+        X2 = checked[0]
+        return self._refined(X2, self._finish(X2, xp.reshape(P, (self.num_grads, k))))
+
+    def matvec(self, x: Array, /) -> Array:
+        """Apply ``F^{-1}`` to one vector (a sharded operator: this rank's entries).
+
+        Parameters
+        ----------
+        x : array, shape (d,) or (d, 1)
+            In the operator's namespace, device and dtype (or float32 for a
+            float64 operator); sharded, this rank's ``d`` entries.
+
+        Returns
+        -------
+        array, shape (d,) or (d, 1)
+            ``F^{-1} x``, with as many dimensions as ``x``.
+
+        Raises
+        ------
+        TypeError, ValueError
+            As :meth:`LinearOperator.matvec`; sharded, on every rank if one
+            rank's ``x`` is bad.
+        """
+        if self._comm is None:
+            return super().matvec(x)
+        y = self._collective_product(x, "x", (1, 2), 1)
+        return y[:, 0] if getattr(x, "ndim", 2) == 1 else y
+
+    def matmat(self, X: Array, /) -> Array:
+        """Apply ``F^{-1}`` to the columns of a matrix (sharded: this rank's rows).
+
+        Parameters
+        ----------
+        X : array, shape (d, k)
+            In the operator's namespace, device and dtype (or float32 for a
+            float64 operator); sharded, this rank's ``d`` rows, with the same
+            ``k`` on every rank.
+
+        Returns
+        -------
+        array, shape (d, k)
+            ``F^{-1} X``.
+
+        Raises
+        ------
+        TypeError, ValueError
+            As :meth:`LinearOperator.matmat`; sharded, on every rank if one
+            rank's ``X`` is bad.
+        """
+        if self._comm is None:
+            return super().matmat(X)
+        shape = tuple(getattr(X, "shape", ()))
+        k = int(shape[1]) if len(shape) == 2 else 1
+        return self._collective_product(X, "X", (2,), k)
+
+    def rmatvec(self, x: Array, /) -> Array:
+        """The adjoint product, :meth:`matvec` (the operator is symmetric).
+
+        Parameters
+        ----------
+        x : array, shape (d,) or (d, 1)
+            As for :meth:`matvec`.
+
+        Returns
+        -------
+        array
+            ``F^{-1} x``.
+        """
+        return self.matvec(x)
+
+    def rmatmat(self, X: Array, /) -> Array:
+        """The adjoint product, :meth:`matmat` (the operator is symmetric).
+
+        Parameters
+        ----------
+        X : array, shape (d, k)
+            As for :meth:`matmat`.
+
+        Returns
+        -------
+        array
+            ``F^{-1} X``.
+        """
+        return self.matmat(X)
+
+    def todense(self, *, max_entries: int = DEFAULT_MAX_DENSE_ENTRIES) -> Array:
+        """Build ``F^{-1}`` as a dense ``(d, d)`` array (not for a sharded operator).
+
+        Parameters
+        ----------
+        max_entries : int, optional
+            As for :meth:`LinearOperator.todense`.
+
+        Returns
+        -------
+        array, shape (d, d)
+            ``F^{-1}``.
+
+        Raises
+        ------
+        ValueError
+            For a sharded operator, whose columns of the identity live on several
+            ranks; and as :meth:`LinearOperator.todense`.
+        """
+        if self._comm is not None:
+            raise ValueError(
+                "todense() of a sharded DynamicIHVP: the columns of F^-1 mix every rank's "
+                "coordinates; apply matmat to this rank's rows of the identity's columns instead"
+            )
+        return super().todense(max_entries=max_entries)
 
     # -- checkpoints -------------------------------------------------------------------
 
@@ -838,10 +1307,18 @@ class DynamicIHVP(LinearOperator):
             Copies of the gradients, the float64 Gram matrix and factor, the
             slot lists (``window_slots``, ``free_slots``, ``factor_slots``),
             the sizes, ``damp``, ``zero_init``, the edit count and a format
-            ``version``.
+            ``version``. Sharded: ``grads`` is this rank's ``m x d`` shard,
+            the rest is the replicated m x m state, and ``shard_rank`` and
+            ``shard_widths`` (every rank's width) record the layout.
         """
         xp = self._xp
+        shard = (
+            {}
+            if self.layout is None
+            else {"shard_rank": self.layout.rank, "shard_widths": list(self.layout.widths)}
+        )
         return {
+            **shard,
             "version": _STATE_VERSION,
             "num_grads": self.num_grads,
             "dim": self.dim,
@@ -870,6 +1347,8 @@ class DynamicIHVP(LinearOperator):
             If the window's capacitance matrix cannot be factorised with the
             new damping; the operator keeps the old one.
         """
+        given = damp
+        self._agreed("DynamicIHVP.set_damp", lambda: check_damp(given))
         damp = check_damp(damp)
         factor = self._factorized(self._gram, list(self._factor.slots), damp)
         self.damp = damp
@@ -950,8 +1429,98 @@ class _LoadedState:
         """Every check of ``load_state_dict``; raises ``ValueError`` naming what is wrong.
 
         With ``damp`` the state is checked against its own damping and, with
-        ``refactor``, its factor recomputed for ``damp``.
+        ``refactor``, its factor recomputed for ``damp``. Sharded, every rank's
+        local checks and its part of the sampled gradient norms are reduced with
+        one status word (every rank raises if one fails), together with a
+        fingerprint of the replicated m x m state that must agree on every rank.
         """
+        comm = op._comm
+        parts: list[Any] = []
+        size = 1 if comm is None else comm.size
+
+        def local() -> Array:
+            checked = cls._check_local(op, state, damp)
+            parts.append(checked)
+            sample, norms, fingerprint = checked[-3:]
+            pad = op._xp.zeros(
+                (_NORM_SAMPLE - len(sample),), dtype=op._xp.float64, device=op.device
+            )
+            table = (
+                op._one_hot(comm, fingerprint)
+                if comm is not None
+                else op._xp.asarray(fingerprint, dtype=op._xp.float64, device=op.device)
+            )
+            return op._xp.concat([norms, pad, table])
+
+        total = op._reduced(local, _NORM_SAMPLE + size * _NUM_FINGERPRINT, "load_state_dict")
+        rows = _rows(total[_NORM_SAMPLE:], size)
+        if any(r != rows[0] for r in rows):
+            raise ValueError(
+                "the ranks' state_dicts disagree on the replicated window state (slot lists, "
+                "edit count, damping, Gram matrix or factor): load every rank's state from "
+                "one checkpoint"
+            )
+        grads, gram, U, window, free, slots, edits, saved_damp, target, sample, _, _ = parts[0]
+        k = len(window)
+        cls._check_norms(op, gram, sample, total[: len(sample)])
+        gram = op._xp.asarray(gram, copy=True)
+        xp = op._xp
+        if refactor and target != saved_damp:
+            return cls(
+                xp.asarray(grads, copy=True),
+                gram,
+                window,
+                free,
+                op._factorized(gram, list(slots), target),
+                0,
+                target,
+            )
+        factor = CapacitanceFactor(xp.asarray(U, copy=True), op._shift(k, saved_damp), 1.0)
+        return cls(
+            xp.asarray(grads, copy=True),
+            gram,
+            window,
+            free,
+            _SlotFactor.build(factor, slots, op.num_grads),
+            edits,
+            saved_damp,
+        )
+
+    @staticmethod
+    def _check_layout(op: DynamicIHVP, state: Mapping[str, Any]) -> None:
+        """The state's shard layout against the operator's (both unsharded, or the same)."""
+        widths = state.get("shard_widths")
+        if op.layout is None:
+            if widths is not None:
+                raise ValueError(
+                    f"state_dict holds rank {state.get('shard_rank')}'s shard of a window split "
+                    f"over {len(widths)} ranks; this operator is not sharded"
+                )
+            return
+        if widths is None:
+            raise ValueError(
+                "state_dict is of an unsharded window; this operator holds rank "
+                f"{op.layout.rank}'s shard of {len(op.layout.widths)} ranks (build it "
+                "without comm, or save the state of a sharded operator)"
+            )
+        try:
+            saved = (int(state.get("shard_rank", -1)), tuple(int(w) for w in widths))
+        except (TypeError, ValueError):
+            raise ValueError("state_dict's shard_rank and shard_widths must be integers") from None
+        if saved != (op.layout.rank, op.layout.widths):
+            raise ValueError(
+                f"state_dict holds rank {saved[0]}'s shard of a window whose {sum(saved[1])} "
+                f"columns were split over {len(saved[1])} ranks as {list(saved[1])}; this "
+                f"operator is rank {op.layout.rank} of {len(op.layout.widths)} with widths "
+                f"{list(op.layout.widths)}: a sharded state loads only at the same world size "
+                "and layout, on the rank that saved it"
+            )
+
+    @classmethod
+    def _check_local(
+        cls, op: DynamicIHVP, state: Mapping[str, Any], damp: float | None
+    ) -> tuple[Any, ...]:
+        """The checks of one rank's state that need no other rank's data."""
         if not isinstance(state, Mapping):
             raise TypeError(
                 f"state must be a mapping from state_dict(), got {type(state).__name__}"
@@ -986,6 +1555,7 @@ class _LoadedState:
         missing = [k for k in keys if state.get(k) is None]
         if missing:
             raise ValueError(f"DynamicIHVP state_dict lacks {', '.join(missing)}")
+        cls._check_layout(op, state)
         m, d, xp = op.num_grads, op.dim, op._xp
         if (state["num_grads"], state["dim"]) != (m, d):
             raise ValueError(
@@ -1050,55 +1620,57 @@ class _LoadedState:
                 if not bool(xp.all(xp.isfinite(a)))
             )
             raise ValueError(f"state['{name}'] holds NaN or infinity")
-        cls._check_agreement(op, grads, gram, U, list(slots), k, saved_damp)
-        gram = xp.asarray(gram, copy=True)
-        if refactor and target != saved_damp:
-            return cls(
-                xp.asarray(grads, copy=True),
-                gram,
-                window,
-                free,
-                op._factorized(gram, list(slots), target),
-                0,
-                target,
-            )
-        factor = CapacitanceFactor(xp.asarray(U, copy=True), op._shift(k, saved_damp), 1.0)
-        return cls(
-            xp.asarray(grads, copy=True),
-            gram,
-            window,
-            free,
-            _SlotFactor.build(factor, slots, m),
-            edits,
+        cls._check_factor(op, gram, U, list(slots), k, saved_damp)
+        sample = [slots[p] for p in _evenly_spaced(k, _NORM_SAMPLE)] if k else []
+        index = xp.asarray(sample, dtype=xp.int64, device=op.device)
+        rows = xp.astype(xp.take(grads, index, axis=0), xp.float64)
+        fingerprint = [
+            float(k),
+            float(edits),
             saved_damp,
-        )
+            float(xp.sum(gram)),
+            float(xp.sum(U)),
+            float(sum((i + 1) * s for i, s in enumerate((*window, -1, *free, -1, *slots)))),
+        ]
+        return (
+            grads, gram, U, window, free, slots, edits, saved_damp, target,
+            sample, xp.sum(rows * rows, axis=1), fingerprint,
+        )  # fmt: skip
 
     @staticmethod
-    def _check_agreement(
-        op: DynamicIHVP, grads: Array, gram: Array, U: Array, slots: list[int], k: int, damp: float
-    ) -> None:
-        """The Gram matrix against the gradients and the factor against the Gram matrix.
+    def _check_norms(op: DynamicIHVP, gram: Array, sample: list[int], norms: Array) -> None:
+        """The Gram diagonal against the squared norms of a sample of stored gradients.
 
-        On a sample of evenly spaced factor columns: the Gram diagonal against
-        the squared norms of the stored gradients (within the rounding bound of a
-        sum of d squares in the storage dtype), and the columns of ``U^T U``
-        against those of the capacitance matrix (within the rounding of a
-        Cholesky factor, a small multiple of ``k eps`` relative to the matrix, or the
-        drift that incremental edits may accumulate before a refactorisation).
+        Within the rounding bound of a sum of d squares in the storage dtype (d over
+        all ranks; sharded, ``norms`` are summed over the ranks).
+        """
+        if not sample:
+            return
+        xp = op._xp
+        index = xp.asarray(sample, dtype=xp.int64, device=op.device)
+        diag = xp.take(xp.linalg.diagonal(gram), index, axis=0)
+        eps = float(xp.finfo(op.dtype).eps)
+        dim = op.dim if op.layout is None else op.layout.dim
+        # A dot product of d terms in the storage dtype errs by at most d eps |x||y|.
+        if bool(xp.any(xp.abs(diag - norms) > min(1.0, 2 * dim * eps) * norms + 1e-300)):
+            raise ValueError("state_dict's Gram matrix does not match its gradients")
+
+    @staticmethod
+    def _check_factor(
+        op: DynamicIHVP, gram: Array, U: Array, slots: list[int], k: int, damp: float
+    ) -> None:
+        """The factor against the Gram matrix, on a sample of evenly spaced columns.
+
+        The columns of ``U^T U`` against those of the capacitance matrix (within the
+        rounding of a Cholesky factor, a small multiple of ``k eps`` relative to the
+        matrix, or the drift that incremental edits may accumulate before a
+        refactorisation).
         """
         xp = op._xp
         if not k:
             return
         eps64 = float(xp.finfo(xp.float64).eps)
-        pos = _evenly_spaced(k, 8)
-        sample = xp.asarray([slots[p] for p in pos], dtype=xp.int64, device=op.device)
-        rows = xp.astype(xp.take(grads, sample, axis=0), xp.float64)
-        norms = xp.sum(rows * rows, axis=1)
-        diag = xp.take(xp.linalg.diagonal(gram), sample, axis=0)
-        eps = float(xp.finfo(op.dtype).eps)
-        # A dot product of d terms in the storage dtype errs by at most d eps |x||y|.
-        if bool(xp.any(xp.abs(diag - norms) > min(1.0, 2 * op.dim * eps) * norms + 1e-300)):
-            raise ValueError("state_dict's Gram matrix does not match its gradients")
+        pos = _evenly_spaced(k, _NORM_SAMPLE)
         idx = xp.asarray(slots, dtype=xp.int64, device=op.device)
         C = xp.take(xp.take(gram, idx, axis=0), idx, axis=1)
         C = C + op._shift(k, damp) * xp.eye(k, dtype=xp.float64, device=op.device)

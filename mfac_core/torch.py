@@ -35,6 +35,7 @@ from . import pruning
 from ._compat import array_namespace
 from ._dynamic import DynamicIHVP
 from ._errors import FactorizationError
+from ._sharding import reduce_checked
 from ._validation import (
     check_choice,
     check_count,
@@ -43,6 +44,7 @@ from ._validation import (
     check_fraction,
     check_number,
 )
+from .distributed import Communicator, TorchComm, check_communicator
 
 __all__ = ["MFAC", "MFACPruner", "MFACStepWarning"]
 
@@ -72,6 +74,23 @@ def _format_bytes(n: int) -> str:
             return f"{value:.1f} {unit}" if unit != "B" else f"{n} B"
         value /= 1024
     return f"{value:.1f} TiB"
+
+
+def _dtensor_class() -> Any:
+    """DTensor's class, or None where this PyTorch has no torch.distributed.tensor."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - builds without distributed
+        return None
+    return DTensor
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (a view: writes reach the DTensor), else ``t``."""
+    dtensor = _dtensor_class()
+    if dtensor is not None and isinstance(t, dtensor):
+        return t.to_local()
+    return t
 
 
 def _itemsize(dtype: torch.dtype) -> int:
@@ -138,13 +157,22 @@ class MFAC(torch.optim.Optimizer):
         their dtype (docs/mathematics.rst, "2-byte storage"). float16's range
         ends at 65504: a larger gradient entry is not stored (see Notes);
         bfloat16 has float32's range.
+    comm : Communicator, optional
+        Shard the window by columns over the processes of ``comm`` (usually
+        ``mfac_core.distributed.TorchComm(group)``), for parameters replicated
+        on every rank with the same gradient, as under
+        :class:`~torch.nn.parallel.DistributedDataParallel`. Parameters that are
+        DTensors sharded on dimension 0 (``torch.distributed.fsdp.fully_shard``)
+        need no ``comm``: the optimizer uses their device mesh's group. See
+        "Distributed training" in the documentation and Notes. Not with a
+        2-byte ``grad_dtype``.
 
     Attributes
     ----------
     ihvp : DynamicIHVP
-        The window and its factorisation.
+        The window and its factorisation (distributed: this rank's columns).
     dim : int
-        The number of coordinates d.
+        The number of coordinates d (over all ranks).
     num_grads, damp : int, float
         The window's size m and damping (read-only; see
         :meth:`load_state_dict` to change the damping).
@@ -203,6 +231,22 @@ class MFAC(torch.optim.Optimizer):
     beyond float16's range) and the optimizer is left as it was, except that a
     non-finite step of a finite gradient leaves that gradient in the window.
 
+    Distributed (``comm``, or DTensor parameters), each rank's window holds
+    its columns of the gradients (``m d / p`` values): under DDP the rank's
+    :func:`torch.chunk` of the flat gradient, whose step is then all-gathered
+    (``d`` numbers per step, next to the window's one reduction of ``m + 1``);
+    with DTensor parameters the local shards of the gradients, and each rank
+    moves its own shards (nothing is gathered; one more reduction of one
+    number says whether the step is finite everywhere). Every decision is
+    collective: a NaN on one rank skips (or raises on) every rank, a
+    gradient the window cannot take is left out on every rank. The state
+    holds this rank's window and momentum under
+    ``state["mfac"]["shards"]["rank{r}_of_{p}"]`` (tensors of fixed shapes,
+    so that :mod:`torch.distributed.checkpoint` saves every rank's shard and
+    loads into the state_dict of a fresh optimizer) and loads only at the
+    same world size, on the rank that saved it. A distributed optimizer
+    cannot be pickled or copied.
+
     :meth:`state_dict` holds the window (gradients, Gram matrix and Cholesky
     factor), the momentum buffer, the step count and the two counters, so
     that a run restored from a checkpoint continues bit for bit;
@@ -245,6 +289,7 @@ class MFAC(torch.optim.Optimizer):
         zero_init: bool = True,
         errors: str = "skip",
         grad_dtype: torch.dtype | None = None,
+        comm: Communicator | None = None,
     ) -> None:
         lr = check_number(lr, "lr", low=0.0)
         momentum = check_number(momentum, "momentum", low=0.0, high=1.0, high_open=True)
@@ -264,6 +309,7 @@ class MFAC(torch.optim.Optimizer):
             errors=errors,
             grad_dtype=grad_dtype,
         )
+        self._comm: Communicator | None = None if comm is None else check_communicator(comm)
         self._layout()
         self.ihvp = self._new_window(damp)
         self._momentum: torch.Tensor | None = None
@@ -288,28 +334,80 @@ class MFAC(torch.optim.Optimizer):
                     f"one dtype, got {first.device}/{first.dtype} and {p.device}/{p.dtype}"
                 )
         self.device, self.dtype = first.device, first.dtype
+        self._sharded = self._check_dtensors(flat)
         self._slices: list[list[tuple[torch.Tensor, int, int]]] = []
         offset = 0
         for group in self.param_groups:
             layout = []
             for p in group["params"]:
-                layout.append((p, offset, offset + p.numel()))
-                offset += p.numel()
+                n = _local(p).numel()
+                layout.append((p, offset, offset + n))
+                offset += n
             self._slices.append(layout)
-        self.dim = offset
-        # The flat gradient, reused by every step.
-        self._grad = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
+        # d counts every coordinate; sharded parameters hold ``offset`` of them here.
+        self.dim = sum(p.numel() for p in flat) if self._sharded else offset
+        # The flat gradient (this rank's shards of it, sharded), reused by every step.
+        self._grad = torch.zeros(offset, dtype=self.dtype, device=self.device)
+        self._columns = self._window_columns(offset)
         grad_dtype = self.defaults.get("grad_dtype")
         if grad_dtype is not None and grad_dtype not in (*_HALF_GRAD_DTYPES, self.dtype):
             raise TypeError(
                 f"grad_dtype must be None (the parameters' dtype, {self.dtype}), "
                 f"torch.bfloat16 or torch.float16, got {grad_dtype!r}"
             )
+        if grad_dtype in _HALF_GRAD_DTYPES and self._comm is not None:
+            raise ValueError(
+                f"grad_dtype={grad_dtype} is not available for a distributed optimizer "
+                "(comm= or DTensor parameters): store the window in the parameters' dtype"
+            )
         #: The window's storage dtype.
         self.grad_dtype: torch.dtype = self.dtype if grad_dtype is None else grad_dtype
 
+    def _check_dtensors(self, flat: list[torch.Tensor]) -> bool:
+        """Whether the parameters are DTensors sharded on dimension 0 (FSDP2); sets the comm."""
+        dtensor = _dtensor_class()
+        kinds = {dtensor is not None and isinstance(p, dtensor) for p in flat}
+        if kinds == {False}:
+            return False
+        from torch.distributed.tensor import Shard
+
+        meshes = {id(p.device_mesh) for p in flat if isinstance(p, dtensor)}
+        mesh = flat[0].device_mesh  # type: ignore[attr-defined]
+        if len(kinds) > 1 or len(meshes) > 1 or mesh.ndim != 1:
+            raise ValueError(
+                "MFAC over DTensor parameters needs all parameters to be DTensors of one "
+                "1-D device mesh (as torch.distributed.fsdp.fully_shard makes them)"
+            )
+        for p in flat:
+            if tuple(p.placements) != (Shard(0),):  # type: ignore[attr-defined]
+                raise ValueError(
+                    "MFAC over DTensor parameters needs them sharded on dimension 0 "
+                    f"(placements (Shard(0),)), got {tuple(p.placements)}"  # type: ignore[attr-defined]
+                )
+        if self._comm is None:
+            self._comm = TorchComm(mesh.get_group())
+        elif (self._comm.rank, self._comm.size) != (mesh.get_local_rank(), mesh.size()):
+            raise ValueError(
+                f"comm is rank {self._comm.rank} of {self._comm.size}, but the parameters' "
+                f"device mesh has this process at {mesh.get_local_rank()} of {mesh.size()}"
+            )
+        return True
+
+    def _window_columns(self, width: int) -> tuple[int, int]:
+        """The columns of the flat gradient this rank's window holds.
+
+        Replicated parameters (DDP) with ``comm``: this rank's chunk, as
+        :func:`torch.chunk` splits the d coordinates (as DTensor's ``Shard``); otherwise
+        every coordinate of the flat (local) gradient.
+        """
+        if self._comm is None or self._sharded:
+            return 0, width
+        size, rank = self._comm.size, self._comm.rank
+        chunk = -(-width // size)
+        return min(rank * chunk, width), min((rank + 1) * chunk, width)
+
     def _log_window(self, damp: float) -> None:
-        m, d = self.defaults["num_grads"], self.dim
+        m, d = self.defaults["num_grads"], self._columns[1] - self._columns[0]
         window = m * d * _itemsize(self.grad_dtype)
         # The Gram matrix and the two factor buffers the core keeps once the window is full.
         small = 3 * m * m * 8
@@ -329,14 +427,16 @@ class MFAC(torch.optim.Optimizer):
 
     def _new_window(self, damp: float) -> DynamicIHVP:
         self._log_window(damp)
+        lo, hi = self._columns
         return DynamicIHVP(
             self.defaults["num_grads"],
-            self.dim,
+            hi - lo,
             damp=damp,
             dtype=self.grad_dtype,
             xp=array_namespace(self._grad),
             device=self.device,
             zero_init=self.defaults["zero_init"],
+            comm=self._comm,
         )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -433,6 +533,9 @@ class MFAC(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         g = self._gather()
+        if self._comm is not None:
+            self._distributed_step(g)
+            return loss
         # One reduction and one host sync per step, next to two passes over m x d.
         if not bool(torch.isfinite(g).all()):
             self._skip(
@@ -475,6 +578,71 @@ class MFAC(torch.optim.Optimizer):
             return True
         return bool(torch.isfinite(g.to(self.grad_dtype)).all())
 
+    def _distributed_step(self, g: torch.Tensor) -> None:
+        """The step across processes: every rank decides alike (see the class's Notes)."""
+        lo, hi = self._columns
+        x = g[lo:hi]
+        try:
+            s = self.ihvp.update_and_matvec(x)
+        except FactorizationError as exc:  # decided from reduced numbers: on every rank
+            if self.defaults["errors"] == "raise":
+                raise
+            self.rejected_grads += 1
+            self._warn(
+                f"the gradient was left out of the window and the step taken with the "
+                f"previous window ({self.rejected_grads} so far): {exc}"
+            )
+            s = self.ihvp.matvec(x)
+        except ValueError:
+            # The window checks its shard inside the reduction of the Gram row, so a NaN
+            # or infinity on any rank raises on every rank, and the window is kept.
+            where = (
+                self._culprit()
+                if not bool(torch.isfinite(x).all())
+                else "the gradient on another rank"
+            )
+            self._skip(
+                f"{where} holds NaN or infinity; the step is skipped (parameters, momentum "
+                "and window unchanged)"
+            )
+            return
+        if self._sharded:
+            # Each rank moves its own shards, so whether the step is finite is collective.
+            bad = torch.tensor([float(not bool(torch.isfinite(s).all()))], dtype=torch.float64)
+            finite = float(self._comm.allreduce_sum(bad.to(self.device))[0]) == 0.0  # type: ignore[union-attr]
+        else:
+            s = self._all_gather(s)
+            finite = bool(torch.isfinite(s).all())  # the same s on every rank
+        if not finite:
+            self._skip(
+                "the preconditioned step holds NaN or infinity (damp too small for "
+                "the dtype?); the step is skipped (parameters and momentum unchanged)"
+            )
+            return
+        self._apply(s)
+        self.steps += 1
+
+    def _all_gather(self, s: torch.Tensor) -> torch.Tensor:
+        """The whole step from every rank's chunk (DDP): one all-gather of d numbers."""
+        comm = self._comm
+        assert comm is not None
+        d, size = self.dim, comm.size
+        chunk = -(-d // size)
+        lo, hi = self._columns
+        if isinstance(comm, TorchComm):
+            import torch.distributed as dist
+
+            padded = torch.zeros(chunk, dtype=s.dtype, device=s.device)
+            padded[: hi - lo] = s
+            out = torch.empty(chunk * size, dtype=s.dtype, device=s.device)
+            gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+            gather(out, padded, group=comm.group)
+            return out[:d]
+        # Any other communicator: a sum in which each entry is one rank's value plus zeros.
+        full = torch.zeros(d, dtype=s.dtype, device=s.device)
+        full[lo:hi] = s
+        return comm.allreduce_sum(full)
+
     def _gather(self) -> torch.Tensor:
         """The flat gradient, weight decay included, in the reused buffer."""
         g = self._grad
@@ -487,9 +655,9 @@ class MFAC(torch.optim.Optimizer):
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("MFAC does not support sparse gradients")
-                seg.copy_(p.grad.reshape(-1))
+                seg.copy_(_local(p.grad).reshape(-1))
                 if wd:
-                    seg.add_(p.detach().reshape(-1), alpha=wd)
+                    seg.add_(_local(p.detach()).reshape(-1), alpha=wd)
         return g
 
     def _culprit(self) -> str:
@@ -499,7 +667,7 @@ class MFAC(torch.optim.Optimizer):
                 if not bool(torch.isfinite(self._grad[lo:hi]).all()):
                     what = (
                         "gradient"
-                        if p.grad is not None and not bool(torch.isfinite(p.grad).all())
+                        if p.grad is not None and not bool(torch.isfinite(_local(p.grad)).all())
                         else "weight-decayed gradient"
                     )
                     return f"the {what} of parameter {i} of group {j} (shape {tuple(p.shape)})"
@@ -535,7 +703,8 @@ class MFAC(torch.optim.Optimizer):
                     buf.mul_(mu).add_(d_p)
                     d_p = buf
                 if p.grad is not None:
-                    p.add_(d_p.view(p.shape), alpha=-lr)
+                    local = _local(p)
+                    local.add_(d_p.view(local.shape), alpha=-lr)
 
     # -- checkpoints ----------------------------------------------------------------------
 
@@ -560,8 +729,31 @@ class MFAC(torch.optim.Optimizer):
             count and the counters ``skipped_steps`` and ``rejected_grads``.
         """
         state = super().state_dict()
-        state["mfac"] = self._extra_state()
+        extra = self._extra_state()
+        if self._comm is not None:
+            # Under a key naming the rank and the world size: torch.distributed.checkpoint
+            # keeps one copy of a key that every rank saves, and this shard is the rank's own.
+            # Every tensor has the shape it had at construction, so that the state_dict of
+            # a fresh optimizer is a template that dcp.load can fill in place.
+            window = dict(extra.pop("window"))
+            m = self.ihvp.num_grads
+            factor = window["factor"].new_zeros((m, m))
+            k = window["factor"].shape[0]
+            factor[:k, :k] = window["factor"]
+            window["factor"] = factor
+            momentum = extra.pop("momentum_buffer")
+            if momentum is None:  # a zero buffer steps exactly as no buffer
+                momentum = torch.zeros_like(self._grad)
+            shard = {"window": window, "momentum_buffer": momentum}
+            extra.update(window=None, momentum_buffer=None, shards={self._shard_key: shard})
+        state["mfac"] = extra
         return state
+
+    @property
+    def _shard_key(self) -> str:
+        comm = self._comm
+        assert comm is not None
+        return f"rank{comm.rank}_of_{comm.size}"
 
     @torch.no_grad()
     def load_state_dict(self, state_dict: Mapping[str, Any], *, damp: float | None = None) -> None:
@@ -593,7 +785,10 @@ class MFAC(torch.optim.Optimizer):
         FactorizationError
             If the window cannot be factorised with the new ``damp``.
         """
-        plan = self._check_state(state_dict, damp)
+        if self._comm is None:
+            plan = self._check_state(state_dict, damp)
+        else:
+            plan = self._check_distributed_state(state_dict, damp)
         # Commit. The core's loader checks its state before it changes anything, and
         # a new damping's refactorisation is its one step that may still raise: first.
         self.ihvp.load_state_dict(plan.window, damp=plan.damp)
@@ -604,8 +799,13 @@ class MFAC(torch.optim.Optimizer):
         self.skipped_steps = plan.skipped_steps
         self.rejected_grads = plan.rejected_grads
 
-    def _check_state(self, state_dict: Any, damp: float | None) -> SimpleNamespace:
-        """Check a state for :meth:`load_state_dict`: what to commit; nothing changes here."""
+    def _check_state(
+        self, state_dict: Any, damp: float | None, *, window: bool = True
+    ) -> SimpleNamespace:
+        """Check a state for :meth:`load_state_dict`: what to commit; nothing changes here.
+
+        Without ``window`` the window's state is not checked (the caller does).
+        """
         if not isinstance(state_dict, Mapping):
             raise ValueError(
                 f"not an MFAC state_dict: expected a dict, got {type(state_dict).__name__}"
@@ -620,6 +820,12 @@ class MFAC(torch.optim.Optimizer):
         extra = state_dict["mfac"]
         if not isinstance(extra, Mapping):
             raise ValueError("state_dict['mfac'] must be a dict")
+        if window and extra.get("shards") is not None:
+            raise ValueError(
+                f"state_dict['mfac'] holds the shards {sorted(extra['shards'])} of a distributed "
+                "MFAC optimizer; this one was built without comm (and its parameters are not "
+                "DTensors): load it into an optimizer of the same world size"
+            )
         missing = [k for k in ("window", "momentum_buffer", "steps") if k not in extra]
         if missing:
             raise ValueError(f"state_dict['mfac'] has no {missing}")
@@ -630,8 +836,67 @@ class MFAC(torch.optim.Optimizer):
                 raise ValueError(f"state_dict['mfac'][{key!r}] must be an int >= 0, got {value!r}")
             counts[key] = int(value)
         momentum = self._check_momentum(extra["momentum_buffer"])
-        window, target = self._check_window(extra["window"], damp)
-        return SimpleNamespace(base=base, window=window, damp=target, momentum=momentum, **counts)
+        if not window:
+            return SimpleNamespace(base=base, window=None, damp=None, momentum=momentum, **counts)
+        state, target = self._check_window(extra["window"], damp)
+        return SimpleNamespace(base=base, window=state, damp=target, momentum=momentum, **counts)
+
+    def _check_distributed_state(self, state_dict: Any, damp: float | None) -> SimpleNamespace:
+        """:meth:`_check_state` for a distributed optimizer, with collective errors.
+
+        This rank's entry of ``shards`` is taken as the window and momentum; the
+        checks of this rank's part run inside one reduction of a status word, so
+        that every rank raises if one rank's state is bad, before the window's own
+        (collective) checks run.
+        """
+        comm = self._comm
+        assert comm is not None
+        flat: list[Any] = []
+
+        def local() -> torch.Tensor:
+            if not isinstance(state_dict, Mapping) or not isinstance(
+                state_dict.get("mfac"), Mapping
+            ):
+                raise ValueError("not an MFAC state_dict: it has no 'mfac' entry")
+            shards = state_dict["mfac"].get("shards")
+            if not isinstance(shards, Mapping):
+                raise ValueError(
+                    "state_dict['mfac'] has no 'shards': it is the state of an MFAC optimizer "
+                    "without comm; this one is distributed"
+                )
+            if self._shard_key not in shards:
+                raise ValueError(
+                    f"state_dict['mfac']['shards'] holds {sorted(shards)}, not "
+                    f"{self._shard_key!r}: a distributed MFAC state loads only at the world "
+                    "size that saved it, each rank its own shard"
+                )
+            shard = shards[self._shard_key]
+            if not isinstance(shard, Mapping):
+                raise ValueError(
+                    f"state_dict['mfac']['shards'][{self._shard_key!r}] must be a dict"
+                )
+            mfac = {k: v for k, v in state_dict["mfac"].items() if k != "shards"}
+            window = shard.get("window")
+            if isinstance(window, Mapping) and isinstance(window.get("factor"), torch.Tensor):
+                k = len(window.get("window_slots") or ())
+                window = {**window, "factor": window["factor"][:k, :k]}
+            flat.append({**state_dict, "mfac": {**mfac, **shard, "window": window}})
+            flat.append(self._check_state(flat[0], damp, window=False))
+            return torch.zeros(0, dtype=torch.float64, device=self.device)
+
+        reduce_checked(
+            comm,
+            array_namespace(self._grad),
+            local,
+            length=0,
+            dtype=torch.float64,
+            device=self.device,
+            what="MFAC.load_state_dict",
+        )
+        plan = flat[1]
+        # The window's checks are collective themselves.
+        plan.window, plan.damp = self._check_window(flat[0]["mfac"]["window"], damp)
+        return plan
 
     def _check_groups(self, base: Mapping[str, Any]) -> None:
         if not isinstance(base["state"], Mapping):
@@ -668,14 +933,16 @@ class MFAC(torch.optim.Optimizer):
     def _check_momentum(self, buf: Any) -> torch.Tensor | None:
         if buf is None:
             return None
+        # Sharded parameters keep the momentum of their local shards only.
+        n = self._grad.shape[0]
         if (
             not isinstance(buf, torch.Tensor)
             or not buf.is_floating_point()
-            or tuple(buf.shape) != (self.dim,)
+            or tuple(buf.shape) != (n,)
         ):
             shape = tuple(buf.shape) if isinstance(buf, torch.Tensor) else type(buf).__name__
             raise ValueError(
-                f"the momentum buffer must be a floating tensor of shape ({self.dim},), got {shape}"
+                f"the momentum buffer must be a floating tensor of shape ({n},), got {shape}"
             )
         # A copy, detached: the buffer is updated in place and must not join a graph.
         buf = buf.detach().to(device=self.device, dtype=self.dtype, copy=True)
@@ -709,6 +976,12 @@ class MFAC(torch.optim.Optimizer):
         # torch.optim.Optimizer pickles only defaults, state and param_groups; the
         # window goes as its state_dict (plain tensors), because DynamicIHVP holds its
         # array namespace, a module, which neither pickle nor deepcopy can copy.
+        if getattr(self, "_comm", None) is not None:
+            raise TypeError(
+                "a distributed MFAC optimizer (comm=, or DTensor parameters) cannot be "
+                "pickled or copied: it belongs to a process group; save state_dict() "
+                "(e.g. with torch.distributed.checkpoint) instead"
+            )
         state = super().__getstate__()
         state["_mfac"] = self._extra_state()
         return state
@@ -727,6 +1000,7 @@ class MFAC(torch.optim.Optimizer):
             return
         with torch.no_grad():
             self._frozen = True
+            self._comm = None
             self._layout()
             self.ihvp = self._new_window(extra["window"]["damp"])
             window, _ = self._check_window(extra["window"], None)

@@ -1,0 +1,540 @@
+"""DynamicIHVP sharded by columns (comm=): against the unsharded operator and the oracle.
+
+Every rank holds its columns of the window; the m x m state must stay the same
+bits on every rank, every reduction is counted, and an error on one rank is an
+error on every rank that leaves every window as it was. Threads
+(``run_spmd_threads``) run the many cases; gloo processes (``tests/_spmd.py``) a
+few, with TorchComm.
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+import warnings
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mfac_core import DynamicIHVP, FactorizationError, IllConditionedWarning
+from mfac_core.distributed import CommCall, Communicator, CountingComm
+from mfac_core.testing import SpectralOracle, assert_close, run_spmd_threads
+
+
+def _starts(widths: list[int]) -> list[int]:
+    return [sum(widths[:r]) for r in range(len(widths) + 1)]
+
+
+def _even_widths(d: int, size: int) -> list[int]:
+    return [d // size + (r < d % size) for r in range(size)]
+
+
+def _ok(results: list[Any]) -> list[Any]:
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    return results
+
+
+def _kappa(G: np.ndarray, damp: float) -> float:
+    if G.shape[0] == 0:
+        return 1.0
+    return 1.0 + float(np.linalg.norm(G, 2)) ** 2 / (G.shape[0] * damp)
+
+
+def _replicated(state: dict[str, Any]) -> dict[str, Any]:
+    """The parts of a state_dict that every rank holds alike."""
+    return {k: v for k, v in state.items() if k not in ("grads", "dim", "shard_rank")}
+
+
+def _assert_same_replicated(states: list[dict[str, Any]]) -> None:
+    first = _replicated(states[0])
+    for state in states[1:]:
+        other = _replicated(state)
+        assert other.keys() == first.keys()
+        for key, value in first.items():
+            if isinstance(value, np.ndarray):
+                assert value.tobytes() == other[key].tobytes(), key  # bit for bit
+            else:
+                assert value == other[key], key
+
+
+# -- many sequences of operations on threads, against the unsharded operator ------------------
+
+
+@st.composite
+def _scenarios(draw: Any) -> dict[str, Any]:
+    size = draw(st.integers(1, 4))
+    widths = draw(st.lists(st.integers(0, 9), min_size=size, max_size=size))
+    if sum(widths) == 0:
+        widths[0] = 1
+    ops = draw(
+        st.lists(
+            st.sampled_from(["update", "step", "remove", "matvec", "matmat", "damp"]),
+            min_size=1,
+            max_size=14,
+        )
+    )
+    return {
+        "widths": widths,
+        "m": draw(st.integers(1, 5)),
+        "dtype": draw(st.sampled_from(["float64", "float32"])),
+        "zero_init": draw(st.booleans()),
+        "method": draw(st.sampled_from(["incremental", "refactor"])),
+        "refine": draw(st.integers(0, 1)),
+        "ops": ops,
+        "seed": draw(st.integers(0, 2**16)),
+    }
+
+
+def _play(op: DynamicIHVP, sc: dict[str, Any], lo: int, hi: int) -> list[Any]:
+    """Run the scenario's operations on ``op`` (columns lo:hi); return what they give."""
+    rng = np.random.default_rng(sc["seed"])
+    d = sum(sc["widths"])
+    dtype = np.dtype(sc["dtype"])
+    out: list[Any] = []
+    for name in sc["ops"]:
+        g = rng.standard_normal(d).astype(dtype)
+        X = rng.standard_normal((d, 2)).astype(dtype)
+        pick = int(rng.integers(0, 1000))
+        damp = float(rng.uniform(0.2, 1.0))
+        if name == "update":
+            op.update(g[lo:hi])
+        elif name == "step":
+            out.append(("step", op.update_and_matvec(g[lo:hi])))
+        elif name == "remove" and len(op):
+            op.remove(op.slots[pick % len(op)])
+        elif name == "matvec":
+            out.append(("matvec", op.matvec(X[lo:hi, 0])))
+        elif name == "matmat":
+            out.append(("matmat", op.matmat(X[lo:hi])))
+        elif name == "damp":
+            op.set_damp(damp)
+    return out
+
+
+@settings(max_examples=40)
+@given(sc=_scenarios())
+def test_threads_match_the_unsharded_operator(sc: dict[str, Any]) -> None:
+    widths, m = sc["widths"], sc["m"]
+    starts = _starts(widths)
+    d = starts[-1]
+    options = {
+        "damp": 0.5,
+        "dtype": sc["dtype"],
+        "zero_init": sc["zero_init"],
+        "update_method": sc["method"],
+        "refine": sc["refine"],
+    }
+
+    def rank(comm: Communicator) -> tuple[Any, ...]:
+        lo, hi = starts[comm.rank], starts[comm.rank + 1]
+        op = DynamicIHVP(m, hi - lo, comm=comm, **options)
+        out = _play(op, sc, lo, hi)
+        return out, op.state_dict(), op.window(), op.slots, op.refactor_count
+
+    results = _ok(run_spmd_threads(rank, len(widths)))
+    ref = DynamicIHVP(m, d, **options)
+    want = _play(ref, sc, 0, d)
+    window = np.asarray(ref.window(), dtype=np.float64)
+    for r in results:
+        assert r[3] == ref.slots
+        assert r[4] == ref.refactor_count  # the same refactorisation decisions
+    _assert_same_replicated([r[1] for r in results])
+    # The gathered window is the unsharded one exactly; the Gram to rounding.
+    gathered = np.concatenate([r[2] for r in results], axis=1)
+    np.testing.assert_array_equal(gathered, ref.window())
+    kappa = _kappa(window, ref.damp)
+    gram = results[0][1]["gram"]
+    assert_close(gram, ref.state_dict()["gram"], factor=4.0 * d, dtype=sc["dtype"], atol=1e-300)
+    for i, (kind, y) in enumerate(want):
+        got = np.concatenate([r[0][i][1] for r in results], axis=0)
+        assert results[0][0][i][0] == kind
+        assert_close(got, y, kappa=kappa, dtype=sc["dtype"], factor=64.0 * max(d, 1))
+    # And the final operator against the dense float64 oracle.
+    x = np.random.default_rng(1).standard_normal(d)
+    rows = list(window)
+    if sc["zero_init"]:
+        rows = [np.zeros(d)] * (m - len(rows)) + rows
+    G = np.array(rows, dtype=np.float64).reshape(len(rows), d)
+    oracle = SpectralOracle(G, ref.damp).matvec(x) if G.shape[0] else x / ref.damp
+
+    def product(comm: Communicator, state: dict[str, Any]) -> np.ndarray:
+        lo, hi = starts[comm.rank], starts[comm.rank + 1]
+        op = DynamicIHVP(m, hi - lo, comm=comm, **{**options, "damp": state["damp"]})
+        op.load_state_dict(state)
+        return op.matvec(x[lo:hi].astype(sc["dtype"]))
+
+    states = [r[1] for r in results]
+
+    def loaded(comm: Communicator) -> np.ndarray:
+        return product(comm, states[comm.rank])
+
+    y = np.concatenate(_ok(run_spmd_threads(loaded, len(widths))))
+    assert_close(y, oracle, kappa=kappa, dtype=sc["dtype"], factor=64.0 * max(d, 1))
+
+
+# -- what crosses the wire -------------------------------------------------------------------
+
+
+def test_each_operation_costs_one_reduction_of_the_stated_size() -> None:
+    m, d, size = 6, 40, 3
+    widths = _even_widths(d, size)
+    starts = _starts(widths)
+    rng = np.random.default_rng(0)
+    gs = rng.standard_normal((3 * m, d))
+    X = rng.standard_normal((d, 3))
+
+    def rank(comm: Communicator) -> dict[str, list[CommCall]]:
+        counting = CountingComm(comm)
+        lo, hi = starts[comm.rank], starts[comm.rank + 1]
+        seen: dict[str, list[CommCall]] = {}
+
+        def record(name: str, call: Any) -> None:
+            counting.reset()
+            call()
+            seen.setdefault(name, []).extend(counting.calls)
+
+        op = DynamicIHVP(m, hi - lo, damp=0.1, dtype="float64", comm=counting)
+        for g in gs:  # fills the window, then replaces (incremental edits)
+            record("step", lambda g=g: op.update_and_matvec(g[lo:hi]))
+            record("update", lambda g=g: op.update(g[lo:hi]))
+        record("matvec", lambda: op.matvec(X[lo:hi, 0]))
+        record("matmat", lambda: op.matmat(X[lo:hi]))
+        record("remove", lambda: op.remove(op.slots[2]))
+        record("set_damp", lambda: op.set_damp(0.2))
+        op.refine = 1
+        record("refined matvec", lambda: op.matvec(X[lo:hi, 0]))
+        return seen
+
+    for seen in _ok(run_spmd_threads(rank, size)):
+        f64 = "float64"
+        assert seen["step"] == [CommCall((m + 1,), f64, 8 * (m + 1))] * len(gs)
+        assert seen["update"] == [CommCall((m + 1,), f64, 8 * (m + 1))] * len(gs)
+        assert seen["matvec"] == [CommCall((m + 1,), f64, 8 * (m + 1))]
+        assert seen["matmat"] == [CommCall((3 * m + 1,), f64, 8 * (3 * m + 1))]
+        assert seen["remove"] == [CommCall((size + 1,), f64, 8 * (size + 1))]
+        assert seen["set_damp"] == [CommCall((size + 1,), f64, 8 * (size + 1))]
+        # The product, then per step a residual and a product without status word.
+        assert [c.shape for c in seen["refined matvec"]] == [(m + 1,), (m,), (m,)]
+
+
+def test_the_float64_row_is_decided_collectively_and_costs_one_more_reduction() -> None:
+    # Nearly collinear float32 gradients, their differences below float32's resolution of
+    # the Gram: the edited factor fails on the float32 row, and the row is recomputed in
+    # float64 (docs/mathematics.rst, "Mixed-precision Gram") -- on every rank alike,
+    # decided from the reduced row.
+    m, d, damp = 8, 120, 1e-2
+    rng = np.random.default_rng(3)
+    base = rng.standard_normal(d) * 1e3
+    gs = [(base * (1 + 1e-6 * rng.standard_normal(d))).astype(np.float32) for _ in range(2 * m)]
+    starts = _starts([60, 0, 60])  # a rank without columns takes the float64 path too
+    size = 3
+
+    def rank(comm: Communicator) -> tuple[list[list[tuple[int, ...]]], Any, Any]:
+        counting = CountingComm(comm)
+        lo, hi = starts[comm.rank], starts[comm.rank + 1]
+        op = DynamicIHVP(m, hi - lo, damp=damp, dtype="float32", comm=counting)
+        shapes = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", IllConditionedWarning)
+            for g in gs:
+                counting.reset()
+                op.update(g[lo:hi])
+                shapes.append([c.shape for c in counting.calls])
+        return shapes, op.state_dict(), op.slots
+
+    results = _ok(run_spmd_threads(rank, size))
+    _assert_same_replicated([r[1] for r in results])
+    shapes = results[0][0]
+    assert all(r[0] == shapes for r in results)
+    extra = [s[1:] for s in shapes if len(s) > 1]
+    assert extra, "the float64 path was never taken"
+    assert all(s[0] == (m + 1,) for s in shapes)
+    # One more reduction: the row (m numbers), or the whole Gram matrix if not yet exact.
+    assert all(s in ([(m,)], [(m * m,)]) for s in extra)
+    # The stored Gram is then the float64 Gram of the stored gradients.
+    G = np.array([g.astype(np.float64) for g in gs[-m:]])
+    slots = results[0][2]
+    gram = results[0][1]["gram"][np.ix_(slots, slots)]
+    np.testing.assert_allclose(gram, G @ G.T, rtol=1e-12)
+
+
+# -- collective errors -------------------------------------------------------------------------
+
+
+def _failing_call(comm: Communicator, case: str) -> Any:
+    m, d, size = 4, 12, comm.size
+    starts = _starts(_even_widths(d, size))
+    lo, hi = starts[comm.rank], starts[comm.rank + 1]
+    rng = np.random.default_rng(0)
+    op = DynamicIHVP(m, hi - lo, damp=0.1, dtype="float64", comm=comm, zero_init=False)
+    for _ in range(m + 1):
+        op.update(rng.standard_normal(d)[lo:hi])
+    before = op.state_dict()
+    g = rng.standard_normal(d)[lo:hi]
+    bad = comm.rank == size - 1
+    try:
+        if case == "nan":
+            op.update(np.where(bad, np.nan, g))
+        elif case == "nan-step":
+            op.update_and_matvec(np.where(bad, np.nan, g))
+        elif case == "shape":
+            op.update(g[:-1] if bad else g)
+        elif case == "dtype":
+            op.update_and_matvec(g.astype(np.int64) if bad else g)
+        elif case == "library":
+            op.matvec(list(g) if bad else g)
+        elif case == "matvec-nan":
+            op.matvec(np.where(bad, np.inf, g))
+        elif case == "matmat-shape":
+            op.matmat(np.ones((hi - lo + bad, 2)))
+        elif case == "remove":
+            op.remove(op.slots[1 if bad else 0])
+        elif case == "set_damp":
+            op.set_damp(-1.0 if bad else 0.2)
+        elif case == "singular":
+            # Duplicates with a damping far below float64's resolution of their Gram
+            # (as test_precision's test_dynamic_failure_changes_nothing).
+            base = (rng.standard_normal((3, d)) * 1e4).astype(np.float32)
+            op = DynamicIHVP(8, hi - lo, damp=1e-30, dtype="float32", comm=comm)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", IllConditionedWarning)
+                for step in range(24):
+                    before = op.state_dict()
+                    op.update(base[step % 3, lo:hi])
+        elif case == "unchecked-nan":
+            op.check_finite = False
+            op.update(np.where(bad, np.nan, g))
+        else:
+            raise AssertionError(case)
+    except Exception as exc:  # what each rank raised, and whether its state was kept
+        after = op.state_dict()
+        same = all(
+            np.array_equal(np.asarray(before[k]), np.asarray(after[k]), equal_nan=True)
+            for k in before
+        )
+        return type(exc), str(exc), same
+    return "no error"
+
+
+@pytest.mark.parametrize(
+    ("case", "kind"),
+    [
+        ("nan", ValueError),
+        ("nan-step", ValueError),
+        ("shape", ValueError),
+        ("dtype", TypeError),
+        ("library", TypeError),
+        ("matvec-nan", ValueError),
+        ("matmat-shape", ValueError),
+        ("remove", ValueError),
+        ("set_damp", ValueError),
+        ("singular", FactorizationError),
+        ("unchecked-nan", FactorizationError),
+    ],
+)
+def test_an_error_on_one_rank_is_an_error_on_every_rank(case: str, kind: type) -> None:
+    results = _ok(run_spmd_threads(_failing_call, 3, case, timeout=20))
+    for r in results:
+        assert r != "no error"
+        raised, message, unchanged = r
+        assert issubclass(raised, kind), (raised, message)
+        assert unchanged, f"{case}: a rank's window changed ({message})"
+
+
+def test_construction_must_agree_on_every_rank() -> None:
+    def rank(comm: Communicator, field: str) -> Any:
+        options: dict[str, Any] = {"damp": 0.1, "dtype": "float64"}
+        m = 4
+        if comm.rank == 1 and field == "num_grads":
+            m = 5
+        if comm.rank == 1 and field == "dtype":
+            options["dtype"] = "float32"
+        if comm.rank == 1 and field == "bad damp":
+            options["damp"] = -1.0
+        return DynamicIHVP(m, 3, comm=comm, **options)
+
+    for field, kind in [("num_grads", ValueError), ("dtype", ValueError), ("bad damp", ValueError)]:
+        results = run_spmd_threads(rank, 2, field, timeout=20)
+        assert all(isinstance(r, kind) for r in results), (field, results)
+
+    def empty(comm: Communicator) -> Any:
+        return DynamicIHVP(2, 0, damp=0.1, dtype="float64", comm=comm)
+
+    assert all(isinstance(r, ValueError) for r in run_spmd_threads(empty, 2, timeout=20))
+    with pytest.raises(TypeError, match="Communicator"):
+        DynamicIHVP(2, 3, damp=0.1, dtype="float64", comm=object())  # type: ignore[arg-type]
+
+
+def test_from_window_sharded() -> None:
+    m, d, size = 5, 17, 3
+    G = np.random.default_rng(2).standard_normal((4, d))
+    x = np.random.default_rng(3).standard_normal(d)
+    starts = _starts(_even_widths(d, size))
+
+    def rank(comm: Communicator, rows: int) -> Any:
+        lo, hi = starts[comm.rank], starts[comm.rank + 1]
+        local = G[: (rows if comm.rank == 0 else 4), lo:hi]
+        op = DynamicIHVP.from_window(local, damp=0.1, num_grads=m, comm=comm)
+        return op.matvec(x[lo:hi]), op.state_dict()
+
+    results = _ok(run_spmd_threads(rank, size, 4))
+    _assert_same_replicated([r[1] for r in results])
+    want = DynamicIHVP.from_window(G, damp=0.1, num_grads=m).matvec(x)
+    assert_close(np.concatenate([r[0] for r in results]), want, kappa=_kappa(G, 0.1), factor=64)
+    # Ranks with different numbers of gradients: every rank raises.
+    bad = run_spmd_threads(rank, size, 3, timeout=20)
+    assert all(isinstance(r, ValueError) and "different" in str(r) for r in bad), bad
+
+    def nan(comm: Communicator) -> Any:
+        lo, hi = starts[comm.rank], starts[comm.rank + 1]
+        local = G[:, lo:hi].copy()
+        if comm.rank == 2:
+            local[1, 0] = np.nan
+        return DynamicIHVP.from_window(local, damp=0.1, comm=comm)
+
+    assert all(isinstance(r, ValueError) for r in run_spmd_threads(nan, size, timeout=20))
+
+
+# -- checkpoints and copies -------------------------------------------------------------------
+
+
+def test_sharded_state_dict_round_trip_and_layout_errors() -> None:
+    m, d = 4, 15
+    gs = np.random.default_rng(4).standard_normal((3 * m, d))
+
+    def rank(comm: Communicator, widths: list[int], saved: list[Any] | None) -> Any:
+        starts = _starts(widths)
+        lo, hi = starts[comm.rank], starts[comm.rank + 1]
+        op = DynamicIHVP(m, hi - lo, damp=0.1, dtype="float64", comm=comm)
+        if saved is not None:
+            op.load_state_dict(saved[comm.rank])
+            for g in gs[m:]:
+                op.update(g[lo:hi])
+            return op.state_dict()
+        for g in gs[:m]:
+            op.update(g[lo:hi])
+        state = op.state_dict()
+        for g in gs[m:]:
+            op.update(g[lo:hi])
+        return state, op.state_dict()
+
+    widths = [5, 5, 5]
+    results = _ok(run_spmd_threads(rank, 3, widths, None))
+    states = [r[0] for r in results]
+    resumed = _ok(run_spmd_threads(rank, 3, widths, states))
+    for r, again in zip(results, resumed, strict=True):
+        for key, value in r[1].items():  # bit for bit
+            assert np.asarray(value).tobytes() == np.asarray(again[key]).tobytes(), key
+    # Another layout, another world size, ranks swapped, unsharded: clear errors everywhere.
+    other = run_spmd_threads(rank, 3, [6, 5, 4], states, timeout=20)
+    assert all(isinstance(r, ValueError) and "same world size" in str(r) for r in other)
+    swapped = run_spmd_threads(rank, 3, widths, states[::-1], timeout=20)
+    assert all(isinstance(r, ValueError) for r in swapped)
+    fewer = run_spmd_threads(rank, 2, [8, 7], states[:2], timeout=20)
+    assert all(isinstance(r, ValueError) and "3 ranks" in str(r) for r in fewer)
+    single = DynamicIHVP(m, 5, damp=0.1, dtype="float64")
+    with pytest.raises(ValueError, match="not sharded"):
+        single.load_state_dict(states[0])
+    unsharded = DynamicIHVP(m, 5, damp=0.1, dtype="float64").state_dict()
+    plain = run_spmd_threads(rank, 3, widths, [unsharded] * 3, timeout=20)
+    assert all(isinstance(r, ValueError) and "unsharded" in str(r) for r in plain)
+    # Ranks loading states of different steps: every rank refuses.
+    mixed = [states[0], results[1][1], states[2]]
+    assert all(isinstance(r, ValueError) for r in run_spmd_threads(rank, 3, widths, mixed))
+
+
+def test_sharded_copies_share_the_communicator() -> None:
+    def rank(comm: Communicator) -> Any:
+        op = DynamicIHVP(3, 4, damp=0.1, dtype="float64", comm=comm)
+        op.update(np.ones(4))
+        twin = copy.copy(op)
+        assert twin.comm is comm and twin.layout == op.layout
+        twin.update(np.full(4, 2.0))
+        assert len(op) == 1 and len(twin) == 2
+        with pytest.raises(TypeError, match="pickled"):
+            pickle.dumps(op)
+        return twin.matvec(np.ones(4))
+
+    _ok(run_spmd_threads(rank, 2))
+
+
+def test_todense_is_refused_when_sharded() -> None:
+    def rank(comm: Communicator) -> Any:
+        op = DynamicIHVP(3, 4, damp=0.1, dtype="float64", comm=comm)
+        with pytest.raises(ValueError, match="todense"):
+            op.todense()
+
+    _ok(run_spmd_threads(rank, 2))
+
+
+# -- processes: gloo, TorchComm ------------------------------------------------------------
+
+
+def _gloo_operator(comm: Communicator, d: int) -> dict[str, Any]:
+    import torch
+
+    size = comm.size
+    starts = _starts(_even_widths(d, size))
+    lo, hi = starts[comm.rank], starts[comm.rank + 1]
+    m = 6
+    rng = np.random.default_rng(11)
+    gs = torch.from_numpy(rng.standard_normal((4 * m, d)))
+    op = DynamicIHVP(m, hi - lo, damp=0.05, dtype=torch.float64, xp=torch, comm=comm)
+    steps = [op.update_and_matvec(g[lo:hi]).numpy() for g in gs[:-4]]
+    saved = op.state_dict()
+    tail = [op.update_and_matvec(g[lo:hi]).numpy() for g in gs[-4:]]
+    out: dict[str, Any] = {"steps": steps + tail, "state": _numpy_state(op.state_dict())}
+    # Round trip: a fresh operator loads the saved shard and continues bit for bit.
+    again = DynamicIHVP(m, hi - lo, damp=0.05, dtype=torch.float64, xp=torch, comm=comm)
+    again.load_state_dict(saved)
+    out["resumed"] = [again.update_and_matvec(g[lo:hi]).numpy() for g in gs[-4:]]
+    # A NaN in one rank's shard: every rank raises, every window is kept.
+    g = gs[0][lo:hi].clone()
+    if comm.rank == size - 1:
+        g[0] = float("nan")
+    try:
+        op.update(g)
+    except ValueError as exc:
+        out["nan"] = ("ValueError", bool(torch.equal(op.window(), again.window())), str(exc))
+    # Another world size: the state of this layout does not load into a 1-rank layout.
+    try:
+        widths = [d] if comm.rank == 0 else [0]
+        DynamicIHVP(
+            m, widths[0], damp=0.05, dtype=torch.float64, xp=torch, comm=comm
+        ).load_state_dict(saved)
+    except ValueError as exc:
+        out["layout"] = str(exc)
+    return out
+
+
+def _numpy_state(state: dict[str, Any]) -> dict[str, Any]:
+    return {k: v.numpy() if hasattr(v, "numpy") else v for k, v in state.items()}
+
+
+@pytest.mark.parametrize("nprocs", [2, 4])
+def test_sharded_operator_over_gloo(nprocs: int) -> None:
+    torch = pytest.importorskip("torch")
+    from _spmd import spawn
+
+    d = 37
+    results = spawn(_gloo_operator, nprocs, d)
+    _ok(results)
+    _assert_same_replicated([r["state"] for r in results])
+    rng = np.random.default_rng(11)
+    gs = torch.from_numpy(rng.standard_normal((24, d)))
+    ref = DynamicIHVP(6, d, damp=0.05, dtype=torch.float64, xp=torch)
+    for i, g in enumerate(gs):
+        want = ref.update_and_matvec(g).numpy()
+        got = np.concatenate([r["steps"][i] for r in results])
+        window = np.asarray(ref.window())
+        assert_close(got, want, kappa=_kappa(window, 0.05), factor=64.0 * d)
+    for r in results:
+        for a, b in zip(r["resumed"], r["steps"][-4:], strict=True):
+            np.testing.assert_array_equal(a, b)
+        assert r["nan"][:2] == ("ValueError", True), r["nan"]
+        assert "same world size" in r["layout"]

@@ -1,0 +1,302 @@
+"""MFAC across processes: the window sharded by columns under DDP and FSDP2 (DTensor).
+
+Threads (``run_spmd_threads``) cover the replicated-parameter (DDP) mode, its
+collective skips and its checkpoints; one spawn of two gloo processes covers
+torch's own DDP and FSDP2, and checkpoints through torch.distributed.checkpoint.
+
+Tolerance of the 1- vs p-process comparisons: the sharded window sums each Gram
+row and product over the ranks' column parts in another order than one
+process, so each step's direction differs by rounding, about ``eps * kappa``
+relative (float64, kappa below 1e4 here); a few steps of training with a small
+learning rate carry that through with a factor of order one per step, hence
+``1e-9`` relative to the parameters' norm.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from typing import Any
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from mfac_core.distributed import Communicator, CountingComm  # noqa: E402
+from mfac_core.testing import run_spmd_threads  # noqa: E402
+from mfac_core.torch import MFAC, MFACStepWarning  # noqa: E402
+
+nn = torch.nn
+F = torch.nn.functional
+OPTIONS = {"lr": 0.05, "num_grads": 4, "damp": 1e-2, "momentum": 0.5, "weight_decay": 1e-3}
+STEPS = 8
+RTOL = 1e-9
+
+
+def make_model(seed: int = 0) -> Any:
+    # Initialised from its own generator: threads share torch's global one.
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).to(torch.float64)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.4 * torch.randn(p.shape, generator=gen, dtype=torch.float64))
+    return model
+
+
+def batches(n: int) -> list[tuple[Any, Any]]:
+    gen = torch.Generator().manual_seed(5)
+    return [
+        (
+            torch.randn(8, 6, generator=gen, dtype=torch.float64),
+            torch.randint(0, 3, (8,), generator=gen),
+        )
+        for _ in range(n)
+    ]
+
+
+def flat(model: Any) -> np.ndarray:
+    parts = []
+    for p in model.parameters():
+        full = p.full_tensor() if hasattr(p, "full_tensor") else p
+        parts.append(full.detach().numpy().reshape(-1))
+    return np.concatenate(parts)
+
+
+def reference(steps: int = STEPS, **options: Any) -> np.ndarray:
+    model = make_model()
+    opt = MFAC(model.parameters(), **{**OPTIONS, **options})
+    for x, y in batches(steps):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return flat(model)
+
+
+def assert_params_close(got: np.ndarray, want: np.ndarray) -> None:
+    assert np.linalg.norm(got - want) <= RTOL * np.linalg.norm(want), np.abs(got - want).max()
+
+
+# -- threads: replicated parameters (DDP's setting) ------------------------------------------
+
+
+def _ddp_threads(comm: Communicator, nan_step: int | None, errors: str) -> dict[str, Any]:
+    counting = CountingComm(comm)
+    model = make_model()
+    opt = MFAC(model.parameters(), **OPTIONS, errors=errors, comm=counting)
+    out: dict[str, Any] = {"calls": []}
+    for i, (x, y) in enumerate(batches(STEPS)):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        if i == nan_step and comm.rank == comm.size - 1:
+            # A NaN in this rank's own columns of the flat gradient.
+            lo = opt.ihvp.layout.start
+            for p in model.parameters():
+                if lo < p.numel():
+                    p.grad.view(-1)[lo] = float("nan")
+                    break
+                lo -= p.numel()
+        counting.reset()
+        try:
+            opt.step()
+        except FloatingPointError as exc:
+            out["raised"] = str(exc)
+            break
+        out["calls"].append([c.shape for c in counting.calls])
+    out["params"] = flat(model)
+    out["counts"] = (opt.steps, opt.skipped_steps, opt.rejected_grads)
+    out["window"] = (opt.ihvp.dim, opt.ihvp.layout.widths if opt.ihvp.layout else None)
+    return out
+
+
+@pytest.mark.parametrize("size", [1, 2, 3])
+def test_ddp_mode_matches_one_process(size: int) -> None:
+    results = run_spmd_threads(_ddp_threads, size, None, "skip")
+    want = reference()
+    d = want.size
+    chunk = -(-d // size)
+    widths = tuple(min((r + 1) * chunk, d) - min(r * chunk, d) for r in range(size))
+    for rank, r in enumerate(results):
+        assert not isinstance(r, Exception), r
+        assert r["counts"] == (STEPS, 0, 0)
+        assert r["window"] == (widths[rank], widths)  # memory m * d / p per rank
+        # Bit for bit the same parameters on every rank, and those of one process.
+        np.testing.assert_array_equal(r["params"], results[0]["params"])
+        assert_params_close(r["params"], want)
+        # Per step: the Gram row (m + 1 numbers with the status word), then the step's
+        # all-gather (through the sum of a zero-padded d-vector with this communicator).
+        assert r["calls"] == [[(OPTIONS["num_grads"] + 1,), (d,)]] * STEPS
+
+
+def test_a_nan_on_one_rank_skips_the_step_on_every_rank() -> None:
+    # Warnings are process-wide: the three threads' warnings land in one list.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", MFACStepWarning)
+        results = run_spmd_threads(_ddp_threads, 3, 2, "skip")
+    for r in results:
+        assert not isinstance(r, Exception), r
+        assert r["counts"] == (STEPS - 1, 1, 0)
+        np.testing.assert_array_equal(r["params"], results[0]["params"])
+    messages = sorted(str(w.message) for w in caught if w.category is MFACStepWarning)
+    assert len(messages) == 3 and all("step 3" in m and "NaN" in m for m in messages)
+    assert sum("another rank" in m for m in messages) == 2
+    assert sum("of group 0" in m for m in messages) == 1
+    raised = run_spmd_threads(_ddp_threads, 3, 2, "raise")
+    for r in raised:
+        assert not isinstance(r, Exception), r
+        assert "NaN" in r["raised"] and r["counts"] == (2, 0, 0)
+
+
+def _checkpoint_threads(comm: Communicator, saved: list[Any] | None, size_ok: bool) -> Any:
+    model = make_model()
+    opt = MFAC(model.parameters(), **OPTIONS, comm=comm)
+    data = batches(STEPS)
+    if saved is not None:
+        params, state = saved[comm.rank]
+        with torch.no_grad():
+            for p, q in zip(model.parameters(), params, strict=True):
+                p.copy_(q)
+        opt.load_state_dict(state)
+        data = data[4:]
+    for i, (x, y) in enumerate(data):
+        if saved is None and i == 4:
+            snap = ([p.detach().clone() for p in model.parameters()], opt.state_dict())
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return flat(model) if saved is not None else (snap, flat(model))
+
+
+def test_ddp_mode_checkpoints_resume_bit_for_bit() -> None:
+    first = run_spmd_threads(_checkpoint_threads, 2, None, True)
+    for r in first:
+        assert not isinstance(r, Exception), r
+    state = first[0][0][1]
+    assert state["mfac"]["window"] is None and list(state["mfac"]["shards"]) == ["rank0_of_2"]
+    resumed = run_spmd_threads(_checkpoint_threads, 2, [r[0] for r in first], True)
+    for r, again in zip(first, resumed, strict=True):
+        np.testing.assert_array_equal(again, r[1])
+    # Another world size, or ranks' shards swapped: every rank refuses, clearly.
+    other = run_spmd_threads(_checkpoint_threads, 3, [first[0][0]] * 3, True, timeout=20)
+    assert all(isinstance(r, ValueError) for r in other), other
+    assert "world size" in str(other[0])
+    swapped = run_spmd_threads(_checkpoint_threads, 2, [r[0] for r in first[::-1]], True)
+    assert all(isinstance(r, ValueError) for r in swapped), swapped
+    with pytest.raises(ValueError, match="built without comm"):
+        MFAC(make_model().parameters(), **OPTIONS).load_state_dict(state)
+
+
+def test_distributed_optimizers_do_not_pickle() -> None:
+    import pickle
+
+    def rank(comm: Communicator) -> Any:
+        opt = MFAC(make_model().parameters(), **OPTIONS, comm=comm)
+        with pytest.raises(TypeError, match="state_dict"):
+            pickle.dumps(opt)
+
+    for r in run_spmd_threads(rank, 2):
+        assert r is None, r
+
+
+# -- processes: torch's DDP and FSDP2, torch.distributed.checkpoint ----------------------------
+
+
+def _train(model: Any, opt: Any, data: list[Any], comm: Communicator) -> None:
+    half = data[0][0].shape[0] // comm.size
+    for x, y in data:
+        rows = slice(comm.rank * half, (comm.rank + 1) * half)
+        opt.zero_grad()
+        F.cross_entropy(model(x[rows]), y[rows]).backward()
+        opt.step()
+
+
+def _gloo_optimizer(comm: Communicator, root: str) -> dict[str, Any]:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel
+
+    out: dict[str, Any] = {}
+    data = batches(STEPS + 3)
+    # DDP: each rank its half of every batch; DDP averages the gradients.
+    model = make_model()
+    ddp = DistributedDataParallel(model)
+    opt = MFAC(model.parameters(), **OPTIONS, comm=comm)
+    _train(ddp, opt, data[:STEPS], comm)
+    out["ddp"] = flat(model)
+    # FSDP2: parameters and gradients are DTensors sharded on dimension 0.
+    mesh = init_device_mesh("cpu", (comm.size,))
+    sharded = make_model()
+    fully_shard(sharded, mesh=mesh)
+    fopt = MFAC(sharded.parameters(), **OPTIONS)
+    _train(sharded, fopt, data[:4], comm)
+    path = os.path.join(root, "fsdp")
+    dcp.save({"model": sharded.state_dict(), "optim": fopt.state_dict()}, checkpoint_id=path)
+    _train(sharded, fopt, data[4:STEPS], comm)
+    out["fsdp"] = flat(sharded)
+    out["fsdp_window"] = fopt.ihvp.dim
+    after = [fopt.state_dict()["mfac"]["shards"], fopt.steps]
+    # Restore from the checkpoint into fresh objects: the same steps, bit for bit.
+    again = make_model(seed=1)
+    fully_shard(again, mesh=mesh)
+    aopt = MFAC(again.parameters(), **OPTIONS)
+    state = {"model": again.state_dict(), "optim": aopt.state_dict()}
+    dcp.load(state, checkpoint_id=path)
+    again.load_state_dict(state["model"])
+    aopt.load_state_dict(state["optim"])
+    _train(again, aopt, data[4:STEPS], comm)
+    out["restored"] = flat(again)
+    window, restored = after[0][aopt._shard_key]["window"], aopt.state_dict()["mfac"]["shards"]
+    out["same_window"] = all(
+        torch.equal(torch.as_tensor(v), torch.as_tensor(restored[aopt._shard_key]["window"][k]))
+        for k, v in window.items()
+        if not isinstance(v, (list, int, float, bool))
+    )
+    # A NaN in one rank's shard of the gradient: every rank skips the step.
+    x, y = data[STEPS]
+    fopt.zero_grad()
+    F.cross_entropy(sharded(x), y).backward()
+    if comm.rank == 1:
+        next(iter(sharded.parameters())).grad.to_local().view(-1)[0] = float("nan")
+    before = flat(sharded)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", MFACStepWarning)
+        fopt.step()
+    out["skip"] = (
+        fopt.skipped_steps,
+        bool(np.array_equal(before, flat(sharded))),
+        [str(w.message) for w in caught],
+    )
+    return out
+
+
+def test_ddp_and_fsdp2_over_gloo() -> None:
+    pytest.importorskip("torch.distributed.fsdp")
+    from _spmd import spawn
+
+    with tempfile.TemporaryDirectory() as root:
+        results = spawn(_gloo_optimizer, 2, root, timeout=60)
+    for r in results:
+        assert isinstance(r, dict), r
+    want = reference()
+    for r in results:
+        np.testing.assert_array_equal(r["ddp"], results[0]["ddp"])
+        assert_params_close(r["ddp"], want)
+        assert_params_close(r["fsdp"], want)
+        np.testing.assert_array_equal(r["restored"], r["fsdp"])
+        assert r["same_window"]
+        assert r["skip"][:2] == (1, True), r["skip"]
+    # FSDP2 shards each parameter's rows: the window holds this rank's local shards only.
+    assert sum(r["fsdp_window"] for r in results) == want.size
+
+
+@pytest.mark.parametrize("grad_dtype", [torch.bfloat16, torch.float16])
+def test_two_byte_windows_are_not_distributed(grad_dtype: torch.dtype) -> None:
+    from mfac_core.distributed import SingleProcessComm
+
+    model = torch.nn.Linear(3, 2)
+    with pytest.raises(ValueError, match="not available for a distributed optimizer"):
+        MFAC(
+            model.parameters(), lr=0.1, num_grads=4, grad_dtype=grad_dtype, comm=SingleProcessComm()
+        )
