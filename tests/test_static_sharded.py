@@ -272,6 +272,35 @@ def test_refinement(layout: str) -> None:
         assert all(r["matmat"] == [] for r in results)
 
 
+@pytest.mark.filterwarnings("ignore::mfac_core.IllConditionedWarning")
+def test_collinear_float32_gradients_recompute_the_reduced_gram(monkeypatch: Any) -> None:
+    # test_precision's case on two ranks: gradients of equal norms in a 9-dimensional
+    # subspace with a small damping fail the mixed-precision check, which every rank
+    # decides from the reduced Gram and weights; all then reduce a float64 Gram.
+    import mfac_core._setup
+    import mfac_core._sharded_static as sharded
+
+    # One piece per rank (and one for the whole G of the single-process operator).
+    monkeypatch.setattr(sharded, "_piece_width", lambda m, n: max(n, 1))
+    monkeypatch.setattr(mfac_core._setup, "_piece_width", lambda G: G.shape[1])
+    rng = np.random.default_rng(12)
+    m, d, damp = 16, 4096, 1e-3
+    basis = np.linalg.qr(rng.standard_normal((d, 9)))[0].T
+    coef = rng.standard_normal((m, 9))
+    G = _rounded((coef / np.linalg.norm(coef, axis=1, keepdims=True)) @ basis, "float32")
+    X = _rounded(rng.standard_normal((d, 1)), "float32")
+    results = _sharded(G, damp, [2048, 2048], dtype="float32", X=X)
+    single = StaticIHVP(G.astype(np.float32), damp=damp)
+    assert single._gram_recomputed == 1
+    kappa = SpectralOracle(G, damp).kappa
+    for r in results:
+        assert r["op"]._gram_recomputed == 1
+        assert [c.shape for c in r["setup"]][1:3] == [(m * m + m + 1,), (m * m + 1,)]
+    want = SpectralOracle(G, damp).matvec(X[:, 0])
+    assert_close(_gathered(results, "y"), want, kappa=kappa, dtype="float32")
+    _factors_bitwise_equal(results)
+
+
 def test_one_rank_is_the_single_process_operator() -> None:
     rng = np.random.default_rng(3)
     G = rng.standard_normal((4, 10))
