@@ -21,8 +21,8 @@ static block-wise; other operators add theirs there).
 (gloo, this machine), each rank holding ``d / p`` columns, against the floor measured
 in the same processes, interleaved with it: the single-process product (no
 communicator) on the rank's own columns, i.e. the local passes a sharded product
-cannot avoid (on 1 process: the whole G). The all-reduce of the ``m + 1`` numbers a
-product exchanges is timed alone too.
+cannot avoid (on 1 process: the whole G), full and block-wise. The all-reduce of
+the ``m + 1`` numbers a product exchanges is timed alone too.
 Times on rank 0, best of ``--repeat`` (median in brackets), every product started
 after a barrier; each rank runs ``cores / ranks`` BLAS threads. On one machine the
 ranks share its memory bandwidth, so the 2-rank rows show the overhead of the sharded
@@ -208,6 +208,7 @@ def _timed_products(comm: Any, a: dict[str, Any]) -> dict[str, common.Timing]:
     sharded = StaticIHVP(G_local, damp=damp, comm=comm)
     blocks = StaticIHVP(G_local, damp=damp, block_size=a["block"], comm=comm)
     local = StaticIHVP(G_local, damp=damp)
+    local_blocks = StaticIHVP(G_local, damp=damp, block_size=a["block"])
     payload = np.zeros(m + 1, dtype=dtype)
 
     def barrier() -> None:
@@ -217,6 +218,7 @@ def _timed_products(comm: Any, a: dict[str, Any]) -> dict[str, common.Timing]:
         "sharded": lambda: sharded.matvec(x),
         "block-wise": lambda: blocks.matvec(x),
         "local": lambda: local.matvec(x),
+        "local-blocks": lambda: local_blocks.matvec(x),
         "allreduce": lambda: comm.allreduce_sum(payload),
     }
     times = {name: common.Timing() for name in candidates}
@@ -343,15 +345,16 @@ def main(argv: list[str] | None = None) -> int:
     for size in args.processes:
         print(f"... {size} gloo process(es)", file=sys.stderr, flush=True)
         t = spawn_timings(size, timing_args)
-        floor = t["local"].best
         rows.append(
             [
                 str(size),
                 _fmt(t["local"]),
                 _fmt(t["sharded"]),
+                f"{t['sharded'].best / t['local'].best:.2f}",
+                _fmt(t["local-blocks"]),
                 _fmt(t["block-wise"]),
+                f"{t['block-wise'].best / t['local-blocks'].best:.2f}",
                 _fmt(t["allreduce"]),
-                f"{t['sharded'].best / floor:.2f} / {t['block-wise'].best / floor:.2f}",
             ]
         )
     print(f"\n## Product time: d={d}, m={args.m}, {args.dtype}, gloo on this machine\n")
@@ -361,9 +364,11 @@ def main(argv: list[str] | None = None) -> int:
                 "processes",
                 "floor: local matvec",
                 "sharded matvec",
-                f"block-wise (B={args.block})",
+                "ratio",
+                f"floor: local B={args.block}",
+                f"sharded B={args.block}",
+                "ratio",
                 f"all-reduce of {args.m + 1}",
-                "full / floor, block / floor",
             ],
             rows,
         )

@@ -15,12 +15,19 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import check_space
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mfac_core import FactorizationError, StaticIHVP
 from mfac_core.distributed import CountingComm, SingleProcessComm
-from mfac_core.testing import SpectralOracle, assert_close, problems, run_spmd_threads
+from mfac_core.testing import (
+    SpectralOracle,
+    assert_close,
+    problems,
+    run_spmd_threads,
+    to_numpy,
+)
 
 # -- helpers ---------------------------------------------------------------------------------
 
@@ -589,3 +596,36 @@ def test_over_gloo(nprocs: int) -> None:
             assert p["calls"] == ([(m + 1,)] if bs is None else [])
             if bs is None:
                 np.testing.assert_array_equal(p["U"], parts[0]["U"])  # bit for bit
+
+
+@pytest.mark.parametrize("backend_name", ["torch", "strict-device1"])
+@pytest.mark.parametrize("block_size", [None, 3])
+def test_other_backends(make_backend: Any, backend_name: str, block_size: int | None) -> None:
+    # array-api-strict's second device catches any hidden transfer to the default device.
+    be = make_backend(backend_name)
+    rng = np.random.default_rng(9)
+    G, x = rng.standard_normal((4, 12)), rng.standard_normal(12)
+    idx = np.array([0, 7, 11, 4])
+    bounds = [0, 6, 12]
+
+    def fn(comm: Any) -> tuple[Any, ...]:
+        lo, hi = bounds[comm.rank], bounds[comm.rank + 1]
+        op = StaticIHVP(
+            be.asarray(G[:, lo:hi], "float64"), damp=0.1, block_size=block_size, refine=1, comm=comm
+        )
+        y = op.matvec(be.asarray(x[lo:hi], "float64"))
+        Y = op.matmat(be.asarray(np.stack([x[lo:hi]] * 2, axis=1), "float64"))
+        e = op.entries(be.asarray(idx, "int64"), be.asarray(idx[::-1].copy(), "int64"))
+        for a in (y, Y, op.diagonal(), e):
+            check_space(a, be, "float64")
+        return tuple(to_numpy(a) for a in (y, Y, op.diagonal(), e))
+
+    results = run_spmd_threads(fn, 2, timeout=30)
+    for r in results:
+        assert not isinstance(r, Exception), r
+    single = StaticIHVP(G, damp=0.1, block_size=block_size)
+    kappa = SpectralOracle(G, 0.1, block_size=block_size).kappa * 10
+    assert_close(np.concatenate([r[0] for r in results]), single.matvec(x), kappa=kappa)
+    assert_close(np.concatenate([r[1][:, 1] for r in results]), single.matvec(x), kappa=kappa)
+    assert_close(np.concatenate([r[2] for r in results]), single.diagonal(), kappa=kappa)
+    assert_close(results[0][3], single.entries(idx, idx[::-1].copy()), kappa=kappa, atol=1e-13)
