@@ -632,7 +632,8 @@ class ShardedStatic:
         """Entries at GLOBAL indices, the same on every rank (one reduction)."""
         agreed, layout = self.agreed, self.layout
         size, m = comm.size, agreed.num_grads
-        k = math.prod(getattr(rows, "shape", ()) or (0,)) if hasattr(rows, "shape") else 0
+        # The number of pairs is part of the collective call, as matmat's k.
+        k = math.prod(tuple(getattr(rows, "shape", (0,))))
         per_pair = 2 * m if agreed.full else 1
         held: dict[str, Any] = {}
 

@@ -629,3 +629,18 @@ def test_other_backends(make_backend: Any, backend_name: str, block_size: int | 
     assert_close(np.concatenate([r[1][:, 1] for r in results]), single.matvec(x), kappa=kappa)
     assert_close(np.concatenate([r[2] for r in results]), single.diagonal(), kappa=kappa)
     assert_close(results[0][3], single.entries(idx, idx[::-1].copy()), kappa=kappa, atol=1e-13)
+
+
+def test_entries_of_zero_dimensional_and_empty_indices() -> None:
+    G = np.random.default_rng(10).standard_normal((3, 8))
+    single = StaticIHVP(G, damp=0.1)
+
+    def fn(comm: Any) -> tuple[Any, ...]:
+        op = StaticIHVP(G[:, 4 * comm.rank : 4 * comm.rank + 4], damp=0.1, comm=comm)
+        empty = np.zeros((2, 0), dtype=np.int64)
+        return op.entries(np.array(5), np.array(2)), op.entries(empty, empty)
+
+    for r in run_spmd_threads(fn, 2, timeout=20):
+        assert not isinstance(r, Exception), r
+        assert r[0].shape == () and r[1].shape == (2, 0)
+        assert_close(r[0], single.entries(np.array(5), np.array(2)), kappa=10, atol=1e-14)
