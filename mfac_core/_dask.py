@@ -209,6 +209,10 @@ class DaskStaticIHVP(StaticIHVP):
     progress : None, optional
         Must be ``None``: Dask's own diagnostics (the ``dask.distributed``
         dashboard, ``dask.diagnostics.ProgressBar``) show the set-up's tasks.
+    out, stream_to, comm : None, optional
+        Must be ``None``: W stays with Dask's workers, which also move the
+        chunks and spread the work (:class:`StaticIHVP`'s options for memmap
+        files, GPU streaming and column sharding do not apply).
 
     Attributes
     ----------
@@ -277,11 +281,17 @@ class DaskStaticIHVP(StaticIHVP):
         progress: Callable[[int, int], None] | None = None,
         out: Array = None,
         stream_to: Any = None,
+        comm: Any = None,
     ) -> None:
         if out is not None or stream_to is not None:
             raise ValueError(
                 "out= and stream_to= are not available for Dask gradients: W stays "
                 "with Dask's workers (persisted), and Dask moves the chunks itself"
+            )
+        if comm is not None:
+            raise ValueError(
+                "comm= is not available for Dask gradients: Dask distributes the "
+                "chunks of G itself; pass each rank's NumPy shard for comm="
             )
         check_flag(overwrite_G, "overwrite_G")
         check_finite = check_flag(check_finite, "check_finite")

@@ -11,6 +11,7 @@ data.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import numbers
 from typing import Any
@@ -60,6 +61,11 @@ class LinearOperator:
     ndim = 2
     # NumPy must hand ``ndarray @ op`` (and other binary operators) to this class.
     __array_ufunc__ = None
+    #: The communicator of a column-sharded operator (built with ``comm=``), else None.
+    #: Such an operator takes and returns this rank's shards, and checks its operands
+    #: inside its reductions (``_sharded_apply``), so that a bad shard makes every
+    #: rank raise (docs/scaling.rst).
+    comm: Any = None
 
     def __init__(
         self,
@@ -94,6 +100,16 @@ class LinearOperator:
         state["device"] = restored_device(state["device"])
         self.__dict__.update(state)
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> LinearOperator:
+        # What copy.deepcopy does by default, except that a communicator is a handle
+        # to a process group, shared by the copy rather than copied.
+        if self.comm is not None:
+            memo.setdefault(id(self.comm), self.comm)
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        return new
+
     # -- to be provided by subclasses -------------------------------------------------
 
     def _matmat(self, X: Array) -> Array:
@@ -109,6 +125,18 @@ class LinearOperator:
 
     def _rmatvec(self, x: Array) -> Array:
         return self._rmatmat(x[:, None])[:, 0]
+
+    def _sharded_apply(self, x: Any, *, vector: bool, adjoint: bool) -> Array:
+        """A product of a column-sharded operator, with ``x`` checked collectively."""
+        raise NotImplementedError(f"{type(self).__name__} is not column-sharded")
+
+    def _refuse_sharded(self, what: str) -> None:
+        if self.comm is not None:
+            raise TypeError(
+                f"{what} is not available for a column-sharded operator ({self!r} "
+                "takes and returns this rank's shards; see docs/scaling.rst): apply "
+                "it with matvec/matmat and combine the shards yourself"
+            )
 
     # -- validation --------------------------------------------------------------------
 
@@ -166,7 +194,14 @@ class LinearOperator:
         ValueError
             If ``x`` is on another device, has the wrong shape, or (with
             ``check_finite``) holds NaN or infinity.
+
+        Notes
+        -----
+        For a column-sharded operator (``comm``), ``x`` and the result are this
+        rank's shards (``local_shape``), and the call is collective.
         """
+        if self.comm is not None:
+            return self._sharded_apply(x, vector=True, adjoint=False)
         return self._vector(x, self.shape[1], self._matvec, "matmat")
 
     def rmatvec(self, x: Array, /) -> Array:
@@ -194,7 +229,14 @@ class LinearOperator:
         ValueError
             If ``x`` is on another device, has the wrong shape, or (with
             ``check_finite``) holds NaN or infinity.
+
+        Notes
+        -----
+        For a column-sharded operator (``comm``), ``x`` and the result are this
+        rank's shards (``local_shape``), and the call is collective.
         """
+        if self.comm is not None:
+            return self._sharded_apply(x, vector=True, adjoint=True)
         return self._vector(x, self.shape[0], self._rmatvec, "rmatmat")
 
     def matmat(self, X: Array, /) -> Array:
@@ -221,7 +263,15 @@ class LinearOperator:
         ValueError
             If ``X`` is on another device, has the wrong shape, or (with
             ``check_finite``) holds NaN or infinity.
+
+        Notes
+        -----
+        For a column-sharded operator (``comm``), ``X`` and the result are this
+        rank's rows (``local_shape``), and the call is collective: every rank
+        passes the same number of columns k.
         """
+        if self.comm is not None:
+            return self._sharded_apply(X, vector=False, adjoint=False)
         return self._matmat(self._check_input(X, "X", self.shape[1], (2,)))
 
     def rmatmat(self, X: Array, /) -> Array:
@@ -248,7 +298,15 @@ class LinearOperator:
         ValueError
             If ``X`` is on another device, has the wrong shape, or (with
             ``check_finite``) holds NaN or infinity.
+
+        Notes
+        -----
+        For a column-sharded operator (``comm``), ``X`` and the result are this
+        rank's rows (``local_shape``), and the call is collective: every rank
+        passes the same number of columns k.
         """
+        if self.comm is not None:
+            return self._sharded_apply(X, vector=False, adjoint=True)
         return self._rmatmat(self._check_input(X, "X", self.shape[0], (2,)))
 
     def dot(self, x: Array, /) -> Any:
@@ -386,8 +444,9 @@ class LinearOperator:
             If ``M * N`` exceeds ``max_entries``, or ``max_entries`` is
             negative.
         TypeError
-            If ``max_entries`` is not an int.
+            If ``max_entries`` is not an int, or the operator is column-sharded.
         """
+        self._refuse_sharded("todense()")
         m, n = self.shape
         max_entries = check_count(max_entries, "max_entries", minimum=0)
         if m * n > max_entries:
@@ -418,11 +477,14 @@ class LinearOperator:
         Raises
         ------
         TypeError
-            If the operator works on arrays of another library than NumPy.
+            If the operator works on arrays of another library than NumPy, or is
+            column-sharded (SciPy's solvers would take local shards for whole
+            vectors).
         """
         import numpy as np
         import scipy.sparse.linalg
 
+        self._refuse_sharded("to_scipy()")
         if not is_numpy_namespace(self._xp):
             raise TypeError(
                 f"to_scipy needs a NumPy-backed operator, but {self!r} works on "
@@ -470,6 +532,7 @@ def _check_compatible(a: LinearOperator, b: LinearOperator, what: str) -> None:
 
 class _AdjointOperator(LinearOperator):
     def __init__(self, A: LinearOperator) -> None:
+        A._refuse_sharded("the adjoint of a non-symmetric operator")
         super().__init__(
             shape=(A.shape[1], A.shape[0]),
             dtype=A.dtype,
@@ -497,6 +560,7 @@ class _AdjointOperator(LinearOperator):
 
 class _ScaledOperator(LinearOperator):
     def __init__(self, A: LinearOperator, alpha: float) -> None:
+        A._refuse_sharded("Scaling (*, /, -)")
         super().__init__(
             shape=A.shape,
             dtype=A.dtype,
@@ -522,6 +586,8 @@ class _ScaledOperator(LinearOperator):
 
 class _SumOperator(LinearOperator):
     def __init__(self, A: LinearOperator, B: LinearOperator) -> None:
+        A._refuse_sharded("Adding operators (+, -)")
+        B._refuse_sharded("Adding operators (+, -)")
         _check_compatible(A, B, "add")
         if A.shape != B.shape:
             raise ValueError(f"cannot add operators of shapes {A.shape} and {B.shape}")
@@ -550,6 +616,8 @@ class _SumOperator(LinearOperator):
 
 class _ProductOperator(LinearOperator):
     def __init__(self, A: LinearOperator, B: LinearOperator) -> None:
+        A._refuse_sharded("Multiplying operators (@, dot)")
+        B._refuse_sharded("Multiplying operators (@, dot)")
         _check_compatible(A, B, "multiply")
         if A.shape[1] != B.shape[0]:
             raise ValueError(f"cannot multiply operators of shapes {A.shape} and {B.shape}")

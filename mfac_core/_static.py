@@ -13,13 +13,14 @@ import os
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from . import _capacitance, _setup, _store, _streaming
+from . import _capacitance, _setup, _sharded_static, _store, _streaming
 from ._compat import Array, device
 from ._gform import GFormFactor
 from ._group_factors import GroupFactor
 from ._layout import BlockGroup, block_groups, lowrank_apply
 from ._operator import LinearOperator
 from ._refine import fisher_residual, refine
+from ._sharding import ShardLayout
 from ._validation import (
     check_block_size,
     check_count,
@@ -30,7 +31,9 @@ from ._validation import (
     check_index_array,
     check_writeable,
     half_dtype_name,
+    namespace_of,
 )
+from .distributed import Communicator, check_communicator
 
 __all__ = ["EmpiricalFisher", "StaticIHVP", "register_array_type"]
 
@@ -152,11 +155,26 @@ class StaticIHVP(_BlockOperatorBase):
         that device. For the full operator with ``d > m`` and float32/float64
         G only; not with ``overwrite_G``, ``out`` or ``refine``. ``"cpu"``
         runs the same schedule on the host, without overlap.
+    comm : Communicator, optional
+        Build the column-sharded (SPMD) operator: every rank of ``comm``
+        calls the constructor with its contiguous range of G's columns
+        (``G_local``, shape ``(m, d_local)``, ranks in rank order; a rank may
+        hold no column), the same ``damp``, ``block_size``, ``refine`` and
+        ``check_finite``, and the operator's vectors are then this rank's
+        shards (see Notes and docs/scaling.rst).
 
     Attributes
     ----------
     shape : tuple
-        ``(d, d)``.
+        ``(d, d)``; with ``comm``, d is the global number of coordinates.
+    comm : Communicator or None
+        The communicator of a column-sharded operator.
+    layout : ShardLayout or None
+        With ``comm``: ``widths`` (every rank's column count), ``start`` and
+        ``stop`` (this rank's global column range) and ``dim`` (d).
+    local_shape : tuple
+        ``(d_local, d_local)``: the shapes products take and return on this
+        rank (``shape`` without ``comm``).
     dtype, device
         G's dtype (float32 for 2-byte G) and device.
     storage_dtype : str or None
@@ -173,7 +191,9 @@ class StaticIHVP(_BlockOperatorBase):
         For a G that is not 2-D, empty, or holds NaN/inf, for ``damp <= 0``
         and for ``block_size < 1``; for an ``out`` of another shape or
         device, read-only, or overlapping G; for a ``stream_to`` that names
-        no available device, or options it does not support.
+        no available device, or options it does not support; with ``comm``,
+        also for ranks that disagree on m or an option, shard boundaries that
+        cut a block, or ``out``/``stream_to`` (not available sharded).
     TypeError
         For an integer or complex G, or a G that is not an array; for an
         ``out`` of another library or dtype; for ``stream_to`` with a G that
@@ -218,6 +238,24 @@ class StaticIHVP(_BlockOperatorBase):
     ``refine`` brings every vector to about ``eps * ||x|| / (damp ||y||) <=
     eps * kappa``.
 
+    **Column-sharded (``comm``).** Everything m x m is replicated: the Gram
+    matrix is summed over the ranks (one reduction of m^2 float64 numbers,
+    two when a float32 Gram fails its check), and every rank factorises the
+    same bits into the same factor; W and the dense block inverses hold this
+    rank's columns only. ``matvec`` and ``matmat`` take and return this
+    rank's shards (``local_shape``) and reduce ``W X`` (m k numbers);
+    ``diagonal()`` returns this rank's entries without communication;
+    ``entries`` takes *global* indices (the same on every rank) and returns
+    the same values on every rank (one reduction of ``2 m k`` numbers).
+    With ``block_size``, shard boundaries must fall on block boundaries;
+    each rank's blocks are then whole and products exchange nothing. The
+    full operator is always in the Woodbury form (also for ``d <= m``).
+    Errors are collective: a bad shard on one rank makes every rank raise an
+    exception of the same class. Not with 2-byte gradients; no ``todense``,
+    ``to_scipy`` or operator arithmetic (they would mix shards and whole
+    vectors). Pickling keeps the communicator (a ``TorchComm`` of the
+    default group is re-bound where it is loaded).
+
     Examples
     --------
     >>> import numpy as np
@@ -242,6 +280,9 @@ class StaticIHVP(_BlockOperatorBase):
                     return super().__new__(subclass)
         return super().__new__(cls)
 
+    #: Where this rank's columns lie (column-sharded operators only).
+    layout: ShardLayout | None = None
+
     def __init__(
         self,
         G: Array,
@@ -255,7 +296,20 @@ class StaticIHVP(_BlockOperatorBase):
         progress: Callable[[int, int], None] | None = None,
         out: Array = None,
         stream_to: Any = None,
+        comm: Communicator | None = None,
     ) -> None:
+        if comm is not None:
+            if out is not None or stream_to is not None:
+                # Raised before any reduction: SPMD code passes the same options on
+                # every rank, so every rank raises here alike.
+                raise ValueError(
+                    "out= and stream_to= are not available for a column-sharded "
+                    "operator (comm=); each rank keeps its W shard in memory"
+                )
+            self._init_sharded(
+                G, comm, damp, block_size, overwrite_G, check_finite, refine, progress
+            )
+            return
         overwrite_G = check_flag(overwrite_G, "overwrite_G")
         check_finite = check_flag(check_finite, "check_finite")
         if progress is not None and not callable(progress):
@@ -552,6 +606,93 @@ class StaticIHVP(_BlockOperatorBase):
                 made.discard()
             raise
 
+    def _init_sharded(
+        self,
+        G: Array,
+        comm: Any,
+        damp: Any,
+        block_size: Any,
+        overwrite_G: Any,
+        check_finite: Any,
+        refine: Any,
+        progress: Any,
+    ) -> None:
+        """The column-sharded set-up (docs/scaling.rst); collective."""
+        # Neither a bad communicator nor a G_local that is no array can join a
+        # reduction: these two raise on their rank alone.
+        comm = check_communicator(comm)
+        xp = namespace_of(G, "G_local")
+        check_float64_available(xp)
+        shard = _sharded_static.build(
+            comm,
+            xp,
+            G,
+            damp=damp,
+            block_size=block_size,
+            overwrite_G=overwrite_G,
+            check_finite=check_finite,
+            refine=refine,
+            progress=progress,
+        )
+        agreed = shard.agreed
+        self.comm = comm
+        self.layout = agreed.layout
+        self._shard = shard
+        self.damp = agreed.damp
+        self.num_grads, self.dim = agreed.num_grads, agreed.layout.dim
+        self.block_size = agreed.block_size
+        self.storage_dtype = None
+        self.refine = agreed.refine
+        self.kappa_bound = shard.kappa_hi
+        self._gram_recomputed = shard.recomputed
+        d = self.dim
+        LinearOperator.__init__(
+            self,
+            shape=(d, d),
+            dtype=G.dtype,
+            xp=xp,
+            device=device(G),
+            symmetric=True,
+            check_finite=agreed.check_finite,
+        )
+        _capacitance.warn_if_hopeless(
+            shard.kappa_lo, damp=self.damp, eps=float(xp.finfo(self.dtype).eps), dtype=self.dtype
+        )
+
+    @property
+    def local_shape(self) -> tuple[int, int]:
+        """The local shape ``(d_local, d_local)``, else ``shape``."""  # numpydoc ignore=RT01
+        if self.layout is None:
+            return self.shape
+        n = self.layout.widths[self.layout.rank]
+        return (n, n)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        layout, comm = self.layout, self.comm
+        if layout is None or comm is None:
+            return
+        if (comm.rank, comm.size) != (layout.rank, len(layout.widths)):
+            raise ValueError(
+                f"this column-sharded StaticIHVP was saved by rank {layout.rank} of "
+                f"{len(layout.widths)}, but its communicator is now rank {comm.rank} of "
+                f"{comm.size}: load each rank's operator on the same rank of a group of the "
+                "same size"
+            )
+
+    def _sharded_apply(self, x: Any, *, vector: bool, adjoint: bool) -> Array:
+        # F^{-1} is symmetric: the adjoint products are the products.
+        return self._shard.apply(
+            self.comm,
+            self._xp,
+            self.device,
+            self.dtype,
+            x,
+            vector=vector,
+            check=self.check_finite,
+            owner=repr(self),
+        )
+
     # -- products ------------------------------------------------------------------------
 
     def _solve(self, X: Array) -> Array:
@@ -579,8 +720,11 @@ class StaticIHVP(_BlockOperatorBase):
         -------
         array, shape (d,)
             In the operator's namespace, dtype and device. The sums of squares
-            are accumulated in float64, a bounded piece at a time.
+            are accumulated in float64, a bounded piece at a time. With
+            ``comm``: this rank's ``d_local`` entries, without communication.
         """
+        if self.comm is not None:
+            return self._shard.diagonal(self._xp, self.device, self.dtype)
         return self._join([f.diagonal() for f in self._factors])
 
     def entries(self, rows: Array, cols: Array, /) -> Array:
@@ -597,7 +741,10 @@ class StaticIHVP(_BlockOperatorBase):
         array
             The entries, with the shape of ``rows`` and the operator's dtype.
             Entries that couple two different blocks are zero. Temporaries are
-            bounded (pairs are taken a bounded number at a time).
+            bounded (pairs are taken a bounded number at a time). With
+            ``comm``: ``rows`` and ``cols`` are global indices, the same on
+            every rank, and so is the result (one reduction; temporaries of
+            ``O(m k)``).
 
         Raises
         ------
@@ -608,6 +755,8 @@ class StaticIHVP(_BlockOperatorBase):
         IndexError
             For an index outside ``[0, d)``.
         """
+        if self.comm is not None:
+            return self._shard.entries(self.comm, self._xp, self.device, self.dtype, rows, cols)
         xp = self._xp
         r = check_index_array(rows, "rows", xp=xp, device=self.device, bound=self.dim)
         c = check_index_array(cols, "cols", xp=xp, device=self.device, bound=self.dim)

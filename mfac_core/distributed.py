@@ -159,7 +159,9 @@ class TorchComm:
     gloo, a CuPy array or CUDA tensor a GPU backend such as NCCL; the result
     comes back in the input's library. The engine's timeout (the ``timeout`` of
     ``init_process_group``) applies to every call, so a peer that died makes the
-    others raise instead of waiting forever.
+    others raise instead of waiting forever. A TorchComm of the default group
+    pickles as "the default group of the process that loads it", so that
+    each rank can save and load its column-sharded operator.
 
     Examples
     --------
@@ -243,6 +245,22 @@ class TorchComm:
         return (
             f"TorchComm(rank={self._rank}, size={self._size}, deterministic={self.deterministic})"
         )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # A process group is a connection, not data: a pickled TorchComm is bound again
+        # to the default group of the process that loads it (initialised there first).
+        if self.group is not None:
+            raise TypeError(
+                "a TorchComm over a process group other than the default one cannot be "
+                "pickled (the group is not data); pickle with the default group, or rebuild "
+                "the object on the loading side"
+            )
+        return (_default_torch_comm, (self.deterministic,))
+
+
+def _default_torch_comm(deterministic: bool) -> TorchComm:
+    """A :class:`TorchComm` of the default group: what an unpickled one becomes."""
+    return TorchComm(deterministic=deterministic)
 
 
 def _from_torch(like: Array, t: Any) -> Array:

@@ -313,8 +313,11 @@ def test_operand_errors(rng):
         op.entries(da.from_array(idx), da.from_array(idx[:1]))
 
 
-@pytest.mark.parametrize("option", ["out", "stream_to"])
+@pytest.mark.parametrize("option", ["out", "stream_to", "comm"])
 def test_out_and_stream_to_are_refused(option: str) -> None:
     G = da.ones((2, 8), chunks=(2, 4))
+    from mfac_core.distributed import SingleProcessComm
+
     with pytest.raises(ValueError, match="not available for Dask"):
-        StaticIHVP(G, damp=1.0, **{option: np.zeros((2, 8)) if option == "out" else "cpu"})
+        value = {"out": np.zeros((2, 8)), "stream_to": "cpu"}.get(option, SingleProcessComm())
+        StaticIHVP(G, damp=1.0, **{option: value})

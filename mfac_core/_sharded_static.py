@@ -1,0 +1,709 @@
+"""The column-sharded (SPMD) form of :class:`~mfac_core.StaticIHVP` (``comm=``).
+
+Each rank holds a contiguous range of the d columns of G (ranks in rank order)
+and the same range of every vector. docs/scaling.rst states the design; in short:
+
+- **replicated**: m, the damping, the layout, and every m x m quantity: the
+  Gram matrix is summed over ranks (one reduction), and every rank factorises
+  the same reduced bits into the same float64 factor;
+- **sharded**: G, ``W = L^{-1} G`` and the dense block inverses, each rank's
+  columns only;
+- **full operator** (one block across the shards): a product reduces the m x k
+  matrix ``W X`` (one reduction), ``entries`` the W columns of the pairs (one);
+  ``diagonal`` is local;
+- **block-wise** (``block_size``): shard boundaries fall on block boundaries,
+  so each rank's blocks are whole and its products are local (no reduction).
+
+Errors are collective: every check of a rank's inputs runs inside the reduction
+that is due anyway (``_sharding.reduce_checked``), and every decision about m x m
+data is taken from reduced values, so all ranks raise, or none does.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from . import _capacitance, _setup
+from ._compat import Array, device
+from ._errors import FactorizationError
+from ._layout import (
+    BlockGroup,
+    block_groups,
+    chunk_gram,
+    chunks,
+    mixed_chunk_gram,
+    piece_columns,
+    piece_stack,
+    pieces,
+)
+from ._refine import fisher_residual
+from ._refine import refine as refine_steps
+from ._sharding import ShardLayout, host_values, reduce_checked
+from ._validation import (
+    check_count,
+    check_damp,
+    check_finite,
+    check_flag,
+    check_floating,
+    check_index_array,
+    check_operand,
+    check_writeable,
+    half_dtype_name,
+)
+from .distributed import Communicator
+
+__all__ = ["ShardedStatic", "build"]
+
+#: Per-rank fields of the set-up's first reduction, in this order.
+_FIELDS = ("m", "width", "dtype", "damp", "block_size", "refine", "check_finite")
+_DTYPE_CODES = {"float32": 1, "float64": 2}
+#: Per-rank fields of the set-up's last reduction.
+_DONE_FIELDS = ("kappa_lo", "kappa_hi", "recomputed", "failed", "checksum")
+#: Modulus of the index checksums of ``entries`` (exact in float32).
+_CHECK_MOD = 2**23 - 15
+
+
+def _piece_width(m: int, n: int) -> int:
+    # The rule of the single-process set-up (_setup), for this rank's m x n shard.
+    return max(1, min(_setup.PIECE_ENTRIES, m * n // 64) // m)
+
+
+def _gathered(total: Array, size: int, k: int) -> list[list[float]]:
+    values = host_values(total)
+    return [values[r * k : (r + 1) * k] for r in range(size)]
+
+
+def _own_row(xp: Any, dev: Any, comm: Communicator, row: list[float]) -> Array:
+    flat = [0.0] * (comm.size * len(row))
+    flat[comm.rank * len(row) : (comm.rank + 1) * len(row)] = row
+    return xp.asarray(flat, dtype=xp.float64, device=dev)
+
+
+def _same_everywhere(rows: list[list[float]], field: int, name: str, kind: type[Exception]) -> None:
+    values = [row[field] for row in rows]
+    if len(set(values)) > 1:
+        shown = ", ".join(f"{v:g}" for v in values)
+        raise kind(
+            f"{name} must be the same on every rank; got ({shown}) on ranks 0..{len(rows) - 1}"
+        )
+
+
+def aligned_widths(dim: int, block_size: int, size: int) -> tuple[int, ...]:
+    """Shard widths whose boundaries fall on block boundaries, blocks spread evenly."""
+    blocks = -(-dim // block_size)
+    per, extra = divmod(blocks, size)
+    bounds = [0]
+    for r in range(size):
+        bounds.append(min(dim, bounds[-1] + (per + (r < extra)) * block_size))
+    return tuple(b - a for a, b in itertools.pairwise(bounds))
+
+
+@dataclass(frozen=True)
+class Agreed:
+    """What the first reduction of the set-up settles: the same on every rank."""
+
+    layout: ShardLayout
+    num_grads: int
+    damp: float
+    block_size: int
+    refine: int
+    check_finite: bool
+
+    @property
+    def full(self) -> bool:
+        """One block across all shards: products need a reduction."""
+        return self.block_size >= self.layout.dim
+
+
+def agree(
+    comm: Communicator,
+    xp: Any,
+    dev: Any,
+    G: Array,
+    *,
+    damp: Any,
+    block_size: Any,
+    refine: Any,
+    check_finite: Any,
+    overwrite_G: Any,
+    progress: Any,
+) -> Agreed:
+    """Check this rank's arguments, exchange them and check that the ranks agree (one reduction)."""
+    size = comm.size
+
+    def local() -> Array:
+        if G.ndim != 2 or G.shape[0] == 0:
+            raise ValueError(
+                "G_local must be a 2-D array of shape (m, d_local) with m >= 1: this rank's "
+                f"columns of the m gradients; got shape {tuple(G.shape)}"
+            )
+        if half_dtype_name(xp, G.dtype) is not None:
+            raise TypeError(
+                f"{half_dtype_name(xp, G.dtype)} gradients are not supported with comm= "
+                "(2-byte storage is single-process only); cast G_local to float32"
+            )
+        check_floating(xp, G, "G_local")
+        flags = [check_flag(check_finite, "check_finite"), check_flag(overwrite_G, "overwrite_G")]
+        if progress is not None and not callable(progress):
+            raise TypeError(f"progress must be callable or None, got {type(progress).__name__}")
+        steps = check_count(refine, "refine", minimum=0)
+        if flags[1]:
+            check_writeable(G, "G_local", why="overwrite_G=True")
+            if steps:
+                raise ValueError(
+                    "refine needs the gradients for its residuals, but overwrite_G=True "
+                    "replaces them by W; pass one or the other"
+                )
+        bs = 0 if block_size is None else check_count(block_size, "block_size")
+        code = _DTYPE_CODES["float32" if G.dtype == xp.float32 else "float64"]
+        row = [G.shape[0], G.shape[1], code, check_damp(damp), bs, steps, float(flags[0])]
+        return _own_row(xp, dev, comm, [float(v) for v in row])
+
+    k = len(_FIELDS)
+    total = reduce_checked(
+        comm, xp, local, length=size * k, dtype=xp.float64, device=dev, what="the set-up"
+    )
+    rows = _gathered(total, size, k)
+    _same_everywhere(rows, 0, "the number of gradients m (rows of G_local)", ValueError)
+    _same_everywhere(rows, 2, "G_local's dtype (1: float32, 2: float64)", TypeError)
+    _same_everywhere(rows, 3, "damp", ValueError)
+    _same_everywhere(rows, 4, "block_size (0: None)", ValueError)
+    _same_everywhere(rows, 5, "refine", ValueError)
+    _same_everywhere(rows, 6, "check_finite", ValueError)
+    layout = ShardLayout(comm.rank, tuple(int(row[1]) for row in rows))
+    if layout.dim == 0:
+        raise ValueError("every rank's G_local has 0 columns: the gradients have no coordinate")
+    first = rows[0]
+    bs = int(first[4])
+    block = layout.dim if bs == 0 else min(bs, layout.dim)
+    agreed = Agreed(layout, int(first[0]), first[3], block, int(first[5]), bool(first[6]))
+    if not agreed.full:
+        bounds = [sum(layout.widths[: r + 1]) for r in range(size)]
+        cut = [b for b in bounds if b % block and b != layout.dim]
+        if cut:
+            raise ValueError(
+                f"block_size={block} needs shard boundaries on block boundaries (multiples of "
+                f"{block}, or d={layout.dim}), so that each rank's blocks are whole; the widths "
+                f"{layout.widths} put one at column {cut[0]}. Shard G's columns as, e.g., "
+                f"widths {aligned_widths(layout.dim, block, size)}"
+            )
+    return agreed
+
+
+# -- the set-up --------------------------------------------------------------------------------
+
+
+def _non_finite(xp: Any, G: Array, offset: int) -> ValueError:
+    bad = ~xp.isfinite(G)
+    if bool(xp.any(bad)):
+        row = int(xp.argmax(xp.astype(xp.any(bad, axis=1), xp.int8)))
+        col = int(xp.argmax(xp.astype(bad[row, ...], xp.int8)))
+        return ValueError(
+            f"G_local must not contain NaN or infinity: G_local[{row}, {col}] (global column "
+            f"{offset + col}) is {float(G[row, col])}"
+        )
+    return ValueError(
+        "the squared norms of G_local's rows overflow float64: G is finite but too large; "
+        "rescale the gradients (the damping scales with them)"
+    )
+
+
+def _local_gram(
+    xp: Any,
+    G: Array,
+    offset: int,
+    *,
+    mixed: bool,
+    check: bool,
+    advance: Callable[[int], None] | None,
+) -> Array:
+    """This rank's part of ``G G^T`` (and the mixed-precision weights), flattened."""
+    m, n = G.shape
+    if n == 0:
+        return xp.zeros((m * m + (m if mixed else 0),), dtype=xp.float64, device=device(G))
+    group = BlockGroup(0, 1, n)
+    (chunk,) = list(chunks(group, _piece_width(m, n)))  # one block: one chunk of pieces
+
+    def product(X: Array) -> Array:
+        return X @ xp.matrix_transpose(X)
+
+    parts = []
+    if mixed:
+        gram, weight = mixed_chunk_gram(xp, G, group, chunk, product, advance)
+        parts = [xp.reshape(gram, (-1,)), xp.reshape(weight, (-1,))]
+    else:
+        gram = chunk_gram(xp, G, group, chunk, product, advance)
+        parts = [xp.reshape(gram, (-1,))]
+    # A NaN or infinity in this rank's columns makes its Gram diagonal non-finite.
+    if check and not bool(xp.all(xp.isfinite(xp.linalg.diagonal(gram)))):
+        raise _non_finite(xp, G, offset)
+    return xp.concat(parts)
+
+
+def _checksum(xp: Any, U: Array) -> float:
+    """A number that differs between factors that differ (bitwise, in practice)."""
+    flat = xp.reshape(U, (-1,))
+    ramp = xp.astype(xp.arange(1, flat.shape[0] + 1, device=device(flat)), xp.float64)
+    return float(xp.sum(flat * ramp)) + float(xp.sum(flat))
+
+
+def _full_factor(
+    comm: Communicator,
+    xp: Any,
+    G: Array,
+    agreed: Agreed,
+    *,
+    progress: Callable[[int, int], None] | None,
+) -> tuple[_capacitance.CapacitanceFactor, int]:
+    """The capacitance factor from the reduced Gram: bit for bit the same on every rank."""
+    m, n = G.shape
+    damp = agreed.damp
+    done = [0]
+
+    def advance(k: int) -> None:
+        done[0] += k
+        if progress is not None:
+            progress(done[0], 2 * n)
+
+    def reduced_gram(mixed: bool, count: Callable[[int], None] | None) -> tuple[Array, Array]:
+        length = m * m + (m if mixed else 0)
+        total = reduce_checked(
+            comm,
+            xp,
+            lambda: _local_gram(
+                xp, G, agreed.layout.start, mixed=mixed, check=agreed.check_finite, advance=count
+            ),
+            length=length,
+            dtype=xp.float64,
+            device=device(G),
+            what="the set-up's Gram matrix",
+        )
+        gram = xp.reshape(total[: m * m], (1, m, m))
+        finite = bool(xp.all(xp.isfinite(xp.linalg.diagonal(gram))))
+        if agreed.check_finite and not finite:
+            # Each rank's part was finite (else it said so): their sum overflowed.
+            raise _non_finite(xp, G[:, :0], agreed.layout.start)
+        return gram, xp.reshape(total[m * m :], (1, m)) if mixed else total[:0]
+
+    recomputed = 0
+    if G.dtype != xp.float64:
+        # The mixed-precision rule of _setup, decided from reduced values on every rank.
+        gram, weight = reduced_gram(True, advance)
+        if bool(xp.all(xp.isfinite(xp.linalg.diagonal(gram)))):
+            try:
+                factor = _capacitance.factorize(
+                    xp, gram, shift=m * damp, scale=1.0, damp=damp, gram_dtype="float32"
+                )
+            except FactorizationError:
+                pass  # recomputed in float64 below, which words any error
+            else:
+                if _setup.mixed_gram_trusted(xp, factor, weight):
+                    return factor, recomputed
+        recomputed = 1
+        gram, _ = reduced_gram(False, None)
+    else:
+        gram, _ = reduced_gram(False, advance)
+    return _capacitance.factorize(xp, gram, shift=m * damp, scale=1.0, damp=damp), recomputed
+
+
+def _full_W(
+    xp: Any,
+    G: Array,
+    factor: _capacitance.CapacitanceFactor,
+    *,
+    overwrite_G: bool,
+    progress: Callable[[int, int], None] | None,
+) -> Array:
+    """This rank's columns of ``W = L^{-1} G``, piece by piece into a sink."""
+    m, n = G.shape
+    if n == 0:
+        return G if overwrite_G else xp.zeros((m, 0), dtype=G.dtype, device=device(G))
+    Linv = xp.astype(factor.lower_inverse(), G.dtype)
+    group = BlockGroup(0, 1, n)
+    sink = _setup.choose_sink(xp, G, n, overwrite_G=overwrite_G, device=device(G))
+    for piece in pieces(group, _piece_width(m, n)):
+        sink.store(piece_columns(group, piece), Linv, piece_stack(xp, G, group, piece))
+        if progress is not None:
+            progress(n + piece_columns(group, piece)[1], 2 * n)
+    return sink.finish()
+
+
+def build(
+    comm: Communicator,
+    xp: Any,
+    G: Array,
+    *,
+    damp: Any,
+    block_size: Any,
+    overwrite_G: Any,
+    check_finite: Any,
+    refine: Any,
+    progress: Any,
+) -> ShardedStatic:
+    """The sharded set-up (docs/scaling.rst): collective, and the same decisions on every rank."""
+    dev = device(G)
+    agreed = agree(
+        comm,
+        xp,
+        dev,
+        G,
+        damp=damp,
+        block_size=block_size,
+        refine=refine,
+        check_finite=check_finite,
+        overwrite_G=overwrite_G,
+        progress=progress,
+    )
+    overwrite = bool(overwrite_G)
+    m, n = G.shape
+    size = comm.size
+    state: dict[str, Any] = {}
+    if agreed.full:
+        factor, recomputed = _full_factor(comm, xp, G, agreed, progress=progress)
+
+        def local() -> Array:
+            W = _full_W(xp, G, factor, overwrite_G=overwrite, progress=progress)
+            state["factors"] = (_WoodburyShard(BlockGroup(0, 1, n), W, agreed.damp),)
+            lo, hi = factor.kappa if factor.kappa is not None else (1.0, 1.0)
+            row = [lo, hi, float(recomputed), 0.0, _checksum(xp, factor.U)]
+            return _own_row(xp, dev, comm, row)
+
+        groups: tuple[BlockGroup, ...] = (BlockGroup(0, 1, n),)
+    else:
+        groups = block_groups(n, agreed.block_size) if n else ()
+
+        def local() -> Array:
+            wood_end = max((g.end for g in groups if g.size > m), default=0)
+            sink = _setup.choose_sink(xp, G, wood_end, overwrite_G=overwrite, device=dev)
+            try:
+                result = _setup.factorize_groups(
+                    xp,
+                    G,
+                    groups,
+                    damp=agreed.damp,
+                    sink=sink,
+                    check_finite=agreed.check_finite,
+                    progress=progress,
+                )
+            except FactorizationError as exc:
+                # Not raised here: every rank must raise a FactorizationError, not the
+                # generic class that reduce_checked would give the others.
+                state["error"] = exc
+                return _own_row(xp, dev, comm, [1.0, 1.0, 0.0, 1.0, 0.0])
+            state["factors"] = result.factors
+            row = [result.kappa_lo, result.kappa_hi, float(result.recomputed), 0.0, 0.0]
+            return _own_row(xp, dev, comm, row)
+
+    k = len(_DONE_FIELDS)
+    total = reduce_checked(
+        comm, xp, local, length=size * k, dtype=xp.float64, device=dev, what="the set-up"
+    )
+    rows = _gathered(total, size, k)
+    failed = [r for r, row in enumerate(rows) if row[3]]
+    if failed:
+        if "error" in state:
+            raise state["error"]
+        raise FactorizationError(
+            f"the damped Fisher of the blocks of rank(s) {failed} is not numerically positive "
+            f"definite (damp={agreed.damp:g}); their errors name the condition number. "
+            "Increase damp, or remove duplicated or nearly collinear gradients"
+        )
+    if len({row[4] for row in rows}) > 1:
+        raise RuntimeError(
+            "the ranks computed different capacitance factors from the same reduced Gram "
+            "matrix: every rank must run the same array library build on the same kind of "
+            "device (the factor is computed on each rank and must agree bit for bit)"
+        )
+    return ShardedStatic(
+        agreed=agreed,
+        groups=groups,
+        factors=state["factors"],
+        factor=factor if agreed.full else None,
+        G=G if agreed.refine else None,
+        kappa_lo=max(row[0] for row in rows),
+        kappa_hi=max(row[1] for row in rows),
+        recomputed=int(sum(row[2] for row in rows)) if not agreed.full else int(rows[0][2]),
+    )
+
+
+# -- products and entries ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _WoodburyShard:
+    """This rank's columns of W for the full operator (local diagonal; no product of its own)."""
+
+    group: BlockGroup
+    W: Array
+    damp: float
+
+    def diagonal(self, xp: Any) -> Array:
+        W = self.W
+        W64 = xp.astype(W, xp.float64)
+        return xp.astype((1.0 - xp.sum(W64 * W64, axis=0)) / self.damp, W.dtype)
+
+
+def _index_checksum(xp: Any, idx: Array) -> float:
+    """A checksum of an int64 index vector, exact in float32 (below 2**23)."""
+    n = int(idx.shape[0])
+    if n == 0:
+        return 0.0
+    weights = xp.arange(n, dtype=xp.int64, device=device(idx)) % 997 + 1
+    return float(int(xp.sum((idx % _CHECK_MOD) * weights)) % _CHECK_MOD)
+
+
+@dataclass(frozen=True)
+class ShardedStatic:
+    """One rank's state of a column-sharded StaticIHVP, and its collective operations."""
+
+    agreed: Agreed
+    groups: tuple[BlockGroup, ...]
+    factors: tuple[Any, ...]
+    #: The replicated capacitance factor of the full operator (None block-wise).
+    factor: _capacitance.CapacitanceFactor | None
+    #: G_local, kept (by reference) for refinement's residuals; None without refine.
+    G: Any
+    kappa_lo: float
+    kappa_hi: float
+    recomputed: int
+
+    @property
+    def layout(self) -> ShardLayout:
+        return self.agreed.layout
+
+    @property
+    def width(self) -> int:
+        return self.layout.widths[self.layout.rank]
+
+    # -- products ----------------------------------------------------------------------
+
+    def _checked(
+        self, xp: Any, dev: Any, dtype: Any, x: Any, *, vector: bool, check: bool, owner: str
+    ) -> Array:
+        """``x`` as a checked ``(width, k)`` array (what LinearOperator checks, for shards)."""
+        name = "x" if vector else "X"
+        n = self.width
+        x = check_operand(xp, dev, dtype, x, name, owner=owner)
+        if vector:
+            if x.ndim not in (1, 2) or x.shape[0] != n or (x.ndim == 2 and x.shape[1] != 1):
+                raise ValueError(
+                    f"x must be this rank's shard, of shape ({n},) or ({n}, 1); got "
+                    f"{tuple(x.shape)} (use matmat for several vectors)"
+                )
+        elif x.ndim != 2 or x.shape[0] != n:
+            raise ValueError(f"X must be this rank's rows, of shape ({n}, k); got {tuple(x.shape)}")
+        if check:
+            check_finite(xp, x, name)
+        return x if x.ndim == 2 else x[:, None]
+
+    def apply(
+        self,
+        comm: Communicator,
+        xp: Any,
+        dev: Any,
+        dtype: Any,
+        x: Any,
+        *,
+        vector: bool,
+        check: bool,
+        owner: str,
+    ) -> Array:
+        """``F^{-1}`` of this rank's shard of ``x``: collective for the full operator."""
+        one_d = vector and getattr(x, "ndim", 1) == 1
+        if not self.agreed.full:
+            # Whole blocks on this rank: nothing to exchange, so an error is local too
+            # (no rank waits for it).
+            X = self._checked(xp, dev, dtype, x, vector=vector, check=check, owner=owner)
+            Y = self._local_solve(xp, X)
+            if self.agreed.refine:
+                Y = refine_steps(
+                    xp,
+                    lambda R: self._local_solve(xp, R),
+                    lambda X, Y: self._local_residual(xp, X, Y),
+                    X,
+                    Y,
+                    self.agreed.refine,
+                )
+            return Y[:, 0] if one_d else Y
+        shape = tuple(getattr(x, "shape", ()))
+        # The number of columns is part of the collective call (as MPI's count): every
+        # rank passes the same k, so every payload has the same length.
+        k = 1 if vector else (int(shape[1]) if len(shape) == 2 else 1)
+        m = self.agreed.num_grads
+        (factor,) = self.factors
+        W = factor.W
+        held: dict[str, Array] = {}
+
+        def local() -> Array:
+            X = self._checked(xp, dev, dtype, x, vector=vector, check=check, owner=owner)
+            held["X"] = X
+            if one_d:
+                return W @ X[:, 0]
+            return xp.reshape(W @ X, (-1,))
+
+        C = reduce_checked(
+            comm, xp, local, length=m * k, dtype=dtype, device=dev, what="the product"
+        )
+        X = held["X"]
+        Y = self._finish(xp, X, xp.reshape(C, (m, k)))
+        if self.agreed.refine:
+
+            def solve(R: Array) -> Array:
+                P = comm.allreduce_sum(xp.reshape(W @ R, (-1,)))
+                return self._finish(xp, R, xp.reshape(P, (m, R.shape[1])))
+
+            Y = refine_steps(
+                xp,
+                solve,
+                lambda X, Y: self._full_residual(comm, xp, X, Y),
+                X,
+                Y,
+                self.agreed.refine,
+            )
+        return Y[:, 0] if one_d else Y
+
+    def _finish(self, xp: Any, X: Array, C: Array) -> Array:
+        """``(X - W^T C) / damp`` from the reduced ``C = W X``."""
+        W = self.factors[0].W
+        damp = self.agreed.damp
+        if X.shape[1] == 1:
+            return ((X[:, 0] - C[:, 0] @ W) / damp)[:, None]
+        return X / damp + ((-C / damp).T @ W).T
+
+    def _local_solve(self, xp: Any, X: Array) -> Array:
+        if not self.factors:
+            return X[:0, ...]
+        parts = [f.apply(X[f.group.start : f.group.end, ...]) for f in self.factors]
+        return parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)
+
+    def _local_residual(self, xp: Any, X: Array, Y: Array) -> Array:
+        if not self.groups:
+            return xp.astype(X, xp.float64)
+        return fisher_residual(
+            xp,
+            self.G,
+            self.groups,
+            X,
+            Y,
+            damp=self.agreed.damp,
+            scale=1.0 / self.agreed.num_grads,
+        )
+
+    def _full_residual(self, comm: Communicator, xp: Any, X: Array, Y: Array) -> Array:
+        """``X - F Y`` in float64: ``G Y`` summed over ranks (one reduction), then local."""
+        G = self.G
+        m, n = G.shape
+        k = Y.shape[1]
+        width = _piece_width(m, n)
+        P = xp.zeros((m, k), dtype=xp.float64, device=device(Y))
+        for lo in range(0, n, width):
+            hi = min(lo + width, n)
+            P = P + xp.astype(G[:, lo:hi], xp.float64) @ Y[lo:hi, ...]
+        P = xp.reshape(comm.allreduce_sum(xp.reshape(P, (-1,))), (m, k))
+        X64 = xp.astype(X, xp.float64)
+        parts = []
+        for lo in range(0, n, width):
+            hi = min(lo + width, n)
+            Gp = xp.astype(G[:, lo:hi], xp.float64)
+            FY = self.agreed.damp * Y[lo:hi, ...] + (xp.matrix_transpose(Gp) @ P) / m
+            parts.append(X64[lo:hi, ...] - FY)
+        if not parts:
+            return X64
+        return parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)
+
+    # -- diagonal and entries ----------------------------------------------------------
+
+    def diagonal(self, xp: Any, dev: Any, dtype: Any) -> Array:
+        """This rank's diagonal entries of ``F^{-1}`` (local: no reduction)."""
+        if not self.factors:
+            return xp.zeros((0,), dtype=dtype, device=dev)
+        if self.agreed.full:
+            return self.factors[0].diagonal(xp)
+        parts = [f.diagonal() for f in self.factors]
+        return parts[0] if len(parts) == 1 else xp.concat(parts)
+
+    def entries(
+        self, comm: Communicator, xp: Any, dev: Any, dtype: Any, rows: Any, cols: Any
+    ) -> Array:
+        """Entries at GLOBAL indices, the same on every rank (one reduction)."""
+        agreed, layout = self.agreed, self.layout
+        size, m = comm.size, agreed.num_grads
+        # The number of pairs is part of the collective call, as matmat's k.
+        k = math.prod(tuple(getattr(rows, "shape", (0,))))
+        per_pair = 2 * m if agreed.full else 1
+        held: dict[str, Any] = {}
+
+        def local() -> Array:
+            r = check_index_array(rows, "rows", xp=xp, device=dev, bound=layout.dim)
+            c = check_index_array(cols, "cols", xp=xp, device=dev, bound=layout.dim)
+            if r.shape != c.shape:
+                raise ValueError(
+                    f"rows and cols must have the same shape, got {tuple(r.shape)} and "
+                    f"{tuple(c.shape)}"
+                )
+            held["shape"] = r.shape
+            r, c = xp.reshape(r, (-1,)), xp.reshape(c, (-1,))
+            if agreed.full:
+                values = [xp.reshape(self._owned_columns(xp, i), (-1,)) for i in (r, c)]
+            else:
+                values = [self._local_entries(xp, r, c, dtype)]
+            sums = [0.0] * (2 * size)
+            sums[2 * comm.rank : 2 * comm.rank + 2] = [
+                _index_checksum(xp, r),
+                _index_checksum(xp, c),
+            ]
+            return xp.concat([*values, xp.asarray(sums, dtype=dtype, device=dev)])
+
+        total = reduce_checked(
+            comm,
+            xp,
+            local,
+            length=per_pair * k + 2 * size,
+            dtype=dtype,
+            device=dev,
+            what="entries",
+        )
+        sums = host_values(total[per_pair * k :])
+        if len({tuple(sums[2 * q : 2 * q + 2]) for q in range(size)}) > 1:
+            raise ValueError(
+                "entries takes GLOBAL indices and is collective: every rank must pass the same "
+                "rows and cols, but they differ between ranks"
+            )
+        if agreed.full:
+            Wr = xp.astype(xp.reshape(total[: m * k], (m, k)), xp.float64)
+            Wc = xp.astype(xp.reshape(total[m * k : 2 * m * k], (m, k)), xp.float64)
+            r = xp.reshape(xp.astype(rows, xp.int64), (-1,))
+            c = xp.reshape(xp.astype(cols, xp.int64), (-1,))
+            delta = xp.astype(r == c, xp.float64)
+            out = xp.astype((delta - xp.sum(Wr * Wc, axis=0)) / agreed.damp, dtype)
+        else:
+            out = total[:k]
+        return xp.reshape(out, held["shape"])
+
+    def _owned_columns(self, xp: Any, idx: Array) -> Array:
+        """``W[:, idx - start]`` for the indices this rank holds, zeros for the others."""
+        W = self.factors[0].W
+        m, n = W.shape
+        if n == 0:
+            return xp.zeros((m, idx.shape[0]), dtype=W.dtype, device=device(idx))
+        start = self.layout.start
+        mine = (idx >= start) & (idx < start + n)
+        cols = xp.take(W, xp.clip(idx - start, 0, n - 1), axis=1)
+        return xp.where(mine[None, :], cols, xp.zeros_like(cols))
+
+    def _local_entries(self, xp: Any, r: Array, c: Array, dtype: Any) -> Array:
+        """Entries whose pair lies in one of this rank's blocks; zeros for the others."""
+        out = xp.zeros(r.shape, dtype=dtype, device=device(r))
+        start, n, B = self.layout.start, self.width, self.agreed.block_size
+        mine = (r >= start) & (r < start + n) & (c >= start) & (c < start + n) & (r // B == c // B)
+        rl, cl = r - start, c - start
+        for group, factor in zip(self.groups, self.factors, strict=True):
+            inside = mine & (rl >= group.start) & (rl < group.end)
+            rr = xp.clip(rl, group.start, group.end - 1) - group.start
+            cc = xp.clip(cl, group.start, group.end - 1) - group.start
+            out = xp.where(inside, factor.entries(rr, cc), out)
+        return out
