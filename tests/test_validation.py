@@ -122,18 +122,16 @@ def test_storage_dtypes_outside_the_documented_set_are_refused(dtype):
 
 
 def test_float16_storage_is_accepted_where_supported():
-    # 2-byte gradients: StaticIHVP keeps them and computes in float32
-    # (docs/mathematics.rst, "2-byte storage"); the forward operator and the window
-    # do not support them yet and say so.
+    # 2-byte gradients: StaticIHVP and the window keep them and compute in float32
+    # (docs/mathematics.rst, "2-byte storage"); the forward operator does not support
+    # them yet and says so.
     G16 = G.astype(np.float16)
     op = StaticIHVP(G16, damp=1.0)
     assert op.dtype == np.float32 and op.storage_dtype == "float16"
-    for call in (
-        lambda: EmpiricalFisher(G16, damp=1.0),
-        lambda: DynamicIHVP.from_window(G16, damp=1.0),
-    ):
-        with pytest.raises(TypeError, match="float32 or float64"):
-            call()
+    window = DynamicIHVP.from_window(G16, damp=1.0)
+    assert window.dtype == np.float32 and window.storage_dtype == "float16"
+    with pytest.raises(TypeError, match="float32 or float64"):
+        EmpiricalFisher(G16, damp=1.0)
     # A float16 operand is promoted losslessly, to float32 and to float64 operators.
     x16 = np.ones(10, dtype=np.float16)
     assert op.matvec(x16).dtype == np.float32
@@ -145,8 +143,10 @@ def test_torch_half_dtypes():
     for dtype in (torch.float16, torch.bfloat16):
         op = StaticIHVP(torch.tensor(G, dtype=dtype), damp=1.0)
         assert op.dtype == torch.float32
-        with pytest.raises(TypeError, match="float32 or float64"):
-            DynamicIHVP(3, 10, damp=1.0, dtype=dtype, xp=torch)
+        window = DynamicIHVP(3, 10, damp=1.0, dtype=dtype, xp=torch)
+        assert window.dtype == torch.float32 and window.storage_dtype == str(dtype)[6:]
+    with pytest.raises(TypeError, match="float32 or float64"):
+        DynamicIHVP(3, 10, damp=1.0, dtype=torch.int32, xp=torch)
 
 
 @pytest.mark.parametrize("value", ["no", "", 0, None])
