@@ -1,13 +1,14 @@
-"""Benchmark of the column-sharded (SPMD) operators: traffic per operation, and product times.
+"""Benchmark of the column-sharded (SPMD) operators: traffic per operation, and times.
 
 Usage::
 
     python benchmarks/distributed.py               # traffic at m = 64 and 1024; times at
-                                                   # d = 1e6, m = 64, float32, 1 and 2 ranks
-    python benchmarks/distributed.py --d 4e6 --m 128 --repeat 10
+                                                   # d = 1e6, m = 64, float32, 1 and 2 ranks;
+                                                   # DDP step at d = 1e5, 1e6, 1e7
+    python benchmarks/distributed.py --d 4e6 --m 128 --repeat 10 --ddp-d 1e6
     python benchmarks/distributed.py --quick       # CI smoke run, d = 1e5, m = 32, < 40 s
 
-It prints the machine facts and two markdown tables.
+It prints the machine facts and three markdown tables.
 
 **Traffic** (docs/scaling.rst): what each operation sends through the communicator,
 per rank, counted by ``mfac_core.distributed.CountingComm`` on ``--ranks`` thread ranks
@@ -15,18 +16,25 @@ per rank, counted by ``mfac_core.distributed.CountingComm`` on ``--ranks`` threa
 the number of all-reduce calls, the entries and the bytes each rank contributes (with
 a ring all-reduce, each rank also receives about as many). The rows come from
 ``TRAFFIC_CASES``, a list of :class:`TrafficCase`: one per operator (static full,
-static block-wise; other operators add theirs there).
+static block-wise, dynamic; other operators add theirs there).
 
 **Product time**: ``matvec`` on 1 and 2 processes joined by ``torch.distributed``
 (gloo, this machine), each rank holding ``d / p`` columns, against the floor measured
 in the same processes, interleaved with it: the single-process product (no
 communicator) on the rank's own columns, i.e. the local passes a sharded product
 cannot avoid (on 1 process: the whole G), full and block-wise. The all-reduce of
-the ``m + 1`` numbers a product exchanges is timed alone too.
+the ``m + 4`` numbers a product exchanges (with the status word) is timed alone too.
 Times on rank 0, best of ``--repeat`` (median in brackets), every product started
 after a barrier; each rank runs ``cores / ranks`` BLAS threads. On one machine the
 ranks share its memory bandwidth, so the 2-rank rows show the overhead of the sharded
 path (the all-reduce and the barrier), not the speed-up of separate devices.
+
+**DDP step** (docs/torch.rst): under DDP each of 2 gloo processes computes its chunk
+of the step; ``mfac_core.torch.MFAC`` all-gathers the *step* and every rank updates
+all parameters (momentum 0.9). The alternative, each rank updating *its slice of
+the parameters* and all-gathering the parameters, gathers as many numbers but copies
+the parameters out and back in. Both are timed (d split into 10 tensors, best of
+``--repeat`` (median), between barriers).
 """
 
 from __future__ import annotations
@@ -50,7 +58,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _common as common
 
-from mfac_core import StaticIHVP
+from mfac_core import DynamicIHVP, StaticIHVP
 from mfac_core.distributed import CountingComm
 from mfac_core.testing import run_spmd_threads
 
@@ -107,6 +115,43 @@ def _static_blocks(comm: Any, p: Problem, rank: int) -> Any:
     return StaticIHVP(p.G[:, p.columns(rank)], damp=p.damp, block_size=BLOCK, comm=comm)
 
 
+def _dynamic(comm: Any, p: Problem, rank: int) -> Any:
+    # A full window from the rows of G: one Gram matrix and one factorisation, where m
+    # updates would make m edits of the factor (minutes at m = 1024 on thread ranks).
+    return DynamicIHVP.from_window(p.G[:, p.columns(rank)], damp=p.damp, comm=comm)
+
+
+def _dynamic_operations(op: Any, p: Problem, rank: int) -> dict[str, Callable[[], Any]]:
+    cols = p.columns(rank)
+    m, d = p.G.shape
+    # The same gradients on every rank (a fixed seed), each rank taking its columns.
+    rng = np.random.default_rng(1)
+    g = rng.standard_normal(d).astype(p.G.dtype)[cols]
+    X = rng.standard_normal((d, p.k)).astype(p.G.dtype)[cols]
+    n = cols.stop - cols.start
+
+    def construct() -> None:
+        DynamicIHVP(m, n, damp=p.damp, dtype=p.G.dtype.name, comm=op.comm)
+
+    def refined() -> None:
+        op.refine = 1
+        try:
+            op.matvec(g)
+        finally:
+            op.refine = 0
+
+    return {
+        "constructor (empty window)": construct,
+        "update_and_matvec": lambda: op.update_and_matvec(g),
+        "update": lambda: op.update(g),
+        "matvec": lambda: op.matvec(g),
+        f"matmat (k={p.k})": lambda: op.matmat(X),
+        "remove": lambda: op.remove(op.slots[0]),
+        "set_damp": lambda: op.set_damp(2.0 * p.damp),
+        "matvec, refine=1": refined,
+    }
+
+
 #: Block size of the block-wise rows (every shard boundary is a multiple of it).
 BLOCK = 256
 
@@ -117,7 +162,8 @@ TRAFFIC_CASES: list[TrafficCase] = [
         _static_full,
         _static_operations,
         "set-up: p x 7 (shapes, options), m^2 (+ m weights for float32) Gram, p x 5 "
-        "(agreement); matvec m, matmat m k, entries 2 m k + 2 p; each call + 1 status word",
+        "(agreement); matvec m, matmat m k, entries 2 m k + 2 p; each call + 4 (the status "
+        "word: failed ranks per exception class)",
     ),
     TrafficCase(
         f"StaticIHVP (block_size={BLOCK})",
@@ -125,6 +171,15 @@ TRAFFIC_CASES: list[TrafficCase] = [
         _static_operations,
         "whole blocks on each rank: set-up p x 7 and p x 5, products and diagonal nothing, "
         "entries k + 2 p",
+    ),
+    TrafficCase(
+        "DynamicIHVP",
+        _dynamic,
+        _dynamic_operations,
+        "set-up from_window: p (rows checked), p x 9 (settings), m^2 (Gram); constructor "
+        "p x 9; update, update_and_matvec and matvec m (the Gram row, float64), matmat m k, "
+        "remove and set_damp p (the argument agrees); each + 4 but the Gram; a refinement "
+        "step m + m more",
     ),
 ]
 
@@ -187,7 +242,8 @@ def _child(rank: int, size: int, init: str, args: dict[str, Any], out: Any) -> N
         timeout=datetime.timedelta(seconds=600),
     )
     try:
-        out.put((rank, _timed_products(TorchComm(), args)))
+        task = _timed_products if args["task"] == "products" else _timed_ddp_steps
+        out.put((rank, task(TorchComm(), args)))
     except Exception as exc:  # reported by the parent
         out.put((rank, f"{type(exc).__name__}: {exc}"))
     finally:
@@ -209,7 +265,7 @@ def _timed_products(comm: Any, a: dict[str, Any]) -> dict[str, common.Timing]:
     blocks = StaticIHVP(G_local, damp=damp, block_size=a["block"], comm=comm)
     local = StaticIHVP(G_local, damp=damp)
     local_blocks = StaticIHVP(G_local, damp=damp, block_size=a["block"])
-    payload = np.zeros(m + 1, dtype=dtype)
+    payload = np.zeros(m + 4, dtype=dtype)  # a product's, with the status word
 
     def barrier() -> None:
         comm.allreduce_sum(np.zeros(1))
@@ -228,6 +284,68 @@ def _timed_products(comm: Any, a: dict[str, Any]) -> dict[str, common.Timing]:
             t0 = time.perf_counter()
             fn()
             times[name].times.append(time.perf_counter() - t0)
+    return times
+
+
+def _ddp_candidates(comm: Any, d: int) -> dict[str, Callable[[], None]]:
+    """The two ways to finish a DDP step of d coordinates (10 tensors, momentum 0.9).
+
+    Both gather d numbers: the step (then every rank updates the whole momentum buffer
+    and all parameters, as ``MFAC(comm=)`` does), or the parameters (each rank updates
+    its chunk of them and of the momentum, then copies the gathered parameters in).
+    """
+    import torch
+    import torch.distributed as dist
+
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    size, rank, lr, params = comm.size, comm.rank, 1e-3, 10
+    chunk = -(-d // size)
+    lo, hi = min(rank * chunk, d), min((rank + 1) * chunk, d)
+    sizes = [d // params + (i < d % params) for i in range(params)]
+    tensors = [torch.randn(n) for n in sizes]
+    s_local = torch.randn(hi - lo)
+    out = torch.empty(chunk * size)
+    padded = torch.zeros(chunk)
+    step_buf, param_buf = torch.zeros(d), torch.zeros(hi - lo)
+
+    def step_gathered() -> None:
+        padded[: hi - lo] = s_local
+        gather(out, padded, group=comm.group)
+        step_buf.mul_(0.9).add_(out[:d])  # the whole momentum buffer on every rank
+        for p, part in zip(tensors, torch.split(step_buf, sizes), strict=True):
+            p.add_(part, alpha=-lr)
+
+    def params_gathered() -> None:
+        flat = torch.cat(tensors)  # this rank's parameters, flat
+        param_buf.mul_(0.9).add_(s_local)  # the momentum of this rank's chunk only
+        padded[: hi - lo] = flat[lo:hi] - lr * param_buf
+        gather(out, padded, group=comm.group)
+        for p, part in zip(tensors, torch.split(out[:d], sizes), strict=True):
+            p.copy_(part)
+
+    return {"gather step": step_gathered, "gather parameters": params_gathered}
+
+
+def _timed_ddp_steps(comm: Any, a: dict[str, Any]) -> dict[str, common.Timing]:
+    """Rank-local timings of :func:`_ddp_candidates`, per d in ``a["ds"]``."""
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // comm.size))
+    times: dict[str, common.Timing] = {}
+    for d in a["ds"]:
+        candidates = _ddp_candidates(comm, d)
+        for fn in candidates.values():  # warm-up
+            fn()
+        for _ in range(a["repeat"]):
+            for name, fn in candidates.items():
+                dist.barrier(group=comm.group)
+                t0 = time.perf_counter()
+                fn()
+                dist.barrier(group=comm.group)
+                times.setdefault(f"{name} {d}", common.Timing()).times.append(
+                    time.perf_counter() - t0
+                )
     return times
 
 
@@ -293,12 +411,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--processes", type=int, action="append", help="process counts (1 2)")
     ap.add_argument("--block", type=int, default=2500, help="block size of the block-wise row")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--ddp-d", type=float, action="append", help="d of the DDP step table")
     ap.add_argument("--quick", action="store_true", help="CI smoke run (d = 1e5, m = 32)")
     args = ap.parse_args(argv)
     if args.quick:
         args.d, args.m, args.repeat = 1e5, 32, 3
         args.traffic_m = args.traffic_m or [32]
+        args.ddp_d = args.ddp_d or [1e5]
     args.traffic_m = args.traffic_m or [64, 1024]
+    args.ddp_d = [int(d) for d in args.ddp_d or [1e5, 1e6, 1e7]]
     args.processes = args.processes or [1, 2]
     return args
 
@@ -313,7 +434,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{'parameters:':28s} traffic m={args.traffic_m} on {args.ranks} thread ranks, "
         f"k={args.k}; products d={int(args.d)}, m={args.m}, {args.dtype}, "
-        f"processes {args.processes}, best of {args.repeat} (median)"
+        f"processes {args.processes}, best of {args.repeat} (median); DDP step "
+        f"d={args.ddp_d} on 2 processes"
     )
 
     for m in args.traffic_m:
@@ -331,6 +453,7 @@ def main(argv: list[str] | None = None) -> int:
 
     d = int(args.d)
     timing_args = {
+        "task": "products",
         "m": args.m,
         "d": d,
         "dtype": args.dtype,
@@ -368,9 +491,26 @@ def main(argv: list[str] | None = None) -> int:
                 f"floor: local B={args.block}",
                 f"sharded B={args.block}",
                 "ratio",
-                f"all-reduce of {args.m + 1}",
+                f"all-reduce of {args.m + 4}",
             ],
             rows,
+        )
+    )
+    print("... DDP step, 2 gloo processes", file=sys.stderr, flush=True)
+    t = spawn_timings(2, {"task": "ddp", "ds": args.ddp_d, "repeat": args.repeat})
+    rows = [
+        [
+            f"{d:.0e}",
+            _fmt(t[f"gather step {d}"]),
+            _fmt(t[f"gather parameters {d}"]),
+            f"{t[f'gather step {d}'].median / t[f'gather parameters {d}'].median:.2f}",
+        ]
+        for d in args.ddp_d
+    ]
+    print("\n## DDP step: gather the step or the parameters, 2 gloo processes, float32\n")
+    print(
+        common.markdown_table(
+            ["d", "gather step (MFAC)", "gather parameters", "ratio of medians"], rows
         )
     )
     foreign = monitor.foreign_cores()

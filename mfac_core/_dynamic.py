@@ -268,9 +268,14 @@ class DynamicIHVP(LinearOperator):
     Attributes
     ----------
     layout : ShardLayout or None
-        Sharded: this rank and every rank's width (``layout.start``,
-        ``layout.stop``: this rank's global columns; ``layout.dim``: d over all
+        With ``comm``: ``widths`` (every rank's column count), ``start`` and
+        ``stop`` (this rank's global column range) and ``dim`` (d over all
         ranks). None otherwise.
+    local_shape : tuple
+        ``(dim, dim)``, the shapes products take and return on this rank. Unlike
+        :class:`StaticIHVP`, whose ``shape`` and ``dim`` are global, a sharded
+        window is sized by the constructor's ``dim``, so ``shape`` is this
+        rank's too and equals ``local_shape``; the global d is ``layout.dim``.
     dtype, device
         The dtype of products and vectors (the storage dtype, or float32 for
         2-byte storage) and the device.
@@ -318,15 +323,17 @@ class DynamicIHVP(LinearOperator):
     call, one reduction: :meth:`update` and :meth:`update_and_matvec` reduce
     the new Gram row (m numbers, its diagonal ``|g|^2`` included, since the
     row is written before the product), :meth:`matvec` m numbers and
-    :meth:`matmat` ``m k``, each with one status word appended, so that a
-    bad input on one rank (wrong shape or dtype, NaN) makes every rank raise
-    the same exception class and leaves every rank's window as it was. The
-    rare float64 recomputation of a Gram row (a float32 window whose edited
-    factor fails) is decided from the reduced row, so on every rank alike,
-    and costs one more reduction of m numbers (of the m x m Gram matrix if it
-    was not yet exact); each refinement step two more of ``m k``.
-    :meth:`remove` and :meth:`set_damp` reduce ``size`` numbers to check that
-    every rank passed the same argument. :meth:`todense` is refused.
+    :meth:`matmat` ``m k``, each with a status word appended (4 numbers: how
+    many ranks failed, per exception class), so that a bad input on one rank
+    (wrong shape or dtype, NaN) makes every rank raise the same exception
+    class and leaves every rank's window as it was. The rare float64
+    recomputation of a Gram row (a float32 window whose edited factor fails)
+    is decided from the reduced row, so on every rank alike, and costs one
+    more reduction of m numbers (of the m x m Gram matrix if it was not yet
+    exact); each refinement step two more of ``m k``. :meth:`remove` and
+    :meth:`set_damp` reduce ``size`` numbers to check that every rank passed
+    the same argument. :meth:`todense`, ``to_scipy()`` and operator arithmetic
+    are refused (``TypeError``), as for every column-sharded operator.
 
     Examples
     --------
@@ -498,6 +505,11 @@ class DynamicIHVP(LinearOperator):
     def comm(self) -> Communicator | None:
         """The communicator of a sharded operator, or None."""  # numpydoc ignore=RT01
         return self._comm
+
+    @property
+    def local_shape(self) -> tuple[int, int]:
+        """``shape``: a sharded window's shape is already this rank's."""  # numpydoc ignore=RT01
+        return self.shape
 
     @classmethod
     def from_window(
@@ -881,7 +893,7 @@ class DynamicIHVP(LinearOperator):
 
         ``G g`` (``(m, 1)``) is ``None`` when it is the row (see :meth:`_products`).
         Unsharded, ``g`` was checked by the caller. Sharded, it is checked here and the
-        row reduced with the status word: one reduction of m + 1 numbers (2 m + 1 for a
+        row reduced with the status word: one reduction of m + 4 numbers (2 m + 4 for a
         2-byte window, whose row and ``G g`` differ).
         """
         xp = self._xp
@@ -1282,15 +1294,13 @@ class DynamicIHVP(LinearOperator):
 
         Raises
         ------
-        ValueError
+        TypeError
             For a sharded operator, whose columns of the identity live on several
-            ranks; and as :meth:`LinearOperator.todense`.
+            ranks (as every column-sharded operator refuses it); and as
+            :meth:`LinearOperator.todense`.
+        ValueError
+            As :meth:`LinearOperator.todense`.
         """
-        if self._comm is not None:
-            raise ValueError(
-                "todense() of a sharded DynamicIHVP: the columns of F^-1 mix every rank's "
-                "coordinates; apply matmat to this rank's rows of the identity's columns instead"
-            )
         return super().todense(max_entries=max_entries)
 
     # -- checkpoints -------------------------------------------------------------------

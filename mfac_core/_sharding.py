@@ -24,7 +24,15 @@ from typing import Any
 from ._compat import Array
 from .distributed import Communicator
 
-__all__ = ["ShardLayout", "gather_ints", "host_values", "reduce_checked"]
+__all__ = [
+    "STATUS_LENGTH",
+    "ShardLayout",
+    "decode_status",
+    "encode_status",
+    "gather_ints",
+    "host_values",
+    "reduce_checked",
+]
 
 # The exception classes a status word can carry, in the order a rank that saw
 # several kinds of failure among its peers reports them.
@@ -93,22 +101,49 @@ class ShardLayout:
         return sum(self.widths)
 
 
-def _encode(error: Exception | None, size: int) -> float:
-    if error is None:
-        return 0.0
-    for k, kind in enumerate(_KINDS):
-        if isinstance(error, kind):
-            return float((size + 1) ** k)
-    return float((size + 1) ** (len(_KINDS) - 1))
+#: The length of the status word appended to every checked reduction: one count of
+#: failed ranks per class of ``_KINDS``. Counts, not one number weighting the classes
+#: by powers of (size + 1), so that they stay exact in float32 for any group below
+#: 2**24 ranks (a weighted sum needs size * (size + 1)**3 < 2**24: 62 ranks).
+STATUS_LENGTH = len(_KINDS)
 
 
-def _decode(code: float, size: int) -> dict[type[Exception], int]:
-    counts = {}
-    rest = round(code)
-    for kind in _KINDS:
-        counts[kind] = rest % (size + 1)
-        rest //= size + 1
-    return counts
+def encode_status(error: Exception | None) -> list[float]:
+    """This rank's status word: a one-hot count of its error's class, or zeros.
+
+    Parameters
+    ----------
+    error : Exception or None
+        The exception this rank's part raised, if any.
+
+    Returns
+    -------
+    list of float
+        ``STATUS_LENGTH`` numbers: 1 at the index of the first class of
+        (TypeError, IndexError, ValueError, RuntimeError) that ``error`` is an
+        instance of (RuntimeError for any other exception), 0 elsewhere.
+    """
+    word = [0.0] * STATUS_LENGTH
+    if error is not None:
+        index = next((k for k, kind in enumerate(_KINDS) if isinstance(error, kind)), -1)
+        word[index] = 1.0
+    return word
+
+
+def decode_status(word: Sequence[float]) -> dict[type[Exception], int]:
+    """The number of failed ranks per class, from the reduced status word.
+
+    Parameters
+    ----------
+    word : sequence of float
+        The sum of every rank's :func:`encode_status`.
+
+    Returns
+    -------
+    dict
+        Exception class to the number of ranks that failed with it.
+    """
+    return {kind: round(v) for kind, v in zip(_KINDS, word, strict=True)}
 
 
 def reduce_checked(
@@ -135,7 +170,9 @@ def reduce_checked(
     length : int
         The payload length, the same on every rank (from replicated state).
     dtype : dtype
-        float32 or float64 (the status word must be exact in it).
+        float32 or float64: the dtype of the reduction, payload and status word
+        (``STATUS_LENGTH`` counts of failed ranks, exact in float32 below 2**24
+        ranks).
     device : device
         The payload's device.
     what : str
@@ -144,7 +181,8 @@ def reduce_checked(
     Returns
     -------
     array
-        The reduced payload (``length`` entries), the same on every rank.
+        The reduced payload (``length`` entries), the same on every rank. The
+        reduction itself carries ``length + STATUS_LENGTH`` numbers.
 
     Raises
     ------
@@ -165,14 +203,13 @@ def reduce_checked(
     except Exception as exc:  # every failure must reach the other ranks
         error = exc
         payload = xp.zeros((length,), dtype=dtype, device=device)
-    status = xp.asarray([_encode(error, comm.size)], dtype=dtype, device=device)
+    status = xp.asarray(encode_status(error), dtype=dtype, device=device)
     total = comm.allreduce_sum(xp.concat([xp.astype(payload, dtype), status]))
-    code = host_values(total[length:])[0]
-    if code != 0.0:
+    counts = decode_status(host_values(total[length:]))
+    if any(counts.values()):
         if error is not None:
             raise error
-        counts = _decode(code, comm.size)
-        kind = next((k for k in _KINDS if counts[k]), RuntimeError)
+        kind = next(k for k in _KINDS if counts[k])
         failed = sum(counts.values())
         raise kind(
             f"{what} failed on {failed} other rank(s) of {comm.size} (their errors say "

@@ -7,7 +7,14 @@ import threading
 import numpy as np
 import pytest
 
-from mfac_core._sharding import ShardLayout, gather_ints, reduce_checked
+from mfac_core._sharding import (
+    STATUS_LENGTH,
+    ShardLayout,
+    decode_status,
+    encode_status,
+    gather_ints,
+    reduce_checked,
+)
 from mfac_core.distributed import (
     CommCall,
     Communicator,
@@ -184,6 +191,69 @@ def test_reduce_checked_sums_when_all_succeed() -> None:
     for r in run_spmd_threads(fn, 3):
         assert r.dtype == np.float32
         np.testing.assert_array_equal(r, np.full(3, 3.0))
+
+
+class _ManyRanks:
+    """Rank 0 of ``size`` ranks, the others' summed contribution given up front.
+
+    Simulates a group too large to spawn: ``allreduce_sum`` adds ``others`` to
+    this rank's array, in its dtype, as a reduction over the group would.
+    """
+
+    def __init__(self, size: int, others: np.ndarray) -> None:
+        self.rank, self.size, self.others, self.calls = 0, size, others, []
+
+    def allreduce_sum(self, x: np.ndarray) -> np.ndarray:
+        self.calls.append((x.shape, x.dtype))
+        return x + self.others.astype(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_status_word_counts_are_exact_for_large_groups(dtype: type) -> None:
+    # 2**20 ranks: the former single number, sum of (size + 1)**class, lost the
+    # counts in float32 from 62 ranks on.
+    size = 2**20
+    failed = {TypeError: 3, IndexError: 0, ValueError: size - 10, RuntimeError: 5}
+    words = {
+        kind: np.asarray(encode_status(kind("x")), dtype=dtype) * n for kind, n in failed.items()
+    }
+    assert len(encode_status(None)) == STATUS_LENGTH and not any(encode_status(None))
+    assert encode_status(KeyError("x")) == encode_status(RuntimeError("x"))
+    total = sum(words.values(), np.zeros(STATUS_LENGTH, dtype=dtype))
+    assert total.dtype == dtype
+    assert decode_status(total.tolist()) == failed
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_reduce_checked_with_many_simulated_ranks(dtype: type) -> None:
+    size = 2**20 + 7
+    length = 3
+    # The other ranks: all succeeded but 2**20 with an IndexError and 6 with a ValueError.
+    status = np.asarray([0.0, 2.0**20, 6.0, 0.0])
+    comm = _ManyRanks(size, np.concatenate([np.full(length, 2.0), status]))
+    with pytest.raises(IndexError, match=f"failed on {2**20 + 6} other rank"):
+        reduce_checked(
+            comm,
+            np,
+            lambda: np.ones(length, dtype=dtype),
+            length=length,
+            dtype=dtype,
+            device="cpu",
+            what="the product",
+        )
+    assert comm.calls == [((length + STATUS_LENGTH,), np.dtype(dtype))]
+    # Nobody failed: the payload's sum comes back.
+    comm = _ManyRanks(size, np.concatenate([np.full(length, 2.0), np.zeros(STATUS_LENGTH)]))
+    out = reduce_checked(
+        comm,
+        np,
+        lambda: np.ones(length, dtype=dtype),
+        length=length,
+        dtype=dtype,
+        device="cpu",
+        what="x",
+    )
+    np.testing.assert_array_equal(out, np.full(length, 3.0, dtype=dtype))
 
 
 def test_reduce_checked_rejects_a_payload_of_the_wrong_length() -> None:

@@ -212,14 +212,15 @@ def test_each_operation_costs_one_reduction_of_the_stated_size() -> None:
 
     for seen in _ok(run_spmd_threads(rank, size)):
         f64 = "float64"
-        assert seen["step"] == [CommCall((m + 1,), f64, 8 * (m + 1))] * len(gs)
-        assert seen["update"] == [CommCall((m + 1,), f64, 8 * (m + 1))] * len(gs)
-        assert seen["matvec"] == [CommCall((m + 1,), f64, 8 * (m + 1))]
-        assert seen["matmat"] == [CommCall((3 * m + 1,), f64, 8 * (3 * m + 1))]
-        assert seen["remove"] == [CommCall((size + 1,), f64, 8 * (size + 1))]
-        assert seen["set_damp"] == [CommCall((size + 1,), f64, 8 * (size + 1))]
+        S = 4  # the status word: a count of failed ranks per exception class
+        assert seen["step"] == [CommCall((m + S,), f64, 8 * (m + S))] * len(gs)
+        assert seen["update"] == [CommCall((m + S,), f64, 8 * (m + S))] * len(gs)
+        assert seen["matvec"] == [CommCall((m + S,), f64, 8 * (m + S))]
+        assert seen["matmat"] == [CommCall((3 * m + S,), f64, 8 * (3 * m + S))]
+        assert seen["remove"] == [CommCall((size + S,), f64, 8 * (size + S))]
+        assert seen["set_damp"] == [CommCall((size + S,), f64, 8 * (size + S))]
         # The product, then per step a residual and a product without status word.
-        assert [c.shape for c in seen["refined matvec"]] == [(m + 1,), (m,), (m,)]
+        assert [c.shape for c in seen["refined matvec"]] == [(m + S,), (m,), (m,)]
 
 
 def test_the_float64_row_is_decided_collectively_and_costs_one_more_reduction() -> None:
@@ -253,7 +254,7 @@ def test_the_float64_row_is_decided_collectively_and_costs_one_more_reduction() 
     assert all(r[0] == shapes for r in results)
     extra = [s[1:] for s in shapes if len(s) > 1]
     assert extra, "the float64 path was never taken"
-    assert all(s[0] == (m + 1,) for s in shapes)
+    assert all(s[0] == (m + 4,) for s in shapes)
     # One more reduction: the row (m numbers), or the whole Gram matrix if not yet exact.
     assert all(s in ([(m,)], [(m * m,)]) for s in extra)
     # The stored Gram is then the float64 Gram of the stored gradients.
@@ -463,11 +464,19 @@ def test_sharded_copies_share_the_communicator() -> None:
     _ok(run_spmd_threads(rank, 2))
 
 
-def test_todense_is_refused_when_sharded() -> None:
+def test_todense_and_arithmetic_are_refused_when_sharded() -> None:
     def rank(comm: Communicator) -> Any:
-        op = DynamicIHVP(3, 4, damp=0.1, dtype="float64", comm=comm)
-        with pytest.raises(ValueError, match="todense"):
+        op = DynamicIHVP(3, 4 + comm.rank, damp=0.1, dtype="float64", comm=comm)
+        # As StaticIHVP(comm=) and every operation that would mix shards: a TypeError.
+        with pytest.raises(TypeError, match=r"todense.*column-sharded"):
             op.todense()
+        with pytest.raises(TypeError, match="column-sharded"):
+            op.to_scipy()
+        with pytest.raises(TypeError, match="column-sharded"):
+            2.0 * op
+        # Unlike StaticIHVP's global shape, a sharded window's shape is this rank's.
+        assert op.shape == op.local_shape == (4 + comm.rank,) * 2
+        assert op.layout is not None and op.layout.dim == 9
 
     _ok(run_spmd_threads(rank, 2))
 

@@ -225,25 +225,27 @@ def test_layouts_and_traffic(layout: str, dtype: str) -> None:
     )
     _factors_bitwise_equal(results)
     p, k, itemsize = len(widths), len(rows), np.dtype(dtype).itemsize
+    S = 4  # length of the status word (docs/scaling.rst)
     full = bs is None or bs >= d
     for r in results:
         # Set-up: the exchange of every rank's shape and options, the Gram (full only:
         # m^2 numbers, and m weights for float32), and the final agreement. Each call
-        # carries one extra number, the status word of collective errors.
+        # carries S extra numbers, the status word of collective errors (a count of
+        # failed ranks per exception class).
         shapes = [c.shape for c in r["setup"]]
         if full:
             gram = m * m + (m if dtype == "float32" else 0)
             recomputed = r["op"]._gram_recomputed
-            want = [(7 * p + 1,), (gram + 1,)] + [(m * m + 1,)] * recomputed + [(5 * p + 1,)]
+            want = [(7 * p + S,), (gram + S,)] + [(m * m + S,)] * recomputed + [(5 * p + S,)]
             assert shapes == want
-            assert [c.shape for c in r["matvec"]] == [(m + 1,)]
-            assert [c.shape for c in r["matmat"]] == [(3 * m + 1,)]
-            assert r["matvec"][0].nbytes == (m + 1) * itemsize
-            assert [c.shape for c in r["entries"]] == [(2 * m * k + 2 * p + 1,)]
+            assert [c.shape for c in r["matvec"]] == [(m + S,)]
+            assert [c.shape for c in r["matmat"]] == [(3 * m + S,)]
+            assert r["matvec"][0].nbytes == (m + S) * itemsize
+            assert [c.shape for c in r["entries"]] == [(2 * m * k + 2 * p + S,)]
         else:
-            assert shapes == [(7 * p + 1,), (5 * p + 1,)]
+            assert shapes == [(7 * p + S,), (5 * p + S,)]
             assert r["matvec"] == [] and r["matmat"] == []  # whole blocks: no exchange
-            assert [c.shape for c in r["entries"]] == [(k + 2 * p + 1,)]
+            assert [c.shape for c in r["entries"]] == [(k + 2 * p + S,)]
         assert r["diagonal"] == []
         assert all(c.dtype == "float64" for c in r["setup"])
 
@@ -271,7 +273,7 @@ def test_refinement(layout: str) -> None:
         # One product, and per refinement step the residual's G Y (float64) and a product.
         for r in results:
             assert [(c.shape, c.dtype) for c in r["matvec"]] == [
-                ((m + 1,), "float32"),
+                ((m + 4,), "float32"),  # with the status word
                 ((m,), "float64"),
                 ((m,), "float32"),
             ]
@@ -302,7 +304,7 @@ def test_collinear_float32_gradients_recompute_the_reduced_gram(monkeypatch: Any
     kappa = SpectralOracle(G, damp).kappa
     for r in results:
         assert r["op"]._gram_recomputed == 1
-        assert [c.shape for c in r["setup"]][1:3] == [(m * m + m + 1,), (m * m + 1,)]
+        assert [c.shape for c in r["setup"]][1:3] == [(m * m + m + 4,), (m * m + 4,)]
     want = SpectralOracle(G, damp).matvec(X[:, 0])
     assert_close(_gathered(results, "y"), want, kappa=kappa, dtype="float32")
     _factors_bitwise_equal(results)
@@ -593,7 +595,7 @@ def test_over_gloo(nprocs: int) -> None:
             np.testing.assert_array_equal(p["twin"], p["y"])
             np.testing.assert_array_equal(p["deep"], p["y"])
             assert p["deep_comm"]
-            assert p["calls"] == ([(m + 1,)] if bs is None else [])
+            assert p["calls"] == ([(m + 4,)] if bs is None else [])
             if bs is None:
                 np.testing.assert_array_equal(p["U"], parts[0]["U"])  # bit for bit
 
