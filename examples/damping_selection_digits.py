@@ -74,9 +74,7 @@ def split(data: Digits, seed: int) -> tuple[Digits, tuple[torch.Tensor, torch.Te
 
 
 def pruner(model: torch.nn.Module, damp: float = 1e-5) -> MFACPruner:
-    return MFACPruner(
-        model, num_grads=NUM_GRADS, block_size=BLOCK, damp=damp, dtype=torch.float64
-    )
+    return MFACPruner(model, num_grads=NUM_GRADS, block_size=BLOCK, damp=damp, dtype=torch.float64)
 
 
 def brute_force(
@@ -134,8 +132,14 @@ def plot(runs: dict, path: Path) -> None:
         sel = [r["select"] for r in runs[s]]
         mean = np.mean([b["accs"] for b in brute], axis=0)
         ax.semilogx(GRID, mean, "o-", color="C0", label="grid search: a prune per damping")
-        ax.semilogx(GRID, np.mean([r["accs"] for r in sel], axis=0), "x", ms=9, color="C1",
-                    label="one pass: its candidates")
+        ax.semilogx(
+            GRID,
+            np.mean([r["accs"] for r in sel], axis=0),
+            "x",
+            ms=9,
+            color="C1",
+            label="one pass: its candidates",
+        )
         for b, r in zip(brute, sel, strict=True):
             ax.axvline(b["damp"], color="C0", lw=0.8, ls=":")
             ax.plot([r["damp"]], [r["acc"]], "*", ms=13, color="C3")
@@ -191,8 +195,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     rows = []
     for s in SPARSITIES:
-        for name, key in (("grid search (a prune per damping)", "brute"),
-                          ("one pass (select_damp)", "select")):
+        for name, key in (
+            ("grid search (a prune per damping)", "brute"),
+            ("one pass (select_damp)", "select"),
+        ):
             res = [r[key] for r in runs[s]]
             same = sum(r["brute"]["damp"] == r["select"]["damp"] for r in runs[s])
             rows.append(
@@ -209,9 +215,7 @@ def main(argv: list[str] | None = None) -> None:
         ["sparsity", "method", "chosen damping (per model)", "test acc", "seconds", "same choice"],
         rows,
     )
-    speed = [
-        r["brute"]["seconds"] / r["select"]["seconds"] for s in SPARSITIES for r in runs[s]
-    ]
+    speed = [r["brute"]["seconds"] / r["select"]["seconds"] for s in SPARSITIES for r in runs[s]]
     note = (
         f"Seconds: the whole pruning of one model for the {len(GRID)} dampings, gradients, "
         f"set-ups and held-out evaluations included; the one pass took "

@@ -38,7 +38,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable, Sequence
-from typing import Any, Literal, NamedTuple, Protocol, runtime_checkable
+from typing import Any, Literal, NamedTuple, Protocol, cast, runtime_checkable
 
 from ._compat import Array, is_writeable_array
 from ._compat import device as device_of
@@ -790,7 +790,7 @@ def gradual_prune(
     steps: int,
     schedule: Schedule = "linear",
     mask: Array = None,
-    damp: float = 1e-5,
+    damp: float | Sequence[float] = 1e-5,
     block_size: int | None = None,
     saliency: Saliency = "obs",
     update: Update = "single",
@@ -907,7 +907,7 @@ def gradual_prune(
             if (saliency != "magnitude" or update != "none")
             else None
         )
-        if grid is not None:
+        if grid is not None and select_damp is not None:
             result = select_damping(
                 result.theta,
                 G,
@@ -919,21 +919,19 @@ def gradual_prune(
                 mask=result.mask,
                 selection_block_size=selection_block_size,
             ).result
-            if callback is not None:
-                callback(t, result)
-            continue
-        result = prune(
-            result.theta,
-            G,
-            sparsity=target,
-            damp=damp,
-            block_size=block_size,
-            saliency=saliency,
-            update=update,
-            mask=result.mask,
-            selection_block_size=selection_block_size,
-            joint_block_size=joint_block_size,
-        )
+        else:
+            result = prune(
+                result.theta,
+                G,
+                sparsity=target,
+                damp=cast(float, damp),  # not a grid: _damping_grid said so
+                block_size=block_size,
+                saliency=saliency,
+                update=update,
+                mask=result.mask,
+                selection_block_size=selection_block_size,
+                joint_block_size=joint_block_size,
+            )
         if callback is not None:
             callback(t, result)
     return result
@@ -1076,9 +1074,7 @@ class DampingChoice(NamedTuple):
     losses: tuple[float, ...]
 
 
-def _damping_grid(
-    damp: Any, select_damp: Any, saliency: str, update: str
-) -> list[float] | None:
+def _damping_grid(damp: Any, select_damp: Any, saliency: str, update: str) -> list[float] | None:
     """The grid of :func:`gradual_prune` (``None`` without ``select_damp``), checked up front."""
     is_grid = not isinstance(damp, (str, bytes)) and isinstance(damp, Sequence)
     if select_damp is None:

@@ -1064,9 +1064,10 @@ class MFACPruner:
         if dampings is not None:
             # gradual_prune keeps, at each step, the first damping of the lowest loss.
             grid, k = list(dampings), len(dampings)
+            values = [float(v) for v in losses]
             self.selected_damps = [
-                grid[min(range(k), key=lambda j, s=s: float(losses[s * k + j]))]
-                for s in range(len(losses) // k)
+                grid[min(range(k), key=values[s * k : (s + 1) * k].__getitem__)]
+                for s in range(len(values) // k)
             ]
 
     @torch.no_grad()

@@ -90,7 +90,8 @@ def test_select_damping_picks_the_first_lowest_loss_and_its_candidate(rng):
     assert choice.result is candidates[1e-2]
     # A 0-d array is accepted as well, and the minimum moves with the values.
     values[1.0] = 0.5
-    assert select_damping(theta, G, grid, sparsity=0.4, loss=lambda dp, r: np.array(values[dp])).damp == 1.0
+    choice = select_damping(theta, G, grid, sparsity=0.4, loss=lambda dp, r: np.array(values[dp]))
+    assert choice.damp == 1.0
 
 
 def test_select_damping_builds_one_operator(monkeypatch, rng):
