@@ -542,8 +542,8 @@ class SpectralIHVP(LinearOperator):
         if any(g.count > 1 for g in self._groups):
             return self._apply(x[:, None], dl)[..., 0]
         # One block per group: V x once, then one (K x m) @ (m x d) GEMM that reads V once and
-        # writes the K results in their final layout. With this BLAS the GEMM costs about
-        # 2.5x a GEMV pass (it packs V, then computes; docs/beyond.rst, "Speed").
+        # writes the K results in their final layout. With OpenBLAS the GEMM costs about
+        # 3x a GEMV pass (it packs V, then computes; docs/beyond.rst, "Speed").
         xp = self._xp
         alphas, H = self._coefs(dl)
         parts = []
@@ -552,7 +552,7 @@ class SpectralIHVP(LinearOperator):
             C = xp.astype(h[:, 0, :] * xp.astype(V @ xg, xp.float64), self.dtype)  # (K, m)
             Y = C @ V
             if is_writeable_array(Y):
-                # Row by row in place: no (K, d) temporary for alpha x (10% of the sweep).
+                # Row by row in place: no (K, d) temporary for alpha x (4-10% of this pass).
                 for j, a in enumerate(alphas):
                     Y[j, ...] += a * xg
             else:
