@@ -44,6 +44,13 @@ convention of the target, 1.3x) and *read* (the fastest read-only BLAS pass, whi
 what a product can at best reach; on machines where reading alone is slower than
 copying, only this floor is reachable).
 
+**Damping sweep** (``SpectralIHVP``, issue 13): ``sweep(x, damps=...)`` for K = 8
+dampings against one ``matvec`` of the same operator, interleaved in the same run
+(target: 1.5x), and the diagonal at K dampings against one diagonal; with the passes
+over an m x d float32 array of the same layout as V measured alone (the operator's two
+GEMV passes, and the K x m by m x d GEMM of the sweep's second pass), against one read
+of it at the read bandwidth. ``--no-sweep`` skips it, ``--only-sweep`` runs only it.
+
 **Memory**: in a fresh child process per row, the ``tracemalloc`` peak of the
 constructor on top of G (NumPy reports its buffers to tracemalloc), shown as
 ``(size(G) + peak) / size(G)``, and the growth of the peak resident set (VmHWM, reset
@@ -94,6 +101,8 @@ QUICK_BLOCK_SETTINGS = ((64, 16), (32, 64))
 IHVP_TARGET = 1.3
 MEMORY_TARGET = 1.1
 KAPPA = 1e4
+SWEEP_TARGET = 1.5
+SWEEP_DAMPINGS = 8
 
 
 def make_grads(m: int, d: int, dtype: Any, damp: float, seed: int) -> np.ndarray:
@@ -272,6 +281,75 @@ def product_candidates(ops: dict[str, Any], d: int, k: int, dtype: Any, seed: in
         cands[f"{name}|matvec"] = (lambda _, op=op: op.matvec(x), None)
         cands[f"{name}|matmat"] = (lambda _, op=op: op.matmat(X), None)
     return cands
+
+
+def sweep_rows(
+    m: int, d: int, dtype: Any, damp: float, repeat: int, seed: int, bw_mib: int
+) -> tuple[list[list[Any]], str]:
+    """The damping-sweep table: K dampings in one call vs one product, and the passes alone."""
+    mfac = _load_mfac()
+    K = SWEEP_DAMPINGS
+    G = make_grads(m, d, dtype, damp, seed)
+    spec = mfac.SpectralIHVP(G, damp=damp)
+    rng = np.random.default_rng(seed + 2)
+    x = rng.standard_normal(d, dtype=dtype)
+    c = rng.standard_normal(m, dtype=dtype)
+    C = rng.standard_normal((K, m), dtype=dtype)
+    alphas = [float(a) for a in rng.random(K)]
+    a_col = np.asarray(alphas, dtype=dtype)[:, None]
+    damps = [damp * 10.0 ** (j / 2) for j in range(K)]
+
+    def gemm_rows(_: Any) -> Any:
+        Y = C @ G
+        for j, a in enumerate(alphas):
+            Y[j] += a * x
+        return Y
+
+    bw_cands, bw_result = common.bandwidth_candidates(bw_mib * common.MiB, dtype)
+    # The passes alone run over G: the same shape, dtype and layout as the operator's V.
+    cands = {
+        **bw_cands,
+        "matvec (one damping)": (lambda _: spec.matvec(x), None),
+        f"sweep, {K} dampings": (lambda _: spec.sweep(x, damps=damps), None),
+        "diagonal (one damping)": (lambda _: spec.diagonal(), None),
+        f"diagonal, {K} dampings": (lambda _: spec.diagonal(damps=damps), None),
+        "pass: V x (GEMV)": (lambda _: G @ x, None),
+        "pass: c^T V (GEMV)": (lambda _: c @ G, None),
+        f"pass: C V, C {K} x m (GEMM)": (lambda _: C @ G, None),
+        "pass: C V + alpha_k x per row": (gemm_rows, None),
+        "pass: C V + alpha x (K x d temporary)": (lambda _: C @ G + a_col * x, None),
+    }
+    t = common.interleaved(cands, max(repeat, 5))
+    bw = bw_result(t)
+    one_read = m * d * np.dtype(dtype).itemsize / bw.read
+    rows = []
+    for name in cands:
+        if name.startswith("bw:"):
+            continue
+        best = t[name].best
+        if name.startswith("pass"):
+            ref, target = t["pass: V x (GEMV)"].best, None
+        elif name.startswith("diagonal"):
+            ref, target = t["diagonal (one damping)"].best, SWEEP_TARGET
+        else:
+            ref, target = t["matvec (one damping)"].best, SWEEP_TARGET
+        rows.append(
+            [
+                m,
+                name,
+                common.fmt_time(best),
+                common.fmt_time(t[name].median),
+                common.fmt_ratio(best / ref, None if "one damping" in name else target),
+                common.fmt_ratio(best / one_read),
+            ]
+        )
+    note = (
+        f"m={m}: one read of V ({common.fmt_bytes(m * d * np.dtype(dtype).itemsize)}) at "
+        f"{bw.read / 1e9:.1f} GB/s ({bw.read_kernel}) = {common.fmt_time(one_read)}; "
+        f"GEMM rate of C V: {2 * K * m * d / t[f'pass: C V, C {K} x m (GEMM)'].best / 1e9:.0f} "
+        "GFlop/s"
+    )
+    return rows, note
 
 
 # -- memory (child processes) ------------------------------------------------------------
@@ -480,6 +558,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--memmap-dir", default=None, help="where the memmap files go (default: a temp dir)"
     )
     p.add_argument("--no-memory", action="store_true", help="skip the memory table")
+    p.add_argument("--no-sweep", action="store_true", help="skip the damping-sweep table")
+    p.add_argument("--only-sweep", action="store_true", help="run only the damping-sweep table")
     p.add_argument(
         "--block-d",
         type=float,
@@ -517,6 +597,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.block = []
     else:
         args.block = [tuple(int(v) for v in b.split(",")) for b in args.block]
+    if args.only_sweep:
+        args.block = []
     args.m = args.m or [64, 256]
     args.repeat = args.repeat or 3
     if args.bw_mib is None:
@@ -644,6 +726,8 @@ def main(argv: list[str] | None = None) -> int:
             mm_rows.extend(r)
             mm_notes.extend(n)
         print_memmap_table(mm_rows, mm_notes, args.memmap_dir)
+    sweep_table: list[list[Any]] = []
+    sweep_notes: list[str] = []
     block_rows, block_notes = block_setup_rows(
         args.block,
         args.block_d,
@@ -654,6 +738,12 @@ def main(argv: list[str] | None = None) -> int:
         1024 if args.quick else 2048,
     )
     for m in [] if args.only_block else args.m:
+        if args.only_sweep:
+            print(f"... m={m}: damping sweep", file=sys.stderr, flush=True)
+            rows, note = sweep_rows(m, d, dtype, args.damp, args.repeat, args.seed, args.bw_mib)
+            sweep_table += rows
+            sweep_notes.append(note)
+            continue
         print(
             f"... m={m}: building G ({common.fmt_bytes(m * d * itemsize)})",
             file=sys.stderr,
@@ -726,6 +816,12 @@ def main(argv: list[str] | None = None) -> int:
                 )
         del prod_ops
 
+        if not args.no_sweep:
+            print(f"... m={m}: damping sweep", file=sys.stderr, flush=True)
+            rows, note = sweep_rows(m, d, dtype, args.damp, args.repeat, args.seed, args.bw_mib)
+            sweep_table += rows
+            sweep_notes.append(note)
+
         if not args.no_memory:
             print(f"... m={m}: memory (child processes)", file=sys.stderr, flush=True)
             mem_rows.extend(measure_memory(m, d, args.dtype, args.damp, args.seed, bs))
@@ -750,10 +846,25 @@ def main(argv: list[str] | None = None) -> int:
         print()
         for note in block_notes:
             print("- " + note)
-    if not args.only_block:
+    if not args.only_block and not args.only_sweep:
         print_main_tables(args, setup_rows, floor_notes, ihvp_rows, bw_notes, mem_rows)
         if mm_rows:
             print_memmap_table(mm_rows, mm_notes, args.memmap_dir)
+    if sweep_table:
+        print(
+            f"\n## Damping sweep (SpectralIHVP): {SWEEP_DAMPINGS} dampings in one call vs "
+            f"the same call at one damping, target <= {SWEEP_TARGET}x; the passes alone vs "
+            "one GEMV pass\n"
+        )
+        print(
+            common.markdown_table(
+                ["m", "call", "best", "median", "/ one damping (or / GEMV)", "/ one read of V"],
+                sweep_table,
+            )
+        )
+        print()
+        for note in sweep_notes:
+            print("- " + note)
     foreign = monitor.foreign_cores()
     if foreign is not None:
         print(

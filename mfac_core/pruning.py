@@ -17,7 +17,11 @@ library and stays in its namespace and on its device:
   exact joint update within each block;
 - :func:`prune` is one step (saliency, selection, update), and
   :func:`gradual_prune` reaches a target sparsity in several steps,
-  resampling the gradients at each one (the paper's "recomputations").
+  resampling the gradients at each one (the paper's "recomputations");
+- :func:`damping_sweep` gives the saliencies and the predicted loss increase
+  for a grid of dampings, and :func:`select_damping` prunes at every damping
+  of a grid and keeps the one of the lowest held-out loss, both from one
+  :class:`~mfac_core.SpectralIHVP` set-up.
 
 Masks are boolean arrays with ``True`` for the weights that are kept.
 
@@ -37,8 +41,9 @@ them. All updated vectors have their pruned coordinates set to exactly zero.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import Any, Literal, NamedTuple, Protocol, runtime_checkable
+import numbers
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, NamedTuple, Protocol, cast, runtime_checkable
 
 from ._compat import Array, is_dask_namespace, is_writeable_array
 from ._compat import device as device_of
@@ -59,6 +64,7 @@ from ._validation import (
 )
 
 __all__ = [
+    "DampingChoice",
     "DampingSweep",
     "InverseFisherOperator",
     "PruneResult",
@@ -69,6 +75,7 @@ __all__ = [
     "obs_update",
     "damping_sweep",
     "prune",
+    "select_damping",
     "select_pruned",
     "sparsity_schedule",
 ]
@@ -826,13 +833,14 @@ def gradual_prune(
     steps: int,
     schedule: Schedule = "linear",
     mask: Array = None,
-    damp: float = 1e-5,
+    damp: float | Sequence[float] = 1e-5,
     block_size: int | None = None,
     saliency: Saliency = "obs",
     update: Update = "single",
     selection_block_size: int | None = None,
     joint_block_size: int | None = None,
     callback: Callable[[int, PruneResult], None] | None = None,
+    select_damp: Callable[[float, PruneResult], Any] | None = None,
 ) -> PruneResult:
     r"""Prune to ``sparsity`` in several steps, recomputing the Fisher at each.
 
@@ -859,8 +867,9 @@ def gradual_prune(
         :func:`sparsity_schedule`).
     mask : array of bool, shape (d,), optional
         ``True`` for the weights kept so far.
-    damp : float, optional
-        The damping of the Fisher (default ``1e-5``), as for :func:`prune`.
+    damp : float or sequence of float, optional
+        The damping of the Fisher (default ``1e-5``), as for :func:`prune`;
+        with ``select_damp``, the grid of dampings to choose from.
     block_size : int, optional
         Block size of a block-diagonal Fisher, as for :func:`prune`.
     saliency : {"obs", "obd", "magnitude"}, optional
@@ -873,6 +882,15 @@ def gradual_prune(
         As for :func:`prune`.
     callback : callable, optional
         Called as ``callback(step, result)`` after each step (``step`` from 1).
+    select_damp : callable, optional
+        ``select_damp(damp, result) -> float``, the held-out loss of the
+        pruned weights ``result`` (a :class:`PruneResult`) at one damping of
+        the grid ``damp``. Each step then prunes at every damping of the grid
+        from one :class:`~mfac_core.SpectralIHVP` set-up and continues from
+        the result of the lowest loss (see :func:`select_damping`; OBS
+        saliency, ``update`` ``"single"`` or ``"none"``). Record its
+        arguments to see the losses; the damping chosen at a step is the
+        first of its lowest.
 
     Returns
     -------
@@ -883,7 +901,12 @@ def gradual_prune(
     ------
     ValueError
         For a sparsity outside ``[0, 1)`` or below the mask's, ``steps < 1``,
-        or ``grad_fn`` returning an array of the wrong shape.
+        ``grad_fn`` returning an array of the wrong shape, a grid of
+        dampings without ``select_damp`` (or the reverse), or ``select_damp``
+        with a saliency other than ``"obs"`` or a joint update.
+    TypeError
+        For a ``grad_fn`` or ``select_damp`` that is not callable, or a
+        ``select_damp`` that returns something other than a real number.
 
     Examples
     --------
@@ -900,12 +923,24 @@ def gradual_prune(
     >>> res = gradual_prune(theta, grad_fn, sparsity=0.75, steps=3, damp=1e-4)
     >>> int(res.mask.sum()), bool(np.all(res.theta[~res.mask] == 0))
     (3, True)
+
+    The damping chosen at each step by the loss on held-out data:
+
+    >>> X_val = rng.standard_normal((32, 12))
+    >>> y_val = X_val @ theta
+    >>> def val_loss(damp, result):
+    ...     return float(np.mean((X_val @ result.theta - y_val) ** 2))
+    >>> res = gradual_prune(theta, grad_fn, sparsity=0.75, steps=3,
+    ...                     damp=[1e-6, 1e-4, 1e-2], select_damp=val_loss)
+    >>> int(res.mask.sum())
+    3
     """
     xp = _check_theta(theta)
     sparsity = check_fraction(sparsity, "sparsity")
     mask = _check_mask(xp, theta, mask)
     if not callable(grad_fn):
         raise TypeError(f"grad_fn must be callable, got {type(grad_fn).__name__}")
+    grid = _damping_grid(damp, select_damp, saliency, update)
     d = theta.shape[0]
     start = 1.0 - int(xp.sum(xp.astype(mask, xp.int64))) / d
     targets = sparsity_schedule(min(start, sparsity), sparsity, steps, schedule=schedule)
@@ -916,18 +951,31 @@ def gradual_prune(
             if (saliency != "magnitude" or update != "none")
             else None
         )
-        result = prune(
-            result.theta,
-            G,
-            sparsity=target,
-            damp=damp,
-            block_size=block_size,
-            saliency=saliency,
-            update=update,
-            mask=result.mask,
-            selection_block_size=selection_block_size,
-            joint_block_size=joint_block_size,
-        )
+        if grid is not None and select_damp is not None:
+            result = select_damping(
+                result.theta,
+                G,
+                grid,
+                sparsity=target,
+                loss=select_damp,
+                block_size=block_size,
+                update=update,
+                mask=result.mask,
+                selection_block_size=selection_block_size,
+            ).result
+        else:
+            result = prune(
+                result.theta,
+                G,
+                sparsity=target,
+                damp=cast(float, damp),  # not a grid: _damping_grid said so
+                block_size=block_size,
+                saliency=saliency,
+                update=update,
+                mask=result.mask,
+                selection_block_size=selection_block_size,
+                joint_block_size=joint_block_size,
+            )
         if callback is not None:
             callback(t, result)
     return result
@@ -1048,3 +1096,212 @@ def damping_sweep(
     zero = xp.zeros_like(saliency)
     increase = xp.sum(xp.where(selected, saliency, zero), axis=1)
     return DampingSweep(tuple(float(dp) for dp in dampings), saliency, selected, increase)
+
+
+# -- damping selection by a held-out loss ---------------------------------------------------
+
+
+class DampingChoice(NamedTuple):
+    """The damping of a grid that a held-out loss picked, and the pruned weights at it.
+
+    Attributes
+    ----------
+    damp : float
+        The damping of the lowest loss (the first of equal ones).
+    result : PruneResult
+        ``(theta, mask)`` after pruning at ``damp``.
+    dampings : tuple of float
+        The grid, in the order given.
+    losses : tuple of float
+        The held-out loss after pruning at each damping of the grid.
+    """
+
+    damp: float
+    result: PruneResult
+    dampings: tuple[float, ...]
+    losses: tuple[float, ...]
+
+
+def _damping_grid(damp: Any, select_damp: Any, saliency: str, update: str) -> list[float] | None:
+    """The grid of :func:`gradual_prune` (``None`` without ``select_damp``), checked up front."""
+    is_grid = not isinstance(damp, (str, bytes)) and isinstance(damp, Sequence)
+    if select_damp is None:
+        if is_grid:
+            raise ValueError(
+                "damp is a grid of dampings; give select_damp (the held-out loss) to choose "
+                "among them, or a single damping"
+            )
+        return None
+    if not callable(select_damp):
+        raise TypeError(f"select_damp must be callable, got {type(select_damp).__name__}")
+    if not is_grid:
+        raise TypeError(
+            f"with select_damp, damp must be a sequence of dampings (the grid to choose "
+            f"from), got {type(damp).__name__}"
+        )
+    _check_selection_options(saliency, update)
+    if not damp:
+        raise ValueError("damp must hold at least one damping")
+    return [check_damp(dp) for dp in damp]
+
+
+def _check_selection_options(saliency: str, update: str) -> None:
+    check_choice(saliency, "saliency", ("obs", "obd", "magnitude"))
+    check_choice(update, "update", ("single", "joint", "none"))
+    if saliency != "obs":
+        raise ValueError(
+            f"choosing the damping needs the OBS saliency (saliency='obs'); with "
+            f"saliency={saliency!r} the damping would only move the update"
+        )
+    if update == "joint":
+        raise ValueError(
+            "choosing the damping supports update='single' or 'none': the joint update needs "
+            "entries of F^{-1}, which the spectral form behind the one-pass selection lacks"
+        )
+
+
+def _loss_value(value: Any, damp: float) -> float:
+    """A held-out loss as a finite float, or a clear error naming the damping."""
+    dtype = str(getattr(value, "dtype", ""))
+    scalar = isinstance(value, numbers.Real) or (
+        getattr(value, "ndim", None) == 0 and hasattr(value, "__float__")
+    )
+    if isinstance(value, bool) or "bool" in dtype or "complex" in dtype or not scalar:
+        raise TypeError(
+            f"the held-out loss at damp={damp:g} must be a real number (or a 0-d array), "
+            f"got {type(value).__name__}"
+        )
+    out = float(value)
+    if not math.isfinite(out):
+        raise ValueError(f"the held-out loss at damp={damp:g} is {out}; it must be finite")
+    return out
+
+
+def select_damping(
+    theta: Array,
+    G: Array,
+    dampings: Sequence[float],
+    /,
+    *,
+    sparsity: float,
+    loss: Callable[[float, PruneResult], Any],
+    block_size: int | None = None,
+    update: Update = "single",
+    mask: Array = None,
+    selection_block_size: int | None = None,
+) -> DampingChoice:
+    r"""Prune at every damping of a grid and keep the result of the lowest held-out loss.
+
+    The damping of ``F = damp I + G^T G / m`` decides both which weights OBS
+    prunes and how it moves the others. This prunes at each of K dampings as
+    :func:`prune` does (OBS saliency, selection, OBS update) but from one
+    :class:`~mfac_core.SpectralIHVP` set-up: the K diagonals of ``F_k^{-1}``
+    come from one pass over its ``m x d`` array, and each update is one
+    product at that damping (``with_damp``), so the grid costs about one set-up
+    and K + 1 products instead of K set-ups. ``loss(damp, result)`` scores
+    each pruned vector (for instance the loss on held-out data) and the
+    lowest wins.
+
+    Parameters
+    ----------
+    theta : array, shape (d,)
+        The flat weights.
+    G : array, shape (m, d)
+        The gradients at ``theta``, one per row, in theta's namespace, device
+        and dtype; zeroed at the coordinates ``mask`` prunes.
+    dampings : sequence of float
+        The K dampings ``> 0`` to choose from.
+    sparsity : float
+        The fraction of weights pruned afterwards, in ``[0, 1)``.
+    loss : callable
+        ``loss(damp, result) -> float``: the held-out loss of the pruned
+        weights ``result`` (a :class:`PruneResult`), called once per damping
+        in the order of the grid. A real number or a 0-d array, finite.
+    block_size : int, optional
+        Block-diagonal F over blocks of this many coordinates (default: full).
+    update : {"single", "none"}, optional
+        The paper's summed single-weight OBS update (default), or none.
+    mask : array of bool, shape (d,), optional
+        ``True`` for the weights kept so far; they stay pruned.
+    selection_block_size : int, optional
+        Prune ``sparsity`` of each block of this many weights instead of
+        choosing globally.
+
+    Returns
+    -------
+    DampingChoice
+        The chosen damping (the first of the lowest loss), the pruned weights
+        and mask at it, the grid and every loss.
+
+    Raises
+    ------
+    TypeError
+        For arrays of different libraries or dtypes, a ``loss`` that is not
+        callable or returns something other than a real number.
+    ValueError
+        For mismatched shapes, a sparsity outside ``[0, 1)``, a damping that
+        is not finite and positive, ``update="joint"``, or a non-finite loss.
+        Nothing is changed when it raises (``theta`` is never written).
+
+    See Also
+    --------
+    damping_sweep : The saliencies and predicted loss increases of a grid.
+
+    Notes
+    -----
+    Each candidate equals ``prune(theta, G, sparsity=sparsity, damp=d_k,
+    ...)`` up to rounding (the spectral form instead of the Cholesky one),
+    so the choice is that of a brute-force loop over the grid. The loss is
+    called K times, which is where the rest of the time goes.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from mfac_core.pruning import prune, select_damping
+    >>> rng = np.random.default_rng(0)
+    >>> X, w = rng.standard_normal((96, 12)), rng.standard_normal(12)
+    >>> y = X @ w + 0.1 * rng.standard_normal(96)
+    >>> theta = np.linalg.lstsq(X[:64], y[:64], rcond=None)[0]
+    >>> G = (X[:64] @ theta - y[:64])[:, None] * X[:64]
+    >>> def val_loss(damp, result):   # on the 32 held-out samples
+    ...     return float(np.mean((X[64:] @ result.theta - y[64:]) ** 2))
+    >>> grid = [1e-4, 1e-2, 1.0]
+    >>> choice = select_damping(theta, G, grid, sparsity=0.5, loss=val_loss)
+    >>> brute = [val_loss(dp, prune(theta, G, sparsity=0.5, damp=dp)) for dp in grid]
+    >>> choice.damp == grid[int(np.argmin(brute))], bool(np.allclose(choice.losses, brute))
+    (True, True)
+    """
+    xp = _check_theta(theta)
+    _check_grads(xp, theta, G)
+    mask = _check_mask(xp, theta, mask)
+    sparsity = check_fraction(sparsity, "sparsity")
+    if not callable(loss):
+        raise TypeError(f"loss must be callable, got {type(loss).__name__}")
+    _check_selection_options("obs", update)
+    G = G * xp.astype(mask, G.dtype)  # pruned coordinates decouple (module Notes)
+    op = SpectralIHVP(G, damp=1.0, block_size=block_size)
+    diag = op.diagonal(damps=dampings)  # validates the dampings; one pass for all K
+    grid = tuple(float(dp) for dp in dampings)
+    zero = xp.zeros((), dtype=theta.dtype, device=device_of(theta))
+    losses: list[float] = []
+    best: tuple[float, float, PruneResult] | None = None
+    for k, dp in enumerate(grid):
+        dk = diag[k, ...]
+        selected = select_pruned(
+            theta * theta / (2 * dk),
+            sparsity=sparsity,
+            mask=mask,
+            block_size=selection_block_size,
+        )
+        gone = selected | ~mask
+        new = theta
+        if update == "single" and bool(xp.any(selected)):
+            # obs_update's summed single-weight update, with this damping's diagonal.
+            new = theta - op.with_damp(dp).matvec(xp.where(selected, theta / dk, zero))
+        result = PruneResult(xp.where(gone, zero, new), mask & ~selected)
+        value = _loss_value(loss(dp, result), dp)
+        losses.append(value)
+        if best is None or value < best[1]:
+            best = (dp, value, result)
+    assert best is not None  # the grid is not empty (diagonal() checked it)
+    return DampingChoice(best[0], best[2], grid, tuple(losses))

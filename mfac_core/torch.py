@@ -1059,6 +1059,9 @@ class MFACPruner:
     ----------
     masks : dict of str to torch.Tensor
         The boolean mask of each chosen weight, by module name.
+    selected_damps : list of float
+        The damping chosen at each step of the last :meth:`prune` with a
+        grid of ``dampings`` (empty before).
 
     Raises
     ------
@@ -1123,6 +1126,7 @@ class MFACPruner:
             name: torch.ones_like(w, dtype=torch.bool) for name, w in self.weights.items()
         }
         self.dim = sum(w.numel() for w in self.weights.values())
+        self.selected_damps: list[float] = []
 
     @staticmethod
     def _resolve(model: nn.Module, layers: Sequence[str] | None) -> dict[str, torch.Tensor]:
@@ -1267,12 +1271,21 @@ class MFACPruner:
         sparsity: float,
         steps: int = 1,
         schedule: pruning.Schedule = "linear",
+        dampings: Sequence[float] | None = None,
+        select_damp: Callable[[nn.Module], Any] | None = None,
     ) -> None:
         """Prune the chosen weights to ``sparsity`` (one shot, or in ``steps`` steps).
 
         With ``steps > 1`` the gradients are collected again and the inverse
         Fisher rebuilt before each step, at the partially pruned weights
         (the paper's recomputations). Weights pruned earlier stay pruned.
+
+        With ``dampings`` and ``select_damp``, each step prunes at every
+        damping of the grid from one set-up (:func:`mfac_core.pruning.select_damping`)
+        and keeps the weights of the lowest ``select_damp(model)``, called
+        with the candidate weights and masks in the model; the chosen
+        dampings are in :attr:`selected_damps`. If anything raises, the
+        weights and masks are restored to what they were before the call.
 
         Parameters
         ----------
@@ -1288,32 +1301,96 @@ class MFACPruner:
         schedule : {"linear", "cubic", "exponential"}, optional
             The sparsity of the intermediate steps (see
             :func:`mfac_core.pruning.sparsity_schedule`).
+        dampings : sequence of float, optional
+            A grid of dampings to choose from at each step, instead of the
+            pruner's ``damp``; needs ``select_damp``, the OBS saliency and
+            ``update`` ``"single"`` or ``"none"``.
+        select_damp : callable, optional
+            ``select_damp(model) -> float``: the held-out loss of the model
+            holding the weights pruned at one damping of the grid (for
+            instance its loss on validation data, under ``torch.no_grad()``).
 
         Raises
         ------
         ValueError
-            For a sparsity outside ``[0, 1)`` or ``steps < 1``.
+            For a sparsity outside ``[0, 1)``, ``steps < 1``, only one of
+            ``dampings`` and ``select_damp``, or a non-finite held-out loss.
+        TypeError
+            For a ``select_damp`` that returns something other than a real
+            number.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from torch.nn.functional import cross_entropy
+        >>> from mfac_core.torch import MFACPruner
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(),
+        ...                             torch.nn.Linear(16, 2))
+        >>> data = [(torch.randn(4, 8), torch.randint(0, 2, (4,))) for _ in range(8)]
+        >>> x_val, y_val = torch.randn(32, 8), torch.randint(0, 2, (32,))
+        >>> @torch.no_grad()
+        ... def val_loss(model):
+        ...     return float(cross_entropy(model(x_val), y_val))
+        >>> pruner = MFACPruner(model, num_grads=8, block_size=32)
+        >>> pruner.prune(data, cross_entropy, sparsity=0.5, dampings=[1e-4, 1e-2, 1.0],
+        ...              select_damp=val_loss)
+        >>> len(pruner.selected_damps), round(pruner.sparsity(), 2)
+        (1, 0.5)
         """
         sparsity = check_fraction(sparsity, "sparsity")
+        if (dampings is None) != (select_damp is None):
+            raise ValueError("give both dampings (the grid) and select_damp (the held-out loss)")
+        before = (
+            {name: w.detach().clone() for name, w in self.weights.items()},
+            {name: m.clone() for name, m in self.masks.items()},
+        )
+        losses: list[float] = []
 
         def grad_fn(theta: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
             self._write(theta, mask)
             return self.collect_grads(loader, loss_fn)
 
-        result = pruning.gradual_prune(
-            self.flat_weights(),
-            grad_fn,
-            sparsity=sparsity,
-            steps=steps,
-            schedule=schedule,
-            mask=self.flat_mask(),
-            damp=self.damp,
-            block_size=self.block_size,
-            saliency=self.saliency,
-            update=self.update,
-            selection_block_size=self.selection_block_size,
-        )
-        self._write(result.theta, result.mask)
+        def held_out(damp: float, result: pruning.PruneResult) -> Any:
+            self._write(result.theta, result.mask)
+            assert select_damp is not None
+            value = select_damp(self.model)
+            losses.append(value)
+            return value
+
+        try:
+            result = pruning.gradual_prune(
+                self.flat_weights(),
+                grad_fn,
+                sparsity=sparsity,
+                steps=steps,
+                schedule=schedule,
+                mask=self.flat_mask(),
+                damp=self.damp if dampings is None else dampings,
+                block_size=self.block_size,
+                saliency=self.saliency,
+                update=self.update,
+                selection_block_size=self.selection_block_size,
+                select_damp=None if select_damp is None else held_out,
+            )
+            self._write(result.theta, result.mask)
+        except BaseException:
+            self._restore(*before)
+            raise
+        if dampings is not None:
+            # gradual_prune keeps, at each step, the first damping of the lowest loss.
+            grid, k = list(dampings), len(dampings)
+            values = [float(v) for v in losses]
+            self.selected_damps = [
+                grid[min(range(k), key=values[s * k : (s + 1) * k].__getitem__)]
+                for s in range(len(values) // k)
+            ]
+
+    @torch.no_grad()
+    def _restore(self, weights: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> None:
+        for name, w in self.weights.items():
+            w.copy_(weights[name])
+            self.masks[name] = masks[name]
 
     @torch.no_grad()
     def apply_masks(self) -> None:

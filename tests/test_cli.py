@@ -658,6 +658,7 @@ def test_examples_readme_quotes_the_results_verbatim():
         "train_digits-tune.md",
         "prune_digits.md",
         "damp_and_m.md",
+        "damping_selection_digits.md",
     }
     for name, body in quoted:
         written = (examples / "results" / name).read_text(encoding="utf-8")

@@ -1,0 +1,296 @@
+"""Choosing the damping by a held-out loss: select_damping, gradual_prune and MFACPruner."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+
+from mfac_core import SpectralIHVP, pruning
+from mfac_core.pruning import DampingChoice, gradual_prune, prune, select_damping
+from mfac_core.testing import to_numpy
+
+
+def regression(rng: np.random.Generator, d: int = 24, n: int = 160, m: int = 48):
+    """Correlated least squares: weights, per-sample gradients, a held-out loss."""
+    base = rng.standard_normal((n, 5))
+    X = base @ rng.standard_normal((5, d)) + 0.3 * rng.standard_normal((n, d))
+    y = X @ rng.standard_normal(d) + 0.1 * rng.standard_normal(n)
+    theta = np.linalg.lstsq(X[:m], y[:m], rcond=None)[0]
+    G = (X[:m] @ theta - y[:m])[:, None] * X[:m]
+    X_val, y_val = X[m:], y[m:]
+
+    def val_loss(t: np.ndarray) -> float:
+        return float(np.mean((X_val @ t - y_val) ** 2))
+
+    return theta, G, val_loss
+
+
+def brute_force(theta, G, grid, val_loss, **options):
+    """A full prune (a Cholesky set-up) per damping: the losses and results."""
+    results = [prune(theta, G, damp=dp, **options) for dp in grid]
+    return [val_loss(r.theta) for r in results], results
+
+
+@pytest.mark.parametrize("bs", [None, 8])
+@pytest.mark.parametrize("update", ["single", "none"])
+def test_select_damping_equals_brute_force(xp_device, rng, bs, update):
+    theta, G, val_loss = regression(rng)
+    mask = np.ones(theta.size, dtype=bool)
+    mask[[2, 11]] = False
+    theta, G = np.where(mask, theta, 0.0), G * mask
+    scale = np.linalg.norm(G, 2) ** 2 / G.shape[0]
+    grid = [scale * 10.0**e for e in (-4, -2, -1, 0, 2)]
+    kappa = 1.0 + scale / min(grid)
+    rtol = 1e-10 * kappa  # float64, both forms lose about eps * kappa
+    options = {"sparsity": 0.5, "block_size": bs, "update": update, "mask": mask}
+    want_losses, want = brute_force(theta, G, grid, val_loss, **options)
+    best = int(np.argmin(want_losses))
+    # The test means something only if the grid's losses are told apart, or tie exactly: without
+    # an update, dampings that select the same weights give the same weights.
+    ties = [k for k, v in enumerate(want_losses) if v <= (1 + 100 * rtol) * want_losses[best]]
+    assert all(np.array_equal(want[k].theta, want[best].theta) for k in ties), ties
+
+    be = xp_device
+    seen = []
+
+    def loss(dp, result):
+        seen.append(dp)
+        return val_loss(to_numpy(result.theta))
+
+    options["mask"] = be.asarray(mask)
+    choice = select_damping(be.asarray(theta), be.asarray(G), grid, loss=loss, **options)
+    assert isinstance(choice, DampingChoice)
+    assert seen == grid and choice.dampings == tuple(grid)
+    assert choice.damp == grid[best]
+    np.testing.assert_allclose(choice.losses, want_losses, rtol=rtol)
+    np.testing.assert_array_equal(to_numpy(choice.result.mask) != 0, want[best].mask)
+    np.testing.assert_allclose(
+        to_numpy(choice.result.theta),
+        want[best].theta,
+        rtol=0,
+        atol=rtol * np.abs(theta).max(),
+    )
+
+
+def test_select_damping_picks_the_first_lowest_loss_and_its_candidate(rng):
+    theta, G, _ = regression(rng)
+    grid = [1e-3, 1e-2, 1e-1, 1.0]
+    values = {1e-3: 3.0, 1e-2: 1.0, 1e-1: 1.0, 1.0: 2.0}
+    candidates = {}
+
+    def loss(dp, result):
+        candidates[dp] = result
+        return np.float32(values[dp])  # NumPy scalars are real numbers too
+
+    choice = select_damping(theta, G, grid, sparsity=0.4, loss=loss)
+    assert choice.damp == 1e-2
+    assert choice.losses == (3.0, 1.0, 1.0, 2.0)
+    assert choice.result is candidates[1e-2]
+    # A 0-d array is accepted as well, and the minimum moves with the values.
+    values[1.0] = 0.5
+    choice = select_damping(theta, G, grid, sparsity=0.4, loss=lambda dp, r: np.array(values[dp]))
+    assert choice.damp == 1.0
+
+
+def test_select_damping_builds_one_operator(monkeypatch, rng):
+    theta, G, val_loss = regression(rng)
+    built = []
+
+    class Counting(SpectralIHVP):
+        def __init__(self, *args, **kwargs):
+            built.append(kwargs.get("damp"))
+            super().__init__(*args, **kwargs)
+
+    def no_cholesky(*args, **kwargs):
+        raise AssertionError("select_damping must not build a Cholesky operator per damping")
+
+    monkeypatch.setattr(pruning, "SpectralIHVP", Counting)
+    monkeypatch.setattr(pruning, "StaticIHVP", no_cholesky)
+    grid = [10.0**e for e in range(-6, 2)]
+    choice = select_damping(theta, G, grid, sparsity=0.5, loss=lambda dp, r: val_loss(r.theta))
+    assert len(built) == 1 and len(choice.losses) == 8
+
+
+@pytest.mark.parametrize(
+    ("value", "error", "match"),
+    [
+        (float("nan"), ValueError, r"damp=0\.01 is nan; it must be finite"),
+        (float("inf"), ValueError, "finite"),
+        ("0.5", TypeError, "real number"),
+        ([0.5], TypeError, "real number"),
+        (None, TypeError, "real number"),
+        (True, TypeError, "real number"),
+        ("pair", TypeError, "real number"),
+        ("complex", TypeError, "real number"),
+    ],
+)
+def test_bad_loss_values(rng, value, error, match):
+    # Arrays are made here: a parameter that is an array confuses the fixtures' lookups.
+    if isinstance(value, str) and value in ("pair", "complex"):
+        value = {"pair": np.array([0.5, 0.7]), "complex": np.array(0.5 + 1j)}[value]
+    theta, G, _ = regression(rng)
+    before = theta.copy()
+    with pytest.raises(error, match=match):
+        select_damping(
+            theta, G, [1e-3, 1e-2], sparsity=0.5, loss=lambda dp, r: 1.0 if dp < 1e-2 else value
+        )
+    np.testing.assert_array_equal(theta, before)
+
+
+def test_select_damping_validation(rng):
+    theta, G, val_loss = regression(rng)
+
+    def loss(dp, r):
+        return val_loss(r.theta)
+
+    with pytest.raises(TypeError, match="loss must be callable"):
+        select_damping(theta, G, [0.1], sparsity=0.5, loss=0.5)
+    with pytest.raises(ValueError, match="joint"):
+        select_damping(theta, G, [0.1], sparsity=0.5, loss=loss, update="joint")
+    with pytest.raises(ValueError, match="update"):
+        select_damping(theta, G, [0.1], sparsity=0.5, loss=loss, update="both")
+    with pytest.raises(ValueError, match="damp"):
+        select_damping(theta, G, [0.1, 0.0], sparsity=0.5, loss=loss)
+    with pytest.raises(ValueError, match="at least one"):
+        select_damping(theta, G, [], sparsity=0.5, loss=loss)
+    with pytest.raises(ValueError, match="sparsity"):
+        select_damping(theta, G, [0.1], sparsity=1.0, loss=loss)
+    with pytest.raises(TypeError, match="dtype"):
+        select_damping(theta.astype(np.float32), G, [0.1], sparsity=0.5, loss=loss)
+
+
+def test_gradual_prune_with_a_grid_is_select_damping_per_step(rng):
+    theta, _, val_loss = regression(rng)
+    X = rng.standard_normal((40, theta.size))
+    y = X @ theta + 0.5 * rng.standard_normal(40)
+
+    def grad_fn(t, mask):
+        return (X @ t - y)[:, None] * X
+
+    grid = [1e-4, 1e-2, 1.0, 100.0]
+    calls = []
+
+    def loss(dp, r):
+        calls.append(dp)
+        return val_loss(r.theta)
+
+    res = gradual_prune(theta, grad_fn, sparsity=0.75, steps=3, damp=grid, select_damp=loss)
+    assert calls == grid * 3
+    # The same steps by hand.
+    cur = pruning.PruneResult(theta, np.ones(theta.size, dtype=bool))
+    for target in pruning.sparsity_schedule(0.0, 0.75, 3):
+        cur = select_damping(
+            cur.theta,
+            grad_fn(cur.theta, cur.mask),
+            grid,
+            sparsity=target,
+            loss=lambda dp, r: val_loss(r.theta),
+            mask=cur.mask,
+        ).result
+    np.testing.assert_array_equal(res.mask, cur.mask)
+    np.testing.assert_array_equal(res.theta, cur.theta)
+
+
+def test_gradual_prune_grid_errors_come_before_any_gradient(rng):
+    theta, G, val_loss = regression(rng)
+    asked = []
+
+    def grad_fn(t, mask):
+        asked.append(1)
+        return G
+
+    def loss(dp, r):
+        return val_loss(r.theta)
+
+    bad = [
+        ({"damp": [1e-3, 1e-2]}, ValueError, "select_damp"),
+        ({"damp": 1e-3, "select_damp": loss}, TypeError, "sequence of dampings"),
+        ({"damp": [1e-3], "select_damp": 0.5}, TypeError, "callable"),
+        ({"damp": [1e-3, -1.0], "select_damp": loss}, ValueError, "damp"),
+        ({"damp": [], "select_damp": loss}, ValueError, "at least one"),
+        ({"damp": [1e-3], "select_damp": loss, "saliency": "magnitude"}, ValueError, "OBS"),
+        ({"damp": [1e-3], "select_damp": loss, "update": "joint"}, ValueError, "joint"),
+    ]
+    for options, error, match in bad:
+        with pytest.raises(error, match=match):
+            gradual_prune(theta, grad_fn, sparsity=0.5, steps=2, **options)
+    assert not asked
+
+
+# -- MFACPruner -----------------------------------------------------------------------------
+
+
+def _torch_problem():
+    torch = pytest.importorskip("torch")
+    gen = torch.Generator().manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.Tanh(), torch.nn.Linear(12, 3))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen))
+    data = [
+        (torch.randn(8, 6, generator=gen), torch.randint(0, 3, (8,), generator=gen))
+        for _ in range(16)
+    ]
+    x_val = torch.randn(64, 6, generator=gen)
+    y_val = torch.randint(0, 3, (64,), generator=gen)
+
+    @torch.no_grad()
+    def val_loss(m):
+        return torch.nn.functional.cross_entropy(m(x_val), y_val)  # a 0-d tensor
+
+    return torch, model, data, val_loss
+
+
+def test_mfac_pruner_picks_the_damping_of_brute_force():
+    torch, model, data, val_loss = _torch_problem()
+    from mfac_core.torch import MFACPruner
+
+    loss_fn = torch.nn.functional.cross_entropy
+    grid = [1e-4, 1e-2, 1.0, 100.0]
+    options = {"num_grads": 16, "block_size": 32, "dtype": torch.float64}
+    brute = []
+    for dp in grid:
+        m = copy.deepcopy(model)
+        MFACPruner(m, damp=dp, **options).prune(data, loss_fn, sparsity=0.6)
+        brute.append((float(val_loss(m)), m))
+    losses = [b[0] for b in brute]
+    best = int(np.argmin(losses))
+    assert sorted(losses)[1] > 1.001 * losses[best]
+
+    pruner = MFACPruner(model, **options)
+    pruner.prune(data, loss_fn, sparsity=0.6, dampings=grid, select_damp=val_loss)
+    assert pruner.selected_damps == [grid[best]]
+    for a, b in zip(model.parameters(), brute[best][1].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+    assert abs(pruner.sparsity() - 0.6) < 0.01
+
+    pruner.prune(data, loss_fn, sparsity=0.8, steps=2, dampings=grid, select_damp=val_loss)
+    assert len(pruner.selected_damps) == 2 and set(pruner.selected_damps) <= set(grid)
+
+
+def test_mfac_pruner_restores_the_model_when_the_selection_fails():
+    torch, model, data, val_loss = _torch_problem()
+    from mfac_core.torch import MFACPruner
+
+    loss_fn = torch.nn.functional.cross_entropy
+    pruner = MFACPruner(model, num_grads=8, block_size=32)
+    pruner.prune(data, loss_fn, sparsity=0.3)
+    weights = [p.detach().clone() for p in model.parameters()]
+    masks = {k: v.clone() for k, v in pruner.masks.items()}
+    calls = []
+
+    def flaky(m):
+        calls.append(1)
+        return float("nan") if len(calls) == 3 else val_loss(m)
+
+    with pytest.raises(ValueError, match="finite"):
+        pruner.prune(data, loss_fn, sparsity=0.6, dampings=[1e-3, 1e-2, 1e-1], select_damp=flaky)
+    assert len(calls) == 3
+    for p, w in zip(model.parameters(), weights, strict=True):
+        assert torch.equal(p, w)
+    for k, v in masks.items():
+        assert torch.equal(pruner.masks[k], v)
+    with pytest.raises(ValueError, match="both"):
+        pruner.prune(data, loss_fn, sparsity=0.6, dampings=[1e-3])
