@@ -87,7 +87,12 @@ def _window_dtypes(xp: Any, dtype: Any) -> tuple[Any, Any, str | None]:
         return dtype, dtype, None
     name = half_dtype_name(xp, dtype)
     if name is None:
-        raise TypeError(f"dtype must be {wanted}, got {dtype!r}")
+        hint = ""
+        if getattr(type(dtype), "__module__", "").split(".")[0] == "torch":
+            # torch.float32 given with the default (NumPy) namespace: the dtype names
+            # another library than xp, which only xp=torch can mean.
+            hint = f" (the namespace is {xp.__name__}: pass xp=torch for PyTorch buffers)"
+        raise TypeError(f"dtype must be {wanted}{hint}, got {dtype!r}")
     return dtype, xp.float32, name
 
 
