@@ -319,6 +319,10 @@ class DaskStaticIHVP(StaticIHVP):
                 f"G is chunked along its {m} rows (row chunks {G.chunks[0]}), but every chunk "
                 "must hold all m gradients of its columns: rechunk with G.rechunk({0: -1})"
             )
+        if 0 in G.chunks[1] and d > 0:
+            # Empty column chunks (from slicing or concatenation) hold no work, and the
+            # per-chunk set-up cannot split zero columns: drop them, moving no data.
+            G = G.rechunk({1: tuple(c for c in G.chunks[1] if c)})
         self.chunks: tuple[int, ...] = tuple(int(c) for c in G.chunks[1])
         self.refine = 0
         self._G = None

@@ -87,7 +87,12 @@ def _window_dtypes(xp: Any, dtype: Any) -> tuple[Any, Any, str | None]:
         return dtype, dtype, None
     name = half_dtype_name(xp, dtype)
     if name is None:
-        raise TypeError(f"dtype must be {wanted}, got {dtype!r}")
+        hint = ""
+        if getattr(type(dtype), "__module__", "").split(".")[0] == "torch":
+            # torch.float32 given with the default (NumPy) namespace: the dtype names
+            # another library than xp, which only xp=torch can mean.
+            hint = f" (the namespace is {xp.__name__}: pass xp=torch for PyTorch buffers)"
+        raise TypeError(f"dtype must be {wanted}{hint}, got {dtype!r}")
     return dtype, xp.float32, name
 
 
@@ -807,6 +812,8 @@ class DynamicIHVP(LinearOperator):
         # Magnitudes from the largest finite value plus half its spacing upwards round
         # to infinity (the spacing there is 2**emax * eps, and top = (2 - eps) 2**emax).
         limit = top + top * eps / (2 * (2 - eps))
+        if g.shape[0] == 0:  # a rank of a sharded window may hold no coordinates
+            return
         biggest = float(xp.max(xp.abs(g)))
         if not biggest < limit:
             check_finite(xp, g, "g")  # a NaN or infinity given is reported as such

@@ -53,6 +53,11 @@ def cast_pieces(xp: Any, G: Array, compute: Any) -> Iterator[tuple[int, int, Arr
     until the next one is produced.
     """
     m, n = G.shape
+    if n == 0:
+        # One empty piece, so that products over no columns are zeros of the right
+        # shape (a rank of a sharded 2-byte window may hold no coordinates).
+        yield 0, 0, xp.empty((m, 0), dtype=compute, device=device(G))
+        return
     w = min(piece_width(m), n)
     scratch = xp.empty((m, w), dtype=compute, device=device(G))
     reuse = is_writeable_array(scratch)

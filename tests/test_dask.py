@@ -321,3 +321,20 @@ def test_out_and_stream_to_are_refused(option: str) -> None:
     with pytest.raises(ValueError, match="not available for Dask"):
         value = {"out": np.zeros((2, 8)), "stream_to": "cpu"}.get(option, SingleProcessComm())
         StaticIHVP(G, damp=1.0, **{option: value})
+
+
+@pytest.mark.parametrize(
+    ("m", "d", "block_size", "col_chunks"),
+    [(5, 23, None, (1, 0, 22)), (6, 4, None, (0, 4, 0)), (3, 23, 5, (5, 0, 10, 8, 0))],
+)
+def test_empty_column_chunks_are_dropped(m, d, block_size, col_chunks):
+    # Slicing or concatenating Dask arrays can leave empty chunks; the Woodbury
+    # set-up used to divide by their width (ZeroDivisionError in a worker).
+    rng = np.random.default_rng(5)
+    G, damp = _data(rng, m, d, np.float64)
+    x = rng.standard_normal(d)
+    op = StaticIHVP(da.from_array(G, chunks=(m, col_chunks)), damp=damp, block_size=block_size)
+    ref = StaticIHVP(G, damp=damp, block_size=block_size)
+    assert op.chunks == tuple(c for c in col_chunks if c)
+    assert_close(op.matvec(da.from_array(x, chunks=4)).compute(), ref.matvec(x), kappa=1e3)
+    assert_close(op.diagonal().compute(), ref.diagonal(), kappa=1e3)

@@ -732,3 +732,12 @@ def test_remove_takes_numpy_integers_and_copies_are_independent(rng):
     twin.update(rng.standard_normal(20))
     np.testing.assert_array_equal(op.matvec(x), before)
     assert (len(op), len(twin)) == (1, 2)
+
+
+def test_torch_dtype_without_xp_says_to_pass_xp():
+    # DynamicIHVP(m, d, dtype=torch.bfloat16) defaults to NumPy buffers; the error
+    # used to read as if bfloat16 were not supported at all.
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match="pass xp=torch"):
+        DynamicIHVP(3, 5, damp=0.1, dtype=torch.bfloat16)
+    assert DynamicIHVP(3, 5, damp=0.1, dtype=torch.bfloat16, xp=torch).storage_dtype == "bfloat16"

@@ -547,3 +547,35 @@ def test_sharded_operator_over_gloo(nprocs: int) -> None:
             np.testing.assert_array_equal(a, b)
         assert r["nan"][:2] == ("ValueError", True), r["nan"]
         assert "same world size" in r["layout"]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_two_byte_window_with_an_empty_rank(dtype: str) -> None:
+    # A rank with no coordinates must take part in the 2-byte window's reductions:
+    # its overflow check and float32 pieces used to fail on zero columns.
+    if dtype == "bfloat16":
+        torch = pytest.importorskip("torch")
+        xp: Any = torch
+        conv: Any = torch.from_numpy
+        back: Any = lambda t: t.numpy()  # noqa: E731
+    else:
+        xp, conv, back = None, (lambda a: a), (lambda a: a)
+    rng = np.random.default_rng(11)
+    m, widths = 3, [4, 0, 5]
+    d, starts = sum(widths), _starts(widths)
+    grads = rng.standard_normal((5, d)).astype(np.float32)
+    x = rng.standard_normal(d).astype(np.float32)
+    ref = DynamicIHVP(m, d, damp=0.1, dtype=dtype, xp=xp)
+    for g in grads:
+        ref.update(conv(g))
+    expected = back(ref.update_and_matvec(conv(x)))
+
+    def rank(comm: Communicator) -> Any:
+        cols = slice(starts[comm.rank], starts[comm.rank + 1])
+        op = DynamicIHVP(m, widths[comm.rank], damp=0.1, dtype=dtype, xp=xp, comm=comm)
+        for g in grads:
+            op.update(conv(g[cols]))
+        return back(op.update_and_matvec(conv(x[cols])))
+
+    got = np.concatenate(_ok(run_spmd_threads(rank, len(widths), timeout=10)))
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
