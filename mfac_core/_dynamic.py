@@ -100,6 +100,15 @@ def _window_dtypes(xp: Any, dtype: Any) -> tuple[Any, Any, str | None]:
 #: then the settings that must agree on every rank (see ``DynamicIHVP._settings``).
 _NUM_SETTINGS = 9
 
+# The tags of the sharded reductions (``reduce_checked``): an operation code plus
+# _NUM_OPS times the operator's count of state edits modulo _NUM_VERSIONS, so that
+# ranks calling different operations with reductions of one length, or whose
+# replicated states diverged (``reset`` on some ranks only), raise instead of mixing
+# their sums. Tags stay below _NUM_OPS * _NUM_VERSIONS = MAX_TAG.
+_OP_UPDATE, _OP_PRODUCT, _OP_REMOVE, _OP_SET_DAMP = 1, 2, 3, 4
+_OP_LOAD, _OP_FROM_WINDOW, _OP_INIT = 5, 6, 7
+_NUM_OPS, _NUM_VERSIONS = 8, 4
+
 
 def _reduction_space(xp: Any, device: Any) -> tuple[Any, Any]:
     """The namespace and device of a set-up reduction, NumPy's when ``xp`` is unusable.
@@ -204,6 +213,7 @@ def _agreed_rows(G: Array, num_grads: int | None, options: Mapping[str, Any]) ->
         dtype=space[0].float64,
         device=space[1],
         what="DynamicIHVP.from_window",
+        tag=_OP_FROM_WINDOW,
     )
     ks = [int(v) for v in host_values(total)]
     if len(set(ks)) != 1:
@@ -328,10 +338,11 @@ class DynamicIHVP(LinearOperator):
     call, one reduction: :meth:`update` and :meth:`update_and_matvec` reduce
     the new Gram row (m numbers, its diagonal ``|g|^2`` included, since the
     row is written before the product), :meth:`matvec` m numbers and
-    :meth:`matmat` ``m k``, each with a status word appended (4 numbers: how
-    many ranks failed, per exception class), so that a bad input on one rank
-    (wrong shape or dtype, NaN) makes every rank raise the same exception
-    class and leaves every rank's window as it was. The rare float64
+    :meth:`matmat` ``m k``, each with a status word appended (6 numbers: how
+    many ranks failed, per exception class, and a tag of the operation and
+    state), so that a bad input on one rank (wrong shape or dtype, NaN), or
+    ranks calling different operations, makes every rank raise the same
+    exception class and leaves every rank's window as it was. The rare float64
     recomputation of a Gram row (a float32 window whose edited factor fails)
     is decided from the reduced row, so on every rank alike, and costs one
     more reduction of m numbers (of the m x m Gram matrix if it was not yet
@@ -405,6 +416,7 @@ class DynamicIHVP(LinearOperator):
             dtype=space[0].float64,
             device=space[1],
             what="DynamicIHVP(comm=...)",
+            tag=_OP_INIT,
         )
         rows = _rows(total, comm.size)
         if any(r[1:] != rows[0][1:] for r in rows):
@@ -480,6 +492,8 @@ class DynamicIHVP(LinearOperator):
         # Once the window is full, factors ping-pong between two C-ordered buffers
         # created once: no allocation per step, and row-wise writes.
         self._buffers: tuple[Any, Any] | None = None
+        # Counts the edits of the replicated state (see _tag); reset adds one.
+        self._version = 0
         self.reset()
 
     def _settings(self) -> list[float]:
@@ -597,6 +611,7 @@ class DynamicIHVP(LinearOperator):
         self._gram[...] = 0
         self._exact_gram = True
         self._edits = 0
+        self._version += 1
         self.refactor_count = 0
         if self.zero_init:
             self._window: deque[int] = deque(range(m))
@@ -781,10 +796,11 @@ class DynamicIHVP(LinearOperator):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # Pickles made before operators could be sharded have neither attribute.
-        super().__setstate__({"_comm": None, "layout": None, **state})
+        super().__setstate__({"_comm": None, "layout": None, "_version": 0, **state})
 
     def _commit(self, factor: _SlotFactor, *, refactored: bool) -> None:
         self._factor = factor
+        self._version += 1
         if refactored:
             self._edits = 0
             self.refactor_count += 1
@@ -900,7 +916,7 @@ class DynamicIHVP(LinearOperator):
 
         ``G g`` (``(m, 1)``) is ``None`` when it is the row (see :meth:`_products`).
         Unsharded, ``g`` was checked by the caller. Sharded, it is checked here and the
-        row reduced with the status word: one reduction of m + 4 numbers (2 m + 4 for a
+        row reduced with the status word: one reduction of m + 6 numbers (2 m + 6 for a
         2-byte window, whose row and ``G g`` differ).
         """
         xp = self._xp
@@ -915,20 +931,38 @@ class DynamicIHVP(LinearOperator):
             return row if product is None else xp.concat([row, product[:, 0]])
 
         if self.storage_dtype is None:
-            return checked[0], self._reduced(local, m, "DynamicIHVP.update"), None
-        total = self._reduced(local, 2 * m, "DynamicIHVP.update")
+            return checked[0], self._reduced(local, m, "DynamicIHVP.update", _OP_UPDATE), None
+        total = self._reduced(local, 2 * m, "DynamicIHVP.update", _OP_UPDATE)
         return checked[0], total[:m], total[m:][:, None]
 
-    def _reduced(self, local: Any, length: int, what: str) -> Any:
+    def _tag(self, op: int) -> int:
+        """The tag of operation ``op`` on this operator's replicated state (``_NUM_OPS``).
+
+        ``load_state_dict`` replaces the state, so its tag is the operation's alone:
+        loading every rank from one checkpoint mends diverged states.
+        """
+        if op == _OP_LOAD:
+            return op
+        return op + _NUM_OPS * (self._version % _NUM_VERSIONS)
+
+    def _reduced(self, local: Any, length: int, what: str, op: int) -> Any:
         """``local()`` (1-D float64) summed over the ranks with a status word.
 
-        Every rank raises if ``local()`` raised on any rank (``reduce_checked``).
+        Every rank raises if ``local()`` raised on any rank, or if the ranks called
+        different operations (``op``) or hold diverged states (``reduce_checked``).
         """
         if self._comm is None:
             return local()
         xp = self._xp
         return reduce_checked(
-            self._comm, xp, local, length=length, dtype=xp.float64, device=self.device, what=what
+            self._comm,
+            xp,
+            local,
+            length=length,
+            dtype=xp.float64,
+            device=self.device,
+            what=what,
+            tag=self._tag(op),
         )
 
     def _summed(self, x: Array) -> Array:
@@ -939,7 +973,7 @@ class DynamicIHVP(LinearOperator):
         total = self._comm.allreduce_sum(xp.reshape(x, (-1,)))
         return xp.reshape(total, x.shape)
 
-    def _agreed(self, what: str, local: Any) -> None:
+    def _agreed(self, what: str, op: int, local: Any) -> None:
         """Check collectively that ``local()`` (one number; it may raise) agrees on every rank.
 
         For arguments that must be the same on every rank of a sharded operator (a
@@ -950,7 +984,7 @@ class DynamicIHVP(LinearOperator):
             local()
             return
         comm = self._comm
-        total = self._reduced(lambda: self._one_hot(comm, [float(local())]), comm.size, what)
+        total = self._reduced(lambda: self._one_hot(comm, [float(local())]), comm.size, what, op)
         values = host_values(total)
         if any(v != values[0] for v in values):
             raise ValueError(
@@ -1095,7 +1129,7 @@ class DynamicIHVP(LinearOperator):
                 )
             return index
 
-        self._agreed("DynamicIHVP.remove", check)
+        self._agreed("DynamicIHVP.remove", _OP_REMOVE, check)
         slot = check()
         xp = self._xp
         if self.zero_init:
@@ -1200,7 +1234,7 @@ class DynamicIHVP(LinearOperator):
             return xp.reshape(xp.astype(self._G @ X2, xp.float64), (-1,))
 
         what = "DynamicIHVP.matvec" if name == "x" else "DynamicIHVP.matmat"
-        P = self._reduced(local, self.num_grads * k, what)
+        P = self._reduced(local, self.num_grads * k, what, _OP_PRODUCT)
         X2 = checked[0]
         return self._refined(X2, self._finish(X2, xp.reshape(P, (self.num_grads, k))))
 
@@ -1365,7 +1399,7 @@ class DynamicIHVP(LinearOperator):
             new damping; the operator keeps the old one.
         """
         given = damp
-        self._agreed("DynamicIHVP.set_damp", lambda: check_damp(given))
+        self._agreed("DynamicIHVP.set_damp", _OP_SET_DAMP, lambda: check_damp(given))
         damp = check_damp(damp)
         factor = self._factorized(self._gram, list(self._factor.slots), damp)
         self.damp = damp
@@ -1425,6 +1459,7 @@ class DynamicIHVP(LinearOperator):
         self._window, self._free = deque(loaded.window), list(loaded.free)
         self._factor = loaded.factor
         self._edits = loaded.edits
+        self._version = 0
 
 
 @dataclass(frozen=True)
@@ -1469,7 +1504,9 @@ class _LoadedState:
             )
             return op._xp.concat([norms, pad, table])
 
-        total = op._reduced(local, _NORM_SAMPLE + size * _NUM_FINGERPRINT, "load_state_dict")
+        total = op._reduced(
+            local, _NORM_SAMPLE + size * _NUM_FINGERPRINT, "load_state_dict", _OP_LOAD
+        )
         rows = _rows(total[_NORM_SAMPLE:], size)
         if any(r != rows[0] for r in rows):
             raise ValueError(

@@ -58,6 +58,12 @@ from .distributed import Communicator
 
 __all__ = ["ShardedStatic", "build"]
 
+# The tags of the reductions (``reduce_checked``): one code per operation, so that
+# ranks calling different operations whose reductions have one length (a product
+# and ``entries``, say) raise instead of mixing their sums. The operator's
+# replicated state is fixed once built, so the tags need no count of edits.
+_TAG_AGREE, _TAG_GRAM, _TAG_BUILD, _TAG_PRODUCT, _TAG_ENTRIES = 1, 2, 3, 4, 5
+
 #: Per-rank fields of the set-up's first reduction, in this order.
 _FIELDS = ("m", "width", "dtype", "damp", "block_size", "refine", "check_finite")
 _DTYPE_CODES = {"float32": 1, "float64": 2}
@@ -165,7 +171,14 @@ def agree(
 
     k = len(_FIELDS)
     total = reduce_checked(
-        comm, xp, local, length=size * k, dtype=xp.float64, device=dev, what="the set-up"
+        comm,
+        xp,
+        local,
+        length=size * k,
+        dtype=xp.float64,
+        device=dev,
+        what="the set-up",
+        tag=_TAG_AGREE,
     )
     rows = _gathered(total, size, k)
     _same_everywhere(rows, 0, "the number of gradients m (rows of G_local)", ValueError)
@@ -281,6 +294,7 @@ def _full_factor(
             dtype=xp.float64,
             device=device(G),
             what="the set-up's Gram matrix",
+            tag=_TAG_GRAM,
         )
         gram = xp.reshape(total[: m * m], (1, m, m))
         finite = bool(xp.all(xp.isfinite(xp.linalg.diagonal(gram))))
@@ -400,7 +414,14 @@ def build(
 
     k = len(_DONE_FIELDS)
     total = reduce_checked(
-        comm, xp, local, length=size * k, dtype=xp.float64, device=dev, what="the set-up"
+        comm,
+        xp,
+        local,
+        length=size * k,
+        dtype=xp.float64,
+        device=dev,
+        what="the set-up",
+        tag=_TAG_BUILD,
     )
     rows = _gathered(total, size, k)
     failed = [r for r, row in enumerate(rows) if row[3]]
@@ -546,7 +567,14 @@ class ShardedStatic:
             return xp.reshape(W @ X, (-1,))
 
         C = reduce_checked(
-            comm, xp, local, length=m * k, dtype=dtype, device=dev, what="the product"
+            comm,
+            xp,
+            local,
+            length=m * k,
+            dtype=dtype,
+            device=dev,
+            what="the product",
+            tag=_TAG_PRODUCT,
         )
         X = held["X"]
         Y = self._finish(xp, X, xp.reshape(C, (m, k)))
@@ -666,6 +694,7 @@ class ShardedStatic:
             dtype=dtype,
             device=dev,
             what="entries",
+            tag=_TAG_ENTRIES,
         )
         sums = host_values(total[per_pair * k :])
         if len({tuple(sums[2 * q : 2 * q + 2]) for q in range(size)}) > 1:

@@ -25,6 +25,8 @@ from ._compat import Array
 from .distributed import Communicator
 
 __all__ = [
+    "MAX_TAG",
+    "MAX_TAG_RANKS_FLOAT32",
     "STATUS_LENGTH",
     "ShardLayout",
     "decode_status",
@@ -32,6 +34,7 @@ __all__ = [
     "gather_ints",
     "host_values",
     "reduce_checked",
+    "tags_agree",
 ]
 
 # The exception classes a status word can carry, in the order a rank that saw
@@ -101,33 +104,48 @@ class ShardLayout:
         return sum(self.widths)
 
 
+#: Tags (:func:`reduce_checked`) lie in ``range(MAX_TAG)``.
+MAX_TAG = 32
+
+#: The largest group whose tag check is exact in a float32 reduction: the reduced
+#: sum of squared tags, at most ``size * (MAX_TAG - 1)**2``, stays below 2**24.
+MAX_TAG_RANKS_FLOAT32 = (2**24 - 1) // (MAX_TAG - 1) ** 2
+
 #: The length of the status word appended to every checked reduction: one count of
-#: failed ranks per class of ``_KINDS``. Counts, not one number weighting the classes
-#: by powers of (size + 1), so that they stay exact in float32 for any group below
-#: 2**24 ranks (a weighted sum needs size * (size + 1)**3 < 2**24: 62 ranks).
-STATUS_LENGTH = len(_KINDS)
+#: failed ranks per class of ``_KINDS``, then the tag and its square. Counts, not one
+#: number weighting the classes by powers of (size + 1), so that they stay exact in
+#: float32 for any group below 2**24 ranks (a weighted sum needs
+#: size * (size + 1)**3 < 2**24: 62 ranks); the tag's two entries are exact in
+#: float32 up to ``MAX_TAG_RANKS_FLOAT32`` (17,458) ranks.
+STATUS_LENGTH = len(_KINDS) + 2
 
 
-def encode_status(error: Exception | None) -> list[float]:
-    """This rank's status word: a one-hot count of its error's class, or zeros.
+def encode_status(error: Exception | None, tag: int = 0) -> list[float]:
+    """This rank's status word: a one-hot count of its error's class, then ``tag, tag**2``.
 
     Parameters
     ----------
     error : Exception or None
         The exception this rank's part raised, if any.
+    tag : int, optional
+        The operation and replicated state this rank's call is for, in
+        ``range(MAX_TAG)`` (default 0).
 
     Returns
     -------
     list of float
         ``STATUS_LENGTH`` numbers: 1 at the index of the first class of
         (TypeError, IndexError, ValueError, RuntimeError) that ``error`` is an
-        instance of (RuntimeError for any other exception), 0 elsewhere.
+        instance of (RuntimeError for any other exception), 0 at the other
+        three, then ``tag`` and ``tag**2``.
     """
-    word = [0.0] * STATUS_LENGTH
+    if not 0 <= tag < MAX_TAG:
+        raise ValueError(f"internal error: tag {tag} outside range({MAX_TAG})")
+    word = [0.0] * len(_KINDS)
     if error is not None:
         index = next((k for k, kind in enumerate(_KINDS) if isinstance(error, kind)), -1)
         word[index] = 1.0
-    return word
+    return [*word, float(tag), float(tag * tag)]
 
 
 def decode_status(word: Sequence[float]) -> dict[type[Exception], int]:
@@ -143,7 +161,32 @@ def decode_status(word: Sequence[float]) -> dict[type[Exception], int]:
     dict
         Exception class to the number of ranks that failed with it.
     """
-    return {kind: round(v) for kind, v in zip(_KINDS, word, strict=True)}
+    return {kind: round(v) for kind, v in zip(_KINDS, word[: len(_KINDS)], strict=True)}
+
+
+def tags_agree(word: Sequence[float], size: int) -> bool:
+    """Whether every rank's tag was the same, from the reduced status word.
+
+    With ``S1`` and ``S2`` the sums of the tags and of their squares over ``size``
+    ranks, ``S1**2 <= size * S2`` (Cauchy-Schwarz), with equality exactly when all
+    the tags are equal. Computed in Python integers from the rounded sums, so exact
+    while the reduction summed them exactly (float64; float32 up to
+    ``MAX_TAG_RANKS_FLOAT32`` ranks).
+
+    Parameters
+    ----------
+    word : sequence of float
+        The sum of every rank's :func:`encode_status`.
+    size : int
+        The number of ranks.
+
+    Returns
+    -------
+    bool
+        True if the tags were all equal.
+    """
+    s1, s2 = round(word[len(_KINDS)]), round(word[len(_KINDS) + 1])
+    return s1 * s1 == size * s2
 
 
 def reduce_checked(
@@ -155,6 +198,7 @@ def reduce_checked(
     dtype: Any,
     device: Any,
     what: str,
+    tag: int = 0,
 ) -> Array:
     """All-reduce ``local()`` with a status word; every rank raises if any rank failed.
 
@@ -171,12 +215,19 @@ def reduce_checked(
         The payload length, the same on every rank (from replicated state).
     dtype : dtype
         float32 or float64: the dtype of the reduction, payload and status word
-        (``STATUS_LENGTH`` counts of failed ranks, exact in float32 below 2**24
-        ranks).
+        (``STATUS_LENGTH`` numbers: counts of failed ranks, exact in float32 below
+        2**24 ranks, and the tag check, exact in float32 up to
+        ``MAX_TAG_RANKS_FLOAT32`` = 17,458 ranks and skipped for larger groups).
     device : device
         The payload's device.
     what : str
         The operation, for the message of ranks whose own part was fine.
+    tag : int, optional
+        Identifies the operation and the replicated state it acts on, in
+        ``range(MAX_TAG)`` (default 0). If the ranks passed different tags (they
+        called different operations whose reductions have the same length, or
+        their replicated states diverged), the reduced payload mixes unrelated
+        sums, and every rank raises.
 
     Returns
     -------
@@ -186,6 +237,9 @@ def reduce_checked(
 
     Raises
     ------
+    RuntimeError
+        On every rank, the same, if the tags differ between ranks (checked
+        first; a rank's own error, if any, is its cause).
     Exception
         On a rank whose ``local()`` raised: that exception, after the reduction.
         On every other rank, if some rank failed: an exception of the same class
@@ -203,9 +257,18 @@ def reduce_checked(
     except Exception as exc:  # every failure must reach the other ranks
         error = exc
         payload = xp.zeros((length,), dtype=dtype, device=device)
-    status = xp.asarray(encode_status(error), dtype=dtype, device=device)
+    status = xp.asarray(encode_status(error, tag), dtype=dtype, device=device)
     total = comm.allreduce_sum(xp.concat([xp.astype(payload, dtype), status]))
-    counts = decode_status(host_values(total[length:]))
+    word = host_values(total[length:])
+    exact = dtype == xp.float64 or comm.size <= MAX_TAG_RANKS_FLOAT32
+    if exact and not tags_agree(word, comm.size):
+        raise RuntimeError(
+            f"{what}: the ranks called different collective operations, or their "
+            "replicated states diverged (reset, load_state_dict or another edit on some "
+            "ranks only); every rank must call the same operations in the same order. "
+            "Every rank raised this and left its state as it was"
+        ) from error
+    counts = decode_status(word)
     if any(counts.values()):
         if error is not None:
             raise error

@@ -8,12 +8,15 @@ import numpy as np
 import pytest
 
 from mfac_core._sharding import (
+    MAX_TAG,
+    MAX_TAG_RANKS_FLOAT32,
     STATUS_LENGTH,
     ShardLayout,
     decode_status,
     encode_status,
     gather_ints,
     reduce_checked,
+    tags_agree,
 )
 from mfac_core.distributed import (
     CommCall,
@@ -218,6 +221,7 @@ def test_status_word_counts_are_exact_for_large_groups(dtype: type) -> None:
         kind: np.asarray(encode_status(kind("x")), dtype=dtype) * n for kind, n in failed.items()
     }
     assert len(encode_status(None)) == STATUS_LENGTH and not any(encode_status(None))
+    assert encode_status(None, 5)[-2:] == [5.0, 25.0]
     assert encode_status(KeyError("x")) == encode_status(RuntimeError("x"))
     total = sum(words.values(), np.zeros(STATUS_LENGTH, dtype=dtype))
     assert total.dtype == dtype
@@ -225,11 +229,52 @@ def test_status_word_counts_are_exact_for_large_groups(dtype: type) -> None:
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("size", [2, 3, 1000, MAX_TAG_RANKS_FLOAT32])
+def test_tag_check_is_exact_up_to_the_stated_group_size(dtype: type, size: int) -> None:
+    # S1**2 == size * S2 exactly when all tags agree; the largest tags and a single
+    # rank off by one are the hardest cases for the float32 sums.
+    assert size * (MAX_TAG - 1) ** 2 < 2**24
+    for common, odd in [(MAX_TAG - 1, MAX_TAG - 2), (0, 1), (17, 16), (1, 0), (5, None)]:
+        tags = [common] * (size - 1) + [common if odd is None else odd]
+        counts = {t: tags.count(t) for t in set(tags)}
+        total = np.zeros(STATUS_LENGTH, dtype=dtype)
+        for t, n in counts.items():  # n ranks at once, as the float32 reduction sums them
+            total = total + np.asarray(encode_status(None, t), dtype=dtype) * dtype(n)
+        assert total.dtype == dtype
+        assert tags_agree(total.tolist(), size) == (odd is None)
+        assert decode_status(total.tolist()) == dict.fromkeys(decode_status(total.tolist()), 0)
+    with pytest.raises(ValueError, match="internal error"):
+        encode_status(None, MAX_TAG)
+
+
+def test_reduce_checked_raises_on_every_rank_for_different_tags() -> None:
+    def fn(comm: ThreadComm) -> object:
+        try:
+            reduce_checked(
+                comm,
+                np,
+                lambda: np.ones(3),
+                length=3,
+                dtype=np.float64,
+                device="cpu",
+                what="op",
+                tag=1 if comm.rank == 0 else 2,
+            )
+        except RuntimeError as exc:
+            return str(exc)
+        return "no error"
+
+    results = run_spmd_threads(fn, 3)
+    assert all("different collective operations" in r for r in results), results
+    assert len(set(results)) == 1
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_reduce_checked_with_many_simulated_ranks(dtype: type) -> None:
     size = 2**20 + 7
     length = 3
     # The other ranks: all succeeded but 2**20 with an IndexError and 6 with a ValueError.
-    status = np.asarray([0.0, 2.0**20, 6.0, 0.0])
+    status = np.asarray([0.0, 2.0**20, 6.0, 0.0, 0.0, 0.0])
     comm = _ManyRanks(size, np.concatenate([np.full(length, 2.0), status]))
     with pytest.raises(IndexError, match=f"failed on {2**20 + 6} other rank"):
         reduce_checked(

@@ -212,7 +212,7 @@ def test_each_operation_costs_one_reduction_of_the_stated_size() -> None:
 
     for seen in _ok(run_spmd_threads(rank, size)):
         f64 = "float64"
-        S = 4  # the status word: a count of failed ranks per exception class
+        S = 6  # the status word: failed ranks per exception class, tag, tag**2
         assert seen["step"] == [CommCall((m + S,), f64, 8 * (m + S))] * len(gs)
         assert seen["update"] == [CommCall((m + S,), f64, 8 * (m + S))] * len(gs)
         assert seen["matvec"] == [CommCall((m + S,), f64, 8 * (m + S))]
@@ -254,7 +254,7 @@ def test_the_float64_row_is_decided_collectively_and_costs_one_more_reduction() 
     assert all(r[0] == shapes for r in results)
     extra = [s[1:] for s in shapes if len(s) > 1]
     assert extra, "the float64 path was never taken"
-    assert all(s[0] == (m + 4,) for s in shapes)
+    assert all(s[0] == (m + 6,) for s in shapes)
     # One more reduction: the row (m numbers), or the whole Gram matrix if not yet exact.
     assert all(s in ([(m,)], [(m * m,)]) for s in extra)
     # The stored Gram is then the float64 Gram of the stored gradients.
@@ -345,6 +345,63 @@ def test_an_error_on_one_rank_is_an_error_on_every_rank(case: str, kind: type) -
         raised, message, unchanged = r
         assert issubclass(raised, kind), (raised, message)
         assert unchanged, f"{case}: a rank's window changed ({message})"
+
+
+def _mismatched_call(comm: Communicator, case: str) -> Any:
+    m, d, size = 4, 12, comm.size
+    starts = _starts(_even_widths(d, size))
+    lo, hi = starts[comm.rank], starts[comm.rank + 1]
+    rng = np.random.default_rng(1)
+    op = DynamicIHVP(m, hi - lo, damp=0.1, dtype="float64", comm=comm, zero_init=False)
+    for _ in range(m + 1):
+        op.update(rng.standard_normal(d)[lo:hi])
+    g = rng.standard_normal(d)[lo:hi]
+    if case == "reset" and comm.rank == 0:
+        op.reset()
+    before = op.state_dict()
+    try:
+        if case == "update-vs-matvec" and comm.rank == 0:
+            op.update(g)  # m + 6 numbers, as the others' matvec
+        elif case == "step-vs-matvec" and comm.rank == 0:
+            op.update_and_matvec(g)
+        else:
+            op.matvec(g)
+    except Exception as exc:
+        after = op.state_dict()
+        same = all(np.array_equal(np.asarray(before[k]), np.asarray(after[k])) for k in before)
+        return type(exc), str(exc), same
+    return "no error"
+
+
+@pytest.mark.parametrize("case", ["update-vs-matvec", "step-vs-matvec", "reset"])
+def test_different_operations_or_diverged_states_raise_on_every_rank(case: str) -> None:
+    # Same reduction length (m + 6) on every rank: without the tag in the status
+    # word the sums would mix and some ranks return a wrong answer silently.
+    results = _ok(run_spmd_threads(_mismatched_call, 3, case, timeout=20))
+    for r in results:
+        assert r != "no error"
+        raised, message, unchanged = r
+        assert raised is RuntimeError, message
+        assert "different collective operations" in message
+        assert unchanged, f"{case}: a rank's window changed"
+    # The same message on every rank, after the name of the rank's own operation.
+    assert len({r[1].split(": ", 1)[1] for r in results}) == 1
+
+
+def test_load_state_dict_mends_diverged_states() -> None:
+    def rank(comm: Communicator) -> Any:
+        lo, hi = 2 * comm.rank, 2 * comm.rank + 2
+        rng = np.random.default_rng(2)
+        op = DynamicIHVP(3, 2, damp=0.1, dtype="float64", comm=comm)
+        for _ in range(2):
+            op.update(rng.standard_normal(2 * comm.size)[lo:hi])
+        state = op.state_dict()
+        if comm.rank == 0:
+            op.reset()
+        op.load_state_dict(state)  # every rank, from one checkpoint: agreed again
+        return op.matvec(np.ones(2))
+
+    _ok(run_spmd_threads(rank, 3, timeout=20))
 
 
 def test_construction_must_agree_on_every_rank() -> None:

@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mfac_core import FactorizationError, StaticIHVP
-from mfac_core.distributed import CountingComm, SingleProcessComm
+from mfac_core.distributed import Communicator, CountingComm, SingleProcessComm
 from mfac_core.testing import (
     SpectralOracle,
     assert_close,
@@ -225,7 +225,7 @@ def test_layouts_and_traffic(layout: str, dtype: str) -> None:
     )
     _factors_bitwise_equal(results)
     p, k, itemsize = len(widths), len(rows), np.dtype(dtype).itemsize
-    S = 4  # length of the status word (docs/scaling.rst)
+    S = 6  # length of the status word (docs/scaling.rst)
     full = bs is None or bs >= d
     for r in results:
         # Set-up: the exchange of every rank's shape and options, the Gram (full only:
@@ -273,7 +273,7 @@ def test_refinement(layout: str) -> None:
         # One product, and per refinement step the residual's G Y (float64) and a product.
         for r in results:
             assert [(c.shape, c.dtype) for c in r["matvec"]] == [
-                ((m + 4,), "float32"),  # with the status word
+                ((m + 6,), "float32"),  # with the status word
                 ((m,), "float64"),
                 ((m,), "float32"),
             ]
@@ -304,7 +304,7 @@ def test_collinear_float32_gradients_recompute_the_reduced_gram(monkeypatch: Any
     kappa = SpectralOracle(G, damp).kappa
     for r in results:
         assert r["op"]._gram_recomputed == 1
-        assert [c.shape for c in r["setup"]][1:3] == [(m * m + m + 4,), (m * m + 4,)]
+        assert [c.shape for c in r["setup"]][1:3] == [(m * m + m + 6,), (m * m + 6,)]
     want = SpectralOracle(G, damp).matvec(X[:, 0])
     assert_close(_gathered(results, "y"), want, kappa=kappa, dtype="float32")
     _factors_bitwise_equal(results)
@@ -595,7 +595,7 @@ def test_over_gloo(nprocs: int) -> None:
             np.testing.assert_array_equal(p["twin"], p["y"])
             np.testing.assert_array_equal(p["deep"], p["y"])
             assert p["deep_comm"]
-            assert p["calls"] == ([(m + 4,)] if bs is None else [])
+            assert p["calls"] == ([(m + 6,)] if bs is None else [])
             if bs is None:
                 np.testing.assert_array_equal(p["U"], parts[0]["U"])  # bit for bit
 
@@ -646,3 +646,25 @@ def test_entries_of_zero_dimensional_and_empty_indices() -> None:
         assert not isinstance(r, Exception), r
         assert r[0].shape == () and r[1].shape == (2, 0)
         assert_close(r[0], single.entries(np.array(5), np.array(2)), kappa=10, atol=1e-14)
+
+
+def test_different_operations_with_one_reduction_length_raise_on_every_rank() -> None:
+    # m = 2 on 2 ranks: matmat of 4 columns reduces m * 4 = 8 numbers, entries of one
+    # pair (one block across the shards) 2 m + 2 * size = 8: the same length, so only
+    # the tag in the status word tells them apart.
+    G = np.random.default_rng(3).standard_normal((2, 6))
+
+    def rank(comm: Communicator) -> Any:
+        op = StaticIHVP(G[:, 3 * comm.rank : 3 * comm.rank + 3], damp=0.1, comm=comm)
+        try:
+            if comm.rank == 0:
+                op.matmat(np.ones((3, 4)))
+            else:
+                op.entries(np.asarray([0]), np.asarray([1]))
+        except RuntimeError as exc:
+            return str(exc)
+        return "no error"
+
+    results = run_spmd_threads(rank, 2, timeout=20)
+    for r in results:
+        assert isinstance(r, str) and "different collective operations" in r, r
