@@ -31,6 +31,11 @@ import os
 import sys
 import warnings
 
+# Run as a script, this directory is sys.path[0], where benchmarks/distributed.py would
+# shadow the dask.distributed package, here and in the worker processes, which inherit
+# sys.path: search this directory last, so that only _common comes from it.
+sys.path.append(sys.path.pop(0))
+
 import numpy as np
 from _common import fmt_time, interleaved, machine_facts, markdown_table
 
