@@ -557,11 +557,7 @@ class MFAC(torch.optim.Optimizer):
             if self.defaults["errors"] == "raise":
                 raise
             # The core leaves the window as it was; precondition with it.
-            self.rejected_grads += 1
-            self._warn(
-                f"the gradient was left out of the window and the step taken with the "
-                f"previous window ({self.rejected_grads} so far): {exc}"
-            )
+            self._left_out(exc)
             s = self.ihvp.matvec(g)
         if not bool(torch.isfinite(s).all()):
             self._skip(
@@ -572,6 +568,14 @@ class MFAC(torch.optim.Optimizer):
         self._apply(s.to(self.dtype))
         self.steps += 1
         return loss
+
+    def _left_out(self, exc: Exception) -> None:
+        """Count and report a gradient the window could not take (``errors="skip"``)."""
+        self.rejected_grads += 1
+        self._warn(
+            f"the gradient was left out of the window and the step taken with the "
+            f"previous window ({self.rejected_grads} so far): {exc}"
+        )
 
     def _fits_window(self, g: torch.Tensor) -> bool:
         """Whether a finite gradient stays finite when rounded to the window's dtype."""
@@ -588,11 +592,7 @@ class MFAC(torch.optim.Optimizer):
         except FactorizationError as exc:  # decided from reduced numbers: on every rank
             if self.defaults["errors"] == "raise":
                 raise
-            self.rejected_grads += 1
-            self._warn(
-                f"the gradient was left out of the window and the step taken with the "
-                f"previous window ({self.rejected_grads} so far): {exc}"
-            )
+            self._left_out(exc)
             s = self.ihvp.matvec(x)
         except ValueError:
             # The window checks its shard inside the reduction of the Gram row, so a NaN
