@@ -25,7 +25,12 @@ from typing import Any
 
 from . import _linalg
 from ._compat import Array, array_namespace, device
-from ._errors import FactorizationError, IllConditionedWarning, NotPositiveDefinite
+from ._errors import (
+    FactorizationError,
+    IllConditionedWarning,
+    NotPositiveDefinite,
+    user_stacklevel,
+)
 
 __all__ = ["CapacitanceFactor", "factorize", "kappa_bounds", "warn_if_hopeless"]
 
@@ -96,17 +101,18 @@ def factorization_error(
     )
 
 
-def warn_if_hopeless(
-    kappa_lower: float, *, damp: float, eps: float, dtype: Any, stacklevel: int = 3
-) -> None:
-    """Warn when ``eps * kappa >= 1``: products may then have no correct digit."""
+def warn_if_hopeless(kappa_lower: float, *, damp: float, eps: float, dtype: Any) -> None:
+    """Warn when ``eps * kappa >= 1``: products may then have no correct digit.
+
+    The warning names the user's line that led here (``user_stacklevel``).
+    """
     if eps * kappa_lower >= 1.0:
         warnings.warn(
             f"F is so ill-conditioned (kappa >= {kappa_lower:.3g}, damp={damp:g}) that "
             f"{dtype} products may have no correct digits; increase damp"
             + (" or use float64" if eps > 1e-15 else ""),
             IllConditionedWarning,
-            stacklevel=stacklevel + 1,
+            stacklevel=user_stacklevel(),
         )
 
 

@@ -395,7 +395,6 @@ class DaskStaticIHVP(StaticIHVP):
             damp=damp,
             eps=float(np.finfo(G.dtype).eps),
             dtype=self.dtype,
-            stacklevel=3,
         )
 
     def _init_chunks(self, G: Array, check_finite: bool) -> None:
@@ -421,7 +420,6 @@ class DaskStaticIHVP(StaticIHVP):
             damp=self.damp,
             eps=float(np.finfo(G.dtype).eps),
             dtype=self.dtype,
-            stacklevel=3,
         )
 
     @staticmethod

@@ -714,7 +714,6 @@ class DynamicIHVP(LinearOperator):
                 else factor.shift / self.num_grads,
                 eps=eps,
                 dtype=self.dtype,
-                stacklevel=5,
             )
         self._warned_hopeless = hopeless
 

@@ -6,9 +6,15 @@ module reaches into another's private names for its error types.
 
 from __future__ import annotations
 
+import os
+import sys
+from types import FrameType
+
 import numpy as np
 
-__all__ = ["FactorizationError", "IllConditionedWarning", "NotPositiveDefinite"]
+__all__ = ["FactorizationError", "IllConditionedWarning", "NotPositiveDefinite", "user_stacklevel"]
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
 class FactorizationError(np.linalg.LinAlgError):
@@ -30,3 +36,23 @@ class NotPositiveDefinite(Exception):
     It never reaches users: the capacitance factor turns it into a
     :class:`FactorizationError` that names the damping and the condition number.
     """
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning at the first caller outside mfac_core.
+
+    Called by the function that then calls :func:`warnings.warn`: a warning about
+    the caller's data (an ill-conditioned problem) should name the caller's line,
+    however deep inside the package the condition was found.
+
+    Returns
+    -------
+    int
+        The ``stacklevel`` argument for :func:`warnings.warn` in the caller.
+    """
+    frame: FrameType | None = sys._getframe(1)
+    level = 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIR):
+        frame = frame.f_back
+        level += 1
+    return level

@@ -258,7 +258,6 @@ class SpectralIHVP(LinearOperator):
                 damp=damp,
                 eps=float(new._xp.finfo(new.dtype).eps),
                 dtype=new.dtype,
-                stacklevel=4,
             )
         return new
 

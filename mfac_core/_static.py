@@ -408,7 +408,6 @@ class StaticIHVP(_BlockOperatorBase):
             damp=self.damp,
             eps=float(xp.finfo(xp.float32).eps),
             dtype="float32 (the compute dtype)",
-            stacklevel=4,
         )
 
     def _init_streamed(

@@ -164,3 +164,29 @@ def test_cholesky_inverse_of_a_stack(xp_device, rng, dtype, k):
             xp, xp_device.asarray(U, "float64"), xp_device.dtype(dtype), out=out
         )
         assert res is out and np.array_equal(to_numpy(out).astype(np.float64), got)
+
+
+def test_ill_conditioned_warnings_name_the_callers_line() -> None:
+    # Each operator finds the condition at another depth of the package; the warning
+    # must still point at the user's call (stacklevel found by walking out of mfac_core).
+    import warnings
+
+    from mfac_core import DynamicIHVP, IllConditionedWarning, SpectralIHVP, StaticIHVP
+
+    rng = np.random.default_rng(0)
+    G = rng.standard_normal((4, 50)).astype(np.float32)
+    G[1] = G[0]  # duplicated: kappa ~ 1/damp
+    window = DynamicIHVP(4, 50, damp=1e-9, dtype=np.float32)
+    calls = [
+        lambda: StaticIHVP(G, damp=1e-9),
+        lambda: DynamicIHVP.from_window(G, damp=1e-9),
+        lambda: SpectralIHVP(G, damp=1e-9),
+        lambda: [window.update(g) for g in G],
+    ]
+    for call in calls:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            call()
+        ill = [w for w in caught if issubclass(w.category, IllConditionedWarning)]
+        assert ill, "no IllConditionedWarning"
+        assert {w.filename for w in ill} == {__file__}, [(w.filename, w.lineno) for w in ill]
