@@ -419,6 +419,12 @@ class DynamicIHVP(LinearOperator):
             tag=_OP_INIT,
         )
         rows = _rows(total, comm.size)
+        if any(r[3] != rows[0][3] for r in rows):
+            raise TypeError(
+                "DynamicIHVP(comm=...) must be built with the same dtype on every rank; "
+                f"rank by rank (bits of the compute dtype + 1000 x storage code, 1: float16, "
+                f"2: bfloat16): {[r[3] for r in rows]}"
+            )
         if any(r[1:] != rows[0][1:] for r in rows):
             raise ValueError(
                 "DynamicIHVP(comm=...) must be built with the same num_grads, damp, dtype, "
@@ -502,7 +508,10 @@ class DynamicIHVP(LinearOperator):
             float(self.dim),
             float(self.num_grads),
             self.damp,
-            float(self._xp.finfo(self.dtype).bits),
+            # The compute dtype's bits and the storage: float16 and bfloat16 windows
+            # both compute in float32 and must not pass for each other.
+            float(self._xp.finfo(self.dtype).bits)
+            + 1000.0 * (None, "float16", "bfloat16").index(self.storage_dtype),
             float(self.zero_init),
             float(self.update_method == "incremental"),
             float(self.refactor_every),

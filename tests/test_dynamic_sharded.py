@@ -412,11 +412,19 @@ def test_construction_must_agree_on_every_rank() -> None:
             m = 5
         if comm.rank == 1 and field == "dtype":
             options["dtype"] = "float32"
+        if field == "storage":  # both compute in float32: the storage must still agree
+            options["dtype"] = "float16" if comm.rank == 0 else "float32"
         if comm.rank == 1 and field == "bad damp":
             options["damp"] = -1.0
         return DynamicIHVP(m, 3, comm=comm, **options)
 
-    for field, kind in [("num_grads", ValueError), ("dtype", ValueError), ("bad damp", ValueError)]:
+    cases = [
+        ("num_grads", ValueError),
+        ("dtype", TypeError),
+        ("storage", TypeError),
+        ("bad damp", ValueError),
+    ]
+    for field, kind in cases:
         results = run_spmd_threads(rank, 2, field, timeout=20)
         assert all(isinstance(r, kind) for r in results), (field, results)
 
