@@ -33,7 +33,6 @@ import numpy as np
 
 from . import _capacitance, _layout, _setup, _static
 from ._compat import Array, array_namespace, is_dask_array
-from ._errors import FactorizationError
 from ._group_factors import GroupFactor, WoodburyFactor
 from ._layout import BlockGroup, block_groups
 from ._static import StaticIHVP
@@ -368,22 +367,15 @@ class DaskStaticIHVP(StaticIHVP):
                 self._raise_non_finite(G)
             return gram, both[:, m]
 
-        factor = None
         self._gram_recomputed = 0
         if mixed:
-            g32, weight = gram(True)
-            try:
-                factor = _capacitance.factorize(
-                    _NP, g32, shift=m * damp, scale=1.0, damp=damp, gram_dtype="float32"
-                )
-            except FactorizationError:
-                factor = None  # recomputed in float64 below, which words any error
-            if factor is not None and not _setup.mixed_gram_trusted(_NP, factor, weight):
-                factor = None
-            self._gram_recomputed = int(factor is None)
-        if factor is None:
-            g64, _ = gram(False)
-            factor = _capacitance.factorize(_NP, g64, shift=m * damp, scale=1.0, damp=damp)
+            factor, self._gram_recomputed = _setup.mixed_precision_factor(
+                _NP, lambda: gram(True), lambda: gram(False)[0], m=m, damp=damp
+            )
+        else:
+            factor = _capacitance.factorize(
+                _NP, gram(False)[0], shift=m * damp, scale=1.0, damp=damp
+            )
         Linv = factor.lower_inverse().astype(G.dtype)
         # One product per chunk (Linv has one chunk); persisted, so that no product
         # evaluates G's graph again.

@@ -247,23 +247,50 @@ def _woodbury_factor(
         return X @ xp.matrix_transpose(X)
 
     if G.dtype != xp.float64:
-        gram, weight = mixed_chunk_gram(xp, G, group, chunk, product, track.advance)
-        if bool(xp.all(xp.isfinite(xp.linalg.diagonal(gram)))):
-            try:
-                factor = _capacitance.factorize(
-                    xp, gram, shift=m * damp, scale=1.0, damp=damp, gram_dtype="float32"
-                )
-            except FactorizationError:
-                pass  # recomputed in float64 below, which words any error
-            else:
-                if mixed_gram_trusted(xp, factor, weight):
-                    return factor
-        # The check failed: this chunk's Gram again, in float64 (progress already counted).
-        track.recomputed += 1
-        gram = _checked_gram(xp, G, group, chunk, product, _Tracker(None, 0), check)
-    else:
-        gram = _checked_gram(xp, G, group, chunk, product, track, check)
+        factor, recomputed = mixed_precision_factor(
+            xp,
+            lambda: mixed_chunk_gram(xp, G, group, chunk, product, track.advance),
+            # This chunk's Gram again, in float64 (progress already counted).
+            lambda: _checked_gram(xp, G, group, chunk, product, _Tracker(None, 0), check),
+            m=m,
+            damp=damp,
+        )
+        track.recomputed += recomputed
+        return factor
+    gram = _checked_gram(xp, G, group, chunk, product, track, check)
     return _capacitance.factorize(xp, gram, shift=m * damp, scale=1.0, damp=damp)
+
+
+def mixed_precision_factor(
+    xp: Any,
+    single: Callable[[], tuple[Array, Array]],
+    double: Callable[[], Array],
+    *,
+    m: int,
+    damp: float,
+) -> tuple[_capacitance.CapacitanceFactor, int]:
+    """The capacitance factor by the mixed-precision rule (docs/mathematics.rst).
+
+    ``single()`` gives the Gram from float32 products summed in float64 and its
+    weights; its factor is kept when :func:`mixed_gram_trusted` says so. Otherwise
+    ``double()``, the float64 Gram, is factorised (and words any error). Returns
+    the factor and 1 if ``double()`` was needed, else 0. The static set-up, its
+    sharded form (from reduced Grams, so every rank decides alike) and the Dask
+    set-up share this rule.
+    """
+    gram, weight = single()
+    if bool(xp.all(xp.isfinite(xp.linalg.diagonal(gram)))):
+        try:
+            factor = _capacitance.factorize(
+                xp, gram, shift=m * damp, scale=1.0, damp=damp, gram_dtype="float32"
+            )
+        except FactorizationError:
+            pass  # recomputed in float64 below, which words any error
+        else:
+            if mixed_gram_trusted(xp, factor, weight):
+                return factor, 0
+    gram = double()
+    return _capacitance.factorize(xp, gram, shift=m * damp, scale=1.0, damp=damp), 1
 
 
 def factorize_gform(

@@ -303,25 +303,17 @@ def _full_factor(
             raise _non_finite(xp, G[:, :0], agreed.layout.start)
         return gram, xp.reshape(total[m * m :], (1, m)) if mixed else total[:0]
 
-    recomputed = 0
     if G.dtype != xp.float64:
         # The mixed-precision rule of _setup, decided from reduced values on every rank.
-        gram, weight = reduced_gram(True, advance)
-        if bool(xp.all(xp.isfinite(xp.linalg.diagonal(gram)))):
-            try:
-                factor = _capacitance.factorize(
-                    xp, gram, shift=m * damp, scale=1.0, damp=damp, gram_dtype="float32"
-                )
-            except FactorizationError:
-                pass  # recomputed in float64 below, which words any error
-            else:
-                if _setup.mixed_gram_trusted(xp, factor, weight):
-                    return factor, recomputed
-        recomputed = 1
-        gram, _ = reduced_gram(False, None)
-    else:
-        gram, _ = reduced_gram(False, advance)
-    return _capacitance.factorize(xp, gram, shift=m * damp, scale=1.0, damp=damp), recomputed
+        return _setup.mixed_precision_factor(
+            xp,
+            lambda: reduced_gram(True, advance),
+            lambda: reduced_gram(False, None)[0],
+            m=m,
+            damp=damp,
+        )
+    gram, _ = reduced_gram(False, advance)
+    return _capacitance.factorize(xp, gram, shift=m * damp, scale=1.0, damp=damp), 0
 
 
 def _full_W(
