@@ -48,8 +48,13 @@ copying, only this floor is reachable).
 dampings against one ``matvec`` of the same operator, interleaved in the same run
 (target: 1.5x), and the diagonal at K dampings against one diagonal; with the passes
 over an m x d float32 array of the same layout as V measured alone (the operator's two
-GEMV passes, and the K x m by m x d GEMM of the sweep's second pass), against one read
-of it at the read bandwidth. ``--no-sweep`` skips it, ``--only-sweep`` runs only it.
+GEMV passes, the K x m by m x d GEMM that BLAS would do for the sweep's second pass,
+and the fused kernels of ``mfac_core._fused`` that do both passes of a sweep where
+they are built), against one read of it at the read bandwidth. The product and the
+sweep are timed twice: among the other calls, so right after BLAS calls (OpenBLAS's idle
+threads spin for about 0.1 s after each threaded call and hold a core that the kernels'
+threads then share), and after ``SWEEP_BLAS_PAUSE`` s without BLAS calls ("BLAS idle").
+``--no-sweep`` skips it, ``--only-sweep`` runs only it.
 
 **Memory**: in a fresh child process per row, the ``tracemalloc`` peak of the
 constructor on top of G (NumPy reports its buffers to tracemalloc), shown as
@@ -78,6 +83,7 @@ import argparse
 import json
 import os
 import sys
+import time
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -103,6 +109,9 @@ MEMORY_TARGET = 1.1
 KAPPA = 1e4
 SWEEP_TARGET = 1.5
 SWEEP_DAMPINGS = 8
+#: Seconds without BLAS calls before the "BLAS idle" rows: OpenBLAS's idle threads spin for
+#: 2**28 cycles (its default THREAD_TIMEOUT, about 0.1 s) after each threaded call.
+SWEEP_BLAS_PAUSE = 0.3
 
 
 def make_grads(m: int, d: int, dtype: Any, damp: float, seed: int) -> np.ndarray:
@@ -296,7 +305,6 @@ def sweep_rows(
     c = rng.standard_normal(m, dtype=dtype)
     C = rng.standard_normal((K, m), dtype=dtype)
     alphas = [float(a) for a in rng.random(K)]
-    a_col = np.asarray(alphas, dtype=dtype)[:, None]
     damps = [damp * 10.0 ** (j / 2) for j in range(K)]
 
     def gemm_rows(_: Any) -> Any:
@@ -305,20 +313,33 @@ def sweep_rows(
             Y[j] += a * x
         return Y
 
+    from mfac_core import _fused
+
+    def blas_asleep() -> None:
+        time.sleep(SWEEP_BLAS_PAUSE)
+
     bw_cands, bw_result = common.bandwidth_candidates(bw_mib * common.MiB, dtype)
     # The passes alone run over G: the same shape, dtype and layout as the operator's V.
     cands = {
         **bw_cands,
         "matvec (one damping)": (lambda _: spec.matvec(x), None),
         f"sweep, {K} dampings": (lambda _: spec.sweep(x, damps=damps), None),
+        # After a pause (not timed) in which OpenBLAS's idle threads stop spinning.
+        "matvec, BLAS idle": (lambda _: spec.matvec(x), blas_asleep),
+        f"sweep, {K} dampings, BLAS idle": (lambda _: spec.sweep(x, damps=damps), blas_asleep),
         "diagonal (one damping)": (lambda _: spec.diagonal(), None),
         f"diagonal, {K} dampings": (lambda _: spec.diagonal(damps=damps), None),
         "pass: V x (GEMV)": (lambda _: G @ x, None),
         "pass: c^T V (GEMV)": (lambda _: c @ G, None),
         f"pass: C V, C {K} x m (GEMM)": (lambda _: C @ G, None),
         "pass: C V + alpha_k x per row": (gemm_rows, None),
-        "pass: C V + alpha x (K x d temporary)": (lambda _: C @ G + a_col * x, None),
     }
+    if _fused.supports(G):
+        cands["pass: V x (fused kernel)"] = (lambda _: _fused.project(G, x, start=0, stop=d), None)
+        cands["pass: C V + alpha x (fused kernel)"] = (
+            lambda _: _fused.apply(G, C, alphas, x, start=0, stop=d),
+            None,
+        )
     t = common.interleaved(cands, max(repeat, 5))
     bw = bw_result(t)
     one_read = m * d * np.dtype(dtype).itemsize / bw.read
@@ -331,6 +352,8 @@ def sweep_rows(
             ref, target = t["pass: V x (GEMV)"].best, None
         elif name.startswith("diagonal"):
             ref, target = t["diagonal (one damping)"].best, SWEEP_TARGET
+        elif name.endswith("BLAS idle"):
+            ref, target = t["matvec, BLAS idle"].best, SWEEP_TARGET
         else:
             ref, target = t["matvec (one damping)"].best, SWEEP_TARGET
         rows.append(
@@ -339,15 +362,20 @@ def sweep_rows(
                 name,
                 common.fmt_time(best),
                 common.fmt_time(t[name].median),
-                common.fmt_ratio(best / ref, None if "one damping" in name else target),
+                common.fmt_ratio(best / ref, None if name.startswith("matvec") else target),
                 common.fmt_ratio(best / one_read),
             ]
         )
+    kernels = (
+        f"fused kernels ({_fused.best_isa()}, up to {_fused.max_threads()} threads)"
+        if _fused.supports(G)
+        else "BLAS only (mfac_core._fused not built)"
+    )
     note = (
         f"m={m}: one read of V ({common.fmt_bytes(m * d * np.dtype(dtype).itemsize)}) at "
         f"{bw.read / 1e9:.1f} GB/s ({bw.read_kernel}) = {common.fmt_time(one_read)}; "
         f"GEMM rate of C V: {2 * K * m * d / t[f'pass: C V, C {K} x m (GEMM)'].best / 1e9:.0f} "
-        "GFlop/s"
+        f"GFlop/s; sweep and diagonal through {kernels}"
     )
     return rows, note
 

@@ -23,7 +23,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from . import _capacitance
+from . import _capacitance, _fused
 from ._compat import (
     Array,
     device,
@@ -540,14 +540,21 @@ class SpectralIHVP(LinearOperator):
             return self._apply(x, dl)
         if any(g.count > 1 for g in self._groups):
             return self._apply(x[:, None], dl)[..., 0]
-        # One block per group: V x once, then one (K x m) @ (m x d) GEMM that reads V once and
-        # writes the K results in their final layout. With OpenBLAS the GEMM costs about
-        # 3x a GEMV pass (it packs V, then computes; docs/beyond.rst, "Speed").
+        # One block per group: V x once, then C V + alpha x with C of K x m in one more read
+        # of V: by the fused kernel where it applies, else one GEMM, which with OpenBLAS
+        # costs about 3x a GEMV pass (it packs V, then computes; docs/beyond.rst, "Speed").
         xp = self._xp
         alphas, H = self._coefs(dl)
+        fused = _fused.supports(self._V)
         parts = []
         for g, h in zip(self._groups, H, strict=True):
             V, xg = self._V[:, g.start : g.end], x[g.start : g.end]
+            if fused:
+                # Both passes by the kernels: no hand-over from BLAS's spinning threads.
+                P = _fused.project(self._V, xg, start=g.start, stop=g.end)
+                C = xp.astype(h[:, 0, :] * P, self.dtype)  # (K, m)
+                parts.append(_fused.apply(self._V, C, alphas, xg, start=g.start, stop=g.end))
+                continue
             C = xp.astype(h[:, 0, :] * xp.astype(V @ xg, xp.float64), self.dtype)  # (K, m)
             Y = C @ V
             if is_writeable_array(Y):
@@ -591,8 +598,16 @@ class SpectralIHVP(LinearOperator):
         alphas, H = self._coefs(dl)
         K = len(dl)
         alpha = xp.reshape(xp.asarray(alphas, dtype=xp.float64, device=self.device), (K, 1))
+        fused = _fused.supports(self._V)
         parts = []
         for g, h in zip(self._groups, H, strict=True):
+            if fused and g.count == 1:
+                # One read of V in place, sums in float64 (the BLAS path below converts
+                # pieces of V to float64 first, about 4x slower at d = 1e6).
+                parts.append(
+                    _fused.diagonal(self._V, h[:, 0, :], alphas, start=g.start, stop=g.end)
+                )
+                continue
             for chunk in chunks(g, max(_DIAG_MIN_COLS, _DIAG_PIECE_ENTRIES // m)):
                 for piece in chunk:
                     b0, b1, _, _ = piece

@@ -1,0 +1,261 @@
+"""Fused CPU passes over ``V`` at several dampings: the optional C extension and its threads.
+
+:class:`~mfac_core.SpectralIHVP` needs two passes over its m x d array ``V`` that BLAS
+does poorly: the second pass of a damping sweep, ``alpha x + C V`` with ``C`` of K x m
+(a GEMM with K = 8 result rows, for which OpenBLAS packs ``V`` and then runs at a third
+of the memory bandwidth), and the diagonal at K dampings, ``alpha + H (V * V)`` summed
+in float64 (through BLAS: a float64 copy of ``V``, piece by piece). ``_passes.c`` does
+each in one read of ``V`` in place; this module checks the arguments, pads the dampings
+to groups of eight and splits the columns over threads. Where the extension was not
+built (:func:`available` is false) the operator keeps its BLAS path; both are tested
+against each other and against dense oracles.
+
+Threads: the kernels release the GIL, and a call on more than ``_MIN_THREAD_WORK``
+entries of ``V`` shares its column pieces among up to :func:`max_threads` threads
+(started per call, so nothing outlives it and ``fork`` is safe). The count follows the variables
+OpenBLAS reads (``OPENBLAS_NUM_THREADS``, then ``OMP_NUM_THREADS``), with
+``MFAC_CORE_NUM_THREADS`` before both; unset, the CPUs this process may run on.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+# Imported by name: the module exists only where the extension was built, and type checkers
+# run on source trees with or without it.
+_passes: Any
+try:
+    _passes = importlib.import_module("._passes", __name__)
+except ImportError:  # not built: no C compiler at install time, or another compiler
+    _passes = None
+
+__all__ = [
+    "ISAS",
+    "apply",
+    "available",
+    "best_isa",
+    "diagonal",
+    "max_threads",
+    "project",
+    "supports",
+]
+
+#: The kernels' instruction sets by name, slowest first; "base" is the compiler's baseline.
+ISAS = {"base": 1, "avx2": 2, "avx512": 3}
+
+#: Entries of V per thread below which fewer threads are used (starting a thread costs about
+#: 50 us; a pass over 2**20 float32 entries takes about 100 us).
+_MIN_THREAD_WORK = 2**20
+
+#: Entries of V in one piece of work that a thread takes (8 MiB of float32).
+_PIECE_WORK = 2**21
+
+#: Pieces start at multiples of this many columns (whole vector tiles).
+_ALIGN = 64
+
+_THREAD_VARIABLES = ("MFAC_CORE_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
+
+
+def available() -> bool:
+    """Whether the C extension was built and loads."""
+    return _passes is not None
+
+
+def best_isa() -> str | None:
+    """The fastest instruction set the kernels run on this CPU, or ``None`` without them."""
+    if _passes is None:
+        return None
+    code = _passes.best_isa()
+    return next(name for name, c in ISAS.items() if c == code)
+
+
+def max_threads() -> int:
+    """The most threads one call uses (see the module's docstring)."""
+    for name in _THREAD_VARIABLES:
+        value = os.environ.get(name, "").split(",")[0].strip()
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def supports(V: Any, /) -> bool:
+    """Whether the kernels can read ``V`` in place: a C-ordered float32/float64 NumPy array."""
+    return (
+        _passes is not None
+        and isinstance(V, np.ndarray)
+        and V.ndim == 2
+        and V.dtype in (np.float32, np.float64)
+        and V.flags.c_contiguous
+        and V.flags.aligned
+    )
+
+
+def _isa_code(isa: str | None) -> int:
+    if isa is None:
+        return 0
+    if isa not in ISAS:
+        raise ValueError(f"isa must be one of {sorted(ISAS)} or None, got {isa!r}")
+    return ISAS[isa]
+
+
+def _pieces(m: int, n: int) -> list[tuple[int, int]]:
+    """Column ranges of ``[0, n)`` of about ``_PIECE_WORK`` entries of V each.
+
+    They depend on the shape only, so that sums over pieces are the same whatever the
+    thread count and the timing.
+    """
+    width = max(_ALIGN, -(-_PIECE_WORK // (m * _ALIGN)) * _ALIGN)
+    return [(lo, min(lo + width, n)) for lo in range(0, n, width)] or [(0, 0)]
+
+
+def _run(call: Callable[[int, int, int], None], m: int, n: int) -> int:
+    """``call(j0, j1, p)`` for every piece ``p`` (``_pieces``); the number of pieces.
+
+    Threads take the next piece when they finish one, so a thread that shares its core
+    (with BLAS's idle threads, which spin for a while after each BLAS call, or with
+    anything else) does fewer pieces instead of holding the others up.
+    """
+    pieces = _pieces(m, n)
+    threads = max(1, min(max_threads(), len(pieces), (m * n) // _MIN_THREAD_WORK))
+    errors: list[BaseException] = []
+    taken = iter(range(len(pieces)))
+    lock = threading.Lock()
+
+    def work() -> None:
+        try:
+            while not errors:
+                with lock:
+                    p = next(taken, None)
+                if p is None:
+                    return
+                call(*pieces[p], p)
+        except BaseException as exc:  # re-raised on the caller's thread below
+            errors.append(exc)
+
+    helpers = [threading.Thread(target=work, daemon=True) for _ in range(threads - 1)]
+    for th in helpers:
+        th.start()
+    work()
+    for th in helpers:
+        th.join()
+    if errors:
+        raise errors[0]
+    return len(pieces)
+
+
+def _check(V: Any, start: int, stop: int, coefs: Any, alpha: Any) -> tuple[int, int]:
+    if not supports(V):
+        raise TypeError(
+            "V must be a C-ordered, aligned float32 or float64 NumPy array, and the extension built"
+        )
+    m, ld = V.shape
+    if not 0 <= start <= stop <= ld:
+        raise ValueError(f"columns [{start}, {stop}) are not inside V's {ld}")
+    if coefs.ndim != 2 or coefs.shape[1] != m or alpha.shape != (coefs.shape[0],):
+        raise ValueError(
+            f"coefficients of shape {coefs.shape} and alpha of shape {alpha.shape} do not "
+            f"match V's {m} rows"
+        )
+    return m, ld
+
+
+def project(V: Any, x: Any, /, *, start: int, stop: int, isa: str | None = None) -> Any:
+    """``V[:, start:stop] @ x`` summed in float64, shape (m,): one read of V.
+
+    ``x`` (stop - start,) is converted to V's dtype. The partial sums of the pieces are
+    added in their order: the result does not depend on the threads or their timing.
+    """
+    m, ld = V.shape if supports(V) else (0, 0)
+    _check(V, start, stop, np.empty((0, m)), np.empty(0))
+    n = stop - start
+    x = np.ascontiguousarray(x, dtype=V.dtype)
+    if x.shape != (n,):
+        raise ValueError(f"x must have shape ({n},), got {x.shape}")
+    partial = np.zeros((len(_pieces(m, n)), m))
+    code, dbl = _isa_code(isa), V.dtype == np.float64
+
+    def call(j0: int, j1: int, p: int) -> None:
+        _passes.project(V, ld, start, m, x, partial[p], n, j0, j1, code, dbl)
+
+    _run(call, m, n)
+    # In piece order (not np.sum's pairwise order, which is also fixed, but stated here).
+    y = partial[0].copy()
+    for row in partial[1:]:
+        y += row
+    return y
+
+
+def apply(
+    V: Any, C: Any, alpha: Any, x: Any, /, *, start: int, stop: int, isa: str | None = None
+) -> Any:
+    """``alpha[:, None] * x + C @ V[:, start:stop]``, in V's dtype, in one read of V.
+
+    ``C`` is (K, m), ``alpha`` (K,) and ``x`` (stop - start,), all converted to V's dtype;
+    the sums run in V's dtype, as a BLAS product would.
+    """
+    dt = V.dtype
+    C = np.asarray(C, dtype=dt)
+    alpha = np.asarray(alpha, dtype=dt)
+    m, ld = _check(V, start, stop, C, alpha)
+    n = stop - start
+    x = np.ascontiguousarray(x, dtype=dt)
+    if x.shape != (n,):
+        raise ValueError(f"x must have shape ({n},), got {x.shape}")
+    K = C.shape[0]
+    Y = np.empty((K, n), dtype=dt)
+    code, dbl = _isa_code(isa), dt == np.float64
+    for k0 in range(0, K, 8):
+        kk = min(8, K - k0)
+        Ct = np.zeros((m, 8), dtype=dt)
+        Ct[:, :kk] = C[k0 : k0 + kk].T
+        a8 = np.zeros(8, dtype=dt)
+        a8[:kk] = alpha[k0 : k0 + kk]
+        Yk = Y[k0 : k0 + kk]
+
+        def call(
+            j0: int, j1: int, t: int, Ct: Any = Ct, a8: Any = a8, Yk: Any = Yk, kk: int = kk
+        ) -> None:
+            _passes.apply(V, ld, start, m, Ct, kk, a8, x, Yk, n, j0, j1, code, dbl)
+
+        _run(call, m, n)
+    return Y
+
+
+def diagonal(
+    V: Any, H: Any, alpha: Any, /, *, start: int, stop: int, isa: str | None = None
+) -> Any:
+    """``alpha[:, None] + H @ V[:, start:stop] ** 2`` summed in float64, in V's dtype.
+
+    ``H`` is (K, m) and ``alpha`` (K,), float64; one read of V whatever K (eight
+    dampings at a time).
+    """
+    H = np.asarray(H, dtype=np.float64)
+    alpha = np.asarray(alpha, dtype=np.float64)
+    m, ld = _check(V, start, stop, H, alpha)
+    n = stop - start
+    K = H.shape[0]
+    D = np.empty((K, n), dtype=V.dtype)
+    code, dbl = _isa_code(isa), V.dtype == np.float64
+    for k0 in range(0, K, 8):
+        kk = min(8, K - k0)
+        Ht = np.zeros((m, 8))
+        Ht[:, :kk] = H[k0 : k0 + kk].T
+        a8 = np.zeros(8)
+        a8[:kk] = alpha[k0 : k0 + kk]
+        Dk = D[k0 : k0 + kk]
+
+        def call(
+            j0: int, j1: int, t: int, Ht: Any = Ht, a8: Any = a8, Dk: Any = Dk, kk: int = kk
+        ) -> None:
+            _passes.diagonal(V, ld, start, m, Ht, kk, a8, Dk, n, j0, j1, code, dbl)
+
+        _run(call, m, n)
+    return D

@@ -1,0 +1,314 @@
+/*
+ * Fused passes over V for the spectral operator at K dampings (mfac_core._fused).
+ *
+ *   project:  y[i] = sum_j V[i, j] x[j], in float64                (the first pass of a sweep)
+ *   apply:    Y[k, j] = a[k] x[j] + sum_i C[k, i] V[i, j]         (its second pass)
+ *   diagonal: D[k, j] = a[k] + sum_i H[k, i] V[i, j]^2, in float64 (diagonal at K dampings)
+ *
+ * for the columns j0 <= j < j1 of a column block of the row-major m x ld array V. The first is
+ * a GEMV, here so that a sweep does not hand over from BLAS's threads, which spin for a while
+ * after each call, to this module's. BLAS does the second as a GEMM with 8 columns, which packs V before multiplying and runs at a fraction of the
+ * memory bandwidth; here V is read once, in place: the columns go in chunks, each chunk in
+ * panels of PANEL_ROWS rows (few concurrent memory streams, each a long run of one row), and the
+ * 8 dampings x TILE_VECS vectors of results stay in registers while a panel's rows go by. A
+ * panel's partial results wait in Y (apply) or in a float64 buffer (diagonal), which a chunk
+ * keeps in the core's cache. Dampings go 8 at a time (zero-padded).
+ *
+ * One copy of the kernels per instruction set (_passes_impl.h), chosen at run time: AVX-512F,
+ * AVX2 with FMA, and the baseline of the compiler's target. The caller splits the columns over
+ * threads; every call releases the GIL. Arguments are checked here too (buffer sizes), so that
+ * a wrong call is an exception, never an out-of-bounds access.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define TILE_VECS 2
+#define PANEL_ROWS 8
+/* Bytes of each row in one column chunk of apply (64 KiB: 8 rows and the 8 result rows fit in
+   a 1 MiB L2), and columns in one chunk of the diagonal (its float64 buffer is 8 x 4096). */
+#define CHUNK_BYTES 65536
+#define DIAG_CHUNK 4096
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define MFAC_X86 1
+#endif
+
+#ifdef MFAC_X86
+#define ISA avx512
+#define ISA_TARGET "avx512f"
+#define VBYTES 64
+#include "_passes_impl.h"
+#undef ISA
+#undef ISA_TARGET
+#undef VBYTES
+
+#define ISA avx2
+#define ISA_TARGET "avx2,fma"
+#define VBYTES 32
+#include "_passes_impl.h"
+#undef ISA
+#undef ISA_TARGET
+#undef VBYTES
+#endif
+
+#define ISA base
+#define VBYTES 16
+#include "_passes_impl.h"
+#undef ISA
+#undef VBYTES
+
+enum { ISA_AUTO = 0, ISA_BASE = 1, ISA_AVX2 = 2, ISA_AVX512 = 3 };
+
+static int best_isa(void)
+{
+#ifdef MFAC_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f"))
+        return ISA_AVX512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+        return ISA_AVX2;
+#endif
+    return ISA_BASE;
+}
+
+/* The instruction set to run, or -1 with an exception set. */
+static int pick_isa(int isa)
+{
+    const int best = best_isa();
+    if (isa == ISA_AUTO)
+        return best;
+    if (isa < ISA_BASE || isa > ISA_AVX512) {
+        PyErr_Format(PyExc_ValueError, "isa must be 0 (best), 1 (base), 2 (avx2) or 3 (avx512), got %d", isa);
+        return -1;
+    }
+    if (isa > best) {
+        PyErr_Format(PyExc_ValueError, "isa %d is not supported by this CPU (best: %d)", isa, best);
+        return -1;
+    }
+    return isa;
+}
+
+static PyObject *py_best_isa(PyObject *self, PyObject *args)
+{
+    (void)self;
+    (void)args;
+    return PyLong_FromLong(best_isa());
+}
+
+/* Checks that buffer b holds at least `count` items of `itemsize` bytes. */
+static int check_len(const Py_buffer *b, Py_ssize_t count, Py_ssize_t itemsize, const char *name)
+{
+    if (b->len < count * itemsize) {
+        PyErr_Format(PyExc_ValueError, "%s holds %zd bytes, %zd needed", name, b->len,
+                     count * itemsize);
+        return -1;
+    }
+    return 0;
+}
+
+/* The shape arguments common to both passes: V is m rows of ld items, the block's columns
+   start at col0 and are n wide; this call computes block columns j0 <= j < j1. */
+static int check_shape(const Py_buffer *V, Py_ssize_t itemsize, long m, long ld, long col0,
+                       long n, long j0, long j1)
+{
+    if (m < 1 || ld < 1 || col0 < 0 || n < 0 || col0 + n > ld || j0 < 0 || j0 > j1 || j1 > n) {
+        PyErr_Format(PyExc_ValueError,
+                     "bad shape: m=%ld ld=%ld col0=%ld n=%ld j0=%ld j1=%ld", m, ld, col0, n, j0, j1);
+        return -1;
+    }
+    return check_len(V, (Py_ssize_t)(m - 1) * ld + col0 + n, itemsize, "V");
+}
+
+/* project(V, ld, col0, m, x, y, n, j0, j1, isa, double): x has n items in V's type, y has m
+   float64 items (this range's partial sums). */
+static PyObject *py_project(PyObject *self, PyObject *args)
+{
+    (void)self;
+    Py_buffer V, x, y;
+    long ld, col0, m, n, j0, j1;
+    int isa, dbl;
+    if (!PyArg_ParseTuple(args, "y*llly*w*lllip", &V, &ld, &col0, &m, &x, &y, &n, &j0, &j1,
+                          &isa, &dbl))
+        return NULL;
+    PyObject *result = NULL;
+    const Py_ssize_t size = dbl ? 8 : 4;
+    int chosen = pick_isa(isa);
+    if (chosen < 0 || check_shape(&V, size, m, ld, col0, n, j0, j1) < 0)
+        goto done;
+    if (check_len(&x, n, size, "x") < 0 || check_len(&y, m, 8, "y") < 0)
+        goto done;
+    Py_BEGIN_ALLOW_THREADS
+    double *out = y.buf;
+    if (dbl) {
+        const double *v = (const double *)V.buf + col0, *xv = x.buf;
+#ifdef MFAC_X86
+        if (chosen == ISA_AVX512)
+            project_f64_avx512(v, ld, (int)m, xv, out, j0, j1);
+        else if (chosen == ISA_AVX2)
+            project_f64_avx2(v, ld, (int)m, xv, out, j0, j1);
+        else
+#endif
+            project_f64_base(v, ld, (int)m, xv, out, j0, j1);
+    } else {
+        const float *v = (const float *)V.buf + col0, *xv = x.buf;
+#ifdef MFAC_X86
+        if (chosen == ISA_AVX512)
+            project_f32_avx512(v, ld, (int)m, xv, out, j0, j1);
+        else if (chosen == ISA_AVX2)
+            project_f32_avx2(v, ld, (int)m, xv, out, j0, j1);
+        else
+#endif
+            project_f32_base(v, ld, (int)m, xv, out, j0, j1);
+    }
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    PyBuffer_Release(&V);
+    PyBuffer_Release(&x);
+    PyBuffer_Release(&y);
+    return result;
+}
+
+/* apply(V, ld, col0, m, Ct, kk, a, x, Y, n, j0, j1, isa, double): Ct is m x 8, a has 8 items
+   (zero-padded past kk), x has n, Y is kk x n; all in V's type (float64 if `double`). */
+static PyObject *py_apply(PyObject *self, PyObject *args)
+{
+    (void)self;
+    Py_buffer V, Ct, a, x, Y;
+    long ld, col0, m, kk, n, j0, j1;
+    int isa, dbl;
+    if (!PyArg_ParseTuple(args, "y*llly*ly*y*w*lllip", &V, &ld, &col0, &m, &Ct, &kk, &a, &x,
+                          &Y, &n, &j0, &j1, &isa, &dbl))
+        return NULL;
+    PyObject *result = NULL;
+    const Py_ssize_t size = dbl ? 8 : 4;
+    int chosen = pick_isa(isa);
+    if (chosen < 0 || check_shape(&V, size, m, ld, col0, n, j0, j1) < 0)
+        goto done;
+    if (kk < 1 || kk > 8) {
+        PyErr_Format(PyExc_ValueError, "kk must be 1 to 8, got %ld", kk);
+        goto done;
+    }
+    if (check_len(&Ct, 8 * m, size, "Ct") < 0 || check_len(&a, 8, size, "a") < 0 ||
+        check_len(&x, n, size, "x") < 0 || check_len(&Y, kk * n, size, "Y") < 0)
+        goto done;
+    Py_BEGIN_ALLOW_THREADS
+    if (dbl) {
+        const double *v = (const double *)V.buf + col0;
+        const double *c = Ct.buf, *av = a.buf, *xv = x.buf;
+        double *y = Y.buf;
+#ifdef MFAC_X86
+        if (chosen == ISA_AVX512)
+            apply_f64_avx512(v, ld, (int)m, c, (int)kk, av, xv, y, n, j0, j1);
+        else if (chosen == ISA_AVX2)
+            apply_f64_avx2(v, ld, (int)m, c, (int)kk, av, xv, y, n, j0, j1);
+        else
+#endif
+            apply_f64_base(v, ld, (int)m, c, (int)kk, av, xv, y, n, j0, j1);
+    } else {
+        const float *v = (const float *)V.buf + col0;
+        const float *c = Ct.buf, *av = a.buf, *xv = x.buf;
+        float *y = Y.buf;
+#ifdef MFAC_X86
+        if (chosen == ISA_AVX512)
+            apply_f32_avx512(v, ld, (int)m, c, (int)kk, av, xv, y, n, j0, j1);
+        else if (chosen == ISA_AVX2)
+            apply_f32_avx2(v, ld, (int)m, c, (int)kk, av, xv, y, n, j0, j1);
+        else
+#endif
+            apply_f32_base(v, ld, (int)m, c, (int)kk, av, xv, y, n, j0, j1);
+    }
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    PyBuffer_Release(&V);
+    PyBuffer_Release(&Ct);
+    PyBuffer_Release(&a);
+    PyBuffer_Release(&x);
+    PyBuffer_Release(&Y);
+    return result;
+}
+
+/* diagonal(V, ld, col0, m, Ht, kk, a, D, n, j0, j1, isa, double): Ht is m x 8 and a has 8
+   items, float64 (zero-padded past kk); D is kk x n in V's type. */
+static PyObject *py_diagonal(PyObject *self, PyObject *args)
+{
+    (void)self;
+    Py_buffer V, Ht, a, D;
+    long ld, col0, m, kk, n, j0, j1;
+    int isa, dbl;
+    if (!PyArg_ParseTuple(args, "y*llly*ly*w*lllip", &V, &ld, &col0, &m, &Ht, &kk, &a, &D,
+                          &n, &j0, &j1, &isa, &dbl))
+        return NULL;
+    PyObject *result = NULL;
+    double *buf = NULL;
+    const Py_ssize_t size = dbl ? 8 : 4;
+    int chosen = pick_isa(isa);
+    if (chosen < 0 || check_shape(&V, size, m, ld, col0, n, j0, j1) < 0)
+        goto done;
+    if (kk < 1 || kk > 8) {
+        PyErr_Format(PyExc_ValueError, "kk must be 1 to 8, got %ld", kk);
+        goto done;
+    }
+    if (check_len(&Ht, 8 * m, 8, "Ht") < 0 || check_len(&a, 8, 8, "a") < 0 ||
+        check_len(&D, kk * n, size, "D") < 0)
+        goto done;
+    buf = malloc(sizeof(double) * 8 * DIAG_CHUNK);
+    if (buf == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    const double *h = Ht.buf, *av = a.buf;
+    if (dbl) {
+        const double *v = (const double *)V.buf + col0;
+        double *out = D.buf;
+#ifdef MFAC_X86
+        if (chosen == ISA_AVX512)
+            diag_f64_avx512(v, ld, (int)m, h, (int)kk, av, out, n, j0, j1, buf);
+        else if (chosen == ISA_AVX2)
+            diag_f64_avx2(v, ld, (int)m, h, (int)kk, av, out, n, j0, j1, buf);
+        else
+#endif
+            diag_f64_base(v, ld, (int)m, h, (int)kk, av, out, n, j0, j1, buf);
+    } else {
+        const float *v = (const float *)V.buf + col0;
+        float *out = D.buf;
+#ifdef MFAC_X86
+        if (chosen == ISA_AVX512)
+            diag_f32_avx512(v, ld, (int)m, h, (int)kk, av, out, n, j0, j1, buf);
+        else if (chosen == ISA_AVX2)
+            diag_f32_avx2(v, ld, (int)m, h, (int)kk, av, out, n, j0, j1, buf);
+        else
+#endif
+            diag_f32_base(v, ld, (int)m, h, (int)kk, av, out, n, j0, j1, buf);
+    }
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    free(buf);
+    PyBuffer_Release(&V);
+    PyBuffer_Release(&Ht);
+    PyBuffer_Release(&a);
+    PyBuffer_Release(&D);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"best_isa", py_best_isa, METH_NOARGS, "The fastest instruction set this CPU runs (1-3)."},
+    {"project", py_project, METH_VARARGS, "y = V x over a column range, in float64."},
+    {"apply", py_apply, METH_VARARGS, "Y = a x + C V over a column range (see _passes.c)."},
+    {"diagonal", py_diagonal, METH_VARARGS, "D = a + H (V * V) over a column range, in float64."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_passes", "Fused passes over V (see _passes.c).", -1, methods,
+};
+
+PyMODINIT_FUNC PyInit__passes(void)
+{
+    return PyModule_Create(&module);
+}

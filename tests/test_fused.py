@@ -1,0 +1,275 @@
+"""Tests of the fused CPU passes (mfac_core._fused) against float64 NumPy, on every
+instruction set this CPU runs, and of SpectralIHVP with and without them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mfac_core import SpectralIHVP, _fused
+from mfac_core.testing import SpectralOracle, assert_close
+
+pytestmark = pytest.mark.skipif(
+    not _fused.available(), reason="the C extension mfac_core._fused._passes was not built"
+)
+
+
+def _isas() -> list[str]:
+    if not _fused.available():
+        return []
+    best = _fused.ISAS[_fused.best_isa()]
+    return [name for name, code in _fused.ISAS.items() if code <= best]
+
+
+ISAS = _isas()
+DTYPES = [np.float32, np.float64]
+
+# (m, ld, col0, n): one row; fewer rows than a panel; a panel and a ragged one; column
+# blocks that start inside V and end before its last column; widths below one vector tile,
+# between tiles, and across the chunks of both kernels (16384 float32 columns in apply,
+# 4096 in the diagonal).
+SHAPES = [
+    (1, 40, 0, 40),
+    (5, 97, 3, 90),
+    (8, 64, 0, 64),
+    (13, 300, 37, 201),
+    (9, 17_000, 5, 16_990),
+]
+
+
+def _problem(rng, m, ld, dtype):
+    V = rng.standard_normal((m, ld)).astype(dtype)
+    # Rows of very different size, as the rows of V = U^T G are (their norms are the
+    # square roots of the Gram's eigenvalues).
+    V *= np.logspace(0, -3, m, dtype=dtype)[:, None]
+    return V
+
+
+def _apply_bound(C, V, alpha, x, dtype):
+    """The rounding bound of ``alpha x + C V`` summed in ``dtype``: (m + 2) eps |terms|."""
+    eps = np.finfo(dtype).eps
+    m = V.shape[0]
+    mag = np.abs(C.astype(np.float64)) @ np.abs(V.astype(np.float64))
+    mag += np.abs(alpha.astype(np.float64))[:, None] * np.abs(x.astype(np.float64))
+    return (m + 2) * eps * mag
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("K", [1, 8, 11])
+def test_apply_against_numpy(isa, dtype, shape, K, rng):
+    m, ld, col0, n = shape
+    V = _problem(rng, m, ld, dtype)
+    C = rng.standard_normal((K, m)).astype(dtype)
+    alpha = rng.standard_normal(K).astype(dtype)
+    x = rng.standard_normal(n).astype(dtype)
+    Y = _fused.apply(V, C, alpha, x, start=col0, stop=col0 + n, isa=isa)
+    assert Y.dtype == dtype and Y.shape == (K, n)
+    Vb = V[:, col0 : col0 + n].astype(np.float64)
+    ref = C.astype(np.float64) @ Vb + alpha.astype(np.float64)[:, None] * x
+    err = np.abs(Y - ref)
+    assert np.all(err <= _apply_bound(C, V[:, col0 : col0 + n], alpha, x, dtype)), err.max()
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("K", [1, 8, 11])
+def test_diagonal_against_numpy(isa, dtype, shape, K, rng):
+    """Sums in float64 whatever V's dtype: the error is one rounding to the output dtype
+    plus (m + 2) eps64 of the sum of the terms' magnitudes, even where the sum cancels."""
+    m, ld, col0, n = shape
+    V = _problem(rng, m, ld, dtype)
+    Vb = V[:, col0 : col0 + n].astype(np.float64)
+    H = rng.standard_normal((K, m))
+    # alpha cancels most of the sum in half of the outputs, as 1/damp does in diag(F^{-1}).
+    alpha = -(H @ (Vb * Vb))[:, 0] * (1 + 1e-3 * rng.standard_normal(K))
+    D = _fused.diagonal(V, H, alpha, start=col0, stop=col0 + n, isa=isa)
+    assert D.dtype == dtype and D.shape == (K, n)
+    ref = alpha[:, None] + H @ (Vb * Vb)
+    mag = np.abs(alpha)[:, None] + np.abs(H) @ (Vb * Vb)
+    bound = np.finfo(dtype).eps / 2 * np.abs(ref) + (m + 2) * np.finfo(np.float64).eps * mag
+    # float32 outputs: the float64 sum is rounded once more, to float32.
+    assert np.all(np.abs(D - ref) <= bound * 1.01 + np.finfo(dtype).tiny), np.abs(D - ref).max()
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_project_against_numpy(isa, dtype, shape, rng):
+    m, ld, col0, n = shape
+    V = _problem(rng, m, ld, dtype)
+    x = rng.standard_normal(n).astype(dtype)
+    y = _fused.project(V, x, start=col0, stop=col0 + n, isa=isa)
+    assert y.dtype == np.float64 and y.shape == (m,)
+    Vb = V[:, col0 : col0 + n].astype(np.float64)
+    ref = Vb @ x.astype(np.float64)
+    bound = (n + 2) * np.finfo(np.float64).eps * (np.abs(Vb) @ np.abs(x.astype(np.float64)))
+    assert np.all(np.abs(y - ref) <= bound)
+
+
+def test_pieces_do_not_depend_on_threads(monkeypatch, rng):
+    """Results are bit-identical for any thread count (the pieces depend on the shape)."""
+    monkeypatch.setattr(_fused, "_PIECE_WORK", 2**10)
+    monkeypatch.setattr(_fused, "_MIN_THREAD_WORK", 1)
+    V = rng.standard_normal((12, 5_000)).astype(np.float32)
+    x = rng.standard_normal(4_990).astype(np.float32)
+    C = rng.standard_normal((9, 12)).astype(np.float32)
+    H = rng.standard_normal((9, 12))
+    assert len(_fused._pieces(12, 4_990)) > 10
+    out = {}
+    for threads in ("1", "2", "5"):
+        monkeypatch.setenv("MFAC_CORE_NUM_THREADS", threads)
+        out[threads] = (
+            _fused.project(V, x, start=7, stop=4_997),
+            _fused.apply(V, C, np.ones(9), x, start=7, stop=4_997),
+            _fused.diagonal(V, H, np.ones(9), start=7, stop=4_997),
+        )
+    for threads in ("2", "5"):
+        for a, b in zip(out["1"], out[threads], strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"MFAC_CORE_NUM_THREADS": "3", "OMP_NUM_THREADS": "7"}, 3),
+        ({"OPENBLAS_NUM_THREADS": "2", "OMP_NUM_THREADS": "7"}, 2),
+        ({"OMP_NUM_THREADS": "4,2"}, 4),
+    ],
+)
+def test_max_threads_follows_the_variables(monkeypatch, env, expected):
+    for name in ("MFAC_CORE_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert _fused.max_threads() == expected
+
+
+@pytest.mark.parametrize("value", ["0", "x", "", "-2"])
+def test_max_threads_ignores_bad_values(monkeypatch, value):
+    for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MFAC_CORE_NUM_THREADS", value)
+    assert _fused.max_threads() >= 1
+
+
+def test_supports(rng):
+    V = rng.standard_normal((4, 10))
+    assert _fused.supports(V) and _fused.supports(V.astype(np.float32))
+    assert not _fused.supports(np.asfortranarray(V))
+    assert not _fused.supports(V[:, ::2])
+    assert not _fused.supports(V.astype(np.float16))
+    assert not _fused.supports(V[0])
+    assert not _fused.supports(V.tolist())
+    # A float64 array at an odd address: not aligned, not read in place.
+    raw = np.zeros(4 * 10 * 8 + 1, dtype=np.uint8)
+    odd = raw[1:].view(np.float64).reshape(4, 10)
+    assert not odd.flags.aligned and not _fused.supports(odd)
+
+
+def test_wrapper_rejects_bad_arguments(rng):
+    V = rng.standard_normal((4, 10)).astype(np.float32)
+    with pytest.raises(TypeError, match="C-ordered"):
+        _fused.apply(
+            np.asfortranarray(V), np.ones((1, 4)), np.ones(1), np.ones(10), start=0, stop=10
+        )
+    with pytest.raises(ValueError, match="not inside"):
+        _fused.project(V, np.ones(5), start=8, stop=13)
+    with pytest.raises(ValueError, match="match V's 4 rows"):
+        _fused.apply(V, np.ones((2, 3)), np.ones(2), np.ones(10), start=0, stop=10)
+    with pytest.raises(ValueError, match="match V's 4 rows"):
+        _fused.diagonal(V, np.ones((2, 4)), np.ones(3), start=0, stop=10)
+    with pytest.raises(ValueError, match=r"x must have shape \(6,\)"):
+        _fused.apply(V, np.ones((2, 4)), np.ones(2), np.ones(10), start=0, stop=6)
+    with pytest.raises(ValueError, match="isa must be one of"):
+        _fused.project(V, np.ones(10), start=0, stop=10, isa="sse9")
+
+
+def test_extension_checks_its_buffers(rng):
+    """A wrong call into the extension is an exception, never an out-of-bounds access."""
+    P = _fused._passes
+    V = np.zeros((4, 10), np.float32)
+    Ct, a, x, Y = (
+        np.zeros((4, 8), np.float32),
+        np.zeros(8, np.float32),
+        np.zeros(10, np.float32),
+        np.zeros((2, 10), np.float32),
+    )
+    P.apply(V, 10, 0, 4, Ct, 2, a, x, Y, 10, 0, 10, 0, False)  # the valid call
+    with pytest.raises(ValueError, match="V holds"):
+        P.apply(V, 10, 0, 5, Ct, 2, a, x, Y, 10, 0, 10, 0, False)
+    with pytest.raises(ValueError, match="bad shape"):
+        P.apply(V, 10, 3, 4, Ct, 2, a, x, Y, 10, 0, 10, 0, False)
+    with pytest.raises(ValueError, match="bad shape"):
+        P.apply(V, 10, 0, 4, Ct, 2, a, x, Y, 10, 5, 11, 0, False)
+    with pytest.raises(ValueError, match="Y holds"):
+        P.apply(V, 10, 0, 4, Ct, 3, a, x, Y, 10, 0, 10, 0, False)
+    with pytest.raises(ValueError, match="kk must be 1 to 8"):
+        P.apply(V, 10, 0, 4, Ct, 9, a, x, Y, 10, 0, 10, 0, False)
+    with pytest.raises(ValueError, match="V holds"):
+        P.apply(V, 10, 0, 4, Ct, 2, a, x, Y, 10, 0, 10, 0, True)  # float32 read as float64
+    with pytest.raises(ValueError, match="isa must be"):
+        P.project(V, 10, 0, 4, x, np.zeros(4), 10, 0, 10, 7, False)
+    with pytest.raises(ValueError, match="y holds"):
+        P.project(V, 10, 0, 4, x, np.zeros(3), 10, 0, 10, 0, False)
+    with pytest.raises(ValueError, match="Ht holds"):
+        P.diagonal(V, 10, 0, 4, np.zeros((3, 8)), 2, np.zeros(8), Y, 10, 0, 10, 0, False)
+    with pytest.raises(TypeError):
+        P.apply(V, 10, 0, 4, Ct, 2, a, x, Y.copy()[None].repeat(1, 0).T, 10, 0, 10, 0, False)
+    Y.flags.writeable = False
+    with pytest.raises((TypeError, BufferError)):
+        P.apply(V, 10, 0, 4, Ct, 2, a, x, Y, 10, 0, 10, 0, False)
+    if _fused.best_isa() != "avx512":
+        with pytest.raises(ValueError, match="not supported by this CPU"):
+            P.project(V, 10, 0, 4, x, np.zeros(4), 10, 0, 10, 3, False)
+
+
+def test_a_failing_piece_raises_on_the_caller(monkeypatch, rng):
+    monkeypatch.setattr(_fused, "_PIECE_WORK", 2**8)
+    monkeypatch.setattr(_fused, "_MIN_THREAD_WORK", 1)
+    monkeypatch.setenv("MFAC_CORE_NUM_THREADS", "3")
+    real = _fused._passes
+
+    class Failing:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def project(self, *args):
+            if args[7] > 0:  # every piece but the first
+                raise MemoryError("piece failed")
+            return real.project(*args)
+
+    monkeypatch.setattr(_fused, "_passes", Failing())
+    V = rng.standard_normal((4, 1_000)).astype(np.float32)
+    with pytest.raises(MemoryError, match="piece failed"):
+        _fused.project(V, np.ones(1_000, np.float32), start=0, stop=1_000)
+
+
+# -- SpectralIHVP with and without the kernels ---------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("block_size", [None, 5_000], ids=["full", "blocks+ragged"])
+def test_spectral_same_with_and_without_kernels(monkeypatch, dtype, block_size, rng):
+    """sweep and diagonal through the kernels agree with the BLAS path and the oracle."""
+    m, d = 12, 17_003
+    G = rng.standard_normal((m, d)) * np.logspace(0, -2, m)[:, None]
+    # kappa = 1 + ||G||^2 / (m damp) from 101 (the smallest damping) down to about 1.
+    damp = float(np.linalg.norm(G, 2)) ** 2 / m / 100
+    op = SpectralIHVP(G.astype(dtype), damp=damp, block_size=block_size)
+    x = rng.standard_normal(d).astype(dtype)
+    damps = [damp * 10.0 ** (j / 2) for j in range(10)]
+    fused = (op.sweep(x, damps=damps), op.diagonal(damps=damps), op.diagonal())
+    monkeypatch.setattr(_fused, "supports", lambda V: False)
+    blas = (op.sweep(x, damps=damps), op.diagonal(damps=damps), op.diagonal())
+    G64 = G.astype(dtype).astype(np.float64)
+    for j, dp in enumerate(damps):
+        ref = SpectralOracle(G64, dp, block_size=block_size)
+        close = {"kappa": ref.kappa, "dtype": dtype}
+        assert_close(fused[0][j], ref.matvec(x.astype(np.float64)), **close)
+        assert_close(fused[0][j], blas[0][j], **close)
+        assert_close(fused[1][j], ref.diagonal(), **close)
+        assert_close(fused[1][j], blas[1][j], **close)
+    assert_close(fused[2], blas[2], kappa=SpectralOracle(G64, damp).kappa, dtype=dtype)
