@@ -76,22 +76,47 @@ def test_apply_against_numpy(isa, dtype, shape, K, rng):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("K", [1, 8, 11])
-def test_diagonal_against_numpy(isa, dtype, shape, K, rng):
+@pytest.mark.parametrize("block_size", [None, 1, 7, 16, 50, 4_099])
+def test_diagonal_against_numpy(isa, dtype, shape, K, block_size, rng):
     """Sums in float64 whatever V's dtype: the error is one rounding to the output dtype
-    plus (m + 2) eps64 of the sum of the terms' magnitudes, even where the sum cancels."""
+    plus (m + 2) eps64 of the sum of the terms' magnitudes, even where the sum cancels.
+    With ``block_size``, every block has its own coefficients (ragged last block too)."""
     m, ld, col0, n = shape
     V = _problem(rng, m, ld, dtype)
     Vb = V[:, col0 : col0 + n].astype(np.float64)
-    H = rng.standard_normal((K, m))
-    # alpha cancels most of the sum in half of the outputs, as 1/damp does in diag(F^{-1}).
-    alpha = -(H @ (Vb * Vb))[:, 0] * (1 + 1e-3 * rng.standard_normal(K))
-    D = _fused.diagonal(V, H, alpha, start=col0, stop=col0 + n, isa=isa)
+    S = Vb * Vb
+    if block_size is None:
+        H = rng.standard_normal((K, m))
+        terms = H @ S
+        mag = np.abs(H) @ S
+        kwargs = {}
+    else:
+        blocks = -(-n // block_size)
+        H = rng.standard_normal((K, blocks, m))
+        col_block = np.arange(n) // block_size
+        # terms[k, j] = sum_i H[k, block(j), i] S[i, j]
+        terms = np.einsum("kji,ij->kj", H[:, col_block, :], S)
+        mag = np.einsum("kji,ij->kj", np.abs(H[:, col_block, :]), S)
+        kwargs = {"block_size": block_size}
+    # alpha cancels most of the sum in the first column, as 1/damp does in diag(F^{-1}).
+    alpha = -terms[:, 0] * (1 + 1e-3 * rng.standard_normal(K))
+    D = _fused.diagonal(V, H, alpha, start=col0, stop=col0 + n, isa=isa, **kwargs)
     assert D.dtype == dtype and D.shape == (K, n)
-    ref = alpha[:, None] + H @ (Vb * Vb)
-    mag = np.abs(alpha)[:, None] + np.abs(H) @ (Vb * Vb)
+    ref = alpha[:, None] + terms
+    mag = mag + np.abs(alpha)[:, None]
     bound = np.finfo(dtype).eps / 2 * np.abs(ref) + (m + 2) * np.finfo(np.float64).eps * mag
     # float32 outputs: the float64 sum is rounded once more, to float32.
     assert np.all(np.abs(D - ref) <= bound * 1.01 + np.finfo(dtype).tiny), np.abs(D - ref).max()
+
+
+def test_diagonal_block_arguments(rng):
+    V = rng.standard_normal((3, 20))
+    with pytest.raises(ValueError, match=r"H must be \(K, 3, m\)"):
+        _fused.diagonal(V, np.ones((2, 2, 3)), np.ones(2), start=0, stop=20, block_size=7)
+    with pytest.raises(ValueError, match=r"H must be \(K, m\) without block_size"):
+        _fused.diagonal(V, np.ones((2, 3, 3)), np.ones(2), start=0, stop=20)
+    with pytest.raises(ValueError, match="block_size=0"):
+        _fused.diagonal(V, np.ones((2, 3, 3)), np.ones(2), start=0, stop=20, block_size=0)
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -215,7 +240,11 @@ def test_extension_checks_its_buffers(rng):
     with pytest.raises(ValueError, match="y holds"):
         P.project(V, 10, 0, 4, x, np.zeros(3), 10, 0, 10, 0, False)
     with pytest.raises(ValueError, match="Ht holds"):
-        P.diagonal(V, 10, 0, 4, np.zeros((3, 8)), 2, np.zeros(8), Y, 10, 0, 10, 0, False)
+        P.diagonal(V, 10, 0, 4, np.zeros((3, 8)), 2, np.zeros(8), Y, 10, 10, 0, 10, 0, False)
+    with pytest.raises(ValueError, match="Ht holds"):  # 2 blocks of 5 need 2 x 4 x 8
+        P.diagonal(V, 10, 0, 4, np.zeros((4, 8)), 2, np.zeros(8), Y, 10, 5, 0, 10, 0, False)
+    with pytest.raises(ValueError, match="bsize must be"):
+        P.diagonal(V, 10, 0, 4, np.zeros((4, 8)), 2, np.zeros(8), Y, 10, 0, 0, 10, 0, False)
     with pytest.raises(TypeError):
         P.apply(V, 10, 0, 4, Ct, 2, a, x, Y.copy()[None].repeat(1, 0).T, 10, 0, 10, 0, False)
     Y.flags.writeable = False
@@ -251,7 +280,9 @@ def test_a_failing_piece_raises_on_the_caller(monkeypatch, rng):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("block_size", [None, 5_000], ids=["full", "blocks+ragged"])
+@pytest.mark.parametrize(
+    "block_size", [None, 5_000, 50], ids=["full", "blocks+ragged", "small-blocks+ragged"]
+)
 def test_spectral_same_with_and_without_kernels(monkeypatch, dtype, block_size, rng):
     """sweep and diagonal through the kernels agree with the BLAS path and the oracle."""
     m, d = 12, 17_003

@@ -159,7 +159,7 @@ def _check(V: Any, start: int, stop: int, coefs: Any, alpha: Any) -> tuple[int, 
     m, ld = V.shape
     if not 0 <= start <= stop <= ld:
         raise ValueError(f"columns [{start}, {stop}) are not inside V's {ld}")
-    if coefs.ndim != 2 or coefs.shape[1] != m or alpha.shape != (coefs.shape[0],):
+    if coefs.ndim not in (2, 3) or coefs.shape[-1] != m or alpha.shape != (coefs.shape[0],):
         raise ValueError(
             f"coefficients of shape {coefs.shape} and alpha of shape {alpha.shape} do not "
             f"match V's {m} rows"
@@ -230,24 +230,46 @@ def apply(
 
 
 def diagonal(
-    V: Any, H: Any, alpha: Any, /, *, start: int, stop: int, isa: str | None = None
+    V: Any,
+    H: Any,
+    alpha: Any,
+    /,
+    *,
+    start: int,
+    stop: int,
+    block_size: int | None = None,
+    isa: str | None = None,
 ) -> Any:
     """``alpha[:, None] + H @ V[:, start:stop] ** 2`` summed in float64, in V's dtype.
 
-    ``H`` is (K, m) and ``alpha`` (K,), float64; one read of V whatever K (eight
-    dampings at a time).
+    ``H`` is (K, m), or with ``block_size`` (K, blocks, m): the coefficients of each
+    block of ``block_size`` columns (the last may be shorter); ``alpha`` is (K,). One read
+    of V whatever K (eight dampings at a time).
     """
     H = np.asarray(H, dtype=np.float64)
     alpha = np.asarray(alpha, dtype=np.float64)
-    m, ld = _check(V, start, stop, H, alpha)
     n = stop - start
+    if block_size is None:
+        if H.ndim != 2:
+            raise ValueError(f"H must be (K, m) without block_size, got {H.shape}")
+        bsize, blocks = max(n, 1), H[:, None, :]
+    else:
+        bsize = int(block_size)
+        if bsize < 1 or H.ndim != 3 or H.shape[1] != -(-n // bsize):
+            raise ValueError(
+                f"with block_size={block_size}, H must be (K, {-(-n // max(bsize, 1))}, m), "
+                f"got {H.shape}"
+            )
+        blocks = H
+    m, ld = _check(V, start, stop, blocks, alpha)
     K = H.shape[0]
     D = np.empty((K, n), dtype=V.dtype)
     code, dbl = _isa_code(isa), V.dtype == np.float64
     for k0 in range(0, K, 8):
         kk = min(8, K - k0)
-        Ht = np.zeros((m, 8))
-        Ht[:, :kk] = H[k0 : k0 + kk].T
+        # (blocks, m, 8): each block's m x 8 coefficients in one piece of memory.
+        Ht = np.zeros((blocks.shape[1], m, 8))
+        Ht[:, :, :kk] = np.transpose(blocks[k0 : k0 + kk], (1, 2, 0))
         a8 = np.zeros(8)
         a8[:kk] = alpha[k0 : k0 + kk]
         Dk = D[k0 : k0 + kk]
@@ -255,7 +277,7 @@ def diagonal(
         def call(
             j0: int, j1: int, t: int, Ht: Any = Ht, a8: Any = a8, Dk: Any = Dk, kk: int = kk
         ) -> None:
-            _passes.diagonal(V, ld, start, m, Ht, kk, a8, Dk, n, j0, j1, code, dbl)
+            _passes.diagonal(V, ld, start, m, Ht, kk, a8, Dk, n, bsize, j0, j1, code, dbl)
 
         _run(call, m, n)
     return D

@@ -231,16 +231,23 @@ done:
     return result;
 }
 
-/* diagonal(V, ld, col0, m, Ht, kk, a, D, n, j0, j1, isa, double): Ht is m x 8 and a has 8
-   items, float64 (zero-padded past kk); D is kk x n in V's type. */
+typedef void (*diag_f32_fn)(const float *, long, int, const double *, int, const double *,
+                            float *, long, long, long, double *);
+typedef void (*diag_f64_fn)(const double *, long, int, const double *, int, const double *,
+                            double *, long, long, long, double *);
+
+/* diagonal(V, ld, col0, m, Ht, kk, a, D, n, bsize, j0, j1, isa, double): the block's columns
+   are blocks of bsize columns (the last may be shorter), each with its own m x 8 float64
+   coefficients in Ht (one after the other); a has 8 float64 items (zero-padded past kk);
+   D is kk x n in V's type. */
 static PyObject *py_diagonal(PyObject *self, PyObject *args)
 {
     (void)self;
     Py_buffer V, Ht, a, D;
-    long ld, col0, m, kk, n, j0, j1;
+    long ld, col0, m, kk, n, bsize, j0, j1;
     int isa, dbl;
-    if (!PyArg_ParseTuple(args, "y*llly*ly*w*lllip", &V, &ld, &col0, &m, &Ht, &kk, &a, &D,
-                          &n, &j0, &j1, &isa, &dbl))
+    if (!PyArg_ParseTuple(args, "y*llly*ly*w*llllip", &V, &ld, &col0, &m, &Ht, &kk, &a, &D,
+                          &n, &bsize, &j0, &j1, &isa, &dbl))
         return NULL;
     PyObject *result = NULL;
     double *buf = NULL;
@@ -252,7 +259,12 @@ static PyObject *py_diagonal(PyObject *self, PyObject *args)
         PyErr_Format(PyExc_ValueError, "kk must be 1 to 8, got %ld", kk);
         goto done;
     }
-    if (check_len(&Ht, 8 * m, 8, "Ht") < 0 || check_len(&a, 8, 8, "a") < 0 ||
+    if (bsize < 1) {
+        PyErr_Format(PyExc_ValueError, "bsize must be >= 1, got %ld", bsize);
+        goto done;
+    }
+    const long blocks = n == 0 ? 0 : (n + bsize - 1) / bsize;
+    if (check_len(&Ht, 8 * m * blocks, 8, "Ht") < 0 || check_len(&a, 8, 8, "a") < 0 ||
         check_len(&D, kk * n, size, "D") < 0)
         goto done;
     buf = malloc(sizeof(double) * 8 * DIAG_CHUNK);
@@ -260,30 +272,29 @@ static PyObject *py_diagonal(PyObject *self, PyObject *args)
         PyErr_NoMemory();
         goto done;
     }
+    diag_f32_fn f32 = diag_f32_base;
+    diag_f64_fn f64 = diag_f64_base;
+#ifdef MFAC_X86
+    if (chosen == ISA_AVX512) {
+        f32 = diag_f32_avx512;
+        f64 = diag_f64_avx512;
+    } else if (chosen == ISA_AVX2) {
+        f32 = diag_f32_avx2;
+        f64 = diag_f64_avx2;
+    }
+#endif
     Py_BEGIN_ALLOW_THREADS
-    const double *h = Ht.buf, *av = a.buf;
-    if (dbl) {
-        const double *v = (const double *)V.buf + col0;
-        double *out = D.buf;
-#ifdef MFAC_X86
-        if (chosen == ISA_AVX512)
-            diag_f64_avx512(v, ld, (int)m, h, (int)kk, av, out, n, j0, j1, buf);
-        else if (chosen == ISA_AVX2)
-            diag_f64_avx2(v, ld, (int)m, h, (int)kk, av, out, n, j0, j1, buf);
+    const double *av = a.buf;
+    /* Block by block: the kernels see one block's coefficients at a time. */
+    for (long j = j0; j < j1;) {
+        const long b = j / bsize;
+        const long je = (b + 1) * bsize < j1 ? (b + 1) * bsize : j1;
+        const double *h = (const double *)Ht.buf + 8 * m * b;
+        if (dbl)
+            f64((const double *)V.buf + col0, ld, (int)m, h, (int)kk, av, D.buf, n, j, je, buf);
         else
-#endif
-            diag_f64_base(v, ld, (int)m, h, (int)kk, av, out, n, j0, j1, buf);
-    } else {
-        const float *v = (const float *)V.buf + col0;
-        float *out = D.buf;
-#ifdef MFAC_X86
-        if (chosen == ISA_AVX512)
-            diag_f32_avx512(v, ld, (int)m, h, (int)kk, av, out, n, j0, j1, buf);
-        else if (chosen == ISA_AVX2)
-            diag_f32_avx2(v, ld, (int)m, h, (int)kk, av, out, n, j0, j1, buf);
-        else
-#endif
-            diag_f32_base(v, ld, (int)m, h, (int)kk, av, out, n, j0, j1, buf);
+            f32((const float *)V.buf + col0, ld, (int)m, h, (int)kk, av, D.buf, n, j, je, buf);
+        j = je;
     }
     Py_END_ALLOW_THREADS
     result = Py_NewRef(Py_None);
