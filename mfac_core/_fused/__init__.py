@@ -170,8 +170,9 @@ def _check(V: Any, start: int, stop: int, coefs: Any, alpha: Any) -> tuple[int, 
 def project(V: Any, x: Any, /, *, start: int, stop: int, isa: str | None = None) -> Any:
     """``V[:, start:stop] @ x`` summed in float64, shape (m,): one read of V.
 
-    ``x`` (stop - start,) is converted to V's dtype. The partial sums of the pieces are
-    added in their order: the result does not depend on the threads or their timing.
+    ``x`` (stop - start,) is converted (rounded) to V's dtype first. The partial sums of
+    the pieces are added in their order: the result does not depend on the threads or
+    their timing.
     """
     m, ld = V.shape if supports(V) else (0, 0)
     _check(V, start, stop, np.empty((0, m)), np.empty(0))
@@ -179,6 +180,8 @@ def project(V: Any, x: Any, /, *, start: int, stop: int, isa: str | None = None)
     x = np.ascontiguousarray(x, dtype=V.dtype)
     if x.shape != (n,):
         raise ValueError(f"x must have shape ({n},), got {x.shape}")
+    if m == 0 or n == 0:
+        return np.zeros(m)
     partial = np.zeros((len(_pieces(m, n)), m))
     code, dbl = _isa_code(isa), V.dtype == np.float64
 
@@ -198,8 +201,9 @@ def apply(
 ) -> Any:
     """``alpha[:, None] * x + C @ V[:, start:stop]``, in V's dtype, in one read of V.
 
-    ``C`` is (K, m), ``alpha`` (K,) and ``x`` (stop - start,), all converted to V's dtype;
-    the sums run in V's dtype, as a BLAS product would.
+    ``C`` is (K, m), ``alpha`` (K,) and ``x`` (stop - start,), all converted to V's dtype.
+    The m terms are summed in V's dtype (in another order than BLAS's), then
+    ``alpha x`` is added, as ``C @ V`` followed by the addition would.
     """
     dt = V.dtype
     C = np.asarray(C, dtype=dt)
@@ -211,6 +215,9 @@ def apply(
         raise ValueError(f"x must have shape ({n},), got {x.shape}")
     K = C.shape[0]
     Y = np.empty((K, n), dtype=dt)
+    if m == 0 or n == 0:
+        Y[...] = alpha[:, None] * x
+        return Y
     code, dbl = _isa_code(isa), dt == np.float64
     for k0 in range(0, K, 8):
         kk = min(8, K - k0)
@@ -264,6 +271,9 @@ def diagonal(
     m, ld = _check(V, start, stop, blocks, alpha)
     K = H.shape[0]
     D = np.empty((K, n), dtype=V.dtype)
+    if m == 0 or n == 0:
+        D[...] = alpha[:, None]
+        return D
     code, dbl = _isa_code(isa), V.dtype == np.float64
     for k0 in range(0, K, 8):
         kk = min(8, K - k0)

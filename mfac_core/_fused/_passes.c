@@ -7,12 +7,13 @@
  *
  * for the columns j0 <= j < j1 of a column block of the row-major m x ld array V. The first is
  * a GEMV, here so that a sweep does not hand over from BLAS's threads, which spin for a while
- * after each call, to this module's. BLAS does the second as a GEMM with 8 columns, which packs V before multiplying and runs at a fraction of the
- * memory bandwidth; here V is read once, in place: the columns go in chunks, each chunk in
- * panels of PANEL_ROWS rows (few concurrent memory streams, each a long run of one row), and the
- * 8 dampings x TILE_VECS vectors of results stay in registers while a panel's rows go by. A
- * panel's partial results wait in Y (apply) or in a float64 buffer (diagonal), which a chunk
- * keeps in the core's cache. Dampings go 8 at a time (zero-padded).
+ * after each call, to this module's. BLAS does the second as a GEMM with 8 columns, which
+ * packs V before multiplying and runs at a fraction of the memory bandwidth; here V is read
+ * once, in place: the columns go in chunks, each chunk in panels of PANEL_ROWS rows (few
+ * concurrent memory streams, each a long run of one row), and the 8 dampings x TILE_VECS
+ * vectors of results stay in registers while a panel's rows go by. A panel's partial results
+ * wait in Y (apply) or in a float64 buffer (diagonal), which a chunk keeps in the core's
+ * cache. Dampings go 8 at a time (zero-padded).
  *
  * One copy of the kernels per instruction set (_passes_impl.h), chosen at run time: AVX-512F,
  * AVX2 with FMA, and the baseline of the compiler's target. The caller splits the columns over
@@ -25,10 +26,16 @@
 #include <string.h>
 
 #define TILE_VECS 2
+#ifndef PANEL_ROWS
 #define PANEL_ROWS 8
-/* Bytes of each row in one column chunk of apply (64 KiB: 8 rows and the 8 result rows fit in
-   a 1 MiB L2), and columns in one chunk of the diagonal (its float64 buffer is 8 x 4096). */
-#define CHUNK_BYTES 65536
+#endif
+/* Bytes of each row in one column chunk of apply and project (32 KiB: a panel's 8 rows and the
+   8 result rows, 512 KiB, stay in a 1 MiB L2; 64 KiB was 1.6x slower at m = 256 on such a
+   core, 16 KiB no faster), and columns in one chunk of the diagonal (a float64 buffer of
+   8 x 4096). */
+#ifndef CHUNK_BYTES
+#define CHUNK_BYTES 32768
+#endif
 #define DIAG_CHUNK 4096
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
@@ -80,7 +87,8 @@ static int pick_isa(int isa)
     if (isa == ISA_AUTO)
         return best;
     if (isa < ISA_BASE || isa > ISA_AVX512) {
-        PyErr_Format(PyExc_ValueError, "isa must be 0 (best), 1 (base), 2 (avx2) or 3 (avx512), got %d", isa);
+        PyErr_Format(PyExc_ValueError,
+                     "isa must be 0 (best), 1 (base), 2 (avx2) or 3 (avx512), got %d", isa);
         return -1;
     }
     if (isa > best) {
@@ -97,28 +105,41 @@ static PyObject *py_best_isa(PyObject *self, PyObject *args)
     return PyLong_FromLong(best_isa());
 }
 
-/* Checks that buffer b holds at least `count` items of `itemsize` bytes. */
-static int check_len(const Py_buffer *b, Py_ssize_t count, Py_ssize_t itemsize, const char *name)
+/* The largest m: row indices times 8 (the coefficient layout) stay far from overflow. */
+#define MAX_ROWS (1L << 28)
+
+/* Checks that buffer b holds at least count1 * count2 items of `itemsize` bytes, with the
+   product checked for overflow (a negative or wrapped count must not pass). */
+static int check_len(const Py_buffer *b, Py_ssize_t count1, Py_ssize_t count2,
+                     Py_ssize_t itemsize, const char *name)
 {
-    if (b->len < count * itemsize) {
-        PyErr_Format(PyExc_ValueError, "%s holds %zd bytes, %zd needed", name, b->len,
-                     count * itemsize);
+    Py_ssize_t items, bytes;
+    if (count1 < 0 || count2 < 0 || __builtin_mul_overflow(count1, count2, &items) ||
+        __builtin_mul_overflow(items, itemsize, &bytes)) {
+        PyErr_Format(PyExc_ValueError, "%s: size %zd x %zd out of range", name, count1, count2);
+        return -1;
+    }
+    if (b->len < bytes) {
+        PyErr_Format(PyExc_ValueError, "%s holds %zd bytes, %zd needed", name, b->len, bytes);
         return -1;
     }
     return 0;
 }
 
-/* The shape arguments common to both passes: V is m rows of ld items, the block's columns
+/* The shape arguments common to the passes: V is m rows of ld items, the block's columns
    start at col0 and are n wide; this call computes block columns j0 <= j < j1. */
-static int check_shape(const Py_buffer *V, Py_ssize_t itemsize, long m, long ld, long col0,
-                       long n, long j0, long j1)
+static int check_shape(const Py_buffer *V, Py_ssize_t itemsize, Py_ssize_t m, Py_ssize_t ld,
+                       Py_ssize_t col0, Py_ssize_t n, Py_ssize_t j0, Py_ssize_t j1)
 {
-    if (m < 1 || ld < 1 || col0 < 0 || n < 0 || col0 + n > ld || j0 < 0 || j0 > j1 || j1 > n) {
-        PyErr_Format(PyExc_ValueError,
-                     "bad shape: m=%ld ld=%ld col0=%ld n=%ld j0=%ld j1=%ld", m, ld, col0, n, j0, j1);
+    Py_ssize_t rows_before, items;
+    if (m < 1 || m > MAX_ROWS || ld < 1 || col0 < 0 || n < 0 || col0 > ld - n || j0 < 0 ||
+        j0 > j1 || j1 > n || __builtin_mul_overflow(m - 1, ld, &rows_before) ||
+        __builtin_add_overflow(rows_before, col0 + n, &items)) {
+        PyErr_Format(PyExc_ValueError, "bad shape: m=%zd ld=%zd col0=%zd n=%zd j0=%zd j1=%zd", m,
+                     ld, col0, n, j0, j1);
         return -1;
     }
-    return check_len(V, (Py_ssize_t)(m - 1) * ld + col0 + n, itemsize, "V");
+    return check_len(V, items, 1, itemsize, "V");
 }
 
 /* project(V, ld, col0, m, x, y, n, j0, j1, isa, double): x has n items in V's type, y has m
@@ -127,9 +148,9 @@ static PyObject *py_project(PyObject *self, PyObject *args)
 {
     (void)self;
     Py_buffer V, x, y;
-    long ld, col0, m, n, j0, j1;
+    Py_ssize_t ld, col0, m, n, j0, j1;
     int isa, dbl;
-    if (!PyArg_ParseTuple(args, "y*llly*w*lllip", &V, &ld, &col0, &m, &x, &y, &n, &j0, &j1,
+    if (!PyArg_ParseTuple(args, "y*nnny*w*nnnip", &V, &ld, &col0, &m, &x, &y, &n, &j0, &j1,
                           &isa, &dbl))
         return NULL;
     PyObject *result = NULL;
@@ -137,7 +158,7 @@ static PyObject *py_project(PyObject *self, PyObject *args)
     int chosen = pick_isa(isa);
     if (chosen < 0 || check_shape(&V, size, m, ld, col0, n, j0, j1) < 0)
         goto done;
-    if (check_len(&x, n, size, "x") < 0 || check_len(&y, m, 8, "y") < 0)
+    if (check_len(&x, n, 1, size, "x") < 0 || check_len(&y, m, 1, 8, "y") < 0)
         goto done;
     Py_BEGIN_ALLOW_THREADS
     double *out = y.buf;
@@ -145,22 +166,22 @@ static PyObject *py_project(PyObject *self, PyObject *args)
         const double *v = (const double *)V.buf + col0, *xv = x.buf;
 #ifdef MFAC_X86
         if (chosen == ISA_AVX512)
-            project_f64_avx512(v, ld, (int)m, xv, out, j0, j1);
+            project_f64_avx512(v, ld, m, xv, out, j0, j1);
         else if (chosen == ISA_AVX2)
-            project_f64_avx2(v, ld, (int)m, xv, out, j0, j1);
+            project_f64_avx2(v, ld, m, xv, out, j0, j1);
         else
 #endif
-            project_f64_base(v, ld, (int)m, xv, out, j0, j1);
+            project_f64_base(v, ld, m, xv, out, j0, j1);
     } else {
         const float *v = (const float *)V.buf + col0, *xv = x.buf;
 #ifdef MFAC_X86
         if (chosen == ISA_AVX512)
-            project_f32_avx512(v, ld, (int)m, xv, out, j0, j1);
+            project_f32_avx512(v, ld, m, xv, out, j0, j1);
         else if (chosen == ISA_AVX2)
-            project_f32_avx2(v, ld, (int)m, xv, out, j0, j1);
+            project_f32_avx2(v, ld, m, xv, out, j0, j1);
         else
 #endif
-            project_f32_base(v, ld, (int)m, xv, out, j0, j1);
+            project_f32_base(v, ld, m, xv, out, j0, j1);
     }
     Py_END_ALLOW_THREADS
     result = Py_NewRef(Py_None);
@@ -177,9 +198,9 @@ static PyObject *py_apply(PyObject *self, PyObject *args)
 {
     (void)self;
     Py_buffer V, Ct, a, x, Y;
-    long ld, col0, m, kk, n, j0, j1;
+    Py_ssize_t ld, col0, m, kk, n, j0, j1;
     int isa, dbl;
-    if (!PyArg_ParseTuple(args, "y*llly*ly*y*w*lllip", &V, &ld, &col0, &m, &Ct, &kk, &a, &x,
+    if (!PyArg_ParseTuple(args, "y*nnny*ny*y*w*nnnip", &V, &ld, &col0, &m, &Ct, &kk, &a, &x,
                           &Y, &n, &j0, &j1, &isa, &dbl))
         return NULL;
     PyObject *result = NULL;
@@ -188,11 +209,11 @@ static PyObject *py_apply(PyObject *self, PyObject *args)
     if (chosen < 0 || check_shape(&V, size, m, ld, col0, n, j0, j1) < 0)
         goto done;
     if (kk < 1 || kk > 8) {
-        PyErr_Format(PyExc_ValueError, "kk must be 1 to 8, got %ld", kk);
+        PyErr_Format(PyExc_ValueError, "kk must be 1 to 8, got %zd", kk);
         goto done;
     }
-    if (check_len(&Ct, 8 * m, size, "Ct") < 0 || check_len(&a, 8, size, "a") < 0 ||
-        check_len(&x, n, size, "x") < 0 || check_len(&Y, kk * n, size, "Y") < 0)
+    if (check_len(&Ct, 8, m, size, "Ct") < 0 || check_len(&a, 8, 1, size, "a") < 0 ||
+        check_len(&x, n, 1, size, "x") < 0 || check_len(&Y, kk, n, size, "Y") < 0)
         goto done;
     Py_BEGIN_ALLOW_THREADS
     if (dbl) {
@@ -201,24 +222,24 @@ static PyObject *py_apply(PyObject *self, PyObject *args)
         double *y = Y.buf;
 #ifdef MFAC_X86
         if (chosen == ISA_AVX512)
-            apply_f64_avx512(v, ld, (int)m, c, (int)kk, av, xv, y, n, j0, j1);
+            apply_f64_avx512(v, ld, m, c, (int)kk, av, xv, y, n, j0, j1);
         else if (chosen == ISA_AVX2)
-            apply_f64_avx2(v, ld, (int)m, c, (int)kk, av, xv, y, n, j0, j1);
+            apply_f64_avx2(v, ld, m, c, (int)kk, av, xv, y, n, j0, j1);
         else
 #endif
-            apply_f64_base(v, ld, (int)m, c, (int)kk, av, xv, y, n, j0, j1);
+            apply_f64_base(v, ld, m, c, (int)kk, av, xv, y, n, j0, j1);
     } else {
         const float *v = (const float *)V.buf + col0;
         const float *c = Ct.buf, *av = a.buf, *xv = x.buf;
         float *y = Y.buf;
 #ifdef MFAC_X86
         if (chosen == ISA_AVX512)
-            apply_f32_avx512(v, ld, (int)m, c, (int)kk, av, xv, y, n, j0, j1);
+            apply_f32_avx512(v, ld, m, c, (int)kk, av, xv, y, n, j0, j1);
         else if (chosen == ISA_AVX2)
-            apply_f32_avx2(v, ld, (int)m, c, (int)kk, av, xv, y, n, j0, j1);
+            apply_f32_avx2(v, ld, m, c, (int)kk, av, xv, y, n, j0, j1);
         else
 #endif
-            apply_f32_base(v, ld, (int)m, c, (int)kk, av, xv, y, n, j0, j1);
+            apply_f32_base(v, ld, m, c, (int)kk, av, xv, y, n, j0, j1);
     }
     Py_END_ALLOW_THREADS
     result = Py_NewRef(Py_None);
@@ -231,10 +252,10 @@ done:
     return result;
 }
 
-typedef void (*diag_f32_fn)(const float *, long, int, const double *, int, const double *,
-                            float *, long, long, long, double *);
-typedef void (*diag_f64_fn)(const double *, long, int, const double *, int, const double *,
-                            double *, long, long, long, double *);
+typedef void (*diag_f32_fn)(const float *, Py_ssize_t, Py_ssize_t, const double *, int,
+                            const double *, float *, Py_ssize_t, Py_ssize_t, Py_ssize_t, double *);
+typedef void (*diag_f64_fn)(const double *, Py_ssize_t, Py_ssize_t, const double *, int,
+                            const double *, double *, Py_ssize_t, Py_ssize_t, Py_ssize_t, double *);
 
 /* diagonal(V, ld, col0, m, Ht, kk, a, D, n, bsize, j0, j1, isa, double): the block's columns
    are blocks of bsize columns (the last may be shorter), each with its own m x 8 float64
@@ -244,9 +265,9 @@ static PyObject *py_diagonal(PyObject *self, PyObject *args)
 {
     (void)self;
     Py_buffer V, Ht, a, D;
-    long ld, col0, m, kk, n, bsize, j0, j1;
+    Py_ssize_t ld, col0, m, kk, n, bsize, j0, j1;
     int isa, dbl;
-    if (!PyArg_ParseTuple(args, "y*llly*ly*w*llllip", &V, &ld, &col0, &m, &Ht, &kk, &a, &D,
+    if (!PyArg_ParseTuple(args, "y*nnny*ny*w*nnnnip", &V, &ld, &col0, &m, &Ht, &kk, &a, &D,
                           &n, &bsize, &j0, &j1, &isa, &dbl))
         return NULL;
     PyObject *result = NULL;
@@ -256,16 +277,16 @@ static PyObject *py_diagonal(PyObject *self, PyObject *args)
     if (chosen < 0 || check_shape(&V, size, m, ld, col0, n, j0, j1) < 0)
         goto done;
     if (kk < 1 || kk > 8) {
-        PyErr_Format(PyExc_ValueError, "kk must be 1 to 8, got %ld", kk);
+        PyErr_Format(PyExc_ValueError, "kk must be 1 to 8, got %zd", kk);
         goto done;
     }
     if (bsize < 1) {
-        PyErr_Format(PyExc_ValueError, "bsize must be >= 1, got %ld", bsize);
+        PyErr_Format(PyExc_ValueError, "bsize must be >= 1, got %zd", bsize);
         goto done;
     }
-    const long blocks = n == 0 ? 0 : (n + bsize - 1) / bsize;
-    if (check_len(&Ht, 8 * m * blocks, 8, "Ht") < 0 || check_len(&a, 8, 8, "a") < 0 ||
-        check_len(&D, kk * n, size, "D") < 0)
+    const Py_ssize_t blocks = n / bsize + (n % bsize != 0);
+    if (check_len(&Ht, 8 * m, blocks, 8, "Ht") < 0 || check_len(&a, 8, 1, 8, "a") < 0 ||
+        check_len(&D, kk, n, size, "D") < 0)
         goto done;
     buf = malloc(sizeof(double) * 8 * DIAG_CHUNK);
     if (buf == NULL) {
@@ -286,14 +307,14 @@ static PyObject *py_diagonal(PyObject *self, PyObject *args)
     Py_BEGIN_ALLOW_THREADS
     const double *av = a.buf;
     /* Block by block: the kernels see one block's coefficients at a time. */
-    for (long j = j0; j < j1;) {
-        const long b = j / bsize;
-        const long je = (b + 1) * bsize < j1 ? (b + 1) * bsize : j1;
+    for (Py_ssize_t j = j0; j < j1;) {
+        const Py_ssize_t b = j / bsize;
+        const Py_ssize_t je = (b + 1) * bsize < j1 ? (b + 1) * bsize : j1;
         const double *h = (const double *)Ht.buf + 8 * m * b;
         if (dbl)
-            f64((const double *)V.buf + col0, ld, (int)m, h, (int)kk, av, D.buf, n, j, je, buf);
+            f64((const double *)V.buf + col0, ld, m, h, (int)kk, av, D.buf, n, j, je, buf);
         else
-            f32((const float *)V.buf + col0, ld, (int)m, h, (int)kk, av, D.buf, n, j, je, buf);
+            f32((const float *)V.buf + col0, ld, m, h, (int)kk, av, D.buf, n, j, je, buf);
         j = je;
     }
     Py_END_ALLOW_THREADS
@@ -315,11 +336,19 @@ static PyMethodDef methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
+static PyModuleDef_Slot slots[] = {
+#ifdef Py_mod_gil
+    /* The kernels keep no state: safe without the GIL (free-threaded CPython). */
+    {Py_mod_gil, Py_MOD_GIL_NOT_USED},
+#endif
+    {0, NULL},
+};
+
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "_passes", "Fused passes over V (see _passes.c).", -1, methods,
+    PyModuleDef_HEAD_INIT, "_passes", "Fused passes over V (see _passes.c).", 0, methods, slots,
 };
 
 PyMODINIT_FUNC PyInit__passes(void)
 {
-    return PyModule_Create(&module);
+    return PyModuleDef_Init(&module);
 }

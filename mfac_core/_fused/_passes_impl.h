@@ -24,29 +24,29 @@ typedef float NAME(vh) __attribute__((vector_size(VBYTES / 2), aligned(4), may_a
 /*
  * One kernel body per element type T with vector type VT of LANES elements:
  *   Y[k, j] = a[k] x[j] + sum_i Ct[8 i + k] V[i ld + j],  k < kk, j0 <= j < j1,
- * accumulated in T. Ct and a hold 8 dampings (zero-padded past kk).
+ * accumulated in T: the m terms are summed first (their partial sums wait in Y between row
+ * panels) and a[k] x[j] is added once, after the last panel, as a BLAS product followed by
+ * the addition would do. (Starting from a[k] x[j] would round every partial sum at the size
+ * of x / damp, which in a sweep is much larger than the sum: about sqrt(m) eps worse.)
+ * Ct and a hold 8 dampings (zero-padded past kk).
  */
 #define APPLY_BODY(T, VT, LANES)                                                            \
-    const long tile = TILE_VECS * (LANES);                                                  \
-    const long chunk = CHUNK_BYTES / (long)sizeof(T);                                       \
-    for (long jc = j0; jc < j1; jc += chunk) {                                              \
-        const long je = jc + chunk < j1 ? jc + chunk : j1;                                  \
-        const long jt = jc + ((je - jc) / tile) * tile;                                     \
-        for (int i0 = 0; i0 < m; i0 += PANEL_ROWS) {                                        \
-            const int i1 = i0 + PANEL_ROWS < m ? i0 + PANEL_ROWS : m;                       \
-            for (long j = jc; j < jt; j += tile) {                                          \
+    const Py_ssize_t tile = TILE_VECS * (LANES);                                            \
+    const Py_ssize_t chunk = CHUNK_BYTES / (Py_ssize_t)sizeof(T);                           \
+    for (Py_ssize_t jc = j0; jc < j1; jc += chunk) {                                        \
+        const Py_ssize_t je = jc + chunk < j1 ? jc + chunk : j1;                            \
+        const Py_ssize_t jt = jc + ((je - jc) / tile) * tile;                               \
+        for (Py_ssize_t i0 = 0; i0 < m; i0 += PANEL_ROWS) {                                 \
+            const Py_ssize_t i1 = i0 + PANEL_ROWS < m ? i0 + PANEL_ROWS : m;                \
+            for (Py_ssize_t j = jc; j < jt; j += tile) {                                    \
                 VT acc[8][TILE_VECS];                                                       \
                 for (int k = 0; k < 8; k++)                                                 \
-                    for (int u = 0; u < TILE_VECS; u++) {                                   \
-                        if (i0 == 0)                                                        \
-                            acc[k][u] = a[k] * *(const VT *)(x + j + u * (LANES));          \
-                        else if (k < kk)                                                    \
-                            acc[k][u] = *(const VT *)(Y + k * ldy + j + u * (LANES));       \
-                        else                                                                \
-                            acc[k][u] = (VT){0};                                            \
-                    }                                                                       \
-                for (int i = i0; i < i1; i++) {                                             \
-                    const T *row = V + (long)i * ld + j;                                    \
+                    for (int u = 0; u < TILE_VECS; u++)                                     \
+                        acc[k][u] = i0 > 0 && k < kk                                        \
+                                        ? *(const VT *)(Y + k * ldy + j + u * (LANES))      \
+                                        : (VT){0};                                          \
+                for (Py_ssize_t i = i0; i < i1; i++) {                                      \
+                    const T *row = V + i * ld + j;                                          \
                     VT v[TILE_VECS];                                                        \
                     for (int u = 0; u < TILE_VECS; u++)                                     \
                         v[u] = *(const VT *)(row + u * (LANES));                            \
@@ -57,29 +57,32 @@ typedef float NAME(vh) __attribute__((vector_size(VBYTES / 2), aligned(4), may_a
                     }                                                                       \
                 }                                                                           \
                 for (int k = 0; k < kk; k++)                                                \
-                    for (int u = 0; u < TILE_VECS; u++)                                     \
+                    for (int u = 0; u < TILE_VECS; u++) {                                   \
+                        if (i1 == m)                                                        \
+                            acc[k][u] += a[k] * *(const VT *)(x + j + u * (LANES));         \
                         *(VT *)(Y + k * ldy + j + u * (LANES)) = acc[k][u];                 \
+                    }                                                                       \
             }                                                                               \
         }                                                                                   \
-        for (long j = jt; j < je; j++)                                                      \
+        for (Py_ssize_t j = jt; j < je; j++)                                                \
             for (int k = 0; k < kk; k++) {                                                  \
-                T s = a[k] * x[j];                                                          \
-                for (int i = 0; i < m; i++)                                                 \
-                    s += Ct[8 * i + k] * V[(long)i * ld + j];                               \
-                Y[k * ldy + j] = s;                                                         \
+                T s = 0;                                                                    \
+                for (Py_ssize_t i = 0; i < m; i++)                                          \
+                    s += Ct[8 * i + k] * V[i * ld + j];                                     \
+                Y[k * ldy + j] = s + a[k] * x[j];                                           \
             }                                                                               \
     }
 
-ISA_ATTR static void NAME(apply_f32)(const float *V, long ld, int m, const float *Ct, int kk,
-                                     const float *a, const float *x, float *Y, long ldy,
-                                     long j0, long j1)
+ISA_ATTR static void NAME(apply_f32)(const float *V, Py_ssize_t ld, Py_ssize_t m,
+                                     const float *Ct, int kk, const float *a, const float *x,
+                                     float *Y, Py_ssize_t ldy, Py_ssize_t j0, Py_ssize_t j1)
 {
     APPLY_BODY(float, NAME(vf), VBYTES / 4)
 }
 
-ISA_ATTR static void NAME(apply_f64)(const double *V, long ld, int m, const double *Ct, int kk,
-                                     const double *a, const double *x, double *Y, long ldy,
-                                     long j0, long j1)
+ISA_ATTR static void NAME(apply_f64)(const double *V, Py_ssize_t ld, Py_ssize_t m,
+                                     const double *Ct, int kk, const double *a, const double *x,
+                                     double *Y, Py_ssize_t ldy, Py_ssize_t j0, Py_ssize_t j1)
 {
     APPLY_BODY(double, NAME(vd), VBYTES / 8)
 }
@@ -91,15 +94,15 @@ ISA_ATTR static void NAME(apply_f64)(const double *V, long ld, int m, const doub
  * a vd of float64 values from p.
  */
 #define DIAG_BODY(T, OUTV, LOAD_VD, STORE_OUT)                                              \
-    const long lanes = VBYTES / 8;                                                          \
-    const long tile = TILE_VECS * lanes;                                                    \
-    for (long jc = j0; jc < j1; jc += DIAG_CHUNK) {                                         \
-        const long je = jc + DIAG_CHUNK < j1 ? jc + DIAG_CHUNK : j1;                        \
-        const long jt = jc + ((je - jc) / tile) * tile;                                     \
-        for (int i0 = 0; i0 < m; i0 += PANEL_ROWS) {                                        \
-            const int i1 = i0 + PANEL_ROWS < m ? i0 + PANEL_ROWS : m;                       \
+    const Py_ssize_t lanes = VBYTES / 8;                                                    \
+    const Py_ssize_t tile = TILE_VECS * lanes;                                              \
+    for (Py_ssize_t jc = j0; jc < j1; jc += DIAG_CHUNK) {                                   \
+        const Py_ssize_t je = jc + DIAG_CHUNK < j1 ? jc + DIAG_CHUNK : j1;                  \
+        const Py_ssize_t jt = jc + ((je - jc) / tile) * tile;                               \
+        for (Py_ssize_t i0 = 0; i0 < m; i0 += PANEL_ROWS) {                                 \
+            const Py_ssize_t i1 = i0 + PANEL_ROWS < m ? i0 + PANEL_ROWS : m;                \
             const int last = i1 == m;                                                       \
-            for (long j = jc; j < jt; j += tile) {                                          \
+            for (Py_ssize_t j = jc; j < jt; j += tile) {                                    \
                 NAME(vd) acc[8][TILE_VECS];                                                 \
                 double *buf = acc_buf + (j - jc);                                           \
                 for (int k = 0; k < 8; k++)                                                 \
@@ -107,8 +110,8 @@ ISA_ATTR static void NAME(apply_f64)(const double *V, long ld, int m, const doub
                         acc[k][u] = i0 == 0 ? (NAME(vd)){0}                                 \
                                             : *(const NAME(vd) *)(buf + k * DIAG_CHUNK      \
                                                                   + u * lanes);             \
-                for (int i = i0; i < i1; i++) {                                             \
-                    const T *row = V + (long)i * ld + j;                                    \
+                for (Py_ssize_t i = i0; i < i1; i++) {                                      \
+                    const T *row = V + i * ld + j;                                          \
                     NAME(vd) s[TILE_VECS];                                                  \
                     for (int u = 0; u < TILE_VECS; u++) {                                   \
                         const NAME(vd) v = LOAD_VD(row + u * lanes);                        \
@@ -129,11 +132,11 @@ ISA_ATTR static void NAME(apply_f64)(const double *V, long ld, int m, const doub
                     }                                                                       \
             }                                                                               \
         }                                                                                   \
-        for (long j = jt; j < je; j++)                                                      \
+        for (Py_ssize_t j = jt; j < je; j++)                                                \
             for (int k = 0; k < kk; k++) {                                                  \
                 double s = 0.0;                                                             \
-                for (int i = 0; i < m; i++) {                                               \
-                    const double v = (double)V[(long)i * ld + j];                           \
+                for (Py_ssize_t i = 0; i < m; i++) {                                        \
+                    const double v = (double)V[i * ld + j];                                 \
                     s += Ht[8 * i + k] * (v * v);                                           \
                 }                                                                           \
                 D[k * ldd + j] = (T)(a[k] + s);                                             \
@@ -145,16 +148,16 @@ ISA_ATTR static void NAME(apply_f64)(const double *V, long ld, int m, const doub
 #define LOAD_F64_AS_VD(p) (*(const NAME(vd) *)(p))
 #define STORE_VD_AS_F64(p, val) (*(NAME(vd) *)(p) = (val))
 
-ISA_ATTR static void NAME(diag_f32)(const float *V, long ld, int m, const double *Ht, int kk,
-                                    const double *a, float *D, long ldd, long j0, long j1,
-                                    double *acc_buf)
+ISA_ATTR static void NAME(diag_f32)(const float *V, Py_ssize_t ld, Py_ssize_t m,
+                                    const double *Ht, int kk, const double *a, float *D,
+                                    Py_ssize_t ldd, Py_ssize_t j0, Py_ssize_t j1, double *acc_buf)
 {
     DIAG_BODY(float, NAME(vh), LOAD_F32_AS_VD, STORE_VD_AS_F32)
 }
 
-ISA_ATTR static void NAME(diag_f64)(const double *V, long ld, int m, const double *Ht, int kk,
-                                    const double *a, double *D, long ldd, long j0, long j1,
-                                    double *acc_buf)
+ISA_ATTR static void NAME(diag_f64)(const double *V, Py_ssize_t ld, Py_ssize_t m,
+                                    const double *Ht, int kk, const double *a, double *D,
+                                    Py_ssize_t ldd, Py_ssize_t j0, Py_ssize_t j1, double *acc_buf)
 {
     DIAG_BODY(double, NAME(vd), LOAD_F64_AS_VD, STORE_VD_AS_F64)
 }
@@ -164,28 +167,28 @@ ISA_ATTR static void NAME(diag_f64)(const double *V, long ld, int m, const doubl
  * time over a chunk of columns, the chunk of x staying in cache for all the panels.
  */
 #define PROJECT_BODY(T, LOAD_VD)                                                            \
-    const long lanes = VBYTES / 8;                                                          \
-    const long tile = TILE_VECS * lanes;                                                    \
-    const long chunk = CHUNK_BYTES / (long)sizeof(T);                                       \
-    for (int i = 0; i < m; i++)                                                             \
+    const Py_ssize_t lanes = VBYTES / 8;                                                    \
+    const Py_ssize_t tile = TILE_VECS * lanes;                                              \
+    const Py_ssize_t chunk = CHUNK_BYTES / (Py_ssize_t)sizeof(T);                           \
+    for (Py_ssize_t i = 0; i < m; i++)                                                      \
         y[i] = 0.0;                                                                         \
-    for (long jc = j0; jc < j1; jc += chunk) {                                              \
-        const long je = jc + chunk < j1 ? jc + chunk : j1;                                  \
-        const long jt = jc + ((je - jc) / tile) * tile;                                     \
-        for (int i0 = 0; i0 < m; i0 += PANEL_ROWS) {                                        \
-            const int rows = i0 + PANEL_ROWS < m ? PANEL_ROWS : m - i0;                     \
+    for (Py_ssize_t jc = j0; jc < j1; jc += chunk) {                                        \
+        const Py_ssize_t je = jc + chunk < j1 ? jc + chunk : j1;                            \
+        const Py_ssize_t jt = jc + ((je - jc) / tile) * tile;                               \
+        for (Py_ssize_t i0 = 0; i0 < m; i0 += PANEL_ROWS) {                                 \
+            const int rows = i0 + PANEL_ROWS < m ? PANEL_ROWS : (int)(m - i0);              \
             NAME(vd) acc[PANEL_ROWS][TILE_VECS];                                            \
             for (int r = 0; r < PANEL_ROWS; r++)                                            \
                 for (int u = 0; u < TILE_VECS; u++)                                         \
                     acc[r][u] = (NAME(vd)){0};                                              \
-            for (long j = jc; j < jt; j += tile) {                                          \
+            for (Py_ssize_t j = jc; j < jt; j += tile) {                                    \
                 NAME(vd) xv[TILE_VECS];                                                     \
                 for (int u = 0; u < TILE_VECS; u++)                                         \
                     xv[u] = LOAD_VD(x + j + u * lanes);                                     \
                 for (int r = 0; r < PANEL_ROWS; r++)                                        \
                     if (r < rows)                                                           \
                         for (int u = 0; u < TILE_VECS; u++)                                 \
-                            acc[r][u] += LOAD_VD(V + (long)(i0 + r) * ld + j + u * lanes)   \
+                            acc[r][u] += LOAD_VD(V + (i0 + r) * ld + j + u * lanes)         \
                                          * xv[u];                                           \
             }                                                                               \
             for (int r = 0; r < rows; r++) {                                                \
@@ -193,21 +196,21 @@ ISA_ATTR static void NAME(diag_f64)(const double *V, long ld, int m, const doubl
                 for (int u = 0; u < TILE_VECS; u++)                                         \
                     for (int l = 0; l < lanes; l++)                                         \
                         s += acc[r][u][l];                                                  \
-                for (long j = jt; j < je; j++)                                              \
-                    s += (double)V[(long)(i0 + r) * ld + j] * (double)x[j];                 \
+                for (Py_ssize_t j = jt; j < je; j++)                                        \
+                    s += (double)V[(i0 + r) * ld + j] * (double)x[j];                       \
                 y[i0 + r] += s;                                                             \
             }                                                                               \
         }                                                                                   \
     }
 
-ISA_ATTR static void NAME(project_f32)(const float *V, long ld, int m, const float *x,
-                                       double *y, long j0, long j1)
+ISA_ATTR static void NAME(project_f32)(const float *V, Py_ssize_t ld, Py_ssize_t m, const float *x,
+                                       double *y, Py_ssize_t j0, Py_ssize_t j1)
 {
     PROJECT_BODY(float, LOAD_F32_AS_VD)
 }
 
-ISA_ATTR static void NAME(project_f64)(const double *V, long ld, int m, const double *x,
-                                       double *y, long j0, long j1)
+ISA_ATTR static void NAME(project_f64)(const double *V, Py_ssize_t ld, Py_ssize_t m,
+                                       const double *x, double *y, Py_ssize_t j0, Py_ssize_t j1)
 {
     PROJECT_BODY(double, LOAD_F64_AS_VD)
 }
