@@ -147,14 +147,32 @@ def machine_facts() -> list[tuple[str, str]]:
     ]
     for i, line in enumerate(blas_summary()):
         facts.append(("BLAS" if i == 0 else "", line))
-    for var in ("OPENBLAS_CORETYPE", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    for var in (
+        "OPENBLAS_CORETYPE",
+        "OPENBLAS_NUM_THREADS",
+        "OMP_NUM_THREADS",
+        "MKL_NUM_THREADS",
+        "MFAC_CORE_NUM_THREADS",
+    ):
         facts.append((var, os.environ.get(var, "(unset)")))
+    facts.append(("mfac_core CPU kernels", _fused_summary()))
     thp = _read_first_line("/sys/kernel/mm/transparent_hugepage/enabled")
     if thp:
         facts.append(("transparent hugepages", thp))
     if hasattr(os, "getloadavg"):
         facts.append(("load average (1/5/15 min)", " / ".join(f"{x:.2f}" for x in os.getloadavg())))
     return facts
+
+
+def _fused_summary() -> str:
+    """Whether mfac_core's optional C extension is built, its instruction set and threads."""
+    try:
+        from mfac_core import _fused
+    except ImportError:
+        return "(mfac_core not importable)"
+    if not _fused.available():
+        return "not built (SpectralIHVP's sweeps and diagonals go through BLAS)"
+    return f"{_fused.best_isa()}, up to {_fused.max_threads()} threads"
 
 
 def _cpu_model() -> str:
