@@ -80,22 +80,63 @@ static int best_isa(void)
     return ISA_BASE;
 }
 
-/* The instruction set to run, or -1 with an exception set. */
-static int pick_isa(int isa)
+/* One instruction set's kernels. */
+typedef struct {
+    void (*project_f32)(const float *, Py_ssize_t, Py_ssize_t, const float *, double *,
+                        Py_ssize_t, Py_ssize_t);
+    void (*project_f64)(const double *, Py_ssize_t, Py_ssize_t, const double *, double *,
+                        Py_ssize_t, Py_ssize_t);
+    void (*apply_f32)(const float *, Py_ssize_t, Py_ssize_t, const float *, int, const float *,
+                      const float *, float *, Py_ssize_t, Py_ssize_t, Py_ssize_t);
+    void (*apply_f64)(const double *, Py_ssize_t, Py_ssize_t, const double *, int,
+                      const double *, const double *, double *, Py_ssize_t, Py_ssize_t,
+                      Py_ssize_t);
+    void (*diag_f32)(const float *, Py_ssize_t, Py_ssize_t, const double *, int, const double *,
+                     float *, Py_ssize_t, Py_ssize_t, Py_ssize_t, double *);
+    void (*diag_f64)(const double *, Py_ssize_t, Py_ssize_t, const double *, int,
+                     const double *, double *, Py_ssize_t, Py_ssize_t, Py_ssize_t, double *);
+} Kernels;
+
+#define KERNELS(I)                                                                          \
+    {project_f32_##I, project_f64_##I, apply_f32_##I, apply_f64_##I, diag_f32_##I, diag_f64_##I}
+static const Kernels kernels_base = KERNELS(base);
+#ifdef MFAC_X86
+static const Kernels kernels_avx2 = KERNELS(avx2);
+static const Kernels kernels_avx512 = KERNELS(avx512);
+#endif
+
+/* The kernels of the instruction set `isa` (ISA_AUTO: the best), or NULL with an exception. */
+static const Kernels *pick_kernels(int isa)
 {
     const int best = best_isa();
     if (isa == ISA_AUTO)
-        return best;
+        isa = best;
     if (isa < ISA_BASE || isa > ISA_AVX512) {
         PyErr_Format(PyExc_ValueError,
                      "isa must be 0 (best), 1 (base), 2 (avx2) or 3 (avx512), got %d", isa);
-        return -1;
+        return NULL;
     }
     if (isa > best) {
         PyErr_Format(PyExc_ValueError, "isa %d is not supported by this CPU (best: %d)", isa, best);
+        return NULL;
+    }
+#ifdef MFAC_X86
+    if (isa == ISA_AVX512)
+        return &kernels_avx512;
+    if (isa == ISA_AVX2)
+        return &kernels_avx2;
+#endif
+    return &kernels_base;
+}
+
+/* kk, the dampings of one call: 1 to 8. */
+static int check_kk(Py_ssize_t kk)
+{
+    if (kk < 1 || kk > 8) {
+        PyErr_Format(PyExc_ValueError, "kk must be 1 to 8, got %zd", kk);
         return -1;
     }
-    return isa;
+    return 0;
 }
 
 static PyObject *py_best_isa(PyObject *self, PyObject *args)
@@ -155,34 +196,16 @@ static PyObject *py_project(PyObject *self, PyObject *args)
         return NULL;
     PyObject *result = NULL;
     const Py_ssize_t size = dbl ? 8 : 4;
-    int chosen = pick_isa(isa);
-    if (chosen < 0 || check_shape(&V, size, m, ld, col0, n, j0, j1) < 0)
+    const Kernels *kern = pick_kernels(isa);
+    if (kern == NULL || check_shape(&V, size, m, ld, col0, n, j0, j1) < 0)
         goto done;
     if (check_len(&x, n, 1, size, "x") < 0 || check_len(&y, m, 1, 8, "y") < 0)
         goto done;
     Py_BEGIN_ALLOW_THREADS
-    double *out = y.buf;
-    if (dbl) {
-        const double *v = (const double *)V.buf + col0, *xv = x.buf;
-#ifdef MFAC_X86
-        if (chosen == ISA_AVX512)
-            project_f64_avx512(v, ld, m, xv, out, j0, j1);
-        else if (chosen == ISA_AVX2)
-            project_f64_avx2(v, ld, m, xv, out, j0, j1);
-        else
-#endif
-            project_f64_base(v, ld, m, xv, out, j0, j1);
-    } else {
-        const float *v = (const float *)V.buf + col0, *xv = x.buf;
-#ifdef MFAC_X86
-        if (chosen == ISA_AVX512)
-            project_f32_avx512(v, ld, m, xv, out, j0, j1);
-        else if (chosen == ISA_AVX2)
-            project_f32_avx2(v, ld, m, xv, out, j0, j1);
-        else
-#endif
-            project_f32_base(v, ld, m, xv, out, j0, j1);
-    }
+    if (dbl)
+        kern->project_f64((const double *)V.buf + col0, ld, m, x.buf, y.buf, j0, j1);
+    else
+        kern->project_f32((const float *)V.buf + col0, ld, m, x.buf, y.buf, j0, j1);
     Py_END_ALLOW_THREADS
     result = Py_NewRef(Py_None);
 done:
@@ -205,42 +228,19 @@ static PyObject *py_apply(PyObject *self, PyObject *args)
         return NULL;
     PyObject *result = NULL;
     const Py_ssize_t size = dbl ? 8 : 4;
-    int chosen = pick_isa(isa);
-    if (chosen < 0 || check_shape(&V, size, m, ld, col0, n, j0, j1) < 0)
+    const Kernels *kern = pick_kernels(isa);
+    if (kern == NULL || check_shape(&V, size, m, ld, col0, n, j0, j1) < 0 || check_kk(kk) < 0)
         goto done;
-    if (kk < 1 || kk > 8) {
-        PyErr_Format(PyExc_ValueError, "kk must be 1 to 8, got %zd", kk);
-        goto done;
-    }
     if (check_len(&Ct, 8, m, size, "Ct") < 0 || check_len(&a, 8, 1, size, "a") < 0 ||
         check_len(&x, n, 1, size, "x") < 0 || check_len(&Y, kk, n, size, "Y") < 0)
         goto done;
     Py_BEGIN_ALLOW_THREADS
-    if (dbl) {
-        const double *v = (const double *)V.buf + col0;
-        const double *c = Ct.buf, *av = a.buf, *xv = x.buf;
-        double *y = Y.buf;
-#ifdef MFAC_X86
-        if (chosen == ISA_AVX512)
-            apply_f64_avx512(v, ld, m, c, (int)kk, av, xv, y, n, j0, j1);
-        else if (chosen == ISA_AVX2)
-            apply_f64_avx2(v, ld, m, c, (int)kk, av, xv, y, n, j0, j1);
-        else
-#endif
-            apply_f64_base(v, ld, m, c, (int)kk, av, xv, y, n, j0, j1);
-    } else {
-        const float *v = (const float *)V.buf + col0;
-        const float *c = Ct.buf, *av = a.buf, *xv = x.buf;
-        float *y = Y.buf;
-#ifdef MFAC_X86
-        if (chosen == ISA_AVX512)
-            apply_f32_avx512(v, ld, m, c, (int)kk, av, xv, y, n, j0, j1);
-        else if (chosen == ISA_AVX2)
-            apply_f32_avx2(v, ld, m, c, (int)kk, av, xv, y, n, j0, j1);
-        else
-#endif
-            apply_f32_base(v, ld, m, c, (int)kk, av, xv, y, n, j0, j1);
-    }
+    if (dbl)
+        kern->apply_f64((const double *)V.buf + col0, ld, m, Ct.buf, (int)kk, a.buf, x.buf,
+                        Y.buf, n, j0, j1);
+    else
+        kern->apply_f32((const float *)V.buf + col0, ld, m, Ct.buf, (int)kk, a.buf, x.buf,
+                        Y.buf, n, j0, j1);
     Py_END_ALLOW_THREADS
     result = Py_NewRef(Py_None);
 done:
@@ -251,11 +251,6 @@ done:
     PyBuffer_Release(&Y);
     return result;
 }
-
-typedef void (*diag_f32_fn)(const float *, Py_ssize_t, Py_ssize_t, const double *, int,
-                            const double *, float *, Py_ssize_t, Py_ssize_t, Py_ssize_t, double *);
-typedef void (*diag_f64_fn)(const double *, Py_ssize_t, Py_ssize_t, const double *, int,
-                            const double *, double *, Py_ssize_t, Py_ssize_t, Py_ssize_t, double *);
 
 /* diagonal(V, ld, col0, m, Ht, kk, a, D, n, bsize, j0, j1, isa, double): the block's columns
    are blocks of bsize columns (the last may be shorter), each with its own m x 8 float64
@@ -273,13 +268,9 @@ static PyObject *py_diagonal(PyObject *self, PyObject *args)
     PyObject *result = NULL;
     double *buf = NULL;
     const Py_ssize_t size = dbl ? 8 : 4;
-    int chosen = pick_isa(isa);
-    if (chosen < 0 || check_shape(&V, size, m, ld, col0, n, j0, j1) < 0)
+    const Kernels *kern = pick_kernels(isa);
+    if (kern == NULL || check_shape(&V, size, m, ld, col0, n, j0, j1) < 0 || check_kk(kk) < 0)
         goto done;
-    if (kk < 1 || kk > 8) {
-        PyErr_Format(PyExc_ValueError, "kk must be 1 to 8, got %zd", kk);
-        goto done;
-    }
     if (bsize < 1) {
         PyErr_Format(PyExc_ValueError, "bsize must be >= 1, got %zd", bsize);
         goto done;
@@ -293,17 +284,6 @@ static PyObject *py_diagonal(PyObject *self, PyObject *args)
         PyErr_NoMemory();
         goto done;
     }
-    diag_f32_fn f32 = diag_f32_base;
-    diag_f64_fn f64 = diag_f64_base;
-#ifdef MFAC_X86
-    if (chosen == ISA_AVX512) {
-        f32 = diag_f32_avx512;
-        f64 = diag_f64_avx512;
-    } else if (chosen == ISA_AVX2) {
-        f32 = diag_f32_avx2;
-        f64 = diag_f64_avx2;
-    }
-#endif
     Py_BEGIN_ALLOW_THREADS
     const double *av = a.buf;
     /* Block by block: the kernels see one block's coefficients at a time. */
@@ -312,9 +292,11 @@ static PyObject *py_diagonal(PyObject *self, PyObject *args)
         const Py_ssize_t je = (b + 1) * bsize < j1 ? (b + 1) * bsize : j1;
         const double *h = (const double *)Ht.buf + 8 * m * b;
         if (dbl)
-            f64((const double *)V.buf + col0, ld, m, h, (int)kk, av, D.buf, n, j, je, buf);
+            kern->diag_f64((const double *)V.buf + col0, ld, m, h, (int)kk, av, D.buf, n, j, je,
+                           buf);
         else
-            f32((const float *)V.buf + col0, ld, m, h, (int)kk, av, D.buf, n, j, je, buf);
+            kern->diag_f32((const float *)V.buf + col0, ld, m, h, (int)kk, av, D.buf, n, j, je,
+                           buf);
         j = je;
     }
     Py_END_ALLOW_THREADS
