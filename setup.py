@@ -1,7 +1,7 @@
 """The optional C extension; everything else is in pyproject.toml.
 
 ``mfac_core._fused._passes`` holds CPU kernels for the spectral operator's passes at several
-dampings (mfac_core/_fused/_passes.c). It is optional: where it does not compile (no C
+dampings (src/mfac_core/_fused/_passes.c). It is optional: where it does not compile (no C
 compiler, or one without GCC's vector extensions), the package installs without it and
 runs the same computations through BLAS.
 """
@@ -12,8 +12,8 @@ setup(
     ext_modules=[
         Extension(
             "mfac_core._fused._passes",
-            sources=["mfac_core/_fused/_passes.c"],
-            depends=["mfac_core/_fused/_passes_impl.h"],
+            sources=["src/mfac_core/_fused/_passes.c"],
+            depends=["src/mfac_core/_fused/_passes_impl.h"],
             extra_compile_args=["-O3", "-std=gnu11"],
             optional=True,
         )

@@ -39,8 +39,8 @@ from typing import Any
 
 import numpy as np
 
-# The repository root, so the script runs from a checkout without installing the package.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# The source tree of the repository, so the script runs from a checkout without installing.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 #: Exit statuses.
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_NO_GPU = 0, 1, 2

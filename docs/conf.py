@@ -7,7 +7,7 @@ import os
 import sys
 
 # Document the source tree next to this folder, not an installed copy.
-sys.path.insert(0, os.path.abspath(".."))
+sys.path.insert(0, os.path.abspath(os.path.join("..", "src")))
 
 import mfac_core
 
