@@ -114,6 +114,31 @@ def test_select_damping_builds_one_operator(monkeypatch, rng):
 
 
 @pytest.mark.parametrize(
+    ("grid", "error", "match"),
+    [
+        ([], ValueError, "at least one damping"),
+        ([1e-2, -1.0], ValueError, "damp must be finite"),
+        ("0.1", TypeError, "sequence of real numbers"),
+        ([1e-2, "x"], TypeError, "real number"),
+    ],
+)
+@pytest.mark.parametrize("which", ["damping_sweep", "select_damping"])
+def test_bad_grids_fail_before_the_set_up(monkeypatch, rng, grid, error, match, which):
+    """The dampings are checked before the O(d m^2) spectral set-up, not by it."""
+    theta, G, _ = regression(rng)
+
+    def no_set_up(*args, **kwargs):
+        raise AssertionError("the set-up ran before the dampings were checked")
+
+    monkeypatch.setattr(pruning, "SpectralIHVP", no_set_up)
+    with pytest.raises(error, match=match):
+        if which == "damping_sweep":
+            pruning.damping_sweep(theta, G, grid, sparsity=0.5)
+        else:
+            select_damping(theta, G, grid, sparsity=0.5, loss=lambda dp, r: 0.0)
+
+
+@pytest.mark.parametrize(
     ("value", "error", "match"),
     [
         (float("nan"), ValueError, r"damp=0\.01 is nan; it must be finite"),

@@ -49,6 +49,7 @@ from ._validation import (
     check_block_size,
     check_count,
     check_damp,
+    check_dampings,
     check_finite,
     check_flag,
     check_float64_available,
@@ -88,15 +89,6 @@ def _coefficients(xp: Any, lam: Array, damp: float, power: float, m: int) -> Any
     if power == 0.5:
         return 1.0 / (m * (s + sd))
     return -1.0 / (m * sd * s * (s + sd))
-
-
-def _check_dampings(damps: Any) -> list[float]:
-    """A non-empty sequence of valid dampings, as Python floats."""
-    if isinstance(damps, (str, bytes)) or not isinstance(damps, Sequence):
-        raise TypeError(f"damps must be a sequence of real numbers, got {type(damps).__name__}")
-    if not damps:
-        raise ValueError("damps must hold at least one damping")
-    return [check_damp(dp) for dp in damps]
 
 
 class SpectralIHVP(LinearOperator):
@@ -534,7 +526,7 @@ class SpectralIHVP(LinearOperator):
         >>> Y.shape, bool(np.allclose(Y[1], op @ x))
         ((2, 20), True)
         """
-        dl = _check_dampings(damps)
+        dl = check_dampings(damps)
         x = self._check_input(x, "x", self.dim, (1, 2))
         if x.ndim == 2:
             return self._apply(x, dl)
@@ -593,7 +585,7 @@ class SpectralIHVP(LinearOperator):
         >>> D.shape, bool(np.allclose(D[1], np.diag(op.todense())))
         ((2, 20), True)
         """
-        dl = [self.damp] if damps is None else _check_dampings(damps)
+        dl = [self.damp] if damps is None else check_dampings(damps)
         xp, m = self._xp, self.num_grads
         alphas, H = self._coefs(dl)
         K = len(dl)

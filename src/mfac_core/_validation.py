@@ -39,6 +39,7 @@ __all__ = [
     "check_choice",
     "check_count",
     "check_damp",
+    "check_dampings",
     "check_finite",
     "check_flag",
     "check_float64_available",
@@ -144,6 +145,15 @@ def check_damp(damp: Any) -> float:
     if not math.isfinite(value) or value <= 0.0:
         raise ValueError(f"damp must be finite and > 0, got {damp!r}")
     return value
+
+
+def check_dampings(damps: Any) -> list[float]:
+    """A non-empty sequence of valid dampings (:func:`check_damp`), as Python floats."""
+    if isinstance(damps, (str, bytes)) or not isinstance(damps, Sequence):
+        raise TypeError(f"damps must be a sequence of real numbers, got {type(damps).__name__}")
+    if not damps:
+        raise ValueError("damps must hold at least one damping")
+    return [check_damp(dp) for dp in damps]
 
 
 def check_fraction(value: Any, name: str) -> float:

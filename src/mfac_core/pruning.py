@@ -54,6 +54,7 @@ from ._validation import (
     check_choice,
     check_count,
     check_damp,
+    check_dampings,
     check_floating,
     check_fraction,
     check_gradients,
@@ -1082,10 +1083,11 @@ def damping_sweep(
     storage = _check_grads(xp, theta, G)
     mask = _check_mask(xp, theta, mask)
     sparsity = check_fraction(sparsity, "sparsity")
+    dampings = check_dampings(dampings)  # before the O(d m^2) set-up
     if storage is not None:
         G = xp.astype(G, xp.float32)
     op = SpectralIHVP(G, damp=1.0, block_size=block_size)
-    diag = op.diagonal(damps=dampings)  # validates the dampings
+    diag = op.diagonal(damps=dampings)
     saliency = theta * theta / (2 * diag)
     selected = xp.stack(
         [
@@ -1278,9 +1280,10 @@ def select_damping(
     if not callable(loss):
         raise TypeError(f"loss must be callable, got {type(loss).__name__}")
     _check_selection_options("obs", update)
+    dampings = check_dampings(dampings)  # before the O(d m^2) set-up
     G = G * xp.astype(mask, G.dtype)  # pruned coordinates decouple (module Notes)
     op = SpectralIHVP(G, damp=1.0, block_size=block_size)
-    diag = op.diagonal(damps=dampings)  # validates the dampings; one pass for all K
+    diag = op.diagonal(damps=dampings)  # one pass for all K
     grid = tuple(float(dp) for dp in dampings)
     zero = xp.zeros((), dtype=theta.dtype, device=device_of(theta))
     losses: list[float] = []
