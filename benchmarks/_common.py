@@ -165,14 +165,16 @@ def machine_facts() -> list[tuple[str, str]]:
 
 
 def _fused_summary() -> str:
-    """Whether mfac_core's optional C extension is built, its instruction set and threads."""
+    """Which mfac_core is imported; whether its C extension is built, its instruction set."""
     try:
+        import mfac_core
         from mfac_core import _fused
     except ImportError:
         return "(mfac_core not importable)"
+    where = os.path.dirname(os.path.abspath(mfac_core.__file__))
     if not _fused.available():
-        return "not built (SpectralIHVP's sweeps and diagonals go through BLAS)"
-    return f"{_fused.best_isa()}, up to {_fused.max_threads()} threads"
+        return f"not built, sweeps and diagonals through BLAS ({where})"
+    return f"{_fused.best_isa()}, up to {_fused.max_threads()} threads ({where})"
 
 
 def _cpu_model() -> str:

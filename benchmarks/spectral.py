@@ -42,7 +42,6 @@ import numpy as np
 
 if __package__ in (None, ""):  # run as a script: python benchmarks/spectral.py
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import _common as common
 else:  # python -m benchmarks.spectral
     from . import _common as common

@@ -94,7 +94,6 @@ from scipy.linalg import blas as sblas
 
 if __package__ in (None, ""):  # run as a script: python benchmarks/static.py
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import _common as common
 else:  # python -m benchmarks.static
     from . import _common as common

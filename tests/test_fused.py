@@ -130,7 +130,8 @@ def test_project_against_numpy(isa, dtype, shape, rng):
     assert y.dtype == np.float64 and y.shape == (m,)
     Vb = V[:, col0 : col0 + n].astype(np.float64)
     ref = Vb @ x.astype(np.float64)
-    bound = (n + 2) * np.finfo(np.float64).eps * (np.abs(Vb) @ np.abs(x.astype(np.float64)))
+    # Sums in V's dtype within a chunk, across chunks in float64: at most the n-term bound.
+    bound = (n + 2) * np.finfo(dtype).eps * (np.abs(Vb) @ np.abs(x.astype(np.float64)))
     assert np.all(np.abs(y - ref) <= bound)
 
 
@@ -172,7 +173,7 @@ def test_max_threads_follows_the_variables(monkeypatch, env, expected):
     assert _fused.max_threads() == expected
 
 
-@pytest.mark.parametrize("value", ["0", "x", "", "-2"])
+@pytest.mark.parametrize("value", ["0", "x", "", "-2", "\u00b2"])
 def test_max_threads_ignores_bad_values(monkeypatch, value):
     for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
         monkeypatch.delenv(name, raising=False)
@@ -391,3 +392,45 @@ def test_extension_rejects_sizes_that_overflow():
             0,
             False,
         )
+
+
+def test_unaligned_x_is_copied_before_the_kernels(rng):
+    """The kernels load whole vectors of x: an unaligned x is copied, and the extension
+    refuses an unaligned buffer itself."""
+    V = rng.standard_normal((3, 50))
+    raw = np.zeros(8 * 50 + 1, np.uint8)
+    x = raw[1:].view(np.float64)
+    x[:] = rng.standard_normal(50)
+    assert not x.flags.aligned
+    np.testing.assert_allclose(_fused.project(V, x, start=0, stop=50), V @ x, rtol=1e-13)
+    Y = _fused.apply(V, np.ones((2, 3)), [1.0, 2.0], x, start=0, stop=50)
+    np.testing.assert_allclose(Y, np.ones((2, 3)) @ V + np.array([[1.0], [2.0]]) * x, rtol=1e-13)
+    with pytest.raises(ValueError, match="x is not aligned"):
+        _fused._passes.project(V, 50, 0, 3, x, np.zeros(3), 50, 0, 50, 0, True)
+
+
+@pytest.mark.parametrize(("K", "kernels"), [(1, False), (2, True), (8, True), (9, False)])
+def test_sweep_uses_the_kernels_for_2_to_8_dampings(monkeypatch, rng, K, kernels):
+    """One damping is a GEMV pass and more than eight one GEMM: BLAS does those faster."""
+    op = SpectralIHVP(rng.standard_normal((4, 300)), damp=0.5)
+    x = rng.standard_normal(300)
+    calls = []
+    real = _fused.apply
+    monkeypatch.setattr(_fused, "apply", lambda *a, **k: calls.append(1) or real(*a, **k))
+    damps = [0.5 * 2.0**j for j in range(K)]
+    Y = op.sweep(x, damps=damps)
+    assert bool(calls) == kernels
+    for j, dp in enumerate(damps):
+        np.testing.assert_allclose(Y[j], op.with_damp(dp) @ x, rtol=1e-12)
+
+
+@pytest.mark.parametrize(("block_size", "kernels"), [(32, False), (64, True), (None, True)])
+def test_diagonal_uses_the_kernels_for_blocks_of_64_or_more(monkeypatch, rng, block_size, kernels):
+    """Smaller blocks would make the padded coefficients as large as V (and slower)."""
+    op = SpectralIHVP(rng.standard_normal((4, 640)), damp=0.5, block_size=block_size)
+    calls = []
+    real = _fused.diagonal
+    monkeypatch.setattr(_fused, "diagonal", lambda *a, **k: calls.append(1) or real(*a, **k))
+    D = op.diagonal(damps=[0.5, 2.0])
+    assert bool(calls) == kernels
+    np.testing.assert_allclose(D[1], op.with_damp(2.0).diagonal(), rtol=1e-12)

@@ -25,6 +25,7 @@ optax = pytest.importorskip("optax")
 
 import jax.numpy as jnp  # noqa: E402
 
+import mfac_core  # noqa: E402
 from mfac_core import DynamicIHVP, FactorizationError, IllConditionedWarning  # noqa: E402
 from mfac_core import jax as mj  # noqa: E402
 from mfac_core.testing import (  # noqa: E402
@@ -35,6 +36,8 @@ from mfac_core.testing import (  # noqa: E402
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Where the mfac_core under test was imported from: children import the same copy.
+PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(mfac_core.__file__)))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -66,7 +69,7 @@ def test_import_mfac_core_does_not_import_jax():
         "import sys, mfac_core; assert 'jax' not in sys.modules and 'optax' not in "
         "sys.modules, sorted(m for m in sys.modules if 'jax' in m)"
     )
-    env = {**os.environ, "PYTHONPATH": ROOT}
+    env = {**os.environ, "PYTHONPATH": PACKAGE_PARENT}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=ROOT)
 
 
@@ -77,7 +80,7 @@ def test_docstring_examples():
         f"{doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE}); "
         "assert r.failed == 0 and r.attempted >= 10, r"
     )
-    env = {**os.environ, "PYTHONPATH": ROOT}
+    env = {**os.environ, "PYTHONPATH": PACKAGE_PARENT}
     proc = subprocess.run(
         [sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True
     )

@@ -425,7 +425,7 @@ def test_damping_sweep_validation(rng):
     G, theta = rng.standard_normal((3, 10)), rng.standard_normal(10)
     with pytest.raises(ValueError, match="damp"):
         damping_sweep(theta, G, [0.1, -1.0], sparsity=0.5)
-    with pytest.raises(TypeError, match="damps"):
+    with pytest.raises(TypeError, match="dampings must be a sequence"):
         damping_sweep(theta, G, 0.1, sparsity=0.5)
     with pytest.raises(ValueError, match="sparsity"):
         damping_sweep(theta, G, [0.1], sparsity=1.0)

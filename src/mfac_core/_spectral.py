@@ -70,6 +70,13 @@ _PIECE_ENTRIES = 2**22
 _DIAG_PIECE_ENTRIES = 2**16
 _DIAG_MIN_COLS = 256
 
+#: The most dampings of a sweep through the kernels of ``_fused`` (they do 8 per read of V).
+_FUSED_MAX_DAMPINGS = 8
+
+#: The smallest blocks whose diagonal goes through the kernels: their coefficients are padded to
+#: 8 dampings per block, 16 / B times the size of a float32 V (B = 16: as large as V, and slower).
+_FUSED_MIN_BLOCK = 64
+
 #: The powers of F the closed forms cover: F^{-1}, F^{-1/2}, F^{1/2}, F.
 _POWERS = (-1.0, -0.5, 0.5, 1.0)
 
@@ -495,7 +502,10 @@ class SpectralIHVP(LinearOperator):
         return parts[0] if len(parts) == 1 else xp.concat(parts)
 
     def sweep(self, x: Array, /, *, damps: Sequence[float]) -> Array:
-        """Apply this power of F at each of K dampings to ``x``, in one pass over ``V``.
+        """Apply this power of F at each of K dampings to ``x``, in two passes over ``V``.
+
+        ``V x`` once, then the K results together: about the cost of one product,
+        not K (docs/beyond.rst, "Speed").
 
         Parameters
         ----------
@@ -537,7 +547,9 @@ class SpectralIHVP(LinearOperator):
         # costs about 3x a GEMV pass (it packs V, then computes; docs/beyond.rst, "Speed").
         xp = self._xp
         alphas, H = self._coefs(dl)
-        fused = _fused.supports(self._V)
+        # The kernels compute 8 dampings per read of V: at K = 1 a GEMV pass is faster, and
+        # above 8 the GEMM's one read beats their K / 8.
+        fused = _fused.supports(self._V) and 2 <= len(dl) <= _FUSED_MAX_DAMPINGS
         parts = []
         for g, h in zip(self._groups, H, strict=True):
             V, xg = self._V[:, g.start : g.end], x[g.start : g.end]
@@ -593,7 +605,7 @@ class SpectralIHVP(LinearOperator):
         fused = _fused.supports(self._V)
         parts = []
         for g, h in zip(self._groups, H, strict=True):
-            if fused:
+            if fused and (g.count == 1 or g.size >= _FUSED_MIN_BLOCK):
                 # One read of V in place, each block with its coefficients, sums in float64
                 # (the BLAS path below converts pieces of V to float64 first: 3-4x slower).
                 size = None if g.count == 1 else g.size

@@ -147,12 +147,12 @@ def check_damp(damp: Any) -> float:
     return value
 
 
-def check_dampings(damps: Any) -> list[float]:
+def check_dampings(damps: Any, name: str = "damps") -> list[float]:
     """A non-empty sequence of valid dampings (:func:`check_damp`), as Python floats."""
     if isinstance(damps, (str, bytes)) or not isinstance(damps, Sequence):
-        raise TypeError(f"damps must be a sequence of real numbers, got {type(damps).__name__}")
+        raise TypeError(f"{name} must be a sequence of real numbers, got {type(damps).__name__}")
     if not damps:
-        raise ValueError("damps must hold at least one damping")
+        raise ValueError(f"{name} must hold at least one damping")
     return [check_damp(dp) for dp in damps]
 
 

@@ -1083,7 +1083,7 @@ def damping_sweep(
     storage = _check_grads(xp, theta, G)
     mask = _check_mask(xp, theta, mask)
     sparsity = check_fraction(sparsity, "sparsity")
-    dampings = check_dampings(dampings)  # before the O(d m^2) set-up
+    dampings = check_dampings(dampings, "dampings")  # before the O(d m^2) set-up
     if storage is not None:
         G = xp.astype(G, xp.float32)
     op = SpectralIHVP(G, damp=1.0, block_size=block_size)
@@ -1280,7 +1280,7 @@ def select_damping(
     if not callable(loss):
         raise TypeError(f"loss must be callable, got {type(loss).__name__}")
     _check_selection_options("obs", update)
-    dampings = check_dampings(dampings)  # before the O(d m^2) set-up
+    dampings = check_dampings(dampings, "dampings")  # before the O(d m^2) set-up
     G = G * xp.astype(mask, G.dtype)  # pruned coordinates decouple (module Notes)
     op = SpectralIHVP(G, damp=1.0, block_size=block_size)
     diag = op.diagonal(damps=dampings)  # one pass for all K

@@ -79,7 +79,7 @@ def max_threads() -> int:
     """The most threads one call uses (see the module's docstring)."""
     for name in _THREAD_VARIABLES:
         value = os.environ.get(name, "").split(",")[0].strip()
-        if value.isdigit() and int(value) > 0:
+        if value.isascii() and value.isdigit() and int(value) > 0:
             return int(value)
     if hasattr(os, "sched_getaffinity"):
         return max(1, len(os.sched_getaffinity(0)))
@@ -168,7 +168,10 @@ def _check(V: Any, start: int, stop: int, coefs: Any, alpha: Any) -> tuple[int, 
 
 
 def project(V: Any, x: Any, /, *, start: int, stop: int, isa: str | None = None) -> Any:
-    """``V[:, start:stop] @ x`` summed in float64, shape (m,): one read of V.
+    """``V[:, start:stop] @ x`` as float64, shape (m,): one read of V.
+
+    Sums run in V's dtype within chunks of 32 KiB of each row (as a BLAS GEMV's would) and
+    across chunks in float64.
 
     ``x`` (stop - start,) is converted (rounded) to V's dtype first. The partial sums of
     the pieces are added in their order: the result does not depend on the threads or
@@ -177,7 +180,7 @@ def project(V: Any, x: Any, /, *, start: int, stop: int, isa: str | None = None)
     m, ld = V.shape if supports(V) else (0, 0)
     _check(V, start, stop, np.empty((0, m)), np.empty(0))
     n = stop - start
-    x = np.ascontiguousarray(x, dtype=V.dtype)
+    x = np.require(x, V.dtype, ["C", "A"])  # contiguous and aligned, as the kernels load it
     if x.shape != (n,):
         raise ValueError(f"x must have shape ({n},), got {x.shape}")
     if m == 0 or n == 0:
@@ -199,7 +202,8 @@ def project(V: Any, x: Any, /, *, start: int, stop: int, isa: str | None = None)
 def apply(
     V: Any, C: Any, alpha: Any, x: Any, /, *, start: int, stop: int, isa: str | None = None
 ) -> Any:
-    """``alpha[:, None] * x + C @ V[:, start:stop]``, in V's dtype, in one read of V.
+    """``alpha[:, None] * x + C @ V[:, start:stop]``, in V's dtype: one read of V per eight
+    dampings.
 
     ``C`` is (K, m), ``alpha`` (K,) and ``x`` (stop - start,), all converted to V's dtype.
     The m terms are summed in V's dtype (in another order than BLAS's), then
@@ -210,7 +214,7 @@ def apply(
     alpha = np.asarray(alpha, dtype=dt)
     m, ld = _check(V, start, stop, C, alpha)
     n = stop - start
-    x = np.ascontiguousarray(x, dtype=dt)
+    x = np.require(x, dt, ["C", "A"])
     if x.shape != (n,):
         raise ValueError(f"x must have shape ({n},), got {x.shape}")
     K = C.shape[0]
@@ -251,7 +255,7 @@ def diagonal(
 
     ``H`` is (K, m), or with ``block_size`` (K, blocks, m): the coefficients of each
     block of ``block_size`` columns (the last may be shorter); ``alpha`` is (K,). One read
-    of V whatever K (eight dampings at a time).
+    of V per eight dampings.
     """
     H = np.asarray(H, dtype=np.float64)
     alpha = np.asarray(alpha, dtype=np.float64)

@@ -1,7 +1,7 @@
 /*
  * Fused passes over V for the spectral operator at K dampings (mfac_core._fused).
  *
- *   project:  y[i] = sum_j V[i, j] x[j], in float64                (the first pass of a sweep)
+ *   project:  y[i] = sum_j V[i, j] x[j], chunks added in float64   (the first pass of a sweep)
  *   apply:    Y[k, j] = a[k] x[j] + sum_i C[k, i] V[i, j]         (its second pass)
  *   diagonal: D[k, j] = a[k] + sum_i H[k, i] V[i, j]^2, in float64 (diagonal at K dampings)
  *
@@ -22,6 +22,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -162,6 +163,10 @@ static int check_len(const Py_buffer *b, Py_ssize_t count1, Py_ssize_t count2,
     }
     if (b->len < bytes) {
         PyErr_Format(PyExc_ValueError, "%s holds %zd bytes, %zd needed", name, b->len, bytes);
+        return -1;
+    }
+    if ((uintptr_t)b->buf % (uintptr_t)itemsize != 0) {
+        PyErr_Format(PyExc_ValueError, "%s is not aligned to its %zd-byte items", name, itemsize);
         return -1;
     }
     return 0;
@@ -312,7 +317,7 @@ done:
 
 static PyMethodDef methods[] = {
     {"best_isa", py_best_isa, METH_NOARGS, "The fastest instruction set this CPU runs (1-3)."},
-    {"project", py_project, METH_VARARGS, "y = V x over a column range, in float64."},
+    {"project", py_project, METH_VARARGS, "y = V x over a column range (float64 result)."},
     {"apply", py_apply, METH_VARARGS, "Y = a x + C V over a column range (see _passes.c)."},
     {"diagonal", py_diagonal, METH_VARARGS, "D = a + H (V * V) over a column range, in float64."},
     {NULL, NULL, 0, NULL},
