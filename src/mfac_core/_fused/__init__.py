@@ -22,7 +22,7 @@ from __future__ import annotations
 import importlib
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -167,6 +167,22 @@ def _check(V: Any, start: int, stop: int, coefs: Any, alpha: Any) -> tuple[int, 
     return m, ld
 
 
+def _eight_at_a_time(coefs: Any, alpha: Any, dtype: Any) -> Iterator[tuple[int, int, Any, Any]]:
+    """The dampings in groups of eight, as the kernels take them.
+
+    ``coefs`` is (K, blocks, m); yields ``(k0, kk, c, a)`` with ``c`` (blocks, m, 8), each
+    block's m x 8 coefficients in one piece of memory, and ``a`` (8,), both zero past ``kk``.
+    """
+    K, blocks, m = coefs.shape
+    for k0 in range(0, K, 8):
+        kk = min(8, K - k0)
+        c = np.zeros((blocks, m, 8), dtype=dtype)
+        c[:, :, :kk] = np.transpose(coefs[k0 : k0 + kk], (1, 2, 0))
+        a = np.zeros(8, dtype=dtype)
+        a[:kk] = alpha[k0 : k0 + kk]
+        yield k0, kk, c, a
+
+
 def project(V: Any, x: Any, /, *, start: int, stop: int, isa: str | None = None) -> Any:
     """``V[:, start:stop] @ x`` as float64, shape (m,): one read of V.
 
@@ -223,12 +239,7 @@ def apply(
         Y[...] = alpha[:, None] * x
         return Y
     code, dbl = _isa_code(isa), dt == np.float64
-    for k0 in range(0, K, 8):
-        kk = min(8, K - k0)
-        Ct = np.zeros((m, 8), dtype=dt)
-        Ct[:, :kk] = C[k0 : k0 + kk].T
-        a8 = np.zeros(8, dtype=dt)
-        a8[:kk] = alpha[k0 : k0 + kk]
+    for k0, kk, Ct, a8 in _eight_at_a_time(C[:, None, :], alpha, dt):
         Yk = Y[k0 : k0 + kk]
 
         def call(
@@ -279,13 +290,7 @@ def diagonal(
         D[...] = alpha[:, None]
         return D
     code, dbl = _isa_code(isa), V.dtype == np.float64
-    for k0 in range(0, K, 8):
-        kk = min(8, K - k0)
-        # (blocks, m, 8): each block's m x 8 coefficients in one piece of memory.
-        Ht = np.zeros((blocks.shape[1], m, 8))
-        Ht[:, :, :kk] = np.transpose(blocks[k0 : k0 + kk], (1, 2, 0))
-        a8 = np.zeros(8)
-        a8[:kk] = alpha[k0 : k0 + kk]
+    for k0, kk, Ht, a8 in _eight_at_a_time(blocks, alpha, np.float64):
         Dk = D[k0 : k0 + kk]
 
         def call(
