@@ -151,7 +151,8 @@ def _run(call: Callable[[int, int, int], None], m: int, n: int) -> int:
     return len(pieces)
 
 
-def _check(V: Any, start: int, stop: int, coefs: Any, alpha: Any) -> tuple[int, int]:
+def _check(V: Any, start: int, stop: int, coefs: Any = None, alpha: Any = None) -> tuple[int, int]:
+    """V's ``(m, ld)`` after checking V, the columns and (if given) the coefficients."""
     if not supports(V):
         raise TypeError(
             "V must be a C-ordered, aligned float32 or float64 NumPy array, and the extension built"
@@ -159,7 +160,9 @@ def _check(V: Any, start: int, stop: int, coefs: Any, alpha: Any) -> tuple[int, 
     m, ld = V.shape
     if not 0 <= start <= stop <= ld:
         raise ValueError(f"columns [{start}, {stop}) are not inside V's {ld}")
-    if coefs.ndim not in (2, 3) or coefs.shape[-1] != m or alpha.shape != (coefs.shape[0],):
+    if coefs is not None and (
+        coefs.ndim not in (2, 3) or coefs.shape[-1] != m or alpha.shape != (coefs.shape[0],)
+    ):
         raise ValueError(
             f"coefficients of shape {coefs.shape} and alpha of shape {alpha.shape} do not "
             f"match V's {m} rows"
@@ -193,8 +196,7 @@ def project(V: Any, x: Any, /, *, start: int, stop: int, isa: str | None = None)
     the pieces are added in their order: the result does not depend on the threads or
     their timing.
     """
-    m, ld = V.shape if supports(V) else (0, 0)
-    _check(V, start, stop, np.empty((0, m)), np.empty(0))
+    m, ld = _check(V, start, stop)
     n = stop - start
     x = np.require(x, V.dtype, ["C", "A"])  # contiguous and aligned, as the kernels load it
     if x.shape != (n,):
