@@ -439,13 +439,13 @@ def test_nonfinite_rows_reads_in_pieces():
 
 
 def test_ihvp_warnings_come_before_the_summary(tmp_path, capsys):
-    # float32 with kappa ~ 1e10: eps * kappa > 1, so StaticIHVP warns (float64 still
-    # factorises m damp I + G G^T).
+    # kappa ~ 1e18: eps64 * kappa > 1, so StaticIHVP warns (float64 still factorises
+    # m damp I + G G^T, whose Gram is well conditioned).
     rng = np.random.default_rng(3)
     np.save(tmp_path / "G.npy", rng.standard_normal((M, D)).astype(np.float32))
     np.save(tmp_path / "v.npy", rng.standard_normal(D).astype(np.float32))
     status = run(
-        ["ihvp", tmp_path / "G.npy", tmp_path / "v.npy", "-o", tmp_path / "o.npy", "--damp", "1e-9"]
+        ["ihvp", tmp_path / "G.npy", tmp_path / "v.npy", "-o", tmp_path / "o.npy", "--damp", "1e-17"]
     )
     assert status == 0
     lines = capsys.readouterr().err.splitlines()
@@ -455,7 +455,7 @@ def test_ihvp_warnings_come_before_the_summary(tmp_path, capsys):
     assert "ill-conditioned" in lines[warned[0]]
     assert warned[0] < wrote[0]
     with pytest.warns(IllConditionedWarning):  # the warning the command printed
-        StaticIHVP(np.load(tmp_path / "G.npy"), damp=1e-9)
+        StaticIHVP(np.load(tmp_path / "G.npy"), damp=1e-17)
 
 
 def test_ihvp_missing_output_folder(files, capsys):

@@ -705,14 +705,15 @@ def test_refinement_of_the_window_mean(zero_init):
 
 
 def test_hopeless_windows_warn_on_every_path(rng):
-    # Regression: only StaticIHVP warned when eps(dtype) * kappa >= 1.
+    # Regression: only StaticIHVP warned when eps * kappa >= 1 (eps64 now: the factor and
+    # the passes are float64 for every storage dtype). kappa ~ 1e18 here.
     G = rng.standard_normal((6, 40)).astype(np.float32)
     with pytest.warns(IllConditionedWarning):
-        DynamicIHVP.from_window(G, damp=1e-9)
+        DynamicIHVP.from_window(G, damp=1e-17)
     op = DynamicIHVP.from_window(G, damp=1.0)
     with pytest.warns(IllConditionedWarning):
-        op.set_damp(1e-9)
-    op = DynamicIHVP(6, 40, damp=1e-9, dtype="float32", update_method="refactor")
+        op.set_damp(1e-17)
+    op = DynamicIHVP(6, 40, damp=1e-17, dtype="float32", update_method="refactor")
     with pytest.warns(IllConditionedWarning):
         for g in G:
             op.update(g)

@@ -193,7 +193,10 @@ def test_half_window_takes_its_storage_dtype_and_refuses_overflow(case, rng):
         with pytest.raises(ValueError, match="NaN"):
             unchecked.update(backend.asarray(nan, "float32"))
     else:
-        with pytest.warns(IllConditionedWarning):  # kappa ~ 1e10 / (m damp)
+        # kappa ~ 1e10 / (m damp): within reach of the float64 factor and passes, so no
+        # warning (docs/mathematics.rst, "Exact passes").
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", IllConditionedWarning)
             op.update(backend.asarray(big, "float32"))
         op.remove(op.slots[-1])
     after = op.state_dict()

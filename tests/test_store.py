@@ -1,20 +1,24 @@
-"""Gradients larger than memory: ``StaticIHVP(G, out=W)``, read-only memmaps and
-``StaticIHVP.from_gradients`` (mfac_core._store), against the float64 oracles."""
+"""Gradients larger than memory: read-only memmaps of G, the deprecated ``out=`` and
+``overwrite_G=`` (the operator stores no W), and ``StaticIHVP.from_gradients``
+(mfac_core._store), against the float64 oracles."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import itertools
 import os
 import tracemalloc
+import warnings
 
 import numpy as np
 import pytest
 from conftest import rounded
 
+import mfac_core._engine
 import mfac_core._gform
 from mfac_core import StaticIHVP
-from mfac_core._group_factors import WoodburyFactor
+from mfac_core._gform import DenseBlockInverses64, GFormFactor
 from mfac_core._store import TextProgress
 from mfac_core.testing import (
     SpectralOracle,
@@ -24,11 +28,11 @@ from mfac_core.testing import (
     to_numpy,
 )
 
-# (m, d, block_size): layouts with a Woodbury group (W is written) and without.
+# (m, d, block_size): layouts with a group of blocks wider than m (the G-form) and without.
 LAYOUTS = {
     "full": (5, 40, None),
-    "woodbury-blocks+dense-ragged": (3, 23, 7),
-    "woodbury-blocks+woodbury-ragged": (3, 14, 5),
+    "gform-blocks+dense-ragged": (3, 23, 7),
+    "gform-blocks+gform-ragged": (3, 14, 5),
     "dense-blocks": (6, 23, 4),
 }
 
@@ -66,114 +70,162 @@ def _peak(call):
         tracemalloc.stop()
 
 
-def _W(op):
-    return next(f.W for f in op._factors if isinstance(f, WoodburyFactor))
+def _assert_gform(op, G):
+    """The operator reads G itself (by reference) and holds no W: its factors are the
+    G-form's (over G) and float64 dense inverses of blocks no wider than m."""
+    m = G.shape[0]
+    assert op._factors
+    for f in op._factors:
+        assert isinstance(f, (GFormFactor, DenseBlockInverses64)), type(f)
+        if isinstance(f, GFormFactor):
+            assert f.G is G
+            assert f.group.size > m
+        else:
+            assert f.group.size <= m
+            assert to_numpy(f.inverses).dtype == np.float64
 
 
-# -- out= ----------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _deprecated():
+    """``out=``/``overwrite_G=`` warn (DeprecationWarning, "no W") once, at the caller's line."""
+    with pytest.warns(DeprecationWarning, match="no W") as record:
+        yield
+    ours = [w for w in record if w.category is DeprecationWarning and "no W" in str(w.message)]
+    assert len(ours) == 1, [str(w.message) for w in ours]
+    assert ours[0].filename == __file__, ours[0].filename  # not a line inside mfac_core
+
+
+@contextlib.contextmanager
+def _not_deprecated():
+    """The deprecation of ``out=``/``overwrite_G=`` raised as an error (it must not occur)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*no W", category=DeprecationWarning)
+        yield
+
+
+# -- out= and overwrite_G=: deprecated, ignored --------------------------------------------
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_out_receives_W(xp_device, dtype, layout, rng):
+def test_out_and_overwrite_G_warn_and_change_nothing(xp_device, dtype, layout, rng):
     m, d, bs = LAYOUTS[layout]
     G, damp = _data(rng, m, d, dtype)
     be = xp_device
     Gb = be.asarray(G, dtype)
-    out = be.asarray(np.zeros((m, d)), dtype)
-    if not be.mutable:
-        with pytest.raises(ValueError, match="writeable"):
-            StaticIHVP(Gb, damp=damp, block_size=bs, out=out)
-        return
-    op = StaticIHVP(Gb, damp=damp, block_size=bs, out=out)
-    ref = StaticIHVP(be.asarray(G, dtype), damp=damp, block_size=bs)
+    with _not_deprecated():
+        ref = StaticIHVP(Gb, damp=damp, block_size=bs)
+    _assert_gform(ref, Gb)
     oracle = SpectralOracle(G, damp, block_size=bs)
     X = rounded(rng.standard_normal((d, 2)), dtype)
-    assert_close(op.matmat(be.asarray(X, dtype)), oracle.matmat(X), kappa=oracle.kappa)
-    assert_close(op.diagonal(), oracle.diagonal(), kappa=oracle.kappa)
-    np.testing.assert_array_equal(to_numpy(Gb), G)  # G is kept
-    if layout == "dense-blocks":
-        assert not np.any(to_numpy(out))  # no W needed: out untouched
-        return
-    # out holds W (the Woodbury columns), and the operator reads it there.
-    W_ref = np.hstack([to_numpy(f.W) for f in ref._factors if isinstance(f, WoodburyFactor)])
-    wood = W_ref.shape[1]
-    np.testing.assert_array_equal(to_numpy(out)[:, :wood], W_ref)
-    assert not np.any(to_numpy(out)[:, wood:])
-    if be.is_numpy:
-        assert np.shares_memory(_W(op), out)
+    Xb = be.asarray(X, dtype)
+    Y, diag = to_numpy(ref.matmat(Xb)), to_numpy(ref.diagonal())
+    assert_close(Y, oracle.matmat(X), kappa=oracle.kappa)
+    assert_close(diag, oracle.diagonal(), kappa=oracle.kappa)
+    # What out= used to receive (W) is not written: out keeps these values, bit for bit.
+    before = rounded(rng.standard_normal((m, d)), dtype)
+    out = be.asarray(before, dtype)
+    cases = {
+        "out": {"out": out},
+        "overwrite_G": {"overwrite_G": True},
+        "out=G, overwrite_G": {"out": Gb, "overwrite_G": True},
+        "out=G": {"out": Gb},
+    }
+    for case, kwargs in cases.items():
+        with _deprecated():
+            op = StaticIHVP(Gb, damp=damp, block_size=bs, **kwargs)
+        np.testing.assert_array_equal(to_numpy(Gb), G, err_msg=case)  # G is kept
+        np.testing.assert_array_equal(to_numpy(out), before, err_msg=case)
+        _assert_gform(op, Gb)
+        # The same operator as without the keywords, bit for bit.
+        np.testing.assert_array_equal(to_numpy(op.matmat(Xb)), Y, err_msg=case)
+        np.testing.assert_array_equal(to_numpy(op.diagonal()), diag, err_msg=case)
 
 
-def test_out_is_G_with_overwrite_G(rng):
+def test_outs_once_refused_now_only_warn(strict_device1, rng):
+    # The out= arrays the operator used to refuse (they could not hold W) are ignored now:
+    # each one warns, is left as it was, and the operator is the one without it.
     G, damp = _data(rng, 4, 30, "float64")
-    Gw = G.copy()
-    op = StaticIHVP(Gw, damp=damp, out=Gw, overwrite_G=True)
-    assert np.shares_memory(_W(op), Gw)
-    assert_close(op.diagonal(), np.diag(dense_inverse(G, damp)), kappa=op.kappa_bound)
-
-
-def test_out_refused_before_anything_is_written(numpy_backend, strict_device1, rng):
-    G, damp = _data(rng, 4, 30, "float64")
-    zeros = np.zeros((4, 30))
-    read_only = np.zeros((4, 30))
+    with _not_deprecated():
+        expected = StaticIHVP(G, damp=damp).todense()
+    assert_close(expected, dense_inverse(G, damp), kappa=condition_number(G, damp))
+    read_only = np.ones((4, 30))
     read_only.setflags(write=False)
-    torch = pytest.importorskip("torch")
-    cases = [
-        (np.zeros((4, 31)), ValueError, "shape"),
-        (np.zeros((4, 30), np.float32), TypeError, "dtype"),
-        (read_only, ValueError, "writeable"),
-        (torch.zeros(4, 30, dtype=torch.float64), TypeError, "torch"),
-    ]
-    for out, exc, match in cases:
-        with pytest.raises(exc, match=match):
-            StaticIHVP(G, damp=damp, out=out)
-    with pytest.raises(ValueError, match="device"):
-        StaticIHVP(
-            strict_device1.asarray(G, "float64"),
-            damp=damp,
-            out=strict_device1.xp.zeros((5, 30), dtype=strict_device1.xp.float64),
-        )
-    # Overlapping G: a view of the same buffer, G itself without overwrite_G, or both.
     buf = np.zeros((8, 30))
     Gv = buf[:4]
     Gv[...] = G
-    for out, kwargs, match in [
-        (buf[2:6], {}, "overlaps G"),
-        (Gv, {}, "overwrite_G=True"),
-        (zeros, {"overwrite_G": True}, "one or the other"),
-    ]:
-        before = buf.copy()
-        with pytest.raises(ValueError, match=match):
-            StaticIHVP(Gv, damp=damp, out=out, **kwargs)
-        np.testing.assert_array_equal(buf, before)
-    assert not np.any(zeros)
-    with pytest.raises(ValueError, match="2-byte"):
-        StaticIHVP(G.astype(np.float16), damp=damp, out=np.zeros((4, 30), np.float16))
+    cases = [
+        (G, np.full((4, 31), 2.0), {}),  # another shape
+        (G, np.full((4, 30), 2.0, np.float32), {}),  # another dtype
+        (G, read_only, {}),
+        (G, strict_device1.asarray(np.full((4, 30), 2.0), "float64"), {}),  # library, device
+        (Gv, buf[2:6], {}),  # overlapping G
+        (Gv, Gv, {}),  # G itself, without overwrite_G
+        (Gv, np.full((4, 30), 2.0), {"overwrite_G": True}),  # W "twice"
+    ]
+    for index, (Gi, out, kwargs) in enumerate(cases):
+        G_before, out_before = to_numpy(Gi).copy(), to_numpy(out).copy()
+        with _deprecated():
+            op = StaticIHVP(Gi, damp=damp, out=out, **kwargs)
+        np.testing.assert_array_equal(to_numpy(Gi), G_before, err_msg=str(index))
+        np.testing.assert_array_equal(to_numpy(out), out_before, err_msg=str(index))
+        _assert_gform(op, Gi)
+        np.testing.assert_array_equal(op.todense(), expected, err_msg=str(index))
+    np.testing.assert_array_equal(buf[4:], 0.0)
+    # 2-byte G (which never had a W): warns too, and is the 2-byte operator as before.
+    G16 = G.astype(np.float16)
+    out16 = np.full((4, 30), 2.0, np.float16)
+    with _deprecated():
+        op = StaticIHVP(G16, damp=damp, out=out16)
+    assert op.storage_dtype == "float16" and op.dtype == np.float32
+    _assert_gform(op, G16)
+    np.testing.assert_array_equal(out16, 2.0)
+    oracle = SpectralOracle(G16.astype(np.float64), damp)
+    assert_close(op.diagonal(), oracle.diagonal(), kappa=oracle.kappa)
+    # The flag itself is still checked: a string is no flag.
+    with pytest.raises(TypeError, match="overwrite_G"):
+        StaticIHVP(G, damp=damp, overwrite_G="yes")
 
 
-def test_out_overlap_torch(rng):
+def test_out_overlapping_G_torch(rng):
     torch = pytest.importorskip("torch")
     G, damp = _data(rng, 3, 20, "float64")
     buf = torch.zeros(6, 20, dtype=torch.float64)
-    buf[:3] = torch.tensor(G)
-    with pytest.raises(ValueError, match="overlaps G"):
-        StaticIHVP(buf[:3], damp=damp, out=buf[3:])  # one storage: refused (conservative)
-    op = StaticIHVP(buf[:3], damp=damp, out=torch.zeros(3, 20, dtype=torch.float64))
+    Gv = buf[:3]
+    Gv[...] = torch.tensor(G)
+    before = buf.clone()
+    with _deprecated():
+        op = StaticIHVP(Gv, damp=damp, out=buf[3:])  # one storage: once refused, now ignored
+    assert torch.equal(buf, before)
+    _assert_gform(op, Gv)
     assert_close(op.diagonal(), np.diag(dense_inverse(G, damp)), kappa=op.kappa_bound)
+    with _deprecated():
+        op = StaticIHVP(Gv, damp=damp, overwrite_G=True)
+    assert torch.equal(buf, before)
+    x = rng.standard_normal(20)
+    assert_close(op.matvec(torch.tensor(x)), dense_inverse(G, damp) @ x, kappa=op.kappa_bound)
 
 
-def test_read_only_memmap_G_with_memmap_W_keeps_md_out_of_memory(tmp_path, rng):
-    m, d, damp = 16, 60_000, 1e-3
+# -- memory maps ---------------------------------------------------------------------------
+
+
+def test_read_only_memmap_G_keeps_md_out_of_memory(tmp_path, rng, monkeypatch):
+    # float64 pieces of 2**14 entries where the passes run without the C extension, so
+    # that the bounds below hold on that path too.
+    monkeypatch.setattr(mfac_core._engine, "PIECE_ENTRIES", 2**14)
+    m, d, damp = 32, 60_000, 1e-3
     G64 = rounded(rng.standard_normal((m, d)) / np.sqrt(d), "float32")
     G = _memmap(tmp_path / "G.npy", G64, np.float32)
     assert not G.flags.writeable
-    W = np.lib.format.open_memmap(tmp_path / "W.npy", mode="w+", dtype=np.float32, shape=(m, d))
     size = m * d * 4
     _warm_up()
-    op, peak = _peak(lambda: StaticIHVP(G, damp=damp, out=W))
-    # Without out the set-up allocates an m x d W (size); with it only bounded pieces.
+    # The measure sees an m x d array that NumPy allocates (so the bounds below can fail).
+    _, peak = _peak(lambda: G * 1)
+    assert peak >= size, (peak, size)
+    with _not_deprecated():
+        op, peak = _peak(lambda: StaticIHVP(G, damp=damp))
+    # No W and no copy of G: only bounded float64 pieces of the Gram and m x m matrices.
     assert peak < size / 8, (peak, size)
-    _, peak_without = _peak(lambda: StaticIHVP(G, damp=damp))
-    assert peak_without >= size
+    _assert_gform(op, G)
     x = rounded(rng.standard_normal(d), "float32")
     y, peak = _peak(lambda: op.matvec(x.astype(np.float32)))
     assert peak < size / 4, (peak, size)  # a few vectors, no m x d temporary
@@ -181,14 +233,17 @@ def test_read_only_memmap_G_with_memmap_W_keeps_md_out_of_memory(tmp_path, rng):
     oracle = SpectralOracle(G64, damp)
     assert_close(y, oracle.matvec(x), kappa=oracle.kappa)
     assert_close(op.diagonal(), oracle.diagonal(), kappa=oracle.kappa)
-    # W is on disk: a fresh read-only map of the file serves the same products.
-    W.flush()
-    again = np.load(tmp_path / "W.npy", mmap_mode="r")
-    np.testing.assert_array_equal(again, W)
+    X = rounded(rng.standard_normal((d, 2)), "float32")
+    assert_close(op.matmat(X.astype(np.float32)), oracle.matmat(X), kappa=oracle.kappa)
+    # G is only read, and nothing was written beside it.
+    assert os.listdir(tmp_path) == ["G.npy"]
+    np.testing.assert_array_equal(np.load(tmp_path / "G.npy"), G64.astype(np.float32))
 
 
 def test_half_read_only_memmap_end_to_end(tmp_path, rng, monkeypatch):
-    # Float32 pieces of 2**14 entries, so that G spans many of them.
+    # Pieces of 2**14 entries (the engine's float64 pieces where the C extension is not
+    # used, the pruning diagonal's float32 ones), so that G spans many of them.
+    monkeypatch.setattr(mfac_core._engine, "PIECE_ENTRIES", 2**14)
     monkeypatch.setattr(mfac_core._gform, "COMPUTE_ENTRIES", 2**14)
     m, d, damp = 12, 50_000, 1e-3
     G = _memmap(tmp_path / "G16.npy", rng.standard_normal((m, d)) / np.sqrt(d), np.float16)
@@ -226,32 +281,46 @@ def test_from_gradients_to_files(tmp_path, rng):
     m, d = 8, 500
     G, damp = _data(rng, m, d, "float32")
     calls = []
-    op = StaticIHVP.from_gradients(
-        (g for g in G),
-        num_grads=m,
-        dim=d,
-        damp=damp,
-        dtype="float32",
-        grads_out=tmp_path / "G.npy",
-        out=str(tmp_path / "W.npy"),
-        progress=lambda *a: calls.append(a),
-    )
+    with _not_deprecated():
+        op = StaticIHVP.from_gradients(
+            (g for g in G),
+            num_grads=m,
+            dim=d,
+            damp=damp,
+            dtype="float32",
+            grads_out=tmp_path / "G.npy",
+            progress=lambda *a: calls.append(a),
+        )
     stored = np.load(tmp_path / "G.npy", mmap_mode="r")
     np.testing.assert_array_equal(stored, G)  # the gradients, reopenable
-    np.testing.assert_array_equal(np.load(tmp_path / "W.npy", mmap_mode="r"), _W(op))
-    assert isinstance(_W(op), np.memmap)
+    assert os.listdir(tmp_path) == ["G.npy"]  # no file for W: there is none
+    # The operator reads the file's memmap itself.
+    (Gop,) = {id(f.G): f.G for f in op._factors}.values()
+    assert isinstance(Gop, np.memmap) and os.path.samefile(Gop.filename, tmp_path / "G.npy")
+    _assert_gform(op, Gop)
     assert [c[1:] for c in calls if c[0] == "gradients"] == [(i, m) for i in range(1, m + 1)]
     setup = [c[1:] for c in calls if c[0] == "set-up"]
-    assert setup[-1] == (2 * d, 2 * d) and [s for s, _ in setup] == sorted(s for s, _ in setup)
+    # One pass over the d columns (the Gram; no second pass writing W).
+    assert setup and setup[-1] == (d, d) and {t for _, t in setup} == {d}
+    assert [s for s, _ in setup] == sorted(s for s, _ in setup)
     assert calls.index(next(c for c in calls if c[0] == "set-up")) == m  # stages in order
     oracle = SpectralOracle(G, damp)
     assert_close(op.diagonal(), oracle.diagonal(), kappa=oracle.kappa)
-    # overwrite_G: one file, G's then W's; float16 storage: the G-form over the file.
-    op1 = StaticIHVP.from_gradients(
-        iter(G), num_grads=m, dim=d, damp=damp, grads_out=tmp_path / "GW.npy", overwrite_G=True
-    )
-    assert_close(np.load(tmp_path / "GW.npy"), _W(op), kappa=oracle.kappa, dtype="float32")
+    # out= (a path) and overwrite_G=: warned about, ignored; no W.npy, G's file is G.
+    with _deprecated():
+        op1 = StaticIHVP.from_gradients(
+            iter(G),
+            num_grads=m,
+            dim=d,
+            damp=damp,
+            grads_out=tmp_path / "GW.npy",
+            out=tmp_path / "W.npy",
+            overwrite_G=True,
+        )
+    assert sorted(os.listdir(tmp_path)) == ["G.npy", "GW.npy"]
+    np.testing.assert_array_equal(np.load(tmp_path / "GW.npy"), G)
     assert_close(op1.diagonal(), oracle.diagonal(), kappa=oracle.kappa)
+    # float16 storage: the G-form over the file.
     op2 = StaticIHVP.from_gradients(
         iter(G), num_grads=m, dim=d, damp=damp, dtype=np.float16, grads_out=tmp_path / "H.npy"
     )
@@ -315,17 +384,13 @@ def _bad_cases(G):
         ("bad damp", lambda: iter(G), {"damp": -1.0}, ValueError, "damp"),
         ("bad dtype", lambda: iter(G), {"dtype": "int8"}, TypeError, "dtype"),
         ("bad progress", lambda: iter(G), {"progress": "yes"}, TypeError, "progress"),
-        (
-            "W twice",
-            lambda: iter(G),
-            {"out": "W.npy", "overwrite_G": True},
-            ValueError,
-            "one or the other",
-        ),
+        ("bad overwrite_G", lambda: iter(G), {"overwrite_G": "yes"}, TypeError, "overwrite_G"),
+        # The deprecated out= (a path) makes no file, and G's file is removed as ever.
+        ("too few, out=", lambda: iter(G[:-1]), {"out": "W.npy"}, ValueError, "ended after"),
     ]
 
 
-@pytest.mark.parametrize("case", range(14))
+@pytest.mark.parametrize("case", range(15))
 def test_from_gradients_errors_leave_nothing_behind(case, tmp_path, rng, monkeypatch):
     monkeypatch.chdir(tmp_path)
     G, damp = _data(rng, 8, 20, "float64")
@@ -340,11 +405,14 @@ def test_from_gradients_errors_leave_nothing_behind(case, tmp_path, rng, monkeyp
     source = make() if name == "not iterable" else gradients()
     opts = {"num_grads": 8, "dim": 20, "damp": damp, "grads_out": tmp_path / "G.npy"}
     opts.update(kwargs)
-    with pytest.raises(exc, match=match):
+    warns = _deprecated() if "out" in kwargs else contextlib.nullcontext()
+    with warns, pytest.raises(exc, match=match):
         StaticIHVP.from_gradients(source, **opts)
     assert os.listdir(tmp_path) == []  # the files it had created are removed
-    if name in ("bad damp", "bad dtype", "bad progress", "W twice"):
+    if name in ("bad damp", "bad dtype", "bad progress", "bad overwrite_G"):
         assert not consumed  # refused before the data loader was touched
+    elif name != "not iterable":
+        assert consumed  # the others fail on (or after) the gradients
 
 
 def test_from_gradients_user_arrays_and_existing_files(tmp_path, rng):
@@ -354,13 +422,31 @@ def test_from_gradients_user_arrays_and_existing_files(tmp_path, rng):
         StaticIHVP.from_gradients(
             iter(G), num_grads=4, dim=20, damp=damp, grads_out=tmp_path / "G.npy"
         )
-    with pytest.raises(FileExistsError):
-        StaticIHVP.from_gradients(iter(G), num_grads=4, dim=20, damp=damp, out=tmp_path / "G.npy")
     assert (tmp_path / "G.npy").read_bytes() == b"precious"
-    with pytest.raises(ValueError, match="same file"):
-        StaticIHVP.from_gradients(
-            iter(G), num_grads=4, dim=20, damp=damp, grads_out="a.npy", out="a.npy"
+    # out= is ignored: an existing file named by it is neither refused nor touched, an
+    # array is left as it was, and the same path as grads_out is only grads_out.
+    with _deprecated():
+        op = StaticIHVP.from_gradients(
+            iter(G), num_grads=4, dim=20, damp=damp, out=tmp_path / "G.npy"
         )
+    assert (tmp_path / "G.npy").read_bytes() == b"precious"
+    assert_close(op.todense(), dense_inverse(G, damp), kappa=condition_number(G, damp))
+    W = np.full((4, 20), 2.0)
+    with _deprecated():
+        StaticIHVP.from_gradients(iter(G), num_grads=4, dim=20, damp=damp, out=W)
+    np.testing.assert_array_equal(W, 2.0)
+    with _deprecated():
+        op = StaticIHVP.from_gradients(
+            iter(G),
+            num_grads=4,
+            dim=20,
+            damp=damp,
+            grads_out=tmp_path / "a.npy",
+            out=tmp_path / "a.npy",
+        )
+    np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), G)
+    assert sorted(os.listdir(tmp_path)) == ["G.npy", "a.npy"]
+    assert_close(op.todense(), dense_inverse(G, damp), kappa=condition_number(G, damp))
     # A store the caller passes: checked first, keeps the rows read before a failure.
     with pytest.raises(ValueError, match="shape"):
         StaticIHVP.from_gradients(
@@ -401,9 +487,14 @@ def _guidance_example() -> str:
 def test_guidance_example_runs(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     ns: dict = {}
-    exec(compile(_guidance_example(), "guidance.rst", "exec"), ns)
+    with _not_deprecated():  # the example uses no deprecated keyword
+        exec(compile(_guidance_example(), "guidance.rst", "exec"), ns)
     assert "100%" in capsys.readouterr().err  # the text bar
-    assert sorted(os.listdir(tmp_path)) == ["G.npy", "W.npy", "W2.npy"]
+    assert os.listdir(tmp_path) == ["G.npy"]  # the gradients' file, and no W
+    # Both operators read that file (the second through a read-only map of it).
+    assert isinstance(ns["op"]._factors[0].G, np.memmap)
+    assert isinstance(ns["G"], np.memmap) and not ns["G"].flags.writeable
+    _assert_gform(ns["op2"], ns["G"])
     G = np.load(tmp_path / "G.npy").astype(np.float64)
     theta, damp = ns["theta"].astype(np.float64), ns["damp"]
     oracle = SpectralOracle(G, damp)

@@ -22,7 +22,7 @@ from ._capacitance import CapacitanceFactor
 from ._compat import Array, array_namespace, detached
 from ._compat import device as device_of
 from ._errors import FactorizationError, NotPositiveDefinite
-from ._gform import half_matvecs64, half_product64, half_transpose_product
+from . import _engine
 from ._layout import BlockGroup, chunk_gram, pieces
 from ._operator import DEFAULT_MAX_DENSE_ENTRIES, LinearOperator
 from ._refine import fisher_residual, refine
@@ -706,14 +706,18 @@ class DynamicIHVP(LinearOperator):
         return _SlotFactor.build(factor, slots, self.num_grads)
 
     def _warn_if_hopeless(self, factor: CapacitanceFactor) -> None:
-        """Warn, once until the window recovers, when eps(dtype) * kappa >= 1.
+        """Warn, once until the window recovers, when eps(float64) * kappa >= 1.
+
+        The passes and the factor are float64 whatever the storage dtype
+        (docs/mathematics.rst, "Exact passes"), so the storage's own eps does not
+        decide when digits run out.
 
         Checked at every full factorisation (at least every ``refactor_every``
         edits), where the kappa bounds come for free.
         """
         if factor.kappa is None:
             return
-        eps = float(self._xp.finfo(self.dtype).eps)
+        eps = float(self._xp.finfo(self._xp.float64).eps)
         hopeless = eps * factor.kappa[0] >= 1.0
         if hopeless and not getattr(self, "_warned_hopeless", False):
             _capacitance.warn_if_hopeless(
@@ -722,7 +726,7 @@ class DynamicIHVP(LinearOperator):
                 if not self.zero_init
                 else factor.shift / self.num_grads,
                 eps=eps,
-                dtype=self.dtype,
+                dtype="float64 (the passes' accumulation)",
             )
         self._warned_hopeless = hopeless
 
@@ -857,10 +861,10 @@ class DynamicIHVP(LinearOperator):
         """
         xp = self._xp
         if self.storage_dtype is None:
-            return xp.astype(self._G @ g, xp.float64), None
+            return _engine.project(xp, self._G, g[:, None])[:, 0], None
         stored = xp.astype(self._G[slot, ...], self.dtype)
-        b, p = half_matvecs64(xp, self._G, [stored, g], self.dtype)
-        return b, p[:, None]
+        P = _engine.project_rows(xp, self._G, xp.stack([stored, g], axis=0))
+        return P[:, 0], P[:, 1:]
 
     def _place(self, slot: int, g: Array, b: Array | None = None) -> tuple[Array, Any, Any]:
         """Put gradient ``g`` into ``slot``; return it (checked) and its Gram row (float64).
@@ -880,7 +884,6 @@ class DynamicIHVP(LinearOperator):
         xp = self._xp
         old = xp.asarray(self._G[slot, ...], copy=True)
         gram = None
-        exact = self.dtype == xp.float64 or b is not None
         product = None
         try:
             if b is None:
@@ -890,28 +893,20 @@ class DynamicIHVP(LinearOperator):
             try:
                 factor, refactored = self._edited(slot, b)
             except FactorizationError:
-                if exact:
-                    raise
-                # Single-precision rounding of ``G g`` (a length-d sum) can make a window
-                # of nearly collinear gradients indefinite (docs/mathematics.rst,
-                # "Mixed-precision Gram"): the row again with float64 accumulation, and
-                # the whole Gram matrix too unless it is already exact.
-                exact = True
                 if self._exact_gram:
-                    b = self._exact_row(self._G[slot, ...])  # the stored gradient
-                    factor, refactored = self._edited(slot, b)
-                else:
-                    gram = self._exact_gram_matrix()
-                    b = xp.asarray(gram[slot, :], copy=True)
-                    factor, refactored = self._edited(slot, b, gram=gram)
+                    raise
+                # The row is exact (the engine sums in float64), but the rest of a Gram
+                # loaded from an older checkpoint may hold single-precision rounding
+                # that makes nearly collinear windows indefinite: recompute it, once.
+                gram = self._exact_gram_matrix()
+                b = xp.asarray(gram[slot, :], copy=True)
+                factor, refactored = self._edited(slot, b, gram=gram)
         except BaseException:
             self._G[slot, ...] = old
             raise
         if gram is not None:
             self._gram = gram
             self._exact_gram = True
-        elif not exact:
-            self._exact_gram = False
         self._gram[slot, :] = b
         self._gram[:, slot] = b
         self._commit(factor, refactored=refactored)
@@ -1006,17 +1001,6 @@ class DynamicIHVP(LinearOperator):
             return []
         whole = BlockGroup(0, 1, self.dim)
         return list(pieces(whole, max(1, _PIECE_ENTRIES // self.num_grads)))
-
-    def _exact_row(self, g: Array) -> Any:
-        """``G g`` accumulated in float64, a bounded column piece at a time (O(m d))."""
-        xp, G = self._xp, self._G
-        b = None
-        for _, _, c0, c1 in self._pieces():
-            part = xp.astype(G[:, c0:c1], xp.float64) @ xp.astype(g[c0:c1], xp.float64)
-            b = part if b is None else b + part
-        if b is None:  # a shard without columns
-            b = xp.zeros((self.num_grads,), dtype=xp.float64, device=self.device)
-        return self._summed(b)
 
     def _exact_gram_matrix(self) -> Any:
         """The buffer's Gram matrix accumulated in float64 (O(m^2 d), on the rare path)."""
@@ -1165,16 +1149,11 @@ class DynamicIHVP(LinearOperator):
         """``(X - G^T C^{-1} P) / damp`` given ``P = G X`` (float64, slot order)."""
         if not self._factor.slots:
             return X / self.damp
-        A = self._xp.astype(self._factor.coefficients(P), self.dtype)
-        if self.storage_dtype is not None:
-            return half_transpose_product(self._xp, self._G, X, A, 1.0 / self.damp, self.dtype)
-        return (X - self._G.T @ A) / self.damp
+        A = self._factor.coefficients(P)
+        return _engine.combine(self._xp, self._G, X, A, alpha=1.0 / self.damp, dtype=self.dtype)
 
     def _solve(self, X: Array) -> Array:
-        xp = self._xp
-        if self.storage_dtype is not None:
-            return self._finish(X, self._summed(half_product64(xp, self._G, X, self.dtype)))
-        return self._finish(X, self._summed(xp.astype(self._G @ X, xp.float64)))
+        return self._finish(X, self._summed(_engine.project(self._xp, self._G, X)))
 
     def _matmat(self, X: Array) -> Array:
         return self._refined(X, self._solve(X))
@@ -1239,7 +1218,7 @@ class DynamicIHVP(LinearOperator):
             if X2.shape[1] != k:
                 raise ValueError(f"X must have {k} columns on every rank, got {X2.shape[1]}")
             checked.append(X2)
-            return xp.reshape(xp.astype(self._G @ X2, xp.float64), (-1,))
+            return xp.reshape(_engine.project(xp, self._G, X2), (-1,))
 
         what = "DynamicIHVP.matvec" if name == "x" else "DynamicIHVP.matmat"
         P = self._reduced(local, self.num_grads * k, what, _OP_PRODUCT)

@@ -1,15 +1,18 @@
-"""The static inverse for 2-byte gradients (float16, bfloat16): ``F^{-1}`` through G itself.
+"""The static inverse in the G-form: ``F^{-1}`` through the stored gradients and a float64 factor.
 
-``W = U^{-T} G`` is never stored in 2 bytes: its rounding (``eps = 2**-8`` for
-bfloat16) would set the precision of every product. The operator keeps G as
-given, and the float64 factor ``C = U^T U`` of the capacitance matrix, and applies
+The operator keeps G as given (any storage dtype: float32, float64, float16,
+bfloat16) and, per group of blocks wider than m, the float64 upper Cholesky
+factors ``U_b`` of the capacitance matrices ``C_b = m damp I + G_b G_b^T`` (Gram
+summed in float64), and applies
 
-    F^{-1} x = (x - G^T C^{-1} G x) / damp
+    F_b^{-1} x_b = (x_b - G_b^T C_b^{-1} G_b x_b) / damp
 
-with both passes over G in float32, the *compute dtype* (docs/mathematics.rst,
-"2-byte storage"): G is cast to float32 a column piece at a time, small enough to
-stay in cache, so memory is ``m d * 2`` bytes plus O(m^2) and the pieces, and
-the results have float32's precision.
+with both passes over G summed in float64 by the pass engine (``_engine``), the
+result rounded once to the operator's dtype (docs/mathematics.rst, "Exact
+passes"). No derived m x d array (``W = U^{-T} G``) is stored: the diagonal and
+single entries whiten the columns they need on the fly, in float64 (O(m^2) per
+coordinate, BLAS-3), where ``1 - ||w_j||^2`` cancels for coordinates the
+gradients cover well.
 """
 
 from __future__ import annotations
@@ -18,17 +21,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from . import _engine
 from ._capacitance import CapacitanceFactor
 from ._compat import Array, array_namespace, device, is_writeable_array
-from ._layout import BlockGroup
+from ._layout import BlockGroup, pieces, piece_stack
 
-__all__ = [
-    "GFormFactor",
-    "half_matvecs64",
-    "half_product",
-    "half_product64",
-    "half_transpose_product",
-]
+__all__ = ["DenseBlockInverses64", "GFormFactor", "cast_pieces"]
 
 #: float32 entries of one cast piece of G (4 MiB): large enough that the per-piece
 #: overhead of a library call stays small, small enough to be read back from cache.
@@ -71,120 +69,114 @@ def cast_pieces(xp: Any, G: Array, compute: Any) -> Iterator[tuple[int, int, Arr
         yield c0, c1, piece
 
 
-def half_product(xp: Any, G: Array, X: Array, compute: Any) -> Array:
-    """``G @ X`` (``(m, n)`` 2-byte, ``(n, k)`` compute dtype), summed over float32 pieces."""
-    P = None
-    for c0, c1, piece in cast_pieces(xp, G, compute):
-        term = piece @ X[c0:c1, ...]
-        P = term if P is None else P + term
-    return P
-
-
-def half_product64(xp: Any, G: Array, X: Array, compute: Any) -> Array:
-    """``G @ X`` in float64: float32 products over cast pieces of G, summed in float64.
-
-    The dynamic window's Gram rows come from here: each piece's product of
-    2-byte values is exact term by term and summed in float32 over at most one
-    piece's columns, so the rounding of a row is that of a float32 dot product
-    of one piece's length, not of all d columns.
-    """
-    P = None
-    for c0, c1, piece in cast_pieces(xp, G, compute):
-        term = xp.astype(piece @ X[c0:c1, ...], xp.float64)
-        P = term if P is None else P + term
-    return P
-
-
-def half_matvecs64(xp: Any, G: Array, vectors: list[Array], compute: Any) -> list[Array]:
-    """``G @ v`` in float64 for each of a few vectors, one cast piece of G serving all.
-
-    As :func:`half_product64`, with one matrix-vector product per vector on each
-    cached piece: libraries run those at bandwidth, a product with a two-column
-    matrix not always (PyTorch's CPU one took five times as long).
-    """
-    out: list[Any] = [None] * len(vectors)
-    for c0, c1, piece in cast_pieces(xp, G, compute):
-        for i, v in enumerate(vectors):
-            term = xp.astype(piece @ v[c0:c1], xp.float64)
-            out[i] = term if out[i] is None else out[i] + term
-    return out
-
-
-def half_transpose_product(
-    xp: Any, G: Array, X: Array, A: Array, alpha: float, compute: Any
-) -> Array:
-    """``alpha * (X - G^T A)`` (``(n, k)``), a float32 piece of G at a time."""
-    out = xp.empty(X.shape, dtype=compute, device=device(X))
-    writable = is_writeable_array(out)
-    parts = []
-    for c0, c1, piece in cast_pieces(xp, G, compute):
-        Y = alpha * (X[c0:c1, ...] - xp.matrix_transpose(piece) @ A)
-        if writable:
-            out[c0:c1, ...] = Y
-        else:
-            parts.append(Y)
-    if writable:
-        return out
-    return parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)
 
 
 @dataclass(frozen=True)
 class GFormFactor:
-    """One block of 2-byte gradients ``G`` (``(m, n)``) and the float64 factor of its C.
+    """A group of blocks in the G-form: G (all of it; the group's columns are used) and
+    the float64 factor stack ``U`` ``(count, m, m)`` of the blocks' capacitance matrices.
 
     Offers the group-factor interface of ``_group_factors`` (``apply``,
-    ``apply_vector``, ``diagonal``, ``entries``) with results in ``compute``
-    (float32).
+    ``apply_vector``, ``diagonal``, ``entries``) with results in ``dtype``.
     """
 
     group: BlockGroup
     G: Array
     factor: CapacitanceFactor
     damp: float
-    compute: Any
+    dtype: Any
 
     @property
     def xp(self) -> Any:
         return array_namespace(self.G)
 
     def apply(self, X: Array, /) -> Array:
-        xp = self.xp
-        P = xp.astype(half_product(xp, self.G, X, self.compute), xp.float64)
-        A = xp.astype(self.factor.solve(P), self.compute)
-        return half_transpose_product(xp, self.G, X, A, 1.0 / self.damp, self.compute)
+        xp, g = self.xp, self.group
+        P = _engine.project_blocks(xp, self.G, g, X)
+        A = self.factor.solve(P)
+        return _engine.combine_blocks(xp, self.G, g, X, A, alpha=1.0 / self.damp, dtype=self.dtype)
 
     def apply_vector(self, x: Array, /) -> Array:
         return self.apply(x[:, None])[:, 0]
 
-    def _whitened(self, cols: Array) -> Array:
-        """``U^{-T} G[:, cols]`` in float64 (``cols`` a slice's columns or taken ones)."""
-        return self.factor.lower_inverse() @ self.xp.astype(cols, self.xp.float64)
-
     def diagonal(self) -> Array:
-        # (1 - ||U^{-T} g_j||^2) / damp in float64, a bounded piece at a time: O(m^2 d),
-        # since no W is stored (the W-form's diagonal is O(m d)).
-        xp, G = self.xp, self.G
+        # (1 - ||U_b^{-T} g_j||^2) / damp in float64, a bounded piece at a time: one
+        # triangular product over G (the BLAS-3 work a stored W would have cost at set-up).
+        xp, g, G = self.xp, self.group, self.G
         Linv = self.factor.lower_inverse()
-        m, n = G.shape
-        width = max(1, CHUNK_ENTRIES // m)
+        m = G.shape[0]
         parts = []
-        for lo in range(0, n, width):
-            Z = Linv @ xp.astype(G[:, lo : min(lo + width, n)], xp.float64)
-            parts.append(xp.astype((1.0 - xp.sum(Z * Z, axis=0)) / self.damp, self.compute))
+        for b0, b1, c0, c1 in pieces(g, max(1, CHUNK_ENTRIES // max(m, 1))):
+            Z = Linv[b0:b1, ...] @ xp.astype(piece_stack(xp, G, g, (b0, b1, c0, c1)), xp.float64)
+            D = (1.0 - xp.sum(Z * Z, axis=-2)) / self.damp
+            parts.append(xp.astype(xp.reshape(D, (-1,)), self.dtype))
+        if not parts:
+            return xp.zeros((0,), dtype=self.dtype, device=device(G))
         return parts[0] if len(parts) == 1 else xp.concat(parts)
 
     def entries(self, rows: Array, cols: Array, /) -> Array:
-        xp, G = self.xp, self.G
+        # (delta_jk - w_j^T w_k) / damp with w_j = U_b^{-T} g_j in float64. Each chunk of
+        # pairs whitens its distinct coordinates once (O(m^2) each), then every pair is one
+        # dot product (O(m)): the k^2 entries of a k x k submatrix cost O(m^2 k + m k^2).
+        # rows and cols are group-local and in one block each (the operator masks others).
+        xp, g, G = self.xp, self.group, self.G
         Linv = self.factor.lower_inverse()
+        m = G.shape[0]
         n = rows.shape[0]
-        width = max(1, CHUNK_ENTRIES // G.shape[0])
+        per_column = m * (m if g.count > 1 else 1)  # a gathered factor per column if blocks
+        width = max(1, CHUNK_ENTRIES // max(2 * per_column, 1))
         parts = []
         for lo in range(0, n, width):
-            r, c = rows[lo : lo + width], cols[lo : lo + width]
-            Zr = Linv @ xp.astype(xp.take(G, r, axis=1), xp.float64)
-            Zc = Linv @ xp.astype(xp.take(G, c, axis=1), xp.float64)
+            hi = min(lo + width, n)
+            r, c = rows[lo:hi], cols[lo:hi]
+            coords, where = xp.unique_inverse(xp.concat([r, c]))
+            Gu = xp.astype(xp.take(G, coords + g.start, axis=1), xp.float64)  # (m, u)
+            if g.count == 1:
+                Z = Linv[0, ...] @ Gu
+            else:
+                L = xp.take(Linv, coords // g.size, axis=0)  # (u, m, m): each one's block
+                Z = xp.matrix_transpose((L @ xp.matrix_transpose(Gu)[..., None])[..., 0])
+            Zr = xp.take(Z, where[: hi - lo], axis=1)
+            Zc = xp.take(Z, where[hi - lo :], axis=1)
             delta = xp.astype(r == c, xp.float64)
-            parts.append(xp.astype((delta - xp.sum(Zr * Zc, axis=0)) / self.damp, self.compute))
+            parts.append(xp.astype((delta - xp.sum(Zr * Zc, axis=0)) / self.damp, self.dtype))
         if not parts:
-            return xp.zeros((0,), dtype=self.compute, device=device(G))
+            return xp.zeros((0,), dtype=self.dtype, device=device(G))
         return parts[0] if len(parts) == 1 else xp.concat(parts)
+
+
+@dataclass(frozen=True)
+class DenseBlockInverses64:
+    """The float64 dense inverses ``(count, size, size)`` of a group's blocks (size <= m).
+
+    Products are computed in float64 and rounded once to ``dtype``: an inverse rounded
+    to float32 would carry an error of ``eps32 * kappa`` into every product.
+    """
+
+    group: BlockGroup
+    inverses: Array
+    dtype: Any
+
+    @property
+    def xp(self) -> Any:
+        return array_namespace(self.inverses)
+
+    def apply(self, X: Array, /) -> Array:
+        xp, g = self.xp, self.group
+        Xb = xp.reshape(xp.astype(X, xp.float64), (g.count, g.size, X.shape[-1]))
+        Y = xp.reshape(self.inverses @ Xb, (g.count * g.size, X.shape[-1]))
+        return xp.astype(Y, self.dtype)
+
+    def apply_vector(self, x: Array, /) -> Array:
+        return self.apply(x[:, None])[:, 0]
+
+    def diagonal(self) -> Array:
+        xp = self.xp
+        return xp.astype(xp.reshape(xp.linalg.diagonal(self.inverses), (-1,)), self.dtype)
+
+    def entries(self, rows: Array, cols: Array, /) -> Array:
+        s = self.group.size
+        # int64 offsets: a stack of B x B blocks can hold more than 2**31 entries.
+        flat = (rows // s) * (s * s) + (rows % s) * s + (cols % s)
+        xp = self.xp
+        return xp.astype(xp.take(xp.reshape(self.inverses, (-1,)), flat), self.dtype)

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 from . import _capacitance, _linalg
 from ._compat import Array, device, is_writeable_array
 from ._errors import FactorizationError
+from ._gform import DenseBlockInverses64, GFormFactor
 from ._group_factors import DenseBlockInverses, GroupFactor, WoodburyFactor
 from ._layout import (
     BlockGroup,
@@ -36,7 +37,14 @@ from ._layout import (
     piece_stack,
 )
 
-__all__ = ["AssembledSink", "SetupResult", "WritableSink", "choose_sink", "factorize_groups"]
+__all__ = [
+    "AssembledSink",
+    "SetupResult",
+    "WritableSink",
+    "choose_sink",
+    "factorize_gform_groups",
+    "factorize_groups",
+]
 
 #: float64 entries in one column piece of the set-up (32 MiB).
 PIECE_ENTRIES = 2**22
@@ -179,15 +187,24 @@ def _raise_non_finite(xp: Any, columns: Array, offset: int) -> None:
 
 
 def _dense_inverses(
-    xp: Any, G: Array, group: BlockGroup, *, damp: float, check: bool, track: _Tracker
+    xp: Any,
+    G: Array,
+    group: BlockGroup,
+    *,
+    damp: float,
+    check: bool,
+    track: _Tracker,
+    dtype: Any = None,
+    second_pass: bool = True,
 ) -> DenseBlockInverses:
     m = G.shape[0]
     s = group.size
-    # The inverses go chunk by chunk into one array of the storage dtype where the
+    dtype = G.dtype if dtype is None else dtype
+    # The inverses go chunk by chunk into one array of ``dtype`` where the
     # library's arrays can be written: no join of per-chunk parts at the end, which
     # would hold the group's inverses twice.
-    writeable = is_writeable_array(xp.empty((0,), dtype=G.dtype, device=device(G)))
-    out = xp.empty((group.count, s, s), dtype=G.dtype, device=device(G)) if writeable else None
+    writeable = is_writeable_array(xp.empty((0,), dtype=dtype, device=device(G)))
+    out = xp.empty((group.count, s, s), dtype=dtype, device=device(G)) if writeable else None
     parts = []
     # F_b = damp I + G_b^T G_b / m is only size x size (size <= m): invert it densely.
     # Its Gram needs whole blocks, at most m columns each: O(m^2) memory.
@@ -202,10 +219,11 @@ def _dense_inverses(
         # rounded to the storage dtype once.
         parts.append(
             _linalg.cholesky_inverse(
-                xp, factor.U, G.dtype, out=None if out is None else out[b0:b1, ...]
+                xp, factor.U, dtype, out=None if out is None else out[b0:b1, ...]
             )
         )
-        track.advance(sum((p1 - p0) * (c1 - c0) for p0, p1, c0, c1 in chunk))
+        if second_pass:  # the W-form's progress counts two passes over the columns
+            track.advance(sum((p1 - p0) * (c1 - c0) for p0, p1, c0, c1 in chunk))
     if out is not None:
         return DenseBlockInverses(group, out)
     return DenseBlockInverses(group, parts[0] if len(parts) == 1 else xp.concat(parts))
@@ -293,30 +311,6 @@ def mixed_precision_factor(
     return _capacitance.factorize(xp, gram, shift=m * damp, scale=1.0, damp=damp), 1
 
 
-def factorize_gform(
-    xp: Any,
-    G: Array,
-    group: BlockGroup,
-    *,
-    damp: float,
-    check_finite: bool,
-    progress: Callable[[int, int], None] | None,
-) -> tuple[_capacitance.CapacitanceFactor, int]:
-    """The capacitance factor of one block of 2-byte gradients, and whether it was recomputed.
-
-    The G-form keeps no W, so the set-up is the Gram product alone (one pass),
-    in float32 products checked like float32 storage (see :func:`mixed_gram_trusted`).
-    """
-    track = _Tracker(progress, group.count * group.size)
-    (chunk,) = list(chunks(group, _piece_width(G)))  # one block: one chunk of pieces
-    factor = _woodbury_factor(xp, G, group, chunk, damp=damp, check=check_finite, track=track)
-    # The chunk's stack holds one block: its factor as a single matrix.
-    single = _capacitance.CapacitanceFactor(
-        factor.U[0, ...], factor.shift, factor.scale, factor.kappa
-    )
-    return single, track.recomputed
-
-
 def _woodbury_columns(
     xp: Any, G: Array, group: BlockGroup, sink: Sink, *, damp: float, check: bool, track: _Tracker
 ) -> None:
@@ -367,3 +361,58 @@ def factorize_groups(
             built[g] if W is None or dense[g] else WoodburyFactor(g, W[:, g.start : g.end], damp)
         )
     return SetupResult(tuple(factors), track.kappa_lo, track.kappa_hi, track.recomputed)
+
+
+def factorize_gform_groups(
+    xp: Any,
+    G: Array,
+    groups: tuple[BlockGroup, ...],
+    *,
+    damp: float,
+    dtype: Any,
+    check_finite: bool,
+    progress: Callable[[int, int], None] | None,
+) -> SetupResult:
+    """Factorise every group of ``F = damp I + G^T G / m`` for the G-form (``_gform``).
+
+    The set-up is one pass over G: each chunk's Gram matrices summed in float64 from
+    float64 column pieces (docs/mathematics.rst, "Exact passes": products of float32
+    or 2-byte values are exact in float64), factorised in float64. Groups of blocks
+    no wider than m keep their float64 dense inverses (:class:`DenseBlockInverses64`),
+    the others the factor stack of their blocks (:class:`GFormFactor`), over G itself;
+    results are in ``dtype``.
+    """
+    m = G.shape[0]
+    track = _Tracker(progress, G.shape[1])
+
+    def product(X: Array) -> Array:
+        return X @ xp.matrix_transpose(X)
+
+    factors: list[GroupFactor] = []
+    for group in groups:
+        if group.size <= m:
+            dense = _dense_inverses(
+                xp,
+                G,
+                group,
+                damp=damp,
+                check=check_finite,
+                track=track,
+                dtype=xp.float64,
+                second_pass=False,
+            )
+            factors.append(DenseBlockInverses64(group, dense.inverses, dtype))
+            continue
+        stacks = []
+        kappa_lo = kappa_hi = 1.0
+        for chunk in chunks(group, _piece_width(G)):
+            gram = _checked_gram(xp, G, group, chunk, product, track, check_finite)
+            factor = _capacitance.factorize(xp, gram, shift=m * damp, scale=1.0, damp=damp)
+            track.add(factor)
+            lo, hi = factor.kappa if factor.kappa is not None else (1.0, 1.0)
+            kappa_lo, kappa_hi = max(kappa_lo, lo), max(kappa_hi, hi)
+            stacks.append(factor.U)
+        U = stacks[0] if len(stacks) == 1 else xp.concat(stacks, axis=0)
+        whole = _capacitance.CapacitanceFactor(U, m * damp, 1.0, (kappa_lo, kappa_hi))
+        factors.append(GFormFactor(group, G, whole, damp, dtype))
+    return SetupResult(tuple(factors), track.kappa_lo, track.kappa_hi, 0)

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import inspect
 import os
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from . import _capacitance, _setup, _sharded_static, _store, _streaming
 from ._compat import Array, device
-from ._gform import GFormFactor
+from ._errors import user_stacklevel
 from ._group_factors import GroupFactor
 from ._layout import BlockGroup, block_groups, lowrank_apply
 from ._operator import LinearOperator
@@ -94,20 +95,21 @@ class StaticIHVP(_BlockOperatorBase):
     ``F = damp * I + G.T @ G / m`` for the gradients in the rows of ``G``
     (shape ``(m, d)``), optionally restricted to a block-diagonal matrix over
     consecutive blocks of ``block_size`` coordinates. The operator is
-    factorised once, in O(d m^2) BLAS-3 work, and then applies ``F^{-1}`` in
-    O(d m) per vector, gives single entries of ``F^{-1}`` in O(m) and its
-    diagonal in O(d m).
+    factorised once, in O(d m^2) BLAS-3 work (one Gram product), keeps G by
+    reference, and then applies ``F^{-1}`` in O(d m) per vector, with both
+    passes over G summed in float64 (results exact to the rounding of the
+    result dtype, see Notes); its diagonal costs O(d m^2) BLAS-3 work and
+    single entries O(m^2) per distinct coordinate plus O(m) per entry.
 
     Parameters
     ----------
     G : array, shape (m, d)
         The gradients, one per row, of any Array-API library; float32 or
-        float64. The operator lives in G's namespace and on G's device.
-        2-byte gradients (NumPy and CuPy float16, PyTorch float16 and
-        bfloat16) are kept as given, for the full operator with ``d > m``:
-        the operator then computes in float32 and its ``dtype`` is float32
-        (docs/mathematics.rst, "2-byte storage"; one step of ``refine``
-        brings vectors in the gradients' span to the float32 precision).
+        float64, or 2-byte (NumPy and CuPy float16, PyTorch float16 and
+        bfloat16), whose results are float32 (docs/mathematics.rst, "2-byte
+        storage"). The operator lives in G's namespace and on G's device and
+        keeps G by reference (no copy): G must not be modified while the
+        operator is in use.
         A ``dask.array.Array`` chunked along d (one chunk along m) gives the
         operator over Dask, whose results are Dask arrays (docs/dask.rst).
     damp : float
@@ -118,33 +120,27 @@ class StaticIHVP(_BlockOperatorBase):
         coordinates (the last block may be shorter). ``None`` (default) uses
         the full F.
     overwrite_G : bool, optional
-        Reuse G's memory for the m x d working array ``W = L^{-1} G``, so the
-        operator needs no second m x d array. G's contents are destroyed
-        (also when the set-up fails, for instance on a NaN found late in G).
-        Needs a writeable array (not JAX).
+        Deprecated, ignored (a ``DeprecationWarning``): the operator stores no
+        working array ``W = L^{-1} G`` any more, so there is nothing to write
+        over G, and G is left as it is.
     check_finite : bool, optional
         Check G, and later each input vector, for NaN and infinity
         (default ``True``; one extra read of each array).
     refine : int, optional
         Steps of iterative refinement in every product (default 0): each
         computes the residual ``x - F y`` from G in float64 and adds
-        ``F^{-1}`` of it. One step brings the error of vectors near the
-        gradients' span down to ``eps * kappa`` (see Notes); it costs about
-        two more products and two float64 passes over G, which the operator
-        then keeps (by reference). Not with ``overwrite_G``.
+        ``F^{-1}`` of it. For float64 G one step brings the error of vectors
+        near the gradients' span down to ``eps * kappa`` (see Notes); float32
+        and 2-byte products are already at float32's rounding. A step costs
+        about two more products and two float64 passes over G.
     progress : callable, optional
         Called as ``progress(done, total)`` while the set-up runs, with the
-        amount of work done so far and in all (two passes over d columns).
+        amount of work done so far and in all (one pass over d columns).
     out : array, shape (m, d), optional
-        Where to write ``W = U^{-T} G`` instead of a new array: a writeable
-        array of G's library, device, shape and dtype that does not overlap G,
-        for instance a NumPy ``memmap`` (with a read-only memmap G, nothing of
-        size m x d is then held in memory; docs/guidance.rst, "Gradients
-        larger than memory"). The operator keeps it by reference and reads it
-        in every product. Columns of blocks no wider than m (which keep dense
-        inverses, in memory) are left as they were. After a failed set-up its
-        contents are unspecified (partly written), and no operator exists.
-        Not for 2-byte G (which keeps no W); ``out=G`` is ``overwrite_G=True``.
+        Deprecated, ignored (a ``DeprecationWarning``): it named where ``W``
+        went, and no ``W`` is stored any more. A read-only memmap G alone
+        keeps nothing of size m x d in memory (docs/guidance.rst, "Gradients
+        larger than memory").
     stream_to : str or torch.device, optional
         PyTorch only: build the operator for this device (e.g. ``"cuda"``)
         from a G in host memory, keeping W in host memory too (a new pinned
@@ -189,15 +185,13 @@ class StaticIHVP(_BlockOperatorBase):
     ------
     ValueError
         For a G that is not 2-D, empty, or holds NaN/inf, for ``damp <= 0``
-        and for ``block_size < 1``; for an ``out`` of another shape or
-        device, read-only, or overlapping G; for a ``stream_to`` that names
+        and for ``block_size < 1``; for a ``stream_to`` that names
         no available device, or options it does not support; with ``comm``,
         also for ranks that disagree on m or an option, shard boundaries that
         cut a block, or ``out``/``stream_to`` (not available sharded).
     TypeError
-        For an integer or complex G, or a G that is not an array; for an
-        ``out`` of another library or dtype; for ``stream_to`` with a G that
-        is not a PyTorch tensor.
+        For an integer or complex G, or a G that is not an array; for
+        ``stream_to`` with a G that is not a PyTorch tensor.
     FactorizationError
         If the capacitance matrix cannot be factorised in float64 (possible
         only when ``kappa`` approaches 1e16, e.g. duplicated gradients with a
@@ -210,33 +204,35 @@ class StaticIHVP(_BlockOperatorBase):
 
     Notes
     -----
-    With the capacitance matrix ``C = m damp I + G G^T = L L^T`` (Cholesky, in
-    float64) and ``W = L^{-1} G`` (stored in G's dtype), Woodbury's identity
-    gives
+    With the capacitance matrix ``C = m damp I + G G^T = L L^T`` (Cholesky of
+    the Gram summed in float64) and ``w_j = L^{-1} g_{:j}``, Woodbury's
+    identity gives
 
     .. math::
 
-        F^{-1} x = (x - W^T W x) / \lambda, \qquad
-        [F^{-1}]_{jk} = (\delta_{jk} - W_{:j}^T W_{:k}) / \lambda .
+        F^{-1} x = (x - G^T C^{-1} G x) / \lambda, \qquad
+        [F^{-1}]_{jk} = (\delta_{jk} - w_j^T w_k) / \lambda .
 
     These are the paper's recursions (3)-(5) in closed form: the LDL^T
-    pivots of ``C / lambda`` are its ``q_i`` and ``W`` its ``v_i`` up to
-    scaling. Blocks no larger than m store the dense inverse of their
-    ``B x B`` block instead, which is cheaper. All m x m work is float64;
-    for float32 (and 2-byte) G the Gram matrix of the Woodbury blocks is
-    summed in float64 from float32 products over short column pieces and
-    checked a posteriori, with a float64 recomputation where the check fails
-    (docs/mathematics.rst, "Mixed-precision Gram").
+    pivots of ``C / lambda`` are its ``q_i`` and ``W = L^{-1} G`` its
+    ``v_i`` up to scaling. Both passes of a product read G in its storage
+    dtype and accumulate in float64, the result rounded once; the diagonal
+    and entries whiten the columns they need in float64 on the fly (no
+    ``W`` is stored). Blocks no larger than m keep the float64 dense inverse
+    of their ``B x B`` block instead, which is cheaper. All m x m work is
+    float64 (docs/mathematics.rst, "Exact passes").
 
-    Precision, with ``kappa = 1 + ||G||_2^2 / (m damp)`` and ``y = F^{-1} x``:
-    the relative error of a product is at most about ``eps(dtype) * kappa *
-    ||x|| / (damp ||y||)``, and measured near ``eps * sqrt(kappa) * ||x|| /
-    (damp ||y||)``. The factor ``||x|| / (damp ||y||)`` lies between 1 (x
-    orthogonal to the gradients) and ``kappa`` (x along the top singular
-    direction of G, e.g. the gradients' mean), so random vectors see about
-    ``eps * sqrt(kappa)`` and the gradients' mean much more. One step of
-    ``refine`` brings every vector to about ``eps * ||x|| / (damp ||y||) <=
-    eps * kappa``.
+    Precision, with ``kappa = 1 + ||G||_2^2 / (m damp)``: for float32 and
+    2-byte G, products, diagonal and entries are within ``8 eps(float32)``
+    (relative, per coordinate for the diagonal) of the exact inverse of the
+    stored gradients for kappa up to about 1e7, whatever the vector; beyond,
+    the float64 work adds about ``eps(float64) * kappa``. For float64 G the
+    relative error is about ``eps * sqrt(kappa) * ||x|| / (damp ||y||)`` for
+    ``y = F^{-1} x``, which one step of ``refine`` brings to about ``eps *
+    ||x|| / (damp ||y||) <= eps * kappa``. The column-sharded operator, the
+    Dask operator and ``stream_to`` still store ``W`` in G's dtype and sum
+    its passes in that dtype: their float32 error is up to ``eps * kappa *
+    ||x|| / (damp ||y||)``.
 
     **Column-sharded (``comm``).** Everything m x m is replicated: the Gram
     matrix is summed over the ranks (one reduction of m^2 float64 numbers,
@@ -328,86 +324,36 @@ class StaticIHVP(_BlockOperatorBase):
                 progress=progress,
             )
             return
-        if out is not None:
-            _store.check_w_out(
-                xp,
-                self.device,
-                G,
-                out,
-                overwrite_G=overwrite_G,
-                half=self.storage_dtype is not None,
+        if overwrite_G or out is not None:
+            warnings.warn(
+                "StaticIHVP stores no W any more (its products read the gradients "
+                "themselves, summed in float64): out= and overwrite_G= are ignored and "
+                "will be removed; G is kept by reference and must not be modified while "
+                "the operator is in use",
+                DeprecationWarning,
+                stacklevel=user_stacklevel(),
             )
-        if self.storage_dtype is not None:
-            self._init_half(
-                G, overwrite_G=overwrite_G, check_finite=check_finite, progress=progress
-            )
-            return
-        if overwrite_G:
-            check_writeable(G, "G", why="overwrite_G=True")
-            if self.refine:
-                raise ValueError(
-                    "refine needs the gradients for its residuals, but "
-                    "overwrite_G=True replaces them by W; pass one or the other"
-                )
-        # Refinement's residuals read G (by reference, not copied); otherwise it is let go.
-        self._G = G if self.refine else None
-        wood_end = max((g.end for g in self._groups if g.size > self.num_grads), default=0)
-        if out is None or out is G:
-            sink = _setup.choose_sink(xp, G, wood_end, overwrite_G=overwrite_G, device=self.device)
-        else:
-            sink = _setup.WritableSink(xp, out[:, :wood_end])
-        result = _setup.factorize_groups(
+        # G is kept by reference (never copied): every product reads it.
+        self._G = G
+        result = _setup.factorize_gform_groups(
             xp,
             G,
             self._groups,
             damp=self.damp,
-            sink=sink,
+            dtype=self.dtype,
             check_finite=check_finite,
             progress=progress,
         )
         self._factors: tuple[GroupFactor, ...] = result.factors
         self.kappa_bound = result.kappa_hi
-        # Chunks whose single-precision Gram failed its check (kept for tests and benchmarks).
-        self._gram_recomputed = result.recomputed
-        _capacitance.warn_if_hopeless(
-            result.kappa_lo, damp=self.damp, eps=float(xp.finfo(self.dtype).eps), dtype=self.dtype
-        )
+        self._warn_if_hopeless(result.kappa_lo)
 
-    def _init_half(
-        self,
-        G: Array,
-        *,
-        overwrite_G: bool,
-        check_finite: bool,
-        progress: Callable[[int, int], None] | None,
-    ) -> None:
-        """The G-form set-up for 2-byte gradients (docs/mathematics.rst, "2-byte storage")."""
-        xp = self._xp
-        if overwrite_G:
-            raise ValueError(
-                f"overwrite_G=True has nothing to overwrite with {self.storage_dtype} "
-                "gradients: the operator keeps G itself (W is never stored in "
-                "2 bytes); drop overwrite_G"
-            )
-        if len(self._groups) != 1 or self._groups[0].count != 1 or self.dim <= self.num_grads:
-            raise ValueError(
-                f"{self.storage_dtype} gradients are supported for the full "
-                "operator with more coordinates than gradients (d > m, no "
-                "block_size) only; cast G to float32 for block-wise operators"
-            )
-        # G is kept (by reference) for every product, and for refinement's residuals.
-        self._G = G
-        factor, recomputed = _setup.factorize_gform(
-            xp, G, self._groups[0], damp=self.damp, check_finite=check_finite, progress=progress
-        )
-        self._factors = (GFormFactor(self._groups[0], G, factor, self.damp, xp.float32),)
-        self._gram_recomputed = recomputed
-        self.kappa_bound = factor.kappa[1] if factor.kappa is not None else 1.0
+    def _warn_if_hopeless(self, kappa_lo: float) -> None:
         _capacitance.warn_if_hopeless(
-            factor.kappa[0] if factor.kappa is not None else 1.0,
+            kappa_lo,
             damp=self.damp,
-            eps=float(xp.finfo(xp.float32).eps),
-            dtype="float32 (the compute dtype)",
+            eps=float(self._xp.finfo(self._xp.float64).eps),
+            dtype="float64 (the passes' accumulation)",
         )
 
     def _init_streamed(
@@ -477,9 +423,8 @@ class StaticIHVP(_BlockOperatorBase):
         """Collect gradients from an iterable (a data loader) into G, then build the operator.
 
         G is filled one gradient, or one batch of gradients, at a time, into
-        memory or into a ``.npy`` file opened as a memmap, so that neither G
-        nor W needs to fit in memory (docs/guidance.rst, "Gradients larger
-        than memory").
+        memory or into a ``.npy`` file opened as a memmap, so that G need not
+        fit in memory (docs/guidance.rst, "Gradients larger than memory").
 
         Parameters
         ----------
@@ -502,14 +447,11 @@ class StaticIHVP(_BlockOperatorBase):
             refused; reopen it later with ``numpy.load(path, mmap_mode="r")``),
             or a writeable ``(num_grads, dim)`` array to fill (any library).
         out : None, str, os.PathLike or array, optional
-            Where W goes (see :class:`StaticIHVP`, ``out``): a new array of
-            the library (``None``), a new ``.npy`` memmap file of that path,
-            or an array. Not with ``overwrite_G``, which writes W over G.
+            Deprecated, ignored (see :class:`StaticIHVP`); no file is made.
         block_size : int, optional
             As in :class:`StaticIHVP`.
         overwrite_G : bool, optional
-            As in :class:`StaticIHVP`: W is written over G (over its file,
-            for a path ``grads_out``).
+            Deprecated, ignored (see :class:`StaticIHVP`).
         check_finite : bool, optional
             As in :class:`StaticIHVP`; each gradient is checked as it arrives.
         refine : int, optional
@@ -524,9 +466,8 @@ class StaticIHVP(_BlockOperatorBase):
         Returns
         -------
         StaticIHVP
-            The operator; it keeps G (for ``refine`` and 2-byte storage) or W
-            by reference, so memmap files must stay where they are while it is
-            in use.
+            The operator; it keeps G by reference, so a memmap file must stay
+            where it is while the operator is in use.
 
         Raises
         ------
@@ -543,8 +484,8 @@ class StaticIHVP(_BlockOperatorBase):
         Notes
         -----
         Nothing half-built is left after a failure: files this method created
-        are removed. An array passed as ``grads_out`` or ``out`` keeps what was
-        written into it (the gradients read so far, a partial W).
+        are removed. An array passed as ``grads_out`` keeps what was
+        written into it (the gradients read so far).
 
         Examples
         --------
@@ -562,15 +503,13 @@ class StaticIHVP(_BlockOperatorBase):
         check_damp(damp)
         check_block_size(block_size, check_count(dim, "dim"))
         check_count(refine, "refine", minimum=0)
-        if check_flag(overwrite_G, "overwrite_G") and out is not None:
-            raise ValueError(
-                "overwrite_G=True writes W over G, and out names another place for W; "
-                "pass one or the other"
+        if check_flag(overwrite_G, "overwrite_G") or out is not None:
+            warnings.warn(
+                "StaticIHVP stores no W any more: out= and overwrite_G= are ignored and "
+                "will be removed (no file is made for out)",
+                DeprecationWarning,
+                stacklevel=user_stacklevel(),
             )
-        if _store.is_path(out):
-            _store.check_new_path(out, "out")
-            if _store.is_path(grads_out) and os.fspath(grads_out) == os.fspath(out):
-                raise ValueError("grads_out and out name the same file; give W a file of its own")
         created: list[_store.GradientStore] = []
         try:
             store = _store.gather_gradients(
@@ -583,22 +522,14 @@ class StaticIHVP(_BlockOperatorBase):
                 progress=report,
             )
             created.append(store)
-            G = store.array
-            W = out
-            if _store.is_path(out):
-                W_store = _store.open_store(out, tuple(G.shape), G.dtype, "out")
-                created.append(W_store)
-                W = W_store.array
             setup = None if report is None else _stage(report, "set-up")
             return cls(
-                G,
+                store.array,
                 damp=damp,
                 block_size=block_size,
-                overwrite_G=overwrite_G,
                 check_finite=check_finite,
                 refine=refine,
                 progress=setup,
-                out=W,
             )
         except BaseException:
             for made in created:

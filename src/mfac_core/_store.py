@@ -1,17 +1,17 @@
-"""Where the m x d arrays of the static inverse live, when the user says where.
+"""Gradients that do not fit in memory: filling G, a row or a batch at a time.
 
-Two things for gradients that do not fit in memory (docs/guidance.rst,
-"Gradients larger than memory"):
+For ``StaticIHVP.from_gradients`` (docs/guidance.rst, "Gradients larger than
+memory"): the static operator stores no m x d array of its own (it reads G in
+every product), so G is the only array of that size, and it may be a ``.npy``
+file opened as a memmap.
 
-- :func:`check_w_out`: the checks of ``StaticIHVP(G, out=W)``, an array the user
-  names (for instance a NumPy ``memmap``) that the set-up writes ``W`` into, so
-  that a read-only G and its W can both stay on disk; every check runs before
-  anything is written;
 - :func:`gather_gradients`: fills an ``(m, d)`` store (a new array, a new
   ``.npy`` file opened as a memmap, or an array the user passes) from an
-  iterable of gradients or batches, for ``StaticIHVP.from_gradients``, with
-  clear errors for too few, too many, mis-shaped or non-finite gradients.
-  A store this module created is removed again when the call fails.
+  iterable of gradients or batches, with clear errors for too few, too many,
+  mis-shaped or non-finite gradients. A store this module created is removed
+  again when the call fails.
+- :func:`progress_callback` and :class:`TextProgress`: the ``progress=``
+  argument of ``from_gradients`` (a text bar on stderr, or the user's callable).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from ._compat import Array, array_namespace, device, may_share_memory, namespace_name
+from ._compat import Array, array_namespace, device, namespace_name
 from ._validation import (
     check_count,
     check_flag,
@@ -37,7 +37,6 @@ from ._validation import (
 __all__ = [
     "GradientStore",
     "TextProgress",
-    "check_w_out",
     "gather_gradients",
     "open_store",
     "progress_callback",
@@ -45,48 +44,6 @@ __all__ = [
 
 #: The dtypes a gradient store may have (the operator's storage dtypes).
 STORE_DTYPES = ("float16", "float32", "float64")
-
-
-def check_w_out(xp: Any, dev: Any, G: Array, out: Array, *, overwrite_G: bool, half: bool) -> None:
-    """Refuse an ``out`` array that cannot hold ``W`` for this G; write nothing.
-
-    ``out`` must be a writeable array of G's library, device, shape and dtype
-    that does not overlap G, or G itself with ``overwrite_G=True``.
-    """
-    if half:
-        raise ValueError(
-            "out has nothing to hold for 2-byte gradients: the operator keeps G itself "
-            "and no W (docs/mathematics.rst, '2-byte storage'); drop out"
-        )
-    check_same_space(xp, dev, out, "out", owner="StaticIHVP")
-    if tuple(out.shape) != tuple(G.shape):
-        raise ValueError(
-            f"out must have G's shape {tuple(G.shape)} (it receives W = U^-T G), "
-            f"got {tuple(out.shape)}"
-        )
-    if out.dtype != G.dtype:
-        raise TypeError(
-            f"out must have G's dtype {G.dtype} (W is stored in the gradients' dtype), "
-            f"got {out.dtype}"
-        )
-    check_writeable(out, "out", why="out (the array W is written to)")
-    if out is G:
-        if not overwrite_G:
-            raise ValueError(
-                "out is G: writing W over the gradients destroys them; say so with "
-                "overwrite_G=True (then out is not needed)"
-            )
-        return
-    if overwrite_G:
-        raise ValueError(
-            "overwrite_G=True writes W over G, and out names another array for W; "
-            "pass one or the other"
-        )
-    if may_share_memory(out, G):
-        raise ValueError(
-            "out overlaps G in memory: W would overwrite gradients still to be read; "
-            "pass an array of its own, or G itself with overwrite_G=True"
-        )
 
 
 # -- progress ------------------------------------------------------------------------------

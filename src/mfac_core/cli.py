@@ -399,19 +399,16 @@ def _cmd_ihvp(
         dtype = np.dtype(args.dtype)
     else:
         dtype = G.dtype if G.dtype in (np.float32, np.float64) else np.dtype(np.float64)
-    # A cast makes a private copy of G, which the operator may then overwrite with its
-    # work array; the memory-mapped file itself is never written.
-    overwrite_G = G.dtype != dtype
-    if overwrite_G:
+    # The operator reads G in its storage dtype; only a change of dtype makes a copy (the
+    # memory-mapped file itself is never written).
+    if G.dtype != dtype:
         G = G.astype(dtype)
     V = np.ascontiguousarray(V, dtype=dtype)
 
     bar = ProgressBar(stderr, "set-up") if _wants_progress(args, stderr) else None
     t0 = time.perf_counter()
     try:
-        op = StaticIHVP(
-            G, damp=args.damp, block_size=args.block_size, overwrite_G=overwrite_G, progress=bar
-        )
+        op = StaticIHVP(G, damp=args.damp, block_size=args.block_size, progress=bar)
     except ValueError:
         # The library finds a NaN without a pass of its own but cannot say where; only
         # now, on failure, is the file read once more to name the row. (G itself may be

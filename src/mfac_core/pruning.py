@@ -743,25 +743,17 @@ def prune(
         if needs_grads:
             raise ValueError(f"saliency={saliency!r} with update={update!r} needs the gradients G")
     else:
-        storage = _check_grads(xp, theta, G)
-        if storage is not None and (block_size is not None or G.shape[0] >= G.shape[1]):
-            # StaticIHVP keeps 2-byte G for the full operator with d > m only: the
-            # masked copy is float32 instead, which the set-up then overwrites with W.
-            G32 = xp.astype(G, xp.float32)
-            G32 *= xp.astype(mask, xp.float32)
-            G = G32
-        else:
-            # A masked copy, then the set-up writes W over it: two m x d arrays in all
-            # (2-byte G keeps its copy: no W).
-            G = G * xp.astype(mask, G.dtype)
+        _check_grads(xp, theta, G)
+        # A masked copy in G's dtype (2-byte G stays 2-byte): the operator keeps it by
+        # reference, so memory is one more m x d array of G's dtype.
+        G = G * xp.astype(mask, G.dtype)
     if saliency == "obd":
-        scores = obd_saliency(theta, G, damp=damp)  # before the set-up overwrites G
+        scores = obd_saliency(theta, G, damp=damp)
     elif saliency == "magnitude":
         scores = magnitude_saliency(theta)
     ihvp = None
     if saliency == "obs" or update != "none":
-        overwrite = is_writeable_array(G) and half_dtype_name(xp, G.dtype) is None
-        ihvp = StaticIHVP(G, damp=damp, block_size=block_size, overwrite_G=overwrite)
+        ihvp = StaticIHVP(G, damp=damp, block_size=block_size)
         if saliency == "obs":
             scores = obs_saliency(theta, ihvp)
     selected = select_pruned(scores, sparsity=sparsity, mask=mask, block_size=selection_block_size)

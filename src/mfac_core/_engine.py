@@ -1,0 +1,286 @@
+"""The pass engine: the O(d m) passes over the stored gradients, summed in float64.
+
+Every product of the operators that keep their gradients (the *G-form*) is
+
+    P = G X                   (float64, m x k: the projection)
+    Y = alpha (X - G^T A)     (A = C^{-1} P in float64; Y rounded once to the result dtype)
+
+and both passes read G in its storage dtype (float32, float64, float16, bfloat16) and
+accumulate in float64 (docs/mathematics.rst, "Exact passes"). Products of float32 (or
+2-byte) values are exact in float64, so the sums lose nothing to the cancellation in
+``X - G^T A`` that a float32 sum suffers for vectors near the gradients' span.
+
+Where the data allow, the passes run in the optional C extension (``_fused``), which
+reads G once, in place, at the speed of a single-precision GEMV: C-ordered NumPy arrays
+and PyTorch CPU tensors (through a NumPy view, no copy) of float32 or 2-byte storage.
+Everything else (float64 storage, which BLAS already sums in float64, and the other
+libraries) runs through the library's own float64 products over column pieces of G
+small enough to stay in cache. Where the extension was not built, that fallback serves
+NumPy and PyTorch too; it is as exact and slower, and says so once.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from . import _fused
+from ._compat import Array, device, is_torch_namespace, is_writeable_array
+from ._layout import BlockGroup, pieces, piece_columns, piece_stack
+
+__all__ = [
+    "combine",
+    "combine_blocks",
+    "project",
+    "project_blocks",
+    "project_rows",
+    "uses_kernels",
+]
+
+#: float64 entries of one cast column piece of the fallback (8 MiB): small enough to be
+#: read back from cache, large enough that the per-piece overhead of a library call stays
+#: small.
+PIECE_ENTRIES = 2**20
+
+_warned_slow = False
+
+
+def _warn_slow_once() -> None:
+    global _warned_slow
+    if not _warned_slow:
+        _warned_slow = True
+        warnings.warn(
+            "mfac_core's C extension was not built (no C compiler at install time): the "
+            "float64-accumulated passes over single-precision gradients run through "
+            "float64 copies of column pieces instead, which is exact but about 2-3 times "
+            "slower; reinstall with a C compiler for full speed",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def _host_view(xp: Any, A: Array) -> tuple[np.ndarray, str | None] | None:
+    """A NumPy view of ``A`` that the kernels can read, and its storage name, or None.
+
+    Only single-precision and 2-byte storage go to the kernels: BLAS already sums
+    float64 storage in float64, at full speed.
+    """
+    if isinstance(A, np.ndarray):
+        if A.dtype == np.float64:
+            return None
+        view, storage = A, None
+    elif is_torch_namespace(xp):
+        import torch
+
+        if A.device.type != "cpu" or A.requires_grad or A.dtype == torch.float64:
+            return None
+        if A.dtype == torch.bfloat16:
+            view, storage = A.view(torch.uint16).numpy(), "bfloat16"
+        elif A.dtype in (torch.float32, torch.float16):
+            view, storage = A.numpy(), None
+        else:
+            return None
+    else:
+        return None
+    if not hasattr(_fused, 'supports64'):  # TEMPORARY
+        return None
+    if not _fused.available():
+        _warn_slow_once()
+        return None
+    if not _fused.supports64(view) and not (storage and view.flags.c_contiguous):
+        return None
+    return view, storage
+
+
+def _vector_view(xp: Any, X: Array) -> np.ndarray | None:
+    """``X`` (n, k) as a NumPy array of its values, or None (autograd, another device)."""
+    if isinstance(X, np.ndarray):
+        return X
+    if is_torch_namespace(xp) and X.device.type == "cpu" and not X.requires_grad:
+        if str(X.dtype) in ("torch.float32", "torch.float64"):
+            return X.numpy()
+    return None
+
+
+def _back(xp: Any, Y: np.ndarray, like: Array) -> Array:
+    """A kernel's NumPy result in the namespace of ``like`` (no copy for PyTorch)."""
+    if isinstance(like, np.ndarray):
+        return Y
+    import torch
+
+    return torch.from_numpy(Y)
+
+
+def uses_kernels(xp: Any, G: Array) -> bool:
+    """Whether the passes over ``G`` run in the C extension (for benchmarks and tests)."""
+    return _host_view(xp, G) is not None
+
+
+def _f64(xp: Any, A: Array) -> Array:
+    return A if A.dtype == xp.float64 else xp.astype(A, xp.float64)
+
+
+def _spans(m: int, start: int, stop: int) -> Iterator[tuple[int, int]]:
+    width = max(1, PIECE_ENTRIES // max(m, 1))
+    for c0 in range(start, stop, width):
+        yield c0, min(c0 + width, stop)
+
+
+def project(xp: Any, G: Array, X: Array, *, start: int = 0, stop: int | None = None) -> Array:
+    """``G[:, start:stop] @ X`` summed in float64: float64, shape ``(m, k)``.
+
+    ``X`` is ``(stop - start, k)`` of any floating dtype (its values are exact in
+    float64 when they come from float32 or a 2-byte dtype).
+    """
+    host = _host_view(xp, G)
+    Xh = _vector_view(xp, X) if host is not None else None
+    if host is not None and Xh is not None:
+        return _back(xp, np.ascontiguousarray(_project_host(host, Xh.T, start, stop).T), X)
+    return _project_pieces(xp, G, X, start, stop)
+
+
+def project_rows(xp: Any, G: Array, rows: Array) -> Array:
+    """``G @ rows^T`` summed in float64 for a few vectors in the rows of ``rows`` (``(k, d)``).
+
+    The form the kernels read (one contiguous row per vector), so that a caller with
+    separate vectors (the window's stored gradient and the new one) stacks them along
+    a new first axis, not into the strided columns of a ``(d, k)`` array.
+    """
+    host = _host_view(xp, G)
+    Rh = _vector_view(xp, rows) if host is not None else None
+    if host is not None and Rh is not None:
+        return _back(xp, np.ascontiguousarray(_project_host(host, Rh, 0, G.shape[1]).T), rows)
+    return _project_pieces(xp, G, xp.matrix_transpose(rows), 0, G.shape[1])
+
+
+def _project_host(host: tuple[np.ndarray, str | None], rows: np.ndarray, start: int, stop: Any):
+    Gh, storage = host
+    stop = Gh.shape[1] if stop is None else stop
+    return _fused.project64(Gh, rows, start=start, stop=stop, storage=storage)
+
+
+def _project_pieces(xp: Any, G: Array, X: Array, start: int, stop: int | None) -> Array:
+    m = G.shape[0]
+    stop = G.shape[1] if stop is None else stop
+    k = X.shape[1]
+    if G.dtype == xp.float64:
+        return G[:, start:stop] @ _f64(xp, X)
+    P = xp.zeros((m, k), dtype=xp.float64, device=device(G))
+    for c0, c1 in _spans(m, start, stop):
+        P = P + _f64(xp, G[:, c0:c1]) @ _f64(xp, X[c0 - start : c1 - start, ...])
+    return P
+
+
+def combine(
+    xp: Any,
+    G: Array,
+    X: Array,
+    A: Array,
+    *,
+    alpha: float,
+    dtype: Any,
+    start: int = 0,
+    stop: int | None = None,
+) -> Array:
+    """``alpha * (X - G[:, start:stop]^T A)``, every sum in float64, rounded once to ``dtype``.
+
+    ``X`` is ``(n, k)`` (``n = stop - start``), ``A`` ``(m, k)`` float64.
+    """
+    m = G.shape[0]
+    stop = G.shape[1] if stop is None else stop
+    host = _host_view(xp, G)
+    Xh = _vector_view(xp, X) if host is not None else None
+    Ah = _vector_view(xp, A) if Xh is not None else None
+    if host is not None and Xh is not None and Ah is not None:
+        Gh, storage = host
+        C = np.ascontiguousarray(Ah.T * -alpha, dtype=np.float64)
+        a = np.full(C.shape[0], alpha)
+        npdtype = np.float64 if dtype == xp.float64 else np.float32
+        Xt = np.ascontiguousarray(Xh.T)
+        Y = _fused.combine64(Gh, C, a, Xt, start=start, stop=stop, dtype=npdtype, storage=storage)
+        return _back(xp, np.ascontiguousarray(Y.T), X)
+    X64 = _f64(xp, X)
+    if G.dtype == xp.float64:
+        return xp.astype(alpha * (X64 - xp.matrix_transpose(G[:, start:stop]) @ A), dtype)
+    out = xp.empty(X.shape, dtype=dtype, device=device(X))
+    writable = is_writeable_array(out)
+    parts = []
+    for c0, c1 in _spans(m, start, stop):
+        lo, hi = c0 - start, c1 - start
+        Gp = _f64(xp, G[:, c0:c1])
+        Y = xp.astype(alpha * (X64[lo:hi, ...] - xp.matrix_transpose(Gp) @ A), dtype)
+        if writable:
+            out[lo:hi, ...] = Y
+        else:
+            parts.append(Y)
+    if writable or not parts:
+        return out
+    return parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)
+
+
+def _block_rows(xp: Any, Y: Array, group: BlockGroup, piece: tuple[int, int, int, int]) -> Array:
+    """The rows of ``Y`` (the group's rows, ``(count * size, k)``) in a piece, as a stack."""
+    b0, b1, c0, c1 = piece
+    s = group.size
+    Yb = xp.reshape(Y, (group.count, s, Y.shape[1]))
+    return Yb[b0:b1, c0:c1, :]
+
+
+def project_blocks(xp: Any, G: Array, group: BlockGroup, X: Array) -> Array:
+    """``G_b X_b`` for each block b of ``group``: float64, shape ``(count, m, k)``.
+
+    ``X`` holds the group's rows, ``(count * size, k)``.
+    """
+    if group.count == 1:
+        return project(xp, G, X, start=group.start, stop=group.end)[None, ...]
+    m, k = G.shape[0], X.shape[1]
+    P = xp.zeros((group.count, m, k), dtype=xp.float64, device=device(G))
+    parts = []
+    b_prev = None
+    acc = None
+    for piece in pieces(group, max(1, PIECE_ENTRIES // max(m, 1))):
+        b0, b1 = piece[0], piece[1]
+        term = _f64(xp, piece_stack(xp, G, group, piece)) @ _f64(xp, _block_rows(xp, X, group, piece))
+        if (b0, b1) == b_prev and acc is not None:
+            acc = acc + term
+        else:
+            if acc is not None:
+                parts.append(acc)
+            acc, b_prev = term, (b0, b1)
+    if acc is not None:
+        parts.append(acc)
+    if parts:
+        P = parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)
+    return P
+
+
+def combine_blocks(
+    xp: Any, G: Array, group: BlockGroup, X: Array, A: Array, *, alpha: float, dtype: Any
+) -> Array:
+    """``alpha * (X_b - G_b^T A_b)`` for each block b, summed in float64, rounded to ``dtype``.
+
+    ``X`` holds the group's rows ``(count * size, k)``, ``A`` is ``(count, m, k)`` float64;
+    the result has ``X``'s shape.
+    """
+    if group.count == 1:
+        return combine(xp, G, X, A[0, ...], alpha=alpha, dtype=dtype, start=group.start, stop=group.end)
+    m, k = G.shape[0], X.shape[1]
+    parts = []
+    for piece in pieces(group, max(1, PIECE_ENTRIES // max(m, 1))):
+        b0, b1 = piece[0], piece[1]
+        Gp = _f64(xp, piece_stack(xp, G, group, piece))
+        Xp = _f64(xp, _block_rows(xp, X, group, piece))
+        parts.append((piece, xp.astype(alpha * (Xp - xp.matrix_transpose(Gp) @ A[b0:b1, ...]), dtype)))
+    s = group.size
+    if all(p[2] == 0 and p[3] == s for p, _ in parts):
+        stacked = [Y for _, Y in parts]
+        Y = stacked[0] if len(stacked) == 1 else xp.concat(stacked, axis=0)
+        return xp.reshape(Y, (group.count * s, k))
+    # Blocks wider than a piece: each block's pieces joined along its columns.
+    rows = []
+    for piece, Y in parts:
+        rows.append(xp.reshape(Y, (-1, k)))
+    return rows[0] if len(rows) == 1 else xp.concat(rows, axis=0)
