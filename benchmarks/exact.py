@@ -37,11 +37,11 @@ import numpy as np
 
 # The installed package, not a source tree next to the script; then the helpers.
 sys.path.append(str(Path(__file__).resolve().parent))
-import _common as common  # noqa: E402
+import _common as common
 
-import mfac_core  # noqa: E402
-from mfac_core import DynamicIHVP, StaticIHVP, _engine, _fused  # noqa: E402
-from mfac_core.testing import extended_precision_inverse  # noqa: E402
+import mfac_core
+from mfac_core import DynamicIHVP, StaticIHVP, _engine, _fused
+from mfac_core.testing import extended_precision_inverse
 
 EPS32 = float(np.finfo(np.float32).eps)
 
@@ -92,7 +92,11 @@ def product_rows(m: int, d: int, repeat: int, rng: np.random.Generator) -> list[
         if name == "floor":
             continue
         target = 0.6 if ("16" in name) else 1.15
-        kernels = "kernels" if _engine.uses_kernels(_storage_ns(ops, name), _storage(ops, name)) else "pieces"
+        kernels = (
+            "kernels"
+            if _engine.uses_kernels(_storage_ns(ops, name), _storage(ops, name))
+            else "pieces"
+        )
         rows.append(
             [
                 f"{m}",
@@ -172,7 +176,7 @@ def error_rows(m: int, d: int, rng: np.random.Generator) -> list[list[str]]:
         damp = top / (m * (kappa - 1.0))
         want = extended_precision_inverse(G, damp, x)
 
-        def err(y: Any) -> str:
+        def err(y: Any, want: np.ndarray = want) -> str:
             e = float(np.linalg.norm(np.asarray(y, np.float64) - want) / np.linalg.norm(want))
             return f"{e:.1e} ({e / EPS32:.2g} eps)"
 
@@ -218,7 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# benchmarks/exact.py (mfac_core {mfac_core.__version__} at {mfac_core.__file__})")
     for key, value in common.machine_facts():
         print(f"- {key}: {value}")
-    print(f"- C extension: {_fused.available()} ({_fused.best_isa()}), threads {_fused.max_threads()}")
+    print(
+        f"- C extension: {_fused.available()} ({_fused.best_isa()}), threads {_fused.max_threads()}"
+    )
     print(f"- d = {args.d}, repeat = {args.repeat} (best of), interleaved with the floors\n")
     headers = ["m", "candidate", "best", "/ floor", "target"]
     rows: list[list[str]] = []

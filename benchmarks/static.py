@@ -5,40 +5,45 @@ Usage::
     python benchmarks/static.py                    # d = 1e6, m = 64 and 256, float32
     python benchmarks/static.py --m 64 --m 128 --d 2e6 --repeat 5
     python benchmarks/static.py --dtype float64 --block-size 4096
-    python benchmarks/static.py --quick            # CI smoke run, d = 2e5, m = 32, < 30 s
+    python benchmarks/static.py --quick            # CI smoke run, d = 2e5, m = 32, < 1 min
     python benchmarks/static.py --no-memory        # skip the child processes
-    python benchmarks/static.py --only-memmap      # only G and W in memmap files
+    python benchmarks/static.py --only-memmap      # only a read-only memmap G
 
 It prints a header with the machine facts (CPU, cache, BLAS library, core type and
-thread count, ``OPENBLAS_CORETYPE``, load) and three markdown tables. The gradients are
+thread count, ``OPENBLAS_CORETYPE``, load) and markdown tables. The gradients are
 Gaussian, scaled so that ``kappa = 1 + ||G||_F^2 / (m damp)`` is about 1e4 (timings do not
 depend on it; it keeps float32 meaningful and silences ``IllConditionedWarning``).
 
+The in-memory operator stores no ``W = U^{-T} G``: it keeps G by reference and, per
+group of blocks wider than m, the float64 Cholesky factor of the capacitance matrix
+``m damp I + G G^T`` (Gram summed in float64); blocks no wider than m keep float64
+dense inverses. Its products read G twice, summed in float64 (the C extension's
+``project64``/``combine64`` for float32 and 2-byte G; benchmarks/exact.py holds them
+to the float32 two-pass floor).
+
 **Set-up** (docs/design.rst): the time of ``StaticIHVP(G, damp=1e-5)`` (and of the
-``overwrite_G=True``, ``check_finite=False`` and block-wise variants) over the BLAS
-floor, measured in the same process and interleaved with it: the fastest Gram product
-``G G^T`` in G's dtype (NumPy's ``G @ G.T``, which calls ``syrk``, or SciPy's ``syrk``)
-plus the fastest triangular solve on G (SciPy's ``solve_triangular(L, G)``, an in-place
-``trsm`` on ``G^T``, an in-place ``trmm`` with ``L^{-1}`` on ``G^T`` or the GEMM
-``L^{-1} @ G``); the m x m Cholesky factor and its inverse are not counted (O(m^3)). The
-block-wise row is held to the same floor: its Gram products and solve cost the same
-d m^2 flops whatever the block size (its d / B factorisations add O(d m^3 / B)).
-Target: 1.5x.
+``check_finite=False`` and block-wise variants) over the BLAS floor, measured in the
+same process and interleaved with it: the fastest float64 Gram ``G G^T`` of a float64
+copy of G made beforehand (SciPy's ``dsyrk``, or NumPy's ``G64 @ G64.T``), which is the
+whole set-up now that no W is built; the cast of G's pieces to float64, the check for
+NaN/inf and the m x m Cholesky factor (O(m^3)) are not counted. The block-wise row is
+held to the same floor: its Grams cost the same d m^2 flops whatever the block size (its
+d / B factorisations add O(d m^3 / B)). Target: 1.5x (benchmarks/exact.py holds the
+``check_finite=False`` set-up to 1.2x of ``dsyrk``).
 
 **Block-wise set-up** (the settings pruning recipes use): ``StaticIHVP(G, damp,
 block_size=B)`` at ``(m, B)`` = (1024, 50), (256, 128), (64, 128) and (64, 1024) over its
-*compute floor*: the flops of the per-block work at the rate of one large float64 GEMM
-(and of one in G's dtype for the products of W), measured in the same run and interleaved
-with it. Per block of B <= m (dense inverse): the Gram ``G_b^T G_b`` (m B^2, symmetric),
-its Cholesky factor (B^3 / 3) and the inverse from the factor (2 B^3 / 3); per block of
-B > m (Woodbury): the Gram ``G_b G_b^T`` (m^2 B), the Cholesky factor and its inverse
-(2 m^3 / 3), and ``W_b = L^{-1} G_b`` (m^2 B, triangular, in G's dtype). Target: 2.5x.
-``--block-d`` sets d for these rows (default: d).
+*compute floor*: the flops of the per-block work at the rate of one large float64 GEMM,
+measured in the same run and interleaved with it. Per block of B <= m (dense inverse):
+the Gram ``G_b^T G_b`` (m B^2, symmetric), its Cholesky factor (B^3 / 3) and the inverse
+from the factor (2 B^3 / 3); per block of B > m (factor over G): the Gram ``G_b G_b^T``
+(m^2 B, symmetric) and its Cholesky factor (m^3 / 3). All of it in float64. Target:
+2.5x. ``--block-d`` sets d for these rows (default: d).
 
 **IHVP**: ``op.matvec(x)`` and ``op.matmat(X)`` (k columns) over the streaming floor
-``bytes / bandwidth``, where bytes = ``2 m d itemsize`` for ``matvec`` (W read twice;
+``bytes / bandwidth``, where bytes = ``2 m d itemsize`` for ``matvec`` (G read twice;
 the O(d) vector traffic is not counted) and ``(2 m + 2 k) d itemsize`` for ``matmat``
-(W twice, X once, the result once). Two bandwidths, measured in the same run and
+(G twice, X once, the result once). Two bandwidths, measured in the same run and
 interleaved with the products: *copy* (``2 * nbytes / t`` of ``np.copyto``, the
 convention of the target, 1.3x) and *read* (the fastest read-only BLAS pass, which is
 what a product can at best reach; on machines where reading alone is slower than
@@ -58,20 +63,24 @@ threads then share), and after ``SWEEP_BLAS_PAUSE`` s without BLAS calls ("BLAS 
 
 **Memory**: in a fresh child process per row, the ``tracemalloc`` peak of the
 constructor on top of G (NumPy reports its buffers to tracemalloc), shown as
-``(size(G) + peak) / size(G)``, and the growth of the peak resident set (VmHWM, reset
-before the call; ``ru_maxrss`` where there is no /proc) as a cross-check that also sees
-BLAS workspaces. Target for ``overwrite_G=True``: ``1.1 size(G) + O(m^2)``
-(here ``+ 16 m^2`` float64 entries).
+``(size(G) + peak) / size(G)``, the bytes the operator keeps, and the growth of the peak
+resident set (VmHWM, reset before the call; ``ru_maxrss`` where there is no /proc) as a
+cross-check that also sees BLAS workspaces. The operator keeps G by reference and no
+m x d array of its own: targets ``kept <= 2 F + 64 KiB``, where F is the bytes of its
+float64 factors (``8 m^2`` per block wider than m, one for the full operator; ``8 B^2``
+per block of B <= m columns: the dense inverses, ``8 d B`` bytes in all), and a set-up
+peak of bounded float64 pieces, ``peak <= 0.1 size(G) + 2 F + 16 m^2`` float64 entries.
+A row with B = m / 4 shows the dense inverses.
 
-**Memmap** (G and W larger than memory; docs/guidance.rst): G written to a ``.npy`` file
-in ``--memmap-dir`` (default: the system's temporary directory) and reopened read-only,
-the operator built with ``out=`` a second ``.npy`` memmap. The set-up over its floor (the
-fastest Gram ``G @ G.T`` on the memmap plus ``L^{-1} @ G`` written into a third memmap,
-interleaved with it), and the products over the read bandwidth of the same W file (the
-fastest read-only BLAS pass over a read-only map of it), both measured in the same run.
-The files were just written, so the pages come from the page cache (warm): dropping it
-needs root, so cold reads (the disk's speed) are not measured. Target for a product:
-1.3x. ``--no-memmap`` skips it, ``--only-memmap`` runs only it.
+**Memmap** (G larger than memory; docs/guidance.rst): G written to a ``.npy`` file in
+``--memmap-dir`` (default: the system's temporary directory) and reopened read-only; the
+operator keeps that read-only map (nothing m x d in memory) and its products read the
+file's pages. The set-up over the float64 Gram floor of the main table (the fastest
+Gram of a float64 copy in memory, interleaved with it), and the products over the read bandwidth
+of the same file (the fastest read-only BLAS pass over the map), both measured in the
+same run. The file was just written, so the pages come from the page cache (warm):
+dropping it needs root, so cold reads (the disk's speed) are not measured. Target for
+a product: 1.3x. ``--no-memmap`` skips it, ``--only-memmap`` runs only it.
 
 The last lines say how many cores other processes used during the run: timings taken
 while that number is well above zero are not trustworthy on a small machine.
@@ -89,7 +98,6 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-import scipy.linalg
 from scipy.linalg import blas as sblas
 
 if __package__ in (None, ""):  # run as a script: python benchmarks/static.py
@@ -104,7 +112,8 @@ BLOCK_SETUP_TARGET = 2.5
 BLOCK_SETTINGS = ((1024, 50), (256, 128), (64, 128), (64, 1024))
 QUICK_BLOCK_SETTINGS = ((64, 16), (32, 64))
 IHVP_TARGET = 1.3
-MEMORY_TARGET = 1.1
+#: Set-up peak on top of G: at most this fraction of size(G) in float64 pieces (+ factors).
+MEMORY_TARGET = 0.1
 KAPPA = 1e4
 SWEEP_TARGET = 1.5
 SWEEP_DAMPINGS = 8
@@ -131,45 +140,11 @@ def _load_mfac() -> Any:
 
 
 def setup_candidates(G: np.ndarray, damp: float, block_size: int) -> tuple[dict, dict]:
-    """Timing candidates for the set-up floor and for the operator's set-up."""
+    """Timing candidates for the set-up floor (the float64 Gram) and the operator's set-up."""
     mfac = _load_mfac()
-    m = G.shape[0]
-    dt = G.dtype
-    syrk, trsm, trmm = sblas.get_blas_funcs(("syrk", "trsm", "trmm"), dtype=dt)
-    C = G.astype(np.float64) @ G.T.astype(np.float64) + m * damp * np.eye(m)
-    L64 = np.linalg.cholesky(C)
-    L = L64.astype(dt)
-    Linv = scipy.linalg.solve_triangular(L64, np.eye(m), lower=True).astype(dt)
-    Lf, Linvf = np.asfortranarray(L), np.asfortranarray(Linv)
-
-    def fresh_copy() -> np.ndarray:
-        return G.copy()
-
-    floor = {
-        # G^T is Fortran-ordered d x m, so SciPy's syrk(trans=1) reads G without a copy.
-        "gram:numpy G@G.T": (lambda _: G @ G.T, None),
-        "gram:scipy syrk": (lambda _: syrk(1.0, G.T, trans=1, lower=1), None),
-        "solve:solve_triangular": (
-            lambda _: scipy.linalg.solve_triangular(L, G, lower=True, check_finite=False),
-            None,
-        ),
-        # X L^T = G^T in place on a copy of G (G^T is a Fortran d x m view).
-        "solve:trsm in place": (
-            lambda B: trsm(1.0, Lf, B.T, side=1, lower=1, trans_a=1, overwrite_b=1),
-            fresh_copy,
-        ),
-        "solve:trmm(L^-1) in place": (
-            lambda B: trmm(1.0, Linvf, B.T, side=1, lower=1, trans_a=1, overwrite_b=1),
-            fresh_copy,
-        ),
-        "solve:gemm L^-1 @ G": (lambda _: Linv @ G, None),
-    }
+    floor = gram_floor_candidates(G)
     ops = {
         "full": (lambda _: mfac.StaticIHVP(G, damp=damp), None),
-        "full, overwrite_G": (
-            lambda B: mfac.StaticIHVP(B, damp=damp, overwrite_G=True),
-            fresh_copy,
-        ),
         "full, check_finite=False": (
             lambda _: mfac.StaticIHVP(G, damp=damp, check_finite=False),
             None,
@@ -182,57 +157,59 @@ def setup_candidates(G: np.ndarray, damp: float, block_size: int) -> tuple[dict,
     return floor, ops
 
 
-def check_floor_kernels(G: np.ndarray, damp: float) -> None:
+def gram_floor_candidates(G: np.ndarray) -> dict:
+    """The float64 Gram ``G G^T`` of a float64 copy of G, made here (not timed)."""
+    # G^T as a Fortran-ordered d x m float64 array: SciPy's dsyrk(trans=1) reads it as is.
+    G64T = np.asfortranarray(G.T, dtype=np.float64)
+    G64 = G64T.T  # the same values, C-ordered m x d
+    return {
+        "gram:dsyrk of a float64 copy": (lambda _: sblas.dsyrk(1.0, G64T, trans=1, lower=1), None),
+        "gram:numpy G64 @ G64.T": (lambda _: G64 @ G64.T, None),
+    }
+
+
+def check_floor_kernels(G: np.ndarray) -> None:
     """The floor kernels must compute what they claim (checked on a slice of G)."""
-    floor, _ = setup_candidates(np.ascontiguousarray(G[:, :4096]), damp, 1024)
-    outs = {}
-    for name, (fn, setup) in floor.items():
-        arg = setup() if setup is not None else None
-        res = fn(arg)
-        outs[name] = arg if name.endswith("in place") else res
-    ref = outs["solve:gemm L^-1 @ G"]
-    scale = float(np.abs(ref).max())
-    for name in ("solve:solve_triangular", "solve:trsm in place", "solve:trmm(L^-1) in place"):
-        err = float(np.abs(outs[name] - ref).max()) / scale
-        if err > 1e-3:
+    G = np.ascontiguousarray(G[:, :4096])
+    floor = gram_floor_candidates(G)
+    outs = {name: fn(None) for name, (fn, _) in floor.items()}
+    want = G.astype(np.float64) @ G.T.astype(np.float64)
+    scale = float(np.abs(want).max())
+    for name, out in outs.items():
+        err = float(np.abs(np.tril(out) - np.tril(want)).max()) / scale
+        if err > 1e-12 or out.dtype != np.float64:
             raise AssertionError(f"floor kernel {name} is wrong: relative error {err:.2e}")
-    gram = np.tril(outs["gram:numpy G@G.T"])
-    err = float(np.abs(np.tril(outs["gram:scipy syrk"]) - gram).max()) / float(gram.max())
-    if err > 1e-3:
-        raise AssertionError(f"floor kernel syrk is wrong: relative error {err:.2e}")
 
 
 # -- block-wise set-up ----------------------------------------------------------------
 
 
-def block_flops(m: int, B: int, d: int) -> tuple[float, float]:
-    """Flops of the block-wise set-up: ``(float64 part, storage-dtype part)``.
+def block_flops(m: int, B: int, d: int) -> float:
+    """Flops of the block-wise set-up, all of it in float64.
 
-    The minimal counts of the per-block work (see the module docstring): symmetric Grams,
-    Cholesky factors, inverses from the factor; for Woodbury blocks also the triangular
-    product ``L^{-1} G_b``, done in G's dtype.
+    The minimal counts of the per-block work (see the module docstring): symmetric Grams
+    and Cholesky factors; for blocks no wider than m also the dense inverse from the
+    factor. Blocks wider than m keep their factor over G: no inverse, no ``L^{-1} G_b``.
     """
     full, ragged = divmod(d, B)
-    f64 = f_st = 0.0
+    flops = 0.0
     for count, size in ((full, B), (1 if ragged else 0, ragged)):
         if size <= m:
-            f64 += count * (m * size * size + size**3)
+            flops += count * (m * size * size + size**3)
         else:
-            f64 += count * (m * m * size + 2 * m**3 / 3)
-            f_st += count * m * m * size
-    return f64, f_st
+            flops += count * (m * m * size + m**3 / 3)
+    return flops
 
 
-def gemm_candidates(n: int) -> tuple[dict, Callable[[dict], dict[str, float]]]:
-    """Candidates timing one large GEMM in float64 and float32; and their rates in flop/s."""
-    rng = np.random.default_rng(7)
-    mats = {dt: rng.standard_normal((n, n)).astype(dt) for dt in ("float64", "float32")}
-    cands = {f"gemm:{dt}": (lambda _, a=a: a @ a, None) for dt, a in mats.items()}
+def gemm_candidates(n: int) -> tuple[dict, Callable[[dict], float]]:
+    """A candidate timing one large float64 GEMM; and its rate in flop/s."""
+    a = np.random.default_rng(7).standard_normal((n, n))
+    cands = {"gemm:float64": (lambda _: a @ a, None)}
 
-    def rates(t: dict) -> dict[str, float]:
-        return {dt: 2.0 * n**3 / t[f"gemm:{dt}"].best for dt in mats}
+    def rate(t: dict) -> float:
+        return 2.0 * n**3 / t["gemm:float64"].best
 
-    return cands, rates
+    return cands, rate
 
 
 def block_setup_rows(
@@ -244,19 +221,19 @@ def block_setup_rows(
     seed: int,
     gemm_n: int,
 ) -> tuple[list[list[Any]], list[str]]:
-    """Rows of the block-wise set-up table, each setting timed interleaved with the GEMMs."""
+    """Rows of the block-wise set-up table, each setting timed interleaved with the GEMM."""
     mfac = _load_mfac()
     rows, notes = [], []
     for m, B in settings:
         print(f"... block-wise set-up m={m}, B={B}, d={d}", file=sys.stderr, flush=True)
         G = make_grads(m, d, dtype, damp, seed)
-        cands, rates = gemm_candidates(gemm_n)
+        cands, rate = gemm_candidates(gemm_n)
         cands["op"] = (lambda _, G=G, B=B: mfac.StaticIHVP(G, damp=damp, block_size=B), None)
         t = common.interleaved(cands, repeat)
-        r = rates(t)
-        f64, f_st = block_flops(m, B, d)
-        floor_s = f64 / r["float64"] + f_st / r[np.dtype(dtype).name]
-        kind = "dense" if B <= m else "Woodbury"
+        r = rate(t)
+        flops = block_flops(m, B, d)
+        floor_s = flops / r
+        kind = "dense (B <= m)" if B <= m else "factor over G (B > m)"
         rows.append(
             [
                 m,
@@ -264,15 +241,12 @@ def block_setup_rows(
                 kind,
                 common.fmt_time(t["op"].best),
                 common.fmt_time(t["op"].median),
-                f"{(f64 + f_st) / 1e9:.1f}",
+                f"{flops / 1e9:.1f}",
                 common.fmt_time(floor_s),
                 common.fmt_ratio(t["op"].best / floor_s, BLOCK_SETUP_TARGET),
             ]
         )
-        notes.append(
-            f"m={m}, B={B}: GEMM n={gemm_n} float64 {r['float64'] / 1e9:.0f} GFlop/s, "
-            f"float32 {r['float32'] / 1e9:.0f} GFlop/s"
-        )
+        notes.append(f"m={m}, B={B}: GEMM n={gemm_n} float64 {r / 1e9:.0f} GFlop/s")
         del G, cands
     return rows, notes
 
@@ -384,12 +358,29 @@ def sweep_rows(
 
 # -- memory (child processes) ------------------------------------------------------------
 
+#: label -> constructor keywords; ``block_size`` None is filled in: ``--block-size`` for
+#: "block {bs}", m // 4 for the dense row (blocks no wider than m keep dense inverses).
 MEMORY_VARIANTS = {
-    "full, overwrite_G": {"overwrite_G": True},
-    "full, overwrite_G, check_finite=False": {"overwrite_G": True, "check_finite": False},
-    "full (copy: W is new)": {},
-    "block {bs}, overwrite_G": {"overwrite_G": True, "block_size": None},
+    "full": {},
+    "full, check_finite=False": {"check_finite": False},
+    "block {bs}": {"block_size": None},
+    "block {bs}, dense inverses": {"block_size": None},
 }
+
+
+def factor_bytes(m: int, d: int, block_size: int | None) -> int:
+    """Bytes of the operator's float64 factors: what it keeps besides G (by reference).
+
+    ``8 m^2`` per block wider than m (the Cholesky factor of its capacitance matrix;
+    the full operator is one such block when d > m), ``8 B^2`` per block of B <= m
+    columns (its dense inverse).
+    """
+    B = d if block_size is None else min(block_size, d)
+    full, ragged = divmod(d, B)
+    return sum(
+        count * 8 * (size * size if size <= m else m * m)
+        for count, size in ((full, B), (1 if ragged else 0, ragged))
+    )
 
 
 def memory_child(spec: dict[str, Any]) -> dict[str, Any]:
@@ -410,24 +401,25 @@ def measure_memory(
     for label, kwargs in MEMORY_VARIANTS.items():
         kwargs = dict(kwargs)
         if "block_size" in kwargs:
-            kwargs["block_size"] = block_size
-            label = label.format(bs=block_size)
+            bs = max(1, m // 4) if "dense" in label else block_size
+            kwargs["block_size"] = bs
+            label = label.format(bs=bs)
         spec = {"m": m, "d": d, "dtype": dtype, "damp": damp, "seed": seed, "kwargs": kwargs}
         res = common.run_child([os.path.abspath(__file__), "--_memory-child", json.dumps(spec)])
         size = res["size_G"]
-        total = size + res["tracemalloc_peak"]
-        target = None
-        if kwargs.get("overwrite_G"):
-            target = MEMORY_TARGET * size + 16 * m * m * 8
+        peak, kept = res["tracemalloc_peak"], res["tracemalloc_kept"]
+        F = factor_bytes(m, d, kwargs.get("block_size"))
+        kept_target = 2 * F + 64 * 1024
+        peak_target = MEMORY_TARGET * size + 2 * F + 16 * m * m * 8
         rows.append(
             [
                 m,
                 label,
                 common.fmt_bytes(size),
-                common.fmt_bytes(res["tracemalloc_peak"]),
-                f"{total / size:.3f}"
-                + ("" if target is None else (" ok" if total <= target else " MISS")),
-                common.fmt_bytes(res["tracemalloc_kept"]),
+                common.fmt_bytes(F),
+                common.fmt_bytes(kept) + (" ok" if kept <= kept_target else " MISS"),
+                common.fmt_bytes(peak) + (" ok" if peak <= peak_target else " MISS"),
+                f"{(size + peak) / size:.3f}",
                 common.fmt_bytes(res["rss_growth"]),
                 f"{(size + res['rss_growth']) / size:.3f}",
             ]
@@ -435,70 +427,59 @@ def measure_memory(
     return rows
 
 
-# -- memmap: G and W in files -------------------------------------------------------------
+# -- memmap: a read-only G in a file -----------------------------------------------------
 
 
 def memmap_rows(
     m: int, d: int, dtype: Any, damp: float, repeat: int, seed: int, k: int, where: str | None
 ) -> tuple[list, list]:
-    """Set-up and products with a read-only memmap G and W in a second memmap (warm cache)."""
+    """Set-up and products with a read-only memmap G (warm page cache)."""
     import tempfile
     import tracemalloc
 
     mfac = _load_mfac()
     rows, notes = [], []
     with tempfile.TemporaryDirectory(dir=where, prefix="mfac-memmap-") as tmp:
-
-        def new_file(name: str) -> np.memmap:
-            return np.lib.format.open_memmap(
-                os.path.join(tmp, name), mode="w+", dtype=dtype, shape=(m, d)
-            )
-
-        G_file = new_file("G.npy")
+        path = os.path.join(tmp, "G.npy")
+        G_file = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(m, d))
         G_file[...] = make_grads(m, d, dtype, damp, seed)
         G_file.flush()
         del G_file
-        G = np.load(os.path.join(tmp, "G.npy"), mmap_mode="r")
-        W, W_floor = new_file("W.npy"), new_file("W_floor.npy")
-        C = G.astype(np.float64) @ G.T.astype(np.float64) + m * damp * np.eye(m)
-        Linv = scipy.linalg.solve_triangular(np.linalg.cholesky(C), np.eye(m), lower=True).astype(
-            dtype
+        G = np.load(path, mmap_mode="r")
+        floor_cands = gram_floor_candidates(G)
+        t = common.interleaved(
+            {**floor_cands, "memmap G": (lambda _: mfac.StaticIHVP(G, damp=damp), None)}, repeat
         )
-        setup_cands: dict = {
-            "gram:G@G.T": (lambda _: G @ G.T, None),
-            "solve:L^-1 @ G into a memmap": (lambda _: np.matmul(Linv, G, out=W_floor), None),
-            "memmap G, out=memmap W": (lambda _: mfac.StaticIHVP(G, damp=damp, out=W), None),
-        }
-        t = common.interleaved(setup_cands, repeat)
-        floor = t["gram:G@G.T"].best + t["solve:L^-1 @ G into a memmap"].best
-        for name in ("memmap G, out=memmap W",):
-            rows.append(
-                [
-                    m,
-                    name,
-                    "set-up",
-                    common.fmt_time(t[name].best),
-                    common.fmt_time(floor),
-                    common.fmt_ratio(t[name].best / floor, SETUP_TARGET),
-                    "",
-                ]
-            )
+        gram = min(floor_cands, key=lambda n: t[n].best)
+        floor = t[gram].best
+        del floor_cands
+        rows.append(
+            [
+                m,
+                "memmap G",
+                "set-up",
+                common.fmt_time(t["memmap G"].best),
+                common.fmt_time(floor),
+                common.fmt_ratio(t["memmap G"].best / floor, SETUP_TARGET),
+                "",
+            ]
+        )
         notes.append(
-            f"m={m}: set-up floor = G@G.T {common.fmt_time(t['gram:G@G.T'].best)} + "
-            f"L^-1 @ G into a memmap {common.fmt_time(t['solve:L^-1 @ G into a memmap'].best)}"
+            f"m={m}: set-up floor = {gram[5:]} {common.fmt_time(floor)} (in memory; the "
+            "operator reads the file's pages and casts them to float64 in pieces)"
         )
         tracemalloc.start()
-        op = mfac.StaticIHVP(G, damp=damp, out=W)
-        peak = tracemalloc.get_traced_memory()[1]
+        op = mfac.StaticIHVP(G, damp=damp)
+        kept, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
         notes.append(
-            f"m={m}: memory NumPy allocated during that set-up (tracemalloc peak): "
-            f"{common.fmt_bytes(peak)}, for G and W of {common.fmt_bytes(G.nbytes)} each"
+            f"m={m}: NumPy memory of that set-up (tracemalloc): peak {common.fmt_bytes(peak)}, "
+            f"kept {common.fmt_bytes(kept)} (factor {common.fmt_bytes(factor_bytes(m, d, None))}),"
+            f" for a G of {common.fmt_bytes(G.nbytes)} in the file; the operator keeps the "
+            f"read-only map itself: {getattr(op, '_G', None) is G}"
         )
-        W.flush()
-        W_read = np.load(os.path.join(tmp, "W.npy"), mmap_mode="r")
-        wide = W_read.reshape(64, -1) if (m * d) % 64 == 0 else W_read
-        flat = W_read.reshape(-1)
+        wide = G.reshape(64, -1) if (m * d) % 64 == 0 else G
+        flat = G.reshape(-1)
         vec = np.ones(wide.shape[1], dtype=dtype)
         rng = np.random.default_rng(seed)
         x = rng.standard_normal(d).astype(dtype)
@@ -511,7 +492,7 @@ def memmap_rows(
         }
         t = common.interleaved(prod_cands, max(repeat, 5))
         read_kernel = min(("read:gemv", "read:dot"), key=lambda n: t[n].best)
-        bw = W_read.nbytes / t[read_kernel].best
+        bw = G.nbytes / t[read_kernel].best
         itemsize = np.dtype(dtype).itemsize
         for name, cols in (("matvec", 1), (f"matmat k={k}", k)):
             nbytes = 2 * m * d * itemsize + (2 * k * d * itemsize if cols > 1 else 0)
@@ -519,7 +500,7 @@ def memmap_rows(
             rows.append(
                 [
                     m,
-                    "memmap W",
+                    "memmap G",
                     name,
                     common.fmt_time(best),
                     common.fmt_time(nbytes / bw),
@@ -531,16 +512,17 @@ def memmap_rows(
 
 
 def print_memmap_table(rows: list, notes: list, where: str | None) -> None:
-    """The memmap table (G and W in files, warm page cache)."""
+    """The memmap table (a read-only G in a file, warm page cache)."""
     import tempfile
 
     print(
-        "\n## Memmap: read-only G and W in .npy files (warm page cache) vs floors of the same "
-        f"files; target set-up <= {SETUP_TARGET}x, product <= {IHVP_TARGET}x\n"
+        "\n## Memmap: a read-only G in a .npy file (warm page cache), the operator's only "
+        "m x d array; set-up vs the float64 Gram floor, products vs the read bandwidth of the "
+        f"same file; target set-up <= {SETUP_TARGET}x, product <= {IHVP_TARGET}x\n"
     )
     print(
         common.markdown_table(
-            ["m", "operator", "call", "time (best)", "floor", "ratio", "read bw of W's file"],
+            ["m", "operator", "call", "time (best)", "floor", "ratio", "read bw of G's file"],
             rows,
         )
     )
@@ -550,8 +532,8 @@ def print_memmap_table(rows: list, notes: list, where: str | None) -> None:
     print(
         f"- files in {where or tempfile.gettempdir()}, just written: the pages come from the "
         "page cache; cold reads (from the disk) need the page cache dropped (root) and run at "
-        "the disk's speed. Product floors: matvec 2 m d itemsize, matmat (2 m + 2 k) d "
-        "itemsize, over the read bandwidth of W's file."
+        "the disk's speed. Product floors: matvec 2 m d itemsize (G read twice), matmat "
+        "(2 m + 2 k) d itemsize, over the read bandwidth of G's file."
     )
 
 
@@ -648,8 +630,8 @@ def print_main_tables(
     """The set-up, IHVP and memory tables of the ``--m`` runs."""
     itemsize, d = np.dtype(args.dtype).itemsize, args.d
     print(
-        "\n## Set-up: time of the constructor vs BLAS floor (Gram + one triangular solve "
-        f"on G), target <= {SETUP_TARGET}x\n"
+        "\n## Set-up: time of the constructor vs BLAS floor (the float64 Gram of a float64 "
+        f"copy of G), target <= {SETUP_TARGET}x\n"
     )
     print(
         common.markdown_table(
@@ -660,11 +642,13 @@ def print_main_tables(
     for note in floor_notes:
         print("- " + note)
     print(
-        "- the floor excludes the m x m Cholesky factor and its inverse (O(m^3)); the "
-        "block row is held to the same floor, although each of its d/B blocks adds its own "
-        "m x m factorisation and inverse ((d/B) (2/3) m^3 flops of small-matrix LAPACK). "
-        "Rows without overwrite_G also allocate a new m x d array that the in-place "
-        "floor kernels do not."
+        "- the floor excludes making the float64 copy (the operator casts G to float64 a "
+        "bounded piece at a time and writes nothing m x d), the NaN/inf check and the m x m "
+        "Cholesky factor (O(m^3)); the block row is held to the same floor, although each "
+        "of its d/B blocks adds its own factorisation ((d/B) m^3 / 3 flops of small-matrix "
+        "LAPACK; blocks no wider than m their dense inverse as well). At small m the Gram "
+        "is bound by reading the float64 copy (twice the bytes of a float32 G), which the "
+        "operator's cached pieces avoid: ratios below 1 are possible there."
     )
 
     print(f"\n## IHVP: product time vs streaming floor, target <= {IHVP_TARGET}x (copy bw)\n")
@@ -696,14 +680,15 @@ def print_main_tables(
         small = [m for m in args.m if m * d * itemsize < 2 * llc]
         if small:
             print(
-                f"- note: W for m={small} is smaller than 2 x LLC ({common.fmt_bytes(llc)}); "
+                f"- note: G for m={small} is smaller than 2 x LLC ({common.fmt_bytes(llc)}); "
                 "part of it may stay in cache between products, so ratios < 1 are possible."
             )
 
     if mem_rows:
         print(
-            "\n## Memory of the set-up (fresh child process per row); target for "
-            f"overwrite_G: <= {MEMORY_TARGET} size(G) + 16 m^2 float64\n"
+            "\n## Memory of the set-up (fresh child process per row): G is kept by "
+            "reference, so the operator keeps its float64 factors F alone; targets kept <= "
+            f"2 F + 64 KiB, peak <= {MEMORY_TARGET} size(G) + 2 F + 16 m^2 float64\n"
         )
         print(
             common.markdown_table(
@@ -711,9 +696,10 @@ def print_main_tables(
                     "m",
                     "operator",
                     "size(G)",
+                    "factors F",
+                    "kept after",
                     "tracemalloc peak",
                     "(G+peak)/G",
-                    "kept after",
                     "peak RSS growth",
                     "(G+RSS growth)/G",
                 ],
@@ -751,7 +737,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.only_memmap:
         args.only_block = True
         for m in args.m:
-            print(f"... m={m}: memmap G and W", file=sys.stderr, flush=True)
+            print(f"... m={m}: memmap G", file=sys.stderr, flush=True)
             r, n = memmap_rows(m, d, dtype, args.damp, args.repeat, args.seed, k, args.memmap_dir)
             mm_rows.extend(r)
             mm_notes.extend(n)
@@ -780,18 +766,18 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         G = make_grads(m, d, dtype, args.damp, args.seed)
-        check_floor_kernels(G, args.damp)
+        check_floor_kernels(G)
 
         # Set-up: floor kernels and operators, interleaved.
         print(f"... m={m}: set-up timings", file=sys.stderr, flush=True)
         floor, ops = setup_candidates(G, args.damp, bs)
         t = common.interleaved({**floor, **ops}, args.repeat)
-        gram = min((n for n in floor if n.startswith("gram:")), key=lambda n: t[n].best)
-        solve = min((n for n in floor if n.startswith("solve:")), key=lambda n: t[n].best)
-        floor_s = t[gram].best + t[solve].best
+        gram = min(floor, key=lambda n: t[n].best)
+        floor_s = t[gram].best
         floor_notes.append(
-            f"m={m}: floor = {gram[5:]} {common.fmt_time(t[gram].best)} + {solve[6:]} "
-            f"{common.fmt_time(t[solve].best)}; all candidates: "
+            f"m={m}: floor = {gram[5:]} {common.fmt_time(floor_s)} "
+            f"({m * m * d / floor_s / 1e9:.0f} GFlop/s counting m^2 d); all "
+            "candidates: "
             + ", ".join(f"{n.split(':', 1)[1]} {common.fmt_time(t[n].best)}" for n in floor)
         )
         for name in ops:
@@ -811,11 +797,11 @@ def main(argv: list[str] | None = None) -> int:
         # Products, interleaved with the bandwidth runs.
         print(f"... m={m}: product timings", file=sys.stderr, flush=True)
         mfac = _load_mfac()
-        prod_ops = {"full": mfac.StaticIHVP(G, damp=args.damp, overwrite_G=True)}
-        G = make_grads(m, d, dtype, args.damp, args.seed)
-        prod_ops[f"block {bs}"] = mfac.StaticIHVP(
-            G, damp=args.damp, block_size=bs, overwrite_G=True
-        )
+        # Both operators keep this G by reference (nothing m x d of their own).
+        prod_ops = {
+            "full": mfac.StaticIHVP(G, damp=args.damp),
+            f"block {bs}": mfac.StaticIHVP(G, damp=args.damp, block_size=bs),
+        }
         del G
         bw_cands, bw_result = common.bandwidth_candidates(args.bw_mib * common.MiB, dtype)
         cands = {**bw_cands, **product_candidates(prod_ops, d, k, dtype, args.seed)}
@@ -857,7 +843,7 @@ def main(argv: list[str] | None = None) -> int:
             mem_rows.extend(measure_memory(m, d, args.dtype, args.damp, args.seed, bs))
 
         if not args.no_memmap:
-            print(f"... m={m}: memmap G and W", file=sys.stderr, flush=True)
+            print(f"... m={m}: memmap G", file=sys.stderr, flush=True)
             r, n = memmap_rows(m, d, dtype, args.damp, args.repeat, args.seed, k, args.memmap_dir)
             mm_rows.extend(r)
             mm_notes.extend(n)

@@ -445,7 +445,15 @@ def test_ihvp_warnings_come_before_the_summary(tmp_path, capsys):
     np.save(tmp_path / "G.npy", rng.standard_normal((M, D)).astype(np.float32))
     np.save(tmp_path / "v.npy", rng.standard_normal(D).astype(np.float32))
     status = run(
-        ["ihvp", tmp_path / "G.npy", tmp_path / "v.npy", "-o", tmp_path / "o.npy", "--damp", "1e-17"]
+        [
+            "ihvp",
+            tmp_path / "G.npy",
+            tmp_path / "v.npy",
+            "-o",
+            tmp_path / "o.npy",
+            "--damp",
+            "1e-17",
+        ]
     )
     assert status == 0
     lines = capsys.readouterr().err.splitlines()

@@ -69,9 +69,11 @@ def reference(G: np.ndarray, damp: float, x: np.ndarray, block_size: int | None 
     for lo in range(0, d, block_size):
         hi = min(lo + block_size, d)
         if hi - lo <= G.shape[0]:
-            Fb = damp * np.eye(hi - lo, dtype=np.longdouble) + (
-                G[:, lo:hi].astype(np.longdouble).T @ G[:, lo:hi].astype(np.longdouble)
-            ) / G.shape[0]
+            Fb = (
+                damp * np.eye(hi - lo, dtype=np.longdouble)
+                + (G[:, lo:hi].astype(np.longdouble).T @ G[:, lo:hi].astype(np.longdouble))
+                / G.shape[0]
+            )
             parts.append(np.linalg.solve(Fb.astype(np.float64), x[lo:hi]))
         else:
             parts.append(extended_precision_inverse(G[:, lo:hi], damp, x[lo:hi]))

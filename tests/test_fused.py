@@ -434,3 +434,388 @@ def test_diagonal_uses_the_kernels_for_blocks_of_64_or_more(monkeypatch, rng, bl
     D = op.diagonal(damps=[0.5, 2.0])
     assert bool(calls) == kernels
     np.testing.assert_allclose(D[1], op.with_damp(2.0).diagonal(), rtol=1e-12)
+
+
+# -- project64 and combine64: G in its storage dtype, every sum in float64 -------------------
+
+try:
+    import ml_dtypes
+except ImportError:  # optional: bfloat16 is then tested through its uint16 bits only
+    ml_dtypes = None  # type: ignore[assignment]
+
+EPS64 = float(np.finfo(np.float64).eps)
+
+
+def _bf16_values(bits):
+    """The float64 values of bfloat16 bits (uint16): the top halves of float32s."""
+    with np.errstate(invalid="ignore"):  # signalling NaNs become quiet ones
+        return (bits.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+
+
+def _stored(rng, shape, storage):
+    """``(G, storage argument, G's values in float64)`` for one storage case.
+
+    Rows of very different size (as in ``_problem``); "bfloat16-bits" and "float16-bits"
+    are uint16 arrays of those types' bits, read with ``storage=``.
+    """
+    V = rng.standard_normal(shape) * np.logspace(0, -3, shape[0])[:, None]
+    if storage in ("float32", "float64", "float16"):
+        G = V.astype(storage)
+        return G, None, G.astype(np.float64)
+    if storage == "float16-bits":
+        G = V.astype(np.float16)
+        return G.view(np.uint16), "float16", G.astype(np.float64)
+    if storage == "bfloat16-bits":
+        bits = (V.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
+        return bits, "bfloat16", _bf16_values(bits)
+    G = V.astype(ml_dtypes.bfloat16)  # "bfloat16": ml_dtypes' dtype
+    return G, None, G.astype(np.float64)
+
+
+STORAGES = [
+    "float32",
+    "float64",
+    "float16",
+    "float16-bits",
+    "bfloat16-bits",
+    pytest.param(
+        "bfloat16", marks=pytest.mark.skipif(ml_dtypes is None, reason="ml_dtypes not installed")
+    ),
+]
+
+# (m, ld, col0, n): as SHAPES, with m not a multiple of 8 or 4 (the panels' rows), widths
+# below one staging (64 columns) and one tile, odd column offsets (2-byte rows at addresses
+# not a multiple of 4), and widths across the chunks (4096 columns).
+SHAPES64 = [
+    (1, 40, 0, 40),
+    (5, 97, 3, 90),
+    (8, 64, 0, 64),
+    (13, 300, 37, 201),
+    (9, 9_000, 5, 8_990),
+]
+
+
+def _ld(A):
+    return np.asarray(A, dtype=np.longdouble)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("storage", STORAGES)
+@pytest.mark.parametrize("shape", SHAPES64, ids=str)
+@pytest.mark.parametrize("K", [1, 2, 3, 9])
+@pytest.mark.parametrize("xdtype", [np.float32, np.float64])
+def test_project64_against_longdouble(isa, storage, shape, K, xdtype, rng):
+    """The error is that of n float64 products summed in float64: at most (n + 2) eps64
+    times the sum of the terms' magnitudes, entry by entry."""
+    m, ld, col0, n = shape
+    G, st, G64 = _stored(rng, (m, ld), storage)
+    X = rng.standard_normal((K, n)).astype(xdtype)
+    P = _fused.project64(G, X, start=col0, stop=col0 + n, storage=st, isa=isa)
+    assert P.dtype == np.float64 and P.shape == (K, m)
+    Gb = G64[:, col0 : col0 + n]
+    ref = _ld(X) @ _ld(Gb).T
+    mag = np.abs(X.astype(np.float64)) @ np.abs(Gb).T
+    err = np.abs(_ld(P) - ref).astype(np.float64)
+    assert np.all(err <= (n + 2) * EPS64 * mag), (err / (EPS64 * mag + 1e-300)).max()
+    y = _fused.project64(G, X[0], start=col0, stop=col0 + n, storage=st, isa=isa)
+    assert y.shape == (m,)
+    np.testing.assert_array_equal(y, P[0])  # a 1-D x is the first row's pass
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("storage", STORAGES)
+@pytest.mark.parametrize("shape", SHAPES64, ids=str)
+@pytest.mark.parametrize("K", [1, 2, 3, 9])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_combine64_against_longdouble(isa, storage, shape, K, dtype, rng):
+    """One rounding to ``dtype`` plus (m + 2) eps64 of the terms' magnitudes, entry by entry,
+    for X of float32 and float64, one row per damping or one row shared."""
+    m, ld, col0, n = shape
+    G, st, G64 = _stored(rng, (m, ld), storage)
+    Gb = G64[:, col0 : col0 + n]
+    C = rng.standard_normal((K, m))
+    alpha = rng.standard_normal(K)
+    for X in (
+        rng.standard_normal((K, n)).astype(np.float32),
+        rng.standard_normal((K, n)),
+        rng.standard_normal(n).astype(np.float32),
+    ):
+        Y = _fused.combine64(
+            G, C, alpha, X, start=col0, stop=col0 + n, dtype=dtype, storage=st, isa=isa
+        )
+        assert Y.dtype == dtype and Y.shape == (K, n)
+        X2 = np.broadcast_to(X.astype(np.float64), (K, n))
+        ref = _ld(alpha)[:, None] * _ld(X2) + _ld(C) @ _ld(Gb)
+        mag = np.abs(alpha)[:, None] * np.abs(X2) + np.abs(C) @ np.abs(Gb)
+        bound = np.finfo(dtype).eps / 2 * np.abs(ref).astype(np.float64) + (m + 2) * EPS64 * mag
+        err = np.abs(_ld(Y) - ref).astype(np.float64)
+        assert np.all(err <= bound * 1.01 + np.finfo(dtype).tiny), (err / bound).max()
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("storage", ["float16-bits", "bfloat16-bits"])
+def test_every_2_byte_value_converts_exactly(isa, storage):
+    """All 65536 bit patterns, through the vector conversions (F16C, the bfloat16 shift, and
+    the baseline's scalar one) and the last columns': infinities, NaNs, subnormals, -0."""
+    bits = np.arange(2**16, dtype=np.uint16)
+    if storage == "float16-bits":
+        expected = bits.view(np.float16).astype(np.float64)
+    else:
+        expected = _bf16_values(bits)
+    st = storage.split("-")[0]
+    for cols in (slice(0, 2**16), slice(3, 2**16 - 2)):  # from aligned and odd addresses
+        G = bits[None, cols]
+        n = G.shape[1]
+        Y = _fused.combine64(
+            G, [[1.0]], [0.0], np.zeros(n), start=0, stop=n, dtype=np.float64, storage=st, isa=isa
+        )
+        np.testing.assert_array_equal(Y[0], expected[cols])
+        assert np.array_equal(np.isnan(Y[0]), np.isnan(expected[cols]))
+    finite = np.isfinite(expected)
+    G = bits[None, finite]
+    x = np.ones(G.shape[1])
+    y = _fused.project64(G, x, start=0, stop=G.shape[1], storage=st, isa=isa)
+    ref = float(np.sum(_ld(expected[finite])))
+    assert abs(y[0] - ref) <= (G.shape[1] + 2) * EPS64 * np.sum(np.abs(expected[finite]))
+
+
+def _exact(A):
+    from fractions import Fraction
+
+    return [[Fraction(float(v)) for v in row] for row in np.atleast_2d(A)]
+
+
+def test_combine64_rounds_a_cancelling_sum_once(rng):
+    """alpha x + C G where the terms cancel to about 1e-6 of their size: float64 sums give
+    the float32 result within 2 eps32 of the correctly rounded one; float32 sums (apply, or
+    BLAS in float32) are off by many times that.
+
+    (At 1e-8, the float64 bound, (m + 2) eps64 of the terms, is itself about one float32
+    ulp of the result: float64 sums no longer promise 1 ulp there.)
+    """
+    m, n, K = 16, 48, 3
+    # Positive terms (C G is as large as its terms), cancelled by x to 1e-6 - 2e-6 of them.
+    G = np.abs(rng.standard_normal((m, n))).astype(np.float32)
+    C = np.abs(rng.standard_normal((K, m))).astype(np.float32).astype(np.float64)  # exact
+    alpha = np.ones(K)
+    s = rng.choice([-1.0, 1.0], (K, n)) * (1 + rng.random((K, n)))
+    X = (-(C @ G.astype(np.float64)) * (1 + 1e-6 * s)).astype(np.float32)
+    Ge, Ce, Xe = _exact(G), _exact(C), _exact(X)
+    exact = np.array(
+        [
+            [float(Xe[k][j] + sum(Ce[k][i] * Ge[i][j] for i in range(m))) for j in range(n)]
+            for k in range(K)
+        ]
+    )
+    mag = np.abs(X) + np.abs(C) @ np.abs(G)
+    assert np.all(np.abs(exact) / mag < 3e-6)  # the cancellation is real
+    eps32 = float(np.finfo(np.float32).eps)
+    # The float64 bound is well inside one float32 ulp of the result here:
+    assert np.all((m + 2) * EPS64 * mag <= eps32 / 4 * np.abs(exact))
+    rounded = exact.astype(np.float32).astype(np.float64)
+    for isa in ISAS:
+        Y = _fused.combine64(G, C, alpha, X, start=0, stop=n, dtype=np.float32, isa=isa)
+        assert np.all(np.abs(Y - rounded) <= 2 * eps32 * np.abs(exact)), isa
+    # The same sums in float32 miss by many ulps of the result.
+    Y32 = np.stack(
+        [
+            _fused.apply(G, C[k : k + 1], alpha[k : k + 1], X[k], start=0, stop=n)[0]
+            for k in range(K)
+        ]
+    )
+    assert np.median(np.abs(Y32 - rounded) / np.abs(exact)) > 100 * eps32
+
+
+def test_project64_sums_a_cancelling_product_in_float64(rng):
+    """G x where each row's terms cancel to about 1e-8 of their size: within the float64
+    bound of the exact value, where a float32 GEMV misses by many times the result."""
+    m, n = 5, 64
+    G = rng.standard_normal((m, n)).astype(np.float32)
+    x = rng.standard_normal(n).astype(np.float32)
+    # The last column makes each row's sum nearly cancel (up to its rounding to float32).
+    G[:, -1] = (-(G[:, :-1].astype(np.float64) @ x[:-1]) / x[-1]).astype(np.float32)
+    Ge, xe = _exact(G), _exact(x)[0]
+    exact = np.array([float(sum(g * v for g, v in zip(row, xe, strict=True))) for row in Ge])
+    mag = np.abs(G.astype(np.float64)) @ np.abs(x)
+    assert np.median(np.abs(exact) / mag) < 1e-6
+    for isa in ISAS:
+        y = _fused.project64(G, x, start=0, stop=n, isa=isa)
+        assert np.all(np.abs(y - exact) <= (n + 2) * EPS64 * mag), isa
+        assert np.all(np.abs(y - exact) <= 1e-6 * np.abs(exact)), isa
+    assert np.median(np.abs((G @ x).astype(np.float64) - exact) / np.abs(exact)) > 1e-4
+
+
+@pytest.mark.parametrize("storage", ["float32", "float16", "bfloat16-bits"])
+def test_float64_passes_do_not_depend_on_threads(monkeypatch, rng, storage):
+    """Bit-identical results for 1, 2 and 5 threads: the pieces depend on the shape only,
+    and project64 adds their sums in piece order."""
+    monkeypatch.setattr(_fused, "_PIECE_WORK", 2**10)
+    monkeypatch.setattr(_fused, "_MIN_THREAD_WORK", 1)
+    G, st, _ = _stored(rng, (12, 5_000), storage)
+    X = rng.standard_normal((9, 4_990))
+    C = rng.standard_normal((9, 12))
+    alpha = rng.standard_normal(9)
+    assert len(_fused._pieces(12, 4_990)) > 10
+    out = {}
+    for threads in ("1", "2", "5"):
+        monkeypatch.setenv("MFAC_CORE_NUM_THREADS", threads)
+        out[threads] = (
+            _fused.project64(G, X, start=7, stop=4_997, storage=st),
+            _fused.project64(G, X[:1], start=7, stop=4_997, storage=st),
+            _fused.combine64(G, C, alpha, X, start=7, stop=4_997, dtype=np.float32, storage=st),
+            _fused.combine64(
+                G, C[:1], alpha[:1], X[0], start=7, stop=4_997, dtype=np.float64, storage=st
+            ),
+        )
+    for threads in ("2", "5"):
+        for a, b in zip(out["1"], out[threads], strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_float64_passes_empty_shapes(rng):
+    G = rng.standard_normal((3, 10)).astype(np.float32)
+    # n == 0
+    np.testing.assert_array_equal(
+        _fused.project64(G, np.ones((2, 0)), start=4, stop=4), np.zeros((2, 3))
+    )
+    assert _fused.project64(G, np.ones(0), start=4, stop=4).shape == (3,)
+    Y = _fused.combine64(
+        G, np.ones((2, 3)), np.ones(2), np.ones(0), start=4, stop=4, dtype=np.float32
+    )
+    assert Y.shape == (2, 0) and Y.dtype == np.float32
+    # m == 0: alpha x alone, rounded once
+    E = np.zeros((0, 10), np.float16)
+    assert _fused.project64(E, np.ones((2, 10)), start=0, stop=10).shape == (2, 0)
+    x = rng.standard_normal(10)
+    Y = _fused.combine64(E, np.ones((2, 0)), [1.0, 3.0], x, start=0, stop=10, dtype=np.float32)
+    np.testing.assert_array_equal(Y, (np.array([[1.0], [3.0]]) * x).astype(np.float32))
+    # K == 0
+    assert _fused.project64(G, np.ones((0, 10)), start=0, stop=10).shape == (0, 3)
+    Y = _fused.combine64(
+        G, np.ones((0, 3)), np.ones(0), np.ones(10), start=0, stop=10, dtype=np.float64
+    )
+    assert Y.shape == (0, 10)
+
+
+def test_float64_passes_take_any_layout_of_x(rng):
+    """X strided, Fortran-ordered or unaligned is copied, with the same result."""
+    G = rng.standard_normal((6, 300)).astype(np.float16)
+    X = rng.standard_normal((3, 600))
+    Xs = X[:, ::2]
+    Xc = np.ascontiguousarray(Xs)
+    np.testing.assert_array_equal(
+        _fused.project64(G, Xs, start=0, stop=300), _fused.project64(G, Xc, start=0, stop=300)
+    )
+    np.testing.assert_array_equal(
+        _fused.project64(G, np.asfortranarray(Xc), start=0, stop=300),
+        _fused.project64(G, Xc, start=0, stop=300),
+    )
+    C, a = rng.standard_normal((3, 6)), rng.standard_normal(3)
+    raw = np.zeros(8 * 300 + 1, np.uint8)
+    xu = raw[1:].view(np.float64)
+    xu[:] = Xc[0]
+    assert not xu.flags.aligned
+    for x in (Xs, xu, Xs[0]):
+        np.testing.assert_array_equal(
+            _fused.combine64(G, C, a, x, start=0, stop=300, dtype=np.float32),
+            _fused.combine64(G, C, a, np.ascontiguousarray(x), start=0, stop=300, dtype=np.float32),
+        )
+    # float16 X is widened exactly, to float32
+    Xh = Xc.astype(np.float16)
+    np.testing.assert_array_equal(
+        _fused.project64(G, Xh, start=0, stop=300),
+        _fused.project64(G, Xh.astype(np.float32), start=0, stop=300),
+    )
+
+
+def test_supports64(rng):
+    V = rng.standard_normal((4, 10))
+    for dt in (np.float64, np.float32, np.float16):
+        assert _fused.supports64(V.astype(dt))
+    if ml_dtypes is not None:
+        assert _fused.supports64(V.astype(ml_dtypes.bfloat16))
+    assert not _fused.supports64(V.astype(np.uint16))  # bits: only with storage= named
+    assert not _fused.supports64(V.astype(np.int32))
+    assert not _fused.supports64(V.astype(">f4"))
+    assert not _fused.supports64(np.asfortranarray(V))
+    assert not _fused.supports64(V[:, ::2])
+    assert not _fused.supports64(V[0])
+    assert not _fused.supports64(V.tolist())
+
+
+def test_float64_passes_reject_bad_arguments(rng):
+    G = rng.standard_normal((4, 10)).astype(np.float32)
+    C, a, x = np.ones((2, 4)), np.ones(2), np.ones(10)
+    kw = {"start": 0, "stop": 10, "dtype": np.float32}
+    with pytest.raises(ValueError, match="not inside"):
+        _fused.project64(G, np.ones(5), start=8, stop=13)
+    with pytest.raises(ValueError, match=r"X must have shape \(K, 6\)"):
+        _fused.project64(G, np.ones((2, 10)), start=0, stop=6)
+    with pytest.raises(ValueError, match="X must have shape"):
+        _fused.project64(G, np.ones((2, 2, 10)), start=0, stop=10)
+    with pytest.raises(ValueError, match=r"C must have shape \(K, 4\)"):
+        _fused.combine64(G, np.ones((2, 3)), a, x, **kw)
+    with pytest.raises(ValueError, match=r"alpha must have shape \(2,\)"):
+        _fused.combine64(G, C, np.ones(3), x, **kw)
+    with pytest.raises(ValueError, match=r"X must have shape \(2, 10\) or \(10,\)"):
+        _fused.combine64(G, C, a, np.ones((3, 10)), **kw)
+    with pytest.raises(ValueError, match="storage must be one of"):
+        _fused.project64(G, x, start=0, stop=10, storage="int8")
+    with pytest.raises(ValueError, match="isa must be one of"):
+        _fused.project64(G, x, start=0, stop=10, isa="sse9")
+    with pytest.raises(TypeError, match="not a storage dtype"):
+        _fused.project64(G.astype(np.int32), x, start=0, stop=10)
+    with pytest.raises(TypeError, match="not a storage dtype"):
+        _fused.project64(G.view(np.uint32), x, start=0, stop=10)
+    with pytest.raises(TypeError, match="not a storage dtype"):
+        _fused.project64(G.astype(np.uint16), x, start=0, stop=10)  # bits need storage=
+    with pytest.raises(TypeError, match="does not match storage='bfloat16'"):
+        _fused.project64(G, x, start=0, stop=10, storage="bfloat16")
+    with pytest.raises(TypeError, match="C-ordered"):
+        _fused.project64(np.asfortranarray(G), x, start=0, stop=10)
+    with pytest.raises(TypeError, match="X must hold real floating"):
+        _fused.project64(G, np.ones(10, np.int64), start=0, stop=10)
+    with pytest.raises(TypeError, match="C must hold real floating"):
+        _fused.combine64(G, C.astype(complex), a, x, **kw)
+    with pytest.raises(TypeError, match="dtype must be float32 or float64"):
+        _fused.combine64(G, C, a, x, start=0, stop=10, dtype=np.float16)
+
+
+def test_float64_extension_checks_its_buffers():
+    """A wrong call into project64 or combine64 is an exception, never an out-of-bounds
+    access."""
+    P = _fused._passes
+    V = np.zeros((4, 10), np.uint16)  # 2-byte storage
+    X, Y = np.zeros((2, 10)), np.zeros((2, 4))
+    P.project64(V, 10, 0, 4, X, 2, True, Y, 10, 0, 10, 0, 3)  # the valid call
+    with pytest.raises(ValueError, match="V holds"):
+        P.project64(V, 10, 0, 4, X, 2, True, Y, 10, 0, 10, 0, 0)  # uint16 read as float32
+    with pytest.raises(ValueError, match="V holds"):
+        P.project64(V, 10, 0, 5, X, 2, True, Y, 10, 0, 10, 0, 3)
+    with pytest.raises(ValueError, match="bad shape"):
+        P.project64(V, 10, 3, 4, X, 2, True, Y, 10, 0, 10, 0, 3)
+    with pytest.raises(ValueError, match="X holds"):
+        P.project64(V, 10, 0, 4, X, 3, True, np.zeros((3, 4)), 10, 0, 10, 0, 3)
+    with pytest.raises(ValueError, match="Y holds"):
+        P.project64(V, 10, 0, 4, X, 2, True, np.zeros((2, 3)), 10, 0, 10, 0, 3)
+    with pytest.raises(ValueError, match="kk must be 1 to 8"):
+        P.project64(V, 10, 0, 4, X, 0, True, Y, 10, 0, 10, 0, 3)
+    with pytest.raises(ValueError, match="storage must be"):
+        P.project64(V, 10, 0, 4, X, 2, True, Y, 10, 0, 10, 0, 4)
+    Ct, a, Yc = np.zeros((4, 8)), np.zeros(8), np.zeros((2, 10), np.float32)
+    x1 = np.zeros(10, np.float32)
+    P.combine64(V, 10, 0, 4, Ct, 2, a, x1, True, False, Yc, False, 10, 0, 10, 0, 2)  # valid
+    with pytest.raises(ValueError, match="X holds"):
+        P.combine64(V, 10, 0, 4, Ct, 2, a, x1, False, False, Yc, False, 10, 0, 10, 0, 2)
+    with pytest.raises(ValueError, match="Y holds"):
+        P.combine64(V, 10, 0, 4, Ct, 2, a, x1, True, False, Yc, True, 10, 0, 10, 0, 2)
+    with pytest.raises(ValueError, match="Ct holds"):
+        P.combine64(V, 10, 0, 4, Ct[:3], 2, a, x1, True, False, Yc, False, 10, 0, 10, 0, 2)
+    with pytest.raises(ValueError, match="a holds"):
+        P.combine64(V, 10, 0, 4, Ct, 2, a[:7], x1, True, False, Yc, False, 10, 0, 10, 0, 2)
+    with pytest.raises(ValueError, match="bad shape"):
+        P.combine64(V, 10, 0, 4, Ct, 2, a, x1, True, False, Yc, False, 10, 5, 11, 0, 2)
+    with pytest.raises(ValueError, match="storage must be"):
+        P.combine64(V, 10, 0, 4, Ct, 2, a, x1, True, False, Yc, False, 10, 0, 10, 0, -1)
+    with pytest.raises(ValueError, match=r"V: size .* out of range"):
+        P.project64(np.ones(4, np.uint16), 2**62, 0, 2, X, 2, True, Y, 1, 0, 1, 0, 3)

@@ -13,7 +13,6 @@ from hypothesis import strategies as st
 import mfac_core._group_factors
 import mfac_core._setup
 from mfac_core import EmpiricalFisher, FactorizationError, IllConditionedWarning, StaticIHVP
-from mfac_core._group_factors import WoodburyFactor
 from mfac_core.testing import (
     SpectralOracle,
     assert_close,

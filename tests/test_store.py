@@ -18,7 +18,7 @@ from conftest import rounded
 import mfac_core._engine
 import mfac_core._gform
 from mfac_core import StaticIHVP
-from mfac_core._gform import DenseBlockInverses64, GFormFactor
+from mfac_core._gform import DenseBlockFactors, GFormFactor
 from mfac_core._store import TextProgress
 from mfac_core.testing import (
     SpectralOracle,
@@ -72,17 +72,17 @@ def _peak(call):
 
 def _assert_gform(op, G):
     """The operator reads G itself (by reference) and holds no W: its factors are the
-    G-form's (over G) and float64 dense inverses of blocks no wider than m."""
+    G-form's (over G) and float64 inverse Cholesky factors of blocks no wider than m."""
     m = G.shape[0]
     assert op._factors
     for f in op._factors:
-        assert isinstance(f, (GFormFactor, DenseBlockInverses64)), type(f)
+        assert isinstance(f, (GFormFactor, DenseBlockFactors)), type(f)
         if isinstance(f, GFormFactor):
             assert f.G is G
             assert f.group.size > m
         else:
             assert f.group.size <= m
-            assert to_numpy(f.inverses).dtype == np.float64
+            assert to_numpy(f.Linv).dtype == np.float64
 
 
 @contextlib.contextmanager

@@ -17,12 +17,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from . import _capacitance
+from . import _capacitance, _engine
 from ._capacitance import CapacitanceFactor
 from ._compat import Array, array_namespace, detached
 from ._compat import device as device_of
 from ._errors import FactorizationError, NotPositiveDefinite
-from . import _engine
 from ._layout import BlockGroup, chunk_gram, pieces
 from ._operator import DEFAULT_MAX_DENSE_ENTRIES, LinearOperator
 from ._refine import fisher_residual, refine

@@ -29,7 +29,8 @@ import numpy as np
 
 from . import _fused
 from ._compat import Array, device, is_torch_namespace, is_writeable_array
-from ._layout import BlockGroup, pieces, piece_columns, piece_stack
+from ._errors import user_stacklevel
+from ._layout import BlockGroup, piece_stack, pieces
 
 __all__ = [
     "combine",
@@ -58,7 +59,7 @@ def _warn_slow_once() -> None:
             "float64 copies of column pieces instead, which is exact but about 2-3 times "
             "slower; reinstall with a C compiler for full speed",
             UserWarning,
-            stacklevel=3,
+            stacklevel=user_stacklevel(),
         )
 
 
@@ -85,12 +86,12 @@ def _host_view(xp: Any, A: Array) -> tuple[np.ndarray, str | None] | None:
             return None
     else:
         return None
-    if not hasattr(_fused, 'supports64'):  # TEMPORARY
-        return None
     if not _fused.available():
         _warn_slow_once()
         return None
-    if not _fused.supports64(view) and not (storage and view.flags.c_contiguous):
+    if not _fused.supports64(view) and not (
+        storage and view.flags.c_contiguous and view.flags.aligned
+    ):
         return None
     return view, storage
 
@@ -232,29 +233,26 @@ def _block_rows(xp: Any, Y: Array, group: BlockGroup, piece: tuple[int, int, int
 def project_blocks(xp: Any, G: Array, group: BlockGroup, X: Array) -> Array:
     """``G_b X_b`` for each block b of ``group``: float64, shape ``(count, m, k)``.
 
-    ``X`` holds the group's rows, ``(count * size, k)``.
+    ``X`` holds the group's rows, ``(count * size, k)``. A single block goes through
+    :func:`project`; stacks of blocks through float64 pieces of whole blocks (or of one
+    block, summed, where a block is wider than a piece).
     """
     if group.count == 1:
         return project(xp, G, X, start=group.start, stop=group.end)[None, ...]
-    m, k = G.shape[0], X.shape[1]
-    P = xp.zeros((group.count, m, k), dtype=xp.float64, device=device(G))
+    m = G.shape[0]
     parts = []
-    b_prev = None
-    acc = None
+    acc, blocks = None, None
     for piece in pieces(group, max(1, PIECE_ENTRIES // max(m, 1))):
-        b0, b1 = piece[0], piece[1]
-        term = _f64(xp, piece_stack(xp, G, group, piece)) @ _f64(xp, _block_rows(xp, X, group, piece))
-        if (b0, b1) == b_prev and acc is not None:
-            acc = acc + term
+        Gp = _f64(xp, piece_stack(xp, G, group, piece))
+        term = Gp @ _f64(xp, _block_rows(xp, X, group, piece))
+        if piece[:2] == blocks:
+            acc = acc + term  # another piece of the same block
         else:
             if acc is not None:
                 parts.append(acc)
-            acc, b_prev = term, (b0, b1)
-    if acc is not None:
-        parts.append(acc)
-    if parts:
-        P = parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)
-    return P
+            acc, blocks = term, piece[:2]
+    parts.append(acc)
+    return parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)
 
 
 def combine_blocks(
@@ -262,25 +260,21 @@ def combine_blocks(
 ) -> Array:
     """``alpha * (X_b - G_b^T A_b)`` for each block b, summed in float64, rounded to ``dtype``.
 
-    ``X`` holds the group's rows ``(count * size, k)``, ``A`` is ``(count, m, k)`` float64;
-    the result has ``X``'s shape.
+    ``X`` holds the group's rows ``(count * size, k)``, ``A`` is ``(count, m, k)``
+    float64; the result has ``X``'s shape.
     """
     if group.count == 1:
-        return combine(xp, G, X, A[0, ...], alpha=alpha, dtype=dtype, start=group.start, stop=group.end)
+        return combine(
+            xp, G, X, A[0, ...], alpha=alpha, dtype=dtype, start=group.start, stop=group.end
+        )
     m, k = G.shape[0], X.shape[1]
     parts = []
+    # Pieces come block by block and, within a block, column range by column range, so
+    # their rows, one after the other, are the group's rows in order.
     for piece in pieces(group, max(1, PIECE_ENTRIES // max(m, 1))):
         b0, b1 = piece[0], piece[1]
         Gp = _f64(xp, piece_stack(xp, G, group, piece))
         Xp = _f64(xp, _block_rows(xp, X, group, piece))
-        parts.append((piece, xp.astype(alpha * (Xp - xp.matrix_transpose(Gp) @ A[b0:b1, ...]), dtype)))
-    s = group.size
-    if all(p[2] == 0 and p[3] == s for p, _ in parts):
-        stacked = [Y for _, Y in parts]
-        Y = stacked[0] if len(stacked) == 1 else xp.concat(stacked, axis=0)
-        return xp.reshape(Y, (group.count * s, k))
-    # Blocks wider than a piece: each block's pieces joined along its columns.
-    rows = []
-    for piece, Y in parts:
-        rows.append(xp.reshape(Y, (-1, k)))
-    return rows[0] if len(rows) == 1 else xp.concat(rows, axis=0)
+        Y = xp.astype(alpha * (Xp - xp.matrix_transpose(Gp) @ A[b0:b1, ...]), dtype)
+        parts.append(xp.reshape(Y, (-1, k)))
+    return parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)

@@ -24,9 +24,9 @@ from typing import Any
 from . import _engine
 from ._capacitance import CapacitanceFactor
 from ._compat import Array, array_namespace, device, is_writeable_array
-from ._layout import BlockGroup, pieces, piece_stack
+from ._layout import BlockGroup, piece_stack, pieces
 
-__all__ = ["DenseBlockInverses64", "GFormFactor", "cast_pieces"]
+__all__ = ["DenseBlockFactors", "GFormFactor", "cast_pieces"]
 
 #: float32 entries of one cast piece of G (4 MiB): large enough that the per-piece
 #: overhead of a library call stays small, small enough to be read back from cache.
@@ -67,8 +67,6 @@ def cast_pieces(xp: Any, G: Array, compute: Any) -> Iterator[tuple[int, int, Arr
         else:
             piece = xp.astype(G[:, c0:c1], compute)
         yield c0, c1, piece
-
-
 
 
 @dataclass(frozen=True)
@@ -146,37 +144,56 @@ class GFormFactor:
 
 
 @dataclass(frozen=True)
-class DenseBlockInverses64:
-    """The float64 dense inverses ``(count, size, size)`` of a group's blocks (size <= m).
+class DenseBlockFactors:
+    """The blocks of a group no wider than m: ``Linv`` ``(count, size, size)``, float64,
+    the inverse of each block's lower Cholesky factor, ``F_b^{-1} = Linv_b^T Linv_b``.
 
-    Products are computed in float64 and rounded once to ``dtype``: an inverse rounded
-    to float32 would carry an error of ``eps32 * kappa`` into every product.
+    Products are computed in float64 and rounded once to ``dtype``: an inverse rounded to
+    float32 would carry an error of ``eps32 * kappa`` into every product. The explicit
+    inverse is never formed (its product ``Linv^T Linv`` would cost as much again as the
+    factorisation); the diagonal is the columns' squared norms.
     """
 
     group: BlockGroup
-    inverses: Array
+    Linv: Array
     dtype: Any
 
     @property
     def xp(self) -> Any:
-        return array_namespace(self.inverses)
+        return array_namespace(self.Linv)
 
     def apply(self, X: Array, /) -> Array:
         xp, g = self.xp, self.group
         Xb = xp.reshape(xp.astype(X, xp.float64), (g.count, g.size, X.shape[-1]))
-        Y = xp.reshape(self.inverses @ Xb, (g.count * g.size, X.shape[-1]))
-        return xp.astype(Y, self.dtype)
+        Y = xp.matrix_transpose(self.Linv) @ (self.Linv @ Xb)
+        return xp.astype(xp.reshape(Y, (g.count * g.size, X.shape[-1])), self.dtype)
 
     def apply_vector(self, x: Array, /) -> Array:
         return self.apply(x[:, None])[:, 0]
 
     def diagonal(self) -> Array:
         xp = self.xp
-        return xp.astype(xp.reshape(xp.linalg.diagonal(self.inverses), (-1,)), self.dtype)
+        D = xp.sum(self.Linv * self.Linv, axis=-2)  # (count, size): column norms squared
+        return xp.astype(xp.reshape(D, (-1,)), self.dtype)
 
     def entries(self, rows: Array, cols: Array, /) -> Array:
-        s = self.group.size
-        # int64 offsets: a stack of B x B blocks can hold more than 2**31 entries.
-        flat = (rows // s) * (s * s) + (rows % s) * s + (cols % s)
-        xp = self.xp
-        return xp.astype(xp.take(xp.reshape(self.inverses, (-1,)), flat), self.dtype)
+        # [F_b^{-1}]_jk = Linv_b[:, j] . Linv_b[:, k]: each pair's two columns gathered
+        # from the flat stack (int64 offsets: the stack can exceed 2**31 entries), a
+        # bounded number of pairs at a time.
+        xp, s = self.xp, self.group.size
+        flat = xp.reshape(self.Linv, (-1,))
+        down = xp.reshape(xp.arange(s, dtype=xp.int64, device=device(flat)) * s, (1, s))
+        n = rows.shape[0]
+        width = max(1, CHUNK_ENTRIES // max(2 * s, 1))
+        parts = []
+        for lo in range(0, n, width):
+            hi = min(lo + width, n)
+            r, c = rows[lo:hi], cols[lo:hi]
+            base = xp.reshape((r // s) * (s * s), (-1, 1)) + down
+            Lr = xp.take(flat, xp.reshape(base + xp.reshape(r % s, (-1, 1)), (-1,)))
+            Lc = xp.take(flat, xp.reshape(base + xp.reshape(c % s, (-1, 1)), (-1,)))
+            dots = xp.sum(xp.reshape(Lr * Lc, (hi - lo, s)), axis=-1)
+            parts.append(xp.astype(dots, self.dtype))
+        if not parts:
+            return xp.zeros((0,), dtype=self.dtype, device=device(flat))
+        return parts[0] if len(parts) == 1 else xp.concat(parts)

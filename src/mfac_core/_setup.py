@@ -25,7 +25,7 @@ from typing import Any, Protocol
 from . import _capacitance, _linalg
 from ._compat import Array, device, is_writeable_array
 from ._errors import FactorizationError
-from ._gform import DenseBlockInverses64, GFormFactor
+from ._gform import DenseBlockFactors, GFormFactor
 from ._group_factors import DenseBlockInverses, GroupFactor, WoodburyFactor
 from ._layout import (
     BlockGroup,
@@ -194,12 +194,10 @@ def _dense_inverses(
     damp: float,
     check: bool,
     track: _Tracker,
-    dtype: Any = None,
-    second_pass: bool = True,
 ) -> DenseBlockInverses:
     m = G.shape[0]
     s = group.size
-    dtype = G.dtype if dtype is None else dtype
+    dtype = G.dtype
     # The inverses go chunk by chunk into one array of ``dtype`` where the
     # library's arrays can be written: no join of per-chunk parts at the end, which
     # would hold the group's inverses twice.
@@ -222,8 +220,7 @@ def _dense_inverses(
                 xp, factor.U, dtype, out=None if out is None else out[b0:b1, ...]
             )
         )
-        if second_pass:  # the W-form's progress counts two passes over the columns
-            track.advance(sum((p1 - p0) * (c1 - c0) for p0, p1, c0, c1 in chunk))
+        track.advance(sum((p1 - p0) * (c1 - c0) for p0, p1, c0, c1 in chunk))
     if out is not None:
         return DenseBlockInverses(group, out)
     return DenseBlockInverses(group, parts[0] if len(parts) == 1 else xp.concat(parts))
@@ -363,6 +360,34 @@ def factorize_groups(
     return SetupResult(tuple(factors), track.kappa_lo, track.kappa_hi, track.recomputed)
 
 
+def _dense_factors(
+    xp: Any, G: Array, group: BlockGroup, damp: float, dtype: Any, check: bool, track: _Tracker
+) -> DenseBlockFactors:
+    """The float64 ``L_b^{-1}`` of each block's ``F_b = L_b L_b^T`` (blocks no wider than m)."""
+    m = G.shape[0]
+    s = group.size
+    writeable = is_writeable_array(xp.empty((0,), dtype=xp.float64, device=device(G)))
+    out = xp.empty((group.count, s, s), dtype=xp.float64, device=device(G)) if writeable else None
+    parts = []
+    # F_b = damp I + G_b^T G_b / m is only size x size: factorised densely, from its Gram
+    # over whole blocks (at most m columns each: O(m^2) memory per block).
+    for chunk in chunks(group, max(_piece_width(G), s)):
+        gram = _checked_gram(
+            xp, G, group, chunk, lambda X: xp.matrix_transpose(X) @ X, track, check
+        )
+        factor = _capacitance.factorize(xp, gram, shift=damp, scale=1.0 / m, damp=damp)
+        track.add(factor)
+        Linv = factor.lower_inverse()  # F_b^{-1} = Linv^T Linv; no product of the two
+        if out is None:
+            parts.append(Linv)
+        else:
+            b0, b1 = chunk[0][0], chunk[-1][1]
+            out[b0:b1, ...] = Linv
+    if out is None:
+        out = parts[0] if len(parts) == 1 else xp.concat(parts)
+    return DenseBlockFactors(group, out, dtype)
+
+
 def factorize_gform_groups(
     xp: Any,
     G: Array,
@@ -378,7 +403,8 @@ def factorize_gform_groups(
     The set-up is one pass over G: each chunk's Gram matrices summed in float64 from
     float64 column pieces (docs/mathematics.rst, "Exact passes": products of float32
     or 2-byte values are exact in float64), factorised in float64. Groups of blocks
-    no wider than m keep their float64 dense inverses (:class:`DenseBlockInverses64`),
+    no wider than m keep the float64 inverses of their Cholesky factors
+    (:class:`DenseBlockFactors`),
     the others the factor stack of their blocks (:class:`GFormFactor`), over G itself;
     results are in ``dtype``.
     """
@@ -391,17 +417,7 @@ def factorize_gform_groups(
     factors: list[GroupFactor] = []
     for group in groups:
         if group.size <= m:
-            dense = _dense_inverses(
-                xp,
-                G,
-                group,
-                damp=damp,
-                check=check_finite,
-                track=track,
-                dtype=xp.float64,
-                second_pass=False,
-            )
-            factors.append(DenseBlockInverses64(group, dense.inverses, dtype))
+            factors.append(_dense_factors(xp, G, group, damp, dtype, check_finite, track))
             continue
         stacks = []
         kappa_lo = kappa_hi = 1.0

@@ -9,7 +9,6 @@ route rows to those factors.
 from __future__ import annotations
 
 import inspect
-import os
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -30,7 +29,6 @@ from ._validation import (
     check_float64_available,
     check_gradients,
     check_index_array,
-    check_writeable,
     half_dtype_name,
     namespace_of,
 )

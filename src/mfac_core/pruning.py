@@ -45,7 +45,7 @@ import numbers
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, NamedTuple, Protocol, cast, runtime_checkable
 
-from ._compat import Array, is_dask_namespace, is_writeable_array
+from ._compat import Array, is_dask_namespace
 from ._compat import device as device_of
 from ._gform import cast_pieces
 from ._spectral import SpectralIHVP

@@ -10,6 +10,11 @@ to groups of eight and splits the columns over threads. Where the extension was 
 built (:func:`available` is false) the operator keeps its BLAS path; both are tested
 against each other and against dense oracles.
 
+:func:`project64` and :func:`combine64` are the passes of exact products: they read ``G``
+in its storage dtype (float32, float64, float16 or bfloat16, the last also as the uint16
+bits of a PyTorch tensor) and do every product and sum in float64, at the speed of a GEMV
+in the storage dtype. NumPy's own routes to the same sums need a float64 copy of ``G``.
+
 Threads: the kernels release the GIL, and a call on more than ``_MIN_THREAD_WORK``
 entries of ``V`` shares its column pieces among up to :func:`max_threads` threads
 (started per call, so nothing outlives it and ``fork`` is safe). The count follows the variables
@@ -37,17 +42,24 @@ except ImportError:  # not built: no C compiler at install time, or another comp
 
 __all__ = [
     "ISAS",
+    "STORAGES",
     "apply",
     "available",
     "best_isa",
+    "combine64",
     "diagonal",
     "max_threads",
     "project",
+    "project64",
     "supports",
+    "supports64",
 ]
 
 #: The kernels' instruction sets by name, slowest first; "base" is the compiler's baseline.
 ISAS = {"base": 1, "avx2": 2, "avx512": 3}
+
+#: The storage dtypes of project64 and combine64 by name, with the kernels' codes.
+STORAGES = {"float32": 0, "float64": 1, "float16": 2, "bfloat16": 3}
 
 #: Entries of V per thread below which fewer threads are used (starting a thread costs about
 #: 50 us; a pass over 2**20 float32 entries takes about 100 us).
@@ -302,3 +314,263 @@ def diagonal(
 
         _run(call, m, n)
     return D
+
+
+# -- float64 sums over G in its storage dtype ----------------------------------------------
+
+
+def _storage_of(dtype: np.dtype) -> str | None:
+    """The storage name of a dtype that the float64 kernels read, else ``None``.
+
+    bfloat16 is recognised by name (ml_dtypes' dtype), so that ml_dtypes is not needed.
+    """
+    name = dtype.name
+    if name in STORAGES and (name == "bfloat16" or dtype == np.dtype(name)):
+        return name
+    return None
+
+
+def supports64(G: Any, /) -> bool:
+    """Whether :func:`project64` and :func:`combine64` can read ``G`` in place.
+
+    That is: the extension built, and ``G`` a 2-D C-ordered, aligned NumPy array of
+    float32, float64, float16, or bfloat16 (ml_dtypes' bfloat16 dtype, i.e.
+    ``G.dtype.name == "bfloat16"``). The uint16 bits of bfloat16 or float16 data are read
+    too, but only with ``storage=`` named (their dtype does not say which).
+    """
+    return (
+        _passes is not None
+        and isinstance(G, np.ndarray)
+        and G.ndim == 2
+        and _storage_of(G.dtype) is not None
+        and G.flags.c_contiguous
+        and G.flags.aligned
+    )
+
+
+def _check64(G: Any, start: int, stop: int, storage: str | None) -> tuple[Any, int, int, int]:
+    """``(G's items as the kernels take them, m, ld, storage code)`` after checking G.
+
+    2-byte storage goes to the extension as uint16 (a buffer of ml_dtypes' bfloat16 may not
+    export through the buffer protocol; its bits are the same).
+    """
+    if storage is not None and storage not in STORAGES:
+        raise ValueError(f"storage must be one of {sorted(STORAGES)} or None, got {storage!r}")
+    if not (
+        _passes is not None
+        and isinstance(G, np.ndarray)
+        and G.ndim == 2
+        and G.flags.c_contiguous
+        and G.flags.aligned
+    ):
+        raise TypeError(
+            "G must be a 2-D C-ordered, aligned NumPy array, and the extension built, got "
+            f"{type(G).__name__}"
+        )
+    own = _storage_of(G.dtype)
+    bits = G.dtype == np.uint16 and storage in ("float16", "bfloat16")
+    name = own if storage is None else storage
+    if name is None or (own is None and not bits):
+        raise TypeError(
+            f"G's dtype {G.dtype} is not a storage dtype: float32, float64, float16, bfloat16, "
+            "or uint16 with storage='float16' or 'bfloat16'"
+        )
+    if name != own and not bits:
+        raise TypeError(f"G's dtype {G.dtype} does not match storage={storage!r}")
+    m, ld = G.shape
+    if not 0 <= start <= stop <= ld:
+        raise ValueError(f"columns [{start}, {stop}) are not inside G's {ld}")
+    if G.dtype.itemsize == 2:
+        G = G.view(np.uint16)
+    return G, m, ld, STORAGES[name]
+
+
+def _float_array(A: Any, name: str) -> np.ndarray:
+    """``A`` as a NumPy array of a real floating dtype (bfloat16 included), else TypeError."""
+    A = np.asarray(A)
+    if A.dtype.kind != "f" and A.dtype.name != "bfloat16":
+        raise TypeError(f"{name} must hold real floating-point numbers, got dtype {A.dtype}")
+    return A
+
+
+def _x_for_kernels(X: np.ndarray) -> np.ndarray:
+    """X as the kernels read it: float32 or float64, C-ordered and aligned.
+
+    float32 and float64 stay as they are; float16 and bfloat16 become float32 (exactly),
+    longer floats float64.
+    """
+    if X.dtype in (np.float32, np.float64):
+        dt = X.dtype
+    else:
+        dt = np.dtype(np.float32) if X.dtype.itemsize < 4 else np.dtype(np.float64)
+    return np.require(X, dt, ["C", "A"])
+
+
+def project64(
+    G: Any,
+    X: Any,
+    /,
+    *,
+    start: int,
+    stop: int,
+    storage: str | None = None,
+    isa: str | None = None,
+) -> np.ndarray:
+    """``X @ G[:, start:stop].T`` accumulated in float64: (K, m) float64.
+
+    Parameters
+    ----------
+    G : numpy.ndarray
+        (m, ld), C-ordered and aligned, of float32, float64, float16 or bfloat16; or
+        uint16 holding float16 or bfloat16 bits, with ``storage`` naming which.
+    X : array_like
+        (K, stop - start), any real floating dtype; its values are taken as float64 (exact
+        for float32, float16 and bfloat16). A 1-D ``x`` is K = 1, and the result is then
+        (m,).
+    start, stop : int
+        The columns of G, ``0 <= start <= stop <= ld``.
+    storage : {"float32", "float64", "float16", "bfloat16"}, optional
+        How G's items are stored; None: from ``G.dtype``.
+    isa : str, optional
+        An instruction set of :data:`ISAS` (tests); None: the fastest.
+
+    Returns
+    -------
+    numpy.ndarray
+        (K, m) float64, or (m,) for a 1-D ``x``.
+
+    Notes
+    -----
+    G's items are converted to float64 as they are loaded; every product and sum is in
+    float64. One read of G serves up to 8 vectors (groups of 8 past that). The partial
+    sums of the column pieces are added in their order: the result does not depend on
+    the threads or their timing.
+    """
+    G, m, ld, code_st = _check64(G, start, stop, storage)
+    n = stop - start
+    X = _float_array(X, "X")
+    one = X.ndim == 1
+    X2 = X[None] if one else X
+    if X2.ndim != 2 or X2.shape[1] != n:
+        raise ValueError(f"X must have shape (K, {n}) or ({n},), got {X.shape}")
+    K = X2.shape[0]
+    out = np.zeros((K, m))
+    if K > 0 and m > 0 and n > 0:
+        Xk = _x_for_kernels(X2)
+        code, x64 = _isa_code(isa), Xk.dtype == np.float64
+        for k0 in range(0, K, 8):
+            kk = min(8, K - k0)
+            Xg = Xk[k0 : k0 + kk]
+            partial = np.empty((len(_pieces(m, n)), kk, m))
+
+            def call(
+                j0: int, j1: int, p: int, Xg: Any = Xg, partial: Any = partial, kk: int = kk
+            ) -> None:
+                _passes.project64(
+                    G, ld, start, m, Xg, kk, x64, partial[p], n, j0, j1, code, code_st
+                )
+
+            _run(call, m, n)
+            # In piece order (not np.sum's pairwise order): fixed by the shape alone.
+            y = out[k0 : k0 + kk]
+            for part in partial:
+                y += part
+    return out[0] if one else out
+
+
+def combine64(
+    G: Any,
+    C: Any,
+    alpha: Any,
+    X: Any,
+    /,
+    *,
+    start: int,
+    stop: int,
+    dtype: Any,
+    storage: str | None = None,
+    isa: str | None = None,
+) -> np.ndarray:
+    """``alpha[:, None] * X + C @ G[:, start:stop]`` in float64, rounded once to ``dtype``.
+
+    Parameters
+    ----------
+    G : numpy.ndarray
+        (m, ld), as for :func:`project64`.
+    C : array_like
+        (K, m), real floating (taken as float64).
+    alpha : array_like
+        (K,), real floating (taken as float64).
+    X : array_like
+        (K, stop - start) float32 or float64 (float16 and bfloat16 are widened exactly), or
+        (stop - start,): one row shared by all K.
+    start, stop : int
+        The columns of G, ``0 <= start <= stop <= ld``.
+    dtype : numpy.float32 or numpy.float64
+        The result's dtype.
+    storage, isa : str, optional
+        As for :func:`project64`.
+
+    Returns
+    -------
+    numpy.ndarray
+        (K, stop - start) of ``dtype``.
+
+    Notes
+    -----
+    G's items are converted to float64 as they are loaded; every product and sum is in
+    float64, and each result is rounded once, to ``dtype``. The m terms are summed first
+    and ``alpha x`` added last, as ``apply`` does (starting from ``alpha x``, in a sweep
+    much larger than the sum, would round every partial sum at its size). One read of G
+    serves up to 8 rows of C (groups of 8, zero-padded, past that). Each result is summed
+    in the same order whatever the threads.
+    """
+    G, m, ld, code_st = _check64(G, start, stop, storage)
+    n = stop - start
+    out_dt = np.dtype(dtype)
+    if out_dt not in (np.float32, np.float64):
+        raise TypeError(f"dtype must be float32 or float64, got {out_dt}")
+    C = _float_array(C, "C").astype(np.float64, copy=False)
+    alpha = _float_array(alpha, "alpha").astype(np.float64, copy=False)
+    X = _float_array(X, "X")
+    if C.ndim != 2 or C.shape[1] != m:
+        raise ValueError(f"C must have shape (K, {m}), got {C.shape}")
+    K = C.shape[0]
+    if alpha.shape != (K,):
+        raise ValueError(f"alpha must have shape ({K},), got {alpha.shape}")
+    shared = X.ndim == 1
+    if X.shape != ((n,) if shared else (K, n)):
+        raise ValueError(f"X must have shape ({K}, {n}) or ({n},), got {X.shape}")
+    Y = np.empty((K, n), dtype=out_dt)
+    if K == 0 or n == 0:
+        return Y
+    if m == 0:
+        Y[...] = alpha[:, None] * X.astype(np.float64)
+        return Y
+    Xk = _x_for_kernels(X)
+    code, x64, out64 = _isa_code(isa), Xk.dtype == np.float64, out_dt == np.float64
+    for k0 in range(0, K, 8):
+        kk = min(8, K - k0)
+        Ct = np.zeros((m, 8))
+        Ct[:, :kk] = C[k0 : k0 + kk].T
+        a8 = np.zeros(8)
+        a8[:kk] = alpha[k0 : k0 + kk]
+        Xg = Xk if shared else Xk[k0 : k0 + kk]
+        Yk = Y[k0 : k0 + kk]
+
+        def call(
+            j0: int,
+            j1: int,
+            p: int,
+            Ct: Any = Ct,
+            a8: Any = a8,
+            Xg: Any = Xg,
+            Yk: Any = Yk,
+            kk: int = kk,
+        ) -> None:
+            _passes.combine64(
+                G, ld, start, m, Ct, kk, a8, Xg, shared, x64, Yk, out64, n, j0, j1, code, code_st
+            )
+
+        _run(call, m, n)
+    return Y

@@ -4,6 +4,8 @@
  *   project:  y[i] = sum_j V[i, j] x[j], chunks added in float64   (the first pass of a sweep)
  *   apply:    Y[k, j] = a[k] x[j] + sum_i C[k, i] V[i, j]         (its second pass)
  *   diagonal: D[k, j] = a[k] + sum_i H[k, i] V[i, j]^2, in float64 (diagonal at K dampings)
+ *   project64: Y[k, i] = sum_j V[i, j] X[k, j], in float64              (up to 8 vectors)
+ *   combine64: Y[k, j] = a[k] X[k, j] + sum_i C[k, i] V[i, j], in float64, rounded once
  *
  * for the columns j0 <= j < j1 of a column block of the row-major m x ld array V. The first is
  * a GEMV, here so that a sweep does not hand over from BLAS's threads, which spin for a while
@@ -19,12 +21,25 @@
  * AVX2 with FMA, and the baseline of the compiler's target. The caller splits the columns over
  * threads; every call releases the GIL. Arguments are checked here too (buffer sizes), so that
  * a wrong call is an exception, never an out-of-bounds access.
+ *
+ * project64 and combine64 are for exact products: they read V in its storage type (float32,
+ * float64, IEEE float16 or bfloat16), convert each item to float64 as it is loaded (exact for
+ * all four) and do every product and sum in float64. Reading float32 and summing in float64
+ * costs a conversion per item, which a core does about as fast as memory delivers the items:
+ * one vector's pass over float32 rows took 1.05x a float32 GEMV's time (AVX2, one core of a
+ * Zen 3). Over 2-byte rows the conversions, not memory, set the pace there: 0.75-0.85x the
+ * float32 GEMV, where memory alone would allow 0.5x. Several vectors or dampings cost one
+ * float64 FMA per item of V each (eight dampings: about 5x the GEMV's time on that core, 2x
+ * apply's float32 sums).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h> /* F16C's conversions (the x86 copies' target attributes enable them) */
+#endif
 
 #define TILE_VECS 2
 #ifndef PANEL_ROWS
@@ -38,26 +53,67 @@
 #define CHUNK_BYTES 32768
 #endif
 #define DIAG_CHUNK 4096
+/* Columns of a row in the float32 buffer through which project64 and combine64 read 2-byte
+   rows: a multiple of every tile of their loops. Short, so that the conversion into the buffer
+   and the loops over it overlap the rows' reads from memory: a pass over 2-byte rows took
+   0.8x a float32 GEMV's time with 64 columns (and 32, and 128), 0.9-1.05x with 256 and
+   1.4-1.6x with 512 (AVX2, one core of a Zen 3). */
+#ifndef SUB64
+#define SUB64 64
+#endif
+/* Doubles from one damping's row to the next in combine64's buffer of partial sums: a chunk
+   and one cache line, so that its 8 rows do not fall, 32 KiB apart, in one set of the L1
+   cache (where the rows of V, often a multiple of 4 KiB apart, fall too). */
+#define ACC_LD64 (DIAG_CHUNK + 8)
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #define MFAC_X86 1
 #endif
 
+/* An IEEE half's value as a double, exactly (the copies without F16C, and the columns past the
+   last whole vector). Its bits below the sign, shifted to a float32's place, are a float32 of
+   the same digits with an exponent 112 too small (normal and subnormal halves alike): times
+   2^112, in float64, the half's value. Infinities and NaNs (exponent 31) keep theirs. */
+static inline double half_to_double(uint16_t h)
+{
+    const uint32_t em = h & 0x7fffu;
+    const uint32_t bits = em >= 0x7c00u ? 0x7f800000u | (em & 0x3ffu) << 13 : em << 13;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    const double d = em >= 0x7c00u ? (double)f : (double)f * 0x1p112;
+    return h & 0x8000u ? -d : d;
+}
+
+/* A bfloat16's value as a double: its 16 bits are the top half of a float32's. */
+static inline double bf16_to_double(uint16_t b)
+{
+    const uint32_t bits = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return (double)f;
+}
+
+/* The x86 copies convert halves with F16C (vcvtph2ps), which every CPU with AVX2 or AVX-512F
+   has; best_isa checks it too. */
 #ifdef MFAC_X86
 #define ISA avx512
-#define ISA_TARGET "avx512f"
+#define ISA_TARGET "avx512f,f16c"
+#define ISA_F16C 1
 #define VBYTES 64
 #include "_passes_impl.h"
 #undef ISA
 #undef ISA_TARGET
+#undef ISA_F16C
 #undef VBYTES
 
 #define ISA avx2
-#define ISA_TARGET "avx2,fma"
+#define ISA_TARGET "avx2,fma,f16c"
+#define ISA_F16C 1
 #define VBYTES 32
 #include "_passes_impl.h"
 #undef ISA
 #undef ISA_TARGET
+#undef ISA_F16C
 #undef VBYTES
 #endif
 
@@ -73,6 +129,8 @@ static int best_isa(void)
 {
 #ifdef MFAC_X86
     __builtin_cpu_init();
+    if (!__builtin_cpu_supports("f16c"))
+        return ISA_BASE;
     if (__builtin_cpu_supports("avx512f"))
         return ISA_AVX512;
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
@@ -80,6 +138,16 @@ static int best_isa(void)
 #endif
     return ISA_BASE;
 }
+
+/* The storage types of project64 and combine64 (their V), and their item sizes. */
+enum { ST_F32 = 0, ST_F64 = 1, ST_F16 = 2, ST_BF16 = 3, ST_COUNT = 4 };
+static const Py_ssize_t storage_size[ST_COUNT] = {4, 8, 2, 2};
+
+typedef void (*project64_fn)(const void *, Py_ssize_t, Py_ssize_t, const void *, Py_ssize_t, int,
+                             double *, Py_ssize_t, Py_ssize_t, float *);
+typedef void (*combine64_fn)(const void *, Py_ssize_t, Py_ssize_t, const double *, int,
+                             const double *, const void *, Py_ssize_t, int, void *, Py_ssize_t,
+                             int, Py_ssize_t, Py_ssize_t, double *, float *);
 
 /* One instruction set's kernels. */
 typedef struct {
@@ -96,10 +164,23 @@ typedef struct {
                      float *, Py_ssize_t, Py_ssize_t, Py_ssize_t, double *);
     void (*diag_f64)(const double *, Py_ssize_t, Py_ssize_t, const double *, int,
                      const double *, double *, Py_ssize_t, Py_ssize_t, Py_ssize_t, double *);
+    /* By storage type (ST_*), then X's type (float32, float64). */
+    project64_fn project64[ST_COUNT][2];
+    combine64_fn combine64[ST_COUNT];
 } Kernels;
 
 #define KERNELS(I)                                                                          \
-    {project_f32_##I, project_f64_##I, apply_f32_##I, apply_f64_##I, diag_f32_##I, diag_f64_##I}
+    {project_f32_##I,                                                                       \
+     project_f64_##I,                                                                       \
+     apply_f32_##I,                                                                         \
+     apply_f64_##I,                                                                         \
+     diag_f32_##I,                                                                          \
+     diag_f64_##I,                                                                          \
+     {{project64_f32_x32_##I, project64_f32_x64_##I},                                       \
+      {project64_f64_x32_##I, project64_f64_x64_##I},                                       \
+      {project64_f16_x32_##I, project64_f16_x64_##I},                                       \
+      {project64_bf16_x32_##I, project64_bf16_x64_##I}},                                    \
+     {combine64_f32_##I, combine64_f64_##I, combine64_f16_##I, combine64_bf16_##I}}
 static const Kernels kernels_base = KERNELS(base);
 #ifdef MFAC_X86
 static const Kernels kernels_avx2 = KERNELS(avx2);
@@ -315,11 +396,126 @@ done:
     return result;
 }
 
+/* The staging buffer of project64 and combine64 (8 x SUB64 floats, on a 64-byte boundary, so
+   that its rows' vectors do not straddle cache lines), or NULL with an exception; free *raw. */
+static float *stage_buffer(void **raw)
+{
+    *raw = malloc(sizeof(float) * 8 * SUB64 + 64);
+    if (*raw == NULL) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+    return (float *)(((uintptr_t)*raw + 63) & ~(uintptr_t)63);
+}
+
+/* The storage type code of project64 and combine64, or -1 with an exception. */
+static int check_storage(int storage)
+{
+    if (storage < 0 || storage >= ST_COUNT) {
+        PyErr_Format(PyExc_ValueError,
+                     "storage must be 0 (float32), 1 (float64), 2 (float16) or 3 (bfloat16), "
+                     "got %d",
+                     storage);
+        return -1;
+    }
+    return storage;
+}
+
+/* project64(V, ld, col0, m, X, kk, x64, Y, n, j0, j1, isa, storage): V's items are of the storage
+   type `storage` (ST_*); X is kk x n, float64 if x64 else float32; Y is kk x m float64 (this
+   range's sums, overwritten). */
+static PyObject *py_project64(PyObject *self, PyObject *args)
+{
+    (void)self;
+    Py_buffer V, X, Y;
+    Py_ssize_t ld, col0, m, kk, n, j0, j1;
+    int isa, x64, storage;
+    if (!PyArg_ParseTuple(args, "y*nnny*npw*nnnii", &V, &ld, &col0, &m, &X, &kk, &x64, &Y, &n,
+                          &j0, &j1, &isa, &storage))
+        return NULL;
+    PyObject *result = NULL;
+    void *raw = NULL;
+    const Kernels *kern = pick_kernels(isa);
+    if (kern == NULL || check_storage(storage) < 0 || check_kk(kk) < 0)
+        goto done;
+    const Py_ssize_t size = storage_size[storage];
+    if (check_shape(&V, size, m, ld, col0, n, j0, j1) < 0 ||
+        check_len(&X, kk, n, x64 ? 8 : 4, "X") < 0 || check_len(&Y, kk, m, 8, "Y") < 0)
+        goto done;
+    float *sbuf = stage_buffer(&raw);
+    if (sbuf == NULL)
+        goto done;
+    const project64_fn fn = kern->project64[storage][x64];
+    Py_BEGIN_ALLOW_THREADS
+    fn((const char *)V.buf + col0 * size, ld, m, X.buf, n, (int)kk, Y.buf, j0, j1, sbuf);
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    free(raw);
+    PyBuffer_Release(&V);
+    PyBuffer_Release(&X);
+    PyBuffer_Release(&Y);
+    return result;
+}
+
+/* combine64(V, ld, col0, m, Ct, kk, a, X, shared, x64, Y, out64, n, j0, j1, isa, storage): V's
+   items are of the storage type `storage`; Ct is m x 8 and a has 8 items, float64 (zero-padded
+   past kk); X is kk x n (one row of n if `shared`), float64 if x64 else float32; Y is kk x n,
+   float64 if out64 else float32. */
+static PyObject *py_combine64(PyObject *self, PyObject *args)
+{
+    (void)self;
+    Py_buffer V, Ct, a, X, Y;
+    Py_ssize_t ld, col0, m, kk, n, j0, j1;
+    int shared, x64, out64, isa, storage;
+    if (!PyArg_ParseTuple(args, "y*nnny*ny*y*ppw*pnnnii", &V, &ld, &col0, &m, &Ct, &kk, &a, &X,
+                          &shared, &x64, &Y, &out64, &n, &j0, &j1, &isa, &storage))
+        return NULL;
+    PyObject *result = NULL;
+    double *buf = NULL;
+    void *raw = NULL;
+    const Kernels *kern = pick_kernels(isa);
+    if (kern == NULL || check_storage(storage) < 0 || check_kk(kk) < 0)
+        goto done;
+    const Py_ssize_t size = storage_size[storage];
+    if (check_shape(&V, size, m, ld, col0, n, j0, j1) < 0 || check_len(&Ct, 8, m, 8, "Ct") < 0 ||
+        check_len(&a, 8, 1, 8, "a") < 0 ||
+        check_len(&X, shared ? 1 : kk, n, x64 ? 8 : 4, "X") < 0 ||
+        check_len(&Y, kk, n, out64 ? 8 : 4, "Y") < 0)
+        goto done;
+    buf = malloc(sizeof(double) * 8 * ACC_LD64);
+    if (buf == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    float *sbuf = stage_buffer(&raw);
+    if (sbuf == NULL)
+        goto done;
+    const combine64_fn fn = kern->combine64[storage];
+    Py_BEGIN_ALLOW_THREADS
+    fn((const char *)V.buf + col0 * size, ld, m, Ct.buf, (int)kk, a.buf, X.buf, shared ? 0 : n,
+       x64, Y.buf, n, out64, j0, j1, buf, sbuf);
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    free(buf);
+    free(raw);
+    PyBuffer_Release(&V);
+    PyBuffer_Release(&Ct);
+    PyBuffer_Release(&a);
+    PyBuffer_Release(&X);
+    PyBuffer_Release(&Y);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"best_isa", py_best_isa, METH_NOARGS, "The fastest instruction set this CPU runs (1-3)."},
     {"project", py_project, METH_VARARGS, "y = V x over a column range (float64 result)."},
     {"apply", py_apply, METH_VARARGS, "Y = a x + C V over a column range (see _passes.c)."},
     {"diagonal", py_diagonal, METH_VARARGS, "D = a + H (V * V) over a column range, in float64."},
+    {"project64", py_project64, METH_VARARGS, "Y = X V^T over a column range, in float64."},
+    {"combine64", py_combine64, METH_VARARGS,
+     "Y = a X + C V over a column range, in float64, rounded once."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -216,6 +216,386 @@ ISA_ATTR static void NAME(project_f64)(const double *V, Py_ssize_t ld, Py_ssize_
     PROJECT_BODY(double, NAME(vd), VBYTES / 8)
 }
 
+/* ---------------------------------------------------------------------------------------- */
+/* project64 and combine64: rows read in their storage type, every product and sum in float64. */
+
+/* Widening element by element: GCC 12 splits a widening __builtin_convertvector into halves,
+   through the stack (4 instructions and 2 stores for one vcvtps2pd: the passes ran at half
+   the memory speed), while a constructor compiles to the one instruction (vcvtps2pd,
+   vpmovzxwd). LANES_D lists as many lanes as a vd has, LANES_F as many as a vf. */
+#if VBYTES == 64
+#define LANES_D(h) h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7]
+#define LANES_F(h) LANES_D(h), h[8], h[9], h[10], h[11], h[12], h[13], h[14], h[15]
+#elif VBYTES == 32
+#define LANES_D(h) h[0], h[1], h[2], h[3]
+#define LANES_F(h) LANES_D(h), h[4], h[5], h[6], h[7]
+#else
+#define LANES_D(h) h[0], h[1]
+#define LANES_F(h) LANES_D(h), h[2], h[3]
+#endif
+
+/* As many uint16 (and uint32) as a vf has floats: a piece of a 2-byte row, and it widened. */
+typedef uint16_t NAME(vw) __attribute__((vector_size(VBYTES / 2), aligned(2), may_alias));
+typedef uint32_t NAME(vu) __attribute__((vector_size(VBYTES), aligned(4), may_alias));
+
+ISA_ATTR static inline __attribute__((always_inline)) NAME(vd) NAME(widen_f32)(NAME(vh) h)
+{
+    return (NAME(vd)){LANES_D(h)};
+}
+
+ISA_ATTR static inline __attribute__((always_inline)) NAME(vu) NAME(widen_u16)(NAME(vw) w)
+{
+    return (NAME(vu)){LANES_F(w)};
+}
+
+/* A vd of the float64 values of lanes float32 or float64 items at p. */
+#define LOADV_F32(p) NAME(widen_f32)(*(const NAME(vh) *)(p))
+#define LOADV_F64(p) (*(const NAME(vd) *)(p))
+/* One item of each storage type as a double. */
+#define LOAD1_F32(p) ((double)*(p))
+#define LOAD1_F64(p) (*(p))
+#define LOAD1_F16(p) half_to_double(*(p))
+#define LOAD1_BF16(p) bf16_to_double(*(p))
+
+/*
+ * 2-byte rows go through a float32 buffer: a panel's rows, SUB64 columns at a time, are
+ * converted to float32 (exactly: a bfloat16 is the top half of a float32's bits, and every
+ * half is a float32) a whole register at a time, and the loops read the buffer as float32
+ * rows, converting to float64 as they load. Converting a register of float32 to float64 is
+ * half as fast as converting from memory on Zen 3 (vcvtps2pd): 2-byte rows converted in
+ * registers ran at 5.5-7 G items/s in L2 (1.0x a float32 GEMV from memory), float32 rows at
+ * 16, through the buffer at 10.5 (0.8x the GEMV from memory; AVX2, one core).
+ * stage_<S> converts the columns j0 <= j < j1 (a multiple of VBYTES / 4 of them) of `rows`
+ * rows at V to buf, SUB64 floats a row (_passes.c).
+ */
+
+ISA_ATTR static void NAME(stage_bf16)(const uint16_t *V, Py_ssize_t ld, Py_ssize_t rows,
+                                      Py_ssize_t j0, Py_ssize_t j1, float *buf)
+{
+    for (Py_ssize_t r = 0; r < rows; r++)
+        for (Py_ssize_t j = j0; j < j1; j += VBYTES / 4) {
+            const NAME(vu) w = NAME(widen_u16)(*(const NAME(vw) *)(V + r * ld + j));
+            *(NAME(vf) *)(buf + r * SUB64 + (j - j0)) = (NAME(vf))(w << 16);
+        }
+}
+
+ISA_ATTR static void NAME(stage_f16)(const uint16_t *V, Py_ssize_t ld, Py_ssize_t rows,
+                                     Py_ssize_t j0, Py_ssize_t j1, float *buf)
+{
+    for (Py_ssize_t r = 0; r < rows; r++)
+        for (Py_ssize_t j = j0; j < j1; j += VBYTES / 4) {
+            const uint16_t *p = V + r * ld + j;
+            float *q = buf + r * SUB64 + (j - j0);
+#if defined(ISA_F16C) && VBYTES == 64
+            *(NAME(vf) *)q = (NAME(vf))_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+#elif defined(ISA_F16C) && VBYTES == 32
+            *(NAME(vf) *)q = (NAME(vf))_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+#else
+            for (int l = 0; l < VBYTES / 4; l++)
+                q[l] = (float)half_to_double(p[l]);
+#endif
+        }
+}
+
+/* Float32 rows are staged too where a tile's rows are read more than once (several vectors
+   or dampings): rows a multiple of 4 KiB apart share one set of the L1 cache, whose ways the
+   next lines, prefetched, take before the second read (eight dampings ran 2x slower so). */
+ISA_ATTR static void NAME(stage_f32)(const float *V, Py_ssize_t ld, Py_ssize_t rows,
+                                     Py_ssize_t j0, Py_ssize_t j1, float *buf)
+{
+    for (Py_ssize_t r = 0; r < rows; r++)
+        for (Py_ssize_t j = j0; j < j1; j += VBYTES / 4)
+            *(NAME(vf) *)(buf + r * SUB64 + (j - j0)) = *(const NAME(vf) *)(V + r * ld + j);
+}
+
+/* Where the loops read rows i0 to i0 + rows - 1 (row r at src + r * sld, column j at
+   j - joff), for the columns js <= j < jse: V itself (float64 rows, T = S), or (T = float) the
+   buffer after staging where `staging` (always for 2-byte rows: there V's own rows are never
+   read as float, a branch the compiler drops), else V's float32 rows. */
+#define DIRECT(S, STG, rows)                                                                \
+    const S *src = V + i0 * ld;                                                             \
+    const Py_ssize_t sld = ld, joff = 0;
+#define STAGED(S, STG, rows)                                                                \
+    const float *src = (const float *)(const void *)(V + i0 * ld);                          \
+    Py_ssize_t sld = ld, joff = 0;                                                          \
+    if (staging) {                                                                          \
+        NAME(STG)(V + i0 * ld, ld, (rows), js, jse, sbuf);                                  \
+        src = sbuf;                                                                         \
+        sld = SUB64;                                                                        \
+        joff = js;                                                                          \
+    }
+
+/*
+ * project64: Y[k m + i] = sum_j V[i ld + j] X[k ldx + j] over j0 <= j < j1, for k < kk <= 8,
+ * i < m, every product and sum in float64 (X is float32 or float64, XT). The columns go in
+ * chunks of CHUNK64 (the chunk of X, at most 8 x 32 KiB, stays in the core's cache for all
+ * the row panels). A panel of R rows and NV vectors keeps R x NV vectors of sums in registers
+ * while the columns go by, so one conversion of V's items serves NV vectors and one load of X
+ * serves R rows; past NV vectors the panel's columns are read again, from cache. The sums
+ * wait in sums[][] between groups of vectors and between the SUB64 columns of a staging.
+ * Each chunk's sums go to Y in a fixed order: the result depends on j0 and j1, never on
+ * timing.
+ */
+#define CHUNK64 4096
+/* Sums in registers: 8 of the 16 vector registers of SSE2/AVX2, 16 of AVX-512's 32. */
+#define ACC64 (VBYTES == 64 ? 16 : 8)
+
+/* Rows i0 to i0 + R - 1 (all of them: no test per row in the loop), vectors k0 to k0 + NV - 1,
+   columns js <= j < jse. */
+#define PROJECT64_PANEL(T, LOADT, LOADX, NV, R)                                             \
+    do {                                                                                    \
+        NAME(vd) acc[R][NV];                                                                \
+        for (int r = 0; r < (R); r++)                                                       \
+            for (int v = 0; v < (NV); v++)                                                  \
+                acc[r][v] = sums[r][k0 + v];                                                \
+        for (Py_ssize_t j = js; j < jse; j += lanes) {                                      \
+            NAME(vd) xv[NV];                                                                \
+            for (int v = 0; v < (NV); v++)                                                  \
+                xv[v] = LOADX(X + (k0 + v) * ldx + j);                                      \
+            for (int r = 0; r < (R); r++) {                                                 \
+                const NAME(vd) g = LOADT(src + r * sld + (j - joff));                       \
+                for (int v = 0; v < (NV); v++)                                              \
+                    acc[r][v] += g * xv[v];                                                 \
+            }                                                                               \
+        }                                                                                   \
+        for (int r = 0; r < (R); r++)                                                       \
+            for (int v = 0; v < (NV); v++)                                                  \
+                sums[r][k0 + v] = acc[r][v];                                                \
+    } while (0)
+
+/* The vectors in groups of at most NVMAX (<= 4) over the panel's columns js <= j < jse. */
+#define PROJECT64_GROUPS(T, LOADT, LOADX, NVMAX, R)                                         \
+    for (int k0 = 0; k0 < kk; k0 += (NVMAX)) {                                              \
+        const int nv = kk - k0 < (NVMAX) ? kk - k0 : (NVMAX);                               \
+        if (nv == 1 || (NVMAX) == 1)                                                        \
+            PROJECT64_PANEL(T, LOADT, LOADX, 1, R);                                         \
+        else if (nv == 2 || (NVMAX) < 3)                                                    \
+            PROJECT64_PANEL(T, LOADT, LOADX, 2, R);                                         \
+        else if (nv == 3)                                                                   \
+            PROJECT64_PANEL(T, LOADT, LOADX, 3, R);                                         \
+        else                                                                                \
+            PROJECT64_PANEL(T, LOADT, LOADX, 4, R);                                         \
+    }
+
+/* The chunk's rows i0 to i0 + R - 1: sums over the whole vectors' columns (staged SUB64 at a
+   time, or in one go), then the last columns one by one, added to Y. */
+#define PROJECT64_ROWS(S, LOAD1, T, LOADT, LOADX, WHERE, STG, NVMAX, R)                     \
+    do {                                                                                    \
+        for (int r = 0; r < (R); r++)                                                       \
+            for (int v = 0; v < kk; v++)                                                    \
+                sums[r][v] = (NAME(vd)){0};                                                 \
+        for (Py_ssize_t js = jc; js < jt; js += sub) {                                      \
+            const Py_ssize_t jse = js + sub < jt ? js + sub : jt;                           \
+            WHERE(S, STG, R)                                                                \
+            PROJECT64_GROUPS(T, LOADT, LOADX, NVMAX, R)                                     \
+        }                                                                                   \
+        for (int r = 0; r < (R); r++)                                                       \
+            for (int v = 0; v < kk; v++) {                                                  \
+                double s = 0.0;                                                             \
+                for (int l = 0; l < lanes; l++)                                             \
+                    s += sums[r][v][l];                                                     \
+                for (Py_ssize_t j = jt; j < je; j++)                                        \
+                    s += LOAD1(V + (i0 + r) * ld + j) * (double)X[v * ldx + j];             \
+                Y[v * m + i0 + r] += s;                                                     \
+            }                                                                               \
+    } while (0)
+
+/* One chunk's panels of R rows, then its last m % R rows one at a time (a test of the row
+   count inside the loop, as project has, kept GCC from holding the row pointers in
+   registers). */
+#define PROJECT64_PANELS(S, LOAD1, T, LOADT, LOADX, WHERE, STG, NVMAX, R)                   \
+    for (Py_ssize_t i0 = 0; i0 < m;) {                                                      \
+        if (i0 + (R) <= m) {                                                                \
+            PROJECT64_ROWS(S, LOAD1, T, LOADT, LOADX, WHERE, STG, NVMAX, R);                \
+            i0 += (R);                                                                      \
+        } else {                                                                            \
+            PROJECT64_ROWS(S, LOAD1, T, LOADT, LOADX, WHERE, STG, NVMAX, 1);                \
+            i0 += 1;                                                                        \
+        }                                                                                   \
+    }
+
+/* One vector: 8 rows a panel (8 memory streams, as project's); more: 4 rows a panel, as many
+   vectors at a time as leave 4 x NV sums in ACC64 registers. The vector loops end at a
+   multiple of 2 lanes (a whole vf, as staging converts). */
+#define PROJECT64_BODY(S, LOAD1, T, LOADT, WHERE, STG, WHEN, XT, LOADX)                     \
+    const S *V = Vp;                                                                        \
+    const XT *X = Xp;                                                                       \
+    const int lanes = VBYTES / 8;                                                           \
+    const int staging = (WHEN);                                                             \
+    const Py_ssize_t sub = staging ? SUB64 : CHUNK64;                                       \
+    NAME(vd) sums[8][8];                                                                    \
+    for (Py_ssize_t i = 0; i < kk * m; i++)                                                 \
+        Y[i] = 0.0;                                                                         \
+    for (Py_ssize_t jc = j0; jc < j1; jc += CHUNK64) {                                      \
+        const Py_ssize_t je = jc + CHUNK64 < j1 ? jc + CHUNK64 : j1;                        \
+        const Py_ssize_t jt = jc + ((je - jc) / (2 * lanes)) * (2 * lanes);                 \
+        if (kk == 1) {                                                                      \
+            PROJECT64_PANELS(S, LOAD1, T, LOADT, LOADX, WHERE, STG, 1, 8)                   \
+        } else {                                                                            \
+            PROJECT64_PANELS(S, LOAD1, T, LOADT, LOADX, WHERE, STG, ACC64 / 4, 4)           \
+        }                                                                                   \
+    }
+
+#define PROJECT64_FN(SUFFIX, S, LOAD1, T, LOADT, WHERE, STG, WHEN, XSUFFIX, XT, LOADX)      \
+    ISA_ATTR static void NAME(project64_##SUFFIX##_##XSUFFIX)(                              \
+        const void *Vp, Py_ssize_t ld, Py_ssize_t m, const void *Xp, Py_ssize_t ldx, int kk, \
+        double *Y, Py_ssize_t j0, Py_ssize_t j1, float *sbuf)                               \
+    {                                                                                       \
+        (void)sbuf;                                                                         \
+        PROJECT64_BODY(S, LOAD1, T, LOADT, WHERE, STG, WHEN, XT, LOADX)                     \
+    }
+#define PROJECT64_FNS(SUFFIX, S, LOAD1, T, LOADT, WHERE, STG, WHEN)                         \
+    PROJECT64_FN(SUFFIX, S, LOAD1, T, LOADT, WHERE, STG, WHEN, x32, float, LOADV_F32)       \
+    PROJECT64_FN(SUFFIX, S, LOAD1, T, LOADT, WHERE, STG, WHEN, x64, double, LOADV_F64)
+
+PROJECT64_FNS(f32, float, LOAD1_F32, float, LOADV_F32, STAGED, stage_f32, kk > 1)
+PROJECT64_FNS(f64, double, LOAD1_F64, double, LOADV_F64, DIRECT, -, 0)
+PROJECT64_FNS(f16, uint16_t, LOAD1_F16, float, LOADV_F32, STAGED, stage_f16, 1)
+PROJECT64_FNS(bf16, uint16_t, LOAD1_BF16, float, LOADV_F32, STAGED, stage_bf16, 1)
+
+/*
+ * combine64: Y[k ldy + j] = a[k] X[k ldx + j] + sum_i Ct[8 i + k] V[i ld + j], k < kk <= 8,
+ * j0 <= j < j1, every product and sum in float64 and the result rounded once, to float32 or
+ * float64 (out64). X is float32 or float64 (x64); ldx = 0 shares one x among the kk rows. As
+ * in apply, the m terms are summed first and a[k] X[k, j] is added after the last panel
+ * (starting from it would round every partial sum at its size, in a sweep much larger than
+ * the sum's). The chunk's partial sums wait in acc_buf (8 rows of ACC_LD64 doubles) between
+ * panels of PANEL_ROWS rows; NK dampings (1, 2, 4 or 8, the fewest >= kk; Ct is zero-padded
+ * to 8) x U vectors of sums stay in registers, so that one damping costs one FMA per item of
+ * V, not the eight of a padded group.
+ */
+#define COMBINE64_TILE(T, LOADT, NK, NKR, U)                                                \
+    do {                                                                                    \
+        for (Py_ssize_t j = js; j < jse; j += (U) * lanes) {                                \
+            double *buf = acc_buf + (j - jc);                                               \
+            for (int k0 = 0; k0 < (NK); k0 += (NKR)) {                                      \
+                NAME(vd) acc[NKR][U];                                                       \
+                for (int k = 0; k < (NKR); k++)                                             \
+                    for (int u = 0; u < (U); u++)                                           \
+                        acc[k][u] = i0 == 0 ? (NAME(vd)){0}                                 \
+                                            : *(const NAME(vd) *)(buf + (k0 + k) * ACC_LD64 \
+                                                                  + u * lanes);             \
+                for (Py_ssize_t r = 0; r < rows; r++) {                                     \
+                    const T *row = src + r * sld + (j - joff);                              \
+                    const double *c = Ct + 8 * (i0 + r) + k0;                               \
+                    NAME(vd) v[U];                                                          \
+                    for (int u = 0; u < (U); u++)                                           \
+                        v[u] = LOADT(row + u * lanes);                                      \
+                    for (int k = 0; k < (NKR); k++)                                         \
+                        for (int u = 0; u < (U); u++)                                       \
+                            acc[k][u] += c[k] * v[u];                                       \
+                }                                                                           \
+                for (int k = 0; k < (NKR); k++)                                             \
+                    for (int u = 0; u < (U); u++) {                                         \
+                        const Py_ssize_t jj = j + u * lanes;                                \
+                        const int kd = k0 + k;                                              \
+                        if (!last)                                                          \
+                            *(NAME(vd) *)(buf + kd * ACC_LD64 + u * lanes) = acc[k][u];     \
+                        else if (kd < kk) {                                                 \
+                            const NAME(vd) xv = x64 ? LOADV_F64(xd + kd * ldx + jj)         \
+                                                    : LOADV_F32(xf + kd * ldx + jj);        \
+                            const NAME(vd) y = acc[k][u] + a[kd] * xv;                      \
+                            if (out64)                                                      \
+                                *(NAME(vd) *)(yd + kd * ldy + jj) = y;                      \
+                            else                                                            \
+                                *(NAME(vh) *)(yf + kd * ldy + jj) =                         \
+                                    __builtin_convertvector(y, NAME(vh));                   \
+                        }                                                                   \
+                    }                                                                       \
+            }                                                                               \
+        }                                                                                   \
+    } while (0)
+
+/* Sums in registers: NKR dampings x U vectors, U = 4 for one or two dampings (4 or 8 sums),
+   else 2, as in apply; eight dampings go in two halves on SSE2 and AVX2 (8 sums; with all 16
+   in registers three spilled, each through a store and a load per row), the tile's rows read
+   again from L1 (staged, above) for the second half. The vector loops end at a multiple of
+   the tile and of 2 lanes (a whole vf, as staging converts). */
+#define COMBINE64_NKR8 (VBYTES == 64 ? 8 : 4)
+
+#define COMBINE64_BODY(S, LOAD1, T, LOADT, WHERE, STG, WHEN)                                \
+    const S *V = Vp;                                                                        \
+    const double *xd = Xp;                                                                  \
+    const float *xf = Xp;                                                                   \
+    double *yd = Yp;                                                                        \
+    float *yf = Yp;                                                                         \
+    const int lanes = VBYTES / 8;                                                           \
+    const int staging = (WHEN);                                                             \
+    const Py_ssize_t sub = staging ? SUB64 : DIAG_CHUNK;                                    \
+    const int nk = kk <= 1 ? 1 : kk <= 2 ? 2 : kk <= 4 ? 4 : 8;                             \
+    const Py_ssize_t gran = (nk <= 2 ? 4 : 2) * lanes;                                      \
+    for (Py_ssize_t jc = j0; jc < j1; jc += DIAG_CHUNK) {                                   \
+        const Py_ssize_t je = jc + DIAG_CHUNK < j1 ? jc + DIAG_CHUNK : j1;                  \
+        const Py_ssize_t jt = jc + ((je - jc) / gran) * gran;                               \
+        for (Py_ssize_t i0 = 0; i0 < m; i0 += PANEL_ROWS) {                                 \
+            const Py_ssize_t rows = i0 + PANEL_ROWS < m ? PANEL_ROWS : m - i0;              \
+            const int last = i0 + rows == m;                                                \
+            for (Py_ssize_t js = jc; js < jt; js += sub) {                                  \
+                const Py_ssize_t jse = js + sub < jt ? js + sub : jt;                       \
+                WHERE(S, STG, rows)                                                         \
+                if (nk == 1)                                                                \
+                    COMBINE64_TILE(T, LOADT, 1, 1, 4);                                      \
+                else if (nk == 2)                                                           \
+                    COMBINE64_TILE(T, LOADT, 2, 2, 4);                                      \
+                else if (nk == 4)                                                           \
+                    COMBINE64_TILE(T, LOADT, 4, 4, 2);                                      \
+                else                                                                        \
+                    COMBINE64_TILE(T, LOADT, 8, COMBINE64_NKR8, 2);                         \
+            }                                                                               \
+        }                                                                                   \
+        for (Py_ssize_t j = jt; j < je; j++)                                                \
+            for (int k = 0; k < kk; k++) {                                                  \
+                double s = 0.0;                                                             \
+                for (Py_ssize_t i = 0; i < m; i++)                                          \
+                    s += Ct[8 * i + k] * LOAD1(V + i * ld + j);                             \
+                const double xj = x64 ? xd[k * ldx + j] : (double)xf[k * ldx + j];          \
+                const double y = s + a[k] * xj;                                             \
+                if (out64)                                                                  \
+                    yd[k * ldy + j] = y;                                                    \
+                else                                                                        \
+                    yf[k * ldy + j] = (float)y;                                             \
+            }                                                                               \
+    }
+
+#define COMBINE64_FN(SUFFIX, S, LOAD1, T, LOADT, WHERE, STG, WHEN)                          \
+    ISA_ATTR static void NAME(combine64_##SUFFIX)(                                          \
+        const void *Vp, Py_ssize_t ld, Py_ssize_t m, const double *Ct, int kk,              \
+        const double *a, const void *Xp, Py_ssize_t ldx, int x64, void *Yp, Py_ssize_t ldy, \
+        int out64, Py_ssize_t j0, Py_ssize_t j1, double *acc_buf, float *sbuf)              \
+    {                                                                                       \
+        (void)sbuf;                                                                         \
+        COMBINE64_BODY(S, LOAD1, T, LOADT, WHERE, STG, WHEN)                                \
+    }
+
+COMBINE64_FN(f32, float, LOAD1_F32, float, LOADV_F32, STAGED, stage_f32, kk > 1)
+COMBINE64_FN(f64, double, LOAD1_F64, double, LOADV_F64, DIRECT, -, 0)
+COMBINE64_FN(f16, uint16_t, LOAD1_F16, float, LOADV_F32, STAGED, stage_f16, 1)
+COMBINE64_FN(bf16, uint16_t, LOAD1_BF16, float, LOADV_F32, STAGED, stage_bf16, 1)
+
+#undef LANES_D
+#undef LANES_F
+#undef LOADV_F32
+#undef LOADV_F64
+#undef LOAD1_F32
+#undef LOAD1_F64
+#undef LOAD1_F16
+#undef LOAD1_BF16
+#undef DIRECT
+#undef STAGED
+#undef CHUNK64
+#undef ACC64
+#undef PROJECT64_PANEL
+#undef PROJECT64_GROUPS
+#undef PROJECT64_ROWS
+#undef PROJECT64_PANELS
+#undef PROJECT64_BODY
+#undef PROJECT64_FN
+#undef PROJECT64_FNS
+#undef COMBINE64_TILE
+#undef COMBINE64_NKR8
+#undef COMBINE64_BODY
+#undef COMBINE64_FN
+
 #undef LOAD_F32_AS_VD
 #undef STORE_VD_AS_F32
 #undef LOAD_F64_AS_VD
