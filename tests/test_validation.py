@@ -6,7 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mfac_core import DynamicIHVP, EmpiricalFisher, StaticIHVP
+from mfac_core import (
+    DynamicIHVP,
+    EmpiricalFisher,
+    IllConditionedWarning,
+    SpectralIHVP,
+    StaticIHVP,
+)
 from mfac_core.pruning import prune, select_pruned, sparsity_schedule
 
 G = np.random.default_rng(0).standard_normal((4, 10))
@@ -94,6 +100,21 @@ def test_damp_values(damp):
     ):
         with pytest.raises(ValueError, match="damp must be finite and > 0"):
             call()
+
+
+@pytest.mark.parametrize("damp", [1e-310, 5e-324, np.float64(1e-308)])
+def test_subnormal_damp_is_refused_naming_the_smallest_that_works(damp):
+    # Regression: 1e-310 was accepted and then failed with a bare OverflowError.
+    for call in (
+        lambda: StaticIHVP(G, damp=damp),
+        lambda: SpectralIHVP(G, damp=damp),
+        lambda: DynamicIHVP(3, 10, damp=damp, dtype="float64"),
+    ):
+        with pytest.raises(ValueError, match=r"subnormal.*2\.2250738585072014e-308"):
+            call()
+    with pytest.warns(IllConditionedWarning):  # the smallest accepted works, and warns
+        op = StaticIHVP(G, damp=2.2250738585072014e-308)
+    assert np.all(np.isfinite(op.diagonal()))
 
 
 @pytest.mark.parametrize("damp", ["1e-5", None, True, np.ones(1)])

@@ -268,10 +268,11 @@ class DynamicIHVP(LinearOperator):
         Refuse gradients and vectors holding NaN or infinity (default True).
     refine : int, optional
         Steps of iterative refinement in every product (default 0), each with
-        the residual ``x - F y`` computed from the window in float64; one step
-        brings the error of vectors near the window's span (such as its mean)
-        down to ``eps * kappa``, at the cost of about two more products and
-        two float64 passes over the window.
+        the residual ``x - F y`` computed from the window in float64. For a
+        float64 window one step brings the error of vectors near the window's
+        span (such as its mean) down to ``eps * kappa``; float32 and 2-byte
+        products are already at float32's rounding (see Notes). A step costs
+        about two more products and two float64 passes over the window.
     comm : Communicator, optional
         Shard the window by columns over the ranks of ``comm`` (see
         :mod:`mfac_core.distributed`): ``dim`` is then this rank's number of
@@ -318,37 +319,34 @@ class DynamicIHVP(LinearOperator):
     changes every diagonal entry of ``C`` and the factor is recomputed
     (O(k^3)); with ``zero_init=True`` it never changes.
 
-    Precision: each new Gram row is the one product ``G g'`` in the storage
-    dtype (a float64 copy of the window would double the step's traffic), so
-    its rounding is that of the O(dm) passes, about ``eps(dtype)`` relative;
-    the factor and all m x m work are float64. :meth:`from_window`
-    accumulates its initial Gram matrix in float64. A 2-byte window computes
-    the row from the *rounded* gradient (float32 products over column pieces,
-    summed in float64), so that factor and stored window agree, and its
-    products are accurate to about ``eps(float32) * kappa`` against the
-    Fisher of the stored gradients.
+    Precision: both passes over the window (the new Gram row ``G g'``, which
+    is also the step's projection, and ``g - G^T a``) read it in its storage
+    dtype and accumulate in float64, the result rounded once
+    (docs/mathematics.rst, "Exact passes"); the factor and all m x m work are
+    float64. So every Gram row is exact to float64 rounding, and for float32
+    and 2-byte windows products are within ``8 eps(float32)`` of the exact
+    inverse of the Fisher of the stored gradients for kappa up to about 1e7.
+    A 2-byte window computes the row from the *rounded* gradient, so that
+    factor and stored window agree.
 
-    Sharded (``comm=``), each rank holds its ``m x d_r`` columns of the
-    window; every contraction over d is this rank's part summed by
+    Sharded (``comm=``), each rank holds its ``m x d_r`` columns of the window;
+    every contraction over d is this rank's part summed by
     ``comm.allreduce_sum``, and everything m x m (Gram matrix, factor, slot
-    order, refactorisation and drift decisions, the mixed-precision fallback,
-    warnings) is computed on every rank from the reduced, bit-identical
-    numbers, so the ranks' replicated states stay identical bit for bit. One
-    call, one reduction: :meth:`update` and :meth:`update_and_matvec` reduce
-    the new Gram row (m numbers, its diagonal ``|g|^2`` included, since the
-    row is written before the product), :meth:`matvec` m numbers and
-    :meth:`matmat` ``m k``, each with a status word appended (6 numbers: how
-    many ranks failed, per exception class, and a tag of the operation and
-    state), so that a bad input on one rank (wrong shape or dtype, NaN), or
-    ranks calling different operations, makes every rank raise the same
-    exception class and leaves every rank's window as it was. The rare float64
-    recomputation of a Gram row (a float32 window whose edited factor fails)
-    is decided from the reduced row, so on every rank alike, and costs one
-    more reduction of m numbers (of the m x m Gram matrix if it was not yet
-    exact); each refinement step two more of ``m k``. :meth:`remove` and
-    :meth:`set_damp` reduce ``size`` numbers to check that every rank passed
-    the same argument. :meth:`todense`, ``to_scipy()`` and operator arithmetic
-    are refused (``TypeError``), as for every column-sharded operator.
+    order, refactorisation and drift decisions, warnings) is computed on every
+    rank from the reduced, bit-identical numbers, so the ranks' replicated
+    states stay identical bit for bit. One call, one reduction: :meth:`update`
+    and :meth:`update_and_matvec` reduce the new Gram row (m numbers, its
+    diagonal ``|g|^2`` included, since the row is written before the product),
+    :meth:`matvec` m numbers and :meth:`matmat` ``m k``, each with a status
+    word appended (6 numbers: how many ranks failed, per exception class, and a
+    tag of the operation and state), so that a bad input on one rank (wrong
+    shape or dtype, NaN), or ranks calling different operations, makes every
+    rank raise the same exception class and leaves every rank's window as it
+    was. Each refinement step costs two more reductions of ``m k``.
+    :meth:`remove` and :meth:`set_damp` reduce ``size`` numbers to check that
+    every rank passed the same argument. :meth:`todense`, ``to_scipy()`` and
+    operator arithmetic are refused (``TypeError``), as for every
+    column-sharded operator.
 
     Examples
     --------

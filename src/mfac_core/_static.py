@@ -13,11 +13,11 @@ import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from . import _capacitance, _setup, _sharded_static, _store, _streaming
+from . import _capacitance, _engine, _setup, _sharded_static, _store, _streaming
 from ._compat import Array, device
 from ._errors import user_stacklevel
 from ._group_factors import GroupFactor
-from ._layout import BlockGroup, block_groups, lowrank_apply
+from ._layout import block_groups
 from ._operator import LinearOperator
 from ._refine import fisher_residual, refine
 from ._sharding import ShardLayout
@@ -759,20 +759,18 @@ class EmpiricalFisher(_BlockOperatorBase):
         self._G = G
 
     def _matmat(self, X: Array) -> Array:
-        # Every block in the low-rank form: applying F needs no inverse.
-        return self._join(
-            [
-                lowrank_apply(
-                    self._xp,
-                    self._G[:, g.start : g.end],
-                    X[g.start : g.end, ...],
-                    BlockGroup(0, g.count, g.size),
-                    self.damp,
-                    1.0 / self.num_grads,
-                )
-                for g in self._groups
-            ]
-        )
+        # damp X + G^T (G X) / m block by block, both passes summed in float64 by the
+        # engine: alpha (X - G^T A) with alpha = damp and A = -G X / (m damp).
+        xp, m = self._xp, self.num_grads
+        parts = []
+        for g in self._groups:
+            Xg = X[g.start : g.end, ...]
+            P = _engine.project_blocks(xp, self._G, g, Xg)
+            A = P * (-1.0 / (m * self.damp))
+            parts.append(
+                _engine.combine_blocks(xp, self._G, g, Xg, A, alpha=self.damp, dtype=self.dtype)
+            )
+        return self._join(parts)
 
     def diagonal(self) -> Array:
         """Return the diagonal ``damp + sum_i G_ij^2 / m``.

@@ -137,13 +137,25 @@ def check_number(
     return v
 
 
+#: The smallest damping accepted: float64's smallest normal number. Below it ``1 / damp``
+#: overflows and the damping has lost significant bits (a subnormal), so that the operators
+#: would fail deep inside (an OverflowError) or compute with a damping other than the one
+#: given.
+SMALLEST_DAMP = 2.2250738585072014e-308
+
+
 def check_damp(damp: Any) -> float:
-    """The damping as a Python float; it must be finite and strictly positive."""
+    """The damping as a Python float; it must be finite and at least float64's smallest normal."""
     if isinstance(damp, bool) or not isinstance(damp, numbers.Real):
         raise TypeError(f"damp must be a real number, got {damp!r}")
     value = float(damp)
     if not math.isfinite(value) or value <= 0.0:
         raise ValueError(f"damp must be finite and > 0, got {damp!r}")
+    if value < SMALLEST_DAMP:
+        raise ValueError(
+            f"damp={damp!r} is subnormal in float64 (its inverse overflows); the smallest "
+            f"damping that works is {SMALLEST_DAMP!r}, float64's smallest normal number"
+        )
     return value
 
 
