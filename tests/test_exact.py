@@ -243,3 +243,35 @@ def test_float32_accumulation_would_fail_here():
     a = np.linalg.solve(C, G @ x)
     y32 = (x.astype(np.float32) - G32.T @ a.astype(np.float32)) / np.float32(damp)
     assert rel(y32, reference(G, damp, x)) > 100 * BOUND * EPS32
+
+
+def test_torch_tensors_without_plain_storage_take_the_library_path():
+    # Views with the negative bit and torch.func's wrapped tensors cannot be viewed as
+    # NumPy arrays: the engine falls back to float64 pieces instead of raising.
+    torch = pytest.importorskip("torch")
+    gen = torch.Generator().manual_seed(0)
+    G = torch.randn(5, 50, generator=gen)
+    x = torch.randn(50, generator=gen)
+    op = StaticIHVP(G, damp=0.1)
+    want = op @ (-x)
+    torch.testing.assert_close(op @ x._neg_view(), want, rtol=0, atol=0)
+    neg = StaticIHVP(G._neg_view(), damp=0.1)
+    torch.testing.assert_close(neg @ x, StaticIHVP(-G, damp=0.1) @ x)
+    grad = torch.func.grad(lambda v: (op @ v).sum())(x)
+    torch.testing.assert_close(grad, op @ torch.ones(50), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("noise", [1e-2, 1e-3, 1e-4])
+def test_nearly_collinear_gradients(noise):
+    # Gradients within `noise` of one direction: the float64 factor's own rounding
+    # (about eps64 * kappa^1.5 for the mean) keeps the bound up to kappa = 1e6; beyond,
+    # one step of refine (residuals from the stored gradients) restores it.
+    rng = np.random.default_rng(int(1 / noise))
+    m, d = 24, 1500
+    G = rounded(rng.standard_normal(d) + noise * rng.standard_normal((m, d)), "float32")
+    for kappa, refine in ((1e6, 0), (1e7, 1)):
+        damp = damp_for(G, kappa)
+        op = StaticIHVP(G.astype(np.float32), damp=damp, refine=refine)
+        for name, x in vectors(G, rng).items():
+            got = op @ x.astype(np.float32)
+            assert rel(got, reference(G, damp, x)) <= BOUND * EPS32, (kappa, name)

@@ -16,7 +16,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from mfac_core import FactorizationError, pruning  # noqa: E402
+from mfac_core import FactorizationError, IllConditionedWarning, pruning  # noqa: E402
 from mfac_core.torch import MFAC, MFACPruner, MFACStepWarning  # noqa: E402
 
 nn = torch.nn
@@ -768,7 +768,11 @@ def test_training_through_a_collinear_window(dtype, zero_init, shape):
         (w * c).sum().backward()
         before, window = w.detach().clone(), window_state(opt)
         if step == 1:
-            opt.step()
+            with warnings.catch_warnings():
+                # One gradient over a vanishing shift: kappa ~ 1e18, which the window
+                # warns about (eps64 * kappa >= 1) and this test expects.
+                warnings.simplefilter("ignore", IllConditionedWarning)
+                opt.step()
             continue
         expected = opt.ihvp.matvec(c.reshape(-1))  # the window before the step
         with pytest.warns(MFACStepWarning, match="left out of the window") as record:

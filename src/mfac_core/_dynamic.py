@@ -325,7 +325,8 @@ class DynamicIHVP(LinearOperator):
     (docs/mathematics.rst, "Exact passes"); the factor and all m x m work are
     float64. So every Gram row is exact to float64 rounding, and for float32
     and 2-byte windows products are within ``8 eps(float32)`` of the exact
-    inverse of the Fisher of the stored gradients for kappa up to about 1e7.
+    inverse of the Fisher of the stored gradients for kappa up to 1e6 (1e7
+    for gradients with a shared mean and independent spread).
     A 2-byte window computes the row from the *rounded* gradient, so that
     factor and stored window agree.
 

@@ -78,11 +78,16 @@ def _host_view(xp: Any, A: Array) -> tuple[np.ndarray, str | None] | None:
 
         if A.device.type != "cpu" or A.requires_grad or A.dtype == torch.float64:
             return None
-        if A.dtype == torch.bfloat16:
-            view, storage = A.view(torch.uint16).numpy(), "bfloat16"
-        elif A.dtype in (torch.float32, torch.float16):
-            view, storage = A.numpy(), None
-        else:
+        if A.dtype not in (torch.bfloat16, torch.float32, torch.float16):
+            return None
+        try:
+            # Tensors without plain storage (torch.func's wrappers, views with the
+            # negative or conjugate bit) cannot be viewed: the library's own path.
+            if A.dtype == torch.bfloat16:
+                view, storage = A.view(torch.uint16).numpy(), "bfloat16"
+            else:
+                view, storage = A.numpy(), None
+        except RuntimeError:
             return None
     else:
         return None
@@ -102,7 +107,10 @@ def _vector_view(xp: Any, X: Array) -> np.ndarray | None:
         return X
     if is_torch_namespace(xp) and X.device.type == "cpu" and not X.requires_grad:
         if str(X.dtype) in ("torch.float32", "torch.float64"):
-            return X.numpy()
+            try:
+                return X.numpy()
+            except RuntimeError:  # no plain storage (see _host_view)
+                return None
     return None
 
 
@@ -239,7 +247,16 @@ def project_blocks(xp: Any, G: Array, group: BlockGroup, X: Array) -> Array:
     """
     if group.count == 1:
         return project(xp, G, X, start=group.start, stop=group.end)[None, ...]
-    m = G.shape[0]
+    m, s = G.shape[0], group.size
+    host = _host_view(xp, G)
+    Xh = _vector_view(xp, X) if host is not None else None
+    if host is not None and Xh is not None:
+        # One kernel call per block, each reading its columns of G in place.
+        out = np.empty((group.count, m, X.shape[1]))
+        for b in range(group.count):
+            lo = group.start + b * s
+            out[b] = _project_host(host, Xh[b * s : (b + 1) * s, :].T, lo, lo + s).T
+        return _back(xp, out, X)
     parts = []
     acc, blocks = None, None
     for piece in pieces(group, max(1, PIECE_ENTRIES // max(m, 1))):
@@ -268,6 +285,24 @@ def combine_blocks(
             xp, G, X, A[0, ...], alpha=alpha, dtype=dtype, start=group.start, stop=group.end
         )
     m, k = G.shape[0], X.shape[1]
+    host = _host_view(xp, G)
+    Xh = _vector_view(xp, X) if host is not None else None
+    Ah = _vector_view(xp, A) if Xh is not None else None
+    if host is not None and Xh is not None and Ah is not None:
+        Gh, storage = host
+        s = group.size
+        npdtype = np.float64 if dtype == xp.float64 else np.float32
+        Y = np.empty((group.count * s, k), dtype=npdtype)
+        a = np.full(k, alpha)
+        for b in range(group.count):
+            lo = group.start + b * s
+            C = np.ascontiguousarray(Ah[b].T * -alpha)
+            Xt = np.ascontiguousarray(Xh[b * s : (b + 1) * s, :].T)
+            Yb = _fused.combine64(
+                Gh, C, a, Xt, start=lo, stop=lo + s, dtype=npdtype, storage=storage
+            )
+            Y[b * s : (b + 1) * s, :] = Yb.T
+        return _back(xp, Y, X)
     parts = []
     # Pieces come block by block and, within a block, column range by column range, so
     # their rows, one after the other, are the group's rows in order.

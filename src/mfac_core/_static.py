@@ -223,8 +223,11 @@ class StaticIHVP(_BlockOperatorBase):
     Precision, with ``kappa = 1 + ||G||_2^2 / (m damp)``: for float32 and
     2-byte G, products, diagonal and entries are within ``8 eps(float32)``
     (relative, per coordinate for the diagonal) of the exact inverse of the
-    stored gradients for kappa up to about 1e7, whatever the vector; beyond,
-    the float64 work adds about ``eps(float64) * kappa``. For float64 G the
+    stored gradients for kappa up to 1e6 whatever the vector, and up to 1e7
+    for gradients with a shared mean and independent spread; beyond, the
+    float64 factor's rounding adds up to about ``eps(float64) *
+    kappa^1.5`` for vectors in the gradients' span, which one step of
+    ``refine`` removes. For float64 G the
     relative error is about ``eps * sqrt(kappa) * ||x|| / (damp ||y||)`` for
     ``y = F^{-1} x``, which one step of ``refine`` brings to about ``eps *
     ||x|| / (damp ||y||) <= eps * kappa``. The column-sharded operator, the
@@ -642,21 +645,28 @@ class StaticIHVP(_BlockOperatorBase):
     # -- entries -------------------------------------------------------------------------
 
     def diagonal(self) -> Array:
-        """The d diagonal entries of ``F^{-1}``, in O(d m).
+        """The d diagonal entries of ``F^{-1}``, in O(d m^2) BLAS-3 work.
 
         Returns
         -------
         array, shape (d,)
-            In the operator's namespace, dtype and device. The sums of squares
-            are accumulated in float64, a bounded piece at a time. With
-            ``comm``: this rank's ``d_local`` entries, without communication.
+            In the operator's namespace, dtype and device: ``(1 - ||w_j||^2) /
+            damp`` with the whitened columns ``w_j = L^{-1} g_j`` formed in
+            float64 a bounded piece at a time (no ``W`` is stored), so that the
+            cancellation at coordinates the gradients cover well costs float64
+            digits. With ``comm`` (which stores W): this rank's ``d_local``
+            entries in O(d m), without communication.
         """
         if self.comm is not None:
             return self._shard.diagonal(self._xp, self.device, self.dtype)
         return self._join([f.diagonal() for f in self._factors])
 
     def entries(self, rows: Array, cols: Array, /) -> Array:
-        """Selected entries ``[F^{-1}][rows[k], cols[k]]``, O(m) each (paper Eq. 5).
+        """Selected entries ``[F^{-1}][rows[k], cols[k]]`` (paper Eq. 5).
+
+        Each distinct coordinate is whitened once in float64 (O(m^2)), then
+        each entry is one dot product (O(m)): the k^2 entries among k
+        coordinates cost O(m^2 k + m k^2).
 
         Parameters
         ----------

@@ -26,9 +26,9 @@ library and stays in its namespace and on its device:
 Masks are boolean arrays with ``True`` for the weights that are kept.
 
 Gradients may be stored in 2 bytes (float16; PyTorch's bfloat16) with float32
-weights: the full Fisher then keeps them as given (``StaticIHVP``'s 2-byte
-storage, docs/mathematics.rst), block-wise Fishers and :func:`damping_sweep`
-work on a float32 copy, and every result is float32.
+weights: the Fisher keeps them as given (``StaticIHVP``'s 2-byte storage,
+docs/mathematics.rst), :func:`damping_sweep` works on a float32 copy, and
+every result is float32.
 
 Notes
 -----
@@ -681,9 +681,8 @@ def prune(
         The flat weights.
     G : array, shape (m, d), or None
         The gradients at ``theta``, one per row (theta's namespace, device and
-        dtype, or 2-byte float16/bfloat16 with float32 ``theta``: the full
-        Fisher with ``d > m`` keeps them in 2 bytes, otherwise the masked
-        copy of G is float32). Only ``saliency="magnitude"`` with
+        dtype, or 2-byte float16/bfloat16 with float32 ``theta``, whose
+        masked copy stays in 2 bytes). Only ``saliency="magnitude"`` with
         ``update="none"`` may pass ``None``.
     sparsity : float
         The fraction of weights pruned after the step, in ``[0, 1)``.

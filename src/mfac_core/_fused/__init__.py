@@ -527,6 +527,8 @@ def combine64(
     """
     G, m, ld, code_st = _check64(G, start, stop, storage)
     n = stop - start
+    if dtype is None:
+        raise TypeError("dtype must be float32 or float64, got None")
     out_dt = np.dtype(dtype)
     if out_dt not in (np.float32, np.float64):
         raise TypeError(f"dtype must be float32 or float64, got {out_dt}")

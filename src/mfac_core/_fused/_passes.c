@@ -45,6 +45,8 @@
 #ifndef PANEL_ROWS
 #define PANEL_ROWS 8
 #endif
+/* The staging buffer of project64/combine64 holds 8 rows, and the dampings go 8 at a time. */
+_Static_assert(PANEL_ROWS >= 1 && PANEL_ROWS <= 8, "PANEL_ROWS must be between 1 and 8");
 /* Bytes of each row in one column chunk of apply and project (32 KiB: a panel's 8 rows and the
    8 result rows, 512 KiB, stay in a 1 MiB L2; 64 KiB was 1.6x slower at m = 256 on such a
    core, 16 KiB no faster), and columns in one chunk of the diagonal (a float64 buffer of
