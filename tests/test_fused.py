@@ -819,3 +819,45 @@ def test_float64_extension_checks_its_buffers():
         P.combine64(V, 10, 0, 4, Ct, 2, a, x1, True, False, Yc, False, 10, 0, 10, 0, -1)
     with pytest.raises(ValueError, match=r"V: size .* out of range"):
         P.project64(np.ones(4, np.uint16), 2**62, 0, 2, X, 2, True, Y, 1, 0, 1, 0, 3)
+
+
+@pytest.mark.parametrize("storage", ["float32", "float64", "float16"])
+@pytest.mark.parametrize("threads", ["1", "2"])
+def test_block_calls_equal_one_call_per_block(storage, threads, monkeypatch):
+    # project64_blocks / combine64_blocks: each block's result is bit for bit that of
+    # project64 / combine64 on the block's columns, whatever the threads (blocks are
+    # shared among them, each summed alone).
+    monkeypatch.setenv("MFAC_CORE_NUM_THREADS", threads)
+    monkeypatch.setattr(_fused, "_MIN_THREAD_WORK", 1)
+    rng = np.random.default_rng(7)
+    m, s, count, K, start = 11, 37, 150, 3, 5
+    G = rng.standard_normal((m, start + count * s + 4)).astype(storage)
+    X = rng.standard_normal((count, K, s)).astype(np.float32)
+    C = rng.standard_normal((count, K, m))
+    alpha = rng.standard_normal(K)
+    P = _fused.project64_blocks(G, X, start=start, block_size=s)
+    Y = _fused.combine64_blocks(G, C, alpha, X, start=start, block_size=s, dtype=np.float32)
+    assert P.shape == (count, K, m) and Y.shape == (count, K, s) and Y.dtype == np.float32
+    for b in range(count):
+        lo, hi = start + b * s, start + (b + 1) * s
+        np.testing.assert_array_equal(P[b], _fused.project64(G, X[b], start=lo, stop=hi))
+        want = _fused.combine64(G, C[b], alpha, X[b], start=lo, stop=hi, dtype=np.float32)
+        np.testing.assert_array_equal(Y[b], want)
+
+
+def test_block_calls_refuse_bad_shapes():
+    G = np.ones((4, 100), np.float32)
+    with pytest.raises(ValueError, match="X must have shape"):
+        _fused.project64_blocks(G, np.ones((3, 2, 10)), start=0, block_size=11)
+    with pytest.raises(ValueError, match="not inside"):
+        _fused.project64_blocks(G, np.ones((11, 1, 10)), start=0, block_size=10)
+    with pytest.raises(ValueError, match="C must have shape"):
+        _fused.combine64_blocks(
+            G, np.ones((3, 1, 5)), np.ones(1), np.ones((3, 1, 10)), start=0, block_size=10,
+            dtype=np.float32,
+        )  # fmt: skip
+    with pytest.raises(TypeError, match="dtype"):
+        _fused.combine64_blocks(
+            G, np.ones((3, 1, 4)), np.ones(1), np.ones((3, 1, 10)), start=0, block_size=10,
+            dtype=None,
+        )  # fmt: skip

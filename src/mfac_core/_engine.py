@@ -242,8 +242,9 @@ def project_blocks(xp: Any, G: Array, group: BlockGroup, X: Array) -> Array:
     """``G_b X_b`` for each block b of ``group``: float64, shape ``(count, m, k)``.
 
     ``X`` holds the group's rows, ``(count * size, k)``. A single block goes through
-    :func:`project`; stacks of blocks through float64 pieces of whole blocks (or of one
-    block, summed, where a block is wider than a piece).
+    :func:`project`; stacks of blocks through one block-wise call of the kernels where
+    they read G, else through float64 pieces of whole blocks (or of one block, summed,
+    where a block is wider than a piece).
     """
     if group.count == 1:
         return project(xp, G, X, start=group.start, stop=group.end)[None, ...]
@@ -251,11 +252,12 @@ def project_blocks(xp: Any, G: Array, group: BlockGroup, X: Array) -> Array:
     host = _host_view(xp, G)
     Xh = _vector_view(xp, X) if host is not None else None
     if host is not None and Xh is not None:
-        # One kernel call per block, each reading its columns of G in place.
-        out = np.empty((group.count, m, X.shape[1]))
-        for b in range(group.count):
-            lo = group.start + b * s
-            out[b] = _project_host(host, Xh[b * s : (b + 1) * s, :].T, lo, lo + s).T
+        # One call for the group: the kernels read each block's columns in place.
+        Gh, storage = host
+        k = X.shape[1]
+        Xb = np.transpose(np.reshape(Xh, (group.count, s, k)), (0, 2, 1))
+        P = _fused.project64_blocks(Gh, Xb, start=group.start, block_size=s, storage=storage)
+        out = np.ascontiguousarray(np.transpose(P, (0, 2, 1)))
         return _back(xp, out, X)
     parts = []
     acc, blocks = None, None
@@ -292,16 +294,13 @@ def combine_blocks(
         Gh, storage = host
         s = group.size
         npdtype = np.float64 if dtype == xp.float64 else np.float32
-        Y = np.empty((group.count * s, k), dtype=npdtype)
-        a = np.full(k, alpha)
-        for b in range(group.count):
-            lo = group.start + b * s
-            C = np.ascontiguousarray(Ah[b].T * -alpha)
-            Xt = np.ascontiguousarray(Xh[b * s : (b + 1) * s, :].T)
-            Yb = _fused.combine64(
-                Gh, C, a, Xt, start=lo, stop=lo + s, dtype=npdtype, storage=storage
-            )
-            Y[b * s : (b + 1) * s, :] = Yb.T
+        C = np.transpose(Ah, (0, 2, 1)) * -alpha  # (count, k, m)
+        Xb = np.transpose(np.reshape(Xh, (group.count, s, k)), (0, 2, 1))
+        Yb = _fused.combine64_blocks(
+            Gh, C, np.full(k, alpha), Xb, start=group.start, block_size=s, dtype=npdtype,
+            storage=storage,
+        )  # fmt: skip
+        Y = np.reshape(np.transpose(Yb, (0, 2, 1)), (group.count * s, k))
         return _back(xp, Y, X)
     parts = []
     # Pieces come block by block and, within a block, column range by column range, so

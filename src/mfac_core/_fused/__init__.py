@@ -47,10 +47,12 @@ __all__ = [
     "available",
     "best_isa",
     "combine64",
+    "combine64_blocks",
     "diagonal",
     "max_threads",
     "project",
     "project64",
+    "project64_blocks",
     "supports",
     "supports64",
 ]
@@ -575,4 +577,113 @@ def combine64(
             )
 
         _run(call, m, n)
+    return Y
+
+
+def project64_blocks(
+    G: Any,
+    X: Any,
+    /,
+    *,
+    start: int,
+    block_size: int,
+    storage: str | None = None,
+    isa: str | None = None,
+) -> np.ndarray:
+    """:func:`project64` of each of ``count`` consecutive blocks of ``block_size`` columns.
+
+    ``X`` is (count, K, block_size); returns (count, K, m) float64, block b's
+    ``X[b] @ G[:, start + b s : start + (b + 1) s].T``. One call for all the blocks:
+    a block-wise operator with many narrow blocks pays the wrapper's checks once, and
+    the blocks are shared among the threads (each block's sums are the same whatever the
+    threads).
+    """
+    X = _float_array(X, "X")
+    s = int(block_size)
+    if X.ndim != 3 or X.shape[2] != s or s < 1:
+        raise ValueError(f"X must have shape (count, K, {block_size}), got {X.shape}")
+    count, K = X.shape[0], X.shape[1]
+    G, m, ld, code_st = _check64(G, start, start + count * s, storage)
+    out = np.zeros((count, K, m))
+    if count == 0 or K == 0 or m == 0:
+        return out
+    Xk = _x_for_kernels(X)
+    code, x64 = _isa_code(isa), Xk.dtype == np.float64
+
+    def call(b0: int, b1: int, p: int) -> None:
+        for b in range(b0, b1):
+            for k0 in range(0, K, 8):
+                kk = min(8, K - k0)
+                _passes.project64(
+                    G, ld, start + b * s, m, Xk[b, k0 : k0 + kk], kk, x64,
+                    out[b, k0 : k0 + kk], s, 0, s, code, code_st,
+                )  # fmt: skip
+
+    _run(call, m * s, count)
+    return out
+
+
+def combine64_blocks(
+    G: Any,
+    C: Any,
+    alpha: Any,
+    X: Any,
+    /,
+    *,
+    start: int,
+    block_size: int,
+    dtype: Any,
+    storage: str | None = None,
+    isa: str | None = None,
+) -> np.ndarray:
+    """:func:`combine64` of each of ``count`` consecutive blocks of ``block_size`` columns.
+
+    ``C`` is (count, K, m) float64 (each block's coefficients), ``alpha`` (K,), ``X``
+    (count, K, block_size); returns (count, K, block_size) of ``dtype``: block b's
+    ``alpha[:, None] * X[b] + C[b] @ G[:, start + b s : start + (b + 1) s]``, every sum in
+    float64 and rounded once. One call for all the blocks, as :func:`project64_blocks`.
+    """
+    if dtype is None:
+        raise TypeError("dtype must be float32 or float64, got None")
+    out_dt = np.dtype(dtype)
+    if out_dt not in (np.float32, np.float64):
+        raise TypeError(f"dtype must be float32 or float64, got {out_dt}")
+    X = _float_array(X, "X")
+    C = _float_array(C, "C").astype(np.float64, copy=False)
+    alpha = _float_array(alpha, "alpha").astype(np.float64, copy=False)
+    s = int(block_size)
+    if X.ndim != 3 or X.shape[2] != s or s < 1:
+        raise ValueError(f"X must have shape (count, K, {block_size}), got {X.shape}")
+    count, K = X.shape[0], X.shape[1]
+    G, m, ld, code_st = _check64(G, start, start + count * s, storage)
+    if C.shape != (count, K, m):
+        raise ValueError(f"C must have shape ({count}, {K}, {m}), got {C.shape}")
+    if alpha.shape != (K,):
+        raise ValueError(f"alpha must have shape ({K},), got {alpha.shape}")
+    Y = np.empty((count, K, s), dtype=out_dt)
+    if count == 0 or K == 0:
+        return Y
+    if m == 0:
+        Y[...] = alpha[:, None] * X.astype(np.float64)
+        return Y
+    Xk = _x_for_kernels(X)
+    code, x64, out64 = _isa_code(isa), Xk.dtype == np.float64, out_dt == np.float64
+    groups = []
+    for k0 in range(0, K, 8):
+        kk = min(8, K - k0)
+        Ct = np.zeros((count, m, 8))
+        Ct[:, :, :kk] = np.transpose(C[:, k0 : k0 + kk, :], (0, 2, 1))
+        a8 = np.zeros(8)
+        a8[:kk] = alpha[k0 : k0 + kk]
+        groups.append((k0, kk, Ct, a8))
+
+    def call(b0: int, b1: int, p: int) -> None:
+        for b in range(b0, b1):
+            for k0, kk, Ct, a8 in groups:
+                _passes.combine64(
+                    G, ld, start + b * s, m, Ct[b], kk, a8, Xk[b, k0 : k0 + kk], False, x64,
+                    Y[b, k0 : k0 + kk], out64, s, 0, s, code, code_st,
+                )  # fmt: skip
+
+    _run(call, m * s, count)
     return Y
