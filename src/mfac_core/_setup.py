@@ -1,5 +1,11 @@
 """The streaming set-up of the static inverse: Gram, capacitance factor and ``W``, chunk by chunk.
 
+The in-memory operator (the G-form, ``_gform``) needs only the first two:
+:func:`factorize_gform_groups` sums each chunk's Gram in float64 and factorises it,
+and writes nothing of size m x d. The W-form below (:func:`factorize_groups`) serves
+the operators that still store ``W``: ``stream_to``, the column-sharded and the Dask
+set-ups.
+
 For each group of blocks (see ``_layout``) and each chunk of its columns the
 set-up builds the chunk's Gram matrices in float64 (piece by piece, so no
 float64 copy of G is ever whole), factorises them (``_capacitance``), and
