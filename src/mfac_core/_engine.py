@@ -114,6 +114,22 @@ def _vector_view(xp: Any, X: Array) -> np.ndarray | None:
     return None
 
 
+def _kernel_operands(
+    xp: Any, G: Array, *arrays: Array
+) -> tuple[tuple[np.ndarray, str | None], list[np.ndarray]] | None:
+    """G's view for the kernels and NumPy views of ``arrays``, or None where they can't serve."""
+    host = _host_view(xp, G)
+    if host is None:
+        return None
+    views = []
+    for A in arrays:
+        view = _vector_view(xp, A)
+        if view is None:
+            return None
+        views.append(view)
+    return host, views
+
+
 def _back(xp: Any, Y: np.ndarray, like: Array) -> Array:
     """A kernel's NumPy result in the namespace of ``like`` (no copy for PyTorch)."""
     if isinstance(like, np.ndarray):
@@ -144,9 +160,9 @@ def project(xp: Any, G: Array, X: Array, *, start: int = 0, stop: int | None = N
     ``X`` is ``(stop - start, k)`` of any floating dtype (its values are exact in
     float64 when they come from float32 or a 2-byte dtype).
     """
-    host = _host_view(xp, G)
-    Xh = _vector_view(xp, X) if host is not None else None
-    if host is not None and Xh is not None:
+    served = _kernel_operands(xp, G, X)
+    if served is not None:
+        host, (Xh,) = served
         return _back(xp, np.ascontiguousarray(_project_host(host, Xh.T, start, stop).T), X)
     return _project_pieces(xp, G, X, start, stop)
 
@@ -158,9 +174,9 @@ def project_rows(xp: Any, G: Array, rows: Array) -> Array:
     separate vectors (the window's stored gradient and the new one) stacks them along
     a new first axis, not into the strided columns of a ``(d, k)`` array.
     """
-    host = _host_view(xp, G)
-    Rh = _vector_view(xp, rows) if host is not None else None
-    if host is not None and Rh is not None:
+    served = _kernel_operands(xp, G, rows)
+    if served is not None:
+        host, (Rh,) = served
         return _back(xp, np.ascontiguousarray(_project_host(host, Rh, 0, G.shape[1]).T), rows)
     return _project_pieces(xp, G, xp.matrix_transpose(rows), 0, G.shape[1])
 
@@ -200,11 +216,9 @@ def combine(
     """
     m = G.shape[0]
     stop = G.shape[1] if stop is None else stop
-    host = _host_view(xp, G)
-    Xh = _vector_view(xp, X) if host is not None else None
-    Ah = _vector_view(xp, A) if Xh is not None else None
-    if host is not None and Xh is not None and Ah is not None:
-        Gh, storage = host
+    served = _kernel_operands(xp, G, X, A)
+    if served is not None:
+        (Gh, storage), (Xh, Ah) = served
         C = np.ascontiguousarray(Ah.T * -alpha, dtype=np.float64)
         a = np.full(C.shape[0], alpha)
         npdtype = np.float64 if dtype == xp.float64 else np.float32
@@ -249,11 +263,10 @@ def project_blocks(xp: Any, G: Array, group: BlockGroup, X: Array) -> Array:
     if group.count == 1:
         return project(xp, G, X, start=group.start, stop=group.end)[None, ...]
     m, s = G.shape[0], group.size
-    host = _host_view(xp, G)
-    Xh = _vector_view(xp, X) if host is not None else None
-    if host is not None and Xh is not None:
+    served = _kernel_operands(xp, G, X)
+    if served is not None:
         # One call for the group: the kernels read each block's columns in place.
-        Gh, storage = host
+        (Gh, storage), (Xh,) = served
         k = X.shape[1]
         Xb = np.transpose(np.reshape(Xh, (group.count, s, k)), (0, 2, 1))
         P = _fused.project64_blocks(Gh, Xb, start=group.start, block_size=s, storage=storage)
@@ -287,11 +300,9 @@ def combine_blocks(
             xp, G, X, A[0, ...], alpha=alpha, dtype=dtype, start=group.start, stop=group.end
         )
     m, k = G.shape[0], X.shape[1]
-    host = _host_view(xp, G)
-    Xh = _vector_view(xp, X) if host is not None else None
-    Ah = _vector_view(xp, A) if Xh is not None else None
-    if host is not None and Xh is not None and Ah is not None:
-        Gh, storage = host
+    served = _kernel_operands(xp, G, X, A)
+    if served is not None:
+        (Gh, storage), (Xh, Ah) = served
         s = group.size
         npdtype = np.float64 if dtype == xp.float64 else np.float32
         C = np.transpose(Ah, (0, 2, 1)) * -alpha  # (count, k, m)

@@ -24,7 +24,7 @@ that are still to be read.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -192,6 +192,24 @@ def _raise_non_finite(xp: Any, columns: Array, offset: int) -> None:
     )
 
 
+def _dense_chunk_factors(
+    xp: Any, G: Array, group: BlockGroup, *, damp: float, check: bool, track: _Tracker
+) -> Iterator[tuple[int, int, _capacitance.CapacitanceFactor]]:
+    """``(b0, b1, factor)``: the Cholesky factor of ``F_b`` for the blocks ``b0:b1`` of a chunk.
+
+    ``F_b = damp I + G_b^T G_b / m`` is only size x size (size <= m): factorised densely,
+    from its Gram over whole blocks (at most m columns each: O(m^2) memory per block).
+    """
+    m = G.shape[0]
+    for chunk in chunks(group, max(_piece_width(G), group.size)):
+        gram = _checked_gram(
+            xp, G, group, chunk, lambda X: xp.matrix_transpose(X) @ X, track, check
+        )
+        factor = _capacitance.factorize(xp, gram, shift=damp, scale=1.0 / m, damp=damp)
+        track.add(factor)
+        yield chunk[0][0], chunk[-1][1], factor
+
+
 def _dense_inverses(
     xp: Any,
     G: Array,
@@ -201,7 +219,6 @@ def _dense_inverses(
     check: bool,
     track: _Tracker,
 ) -> DenseBlockInverses:
-    m = G.shape[0]
     s = group.size
     dtype = G.dtype
     # The inverses go chunk by chunk into one array of ``dtype`` where the
@@ -210,15 +227,7 @@ def _dense_inverses(
     writeable = is_writeable_array(xp.empty((0,), dtype=dtype, device=device(G)))
     out = xp.empty((group.count, s, s), dtype=dtype, device=device(G)) if writeable else None
     parts = []
-    # F_b = damp I + G_b^T G_b / m is only size x size (size <= m): invert it densely.
-    # Its Gram needs whole blocks, at most m columns each: O(m^2) memory.
-    for chunk in chunks(group, max(_piece_width(G), s)):
-        gram = _checked_gram(
-            xp, G, group, chunk, lambda X: xp.matrix_transpose(X) @ X, track, check
-        )
-        factor = _capacitance.factorize(xp, gram, shift=damp, scale=1.0 / m, damp=damp)
-        track.add(factor)
-        b0, b1 = chunk[0][0], chunk[-1][1]
+    for b0, b1, factor in _dense_chunk_factors(xp, G, group, damp=damp, check=check, track=track):
         # From the Cholesky factor (LAPACK's potri where the backend has it), in float64,
         # rounded to the storage dtype once.
         parts.append(
@@ -226,7 +235,7 @@ def _dense_inverses(
                 xp, factor.U, dtype, out=None if out is None else out[b0:b1, ...]
             )
         )
-        track.advance(sum((p1 - p0) * (c1 - c0) for p0, p1, c0, c1 in chunk))
+        track.advance((b1 - b0) * s)  # the W-form counts a second pass over the columns
     if out is not None:
         return DenseBlockInverses(group, out)
     return DenseBlockInverses(group, parts[0] if len(parts) == 1 else xp.concat(parts))
@@ -370,24 +379,15 @@ def _dense_factors(
     xp: Any, G: Array, group: BlockGroup, damp: float, dtype: Any, check: bool, track: _Tracker
 ) -> DenseBlockFactors:
     """The float64 ``L_b^{-1}`` of each block's ``F_b = L_b L_b^T`` (blocks no wider than m)."""
-    m = G.shape[0]
     s = group.size
     writeable = is_writeable_array(xp.empty((0,), dtype=xp.float64, device=device(G)))
     out = xp.empty((group.count, s, s), dtype=xp.float64, device=device(G)) if writeable else None
     parts = []
-    # F_b = damp I + G_b^T G_b / m is only size x size: factorised densely, from its Gram
-    # over whole blocks (at most m columns each: O(m^2) memory per block).
-    for chunk in chunks(group, max(_piece_width(G), s)):
-        gram = _checked_gram(
-            xp, G, group, chunk, lambda X: xp.matrix_transpose(X) @ X, track, check
-        )
-        factor = _capacitance.factorize(xp, gram, shift=damp, scale=1.0 / m, damp=damp)
-        track.add(factor)
+    for b0, b1, factor in _dense_chunk_factors(xp, G, group, damp=damp, check=check, track=track):
         Linv = factor.lower_inverse()  # F_b^{-1} = Linv^T Linv; no product of the two
         if out is None:
             parts.append(Linv)
         else:
-            b0, b1 = chunk[0][0], chunk[-1][1]
             out[b0:b1, ...] = Linv
     if out is None:
         out = parts[0] if len(parts) == 1 else xp.concat(parts)

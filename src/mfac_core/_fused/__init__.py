@@ -387,6 +387,14 @@ def _check64(G: Any, start: int, stop: int, storage: str | None) -> tuple[Any, i
     return G, m, ld, STORAGES[name]
 
 
+def _result_dtype(dtype: Any) -> np.dtype:
+    """``dtype`` as float32 or float64 (None, which NumPy reads as float64, is refused)."""
+    out_dt = None if dtype is None else np.dtype(dtype)
+    if out_dt not in (np.float32, np.float64):
+        raise TypeError(f"dtype must be float32 or float64, got {dtype!r}")
+    return out_dt
+
+
 def _float_array(A: Any, name: str) -> np.ndarray:
     """``A`` as a NumPy array of a real floating dtype (bfloat16 included), else TypeError."""
     A = np.asarray(A)
@@ -529,11 +537,7 @@ def combine64(
     """
     G, m, ld, code_st = _check64(G, start, stop, storage)
     n = stop - start
-    if dtype is None:
-        raise TypeError("dtype must be float32 or float64, got None")
-    out_dt = np.dtype(dtype)
-    if out_dt not in (np.float32, np.float64):
-        raise TypeError(f"dtype must be float32 or float64, got {out_dt}")
+    out_dt = _result_dtype(dtype)
     C = _float_array(C, "C").astype(np.float64, copy=False)
     alpha = _float_array(alpha, "alpha").astype(np.float64, copy=False)
     X = _float_array(X, "X")
@@ -643,11 +647,7 @@ def combine64_blocks(
     ``alpha[:, None] * X[b] + C[b] @ G[:, start + b s : start + (b + 1) s]``, every sum in
     float64 and rounded once. One call for all the blocks, as :func:`project64_blocks`.
     """
-    if dtype is None:
-        raise TypeError("dtype must be float32 or float64, got None")
-    out_dt = np.dtype(dtype)
-    if out_dt not in (np.float32, np.float64):
-        raise TypeError(f"dtype must be float32 or float64, got {out_dt}")
+    out_dt = _result_dtype(dtype)
     X = _float_array(X, "X")
     C = _float_array(C, "C").astype(np.float64, copy=False)
     alpha = _float_array(alpha, "alpha").astype(np.float64, copy=False)
