@@ -49,13 +49,13 @@ convention of the target, 1.3x) and *read* (the fastest read-only BLAS pass, whi
 what a product can at best reach; on machines where reading alone is slower than
 copying, only this floor is reachable).
 
-**Damping sweep** (``SpectralIHVP``, issue 13): ``sweep(x, damps=...)`` for K = 8
+**Damping sweep** (``SpectralIHVP``): ``sweep(x, damps=...)`` for K = 8
 dampings against one ``matvec`` of the same operator, interleaved in the same run
-(target: 1.5x), and the diagonal at K dampings against one diagonal; with the passes
-over an m x d float32 array of the same layout as V measured alone (the operator's two
-GEMV passes, the K x m by m x d GEMM that BLAS would do for the sweep's second pass,
-and the fused kernels of ``mfac_core._fused`` that do both passes of a sweep where
-they are built), against one read of it at the read bandwidth. The product and the
+(target: 1.6x), and the diagonal at K dampings against one diagonal; with the passes
+over G measured alone (GEMV passes in G's dtype, the K x m by m x d GEMM that BLAS
+would do for the sweep's second pass, and the float64-accumulating kernels of
+``mfac_core._fused`` that the operator's two passes use where they are built), against
+one read of G at the read bandwidth. The product and the
 sweep are timed twice: among the other calls, so right after BLAS calls (OpenBLAS's idle
 threads spin for about 0.1 s after each threaded call and hold a core that the kernels'
 threads then share), and after ``SWEEP_BLAS_PAUSE`` s without BLAS calls ("BLAS idle").
@@ -115,7 +115,7 @@ IHVP_TARGET = 1.3
 #: Set-up peak on top of G: at most this fraction of size(G) in float64 pieces (+ factors).
 MEMORY_TARGET = 0.1
 KAPPA = 1e4
-SWEEP_TARGET = 1.5
+SWEEP_TARGET = 1.6
 SWEEP_DAMPINGS = 8
 #: Seconds without BLAS calls before the "BLAS idle" rows: OpenBLAS's idle threads spin for
 #: 2**28 cycles (its default THREAD_TIMEOUT, about 0.1 s) after each threaded call.
@@ -302,15 +302,19 @@ def sweep_rows(
         f"sweep, {K} dampings, BLAS idle": (lambda _: spec.sweep(x, damps=damps), blas_asleep),
         "diagonal (one damping)": (lambda _: spec.diagonal(), None),
         f"diagonal, {K} dampings": (lambda _: spec.diagonal(damps=damps), None),
-        "pass: V x (GEMV)": (lambda _: G @ x, None),
-        "pass: c^T V (GEMV)": (lambda _: c @ G, None),
-        f"pass: C V, C {K} x m (GEMM)": (lambda _: C @ G, None),
-        "pass: C V + alpha_k x per row": (gemm_rows, None),
+        "pass: G x (GEMV)": (lambda _: G @ x, None),
+        "pass: c^T G (GEMV)": (lambda _: c @ G, None),
+        f"pass: C G, C {K} x m (GEMM)": (lambda _: C @ G, None),
+        "pass: C G + alpha_k x per row": (gemm_rows, None),
     }
-    if _fused.supports(G):
-        cands["pass: V x (fused kernel)"] = (lambda _: _fused.project(G, x, start=0, stop=d), None)
-        cands["pass: C V + alpha x (fused kernel)"] = (
-            lambda _: _fused.apply(G, C, alphas, x, start=0, stop=d),
+    if _fused.supports64(G):
+        X1, C64, a64 = x[None, :], C.astype(np.float64), np.asarray(alphas)
+        cands["pass: G x (float64 kernel)"] = (
+            lambda _: _fused.project64(G, X1, start=0, stop=d),
+            None,
+        )
+        cands[f"pass: C G + alpha x, C {K} x m (float64 kernel)"] = (
+            lambda _: _fused.combine64(G, C64, a64, x, start=0, stop=d, dtype=dtype),
             None,
         )
     t = common.interleaved(cands, max(repeat, 5))
@@ -322,7 +326,7 @@ def sweep_rows(
             continue
         best = t[name].best
         if name.startswith("pass"):
-            ref, target = t["pass: V x (GEMV)"].best, None
+            ref, target = t["pass: G x (GEMV)"].best, None
         elif name.startswith("diagonal"):
             ref, target = t["diagonal (one damping)"].best, SWEEP_TARGET
         elif name.endswith("BLAS idle"):
@@ -344,13 +348,13 @@ def sweep_rows(
         )
     kernels = (
         f"fused kernels ({_fused.best_isa()}, up to {_fused.max_threads()} threads)"
-        if _fused.supports(G)
-        else "BLAS only (mfac_core._fused not built)"
+        if _fused.supports64(G)
+        else "float64 column pieces (mfac_core._fused not built)"
     )
     note = (
-        f"m={m}: one read of V ({common.fmt_bytes(m * d * np.dtype(dtype).itemsize)}) at "
+        f"m={m}: one read of G ({common.fmt_bytes(m * d * np.dtype(dtype).itemsize)}) at "
         f"{bw.read / 1e9:.1f} GB/s ({bw.read_kernel}) = {common.fmt_time(one_read)}; "
-        f"GEMM rate of C V: {2 * K * m * d / t[f'pass: C V, C {K} x m (GEMM)'].best / 1e9:.0f} "
+        f"GEMM rate of C G: {2 * K * m * d / t[f'pass: C G, C {K} x m (GEMM)'].best / 1e9:.0f} "
         f"GFlop/s; sweep and diagonal through {kernels}"
     )
     return rows, note

@@ -7,7 +7,7 @@ import copy
 import numpy as np
 import pytest
 
-from mfac_core import SpectralIHVP, pruning
+from mfac_core import SpectralIHVP, StaticIHVP, pruning
 from mfac_core.pruning import DampingChoice, gradual_prune, prune, select_damping
 from mfac_core.testing import to_numpy
 
@@ -319,3 +319,39 @@ def test_mfac_pruner_restores_the_model_when_the_selection_fails():
         assert torch.equal(pruner.masks[k], v)
     with pytest.raises(ValueError, match="both"):
         pruner.prune(data, loss_fn, sparsity=0.6, dampings=[1e-3])
+
+
+def test_damping_sweep_with_a_mask_selects_what_prune_selects(rng):
+    # G is not zeroed at the pruned weights by the caller: damping_sweep must decouple
+    # them itself (as prune does), or its saliencies describe another Fisher.
+    theta, G, _ = regression(rng)
+    mask = np.ones(theta.size, dtype=bool)
+    mask[[1, 5, 17]] = False
+    grid = [1e-3, 1e-1, 10.0]
+    res = pruning.damping_sweep(theta, G, grid, sparsity=0.5, mask=mask)
+    for k, dp in enumerate(grid):
+        want = prune(theta, G, sparsity=0.5, damp=dp, mask=mask, update="none")
+        assert np.array_equal(res.selected[k], mask & ~want.mask), dp
+        rho = pruning.obs_saliency(theta, StaticIHVP(G * mask, damp=dp))
+        kappa = 1.0 + np.linalg.norm(G, 2) ** 2 / (G.shape[0] * dp)
+        np.testing.assert_allclose(res.saliency[k][mask], rho[mask], rtol=1e-12 * kappa)
+
+
+@pytest.mark.parametrize("storage", ["float16", "bfloat16"])
+def test_grids_take_two_byte_gradients(rng, storage):
+    # The input check accepts 2-byte G with float32 theta; the grid functions must too
+    # (they once raised TypeError from the spectral set-up), matching prune on the same G.
+    torch = pytest.importorskip("torch")
+    theta, G, val_loss = regression(rng)
+    t32 = torch.tensor(theta, dtype=torch.float32)
+    G2 = torch.tensor(G).to(getattr(torch, storage))
+    grid = [1e-2, 1.0]
+    sweep = pruning.damping_sweep(t32, G2, grid, sparsity=0.5)
+    choice = select_damping(
+        t32, G2, grid, sparsity=0.5, loss=lambda dp, r: val_loss(r.theta.double().numpy())
+    )
+    for k, dp in enumerate(grid):
+        want = prune(t32, G2, sparsity=0.5, damp=dp)
+        assert sweep.saliency.dtype == torch.float32
+        assert torch.equal(sweep.selected[k], ~want.mask)
+    assert choice.damp in grid and choice.result.theta.dtype == torch.float32

@@ -18,7 +18,7 @@ from conftest import rounded
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mfac_core import DynamicIHVP, StaticIHVP, _engine, _fused
+from mfac_core import DynamicIHVP, SpectralIHVP, StaticIHVP, _engine, _fused
 from mfac_core.testing import extended_precision_inverse
 
 EPS32 = float(np.finfo(np.float32).eps)
@@ -191,6 +191,97 @@ def test_diagonal_and_entries_are_exact_per_coordinate(kappa, block_size):
     # sqrt(F^-1_jj F^-1_kk), which bounds |F^-1_jk| (F^-1 is positive definite).
     scale = np.sqrt(diag_want * np.asarray(op.diagonal(), dtype=np.float64)[rows])
     assert np.all(np.abs(got - want) <= BOUND * EPS32 * scale)
+
+
+@pytest.mark.parametrize("kappa", KAPPAS)
+@pytest.mark.parametrize(
+    ("lib", "storage"),
+    [("numpy", "float32"), ("torch", "float32"), ("numpy", "float16"), ("torch", "bfloat16")],
+)
+@pytest.mark.parametrize("block_size", [None, 16, 300])
+def test_spectral_products_and_sweeps_are_exact(engine_path, lib, storage, block_size, kappa):
+    # Products, one-vector sweeps (one read of G for all dampings) and matrix sweeps, at
+    # the operator's damping and at others: each within the bound of its own F.
+    rng = np.random.default_rng(int(kappa) % 977 + (block_size or 1))
+    m, d = 24, 1500
+    G = spread_grads(rng, m, d, storage)
+    damp = damp_for(G, kappa)
+    op = SpectralIHVP(_as(lib, G, storage), damp=damp, block_size=block_size)
+    damps = [damp, 3.0 * damp, damp_for(G, kappa / 50.0)]
+    xs = vectors(G, rng)
+    X = np.stack(list(xs.values()), axis=1)
+    Y = np.asarray(_numpy(op.sweep(_as(lib, X, "float32"), damps=damps)))
+    for name, x in xs.items():
+        want = reference(G, damp, x, block_size)
+        got = op @ _as(lib, x, "float32")
+        assert rel(got, want) <= BOUND * EPS32, (name, rel(got, want) / EPS32)
+        sweep = op.sweep(_as(lib, x, "float32"), damps=damps)
+        for j, dp in enumerate(damps):
+            want = reference(G, dp, x, block_size)
+            assert rel(sweep[j], want) <= BOUND * EPS32, (name, dp, rel(sweep[j], want) / EPS32)
+    for j, dp in enumerate(damps):
+        for c in range(X.shape[1]):
+            assert rel(Y[j, :, c], reference(G, dp, X[:, c], block_size)) <= BOUND * EPS32
+
+
+def _numpy(a: Any) -> np.ndarray:
+    return np.asarray(a.cpu() if hasattr(a, "cpu") else a)
+
+
+@pytest.mark.parametrize("kappa", KAPPAS)
+@pytest.mark.parametrize("block_size", [None, 8, 200])
+def test_spectral_diagonals_are_exact_per_coordinate(engine_path, kappa, block_size):
+    # Coordinates the gradients cover well are where 1 - sum c_i (U^T g_j)_i^2 cancels: a
+    # stored float32 U^T G (the earlier set-up) loses eps32 * kappa there.
+    rng = np.random.default_rng(int(kappa) % 971 + 5)
+    m, d = 16, 400
+    G = spread_grads(rng, m, d, "float32")
+    damp = damp_for(G, kappa)
+    op = SpectralIHVP(G.astype(np.float32), damp=damp, block_size=block_size)
+    cols = np.array([0, 1, 7, 8, 199, 200, 201, 399])
+    damps = [damp, 10.0 * damp]
+    D = np.asarray(op.diagonal(damps=damps), dtype=np.float64)
+    for j, dp in enumerate(damps):
+        want = np.array([reference(G, dp, np.eye(d)[:, c], block_size)[c] for c in cols])
+        assert np.all(np.abs(D[j, cols] - want) <= BOUND * EPS32 * want), dp
+
+
+@pytest.mark.parametrize("scale", [4e-12, 1e-3, 1e17])
+@pytest.mark.parametrize("storage", ["float32", "bfloat16"])
+def test_extreme_gradient_scales(scale, storage):
+    # Gradients near the ends of float32's range (and bfloat16 ones of 1e18, beyond
+    # float32's squares): every sum of squares and coefficient is float64, so nothing
+    # underflows or overflows before the result's own rounding.
+    rng = np.random.default_rng(17)
+    m, d = 8, 300
+    scale = 1e18 if storage == "bfloat16" and scale > 1 else scale
+    G = spread_grads(rng, m, d, "float32") * scale
+    if storage == "float32":
+        G = rounded(G, "float32")
+    else:
+        torch = pytest.importorskip("torch")
+        G = torch.tensor(G).to(torch.bfloat16).to(torch.float64).numpy()
+    damp = damp_for(G, 1e5)
+    x = vectors(G, rng)["mean"] / np.float32(scale)
+    x = rounded(x, "float32")
+    want = reference(G, damp, x)
+    stored = _as("torch" if storage == "bfloat16" else "numpy", G, storage)
+    static = StaticIHVP(stored, damp=damp)
+    spectral = SpectralIHVP(stored, damp=damp)
+    window = DynamicIHVP(m, d, damp=damp, dtype=stored.dtype, xp=_namespace(stored))
+    for g in stored:
+        window.update(g)
+    xin = _as("torch" if storage == "bfloat16" else "numpy", x, "float32")
+    for op in (static, spectral, window):
+        got = op @ xin
+        assert rel(got, want) <= BOUND * EPS32, (type(op).__name__, rel(got, want) / EPS32)
+    assert np.isfinite(spectral.logdet()) and np.isfinite(spectral.trace())
+
+
+def _namespace(a: Any) -> Any:
+    import array_api_compat
+
+    return array_api_compat.array_namespace(a)
 
 
 @settings(max_examples=25, deadline=None)

@@ -35,6 +35,7 @@ from ._layout import BlockGroup, piece_stack, pieces
 __all__ = [
     "combine",
     "combine_blocks",
+    "lift",
     "project",
     "project_blocks",
     "project_rows",
@@ -242,6 +243,51 @@ def combine(
     if writable or not parts:
         return out
     return parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)
+
+
+def lift(
+    xp: Any,
+    G: Array,
+    x: Array,
+    C: Array,
+    *,
+    alphas: Array,
+    dtype: Any,
+    start: int = 0,
+    stop: int | None = None,
+) -> Array:
+    """``alphas[:, None] * x + C @ G[:, start:stop]``: K results of one vector, rounded once.
+
+    ``x`` is ``(n,)`` (``n = stop - start``), ``C`` ``(K, m)`` and ``alphas`` ``(K,)``
+    float64; the result is ``(K, n)`` of ``dtype``. One read of G serves all K (the
+    kernels take 8 rows of C per read): a sweep over K dampings costs about one product.
+    The m terms are summed first and ``alpha x`` added last, every sum in float64.
+    """
+    stop = G.shape[1] if stop is None else stop
+    served = _kernel_operands(xp, G, x, C, alphas)
+    if served is not None:
+        (Gh, storage), (xh, Ch, ah) = served
+        npdtype = np.float64 if dtype == xp.float64 else np.float32
+        Y = _fused.combine64(Gh, Ch, ah, xh, start=start, stop=stop, dtype=npdtype, storage=storage)
+        return _back(xp, Y, x)
+    m = G.shape[0]
+    a = xp.reshape(_f64(xp, alphas), (-1, 1))
+    x64 = _f64(xp, x)
+    if G.dtype == xp.float64:
+        return xp.astype(C @ G[:, start:stop] + a * x64[None, :], dtype)
+    out = xp.empty((C.shape[0], stop - start), dtype=dtype, device=device(x))
+    writable = is_writeable_array(out)
+    parts = []
+    for c0, c1 in _spans(m, start, stop):
+        lo, hi = c0 - start, c1 - start
+        Y = xp.astype(C @ _f64(xp, G[:, c0:c1]) + a * x64[None, lo:hi], dtype)
+        if writable:
+            out[:, lo:hi] = Y
+        else:
+            parts.append(Y)
+    if writable or not parts:
+        return out
+    return parts[0] if len(parts) == 1 else xp.concat(parts, axis=1)
 
 
 def _block_rows(xp: Any, Y: Array, group: BlockGroup, piece: tuple[int, int, int, int]) -> Array:

@@ -36,7 +36,7 @@ from ._group_factors import DenseBlockInverses, GroupFactor, WoodburyFactor
 from ._layout import (
     BlockGroup,
     Piece,
-    chunk_gram,
+    checked_gram,
     chunks,
     mixed_chunk_gram,
     piece_columns,
@@ -165,31 +165,7 @@ def _checked_gram(
     track: _Tracker,
     check: bool,
 ) -> Any:
-    gram = chunk_gram(xp, G, group, chunk, product, track.advance)
-    # A NaN or infinity anywhere in G makes its row's (or column's) sum of squares
-    # non-finite: the Gram diagonal checks G at no extra pass. Only on failure is the
-    # chunk read again, to say where.
-    if check and not bool(xp.all(xp.isfinite(xp.linalg.diagonal(gram)))):
-        lo, _ = piece_columns(group, chunk[0])
-        _, hi = piece_columns(group, chunk[-1])
-        _raise_non_finite(xp, G[:, lo:hi], lo)
-    return gram
-
-
-def _raise_non_finite(xp: Any, columns: Array, offset: int) -> None:
-    """Say where G holds NaN or infinity, or that its squared norms overflow."""
-    bad = ~xp.isfinite(columns)
-    if bool(xp.any(bad)):
-        row = int(xp.argmax(xp.astype(xp.any(bad, axis=1), xp.int8)))
-        col = int(xp.argmax(xp.astype(bad[row, ...], xp.int8))) + offset
-        raise ValueError(
-            f"G must not contain NaN or infinity: G[{row}, {col}] is "
-            f"{float(columns[row, col - offset])}"
-        )
-    raise ValueError(
-        "the squared norms of G's rows or columns overflow float64: G is finite but "
-        "too large; rescale the gradients (the damping scales with them)"
-    )
+    return checked_gram(xp, G, group, chunk, product, check=check, progress=track.advance)
 
 
 def _dense_chunk_factors(

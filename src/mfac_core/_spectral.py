@@ -1,19 +1,18 @@
 r"""The spectral form of the static operator: powers of F from the eigenvalues of the Gram.
 
 With the float64 eigen-decomposition ``G_b G_b^T = U diag(Lambda) U^T`` of
-each block's m x m Gram and ``V = U^T G_b`` (stored in G's dtype, the same
-O(d m^2) set-up as ``W = U^{-T} G``), the rows of ``V`` are orthogonal with
-squared norms ``Lambda`` and ``F_b = damp I + V^T V / m``. Every power
-``f(F) = F^p`` then has the closed form
+each block's m x m Gram (the same one pass over G as the Cholesky set-up), every
+power ``f(F) = F^p`` has the closed form
 
-    f(F_b) = f(damp) I + V^T diag(h) V,
+    f(F_b) = f(damp) I + G_b^T U diag(h) U^T G_b,
     h_i = (f(damp + mu_i) - f(damp)) / Lambda_i,   mu_i = Lambda_i / m,
 
-for *any* damping: changing the damping changes the m coefficients ``h``, not
-``V``. ``h`` is evaluated in forms that never divide by a small ``Lambda``
-(``_coefficients``). The spectrum of ``F_b`` is ``damp + mu_i`` for the
-``k = min(B, m)`` largest ``Lambda`` and ``damp`` on the other ``B - k``
-directions, which gives log-determinants and traces in O(m) per block.
+for *any* damping: changing the damping changes the m coefficients ``h``, not the
+set-up. The products go through G itself, summed in float64 by the pass engine
+(``_spectral_groups``, ``_engine``); blocks no wider than m use the eigenpairs of
+their s x s ``G_b^T G_b`` instead. The spectrum of ``F_b`` is ``damp + mu_i`` for the
+``k = min(B, m)`` largest ``Lambda`` and ``damp`` on the other ``B - k`` directions,
+which gives log-determinants and traces in O(m) per block.
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from . import _capacitance, _fused
+from . import _capacitance
 from ._compat import (
     Array,
     device,
@@ -32,19 +31,11 @@ from ._compat import (
     is_jax_namespace,
     is_numpy_namespace,
     is_torch_namespace,
-    is_writeable_array,
     namespace_name,
 )
-from ._layout import (
-    BlockGroup,
-    block_groups,
-    chunk_gram,
-    chunks,
-    group_stack,
-    piece_columns,
-    piece_stack,
-)
+from ._layout import BlockGroup, block_groups, checked_gram, chunks
 from ._operator import LinearOperator
+from ._spectral_groups import ColumnEigen, GramEigen
 from ._validation import (
     check_block_size,
     check_count,
@@ -55,6 +46,7 @@ from ._validation import (
     check_float64_available,
     check_gradients,
     check_operand,
+    half_dtype_name,
 )
 
 __all__ = ["SpectralIHVP"]
@@ -62,40 +54,11 @@ __all__ = ["SpectralIHVP"]
 #: float64 entries in one column piece of the set-up (32 MiB).
 _PIECE_ENTRIES = 2**22
 
-#: float64 entries in one column piece of ``diagonal`` (512 KiB), at least ``_DIAG_MIN_COLS``
-#: columns so that the loop over pieces stays cheap: the float64 copy of a piece and its
-#: squares stay in cache. Measured 3-8x faster than 32 MiB pieces (m = 64 and 256, one and
-#: eight dampings); with 2**17 entries OpenBLAS threaded the K x m by m x w products, which
-#: made eight dampings 10x slower on a loaded machine.
-_DIAG_PIECE_ENTRIES = 2**16
-_DIAG_MIN_COLS = 256
-
-#: The most dampings of a sweep through the kernels of ``_fused`` (they do 8 per read of V).
-_FUSED_MAX_DAMPINGS = 8
-
-#: The smallest blocks whose diagonal goes through the kernels: their coefficients are padded to
-#: 8 dampings per block, 16 / B times the size of a float32 V (B = 16: as large as V, and slower).
-_FUSED_MIN_BLOCK = 64
-
 #: The powers of F the closed forms cover: F^{-1}, F^{-1/2}, F^{1/2}, F.
 _POWERS = (-1.0, -0.5, 0.5, 1.0)
 
-
-def _coefficients(xp: Any, lam: Array, damp: float, power: float, m: int) -> Any:
-    """``h = (f(damp + lam/m) - f(damp)) / lam`` for ``f(x) = x**power``, float64.
-
-    Each form is the difference quotient with the difference multiplied out, so
-    that nothing is divided by ``lam`` (exact zeros included) and nothing cancels.
-    """
-    if power == -1.0:
-        return -1.0 / (damp * (m * damp + lam))
-    if power == 1.0:
-        return xp.full(lam.shape, 1.0 / m, dtype=xp.float64, device=device(lam))
-    sd = math.sqrt(damp)
-    s = xp.sqrt(damp + lam / m)
-    if power == 0.5:
-        return 1.0 / (m * (s + sd))
-    return -1.0 / (m * sd * s * (s + sd))
+#: A group of blocks of the spectral form (``_spectral_groups``).
+_Group = GramEigen | ColumnEigen
 
 
 class SpectralIHVP(LinearOperator):
@@ -103,14 +66,15 @@ class SpectralIHVP(LinearOperator):
 
     The same inverse as :class:`~mfac_core.StaticIHVP`, for
     ``F = damp * I + G.T @ G / m`` (optionally block-diagonal), built from the
-    float64 eigen-decomposition ``G G^T = U diag(Lambda) U^T`` and
-    ``V = U^T G`` instead of a Cholesky factor. The set-up costs the same
-    O(d m^2); what the spectral form adds is that every function of F is
-    known for every damping:
+    float64 eigen-decomposition of the Gram ``G G^T = U diag(Lambda) U^T``
+    instead of a Cholesky factor. The set-up costs the same one pass over G
+    (O(d m^2)); the operator keeps G by reference, and every product reads it
+    in its storage dtype and sums in float64. What the spectral form adds is
+    that every function of F is known for every damping:
 
     - :meth:`with_damp` gives the operator at another damping in O(m),
-      sharing ``V``; :meth:`sweep` and ``diagonal(damps=...)`` give products
-      and diagonals for K dampings in one pass over ``V``;
+      sharing the set-up; :meth:`sweep` and ``diagonal(damps=...)`` give
+      products and diagonals for K dampings in one pass over G;
     - :meth:`logdet`, :meth:`trace` and :meth:`trace_inverse` in O(m) per
       block;
     - :meth:`sqrt` and :meth:`inv_sqrt` (``F^{-1/2}`` and ``F^{1/2}``) as
@@ -121,9 +85,11 @@ class SpectralIHVP(LinearOperator):
     Parameters
     ----------
     G : array, shape (m, d)
-        The gradients, one per row, of any Array-API library; float32 or
-        float64. The operator lives in G's namespace and on G's device, and
-        keeps no reference to G.
+        The gradients, one per row, of any Array-API library: float32 or
+        float64, or float16/bfloat16 storage (NumPy, PyTorch, CuPy), for which
+        the operator computes and returns float32. The operator lives in G's
+        namespace and on G's device and keeps G by reference: do not write to G
+        while the operator (or one derived from it) is in use.
     damp : float
         The damping ``lambda > 0``.
     block_size : int, optional
@@ -137,7 +103,9 @@ class SpectralIHVP(LinearOperator):
     shape : tuple
         ``(d, d)``.
     dtype, device
-        G's dtype and device.
+        The result dtype (G's, or float32 for 2-byte G) and G's device.
+    storage_dtype : str or None
+        ``"float16"`` or ``"bfloat16"`` for 2-byte G, else ``None``.
     num_grads, dim, damp, block_size
         m, d, lambda and the block size (``d`` for the full operator).
     power : float
@@ -150,8 +118,9 @@ class SpectralIHVP(LinearOperator):
         ``Lambda_min`` the smallest of the ``min(B, m)`` largest eigenvalues
         of a block of B coordinates, or 0 when ``B > m``.
     error_scale : float
-        ``1 + max Lambda / (m damp)``: the factor of ``eps(dtype)`` in the
-        relative error of a product (see Notes).
+        ``1 + max Lambda / (m damp)``, an upper bound of ``kappa`` over the
+        whole operator: the factor of ``eps(float64)`` in the part of a
+        product's error that does not come from its final rounding (see Notes).
 
     Raises
     ------
@@ -171,17 +140,16 @@ class SpectralIHVP(LinearOperator):
 
     .. math::
 
-        F^{-1} x = \big(x - V^\top \mathrm{diag}(c)\, V x\big) / \lambda ,
+        F^{-1} x = \big(x - G^\top U \mathrm{diag}(c)\, U^\top G x\big) / \lambda ,
 
-    which has no factorisation to fail: any damping works, also where the
-    Cholesky factor of ``m damp I + G G^T`` would not exist in float64. A
-    product's relative error is within about 2x of the Cholesky form's, about
-    ``eps(dtype) * error_scale`` at worst (two passes over V in G's dtype; the
-    m x m work is float64); see the documentation page "Beyond inverse-vector
-    products" for measurements. Blocks no wider than m are not special-cased (unlike
-    :class:`StaticIHVP`, which inverts them densely): their error scale is
-    ``1 + ||G_b||_2^2 / (m damp)`` even where ``F_b`` itself is better
-    conditioned, and they store ``m x B`` numbers each.
+    which has no factorisation to fail: any damping works. Both passes over G
+    read it in its storage dtype and sum in float64, the m x m work is float64,
+    and each result is rounded once, so a product, a diagonal entry or a sweep
+    is within a few ``eps(dtype)`` of the inverse of the Fisher of the stored
+    gradients, plus about ``eps(float64) * error_scale`` (docs/mathematics.rst,
+    "Exact passes"); a warning says where that second term reaches 1. Blocks no
+    wider than m are applied from the float64 eigenpairs of their ``B x B``
+    matrix ``G_b^T G_b`` (O(B) per coordinate), without a pass over G.
 
     Examples
     --------
@@ -205,63 +173,65 @@ class SpectralIHVP(LinearOperator):
         self, G: Array, /, *, damp: float, block_size: int | None = None, check_finite: bool = True
     ) -> None:
         check_finite = check_flag(check_finite, "check_finite")
-        xp = check_gradients(G, require_finite=False)
+        xp = check_gradients(G, require_finite=False, half=True)
         damp = check_damp(damp)
         check_float64_available(xp)
         m, d = (int(n) for n in G.shape)
         bs = check_block_size(block_size, d)
-        groups = block_groups(d, bs)
-        dev = device(G)
-        V, lams = _setup(xp, G, groups, check_finite=check_finite, device=dev)
+        storage = half_dtype_name(xp, G.dtype)
+        dtype = G.dtype if storage is None else xp.float32
+        groups = _setup(xp, G, block_groups(d, bs), dtype=dtype, check_finite=check_finite)
         super().__init__(
             shape=(d, d),
-            dtype=G.dtype,
+            dtype=dtype,
             xp=xp,
-            device=dev,
+            device=device(G),
             symmetric=True,
             check_finite=check_finite,
         )
         self.num_grads, self.dim, self.block_size = m, d, bs
-        self._groups = groups
-        self._V = V
-        self._lams = lams  # per group: (count, m) float64, ascending, clipped at 0
+        self.storage_dtype = storage
+        self._groups: tuple[_Group, ...] = groups
         self.power = -1.0
         self._set_damp(damp)
-        _capacitance.warn_if_hopeless(
-            self.error_scale, damp=damp, eps=float(xp.finfo(self.dtype).eps), dtype=self.dtype
-        )
+        self._warn_if_hopeless()
 
     # -- damping, spectrum and derived operators -----------------------------------------------
 
     def _set_damp(self, damp: float) -> None:
         self.damp = damp
-        m = self.num_grads
-        top = max(float(self._xp.max(lam[:, -1])) for lam in self._lams)
+        xp, m = self._xp, self.num_grads
+        top = max(float(xp.max(g.top[:, -1])) for g in self._groups)
         self.error_scale = 1.0 + top / (m * damp)
         kappa = 1.0
-        for g, lam in zip(self._groups, self._lams, strict=True):
-            k = min(g.size, m)
-            low = lam[:, m - k] if g.size <= m else self._xp.zeros_like(lam[:, 0])
-            kappa = max(kappa, float(self._xp.max((damp + lam[:, -1] / m) / (damp + low / m))))
+        for g in self._groups:
+            t = g.top
+            low = t[:, 0] if g.group.size <= m else xp.zeros_like(t[:, 0])
+            kappa = max(kappa, float(xp.max((damp + t[:, -1] / m) / (damp + low / m))))
         self.kappa = kappa
 
+    def _warn_if_hopeless(self) -> None:
+        # The passes are exact to the result's rounding; what remains is the float64
+        # m x m work, good to about eps(float64) * error_scale.
+        _capacitance.warn_if_hopeless(
+            self.kappa,
+            damp=self.damp,
+            eps=float(self._xp.finfo(self._xp.float64).eps),
+            dtype="float64 (the passes' accumulation)",
+        )
+
     def _derived(self, *, damp: float | None = None, power: float | None = None) -> SpectralIHVP:
-        # A shallow copy shares V and the eigenvalues: O(m) per group, never O(d m).
+        # A shallow copy shares G and the eigenpairs: O(m) per group, never O(d m).
         new = copy.copy(self)
         if power is not None:
             new.power = power
         if damp is not None:
             new._set_damp(damp)
-            _capacitance.warn_if_hopeless(
-                new.error_scale,
-                damp=damp,
-                eps=float(new._xp.finfo(new.dtype).eps),
-                dtype=new.dtype,
-            )
+            new._warn_if_hopeless()
         return new
 
     def with_damp(self, damp: float, /) -> SpectralIHVP:
-        """The same power of F at another damping, sharing ``V`` (O(m)).
+        """The same power of F at another damping, sharing the set-up (O(m)).
 
         Parameters
         ----------
@@ -295,7 +265,7 @@ class SpectralIHVP(LinearOperator):
         Returns
         -------
         SpectralIHVP
-            Sharing ``V``; ``sqrt() @ sqrt()`` equals this operator.
+            Sharing the set-up; ``sqrt() @ sqrt()`` equals this operator.
 
         Raises
         ------
@@ -320,7 +290,7 @@ class SpectralIHVP(LinearOperator):
         Returns
         -------
         SpectralIHVP
-            Sharing ``V``; ``inv_sqrt() @ inv_sqrt()`` is the inverse of this operator.
+            Sharing the set-up; ``inv_sqrt() @ inv_sqrt()`` is the inverse of this operator.
 
         Raises
         ------
@@ -339,12 +309,12 @@ class SpectralIHVP(LinearOperator):
         return self._derived(power=self._power_checked(-self.power / 2, "inv_sqrt"))
 
     def inverse(self) -> SpectralIHVP:
-        """The inverse of this operator (``F`` for ``F^{-1}``), sharing ``V``.
+        """The inverse of this operator (``F`` for ``F^{-1}``), sharing the set-up.
 
         Returns
         -------
         SpectralIHVP
-            The operator of the opposite power, sharing ``V`` (O(m)).
+            The operator of the opposite power, sharing the set-up (O(m)).
 
         Examples
         --------
@@ -367,10 +337,10 @@ class SpectralIHVP(LinearOperator):
 
     def _spectrum_sum(self, term: Any) -> float:
         """``sum over blocks of term(top, k, size)``, with ``top`` the ``k`` largest eigenvalues."""
-        m, total = self.num_grads, 0.0
-        for g, lam in zip(self._groups, self._lams, strict=True):
-            k = min(g.size, m)
-            total += float(self._xp.sum(term(lam[:, m - k :], k, g.size)))
+        total = 0.0
+        for g in self._groups:
+            top = g.top
+            total += float(self._xp.sum(term(top, top.shape[-1], g.group.size)))
         return total
 
     def logdet(self) -> float:
@@ -449,63 +419,24 @@ class SpectralIHVP(LinearOperator):
 
     # -- products ------------------------------------------------------------------------------
 
-    def _coefs(self, damps: list[float]) -> tuple[list[float], list[Any]]:
-        """``f(damp)`` per damping, and per group the ``(K, count, m)`` float64 coefficients."""
-        xp, m = self._xp, self.num_grads
-        alphas = [dp**self.power for dp in damps]
-        H = [
-            xp.stack([_coefficients(xp, lam, dp, self.power, m) for dp in damps])
-            for lam in self._lams
-        ]
-        return alphas, H
-
     def _apply(self, X: Array, damps: list[float]) -> Array:
-        """``f_k(F) X`` for every damping, stacked: ``(K, d, k)``, one pass over V per group."""
-        xp, dt = self._xp, self.dtype
-        alphas, H = self._coefs(damps)
-        K, k = len(damps), X.shape[1]
-        alpha = xp.reshape(xp.asarray(alphas, dtype=dt, device=self.device), (K, 1, 1))
-        parts = []
-        for g, h in zip(self._groups, H, strict=True):
-            Xg = X[g.start : g.end, ...]
-            if g.count == 1:
-                V = self._V[:, g.start : g.end]
-                P = xp.astype(V @ Xg, xp.float64)  # (m, k)
-                C = xp.astype(xp.reshape(h, (K, -1, 1)) * P, dt)  # (K, m, k)
-                C = xp.reshape(xp.permute_dims(C, (1, 0, 2)), (V.shape[0], K * k))
-                # (C^T V)^T rather than V^T C: faster for this thin shape (see lowrank_apply).
-                low = xp.reshape((C.T @ V).T, (g.size, K, k))
-            else:
-                Vs = group_stack(xp, self._V, g)  # (count, m, size)
-                Xb = xp.reshape(Xg, (g.count, g.size, k))
-                P = xp.astype(Vs @ Xb, xp.float64)  # (count, m, k)
-                C = xp.astype(xp.reshape(h, (K, g.count, -1, 1)) * P, dt)  # (K, count, m, k)
-                C = xp.reshape(xp.permute_dims(C, (1, 2, 0, 3)), (g.count, -1, K * k))
-                low = xp.reshape(xp.matrix_transpose(Vs) @ C, (g.count * g.size, K, k))
-            parts.append(alpha * Xg[None, ...] + xp.permute_dims(low, (1, 0, 2)))
-        return parts[0] if len(parts) == 1 else xp.concat(parts, axis=1)
+        """``f_k(F) X`` for every damping, stacked: ``(K, d, k)``, one pass over G per group."""
+        parts = [
+            g.apply(X[g.group.start : g.group.end, ...], damps, self.power) for g in self._groups
+        ]
+        return parts[0] if len(parts) == 1 else self._xp.concat(parts, axis=1)
 
     def _matmat(self, X: Array) -> Array:
         return self._apply(X, [self.damp])[0, ...]
 
     def _matvec(self, x: Array) -> Array:
-        if any(g.count > 1 for g in self._groups):
-            return self._matmat(x[:, None])[:, 0]
-        # One block per group: two GEMVs over V, without the stacked layout of _apply.
-        xp = self._xp
-        alpha, H = self._coefs([self.damp])
-        parts = []
-        for g, h in zip(self._groups, H, strict=True):
-            V, xg = self._V[:, g.start : g.end], x[g.start : g.end]
-            c = xp.astype(h[0, 0, :] * xp.astype(V @ xg, xp.float64), self.dtype)
-            parts.append(alpha[0] * xg + c @ V)
-        return parts[0] if len(parts) == 1 else xp.concat(parts)
+        return self._apply(x[:, None], [self.damp])[0, :, 0]
 
     def sweep(self, x: Array, /, *, damps: Sequence[float]) -> Array:
-        """Apply this power of F at each of K dampings to ``x``, in two passes over ``V``.
+        """Apply this power of F at each of K dampings to ``x``, in two passes over G.
 
-        ``V x`` once, then the K results together: about the cost of one product,
-        not K (docs/beyond.rst, "Speed").
+        ``G x`` once, then the K results together from one more read of G: about
+        the cost of one product, not K (docs/beyond.rst, "Speed").
 
         Parameters
         ----------
@@ -540,42 +471,16 @@ class SpectralIHVP(LinearOperator):
         x = self._check_input(x, "x", self.dim, (1, 2))
         if x.ndim == 2:
             return self._apply(x, dl)
-        if any(g.count > 1 for g in self._groups):
-            return self._apply(x[:, None], dl)[..., 0]
-        # One block per group: V x once, then C V + alpha x with C of K x m in one more read
-        # of V: by the fused kernel where it applies, else one GEMM, which with OpenBLAS
-        # costs about 3x a GEMV pass (it packs V, then computes; docs/beyond.rst, "Speed").
-        xp = self._xp
-        alphas, H = self._coefs(dl)
-        # The kernels compute 8 dampings per read of V: at K = 1 a GEMV pass is faster, and
-        # above 8 the GEMM's one read beats their K / 8.
-        fused = _fused.supports(self._V) and 2 <= len(dl) <= _FUSED_MAX_DAMPINGS
-        parts = []
-        for g, h in zip(self._groups, H, strict=True):
-            V, xg = self._V[:, g.start : g.end], x[g.start : g.end]
-            if fused:
-                # Both passes by the kernels: no hand-over from BLAS's spinning threads.
-                P = _fused.project(self._V, xg, start=g.start, stop=g.end)
-                C = xp.astype(h[:, 0, :] * P, self.dtype)  # (K, m)
-                parts.append(_fused.apply(self._V, C, alphas, xg, start=g.start, stop=g.end))
-                continue
-            C = xp.astype(h[:, 0, :] * xp.astype(V @ xg, xp.float64), self.dtype)  # (K, m)
-            Y = C @ V
-            if is_writeable_array(Y):
-                # Row by row in place: no (K, d) temporary for alpha x (4-10% of this pass).
-                for j, a in enumerate(alphas):
-                    Y[j, ...] += a * xg
-            else:
-                a = xp.reshape(xp.asarray(alphas, dtype=self.dtype, device=self.device), (-1, 1))
-                Y = Y + a * xg
-            parts.append(Y)
-        return parts[0] if len(parts) == 1 else xp.concat(parts, axis=1)
+        return self._apply(x[:, None], dl)[..., 0]
 
     def diagonal(self, *, damps: Sequence[float] | None = None) -> Array:
         """The diagonal of this operator, at its damping or at each of K dampings, in O(d m).
 
-        ``f(damp) + sum_i h_i V_ij^2``, the sums in float64 a bounded piece of V
-        at a time; all K dampings share one pass over V.
+        ``f(damp) + sum_i h_i (U^T g_j)_i^2`` for the columns ``g_j`` of G,
+        whitened in float64 a bounded piece at a time (O(d m^2) BLAS-3 work, the
+        cost a stored ``U^T G`` would have had at set-up); all K dampings share
+        one pass over G. Blocks no wider than m: ``sum_i Q_ji^2 f(damp + mu_i/m)``
+        from their own eigenpairs, O(B) per coordinate.
 
         Parameters
         ----------
@@ -598,39 +503,8 @@ class SpectralIHVP(LinearOperator):
         ((2, 20), True)
         """
         dl = [self.damp] if damps is None else check_dampings(damps)
-        xp, m = self._xp, self.num_grads
-        alphas, H = self._coefs(dl)
-        K = len(dl)
-        alpha = xp.reshape(xp.asarray(alphas, dtype=xp.float64, device=self.device), (K, 1))
-        fused = _fused.supports(self._V)
-        parts = []
-        for g, h in zip(self._groups, H, strict=True):
-            if fused and (g.count == 1 or g.size >= _FUSED_MIN_BLOCK):
-                # One read of V in place, each block with its coefficients, sums in float64
-                # (the BLAS path below converts pieces of V to float64 first: 3-4x slower).
-                size = None if g.count == 1 else g.size
-                h_g = h[:, 0, :] if size is None else h
-                parts.append(
-                    _fused.diagonal(
-                        self._V, h_g, alphas, start=g.start, stop=g.end, block_size=size
-                    )
-                )
-                continue
-            for chunk in chunks(g, max(_DIAG_MIN_COLS, _DIAG_PIECE_ENTRIES // m)):
-                for piece in chunk:
-                    b0, b1, _, _ = piece
-                    if b1 - b0 == 1:
-                        # Part of one block: plain 2-D products (a GEMV for one damping).
-                        lo, hi = piece_columns(g, piece)
-                        Vc = xp.astype(self._V[:, lo:hi], xp.float64)
-                        S = Vc * Vc
-                        D = (h[0, b0, :] @ S)[None, ...] if K == 1 else h[:, b0, :] @ S
-                    else:
-                        Vs = xp.astype(piece_stack(xp, self._V, g, piece), xp.float64)
-                        hb = xp.permute_dims(h[:, b0:b1, :], (1, 0, 2))  # (b, K, m)
-                        D = xp.reshape(xp.permute_dims(hb @ (Vs * Vs), (1, 0, 2)), (K, -1))
-                    parts.append(xp.astype(alpha + D, self.dtype))
-        out = parts[0] if len(parts) == 1 else xp.concat(parts, axis=1)
+        parts = [g.diagonal(dl, self.power) for g in self._groups]
+        out = parts[0] if len(parts) == 1 else self._xp.concat(parts, axis=1)
         return out[0, ...] if damps is None else out
 
     # -- bilinear and quadratic forms ----------------------------------------------------------
@@ -648,23 +522,15 @@ class SpectralIHVP(LinearOperator):
     def _batch(self, batch_size: int | None) -> int:
         if batch_size is not None:
             return check_count(batch_size, "batch_size")
-        # Bounded temporaries: about 2**22 entries of V R^T (or of R in float64) per batch.
-        blocks = sum(g.count for g in self._groups)
+        # Bounded temporaries: about 2**22 entries of the coordinates (or of R in float64).
+        blocks = sum(g.group.count for g in self._groups)
         return max(1, _PIECE_ENTRIES // max(self.num_grads * blocks, self.dim))
-
-    def _project(self, A: Array, g: BlockGroup) -> Any:
-        """``V_b A_b^T`` per block of ``g`` for the rows of ``A``, ``(count, m, n)`` float64."""
-        xp = self._xp
-        Ag = A[:, g.start : g.end]
-        if g.count == 1:
-            return xp.astype(self._V[:, g.start : g.end] @ Ag.T, xp.float64)[None, ...]
-        Ab = xp.permute_dims(xp.reshape(Ag, (Ag.shape[0], g.count, g.size)), (1, 2, 0))
-        return xp.astype(group_stack(xp, self._V, g) @ Ab, xp.float64)
 
     def bilinear(self, Q: Array, R: Array, /, *, batch_size: int | None = None) -> Array:
         r"""``Q A R^T`` for this operator A (``Q F^{-1} R^T``), without a d x d array.
 
-        ``f(damp) Q R^T + sum_b (V_b Q_b^T)^T diag(h_b) (V_b R_b^T)``: Q is
+        ``f(damp) Q R^T + sum_b (B_b Q_b^T)^T diag(w_b) (B_b R_b^T)`` with the
+        float64 coordinates ``B_b = U_b^T G_b`` (one pass over G each): Q is
         projected once, R a batch of rows at a time, so the temporaries are
         ``(p + n_batch) x m`` per block; the m-sized contractions are float64.
 
@@ -701,17 +567,15 @@ class SpectralIHVP(LinearOperator):
         xp = self._xp
         Q, R = self._rows(Q, "Q"), self._rows(R, "R")
         step = self._batch(batch_size)
-        alphas, H = self._coefs([self.damp])
-        PQ = [
-            xp.reshape(h[0, ...], (g.count, -1, 1)) * self._project(Q, g)
-            for g, h in zip(self._groups, H, strict=True)
-        ]
+        alpha = self.damp**self.power
+        PQ = [g.weights(self.damp, self.power)[..., None] * g.project(Q) for g in self._groups]
+        Q64 = xp.astype(Q, xp.float64)
         parts = []
         for lo in range(0, R.shape[0], step):
             Rb = R[lo : min(lo + step, R.shape[0]), :]
-            acc = alphas[0] * xp.astype(Q @ Rb.T, xp.float64)
+            acc = alpha * (Q64 @ xp.matrix_transpose(xp.astype(Rb, xp.float64)))
             for g, pq in zip(self._groups, PQ, strict=True):
-                acc = acc + xp.sum(xp.matrix_transpose(pq) @ self._project(Rb, g), axis=0)
+                acc = acc + xp.sum(xp.matrix_transpose(pq) @ g.project(Rb), axis=0)
             parts.append(xp.astype(acc, self.dtype))
         if not parts:
             return xp.zeros((Q.shape[0], 0), dtype=self.dtype, device=self.device)
@@ -751,15 +615,16 @@ class SpectralIHVP(LinearOperator):
         xp = self._xp
         R = self._rows(R, "R")
         step = self._batch(batch_size)
-        alphas, H = self._coefs([self.damp])
+        alpha = self.damp**self.power
+        W = [g.weights(self.damp, self.power)[..., None] for g in self._groups]
         parts = []
         for lo in range(0, R.shape[0], step):
             Rb = R[lo : min(lo + step, R.shape[0]), :]
             R64 = xp.astype(Rb, xp.float64)
-            acc = alphas[0] * xp.sum(R64 * R64, axis=1)
-            for g, h in zip(self._groups, H, strict=True):
-                P = self._project(Rb, g)  # (count, m, n)
-                acc = acc + xp.sum(xp.reshape(h[0, ...], (g.count, -1, 1)) * P * P, axis=(0, 1))
+            acc = alpha * xp.sum(R64 * R64, axis=1)
+            for g, w in zip(self._groups, W, strict=True):
+                P = g.project(Rb)  # (count, r, n)
+                acc = acc + xp.sum(w * P * P, axis=(0, 1))
             parts.append(xp.astype(acc, self.dtype))
         if not parts:
             return xp.zeros((0,), dtype=self.dtype, device=self.device)
@@ -869,42 +734,35 @@ def _standard_normal(xp: Any, rng: Any, shape: tuple[int, int], dtype: Any, dev:
 
 
 def _setup(
-    xp: Any, G: Array, groups: tuple[BlockGroup, ...], *, check_finite: bool, device: Any
-) -> tuple[Array, list[Any]]:
-    """``V = U^T G`` (G's dtype, G's layout) and each group's Gram eigenvalues ``(count, m)``.
+    xp: Any, G: Array, groups: tuple[BlockGroup, ...], *, dtype: Any, check_finite: bool
+) -> tuple[_Group, ...]:
+    """Each group's float64 eigenpairs, chunk by chunk, in one pass over G.
 
-    Chunk by chunk, as the Cholesky set-up: the chunk's float64 Grams summed
-    over column pieces, their ``eigh``, then the chunk's columns of V.
+    The chunk's Grams are summed in float64 over column pieces (products of float32
+    or 2-byte values are exact in float64), then decomposed by ``eigh``; blocks no
+    wider than m decompose their ``G_b^T G_b`` instead (``_spectral_groups``).
     """
     m, d = G.shape
+    # float64 pieces of at most 32 MiB and 1/64 of G's entries: the set-up's peak memory
+    # stays near size(G).
     width = max(1, min(_PIECE_ENTRIES, m * d // 64) // m)
-    writable = is_writeable_array(xp.empty((0,), dtype=G.dtype, device=device))
-    V = xp.empty((m, d), dtype=G.dtype, device=device) if writable else None
-    pieces: list[Any] = []
-    lams = []
+
+    def rows(X: Array) -> Array:
+        return X @ xp.matrix_transpose(X)
+
+    def columns(X: Array) -> Array:
+        return xp.matrix_transpose(X) @ X
+
+    out: list[_Group] = []
     for g in groups:
-        glams = []
-        for chunk in chunks(g, width):
-            gram = chunk_gram(xp, G, g, chunk, lambda X: X @ xp.matrix_transpose(X))
-            # A NaN or infinity in G makes its row's squared norm non-finite.
-            if check_finite and not bool(xp.all(xp.isfinite(xp.linalg.diagonal(gram)))):
-                raise ValueError(
-                    "G must not contain NaN or infinity (or its squared row norms overflow float64)"
-                )
+        dense = g.size <= m
+        vals, vecs = [], []
+        for chunk in chunks(g, max(width, g.size) if dense else width):
+            gram = checked_gram(xp, G, g, chunk, columns if dense else rows, check=check_finite)
             lam, U = xp.linalg.eigh(gram)
-            glams.append(xp.clip(lam, min=0.0))
-            Ut = xp.astype(xp.matrix_transpose(U), G.dtype)
-            first = chunk[0][0]
-            for piece in chunk:
-                b0, b1, _, _ = piece
-                lo, hi = piece_columns(g, piece)
-                P = Ut[b0 - first : b1 - first, ...] @ piece_stack(xp, G, g, piece)  # (b, m, w)
-                P = xp.reshape(xp.permute_dims(P, (1, 0, 2)), (m, hi - lo))
-                if V is not None:
-                    V[:, lo:hi] = P
-                else:
-                    pieces.append(P)
-        lams.append(glams[0] if len(glams) == 1 else xp.concat(glams, axis=0))
-    if V is None:
-        V = pieces[0] if len(pieces) == 1 else xp.concat(pieces, axis=1)
-    return V, lams
+            vals.append(xp.clip(lam, min=0.0))
+            vecs.append(U)
+        lams = vals[0] if len(vals) == 1 else xp.concat(vals, axis=0)
+        U = vecs[0] if len(vecs) == 1 else xp.concat(vecs, axis=0)
+        out.append(ColumnEigen(g, U, lams, m, dtype) if dense else GramEigen(g, G, U, lams, dtype))
+    return tuple(out)

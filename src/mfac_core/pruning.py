@@ -1016,8 +1016,8 @@ def damping_sweep(
 
     The damping of ``F = damp I + G^T G / m`` decides which weights OBS
     prunes; this evaluates a whole grid at the cost of about one:
-    one :class:`~mfac_core.SpectralIHVP` set-up (O(d m^2)) and one pass over
-    its ``m x d`` array for the K diagonals of ``F_k^{-1}``
+    one :class:`~mfac_core.SpectralIHVP` set-up (O(d m^2)) and one whitening
+    pass over G for the K diagonals of ``F_k^{-1}``
     (``SpectralIHVP.diagonal(damps=...)``), then a selection per damping.
 
     Parameters
@@ -1025,9 +1025,9 @@ def damping_sweep(
     theta : array, shape (d,)
         The flat weights.
     G : array, shape (m, d)
-        The gradients, one per row, in theta's namespace, device and dtype;
-        2-byte G (with float32 ``theta``) is cast to float32, since
-        :class:`~mfac_core.SpectralIHVP` has no 2-byte storage.
+        The gradients, one per row, in theta's namespace, device and dtype,
+        or 2-byte (float16, bfloat16) with float32 ``theta``; zeroed at the
+        coordinates ``mask`` prunes, as :func:`prune` does.
     dampings : sequence of float
         The K dampings ``> 0``.
     sparsity : float
@@ -1071,12 +1071,11 @@ def damping_sweep(
     True
     """
     xp = _check_theta(theta)
-    storage = _check_grads(xp, theta, G)
+    _check_grads(xp, theta, G)
     mask = _check_mask(xp, theta, mask)
     sparsity = check_fraction(sparsity, "sparsity")
     dampings = check_dampings(dampings, "dampings")  # before the O(d m^2) set-up
-    if storage is not None:
-        G = xp.astype(G, xp.float32)
+    G = G * xp.astype(mask, G.dtype)  # pruned coordinates decouple, as in prune()
     op = SpectralIHVP(G, damp=1.0, block_size=block_size)
     diag = op.diagonal(damps=dampings)
     saliency = theta * theta / (2 * diag)
@@ -1189,7 +1188,7 @@ def select_damping(
     prunes and how it moves the others. This prunes at each of K dampings as
     :func:`prune` does (OBS saliency, selection, OBS update) but from one
     :class:`~mfac_core.SpectralIHVP` set-up: the K diagonals of ``F_k^{-1}``
-    come from one pass over its ``m x d`` array, and each update is one
+    come from one whitening pass over G, and each update is one
     product at that damping (``with_damp``), so the grid costs about one set-up
     and K + 1 products instead of K set-ups. ``loss(damp, result)`` scores
     each pruned vector (for instance the loss on held-out data) and the

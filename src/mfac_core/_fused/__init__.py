@@ -1,19 +1,14 @@
-"""Fused CPU passes over ``V`` at several dampings: the optional C extension and its threads.
+"""The pass engine's CPU kernels: the optional C extension and its threads.
 
-:class:`~mfac_core.SpectralIHVP` needs two passes over its m x d array ``V`` that BLAS
-does poorly: the second pass of a damping sweep, ``alpha x + C V`` with ``C`` of K x m
-(a GEMM with K = 8 result rows, for which OpenBLAS packs ``V`` and then runs at a third
-of the memory bandwidth), and the diagonal at K dampings, ``alpha + H (V * V)`` summed
-in float64 (through BLAS: a float64 copy of ``V``, piece by piece). ``_passes.c`` does
-each in one read of ``V`` in place; this module checks the arguments, pads the dampings
-to groups of eight and splits the columns over threads. Where the extension was not
-built (:func:`available` is false) the operator keeps its BLAS path; both are tested
-against each other and against dense oracles.
-
-:func:`project64` and :func:`combine64` are the passes of exact products: they read ``G``
-in its storage dtype (float32, float64, float16 or bfloat16, the last also as the uint16
-bits of a PyTorch tensor) and do every product and sum in float64, at the speed of a GEMV
-in the storage dtype. NumPy's own routes to the same sums need a float64 copy of ``G``.
+:func:`project64` and :func:`combine64` (and their block-wise forms) are the passes of
+exact products: they read ``G`` in its storage dtype (float32, float64, float16 or
+bfloat16, the last also as the uint16 bits of a PyTorch tensor) and do every product and
+sum in float64, at about the speed of a GEMV in the storage dtype; up to eight vectors (or
+rows of coefficients, as for the K dampings of a sweep) share one read of ``G``. NumPy's own
+routes to the same sums need a float64 copy of ``G``. This module checks the arguments
+and splits the columns over threads; ``_engine`` decides when the kernels serve. Where the
+extension was not built (:func:`available` is false) the engine uses float64 products over
+column pieces instead; both are tested against each other and against exact oracles.
 
 Threads: the kernels release the GIL, and a call on more than ``_MIN_THREAD_WORK``
 entries of ``V`` shares its column pieces among up to :func:`max_threads` threads
@@ -27,7 +22,7 @@ from __future__ import annotations
 import importlib
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -43,17 +38,13 @@ except ImportError:  # not built: no C compiler at install time, or another comp
 __all__ = [
     "ISAS",
     "STORAGES",
-    "apply",
     "available",
     "best_isa",
     "combine64",
     "combine64_blocks",
-    "diagonal",
     "max_threads",
-    "project",
     "project64",
     "project64_blocks",
-    "supports",
     "supports64",
 ]
 
@@ -98,18 +89,6 @@ def max_threads() -> int:
     if hasattr(os, "sched_getaffinity"):
         return max(1, len(os.sched_getaffinity(0)))
     return max(1, os.cpu_count() or 1)
-
-
-def supports(V: Any, /) -> bool:
-    """Whether the kernels can read ``V`` in place: a C-ordered float32/float64 NumPy array."""
-    return (
-        _passes is not None
-        and isinstance(V, np.ndarray)
-        and V.ndim == 2
-        and V.dtype in (np.float32, np.float64)
-        and V.flags.c_contiguous
-        and V.flags.aligned
-    )
 
 
 def _isa_code(isa: str | None) -> int:
@@ -163,159 +142,6 @@ def _run(call: Callable[[int, int, int], None], m: int, n: int) -> int:
     if errors:
         raise errors[0]
     return len(pieces)
-
-
-def _check(V: Any, start: int, stop: int, coefs: Any = None, alpha: Any = None) -> tuple[int, int]:
-    """V's ``(m, ld)`` after checking V, the columns and (if given) the coefficients."""
-    if not supports(V):
-        raise TypeError(
-            "V must be a C-ordered, aligned float32 or float64 NumPy array, and the extension built"
-        )
-    m, ld = V.shape
-    if not 0 <= start <= stop <= ld:
-        raise ValueError(f"columns [{start}, {stop}) are not inside V's {ld}")
-    if coefs is not None and (
-        coefs.ndim not in (2, 3) or coefs.shape[-1] != m or alpha.shape != (coefs.shape[0],)
-    ):
-        raise ValueError(
-            f"coefficients of shape {coefs.shape} and alpha of shape {alpha.shape} do not "
-            f"match V's {m} rows"
-        )
-    return m, ld
-
-
-def _eight_at_a_time(coefs: Any, alpha: Any, dtype: Any) -> Iterator[tuple[int, int, Any, Any]]:
-    """The dampings in groups of eight, as the kernels take them.
-
-    ``coefs`` is (K, blocks, m); yields ``(k0, kk, c, a)`` with ``c`` (blocks, m, 8), each
-    block's m x 8 coefficients in one piece of memory, and ``a`` (8,), both zero past ``kk``.
-    """
-    K, blocks, m = coefs.shape
-    for k0 in range(0, K, 8):
-        kk = min(8, K - k0)
-        c = np.zeros((blocks, m, 8), dtype=dtype)
-        c[:, :, :kk] = np.transpose(coefs[k0 : k0 + kk], (1, 2, 0))
-        a = np.zeros(8, dtype=dtype)
-        a[:kk] = alpha[k0 : k0 + kk]
-        yield k0, kk, c, a
-
-
-def project(V: Any, x: Any, /, *, start: int, stop: int, isa: str | None = None) -> Any:
-    """``V[:, start:stop] @ x`` as float64, shape (m,): one read of V.
-
-    Sums run in V's dtype within chunks of 32 KiB of each row (as a BLAS GEMV's would) and
-    across chunks in float64.
-
-    ``x`` (stop - start,) is converted (rounded) to V's dtype first. The partial sums of
-    the pieces are added in their order: the result does not depend on the threads or
-    their timing.
-    """
-    m, ld = _check(V, start, stop)
-    n = stop - start
-    x = np.require(x, V.dtype, ["C", "A"])  # contiguous and aligned, as the kernels load it
-    if x.shape != (n,):
-        raise ValueError(f"x must have shape ({n},), got {x.shape}")
-    if m == 0 or n == 0:
-        return np.zeros(m)
-    partial = np.zeros((len(_pieces(m, n)), m))
-    code, dbl = _isa_code(isa), V.dtype == np.float64
-
-    def call(j0: int, j1: int, p: int) -> None:
-        _passes.project(V, ld, start, m, x, partial[p], n, j0, j1, code, dbl)
-
-    _run(call, m, n)
-    # In piece order (not np.sum's pairwise order, which is also fixed, but stated here).
-    y = partial[0].copy()
-    for row in partial[1:]:
-        y += row
-    return y
-
-
-def apply(
-    V: Any, C: Any, alpha: Any, x: Any, /, *, start: int, stop: int, isa: str | None = None
-) -> Any:
-    """``alpha[:, None] * x + C @ V[:, start:stop]``, in V's dtype: one read of V per eight
-    dampings.
-
-    ``C`` is (K, m), ``alpha`` (K,) and ``x`` (stop - start,), all converted to V's dtype.
-    The m terms are summed in V's dtype (in another order than BLAS's), then
-    ``alpha x`` is added, as ``C @ V`` followed by the addition would.
-    """
-    dt = V.dtype
-    C = np.asarray(C, dtype=dt)
-    alpha = np.asarray(alpha, dtype=dt)
-    m, ld = _check(V, start, stop, C, alpha)
-    n = stop - start
-    x = np.require(x, dt, ["C", "A"])
-    if x.shape != (n,):
-        raise ValueError(f"x must have shape ({n},), got {x.shape}")
-    K = C.shape[0]
-    Y = np.empty((K, n), dtype=dt)
-    if m == 0 or n == 0:
-        Y[...] = alpha[:, None] * x
-        return Y
-    code, dbl = _isa_code(isa), dt == np.float64
-    for k0, kk, Ct, a8 in _eight_at_a_time(C[:, None, :], alpha, dt):
-        Yk = Y[k0 : k0 + kk]
-
-        def call(
-            j0: int, j1: int, t: int, Ct: Any = Ct, a8: Any = a8, Yk: Any = Yk, kk: int = kk
-        ) -> None:
-            _passes.apply(V, ld, start, m, Ct, kk, a8, x, Yk, n, j0, j1, code, dbl)
-
-        _run(call, m, n)
-    return Y
-
-
-def diagonal(
-    V: Any,
-    H: Any,
-    alpha: Any,
-    /,
-    *,
-    start: int,
-    stop: int,
-    block_size: int | None = None,
-    isa: str | None = None,
-) -> Any:
-    """``alpha[:, None] + H @ V[:, start:stop] ** 2`` summed in float64, in V's dtype.
-
-    ``H`` is (K, m), or with ``block_size`` (K, blocks, m): the coefficients of each
-    block of ``block_size`` columns (the last may be shorter); ``alpha`` is (K,). One read
-    of V per eight dampings.
-    """
-    H = np.asarray(H, dtype=np.float64)
-    alpha = np.asarray(alpha, dtype=np.float64)
-    n = stop - start
-    if block_size is None:
-        if H.ndim != 2:
-            raise ValueError(f"H must be (K, m) without block_size, got {H.shape}")
-        bsize, blocks = max(n, 1), H[:, None, :]
-    else:
-        bsize = int(block_size)
-        if bsize < 1 or H.ndim != 3 or H.shape[1] != -(-n // bsize):
-            raise ValueError(
-                f"with block_size={block_size}, H must be (K, {-(-n // max(bsize, 1))}, m), "
-                f"got {H.shape}"
-            )
-        blocks = H
-    m, ld = _check(V, start, stop, blocks, alpha)
-    K = H.shape[0]
-    D = np.empty((K, n), dtype=V.dtype)
-    if m == 0 or n == 0:
-        D[...] = alpha[:, None]
-        return D
-    code, dbl = _isa_code(isa), V.dtype == np.float64
-    for k0, kk, Ht, a8 in _eight_at_a_time(blocks, alpha, np.float64):
-        Dk = D[k0 : k0 + kk]
-
-        def call(
-            j0: int, j1: int, t: int, Ht: Any = Ht, a8: Any = a8, Dk: Any = Dk, kk: int = kk
-        ) -> None:
-            _passes.diagonal(V, ld, start, m, Ht, kk, a8, Dk, n, bsize, j0, j1, code, dbl)
-
-        _run(call, m, n)
-    return D
 
 
 # -- float64 sums over G in its storage dtype ----------------------------------------------

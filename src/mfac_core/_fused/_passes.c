@@ -1,36 +1,28 @@
 /*
- * Fused passes over V for the spectral operator at K dampings (mfac_core._fused).
+ * The exact passes of mfac_core's pass engine (mfac_core._fused, mfac_core._engine):
  *
- *   project:  y[i] = sum_j V[i, j] x[j], chunks added in float64   (the first pass of a sweep)
- *   apply:    Y[k, j] = a[k] x[j] + sum_i C[k, i] V[i, j]         (its second pass)
- *   diagonal: D[k, j] = a[k] + sum_i H[k, i] V[i, j]^2, in float64 (diagonal at K dampings)
  *   project64: Y[k, i] = sum_j V[i, j] X[k, j], in float64              (up to 8 vectors)
  *   combine64: Y[k, j] = a[k] X[k, j] + sum_i C[k, i] V[i, j], in float64, rounded once
  *
- * for the columns j0 <= j < j1 of a column block of the row-major m x ld array V. The first is
- * a GEMV, here so that a sweep does not hand over from BLAS's threads, which spin for a while
- * after each call, to this module's. BLAS does the second as a GEMM with 8 columns, which
- * packs V before multiplying and runs at a fraction of the memory bandwidth; here V is read
- * once, in place: the columns go in chunks, each chunk in panels of PANEL_ROWS rows (few
- * concurrent memory streams, each a long run of one row), and the 8 dampings x TILE_VECS
- * vectors of results stay in registers while a panel's rows go by. A panel's partial results
- * wait in Y (apply) or in a float64 buffer (diagonal), which a chunk keeps in the core's
- * cache. Dampings go 8 at a time (zero-padded).
+ * for the columns j0 <= j < j1 of a column block of the row-major m x ld array V (the stored
+ * gradients G). They read V in its storage type (float32, float64, IEEE float16 or bfloat16),
+ * convert each item to float64 as it is loaded (exact for all four) and do every product and
+ * sum in float64. V is read once per call, in place: the columns go in chunks, each chunk in
+ * panels of rows (few concurrent memory streams, each a long run of one row), with the sums
+ * of a tile of results in registers while a panel's rows go by; partial sums wait in a
+ * float64 buffer that a chunk keeps in the core's cache. Up to 8 vectors (project64) or rows
+ * of C (combine64) share one read of V.
+ *
+ * Reading float32 and summing in float64 costs a conversion per item, which a core does about
+ * as fast as memory delivers the items: one vector's pass over float32 rows took 1.05x a
+ * float32 GEMV's time (AVX2, one core of a Zen 3). Over 2-byte rows the conversions, not
+ * memory, set the pace there: 0.75-0.85x the float32 GEMV, where memory alone would allow
+ * 0.5x. Several vectors or dampings cost one float64 FMA per item of V each.
  *
  * One copy of the kernels per instruction set (_passes_impl.h), chosen at run time: AVX-512F,
  * AVX2 with FMA, and the baseline of the compiler's target. The caller splits the columns over
  * threads; every call releases the GIL. Arguments are checked here too (buffer sizes), so that
  * a wrong call is an exception, never an out-of-bounds access.
- *
- * project64 and combine64 are for exact products: they read V in its storage type (float32,
- * float64, IEEE float16 or bfloat16), convert each item to float64 as it is loaded (exact for
- * all four) and do every product and sum in float64. Reading float32 and summing in float64
- * costs a conversion per item, which a core does about as fast as memory delivers the items:
- * one vector's pass over float32 rows took 1.05x a float32 GEMV's time (AVX2, one core of a
- * Zen 3). Over 2-byte rows the conversions, not memory, set the pace there: 0.75-0.85x the
- * float32 GEMV, where memory alone would allow 0.5x. Several vectors or dampings cost one
- * float64 FMA per item of V each (eight dampings: about 5x the GEMV's time on that core, 2x
- * apply's float32 sums).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -41,20 +33,13 @@
 #include <immintrin.h> /* F16C's conversions (the x86 copies' target attributes enable them) */
 #endif
 
-#define TILE_VECS 2
 #ifndef PANEL_ROWS
 #define PANEL_ROWS 8
 #endif
 /* The staging buffer of project64/combine64 holds 8 rows, and the dampings go 8 at a time. */
 _Static_assert(PANEL_ROWS >= 1 && PANEL_ROWS <= 8, "PANEL_ROWS must be between 1 and 8");
-/* Bytes of each row in one column chunk of apply and project (32 KiB: a panel's 8 rows and the
-   8 result rows, 512 KiB, stay in a 1 MiB L2; 64 KiB was 1.6x slower at m = 256 on such a
-   core, 16 KiB no faster), and columns in one chunk of the diagonal (a float64 buffer of
-   8 x 4096). */
-#ifndef CHUNK_BYTES
-#define CHUNK_BYTES 32768
-#endif
-#define DIAG_CHUNK 4096
+/* Columns in one chunk of combine64 (a float64 buffer of 8 x 4096 partial sums). */
+#define COMBINE_CHUNK 4096
 /* Columns of a row in the float32 buffer through which project64 and combine64 read 2-byte
    rows: a multiple of every tile of their loops. Short, so that the conversion into the buffer
    and the loops over it overlap the rows' reads from memory: a pass over 2-byte rows took
@@ -66,7 +51,7 @@ _Static_assert(PANEL_ROWS >= 1 && PANEL_ROWS <= 8, "PANEL_ROWS must be between 1
 /* Doubles from one damping's row to the next in combine64's buffer of partial sums: a chunk
    and one cache line, so that its 8 rows do not fall, 32 KiB apart, in one set of the L1
    cache (where the rows of V, often a multiple of 4 KiB apart, fall too). */
-#define ACC_LD64 (DIAG_CHUNK + 8)
+#define ACC_LD64 (COMBINE_CHUNK + 8)
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #define MFAC_X86 1
@@ -153,32 +138,13 @@ typedef void (*combine64_fn)(const void *, Py_ssize_t, Py_ssize_t, const double 
 
 /* One instruction set's kernels. */
 typedef struct {
-    void (*project_f32)(const float *, Py_ssize_t, Py_ssize_t, const float *, double *,
-                        Py_ssize_t, Py_ssize_t);
-    void (*project_f64)(const double *, Py_ssize_t, Py_ssize_t, const double *, double *,
-                        Py_ssize_t, Py_ssize_t);
-    void (*apply_f32)(const float *, Py_ssize_t, Py_ssize_t, const float *, int, const float *,
-                      const float *, float *, Py_ssize_t, Py_ssize_t, Py_ssize_t);
-    void (*apply_f64)(const double *, Py_ssize_t, Py_ssize_t, const double *, int,
-                      const double *, const double *, double *, Py_ssize_t, Py_ssize_t,
-                      Py_ssize_t);
-    void (*diag_f32)(const float *, Py_ssize_t, Py_ssize_t, const double *, int, const double *,
-                     float *, Py_ssize_t, Py_ssize_t, Py_ssize_t, double *);
-    void (*diag_f64)(const double *, Py_ssize_t, Py_ssize_t, const double *, int,
-                     const double *, double *, Py_ssize_t, Py_ssize_t, Py_ssize_t, double *);
     /* By storage type (ST_*), then X's type (float32, float64). */
     project64_fn project64[ST_COUNT][2];
     combine64_fn combine64[ST_COUNT];
 } Kernels;
 
 #define KERNELS(I)                                                                          \
-    {project_f32_##I,                                                                       \
-     project_f64_##I,                                                                       \
-     apply_f32_##I,                                                                         \
-     apply_f64_##I,                                                                         \
-     diag_f32_##I,                                                                          \
-     diag_f64_##I,                                                                          \
-     {{project64_f32_x32_##I, project64_f32_x64_##I},                                       \
+    {{{project64_f32_x32_##I, project64_f32_x64_##I},                                       \
       {project64_f64_x32_##I, project64_f64_x64_##I},                                       \
       {project64_f16_x32_##I, project64_f16_x64_##I},                                       \
       {project64_bf16_x32_##I, project64_bf16_x64_##I}},                                    \
@@ -269,133 +235,6 @@ static int check_shape(const Py_buffer *V, Py_ssize_t itemsize, Py_ssize_t m, Py
         return -1;
     }
     return check_len(V, items, 1, itemsize, "V");
-}
-
-/* project(V, ld, col0, m, x, y, n, j0, j1, isa, double): x has n items in V's type, y has m
-   float64 items (this range's partial sums). */
-static PyObject *py_project(PyObject *self, PyObject *args)
-{
-    (void)self;
-    Py_buffer V, x, y;
-    Py_ssize_t ld, col0, m, n, j0, j1;
-    int isa, dbl;
-    if (!PyArg_ParseTuple(args, "y*nnny*w*nnnip", &V, &ld, &col0, &m, &x, &y, &n, &j0, &j1,
-                          &isa, &dbl))
-        return NULL;
-    PyObject *result = NULL;
-    const Py_ssize_t size = dbl ? 8 : 4;
-    const Kernels *kern = pick_kernels(isa);
-    if (kern == NULL || check_shape(&V, size, m, ld, col0, n, j0, j1) < 0)
-        goto done;
-    if (check_len(&x, n, 1, size, "x") < 0 || check_len(&y, m, 1, 8, "y") < 0)
-        goto done;
-    Py_BEGIN_ALLOW_THREADS
-    if (dbl)
-        kern->project_f64((const double *)V.buf + col0, ld, m, x.buf, y.buf, j0, j1);
-    else
-        kern->project_f32((const float *)V.buf + col0, ld, m, x.buf, y.buf, j0, j1);
-    Py_END_ALLOW_THREADS
-    result = Py_NewRef(Py_None);
-done:
-    PyBuffer_Release(&V);
-    PyBuffer_Release(&x);
-    PyBuffer_Release(&y);
-    return result;
-}
-
-/* apply(V, ld, col0, m, Ct, kk, a, x, Y, n, j0, j1, isa, double): Ct is m x 8, a has 8 items
-   (zero-padded past kk), x has n, Y is kk x n; all in V's type (float64 if `double`). */
-static PyObject *py_apply(PyObject *self, PyObject *args)
-{
-    (void)self;
-    Py_buffer V, Ct, a, x, Y;
-    Py_ssize_t ld, col0, m, kk, n, j0, j1;
-    int isa, dbl;
-    if (!PyArg_ParseTuple(args, "y*nnny*ny*y*w*nnnip", &V, &ld, &col0, &m, &Ct, &kk, &a, &x,
-                          &Y, &n, &j0, &j1, &isa, &dbl))
-        return NULL;
-    PyObject *result = NULL;
-    const Py_ssize_t size = dbl ? 8 : 4;
-    const Kernels *kern = pick_kernels(isa);
-    if (kern == NULL || check_shape(&V, size, m, ld, col0, n, j0, j1) < 0 || check_kk(kk) < 0)
-        goto done;
-    if (check_len(&Ct, 8, m, size, "Ct") < 0 || check_len(&a, 8, 1, size, "a") < 0 ||
-        check_len(&x, n, 1, size, "x") < 0 || check_len(&Y, kk, n, size, "Y") < 0)
-        goto done;
-    Py_BEGIN_ALLOW_THREADS
-    if (dbl)
-        kern->apply_f64((const double *)V.buf + col0, ld, m, Ct.buf, (int)kk, a.buf, x.buf,
-                        Y.buf, n, j0, j1);
-    else
-        kern->apply_f32((const float *)V.buf + col0, ld, m, Ct.buf, (int)kk, a.buf, x.buf,
-                        Y.buf, n, j0, j1);
-    Py_END_ALLOW_THREADS
-    result = Py_NewRef(Py_None);
-done:
-    PyBuffer_Release(&V);
-    PyBuffer_Release(&Ct);
-    PyBuffer_Release(&a);
-    PyBuffer_Release(&x);
-    PyBuffer_Release(&Y);
-    return result;
-}
-
-/* diagonal(V, ld, col0, m, Ht, kk, a, D, n, bsize, j0, j1, isa, double): the block's columns
-   are blocks of bsize columns (the last may be shorter), each with its own m x 8 float64
-   coefficients in Ht (one after the other); a has 8 float64 items (zero-padded past kk);
-   D is kk x n in V's type. */
-static PyObject *py_diagonal(PyObject *self, PyObject *args)
-{
-    (void)self;
-    Py_buffer V, Ht, a, D;
-    Py_ssize_t ld, col0, m, kk, n, bsize, j0, j1;
-    int isa, dbl;
-    if (!PyArg_ParseTuple(args, "y*nnny*ny*w*nnnnip", &V, &ld, &col0, &m, &Ht, &kk, &a, &D,
-                          &n, &bsize, &j0, &j1, &isa, &dbl))
-        return NULL;
-    PyObject *result = NULL;
-    double *buf = NULL;
-    const Py_ssize_t size = dbl ? 8 : 4;
-    const Kernels *kern = pick_kernels(isa);
-    if (kern == NULL || check_shape(&V, size, m, ld, col0, n, j0, j1) < 0 || check_kk(kk) < 0)
-        goto done;
-    if (bsize < 1) {
-        PyErr_Format(PyExc_ValueError, "bsize must be >= 1, got %zd", bsize);
-        goto done;
-    }
-    const Py_ssize_t blocks = n / bsize + (n % bsize != 0);
-    if (check_len(&Ht, 8 * m, blocks, 8, "Ht") < 0 || check_len(&a, 8, 1, 8, "a") < 0 ||
-        check_len(&D, kk, n, size, "D") < 0)
-        goto done;
-    buf = malloc(sizeof(double) * 8 * DIAG_CHUNK);
-    if (buf == NULL) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    Py_BEGIN_ALLOW_THREADS
-    const double *av = a.buf;
-    /* Block by block: the kernels see one block's coefficients at a time. */
-    for (Py_ssize_t j = j0; j < j1;) {
-        const Py_ssize_t b = j / bsize;
-        const Py_ssize_t je = (b + 1) * bsize < j1 ? (b + 1) * bsize : j1;
-        const double *h = (const double *)Ht.buf + 8 * m * b;
-        if (dbl)
-            kern->diag_f64((const double *)V.buf + col0, ld, m, h, (int)kk, av, D.buf, n, j, je,
-                           buf);
-        else
-            kern->diag_f32((const float *)V.buf + col0, ld, m, h, (int)kk, av, D.buf, n, j, je,
-                           buf);
-        j = je;
-    }
-    Py_END_ALLOW_THREADS
-    result = Py_NewRef(Py_None);
-done:
-    free(buf);
-    PyBuffer_Release(&V);
-    PyBuffer_Release(&Ht);
-    PyBuffer_Release(&a);
-    PyBuffer_Release(&D);
-    return result;
 }
 
 /* The staging buffer of project64 and combine64 (8 x SUB64 floats, on a 64-byte boundary, so
@@ -512,9 +351,6 @@ done:
 
 static PyMethodDef methods[] = {
     {"best_isa", py_best_isa, METH_NOARGS, "The fastest instruction set this CPU runs (1-3)."},
-    {"project", py_project, METH_VARARGS, "y = V x over a column range (float64 result)."},
-    {"apply", py_apply, METH_VARARGS, "Y = a x + C V over a column range (see _passes.c)."},
-    {"diagonal", py_diagonal, METH_VARARGS, "D = a + H (V * V) over a column range, in float64."},
     {"project64", py_project64, METH_VARARGS, "Y = X V^T over a column range, in float64."},
     {"combine64", py_combine64, METH_VARARGS,
      "Y = a X + C V over a column range, in float64, rounded once."},

@@ -21,201 +21,6 @@ typedef double NAME(vd) __attribute__((vector_size(VBYTES), aligned(8), may_alia
 /* As many floats as a vd has doubles: a float32 row piece converted to float64. */
 typedef float NAME(vh) __attribute__((vector_size(VBYTES / 2), aligned(4), may_alias));
 
-/*
- * One kernel body per element type T with vector type VT of LANES elements:
- *   Y[k, j] = a[k] x[j] + sum_i Ct[8 i + k] V[i ld + j],  k < kk, j0 <= j < j1,
- * accumulated in T: the m terms are summed first (their partial sums wait in Y between row
- * panels) and a[k] x[j] is added once, after the last panel, as a BLAS product followed by
- * the addition would do. (Starting from a[k] x[j] would round every partial sum at the size
- * of x / damp, which in a sweep is much larger than the sum: about sqrt(m) eps worse.)
- * Ct and a hold 8 dampings (zero-padded past kk).
- */
-#define APPLY_BODY(T, VT, LANES)                                                            \
-    const Py_ssize_t tile = TILE_VECS * (LANES);                                            \
-    const Py_ssize_t chunk = CHUNK_BYTES / (Py_ssize_t)sizeof(T);                           \
-    for (Py_ssize_t jc = j0; jc < j1; jc += chunk) {                                        \
-        const Py_ssize_t je = jc + chunk < j1 ? jc + chunk : j1;                            \
-        const Py_ssize_t jt = jc + ((je - jc) / tile) * tile;                               \
-        for (Py_ssize_t i0 = 0; i0 < m; i0 += PANEL_ROWS) {                                 \
-            const Py_ssize_t i1 = i0 + PANEL_ROWS < m ? i0 + PANEL_ROWS : m;                \
-            for (Py_ssize_t j = jc; j < jt; j += tile) {                                    \
-                VT acc[8][TILE_VECS];                                                       \
-                for (int k = 0; k < 8; k++)                                                 \
-                    for (int u = 0; u < TILE_VECS; u++)                                     \
-                        acc[k][u] = i0 > 0 && k < kk                                        \
-                                        ? *(const VT *)(Y + k * ldy + j + u * (LANES))      \
-                                        : (VT){0};                                          \
-                for (Py_ssize_t i = i0; i < i1; i++) {                                      \
-                    const T *row = V + i * ld + j;                                          \
-                    VT v[TILE_VECS];                                                        \
-                    for (int u = 0; u < TILE_VECS; u++)                                     \
-                        v[u] = *(const VT *)(row + u * (LANES));                            \
-                    for (int k = 0; k < 8; k++) {                                           \
-                        const T c = Ct[8 * i + k];                                          \
-                        for (int u = 0; u < TILE_VECS; u++)                                 \
-                            acc[k][u] += c * v[u];                                          \
-                    }                                                                       \
-                }                                                                           \
-                for (int k = 0; k < kk; k++)                                                \
-                    for (int u = 0; u < TILE_VECS; u++) {                                   \
-                        if (i1 == m)                                                        \
-                            acc[k][u] += a[k] * *(const VT *)(x + j + u * (LANES));         \
-                        *(VT *)(Y + k * ldy + j + u * (LANES)) = acc[k][u];                 \
-                    }                                                                       \
-            }                                                                               \
-        }                                                                                   \
-        for (Py_ssize_t j = jt; j < je; j++)                                                \
-            for (int k = 0; k < kk; k++) {                                                  \
-                T s = 0;                                                                    \
-                for (Py_ssize_t i = 0; i < m; i++)                                          \
-                    s += Ct[8 * i + k] * V[i * ld + j];                                     \
-                Y[k * ldy + j] = s + a[k] * x[j];                                           \
-            }                                                                               \
-    }
-
-ISA_ATTR static void NAME(apply_f32)(const float *V, Py_ssize_t ld, Py_ssize_t m,
-                                     const float *Ct, int kk, const float *a, const float *x,
-                                     float *Y, Py_ssize_t ldy, Py_ssize_t j0, Py_ssize_t j1)
-{
-    APPLY_BODY(float, NAME(vf), VBYTES / 4)
-}
-
-ISA_ATTR static void NAME(apply_f64)(const double *V, Py_ssize_t ld, Py_ssize_t m,
-                                     const double *Ct, int kk, const double *a, const double *x,
-                                     double *Y, Py_ssize_t ldy, Py_ssize_t j0, Py_ssize_t j1)
-{
-    APPLY_BODY(double, NAME(vd), VBYTES / 8)
-}
-
-/*
- * D[k, j] = a[k] + sum_i Ht[8 i + k] V[i ld + j]^2,  k < kk, j0 <= j < j1, in float64 whatever
- * V's type (the sum cancels: for F^{-1} it is 1/damp minus nearly as much); the partial sums
- * of a chunk live in acc_buf (8 x DIAG_CHUNK doubles) between row panels. LOAD_VD(p) loads
- * a vd of float64 values from p.
- */
-#define DIAG_BODY(T, OUTV, LOAD_VD, STORE_OUT)                                              \
-    const Py_ssize_t lanes = VBYTES / 8;                                                    \
-    const Py_ssize_t tile = TILE_VECS * lanes;                                              \
-    for (Py_ssize_t jc = j0; jc < j1; jc += DIAG_CHUNK) {                                   \
-        const Py_ssize_t je = jc + DIAG_CHUNK < j1 ? jc + DIAG_CHUNK : j1;                  \
-        const Py_ssize_t jt = jc + ((je - jc) / tile) * tile;                               \
-        for (Py_ssize_t i0 = 0; i0 < m; i0 += PANEL_ROWS) {                                 \
-            const Py_ssize_t i1 = i0 + PANEL_ROWS < m ? i0 + PANEL_ROWS : m;                \
-            const int last = i1 == m;                                                       \
-            for (Py_ssize_t j = jc; j < jt; j += tile) {                                    \
-                NAME(vd) acc[8][TILE_VECS];                                                 \
-                double *buf = acc_buf + (j - jc);                                           \
-                for (int k = 0; k < 8; k++)                                                 \
-                    for (int u = 0; u < TILE_VECS; u++)                                     \
-                        acc[k][u] = i0 == 0 ? (NAME(vd)){0}                                 \
-                                            : *(const NAME(vd) *)(buf + k * DIAG_CHUNK      \
-                                                                  + u * lanes);             \
-                for (Py_ssize_t i = i0; i < i1; i++) {                                      \
-                    const T *row = V + i * ld + j;                                          \
-                    NAME(vd) s[TILE_VECS];                                                  \
-                    for (int u = 0; u < TILE_VECS; u++) {                                   \
-                        const NAME(vd) v = LOAD_VD(row + u * lanes);                        \
-                        s[u] = v * v;                                                       \
-                    }                                                                       \
-                    for (int k = 0; k < 8; k++) {                                           \
-                        const double h = Ht[8 * i + k];                                     \
-                        for (int u = 0; u < TILE_VECS; u++)                                 \
-                            acc[k][u] += h * s[u];                                          \
-                    }                                                                       \
-                }                                                                           \
-                for (int k = 0; k < 8; k++)                                                 \
-                    for (int u = 0; u < TILE_VECS; u++) {                                   \
-                        if (!last)                                                          \
-                            *(NAME(vd) *)(buf + k * DIAG_CHUNK + u * lanes) = acc[k][u];    \
-                        else if (k < kk)                                                    \
-                            STORE_OUT(D + k * ldd + j + u * lanes, a[k] + acc[k][u]);       \
-                    }                                                                       \
-            }                                                                               \
-        }                                                                                   \
-        for (Py_ssize_t j = jt; j < je; j++)                                                \
-            for (int k = 0; k < kk; k++) {                                                  \
-                double s = 0.0;                                                             \
-                for (Py_ssize_t i = 0; i < m; i++) {                                        \
-                    const double v = (double)V[i * ld + j];                                 \
-                    s += Ht[8 * i + k] * (v * v);                                           \
-                }                                                                           \
-                D[k * ldd + j] = (T)(a[k] + s);                                             \
-            }                                                                               \
-    }
-
-#define LOAD_F32_AS_VD(p) __builtin_convertvector(*(const NAME(vh) *)(p), NAME(vd))
-#define STORE_VD_AS_F32(p, val) (*(NAME(vh) *)(p) = __builtin_convertvector((val), NAME(vh)))
-#define LOAD_F64_AS_VD(p) (*(const NAME(vd) *)(p))
-#define STORE_VD_AS_F64(p, val) (*(NAME(vd) *)(p) = (val))
-
-ISA_ATTR static void NAME(diag_f32)(const float *V, Py_ssize_t ld, Py_ssize_t m,
-                                    const double *Ht, int kk, const double *a, float *D,
-                                    Py_ssize_t ldd, Py_ssize_t j0, Py_ssize_t j1, double *acc_buf)
-{
-    DIAG_BODY(float, NAME(vh), LOAD_F32_AS_VD, STORE_VD_AS_F32)
-}
-
-ISA_ATTR static void NAME(diag_f64)(const double *V, Py_ssize_t ld, Py_ssize_t m,
-                                    const double *Ht, int kk, const double *a, double *D,
-                                    Py_ssize_t ldd, Py_ssize_t j0, Py_ssize_t j1, double *acc_buf)
-{
-    DIAG_BODY(double, NAME(vd), LOAD_F64_AS_VD, STORE_VD_AS_F64)
-}
-
-/*
- * y[i] = sum_j V[i ld + j] x[j] over j0 <= j < j1, for i < m: PANEL_ROWS rows at a time over a
- * chunk of columns, the chunk of x staying in cache for all the panels. Within a chunk the
- * sums run in T's vectors (as a BLAS GEMV's would, at the same speed); each chunk's sums are
- * added in float64, so float32 sums run over at most CHUNK_BYTES / 4 / (vector lanes) terms.
- */
-#define PROJECT_BODY(T, VT, LANES)                                                          \
-    const Py_ssize_t tile = TILE_VECS * (LANES);                                            \
-    const Py_ssize_t chunk = CHUNK_BYTES / (Py_ssize_t)sizeof(T);                           \
-    for (Py_ssize_t i = 0; i < m; i++)                                                      \
-        y[i] = 0.0;                                                                         \
-    for (Py_ssize_t jc = j0; jc < j1; jc += chunk) {                                        \
-        const Py_ssize_t je = jc + chunk < j1 ? jc + chunk : j1;                            \
-        const Py_ssize_t jt = jc + ((je - jc) / tile) * tile;                               \
-        for (Py_ssize_t i0 = 0; i0 < m; i0 += PANEL_ROWS) {                                 \
-            const int rows = i0 + PANEL_ROWS < m ? PANEL_ROWS : (int)(m - i0);              \
-            VT acc[PANEL_ROWS][TILE_VECS];                                                  \
-            for (int r = 0; r < PANEL_ROWS; r++)                                            \
-                for (int u = 0; u < TILE_VECS; u++)                                         \
-                    acc[r][u] = (VT){0};                                                    \
-            for (Py_ssize_t j = jc; j < jt; j += tile) {                                    \
-                VT xv[TILE_VECS];                                                           \
-                for (int u = 0; u < TILE_VECS; u++)                                         \
-                    xv[u] = *(const VT *)(x + j + u * (LANES));                             \
-                for (int r = 0; r < PANEL_ROWS; r++)                                        \
-                    if (r < rows)                                                           \
-                        for (int u = 0; u < TILE_VECS; u++)                                 \
-                            acc[r][u] += *(const VT *)(V + (i0 + r) * ld + j + u * (LANES)) \
-                                         * xv[u];                                           \
-            }                                                                               \
-            for (int r = 0; r < rows; r++) {                                                \
-                double s = 0.0;                                                             \
-                for (int u = 0; u < TILE_VECS; u++)                                         \
-                    for (int l = 0; l < (LANES); l++)                                       \
-                        s += (double)acc[r][u][l];                                          \
-                for (Py_ssize_t j = jt; j < je; j++)                                        \
-                    s += (double)V[(i0 + r) * ld + j] * (double)x[j];                       \
-                y[i0 + r] += s;                                                             \
-            }                                                                               \
-        }                                                                                   \
-    }
-
-ISA_ATTR static void NAME(project_f32)(const float *V, Py_ssize_t ld, Py_ssize_t m,
-                                       const float *x, double *y, Py_ssize_t j0, Py_ssize_t j1)
-{
-    PROJECT_BODY(float, NAME(vf), VBYTES / 4)
-}
-
-ISA_ATTR static void NAME(project_f64)(const double *V, Py_ssize_t ld, Py_ssize_t m,
-                                       const double *x, double *y, Py_ssize_t j0, Py_ssize_t j1)
-{
-    PROJECT_BODY(double, NAME(vd), VBYTES / 8)
-}
-
 /* ---------------------------------------------------------------------------------------- */
 /* project64 and combine64: rows read in their storage type, every product and sum in float64. */
 
@@ -456,10 +261,10 @@ PROJECT64_FNS(bf16, uint16_t, LOAD1_BF16, float, LOADV_F32, STAGED, stage_bf16, 
 /*
  * combine64: Y[k ldy + j] = a[k] X[k ldx + j] + sum_i Ct[8 i + k] V[i ld + j], k < kk <= 8,
  * j0 <= j < j1, every product and sum in float64 and the result rounded once, to float32 or
- * float64 (out64). X is float32 or float64 (x64); ldx = 0 shares one x among the kk rows. As
- * in apply, the m terms are summed first and a[k] X[k, j] is added after the last panel
- * (starting from it would round every partial sum at its size, in a sweep much larger than
- * the sum's). The chunk's partial sums wait in acc_buf (8 rows of ACC_LD64 doubles) between
+ * float64 (out64). X is float32 or float64 (x64); ldx = 0 shares one x among the kk rows. The
+ * m terms are summed first and a[k] X[k, j] is added after the last panel, as a product
+ * followed by the addition would do (starting from it would round every partial sum at its
+ * size, in a sweep much larger than the sum's). The chunk's partial sums wait in acc_buf (8 rows of ACC_LD64 doubles) between
  * panels of PANEL_ROWS rows; NK dampings (1, 2, 4 or 8, the fewest >= kk; Ct is zero-padded
  * to 8) x U vectors of sums stay in registers, so that one damping costs one FMA per item of
  * V, not the eight of a padded group.
@@ -507,7 +312,7 @@ PROJECT64_FNS(bf16, uint16_t, LOAD1_BF16, float, LOADV_F32, STAGED, stage_bf16, 
     } while (0)
 
 /* Sums in registers: NKR dampings x U vectors, U = 4 for one or two dampings (4 or 8 sums),
-   else 2, as in apply; eight dampings go in two halves on SSE2 and AVX2 (8 sums; with all 16
+   else 2; eight dampings go in two halves on SSE2 and AVX2 (8 sums; with all 16
    in registers three spilled, each through a store and a load per row), the tile's rows read
    again from L1 (staged, above) for the second half. The vector loops end at a multiple of
    the tile and of 2 lanes (a whole vf, as staging converts). */
@@ -521,11 +326,11 @@ PROJECT64_FNS(bf16, uint16_t, LOAD1_BF16, float, LOADV_F32, STAGED, stage_bf16, 
     float *yf = Yp;                                                                         \
     const int lanes = VBYTES / 8;                                                           \
     const int staging = (WHEN);                                                             \
-    const Py_ssize_t sub = staging ? SUB64 : DIAG_CHUNK;                                    \
+    const Py_ssize_t sub = staging ? SUB64 : COMBINE_CHUNK;                                    \
     const int nk = kk <= 1 ? 1 : kk <= 2 ? 2 : kk <= 4 ? 4 : 8;                             \
     const Py_ssize_t gran = (nk <= 2 ? 4 : 2) * lanes;                                      \
-    for (Py_ssize_t jc = j0; jc < j1; jc += DIAG_CHUNK) {                                   \
-        const Py_ssize_t je = jc + DIAG_CHUNK < j1 ? jc + DIAG_CHUNK : j1;                  \
+    for (Py_ssize_t jc = j0; jc < j1; jc += COMBINE_CHUNK) {                                   \
+        const Py_ssize_t je = jc + COMBINE_CHUNK < j1 ? jc + COMBINE_CHUNK : j1;                  \
         const Py_ssize_t jt = jc + ((je - jc) / gran) * gran;                               \
         for (Py_ssize_t i0 = 0; i0 < m; i0 += PANEL_ROWS) {                                 \
             const Py_ssize_t rows = i0 + PANEL_ROWS < m ? PANEL_ROWS : m - i0;              \
@@ -596,13 +401,6 @@ COMBINE64_FN(bf16, uint16_t, LOAD1_BF16, float, LOADV_F32, STAGED, stage_bf16, 1
 #undef COMBINE64_BODY
 #undef COMBINE64_FN
 
-#undef LOAD_F32_AS_VD
-#undef STORE_VD_AS_F32
-#undef LOAD_F64_AS_VD
-#undef STORE_VD_AS_F64
-#undef APPLY_BODY
-#undef DIAG_BODY
-#undef PROJECT_BODY
 #undef ISA_ATTR
 #undef NAME
 #undef PASTE

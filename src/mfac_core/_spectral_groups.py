@@ -1,0 +1,187 @@
+r"""The groups of blocks of the spectral form: float64 eigenpairs, products through G.
+
+``F_b = damp I + G_b^T G_b / m`` for each block b of a group. Every power
+``f(F) = F^p`` of the closed forms is applied from a float64 eigen-decomposition,
+in one of two ways by the blocks' width s:
+
+- :class:`GramEigen` (``s > m``): the m x m Gram ``G_b G_b^T = U diag(Lambda) U^T``,
+  and G itself (by reference, any storage dtype), with
+
+      f(F_b) = f(damp) I + G_b^T U diag(h) U^T G_b,
+      h_i = (f(damp + Lambda_i / m) - f(damp)) / Lambda_i
+
+  (:func:`coefficients`): both passes over G through the pass engine (``_engine``),
+  summed in float64 and rounded once, the m x m work in float64. No derived m x d
+  array (``V = U^T G``) is stored: a float32 V would carry ``eps32 * kappa`` into
+  products near the gradients' span and into diagonals where ``1 - sum c_i V_ij^2``
+  cancels (docs/mathematics.rst, "Exact passes"). The diagonal whitens columns on the
+  fly, in float64.
+- :class:`ColumnEigen` (``s <= m``): the s x s ``G_b^T G_b = Q diag(mu) Q^T``, with
+  ``f(F_b) = Q diag(f(damp + mu / m)) Q^T`` applied in float64: O(s) per coordinate,
+  no pass over G, and a diagonal that is a sum of positive terms.
+
+Both give the ``k = min(s, m)`` nonzero-capable eigenvalues of the Gram, ascending
+(``top``), from which the spectrum of ``F_b`` follows: ``damp + top / m`` and ``damp``
+on the other ``s - k`` directions. Both also give the form
+``f(F_b) = f(damp) I + B_b^T diag(w) B_b`` with float64 coordinates ``B_b A^T``
+(:meth:`project`) and weights ``w`` (:meth:`weights`), for bilinear and quadratic forms.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from . import _engine
+from ._compat import Array, array_namespace, device
+from ._layout import BlockGroup, piece_stack, pieces
+
+__all__ = ["ColumnEigen", "GramEigen", "coefficients"]
+
+#: float64 entries of one whitened piece of ``GramEigen.diagonal`` (32 MiB).
+CHUNK_ENTRIES = 2**22
+
+
+def coefficients(xp: Any, lam: Array, damp: float, power: float, m: int) -> Any:
+    """``h = (f(damp + lam/m) - f(damp)) / lam`` for ``f(x) = x**power``, float64.
+
+    Each form is the difference quotient with the difference multiplied out, so
+    that nothing is divided by ``lam`` (exact zeros included) and nothing cancels.
+    """
+    if power == -1.0:
+        return -1.0 / (damp * (m * damp + lam))
+    if power == 1.0:
+        return xp.full(lam.shape, 1.0 / m, dtype=xp.float64, device=device(lam))
+    sd = math.sqrt(damp)
+    s = xp.sqrt(damp + lam / m)
+    if power == 0.5:
+        return 1.0 / (m * (s + sd))
+    return -1.0 / (m * sd * s * (s + sd))
+
+
+def _rows_of(xp: Any, A: Array, group: BlockGroup) -> Array:
+    """The group's columns of the rows of ``A`` (n, d) as ``(count * size, n)``."""
+    return xp.matrix_transpose(A[:, group.start : group.end])
+
+
+@dataclass(frozen=True)
+class GramEigen:
+    """Blocks wider than m: G and each block's Gram eigenpairs, ``U`` ``(count, m, m)``
+    and ``lams`` ``(count, m)`` ascending, clipped at 0, both float64."""
+
+    group: BlockGroup
+    G: Array
+    U: Array
+    lams: Array
+    dtype: Any
+
+    @property
+    def xp(self) -> Any:
+        return array_namespace(self.U)
+
+    @property
+    def top(self) -> Array:
+        return self.lams
+
+    def weights(self, damp: float, power: float) -> Array:
+        return coefficients(self.xp, self.lams, damp, power, self.G.shape[0])
+
+    def apply(self, X: Array, damps: list[float], power: float) -> Array:
+        """``f(F_b) X_b`` at each damping: ``(K, count * size, k)`` of ``dtype``."""
+        xp, g, G = self.xp, self.group, self.G
+        Ut = xp.matrix_transpose(self.U)
+        if g.count == 1 and X.shape[1] == 1:
+            # One vector: all K results from one more read of G (the engine's lift).
+            Z = Ut[0, ...] @ _engine.project(xp, G, X, start=g.start, stop=g.end)[:, 0]
+            C = xp.stack([self.U[0, ...] @ (self.weights(dp, power)[0, ...] * Z) for dp in damps])
+            alphas = xp.asarray([dp**power for dp in damps], dtype=xp.float64, device=device(C))
+            Y = _engine.lift(
+                xp, G, X[:, 0], C, alphas=alphas, dtype=self.dtype, start=g.start, stop=g.end
+            )
+            return Y[..., None]
+        Z = Ut @ _engine.project_blocks(xp, G, g, X)  # (count, m, k)
+        out = []
+        for dp in damps:
+            alpha = dp**power
+            # alpha (X - G^T A) with A = -U (h * Z) / alpha: f(damp) X + G^T U diag(h) U^T G X.
+            A = self.U @ (self.weights(dp, power)[..., None] * Z) * (-1.0 / alpha)
+            out.append(_engine.combine_blocks(xp, G, g, X, A, alpha=alpha, dtype=self.dtype))
+        return xp.stack(out)
+
+    def diagonal(self, damps: list[float], power: float) -> Array:
+        """``f(damp) + sum_i h_i (U_b^T g_j)_i^2`` per coordinate: ``(K, count * size)``.
+
+        The columns are whitened on the fly, in float64, a bounded piece at a time.
+        """
+        xp, g, G, m = self.xp, self.group, self.G, self.G.shape[0]
+        H = xp.stack([self.weights(dp, power) for dp in damps])  # (K, count, m)
+        alphas = xp.reshape(
+            xp.asarray([dp**power for dp in damps], dtype=xp.float64, device=device(H)), (-1, 1)
+        )
+        Ut = xp.matrix_transpose(self.U)
+        parts = []
+        for b0, b1, c0, c1 in pieces(g, max(1, CHUNK_ENTRIES // m)):
+            Gp = piece_stack(xp, G, g, (b0, b1, c0, c1))
+            Z = Ut[b0:b1, ...] @ xp.astype(Gp, xp.float64)  # (b, m, w)
+            hb = xp.permute_dims(H[:, b0:b1, :], (1, 0, 2))  # (b, K, m)
+            D = xp.permute_dims(hb @ (Z * Z), (1, 0, 2))  # (K, b, w)
+            parts.append(xp.astype(alphas + xp.reshape(D, (len(damps), -1)), self.dtype))
+        return parts[0] if len(parts) == 1 else xp.concat(parts, axis=1)
+
+    def project(self, A: Array) -> Array:
+        """``U_b^T G_b A_b^T`` for the rows of ``A`` (n, d): ``(count, m, n)`` float64."""
+        xp = self.xp
+        P = _engine.project_blocks(xp, self.G, self.group, _rows_of(xp, A, self.group))
+        return xp.matrix_transpose(self.U) @ P
+
+
+@dataclass(frozen=True)
+class ColumnEigen:
+    """Blocks no wider than m: each block's ``G_b^T G_b = Q diag(mu) Q^T``, ``Q``
+    ``(count, s, s)`` and ``mu`` ``(count, s)`` ascending, clipped at 0, float64."""
+
+    group: BlockGroup
+    Q: Array
+    mu: Array
+    m: int
+    dtype: Any
+
+    @property
+    def xp(self) -> Any:
+        return array_namespace(self.Q)
+
+    @property
+    def top(self) -> Array:
+        return self.mu
+
+    def _spectrum(self, damp: float, power: float) -> Array:
+        return (damp + self.mu / self.m) ** power  # (count, s), positive
+
+    def weights(self, damp: float, power: float) -> Array:
+        # f(damp + mu/m) - f(damp), multiplied out (no cancellation for small mu).
+        return coefficients(self.xp, self.mu, damp, power, self.m) * self.mu
+
+    def apply(self, X: Array, damps: list[float], power: float) -> Array:
+        xp, g = self.xp, self.group
+        k = X.shape[1]
+        Xb = xp.reshape(xp.astype(X, xp.float64), (g.count, g.size, k))
+        Z = xp.matrix_transpose(self.Q) @ Xb
+        out = [
+            xp.reshape(self.Q @ (self._spectrum(dp, power)[..., None] * Z), (-1, k)) for dp in damps
+        ]
+        return xp.astype(xp.stack(out), self.dtype)
+
+    def diagonal(self, damps: list[float], power: float) -> Array:
+        # sum_i Q_ji^2 f(damp + mu_i / m): positive terms, nothing cancels.
+        xp = self.xp
+        S = self.Q * self.Q  # (count, s_j, s_i)
+        Fs = xp.stack([self._spectrum(dp, power) for dp in damps], axis=-1)  # (count, s, K)
+        D = xp.permute_dims(S @ Fs, (2, 0, 1))  # (K, count, s)
+        return xp.astype(xp.reshape(D, (len(damps), -1)), self.dtype)
+
+    def project(self, A: Array) -> Array:
+        xp, g = self.xp, self.group
+        n = A.shape[0]
+        Ab = xp.reshape(xp.astype(_rows_of(xp, A, g), xp.float64), (g.count, g.size, n))
+        return xp.matrix_transpose(self.Q) @ Ab
