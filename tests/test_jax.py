@@ -32,6 +32,7 @@ from mfac_core.testing import (  # noqa: E402
     SpectralOracle,
     assert_close,
     dense_inverse,
+    extended_precision_inverse,
     problems,
 )
 
@@ -121,7 +122,7 @@ def test_static_under_jit_and_as_a_pytree(dtype, rng):
     build = jax.jit(mj.static_ihvp, static_argnames="damp")
     op = build(jnp.asarray(G, dtype=dtype), damp=damp)
     leaves, treedef = jax.tree_util.tree_flatten(op)
-    assert len(leaves) == 2 and op.damp == damp
+    assert len(leaves) == 3 and op.damp == damp  # G, U, kappa_bound
     assert jax.tree_util.tree_unflatten(treedef, leaves).damp == damp
     y = jax.jit(lambda op, x: op @ x)(op, jnp.asarray(x, dtype=dtype))
     assert_close(y, dense_inverse(G, damp) @ x, kappa=woodbury_kappa(G, damp))
@@ -141,7 +142,8 @@ def test_static_vmap_over_vectors_operators_and_blocks(rng):
     # A batch of operators: one per block of B coordinates gives the block-diagonal F.
     Gb = jnp.asarray(G).reshape(m, d // B, B).transpose(1, 0, 2)
     ops = jax.vmap(lambda g: mj.static_ihvp(g, damp=damp))(Gb)
-    assert ops.W.shape == (d // B, m, B) and ops.kappa_bound.shape == (d // B,)
+    assert ops.G.shape == (d // B, m, B) and ops.U.shape == (d // B, m, m)
+    assert ops.kappa_bound.shape == (d // B,)
     yb = jax.vmap(lambda o, v: o.matvec(v))(ops, jnp.asarray(X[0]).reshape(d // B, B))
     want = dense_inverse(G, damp, block_size=B) @ X[0]
     kappa = max(woodbury_kappa(G[:, i : i + B], damp) for i in range(0, d, B))
@@ -171,16 +173,17 @@ def test_static_grad_through_matvec(rng):
     assert_close(gG, -(np.outer(G @ c, a) + np.outer(G @ a, c)) / m, kappa=kappa)
 
 
-def test_static_float32_operator_runs_with_x64_off(rng):
-    """Products need no float64: a float32 operator built in 64-bit mode runs without it."""
+def test_static_products_need_x64(rng):
+    """The passes sum in float64: with the 64-bit mode off, products refuse to run (JAX
+    would silently truncate their float64 sums to float32)."""
     G, x = gaussian(rng, (6, 30), "float32"), gaussian(rng, 30, "float32")
     op = mj.static_ihvp(jnp.asarray(G, jnp.float32), damp=0.1)
-    with jax.enable_x64(False), warnings.catch_warnings():
-        warnings.simplefilter("error")
-        y = jax.jit(lambda op, x: op.matvec(x))(op, jnp.asarray(x, jnp.float32))
-        assert y.dtype == jnp.float32
-        with pytest.raises(RuntimeError, match="jax_enable_x64"):
-            op.diagonal()
+    with jax.enable_x64(False):
+        for call in (op.matvec, op.matmat, lambda v: op.diagonal()):
+            with pytest.raises(RuntimeError, match="jax_enable_x64"):
+                call(jnp.asarray(x, jnp.float32))
+    y = jax.jit(lambda op, x: op.matvec(x))(op, jnp.asarray(x, jnp.float32))
+    assert y.dtype == jnp.float32
     assert_close(y, dense_inverse(G, 0.1) @ x, kappa=woodbury_kappa(G, 0.1))
 
 
@@ -207,8 +210,29 @@ def test_static_refuses_bad_input(rng):
         op.matvec(jnp.ones(6))
     with pytest.raises(FactorizationError, match="damp=1e-300"):
         mj.static_ihvp(G.at[0, 0].set(jnp.nan), damp=1e-300)
-    with pytest.warns(IllConditionedWarning, match="float32"):
-        mj.static_ihvp(jnp.asarray(rng.standard_normal((3, 7)), jnp.float32), damp=1e-9)
+    with pytest.warns(IllConditionedWarning, match="float64"):
+        mj.static_ihvp(jnp.asarray(rng.standard_normal((3, 7)), jnp.float32), damp=1e-18)
+
+
+def test_static_zero_sum_gradients_warn_and_stay_exact(rng):
+    # [g, -g]: the all-ones vector lies in the Gram's null space, so a lambda_max estimate
+    # started there is 0 and nothing warns; the core's start (the largest diagonal entry)
+    # cannot vanish. And the float64 passes keep the product within float32's rounding
+    # where float32 passes were off by 87x at kappa = 1e7.
+    g = rng.standard_normal(50)
+    G = np.stack([g, -g]).astype(np.float32)
+    G64 = G.astype(np.float64)
+    top = float(np.linalg.norm(G64, 2) ** 2 / 2)
+    with pytest.warns(IllConditionedWarning, match="float64"):
+        mj.static_ihvp(jnp.asarray(G), damp=top / 5e15)
+    damp = top / (1e7 - 1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        op = mj.static_ihvp(jnp.asarray(G), damp=damp)
+    x = G64[0].astype(np.float32)
+    want = extended_precision_inverse(G64, damp, x.astype(np.float64))
+    y = np.asarray(op.matvec(jnp.asarray(x)), np.float64)
+    assert np.linalg.norm(y - want) <= 8 * np.finfo(np.float32).eps * np.linalg.norm(want)
 
 
 # -- 64-bit mode off -----------------------------------------------------------------------------
@@ -363,7 +387,8 @@ def test_window_refuses_non_finite_gradients_and_stays_unchanged(rng):
     step = jax.jit(mj.window_update_and_matvec)
     for _ in range(2):
         state, _ = step(state, jnp.asarray(rng.standard_normal(d), jnp.float32))
-    for bad in (jnp.nan, jnp.inf, 1e30):  # 1e30^2 overflows float32
+    # 1e30 is finite (and its square in float64), but kappa ~ 1e60: no digit would be left.
+    for bad in (jnp.nan, jnp.inf, 1e30):
         g = jnp.asarray(rng.standard_normal(d), jnp.float32).at[3].set(bad)
         new, y = step(state, g)
         assert bool(jnp.all(jnp.isnan(y)))
@@ -378,17 +403,17 @@ def test_window_refuses_non_finite_gradients_and_stays_unchanged(rng):
     assert_close(y, want, kappa=kappa)
 
 
-def test_window_refuses_a_hopeless_duplicate_and_stays_unchanged():
-    """kappa far above 1/eps(float64): refused (NaN), the window as it was."""
-    g = jnp.full(8, 1e8)
+def test_window_refuses_a_hopeless_gradient_and_stays_unchanged():
+    """eps(float64) kappa >= 1 (kappa ~ 8e28, though the float64 factor would exist):
+    refused, NaN, the window as it was."""
     state = mj.window_init(3, 8, damp=1e-12, dtype=jnp.float64)
-    state, y = mj.window_update_and_matvec(state, g)
-    assert bool(jnp.all(jnp.isfinite(y)))
-    new, y = mj.window_update_and_matvec(state, g)
+    new, y = mj.window_update_and_matvec(state, jnp.full(8, 1e8))
     assert bool(jnp.all(jnp.isnan(y)))
-    np.testing.assert_array_equal(np.asarray(new.factor), np.asarray(state.factor))
-    np.testing.assert_array_equal(np.asarray(new.grads), np.asarray(state.grads))
-    assert int(new.pos) == int(state.pos)
+    for a, b in zip(jax.tree_util.tree_leaves(new), jax.tree_util.tree_leaves(state), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # kappa = 1 + 800 / 3e-12 = 2.7e14 (eps(float64) kappa = 0.06): accepted.
+    state, y = mj.window_update_and_matvec(state, jnp.full(8, 10.0))
+    assert bool(jnp.all(jnp.isfinite(y))) and int(state.pos) == 1
 
 
 def test_window_refuses_bad_arguments():
@@ -613,3 +638,29 @@ def test_mfac_refuses_bad_arguments():
     state = opt.init({"a": jnp.zeros(3)})
     with pytest.raises(ValueError, match="coordinates"):
         opt.update({"a": jnp.zeros(4)}, state)
+
+
+@pytest.mark.parametrize("kappa", [1e3, 1e5, 1e7])
+def test_products_are_exact_for_vectors_in_the_span(kappa, rng):
+    # Gradients with a shared mean (an optimizer's), x = their mean and a stored gradient:
+    # float32 sums lose eps32 * kappa here; the float64 passes keep float32's rounding.
+    m, d = 16, 600
+    mean = rng.standard_normal(d)
+    G = mean + rng.standard_normal((m, d))
+    G = (G / (np.linalg.norm(G, 2) / np.sqrt(m))).astype(np.float32)
+    G64 = G.astype(np.float64)
+    damp = float(np.linalg.norm(G64, 2) ** 2 / (m * (kappa - 1.0)))
+    op = mj.static_ihvp(jnp.asarray(G), damp=damp)
+    state = mj.window_init(m, d, damp=damp, dtype=jnp.float32, zero_init=False)
+    for g in G:
+        state = mj.window_update(state, jnp.asarray(g))
+    eps32 = float(np.finfo(np.float32).eps)
+    for x in (G64.mean(axis=0).astype(np.float32), G[m // 2]):
+        want = extended_precision_inverse(G64, damp, x.astype(np.float64))
+        for y in (op.matvec(jnp.asarray(x)), mj.window_matvec(state, jnp.asarray(x))):
+            y = np.asarray(y, np.float64)
+            assert np.linalg.norm(y - want) <= 8 * eps32 * np.linalg.norm(want)
+        D = np.asarray(op.diagonal(), np.float64)
+        cols = [0, 7, d - 1]
+        want_d = [extended_precision_inverse(G64, damp, np.eye(d)[:, j])[j] for j in cols]
+        assert np.all(np.abs(D[cols] - want_d) <= 8 * eps32 * np.abs(want_d))

@@ -43,6 +43,7 @@ import numpy as np
 import optax
 from jax import lax
 
+from . import _capacitance
 from ._errors import FactorizationError, IllConditionedWarning
 from ._validation import check_count, check_damp, check_flag, check_number
 
@@ -68,6 +69,7 @@ _DRIFT_TOL = 1e-10
 _PIVOT_TOL = 1e-13
 
 _F64 = np.dtype("float64")
+_EPS64 = float(np.finfo(np.float64).eps)
 
 
 # -- checks --------------------------------------------------------------------------------
@@ -156,22 +158,27 @@ def _solve_upper(U: Any, B: Any) -> Any:
 class StaticIHVP:
     r"""The inverse damped empirical Fisher of fixed gradients, as a JAX pytree.
 
-    Build it with :func:`static_ihvp`. For ``F = damp * I + G.T @ G / m``,
-    the capacitance matrix ``C = m damp I + G G^T = L L^T`` (float64) and
-    ``W = L^{-1} G`` (stored in G's dtype),
+    Build it with :func:`static_ihvp`. For ``F = damp * I + G.T @ G / m`` and
+    the float64 factor ``C = m damp I + G G^T = U^T U`` of the capacitance
+    matrix,
 
-    .. math:: F^{-1} x = (x - W^\top W x) / \lambda .
+    .. math:: F^{-1} x = (x - G^\top C^{-1} G x) / \lambda ,
 
-    The operator is a pytree whose leaves are ``W`` and ``kappa_bound`` and
-    whose static part is ``damp``: it can be passed to, returned from and
+    with both passes over G summed in float64 and the result rounded once to
+    G's dtype (the G-form of :class:`mfac_core.StaticIHVP`; see Notes).
+
+    The operator is a pytree whose leaves are ``G``, ``U`` and ``kappa_bound``
+    and whose static part is ``damp``: it can be passed to, returned from and
     batched by jitted and vmapped functions, and :meth:`matvec` is
     differentiable (with respect to ``x`` and, through :func:`static_ihvp`,
     to ``G``).
 
     Attributes
     ----------
-    W : jax.Array, shape (m, d)
-        ``L^{-1} G`` in the gradients' dtype.
+    G : jax.Array, shape (m, d)
+        The gradients, as given (float32 or float64).
+    U : jax.Array, shape (m, m)
+        The upper Cholesky factor of ``C``, float64.
     kappa_bound : jax.Array
         ``1 + ||G||_F^2 / (m damp)`` (float64, 0-d), an upper bound of the
         condition number of F.
@@ -184,42 +191,45 @@ class StaticIHVP:
 
     Notes
     -----
-    Products need no float64 work, so a float32 operator built in 64-bit
-    mode can be applied in jitted code that runs with the mode off; a
-    float64 operator, and :meth:`diagonal`, need the mode on.
+    Every product and sum of the passes is float64 (the products of float32
+    values are exact in float64), so a float32 product is within a few
+    ``eps(float32)`` of the inverse of the Fisher of the stored gradients for
+    condition numbers up to about 1e7, also for vectors near the gradients'
+    span, where float32 sums lose ``eps(float32) * kappa``. The passes are
+    written as fused elementwise loops over G, not as ``dot_general`` with
+    ``preferred_element_type=float64``: XLA's CPU backend ran that 40x slower
+    than a float32 GEMV (it has no fast mixed-precision matrix-vector product),
+    the fused loops 2-4x. All of it needs JAX's 64-bit mode.
     """
 
-    W: Any
+    G: Any
+    U: Any
     kappa_bound: Any
     damp: float = dataclasses.field(metadata={"static": True})
 
     @property
     def shape(self) -> tuple[int, int]:  # numpydoc ignore=RT01
         """The shape ``(d, d)`` of ``F^{-1}``."""
-        d = self.W.shape[-1]
+        d = self.G.shape[-1]
         return (d, d)
 
     @property
     def dtype(self) -> Any:  # numpydoc ignore=RT01
         """The storage dtype (G's)."""
-        return self.W.dtype
+        return self.G.dtype
 
     @property
     def num_grads(self) -> int:  # numpydoc ignore=RT01
         """The number m of gradients."""
-        return self.W.shape[-2]
+        return self.G.shape[-2]
 
     @property
     def dim(self) -> int:  # numpydoc ignore=RT01
         """The number d of coordinates."""
-        return self.W.shape[-1]
-
-    def _check_mode(self, what: str) -> None:
-        if np.dtype(self.W.dtype) == _F64:
-            _require_x64(what)
+        return self.G.shape[-1]
 
     def matvec(self, x: Any, /) -> Any:
-        """``F^{-1} x`` for one vector, in O(dm): two reads of W.
+        """``F^{-1} x`` for one vector, in O(dm): two reads of G, summed in float64.
 
         Parameters
         ----------
@@ -234,7 +244,7 @@ class StaticIHVP:
         Raises
         ------
         RuntimeError
-            If the operator is float64 and JAX's 64-bit mode is off.
+            If JAX's 64-bit mode is off.
         ValueError
             If ``x`` does not have shape ``(d,)``, or the operator is a batch
             of operators (from :func:`jax.vmap`) applied outside of
@@ -242,13 +252,13 @@ class StaticIHVP:
         TypeError
             If ``x`` does not have the operator's dtype.
         """
-        self._check_mode("StaticIHVP.matvec")
-        if self.W.ndim != 2:
+        _require_x64("StaticIHVP.matvec")
+        if self.G.ndim != 2:
             raise ValueError(
                 "a batch of operators (from jax.vmap) must be applied under jax.vmap too"
             )
-        x = _check_vector(x, "x", self.dim, np.dtype(self.W.dtype))
-        return (x - (self.W @ x) @ self.W) / self.damp
+        x = _check_vector(x, "x", self.dim, np.dtype(self.G.dtype))
+        return _static_apply(self.G, self.U, x, self.damp)
 
     def matmat(self, X: Any, /) -> Any:
         """Apply ``F^{-1}`` to the columns of ``X``, in O(dmn).
@@ -266,26 +276,30 @@ class StaticIHVP:
         Raises
         ------
         RuntimeError
-            If the operator is float64 and JAX's 64-bit mode is off.
+            If JAX's 64-bit mode is off.
         ValueError
             If ``X`` does not have shape ``(d, n)`` or ``(d,)``.
         TypeError
             If ``X`` does not have the operator's dtype.
         """
-        self._check_mode("StaticIHVP.matmat")
-        X = _check_vector(X, "X", self.dim, np.dtype(self.W.dtype), matrix=True)
+        _require_x64("StaticIHVP.matmat")
+        X = _check_vector(X, "X", self.dim, np.dtype(self.G.dtype), matrix=True)
         if X.ndim == 1:
             return self.matvec(X)
-        return (X - self.W.T @ (self.W @ X)) / self.damp
+        return jax.vmap(_static_apply, in_axes=(None, None, 1, None), out_axes=1)(
+            self.G, self.U, X, self.damp
+        )
 
     def __matmul__(self, x: Any) -> Any:
         return self.matmat(x)
 
     def diagonal(self) -> Any:
-        """The d diagonal entries ``(1 - sum_i W_ij^2) / damp`` of ``F^{-1}``, in O(dm).
+        """The d diagonal entries ``(1 - ||U^{-T} g_j||^2) / damp`` of ``F^{-1}``, in O(d m^2).
 
-        The sums of squares are accumulated in float64 (needs the 64-bit
-        mode); the result has the operator's dtype.
+        The columns ``g_j`` of G are whitened in float64 a chunk at a time (a
+        triangular solve each), so the cancellation of ``1 - ||U^{-T} g_j||^2``
+        at coordinates the gradients cover well costs float64 digits; the
+        result has the operator's dtype.
 
         Returns
         -------
@@ -298,8 +312,7 @@ class StaticIHVP:
             If JAX's 64-bit mode is off.
         """
         _require_x64("StaticIHVP.diagonal")
-        sq = jnp.sum(jnp.square(self.W.astype(jnp.float64)), axis=-2)
-        return ((1.0 - sq) / self.damp).astype(self.W.dtype)
+        return _static_diagonal(self.G, self.U, self.damp)
 
 
 # Registered by a call, not as a decorator, so that the class stays a class where the
@@ -336,11 +349,10 @@ def _gram_f64(G: Any) -> Any:
 def static_ihvp(G: Any, /, *, damp: float) -> StaticIHVP:
     r"""Factorise the inverse damped Fisher of the gradients in the rows of ``G``.
 
-    The set-up is one Gram product ``G G^T`` (float64 accumulation), one
-    float64 Cholesky factorisation and one triangular product
-    ``W = L^{-1} G`` in G's dtype: O(d m^2), BLAS-3. It is a pure function,
-    so it can be jitted, vmapped (for instance over blocks of coordinates) and
-    differentiated.
+    The set-up is one Gram product ``G G^T`` (float64 accumulation) and one
+    float64 Cholesky factorisation: O(d m^2). The operator keeps G itself (no
+    derived m x d array). It is a pure function, so it can be jitted, vmapped
+    (for instance over blocks of coordinates) and differentiated.
 
     Parameters
     ----------
@@ -370,8 +382,9 @@ def static_ihvp(G: Any, /, *, damp: float) -> StaticIHVP:
     Warns
     -----
     IllConditionedWarning
-        Outside of tracing, when ``eps(dtype) * kappa >= 1`` for a lower
-        estimate of kappa: products in G's dtype may have no correct digits.
+        Outside of tracing, when ``eps(float64) * kappa >= 1`` for a lower
+        estimate of kappa: the float64 factor and passes may then leave no
+        correct digit.
 
     Examples
     --------
@@ -398,7 +411,7 @@ def static_ihvp(G: Any, /, *, damp: float) -> StaticIHVP:
             f"row; got shape {G.shape}"
         )
     dtype = _check_dtype(G.dtype, "G")
-    W, kappa_bound, kappa_lower, finite = _static_setup(G, damp)
+    U, kappa_bound, kappa_lower, finite = _static_setup(G, damp)
     # Outside of tracing these are concrete, and a failure is an exception as in
     # mfac_core.StaticIHVP; under jit or vmap the checks are skipped (NaN results).
     if not _concrete_true(finite):
@@ -407,21 +420,22 @@ def static_ihvp(G: Any, /, *, damp: float) -> StaticIHVP:
             f"float64 (damp={damp:g}, condition number kappa <= {float(kappa_bound):.3g}); "
             "increase damp, or remove duplicated or non-finite gradients"
         )
-    eps = float(np.finfo(dtype).eps)
+    del dtype
+    eps = float(np.finfo(np.float64).eps)
     if not _concrete_true(eps * kappa_lower < 1.0):
         warnings.warn(
             f"F is so ill-conditioned (kappa >= {float(kappa_lower):.3g}, damp={damp:g}) that "
-            f"{dtype} products may have no correct digits; increase damp"
-            + (" or use float64" if eps > 1e-15 else ""),
+            "float64 (the passes' accumulation) products may have no correct digits; "
+            "increase damp",
             IllConditionedWarning,
             stacklevel=2,
         )
-    return StaticIHVP(W=W, kappa_bound=kappa_bound, damp=damp)
+    return StaticIHVP(G=G, U=U, kappa_bound=kappa_bound, damp=damp)
 
 
 @functools.partial(jax.jit, static_argnums=1)
 def _static_setup(G: Any, damp: float) -> tuple[Any, Any, Any, Any]:
-    """W, the upper and a lower bound of kappa, and whether the factor is finite.
+    """U, the upper and a lower bound of kappa, and whether the factor is finite.
 
     Jitted as a whole so that an eager :func:`static_ihvp` compiles once per
     shape instead of dispatching a dozen small operations.
@@ -429,18 +443,79 @@ def _static_setup(G: Any, damp: float) -> tuple[Any, Any, Any, Any]:
     m = G.shape[0]
     gram = _gram_f64(G)
     C = gram + (m * damp) * jnp.eye(m, dtype=jnp.float64)
-    L = jnp.linalg.cholesky(C)
-    Linv = lax.linalg.triangular_solve(L, jnp.eye(m, dtype=jnp.float64), left_side=True, lower=True)
-    W = Linv.astype(G.dtype) @ G
+    U = jnp.linalg.cholesky(C).T
     kappa_bound = 1.0 + jnp.trace(gram) / (m * damp)
-    # A lower estimate of the largest eigenvalue of G G^T, as in mfac_core.StaticIHVP:
-    # a Rayleigh quotient after four power iterations from the all-ones vector, O(m^2).
-    v = jnp.ones((m,), jnp.float64)
-    for _ in range(4):
-        v = gram @ v
-        v = v / jnp.maximum(jnp.max(jnp.abs(v)), 1e-300)
-    lam = v @ (gram @ v) / jnp.maximum(v @ v, 1e-300)
-    return W, kappa_bound, 1.0 + lam / (m * damp), jnp.all(jnp.isfinite(L))
+    # The same lower bound of the largest eigenvalue as mfac_core.StaticIHVP's (power
+    # iterations from the largest diagonal entry, which no Gram can make vanish).
+    lam, _ = _capacitance.lambda_max_bounds(jnp, gram)
+    return U, kappa_bound, 1.0 + lam / (m * damp), jnp.all(jnp.isfinite(U))
+
+
+# -- the passes over the gradients, summed in float64 ----------------------------------------
+#
+# Written as fused elementwise loops, which XLA runs as one loop over G. Measured with XLA's
+# CPU backend (m = 64, d = 1e6, float32 G, 2 cores): a float32 GEMV 8-10 ms; G x summed in
+# float64 by dot_general(..., preferred_element_type=float64) 330 ms, as a fused
+# multiply-and-reduce 40 ms; x - G^T a in float64 by dot_general 270 ms, as a reduction over
+# the rows 900 ms, as a loop over groups of 8 rows that XLA fuses 27 ms.
+
+#: Rows of G per step of the loop of :func:`_combine64` (16 and more made XLA's CPU backend
+#: spill the fused loop: 2.5x slower).
+_ROW_GROUP = 8
+
+
+def _project64(G: Any, x: Any) -> Any:
+    """``G x`` for one vector ``x`` (d,), every product and sum in float64: (m,) float64."""
+    return jnp.sum(G.astype(jnp.float64) * x.astype(jnp.float64), axis=-1)
+
+
+def _combine64(G: Any, x: Any, a: Any) -> Any:
+    """``x - G^T a`` (d,) in float64 for ``a`` (m,) float64: the m terms summed first."""
+    m = G.shape[0]
+    full = m // _ROW_GROUP
+
+    def body(k: Any, y: Any) -> Any:
+        rows = lax.dynamic_slice_in_dim(G, k * _ROW_GROUP, _ROW_GROUP, axis=0)
+        c = lax.dynamic_slice_in_dim(a, k * _ROW_GROUP, _ROW_GROUP)
+        for r in range(_ROW_GROUP):
+            y = y + c[r] * rows[r].astype(jnp.float64)
+        return y
+
+    y = jnp.zeros(G.shape[1:], jnp.float64)
+    if full:
+        y = lax.fori_loop(0, full, body, y)
+    for i in range(full * _ROW_GROUP, m):
+        y = y + a[i] * G[i].astype(jnp.float64)
+    return x.astype(jnp.float64) - y
+
+
+def _static_apply(G: Any, U: Any, x: Any, damp: float) -> Any:
+    """``F^{-1} x`` of the G-form, rounded once to G's dtype."""
+    a = _solve_upper(U, _solve_upper_t(U, _project64(G, x)))
+    return (_combine64(G, x, a) / damp).astype(G.dtype)
+
+
+def _static_diagonal(G: Any, U: Any, damp: float) -> Any:
+    """``(1 - ||U^{-T} g_j||^2) / damp`` per column, whitened in float64 chunk by chunk."""
+    m, d = G.shape
+    width = max(1, min(d, _CHUNK_ENTRIES // m))
+    full = d // width
+
+    def chunk(X: Any) -> Any:
+        Z = _solve_upper_t(U, X.astype(jnp.float64))
+        return ((1.0 - jnp.sum(Z * Z, axis=0)) / damp).astype(G.dtype)
+
+    out = jnp.zeros((d,), G.dtype)
+    if full:
+
+        def body(i: Any, acc: Any) -> Any:
+            part = chunk(lax.dynamic_slice_in_dim(G, i * width, width, axis=1))
+            return lax.dynamic_update_slice_in_dim(acc, part, i * width, axis=0)
+
+        out = lax.fori_loop(0, full, body, out)
+    if full * width < d:
+        out = out.at[full * width :].set(chunk(G[:, full * width :]))
+    return out
 
 
 # -- the sliding window --------------------------------------------------------------------
@@ -747,12 +822,13 @@ def _insert(state: WindowState, g: Any) -> tuple[WindowState, Any, Any]:
     # except at the slot, whose entry is g.g. The other order (write g, then G g, as
     # DynamicIHVP does) needs the old row to undo a refused write, and XLA's CPU
     # backend then copied the whole m x d window (twice) instead of writing in place.
-    # The diagonal then comes from another kernel than the rest of the row, so a
-    # duplicated gradient's 2 x 2 block may be indefinite by rounding before the
-    # shift k damp is added; unless k damp < eps(dtype) |g|^2 the shift absorbs it,
+    # The diagonal then comes from another sum than the rest of the row (both float64),
+    # so a duplicated gradient's 2 x 2 block may be indefinite by rounding before the
+    # shift k damp is added; unless k damp < eps(float64) |g|^2 the shift absorbs it,
     # and otherwise the gradient is refused, never half-inserted.
-    b = (state.grads @ g).astype(jnp.float64)  # pass 1 over the window
-    b = b.at[slot].set(jnp.vdot(g, g).astype(jnp.float64))
+    b = _project64(state.grads, g)  # pass 1 over the window, summed in float64
+    g64 = g.astype(jnp.float64)
+    b = b.at[slot].set(jnp.vdot(g64, g64))
     count = jnp.minimum(state.count + 1, m)
     pos = (slot + 1) % m
     gram = state.gram.at[slot, :].set(b).at[:, slot].set(b)
@@ -775,9 +851,14 @@ def _insert(state: WindowState, g: Any) -> tuple[WindowState, Any, Any]:
     U, ok = lax.cond(
         edited, lambda _: (U, jnp.ones((), bool)), lambda _: _refactor(gram, pos, shift), None
     )
-    # A gradient holding NaN/inf (or overflowing) makes g.g non-finite: refuse it and
-    # keep the window as it was, rather than poisoning every later step.
-    ok = ok & jnp.isfinite(b[slot])
+    # A gradient holding NaN/inf (or overflowing float64) makes g.g non-finite: refuse it
+    # and keep the window as it was, rather than poisoning every later step. So is one
+    # that makes eps(float64) kappa >= 1 (kappa >= 1 + max_i |g_i|^2 / shift), where the
+    # float64 work leaves no correct digit: a float32 gradient of 1e30 beside ones of 1
+    # would otherwise give products of rounding noise (the core operators warn there;
+    # a jitted step cannot).
+    hopeless = _EPS64 * (1.0 + jnp.max(jnp.diagonal(gram)) / shift) >= 1.0
+    ok = ok & jnp.isfinite(b[slot]) & ~hopeless
     new = WindowState(
         # One in-place write: the slot's own old row is the only other value read.
         grads=lax.dynamic_update_index_in_dim(
@@ -806,11 +887,14 @@ def _finish(state: WindowState, X: Any, P: Any) -> Any:
     m = state.num_grads
     idx = _age_order(m, state.pos)
     coef_age = _solve_upper(state.factor, _solve_upper_t(state.factor, P[idx]))
-    coef = jnp.zeros_like(coef_age).at[idx].set(coef_age).astype(state.dtype)
-    # Pass 2. For one vector, c @ G: XLA's CPU backend ran G.T @ c 8x slower (m = 128,
-    # d = 1e5), transposing G instead of streaming its rows.
-    GTc = coef @ state.grads if X.ndim == 1 else state.grads.T @ coef
-    return (X - GTc) / state.damp
+    coef = jnp.zeros_like(coef_age).at[idx].set(coef_age)
+    # Pass 2, summed in float64 and rounded once (a float32 sum of x - G^T c cancels for
+    # vectors near the window's span).
+    if X.ndim == 1:
+        Y = _combine64(state.grads, X, coef)
+    else:
+        Y = jax.vmap(_combine64, in_axes=(None, 1, 1), out_axes=1)(state.grads, X, coef)
+    return (Y / state.damp).astype(state.dtype)
 
 
 # The window functions run jitted bodies: called eagerly they compile once per
@@ -835,7 +919,10 @@ def _update_and_matvec_jit(state: WindowState, g: Any) -> tuple[WindowState, Any
 
 @jax.jit
 def _matvec_jit(state: WindowState, x: Any) -> Any:
-    return _finish(state, x, (state.grads @ x).astype(jnp.float64))
+    if x.ndim == 1:
+        return _finish(state, x, _project64(state.grads, x))
+    P = jax.vmap(_project64, in_axes=(None, 1), out_axes=1)(state.grads, x)
+    return _finish(state, x, P)
 
 
 def window_update(state: WindowState, g: Any, /) -> WindowState:
@@ -846,7 +933,7 @@ def window_update(state: WindowState, g: Any, /) -> WindowState:
     ``refactor_every`` edits, and when the drift check fails).
 
     A ``g`` holding NaN or infinity, or one the float64 factor cannot take
-    (kappa near 1e16), leaves the window unchanged; nothing tells, so use
+    (``eps(float64) * kappa >= 1``), leaves the window unchanged; nothing tells, so use
     :func:`window_update_and_matvec` (NaN result) where that matters.
 
     Parameters
