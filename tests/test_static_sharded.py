@@ -24,6 +24,7 @@ from mfac_core.distributed import Communicator, CountingComm, SingleProcessComm
 from mfac_core.testing import (
     SpectralOracle,
     assert_close,
+    extended_precision_inverse,
     problems,
     run_spmd_threads,
     to_numpy,
@@ -224,24 +225,24 @@ def test_layouts_and_traffic(layout: str, dtype: str) -> None:
         G, damp, widths, dtype=dtype, block_size=bs, X=X, rows=rows, cols=cols
     )
     _factors_bitwise_equal(results)
-    p, k, itemsize = len(widths), len(rows), np.dtype(dtype).itemsize
+    p, k = len(widths), len(rows)
     S = 6  # length of the status word (docs/scaling.rst)
     full = bs is None or bs >= d
     for r in results:
         # Set-up: the exchange of every rank's shape and options, the Gram (full only:
-        # m^2 numbers, and m weights for float32), and the final agreement. Each call
+        # m^2 float64 numbers, whatever G's dtype), and the final agreement. Each call
         # carries S extra numbers, the status word of collective errors (a count of
-        # failed ranks per exception class).
+        # failed ranks per exception class). Products reduce the float64 projection G X,
+        # entries the float64 G columns of the pairs.
         shapes = [c.shape for c in r["setup"]]
         if full:
-            gram = m * m + (m if dtype == "float32" else 0)
-            recomputed = r["op"]._gram_recomputed
-            want = [(7 * p + S,), (gram + S,)] + [(m * m + S,)] * recomputed + [(5 * p + S,)]
-            assert shapes == want
+            assert r["op"]._gram_recomputed == 0
+            assert shapes == [(7 * p + S,), (m * m + S,), (5 * p + S,)]
             assert [c.shape for c in r["matvec"]] == [(m + S,)]
             assert [c.shape for c in r["matmat"]] == [(3 * m + S,)]
-            assert r["matvec"][0].nbytes == (m + S) * itemsize
+            assert r["matvec"][0].nbytes == (m + S) * 8
             assert [c.shape for c in r["entries"]] == [(2 * m * k + 2 * p + S,)]
+            assert all(c.dtype == "float64" for c in r["matvec"] + r["entries"])
         else:
             assert shapes == [(7 * p + S,), (5 * p + S,)]
             assert r["matvec"] == [] and r["matmat"] == []  # whole blocks: no exchange
@@ -273,19 +274,20 @@ def test_refinement(layout: str) -> None:
         # One product, and per refinement step the residual's G Y (float64) and a product.
         for r in results:
             assert [(c.shape, c.dtype) for c in r["matvec"]] == [
-                ((m + 6,), "float32"),  # with the status word
+                ((m + 6,), "float64"),  # G x summed in float64, with the status word
                 ((m,), "float64"),
-                ((m,), "float32"),
+                ((m,), "float64"),
             ]
     else:
         assert all(r["matmat"] == [] for r in results)
 
 
 @pytest.mark.filterwarnings("ignore::mfac_core.IllConditionedWarning")
-def test_collinear_float32_gradients_recompute_the_reduced_gram(monkeypatch: Any) -> None:
+def test_collinear_float32_gradients_reduce_a_float64_gram(monkeypatch: Any) -> None:
     # test_precision's case on two ranks: gradients of equal norms in a 9-dimensional
-    # subspace with a small damping fail the mixed-precision check, which every rank
-    # decides from the reduced Gram and weights; all then reduce a float64 Gram.
+    # subspace with a small damping, where a float32 Gram fails (earlier versions reduced
+    # one, checked it and reduced a float64 one after). The reduced Gram is float64 from
+    # the start, the passes sum in float64, and the product keeps float32's rounding.
     import mfac_core._setup
     import mfac_core._sharded_static as sharded
 
@@ -299,12 +301,12 @@ def test_collinear_float32_gradients_recompute_the_reduced_gram(monkeypatch: Any
     G = _rounded((coef / np.linalg.norm(coef, axis=1, keepdims=True)) @ basis, "float32")
     X = _rounded(rng.standard_normal((d, 1)), "float32")
     results = _sharded(G, damp, [2048, 2048], dtype="float32", X=X)
-    kappa = SpectralOracle(G, damp).kappa
     for r in results:
-        assert r["op"]._gram_recomputed == 1
-        assert [c.shape for c in r["setup"]][1:3] == [(m * m + m + 6,), (m * m + 6,)]
+        assert r["op"]._gram_recomputed == 0
+        assert [(c.shape, c.dtype) for c in r["setup"]][1] == ((m * m + 6,), "float64")
     want = SpectralOracle(G, damp).matvec(X[:, 0])
-    assert_close(_gathered(results, "y"), want, kappa=kappa, dtype="float32")
+    y = _gathered(results, "y")
+    assert np.linalg.norm(y - want) <= 8 * np.finfo(np.float32).eps * np.linalg.norm(want)
     _factors_bitwise_equal(results)
 
 
@@ -666,3 +668,66 @@ def test_different_operations_with_one_reduction_length_raise_on_every_rank() ->
     results = run_spmd_threads(rank, 2, timeout=20)
     for r in results:
         assert isinstance(r, str) and "different collective operations" in r, r
+
+
+@pytest.mark.parametrize("kappa", [1e3, 1e5, 1e7])
+@pytest.mark.parametrize("block_size", [None, 300])
+def test_float32_shards_are_exact_for_vectors_in_the_span(kappa: float, block_size: Any) -> None:
+    # Gradients with a shared mean and x = their mean, a stored gradient: each rank's
+    # passes sum in float64 and the reduced projection is float64, so the sharded product,
+    # the diagonal and the entries keep float32's rounding (docs/mathematics.rst, "Exact
+    # passes"), where a float32 W lost eps32 * kappa.
+    rng = np.random.default_rng(int(kappa) % 101)
+    m, d, widths = 12, 900, [300, 600]
+    G = rng.standard_normal(d) + rng.standard_normal((m, d))
+    G = _rounded(G / (np.linalg.norm(G, 2) / np.sqrt(m)), "float32")
+    damp = float(np.linalg.norm(G, 2) ** 2 / (m * (kappa - 1.0)))
+    X = np.stack([_rounded(G.mean(axis=0), "float32"), G[m // 2]], axis=1)
+    pairs = (np.array([0, 5, 299, 300, 899]), np.array([0, 7, 300, 300, 2]))
+    results = _sharded(G, damp, widths, dtype="float32", block_size=block_size, X=X, pairs=pairs)
+    eps32 = float(np.finfo(np.float32).eps)
+    Y = _gathered(results, "Y")
+    for j in range(X.shape[1]):
+        if block_size is None:
+            want = extended_precision_inverse(G, damp, X[:, j])
+        else:
+            want = np.concatenate(
+                [
+                    extended_precision_inverse(G[:, lo : lo + 300], damp, X[lo : lo + 300, j])
+                    for lo in range(0, d, 300)
+                ]
+            )
+        assert np.linalg.norm(Y[:, j] - want) <= 8 * eps32 * np.linalg.norm(want), j
+    cols = [0, 299, 300, 899]
+    E = {}
+    for c in set(cols) | set(pairs[0].tolist()) | set(pairs[1].tolist()):
+        e = np.zeros(d)
+        e[c] = 1.0
+        if block_size is None:
+            E[c] = extended_precision_inverse(G, damp, e)
+        else:
+            lo = c - c % 300
+            E[c] = np.zeros(d)
+            E[c][lo : lo + 300] = extended_precision_inverse(
+                G[:, lo : lo + 300], damp, e[lo : lo + 300]
+            )
+    diag = _gathered(results, "diag")
+    for c in cols:
+        assert abs(diag[c] - E[c][c]) <= 8 * eps32 * E[c][c]
+    for r in results:
+        got = np.asarray(r["entries_values"], np.float64)
+        for i, (a, b) in enumerate(zip(*pairs, strict=True)):
+            scale = np.sqrt(E[a][a] * E[b][b])
+            assert abs(got[i] - E[b][a]) <= 8 * eps32 * scale, (a, b)
+
+
+def test_overwrite_g_is_a_deprecated_no_op() -> None:
+    # No W is written: G_local stays as given, and the keyword warns at the caller's line.
+    rng = np.random.default_rng(5)
+    G = rng.standard_normal((4, 10))
+    before = G.copy()
+    with pytest.warns(DeprecationWarning, match="no W") as record:
+        op = StaticIHVP(G, damp=0.3, comm=SingleProcessComm(), overwrite_G=True)
+    assert record[0].filename == __file__
+    np.testing.assert_array_equal(G, before)
+    assert_close(op.matvec(G[0]), StaticIHVP(before, damp=0.3).matvec(G[0]), kappa=10)

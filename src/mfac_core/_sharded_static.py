@@ -6,11 +6,13 @@ and the same range of every vector. docs/scaling.rst states the design; in short
 - **replicated**: m, the damping, the layout, and every m x m quantity: the
   Gram matrix is summed over ranks (one reduction), and every rank factorises
   the same reduced bits into the same float64 factor;
-- **sharded**: G, ``W = L^{-1} G`` and the dense block inverses, each rank's
-  columns only;
+- **sharded**: G (kept by reference, as the single-process G-form keeps it) and
+  the dense block factors, each rank's columns only; no ``W`` is stored;
 - **full operator** (one block across the shards): a product reduces the m x k
-  matrix ``W X`` (one reduction), ``entries`` the W columns of the pairs (one);
-  ``diagonal`` is local;
+  float64 projection ``G X`` (one reduction), then combines locally, both passes
+  summed in float64 by the pass engine (``_engine``); ``entries`` reduces the G
+  columns of the pairs (one) and whitens them in float64; ``diagonal`` whitens
+  this rank's columns, locally;
 - **block-wise** (``block_size``): shard boundaries fall on block boundaries,
   so each rank's blocks are whole and its products are local (no reduction).
 
@@ -27,19 +29,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from . import _capacitance, _setup
+from . import _capacitance, _engine, _setup
 from ._compat import Array, device
 from ._errors import FactorizationError
-from ._layout import (
-    BlockGroup,
-    block_groups,
-    chunk_gram,
-    chunks,
-    mixed_chunk_gram,
-    piece_columns,
-    piece_stack,
-    pieces,
-)
+from ._gform import GFormFactor
+from ._layout import BlockGroup, block_groups, chunk_gram, chunks
 from ._refine import fisher_residual
 from ._refine import refine as refine_steps
 from ._sharding import ShardLayout, host_values, reduce_checked
@@ -51,7 +45,6 @@ from ._validation import (
     check_floating,
     check_index_array,
     check_operand,
-    check_writeable,
     half_dtype_name,
 )
 from .distributed import Communicator
@@ -153,17 +146,11 @@ def agree(
                 "(2-byte storage is single-process only); cast G_local to float32"
             )
         check_floating(xp, G, "G_local")
+        # overwrite_G is a deprecated no-op (no W is written), still checked as a flag.
         flags = [check_flag(check_finite, "check_finite"), check_flag(overwrite_G, "overwrite_G")]
         if progress is not None and not callable(progress):
             raise TypeError(f"progress must be callable or None, got {type(progress).__name__}")
         steps = check_count(refine, "refine", minimum=0)
-        if flags[1]:
-            check_writeable(G, "G_local", why="overwrite_G=True")
-            if steps:
-                raise ValueError(
-                    "refine needs the gradients for its residuals, but overwrite_G=True "
-                    "replaces them by W; pass one or the other"
-                )
         bs = 0 if block_size is None else check_count(block_size, "block_size")
         code = _DTYPE_CODES["float32" if G.dtype == xp.float32 else "float64"]
         row = [G.shape[0], G.shape[1], code, check_damp(damp), bs, steps, float(flags[0])]
@@ -230,31 +217,24 @@ def _local_gram(
     G: Array,
     offset: int,
     *,
-    mixed: bool,
     check: bool,
     advance: Callable[[int], None] | None,
 ) -> Array:
-    """This rank's part of ``G G^T`` (and the mixed-precision weights), flattened."""
+    """This rank's part of ``G G^T``, summed in float64, flattened."""
     m, n = G.shape
     if n == 0:
-        return xp.zeros((m * m + (m if mixed else 0),), dtype=xp.float64, device=device(G))
+        return xp.zeros((m * m,), dtype=xp.float64, device=device(G))
     group = BlockGroup(0, 1, n)
     (chunk,) = list(chunks(group, _piece_width(m, n)))  # one block: one chunk of pieces
 
     def product(X: Array) -> Array:
         return X @ xp.matrix_transpose(X)
 
-    parts = []
-    if mixed:
-        gram, weight = mixed_chunk_gram(xp, G, group, chunk, product, advance)
-        parts = [xp.reshape(gram, (-1,)), xp.reshape(weight, (-1,))]
-    else:
-        gram = chunk_gram(xp, G, group, chunk, product, advance)
-        parts = [xp.reshape(gram, (-1,))]
+    gram = chunk_gram(xp, G, group, chunk, product, advance)
     # A NaN or infinity in this rank's columns makes its Gram diagonal non-finite.
     if check and not bool(xp.all(xp.isfinite(xp.linalg.diagonal(gram)))):
         raise _non_finite(xp, G, offset)
-    return xp.concat(parts)
+    return xp.reshape(gram, (-1,))
 
 
 def _checksum(xp: Any, U: Array) -> float:
@@ -271,8 +251,12 @@ def _full_factor(
     agreed: Agreed,
     *,
     progress: Callable[[int, int], None] | None,
-) -> tuple[_capacitance.CapacitanceFactor, int]:
-    """The capacitance factor from the reduced Gram: bit for bit the same on every rank."""
+) -> _capacitance.CapacitanceFactor:
+    """The capacitance factor from the reduced float64 Gram: bit for bit the same on every rank.
+
+    The set-up is this one pass over G (progress counts its columns): nothing of size
+    m x d is written.
+    """
     m, n = G.shape
     damp = agreed.damp
     done = [0]
@@ -280,62 +264,23 @@ def _full_factor(
     def advance(k: int) -> None:
         done[0] += k
         if progress is not None:
-            progress(done[0], 2 * n)
+            progress(done[0], n)
 
-    def reduced_gram(mixed: bool, count: Callable[[int], None] | None) -> tuple[Array, Array]:
-        length = m * m + (m if mixed else 0)
-        total = reduce_checked(
-            comm,
-            xp,
-            lambda: _local_gram(
-                xp, G, agreed.layout.start, mixed=mixed, check=agreed.check_finite, advance=count
-            ),
-            length=length,
-            dtype=xp.float64,
-            device=device(G),
-            what="the set-up's Gram matrix",
-            tag=_TAG_GRAM,
-        )
-        gram = xp.reshape(total[: m * m], (1, m, m))
-        finite = bool(xp.all(xp.isfinite(xp.linalg.diagonal(gram))))
-        if agreed.check_finite and not finite:
-            # Each rank's part was finite (else it said so): their sum overflowed.
-            raise _non_finite(xp, G[:, :0], agreed.layout.start)
-        return gram, xp.reshape(total[m * m :], (1, m)) if mixed else total[:0]
-
-    if G.dtype != xp.float64:
-        # The mixed-precision rule of _setup, decided from reduced values on every rank.
-        return _setup.mixed_precision_factor(
-            xp,
-            lambda: reduced_gram(True, advance),
-            lambda: reduced_gram(False, None)[0],
-            m=m,
-            damp=damp,
-        )
-    gram, _ = reduced_gram(False, advance)
-    return _capacitance.factorize(xp, gram, shift=m * damp, scale=1.0, damp=damp), 0
-
-
-def _full_W(
-    xp: Any,
-    G: Array,
-    factor: _capacitance.CapacitanceFactor,
-    *,
-    overwrite_G: bool,
-    progress: Callable[[int, int], None] | None,
-) -> Array:
-    """This rank's columns of ``W = L^{-1} G``, piece by piece into a sink."""
-    m, n = G.shape
-    if n == 0:
-        return G if overwrite_G else xp.zeros((m, 0), dtype=G.dtype, device=device(G))
-    Linv = xp.astype(factor.lower_inverse(), G.dtype)
-    group = BlockGroup(0, 1, n)
-    sink = _setup.choose_sink(xp, G, n, overwrite_G=overwrite_G, device=device(G))
-    for piece in pieces(group, _piece_width(m, n)):
-        sink.store(piece_columns(group, piece), Linv, piece_stack(xp, G, group, piece))
-        if progress is not None:
-            progress(n + piece_columns(group, piece)[1], 2 * n)
-    return sink.finish()
+    total = reduce_checked(
+        comm,
+        xp,
+        lambda: _local_gram(xp, G, agreed.layout.start, check=agreed.check_finite, advance=advance),
+        length=m * m,
+        dtype=xp.float64,
+        device=device(G),
+        what="the set-up's Gram matrix",
+        tag=_TAG_GRAM,
+    )
+    gram = xp.reshape(total, (1, m, m))
+    if agreed.check_finite and not bool(xp.all(xp.isfinite(xp.linalg.diagonal(gram)))):
+        # Each rank's part was finite (else it said so): their sum overflowed.
+        raise _non_finite(xp, G[:, :0], agreed.layout.start)
+    return _capacitance.factorize(xp, gram, shift=m * damp, scale=1.0, damp=damp)
 
 
 def build(
@@ -364,18 +309,18 @@ def build(
         overwrite_G=overwrite_G,
         progress=progress,
     )
-    overwrite = bool(overwrite_G)
-    m, n = G.shape
+    n = G.shape[1]
     size = comm.size
     state: dict[str, Any] = {}
     if agreed.full:
-        factor, recomputed = _full_factor(comm, xp, G, agreed, progress=progress)
+        factor = _full_factor(comm, xp, G, agreed, progress=progress)
 
         def local() -> Array:
-            W = _full_W(xp, G, factor, overwrite_G=overwrite, progress=progress)
-            state["factors"] = (_WoodburyShard(BlockGroup(0, 1, n), W, agreed.damp),)
+            # This rank's columns of the G-form over the replicated factor.
+            whole = GFormFactor(BlockGroup(0, 1, n), G, factor, agreed.damp, G.dtype)
+            state["factors"] = (whole,)
             lo, hi = factor.kappa if factor.kappa is not None else (1.0, 1.0)
-            row = [lo, hi, float(recomputed), 0.0, _checksum(xp, factor.U)]
+            row = [lo, hi, 0.0, 0.0, _checksum(xp, factor.U)]
             return _own_row(xp, dev, comm, row)
 
         groups: tuple[BlockGroup, ...] = (BlockGroup(0, 1, n),)
@@ -383,15 +328,13 @@ def build(
         groups = block_groups(n, agreed.block_size) if n else ()
 
         def local() -> Array:
-            wood_end = max((g.end for g in groups if g.size > m), default=0)
-            sink = _setup.choose_sink(xp, G, wood_end, overwrite_G=overwrite, device=dev)
             try:
-                result = _setup.factorize_groups(
+                result = _setup.factorize_gform_groups(
                     xp,
                     G,
                     groups,
                     damp=agreed.damp,
-                    sink=sink,
+                    dtype=G.dtype,
                     check_finite=agreed.check_finite,
                     progress=progress,
                 )
@@ -436,28 +379,14 @@ def build(
         groups=groups,
         factors=state["factors"],
         factor=factor if agreed.full else None,
-        G=G if agreed.refine else None,
+        G=G,
         kappa_lo=max(row[0] for row in rows),
         kappa_hi=max(row[1] for row in rows),
-        recomputed=int(sum(row[2] for row in rows)) if not agreed.full else int(rows[0][2]),
+        recomputed=0,
     )
 
 
 # -- products and entries ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _WoodburyShard:
-    """This rank's columns of W for the full operator (local diagonal; no product of its own)."""
-
-    group: BlockGroup
-    W: Array
-    damp: float
-
-    def diagonal(self, xp: Any) -> Array:
-        W = self.W
-        W64 = xp.astype(W, xp.float64)
-        return xp.astype((1.0 - xp.sum(W64 * W64, axis=0)) / self.damp, W.dtype)
 
 
 def _index_checksum(xp: Any, idx: Array) -> float:
@@ -478,7 +407,7 @@ class ShardedStatic:
     factors: tuple[Any, ...]
     #: The replicated capacitance factor of the full operator (None block-wise).
     factor: _capacitance.CapacitanceFactor | None
-    #: G_local, kept (by reference) for refinement's residuals; None without refine.
+    #: G_local, kept by reference: the products read it (the G-form).
     G: Any
     kappa_lo: float
     kappa_hi: float
@@ -547,34 +476,32 @@ class ShardedStatic:
         # rank passes the same k, so every payload has the same length.
         k = 1 if vector else (int(shape[1]) if len(shape) == 2 else 1)
         m = self.agreed.num_grads
-        (factor,) = self.factors
-        W = factor.W
+        G = self.G
         held: dict[str, Array] = {}
 
         def local() -> Array:
             X = self._checked(xp, dev, dtype, x, vector=vector, check=check, owner=owner)
             held["X"] = X
-            if one_d:
-                return W @ X[:, 0]
-            return xp.reshape(W @ X, (-1,))
+            return xp.reshape(_engine.project(xp, G, X), (-1,))
 
-        C = reduce_checked(
+        # The projection G X summed in float64 on each rank, then over the ranks.
+        P = reduce_checked(
             comm,
             xp,
             local,
             length=m * k,
-            dtype=dtype,
+            dtype=xp.float64,
             device=dev,
             what="the product",
             tag=_TAG_PRODUCT,
         )
         X = held["X"]
-        Y = self._finish(xp, X, xp.reshape(C, (m, k)))
+        Y = self._finish(xp, X, xp.reshape(P, (m, k)), dtype)
         if self.agreed.refine:
 
             def solve(R: Array) -> Array:
-                P = comm.allreduce_sum(xp.reshape(W @ R, (-1,)))
-                return self._finish(xp, R, xp.reshape(P, (m, R.shape[1])))
+                P = comm.allreduce_sum(xp.reshape(_engine.project(xp, G, R), (-1,)))
+                return self._finish(xp, R, xp.reshape(P, (m, R.shape[1])), R.dtype)
 
             Y = refine_steps(
                 xp,
@@ -586,13 +513,11 @@ class ShardedStatic:
             )
         return Y[:, 0] if one_d else Y
 
-    def _finish(self, xp: Any, X: Array, C: Array) -> Array:
-        """``(X - W^T C) / damp`` from the reduced ``C = W X``."""
-        W = self.factors[0].W
-        damp = self.agreed.damp
-        if X.shape[1] == 1:
-            return ((X[:, 0] - C[:, 0] @ W) / damp)[:, None]
-        return X / damp + ((-C / damp).T @ W).T
+    def _finish(self, xp: Any, X: Array, P: Array, dtype: Any) -> Array:
+        """``(X - G^T C^{-1} P) / damp`` from the reduced ``P = G X``, summed in float64."""
+        assert self.factor is not None  # the full operator's
+        A = self.factor.solve(P[None, ...])[0, ...]
+        return _engine.combine(xp, self.G, X, A, alpha=1.0 / self.agreed.damp, dtype=dtype)
 
     def _local_solve(self, xp: Any, X: Array) -> Array:
         if not self.factors:
@@ -639,10 +564,8 @@ class ShardedStatic:
 
     def diagonal(self, xp: Any, dev: Any, dtype: Any) -> Array:
         """This rank's diagonal entries of ``F^{-1}`` (local: no reduction)."""
-        if not self.factors:
+        if not self.factors or self.width == 0:
             return xp.zeros((0,), dtype=dtype, device=dev)
-        if self.agreed.full:
-            return self.factors[0].diagonal(xp)
         parts = [f.diagonal() for f in self.factors]
         return parts[0] if len(parts) == 1 else xp.concat(parts)
 
@@ -655,6 +578,8 @@ class ShardedStatic:
         # The number of pairs is part of the collective call, as matmat's k.
         k = math.prod(tuple(getattr(rows, "shape", (0,))))
         per_pair = 2 * m if agreed.full else 1
+        # The G columns of the pairs go through the reduction in float64 (exact), the
+        # entries of the block-wise form in the operator's dtype (exact in float64 too).
         held: dict[str, Any] = {}
 
         def local() -> Array:
@@ -670,20 +595,20 @@ class ShardedStatic:
             if agreed.full:
                 values = [xp.reshape(self._owned_columns(xp, i), (-1,)) for i in (r, c)]
             else:
-                values = [self._local_entries(xp, r, c, dtype)]
+                values = [xp.astype(self._local_entries(xp, r, c, dtype), xp.float64)]
             sums = [0.0] * (2 * size)
             sums[2 * comm.rank : 2 * comm.rank + 2] = [
                 _index_checksum(xp, r),
                 _index_checksum(xp, c),
             ]
-            return xp.concat([*values, xp.asarray(sums, dtype=dtype, device=dev)])
+            return xp.concat([*values, xp.asarray(sums, dtype=xp.float64, device=dev)])
 
         total = reduce_checked(
             comm,
             xp,
             local,
             length=per_pair * k + 2 * size,
-            dtype=dtype,
+            dtype=xp.float64,
             device=dev,
             what="entries",
             tag=_TAG_ENTRIES,
@@ -695,25 +620,28 @@ class ShardedStatic:
                 "rows and cols, but they differ between ranks"
             )
         if agreed.full:
-            Wr = xp.astype(xp.reshape(total[: m * k], (m, k)), xp.float64)
-            Wc = xp.astype(xp.reshape(total[m * k : 2 * m * k], (m, k)), xp.float64)
+            # Whitened in float64: (delta_rc - w_r . w_c) / damp with w = L^{-1} g.
+            assert self.factor is not None
+            Linv = self.factor.lower_inverse()[0, ...]
+            Wr = Linv @ xp.reshape(total[: m * k], (m, k))
+            Wc = Linv @ xp.reshape(total[m * k : 2 * m * k], (m, k))
             r = xp.reshape(xp.astype(rows, xp.int64), (-1,))
             c = xp.reshape(xp.astype(cols, xp.int64), (-1,))
             delta = xp.astype(r == c, xp.float64)
             out = xp.astype((delta - xp.sum(Wr * Wc, axis=0)) / agreed.damp, dtype)
         else:
-            out = total[:k]
+            out = xp.astype(total[:k], dtype)
         return xp.reshape(out, held["shape"])
 
     def _owned_columns(self, xp: Any, idx: Array) -> Array:
-        """``W[:, idx - start]`` for the indices this rank holds, zeros for the others."""
-        W = self.factors[0].W
-        m, n = W.shape
+        """``G[:, idx - start]`` in float64 for the indices this rank holds, zeros elsewhere."""
+        G = self.G
+        m, n = G.shape
         if n == 0:
-            return xp.zeros((m, idx.shape[0]), dtype=W.dtype, device=device(idx))
+            return xp.zeros((m, idx.shape[0]), dtype=xp.float64, device=device(idx))
         start = self.layout.start
         mine = (idx >= start) & (idx < start + n)
-        cols = xp.take(W, xp.clip(idx - start, 0, n - 1), axis=1)
+        cols = xp.astype(xp.take(G, xp.clip(idx - start, 0, n - 1), axis=1), xp.float64)
         return xp.where(mine[None, :], cols, xp.zeros_like(cols))
 
     def _local_entries(self, xp: Any, r: Array, c: Array, dtype: Any) -> Array:

@@ -55,6 +55,17 @@ def register_array_type(accepts: Callable[[Any], bool], subclass: type[StaticIHV
     _OTHER_ARRAYS.append((accepts, subclass))
 
 
+def _warn_no_w() -> None:
+    """The deprecation of ``out=`` and ``overwrite_G=`` (no W is stored), at the user's line."""
+    warnings.warn(
+        "StaticIHVP stores no W any more (its products read the gradients themselves, "
+        "summed in float64): out= and overwrite_G= are ignored and will be removed; G is "
+        "kept by reference and must not be modified while the operator is in use",
+        DeprecationWarning,
+        stacklevel=user_stacklevel(),
+    )
+
+
 class _BlockOperatorBase(LinearOperator):
     """What the forward and inverse operators share: G's sizes, damp and the block layout."""
 
@@ -230,20 +241,21 @@ class StaticIHVP(_BlockOperatorBase):
     ``refine`` removes. For float64 G the
     relative error is about ``eps * sqrt(kappa) * ||x|| / (damp ||y||)`` for
     ``y = F^{-1} x``, which one step of ``refine`` brings to about ``eps *
-    ||x|| / (damp ||y||) <= eps * kappa``. The column-sharded operator, the
-    Dask operator and ``stream_to`` still store ``W`` in G's dtype and sum
-    its passes in that dtype: their float32 error is up to ``eps * kappa *
-    ||x|| / (damp ||y||)``.
+    ||x|| / (damp ||y||) <= eps * kappa``. The column-sharded operator is as
+    exact; the Dask operator and ``stream_to`` still store ``W`` in G's
+    dtype and sum its passes in that dtype: their float32 error is up to
+    ``eps * kappa * ||x|| / (damp ||y||)``.
 
-    **Column-sharded (``comm``).** Everything m x m is replicated: the Gram
-    matrix is summed over the ranks (one reduction of m^2 float64 numbers,
-    two when a float32 Gram fails its check), and every rank factorises the
-    same bits into the same factor; W and the dense block inverses hold this
-    rank's columns only. ``matvec`` and ``matmat`` take and return this
-    rank's shards (``local_shape``) and reduce ``W X`` (m k numbers);
-    ``diagonal()`` returns this rank's entries without communication;
-    ``entries`` takes *global* indices (the same on every rank) and returns
-    the same values on every rank (one reduction of ``2 m k`` numbers).
+    **Column-sharded (``comm``).** Everything m x m is replicated: the
+    float64 Gram matrix is summed over the ranks (one reduction of m^2
+    numbers), and every rank factorises the same bits into the same factor;
+    each rank keeps its columns of G (by reference) and of the dense block
+    factors. ``matvec`` and ``matmat`` take and return this rank's shards
+    (``local_shape``) and reduce the float64 projection ``G X`` (m k
+    numbers) between the two float64-summed passes; ``diagonal()`` returns
+    this rank's entries without communication; ``entries`` takes *global*
+    indices (the same on every rank) and returns the same values on every
+    rank (one reduction of ``2 m k`` float64 numbers).
     With ``block_size``, shard boundaries must fall on block boundaries;
     each rank's blocks are then whole and products exchange nothing. The
     full operator is always in the Woodbury form (also for ``d <= m``).
@@ -301,7 +313,7 @@ class StaticIHVP(_BlockOperatorBase):
                 # every rank, so every rank raises here alike.
                 raise ValueError(
                     "out= and stream_to= are not available for a column-sharded "
-                    "operator (comm=); each rank keeps its W shard in memory"
+                    "operator (comm=); each rank keeps its columns of G in memory"
                 )
             self._init_sharded(
                 G, comm, damp, block_size, overwrite_G, check_finite, refine, progress
@@ -326,14 +338,7 @@ class StaticIHVP(_BlockOperatorBase):
             )
             return
         if overwrite_G or out is not None:
-            warnings.warn(
-                "StaticIHVP stores no W any more (its products read the gradients "
-                "themselves, summed in float64): out= and overwrite_G= are ignored and "
-                "will be removed; G is kept by reference and must not be modified while "
-                "the operator is in use",
-                DeprecationWarning,
-                stacklevel=user_stacklevel(),
-            )
+            _warn_no_w()
         # G is kept by reference (never copied): every product reads it.
         self._G = G
         result = _setup.factorize_gform_groups(
@@ -554,6 +559,8 @@ class StaticIHVP(_BlockOperatorBase):
         comm = check_communicator(comm)
         xp = namespace_of(G, "G_local")
         check_float64_available(xp)
+        if overwrite_G is True:
+            _warn_no_w()
         shard = _sharded_static.build(
             comm,
             xp,
@@ -586,9 +593,7 @@ class StaticIHVP(_BlockOperatorBase):
             symmetric=True,
             check_finite=agreed.check_finite,
         )
-        _capacitance.warn_if_hopeless(
-            shard.kappa_lo, damp=self.damp, eps=float(xp.finfo(self.dtype).eps), dtype=self.dtype
-        )
+        self._warn_if_hopeless(shard.kappa_lo)
 
     @property
     def local_shape(self) -> tuple[int, int]:
