@@ -123,10 +123,10 @@ def test_compiles_without_spills(
 ) -> None:
     report = parse_ptxas(ptxas_logs[source, arch])
     expected = {
-        f"{name}_{suffix}"
+        function
         for name, kernel in _plan.KERNELS.items()
         if kernel.source == source
-        for suffix in ("f64", "f32")
+        for function in _plan.function_names(name)
     }
     assert set(report) == expected
     for name, info in report.items():
@@ -144,7 +144,8 @@ def test_kernel_source_pastes_local_includes() -> None:
         assert common in text
         for name, kernel in _plan.KERNELS.items():
             if kernel.source == source:
-                assert f"{name}_f64(" in text and f"{name}_f32(" in text
+                for function in _plan.function_names(name):
+                    assert re.search(rf"\b{function}\b", text), function
 
 
 # -- the CPU harness ---------------------------------------------------------------------------

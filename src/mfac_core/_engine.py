@@ -10,9 +10,12 @@ accumulate in float64 (docs/mathematics.rst, "Exact passes"). Products of float3
 2-byte) values are exact in float64, so the sums lose nothing to the cancellation in
 ``X - G^T A`` that a float32 sum suffers for vectors near the gradients' span.
 
-Where the data allow, the passes run in the optional C extension (``_fused``), which
-reads G once, in place, at the speed of a single-precision GEMV: C-ordered NumPy arrays
-and PyTorch CPU tensors (through a NumPy view, no copy) of float32 or 2-byte storage.
+Where the data allow, the passes run in kernels that read G once, in place: the
+optional C extension (``_fused``), at the speed of a single-precision GEMV, for C-ordered
+NumPy arrays and PyTorch CPU tensors (through a NumPy view, no copy) of float32 or 2-byte
+storage; and the CUDA kernels of ``_kernels`` (``passes.cu``) for C-ordered CuPy arrays
+of float32 or float16 storage, a launch or two per pass whatever d. Both kernel sets take
+the same arguments, so each pass is written once over a *route* (``_Route``).
 Everything else (float64 storage, which BLAS already sums in float64, and the other
 libraries) runs through the library's own float64 products over column pieces of G
 small enough to stay in cache. Where the extension was not built, that fallback serves
@@ -23,12 +26,12 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from . import _fused
-from ._compat import Array, device, is_torch_namespace, is_writeable_array
+from ._compat import Array, device, is_cupy_namespace, is_torch_namespace, is_writeable_array
 from ._errors import user_stacklevel
 from ._layout import BlockGroup, piece_stack, pieces
 
@@ -115,10 +118,26 @@ def _vector_view(xp: Any, X: Array) -> np.ndarray | None:
     return None
 
 
-def _kernel_operands(
-    xp: Any, G: Array, *arrays: Array
-) -> tuple[tuple[np.ndarray, str | None], list[np.ndarray]] | None:
-    """G's view for the kernels and NumPy views of ``arrays``, or None where they can't serve."""
+class _Route(NamedTuple):
+    """Where the passes run: the kernels' array module and functions, and the operands.
+
+    ``mod`` is NumPy for the CPU kernels (``_fused``, over NumPy views) and CuPy for the
+    CUDA ones (``_kernels``, over the CuPy arrays themselves); both kernel sets take the
+    same arguments, so one body of code per pass serves both.
+    """
+
+    mod: Any
+    passes: Any
+    G: Any
+    storage: str | None
+    views: list[Any]
+
+
+def _kernel_operands(xp: Any, G: Array, *arrays: Array) -> _Route | None:
+    """The route of the kernels for ``G`` and ``arrays``, or None where none can serve."""
+    device_route = _device_route(xp, G, arrays)
+    if device_route is not None:
+        return device_route
     host = _host_view(xp, G)
     if host is None:
         return None
@@ -128,12 +147,59 @@ def _kernel_operands(
         if view is None:
             return None
         views.append(view)
-    return host, views
+    return _Route(np, _fused, host[0], host[1], views)
 
 
-def _back(xp: Any, Y: np.ndarray, like: Array) -> Array:
-    """A kernel's NumPy result in the namespace of ``like`` (no copy for PyTorch)."""
-    if isinstance(like, np.ndarray):
+_cuda_passes_state: dict[str, Any] = {}
+
+
+def _cuda_passes() -> Any:
+    """The CUDA passes of ``_kernels`` where they compile here, else None (said once)."""
+    if "passes" not in _cuda_passes_state:
+        try:
+            import cupy
+
+            from . import _kernels
+
+            # NVRTC compiles the module on the first launch: a tiny one, once per process,
+            # so that a machine without NVRTC (a driver-only install) falls back at once.
+            probe = cupy.ones((1, 1), dtype=cupy.float32)
+            _kernels.project64(probe, probe, start=0, stop=1)
+            _cuda_passes_state["passes"] = _kernels
+        except Exception as exc:  # no CuPy, no NVRTC, no device: the float64 pieces serve
+            _cuda_passes_state["passes"] = None
+            warnings.warn(
+                "mfac_core's CUDA passes could not be compiled here "
+                f"({type(exc).__name__}: {exc}); the float64-accumulated passes over CuPy "
+                "arrays run as float64 products over column pieces instead (exact, slower)",
+                UserWarning,
+                stacklevel=user_stacklevel(),
+            )
+    return _cuda_passes_state["passes"]
+
+
+def _device_route(xp: Any, G: Array, arrays: tuple[Array, ...]) -> _Route | None:
+    """The CUDA route for CuPy arrays of float32 or float16 storage, or None.
+
+    float64 storage stays with cuBLAS, which sums float64 in float64 at full speed.
+    """
+    if not is_cupy_namespace(xp):
+        return None
+    if G.dtype not in (xp.float32, xp.float16) or not G.flags.c_contiguous:
+        return None
+    if any(A.dtype not in (xp.float32, xp.float64) for A in arrays):
+        return None
+    passes = _cuda_passes()
+    if passes is None:
+        return None
+    import cupy
+
+    return _Route(cupy, passes, G, None, list(arrays))
+
+
+def _back(xp: Any, Y: Any, like: Array) -> Array:
+    """A kernel's result in the namespace of ``like`` (no copy for PyTorch and CuPy)."""
+    if isinstance(like, np.ndarray) or not is_torch_namespace(xp):
         return Y
     import torch
 
@@ -141,8 +207,8 @@ def _back(xp: Any, Y: np.ndarray, like: Array) -> Array:
 
 
 def uses_kernels(xp: Any, G: Array) -> bool:
-    """Whether the passes over ``G`` run in the C extension (for benchmarks and tests)."""
-    return _host_view(xp, G) is not None
+    """Whether the passes over ``G`` run in the kernels (for benchmarks and tests)."""
+    return _device_route(xp, G, ()) is not None or _host_view(xp, G) is not None
 
 
 def _f64(xp: Any, A: Array) -> Array:
@@ -161,10 +227,11 @@ def project(xp: Any, G: Array, X: Array, *, start: int = 0, stop: int | None = N
     ``X`` is ``(stop - start, k)`` of any floating dtype (its values are exact in
     float64 when they come from float32 or a 2-byte dtype).
     """
-    served = _kernel_operands(xp, G, X)
-    if served is not None:
-        host, (Xh,) = served
-        return _back(xp, np.ascontiguousarray(_project_host(host, Xh.T, start, stop).T), X)
+    route = _kernel_operands(xp, G, X)
+    if route is not None:
+        (Xh,) = route.views
+        P = _project_routed(route, route.mod.ascontiguousarray(Xh.T), start, stop)
+        return _back(xp, route.mod.ascontiguousarray(P.T), X)
     return _project_pieces(xp, G, X, start, stop)
 
 
@@ -175,17 +242,17 @@ def project_rows(xp: Any, G: Array, rows: Array) -> Array:
     separate vectors (the window's stored gradient and the new one) stacks them along
     a new first axis, not into the strided columns of a ``(d, k)`` array.
     """
-    served = _kernel_operands(xp, G, rows)
-    if served is not None:
-        host, (Rh,) = served
-        return _back(xp, np.ascontiguousarray(_project_host(host, Rh, 0, G.shape[1]).T), rows)
+    route = _kernel_operands(xp, G, rows)
+    if route is not None:
+        (Rh,) = route.views
+        P = _project_routed(route, Rh, 0, G.shape[1])
+        return _back(xp, route.mod.ascontiguousarray(P.T), rows)
     return _project_pieces(xp, G, xp.matrix_transpose(rows), 0, G.shape[1])
 
 
-def _project_host(host: tuple[np.ndarray, str | None], rows: np.ndarray, start: int, stop: Any):
-    Gh, storage = host
-    stop = Gh.shape[1] if stop is None else stop
-    return _fused.project64(Gh, rows, start=start, stop=stop, storage=storage)
+def _project_routed(route: _Route, rows: Any, start: int, stop: Any) -> Any:
+    stop = route.G.shape[1] if stop is None else stop
+    return route.passes.project64(route.G, rows, start=start, stop=stop, storage=route.storage)
 
 
 def _project_pieces(xp: Any, G: Array, X: Array, start: int, stop: int | None) -> Array:
@@ -217,15 +284,17 @@ def combine(
     """
     m = G.shape[0]
     stop = G.shape[1] if stop is None else stop
-    served = _kernel_operands(xp, G, X, A)
-    if served is not None:
-        (Gh, storage), (Xh, Ah) = served
-        C = np.ascontiguousarray(Ah.T * -alpha, dtype=np.float64)
-        a = np.full(C.shape[0], alpha)
-        npdtype = np.float64 if dtype == xp.float64 else np.float32
-        Xt = np.ascontiguousarray(Xh.T)
-        Y = _fused.combine64(Gh, C, a, Xt, start=start, stop=stop, dtype=npdtype, storage=storage)
-        return _back(xp, np.ascontiguousarray(Y.T), X)
+    route = _kernel_operands(xp, G, X, A)
+    if route is not None:
+        mod, (Xh, Ah) = route.mod, route.views
+        C = mod.ascontiguousarray(Ah.T * -alpha, dtype=mod.float64)
+        a = mod.full(C.shape[0], alpha, dtype=mod.float64)
+        out_dtype = mod.float64 if dtype == xp.float64 else mod.float32
+        Y = route.passes.combine64(
+            route.G, C, a, mod.ascontiguousarray(Xh.T), start=start, stop=stop,
+            dtype=out_dtype, storage=route.storage,
+        )  # fmt: skip
+        return _back(xp, mod.ascontiguousarray(Y.T), X)
     X64 = _f64(xp, X)
     if G.dtype == xp.float64:
         return xp.astype(alpha * (X64 - xp.matrix_transpose(G[:, start:stop]) @ A), dtype)
@@ -264,11 +333,13 @@ def lift(
     The m terms are summed first and ``alpha x`` added last, every sum in float64.
     """
     stop = G.shape[1] if stop is None else stop
-    served = _kernel_operands(xp, G, x, C, alphas)
-    if served is not None:
-        (Gh, storage), (xh, Ch, ah) = served
-        npdtype = np.float64 if dtype == xp.float64 else np.float32
-        Y = _fused.combine64(Gh, Ch, ah, xh, start=start, stop=stop, dtype=npdtype, storage=storage)
+    route = _kernel_operands(xp, G, x, C, alphas)
+    if route is not None:
+        mod, (xh, Ch, ah) = route.mod, route.views
+        out_dtype = mod.float64 if dtype == xp.float64 else mod.float32
+        Y = route.passes.combine64(
+            route.G, Ch, ah, xh, start=start, stop=stop, dtype=out_dtype, storage=route.storage
+        )
         return _back(xp, Y, x)
     m = G.shape[0]
     a = xp.reshape(_f64(xp, alphas), (-1, 1))
@@ -309,15 +380,16 @@ def project_blocks(xp: Any, G: Array, group: BlockGroup, X: Array) -> Array:
     if group.count == 1:
         return project(xp, G, X, start=group.start, stop=group.end)[None, ...]
     m, s = G.shape[0], group.size
-    served = _kernel_operands(xp, G, X)
-    if served is not None:
+    route = _kernel_operands(xp, G, X)
+    if route is not None:
         # One call for the group: the kernels read each block's columns in place.
-        (Gh, storage), (Xh,) = served
+        mod, (Xh,) = route.mod, route.views
         k = X.shape[1]
-        Xb = np.transpose(np.reshape(Xh, (group.count, s, k)), (0, 2, 1))
-        P = _fused.project64_blocks(Gh, Xb, start=group.start, block_size=s, storage=storage)
-        out = np.ascontiguousarray(np.transpose(P, (0, 2, 1)))
-        return _back(xp, out, X)
+        Xb = mod.ascontiguousarray(mod.transpose(mod.reshape(Xh, (group.count, s, k)), (0, 2, 1)))
+        P = route.passes.project64_blocks(
+            route.G, Xb, start=group.start, block_size=s, storage=route.storage
+        )
+        return _back(xp, mod.ascontiguousarray(mod.transpose(P, (0, 2, 1))), X)
     parts = []
     acc, blocks = None, None
     for piece in pieces(group, max(1, PIECE_ENTRIES // max(m, 1))):
@@ -346,19 +418,19 @@ def combine_blocks(
             xp, G, X, A[0, ...], alpha=alpha, dtype=dtype, start=group.start, stop=group.end
         )
     m, k = G.shape[0], X.shape[1]
-    served = _kernel_operands(xp, G, X, A)
-    if served is not None:
-        (Gh, storage), (Xh, Ah) = served
+    route = _kernel_operands(xp, G, X, A)
+    if route is not None:
+        mod, (Xh, Ah) = route.mod, route.views
         s = group.size
-        npdtype = np.float64 if dtype == xp.float64 else np.float32
-        C = np.transpose(Ah, (0, 2, 1)) * -alpha  # (count, k, m)
-        Xb = np.transpose(np.reshape(Xh, (group.count, s, k)), (0, 2, 1))
-        Yb = _fused.combine64_blocks(
-            Gh, C, np.full(k, alpha), Xb, start=group.start, block_size=s, dtype=npdtype,
-            storage=storage,
+        out_dtype = mod.float64 if dtype == xp.float64 else mod.float32
+        C = mod.ascontiguousarray(mod.transpose(Ah, (0, 2, 1)) * -alpha)  # (count, k, m)
+        Xb = mod.ascontiguousarray(mod.transpose(mod.reshape(Xh, (group.count, s, k)), (0, 2, 1)))
+        Yb = route.passes.combine64_blocks(
+            route.G, C, mod.full(k, alpha, dtype=mod.float64), Xb, start=group.start,
+            block_size=s, dtype=out_dtype, storage=route.storage,
         )  # fmt: skip
-        Y = np.reshape(np.transpose(Yb, (0, 2, 1)), (group.count * s, k))
-        return _back(xp, Y, X)
+        Y = mod.reshape(mod.transpose(Yb, (0, 2, 1)), (group.count * s, k))
+        return _back(xp, mod.ascontiguousarray(Y), X)
     parts = []
     # Pieces come block by block and, within a block, column range by column range, so
     # their rows, one after the other, are the group's rows in order.

@@ -44,6 +44,11 @@ _CONSTANTS = {
     "MFAC_TRSM_FORWARD": _plan.TRSM_FORWARD,
     "MFAC_TRSM_TRANS": _plan.TRSM_TRANS,
     "MFAC_TRSM_IDENTITY": _plan.TRSM_IDENTITY,
+    "MFAC_PASS_MAX_K": _plan.PASS_MAX_K,
+    "MFAC_PASS_ACC": _plan.PASS_ACC,
+    "MFAC_PASS_ROWS": _plan.PASS_ROWS,
+    "MFAC_PASS_GROUPS": _plan.PASS_GROUPS,
+    "MFAC_PASS_COLS": _plan.PASS_COLS,
 }
 _CTYPES_SCALARS = {"int": ctypes.c_int, "i64": ctypes.c_longlong}
 
@@ -54,6 +59,8 @@ class HostError(RuntimeError):
 
 
 def _c_param(kind: str, scalar: str) -> str:
+    if kind in _plan.CONCRETE_KINDS:
+        return kind
     return {
         "T*": f"{scalar}*",
         "const T*": f"const {scalar}*",
@@ -66,10 +73,12 @@ def _c_param(kind: str, scalar: str) -> str:
 
 
 def shim_source() -> str:
-    """C++ source that includes the kernels and defines ``host_<kernel>_<f64|f32>``.
+    """C++ source that includes the kernels and defines ``host_<function>`` for each function.
 
-    Each shim is ``int host_NAME(unsigned grid, unsigned long long seed, int workers, ...)``
-    with the kernel's parameters; it returns 0 or a ``cuda_host`` error code.
+    The functions are ``<kernel>_<f64|f32>`` for the typed kernels and ``<kernel>`` for the
+    others (:func:`_plan.function_names`). Each shim is ``int host_NAME(unsigned grid, unsigned
+    long long seed, int workers, ...)`` with the kernel's parameters; it returns 0 or a
+    ``cuda_host`` error code.
     """
     lines = ['#include "cuda_host.h"']
     lines += [f'#include "{name}"' for name in sorted({k.source for k in _plan.KERNELS.values()})]
@@ -78,16 +87,17 @@ def shim_source() -> str:
         for macro, value in _CONSTANTS.items()
     ]
     for name, kernel in _plan.KERNELS.items():
-        for suffix, scalar in (("f64", "double"), ("f32", "float")):
+        variants = (("_f64", "double"), ("_f32", "float")) if kernel.typed else (("", ""),)
+        for suffix, scalar in variants:
             params = "".join(
                 f", {_c_param(kind, scalar)} a{i}" for i, kind in enumerate(kernel.params)
             )
             args = ", ".join(f"a{i}" for i in range(len(kernel.params)))
             lines += [
-                f'extern "C" int host_{name}_{suffix}(unsigned grid, unsigned long long seed, '
+                f'extern "C" int host_{name}{suffix}(unsigned grid, unsigned long long seed, '
                 f"int workers{params})",
                 "{",
-                f"    return cuda_host::launch(grid, MFAC_THREADS, [&] {{ {name}_{suffix}({args}); "
+                f"    return cuda_host::launch(grid, MFAC_THREADS, [&] {{ {name}{suffix}({args}); "
                 "}, seed, workers);",
                 "}",
             ]
@@ -100,12 +110,17 @@ class _Guarded:
     def __init__(self) -> None:
         self._buffers: list[tuple[np.ndarray, int, int]] = []
 
-    def new(self, shape: tuple[int, ...], dtype: str, fill: float) -> np.ndarray:
+    def new(self, shape: tuple[int, ...], dtype: str, fill: float | None) -> np.ndarray:
+        """A guarded array filled with ``fill``, or with all bits set (-1, or the largest
+        unsigned integer) for ``None``."""
         dt = np.dtype(dtype)
         nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
         raw = np.full(nbytes + 2 * _GUARD_BYTES, _GUARD_BYTE, dtype=np.uint8)
         body = raw[_GUARD_BYTES : _GUARD_BYTES + nbytes].view(dt).reshape(shape)
-        body[...] = fill
+        if fill is None:
+            raw[_GUARD_BYTES : _GUARD_BYTES + nbytes] = 0xFF
+        else:
+            body[...] = fill
         self._buffers.append((raw, _GUARD_BYTES, nbytes))
         return body
 
@@ -123,10 +138,13 @@ class _HostExecutor:
         self.guarded = _Guarded()
 
     def empty(self, shape: tuple[int, ...], dtype: str) -> np.ndarray:
-        return self.guarded.new(shape, dtype, np.nan if np.dtype(dtype).kind == "f" else -1)
+        return self.guarded.new(shape, dtype, np.nan if np.dtype(dtype).kind == "f" else None)
 
     def zeros(self, shape: tuple[int, ...], dtype: str) -> np.ndarray:
         return self.guarded.new(shape, dtype, 0)
+
+    def full(self, shape: tuple[int, ...], value: float, dtype: str) -> np.ndarray:
+        return self.guarded.new(shape, dtype, value)
 
     def copy(self, a: Any, dtype: str) -> np.ndarray:
         out = self.empty(tuple(np.shape(a)), dtype)
@@ -285,3 +303,67 @@ class HostKernels:
             return np.array(target)
 
         return self._run(run)
+
+    def project64(
+        self, G: np.ndarray, X: np.ndarray, *, start: int, stop: int, storage: str | None = None
+    ) -> np.ndarray:
+        return np.array(self._run(_ops.project64, G, X, start=start, stop=stop, storage=storage))
+
+    def combine64(
+        self,
+        G: np.ndarray,
+        C: np.ndarray,
+        alpha: Any,
+        X: np.ndarray,
+        *,
+        start: int,
+        stop: int,
+        dtype: Any,
+        storage: str | None = None,
+    ) -> np.ndarray:
+        return np.array(
+            self._run(
+                _ops.combine64, G, C, alpha, X, start=start, stop=stop, dtype=dtype, storage=storage
+            )
+        )
+
+    def project64_blocks(
+        self,
+        G: np.ndarray,
+        X: np.ndarray,
+        *,
+        start: int,
+        block_size: int,
+        storage: str | None = None,
+    ) -> np.ndarray:
+        return np.array(
+            self._run(
+                _ops.project64_blocks, G, X, start=start, block_size=block_size, storage=storage
+            )
+        )
+
+    def combine64_blocks(
+        self,
+        G: np.ndarray,
+        C: np.ndarray,
+        alpha: Any,
+        X: np.ndarray,
+        *,
+        start: int,
+        block_size: int,
+        dtype: Any,
+        storage: str | None = None,
+    ) -> np.ndarray:
+        return np.array(
+            self._run(
+                _ops.combine64_blocks,
+                G,
+                C,
+                alpha,
+                X,
+                start=start,
+                block_size=block_size,
+                dtype=dtype,
+                storage=storage,
+            )
+        )

@@ -8,6 +8,7 @@ current stream, with CuPy arrays for buffers.
 
 from __future__ import annotations
 
+import numbers
 import os
 from typing import Any
 
@@ -17,7 +18,17 @@ import numpy as np
 from . import _ops, _plan
 from ._source import kernel_source
 
-__all__ = ["cholesky", "potrf", "replace", "solve_triangular", "triangular_inverse"]
+__all__ = [
+    "cholesky",
+    "combine64",
+    "combine64_blocks",
+    "potrf",
+    "project64",
+    "project64_blocks",
+    "replace",
+    "solve_triangular",
+    "triangular_inverse",
+]
 
 #: NVRTC options. No fast-math: the factorisations rely on IEEE division and square root.
 NVRTC_OPTIONS = ("--std=c++17",)
@@ -52,6 +63,10 @@ class _CupyExecutor:
 
     def zeros(self, shape: tuple[int, ...], dtype: str) -> Any:
         return cupy.zeros(shape, dtype=dtype)
+
+    def full(self, shape: tuple[int, ...], value: float, dtype: str) -> Any:
+        # A fill kernel with the value as its argument: no copy from the host.
+        return cupy.full(shape, value, dtype=dtype)
 
     def copy(self, a: Any, dtype: str) -> Any:
         return cupy.array(a, dtype=dtype, order="C", copy=True)
@@ -157,3 +172,179 @@ def replace(
     for value, name in ((U, "U"), (b, "b"), (out, "out")):
         _check(value, name)
     return _ops.replace(_EXECUTOR, U, p, b, c, out)
+
+
+# -- the passes over the stored gradients --------------------------------------------------------
+#
+# Every array argument must be a cupy.ndarray on the current device (alpha may also be a real
+# number); the results are new arrays. See the package's docstring for the semantics.
+
+
+def _check_passes(**arrays: Any) -> None:
+    for name, value in arrays.items():
+        if not (name == "alpha" and isinstance(value, numbers.Real)):
+            _check(value, name)
+
+
+def project64(G: Any, X: Any, /, *, start: int, stop: int, storage: str | None = None) -> Any:
+    """``X @ G[:, start:stop].T`` summed in float64, on the GPU.
+
+    Parameters
+    ----------
+    G : cupy.ndarray
+        (m, ld), C-contiguous, read in place: float32, float64, float16, or uint16 holding
+        float16 or bfloat16 bits (``storage`` says which).
+    X : cupy.ndarray
+        (k, stop - start), or (stop - start,) for one vector; float32 or float64 (float16 is
+        widened to a float32 copy, exactly).
+    start, stop : int
+        The columns of G, ``0 <= start <= stop <= ld``.
+    storage : {"float32", "float64", "float16", "bfloat16"}, optional
+        How G's items are stored; None: from G's dtype.
+
+    Returns
+    -------
+    cupy.ndarray
+        (k, m) float64, or (m,) for a 1-D ``X``: ``P[k, i] = sum_j G[i, start + j] X[k, j]``.
+
+    Notes
+    -----
+    Every product and sum is in float64, in an order fixed by the shapes (the same inputs give
+    the same bits at every call). Launches on the current stream, with no synchronisation and no
+    copy between host and device: at most 2 per group of 8 vectors, whatever the columns.
+    """
+    _check_passes(G=G, X=X)
+    return _ops.project64(_EXECUTOR, G, X, start=start, stop=stop, storage=storage)
+
+
+def combine64(
+    G: Any,
+    C: Any,
+    alpha: Any,
+    X: Any,
+    /,
+    *,
+    start: int,
+    stop: int,
+    dtype: Any,
+    storage: str | None = None,
+) -> Any:
+    """``alpha[:, None] * X + C @ G[:, start:stop]`` in float64, rounded once, on the GPU.
+
+    Parameters
+    ----------
+    G : cupy.ndarray
+        (m, ld), C-contiguous, as for :func:`project64`.
+    C : cupy.ndarray
+        (k, m), real floating (taken as float64: a device copy unless it is C-contiguous
+        float64).
+    alpha : float or cupy.ndarray
+        A real number for all k rows (filled into a device array by a kernel), or (k,) real
+        floating.
+    X : cupy.ndarray
+        (k, stop - start), or (stop - start,) shared by the k rows; float32 or float64.
+    start, stop : int
+        The columns of G, ``0 <= start <= stop <= ld``.
+    dtype : cupy.float32 or cupy.float64
+        The result's dtype.
+    storage : str, optional
+        As for :func:`project64`.
+
+    Returns
+    -------
+    cupy.ndarray
+        (k, stop - start) of ``dtype``: ``Y[k, j] = alpha[k] X[k, j] + sum_i C[k, i] G[i, start
+        + j]``, the m terms summed first, ``alpha x`` added last (one FMA), every operation in
+        float64 and the result rounded once to ``dtype``. For the engine's ``alpha (X - G^T A)``
+        pass ``C = -alpha A^T``.
+
+    Notes
+    -----
+    One launch per group of 8 rows of C, on the current stream, whatever the columns; no
+    synchronisation, no copy between host and device. The result is the same bits at every call.
+    """
+    _check_passes(G=G, C=C, alpha=alpha, X=X)
+    return _ops.combine64(
+        _EXECUTOR, G, C, alpha, X, start=start, stop=stop, dtype=dtype, storage=storage
+    )
+
+
+def project64_blocks(
+    G: Any, X: Any, /, *, start: int, block_size: int, storage: str | None = None
+) -> Any:
+    """:func:`project64` of each of ``count`` consecutive blocks of ``block_size`` columns.
+
+    Parameters
+    ----------
+    G : cupy.ndarray
+        (m, ld), C-contiguous, as for :func:`project64`.
+    X : cupy.ndarray
+        (count, k, block_size), float32 or float64.
+    start, block_size : int
+        Block b is the columns ``start + b * block_size`` to ``start + (b + 1) * block_size``;
+        all must lie in G.
+    storage : str, optional
+        As for :func:`project64`.
+
+    Returns
+    -------
+    cupy.ndarray
+        (count, k, m) float64: block b's ``X[b] @ G_b.T``. All blocks in the same launches as
+        one :func:`project64`.
+    """
+    _check_passes(G=G, X=X)
+    return _ops.project64_blocks(
+        _EXECUTOR, G, X, start=start, block_size=block_size, storage=storage
+    )
+
+
+def combine64_blocks(
+    G: Any,
+    C: Any,
+    alpha: Any,
+    X: Any,
+    /,
+    *,
+    start: int,
+    block_size: int,
+    dtype: Any,
+    storage: str | None = None,
+) -> Any:
+    """:func:`combine64` of each of ``count`` consecutive blocks of ``block_size`` columns.
+
+    Parameters
+    ----------
+    G : cupy.ndarray
+        (m, ld), C-contiguous, as for :func:`project64`.
+    C : cupy.ndarray
+        (count, k, m), real floating: each block's coefficients.
+    alpha : float or cupy.ndarray
+        A real number, or (k,) real floating (the same for every block).
+    X : cupy.ndarray
+        (count, k, block_size), float32 or float64.
+    start, block_size : int
+        As for :func:`project64_blocks`.
+    dtype : cupy.float32 or cupy.float64
+        The result's dtype.
+    storage : str, optional
+        As for :func:`project64`.
+
+    Returns
+    -------
+    cupy.ndarray
+        (count, k, block_size) of ``dtype``: block b's ``alpha[:, None] * X[b] + C[b] @ G_b``,
+        summed and rounded as in :func:`combine64`. One launch per group of 8 rows of C for all
+        blocks.
+    """
+    _check_passes(G=G, C=C, alpha=alpha, X=X)
+    return _ops.combine64_blocks(
+        _EXECUTOR,
+        G,
+        C,
+        alpha,
+        X,
+        start=start,
+        block_size=block_size,
+        dtype=dtype,
+        storage=storage,
+    )

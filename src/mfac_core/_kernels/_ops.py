@@ -9,6 +9,7 @@ module checks shapes and dtypes.
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 from typing import Any, Protocol
 
@@ -17,7 +18,17 @@ import numpy as np
 from .._errors import NotPositiveDefinite
 from . import _plan
 
-__all__ = ["cholesky", "potrf", "replace", "solve_triangular", "triangular_inverse"]
+__all__ = [
+    "cholesky",
+    "combine64",
+    "combine64_blocks",
+    "potrf",
+    "project64",
+    "project64_blocks",
+    "replace",
+    "solve_triangular",
+    "triangular_inverse",
+]
 
 
 class ArrayExecutor(_plan.Executor, Protocol):
@@ -28,6 +39,9 @@ class ArrayExecutor(_plan.Executor, Protocol):
 
     def contiguous(self, a: Any, dtype: str) -> Any:
         """``a`` as a C-contiguous array of ``dtype``; ``a`` itself if it already is one."""
+
+    def full(self, shape: tuple[int, ...], value: float, dtype: str) -> Any:
+        """A new array of ``dtype`` filled with ``value`` (on the device: no copy from the host)."""
 
     def broadcast_to(self, a: Any, shape: tuple[int, ...]) -> Any: ...
 
@@ -190,3 +204,259 @@ def replace(ex: ArrayExecutor, U: Any, p: Any, b: Any, c: Any, out: Any) -> Any:
     if status[1] != 0:
         raise NotPositiveDefinite(f"pivot {float(status[0]):g} not positive")
     return out
+
+
+# -- the passes over the stored gradients (passes.cu) ------------------------------------------
+
+#: The dtypes of X that the kernels read as they are; 2-byte ones are widened to float32 (exact).
+_X_DTYPES = ("float32", "float64")
+_X_WIDENED = ("float16", "bfloat16")
+
+
+def _index(value: Any, name: str) -> int:
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {value!r}") from None
+
+
+def _dtype_name(a: Any) -> str:
+    return np.dtype(a.dtype).name
+
+
+def _pass_matrix(ex: ArrayExecutor, G: Any, storage: str | None) -> tuple[Any, str, int, int]:
+    """G as the kernels read it (2-byte storage as its uint16 bits), its storage, m and ld.
+
+    G is read in place, never copied by the CuPy launcher: it must be a C-contiguous matrix.
+    """
+    if G.ndim != 2:
+        raise ValueError(f"G must be a matrix (m, d), got shape {tuple(G.shape)}")
+    if not G.flags.c_contiguous:
+        raise ValueError("G must be C-contiguous: the kernels read its rows in place")
+    own = _dtype_name(G)
+    if storage is None:
+        if own not in _plan.STORAGES:
+            raise TypeError(
+                f"G's dtype {own} is not a storage dtype: float32, float64, float16, bfloat16, "
+                "or uint16 with storage='float16' or 'bfloat16'"
+            )
+        storage = own
+    elif storage not in _plan.STORAGES:
+        raise ValueError(
+            f"storage must be one of {sorted(_plan.STORAGES)} or None, got {storage!r}"
+        )
+    elif own != storage and not (own == "uint16" and storage in _X_WIDENED):
+        raise TypeError(f"G's dtype {own} does not match storage={storage!r}")
+    if storage in _X_WIDENED and own != "uint16":
+        G = G.view("uint16")
+    m, ld = (int(d) for d in G.shape)
+    return ex.contiguous(G, _dtype_name(G)), storage, m, ld
+
+
+def _pass_columns(start: Any, stop: Any, ld: int) -> tuple[int, int]:
+    start, stop = _index(start, "start"), _index(stop, "stop")
+    if not 0 <= start <= stop <= ld:
+        raise ValueError(
+            f"start={start}, stop={stop}: need 0 <= start <= stop <= {ld}, G's columns"
+        )
+    return start, stop
+
+
+def _pass_blocks(start: Any, block_size: Any, count: int, ld: int) -> tuple[int, int]:
+    start, size = _index(start, "start"), _index(block_size, "block_size")
+    if size < 1:
+        raise ValueError(f"block_size must be at least 1, got {size}")
+    if not 0 <= start or start + count * size > ld:
+        raise ValueError(
+            f"{count} blocks of {size} columns from start={start} are not all in G's {ld} columns"
+        )
+    return start, size
+
+
+def _pass_vectors(ex: ArrayExecutor, X: Any) -> Any:
+    """X with its values as float32 or float64, C-contiguous (a copy only where needed)."""
+    name = _dtype_name(X)
+    if name in _X_DTYPES:
+        return ex.contiguous(X, name)
+    if name in _X_WIDENED:
+        return ex.contiguous(X, "float32")
+    raise TypeError(f"X must be float32 or float64 (or float16, bfloat16), got {name}")
+
+
+def _pass_coefficients(ex: ArrayExecutor, C: Any, shape: tuple[int, ...]) -> Any:
+    if np.dtype(C.dtype).kind != "f":
+        raise TypeError(f"C must be a real floating array, got {C.dtype}")
+    if tuple(C.shape) != shape:
+        raise ValueError(f"C must have shape {shape}, got {tuple(C.shape)}")
+    return ex.contiguous(C, "float64")
+
+
+def _pass_alpha(ex: ArrayExecutor, alpha: Any, k: int) -> Any:
+    """alpha as a (k,) float64 array: a real number is filled in on the device."""
+    if isinstance(alpha, numbers.Real):
+        return ex.full((k,), float(alpha), "float64")
+    if not hasattr(alpha, "dtype") or np.dtype(alpha.dtype).kind != "f":
+        raise TypeError(
+            "alpha must be a real number or a real floating array, got "
+            f"{getattr(alpha, 'dtype', type(alpha).__name__)}"
+        )
+    if tuple(alpha.shape) not in ((), (k,)):
+        raise ValueError(f"alpha must be a number or have shape ({k},), got {tuple(alpha.shape)}")
+    if alpha.ndim == 0:
+        alpha = ex.broadcast_to(alpha, (k,))
+    return ex.contiguous(alpha, "float64")
+
+
+def _pass_result(dtype: Any) -> str:
+    try:
+        name = np.dtype(dtype).name
+    except TypeError:
+        name = None
+    if name not in _plan.PASS_FLOATS:
+        raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
+    return name
+
+
+def _project(
+    ex: ArrayExecutor, G: Any, storage: str, ld: int, X: Any, start: int, size: int
+) -> Any:
+    """P (count, k, m) float64 for X (count, k, size), float32 or float64 and C-contiguous."""
+    count, k = int(X.shape[0]), int(X.shape[1])
+    m = int(G.shape[0])
+    plan = _plan.project64(m, k, count, size, start, ld, storage, _dtype_name(X))
+    # The launches write P whole; with no launch (a dimension is 0) it is a sum of nothing.
+    P = (ex.empty if plan.launches else ex.zeros)((count, k, m), "float64")
+    _plan.execute(plan, ex, {"G": G, "X": X, "P": P})
+    return P
+
+
+def _combine(
+    ex: ArrayExecutor,
+    G: Any,
+    storage: str,
+    ld: int,
+    C: Any,
+    a: Any,
+    X: Any,
+    start: int,
+    size: int,
+    dtype: str,
+    *,
+    shared: bool,
+) -> Any:
+    """Y (count, k, size) for C (count, k, m) and X (count, k, size), or (count, size) shared."""
+    count, k, m = (int(d) for d in C.shape)
+    plan = _plan.combine64(
+        m, k, count, size, start, ld, storage, _dtype_name(X), dtype, shared=shared
+    )
+    Y = ex.empty((count, k, size), dtype)
+    _plan.execute(plan, ex, {"G": G, "C": C, "a": a, "X": X, "Y": Y})
+    return Y
+
+
+def project64(
+    ex: ArrayExecutor, G: Any, X: Any, *, start: Any, stop: Any, storage: str | None = None
+) -> Any:
+    """``X @ G[:, start:stop].T`` summed in float64: (k, m) float64, or (m,) for a vector.
+
+    ``G`` (m, ld) C-contiguous, of a storage dtype (float32, float64, float16, bfloat16, or
+    uint16 bits with ``storage``); ``X`` (k, stop - start) or (stop - start,), float32 or float64
+    (2-byte dtypes are widened to float32, exactly).
+    """
+    G, st, m, ld = _pass_matrix(ex, G, storage)
+    start, stop = _pass_columns(start, stop, ld)
+    n = stop - start
+    vector = X.ndim == 1
+    if X.ndim not in (1, 2) or X.shape[-1] != n:
+        raise ValueError(f"X must have shape (k, {n}) or ({n},), got {tuple(X.shape)}")
+    k = 1 if vector else int(X.shape[0])
+    P = _project(ex, G, st, ld, _pass_vectors(ex, X).reshape(1, k, n), start, n)
+    return P.reshape(m) if vector else P.reshape(k, m)
+
+
+def combine64(
+    ex: ArrayExecutor,
+    G: Any,
+    C: Any,
+    alpha: Any,
+    X: Any,
+    *,
+    start: Any,
+    stop: Any,
+    dtype: Any,
+    storage: str | None = None,
+) -> Any:
+    """``alpha[:, None] * X + C @ G[:, start:stop]`` in float64, rounded once: (k, n) of ``dtype``.
+
+    ``C`` (k, m) real (taken as float64), ``alpha`` a number or (k,), ``X`` (k, n) or (n,) shared
+    by the k rows, float32 or float64 (2-byte dtypes widened), ``n = stop - start``.
+    """
+    G, st, m, ld = _pass_matrix(ex, G, storage)
+    start, stop = _pass_columns(start, stop, ld)
+    n = stop - start
+    y = _pass_result(dtype)
+    if C.ndim != 2:
+        raise ValueError(f"C must have shape (k, {m}), got {tuple(C.shape)}")
+    k = int(C.shape[0])
+    C = _pass_coefficients(ex, C, (k, m))
+    shared = X.ndim == 1
+    if tuple(X.shape) != ((n,) if shared else (k, n)):
+        raise ValueError(f"X must have shape ({k}, {n}) or ({n},), got {tuple(X.shape)}")
+    Xk = _pass_vectors(ex, X)
+    Xk = Xk.reshape(1, n) if shared else Xk.reshape(1, k, n)
+    a = _pass_alpha(ex, alpha, k)
+    Y = _combine(ex, G, st, ld, C.reshape(1, k, m), a, Xk, start, n, y, shared=shared)
+    return Y.reshape(k, n)
+
+
+def project64_blocks(
+    ex: ArrayExecutor,
+    G: Any,
+    X: Any,
+    *,
+    start: Any,
+    block_size: Any,
+    storage: str | None = None,
+) -> Any:
+    """:func:`project64` of each of ``count`` blocks of ``block_size`` columns: (count, k, m).
+
+    ``X`` is (count, k, block_size); block b is columns ``start + b * block_size`` on.
+    """
+    G, st, _, ld = _pass_matrix(ex, G, storage)
+    if X.ndim != 3:
+        raise ValueError(f"X must have shape (count, k, block_size), got {tuple(X.shape)}")
+    count = int(X.shape[0])
+    start, size = _pass_blocks(start, block_size, count, ld)
+    if X.shape[2] != size:
+        raise ValueError(f"X must have shape (count, k, {size}), got {tuple(X.shape)}")
+    return _project(ex, G, st, ld, _pass_vectors(ex, X), start, size)
+
+
+def combine64_blocks(
+    ex: ArrayExecutor,
+    G: Any,
+    C: Any,
+    alpha: Any,
+    X: Any,
+    *,
+    start: Any,
+    block_size: Any,
+    dtype: Any,
+    storage: str | None = None,
+) -> Any:
+    """:func:`combine64` of each of ``count`` blocks of ``block_size`` columns: (count, k, size).
+
+    ``C`` is (count, k, m) (each block's coefficients), ``alpha`` a number or (k,), ``X``
+    (count, k, block_size); block b is columns ``start + b * block_size`` on.
+    """
+    G, st, m, ld = _pass_matrix(ex, G, storage)
+    y = _pass_result(dtype)
+    if X.ndim != 3:
+        raise ValueError(f"X must have shape (count, k, block_size), got {tuple(X.shape)}")
+    count, k = int(X.shape[0]), int(X.shape[1])
+    start, size = _pass_blocks(start, block_size, count, ld)
+    if X.shape[2] != size:
+        raise ValueError(f"X must have shape ({count}, {k}, {size}), got {tuple(X.shape)}")
+    C = _pass_coefficients(ex, C, (count, k, m))
+    a = _pass_alpha(ex, alpha, k)
+    return _combine(ex, G, st, ld, C, a, _pass_vectors(ex, X), start, size, y, shared=False)

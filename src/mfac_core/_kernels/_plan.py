@@ -15,13 +15,17 @@ from typing import Any, Protocol
 
 __all__ = [
     "KERNELS",
+    "STORAGES",
     "Buf",
     "Executor",
     "Kernel",
     "Launch",
     "Plan",
     "cholesky",
+    "combine64",
     "execute",
+    "function_names",
+    "project64",
     "replace",
     "trsm",
 ]
@@ -42,8 +46,46 @@ MAX_INT = 2**31 - 1
 #: The appended pivot must exceed this times ``|c|``: the threshold of the generic row edit.
 PIVOT_RTOL = 1e-13
 
+#: Vectors (project64) or rows of C (combine64) per launch of the passes (``MFAC_PASS_MAX_K``).
+PASS_MAX_K = 8
+#: float64 sums per thread of the passes (``MFAC_PASS_ACC``).
+PASS_ACC = 32
+#: project64: rows per row group, and row groups per block, at most (``MFAC_PASS_ROWS``,
+#: ``MFAC_PASS_GROUPS``).
+PASS_ROWS = 8
+PASS_GROUPS = 8
+#: combine64: columns per thread at most (``MFAC_PASS_COLS``).
+PASS_COLS = 8
+#: project64 splits a block's columns into slices until it has about this many blocks: enough
+#: to fill a large GPU (132 SMs, two blocks each) a few times over, few enough that the partial
+#: sums stay small next to G; then the grid no longer grows with the columns.
+PASS_TARGET_BLOCKS = 1024
+#: ... and leaves every lane at least this many columns of its slice, so that adding up the lanes'
+#: sums (a few barriers) stays small next to the slice's own work.
+PASS_MIN_LANE_COLUMNS = 64
+
 #: Kernel-name suffix per compute dtype.
 SUFFIX = {"float64": "f64", "float32": "f32"}
+#: The storage dtypes of G in the passes, with their kernel-name part and C parameter kind (the
+#: 2-byte ones are passed as their bits).
+STORAGES = {
+    "float32": ("f32", "const float*"),
+    "float64": ("f64", "const double*"),
+    "float16": ("f16", "const unsigned short*"),
+    "bfloat16": ("bf16", "const unsigned short*"),
+}
+#: The dtypes of X (and of combine64's result) in the passes: kernel-name digits and C type.
+PASS_FLOATS = {"float32": ("32", "float"), "float64": ("64", "double")}
+#: Parameter kinds that are C types as they are (the passes' kernels have no compute dtype).
+CONCRETE_KINDS = frozenset(
+    {
+        "const float*",
+        "float*",
+        "const double*",
+        "double*",
+        "const unsigned short*",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -52,12 +94,18 @@ class Kernel:
 
     Kinds: ``"T*"``/``"const T*"`` (array of the compute dtype), ``"int*"``/``"const int*"``
     (int32 array), ``"int"`` (C int), ``"i64"`` (C long long), ``"T"`` (a scalar of the
-    compute dtype). The CPU harness generates its C++ shims from these, so a mismatch with
-    the kernel's real signature is a compile error there.
+    compute dtype), and the C types of :data:`CONCRETE_KINDS` (``"const double*"``, ...). The
+    CPU harness generates its C++ shims from these, so a mismatch with the kernel's real
+    signature is a compile error there.
+
+    A ``typed`` kernel comes in one copy per compute dtype, ``NAME_f64`` and ``NAME_f32``,
+    ``T`` standing for that dtype; an untyped one (the passes) is the one function ``NAME``,
+    and its kinds name no ``T``.
     """
 
     source: str
     params: tuple[str, ...]
+    typed: bool = True
 
 
 KERNELS: dict[str, Kernel] = {
@@ -95,6 +143,38 @@ KERNELS: dict[str, Kernel] = {
 }
 
 
+def _pass_kernels() -> dict[str, Kernel]:
+    """The kernels of passes.cu: one per storage dtype of G, dtype of X (and of Y)."""
+    kernels = {}
+    for st, g_kind in STORAGES.values():
+        for xs, x_c in PASS_FLOATS.values():
+            # G, ldg, m, X, xb, xk, kk, size, slices, width, groups, row_tiles, out, ob, os, ok
+            project = (g_kind, "i64", "int", f"const {x_c}*", "i64", "i64", "int", "i64", "int",
+                       "i64", "int", "int", "double*", "i64", "i64", "i64")  # fmt: skip
+            kernels[f"project64_{st}_x{xs}"] = Kernel("passes.cu", project, typed=False)
+            for ys, y_c in PASS_FLOATS.values():
+                # G, ldg, m, C, cb, ck, a, X, xb, xk, kk, size, total, Y, yb, yk
+                combine = (g_kind, "i64", "int", "const double*", "i64", "i64", "const double*",
+                           f"const {x_c}*", "i64", "i64", "int", "i64", "i64", f"{y_c}*", "i64",
+                           "i64")  # fmt: skip
+                kernels[f"combine64_{st}_x{xs}_y{ys}"] = Kernel("passes.cu", combine, typed=False)
+    # partial, slices, per, total, P, pb
+    kernels["project64_sum"] = Kernel(
+        "passes.cu", ("const double*", "int", "i64", "i64", "double*", "i64"), typed=False
+    )
+    return kernels
+
+
+KERNELS.update(_pass_kernels())
+
+
+def function_names(name: str) -> tuple[str, ...]:
+    """The names of the compiled functions of ``KERNELS[name]``: one per compute dtype if typed."""
+    if KERNELS[name].typed:
+        return tuple(f"{name}_{suffix}" for suffix in SUFFIX.values())
+    return (name,)
+
+
 @dataclass(frozen=True)
 class Buf:
     """An array argument: the array bound to ``name``, from element ``offset`` on."""
@@ -116,7 +196,8 @@ class Launch:
 class Plan:
     """Launches in order, and the temporaries they need: name -> (shape, dtype, zeroed).
 
-    A temporary's dtype ``"T"`` stands for the plan's compute dtype.
+    A temporary's dtype ``"T"`` stands for the plan's compute dtype (which the untyped kernels
+    of the passes do not use: their plans say ``"float64"``).
     """
 
     dtype: str
@@ -158,6 +239,17 @@ def _check_sizes(**sizes: int) -> None:
 def _check_dtype(dtype: str) -> None:
     if dtype not in SUFFIX:
         raise ValueError(f"compute dtype must be 'float64' or 'float32', got {dtype!r}")
+
+
+def _check_long(**sizes: int) -> None:
+    for name, value in sizes.items():
+        if not 0 <= value < 2**63:
+            raise ValueError(f"{name}={value} does not fit the kernels' 64-bit sizes")
+
+
+def _check_choice(name: str, value: str, choices: Mapping[str, Any]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {sorted(choices)}, got {value!r}")
 
 
 # Plans are immutable and cheap, but a launch sequence is planned at every call: cache the
@@ -312,6 +404,147 @@ def replace(k: int, p: int, c: float, dtype: str, *, rtol: float = PIVOT_RTOL) -
     return Plan(dtype, tuple(launches), temporaries)
 
 
+def pass_width(kk: int) -> int:
+    """NK, the sums per row or column that the passes keep for ``kk`` vectors: 1, 2, 4 or 8."""
+    if not 1 <= kk <= PASS_MAX_K:
+        raise ValueError(f"kk={kk} is not between 1 and {PASS_MAX_K}")
+    return 1 if kk == 1 else 2 if kk == 2 else 4 if kk <= 4 else 8
+
+
+def project_rows(nk: int) -> int:
+    """project64's rows per row group for NK sums per row (``mfac_pass_shape::rows``)."""
+    return min(PASS_ROWS, PASS_ACC // nk)
+
+
+def combine_columns(nk: int) -> int:
+    """combine64's columns per thread for NK sums per column (``mfac_pass_shape::cols``)."""
+    return min(PASS_COLS, PASS_ACC // nk)
+
+
+@dataclass(frozen=True)
+class ProjectLayout:
+    """How project64's first launch covers ``count`` blocks of ``size`` columns and m rows.
+
+    ``groups`` row groups of ``project_rows(nk)`` rows per block (a tile of rows), ``row_tiles``
+    tiles, each block's columns in ``slices`` slices of ``width`` columns (the last may be
+    narrower): ``count * slices * row_tiles`` blocks.
+    """
+
+    groups: int
+    row_tiles: int
+    slices: int
+    width: int
+
+    @property
+    def lanes(self) -> int:
+        """Threads per row group: they walk the columns of the slice."""
+        return THREADS // self.groups
+
+
+def project_layout(m: int, kk: int, count: int, size: int) -> ProjectLayout:
+    """The layout of project64's first launch (see passes.cu); it depends on the shapes only."""
+    rows = project_rows(pass_width(kk))
+    groups = 1
+    while groups < PASS_GROUPS and groups * rows < m:
+        groups *= 2
+    row_tiles = _ceil(m, groups * rows)
+    lanes = THREADS // groups
+    most = max(1, _ceil(size, lanes * PASS_MIN_LANE_COLUMNS))
+    wanted = max(1, _ceil(PASS_TARGET_BLOCKS, max(1, count * row_tiles)))
+    slices = min(most, wanted)
+    width = max(1, _ceil(size, slices))
+    return ProjectLayout(groups, row_tiles, _ceil(size, width), width)
+
+
+def _pass_shape(m: int, k: int, count: int, size: int, start: int, ld: int) -> None:
+    _check_sizes(m=m)
+    _check_long(k=k, count=count, size=size, start=start, ld=ld)
+    if start + count * size > ld:
+        raise ValueError(
+            f"columns {start} to {start + count * size} are not all in G's {ld} columns"
+        )
+
+
+@lru_cache(maxsize=_PLAN_CACHE)
+def project64(
+    m: int, k: int, count: int, size: int, start: int, ld: int, storage: str, x_dtype: str
+) -> Plan:
+    """``P[b] = G_b X[b]^T`` in float64 for the ``count`` blocks ``G_b`` of ``size`` columns.
+
+    Binds ``G`` (m x ld, in ``storage``; block b is columns ``start + b size`` on), ``X``
+    (count, k, size) of ``x_dtype`` and ``P`` (count, k, m) float64, which every launch writes
+    whole (there are none when a dimension is 0: ``P`` must then be zeros). Per group of
+    :data:`PASS_MAX_K` vectors, ``project64_<S>_<X>`` and, when the columns are split into
+    slices, ``project64_sum``: a number of launches that depends on k alone.
+    """
+    _check_choice("storage", storage, STORAGES)
+    _check_choice("the dtype of X", x_dtype, PASS_FLOATS)
+    _pass_shape(m, k, count, size, start, ld)
+    name = f"project64_{STORAGES[storage][0]}_x{PASS_FLOATS[x_dtype][0]}"
+    launches = []
+    partial = 0
+    for k0 in range(0, k if m and count and size else 0, PASS_MAX_K):
+        kk = min(PASS_MAX_K, k - k0)
+        lay = project_layout(m, kk, count, size)
+        _check_sizes(slices=lay.slices, row_tiles=lay.row_tiles)
+        if lay.slices == 1:
+            out: tuple[Any, ...] = (Buf("P", k0 * m), k * m, 0, m)
+        else:
+            out = (Buf("partial"), lay.slices * kk * m, kk * m, m)
+            partial = max(partial, count * lay.slices * kk * m)
+        args = (Buf("G", start), ld, m, Buf("X", k0 * size), k * size, size, kk, size,
+                lay.slices, lay.width, lay.groups, lay.row_tiles, *out)  # fmt: skip
+        launches.append(Launch(name, _grid(count * lay.slices * lay.row_tiles), args))
+        if lay.slices > 1:
+            launches.append(
+                Launch(
+                    "project64_sum",
+                    _grid(_ceil(count * kk * m, THREADS)),
+                    (Buf("partial"), lay.slices, kk * m, count * kk * m, Buf("P", k0 * m), k * m),
+                )
+            )
+    return Plan("float64", tuple(launches), {"partial": ((partial,), "float64", False)})
+
+
+@lru_cache(maxsize=_PLAN_CACHE)
+def combine64(
+    m: int,
+    k: int,
+    count: int,
+    size: int,
+    start: int,
+    ld: int,
+    storage: str,
+    x_dtype: str,
+    y_dtype: str,
+    *,
+    shared: bool = False,
+) -> Plan:
+    """``Y[b] = a[:, None] X[b] + C[b] G_b`` for the ``count`` blocks ``G_b`` of ``size`` columns.
+
+    Binds ``G`` (as for :func:`project64`), ``C`` (count, k, m) and ``a`` (k,) float64, ``X``
+    (count, k, size) of ``x_dtype``, or (count, size) shared by the k rows, and ``Y`` (count, k,
+    size) of ``y_dtype``, which the launches write whole. One launch of
+    ``combine64_<S>_<X>_<Y>`` per group of :data:`PASS_MAX_K` rows of C.
+    """
+    _check_choice("storage", storage, STORAGES)
+    _check_choice("the dtype of X", x_dtype, PASS_FLOATS)
+    _check_choice("the result dtype", y_dtype, PASS_FLOATS)
+    _pass_shape(m, k, count, size, start, ld)
+    name = f"combine64_{STORAGES[storage][0]}_x{PASS_FLOATS[x_dtype][0]}_y{PASS_FLOATS[y_dtype][0]}"
+    total = count * size
+    xb, xk = (size, 0) if shared else (k * size, size)
+    launches = []
+    for k0 in range(0, k if total else 0, PASS_MAX_K):
+        kk = min(PASS_MAX_K, k - k0)
+        tile = THREADS * combine_columns(pass_width(kk))
+        x = Buf("X", 0 if shared else k0 * size)
+        args = (Buf("G", start), ld, m, Buf("C", k0 * m), k * m, m, Buf("a", k0), x, xb, xk,
+                kk, size, total, Buf("Y", k0 * size), k * size, size)  # fmt: skip
+        launches.append(Launch(name, _grid(_ceil(total, tile)), args))
+    return Plan("float64", tuple(launches), {})
+
+
 def execute(plan: Plan, executor: Executor, arrays: Mapping[str, Any]) -> dict[str, Any]:
     """Allocate the plan's temporaries, run its launches in order; return every array by name."""
     bound = dict(arrays)
@@ -326,5 +559,6 @@ def execute(plan: Plan, executor: Executor, arrays: Mapping[str, Any]) -> dict[s
                 f"{launch.kernel}: {len(launch.args)} arguments for {len(kernel.params)} parameters"
             )
         args = tuple((bound[a.name], a.offset) if isinstance(a, Buf) else a for a in launch.args)
-        executor.launch(kernel, f"{launch.kernel}_{suffix}", launch.grid, args)
+        name = f"{launch.kernel}_{suffix}" if kernel.typed else launch.kernel
+        executor.launch(kernel, name, launch.grid, args)
     return bound

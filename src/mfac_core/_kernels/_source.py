@@ -11,7 +11,7 @@ __all__ = ["DIRECTORY", "SOURCES", "kernel_source"]
 #: The folder of the ``.cu`` files.
 DIRECTORY = Path(__file__).resolve().parent
 #: The files that define kernels (``common.cu`` only holds shared definitions).
-SOURCES = ("cholesky.cu", "trsm.cu", "update.cu")
+SOURCES = ("cholesky.cu", "passes.cu", "trsm.cu", "update.cu")
 
 _INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]+"([A-Za-z0-9_]+\.cu)"[ \t]*$', re.MULTILINE)
 

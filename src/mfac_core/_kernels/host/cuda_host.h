@@ -15,6 +15,7 @@
 // Checked: a barrier reached by some threads of a block while others have exited (divergent
 // __syncthreads) makes launch() return kBarrierDivergence. Not modelled: warps, warp-level
 // intrinsics, atomics, dynamic shared memory, y and z dimensions (the kernels use none of them).
+// Of CUDA's intrinsics, only the bit casts between floating-point and integer types are defined.
 #ifndef MFAC_CUDA_HOST_H
 #define MFAC_CUDA_HOST_H
 
@@ -22,6 +23,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <functional>
@@ -172,5 +174,9 @@ inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 #define blockDim (::cuda_host::tls_worker->block_dim)
 #define gridDim (::cuda_host::tls_worker->grid_dim)
 inline void __syncthreads() { ::cuda_host::syncthreads(); }
+inline double __longlong_as_double(long long x) { return std::bit_cast<double>(x); }
+inline long long __double_as_longlong(double x) { return std::bit_cast<long long>(x); }
+inline float __uint_as_float(unsigned int x) { return std::bit_cast<float>(x); }
+inline unsigned int __float_as_uint(float x) { return std::bit_cast<unsigned int>(x); }
 
 #endif  // MFAC_CUDA_HOST_H
