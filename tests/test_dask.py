@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from mfac_core import FactorizationError, IllConditionedWarning, StaticIHVP
 from mfac_core.pruning import obs_saliency, obs_update, prune
-from mfac_core.testing import SpectralOracle, assert_close, problems
+from mfac_core.testing import SpectralOracle, assert_close, extended_precision_inverse, problems
 
 da = pytest.importorskip("dask.array")
 distributed = pytest.importorskip("distributed")
@@ -166,28 +166,37 @@ def test_properties(dtype):
     check()
 
 
-def test_mixed_gram_falls_back_to_float64(rng):
-    # Gradients in a 3-dimensional subspace with a tiny damping: the float32 Gram's
-    # rounding is far above the last pivots, so the Gram is recomputed in float64 (one
-    # more reduction), as the NumPy set-up does, and the products stay accurate.
+def test_float32_gradients_are_exact_for_vectors_in_the_span(rng):
+    # Gradients in a 3-dimensional subspace with a tiny damping (where a float32 Gram
+    # fails, and earlier versions recomputed it), and gradients with a shared mean at
+    # kappa = 1e7 with x = their mean: the float64 Gram and the float64-summed passes on
+    # the workers keep float32's rounding, as the NumPy operator does.
     m, d, damp = 8, 3000, 1e-7
     B = rng.standard_normal((3, d)) / np.sqrt(d)
     G = rounded(rng.standard_normal((m, 3)) @ B, "float32")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", IllConditionedWarning)
         op = StaticIHVP(da.from_array(G.astype(np.float32), chunks=(m, 1000)), damp=damp)
-    assert op._gram_recomputed == 1
+    assert op._gram_recomputed == 0
     x = rounded(rng.standard_normal(d), "float32")
     oracle = SpectralOracle(G, damp)
     y = op.matvec(da.from_array(x.astype(np.float32), chunks=1000)).compute()
     assert_close(y, oracle.matvec(x), kappa=oracle.kappa)
-    well = StaticIHVP(
-        da.from_array(
-            rounded(rng.standard_normal((m, d)), "float32").astype(np.float32), chunks=(m, 1000)
-        ),
-        damp=1e-2,
-    )
-    assert well._gram_recomputed == 0
+    eps32 = float(np.finfo(np.float32).eps)
+    G = rng.standard_normal(d) + rng.standard_normal((m, d))
+    G = rounded(G / (np.linalg.norm(G, 2) / np.sqrt(m)), "float32")
+    damp = float(np.linalg.norm(G, 2) ** 2 / (m * (1e7 - 1.0)))
+    op = StaticIHVP(da.from_array(G.astype(np.float32), chunks=(m, 700)), damp=damp)
+    for x in (rounded(G.mean(axis=0), "float32"), G[3]):
+        want = extended_precision_inverse(G, damp, x)
+        y = op.matvec(da.from_array(x.astype(np.float32), chunks=1000)).compute()
+        assert np.linalg.norm(y - want) <= 8 * eps32 * np.linalg.norm(want)
+    cols = np.array([0, 699, 700, d - 1])
+    diag = op.diagonal().compute()[cols]
+    want_d = np.array([extended_precision_inverse(G, damp, np.eye(d)[:, j])[j] for j in cols])
+    assert np.all(np.abs(diag - want_d) <= 8 * eps32 * want_d)
+    ent = op.entries(da.from_array(cols), da.from_array(cols)).compute()
+    assert np.all(np.abs(ent - want_d) <= 8 * eps32 * want_d)
 
 
 # -- pruning --------------------------------------------------------------------------------
@@ -282,8 +291,9 @@ def test_non_finite_and_singular_G(bs, rng):
     same = np.repeat(G[:1], 4, axis=0)
     with pytest.raises(FactorizationError, match=r"damp=1e-300.*kappa"):
         StaticIHVP(da.from_array(same, chunks=(4, 5)), damp=1e-300, block_size=bs)
-    with pytest.warns(IllConditionedWarning, match="float32 products may have no correct"):
-        StaticIHVP(da.from_array(G.astype(np.float32), chunks=(4, 5)), damp=1e-9, block_size=bs)
+    # The float64 work is what runs out (eps(float64) kappa >= 1), whatever G's dtype.
+    with pytest.warns(IllConditionedWarning, match="float64"):
+        StaticIHVP(da.from_array(G.astype(np.float32), chunks=(4, 5)), damp=1e-18, block_size=bs)
 
 
 def test_operand_errors(rng):

@@ -6,17 +6,18 @@ chunk; its column chunks decide how the work is split. Two layouts:
 
 *one Woodbury block over every chunk* (the full operator, ``d > m``)
     the float64 Gram ``sum_c G_c G_c^T`` is one reduction over the chunks
-    (each chunk's part built on its worker as the NumPy set-up builds it,
-    mixed precision included), computed and factorised eagerly on the client
-    in NumPy float64 (``_capacitance``); ``W = U^{-T} G`` is then one
-    triangular product per chunk, *persisted*, so that products read W and
-    never G's graph again. A product is the reduction ``C = W X`` (m x k) and
-    ``(X - W^T C) / damp`` per chunk.
+    (each chunk's part summed in float64 on its worker), computed and
+    factorised eagerly on the client in NumPy float64 (``_capacitance``); G is
+    *persisted*, so that products never evaluate its graph again. A product is
+    the G-form of the pass engine on every chunk: the reduction of the float64
+    projections ``P = sum_c G_c X_c`` (m x k), one task ``A = C^{-1} P``, and
+    ``(X_c - G_c^T A) / damp`` per chunk, summed in float64 and rounded once.
 *independent chunks of whole blocks* (block-wise operators, and ``d <= m``)
     blocks never cross a chunk boundary, so each chunk is a block-diagonal
-    operator of its own: its worker runs the NumPy set-up on it (Gram,
-    factors, dense inverses or its W) and keeps the result, persisted as one
-    object per chunk; products, the diagonal and entries are tasks on those.
+    operator of its own: its worker runs the NumPy set-up on it (the G-form's
+    float64 factors, over the chunk's columns) and keeps the result, persisted
+    as one object per chunk; products, the diagonal and entries are tasks on
+    those.
 
 Everything dask needs on a worker is a module-level function here, so that
 ``dask.distributed`` can send it by reference.
@@ -31,9 +32,10 @@ from typing import Any
 
 import numpy as np
 
-from . import _capacitance, _layout, _setup, _static
+from . import _capacitance, _engine, _layout, _setup, _static
 from ._compat import Array, array_namespace, is_dask_array
-from ._group_factors import GroupFactor, WoodburyFactor
+from ._gform import GFormFactor
+from ._group_factors import GroupFactor
 from ._layout import BlockGroup, block_groups
 from ._static import StaticIHVP
 from ._validation import check_count, check_flag, check_index_array, check_same_space
@@ -59,14 +61,8 @@ def _non_finite_error(G: Any, offset: int) -> ValueError | None:
     )
 
 
-def _chunk_gram(G: Any, *, mixed: bool) -> Any:
-    """``[G G^T | weight]`` of one chunk, ``(m, m + 1)`` float64, for the Woodbury Gram.
-
-    As ``_setup`` builds a chunk's Gram: for single precision, float32 products
-    over short column pieces added in float64, with the rounding weight of
-    ``_setup.mixed_gram_trusted`` in the last column; for float64, float64
-    products over pieces of bounded width (weight zero).
-    """
+def _chunk_gram(G: Any) -> Any:
+    """``G G^T`` of one chunk, ``(m, m)``, summed in float64 over pieces of bounded width."""
     G = np.asarray(G)
     m, w = G.shape
     group = BlockGroup(0, 1, w)
@@ -74,21 +70,40 @@ def _chunk_gram(G: Any, *, mixed: bool) -> Any:
     def product(X: Any) -> Any:
         return X @ _NP.matrix_transpose(X)
 
-    if mixed:
-        gram, weight = _layout.mixed_chunk_gram(_NP, G, group, [(0, 1, 0, w)], product)
-    else:
-        width = max(1, _setup.PIECE_ENTRIES // m)
-        gram = _layout.chunk_gram(_NP, G, group, list(_layout.pieces(group, width)), product)
-        weight = np.zeros((1, m))
-    return np.concatenate([gram[0], weight[0][:, None]], axis=1)
+    width = max(1, _setup.PIECE_ENTRIES // m)
+    return _layout.chunk_gram(_NP, G, group, list(_layout.pieces(group, width)), product)[0]
 
 
-def _woodbury_diagonal(W: Any, *, damp: float) -> Any:
-    return WoodburyFactor(BlockGroup(0, 1, W.shape[1]), W, damp).diagonal()
+def _whole(G: Any, factor: _capacitance.CapacitanceFactor, damp: float) -> GFormFactor:
+    """One chunk's columns of the full operator's G-form (the factor is the whole one)."""
+    G = np.asarray(G)
+    return GFormFactor(BlockGroup(0, 1, G.shape[1]), G, factor, damp, G.dtype)
 
 
-def _woodbury_entries(W: Any, rows: Any, cols: Any, *, damp: float) -> Any:
-    return WoodburyFactor(BlockGroup(0, 1, W.shape[1]), W, damp).entries(rows, cols)
+def _project_chunk(G: Any, X: Any) -> Any:
+    return _engine.project(_NP, np.asarray(G), np.asarray(X))
+
+
+def _solve(factor: _capacitance.CapacitanceFactor, *parts: Any) -> Any:
+    """``C^{-1} sum(parts)``: the chunks' projections added in their order, then solved."""
+    P = parts[0]
+    for part in parts[1:]:
+        P = P + part
+    return factor.solve(P[None, ...])[0, ...]
+
+
+def _combine_chunk(G: Any, X: Any, A: Any, *, damp: float, dtype: Any) -> Any:
+    return _engine.combine(_NP, np.asarray(G), np.asarray(X), A, alpha=1.0 / damp, dtype=dtype)
+
+
+def _woodbury_diagonal(G: Any, *, factor: _capacitance.CapacitanceFactor, damp: float) -> Any:
+    return _whole(G, factor, damp).diagonal()
+
+
+def _woodbury_entries(
+    G: Any, rows: Any, cols: Any, *, factor: _capacitance.CapacitanceFactor, damp: float
+) -> Any:
+    return _whole(G, factor, damp).entries(rows, cols)
 
 
 @dataclass(frozen=True)
@@ -133,13 +148,10 @@ def _chunk_inverse(
 ) -> _ChunkInverse:
     """The NumPy set-up of one chunk of whole blocks (its columns start at ``offset``)."""
     G = np.asarray(G)
-    m, w = G.shape
-    groups = block_groups(w, min(block_size, w))
-    wood_end = max((g.end for g in groups if g.size > m), default=0)
-    sink = _setup.choose_sink(_NP, G, wood_end, overwrite_G=False, device="cpu")
+    groups = block_groups(G.shape[1], min(block_size, G.shape[1]))
     try:
-        result = _setup.factorize_groups(
-            _NP, G, groups, damp=damp, sink=sink, check_finite=check_finite, progress=None
+        result = _setup.factorize_gform_groups(
+            _NP, G, groups, damp=damp, dtype=G.dtype, check_finite=check_finite, progress=None
         )
     except ValueError:
         # The set-up names a column of the chunk; say which column of G it is.
@@ -197,8 +209,8 @@ class DaskStaticIHVP(StaticIHVP):
     block_size : int, optional
         As for :class:`~mfac_core.StaticIHVP`.
     overwrite_G : bool, optional
-        Accepted and without effect: Dask arrays are immutable graphs, and W
-        is a new persisted array (G is left as it is).
+        Accepted and without effect: Dask arrays are immutable graphs, and no
+        W is stored (G is left as it is).
     check_finite : bool, optional
         Check G (from its Gram diagonals, at no extra pass) and each input
         vector for NaN and infinity; the vector check computes
@@ -209,7 +221,7 @@ class DaskStaticIHVP(StaticIHVP):
         Must be ``None``: Dask's own diagnostics (the ``dask.distributed``
         dashboard, ``dask.diagnostics.ProgressBar``) show the set-up's tasks.
     out, stream_to, comm : None, optional
-        Must be ``None``: W stays with Dask's workers, which also move the
+        Must be ``None``: G stays with Dask's workers, which also move the
         chunks and spread the work (:class:`StaticIHVP`'s options for memmap
         files, GPU streaming and column sharding do not apply).
 
@@ -238,19 +250,20 @@ class DaskStaticIHVP(StaticIHVP):
     The full operator (``d > m``) has one Woodbury block over all chunks:
     the float64 Gram :math:`G G^\top = \sum_c G_c G_c^\top` is one reduction
     over the chunks, computed at construction and factorised in NumPy on the
-    client (:math:`m \times m`); :math:`W = U^{-\top} G` is one product per
-    chunk, persisted (:math:`m d` entries across the workers, as the NumPy
-    operator keeps them), so that a product reads W, never G's graph again:
+    client (:math:`m \times m`); G is persisted (its :math:`m d` entries
+    stay on the workers), so that a product never evaluates G's graph again.
+    A product is the G-form of the NumPy operator, chunk by chunk:
 
     .. math::
 
-        C = W X = \sum_c W_c X_c, \qquad
-        Y_c = (X_c - W_c^\top C) / \lambda .
+        P = \sum_c G_c X_c, \qquad A = C^{-1} P, \qquad
+        Y_c = (X_c - G_c^\top A) / \lambda ,
 
-    The set-up reads G twice (Gram, then W): persist G first if its graph is
-    expensive. Block-wise operators (and ``d <= m``) are independent per
-    chunk: each worker runs the NumPy set-up on its chunk and keeps its
-    factors. Precision is that of the NumPy operator of the same dtype.
+    both passes summed in float64 on the workers and each result rounded once,
+    so precision is that of the NumPy operator (docs/mathematics.rst, "Exact
+    passes"); the diagonal and entries whiten G's columns in float64.
+    Block-wise operators (and ``d <= m``) are independent per chunk: each
+    worker runs the NumPy set-up on its chunk and keeps its factors.
 
     Examples
     --------
@@ -324,8 +337,8 @@ class DaskStaticIHVP(StaticIHVP):
             G = G.rechunk({1: tuple(c for c in G.chunks[1] if c)})
         self.chunks: tuple[int, ...] = tuple(int(c) for c in G.chunks[1])
         self.refine = 0
-        self._G = None
-        self._W: Any = None
+        self._G: Any = None  # the full operator's persisted G
+        self._factor: Any = None  # and its float64 capacitance factor
         self._parts: tuple[Any, ...] = ()
         if B == d and d > m:
             self._init_woodbury(G, check_finite)
@@ -349,45 +362,24 @@ class DaskStaticIHVP(StaticIHVP):
         import dask.array as da
 
         m, damp = self.num_grads, self.damp
-        mixed = G.dtype != np.float64
-
-        def gram(mixed: bool) -> Any:
-            parts = [
-                da.from_delayed(
-                    dask.delayed(_chunk_gram, pure=True)(part, mixed=mixed),
-                    shape=(m, m + 1),
-                    dtype=np.float64,
-                )
-                for part in G.to_delayed().ravel()
-            ]
-            # One reduction: dask sums the chunks' parts in a tree.
-            both = np.asarray(da.stack(parts).sum(axis=0).compute())
-            gram = both[:, :m]
-            if check_finite and not np.all(np.isfinite(np.diagonal(gram))):
-                self._raise_non_finite(G)
-            return gram, both[:, m]
-
+        parts = [
+            da.from_delayed(
+                dask.delayed(_chunk_gram, pure=True)(part), shape=(m, m), dtype=np.float64
+            )
+            for part in G.to_delayed().ravel()
+        ]
+        # One reduction: dask sums the chunks' parts in a tree.
+        gram = np.asarray(da.stack(parts).sum(axis=0).compute())
+        if check_finite and not np.all(np.isfinite(np.diagonal(gram))):
+            self._raise_non_finite(G)
         self._gram_recomputed = 0
-        if mixed:
-            factor, self._gram_recomputed = _setup.mixed_precision_factor(
-                _NP, lambda: gram(True), lambda: gram(False)[0], m=m, damp=damp
-            )
-        else:
-            factor = _capacitance.factorize(
-                _NP, gram(False)[0], shift=m * damp, scale=1.0, damp=damp
-            )
-        Linv = factor.lower_inverse().astype(G.dtype)
-        # One product per chunk (Linv has one chunk); persisted, so that no product
-        # evaluates G's graph again.
-        self._W = (da.from_array(Linv, chunks=-1) @ G).persist()
+        factor = _capacitance.factorize(_NP, gram[None, ...], shift=m * damp, scale=1.0, damp=damp)
+        self._factor = factor
+        # Persisted, so that no product evaluates G's graph again.
+        self._G = G.persist()
         assert factor.kappa is not None  # factorize always bounds kappa
         self.kappa_bound = factor.kappa[1]
-        _capacitance.warn_if_hopeless(
-            factor.kappa[0],
-            damp=damp,
-            eps=float(np.finfo(G.dtype).eps),
-            dtype=self.dtype,
-        )
+        self._warn_if_hopeless(factor.kappa[0])
 
     def _init_chunks(self, G: Array, check_finite: bool) -> None:
         import dask
@@ -407,12 +399,7 @@ class DaskStaticIHVP(StaticIHVP):
         summaries = dask.compute(*[dask.delayed(_summary)(p) for p in self._parts])
         self.kappa_bound = max(s[1] for s in summaries)
         self._gram_recomputed = sum(s[2] for s in summaries)
-        _capacitance.warn_if_hopeless(
-            max(s[0] for s in summaries),
-            damp=self.damp,
-            eps=float(np.finfo(G.dtype).eps),
-            dtype=self.dtype,
-        )
+        self._warn_if_hopeless(max(s[0] for s in summaries))
 
     @staticmethod
     def _raise_non_finite(G: Array) -> None:
@@ -437,11 +424,20 @@ class DaskStaticIHVP(StaticIHVP):
         import dask.array as da
 
         X = X.rechunk({0: self.chunks, 1: -1})
-        if self._W is not None:
-            W = self._W
-            C = W @ X  # the m x k reduction over the chunks
-            return (X - W.T @ C) / self.damp
         k = X.shape[1]
+        if self._G is not None:
+            gs, xs = self._G.to_delayed().ravel(), X.to_delayed()[:, 0]
+            projections = [dask.delayed(_project_chunk)(g, x) for g, x in zip(gs, xs, strict=True)]
+            A = dask.delayed(_solve)(self._factor, *projections)  # the m x k reduction
+            combined = [
+                da.from_delayed(
+                    dask.delayed(_combine_chunk)(g, x, A, damp=self.damp, dtype=self.dtype),
+                    shape=(n, k),
+                    dtype=self.dtype,
+                )
+                for g, x, n in zip(gs, xs, self.chunks, strict=True)
+            ]
+            return da.concatenate(combined, axis=0)
         parts = [
             da.from_delayed(dask.delayed(_apply)(op, x), shape=(n, k), dtype=self.dtype)
             for op, x, n in zip(self._parts, X.to_delayed()[:, 0], self.chunks, strict=True)
@@ -465,9 +461,13 @@ class DaskStaticIHVP(StaticIHVP):
         import dask
         import dask.array as da
 
-        if self._W is not None:
-            return self._W.map_blocks(
-                _woodbury_diagonal, damp=self.damp, drop_axis=0, dtype=self.dtype
+        if self._G is not None:
+            return self._G.map_blocks(
+                _woodbury_diagonal,
+                factor=self._factor,
+                damp=self.damp,
+                drop_axis=0,
+                dtype=self.dtype,
             )
         parts = [
             da.from_delayed(dask.delayed(_diagonal)(op), shape=(n,), dtype=self.dtype)
@@ -514,16 +514,17 @@ class DaskStaticIHVP(StaticIHVP):
         r = check_index_array(np.asarray(r_np), "rows", xp=_NP, device="cpu", bound=self.dim)
         c = check_index_array(np.asarray(c_np), "cols", xp=_NP, device="cpu", bound=self.dim)
         r, c = r.reshape(-1), c.reshape(-1)
-        if self._W is not None:
+        if self._G is not None:
             # One block: every pair. The columns asked for, in increasing order (one task
-            # per chunk of W), as one chunk; then the pairs as the NumPy factor forms them.
+            # per chunk of G), as one chunk; then the pairs as the NumPy G-form forms them.
             n = r.shape[0]
             cols_u, where = np.unique(np.concatenate([r, c]), return_inverse=True)
-            Wu = self._W[:, cols_u].rechunk({1: -1})
-            vals = Wu.map_blocks(
+            Gu = self._G[:, cols_u].rechunk({1: -1})
+            vals = Gu.map_blocks(
                 _woodbury_entries,
                 where[:n],
                 where[n:],
+                factor=self._factor,
                 damp=self.damp,
                 drop_axis=0,
                 chunks=((n,),),

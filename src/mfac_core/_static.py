@@ -241,10 +241,10 @@ class StaticIHVP(_BlockOperatorBase):
     ``refine`` removes. For float64 G the
     relative error is about ``eps * sqrt(kappa) * ||x|| / (damp ||y||)`` for
     ``y = F^{-1} x``, which one step of ``refine`` brings to about ``eps *
-    ||x|| / (damp ||y||) <= eps * kappa``. The column-sharded operator is as
-    exact; the Dask operator and ``stream_to`` still store ``W`` in G's
-    dtype and sum its passes in that dtype: their float32 error is up to
-    ``eps * kappa * ||x|| / (damp ||y||)``.
+    ||x|| / (damp ||y||) <= eps * kappa``. The column-sharded and Dask
+    operators are as exact; ``stream_to`` still stores ``W`` in G's dtype
+    and sums its passes in that dtype: its float32 error is up to ``eps *
+    kappa * ||x|| / (damp ||y||)``.
 
     **Column-sharded (``comm``).** Everything m x m is replicated: the
     float64 Gram matrix is summed over the ranks (one reduction of m^2
