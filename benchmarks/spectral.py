@@ -6,7 +6,9 @@ Usage::
     python benchmarks/spectral.py --m 64 --d 5e5 --repeat 5
     python benchmarks/spectral.py --quick          # CI smoke run, d = 1e5, m = 32
 
-It prints the machine facts and three markdown tables:
+It prints the machine facts and three markdown tables (every timed call after a pause of
+``PAUSE`` s without BLAS calls, so that no candidate runs beside another pool's spinning
+threads):
 
 **Set-up**: ``SpectralIHVP(G)`` and ``StaticIHVP(G)`` (both ``damp=1e-5``) against the
 floor measured in the same run, interleaved: one ``dsyrk`` of a float64 copy of G (the
@@ -38,6 +40,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 import warnings
 from typing import Any
 
@@ -54,6 +57,15 @@ from mfac_core.testing import SpectralOracle
 
 SWEEP_TARGET = 1.6
 DAMP = 1e-5
+#: Seconds without BLAS calls before each timed call (not timed): OpenBLAS's idle threads
+#: spin for about 0.1 s after each threaded call and hold the cores, and NumPy's and SciPy's
+#: OpenBLAS are two pools, so whichever candidate followed the SciPy floor ran on a
+#: contended machine (1.5x slower set-ups and products in one run).
+PAUSE = 0.15
+
+
+def pause() -> None:
+    time.sleep(PAUSE)
 
 
 def make_grads(m: int, d: int, dtype: Any, seed: int, kappa: float = 1e4) -> np.ndarray:
@@ -90,9 +102,9 @@ def timing_rows(
     G = make_grads(m, d, dtype, seed)
     G64: Any = np.asfortranarray(G.T, dtype=np.float64)  # d x m, column-major: syrk's A^T A
     setup = {
-        "floor": (lambda _: blas.dsyrk(1.0, G64, trans=1), None),
-        "SpectralIHVP": (lambda _: mfac_core.SpectralIHVP(G, damp=DAMP), None),
-        "StaticIHVP": (lambda _: mfac_core.StaticIHVP(G, damp=DAMP), None),
+        "floor": (lambda _: blas.dsyrk(1.0, G64, trans=1), pause),
+        "SpectralIHVP": (lambda _: mfac_core.SpectralIHVP(G, damp=DAMP), pause),
+        "StaticIHVP": (lambda _: mfac_core.StaticIHVP(G, damp=DAMP), pause),
     }
     t = common.interleaved(setup, repeat)
     floor = t["floor"].best
@@ -117,14 +129,14 @@ def timing_rows(
     ops = [spec.with_damp(dp) for dp in damps]
     a = np.random.default_rng(seed + 2).standard_normal(m).astype(dtype)
     cands = {
-        "floor": (lambda _: G.T @ (G @ x + a), None),
-        "spectral matvec": (lambda _: spec.matvec(x), None),
-        "static matvec": (lambda _: chol.matvec(x), None),
-        f"spectral sweep, {k} dampings": (lambda _: spec.sweep(x, damps=damps), None),
-        f"spectral, {k} separate products": (lambda _: [op.matvec(x) for op in ops], None),
-        "spectral diagonal": (lambda _: spec.diagonal(), None),
-        f"spectral diagonal, {k} dampings": (lambda _: spec.diagonal(damps=damps), None),
-        "static diagonal": (lambda _: chol.diagonal(), None),
+        "floor": (lambda _: G.T @ (G @ x + a), pause),
+        "spectral matvec": (lambda _: spec.matvec(x), pause),
+        "static matvec": (lambda _: chol.matvec(x), pause),
+        f"spectral sweep, {k} dampings": (lambda _: spec.sweep(x, damps=damps), pause),
+        f"spectral, {k} separate products": (lambda _: [op.matvec(x) for op in ops], pause),
+        "spectral diagonal": (lambda _: spec.diagonal(), pause),
+        f"spectral diagonal, {k} dampings": (lambda _: spec.diagonal(damps=damps), pause),
+        "static diagonal": (lambda _: chol.diagonal(), pause),
     }
     t = common.interleaved(cands, max(repeat, 5))
     floor = t["floor"].best

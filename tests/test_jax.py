@@ -149,6 +149,8 @@ def test_static_vmap_over_vectors_operators_and_blocks(rng):
     kappa = max(woodbury_kappa(G[:, i : i + B], damp) for i in range(0, d, B))
     assert_close(yb.reshape(d), want, kappa=kappa)
     diag = jax.vmap(lambda o: o.diagonal())(ops).reshape(d)
+    with pytest.raises(ValueError, match=r"under jax\.vmap"):
+        ops.diagonal()
     assert_close(diag, np.diag(dense_inverse(G, damp, block_size=B)), kappa=kappa)
     with pytest.raises(ValueError, match=r"under jax\.vmap"):
         ops.matvec(jnp.asarray(X[0]))

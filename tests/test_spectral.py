@@ -445,3 +445,10 @@ def test_docstring_examples():
         mfac_core._spectral, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
     )
     assert result.failed == 0 and result.attempted > 20
+
+
+def test_sample_takes_numpy_integer_seeds_and_refuses_bools(rng):
+    op = SpectralIHVP(rng.standard_normal((4, 20)), damp=0.5)
+    np.testing.assert_array_equal(op.sample(2, rng=np.int64(3)), op.sample(2, rng=3))
+    with pytest.raises(TypeError, match="rng must be"):
+        op.sample(2, rng=True)

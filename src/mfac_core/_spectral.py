@@ -19,8 +19,11 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
+
+import numpy as np
 
 from . import _capacitance
 from ._compat import (
@@ -145,9 +148,13 @@ class SpectralIHVP(LinearOperator):
     which has no factorisation to fail: any damping works. Both passes over G
     read it in its storage dtype and sum in float64, the m x m work is float64,
     and each result is rounded once, so a product, a diagonal entry or a sweep
-    is within a few ``eps(dtype)`` of the inverse of the Fisher of the stored
-    gradients, plus about ``eps(float64) * error_scale`` (docs/mathematics.rst,
-    "Exact passes"); a warning says where that second term reaches 1. Blocks no
+    is within 8 ``eps(float32)`` of the exact result for the Fisher of the
+    stored float32 (or 2-byte) gradients for ``kappa`` up to 1e6, and up to
+    1e7 for gradients with a shared mean and independent spread; beyond, the
+    float64 eigen-decomposition's own rounding, about ``eps(float64) *
+    kappa^1.5`` for vectors in the gradients' span, takes over (nearly
+    collinear gradients: about 50 ``eps(float32)`` at 1e7; docs/mathematics.rst,
+    "Exact passes"). A warning says where ``eps(float64) * kappa`` reaches 1. Blocks no
     wider than m are applied from the float64 eigenpairs of their ``B x B``
     matrix ``G_b^T G_b`` (O(B) per coordinate), without a pass over G.
 
@@ -433,10 +440,11 @@ class SpectralIHVP(LinearOperator):
         return self._apply(x[:, None], [self.damp])[0, :, 0]
 
     def sweep(self, x: Array, /, *, damps: Sequence[float]) -> Array:
-        """Apply this power of F at each of K dampings to ``x``, in two passes over G.
+        """Apply this power of F at each of K dampings to ``x``.
 
-        ``G x`` once, then the K results together from one more read of G: about
-        the cost of one product, not K (docs/beyond.rst, "Speed").
+        ``G x`` once, then, for one vector on the full operator, all K results
+        from one more read of G (docs/beyond.rst, "Speed"); a matrix ``x`` or a
+        block-wise operator reads G once more per damping.
 
         Parameters
         ----------
@@ -684,13 +692,16 @@ class SpectralIHVP(LinearOperator):
         return root._matmat(Z).T
 
 
+def _is_seed(rng: Any) -> bool:
+    """An integer seed (Python or NumPy integers), never a bool (``True`` is no seed)."""
+    return isinstance(rng, numbers.Integral) and not isinstance(rng, (bool, np.bool_))
+
+
 def _standard_normal(xp: Any, rng: Any, shape: tuple[int, int], dtype: Any, dev: Any) -> Any:
     """Standard normal draws of ``shape`` in namespace ``xp`` on ``dev``, from the caller's rng."""
     name = namespace_name(xp)
     if is_numpy_namespace(xp) or is_array_api_strict_namespace(xp):
-        import numpy as np
-
-        gen = np.random.default_rng(rng) if isinstance(rng, int) else rng
+        gen = np.random.default_rng(int(rng)) if _is_seed(rng) else rng
         if not isinstance(gen, np.random.Generator):
             raise TypeError(
                 f"rng must be a numpy.random.Generator or an int seed for {name} "
@@ -702,7 +713,7 @@ def _standard_normal(xp: Any, rng: Any, shape: tuple[int, int], dtype: Any, dev:
     if is_torch_namespace(xp):
         import torch
 
-        gen = torch.Generator(device=dev).manual_seed(rng) if isinstance(rng, int) else rng
+        gen = torch.Generator(device=dev).manual_seed(int(rng)) if _is_seed(rng) else rng
         if not isinstance(gen, torch.Generator):
             raise TypeError(
                 f"rng must be a torch.Generator or an int seed for torch operators, "
@@ -712,7 +723,7 @@ def _standard_normal(xp: Any, rng: Any, shape: tuple[int, int], dtype: Any, dev:
     if is_jax_namespace(xp):
         import jax
 
-        key = jax.random.key(rng) if isinstance(rng, int) else rng
+        key = jax.random.key(int(rng)) if _is_seed(rng) else rng
         if not isinstance(key, jax.Array):
             raise TypeError(
                 f"rng must be a JAX PRNG key or an int seed for jax operators, "
@@ -722,7 +733,7 @@ def _standard_normal(xp: Any, rng: Any, shape: tuple[int, int], dtype: Any, dev:
     if is_cupy_namespace(xp):
         import cupy
 
-        gen = cupy.random.default_rng(rng) if isinstance(rng, int) else rng
+        gen = cupy.random.default_rng(int(rng)) if _is_seed(rng) else rng
         if not isinstance(gen, cupy.random.Generator):
             raise TypeError(
                 f"rng must be a cupy.random.Generator or an int seed for cupy "

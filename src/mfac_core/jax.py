@@ -286,9 +286,7 @@ class StaticIHVP:
         X = _check_vector(X, "X", self.dim, np.dtype(self.G.dtype), matrix=True)
         if X.ndim == 1:
             return self.matvec(X)
-        return jax.vmap(_static_apply, in_axes=(None, None, 1, None), out_axes=1)(
-            self.G, self.U, X, self.damp
-        )
+        return _static_apply_columns(self.G, self.U, X, self.damp)
 
     def __matmul__(self, x: Any) -> Any:
         return self.matmat(x)
@@ -312,6 +310,10 @@ class StaticIHVP:
             If JAX's 64-bit mode is off.
         """
         _require_x64("StaticIHVP.diagonal")
+        if self.G.ndim != 2:
+            raise ValueError(
+                "a batch of operators (from jax.vmap) must be applied under jax.vmap too"
+            )
         return _static_diagonal(self.G, self.U, self.damp)
 
 
@@ -454,19 +456,41 @@ def _static_setup(G: Any, damp: float) -> tuple[Any, Any, Any, Any]:
 # -- the passes over the gradients, summed in float64 ----------------------------------------
 #
 # Written as fused elementwise loops, which XLA runs as one loop over G. Measured with XLA's
-# CPU backend (m = 64, d = 1e6, float32 G, 2 cores): a float32 GEMV 8-10 ms; G x summed in
-# float64 by dot_general(..., preferred_element_type=float64) 330 ms, as a fused
-# multiply-and-reduce 40 ms; x - G^T a in float64 by dot_general 270 ms, as a reduction over
-# the rows 900 ms, as a loop over groups of 8 rows that XLA fuses 27 ms.
+# CPU backend (m = 64, d = 1e6, float32 G, 2 cores): a float32 GEMV 6-10 ms; G x summed in
+# float64 by dot_general(..., preferred_element_type=float64) 330 ms, over column slabs
+# 14 ms; x - G^T a in float64 by dot_general 270 ms, as a reduction over the rows 900 ms, as
+# a loop over groups of 8 rows that XLA fuses 20-27 ms.
 
 #: Rows of G per step of the loop of :func:`_combine64` (16 and more made XLA's CPU backend
 #: spill the fused loop: 2.5x slower).
 _ROW_GROUP = 8
 
 
+#: float64 entries of the (m, w) slab of partial sums of :func:`_project64` (8 MiB).
+_SLAB_ENTRIES = 2**20
+
+
 def _project64(G: Any, x: Any) -> Any:
-    """``G x`` for one vector ``x`` (d,), every product and sum in float64: (m,) float64."""
-    return jnp.sum(G.astype(jnp.float64) * x.astype(jnp.float64), axis=-1)
+    """``G x`` for one vector ``x`` (d,), every product and sum in float64: (m,) float64.
+
+    A loop over column slabs of G that adds each slab's products into an (m, w) float64
+    slab of partial sums (an elementwise loop XLA fuses), then sums the slab: as a single
+    multiply-and-reduce over d, XLA's CPU backend took 40 ms at m = 64 and 1.7 s at
+    m = 256 (d = 1e6), the slabs 14 and 52 ms.
+    """
+    m, d = G.shape
+    w = max(1, min(d, 4096, _SLAB_ENTRIES // max(m, 1)))
+    full = d // w
+    x64 = x.astype(jnp.float64)
+
+    def body(c: Any, acc: Any) -> Any:
+        g = lax.dynamic_slice_in_dim(G, c * w, w, axis=1).astype(jnp.float64)
+        return acc + g * lax.dynamic_slice_in_dim(x64, c * w, w)
+
+    out = jnp.sum(lax.fori_loop(0, full, body, jnp.zeros((m, w), jnp.float64)), axis=1)
+    if full * w < d:
+        out = out + jnp.sum(G[:, full * w :].astype(jnp.float64) * x64[full * w :], axis=1)
+    return out
 
 
 def _combine64(G: Any, x: Any, a: Any) -> Any:
@@ -489,12 +513,25 @@ def _combine64(G: Any, x: Any, a: Any) -> Any:
     return x.astype(jnp.float64) - y
 
 
+# Jitted (inlined into a caller's jit): called eagerly, the passes would run op by op and
+# build whole float64 copies of G instead of XLA's fused loops (a 244 MiB float32 G took
+# 341 MiB more memory and 6x the time).
+
+
+@functools.partial(jax.jit, static_argnums=3)
 def _static_apply(G: Any, U: Any, x: Any, damp: float) -> Any:
     """``F^{-1} x`` of the G-form, rounded once to G's dtype."""
     a = _solve_upper(U, _solve_upper_t(U, _project64(G, x)))
     return (_combine64(G, x, a) / damp).astype(G.dtype)
 
 
+@functools.partial(jax.jit, static_argnums=3)
+def _static_apply_columns(G: Any, U: Any, X: Any, damp: float) -> Any:
+    """:func:`_static_apply` of each column of ``X``: a loop, not a (k, m, d) temporary."""
+    return lax.map(lambda x: _static_apply(G, U, x, damp), X.T).T
+
+
+@functools.partial(jax.jit, static_argnums=2)
 def _static_diagonal(G: Any, U: Any, damp: float) -> Any:
     """``(1 - ||U^{-T} g_j||^2) / damp`` per column, whitened in float64 chunk by chunk."""
     m, d = G.shape

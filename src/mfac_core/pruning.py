@@ -1072,10 +1072,12 @@ def damping_sweep(
     """
     xp = _check_theta(theta)
     _check_grads(xp, theta, G)
+    given = mask
     mask = _check_mask(xp, theta, mask)
     sparsity = check_fraction(sparsity, "sparsity")
     dampings = check_dampings(dampings, "dampings")  # before the O(d m^2) set-up
-    G = G * xp.astype(mask, G.dtype)  # pruned coordinates decouple, as in prune()
+    if given is not None:
+        G = G * xp.astype(mask, G.dtype)  # pruned coordinates decouple, as in prune()
     op = SpectralIHVP(G, damp=1.0, block_size=block_size)
     diag = op.diagonal(damps=dampings)
     saliency = theta * theta / (2 * diag)
