@@ -199,7 +199,7 @@ class StaticIHVP:
     written as fused elementwise loops over G, not as ``dot_general`` with
     ``preferred_element_type=float64``: XLA's CPU backend ran that 40x slower
     than a float32 GEMV (it has no fast mixed-precision matrix-vector product),
-    the fused loops 2-4x. All of it needs JAX's 64-bit mode.
+    the fused loops about 2-2.5x. All of it needs JAX's 64-bit mode.
     """
 
     G: Any
