@@ -194,3 +194,25 @@ def test_streamed_on_cuda(rng):
     assert (op @ X).device.type == "cuda"
     assert_close(op @ X, ref @ X, kappa=ref.kappa_bound)
     assert_close(op.diagonal(), ref.diagonal(), kappa=ref.kappa_bound)
+
+
+@pytest.mark.parametrize("kappa", [1e3, 1e7])
+def test_streamed_float32_products_are_exact_in_the_span(simulated, kappa, rng):
+    # Gradients with a shared mean, x = their mean: both streams sum in float64, so the
+    # streamed product keeps float32's rounding where a streamed float32 W lost eps32 kappa.
+    from mfac_core.testing import extended_precision_inverse
+
+    m, d = 8, 100
+    G64 = rng.standard_normal(d) + rng.standard_normal((m, d))
+    G64 /= np.linalg.norm(G64, 2) / np.sqrt(m)
+    G = torch.tensor(G64, dtype=torch.float32)
+    G64 = G.double().numpy()
+    damp = float(np.linalg.norm(G64, 2) ** 2 / (m * (kappa - 1.0)))
+    op = StaticIHVP(G, damp=damp, stream_to="cpu")
+    x = G.mean(dim=0)
+    want = extended_precision_inverse(G64, damp, x.double().numpy())
+    y = (op @ x).double().numpy()
+    assert np.linalg.norm(y - want) <= 8 * np.finfo(np.float32).eps * np.linalg.norm(want)
+    d_want = np.array([extended_precision_inverse(G64, damp, np.eye(d)[:, j])[j] for j in (0, 50)])
+    diag = op.diagonal().double().numpy()[[0, 50]]
+    assert np.all(np.abs(diag - d_want) <= 8 * np.finfo(np.float32).eps * d_want)

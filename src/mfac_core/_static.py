@@ -16,6 +16,7 @@ from typing import Any
 from . import _capacitance, _engine, _setup, _sharded_static, _store, _streaming
 from ._compat import Array, device
 from ._errors import user_stacklevel
+from ._gform import GFormFactor
 from ._group_factors import GroupFactor
 from ._layout import block_groups
 from ._operator import LinearOperator
@@ -152,11 +153,11 @@ class StaticIHVP(_BlockOperatorBase):
         larger than memory").
     stream_to : str or torch.device, optional
         PyTorch only: build the operator for this device (e.g. ``"cuda"``)
-        from a G in host memory, keeping W in host memory too (a new pinned
-        array of m x d values, in column pieces), and stream W to the device
-        through two device buffers in every product, the copy of one piece
-        overlapping the computation on the previous one (docs/gpu.rst, "W in
-        host memory"). The set-up runs on the host. Inputs and results are on
+        from a G in host memory, keeping a copy of G in host memory (a new
+        pinned array of m x d values, in column pieces), and stream it to the
+        device through two device buffers in every product, the copy of one
+        piece overlapping the computation on the previous one (docs/gpu.rst,
+        "Gradients in host memory"); both streams sum in float64. The set-up runs on the host. Inputs and results are on
         that device. For the full operator with ``d > m`` and float32/float64
         G only; not with ``overwrite_G``, ``out`` or ``refine``. ``"cpu"``
         runs the same schedule on the host, without overlap.
@@ -241,10 +242,8 @@ class StaticIHVP(_BlockOperatorBase):
     ``refine`` removes. For float64 G the
     relative error is about ``eps * sqrt(kappa) * ||x|| / (damp ||y||)`` for
     ``y = F^{-1} x``, which one step of ``refine`` brings to about ``eps *
-    ||x|| / (damp ||y||) <= eps * kappa``. The column-sharded and Dask
-    operators are as exact; ``stream_to`` still stores ``W`` in G's dtype
-    and sums its passes in that dtype: its float32 error is up to ``eps *
-    kappa * ||x|| / (damp ||y||)``.
+    ||x|| / (damp ||y||) <= eps * kappa``. The column-sharded, Dask and
+    streamed (``stream_to``) operators are as exact.
 
     **Column-sharded (``comm``).** Everything m x m is replicated: the
     float64 Gram matrix is summed over the ranks (one reduction of m^2
@@ -372,7 +371,7 @@ class StaticIHVP(_BlockOperatorBase):
         check_finite: bool,
         progress: Callable[[int, int], None] | None,
     ) -> None:
-        """The set-up on the host, W piece-major in host memory, products on ``stream_to``."""
+        """The set-up on the host, G piece-major in host memory, products on ``stream_to``."""
         xp = self._xp
         full = len(self._groups) == 1 and self._groups[0].count == 1
         target = _streaming.check_stream_to(
@@ -386,27 +385,27 @@ class StaticIHVP(_BlockOperatorBase):
             refine=self.refine,
         )
         (group,) = self._groups
-        width = _streaming.piece_width(self.num_grads, self.dim, G.element_size())
-        host = _streaming.new_host_w(G, target, width)
-        sink = _streaming.PieceMajorSink(xp, host, width, self.dim)
-        result = _setup.factorize_groups(
+        result = _setup.factorize_gform_groups(
             xp,
             G,
             self._groups,
             damp=self.damp,
-            sink=sink,
+            dtype=self.dtype,
             check_finite=check_finite,
             progress=progress,
         )
-        self._G = None
-        # The set-up's WoodburyFactor wraps a placeholder: the streamed factor replaces it.
-        self._factors = (_streaming.StreamedWoodbury.build(group, host, self.damp, target),)
-        self.kappa_bound = result.kappa_hi
-        self._gram_recomputed = result.recomputed
-        self.device = target
-        _capacitance.warn_if_hopeless(
-            result.kappa_lo, damp=self.damp, eps=float(xp.finfo(self.dtype).eps), dtype=self.dtype
+        (gform,) = result.factors
+        assert isinstance(gform, GFormFactor)  # the full operator with d > m
+        width = _streaming.piece_width(self.num_grads, self.dim, G.element_size())
+        host = _streaming.piece_major(G, target, width)
+        self._factors = (
+            _streaming.StreamedGForm.build(group, host, gform.factor, self.damp, target),
         )
+        self._G = None  # the streamed pieces are a copy; G itself is not kept
+        self.kappa_bound = result.kappa_hi
+        self._gram_recomputed = 0
+        self.device = target
+        self._warn_if_hopeless(result.kappa_lo)
 
     @classmethod
     def from_gradients(
@@ -659,8 +658,8 @@ class StaticIHVP(_BlockOperatorBase):
             damp`` with the whitened columns ``w_j = L^{-1} g_j`` formed in
             float64 a bounded piece at a time (no ``W`` is stored), so that the
             cancellation at coordinates the gradients cover well costs float64
-            digits. With ``comm`` (which stores W): this rank's ``d_local``
-            entries in O(d m), without communication.
+            digits. With ``comm``: this rank's ``d_local`` entries, whitened
+            the same way, without communication.
         """
         if self.comm is not None:
             return self._shard.diagonal(self._xp, self.device, self.dtype)

@@ -1,11 +1,14 @@
-"""Products of the static inverse with W in host memory, computed on a device (``stream_to``).
+"""Products of the static inverse with G in host memory, computed on a device (``stream_to``).
 
-For gradients whose ``W = U^{-T} G`` does not fit in device memory but does
-fit in (pinned) host memory: the set-up runs on the host and writes W
-*piece-major* (``(pieces, m, width)``, one contiguous block per column piece,
-so that each piece is one host-to-device copy), and every product streams the
-pieces to the device through two device buffers, so that the copy of piece
-``k + 1`` overlaps the computation on piece ``k``.
+For gradients that do not fit in device memory but do fit in (pinned) host
+memory: the set-up runs on the host (the float64 Gram and its factor, which go
+to the device), G is copied *piece-major* (``(pieces, m, width)``, one
+contiguous block per column piece, so that each piece is one host-to-device
+copy), and every product streams the pieces to the device through two device
+buffers, so that the copy of piece ``k + 1`` overlaps the computation on piece
+``k``. The products are the G-form of the pass engine (``_engine``): the first
+stream of G sums the float64 projection ``P = G X``, the second the float64
+combination ``(X - G^T C^{-1} P) / damp``, rounded once.
 
 The schedule (:class:`DoubleBuffer`) is written against a few stream
 operations (:class:`StreamOps`): run a function on a stream, record an event,
@@ -29,19 +32,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ._compat import Array, is_torch_namespace
+from . import _engine
+from ._capacitance import CapacitanceFactor
+from ._compat import Array, array_namespace, is_torch_namespace
 from ._layout import BlockGroup
 
 __all__ = [
     "DoubleBuffer",
     "ImmediateOps",
-    "PieceMajorSink",
     "StreamOps",
-    "StreamedWoodbury",
+    "StreamedGForm",
     "TorchCudaOps",
     "check_stream_to",
     "make_ops",
-    "new_host_w",
+    "piece_major",
     "piece_width",
 ]
 
@@ -194,33 +198,8 @@ class DoubleBuffer:
 
 
 def piece_width(m: int, d: int, itemsize: int) -> int:
-    """Columns of one streamed piece of an ``(m, d)`` W."""
+    """Columns of one streamed piece of an ``(m, d)`` G."""
     return max(1, min(d, PIECE_BYTES // max(1, m * itemsize)))
-
-
-@dataclass
-class PieceMajorSink:
-    """A set-up sink that writes W into a ``(pieces, m, width)`` host tensor (see module doc)."""
-
-    xp: Any
-    host: Any
-    width: int
-    dim: int
-
-    def store(self, columns: tuple[int, int], Linv: Array, X: Array) -> None:
-        lo, hi = columns
-        # One block: a (1, m, m) factor and (1, m, w) columns.
-        Wc = Linv[0, ...] @ X[0, ...]
-        w = self.width
-        for p in range(lo // w, (hi - 1) // w + 1):
-            a, b = max(lo, p * w), min(hi, (p + 1) * w)
-            self.host[p, :, a - p * w : b - p * w] = Wc[:, a - lo : b - lo]
-
-    def finish(self) -> Array:
-        # The set-up wraps what it gets here in a WoodburyFactor that the operator then
-        # replaces: a zero-stride view of the right shape, holding no memory.
-        m = int(self.host.shape[1])
-        return self.xp.broadcast_to(self.xp.zeros((1, 1), dtype=self.host.dtype), (m, self.dim))
 
 
 def check_stream_to(
@@ -265,45 +244,53 @@ def check_stream_to(
     for flag, name in ((overwrite_G, "overwrite_G"), (out is not None, "out"), (refine, "refine")):
         if flag:
             raise ValueError(
-                f"stream_to keeps W in a pinned host array of its own; {name} is not "
-                "supported with it"
+                f"stream_to keeps a piece-major copy of G in a pinned host array of its own; "
+                f"{name} is not supported with it"
             )
     return target
 
 
-def new_host_w(G: Array, target: Any, width: int) -> Any:
-    """The ``(pieces, m, width)`` host tensor for W, pinned for a CUDA target."""
+def piece_major(G: Array, target: Any, width: int) -> Any:
+    """G copied into a ``(pieces, m, width)`` host tensor, pinned for a CUDA target."""
     import torch
 
     m, d = G.shape
     pieces = -(-d // width)
-    return torch.empty(
+    host = torch.zeros(
         (pieces, m, width), dtype=G.dtype, device="cpu", pin_memory=target.type == "cuda"
     )
+    for p in range(pieces):
+        lo, hi = p * width, min((p + 1) * width, d)
+        host[p, :, : hi - lo] = G[:, lo:hi]
+    return host
 
 
 @dataclass
-class StreamedWoodbury:
-    """The full operator's W in piece-major host memory, applied on ``device`` piece by piece.
+class StreamedGForm:
+    """The full operator's G in piece-major host memory, applied on ``device`` piece by piece.
 
     Offers the group-factor interface of ``_group_factors`` (``apply``,
     ``apply_vector``, ``diagonal``, ``entries``); inputs and results are on
-    ``device``.
+    ``device``, where the float64 capacitance factor lives.
     """
 
     group: BlockGroup
     host: Any
+    factor: CapacitanceFactor
     damp: float
     device: Any
     buffer: DoubleBuffer
 
     @classmethod
-    def build(cls, group: BlockGroup, host: Any, damp: float, device: Any) -> StreamedWoodbury:
+    def build(
+        cls, group: BlockGroup, host: Any, factor: CapacitanceFactor, damp: float, device: Any
+    ) -> StreamedGForm:
         import torch
 
         _, m, w = host.shape
         buffers = [torch.empty((m, w), dtype=host.dtype, device=device) for _ in range(2)]
-        return cls(group, host, damp, device, DoubleBuffer(make_ops(device), buffers))
+        on_device = CapacitanceFactor(factor.U.to(device), factor.shift, factor.scale, factor.kappa)
+        return cls(group, host, on_device, damp, device, DoubleBuffer(make_ops(device), buffers))
 
     @property
     def _width(self) -> int:
@@ -322,54 +309,62 @@ class StreamedWoodbury:
     def apply(self, X: Array, /) -> Array:
         import torch
 
+        xp = array_namespace(X)
         m = self.host.shape[1]
-        C = torch.zeros((m, X.shape[1]), dtype=X.dtype, device=self.device)
+        P = torch.zeros((m, X.shape[1]), dtype=torch.float64, device=self.device)
 
-        def gram_pass(k: int, buf: Any) -> None:
+        def project_pass(k: int, buf: Any) -> None:
             c0, c1 = self._cols(k)
-            C.add_(buf[:, : c1 - c0] @ X[c0:c1, :])
+            P.add_(_engine.project(xp, buf[:, : c1 - c0], X[c0:c1, :]))
 
-        self._pass(gram_pass)
+        self._pass(project_pass)
+        A = self.factor.solve(P[None, ...])[0, ...]
         Y = torch.empty_like(X)
 
-        def out_pass(k: int, buf: Any) -> None:
+        def combine_pass(k: int, buf: Any) -> None:
             c0, c1 = self._cols(k)
-            Y[c0:c1, :] = (X[c0:c1, :] - buf[:, : c1 - c0].T @ C) / self.damp
+            Y[c0:c1, :] = _engine.combine(
+                xp, buf[:, : c1 - c0], X[c0:c1, :], A, alpha=1.0 / self.damp, dtype=X.dtype
+            )
 
-        self._pass(out_pass)
+        self._pass(combine_pass)
         return Y
 
     def apply_vector(self, x: Array, /) -> Array:
         return self.apply(x[:, None])[:, 0]
 
     def diagonal(self) -> Array:
+        # (1 - ||L^{-1} g_j||^2) / damp, each streamed piece whitened in float64.
         import torch
 
+        Linv = self.factor.lower_inverse()[0, ...]
         out = torch.empty((self.group.size,), dtype=self.host.dtype, device=self.device)
 
         def kernel(k: int, buf: Any) -> None:
             c0, c1 = self._cols(k)
-            Wc = buf[:, : c1 - c0].double()
-            out[c0:c1] = (1.0 - (Wc * Wc).sum(0)) / self.damp
+            Z = Linv @ buf[:, : c1 - c0].double()
+            out[c0:c1] = (1.0 - (Z * Z).sum(0)) / self.damp
 
         self._pass(kernel)
         return out
 
     def entries(self, rows: Array, cols: Array, /) -> Array:
-        # Single entries gather their columns of W on the host: the indices go there
-        # (an explicit, small transfer), and only the gathered columns come back.
+        # Single entries gather their columns of G on the host: the indices go there
+        # (an explicit, small transfer), and only the gathered columns come back, to be
+        # whitened in float64 on the device.
         import torch
 
+        Linv = self.factor.lower_inverse()[0, ...]
         m, w = self.host.shape[1], self._width
         n = rows.shape[0]
         step = max(1, CHUNK_ENTRIES // m)
         parts = []
         for lo in range(0, n, step):
             r, c = rows[lo : lo + step].cpu(), cols[lo : lo + step].cpu()
-            Wr = self.host[r // w, :, r % w].to(self.device, torch.float64)
-            Wc = self.host[c // w, :, c % w].to(self.device, torch.float64)
+            Wr = Linv @ self.host[r // w, :, r % w].to(self.device, torch.float64).T
+            Wc = Linv @ self.host[c // w, :, c % w].to(self.device, torch.float64).T
             delta = (rows[lo : lo + step] == cols[lo : lo + step]).double()
-            parts.append(((delta - (Wr * Wc).sum(1)) / self.damp).to(self.host.dtype))
+            parts.append(((delta - (Wr * Wc).sum(0)) / self.damp).to(self.host.dtype))
         if not parts:
             return torch.zeros((0,), dtype=self.host.dtype, device=self.device)
         return torch.cat(parts)
