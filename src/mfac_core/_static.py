@@ -157,8 +157,8 @@ class StaticIHVP(_BlockOperatorBase):
         pinned array of m x d values, in column pieces), and stream it to the
         device through two device buffers in every product, the copy of one
         piece overlapping the computation on the previous one (docs/gpu.rst,
-        "Gradients in host memory"); both streams sum in float64. The set-up runs on the host. Inputs and results are on
-        that device. For the full operator with ``d > m`` and float32/float64
+        "Gradients in host memory"); both streams sum in float64. The set-up
+        runs on the host. Inputs and results are on that device. For the full operator with ``d > m`` and float32/float64
         G only; not with ``overwrite_G``, ``out`` or ``refine``. ``"cpu"``
         runs the same schedule on the host, without overlap.
     comm : Communicator, optional
