@@ -159,8 +159,9 @@ class StaticIHVP(_BlockOperatorBase):
         piece overlapping the computation on the previous one (docs/gpu.rst,
         "Gradients in host memory"); both streams sum in float64. The set-up
         runs on the host. Inputs and results are on that device. For the full
-        operator with ``d > m`` and float32/float64 G only; not with ``overwrite_G``, ``out`` or ``refine``. ``"cpu"``
-        runs the same schedule on the host, without overlap.
+        operator with ``d > m`` and float32/float64 G only; not with
+        ``overwrite_G``, ``out`` or ``refine``. ``"cpu"`` runs the same
+        schedule on the host, without overlap.
     comm : Communicator, optional
         Build the column-sharded (SPMD) operator: every rank of ``comm``
         calls the constructor with its contiguous range of G's columns
