@@ -1,11 +1,9 @@
 """The Gram of the stored gradients, summed in float64 (docs/mathematics.rst, "Exact passes").
 
-The static set-up and the dynamic window's rows sum float32 (and 2-byte) gradients
-in float64, so nearly collinear windows with tiny dampings factorise wherever the
-float64 Gram of the stored data does. The column-sharded and Dask set-ups still
-use the mixed-precision Gram (float32 products over short pieces, checked a
-posteriori), tested here through ``_layout.mixed_chunk_gram``. Every result is
-compared with float64 oracles of the stored gradients.
+Every set-up and the dynamic window's rows sum float32 (and 2-byte) gradients in
+float64, so nearly collinear windows with tiny dampings factorise wherever the
+float64 Gram of the stored data does. Every result is compared with float64 oracles
+of the stored gradients.
 """
 
 from __future__ import annotations
@@ -18,7 +16,7 @@ from conftest import rounded
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mfac_core import DynamicIHVP, IllConditionedWarning, StaticIHVP, _layout, _setup
+from mfac_core import DynamicIHVP, IllConditionedWarning, StaticIHVP, _setup
 from mfac_core.testing import assert_close, condition_number, dense_inverse, to_numpy
 
 
@@ -39,19 +37,12 @@ def _oracle_apply(G64: np.ndarray, damp: float, x: np.ndarray) -> np.ndarray:
     return (x - G64.T @ np.linalg.solve(C, G64 @ x)) / damp
 
 
-@pytest.fixture
-def small_pieces(monkeypatch: pytest.MonkeyPatch) -> int:
-    """Short single-precision pieces, so that small test matrices span several of them."""
-    monkeypatch.setattr(_layout, "MIXED_WIDTH", 64)
-    return 64
-
-
 # -- static set-up -----------------------------------------------------------------------------
 
 
-def test_mixed_gram_is_used_and_accurate(xp_device, rng, small_pieces):
-    # Well-conditioned gradients: the single-precision Gram passes its check, and the
-    # products agree with the float64 inverse of the stored gradients.
+def test_float32_products_are_accurate(xp_device, rng):
+    # Well-conditioned gradients: the products agree with the float64 inverse of the
+    # stored gradients, full and block-wise.
     m, d, damp = 12, 700, 1e-2
     G = rounded(rng.standard_normal((m, d)), "float32")
     for block_size in (None, 175):
@@ -65,10 +56,9 @@ def test_mixed_gram_is_used_and_accurate(xp_device, rng, small_pieces):
         )
 
 
-def test_mixed_gram_matches_float64_gram(rng, small_pieces):
-    # The operator built from the single-precision Gram against the one built from the
-    # same gradients in float64 storage (float64 Gram): the difference is of the order
-    # of float32's own rounding of the products, far inside eps32 * kappa.
+def test_float32_storage_matches_float64_storage(rng):
+    # The operator of float32 storage against the one of the same gradients in float64
+    # storage: both Grams are float64; the difference is float32's final rounding.
     m, d, damp = 16, 900, 1e-3
     G = rounded(rng.standard_normal((m, d)), "float32")
     op32 = StaticIHVP(G.astype(np.float32), damp=damp)
@@ -115,33 +105,13 @@ def test_no_factorization_error_where_float64_gram_is_definite(seed, rank, top, 
         np.linalg.cholesky(C)
     except np.linalg.LinAlgError:
         return  # nothing is promised for these
-    old = _layout.MIXED_WIDTH
-    _layout.MIXED_WIDTH = 64
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", IllConditionedWarning)
-            op = StaticIHVP(G.astype(np.float32), damp=damp)
-    finally:
-        _layout.MIXED_WIDTH = old
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", IllConditionedWarning)
+        op = StaticIHVP(G.astype(np.float32), damp=damp)
     x = rounded(rng.standard_normal(d), "float32")
     assert_close(
         op @ x.astype(np.float32), _oracle_apply(G, damp, x), kappa=condition_number(G, damp)
     )
-
-
-def test_mixed_gram_weights():
-    # The weight that bounds the rounding is sum over pieces of sqrt(w) * diag(product).
-    G = np.arange(1.0, 1.0 + 2 * 10, dtype=np.float32).reshape(2, 10)
-    whole = _layout.BlockGroup(0, 1, 10)
-    gram, weight = _layout.mixed_chunk_gram(
-        np, G, whole, [(0, 1, 0, 10)], lambda X: X @ np.swapaxes(X, -1, -2), width=4
-    )
-    G64 = G.astype(np.float64)
-    np.testing.assert_allclose(gram[0], G64 @ G64.T, rtol=1e-6)
-    want = sum(
-        np.sqrt(hi - lo) * (G64[:, lo:hi] ** 2).sum(axis=1) for lo, hi in ((0, 4), (4, 8), (8, 10))
-    )
-    np.testing.assert_allclose(weight[0], want, rtol=1e-6)
 
 
 # -- dynamic window ----------------------------------------------------------------------------

@@ -6,9 +6,8 @@ the full (non-blocked) operator is the case of one block of size d. Blocks of
 equal size form a *group* that is processed as one stack, so a layout has at
 most two groups: the full blocks and a ragged last block.
 
-The m x d array (G, or W = L^{-1} G) stays in its original layout: a group's
-columns are viewed as a stack ``(count, m, size)`` without copying, which lets
-the set-up overwrite G in place. The passes walk the columns in *pieces* of
+The m x d array G stays in its original layout: a group's columns are viewed as
+a stack ``(count, m, size)`` without copying. The passes walk the columns in *pieces* of
 bounded width so that float64 temporaries stay small.
 """
 
@@ -28,17 +27,11 @@ __all__ = [
     "chunk_gram",
     "chunks",
     "group_stack",
-    "lowrank_apply",
-    "mixed_chunk_gram",
     "piece_columns",
     "piece_stack",
     "pieces",
     "raise_non_finite",
 ]
-
-#: Columns of one single-precision product of :func:`mixed_chunk_gram`: its rounding
-#: error grows with the length of the sums, so they are kept short and added in float64.
-MIXED_WIDTH = 2048
 
 #: ``(b0, b1, c0, c1)``: columns ``c0:c1`` of blocks ``b0:b1`` of a group.
 Piece = tuple[int, int, int, int]
@@ -177,73 +170,3 @@ def raise_non_finite(xp: Any, columns: Array, offset: int) -> None:
         "the squared norms of G's rows or columns overflow float64: G is finite but "
         "too large; rescale the gradients (the damping scales with them)"
     )
-
-
-def mixed_chunk_gram(
-    xp: Any,
-    G: Array,
-    group: BlockGroup,
-    chunk: list[Piece],
-    product: Callable[[Any], Any],
-    progress: Callable[[int], None] | None = None,
-    *,
-    width: int = MIXED_WIDTH,
-) -> tuple[Any, Any]:
-    """``product`` of a chunk in single precision over short column pieces, summed in float64.
-
-    The mixed-precision Gram (docs/mathematics.rst, "Mixed-precision Gram"):
-    each product runs in float32 (the storage dtype, or float32 for 2-byte
-    storage) over at most ``width`` columns and is added to a float64 sum, at
-    the speed of a single-precision ``syrk``. ``product`` must map a stack
-    ``(blocks, m, w)`` to a stack of Gram matrices (its diagonal holds the
-    squared norms of the rows, or of the columns, of that piece).
-
-    Returns
-    -------
-    gram : array
-        The float64 sum of the products.
-    weight : array
-        ``sum over pieces of sqrt(w) * diag(product)`` (float64, the shape of
-        the Gram's diagonal): with the unit roundoff ``u`` of the products,
-        ``u * weight[j]`` estimates the rounding error of the Gram's row ``j``
-        against its diagonal (the worst case has ``w`` for ``sqrt(w)``).
-    """
-    low = xp.float32
-    acc = None
-    weight = None
-    for piece in chunk:
-        b0, b1, c0, c1 = piece
-        stack = piece_stack(xp, G, group, piece)
-        for a in range(0, c1 - c0, width):
-            w = min(width, c1 - c0 - a)
-            X = stack[..., a : a + w]
-            if X.dtype != low:
-                X = xp.astype(X, low)
-            P = xp.astype(product(X), xp.float64)
-            diag = xp.linalg.diagonal(P) * (float(w) ** 0.5)
-            acc = P if acc is None else acc + P
-            weight = diag if weight is None else weight + diag
-        if progress is not None:
-            progress((b1 - b0) * (c1 - c0))
-    return acc, weight
-
-
-def lowrank_apply(
-    xp: Any, A: Array, X: Array, group: BlockGroup, alpha: float, beta: float
-) -> Array:
-    """``alpha X + beta A^T (A X)`` block by block, for the rows of X in ``group``.
-
-    ``A`` is m x d; the result has shape ``(count * size, k)``.
-    """
-    Xg = X[group.start : group.end, ...]
-    if group.count == 1:
-        Ag = A[:, group.start : group.end]
-        C = Ag @ Xg
-        # (C^T A)^T rather than A^T C: OpenBLAS is ~25% faster for this thin shape.
-        return alpha * Xg + ((beta * C).T @ Ag).T
-    k = X.shape[1]
-    Ag = group_stack(xp, A, group)
-    Xb = xp.reshape(Xg, (group.count, group.size, k))
-    C = Ag @ Xb
-    Y = alpha * Xb + xp.matrix_transpose(Ag) @ (beta * C)
-    return xp.reshape(Y, (group.count * group.size, k))
