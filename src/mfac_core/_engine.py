@@ -211,6 +211,13 @@ def uses_kernels(xp: Any, G: Array) -> bool:
     return _device_route(xp, G, ()) is not None or _host_view(xp, G) is not None
 
 
+def _alphas(mod: Any, alpha: float, k: int, dev: Any = None) -> Any:
+    """``alpha`` for each of ``k`` columns, a float64 array of ``mod``."""
+    if dev is None:
+        return mod.full((k,), float(alpha), dtype=mod.float64)
+    return mod.full((k,), float(alpha), dtype=mod.float64, device=dev)
+
+
 def _f64(xp: Any, A: Array) -> Array:
     return A if A.dtype == xp.float64 else xp.astype(A, xp.float64)
 
@@ -287,8 +294,8 @@ def combine(
     route = _kernel_operands(xp, G, X, A)
     if route is not None:
         mod, (Xh, Ah) = route.mod, route.views
-        C = mod.ascontiguousarray(Ah.T * -alpha, dtype=mod.float64)
-        a = mod.full(C.shape[0], alpha, dtype=mod.float64)
+        a = _alphas(mod, alpha, X.shape[1])
+        C = mod.ascontiguousarray(Ah.T * -a[:, None], dtype=mod.float64)
         out_dtype = mod.float64 if dtype == xp.float64 else mod.float32
         Y = route.passes.combine64(
             route.G, C, a, mod.ascontiguousarray(Xh.T), start=start, stop=stop,
@@ -296,15 +303,16 @@ def combine(
         )  # fmt: skip
         return _back(xp, mod.ascontiguousarray(Y.T), X)
     X64 = _f64(xp, X)
+    a = _alphas(xp, alpha, X.shape[1], device(G))
     if G.dtype == xp.float64:
-        return xp.astype(alpha * (X64 - xp.matrix_transpose(G[:, start:stop]) @ A), dtype)
+        return xp.astype(a * (X64 - xp.matrix_transpose(G[:, start:stop]) @ A), dtype)
     out = xp.empty(X.shape, dtype=dtype, device=device(X))
     writable = is_writeable_array(out)
     parts = []
     for c0, c1 in _spans(m, start, stop):
         lo, hi = c0 - start, c1 - start
         Gp = _f64(xp, G[:, c0:c1])
-        Y = xp.astype(alpha * (X64[lo:hi, ...] - xp.matrix_transpose(Gp) @ A), dtype)
+        Y = xp.astype(a * (X64[lo:hi, ...] - xp.matrix_transpose(Gp) @ A), dtype)
         if writable:
             out[lo:hi, ...] = Y
         else:
@@ -406,7 +414,14 @@ def project_blocks(xp: Any, G: Array, group: BlockGroup, X: Array) -> Array:
 
 
 def combine_blocks(
-    xp: Any, G: Array, group: BlockGroup, X: Array, A: Array, *, alpha: float, dtype: Any
+    xp: Any,
+    G: Array,
+    group: BlockGroup,
+    X: Array,
+    A: Array,
+    *,
+    alpha: float,
+    dtype: Any,
 ) -> Array:
     """``alpha * (X_b - G_b^T A_b)`` for each block b, summed in float64, rounded to ``dtype``.
 
@@ -423,14 +438,16 @@ def combine_blocks(
         mod, (Xh, Ah) = route.mod, route.views
         s = group.size
         out_dtype = mod.float64 if dtype == xp.float64 else mod.float32
-        C = mod.ascontiguousarray(mod.transpose(Ah, (0, 2, 1)) * -alpha)  # (count, k, m)
+        a = _alphas(mod, alpha, k)
+        C = mod.ascontiguousarray(mod.transpose(Ah, (0, 2, 1)) * -a[None, :, None])  # (count, k, m)
         Xb = mod.ascontiguousarray(mod.transpose(mod.reshape(Xh, (group.count, s, k)), (0, 2, 1)))
         Yb = route.passes.combine64_blocks(
-            route.G, C, mod.full(k, alpha, dtype=mod.float64), Xb, start=group.start,
+            route.G, C, a, Xb, start=group.start,
             block_size=s, dtype=out_dtype, storage=route.storage,
         )  # fmt: skip
         Y = mod.reshape(mod.transpose(Yb, (0, 2, 1)), (group.count * s, k))
         return _back(xp, mod.ascontiguousarray(Y), X)
+    a = _alphas(xp, alpha, k, device(G))
     parts = []
     # Pieces come block by block and, within a block, column range by column range, so
     # their rows, one after the other, are the group's rows in order.
@@ -438,6 +455,6 @@ def combine_blocks(
         b0, b1 = piece[0], piece[1]
         Gp = _f64(xp, piece_stack(xp, G, group, piece))
         Xp = _f64(xp, _block_rows(xp, X, group, piece))
-        Y = xp.astype(alpha * (Xp - xp.matrix_transpose(Gp) @ A[b0:b1, ...]), dtype)
+        Y = xp.astype(a * (Xp - xp.matrix_transpose(Gp) @ A[b0:b1, ...]), dtype)
         parts.append(xp.reshape(Y, (-1, k)))
     return parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)

@@ -442,9 +442,10 @@ class SpectralIHVP(LinearOperator):
     def sweep(self, x: Array, /, *, damps: Sequence[float]) -> Array:
         """Apply this power of F at each of K dampings to ``x``.
 
-        ``G x`` once, then, for one vector on the full operator, all K results
-        from one more read of G (docs/beyond.rst, "Speed"); a matrix ``x`` or a
-        block-wise operator reads G once more per damping.
+        ``G x`` once, then, for one vector, all K results from one more read of
+        G (docs/beyond.rst, "Speed"; block by block for up to 64 blocks per
+        group); a matrix ``x``, or a group of more blocks, reads G once more
+        per damping.
 
         Parameters
         ----------

@@ -41,6 +41,10 @@ __all__ = ["ColumnEigen", "GramEigen", "coefficients"]
 
 #: float64 entries of one whitened piece of ``GramEigen.diagonal`` (32 MiB).
 CHUNK_ENTRIES = 2**22
+#: The most blocks of a group whose one-vector sweep goes block by block through the
+#: engine's lift (one read of G for all dampings); past that, per-call costs outweigh it
+#: and each damping reads the group once (one call for all blocks).
+_LIFT_BLOCKS = 64
 
 
 def coefficients(xp: Any, lam: Array, damp: float, power: float, m: int) -> Any:
@@ -91,19 +95,26 @@ class GramEigen:
         """``f(F_b) X_b`` at each damping: ``(K, count * size, k)`` of ``dtype``."""
         xp, g, G = self.xp, self.group, self.G
         Ut = xp.matrix_transpose(self.U)
-        if g.count == 1 and X.shape[1] == 1:
-            # One vector: all K results from one more read of G (the engine's lift).
-            Z = Ut[0, ...] @ _engine.project(xp, G, X, start=g.start, stop=g.end)[:, 0]
-            C = xp.stack([self.U[0, ...] @ (self.weights(dp, power)[0, ...] * Z) for dp in damps])
-            alphas = xp.asarray([dp**power for dp in damps], dtype=xp.float64, device=device(C))
-            Y = _engine.lift(
-                xp, G, X[:, 0], C, alphas=alphas, dtype=self.dtype, start=g.start, stop=g.end
-            )
+        alphas = [dp**power for dp in damps]
+        if X.shape[1] == 1 and g.count <= _LIFT_BLOCKS:
+            # One vector: per block, all K results from one more read of its columns (the
+            # engine's lift, x shared by the K rows of coefficients).
+            P = _engine.project_blocks(xp, G, g, X)[..., 0]  # (count, m)
+            Z = (Ut @ P[..., None])[..., 0]
+            H = [self.weights(dp, power) for dp in damps]  # K x (count, m)
+            a = xp.asarray(alphas, dtype=xp.float64, device=device(P))
+            parts = []
+            for b in range(g.count):
+                C = xp.stack([self.U[b, ...] @ (h[b, ...] * Z[b, ...]) for h in H])
+                lo, hi = b * g.size, (b + 1) * g.size
+                cols = {"start": g.start + lo, "stop": g.start + hi}
+                Y_b = _engine.lift(xp, G, X[lo:hi, 0], C, alphas=a, dtype=self.dtype, **cols)
+                parts.append(Y_b)
+            Y = parts[0] if len(parts) == 1 else xp.concat(parts, axis=1)
             return Y[..., None]
         Z = Ut @ _engine.project_blocks(xp, G, g, X)  # (count, m, k)
         out = []
-        for dp in damps:
-            alpha = dp**power
+        for dp, alpha in zip(damps, alphas, strict=True):
             # alpha (X - G^T A) with A = -U (h * Z) / alpha: f(damp) X + G^T U diag(h) U^T G X.
             A = self.U @ (self.weights(dp, power)[..., None] * Z) * (-1.0 / alpha)
             out.append(_engine.combine_blocks(xp, G, g, X, A, alpha=alpha, dtype=self.dtype))
