@@ -161,9 +161,9 @@ TRAFFIC_CASES: list[TrafficCase] = [
         "StaticIHVP (full)",
         _static_full,
         _static_operations,
-        "set-up: p x 7 (shapes, options), m^2 (+ m weights for float32) Gram, p x 5 "
-        "(agreement); matvec m, matmat m k, entries 2 m k + 2 p; each call + 6 (the status "
-        "word: failed ranks per exception class)",
+        "set-up: p x 7 (shapes, options), m^2 float64 Gram, p x 5 (agreement); matvec m, "
+        "matmat m k, entries 2 m k + 2 p, all float64; each call + 6 (the status word: "
+        "failed ranks per exception class)",
     ),
     TrafficCase(
         f"StaticIHVP (block_size={BLOCK})",
