@@ -26,7 +26,13 @@ from ._capacitance import CapacitanceFactor
 from ._compat import Array, array_namespace, device, is_writeable_array
 from ._layout import BlockGroup, piece_stack, pieces
 
-__all__ = ["DenseBlockFactors", "GFormFactor", "cast_pieces"]
+__all__ = [
+    "DenseBlockFactors",
+    "GFormFactor",
+    "cast_pieces",
+    "whitened_diagonal",
+    "whitened_pairs",
+]
 
 #: float32 entries of one cast piece of G (4 MiB): large enough that the per-piece
 #: overhead of a library call stays small, small enough to be read back from cache.
@@ -69,6 +75,21 @@ def cast_pieces(xp: Any, G: Array, compute: Any) -> Iterator[tuple[int, int, Arr
         yield c0, c1, piece
 
 
+def whitened_diagonal(xp: Any, Linv: Array, G64: Array, damp: float) -> Array:
+    """``(1 - ||L^{-1} g_j||^2) / damp`` for the float64 columns ``g_j`` of ``G64``, float64.
+
+    ``Linv`` and ``G64`` may be stacks (a factor per block): the sums run over axis -2.
+    """
+    Z = Linv @ G64
+    return (1.0 - xp.sum(Z * Z, axis=-2)) / damp
+
+
+def whitened_pairs(xp: Any, Zr: Array, Zc: Array, rows: Array, cols: Array, damp: float) -> Array:
+    """``(delta_rc - z_r . z_c) / damp`` per pair, float64, from whitened columns ``(m, n)``."""
+    delta = xp.astype(rows == cols, xp.float64)
+    return (delta - xp.sum(Zr * Zc, axis=0)) / damp
+
+
 @dataclass(frozen=True)
 class GFormFactor:
     """A group of blocks in the G-form: G (all of it; the group's columns are used) and
@@ -105,8 +126,8 @@ class GFormFactor:
         m = G.shape[0]
         parts = []
         for b0, b1, c0, c1 in pieces(g, max(1, CHUNK_ENTRIES // max(m, 1))):
-            Z = Linv[b0:b1, ...] @ xp.astype(piece_stack(xp, G, g, (b0, b1, c0, c1)), xp.float64)
-            D = (1.0 - xp.sum(Z * Z, axis=-2)) / self.damp
+            Gp = xp.astype(piece_stack(xp, G, g, (b0, b1, c0, c1)), xp.float64)
+            D = whitened_diagonal(xp, Linv[b0:b1, ...], Gp, self.damp)
             parts.append(xp.astype(xp.reshape(D, (-1,)), self.dtype))
         if not parts:
             return xp.zeros((0,), dtype=self.dtype, device=device(G))
@@ -136,8 +157,7 @@ class GFormFactor:
                 Z = xp.matrix_transpose((L @ xp.matrix_transpose(Gu)[..., None])[..., 0])
             Zr = xp.take(Z, where[: hi - lo], axis=1)
             Zc = xp.take(Z, where[hi - lo :], axis=1)
-            delta = xp.astype(r == c, xp.float64)
-            parts.append(xp.astype((delta - xp.sum(Zr * Zc, axis=0)) / self.damp, self.dtype))
+            parts.append(xp.astype(whitened_pairs(xp, Zr, Zc, r, c, self.damp), self.dtype))
         if not parts:
             return xp.zeros((0,), dtype=self.dtype, device=device(G))
         return parts[0] if len(parts) == 1 else xp.concat(parts)

@@ -32,7 +32,7 @@ from typing import Any
 from . import _capacitance, _engine, _setup
 from ._compat import Array, device
 from ._errors import FactorizationError
-from ._gform import GFormFactor
+from ._gform import GFormFactor, whitened_pairs
 from ._layout import BlockGroup, block_groups, chunk_gram, chunks
 from ._refine import fisher_residual
 from ._refine import refine as refine_steps
@@ -627,8 +627,7 @@ class ShardedStatic:
             Wc = Linv @ xp.reshape(total[m * k : 2 * m * k], (m, k))
             r = xp.reshape(xp.astype(rows, xp.int64), (-1,))
             c = xp.reshape(xp.astype(cols, xp.int64), (-1,))
-            delta = xp.astype(r == c, xp.float64)
-            out = xp.astype((delta - xp.sum(Wr * Wc, axis=0)) / agreed.damp, dtype)
+            out = xp.astype(whitened_pairs(xp, Wr, Wc, r, c, agreed.damp), dtype)
         else:
             out = xp.astype(total[:k], dtype)
         return xp.reshape(out, held["shape"])

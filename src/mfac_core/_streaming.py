@@ -35,6 +35,7 @@ from typing import Any, Protocol
 from . import _engine
 from ._capacitance import CapacitanceFactor
 from ._compat import Array, array_namespace, is_torch_namespace
+from ._gform import whitened_diagonal, whitened_pairs
 from ._layout import BlockGroup
 
 __all__ = [
@@ -337,13 +338,13 @@ class StreamedGForm:
         # (1 - ||L^{-1} g_j||^2) / damp, each streamed piece whitened in float64.
         import torch
 
+        xp = self.factor.xp
         Linv = self.factor.lower_inverse()[0, ...]
         out = torch.empty((self.group.size,), dtype=self.host.dtype, device=self.device)
 
         def kernel(k: int, buf: Any) -> None:
             c0, c1 = self._cols(k)
-            Z = Linv @ buf[:, : c1 - c0].double()
-            out[c0:c1] = (1.0 - (Z * Z).sum(0)) / self.damp
+            out[c0:c1] = whitened_diagonal(xp, Linv, buf[:, : c1 - c0].double(), self.damp)
 
         self._pass(kernel)
         return out
@@ -354,6 +355,7 @@ class StreamedGForm:
         # whitened in float64 on the device.
         import torch
 
+        xp = self.factor.xp
         Linv = self.factor.lower_inverse()[0, ...]
         m, w = self.host.shape[1], self._width
         n = rows.shape[0]
@@ -363,8 +365,9 @@ class StreamedGForm:
             r, c = rows[lo : lo + step].cpu(), cols[lo : lo + step].cpu()
             Wr = Linv @ self.host[r // w, :, r % w].to(self.device, torch.float64).T
             Wc = Linv @ self.host[c // w, :, c % w].to(self.device, torch.float64).T
-            delta = (rows[lo : lo + step] == cols[lo : lo + step]).double()
-            parts.append(((delta - (Wr * Wc).sum(0)) / self.damp).to(self.host.dtype))
+            pair_rows, pair_cols = rows[lo : lo + step], cols[lo : lo + step]
+            pairs = whitened_pairs(xp, Wr, Wc, pair_rows, pair_cols, self.damp)
+            parts.append(pairs.to(self.host.dtype))
         if not parts:
             return torch.zeros((0,), dtype=self.host.dtype, device=self.device)
         return torch.cat(parts)
