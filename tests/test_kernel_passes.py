@@ -16,11 +16,11 @@ nvcc and ptxas (sm_80, sm_90, no spills) are covered by ``test_kernels.py``, whi
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+import _build_cache
 from conftest import cupy_with_a_device
 
 from mfac_core import _kernels
@@ -129,12 +129,8 @@ def check_combination(
 
 
 @pytest.fixture(scope="module")
-def host_library(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if shutil.which("g++") is None:
-        pytest.skip("g++ is not on PATH")
-    from mfac_core._kernels._host import HostKernels
-
-    return HostKernels.build(tmp_path_factory.mktemp("host"))
+def host_library(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _build_cache.host_library(request.config, tmp_path_factory.mktemp("host"))
 
 
 @pytest.fixture(scope="module")

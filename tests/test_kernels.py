@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 from array_api_compat import array_namespace
+import _build_cache
 from conftest import cupy_with_a_device
 
 import mfac_core
@@ -89,30 +90,45 @@ def test_parse_ptxas() -> None:
 
 
 @pytest.fixture(scope="module")
-def ptxas_logs(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], str]:
+def ptxas_logs(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> dict[tuple[str, str], str]:
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         pytest.skip("nvcc is not on PATH")
     out = tmp_path_factory.mktemp("cubin")
+    # The second test run of CI reuses the logs of identical inputs (tests/_build_cache.py).
+    inputs = (_build_cache.compiler_version(nvcc), _build_cache.sources_digest(DIRECTORY))
 
-    def compile_one(source: str, arch: str) -> str:
-        command = [
+    def command(source: str, arch: str) -> list[str]:
+        cubin = out / f"{source}.{arch}.cubin"
+        return [
             nvcc,
             "-cubin",
             f"-arch={arch}",
             "-Xptxas",
             "-v",
             "-o",
-            str(out / f"{source}.{arch}.cubin"),
+            str(cubin),
             str(DIRECTORY / source),
         ]
-        result = subprocess.run(command, capture_output=True, text=True, check=False)
-        assert result.returncode == 0, f"{' '.join(command)}:\n{result.stderr}"
+
+    def compile_one(source: str, arch: str) -> str:
+        args = command(source, arch)
+        result = subprocess.run(args, capture_output=True, text=True, check=False)
+        assert result.returncode == 0, f"{' '.join(args)}:\n{result.stderr}"
         return result.stdout + result.stderr
+
+    def log(source: str, arch: str) -> str:
+        # The key leaves out the temporary output path, which differs between runs.
+        key = _build_cache.build_key((*inputs, *command(source, arch)[1:-3], source))
+        return _build_cache.cached_text(
+            request.config, "ptxas", key, lambda: compile_one(source, arch)
+        )
 
     jobs = [(source, arch) for source in (*SOURCES, "common.cu") for arch in ARCHS]
     with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        logs = list(pool.map(lambda job: compile_one(*job), jobs))
+        logs = list(pool.map(lambda job: log(*job), jobs))
     return dict(zip(jobs, logs, strict=True))
 
 
@@ -175,12 +191,10 @@ extern "C" int host_self_test(int which, unsigned long long seed, int* out)
 
 
 @pytest.fixture(scope="module")
-def host_library(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if shutil.which("g++") is None:
-        pytest.skip("g++ is not on PATH")
-    from mfac_core._kernels._host import HostKernels
-
-    return HostKernels.build(tmp_path_factory.mktemp("host"), extra_sources=(_HARNESS_SELF_TEST,))
+def host_library(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _build_cache.host_library(
+        request.config, tmp_path_factory.mktemp("host"), extra_sources=(_HARNESS_SELF_TEST,)
+    )
 
 
 @pytest.fixture(scope="module")
