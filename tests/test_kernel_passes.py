@@ -18,9 +18,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import _build_cache
 import numpy as np
 import pytest
-import _build_cache
 from conftest import cupy_with_a_device
 
 from mfac_core import _kernels

@@ -22,11 +22,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import _build_cache
 import numpy as np
 import pytest
 import scipy.linalg
 from array_api_compat import array_namespace
-import _build_cache
 from conftest import cupy_with_a_device
 
 import mfac_core
