@@ -55,8 +55,6 @@ _FACTOR_SAMPLE = 8
 #: d exact products, then of one partial sum per rank), and the norms taken from the
 #: recomputed diagonal by a little more.
 _GRAM_ROUNDING = 4
-#: Numbers describing the replicated state, compared across ranks by ``load_state_dict``.
-_NUM_FINGERPRINT = 7
 #: float64 entries in one piece of the initial Gram product of ``from_window``.
 _PIECE_ENTRIES = 2**22
 
@@ -105,14 +103,13 @@ def _window_dtypes(xp: Any, dtype: Any) -> tuple[Any, Any, str | None]:
 #: then the settings that must agree on every rank (see ``DynamicIHVP._settings``).
 _NUM_SETTINGS = 9
 
-# The tags of the sharded reductions (``reduce_checked``): an operation code plus
-# _NUM_OPS times the operator's count of state edits modulo _NUM_VERSIONS, so that
-# ranks calling different operations with reductions of one length, or whose
-# replicated states diverged (``reset`` on some ranks only), raise instead of mixing
-# their sums. Tags stay below _NUM_OPS * _NUM_VERSIONS = MAX_TAG.
+# The operations of the sharded reductions (``reduce_checked``). Their tag is the
+# operation and the operator's whole count of state edits (``DynamicIHVP._tag``), so
+# that ranks calling different operations with reductions of one length, or whose
+# replicated states diverged (``reset`` on some ranks only, any number of times),
+# raise instead of mixing their sums.
 _OP_UPDATE, _OP_PRODUCT, _OP_REMOVE, _OP_SET_DAMP = 1, 2, 3, 4
 _OP_LOAD, _OP_FROM_WINDOW, _OP_INIT = 5, 6, 7
-_NUM_OPS, _NUM_VERSIONS = 8, 4
 
 
 def _reduction_space(xp: Any, device: Any) -> tuple[Any, Any]:
@@ -233,7 +230,7 @@ def _agreed_rows(G: Array, num_grads: int | None, options: Mapping[str, Any]) ->
         dtype=space[0].float64,
         device=space[1],
         what="DynamicIHVP.from_window",
-        tag=_OP_FROM_WINDOW,
+        tag=("DynamicIHVP", _OP_FROM_WINDOW),
     )
     ks = [int(v) for v in host_values(total)]
     if len(set(ks)) != 1:
@@ -435,7 +432,7 @@ class DynamicIHVP(LinearOperator):
             dtype=space[0].float64,
             device=space[1],
             what="DynamicIHVP(comm=...)",
-            tag=_OP_INIT,
+            tag=("DynamicIHVP", _OP_INIT),
         )
         rows = _rows(total, comm.size)
         if any(r[3] != rows[0][3] for r in rows):
@@ -932,7 +929,7 @@ class DynamicIHVP(LinearOperator):
 
         ``G g`` (``(m, 1)``) is ``None`` when it is the row (see :meth:`_products`).
         Unsharded, ``g`` was checked by the caller. Sharded, it is checked here and the
-        row reduced with the status word: one reduction of m + 6 numbers (2 m + 6 for a
+        row reduced with the status word: one reduction of m + 20 numbers (2 m + 20 for a
         2-byte window, whose row and ``G g`` differ).
         """
         xp = self._xp
@@ -951,21 +948,34 @@ class DynamicIHVP(LinearOperator):
         total = self._reduced(local, 2 * m, "DynamicIHVP.update", _OP_UPDATE)
         return checked[0], total[:m], total[m:][:, None]
 
-    def _tag(self, op: int) -> int:
-        """The tag of operation ``op`` on this operator's replicated state (``_NUM_OPS``).
+    def _tag(self, op: int) -> tuple[Any, ...]:
+        """The tag of operation ``op`` on this operator's replicated state.
 
-        ``load_state_dict`` replaces the state, so its tag is the operation's alone:
-        loading every rank from one checkpoint mends diverged states.
+        The whole count of state edits, not a residue that two ``reset`` calls
+        on one rank would bring back: ranks whose counts differ raise, whatever
+        the sequence of local edits. ``load_state_dict`` replaces the state, so
+        its tag is the operation's alone: loading every rank from one checkpoint
+        mends diverged states (and restarts the count on every rank).
         """
         if op == _OP_LOAD:
-            return op
-        return op + _NUM_OPS * (self._version % _NUM_VERSIONS)
+            return ("DynamicIHVP", op)
+        return ("DynamicIHVP", op, self._version)
 
-    def _reduced(self, local: Any, length: int, what: str, op: int) -> Any:
+    def _reduced(
+        self,
+        local: Any,
+        length: int,
+        what: str,
+        op: int,
+        *,
+        agree: Any = None,
+        disagree: tuple[type[Exception], str] | None = None,
+    ) -> Any:
         """``local()`` (1-D float64) summed over the ranks with a status word.
 
-        Every rank raises if ``local()`` raised on any rank, or if the ranks called
-        different operations (``op``) or hold diverged states (``reduce_checked``).
+        Every rank raises if ``local()`` raised on any rank, if the ranks called
+        different operations (``op``) or hold diverged states, or if ``agree()``
+        differs between ranks (``reduce_checked``).
         """
         if self._comm is None:
             return local()
@@ -979,6 +989,8 @@ class DynamicIHVP(LinearOperator):
             device=self.device,
             what=what,
             tag=self._tag(op),
+            agree=agree,
+            disagree=disagree,
         )
 
     def _summed(self, x: Array) -> Array:
@@ -1484,38 +1496,38 @@ class _LoadedState:
         With ``damp`` the state is checked against its own damping and, with
         ``refactor``, its factor recomputed for ``damp``. Sharded, every rank's
         local checks and its part of the recomputed Gram matrix are reduced with
-        one status word (every rank raises if one fails), together with a
-        fingerprint of the replicated m x m state that must agree on every rank.
+        one status word (every rank raises if one fails), which also compares a
+        digest of the replicated m x m state, bit for bit, across the ranks.
         """
-        comm = op._comm
         parts: list[Any] = []
-        size = 1 if comm is None else comm.size
         m, xp = op.num_grads, op._xp
 
         def local() -> Array:
-            checked = cls._check_local(op, state, damp)
-            parts.append(checked)
-            fingerprint = checked[-1]
-            table = (
-                op._one_hot(comm, fingerprint)
-                if comm is not None
-                else xp.asarray(fingerprint, dtype=xp.float64, device=op.device)
-            )
+            parts.append(cls._check_local(op, state, damp))
             # This rank's columns of the stored gradients' Gram matrix, in float64.
-            recomputed = xp.reshape(_local_gram(xp, checked[0]), (-1,))
-            return xp.concat([recomputed, table])
+            return xp.reshape(_local_gram(xp, parts[0][0]), (-1,))
 
-        total = op._reduced(local, m * m + size * _NUM_FINGERPRINT, "load_state_dict", _OP_LOAD)
-        rows = _rows(total[m * m :], size)
-        if any(r != rows[0] for r in rows):
-            raise ValueError(
+        def replicated() -> tuple[Any, ...]:
+            # Everything but the gradients (each rank's own columns), bit for bit.
+            _, gram, U, window, free, slots, edits, saved_damp, target, exact = parts[0]
+            return gram, U, window, free, slots, edits, saved_damp, target, exact
+
+        total = op._reduced(
+            local,
+            m * m,
+            "load_state_dict",
+            _OP_LOAD,
+            agree=replicated,
+            disagree=(
+                ValueError,
                 "the ranks' state_dicts disagree on the replicated window state (slot lists, "
                 "edit count, damping, Gram matrix or factor): load every rank's state from "
-                "one checkpoint"
-            )
-        grads, gram, U, window, free, slots, edits, saved_damp, target, exact, _ = parts[0]
+                "one checkpoint",
+            ),
+        )
+        grads, gram, U, window, free, slots, edits, saved_damp, target, exact = parts[0]
         k = len(window)
-        cls._check_gram(op, gram, xp.reshape(total[: m * m], (m, m)), exact=exact)
+        cls._check_gram(op, gram, xp.reshape(total, (m, m)), exact=exact)
         gram = xp.asarray(gram, copy=True)
         if refactor and target != saved_damp:
             return cls(
@@ -1678,18 +1690,7 @@ class _LoadedState:
         # States saved before the Gram rows were summed in float64 lack the flag; a
         # float64 window's Gram always was.
         exact = state.get("exact_gram") is True or op._G.dtype == xp.float64
-        fingerprint = [
-            float(k),
-            float(edits),
-            saved_damp,
-            float(xp.sum(gram)),
-            float(xp.sum(U)),
-            float(sum((i + 1) * s for i, s in enumerate((*window, -1, *free, -1, *slots)))),
-            float(exact),
-        ]
-        return (
-            grads, gram, U, window, free, slots, edits, saved_damp, target, exact, fingerprint,
-        )  # fmt: skip
+        return grads, gram, U, window, free, slots, edits, saved_damp, target, exact
 
     @staticmethod
     def _check_gram(op: DynamicIHVP, gram: Array, recomputed: Array, *, exact: bool) -> None:

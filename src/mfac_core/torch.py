@@ -234,7 +234,7 @@ class MFAC(torch.optim.Optimizer):
     Distributed (``comm``, or DTensor parameters), each rank's window holds
     its columns of the gradients (``m d / p`` values): under DDP the rank's
     :func:`torch.chunk` of the flat gradient, whose step is then all-gathered
-    (``d`` numbers per step, next to the window's one reduction of ``m + 6``:
+    (``d`` numbers per step, next to the window's one reduction of ``m + 20``:
     the Gram row and a status word); with DTensor parameters the local shards
     of the gradients, and each rank moves its own shards (nothing is
     gathered; one more reduction of one number says whether the step is
