@@ -427,6 +427,37 @@ def test_the_same_local_resets_on_every_rank_agree() -> None:
         np.testing.assert_array_equal(y, np.full(y.shape, 10.0))
 
 
+@pytest.mark.parametrize("edit", ["negated", "swapped"])
+def test_load_state_dict_checks_the_reduced_gram_on_every_rank(edit: str) -> None:
+    # One rank's shard of a stored gradient changed: the Gram recomputed from every
+    # rank's columns (one reduction) no longer matches, and every rank refuses the state.
+    def rank(comm: Communicator) -> Any:
+        lo, hi = 4 * comm.rank, 4 * comm.rank + 4
+        rng = np.random.default_rng(3)
+        op = DynamicIHVP(3, 4, damp=0.1, dtype="float32", comm=comm)
+        for _ in range(3):
+            op.update(rng.standard_normal(4 * comm.size).astype(np.float32)[lo:hi])
+        state = op.state_dict()
+        if comm.rank == 1:
+            grads = state["grads"] = state["grads"].copy()
+            if edit == "negated":
+                grads[0] = -grads[0]
+            else:
+                grads[[0, 1]] = grads[[1, 0]]
+        before = op.state_dict()
+        try:
+            op.load_state_dict(state)
+        except ValueError as exc:
+            after = op.state_dict()
+            same = all(np.array_equal(np.asarray(before[k]), np.asarray(after[k])) for k in before)
+            return str(exc), same
+        return "no error"
+
+    for r in _ok(run_spmd_threads(rank, 3, timeout=20)):
+        assert r != "no error"
+        assert "Gram matrix does not match its gradients" in r[0] and r[1]
+
+
 def test_load_state_dict_mends_diverged_states() -> None:
     def rank(comm: Communicator) -> Any:
         lo, hi = 2 * comm.rank, 2 * comm.rank + 2
