@@ -23,7 +23,7 @@ static block-wise, dynamic; other operators add theirs there).
 in the same processes, interleaved with it: the single-process product (no
 communicator) on the rank's own columns, i.e. the local passes a sharded product
 cannot avoid (on 1 process: the whole G), full and block-wise. The all-reduce of
-the ``m + 6`` numbers a product exchanges (with the status word) is timed alone too.
+the ``m + 20`` numbers a product exchanges (with the status word) is timed alone too.
 Times on rank 0, best of ``--repeat`` (median in brackets), every product started
 after a barrier; each rank runs ``cores / ranks`` BLAS threads. On one machine the
 ranks share its memory bandwidth, so the 2-rank rows show the overhead of the sharded
@@ -161,16 +161,16 @@ TRAFFIC_CASES: list[TrafficCase] = [
         "StaticIHVP (full)",
         _static_full,
         _static_operations,
-        "set-up: p x 7 (shapes, options), m^2 float64 Gram, p x 5 (agreement); matvec m, "
-        "matmat m k, entries 2 m k + 2 p, all float64; each call + 6 (the status word: "
-        "failed ranks per exception class)",
+        "set-up: p x 7 (shapes, options), m^2 float64 Gram, p x 4 (agreement); matvec m, "
+        "matmat m k, entries 0 then 2 m k, all float64; each call + 20 (the status word: "
+        "failed ranks per exception class, digests of the operation and arguments)",
     ),
     TrafficCase(
         f"StaticIHVP (block_size={BLOCK})",
         _static_blocks,
         _static_operations,
-        "whole blocks on each rank: set-up p x 7 and p x 5, products and diagonal nothing, "
-        "entries k + 2 p",
+        "whole blocks on each rank: set-up p x 7 and p x 4, products and diagonal nothing, "
+        "entries 0 then k",
     ),
     TrafficCase(
         "DynamicIHVP",
@@ -178,7 +178,7 @@ TRAFFIC_CASES: list[TrafficCase] = [
         _dynamic_operations,
         "set-up from_window: p (rows checked), p x 9 (settings), m^2 (Gram); constructor "
         "p x 9; update, update_and_matvec and matvec m (the Gram row, float64), matmat m k, "
-        "remove and set_damp p (the argument agrees); each + 6 but the Gram; a refinement "
+        "remove and set_damp p (the argument agrees); each + 20 but the Gram; a refinement "
         "step m + m more",
     ),
 ]
@@ -265,7 +265,7 @@ def _timed_products(comm: Any, a: dict[str, Any]) -> dict[str, common.Timing]:
     blocks = StaticIHVP(G_local, damp=damp, block_size=a["block"], comm=comm)
     local = StaticIHVP(G_local, damp=damp)
     local_blocks = StaticIHVP(G_local, damp=damp, block_size=a["block"])
-    payload = np.zeros(m + 6, dtype=dtype)  # a product's, with the status word
+    payload = np.zeros(m + 20, dtype=dtype)  # a product's, with the status word
 
     def barrier() -> None:
         comm.allreduce_sum(np.zeros(1))
@@ -491,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"floor: local B={args.block}",
                 f"sharded B={args.block}",
                 "ratio",
-                f"all-reduce of {args.m + 6}",
+                f"all-reduce of {args.m + 20}",
             ],
             rows,
         )

@@ -355,3 +355,117 @@ def test_grids_take_two_byte_gradients(rng, storage):
         assert sweep.saliency.dtype == torch.float32
         assert torch.equal(sweep.selected[k], ~want.mask)
     assert choice.damp in grid and choice.result.theta.dtype == torch.float32
+
+
+# -- one gradient preparation for every entry point ------------------------------------------
+
+_ENTRY_POINTS = {
+    "prune": lambda t, G, mask: prune(t, G, sparsity=0.5, damp=1e-2, mask=mask),
+    "prune-obd": lambda t, G, mask: prune(
+        t, G, sparsity=0.5, damp=1e-2, mask=mask, saliency="obd", update="none"
+    ),
+    "damping_sweep": lambda t, G, mask: pruning.damping_sweep(
+        t, G, [1e-2, 1.0], sparsity=0.5, mask=mask
+    ),
+    "select_damping": lambda t, G, mask: select_damping(
+        t, G, [1e-2, 1.0], sparsity=0.5, mask=mask, loss=lambda dp, r: float(r.theta.sum())
+    ),
+    "gradual_prune": lambda t, G, mask: gradual_prune(
+        t, lambda theta, kept: G, sparsity=0.5, steps=2, damp=1e-2, mask=mask
+    ),
+    "gradual_prune-grid": lambda t, G, mask: gradual_prune(
+        t,
+        lambda theta, kept: G,
+        sparsity=0.5,
+        steps=2,
+        damp=[1e-2, 1.0],
+        select_damp=lambda dp, r: float(r.theta.sum()),
+        mask=mask,
+    ),
+}
+
+
+def _arrays(out):
+    """The arrays of an entry point's result, flattened into one list."""
+    if hasattr(out, "shape"):
+        return [out]
+    if isinstance(out, tuple):
+        return [a for part in out for a in _arrays(part)]
+    return []
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("storage", ["float16", "bfloat16"])
+@pytest.mark.parametrize("which", list(_ENTRY_POINTS))
+def test_every_entry_point_prepares_two_byte_gradients_and_masks_alike(which, storage, masked):
+    # Every entry point checks G, zeros it where the mask prunes (NaN there included: the
+    # pruned coordinates must not matter) and keeps 2-byte G in 2 bytes, so each gives
+    # what it gives for the same values in float32 with zeros at the pruned coordinates.
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(7)
+    d, m = 24, 6
+    theta = torch.tensor(rng.standard_normal(d), dtype=torch.float32)
+    G2 = torch.tensor(rng.standard_normal((m, d))).to(getattr(torch, storage))
+    mask = None
+    reference = G2.float()
+    if masked:
+        mask = torch.tensor(np.arange(d) % 4 != 1)
+        G2[:, ~mask] = float("nan")
+        reference = torch.where(mask, reference, 0.0)
+    theta = torch.where(mask, theta, 0.0) if masked else theta
+    fn = _ENTRY_POINTS[which]
+    got, want = _arrays(fn(theta, G2, mask)), _arrays(fn(theta, reference, mask))
+    assert len(got) == len(want) > 0
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == b.dtype
+        if a.dtype == torch.bool:
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("storage", ["float16", "bfloat16"])
+def test_mfac_pruner_takes_two_byte_gradients(storage):
+    # The pruner's Fisher dtype may be 2-byte: the gradients are stored in 2 bytes and
+    # the weights go through the pruning functions in float32 (it raised TypeError).
+    torch, model, data, _ = _torch_problem()
+    from mfac_core.torch import MFACPruner
+
+    loss_fn = torch.nn.functional.cross_entropy
+    dt = getattr(torch, storage)
+    pruner = MFACPruner(model, num_grads=8, block_size=32, damp=1e-2, dtype=dt)
+    pruner.prune(data, loss_fn, sparsity=0.3)  # a mask for the step checked next
+    theta, mask = pruner.flat_weights(), pruner.flat_mask()
+    G = pruner.collect_grads(data, loss_fn)
+    assert theta.dtype == torch.float32 and G.dtype == dt
+    assert torch.all(G[:, ~mask] == 0)
+    want = prune(theta, G, sparsity=0.6, damp=1e-2, block_size=32, mask=mask)
+    pruner.prune(data, loss_fn, sparsity=0.6)
+    assert torch.equal(pruner.flat_mask(), want.mask)
+    torch.testing.assert_close(pruner.flat_weights(), want.theta, rtol=0, atol=0)
+    assert model[0].weight.dtype == torch.float32
+
+
+def test_mfac_pruner_reports_the_damping_select_damping_chose():
+    # Regression: MFACPruner took its own argmin over the values select_damp returned,
+    # read after the step. A held-out loss returned in one reused tensor then read the
+    # last value for every damping, and the pruner reported the first damping while the
+    # weights were pruned at the one select_damping chose.
+    torch, model, data, _ = _torch_problem()
+    from mfac_core.torch import MFACPruner
+
+    loss_fn = torch.nn.functional.cross_entropy
+    grid = [1e-4, 1e-2, 1.0]
+    twin = copy.deepcopy(model)
+    buffer = torch.zeros(())
+    values = iter([3.0, 1.0, 2.0])
+
+    def reused(m):
+        return buffer.fill_(next(values))
+
+    pruner = MFACPruner(model, num_grads=8, block_size=32)
+    pruner.prune(data, loss_fn, sparsity=0.5, dampings=grid, select_damp=reused)
+    assert pruner.selected_damps == [grid[1]]
+    MFACPruner(twin, num_grads=8, block_size=32, damp=grid[1]).prune(data, loss_fn, sparsity=0.5)
+    for a, b in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4)

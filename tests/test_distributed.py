@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 
 from mfac_core._sharding import (
-    MAX_TAG,
-    MAX_TAG_RANKS_FLOAT32,
+    MAX_AGREEMENT_RANKS,
     STATUS_LENGTH,
     ShardLayout,
+    agreement,
     decode_status,
+    digest,
     encode_status,
     gather_ints,
     reduce_checked,
-    tags_agree,
 )
 from mfac_core.distributed import (
     CommCall,
@@ -184,15 +184,16 @@ def test_reduce_checked_sums_when_all_succeed() -> None:
         return reduce_checked(
             comm,
             np,
+            # A float32 payload goes through the float64 reduction.
             lambda: np.full(3, comm.rank, dtype=np.float32),
             length=3,
-            dtype=np.float32,
+            dtype=np.float64,
             device="cpu",
             what="x",
         )
 
     for r in run_spmd_threads(fn, 3):
-        assert r.dtype == np.float32
+        assert r.dtype == np.float64
         np.testing.assert_array_equal(r, np.full(3, 3.0))
 
 
@@ -211,40 +212,128 @@ class _ManyRanks:
         return x + self.others.astype(x.dtype)
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_status_word_counts_are_exact_for_large_groups(dtype: type) -> None:
-    # 2**20 ranks: the former single number, sum of (size + 1)**class, lost the
-    # counts in float32 from 62 ranks on.
+def test_status_word_counts_are_exact_for_large_groups() -> None:
     size = 2**20
     failed = {TypeError: 3, IndexError: 0, ValueError: size - 10, RuntimeError: 5}
-    words = {
-        kind: np.asarray(encode_status(kind("x")), dtype=dtype) * n for kind, n in failed.items()
-    }
-    assert len(encode_status(None)) == STATUS_LENGTH and not any(encode_status(None))
-    assert encode_status(None, 5)[-2:] == [5.0, 25.0]
+    words = {kind: np.asarray(encode_status(kind("x"))) * n for kind, n in failed.items()}
+    assert len(encode_status(None)) == STATUS_LENGTH == 20
+    assert not any(encode_status(None)[:4])
+    assert encode_status(None, 5) != encode_status(None, 6)
+    assert encode_status(None, 5, "a")[:12] == encode_status(None, 5, "b")[:12]
     assert encode_status(KeyError("x")) == encode_status(RuntimeError("x"))
-    total = sum(words.values(), np.zeros(STATUS_LENGTH, dtype=dtype))
-    assert total.dtype == dtype
+    total = sum(words.values(), np.zeros(STATUS_LENGTH))
     assert decode_status(total.tolist()) == failed
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("size", [2, 3, 1000, MAX_TAG_RANKS_FLOAT32])
-def test_tag_check_is_exact_up_to_the_stated_group_size(dtype: type, size: int) -> None:
-    # S1**2 == size * S2 exactly when all tags agree; the largest tags and a single
-    # rank off by one are the hardest cases for the float32 sums.
-    assert size * (MAX_TAG - 1) ** 2 < 2**24
-    for common, odd in [(MAX_TAG - 1, MAX_TAG - 2), (0, 1), (17, 16), (1, 0), (5, None)]:
-        tags = [common] * (size - 1) + [common if odd is None else odd]
-        counts = {t: tags.count(t) for t in set(tags)}
-        total = np.zeros(STATUS_LENGTH, dtype=dtype)
-        for t, n in counts.items():  # n ranks at once, as the float32 reduction sums them
-            total = total + np.asarray(encode_status(None, t), dtype=dtype) * dtype(n)
-        assert total.dtype == dtype
-        assert tags_agree(total.tolist(), size) == (odd is None)
-        assert decode_status(total.tolist()) == dict.fromkeys(decode_status(total.tolist()), 0)
-    with pytest.raises(ValueError, match="internal error"):
-        encode_status(None, MAX_TAG)
+def _status_sum(codes: dict[tuple[object, object], int]) -> list[float]:
+    """The reduced status word of ranks that passed (tag, agree), n ranks each, in float64."""
+    total = np.zeros(STATUS_LENGTH)
+    for (tag, agree), n in codes.items():
+        total = total + np.asarray(encode_status(None, tag, agree)) * float(n)
+    return total.tolist()
+
+
+@pytest.mark.parametrize("size", [2, 3, 1000, MAX_AGREEMENT_RANKS])
+def test_agreement_is_exact_up_to_the_stated_group_size(size: int) -> None:
+    # One rank off among size - 1 that agree, in the tag or in the arguments only, is
+    # seen at every size up to MAX_AGREEMENT_RANKS, where the float64 sums of the
+    # 16-bit pieces' squares are still exact integers.
+    assert size * (2**16 - 1) ** 2 < 2**53
+    same = {("op", "args"): size}
+    assert agreement(_status_sum(same), size) == (True, True)
+    assert agreement(_status_sum({("op", "args"): size - 1, ("other", "args"): 1}), size) == (
+        False,
+        True,
+    )
+    assert agreement(_status_sum({("op", "args"): size - 1, ("op", "other"): 1}), size) == (
+        True,
+        False,
+    )
+    # The hardest case for the sums: pieces of 2**16 - 1 against 2**16 - 2 on one rank.
+    top, off = np.zeros(STATUS_LENGTH), np.zeros(STATUS_LENGTH)
+    top[4:6], off[4:6] = [2**16 - 1, (2**16 - 1) ** 2], [2**16 - 2, (2**16 - 2) ** 2]
+    word = (top * float(size - 1) + off).tolist()
+    assert agreement(word, size)[0] is False
+    assert agreement((top * float(size)).tolist(), size)[0] is True
+
+
+def _digest_pair(case: str) -> tuple[object, object]:
+    """Two values that differ (made here: array parameters confuse the fixtures)."""
+    v = np.arange(1000)
+    swapped = v.copy()
+    swapped[[0, 997]] = swapped[[997, 0]]  # equal weights in the former checksum
+    return {
+        # What the former index checksum (weights i % 997 + 1, modulo 2**23 - 15) let pass.
+        "swapped 997 apart": (v, swapped),
+        "offset by the modulus": (np.array([5]), np.array([5 + 2**23 - 15])),
+        "dtype": (np.arange(4), np.arange(4).astype(np.int32)),
+        "shape": (np.arange(4), np.arange(4).reshape(2, 2)),
+        "length": (np.arange(4), np.arange(5)),
+        "order": ((1, 2), (2, 1)),
+        "nesting": (("a", 1), ("a1",)),
+        "type": (1, 1.0),
+        "sign of zero": (0.0, -0.0),
+    }[case]
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "swapped 997 apart",
+        "offset by the modulus",
+        "dtype",
+        "shape",
+        "length",
+        "order",
+        "nesting",
+        "type",
+        "sign of zero",
+    ],
+)
+def test_digests_differ_for_different_values(case: str) -> None:
+    a, b = _digest_pair(case)
+    assert digest(a) != digest(b)
+    assert digest(a) == digest(a.copy() if isinstance(a, np.ndarray) else a)
+
+
+def test_digests_of_torch_arrays() -> None:
+    torch = pytest.importorskip("torch")
+    t = torch.arange(6, dtype=torch.float32).to(torch.bfloat16)
+    assert digest(t) == digest(t.clone())
+    assert digest(t) != digest(t.to(torch.float16))
+    assert digest(torch.arange(3)) != digest(np.arange(3))  # the library's dtype name
+
+
+def test_reduce_checked_raises_on_every_rank_for_different_arguments() -> None:
+    def fn(comm: ThreadComm) -> object:
+        try:
+            reduce_checked(
+                comm,
+                np,
+                lambda: np.ones(3),
+                length=3,
+                dtype=np.float64,
+                device="cpu",
+                what="op",
+                tag="same",
+                agree=lambda: np.arange(3) + (comm.rank == 2),
+                disagree=(IndexError, "indices differ"),
+            )
+        except IndexError as exc:
+            return str(exc)
+        return "no error"
+
+    assert run_spmd_threads(fn, 3) == ["indices differ"] * 3
+    with pytest.raises(ValueError, match="float64"):
+        reduce_checked(
+            SingleProcessComm(),
+            np,
+            lambda: np.ones(1, dtype=np.float32),
+            length=1,
+            dtype=np.float32,
+            device="cpu",
+            what="op",
+        )
 
 
 def test_reduce_checked_raises_on_every_rank_for_different_tags() -> None:
@@ -269,36 +358,49 @@ def test_reduce_checked_raises_on_every_rank_for_different_tags() -> None:
     assert len(set(results)) == 1
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_reduce_checked_with_many_simulated_ranks(dtype: type) -> None:
+def test_reduce_checked_with_many_simulated_ranks() -> None:
     size = 2**20 + 7
     length = 3
-    # The other ranks: all succeeded but 2**20 with an IndexError and 6 with a ValueError.
-    status = np.asarray([0.0, 2.0**20, 6.0, 0.0, 0.0, 0.0])
+    # The other ranks: all called the same operation; all succeeded but 2**20 with an
+    # IndexError and 6 with a ValueError.
+    status = np.asarray(encode_status(None)) * float(size - 1)
+    status[1:3] += [2.0**20, 6.0]
     comm = _ManyRanks(size, np.concatenate([np.full(length, 2.0), status]))
     with pytest.raises(IndexError, match=f"failed on {2**20 + 6} other rank"):
         reduce_checked(
             comm,
             np,
-            lambda: np.ones(length, dtype=dtype),
+            lambda: np.ones(length),
             length=length,
-            dtype=dtype,
+            dtype=np.float64,
             device="cpu",
             what="the product",
         )
-    assert comm.calls == [((length + STATUS_LENGTH,), np.dtype(dtype))]
+    assert comm.calls == [((length + STATUS_LENGTH,), np.dtype(np.float64))]
     # Nobody failed: the payload's sum comes back.
-    comm = _ManyRanks(size, np.concatenate([np.full(length, 2.0), np.zeros(STATUS_LENGTH)]))
+    others = np.concatenate([np.full(length, 2.0), np.asarray(encode_status(None)) * (size - 1)])
     out = reduce_checked(
-        comm,
+        _ManyRanks(size, others),
         np,
-        lambda: np.ones(length, dtype=dtype),
+        lambda: np.ones(length),
         length=length,
-        dtype=dtype,
+        dtype=np.float64,
         device="cpu",
         what="x",
     )
-    np.testing.assert_array_equal(out, np.full(length, 3.0, dtype=dtype))
+    np.testing.assert_array_equal(out, np.full(length, 3.0))
+    # One of the others called another operation: every rank raises.
+    others[length:] += np.asarray(encode_status(None, 1)) - np.asarray(encode_status(None))
+    with pytest.raises(RuntimeError, match="different collective operations"):
+        reduce_checked(
+            _ManyRanks(size, others),
+            np,
+            lambda: np.ones(length),
+            length=length,
+            dtype=np.float64,
+            device="cpu",
+            what="x",
+        )
 
 
 def test_reduce_checked_rejects_a_payload_of_the_wrong_length() -> None:

@@ -675,6 +675,73 @@ def test_load_state_dict_of_version_1(rng):
     np.testing.assert_array_equal(dst.matvec(x), src.matvec(x))
 
 
+def _unit_window(dtype: str, zero_init: bool = False) -> DynamicIHVP:
+    # Unit-norm gradients (as after clipping): their Gram diagonal is all ones, so a
+    # check of the diagonal alone cannot see a negated, swapped or replaced gradient.
+    rng = np.random.default_rng(11)
+    op = DynamicIHVP(5, 40, damp=1e-3, dtype=dtype, zero_init=zero_init)
+    for _ in range(7):
+        g = rng.standard_normal(40)
+        op.update((g / np.linalg.norm(g)).astype(dtype))
+    return op
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("edit", ["negated", "swapped", "replaced"])
+def test_load_state_dict_checks_the_whole_gram_against_the_gradients(dtype, edit):
+    # Regression: only the Gram diagonal was compared with the stored rows, so these
+    # states loaded and later products were off by up to 450x.
+    src = _unit_window(dtype)
+    bad = src.state_dict()
+    grads = bad["grads"] = bad["grads"].copy()
+    a, b = bad["window_slots"][:2]
+    if edit == "negated":
+        grads[a] = -grads[a]
+    elif edit == "swapped":
+        grads[[a, b]] = grads[[b, a]]
+    else:
+        g = np.random.default_rng(12).standard_normal(40)
+        grads[a] = (g / np.linalg.norm(g)).astype(dtype)
+    dst = _unit_window(dtype, zero_init=False)
+    dst.reset()
+    before = dst.state_dict()
+    with pytest.raises(ValueError, match="Gram matrix does not match its gradients"):
+        dst.load_state_dict(bad)
+    with pytest.raises(ValueError, match="Gram matrix does not match its gradients"):
+        dst.check_state_dict(bad)
+    _assert_same_state(dst.state_dict(), before)
+    dst.load_state_dict(src.state_dict())  # the sound state loads, bit for bit
+    x = np.ones(40, dtype=dtype)
+    np.testing.assert_array_equal(dst.matvec(x), src.matvec(x))
+
+
+def test_load_state_dict_tolerates_the_rounding_its_gram_carries():
+    # The stored Gram was summed in float64 (exact_gram): an entry off by a float64 unit
+    # of the row norms loads, one off by 1e-9 does not (d = 40: the bound is 4 (d + 1)
+    # eps64 = 3.6e-14). An older state, without the flag, was summed in float32 and may
+    # carry float32's rounding (4 (d + 1) eps32 = 2e-5). The factor's own check allows
+    # 1e-7, so the Gram check alone decides here.
+    src = _unit_window("float32", zero_init=True)
+    state = src.state_dict()
+    assert state["exact_gram"] is True
+    a, b = state["window_slots"][:2]
+
+    def nudged(by: float, **extra) -> dict:
+        gram = state["gram"].copy()
+        gram[a, b] += by
+        gram[b, a] += by
+        return {**state, "gram": gram, **extra}
+
+    dst = _unit_window("float32", zero_init=True)
+    dst.load_state_dict(nudged(float(np.finfo(np.float64).eps)))
+    with pytest.raises(ValueError, match="Gram matrix does not match its gradients"):
+        dst.load_state_dict(nudged(1e-9))
+    old = nudged(1e-9)
+    del old["exact_gram"]
+    dst.load_state_dict(old)
+    assert dst._exact_gram is False  # a failed edit recomputes such a Gram in float64
+
+
 # -- refinement ------------------------------------------------------------------------------
 
 

@@ -212,7 +212,7 @@ def test_each_operation_costs_one_reduction_of_the_stated_size() -> None:
 
     for seen in _ok(run_spmd_threads(rank, size)):
         f64 = "float64"
-        S = 6  # the status word: failed ranks per exception class, tag, tag**2
+        S = 20  # the status word: failed ranks per exception class, two digests
         assert seen["step"] == [CommCall((m + S,), f64, 8 * (m + S))] * len(gs)
         assert seen["update"] == [CommCall((m + S,), f64, 8 * (m + S))] * len(gs)
         assert seen["matvec"] == [CommCall((m + S,), f64, 8 * (m + S))]
@@ -226,7 +226,7 @@ def test_each_operation_costs_one_reduction_of_the_stated_size() -> None:
 def test_nearly_collinear_rows_are_exact_in_one_reduction() -> None:
     # Nearly collinear float32 gradients, their differences below float32's resolution of
     # the Gram: each rank's row is summed in float64 (docs/mathematics.rst, "Exact
-    # passes"), so the reduced row is exact and every update is one reduction of m + 6
+    # passes"), so the reduced row is exact and every update is one reduction of m + 20
     # numbers, on every rank alike (a rank without columns included).
     m, d, damp = 8, 120, 1e-2
     rng = np.random.default_rng(3)
@@ -252,7 +252,7 @@ def test_nearly_collinear_rows_are_exact_in_one_reduction() -> None:
     _assert_same_replicated([r[1] for r in results])
     shapes = results[0][0]
     assert all(r[0] == shapes for r in results)
-    assert all(s == [(m + 6,)] for s in shapes)
+    assert all(s == [(m + 20,)] for s in shapes)
     # The stored Gram is the float64 Gram of the stored gradients.
     G = np.array([g.astype(np.float64) for g in gs[-m:]])
     slots = results[0][2]
@@ -357,7 +357,7 @@ def _mismatched_call(comm: Communicator, case: str) -> Any:
     before = op.state_dict()
     try:
         if case == "update-vs-matvec" and comm.rank == 0:
-            op.update(g)  # m + 6 numbers, as the others' matvec
+            op.update(g)  # m + 20 numbers, as the others' matvec
         elif case == "step-vs-matvec" and comm.rank == 0:
             op.update_and_matvec(g)
         else:
@@ -371,7 +371,7 @@ def _mismatched_call(comm: Communicator, case: str) -> Any:
 
 @pytest.mark.parametrize("case", ["update-vs-matvec", "step-vs-matvec", "reset"])
 def test_different_operations_or_diverged_states_raise_on_every_rank(case: str) -> None:
-    # Same reduction length (m + 6) on every rank: without the tag in the status
+    # Same reduction length (m + 20) on every rank: without the tag in the status
     # word the sums would mix and some ranks return a wrong answer silently.
     results = _ok(run_spmd_threads(_mismatched_call, 3, case, timeout=20))
     for r in results:
@@ -382,6 +382,80 @@ def test_different_operations_or_diverged_states_raise_on_every_rank(case: str) 
         assert unchanged, f"{case}: a rank's window changed"
     # The same message on every rank, after the name of the rank's own operation.
     assert len({r[1].split(": ", 1)[1] for r in results}) == 1
+
+
+def _after_local_resets(comm: Communicator, resets: dict[int, int]) -> Any:
+    m, d = 4, 12
+    starts = _starts(_even_widths(d, comm.size))
+    lo, hi = starts[comm.rank], starts[comm.rank + 1]
+    rng = np.random.default_rng(1)
+    op = DynamicIHVP(m, hi - lo, damp=0.1, dtype="float64", comm=comm)
+    for _ in range(m + 1):
+        op.update(rng.standard_normal(d)[lo:hi])
+    for _ in range(resets.get(comm.rank, 0)):
+        op.reset()
+    before = op.state_dict()
+    try:
+        y = op.matvec(np.ones(hi - lo))
+    except RuntimeError as exc:
+        after = op.state_dict()
+        same = all(np.array_equal(np.asarray(before[k]), np.asarray(after[k])) for k in before)
+        return str(exc), same
+    return y
+
+
+@pytest.mark.parametrize(
+    "resets",
+    [{0: 2}, {0: 4}, {0: 1, 1: 3, 2: 5}, {1: 2, 2: 6}, {0: 3, 1: 1, 2: 2}],
+    ids=["2-on-one", "4-on-one", "1-3-5", "2-and-6", "3-1-2"],
+)
+def test_any_sequence_of_local_resets_raises_on_every_rank(resets: dict[int, int]) -> None:
+    # Regression: the tag held the count of state edits modulo 4, and each reset adds
+    # two, so two resets on one rank (or counts that differ by a multiple of two) passed
+    # for agreement: the ranks mixed the sums of different windows, and a rank could
+    # raise outside the collective while the others wait (a hang under TorchComm).
+    for r in _ok(run_spmd_threads(_after_local_resets, 3, resets, timeout=20)):
+        assert isinstance(r, tuple), r
+        message, unchanged = r
+        assert "different collective operations" in message
+        assert unchanged
+
+
+def test_the_same_local_resets_on_every_rank_agree() -> None:
+    results = _ok(run_spmd_threads(_after_local_resets, 3, {0: 2, 1: 2, 2: 2}, timeout=20))
+    for y in results:  # an empty window: x / damp
+        np.testing.assert_array_equal(y, np.full(y.shape, 10.0))
+
+
+@pytest.mark.parametrize("edit", ["negated", "swapped"])
+def test_load_state_dict_checks_the_reduced_gram_on_every_rank(edit: str) -> None:
+    # One rank's shard of a stored gradient changed: the Gram recomputed from every
+    # rank's columns (one reduction) no longer matches, and every rank refuses the state.
+    def rank(comm: Communicator) -> Any:
+        lo, hi = 4 * comm.rank, 4 * comm.rank + 4
+        rng = np.random.default_rng(3)
+        op = DynamicIHVP(3, 4, damp=0.1, dtype="float32", comm=comm)
+        for _ in range(3):
+            op.update(rng.standard_normal(4 * comm.size).astype(np.float32)[lo:hi])
+        state = op.state_dict()
+        if comm.rank == 1:
+            grads = state["grads"] = state["grads"].copy()
+            if edit == "negated":
+                grads[0] = -grads[0]
+            else:
+                grads[[0, 1]] = grads[[1, 0]]
+        before = op.state_dict()
+        try:
+            op.load_state_dict(state)
+        except ValueError as exc:
+            after = op.state_dict()
+            same = all(np.array_equal(np.asarray(before[k]), np.asarray(after[k])) for k in before)
+            return str(exc), same
+        return "no error"
+
+    for r in _ok(run_spmd_threads(rank, 3, timeout=20)):
+        assert r != "no error"
+        assert "Gram matrix does not match its gradients" in r[0] and r[1]
 
 
 def test_load_state_dict_mends_diverged_states() -> None:

@@ -226,27 +226,29 @@ def test_layouts_and_traffic(layout: str, dtype: str) -> None:
     )
     _factors_bitwise_equal(results)
     p, k = len(widths), len(rows)
-    S = 6  # length of the status word (docs/scaling.rst)
+    S = 20  # length of the status word (docs/scaling.rst)
     full = bs is None or bs >= d
     for r in results:
         # Set-up: the exchange of every rank's shape and options, the Gram (full only:
         # m^2 float64 numbers, whatever G's dtype), and the final agreement. Each call
         # carries S extra numbers, the status word of collective errors (a count of
-        # failed ranks per exception class). Products reduce the float64 projection G X,
-        # entries the float64 G columns of the pairs.
+        # failed ranks per exception class, and the digests of the operation and of the
+        # arguments that must agree). Products reduce the float64 projection G X;
+        # entries first the status word alone (the indices checked and compared), then
+        # the float64 G columns of the pairs.
         shapes = [c.shape for c in r["setup"]]
         if full:
             assert r["op"]._gram_recomputed == 0
-            assert shapes == [(7 * p + S,), (m * m + S,), (5 * p + S,)]
+            assert shapes == [(7 * p + S,), (m * m + S,), (4 * p + S,)]
             assert [c.shape for c in r["matvec"]] == [(m + S,)]
             assert [c.shape for c in r["matmat"]] == [(3 * m + S,)]
             assert r["matvec"][0].nbytes == (m + S) * 8
-            assert [c.shape for c in r["entries"]] == [(2 * m * k + 2 * p + S,)]
+            assert [c.shape for c in r["entries"]] == [(S,), (2 * m * k + S,)]
             assert all(c.dtype == "float64" for c in r["matvec"] + r["entries"])
         else:
-            assert shapes == [(7 * p + S,), (5 * p + S,)]
+            assert shapes == [(7 * p + S,), (4 * p + S,)]
             assert r["matvec"] == [] and r["matmat"] == []  # whole blocks: no exchange
-            assert [c.shape for c in r["entries"]] == [(k + 2 * p + S,)]
+            assert [c.shape for c in r["entries"]] == [(S,), (k + S,)]
         assert r["diagonal"] == []
         assert all(c.dtype == "float64" for c in r["setup"])
 
@@ -274,7 +276,7 @@ def test_refinement(layout: str) -> None:
         # One product, and per refinement step the residual's G Y (float64) and a product.
         for r in results:
             assert [(c.shape, c.dtype) for c in r["matvec"]] == [
-                ((m + 6,), "float64"),  # G x summed in float64, with the status word
+                ((m + 20,), "float64"),  # G x summed in float64, with the status word
                 ((m,), "float64"),
                 ((m,), "float64"),
             ]
@@ -303,7 +305,7 @@ def test_collinear_float32_gradients_reduce_a_float64_gram(monkeypatch: Any) -> 
     results = _sharded(G, damp, [2048, 2048], dtype="float32", X=X)
     for r in results:
         assert r["op"]._gram_recomputed == 0
-        assert [(c.shape, c.dtype) for c in r["setup"]][1] == ((m * m + 6,), "float64")
+        assert [(c.shape, c.dtype) for c in r["setup"]][1] == ((m * m + 20,), "float64")
     want = SpectralOracle(G, damp).matvec(X[:, 0])
     y = _gathered(results, "y")
     assert np.linalg.norm(y - want) <= 8 * np.finfo(np.float32).eps * np.linalg.norm(want)
@@ -595,7 +597,7 @@ def test_over_gloo(nprocs: int) -> None:
             np.testing.assert_array_equal(p["twin"], p["y"])
             np.testing.assert_array_equal(p["deep"], p["y"])
             assert p["deep_comm"]
-            assert p["calls"] == ([(m + 6,)] if bs is None else [])
+            assert p["calls"] == ([(m + 20,)] if bs is None else [])
             if bs is None:
                 np.testing.assert_array_equal(p["U"], parts[0]["U"])  # bit for bit
 
@@ -649,18 +651,19 @@ def test_entries_of_zero_dimensional_and_empty_indices() -> None:
 
 
 def test_different_operations_with_one_reduction_length_raise_on_every_rank() -> None:
-    # m = 2 on 2 ranks: matmat of 4 columns reduces m * 4 = 8 numbers, entries of one
-    # pair (one block across the shards) 2 m + 2 * size = 8: the same length, so only
-    # the tag in the status word tells them apart.
+    # m = 2 on 2 ranks: matmat of 7 columns reduces m * 7 = 14 numbers, the first
+    # reduction of a new operator's set-up 7 * size = 14: the same length, so only the
+    # tag in the status word tells them apart.
     G = np.random.default_rng(3).standard_normal((2, 6))
 
     def rank(comm: Communicator) -> Any:
-        op = StaticIHVP(G[:, 3 * comm.rank : 3 * comm.rank + 3], damp=0.1, comm=comm)
+        shard = G[:, 3 * comm.rank : 3 * comm.rank + 3]
+        op = StaticIHVP(shard, damp=0.1, comm=comm)
         try:
             if comm.rank == 0:
-                op.matmat(np.ones((3, 4)))
+                op.matmat(np.ones((3, 7)))
             else:
-                op.entries(np.asarray([0]), np.asarray([1]))
+                StaticIHVP(shard, damp=0.2, comm=comm)
         except RuntimeError as exc:
             return str(exc)
         return "no error"
@@ -731,3 +734,41 @@ def test_overwrite_g_is_a_deprecated_no_op() -> None:
     assert record[0].filename == __file__
     np.testing.assert_array_equal(G, before)
     assert_close(op.matvec(G[0]), StaticIHVP(before, damp=0.3).matvec(G[0]), kappa=10)
+
+
+@pytest.mark.parametrize("case", ["swapped", "offset", "length", "dtype"])
+@pytest.mark.parametrize("block_size", [None, 4])
+def test_entries_with_different_indices_raise_on_every_rank(case: str, block_size: Any) -> None:
+    # Regression: the indices were compared through a weak checksum (position weights
+    # i % 997 + 1, modulo 2**23 - 15), so two indices 997 positions apart could be
+    # swapped on one rank, and a different dtype or number of pairs was not compared at
+    # all: ranks returned different wrong values, or failed in the communicator.
+    G = np.random.default_rng(4).standard_normal((2, 8))
+    rows, cols = np.arange(1000) % 8, (3 * np.arange(1000)) % 8
+    assert rows[0] != rows[997]
+
+    def rank(comm: Communicator) -> Any:
+        op = StaticIHVP(
+            G[:, 4 * comm.rank : 4 * comm.rank + 4], damp=0.1, block_size=block_size, comm=comm
+        )
+        r, c = rows.copy(), cols.copy()
+        if comm.rank == 1:
+            if case == "swapped":
+                r[[0, 997]] = r[[997, 0]]
+            elif case == "offset":
+                r[5] = (r[5] + 1) % 8
+            elif case == "length":
+                r, c = np.append(r, 0), np.append(c, 0)
+            else:
+                r = r.astype(np.int32)
+        good = op.matvec(np.ones(4))
+        try:
+            op.entries(r, c)
+        except ValueError as exc:
+            return str(exc), np.array_equal(op.matvec(np.ones(4)), good)
+        return "no error"
+
+    for r in run_spmd_threads(rank, 2, timeout=20):
+        assert not isinstance(r, Exception), r
+        assert r != "no error"
+        assert "every rank must pass the same rows and cols" in r[0] and r[1]

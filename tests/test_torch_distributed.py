@@ -124,10 +124,10 @@ def test_ddp_mode_matches_one_process(size: int) -> None:
         # Bit for bit the same parameters on every rank, and those of one process.
         np.testing.assert_array_equal(r["params"], results[0]["params"])
         assert_params_close(r["params"], want)
-        # Per step: the Gram row (m + 6 numbers with the status word: a count of failed
-        # ranks per exception class, the tag and its square), then the step's all-gather
+        # Per step: the Gram row (m + 20 numbers with the status word: a count of failed
+        # ranks per exception class, the digests of the tag and arguments), then the all-gather
         # (through the sum of a zero-padded d-vector with this communicator).
-        assert r["calls"] == [[(OPTIONS["num_grads"] + 6,), (d,)]] * STEPS
+        assert r["calls"] == [[(OPTIONS["num_grads"] + 20,), (d,)]] * STEPS
 
 
 def test_a_nan_on_one_rank_skips_the_step_on_every_rank() -> None:

@@ -44,6 +44,7 @@ __all__ = [
     "is_jax_array",
     "is_jax_namespace",
     "is_numpy_namespace",
+    "is_torch_array",
     "is_torch_namespace",
     "is_writeable_array",
     "may_share_memory",

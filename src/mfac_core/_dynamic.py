@@ -47,10 +47,14 @@ _STATE_VERSION = 2
 _DRIFT_TOL = 1e-10
 #: Columns of an edited factor checked for drift after each edit (O(m) each).
 _DRIFT_SAMPLE = 32
-#: Gradients whose norms ``load_state_dict`` checks against the Gram diagonal.
-_NORM_SAMPLE = 8
-#: Numbers describing the replicated state, compared across ranks by ``load_state_dict``.
-_NUM_FINGERPRINT = 6
+#: Columns of a loaded factor that ``load_state_dict`` checks against the Gram matrix.
+_FACTOR_SAMPLE = 8
+#: The rounding of a Gram entry, in units of (d + ranks) eps |g_i| |g_j|, that
+#: ``load_state_dict`` allows between the stored Gram and the one recomputed from the
+#: stored gradients: each of the two sums errs by at most one unit (a float64 sum of
+#: d exact products, then of one partial sum per rank), and the norms taken from the
+#: recomputed diagonal by a little more.
+_GRAM_ROUNDING = 4
 #: float64 entries in one piece of the initial Gram product of ``from_window``.
 _PIECE_ENTRIES = 2**22
 
@@ -99,14 +103,13 @@ def _window_dtypes(xp: Any, dtype: Any) -> tuple[Any, Any, str | None]:
 #: then the settings that must agree on every rank (see ``DynamicIHVP._settings``).
 _NUM_SETTINGS = 9
 
-# The tags of the sharded reductions (``reduce_checked``): an operation code plus
-# _NUM_OPS times the operator's count of state edits modulo _NUM_VERSIONS, so that
-# ranks calling different operations with reductions of one length, or whose
-# replicated states diverged (``reset`` on some ranks only), raise instead of mixing
-# their sums. Tags stay below _NUM_OPS * _NUM_VERSIONS = MAX_TAG.
+# The operations of the sharded reductions (``reduce_checked``). Their tag is the
+# operation and the operator's whole count of state edits (``DynamicIHVP._tag``), so
+# that ranks calling different operations with reductions of one length, or whose
+# replicated states diverged (``reset`` on some ranks only, any number of times),
+# raise instead of mixing their sums.
 _OP_UPDATE, _OP_PRODUCT, _OP_REMOVE, _OP_SET_DAMP = 1, 2, 3, 4
 _OP_LOAD, _OP_FROM_WINDOW, _OP_INIT = 5, 6, 7
-_NUM_OPS, _NUM_VERSIONS = 8, 4
 
 
 def _reduction_space(xp: Any, device: Any) -> tuple[Any, Any]:
@@ -132,6 +135,21 @@ def _evenly_spaced(k: int, count: int) -> list[int]:
     if k <= count:
         return list(range(k))
     return sorted({round(i * (k - 1) / (count - 1)) for i in range(count)})
+
+
+def _local_gram(xp: Any, G: Array) -> Array:
+    """``G G^T`` of this rank's columns of the rows of ``G``, accumulated in float64.
+
+    O(m^2 d): column pieces of G converted to float64 (32 MiB at most), one
+    BLAS-3 product each; products of float32 or 2-byte values are exact in
+    float64, so each entry errs by at most d eps64 |g_i| |g_j|.
+    """
+    m, d = G.shape
+    if not d:  # a shard without columns
+        return xp.zeros((m, m), dtype=xp.float64, device=device_of(G))
+    whole = BlockGroup(0, 1, d)
+    chunk = list(pieces(whole, max(1, _PIECE_ENTRIES // m)))
+    return chunk_gram(xp, G, whole, chunk, lambda X: X @ xp.matrix_transpose(X))[0, ...]
 
 
 @dataclass(frozen=True)
@@ -212,7 +230,7 @@ def _agreed_rows(G: Array, num_grads: int | None, options: Mapping[str, Any]) ->
         dtype=space[0].float64,
         device=space[1],
         what="DynamicIHVP.from_window",
-        tag=_OP_FROM_WINDOW,
+        tag=("DynamicIHVP", _OP_FROM_WINDOW),
     )
     ks = [int(v) for v in host_values(total)]
     if len(set(ks)) != 1:
@@ -414,7 +432,7 @@ class DynamicIHVP(LinearOperator):
             dtype=space[0].float64,
             device=space[1],
             what="DynamicIHVP(comm=...)",
-            tag=_OP_INIT,
+            tag=("DynamicIHVP", _OP_INIT),
         )
         rows = _rows(total, comm.size)
         if any(r[3] != rows[0][3] for r in rows):
@@ -586,13 +604,7 @@ class DynamicIHVP(LinearOperator):
         if op.check_finite and op._comm is None:  # a sharded G was checked collectively
             check_finite(xp, G, "G")
         G = detached(G)
-        if d:
-            whole = BlockGroup(0, 1, d)
-            chunk = list(pieces(whole, max(1, _PIECE_ENTRIES // k)))  # one block: one chunk
-            gram = chunk_gram(xp, G, whole, chunk, lambda X: X @ xp.matrix_transpose(X))[0, ...]
-        else:
-            gram = xp.zeros((k, k), dtype=xp.float64, device=op.device)
-        gram = op._summed(gram)
+        gram = op._summed(_local_gram(xp, G))
         # Both conventions put the k gradients into slots 0..k-1, oldest first.
         if op.zero_init:
             window = list(range(k, num_grads)) + list(range(k))
@@ -917,7 +929,7 @@ class DynamicIHVP(LinearOperator):
 
         ``G g`` (``(m, 1)``) is ``None`` when it is the row (see :meth:`_products`).
         Unsharded, ``g`` was checked by the caller. Sharded, it is checked here and the
-        row reduced with the status word: one reduction of m + 6 numbers (2 m + 6 for a
+        row reduced with the status word: one reduction of m + 20 numbers (2 m + 20 for a
         2-byte window, whose row and ``G g`` differ).
         """
         xp = self._xp
@@ -936,21 +948,34 @@ class DynamicIHVP(LinearOperator):
         total = self._reduced(local, 2 * m, "DynamicIHVP.update", _OP_UPDATE)
         return checked[0], total[:m], total[m:][:, None]
 
-    def _tag(self, op: int) -> int:
-        """The tag of operation ``op`` on this operator's replicated state (``_NUM_OPS``).
+    def _tag(self, op: int) -> tuple[Any, ...]:
+        """The tag of operation ``op`` on this operator's replicated state.
 
-        ``load_state_dict`` replaces the state, so its tag is the operation's alone:
-        loading every rank from one checkpoint mends diverged states.
+        The whole count of state edits, not a residue that two ``reset`` calls
+        on one rank would bring back: ranks whose counts differ raise, whatever
+        the sequence of local edits. ``load_state_dict`` replaces the state, so
+        its tag is the operation's alone: loading every rank from one checkpoint
+        mends diverged states (and restarts the count on every rank).
         """
         if op == _OP_LOAD:
-            return op
-        return op + _NUM_OPS * (self._version % _NUM_VERSIONS)
+            return ("DynamicIHVP", op)
+        return ("DynamicIHVP", op, self._version)
 
-    def _reduced(self, local: Any, length: int, what: str, op: int) -> Any:
+    def _reduced(
+        self,
+        local: Any,
+        length: int,
+        what: str,
+        op: int,
+        *,
+        agree: Any = None,
+        disagree: tuple[type[Exception], str] | None = None,
+    ) -> Any:
         """``local()`` (1-D float64) summed over the ranks with a status word.
 
-        Every rank raises if ``local()`` raised on any rank, or if the ranks called
-        different operations (``op``) or hold diverged states (``reduce_checked``).
+        Every rank raises if ``local()`` raised on any rank, if the ranks called
+        different operations (``op``) or hold diverged states, or if ``agree()``
+        differs between ranks (``reduce_checked``).
         """
         if self._comm is None:
             return local()
@@ -964,6 +989,8 @@ class DynamicIHVP(LinearOperator):
             device=self.device,
             what=what,
             tag=self._tag(op),
+            agree=agree,
+            disagree=disagree,
         )
 
     def _summed(self, x: Array) -> Array:
@@ -1002,18 +1029,7 @@ class DynamicIHVP(LinearOperator):
 
     def _exact_gram_matrix(self) -> Any:
         """The buffer's Gram matrix accumulated in float64 (O(m^2 d), on the rare path)."""
-        xp = self._xp
-        if not self.dim:  # a shard without columns
-            m = self.num_grads
-            return self._summed(xp.zeros((m, m), dtype=xp.float64, device=self.device))
-        gram = chunk_gram(
-            xp,
-            self._G,
-            BlockGroup(0, 1, self.dim),
-            self._pieces(),
-            lambda X: X @ xp.matrix_transpose(X),
-        )
-        return self._summed(gram[0, ...])
+        return self._summed(_local_gram(self._xp, self._G))
 
     def _insert(self, g: Array) -> tuple[Array, Any]:
         """Insert gradient ``g``; return it (checked) and ``G g`` (float64, ``(m, 1)``)."""
@@ -1342,10 +1358,12 @@ class DynamicIHVP(LinearOperator):
         dict
             Copies of the gradients, the float64 Gram matrix and factor, the
             slot lists (``window_slots``, ``free_slots``, ``factor_slots``),
-            the sizes, ``damp``, ``zero_init``, the edit count and a format
-            ``version``. Sharded: ``grads`` is this rank's ``m x d`` shard,
-            the rest is the replicated m x m state, and ``shard_rank`` and
-            ``shard_widths`` (every rank's width) record the layout.
+            the sizes, ``damp``, ``zero_init``, the edit count,
+            ``exact_gram`` (whether every Gram entry was accumulated in
+            float64 from the stored gradients) and a format ``version``.
+            Sharded: ``grads`` is this rank's ``m x d`` shard, the rest is the
+            replicated m x m state, and ``shard_rank`` and ``shard_widths``
+            (every rank's width) record the layout.
         """
         xp = self._xp
         shard = (
@@ -1367,6 +1385,7 @@ class DynamicIHVP(LinearOperator):
             "free_slots": list(self._free),
             "factor_slots": list(self._factor.slots),
             "edits": self._edits,
+            "exact_gram": bool(self._exact_gram),
         }
 
     def set_damp(self, damp: float, /) -> None:
@@ -1411,9 +1430,16 @@ class DynamicIHVP(LinearOperator):
         """Restore a state from :meth:`state_dict` (same sizes, dtype and device).
 
         Everything is checked before anything changes: a state that is
-        malformed, or whose gradients, Gram matrix and factor do not agree
-        (checked on a sample, O(m d + m^2)), raises and leaves the operator
-        exactly as it was.
+        malformed, or whose gradients, Gram matrix and factor do not agree,
+        raises and leaves the operator exactly as it was. The whole Gram
+        matrix is recomputed from the stored gradients (accumulated in
+        float64, O(m^2 d), the cost of :meth:`from_window`'s set-up) and must
+        match the stored one to the rounding of its sums: within
+        ``4 (d + ranks) eps |g_i| |g_j|`` per entry, with float64's eps for
+        a state whose ``exact_gram`` is set (every state this version saves)
+        and the window's compute dtype's for older states, whose Gram rows
+        were summed in that dtype. The factor is checked against the Gram
+        matrix on a sample of columns and its whole diagonal (O(m^2)).
 
         Parameters
         ----------
@@ -1440,7 +1466,7 @@ class DynamicIHVP(LinearOperator):
         self.damp = loaded.damp
         self._G[...] = loaded.grads
         self._gram = loaded.gram
-        self._exact_gram = self.dtype == self._xp.float64
+        self._exact_gram = loaded.exact
         self._window, self._free = deque(loaded.window), list(loaded.free)
         self._factor = loaded.factor
         self._edits = loaded.edits
@@ -1458,6 +1484,8 @@ class _LoadedState:
     factor: _SlotFactor
     edits: int
     damp: float
+    #: Whether every Gram entry was accumulated in float64 (the operator's ``_exact_gram``).
+    exact: bool
 
     @classmethod
     def check(
@@ -1467,43 +1495,40 @@ class _LoadedState:
 
         With ``damp`` the state is checked against its own damping and, with
         ``refactor``, its factor recomputed for ``damp``. Sharded, every rank's
-        local checks and its part of the sampled gradient norms are reduced with
-        one status word (every rank raises if one fails), together with a
-        fingerprint of the replicated m x m state that must agree on every rank.
+        local checks and its part of the recomputed Gram matrix are reduced with
+        one status word (every rank raises if one fails), which also compares a
+        digest of the replicated m x m state, bit for bit, across the ranks.
         """
-        comm = op._comm
         parts: list[Any] = []
-        size = 1 if comm is None else comm.size
+        m, xp = op.num_grads, op._xp
 
         def local() -> Array:
-            checked = cls._check_local(op, state, damp)
-            parts.append(checked)
-            sample, norms, fingerprint = checked[-3:]
-            pad = op._xp.zeros(
-                (_NORM_SAMPLE - len(sample),), dtype=op._xp.float64, device=op.device
-            )
-            table = (
-                op._one_hot(comm, fingerprint)
-                if comm is not None
-                else op._xp.asarray(fingerprint, dtype=op._xp.float64, device=op.device)
-            )
-            return op._xp.concat([norms, pad, table])
+            parts.append(cls._check_local(op, state, damp))
+            # This rank's columns of the stored gradients' Gram matrix, in float64.
+            return xp.reshape(_local_gram(xp, parts[0][0]), (-1,))
+
+        def replicated() -> tuple[Any, ...]:
+            # Everything but the gradients (each rank's own columns), bit for bit.
+            _, gram, U, window, free, slots, edits, saved_damp, target, exact = parts[0]
+            return gram, U, window, free, slots, edits, saved_damp, target, exact
 
         total = op._reduced(
-            local, _NORM_SAMPLE + size * _NUM_FINGERPRINT, "load_state_dict", _OP_LOAD
-        )
-        rows = _rows(total[_NORM_SAMPLE:], size)
-        if any(r != rows[0] for r in rows):
-            raise ValueError(
+            local,
+            m * m,
+            "load_state_dict",
+            _OP_LOAD,
+            agree=replicated,
+            disagree=(
+                ValueError,
                 "the ranks' state_dicts disagree on the replicated window state (slot lists, "
                 "edit count, damping, Gram matrix or factor): load every rank's state from "
-                "one checkpoint"
-            )
-        grads, gram, U, window, free, slots, edits, saved_damp, target, sample, _, _ = parts[0]
+                "one checkpoint",
+            ),
+        )
+        grads, gram, U, window, free, slots, edits, saved_damp, target, exact = parts[0]
         k = len(window)
-        cls._check_norms(op, gram, sample, total[: len(sample)])
-        gram = op._xp.asarray(gram, copy=True)
-        xp = op._xp
+        cls._check_gram(op, gram, xp.reshape(total, (m, m)), exact=exact)
+        gram = xp.asarray(gram, copy=True)
         if refactor and target != saved_damp:
             return cls(
                 xp.asarray(grads, copy=True),
@@ -1513,6 +1538,7 @@ class _LoadedState:
                 op._factorized(gram, list(slots), target),
                 0,
                 target,
+                exact,
             )
         factor = CapacitanceFactor(xp.asarray(U, copy=True), op._shift(k, saved_damp), 1.0)
         return cls(
@@ -1523,6 +1549,7 @@ class _LoadedState:
             _SlotFactor.build(factor, slots, op.num_grads),
             edits,
             saved_damp,
+            exact,
         )
 
     @staticmethod
@@ -1660,39 +1687,40 @@ class _LoadedState:
             )
             raise ValueError(f"state['{name}'] holds NaN or infinity")
         cls._check_factor(op, gram, U, list(slots), k, saved_damp)
-        sample = [slots[p] for p in _evenly_spaced(k, _NORM_SAMPLE)] if k else []
-        index = xp.asarray(sample, dtype=xp.int64, device=op.device)
-        rows = xp.astype(xp.take(grads, index, axis=0), xp.float64)
-        fingerprint = [
-            float(k),
-            float(edits),
-            saved_damp,
-            float(xp.sum(gram)),
-            float(xp.sum(U)),
-            float(sum((i + 1) * s for i, s in enumerate((*window, -1, *free, -1, *slots)))),
-        ]
-        return (
-            grads, gram, U, window, free, slots, edits, saved_damp, target,
-            sample, xp.sum(rows * rows, axis=1), fingerprint,
-        )  # fmt: skip
+        # States saved before the Gram rows were summed in float64 lack the flag; a
+        # float64 window's Gram always was.
+        exact = state.get("exact_gram") is True or op._G.dtype == xp.float64
+        return grads, gram, U, window, free, slots, edits, saved_damp, target, exact
 
     @staticmethod
-    def _check_norms(op: DynamicIHVP, gram: Array, sample: list[int], norms: Array) -> None:
-        """The Gram diagonal against the squared norms of a sample of stored gradients.
+    def _check_gram(op: DynamicIHVP, gram: Array, recomputed: Array, *, exact: bool) -> None:
+        """The whole stored Gram matrix against the one recomputed from the stored gradients.
 
-        Within the rounding bound of a sum of d squares in the storage dtype (d over
-        all ranks; sharded, ``norms`` are summed over the ranks).
+        Both are sums of d exact products in float64 (then of one partial sum per
+        rank), so each entry errs by at most ``(d + ranks) eps |g_i| |g_j|``; a Gram
+        saved before the rows were summed in float64 (``exact`` False) carries the
+        rounding of the window's compute dtype instead. A negated, swapped or
+        replaced gradient moves its whole Gram row by far more (unless it is
+        orthogonal to every other to within that rounding, where the Gram is
+        correct to it).
         """
-        if not sample:
-            return
         xp = op._xp
-        index = xp.asarray(sample, dtype=xp.int64, device=op.device)
-        diag = xp.take(xp.linalg.diagonal(gram), index, axis=0)
-        eps = float(xp.finfo(op.dtype).eps)
+        ranks = 1 if op.layout is None else len(op.layout.widths)
         dim = op.dim if op.layout is None else op.layout.dim
-        # A dot product of d terms in the storage dtype errs by at most d eps |x||y|.
-        if bool(xp.any(xp.abs(diag - norms) > min(1.0, 2 * dim * eps) * norms + 1e-300)):
-            raise ValueError("state_dict's Gram matrix does not match its gradients")
+        eps = float(xp.finfo(xp.float64 if exact else op.dtype).eps)
+        norms = xp.sqrt(xp.clip(xp.linalg.diagonal(recomputed), 0.0, None))
+        bound = (_GRAM_ROUNDING * (dim + ranks) * eps) * (norms[:, None] * norms[None, :])
+        excess = xp.abs(gram - recomputed) - bound
+        if bool(xp.any(excess > 0)):
+            flat = int(xp.argmax(xp.reshape(excess, (-1,))))
+            i, j = divmod(flat, int(gram.shape[0]))
+            raise ValueError(
+                f"state_dict's Gram matrix does not match its gradients: entry ({i}, {j}) is "
+                f"{float(gram[i, j]):.17g}, the stored gradients give "
+                f"{float(recomputed[i, j]):.17g}, more than the rounding of the sums allows "
+                f"({float(bound[i, j]):.3g}); a gradient was changed, moved or replaced after "
+                "the Gram matrix was computed"
+            )
 
     @staticmethod
     def _check_factor(
@@ -1709,7 +1737,7 @@ class _LoadedState:
         if not k:
             return
         eps64 = float(xp.finfo(xp.float64).eps)
-        pos = _evenly_spaced(k, _NORM_SAMPLE)
+        pos = _evenly_spaced(k, _FACTOR_SAMPLE)
         idx = xp.asarray(slots, dtype=xp.int64, device=op.device)
         C = xp.take(xp.take(gram, idx, axis=0), idx, axis=1)
         C = C + op._shift(k, damp) * xp.eye(k, dtype=xp.float64, device=op.device)

@@ -24,7 +24,6 @@ data is taken from reduced values, so all ranks raise, or none does.
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -51,19 +50,22 @@ from .distributed import Communicator
 
 __all__ = ["ShardedStatic", "build"]
 
-# The tags of the reductions (``reduce_checked``): one code per operation, so that
-# ranks calling different operations whose reductions have one length (a product
-# and ``entries``, say) raise instead of mixing their sums. The operator's
-# replicated state is fixed once built, so the tags need no count of edits.
-_TAG_AGREE, _TAG_GRAM, _TAG_BUILD, _TAG_PRODUCT, _TAG_ENTRIES = 1, 2, 3, 4, 5
+# The tags of the reductions (``reduce_checked``): one per operation, so that ranks
+# calling different operations whose reductions have one length (a product and the
+# set-up, say) raise instead of mixing their sums. The operator's replicated state is
+# fixed once built, so the tags need no count of edits.
+_TAG_AGREE = ("StaticIHVP", "set-up options")
+_TAG_GRAM = ("StaticIHVP", "set-up Gram")
+_TAG_BUILD = ("StaticIHVP", "set-up factor")
+_TAG_PRODUCT = ("StaticIHVP", "product")
+_TAG_INDICES = ("StaticIHVP", "entries indices")
+_TAG_ENTRIES = ("StaticIHVP", "entries")
 
 #: Per-rank fields of the set-up's first reduction, in this order.
 _FIELDS = ("m", "width", "dtype", "damp", "block_size", "refine", "check_finite")
 _DTYPE_CODES = {"float32": 1, "float64": 2}
 #: Per-rank fields of the set-up's last reduction.
-_DONE_FIELDS = ("kappa_lo", "kappa_hi", "recomputed", "failed", "checksum")
-#: Modulus of the index checksums of ``entries`` (exact in float32).
-_CHECK_MOD = 2**23 - 15
+_DONE_FIELDS = ("kappa_lo", "kappa_hi", "recomputed", "failed")
 
 
 def _piece_width(m: int, n: int) -> int:
@@ -237,13 +239,6 @@ def _local_gram(
     return xp.reshape(gram, (-1,))
 
 
-def _checksum(xp: Any, U: Array) -> float:
-    """A number that differs between factors that differ (bitwise, in practice)."""
-    flat = xp.reshape(U, (-1,))
-    ramp = xp.astype(xp.arange(1, flat.shape[0] + 1, device=device(flat)), xp.float64)
-    return float(xp.sum(flat * ramp)) + float(xp.sum(flat))
-
-
 def _full_factor(
     comm: Communicator,
     xp: Any,
@@ -320,8 +315,7 @@ def build(
             whole = GFormFactor(BlockGroup(0, 1, n), G, factor, agreed.damp, G.dtype)
             state["factors"] = (whole,)
             lo, hi = factor.kappa if factor.kappa is not None else (1.0, 1.0)
-            row = [lo, hi, 0.0, 0.0, _checksum(xp, factor.U)]
-            return _own_row(xp, dev, comm, row)
+            return _own_row(xp, dev, comm, [lo, hi, 0.0, 0.0])
 
         groups: tuple[BlockGroup, ...] = (BlockGroup(0, 1, n),)
     else:
@@ -342,9 +336,9 @@ def build(
                 # Not raised here: every rank must raise a FactorizationError, not the
                 # generic class that reduce_checked would give the others.
                 state["error"] = exc
-                return _own_row(xp, dev, comm, [1.0, 1.0, 0.0, 1.0, 0.0])
+                return _own_row(xp, dev, comm, [1.0, 1.0, 0.0, 1.0])
             state["factors"] = result.factors
-            row = [result.kappa_lo, result.kappa_hi, float(result.recomputed), 0.0, 0.0]
+            row = [result.kappa_lo, result.kappa_hi, float(result.recomputed), 0.0]
             return _own_row(xp, dev, comm, row)
 
     k = len(_DONE_FIELDS)
@@ -357,6 +351,14 @@ def build(
         device=dev,
         what="the set-up",
         tag=_TAG_BUILD,
+        # The full operator's factor, computed on every rank: its bits must agree.
+        agree=(lambda: factor.U) if agreed.full else None,
+        disagree=(
+            RuntimeError,
+            "the ranks computed different capacitance factors from the same reduced Gram "
+            "matrix: every rank must run the same array library build on the same kind of "
+            "device (the factor is computed on each rank and must agree bit for bit)",
+        ),
     )
     rows = _gathered(total, size, k)
     failed = [r for r, row in enumerate(rows) if row[3]]
@@ -367,12 +369,6 @@ def build(
             f"the damped Fisher of the blocks of rank(s) {failed} is not numerically positive "
             f"definite (damp={agreed.damp:g}); their errors name the condition number. "
             "Increase damp, or remove duplicated or nearly collinear gradients"
-        )
-    if len({row[4] for row in rows}) > 1:
-        raise RuntimeError(
-            "the ranks computed different capacitance factors from the same reduced Gram "
-            "matrix: every rank must run the same array library build on the same kind of "
-            "device (the factor is computed on each rank and must agree bit for bit)"
         )
     return ShardedStatic(
         agreed=agreed,
@@ -387,15 +383,6 @@ def build(
 
 
 # -- products and entries ----------------------------------------------------------------------
-
-
-def _index_checksum(xp: Any, idx: Array) -> float:
-    """A checksum of an int64 index vector, exact in float32 (below 2**23)."""
-    n = int(idx.shape[0])
-    if n == 0:
-        return 0.0
-    weights = xp.arange(n, dtype=xp.int64, device=device(idx)) % 997 + 1
-    return float(int(xp.sum((idx % _CHECK_MOD) * weights)) % _CHECK_MOD)
 
 
 @dataclass(frozen=True)
@@ -572,17 +559,19 @@ class ShardedStatic:
     def entries(
         self, comm: Communicator, xp: Any, dev: Any, dtype: Any, rows: Any, cols: Any
     ) -> Array:
-        """Entries at GLOBAL indices, the same on every rank (one reduction)."""
+        """Entries at GLOBAL indices, the same on every rank (two reductions).
+
+        The first carries only the status word: every rank's indices checked,
+        and their dtype, shape and values compared exactly between the ranks
+        (a digest), so that ranks passing different indices, or a different
+        number of them, all raise before the second, whose length is the
+        number of pairs, reduces the values.
+        """
         agreed, layout = self.agreed, self.layout
-        size, m = comm.size, agreed.num_grads
-        # The number of pairs is part of the collective call, as matmat's k.
-        k = math.prod(tuple(getattr(rows, "shape", (0,))))
-        per_pair = 2 * m if agreed.full else 1
-        # The G columns of the pairs go through the reduction in float64 (exact), the
-        # entries of the block-wise form in the operator's dtype (exact in float64 too).
+        m = agreed.num_grads
         held: dict[str, Any] = {}
 
-        def local() -> Array:
+        def check() -> Array:
             r = check_index_array(rows, "rows", xp=xp, device=dev, bound=layout.dim)
             c = check_index_array(cols, "cols", xp=xp, device=dev, bound=layout.dim)
             if r.shape != c.shape:
@@ -591,42 +580,52 @@ class ShardedStatic:
                     f"{tuple(c.shape)}"
                 )
             held["shape"] = r.shape
-            r, c = xp.reshape(r, (-1,)), xp.reshape(c, (-1,))
+            held["r"], held["c"] = xp.reshape(r, (-1,)), xp.reshape(c, (-1,))
+            return xp.zeros((0,), dtype=xp.float64, device=dev)
+
+        reduce_checked(
+            comm,
+            xp,
+            check,
+            length=0,
+            dtype=xp.float64,
+            device=dev,
+            what="entries",
+            tag=_TAG_INDICES,
+            agree=lambda: (rows, cols),
+            disagree=(
+                ValueError,
+                "entries takes GLOBAL indices and is collective: every rank must pass the "
+                "same rows and cols (dtype, shape and values), but they differ between ranks",
+            ),
+        )
+        r, c = held["r"], held["c"]
+        k = int(r.shape[0])
+        per_pair = 2 * m if agreed.full else 1
+
+        def local() -> Array:
+            # The G columns of the pairs in float64 (exact), or the entries of the
+            # block-wise form in the operator's dtype (exact in float64 too).
             if agreed.full:
-                values = [xp.reshape(self._owned_columns(xp, i), (-1,)) for i in (r, c)]
-            else:
-                values = [xp.astype(self._local_entries(xp, r, c, dtype), xp.float64)]
-            sums = [0.0] * (2 * size)
-            sums[2 * comm.rank : 2 * comm.rank + 2] = [
-                _index_checksum(xp, r),
-                _index_checksum(xp, c),
-            ]
-            return xp.concat([*values, xp.asarray(sums, dtype=xp.float64, device=dev)])
+                return xp.concat([xp.reshape(self._owned_columns(xp, i), (-1,)) for i in (r, c)])
+            return xp.astype(self._local_entries(xp, r, c, dtype), xp.float64)
 
         total = reduce_checked(
             comm,
             xp,
             local,
-            length=per_pair * k + 2 * size,
+            length=per_pair * k,
             dtype=xp.float64,
             device=dev,
             what="entries",
             tag=_TAG_ENTRIES,
         )
-        sums = host_values(total[per_pair * k :])
-        if len({tuple(sums[2 * q : 2 * q + 2]) for q in range(size)}) > 1:
-            raise ValueError(
-                "entries takes GLOBAL indices and is collective: every rank must pass the same "
-                "rows and cols, but they differ between ranks"
-            )
         if agreed.full:
             # Whitened in float64: (delta_rc - w_r . w_c) / damp with w = L^{-1} g.
             assert self.factor is not None
             Linv = self.factor.lower_inverse()[0, ...]
             Wr = Linv @ xp.reshape(total[: m * k], (m, k))
             Wc = Linv @ xp.reshape(total[m * k : 2 * m * k], (m, k))
-            r = xp.reshape(xp.astype(rows, xp.int64), (-1,))
-            c = xp.reshape(xp.astype(cols, xp.int64), (-1,))
             out = xp.astype(whitened_pairs(xp, Wr, Wc, r, c, agreed.damp), dtype)
         else:
             out = xp.astype(total[:k], dtype)

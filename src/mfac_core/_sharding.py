@@ -10,31 +10,39 @@ Two rules (docs/scaling.rst) shape everything here:
   learns of the failure from the reduced status and raises, instead of one rank
   raising while the others wait in the reduction.
 
-:func:`reduce_checked` implements the second rule for any local computation;
+:func:`reduce_checked` implements the second rule for any local computation,
+and with it the one agreement check of the package: every rank's tag (the
+operation and the replicated state it acts on) and arguments that must match
+travel as :func:`digest` pieces in the status word and are compared exactly;
 :func:`gather_ints` and :class:`ShardLayout` tell each rank where its columns
 lie among all ranks' columns.
 """
 
 from __future__ import annotations
 
+import hashlib
+import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ._compat import Array
+import numpy as np
+
+from ._compat import Array, is_torch_array
 from .distributed import Communicator
 
 __all__ = [
-    "MAX_TAG",
-    "MAX_TAG_RANKS_FLOAT32",
+    "DIGEST_BITS",
+    "MAX_AGREEMENT_RANKS",
     "STATUS_LENGTH",
     "ShardLayout",
+    "agreement",
     "decode_status",
+    "digest",
     "encode_status",
     "gather_ints",
     "host_values",
     "reduce_checked",
-    "tags_agree",
 ]
 
 # The exception classes a status word can carry, in the order a rank that saw
@@ -104,32 +112,112 @@ class ShardLayout:
         return sum(self.widths)
 
 
-#: Tags (:func:`reduce_checked`) lie in ``range(MAX_TAG)``.
-MAX_TAG = 32
+#: Bits of an agreement digest (:func:`digest`): two different values pass for equal
+#: with probability 2**-64 (BLAKE2b), never by a structured coincidence.
+DIGEST_BITS = 64
+#: A digest travels in pieces of this many bits, each with its square: the reduced sums
+#: stay exact integers in float64 for groups of up to ``MAX_AGREEMENT_RANKS`` ranks.
+_PIECE_BITS = 16
+_PIECES = DIGEST_BITS // _PIECE_BITS
 
-#: The largest group whose tag check is exact in a float32 reduction: the reduced
-#: sum of squared tags, at most ``size * (MAX_TAG - 1)**2``, stays below 2**24.
-MAX_TAG_RANKS_FLOAT32 = (2**24 - 1) // (MAX_TAG - 1) ** 2
+#: The largest group whose agreement checks are exact: ``size * (2**16 - 1)**2 < 2**53``
+#: (2,097,184 ranks); a larger group skips them (its counts of failures stay exact).
+MAX_AGREEMENT_RANKS = (2**53 - 1) // (2**_PIECE_BITS - 1) ** 2
 
-#: The length of the status word appended to every checked reduction: one count of
-#: failed ranks per class of ``_KINDS``, then the tag and its square. Counts, not one
-#: number weighting the classes by powers of (size + 1), so that they stay exact in
-#: float32 for any group below 2**24 ranks (a weighted sum needs
-#: size * (size + 1)**3 < 2**24: 62 ranks); the tag's two entries are exact in
-#: float32 up to ``MAX_TAG_RANKS_FLOAT32`` (17,458) ranks.
-STATUS_LENGTH = len(_KINDS) + 2
+#: The length of the status word appended to every checked reduction (float64): one
+#: count of failed ranks per class of ``_KINDS``, then the digest of the tag (the
+#: operation and the replicated state it acts on) and the digest of the arguments
+#: every rank must pass alike, each as ``_PIECES`` pieces and their squares.
+STATUS_LENGTH = len(_KINDS) + 2 * 2 * _PIECES
 
 
-def encode_status(error: Exception | None, tag: int = 0) -> list[float]:
-    """This rank's status word: a one-hot count of its error's class, then ``tag, tag**2``.
+def _host_array(a: Any) -> np.ndarray:
+    """The values of an array of any library as a C-ordered NumPy array (one copy at most)."""
+    if isinstance(a, np.ndarray | np.generic):
+        return np.ascontiguousarray(a)
+    if is_torch_array(a):
+        import torch
+
+        t = a.detach().cpu()
+        # NumPy has no bfloat16: its bits, as 2-byte integers, name it as well.
+        return np.ascontiguousarray(
+            (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
+        )
+    get = getattr(a, "get", None)  # CuPy's copy to the host
+    if callable(get) and type(a).__module__.split(".")[0] == "cupy":
+        return np.ascontiguousarray(get())
+    try:
+        return np.ascontiguousarray(np.from_dlpack(a))
+    except (AttributeError, BufferError, RuntimeError, TypeError, ValueError):
+        return np.asarray(a.tolist())
+
+
+def _feed(h: Any, x: object) -> None:
+    """Feed ``x`` to hash ``h`` unambiguously: a type code, a length, then the bytes."""
+
+    def chunk(code: bytes, data: bytes) -> None:
+        h.update(code + len(data).to_bytes(8, "little") + data)
+
+    if x is None:
+        chunk(b"N", b"")
+    elif isinstance(x, bool):
+        chunk(b"B", bytes([x]))
+    elif isinstance(x, int):
+        chunk(b"I", str(x).encode())
+    elif isinstance(x, float):
+        chunk(b"F", struct.pack("<d", x))
+    elif isinstance(x, str):
+        chunk(b"S", x.encode())
+    elif isinstance(x, bytes):
+        chunk(b"Y", x)
+    elif isinstance(x, tuple | list):
+        chunk(b"T", len(x).to_bytes(8, "little"))
+        for item in x:
+            _feed(h, item)
+    else:  # an array: its library's dtype name, its shape and its bytes
+        values = _host_array(x)
+        chunk(b"A", f"{getattr(x, 'dtype', values.dtype)}{tuple(values.shape)}".encode())
+        chunk(b"V", values.tobytes())
+
+
+def digest(*parts: object) -> int:
+    """A ``DIGEST_BITS``-bit BLAKE2b digest of ``parts``, the same on every rank for equal parts.
+
+    Parameters
+    ----------
+    *parts : object
+        None, bools, ints, floats, strings, bytes, arrays of any library (their
+        dtype, shape and values), and tuples or lists of these.
+
+    Returns
+    -------
+    int
+        The digest, in ``range(2**DIGEST_BITS)``.
+    """
+    h = hashlib.blake2b(digest_size=DIGEST_BITS // 8)
+    _feed(h, parts)
+    return int.from_bytes(h.digest(), "little")
+
+
+def _pieces(value: int) -> list[float]:
+    mask = (1 << _PIECE_BITS) - 1
+    pieces = [(value >> (_PIECE_BITS * i)) & mask for i in range(_PIECES)]
+    return [float(v) for p in pieces for v in (p, p * p)]
+
+
+def encode_status(error: Exception | None, tag: object = 0, agree: object = None) -> list[float]:
+    """This rank's status word: a one-hot count of its error's class, then two digests.
 
     Parameters
     ----------
     error : Exception or None
         The exception this rank's part raised, if any.
-    tag : int, optional
-        The operation and replicated state this rank's call is for, in
-        ``range(MAX_TAG)`` (default 0).
+    tag : object, optional
+        The operation and replicated state this rank's call is for (anything
+        :func:`digest` takes; default 0).
+    agree : object, optional
+        The arguments every rank must pass alike (anything :func:`digest`
+        takes; default None).
 
     Returns
     -------
@@ -137,15 +225,13 @@ def encode_status(error: Exception | None, tag: int = 0) -> list[float]:
         ``STATUS_LENGTH`` numbers: 1 at the index of the first class of
         (TypeError, IndexError, ValueError, RuntimeError) that ``error`` is an
         instance of (RuntimeError for any other exception), 0 at the other
-        three, then ``tag`` and ``tag**2``.
+        three, then the pieces of the two digests, each with its square.
     """
-    if not 0 <= tag < MAX_TAG:
-        raise ValueError(f"internal error: tag {tag} outside range({MAX_TAG})")
     word = [0.0] * len(_KINDS)
     if error is not None:
         index = next((k for k, kind in enumerate(_KINDS) if isinstance(error, kind)), -1)
         word[index] = 1.0
-    return [*word, float(tag), float(tag * tag)]
+    return [*word, *_pieces(digest(tag)), *_pieces(digest(agree))]
 
 
 def decode_status(word: Sequence[float]) -> dict[type[Exception], int]:
@@ -164,14 +250,19 @@ def decode_status(word: Sequence[float]) -> dict[type[Exception], int]:
     return {kind: round(v) for kind, v in zip(_KINDS, word[: len(_KINDS)], strict=True)}
 
 
-def tags_agree(word: Sequence[float], size: int) -> bool:
-    """Whether every rank's tag was the same, from the reduced status word.
+def _all_equal(sums: Sequence[float], size: int) -> bool:
+    # With S1 and S2 the sums of a piece and of its square over the ranks,
+    # S1**2 <= size * S2 (Cauchy-Schwarz), with equality exactly when all are equal.
+    values = [round(v) for v in sums]
+    return all(s1 * s1 == size * s2 for s1, s2 in zip(values[::2], values[1::2], strict=True))
 
-    With ``S1`` and ``S2`` the sums of the tags and of their squares over ``size``
-    ranks, ``S1**2 <= size * S2`` (Cauchy-Schwarz), with equality exactly when all
-    the tags are equal. Computed in Python integers from the rounded sums, so exact
-    while the reduction summed them exactly (float64; float32 up to
-    ``MAX_TAG_RANKS_FLOAT32`` ranks).
+
+def agreement(word: Sequence[float], size: int) -> tuple[bool, bool]:
+    """Whether every rank passed the same tag, and the same arguments, from the reduced word.
+
+    Exact (computed in Python integers from the rounded sums, which float64
+    adds exactly) for groups of up to ``MAX_AGREEMENT_RANKS`` ranks; a larger
+    group is reported as agreeing.
 
     Parameters
     ----------
@@ -182,11 +273,14 @@ def tags_agree(word: Sequence[float], size: int) -> bool:
 
     Returns
     -------
-    bool
-        True if the tags were all equal.
+    tuple of bool
+        ``(tags agree, arguments agree)``.
     """
-    s1, s2 = round(word[len(_KINDS)]), round(word[len(_KINDS) + 1])
-    return s1 * s1 == size * s2
+    if size > MAX_AGREEMENT_RANKS:
+        return True, True
+    n = len(_KINDS)
+    tags, args = word[n : n + 2 * _PIECES], word[n + 2 * _PIECES : n + 4 * _PIECES]
+    return _all_equal(tags, size), _all_equal(args, size)
 
 
 def reduce_checked(
@@ -198,7 +292,9 @@ def reduce_checked(
     dtype: Any,
     device: Any,
     what: str,
-    tag: int = 0,
+    tag: object = 0,
+    agree: Callable[[], object] | None = None,
+    disagree: tuple[type[Exception], str] | None = None,
 ) -> Array:
     """All-reduce ``local()`` with a status word; every rank raises if any rank failed.
 
@@ -214,20 +310,26 @@ def reduce_checked(
     length : int
         The payload length, the same on every rank (from replicated state).
     dtype : dtype
-        float32 or float64: the dtype of the reduction, payload and status word
-        (``STATUS_LENGTH`` numbers: counts of failed ranks, exact in float32 below
-        2**24 ranks, and the tag check, exact in float32 up to
-        ``MAX_TAG_RANKS_FLOAT32`` = 17,458 ranks and skipped for larger groups).
+        float64: the dtype of the reduction, payload and status word
+        (``STATUS_LENGTH`` numbers, whose sums are exact integers).
     device : device
         The payload's device.
     what : str
-        The operation, for the message of ranks whose own part was fine.
-    tag : int, optional
-        Identifies the operation and the replicated state it acts on, in
-        ``range(MAX_TAG)`` (default 0). If the ranks passed different tags (they
-        called different operations whose reductions have the same length, or
-        their replicated states diverged), the reduced payload mixes unrelated
-        sums, and every rank raises.
+        The operation, for the messages.
+    tag : object, optional
+        Identifies the operation and the replicated state it acts on (anything
+        :func:`digest` takes; default 0). If the ranks passed different tags
+        (they called different operations whose reductions have the same
+        length, or their replicated states diverged), the reduced payload
+        mixes unrelated sums, and every rank raises.
+    agree : callable, optional
+        Called after ``local()`` succeeded: the arguments every rank must have
+        passed alike (anything :func:`digest` takes), compared exactly through
+        their digests.
+    disagree : tuple, optional
+        ``(exception class, message)`` raised on every rank when ``agree``
+        differs between ranks (default: ValueError, "the ranks passed different
+        arguments").
 
     Returns
     -------
@@ -244,9 +346,13 @@ def reduce_checked(
         On a rank whose ``local()`` raised: that exception, after the reduction.
         On every other rank, if some rank failed: an exception of the same class
         (TypeError, IndexError, ValueError, else RuntimeError) naming how many
-        ranks failed.
+        ranks failed. Then, if ``agree`` differs between ranks, ``disagree`` on
+        every rank.
     """
+    if dtype != xp.float64:
+        raise ValueError(f"internal error: checked reductions are float64, not {dtype}")
     error: Exception | None = None
+    agreed: object = None
     try:
         payload = local()
         if tuple(payload.shape) != (length,):
@@ -254,14 +360,16 @@ def reduce_checked(
                 f"internal error: local payload of shape {tuple(payload.shape)}, "
                 f"expected ({length},)"
             )
+        if agree is not None:
+            agreed = ("agree", agree())
     except Exception as exc:  # every failure must reach the other ranks
         error = exc
         payload = xp.zeros((length,), dtype=dtype, device=device)
-    status = xp.asarray(encode_status(error, tag), dtype=dtype, device=device)
+    status = xp.asarray(encode_status(error, tag, agreed), dtype=dtype, device=device)
     total = comm.allreduce_sum(xp.concat([xp.astype(payload, dtype), status]))
     word = host_values(total[length:])
-    exact = dtype == xp.float64 or comm.size <= MAX_TAG_RANKS_FLOAT32
-    if exact and not tags_agree(word, comm.size):
+    same_tag, same_args = agreement(word, comm.size)
+    if not same_tag:
         raise RuntimeError(
             f"{what}: the ranks called different collective operations, or their "
             "replicated states diverged (reset, load_state_dict or another edit on some "
@@ -278,4 +386,7 @@ def reduce_checked(
             f"{what} failed on {failed} other rank(s) of {comm.size} (their errors say "
             f"why); rank {comm.rank} left its state as it was"
         )
+    if not same_args:
+        kind, message = disagree or (ValueError, f"{what}: the ranks passed different arguments")
+        raise kind(message)
     return total[:length]

@@ -243,6 +243,23 @@ def _check_grads(xp: Any, theta: Array, G: Array) -> str | None:
     return storage
 
 
+def _prepared_grads(xp: Any, theta: Array, G: Array, mask: Array | None) -> Array:
+    """The gradients as every entry point uses them: checked, and zeroed where ``mask`` prunes.
+
+    G must have theta's dtype, or be 2-byte (float16, bfloat16) with float32
+    theta, and stays in its dtype (the operators compute 2-byte G in float32).
+    With a ``mask`` (checked already), a copy of G is zeroed at the pruned
+    coordinates, so that they decouple from the kept ones; selected by
+    ``where``, not multiplied, so that a NaN or infinity there is dropped too.
+    Without one, G itself is returned (nothing is pruned yet).
+    """
+    _check_grads(xp, theta, G)
+    if mask is None:
+        return G
+    zero = xp.zeros((), dtype=G.dtype, device=device_of(G))
+    return xp.where(mask[None, :], G, zero)
+
+
 def _half_fisher_diagonal(xp: Any, G: Array, damp: float) -> Array:
     """``damp + sum_k G_ki^2 / m`` of 2-byte G in float32, a cast column piece at a time."""
     m = G.shape[0]
@@ -736,16 +753,16 @@ def prune(
     sparsity = check_fraction(sparsity, "sparsity")
     check_choice(saliency, "saliency", ("obs", "obd", "magnitude"))
     check_choice(update, "update", ("single", "joint", "none"))
+    given = mask
     mask = _check_mask(xp, theta, mask)
     needs_grads = saliency != "magnitude" or update != "none"
     if G is None:
         if needs_grads:
             raise ValueError(f"saliency={saliency!r} with update={update!r} needs the gradients G")
     else:
-        _check_grads(xp, theta, G)
-        # A masked copy in G's dtype (2-byte G stays 2-byte): the operator keeps it by
-        # reference, so memory is one more m x d array of G's dtype.
-        G = G * xp.astype(mask, G.dtype)
+        # With a mask, a masked copy in G's dtype (2-byte G stays 2-byte): the operator
+        # keeps it by reference, so memory is one more m x d array of G's dtype.
+        G = _prepared_grads(xp, theta, G, None if given is None else mask)
     if saliency == "obd":
         scores = obd_saliency(theta, G, damp=damp)
     elif saliency == "magnitude":
@@ -1071,13 +1088,11 @@ def damping_sweep(
     True
     """
     xp = _check_theta(theta)
-    _check_grads(xp, theta, G)
     given = mask
     mask = _check_mask(xp, theta, mask)
     sparsity = check_fraction(sparsity, "sparsity")
     dampings = check_dampings(dampings, "dampings")  # before the O(d m^2) set-up
-    if given is not None:
-        G = G * xp.astype(mask, G.dtype)  # pruned coordinates decouple, as in prune()
+    G = _prepared_grads(xp, theta, G, None if given is None else mask)
     op = SpectralIHVP(G, damp=1.0, block_size=block_size)
     diag = op.diagonal(damps=dampings)
     saliency = theta * theta / (2 * diag)
@@ -1266,14 +1281,15 @@ def select_damping(
     (True, True)
     """
     xp = _check_theta(theta)
-    _check_grads(xp, theta, G)
+    given = mask
     mask = _check_mask(xp, theta, mask)
     sparsity = check_fraction(sparsity, "sparsity")
     if not callable(loss):
         raise TypeError(f"loss must be callable, got {type(loss).__name__}")
     _check_selection_options("obs", update)
     dampings = check_dampings(dampings, "dampings")  # before the O(d m^2) set-up
-    G = G * xp.astype(mask, G.dtype)  # pruned coordinates decouple (module Notes)
+    # Pruned coordinates decouple (module Notes).
+    G = _prepared_grads(xp, theta, G, None if given is None else mask)
     op = SpectralIHVP(G, damp=1.0, block_size=block_size)
     diag = op.diagonal(damps=dampings)  # one pass for all K
     grid = tuple(float(dp) for dp in dampings)

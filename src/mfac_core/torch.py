@@ -234,7 +234,7 @@ class MFAC(torch.optim.Optimizer):
     Distributed (``comm``, or DTensor parameters), each rank's window holds
     its columns of the gradients (``m d / p`` values): under DDP the rank's
     :func:`torch.chunk` of the flat gradient, whose step is then all-gathered
-    (``d`` numbers per step, next to the window's one reduction of ``m + 6``:
+    (``d`` numbers per step, next to the window's one reduction of ``m + 20``:
     the Gram row and a status word); with DTensor parameters the local shards
     of the gradients, and each rank moves its own shards (nothing is
     gathered; one more reduction of one number says whether the step is
@@ -1054,7 +1054,10 @@ class MFACPruner:
         of selecting globally.
     dtype : torch.dtype, optional
         The dtype of the Fisher computations (default: the weights' dtype).
-        ``torch.float64`` gives more accurate OBS updates at small damping.
+        ``torch.float64`` gives more accurate OBS updates at small damping;
+        ``torch.float16`` or ``torch.bfloat16`` store the gradients in 2 bytes
+        (half the memory of float32) and compute in float32, with float32
+        weights (:mod:`mfac_core.pruning`'s 2-byte gradients).
 
     Attributes
     ----------
@@ -1123,6 +1126,10 @@ class MFACPruner:
                 )
         self.device = first.device
         self.dtype = first.dtype if dtype is None else dtype
+        # 2-byte gradients go with float32 weights through the pruning functions.
+        self._theta_dtype = (
+            torch.float32 if self.dtype in (torch.float16, torch.bfloat16) else self.dtype
+        )
         self.masks = {
             name: torch.ones_like(w, dtype=torch.bool) for name, w in self.weights.items()
         }
@@ -1165,9 +1172,11 @@ class MFACPruner:
         Returns
         -------
         torch.Tensor, shape (d,)
-            A copy, in the Fisher's dtype, on the weights' device.
+            A copy, in the Fisher's dtype (float32 for 2-byte gradients), on
+            the weights' device.
         """
-        return torch.cat([w.detach().reshape(-1) for w in self.weights.values()]).to(self.dtype)
+        flat = torch.cat([w.detach().reshape(-1) for w in self.weights.values()])
+        return flat.to(self._theta_dtype)
 
     def flat_mask(self) -> torch.Tensor:
         """The masks as one flat vector.
@@ -1259,7 +1268,8 @@ class MFACPruner:
                     break
             if not got:
                 raise ValueError("the data loader yielded no batches")
-        return G * mask.to(G.dtype)
+        # In place (no second m x d array); the pruning functions zero them again.
+        return G.masked_fill_(~mask, 0)
 
     # -- pruning --------------------------------------------------------------------------
 
@@ -1346,7 +1356,10 @@ class MFACPruner:
             {name: w.detach().clone() for name, w in self.weights.items()},
             {name: m.clone() for name, m in self.masks.items()},
         )
-        losses: list[float] = []
+        # The candidates of the current step, and the damping select_damping chose at
+        # each step: the one whose result object it returned (no second argmin here).
+        candidates: list[tuple[pruning.PruneResult, float]] = []
+        chosen: list[float] = []
 
         def grad_fn(theta: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
             self._write(theta, mask)
@@ -1355,9 +1368,12 @@ class MFACPruner:
         def held_out(damp: float, result: pruning.PruneResult) -> Any:
             self._write(result.theta, result.mask)
             assert select_damp is not None
-            value = select_damp(self.model)
-            losses.append(value)
-            return value
+            candidates.append((result, damp))
+            return select_damp(self.model)
+
+        def step_done(step: int, result: pruning.PruneResult) -> None:
+            chosen.append(next(damp for r, damp in candidates if r is result))
+            candidates.clear()
 
         try:
             result = pruning.gradual_prune(
@@ -1373,19 +1389,14 @@ class MFACPruner:
                 update=self.update,
                 selection_block_size=self.selection_block_size,
                 select_damp=None if select_damp is None else held_out,
+                callback=None if select_damp is None else step_done,
             )
             self._write(result.theta, result.mask)
         except BaseException:
             self._restore(*before)
             raise
         if dampings is not None:
-            # gradual_prune keeps, at each step, the first damping of the lowest loss.
-            grid, k = list(dampings), len(dampings)
-            values = [float(v) for v in losses]
-            self.selected_damps = [
-                grid[min(range(k), key=values[s * k : (s + 1) * k].__getitem__)]
-                for s in range(len(values) // k)
-            ]
+            self.selected_damps = chosen
 
     @torch.no_grad()
     def _restore(self, weights: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> None:
