@@ -126,9 +126,9 @@ def _full_window(m: int, d: int, dtype: str, damp: float, key: jax.Array) -> mj.
         count=jnp.asarray(m, jnp.int32),
         since_refactor=jnp.zeros((), jnp.int32),
         refactors=jnp.zeros((), jnp.int32),
-        damp=damp,
+        damp=jnp.asarray(damp, jnp.float64),
         zero_init=True,
-        refactor_every=m,
+        refactor_every=jnp.asarray(m, jnp.int32),
     )
 
 

@@ -88,6 +88,26 @@ def test_docstring_examples():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+def test_docs_jax_rst_examples_run_and_install_line_works():
+    """The optax session of docs/jax.rst runs (in a child: it turns the 64-bit mode on),
+    and the install line is the one that works from a checkout (not on PyPI)."""
+    code = (
+        "import doctest, sys; r = doctest.testfile(sys.argv[1], module_relative=False, "
+        f"optionflags={doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE}); "
+        "assert r.failed == 0 and r.attempted >= 25, r"
+    )
+    env = {**os.environ, "PYTHONPATH": PACKAGE_PARENT}
+    path = os.path.join(ROOT, "docs", "jax.rst")
+    proc = subprocess.run(
+        [sys.executable, "-c", code, path], env=env, cwd=ROOT, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for name in ("jax.rst", "api.rst"):
+        with open(os.path.join(ROOT, "docs", name), encoding="utf-8") as f:
+            text = f.read()
+        assert 'pip install ".[jax]"' in text and "mfac_core[jax]" not in text, name
+
+
 # -- the static operator -------------------------------------------------------------------------
 
 
@@ -632,14 +652,21 @@ def test_mfac_refuses_bad_arguments():
         mj.mfac_sgd(0.1, 4, momentum=1.0)
     with pytest.raises(ValueError, match="weight_decay"):
         mj.mfac_sgd(0.1, 4, weight_decay=-1.0)
+    for bad in (jnp.ones(2), jnp.asarray(True), "0.1"):
+        with pytest.raises(TypeError, match="momentum"):
+            mj.mfac_sgd(0.1, 4, momentum=bad)
+    with pytest.raises(ValueError, match="momentum"):
+        mj.mfac_sgd(0.1, 4, momentum=jnp.asarray(1.5))  # a concrete array is checked
     opt = mj.mfac(4)
-    with pytest.raises(TypeError, match="share one dtype"):
-        opt.init({"a": jnp.zeros(3, jnp.float32), "b": jnp.zeros(3, jnp.float64)})
-    with pytest.raises(ValueError, match="empty"):
-        opt.init({})
+    with pytest.raises(TypeError, match="real parameters"):
+        opt.init({"a": jnp.zeros(3, jnp.complex64)})
     state = opt.init({"a": jnp.zeros(3)})
     with pytest.raises(ValueError, match="coordinates"):
         opt.update({"a": jnp.zeros(4)}, state)
+    with pytest.raises(ValueError, match="leaves"):
+        opt.update({"a": jnp.zeros(3), "b": jnp.zeros(1)}, state)
+    with pytest.raises(TypeError, match="float leaf"):
+        opt.update({"a": jnp.zeros(3, jnp.int32)}, state)
 
 
 @pytest.mark.parametrize("kappa", [1e3, 1e5, 1e7])
@@ -666,3 +693,140 @@ def test_products_are_exact_for_vectors_in_the_span(kappa, rng):
         cols = [0, 7, d - 1]
         want_d = [extended_precision_inverse(G64, damp, np.eye(d)[:, j])[j] for j in cols]
         assert np.all(np.abs(D[cols] - want_d) <= 8 * eps32 * np.abs(want_d))
+
+
+# -- optax: hyper-parameters, leaves, defaults (issue 22) ------------------------------------
+
+
+def test_inject_hyperparams_injects_every_numeric_hyperparameter(rng):
+    """damp, learning rate and momentum (not passed) changed mid-run, against the oracle."""
+    m, d = 3, 5
+    opt = optax.inject_hyperparams(
+        mj.mfac_sgd, static_args="num_grads", hyperparam_dtype=jnp.float64
+    )(learning_rate=0.1, num_grads=m, damp=0.1)
+    params = {"w": jnp.zeros(d)}
+    state = opt.init(params)
+    assert set(state.hyperparams) == {"learning_rate", "damp", "momentum", "weight_decay"}
+    step = jax.jit(lambda g, s, p: opt.update(g, s, p))
+    rows: list[np.ndarray] = []
+    b = np.zeros(d)
+    schedule = [(0.1, 0.1, 0.0)] * 2 + [(0.5, 0.05, 0.5)] * 3  # (damp, lr, momentum)
+    for t, (damp, lr, mu) in enumerate(schedule):
+        for name, value in (("damp", damp), ("learning_rate", lr), ("momentum", mu)):
+            state.hyperparams[name] = jnp.asarray(value, jnp.float64)
+        g = rng.standard_normal(d)
+        rows.append(g)
+        updates, state = step({"w": jnp.asarray(g)}, state, params)
+        s, kappa = window_oracle(rows, m, d, damp, True, g)
+        b = mu * b + s
+        assert_close(updates["w"], -lr * b, kappa=kappa, err_msg=f"step {t}")
+    # The chain: decayed weights (masked), mfac, trace, learning rate.
+    window = state.inner_state[1].window
+    assert float(window.damp) == 0.5 and int(window.refactors) == 1
+    # A traced damping cannot be checked before the step: a bad one refuses the gradient.
+    state.hyperparams["damp"] = jnp.asarray(-1e-3, jnp.float64)  # C may stay definite
+    updates, bad = step({"w": jnp.asarray(rng.standard_normal(d))}, state, params)
+    assert bool(jnp.all(jnp.isnan(updates["w"])))
+    for x, y in zip(*map(jax.tree_util.tree_leaves, (bad.inner_state[1], window)), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    # num_grads is a shape: injecting it is refused with the way out.
+    with pytest.raises(TypeError, match="static_args"):
+        optax.inject_hyperparams(mj.mfac)(num_grads=m).init(params)
+    opt = optax.inject_hyperparams(mj.mfac)(damp=0.1, refactor_every=2)  # default m: not injected
+    state = opt.init(params)
+    assert set(state.hyperparams) == {"damp", "refactor_every"}
+    assert state.inner_state.window.num_grads == 64
+
+
+def test_mixed_bfloat16_int_and_empty_leaves_work_where_adam_does(rng):
+    """Mixed float dtypes (float32 window), a float64 gradient of float32 parameters,
+    int leaves (zero update), empty subtrees and None: against the oracle."""
+    m, damp, lr = 3, 0.1, 0.5
+    params = {
+        "w": jnp.asarray(rng.standard_normal(4), jnp.float32),
+        "h": jnp.asarray(rng.standard_normal((2, 2)), jnp.bfloat16),
+        "n": jnp.arange(3, dtype=jnp.int32),
+        "empty": {},
+        "none": None,
+    }
+    opt = optax.chain(mj.mfac(m, damp), optax.scale(-lr))
+    state = opt.init(params)
+    window = state[0].window
+    assert window.dtype == jnp.float32 and window.dim == 8
+    step = jax.jit(lambda p, s, g: opt.update(g, s, p))
+    rows = []
+    for t in range(m + 1):
+        grads = {
+            "w": jnp.asarray(rng.standard_normal(4)),  # float64: rounded into the window
+            "h": jnp.asarray(rng.standard_normal((2, 2)), jnp.bfloat16),
+            "n": jnp.ones(3, jnp.int32),
+            "empty": {},
+            "none": None,
+        }
+        updates, state = step(params, state, grads)
+        flat = np.concatenate(
+            [np.asarray(grads["w"], np.float32), np.asarray(grads["h"], np.float32).ravel()]
+        ).astype(np.float64)
+        rows.append(flat)
+        want, kappa = window_oracle(rows, m, 8, damp, True, flat)
+        assert updates["w"].dtype == jnp.float64 and updates["h"].dtype == jnp.bfloat16
+        got = np.concatenate(
+            [np.asarray(updates["w"]), np.asarray(updates["h"], np.float64).ravel()]
+        )
+        # float32 rounding of the direction, then bfloat16's own for the "h" leaf.
+        assert_close(got[:4], -lr * want[:4], kappa=kappa, dtype="float32", err_msg=f"{t}")
+        assert_close(got[4:], -lr * want[4:], kappa=kappa, dtype="bfloat16", err_msg=f"{t}")
+        assert not np.any(np.asarray(updates["n"]))  # optax.scale made it float
+        new = optax.apply_updates(params, updates)
+        np.testing.assert_array_equal(np.asarray(new["n"]), [0, 1, 2])
+        assert new["h"].dtype == jnp.bfloat16 and new["empty"] == {} and new["none"] is None
+    # A float64 leaf makes the window float64; only int leaves or nothing: no window.
+    state = mj.mfac(m, damp).init({"a": jnp.ones(2, jnp.bfloat16), "b": jnp.ones(1)})
+    assert state.window.dtype == jnp.float64
+    for empty in ({}, {"n": jnp.arange(2)}, {"a": {}, "b": jnp.zeros((0,), jnp.float32)}):
+        tx = mj.mfac(m, damp)
+        state = tx.init(empty)
+        assert state.window is None
+        updates, _ = jax.jit(tx.update)(empty, state)
+        for u, x in zip(*map(jax.tree_util.tree_leaves, (updates, empty)), strict=True):
+            assert u.dtype == x.dtype and not np.any(np.asarray(u))
+    # jax.grad(..., allow_int=True) gives int leaves float0 gradients: zeros of their dtype.
+    tx, p = mj.mfac(m, damp), {"w": jnp.ones(2), "n": jnp.arange(2, dtype=jnp.int32)}
+    g = jax.grad(lambda p: jnp.sum(p["w"] ** 2), allow_int=True)(p)
+    updates, _ = tx.update(g, tx.init(p))
+    assert updates["n"].dtype == jnp.int32 and not np.any(np.asarray(updates["n"]))
+    with jax.enable_x64(False), pytest.raises(RuntimeError, match="jax_enable_x64"):
+        mj.mfac(m, damp).init(params)
+
+
+def test_multi_transform_with_a_label_that_owns_no_parameter(rng):
+    params = {"a": jnp.zeros(3, jnp.float32), "b": jnp.zeros(2, jnp.float32)}
+    labels = {"a": "mfac", "b": "adam"}
+    opt = optax.multi_transform(
+        {"mfac": mj.mfac_sgd(0.1, 2, 0.1), "adam": optax.adam(0.1), "idle": mj.mfac(2)}, labels
+    )
+    state = opt.init(params)
+    assert state.inner_states["idle"].inner_state.window is None
+
+    @jax.jit
+    def train_step(params, state, grads):
+        updates, state = opt.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    g = {k: jnp.asarray(rng.standard_normal(v.shape), jnp.float32) for k, v in params.items()}
+    new, state = train_step(params, state, g)
+    # Label "mfac" alone: its first step with a zero-initialised window of m = 2.
+    want, kappa = window_oracle([np.asarray(g["a"], np.float64)], 2, 3, 0.1, True, g["a"])
+    assert_close(new["a"], -0.1 * want, kappa=kappa, dtype="float32")
+    assert new["b"].dtype == jnp.float32 and bool(jnp.all(new["b"] != 0))
+
+
+def test_defaults_are_64_gradients_and_damp_1e_3():
+    """docs/guidance.rst: m = 32-64 captures most of the gain; 1e-3 trained best."""
+    params = {"w": jnp.zeros(3, jnp.float32)}
+    for opt in (mj.mfac(), mj.mfac_sgd(0.1)):
+        state = opt.init(params)
+        window = jax.tree_util.tree_leaves(state, is_leaf=lambda x: isinstance(x, mj.WindowState))[
+            0
+        ]
+        assert window.num_grads == 64 and float(window.damp) == 1e-3
