@@ -323,6 +323,18 @@ def test_sample_float32_and_seeds(xp_device, rng):
 # -- validation, pickling, the Cholesky form -----------------------------------------------------
 
 
+def test_arrays_of_dampings(rng):
+    # sweep and diagonal take a 1-d array (np.logspace) or a tuple as they take a list.
+    G = rng.standard_normal((3, 8))
+    op = SpectralIHVP(G, damp=0.1)
+    damps = [0.01, 0.1, 1.0]
+    x = rng.standard_normal(8)
+    for grid in (np.array(damps), tuple(damps), np.array(damps, dtype=np.float32)):
+        want = [float(dp) for dp in grid]
+        np.testing.assert_array_equal(op.sweep(x, damps=grid), op.sweep(x, damps=want))
+        np.testing.assert_array_equal(op.diagonal(damps=grid), op.diagonal(damps=want))
+
+
 def test_validation(numpy_backend, rng):
     G = rng.standard_normal((3, 8))
     op = SpectralIHVP(G, damp=0.1)
@@ -330,6 +342,12 @@ def test_validation(numpy_backend, rng):
         op.sweep(np.ones(8), damps=0.1)
     with pytest.raises(ValueError, match="at least one"):
         op.diagonal(damps=[])
+    with pytest.raises(ValueError, match=r"1-d array of dampings, got shape \(2, 1\)"):
+        op.diagonal(damps=np.ones((2, 1)))
+    with pytest.raises(ValueError, match=r"damps\[1\] must be finite"):
+        op.sweep(np.ones(8), damps=np.array([0.1, np.inf]))
+    with pytest.raises(TypeError, match=r"damps\[0\] must be a real number"):
+        op.sweep(np.ones(8), damps=np.array([False]))
     with pytest.raises(ValueError, match="damp"):
         op.with_damp(0.0)
     with pytest.raises(TypeError, match="damp"):

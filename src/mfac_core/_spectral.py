@@ -452,7 +452,7 @@ class SpectralIHVP(LinearOperator):
         x : array, shape (d,) or (d, k)
             In the operator's namespace, device and dtype (float32 is
             promoted for a float64 operator).
-        damps : sequence of float
+        damps : sequence or 1-d array of float
             The K dampings ``> 0``.
 
         Returns
@@ -493,7 +493,7 @@ class SpectralIHVP(LinearOperator):
 
         Parameters
         ----------
-        damps : sequence of float, optional
+        damps : sequence or 1-d array of float, optional
             The K dampings; ``None`` (default) uses the operator's.
 
         Returns
