@@ -28,6 +28,7 @@ import numpy as np
 from . import _capacitance
 from ._compat import (
     Array,
+    detached,
     device,
     is_array_api_strict_namespace,
     is_cupy_namespace,
@@ -92,7 +93,9 @@ class SpectralIHVP(LinearOperator):
         float64, or float16/bfloat16 storage (NumPy, PyTorch, CuPy), for which
         the operator computes and returns float32. The operator lives in G's
         namespace and on G's device and keeps G by reference: do not write to G
-        while the operator (or one derived from it) is in use.
+        while the operator (or one derived from it) is in use. A PyTorch G that
+        requires grad is detached: the operator keeps no autograd graph alive,
+        and its results are not differentiable in G.
     damp : float
         The damping ``lambda > 0``.
     block_size : int, optional
@@ -180,6 +183,7 @@ class SpectralIHVP(LinearOperator):
         self, G: Array, /, *, damp: float, block_size: int | None = None, check_finite: bool = True
     ) -> None:
         check_finite = check_flag(check_finite, "check_finite")
+        G = detached(G)  # the operator stores G, never its autograd graph
         xp = check_gradients(G, require_finite=False, half=True)
         damp = check_damp(damp)
         check_float64_available(xp)
