@@ -191,7 +191,9 @@ class SpectralIHVP(LinearOperator):
         bs = check_block_size(block_size, d)
         storage = half_dtype_name(xp, G.dtype)
         dtype = G.dtype if storage is None else xp.float32
-        groups = _setup(xp, G, block_groups(d, bs), dtype=dtype, check_finite=check_finite)
+        groups = _setup(
+            xp, G, block_groups(d, bs), dtype=dtype, damp=damp, check_finite=check_finite
+        )
         super().__init__(
             shape=(d, d),
             dtype=dtype,
@@ -679,8 +681,9 @@ class SpectralIHVP(LinearOperator):
         TypeError
             For a generator of another library.
         ValueError
-            For a negative ``n``, or an operator whose square root is not
-            covered (``power = ±1/2``).
+            For a negative ``n``, or an operator that is not ``F^{-1}`` or ``F``
+            (``power = ±1/2``, from :meth:`sqrt` or :meth:`inv_sqrt`), whose
+            square root has no closed form.
 
         Examples
         --------
@@ -692,6 +695,14 @@ class SpectralIHVP(LinearOperator):
         (3, 20)
         """
         n = check_count(n, "n", minimum=0)
+        if self.power not in (-1.0, 1.0):
+            # The draws are A^{1/2} z: say so in terms of sample(), not of the sqrt() inside.
+            raise ValueError(
+                f"sample() draws from N(0, A) for A = F^-1 or F (power -1 or 1), through "
+                f"A's square root; this operator is F**{self.power:g} (from sqrt() or "
+                f"inv_sqrt()), whose square root F**{self.power / 2:g} has no closed form; "
+                "sample from the operator it was derived from"
+            )
         root = self.sqrt()
         Z = _standard_normal(self._xp, rng, (self.dim, n), self.dtype, self.device)
         return root._matmat(Z).T
@@ -750,7 +761,13 @@ def _standard_normal(xp: Any, rng: Any, shape: tuple[int, int], dtype: Any, dev:
 
 
 def _setup(
-    xp: Any, G: Array, groups: tuple[BlockGroup, ...], *, dtype: Any, check_finite: bool
+    xp: Any,
+    G: Array,
+    groups: tuple[BlockGroup, ...],
+    *,
+    dtype: Any,
+    damp: float,
+    check_finite: bool,
 ) -> tuple[_Group, ...]:
     """Each group's float64 eigenpairs, chunk by chunk, in one pass over G.
 
@@ -775,6 +792,11 @@ def _setup(
         vals, vecs = [], []
         for chunk in chunks(g, max(width, g.size) if dense else width):
             gram = checked_gram(xp, G, g, chunk, columns if dense else rows, check=check_finite)
+            if not check_finite and not bool(xp.all(xp.isfinite(xp.linalg.diagonal(gram)))):
+                # Unchecked NaN or infinity in G: eigh would fail with a bare LinAlgError
+                # (or return NaN). Each off-diagonal entry is bounded by the diagonal's,
+                # so O(m) of work tells, and the error is StaticIHVP's.
+                raise _capacitance.factorization_error(damp, (math.inf, math.inf))
             lam, U = xp.linalg.eigh(gram)
             vals.append(xp.clip(lam, min=0.0))
             vecs.append(U)
