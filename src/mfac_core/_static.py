@@ -482,8 +482,10 @@ class StaticIHVP(_BlockOperatorBase):
         Raises
         ------
         ValueError
-            If the iterable yields fewer or more than ``num_grads`` gradients,
-            one of another shape, or one holding NaN or infinity; and as in
+            If the iterable yields fewer or more than ``num_grads`` gradients
+            (a ``None`` after the last counts as one more: the iterable must
+            end), one of another shape, an empty batch ``(0, dim)``, or one
+            holding NaN or infinity; and as in
             :class:`StaticIHVP`.
         TypeError
             For a gradient of another library or a non-floating dtype, or a
