@@ -466,6 +466,55 @@ def test_ihvp_warnings_come_before_the_summary(tmp_path, capsys):
         StaticIHVP(np.load(tmp_path / "G.npy"), damp=1e-17)
 
 
+def test_ihvp_truncated_file_is_not_out_of_memory(files, capsys):
+    # A 1 KB file whose header claims 800 GB: a corrupt file, found before any mapping
+    # or allocation, for GRADS (mapped) and VECS (read).
+    big = files["out"].parent / "big.npy"
+    with open(big, "wb") as fh:
+        np.lib.format.write_array_header_1_0(
+            fh, {"descr": "<f8", "fortran_order": False, "shape": (100_000, 1_000_000)}
+        )
+        fh.write(bytes(1000))
+    for args in ([big, files["v"]], [files["G"], big]):
+        status = run(["ihvp", *args, "-o", files["out"], "--damp", DAMP])
+        err = assert_user_error(capsys, status, "truncated or corrupt", "800000000000 bytes")
+        assert "memory" not in err
+    # One byte short is as corrupt.
+    short = files["out"].parent / "short_by_one.npy"
+    short.write_bytes(files["G"].read_bytes()[:-1])
+    status = run(["ihvp", short, files["v"], "-o", files["out"], "--damp", DAMP])
+    assert_user_error(capsys, status, "truncated or corrupt", f"{M * D * 8} bytes of data")
+    assert not files["out"].exists()
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/fd"), reason="needs /dev/fd (process substitution)")
+def test_ihvp_reads_pipes(files, tmp_path):
+    # <(cat G.npy) and /dev/stdin are pipes: read once, not probed and then reopened.
+    G = np.asfortranarray(np.load(files["G"]))  # a Fortran-order header too
+    np.save(tmp_path / "GF.npy", G)
+    want = tmp_path / "want.npy"
+    assert run(["ihvp", files["G"], files["V"], "-o", want, "--damp", DAMP]) == 0
+    pipes = []
+    for name in ("GF.npy", "V.npy"):
+        r, w = os.pipe()
+        os.write(w, (tmp_path / name).read_bytes())  # small: fits the pipe's buffer
+        os.close(w)
+        pipes.append(r)
+    try:
+        status = run(["ihvp", *(f"/dev/fd/{r}" for r in pipes), "-o", files["out"], "--damp", DAMP])
+    finally:
+        for r in pipes:
+            os.close(r)
+    assert status == 0
+    np.testing.assert_array_equal(np.load(files["out"]), np.load(want))
+
+
+def test_ihvp_empty_output_names_the_option(files, capsys):
+    status = run(["ihvp", files["G"], files["v"], "-o", "", "--damp", DAMP])
+    err = assert_user_error(capsys, status, "-o/--output is empty")
+    assert "mfac-core-" not in err and "Errno" not in err
+
+
 def test_ihvp_missing_output_folder(files, capsys):
     out = files["out"].parent / "no" / "such" / "out.npy"
     status = run(["ihvp", files["G"], files["v"], "-o", out, "--damp", DAMP])

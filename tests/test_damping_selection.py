@@ -117,7 +117,7 @@ def test_select_damping_builds_one_operator(monkeypatch, rng):
     ("grid", "error", "match"),
     [
         ([], ValueError, "at least one damping"),
-        ([1e-2, -1.0], ValueError, "damp must be finite"),
+        ([1e-2, -1.0], ValueError, r"dampings\[1\] must be finite"),
         ("0.1", TypeError, "sequence of real numbers"),
         ([1e-2, "x"], TypeError, "real number"),
     ],
@@ -136,6 +136,32 @@ def test_bad_grids_fail_before_the_set_up(monkeypatch, rng, grid, error, match, 
             pruning.damping_sweep(theta, G, grid, sparsity=0.5)
         else:
             select_damping(theta, G, grid, sparsity=0.5, loss=lambda dp, r: 0.0)
+
+
+@pytest.mark.parametrize("which", ["damping_sweep", "select_damping"])
+def test_bad_array_grids_fail_before_the_set_up(monkeypatch, rng, which):
+    theta, G, _ = regression(rng)
+
+    def no_set_up(*args, **kwargs):
+        raise AssertionError("the set-up ran before the dampings were checked")
+
+    monkeypatch.setattr(pruning, "SpectralIHVP", no_set_up)
+    bad = [
+        (np.array([[1e-2, 1e-1]]), ValueError, r"1-d array of dampings, got shape \(1, 2\)"),
+        (np.array(1e-2), TypeError, "sequence of real numbers"),
+        (np.array([1e-2, np.nan]), ValueError, r"dampings\[1\] must be finite"),
+        (np.array([1e-2, 0.0]), ValueError, r"dampings\[1\] must be finite and > 0"),
+        (np.array([True, True]), TypeError, r"dampings\[0\] must be a real number"),
+        (np.array([1e-2 + 1j]), TypeError, r"dampings\[0\] must be a real number"),
+        (np.array(["0.1"]), TypeError, r"dampings\[0\] must be a real number"),
+        (np.array([], dtype=float), ValueError, "at least one damping"),
+    ]
+    for grid, error, match in bad:
+        with pytest.raises(error, match=match):
+            if which == "damping_sweep":
+                pruning.damping_sweep(theta, G, grid, sparsity=0.5)
+            else:
+                select_damping(theta, G, grid, sparsity=0.5, loss=lambda dp, r: 0.0)
 
 
 @pytest.mark.parametrize(
@@ -216,6 +242,40 @@ def test_gradual_prune_with_a_grid_is_select_damping_per_step(rng):
         ).result
     np.testing.assert_array_equal(res.mask, cur.mask)
     np.testing.assert_array_equal(res.theta, cur.theta)
+
+
+def test_arrays_of_dampings_are_grids(rng):
+    # A NumPy grid (np.logspace, the usual way to write one) or a tuple works wherever a
+    # list does, with the same results.
+    theta, G, val_loss = regression(rng, d=12, n=60, m=20)
+    grid = [1e-3, 1e-1, 10.0]
+
+    def loss(dp, r):
+        return val_loss(r.theta)
+
+    want = select_damping(theta, G, grid, sparsity=0.5, loss=loss)
+    want_sweep = pruning.damping_sweep(theta, G, grid, sparsity=0.5)
+    for given in (np.array(grid), tuple(grid)):
+        got = select_damping(theta, G, given, sparsity=0.5, loss=loss)
+        assert got.damp == want.damp and got.losses == want.losses
+        assert got.dampings == tuple(float(dp) for dp in given)
+        sweep = pruning.damping_sweep(theta, G, given, sparsity=0.5)
+        np.testing.assert_array_equal(sweep.saliency, want_sweep.saliency)
+
+    def grad_fn(t, mask):
+        return G
+
+    res = gradual_prune(
+        theta, grad_fn, sparsity=0.5, steps=2, damp=np.array(grid), select_damp=loss
+    )
+    ref = gradual_prune(theta, grad_fn, sparsity=0.5, steps=2, damp=grid, select_damp=loss)
+    np.testing.assert_array_equal(res.theta, ref.theta)
+    with pytest.raises(ValueError, match="select_damp"):
+        gradual_prune(theta, grad_fn, sparsity=0.5, steps=2, damp=np.array(grid))
+    # A NumPy scalar is one damping, not a grid.
+    one = gradual_prune(theta, grad_fn, sparsity=0.5, steps=2, damp=np.float64(0.1))
+    two = gradual_prune(theta, grad_fn, sparsity=0.5, steps=2, damp=0.1)
+    np.testing.assert_array_equal(one.theta, two.theta)
 
 
 def test_gradual_prune_grid_errors_come_before_any_gradient(rng):

@@ -11,7 +11,7 @@ from conftest import check_space, rounded
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mfac_core import SpectralIHVP, StaticIHVP
+from mfac_core import FactorizationError, SpectralIHVP, StaticIHVP
 from mfac_core.testing import (
     SpectralOracle,
     assert_close,
@@ -316,11 +316,39 @@ def test_sample_float32_and_seeds(xp_device, rng):
     assert tuple(op.sample(0, rng=seed).shape) == (0, 10)
     with pytest.raises(TypeError, match="rng"):
         op.sample(2, rng="not a generator")
-    with pytest.raises(ValueError, match="powers"):
-        op.sqrt().sample(2, rng=seed)
+    # The error is sample()'s, not that of the sqrt() it calls inside.
+    for root in (op.sqrt(), op.inv_sqrt()):
+        with pytest.raises(
+            ValueError, match=r"^sample\(\) draws from N\(0, A\) for A = F\^-1 or F"
+        ):
+            root.sample(2, rng=seed)
 
 
 # -- validation, pickling, the Cholesky form -----------------------------------------------------
+
+
+def test_arrays_of_dampings(rng):
+    # sweep and diagonal take a 1-d array (np.logspace) or a tuple as they take a list.
+    G = rng.standard_normal((3, 8))
+    op = SpectralIHVP(G, damp=0.1)
+    damps = [0.01, 0.1, 1.0]
+    x = rng.standard_normal(8)
+    for grid in (np.array(damps), tuple(damps), np.array(damps, dtype=np.float32)):
+        want = [float(dp) for dp in grid]
+        np.testing.assert_array_equal(op.sweep(x, damps=grid), op.sweep(x, damps=want))
+        np.testing.assert_array_equal(op.diagonal(damps=grid), op.diagonal(damps=want))
+
+
+def test_unchecked_nan_is_a_factorization_error(rng):
+    # check_finite=False skips the check, not the error: StaticIHVP's FactorizationError
+    # (a LinAlgError and ValueError), not eigh's bare "Eigenvalues did not converge".
+    G = rng.standard_normal((3, 8))
+    G[1, 2] = np.nan
+    for bs in (None, 2):
+        with pytest.raises(
+            FactorizationError, match="Gram matrix of these gradients is not finite"
+        ):
+            SpectralIHVP(G, damp=0.1, check_finite=False, block_size=bs)
 
 
 def test_validation(numpy_backend, rng):
@@ -330,6 +358,12 @@ def test_validation(numpy_backend, rng):
         op.sweep(np.ones(8), damps=0.1)
     with pytest.raises(ValueError, match="at least one"):
         op.diagonal(damps=[])
+    with pytest.raises(ValueError, match=r"1-d array of dampings, got shape \(2, 1\)"):
+        op.diagonal(damps=np.ones((2, 1)))
+    with pytest.raises(ValueError, match=r"damps\[1\] must be finite"):
+        op.sweep(np.ones(8), damps=np.array([0.1, np.inf]))
+    with pytest.raises(TypeError, match=r"damps\[0\] must be a real number"):
+        op.sweep(np.ones(8), damps=np.array([False]))
     with pytest.raises(ValueError, match="damp"):
         op.with_damp(0.0)
     with pytest.raises(TypeError, match="damp"):

@@ -674,3 +674,30 @@ def test_refinement_options(rng):
     X = rng.standard_normal((30, 3))
     assert_close(op.matmat(X), SpectralOracle(G, 1.0).matmat(X))
     assert_close(op.matvec(X[:, 0]), op.matmat(X)[:, 0])
+
+
+@pytest.mark.parametrize("kind", ["static", "fisher", "spectral"])
+def test_torch_g_that_requires_grad_keeps_no_graph(kind):
+    # An operator built from per-sample gradients still attached to autograd (e.g. made
+    # with torch.func) must not keep the graph, and with it the model's activations,
+    # alive: it detaches G, as DynamicIHVP does.
+    import gc
+    import weakref
+
+    torch = pytest.importorskip("torch")
+    from mfac_core import EmpiricalFisher, SpectralIHVP
+
+    W = torch.randn(5, 24, dtype=torch.float64, requires_grad=True)
+    G = W * 2.0  # its graph holds W
+    alive = weakref.ref(W)
+    del W
+    cls = {"static": StaticIHVP, "fisher": EmpiricalFisher, "spectral": SpectralIHVP}[kind]
+    op = cls(G, damp=0.1)
+    x = torch.ones(24, dtype=torch.float64)
+    want = cls(G.detach().clone(), damp=0.1).matvec(x)
+    y = op.matvec(x)
+    assert not y.requires_grad and y.grad_fn is None
+    torch.testing.assert_close(y, want, rtol=0, atol=0)
+    del G
+    gc.collect()
+    assert alive() is None, "the operator keeps G's autograd graph alive"

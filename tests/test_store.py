@@ -362,6 +362,14 @@ def _bad_cases(G):
         ("too few", lambda: iter(G[:-1]), {}, ValueError, f"ended after {m - 1} of"),
         ("too many", lambda: iter(np.vstack([G, G[:1]])), {}, ValueError, "exceed"),
         ("batch too many", lambda: iter([G[:5], G[3:]]), {}, ValueError, "exceed"),
+        ("trailing None", lambda: iter([*G, None]), {}, ValueError, "yielded None after the 8"),
+        (
+            "empty batch",
+            lambda: iter([G[:3], G[3:3], G[3:]]),
+            {},
+            ValueError,
+            r"gradient 1 is an empty batch, shape \(0, 20\)",
+        ),
         ("wrong shape", lambda: iter([G[0], G[1, :-1]]), {}, ValueError, r"gradient 1 .*shape"),
         ("3-D", lambda: iter([G[None]]), {}, ValueError, "shape"),
         ("non-finite", lambda: iter(nan), {}, ValueError, "gradient 3 holds NaN"),
@@ -390,7 +398,7 @@ def _bad_cases(G):
     ]
 
 
-@pytest.mark.parametrize("case", range(15))
+@pytest.mark.parametrize("case", range(17))
 def test_from_gradients_errors_leave_nothing_behind(case, tmp_path, rng, monkeypatch):
     monkeypatch.chdir(tmp_path)
     G, damp = _data(rng, 8, 20, "float64")

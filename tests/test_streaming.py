@@ -182,6 +182,11 @@ def test_stream_to_refusals(rng):
         StaticIHVP(G[:, :3], damp=1.0, stream_to="cpu")  # d <= m: dense, nothing to stream
     with pytest.raises(ValueError, match="2-byte"):
         StaticIHVP(G.half(), damp=1.0, stream_to="cpu")
+    # G (not W, which no operator stores any more) is what streams from host memory.
+    with pytest.raises(ValueError, match="stream_to streams G from host memory, but G is on meta"):
+        StaticIHVP(
+            torch.empty(4, 30, dtype=torch.float64, device="meta"), damp=1.0, stream_to="cpu"
+        )
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -6,6 +6,9 @@ linear operators with SciPy's interface over NumPy, CuPy, PyTorch, JAX and
 array-api-strict arrays.
 """
 
+import importlib
+from typing import Any
+
 # Registers StaticIHVP's implementation for Dask arrays (dask itself is imported on use).
 from . import _dask  # noqa: F401
 from ._dynamic import DynamicIHVP
@@ -29,3 +32,26 @@ __all__ = [
     "get_cupy_linalg",
     "set_cupy_linalg",
 ]
+
+#: Public submodules that need nothing beyond the core dependencies: loaded on first
+#: attribute access (as SciPy's are), so ``mfac_core.pruning`` works after ``import
+#: mfac_core`` without the cost of importing them all up front.
+_LAZY_SUBMODULES = frozenset({"cli", "distributed", "pruning", "scipy", "testing"})
+
+#: Public submodules that need an optional library: imported explicitly, never here.
+_OPTIONAL_SUBMODULES = {"torch": "PyTorch", "jax": "JAX and optax"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY_SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    if name in _OPTIONAL_SUBMODULES:
+        raise AttributeError(
+            f"module {__name__!r} has no attribute {name!r}: import {__name__}.{name} "
+            f"explicitly (it needs {_OPTIONAL_SUBMODULES[name]})"
+        )
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | _LAZY_SUBMODULES)

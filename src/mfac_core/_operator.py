@@ -481,7 +481,6 @@ class LinearOperator:
             column-sharded (SciPy's solvers would take local shards for whole
             vectors).
         """
-        import numpy as np
         import scipy.sparse.linalg
 
         self._refuse_sharded("to_scipy()")
@@ -492,24 +491,14 @@ class LinearOperator:
                 "Build the operator from NumPy arrays, or call its matvec directly"
             )
 
-        def real_or_complex(apply: Any) -> Any:
-            def call(x: Array) -> Any:
-                x = np.asarray(x)
-                if np.iscomplexobj(x):
-                    # A real operator acts on both parts; casting would drop the imaginary one.
-                    re = apply(np.asarray(x.real, dtype=self.dtype))
-                    im = apply(np.asarray(x.imag, dtype=self.dtype))
-                    return re + 1j * im
-                return apply(np.asarray(x, dtype=self.dtype))
-
-            return call
-
+        # Module-level callables of bound methods, not closures, so that the result pickles
+        # (SciPy's operator keeps them as attributes) whenever the operator does.
         return scipy.sparse.linalg.LinearOperator(
             self.shape,
-            matvec=real_or_complex(self.matvec),
-            rmatvec=real_or_complex(self.rmatvec),
-            matmat=real_or_complex(self.matmat),
-            rmatmat=real_or_complex(self.rmatmat),
+            matvec=_SciPyProduct(self.matvec, self.dtype),
+            rmatvec=_SciPyProduct(self.rmatvec, self.dtype),
+            matmat=_SciPyProduct(self.matmat, self.dtype),
+            rmatmat=_SciPyProduct(self.rmatmat, self.dtype),
             dtype=self.dtype,
         )
 
@@ -519,6 +508,33 @@ class LinearOperator:
             f"<{m}x{n} {type(self).__name__} with dtype={self.dtype}, "
             f"namespace={namespace_name(self._xp)}, device={self.device!r}>"
         )
+
+
+class _SciPyProduct:
+    """One product of a NumPy-backed operator as :meth:`LinearOperator.to_scipy` exports it.
+
+    SciPy's solvers hand in float64 (or complex) work vectors: they are cast to
+    the operator's dtype, and a complex one is applied to its real and
+    imaginary parts (the operators are real). A class rather than a closure, so
+    that the exported operator can be pickled.
+    """
+
+    __slots__ = ("apply", "dtype")
+
+    def __init__(self, apply: Any, dtype: Any) -> None:
+        self.apply = apply
+        self.dtype = dtype
+
+    def __call__(self, x: Any) -> Any:
+        import numpy as np
+
+        x = np.asarray(x)
+        if np.iscomplexobj(x):
+            # A real operator acts on both parts; casting would drop the imaginary one.
+            re = self.apply(np.asarray(x.real, dtype=self.dtype))
+            im = self.apply(np.asarray(x.imag, dtype=self.dtype))
+            return re + 1j * im
+        return self.apply(np.asarray(x, dtype=self.dtype))
 
 
 def _check_compatible(a: LinearOperator, b: LinearOperator, what: str) -> None:

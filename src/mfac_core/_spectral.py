@@ -28,6 +28,7 @@ import numpy as np
 from . import _capacitance
 from ._compat import (
     Array,
+    detached,
     device,
     is_array_api_strict_namespace,
     is_cupy_namespace,
@@ -92,7 +93,9 @@ class SpectralIHVP(LinearOperator):
         float64, or float16/bfloat16 storage (NumPy, PyTorch, CuPy), for which
         the operator computes and returns float32. The operator lives in G's
         namespace and on G's device and keeps G by reference: do not write to G
-        while the operator (or one derived from it) is in use.
+        while the operator (or one derived from it) is in use. A PyTorch G that
+        requires grad is detached: the operator keeps no autograd graph alive,
+        and its results are not differentiable in G.
     damp : float
         The damping ``lambda > 0``.
     block_size : int, optional
@@ -180,6 +183,7 @@ class SpectralIHVP(LinearOperator):
         self, G: Array, /, *, damp: float, block_size: int | None = None, check_finite: bool = True
     ) -> None:
         check_finite = check_flag(check_finite, "check_finite")
+        G = detached(G)  # the operator stores G, never its autograd graph
         xp = check_gradients(G, require_finite=False, half=True)
         damp = check_damp(damp)
         check_float64_available(xp)
@@ -187,7 +191,9 @@ class SpectralIHVP(LinearOperator):
         bs = check_block_size(block_size, d)
         storage = half_dtype_name(xp, G.dtype)
         dtype = G.dtype if storage is None else xp.float32
-        groups = _setup(xp, G, block_groups(d, bs), dtype=dtype, check_finite=check_finite)
+        groups = _setup(
+            xp, G, block_groups(d, bs), dtype=dtype, damp=damp, check_finite=check_finite
+        )
         super().__init__(
             shape=(d, d),
             dtype=dtype,
@@ -452,7 +458,7 @@ class SpectralIHVP(LinearOperator):
         x : array, shape (d,) or (d, k)
             In the operator's namespace, device and dtype (float32 is
             promoted for a float64 operator).
-        damps : sequence of float
+        damps : sequence or 1-d array of float
             The K dampings ``> 0``.
 
         Returns
@@ -493,7 +499,7 @@ class SpectralIHVP(LinearOperator):
 
         Parameters
         ----------
-        damps : sequence of float, optional
+        damps : sequence or 1-d array of float, optional
             The K dampings; ``None`` (default) uses the operator's.
 
         Returns
@@ -675,8 +681,9 @@ class SpectralIHVP(LinearOperator):
         TypeError
             For a generator of another library.
         ValueError
-            For a negative ``n``, or an operator whose square root is not
-            covered (``power = ±1/2``).
+            For a negative ``n``, or an operator that is not ``F^{-1}`` or ``F``
+            (``power = ±1/2``, from :meth:`sqrt` or :meth:`inv_sqrt`), whose
+            square root has no closed form.
 
         Examples
         --------
@@ -688,6 +695,14 @@ class SpectralIHVP(LinearOperator):
         (3, 20)
         """
         n = check_count(n, "n", minimum=0)
+        if self.power not in (-1.0, 1.0):
+            # The draws are A^{1/2} z: say so in terms of sample(), not of the sqrt() inside.
+            raise ValueError(
+                f"sample() draws from N(0, A) for A = F^-1 or F (power -1 or 1), through "
+                f"A's square root; this operator is F**{self.power:g} (from sqrt() or "
+                f"inv_sqrt()), whose square root F**{self.power / 2:g} has no closed form; "
+                "sample from the operator it was derived from"
+            )
         root = self.sqrt()
         Z = _standard_normal(self._xp, rng, (self.dim, n), self.dtype, self.device)
         return root._matmat(Z).T
@@ -746,7 +761,13 @@ def _standard_normal(xp: Any, rng: Any, shape: tuple[int, int], dtype: Any, dev:
 
 
 def _setup(
-    xp: Any, G: Array, groups: tuple[BlockGroup, ...], *, dtype: Any, check_finite: bool
+    xp: Any,
+    G: Array,
+    groups: tuple[BlockGroup, ...],
+    *,
+    dtype: Any,
+    damp: float,
+    check_finite: bool,
 ) -> tuple[_Group, ...]:
     """Each group's float64 eigenpairs, chunk by chunk, in one pass over G.
 
@@ -771,6 +792,11 @@ def _setup(
         vals, vecs = [], []
         for chunk in chunks(g, max(width, g.size) if dense else width):
             gram = checked_gram(xp, G, g, chunk, columns if dense else rows, check=check_finite)
+            if not check_finite and not bool(xp.all(xp.isfinite(xp.linalg.diagonal(gram)))):
+                # Unchecked NaN or infinity in G: eigh would fail with a bare LinAlgError
+                # (or return NaN). Each off-diagonal entry is bounded by the diagonal's,
+                # so O(m) of work tells, and the error is StaticIHVP's.
+                raise _capacitance.factorization_error(damp, (math.inf, math.inf))
             lam, U = xp.linalg.eigh(gram)
             vals.append(xp.clip(lam, min=0.0))
             vecs.append(U)

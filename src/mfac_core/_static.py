@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from . import _capacitance, _engine, _setup, _sharded_static, _store, _streaming
-from ._compat import Array, device
+from ._compat import Array, detached, device
 from ._errors import user_stacklevel
 from ._gform import GFormFactor
 from ._group_factors import GroupFactor
@@ -119,7 +119,9 @@ class StaticIHVP(_BlockOperatorBase):
         bfloat16), whose results are float32 (docs/mathematics.rst, "2-byte
         storage"). The operator lives in G's namespace and on G's device and
         keeps G by reference (no copy): G must not be modified while the
-        operator is in use.
+        operator is in use. A PyTorch G that requires grad is detached, as
+        :class:`~mfac_core.DynamicIHVP` does: the operator keeps no autograd graph alive,
+        and its results are not differentiable in G.
         A ``dask.array.Array`` chunked along d (one chunk along m) gives the
         operator over Dask, whose results are Dask arrays (docs/dask.rst).
     damp : float
@@ -307,6 +309,8 @@ class StaticIHVP(_BlockOperatorBase):
         stream_to: Any = None,
         comm: Communicator | None = None,
     ) -> None:
+        # The operator stores G (or factors of it): never its autograd graph.
+        G = detached(G)
         if comm is not None:
             if out is not None or stream_to is not None:
                 # Raised before any reduction: SPMD code passes the same options on
@@ -478,8 +482,10 @@ class StaticIHVP(_BlockOperatorBase):
         Raises
         ------
         ValueError
-            If the iterable yields fewer or more than ``num_grads`` gradients,
-            one of another shape, or one holding NaN or infinity; and as in
+            If the iterable yields fewer or more than ``num_grads`` gradients
+            (a ``None`` after the last counts as one more: the iterable must
+            end), one of another shape, an empty batch ``(0, dim)``, or one
+            holding NaN or infinity; and as in
             :class:`StaticIHVP`.
         TypeError
             For a gradient of another library or a non-floating dtype, or a
@@ -748,7 +754,9 @@ class EmpiricalFisher(_BlockOperatorBase):
     Parameters
     ----------
     G : array, shape (m, d)
-        The gradients, one per row.
+        The gradients, one per row, kept by reference. A PyTorch G that
+        requires grad is detached: the operator keeps no autograd graph alive,
+        and its results are not differentiable in G.
     damp : float
         The damping ``lambda > 0``.
     block_size : int, optional
@@ -770,6 +778,7 @@ class EmpiricalFisher(_BlockOperatorBase):
     def __init__(
         self, G: Array, /, *, damp: float, block_size: int | None = None, check_finite: bool = True
     ) -> None:
+        G = detached(G)  # the operator stores G, never its autograd graph
         self._init_layout(G, damp, block_size, check_finite)
         self._G = G
 

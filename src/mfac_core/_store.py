@@ -153,6 +153,10 @@ def _check_store_array(store: Any, shape: tuple[int, int], name: str) -> Any:
     return xp
 
 
+#: What ``next`` returns for an exhausted iterable of gradients (None may be an item).
+_END = object()
+
+
 def _batches(gradients: Iterable[Any]) -> Iterator[Any]:
     try:
         return iter(gradients)
@@ -234,7 +238,14 @@ def gather_gradients(
                 break
         if row < m:
             raise ValueError(f"the gradients ended after {row} of num_grads={m}")
-        if next(items, None) is not None:
+        extra = next(items, _END)
+        if extra is None:
+            # None is no end marker: the iterable must stop (StopIteration) after m.
+            raise ValueError(
+                f"the iterable yielded None after the {m} gradients of num_grads={m}; it "
+                "must end there (take the first ones with itertools.islice)"
+            )
+        if extra is not _END:
             raise ValueError(
                 f"the gradients exceed num_grads={m}: more were yielded after the "
                 f"{m}-th (take the first ones with itertools.islice)"
@@ -257,6 +268,11 @@ def _checked_rows(
     """One item as ``(k, d)`` rows in the store's dtype, or a clear error."""
     name = f"gradient {index}"
     check_same_space(xp, device(store), item, name, owner="the gradient store")
+    if item.ndim == 2 and item.shape[0] == 0 and item.shape[1] == d:
+        raise ValueError(
+            f"{name} is an empty batch, shape {tuple(item.shape)}: every batch must hold at "
+            "least one gradient (leave empty batches out of the iterable)"
+        )
     if item.ndim not in (1, 2) or item.shape[-1] != d or (item.ndim == 2 and item.shape[0] < 1):
         raise ValueError(
             f"{name} has shape {tuple(item.shape)}; expected ({d},) for one gradient or "

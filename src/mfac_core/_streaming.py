@@ -224,7 +224,7 @@ def check_stream_to(
 
     if G.device.type != "cpu":
         raise ValueError(
-            f"stream_to streams W from host memory, but G is on {G.device}; pass a CPU "
+            f"stream_to streams G from host memory, but G is on {G.device}; pass a CPU "
             "(pinned) G, or drop stream_to to build the operator on G's device"
         )
     try:

@@ -52,6 +52,7 @@ __all__ = [
     "check_operand",
     "check_same_space",
     "check_writeable",
+    "is_number_list",
     "namespace_of",
 ]
 
@@ -144,28 +145,55 @@ def check_number(
 SMALLEST_DAMP = 2.2250738585072014e-308
 
 
-def check_damp(damp: Any) -> float:
+def check_damp(damp: Any, name: str = "damp") -> float:
     """The damping as a Python float; it must be finite and at least float64's smallest normal."""
     if isinstance(damp, bool) or not isinstance(damp, numbers.Real):
-        raise TypeError(f"damp must be a real number, got {damp!r}")
+        raise TypeError(f"{name} must be a real number, got {damp!r}")
     value = float(damp)
     if not math.isfinite(value) or value <= 0.0:
-        raise ValueError(f"damp must be finite and > 0, got {damp!r}")
+        raise ValueError(f"{name} must be finite and > 0, got {damp!r}")
     if value < SMALLEST_DAMP:
         raise ValueError(
-            f"damp={damp!r} is subnormal in float64 (its inverse overflows); the smallest "
+            f"{name}={damp!r} is subnormal in float64 (its inverse overflows); the smallest "
             f"damping that works is {SMALLEST_DAMP!r}, float64's smallest normal number"
         )
     return value
 
 
+def is_number_list(value: Any) -> bool:
+    """Whether ``value`` is a sequence or array of numbers, as :func:`check_dampings` takes.
+
+    A sequence other than a string, or an array (NumPy, PyTorch, JAX, CuPy: anything
+    with ``ndim`` and ``tolist``) of one dimension or more, which :func:`check_dampings`
+    refuses with a message unless it is 1-d. Not a 0-d array or NumPy scalar: that is
+    one number.
+    """
+    if isinstance(value, (str, bytes)):
+        return False
+    if isinstance(value, Sequence):
+        return True
+    ndim = getattr(value, "ndim", None)
+    return isinstance(ndim, int) and ndim >= 1 and callable(getattr(value, "tolist", None))
+
+
 def check_dampings(damps: Any, name: str = "damps") -> list[float]:
-    """A non-empty sequence of valid dampings (:func:`check_damp`), as Python floats."""
-    if isinstance(damps, (str, bytes)) or not isinstance(damps, Sequence):
-        raise TypeError(f"{name} must be a sequence of real numbers, got {type(damps).__name__}")
-    if not damps:
+    """A non-empty sequence or 1-d array of dampings (:func:`check_damp`), as Python floats."""
+    if not is_number_list(damps):
+        raise TypeError(
+            f"{name} must be a sequence of real numbers (or a 1-d array), "
+            f"got {type(damps).__name__}"
+        )
+    if not isinstance(damps, Sequence):
+        if damps.ndim != 1:
+            raise ValueError(
+                f"{name} must be a 1-d array of dampings, got shape {tuple(damps.shape)}"
+            )
+        # tolist() gives Python scalars (a bool or complex array gives bools or complex
+        # numbers, which check_damp refuses), whatever the array library and device.
+        damps = damps.tolist()
+    if len(damps) == 0:
         raise ValueError(f"{name} must hold at least one damping")
-    return [check_damp(dp) for dp in damps]
+    return [check_damp(dp, f"{name}[{i}]") for i, dp in enumerate(damps)]
 
 
 def check_fraction(value: Any, name: str) -> float:

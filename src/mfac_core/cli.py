@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
+import math
 import os
 import re
 import sys
@@ -29,9 +31,10 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from typing import TextIO
+from typing import BinaryIO, NamedTuple, TextIO
 
 import numpy as np
+import numpy.lib.format as npy_format
 
 from . import __version__
 from ._validation import check_damp
@@ -42,6 +45,16 @@ PROG = "mfac-core"
 
 #: Exit status of user errors (as argparse uses for bad arguments).
 EXIT_USAGE = 2
+
+#: The first bytes of every .npy file.
+_NPY_MAGIC = b"\x93NUMPY"
+
+#: Bytes read at a time from a pipe.
+_STREAM_CHUNK = 1 << 20
+
+#: A bound on the magic, version, length and header of an .npy file (numpy refuses
+#: headers over 10000 bytes unless told otherwise).
+_MAX_HEADER_BYTES = 1 << 16
 
 
 class UserError(Exception):
@@ -256,21 +269,26 @@ def _wants_progress(args: argparse.Namespace, stream: TextIO) -> bool:
 
 
 def _load(path: str, what: str, mmap: bool) -> np.ndarray:
+    """The array of the .npy file ``path``, memory-mapped if ``mmap`` and ``path`` is a file.
+
+    A pipe (``/dev/stdin``, ``<(cat G.npy)``) cannot be mapped nor read twice: it is read
+    once, into memory, and parsed from there.
+    """
     if not os.path.exists(path):
         raise UserError(f"{what} file not found: {path}")
     if os.path.isdir(path):
         raise UserError(f"{what} is a directory, not an .npy file: {path}")
+    arr: np.ndarray | None = None
     try:
         with open(path, "rb") as fh:
-            magic = fh.read(6)
+            if not fh.seekable():
+                arr = _parse_stream(fh, path, what)
+            else:
+                _check_npy_header(fh, path, what, os.fstat(fh.fileno()).st_size)
     except OSError as exc:
         raise UserError(f"cannot read {what} file {path}: {exc.strerror or exc}") from None
-    if magic[:2] == b"PK":
-        raise UserError(
-            f"{what} file {path} is an .npz archive; save a single array with numpy.save"
-        )
-    if magic != b"\x93NUMPY":
-        raise UserError(f"{what} file {path} is not an .npy file (written by numpy.save)")
+    if arr is not None:
+        return arr
     try:
         try:
             # Copy-on-write mapping: read-only in effect (nothing writes to it), but
@@ -283,9 +301,66 @@ def _load(path: str, what: str, mmap: bool) -> np.ndarray:
             arr = np.load(path, allow_pickle=False)  # e.g. an empty array cannot be mapped
     except (ValueError, OSError, EOFError) as exc:
         raise UserError(f"cannot read {what} file {path}: {exc}") from None
-    if arr.dtype.kind not in "fiub" or arr.dtype.itemsize > 8:
-        raise UserError(f"{what} in {path} must hold real numbers, got dtype {arr.dtype}")
     return arr
+
+
+class _NpyHeader(NamedTuple):
+    shape: tuple[int, ...]
+    fortran_order: bool
+    dtype: np.dtype
+    offset: int  # of the data, from the start of the file
+
+
+def _check_npy_header(fh: BinaryIO, path: str, what: str, size: int) -> _NpyHeader:
+    """The .npy header at the start of ``fh``, checked against the file's ``size`` in bytes.
+
+    The data must be as long as the header says: a truncated or corrupt file would
+    otherwise be mapped or allocated at the size its header claims (a 1 KB file whose
+    header says 800 GB read as "out of memory").
+    """
+    magic = fh.read(len(_NPY_MAGIC))
+    if magic[:2] == b"PK":
+        raise UserError(
+            f"{what} file {path} is an .npz archive; save a single array with numpy.save"
+        )
+    if magic != _NPY_MAGIC:
+        raise UserError(f"{what} file {path} is not an .npy file (written by numpy.save)")
+    try:
+        fh.seek(0)
+        major, _ = npy_format.read_magic(fh)
+        if major == 1:
+            shape, fortran, dtype = npy_format.read_array_header_1_0(fh)
+        else:
+            shape, fortran, dtype = npy_format.read_array_header_2_0(fh)
+    except (ValueError, EOFError) as exc:
+        raise UserError(
+            f"{what} file {path} has a truncated or corrupt .npy header: {exc}"
+        ) from None
+    if dtype.hasobject or dtype.kind not in "fiub" or dtype.itemsize > 8:
+        raise UserError(f"{what} in {path} must hold real numbers, got dtype {dtype}")
+    offset = fh.tell()
+    need = math.prod(shape) * dtype.itemsize
+    if size - offset < need:
+        raise UserError(
+            f"{what} file {path} is truncated or corrupt: its header says shape {shape} of "
+            f"{dtype} ({need} bytes of data), but {max(size - offset, 0)} bytes follow the header"
+        )
+    return _NpyHeader(shape, fortran, dtype, offset)
+
+
+def _parse_stream(fh: BinaryIO, path: str, what: str) -> np.ndarray:
+    """The array of an .npy stream (a pipe), read once into memory, without a second copy."""
+    data = bytearray()
+    while chunk := fh.read(_STREAM_CHUNK):
+        data += chunk
+    # The header is at most numpy's own limit on header sizes; parse a copy of that prefix.
+    head = _check_npy_header(io.BytesIO(bytes(data[:_MAX_HEADER_BYTES])), path, what, len(data))
+    count = math.prod(head.shape)
+    if count == 0:
+        return np.empty(head.shape, dtype=head.dtype)
+    # A view of the bytearray: writeable, as the mapped file is, and no copy of the data.
+    flat = np.frombuffer(data, dtype=head.dtype, count=count, offset=head.offset)
+    return flat.reshape(head.shape, order="F" if head.fortran_order else "C")
 
 
 def _same_file(a: str, b: str) -> bool:
@@ -298,6 +373,10 @@ def _same_file(a: str, b: str) -> bool:
 
 
 def _check_output(path: str, overwrite: bool, inputs: dict[str, str]) -> None:
+    if not path:
+        raise UserError("-o/--output is empty: give the path of the .npy file to write")
+    if path.endswith(("/", os.sep)) and not os.path.isdir(path):
+        raise UserError(f"-o/--output names a folder, not a file: {path}")
     for what, source in inputs.items():
         if _same_file(path, source):
             raise UserError(
@@ -359,7 +438,11 @@ def _save(path: str, arr: np.ndarray, overwrite: bool, inputs: dict[str, str]) -
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise UserError(f"output folder does not exist: {folder}")
-    fd, tmp = tempfile.mkstemp(prefix=".mfac-core-", suffix=".npy", dir=folder)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".mfac-core-", suffix=".npy", dir=folder)
+    except OSError as exc:
+        # The temporary file is ours, not the user's: name the output and its folder.
+        raise UserError(f"cannot write output {path} in {folder}: {exc.strerror or exc}") from None
     try:
         with os.fdopen(fd, "wb") as fh:
             # mkstemp makes the file private to its owner; give it the usual permissions.
@@ -368,9 +451,11 @@ def _save(path: str, arr: np.ndarray, overwrite: bool, inputs: dict[str, str]) -
             os.fchmod(fh.fileno(), 0o666 & ~umask)
             np.save(fh, arr, allow_pickle=False)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(exc, OSError):  # a full disk, a rename refused: name the output
+            raise UserError(f"cannot write output {path}: {exc.strerror or exc}") from None
         raise
 
 

@@ -61,6 +61,7 @@ from ._validation import (
     check_operand,
     check_same_space,
     half_dtype_name,
+    is_number_list,
     namespace_of,
 )
 
@@ -876,7 +877,7 @@ def gradual_prune(
         :func:`sparsity_schedule`).
     mask : array of bool, shape (d,), optional
         ``True`` for the weights kept so far.
-    damp : float or sequence of float, optional
+    damp : float or sequence or 1-d array of float, optional
         The damping of the Fisher (default ``1e-5``), as for :func:`prune`;
         with ``select_damp``, the grid of dampings to choose from.
     block_size : int, optional
@@ -1045,7 +1046,7 @@ def damping_sweep(
         The gradients, one per row, in theta's namespace, device and dtype,
         or 2-byte (float16, bfloat16) with float32 ``theta``; zeroed at the
         coordinates ``mask`` prunes, as :func:`prune` does.
-    dampings : sequence of float
+    dampings : sequence or 1-d array of float
         The K dampings ``> 0``.
     sparsity : float
         The target fraction of pruned weights, in ``[0, 1)``, counting those
@@ -1133,7 +1134,7 @@ class DampingChoice(NamedTuple):
 
 def _damping_grid(damp: Any, select_damp: Any, saliency: str, update: str) -> list[float] | None:
     """The grid of :func:`gradual_prune` (``None`` without ``select_damp``), checked up front."""
-    is_grid = not isinstance(damp, (str, bytes)) and isinstance(damp, Sequence)
+    is_grid = is_number_list(damp)
     if select_damp is None:
         if is_grid:
             raise ValueError(
@@ -1149,9 +1150,7 @@ def _damping_grid(damp: Any, select_damp: Any, saliency: str, update: str) -> li
             f"from), got {type(damp).__name__}"
         )
     _check_selection_options(saliency, update)
-    if not damp:
-        raise ValueError("damp must hold at least one damping")
-    return [check_damp(dp) for dp in damp]
+    return check_dampings(damp, "damp")
 
 
 def _check_selection_options(saliency: str, update: str) -> None:
@@ -1218,7 +1217,7 @@ def select_damping(
     G : array, shape (m, d)
         The gradients at ``theta``, one per row, in theta's namespace, device
         and dtype; zeroed at the coordinates ``mask`` prunes.
-    dampings : sequence of float
+    dampings : sequence or 1-d array of float
         The K dampings ``> 0`` to choose from.
     sparsity : float
         The fraction of weights pruned afterwards, in ``[0, 1)``.

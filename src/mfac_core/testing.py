@@ -1007,7 +1007,7 @@ def _hypothesis() -> Any:
     except ImportError:  # pragma: no cover - exercised only without hypothesis
         raise ImportError(
             "mfac_core.testing.problems needs Hypothesis: "
-            "pip install hypothesis (or mfac_core[test])"
+            'pip install hypothesis (or pip install ".[test]" from the checkout)'
         ) from None
     return st
 
