@@ -374,6 +374,7 @@ def _factor_problem(rng: np.random.Generator, k: int) -> tuple[np.ndarray, np.nd
         (130, 64),
         (300, 299),
         (300, 1),
+        (300, 0),
     ],
 )
 def test_replace_matches_the_array_api_version(host, rng, k: int, p: int) -> None:
@@ -383,6 +384,23 @@ def test_replace_matches_the_array_api_version(host, rng, k: int, p: int) -> Non
     out = host.replace(u, p, b, c, out=np.full_like(u, np.nan))
     assert rel_err(out, ref) <= tol(k)
     assert np.all(np.tril(out, -1) == 0)
+
+
+def test_replace_of_row_0_walks_the_triangle_once() -> None:
+    """The window's edit (row 0): one trsm for both right-hand sides, not one each."""
+    first = _plan.replace(1024, 0, 2.0, "float64")
+    middle = _plan.replace(1024, 512, 2.0, "float64")
+    assert [launch.kernel for launch in first.launches].count("trsm") == 1
+    assert [launch.kernel for launch in middle.launches].count("trsm") == 2
+
+
+def test_replace_of_row_0_refuses_a_dependent_row(host, rng) -> None:
+    k = 40
+    u, _, _ = _factor_problem(rng, k)
+    c_mat = u.T @ u
+    b = c_mat[1:, 3]  # the new row duplicates row 3
+    with pytest.raises(NotPositiveDefinite, match="pivot"):
+        host.replace(u, 0, b, float(c_mat[3, 3]) * (1 - 1e-15))
 
 
 def test_replace_refuses_a_dependent_row_as_the_array_api_version(host, rng) -> None:
@@ -469,6 +487,18 @@ def test_switch(monkeypatch: pytest.MonkeyPatch) -> None:
         mfac_core.get_cupy_linalg()
     with pytest.raises(ValueError, match="one of"):
         mfac_core.set_cupy_linalg("cublas")
+
+
+def test_auto_sends_single_matrices_to_cusolver() -> None:
+    """A stack of one (a single-block set-up) is a single matrix: cuSOLVER/cuBLAS serve it."""
+    from mfac_core._linalg._cupy import kernels_serve
+
+    assert not kernels_serve("auto", (256, 256))
+    assert not kernels_serve("auto", (1, 256, 256))  # was sent to the kernels
+    assert kernels_serve("auto", (2, 64, 64))
+    assert kernels_serve("auto", (8192, 64, 64))
+    assert kernels_serve("kernels", (1, 256, 256)) and kernels_serve("kernels", (256, 256))
+    assert not kernels_serve("cusolver", (8192, 64, 64))
 
 
 def test_importing_the_package_does_not_import_cupy() -> None:

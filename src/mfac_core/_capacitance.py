@@ -180,16 +180,32 @@ class CapacitanceFactor:
         U = _linalg.replace_row(self.xp, self.U, p, b, c, out)
         return CapacitanceFactor(U, self.shift, self.scale)
 
+    def replace_row_deferred(
+        self, p: int, b: Array, c: Any, /, *, out: Array
+    ) -> tuple[CapacitanceFactor, Any]:
+        """As :meth:`replace_row`, the pivot's check left to the caller (no host read).
+
+        ``c`` may be a 0-d device array. Returns the factor and ``margin``, a 0-d
+        array positive exactly when the pivot is (None where the backend checked the
+        pivot itself and raised ``NotPositiveDefinite`` if it failed).
+        """
+        U, margin = _linalg.replace_row(self.xp, self.U, p, b, c, out, deferred=True)
+        return CapacitanceFactor(U, self.shift, self.scale), margin
+
     def column_drift(self, columns: Array, want: Array, /) -> float:
         """Largest relative error of ``diag(U^T U)`` on ``columns`` against ``want``.
 
         A cheap check of an edited factor: rounding drift of the rank-one updates
         spreads over every column, so a sample of columns sees it.
         """
+        return float(self.column_drift_array(columns, want))
+
+    def column_drift_array(self, columns: Array, want: Array, /) -> Array:
+        """:meth:`column_drift` as a 0-d array on the device (no host read)."""
         xp = self.xp
         Uc = xp.take(self.U, columns, axis=1)
         got = xp.sum(Uc * Uc, axis=0)
-        return float(xp.max(xp.abs(got - want) / want))
+        return xp.max(xp.abs(got - want) / want)
 
 
 def factorize(

@@ -11,6 +11,7 @@ because an edit moves the replaced slot to the end of the factor.
 from __future__ import annotations
 
 import copy
+import math
 import operator
 from collections import deque
 from collections.abc import Iterable, Mapping
@@ -188,6 +189,24 @@ class _SlotFactor:
             xp.asarray(list(slots), dtype=xp.int64, device=dev),
             xp.asarray(where, dtype=xp.int64, device=dev),
         )
+
+    def moved_last(self, factor: CapacitanceFactor, row: int) -> _SlotFactor:
+        """The slot factor whose ``factor`` holds this one's rows with ``row`` moved last.
+
+        What a row edit of the factor returns; the index arrays are derived from this
+        one's on the device (no array made from host data on the hot path).
+        """
+        xp = factor.xp
+        k = len(self.slots)
+        si, pos = self.slot_index, self.position
+        slot_index = xp.concat([si[:row], si[row + 1 :], si[row : row + 1]])
+        # Rows after ``row`` move up one, ``row`` goes last; slots outside the factor
+        # (position k) stay.
+        up = xp.astype((pos > row) & (pos < k), xp.int64)
+        last = xp.astype(pos == row, xp.int64)
+        position = pos - up + last * (k - 1 - row)
+        slots = self.slots[:row] + self.slots[row + 1 :] + self.slots[row : row + 1]
+        return _SlotFactor(factor, slots, slot_index, position)
 
     def coefficients(self, P: Array) -> Array:
         """``C^{-1} P`` in slot order (zero rows for slots outside the factor)."""
@@ -741,19 +760,23 @@ class DynamicIHVP(LinearOperator):
         self._warned_hopeless = hopeless
 
     def _edited(
-        self, slot: int, b: Array, *, gram: Array | None = None
+        self, slot: int, b: Array, *, gram: Array | None = None, pending: Any = None
     ) -> tuple[_SlotFactor, bool]:
         """The factor after ``slot`` gets Gram row ``b``: an O(m^2) edit where possible.
 
         Returns ``(factor, refactored)``; raises ``FactorizationError``; nothing
         of the operator changes (the free factor buffer is scratch). With
         ``gram`` (a recomputed Gram matrix, row ``slot`` included) the factor is
-        computed from it in full.
+        computed from it in full. ``pending`` is the gradient's deferred check
+        (:meth:`_check_gradient`), judged here before anything else can fail: the
+        row edit reads it in the same transfer as its own checks, so that a step
+        synchronises with the device once.
         """
         current = self._factor
         slots = [s for s in current.slots if s != slot] + [slot]
         k = len(slots)
         if gram is not None:
+            self._judge(pending, [])
             return self._factorized(gram, slots, exact=True), True
         if (
             self.update_method == "incremental"
@@ -762,36 +785,78 @@ class DynamicIHVP(LinearOperator):
         ):
             xp = self._xp
             row = current.slots.index(slot)
-            others = xp.asarray(slots[:-1], dtype=xp.int64, device=self.device)
+            si = current.slot_index
+            others = xp.take(b, xp.concat([si[:row], si[row + 1 :]]), axis=0)
+            margin = None
             try:
-                factor = current.factor.replace_row(
-                    row,
-                    xp.take(b, others, axis=0),
-                    float(b[slot]) + self._shift(k),
-                    out=self._free_buffer(),
-                )
+                if _engine.is_accelerator(xp, b):
+                    # The pivot's check joins the step's one read (see _judge).
+                    factor, margin = current.factor.replace_row_deferred(
+                        row, others, b[slot] + self._shift(k), out=self._free_buffer()
+                    )
+                else:
+                    # On the host a read costs nothing, and NaN never reaches NumPy's
+                    # arithmetic (whose warnings would be errors in strict code).
+                    self._judge(pending, [])
+                    pending = None
+                    factor = current.factor.replace_row(
+                        row, others, float(b[slot]) + self._shift(k), out=self._free_buffer()
+                    )
             except NotPositiveDefinite:
                 pass  # the full factorisation below decides, and words any error
             else:
-                edited = _SlotFactor.build(factor, slots, self.num_grads)
-                if not self._drifted(edited, b[slot]):
+                edited = current.moved_last(factor, row)
+                drift = self._drift(edited, b[slot])
+                checks = [drift] if margin is None else [margin, drift]
+                values = self._judge(pending, checks)
+                pivot_ok = margin is None or values[0] > 0
+                if pivot_ok and not values[-1] > _DRIFT_TOL:
                     return edited, False
+                pending = None  # judged above
+        self._judge(pending, [])
         gram = self._xp.asarray(self._gram, copy=True)
         gram[slot, :] = b
         gram[:, slot] = b
         return self._factorized(gram, slots), True
 
-    def _drifted(self, edited: _SlotFactor, new_diagonal: Array) -> bool:
-        """Whether diag(U^T U) drifted from diag(C) on a sample of columns (O(32 m)).
+    def _drift(self, edited: _SlotFactor, new_diagonal: Array) -> Array:
+        """How far diag(U^T U) drifted from diag(C) on a sample of columns (O(32 m)).
 
         The edited slot is the factor's last; its Gram diagonal is ``new_diagonal``.
+        A 0-d array: it is read with the step's other checks (:meth:`_judge`).
         """
         xp = self._xp
         k = len(edited.slots)
-        pos = xp.asarray(_evenly_spaced(k, _DRIFT_SAMPLE), dtype=xp.int64, device=self.device)
+        pos = self._drift_positions(k)
         want = xp.take(xp.linalg.diagonal(self._gram), xp.take(edited.slot_index, pos), axis=0)
         want = xp.where(pos == k - 1, new_diagonal, want)
-        return edited.factor.column_drift(pos, want + self._shift(k)) > _DRIFT_TOL
+        return edited.factor.column_drift_array(pos, want + self._shift(k))
+
+    def _drift_positions(self, k: int) -> Array:
+        """The sampled columns of :meth:`_drift`, made on the device once per ``k``."""
+        cache = self.__dict__.setdefault("_drift_sample", {})
+        if k not in cache:
+            xp = self._xp
+            cache[k] = xp.asarray(
+                _evenly_spaced(k, _DRIFT_SAMPLE), dtype=xp.int64, device=self.device
+            )
+        return cache[k]
+
+    def _judge(self, pending: Any, checks: list[Array]) -> list[float]:
+        """Read ``checks`` (0-d arrays) and a gradient's deferred check in one transfer.
+
+        Raises the gradient's error if its check fails (before ``checks`` are looked
+        at); returns the values of ``checks``.
+        """
+        if pending is None and not checks:
+            return []
+        xp = self._xp
+        arrays = checks if pending is None else [pending[1], *checks]
+        values = host_values(xp.stack([xp.astype(xp.reshape(a, ()), xp.float64) for a in arrays]))
+        if pending is not None:
+            self._judge_gradient(pending[0], values[0])
+            values = values[1:]
+        return values
 
     def __copy__(self) -> DynamicIHVP:
         # The window is edited in place: a copy that shared its buffers would corrupt the
@@ -831,18 +896,37 @@ class DynamicIHVP(LinearOperator):
 
     # -- updates -----------------------------------------------------------------------
 
-    def _check_gradient(self, g: Array) -> Array:
+    def _check_gradient(self, g: Array, *, deferred: bool = False) -> Any:
+        """``g`` checked (shape, library, dtype; NaN, infinity and range where asked).
+
+        With ``deferred``, returns ``(g, pending)``: the value checks need a number
+        read from the device, which ``pending`` (``(g, max |g|)`` as a 0-d array, or
+        None) leaves to :meth:`_judge`, so that a step reads all its checks at once.
+        """
         # The window stores gradients, never their autograd history.
         g = detached(check_operand(self._xp, self.device, self.dtype, g, "g", owner=repr(self)))
         if g.ndim != 1 or g.shape[0] != self.dim:
             raise ValueError(f"g must have shape ({self.dim},), got {tuple(g.shape)}")
-        if self.check_finite:
-            check_finite(self._xp, g, "g")
-        if self.storage_dtype is not None:
-            self._check_representable(g)
+        needed = self.check_finite or self.storage_dtype is not None
+        # A rank of a sharded window may hold no coordinates: nothing to check.
+        pending = (g, self._xp.max(self._xp.abs(g))) if needed and g.shape[0] else None
+        if deferred:
+            return g, pending
+        if pending is not None:
+            self._judge_gradient(g, float(pending[1]))
         return g
 
-    def _check_representable(self, g: Array) -> None:
+    def _judge_gradient(self, g: Array, biggest: float) -> None:
+        """Raise if ``g``, whose largest magnitude is ``biggest``, is refused.
+
+        NaN and infinity propagate to ``biggest``: one number decides both checks.
+        """
+        if self.check_finite and not math.isfinite(biggest):
+            raise ValueError("g must not contain NaN or infinity")
+        if self.storage_dtype is not None:
+            self._check_representable(g, biggest)
+
+    def _check_representable(self, g: Array, biggest: float) -> None:
         """Refuse a gradient that the 2-byte storage would turn into infinity."""
         xp = self._xp
         info = xp.finfo(self._G.dtype)
@@ -850,9 +934,6 @@ class DynamicIHVP(LinearOperator):
         # Magnitudes from the largest finite value plus half its spacing upwards round
         # to infinity (the spacing there is 2**emax * eps, and top = (2 - eps) 2**emax).
         limit = top + top * eps / (2 * (2 - eps))
-        if g.shape[0] == 0:  # a rank of a sharded window may hold no coordinates
-            return
-        biggest = float(xp.max(xp.abs(g)))
         if not biggest < limit:
             check_finite(xp, g, "g")  # a NaN or infinity given is reported as such
             raise ValueError(
@@ -876,7 +957,9 @@ class DynamicIHVP(LinearOperator):
         P = _engine.project_rows(xp, self._G, xp.stack([stored, g], axis=0))
         return P[:, 0], P[:, 1:]
 
-    def _place(self, slot: int, g: Array, b: Array | None = None) -> tuple[Array, Any, Any]:
+    def _place(
+        self, slot: int, g: Array, b: Array | None = None, *, pending: Any = None
+    ) -> tuple[Array, Any, Any]:
         """Put gradient ``g`` into ``slot``; return it (checked) and its Gram row (float64).
 
         Also returns ``G g`` (float64, ``(m, 1)``) for the product of
@@ -890,6 +973,8 @@ class DynamicIHVP(LinearOperator):
         the new factor cannot be computed, the old row is put back and the
         operator is as it was. A sharded operator checks ``g`` here, inside the
         reduction of the row, so that every rank raises if one rank's ``g`` is bad.
+        ``pending`` is an unsharded ``g``'s deferred check (:meth:`_check_gradient`),
+        judged before the operator changes.
         """
         xp = self._xp
         old = xp.asarray(self._G[slot, ...], copy=True)
@@ -901,7 +986,7 @@ class DynamicIHVP(LinearOperator):
             else:
                 self._G[slot, ...] = g
             try:
-                factor, refactored = self._edited(slot, b)
+                factor, refactored = self._edited(slot, b, pending=pending)
             except FactorizationError:
                 if self._exact_gram:
                     raise
@@ -1033,10 +1118,16 @@ class DynamicIHVP(LinearOperator):
 
     def _insert(self, g: Array) -> tuple[Array, Any]:
         """Insert gradient ``g``; return it (checked) and ``G g`` (float64, ``(m, 1)``)."""
+        pending = None
         if self._comm is None:  # sharded, g is checked inside the reduction of its row
-            g = self._check_gradient(g)
+            # On a device the gradient's check waits for the row edit's, to be read
+            # with it in one transfer; on the host it runs first.
+            if _engine.is_accelerator(self._xp, self._G):
+                g, pending = self._check_gradient(g, deferred=True)
+            else:
+                g = self._check_gradient(g)
         slot = self._window[0] if self.is_full else self._free[-1]
-        g, _, product = self._place(slot, g)
+        g, _, product = self._place(slot, g, pending=pending)
         if self.is_full:
             self._window.popleft()
         else:

@@ -17,13 +17,19 @@ storage; and the CUDA kernels of ``_kernels`` (``passes.cu``) for C-ordered CuPy
 of float32 or float16 storage, a launch or two per pass whatever d. Both kernel sets take
 the same arguments, so each pass is written once over a *route* (``_Route``).
 Everything else (float64 storage, which BLAS already sums in float64, and the other
-libraries) runs through the library's own float64 products over column pieces of G
-small enough to stay in cache. Where the extension was not built, that fallback serves
-NumPy and PyTorch too; it is as exact and slower, and says so once.
+libraries) runs through the library's own float64 products over column pieces of G.
+Their size depends on where the array lives (:func:`piece_entries`): on the host, small
+enough to stay in cache; on a GPU (PyTorch CUDA tensors, CuPy arrays without the
+kernels, JAX arrays on a GPU), where every piece costs a few kernel launches and cache
+reuse does not matter, one bounded float64 temporary (``DEVICE_PIECE_ENTRIES``), so that
+a product is a fixed handful of launches up to that size. Where the extension was not
+built, that fallback serves NumPy and PyTorch too; it is as exact and slower, and says
+so once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Iterator
 from typing import Any, NamedTuple
@@ -38,10 +44,13 @@ from ._layout import BlockGroup, piece_stack, pieces
 __all__ = [
     "combine",
     "combine_blocks",
+    "is_accelerator",
     "lift",
+    "piece_entries",
     "project",
     "project_blocks",
     "project_rows",
+    "simulate_device",
     "uses_kernels",
 ]
 
@@ -49,6 +58,61 @@ __all__ = [
 #: read back from cache, large enough that the per-piece overhead of a library call stays
 #: small.
 PIECE_ENTRIES = 2**20
+
+#: float64 entries of one cast column piece on a GPU (256 MiB): one piece per pass up to
+#: m d = 2**25 (m = 256, d = 131072) and 8 at m = 256, d = 1e6, where cache-sized pieces
+#: were 245, each a few launches. On a GPU a piece is streamed from device memory
+#: whatever its size, and its launches (microseconds each) are what small pieces
+#: multiply; a piece this size takes over 0.1 ms of an H200's bandwidth, so launches
+#: stay a few percent of a product at any d.
+DEVICE_PIECE_ENTRIES = 2**25
+
+_simulated = [False]
+
+
+@contextlib.contextmanager
+def simulate_device() -> Iterator[None]:
+    """Treat host arrays as device ones (for tests that count the GPU path on a CPU).
+
+    Inside the block, :func:`is_accelerator` is true for every array and the host
+    kernels (the C extension) are not used, so that PyTorch CPU tensors take the route
+    of CUDA tensors: the same operations, pieces of ``DEVICE_PIECE_ENTRIES``.
+    Not thread-safe; for tests only.
+    """
+    previous = _simulated[0]
+    _simulated[0] = True
+    try:
+        yield
+    finally:
+        _simulated[0] = previous
+
+
+def is_accelerator(xp: Any, A: Array) -> bool:
+    """Whether ``A`` lives on an accelerator (a GPU), where launches, not caches, count.
+
+    PyTorch tensors on any device but ``cpu`` (``cuda``, ``xpu``, ``mps``...), CuPy
+    arrays, JAX arrays on a non-CPU platform; NumPy and other host arrays are not.
+    """
+    if _simulated[0]:
+        return True
+    if is_cupy_namespace(xp):
+        return True
+    if is_torch_namespace(xp):
+        return bool(A.device.type != "cpu")
+    dev = getattr(A, "device", None)
+    platform = getattr(dev, "platform", None)  # JAX: a Device with a platform name
+    return isinstance(platform, str) and platform != "cpu"
+
+
+def piece_entries(xp: Any, A: Array) -> int:
+    """float64 entries of one cast column piece of ``A``'s passes: cache- or device-sized."""
+    return DEVICE_PIECE_ENTRIES if is_accelerator(xp, A) else PIECE_ENTRIES
+
+
+def piece_width(xp: Any, A: Array, rows: int) -> int:
+    """Columns of one float64 piece of ``A`` with ``rows`` rows (at least one)."""
+    return max(1, piece_entries(xp, A) // max(rows, 1))
+
 
 _warned_slow = False
 
@@ -73,6 +137,8 @@ def _host_view(xp: Any, A: Array) -> tuple[np.ndarray, str | None] | None:
     Only single-precision and 2-byte storage go to the kernels: BLAS already sums
     float64 storage in float64, at full speed.
     """
+    if _simulated[0]:
+        return None
     if isinstance(A, np.ndarray):
         if A.dtype == np.float64:
             return None
@@ -222,8 +288,8 @@ def _f64(xp: Any, A: Array) -> Array:
     return A if A.dtype == xp.float64 else xp.astype(A, xp.float64)
 
 
-def _spans(m: int, start: int, stop: int) -> Iterator[tuple[int, int]]:
-    width = max(1, PIECE_ENTRIES // max(m, 1))
+def _spans(xp: Any, G: Array, start: int, stop: int) -> Iterator[tuple[int, int]]:
+    width = piece_width(xp, G, G.shape[0])
     for c0 in range(start, stop, width):
         yield c0, min(c0 + width, stop)
 
@@ -269,7 +335,7 @@ def _project_pieces(xp: Any, G: Array, X: Array, start: int, stop: int | None) -
     if G.dtype == xp.float64:
         return G[:, start:stop] @ _f64(xp, X)
     P = xp.zeros((m, k), dtype=xp.float64, device=device(G))
-    for c0, c1 in _spans(m, start, stop):
+    for c0, c1 in _spans(xp, G, start, stop):
         P = P + _f64(xp, G[:, c0:c1]) @ _f64(xp, X[c0 - start : c1 - start, ...])
     return P
 
@@ -289,7 +355,6 @@ def combine(
 
     ``X`` is ``(n, k)`` (``n = stop - start``), ``A`` ``(m, k)`` float64.
     """
-    m = G.shape[0]
     stop = G.shape[1] if stop is None else stop
     route = _kernel_operands(xp, G, X, A)
     if route is not None:
@@ -309,7 +374,7 @@ def combine(
     out = xp.empty(X.shape, dtype=dtype, device=device(X))
     writable = is_writeable_array(out)
     parts = []
-    for c0, c1 in _spans(m, start, stop):
+    for c0, c1 in _spans(xp, G, start, stop):
         lo, hi = c0 - start, c1 - start
         Gp = _f64(xp, G[:, c0:c1])
         Y = xp.astype(a * (X64[lo:hi, ...] - xp.matrix_transpose(Gp) @ A), dtype)
@@ -349,7 +414,6 @@ def lift(
             route.G, Ch, ah, xh, start=start, stop=stop, dtype=out_dtype, storage=route.storage
         )
         return _back(xp, Y, x)
-    m = G.shape[0]
     a = xp.reshape(_f64(xp, alphas), (-1, 1))
     x64 = _f64(xp, x)
     if G.dtype == xp.float64:
@@ -357,7 +421,7 @@ def lift(
     out = xp.empty((C.shape[0], stop - start), dtype=dtype, device=device(x))
     writable = is_writeable_array(out)
     parts = []
-    for c0, c1 in _spans(m, start, stop):
+    for c0, c1 in _spans(xp, G, start, stop):
         lo, hi = c0 - start, c1 - start
         Y = xp.astype(C @ _f64(xp, G[:, c0:c1]) + a * x64[None, lo:hi], dtype)
         if writable:
@@ -400,7 +464,7 @@ def project_blocks(xp: Any, G: Array, group: BlockGroup, X: Array) -> Array:
         return _back(xp, mod.ascontiguousarray(mod.transpose(P, (0, 2, 1))), X)
     parts = []
     acc, blocks = None, None
-    for piece in pieces(group, max(1, PIECE_ENTRIES // max(m, 1))):
+    for piece in pieces(group, piece_width(xp, G, m)):
         Gp = _f64(xp, piece_stack(xp, G, group, piece))
         term = Gp @ _f64(xp, _block_rows(xp, X, group, piece))
         if piece[:2] == blocks:
@@ -451,7 +515,7 @@ def combine_blocks(
     parts = []
     # Pieces come block by block and, within a block, column range by column range, so
     # their rows, one after the other, are the group's rows in order.
-    for piece in pieces(group, max(1, PIECE_ENTRIES // max(m, 1))):
+    for piece in pieces(group, piece_width(xp, G, m)):
         b0, b1 = piece[0], piece[1]
         Gp = _f64(xp, piece_stack(xp, G, group, piece))
         Xp = _f64(xp, _block_rows(xp, X, group, piece))

@@ -132,7 +132,13 @@ class GramEigen:
         )
         Ut = xp.matrix_transpose(self.U)
         parts = []
-        for b0, b1, c0, c1 in pieces(g, max(1, CHUNK_ENTRIES // m)):
+        # Cache-sized pieces on the host; on a GPU, where each piece costs launches,
+        # pieces of the engine's device size (its policy, _engine.piece_width).
+        if _engine.is_accelerator(xp, G):
+            width = _engine.piece_width(xp, G, m)
+        else:
+            width = max(1, CHUNK_ENTRIES // m)
+        for b0, b1, c0, c1 in pieces(g, width):
             Gp = piece_stack(xp, G, g, (b0, b1, c0, c1))
             Z = Ut[b0:b1, ...] @ xp.astype(Gp, xp.float64)  # (b, m, w)
             hb = xp.permute_dims(H[:, b0:b1, :], (1, 0, 2))  # (b, K, m)

@@ -24,7 +24,9 @@ per device (CuPy caches the binary), and launched on CuPy's current stream
     right-hand sides, stacks) and triangular inverses.
 ``update.cu``
     the delete-a-row-and-column / append-a-row-and-column edit of an upper Cholesky factor,
-    with the semantics of the generic row edit of ``mfac_core._linalg``.
+    with the semantics of the generic row edit of ``mfac_core._linalg``; row 0 (the one the
+    sliding window edits) with one triangular solve of two right-hand sides, other rows with
+    two solves of one.
 
 Every size works (no multiple of 32, no upper bound but memory and CUDA's grid limit); a stack
 of small systems (e.g. 8192 blocks of m = 64) is one launch per step.

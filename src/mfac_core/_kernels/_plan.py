@@ -134,6 +134,14 @@ KERNELS: dict[str, Kernel] = {
     ),
     # q, diag, beta, nv
     "replace_prep": Kernel("update.cu", ("const T*", "T*", "T*", "int")),
+    # qw, q, diag, beta, nv (row 0: q read from the first column of qw, n x 2)
+    "replace_prep2": Kernel("update.cu", ("const T*", "T*", "T*", "T*", "int")),
+    # U, b, rhs, k (row 0: rhs = [U[0, 1:], b], n x 2)
+    "replace_gather": Kernel("update.cu", ("const T*", "const T*", "T*", "int")),
+    # qw, q, diag, beta, col, n (row 0: col = K^{-T} qw[:, 1])
+    "replace_column": Kernel(
+        "update.cu", ("const T*", "const T*", "const T*", "const T*", "T*", "int")
+    ),
     # U, out, q, diag, beta, k, p
     "replace_update": Kernel(
         "update.cu", ("const T*", "T*", "const T*", "const T*", "const T*", "int", "int")
@@ -342,12 +350,18 @@ def replace(k: int, p: int, c: float, dtype: str, *, rtol: float = PIVOT_RTOL) -
     ``status = [pivot, failed]``. The same steps as the generic row edit: ``q = V^{-T} u``
     for ``V = U[p+1:, p+1:]``, ``u = U[p, p+1:]``; the closed-form rank-one update; the new
     column ``col = out[:n, :n]^{-T} b`` and its pivot ``c - col.col``.
+
+    Row 0 (the sliding window's edit) walks the triangle once: ``q`` and ``V^{-T} b`` are
+    the two right-hand sides of one ``trsm``, and ``col = K^{-T} V^{-T} b`` follows in
+    O(k) (``update.cu``); other rows solve for ``q`` and ``col`` one after the other.
     """
     _check_dtype(dtype)
     _check_sizes(k=k)
     if not 0 <= p < k:
         raise ValueError(f"p={p} is not a row of a {k} x {k} factor")
     n = k - 1
+    if p == 0 and n:
+        return _replace_first(k, c, dtype, rtol)
     nv = n - p  # size of the trailing block V
     forward_trans = trsm_flags(lower=False, trans=True)
     launches = []
@@ -402,6 +416,37 @@ def replace(k: int, p: int, c: float, dtype: str, *, rtol: float = PIVOT_RTOL) -
         "status": ((2,), "T", False),
     }
     return Plan(dtype, tuple(launches), temporaries)
+
+
+def _replace_first(k: int, c: float, dtype: str, rtol: float) -> Plan:
+    """:func:`replace` of row 0 (k >= 2): one ``trsm`` with two right-hand sides."""
+    n = k - 1
+    forward_trans = trsm_flags(lower=False, trans=True)
+    # V = U[1:, 1:] (leading dimension k); qw = [q, V^{-T} b] in place of [u, b].
+    solve = (Buf("U", k + 1), k, 0, Buf("qw"), 2, 0, Buf("qw"), 2, 0, n, 2, 1, forward_trans)
+    launches = (
+        Launch("replace_gather", _ceil(n, THREADS), (Buf("U"), Buf("b"), Buf("qw"), k)),
+        Launch("trsm", 1, solve),
+        Launch("replace_prep2", 1, (Buf("qw"), Buf("q"), Buf("diag"), Buf("beta"), n)),
+        Launch(
+            "replace_update",
+            _ceil(k, THREADS),
+            (Buf("U"), Buf("out"), Buf("q"), Buf("diag"), Buf("beta"), k, 0),
+        ),
+        Launch("replace_column", 1, (Buf("qw"), Buf("q"), Buf("diag"), Buf("beta"), Buf("col"), n)),
+        Launch(
+            "replace_finish", 1, (Buf("out"), Buf("col"), float(c), float(rtol), Buf("status"), k)
+        ),
+    )
+    temporaries = {
+        "qw": ((2 * n,), "T", False),
+        "q": ((n,), "T", False),
+        "diag": ((n,), "T", False),
+        "beta": ((n,), "T", False),
+        "col": ((n,), "T", False),
+        "status": ((2,), "T", False),
+    }
+    return Plan(dtype, launches, temporaries)
 
 
 def pass_width(kk: int) -> int:

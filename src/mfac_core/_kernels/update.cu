@@ -12,19 +12,27 @@
 // s, one block), replace_update (one thread per column of the new factor: a running suffix sum
 // down the column, no barrier), trsm (the appended column, col = out[:n, :n]^{-T} b) and
 // replace_finish (pivot c - col.col, its check and the last column).
+//
+// Row 0, the one the sliding window always edits, needs one triangular walk, not two: there
+// out[:n, :n] = K V, so col = (K V)^{-T} b = K^{-T} (V^{-T} b), and V^{-T} u and V^{-T} b are
+// the two right-hand sides of one trsm (replace_gather stacks them, replace_prep2 reads q from
+// the result); K^{-T} costs O(n) (replace_column), K^T being diagonal plus the rank-one-like
+// lower part beta_j q_i.
 #include "common.cu"
 
 // diag and beta of the closed-form factor from q (length nv), by one block: each thread sums a
 // contiguous piece of q^2, thread 0 scans the 256 partial sums, each thread finishes its piece.
+// q is read with stride qs; with qout, it is also written there contiguously.
 template <typename T>
-__device__ __forceinline__ void replace_prep(const T* q, T* diag, T* beta, int nv)
+__device__ __forceinline__ void replace_prep(const T* q, mfac_index qs, T* qout, T* diag, T* beta,
+                                             int nv)
 {
     __shared__ T sPart[MFAC_THREADS];
     const int tid = threadIdx.x;
     const int per = (nv + MFAC_THREADS - 1) / MFAC_THREADS;
     const int lo = mfac_min(nv, tid * per), hi = mfac_min(nv, lo + per);
     T part = T(0);
-    for (int i = lo; i < hi; ++i) part += q[i] * q[i];
+    for (int i = lo; i < hi; ++i) part += q[i * qs] * q[i * qs];
     sPart[tid] = part;
     __syncthreads();
     if (tid == 0) {
@@ -38,10 +46,42 @@ __device__ __forceinline__ void replace_prep(const T* q, T* diag, T* beta, int n
     __syncthreads();
     T s = sPart[tid];
     for (int i = lo; i < hi; ++i) {
-        const T s1 = s + q[i] * q[i];
+        const T qi = q[i * qs];
+        const T s1 = s + qi * qi;
         diag[i] = mfac_sqrt(s1 / s);
-        beta[i] = q[i] / mfac_sqrt(s1 * s);
+        beta[i] = qi / mfac_sqrt(s1 * s);
+        if (qout) qout[i] = qi;
         s = s1;
+    }
+}
+
+// Row 0: rhs (n x 2, row-major) = [u, b] with u = U[0, 1:], for one trsm with V = U[1:, 1:].
+template <typename T>
+__device__ __forceinline__ void replace_gather(const T* __restrict__ U, const T* __restrict__ b,
+                                               T* __restrict__ rhs, int k)
+{
+    const int i = blockIdx.x * MFAC_THREADS + threadIdx.x;
+    if (i < k - 1) {
+        rhs[2 * (mfac_index)i] = U[1 + i];
+        rhs[2 * (mfac_index)i + 1] = b[i];
+    }
+}
+
+// Row 0: col = K^{-T} w for w = V^{-T} b (the second column of qw), by one thread in O(n):
+// K^T[i][i] = diag_i and K^T[i][j] = beta_j q_i (j < i), so
+// col_i = (w_i - q_i sum_{j<i} beta_j col_j) / diag_i.
+template <typename T>
+__device__ __forceinline__ void replace_column(const T* __restrict__ qw, const T* __restrict__ q,
+                                               const T* __restrict__ diag,
+                                               const T* __restrict__ beta, T* __restrict__ col,
+                                               int n)
+{
+    if (blockIdx.x != 0 || threadIdx.x != 0) return;
+    T acc = T(0);
+    for (int i = 0; i < n; ++i) {
+        const T z = (qw[2 * (mfac_index)i + 1] - q[i] * acc) / diag[i];
+        col[i] = z;
+        acc += beta[i] * z;
     }
 }
 
@@ -122,13 +162,49 @@ __device__ __forceinline__ void replace_finish(T* out, const T* col, T c, T rtol
 extern "C" __global__ void __launch_bounds__(MFAC_THREADS, MFAC_MIN_BLOCKS)
 replace_prep_f64(const double* q, double* diag, double* beta, int nv)
 {
-    replace_prep<double>(q, diag, beta, nv);
+    replace_prep<double>(q, 1, nullptr, diag, beta, nv);
+}
+
+extern "C" __global__ void __launch_bounds__(MFAC_THREADS, MFAC_MIN_BLOCKS)
+replace_prep2_f64(const double* qw, double* q, double* diag, double* beta, int nv)
+{
+    replace_prep<double>(qw, 2, q, diag, beta, nv);
+}
+
+extern "C" __global__ void __launch_bounds__(MFAC_THREADS, MFAC_MIN_BLOCKS)
+replace_gather_f64(const double* U, const double* b, double* rhs, int k)
+{
+    replace_gather<double>(U, b, rhs, k);
+}
+
+extern "C" __global__ void __launch_bounds__(MFAC_THREADS, MFAC_MIN_BLOCKS)
+replace_column_f64(const double* qw, const double* q, const double* diag, const double* beta, double* col, int n)
+{
+    replace_column<double>(qw, q, diag, beta, col, n);
 }
 
 extern "C" __global__ void __launch_bounds__(MFAC_THREADS, MFAC_MIN_BLOCKS)
 replace_prep_f32(const float* q, float* diag, float* beta, int nv)
 {
-    replace_prep<float>(q, diag, beta, nv);
+    replace_prep<float>(q, 1, nullptr, diag, beta, nv);
+}
+
+extern "C" __global__ void __launch_bounds__(MFAC_THREADS, MFAC_MIN_BLOCKS)
+replace_prep2_f32(const float* qw, float* q, float* diag, float* beta, int nv)
+{
+    replace_prep<float>(qw, 2, q, diag, beta, nv);
+}
+
+extern "C" __global__ void __launch_bounds__(MFAC_THREADS, MFAC_MIN_BLOCKS)
+replace_gather_f32(const float* U, const float* b, float* rhs, int k)
+{
+    replace_gather<float>(U, b, rhs, k);
+}
+
+extern "C" __global__ void __launch_bounds__(MFAC_THREADS, MFAC_MIN_BLOCKS)
+replace_column_f32(const float* qw, const float* q, const float* diag, const float* beta, float* col, int n)
+{
+    replace_column<float>(qw, q, diag, beta, col, n);
 }
 
 extern "C" __global__ void __launch_bounds__(MFAC_THREADS, MFAC_MIN_BLOCKS)

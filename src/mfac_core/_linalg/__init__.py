@@ -117,13 +117,19 @@ def matmul_into(xp: Any, a: Any, b: Any, out: Any, /) -> None:
         into(a, b, out)
 
 
-def replace_row(xp: Any, U: Any, p: int, b: Any, c: float, out: Any, /) -> Any:
+def replace_row(
+    xp: Any, U: Any, p: int, b: Any, c: Any, out: Any, /, *, deferred: bool = False
+) -> Any:
     """The upper factor of ``C = U^T U`` with row/column ``p`` removed and ``[b; c]`` appended.
 
     Written into ``out`` (not ``U``) and returned; raises ``NotPositiveDefinite``
-    if the new pivot is not positive. O(k^2).
+    if the new pivot is not positive. O(k^2). With ``deferred`` the generic edit
+    returns ``(out, margin)``, the pivot's check left to the caller (``margin > 0``
+    when it passes), without reading a value on the host; a backend's own edit,
+    which checks the pivot itself, returns ``(out, None)``.
     """
     backend = _backend_for(xp)
     if backend.replace is None:
-        return _rowedit.replace(xp, backend.solve_triangular, U, p, b, c, out)
-    return backend.replace(U, p, b, c, out)
+        return _rowedit.replace(xp, backend.solve_triangular, U, p, b, c, out, deferred=deferred)
+    U = backend.replace(U, p, b, float(c), out)
+    return (U, None) if deferred else U

@@ -17,6 +17,7 @@ The environment variable ``MFAC_CUPY_LINALG`` gives the choice unless
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -29,6 +30,7 @@ __all__ = [
     "CUPY_LINALG_CHOICES",
     "ENVIRONMENT_VARIABLE",
     "get_cupy_linalg",
+    "kernels_serve",
     "make_backend",
     "set_cupy_linalg",
 ]
@@ -104,6 +106,30 @@ def get_cupy_linalg() -> str:
     return _check_choice(value, ENVIRONMENT_VARIABLE) if value else "auto"
 
 
+def kernels_serve(mode: str, shape: tuple[int, ...]) -> bool:
+    """Whether ``mode`` sends a factorisation, solve or inverse of ``shape`` to the kernels.
+
+    ``"auto"`` sends stacks of two or more matrices (the block-wise operator) to the
+    kernels and single matrices, including a stack of one (which the set-up of a
+    single-block operator passes), to cuSOLVER/cuBLAS, faster there on the H200.
+
+    Parameters
+    ----------
+    mode : str
+        The policy, one of ``CUPY_LINALG_CHOICES``.
+    shape : tuple of int
+        The shape of the matrix or stack of matrices.
+
+    Returns
+    -------
+    bool
+        True for the kernels, False for cuSOLVER/cuBLAS.
+    """
+    if mode == "kernels":
+        return True
+    return mode == "auto" and len(shape) > 2 and math.prod(shape[:-2]) > 1
+
+
 def make_backend() -> Backend:
     """Build the CuPy backend, whose every call consults the policy.
 
@@ -121,20 +147,22 @@ def make_backend() -> Backend:
     import cupy
     import cupyx.scipy.linalg
 
-    def kernels_for(stacked: bool) -> bool:
-        mode = get_cupy_linalg()
-        return mode == "kernels" or (mode == "auto" and stacked)
+    def kernels_for(a: Any) -> bool:
+        return kernels_serve(get_cupy_linalg(), tuple(a.shape))
 
     def chol(a: Any) -> Any:
-        if kernels_for(a.ndim > 2):
+        if kernels_for(a):
             # Raises NotPositiveDefinite from the kernels' LAPACK-style info.
             return _kernels.cholesky(a)
         # CuPy returns NaN instead of raising; the dispatcher catches that.
         return cupy.linalg.cholesky(a)
 
     def solve(t: Any, b: Any, lower: bool, trans: bool) -> Any:
-        if kernels_for(t.ndim > 2):
+        if kernels_for(t):
             return _kernels.solve_triangular(t, b, lower=lower, trans=trans)
+        if t.ndim == 3 and t.shape[0] == 1 and b.ndim == 3:
+            # A stack of one (a single-block operator's set-up): cuBLAS's solve.
+            return solve(t[0], b[0], lower, trans)[None, ...]
         if t.ndim == 2:
             return cupyx.scipy.linalg.solve_triangular(t, b, lower=lower, trans=1 if trans else 0)
         # cupyx's triangular solve is not batched; a batched LU solve is, and the
@@ -142,7 +170,7 @@ def make_backend() -> Backend:
         return cupy.linalg.solve(cupy.swapaxes(t, -1, -2) if trans else t, b)
 
     def inverse(t: Any) -> Any:
-        if kernels_for(t.ndim > 2):
+        if kernels_for(t):
             return _kernels.triangular_inverse(t)
         eye = cupy.broadcast_to(cupy.eye(t.shape[-1], dtype=t.dtype), t.shape)
         return solve(t, eye, True, False)

@@ -63,7 +63,17 @@ def _rank_one_update(xp: Any, V: Any, q: Any, out: Any, at: int, block: int) -> 
 
 
 def replace(
-    xp: Any, solve: Solve, U: Any, p: int, b: Any, c: float, out: Any, /, *, block: int = PANEL_ROWS
+    xp: Any,
+    solve: Solve,
+    U: Any,
+    p: int,
+    b: Any,
+    c: Any,
+    out: Any,
+    /,
+    *,
+    block: int = PANEL_ROWS,
+    deferred: bool = False,
 ) -> Any:
     """Factor of C with row/column p removed and ``[b; c]`` appended last.
 
@@ -77,13 +87,17 @@ def replace(
         The row and column to remove.
     b : array (k - 1,)
         The new row's entries against the remaining rows, in their order.
-    c : float
+    c : float or 0-d array
         The new diagonal entry.
     out : array (k, k)
         Where the new factor is written (not ``U``).
+    deferred : bool
+        Return ``(out, margin)`` instead of checking the pivot: ``margin`` (a 0-d
+        device array) is positive exactly when the pivot is, so that the caller
+        reads it with its other checks in one transfer (no synchronisation here).
 
-    Raises ``NotPositiveDefinite`` if the new pivot is not positive,
-    that is, if the new row is numerically dependent on the others.
+    Raises ``NotPositiveDefinite`` (unless ``deferred``) if the new pivot is not
+    positive, that is, if the new row is numerically dependent on the others.
     """
     k = U.shape[0]
     n = k - 1
@@ -104,9 +118,15 @@ def replace(
     out[n, :] = xp.astype(xp.arange(k, device=dev) == n, out.dtype)
     rhs = xp.concat([b, xp.zeros((1,), dtype=b.dtype, device=dev)])
     col = solve(out, rhs[:, None], False, True)[:n, 0]
+    out[:n, n] = col
+    if deferred:
+        pivot = c - xp.vecdot(col, col)
+        # sqrt of a negative pivot is NaN; the caller discards such a factor.
+        out[n, n] = xp.sqrt(pivot)
+        return out, pivot - 1e-13 * xp.abs(c)
+    c = float(c)
     pivot = c - float(xp.vecdot(col, col))
     if not pivot > 1e-13 * abs(c):
         raise NotPositiveDefinite(f"pivot {pivot:g} not positive")
-    out[:n, n] = col
     out[n, n] = pivot**0.5
     return out
