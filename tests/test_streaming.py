@@ -216,3 +216,26 @@ def test_streamed_float32_products_are_exact_in_the_span(simulated, kappa, rng):
     d_want = np.array([extended_precision_inverse(G64, damp, np.eye(d)[:, j])[j] for j in (0, 50)])
     diag = op.diagonal().double().numpy()[[0, 50]]
     assert np.all(np.abs(diag - d_want) <= 8 * np.finfo(np.float32).eps * d_want)
+
+
+def test_stream_to_an_indexed_or_unindexed_device_is_the_device_tensors_report(rng):
+    # stream_to="cuda" names the current GPU, whose tensors report "cuda:0"; on the CPU
+    # the same mismatch is torch.device("cpu", 0) against tensors that report "cpu".
+    # Each comparison of devices is canonical: the products, the index checks and the
+    # operator algebra.
+    from mfac_core._compat import canonical_device, same_device
+
+    m, d = 4, 40
+    G = torch.tensor(rng.standard_normal((m, d)))
+    op = StaticIHVP(G, damp=1.0, stream_to=torch.device("cpu", 0))
+    ref = StaticIHVP(G, damp=1.0)
+    assert op.device == torch.device("cpu") == canonical_device(torch.device("cpu", 0))
+    x = torch.tensor(rng.standard_normal(d))
+    assert_close(op @ x, ref @ x, kappa=ref.kappa_bound)
+    idx = torch.tensor([0, 5])
+    assert_close(op.entries(idx, idx), ref.entries(idx, idx), kappa=ref.kappa_bound)
+    assert_close((op + ref) @ x, 2 * (ref @ x), kappa=ref.kappa_bound)
+    assert same_device(torch.device("cpu", 0), torch.device("cpu"))
+    assert not same_device(torch.device("cpu"), torch.device("meta"))
+    with pytest.raises(ValueError, match="device"):
+        op @ x.to("meta")

@@ -32,9 +32,11 @@ Array: TypeAlias = Any
 __all__ = [
     "Array",
     "array_namespace",
+    "canonical_device",
     "detached",
     "picklable_device",
     "restored_device",
+    "same_device",
     "device",
     "is_array_api_obj",
     "is_array_api_strict_namespace",
@@ -50,6 +52,29 @@ __all__ = [
     "namespace_name",
     "size",
 ]
+
+
+def canonical_device(dev: Any) -> Any:
+    """``dev`` as the arrays on it report their device.
+
+    A PyTorch device named without an index (``torch.device("cuda")``) means the
+    current device of its kind, but a tensor on it reports ``cuda:0`` (or
+    whichever is current), and ``torch.device("cuda") != torch.device("cuda", 0)``;
+    CPU tensors report ``cpu`` whatever index was given. The canonical form is the
+    device a tensor created on ``dev`` reports, found by creating an empty one (no
+    allocation). Devices of other libraries are returned as they are.
+    """
+    if type(dev).__module__ == "torch" and type(dev).__name__ == "device":
+        if dev.type == "cpu" or dev.index is None:
+            import torch
+
+            return torch.empty((0,), device=dev).device
+    return dev
+
+
+def same_device(a: Any, b: Any) -> bool:
+    """Whether ``a`` and ``b`` are one device (compared as :func:`canonical_device` gives them)."""
+    return bool(a == b) or bool(canonical_device(a) == canonical_device(b))
 
 
 def picklable_device(dev: Any) -> Any:

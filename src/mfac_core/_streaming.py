@@ -34,7 +34,7 @@ from typing import Any, Protocol
 
 from . import _engine
 from ._capacitance import CapacitanceFactor
-from ._compat import Array, array_namespace, is_torch_namespace
+from ._compat import Array, array_namespace, canonical_device, is_torch_namespace
 from ._gform import whitened_diagonal, whitened_pairs
 from ._layout import BlockGroup
 
@@ -248,7 +248,9 @@ def check_stream_to(
                 f"stream_to keeps a piece-major copy of G in a pinned host array of its own; "
                 f"{name} is not supported with it"
             )
-    return target
+    # As the tensors on it report it: "cuda" is "cuda:<current>", and so stays the
+    # device the operator's buffers were made on if the current device changes later.
+    return canonical_device(target)
 
 
 def piece_major(G: Array, target: Any, width: int) -> Any:
