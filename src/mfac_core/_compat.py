@@ -6,14 +6,15 @@ that the dependency on ``array_api_compat`` (and its quirks) lives in one file.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any, TypeAlias
 
+from array_api_compat import array_namespace as _array_namespace
 from array_api_compat import (
-    array_namespace,
     device,
     is_array_api_obj,
     is_array_api_strict_namespace,
-    is_cupy_namespace,
     is_dask_array,
     is_dask_namespace,
     is_jax_array,
@@ -24,6 +25,7 @@ from array_api_compat import (
     is_writeable_array,
     size,
 )
+from array_api_compat import is_cupy_namespace as _is_compat_cupy_namespace
 
 #: An array of any Array-API library (NumPy, CuPy, PyTorch, JAX, array-api-strict). The
 #: libraries share no static type, so this documents intent; the checks are at run time.
@@ -34,6 +36,7 @@ __all__ = [
     "array_namespace",
     "canonical_device",
     "detached",
+    "device_scoped_names",
     "picklable_device",
     "restored_device",
     "same_device",
@@ -52,6 +55,75 @@ __all__ = [
     "namespace_name",
     "size",
 ]
+
+
+#: The creation functions of array-api-compat's CuPy namespace, which ignore ``device=``.
+CREATION_FUNCTIONS = (
+    "arange",
+    "empty",
+    "empty_like",
+    "eye",
+    "full",
+    "full_like",
+    "linspace",
+    "ones",
+    "ones_like",
+    "zeros",
+    "zeros_like",
+)
+
+#: The module of the CuPy namespace whose creation functions honour ``device=``.
+_SCOPED_CUPY = "mfac_core._cupy_xp"
+
+
+def array_namespace(*xs: Any, **kwargs: Any) -> Any:
+    """array-api-compat's ``array_namespace``; for CuPy, the device-honouring namespace.
+
+    See :mod:`mfac_core._cupy_xp`: array-api-compat's CuPy namespace would create
+    every array on the current device whatever ``device=`` says.
+    """
+    xp = _array_namespace(*xs, **kwargs)
+    if _is_compat_cupy_namespace(xp):
+        import importlib
+
+        return importlib.import_module(_SCOPED_CUPY)
+    return xp
+
+
+def is_cupy_namespace(xp: Any) -> bool:
+    """Whether ``xp`` is CuPy (the module, array-api-compat's or this package's namespace)."""
+    return bool(_is_compat_cupy_namespace(xp)) or getattr(xp, "__name__", None) == _SCOPED_CUPY
+
+
+def device_scoped_names(
+    base: Any, on: Callable[[Any], Any], creation: tuple[str, ...] = CREATION_FUNCTIONS
+) -> dict[str, Any]:
+    """The public names of namespace ``base``, its ``creation`` functions run under ``on(device)``.
+
+    ``on(device)`` is a context manager that makes ``device`` current (CuPy:
+    ``cupy.cuda.Device``). A creation function given ``device=`` runs under it
+    (and still receives it); a ``*_like`` function without ``device=`` runs
+    under its argument's device, as the Array API specifies. The rest of
+    ``base`` (the other functions, ``linalg``, ``fft``, the namespace info) is
+    returned unchanged.
+    """
+    names = {name: getattr(base, name) for name in base.__all__}
+    for name in creation:
+        if name in names:
+            names[name] = _device_scoped(names[name], on, like=name.endswith("_like"))
+    return names
+
+
+def _device_scoped(fn: Callable[..., Any], on: Callable[[Any], Any], *, like: bool) -> Any:
+    @functools.wraps(fn)
+    def scoped(*args: Any, device: Any = None, **kwargs: Any) -> Any:
+        where = args[0].device if device is None and like and args else device
+        if where is None:
+            return fn(*args, **kwargs)
+        with on(where):
+            return fn(*args, device=device, **kwargs)
+
+    return scoped
 
 
 def canonical_device(dev: Any) -> Any:

@@ -144,7 +144,8 @@ def make_backend() -> Backend:
     def inverse(t: Any) -> Any:
         if kernels_for(t.ndim > 2):
             return _kernels.triangular_inverse(t)
-        eye = cupy.broadcast_to(cupy.eye(t.shape[-1], dtype=t.dtype), t.shape)
+        with t.device:  # CuPy creates on the current device; the identity goes on t's
+            eye = cupy.broadcast_to(cupy.eye(t.shape[-1], dtype=t.dtype), t.shape)
         return solve(t, eye, True, False)
 
     def replace(U: Any, p: int, b: Any, c: float, out: Any) -> Any:
