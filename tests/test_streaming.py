@@ -9,7 +9,11 @@ place of CUDA streams, against the non-streamed operator and the float64 oracle.
 
 from __future__ import annotations
 
+import copy
+import gc
+import pickle
 import random
+import threading
 from collections import deque
 
 import numpy as np
@@ -239,3 +243,64 @@ def test_stream_to_an_indexed_or_unindexed_device_is_the_device_tensors_report(r
     assert not same_device(torch.device("cpu"), torch.device("meta"))
     with pytest.raises(ValueError, match="device"):
         op @ x.to("meta")
+
+
+class _ProcessBoundOps(ImmediateOps):
+    """Stream operations holding what, like CUDA streams and events, cannot be pickled."""
+
+    made = 0
+
+    def __init__(self) -> None:
+        self.handle = threading.Lock()
+        type(self).made += 1
+
+
+@pytest.mark.parametrize("how", ["pickle", "deepcopy"])
+def test_a_streamed_operator_pickles_and_copies_with_new_streams_and_buffers(how, monkeypatch, rng):
+    monkeypatch.setattr(mfac_core._streaming, "make_ops", lambda device: _ProcessBoundOps())
+    monkeypatch.setattr(mfac_core._streaming, "piece_width", lambda m, d, itemsize: 7)
+    G = torch.tensor(rng.standard_normal((4, 30)))
+    op = StaticIHVP(G, damp=1.0, stream_to="cpu")
+    made = _ProcessBoundOps.made
+    new = pickle.loads(pickle.dumps(op)) if how == "pickle" else copy.deepcopy(op)
+    assert _ProcessBoundOps.made == made + 1  # its own streams and events
+    old_part, new_part = op._factors[0], new._factors[0]
+    for a, b in zip(old_part.buffer.buffers, new_part.buffer.buffers, strict=True):
+        assert a.data_ptr() != b.data_ptr()  # its own device buffers
+    assert new_part.host.data_ptr() != old_part.host.data_ptr()
+    x = torch.tensor(rng.standard_normal(30))
+    assert torch.equal(new @ x, op @ x)
+
+
+def test_pinned_host_copy_is_registered_for_exactly_its_bytes_and_released(monkeypatch):
+    # PyTorch's pinned allocator would round 204.8 GB up to 256 GB; the piece-major copy
+    # is registered (cudaHostRegister) for its own size, and unregistered when freed,
+    # after the device has finished any copy from it.
+    from mfac_core._streaming import PIECE_BYTES, piece_major, pinned_bytes
+
+    m, d = 256, 200_000_000
+    assert m * d * 4 <= pinned_bytes(m, d, 4) < m * d * 4 + PIECE_BYTES
+    assert pinned_bytes(1000, 12345, 8) < 1000 * 12345 * 8 + PIECE_BYTES
+    calls = []
+
+    class Cudart:
+        def cudaHostRegister(self, ptr, nbytes, flags):
+            calls.append(("register", ptr, nbytes))
+            return 0
+
+        def cudaHostUnregister(self, ptr):
+            calls.append(("unregister", ptr))
+            return 0
+
+    monkeypatch.setattr(torch.cuda, "cudart", Cudart)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device: calls.append(("sync", device)))
+    G = torch.randn(3, 50)
+    target = torch.device("cuda", 0)
+    host = piece_major(G, target, 7)  # 8 pieces of 3 x 7, the last padded with zeros
+    ptr = host.data_ptr()
+    assert calls == [("register", ptr, 8 * 3 * 7 * 4)]
+    assert torch.equal(host.permute(1, 0, 2).reshape(3, -1)[:, :50], G)
+    assert not host[-1, :, 1:].any()
+    del host
+    gc.collect()
+    assert calls[1:] == [("sync", target), ("unregister", ptr)]
