@@ -12,6 +12,7 @@ itself behaves as the stand-in does (it is CuPy's documented behaviour).
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import types
 from typing import ClassVar
@@ -132,3 +133,125 @@ def test_device_scoped_names_wraps_every_creation_function_and_nothing_else():
     for name in CREATION_FUNCTIONS:
         assert names[name](1, device="gpu1") == "gpu1"
     assert seen == ["gpu1"] * len(CREATION_FUNCTIONS)
+
+
+# -- TF32 ---------------------------------------------------------------------------------
+# With torch.backends.cuda.matmul.allow_tf32 (or CUPY_TF32=1 for CuPy), cuBLAS runs float32
+# GEMMs in TF32 (10 mantissa bits). The library documents float64 sums (the passes, the
+# Gram, the m x m work), so no float32 or 2-byte GEMM may run on those paths: then TF32 has
+# nothing to apply to. On the CPU, the CUDA path of PyTorch tensors is the same code with
+# the host kernels (_engine's NumPy views of CPU tensors) switched off; the audit records
+# every GEMM-like aten call made from the package's code and the dtypes it saw.
+
+_GEMMS = {"mm", "addmm", "bmm", "baddbmm", "addbmm", "mv", "addmv", "dot", "vdot", "linear"}
+
+
+def _gemm_audit(torch, package_dir):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Audit(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.low = []  # (op, dtypes, innermost frame of the package)
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name in _GEMMS:
+                dtypes = {str(a.dtype) for a in args if isinstance(a, torch.Tensor)}
+                if dtypes - {"torch.float64"}:
+                    frame = sys._getframe(1)
+                    while frame is not None and not frame.f_code.co_filename.startswith(
+                        package_dir
+                    ):
+                        frame = frame.f_back
+                    if frame is not None:
+                        where = f"{frame.f_code.co_filename}:{frame.f_lineno}"
+                        self.low.append((name, sorted(dtypes), where))
+            return func(*args, **(kwargs or {}))
+
+    return Audit()
+
+
+@pytest.fixture
+def tf32_on():
+    """TF32 allowed process-wide, as training scripts often do; restored afterwards."""
+    torch = pytest.importorskip("torch")
+    before = torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.set_float32_matmul_precision("medium")
+    try:
+        yield torch
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before[0]
+        torch.set_float32_matmul_precision(before[1])
+
+
+def _exercise(torch):
+    """Set-ups, products, diagonals, entries and optimiser steps of every torch operator."""
+    from mfac_core import DynamicIHVP, SpectralIHVP, StaticIHVP
+    from mfac_core.torch import MFAC
+
+    gen = torch.Generator().manual_seed(0)
+    m, d = 4, 24
+    G = torch.randn(m, d, generator=gen)
+    x, X = torch.randn(d, generator=gen), torch.randn(d, 3, generator=gen)
+    idx = torch.tensor([0, 3, 7])
+    out = []
+    for kwargs in ({}, {"block_size": 6}, {"stream_to": "cpu"}):
+        op = StaticIHVP(G, damp=0.1, **kwargs)
+        out += [op @ x, op @ X, op.diagonal(), op.entries(idx, idx)]
+    out.append(StaticIHVP(G.half(), damp=0.1) @ x)
+    for method in ("incremental", "refactor"):
+        op = DynamicIHVP(m, d, damp=0.1, dtype=torch.float32, xp=torch, update_method=method)
+        out += [op.update_and_matvec(G[i % m] + i) for i in range(m + 1)]
+        out.append(op @ X)
+    for kwargs in ({}, {"block_size": 6}):
+        op = SpectralIHVP(G, damp=0.1, **kwargs)
+        out += [op @ x, op.diagonal()]
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = torch.nn.Linear(5, 3)
+    opt = MFAC(model.parameters(), num_grads=2, damp=0.1, lr=0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(2, 5, generator=gen)).sum().backward()
+        opt.step()
+    out += [p.detach().clone() for p in model.parameters()]
+    return out
+
+
+@pytest.fixture
+def cuda_code_path(monkeypatch):
+    """CPU tensors through the code CUDA tensors take: no NumPy views for the host kernels."""
+    import mfac_core._engine
+
+    monkeypatch.setattr(mfac_core._engine, "_host_view", lambda xp, A: None)
+    monkeypatch.setattr(mfac_core._engine, "_vector_view", lambda xp, X: None)
+
+
+def test_no_float32_gemm_on_the_documented_paths_so_tf32_cannot_apply(tf32_on, cuda_code_path):
+    import mfac_core
+
+    torch = tf32_on
+    package = os.path.dirname(mfac_core.__file__)
+    audit = _gemm_audit(torch, package)
+    with audit:
+        _exercise(torch)
+    assert audit.low == []
+    # The audit sees a float32 GEMM where there is one (here, in this file's code).
+    probe = _gemm_audit(torch, os.path.dirname(__file__))
+    with probe:
+        torch.ones(2, 3) @ torch.ones(3, 2)
+    assert [(op, dtypes) for op, dtypes, _ in probe.low] == [("mm", ["torch.float32"])]
+
+
+def test_results_and_switches_are_unchanged_by_tf32(tf32_on, cuda_code_path):
+    torch = tf32_on
+    with_tf32 = _exercise(torch)
+    # The library left the process-wide switches as the user set them.
+    assert torch.backends.cuda.matmul.allow_tf32
+    assert torch.get_float32_matmul_precision() == "medium"
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    without = _exercise(torch)
+    assert all(torch.equal(a, b) for a, b in zip(with_tf32, without, strict=True))
