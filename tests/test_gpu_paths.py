@@ -255,3 +255,68 @@ def test_results_and_switches_are_unchanged_by_tf32(tf32_on, cuda_code_path):
     torch.set_float32_matmul_precision("highest")
     without = _exercise(torch)
     assert all(torch.equal(a, b) for a, b in zip(with_tf32, without, strict=True))
+
+
+# -- the CUDA libraries CuPy loads ------------------------------------------------------------
+
+
+def test_missing_cusolver_or_nvrtc_says_what_to_install(fake_cupy, monkeypatch):
+    # A driver-only machine: CuPy imports, but cupyx.scipy.linalg cannot load cuBLAS or
+    # cuSOLVER, and a kernel's first launch cannot load NVRTC (CuPy's message below).
+    import mfac_core._kernels
+    from mfac_core._linalg import _cupy
+
+    monkeypatch.setitem(sys.modules, "cupyx", None)
+    monkeypatch.setitem(sys.modules, "cupyx.scipy", None)
+    monkeypatch.setitem(sys.modules, "cupyx.scipy.linalg", None)
+    with pytest.raises(ImportError, match=r"cupyx\.scipy\.linalg.*cupy-cuda12x\[ctk\]"):
+        _cupy.make_backend()
+    cupyx = types.ModuleType("cupyx")
+    cupyx.scipy = types.ModuleType("cupyx.scipy")
+    cupyx.scipy.linalg = types.ModuleType("cupyx.scipy.linalg")
+    monkeypatch.setitem(sys.modules, "cupyx", cupyx)
+    monkeypatch.setitem(sys.modules, "cupyx.scipy", cupyx.scipy)
+    monkeypatch.setitem(sys.modules, "cupyx.scipy.linalg", cupyx.scipy.linalg)
+
+    def no_nvrtc(a):
+        raise RuntimeError(
+            "CuPy failed to load libnvrtc.so.12: OSError: libnvrtc.so.12: cannot open "
+            "shared object file: No such file or directory"
+        )
+
+    monkeypatch.setattr(mfac_core._kernels, "cholesky", no_nvrtc, raising=False)
+    backend = _cupy.make_backend()
+    with pytest.raises(RuntimeError, match=r"libnvrtc.*NVRTC, cuBLAS, cuSOLVER.*\[ctk\]"):
+        backend.cholesky(_FakeArray((3, 4, 4), 0))  # a stack: the kernels' path
+
+
+def _load_gpu_benchmark():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
+    spec = importlib.util.spec_from_file_location("mfac_gpu_benchmark_paths", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules[spec.name]
+    return module
+
+
+def test_gpu_benchmark_uses_the_installed_package_and_says_what_to_install(
+    fake_cupy, monkeypatch, capsys
+):
+    path_before = list(sys.path)
+    bench = _load_gpu_benchmark()
+    assert sys.path == path_before  # no path of the source tree put first
+    # CuPy and a device, but not the CUDA libraries (a bare cupy-cuda12x, driver only).
+    fake_cupy.cuda.runtime = types.SimpleNamespace(getDeviceCount=lambda: 1)
+    monkeypatch.setitem(sys.modules, "cupyx", None)
+    monkeypatch.setenv("CUPY_TF32", "0")
+    assert bench.main(["--quick"]) == bench.EXIT_OK
+    out = capsys.readouterr().out
+    assert "skipped, CuPy cannot load a CUDA library" in out and "cupy-cuda12x[ctk]" in out
+    assert bench.main(["--quick", "--require-gpu"]) == bench.EXIT_NO_GPU
+    assert bench.WINDOW_EDIT_ROW == 0  # the row a full sliding window edits
