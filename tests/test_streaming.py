@@ -285,6 +285,7 @@ def test_pinned_host_copy_is_registered_for_exactly_its_bytes_and_released(monke
 
     class Cudart:
         def cudaHostRegister(self, ptr, nbytes, flags):
+            assert flags == 1  # cudaHostRegisterPortable: for every device's context
             calls.append(("register", ptr, nbytes))
             return 0
 

@@ -285,13 +285,15 @@ def pin(host: Any, device: Any) -> None:
         return
     cudart = torch.cuda.cudart()
     ptr, nbytes = host.data_ptr(), host.untyped_storage().nbytes()
-    code = int(cudart.cudaHostRegister(ptr, nbytes, 0))
+    # cudaHostRegisterPortable (1): pinned for every CUDA context, not only the current one.
+    code = int(cudart.cudaHostRegister(ptr, nbytes, 1))
     if code != 0:
         raise RuntimeError(
             f"stream_to could not page-lock the {nbytes} bytes of its host copy of G "
             f"(cudaHostRegister returned CUDA error {code}); free host memory, or drop stream_to"
         )
-    weakref.finalize(host, _unpin, cudart, torch.cuda.synchronize, ptr, device)
+    release = weakref.finalize(host, _unpin, cudart, torch.cuda.synchronize, ptr, device)
+    release.atexit = False  # at exit the process's memory goes anyway, CUDA may be gone
 
 
 def _unpin(cudart: Any, synchronize: Callable[[Any], None], ptr: int, device: Any) -> None:
