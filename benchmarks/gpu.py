@@ -1,6 +1,8 @@
 """Device checks and timings of mfac_core's CUDA kernels against CuPy's cuSOLVER/cuBLAS path.
 
-Run on a machine with CuPy and an NVIDIA GPU::
+Run on a machine with an NVIDIA GPU, with mfac_core installed with its ``cuda`` extra
+(``pip install ".[cuda]"``: CuPy and the CUDA libraries it loads, NVRTC, cuBLAS, cuSOLVER);
+the script imports the installed package::
 
     python benchmarks/gpu.py            # full: about a minute on an H200 (2 m d bytes of GPU
                                         # memory for the IHVP: 41 GB; --skip-ihvp without)
@@ -14,15 +16,19 @@ It prints three tables:
    stacks, odd sizes, the non-SPD flag, the factor row replace, and the operators end to end;
 2. times (CUDA events, median of repeats, after a warm-up that lifts the clocks) of
    factorisation + inverse at m = 256, 1024, 4096 and of a stack of 8192 blocks of m = 64,
-   of a one-right-hand-side solve and of the factor row replace, kernels against cuSOLVER /
-   cuBLAS; target: m = 1024 factorisation + inverse below 1 ms on an H100/H200;
-3. the IHVP of ``StaticIHVP`` (d = 1e7, m = 1024, float32) against the floor set by the copy
-   bandwidth measured in the same process (a large device copy, bytes read + written); target:
-   at least 80 % of that bandwidth.
+   of a one-right-hand-side solve and of the factor row replace at row 0 (the row the sliding
+   window edits), kernels against cuSOLVER / cuBLAS; target: m = 1024 factorisation + inverse
+   below 1 ms on an H100/H200;
+3. the IHVP of ``StaticIHVP`` (d = 1e7, m = 1024, float32) and one
+   ``DynamicIHVP.update_and_matvec`` on a full window (m = 1024, d = 1e6) against the floor
+   set by the copy bandwidth measured in the same process (a large device copy, bytes read +
+   written); target for the IHVP: at least 80 % of that bandwidth.
 
-TF32 is off (``CUPY_TF32=0`` is set before CuPy is imported). Without CuPy or a GPU the script
-says why and exits with status 0, or 2 with ``--require-gpu``; CI runs it in quick mode, which
-checks that it imports. It exits with status 1 if a check fails.
+These are the figures docs/gpu.rst quotes; the first lines say the date, the package version
+and the device. TF32 is off (``CUPY_TF32=0`` is set before CuPy is imported). Without CuPy, a
+GPU or the CUDA libraries the script says what to install and exits with status 0, or 2 with
+``--require-gpu``; CI runs it in quick mode, which checks that it imports. It exits with
+status 1 if a check fails.
 """
 
 from __future__ import annotations
@@ -34,13 +40,9 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-# The source tree of the repository, so the script runs from a checkout without installing.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 #: Exit statuses.
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_NO_GPU = 0, 1, 2
@@ -55,6 +57,7 @@ class Sizes:
     factor_sizes: tuple[int, ...]  # m of the factorisation + inverse timings
     blocks: tuple[int, int]  # (count, m) of the stacked timing
     ihvp: tuple[int, int]  # (m, d) of the IHVP timing
+    window: tuple[int, int]  # (m, d) of the sliding-window step timing
     copy_bytes: int  # size of the array copied to measure the bandwidth
     repeat: int  # timed repetitions (the median is reported)
 
@@ -65,6 +68,7 @@ FULL = Sizes(
     factor_sizes=(256, 1024, 4096),
     blocks=(8192, 64),
     ihvp=(1024, 10_000_000),
+    window=(1024, 1_000_000),
     copy_bytes=4 << 30,
     repeat=10,
 )
@@ -74,6 +78,7 @@ QUICK = Sizes(
     factor_sizes=(256, 1024),
     blocks=(1024, 64),
     ihvp=(256, 1_000_000),
+    window=(256, 100_000),
     copy_bytes=1 << 30,
     repeat=5,
 )
@@ -82,6 +87,9 @@ QUICK = Sizes(
 FACTOR_TARGET_MS = 1.0
 FACTOR_TARGET_M = 1024
 IHVP_TARGET_FRACTION = 0.8
+#: The row of the factor that the sliding window edits: a full window drops its oldest
+#: gradient, the first row of the factor, and appends the new one last.
+WINDOW_EDIT_ROW = 0
 
 
 # -- parts that need no GPU (unit-tested on the CPU) -------------------------------------------
@@ -103,19 +111,40 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+#: What to install when CuPy or the CUDA libraries it loads are missing.
+INSTALL_HINT = (
+    "install mfac_core's cuda extra (pip install 'mfac_core[cuda]', i.e. "
+    "'cupy-cuda12x[ctk]': CuPy with NVRTC, cuBLAS and cuSOLVER from PyPI; "
+    "'cupy-cuda13x[ctk]' for a CUDA 13 driver)"
+)
+
+
 def gpu_unavailable_reason() -> str | None:
-    """Why this process cannot run the benchmark on a GPU, or ``None`` if it can."""
+    """Why this process cannot run the benchmark on a GPU, or ``None`` if it can.
+
+    Beyond CuPy and a device, the script needs the CUDA libraries CuPy loads on
+    first use: NVRTC (this package's kernels), cuBLAS and cuSOLVER
+    (``cupyx.scipy.linalg``). A driver-only machine with a bare ``cupy-cuda12x``
+    has none of them.
+    """
     os.environ.setdefault("CUPY_TF32", "0")  # before CuPy is imported: no TF32 in cuBLAS
     try:
         import cupy
     except ImportError as exc:
-        return f"CuPy is not installed ({exc})"
+        return f"CuPy is not installed ({exc}); {INSTALL_HINT}"
     try:
         count = cupy.cuda.runtime.getDeviceCount()
     except Exception as exc:  # CUDARuntimeError without a driver, and others
         return f"CuPy finds no CUDA device ({exc})"
     if count < 1:
         return "CuPy finds no CUDA device"
+    try:
+        import cupyx.scipy.linalg  # noqa: F401  (loads cuBLAS and cuSOLVER)
+
+        cupy.cuda.nvrtc.getVersion()
+    except Exception as exc:  # ImportError, OSError, RuntimeError: a library failed to load
+        failure = f"{type(exc).__name__}: {exc}"
+        return f"CuPy cannot load a CUDA library it needs ({failure}); {INSTALL_HINT}"
     return None
 
 
@@ -454,7 +483,7 @@ def run_timings(sizes: Sizes, rng: np.random.Generator) -> list[tuple[Any, ...]]
         new_row = cupy.asarray(0.1 * rng.standard_normal(m - 1))
         c = float(cupy.vdot(new_row, new_row)) + 2.0
         out = cupy.empty_like(u)
-        args = (array_namespace(u), u, m // 2, new_row, c, out)
+        args = (array_namespace(u), u, WINDOW_EDIT_ROW, new_row, c, out)
         t_k = gpu_time_ms(lambda args=args: _kernels.replace(*args), sizes.repeat)
 
         def array_api_replace(args: tuple[Any, ...] = args) -> Any:
@@ -467,7 +496,13 @@ def run_timings(sizes: Sizes, rng: np.random.Generator) -> list[tuple[Any, ...]]
 
         t_c = gpu_time_ms(array_api_replace, sizes.repeat)
         rows.append(
-            (f"factor row replace m={m} (cusolver: array-API edit)", t_k, t_c, t_c / t_k, "")
+            (
+                f"factor row replace m={m}, row {WINDOW_EDIT_ROW} (cusolver: array-API edit)",
+                t_k,
+                t_c,
+                t_c / t_k,
+                "",
+            )
         )
     return rows
 
@@ -514,6 +549,20 @@ def _time_ihvp(
     return setup, gpu_time_ms(lambda: op.matvec(x), repeat), passes
 
 
+def _time_window_step(m: int, d: int, repeat: int) -> float:
+    """ms of one ``DynamicIHVP.update_and_matvec`` on a full window of float32 gradients."""
+    import cupy
+
+    from mfac_core import DynamicIHVP
+
+    op = DynamicIHVP(m, d, damp=10.0, dtype="float32", xp=cupy, check_finite=False)
+    grads = cupy.random.standard_normal((8, d), dtype=cupy.float32)
+    for i in range(m):  # fill the window: from here on every step slides it
+        op.update(grads[i % 8])
+    step = iter(range(1 << 30))
+    return gpu_time_ms(lambda: op.update_and_matvec(grads[next(step) % 8]), repeat)
+
+
 def run_ihvp(sizes: Sizes, rng: np.random.Generator) -> list[tuple[Any, ...]]:
     import cupy
 
@@ -521,6 +570,10 @@ def run_ihvp(sizes: Sizes, rng: np.random.Generator) -> list[tuple[Any, ...]]:
     bandwidth = copy_bandwidth(sizes.copy_bytes, sizes.repeat)
     cupy.get_default_memory_pool().free_all_blocks()
     setup, ms, passes = _time_ihvp(m, d, sizes.repeat, rng)
+    cupy.get_default_memory_pool().free_all_blocks()
+    wm, wd = sizes.window
+    window_ms = _time_window_step(wm, wd, sizes.repeat)
+    window_floor = ihvp_floor_seconds(wm, wd, 4, bandwidth)
     cupy.get_default_memory_pool().free_all_blocks()
     floor = ihvp_floor_seconds(m, d, 4, bandwidth)
     one_pass = floor / 2
@@ -546,6 +599,13 @@ def run_ihvp(sizes: Sizes, rng: np.random.Generator) -> list[tuple[Any, ...]]:
             )
             for name, t in passes.items()
         ),
+        (
+            f"DynamicIHVP.update_and_matvec m={wm} d={wd:.0e} float32",
+            f"{window_ms:.3f} ms",
+            f"{window_floor * 1e3:.3f} ms",
+            f"{window_floor * 1e3 / window_ms:.0%}",
+            "",
+        ),
     ]
 
 
@@ -557,9 +617,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_NO_GPU if args.require_gpu else EXIT_OK
     import cupy
 
+    import mfac_core
+
     sizes = QUICK if args.quick else FULL
     props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
     name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+    print(f"date: {time.strftime('%Y-%m-%d', time.gmtime())}, mfac_core {mfac_core.__version__}")
     print(
         f"device: {name}, CuPy {cupy.__version__}, CUDA runtime "
         f"{cupy.cuda.runtime.runtimeGetVersion()}, CUPY_TF32={os.environ.get('CUPY_TF32')}"

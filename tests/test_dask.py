@@ -348,3 +348,16 @@ def test_empty_column_chunks_are_dropped(m, d, block_size, col_chunks):
     assert op.chunks == tuple(c for c in col_chunks if c)
     assert_close(op.matvec(da.from_array(x, chunks=4)).compute(), ref.matvec(x), kappa=1e3)
     assert_close(op.diagonal().compute(), ref.diagonal(), kappa=1e3)
+
+
+def test_chunks_that_are_not_numpy_are_refused_at_construction():
+    # Dask tells the chunk type by G._meta; a CuPy-chunked G (here its meta a stand-in of
+    # cupy.ndarray, no CuPy being installed) would fail in a worker's task, obscurely.
+    class ndarray:  # the name users would see: cupy.ndarray
+        shape, ndim, dtype = (0, 0), 2, np.dtype("float64")
+
+    ndarray.__module__ = "cupy"
+    G = da.ones((4, 20), chunks=(4, 10))
+    G._meta = ndarray()
+    with pytest.raises(TypeError, match=r"cupy\.ndarray.*NumPy chunks.*cupy\.asnumpy"):
+        StaticIHVP(G, damp=1.0)

@@ -9,7 +9,11 @@ place of CUDA streams, against the non-streamed operator and the float64 oracle.
 
 from __future__ import annotations
 
+import copy
+import gc
+import pickle
 import random
+import threading
 from collections import deque
 
 import numpy as np
@@ -221,3 +225,88 @@ def test_streamed_float32_products_are_exact_in_the_span(simulated, kappa, rng):
     d_want = np.array([extended_precision_inverse(G64, damp, np.eye(d)[:, j])[j] for j in (0, 50)])
     diag = op.diagonal().double().numpy()[[0, 50]]
     assert np.all(np.abs(diag - d_want) <= 8 * np.finfo(np.float32).eps * d_want)
+
+
+def test_stream_to_an_indexed_or_unindexed_device_is_the_device_tensors_report(rng):
+    # stream_to="cuda" names the current GPU, whose tensors report "cuda:0"; on the CPU
+    # the same mismatch is torch.device("cpu", 0) against tensors that report "cpu".
+    # Each comparison of devices is canonical: the products, the index checks and the
+    # operator algebra.
+    from mfac_core._compat import canonical_device, same_device
+
+    m, d = 4, 40
+    G = torch.tensor(rng.standard_normal((m, d)))
+    op = StaticIHVP(G, damp=1.0, stream_to=torch.device("cpu", 0))
+    ref = StaticIHVP(G, damp=1.0)
+    assert op.device == torch.device("cpu") == canonical_device(torch.device("cpu", 0))
+    x = torch.tensor(rng.standard_normal(d))
+    assert_close(op @ x, ref @ x, kappa=ref.kappa_bound)
+    idx = torch.tensor([0, 5])
+    assert_close(op.entries(idx, idx), ref.entries(idx, idx), kappa=ref.kappa_bound)
+    assert_close((op + ref) @ x, 2 * (ref @ x), kappa=ref.kappa_bound)
+    assert same_device(torch.device("cpu", 0), torch.device("cpu"))
+    assert not same_device(torch.device("cpu"), torch.device("meta"))
+    with pytest.raises(ValueError, match="device"):
+        op @ x.to("meta")
+
+
+class _ProcessBoundOps(ImmediateOps):
+    """Stream operations holding what, like CUDA streams and events, cannot be pickled."""
+
+    made = 0
+
+    def __init__(self) -> None:
+        self.handle = threading.Lock()
+        type(self).made += 1
+
+
+@pytest.mark.parametrize("how", ["pickle", "deepcopy"])
+def test_a_streamed_operator_pickles_and_copies_with_new_streams_and_buffers(how, monkeypatch, rng):
+    monkeypatch.setattr(mfac_core._streaming, "make_ops", lambda device: _ProcessBoundOps())
+    monkeypatch.setattr(mfac_core._streaming, "piece_width", lambda m, d, itemsize: 7)
+    G = torch.tensor(rng.standard_normal((4, 30)))
+    op = StaticIHVP(G, damp=1.0, stream_to="cpu")
+    made = _ProcessBoundOps.made
+    new = pickle.loads(pickle.dumps(op)) if how == "pickle" else copy.deepcopy(op)
+    assert _ProcessBoundOps.made == made + 1  # its own streams and events
+    old_part, new_part = op._factors[0], new._factors[0]
+    for a, b in zip(old_part.buffer.buffers, new_part.buffer.buffers, strict=True):
+        assert a.data_ptr() != b.data_ptr()  # its own device buffers
+    assert new_part.host.data_ptr() != old_part.host.data_ptr()
+    x = torch.tensor(rng.standard_normal(30))
+    assert torch.equal(new @ x, op @ x)
+
+
+def test_pinned_host_copy_is_registered_for_exactly_its_bytes_and_released(monkeypatch):
+    # PyTorch's pinned allocator would round 204.8 GB up to 256 GB; the piece-major copy
+    # is registered (cudaHostRegister) for its own size, and unregistered when freed,
+    # after the device has finished any copy from it.
+    from mfac_core._streaming import PIECE_BYTES, piece_major, pinned_bytes
+
+    m, d = 256, 200_000_000
+    assert m * d * 4 <= pinned_bytes(m, d, 4) < m * d * 4 + PIECE_BYTES
+    assert pinned_bytes(1000, 12345, 8) < 1000 * 12345 * 8 + PIECE_BYTES
+    calls = []
+
+    class Cudart:
+        def cudaHostRegister(self, ptr, nbytes, flags):
+            assert flags == 1  # cudaHostRegisterPortable: for every device's context
+            calls.append(("register", ptr, nbytes))
+            return 0
+
+        def cudaHostUnregister(self, ptr):
+            calls.append(("unregister", ptr))
+            return 0
+
+    monkeypatch.setattr(torch.cuda, "cudart", Cudart)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device: calls.append(("sync", device)))
+    G = torch.randn(3, 50)
+    target = torch.device("cuda", 0)
+    host = piece_major(G, target, 7)  # 8 pieces of 3 x 7, the last padded with zeros
+    ptr = host.data_ptr()
+    assert calls == [("register", ptr, 8 * 3 * 7 * 4)]
+    assert torch.equal(host.permute(1, 0, 2).reshape(3, -1)[:, :50], G)
+    assert not host[-1, :, 1:].any()
+    del host
+    gc.collect()
+    assert calls[1:] == [("sync", target), ("unregister", ptr)]

@@ -6,14 +6,15 @@ that the dependency on ``array_api_compat`` (and its quirks) lives in one file.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any, TypeAlias
 
+from array_api_compat import array_namespace as _array_namespace
 from array_api_compat import (
-    array_namespace,
     device,
     is_array_api_obj,
     is_array_api_strict_namespace,
-    is_cupy_namespace,
     is_dask_array,
     is_dask_namespace,
     is_jax_array,
@@ -24,6 +25,7 @@ from array_api_compat import (
     is_writeable_array,
     size,
 )
+from array_api_compat import is_cupy_namespace as _is_compat_cupy_namespace
 
 #: An array of any Array-API library (NumPy, CuPy, PyTorch, JAX, array-api-strict). The
 #: libraries share no static type, so this documents intent; the checks are at run time.
@@ -32,9 +34,12 @@ Array: TypeAlias = Any
 __all__ = [
     "Array",
     "array_namespace",
+    "canonical_device",
     "detached",
+    "device_scoped_names",
     "picklable_device",
     "restored_device",
+    "same_device",
     "device",
     "is_array_api_obj",
     "is_array_api_strict_namespace",
@@ -51,6 +56,98 @@ __all__ = [
     "namespace_name",
     "size",
 ]
+
+
+#: The creation functions of array-api-compat's CuPy namespace, which ignore ``device=``.
+CREATION_FUNCTIONS = (
+    "arange",
+    "empty",
+    "empty_like",
+    "eye",
+    "full",
+    "full_like",
+    "linspace",
+    "ones",
+    "ones_like",
+    "zeros",
+    "zeros_like",
+)
+
+#: The module of the CuPy namespace whose creation functions honour ``device=``.
+_SCOPED_CUPY = "mfac_core._cupy_xp"
+
+
+def array_namespace(*xs: Any, **kwargs: Any) -> Any:
+    """array-api-compat's ``array_namespace``; for CuPy, the device-honouring namespace.
+
+    See :mod:`mfac_core._cupy_xp`: array-api-compat's CuPy namespace would create
+    every array on the current device whatever ``device=`` says.
+    """
+    xp = _array_namespace(*xs, **kwargs)
+    if _is_compat_cupy_namespace(xp):
+        import importlib
+
+        return importlib.import_module(_SCOPED_CUPY)
+    return xp
+
+
+def is_cupy_namespace(xp: Any) -> bool:
+    """Whether ``xp`` is CuPy (the module, array-api-compat's or this package's namespace)."""
+    return bool(_is_compat_cupy_namespace(xp)) or getattr(xp, "__name__", None) == _SCOPED_CUPY
+
+
+def device_scoped_names(
+    base: Any, on: Callable[[Any], Any], creation: tuple[str, ...] = CREATION_FUNCTIONS
+) -> dict[str, Any]:
+    """The public names of namespace ``base``, its ``creation`` functions run under ``on(device)``.
+
+    ``on(device)`` is a context manager that makes ``device`` current (CuPy:
+    ``cupy.cuda.Device``). A creation function given ``device=`` runs under it
+    (and still receives it); a ``*_like`` function without ``device=`` runs
+    under its argument's device, as the Array API specifies. The rest of
+    ``base`` (the other functions, ``linalg``, ``fft``, the namespace info) is
+    returned unchanged.
+    """
+    names = {name: getattr(base, name) for name in base.__all__}
+    for name in creation:
+        if name in names:
+            names[name] = _device_scoped(names[name], on, like=name.endswith("_like"))
+    return names
+
+
+def _device_scoped(fn: Callable[..., Any], on: Callable[[Any], Any], *, like: bool) -> Any:
+    @functools.wraps(fn)
+    def scoped(*args: Any, device: Any = None, **kwargs: Any) -> Any:
+        where = args[0].device if device is None and like and args else device
+        if where is None:
+            return fn(*args, **kwargs)
+        with on(where):
+            return fn(*args, device=device, **kwargs)
+
+    return scoped
+
+
+def canonical_device(dev: Any) -> Any:
+    """``dev`` as the arrays on it report their device.
+
+    A PyTorch device named without an index (``torch.device("cuda")``) means the
+    current device of its kind, but a tensor on it reports ``cuda:0`` (or
+    whichever is current), and ``torch.device("cuda") != torch.device("cuda", 0)``;
+    CPU tensors report ``cpu`` whatever index was given. The canonical form is the
+    device a tensor created on ``dev`` reports, found by creating an empty one (no
+    allocation). Devices of other libraries are returned as they are.
+    """
+    if type(dev).__module__ == "torch" and type(dev).__name__ == "device":
+        if dev.type == "cpu" or dev.index is None:
+            import torch
+
+            return torch.empty((0,), device=dev).device
+    return dev
+
+
+def same_device(a: Any, b: Any) -> bool:
+    """Whether ``a`` and ``b`` are one device (compared as :func:`canonical_device` gives them)."""
+    return bool(a == b) or bool(canonical_device(a) == canonical_device(b))
 
 
 def picklable_device(dev: Any) -> Any:

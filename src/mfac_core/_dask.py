@@ -189,6 +189,28 @@ def _rechunk_hint(chunks: tuple[int, ...], block_size: int) -> int:
     return block_size * max(1, round(typical / block_size))
 
 
+def _check_numpy_chunks(G: Any) -> None:
+    """Refuse a Dask array whose chunks are not NumPy arrays, judged by its ``_meta``.
+
+    The workers run the NumPy operator on each chunk; CuPy chunks would fail
+    there, in a task, with an error about mixing CuPy and NumPy arrays.
+    """
+    meta = getattr(G, "_meta", None)
+    if isinstance(meta, np.ndarray):
+        return
+    kind = f"{type(meta).__module__}.{type(meta).__name__}"
+    hint = (
+        "; for a GPU, gather G into one CuPy array (G.compute()) and build StaticIHVP on "
+        "it, or move the chunks to the host with G.map_blocks(cupy.asnumpy)"
+        if type(meta).__module__.split(".")[0] == "cupy"
+        else "; convert them with G.map_blocks(numpy.asarray)"
+    )
+    raise TypeError(
+        f"G's chunks are {kind} arrays (its _meta), but the operator over Dask computes "
+        f"on NumPy chunks on the workers{hint}"
+    )
+
+
 class DaskStaticIHVP(StaticIHVP):
     r"""``F^{-1}`` of :class:`~mfac_core.StaticIHVP` for a Dask array G chunked along d.
 
@@ -241,7 +263,8 @@ class DaskStaticIHVP(StaticIHVP):
         ``progress`` callback. The message says how to rechunk.
     TypeError
         As for :class:`~mfac_core.StaticIHVP`; also for 2-byte G (cast it to
-        float32).
+        float32), and for chunks that are not NumPy arrays (CuPy chunks: the
+        workers run NumPy's BLAS; the message says what to do instead).
     FactorizationError
         If the capacitance matrix cannot be factorised in float64.
 
@@ -319,6 +342,7 @@ class DaskStaticIHVP(StaticIHVP):
             )
         if not is_dask_array(G):
             raise TypeError(f"G must be a dask.array.Array, got {type(G).__name__}")
+        _check_numpy_chunks(G)
         if any(math.isnan(s) for s in G.shape):
             raise ValueError(
                 f"G has unknown chunk sizes (shape {G.shape}); call G.compute_chunk_sizes() first"

@@ -18,11 +18,13 @@ from typing import Any
 
 from ._compat import (
     Array,
+    canonical_device,
     is_array_api_obj,
     is_numpy_namespace,
     namespace_name,
     picklable_device,
     restored_device,
+    same_device,
 )
 from ._validation import check_count, check_finite, check_flag, check_operand
 
@@ -82,7 +84,8 @@ class LinearOperator:
         self.shape = (int(shape[0]), int(shape[1]))
         self.dtype = dtype
         self._xp = xp
-        self.device = device
+        # As its arrays report it: torch.device("cuda") is "cuda:<current>".
+        self.device = canonical_device(device)
         self._symmetric = bool(symmetric)
         self.check_finite = check_flag(check_finite, "check_finite")
 
@@ -538,7 +541,7 @@ class _SciPyProduct:
 
 
 def _check_compatible(a: LinearOperator, b: LinearOperator, what: str) -> None:
-    if a._xp is not b._xp or a.device != b.device:
+    if a._xp is not b._xp or not same_device(a.device, b.device):
         raise TypeError(
             f"cannot {what} operators over different array libraries or devices: {a!r} and {b!r}"
         )

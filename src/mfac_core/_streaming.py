@@ -28,13 +28,14 @@ supported; the set-up itself is not streamed (it runs on the host's BLAS).
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from . import _engine
 from ._capacitance import CapacitanceFactor
-from ._compat import Array, array_namespace, is_torch_namespace
+from ._compat import Array, array_namespace, canonical_device, is_torch_namespace
 from ._gform import whitened_diagonal, whitened_pairs
 from ._layout import BlockGroup
 
@@ -45,8 +46,11 @@ __all__ = [
     "StreamedGForm",
     "TorchCudaOps",
     "check_stream_to",
+    "double_buffer",
     "make_ops",
+    "pin",
     "piece_major",
+    "pinned_bytes",
     "piece_width",
 ]
 
@@ -248,22 +252,77 @@ def check_stream_to(
                 f"stream_to keeps a piece-major copy of G in a pinned host array of its own; "
                 f"{name} is not supported with it"
             )
-    return target
+    # As the tensors on it report it: "cuda" is "cuda:<current>", and so stays the
+    # device the operator's buffers were made on if the current device changes later.
+    return canonical_device(target)
+
+
+def pinned_bytes(m: int, d: int, itemsize: int) -> int:
+    """Bytes of the piece-major host copy of an ``(m, d)`` G, all of them pinned for CUDA.
+
+    Whole pieces of :func:`piece_width` columns, the last one padded with zeros:
+    ``m * d * itemsize`` plus less than one piece (:data:`PIECE_BYTES`). The
+    memory is page-locked as allocated (:func:`pin`), not rounded up to a
+    power of two as PyTorch's pinned allocator would round it.
+    """
+    width = piece_width(m, d, itemsize)
+    return -(-d // width) * m * width * itemsize
+
+
+def pin(host: Any, device: Any) -> None:
+    """Page-lock the CPU tensor ``host`` in place for exactly its bytes, until it is freed.
+
+    ``torch.empty(..., pin_memory=True)`` goes through PyTorch's caching host
+    allocator, which rounds every allocation up to a power of two (256 GB
+    pinned for 205 GB) and keeps it cached after it is freed. Registering an
+    ordinary allocation with ``cudaHostRegister`` pins what is used and no
+    more. When ``host`` is collected, ``device`` is synchronised (a copy from
+    it may still be in flight) and the range unregistered before it is freed.
+    """
+    import torch
+
+    if host.is_pinned():
+        return
+    cudart = torch.cuda.cudart()
+    ptr, nbytes = host.data_ptr(), host.untyped_storage().nbytes()
+    # cudaHostRegisterPortable (1): pinned for every CUDA context, not only the current one.
+    code = int(cudart.cudaHostRegister(ptr, nbytes, 1))
+    if code != 0:
+        raise RuntimeError(
+            f"stream_to could not page-lock the {nbytes} bytes of its host copy of G "
+            f"(cudaHostRegister returned CUDA error {code}); free host memory, or drop stream_to"
+        )
+    release = weakref.finalize(host, _unpin, cudart, torch.cuda.synchronize, ptr, device)
+    release.atexit = False  # at exit the process's memory goes anyway, CUDA may be gone
+
+
+def _unpin(cudart: Any, synchronize: Callable[[Any], None], ptr: int, device: Any) -> None:
+    synchronize(device)
+    cudart.cudaHostUnregister(ptr)
 
 
 def piece_major(G: Array, target: Any, width: int) -> Any:
-    """G copied into a ``(pieces, m, width)`` host tensor, pinned for a CUDA target."""
+    """G copied into a ``(pieces, m, width)`` host tensor, pinned (:func:`pin`) for CUDA."""
     import torch
 
     m, d = G.shape
     pieces = -(-d // width)
-    host = torch.zeros(
-        (pieces, m, width), dtype=G.dtype, device="cpu", pin_memory=target.type == "cuda"
-    )
+    host = torch.zeros((pieces, m, width), dtype=G.dtype, device="cpu")
     for p in range(pieces):
         lo, hi = p * width, min((p + 1) * width, d)
         host[p, :, : hi - lo] = G[:, lo:hi]
+    if target.type == "cuda":
+        pin(host, target)
     return host
+
+
+def double_buffer(host: Any, device: Any) -> DoubleBuffer:
+    """Two device buffers of one piece of ``host``, and the stream operations for ``device``."""
+    import torch
+
+    _, m, w = host.shape
+    buffers = [torch.empty((m, w), dtype=host.dtype, device=device) for _ in range(2)]
+    return DoubleBuffer(make_ops(device), buffers)
 
 
 @dataclass
@@ -286,12 +345,24 @@ class StreamedGForm:
     def build(
         cls, group: BlockGroup, host: Any, factor: CapacitanceFactor, damp: float, device: Any
     ) -> StreamedGForm:
-        import torch
-
-        _, m, w = host.shape
-        buffers = [torch.empty((m, w), dtype=host.dtype, device=device) for _ in range(2)]
         on_device = CapacitanceFactor(factor.U.to(device), factor.shift, factor.scale, factor.kappa)
-        return cls(group, host, on_device, damp, device, DoubleBuffer(make_ops(device), buffers))
+        return cls(group, host, on_device, damp, device, double_buffer(host, device))
+
+    # Pickling and copying: CUDA streams and events cannot be pickled and belong to
+    # this process, and the two device buffers are scratch; they are made afresh on
+    # load, and the host copy is page-locked again (a copy or an unpickled tensor is
+    # not pinned).
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        del state["buffer"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if self.device.type == "cuda":
+            pin(self.host, self.device)
+        self.buffer = double_buffer(self.host, self.device)
 
     @property
     def _width(self) -> int:

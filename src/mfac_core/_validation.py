@@ -32,6 +32,7 @@ from ._compat import (
     is_torch_namespace,
     is_writeable_array,
     namespace_name,
+    same_device,
 )
 
 __all__ = [
@@ -263,7 +264,7 @@ def check_same_space(xp: Any, dev: Any, x: Array, name: str, *, owner: str) -> N
             f"{namespace_name(xp)} arrays; convert it explicitly first"
         )
     dev_x = device(x)
-    if dev_x != dev:
+    if not same_device(dev_x, dev):
         raise ValueError(
             f"{name} is on device {dev_x!r} but {owner} lives on device {dev!r}; "
             "move it explicitly first"

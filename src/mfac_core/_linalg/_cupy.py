@@ -17,6 +17,7 @@ The environment variable ``MFAC_CUPY_LINALG`` gives the choice unless
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Any
@@ -34,6 +35,13 @@ __all__ = [
     "make_backend",
     "set_cupy_linalg",
 ]
+
+#: What to install when a CUDA library CuPy loads on first use is missing.
+CUDA_LIBRARIES_HINT = (
+    "a driver-only machine needs the CUDA libraries CuPy loads (NVRTC, cuBLAS, cuSOLVER): "
+    "pip install 'mfac_core[cuda]' (or 'cupy-cuda12x[ctk]'; 'cupy-cuda13x[ctk]' for CUDA 13), "
+    "or install a CUDA Toolkit"
+)
 
 #: The implementations of the small dense linear algebra on CuPy arrays.
 CUPY_LINALG_CHOICES = ("auto", "kernels", "cusolver")
@@ -145,7 +153,14 @@ def make_backend() -> Backend:
         kernels or to cuSOLVER/cuBLAS as the policy says.
     """
     import cupy
-    import cupyx.scipy.linalg
+
+    try:
+        import cupyx.scipy.linalg
+    except (ImportError, OSError, RuntimeError) as exc:  # cuBLAS/cuSOLVER failed to load
+        raise ImportError(
+            f"CuPy is installed but cupyx.scipy.linalg cannot be imported ({exc}); "
+            f"{CUDA_LIBRARIES_HINT}"
+        ) from exc
 
     def kernels_for(a: Any) -> bool:
         return kernels_serve(get_cupy_linalg(), tuple(a.shape))
@@ -172,7 +187,8 @@ def make_backend() -> Backend:
     def inverse(t: Any) -> Any:
         if kernels_for(t):
             return _kernels.triangular_inverse(t)
-        eye = cupy.broadcast_to(cupy.eye(t.shape[-1], dtype=t.dtype), t.shape)
+        with t.device:  # CuPy creates on the current device; the identity goes on t's
+            eye = cupy.broadcast_to(cupy.eye(t.shape[-1], dtype=t.dtype), t.shape)
         return solve(t, eye, True, False)
 
     def replace(U: Any, p: int, b: Any, c: float, out: Any) -> Any:
@@ -181,4 +197,23 @@ def make_backend() -> Backend:
             return _kernels.replace(cupy, U, p, b, c, out)
         return generic_replace(array_namespace(U), solve, U, p, b, c, out)
 
-    return Backend(chol, solve, inverse, replace)
+    return Backend(*map(_explained, (chol, solve, inverse, replace)))
+
+
+def _explained(fn: Any) -> Any:
+    """``fn``, whose failure to load a CUDA library (NVRTC on a kernel's first launch,
+    cuBLAS, cuSOLVER) says what to install."""
+
+    @functools.wraps(fn)
+    def call(*args: Any) -> Any:
+        try:
+            return fn(*args)
+        except (ImportError, OSError, RuntimeError) as exc:
+            text = str(exc)
+            if "failed to load" not in text and "cannot open shared object" not in text:
+                raise
+            raise RuntimeError(
+                f"a CUDA library failed to load ({exc}); {CUDA_LIBRARIES_HINT}"
+            ) from exc
+
+    return call
