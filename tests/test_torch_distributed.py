@@ -174,7 +174,9 @@ def test_ddp_mode_checkpoints_resume_bit_for_bit() -> None:
     for r in first:
         assert not isinstance(r, Exception), r
     state = first[0][0][1]
-    assert state["mfac"]["window"] is None and list(state["mfac"]["shards"]) == ["rank0_of_2"]
+    assert state["state"][0]["window"] is None and list(state["state"][0]["shards"]) == [
+        "rank0_of_2"
+    ]
     resumed = run_spmd_threads(_checkpoint_threads, 2, [r[0] for r in first], True)
     for r, again in zip(first, resumed, strict=True):
         np.testing.assert_array_equal(again, r[1])
@@ -237,7 +239,7 @@ def _gloo_optimizer(comm: Communicator, root: str) -> dict[str, Any]:
     _train(sharded, fopt, data[4:STEPS], comm)
     out["fsdp"] = flat(sharded)
     out["fsdp_window"] = fopt.ihvp.dim
-    after = [fopt.state_dict()["mfac"]["shards"], fopt.steps]
+    after = [fopt.state_dict()["state"][0]["shards"], fopt.steps]
     # Restore from the checkpoint into fresh objects: the same steps, bit for bit.
     again = make_model(seed=1)
     fully_shard(again, mesh=mesh)
@@ -248,7 +250,7 @@ def _gloo_optimizer(comm: Communicator, root: str) -> dict[str, Any]:
     aopt.load_state_dict(state["optim"])
     _train(again, aopt, data[4:STEPS], comm)
     out["restored"] = flat(again)
-    window, restored = after[0][aopt._shard_key]["window"], aopt.state_dict()["mfac"]["shards"]
+    window, restored = after[0][aopt._shard_key]["window"], aopt.state_dict()["state"][0]["shards"]
     out["same_window"] = all(
         torch.equal(torch.as_tensor(v), torch.as_tensor(restored[aopt._shard_key]["window"][k]))
         for k, v in window.items()

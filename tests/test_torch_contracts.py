@@ -1,0 +1,407 @@
+"""MFAC against the contracts of torch.optim: its state, hooks, checkpoints and compiler."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from mfac_core.torch import MFAC, MFACStepWarning  # noqa: E402
+
+nn = torch.nn
+F = torch.nn.functional
+
+
+def make_model(seed: int = 0, dtype=torch.float64) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).to(dtype)
+
+
+def batches(seed: int, n: int, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(8, 5, generator=gen, dtype=dtype), torch.randint(0, 3, (8,), generator=gen))
+        for _ in range(n)
+    ]
+
+
+def train(model, opt, data):
+    for x, y in data:
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+def trained(seed=0, steps=5, **kw):
+    model = make_model(seed)
+    kw = {"lr": 0.1, "num_grads": 3, "damp": 1e-2, "momentum": 0.5, **kw}
+    opt = MFAC(model.parameters(), **kw)
+    train(model, opt, batches(seed + 1, steps))
+    return model, opt
+
+
+def same(a, b, path="state"):
+    """Equal structure; tensors equal bit for bit, with the same dtype and shape."""
+    assert type(a) is type(b), f"{path}: {type(a).__name__} vs {type(b).__name__}"
+    if isinstance(a, torch.Tensor):
+        assert (a.dtype, a.shape) == (b.dtype, b.shape), path
+        assert torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for key in a:
+            same(a[key], b[key], f"{path}[{key!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            same(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, f"{path}: {a!r} vs {b!r}"
+
+
+def everything(opt):
+    """All an optimizer holds, as copies."""
+    return copy.deepcopy(
+        {
+            "state_dict": opt.state_dict(),
+            "counters": (opt.steps, opt.skipped_steps, opt.rejected_grads),
+            "groups": [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups],
+            "defaults": dict(opt.defaults),
+        }
+    )
+
+
+def assert_continue_alike(model_a, opt_a, model_b, opt_b, seed=9):
+    data = batches(seed, 3)
+    train(model_a, opt_a, data)
+    train(model_b, opt_b, data)
+    for a, b in zip(model_a.parameters(), model_b.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+# -- the state lives in self.state ----------------------------------------------------------
+
+
+def test_state_is_on_the_first_parameter_from_construction():
+    model = make_model()
+    opt = MFAC(model.parameters(), num_grads=3)
+    first = next(model.parameters())
+    # Never empty: DCP does not "initialise" it by a step; empty for the other parameters.
+    assert list(opt.state) == list(model.parameters())
+    assert all(opt.state[p] == {} for p in list(model.parameters())[1:])
+    entry = opt.state[first]
+    assert (entry["steps"], entry["skipped_steps"], entry["rejected_grads"]) == (0, 0, 0)
+    state = opt.state_dict()
+    assert list(state) == ["state", "param_groups"]
+    assert set(state["state"][0]) == {
+        "window",
+        "momentum_buffer",
+        "steps",
+        "skipped_steps",
+        "rejected_grads",
+    }
+
+
+def test_dcp_optimizer_state_dict_round_trips_without_a_step():
+    from torch.distributed.checkpoint.state_dict import (
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    model, opt = trained(steps=5)
+    before = everything(opt)
+    saved = copy.deepcopy(get_optimizer_state_dict(model, opt))
+    # No fake step: window, momentum and counters as they were.
+    same(everything(opt), before)
+    assert opt.steps == 5
+    first = next(iter(dict(model.named_parameters())))
+    assert list(saved["state"]) == list(dict(model.named_parameters()))
+    same(saved["state"][first], before["state_dict"]["state"][0])
+
+    fresh_model = make_model(7)
+    fresh_model.load_state_dict(model.state_dict())
+    fresh = MFAC(fresh_model.parameters(), lr=0.1, num_grads=3, damp=1e-2, momentum=0.5)
+    set_optimizer_state_dict(fresh_model, fresh, saved)
+    same(everything(fresh), before)
+    assert_continue_alike(model, opt, fresh_model, fresh)
+
+
+def test_state_dict_hooks_see_the_window_and_a_pre_hook_migrates():
+    model, opt = trained(steps=4)
+    seen = []
+    opt.register_state_dict_post_hook(lambda o, sd: seen.append(sd["state"][0]["window"]["grads"]))
+    state = opt.state_dict()
+    assert torch.equal(seen[0], state["state"][0]["window"]["grads"])
+
+    # A pre-hook runs before MFAC's checks: here it renames a key an older tool wrote.
+    renamed = copy.deepcopy(state)
+    renamed["state"][0]["momentum"] = renamed["state"][0].pop("momentum_buffer")
+    fresh_model = make_model(3)
+    fresh_model.load_state_dict(model.state_dict())
+    fresh = MFAC(fresh_model.parameters(), lr=0.1, num_grads=3, damp=1e-2, momentum=0.5)
+    with pytest.raises(ValueError, match="momentum_buffer"):
+        fresh.load_state_dict(renamed)
+
+    def migrate(optimizer, sd):
+        sd["state"] = {0: dict(sd["state"][0])}
+        sd["state"][0]["momentum_buffer"] = sd["state"][0].pop("momentum")
+        return sd
+
+    after = []
+    fresh.register_load_state_dict_pre_hook(migrate)
+    fresh.register_load_state_dict_post_hook(lambda o: after.append(o.steps))
+    fresh.load_state_dict(renamed)
+    assert after == [4]
+    same(everything(fresh), everything(opt))
+    assert_continue_alike(model, opt, fresh_model, fresh)
+
+
+def test_checkpoints_of_the_earlier_format_load():
+    model, opt = trained(steps=4)
+    state = opt.state_dict()
+    old = {"state": {}, "param_groups": state["param_groups"], "mfac": state["state"][0]}
+    fresh_model = make_model(3)
+    fresh_model.load_state_dict(model.state_dict())
+    fresh = MFAC(fresh_model.parameters(), lr=0.1, num_grads=3, damp=1e-2, momentum=0.5)
+    fresh.load_state_dict(old)
+    same(everything(fresh), everything(opt))
+    assert_continue_alike(model, opt, fresh_model, fresh)
+
+
+def test_earlier_format_without_a_momentum_buffer_loads_as_zeros():
+    _, opt = trained(steps=2, momentum=0.0)
+    state = opt.state_dict()
+    mfac = {**state["state"][0], "momentum_buffer": None}
+    fresh = MFAC(make_model(3).parameters(), lr=0.1, num_grads=3, damp=1e-2)
+    fresh.load_state_dict({"state": {}, "param_groups": state["param_groups"], "mfac": mfac})
+    assert not fresh.state_dict()["state"][0]["momentum_buffer"].any()
+    assert fresh.steps == 2
+
+
+# -- atomic loads ---------------------------------------------------------------------------
+
+
+class _NoCopy:
+    def __deepcopy__(self, memo):
+        raise RuntimeError("cannot be copied")
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        # What torch's own Optimizer.load_state_dict rejects after MFAC's checks used to pass.
+        lambda s: s["param_groups"][0].__setitem__("note", _NoCopy()),
+        lambda s: s["state"][0].__setitem__("extra", np.zeros(3)),
+        lambda s: s["state"].__setitem__(1, {"exp_avg": np.zeros(3)}),
+        lambda s: s["state"].__setitem__(7, {}),
+        lambda s: s["state"][0].__setitem__("momentum_buffer", np.zeros(3)),
+    ],
+    ids=[
+        "group value not copyable",
+        "numpy in state",
+        "state of another param",
+        "state of no param",
+        "numpy momentum",
+    ],
+)
+def test_a_failed_load_leaves_everything_as_it_was(edit):
+    _, source = trained(seed=1, steps=5)
+    bad = source.state_dict()
+    edit(bad)
+    _, target = trained(seed=2, steps=3)
+    before = everything(target)
+    with pytest.raises(ValueError):
+        target.load_state_dict(bad)
+    same(everything(target), before)
+
+
+# -- steps without gradients ----------------------------------------------------------------
+
+
+def test_a_step_without_any_gradient_is_a_no_op():
+    model, opt = trained(steps=3)
+    before = everything(opt)
+    params = [p.detach().clone() for p in model.parameters()]
+    opt.zero_grad(set_to_none=True)
+    opt.step()
+    same(everything(opt), before)
+    for p, q in zip(model.parameters(), params, strict=True):
+        assert torch.equal(p, q)
+
+
+def test_a_parameter_without_gradient_only_decays_its_momentum():
+    a = nn.Parameter(torch.tensor([1.0, 2.0], dtype=torch.float64))
+    b = nn.Parameter(torch.tensor([0.5, -1.0, 3.0], dtype=torch.float64))
+    opt = MFAC([a, b], lr=0.1, num_grads=2, damp=1.0, momentum=0.5)
+    a.grad = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    b.grad = torch.tensor([0.5, 1.0, 1.0], dtype=torch.float64)
+    opt.step()
+    buf = opt.state_dict()["state"][0]["momentum_buffer"].clone()
+    assert buf[2:].abs().min() > 0  # b has a momentum to decay
+    a_before, b_before = a.detach().clone(), b.detach().clone()
+    b.grad = None
+    a.grad = torch.tensor([2.0, 1.0], dtype=torch.float64)
+    opt.step()
+    after = opt.state_dict()["state"][0]["momentum_buffer"]
+    assert torch.equal(after[2:], 0.5 * buf[2:])  # pure decay, no entries of s
+    assert torch.equal(b, b_before)  # not moved
+    assert not torch.equal(a, a_before)
+
+
+# -- learning rates and dtypes --------------------------------------------------------------
+
+
+def test_a_tensor_learning_rate_steps_as_the_float():
+    model, opt = trained(steps=0)
+    tmodel = make_model(0)
+    topt = MFAC(
+        tmodel.parameters(),
+        lr=torch.tensor(0.1, dtype=torch.float64),
+        num_grads=3,
+        damp=1e-2,
+        momentum=0.5,
+    )
+    data = batches(1, 4)
+    train(model, opt, data)
+    train(tmodel, topt, data)
+    for p, q in zip(model.parameters(), tmodel.parameters(), strict=True):
+        assert torch.equal(p, q)
+    topt.param_groups[0]["lr"].fill_(0.0)  # changed in place, as a scheduler may
+    before = [p.detach().clone() for p in tmodel.parameters()]
+    train(tmodel, topt, batches(2, 1))
+    assert all(torch.equal(p, q) for p, q in zip(tmodel.parameters(), before, strict=True))
+    with pytest.raises(ValueError, match="one-element"):
+        MFAC(make_model().parameters(), lr=torch.ones(2))
+    with pytest.raises(ValueError, match="lr"):
+        MFAC(make_model().parameters(), lr=torch.tensor(-1.0))
+
+
+@pytest.mark.parametrize("grad_dtype", [torch.bfloat16, torch.float16])
+def test_a_finite_float64_gradient_beyond_float32_is_skipped_not_raised(grad_dtype):
+    p = nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    opt = MFAC([p], num_grads=2, grad_dtype=grad_dtype)
+    p.grad = torch.tensor([1e39, 1.0, 2.0], dtype=torch.float64)
+    with pytest.warns(MFACStepWarning, match="beyond the range of float32"):
+        opt.step()
+    assert (opt.steps, opt.skipped_steps, opt.rejected_grads) == (0, 1, 0)
+    assert not p.detach().any()
+    p.grad = torch.tensor([1.0, 1.0, 2.0], dtype=torch.float64)
+    opt.step()
+    assert opt.steps == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_two_byte_parameters_step_in_float32(dtype):
+    model = make_model(0, torch.float32).to(dtype)
+    ref = copy.deepcopy(model).float()
+    opt = MFAC(model.parameters(), lr=0.1, num_grads=3, damp=1e-2, momentum=0.5)
+    assert opt.grad_dtype == dtype and opt.dtype == torch.float32
+    ref_opt = MFAC(ref.parameters(), lr=0.1, num_grads=3, damp=1e-2, momentum=0.5, grad_dtype=dtype)
+    x, y = batches(1, 1, torch.float32)[0]
+    before = [p.detach().float() for p in model.parameters()]
+    for m, o in ((model, opt), (ref, ref_opt)):
+        o.zero_grad()
+        F.cross_entropy(m(x.to(next(m.parameters()).dtype)), y).backward()
+        # The same (rounded) gradient in both: the steps differ only by the rounding of theta.
+        if m is ref:
+            for p, q in zip(ref.parameters(), model.parameters(), strict=True):
+                p.grad = q.grad.float()
+        o.step()
+    for p, q, b in zip(model.parameters(), ref.parameters(), before, strict=True):
+        assert p.dtype == dtype
+        step = q.detach() - b  # the float32 step from the same theta and gradient
+        want = (b + step).to(dtype)  # rounded once
+        assert torch.equal(p.detach(), want)
+    assert opt.state_dict()["state"][0]["momentum_buffer"].dtype == torch.float32
+
+
+def test_mixed_dtypes_step_in_the_widest():
+    a = nn.Parameter(torch.tensor([1.0, 2.0], dtype=torch.float64))
+    b = nn.Parameter(torch.tensor([0.5, -1.0], dtype=torch.float32))
+    opt = MFAC([{"params": [a]}, {"params": [b], "lr": 0.2}], lr=0.1, num_grads=2, damp=1.0)
+    assert opt.dtype == torch.float64 and opt.grad_dtype == torch.float64
+    a.grad = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    b.grad = torch.tensor([0.5, 1.0], dtype=torch.float32)
+    g = torch.cat([a.grad, b.grad.double()])
+    Fm = torch.eye(4, dtype=torch.float64) + torch.outer(g, g) / 2
+    s = torch.linalg.solve(Fm, g)
+    a0, b0 = a.detach().clone(), b.detach().clone()
+    opt.step()
+    torch.testing.assert_close(a.detach(), a0 - 0.1 * s[:2], rtol=1e-12, atol=0)
+    assert torch.equal(b.detach(), (b0.double() - 0.2 * s[2:]).float())
+
+
+# -- torch.compile ---------------------------------------------------------------------------
+
+
+def _compiled_run(backend):
+    model = make_model(0, torch.float32)
+    opt = MFAC(model.parameters(), lr=0.1, num_grads=3, damp=1e-2, momentum=0.5)
+
+    def train_step(x, y):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss
+
+    fn = train_step if backend is None else torch.compile(train_step, backend=backend)
+    for x, y in batches(1, 4, torch.float32):
+        fn(x, y)
+    return model, opt
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_a_compiled_training_step_equals_eager(backend):
+    torch._dynamo.reset()
+    eager_model, eager_opt = _compiled_run(None)
+    model, opt = _compiled_run(backend)
+    for p, q in zip(model.parameters(), eager_model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    assert opt.steps == eager_opt.steps == 4
+    mom = opt.state_dict()["state"][0]["momentum_buffer"]
+    torch.testing.assert_close(
+        mom, eager_opt.state_dict()["state"][0]["momentum_buffer"], rtol=1e-6, atol=1e-7
+    )
+    assert mom.abs().max() > 0
+
+
+def test_the_compiled_step_has_one_graph_break():
+    torch._dynamo.reset()
+    model = make_model(0, torch.float32)
+    opt = MFAC(model.parameters(), lr=0.1, num_grads=3, damp=1e-2, momentum=0.5)
+    x, y = batches(1, 1, torch.float32)[0]
+    F.cross_entropy(model(x), y).backward()
+
+    def around_a_step(t):
+        t = t * 2
+        opt.step()
+        return t + 1
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        explained = torch._dynamo.explain(around_a_step)(x)
+    # The window's update (host decisions: finiteness, factorisation) runs eagerly: the
+    # code before and after the step compiles into two graphs.
+    assert (explained.graph_count, explained.graph_break_count) == (2, 1)
+    assert opt.steps == 1
+
+
+def test_dcp_save_and_load_of_the_state_dict(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    model, opt = trained(steps=4)
+    dcp.save({"optim": opt.state_dict()}, checkpoint_id=str(tmp_path))
+    fresh_model = make_model(3)
+    fresh_model.load_state_dict(model.state_dict())
+    fresh = MFAC(fresh_model.parameters(), lr=0.1, num_grads=3, damp=1e-2, momentum=0.5)
+    template = {"optim": fresh.state_dict()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # DCP: no process group
+        dcp.load(template, checkpoint_id=str(tmp_path))
+    fresh.load_state_dict(template["optim"])
+    same(everything(fresh), everything(opt))
+    assert_continue_alike(model, opt, fresh_model, fresh)
