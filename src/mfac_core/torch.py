@@ -295,9 +295,10 @@ class MFAC(torch.optim.Optimizer):
     (``b <- mu b``: the entries of ``F^{-1} g`` that the other gradients give
     them are dropped). A step in which every ``grad`` is ``None`` does
     nothing (no insertion, no decay, no count). A step reads the ``m x d``
-    window twice, the floor of the dynamic algorithm; see :meth:`DynamicIHVP.update_and_matvec`. Gradients
-    never enter autograd: the window, the momentum and the step are computed
-    without recording history even if the gradients require grad (e.g. after
+    window twice, the floor of the dynamic algorithm; see
+    :meth:`DynamicIHVP.update_and_matvec`. Gradients never enter autograd:
+    the window, the momentum and the step are computed without recording
+    history even if the gradients require grad (e.g. after
     ``backward(create_graph=True)``).
 
     A training run does not die of a bad gradient, as with AMP's
