@@ -212,8 +212,9 @@ def test_optimizer_errors():
     with pytest.raises(ValueError, match="whole MFAC optimizer"):
         MFAC([{"params": [a], "damp": 1e-3}], num_grads=2)
     opt = MFAC([a], num_grads=2)
-    with pytest.raises(ValueError, match="parameter groups"):
-        opt.add_param_group({"params": [nn.Parameter(torch.zeros(1))]})
+    with pytest.raises(ValueError, match="dtype"):  # would make the steps float64
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(1, dtype=torch.float64))]})
+    assert len(opt.param_groups) == 1 and opt.dim == 3
     state = opt.state_dict()
     del state["state"][0]
     with pytest.raises(ValueError, match="first parameter"):

@@ -405,3 +405,30 @@ def test_dcp_save_and_load_of_the_state_dict(tmp_path):
     fresh.load_state_dict(template["optim"])
     same(everything(fresh), everything(opt))
     assert_continue_alike(model, opt, fresh_model, fresh)
+
+
+def test_add_param_group_widens_the_window_with_zeros():
+    a = nn.Parameter(torch.tensor([1.0, 2.0, -1.0], dtype=torch.float64))
+    b = nn.Parameter(torch.tensor([0.5, -1.0], dtype=torch.float64))
+    a2, b2 = nn.Parameter(a.detach().clone()), nn.Parameter(b.detach().clone())
+    kw = {"lr": 0.1, "num_grads": 3, "damp": 1e-1, "momentum": 0.5}
+    grown = MFAC([a], **kw)
+    whole = MFAC([{"params": [a2]}, {"params": [b2], "lr": 0.2}], **kw)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(5):
+        ga = torch.randn(3, generator=gen, dtype=torch.float64)
+        gb = torch.randn(2, generator=gen, dtype=torch.float64)
+        if step == 2:
+            grown.add_param_group({"params": [b], "lr": 0.2})
+            assert grown.dim == 5 and list(grown.state) == [a, b]
+            assert "num_grads" not in grown.param_groups[1]
+        a.grad, a2.grad = ga.clone(), ga.clone()
+        b.grad, b2.grad = (gb.clone(), gb.clone()) if step >= 2 else (None, None)
+        grown.step()
+        whole.step()
+    for p, q in ((a, a2), (b, b2)):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+    assert grown.steps == whole.steps == 5
+    with pytest.raises(ValueError, match="device"):
+        grown.add_param_group({"params": [nn.Parameter(torch.zeros(2, device="meta"))]})
+    assert grown.dim == 5 and len(grown.param_groups) == 2

@@ -61,6 +61,9 @@ _GLOBAL_KEYS = ("num_grads", "damp", "zero_init", "errors", "grad_dtype")
 _HALF_GRAD_DTYPES = (torch.float16, torch.bfloat16)
 #: Parameter dtypes MFAC steps (2-byte ones in float32).
 _PARAM_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: What MFAC._layout sets (restored when adding a parameter group fails).
+_LAYOUT_ATTRS = ("_first", "dtype", "device", "_sharded", "_slices", "dim", "_grad", "_columns")
+_LAYOUT_ATTRS = (*_LAYOUT_ATTRS, "grad_dtype")
 #: The keys of MFAC's state entry (on its first parameter); "window" only in state_dict().
 _ENTRY_KEYS = ("momentum_buffer", "steps", "skipped_steps", "rejected_grads")
 
@@ -586,10 +589,13 @@ class MFAC(torch.optim.Optimizer):
         )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a parameter group; possible only while the optimizer is being built.
+        """Add a parameter group, as to any :class:`torch.optim.Optimizer`.
 
-        The window's dimension d is fixed once the optimizer exists, so adding
-        parameters later raises ``ValueError``.
+        The new parameters' coordinates are appended to the flat vector. The
+        window's gradients get zeros there (the new parameters had no
+        gradient in the steps before), which leaves the Gram matrix and its
+        factor as they are: the new coordinates start with the Fisher
+        ``damp I`` and a zero momentum.
 
         Parameters
         ----------
@@ -599,27 +605,63 @@ class MFAC(torch.optim.Optimizer):
         Raises
         ------
         ValueError
-            After construction, or for an out-of-range ``lr``, ``momentum`` or
-            ``weight_decay`` of the group.
+            For an out-of-range ``lr``, ``momentum`` or ``weight_decay`` of
+            the group, a window option in it, parameters on another device,
+            parameters that would change the step's dtype (float64 ones added
+            to a float32 optimizer), or a distributed optimizer. The optimizer
+            is then unchanged.
         """
-        if getattr(self, "_frozen", False):
-            raise ValueError(
-                "MFAC cannot add parameter groups after construction: the "
-                "window's dimension is fixed; build a new optimizer instead"
-            )
         for key in _GLOBAL_KEYS:
             if isinstance(param_group, Mapping) and key in param_group:
                 raise ValueError(
                     f"{key} is an option of the whole MFAC optimizer (one window "
                     "over all parameters), not of a parameter group"
                 )
+        frozen = getattr(self, "_frozen", False)
+        if frozen and self._comm is not None:
+            raise ValueError(
+                "a distributed MFAC optimizer cannot add parameter groups: every rank's "
+                "window shard is fixed; build a new optimizer instead"
+            )
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        for key in _GLOBAL_KEYS:  # torch copied the defaults into the group
+            group.pop(key, None)
         try:
             self._check_group(group, "the parameter group")
+            if frozen:
+                self._grow()
         except (TypeError, ValueError):
             self.param_groups.pop()
             raise
+
+    @torch.no_grad()
+    def _grow(self) -> None:
+        """Widen the window, the flat gradient and the momentum to the new last group."""
+        saved = {k: self.__dict__[k] for k in _LAYOUT_ATTRS}
+        try:
+            self._layout()
+            if (self.dtype, self.grad_dtype) != (saved["dtype"], saved["grad_dtype"]):
+                raise ValueError(
+                    f"the new parameters would change the step's dtype from {saved['dtype']} "
+                    f"to {self.dtype} (or the window's): add parameters of the dtypes the "
+                    "optimizer was built with, or build a new optimizer"
+                )
+            width = self._grad.shape[0] - saved["_grad"].shape[0]
+            window = self.ihvp.state_dict()
+            grads = window["grads"]
+            window["grads"] = torch.cat([grads, grads.new_zeros((grads.shape[0], width))], 1)
+            window["dim"] = self.dim
+            ihvp = self._new_window(self.ihvp.damp)
+            ihvp.load_state_dict(window)
+        except Exception:
+            self.__dict__.update(saved)
+            raise
+        entry = dict(self._entry)
+        old = entry["momentum_buffer"]
+        entry["momentum_buffer"] = torch.cat([old, old.new_zeros(width)])
+        self.ihvp = ihvp
+        self._reset_state(entry)
 
     @staticmethod
     def _check_group(group: Mapping[str, Any], where: str) -> None:
