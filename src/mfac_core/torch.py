@@ -62,8 +62,10 @@ _HALF_GRAD_DTYPES = (torch.float16, torch.bfloat16)
 #: Parameter dtypes MFAC steps (2-byte ones in float32).
 _PARAM_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 #: What MFAC._layout sets (restored when adding a parameter group fails).
-_LAYOUT_ATTRS = ("_first", "dtype", "device", "_sharded", "_slices", "dim", "_grad", "_columns")
-_LAYOUT_ATTRS = (*_LAYOUT_ATTRS, "grad_dtype")
+_LAYOUT_ATTRS = (
+    *("_first", "dtype", "device", "_sharded", "_slices"),
+    *("dim", "_grad", "_columns", "grad_dtype"),
+)
 #: The keys of MFAC's state entry (on its first parameter); "window" only in state_dict().
 _ENTRY_KEYS = ("momentum_buffer", "steps", "skipped_steps", "rejected_grads")
 
