@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -394,7 +398,9 @@ def test_dcp_save_and_load_of_the_state_dict(tmp_path):
     import torch.distributed.checkpoint as dcp
 
     model, opt = trained(steps=4)
-    dcp.save({"optim": opt.state_dict()}, checkpoint_id=str(tmp_path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # DCP: no process group
+        dcp.save({"optim": opt.state_dict()}, checkpoint_id=str(tmp_path))
     fresh_model = make_model(3)
     fresh_model.load_state_dict(model.state_dict())
     fresh = MFAC(fresh_model.parameters(), lr=0.1, num_grads=3, damp=1e-2, momentum=0.5)
@@ -432,3 +438,49 @@ def test_add_param_group_widens_the_window_with_zeros():
     with pytest.raises(ValueError, match="device"):
         grown.add_param_group({"params": [nn.Parameter(torch.zeros(2, device="meta"))]})
     assert grown.dim == 5 and len(grown.param_groups) == 2
+
+
+# -- the runnable examples of docs/torch.rst --------------------------------------------------
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def _run_example(*args: str) -> str:
+    if not EXAMPLES.is_dir():
+        pytest.skip("examples/ is not beside the tests")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, timeout=240, env=env
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def test_the_checkpointed_compiled_loop_of_the_docs_runs(capsys):
+    import runpy
+
+    if not EXAMPLES.is_dir():
+        pytest.skip("examples/ is not beside the tests")
+    torch._dynamo.reset()
+    script = runpy.run_path(str(EXAMPLES / "torch_checkpoint_compile.py"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # dynamo on profiler record functions
+        script["main"]("aot_eager")
+    out = capsys.readouterr().out
+    assert "in 20 compiled steps, resumed after 10: identical parameters True" in out
+
+
+def test_the_torchrun_gloo_example_of_the_docs_runs():
+    pytest.importorskip("torch.distributed.run")
+    out = _run_example(
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        str(EXAMPLES / "torchrun_gloo.py"),
+    )
+    lines = sorted(line for line in out.splitlines() if line.startswith("rank "))
+    assert [line[:12] for line in lines] == ["rank 0 of 2:", "rank 1 of 2:"]
+    # Every rank holds the same model: the same loss; each window half of the columns.
+    assert lines[0][12:] == lines[1][12:] and "window columns 402 of 804" in lines[0]
