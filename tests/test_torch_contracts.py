@@ -484,3 +484,53 @@ def test_the_torchrun_gloo_example_of_the_docs_runs():
     assert [line[:12] for line in lines] == ["rank 0 of 2:", "rank 1 of 2:"]
     # Every rank holds the same model: the same loss; each window half of the columns.
     assert lines[0][12:] == lines[1][12:] and "window columns 402 of 804" in lines[0]
+
+
+# -- host syncs and work per step (issue 21) --------------------------------------------------
+
+
+def _ops_of_a_step(d: int):
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = Counter()
+            self.from_mfac_torch = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops[str(func)] += 1
+            frame = sys._getframe(1)
+            while frame is not None and "mfac_core" not in frame.f_code.co_filename:
+                frame = frame.f_back
+            if frame is not None and frame.f_code.co_filename.endswith("torch.py"):
+                self.from_mfac_torch[str(func)] += 1  # called by mfac_core/torch.py itself
+            return func(*args, **(kwargs or {}))
+
+    p = nn.Parameter(torch.zeros(d))
+    opt = MFAC([p], num_grads=4, momentum=0.5)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(6):  # past the fill-up: a steady-state step
+        p.grad = torch.randn(d, generator=gen)
+        opt.step()
+    p.grad = torch.randn(d, generator=gen)
+    with Count() as count:
+        opt.step()
+    return count
+
+
+SYNC = "aten._local_scalar_dense.default"
+FROM_HOST = ("aten.lift_fresh.default", "aten.scalar_tensor.default")
+
+
+def test_a_step_syncs_little_and_its_work_does_not_grow_with_d():
+    small, large = _ops_of_a_step(20), _ops_of_a_step(2000)
+    assert small.ops == large.ops  # the same ops (each O(d) or O(m^2)), however large d
+    # MFAC's own code: two host syncs (is the gradient finite? is the step?) and no
+    # tensor made from host data; the window's update adds its own (a pivot, a drift
+    # check, a diagonal entry: 3 syncs today).
+    assert small.from_mfac_torch[SYNC] == 2
+    assert not any(small.from_mfac_torch[op] for op in FROM_HOST)
+    assert small.ops[SYNC] <= 5

@@ -588,6 +588,9 @@ class MFAC(torch.optim.Optimizer):
             device=self.device,
             zero_init=self.defaults["zero_init"],
             comm=self._comm,
+            # One process: the step checks the gradient itself (one host sync, not two);
+            # distributed, the window's check is the collective one.
+            check_finite=self._comm is not None,
         )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
