@@ -534,3 +534,61 @@ def test_a_step_syncs_little_and_its_work_does_not_grow_with_d():
     assert small.from_mfac_torch[SYNC] == 2
     assert not any(small.from_mfac_torch[op] for op in FROM_HOST)
     assert small.ops[SYNC] <= 5
+
+
+# -- PyTorch's own optimizer harness ----------------------------------------------------------
+
+
+def _harness_error_inputs():
+    """The error inputs every optimizer gets in torch's harness, as torch 2.13 lists them.
+
+    torch.testing._internal.common_optimizers.get_error_inputs_for_all_optims holds them,
+    but importing it needs ``expecttest`` (not a dependency here), and test/test_optim.py,
+    which runs them, is not in the wheel: they are restated, and run as test_errors does.
+    """
+    a = nn.Parameter(torch.randn(1, 1))
+    b = nn.Parameter(torch.randn(1, 1))
+    return [
+        (a, {}, TypeError, "params argument given to the optimizer should be an iterable"),
+        ([a, a], {}, UserWarning, "a parameter group with duplicate parameters"),
+        (
+            [{"params": a}, {"params": a}],
+            {},
+            ValueError,
+            "some parameters appear in more than one parameter group",
+        ),
+        (None, {"lr": torch.tensor([0.001, 0.001])}, ValueError, "Tensor lr must be 1-element"),
+        (
+            [("weight", a), b],
+            {},
+            ValueError,
+            "all optimizer params should be with/without names",
+        ),
+        (
+            [{"params": [a], "lr": 1e-2}, {"params": [("weight", b)]}],
+            {},
+            ValueError,
+            "all optimizer param groups should be with/without names",
+        ),
+    ]
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_the_generic_error_inputs_of_torchs_optimizer_harness(case):
+    params, kwargs, error, match = _harness_error_inputs()[case]
+    if issubclass(error, Warning):
+        with pytest.warns(error, match=match):
+            MFAC(params, **kwargs)
+    else:
+        with pytest.raises(error, match=match):
+            MFAC(params, **kwargs)
+
+
+def test_named_parameters_as_torch_optimizers_take_them():
+    model = make_model()
+    opt = MFAC(model.named_parameters(), lr=0.1, num_grads=3, damp=1e-2)
+    assert opt.param_groups[0]["param_names"] == [n for n, _ in model.named_parameters()]
+    reference_model = make_model()
+    reference = MFAC(reference_model.parameters(), lr=0.1, num_grads=3, damp=1e-2)
+    assert_continue_alike(model, opt, reference_model, reference)
+    assert opt.state_dict()["param_groups"][0]["param_names"][0] == "0.weight"

@@ -127,7 +127,8 @@ def _check_lr(lr: Any, where: str) -> Any:
     if isinstance(lr, torch.Tensor):
         if lr.numel() != 1 or not lr.is_floating_point() or lr.requires_grad:
             raise ValueError(
-                f"{where} as a tensor must be a one-element floating tensor without grad, "
+                f"Tensor lr must be 1-element: {where} as a tensor must be a one-element floating "
+                "tensor without grad, "
                 f"got shape {tuple(lr.shape)}, dtype {lr.dtype}"
             )
         check_number(float(lr), where, low=0.0)
