@@ -592,3 +592,18 @@ def test_named_parameters_as_torch_optimizers_take_them():
     reference = MFAC(reference_model.parameters(), lr=0.1, num_grads=3, damp=1e-2)
     assert_continue_alike(model, opt, reference_model, reference)
     assert opt.state_dict()["param_groups"][0]["param_names"][0] == "0.weight"
+
+
+def test_pickles_of_the_earlier_format_load():
+    import pickle
+
+    model, opt = trained(steps=4)
+    state = opt.__getstate__()
+    entry = state["state"][next(model.parameters())]
+    # The earlier format: no state entries, the momentum and counters beside the window.
+    old = {**state, "state": {}, "_mfac": {**state["_mfac"], **entry}}
+    copied = pickle.loads(pickle.dumps((model, old)))
+    restored = MFAC.__new__(MFAC)
+    restored.__setstate__(copied[1])
+    same(everything(restored), everything(opt))
+    assert_continue_alike(model, opt, copied[0], restored)

@@ -1319,6 +1319,10 @@ class MFAC(torch.optim.Optimizer):
             self.ihvp = self._new_window(extra["window"]["damp"])
             window, _ = self._check_window(extra["window"], None)
             self.ihvp.load_state_dict(window)
+            if "steps" in extra:  # a pickle of the earlier format: the entry was here
+                entry = {key: extra.get(key, 0) for key in _ENTRY_KEYS[1:]}
+                entry["momentum_buffer"] = self._check_momentum(extra["momentum_buffer"])
+                self._reset_state(entry)
 
 
 # -- pruning ------------------------------------------------------------------------------
