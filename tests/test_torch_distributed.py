@@ -250,6 +250,32 @@ def _gloo_optimizer(comm: Communicator, root: str) -> dict[str, Any]:
     aopt.load_state_dict(state["optim"])
     _train(again, aopt, data[4:STEPS], comm)
     out["restored"] = flat(again)
+    # The same through torch.distributed.checkpoint.state_dict's API (sharded, FQN keys).
+    from torch.distributed.checkpoint.state_dict import (
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    third = make_model(seed=2)
+    fully_shard(third, mesh=mesh)
+    topt = MFAC(third.parameters(), **OPTIONS)
+    _train(third, topt, data[:4], comm)
+    path = os.path.join(root, "fsdp-api")
+    steps = topt.steps
+    dcp.save({"optim": get_optimizer_state_dict(third, topt)}, checkpoint_id=path)
+    out["api_no_step"] = topt.steps == steps == 4
+    fourth = make_model(seed=3)
+    fully_shard(fourth, mesh=mesh)
+    fopt4 = MFAC(fourth.parameters(), **OPTIONS)
+    with torch.no_grad():
+        for p, q in zip(fourth.parameters(), third.parameters(), strict=True):
+            p.to_local().copy_(q.to_local())
+    state = {"optim": get_optimizer_state_dict(fourth, fopt4)}
+    dcp.load(state, checkpoint_id=path)
+    set_optimizer_state_dict(fourth, fopt4, state["optim"])
+    _train(third, topt, data[4:STEPS], comm)
+    _train(fourth, fopt4, data[4:STEPS], comm)
+    out["api_restored"] = bool(np.array_equal(flat(third), flat(fourth)))
     window, restored = after[0][aopt._shard_key]["window"], aopt.state_dict()["state"][0]["shards"]
     out["same_window"] = all(
         torch.equal(torch.as_tensor(v), torch.as_tensor(restored[aopt._shard_key]["window"][k]))
@@ -288,6 +314,7 @@ def test_ddp_and_fsdp2_over_gloo() -> None:
         assert_params_close(r["ddp"], want)
         assert_params_close(r["fsdp"], want)
         np.testing.assert_array_equal(r["restored"], r["fsdp"])
+        assert r["api_no_step"] and r["api_restored"]
         assert r["same_window"]
         assert r["skip"][:2] == (1, True), r["skip"]
     # FSDP2 shards each parameter's rows: the window holds this rank's local shards only.
