@@ -736,6 +736,8 @@ class MFAC(torch.optim.Optimizer):
             self._step()
         return loss
 
+    # no_grad again: this runs on its own when a compiled function calls it eagerly.
+    @torch.no_grad()
     def _step(self) -> None:
         """The step itself, after the closure."""
         if all(p.grad is None for group in self.param_groups for p in group["params"]):
