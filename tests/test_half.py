@@ -301,7 +301,7 @@ def test_mfac_trains_with_a_2byte_window(grad_dtype):
         results[name] = _loss(model, data)
         assert all(p.dtype == torch.float32 for p in model.parameters())
         assert opt.ihvp.storage_dtype == (None if dt is None else name)
-        assert opt.state_dict()["mfac"]["window"]["grads"].dtype == getattr(torch, name)
+        assert opt.state_dict()["state"][0]["window"]["grads"].dtype == getattr(torch, name)
         assert (opt.steps, opt.skipped_steps, opt.rejected_grads) == (40, 0, 0)
     gain = start - results["float32"]
     assert gain > 0.3 * start  # the float32 run learns

@@ -174,7 +174,9 @@ def test_ddp_mode_checkpoints_resume_bit_for_bit() -> None:
     for r in first:
         assert not isinstance(r, Exception), r
     state = first[0][0][1]
-    assert state["mfac"]["window"] is None and list(state["mfac"]["shards"]) == ["rank0_of_2"]
+    assert state["state"][0]["window"] is None and list(state["state"][0]["shards"]) == [
+        "rank0_of_2"
+    ]
     resumed = run_spmd_threads(_checkpoint_threads, 2, [r[0] for r in first], True)
     for r, again in zip(first, resumed, strict=True):
         np.testing.assert_array_equal(again, r[1])
@@ -237,7 +239,7 @@ def _gloo_optimizer(comm: Communicator, root: str) -> dict[str, Any]:
     _train(sharded, fopt, data[4:STEPS], comm)
     out["fsdp"] = flat(sharded)
     out["fsdp_window"] = fopt.ihvp.dim
-    after = [fopt.state_dict()["mfac"]["shards"], fopt.steps]
+    after = [fopt.state_dict()["state"][0]["shards"], fopt.steps]
     # Restore from the checkpoint into fresh objects: the same steps, bit for bit.
     again = make_model(seed=1)
     fully_shard(again, mesh=mesh)
@@ -248,7 +250,33 @@ def _gloo_optimizer(comm: Communicator, root: str) -> dict[str, Any]:
     aopt.load_state_dict(state["optim"])
     _train(again, aopt, data[4:STEPS], comm)
     out["restored"] = flat(again)
-    window, restored = after[0][aopt._shard_key]["window"], aopt.state_dict()["mfac"]["shards"]
+    # The same through torch.distributed.checkpoint.state_dict's API (sharded, FQN keys).
+    from torch.distributed.checkpoint.state_dict import (
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    third = make_model(seed=2)
+    fully_shard(third, mesh=mesh)
+    topt = MFAC(third.parameters(), **OPTIONS)
+    _train(third, topt, data[:4], comm)
+    path = os.path.join(root, "fsdp-api")
+    steps = topt.steps
+    dcp.save({"optim": get_optimizer_state_dict(third, topt)}, checkpoint_id=path)
+    out["api_no_step"] = topt.steps == steps == 4
+    fourth = make_model(seed=3)
+    fully_shard(fourth, mesh=mesh)
+    fopt4 = MFAC(fourth.parameters(), **OPTIONS)
+    with torch.no_grad():
+        for p, q in zip(fourth.parameters(), third.parameters(), strict=True):
+            p.to_local().copy_(q.to_local())
+    state = {"optim": get_optimizer_state_dict(fourth, fopt4)}
+    dcp.load(state, checkpoint_id=path)
+    set_optimizer_state_dict(fourth, fopt4, state["optim"])
+    _train(third, topt, data[4:STEPS], comm)
+    _train(fourth, fopt4, data[4:STEPS], comm)
+    out["api_restored"] = bool(np.array_equal(flat(third), flat(fourth)))
+    window, restored = after[0][aopt._shard_key]["window"], aopt.state_dict()["state"][0]["shards"]
     out["same_window"] = all(
         torch.equal(torch.as_tensor(v), torch.as_tensor(restored[aopt._shard_key]["window"][k]))
         for k, v in window.items()
@@ -286,6 +314,7 @@ def test_ddp_and_fsdp2_over_gloo() -> None:
         assert_params_close(r["ddp"], want)
         assert_params_close(r["fsdp"], want)
         np.testing.assert_array_equal(r["restored"], r["fsdp"])
+        assert r["api_no_step"] and r["api_restored"]
         assert r["same_window"]
         assert r["skip"][:2] == (1, True), r["skip"]
     # FSDP2 shards each parameter's rows: the window holds this rank's local shards only.

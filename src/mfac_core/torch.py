@@ -21,9 +21,11 @@ level ``INFO``) when they allocate them.
 
 from __future__ import annotations
 
+import copy
 import logging
 import sys
 import warnings
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import SimpleNamespace
 from typing import Any
@@ -57,6 +59,15 @@ _GROUP_KEYS = ("lr", "momentum", "weight_decay")
 _GLOBAL_KEYS = ("num_grads", "damp", "zero_init", "errors", "grad_dtype")
 #: Window storage dtypes of MFAC's ``grad_dtype`` besides the parameters' own.
 _HALF_GRAD_DTYPES = (torch.float16, torch.bfloat16)
+#: Parameter dtypes MFAC steps (2-byte ones in float32).
+_PARAM_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: What MFAC._layout sets (restored when adding a parameter group fails).
+_LAYOUT_ATTRS = (
+    *("_first", "dtype", "device", "_sharded", "_slices"),
+    *("dim", "_grad", "_columns", "grad_dtype"),
+)
+#: The keys of MFAC's state entry (on its first parameter); "window" only in state_dict().
+_ENTRY_KEYS = ("momentum_buffer", "steps", "skipped_steps", "rejected_grads")
 
 
 class MFACStepWarning(RuntimeWarning):
@@ -97,6 +108,71 @@ def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
+def _fresh_entry(grad: torch.Tensor) -> dict[str, Any]:
+    """MFAC's state entry before the first step: a zero momentum buffer, zero counters."""
+    return {
+        "momentum_buffer": torch.zeros_like(grad),
+        "steps": 0,
+        "skipped_steps": 0,
+        "rejected_grads": 0,
+    }
+
+
+def _check_lr(lr: Any, where: str) -> Any:
+    """A learning rate >= 0: a real number (as a float), or a one-element floating tensor.
+
+    A tensor is kept (as torch's optimizers keep it), so that a scheduler or the user can
+    change it in place; its value is read here once, to check it.
+    """
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1 or not lr.is_floating_point() or lr.requires_grad:
+            raise ValueError(
+                f"Tensor lr must be 1-element: {where} as a tensor must be a one-element floating "
+                "tensor without grad, "
+                f"got shape {tuple(lr.shape)}, dtype {lr.dtype}"
+            )
+        check_number(float(lr), where, low=0.0)
+        return lr
+    return check_number(lr, where, low=0.0)
+
+
+def _merged(a: Any, b: Any) -> Any:
+    """``b`` over ``a``, merging dicts key by key (nothing is modified)."""
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        out = dict(a)
+        for k, v in b.items():
+            out[k] = _merged(a.get(k), v)
+        return out
+    return b
+
+
+def _move(local: torch.Tensor, d_p: torch.Tensor, lr: Any) -> None:
+    """``theta -= lr * d_p``, computed in the step's dtype and rounded to the parameter's once."""
+    step = d_p.view(local.shape)
+    wide = local if local.dtype == step.dtype else local.to(step.dtype)
+    if isinstance(lr, torch.Tensor):
+        wide.addcmul_(step, lr.to(step.dtype), value=-1)
+    else:
+        wide.add_(step, alpha=-lr)
+    if wide is not local:
+        local.copy_(wide)
+
+
+_EAGER_STEP: dict[str, Callable[..., Any]] = {}
+
+
+def _eager_step() -> Callable[..., Any]:
+    """MFAC's step excluded from torch.compile (created on the first compiled step).
+
+    Made lazily because ``torch.compiler.disable`` imports torch._dynamo (seconds), which
+    an eager user never needs.
+    """
+    fn = _EAGER_STEP.get("step")
+    if fn is None:
+        fn = _EAGER_STEP["step"] = torch.compiler.disable(MFAC._step)
+    return fn
+
+
 class MFAC(torch.optim.Optimizer):
     r"""M-FAC: SGD preconditioned by the inverse empirical Fisher of a sliding window.
 
@@ -121,17 +197,24 @@ class MFAC(torch.optim.Optimizer):
     ----------
     params : iterable
         Parameters or parameter groups (dicts), as for any
-        :class:`torch.optim.Optimizer`. All must be floating tensors on one
-        device with one dtype (float32 or float64).
-    lr : float, optional
-        The learning rate (default ``1e-3``).
-    num_grads : int
-        The window size m; required, because the window holds ``m * d``
-        values of the parameters' dtype (41 GB for m = 1024 and ten million
-        float32 parameters). The paper uses 1024. The size is logged when the
-        window is allocated (logger ``"mfac_core.torch"``, level ``INFO``).
+        :class:`torch.optim.Optimizer`. All must be floating tensors
+        (float16, bfloat16, float32 or float64) on one device; they may mix
+        dtypes. The flat gradient, the momentum and the step are float64 if
+        a parameter is float64, else float32; each parameter's update is
+        computed in that dtype and rounded to the parameter's dtype once.
+    lr : float or torch.Tensor, optional
+        The learning rate (default ``1e-3``); a one-element tensor is kept
+        as given (a scheduler may change it in place).
+    num_grads : int, optional
+        The window size m (default 64). The window holds ``m * d`` values
+        of its storage dtype (``grad_dtype``); the size is logged when it is
+        allocated (logger ``"mfac_core.torch"``, level ``INFO``). The paper
+        uses 1024; the project's measurements (docs/guidance.rst) show that
+        m = 32 to 64 captures most of the gain at a sixteenth of the memory.
     damp : float, optional
-        The damping ``lambda > 0`` (default ``1e-5``).
+        The damping ``lambda > 0`` (default ``1e-3``: in the project's
+        training measurements, docs/guidance.rst, 1e-3 trained best and the
+        paper's 1e-5 trained 13x worse).
     momentum : float, optional
         Momentum on the preconditioned step, in ``[0, 1)`` (default 0: the
         paper uses none).
@@ -143,13 +226,17 @@ class MFAC(torch.optim.Optimizer):
         (default). Every insertion is then an O(m^2) edit of the factor. With
         ``False`` the normalisation is ``1/k`` for the ``k`` gradients seen so
         far, which makes the first steps ``g / |g|^2``-sized, and each of the
-        first m insertions refactorises the k x k factor (O(k^3)).
+        first m insertions refactorises the k x k factor (O(k^3)). The
+        default differs from :class:`~mfac_core.DynamicIHVP`'s (``False``) on
+        purpose: an operator should be exact for the gradients it has; an
+        optimizer should take steps of a steady size from the first one on.
     errors : {"skip", "raise"}, optional
         What a step does with a gradient it cannot use (default ``"skip"``);
         see Notes.
     grad_dtype : torch.dtype, optional
-        The storage dtype of the window: the parameters' dtype (default,
-        ``None``), or ``torch.bfloat16`` or ``torch.float16``, which halve
+        The storage dtype of the window: the parameters' dtype if they share
+        one, else the step's (default, ``None``), or ``torch.bfloat16`` or
+        ``torch.float16``, which halve
         (float32 parameters) the window's memory, ``2 m d`` bytes. Each
         gradient is then rounded to it once when inserted, the window's Fisher
         is that of the stored gradients, and the step is computed in float32
@@ -176,6 +263,8 @@ class MFAC(torch.optim.Optimizer):
     num_grads, damp : int, float
         The window's size m and damping (read-only; see
         :meth:`load_state_dict` to change the damping).
+    dtype : torch.dtype
+        The dtype of the flat gradient, the momentum and the step.
     steps : int
         Steps taken (parameters moved).
     skipped_steps : int
@@ -183,14 +272,21 @@ class MFAC(torch.optim.Optimizer):
     rejected_grads : int
         Gradients left out of the window (their step was taken with the
         previous window).
+    state : dict
+        As for every :class:`torch.optim.Optimizer`; MFAC's state is global
+        (one window, one momentum buffer over the flat vector), so it is
+        held by the first parameter (as :class:`torch.optim.LBFGS` holds
+        its own): ``state[first]`` has ``"momentum_buffer"`` and the three
+        counters; the other parameters have empty entries. The window is
+        :attr:`ihvp`; :meth:`state_dict` adds it to the entry.
 
     Raises
     ------
     ValueError
-        For parameters on different devices or with different dtypes, no
-        parameters, or out-of-range hyper-parameters.
+        For parameters on different devices, no parameters, or
+        out-of-range hyper-parameters.
     TypeError
-        For non-floating parameters, or without ``num_grads``.
+        For parameters of another dtype than the four above.
 
     Warns
     -----
@@ -201,11 +297,14 @@ class MFAC(torch.optim.Optimizer):
     Notes
     -----
     Parameters whose ``grad`` is ``None`` in a step contribute zeros to the
-    flat gradient and are not moved in that step (their momentum buffer still
-    decays). A step reads the ``m x d`` window twice, the floor of the
-    dynamic algorithm; see :meth:`DynamicIHVP.update_and_matvec`. Gradients
-    never enter autograd: the window, the momentum and the step are computed
-    without recording history even if the gradients require grad (e.g. after
+    flat gradient and are not moved in that step; their momentum only decays
+    (``b <- mu b``: the entries of ``F^{-1} g`` that the other gradients give
+    them are dropped). A step in which every ``grad`` is ``None`` does
+    nothing (no insertion, no decay, no count). A step reads the ``m x d``
+    window twice, the floor of the dynamic algorithm; see
+    :meth:`DynamicIHVP.update_and_matvec`. Gradients never enter autograd:
+    the window, the momentum and the step are computed without recording
+    history even if the gradients require grad (e.g. after
     ``backward(create_graph=True)``).
 
     A training run does not die of a bad gradient, as with AMP's
@@ -242,7 +341,8 @@ class MFAC(torch.optim.Optimizer):
     collective: a NaN on one rank skips (or raises on) every rank, a
     gradient the window cannot take is left out on every rank. The state
     holds this rank's window and momentum under
-    ``state["mfac"]["shards"]["rank{r}_of_{p}"]`` (tensors of fixed shapes,
+    ``state_dict()["state"][0]["shards"]["rank{r}_of_{p}"]`` (the first
+    parameter's entry; tensors of fixed shapes,
     so that :mod:`torch.distributed.checkpoint` saves every rank's shard and
     loads into the state_dict of a fresh optimizer) and loads only at the
     same world size, on the rank that saved it. A distributed optimizer
@@ -250,12 +350,20 @@ class MFAC(torch.optim.Optimizer):
 
     :meth:`state_dict` holds the window (gradients, Gram matrix and Cholesky
     factor), the momentum buffer, the step count and the two counters, so
-    that a run restored from a checkpoint continues bit for bit;
+    that a run restored from a checkpoint continues bit for bit, also
+    through :func:`torch.distributed.checkpoint.state_dict.get_optimizer_state_dict`
+    and ``set_optimizer_state_dict``;
     :meth:`load_state_dict` can also resume it with another damping. An
     optimizer can be copied with :func:`copy.deepcopy` (with its model, as
     ``copy.deepcopy((model, opt))``) and pickled; the copy continues exactly
     as the original would. Hooks are not copied, as for every
     :class:`torch.optim.Optimizer`.
+
+    Under :func:`torch.compile`, the step runs eagerly
+    (:func:`torch.compiler.disable`): the window's update decides on the
+    host (finiteness, the factor's positive definiteness), which a graph
+    cannot hold, so a compiled training step has one graph break, at
+    ``opt.step()``, and equals the eager run.
 
     Examples
     --------
@@ -283,8 +391,8 @@ class MFAC(torch.optim.Optimizer):
         params: Iterable[Any],
         lr: float = 1e-3,
         *,
-        num_grads: int,
-        damp: float = 1e-5,
+        num_grads: int = 64,
+        damp: float = 1e-3,
         momentum: float = 0.0,
         weight_decay: float = 0.0,
         zero_init: bool = True,
@@ -292,7 +400,7 @@ class MFAC(torch.optim.Optimizer):
         grad_dtype: torch.dtype | None = None,
         comm: Communicator | None = None,
     ) -> None:
-        lr = check_number(lr, "lr", low=0.0)
+        lr = _check_lr(lr, "lr")
         momentum = check_number(momentum, "momentum", low=0.0, high=1.0, high_open=True)
         weight_decay = check_number(weight_decay, "weight_decay", low=0.0)
         num_grads = check_count(num_grads, "num_grads")
@@ -313,10 +421,41 @@ class MFAC(torch.optim.Optimizer):
         self._comm: Communicator | None = None if comm is None else check_communicator(comm)
         self._layout()
         self.ihvp = self._new_window(damp)
-        self._momentum: torch.Tensor | None = None
-        self.steps = 0
-        self.skipped_steps = 0
-        self.rejected_grads = 0
+        # The optimizer's state lives on its first parameter, as torch.optim.LBFGS keeps
+        # its global state: never empty, so that torch.distributed.checkpoint finds it
+        # initialised and does not call step() with zero gradients to create it. Every
+        # other parameter has an empty entry, which DCP's strict loading asks for.
+        self._reset_state(_fresh_entry(self._grad))
+
+    def _reset_state(self, entry: dict[str, Any]) -> None:
+        self.state = defaultdict(dict)
+        for group in self.param_groups:
+            for p in group["params"]:
+                self.state[p] = {}
+        self.state[self._first] = entry
+
+    @property
+    def _entry(self) -> dict[str, Any]:
+        """The optimizer's state entry (``self.state`` of the first parameter)."""
+        return self.state[self._first]
+
+    @property
+    def steps(self) -> int:
+        """The number of steps taken (parameters moved)."""  # numpydoc ignore=RT01
+        return int(self._entry["steps"])
+
+    @property
+    def skipped_steps(self) -> int:
+        """The number of steps skipped for a non-finite gradient or step."""  # numpydoc ignore=RT01
+        return int(self._entry["skipped_steps"])
+
+    @property
+    def rejected_grads(self) -> int:
+        """The number of gradients left out of the window."""  # numpydoc ignore=RT01
+        return int(self._entry["rejected_grads"])
+
+    def _count(self, key: str) -> None:
+        self._entry[key] += 1
 
     # -- construction ---------------------------------------------------------------------
 
@@ -327,14 +466,25 @@ class MFAC(torch.optim.Optimizer):
             raise ValueError("MFAC got an empty parameter list")
         first = flat[0]
         for p in flat:
-            if not p.is_floating_point() or p.dtype not in (torch.float32, torch.float64):
-                raise TypeError(f"MFAC needs float32 or float64 parameters, got {p.dtype}")
-            if p.device != first.device or p.dtype != first.dtype:
-                raise ValueError(
-                    "MFAC treats all parameters as one vector: they must share one device and "
-                    f"one dtype, got {first.device}/{first.dtype} and {p.device}/{p.dtype}"
+            if p.dtype not in _PARAM_DTYPES:
+                raise TypeError(
+                    f"MFAC needs float16, bfloat16, float32 or float64 parameters, got {p.dtype}"
                 )
-        self.device, self.dtype = first.device, first.dtype
+            if p.device != first.device:
+                raise ValueError(
+                    "MFAC treats all parameters as one vector: they must share one device, "
+                    f"got {first.device} and {p.device}"
+                )
+        self._first = first
+        dtypes = {p.dtype for p in flat}
+        #: The dtype of the flat gradient, the momentum and the step: float64 if a
+        #: parameter is float64, else float32 (2-byte parameters are stepped in float32
+        #: and the result rounded to their dtype once).
+        self.dtype = torch.float64 if torch.float64 in dtypes else torch.float32
+        self.device = first.device
+        # The window stores the parameters' dtype if they share one (2-byte parameters:
+        # a 2-byte window, as grad_dtype would make it), else the step's.
+        own = dtypes.pop() if len(dtypes) == 1 else self.dtype
         self._sharded = self._check_dtensors(flat)
         self._slices: list[list[tuple[torch.Tensor, int, int]]] = []
         offset = 0
@@ -353,16 +503,17 @@ class MFAC(torch.optim.Optimizer):
         grad_dtype = self.defaults.get("grad_dtype")
         if grad_dtype is not None and grad_dtype not in (*_HALF_GRAD_DTYPES, self.dtype):
             raise TypeError(
-                f"grad_dtype must be None (the parameters' dtype, {self.dtype}), "
-                f"torch.bfloat16 or torch.float16, got {grad_dtype!r}"
-            )
-        if grad_dtype in _HALF_GRAD_DTYPES and self._comm is not None:
-            raise ValueError(
-                f"grad_dtype={grad_dtype} is not available for a distributed optimizer "
-                "(comm= or DTensor parameters): store the window in the parameters' dtype"
+                f"grad_dtype must be None (default: {own}), torch.bfloat16, "
+                f"torch.float16 or {self.dtype}, got {grad_dtype!r}"
             )
         #: The window's storage dtype.
-        self.grad_dtype: torch.dtype = self.dtype if grad_dtype is None else grad_dtype
+        self.grad_dtype: torch.dtype = own if grad_dtype is None else grad_dtype
+        if self.grad_dtype in _HALF_GRAD_DTYPES and self._comm is not None:
+            raise ValueError(
+                f"a window of {self.grad_dtype} is not available for a distributed optimizer "
+                "(comm= or DTensor parameters): use float32 or float64 parameters and no "
+                "2-byte grad_dtype"
+            )
 
     def _check_dtensors(self, flat: list[torch.Tensor]) -> bool:
         """Whether the parameters are DTensors sharded on dimension 0 (FSDP2); sets the comm."""
@@ -438,13 +589,19 @@ class MFAC(torch.optim.Optimizer):
             device=self.device,
             zero_init=self.defaults["zero_init"],
             comm=self._comm,
+            # One process: the step checks the gradient itself (one host sync, not two);
+            # distributed, the window's check is the collective one.
+            check_finite=self._comm is not None,
         )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a parameter group; possible only while the optimizer is being built.
+        """Add a parameter group, as to any :class:`torch.optim.Optimizer`.
 
-        The window's dimension d is fixed once the optimizer exists, so adding
-        parameters later raises ``ValueError``.
+        The new parameters' coordinates are appended to the flat vector. The
+        window's gradients get zeros there (the new parameters had no
+        gradient in the steps before), which leaves the Gram matrix and its
+        factor as they are: the new coordinates start with the Fisher
+        ``damp I`` and a zero momentum.
 
         Parameters
         ----------
@@ -454,27 +611,63 @@ class MFAC(torch.optim.Optimizer):
         Raises
         ------
         ValueError
-            After construction, or for an out-of-range ``lr``, ``momentum`` or
-            ``weight_decay`` of the group.
+            For an out-of-range ``lr``, ``momentum`` or ``weight_decay`` of
+            the group, a window option in it, parameters on another device,
+            parameters that would change the step's dtype (float64 ones added
+            to a float32 optimizer), or a distributed optimizer. The optimizer
+            is then unchanged.
         """
-        if getattr(self, "_frozen", False):
-            raise ValueError(
-                "MFAC cannot add parameter groups after construction: the "
-                "window's dimension is fixed; build a new optimizer instead"
-            )
         for key in _GLOBAL_KEYS:
             if isinstance(param_group, Mapping) and key in param_group:
                 raise ValueError(
                     f"{key} is an option of the whole MFAC optimizer (one window "
                     "over all parameters), not of a parameter group"
                 )
+        frozen = getattr(self, "_frozen", False)
+        if frozen and self._comm is not None:
+            raise ValueError(
+                "a distributed MFAC optimizer cannot add parameter groups: every rank's "
+                "window shard is fixed; build a new optimizer instead"
+            )
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        for key in _GLOBAL_KEYS:  # torch copied the defaults into the group
+            group.pop(key, None)
         try:
             self._check_group(group, "the parameter group")
+            if frozen:
+                self._grow()
         except (TypeError, ValueError):
             self.param_groups.pop()
             raise
+
+    @torch.no_grad()
+    def _grow(self) -> None:
+        """Widen the window, the flat gradient and the momentum to the new last group."""
+        saved = {k: self.__dict__[k] for k in _LAYOUT_ATTRS}
+        try:
+            self._layout()
+            if (self.dtype, self.grad_dtype) != (saved["dtype"], saved["grad_dtype"]):
+                raise ValueError(
+                    f"the new parameters would change the step's dtype from {saved['dtype']} "
+                    f"to {self.dtype} (or the window's): add parameters of the dtypes the "
+                    "optimizer was built with, or build a new optimizer"
+                )
+            width = self._grad.shape[0] - saved["_grad"].shape[0]
+            window = self.ihvp.state_dict()
+            grads = window["grads"]
+            window["grads"] = torch.cat([grads, grads.new_zeros((grads.shape[0], width))], 1)
+            window["dim"] = self.dim
+            ihvp = self._new_window(self.ihvp.damp)
+            ihvp.load_state_dict(window)
+        except Exception:
+            self.__dict__.update(saved)
+            raise
+        entry = dict(self._entry)
+        old = entry["momentum_buffer"]
+        entry["momentum_buffer"] = torch.cat([old, old.new_zeros(width)])
+        self.ihvp = ihvp
+        self._reset_state(entry)
 
     @staticmethod
     def _check_group(group: Mapping[str, Any], where: str) -> None:
@@ -483,6 +676,8 @@ class MFAC(torch.optim.Optimizer):
                 raise ValueError(f"{where} has no {key!r}")
             if key == "momentum":
                 check_number(group[key], f"{key} of {where}", low=0.0, high=1.0, high_open=True)
+            elif key == "lr":
+                _check_lr(group[key], f"lr of {where}")
             else:
                 check_number(group[key], f"{key} of {where}", low=0.0)
 
@@ -533,19 +728,35 @@ class MFAC(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if torch.compiler.is_compiling():
+            # The window's update decides on the host (finiteness, factorisation), which
+            # torch.compile cannot trace: it runs eagerly, one graph break per step.
+            _eager_step()(self)
+        else:
+            self._step()
+        return loss
+
+    # no_grad again: this runs on its own when a compiled function calls it eagerly.
+    @torch.no_grad()
+    def _step(self) -> None:
+        """The step itself, after the closure."""
+        if all(p.grad is None for group in self.param_groups for p in group["params"]):
+            return  # nothing to step with: no window insert, no momentum decay, no count
         g = self._gather()
         if self._comm is not None:
             self._distributed_step(g)
-            return loss
+            return
+        if g.dtype != self.ihvp.dtype:
+            # float64 gradients for a 2-byte window: float32 steps. Cast before the check
+            # below, so that a finite entry beyond float32's range counts as not finite.
+            g = g.to(self.ihvp.dtype)
         # One reduction and one host sync per step, next to two passes over m x d.
         if not bool(torch.isfinite(g).all()):
             self._skip(
                 f"{self._culprit()} holds NaN or infinity; the step is skipped "
                 "(parameters, momentum and window unchanged)"
             )
-            return loss
-        if g.dtype != self.ihvp.dtype:
-            g = g.to(self.ihvp.dtype)  # float64 gradients for a 2-byte window: float32 steps
+            return
         try:
             if self.defaults["errors"] == "skip" and not self._fits_window(g):
                 raise _Unstorable(
@@ -564,14 +775,13 @@ class MFAC(torch.optim.Optimizer):
                 "the preconditioned step holds NaN or infinity (damp too small for "
                 "the dtype?); the step is skipped (parameters and momentum unchanged)"
             )
-            return loss
+            return
         self._apply(s.to(self.dtype))
-        self.steps += 1
-        return loss
+        self._count("steps")
 
     def _left_out(self, exc: Exception) -> None:
         """Count and report a gradient the window could not take (``errors="skip"``)."""
-        self.rejected_grads += 1
+        self._count("rejected_grads")
         self._warn(
             f"the gradient was left out of the window and the step taken with the "
             f"previous window ({self.rejected_grads} so far): {exc}"
@@ -621,7 +831,7 @@ class MFAC(torch.optim.Optimizer):
             )
             return
         self._apply(s)
-        self.steps += 1
+        self._count("steps")
 
     def _all_gather(self, s: torch.Tensor) -> torch.Tensor:
         """The whole step from every rank's chunk (DDP): one all-gather of d numbers."""
@@ -665,19 +875,27 @@ class MFAC(torch.optim.Optimizer):
         """Which parameter made the flat gradient non-finite (for the message)."""
         for j, layout in enumerate(self._slices):
             for i, (p, lo, hi) in enumerate(layout):
-                if not bool(torch.isfinite(self._grad[lo:hi]).all()):
+                seg = self._grad[lo:hi]
+                if not bool(torch.isfinite(seg.to(self.ihvp.dtype)).all()):
                     what = (
                         "gradient"
                         if p.grad is not None and not bool(torch.isfinite(_local(p.grad)).all())
                         else "weight-decayed gradient"
                     )
-                    return f"the {what} of parameter {i} of group {j} (shape {tuple(p.shape)})"
+                    where = f"parameter {i} of group {j} (shape {tuple(p.shape)})"
+                    if bool(torch.isfinite(seg).all()):
+                        return (
+                            f"the {what} of {where} is beyond the range of "
+                            f"{str(self.ihvp.dtype).removeprefix('torch.')} (the dtype the "
+                            "step is computed in with this grad_dtype) and"
+                        )
+                    return f"the {what} of {where}"
         return "the gradient"
 
     def _skip(self, message: str) -> None:
         if self.defaults["errors"] == "raise":
             raise FloatingPointError(f"MFAC step {self.steps + 1}: {message}")
-        self.skipped_steps += 1
+        self._count("skipped_steps")
         self._warn(f"{message} ({self.skipped_steps} skipped so far)")
 
     def _warn(self, message: str) -> None:
@@ -692,31 +910,46 @@ class MFAC(torch.optim.Optimizer):
         warnings.warn(f"MFAC step {self.steps + 1}: {message}", MFACStepWarning, stacklevel=level)
 
     def _apply(self, s: torch.Tensor) -> None:
-        if self._momentum is None and any(gr["momentum"] for gr in self.param_groups):
-            self._momentum = torch.zeros_like(s)
-        momentum = self._momentum
+        momentum = self._entry["momentum_buffer"]
         for group, layout in zip(self.param_groups, self._slices, strict=True):
             lr, mu = group["lr"], group["momentum"]
             for p, lo, hi in layout:
                 d_p = s[lo:hi]
-                if mu and momentum is not None:
+                if mu:
                     buf = momentum[lo:hi]
-                    buf.mul_(mu).add_(d_p)
-                    d_p = buf
+                    buf.mul_(mu)
+                    if p.grad is None:
+                        # Its step entries come from the other coordinates' gradients
+                        # through F^{-1}; a parameter without a gradient only decays.
+                        continue
+                    d_p = buf.add_(d_p)
                 if p.grad is not None:
-                    local = _local(p)
-                    local.add_(d_p.view(local.shape), alpha=-lr)
+                    _move(_local(p), d_p, lr)
 
     # -- checkpoints ----------------------------------------------------------------------
 
-    def _extra_state(self) -> dict[str, Any]:
-        return {
+    def _saved_entry(self) -> dict[str, Any]:
+        """The state entry as :meth:`state_dict` saves it: copies, the window included."""
+        entry = self._entry
+        saved = {
             "window": self.ihvp.state_dict(),
-            "momentum_buffer": None if self._momentum is None else self._momentum.clone(),
-            "steps": self.steps,
-            "skipped_steps": self.skipped_steps,
-            "rejected_grads": self.rejected_grads,
+            "momentum_buffer": entry["momentum_buffer"].clone(),
+            **{key: int(entry[key]) for key in _ENTRY_KEYS[1:]},
         }
+        if self._comm is not None:
+            # Under a key naming the rank and the world size: torch.distributed.checkpoint
+            # keeps one copy of a key that every rank saves, and this shard is the rank's own.
+            # Every tensor has the shape it had at construction, so that the state_dict of
+            # a fresh optimizer is a template that dcp.load can fill in place.
+            window = dict(saved.pop("window"))
+            m = self.ihvp.num_grads
+            factor = window["factor"].new_zeros((m, m))
+            k = window["factor"].shape[0]
+            factor[:k, :k] = window["factor"]
+            window["factor"] = factor
+            shard = {"window": window, "momentum_buffer": saved.pop("momentum_buffer")}
+            saved.update(window=None, momentum_buffer=None, shards={self._shard_key: shard})
+        return saved
 
     def state_dict(self) -> dict[str, Any]:
         """The optimizer's state, including the M-FAC window.
@@ -724,31 +957,23 @@ class MFAC(torch.optim.Optimizer):
         Returns
         -------
         dict
-            :meth:`torch.optim.Optimizer.state_dict` plus a key ``"mfac"``
-            holding copies of the window's state
-            (:meth:`DynamicIHVP.state_dict`), the momentum buffer, the step
-            count and the counters ``skipped_steps`` and ``rejected_grads``.
+            :meth:`torch.optim.Optimizer.state_dict`, whose ``"state"`` holds
+            one entry, under the id of the first parameter (as
+            :class:`torch.optim.LBFGS` keeps its global state): MFAC's state
+            for all parameters, with copies of the window's state
+            (``"window"``, :meth:`DynamicIHVP.state_dict`), the momentum
+            buffer of the flat vector (``"momentum_buffer"``), the step count
+            (``"steps"``) and the counters ``"skipped_steps"`` and
+            ``"rejected_grads"``. State-dict hooks see this entry.
         """
-        state = super().state_dict()
-        extra = self._extra_state()
-        if self._comm is not None:
-            # Under a key naming the rank and the world size: torch.distributed.checkpoint
-            # keeps one copy of a key that every rank saves, and this shard is the rank's own.
-            # Every tensor has the shape it had at construction, so that the state_dict of
-            # a fresh optimizer is a template that dcp.load can fill in place.
-            window = dict(extra.pop("window"))
-            m = self.ihvp.num_grads
-            factor = window["factor"].new_zeros((m, m))
-            k = window["factor"].shape[0]
-            factor[:k, :k] = window["factor"]
-            window["factor"] = factor
-            momentum = extra.pop("momentum_buffer")
-            if momentum is None:  # a zero buffer steps exactly as no buffer
-                momentum = torch.zeros_like(self._grad)
-            shard = {"window": window, "momentum_buffer": momentum}
-            extra.update(window=None, momentum_buffer=None, shards={self._shard_key: shard})
-        state["mfac"] = extra
-        return state
+        live = self._entry
+        # The window exists in state_dict() only: kept in self.state it would double
+        # the m x d memory.
+        self.state[self._first] = self._saved_entry()
+        try:
+            return super().state_dict()
+        finally:
+            self.state[self._first] = live
 
     @property
     def _shard_key(self) -> str:
@@ -760,15 +985,22 @@ class MFAC(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: Mapping[str, Any], *, damp: float | None = None) -> None:
         """Restore a state from :meth:`state_dict`, window included.
 
-        Everything is checked before anything changes: a state that cannot
-        be loaded raises and leaves the optimizer exactly as it was.
+        The load pre-hooks run first (on a shallow copy, as in
+        :meth:`torch.optim.Optimizer.load_state_dict`); then everything is
+        checked before anything changes: a state that cannot be loaded raises
+        and leaves the optimizer exactly as it was (window, momentum,
+        counters, parameter groups). The post-hooks run after the load.
+
+        A state saved by mfac_core 0.x before the state moved into
+        ``state_dict["state"]`` (a top-level ``"mfac"`` entry beside an
+        empty ``"state"``) loads too.
 
         Parameters
         ----------
         state_dict : dict
             From :meth:`state_dict` of an MFAC optimizer with the same
-            ``num_grads``, ``zero_init``, dtype and parameter sizes. Tensors
-            are moved to this optimizer's device; none keeps autograd
+            ``num_grads``, ``zero_init``, window dtype and parameter sizes.
+            Tensors are moved to this optimizer's device; none keeps autograd
             history.
         damp : float, optional
             Resume with this damping. Without it the state's damping must
@@ -782,10 +1014,21 @@ class MFAC(torch.optim.Optimizer):
         ------
         ValueError
             If the state is not an MFAC state of matching sizes, or a value
-            in it is missing, of the wrong type or out of range.
+            in it is missing, of the wrong type, out of range or cannot be
+            copied.
         FactorizationError
             If the window cannot be factorised with the new ``damp``.
         """
+        if not isinstance(state_dict, Mapping):
+            raise ValueError(
+                f"not an MFAC state_dict: expected a dict, got {type(state_dict).__name__}"
+            )
+        state_dict = dict(state_dict)  # shallow copy, as torch's load_state_dict
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        state_dict = self._migrated(state_dict)
         if self._comm is None:
             plan = self._check_state(state_dict, damp)
         else:
@@ -793,12 +1036,48 @@ class MFAC(torch.optim.Optimizer):
         # Commit. The core's loader checks its state before it changes anything, and
         # a new damping's refactorisation is its one step that may still raise: first.
         self.ihvp.load_state_dict(plan.window, damp=plan.damp)
-        super().load_state_dict(plan.base)
         self.defaults["damp"] = self.ihvp.damp
-        self._momentum = plan.momentum
-        self.steps = plan.steps
-        self.skipped_steps = plan.skipped_steps
-        self.rejected_grads = plan.rejected_grads
+        self.param_groups = plan.groups
+        self._reset_state(
+            {
+                "momentum_buffer": plan.momentum,
+                "steps": plan.steps,
+                "skipped_steps": plan.skipped_steps,
+                "rejected_grads": plan.rejected_grads,
+            }
+        )
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _migrated(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """A state of the earlier format (the entry under a top-level "mfac") in this one.
+
+        Also mends what :func:`torch.distributed.checkpoint.load` makes of a state_dict
+        with integer parameter ids: it fills the tensors of the template in place, under
+        ``0``, and puts the other values (counters, slot lists) under ``"0"``.
+        """
+        state = state_dict.get("state")
+        if isinstance(state, Mapping) and any(
+            isinstance(k, str) and k.isdigit() and int(k) in state for k in state
+        ):
+            mended = {k: v for k, v in state.items() if not (isinstance(k, str) and k.isdigit())}
+            for k, v in state.items():
+                if isinstance(k, str) and k.isdigit():
+                    mended[int(k)] = _merged(state.get(int(k)), v)
+            state_dict = {**state_dict, "state": mended}
+        if "mfac" not in state_dict:
+            return state_dict
+        old = {k: v for k, v in state_dict.items() if k != "mfac"}
+        groups, state = old.get("param_groups"), old.get("state")
+        if state or not isinstance(groups, Sequence) or not groups:
+            raise ValueError(
+                "not an MFAC state_dict: it has an 'mfac' entry (the earlier format) "
+                "but a non-empty 'state' or no 'param_groups'"
+            )
+        first = groups[0].get("params") if isinstance(groups[0], Mapping) else None
+        if not isinstance(first, Sequence) or not first:
+            raise ValueError("state_dict['param_groups'][0] must be a dict with a list 'params'")
+        return {**old, "state": {first[0]: state_dict["mfac"]}}
 
     def _check_state(
         self, state_dict: Any, damp: float | None, *, window: bool = True
@@ -807,40 +1086,57 @@ class MFAC(torch.optim.Optimizer):
 
         Without ``window`` the window's state is not checked (the caller does).
         """
-        if not isinstance(state_dict, Mapping):
-            raise ValueError(
-                f"not an MFAC state_dict: expected a dict, got {type(state_dict).__name__}"
-            )
-        missing = [k for k in ("state", "param_groups", "mfac") if k not in state_dict]
+        missing = [k for k in ("state", "param_groups") if k not in state_dict]
         if missing:
-            raise ValueError(
-                f"not an MFAC state_dict: it has no {missing} (the 'mfac' entry holds the window)"
-            )
-        base = {k: v for k, v in state_dict.items() if k != "mfac"}
-        self._check_groups(base)
-        extra = state_dict["mfac"]
-        if not isinstance(extra, Mapping):
-            raise ValueError("state_dict['mfac'] must be a dict")
+            raise ValueError(f"not an MFAC state_dict: it has no {missing}")
+        groups = self._check_groups(state_dict)
+        extra = self._saved_state(state_dict)
         if window and extra.get("shards") is not None:
             raise ValueError(
-                f"state_dict['mfac'] holds the shards {sorted(extra['shards'])} of a distributed "
+                f"the MFAC state holds the shards {sorted(extra['shards'])} of a distributed "
                 "MFAC optimizer; this one was built without comm (and its parameters are not "
                 "DTensors): load it into an optimizer of the same world size"
             )
         missing = [k for k in ("window", "momentum_buffer", "steps") if k not in extra]
         if missing:
-            raise ValueError(f"state_dict['mfac'] has no {missing}")
+            raise ValueError(f"the MFAC state has no {missing}")
+        unknown = sorted(set(extra) - {*_ENTRY_KEYS, "window", "shards"}, key=str)
+        if unknown:
+            raise ValueError(f"the MFAC state has unknown keys {unknown}")
         counts = {}
-        for key in ("steps", "skipped_steps", "rejected_grads"):
+        for key in _ENTRY_KEYS[1:]:
             value = extra.get(key, 0)  # the counters are absent from older checkpoints
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"state_dict['mfac'][{key!r}] must be an int >= 0, got {value!r}")
+                raise ValueError(f"the MFAC state's {key!r} must be an int >= 0, got {value!r}")
             counts[key] = int(value)
         momentum = self._check_momentum(extra["momentum_buffer"])
         if not window:
-            return SimpleNamespace(base=base, window=None, damp=None, momentum=momentum, **counts)
+            return SimpleNamespace(
+                groups=groups, window=None, damp=None, momentum=momentum, **counts
+            )
         state, target = self._check_window(extra["window"], damp)
-        return SimpleNamespace(base=base, window=state, damp=target, momentum=momentum, **counts)
+        return SimpleNamespace(
+            groups=groups, window=state, damp=target, momentum=momentum, **counts
+        )
+
+    def _saved_state(self, state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
+        """MFAC's entry of a state_dict's "state" (under the first parameter's id)."""
+        state = state_dict["state"]
+        if not isinstance(state, Mapping):
+            raise ValueError("state_dict['state'] must be a dict")
+        first = state_dict["param_groups"][0]["params"][0]
+        ids = {i for group in state_dict["param_groups"] for i in group["params"]}
+        others = [k for k, v in state.items() if k != first and (k not in ids or v != {})]
+        if others or first not in state:
+            raise ValueError(
+                f"state_dict['state'] must hold MFAC's state under the id of the first "
+                f"parameter ({first!r}) and nothing for the others, got entries for "
+                f"{sorted(state, key=str)}"
+            )
+        extra = state[first]
+        if not isinstance(extra, Mapping):
+            raise ValueError(f"state_dict['state'][{first!r}] must be a dict")
+        return extra
 
     def _check_distributed_state(self, state_dict: Any, damp: float | None) -> SimpleNamespace:
         """:meth:`_check_state` for a distributed optimizer, with collective errors.
@@ -855,33 +1151,34 @@ class MFAC(torch.optim.Optimizer):
         flat: list[Any] = []
 
         def local() -> torch.Tensor:
-            if not isinstance(state_dict, Mapping) or not isinstance(
-                state_dict.get("mfac"), Mapping
-            ):
-                raise ValueError("not an MFAC state_dict: it has no 'mfac' entry")
-            shards = state_dict["mfac"].get("shards")
+            missing = [k for k in ("state", "param_groups") if k not in state_dict]
+            if missing:
+                raise ValueError(f"not an MFAC state_dict: it has no {missing}")
+            self._check_groups(state_dict)
+            extra = self._saved_state(state_dict)
+            shards = extra.get("shards")
             if not isinstance(shards, Mapping):
                 raise ValueError(
-                    "state_dict['mfac'] has no 'shards': it is the state of an MFAC optimizer "
+                    "the MFAC state has no 'shards': it is the state of an MFAC optimizer "
                     "without comm; this one is distributed"
                 )
             if self._shard_key not in shards:
                 raise ValueError(
-                    f"state_dict['mfac']['shards'] holds {sorted(shards)}, not "
+                    f"the MFAC state's 'shards' hold {sorted(shards)}, not "
                     f"{self._shard_key!r}: a distributed MFAC state loads only at the world "
                     "size that saved it, each rank its own shard"
                 )
             shard = shards[self._shard_key]
             if not isinstance(shard, Mapping):
-                raise ValueError(
-                    f"state_dict['mfac']['shards'][{self._shard_key!r}] must be a dict"
-                )
-            mfac = {k: v for k, v in state_dict["mfac"].items() if k != "shards"}
+                raise ValueError(f"the MFAC state's shard {self._shard_key!r} must be a dict")
             window = shard.get("window")
             if isinstance(window, Mapping) and isinstance(window.get("factor"), torch.Tensor):
                 k = len(window.get("window_slots") or ())
                 window = {**window, "factor": window["factor"][:k, :k]}
-            flat.append({**state_dict, "mfac": {**mfac, **shard, "window": window}})
+            mine = {k: v for k, v in extra.items() if k != "shards"}
+            mine.update(shard, window=window)
+            first = state_dict["param_groups"][0]["params"][0]
+            flat.append({**state_dict, "state": {first: mine}})
             flat.append(self._check_state(flat[0], damp, window=False))
             return torch.zeros(0, dtype=torch.float64, device=self.device)
 
@@ -897,12 +1194,11 @@ class MFAC(torch.optim.Optimizer):
         )
         plan = flat[1]
         # The window's checks are collective themselves.
-        plan.window, plan.damp = self._check_window(flat[0]["mfac"]["window"], damp)
+        plan.window, plan.damp = self._check_window(self._saved_state(flat[0])["window"], damp)
         return plan
 
-    def _check_groups(self, base: Mapping[str, Any]) -> None:
-        if not isinstance(base["state"], Mapping):
-            raise ValueError("state_dict['state'] must be a dict")
+    def _check_groups(self, base: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """The parameter groups to commit: the saved ones, with this optimizer's params."""
         groups = base["param_groups"]
         if (
             not isinstance(groups, Sequence)
@@ -931,10 +1227,28 @@ class MFAC(torch.optim.Optimizer):
             ids.extend(saved["params"])
         if len(set(ids)) != len(ids):
             raise ValueError("state_dict['param_groups'] lists a parameter twice")
+        try:  # as torch's load_state_dict, which writes into a copy of the groups
+            copies = copy.deepcopy(list(groups))
+        except Exception as exc:
+            raise ValueError(f"state_dict['param_groups'] cannot be copied: {exc!r}") from None
+        new = []
+        for saved, group in zip(copies, self.param_groups, strict=True):
+            saved = dict(saved)
+            for key in _GLOBAL_KEYS:
+                if key in saved:
+                    raise ValueError(
+                        f"state_dict['param_groups'] has {key!r} in a group: it is an option "
+                        "of the whole MFAC optimizer"
+                    )
+            saved["params"] = group["params"]
+            if "param_names" in group and "param_names" not in saved:
+                saved["param_names"] = group["param_names"]
+            new.append(saved)
+        return new
 
-    def _check_momentum(self, buf: Any) -> torch.Tensor | None:
-        if buf is None:
-            return None
+    def _check_momentum(self, buf: Any) -> torch.Tensor:
+        if buf is None:  # saved before the first momentum step: a zero buffer steps alike
+            return torch.zeros_like(self._grad)
         # Sharded parameters keep the momentum of their local shards only.
         n = self._grad.shape[0]
         if (
@@ -985,7 +1299,7 @@ class MFAC(torch.optim.Optimizer):
                 "(e.g. with torch.distributed.checkpoint) instead"
             )
         state = super().__getstate__()
-        state["_mfac"] = self._extra_state()
+        state["_mfac"] = {"window": self.ihvp.state_dict()}
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -998,7 +1312,7 @@ class MFAC(torch.optim.Optimizer):
             # torch adds this for pickles of its own old optimizers; MFAC has no
             # differentiable mode, and keeping defaults as built makes copies equal.
             self.defaults.pop("differentiable", None)
-        if extra is None:  # torch's load_state_dict sets the groups through here
+        if extra is None:
             return
         with torch.no_grad():
             self._frozen = True
@@ -1007,10 +1321,10 @@ class MFAC(torch.optim.Optimizer):
             self.ihvp = self._new_window(extra["window"]["damp"])
             window, _ = self._check_window(extra["window"], None)
             self.ihvp.load_state_dict(window)
-            self._momentum = self._check_momentum(extra["momentum_buffer"])
-            self.steps = extra["steps"]
-            self.skipped_steps = extra["skipped_steps"]
-            self.rejected_grads = extra["rejected_grads"]
+            if "steps" in extra:  # a pickle of the earlier format: the entry was here
+                entry = {key: extra.get(key, 0) for key in _ENTRY_KEYS[1:]}
+                entry["momentum_buffer"] = self._check_momentum(extra["momentum_buffer"])
+                self._reset_state(entry)
 
 
 # -- pruning ------------------------------------------------------------------------------
