@@ -1,0 +1,529 @@
+"""The building blocks of OBS pruning: saliencies, selection and the OBS update.
+
+:func:`obs_saliency`, :func:`obd_saliency`, :func:`magnitude_saliency`,
+:func:`select_pruned` and :func:`obs_update` are public, re-exported and
+documented by :mod:`mfac_core.pruning`; the entry points there (``prune``,
+``gradual_prune``, ``damping_sweep``, ``select_damping``) compose them, and
+:class:`InverseFisherOperator` says what they need of the operator. The
+joint update's per-block systems are built from ``entries`` of the operator
+and solved here.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Protocol, runtime_checkable
+
+from ._compat import Array, is_dask_namespace
+from ._compat import device as device_of
+from ._gform import cast_pieces
+from ._pruning_inputs import check_bool, check_grads, check_mask, check_theta
+from ._static import EmpiricalFisher
+from ._validation import check_count, check_damp, check_fraction, check_operand
+
+#: Entries of ``F^{-1}`` requested from :meth:`StaticIHVP.entries` per call.
+_ENTRY_BUDGET = 2**20
+
+#: Slack when turning a sparsity into a count, so that 0.29 * 100 gives 29, not 28.
+_ROUND_SLACK = 1e-9
+
+
+@runtime_checkable
+class InverseFisherOperator(Protocol):
+    """What the pruning functions need from an inverse-Fisher operator.
+
+    :class:`~mfac_core.StaticIHVP` is one; any object with these members (for
+    instance a wrapper around another curvature approximation) can be used.
+
+    Attributes
+    ----------
+    shape : tuple of int
+        ``(d, d)``.
+    dtype, device, xp
+        The dtype, device and Array-API namespace of its arrays.
+    block_size : int
+        The size of the diagonal blocks of ``F^{-1}`` (``d`` for a full one):
+        entries across blocks are zero, and joint updates are block-wise.
+    """
+
+    shape: tuple[int, int]
+    dtype: Any
+    device: Any
+    block_size: int
+
+    @property
+    def xp(self) -> Any:
+        """The Array-API namespace of the operator's arrays."""
+
+    def matvec(self, x: Array, /) -> Array:
+        """Apply ``F^{-1}`` to a vector.
+
+        Parameters
+        ----------
+        x : array, shape (d,)
+            A vector in the operator's namespace, dtype and device.
+
+        Returns
+        -------
+        array, shape (d,)
+            ``F^{-1} x``.
+        """
+
+    def diagonal(self) -> Array:
+        """Return the diagonal of ``F^{-1}``.
+
+        Returns
+        -------
+        array, shape (d,)
+            The diagonal entries ``[F^{-1}]_{jj}``.
+        """
+
+    def entries(self, rows: Array, cols: Array, /) -> Array:
+        """Return selected entries of ``F^{-1}``.
+
+        Parameters
+        ----------
+        rows, cols : array of int
+            Row and column indices in ``[0, d)``, of the same shape, in the
+            operator's namespace and device.
+
+        Returns
+        -------
+        array
+            ``[F^{-1}]_{rows[k], cols[k]}`` for every ``k``, in the shape of
+            ``rows``; zero across blocks.
+        """
+
+
+def _check_operator(ihvp: Any, theta: Array) -> Any:
+    """The operator's checks; returns ``theta`` in its dtype (promoted where lossless)."""
+    if not isinstance(ihvp, InverseFisherOperator):
+        raise TypeError(
+            f"ihvp must be an inverse-Fisher operator such as StaticIHVP (see "
+            f"InverseFisherOperator), got {type(ihvp).__name__}"
+        )
+    d = theta.shape[0]
+    if tuple(ihvp.shape) != (d, d):
+        raise ValueError(f"ihvp has shape {tuple(ihvp.shape)} but theta has {d} weights")
+    return check_operand(ihvp.xp, ihvp.device, ihvp.dtype, theta, "theta", owner=repr(ihvp))
+
+
+def _half_fisher_diagonal(xp: Any, G: Array, damp: float) -> Array:
+    """``damp + sum_k G_ki^2 / m`` of 2-byte G in float32, a cast column piece at a time."""
+    m = G.shape[0]
+    parts = [
+        damp + xp.sum(piece * piece, axis=0) / m for _, _, piece in cast_pieces(xp, G, xp.float32)
+    ]
+    return parts[0] if len(parts) == 1 else xp.concat(parts)
+
+
+# -- saliencies ---------------------------------------------------------------------------
+
+
+def obs_saliency(theta: Array, ihvp: InverseFisherOperator, /) -> Array:
+    r"""The OBS/OBD saliency ``theta_i^2 / (2 [F^{-1}]_ii)`` of every weight.
+
+    The increase of the quadratic model of the loss when weight ``i`` alone is
+    set to zero and the others are moved optimally (paper Section 4.1).
+
+    Parameters
+    ----------
+    theta : array, shape (d,)
+        The flat weights.
+    ihvp : InverseFisherOperator
+        The inverse Fisher ``F^{-1}`` over the same d coordinates, such as a
+        :class:`~mfac_core.StaticIHVP`, in the namespace and on the device of
+        ``theta``; its ``diagonal()`` is used (O(d m)).
+
+    Returns
+    -------
+    array, shape (d,)
+        The saliencies, in theta's namespace, device and dtype.
+
+    Raises
+    ------
+    TypeError
+        If ``theta`` is not a floating array of the operator's library and
+        dtype.
+    ValueError
+        If the shapes or devices do not match.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from mfac_core import StaticIHVP
+    >>> from mfac_core.pruning import obs_saliency
+    >>> G = np.random.default_rng(0).standard_normal((16, 6))
+    >>> theta = np.array([1.0, -0.1, 0.5, 2.0, 0.0, -1.0])
+    >>> rho = obs_saliency(theta, StaticIHVP(G, damp=0.1))
+    >>> Finv = np.linalg.inv(0.1 * np.eye(6) + G.T @ G / 16)
+    >>> bool(np.allclose(rho, theta**2 / (2 * np.diag(Finv))))
+    True
+    """
+    check_theta(theta)
+    theta = _check_operator(ihvp, theta)
+    return theta * theta / (2 * ihvp.diagonal())
+
+
+def obd_saliency(theta: Array, G: Array, /, *, damp: float) -> Array:
+    r"""The OBD saliency with a diagonal Fisher: ``theta_i^2 F_ii / 2``.
+
+    Optimal Brain Damage approximates ``[F^{-1}]_ii`` by ``1 / F_ii`` with
+    ``F_ii = damp + sum_k G_ki^2 / m``, which ignores all correlations between
+    weights.
+
+    Parameters
+    ----------
+    theta : array, shape (d,)
+        The flat weights.
+    G : array, shape (m, d)
+        The gradients, one per row, in theta's namespace, device and dtype,
+        or stored in 2 bytes (float16, bfloat16) with float32 ``theta``.
+    damp : float
+        The damping ``lambda > 0``.
+
+    Returns
+    -------
+    array, shape (d,)
+        The saliencies (theta's dtype).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from mfac_core.pruning import obd_saliency
+    >>> G = np.array([[1.0, 0.0], [1.0, 2.0]])
+    >>> obd_saliency(np.array([1.0, 1.0]), G, damp=1.0)
+    array([1. , 1.5])
+    """
+    xp = check_theta(theta)
+    if check_grads(xp, theta, G) is not None:
+        return theta * theta * _half_fisher_diagonal(xp, G, check_damp(damp)) / 2
+    return theta * theta * EmpiricalFisher(G, damp=damp).diagonal() / 2
+
+
+def magnitude_saliency(theta: Array, /) -> Array:
+    """The magnitude saliency ``theta_i^2`` (magnitude pruning).
+
+    Parameters
+    ----------
+    theta : array, shape (d,)
+        The flat weights.
+
+    Returns
+    -------
+    array, shape (d,)
+        ``theta * theta``; ranks weights like ``abs(theta)``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from mfac_core.pruning import magnitude_saliency
+    >>> magnitude_saliency(np.array([-2.0, 0.5]))
+    array([4.  , 0.25])
+    """
+    check_theta(theta)
+    return theta * theta
+
+
+# -- selection ----------------------------------------------------------------------------
+
+
+def _target_count(sparsity: float, n: int) -> int:
+    return min(n, math.floor(sparsity * n + _ROUND_SLACK))
+
+
+def select_pruned(
+    scores: Array,
+    /,
+    *,
+    sparsity: float | None = None,
+    count: int | None = None,
+    mask: Array = None,
+    block_size: int | None = None,
+) -> Array:
+    """Select the least salient weights that are still kept.
+
+    Give exactly one of ``sparsity`` and ``count``. Weights that ``mask``
+    already prunes are never selected; ties are broken by the lower index.
+
+    Parameters
+    ----------
+    scores : array, shape (d,)
+        The saliencies (lower = pruned first); no NaN.
+    sparsity : float, optional
+        The fraction of weights, in ``[0, 1)``, that is pruned after the
+        selection, counting the already-pruned ones: ``floor(sparsity * n)``
+        weights of each group of ``n`` (all d weights, or each block). Groups
+        that are already sparser get no new selection.
+    count : int, optional
+        The number of *new* weights to select (globally, or in each block).
+    mask : array of bool, shape (d,), optional
+        ``True`` for the weights still kept (default: all).
+    block_size : int, optional
+        Select within each block of this many consecutive weights (the last
+        block may be shorter) instead of globally.
+
+    Returns
+    -------
+    array of bool, shape (d,)
+        ``True`` for the newly selected weights.
+
+    Raises
+    ------
+    ValueError
+        For a sparsity outside ``[0, 1)``, a ``count`` larger than the number
+        of kept weights (in some block), scores holding NaN, or mismatched
+        shapes.
+    TypeError
+        For arrays of different libraries or a non-boolean mask.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from mfac_core.pruning import select_pruned
+    >>> scores = np.array([0.5, 0.1, 0.9, 0.2, 0.3, 0.8])
+    >>> select_pruned(scores, count=2).nonzero()[0]
+    array([1, 3])
+    >>> kept = np.array([True, False, True, True, True, True])
+    >>> select_pruned(scores, sparsity=0.5, mask=kept).nonzero()[0]
+    array([3, 4])
+    >>> select_pruned(scores, count=1, block_size=3).nonzero()[0]
+    array([1, 3])
+    """
+    xp = check_theta(scores, "scores")
+    mask = check_mask(xp, scores, mask)
+    if (sparsity is None) == (count is None):
+        raise ValueError("give exactly one of sparsity and count")
+    if sparsity is not None:
+        sparsity = check_fraction(sparsity, "sparsity")
+    else:
+        count = check_count(count, "count", minimum=0)
+    if bool(xp.any(xp.isnan(scores))):
+        raise ValueError("scores must not contain NaN")
+    d = scores.shape[0]
+    B = d if block_size is None else min(check_count(block_size, "block_size"), d)
+    dev = device_of(scores)
+    nb = -(-d // B)
+    pad = nb * B - d
+    inf = xp.full((pad,), math.inf, dtype=scores.dtype, device=dev)
+    s = xp.reshape(xp.concat([scores, inf]), (nb, B))
+    keep = xp.reshape(xp.concat([mask, xp.zeros((pad,), dtype=xp.bool, device=dev)]), (nb, B))
+    kept = xp.sum(xp.astype(keep, xp.int64), axis=1)
+
+    if count is not None:
+        if count > int(xp.min(kept)):
+            raise ValueError(
+                f"count={count} is more than the {int(xp.min(kept))} weights still "
+                f"kept" + (" in some block" if nb > 1 else "")
+            )
+        k = xp.full((nb,), count, dtype=xp.int64, device=dev)
+    else:
+        sizes = [B] * nb
+        sizes[-1] = B - pad
+        fraction = check_fraction(sparsity, "sparsity")
+        target = xp.asarray([_target_count(fraction, n) for n in sizes], dtype=xp.int64, device=dev)
+        pruned = xp.asarray(sizes, dtype=xp.int64, device=dev) - kept
+        k = xp.clip(target - pruned, min=0)
+
+    # Order each block by (pruned, score): kept weights first, by increasing score, then a
+    # stable sort so that equal scores keep their index order.
+    offsets = xp.reshape(xp.arange(nb, dtype=xp.int64, device=dev) * B, (nb, 1))
+    by_score = xp.argsort(s, axis=1, stable=True)
+    dropped = xp.astype(
+        xp.take(xp.reshape(~keep, (-1,)), xp.reshape(by_score + offsets, (-1,))), xp.int8
+    )
+    by_kept = xp.argsort(xp.reshape(dropped, (nb, B)), axis=1, stable=True)
+    order = xp.reshape(
+        xp.take(xp.reshape(by_score, (-1,)), xp.reshape(by_kept + offsets, (-1,))), (nb, B)
+    )
+    rank = xp.argsort(order, axis=1)  # the inverse permutation: position of each weight
+    selected = rank < xp.reshape(k, (nb, 1))
+    return xp.reshape(selected, (-1,))[:d]
+
+
+# -- the OBS update -----------------------------------------------------------------------
+
+
+def obs_update(
+    theta: Array,
+    ihvp: InverseFisherOperator,
+    selected: Array,
+    /,
+    *,
+    joint: bool = False,
+    block_size: int | None = None,
+    mask: Array = None,
+    max_joint_size: int = 4096,
+) -> Array:
+    r"""The OBS update that removes the ``selected`` weights and moves the others.
+
+    With ``P`` the selected coordinates:
+
+    - ``joint=False`` (the paper's update): the sum of the single-weight OBS
+      updates, ``delta = -F^{-1} sum_{q in P} (theta_q / [F^{-1}]_qq) e_q``,
+      one IHVP in all;
+    - ``joint=True``: the exact multi-weight OBS update within each block,
+      ``delta = -F^{-1}_{:,P} ([F^{-1}]_{PP})^{-1} theta_P``, the minimiser of
+      ``delta^T F delta / 2`` subject to ``theta_P + delta_P = 0`` (for a
+      block-diagonal F when ``block_size`` is the operator's block size). The
+      small systems are built from :meth:`StaticIHVP.entries` and solved in
+      float64, all blocks at once; then one IHVP applies the update.
+
+    The selected weights, and any weight that ``mask`` already prunes, are
+    then set to exactly zero.
+
+    Parameters
+    ----------
+    theta : array, shape (d,)
+        The flat weights.
+    ihvp : StaticIHVP
+        ``F^{-1}`` over the same coordinates (theta's namespace, device and
+        dtype). Its gradients should be zero at coordinates pruned earlier.
+    selected : array of bool, shape (d,)
+        The weights to remove.
+    joint : bool, optional
+        Solve the joint system in each block (default ``False``).
+    block_size : int, optional
+        Block size of the joint systems (default: the operator's
+        ``block_size``). A block size smaller than the operator's ignores the
+        correlations between blocks, an approximation.
+    mask : array of bool, shape (d,), optional
+        ``True`` for the weights kept before this step.
+    max_joint_size : int, optional
+        Refuse joint systems with more selected weights than this in one
+        block (their cost grows as its cube); use blocks instead.
+
+    Returns
+    -------
+    array, shape (d,)
+        The updated weights, with exact zeros at the pruned coordinates.
+
+    Raises
+    ------
+    ValueError
+        For mismatched shapes, or a joint block with more than
+        ``max_joint_size`` selected weights.
+    TypeError
+        For arrays of another library or dtype than the operator's.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from mfac_core import StaticIHVP
+    >>> from mfac_core.pruning import obs_update
+    >>> rng = np.random.default_rng(0)
+    >>> G, theta = rng.standard_normal((32, 5)), rng.standard_normal(5)
+    >>> ihvp = StaticIHVP(G, damp=0.1)
+    >>> P = np.array([True, False, True, False, False])
+    >>> new = obs_update(theta, ihvp, P, joint=True)
+    >>> new[P]
+    array([0., 0.])
+
+    The joint update minimises ``delta^T F delta`` under the constraint:
+
+    >>> F = 0.1 * np.eye(5) + G.T @ G / 32
+    >>> delta = new - theta
+    >>> free = ~P
+    >>> bool(np.allclose(F[free] @ delta, 0))  # the stationarity conditions
+    True
+    """
+    xp = check_theta(theta)
+    theta = _check_operator(ihvp, theta)
+    mask = check_mask(xp, theta, mask)
+    check_bool(xp, theta, selected, "selected")
+    d = theta.shape[0]
+    if selected.ndim != 1 or selected.shape[0] != d:
+        raise ValueError(f"selected must have shape ({d},), got {tuple(selected.shape)}")
+    gone = selected | ~mask
+    zero = xp.zeros((), dtype=theta.dtype, device=device_of(theta))
+    if not bool(xp.any(selected)):
+        return xp.where(gone, zero, theta)
+    if joint:
+        if is_dask_namespace(xp):
+            raise ValueError(
+                "joint=True is not available for Dask arrays (Dask has no batched "
+                "linalg.solve for the per-block systems); use joint=False"
+            )
+        B = min(check_count(ihvp.block_size if block_size is None else block_size, "block_size"), d)
+        coef = _joint_coefficients(xp, theta, ihvp, selected, B, max_joint_size)
+    else:
+        coef = xp.where(selected, theta / ihvp.diagonal(), zero)
+    return xp.where(gone, zero, theta - ihvp.matvec(coef))
+
+
+def _joint_coefficients(
+    xp: Any, theta: Array, ihvp: Any, selected: Array, B: int, max_joint_size: int
+) -> Any:
+    """``u`` with ``u_P = ([F^{-1}]_{PP})^{-1} theta_P`` per block and zeros elsewhere."""
+    d = theta.shape[0]
+    dev = device_of(theta)
+    nb = -(-d // B)
+    pad = nb * B - d
+    sel = xp.reshape(xp.concat([selected, xp.zeros((pad,), dtype=xp.bool, device=dev)]), (nb, B))
+    counts = xp.sum(xp.astype(sel, xp.int64), axis=1)
+    p = int(xp.max(counts))
+    if p > max_joint_size:
+        raise ValueError(
+            f"the joint OBS update would solve a {p} x {p} system in one block "
+            f"(max_joint_size={max_joint_size}); use a smaller block_size"
+        )
+    offsets = xp.reshape(xp.arange(nb, dtype=xp.int64, device=dev) * B, (nb, 1))
+    # The selected positions of each block, in increasing order, padded to p.
+    first = xp.argsort(xp.astype(~sel, xp.int8), axis=1, stable=True)[:, :p]
+    valid = xp.reshape(xp.arange(p, dtype=xp.int64, device=dev), (1, p)) < xp.reshape(
+        counts, (nb, 1)
+    )
+    idx = xp.clip(first + offsets, max=d - 1)  # (nb, p) global indices; padding is ignored
+    flat_idx = xp.reshape(idx, (-1,))
+    rhs = xp.where(valid, xp.reshape(xp.astype(xp.take(theta, flat_idx), xp.float64), (nb, p)), 0.0)
+
+    # [F^{-1}]_{PP} of each block: only its upper triangle (it is symmetric), requested in
+    # chunks of blocks to bound the temporaries of entries().
+    ar = xp.arange(p, dtype=xp.int64, device=dev)
+    lo, hi = xp.minimum(ar[:, None], ar[None, :]), xp.maximum(ar[:, None], ar[None, :])
+    n_tri = p * (p + 1) // 2
+    upper = xp.reshape(ar[:, None] <= ar[None, :], (-1,))
+    tri = xp.argsort(xp.astype(~upper, xp.int8), stable=True)[:n_tri]  # row-major (i <= j)
+    tri_r, tri_c = tri // p, tri % p
+    # Position of (min(i, j), max(i, j)) in that list of upper-triangle pairs.
+    packed = xp.reshape(lo * p - (lo * (lo - 1)) // 2 + (hi - lo), (-1,))
+    rows_all = xp.take(idx, tri_r, axis=1)  # (nb, n_tri)
+    cols_all = xp.take(idx, tri_c, axis=1)
+    chunk = max(1, _ENTRY_BUDGET // max(1, n_tri))
+    parts = []
+    for b0 in range(0, nb, chunk):
+        b1 = min(nb, b0 + chunk)
+        vals = ihvp.entries(
+            xp.reshape(rows_all[b0:b1, ...], (-1,)), xp.reshape(cols_all[b0:b1, ...], (-1,))
+        )
+        vals = xp.reshape(xp.astype(vals, xp.float64), (b1 - b0, n_tri))
+        parts.append(xp.reshape(xp.take(vals, packed, axis=1), (b1 - b0, p, p)))
+    M = parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)
+    both = xp.reshape(valid, (nb, p, 1)) & xp.reshape(valid, (nb, 1, p))
+    eye = xp.eye(p, dtype=xp.float64, device=dev)
+    M = xp.where(both, M, xp.broadcast_to(eye, (nb, p, p)))
+    c = xp.linalg.solve(M, xp.reshape(rhs, (nb, p, 1)))
+    c = xp.reshape(xp.astype(c, theta.dtype), (-1,))
+
+    # Scatter c back: the k-th selected weight of block b takes c[b, k].
+    pos = xp.cumulative_sum(xp.astype(sel, xp.int64), axis=1) - 1
+    where_c = xp.clip(
+        xp.reshape(pos + xp.reshape(xp.arange(nb, dtype=xp.int64, device=dev) * p, (nb, 1)), (-1,)),
+        min=0,
+    )
+    u = xp.where(
+        xp.reshape(sel, (-1,)), xp.take(c, where_c), xp.zeros((), dtype=theta.dtype, device=dev)
+    )
+    return u[:d]
+
+
+# Re-exported by mfac_core.pruning, under whose name they are documented, doctested and pickled.
+for _public in (
+    InverseFisherOperator,
+    obs_saliency,
+    obd_saliency,
+    magnitude_saliency,
+    select_pruned,
+    obs_update,
+):
+    _public.__module__ = "mfac_core.pruning"
