@@ -982,3 +982,16 @@ def test_mfac_defaults_descend_on_every_step(dtype):
             opt.step()
             s = before - w.detach()
             assert float(g @ s) > 0, (seed, float(g @ s))
+
+
+def test_ill_conditioned_warning_of_a_step_names_the_callers_line():
+    # The warning is raised deep in the window's factor, below torch.optim's step hooks
+    # and no_grad wrapper: it must name the line that called opt.step(), not torch's.
+    p = nn.Parameter(torch.zeros(50, dtype=torch.float64))
+    opt = MFAC([p], num_grads=4, damp=1e-17)  # kappa ~ 1e18: float64 keeps no digit
+    gen = torch.Generator().manual_seed(0)
+    with pytest.warns(IllConditionedWarning) as record:
+        for _ in range(6):
+            p.grad = torch.randn(50, generator=gen, dtype=torch.float64)
+            opt.step()
+    assert {w.filename for w in record if w.category is IllConditionedWarning} == {__file__}

@@ -43,7 +43,11 @@ def user_stacklevel() -> int:
 
     Called by the function that then calls :func:`warnings.warn`: a warning about
     the caller's data (an ill-conditioned problem) should name the caller's line,
-    however deep inside the package the condition was found.
+    however deep inside the package the condition was found. Frames of the
+    frameworks' own wrappers between the user and the package (``torch.optim``'s
+    step hooks, ``torch.no_grad``, JAX's tracing) are stepped over too: their
+    depth depends on the framework's version, and the user's line is what the
+    warning is about.
 
     Returns
     -------
@@ -52,7 +56,19 @@ def user_stacklevel() -> int:
     """
     frame: FrameType | None = sys._getframe(1)
     level = 1
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIR):
+    while frame is not None and _inside(frame):
         frame = frame.f_back
         level += 1
     return level
+
+
+def _inside(frame: FrameType) -> bool:
+    """Whether ``frame`` runs code of this package or of a framework's wrappers."""
+    if os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIR):
+        return True
+    module = frame.f_globals.get("__name__")
+    return isinstance(module, str) and module.split(".", 1)[0] in _FRAMEWORKS
+
+
+#: The packages whose frames sit between a user's call and this package's code.
+_FRAMEWORKS = frozenset({"torch", "jax", "optax"})
