@@ -153,3 +153,72 @@ def test_spectral_diagonal_ops_independent_of_d() -> None:
     small, large = _diagonal_ops(SMALL), _diagonal_ops(LARGE)
     assert small["ops"] == large["ops"], (small, large)
     assert small["syncs"] == large["syncs"] == 0, (small, large)
+
+
+def _same_state(sa: dict, sb: dict) -> None:
+    assert sa.keys() == sb.keys()
+    for key, value in sa.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, sb[key]), key
+        else:
+            assert value == sb[key], key
+
+
+@pytest.mark.parametrize("dtype", DTYPES[:2], ids=str)
+@pytest.mark.parametrize("device", [True, False], ids=["device", "host"])
+def test_the_checked_step_is_the_step_and_reads_once(dtype: torch.dtype, device: bool) -> None:
+    """The optimiser's step: the product and its finiteness come with the step's one read.
+
+    The product, computed with the edited factor before the checks are read, is the
+    one ``update_and_matvec`` returns, in the steady state (row edits), at a
+    refactorisation (``refactor_every``) and with refinement.
+    """
+    import contextlib
+
+    for options in ({}, {"refine": 1, "refactor_every": 2}):
+        op, twin = (
+            DynamicIHVP.from_window(
+                _gradients(8, 256, dtype), damp=1e-2, check_finite=False, **options
+            )
+            for _ in range(2)
+        )
+        with device_path() if device else contextlib.nullcontext():
+            for seed in range(3):
+                g = _vector(256, seed=10 + seed) / 16
+                edits = op.refactor_count
+                with counting() as c:
+                    out = op._update_and_matvec_checked(g)
+                s = twin.update_and_matvec(g)
+                assert out.status == "ok" and out.error is None and out.s_finite
+                assert torch.equal(out.s, s)
+                _same_state(op.state_dict(), twin.state_dict())
+                if device and op.refactor_count == edits:  # a row edit
+                    assert c.syncs == 1, c.names
+
+
+@pytest.mark.parametrize(
+    ("dtype", "value", "status"),
+    [
+        (torch.float32, float("nan"), "not finite"),
+        (torch.bfloat16, float("inf"), "not finite"),
+        (torch.bfloat16, 3.4e38, "not representable"),  # finite in float32 only
+    ],
+    ids=["nan", "inf", "range"],
+)
+def test_the_checked_step_reports_bad_gradients(dtype: torch.dtype, value: float, status: str):
+    """NaN (whatever check_finite) and a 2-byte window's range: a status, the window kept."""
+    op = _window(dtype, SMALL, False)
+    strict = _window(dtype, SMALL, True)
+    before = op.state_dict()
+    g = _vector(SMALL)
+    g[9] = value
+    with device_path():
+        with counting() as c:
+            out = op._update_and_matvec_checked(g)
+        with pytest.raises(ValueError) as raised:
+            strict.update_and_matvec(g)
+    assert c.syncs == 1, c.names
+    assert (out.status, out.s, out.s_finite) == (status, None, False)
+    # The error update_and_matvec raises (with check_finite) for this gradient.
+    assert isinstance(out.error, ValueError) and str(out.error) == str(raised.value)
+    _same_state(before, op.state_dict())

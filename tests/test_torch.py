@@ -736,7 +736,9 @@ def test_a_nonfinite_step_is_skipped(monkeypatch):
     model = make_model(4, torch.float32)
     opt = MFAC(model.parameters(), lr=0.1, num_grads=2, momentum=0.5)
     train(model, opt, batches(4, 2, dtype=torch.float32))
-    monkeypatch.setattr(opt.ihvp, "update_and_matvec", lambda g: torch.full_like(g, float("inf")))
+    # The window's product overflows (its finiteness is read with the step's checks).
+    finish = opt.ihvp._finish
+    monkeypatch.setattr(opt.ihvp, "_finish", lambda *a: finish(*a) * float("inf"))
     before = [p.detach().clone() for p in model.parameters()]
     momentum = opt.state_dict()["state"][0]["momentum_buffer"]
     x, y = batches(5, 1, dtype=torch.float32)[0]
@@ -798,7 +800,7 @@ def test_a_rejected_gradient_is_stepped_with_the_previous_window(zero_init, monk
     opt = MFAC(params, lr=lr, num_grads=m, damp=damp, momentum=0.5, zero_init=zero_init)
     data = batches(13, 6)
     window, buf = [], np.zeros(opt.dim)
-    insert = opt.ihvp.update_and_matvec
+    insert = opt.ihvp._update_and_matvec_checked  # what MFAC calls
     for i, (x, y) in enumerate(data):
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
@@ -809,11 +811,11 @@ def test_a_rejected_gradient_is_stepped_with_the_previous_window(zero_init, monk
             def refuse(_g):
                 raise FactorizationError("injected")
 
-            monkeypatch.setattr(opt.ihvp, "update_and_matvec", refuse)
+            monkeypatch.setattr(opt.ihvp, "_update_and_matvec_checked", refuse)
             s = dense_step(window, g, damp, m, zero_init)
             with pytest.warns(MFACStepWarning, match="injected"):
                 opt.step()
-            monkeypatch.setattr(opt.ihvp, "update_and_matvec", insert)
+            monkeypatch.setattr(opt.ihvp, "_update_and_matvec_checked", insert)
         else:
             window.append(g)
             s = dense_step(window, g, damp, m, zero_init)

@@ -489,6 +489,18 @@ def test_the_torchrun_gloo_example_of_the_docs_runs():
 # -- host syncs and work per step (issue 21) --------------------------------------------------
 
 
+def _steady_optimizer(d: int, grad_dtype=None, damp: float = 1e-3):
+    """An optimizer past its fill-up, and the next gradient: a steady-state step's input."""
+    p = nn.Parameter(torch.zeros(d))
+    opt = MFAC([p], num_grads=4, damp=damp, momentum=0.5, grad_dtype=grad_dtype)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(6):  # past the fill-up: the next step is a row edit
+        p.grad = torch.randn(d, generator=gen)
+        opt.step()
+    p.grad = torch.randn(d, generator=gen)
+    return p, opt
+
+
 def _ops_of_a_step(d: int):
     from collections import Counter
 
@@ -509,13 +521,7 @@ def _ops_of_a_step(d: int):
                 self.from_mfac_torch[str(func)] += 1  # called by mfac_core/torch.py itself
             return func(*args, **(kwargs or {}))
 
-    p = nn.Parameter(torch.zeros(d))
-    opt = MFAC([p], num_grads=4, momentum=0.5)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(6):  # past the fill-up: a steady-state step
-        p.grad = torch.randn(d, generator=gen)
-        opt.step()
-    p.grad = torch.randn(d, generator=gen)
+    _, opt = _steady_optimizer(d)
     with Count() as count:
         opt.step()
     return count
@@ -528,12 +534,106 @@ FROM_HOST = ("aten.lift_fresh.default", "aten.scalar_tensor.default")
 def test_a_step_syncs_little_and_its_work_does_not_grow_with_d():
     small, large = _ops_of_a_step(20), _ops_of_a_step(2000)
     assert small.ops == large.ops  # the same ops (each O(d) or O(m^2)), however large d
-    # MFAC's own code: two host syncs (is the gradient finite? is the step?) and no
-    # tensor made from host data; the window's update adds its own (a pivot, a drift
-    # check, a diagonal entry: 3 syncs today).
-    assert small.from_mfac_torch[SYNC] == 2
+    # MFAC's own code reads nothing on the host and makes no tensor from host data: the
+    # window reads its checks and the step's finiteness. These are CPU tensors, which
+    # take the host route (reads cost nothing there); the device route is counted below.
+    assert small.from_mfac_torch[SYNC] == 0
     assert not any(small.from_mfac_torch[op] for op in FROM_HOST)
-    assert small.ops[SYNC] <= 5
+
+
+def _device_step_counts(d: int, grad_dtype):
+    from _counting import counting, device_path
+
+    _, opt = _steady_optimizer(d, grad_dtype)
+    with device_path():
+        refactors = opt.ihvp.refactor_count
+        with counting() as count:
+            opt.step()
+    assert opt.ihvp.refactor_count == refactors, "the counted step must be a row edit"
+    assert (opt.steps, opt.skipped_steps, opt.rejected_grads) == (7, 0, 0)
+    return count
+
+
+@pytest.mark.parametrize("grad_dtype", [None, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_a_device_step_syncs_once(grad_dtype):
+    """On a GPU's route, a steady-state step reads the host once, whatever d."""
+    small, large = _device_step_counts(20, grad_dtype), _device_step_counts(2000, grad_dtype)
+    # The gradient's check (NaN, infinity, the window's range), the row edit's pivot and
+    # drift, and whether the step is finite: one transfer.
+    assert small.syncs == large.syncs == 1, (small.names, large.names)
+    assert small.host_tensors == large.host_tensors == 0, (small.names, large.names)
+    assert small.ops == large.ops, (small.summary(), large.summary())
+
+
+def _state(opt):
+    state = opt.state_dict()["state"][0]
+    return {k: v for k, v in {**state, **state["window"]}.items() if k != "window"}
+
+
+def _assert_same_state(before, after):
+    assert before.keys() == after.keys()
+    for key, value in before.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, after[key]), key
+        else:
+            assert value == after[key], key
+
+
+def test_a_nonfinite_gradient_on_the_device_route_is_skipped_with_one_read():
+    from _counting import counting, device_path
+
+    p, opt = _steady_optimizer(20)
+    before, theta = _state(opt), p.detach().clone()
+    p.grad[3] = float("nan")
+    with device_path(), counting() as count:
+        with pytest.warns(MFACStepWarning, match=r"parameter 0 of group 0 \(shape \(20,\)\) holds"):
+            opt.step()
+    # One read decides (the window's); finding the parameter to name reads more, on
+    # this rare path only.
+    assert count.names["SYNC tolist"] == 1, count.names
+    assert (opt.steps, opt.skipped_steps) == (6, 1)
+    assert torch.equal(p.detach(), theta)
+    after = _state(opt)
+    assert (before.pop("skipped_steps"), after.pop("skipped_steps")) == (0, 1)
+    _assert_same_state(before, after)
+
+
+def test_a_nonfinite_step_on_the_device_route_is_skipped():
+    from _counting import counting, device_path
+
+    p, opt = _steady_optimizer(20)
+    theta = p.detach().clone()
+    momentum = opt.state_dict()["state"][0]["momentum_buffer"].clone()
+    finish = opt.ihvp._finish
+    opt.ihvp._finish = lambda *a: finish(*a) * float("inf")  # the product overflows
+    with device_path(), counting() as count:
+        with pytest.warns(MFACStepWarning, match="preconditioned step holds NaN"):
+            opt.step()
+    assert count.syncs == 1, count.names
+    assert (opt.steps, opt.skipped_steps) == (6, 1)
+    assert torch.equal(p.detach(), theta)
+    assert torch.equal(opt.state_dict()["state"][0]["momentum_buffer"], momentum)
+
+
+@pytest.mark.parametrize("errors", ["skip", "raise"])
+def test_an_unstorable_gradient_on_the_device_route(errors):
+    """Beyond bfloat16's range: left out of the window (skip) or refused (raise), as on the host."""
+    from _counting import device_path
+
+    # A damping that keeps the previous window's step of this gradient finite.
+    p, opt = _steady_optimizer(20, torch.bfloat16, damp=10.0)
+    opt.defaults["errors"] = errors
+    window = opt.ihvp.state_dict()
+    p.grad[5] = 3.4e38  # finite in float32, infinite in bfloat16
+    with device_path():
+        if errors == "raise":
+            with pytest.raises(ValueError, match="does not fit the window's bfloat16 storage"):
+                opt.step()
+        else:
+            with pytest.warns(MFACStepWarning, match=r"left out of the window .* \(3\.4e\+38\)"):
+                opt.step()
+    _assert_same_state(window, opt.ihvp.state_dict())
+    assert (opt.steps, opt.rejected_grads) == ((7, 1) if errors == "skip" else (6, 0))
 
 
 # -- PyTorch's own optimizer harness ----------------------------------------------------------

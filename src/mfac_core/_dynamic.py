@@ -16,7 +16,7 @@ import operator
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import _capacitance, _engine
 from ._capacitance import CapacitanceFactor
@@ -58,6 +58,58 @@ _FACTOR_SAMPLE = 8
 _GRAM_ROUNDING = 4
 #: float64 entries in one piece of the initial Gram product of ``from_window``.
 _PIECE_ENTRIES = 2**22
+
+
+class _Refused(ValueError):
+    """A gradient refused for its values; ``finite`` tells a range error from NaN/infinity."""
+
+    def __init__(self, message: str, *, finite: bool) -> None:
+        super().__init__(message)
+        self.finite = finite
+
+
+class _StepCheck(NamedTuple):
+    """What :meth:`DynamicIHVP._update_and_matvec_checked` found.
+
+    status : {"ok", "not finite", "not representable"}
+        ``"ok"``: ``g`` was inserted. ``"not finite"``: ``g`` holds NaN or
+        infinity. ``"not representable"``: ``g`` is finite but an entry is
+        beyond the range of the window's 2-byte storage. The window is
+        unchanged unless ``"ok"``.
+    s : array or None
+        ``F^{-1} g`` for the window that includes ``g`` (``"ok"`` only).
+    s_finite : bool
+        Whether ``s`` holds no NaN or infinity (False when ``s`` is None).
+    error : ValueError or None
+        The exception :meth:`DynamicIHVP.update_and_matvec` raises for this
+        ``g`` (None when ``"ok"``).
+    """
+
+    status: str
+    s: Any
+    s_finite: bool
+    error: ValueError | None
+
+
+class _Speculation:
+    """The step's product, computed with an edited factor before the step's checks are read.
+
+    ``compute`` returns the product's finiteness as a 0-d array, read with the
+    row edit's checks in one transfer (:meth:`DynamicIHVP._edited`); the product
+    stands only if the edit is kept (``s`` is None otherwise).
+    """
+
+    def __init__(self, op: DynamicIHVP) -> None:
+        self._op = op
+        self.X: Any = None
+        self.P: Any = None
+        self.s: Any = None
+        self.finite = False
+
+    def compute(self, factor: _SlotFactor) -> Array:
+        op, xp = self._op, self._op._xp
+        self.s = op._refined(self.X, op._finish(self.X, self.P, factor), factor)[:, 0]
+        return xp.all(xp.isfinite(self.s))
 
 
 def _default_namespace() -> Any:
@@ -760,7 +812,13 @@ class DynamicIHVP(LinearOperator):
         self._warned_hopeless = hopeless
 
     def _edited(
-        self, slot: int, b: Array, *, gram: Array | None = None, pending: Any = None
+        self,
+        slot: int,
+        b: Array,
+        *,
+        gram: Array | None = None,
+        pending: Any = None,
+        speculation: _Speculation | None = None,
     ) -> tuple[_SlotFactor, bool]:
         """The factor after ``slot`` gets Gram row ``b``: an O(m^2) edit where possible.
 
@@ -770,7 +828,9 @@ class DynamicIHVP(LinearOperator):
         computed from it in full. ``pending`` is the gradient's deferred check
         (:meth:`_check_gradient`), judged here before anything else can fail: the
         row edit reads it in the same transfer as its own checks, so that a step
-        synchronises with the device once.
+        synchronises with the device once. A ``speculation`` computes the step's
+        product with the edited factor, whose finiteness joins that read; it is
+        discarded (``speculation.s`` None) unless the edit is kept.
         """
         current = self._factor
         slots = [s for s in current.slots if s != slot] + [slot]
@@ -808,11 +868,17 @@ class DynamicIHVP(LinearOperator):
                 edited = current.moved_last(factor, row)
                 drift = self._drift(edited, b[slot])
                 checks = [drift] if margin is None else [margin, drift]
+                if speculation is not None:
+                    checks.append(speculation.compute(edited))
                 values = self._judge(pending, checks)
+                if speculation is not None:
+                    speculation.finite = values.pop() > 0
                 pivot_ok = margin is None or values[0] > 0
                 if pivot_ok and not values[-1] > _DRIFT_TOL:
                     return edited, False
                 pending = None  # judged above
+                if speculation is not None:
+                    speculation.s = None  # made with the edit that was just refused
         self._judge(pending, [])
         gram = self._xp.asarray(self._gram, copy=True)
         gram[slot, :] = b
@@ -854,7 +920,7 @@ class DynamicIHVP(LinearOperator):
         arrays = checks if pending is None else [pending[1], *checks]
         values = host_values(xp.stack([xp.astype(xp.reshape(a, ()), xp.float64) for a in arrays]))
         if pending is not None:
-            self._judge_gradient(pending[0], values[0])
+            self._judge_gradient(pending[0], values[0], finite=pending[2])
             values = values[1:]
         return values
 
@@ -896,33 +962,37 @@ class DynamicIHVP(LinearOperator):
 
     # -- updates -----------------------------------------------------------------------
 
-    def _check_gradient(self, g: Array, *, deferred: bool = False) -> Any:
+    def _check_gradient(self, g: Array, *, deferred: bool = False, finite: bool = False) -> Any:
         """``g`` checked (shape, library, dtype; NaN, infinity and range where asked).
 
-        With ``deferred``, returns ``(g, pending)``: the value checks need a number
-        read from the device, which ``pending`` (``(g, max |g|)`` as a 0-d array, or
-        None) leaves to :meth:`_judge`, so that a step reads all its checks at once.
+        NaN and infinity are refused with ``check_finite`` or ``finite``. With
+        ``deferred``, returns ``(g, pending)``: the value checks need a number read
+        from the device, which ``pending`` (``(g, max |g|, refuse NaN)``, the maximum
+        a 0-d array; or None) leaves to :meth:`_judge`, so that a step reads all its
+        checks at once.
         """
         # The window stores gradients, never their autograd history.
         g = detached(check_operand(self._xp, self.device, self.dtype, g, "g", owner=repr(self)))
         if g.ndim != 1 or g.shape[0] != self.dim:
             raise ValueError(f"g must have shape ({self.dim},), got {tuple(g.shape)}")
-        needed = self.check_finite or self.storage_dtype is not None
+        finite = finite or self.check_finite
+        needed = finite or self.storage_dtype is not None
         # A rank of a sharded window may hold no coordinates: nothing to check.
-        pending = (g, self._xp.max(self._xp.abs(g))) if needed and g.shape[0] else None
+        pending = (g, self._xp.max(self._xp.abs(g)), finite) if needed and g.shape[0] else None
         if deferred:
             return g, pending
         if pending is not None:
-            self._judge_gradient(g, float(pending[1]))
+            self._judge_gradient(g, float(pending[1]), finite=finite)
         return g
 
-    def _judge_gradient(self, g: Array, biggest: float) -> None:
+    def _judge_gradient(self, g: Array, biggest: float, *, finite: bool) -> None:
         """Raise if ``g``, whose largest magnitude is ``biggest``, is refused.
 
         NaN and infinity propagate to ``biggest``: one number decides both checks.
+        They are refused with ``finite``, and always by a 2-byte window.
         """
-        if self.check_finite and not math.isfinite(biggest):
-            raise ValueError("g must not contain NaN or infinity")
+        if finite and not math.isfinite(biggest):
+            raise _Refused("g must not contain NaN or infinity", finite=False)
         if self.storage_dtype is not None:
             self._check_representable(g, biggest)
 
@@ -935,11 +1005,13 @@ class DynamicIHVP(LinearOperator):
         # to infinity (the spacing there is 2**emax * eps, and top = (2 - eps) 2**emax).
         limit = top + top * eps / (2 * (2 - eps))
         if not biggest < limit:
-            check_finite(xp, g, "g")  # a NaN or infinity given is reported as such
-            raise ValueError(
+            if not math.isfinite(biggest):  # a NaN or infinity given is reported as such
+                raise _Refused("g must not contain NaN or infinity", finite=False)
+            raise _Refused(
                 f"g does not fit the window's {self.storage_dtype} storage: an entry "
                 f"({biggest:g}) overflows its range (largest finite {top:g}); scale the "
-                "gradients or store them in a wider dtype"
+                "gradients or store them in a wider dtype",
+                finite=True,
             )
 
     def _products(self, slot: int, g: Array) -> tuple[Any, Any]:
@@ -958,7 +1030,13 @@ class DynamicIHVP(LinearOperator):
         return P[:, 0], P[:, 1:]
 
     def _place(
-        self, slot: int, g: Array, b: Array | None = None, *, pending: Any = None
+        self,
+        slot: int,
+        g: Array,
+        b: Array | None = None,
+        *,
+        pending: Any = None,
+        speculation: _Speculation | None = None,
     ) -> tuple[Array, Any, Any]:
         """Put gradient ``g`` into ``slot``; return it (checked) and its Gram row (float64).
 
@@ -974,7 +1052,8 @@ class DynamicIHVP(LinearOperator):
         operator is as it was. A sharded operator checks ``g`` here, inside the
         reduction of the row, so that every rank raises if one rank's ``g`` is bad.
         ``pending`` is an unsharded ``g``'s deferred check (:meth:`_check_gradient`),
-        judged before the operator changes.
+        judged before the operator changes. ``speculation`` is handed the product's
+        operands and computes it with the edited factor (see :meth:`_edited`).
         """
         xp = self._xp
         old = xp.asarray(self._G[slot, ...], copy=True)
@@ -983,10 +1062,13 @@ class DynamicIHVP(LinearOperator):
         try:
             if b is None:
                 g, b, product = self._written_row(slot, g)
+                if speculation is not None:
+                    speculation.X = g[:, None]
+                    speculation.P = b[:, None] if product is None else product
             else:
                 self._G[slot, ...] = g
             try:
-                factor, refactored = self._edited(slot, b, pending=pending)
+                factor, refactored = self._edited(slot, b, pending=pending, speculation=speculation)
             except FactorizationError:
                 if self._exact_gram:
                     raise
@@ -1116,18 +1198,24 @@ class DynamicIHVP(LinearOperator):
         """The buffer's Gram matrix accumulated in float64 (O(m^2 d), on the rare path)."""
         return self._summed(_local_gram(self._xp, self._G))
 
-    def _insert(self, g: Array) -> tuple[Array, Any]:
-        """Insert gradient ``g``; return it (checked) and ``G g`` (float64, ``(m, 1)``)."""
+    def _insert(self, g: Array, *, speculation: _Speculation | None = None) -> tuple[Array, Any]:
+        """Insert gradient ``g``; return it (checked) and ``G g`` (float64, ``(m, 1)``).
+
+        With a ``speculation`` (unsharded only), NaN and infinity are refused
+        whatever ``check_finite``, and the step's product may be computed before
+        the checks are read (:meth:`_edited`).
+        """
         pending = None
         if self._comm is None:  # sharded, g is checked inside the reduction of its row
+            finite = speculation is not None
             # On a device the gradient's check waits for the row edit's, to be read
             # with it in one transfer; on the host it runs first.
             if _engine.is_accelerator(self._xp, self._G):
-                g, pending = self._check_gradient(g, deferred=True)
+                g, pending = self._check_gradient(g, deferred=True, finite=finite)
             else:
-                g = self._check_gradient(g)
+                g = self._check_gradient(g, finite=finite)
         slot = self._window[0] if self.is_full else self._free[-1]
-        g, _, product = self._place(slot, g, pending=pending)
+        g, _, product = self._place(slot, g, pending=pending, speculation=speculation)
         if self.is_full:
             self._window.popleft()
         else:
@@ -1188,6 +1276,51 @@ class DynamicIHVP(LinearOperator):
         g, product = self._insert(g)
         X = g[:, None]
         return self._refined(X, self._finish(X, product))[:, 0]
+
+    def _update_and_matvec_checked(self, g: Array, /) -> _StepCheck:
+        """:meth:`update_and_matvec` for an optimiser step that must not fail on bad values.
+
+        NaN and infinity in ``g`` are refused whatever ``check_finite``, and
+        reported with a 2-byte window's range error as a status, not raised;
+        whether the product is finite is returned with it. On a device, the
+        steady-state step (a full window and a row edit) reads the gradient's
+        check, the edit's and the product's finiteness in one transfer: the
+        product is computed with the edited factor before that read and
+        discarded if the step is refused. Unsharded windows only (a sharded
+        gradient is checked collectively, inside the reduction of its row).
+
+        Parameters
+        ----------
+        g : array, shape (d,)
+            The gradient, as for :meth:`update`.
+
+        Returns
+        -------
+        _StepCheck
+            The status, the product and whether it is finite.
+
+        Raises
+        ------
+        TypeError, ValueError
+            For a wrong library, dtype, device or shape, as :meth:`update`.
+        FactorizationError
+            As :meth:`update`; the window is then unchanged.
+        """
+        if self._comm is not None:
+            raise ValueError("_update_and_matvec_checked is for unsharded windows only")
+        speculation = _Speculation(self)
+        try:
+            g, product = self._insert(g, speculation=speculation)
+        except _Refused as exc:
+            status = "not representable" if exc.finite else "not finite"
+            return _StepCheck(status, None, False, exc)
+        if speculation.s is not None:
+            return _StepCheck("ok", speculation.s, speculation.finite, None)
+        # Not a row edit (filling up, a refactorisation): the product, then its read.
+        xp = self._xp
+        X = g[:, None]
+        s = self._refined(X, self._finish(X, product))[:, 0]
+        return _StepCheck("ok", s, bool(xp.all(xp.isfinite(s))), None)
 
     def remove_oldest(self) -> None:
         """Remove the oldest gradient of the window."""
@@ -1250,22 +1383,31 @@ class DynamicIHVP(LinearOperator):
 
     # -- products ----------------------------------------------------------------------
 
-    def _finish(self, X: Array, P: Array) -> Any:
-        """``(X - G^T C^{-1} P) / damp`` given ``P = G X`` (float64, slot order)."""
-        if not self._factor.slots:
+    def _finish(self, X: Array, P: Array, factor: _SlotFactor | None = None) -> Any:
+        """``(X - G^T C^{-1} P) / damp`` given ``P = G X`` (float64, slot order).
+
+        With the operator's factor unless ``factor`` is given (see :meth:`_edited`).
+        """
+        factor = self._factor if factor is None else factor
+        if not factor.slots:
             return X / self.damp
-        A = self._factor.coefficients(P)
+        A = factor.coefficients(P)
         return _engine.combine(self._xp, self._G, X, A, alpha=1.0 / self.damp, dtype=self.dtype)
 
-    def _solve(self, X: Array) -> Array:
-        return self._finish(X, self._summed(_engine.project(self._xp, self._G, X)))
+    def _solve(self, X: Array, factor: _SlotFactor | None = None) -> Array:
+        return self._finish(X, self._summed(_engine.project(self._xp, self._G, X)), factor)
 
     def _matmat(self, X: Array) -> Array:
         return self._refined(X, self._solve(X))
 
-    def _refined(self, X: Array, Y: Array) -> Array:
-        """``Y ~ F^{-1} X`` after ``refine`` steps of iterative refinement."""
-        if not self.refine or not self._factor.slots:
+    def _refined(self, X: Array, Y: Array, factor: _SlotFactor | None = None) -> Array:
+        """``Y ~ F^{-1} X`` after ``refine`` steps of iterative refinement.
+
+        With the operator's factor unless ``factor`` is given; the window's size
+        must be the one ``factor`` is for.
+        """
+        factor = self._factor if factor is None else factor
+        if not self.refine or not factor.slots:
             return Y  # an empty window's F = damp I is applied exactly
         scale = 1.0 / (self.num_grads if self.zero_init else len(self._window))
         whole = (BlockGroup(0, 1, self.dim),)
@@ -1275,7 +1417,7 @@ class DynamicIHVP(LinearOperator):
                 return self._sharded_residual(X, Y64, scale)
             return fisher_residual(self._xp, self._G, whole, X, Y64, damp=self.damp, scale=scale)
 
-        return refine(self._xp, self._solve, residual, X, Y, self.refine)
+        return refine(self._xp, lambda R: self._solve(R, factor), residual, X, Y, self.refine)
 
     def _sharded_residual(self, X: Array, Y: Array, scale: float) -> Array:
         """This rank's rows of ``X - F Y`` in float64, with ``G Y`` summed over the ranks.

@@ -589,7 +589,8 @@ class MFAC(torch.optim.Optimizer):
             device=self.device,
             zero_init=self.defaults["zero_init"],
             comm=self._comm,
-            # One process: the step checks the gradient itself (one host sync, not two);
+            # One process: the step has the window check the gradient
+            # (_update_and_matvec_checked) and products are left unchecked, as before;
             # distributed, the window's check is the collective one.
             check_finite=self._comm is not None,
         )
@@ -750,27 +751,37 @@ class MFAC(torch.optim.Optimizer):
             # float64 gradients for a 2-byte window: float32 steps. Cast before the check
             # below, so that a finite entry beyond float32's range counts as not finite.
             g = g.to(self.ihvp.dtype)
-        # One reduction and one host sync per step, next to two passes over m x d.
-        if not bool(torch.isfinite(g).all()):
-            self._skip(
-                f"{self._culprit()} holds NaN or infinity; the step is skipped "
-                "(parameters, momentum and window unchanged)"
-            )
-            return
+        # One host sync per steady-state step, next to two passes over m x d: the window
+        # reads its gradient's check (NaN, infinity, the 2-byte range), its row edit's
+        # and the step's finiteness together, and reports them instead of raising. The
+        # method is private to the window because it exists for this loop: it refuses
+        # NaN whatever the window's check_finite, and computes the product before it
+        # knows whether the step stands.
         try:
-            if self.defaults["errors"] == "skip" and not self._fits_window(g):
-                raise _Unstorable(
+            out = self.ihvp._update_and_matvec_checked(g)
+        except FactorizationError as exc:
+            if self.defaults["errors"] == "raise":
+                raise
+            s, finite = self._with_previous_window(g, exc)
+        else:
+            if out.status == "not finite":
+                self._skip(
+                    f"{self._culprit()} holds NaN or infinity; the step is skipped "
+                    "(parameters, momentum and window unchanged)"
+                )
+                return
+            if out.status == "not representable":
+                if self.defaults["errors"] == "raise":
+                    assert out.error is not None
+                    raise out.error  # the ValueError update_and_matvec raises
+                unstorable = _Unstorable(
                     f"an entry of the gradient ({float(g.abs().max()):g}) is beyond the "
                     f"range of the window's {str(self.grad_dtype).removeprefix('torch.')}"
                 )
-            s = self.ihvp.update_and_matvec(g)
-        except (FactorizationError, _Unstorable) as exc:
-            if self.defaults["errors"] == "raise":
-                raise
-            # The core leaves the window as it was; precondition with it.
-            self._left_out(exc)
-            s = self.ihvp.matvec(g)
-        if not bool(torch.isfinite(s).all()):
+                s, finite = self._with_previous_window(g, unstorable)
+            else:
+                s, finite = out.s, out.s_finite
+        if not finite:
             self._skip(
                 "the preconditioned step holds NaN or infinity (damp too small for "
                 "the dtype?); the step is skipped (parameters and momentum unchanged)"
@@ -779,6 +790,12 @@ class MFAC(torch.optim.Optimizer):
         self._apply(s.to(self.dtype))
         self._count("steps")
 
+    def _with_previous_window(self, g: torch.Tensor, exc: Exception) -> tuple[torch.Tensor, bool]:
+        """The step with the window as it was (which the core leaves unchanged)."""
+        self._left_out(exc)
+        s = self.ihvp.matvec(g)
+        return s, bool(torch.isfinite(s).all())
+
     def _left_out(self, exc: Exception) -> None:
         """Count and report a gradient the window could not take (``errors="skip"``)."""
         self._count("rejected_grads")
@@ -786,12 +803,6 @@ class MFAC(torch.optim.Optimizer):
             f"the gradient was left out of the window and the step taken with the "
             f"previous window ({self.rejected_grads} so far): {exc}"
         )
-
-    def _fits_window(self, g: torch.Tensor) -> bool:
-        """Whether a finite gradient stays finite when rounded to the window's dtype."""
-        if self.grad_dtype not in _HALF_GRAD_DTYPES:
-            return True
-        return bool(torch.isfinite(g.to(self.grad_dtype)).all())
 
     def _distributed_step(self, g: torch.Tensor) -> None:
         """The step across processes: every rank decides alike (see the class's Notes)."""
