@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import sys
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -36,7 +35,7 @@ from torch import nn
 from . import pruning
 from ._compat import array_namespace
 from ._dynamic import DynamicIHVP
-from ._errors import FactorizationError
+from ._errors import FactorizationError, user_stacklevel
 from ._sharding import reduce_checked
 from ._validation import (
     check_choice,
@@ -910,15 +909,13 @@ class MFAC(torch.optim.Optimizer):
         self._warn(f"{message} ({self.skipped_steps} skipped so far)")
 
     def _warn(self, message: str) -> None:
-        # Point at the caller of opt.step(), past this module and torch's wrappers of step
+        # Point at the caller of opt.step(), past this package and torch's wrappers of step
         # (no_grad, hooks, profiling), whose depth depends on torch's version.
-        frame, level = sys._getframe(0), 1
-        while frame.f_back is not None and (
-            frame.f_globals.get("__name__") == __name__
-            or str(frame.f_globals.get("__name__")).startswith("torch.")
-        ):
-            frame, level = frame.f_back, level + 1
-        warnings.warn(f"MFAC step {self.steps + 1}: {message}", MFACStepWarning, stacklevel=level)
+        warnings.warn(
+            f"MFAC step {self.steps + 1}: {message}",
+            MFACStepWarning,
+            stacklevel=user_stacklevel(),
+        )
 
     def _apply(self, s: torch.Tensor) -> None:
         momentum = self._entry["momentum_buffer"]
