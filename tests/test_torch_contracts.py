@@ -517,8 +517,10 @@ def _ops_of_a_step(d: int):
             frame = sys._getframe(1)
             while frame is not None and "mfac_core" not in frame.f_code.co_filename:
                 frame = frame.f_back
-            if frame is not None and frame.f_code.co_filename.endswith("torch.py"):
-                self.from_mfac_torch[str(func)] += 1  # called by mfac_core/torch.py itself
+            name = "" if frame is None else os.path.basename(frame.f_code.co_filename)
+            if name.endswith("torch.py") or name.startswith("_torch_"):
+                # called by mfac_core/torch.py itself or the modules it is built from
+                self.from_mfac_torch[str(func)] += 1
             return func(*args, **(kwargs or {}))
 
     _, opt = _steady_optimizer(d)

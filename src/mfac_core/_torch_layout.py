@@ -1,0 +1,165 @@
+"""MFAC's layout: the parameters' slices of the flat vector, the window, its memory.
+
+Functions of the optimizer (``opt``, an :class:`mfac_core.torch.MFAC`) that
+:mod:`mfac_core.torch` calls, and the memory report that :class:`MFACPruner` shares;
+nothing here is public.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from ._compat import array_namespace
+from ._dynamic import DynamicIHVP
+from ._torch_distributed import check_dtensors, local, window_columns
+
+logger = logging.getLogger("mfac_core.torch")
+
+#: Window storage dtypes of MFAC's ``grad_dtype`` besides the parameters' own.
+HALF_GRAD_DTYPES = (torch.float16, torch.bfloat16)
+#: Parameter dtypes MFAC steps (2-byte ones in float32).
+PARAM_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: What layout() sets (restored when adding a parameter group fails).
+LAYOUT_ATTRS = (
+    *("_first", "dtype", "device", "_sharded", "_slices"),
+    *("dim", "_grad", "_columns", "grad_dtype"),
+)
+
+
+def format_bytes(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024:
+            return f"{value:.1f} {unit}" if unit != "B" else f"{n} B"
+        value /= 1024
+    return f"{value:.1f} TiB"
+
+
+def itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def layout(opt: Any) -> None:
+    """Check the parameters and map each to its slice of the flat vector."""
+    flat = [p for group in opt.param_groups for p in group["params"]]
+    if not flat:
+        raise ValueError("MFAC got an empty parameter list")
+    first = flat[0]
+    for p in flat:
+        if p.dtype not in PARAM_DTYPES:
+            raise TypeError(
+                f"MFAC needs float16, bfloat16, float32 or float64 parameters, got {p.dtype}"
+            )
+        if p.device != first.device:
+            raise ValueError(
+                "MFAC treats all parameters as one vector: they must share one device, "
+                f"got {first.device} and {p.device}"
+            )
+    opt._first = first
+    dtypes = {p.dtype for p in flat}
+    # The step's dtype: float64 if a parameter is float64, else float32 (2-byte
+    # parameters are stepped in float32 and the result rounded to their dtype once).
+    opt.dtype = torch.float64 if torch.float64 in dtypes else torch.float32
+    opt.device = first.device
+    # The window stores the parameters' dtype if they share one (2-byte parameters:
+    # a 2-byte window, as grad_dtype would make it), else the step's.
+    own = dtypes.pop() if len(dtypes) == 1 else opt.dtype
+    opt._sharded = check_dtensors(opt, flat)
+    opt._slices = []
+    offset = 0
+    for group in opt.param_groups:
+        layout = []
+        for p in group["params"]:
+            n = local(p).numel()
+            layout.append((p, offset, offset + n))
+            offset += n
+        opt._slices.append(layout)
+    # d counts every coordinate; sharded parameters hold ``offset`` of them here.
+    opt.dim = sum(p.numel() for p in flat) if opt._sharded else offset
+    # The flat gradient (this rank's shards of it, sharded), reused by every step.
+    opt._grad = torch.zeros(offset, dtype=opt.dtype, device=opt.device)
+    opt._columns = window_columns(opt, offset)
+    grad_dtype = opt.defaults.get("grad_dtype")
+    if grad_dtype is not None and grad_dtype not in (*HALF_GRAD_DTYPES, opt.dtype):
+        raise TypeError(
+            f"grad_dtype must be None (default: {own}), torch.bfloat16, "
+            f"torch.float16 or {opt.dtype}, got {grad_dtype!r}"
+        )
+    opt.grad_dtype = own if grad_dtype is None else grad_dtype
+    if opt.grad_dtype in HALF_GRAD_DTYPES and opt._comm is not None:
+        raise ValueError(
+            f"a window of {opt.grad_dtype} is not available for a distributed optimizer "
+            "(comm= or DTensor parameters): use float32 or float64 parameters and no "
+            "2-byte grad_dtype"
+        )
+
+
+def log_window(opt: Any, damp: float) -> None:
+    m, d = opt.defaults["num_grads"], opt._columns[1] - opt._columns[0]
+    window = m * d * itemsize(opt.grad_dtype)
+    # The Gram matrix and the two factor buffers the core keeps once the window is full.
+    small = 3 * m * m * 8
+    logger.info(
+        "MFAC allocates a window of num_grads=%d x dim=%d %s on %s (damp=%g): "
+        "%d bytes (%s), plus %d bytes (%s) of float64 m x m matrices",
+        m,
+        d,
+        str(opt.grad_dtype).removeprefix("torch."),
+        opt.device,
+        damp,
+        window,
+        format_bytes(window),
+        small,
+        format_bytes(small),
+    )
+
+
+def new_window(opt: Any, damp: float) -> DynamicIHVP:
+    log_window(opt, damp)
+    lo, hi = opt._columns
+    return DynamicIHVP(
+        opt.defaults["num_grads"],
+        hi - lo,
+        damp=damp,
+        dtype=opt.grad_dtype,
+        xp=array_namespace(opt._grad),
+        device=opt.device,
+        zero_init=opt.defaults["zero_init"],
+        comm=opt._comm,
+        # One process: the step has the window check the gradient
+        # (_update_and_matvec_checked) and products are left unchecked, as before;
+        # distributed, the window's check is the collective one.
+        check_finite=opt._comm is not None,
+    )
+
+
+@torch.no_grad()
+def grow(opt: Any) -> None:
+    """Widen the window, the flat gradient and the momentum to the new last group."""
+    saved = {k: opt.__dict__[k] for k in LAYOUT_ATTRS}
+    try:
+        layout(opt)
+        if (opt.dtype, opt.grad_dtype) != (saved["dtype"], saved["grad_dtype"]):
+            raise ValueError(
+                f"the new parameters would change the step's dtype from {saved['dtype']} "
+                f"to {opt.dtype} (or the window's): add parameters of the dtypes the "
+                "optimizer was built with, or build a new optimizer"
+            )
+        width = opt._grad.shape[0] - saved["_grad"].shape[0]
+        window = opt.ihvp.state_dict()
+        grads = window["grads"]
+        window["grads"] = torch.cat([grads, grads.new_zeros((grads.shape[0], width))], 1)
+        window["dim"] = opt.dim
+        ihvp = new_window(opt, opt.ihvp.damp)
+        ihvp.load_state_dict(window)
+    except Exception:
+        opt.__dict__.update(saved)
+        raise
+    entry = dict(opt._entry)
+    old = entry["momentum_buffer"]
+    entry["momentum_buffer"] = torch.cat([old, old.new_zeros(width)])
+    opt.ihvp = ihvp
+    opt._reset_state(entry)

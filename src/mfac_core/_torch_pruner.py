@@ -1,0 +1,427 @@
+"""MFACPruner: the M-FAC pruner of ``nn.Module`` weights (re-exported by :mod:`mfac_core.torch`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import pruning
+from ._torch_layout import format_bytes, itemsize, logger
+from ._validation import check_choice, check_fraction
+
+__all__ = ["MFACPruner"]
+
+_PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+class MFACPruner:
+    r"""Prune the weights of chosen layers of a model with the M-FAC inverse Fisher.
+
+    The weights of the chosen layers form one flat vector ``theta``. Each
+    pruning step collects ``num_grads`` gradients of ``theta`` (one per batch
+    of the data loader, at the unpruned coordinates), builds the inverse
+    Fisher with :class:`~mfac_core.StaticIHVP` and prunes the least salient
+    weights globally (paper Section 4.1), updating the others with the OBS
+    update. Masks (``True`` = kept) are kept per layer and can be re-applied
+    after every optimizer step.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model; its chosen weights are changed in place.
+    num_grads : int, optional
+        Gradients (batches) per Fisher estimate (default 64). Each estimate
+        holds them in a ``num_grads x d`` matrix of the Fisher's dtype, ``d``
+        the number of chosen weights; its size is logged when it is allocated
+        (logger ``"mfac_core.torch"``, level ``INFO``).
+    block_size : int or None, optional
+        Block size of the block-diagonal Fisher (default 128); ``None`` uses
+        the full Fisher over all chosen weights.
+    damp : float, optional
+        The damping ``lambda`` (default ``1e-5``).
+    layers : sequence of str, optional
+        Names of the modules (as in ``model.named_modules()``) whose
+        ``weight`` is pruned. Default: every ``Linear`` and ``Conv1d/2d/3d``.
+    saliency : {"obs", "obd", "magnitude"}, optional
+        The saliency (default ``"obs"``); see :func:`mfac_core.pruning.prune`.
+    update : {"single", "joint", "none"}, optional
+        The update of the remaining weights (default ``"single"``, the
+        paper's).
+    selection_block_size : int, optional
+        Prune the same fraction of every block of this many weights instead
+        of selecting globally.
+    dtype : torch.dtype, optional
+        The dtype of the Fisher computations (default: the weights' dtype).
+        ``torch.float64`` gives more accurate OBS updates at small damping;
+        ``torch.float16`` or ``torch.bfloat16`` store the gradients in 2 bytes
+        (half the memory of float32) and compute in float32, with float32
+        weights (:mod:`mfac_core.pruning`'s 2-byte gradients).
+
+    Attributes
+    ----------
+    masks : dict of str to torch.Tensor
+        The boolean mask of each chosen weight, by module name.
+    selected_damps : list of float
+        The damping chosen at each step of the last :meth:`prune` with a
+        grid of ``dampings`` (empty before).
+
+    Raises
+    ------
+    ValueError
+        If the model has no prunable layer or a named layer does not exist
+        or has no ``weight``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from mfac_core.torch import MFACPruner
+    >>> _ = torch.manual_seed(0)
+    >>> model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(),
+    ...                             torch.nn.Linear(16, 2))
+    >>> data = [(torch.randn(4, 8), torch.randint(0, 2, (4,))) for _ in range(8)]
+    >>> pruner = MFACPruner(model, num_grads=8, block_size=32, damp=1e-3)
+    >>> pruner.prune(data, torch.nn.functional.cross_entropy, sparsity=0.5)
+    >>> round(pruner.sparsity(), 2)
+    0.5
+    >>> int((model[0].weight == 0).sum()) + int((model[2].weight == 0).sum())
+    80
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        num_grads: int = 64,
+        block_size: int | None = 128,
+        damp: float = 1e-5,
+        layers: Sequence[str] | None = None,
+        saliency: pruning.Saliency = "obs",
+        update: pruning.Update = "single",
+        selection_block_size: int | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if isinstance(num_grads, bool) or not isinstance(num_grads, int) or num_grads < 1:
+            raise ValueError(f"num_grads must be an int >= 1, got {num_grads!r}")
+        check_choice(saliency, "saliency", ("obs", "obd", "magnitude"))
+        check_choice(update, "update", ("single", "joint", "none"))
+        self.model = model
+        self.num_grads = num_grads
+        self.block_size = block_size
+        self.damp = damp
+        self.saliency = saliency
+        self.update = update
+        self.selection_block_size = selection_block_size
+        self.weights = self._resolve(model, layers)
+        first = next(iter(self.weights.values()))
+        for name, w in self.weights.items():
+            if w.device != first.device or w.dtype != first.dtype:
+                raise ValueError(
+                    f"all pruned weights must share one device and dtype; "
+                    f"{name} is {w.device}/{w.dtype}, not "
+                    f"{first.device}/{first.dtype}"
+                )
+        self.device = first.device
+        self.dtype = first.dtype if dtype is None else dtype
+        # 2-byte gradients go with float32 weights through the pruning functions.
+        self._theta_dtype = (
+            torch.float32 if self.dtype in (torch.float16, torch.bfloat16) else self.dtype
+        )
+        self.masks = {
+            name: torch.ones_like(w, dtype=torch.bool) for name, w in self.weights.items()
+        }
+        self.dim = sum(w.numel() for w in self.weights.values())
+        self.selected_damps: list[float] = []
+
+    @staticmethod
+    def _resolve(model: nn.Module, layers: Sequence[str] | None) -> dict[str, torch.Tensor]:
+        modules = dict(model.named_modules())
+        if layers is None:
+            found = {name: m.weight for name, m in modules.items() if isinstance(m, _PRUNABLE)}
+            if not found:
+                raise ValueError(
+                    "the model has no Linear or Conv layer to prune; name the "
+                    "layers explicitly with layers=[...]"
+                )
+            return found
+        if isinstance(layers, str):
+            layers = [layers]
+        out = {}
+        for name in layers:
+            if name not in modules:
+                raise ValueError(
+                    f"the model has no layer named {name!r}; its layers are "
+                    f"{[n for n in modules if n]}"
+                )
+            weight = getattr(modules[name], "weight", None)
+            if not isinstance(weight, torch.Tensor):
+                raise ValueError(f"layer {name!r} has no weight tensor to prune")
+            out[name] = weight
+        if not out:
+            raise ValueError("layers must name at least one layer")
+        return out
+
+    # -- flat views -----------------------------------------------------------------------
+
+    def flat_weights(self) -> torch.Tensor:
+        """The chosen weights as one flat vector.
+
+        Returns
+        -------
+        torch.Tensor, shape (d,)
+            A copy, in the Fisher's dtype (float32 for 2-byte gradients), on
+            the weights' device.
+        """
+        flat = torch.cat([w.detach().reshape(-1) for w in self.weights.values()])
+        return flat.to(self._theta_dtype)
+
+    def flat_mask(self) -> torch.Tensor:
+        """The masks as one flat vector.
+
+        Returns
+        -------
+        torch.Tensor of bool, shape (d,)
+            ``True`` for the weights that are kept.
+        """
+        return torch.cat([m.reshape(-1) for m in self.masks.values()])
+
+    @torch.no_grad()
+    def _write(self, theta: torch.Tensor, mask: torch.Tensor) -> None:
+        offset = 0
+        for name, w in self.weights.items():
+            n = w.numel()
+            w.copy_(theta[offset : offset + n].view(w.shape))
+            self.masks[name] = mask[offset : offset + n].reshape(w.shape).clone()
+            offset += n
+        self.apply_masks()
+
+    def sparsity(self) -> float:
+        """The fraction of the chosen weights that is pruned.
+
+        Returns
+        -------
+        float
+            In ``[0, 1)``.
+        """
+        return 1.0 - float(self.flat_mask().sum()) / self.dim
+
+    # -- gradients ------------------------------------------------------------------------
+
+    def collect_grads(
+        self, loader: Iterable[Any], loss_fn: Callable[[Any, Any], Any], /
+    ) -> torch.Tensor:
+        """``num_grads`` gradients of the chosen weights, one per batch.
+
+        Batches are ``(inputs, targets)`` pairs; the gradient of
+        ``loss_fn(model(inputs), targets)`` is taken with respect to the
+        chosen weights and zeroed at pruned coordinates. The loader is
+        iterated again from the start if it has fewer batches. The model's
+        ``.grad`` fields are cleared.
+
+        Parameters
+        ----------
+        loader : iterable
+            Yields ``(inputs, targets)`` batches on the model's device.
+        loss_fn : callable
+            ``loss_fn(outputs, targets) -> scalar tensor``.
+
+        Returns
+        -------
+        torch.Tensor, shape (num_grads, d)
+            In the Fisher's dtype, on the weights' device.
+        """
+        weights = list(self.weights.values())
+        size = self.num_grads * self.dim * itemsize(self.dtype)
+        logger.info(
+            "MFACPruner allocates num_grads=%d x dim=%d %s gradients on %s: %d bytes (%s)",
+            self.num_grads,
+            self.dim,
+            str(self.dtype).removeprefix("torch."),
+            self.device,
+            size,
+            format_bytes(size),
+        )
+        G = torch.empty((self.num_grads, self.dim), dtype=self.dtype, device=self.device)
+        mask = self.flat_mask()
+        row = 0
+        while row < self.num_grads:
+            got = False
+            for batch in loader:
+                got = True
+                inputs, targets = batch[0], batch[1]
+                with torch.enable_grad():
+                    loss = loss_fn(self.model(inputs), targets)
+                    grads = torch.autograd.grad(loss, weights, allow_unused=True)
+                offset = 0
+                for w, g in zip(weights, grads, strict=True):
+                    n = w.numel()
+                    if g is None:
+                        G[row, offset : offset + n] = 0
+                    else:
+                        G[row, offset : offset + n] = g.reshape(-1)
+                    offset += n
+                row += 1
+                if row == self.num_grads:
+                    break
+            if not got:
+                raise ValueError("the data loader yielded no batches")
+        # In place (no second m x d array); the pruning functions zero them again.
+        return G.masked_fill_(~mask, 0)
+
+    # -- pruning --------------------------------------------------------------------------
+
+    def prune(
+        self,
+        loader: Iterable[Any],
+        loss_fn: Callable[[Any, Any], Any],
+        /,
+        *,
+        sparsity: float,
+        steps: int = 1,
+        schedule: pruning.Schedule = "linear",
+        dampings: Sequence[float] | None = None,
+        select_damp: Callable[[nn.Module], Any] | None = None,
+    ) -> None:
+        """Prune the chosen weights to ``sparsity`` (one shot, or in ``steps`` steps).
+
+        With ``steps > 1`` the gradients are collected again and the inverse
+        Fisher rebuilt before each step, at the partially pruned weights
+        (the paper's recomputations). Weights pruned earlier stay pruned.
+
+        With ``dampings`` and ``select_damp``, each step prunes at every
+        damping of the grid from one set-up (:func:`mfac_core.pruning.select_damping`)
+        and keeps the weights of the lowest ``select_damp(model)``, called
+        with the candidate weights and masks in the model; the chosen
+        dampings are in :attr:`selected_damps`. If anything raises, the
+        weights and masks are restored to what they were before the call.
+
+        Parameters
+        ----------
+        loader : iterable
+            Yields ``(inputs, targets)`` batches.
+        loss_fn : callable
+            ``loss_fn(outputs, targets) -> scalar tensor``.
+        sparsity : float
+            The fraction of the chosen weights pruned afterwards, in
+            ``[0, 1)``.
+        steps : int, optional
+            The number of steps (default 1: one shot).
+        schedule : {"linear", "cubic", "exponential"}, optional
+            The sparsity of the intermediate steps (see
+            :func:`mfac_core.pruning.sparsity_schedule`).
+        dampings : sequence of float, optional
+            A grid of dampings to choose from at each step, instead of the
+            pruner's ``damp``; needs ``select_damp``, the OBS saliency and
+            ``update`` ``"single"`` or ``"none"``.
+        select_damp : callable, optional
+            ``select_damp(model) -> float``: the held-out loss of the model
+            holding the weights pruned at one damping of the grid (for
+            instance its loss on validation data, under ``torch.no_grad()``).
+
+        Raises
+        ------
+        ValueError
+            For a sparsity outside ``[0, 1)``, ``steps < 1``, only one of
+            ``dampings`` and ``select_damp``, or a non-finite held-out loss.
+        TypeError
+            For a ``select_damp`` that returns something other than a real
+            number.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from torch.nn.functional import cross_entropy
+        >>> from mfac_core.torch import MFACPruner
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(),
+        ...                             torch.nn.Linear(16, 2))
+        >>> data = [(torch.randn(4, 8), torch.randint(0, 2, (4,))) for _ in range(8)]
+        >>> x_val, y_val = torch.randn(32, 8), torch.randint(0, 2, (32,))
+        >>> @torch.no_grad()
+        ... def val_loss(model):
+        ...     return float(cross_entropy(model(x_val), y_val))
+        >>> pruner = MFACPruner(model, num_grads=8, block_size=32)
+        >>> pruner.prune(data, cross_entropy, sparsity=0.5, dampings=[1e-4, 1e-2, 1.0],
+        ...              select_damp=val_loss)
+        >>> len(pruner.selected_damps), round(pruner.sparsity(), 2)
+        (1, 0.5)
+        """
+        sparsity = check_fraction(sparsity, "sparsity")
+        if (dampings is None) != (select_damp is None):
+            raise ValueError("give both dampings (the grid) and select_damp (the held-out loss)")
+        before = (
+            {name: w.detach().clone() for name, w in self.weights.items()},
+            {name: m.clone() for name, m in self.masks.items()},
+        )
+        # The candidates of the current step, and the damping select_damping chose at
+        # each step: the one whose result object it returned (no second argmin here).
+        candidates: list[tuple[pruning.PruneResult, float]] = []
+        chosen: list[float] = []
+
+        def grad_fn(theta: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            self._write(theta, mask)
+            return self.collect_grads(loader, loss_fn)
+
+        def held_out(damp: float, result: pruning.PruneResult) -> Any:
+            self._write(result.theta, result.mask)
+            assert select_damp is not None
+            candidates.append((result, damp))
+            return select_damp(self.model)
+
+        def step_done(step: int, result: pruning.PruneResult) -> None:
+            chosen.append(next(damp for r, damp in candidates if r is result))
+            candidates.clear()
+
+        try:
+            result = pruning.gradual_prune(
+                self.flat_weights(),
+                grad_fn,
+                sparsity=sparsity,
+                steps=steps,
+                schedule=schedule,
+                mask=self.flat_mask(),
+                damp=self.damp if dampings is None else dampings,
+                block_size=self.block_size,
+                saliency=self.saliency,
+                update=self.update,
+                selection_block_size=self.selection_block_size,
+                select_damp=None if select_damp is None else held_out,
+                callback=None if select_damp is None else step_done,
+            )
+            self._write(result.theta, result.mask)
+        except BaseException:
+            self._restore(*before)
+            raise
+        if dampings is not None:
+            self.selected_damps = chosen
+
+    @torch.no_grad()
+    def _restore(self, weights: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> None:
+        for name, w in self.weights.items():
+            w.copy_(weights[name])
+            self.masks[name] = masks[name]
+
+    @torch.no_grad()
+    def apply_masks(self) -> None:
+        """Set the pruned weights to zero again (e.g. after an optimizer step)."""
+        for name, w in self.weights.items():
+            w.masked_fill_(~self.masks[name], 0.0)
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> Any:
+        """Re-apply the masks after every step of ``optimizer``.
+
+        Parameters
+        ----------
+        optimizer : torch.optim.Optimizer
+            Any optimizer over (some of) the model's parameters.
+
+        Returns
+        -------
+        torch.utils.hooks.RemovableHandle
+            Call ``.remove()`` on it to stop.
+        """
+        return optimizer.register_step_post_hook(lambda *_: self.apply_masks())

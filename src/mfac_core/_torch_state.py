@@ -1,0 +1,413 @@
+"""MFAC's checkpoints: the state it saves, and the checks and migration of a state it loads.
+
+Functions of the optimizer (``opt``, an :class:`mfac_core.torch.MFAC`) that
+:mod:`mfac_core.torch` calls; each check leaves the optimizer unchanged, so that a
+load commits only a state that passed them all. Nothing here is public.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from ._compat import array_namespace
+from ._sharding import reduce_checked
+from ._torch_layout import layout, new_window
+from ._validation import check_damp, check_number
+
+#: The options of a parameter group.
+GROUP_KEYS = ("lr", "momentum", "weight_decay")
+#: Options of the whole optimizer (one window over all parameters), not per group.
+GLOBAL_KEYS = ("num_grads", "damp", "zero_init", "errors", "grad_dtype")
+#: The keys of MFAC's state entry (on its first parameter); "window" only in state_dict().
+ENTRY_KEYS = ("momentum_buffer", "steps", "skipped_steps", "rejected_grads")
+
+
+def fresh_entry(grad: torch.Tensor) -> dict[str, Any]:
+    """MFAC's state entry before the first step: a zero momentum buffer, zero counters."""
+    return {
+        "momentum_buffer": torch.zeros_like(grad),
+        "steps": 0,
+        "skipped_steps": 0,
+        "rejected_grads": 0,
+    }
+
+
+def check_lr(lr: Any, where: str) -> Any:
+    """A learning rate >= 0: a real number (as a float), or a one-element floating tensor.
+
+    A tensor is kept (as torch's optimizers keep it), so that a scheduler or the user can
+    change it in place; its value is read here once, to check it.
+    """
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1 or not lr.is_floating_point() or lr.requires_grad:
+            raise ValueError(
+                f"Tensor lr must be 1-element: {where} as a tensor must be a one-element floating "
+                "tensor without grad, "
+                f"got shape {tuple(lr.shape)}, dtype {lr.dtype}"
+            )
+        check_number(float(lr), where, low=0.0)
+        return lr
+    return check_number(lr, where, low=0.0)
+
+
+def check_group(group: Mapping[str, Any], where: str) -> None:
+    for key in GROUP_KEYS:
+        if key not in group:
+            raise ValueError(f"{where} has no {key!r}")
+        if key == "momentum":
+            check_number(group[key], f"{key} of {where}", low=0.0, high=1.0, high_open=True)
+        elif key == "lr":
+            check_lr(group[key], f"lr of {where}")
+        else:
+            check_number(group[key], f"{key} of {where}", low=0.0)
+
+
+def check_new_group(opt: Any, param_group: Any) -> bool:
+    """Check a group for ``MFAC.add_param_group`` before torch adds it; whether MFAC is built.
+
+    Before the end of ``MFAC.__init__`` (not yet built) torch adds the first groups.
+    """
+    for key in GLOBAL_KEYS:
+        if isinstance(param_group, Mapping) and key in param_group:
+            raise ValueError(
+                f"{key} is an option of the whole MFAC optimizer (one window "
+                "over all parameters), not of a parameter group"
+            )
+    frozen = getattr(opt, "_frozen", False)
+    if frozen and opt._comm is not None:
+        raise ValueError(
+            "a distributed MFAC optimizer cannot add parameter groups: every rank's "
+            "window shard is fixed; build a new optimizer instead"
+        )
+    return frozen
+
+
+def saved_entry(opt: Any) -> dict[str, Any]:
+    """The state entry as ``MFAC.state_dict`` saves it: copies, the window included."""
+    entry = opt._entry
+    saved = {
+        "window": opt.ihvp.state_dict(),
+        "momentum_buffer": entry["momentum_buffer"].clone(),
+        **{key: int(entry[key]) for key in ENTRY_KEYS[1:]},
+    }
+    if opt._comm is not None:
+        # Under a key naming the rank and the world size: torch.distributed.checkpoint
+        # keeps one copy of a key that every rank saves, and this shard is the rank's own.
+        # Every tensor has the shape it had at construction, so that the state_dict of
+        # a fresh optimizer is a template that dcp.load can fill in place.
+        window = dict(saved.pop("window"))
+        m = opt.ihvp.num_grads
+        factor = window["factor"].new_zeros((m, m))
+        k = window["factor"].shape[0]
+        factor[:k, :k] = window["factor"]
+        window["factor"] = factor
+        shard = {"window": window, "momentum_buffer": saved.pop("momentum_buffer")}
+        saved.update(window=None, momentum_buffer=None, shards={opt._shard_key: shard})
+    return saved
+
+
+def migrated(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """A state of the earlier format (the entry under a top-level "mfac") in this one.
+
+    Also mends what :func:`torch.distributed.checkpoint.load` makes of a state_dict
+    with integer parameter ids: it fills the tensors of the template in place, under
+    ``0``, and puts the other values (counters, slot lists) under ``"0"``.
+    """
+    state = state_dict.get("state")
+    if isinstance(state, Mapping) and any(
+        isinstance(k, str) and k.isdigit() and int(k) in state for k in state
+    ):
+        mended = {k: v for k, v in state.items() if not (isinstance(k, str) and k.isdigit())}
+        for k, v in state.items():
+            if isinstance(k, str) and k.isdigit():
+                mended[int(k)] = merged(state.get(int(k)), v)
+        state_dict = {**state_dict, "state": mended}
+    if "mfac" not in state_dict:
+        return state_dict
+    old = {k: v for k, v in state_dict.items() if k != "mfac"}
+    groups, state = old.get("param_groups"), old.get("state")
+    if state or not isinstance(groups, Sequence) or not groups:
+        raise ValueError(
+            "not an MFAC state_dict: it has an 'mfac' entry (the earlier format) "
+            "but a non-empty 'state' or no 'param_groups'"
+        )
+    first = groups[0].get("params") if isinstance(groups[0], Mapping) else None
+    if not isinstance(first, Sequence) or not first:
+        raise ValueError("state_dict['param_groups'][0] must be a dict with a list 'params'")
+    return {**old, "state": {first[0]: state_dict["mfac"]}}
+
+
+def merged(a: Any, b: Any) -> Any:
+    """``b`` over ``a``, merging dicts key by key (nothing is modified)."""
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        out = dict(a)
+        for k, v in b.items():
+            out[k] = merged(a.get(k), v)
+        return out
+    return b
+
+
+def check_state(
+    opt: Any, state_dict: Any, damp: float | None, *, window: bool = True
+) -> SimpleNamespace:
+    """Check a state for ``MFAC.load_state_dict``: what to commit; nothing changes here.
+
+    Without ``window`` the window's state is not checked (the caller does).
+    """
+    missing = [k for k in ("state", "param_groups") if k not in state_dict]
+    if missing:
+        raise ValueError(f"not an MFAC state_dict: it has no {missing}")
+    groups = check_groups(opt, state_dict)
+    extra = saved_state(state_dict)
+    if window and extra.get("shards") is not None:
+        raise ValueError(
+            f"the MFAC state holds the shards {sorted(extra['shards'])} of a distributed "
+            "MFAC optimizer; this one was built without comm (and its parameters are not "
+            "DTensors): load it into an optimizer of the same world size"
+        )
+    missing = [k for k in ("window", "momentum_buffer", "steps") if k not in extra]
+    if missing:
+        raise ValueError(f"the MFAC state has no {missing}")
+    unknown = sorted(set(extra) - {*ENTRY_KEYS, "window", "shards"}, key=str)
+    if unknown:
+        raise ValueError(f"the MFAC state has unknown keys {unknown}")
+    counts = {}
+    for key in ENTRY_KEYS[1:]:
+        value = extra.get(key, 0)  # the counters are absent from older checkpoints
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"the MFAC state's {key!r} must be an int >= 0, got {value!r}")
+        counts[key] = int(value)
+    momentum = check_momentum(opt, extra["momentum_buffer"])
+    if not window:
+        return SimpleNamespace(groups=groups, window=None, damp=None, momentum=momentum, **counts)
+    state, target = check_window(opt, extra["window"], damp)
+    return SimpleNamespace(groups=groups, window=state, damp=target, momentum=momentum, **counts)
+
+
+def saved_state(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
+    """MFAC's entry of a state_dict's "state" (under the first parameter's id)."""
+    state = state_dict["state"]
+    if not isinstance(state, Mapping):
+        raise ValueError("state_dict['state'] must be a dict")
+    first = state_dict["param_groups"][0]["params"][0]
+    ids = {i for group in state_dict["param_groups"] for i in group["params"]}
+    others = [k for k, v in state.items() if k != first and (k not in ids or v != {})]
+    if others or first not in state:
+        raise ValueError(
+            f"state_dict['state'] must hold MFAC's state under the id of the first "
+            f"parameter ({first!r}) and nothing for the others, got entries for "
+            f"{sorted(state, key=str)}"
+        )
+    extra = state[first]
+    if not isinstance(extra, Mapping):
+        raise ValueError(f"state_dict['state'][{first!r}] must be a dict")
+    return extra
+
+
+def check_distributed_state(opt: Any, state_dict: Any, damp: float | None) -> SimpleNamespace:
+    """:func:`check_state` for a distributed optimizer, with collective errors.
+
+    This rank's entry of ``shards`` is taken as the window and momentum; the
+    checks of this rank's part run inside one reduction of a status word, so
+    that every rank raises if one rank's state is bad, before the window's own
+    (collective) checks run.
+    """
+    comm = opt._comm
+    assert comm is not None
+    flat: list[Any] = []
+
+    def local() -> torch.Tensor:
+        missing = [k for k in ("state", "param_groups") if k not in state_dict]
+        if missing:
+            raise ValueError(f"not an MFAC state_dict: it has no {missing}")
+        check_groups(opt, state_dict)
+        extra = saved_state(state_dict)
+        shards = extra.get("shards")
+        if not isinstance(shards, Mapping):
+            raise ValueError(
+                "the MFAC state has no 'shards': it is the state of an MFAC optimizer "
+                "without comm; this one is distributed"
+            )
+        if opt._shard_key not in shards:
+            raise ValueError(
+                f"the MFAC state's 'shards' hold {sorted(shards)}, not "
+                f"{opt._shard_key!r}: a distributed MFAC state loads only at the world "
+                "size that saved it, each rank its own shard"
+            )
+        shard = shards[opt._shard_key]
+        if not isinstance(shard, Mapping):
+            raise ValueError(f"the MFAC state's shard {opt._shard_key!r} must be a dict")
+        window = shard.get("window")
+        if isinstance(window, Mapping) and isinstance(window.get("factor"), torch.Tensor):
+            k = len(window.get("window_slots") or ())
+            window = {**window, "factor": window["factor"][:k, :k]}
+        mine = {k: v for k, v in extra.items() if k != "shards"}
+        mine.update(shard, window=window)
+        first = state_dict["param_groups"][0]["params"][0]
+        flat.append({**state_dict, "state": {first: mine}})
+        flat.append(check_state(opt, flat[0], damp, window=False))
+        return torch.zeros(0, dtype=torch.float64, device=opt.device)
+
+    reduce_checked(
+        comm,
+        array_namespace(opt._grad),
+        local,
+        length=0,
+        dtype=torch.float64,
+        device=opt.device,
+        what="MFAC.load_state_dict",
+        tag=1,
+    )
+    plan = flat[1]
+    # The window's checks are collective themselves.
+    plan.window, plan.damp = check_window(opt, saved_state(flat[0])["window"], damp)
+    return plan
+
+
+def check_groups(opt: Any, base: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The parameter groups to commit: the saved ones, with this optimizer's params."""
+    groups = base["param_groups"]
+    if (
+        not isinstance(groups, Sequence)
+        or isinstance(groups, str)
+        or len(groups) != len(opt.param_groups)
+    ):
+        have = len(groups) if isinstance(groups, Sequence) else groups
+        raise ValueError(
+            f"state_dict['param_groups'] must list {len(opt.param_groups)} "
+            f"parameter groups, got {have!r}"
+        )
+    ids = []
+    for j, (saved, group) in enumerate(zip(groups, opt.param_groups, strict=True)):
+        where = f"state_dict['param_groups'][{j}]"
+        if not isinstance(saved, Mapping) or not isinstance(saved.get("params"), Sequence):
+            raise ValueError(f"{where} must be a dict with a list 'params'")
+        if len(saved["params"]) != len(group["params"]):
+            raise ValueError(
+                f"{where} has {len(saved['params'])} parameters, this "
+                f"optimizer's group {len(group['params'])}"
+            )
+        try:
+            check_group(saved, where)
+        except TypeError as exc:  # one kind of error for every malformed state
+            raise ValueError(str(exc)) from None
+        ids.extend(saved["params"])
+    if len(set(ids)) != len(ids):
+        raise ValueError("state_dict['param_groups'] lists a parameter twice")
+    try:  # as torch's load_state_dict, which writes into a copy of the groups
+        copies = copy.deepcopy(list(groups))
+    except Exception as exc:
+        raise ValueError(f"state_dict['param_groups'] cannot be copied: {exc!r}") from None
+    new = []
+    for saved, group in zip(copies, opt.param_groups, strict=True):
+        saved = dict(saved)
+        for key in GLOBAL_KEYS:
+            if key in saved:
+                raise ValueError(
+                    f"state_dict['param_groups'] has {key!r} in a group: it is an option "
+                    "of the whole MFAC optimizer"
+                )
+        saved["params"] = group["params"]
+        if "param_names" in group and "param_names" not in saved:
+            saved["param_names"] = group["param_names"]
+        new.append(saved)
+    return new
+
+
+def check_momentum(opt: Any, buf: Any) -> torch.Tensor:
+    if buf is None:  # saved before the first momentum step: a zero buffer steps alike
+        return torch.zeros_like(opt._grad)
+    # Sharded parameters keep the momentum of their local shards only.
+    n = opt._grad.shape[0]
+    if not isinstance(buf, torch.Tensor) or not buf.is_floating_point() or tuple(buf.shape) != (n,):
+        shape = tuple(buf.shape) if isinstance(buf, torch.Tensor) else type(buf).__name__
+        raise ValueError(
+            f"the momentum buffer must be a floating tensor of shape ({n},), got {shape}"
+        )
+    # A copy, detached: the buffer is updated in place and must not join a graph.
+    buf = buf.detach().to(device=opt.device, dtype=opt.dtype, copy=True)
+    if not bool(torch.isfinite(buf).all()):
+        raise ValueError("the momentum buffer holds NaN or infinity")
+    return buf
+
+
+def check_window(opt: Any, window: Any, damp: float | None) -> tuple[dict[str, Any], float | None]:
+    """The window's state on this device, checked by the core (nothing changes here).
+
+    Returns the state and the damping to load it with (``None``: its own).
+    """
+    where = "state_dict['mfac']['window']"
+    if not isinstance(window, Mapping):
+        raise ValueError(f"{where} must be a dict")
+    # Tensors to this device; the core detaches them, and checks everything else.
+    out = {
+        k: v.to(device=opt.device) if isinstance(v, torch.Tensor) else v for k, v in window.items()
+    }
+    target = None if damp is None else check_damp(damp)
+    try:
+        opt.ihvp.check_state_dict(out, damp=target)
+    except (TypeError, ValueError) as exc:  # one kind of error for every malformed state
+        raise ValueError(f"{where}: {exc}") from None
+    return out, target
+
+
+def load_state(opt: Any, state_dict: Any, damp: float | None) -> None:
+    """``MFAC.load_state_dict``: the hooks, the checks, then the commit."""
+    if not isinstance(state_dict, Mapping):
+        raise ValueError(
+            f"not an MFAC state_dict: expected a dict, got {type(state_dict).__name__}"
+        )
+    state_dict = dict(state_dict)  # shallow copy, as torch's load_state_dict
+    for pre_hook in opt._optimizer_load_state_dict_pre_hooks.values():
+        result = pre_hook(opt, state_dict)
+        if result is not None:
+            state_dict = result
+    state_dict = migrated(state_dict)
+    if opt._comm is None:
+        plan = check_state(opt, state_dict, damp)
+    else:
+        plan = check_distributed_state(opt, state_dict, damp)
+    # Commit. The core's loader checks its state before it changes anything, and
+    # a new damping's refactorisation is its one step that may still raise: first.
+    opt.ihvp.load_state_dict(plan.window, damp=plan.damp)
+    opt.defaults["damp"] = opt.ihvp.damp
+    opt.param_groups = plan.groups
+    opt._reset_state(
+        {
+            "momentum_buffer": plan.momentum,
+            "steps": plan.steps,
+            "skipped_steps": plan.skipped_steps,
+            "rejected_grads": plan.rejected_grads,
+        }
+    )
+    for post_hook in opt._optimizer_load_state_dict_post_hooks.values():
+        post_hook(opt)
+
+
+def check_picklable(opt: Any) -> None:
+    """Refuse to pickle or copy a distributed ``MFAC``."""
+    if getattr(opt, "_comm", None) is not None:
+        raise TypeError(
+            "a distributed MFAC optimizer (comm=, or DTensor parameters) cannot be "
+            "pickled or copied: it belongs to a process group; save state_dict() "
+            "(e.g. with torch.distributed.checkpoint) instead"
+        )
+
+
+def restore(opt: Any, extra: Mapping[str, Any]) -> None:
+    """The window (and, from the earlier format, the entry) of an unpickled ``MFAC``."""
+    opt._frozen = True
+    opt._comm = None
+    layout(opt)
+    opt.ihvp = new_window(opt, extra["window"]["damp"])
+    window, _ = check_window(opt, extra["window"], None)
+    opt.ihvp.load_state_dict(window)
+    if "steps" in extra:  # a pickle of the earlier format: the entry was here
+        entry = {key: extra.get(key, 0) for key in ENTRY_KEYS[1:]}
+        entry["momentum_buffer"] = check_momentum(opt, extra["momentum_buffer"])
+        opt._reset_state(entry)

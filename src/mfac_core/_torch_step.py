@@ -1,0 +1,211 @@
+"""MFAC's step: the flat gradient, the window's update and product, the parameters' move.
+
+Functions of the optimizer (``opt``, an :class:`mfac_core.torch.MFAC`) that
+:mod:`mfac_core.torch` calls, for one process and across processes; nothing here is
+public.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ._errors import FactorizationError
+from ._torch_distributed import all_gather, local
+
+
+class Unstorable(Exception):
+    """A finite gradient that the window's 2-byte storage would make infinite."""
+
+
+def step(opt: Any) -> None:
+    """The step itself, after the closure."""
+    if all(p.grad is None for group in opt.param_groups for p in group["params"]):
+        return  # nothing to step with: no window insert, no momentum decay, no count
+    g = gather(opt)
+    if opt._comm is not None:
+        distributed_step(opt, g)
+        return
+    if g.dtype != opt.ihvp.dtype:
+        # float64 gradients for a 2-byte window: float32 steps. Cast before the check
+        # below, so that a finite entry beyond float32's range counts as not finite.
+        g = g.to(opt.ihvp.dtype)
+    # One host sync per steady-state step, next to two passes over m x d: the window
+    # reads its gradient's check (NaN, infinity, the 2-byte range), its row edit's
+    # and the step's finiteness together, and reports them instead of raising. The
+    # method is private to the window because it exists for this loop: it refuses
+    # NaN whatever the window's check_finite, and computes the product before it
+    # knows whether the step stands.
+    try:
+        out = opt.ihvp._update_and_matvec_checked(g)
+    except FactorizationError as exc:
+        if opt.defaults["errors"] == "raise":
+            raise
+        s, finite = with_previous_window(opt, g, exc)
+    else:
+        if out.status == "not finite":
+            skip(
+                opt,
+                f"{culprit(opt)} holds NaN or infinity; the step is skipped "
+                "(parameters, momentum and window unchanged)",
+            )
+            return
+        if out.status == "not representable":
+            if opt.defaults["errors"] == "raise":
+                assert out.error is not None
+                raise out.error  # the ValueError update_and_matvec raises
+            unstorable = Unstorable(
+                f"an entry of the gradient ({float(g.abs().max()):g}) is beyond the "
+                f"range of the window's {str(opt.grad_dtype).removeprefix('torch.')}"
+            )
+            s, finite = with_previous_window(opt, g, unstorable)
+        else:
+            s, finite = out.s, out.s_finite
+    if not finite:
+        skip(
+            opt,
+            "the preconditioned step holds NaN or infinity (damp too small for "
+            "the dtype?); the step is skipped (parameters and momentum unchanged)",
+        )
+        return
+    apply(opt, s.to(opt.dtype))
+    opt._count("steps")
+
+
+def with_previous_window(opt: Any, g: torch.Tensor, exc: Exception) -> tuple[torch.Tensor, bool]:
+    """The step with the window as it was (which the core leaves unchanged)."""
+    left_out(opt, exc)
+    s = opt.ihvp.matvec(g)
+    return s, bool(torch.isfinite(s).all())
+
+
+def skip(opt: Any, message: str) -> None:
+    """Count and report a skipped step (``errors="skip"``), or raise (``errors="raise"``)."""
+    if opt.defaults["errors"] == "raise":
+        raise FloatingPointError(f"MFAC step {opt.steps + 1}: {message}")
+    opt._count("skipped_steps")
+    opt._warn(f"{message} ({opt.skipped_steps} skipped so far)")
+
+
+def left_out(opt: Any, exc: Exception) -> None:
+    """Count and report a gradient the window could not take (``errors="skip"``)."""
+    opt._count("rejected_grads")
+    opt._warn(
+        f"the gradient was left out of the window and the step taken with the "
+        f"previous window ({opt.rejected_grads} so far): {exc}"
+    )
+
+
+def distributed_step(opt: Any, g: torch.Tensor) -> None:
+    """The step across processes: every rank decides alike (see the class's Notes)."""
+    lo, hi = opt._columns
+    x = g[lo:hi]
+    try:
+        s = opt.ihvp.update_and_matvec(x)
+    except FactorizationError as exc:  # decided from reduced numbers: on every rank
+        if opt.defaults["errors"] == "raise":
+            raise
+        left_out(opt, exc)
+        s = opt.ihvp.matvec(x)
+    except ValueError:
+        # The window checks its shard inside the reduction of the Gram row, so a NaN
+        # or infinity on any rank raises on every rank, and the window is kept.
+        where = (
+            culprit(opt) if not bool(torch.isfinite(x).all()) else "the gradient on another rank"
+        )
+        skip(
+            opt,
+            f"{where} holds NaN or infinity; the step is skipped (parameters, momentum "
+            "and window unchanged)",
+        )
+        return
+    if opt._sharded:
+        # Each rank moves its own shards, so whether the step is finite is collective.
+        bad = torch.tensor([float(not bool(torch.isfinite(s).all()))], dtype=torch.float64)
+        finite = float(opt._comm.allreduce_sum(bad.to(opt.device))[0]) == 0.0
+    else:
+        s = all_gather(opt, s)
+        finite = bool(torch.isfinite(s).all())  # the same s on every rank
+    if not finite:
+        skip(
+            opt,
+            "the preconditioned step holds NaN or infinity (damp too small for "
+            "the dtype?); the step is skipped (parameters and momentum unchanged)",
+        )
+        return
+    apply(opt, s)
+    opt._count("steps")
+
+
+def gather(opt: Any) -> torch.Tensor:
+    """The flat gradient, weight decay included, in the reused buffer."""
+    g = opt._grad
+    for group, layout in zip(opt.param_groups, opt._slices, strict=True):
+        wd = group["weight_decay"]
+        for p, lo, hi in layout:
+            seg = g[lo:hi]
+            if p.grad is None:
+                seg.zero_()
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("MFAC does not support sparse gradients")
+            seg.copy_(local(p.grad).reshape(-1))
+            if wd:
+                seg.add_(local(p.detach()).reshape(-1), alpha=wd)
+    return g
+
+
+def culprit(opt: Any) -> str:
+    """Which parameter made the flat gradient non-finite (for the message)."""
+    for j, layout in enumerate(opt._slices):
+        for i, (p, lo, hi) in enumerate(layout):
+            seg = opt._grad[lo:hi]
+            if not bool(torch.isfinite(seg.to(opt.ihvp.dtype)).all()):
+                what = (
+                    "gradient"
+                    if p.grad is not None and not bool(torch.isfinite(local(p.grad)).all())
+                    else "weight-decayed gradient"
+                )
+                where = f"parameter {i} of group {j} (shape {tuple(p.shape)})"
+                if bool(torch.isfinite(seg).all()):
+                    return (
+                        f"the {what} of {where} is beyond the range of "
+                        f"{str(opt.ihvp.dtype).removeprefix('torch.')} (the dtype the "
+                        "step is computed in with this grad_dtype) and"
+                    )
+                return f"the {what} of {where}"
+    return "the gradient"
+
+
+def apply(opt: Any, s: torch.Tensor) -> None:
+    momentum = opt._entry["momentum_buffer"]
+    for group, layout in zip(opt.param_groups, opt._slices, strict=True):
+        lr, mu = group["lr"], group["momentum"]
+        for p, lo, hi in layout:
+            d_p = s[lo:hi]
+            if mu:
+                buf = momentum[lo:hi]
+                buf.mul_(mu)
+                if p.grad is None:
+                    # Its step entries come from the other coordinates' gradients
+                    # through F^{-1}; a parameter without a gradient only decays.
+                    continue
+                d_p = buf.add_(d_p)
+            if p.grad is not None:
+                move(local(p), d_p, lr)
+
+
+# -- checkpoints ----------------------------------------------------------------------
+
+
+def move(local: torch.Tensor, d_p: torch.Tensor, lr: Any) -> None:
+    """``theta -= lr * d_p``, computed in the step's dtype and rounded to the parameter's once."""
+    step = d_p.view(local.shape)
+    wide = local if local.dtype == step.dtype else local.to(step.dtype)
+    if isinstance(lr, torch.Tensor):
+        wide.addcmul_(step, lr.to(step.dtype), value=-1)
+    else:
+        wide.add_(step, alpha=-lr)
+    if wide is not local:
+        local.copy_(wide)
