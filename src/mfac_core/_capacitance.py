@@ -32,7 +32,24 @@ from ._errors import (
     user_stacklevel,
 )
 
-__all__ = ["CapacitanceFactor", "factorize", "kappa_bounds", "warn_if_hopeless"]
+__all__ = [
+    "DRIFT_TOL",
+    "CapacitanceFactor",
+    "factorize",
+    "is_hopeless",
+    "kappa_bounds",
+    "warn_if_hopeless",
+    "warn_if_passes_hopeless",
+]
+
+#: Relative drift of diag(U^T U) against diag(C) beyond which an edited factor is
+#: refactorised from scratch (the window's drift check).
+DRIFT_TOL = 1e-10
+
+#: float64's machine epsilon, the unit of the hopeless rule for the float64 passes.
+EPS64 = 2.0**-52
+#: How warnings name the precision of the passes' accumulation.
+PASSES_DTYPE = "float64 (the passes' accumulation)"
 
 #: Power iterations behind the lower bound of lambda_max (O(k^2) each).
 _POWER_ITERATIONS = 4
@@ -101,12 +118,20 @@ def factorization_error(
     )
 
 
+def is_hopeless(kappa_lower: Any, *, eps: float) -> Any:
+    """Whether ``eps * kappa >= 1``: products may then have no correct digit.
+
+    A pure function of its argument, so it also takes (traced) arrays.
+    """
+    return eps * kappa_lower >= 1.0
+
+
 def warn_if_hopeless(kappa_lower: float, *, damp: float, eps: float, dtype: Any) -> None:
-    """Warn when ``eps * kappa >= 1``: products may then have no correct digit.
+    """Warn when ``eps * kappa >= 1`` (:func:`is_hopeless`).
 
     The warning names the user's line that led here (``user_stacklevel``).
     """
-    if eps * kappa_lower >= 1.0:
+    if is_hopeless(kappa_lower, eps=eps):
         warnings.warn(
             f"F is so ill-conditioned (kappa >= {kappa_lower:.3g}, damp={damp:g}) that "
             f"{dtype} products may have no correct digits; increase damp"
@@ -114,6 +139,15 @@ def warn_if_hopeless(kappa_lower: float, *, damp: float, eps: float, dtype: Any)
             IllConditionedWarning,
             stacklevel=user_stacklevel(),
         )
+
+
+def warn_if_passes_hopeless(kappa_lower: float, *, damp: float) -> None:
+    """:func:`warn_if_hopeless` for the float64 factor and passes, whatever the storage dtype.
+
+    The passes over the gradients and the factor are float64 (docs/mathematics.rst,
+    "Exact passes"), so float64's eps, not the storage's, decides when digits run out.
+    """
+    warn_if_hopeless(kappa_lower, damp=damp, eps=EPS64, dtype=PASSES_DTYPE)
 
 
 @dataclass(frozen=True)

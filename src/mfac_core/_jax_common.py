@@ -16,7 +16,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ._validation import check_count, check_damp
+from ._validation import (
+    FLOATING_DTYPES,
+    check_count,
+    check_damp,
+    dtype_mismatch_error,
+    floating_dtype_error,
+    x64_off_error,
+)
 
 # -- checks --------------------------------------------------------------------------------
 
@@ -30,22 +37,17 @@ def require_x64(what: str) -> None:
     to turn the mode on is better than a silently wrong optimizer.
     """
     if not jax.config.read("jax_enable_x64"):
-        raise RuntimeError(
-            f"mfac_core.jax.{what} does its m x m work in float64, which needs JAX's 64-bit "
-            "mode; it is off. Enable it at start-up with "
-            'jax.config.update("jax_enable_x64", True), or around both the tracing and the '
-            "calls with `with jax.enable_x64(True): ...`. float32 gradients and parameters "
-            "stay float32 in that mode."
-        )
+        raise x64_off_error(f"mfac_core.jax.{what}")
 
 
 def check_dtype(dtype: Any, name: str) -> np.dtype:
+    """``dtype`` as a NumPy dtype, float32 or float64."""
     try:
         dt = np.dtype(dtype)
     except TypeError:
-        raise TypeError(f"{name} must be float32 or float64, got {dtype!r}") from None
-    if dt not in (np.dtype("float32"), np.dtype("float64")):
-        raise TypeError(f"{name} must be float32 or float64, got {dt}")
+        raise floating_dtype_error(name, repr(dtype)) from None
+    if dt.name not in FLOATING_DTYPES:
+        raise floating_dtype_error(name, dt)
     return dt
 
 
@@ -56,10 +58,7 @@ def check_vector(x: Any, name: str, dim: int, dtype: np.dtype, *, matrix: bool =
     if x.ndim not in ((1, 2) if matrix else (1,)) or x.shape[0] != dim:
         raise ValueError(f"{name} must have shape {shapes} with d = {dim}, got {x.shape}")
     if np.dtype(x.dtype) != dtype:
-        raise TypeError(
-            f"{name} has dtype {x.dtype} but the operator has dtype {dtype}; cast "
-            "it explicitly first (no silent change of precision)"
-        )
+        raise dtype_mismatch_error(name, x.dtype, owner="the operator", dtype=dtype)
     return x
 
 
@@ -97,6 +96,14 @@ def hyper_count(value: Any, name: str) -> Any:
             raise TypeError(f"{name} must be an int, got an array of dtype {value.dtype}")
         return hyper(value, name, lambda v: check_count(int(v), name))
     return check_count(value, name)
+
+
+def concrete_float(value: Any) -> float | None:
+    """``float(value)`` for a concrete 0-d value; None under tracing (checks are then skipped)."""
+    try:
+        return float(value)
+    except jax.errors.ConcretizationTypeError:
+        return None
 
 
 def concrete_true(flag: Any) -> bool:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import warnings
 from typing import Any
 
 import jax
@@ -16,11 +15,11 @@ import numpy as np
 from jax import lax
 
 from . import _capacitance
-from ._errors import FactorizationError, IllConditionedWarning
 from ._jax_common import (
     check_dtype,
     check_vector,
     combine64,
+    concrete_float,
     concrete_true,
     project64,
     require_x64,
@@ -300,22 +299,14 @@ def static_ihvp(G: Any, /, *, damp: float) -> StaticIHVP:
     U, kappa_bound, kappa_lower, finite = _static_setup(G, damp)
     # Outside of tracing these are concrete, and a failure is an exception as in
     # mfac_core.StaticIHVP; under jit or vmap the checks are skipped (NaN results).
+    # The wording and the rule are the core's (mfac_core._capacitance).
     if not concrete_true(finite):
-        raise FactorizationError(
-            f"the damped Fisher of these gradients is not numerically positive definite in "
-            f"float64 (damp={damp:g}, condition number kappa <= {float(kappa_bound):.3g}); "
-            "increase damp, or remove duplicated or non-finite gradients"
-        )
+        kappa = (float(kappa_lower), float(kappa_bound))
+        raise _capacitance.factorization_error(damp, kappa)
     del dtype
-    eps = float(np.finfo(np.float64).eps)
-    if not concrete_true(eps * kappa_lower < 1.0):
-        warnings.warn(
-            f"F is so ill-conditioned (kappa >= {float(kappa_lower):.3g}, damp={damp:g}) that "
-            "float64 (the passes' accumulation) products may have no correct digits; "
-            "increase damp",
-            IllConditionedWarning,
-            stacklevel=2,
-        )
+    lower = concrete_float(kappa_lower)
+    if lower is not None:
+        _capacitance.warn_if_passes_hopeless(lower, damp=damp)
     return StaticIHVP(G=G, U=U, kappa_bound=kappa_bound, damp=damp)
 
 
@@ -330,11 +321,11 @@ def _static_setup(G: Any, damp: float) -> tuple[Any, Any, Any, Any]:
     gram = _gram_f64(G)
     C = gram + (m * damp) * jnp.eye(m, dtype=jnp.float64)
     U = jnp.linalg.cholesky(C).T
-    kappa_bound = 1.0 + jnp.trace(gram) / (m * damp)
-    # The same lower bound of the largest eigenvalue as mfac_core.StaticIHVP's (power
-    # iterations from the largest diagonal entry, which no Gram can make vanish).
-    lam, _ = _capacitance.lambda_max_bounds(jnp, gram)
-    return U, kappa_bound, 1.0 + lam / (m * damp), jnp.all(jnp.isfinite(U))
+    # The bounds of the largest eigenvalue of mfac_core.StaticIHVP: the trace above, power
+    # iterations from the largest diagonal entry (which no Gram can make vanish) below.
+    lam_lo, lam_hi = _capacitance.lambda_max_bounds(jnp, gram)
+    kappa_bound = 1.0 + lam_hi / (m * damp)
+    return U, kappa_bound, 1.0 + lam_lo / (m * damp), jnp.all(jnp.isfinite(U))
 
 
 @functools.partial(jax.jit, static_argnums=3)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from ._capacitance import DRIFT_TOL, EPS64, is_hopeless
 from ._jax_common import (
     check_dtype,
     check_vector,
@@ -27,6 +28,7 @@ from ._jax_common import (
     solve_upper,
     solve_upper_t,
 )
+from ._linalg._rowedit import PIVOT_TOL
 from ._validation import SMALLEST_DAMP, check_count, check_flag
 
 __all__ = [
@@ -36,14 +38,6 @@ __all__ = [
     "window_update",
     "window_update_and_matvec",
 ]
-
-#: Relative drift of diag(U^T U) against diag(C) that triggers a full refactorisation
-#: (the same threshold as :class:`mfac_core.DynamicIHVP`).
-_DRIFT_TOL = 1e-10
-#: A new pivot below this fraction of its diagonal entry counts as a failed edit.
-_PIVOT_TOL = 1e-13
-
-_EPS64 = float(np.finfo(np.float64).eps)
 
 
 # -- the sliding window --------------------------------------------------------------------
@@ -305,7 +299,7 @@ def _replace_oldest(U: Any, b_age: Any, shift: Any) -> tuple[Any, Any]:
        ``sqrt(b_new + shift - c^T c)``.
 
     Returns the new factor and whether it can be trusted: a positive pivot
-    and ``diag(U^T U)`` within ``_DRIFT_TOL`` of ``diag(C)``.
+    and ``diag(U^T U)`` within ``DRIFT_TOL`` of ``diag(C)``.
     """
     m = U.shape[0]
     n = m - 1
@@ -331,7 +325,7 @@ def _replace_oldest(U: Any, b_age: Any, shift: Any) -> tuple[Any, Any]:
     c = b_age[n] + shift
     col = solve_upper_t(out, b_age.at[n].set(0.0))[:n]
     pivot2 = c - col @ col
-    good = pivot2 > _PIVOT_TOL * jnp.abs(c)
+    good = pivot2 > PIVOT_TOL * jnp.abs(c)
     out = out.at[:n, n].set(col).at[n, n].set(jnp.sqrt(jnp.where(good, pivot2, 1.0)))
     return out, good
 
@@ -380,7 +374,7 @@ def _insert(state: WindowState, g: Any, damp: Any) -> tuple[WindowState, Any, An
         U, good = _replace_oldest(state.factor, b_age, shift)
         want = jnp.diagonal(gram)[idx] + shift
         drift = jnp.max(jnp.abs(jnp.sum(U * U, axis=0) - want) / want)
-        return U, good & (drift <= _DRIFT_TOL)
+        return U, good & (drift <= DRIFT_TOL)
 
     def skip(_: Any) -> tuple[Any, Any]:
         return state.factor, jnp.zeros((), bool)
@@ -395,7 +389,7 @@ def _insert(state: WindowState, g: Any, damp: Any) -> tuple[WindowState, Any, An
     # float64 work leaves no correct digit: a float32 gradient of 1e30 beside ones of 1
     # would otherwise give products of rounding noise (the core operators warn there;
     # a jitted step cannot).
-    hopeless = _EPS64 * (1.0 + jnp.max(jnp.diagonal(gram)) / shift) >= 1.0
+    hopeless = is_hopeless(1.0 + jnp.max(jnp.diagonal(gram)) / shift, eps=EPS64)
     # A traced damping (an injected hyper-parameter) cannot be checked by value before
     # the step; one that is not finite and positive refuses the gradient instead.
     good_damp = jnp.isfinite(damp) & (damp >= SMALLEST_DAMP)
