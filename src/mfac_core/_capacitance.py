@@ -35,6 +35,7 @@ from ._errors import (
 __all__ = [
     "DRIFT_TOL",
     "CapacitanceFactor",
+    "relative_column_drift",
     "factorize",
     "is_hopeless",
     "kappa_bounds",
@@ -236,10 +237,18 @@ class CapacitanceFactor:
 
     def column_drift_array(self, columns: Array, want: Array, /) -> Array:
         """:meth:`column_drift` as a 0-d array on the device (no host read)."""
-        xp = self.xp
-        Uc = xp.take(self.U, columns, axis=1)
-        got = xp.sum(Uc * Uc, axis=0)
-        return xp.max(xp.abs(got - want) / want)
+        return relative_column_drift(self.xp, self.xp.take(self.U, columns, axis=1), want)
+
+
+def relative_column_drift(xp: Any, Uc: Array, want: Array, /) -> Any:
+    """Largest relative error of the squared column norms of ``Uc`` against ``want``.
+
+    ``diag(U^T U)`` on some (or all) columns of an edited factor against the
+    diagonal of ``C`` there: the drift check of a row edit, compared with
+    :data:`DRIFT_TOL`. A pure function of arrays (a 0-d array; jittable).
+    """
+    got = xp.sum(Uc * Uc, axis=0)
+    return xp.max(xp.abs(got - want) / want)
 
 
 def factorize(

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ._capacitance import DRIFT_TOL, EPS64, is_hopeless
+from ._capacitance import DRIFT_TOL, EPS64, is_hopeless, relative_column_drift
 from ._jax_common import (
     check_dtype,
     check_vector,
@@ -373,7 +373,7 @@ def _insert(state: WindowState, g: Any, damp: Any) -> tuple[WindowState, Any, An
     def edit(_: Any) -> tuple[Any, Any]:
         U, good = _replace_oldest(state.factor, b_age, shift)
         want = jnp.diagonal(gram)[idx] + shift
-        drift = jnp.max(jnp.abs(jnp.sum(U * U, axis=0) - want) / want)
+        drift = relative_column_drift(jnp, U, want)
         return U, good & (drift <= DRIFT_TOL)
 
     def skip(_: Any) -> tuple[Any, Any]:
