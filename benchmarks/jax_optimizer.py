@@ -58,6 +58,7 @@ from _common import (
     markdown_table,
 )
 
+from mfac_core import _jax_common, _jax_static, _jax_window
 from mfac_core import jax as mj
 
 MiB = 2**20
@@ -112,9 +113,9 @@ def _full_window(m: int, d: int, dtype: str, damp: float, key: jax.Array) -> mj.
     What m updates would give, up to rounding, without compiling and running them.
     """
     G = _scale(m, d, damp) * jax.random.normal(key, (m, d), dtype)
-    gram = jax.jit(mj._gram_f64)(G)  # float64 by chunks: no float64 copy of G
+    gram = jax.jit(_jax_static._gram_f64)(G)  # float64 by chunks: no float64 copy of G
     pos = jnp.zeros((), jnp.int32)
-    factor, ok = jax.jit(mj._refactor)(gram, pos, jnp.asarray(m * damp, jnp.float64))
+    factor, ok = jax.jit(_jax_window._refactor)(gram, pos, jnp.asarray(m * damp, jnp.float64))
     assert bool(ok)
     # Separate arrays for every leaf: the step donates them, and one buffer cannot be
     # donated twice.
@@ -225,10 +226,10 @@ def mm_row(args: argparse.Namespace, m: int, key: jax.Array) -> list[str]:
     b = (state.grads @ g).at[state.pos].set(g @ g)
     idx = (state.pos + 1 + jnp.arange(m)) % m
     shift = jnp.asarray(m * args.damp, jnp.float64)
-    edit = jax.jit(mj._replace_oldest)
-    refactor = jax.jit(mj._refactor)
+    edit = jax.jit(_jax_window._replace_oldest)
+    refactor = jax.jit(_jax_window._refactor)
     P = state.grads @ jax.random.normal(key, (2 * m,), jnp.float64)
-    solves = jax.jit(lambda U, p: mj._solve_upper(U, mj._solve_upper_t(U, p)))
+    solves = jax.jit(lambda U, p: _jax_common.solve_upper(U, _jax_common.solve_upper_t(U, p)))
     b_age = b[idx]
     calls = {
         "edit": lambda: edit(state.factor, b_age, shift),

@@ -257,6 +257,33 @@ def test_static_zero_sum_gradients_warn_and_stay_exact(rng):
     assert np.linalg.norm(y - want) <= 8 * np.finfo(np.float32).eps * np.linalg.norm(want)
 
 
+def test_static_failures_are_worded_as_the_core_words_them(rng):
+    """A failed factorisation, the ill-conditioned warning and the 64-bit mode are worded
+    by the core's helpers (one wording, so a fix lands once); the warning names the
+    caller's line."""
+    g = rng.standard_normal(20)
+    G = np.stack([g, g, 2 * g])
+    with pytest.raises(FactorizationError) as ours:
+        mj.static_ihvp(jnp.asarray(G), damp=1e-40)
+    with pytest.raises(FactorizationError) as core:
+        mfac_core.StaticIHVP(G, damp=1e-40)
+    assert str(ours.value) == str(core.value)
+    G32 = rng.standard_normal((3, 7)).astype(np.float32)
+    with pytest.warns(IllConditionedWarning) as ours_w:
+        mj.static_ihvp(jnp.asarray(G32), damp=1e-18)
+    with pytest.warns(IllConditionedWarning) as core_w:
+        mfac_core.StaticIHVP(G32, damp=1e-18)
+    assert [str(w.message) for w in ours_w] == [str(w.message) for w in core_w]
+    assert ours_w[0].filename == __file__
+    with jax.enable_x64(False):
+        with pytest.raises(RuntimeError) as ours:
+            mj.static_ihvp(jnp.asarray(G32), damp=1.0)
+        with pytest.raises(RuntimeError) as core:
+            mfac_core.StaticIHVP(jnp.asarray(G32), damp=1.0)
+    assert str(ours.value).startswith("mfac_core.jax.static_ihvp does ")
+    assert str(ours.value).split(" does ", 1)[1] == str(core.value).split(" does ", 1)[1]
+
+
 # -- 64-bit mode off -----------------------------------------------------------------------------
 
 

@@ -32,7 +32,25 @@ from ._errors import (
     user_stacklevel,
 )
 
-__all__ = ["CapacitanceFactor", "factorize", "kappa_bounds", "warn_if_hopeless"]
+__all__ = [
+    "DRIFT_TOL",
+    "CapacitanceFactor",
+    "relative_column_drift",
+    "factorize",
+    "is_hopeless",
+    "kappa_bounds",
+    "warn_if_hopeless",
+    "warn_if_passes_hopeless",
+]
+
+#: Relative drift of diag(U^T U) against diag(C) beyond which an edited factor is
+#: refactorised from scratch (the window's drift check).
+DRIFT_TOL = 1e-10
+
+#: float64's machine epsilon, the unit of the hopeless rule for the float64 passes.
+EPS64 = 2.0**-52
+#: How warnings name the precision of the passes' accumulation.
+PASSES_DTYPE = "float64 (the passes' accumulation)"
 
 #: Power iterations behind the lower bound of lambda_max (O(k^2) each).
 _POWER_ITERATIONS = 4
@@ -101,12 +119,20 @@ def factorization_error(
     )
 
 
+def is_hopeless(kappa_lower: Any, *, eps: float) -> Any:
+    """Whether ``eps * kappa >= 1``: products may then have no correct digit.
+
+    A pure function of its argument, so it also takes (traced) arrays.
+    """
+    return eps * kappa_lower >= 1.0
+
+
 def warn_if_hopeless(kappa_lower: float, *, damp: float, eps: float, dtype: Any) -> None:
-    """Warn when ``eps * kappa >= 1``: products may then have no correct digit.
+    """Warn when ``eps * kappa >= 1`` (:func:`is_hopeless`).
 
     The warning names the user's line that led here (``user_stacklevel``).
     """
-    if eps * kappa_lower >= 1.0:
+    if is_hopeless(kappa_lower, eps=eps):
         warnings.warn(
             f"F is so ill-conditioned (kappa >= {kappa_lower:.3g}, damp={damp:g}) that "
             f"{dtype} products may have no correct digits; increase damp"
@@ -114,6 +140,15 @@ def warn_if_hopeless(kappa_lower: float, *, damp: float, eps: float, dtype: Any)
             IllConditionedWarning,
             stacklevel=user_stacklevel(),
         )
+
+
+def warn_if_passes_hopeless(kappa_lower: float, *, damp: float) -> None:
+    """:func:`warn_if_hopeless` for the float64 factor and passes, whatever the storage dtype.
+
+    The passes over the gradients and the factor are float64 (docs/mathematics.rst,
+    "Exact passes"), so float64's eps, not the storage's, decides when digits run out.
+    """
+    warn_if_hopeless(kappa_lower, damp=damp, eps=EPS64, dtype=PASSES_DTYPE)
 
 
 @dataclass(frozen=True)
@@ -202,10 +237,18 @@ class CapacitanceFactor:
 
     def column_drift_array(self, columns: Array, want: Array, /) -> Array:
         """:meth:`column_drift` as a 0-d array on the device (no host read)."""
-        xp = self.xp
-        Uc = xp.take(self.U, columns, axis=1)
-        got = xp.sum(Uc * Uc, axis=0)
-        return xp.max(xp.abs(got - want) / want)
+        return relative_column_drift(self.xp, self.xp.take(self.U, columns, axis=1), want)
+
+
+def relative_column_drift(xp: Any, Uc: Array, want: Array, /) -> Any:
+    """Largest relative error of the squared column norms of ``Uc`` against ``want``.
+
+    ``diag(U^T U)`` on some (or all) columns of an edited factor against the
+    diagonal of ``C`` there: the drift check of a row edit, compared with
+    :data:`DRIFT_TOL`. A pure function of arrays (a 0-d array; jittable).
+    """
+    got = xp.sum(Uc * Uc, axis=0)
+    return xp.max(xp.abs(got - want) / want)
 
 
 def factorize(

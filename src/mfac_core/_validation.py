@@ -107,9 +107,12 @@ def check_floating(xp: Any, x: Array, name: str) -> None:
     precision nobody stated.
     """
     if _dtype_name(xp, x.dtype) is None:
-        raise TypeError(
-            f"{name} must have a real floating dtype (float32 or float64), got {x.dtype}"
-        )
+        raise floating_dtype_error(name, x.dtype)
+
+
+def floating_dtype_error(name: str, dtype: Any) -> TypeError:
+    """The one wording of a dtype other than float32 or float64."""
+    return TypeError(f"{name} must have a real floating dtype (float32 or float64), got {dtype}")
 
 
 def check_finite(xp: Any, x: Array, name: str) -> None:
@@ -286,8 +289,13 @@ def check_operand(xp: Any, dev: Any, dtype: Any, x: Array, name: str, *, owner: 
     check_floating(xp, x, name)
     if x.dtype == xp.float32 and dtype == xp.float64:
         return xp.astype(x, xp.float64)
-    raise TypeError(
-        f"{name} has dtype {x.dtype} but {owner} has dtype {dtype}; cast it explicitly "
+    raise dtype_mismatch_error(name, x.dtype, owner=owner, dtype=dtype)
+
+
+def dtype_mismatch_error(name: str, got: Any, *, owner: str, dtype: Any) -> TypeError:
+    """The one wording of an operand whose dtype the operator will not convert to silently."""
+    return TypeError(
+        f"{name} has dtype {got} but {owner} has dtype {dtype}; cast it explicitly "
         "first (no silent loss of precision)"
     )
 
@@ -304,11 +312,18 @@ def check_float64_available(xp: Any) -> None:
     import jax
 
     if not jax.config.read("jax_enable_x64"):
-        raise RuntimeError(
-            "mfac_core does its m x m work in float64, which JAX provides only in 64-bit "
-            "mode: call jax.config.update('jax_enable_x64', True) at start-up, or build the "
-            "operator inside `with jax.enable_x64(True):`"
-        )
+        raise x64_off_error("mfac_core")
+
+
+def x64_off_error(what: str) -> RuntimeError:
+    """The one wording of JAX's 64-bit mode being off, for the function ``what``."""
+    return RuntimeError(
+        f"{what} does its m x m work in float64, which needs JAX's 64-bit mode; it is "
+        'off. Enable it at start-up with jax.config.update("jax_enable_x64", True), or '
+        "around both the tracing and the calls (or the operator's construction) with "
+        "`with jax.enable_x64(True): ...`. float32 gradients and parameters stay float32 "
+        "in that mode."
+    )
 
 
 def check_gradients(G: Array, *, require_finite: bool, name: str = "G", half: bool = False) -> Any:

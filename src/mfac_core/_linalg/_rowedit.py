@@ -23,12 +23,15 @@ from typing import Any
 from .._compat import device
 from .._errors import NotPositiveDefinite
 
-__all__ = ["PANEL_ROWS", "replace"]
+__all__ = ["PANEL_ROWS", "PIVOT_TOL", "replace"]
 
 #: Rows per panel of the rank-one update: the panel products cost ~PANEL_ROWS * k^2
 #: flops in all, the Python loop k / PANEL_ROWS steps (timings of the choice:
 #: benchmarks/RESULTS.md).
 PANEL_ROWS = 32
+#: A new pivot at or below this fraction of its diagonal entry ``c`` counts as a failed
+#: edit (the appended row is numerically dependent on the others).
+PIVOT_TOL = 1e-13
 
 #: ``solve(T, B, lower, trans)``: a backend's triangular solve.
 Solve = Callable[[Any, Any, bool, bool], Any]
@@ -123,10 +126,10 @@ def replace(
         pivot = c - xp.vecdot(col, col)
         # sqrt of a negative pivot is NaN; the caller discards such a factor.
         out[n, n] = xp.sqrt(pivot)
-        return out, pivot - 1e-13 * xp.abs(c)
+        return out, pivot - PIVOT_TOL * xp.abs(c)
     c = float(c)
     pivot = c - float(xp.vecdot(col, col))
-    if not pivot > 1e-13 * abs(c):
+    if not pivot > PIVOT_TOL * abs(c):
         raise NotPositiveDefinite(f"pivot {pivot:g} not positive")
     out[n, n] = pivot**0.5
     return out

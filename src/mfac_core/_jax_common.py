@@ -1,0 +1,205 @@
+"""What every part of :mod:`mfac_core.jax` shares: the checks and the float64 passes.
+
+The refusal of JAX's 32-bit mode, the checks of dtypes, vectors and
+hyper-parameters (concrete or traced), the triangular solves with a row-major
+upper factor, and the two passes over the gradients summed in float64
+(``G x`` and ``x - G^T a``) that the static operator and the window share.
+Imported only by :mod:`mfac_core.jax` (it imports :mod:`jax`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from ._validation import (
+    FLOATING_DTYPES,
+    check_count,
+    check_damp,
+    dtype_mismatch_error,
+    floating_dtype_error,
+    x64_off_error,
+)
+
+# -- checks --------------------------------------------------------------------------------
+
+
+def require_x64(what: str) -> None:
+    """Refuse to trace or run float64 m x m work while JAX's 64-bit mode is off.
+
+    With the mode off JAX truncates float64 to float32 with only a warning;
+    a float32 Cholesky factor of ``m damp I + G G^T`` loses all digits once
+    kappa nears 1e7, far earlier than the float64 one. An error that says how
+    to turn the mode on is better than a silently wrong optimizer.
+    """
+    if not jax.config.read("jax_enable_x64"):
+        raise x64_off_error(f"mfac_core.jax.{what}")
+
+
+def check_dtype(dtype: Any, name: str) -> np.dtype:
+    """``dtype`` as a NumPy dtype, float32 or float64."""
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        raise floating_dtype_error(name, repr(dtype)) from None
+    if dt.name not in FLOATING_DTYPES:
+        raise floating_dtype_error(name, dt)
+    return dt
+
+
+def check_vector(x: Any, name: str, dim: int, dtype: np.dtype, *, matrix: bool = False) -> Any:
+    """``x`` as a JAX array of shape ``(dim,)`` (or ``(dim, n)``) and exactly ``dtype``."""
+    x = jnp.asarray(x)
+    shapes = "(d,) or (d, n)" if matrix else "(d,)"
+    if x.ndim not in ((1, 2) if matrix else (1,)) or x.shape[0] != dim:
+        raise ValueError(f"{name} must have shape {shapes} with d = {dim}, got {x.shape}")
+    if np.dtype(x.dtype) != dtype:
+        raise dtype_mismatch_error(name, x.dtype, owner="the operator", dtype=dtype)
+    return x
+
+
+def hyper(value: Any, name: str, check: Any) -> Any:
+    """A numeric hyper-parameter: a Python number through ``check``, or a 0-d real array.
+
+    Arrays are what ``optax.inject_hyperparams`` passes (and traced values under
+    :func:`jax.jit`); a concrete one is checked by value like a Python number, a
+    traced one cannot be and is returned as it is.
+    """
+    if not isinstance(value, (jax.Array, np.ndarray, np.generic)):
+        return check(value)
+    dtype = np.dtype(value.dtype)
+    if value.ndim != 0 or dtype == np.bool_ or dtype.kind not in "fiu":
+        raise TypeError(
+            f"{name} must be a real number or a 0-d real array, got an array of shape "
+            f"{value.shape} and dtype {dtype}"
+        )
+    try:
+        concrete = float(value)
+    except jax.errors.ConcretizationTypeError:
+        return value
+    check(concrete)
+    return value
+
+
+def hyper_damp(damp: Any) -> Any:
+    return hyper(damp, "damp", check_damp)
+
+
+def hyper_count(value: Any, name: str) -> Any:
+    """A count >= 1 (Python int, or an integer 0-d array as :func:`hyper` takes it)."""
+    if isinstance(value, (jax.Array, np.ndarray, np.generic)):
+        if np.dtype(value.dtype).kind not in "iu":
+            raise TypeError(f"{name} must be an int, got an array of dtype {value.dtype}")
+        return hyper(value, name, lambda v: check_count(int(v), name))
+    return check_count(value, name)
+
+
+def concrete_float(value: Any) -> float | None:
+    """``float(value)`` for a concrete 0-d value; None under tracing (checks are then skipped)."""
+    try:
+        return float(value)
+    except jax.errors.ConcretizationTypeError:
+        return None
+
+
+def concrete_true(flag: Any) -> bool:
+    """``bool(flag)`` for concrete values; True under tracing (checks are then skipped)."""
+    try:
+        return bool(flag)
+    except jax.errors.ConcretizationTypeError:
+        return True
+
+
+# -- triangular solves ---------------------------------------------------------------------
+#
+# The factors are stored row-major, as JAX arrays are, while LAPACK's trsm reads
+# column-major: a row-major array S is the column-major matrix S^T. Passing S.T
+# to the solve is therefore free (a layout bitcast), whereas passing S would make
+# XLA copy and transpose the m x m matrix first, 5-10x the cost of the solve at
+# m = 1024. With the upper factor U stored (C = U^T U), U.T is handed over as a
+# lower triangular matrix.
+
+
+def solve_upper_t(U: Any, B: Any) -> Any:
+    """``U^{-T} B`` for upper triangular ``U`` (B of shape (m,) or (m, n))."""
+    vec = B.ndim == 1
+    X = lax.linalg.triangular_solve(U.T, B[:, None] if vec else B, left_side=True, lower=True)
+    return X[:, 0] if vec else X
+
+
+def solve_upper(U: Any, B: Any) -> Any:
+    """``U^{-1} B`` for upper triangular ``U``."""
+    vec = B.ndim == 1
+    X = lax.linalg.triangular_solve(
+        U.T, B[:, None] if vec else B, left_side=True, lower=True, transpose_a=True
+    )
+    return X[:, 0] if vec else X
+
+
+# -- the passes over the gradients, summed in float64 ----------------------------------------
+#
+# Written as fused elementwise loops, which XLA runs as one loop over G. Measured with XLA's
+# CPU backend (m = 64, d = 1e6, float32 G, 2 cores): a float32 GEMV 6-10 ms; G x summed in
+# float64 by dot_general(..., preferred_element_type=float64) 330 ms, over column slabs
+# 14 ms; x - G^T a in float64 by dot_general 270 ms, as a reduction over the rows 900 ms, as
+# a loop over groups of 8 rows that XLA fuses 20-27 ms.
+
+#: Rows of G per step of the loop of :func:`combine64` (16 and more made XLA's CPU backend
+#: spill the fused loop: 2.5x slower).
+_ROW_GROUP = 8
+
+
+#: float64 entries of the (m, w) slab of partial sums of :func:`project64` (8 MiB).
+_SLAB_ENTRIES = 2**20
+
+
+def project64(G: Any, x: Any) -> Any:
+    """``G x`` for one vector ``x`` (d,), every product and sum in float64: (m,) float64.
+
+    A loop over column slabs of G that adds each slab's products into an (m, w) float64
+    slab of partial sums (an elementwise loop XLA fuses), then sums the slab: as a single
+    multiply-and-reduce over d, XLA's CPU backend took 40 ms at m = 64 and 1.7 s at
+    m = 256 (d = 1e6), the slabs 14 and 52 ms.
+    """
+    m, d = G.shape
+    w = max(1, min(d, 4096, _SLAB_ENTRIES // max(m, 1)))
+    full = d // w
+    x64 = x.astype(jnp.float64)
+
+    def body(c: Any, acc: Any) -> Any:
+        g = lax.dynamic_slice_in_dim(G, c * w, w, axis=1).astype(jnp.float64)
+        return acc + g * lax.dynamic_slice_in_dim(x64, c * w, w)
+
+    out = jnp.sum(lax.fori_loop(0, full, body, jnp.zeros((m, w), jnp.float64)), axis=1)
+    if full * w < d:
+        out = out + jnp.sum(G[:, full * w :].astype(jnp.float64) * x64[full * w :], axis=1)
+    return out
+
+
+def combine64(G: Any, x: Any, a: Any) -> Any:
+    """``x - G^T a`` (d,) in float64 for ``a`` (m,) float64: the m terms summed first."""
+    m = G.shape[0]
+    full = m // _ROW_GROUP
+
+    def body(k: Any, y: Any) -> Any:
+        rows = lax.dynamic_slice_in_dim(G, k * _ROW_GROUP, _ROW_GROUP, axis=0)
+        c = lax.dynamic_slice_in_dim(a, k * _ROW_GROUP, _ROW_GROUP)
+        for r in range(_ROW_GROUP):
+            y = y + c[r] * rows[r].astype(jnp.float64)
+        return y
+
+    y = jnp.zeros(G.shape[1:], jnp.float64)
+    if full:
+        y = lax.fori_loop(0, full, body, y)
+    for i in range(full * _ROW_GROUP, m):
+        y = y + a[i] * G[i].astype(jnp.float64)
+    return x.astype(jnp.float64) - y
+
+
+# Jitted (inlined into a caller's jit): called eagerly, the passes would run op by op and
+# build whole float64 copies of G instead of XLA's fused loops (a 244 MiB float32 G took
+# 341 MiB more memory and 6x the time).
