@@ -226,12 +226,7 @@ class SpectralIHVP(LinearOperator):
     def _warn_if_hopeless(self) -> None:
         # The passes are exact to the result's rounding; what remains is the float64
         # m x m work, good to about eps(float64) * error_scale.
-        _capacitance.warn_if_hopeless(
-            self.kappa,
-            damp=self.damp,
-            eps=float(self._xp.finfo(self._xp.float64).eps),
-            dtype="float64 (the passes' accumulation)",
-        )
+        _capacitance.warn_if_passes_hopeless(self.kappa, damp=self.damp)
 
     def _derived(self, *, damp: float | None = None, power: float | None = None) -> SpectralIHVP:
         # A shallow copy shares G and the eigenpairs: O(m) per group, never O(d m).
