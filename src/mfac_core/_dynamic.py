@@ -191,7 +191,7 @@ class DynamicIHVP(LinearOperator):
     dim: int
     zero_init: bool
     refine: int
-    #: The 2-byte storage dtype's name ("float16", "bfloat16"), or None.
+    # The 2-byte storage dtype's name ("float16", "bfloat16"), or None.
     storage_dtype: str | None
     _G: Any
     _gram: Any
@@ -486,7 +486,7 @@ class DynamicIHVP(LinearOperator):
     def _finish(self, X: Array, P: Array, factor: SlotFactor | None = None) -> Any:
         """``(X - G^T C^{-1} P) / damp`` given ``P = G X`` (float64, slot order).
 
-        With the operator's factor unless ``factor`` is given (see :meth:`_edited`).
+        With the operator's factor unless ``factor`` is given (see ``_dynamic_factor.edited``).
         """
         factor = self._factor if factor is None else factor
         if not factor.slots:

@@ -28,7 +28,7 @@ def check_gradient(op: Any, g: Array, *, deferred: bool = False, finite: bool = 
     NaN and infinity are refused with ``check_finite`` or ``finite``. With
     ``deferred``, returns ``(g, pending)``: the value checks need a number read
     from the device, which ``pending`` (``(g, max |g|, refuse NaN)``, the maximum
-    a 0-d array; or None) leaves to :meth:`_judge`, so that a step reads all its
+    a 0-d array; or None) leaves to ``_dynamic_factor.judge``, so that a step reads all its
     checks at once.
     """
     # The window stores gradients, never their autograd history.

@@ -101,7 +101,7 @@ class Speculation:
     """The step's product, computed with an edited factor before the step's checks are read.
 
     ``compute`` returns the product's finiteness as a 0-d array, read with the
-    row edit's checks in one transfer (:meth:`DynamicIHVP._edited`); the product
+    row edit's checks in one transfer (:func:`edited`); the product
     stands only if the edit is kept (``s`` is None otherwise).
     """
 
@@ -200,7 +200,7 @@ def edited(
     of the operator changes (the free factor buffer is scratch). With
     ``gram`` (a recomputed Gram matrix, row ``slot`` included) the factor is
     computed from it in full. ``pending`` is the gradient's deferred check
-    (:meth:`_check_gradient`), judged here before anything else can fail: the
+    (``_dynamic_checks.check_gradient``), judged here before anything else can fail: the
     row edit reads it in the same transfer as its own checks, so that a step
     synchronises with the device once. A ``speculation`` computes the step's
     product with the edited factor, whose finiteness joins that read; it is
@@ -264,7 +264,7 @@ def drift(op: Any, edited: SlotFactor, new_diagonal: Array) -> Array:
     """How far diag(U^T U) drifted from diag(C) on a sample of columns (O(32 m)).
 
     The edited slot is the factor's last; its Gram diagonal is ``new_diagonal``.
-    A 0-d array: it is read with the step's other checks (:meth:`_judge`).
+    A 0-d array: it is read with the step's other checks (:func:`judge`).
     """
     xp = op._xp
     k = len(edited.slots)
@@ -275,7 +275,7 @@ def drift(op: Any, edited: SlotFactor, new_diagonal: Array) -> Array:
 
 
 def drift_positions(op: Any, k: int) -> Array:
-    """The sampled columns of :meth:`_drift`, made on the device once per ``k``."""
+    """The sampled columns of :func:`drift`, made on the device once per ``k``."""
     cache = op.__dict__.setdefault("_drift_sample", {})
     if k not in cache:
         xp = op._xp

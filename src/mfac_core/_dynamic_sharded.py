@@ -24,11 +24,11 @@ from .distributed import Communicator, check_communicator
 PIECE_ENTRIES = 2**22
 
 #: Entries of the row each rank contributes when a sharded operator is built: its width,
-#: then the settings that must agree on every rank (see ``DynamicIHVP._settings``).
+#: then the settings that must agree on every rank (see :func:`settings`).
 NUM_SETTINGS = 9
 
 # The operations of the sharded reductions (``reduce_checked``). Their tag is the
-# operation and the operator's whole count of state edits (``DynamicIHVP._tag``), so
+# operation and the operator's whole count of state edits (:func:`tag`), so
 # that ranks calling different operations with reductions of one length, or whose
 # replicated states diverged (``reset`` on some ranks only, any number of times),
 # raise instead of mixing their sums.

@@ -48,7 +48,7 @@ def products(op: Any, slot: int, g: Array) -> tuple[Any, Any]:
     ``G g`` is ``None`` when it is the Gram row. With 2-byte storage the row
     is that of the stored (rounded) gradient, so that factor and window
     agree, and ``G g`` that of ``g`` as given, for the product of
-    :meth:`update_and_matvec`: both columns in one float32 pass.
+    :meth:`DynamicIHVP.update_and_matvec`: both columns in one float32 pass.
     """
     xp = op._xp
     if op.storage_dtype is None:
@@ -70,7 +70,7 @@ def place(
     """Put gradient ``g`` into ``slot``; return it (checked) and its Gram row (float64).
 
     Also returns ``G g`` (float64, ``(m, 1)``) for the product of
-    :meth:`update_and_matvec` (``None`` when ``b`` is given). A 2-byte
+    :meth:`DynamicIHVP.update_and_matvec` (``None`` when ``b`` is given). A 2-byte
     window rounds ``g`` here, once.
 
     The row is written first so that one product ``G g`` gives the whole
@@ -80,9 +80,9 @@ def place(
     the new factor cannot be computed, the old row is put back and the
     operator is as it was. A sharded operator checks ``g`` here, inside the
     reduction of the row, so that every rank raises if one rank's ``g`` is bad.
-    ``pending`` is an unsharded ``g``'s deferred check (:meth:`_check_gradient`),
+    ``pending`` is an unsharded ``g``'s deferred check (``_dynamic_checks.check_gradient``),
     judged before the operator changes. ``speculation`` is handed the product's
-    operands and computes it with the edited factor (see :meth:`_edited`).
+    operands and computes it with the edited factor (see ``_dynamic_factor.edited``).
     """
     xp = op._xp
     old = xp.asarray(op._G[slot, ...], copy=True)
@@ -125,7 +125,7 @@ def place(
 def written_row(op: Any, slot: int, g: Array) -> tuple[Array, Any, Any]:
     """Write ``g`` into ``slot``; return it, its Gram row and ``G g`` (float64, summed).
 
-    ``G g`` (``(m, 1)``) is ``None`` when it is the row (see :meth:`_products`).
+    ``G g`` (``(m, 1)``) is ``None`` when it is the row (see :func:`products`).
     Unsharded, ``g`` was checked by the caller. Sharded, it is checked here and the
     row reduced with the status word: one reduction of m + 20 numbers (2 m + 20 for a
     2-byte window, whose row and ``G g`` differ).
@@ -152,7 +152,7 @@ def insert(op: Any, g: Array, *, speculation: Speculation | None = None) -> tupl
 
     With a ``speculation`` (unsharded only), NaN and infinity are refused
     whatever ``check_finite``, and the step's product may be computed before
-    the checks are read (:meth:`_edited`).
+    the checks are read (``_dynamic_factor.edited``).
     """
     pending = None
     if op._comm is None:  # sharded, g is checked inside the reduction of its row
