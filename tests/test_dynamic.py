@@ -809,3 +809,21 @@ def test_torch_dtype_without_xp_says_to_pass_xp():
     with pytest.raises(TypeError, match="pass xp=torch"):
         DynamicIHVP(3, 5, damp=0.1, dtype=torch.bfloat16)
     assert DynamicIHVP(3, 5, damp=0.1, dtype=torch.bfloat16, xp=torch).storage_dtype == "bfloat16"
+
+
+def test_pickles_naming_the_factor_class_in_the_operators_module_load(rng):
+    # Pickles made before the operator's modules were split name the slot factor's
+    # class mfac_core._dynamic._SlotFactor; they must still load, and work.
+    import pickle
+
+    op = DynamicIHVP(3, 20, damp=0.1, dtype="float64")
+    for g in rng.standard_normal((4, 20)):
+        op.update(g)
+    new = b"cmfac_core._dynamic_factor\nSlotFactor\n"
+    data = pickle.dumps(op, protocol=0)
+    assert new in data
+    old = pickle.loads(data.replace(new, b"cmfac_core._dynamic\n_SlotFactor\n"))
+    x = rng.standard_normal(20)
+    np.testing.assert_array_equal(old.matvec(x), op.matvec(x))
+    g = rng.standard_normal(20)
+    np.testing.assert_array_equal(old.update_and_matvec(g), op.update_and_matvec(g))

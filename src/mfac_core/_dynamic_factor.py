@@ -1,0 +1,300 @@
+"""The editable capacitance factor of a :class:`~mfac_core.DynamicIHVP` window.
+
+``C = shift I + Gram[slots][:, slots] = U^T U`` in float64, with the slot of each
+row of ``U`` (the *factor slots*): computed in full (O(k^3)) or edited in O(m^2)
+when one gradient is replaced, its drift checked on a sample of columns. The
+functions take the operator and read its window and Gram matrix; none of them
+changes the operator (the free factor buffer is scratch).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from . import _capacitance, _engine
+from ._capacitance import CapacitanceFactor
+from ._compat import Array
+from ._compat import device as device_of
+from ._dynamic_checks import judge_gradient
+from ._errors import NotPositiveDefinite
+from ._sharding import host_values
+
+#: Relative drift of diag(U^T U) against diag(C) that triggers a full refactorisation.
+DRIFT_TOL = 1e-10
+#: Columns of an edited factor checked for drift after each edit (O(m) each).
+DRIFT_SAMPLE = 32
+
+
+def evenly_spaced(k: int, count: int) -> list[int]:
+    """Up to ``count`` evenly spaced positions in ``range(k)``, both ends included."""
+    if k <= count:
+        return list(range(k))
+    return sorted({round(i * (k - 1) / (count - 1)) for i in range(count)})
+
+
+@dataclass(frozen=True)
+class SlotFactor:
+    """The capacitance factor of the window, with the slot of each of its rows.
+
+    Attributes
+    ----------
+    factor : CapacitanceFactor
+        ``C = shift I + Gram[slots][:, slots] = U^T U``.
+    slots : tuple of int
+        The factor slots: the slot of each row of ``U``.
+    slot_index : array
+        ``slots`` as an int64 array on the device.
+    position : array
+        For each of the m slots its row in ``U``, or k for slots outside the
+        factor (which read an appended zero).
+    """
+
+    factor: CapacitanceFactor
+    slots: tuple[int, ...]
+    slot_index: Any
+    position: Any
+
+    @classmethod
+    def build(cls, factor: CapacitanceFactor, slots: Iterable[int], num_slots: int) -> SlotFactor:
+        xp = factor.xp
+        slots = tuple(slots)
+        dev = device_of(factor.U)
+        where = [len(slots)] * num_slots
+        for row, slot in enumerate(slots):
+            where[slot] = row
+        return cls(
+            factor,
+            slots,
+            xp.asarray(list(slots), dtype=xp.int64, device=dev),
+            xp.asarray(where, dtype=xp.int64, device=dev),
+        )
+
+    def moved_last(self, factor: CapacitanceFactor, row: int) -> SlotFactor:
+        """The slot factor whose ``factor`` holds this one's rows with ``row`` moved last.
+
+        What a row edit of the factor returns; the index arrays are derived from this
+        one's on the device (no array made from host data on the hot path).
+        """
+        xp = factor.xp
+        k = len(self.slots)
+        si, pos = self.slot_index, self.position
+        slot_index = xp.concat([si[:row], si[row + 1 :], si[row : row + 1]])
+        # Rows after ``row`` move up one, ``row`` goes last; slots outside the factor
+        # (position k) stay.
+        up = xp.astype((pos > row) & (pos < k), xp.int64)
+        last = xp.astype(pos == row, xp.int64)
+        position = pos - up + last * (k - 1 - row)
+        slots = self.slots[:row] + self.slots[row + 1 :] + self.slots[row : row + 1]
+        return SlotFactor(factor, slots, slot_index, position)
+
+    def coefficients(self, P: Array) -> Array:
+        """``C^{-1} P`` in slot order (zero rows for slots outside the factor)."""
+        xp = self.factor.xp
+        coef = self.factor.solve(xp.take(P, self.slot_index, axis=0))
+        zero = xp.zeros((1, coef.shape[1]), dtype=coef.dtype, device=device_of(coef))
+        return xp.take(xp.concat([coef, zero], axis=0), self.position, axis=0)
+
+
+class Speculation:
+    """The step's product, computed with an edited factor before the step's checks are read.
+
+    ``compute`` returns the product's finiteness as a 0-d array, read with the
+    row edit's checks in one transfer (:func:`edited`); the product
+    stands only if the edit is kept (``s`` is None otherwise).
+    """
+
+    def __init__(self, op: Any) -> None:
+        self._op = op
+        self.X: Any = None
+        self.P: Any = None
+        self.s: Any = None
+        self.finite = False
+
+    def compute(self, factor: SlotFactor) -> Array:
+        op, xp = self._op, self._op._xp
+        self.s = op._refined(self.X, op._finish(self.X, self.P, factor), factor)[:, 0]
+        return xp.all(xp.isfinite(self.s))
+
+
+def free_buffer(op: Any) -> Any:
+    """The one of the two m x m factor buffers that does not hold the factor."""
+    if op._buffers is None:
+        m = op.num_grads
+        op._buffers = (
+            op._xp.empty((m, m), dtype=op._xp.float64, device=op.device),
+            op._xp.empty((m, m), dtype=op._xp.float64, device=op.device),
+        )
+    first, second = op._buffers
+    # Before the first factor exists, either buffer is free.
+    current = getattr(op, "_factor", None)
+    return second if current is not None and current.factor.U is first else first
+
+
+def factorized(
+    op: Any, gram: Array, slots: list[int], damp: float | None = None, *, exact: bool = False
+) -> SlotFactor:
+    """The factor of the capacitance matrix of ``slots``, in full (O(k^3)).
+
+    With the operator's damping unless ``damp`` is given. Raises
+    ``FactorizationError``; nothing of the operator changes.
+    """
+    damp = op.damp if damp is None else damp
+    xp = op._xp
+    k = len(slots)
+    idx = xp.asarray(slots, dtype=xp.int64, device=op.device)
+    sub = xp.take(xp.take(gram, idx, axis=0), idx, axis=1)
+    out = free_buffer(op) if k == op.num_grads else None
+    factor = _capacitance.factorize(
+        xp,
+        sub,
+        shift=op._shift(k, damp),
+        scale=1.0,
+        damp=damp,
+        gram_dtype="float64" if exact or op._exact_gram else "float32",
+        out=out,
+    )
+    warn_if_hopeless(op, factor)
+    return SlotFactor.build(factor, slots, op.num_grads)
+
+
+def warn_if_hopeless(op: Any, factor: CapacitanceFactor) -> None:
+    """Warn, once until the window recovers, when eps(float64) * kappa >= 1.
+
+    The passes and the factor are float64 whatever the storage dtype
+    (docs/mathematics.rst, "Exact passes"), so the storage's own eps does not
+    decide when digits run out.
+
+    Checked at every full factorisation (at least every ``refactor_every``
+    edits), where the kappa bounds come for free.
+    """
+    if factor.kappa is None:
+        return
+    eps = float(op._xp.finfo(op._xp.float64).eps)
+    hopeless = eps * factor.kappa[0] >= 1.0
+    if hopeless and not getattr(op, "_warned_hopeless", False):
+        _capacitance.warn_if_hopeless(
+            factor.kappa[0],
+            damp=factor.shift / max(factor.size, 1)
+            if not op.zero_init
+            else factor.shift / op.num_grads,
+            eps=eps,
+            dtype="float64 (the passes' accumulation)",
+        )
+    op._warned_hopeless = hopeless
+
+
+def edited(
+    op: Any,
+    slot: int,
+    b: Array,
+    *,
+    gram: Array | None = None,
+    pending: Any = None,
+    speculation: Speculation | None = None,
+) -> tuple[SlotFactor, bool]:
+    """The factor after ``slot`` gets Gram row ``b``: an O(m^2) edit where possible.
+
+    Returns ``(factor, refactored)``; raises ``FactorizationError``; nothing
+    of the operator changes (the free factor buffer is scratch). With
+    ``gram`` (a recomputed Gram matrix, row ``slot`` included) the factor is
+    computed from it in full. ``pending`` is the gradient's deferred check
+    (``_dynamic_checks.check_gradient``), judged here before anything else can fail: the
+    row edit reads it in the same transfer as its own checks, so that a step
+    synchronises with the device once. A ``speculation`` computes the step's
+    product with the edited factor, whose finiteness joins that read; it is
+    discarded (``speculation.s`` None) unless the edit is kept.
+    """
+    current = op._factor
+    slots = [s for s in current.slots if s != slot] + [slot]
+    k = len(slots)
+    if gram is not None:
+        judge(op, pending, [])
+        return factorized(op, gram, slots, exact=True), True
+    if (
+        op.update_method == "incremental"
+        and len(current.slots) == k == op.num_grads
+        and op._edits < op.refactor_every
+    ):
+        xp = op._xp
+        row = current.slots.index(slot)
+        si = current.slot_index
+        others = xp.take(b, xp.concat([si[:row], si[row + 1 :]]), axis=0)
+        margin = None
+        try:
+            if _engine.is_accelerator(xp, b):
+                # The pivot's check joins the step's one read (see _judge).
+                factor, margin = current.factor.replace_row_deferred(
+                    row, others, b[slot] + op._shift(k), out=free_buffer(op)
+                )
+            else:
+                # On the host a read costs nothing, and NaN never reaches NumPy's
+                # arithmetic (whose warnings would be errors in strict code).
+                judge(op, pending, [])
+                pending = None
+                factor = current.factor.replace_row(
+                    row, others, float(b[slot]) + op._shift(k), out=free_buffer(op)
+                )
+        except NotPositiveDefinite:
+            pass  # the full factorisation below decides, and words any error
+        else:
+            moved = current.moved_last(factor, row)
+            drifted = drift(op, moved, b[slot])
+            checks = [drifted] if margin is None else [margin, drifted]
+            if speculation is not None:
+                checks.append(speculation.compute(moved))
+            values = judge(op, pending, checks)
+            if speculation is not None:
+                speculation.finite = values.pop() > 0
+            pivot_ok = margin is None or values[0] > 0
+            if pivot_ok and not values[-1] > DRIFT_TOL:
+                return moved, False
+            pending = None  # judged above
+            if speculation is not None:
+                speculation.s = None  # made with the edit that was just refused
+    judge(op, pending, [])
+    gram = op._xp.asarray(op._gram, copy=True)
+    gram[slot, :] = b
+    gram[:, slot] = b
+    return factorized(op, gram, slots), True
+
+
+def drift(op: Any, edited: SlotFactor, new_diagonal: Array) -> Array:
+    """How far diag(U^T U) drifted from diag(C) on a sample of columns (O(32 m)).
+
+    The edited slot is the factor's last; its Gram diagonal is ``new_diagonal``.
+    A 0-d array: it is read with the step's other checks (:func:`judge`).
+    """
+    xp = op._xp
+    k = len(edited.slots)
+    pos = drift_positions(op, k)
+    want = xp.take(xp.linalg.diagonal(op._gram), xp.take(edited.slot_index, pos), axis=0)
+    want = xp.where(pos == k - 1, new_diagonal, want)
+    return edited.factor.column_drift_array(pos, want + op._shift(k))
+
+
+def drift_positions(op: Any, k: int) -> Array:
+    """The sampled columns of :func:`drift`, made on the device once per ``k``."""
+    cache = op.__dict__.setdefault("_drift_sample", {})
+    if k not in cache:
+        xp = op._xp
+        cache[k] = xp.asarray(evenly_spaced(k, DRIFT_SAMPLE), dtype=xp.int64, device=op.device)
+    return cache[k]
+
+
+def judge(op: Any, pending: Any, checks: list[Array]) -> list[float]:
+    """Read ``checks`` (0-d arrays) and a gradient's deferred check in one transfer.
+
+    Raises the gradient's error if its check fails (before ``checks`` are looked
+    at); returns the values of ``checks``.
+    """
+    if pending is None and not checks:
+        return []
+    xp = op._xp
+    arrays = checks if pending is None else [pending[1], *checks]
+    values = host_values(xp.stack([xp.astype(xp.reshape(a, ()), xp.float64) for a in arrays]))
+    if pending is not None:
+        judge_gradient(op, pending[0], values[0], finite=pending[2])
+        values = values[1:]
+    return values

@@ -1,0 +1,159 @@
+"""The construction of :class:`~mfac_core.DynamicIHVP`: its settings, dtypes and buffers.
+
+Every buffer is created once, here, in the window's namespace and on its
+device; ``from_window`` fills a new window with one float64 Gram product and
+one factorisation.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+from ._compat import Array, array_namespace, detached
+from ._compat import device as device_of
+from ._dynamic_factor import factorized
+from ._dynamic_sharded import default_namespace, local_gram, summed
+from ._operator import LinearOperator
+from ._validation import (
+    check_choice,
+    check_count,
+    check_damp,
+    check_finite,
+    check_flag,
+    check_writeable,
+    half_dtype_name,
+)
+
+
+def window_dtypes(xp: Any, dtype: Any) -> tuple[Any, Any, str | None]:
+    """The buffer's dtype, the compute dtype and the 2-byte storage name (or None).
+
+    float32 and float64 windows compute in their own dtype; a 2-byte window
+    (docs/mathematics.rst, "2-byte storage") stores float16 or bfloat16 and
+    computes in float32.
+    """
+    wanted = "float32 or float64, or float16/bfloat16 storage where the library has it"
+    if isinstance(dtype, str):
+        if dtype not in ("float32", "float64", "float16", "bfloat16"):
+            raise TypeError(f"dtype must be {wanted}, got {dtype!r}")
+        named = getattr(xp, dtype, None)
+        if named is None or (
+            dtype in ("float16", "bfloat16") and half_dtype_name(xp, named) is None
+        ):
+            raise TypeError(
+                f"dtype {dtype!r}: this array library ({xp.__name__}) has no {dtype} "
+                "storage that DynamicIHVP supports (NumPy and CuPy have float16, PyTorch "
+                "float16 and bfloat16)"
+            )
+        dtype = named
+    if dtype in (xp.float32, xp.float64):
+        return dtype, dtype, None
+    name = half_dtype_name(xp, dtype)
+    if name is None:
+        hint = ""
+        if getattr(type(dtype), "__module__", "").split(".")[0] == "torch":
+            # torch.float32 given with the default (NumPy) namespace: the dtype names
+            # another library than xp, which only xp=torch can mean.
+            hint = f" (the namespace is {xp.__name__}: pass xp=torch for PyTorch buffers)"
+        raise TypeError(f"dtype must be {wanted}{hint}, got {dtype!r}")
+    return dtype, xp.float32, name
+
+
+def build(
+    op: Any,
+    num_grads: int,
+    dim: int,
+    *,
+    damp: float,
+    dtype: Any,
+    xp: Any,
+    device: Any,
+    zero_init: bool,
+    update_method: str,
+    refactor_every: int | None,
+    check_finite: bool,
+    refine: int,
+    sharded: bool = False,
+) -> None:
+    """Check the constructor's arguments and create the buffers of ``op``, then empty it.
+
+    ``sharded``: ``op`` holds one rank's columns, which may be none.
+    """
+    num_grads = check_count(num_grads, "num_grads")
+    op.refine = check_count(refine, "refine", minimum=0)
+    # A shard may hold no column (more ranks than coordinates).
+    dim = check_count(dim, "dim", minimum=0 if sharded else 1)
+    op.damp = check_damp(damp)
+    op.update_method = check_choice(update_method, "update_method", ("incremental", "refactor"))
+    op.refactor_every = (
+        num_grads if refactor_every is None else check_count(refactor_every, "refactor_every")
+    )
+    op.zero_init = check_flag(zero_init, "zero_init")
+    if xp is None:
+        xp = default_namespace()
+    else:
+        try:
+            xp = array_namespace(xp.empty(0))
+        except (AttributeError, TypeError):
+            raise TypeError(
+                f"xp must be an array namespace or library module (numpy, "
+                f"torch, cupy, ...), got {xp!r}"
+            ) from None
+    dtype, compute, storage = window_dtypes(xp, dtype)
+    G = xp.zeros((num_grads, dim), dtype=dtype, device=device)
+    check_writeable(G, "window buffer", why="DynamicIHVP (a window edited in place)")
+    op.storage_dtype = storage
+    LinearOperator.__init__(
+        op,
+        shape=(dim, dim),
+        # The library's dtype object, as G's, whatever form was given; for 2-byte
+        # storage the compute dtype (float32).
+        dtype=G.dtype if storage is None else compute,
+        xp=xp,
+        device=device_of(G),
+        symmetric=True,
+        check_finite=check_flag(check_finite, "check_finite"),
+    )
+    op.num_grads, op.dim = num_grads, dim
+    op._G = G
+    op._gram = xp.zeros((num_grads, num_grads), dtype=xp.float64, device=op.device)
+    # Whether every Gram entry was accumulated in float64 (float64 storage, an empty
+    # window, from_window, or a Gram recomputed after a failed edit; see _place).
+    op._exact_gram = True
+    # Once the window is full, factors ping-pong between two C-ordered buffers
+    # created once: no allocation per step, and row-wise writes.
+    op._buffers = None
+    # Counts the edits of the replicated state (see _tag); reset adds one.
+    op._version = 0
+    op.reset()
+
+
+def fill(op: Any, xp: Any, G: Array) -> None:
+    """Put the k gradients in the rows of ``G`` into the new, empty window ``op``.
+
+    The set-up of :meth:`DynamicIHVP.from_window`: ``G`` (k x d, in the window's
+    namespace ``xp``, device and dtype) was checked for its shape; an empty ``G``
+    leaves the window empty.
+    """
+    k, num_grads = G.shape[0], op.num_grads
+    if k == 0:
+        return
+    if op.check_finite and op._comm is None:  # a sharded G was checked collectively
+        check_finite(xp, G, "G")
+    G = detached(G)
+    gram = summed(op, local_gram(xp, G))
+    # Both conventions put the k gradients into slots 0..k-1, oldest first.
+    if op.zero_init:
+        window = list(range(k, num_grads)) + list(range(k))
+        free: list[int] = []
+    else:
+        window, free = list(range(k)), list(range(num_grads - 1, k - 1, -1))
+    full_gram = xp.zeros((num_grads, num_grads), dtype=xp.float64, device=op.device)
+    full_gram[:k, :k] = gram
+    factor = factorized(op, full_gram, window)  # raises before anything changes
+    op._G[:k, ...] = G
+    op._gram = full_gram
+    op._exact_gram = True
+    op._window, op._free = deque(window), free
+    op._commit(factor, refactored=True)

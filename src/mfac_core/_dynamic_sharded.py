@@ -1,0 +1,334 @@
+"""The sharded glue of :class:`~mfac_core.DynamicIHVP`: reductions over the d coordinates.
+
+Every contraction over d of a column-sharded window is this rank's part summed
+over the ranks; the helpers here make each such sum one checked reduction
+(``reduce_checked``) with a status word and a tag of the operation and the
+operator's replicated state, and hold the float64 Gram pass that the set-up and
+the checkpoint checks share. Unsharded, each is the local computation alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from . import _engine
+from ._compat import Array, array_namespace
+from ._compat import device as device_of
+from ._layout import BlockGroup, chunk_gram, pieces
+from ._sharding import ShardLayout, host_values, reduce_checked
+from ._validation import check_count, check_finite, namespace_of
+from .distributed import Communicator, check_communicator
+
+#: float64 entries in one piece of a float64 Gram pass over the window.
+PIECE_ENTRIES = 2**22
+
+#: Entries of the row each rank contributes when a sharded operator is built: its width,
+#: then the settings that must agree on every rank (see :func:`settings`).
+NUM_SETTINGS = 9
+
+# The operations of the sharded reductions (``reduce_checked``). Their tag is the
+# operation and the operator's whole count of state edits (:func:`tag`), so
+# that ranks calling different operations with reductions of one length, or whose
+# replicated states diverged (``reset`` on some ranks only, any number of times),
+# raise instead of mixing their sums.
+OP_UPDATE, OP_PRODUCT, OP_REMOVE, OP_SET_DAMP = 1, 2, 3, 4
+OP_LOAD, OP_FROM_WINDOW, OP_INIT = 5, 6, 7
+
+
+def reduction_space(xp: Any, device: Any) -> tuple[Any, Any]:
+    """The namespace and device of a set-up reduction, NumPy's when ``xp`` is unusable.
+
+    A rank whose ``xp`` is wrong must still join the reduction that reports it.
+    """
+    try:
+        return (default_namespace() if xp is None else array_namespace(xp.empty(0))), device
+    except (AttributeError, TypeError):
+        return default_namespace(), None
+
+
+def rows(total: Array, size: int) -> list[tuple[float, ...]]:
+    """A reduced rank-by-rank table (each rank filled its own row) as host tuples."""
+    values = host_values(total)
+    width = len(values) // size
+    return [tuple(values[r * width : (r + 1) * width]) for r in range(size)]
+
+
+def default_namespace() -> Any:
+    """NumPy's array namespace, the default of a window built without ``xp``."""
+    import numpy as np
+
+    return array_namespace(np.empty(0))
+
+
+def local_gram(xp: Any, G: Array) -> Array:
+    """``G G^T`` of this rank's columns of the rows of ``G``, accumulated in float64.
+
+    O(m^2 d): column pieces of G converted to float64 (32 MiB at most), one
+    BLAS-3 product each; products of float32 or 2-byte values are exact in
+    float64, so each entry errs by at most d eps64 |g_i| |g_j|.
+    """
+    m, d = G.shape
+    if not d:  # a shard without columns
+        return xp.zeros((m, m), dtype=xp.float64, device=device_of(G))
+    whole = BlockGroup(0, 1, d)
+    chunk = list(pieces(whole, max(1, PIECE_ENTRIES // m)))
+    return chunk_gram(xp, G, whole, chunk, lambda X: X @ xp.matrix_transpose(X))[0, ...]
+
+
+def agreed_rows(G: Array, num_grads: int | None, options: Mapping[str, Any]) -> int | None:
+    """``from_window(comm=...)``'s first reduction: G checked on every rank, one k for all.
+
+    Returns ``num_grads`` (None stays None). Every rank raises if a rank's G is
+    malformed or not finite, or if the ranks hold different numbers of gradients.
+    """
+    comm = check_communicator(options["comm"])
+    try:
+        space = array_namespace(G), device_of(G)
+    except TypeError:
+        space = default_namespace(), None
+
+    def local() -> Array:
+        xp = namespace_of(G, "G")
+        if G.ndim != 2:
+            raise ValueError(f"G must be 2-D (k, d), got shape {tuple(G.shape)}")
+        k = int(G.shape[0])
+        if num_grads is not None and k > check_count(num_grads, "num_grads"):
+            raise ValueError(f"G holds {k} gradients, more than num_grads={num_grads}")
+        if options.get("check_finite", True) is not False:
+            check_finite(xp, G, "G")
+        flat = [0.0] * comm.size
+        flat[comm.rank] = float(k)
+        return xp.asarray(flat, dtype=xp.float64, device=device_of(G))
+
+    total = reduce_checked(
+        comm,
+        space[0],
+        local,
+        length=comm.size,
+        dtype=space[0].float64,
+        device=space[1],
+        what="DynamicIHVP.from_window",
+        tag=("DynamicIHVP", OP_FROM_WINDOW),
+    )
+    ks = [int(v) for v in host_values(total)]
+    if len(set(ks)) != 1:
+        raise ValueError(
+            f"DynamicIHVP.from_window(comm=...): the ranks hold the columns of different "
+            f"numbers of gradients, rank by rank {ks}"
+        )
+    return num_grads
+
+
+def settings(op: Any) -> list[float]:
+    """This rank's width and the settings every rank must share, as numbers."""
+    return [
+        float(op.dim),
+        float(op.num_grads),
+        op.damp,
+        # The compute dtype's bits and the storage: float16 and bfloat16 windows
+        # both compute in float32 and must not pass for each other.
+        float(op._xp.finfo(op.dtype).bits)
+        + 1000.0 * (None, "float16", "bfloat16").index(op.storage_dtype),
+        float(op.zero_init),
+        float(op.update_method == "incremental"),
+        float(op.refactor_every),
+        float(op.refine),
+        float(op.check_finite),
+    ]
+
+
+def one_hot(op: Any, comm: Communicator, values: list[float]) -> Array:
+    """A ``size x len(values)`` table, flattened, holding ``values`` in this rank's row.
+
+    Summed over ranks it tells every rank every rank's values exactly (each entry
+    is one rank's value plus zeros).
+    """
+    flat = [0.0] * (comm.size * len(values))
+    flat[comm.rank * len(values) : (comm.rank + 1) * len(values)] = values
+    return op._xp.asarray(flat, dtype=op._xp.float64, device=op.device)
+
+
+def agreed_layout(
+    comm: Communicator, xp: Any, device: Any, build: Callable[[], Any]
+) -> ShardLayout:
+    """The constructor's reduction: ``build()`` on every rank, then its settings compared.
+
+    ``build()`` builds this rank's operator (it may raise) and returns it. Every
+    rank raises if one rank's build failed or if the ranks' settings differ;
+    otherwise returns the layout of every rank's width.
+    """
+    row: list[float] = []
+
+    def local() -> Array:
+        op = build()
+        row.extend(settings(op))
+        return one_hot(op, comm, row)
+
+    space = reduction_space(xp, device)
+    total = reduce_checked(
+        comm,
+        space[0],
+        local,
+        length=comm.size * NUM_SETTINGS,
+        dtype=space[0].float64,
+        device=space[1],
+        what="DynamicIHVP(comm=...)",
+        tag=("DynamicIHVP", OP_INIT),
+    )
+    table = rows(total, comm.size)
+    if any(r[3] != table[0][3] for r in table):
+        raise TypeError(
+            "DynamicIHVP(comm=...) must be built with the same dtype on every rank; "
+            f"rank by rank (bits of the compute dtype + 1000 x storage code, 1: float16, "
+            f"2: bfloat16): {[r[3] for r in table]}"
+        )
+    if any(r[1:] != table[0][1:] for r in table):
+        raise ValueError(
+            "DynamicIHVP(comm=...) must be built with the same num_grads, damp, dtype, "
+            "zero_init, update_method, refactor_every, refine and check_finite on every "
+            f"rank; rank by rank: {[r[1:] for r in table]}"
+        )
+    if sum(int(r[0]) for r in table) == 0:
+        raise ValueError("DynamicIHVP(comm=...): every rank holds 0 columns (dim=0)")
+    return ShardLayout(comm.rank, tuple(int(r[0]) for r in table))
+
+
+def tag(op: Any, code: int) -> tuple[Any, ...]:
+    """The tag of operation ``code`` on this operator's replicated state.
+
+    The whole count of state edits, not a residue that two ``reset`` calls
+    on one rank would bring back: ranks whose counts differ raise, whatever
+    the sequence of local edits. ``load_state_dict`` replaces the state, so
+    its tag is the operation's alone: loading every rank from one checkpoint
+    mends diverged states (and restarts the count on every rank).
+    """
+    if code == OP_LOAD:
+        return ("DynamicIHVP", code)
+    return ("DynamicIHVP", code, op._version)
+
+
+def reduced(
+    op: Any,
+    local: Any,
+    length: int,
+    what: str,
+    code: int,
+    *,
+    agree: Any = None,
+    disagree: tuple[type[Exception], str] | None = None,
+) -> Any:
+    """``local()`` (1-D float64) summed over the ranks with a status word.
+
+    Every rank raises if ``local()`` raised on any rank, if the ranks called
+    different operations (``code``) or hold diverged states, or if ``agree()``
+    differs between ranks (``reduce_checked``).
+    """
+    if op._comm is None:
+        return local()
+    xp = op._xp
+    return reduce_checked(
+        op._comm,
+        xp,
+        local,
+        length=length,
+        dtype=xp.float64,
+        device=op.device,
+        what=what,
+        tag=tag(op, code),
+        agree=agree,
+        disagree=disagree,
+    )
+
+
+def summed(op: Any, x: Array) -> Array:
+    """``x`` (float64, computed from this rank's columns) summed over the ranks."""
+    if op._comm is None:
+        return x
+    xp = op._xp
+    total = op._comm.allreduce_sum(xp.reshape(x, (-1,)))
+    return xp.reshape(total, x.shape)
+
+
+def agreed(op: Any, what: str, code: int, local: Any) -> None:
+    """Check collectively that ``local()`` (one number; it may raise) agrees on every rank.
+
+    For arguments that must be the same on every rank of a sharded operator (a
+    slot, a damping), whose replicated state would otherwise diverge silently:
+    one reduction of ``size`` numbers. Unsharded, just ``local()``.
+    """
+    if op._comm is None:
+        local()
+        return
+    comm = op._comm
+    total = reduced(op, lambda: one_hot(op, comm, [float(local())]), comm.size, what, code)
+    values = host_values(total)
+    if any(v != values[0] for v in values):
+        raise ValueError(
+            f"{what} must be called with the same argument on every rank of a sharded "
+            f"operator; rank by rank: {values}"
+        )
+
+
+def pieces_of(op: Any) -> list[Any]:
+    """The column pieces of the buffer for its float64 passes (32 MiB each at most)."""
+    if not op.dim:  # a shard without columns
+        return []
+    whole = BlockGroup(0, 1, op.dim)
+    return list(pieces(whole, max(1, PIECE_ENTRIES // op.num_grads)))
+
+
+def sharded_residual(op: Any, X: Array, Y: Array, scale: float) -> Array:
+    """This rank's rows of ``X - F Y`` in float64, with ``G Y`` summed over the ranks.
+
+    As ``fisher_residual`` (one block, bounded float64 column pieces), with the one
+    reduction of the m x k product that the sum over d needs.
+    """
+    xp = op._xp
+    spans = [(c0, c1) for _, _, c0, c1 in pieces_of(op)]
+    P = xp.zeros((op.num_grads, Y.shape[1]), dtype=xp.float64, device=op.device)
+    for c0, c1 in spans:
+        P = P + xp.astype(op._G[:, c0:c1], xp.float64) @ Y[c0:c1, ...]
+    P = summed(op, P)
+    X64 = xp.astype(X, xp.float64)
+    parts = [
+        X64[c0:c1, ...]
+        - op.damp * Y[c0:c1, ...]
+        - scale * (xp.matrix_transpose(xp.astype(op._G[:, c0:c1], xp.float64)) @ P)
+        for c0, c1 in spans
+    ]
+    if not parts:
+        return xp.zeros(X.shape, dtype=xp.float64, device=op.device)
+    return parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)
+
+
+# -- the sharded products: the input is checked inside the reduction ---------------
+
+
+def collective_product(op: Any, X: Array, name: str, ndims: tuple[int, ...], k: int) -> Array:
+    """``F^{-1} X`` of a sharded operator: one reduction of ``m k`` numbers + status.
+
+    ``X`` is checked inside the reduction, so that every rank raises if one
+    rank's part is bad; ``k`` (the number of columns) must be the same on every
+    rank, as the length of a collective.
+    """
+    xp, n = op._xp, op.shape[1]
+    checked: list[Array] = []
+
+    def local() -> Array:
+        Xc = op._check_input(X, name, n, ndims)
+        if name == "x" and Xc.ndim == 2 and Xc.shape[1] != 1:
+            raise ValueError(
+                f"x must have shape ({n},) or ({n}, 1), got {tuple(Xc.shape)}; "
+                "use matmat for several vectors"
+            )
+        X2 = Xc[:, None] if Xc.ndim == 1 else Xc
+        if X2.shape[1] != k:
+            raise ValueError(f"X must have {k} columns on every rank, got {X2.shape[1]}")
+        checked.append(X2)
+        return xp.reshape(_engine.project(xp, op._G, X2), (-1,))
+
+    what = "DynamicIHVP.matvec" if name == "x" else "DynamicIHVP.matmat"
+    P = reduced(op, local, op.num_grads * k, what, OP_PRODUCT)
+    X2 = checked[0]
+    return op._refined(X2, op._finish(X2, xp.reshape(P, (op.num_grads, k))))

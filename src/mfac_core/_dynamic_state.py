@@ -1,0 +1,349 @@
+"""The checkpoints of :class:`~mfac_core.DynamicIHVP`: ``state_dict`` and its checks.
+
+``load_state_dict`` checks everything before anything changes: the state's
+form, its shard layout, the whole Gram matrix against the one recomputed from
+the stored gradients, and the factor against the Gram matrix on a sample of
+columns. Sharded, every rank's checks are reduced with one status word.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ._capacitance import CapacitanceFactor
+from ._compat import Array, detached
+from ._dynamic_factor import DRIFT_TOL, SlotFactor, evenly_spaced, factorized
+from ._dynamic_sharded import OP_LOAD, local_gram, reduced
+from ._validation import check_count, check_damp, check_same_space
+
+#: The format version of ``state_dict``.
+STATE_VERSION = 2
+#: Columns of a loaded factor that ``load_state_dict`` checks against the Gram matrix.
+FACTOR_SAMPLE = 8
+#: The rounding of a Gram entry, in units of (d + ranks) eps |g_i| |g_j|, that
+#: ``load_state_dict`` allows between the stored Gram and the one recomputed from the
+#: stored gradients: each of the two sums errs by at most one unit (a float64 sum of
+#: d exact products, then of one partial sum per rank), and the norms taken from the
+#: recomputed diagonal by a little more.
+GRAM_ROUNDING = 4
+
+
+def saved_state(op: Any) -> dict[str, Any]:
+    """The body of :meth:`DynamicIHVP.state_dict` (see there)."""
+    xp = op._xp
+    shard = (
+        {}
+        if op.layout is None
+        else {"shard_rank": op.layout.rank, "shard_widths": list(op.layout.widths)}
+    )
+    return {
+        **shard,
+        "version": STATE_VERSION,
+        "num_grads": op.num_grads,
+        "dim": op.dim,
+        "damp": op.damp,
+        "zero_init": op.zero_init,
+        "grads": xp.asarray(op._G, copy=True),
+        "gram": xp.asarray(op._gram, copy=True),
+        "factor": xp.asarray(op._factor.factor.U, copy=True),
+        "window_slots": list(op._window),
+        "free_slots": list(op._free),
+        "factor_slots": list(op._factor.slots),
+        "edits": op._edits,
+        "exact_gram": bool(op._exact_gram),
+    }
+
+
+@dataclass(frozen=True)
+class LoadedState:
+    """A state dict checked against an operator, ready to be committed."""
+
+    grads: Array
+    gram: Array
+    window: tuple[int, ...]
+    free: tuple[int, ...]
+    factor: SlotFactor
+    edits: int
+    damp: float
+    #: Whether every Gram entry was accumulated in float64 (the operator's ``_exact_gram``).
+    exact: bool
+
+    def commit(self, op: Any) -> None:
+        """Replace the state of ``op`` by this one (nothing here can fail)."""
+        op.damp = self.damp
+        op._G[...] = self.grads
+        op._gram = self.gram
+        op._exact_gram = self.exact
+        op._window, op._free = deque(self.window), list(self.free)
+        op._factor = self.factor
+        op._edits = self.edits
+        op._version = 0
+
+    @classmethod
+    def check(
+        cls, op: Any, state: Mapping[str, Any], *, damp: float | None, refactor: bool
+    ) -> LoadedState:
+        """Every check of ``load_state_dict``; raises ``ValueError`` naming what is wrong.
+
+        With ``damp`` the state is checked against its own damping and, with
+        ``refactor``, its factor recomputed for ``damp``. Sharded, every rank's
+        local checks and its part of the recomputed Gram matrix are reduced with
+        one status word (every rank raises if one fails), which also compares a
+        digest of the replicated m x m state, bit for bit, across the ranks.
+        """
+        parts: list[Any] = []
+        m, xp = op.num_grads, op._xp
+
+        def local() -> Array:
+            parts.append(cls._check_local(op, state, damp))
+            # This rank's columns of the stored gradients' Gram matrix, in float64.
+            return xp.reshape(local_gram(xp, parts[0][0]), (-1,))
+
+        def replicated() -> tuple[Any, ...]:
+            # Everything but the gradients (each rank's own columns), bit for bit.
+            _, gram, U, window, free, slots, edits, saved_damp, target, exact = parts[0]
+            return gram, U, window, free, slots, edits, saved_damp, target, exact
+
+        total = reduced(
+            op,
+            local,
+            m * m,
+            "load_state_dict",
+            OP_LOAD,
+            agree=replicated,
+            disagree=(
+                ValueError,
+                "the ranks' state_dicts disagree on the replicated window state (slot lists, "
+                "edit count, damping, Gram matrix or factor): load every rank's state from "
+                "one checkpoint",
+            ),
+        )
+        grads, gram, U, window, free, slots, edits, saved_damp, target, exact = parts[0]
+        k = len(window)
+        cls._check_gram(op, gram, xp.reshape(total, (m, m)), exact=exact)
+        gram = xp.asarray(gram, copy=True)
+        if refactor and target != saved_damp:
+            return cls(
+                xp.asarray(grads, copy=True),
+                gram,
+                window,
+                free,
+                factorized(op, gram, list(slots), target),
+                0,
+                target,
+                exact,
+            )
+        factor = CapacitanceFactor(xp.asarray(U, copy=True), op._shift(k, saved_damp), 1.0)
+        return cls(
+            xp.asarray(grads, copy=True),
+            gram,
+            window,
+            free,
+            SlotFactor.build(factor, slots, op.num_grads),
+            edits,
+            saved_damp,
+            exact,
+        )
+
+    @staticmethod
+    def _check_layout(op: Any, state: Mapping[str, Any]) -> None:
+        """The state's shard layout against the operator's (both unsharded, or the same)."""
+        widths = state.get("shard_widths")
+        if op.layout is None:
+            if widths is not None:
+                raise ValueError(
+                    f"state_dict holds rank {state.get('shard_rank')}'s shard of a window split "
+                    f"over {len(widths)} ranks; this operator is not sharded"
+                )
+            return
+        if widths is None:
+            raise ValueError(
+                "state_dict is of an unsharded window; this operator holds rank "
+                f"{op.layout.rank}'s shard of {len(op.layout.widths)} ranks (build it "
+                "without comm, or save the state of a sharded operator)"
+            )
+        try:
+            saved = (int(state.get("shard_rank", -1)), tuple(int(w) for w in widths))
+        except (TypeError, ValueError):
+            raise ValueError("state_dict's shard_rank and shard_widths must be integers") from None
+        if saved != (op.layout.rank, op.layout.widths):
+            raise ValueError(
+                f"state_dict holds rank {saved[0]}'s shard of a window whose {sum(saved[1])} "
+                f"columns were split over {len(saved[1])} ranks as {list(saved[1])}; this "
+                f"operator is rank {op.layout.rank} of {len(op.layout.widths)} with widths "
+                f"{list(op.layout.widths)}: a sharded state loads only at the same world size "
+                "and layout, on the rank that saved it"
+            )
+
+    @classmethod
+    def _check_local(cls, op: Any, state: Mapping[str, Any], damp: float | None) -> tuple[Any, ...]:
+        """The checks of one rank's state that need no other rank's data."""
+        if not isinstance(state, Mapping):
+            raise TypeError(
+                f"state must be a mapping from state_dict(), got {type(state).__name__}"
+            )
+        version = state.get("version")
+        if version == 1:
+            # Version 1 named the slot lists by age and permutation.
+            state = {
+                **state,
+                "window_slots": state.get("age_order"),
+                "factor_slots": state.get("factor_order"),
+                "edits": state.get("since_refactor"),
+            }
+        elif version != STATE_VERSION:
+            raise ValueError(
+                f"not a DynamicIHVP state_dict of a known version (got version "
+                f"{version!r}, expected {STATE_VERSION})"
+            )
+        keys = (
+            "num_grads",
+            "dim",
+            "damp",
+            "zero_init",
+            "grads",
+            "gram",
+            "factor",
+            "window_slots",
+            "free_slots",
+            "factor_slots",
+            "edits",
+        )
+        missing = [k for k in keys if state.get(k) is None]
+        if missing:
+            raise ValueError(f"DynamicIHVP state_dict lacks {', '.join(missing)}")
+        cls._check_layout(op, state)
+        m, d, xp = op.num_grads, op.dim, op._xp
+        if (state["num_grads"], state["dim"]) != (m, d):
+            raise ValueError(
+                f"state_dict is for num_grads, dim = "
+                f"{(state['num_grads'], state['dim'])}, this operator has {(m, d)}"
+            )
+        if bool(state["zero_init"]) != op.zero_init:
+            raise ValueError("state_dict and operator disagree on zero_init")
+        try:
+            saved_damp = check_damp(state["damp"])
+        except TypeError as exc:
+            raise ValueError(f"state['damp']: {exc}") from None
+        if damp is None and saved_damp != op.damp:
+            raise ValueError(
+                f"state_dict has damp={state['damp']}, this operator "
+                f"damp={op.damp}; pass load_state_dict(..., damp=...) to resume with "
+                "another damping"
+            )
+        target = saved_damp if damp is None else check_damp(damp)
+        grads, gram, U = (detached(state[k]) for k in ("grads", "gram", "factor"))
+        for name, array, dtype in (
+            ("grads", grads, op._G.dtype),
+            ("gram", gram, xp.float64),
+            ("factor", U, xp.float64),
+        ):
+            check_same_space(xp, op.device, array, f"state['{name}']", owner=repr(op))
+            if array.dtype != dtype:
+                raise TypeError(f"state['{name}'] has dtype {array.dtype}, expected {dtype}")
+        try:
+            window, free, slots = (
+                tuple(check_count(s, f"state['{key}'] entries", minimum=0) for s in state[key])
+                for key in ("window_slots", "free_slots", "factor_slots")
+            )
+            edits = check_count(state["edits"], "state['edits']", minimum=0)
+        except TypeError as exc:
+            raise ValueError(str(exc)) from None
+        k = len(window)
+        if (
+            sorted(slots) != sorted(window)
+            or len(set(window)) != k
+            or sorted(window + free) != list(range(m))
+            or (op.zero_init and k != m)
+        ):
+            raise ValueError("state_dict slot lists are inconsistent")
+        for name, array, shape in (
+            ("grads", grads, (m, d)),
+            ("gram", gram, (m, m)),
+            ("factor", U, (k, k)),
+        ):
+            if tuple(array.shape) != shape:
+                raise ValueError(
+                    f"state['{name}'] has shape {tuple(array.shape)}, expected {shape}"
+                )
+        if not (
+            bool(xp.all(xp.isfinite(grads)))
+            and bool(xp.all(xp.isfinite(gram)))
+            and bool(xp.all(xp.isfinite(U)))
+        ):
+            name = next(
+                n
+                for n, a in (("grads", grads), ("gram", gram), ("factor", U))
+                if not bool(xp.all(xp.isfinite(a)))
+            )
+            raise ValueError(f"state['{name}'] holds NaN or infinity")
+        cls._check_factor(op, gram, U, list(slots), k, saved_damp)
+        # States saved before the Gram rows were summed in float64 lack the flag; a
+        # float64 window's Gram always was.
+        exact = state.get("exact_gram") is True or op._G.dtype == xp.float64
+        return grads, gram, U, window, free, slots, edits, saved_damp, target, exact
+
+    @staticmethod
+    def _check_gram(op: Any, gram: Array, recomputed: Array, *, exact: bool) -> None:
+        """The whole stored Gram matrix against the one recomputed from the stored gradients.
+
+        Both are sums of d exact products in float64 (then of one partial sum per
+        rank), so each entry errs by at most ``(d + ranks) eps |g_i| |g_j|``; a Gram
+        saved before the rows were summed in float64 (``exact`` False) carries the
+        rounding of the window's compute dtype instead. A negated, swapped or
+        replaced gradient moves its whole Gram row by far more (unless it is
+        orthogonal to every other to within that rounding, where the Gram is
+        correct to it).
+        """
+        xp = op._xp
+        ranks = 1 if op.layout is None else len(op.layout.widths)
+        dim = op.dim if op.layout is None else op.layout.dim
+        eps = float(xp.finfo(xp.float64 if exact else op.dtype).eps)
+        norms = xp.sqrt(xp.clip(xp.linalg.diagonal(recomputed), 0.0, None))
+        bound = (GRAM_ROUNDING * (dim + ranks) * eps) * (norms[:, None] * norms[None, :])
+        excess = xp.abs(gram - recomputed) - bound
+        if bool(xp.any(excess > 0)):
+            flat = int(xp.argmax(xp.reshape(excess, (-1,))))
+            i, j = divmod(flat, int(gram.shape[0]))
+            raise ValueError(
+                f"state_dict's Gram matrix does not match its gradients: entry ({i}, {j}) is "
+                f"{float(gram[i, j]):.17g}, the stored gradients give "
+                f"{float(recomputed[i, j]):.17g}, more than the rounding of the sums allows "
+                f"({float(bound[i, j]):.3g}); a gradient was changed, moved or replaced after "
+                "the Gram matrix was computed"
+            )
+
+    @staticmethod
+    def _check_factor(
+        op: Any, gram: Array, U: Array, slots: list[int], k: int, damp: float
+    ) -> None:
+        """The factor against the Gram matrix, on a sample of evenly spaced columns.
+
+        The columns of ``U^T U`` against those of the capacitance matrix (within the
+        rounding of a Cholesky factor, a small multiple of ``k eps`` relative to the
+        matrix, or the drift that incremental edits may accumulate before a
+        refactorisation).
+        """
+        xp = op._xp
+        if not k:
+            return
+        eps64 = float(xp.finfo(xp.float64).eps)
+        pos = evenly_spaced(k, FACTOR_SAMPLE)
+        idx = xp.asarray(slots, dtype=xp.int64, device=op.device)
+        C = xp.take(xp.take(gram, idx, axis=0), idx, axis=1)
+        C = C + op._shift(k, damp) * xp.eye(k, dtype=xp.float64, device=op.device)
+        cols = xp.asarray(pos, dtype=xp.int64, device=op.device)
+        got = xp.matrix_transpose(U) @ xp.take(U, cols, axis=1)
+        want = xp.take(C, cols, axis=1)
+        scale = float(xp.max(xp.abs(xp.linalg.diagonal(C))))
+        tol = max(64 * k * eps64, 1e3 * DRIFT_TOL) * scale
+        # Sampled columns of U^T U, and its whole diagonal (O(k^2)), against C.
+        diag_err = xp.abs(xp.sum(U * U, axis=0) - xp.linalg.diagonal(C))
+        if float(xp.max(xp.abs(got - want))) > tol or float(xp.max(diag_err)) > tol:
+            raise ValueError(
+                "state_dict's factor does not match its Gram matrix (a permuted "
+                "slot order or a corrupted factor)"
+            )

@@ -1,0 +1,261 @@
+"""The window bookkeeping of :class:`~mfac_core.DynamicIHVP`: inserting and removing gradients.
+
+A gradient goes into a slot (the oldest window slot of a full window, else the
+last free slot); its Gram row is written first, then the factor edited
+(``_dynamic_factor``); if the factor cannot be computed the slot's old row is
+put back and the operator is as it was.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, NamedTuple
+
+from . import _engine
+from ._compat import Array
+from ._dynamic_checks import Refused, check_gradient
+from ._dynamic_factor import Speculation, edited, factorized
+from ._dynamic_sharded import OP_REMOVE, OP_UPDATE, agreed, reduced
+from ._errors import FactorizationError
+
+
+class StepCheck(NamedTuple):
+    """What :meth:`DynamicIHVP._update_and_matvec_checked` found.
+
+    status : {"ok", "not finite", "not representable"}
+        ``"ok"``: ``g`` was inserted. ``"not finite"``: ``g`` holds NaN or
+        infinity. ``"not representable"``: ``g`` is finite but an entry is
+        beyond the range of the window's 2-byte storage. The window is
+        unchanged unless ``"ok"``.
+    s : array or None
+        ``F^{-1} g`` for the window that includes ``g`` (``"ok"`` only).
+    s_finite : bool
+        Whether ``s`` holds no NaN or infinity (False when ``s`` is None).
+    error : ValueError or None
+        The exception :meth:`DynamicIHVP.update_and_matvec` raises for this
+        ``g`` (None when ``"ok"``).
+    """
+
+    status: str
+    s: Any
+    s_finite: bool
+    error: ValueError | None
+
+
+def products(op: Any, slot: int, g: Array) -> tuple[Any, Any]:
+    """The Gram row of ``slot`` (float64) and ``G g`` (float64, ``(m, 1)``), one pass.
+
+    ``G g`` is ``None`` when it is the Gram row. With 2-byte storage the row
+    is that of the stored (rounded) gradient, so that factor and window
+    agree, and ``G g`` that of ``g`` as given, for the product of
+    :meth:`DynamicIHVP.update_and_matvec`: both columns in one float32 pass.
+    """
+    xp = op._xp
+    if op.storage_dtype is None:
+        return _engine.project(xp, op._G, g[:, None])[:, 0], None
+    stored = xp.astype(op._G[slot, ...], op.dtype)
+    P = _engine.project_rows(xp, op._G, xp.stack([stored, g], axis=0))
+    return P[:, 0], P[:, 1:]
+
+
+def place(
+    op: Any,
+    slot: int,
+    g: Array,
+    b: Array | None = None,
+    *,
+    pending: Any = None,
+    speculation: Speculation | None = None,
+) -> tuple[Array, Any, Any]:
+    """Put gradient ``g`` into ``slot``; return it (checked) and its Gram row (float64).
+
+    Also returns ``G g`` (float64, ``(m, 1)``) for the product of
+    :meth:`DynamicIHVP.update_and_matvec` (``None`` when ``b`` is given). A 2-byte
+    window rounds ``g`` here, once.
+
+    The row is written first so that one product ``G g`` gives the whole
+    Gram row, the diagonal included: entries of one kernel keep a
+    duplicated gradient's 2 x 2 block exactly singular, not indefinite by
+    rounding. ``b`` may be given when it is known (a zero gradient). If
+    the new factor cannot be computed, the old row is put back and the
+    operator is as it was. A sharded operator checks ``g`` here, inside the
+    reduction of the row, so that every rank raises if one rank's ``g`` is bad.
+    ``pending`` is an unsharded ``g``'s deferred check (``_dynamic_checks.check_gradient``),
+    judged before the operator changes. ``speculation`` is handed the product's
+    operands and computes it with the edited factor (see ``_dynamic_factor.edited``).
+    """
+    xp = op._xp
+    old = xp.asarray(op._G[slot, ...], copy=True)
+    gram = None
+    product = None
+    try:
+        if b is None:
+            g, b, product = written_row(op, slot, g)
+            if speculation is not None:
+                speculation.X = g[:, None]
+                speculation.P = b[:, None] if product is None else product
+        else:
+            op._G[slot, ...] = g
+        try:
+            factor, refactored = edited(op, slot, b, pending=pending, speculation=speculation)
+        except FactorizationError:
+            if op._exact_gram:
+                raise
+            # The row is exact (the engine sums in float64), but the rest of a Gram
+            # loaded from an older checkpoint may hold single-precision rounding
+            # that makes nearly collinear windows indefinite: recompute it, once.
+            gram = op._exact_gram_matrix()
+            b = xp.asarray(gram[slot, :], copy=True)
+            factor, refactored = edited(op, slot, b, gram=gram)
+    except BaseException:
+        op._G[slot, ...] = old
+        raise
+    if gram is not None:
+        op._gram = gram
+        op._exact_gram = True
+    op._gram[slot, :] = b
+    op._gram[:, slot] = b
+    op._commit(factor, refactored=refactored)
+    return g, b, (b[:, None] if product is None else product)
+
+
+# -- reductions over the d coordinates (every one goes through here) ---------------
+
+
+def written_row(op: Any, slot: int, g: Array) -> tuple[Array, Any, Any]:
+    """Write ``g`` into ``slot``; return it, its Gram row and ``G g`` (float64, summed).
+
+    ``G g`` (``(m, 1)``) is ``None`` when it is the row (see :func:`products`).
+    Unsharded, ``g`` was checked by the caller. Sharded, it is checked here and the
+    row reduced with the status word: one reduction of m + 20 numbers (2 m + 20 for a
+    2-byte window, whose row and ``G g`` differ).
+    """
+    xp = op._xp
+    m = op.num_grads
+    checked = [g]
+
+    def local() -> Array:
+        if op._comm is not None:
+            checked[0] = check_gradient(op, g)
+        op._G[slot, ...] = checked[0]
+        row, product = products(op, slot, checked[0])
+        return row if product is None else xp.concat([row, product[:, 0]])
+
+    if op.storage_dtype is None:
+        return checked[0], reduced(op, local, m, "DynamicIHVP.update", OP_UPDATE), None
+    total = reduced(op, local, 2 * m, "DynamicIHVP.update", OP_UPDATE)
+    return checked[0], total[:m], total[m:][:, None]
+
+
+def insert(op: Any, g: Array, *, speculation: Speculation | None = None) -> tuple[Array, Any]:
+    """Insert gradient ``g``; return it (checked) and ``G g`` (float64, ``(m, 1)``).
+
+    With a ``speculation`` (unsharded only), NaN and infinity are refused
+    whatever ``check_finite``, and the step's product may be computed before
+    the checks are read (``_dynamic_factor.edited``).
+    """
+    pending = None
+    if op._comm is None:  # sharded, g is checked inside the reduction of its row
+        finite = speculation is not None
+        # On a device the gradient's check waits for the row edit's, to be read
+        # with it in one transfer; on the host it runs first.
+        if _engine.is_accelerator(op._xp, op._G):
+            g, pending = check_gradient(op, g, deferred=True, finite=finite)
+        else:
+            g = check_gradient(op, g, finite=finite)
+    slot = op._window[0] if op.is_full else op._free[-1]
+    g, _, product = place(op, slot, g, pending=pending, speculation=speculation)
+    if op.is_full:
+        op._window.popleft()
+    else:
+        op._free.pop()
+    op._window.append(slot)
+    return g, product
+
+
+def update_and_matvec_checked(op: Any, g: Array, /) -> StepCheck:
+    """:meth:`DynamicIHVP.update_and_matvec` for an optimiser step: bad values are a status.
+
+    NaN and infinity in ``g`` are refused whatever ``check_finite``, and
+    reported with a 2-byte window's range error as a status, not raised;
+    whether the product is finite is returned with it. On a device, the
+    steady-state step (a full window and a row edit) reads the gradient's
+    check, the edit's and the product's finiteness in one transfer: the
+    product is computed with the edited factor before that read and
+    discarded if the step is refused. Unsharded windows only (a sharded
+    gradient is checked collectively, inside the reduction of its row).
+
+    Parameters
+    ----------
+    g : array, shape (d,)
+        The gradient, as for :meth:`DynamicIHVP.update`.
+
+    Returns
+    -------
+    StepCheck
+        The status, the product and whether it is finite.
+
+    Raises
+    ------
+    TypeError, ValueError
+        For a wrong library, dtype, device or shape, as :meth:`DynamicIHVP.update`.
+    FactorizationError
+        As :meth:`DynamicIHVP.update`; the window is then unchanged.
+    """
+    if op._comm is not None:
+        raise ValueError("_update_and_matvec_checked is for unsharded windows only")
+    speculation = Speculation(op)
+    try:
+        g, product = insert(op, g, speculation=speculation)
+    except Refused as exc:
+        status = "not representable" if exc.finite else "not finite"
+        return StepCheck(status, None, False, exc)
+    if speculation.s is not None:
+        return StepCheck("ok", speculation.s, speculation.finite, None)
+    # Not a row edit (filling up, a refactorisation): the product, then its read.
+    xp = op._xp
+    X = g[:, None]
+    s = op._refined(X, op._finish(X, product))[:, 0]
+    return StepCheck("ok", s, bool(xp.all(xp.isfinite(s))), None)
+
+
+def remove_slot(op: Any, slot: int, /) -> None:
+    """The body of :meth:`DynamicIHVP.remove` (see there)."""
+    given = slot
+
+    def check() -> int:
+        try:
+            index = operator.index(given) if not isinstance(given, bool) else -1
+        except TypeError:
+            index = -1  # not an integer: reported as holding no gradient below
+        if index not in op._window:
+            raise ValueError(
+                f"slot {given!r} holds no gradient; the window's slots are {list(op._window)}"
+            )
+        return index
+
+    agreed(op, "DynamicIHVP.remove", OP_REMOVE, check)
+    slot = check()
+    xp = op._xp
+    if op.zero_init:
+        place(
+            op,
+            slot,
+            xp.zeros((op.dim,), dtype=op.dtype, device=op.device),
+            xp.zeros((op.num_grads,), dtype=xp.float64, device=op.device),
+        )
+        op._window.remove(slot)
+        op._window.appendleft(slot)
+        return
+    # The normalisation 1/k changes: refactorise without the slot (its Gram row
+    # is not read), then clear it; a failure leaves the window as it was.
+    factor = factorized(op, op._gram, [s for s in op._window if s != slot])
+    op._window.remove(slot)
+    op._free.append(slot)
+    op._G[slot, ...] = 0
+    op._gram[slot, :] = 0
+    op._gram[:, slot] = 0
+    op._commit(factor, refactored=True)
+
+
+# -- products ----------------------------------------------------------------------
