@@ -34,6 +34,7 @@ from ._errors import (
 
 __all__ = [
     "DRIFT_TOL",
+    "EPS64",
     "CapacitanceFactor",
     "relative_column_drift",
     "factorize",

@@ -14,15 +14,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import _capacitance, _engine
-from ._capacitance import CapacitanceFactor
+from ._capacitance import DRIFT_TOL, CapacitanceFactor
 from ._compat import Array
 from ._compat import device as device_of
 from ._dynamic_checks import judge_gradient
 from ._errors import NotPositiveDefinite
 from ._sharding import host_values
 
-#: Relative drift of diag(U^T U) against diag(C) that triggers a full refactorisation.
-DRIFT_TOL = 1e-10
 #: Columns of an edited factor checked for drift after each edit (O(m) each).
 DRIFT_SAMPLE = 32
 
@@ -171,17 +169,10 @@ def warn_if_hopeless(op: Any, factor: CapacitanceFactor) -> None:
     """
     if factor.kappa is None:
         return
-    eps = float(op._xp.finfo(op._xp.float64).eps)
-    hopeless = eps * factor.kappa[0] >= 1.0
+    hopeless = bool(_capacitance.is_hopeless(factor.kappa[0], eps=_capacitance.EPS64))
     if hopeless and not getattr(op, "_warned_hopeless", False):
-        _capacitance.warn_if_hopeless(
-            factor.kappa[0],
-            damp=factor.shift / max(factor.size, 1)
-            if not op.zero_init
-            else factor.shift / op.num_grads,
-            eps=eps,
-            dtype="float64 (the passes' accumulation)",
-        )
+        damp = factor.shift / (op.num_grads if op.zero_init else max(factor.size, 1))
+        _capacitance.warn_if_passes_hopeless(factor.kappa[0], damp=damp)
     op._warned_hopeless = hopeless
 
 

@@ -13,9 +13,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ._capacitance import CapacitanceFactor
+from ._capacitance import DRIFT_TOL, CapacitanceFactor
 from ._compat import Array, detached
-from ._dynamic_factor import DRIFT_TOL, SlotFactor, evenly_spaced, factorized
+from ._dynamic_factor import SlotFactor, evenly_spaced, factorized
 from ._dynamic_sharded import OP_LOAD, local_gram, reduced
 from ._validation import check_count, check_damp, check_same_space
 
