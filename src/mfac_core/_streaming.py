@@ -1,4 +1,4 @@
-"""Products of the static inverse with G in host memory, computed on a device (``stream_to``).
+"""Products of the static inverse with G in host memory, on a device (``StaticIHVP.streamed``).
 
 For gradients that do not fit in device memory but do fit in (pinned) host
 memory: the set-up runs on the host (the float64 Gram and its factor, which go
