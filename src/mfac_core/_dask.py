@@ -35,6 +35,7 @@ import numpy as np
 
 from . import _capacitance, _engine, _layout, _setup, _static
 from ._compat import Array, array_namespace, is_dask_array
+from ._deprecation import legacy_options, warn_deprecated
 from ._gform import GFormFactor
 from ._group_factors import GroupFactor
 from ._layout import BlockGroup, block_groups
@@ -312,7 +313,7 @@ class DaskStaticIHVP(StaticIHVP):
         progress: Callable[[int, int], None] | None = None,
         **deprecated: Any,
     ) -> None:
-        legacy = _static.legacy_options(
+        legacy = legacy_options(
             "DaskStaticIHVP", deprecated, ("overwrite_G", "out", "stream_to", "comm")
         )
         out, stream_to, comm = legacy["out"], legacy["stream_to"], legacy["comm"]
@@ -327,7 +328,7 @@ class DaskStaticIHVP(StaticIHVP):
                 "chunks of G itself; pass each rank's NumPy shard for comm="
             )
         if check_flag(legacy["overwrite_G"], "overwrite_G"):
-            _static.warn_deprecated("overwrite_G=True (ignored: no W is stored)", "nothing")
+            warn_deprecated("overwrite_G=True (ignored: no W is stored)", "nothing")
         check_finite = check_flag(check_finite, "check_finite")
         if check_count(refine, "refine", minimum=0):
             raise ValueError(

@@ -13,6 +13,7 @@ from typing import Any
 
 from . import _sharded_static, _static
 from ._compat import Array, detached, device
+from ._deprecation import legacy_options, warn_deprecated
 from ._operator import LinearOperator
 from ._sharding import ShardLayout
 from ._validation import check_float64_available, namespace_of
@@ -128,7 +129,7 @@ class ShardedStaticIHVP(_static._BlockOperatorBase):
         progress: Callable[[int, int], None] | None = None,
         **deprecated: Any,
     ) -> None:
-        legacy = _static.legacy_options(
+        legacy = legacy_options(
             "ShardedStaticIHVP", deprecated, ("overwrite_G", "out", "stream_to")
         )
         if legacy["out"] is not None or legacy["stream_to"] is not None:
@@ -146,7 +147,7 @@ class ShardedStaticIHVP(_static._BlockOperatorBase):
         check_float64_available(xp)
         overwrite_G = legacy["overwrite_G"]
         if overwrite_G is True:
-            _static.warn_deprecated("overwrite_G=True (ignored: no W is stored)", "nothing")
+            warn_deprecated("overwrite_G=True (ignored: no W is stored)", "nothing")
         shard = _sharded_static.build(
             comm,
             xp,

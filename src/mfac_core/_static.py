@@ -15,6 +15,7 @@ from typing import Any
 
 from . import _capacitance, _engine, _setup, _store, _streaming
 from ._compat import Array, detached, device
+from ._deprecation import LEGACY_DEFAULTS, legacy_options, warn_deprecated
 from ._errors import user_stacklevel
 from ._gform import GFormFactor
 from ._group_factors import GroupFactor
@@ -35,12 +36,10 @@ from ._validation import (
 __all__ = [
     "EmpiricalFisher",
     "StaticIHVP",
-    "legacy_options",
     "register_array_type",
     "register_sharded_class",
     "show_init_signature",
     "static_ihvp",
-    "warn_deprecated",
 ]
 
 #: ``(accepts(G), subclass)`` pairs: ``StaticIHVP(G, ...)`` builds the first subclass
@@ -65,15 +64,6 @@ def register_array_type(accepts: Callable[[Any], bool], subclass: type[StaticIHV
 #: The class that the deprecated ``StaticIHVP(G_local, comm=...)`` builds
 #: (``ShardedStaticIHVP``, registered by its module at package import).
 _SHARDED: list[type[LinearOperator]] = []
-
-#: Keywords that ``StaticIHVP`` accepts only for the deprecated spellings, with the
-#: value that means "not used" (passing it is accepted silently).
-_LEGACY_DEFAULTS: dict[str, Any] = {
-    "overwrite_G": False,
-    "out": None,
-    "stream_to": None,
-    "comm": None,
-}
 
 
 def static_ihvp(G: Array, /, **options: Any) -> StaticIHVP:
@@ -109,50 +99,6 @@ def register_sharded_class(cls: type[LinearOperator]) -> None:
         The column-sharded operator, called as ``cls(G_local, comm=..., ...)``.
     """
     _SHARDED[:] = [cls]
-
-
-def warn_deprecated(old: str, new: str) -> None:
-    """A ``DeprecationWarning`` that ``old`` will be removed, naming ``new``, at the user's line.
-
-    Parameters
-    ----------
-    old, new : str
-        The deprecated spelling and the one to use instead.
-    """
-    warnings.warn(
-        f"{old} is deprecated and will be removed; use {new}",
-        DeprecationWarning,
-        stacklevel=user_stacklevel(),
-    )
-
-
-def legacy_options(owner: str, options: dict[str, Any], accepted: Iterable[str]) -> dict[str, Any]:
-    """The deprecated keywords in ``options``, with a ``TypeError`` for any other.
-
-    Parameters
-    ----------
-    owner : str
-        The class's name, for the message.
-    options : dict
-        The keywords beyond the signature's.
-    accepted : iterable of str
-        The deprecated keywords that ``owner`` still accepts.
-
-    Returns
-    -------
-    dict
-        Every name of ``accepted`` with its value (its "not used" value when absent).
-
-    Raises
-    ------
-    TypeError
-        For a keyword that is not one of ``accepted``.
-    """
-    accepted = tuple(accepted)
-    for name in options:
-        if name not in accepted:
-            raise TypeError(f"{owner}() got an unexpected keyword argument {name!r}")
-    return {name: options.get(name, _LEGACY_DEFAULTS[name]) for name in accepted}
 
 
 def _warn_no_w() -> None:
@@ -373,7 +319,7 @@ class StaticIHVP(_BlockOperatorBase):
         progress: Callable[[int, int], None] | None = None,
         **deprecated: Any,
     ) -> None:
-        legacy = legacy_options("StaticIHVP", deprecated, _LEGACY_DEFAULTS)
+        legacy = legacy_options("StaticIHVP", deprecated, LEGACY_DEFAULTS)
         overwrite_G = check_flag(legacy["overwrite_G"], "overwrite_G")
         # The operator stores G (or factors of it): never its autograd graph.
         G = detached(G)
