@@ -89,3 +89,13 @@ def test_deprecated_overwrite_G(G: np.ndarray) -> None:
 def test_deprecated_out(G: np.ndarray) -> None:
     with pytest.warns(DeprecationWarning, match="out= and overwrite_G= are ignored"):
         StaticIHVP(G, damp=0.1, out=np.empty_like(G))
+
+
+def test_sharded_state_pickled_as_a_static_ihvp_loads(G: np.ndarray) -> None:
+    # What pickle does with a sharded operator saved while it was a StaticIHVP.
+    op = ShardedStaticIHVP(G, comm=SingleProcessComm(), damp=0.1)
+    old = StaticIHVP.__new__(StaticIHVP)
+    old.__setstate__(op.__getstate__())
+    assert type(old) is ShardedStaticIHVP
+    x = np.ones(30)
+    np.testing.assert_array_equal(old.matvec(x), op.matvec(x))

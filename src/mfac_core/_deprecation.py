@@ -8,7 +8,7 @@ from typing import Any
 
 from ._errors import user_stacklevel
 
-__all__ = ["LEGACY_DEFAULTS", "legacy_options", "warn_deprecated"]
+__all__ = ["LEGACY_DEFAULTS", "legacy_options", "warn_deprecated", "warn_no_w"]
 
 #: Keywords that ``StaticIHVP`` accepts only for the deprecated spellings, with the
 #: value that means "not used" (passing it is accepted silently).
@@ -62,3 +62,14 @@ def legacy_options(owner: str, options: dict[str, Any], accepted: Iterable[str])
         if name not in accepted:
             raise TypeError(f"{owner}() got an unexpected keyword argument {name!r}")
     return {name: options.get(name, LEGACY_DEFAULTS[name]) for name in accepted}
+
+
+def warn_no_w() -> None:
+    """The deprecation of ``out=`` and ``overwrite_G=`` (no W is stored), at the user's line."""
+    warnings.warn(
+        "StaticIHVP stores no W any more (its products read the gradients themselves, "
+        "summed in float64): out= and overwrite_G= are ignored and will be removed; G is "
+        "kept by reference and must not be modified while the operator is in use",
+        DeprecationWarning,
+        stacklevel=user_stacklevel(),
+    )

@@ -15,7 +15,7 @@ from typing import Any
 
 from . import _capacitance, _engine, _setup, _store, _streaming
 from ._compat import Array, detached, device
-from ._deprecation import LEGACY_DEFAULTS, legacy_options, warn_deprecated
+from ._deprecation import LEGACY_DEFAULTS, legacy_options, warn_deprecated, warn_no_w
 from ._errors import user_stacklevel
 from ._gform import GFormFactor
 from ._group_factors import GroupFactor
@@ -99,17 +99,6 @@ def register_sharded_class(cls: type[LinearOperator]) -> None:
         The column-sharded operator, called as ``cls(G_local, comm=..., ...)``.
     """
     _SHARDED[:] = [cls]
-
-
-def _warn_no_w() -> None:
-    """The deprecation of ``out=`` and ``overwrite_G=`` (no W is stored), at the user's line."""
-    warnings.warn(
-        "StaticIHVP stores no W any more (its products read the gradients themselves, "
-        "summed in float64): out= and overwrite_G= are ignored and will be removed; G is "
-        "kept by reference and must not be modified while the operator is in use",
-        DeprecationWarning,
-        stacklevel=user_stacklevel(),
-    )
 
 
 class _BlockOperatorBase(LinearOperator):
@@ -337,7 +326,7 @@ class StaticIHVP(_BlockOperatorBase):
             )
             return
         if overwrite_G or legacy["out"] is not None:
-            _warn_no_w()
+            warn_no_w()
         xp = self._init_checked(G, damp, block_size, check_finite, refine, progress)
         # G is kept by reference (never copied): every product reads it.
         self._G = G
@@ -620,6 +609,16 @@ class StaticIHVP(_BlockOperatorBase):
     def local_shape(self) -> tuple[int, int]:
         """The shape products take and return: ``shape``."""  # numpydoc ignore=RT01
         return self.shape
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if "_shard" in state and _SHARDED:
+            # A column-sharded operator pickled while it was a StaticIHVP: it loads as
+            # the class it is now (its state is the same).
+            (sharded,) = _SHARDED
+            self.__class__ = sharded  # type: ignore[assignment]
+            self.__setstate__(state)
+            return
+        super().__setstate__(state)
 
     # -- products ------------------------------------------------------------------------
 
