@@ -1,4 +1,4 @@
-"""The double-buffered streaming of W from host memory (``stream_to``, mfac_core._streaming).
+"""The double-buffered streaming of G from host memory (``StaticIHVP.streamed``, _streaming).
 
 No GPU here: the schedule runs against a simulated pair of streams that executes the
 queued copies and computations in random interleavings (respecting only the events),
@@ -165,7 +165,7 @@ def test_streamed_operator_equals_the_plain_one(simulated, dtype, rng):
     assert_close(op.entries(rows, cols), ref.entries(rows, cols), kappa=oracle.kappa)
 
 
-def test_stream_to_refusals(rng):
+def test_streamed_refusals(rng):
     G = torch.tensor(rng.standard_normal((4, 30)))
     with pytest.raises(TypeError, match="PyTorch"):
         StaticIHVP.streamed(G.numpy(), damp=1.0, device="cuda")
@@ -187,7 +187,7 @@ def test_stream_to_refusals(rng):
     with pytest.raises(ValueError, match="2-byte"):
         StaticIHVP.streamed(G.half(), damp=1.0, device="cpu")
     # G (not W, which no operator stores any more) is what streams from host memory.
-    with pytest.raises(ValueError, match="stream_to streams G from host memory, but G is on meta"):
+    with pytest.raises(ValueError, match="StaticIHVP.streamed streams G from host memory, but G is on meta"):
         StaticIHVP.streamed(
             torch.empty(4, 30, dtype=torch.float64, device="meta"), damp=1.0, device="cpu"
         )
@@ -227,8 +227,8 @@ def test_streamed_float32_products_are_exact_in_the_span(simulated, kappa, rng):
     assert np.all(np.abs(diag - d_want) <= 8 * np.finfo(np.float32).eps * d_want)
 
 
-def test_stream_to_an_indexed_or_unindexed_device_is_the_device_tensors_report(rng):
-    # stream_to="cuda" names the current GPU, whose tensors report "cuda:0"; on the CPU
+def test_streamed_indexed_or_unindexed_device_is_the_device_tensors_report(rng):
+    # device="cuda" names the current GPU, whose tensors report "cuda:0"; on the CPU
     # the same mismatch is torch.device("cpu", 0) against tensors that report "cpu".
     # Each comparison of devices is canonical: the products, the index checks and the
     # operator algebra.
