@@ -187,7 +187,9 @@ def test_streamed_refusals(rng):
     with pytest.raises(ValueError, match="2-byte"):
         StaticIHVP.streamed(G.half(), damp=1.0, device="cpu")
     # G (not W, which no operator stores any more) is what streams from host memory.
-    with pytest.raises(ValueError, match="StaticIHVP.streamed streams G from host memory, but G is on meta"):
+    with pytest.raises(
+        ValueError, match=r"StaticIHVP\.streamed streams G from host memory, but G is on meta"
+    ):
         StaticIHVP.streamed(
             torch.empty(4, 30, dtype=torch.float64, device="meta"), damp=1.0, device="cpu"
         )

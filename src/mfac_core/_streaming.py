@@ -290,7 +290,8 @@ def pin(host: Any, device: Any) -> None:
     if code != 0:
         raise RuntimeError(
             f"streaming could not page-lock the {nbytes} bytes of its host copy of G "
-            f"(cudaHostRegister returned CUDA error {code}); free host memory, or build StaticIHVP(G)"
+            f"(cudaHostRegister returned CUDA error {code}); free host memory, or build "
+            "StaticIHVP(G) on G's device"
         )
     release = weakref.finalize(host, _unpin, cudart, torch.cuda.synchronize, ptr, device)
     release.atexit = False  # at exit the process's memory goes anyway, CUDA may be gone
