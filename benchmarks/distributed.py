@@ -58,7 +58,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _common as common
 
-from mfac_core import DynamicIHVP, StaticIHVP
+from mfac_core import DynamicIHVP, ShardedStaticIHVP, StaticIHVP
 from mfac_core.distributed import CountingComm
 from mfac_core.testing import run_spmd_threads
 
@@ -108,11 +108,11 @@ def _static_operations(op: Any, p: Problem, rank: int) -> dict[str, Callable[[],
 
 
 def _static_full(comm: Any, p: Problem, rank: int) -> Any:
-    return StaticIHVP(p.G[:, p.columns(rank)], damp=p.damp, comm=comm)
+    return ShardedStaticIHVP(p.G[:, p.columns(rank)], damp=p.damp, comm=comm)
 
 
 def _static_blocks(comm: Any, p: Problem, rank: int) -> Any:
-    return StaticIHVP(p.G[:, p.columns(rank)], damp=p.damp, block_size=BLOCK, comm=comm)
+    return ShardedStaticIHVP(p.G[:, p.columns(rank)], damp=p.damp, block_size=BLOCK, comm=comm)
 
 
 def _dynamic(comm: Any, p: Problem, rank: int) -> Any:
@@ -261,8 +261,8 @@ def _timed_products(comm: Any, a: dict[str, Any]) -> dict[str, common.Timing]:
     G_local = rng.standard_normal((m, d), dtype=np.float32)[:, lo : lo + n].astype(dtype)
     x = np.ones(n, dtype=dtype)
     damp = 1.0
-    sharded = StaticIHVP(G_local, damp=damp, comm=comm)
-    blocks = StaticIHVP(G_local, damp=damp, block_size=a["block"], comm=comm)
+    sharded = ShardedStaticIHVP(G_local, damp=damp, comm=comm)
+    blocks = ShardedStaticIHVP(G_local, damp=damp, block_size=a["block"], comm=comm)
     local = StaticIHVP(G_local, damp=damp)
     local_blocks = StaticIHVP(G_local, damp=damp, block_size=a["block"])
     payload = np.zeros(m + 20, dtype=dtype)  # a product's, with the status word

@@ -14,7 +14,7 @@ from conftest import rounded
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mfac_core import FactorizationError, IllConditionedWarning, StaticIHVP
+from mfac_core import DaskStaticIHVP, FactorizationError, IllConditionedWarning, StaticIHVP
 from mfac_core.pruning import obs_saliency, obs_update, prune
 from mfac_core.testing import SpectralOracle, assert_close, extended_precision_inverse, problems
 
@@ -65,7 +65,7 @@ def _check_dask(y, dtype, chunks=None):
 def test_against_numpy_and_oracle(layout, dtype, rng):
     m, d, bs, width = LAYOUTS[layout]
     G, damp = _data(rng, m, d, dtype)
-    op = StaticIHVP(da.from_array(G.astype(dtype), chunks=(m, width)), damp=damp, block_size=bs)
+    op = DaskStaticIHVP(da.from_array(G.astype(dtype), chunks=(m, width)), damp=damp, block_size=bs)
     ref = StaticIHVP(G.astype(dtype), damp=damp, block_size=bs)
     oracle = SpectralOracle(G, damp, block_size=bs)
     kappa = oracle.kappa
@@ -110,7 +110,7 @@ def test_against_numpy_and_oracle(layout, dtype, rng):
 @pytest.mark.parametrize("bs", [None, 4])
 def test_entries_shapes(bs, rng):
     G, damp = _data(rng, 3, 12, "float64")
-    op = StaticIHVP(da.from_array(G, chunks=(3, 4)), damp=damp, block_size=bs)
+    op = DaskStaticIHVP(da.from_array(G, chunks=(3, 4)), damp=damp, block_size=bs)
     oracle = SpectralOracle(G, damp, block_size=bs)
     one = op.entries(da.from_array(np.asarray(2)), da.from_array(np.asarray(3)))
     assert one.shape == ()
@@ -149,7 +149,7 @@ def test_properties(dtype):
         with warnings.catch_warnings():
             # Drawn problems may be ill-conditioned enough to warn (tested below).
             warnings.simplefilter("ignore", IllConditionedWarning)
-            op = StaticIHVP(
+            op = DaskStaticIHVP(
                 da.from_array(p.G.astype(dtype), chunks=(p.m, width)),
                 damp=p.damp,
                 block_size=p.block_size,
@@ -176,7 +176,7 @@ def test_float32_gradients_are_exact_for_vectors_in_the_span(rng):
     G = rounded(rng.standard_normal((m, 3)) @ B, "float32")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", IllConditionedWarning)
-        op = StaticIHVP(da.from_array(G.astype(np.float32), chunks=(m, 1000)), damp=damp)
+        op = DaskStaticIHVP(da.from_array(G.astype(np.float32), chunks=(m, 1000)), damp=damp)
     assert op._gram_recomputed == 0
     x = rounded(rng.standard_normal(d), "float32")
     oracle = SpectralOracle(G, damp)
@@ -186,7 +186,7 @@ def test_float32_gradients_are_exact_for_vectors_in_the_span(rng):
     G = rng.standard_normal(d) + rng.standard_normal((m, d))
     G = rounded(G / (np.linalg.norm(G, 2) / np.sqrt(m)), "float32")
     damp = float(np.linalg.norm(G, 2) ** 2 / (m * (1e7 - 1.0)))
-    op = StaticIHVP(da.from_array(G.astype(np.float32), chunks=(m, 700)), damp=damp)
+    op = DaskStaticIHVP(da.from_array(G.astype(np.float32), chunks=(m, 700)), damp=damp)
     for x in (rounded(G.mean(axis=0), "float32"), G[3]):
         want = extended_precision_inverse(G, damp, x)
         y = op.matvec(da.from_array(x.astype(np.float32), chunks=1000)).compute()
@@ -207,7 +207,7 @@ def test_pruning_saliencies_and_update(bs, rng):
     m, d = 8, 60
     G, damp = _data(rng, m, d, "float64")
     theta = rng.standard_normal(d)
-    op = StaticIHVP(da.from_array(G, chunks=(m, 20)), damp=damp, block_size=bs)
+    op = DaskStaticIHVP(da.from_array(G, chunks=(m, 20)), damp=damp, block_size=bs)
     ref = StaticIHVP(G, damp=damp, block_size=bs)
     t = da.from_array(theta, chunks=15)
     kappa = SpectralOracle(G, damp, block_size=bs).kappa
@@ -239,7 +239,8 @@ def test_pruning_saliencies_and_update(bs, rng):
 def test_overwrite_G_leaves_G(rng):
     G, damp = _data(rng, 4, 20, "float64")
     Gd = da.from_array(G.copy(), chunks=(4, 5))
-    op = StaticIHVP(Gd, damp=damp, overwrite_G=True)
+    with pytest.warns(DeprecationWarning, match="overwrite_G=True"):
+        op = DaskStaticIHVP(Gd, damp=damp, overwrite_G=True)
     assert np.array_equal(Gd.compute(), G)
     assert_close(op.diagonal().compute(), SpectralOracle(G, damp).diagonal(), kappa=1e3)
 
@@ -247,35 +248,35 @@ def test_overwrite_G_leaves_G(rng):
 def test_layout_errors(rng):
     G, damp = _data(rng, 8, 100, "float64")
     with pytest.raises(ValueError, match=r"chunked along its 8 rows.*G\.rechunk\(\{0: -1\}\)"):
-        StaticIHVP(da.from_array(G, chunks=(4, 25)), damp=damp)
+        DaskStaticIHVP(da.from_array(G, chunks=(4, 25)), damp=damp)
     with pytest.raises(ValueError, match=r"cut blocks of block_size=10.*G\.rechunk\(\{1: 20\}\)"):
-        StaticIHVP(da.from_array(G, chunks=(8, 25)), damp=damp, block_size=10)
+        DaskStaticIHVP(da.from_array(G, chunks=(8, 25)), damp=damp, block_size=10)
     with pytest.raises(ValueError, match=r"one dense d x d block.*G\.rechunk\(\{1: -1\}\)"):
-        StaticIHVP(da.from_array(G[:, :6], chunks=(8, 3)), damp=damp)
+        DaskStaticIHVP(da.from_array(G[:, :6], chunks=(8, 3)), damp=damp)
     # The suggested chunking works.
-    op = StaticIHVP(da.from_array(G, chunks=(8, 25)).rechunk({1: 20}), damp=damp, block_size=10)
+    op = DaskStaticIHVP(da.from_array(G, chunks=(8, 25)).rechunk({1: 20}), damp=damp, block_size=10)
     assert op.chunks == (20,) * 5
     unknown = da.from_array(G, chunks=(8, 25))[:, da.from_array(np.arange(100)) >= 0]
     with pytest.raises(ValueError, match=r"unknown chunk sizes.*compute_chunk_sizes"):
-        StaticIHVP(unknown, damp=damp)
+        DaskStaticIHVP(unknown, damp=damp)
 
 
 def test_option_and_dtype_errors(rng):
     G, damp = _data(rng, 4, 20, "float64")
     Gd = da.from_array(G, chunks=(4, 5))
     with pytest.raises(ValueError, match="refine is not available for Dask"):
-        StaticIHVP(Gd, damp=damp, refine=1)
+        DaskStaticIHVP(Gd, damp=damp, refine=1)
     with pytest.raises(ValueError, match="progress is not available for Dask"):
-        StaticIHVP(Gd, damp=damp, progress=lambda done, total: None)
+        DaskStaticIHVP(Gd, damp=damp, progress=lambda done, total: None)
     with pytest.raises(TypeError, match="overwrite_G must be True or False"):
-        StaticIHVP(Gd, damp=damp, overwrite_G="no")
+        DaskStaticIHVP(Gd, damp=damp, overwrite_G="no")
     with pytest.raises(ValueError, match="damp must be finite and > 0"):
-        StaticIHVP(Gd, damp=0.0)
+        DaskStaticIHVP(Gd, damp=0.0)
     for bad in (Gd.astype(np.float16), Gd.astype(np.int64), Gd.astype(np.complex128)):
         with pytest.raises(TypeError, match="real floating dtype"):
-            StaticIHVP(bad, damp=damp)
+            DaskStaticIHVP(bad, damp=damp)
     with pytest.raises(ValueError, match="2-D array"):
-        StaticIHVP(Gd[0], damp=damp)
+        DaskStaticIHVP(Gd[0], damp=damp)
 
 
 @pytest.mark.parametrize("bs", [None, 5])
@@ -284,22 +285,24 @@ def test_non_finite_and_singular_G(bs, rng):
     bad = G.copy()
     bad[2, 17] = np.inf
     with pytest.raises(ValueError, match=r"G\[2, 17\] is inf"):
-        StaticIHVP(da.from_array(bad, chunks=(4, 5)), damp=damp, block_size=bs)
+        DaskStaticIHVP(da.from_array(bad, chunks=(4, 5)), damp=damp, block_size=bs)
     huge = np.full((4, 20), 1e300)
     with pytest.raises(ValueError, match="overflow float64"):
-        StaticIHVP(da.from_array(huge, chunks=(4, 5)), damp=1.0, block_size=bs)
+        DaskStaticIHVP(da.from_array(huge, chunks=(4, 5)), damp=1.0, block_size=bs)
     same = np.repeat(G[:1], 4, axis=0)
     with pytest.raises(FactorizationError, match=r"damp=1e-300.*kappa"):
-        StaticIHVP(da.from_array(same, chunks=(4, 5)), damp=1e-300, block_size=bs)
+        DaskStaticIHVP(da.from_array(same, chunks=(4, 5)), damp=1e-300, block_size=bs)
     # The float64 work is what runs out (eps(float64) kappa >= 1), whatever G's dtype.
     with pytest.warns(IllConditionedWarning, match="float64"):
-        StaticIHVP(da.from_array(G.astype(np.float32), chunks=(4, 5)), damp=1e-18, block_size=bs)
+        DaskStaticIHVP(
+            da.from_array(G.astype(np.float32), chunks=(4, 5)), damp=1e-18, block_size=bs
+        )
 
 
 def test_operand_errors(rng):
     G, damp = _data(rng, 4, 20, "float64")
-    op = StaticIHVP(da.from_array(G, chunks=(4, 5)), damp=damp)
-    op32 = StaticIHVP(da.from_array(G.astype(np.float32), chunks=(4, 5)), damp=damp)
+    op = DaskStaticIHVP(da.from_array(G, chunks=(4, 5)), damp=damp)
+    op32 = DaskStaticIHVP(da.from_array(G.astype(np.float32), chunks=(4, 5)), damp=damp)
     x = rng.standard_normal(20)
     with pytest.raises(TypeError, match=r"numpy array but .* works on dask arrays"):
         op.matvec(x)
@@ -330,7 +333,7 @@ def test_out_and_stream_to_are_refused(option: str) -> None:
 
     with pytest.raises(ValueError, match="not available for Dask"):
         value = {"out": np.zeros((2, 8)), "stream_to": "cpu"}.get(option, SingleProcessComm())
-        StaticIHVP(G, damp=1.0, **{option: value})
+        DaskStaticIHVP(G, damp=1.0, **{option: value})
 
 
 @pytest.mark.parametrize(
@@ -343,7 +346,7 @@ def test_empty_column_chunks_are_dropped(m, d, block_size, col_chunks):
     rng = np.random.default_rng(5)
     G, damp = _data(rng, m, d, np.float64)
     x = rng.standard_normal(d)
-    op = StaticIHVP(da.from_array(G, chunks=(m, col_chunks)), damp=damp, block_size=block_size)
+    op = DaskStaticIHVP(da.from_array(G, chunks=(m, col_chunks)), damp=damp, block_size=block_size)
     ref = StaticIHVP(G, damp=damp, block_size=block_size)
     assert op.chunks == tuple(c for c in col_chunks if c)
     assert_close(op.matvec(da.from_array(x, chunks=4)).compute(), ref.matvec(x), kappa=1e3)
@@ -360,4 +363,4 @@ def test_chunks_that_are_not_numpy_are_refused_at_construction():
     G = da.ones((4, 20), chunks=(4, 10))
     G._meta = ndarray()
     with pytest.raises(TypeError, match=r"cupy\.ndarray.*NumPy chunks.*cupy\.asnumpy"):
-        StaticIHVP(G, damp=1.0)
+        DaskStaticIHVP(G, damp=1.0)

@@ -602,7 +602,7 @@ def test_sharded_copies_share_the_communicator() -> None:
 def test_todense_and_arithmetic_are_refused_when_sharded() -> None:
     def rank(comm: Communicator) -> Any:
         op = DynamicIHVP(3, 4 + comm.rank, damp=0.1, dtype="float64", comm=comm)
-        # As StaticIHVP(comm=) and every operation that would mix shards: a TypeError.
+        # As ShardedStaticIHVP(comm=) and every operation that would mix shards: a TypeError.
         with pytest.raises(TypeError, match=r"todense.*column-sharded"):
             op.todense()
         with pytest.raises(TypeError, match="column-sharded"):

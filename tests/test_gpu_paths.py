@@ -207,8 +207,8 @@ def _exercise(torch):
     x, X = torch.randn(d, generator=gen), torch.randn(d, 3, generator=gen)
     idx = torch.tensor([0, 3, 7])
     out = []
-    for kwargs in ({}, {"block_size": 6}, {"stream_to": "cpu"}):
-        op = StaticIHVP(G, damp=0.1, **kwargs)
+    ops = [StaticIHVP(G, damp=0.1), StaticIHVP(G, damp=0.1, block_size=6)]
+    for op in [*ops, StaticIHVP.streamed(G, device="cpu", damp=0.1)]:
         out += [op @ x, op @ X, op.diagonal(), op.entries(idx, idx)]
     out.append(StaticIHVP(G.half(), damp=0.1) @ x)
     for method in ("incremental", "refactor"):

@@ -19,7 +19,7 @@ from conftest import check_space
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mfac_core import FactorizationError, StaticIHVP
+from mfac_core import FactorizationError, ShardedStaticIHVP, StaticIHVP
 from mfac_core.distributed import Communicator, CountingComm, SingleProcessComm
 from mfac_core.testing import (
     SpectralOracle,
@@ -58,7 +58,7 @@ def _sharded(
     def fn(comm: Any) -> dict[str, Any]:
         counting = CountingComm(comm)
         lo, hi = bounds[comm.rank], bounds[comm.rank + 1]
-        op = StaticIHVP(
+        op = ShardedStaticIHVP(
             np.array(G[:, lo:hi], dtype=dtype),
             damp=damp,
             block_size=block_size,
@@ -317,7 +317,7 @@ def test_one_rank_is_the_single_process_operator() -> None:
     G = rng.standard_normal((4, 10))
     x = rng.standard_normal(10)
     comm = CountingComm(SingleProcessComm())
-    op = StaticIHVP(G, damp=0.3, comm=comm)
+    op = ShardedStaticIHVP(G, damp=0.3, comm=comm)
     single = StaticIHVP(G, damp=0.3)
     assert_close(op.matvec(x), single.matvec(x), kappa=10)
     assert op.matvec(x[:, None]).shape == (10, 1)
@@ -328,7 +328,7 @@ def test_one_rank_is_the_single_process_operator() -> None:
 
 
 def test_what_a_sharded_operator_refuses() -> None:
-    op = StaticIHVP(np.ones((2, 5)) + np.eye(2, 5), damp=0.5, comm=SingleProcessComm())
+    op = ShardedStaticIHVP(np.ones((2, 5)) + np.eye(2, 5), damp=0.5, comm=SingleProcessComm())
     for make in (
         lambda: 2.0 * op,
         lambda: op * 2.0,
@@ -348,7 +348,7 @@ def test_copies_share_the_communicator_and_pickles_restore() -> None:
     rng = np.random.default_rng(4)
     G = rng.standard_normal((3, 8))
     comm = CountingComm(SingleProcessComm())
-    op = StaticIHVP(G, damp=0.2, block_size=3, comm=comm)
+    op = ShardedStaticIHVP(G, damp=0.2, block_size=3, comm=comm)
     x = rng.standard_normal(8)
     for twin in (copy.copy(op), copy.deepcopy(op), pickle.loads(pickle.dumps(op))):
         np.testing.assert_array_equal(twin.matvec(x), op.matvec(x))
@@ -377,7 +377,7 @@ def _build_on_threads(
     def fn(comm: Any) -> Any:
         lo, hi = bounds[comm.rank], bounds[comm.rank + 1]
         G_local, damp = make(comm.rank, G[:, lo:hi].copy())
-        return StaticIHVP(G_local, damp=damp, block_size=block_size, comm=comm, **options)
+        return ShardedStaticIHVP(G_local, damp=damp, block_size=block_size, comm=comm, **options)
 
     return run_spmd_threads(fn, len(widths), timeout=20)
 
@@ -442,7 +442,7 @@ def test_bad_shards_and_options_raise_on_every_rank(
 
 def test_options_must_agree() -> None:
     def fn(comm: Any) -> Any:
-        return StaticIHVP(np.eye(2, 4), damp=0.1, refine=comm.rank, comm=comm)
+        return ShardedStaticIHVP(np.eye(2, 4), damp=0.1, refine=comm.rank, comm=comm)
 
     _all_raise(run_spmd_threads(fn, 2, timeout=20), ValueError)
 
@@ -453,7 +453,7 @@ def test_shards_that_cut_a_block_name_widths_that_work() -> None:
     message = str(results[0])
     assert "(8, 4, 2)" in message, message
     ok = _build_on_threads(lambda r, G: (G, 0.1), [8, 4, 2], block_size=4)
-    assert all(isinstance(op, StaticIHVP) for op in ok)
+    assert all(isinstance(op, ShardedStaticIHVP) for op in ok)
 
 
 def test_bad_operands_raise_on_every_rank_and_change_nothing() -> None:
@@ -465,7 +465,7 @@ def test_bad_operands_raise_on_every_rank_and_change_nothing() -> None:
 
     def fn(comm: Any) -> dict[str, Any]:
         lo, hi = bounds[comm.rank], bounds[comm.rank + 1]
-        op = StaticIHVP(G[:, lo:hi].copy(), damp=0.1, comm=comm)
+        op = ShardedStaticIHVP(G[:, lo:hi].copy(), damp=0.1, comm=comm)
         good = op.matvec(x[lo:hi])
         errors = {}
         bad_inputs = {
@@ -509,7 +509,7 @@ def test_bad_operands_raise_on_every_rank_and_change_nothing() -> None:
 def test_block_wise_products_fail_only_where_the_shard_is_bad() -> None:
     # No exchange: the bad rank raises, the other returns (no rank waits for the other).
     def fn(comm: Any) -> Any:
-        op = StaticIHVP(
+        op = ShardedStaticIHVP(
             np.eye(2, 6)[:, 3 * comm.rank : 3 * comm.rank + 3] + 1,
             damp=0.1,
             block_size=3,
@@ -538,7 +538,7 @@ def _gloo_checks(comm: Any, m: int, d: int, block_sizes: list[int | None]) -> di
         lo = min(8 * comm.rank, d)
         hi = d if comm.rank == comm.size - 1 else min(8 * comm.rank + 8, d)
         counting = CountingComm(comm)
-        op = StaticIHVP(G[:, lo:hi].copy(), damp=damp, block_size=bs, comm=counting)
+        op = ShardedStaticIHVP(G[:, lo:hi].copy(), damp=damp, block_size=bs, comm=counting)
         counting.reset()
         y = op.matvec(X[lo:hi, 0])
         calls = [c.shape for c in counting.calls]
@@ -560,7 +560,7 @@ def _gloo_checks(comm: Any, m: int, d: int, block_sizes: list[int | None]) -> di
     if comm.rank == 1:
         G_bad[0, 0] = np.inf
     try:
-        StaticIHVP(G_bad, damp=damp, comm=comm)
+        ShardedStaticIHVP(G_bad, damp=damp, comm=comm)
     except ValueError as exc:
         out["error"] = type(exc).__name__
     return out
@@ -614,7 +614,7 @@ def test_other_backends(make_backend: Any, backend_name: str, block_size: int | 
 
     def fn(comm: Any) -> tuple[Any, ...]:
         lo, hi = bounds[comm.rank], bounds[comm.rank + 1]
-        op = StaticIHVP(
+        op = ShardedStaticIHVP(
             be.asarray(G[:, lo:hi], "float64"), damp=0.1, block_size=block_size, refine=1, comm=comm
         )
         y = op.matvec(be.asarray(x[lo:hi], "float64"))
@@ -640,7 +640,7 @@ def test_entries_of_zero_dimensional_and_empty_indices() -> None:
     single = StaticIHVP(G, damp=0.1)
 
     def fn(comm: Any) -> tuple[Any, ...]:
-        op = StaticIHVP(G[:, 4 * comm.rank : 4 * comm.rank + 4], damp=0.1, comm=comm)
+        op = ShardedStaticIHVP(G[:, 4 * comm.rank : 4 * comm.rank + 4], damp=0.1, comm=comm)
         empty = np.zeros((2, 0), dtype=np.int64)
         return op.entries(np.array(5), np.array(2)), op.entries(empty, empty)
 
@@ -658,12 +658,12 @@ def test_different_operations_with_one_reduction_length_raise_on_every_rank() ->
 
     def rank(comm: Communicator) -> Any:
         shard = G[:, 3 * comm.rank : 3 * comm.rank + 3]
-        op = StaticIHVP(shard, damp=0.1, comm=comm)
+        op = ShardedStaticIHVP(shard, damp=0.1, comm=comm)
         try:
             if comm.rank == 0:
                 op.matmat(np.ones((3, 7)))
             else:
-                StaticIHVP(shard, damp=0.2, comm=comm)
+                ShardedStaticIHVP(shard, damp=0.2, comm=comm)
         except RuntimeError as exc:
             return str(exc)
         return "no error"
@@ -730,7 +730,7 @@ def test_overwrite_g_is_a_deprecated_no_op() -> None:
     G = rng.standard_normal((4, 10))
     before = G.copy()
     with pytest.warns(DeprecationWarning, match="no W") as record:
-        op = StaticIHVP(G, damp=0.3, comm=SingleProcessComm(), overwrite_G=True)
+        op = ShardedStaticIHVP(G, damp=0.3, comm=SingleProcessComm(), overwrite_G=True)
     assert record[0].filename == __file__
     np.testing.assert_array_equal(G, before)
     assert_close(op.matvec(G[0]), StaticIHVP(before, damp=0.3).matvec(G[0]), kappa=10)
@@ -748,7 +748,7 @@ def test_entries_with_different_indices_raise_on_every_rank(case: str, block_siz
     assert rows[0] != rows[997]
 
     def rank(comm: Communicator) -> Any:
-        op = StaticIHVP(
+        op = ShardedStaticIHVP(
             G[:, 4 * comm.rank : 4 * comm.rank + 4], damp=0.1, block_size=block_size, comm=comm
         )
         r, c = rows.copy(), cols.copy()

@@ -1,4 +1,4 @@
-"""The double-buffered streaming of W from host memory (``stream_to``, mfac_core._streaming).
+"""The double-buffered streaming of G from host memory (``StaticIHVP.streamed``, _streaming).
 
 No GPU here: the schedule runs against a simulated pair of streams that executes the
 queued copies and computations in random interleavings (respecting only the events),
@@ -151,7 +151,7 @@ def test_streamed_operator_equals_the_plain_one(simulated, dtype, rng):
     G = torch.tensor(G64, dtype=getattr(torch, dtype))
     G64 = G.double().numpy()
     damp = 1e-2 * float(np.linalg.norm(G64, 2)) ** 2 / m
-    op = StaticIHVP(G, damp=damp, stream_to="cpu")
+    op = StaticIHVP.streamed(G, damp=damp, device="cpu")
     ref = StaticIHVP(G, damp=damp)
     assert op._factors[0].host.shape == (15, m, 7)  # 100 columns in pieces of 7
     assert op.device == torch.device("cpu") and op.dtype == G.dtype
@@ -165,31 +165,33 @@ def test_streamed_operator_equals_the_plain_one(simulated, dtype, rng):
     assert_close(op.entries(rows, cols), ref.entries(rows, cols), kappa=oracle.kappa)
 
 
-def test_stream_to_refusals(rng):
+def test_streamed_refusals(rng):
     G = torch.tensor(rng.standard_normal((4, 30)))
     with pytest.raises(TypeError, match="PyTorch"):
-        StaticIHVP(G.numpy(), damp=1.0, stream_to="cuda")
+        StaticIHVP.streamed(G.numpy(), damp=1.0, device="cuda")
     with pytest.raises(ValueError, match="PyTorch device"):
-        StaticIHVP(G, damp=1.0, stream_to="gpu please")
+        StaticIHVP.streamed(G, damp=1.0, device="gpu please")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA device"):
-            StaticIHVP(G, damp=1.0, stream_to="cuda")
-    for kwargs, match in [
-        ({"block_size": 10}, "full operator"),
-        ({"overwrite_G": True}, "overwrite_G"),
-        ({"out": torch.zeros(4, 30, dtype=torch.float64)}, "out"),
-        ({"refine": 1}, "refine"),
-    ]:
-        with pytest.raises(ValueError, match=match):
+            StaticIHVP.streamed(G, damp=1.0, device="cuda")
+    for kwargs in [{"block_size": 10}, {"refine": 1}, {"out": G}, {"comm": object()}]:
+        # Not spellable: streamed() takes no such keyword.
+        with pytest.raises(TypeError, match="unexpected keyword"):
+            StaticIHVP.streamed(G, damp=1.0, device="cpu", **kwargs)
+    for kwargs, match in [({"block_size": 10}, "full operator"), ({"refine": 1}, "refine")]:
+        # The deprecated spelling refuses them as before.
+        with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match=match):
             StaticIHVP(G, damp=1.0, stream_to="cpu", **kwargs)
     with pytest.raises(ValueError, match="full operator"):
-        StaticIHVP(G[:, :3], damp=1.0, stream_to="cpu")  # d <= m: dense, nothing to stream
+        StaticIHVP.streamed(G[:, :3], damp=1.0, device="cpu")  # d <= m: dense, nothing to stream
     with pytest.raises(ValueError, match="2-byte"):
-        StaticIHVP(G.half(), damp=1.0, stream_to="cpu")
+        StaticIHVP.streamed(G.half(), damp=1.0, device="cpu")
     # G (not W, which no operator stores any more) is what streams from host memory.
-    with pytest.raises(ValueError, match="stream_to streams G from host memory, but G is on meta"):
-        StaticIHVP(
-            torch.empty(4, 30, dtype=torch.float64, device="meta"), damp=1.0, stream_to="cpu"
+    with pytest.raises(
+        ValueError, match=r"StaticIHVP\.streamed streams G from host memory, but G is on meta"
+    ):
+        StaticIHVP.streamed(
+            torch.empty(4, 30, dtype=torch.float64, device="meta"), damp=1.0, device="cpu"
         )
 
 
@@ -197,7 +199,7 @@ def test_stream_to_refusals(rng):
 def test_streamed_on_cuda(rng):
     m, d = 16, 3000
     G = torch.tensor(rng.standard_normal((m, d)), dtype=torch.float32).pin_memory()
-    op = StaticIHVP(G, damp=1.0, stream_to="cuda")
+    op = StaticIHVP.streamed(G, damp=1.0, device="cuda")
     ref = StaticIHVP(G.cuda(), damp=1.0)
     X = torch.randn(d, 4, device="cuda")
     assert (op @ X).device.type == "cuda"
@@ -217,7 +219,7 @@ def test_streamed_float32_products_are_exact_in_the_span(simulated, kappa, rng):
     G = torch.tensor(G64, dtype=torch.float32)
     G64 = G.double().numpy()
     damp = float(np.linalg.norm(G64, 2) ** 2 / (m * (kappa - 1.0)))
-    op = StaticIHVP(G, damp=damp, stream_to="cpu")
+    op = StaticIHVP.streamed(G, damp=damp, device="cpu")
     x = G.mean(dim=0)
     want = extended_precision_inverse(G64, damp, x.double().numpy())
     y = (op @ x).double().numpy()
@@ -227,8 +229,8 @@ def test_streamed_float32_products_are_exact_in_the_span(simulated, kappa, rng):
     assert np.all(np.abs(diag - d_want) <= 8 * np.finfo(np.float32).eps * d_want)
 
 
-def test_stream_to_an_indexed_or_unindexed_device_is_the_device_tensors_report(rng):
-    # stream_to="cuda" names the current GPU, whose tensors report "cuda:0"; on the CPU
+def test_streamed_indexed_or_unindexed_device_is_the_device_tensors_report(rng):
+    # device="cuda" names the current GPU, whose tensors report "cuda:0"; on the CPU
     # the same mismatch is torch.device("cpu", 0) against tensors that report "cpu".
     # Each comparison of devices is canonical: the products, the index checks and the
     # operator algebra.
@@ -236,7 +238,7 @@ def test_stream_to_an_indexed_or_unindexed_device_is_the_device_tensors_report(r
 
     m, d = 4, 40
     G = torch.tensor(rng.standard_normal((m, d)))
-    op = StaticIHVP(G, damp=1.0, stream_to=torch.device("cpu", 0))
+    op = StaticIHVP.streamed(G, damp=1.0, device=torch.device("cpu", 0))
     ref = StaticIHVP(G, damp=1.0)
     assert op.device == torch.device("cpu") == canonical_device(torch.device("cpu", 0))
     x = torch.tensor(rng.standard_normal(d))
@@ -265,7 +267,7 @@ def test_a_streamed_operator_pickles_and_copies_with_new_streams_and_buffers(how
     monkeypatch.setattr(mfac_core._streaming, "make_ops", lambda device: _ProcessBoundOps())
     monkeypatch.setattr(mfac_core._streaming, "piece_width", lambda m, d, itemsize: 7)
     G = torch.tensor(rng.standard_normal((4, 30)))
-    op = StaticIHVP(G, damp=1.0, stream_to="cpu")
+    op = StaticIHVP.streamed(G, damp=1.0, device="cpu")
     made = _ProcessBoundOps.made
     new = pickle.loads(pickle.dumps(op)) if how == "pickle" else copy.deepcopy(op)
     assert _ProcessBoundOps.made == made + 1  # its own streams and events

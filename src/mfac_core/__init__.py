@@ -9,23 +9,26 @@ array-api-strict arrays.
 import importlib
 from typing import Any
 
-# Registers StaticIHVP's implementation for Dask arrays (dask itself is imported on use).
-from . import _dask  # noqa: F401
+# DaskStaticIHVP imports dask on use only.
+from ._dask import DaskStaticIHVP
 from ._dynamic import DynamicIHVP
 from ._errors import FactorizationError, IllConditionedWarning
 from ._linalg import CUPY_LINALG_CHOICES, get_cupy_linalg, set_cupy_linalg
 from ._operator import LinearOperator
+from ._sharded_ihvp import ShardedStaticIHVP
 from ._spectral import SpectralIHVP
 from ._static import EmpiricalFisher, StaticIHVP
 from ._version import __version__
 
 __all__ = [
     "CUPY_LINALG_CHOICES",
+    "DaskStaticIHVP",
     "DynamicIHVP",
     "EmpiricalFisher",
     "FactorizationError",
     "IllConditionedWarning",
     "LinearOperator",
+    "ShardedStaticIHVP",
     "SpectralIHVP",
     "StaticIHVP",
     "__version__",

@@ -1,7 +1,8 @@
 """The static inverse over Dask arrays chunked along d (docs/dask.rst).
 
-``StaticIHVP(G, ...)`` with a ``dask.array.Array`` G builds :class:`DaskStaticIHVP`
-(registered with ``_static`` at package import). G must hold all m rows in every
+:class:`DaskStaticIHVP` is built explicitly, ``DaskStaticIHVP(G, damp=...)``
+(the deprecated ``StaticIHVP(G, ...)`` with a Dask G still builds it: this module
+registers it with ``_static`` at package import). G must hold all m rows in every
 chunk; its column chunks decide how the work is split. Two layouts:
 
 *one Woodbury block over every chunk* (the full operator, ``d > m``)
@@ -34,6 +35,7 @@ import numpy as np
 
 from . import _capacitance, _engine, _layout, _setup, _static
 from ._compat import Array, array_namespace, is_dask_array
+from ._deprecation import legacy_options, warn_deprecated
 from ._gform import GFormFactor
 from ._group_factors import GroupFactor
 from ._layout import BlockGroup, block_groups
@@ -214,9 +216,8 @@ def _check_numpy_chunks(G: Any) -> None:
 class DaskStaticIHVP(StaticIHVP):
     r"""``F^{-1}`` of :class:`~mfac_core.StaticIHVP` for a Dask array G chunked along d.
 
-    Built by ``StaticIHVP(G, ...)`` when G is a ``dask.array.Array`` (so
-    ``isinstance(op, StaticIHVP)`` holds); the arguments are those of
-    :class:`~mfac_core.StaticIHVP`. Products, ``diagonal()`` and ``entries()``
+    A subclass of :class:`~mfac_core.StaticIHVP` (so ``isinstance(op,
+    StaticIHVP)`` holds), with its arguments. Products, ``diagonal()`` and ``entries()``
     return Dask arrays (lazy; call ``.compute()``), chunked along d like G.
 
     Parameters
@@ -230,9 +231,6 @@ class DaskStaticIHVP(StaticIHVP):
         The damping ``lambda > 0``.
     block_size : int, optional
         As for :class:`~mfac_core.StaticIHVP`.
-    overwrite_G : bool, optional
-        Accepted and without effect: Dask arrays are immutable graphs, and no
-        W is stored (G is left as it is).
     check_finite : bool, optional
         Check G (from its Gram diagonals, at no extra pass) and each input
         vector for NaN and infinity; the vector check computes
@@ -242,10 +240,10 @@ class DaskStaticIHVP(StaticIHVP):
     progress : None, optional
         Must be ``None``: Dask's own diagnostics (the ``dask.distributed``
         dashboard, ``dask.diagnostics.ProgressBar``) show the set-up's tasks.
-    out, stream_to, comm : None, optional
-        Must be ``None``: G stays with Dask's workers, which also move the
-        chunks and spread the work (:class:`StaticIHVP`'s options for memmap
-        files, GPU streaming and column sharding do not apply).
+    **deprecated
+        ``overwrite_G=True`` is ignored (a ``DeprecationWarning``); ``out``,
+        ``stream_to`` and ``comm`` are refused: G stays with Dask's workers,
+        which also move the chunks and spread the work.
 
     Attributes
     ----------
@@ -292,9 +290,9 @@ class DaskStaticIHVP(StaticIHVP):
     --------
     >>> import dask.array as da
     >>> import numpy as np
-    >>> from mfac_core import StaticIHVP
+    >>> from mfac_core import DaskStaticIHVP, StaticIHVP
     >>> G = np.random.default_rng(0).standard_normal((8, 100))
-    >>> op = StaticIHVP(da.from_array(G, chunks=(8, 25)), damp=1e-2)
+    >>> op = DaskStaticIHVP(da.from_array(G, chunks=(8, 25)), damp=1e-2)
     >>> isinstance(op, StaticIHVP)
     True
     >>> x = np.ones(100)
@@ -310,14 +308,15 @@ class DaskStaticIHVP(StaticIHVP):
         *,
         damp: float,
         block_size: int | None = None,
-        overwrite_G: bool = False,
         check_finite: bool = True,
         refine: int = 0,
         progress: Callable[[int, int], None] | None = None,
-        out: Array = None,
-        stream_to: Any = None,
-        comm: Any = None,
+        **deprecated: Any,
     ) -> None:
+        legacy = legacy_options(
+            "DaskStaticIHVP", deprecated, ("overwrite_G", "out", "stream_to", "comm")
+        )
+        out, stream_to, comm = legacy["out"], legacy["stream_to"], legacy["comm"]
         if out is not None or stream_to is not None:
             raise ValueError(
                 "out= and stream_to= are not available for Dask gradients: W stays "
@@ -328,7 +327,8 @@ class DaskStaticIHVP(StaticIHVP):
                 "comm= is not available for Dask gradients: Dask distributes the "
                 "chunks of G itself; pass each rank's NumPy shard for comm="
             )
-        check_flag(overwrite_G, "overwrite_G")
+        if check_flag(legacy["overwrite_G"], "overwrite_G"):
+            warn_deprecated("overwrite_G=True (ignored: no W is stored)", "nothing")
         check_finite = check_flag(check_finite, "check_finite")
         if check_count(refine, "refine", minimum=0):
             raise ValueError(
@@ -577,3 +577,4 @@ class DaskStaticIHVP(StaticIHVP):
 
 
 _static.register_array_type(is_dask_array, DaskStaticIHVP)
+_static.show_init_signature(DaskStaticIHVP)

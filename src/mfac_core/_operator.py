@@ -63,11 +63,11 @@ class LinearOperator:
     ndim = 2
     # NumPy must hand ``ndarray @ op`` (and other binary operators) to this class.
     __array_ufunc__ = None
-    #: The communicator of a column-sharded operator (built with ``comm=``), else None.
-    #: Such an operator takes and returns this rank's shards, and checks its operands
-    #: inside its reductions (``_sharded_apply``), so that a bad shard makes every
-    #: rank raise (docs/scaling.rst).
-    comm: Any = None
+    #: Where this rank's columns lie, for an operator whose products take and return
+    #: one rank's shards (docs/scaling.rst), else None. Such an operator provides its
+    #: own products; the base class only refuses what would mix shards and whole
+    #: vectors (``todense``, ``to_scipy``, arithmetic).
+    layout: Any = None
 
     def __init__(
         self,
@@ -104,10 +104,8 @@ class LinearOperator:
         self.__dict__.update(state)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> LinearOperator:
-        # What copy.deepcopy does by default, except that a communicator is a handle
-        # to a process group, shared by the copy rather than copied.
-        if self.comm is not None:
-            memo.setdefault(id(self.comm), self.comm)
+        # What copy.deepcopy does by default, through the pickling state (the namespace
+        # is a module, which deepcopy cannot copy).
         new = type(self).__new__(type(self))
         memo[id(self)] = new
         new.__setstate__(copy.deepcopy(self.__getstate__(), memo))
@@ -129,12 +127,8 @@ class LinearOperator:
     def _rmatvec(self, x: Array) -> Array:
         return self._rmatmat(x[:, None])[:, 0]
 
-    def _sharded_apply(self, x: Any, *, vector: bool, adjoint: bool) -> Array:
-        """A product of a column-sharded operator, with ``x`` checked collectively."""
-        raise NotImplementedError(f"{type(self).__name__} is not column-sharded")
-
     def _refuse_sharded(self, what: str) -> None:
-        if self.comm is not None:
+        if self.layout is not None:
             raise TypeError(
                 f"{what} is not available for a column-sharded operator ({self!r} "
                 "takes and returns this rank's shards; see docs/scaling.rst): apply "
@@ -197,14 +191,7 @@ class LinearOperator:
         ValueError
             If ``x`` is on another device, has the wrong shape, or (with
             ``check_finite``) holds NaN or infinity.
-
-        Notes
-        -----
-        For a column-sharded operator (``comm``), ``x`` and the result are this
-        rank's shards (``local_shape``), and the call is collective.
         """
-        if self.comm is not None:
-            return self._sharded_apply(x, vector=True, adjoint=False)
         return self._vector(x, self.shape[1], self._matvec, "matmat")
 
     def rmatvec(self, x: Array, /) -> Array:
@@ -232,14 +219,7 @@ class LinearOperator:
         ValueError
             If ``x`` is on another device, has the wrong shape, or (with
             ``check_finite``) holds NaN or infinity.
-
-        Notes
-        -----
-        For a column-sharded operator (``comm``), ``x`` and the result are this
-        rank's shards (``local_shape``), and the call is collective.
         """
-        if self.comm is not None:
-            return self._sharded_apply(x, vector=True, adjoint=True)
         return self._vector(x, self.shape[0], self._rmatvec, "rmatmat")
 
     def matmat(self, X: Array, /) -> Array:
@@ -266,15 +246,7 @@ class LinearOperator:
         ValueError
             If ``X`` is on another device, has the wrong shape, or (with
             ``check_finite``) holds NaN or infinity.
-
-        Notes
-        -----
-        For a column-sharded operator (``comm``), ``X`` and the result are this
-        rank's rows (``local_shape``), and the call is collective: every rank
-        passes the same number of columns k.
         """
-        if self.comm is not None:
-            return self._sharded_apply(X, vector=False, adjoint=False)
         return self._matmat(self._check_input(X, "X", self.shape[1], (2,)))
 
     def rmatmat(self, X: Array, /) -> Array:
@@ -301,15 +273,7 @@ class LinearOperator:
         ValueError
             If ``X`` is on another device, has the wrong shape, or (with
             ``check_finite``) holds NaN or infinity.
-
-        Notes
-        -----
-        For a column-sharded operator (``comm``), ``X`` and the result are this
-        rank's rows (``local_shape``), and the call is collective: every rank
-        passes the same number of columns k.
         """
-        if self.comm is not None:
-            return self._sharded_apply(X, vector=False, adjoint=True)
         return self._rmatmat(self._check_input(X, "X", self.shape[0], (2,)))
 
     def dot(self, x: Array, /) -> Any:

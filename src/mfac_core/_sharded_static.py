@@ -1,4 +1,4 @@
-"""The column-sharded (SPMD) form of :class:`~mfac_core.StaticIHVP` (``comm=``).
+"""The state and collectives of :class:`~mfac_core.ShardedStaticIHVP` (column-sharded, SPMD).
 
 Each rank holds a contiguous range of the d columns of G (ranks in rank order)
 and the same range of every vector. docs/scaling.rst states the design; in short:

@@ -13,15 +13,15 @@ import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from . import _capacitance, _engine, _setup, _sharded_static, _store, _streaming
+from . import _capacitance, _engine, _setup, _store, _streaming
 from ._compat import Array, detached, device
+from ._deprecation import LEGACY_DEFAULTS, legacy_options, warn_deprecated, warn_no_w
 from ._errors import user_stacklevel
 from ._gform import GFormFactor
 from ._group_factors import GroupFactor
 from ._layout import block_groups
 from ._operator import LinearOperator
 from ._refine import fisher_residual, refine
-from ._sharding import ShardLayout
 from ._validation import (
     check_block_size,
     check_count,
@@ -31,11 +31,16 @@ from ._validation import (
     check_gradients,
     check_index_array,
     half_dtype_name,
-    namespace_of,
 )
-from .distributed import Communicator, check_communicator
 
-__all__ = ["EmpiricalFisher", "StaticIHVP", "register_array_type"]
+__all__ = [
+    "EmpiricalFisher",
+    "StaticIHVP",
+    "register_array_type",
+    "register_sharded_class",
+    "show_init_signature",
+    "static_ihvp",
+]
 
 #: ``(accepts(G), subclass)`` pairs: ``StaticIHVP(G, ...)`` builds the first subclass
 #: whose predicate accepts G. ``_dask`` registers the Dask operator here (at package
@@ -56,15 +61,44 @@ def register_array_type(accepts: Callable[[Any], bool], subclass: type[StaticIHV
     _OTHER_ARRAYS.append((accepts, subclass))
 
 
-def _warn_no_w() -> None:
-    """The deprecation of ``out=`` and ``overwrite_G=`` (no W is stored), at the user's line."""
-    warnings.warn(
-        "StaticIHVP stores no W any more (its products read the gradients themselves, "
-        "summed in float64): out= and overwrite_G= are ignored and will be removed; G is "
-        "kept by reference and must not be modified while the operator is in use",
-        DeprecationWarning,
-        stacklevel=user_stacklevel(),
-    )
+#: The class that the deprecated ``StaticIHVP(G_local, comm=...)`` builds
+#: (``ShardedStaticIHVP``, registered by its module at package import).
+_SHARDED: list[type[LinearOperator]] = []
+
+
+def static_ihvp(G: Array, /, **options: Any) -> StaticIHVP:
+    """The static inverse of G in G's own implementation (Dask's for a Dask G), no warning.
+
+    For library code that takes any G (e.g. ``pruning.prune``): users build
+    :class:`StaticIHVP` or its Dask subclass explicitly.
+
+    Parameters
+    ----------
+    G : array, shape (m, d)
+        The gradients.
+    **options
+        :class:`StaticIHVP`'s keywords.
+
+    Returns
+    -------
+    StaticIHVP
+        The operator (a :class:`~mfac_core.DaskStaticIHVP` for a Dask G).
+    """
+    for accepts, subclass in _OTHER_ARRAYS:
+        if accepts(G):
+            return subclass(G, **options)
+    return StaticIHVP(G, **options)
+
+
+def register_sharded_class(cls: type[LinearOperator]) -> None:
+    """Let the deprecated ``StaticIHVP(G_local, comm=...)`` build ``cls``.
+
+    Parameters
+    ----------
+    cls : type
+        The column-sharded operator, called as ``cls(G_local, comm=..., ...)``.
+    """
+    _SHARDED[:] = [cls]
 
 
 class _BlockOperatorBase(LinearOperator):
@@ -98,6 +132,14 @@ class _BlockOperatorBase(LinearOperator):
         """The groups' parts of a result, joined along axis 0."""
         return parts[0] if len(parts) == 1 else self._xp.concat(parts, axis=0)
 
+    def _warn_if_hopeless(self, kappa_lo: float) -> None:
+        _capacitance.warn_if_hopeless(
+            kappa_lo,
+            damp=self.damp,
+            eps=float(self._xp.finfo(self._xp.float64).eps),
+            dtype="float64 (the passes' accumulation)",
+        )
+
 
 class StaticIHVP(_BlockOperatorBase):
     r"""The inverse of the damped empirical Fisher of m gradients, ``F^{-1}``.
@@ -122,8 +164,7 @@ class StaticIHVP(_BlockOperatorBase):
         operator is in use. A PyTorch G that requires grad is detached, as
         :class:`~mfac_core.DynamicIHVP` does: the operator keeps no autograd graph alive,
         and its results are not differentiable in G.
-        A ``dask.array.Array`` chunked along d (one chunk along m) gives the
-        operator over Dask, whose results are Dask arrays (docs/dask.rst).
+        For a ``dask.array.Array`` G use :class:`~mfac_core.DaskStaticIHVP`.
     damp : float
         The damping ``lambda > 0`` (absolute, as in the M-FAC paper, whose
         default is ``1e-5``).
@@ -131,10 +172,6 @@ class StaticIHVP(_BlockOperatorBase):
         Use a block-diagonal F over consecutive blocks of this many
         coordinates (the last block may be shorter). ``None`` (default) uses
         the full F.
-    overwrite_G : bool, optional
-        Deprecated, ignored (a ``DeprecationWarning``): the operator stores no
-        working array ``W = L^{-1} G`` any more, so there is nothing to write
-        over G, and G is left as it is.
     check_finite : bool, optional
         Check G, and later each input vector, for NaN and infinity
         (default ``True``; one extra read of each array).
@@ -148,42 +185,19 @@ class StaticIHVP(_BlockOperatorBase):
     progress : callable, optional
         Called as ``progress(done, total)`` while the set-up runs, with the
         amount of work done so far and in all (one pass over d columns).
-    out : array, shape (m, d), optional
-        Deprecated, ignored (a ``DeprecationWarning``): it named where ``W``
-        went, and no ``W`` is stored any more. A read-only memmap G alone
-        keeps nothing of size m x d in memory (docs/guidance.rst, "Gradients
-        larger than memory").
-    stream_to : str or torch.device, optional
-        PyTorch only: build the operator for this device (e.g. ``"cuda"``)
-        from a G in host memory, keeping a copy of G in host memory (a new
-        pinned array of m x d values, in column pieces), and stream it to the
-        device through two device buffers in every product, the copy of one
-        piece overlapping the computation on the previous one (docs/gpu.rst,
-        "Gradients in host memory"); both streams sum in float64. The set-up
-        runs on the host. Inputs and results are on that device. For the full
-        operator with ``d > m`` and float32/float64 G only; not with
-        ``overwrite_G``, ``out`` or ``refine``. ``"cpu"`` runs the same
-        schedule on the host, without overlap.
-    comm : Communicator, optional
-        Build the column-sharded (SPMD) operator: every rank of ``comm``
-        calls the constructor with its contiguous range of G's columns
-        (``G_local``, shape ``(m, d_local)``, ranks in rank order; a rank may
-        hold no column), the same ``damp``, ``block_size``, ``refine`` and
-        ``check_finite``, and the operator's vectors are then this rank's
-        shards (see Notes and docs/scaling.rst).
+    **deprecated
+        ``overwrite_G=True`` and ``out=`` (ignored: no working array is
+        stored), ``stream_to=`` (use :meth:`streamed`) and ``comm=`` (use
+        :class:`~mfac_core.ShardedStaticIHVP`) still work and emit a
+        ``DeprecationWarning``; they will be removed.
 
     Attributes
     ----------
     shape : tuple
-        ``(d, d)``; with ``comm``, d is the global number of coordinates.
-    comm : Communicator or None
-        The communicator of a column-sharded operator.
-    layout : ShardLayout or None
-        With ``comm``: ``widths`` (every rank's column count), ``start`` and
-        ``stop`` (this rank's global column range) and ``dim`` (d).
+        ``(d, d)``.
     local_shape : tuple
-        ``(d_local, d_local)``: the shapes products take and return on this
-        rank (``shape`` without ``comm``).
+        ``shape`` (as for :class:`~mfac_core.ShardedStaticIHVP`, whose
+        products take one rank's shards).
     dtype, device
         G's dtype (float32 for 2-byte G) and device.
     storage_dtype : str or None
@@ -198,13 +212,10 @@ class StaticIHVP(_BlockOperatorBase):
     ------
     ValueError
         For a G that is not 2-D, empty, or holds NaN/inf, for ``damp <= 0``
-        and for ``block_size < 1``; for a ``stream_to`` that names
-        no available device, or options it does not support; with ``comm``,
-        also for ranks that disagree on m or an option, shard boundaries that
-        cut a block, or ``out``/``stream_to`` (not available sharded).
+        and for ``block_size < 1``.
     TypeError
-        For an integer or complex G, or a G that is not an array; for
-        ``stream_to`` with a G that is not a PyTorch tensor.
+        For an integer or complex G, or a G that is not an array, and for an
+        unknown keyword.
     FactorizationError
         If the capacitance matrix cannot be factorised in float64 (possible
         only when ``kappa`` approaches 1e16, e.g. duplicated gradients with a
@@ -214,6 +225,9 @@ class StaticIHVP(_BlockOperatorBase):
     --------
     EmpiricalFisher : The forward operator F.
     DynamicIHVP : The same inverse over a sliding window of gradients.
+    ShardedStaticIHVP : The same inverse, G's columns sharded over ranks.
+    DaskStaticIHVP : The same inverse for a Dask array G.
+    streamed : The same inverse on a GPU, G streamed from host memory.
 
     Notes
     -----
@@ -246,26 +260,7 @@ class StaticIHVP(_BlockOperatorBase):
     relative error is about ``eps * sqrt(kappa) * ||x|| / (damp ||y||)`` for
     ``y = F^{-1} x``, which one step of ``refine`` brings to about ``eps *
     ||x|| / (damp ||y||) <= eps * kappa``. The column-sharded, Dask and
-    streamed (``stream_to``) operators are as exact.
-
-    **Column-sharded (``comm``).** Everything m x m is replicated: the
-    float64 Gram matrix is summed over the ranks (one reduction of m^2
-    numbers), and every rank factorises the same bits into the same factor;
-    each rank keeps its columns of G (by reference) and of the dense block
-    factors. ``matvec`` and ``matmat`` take and return this rank's shards
-    (``local_shape``) and reduce the float64 projection ``G X`` (m k
-    numbers) between the two float64-summed passes; ``diagonal()`` returns
-    this rank's entries without communication; ``entries`` takes *global*
-    indices (the same on every rank) and returns the same values on every
-    rank (one reduction of ``2 m k`` float64 numbers).
-    With ``block_size``, shard boundaries must fall on block boundaries;
-    each rank's blocks are then whole and products exchange nothing. The
-    full operator is always in the Woodbury form (also for ``d <= m``).
-    Errors are collective: a bad shard on one rank makes every rank raise an
-    exception of the same class. Not with 2-byte gradients; no ``todense``,
-    ``to_scipy`` or operator arithmetic (they would mix shards and whole
-    vectors). Pickling keeps the communicator (a ``TorchComm`` of the
-    default group is re-bound where it is loaded).
+    streamed (:meth:`streamed`) operators are as exact.
 
     Examples
     --------
@@ -282,17 +277,24 @@ class StaticIHVP(_BlockOperatorBase):
     True
     """
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> StaticIHVP:
-        # Arrays with an implementation of their own (Dask) get their subclass, whose
-        # __init__ Python then calls. No arguments: pickle's reconstruction.
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        # The deprecated spellings of the other strategies: StaticIHVP(dask_G, ...) and
+        # StaticIHVP(G_local, comm=...). No arguments: pickle's reconstruction.
         if cls is StaticIHVP and args:
             for accepts, subclass in _OTHER_ARRAYS:
                 if accepts(args[0]):
+                    name = subclass.__name__
+                    warn_deprecated("StaticIHVP(G) for this G", f"{name}(G, damp=...)")
                     return super().__new__(subclass)
+            if kwargs.get("comm") is not None and _SHARDED:
+                (sharded,) = _SHARDED
+                warn_deprecated(
+                    "StaticIHVP(G_local, comm=comm)",
+                    f"{sharded.__name__}(G_local, comm=comm, damp=...)",
+                )
+                # Not a StaticIHVP: built here, and Python calls no __init__ on it.
+                return sharded(*args, **kwargs)
         return super().__new__(cls)
-
-    #: Where this rank's columns lie (column-sharded operators only).
-    layout: ShardLayout | None = None
 
     def __init__(
         self,
@@ -301,48 +303,31 @@ class StaticIHVP(_BlockOperatorBase):
         *,
         damp: float,
         block_size: int | None = None,
-        overwrite_G: bool = False,
         check_finite: bool = True,
         refine: int = 0,
         progress: Callable[[int, int], None] | None = None,
-        out: Array = None,
-        stream_to: Any = None,
-        comm: Communicator | None = None,
+        **deprecated: Any,
     ) -> None:
+        legacy = legacy_options("StaticIHVP", deprecated, LEGACY_DEFAULTS)
+        overwrite_G = check_flag(legacy["overwrite_G"], "overwrite_G")
         # The operator stores G (or factors of it): never its autograd graph.
         G = detached(G)
-        if comm is not None:
-            if out is not None or stream_to is not None:
-                # Raised before any reduction: SPMD code passes the same options on
-                # every rank, so every rank raises here alike.
-                raise ValueError(
-                    "out= and stream_to= are not available for a column-sharded "
-                    "operator (comm=); each rank keeps its columns of G in memory"
-                )
-            self._init_sharded(
-                G, comm, damp, block_size, overwrite_G, check_finite, refine, progress
+        if legacy["stream_to"] is not None:
+            warn_deprecated(
+                "StaticIHVP(G, stream_to=device)", "StaticIHVP.streamed(G, device=device, damp=...)"
             )
-            return
-        overwrite_G = check_flag(overwrite_G, "overwrite_G")
-        check_finite = check_flag(check_finite, "check_finite")
-        if progress is not None and not callable(progress):
-            raise TypeError(f"progress must be callable or None, got {type(progress).__name__}")
-        # G's finiteness is checked on the Gram diagonals, without a pass of its own.
-        xp = self._init_layout(G, damp, block_size, check_finite, check_G=False, half=True)
-        check_float64_available(xp)
-        self.refine = check_count(refine, "refine", minimum=0)
-        if stream_to is not None:
+            self._init_checked(G, damp, block_size, check_finite, refine, progress)
             self._init_streamed(
                 G,
-                stream_to,
+                legacy["stream_to"],
                 overwrite_G=overwrite_G,
-                out=out,
-                check_finite=check_finite,
+                out=legacy["out"],
                 progress=progress,
             )
             return
-        if overwrite_G or out is not None:
-            _warn_no_w()
+        if overwrite_G or legacy["out"] is not None:
+            warn_no_w()
+        xp = self._init_checked(G, damp, block_size, check_finite, refine, progress)
         # G is kept by reference (never copied): every product reads it.
         self._G = G
         result = _setup.factorize_gform_groups(
@@ -351,20 +336,93 @@ class StaticIHVP(_BlockOperatorBase):
             self._groups,
             damp=self.damp,
             dtype=self.dtype,
-            check_finite=check_finite,
+            check_finite=self.check_finite,
             progress=progress,
         )
         self._factors: tuple[GroupFactor, ...] = result.factors
         self.kappa_bound = result.kappa_hi
         self._warn_if_hopeless(result.kappa_lo)
 
-    def _warn_if_hopeless(self, kappa_lo: float) -> None:
-        _capacitance.warn_if_hopeless(
-            kappa_lo,
-            damp=self.damp,
-            eps=float(self._xp.finfo(self._xp.float64).eps),
-            dtype="float64 (the passes' accumulation)",
-        )
+    @classmethod
+    def streamed(
+        cls,
+        G: Array,
+        /,
+        *,
+        device: Any,
+        damp: float,
+        check_finite: bool = True,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> StaticIHVP:
+        """Build the operator on ``device`` from a PyTorch G in host memory, streaming G.
+
+        The set-up runs on the host; the operator keeps a copy of G in host
+        memory (a new pinned array of m x d values, in column pieces) and
+        streams it to the device through two device buffers in every product,
+        the copy of one piece overlapping the computation on the previous one
+        (docs/gpu.rst, "Gradients in host memory"); both passes sum in float64,
+        so results are as exact as :class:`StaticIHVP`'s.
+
+        Parameters
+        ----------
+        G : torch.Tensor, shape (m, d)
+            The float32 or float64 gradients, one per row, in host memory
+            (pinned, for a CUDA device), with ``d > m``.
+        device : str or torch.device
+            Where products run: a CUDA device (e.g. ``"cuda"``), or ``"cpu"``
+            (the same schedule on the host, without overlap). Inputs and
+            results are on it.
+        damp : float
+            The damping ``lambda > 0``.
+        check_finite : bool, optional
+            As in :class:`StaticIHVP`.
+        progress : callable, optional
+            As in :class:`StaticIHVP`.
+
+        Returns
+        -------
+        StaticIHVP
+            The full operator (no blocks, no refinement), on ``device``.
+
+        Raises
+        ------
+        TypeError
+            For a G that is not a PyTorch tensor.
+        ValueError
+            For a G not in host memory, 2-byte, or with ``d <= m``; for a
+            ``device`` that names no available device; and as in
+            :class:`StaticIHVP`.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from mfac_core import StaticIHVP
+        >>> G = torch.randn(4, 64, dtype=torch.float64)
+        >>> op = StaticIHVP.streamed(G, device="cpu", damp=0.1)
+        >>> x = torch.ones(64, dtype=torch.float64)
+        >>> bool(torch.allclose(op.matvec(x), StaticIHVP(G, damp=0.1).matvec(x)))
+        True
+        """
+        if cls is not StaticIHVP:
+            raise TypeError(f"{cls.__name__} cannot be streamed; use StaticIHVP.streamed")
+        op = super().__new__(cls)
+        G = detached(G)
+        op._init_checked(G, damp, None, check_finite, 0, progress)
+        op._init_streamed(G, device, overwrite_G=False, out=None, progress=progress)
+        return op
+
+    def _init_checked(
+        self, G: Array, damp: Any, block_size: Any, check_finite: Any, refine: Any, progress: Any
+    ) -> Any:
+        """The options checked and the layout set; returns G's namespace."""
+        check_finite = check_flag(check_finite, "check_finite")
+        if progress is not None and not callable(progress):
+            raise TypeError(f"progress must be callable or None, got {type(progress).__name__}")
+        # G's finiteness is checked on the Gram diagonals, without a pass of its own.
+        xp = self._init_layout(G, damp, block_size, check_finite, check_G=False, half=True)
+        check_float64_available(xp)
+        self.refine = check_count(refine, "refine", minimum=0)
+        return xp
 
     def _init_streamed(
         self,
@@ -373,7 +431,6 @@ class StaticIHVP(_BlockOperatorBase):
         *,
         overwrite_G: bool,
         out: Any,
-        check_finite: bool,
         progress: Callable[[int, int], None] | None,
     ) -> None:
         """The set-up on the host, G piece-major in host memory, products on ``stream_to``."""
@@ -396,7 +453,7 @@ class StaticIHVP(_BlockOperatorBase):
             self._groups,
             damp=self.damp,
             dtype=self.dtype,
-            check_finite=check_finite,
+            check_finite=self.check_finite,
             progress=progress,
         )
         (gform,) = result.factors
@@ -548,92 +605,20 @@ class StaticIHVP(_BlockOperatorBase):
                 made.discard()
             raise
 
-    def _init_sharded(
-        self,
-        G: Array,
-        comm: Any,
-        damp: Any,
-        block_size: Any,
-        overwrite_G: Any,
-        check_finite: Any,
-        refine: Any,
-        progress: Any,
-    ) -> None:
-        """The column-sharded set-up (docs/scaling.rst); collective."""
-        # Neither a bad communicator nor a G_local that is no array can join a
-        # reduction: these two raise on their rank alone.
-        comm = check_communicator(comm)
-        xp = namespace_of(G, "G_local")
-        check_float64_available(xp)
-        if overwrite_G is True:
-            _warn_no_w()
-        shard = _sharded_static.build(
-            comm,
-            xp,
-            G,
-            damp=damp,
-            block_size=block_size,
-            overwrite_G=overwrite_G,
-            check_finite=check_finite,
-            refine=refine,
-            progress=progress,
-        )
-        agreed = shard.agreed
-        self.comm = comm
-        self.layout = agreed.layout
-        self._shard = shard
-        self.damp = agreed.damp
-        self.num_grads, self.dim = agreed.num_grads, agreed.layout.dim
-        self.block_size = agreed.block_size
-        self.storage_dtype = None
-        self.refine = agreed.refine
-        self.kappa_bound = shard.kappa_hi
-        self._gram_recomputed = shard.recomputed
-        d = self.dim
-        LinearOperator.__init__(
-            self,
-            shape=(d, d),
-            dtype=G.dtype,
-            xp=xp,
-            device=device(G),
-            symmetric=True,
-            check_finite=agreed.check_finite,
-        )
-        self._warn_if_hopeless(shard.kappa_lo)
-
     @property
     def local_shape(self) -> tuple[int, int]:
-        """The local shape ``(d_local, d_local)``, else ``shape``."""  # numpydoc ignore=RT01
-        if self.layout is None:
-            return self.shape
-        n = self.layout.widths[self.layout.rank]
-        return (n, n)
+        """The shape products take and return: ``shape``."""  # numpydoc ignore=RT01
+        return self.shape
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        layout, comm = self.layout, self.comm
-        if layout is None or comm is None:
+        if "_shard" in state and _SHARDED:
+            # A column-sharded operator pickled while it was a StaticIHVP: it loads as
+            # the class it is now (its state is the same).
+            (sharded,) = _SHARDED
+            self.__class__ = sharded  # type: ignore[assignment]
+            self.__setstate__(state)
             return
-        if (comm.rank, comm.size) != (layout.rank, len(layout.widths)):
-            raise ValueError(
-                f"this column-sharded StaticIHVP was saved by rank {layout.rank} of "
-                f"{len(layout.widths)}, but its communicator is now rank {comm.rank} of "
-                f"{comm.size}: load each rank's operator on the same rank of a group of the "
-                "same size"
-            )
-
-    def _sharded_apply(self, x: Any, *, vector: bool, adjoint: bool) -> Array:
-        # F^{-1} is symmetric: the adjoint products are the products.
-        return self._shard.apply(
-            self.comm,
-            self._xp,
-            self.device,
-            self.dtype,
-            x,
-            vector=vector,
-            check=self.check_finite,
-            owner=repr(self),
-        )
+        super().__setstate__(state)
 
     # -- products ------------------------------------------------------------------------
 
@@ -665,11 +650,8 @@ class StaticIHVP(_BlockOperatorBase):
             damp`` with the whitened columns ``w_j = L^{-1} g_j`` formed in
             float64 a bounded piece at a time (no ``W`` is stored), so that the
             cancellation at coordinates the gradients cover well costs float64
-            digits. With ``comm``: this rank's ``d_local`` entries, whitened
-            the same way, without communication.
+            digits.
         """
-        if self.comm is not None:
-            return self._shard.diagonal(self._xp, self.device, self.dtype)
         return self._join([f.diagonal() for f in self._factors])
 
     def entries(self, rows: Array, cols: Array, /) -> Array:
@@ -690,10 +672,7 @@ class StaticIHVP(_BlockOperatorBase):
         array
             The entries, with the shape of ``rows`` and the operator's dtype.
             Entries that couple two different blocks are zero. Temporaries are
-            bounded (pairs are taken a bounded number at a time). With
-            ``comm``: ``rows`` and ``cols`` are global indices, the same on
-            every rank, and so is the result (one reduction; temporaries of
-            ``O(m k)``).
+            bounded (pairs are taken a bounded number at a time).
 
         Raises
         ------
@@ -704,8 +683,6 @@ class StaticIHVP(_BlockOperatorBase):
         IndexError
             For an index outside ``[0, d)``.
         """
-        if self.comm is not None:
-            return self._shard.entries(self.comm, self._xp, self.device, self.dtype, rows, cols)
         xp = self._xp
         r = check_index_array(rows, "rows", xp=xp, device=self.device, bound=self.dim)
         c = check_index_array(cols, "cols", xp=xp, device=self.device, bound=self.dim)
@@ -727,12 +704,22 @@ class StaticIHVP(_BlockOperatorBase):
         return xp.reshape(out, shape)
 
 
-# The signature that help() and the docs show is __init__'s, not that of __new__ above.
-_init_signature = inspect.signature(StaticIHVP.__init__)
-StaticIHVP.__signature__ = _init_signature.replace(  # type: ignore[attr-defined]
-    parameters=list(_init_signature.parameters.values())[1:],
-    return_annotation=inspect.Signature.empty,
-)
+def show_init_signature(cls: type) -> None:
+    """Make help() and the docs show ``cls.__init__``'s signature, not ``StaticIHVP.__new__``'s.
+
+    Parameters
+    ----------
+    cls : type
+        :class:`StaticIHVP` or a subclass.
+    """
+    signature = inspect.signature(cls.__dict__["__init__"])
+    cls.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=list(signature.parameters.values())[1:],
+        return_annotation=inspect.Signature.empty,
+    )
+
+
+show_init_signature(StaticIHVP)
 
 
 def _stage(report: Callable[[str, int, int], None], stage: str) -> Callable[[int, int], None]:

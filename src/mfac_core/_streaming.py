@@ -1,4 +1,4 @@
-"""Products of the static inverse with G in host memory, computed on a device (``stream_to``).
+"""Products of the static inverse with G in host memory, on a device (``StaticIHVP.streamed``).
 
 For gradients that do not fit in device memory but do fit in (pinned) host
 memory: the set-up runs on the host (the float64 Gram and its factor, which go
@@ -221,35 +221,35 @@ def check_stream_to(
     """The target device of ``stream_to``, or a clear error; nothing is allocated."""
     if not is_torch_namespace(xp):
         raise TypeError(
-            "stream_to needs G as a PyTorch tensor in host memory (pinned, for a CUDA "
-            "target); this G is not a PyTorch tensor"
+            "streaming (StaticIHVP.streamed) needs G as a PyTorch tensor in host memory "
+            "(pinned, for a CUDA target); this G is not a PyTorch tensor"
         )
     import torch
 
     if G.device.type != "cpu":
         raise ValueError(
-            f"stream_to streams G from host memory, but G is on {G.device}; pass a CPU "
-            "(pinned) G, or drop stream_to to build the operator on G's device"
+            f"StaticIHVP.streamed streams G from host memory, but G is on {G.device}; pass "
+            "a CPU (pinned) G, or build StaticIHVP(G, ...) on G's device"
         )
     try:
         target = torch.device(stream_to)
     except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"stream_to must name a PyTorch device, got {stream_to!r}") from exc
+        raise ValueError(f"device must name a PyTorch device, got {stream_to!r}") from exc
     if target.type not in ("cuda", "cpu"):
-        raise ValueError(f"stream_to must be a CUDA device (or 'cpu'), got {target}")
+        raise ValueError(f"device must be a CUDA device (or 'cpu'), got {target}")
     if target.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"stream_to={stream_to!r}, but PyTorch sees no CUDA device")
+        raise ValueError(f"device={stream_to!r}, but PyTorch sees no CUDA device")
     if half:
-        raise ValueError("stream_to supports float32 and float64 gradients, not 2-byte ones")
+        raise ValueError("streaming supports float32 and float64 gradients, not 2-byte ones")
     if not full:
         raise ValueError(
-            "stream_to supports the full operator with more coordinates than gradients "
+            "streaming supports the full operator with more coordinates than gradients "
             "(d > m, no block_size) only"
         )
     for flag, name in ((overwrite_G, "overwrite_G"), (out is not None, "out"), (refine, "refine")):
         if flag:
             raise ValueError(
-                f"stream_to keeps a piece-major copy of G in a pinned host array of its own; "
+                f"streaming keeps a piece-major copy of G in a pinned host array of its own; "
                 f"{name} is not supported with it"
             )
     # As the tensors on it report it: "cuda" is "cuda:<current>", and so stays the
@@ -289,8 +289,9 @@ def pin(host: Any, device: Any) -> None:
     code = int(cudart.cudaHostRegister(ptr, nbytes, 1))
     if code != 0:
         raise RuntimeError(
-            f"stream_to could not page-lock the {nbytes} bytes of its host copy of G "
-            f"(cudaHostRegister returned CUDA error {code}); free host memory, or drop stream_to"
+            f"streaming could not page-lock the {nbytes} bytes of its host copy of G "
+            f"(cudaHostRegister returned CUDA error {code}); free host memory, or build "
+            "StaticIHVP(G) on G's device"
         )
     release = weakref.finalize(host, _unpin, cudart, torch.cuda.synchronize, ptr, device)
     release.atexit = False  # at exit the process's memory goes anyway, CUDA may be gone

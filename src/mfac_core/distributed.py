@@ -168,13 +168,13 @@ class TorchComm:
     Under ``torchrun --nproc-per-node 2 script.py``::
 
         import torch.distributed as dist
-        from mfac_core import StaticIHVP
+        from mfac_core import ShardedStaticIHVP
         from mfac_core.distributed import TorchComm
 
         dist.init_process_group("gloo")
         comm = TorchComm()
         # G_local: this rank's columns of the m x d gradients
-        op = StaticIHVP(G_local, damp=1e-4, comm=comm)
+        op = ShardedStaticIHVP(G_local, damp=1e-4, comm=comm)
         y_local = op.matvec(x_local)  # this rank's entries of F^-1 x
     """
 

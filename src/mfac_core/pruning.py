@@ -62,7 +62,7 @@ from ._pruning_obs import (
     select_pruned,
 )
 from ._spectral import SpectralIHVP
-from ._static import StaticIHVP
+from ._static import static_ihvp
 from ._validation import check_choice, check_count, check_dampings, check_fraction
 
 __all__ = [
@@ -202,7 +202,7 @@ def prune(
         scores = magnitude_saliency(theta)
     ihvp = None
     if saliency == "obs" or update != "none":
-        ihvp = StaticIHVP(G, damp=damp, block_size=block_size)
+        ihvp = static_ihvp(G, damp=damp, block_size=block_size)
         if saliency == "obs":
             scores = obs_saliency(theta, ihvp)
     selected = select_pruned(scores, sparsity=sparsity, mask=mask, block_size=selection_block_size)

@@ -1,0 +1,75 @@
+"""The deprecated keywords of the static operators' constructors (issue 20's renames)."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+from typing import Any
+
+from ._errors import user_stacklevel
+
+__all__ = ["LEGACY_DEFAULTS", "legacy_options", "warn_deprecated", "warn_no_w"]
+
+#: Keywords that ``StaticIHVP`` accepts only for the deprecated spellings, with the
+#: value that means "not used" (passing it is accepted silently).
+LEGACY_DEFAULTS: dict[str, Any] = {
+    "overwrite_G": False,
+    "out": None,
+    "stream_to": None,
+    "comm": None,
+}
+
+
+def warn_deprecated(old: str, new: str) -> None:
+    """A ``DeprecationWarning`` that ``old`` will be removed, naming ``new``, at the user's line.
+
+    Parameters
+    ----------
+    old, new : str
+        The deprecated spelling and the one to use instead.
+    """
+    warnings.warn(
+        f"{old} is deprecated and will be removed; use {new}",
+        DeprecationWarning,
+        stacklevel=user_stacklevel(),
+    )
+
+
+def legacy_options(owner: str, options: dict[str, Any], accepted: Iterable[str]) -> dict[str, Any]:
+    """The deprecated keywords in ``options``, with a ``TypeError`` for any other.
+
+    Parameters
+    ----------
+    owner : str
+        The class's name, for the message.
+    options : dict
+        The keywords beyond the signature's.
+    accepted : iterable of str
+        The deprecated keywords that ``owner`` still accepts.
+
+    Returns
+    -------
+    dict
+        Every name of ``accepted`` with its value (its "not used" value when absent).
+
+    Raises
+    ------
+    TypeError
+        For a keyword that is not one of ``accepted``.
+    """
+    accepted = tuple(accepted)
+    for name in options:
+        if name not in accepted:
+            raise TypeError(f"{owner}() got an unexpected keyword argument {name!r}")
+    return {name: options.get(name, LEGACY_DEFAULTS[name]) for name in accepted}
+
+
+def warn_no_w() -> None:
+    """The deprecation of ``out=`` and ``overwrite_G=`` (no W is stored), at the user's line."""
+    warnings.warn(
+        "StaticIHVP stores no W any more (its products read the gradients themselves, "
+        "summed in float64): out= and overwrite_G= are ignored and will be removed; G is "
+        "kept by reference and must not be modified while the operator is in use",
+        DeprecationWarning,
+        stacklevel=user_stacklevel(),
+    )
