@@ -119,10 +119,6 @@ class _ChunkInverse:
     factors: tuple[GroupFactor, ...]
     dtype: Any
     kappa: tuple[float, float]
-    recomputed: int
-
-    def summary(self) -> tuple[float, float, int]:
-        return (*self.kappa, self.recomputed)
 
     def _join(self, parts: list[Any]) -> Any:
         return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
@@ -161,9 +157,7 @@ def _chunk_inverse(
         if error is not None:
             raise error from None
         raise
-    return _ChunkInverse(
-        result.factors, G.dtype, (result.kappa_lo, result.kappa_hi), result.recomputed
-    )
+    return _ChunkInverse(result.factors, G.dtype, (result.kappa_lo, result.kappa_hi))
 
 
 def _apply(op: _ChunkInverse, X: Any) -> Any:
@@ -178,8 +172,8 @@ def _entries(op: _ChunkInverse, rows: Any, cols: Any) -> Any:
     return op.entries(rows, cols)
 
 
-def _summary(op: _ChunkInverse) -> tuple[float, float, int]:
-    return op.summary()
+def _summary(op: _ChunkInverse) -> tuple[float, float]:
+    return op.kappa
 
 
 # -- on the client ---------------------------------------------------------------------
@@ -396,7 +390,6 @@ class DaskStaticIHVP(StaticIHVP):
         gram = np.asarray(da.stack(parts).sum(axis=0).compute())
         if check_finite and not np.all(np.isfinite(np.diagonal(gram))):
             self._raise_non_finite(G)
-        self._gram_recomputed = 0
         factor = _capacitance.factorize(_NP, gram[None, ...], shift=m * damp, scale=1.0, damp=damp)
         self._factor = factor
         # Persisted, so that no product evaluates G's graph again.
@@ -422,7 +415,6 @@ class DaskStaticIHVP(StaticIHVP):
         self._parts = dask.persist(*parts)
         summaries = dask.compute(*[dask.delayed(_summary)(p) for p in self._parts])
         self.kappa_bound = max(s[1] for s in summaries)
-        self._gram_recomputed = sum(s[2] for s in summaries)
         self._warn_if_hopeless(max(s[0] for s in summaries))
 
     @staticmethod

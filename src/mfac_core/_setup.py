@@ -54,8 +54,6 @@ class SetupResult:
     factors: tuple[GroupFactor, ...]
     kappa_lo: float
     kappa_hi: float
-    #: Chunks whose Gram was computed twice (never, since every Gram is float64).
-    recomputed: int = 0
 
 
 def _piece_width(G: Array) -> int:
@@ -157,4 +155,4 @@ def factorize_gform_groups(
         U = stacks[0] if len(stacks) == 1 else xp.concat(stacks, axis=0)
         whole = _capacitance.CapacitanceFactor(U, m * damp, 1.0, (kappa_lo, kappa_hi))
         factors.append(GFormFactor(group, G, whole, damp, dtype))
-    return SetupResult(tuple(factors), track.kappa_lo, track.kappa_hi, 0)
+    return SetupResult(tuple(factors), track.kappa_lo, track.kappa_hi)

@@ -169,7 +169,6 @@ class ShardedStaticIHVP(_static._BlockOperatorBase):
         self.storage_dtype = None
         self.refine = agreed.refine
         self.kappa_bound = shard.kappa_hi
-        self._gram_recomputed = shard.recomputed
         d = self.dim
         LinearOperator.__init__(
             self,

@@ -65,7 +65,7 @@ _TAG_ENTRIES = ("StaticIHVP", "entries")
 _FIELDS = ("m", "width", "dtype", "damp", "block_size", "refine", "check_finite")
 _DTYPE_CODES = {"float32": 1, "float64": 2}
 #: Per-rank fields of the set-up's last reduction.
-_DONE_FIELDS = ("kappa_lo", "kappa_hi", "recomputed", "failed")
+_DONE_FIELDS = ("kappa_lo", "kappa_hi", "failed")
 
 
 def _piece_width(m: int, n: int) -> int:
@@ -315,7 +315,7 @@ def build(
             whole = GFormFactor(BlockGroup(0, 1, n), G, factor, agreed.damp, G.dtype)
             state["factors"] = (whole,)
             lo, hi = factor.kappa if factor.kappa is not None else (1.0, 1.0)
-            return _own_row(xp, dev, comm, [lo, hi, 0.0, 0.0])
+            return _own_row(xp, dev, comm, [lo, hi, 0.0])
 
         groups: tuple[BlockGroup, ...] = (BlockGroup(0, 1, n),)
     else:
@@ -336,9 +336,9 @@ def build(
                 # Not raised here: every rank must raise a FactorizationError, not the
                 # generic class that reduce_checked would give the others.
                 state["error"] = exc
-                return _own_row(xp, dev, comm, [1.0, 1.0, 0.0, 1.0])
+                return _own_row(xp, dev, comm, [1.0, 1.0, 1.0])
             state["factors"] = result.factors
-            row = [result.kappa_lo, result.kappa_hi, float(result.recomputed), 0.0]
+            row = [result.kappa_lo, result.kappa_hi, 0.0]
             return _own_row(xp, dev, comm, row)
 
     k = len(_DONE_FIELDS)
@@ -361,7 +361,7 @@ def build(
         ),
     )
     rows = _gathered(total, size, k)
-    failed = [r for r, row in enumerate(rows) if row[3]]
+    failed = [r for r, row in enumerate(rows) if row[2]]
     if failed:
         if "error" in state:
             raise state["error"]
@@ -378,7 +378,6 @@ def build(
         G=G,
         kappa_lo=max(row[0] for row in rows),
         kappa_hi=max(row[1] for row in rows),
-        recomputed=0,
     )
 
 
@@ -398,7 +397,6 @@ class ShardedStatic:
     G: Any
     kappa_lo: float
     kappa_hi: float
-    recomputed: int
 
     @property
     def layout(self) -> ShardLayout:

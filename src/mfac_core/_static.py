@@ -133,12 +133,7 @@ class _BlockOperatorBase(LinearOperator):
         return parts[0] if len(parts) == 1 else self._xp.concat(parts, axis=0)
 
     def _warn_if_hopeless(self, kappa_lo: float) -> None:
-        _capacitance.warn_if_hopeless(
-            kappa_lo,
-            damp=self.damp,
-            eps=float(self._xp.finfo(self._xp.float64).eps),
-            dtype="float64 (the passes' accumulation)",
-        )
+        _capacitance.warn_if_passes_hopeless(kappa_lo, damp=self.damp)
 
 
 class StaticIHVP(_BlockOperatorBase):
@@ -465,7 +460,6 @@ class StaticIHVP(_BlockOperatorBase):
         )
         self._G = None  # the streamed pieces are a copy; G itself is not kept
         self.kappa_bound = result.kappa_hi
-        self._gram_recomputed = 0
         self.device = target
         self._warn_if_hopeless(result.kappa_lo)
 
