@@ -708,16 +708,19 @@ def _is_seed(rng: Any) -> bool:
     return isinstance(rng, numbers.Integral) and not isinstance(rng, (bool, np.bool_))
 
 
+def _not_a_generator(rng: Any, kind: str, name: str) -> TypeError:
+    return TypeError(
+        f"rng must be {kind} or an int seed for {name} operators, got {type(rng).__name__}"
+    )
+
+
 def _standard_normal(xp: Any, rng: Any, shape: tuple[int, int], dtype: Any, dev: Any) -> Any:
     """Standard normal draws of ``shape`` in namespace ``xp`` on ``dev``, from the caller's rng."""
     name = namespace_name(xp)
     if is_numpy_namespace(xp) or is_array_api_strict_namespace(xp):
         gen = np.random.default_rng(int(rng)) if _is_seed(rng) else rng
         if not isinstance(gen, np.random.Generator):
-            raise TypeError(
-                f"rng must be a numpy.random.Generator or an int seed for {name} "
-                f"operators, got {type(rng).__name__}"
-            )
+            raise _not_a_generator(rng, "a numpy.random.Generator", name)
         npdt = np.float32 if dtype == xp.float32 else np.float64
         Z = gen.standard_normal(shape, dtype=npdt)
         return Z if is_numpy_namespace(xp) else xp.asarray(Z, device=dev)
@@ -726,30 +729,21 @@ def _standard_normal(xp: Any, rng: Any, shape: tuple[int, int], dtype: Any, dev:
 
         gen = torch.Generator(device=dev).manual_seed(int(rng)) if _is_seed(rng) else rng
         if not isinstance(gen, torch.Generator):
-            raise TypeError(
-                f"rng must be a torch.Generator or an int seed for torch operators, "
-                f"got {type(rng).__name__}"
-            )
+            raise _not_a_generator(rng, "a torch.Generator", "torch")
         return torch.randn(shape, generator=gen, dtype=dtype, device=dev)
     if is_jax_namespace(xp):
         import jax
 
         key = jax.random.key(int(rng)) if _is_seed(rng) else rng
         if not isinstance(key, jax.Array):
-            raise TypeError(
-                f"rng must be a JAX PRNG key or an int seed for jax operators, "
-                f"got {type(rng).__name__}"
-            )
+            raise _not_a_generator(rng, "a JAX PRNG key", "jax")
         return jax.device_put(jax.random.normal(key, shape, dtype=dtype), dev)
     if is_cupy_namespace(xp):
         import cupy
 
         gen = cupy.random.default_rng(int(rng)) if _is_seed(rng) else rng
         if not isinstance(gen, cupy.random.Generator):
-            raise TypeError(
-                f"rng must be a cupy.random.Generator or an int seed for cupy "
-                f"operators, got {type(rng).__name__}"
-            )
+            raise _not_a_generator(rng, "a cupy.random.Generator", "cupy")
         with cupy.cuda.Device(dev.id):
             return gen.standard_normal(shape, dtype=dtype)
     raise TypeError(f"sample() has no random number generator for {name} arrays")
