@@ -107,7 +107,7 @@ def test_select_damping_builds_one_operator(monkeypatch, rng):
         raise AssertionError("select_damping must not build a Cholesky operator per damping")
 
     monkeypatch.setattr(pruning, "SpectralIHVP", Counting)
-    monkeypatch.setattr(pruning, "StaticIHVP", no_cholesky)
+    monkeypatch.setattr(pruning, "static_ihvp", no_cholesky)
     grid = [10.0**e for e in range(-6, 2)]
     choice = select_damping(theta, G, grid, sparsity=0.5, loss=lambda dp, r: val_loss(r.theta))
     assert len(built) == 1 and len(choice.losses) == 8
