@@ -363,3 +363,16 @@ def test_chunks_that_are_not_numpy_are_refused_at_construction():
     G._meta = ndarray()
     with pytest.raises(TypeError, match=r"cupy\.ndarray.*NumPy chunks.*cupy\.asnumpy"):
         DaskStaticIHVP(G, damp=1.0)
+
+
+def test_from_gradients_is_refused_before_the_gradients_are_consumed():
+    consumed = []
+
+    def gradients():
+        for i in range(3):
+            consumed.append(i)
+            yield np.ones(4)
+
+    with pytest.raises(TypeError, match=r"StaticIHVP\.from_gradients.*dask\.array\.from_array"):
+        DaskStaticIHVP.from_gradients(gradients(), num_grads=3, dim=4, damp=1e-2)
+    assert consumed == []

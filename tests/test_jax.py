@@ -670,6 +670,23 @@ def test_mfac_with_apply_if_finite_skips_bad_steps(rng):
     )
 
 
+def test_apply_if_finite_after_mfac_skips_a_refused_finite_gradient(rng):
+    # A finite gradient that the window refuses (eps64 kappa >= 1) gives a NaN direction:
+    # an apply_if_finite placed after mfac sees it and skips the step, as the docs say.
+    opt = optax.chain(mj.mfac(3, 1e-2), optax.apply_if_finite(optax.sgd(0.1), 5))
+    params = {"w": jnp.ones(10, jnp.float32)}
+    state = opt.init(params)
+    for _ in range(3):
+        grads = {"w": jnp.asarray(rng.standard_normal(10), jnp.float32)}
+        updates, state = opt.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+    before = state[0].window.grads
+    huge = jnp.asarray(rng.standard_normal(10), jnp.float32).at[:5].multiply(1e8)
+    updates, state = opt.update({"w": huge}, state, params)
+    assert bool(jnp.all(updates["w"] == 0)) and int(state[1].notfinite_count) == 1
+    np.testing.assert_array_equal(np.asarray(state[0].window.grads), np.asarray(before))
+
+
 def test_mfac_refuses_bad_arguments():
     with pytest.raises(ValueError, match="num_grads"):
         mj.mfac(0)

@@ -375,6 +375,31 @@ class DaskStaticIHVP(StaticIHVP):
             )
         self._init_chunks(G, check_finite)
 
+    @classmethod
+    def from_gradients(cls, gradients: Any, /, **options: Any) -> DaskStaticIHVP:
+        """Not available: gradients gathered one by one are in memory, not a Dask array.
+
+        Parameters
+        ----------
+        gradients : iterable
+            Not read.
+        **options
+            Not read.
+
+        Raises
+        ------
+        TypeError
+            Always, before ``gradients`` is consumed: build the in-memory operator
+            with :meth:`StaticIHVP.from_gradients`, or stack the gradients into a
+            Dask array (``dask.array.from_array``, chunked along d) and pass it to
+            :class:`DaskStaticIHVP`.
+        """
+        raise TypeError(
+            "DaskStaticIHVP.from_gradients is not available: it would gather the gradients "
+            "in memory. Use StaticIHVP.from_gradients, or stack the gradients into a Dask "
+            "array chunked along d (dask.array.from_array) and pass it to DaskStaticIHVP"
+        )
+
     def _init_woodbury(self, G: Array, check_finite: bool) -> None:
         import dask
         import dask.array as da

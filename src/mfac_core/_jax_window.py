@@ -536,7 +536,8 @@ def window_update_and_matvec(
     direction : jax.Array, shape (d,)
         ``F^{-1} g`` in the storage dtype; all NaN if ``g`` was refused (NaN
         or infinity, or a factorisation failure), in which case the window is
-        unchanged (so ``optax.apply_if_finite`` can skip the step).
+        unchanged (so ``optax.apply_if_finite`` placed after the
+        preconditioner can skip the step).
 
     Raises
     ------

@@ -257,10 +257,14 @@ def mfac(
     pytree, an ``optax.multi_transform`` label that owns no parameter) get
     no window and zero updates.
 
-    A gradient holding NaN or infinity leaves the window unchanged and gives
-    a NaN direction; wrap the chain in ``optax.apply_if_finite`` to skip such
-    steps. So does a traced ``damp`` that is not finite and positive (a
-    concrete one is refused with a ``ValueError``).
+    A gradient holding NaN or infinity, or one the window refuses (see
+    docs/jax.rst, "Refused gradients"), leaves the window unchanged and gives
+    a NaN direction. To skip such steps, put ``optax.apply_if_finite`` after
+    this transformation, where it sees the direction:
+    ``optax.chain(mfac(...), optax.apply_if_finite(optax.sgd(lr), 5))``
+    (around the whole chain it sees only the incoming gradient, finite for a
+    refused one). So does a traced ``damp`` that is not finite and positive
+    (a concrete one is refused with a ``ValueError``).
 
     Examples
     --------
