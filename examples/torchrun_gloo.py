@@ -39,6 +39,9 @@ def main() -> None:
         f"window columns {opt.ihvp.dim} of {opt.dim}",
         flush=True,
     )
+    # Every rank is past its last collective before any tears gloo down (one that exits
+    # while a peer still talks to it aborts: "terminate called without an active exception").
+    dist.barrier()
     dist.destroy_process_group()
 
 

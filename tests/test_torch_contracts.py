@@ -473,14 +473,17 @@ def test_the_checkpointed_compiled_loop_of_the_docs_runs(capsys):
 
 def test_the_torchrun_gloo_example_of_the_docs_runs():
     pytest.importorskip("torch.distributed.run")
-    out = _run_example(
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        str(EXAMPLES / "torchrun_gloo.py"),
-    )
+    args = ("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2")
+    try:
+        out = _run_example(*args, str(EXAMPLES / "torchrun_gloo.py"))
+    except AssertionError as exc:
+        # About one launch in 15 on this 2-core machine, a rank aborts after its report,
+        # while torch tears gloo down at exit ("terminate called without an active
+        # exception"), even after a barrier. Only that failure gets one more launch; the
+        # reports of the second launch are checked as fully as the first.
+        if "terminate called without an active exception" not in str(exc):
+            raise
+        out = _run_example(*args, str(EXAMPLES / "torchrun_gloo.py"))
     # The two ranks write to one pipe: a line of one may land inside the other's, so the
     # reports are found by their pattern rather than by line.
     reports = dict(re.findall(r"rank (\d) of 2: (loss \S+ on .*? window columns \d+ of \d+)", out))
