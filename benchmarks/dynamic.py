@@ -44,6 +44,7 @@ from _common import (
 )
 
 from mfac_core import DynamicIHVP
+from mfac_core._dynamic_factor import edited
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -119,7 +120,7 @@ def mm_row(args: argparse.Namespace, m: int, rng: np.random.Generator) -> list[s
     b[slot] = g @ g
     P = ops["incremental"]._G @ rng.standard_normal((d, 1))
     # The operator's own m x m steps (internals, timed without the O(dm) passes).
-    cands = {name: (lambda _, op=op: op._edited(slot, b), None) for name, op in ops.items()}
+    cands = {name: (lambda _, op=op: edited(op, slot, b), None) for name, op in ops.items()}
     cands["solve"] = (lambda _: ops["incremental"]._factor.coefficients(P), None)
     t = interleaved(cands, max(args.repeat, 7))
     inc, ref = t["incremental"].best, t["refactor"].best
