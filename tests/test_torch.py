@@ -16,6 +16,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from _torch_models import batches, make_model, train  # noqa: E402
+
 from mfac_core import FactorizationError, IllConditionedWarning, pruning  # noqa: E402
 from mfac_core.torch import MFAC, MFACPruner, MFACStepWarning  # noqa: E402
 
@@ -36,26 +38,6 @@ def dense_step(
 
 def flat_params(params) -> np.ndarray:
     return np.concatenate([p.detach().numpy().reshape(-1) for p in params])
-
-
-def make_model(seed: int = 0, dtype=torch.float64) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).to(dtype)
-
-
-def batches(seed: int, n: int, dtype=torch.float64):
-    gen = torch.Generator().manual_seed(seed)
-    return [
-        (torch.randn(8, 5, generator=gen, dtype=dtype), torch.randint(0, 3, (8,), generator=gen))
-        for _ in range(n)
-    ]
-
-
-def train(model, opt, data):
-    for x, y in data:
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
 
 
 # -- the optimizer ------------------------------------------------------------------------
