@@ -15,6 +15,7 @@ import torch
 from ._compat import array_namespace
 from ._dynamic import DynamicIHVP
 from ._torch_distributed import check_dtensors, local, window_columns
+from ._torch_sparse import check_not_sharded, kept_index
 
 logger = logging.getLogger("mfac_core.torch")
 
@@ -25,7 +26,7 @@ PARAM_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 #: What layout() sets (restored when adding a parameter group fails).
 LAYOUT_ATTRS = (
     *("_first", "dtype", "device", "_sharded", "_slices"),
-    *("dim", "_grad", "_columns", "grad_dtype"),
+    *("dim", "_grad", "_columns", "grad_dtype", "_kept"),
 )
 
 
@@ -68,16 +69,20 @@ def layout(opt: Any) -> None:
     # a 2-byte window, as grad_dtype would make it), else the step's.
     own = dtypes.pop() if len(dtypes) == 1 else opt.dtype
     opt._sharded = check_dtensors(opt, flat)
+    check_not_sharded(opt)
+    # Masked parameters (sparse mode) give the flat vector their kept coordinates only.
+    opt._kept = {p: kept_index(p, mask) for p, mask in opt._masks.items()}
     opt._slices = []
     offset = 0
     for group in opt.param_groups:
         layout = []
         for p in group["params"]:
-            n = local(p).numel()
+            kept = opt._kept.get(p)
+            n = local(p).numel() if kept is None else kept.positions.numel()
             layout.append((p, offset, offset + n))
             offset += n
         opt._slices.append(layout)
-    # d counts every coordinate; sharded parameters hold ``offset`` of them here.
+    # d counts every (kept) coordinate; sharded parameters hold ``offset`` of them here.
     opt.dim = sum(p.numel() for p in flat) if opt._sharded else offset
     # The flat gradient (this rank's shards of it, sharded), reused by every step.
     opt._grad = torch.zeros(offset, dtype=opt.dtype, device=opt.device)
@@ -102,9 +107,10 @@ def log_window(opt: Any, damp: float) -> None:
     window = m * d * itemsize(opt.grad_dtype)
     # The Gram matrix and the two factor buffers the core keeps once the window is full.
     small = 3 * m * m * 8
+    total = sum(local(p).numel() for group in opt.param_groups for p in group["params"])
     logger.info(
         "MFAC allocates a window of num_grads=%d x dim=%d %s on %s (damp=%g): "
-        "%d bytes (%s), plus %d bytes (%s) of float64 m x m matrices",
+        "%d bytes (%s), plus %d bytes (%s) of float64 m x m matrices%s",
         m,
         d,
         str(opt.grad_dtype).removeprefix("torch."),
@@ -114,6 +120,7 @@ def log_window(opt: Any, damp: float) -> None:
         format_bytes(window),
         small,
         format_bytes(small),
+        f"; masks keep {opt._grad.shape[0]} of {total} coordinates" if opt._masks else "",
     )
 
 

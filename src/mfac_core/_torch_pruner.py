@@ -199,6 +199,36 @@ class MFACPruner:
             offset += n
         self.apply_masks()
 
+    def param_masks(self) -> dict[torch.Tensor, torch.Tensor]:
+        """The masks keyed by the pruned weights, as ``MFAC(masks=...)`` takes them.
+
+        An :class:`~mfac_core.torch.MFAC` optimizer built with them fine-tunes
+        the kept weights only: its window holds their coordinates (and those
+        of the parameters without a mask, such as biases), so its memory and
+        step time scale with the density, and the pruned weights stay zero.
+
+        Returns
+        -------
+        dict of torch.Tensor to torch.Tensor
+            Each chosen weight (the model's parameter itself) to a copy of
+            its boolean mask, ``True`` where it is kept.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from mfac_core.torch import MFAC, MFACPruner
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(),
+        ...                             torch.nn.Linear(16, 2))
+        >>> data = [(torch.randn(4, 8), torch.randint(0, 2, (4,))) for _ in range(8)]
+        >>> pruner = MFACPruner(model, num_grads=8, block_size=32, damp=1e-3)
+        >>> pruner.prune(data, torch.nn.functional.cross_entropy, sparsity=0.5)
+        >>> opt = MFAC(model.parameters(), lr=1e-3, num_grads=8, masks=pruner.param_masks())
+        >>> opt.dim  # 80 kept weights of 160, and the 18 biases
+        98
+        """
+        return {self.weights[name]: mask.clone() for name, mask in self.masks.items()}
+
     def sparsity(self) -> float:
         """The fraction of the chosen weights that is pruned.
 

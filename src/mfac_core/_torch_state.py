@@ -17,6 +17,7 @@ import torch
 from ._compat import array_namespace
 from ._sharding import reduce_checked
 from ._torch_layout import layout, new_window
+from ._torch_sparse import check_saved_mask, flat_mask
 from ._validation import check_damp, check_number
 
 #: The options of a parameter group.
@@ -95,6 +96,8 @@ def saved_entry(opt: Any) -> dict[str, Any]:
         "momentum_buffer": entry["momentum_buffer"].clone(),
         **{key: int(entry[key]) for key in ENTRY_KEYS[1:]},
     }
+    if opt._masks:  # sparse mode: which coordinates the window and momentum hold
+        saved["mask"] = flat_mask(opt)
     if opt._comm is not None:
         # Under a key naming the rank and the world size: torch.distributed.checkpoint
         # keeps one copy of a key that every rank saves, and this shard is the rank's own.
@@ -173,9 +176,10 @@ def check_state(
     missing = [k for k in ("window", "momentum_buffer", "steps") if k not in extra]
     if missing:
         raise ValueError(f"the MFAC state has no {missing}")
-    unknown = sorted(set(extra) - {*ENTRY_KEYS, "window", "shards"}, key=str)
+    unknown = sorted(set(extra) - {*ENTRY_KEYS, "window", "shards", "mask"}, key=str)
     if unknown:
         raise ValueError(f"the MFAC state has unknown keys {unknown}")
+    check_saved_mask(opt, extra.get("mask"))
     counts = {}
     for key in ENTRY_KEYS[1:]:
         value = extra.get(key, 0)  # the counters are absent from older checkpoints

@@ -150,6 +150,12 @@ def gather(opt: Any) -> torch.Tensor:
                 continue
             if p.grad.is_sparse:
                 raise RuntimeError("MFAC does not support sparse gradients")
+            kept = opt._kept.get(p)
+            if kept is not None:  # a masked parameter: its kept entries only
+                kept.read(p.grad, seg)
+                if wd:
+                    seg.add_(kept.flat(p.detach()).index_select(0, kept.positions), alpha=wd)
+                continue
             seg.copy_(local(p.grad).reshape(-1))
             if wd:
                 seg.add_(local(p.detach()).reshape(-1), alpha=wd)
@@ -192,8 +198,13 @@ def apply(opt: Any, s: torch.Tensor) -> None:
                     # through F^{-1}; a parameter without a gradient only decays.
                     continue
                 d_p = buf.add_(d_p)
-            if p.grad is not None:
+            if p.grad is None:
+                continue
+            kept = opt._kept.get(p)
+            if kept is None:
                 move(local(p), d_p, lr)
+            else:
+                move_kept(p.detach(), kept, d_p, lr)
 
 
 # -- checkpoints ----------------------------------------------------------------------
@@ -209,3 +220,14 @@ def move(local: torch.Tensor, d_p: torch.Tensor, lr: Any) -> None:
         wide.add_(step, alpha=-lr)
     if wide is not local:
         local.copy_(wide)
+
+
+def move_kept(p: torch.Tensor, kept: Any, d_p: torch.Tensor, lr: Any) -> None:
+    """:func:`move` of a masked parameter's kept entries; the pruned ones are not touched."""
+    flat = p.permute(kept.order).view(-1)  # a view: checked dense at construction
+    if flat.dtype == d_p.dtype and not isinstance(lr, torch.Tensor):
+        flat.index_add_(0, kept.positions, d_p, alpha=-lr)  # one pass, as move()'s add_
+        return
+    values = flat.index_select(0, kept.positions)
+    move(values, d_p, lr)
+    flat.index_copy_(0, kept.positions, values)

@@ -32,6 +32,7 @@ import torch
 from ._errors import user_stacklevel
 from ._torch_layout import grow, layout, new_window
 from ._torch_pruner import MFACPruner
+from ._torch_sparse import check_masks, masks_from_list, masks_list
 from ._torch_state import (
     GLOBAL_KEYS,
     check_group,
@@ -159,13 +160,25 @@ class MFAC(torch.optim.Optimizer):
         need no ``comm``: the optimizer uses their device mesh's group. See
         "Distributed training" in the documentation and Notes. Not with a
         2-byte ``grad_dtype``.
+    masks : dict of torch.Tensor to torch.Tensor, optional
+        Sparse mode: a boolean mask (``True`` = kept) of the shape and device
+        of each masked parameter, keyed by the parameter itself, e.g.
+        :meth:`MFACPruner.param_masks` after pruning. The flat vector, and so
+        the window, the momentum and every pass of a step, hold only the kept
+        coordinates (parameters without a mask keep all theirs): the window
+        is ``m * kept`` values, and a step's cost is linear in the density.
+        The gradient's entries at the other coordinates never enter the
+        window, and those entries of the parameters are never changed (zero
+        after pruning stays zero). The masks are copied; parameters of
+        :meth:`add_param_group` have none. Not for DTensor parameters.
 
     Attributes
     ----------
     ihvp : DynamicIHVP
         The window and its factorisation (distributed: this rank's columns).
     dim : int
-        The number of coordinates d (over all ranks).
+        The number of coordinates d of the flat vector (over all ranks): with
+        ``masks``, the kept ones.
     num_grads, damp : int, float
         The window's size m and damping (read-only; see
         :meth:`load_state_dict` to change the damping).
@@ -189,10 +202,13 @@ class MFAC(torch.optim.Optimizer):
     Raises
     ------
     ValueError
-        For parameters on different devices, no parameters, or
-        out-of-range hyper-parameters.
+        For parameters on different devices, no parameters,
+        out-of-range hyper-parameters, or masks of the wrong shape or
+        device, for a tensor that is not a parameter, or keeping no
+        coordinate at all.
     TypeError
-        For parameters of another dtype than the four above.
+        For parameters of another dtype than the four above, or masks that
+        are not boolean tensors (or keyed by name).
 
     Warns
     -----
@@ -212,6 +228,18 @@ class MFAC(torch.optim.Optimizer):
     the window, the momentum and the step are computed without recording
     history even if the gradients require grad (e.g. after
     ``backward(create_graph=True)``).
+
+    With ``masks`` (sparse fine-tuning, paper Section 4.2), a step gathers
+    the kept entries of each masked gradient into the flat gradient of
+    ``dim`` coordinates and adds the step to the kept entries of the
+    parameter, in place; the rest of the step is the dense algorithm on
+    those coordinates: the optimizer equals a dense :class:`MFAC` over a
+    model made of just the kept coordinates. Besides the window it keeps a
+    copy of each mask (one byte per coordinate) and the kept positions
+    (eight bytes per kept coordinate). A NaN or infinity in a gradient at a
+    pruned coordinate is ignored, as is that gradient entry itself.
+    :meth:`MFACPruner.attach` is not needed: the pruned entries are not
+    moved.
 
     A training run does not die of a bad gradient, as with AMP's
     ``GradScaler``:
@@ -315,6 +343,7 @@ class MFAC(torch.optim.Optimizer):
         errors: str = "skip",
         grad_dtype: torch.dtype | None = None,
         comm: Communicator | None = None,
+        masks: Mapping[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
         lr = check_lr(lr, "lr")
         momentum = check_number(momentum, "momentum", low=0.0, high=1.0, high_open=True)
@@ -335,6 +364,7 @@ class MFAC(torch.optim.Optimizer):
             grad_dtype=grad_dtype,
         )
         self._comm: Communicator | None = None if comm is None else check_communicator(comm)
+        self._masks = check_masks(masks, self.param_groups)
         layout(self)
         self.ihvp = new_window(self, damp)
         # The optimizer's state lives on its first parameter, as torch.optim.LBFGS keeps
@@ -493,7 +523,10 @@ class MFAC(torch.optim.Optimizer):
             (``"window"``, :meth:`DynamicIHVP.state_dict`), the momentum
             buffer of the flat vector (``"momentum_buffer"``), the step count
             (``"steps"``) and the counters ``"skipped_steps"`` and
-            ``"rejected_grads"``. State-dict hooks see this entry.
+            ``"rejected_grads"``; with ``masks``, also ``"mask"``, every
+            parameter's mask flat in parameter order (a boolean tensor of all
+            their coordinates, ``True`` where kept), which a load checks.
+            State-dict hooks see this entry.
         """
         live = self._entry
         # The window exists in state_dict() only: kept in self.state it would double
@@ -544,7 +577,8 @@ class MFAC(torch.optim.Optimizer):
         ValueError
             If the state is not an MFAC state of matching sizes, or a value
             in it is missing, of the wrong type, out of range or cannot be
-            copied.
+            copied, or it was saved with other ``masks`` than the
+            optimizer's (no masks counting as all kept).
         FactorizationError
             If the window cannot be factorised with the new ``damp``.
         """
@@ -557,6 +591,8 @@ class MFAC(torch.optim.Optimizer):
         check_picklable(self)
         state = super().__getstate__()
         state["_mfac"] = {"window": self.ihvp.state_dict()}
+        if self._masks:
+            state["_mfac"]["masks"] = masks_list(self)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -569,6 +605,7 @@ class MFAC(torch.optim.Optimizer):
             # torch adds this for pickles of its own old optimizers; MFAC has no
             # differentiable mode, and keeping defaults as built makes copies equal.
             self.defaults.pop("differentiable", None)
+        masks_from_list(self, None if extra is None else extra.get("masks"))
         if extra is None:
             return
         with torch.no_grad():

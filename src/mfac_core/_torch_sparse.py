@@ -1,0 +1,164 @@
+"""MFAC's sparse mode: parameters' masks, and the kept coordinates the window holds.
+
+With ``MFAC(..., masks={param: mask})`` a masked parameter contributes only its kept
+coordinates to the flat vector: its gradient entries are gathered into the compact
+flat gradient, and the step is scattered back to them, so the window, the momentum
+and every per-step pass scale with the number of kept coordinates. Functions of the
+optimizer (``opt``, an :class:`mfac_core.torch.MFAC`); nothing here is public.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import torch
+
+
+class Kept(NamedTuple):
+    """Where a masked parameter's kept coordinates are.
+
+    ``order`` lists the parameter's dimensions from the largest stride to the smallest,
+    so that ``t.permute(order)`` of a dense tensor (channels-last included) is
+    contiguous and its flat view is the memory itself; ``positions`` holds the kept
+    coordinates' places in that flat view (int64, on the parameter's device).
+    """
+
+    order: tuple[int, ...]
+    positions: torch.Tensor
+
+    def flat(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` flat in the parameter's memory order (a view where ``t`` is laid out alike)."""
+        return t.permute(self.order).reshape(-1)
+
+    def read(self, t: torch.Tensor, out: torch.Tensor) -> None:
+        """Write the kept entries of ``t`` (a gradient or the parameter) into ``out``."""
+        flat = self.flat(t)
+        if flat.dtype == out.dtype:
+            torch.index_select(flat, 0, self.positions, out=out)
+        else:
+            out.copy_(flat.index_select(0, self.positions))
+
+
+def memory_order(t: torch.Tensor) -> tuple[int, ...]:
+    strides = t.stride()
+    return tuple(sorted(range(t.dim()), key=lambda i: -strides[i]))
+
+
+def kept_index(p: torch.Tensor, mask: torch.Tensor) -> Kept:
+    """The :class:`Kept` of a parameter and its (checked) mask."""
+    order = memory_order(p)
+    flat = mask.permute(order).reshape(-1)
+    return Kept(order, flat.nonzero().reshape(-1))
+
+
+def check_masks(masks: Any, groups: list[dict[str, Any]]) -> dict[torch.Tensor, torch.Tensor]:
+    """``MFAC(masks=...)``: checked copies of the masks, by parameter (empty for none)."""
+    if masks is None:
+        return {}
+    if not isinstance(masks, Mapping):
+        raise TypeError(
+            "masks must be a dict mapping parameters to bool tensors of their shapes "
+            f"(True = kept), got {type(masks).__name__}"
+        )
+    where = {id(p): (j, i) for j, g in enumerate(groups) for i, p in enumerate(g["params"])}
+    out: dict[torch.Tensor, torch.Tensor] = {}
+    for p, mask in masks.items():
+        if isinstance(p, str):
+            raise TypeError(
+                f"masks must be keyed by the parameter tensors, got the name {p!r}; "
+                "MFACPruner.masks is keyed by module name: pass pruner.param_masks()"
+            )
+        if not isinstance(p, torch.Tensor) or id(p) not in where:
+            what = f"shape {tuple(p.shape)}" if isinstance(p, torch.Tensor) else type(p).__name__
+            raise ValueError(f"masks has a key that is not a parameter of this optimizer ({what})")
+        j, i = where[id(p)]
+        name = f"the mask of parameter {i} of group {j} (shape {tuple(p.shape)})"
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise TypeError(f"{name} must be a bool tensor (True = kept), got {got}")
+        if mask.shape != p.shape:
+            raise ValueError(f"{name} has shape {tuple(mask.shape)}; it must be the parameter's")
+        if mask.device != p.device:
+            raise ValueError(
+                f"{name} is on {mask.device}; it must be on the parameter's {p.device}"
+            )
+        if not p.permute(memory_order(p)).is_contiguous():
+            raise ValueError(
+                f"parameter {i} of group {j} is not dense in memory (strides "
+                f"{p.stride()}): a masked parameter's kept entries are written in place "
+                "through a flat view; make it contiguous"
+            )
+        out[p] = mask.detach().clone()
+    dense = sum(p.numel() for g in groups for p in g["params"] if p not in out)
+    if out and dense + sum(int(mask.sum()) for mask in out.values()) == 0:
+        raise ValueError("masks keep no coordinate of any parameter: nothing to optimise")
+    return out
+
+
+def flat_mask(opt: Any) -> torch.Tensor:
+    """Every parameter's mask (all ``True`` for an unmasked one), flat, in parameter order."""
+    parts = []
+    for group in opt.param_groups:
+        for p in group["params"]:
+            mask = opt._masks.get(p)
+            parts.append(
+                torch.ones(p.numel(), dtype=torch.bool, device=p.device)
+                if mask is None
+                else mask.reshape(-1)
+            )
+    return torch.cat(parts)
+
+
+def check_saved_mask(opt: Any, saved: Any) -> None:
+    """Refuse a state whose ``"mask"`` (absent: all kept) is not this optimizer's masks."""
+    n = sum(p.numel() for group in opt.param_groups for p in group["params"])
+    if saved is not None and (
+        not isinstance(saved, torch.Tensor) or saved.dtype != torch.bool or saved.shape != (n,)
+    ):
+        got = (
+            f"{saved.dtype} of shape {tuple(saved.shape)}"
+            if isinstance(saved, torch.Tensor)
+            else type(saved).__name__
+        )
+        raise ValueError(
+            f"the MFAC state's 'mask' must be a bool tensor of shape ({n},), got {got}"
+        )
+    if saved is None and not opt._masks:
+        return
+    mine = flat_mask(opt)
+    theirs = torch.ones_like(mine) if saved is None else saved.to(mine.device)
+    if torch.equal(theirs, mine):
+        return
+    differ = int((theirs != mine).sum())
+    raise ValueError(
+        f"the MFAC state was saved with {described(saved is not None, theirs)}, this "
+        f"optimizer has {described(bool(opt._masks), mine)}; they differ at {differ} "
+        "coordinates: load it into an optimizer built with the same masks"
+    )
+
+
+def described(masked: bool, mask: torch.Tensor) -> str:
+    kept = f"{int(mask.sum())} of {mask.numel()} coordinates"
+    return f"masks keeping {kept}" if masked else f"no masks (all {mask.numel()} kept)"
+
+
+def masks_list(opt: Any) -> list[torch.Tensor | None]:
+    """The masks in parameter order (``None``: unmasked), for pickling."""
+    return [opt._masks.get(p) for group in opt.param_groups for p in group["params"]]
+
+
+def masks_from_list(opt: Any, masks: list[torch.Tensor | None] | None) -> None:
+    """Set ``opt._masks`` from :func:`masks_list` (of a pickle) before the layout."""
+    flat = [p for group in opt.param_groups for p in group["params"]]
+    opt._masks = {
+        p: m for p, m in zip(flat, masks or [None] * len(flat), strict=True) if m is not None
+    }
+
+
+def check_not_sharded(opt: Any) -> None:
+    if opt._masks and opt._sharded:
+        raise ValueError(
+            "masks= is not available for DTensor (FSDP) parameters: each rank would need "
+            "the masks of its shards; use replicated parameters with comm= (DDP)"
+        )
