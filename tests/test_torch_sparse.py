@@ -151,14 +151,28 @@ def test_state_dict_round_trip_continues_bit_for_bit():
     resumed.load_state_dict(saved["opt"])
     (A3, b3, C3), copied = copy.deepcopy(([A, b, C], opt))
     (A4, b4, C4), pickled = pickle.loads(pickle.dumps(([A, b, C], opt)))
+    # Through torch.distributed.checkpoint's helpers, keyed by the parameters' names.
+    from torch.distributed.checkpoint.state_dict import (
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    holder = nn.ParameterList([A, b, C])
+    A5, b5, C5, _ = _params(seed=4)
+    holder5 = nn.ParameterList([A5, b5, C5])
+    holder5.load_state_dict(holder.state_dict())
+    same5 = {A5: masks[A], C5: masks[C]}
+    dcp = MFAC([A5, b5, C5], lr=0.05, num_grads=M, damp=1e-2, momentum=0.5, masks=same5)
+    set_optimizer_state_dict(holder5, dcp, get_optimizer_state_dict(holder, opt))
     for run in (
         (opt, [A, b, C]),
         (resumed, [A2, b2, C2]),
         (copied, [A3, b3, C3]),
         (pickled, [A4, b4, C4]),
+        (dcp, [A5, b5, C5]),
     ):
         _run(*run, grads[4:])
-    for other in ([A2, b2, C2], [A3, b3, C3], [A4, b4, C4]):
+    for other in ([A2, b2, C2], [A3, b3, C3], [A4, b4, C4], [A5, b5, C5]):
         for p, q in zip((A, b, C), other, strict=True):
             assert torch.equal(p, q)
     assert copied.dim == pickled.dim == opt.dim and copied.steps == 8
@@ -299,3 +313,16 @@ def test_pruner_then_sparse_fine_tuning_keeps_the_pruned_weights_zero():
     for name, mask in pruner.masks.items():
         weight = dict(model.named_modules())[name].weight
         assert bool((weight[~mask] == 0).all()) and bool((weight[mask] != 0).all())
+
+
+def test_the_sparse_fine_tuning_example_of_the_docs_runs(capsys):
+    import runpy
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "examples" / "torch_sparse_finetune.py"
+    if not script.is_file():
+        pytest.skip("examples/ is not beside the tests")
+    runpy.run_path(str(script))["main"]()
+    out = capsys.readouterr().out
+    assert "sparsity 90%" in out
+    assert "coordinates, 12% of dense); pruned weights still zero: True" in out
