@@ -824,3 +824,38 @@ def test_without_cupy_torch_cuda_tensors_fall_back_and_say_so_once(monkeypatch, 
     assert _engine._cuda_passes_state == {"passes": None}
     np.testing.assert_allclose(y.numpy(), want.numpy(), rtol=4 * np.finfo(np.float32).eps, atol=0)
     assert torch.equal(y, z)
+
+
+@pytest.mark.parametrize("check", [True, False], ids=["checked", "unchecked"])
+def test_torch_cuda_route_budget(torch_cuda, check: bool) -> None:
+    """A StaticIHVP product on the CUDA route (tests/test_gpu_budgets.py counts the route
+    without CuPy): PyTorch operations, syncs and pass-kernel launches independent of d, no
+    host-made tensor, and fewer operations than the float64 pieces need (here 7 or 2 against
+    20 or 15, with and without the NaN check). Not counted: CuPy's own small launches around
+    the kernels (the coefficients ``-alpha A^T``, alpha's fill, copies of (k, m) arrays)."""
+    from _counting import counting
+
+    from mfac_core import StaticIHVP, _engine
+
+    torch, _, passes, launched = torch_cuda
+
+    def counts(d: int) -> list[tuple[dict, list]]:
+        gen = torch.Generator().manual_seed(d)
+        op = StaticIHVP(torch.randn(16, d, generator=gen) / d**0.5, damp=1e-2, check_finite=check)
+        x = torch.randn(d, generator=gen)
+        out = []
+        for options in ({"cuda_passes": passes}, {}):
+            with _engine.simulate_device(**options):
+                op @ x  # warm-up: lazily made state is set-up, not the product
+                launched.clear()
+                with counting() as c:
+                    y = op @ x
+            assert y.shape == (d,) and bool(torch.isfinite(y).all())
+            out.append((c.summary(), [name for name, *_ in launched]))
+        return out
+
+    ((small, k_small), _), ((large, k_large), (pieces, _)) = counts(256), counts(2048)
+    assert small["syncs"] == large["syncs"] == (1 if check else 0), (small, large)
+    assert small["host_tensors"] == large["host_tensors"] == 0, (small, large)
+    assert small["ops"] == large["ops"] < pieces["ops"], (small, large, pieces)
+    assert k_small == k_large and 2 <= len(k_small) <= 3, (k_small, k_large)
