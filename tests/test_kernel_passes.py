@@ -783,18 +783,21 @@ def test_torch_tensors_the_kernels_cannot_take_keep_the_float64_pieces(torch_cud
         routed = _engine.project(xp, G, X)
         assert passes.calls
         passes.calls.clear()
-        # Autograd, float64 storage, a strided G, and X in a 2-byte dtype: the library's own
+        # Autograd, float64 storage, a strided G, views with the negative bit (which DLPack
+        # would export without their sign), and X in a 2-byte dtype: the library's own
         # products, the same sums in float64.
         Xg = X.clone().requires_grad_(True)
         unrouted = [
             _engine.project(xp, G, Xg),
             _engine.project(xp, G.double(), X),
             _engine.project(xp, G.T.contiguous().T, X),
+            -_engine.project(xp, torch._neg_view(G), X),
+            -_engine.project(xp, G, torch._neg_view(X)),
             _engine.project(xp, G, X.half()),
         ]
         assert not _engine.uses_kernels(xp, G.double())
     assert passes.calls == []
-    for P in unrouted[:3]:
+    for P in unrouted[:5]:
         np.testing.assert_allclose(P.detach().numpy(), routed.numpy(), rtol=1e-15, atol=0)
     assert routed.dtype == torch.float64 and unrouted[0].requires_grad
 

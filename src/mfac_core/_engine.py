@@ -311,7 +311,8 @@ def _torch_device_route(G: Array, arrays: tuple[Array, ...]) -> _Route | None:
     G of float32, float16 or bfloat16 storage (CuPy has no bfloat16: its 16 bits go as
     uint16, ``storage="bfloat16"``), C-contiguous; the other operands float32 or
     float64, on G's device. Tensors that require grad keep the library's own
-    (differentiable) route; so do tensors without plain storage, which DLPack refuses.
+    (differentiable) route; so do tensors without plain storage, which DLPack refuses,
+    and views with the negative bit, which it would export without their sign.
     The passes run on the tensors' device and on PyTorch's current stream, made CuPy's
     current one (``cupy.cuda.ExternalStream``): DLPack's exchange within one stream
     waits for nothing, and the launches queue behind the work that made the operands.
@@ -320,12 +321,16 @@ def _torch_device_route(G: Array, arrays: tuple[Array, ...]) -> _Route | None:
     import torch
 
     storages = {torch.float32: None, torch.float16: None, torch.bfloat16: "bfloat16"}
+    if not all(isinstance(A, torch.Tensor) for A in (G, *arrays)):
+        return None
     if not _on_cuda(G) or G.dtype not in storages or not G.is_contiguous():
         return None
     if any(A.dtype not in (torch.float32, torch.float64) for A in arrays):
         return None
     if any(A.requires_grad or A.device != G.device for A in (G, *arrays)):
         return None
+    if any(A.is_neg() for A in (G, *arrays)):
+        return None  # DLPack exports the stored values without the negative bit's sign
     if _simulated[0] and _simulated_passes[0] is None:
         return None  # a test of the route without CuPy
     stream = torch.cuda.current_stream(G.device).cuda_stream
@@ -348,7 +353,7 @@ def _torch_device_route(G: Array, arrays: tuple[Array, ...]) -> _Route | None:
                 Gc = cupy.from_dlpack(G.view(torch.int16)).view(cupy.uint16)
             views = [cupy.from_dlpack(A) for A in arrays]
     except (BufferError, RuntimeError, TypeError, ValueError):
-        return None  # no plain storage (torch.func's wrappers, views with the neg bit)
+        return None  # no plain storage (torch.func's wrappers)
     return _Route(
         cupy, passes, Gc, storage, views, scope=lambda: scope(cupy), back=torch.from_dlpack
     )
