@@ -16,6 +16,9 @@ nvcc and ptxas (sm_80, sm_90, no spills) are covered by ``test_kernels.py``, whi
 
 from __future__ import annotations
 
+import contextlib
+import sys
+import types
 from pathlib import Path
 
 import _build_cache
@@ -591,3 +594,271 @@ def test_the_engine_through_the_cuda_passes(host, rng, monkeypatch, storage, blo
     for a, b in zip(got, want, strict=True):
         assert a.dtype == b.dtype == np.float32
         np.testing.assert_allclose(a, b, rtol=4 * np.finfo(np.float32).eps, atol=0)
+
+
+# -- PyTorch CUDA tensors through these kernels (zero-copy DLPack, PyTorch's stream) -------------
+#
+# No GPU and no CuPy here. The engine's route for PyTorch CUDA tensors is run on CPU tensors
+# (``_engine.simulate_device``) with a stand-in ``cupy`` module over NumPy: ``from_dlpack`` is
+# NumPy's (zero-copy for CPU tensors, as CuPy's is for CUDA ones) and records the current stream
+# at each exchange; ``cuda.Device`` and ``cuda.ExternalStream`` keep the current device and
+# stream the way CuPy's context managers do; the passes are this harness's, which records the
+# current stream at every kernel launch. ``torch.cuda.current_stream`` is replaced by a stream
+# with a recognisable pointer. What this proves: the route is taken for float32, float16 and
+# bfloat16 storage, G reaches the kernels in place (the same address, bfloat16 as its uint16
+# bits), every exchange and launch happens on PyTorch's stream, and the results are those of
+# the kernels (float64 sums, one rounding). What it cannot prove: that CuPy's and PyTorch's
+# DLPack and stream objects behave as the stand-ins do (their documented behaviour).
+
+#: The pointer of the stand-in for PyTorch's current stream.
+TORCH_STREAM = 0x5EED
+
+
+class _StandInCupy:
+    """The stand-in ``cupy`` module and what it saw (see above)."""
+
+    def __init__(self) -> None:
+        self.device: list[object] = ["cupy's"]
+        self.stream: list[int] = [0]  # CuPy's own current stream until PyTorch's is entered
+        self.exchanges: list[tuple[int, int, int]] = []  # (tensor, array address, stream)
+        module = types.ModuleType("cupy")
+        for name in ("float32", "float64", "uint16", "ascontiguousarray", "transpose", "reshape",
+                     "full"):  # fmt: skip
+            setattr(module, name, getattr(np, name))
+        module.ndarray = type("ndarray", (), {})  # no array here is a cupy.ndarray
+        module.from_dlpack = self._from_dlpack
+        cuda = types.ModuleType("cupy.cuda")
+        cuda.Device = lambda index: self._current(self.device, index)
+        cuda.ExternalStream = lambda ptr: self._current(self.stream, ptr)
+        module.cuda = cuda
+        self.module, self.cuda = module, cuda
+
+    @contextlib.contextmanager
+    def _current(self, stack: list, value: object):
+        stack.append(value)
+        try:
+            yield
+        finally:
+            stack.pop()
+
+    def _from_dlpack(self, tensor) -> np.ndarray:
+        array = np.from_dlpack(tensor)
+        self.exchanges.append((tensor.data_ptr(), array.ctypes.data, self.stream[-1]))
+        return array
+
+
+class _RecordingPasses:
+    """The harness's passes, recording what each call was given."""
+
+    def __init__(self, host) -> None:
+        self.host = host
+        self.calls: list[tuple[str, int, str, str | None]] = []  # (pass, G's address, dtype, st)
+
+    def __getattr__(self, name: str):
+        function = getattr(self.host, name)
+
+        def call(G, *args, **kwargs):
+            self.calls.append((name, G.ctypes.data, G.dtype.name, kwargs.get("storage")))
+            return function(G, *args, **kwargs)
+
+        return call
+
+
+@pytest.fixture
+def torch_cuda(host, monkeypatch):
+    """(torch, the stand-in CuPy, the recording passes, the streams of the kernel launches)."""
+    torch = pytest.importorskip("torch")
+    cupy = _StandInCupy()
+    monkeypatch.setitem(sys.modules, "cupy", cupy.module)
+    monkeypatch.setitem(sys.modules, "cupy.cuda", cupy.cuda)
+    monkeypatch.setattr(
+        torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(
+            cuda_stream=TORCH_STREAM)
+    )  # fmt: skip
+    launched: list[tuple[str, object, int]] = []
+    call = host.call
+
+    def recorded_call(name, grid, args):
+        launched.append((name, cupy.device[-1], cupy.stream[-1]))
+        return call(name, grid, args)
+
+    monkeypatch.setattr(host, "call", recorded_call)
+    return torch, cupy, _RecordingPasses(host), launched
+
+
+@pytest.mark.parametrize("storage", ["float32", "float16", "bfloat16"])
+def test_torch_cuda_tensors_take_the_cuda_passes_in_place_on_torchs_stream(
+    torch_cuda, rng, storage: str
+) -> None:
+    from mfac_core import SpectralIHVP, StaticIHVP, _engine
+    from mfac_core.testing import extended_precision_inverse
+
+    torch, cupy, passes, launched = torch_cuda
+    m, d = 12, 500
+    values = rng.standard_normal(d) + rng.standard_normal((m, d))  # a shared direction
+    G = torch.from_numpy(values).to(getattr(torch, storage))
+    Gv = G.double().numpy()  # the stored values, exactly
+    damp = float(np.linalg.norm(Gv, 2) ** 2 / (m * 1e3))
+    x = torch.from_numpy(Gv.mean(axis=0)).float()  # near the gradients' span
+    X = torch.from_numpy(rng.standard_normal((d, 3))).float()
+    damps = [damp, 4.0 * damp]
+    with _engine.simulate_device(cuda_passes=passes):
+        assert _engine.uses_kernels(torch, G)
+        static = StaticIHVP(G, damp=damp)
+        got = [static @ x, static @ X, StaticIHVP(G, damp=damp, block_size=200) @ x]
+        got += list(SpectralIHVP(G, damp=damp).sweep(x, damps=damps))
+    # Every pass ran in the kernels, on G itself: the tensor's memory, bfloat16 as its bits.
+    names = {name for name, *_ in passes.calls}
+    assert names == {"project64", "combine64", "project64_blocks", "combine64_blocks"}, names
+    bits = ("uint16", "bfloat16") if storage == "bfloat16" else (storage, None)
+    assert {(address, dtype, st) for _, address, dtype, st in passes.calls} == {
+        (G.data_ptr(), *bits)
+    }
+    # Every DLPack exchange was zero-copy and on PyTorch's stream; so was every launch.
+    assert cupy.exchanges and all(t == a for t, a, _ in cupy.exchanges)
+    assert {stream for *_, stream in cupy.exchanges} == {TORCH_STREAM}
+    assert launched and {(device, stream) for _, device, stream in launched} == {
+        (G.device.index, TORCH_STREAM)
+    }
+    assert (cupy.device, cupy.stream) == (["cupy's"], [0])  # CuPy's own restored after each
+    # The float64 inverse of the stored gradients, within 8 eps(float32) relative.
+    x64, X64 = x.double().numpy(), X.double().numpy()
+
+    def solve(lam: float, b: np.ndarray, block_size: int = d) -> np.ndarray:
+        """``F^{-1} b`` in extended precision, block by block."""
+        return np.concatenate([
+            extended_precision_inverse(Gv[:, c : c + block_size], lam, b[c : c + block_size])
+            for c in range(0, d, block_size)
+        ])  # fmt: skip
+
+    want = [solve(damp, x64), np.column_stack([solve(damp, X64[:, j]) for j in range(3)])]
+    want += [solve(damp, x64, 200)] + [solve(lam, x64) for lam in damps]
+    for y, ref in zip(got, want, strict=True):
+        assert isinstance(y, torch.Tensor) and y.dtype == torch.float32
+        err = np.linalg.norm(y.double().numpy() - ref)
+        assert err <= 8 * np.finfo(np.float32).eps * np.linalg.norm(ref), (storage, err)
+
+
+@pytest.mark.parametrize("storage", ["float32", "bfloat16"])
+def test_the_torch_window_steps_through_the_cuda_passes(torch_cuda, rng, storage: str) -> None:
+    """DynamicIHVP's steps and products (its Gram rows, ``project_rows``) on the CUDA route: the
+    results of the route without CuPy (float64 pieces) to the rounding of the result."""
+    from mfac_core import DynamicIHVP, _engine
+
+    torch, cupy, passes, launched = torch_cuda
+    m, d = 6, 300
+    dtype = getattr(torch, storage)
+    G = torch.from_numpy(rng.standard_normal(d) + rng.standard_normal((m, d))).to(dtype)
+    grads = torch.from_numpy(rng.standard_normal((3, d))).float()
+
+    def run(**options) -> list:
+        with _engine.simulate_device(**options):
+            op = DynamicIHVP.from_window(G, damp=0.1)
+            out = [op.update_and_matvec(g) for g in grads]
+            return [*out, op @ grads[0]]
+
+    want = run()
+    assert passes.calls == []
+    got = run(cuda_passes=passes)
+    assert {name for name, *_ in passes.calls} >= {"project64", "combine64"}
+    assert {dtype for _, _, dtype, _ in passes.calls} == {
+        "uint16" if storage == "bfloat16" else storage
+    }
+    assert {stream for *_, stream in launched} == {TORCH_STREAM}
+    assert all(t == a for t, a, _ in cupy.exchanges)
+    for y, z in zip(got, want, strict=True):
+        assert y.dtype == z.dtype == torch.float32
+        np.testing.assert_allclose(y.numpy(), z.numpy(), rtol=4 * np.finfo(np.float32).eps, atol=0)
+
+
+def test_torch_tensors_the_kernels_cannot_take_keep_the_float64_pieces(torch_cuda, rng) -> None:
+    from mfac_core import _engine
+    from mfac_core._compat import array_namespace
+
+    torch, _, passes, _ = torch_cuda
+    G = torch.from_numpy(rng.standard_normal((5, 40))).float()
+    X = torch.from_numpy(rng.standard_normal((40, 2))).float()
+    xp = array_namespace(G)
+    with _engine.simulate_device(cuda_passes=passes):
+        routed = _engine.project(xp, G, X)
+        assert passes.calls
+        passes.calls.clear()
+        # Autograd, float64 storage, a strided G, views with the negative bit (which DLPack
+        # would export without their sign), and X in a 2-byte dtype: the library's own
+        # products, the same sums in float64.
+        Xg = X.clone().requires_grad_(True)
+        unrouted = [
+            _engine.project(xp, G, Xg),
+            _engine.project(xp, G.double(), X),
+            _engine.project(xp, G.T.contiguous().T, X),
+            -_engine.project(xp, torch._neg_view(G), X),
+            -_engine.project(xp, G, torch._neg_view(X)),
+            _engine.project(xp, G, X.half()),
+        ]
+        assert not _engine.uses_kernels(xp, G.double())
+    assert passes.calls == []
+    for P in unrouted[:5]:
+        np.testing.assert_allclose(P.detach().numpy(), routed.numpy(), rtol=1e-15, atol=0)
+    assert routed.dtype == torch.float64 and unrouted[0].requires_grad
+
+
+def test_without_cupy_torch_cuda_tensors_fall_back_and_say_so_once(monkeypatch, rng) -> None:
+    import warnings
+
+    from mfac_core import StaticIHVP, _engine
+
+    torch = pytest.importorskip("torch")
+    G = torch.from_numpy(rng.standard_normal((6, 50))).float()
+    x = torch.from_numpy(rng.standard_normal(50)).float()
+    want = StaticIHVP(G, damp=0.5) @ x
+    # CPU tensors taken for CUDA ones, outside the simulation: the route asks for CuPy.
+    monkeypatch.setattr(_engine, "_on_cuda", lambda A: True)
+    monkeypatch.setattr(_engine, "_cuda_passes_state", {})
+    monkeypatch.setitem(sys.modules, "cupy", None)  # import cupy raises ImportError
+    monkeypatch.setattr(
+        torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=7)
+    )
+    op = StaticIHVP(G, damp=0.5)
+    with pytest.warns(UserWarning, match=r"PyTorch CUDA tensors run as float64 .*cupy-cuda12x"):
+        y = op @ x
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        z = op @ x
+    assert _engine._cuda_passes_state == {"passes": None}
+    np.testing.assert_allclose(y.numpy(), want.numpy(), rtol=4 * np.finfo(np.float32).eps, atol=0)
+    assert torch.equal(y, z)
+
+
+@pytest.mark.parametrize("check", [True, False], ids=["checked", "unchecked"])
+def test_torch_cuda_route_budget(torch_cuda, check: bool) -> None:
+    """A StaticIHVP product on the CUDA route (tests/test_gpu_budgets.py counts the route
+    without CuPy): PyTorch operations, syncs and pass-kernel launches independent of d, no
+    host-made tensor, and fewer operations than the float64 pieces need (here 7 or 2 against
+    20 or 15, with and without the NaN check). Not counted: CuPy's own small launches around
+    the kernels (the coefficients ``-alpha A^T``, alpha's fill, copies of (k, m) arrays)."""
+    from _counting import counting
+
+    from mfac_core import StaticIHVP, _engine
+
+    torch, _, passes, launched = torch_cuda
+
+    def counts(d: int) -> list[tuple[dict, list]]:
+        gen = torch.Generator().manual_seed(d)
+        op = StaticIHVP(torch.randn(16, d, generator=gen) / d**0.5, damp=1e-2, check_finite=check)
+        x = torch.randn(d, generator=gen)
+        out = []
+        for options in ({"cuda_passes": passes}, {}):
+            with _engine.simulate_device(**options):
+                op @ x  # warm-up: lazily made state is set-up, not the product
+                launched.clear()
+                with counting() as c:
+                    y = op @ x
+            assert y.shape == (d,) and bool(torch.isfinite(y).all())
+            out.append((c.summary(), [name for name, *_ in launched]))
+        return out
+
+    ((small, k_small), _), ((large, k_large), (pieces, _)) = counts(256), counts(2048)
+    assert small["syncs"] == large["syncs"] == (1 if check else 0), (small, large)
+    assert small["host_tensors"] == large["host_tensors"] == 0, (small, large)
+    assert small["ops"] == large["ops"] < pieces["ops"], (small, large, pieces)
+    assert k_small == k_large and 2 <= len(k_small) <= 3, (k_small, k_large)

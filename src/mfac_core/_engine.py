@@ -14,12 +14,14 @@ Where the data allow, the passes run in kernels that read G once, in place: the
 optional C extension (``_fused``), at the speed of a single-precision GEMV, for C-ordered
 NumPy arrays and PyTorch CPU tensors (through a NumPy view, no copy) of float32 or 2-byte
 storage; and the CUDA kernels of ``_kernels`` (``passes.cu``) for C-ordered CuPy arrays
-of float32 or float16 storage, a launch or two per pass whatever d. Both kernel sets take
-the same arguments, so each pass is written once over a *route* (``_Route``).
+of float32 or float16 storage and PyTorch CUDA tensors of float32, float16 or bfloat16
+storage (through zero-copy DLPack views, on PyTorch's current stream; where CuPy is
+installed), a launch or two per pass whatever d. Both kernel sets take the same
+arguments, so each pass is written once over a *route* (``_Route``).
 Everything else (float64 storage, which BLAS already sums in float64, and the other
 libraries) runs through the library's own float64 products over column pieces of G.
 Their size depends on where the array lives (:func:`piece_entries`): on the host, small
-enough to stay in cache; on a GPU (PyTorch CUDA tensors, CuPy arrays without the
+enough to stay in cache; on a GPU (PyTorch CUDA tensors and CuPy arrays without the
 kernels, JAX arrays on a GPU), where every piece costs a few kernel launches and cache
 reuse does not matter, one bounded float64 temporary (``DEVICE_PIECE_ENTRIES``), so that
 a product is a fixed handful of launches up to that size. Where the extension was not
@@ -31,7 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -68,23 +70,29 @@ PIECE_ENTRIES = 2**20
 DEVICE_PIECE_ENTRIES = 2**25
 
 _simulated = [False]
+#: The CUDA passes that serve PyTorch tensors inside :func:`simulate_device` (None: none).
+_simulated_passes: list[Any] = [None]
 
 
 @contextlib.contextmanager
-def simulate_device() -> Iterator[None]:
-    """Treat host arrays as device ones (for tests that count the GPU path on a CPU).
+def simulate_device(*, cuda_passes: Any = None) -> Iterator[None]:
+    """Treat host arrays as device ones (for tests that check the GPU path on a CPU).
 
     Inside the block, :func:`is_accelerator` is true for every array and the host
     kernels (the C extension) are not used, so that PyTorch CPU tensors take the route
-    of CUDA tensors: the same operations, pieces of ``DEVICE_PIECE_ENTRIES``.
-    Not thread-safe; for tests only.
+    of CUDA tensors. With ``cuda_passes`` (an object with the functions of
+    ``_kernels``' passes, e.g. the host harness), it serves them as the CUDA passes
+    serve CUDA tensors where CuPy is installed: through the ``cupy`` module (tests put
+    a stand-in in ``sys.modules``), on ``torch.cuda.current_stream()`` (which tests
+    replace). Without it, they take the route of CUDA tensors without CuPy: the same
+    operations, pieces of ``DEVICE_PIECE_ENTRIES``. Not thread-safe; for tests only.
     """
-    previous = _simulated[0]
-    _simulated[0] = True
+    previous = _simulated[0], _simulated_passes[0]
+    _simulated[0], _simulated_passes[0] = True, cuda_passes
     try:
         yield
     finally:
-        _simulated[0] = previous
+        _simulated[0], _simulated_passes[0] = previous
 
 
 def is_accelerator(xp: Any, A: Array) -> bool:
@@ -184,12 +192,19 @@ def _vector_view(xp: Any, X: Array) -> np.ndarray | None:
     return None
 
 
+def _same(Y: Any) -> Any:
+    return Y
+
+
 class _Route(NamedTuple):
     """Where the passes run: the kernels' array module and functions, and the operands.
 
     ``mod`` is NumPy for the CPU kernels (``_fused``, over NumPy views) and CuPy for the
-    CUDA ones (``_kernels``, over the CuPy arrays themselves); both kernel sets take the
-    same arguments, so one body of code per pass serves both.
+    CUDA ones (``_kernels``, over CuPy arrays: the caller's, or zero-copy views of
+    PyTorch CUDA tensors); both kernel sets take the same arguments, so one body of
+    code per pass serves both. The body runs inside ``scope()`` (for PyTorch tensors:
+    their device and PyTorch's current stream, made CuPy's) and hands each result to
+    ``back`` (the caller's library, no copy).
     """
 
     mod: Any
@@ -197,6 +212,8 @@ class _Route(NamedTuple):
     G: Any
     storage: str | None
     views: list[Any]
+    scope: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
+    back: Callable[[Any], Any] = _same
 
 
 def _kernel_operands(xp: Any, G: Array, *arrays: Array) -> _Route | None:
@@ -213,14 +230,28 @@ def _kernel_operands(xp: Any, G: Array, *arrays: Array) -> _Route | None:
         if view is None:
             return None
         views.append(view)
-    return _Route(np, _fused, host[0], host[1], views)
+    torch_out = is_torch_namespace(xp) and not isinstance(arrays[0], np.ndarray)
+    return _Route(np, _fused, host[0], host[1], views, back=_from_numpy if torch_out else _same)
+
+
+def _from_numpy(Y: np.ndarray) -> Any:
+    """A host kernel's result as a PyTorch CPU tensor (no copy)."""
+    import torch
+
+    return torch.from_numpy(Y)
 
 
 _cuda_passes_state: dict[str, Any] = {}
 
 
-def _cuda_passes() -> Any:
-    """The CUDA passes of ``_kernels`` where they compile here, else None (said once)."""
+def _cuda_passes(
+    scope: Callable[[Any], contextlib.AbstractContextManager[Any]] | None = None,
+) -> Any:
+    """The CUDA passes of ``_kernels`` where they compile here, else None (said once).
+
+    ``scope(cupy)``: where the first call's probe runs (the device and stream of the
+    tensors it serves); by default CuPy's current device and stream.
+    """
     if "passes" not in _cuda_passes_state:
         try:
             import cupy
@@ -229,15 +260,18 @@ def _cuda_passes() -> Any:
 
             # NVRTC compiles the module on the first launch: a tiny one, once per process,
             # so that a machine without NVRTC (a driver-only install) falls back at once.
-            probe = cupy.ones((1, 1), dtype=cupy.float32)
-            _kernels.project64(probe, probe, start=0, stop=1)
+            with contextlib.nullcontext() if scope is None else scope(cupy):
+                probe = cupy.ones((1, 1), dtype=cupy.float32)
+                _kernels.project64(probe, probe, start=0, stop=1)
             _cuda_passes_state["passes"] = _kernels
         except Exception as exc:  # no CuPy, no NVRTC, no device: the float64 pieces serve
             _cuda_passes_state["passes"] = None
             warnings.warn(
                 "mfac_core's CUDA passes could not be compiled here "
                 f"({type(exc).__name__}: {exc}); the float64-accumulated passes over CuPy "
-                "arrays run as float64 products over column pieces instead (exact, slower)",
+                "arrays and PyTorch CUDA tensors run as float64 products over column pieces "
+                "instead (exact, slower; PyTorch users get the kernels by installing CuPy, "
+                "e.g. cupy-cuda12x[ctk])",
                 UserWarning,
                 stacklevel=user_stacklevel(),
             )
@@ -245,10 +279,13 @@ def _cuda_passes() -> Any:
 
 
 def _device_route(xp: Any, G: Array, arrays: tuple[Array, ...]) -> _Route | None:
-    """The CUDA route for CuPy arrays of float32 or float16 storage, or None.
+    """The CUDA route for CuPy arrays and PyTorch CUDA tensors of single-precision or
+    2-byte storage, or None.
 
     float64 storage stays with cuBLAS, which sums float64 in float64 at full speed.
     """
+    if is_torch_namespace(xp):
+        return _torch_device_route(G, arrays)
     if not is_cupy_namespace(xp):
         return None
     if G.dtype not in (xp.float32, xp.float16) or not G.flags.c_contiguous:
@@ -263,13 +300,70 @@ def _device_route(xp: Any, G: Array, arrays: tuple[Array, ...]) -> _Route | None
     return _Route(cupy, passes, G, None, list(arrays))
 
 
-def _back(xp: Any, Y: Any, like: Array) -> Array:
-    """A kernel's result in the namespace of ``like`` (no copy for PyTorch and CuPy)."""
-    if isinstance(like, np.ndarray) or not is_torch_namespace(xp):
-        return Y
+def _on_cuda(A: Any) -> bool:
+    """Whether the PyTorch tensor ``A`` is a CUDA one (or stands for one in a test)."""
+    return bool(A.device.type == "cuda") or _simulated[0]
+
+
+def _torch_device_route(G: Array, arrays: tuple[Array, ...]) -> _Route | None:
+    """The CUDA passes for PyTorch CUDA tensors, through zero-copy CuPy views, or None.
+
+    G of float32, float16 or bfloat16 storage (CuPy has no bfloat16: its 16 bits go as
+    uint16, ``storage="bfloat16"``), C-contiguous; the other operands float32 or
+    float64, on G's device. Tensors that require grad keep the library's own
+    (differentiable) route; so do tensors without plain storage, which DLPack refuses,
+    and views with the negative bit, which it would export without their sign.
+    The passes run on the tensors' device and on PyTorch's current stream, made CuPy's
+    current one (``cupy.cuda.ExternalStream``): DLPack's exchange within one stream
+    waits for nothing, and the launches queue behind the work that made the operands.
+    Without CuPy (or NVRTC) the float64 pieces serve, as ``_cuda_passes`` says once.
+    """
     import torch
 
-    return torch.from_numpy(Y)
+    storages = {torch.float32: None, torch.float16: None, torch.bfloat16: "bfloat16"}
+    if not all(isinstance(A, torch.Tensor) for A in (G, *arrays)):
+        return None
+    if not _on_cuda(G) or G.dtype not in storages or not G.is_contiguous():
+        return None
+    if any(A.dtype not in (torch.float32, torch.float64) for A in arrays):
+        return None
+    if any(A.requires_grad or A.device != G.device for A in (G, *arrays)):
+        return None
+    if any(A.is_neg() for A in (G, *arrays)):
+        return None  # DLPack exports the stored values without the negative bit's sign
+    if _simulated[0] and _simulated_passes[0] is None:
+        return None  # a test of the route without CuPy
+    stream = torch.cuda.current_stream(G.device).cuda_stream
+    index = G.device.index
+
+    def scope(cupy: Any) -> contextlib.AbstractContextManager[Any]:
+        return _cupy_on(cupy, index, stream)
+
+    passes = _simulated_passes[0] if _simulated[0] else _cuda_passes(scope)
+    if passes is None:
+        return None
+    import cupy
+
+    storage = storages[G.dtype]
+    try:
+        with scope(cupy):
+            if storage is None:
+                Gc = cupy.from_dlpack(G)
+            else:  # a reinterpretation of the same bytes, in both libraries
+                Gc = cupy.from_dlpack(G.view(torch.int16)).view(cupy.uint16)
+            views = [cupy.from_dlpack(A) for A in arrays]
+    except (BufferError, RuntimeError, TypeError, ValueError):
+        return None  # no plain storage (torch.func's wrappers)
+    return _Route(
+        cupy, passes, Gc, storage, views, scope=lambda: scope(cupy), back=torch.from_dlpack
+    )
+
+
+@contextlib.contextmanager
+def _cupy_on(cupy: Any, index: int | None, stream: int) -> Iterator[None]:
+    """CuPy's current device and stream: PyTorch's device ``index`` and its ``stream``."""
+    with cupy.cuda.Device(index), cupy.cuda.ExternalStream(stream):
+        yield
 
 
 def uses_kernels(xp: Any, G: Array) -> bool:
@@ -302,9 +396,10 @@ def project(xp: Any, G: Array, X: Array, *, start: int = 0, stop: int | None = N
     """
     route = _kernel_operands(xp, G, X)
     if route is not None:
-        (Xh,) = route.views
-        P = _project_routed(route, route.mod.ascontiguousarray(Xh.T), start, stop)
-        return _back(xp, route.mod.ascontiguousarray(P.T), X)
+        with route.scope():
+            (Xh,) = route.views
+            P = _project_routed(route, route.mod.ascontiguousarray(Xh.T), start, stop)
+            return route.back(route.mod.ascontiguousarray(P.T))
     return _project_pieces(xp, G, X, start, stop)
 
 
@@ -317,9 +412,10 @@ def project_rows(xp: Any, G: Array, rows: Array) -> Array:
     """
     route = _kernel_operands(xp, G, rows)
     if route is not None:
-        (Rh,) = route.views
-        P = _project_routed(route, Rh, 0, G.shape[1])
-        return _back(xp, route.mod.ascontiguousarray(P.T), rows)
+        with route.scope():
+            (Rh,) = route.views
+            P = _project_routed(route, Rh, 0, G.shape[1])
+            return route.back(route.mod.ascontiguousarray(P.T))
     return _project_pieces(xp, G, xp.matrix_transpose(rows), 0, G.shape[1])
 
 
@@ -358,15 +454,16 @@ def combine(
     stop = G.shape[1] if stop is None else stop
     route = _kernel_operands(xp, G, X, A)
     if route is not None:
-        mod, (Xh, Ah) = route.mod, route.views
-        a = _alphas(mod, alpha, X.shape[1])
-        C = mod.ascontiguousarray(Ah.T * -a[:, None], dtype=mod.float64)
-        out_dtype = mod.float64 if dtype == xp.float64 else mod.float32
-        Y = route.passes.combine64(
-            route.G, C, a, mod.ascontiguousarray(Xh.T), start=start, stop=stop,
-            dtype=out_dtype, storage=route.storage,
-        )  # fmt: skip
-        return _back(xp, mod.ascontiguousarray(Y.T), X)
+        with route.scope():
+            mod, (Xh, Ah) = route.mod, route.views
+            a = _alphas(mod, alpha, X.shape[1])
+            C = mod.ascontiguousarray(Ah.T * -a[:, None], dtype=mod.float64)
+            out_dtype = mod.float64 if dtype == xp.float64 else mod.float32
+            Y = route.passes.combine64(
+                route.G, C, a, mod.ascontiguousarray(Xh.T), start=start, stop=stop,
+                dtype=out_dtype, storage=route.storage,
+            )  # fmt: skip
+            return route.back(mod.ascontiguousarray(Y.T))
     X64 = _f64(xp, X)
     a = _alphas(xp, alpha, X.shape[1], device(G))
     if G.dtype == xp.float64:
@@ -408,12 +505,14 @@ def lift(
     stop = G.shape[1] if stop is None else stop
     route = _kernel_operands(xp, G, x, C, alphas)
     if route is not None:
-        mod, (xh, Ch, ah) = route.mod, route.views
-        out_dtype = mod.float64 if dtype == xp.float64 else mod.float32
-        Y = route.passes.combine64(
-            route.G, Ch, ah, xh, start=start, stop=stop, dtype=out_dtype, storage=route.storage
-        )
-        return _back(xp, Y, x)
+        with route.scope():
+            mod, (xh, Ch, ah) = route.mod, route.views
+            out_dtype = mod.float64 if dtype == xp.float64 else mod.float32
+            Y = route.passes.combine64(
+                route.G, Ch, ah, xh, start=start, stop=stop, dtype=out_dtype,
+                storage=route.storage,
+            )  # fmt: skip
+            return route.back(Y)
     a = xp.reshape(_f64(xp, alphas), (-1, 1))
     x64 = _f64(xp, x)
     if G.dtype == xp.float64:
@@ -455,13 +554,15 @@ def project_blocks(xp: Any, G: Array, group: BlockGroup, X: Array) -> Array:
     route = _kernel_operands(xp, G, X)
     if route is not None:
         # One call for the group: the kernels read each block's columns in place.
-        mod, (Xh,) = route.mod, route.views
-        k = X.shape[1]
-        Xb = mod.ascontiguousarray(mod.transpose(mod.reshape(Xh, (group.count, s, k)), (0, 2, 1)))
-        P = route.passes.project64_blocks(
-            route.G, Xb, start=group.start, block_size=s, storage=route.storage
-        )
-        return _back(xp, mod.ascontiguousarray(mod.transpose(P, (0, 2, 1))), X)
+        with route.scope():
+            mod, (Xh,) = route.mod, route.views
+            k = X.shape[1]
+            Xb = mod.reshape(Xh, (group.count, s, k))
+            Xb = mod.ascontiguousarray(mod.transpose(Xb, (0, 2, 1)))
+            P = route.passes.project64_blocks(
+                route.G, Xb, start=group.start, block_size=s, storage=route.storage
+            )
+            return route.back(mod.ascontiguousarray(mod.transpose(P, (0, 2, 1))))
     parts = []
     acc, blocks = None, None
     for piece in pieces(group, piece_width(xp, G, m)):
@@ -499,18 +600,20 @@ def combine_blocks(
     m, k = G.shape[0], X.shape[1]
     route = _kernel_operands(xp, G, X, A)
     if route is not None:
-        mod, (Xh, Ah) = route.mod, route.views
-        s = group.size
-        out_dtype = mod.float64 if dtype == xp.float64 else mod.float32
-        a = _alphas(mod, alpha, k)
-        C = mod.ascontiguousarray(mod.transpose(Ah, (0, 2, 1)) * -a[None, :, None])  # (count, k, m)
-        Xb = mod.ascontiguousarray(mod.transpose(mod.reshape(Xh, (group.count, s, k)), (0, 2, 1)))
-        Yb = route.passes.combine64_blocks(
-            route.G, C, a, Xb, start=group.start,
-            block_size=s, dtype=out_dtype, storage=route.storage,
-        )  # fmt: skip
-        Y = mod.reshape(mod.transpose(Yb, (0, 2, 1)), (group.count * s, k))
-        return _back(xp, mod.ascontiguousarray(Y), X)
+        with route.scope():
+            mod, (Xh, Ah) = route.mod, route.views
+            s = group.size
+            out_dtype = mod.float64 if dtype == xp.float64 else mod.float32
+            a = _alphas(mod, alpha, k)
+            C = mod.ascontiguousarray(mod.transpose(Ah, (0, 2, 1)) * -a[None, :, None])  # (c, k, m)
+            Xb = mod.reshape(Xh, (group.count, s, k))
+            Xb = mod.ascontiguousarray(mod.transpose(Xb, (0, 2, 1)))
+            Yb = route.passes.combine64_blocks(
+                route.G, C, a, Xb, start=group.start,
+                block_size=s, dtype=out_dtype, storage=route.storage,
+            )  # fmt: skip
+            Y = mod.reshape(mod.transpose(Yb, (0, 2, 1)), (group.count * s, k))
+            return route.back(mod.ascontiguousarray(Y))
     a = _alphas(xp, alpha, k, device(G))
     parts = []
     # Pieces come block by block and, within a block, column range by column range, so
