@@ -113,9 +113,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 #: What to install when CuPy or the CUDA libraries it loads are missing.
 INSTALL_HINT = (
-    "install mfac_core's cuda extra (pip install 'mfac_core[cuda]', i.e. "
-    "'cupy-cuda12x[ctk]': CuPy with NVRTC, cuBLAS and cuSOLVER from PyPI; "
-    "'cupy-cuda13x[ctk]' for a CUDA 13 driver)"
+    'install mfac_core\'s cuda extra (pip install ".[cuda]" from the checkout, i.e. '
+    '"cupy-cuda12x[ctk]>=14": CuPy with NVRTC, cuBLAS and cuSOLVER from PyPI; '
+    '"cupy-cuda13x[ctk]>=14" for a CUDA 13 driver)'
 )
 
 

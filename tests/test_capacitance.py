@@ -106,29 +106,34 @@ def test_factor_convention_and_solves(rng):
 
 
 def test_one_wording_of_the_error_for_both_operators():
+    # |g|^2 / (2 damp) = 4.4e15, just below 1/eps(float64): the window takes g (a larger
+    # ratio would refuse it as too large), and its duplicate fails the factorisation.
     g = np.full(8, 1e8)
     G = np.stack([g, g])
     with pytest.raises(FactorizationError) as static:
-        StaticIHVP(G, damp=1e-12)
-    op = DynamicIHVP(3, 8, damp=1e-12, dtype="float64", zero_init=True)
+        StaticIHVP(G, damp=9.0)
+    op = DynamicIHVP(2, 8, damp=9.0, dtype="float64", zero_init=True)
     op.update(g)
     with pytest.raises(FactorizationError) as dynamic:
         op.update(g.copy())
     for err in (static.value, dynamic.value):
         assert "not numerically positive definite" in str(err)
-        assert "damp=1e-12" in str(err) and "kappa between" in str(err)
+        assert "damp=9," in str(err) and "kappa between" in str(err)
 
 
 def test_dynamic_float32_error_names_the_gram_dtype_and_a_correct_kappa(rng):
-    # Duplicated float32 gradients with a hopeless damping: the float32 Gram row fails,
-    # the window recomputes its Gram in float64 (docs/mathematics.rst, "Mixed-precision
-    # Gram"), which fails too; so the error does not blame float32 accumulation, and its
-    # kappa bounds enclose the condition number of the window.
+    # Duplicated float32 gradients and a hopeless damping: the window's Gram is float64
+    # (docs/mathematics.rst, "Mixed-precision Gram"), so the error does not blame float32
+    # accumulation, and its kappa bounds enclose the condition number of the window. The
+    # damping is set after the duplicate is in: inserted with it, g alone would be
+    # refused as too large for the window (eps(float64) kappa >= 1).
     g = rng.standard_normal(50).astype(np.float32)
-    op = DynamicIHVP(4, 50, damp=1e-16, dtype="float32", zero_init=True)
+    op = DynamicIHVP(4, 50, damp=1.0, dtype="float32", zero_init=True)
     op.update(g)
+    op.update(g.copy())
     with pytest.raises(FactorizationError) as info:
-        op.update(g.copy())
+        op.set_damp(1e-16)
+    assert op.damp == 1.0
     message = str(info.value)
     assert "accumulated in float32" not in message
     lo, hi = (float(x) for x in message.split("kappa between ")[1].split(")")[0].split(" and "))
@@ -177,12 +182,19 @@ def test_ill_conditioned_warnings_name_the_callers_line() -> None:
     G = rng.standard_normal((4, 50)).astype(np.float32)
     # kappa ~ 1e19: past float64 (the static and dynamic operators' factor and passes),
     # while the Gram itself is well conditioned, so the factor exists.
-    window = DynamicIHVP(4, 50, damp=1e-17, dtype=np.float32)
+    window = DynamicIHVP.from_window(G, damp=1.0)
+    # A window fed gradients it takes one by one (|g|^2 / (m damp) = 2e15 each), nearly
+    # parallel, so that together they give kappa ~ 8e15: found at the refactorisation
+    # after m edits. (With damp=1e-17 each gradient alone would be refused.)
+    P = (1.0 + 1e-3 * rng.standard_normal((8, 50))).astype(np.float32)
+    norm2 = max(float(p.astype(np.float64) @ p) for p in P)
+    filled = DynamicIHVP(4, 50, damp=norm2 / (4 * 2e15), dtype=np.float32, zero_init=True)
     calls = [
         lambda: StaticIHVP(G, damp=1e-17),
         lambda: DynamicIHVP.from_window(G, damp=1e-17),
         lambda: SpectralIHVP(G, damp=1e-17),
-        lambda: [window.update(g) for g in G],
+        lambda: window.set_damp(1e-17),
+        lambda: [filled.update(p) for p in P],
     ]
     for call in calls:
         with warnings.catch_warnings(record=True) as caught:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import subprocess
 import sys
 import warnings
@@ -526,6 +527,37 @@ def test_ihvp_output_is_a_directory(files, capsys):
         ["ihvp", files["G"], files["v"], "-o", files["out"].parent, "--damp", DAMP, "--overwrite"]
     )
     assert_user_error(capsys, status, "directory")
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
+def test_ihvp_output_that_is_a_named_pipe_is_refused(files, capsys):
+    # Regression: with --overwrite the pipe was replaced by a regular file (the rename of
+    # the temporary output), so a reader of the pipe waited for ever.
+    fifo = files["out"].parent / "pipe.npy"
+    os.mkfifo(fifo)
+    for extra in ([], ["--overwrite"]):
+        status = run(["ihvp", files["G"], files["v"], "-o", fifo, "--damp", DAMP, *extra])
+        assert_user_error(capsys, status, "named pipe (FIFO), not a regular file")
+        assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+
+
+def test_ihvp_output_through_a_symbolic_link_replaces_its_target(files, capsys):
+    # As np.save and cp: the link stays, the file it points to gets the output. Before,
+    # --overwrite replaced the link itself with a regular file.
+    target, link = files["out"].parent / "target.npy", files["out"].parent / "link.npy"
+    np.save(target, np.zeros(1))
+    link.symlink_to(target)
+    args = ["ihvp", files["G"], files["v"], "-o", link, "--damp", DAMP, "-q"]
+    assert_user_error(capsys, run(args), "exists", "--overwrite")
+    assert run([*args, "--overwrite"]) == 0
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    want = StaticIHVP(np.load(files["G"]), damp=DAMP).matvec(np.load(files["v"]))
+    assert_close(np.load(target), want)
+    # A dangling link is an existing output too; with --overwrite its target is made.
+    target.unlink()
+    assert_user_error(capsys, run(args), "exists", "--overwrite")
+    assert run([*args, "--overwrite"]) == 0
+    assert link.is_symlink() and target.is_file()
 
 
 def test_ihvp_factorization_error_is_a_user_error(tmp_path, capsys):

@@ -325,14 +325,25 @@ def test_operand_errors(rng):
         op.entries(da.from_array(idx), da.from_array(idx[:1]))
 
 
-@pytest.mark.parametrize("option", ["out", "stream_to", "comm"])
+@pytest.mark.parametrize("option", ["out", "stream_to"])
 def test_out_and_stream_to_are_refused(option: str) -> None:
     G = da.ones((2, 8), chunks=(2, 4))
+    with pytest.raises(ValueError, match="not available for Dask"):
+        value = {"out": np.zeros((2, 8)), "stream_to": "cpu"}[option]
+        DaskStaticIHVP(G, damp=1.0, **{option: value})
+
+
+def test_a_communicator_is_refused_as_no_keyword_of_the_dask_operator() -> None:
+    # Regression: a ValueError whose advice ("pass each rank's NumPy shard for comm=")
+    # did not name the class that takes one.
     from mfac_core.distributed import SingleProcessComm
 
-    with pytest.raises(ValueError, match="not available for Dask"):
-        value = {"out": np.zeros((2, 8)), "stream_to": "cpu"}.get(option, SingleProcessComm())
-        DaskStaticIHVP(G, damp=1.0, **{option: value})
+    G = da.ones((2, 8), chunks=(2, 4))
+    match = r"DaskStaticIHVP takes no communicator.*ShardedStaticIHVP\(G_local, comm=comm"
+    with pytest.raises(TypeError, match=match):
+        DaskStaticIHVP(G, damp=1.0, comm=SingleProcessComm())
+    with pytest.warns(DeprecationWarning), pytest.raises(TypeError, match=match):
+        StaticIHVP(G, damp=1.0, comm=SingleProcessComm())
 
 
 @pytest.mark.parametrize(

@@ -81,6 +81,35 @@ def test_static_product_budget(dtype: torch.dtype, check: bool) -> None:
     assert small["ops"] == large["ops"] <= 40, (small, large)
 
 
+def _refined_counts(kind: str, d: int) -> dict[str, int]:
+    G = _gradients(M, d, torch.float32)
+    if kind == "static":
+        op = StaticIHVP(G, damp=1e-2, refine=1, check_finite=False)
+    else:
+        op = DynamicIHVP.from_window(G, damp=1e-2, refine=1, check_finite=False)
+    x = _vector(d)
+    with device_path():
+        op @ x
+        with counting() as c:
+            op @ x
+    return c.summary()
+
+
+@pytest.mark.parametrize("kind", ["static", "dynamic"])
+def test_refinement_residual_takes_device_pieces(kind: str, monkeypatch: pytest.MonkeyPatch):
+    """The float64 residual of ``refine`` reads G in the engine's device pieces on a GPU.
+
+    Regression: it used its host piece (32 MiB) on every device, so its launches grew
+    with d. The host piece is made small here (M * 128 entries), so that the larger d
+    takes four host pieces, as at m d = 2**24 with the real size; a device piece holds it.
+    """
+    from mfac_core import _refine
+
+    monkeypatch.setattr(_refine, "PIECE_ENTRIES", M * 128)
+    small, large = _refined_counts(kind, 128), _refined_counts(kind, 512)
+    assert small["ops"] == large["ops"], (small, large)
+
+
 def _window(dtype: torch.dtype, d: int, check: bool) -> DynamicIHVP:
     return DynamicIHVP.from_window(_gradients(M, d, dtype), damp=1e-2, check_finite=check)
 
@@ -202,11 +231,13 @@ def test_the_checked_step_is_the_step_and_reads_once(dtype: torch.dtype, device:
         (torch.float32, float("nan"), "not finite"),
         (torch.bfloat16, float("inf"), "not finite"),
         (torch.bfloat16, 3.4e38, "not representable"),  # finite in float32 only
+        (torch.float32, 1e9, "too large"),  # eps(float64) kappa >= 1 with it
     ],
-    ids=["nan", "inf", "range"],
+    ids=["nan", "inf", "range", "hopeless"],
 )
 def test_the_checked_step_reports_bad_gradients(dtype: torch.dtype, value: float, status: str):
-    """NaN (whatever check_finite) and a 2-byte window's range: a status, the window kept."""
+    """NaN (whatever check_finite), a 2-byte window's range and a gradient that makes the
+    window hopeless: a status, the window kept, one read."""
     op = _window(dtype, SMALL, False)
     strict = _window(dtype, SMALL, True)
     before = op.state_dict()

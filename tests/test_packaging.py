@@ -24,6 +24,27 @@ def test_license_is_an_spdx_expression():
     assert "setuptools>=77" in meta["build-system"]["requires"]
 
 
+def test_install_hints_name_the_checkout_and_extras_that_exist():
+    # mfac_core is not on PyPI: "pip install 'mfac_core[cuda]'" (as an error message of the
+    # CuPy backend and benchmarks/gpu.py said) would fetch another project or nothing.
+    import re
+
+    tomllib = pytest.importorskip("tomllib")
+    with open(ROOT / "pyproject.toml", "rb") as fh:
+        extras = set(tomllib.load(fh)["project"]["optional-dependencies"])
+    files = [ROOT / "README.md", *(ROOT / "examples").glob("*.md")]
+    for folder, pattern in (("src", "*.py"), ("benchmarks", "*.py"), ("docs", "*.rst")):
+        files += (ROOT / folder).rglob(pattern)
+    checked = 0
+    for path in files:
+        text = path.read_text(encoding="utf-8")
+        assert not re.search(r"mfac[_-]core\[", text), path
+        for extra in re.findall(r"pip install (?:-e )?\\?[\"']\.\[(\w+)\]", text):
+            assert extra in extras, (path, extra)
+            checked += 1
+    assert checked >= 8
+
+
 def test_submodules_are_attributes_without_optional_imports():
     # As in SciPy: mfac_core.pruning after `import mfac_core`, loaded on first use; the
     # front-ends that need optional libraries (torch, jax) are never imported by it.

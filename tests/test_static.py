@@ -422,9 +422,12 @@ def test_bad_damp(cls):
 
 
 @pytest.mark.parametrize(
-    "damp", ["0.1", True, np.array(0.5)], ids=["numeric-string", "bool", "0-d-array"]
+    "damp",
+    ["0.1", True, np.array(True), np.array([0.5])],
+    ids=["numeric-string", "bool", "0-d-bool-array", "1-d-array"],
 )
 def test_damp_refuses_strings_and_bools(damp):
+    # A 0-d real array is one damping (test_validation); a 0-d bool array is not.
     with pytest.raises(TypeError, match="damp"):
         StaticIHVP(np.ones((2, 4)), damp=damp)
 

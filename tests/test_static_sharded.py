@@ -445,6 +445,13 @@ def test_options_must_agree() -> None:
     _all_raise(run_spmd_threads(fn, 2, timeout=20), ValueError)
 
 
+def test_dampings_that_differ_past_the_sixth_digit_print_apart() -> None:
+    # Regression: the message formatted them with :g, so both read 0.1.
+    results = _build_on_threads(lambda r, G: (G, 0.1 + r * 1e-9), [3, 3])
+    _all_raise(results, ValueError)
+    assert all("got (0.1, 0.100000001)" in str(r) for r in results), results
+
+
 def test_shards_that_cut_a_block_name_widths_that_work() -> None:
     results = _build_on_threads(lambda r, G: (G, 0.1), [5, 6, 3], block_size=4)
     _all_raise(results, ValueError)

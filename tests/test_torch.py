@@ -206,6 +206,16 @@ def test_optimizer_errors():
         other.load_state_dict(opt.state_dict())
 
 
+def test_parameters_without_entries_are_refused_clearly():
+    # Regression: "dim must be >= 1, got 0", a message about the window's internals.
+    for params in (
+        [nn.Parameter(torch.zeros(0))],
+        [nn.Parameter(torch.zeros(0, 3)), nn.Parameter(torch.zeros(2, 0))],
+    ):
+        with pytest.raises(ValueError, match=r"hold no entries .*all of size 0: shapes \(0"):
+            MFAC(params)
+
+
 def test_import_mfac_core_does_not_import_torch():
     code = "import sys, mfac_core, mfac_core.pruning; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -743,34 +753,30 @@ def window_state(opt):
 def test_training_through_a_collinear_window(dtype, zero_init, shape):
     """The same gradient again and again with a hopeless damping: the run goes on.
 
-    The repeated gradient makes the window's capacitance matrix exactly singular
-    up to a shift far below float64's resolution, so every insertion after the
-    first fails; each step is taken with the window as it was.
+    The gradient alone makes the window hopeless (|g|^2 over a shift far below
+    float64's resolution of it: eps(float64) kappa >= 1), and a repeat of it would
+    make the capacitance matrix singular, so every insertion is refused (the first
+    one too, since it would have given steps without a correct digit); each step is
+    taken with the window as it was.
     """
     # m * damp is below half an ulp of |g|^2 >= 192: the shift vanishes in float64.
     m, damp, lr = 3, 1e-16, 1e-3
     w = nn.Parameter(torch.zeros(shape, dtype=dtype))
     c = torch.full(shape, 4.0, dtype=dtype)  # L(w) = <c, w>: the gradient is always c
     opt = MFAC([w], lr=lr, num_grads=m, damp=damp, zero_init=zero_init)
-    for step in range(1, 7):
+    for _ in range(6):
         opt.zero_grad()
         (w * c).sum().backward()
         before, window = w.detach().clone(), window_state(opt)
-        if step == 1:
-            with warnings.catch_warnings():
-                # One gradient over a vanishing shift: kappa ~ 1e18, which the window
-                # warns about (eps64 * kappa >= 1) and this test expects.
-                warnings.simplefilter("ignore", IllConditionedWarning)
-                opt.step()
-            continue
         expected = opt.ihvp.matvec(c.reshape(-1))  # the window before the step
         with pytest.warns(MFACStepWarning, match="left out of the window") as record:
             opt.step()
         assert record[0].filename == __file__
         assert_same(window_state(opt), window)
         assert torch.equal(w.detach(), before - lr * expected.view(shape))
-    assert (opt.steps, opt.skipped_steps, opt.rejected_grads) == (6, 0, 5)
-    assert opt.state_dict()["state"][0]["rejected_grads"] == 5
+    assert (opt.steps, opt.skipped_steps, opt.rejected_grads) == (6, 0, 6)
+    assert opt.state_dict()["state"][0]["rejected_grads"] == 6
+    assert len(opt.ihvp) == (m if zero_init else 0)
 
 
 @pytest.mark.parametrize("zero_init", [True, False])
@@ -826,12 +832,16 @@ def test_errors_raise_leaves_the_optimizer_as_it_was():
             opt.step()
     assert_same(snapshot(opt), before)
 
+    # A gradient too large for the window (|g|^2 / (m damp) = 2.7e18 >= 1/eps(float64)):
+    # refused, where it used to be stored with one warning (or, repeated, fail the
+    # factorisation). A duplicate below that threshold factorises.
     w = nn.Parameter(torch.zeros(8, dtype=torch.float64))
     opt = MFAC([w], lr=1e-3, num_grads=3, damp=1e-14, errors="raise")
-    w.grad = torch.full((8,), 100.0, dtype=torch.float64)
+    w.grad = torch.full((8,), 1.0, dtype=torch.float64)
     opt.step()
+    w.grad = torch.full((8,), 100.0, dtype=torch.float64)
     before = snapshot(opt)
-    with pytest.raises(FactorizationError, match="damp=1e-14"):
+    with pytest.raises(ValueError, match=r"too large for this window.*2\.67e\+18"):
         opt.step()
     assert_same(snapshot(opt), before)
 
@@ -971,11 +981,15 @@ def test_mfac_defaults_descend_on_every_step(dtype):
 def test_ill_conditioned_warning_of_a_step_names_the_callers_line():
     # The warning is raised deep in the window's factor, below torch.optim's step hooks
     # and no_grad wrapper: it must name the line that called opt.step(), not torch's.
+    # Each gradient alone keeps eps(float64) kappa < 1 (|g|^2 / (m damp) = 2e15), so the
+    # window takes it; four nearly parallel ones give kappa ~ 8e15, which the
+    # refactorisation after m edits finds: float64 keeps no digit.
     p = nn.Parameter(torch.zeros(50, dtype=torch.float64))
-    opt = MFAC([p], num_grads=4, damp=1e-17)  # kappa ~ 1e18: float64 keeps no digit
+    opt = MFAC([p], num_grads=4, damp=1e-3)
     gen = torch.Generator().manual_seed(0)
     with pytest.warns(IllConditionedWarning) as record:
-        for _ in range(6):
-            p.grad = torch.randn(50, generator=gen, dtype=torch.float64)
+        for _ in range(10):
+            p.grad = 4e5 + torch.randn(50, generator=gen, dtype=torch.float64)
             opt.step()
+    assert opt.rejected_grads == 0
     assert {w.filename for w in record if w.category is IllConditionedWarning} == {__file__}

@@ -626,6 +626,70 @@ def test_an_unstorable_gradient_on_the_device_route(errors):
     assert (opt.steps, opt.rejected_grads) == ((7, 1) if errors == "skip" else (6, 0))
 
 
+@pytest.mark.parametrize("errors", ["skip", "raise"])
+@pytest.mark.parametrize("route", ["device", "host"])
+def test_a_gradient_that_makes_the_window_hopeless_is_unstorable(errors, route):
+    """|g|^2 / (m damp) >= 1/eps(float64): as a gradient beyond a 2-byte range.
+
+    Regression: it was stored (one warning at the next refactorisation, even with
+    errors="raise"), and every step for m steps had no correct digit.
+    """
+    import contextlib
+
+    from _counting import device_path
+
+    p, opt = _steady_optimizer(20, damp=10.0)
+    opt.defaults["errors"] = errors
+    before, theta = _state(opt), p.detach().clone()
+    p.grad[5] = 1e9  # |g|^2 / (4 * 10) = 2.5e16 > 1 / eps(float64) = 4.5e15
+    with device_path() if route == "device" else contextlib.nullcontext():
+        if errors == "raise":
+            with pytest.raises(ValueError, match=r"too large for this window.*kappa >= 2\.5e\+16"):
+                opt.step()
+        else:
+            with pytest.warns(MFACStepWarning, match=r"left out of the window .* too large"):
+                opt.step()
+    after = _state(opt)
+    if errors == "raise":  # atomic: nothing changed
+        _assert_same_state(before, after)
+        assert torch.equal(p.detach(), theta)
+        return
+    assert (opt.steps, opt.skipped_steps, opt.rejected_grads) == (7, 0, 1)
+    window = ("grads", "gram", "factor", "window_slots")
+    _assert_same_state({k: before[k] for k in window}, {k: after[k] for k in window})
+    assert not torch.equal(p.detach(), theta)  # stepped with the previous window
+
+
+@pytest.mark.parametrize("errors", ["skip", "raise"])
+def test_a_hopeless_gradient_is_unstorable_on_the_distributed_route(errors):
+    """The same through the collective step (decided from the reduced Gram row)."""
+    from mfac_core.distributed import SingleProcessComm
+
+    p = nn.Parameter(torch.zeros(20))
+    opt = MFAC([p], num_grads=4, damp=10.0, errors=errors, comm=SingleProcessComm())
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(6):
+        p.grad = torch.randn(20, generator=gen)
+        opt.step()
+    p.grad = torch.randn(20, generator=gen)
+    p.grad[5] = 1e9
+
+    def window():
+        state = opt.ihvp.state_dict()
+        return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
+
+    before, theta = window(), p.detach().clone()
+    if errors == "raise":
+        with pytest.raises(ValueError, match="too large for this window"):
+            opt.step()
+        assert torch.equal(p.detach(), theta) and opt.steps == 6
+    else:
+        with pytest.warns(MFACStepWarning, match=r"left out of the window .* too large"):
+            opt.step()
+        assert (opt.steps, opt.skipped_steps, opt.rejected_grads) == (7, 0, 1)
+    _assert_same_state(before, window())
+
+
 # -- PyTorch's own optimizer harness ----------------------------------------------------------
 
 

@@ -123,6 +123,26 @@ def test_damp_types(damp):
         StaticIHVP(G, damp=damp)
 
 
+def test_a_zero_dimensional_real_array_is_a_damping():
+    """Regression: np.array(1e-3) and torch.tensor(1e-3) were refused (TypeError)."""
+    torch = pytest.importorskip("torch")
+    from mfac_core import torch as mfac_torch
+
+    for damp in (np.array(0.5), np.array(0.5, dtype=np.float32), torch.tensor(0.5)):
+        op = StaticIHVP(G, damp=damp)
+        assert type(op.damp) is float and op.damp == 0.5
+        assert DynamicIHVP(3, 10, damp=damp, dtype="float64").damp == 0.5
+        assert SpectralIHVP(G, damp=damp).damp == 0.5
+        opt = mfac_torch.MFAC([torch.nn.Parameter(torch.zeros(3))], damp=damp)
+        assert opt.damp == 0.5
+    # Still refused: 0-d bool and complex arrays, 1-element 1-d arrays.
+    for damp in (np.array(True), np.array(0.5 + 0j), torch.tensor([0.5])):
+        with pytest.raises(TypeError, match="damp must be a real number or a 0-d real array"):
+            StaticIHVP(G, damp=damp)
+    with pytest.raises(ValueError, match="finite and > 0"):
+        StaticIHVP(G, damp=np.array(-1.0))
+
+
 # -- dtypes outside the documented set ----------------------------------------------------------
 
 

@@ -317,9 +317,13 @@ class DaskStaticIHVP(StaticIHVP):
                 "with Dask's workers (persisted), and Dask moves the chunks itself"
             )
         if comm is not None:
-            raise ValueError(
-                "comm= is not available for Dask gradients: Dask distributes the "
-                "chunks of G itself; pass each rank's NumPy shard for comm="
+            # Not a keyword of this class: only the deprecated StaticIHVP(dask_G, comm=...)
+            # reaches here, so the error is the one an unexpected keyword gets.
+            raise TypeError(
+                "DaskStaticIHVP takes no communicator (comm=): Dask distributes the chunks "
+                "of G over its workers itself. To shard G's columns over processes "
+                "instead, give each rank its columns as a NumPy array: "
+                "ShardedStaticIHVP(G_local, comm=comm, damp=...)"
             )
         if check_flag(legacy["overwrite_G"], "overwrite_G"):
             warn_deprecated("overwrite_G=True (ignored: no W is stored)", "nothing")

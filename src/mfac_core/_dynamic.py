@@ -397,7 +397,9 @@ class DynamicIHVP(LinearOperator):
     def update(self, g: Array, /) -> None:
         """Insert gradient ``g``; a full window drops its oldest.
 
-        A gradient holding NaN or infinity, or one that makes the window's
+        A gradient holding NaN or infinity, one so large that the window with
+        it would leave no correct digit in float64 (``eps(float64) kappa >= 1``
+        for ``kappa >= 1 + |g|^2 / (k damp)``), or one that makes the window's
         capacitance matrix singular in float64, is refused and the window is
         left unchanged.
 
@@ -413,7 +415,8 @@ class DynamicIHVP(LinearOperator):
         ValueError
             For a wrong shape, NaN or infinity, or another device; for an
             entry beyond the range of a 2-byte storage dtype (float16's
-            largest finite value is 65504).
+            largest finite value is 65504); for a gradient too large for the
+            window (above).
         TypeError
             For another library or a lossy dtype.
         FactorizationError

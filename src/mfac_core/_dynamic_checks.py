@@ -8,18 +8,61 @@ may defer to read with its other checks in one transfer (``_dynamic_factor.judge
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
+from ._capacitance import EPS64, is_hopeless
 from ._compat import Array, detached
 from ._validation import check_operand
 
 
 class Refused(ValueError):
-    """A gradient refused for its values; ``finite`` tells a range error from NaN/infinity."""
+    """A gradient refused for its values.
 
-    def __init__(op, message: str, *, finite: bool) -> None:
+    ``finite`` tells a range error or a hopeless gradient from NaN/infinity;
+    ``hopeless`` marks a finite gradient so large that ``eps(float64) kappa >= 1``.
+    """
+
+    def __init__(self, message: str, *, finite: bool, hopeless: bool = False) -> None:
         super().__init__(message)
-        op.finite = finite
+        self.finite = finite
+        self.hopeless = hopeless
+
+
+class Pending(NamedTuple):
+    """A gradient's value checks left to be read with a step's other checks.
+
+    ``biggest`` is ``max |g|`` (a 0-d array; None where no value check of ``g``
+    is asked), judged by :func:`judge_gradient` (``finite``: refuse NaN).
+    ``norm2`` is ``|g|^2``, the new diagonal entry of the window's Gram matrix (a
+    0-d array, or None), judged by :func:`judge_conditioning` against ``shift``.
+    """
+
+    g: Any
+    biggest: Any
+    finite: bool
+    norm2: Any = None
+    shift: float = 1.0
+
+    def arrays(self) -> list[Any]:
+        """The 0-d arrays to read, in the order :meth:`judge` takes their values."""
+        return [a for a in (self.biggest, self.norm2) if a is not None]
+
+    def judge(self, op: Any, values: list[float]) -> list[float]:
+        """Raise if a check fails; return ``values`` past the ones :meth:`arrays` gave."""
+        if self.biggest is not None:
+            judge_gradient(op, self.g, values[0], finite=self.finite)
+            values = values[1:]
+        if self.norm2 is not None:
+            judge_conditioning(values[0], self.shift)
+            values = values[1:]
+        return values
+
+
+def with_norm(pending: Pending | None, norm2: Any, shift: float) -> Pending:
+    """``pending`` with the gradient's squared norm to judge against ``shift``."""
+    if pending is None:
+        return Pending(None, None, False, norm2, shift)
+    return pending._replace(norm2=norm2, shift=shift)
 
 
 def check_gradient(op: Any, g: Array, *, deferred: bool = False, finite: bool = False) -> Any:
@@ -27,9 +70,8 @@ def check_gradient(op: Any, g: Array, *, deferred: bool = False, finite: bool = 
 
     NaN and infinity are refused with ``check_finite`` or ``finite``. With
     ``deferred``, returns ``(g, pending)``: the value checks need a number read
-    from the device, which ``pending`` (``(g, max |g|, refuse NaN)``, the maximum
-    a 0-d array; or None) leaves to ``_dynamic_factor.judge``, so that a step reads all its
-    checks at once.
+    from the device, which ``pending`` (a :class:`Pending`, or None) leaves to
+    ``_dynamic_factor.judge``, so that a step reads all its checks at once.
     """
     # The window stores gradients, never their autograd history.
     g = detached(check_operand(op._xp, op.device, op.dtype, g, "g", owner=repr(op)))
@@ -38,11 +80,11 @@ def check_gradient(op: Any, g: Array, *, deferred: bool = False, finite: bool = 
     finite = finite or op.check_finite
     needed = finite or op.storage_dtype is not None
     # A rank of a sharded window may hold no coordinates: nothing to check.
-    pending = (g, op._xp.max(op._xp.abs(g)), finite) if needed and g.shape[0] else None
+    pending = Pending(g, op._xp.max(op._xp.abs(g)), finite) if needed and g.shape[0] else None
     if deferred:
         return g, pending
     if pending is not None:
-        judge_gradient(op, g, float(pending[1]), finite=finite)
+        judge_gradient(op, g, float(pending.biggest), finite=finite)
     return g
 
 
@@ -74,4 +116,27 @@ def check_representable(op: Any, g: Array, biggest: float) -> None:
             f"({biggest:g}) overflows its range (largest finite {top:g}); scale the "
             "gradients or store them in a wider dtype",
             finite=True,
+        )
+
+
+def judge_conditioning(norm2: float, shift: float) -> None:
+    """Refuse a gradient whose squared norm makes ``eps(float64) kappa >= 1``.
+
+    ``norm2 = |g|^2`` is a diagonal entry of the window's Gram matrix with ``g``,
+    so ``kappa >= 1 + norm2 / shift`` (``shift = k damp``, or ``m damp`` with
+    ``zero_init``): the same rule as the JAX window's. The float64 factor and
+    passes then leave no correct digit in any product with that window, and a
+    window keeps such a gradient for m steps. A ``norm2`` that is not finite is
+    left to the other checks (NaN, infinity, the factorisation).
+    """
+    kappa = 1.0 + norm2 / shift
+    if math.isfinite(norm2) and is_hopeless(kappa, eps=EPS64):
+        raise Refused(
+            f"g is too large for this window: its squared norm {norm2:.3g} against the "
+            f"damping term {shift:.3g} (k damp, k gradients; m damp with zero_init) makes the "
+            f"condition number kappa >= {kappa:.3g}, at or beyond 1/eps(float64) = "
+            f"{1 / EPS64:.3g}, where no digit of a product would be correct; clip or scale "
+            "the gradients, or increase damp",
+            finite=True,
+            hopeless=True,
         )

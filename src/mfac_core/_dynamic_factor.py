@@ -17,7 +17,7 @@ from . import _capacitance, _engine
 from ._capacitance import DRIFT_TOL, CapacitanceFactor
 from ._compat import Array
 from ._compat import device as device_of
-from ._dynamic_checks import judge_gradient
+from ._dynamic_checks import Pending, with_norm
 from ._errors import NotPositiveDefinite
 from ._sharding import host_values
 
@@ -200,6 +200,9 @@ def edited(
     current = op._factor
     slots = [s for s in current.slots if s != slot] + [slot]
     k = len(slots)
+    # The new gradient's Gram diagonal bounds kappa from below: a gradient that makes
+    # the window hopeless is refused (read with the step's other checks).
+    pending = with_norm(pending, b[slot], op._shift(k))
     if gram is not None:
         judge(op, pending, [])
         return factorized(op, gram, slots, exact=True), True
@@ -274,18 +277,15 @@ def drift_positions(op: Any, k: int) -> Array:
     return cache[k]
 
 
-def judge(op: Any, pending: Any, checks: list[Array]) -> list[float]:
-    """Read ``checks`` (0-d arrays) and a gradient's deferred check in one transfer.
+def judge(op: Any, pending: Pending | None, checks: list[Array]) -> list[float]:
+    """Read ``checks`` (0-d arrays) and a gradient's deferred checks in one transfer.
 
     Raises the gradient's error if its check fails (before ``checks`` are looked
     at); returns the values of ``checks``.
     """
-    if pending is None and not checks:
+    arrays = ([] if pending is None else pending.arrays()) + checks
+    if not arrays:
         return []
     xp = op._xp
-    arrays = checks if pending is None else [pending[1], *checks]
     values = host_values(xp.stack([xp.astype(xp.reshape(a, ()), xp.float64) for a in arrays]))
-    if pending is not None:
-        judge_gradient(op, pending[0], values[0], finite=pending[2])
-        values = values[1:]
-    return values
+    return values if pending is None else pending.judge(op, values)

@@ -230,8 +230,8 @@ class LoadedState:
             raise ValueError(f"state['damp']: {exc}") from None
         if damp is None and saved_damp != op.damp:
             raise ValueError(
-                f"state_dict has damp={state['damp']}, this operator "
-                f"damp={op.damp}; pass load_state_dict(..., damp=...) to resume with "
+                f"state_dict has damp={saved_damp!r}, this operator "
+                f"damp={op.damp!r}; pass load_state_dict(..., damp=...) to resume with "
                 "another damping"
             )
         target = saved_damp if damp is None else check_damp(damp)

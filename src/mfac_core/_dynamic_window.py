@@ -22,11 +22,12 @@ from ._errors import FactorizationError
 class StepCheck(NamedTuple):
     """What :meth:`DynamicIHVP._update_and_matvec_checked` found.
 
-    status : {"ok", "not finite", "not representable"}
+    status : {"ok", "not finite", "not representable", "too large"}
         ``"ok"``: ``g`` was inserted. ``"not finite"``: ``g`` holds NaN or
         infinity. ``"not representable"``: ``g`` is finite but an entry is
-        beyond the range of the window's 2-byte storage. The window is
-        unchanged unless ``"ok"``.
+        beyond the range of the window's 2-byte storage. ``"too large"``:
+        ``g`` is finite but so large that the window with it would have
+        ``eps(float64) kappa >= 1``. The window is unchanged unless ``"ok"``.
     s : array or None
         ``F^{-1} g`` for the window that includes ``g`` (``"ok"`` only).
     s_finite : bool
@@ -177,7 +178,8 @@ def update_and_matvec_checked(op: Any, g: Array, /) -> StepCheck:
     """:meth:`DynamicIHVP.update_and_matvec` for an optimiser step: bad values are a status.
 
     NaN and infinity in ``g`` are refused whatever ``check_finite``, and
-    reported with a 2-byte window's range error as a status, not raised;
+    reported with a 2-byte window's range error and a gradient that makes the
+    window hopeless as a status, not raised;
     whether the product is finite is returned with it. On a device, the
     steady-state step (a full window and a row edit) reads the gradient's
     check, the edit's and the product's finiteness in one transfer: the
@@ -208,7 +210,9 @@ def update_and_matvec_checked(op: Any, g: Array, /) -> StepCheck:
     try:
         g, product = insert(op, g, speculation=speculation)
     except Refused as exc:
-        status = "not representable" if exc.finite else "not finite"
+        status = (
+            "too large" if exc.hopeless else "not representable" if exc.finite else "not finite"
+        )
         return StepCheck(status, None, False, exc)
     if speculation.s is not None:
         return StepCheck("ok", speculation.s, speculation.finite, None)

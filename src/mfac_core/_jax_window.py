@@ -387,8 +387,8 @@ def _insert(state: WindowState, g: Any, damp: Any) -> tuple[WindowState, Any, An
     # and keep the window as it was, rather than poisoning every later step. So is one
     # that makes eps(float64) kappa >= 1 (kappa >= 1 + max_i |g_i|^2 / shift), where the
     # float64 work leaves no correct digit: a float32 gradient of 1e30 beside ones of 1
-    # would otherwise give products of rounding noise (the core operators warn there;
-    # a jitted step cannot).
+    # would otherwise give products of rounding noise (DynamicIHVP refuses such a
+    # gradient too, judging the new gradient's own |g|^2).
     hopeless = is_hopeless(1.0 + jnp.max(jnp.diagonal(gram)) / shift, eps=EPS64)
     # A traced damping (an injected hyper-parameter) cannot be checked by value before
     # the step; one that is not finite and positive refuses the gradient instead.

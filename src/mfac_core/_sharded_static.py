@@ -87,7 +87,8 @@ def _own_row(xp: Any, dev: Any, comm: Communicator, row: list[float]) -> Array:
 def _same_everywhere(rows: list[list[float]], field: int, name: str, kind: type[Exception]) -> None:
     values = [row[field] for row in rows]
     if len(set(values)) > 1:
-        shown = ", ".join(f"{v:g}" for v in values)
+        # Every digit: dampings that differ past the sixth must not print alike.
+        shown = ", ".join(str(int(v)) if v.is_integer() else repr(v) for v in values)
         raise kind(
             f"{name} must be the same on every rank; got ({shown}) on ranks 0..{len(rows) - 1}"
         )

@@ -84,6 +84,15 @@ def layout(opt: Any) -> None:
         opt._slices.append(layout)
     # d counts every (kept) coordinate; sharded parameters hold ``offset`` of them here.
     opt.dim = sum(p.numel() for p in flat) if opt._sharded else offset
+    if opt.dim == 0:
+        shapes = ", ".join(str(tuple(p.shape)) for p in flat[:4]) + (
+            ", ..." if len(flat) > 4 else ""
+        )
+        raise ValueError(
+            f"MFAC's parameters hold no entries ({len(flat)} parameter(s), all of size 0: "
+            f"shapes {shapes}): there is nothing to precondition; pass parameters with at "
+            "least one entry"
+        )
     # The flat gradient (this rank's shards of it, sharded), reused by every step.
     opt._grad = torch.zeros(offset, dtype=opt.dtype, device=opt.device)
     opt._columns = window_columns(opt, offset)

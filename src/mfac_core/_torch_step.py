@@ -11,12 +11,18 @@ from typing import Any
 
 import torch
 
+from ._dynamic_checks import Refused
 from ._errors import FactorizationError
 from ._torch_distributed import all_gather, local
 
 
 class Unstorable(Exception):
-    """A finite gradient that the window's 2-byte storage would make infinite."""
+    """A finite gradient that the window cannot store.
+
+    An entry beyond the range of its 2-byte storage, or a gradient so large that
+    the window with it would leave no correct digit in float64 (eps(float64)
+    kappa >= 1).
+    """
 
 
 def step(opt: Any) -> None:
@@ -51,13 +57,15 @@ def step(opt: Any) -> None:
                 "(parameters, momentum and window unchanged)",
             )
             return
-        if out.status == "not representable":
+        if out.status in ("not representable", "too large"):
             if opt.defaults["errors"] == "raise":
                 assert out.error is not None
                 raise out.error  # the ValueError update_and_matvec raises
             unstorable = Unstorable(
                 f"an entry of the gradient ({float(g.abs().max()):g}) is beyond the "
                 f"range of the window's {str(opt.grad_dtype).removeprefix('torch.')}"
+                if out.status == "not representable"
+                else str(out.error)
             )
             s, finite = with_previous_window(opt, g, unstorable)
         else:
@@ -103,23 +111,28 @@ def distributed_step(opt: Any, g: torch.Tensor) -> None:
     x = g[lo:hi]
     try:
         s = opt.ihvp.update_and_matvec(x)
-    except FactorizationError as exc:  # decided from reduced numbers: on every rank
-        if opt.defaults["errors"] == "raise":
-            raise
-        left_out(opt, exc)
-        s = opt.ihvp.matvec(x)
-    except ValueError:
-        # The window checks its shard inside the reduction of the Gram row, so a NaN
-        # or infinity on any rank raises on every rank, and the window is kept.
-        where = (
-            culprit(opt) if not bool(torch.isfinite(x).all()) else "the gradient on another rank"
-        )
-        skip(
-            opt,
-            f"{where} holds NaN or infinity; the step is skipped (parameters, momentum "
-            "and window unchanged)",
-        )
-        return
+    except (FactorizationError, ValueError) as exc:
+        if isinstance(exc, FactorizationError) or (isinstance(exc, Refused) and exc.hopeless):
+            # Decided from reduced numbers, on every rank: a factorisation that fails,
+            # or a finite gradient too large for the window.
+            if opt.defaults["errors"] == "raise":
+                raise
+            left_out(opt, exc if isinstance(exc, FactorizationError) else Unstorable(str(exc)))
+            s = opt.ihvp.matvec(x)
+        else:
+            # The window checks its shard inside the reduction of the Gram row, so a NaN
+            # or infinity on any rank raises on every rank, and the window is kept.
+            where = (
+                culprit(opt)
+                if not bool(torch.isfinite(x).all())
+                else "the gradient on another rank"
+            )
+            skip(
+                opt,
+                f"{where} holds NaN or infinity; the step is skipped (parameters, momentum "
+                "and window unchanged)",
+            )
+            return
     if opt._sharded:
         # Each rank moves its own shards, so whether the step is finite is collective.
         bad = torch.tensor([float(not bool(torch.isfinite(s).all()))], dtype=torch.float64)

@@ -149,10 +149,31 @@ def check_number(
 SMALLEST_DAMP = 2.2250738585072014e-308
 
 
+def scalar_value(value: Any) -> Any:
+    """A 0-d array's value as a Python scalar (``item()``); anything else as it is.
+
+    A 0-d real array (``np.array(1e-3)``, ``torch.tensor(1e-3)``) is one number, as a
+    NumPy scalar is. A traced value, which has no concrete value, is returned as it is.
+    """
+    if isinstance(value, numbers.Number) or getattr(value, "ndim", None) != 0:
+        return value
+    item = getattr(value, "item", None)
+    if not callable(item):
+        return value
+    try:
+        return item()
+    except TypeError:  # e.g. a JAX tracer (ConcretizationTypeError)
+        return value
+
+
 def check_damp(damp: Any, name: str = "damp") -> float:
-    """The damping as a Python float; it must be finite and at least float64's smallest normal."""
+    """The damping as a Python float; it must be finite and at least float64's smallest normal.
+
+    A real number or a 0-d real array (bools and complex numbers are refused).
+    """
+    damp = scalar_value(damp)
     if isinstance(damp, bool) or not isinstance(damp, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {damp!r}")
+        raise TypeError(f"{name} must be a real number or a 0-d real array, got {damp!r}")
     value = float(damp)
     if not math.isfinite(value) or value <= 0.0:
         raise ValueError(f"{name} must be finite and > 0, got {damp!r}")

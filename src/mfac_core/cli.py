@@ -26,6 +26,7 @@ import io
 import math
 import os
 import re
+import stat
 import sys
 import tempfile
 import time
@@ -385,8 +386,40 @@ def _check_output(path: str, overwrite: bool, inputs: dict[str, str]) -> None:
             )
     if os.path.isdir(path):
         raise UserError(f"output is a directory, not a file: {path}")
-    if os.path.exists(path) and not overwrite:
+    target = _output_target(path)
+    kind = _special_kind(target)
+    if kind is not None:
+        # Replacing it would remove the pipe or device (a rename over it), not write to it.
+        raise UserError(
+            f"output {path} is a {kind}, not a regular file; the output is written to a "
+            "temporary file and renamed, which cannot go through it: write to a file"
+        )
+    if os.path.lexists(path) and not overwrite:
         raise UserError(f"output file exists: {path} (pass --overwrite to replace it)")
+
+
+def _output_target(path: str) -> str:
+    """The file that ``-o path`` replaces: the file a symbolic link points to, as ``cp`` does.
+
+    ``np.save`` and ``cp`` write through a symbolic link and keep the link, so the
+    link's target is replaced (a rename in the target's folder), not the link.
+    """
+    return os.path.realpath(path) if os.path.islink(path) else path
+
+
+def _special_kind(path: str) -> str | None:
+    """What ``path`` is when it exists and is neither a regular file nor a folder."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None  # absent (or unreadable: the write reports it)
+    kinds = (
+        (stat.S_ISFIFO, "named pipe (FIFO)"),
+        (stat.S_ISCHR, "character device"),
+        (stat.S_ISBLK, "block device"),
+        (stat.S_ISSOCK, "socket"),
+    )
+    return next((name for test, name in kinds if test(mode)), None)
 
 
 def _nonfinite_rows(
@@ -435,6 +468,7 @@ def _finiteness_error(path: str, arr: np.ndarray, dtype: np.dtype) -> UserError 
 def _save(path: str, arr: np.ndarray, overwrite: bool, inputs: dict[str, str]) -> None:
     """Write ``arr`` to ``path`` as .npy, atomically (a temporary file, then a rename)."""
     _check_output(path, overwrite, inputs)
+    path = _output_target(path)
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise UserError(f"output folder does not exist: {folder}")

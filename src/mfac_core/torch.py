@@ -250,10 +250,12 @@ class MFAC(torch.optim.Optimizer):
       parameter. So does a finite gradient whose preconditioned step is not
       finite (the gradient then stays in the window).
     - A gradient that cannot be inserted because the window's Fisher would
-      not be numerically positive definite, or (with a float16
-      ``grad_dtype``) because an entry exceeds float16's range (a
+      not be numerically positive definite (a
       :class:`~mfac_core.FactorizationError`, e.g. a gradient repeated exactly
-      with a tiny ``damp``) is left out of the window, which is unchanged,
+      with a tiny ``damp``), because it is so large that the window with it
+      would leave no correct digit in float64 (``eps(float64) kappa >= 1``),
+      or (with a float16 ``grad_dtype``) because an entry exceeds float16's
+      range is left out of the window, which is unchanged,
       and the step is taken with the previous window: ``s = F^{-1} g`` of the
       window without ``g``, which is still a valid preconditioner: the
       gradient is used for the step, only not stored (skipping would discard
@@ -261,7 +263,7 @@ class MFAC(torch.optim.Optimizer):
 
     With ``errors="raise"`` both raise instead (``FloatingPointError``,
     ``FactorizationError``, or the window's ``ValueError`` for a gradient
-    beyond float16's range) and the optimizer is left as it was, except that a
+    beyond float16's range or too large) and the optimizer is left as it was, except that a
     non-finite step of a finite gradient leaves that gradient in the window.
 
     Distributed (``comm``, or DTensor parameters), each rank's window holds

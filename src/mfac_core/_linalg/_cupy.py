@@ -39,8 +39,8 @@ __all__ = [
 #: What to install when a CUDA library CuPy loads on first use is missing.
 CUDA_LIBRARIES_HINT = (
     "a driver-only machine needs the CUDA libraries CuPy loads (NVRTC, cuBLAS, cuSOLVER): "
-    "pip install 'mfac_core[cuda]' (or 'cupy-cuda12x[ctk]'; 'cupy-cuda13x[ctk]' for CUDA 13), "
-    "or install a CUDA Toolkit"
+    'pip install ".[cuda]" from a checkout of mfac_core (or pip install '
+    '"cupy-cuda12x[ctk]>=14"; "cupy-cuda13x[ctk]>=14" for CUDA 13), or install a CUDA Toolkit'
 )
 
 #: The implementations of the small dense linear algebra on CuPy arrays.
