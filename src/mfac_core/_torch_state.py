@@ -16,6 +16,7 @@ import torch
 
 from ._compat import array_namespace
 from ._sharding import reduce_checked
+from ._torch_checkpoint import packed, unpacked
 from ._torch_layout import layout, new_window
 from ._validation import check_damp, check_number
 
@@ -35,6 +36,11 @@ def fresh_entry(grad: torch.Tensor) -> dict[str, Any]:
         "skipped_steps": 0,
         "rejected_grads": 0,
     }
+
+
+def without_window(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """MFAC's state entry without its ``"window"`` (the live operator, or its saved state)."""
+    return {k: v for k, v in entry.items() if k != "window"}
 
 
 def check_lr(lr: Any, where: str) -> Any:
@@ -91,22 +97,15 @@ def saved_entry(opt: Any) -> dict[str, Any]:
     """The state entry as ``MFAC.state_dict`` saves it: copies, the window included."""
     entry = opt._entry
     saved = {
-        "window": opt.ihvp.state_dict(),
+        # Tensors of the shapes they have from construction on (_torch_checkpoint).
+        "window": packed(opt.ihvp.state_dict(), opt.ihvp.num_grads),
         "momentum_buffer": entry["momentum_buffer"].clone(),
         **{key: int(entry[key]) for key in ENTRY_KEYS[1:]},
     }
     if opt._comm is not None:
         # Under a key naming the rank and the world size: torch.distributed.checkpoint
         # keeps one copy of a key that every rank saves, and this shard is the rank's own.
-        # Every tensor has the shape it had at construction, so that the state_dict of
-        # a fresh optimizer is a template that dcp.load can fill in place.
-        window = dict(saved.pop("window"))
-        m = opt.ihvp.num_grads
-        factor = window["factor"].new_zeros((m, m))
-        k = window["factor"].shape[0]
-        factor[:k, :k] = window["factor"]
-        window["factor"] = factor
-        shard = {"window": window, "momentum_buffer": saved.pop("momentum_buffer")}
+        shard = {"window": saved.pop("window"), "momentum_buffer": saved.pop("momentum_buffer")}
         saved.update(window=None, momentum_buffer=None, shards={opt._shard_key: shard})
     return saved
 
@@ -242,12 +241,8 @@ def check_distributed_state(opt: Any, state_dict: Any, damp: float | None) -> Si
         shard = shards[opt._shard_key]
         if not isinstance(shard, Mapping):
             raise ValueError(f"the MFAC state's shard {opt._shard_key!r} must be a dict")
-        window = shard.get("window")
-        if isinstance(window, Mapping) and isinstance(window.get("factor"), torch.Tensor):
-            k = len(window.get("window_slots") or ())
-            window = {**window, "factor": window["factor"][:k, :k]}
         mine = {k: v for k, v in extra.items() if k != "shards"}
-        mine.update(shard, window=window)
+        mine.update(shard)
         first = state_dict["param_groups"][0]["params"][0]
         flat.append({**state_dict, "state": {first: mine}})
         flat.append(check_state(opt, flat[0], damp, window=False))
@@ -346,7 +341,8 @@ def check_window(opt: Any, window: Any, damp: float | None) -> tuple[dict[str, A
         raise ValueError(f"{where} must be a dict")
     # Tensors to this device; the core detaches them, and checks everything else.
     out = {
-        k: v.to(device=opt.device) if isinstance(v, torch.Tensor) else v for k, v in window.items()
+        k: v.to(device=opt.device) if isinstance(v, torch.Tensor) else v
+        for k, v in unpacked(window, opt.ihvp.num_grads, where).items()
     }
     target = None if damp is None else check_damp(damp)
     try:
@@ -410,4 +406,6 @@ def restore(opt: Any, extra: Mapping[str, Any]) -> None:
     if "steps" in extra:  # a pickle of the earlier format: the entry was here
         entry = {key: extra.get(key, 0) for key in ENTRY_KEYS[1:]}
         entry["momentum_buffer"] = check_momentum(opt, extra["momentum_buffer"])
-        opt._reset_state(entry)
+    else:
+        entry = opt._entry
+    opt._reset_state(entry)  # the entry of the live window

@@ -42,6 +42,7 @@ from ._torch_state import (
     load_state,
     restore,
     saved_entry,
+    without_window,
 )
 from ._torch_step import step as take_step
 from ._validation import check_choice, check_count, check_damp, check_flag, check_number
@@ -182,9 +183,10 @@ class MFAC(torch.optim.Optimizer):
         As for every :class:`torch.optim.Optimizer`; MFAC's state is global
         (one window, one momentum buffer over the flat vector), so it is
         held by the first parameter (as :class:`torch.optim.LBFGS` holds
-        its own): ``state[first]`` has ``"momentum_buffer"`` and the three
-        counters; the other parameters have empty entries. The window is
-        :attr:`ihvp`; :meth:`state_dict` adds it to the entry.
+        its own): ``state[first]`` has ``"window"`` (the operator
+        :attr:`ihvp` itself), ``"momentum_buffer"`` and the three counters;
+        the other parameters have empty entries. :meth:`state_dict` holds
+        the window's state in its place.
 
     Raises
     ------
@@ -258,7 +260,10 @@ class MFAC(torch.optim.Optimizer):
     factor), the momentum buffer, the step count and the two counters, so
     that a run restored from a checkpoint continues bit for bit, also
     through :func:`torch.distributed.checkpoint.state_dict.get_optimizer_state_dict`
-    and ``set_optimizer_state_dict``;
+    and ``set_optimizer_state_dict`` (full or sharded, flattened or not) and
+    through ``dcp.save`` and ``dcp.load`` into the state of a fresh optimizer:
+    the state holds only tensors, of the shapes they have from construction
+    on, and plain numbers;
     :meth:`load_state_dict` can also resume it with another damping. An
     optimizer can be copied with :func:`copy.deepcopy` (with its model, as
     ``copy.deepcopy((model, opt))``) and pickled; the copy continues exactly
@@ -348,7 +353,9 @@ class MFAC(torch.optim.Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 self.state[p] = {}
-        self.state[self._first] = entry
+        # The window itself, not a copy (the m x d memory is held once): DCP rebuilds a
+        # flattened state from the keys of the live one, so "window" must be among them.
+        self.state[self._first] = {"window": self.ihvp, **without_window(entry)}
 
     @property
     def _entry(self) -> dict[str, Any]:
@@ -490,7 +497,10 @@ class MFAC(torch.optim.Optimizer):
             one entry, under the id of the first parameter (as
             :class:`torch.optim.LBFGS` keeps its global state): MFAC's state
             for all parameters, with copies of the window's state
-            (``"window"``, :meth:`DynamicIHVP.state_dict`), the momentum
+            (``"window"``: :meth:`DynamicIHVP.state_dict` with its slot
+            lists as int64 tensors of length ``num_grads`` padded with -1,
+            and its factor padded with zeros to ``num_grads x num_grads``, so
+            that every tensor keeps its shape from construction on), the momentum
             buffer of the flat vector (``"momentum_buffer"``), the step count
             (``"steps"``) and the counters ``"skipped_steps"`` and
             ``"rejected_grads"``. State-dict hooks see this entry.
@@ -522,7 +532,9 @@ class MFAC(torch.optim.Optimizer):
 
         A state saved by mfac_core 0.x before the state moved into
         ``state_dict["state"]`` (a top-level ``"mfac"`` entry beside an
-        empty ``"state"``) loads too.
+        empty ``"state"``) loads too, and so does a window whose slot lists
+        are Python lists (:meth:`DynamicIHVP.state_dict`'s form, which
+        earlier checkpoints hold).
 
         Parameters
         ----------
@@ -556,6 +568,11 @@ class MFAC(torch.optim.Optimizer):
         # array namespace, a module, which neither pickle nor deepcopy can copy.
         check_picklable(self)
         state = super().__getstate__()
+        # As the other entries: without the operator, whose state goes separately.
+        state["state"] = defaultdict(
+            dict,
+            {p: without_window(e) if p is self._first else e for p, e in self.state.items()},
+        )
         state["_mfac"] = {"window": self.ihvp.state_dict()}
         return state
 
