@@ -185,8 +185,8 @@ class MFAC(torch.optim.Optimizer):
         held by the first parameter (as :class:`torch.optim.LBFGS` holds
         its own): ``state[first]`` has ``"window"`` (the operator
         :attr:`ihvp` itself), ``"momentum_buffer"`` and the three counters;
-        the other parameters have empty entries. :meth:`state_dict` holds
-        the window's state in its place.
+        the other parameters have none (:meth:`state_dict` gives them empty
+        entries, and holds the window's state in place of the window).
 
     Raises
     ------
@@ -344,15 +344,13 @@ class MFAC(torch.optim.Optimizer):
         self.ihvp = new_window(self, damp)
         # The optimizer's state lives on its first parameter, as torch.optim.LBFGS keeps
         # its global state: never empty, so that torch.distributed.checkpoint finds it
-        # initialised and does not call step() with zero gradients to create it. Every
-        # other parameter has an empty entry, which DCP's strict loading asks for.
+        # initialised and does not call step() with zero gradients to create it.
         self._reset_state(fresh_entry(self._grad))
 
     def _reset_state(self, entry: dict[str, Any]) -> None:
+        # Only the first parameter has an entry, as with torch.optim.LBFGS (torch's
+        # harness asks every entry to be non-empty); state_dict() lists the others.
         self.state = defaultdict(dict)
-        for group in self.param_groups:
-            for p in group["params"]:
-                self.state[p] = {}
         # The window itself, not a copy (the m x d memory is held once): DCP rebuilds a
         # flattened state from the keys of the live one, so "window" must be among them.
         self.state[self._first] = {"window": self.ihvp, **without_window(entry)}
@@ -503,16 +501,24 @@ class MFAC(torch.optim.Optimizer):
             that every tensor keeps its shape from construction on), the momentum
             buffer of the flat vector (``"momentum_buffer"``), the step count
             (``"steps"``) and the counters ``"skipped_steps"`` and
-            ``"rejected_grads"``. State-dict hooks see this entry.
+            ``"rejected_grads"``. The other parameters have empty entries
+            (which the strict loading of :mod:`torch.distributed.checkpoint`
+            asks for). State-dict hooks see these entries.
         """
         live = self._entry
-        # The window exists in state_dict() only: kept in self.state it would double
-        # the m x d memory.
+        # Copies of the window's state in state_dict() only: kept in self.state they
+        # would double the m x d memory.
         self.state[self._first] = saved_entry(self)
+        others = [p for group in self.param_groups for p in group["params"] if p not in self.state]
+        for p in others:
+            self.state[p] = {}
         try:
             return super().state_dict()
         finally:
             self.state[self._first] = live
+            for p in others:
+                if self.state.get(p) == {}:  # unless a hook wrote into it
+                    del self.state[p]
 
     @property
     def _shard_key(self) -> str:
