@@ -8,6 +8,7 @@ load commits only a state that passed them all. Nothing here is public.
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Mapping, Sequence
 from types import SimpleNamespace
 from typing import Any
@@ -104,10 +105,36 @@ def saved_entry(opt: Any) -> dict[str, Any]:
     }
     if opt._comm is not None:
         # Under a key naming the rank and the world size: torch.distributed.checkpoint
-        # keeps one copy of a key that every rank saves, and this shard is the rank's own.
-        shard = {"window": saved.pop("window"), "momentum_buffer": saved.pop("momentum_buffer")}
-        saved.update(window=None, momentum_buffer=None, shards={opt._shard_key: shard})
+        # keeps one copy of a key that every rank saves, and these are the rank's own.
+        # Under the entry's own keys, which DCP's flattened state is rebuilt from.
+        for key in ("window", "momentum_buffer"):
+            saved[key] = {opt._shard_key: saved[key]}
     return saved
+
+
+def rank_keyed(value: Any) -> bool:
+    """Whether ``value`` is a distributed state's dict of ranks (``"rank{r}_of_{p}"`` keys)."""
+    return (
+        isinstance(value, Mapping)
+        and bool(value)
+        and all(isinstance(k, str) and re.fullmatch(r"rank\d+_of_\d+", k) for k in value)
+    )
+
+
+def shards_of(extra: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """A distributed state's windows and momenta by rank, of this format or the earlier one.
+
+    The earlier format held them under ``"shards"`` (``{rank: {"window", "momentum_buffer"}}``)
+    beside ``None`` for both; ``None`` for the state of an optimizer without ``comm``.
+    """
+    if extra.get("shards") is not None:
+        shards: Mapping[str, Any] = extra["shards"]
+        return shards
+    window, momentum = extra.get("window"), extra.get("momentum_buffer")
+    if not isinstance(window, Mapping) or not rank_keyed(window):
+        return None
+    momenta = momentum if isinstance(momentum, Mapping) else {}
+    return {k: {"window": v, "momentum_buffer": momenta.get(k)} for k, v in window.items()}
 
 
 def migrated(state_dict: dict[str, Any]) -> dict[str, Any]:
@@ -163,9 +190,10 @@ def check_state(
         raise ValueError(f"not an MFAC state_dict: it has no {missing}")
     groups = check_groups(opt, state_dict)
     extra = saved_state(state_dict)
-    if window and extra.get("shards") is not None:
+    shards = shards_of(extra) if window else None
+    if shards is not None:
         raise ValueError(
-            f"the MFAC state holds the shards {sorted(extra['shards'])} of a distributed "
+            f"the MFAC state holds the shards {sorted(shards)} of a distributed "
             "MFAC optimizer; this one was built without comm (and its parameters are not "
             "DTensors): load it into an optimizer of the same world size"
         )
@@ -211,7 +239,7 @@ def saved_state(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
 def check_distributed_state(opt: Any, state_dict: Any, damp: float | None) -> SimpleNamespace:
     """:func:`check_state` for a distributed optimizer, with collective errors.
 
-    This rank's entry of ``shards`` is taken as the window and momentum; the
+    This rank's entries (:func:`shards_of`) are taken as the window and momentum; the
     checks of this rank's part run inside one reduction of a status word, so
     that every rank raises if one rank's state is bad, before the window's own
     (collective) checks run.
@@ -226,15 +254,15 @@ def check_distributed_state(opt: Any, state_dict: Any, damp: float | None) -> Si
             raise ValueError(f"not an MFAC state_dict: it has no {missing}")
         check_groups(opt, state_dict)
         extra = saved_state(state_dict)
-        shards = extra.get("shards")
+        shards = shards_of(extra)
         if not isinstance(shards, Mapping):
             raise ValueError(
-                "the MFAC state has no 'shards': it is the state of an MFAC optimizer "
-                "without comm; this one is distributed"
+                "the MFAC state has no windows by rank: it is the state of an MFAC "
+                "optimizer without comm; this one is distributed"
             )
         if opt._shard_key not in shards:
             raise ValueError(
-                f"the MFAC state's 'shards' hold {sorted(shards)}, not "
+                f"the MFAC state holds the windows of {sorted(shards)}, not "
                 f"{opt._shard_key!r}: a distributed MFAC state loads only at the world "
                 "size that saved it, each rank its own shard"
             )

@@ -249,8 +249,9 @@ class MFAC(torch.optim.Optimizer):
     collective: a NaN on one rank skips (or raises on) every rank, a
     gradient the window cannot take is left out on every rank. The state
     holds this rank's window and momentum under
-    ``state_dict()["state"][0]["shards"]["rank{r}_of_{p}"]`` (the first
-    parameter's entry; tensors of fixed shapes,
+    ``state_dict()["state"][0]["window"]["rank{r}_of_{p}"]`` and
+    ``["momentum_buffer"]["rank{r}_of_{p}"]`` (the first parameter's entry;
+    tensors of fixed shapes,
     so that :mod:`torch.distributed.checkpoint` saves every rank's shard and
     loads into the state_dict of a fresh optimizer) and loads only at the
     same world size, on the rank that saved it. A distributed optimizer
