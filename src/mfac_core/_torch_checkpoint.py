@@ -38,7 +38,7 @@ def packed(window: Mapping[str, Any], num_grads: int) -> dict[str, Any]:
     for key in SLOT_KEYS:
         slots = torch.full((m,), PAD, dtype=torch.int64, device=device)
         entries = list(window[key])
-        slots[: len(entries)] = torch.tensor(entries, dtype=torch.int64)
+        slots[: len(entries)] = torch.tensor(entries, dtype=torch.int64, device=device)
         out[key] = slots
     factor = window["factor"]
     k = factor.shape[0]
