@@ -260,9 +260,13 @@ def snapshot(opt, *, diagnostics: bool = True) -> dict:
         "counters": (opt.steps, opt.skipped_steps, opt.rejected_grads),
         "window": (len(opt.ihvp), opt.ihvp.slots, opt.ihvp.damp),
         # Keyed by position: a copy's parameters are other objects.
+        # The live window (opt.state[first]["window"]) is compared through its state_dict.
         "state": {
-            i: copy.deepcopy(opt.state[q]) for i, q in enumerate(all_params(opt)) if q in opt.state
+            i: copy.deepcopy({k: v for k, v in opt.state[q].items() if k != "window"})
+            for i, q in enumerate(all_params(opt))
+            if q in opt.state
         },
+        "live_window": opt.state[all_params(opt)[0]]["window"] is opt.ihvp,
         "state_keys": len(opt.state),
         "repr": repr(opt),
     }
@@ -514,7 +518,11 @@ def test_buffers_never_record_autograd_history(dtype, how):
             state = opt.state_dict()
             for t in (
                 state["state"][0]["momentum_buffer"],
-                *(v for v in state["state"][0]["window"].values() if isinstance(v, torch.Tensor)),
+                *(
+                    v
+                    for v in state["state"][0]["window"].values()
+                    if isinstance(v, torch.Tensor) and v.is_floating_point()
+                ),
             ):
                 t.requires_grad_(True)
             opt.load_state_dict(state)

@@ -76,9 +76,14 @@ def test_state_is_on_the_first_parameter_from_construction():
     model = make_model()
     opt = MFAC(model.parameters(), num_grads=3)
     first = next(model.parameters())
-    # Never empty: DCP does not "initialise" it by a step; empty for the other parameters.
-    assert list(opt.state) == list(model.parameters())
-    assert all(opt.state[p] == {} for p in list(model.parameters())[1:])
+    # Never empty: DCP does not "initialise" it by a step. The other parameters have no
+    # entry (torch's harness asks every entry to be non-empty), but empty ones in the
+    # state_dict (DCP's strict loading asks for one per parameter).
+    assert list(opt.state) == [first]
+    assert opt.state[first]["window"] is opt.ihvp
+    assert list(opt.state_dict()["state"]) == [0, 1, 2, 3]
+    assert all(opt.state_dict()["state"][i] == {} for i in (1, 2, 3))
+    assert list(opt.state) == [first]
     entry = opt.state[first]
     assert (entry["steps"], entry["skipped_steps"], entry["rejected_grads"]) == (0, 0, 0)
     state = opt.state_dict()
@@ -396,6 +401,192 @@ def test_dcp_save_and_load_of_the_state_dict(tmp_path):
     assert_continue_alike(model, opt, fresh_model, fresh)
 
 
+# -- torch.distributed.checkpoint: every StateDictOptions, dcp.save/load into fresh objects ----
+
+_DCP_OPTIONS = {
+    "full": {"full_state_dict": True},
+    "flatten": {"flatten_optimizer_state_dict": True},
+    "full+flatten": {"full_state_dict": True, "flatten_optimizer_state_dict": True},
+    "cpu_offload": {"cpu_offload": True},
+    "full+cpu_offload": {"full_state_dict": True, "cpu_offload": True},
+}
+
+
+def _dcp_round_trip(make_opt, options, *, load_options=None):
+    """Train 2 steps, get, set into a fresh optimizer; both train on: same parameters?"""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    model = make_model(0)
+    opt = make_opt(model.parameters())
+    train(model, opt, batches(1, 2))
+    saved = get_optimizer_state_dict(model, opt, options=StateDictOptions(**options))
+    fresh_model = make_model(7)
+    fresh_model.load_state_dict(model.state_dict())
+    fresh = make_opt(fresh_model.parameters())
+    load = StateDictOptions(**(options if load_options is None else load_options))
+    set_optimizer_state_dict(fresh_model, fresh, copy.deepcopy(saved), options=load)
+    data = batches(9, 2)
+    train(model, opt, data)
+    train(fresh_model, fresh, data)
+    return saved, all(
+        torch.equal(a, b) for a, b in zip(model.parameters(), fresh_model.parameters(), strict=True)
+    )
+
+
+def _mfac(zero_init):
+    kw = {"lr": 0.1, "num_grads": 3, "damp": 1e-2, "momentum": 0.5, "zero_init": zero_init}
+    return lambda params: MFAC(params, **kw)
+
+
+def _adam(params):
+    return torch.optim.Adam(params, lr=0.1)
+
+
+@pytest.mark.parametrize(
+    ("options", "zero_init"),
+    [
+        *[(name, True) for name in ("full", "flatten")],  # no free slots: an empty list was lost
+        *[(name, False) for name in _DCP_OPTIONS],
+    ],
+)
+def test_dcp_state_dict_options_round_trip_as_for_adam(options, zero_init):
+    # 2 steps into a window of 3: with zero_init=False the factor is 2 x 2, not m x m.
+    options = _DCP_OPTIONS[options]
+    try:
+        _, adam_resumed = _dcp_round_trip(_adam, options)
+    except Exception as exc:  # torch's own limits: MFAC must fail alike
+        with pytest.raises(type(exc)):
+            _dcp_round_trip(_mfac(zero_init), options)
+        # torch 2.13 cannot set a full and flattened state (KeyError for every optimizer);
+        # the state it gets loads as a flattened one, for MFAC as for Adam.
+        load = {k: v for k, v in options.items() if k != "full_state_dict"}
+        _, adam_resumed = _dcp_round_trip(_adam, options, load_options=load)
+        assert adam_resumed
+        _, resumed = _dcp_round_trip(_mfac(zero_init), options, load_options=load)
+        assert resumed
+        return
+    assert adam_resumed
+    saved, resumed = _dcp_round_trip(_mfac(zero_init), options)
+    assert resumed
+    if options.get("flatten_optimizer_state_dict"):
+        assert any(k.startswith("state.0.weight.window.") for k in saved)
+
+
+def _leaves(tree, path="state"):
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from _leaves(value, f"{path}[{key!r}]")
+    else:
+        yield path, tree
+
+
+@pytest.mark.parametrize("zero_init", [True, False])
+def test_the_state_holds_only_tensors_and_plain_numbers(zero_init):
+    # What DCP's flattened and full state dicts take (no lists, no None), with the
+    # shapes of a fresh optimizer's state: dcp.load fills a fresh state in place.
+    _, opt = trained(steps=2, zero_init=zero_init)
+    fresh = MFAC(make_model(3).parameters(), lr=0.1, num_grads=3, damp=1e-2, zero_init=zero_init)
+    got, template = (
+        dict(_leaves(opt.state_dict()["state"])),
+        dict(_leaves(fresh.state_dict()["state"])),
+    )
+    assert got.keys() == template.keys()
+    for path, value in got.items():
+        assert isinstance(value, (torch.Tensor, int, float)), (path, type(value))
+        if isinstance(value, torch.Tensor):
+            assert (value.shape, value.dtype) == (template[path].shape, template[path].dtype), path
+    window = opt.state_dict()["state"][0]["window"]
+    assert window["window_slots"].tolist() == [*opt.ihvp.slots, *[-1] * (3 - len(opt.ihvp))]
+
+
+@pytest.mark.parametrize("zero_init", [True, False])
+@pytest.mark.parametrize("flatten", [False, True])
+def test_dcp_save_and_load_into_a_fresh_model_and_optimizer(tmp_path, zero_init, flatten):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_state_dict,
+        set_state_dict,
+    )
+
+    options = StateDictOptions(flatten_optimizer_state_dict=flatten)
+    model, opt = trained(steps=2, zero_init=zero_init)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # DCP: no process group
+        model_state, optim_state = get_state_dict(model, opt, options=options)
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp_path))
+        fresh_model = make_model(3)
+        fresh = MFAC(
+            fresh_model.parameters(),
+            lr=0.1,
+            num_grads=3,
+            damp=1e-2,
+            momentum=0.5,
+            zero_init=zero_init,
+        )
+        model_state, optim_state = get_state_dict(fresh_model, fresh, options=options)
+        state = {"model": model_state, "optim": optim_state}
+        dcp.load(state, checkpoint_id=str(tmp_path))
+    set_state_dict(
+        fresh_model,
+        fresh,
+        model_state_dict=state["model"],
+        optim_state_dict=state["optim"],
+        options=options,
+    )
+    same(everything(fresh), everything(opt))
+    assert_continue_alike(model, opt, fresh_model, fresh)
+
+
+@pytest.mark.parametrize("factor", ["k x k", "m x m"])
+def test_a_window_state_with_slot_lists_loads(factor):
+    # The window's form in checkpoints saved before its slot lists became tensors: the
+    # core's state_dict (lists), with the k x k factor or, as distributed states had
+    # it, padded to m x m.
+    _, opt = trained(steps=2, zero_init=False)
+    state = opt.state_dict()
+    window = opt.ihvp.state_dict()
+    assert isinstance(window["window_slots"], list) and window["factor"].shape == (2, 2)
+    if factor == "m x m":
+        window["factor"] = state["state"][0]["window"]["factor"]
+    state["state"][0]["window"] = window
+    fresh = MFAC(
+        make_model(3).parameters(), lr=0.1, num_grads=3, damp=1e-2, momentum=0.5, zero_init=False
+    )
+    fresh.load_state_dict(state)
+    same(everything(fresh), everything(opt))
+
+
+def _set_window(key, make):
+    return lambda s: s["state"][0]["window"].__setitem__(key, make(s["state"][0]["window"][key]))
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (_set_window("window_slots", lambda t: t.flip(0)), "after its padding"),
+        (_set_window("window_slots", lambda t: t.double()), "integer tensor"),
+        (_set_window("free_slots", lambda t: t[:2]), "length num_grads=3"),
+        (_set_window("factor", lambda t: t + 1), "not zero outside"),
+        (_set_window("window_slots", lambda t: torch.tensor([0, 2, -1])), "slot lists"),
+    ],
+    ids=["entries after padding", "float slots", "short slots", "padding not zero", "slots"],
+)
+def test_a_malformed_packed_window_is_refused_and_changes_nothing(edit, match):
+    _, source = trained(seed=1, steps=2, zero_init=False)
+    bad = source.state_dict()
+    edit(bad)
+    _, target = trained(seed=2, steps=1, zero_init=False)
+    before = everything(target)
+    with pytest.raises(ValueError, match=match):
+        target.load_state_dict(bad)
+    same(everything(target), before)
+
+
 def test_add_param_group_widens_the_window_with_zeros():
     a = nn.Parameter(torch.tensor([1.0, 2.0, -1.0], dtype=torch.float64))
     b = nn.Parameter(torch.tensor([0.5, -1.0], dtype=torch.float64))
@@ -409,7 +600,8 @@ def test_add_param_group_widens_the_window_with_zeros():
         gb = torch.randn(2, generator=gen, dtype=torch.float64)
         if step == 2:
             grown.add_param_group({"params": [b], "lr": 0.2})
-            assert grown.dim == 5 and list(grown.state) == [a, b]
+            assert grown.dim == 5 and list(grown.state) == [a]
+            assert list(grown.state_dict()["state"]) == [0, 1]
             assert "num_grads" not in grown.param_groups[1]
         a.grad, a2.grad = ga.clone(), ga.clone()
         b.grad, b2.grad = (gb.clone(), gb.clone()) if step >= 2 else (None, None)

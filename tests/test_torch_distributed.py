@@ -169,16 +169,32 @@ def _checkpoint_threads(comm: Communicator, saved: list[Any] | None, size_ok: bo
     return flat(model) if saved is not None else (snap, flat(model))
 
 
+def _earlier_layout(params: Any, state: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    entry = dict(state["state"][0])
+    (key,) = entry["window"]
+    shard = {"window": entry["window"][key], "momentum_buffer": entry["momentum_buffer"][key]}
+    entry.update(window=None, momentum_buffer=None, shards={key: shard})
+    return params, {**state, "state": {**state["state"], 0: entry}}
+
+
 def test_ddp_mode_checkpoints_resume_bit_for_bit() -> None:
     first = run_spmd_threads(_checkpoint_threads, 2, None, True)
     for r in first:
         assert not isinstance(r, Exception), r
     state = first[0][0][1]
-    assert state["state"][0]["window"] is None and list(state["state"][0]["shards"]) == [
-        "rank0_of_2"
-    ]
+    # This rank's window and momentum under its key (keys of the live entry: DCP's
+    # flattened state dict is rebuilt from them).
+    entry = state["state"][0]
+    assert list(entry["window"]) == list(entry["momentum_buffer"]) == ["rank0_of_2"]
+    assert "shards" not in entry
     resumed = run_spmd_threads(_checkpoint_threads, 2, [r[0] for r in first], True)
     for r, again in zip(first, resumed, strict=True):
+        np.testing.assert_array_equal(again, r[1])
+    # The earlier layout (both under "shards", None in their places) loads too.
+    earlier = run_spmd_threads(
+        _checkpoint_threads, 2, [_earlier_layout(*r[0]) for r in first], True
+    )
+    for r, again in zip(first, earlier, strict=True):
         np.testing.assert_array_equal(again, r[1])
     # Another world size, or ranks' shards swapped: every rank refuses, clearly.
     other = run_spmd_threads(_checkpoint_threads, 3, [first[0][0]] * 3, True, timeout=20)
@@ -239,7 +255,7 @@ def _gloo_optimizer(comm: Communicator, root: str) -> dict[str, Any]:
     _train(sharded, fopt, data[4:STEPS], comm)
     out["fsdp"] = flat(sharded)
     out["fsdp_window"] = fopt.ihvp.dim
-    after = [fopt.state_dict()["state"][0]["shards"], fopt.steps]
+    after = [fopt.state_dict()["state"][0]["window"], fopt.steps]
     # Restore from the checkpoint into fresh objects: the same steps, bit for bit.
     again = make_model(seed=1)
     fully_shard(again, mesh=mesh)
@@ -276,9 +292,32 @@ def _gloo_optimizer(comm: Communicator, root: str) -> dict[str, Any]:
     _train(third, topt, data[4:STEPS], comm)
     _train(fourth, fopt4, data[4:STEPS], comm)
     out["api_restored"] = bool(np.array_equal(flat(third), flat(fourth)))
-    window, restored = after[0][aopt._shard_key]["window"], aopt.state_dict()["state"][0]["shards"]
+    # Flattened (as for pipeline parallelism) and full state dicts, loaded in memory.
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    out["options_restored"] = {}
+    for name, options in (
+        ("flatten", StateDictOptions(flatten_optimizer_state_dict=True)),
+        ("full", StateDictOptions(full_state_dict=True)),
+    ):
+        source = make_model(seed=4)
+        fully_shard(source, mesh=mesh)
+        sopt = MFAC(source.parameters(), **OPTIONS)
+        _train(source, sopt, data[:3], comm)
+        saved = get_optimizer_state_dict(source, sopt, options=options)
+        target = make_model(seed=5)
+        fully_shard(target, mesh=mesh)
+        topt5 = MFAC(target.parameters(), **OPTIONS)
+        with torch.no_grad():
+            for p, q in zip(target.parameters(), source.parameters(), strict=True):
+                p.to_local().copy_(q.to_local())
+        set_optimizer_state_dict(target, topt5, saved, options=options)
+        _train(source, sopt, data[3:5], comm)
+        _train(target, topt5, data[3:5], comm)
+        out["options_restored"][name] = bool(np.array_equal(flat(source), flat(target)))
+    window, restored = after[0][aopt._shard_key], aopt.state_dict()["state"][0]["window"]
     out["same_window"] = all(
-        torch.equal(torch.as_tensor(v), torch.as_tensor(restored[aopt._shard_key]["window"][k]))
+        torch.equal(torch.as_tensor(v), torch.as_tensor(restored[aopt._shard_key][k]))
         for k, v in window.items()
         if not isinstance(v, (list, int, float, bool))
     )
@@ -315,6 +354,7 @@ def test_ddp_and_fsdp2_over_gloo() -> None:
         assert_params_close(r["fsdp"], want)
         np.testing.assert_array_equal(r["restored"], r["fsdp"])
         assert r["api_no_step"] and r["api_restored"]
+        assert r["options_restored"] == {"flatten": True, "full": True}, r["options_restored"]
         assert r["same_window"]
         assert r["skip"][:2] == (1, True), r["skip"]
     # FSDP2 shards each parameter's rows: the window holds this rank's local shards only.

@@ -8,6 +8,7 @@ load commits only a state that passed them all. Nothing here is public.
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Mapping, Sequence
 from types import SimpleNamespace
 from typing import Any
@@ -16,6 +17,7 @@ import torch
 
 from ._compat import array_namespace
 from ._sharding import reduce_checked
+from ._torch_checkpoint import packed, unpacked
 from ._torch_layout import layout, new_window
 from ._torch_sparse import check_saved_mask, flat_mask
 from ._validation import check_damp, check_number
@@ -36,6 +38,11 @@ def fresh_entry(grad: torch.Tensor) -> dict[str, Any]:
         "skipped_steps": 0,
         "rejected_grads": 0,
     }
+
+
+def without_window(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """MFAC's state entry without its ``"window"`` (the live operator, or its saved state)."""
+    return {k: v for k, v in entry.items() if k != "window"}
 
 
 def check_lr(lr: Any, where: str) -> Any:
@@ -92,7 +99,8 @@ def saved_entry(opt: Any) -> dict[str, Any]:
     """The state entry as ``MFAC.state_dict`` saves it: copies, the window included."""
     entry = opt._entry
     saved = {
-        "window": opt.ihvp.state_dict(),
+        # Tensors of the shapes they have from construction on (_torch_checkpoint).
+        "window": packed(opt.ihvp.state_dict(), opt.ihvp.num_grads),
         "momentum_buffer": entry["momentum_buffer"].clone(),
         **{key: int(entry[key]) for key in ENTRY_KEYS[1:]},
     }
@@ -100,18 +108,36 @@ def saved_entry(opt: Any) -> dict[str, Any]:
         saved["mask"] = flat_mask(opt)
     if opt._comm is not None:
         # Under a key naming the rank and the world size: torch.distributed.checkpoint
-        # keeps one copy of a key that every rank saves, and this shard is the rank's own.
-        # Every tensor has the shape it had at construction, so that the state_dict of
-        # a fresh optimizer is a template that dcp.load can fill in place.
-        window = dict(saved.pop("window"))
-        m = opt.ihvp.num_grads
-        factor = window["factor"].new_zeros((m, m))
-        k = window["factor"].shape[0]
-        factor[:k, :k] = window["factor"]
-        window["factor"] = factor
-        shard = {"window": window, "momentum_buffer": saved.pop("momentum_buffer")}
-        saved.update(window=None, momentum_buffer=None, shards={opt._shard_key: shard})
+        # keeps one copy of a key that every rank saves, and these are the rank's own.
+        # Under the entry's own keys, which DCP's flattened state is rebuilt from.
+        for key in ("window", "momentum_buffer"):
+            saved[key] = {opt._shard_key: saved[key]}
     return saved
+
+
+def rank_keyed(value: Any) -> bool:
+    """Whether ``value`` is a distributed state's dict of ranks (``"rank{r}_of_{p}"`` keys)."""
+    return (
+        isinstance(value, Mapping)
+        and bool(value)
+        and all(isinstance(k, str) and re.fullmatch(r"rank\d+_of_\d+", k) for k in value)
+    )
+
+
+def shards_of(extra: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """A distributed state's windows and momenta by rank, of this format or the earlier one.
+
+    The earlier format held them under ``"shards"`` (``{rank: {"window", "momentum_buffer"}}``)
+    beside ``None`` for both; ``None`` for the state of an optimizer without ``comm``.
+    """
+    if extra.get("shards") is not None:
+        shards: Mapping[str, Any] = extra["shards"]
+        return shards
+    window, momentum = extra.get("window"), extra.get("momentum_buffer")
+    if not isinstance(window, Mapping) or not rank_keyed(window):
+        return None
+    momenta = momentum if isinstance(momentum, Mapping) else {}
+    return {k: {"window": v, "momentum_buffer": momenta.get(k)} for k, v in window.items()}
 
 
 def migrated(state_dict: dict[str, Any]) -> dict[str, Any]:
@@ -167,9 +193,10 @@ def check_state(
         raise ValueError(f"not an MFAC state_dict: it has no {missing}")
     groups = check_groups(opt, state_dict)
     extra = saved_state(state_dict)
-    if window and extra.get("shards") is not None:
+    shards = shards_of(extra) if window else None
+    if shards is not None:
         raise ValueError(
-            f"the MFAC state holds the shards {sorted(extra['shards'])} of a distributed "
+            f"the MFAC state holds the shards {sorted(shards)} of a distributed "
             "MFAC optimizer; this one was built without comm (and its parameters are not "
             "DTensors): load it into an optimizer of the same world size"
         )
@@ -216,7 +243,7 @@ def saved_state(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
 def check_distributed_state(opt: Any, state_dict: Any, damp: float | None) -> SimpleNamespace:
     """:func:`check_state` for a distributed optimizer, with collective errors.
 
-    This rank's entry of ``shards`` is taken as the window and momentum; the
+    This rank's entries (:func:`shards_of`) are taken as the window and momentum; the
     checks of this rank's part run inside one reduction of a status word, so
     that every rank raises if one rank's state is bad, before the window's own
     (collective) checks run.
@@ -231,27 +258,23 @@ def check_distributed_state(opt: Any, state_dict: Any, damp: float | None) -> Si
             raise ValueError(f"not an MFAC state_dict: it has no {missing}")
         check_groups(opt, state_dict)
         extra = saved_state(state_dict)
-        shards = extra.get("shards")
+        shards = shards_of(extra)
         if not isinstance(shards, Mapping):
             raise ValueError(
-                "the MFAC state has no 'shards': it is the state of an MFAC optimizer "
-                "without comm; this one is distributed"
+                "the MFAC state has no windows by rank: it is the state of an MFAC "
+                "optimizer without comm; this one is distributed"
             )
         if opt._shard_key not in shards:
             raise ValueError(
-                f"the MFAC state's 'shards' hold {sorted(shards)}, not "
+                f"the MFAC state holds the windows of {sorted(shards)}, not "
                 f"{opt._shard_key!r}: a distributed MFAC state loads only at the world "
                 "size that saved it, each rank its own shard"
             )
         shard = shards[opt._shard_key]
         if not isinstance(shard, Mapping):
             raise ValueError(f"the MFAC state's shard {opt._shard_key!r} must be a dict")
-        window = shard.get("window")
-        if isinstance(window, Mapping) and isinstance(window.get("factor"), torch.Tensor):
-            k = len(window.get("window_slots") or ())
-            window = {**window, "factor": window["factor"][:k, :k]}
         mine = {k: v for k, v in extra.items() if k != "shards"}
-        mine.update(shard, window=window)
+        mine.update(shard)
         first = state_dict["param_groups"][0]["params"][0]
         flat.append({**state_dict, "state": {first: mine}})
         flat.append(check_state(opt, flat[0], damp, window=False))
@@ -350,7 +373,8 @@ def check_window(opt: Any, window: Any, damp: float | None) -> tuple[dict[str, A
         raise ValueError(f"{where} must be a dict")
     # Tensors to this device; the core detaches them, and checks everything else.
     out = {
-        k: v.to(device=opt.device) if isinstance(v, torch.Tensor) else v for k, v in window.items()
+        k: v.to(device=opt.device) if isinstance(v, torch.Tensor) else v
+        for k, v in unpacked(window, opt.ihvp.num_grads, where).items()
     }
     target = None if damp is None else check_damp(damp)
     try:
@@ -414,4 +438,6 @@ def restore(opt: Any, extra: Mapping[str, Any]) -> None:
     if "steps" in extra:  # a pickle of the earlier format: the entry was here
         entry = {key: extra.get(key, 0) for key in ENTRY_KEYS[1:]}
         entry["momentum_buffer"] = check_momentum(opt, extra["momentum_buffer"])
-        opt._reset_state(entry)
+    else:
+        entry = opt._entry
+    opt._reset_state(entry)  # the entry of the live window

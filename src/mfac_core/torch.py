@@ -43,6 +43,7 @@ from ._torch_state import (
     load_state,
     restore,
     saved_entry,
+    without_window,
 )
 from ._torch_step import step as take_step
 from ._validation import check_choice, check_count, check_damp, check_flag, check_number
@@ -195,9 +196,10 @@ class MFAC(torch.optim.Optimizer):
         As for every :class:`torch.optim.Optimizer`; MFAC's state is global
         (one window, one momentum buffer over the flat vector), so it is
         held by the first parameter (as :class:`torch.optim.LBFGS` holds
-        its own): ``state[first]`` has ``"momentum_buffer"`` and the three
-        counters; the other parameters have empty entries. The window is
-        :attr:`ihvp`; :meth:`state_dict` adds it to the entry.
+        its own): ``state[first]`` has ``"window"`` (the operator
+        :attr:`ihvp` itself), ``"momentum_buffer"`` and the three counters;
+        the other parameters have none (:meth:`state_dict` gives them empty
+        entries, and holds the window's state in place of the window).
 
     Raises
     ------
@@ -277,8 +279,9 @@ class MFAC(torch.optim.Optimizer):
     collective: a NaN on one rank skips (or raises on) every rank, a
     gradient the window cannot take is left out on every rank. The state
     holds this rank's window and momentum under
-    ``state_dict()["state"][0]["shards"]["rank{r}_of_{p}"]`` (the first
-    parameter's entry; tensors of fixed shapes,
+    ``state_dict()["state"][0]["window"]["rank{r}_of_{p}"]`` and
+    ``["momentum_buffer"]["rank{r}_of_{p}"]`` (the first parameter's entry;
+    tensors of fixed shapes,
     so that :mod:`torch.distributed.checkpoint` saves every rank's shard and
     loads into the state_dict of a fresh optimizer) and loads only at the
     same world size, on the rank that saved it. A distributed optimizer
@@ -288,7 +291,10 @@ class MFAC(torch.optim.Optimizer):
     factor), the momentum buffer, the step count and the two counters, so
     that a run restored from a checkpoint continues bit for bit, also
     through :func:`torch.distributed.checkpoint.state_dict.get_optimizer_state_dict`
-    and ``set_optimizer_state_dict``;
+    and ``set_optimizer_state_dict`` (full or sharded, flattened or not) and
+    through ``dcp.save`` and ``dcp.load`` into the state of a fresh optimizer:
+    the state holds only tensors, of the shapes they have from construction
+    on, and plain numbers;
     :meth:`load_state_dict` can also resume it with another damping. An
     optimizer can be copied with :func:`copy.deepcopy` (with its model, as
     ``copy.deepcopy((model, opt))``) and pickled; the copy continues exactly
@@ -371,16 +377,16 @@ class MFAC(torch.optim.Optimizer):
         self.ihvp = new_window(self, damp)
         # The optimizer's state lives on its first parameter, as torch.optim.LBFGS keeps
         # its global state: never empty, so that torch.distributed.checkpoint finds it
-        # initialised and does not call step() with zero gradients to create it. Every
-        # other parameter has an empty entry, which DCP's strict loading asks for.
+        # initialised and does not call step() with zero gradients to create it.
         self._reset_state(fresh_entry(self._grad))
 
     def _reset_state(self, entry: dict[str, Any]) -> None:
+        # Only the first parameter has an entry, as with torch.optim.LBFGS (torch's
+        # harness asks every entry to be non-empty); state_dict() lists the others.
         self.state = defaultdict(dict)
-        for group in self.param_groups:
-            for p in group["params"]:
-                self.state[p] = {}
-        self.state[self._first] = entry
+        # The window itself, not a copy (the m x d memory is held once): DCP rebuilds a
+        # flattened state from the keys of the live one, so "window" must be among them.
+        self.state[self._first] = {"window": self.ihvp, **without_window(entry)}
 
     @property
     def _entry(self) -> dict[str, Any]:
@@ -522,22 +528,33 @@ class MFAC(torch.optim.Optimizer):
             one entry, under the id of the first parameter (as
             :class:`torch.optim.LBFGS` keeps its global state): MFAC's state
             for all parameters, with copies of the window's state
-            (``"window"``, :meth:`DynamicIHVP.state_dict`), the momentum
+            (``"window"``: :meth:`DynamicIHVP.state_dict` with its slot
+            lists as int64 tensors of length ``num_grads`` padded with -1,
+            and its factor padded with zeros to ``num_grads x num_grads``, so
+            that every tensor keeps its shape from construction on), the momentum
             buffer of the flat vector (``"momentum_buffer"``), the step count
             (``"steps"``) and the counters ``"skipped_steps"`` and
             ``"rejected_grads"``; with ``masks``, also ``"mask"``, every
             parameter's mask flat in parameter order (a boolean tensor of all
-            their coordinates, ``True`` where kept), which a load checks.
-            State-dict hooks see this entry.
+            their coordinates, ``True`` where kept), which a load checks. The
+            other parameters have empty entries (which the strict loading of
+            :mod:`torch.distributed.checkpoint` asks for). State-dict hooks see
+            these entries.
         """
         live = self._entry
-        # The window exists in state_dict() only: kept in self.state it would double
-        # the m x d memory.
+        # Copies of the window's state in state_dict() only: kept in self.state they
+        # would double the m x d memory.
         self.state[self._first] = saved_entry(self)
+        others = [p for group in self.param_groups for p in group["params"] if p not in self.state]
+        for p in others:
+            self.state[p] = {}
         try:
             return super().state_dict()
         finally:
             self.state[self._first] = live
+            for p in others:
+                if self.state.get(p) == {}:  # unless a hook wrote into it
+                    del self.state[p]
 
     @property
     def _shard_key(self) -> str:
@@ -557,7 +574,9 @@ class MFAC(torch.optim.Optimizer):
 
         A state saved by mfac_core 0.x before the state moved into
         ``state_dict["state"]`` (a top-level ``"mfac"`` entry beside an
-        empty ``"state"``) loads too.
+        empty ``"state"``) loads too, and so does a window whose slot lists
+        are Python lists (:meth:`DynamicIHVP.state_dict`'s form, which
+        earlier checkpoints hold).
 
         Parameters
         ----------
@@ -592,6 +611,11 @@ class MFAC(torch.optim.Optimizer):
         # array namespace, a module, which neither pickle nor deepcopy can copy.
         check_picklable(self)
         state = super().__getstate__()
+        # As the other entries: without the operator, whose state goes separately.
+        state["state"] = defaultdict(
+            dict,
+            {p: without_window(e) if p is self._first else e for p, e in self.state.items()},
+        )
         state["_mfac"] = {"window": self.ihvp.state_dict()}
         if self._masks:
             state["_mfac"]["masks"] = masks_list(self)
