@@ -99,3 +99,42 @@ def test_sharded_state_pickled_as_a_static_ihvp_loads(G: np.ndarray) -> None:
     assert type(old) is ShardedStaticIHVP
     x = np.ones(30)
     np.testing.assert_array_equal(old.matvec(x), op.matvec(x))
+
+
+def test_deprecated_dynamic_comm() -> None:
+    from mfac_core import DynamicIHVP, ShardedDynamicIHVP
+
+    g = np.random.default_rng(1).standard_normal((3, 12))
+    with pytest.warns(DeprecationWarning, match=r"use ShardedDynamicIHVP\(\.\.\., comm=comm\)"):
+        op = DynamicIHVP(4, 12, damp=0.1, dtype="float64", comm=SingleProcessComm())
+    assert type(op) is ShardedDynamicIHVP and op.layout is not None and op.layout.dim == 12
+    with pytest.warns(DeprecationWarning, match=r"ShardedDynamicIHVP\.from_window"):
+        filled = DynamicIHVP.from_window(g, damp=0.1, num_grads=4, comm=SingleProcessComm())
+    assert type(filled) is ShardedDynamicIHVP and len(filled) == 3
+    ref = DynamicIHVP.from_window(g, damp=0.1, num_grads=4)
+    for row in g:
+        op.update(row)
+    x = np.arange(12.0)
+    np.testing.assert_allclose(op.matvec(x), ref.matvec(x), rtol=1e-13)
+    np.testing.assert_allclose(filled.matvec(x), ref.matvec(x), rtol=1e-13)
+    # comm=None was the unsharded spelling: still accepted, silently, as a DynamicIHVP.
+    plain = DynamicIHVP(4, 12, damp=0.1, dtype="float64", comm=None)
+    assert type(plain) is DynamicIHVP
+    with pytest.raises(TypeError, match="unexpected keyword argument 'comms'"):
+        DynamicIHVP(4, 12, damp=0.1, dtype="float64", comms=SingleProcessComm())
+
+
+def test_single_process_modules_know_no_communicator() -> None:
+    """Issue 20: ``comm`` appears in no module of the single-process operators."""
+    import pathlib
+    import re
+
+    import mfac_core
+
+    src = pathlib.Path(mfac_core.__file__).parent
+    single = ["_operator.py", "_spectral.py", "_spectral_groups.py", "_capacitance.py"]
+    single += [p.name for p in src.glob("_dynamic*.py") if p.name != "_dynamic_sharded.py"]
+    for name in single:
+        text = (src / name).read_text()
+        # No communicator, and no import of the sharded layer or of mfac_core.distributed.
+        assert not re.search(r"\bcomm\b|from \.(distributed|_shard|_dynamic_sharded)", text), name

@@ -15,6 +15,7 @@ from ._dynamic import DynamicIHVP
 from ._errors import FactorizationError, IllConditionedWarning
 from ._linalg import CUPY_LINALG_CHOICES, get_cupy_linalg, set_cupy_linalg
 from ._operator import LinearOperator
+from ._sharded_dynamic import ShardedDynamicIHVP
 from ._sharded_ihvp import ShardedStaticIHVP
 from ._spectral import SpectralIHVP
 from ._static import EmpiricalFisher, StaticIHVP
@@ -28,6 +29,7 @@ __all__ = [
     "FactorizationError",
     "IllConditionedWarning",
     "LinearOperator",
+    "ShardedDynamicIHVP",
     "ShardedStaticIHVP",
     "SpectralIHVP",
     "StaticIHVP",

@@ -8,7 +8,15 @@ from typing import Any
 
 from ._errors import user_stacklevel
 
-__all__ = ["LEGACY_DEFAULTS", "legacy_options", "warn_deprecated", "warn_no_w"]
+__all__ = [
+    "DYNAMIC_LEGACY",
+    "LEGACY_DEFAULTS",
+    "legacy_options",
+    "register_sharded_form",
+    "sharded_form",
+    "warn_deprecated",
+    "warn_no_w",
+]
 
 #: Keywords that ``StaticIHVP`` accepts only for the deprecated spellings, with the
 #: value that means "not used" (passing it is accepted silently).
@@ -18,6 +26,13 @@ LEGACY_DEFAULTS: dict[str, Any] = {
     "stream_to": None,
     "comm": None,
 }
+
+#: The keywords that ``DynamicIHVP`` accepts only for the deprecated spellings.
+DYNAMIC_LEGACY = ("comm",)
+
+#: The sharded class of each single-process operator class, registered by the sharded
+#: class's module (at package import), so that the single-process modules import none.
+_SHARDED_FORMS: dict[type, type[Any]] = {}
 
 
 def warn_deprecated(old: str, new: str) -> None:
@@ -73,3 +88,42 @@ def warn_no_w() -> None:
         DeprecationWarning,
         stacklevel=user_stacklevel(),
     )
+
+
+def register_sharded_form(single: type, sharded: type) -> None:
+    """Let the deprecated ``single(..., comm=comm)`` build ``sharded``.
+
+    Parameters
+    ----------
+    single, sharded : type
+        The single-process operator class and its column-sharded class.
+    """
+    _SHARDED_FORMS[single] = sharded
+
+
+def sharded_form(cls: type, spelling: str, options: dict[str, Any]) -> type[Any] | None:
+    """The sharded class that the deprecated ``spelling(..., comm=comm)`` builds, or None.
+
+    Warns (``DeprecationWarning``, at the user's line) when ``options`` holds a
+    communicator and ``cls`` is a single-process class with a sharded form.
+
+    Parameters
+    ----------
+    cls : type
+        The class called.
+    spelling : str
+        The deprecated call, for the message (e.g. ``"DynamicIHVP.from_window"``).
+    options : dict
+        The call's keywords.
+
+    Returns
+    -------
+    type or None
+        The sharded class to build instead of ``cls``.
+    """
+    sharded = _SHARDED_FORMS.get(cls)
+    if sharded is None or options.get("comm") is None:
+        return None
+    new = spelling.replace(cls.__name__, sharded.__name__, 1)
+    warn_deprecated(f"{spelling}(..., comm=comm)", f"{new}(..., comm=comm)")
+    return sharded

@@ -12,32 +12,20 @@ from __future__ import annotations
 
 import copy
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from . import _engine
+from . import _deprecation, _engine
 from ._compat import Array
 from ._compat import device as device_of
 from ._dynamic_factor import SlotFactor, factorized
-from ._dynamic_setup import build, fill
-from ._dynamic_sharded import (
-    OP_SET_DAMP,
-    agreed,
-    agreed_layout,
-    agreed_rows,
-    collective_product,
-    local_gram,
-    sharded_residual,
-    summed,
-)
+from ._dynamic_setup import build, fill, local_gram
 from ._dynamic_state import LoadedState, saved_state
 from ._dynamic_window import StepCheck, insert, remove_slot, update_and_matvec_checked
 from ._layout import BlockGroup
-from ._operator import DEFAULT_MAX_DENSE_ENTRIES, LinearOperator
+from ._operator import LinearOperator
 from ._refine import fisher_residual, refine
-from ._sharding import ShardLayout
-from ._validation import check_count, check_damp, namespace_of
-from .distributed import Communicator, check_communicator
+from ._validation import check_count, check_damp, check_finite, namespace_of
 
 __all__ = ["DynamicIHVP"]
 
@@ -95,24 +83,15 @@ class DynamicIHVP(LinearOperator):
         span (such as its mean) down to ``eps * kappa``; float32 and 2-byte
         products are already at float32's rounding (see Notes). A step costs
         about two more products and two float64 passes over the window.
-    comm : Communicator, optional
-        Shard the window by columns over the ranks of ``comm`` (see
-        :mod:`mfac_core.distributed`): ``dim`` is then this rank's number of
-        coordinates (0 allowed), and every method takes and returns this
-        rank's entries; see Notes. Every other argument must be the same on
-        every rank.
+    **deprecated
+        The sharded spelling (a communicator) still builds a
+        :class:`~mfac_core.ShardedDynamicIHVP`, with a ``DeprecationWarning``;
+        it will be removed.
 
     Attributes
     ----------
-    layout : ShardLayout or None
-        With ``comm``: ``widths`` (every rank's column count), ``start`` and
-        ``stop`` (this rank's global column range) and ``dim`` (d over all
-        ranks). None otherwise.
     local_shape : tuple
-        ``(dim, dim)``, the shapes products take and return on this rank. Unlike
-        :class:`StaticIHVP`, whose ``shape`` and ``dim`` are global, a sharded
-        window is sized by the constructor's ``dim``, so ``shape`` is this
-        rank's too and equals ``local_shape``; the global d is ``layout.dim``.
+        ``shape`` (as for :class:`~mfac_core.ShardedDynamicIHVP`).
     dtype, device
         The dtype of products and vectors (the storage dtype, or float32 for
         2-byte storage) and the device.
@@ -124,6 +103,7 @@ class DynamicIHVP(LinearOperator):
     See Also
     --------
     StaticIHVP : The same inverse for a fixed set of gradients.
+    ShardedDynamicIHVP : The same window, its columns sharded over ranks.
 
     Notes
     -----
@@ -152,25 +132,6 @@ class DynamicIHVP(LinearOperator):
     A 2-byte window computes the row from the *rounded* gradient, so that
     factor and stored window agree.
 
-    Sharded (``comm=``), each rank holds its ``m x d_r`` columns of the window;
-    every contraction over d is this rank's part summed by
-    ``comm.allreduce_sum``, and everything m x m (Gram matrix, factor, slot
-    order, refactorisation and drift decisions, warnings) is computed on every
-    rank from the reduced, bit-identical numbers, so the ranks' replicated
-    states stay identical bit for bit. One call, one reduction: :meth:`update`
-    and :meth:`update_and_matvec` reduce the new Gram row (m numbers, its
-    diagonal ``|g|^2`` included, since the row is written before the product),
-    :meth:`matvec` m numbers and :meth:`matmat` ``m k``, each with a status
-    word appended (6 numbers: how many ranks failed, per exception class, and a
-    tag of the operation and state), so that a bad input on one rank (wrong
-    shape or dtype, NaN), or ranks calling different operations, makes every
-    rank raise the same exception class and leaves every rank's window as it
-    was. Each refinement step costs two more reductions of ``m k``.
-    :meth:`remove` and :meth:`set_damp` reduce ``size`` numbers to check that
-    every rank passed the same argument. :meth:`todense`, ``to_scipy()`` and
-    operator arithmetic are refused (``TypeError``), as for every
-    column-sharded operator.
-
     Examples
     --------
     >>> import numpy as np
@@ -197,6 +158,15 @@ class DynamicIHVP(LinearOperator):
     _gram: Any
     _buffers: tuple[Any, Any] | None
     _version: int
+    #: Whether a gradient is checked inside the reduction of its Gram row, so that
+    #: every rank raises alike (``ShardedDynamicIHVP``); one process checks it first.
+    _collective_checks = False
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        # The deprecated sharded spelling builds the sharded class; Python then calls
+        # its __init__ with the same arguments. No arguments: pickle's reconstruction.
+        forward = _deprecation.sharded_form(cls, "DynamicIHVP", kwargs) if args else None
+        return super().__new__(cls if forward is None else forward)
 
     def __init__(
         self,
@@ -213,9 +183,13 @@ class DynamicIHVP(LinearOperator):
         refactor_every: int | None = None,
         check_finite: bool = True,
         refine: int = 0,
-        comm: Communicator | None = None,
+        **deprecated: Any,
     ) -> None:
-        options = dict(
+        _deprecation.legacy_options("DynamicIHVP", deprecated, _deprecation.DYNAMIC_LEGACY)
+        build(
+            self,
+            num_grads,
+            dim,
             damp=damp,
             dtype=dtype,
             xp=xp,
@@ -226,28 +200,10 @@ class DynamicIHVP(LinearOperator):
             check_finite=check_finite,
             refine=refine,
         )
-        self._comm: Communicator | None = None
-        self.layout: ShardLayout | None = None
-        if comm is None:
-            build(self, num_grads, dim, **options)
-            return
-        comm = check_communicator(comm)
-
-        def built() -> DynamicIHVP:
-            build(self, num_grads, dim, sharded=True, **options)
-            return self
-
-        self.layout = agreed_layout(comm, xp, device, built)
-        self._comm = comm
-
-    @property
-    def comm(self) -> Communicator | None:
-        """The communicator of a sharded operator, or None."""  # numpydoc ignore=RT01
-        return self._comm
 
     @property
     def local_shape(self) -> tuple[int, int]:
-        """``shape``: a sharded window's shape is already this rank's."""  # numpydoc ignore=RT01
+        """``shape``: the shape products take and return."""  # numpydoc ignore=RT01
         return self.shape
 
     @classmethod
@@ -284,8 +240,9 @@ class DynamicIHVP(LinearOperator):
         FactorizationError
             If the window's capacitance matrix cannot be factorised in float64.
         """
-        if options.get("comm") is not None:
-            num_grads = agreed_rows(G, num_grads, options)
+        forward = _deprecation.sharded_form(cls, "DynamicIHVP.from_window", options)
+        if forward is not None:
+            return forward.from_window(G, damp=damp, num_grads=num_grads, **options)
         xp = namespace_of(G, "G")
         if G.ndim != 2:
             raise ValueError(f"G must be 2-D (k, d), got shape {tuple(G.shape)}")
@@ -294,7 +251,9 @@ class DynamicIHVP(LinearOperator):
         if k > num_grads:
             raise ValueError(f"G holds {k} gradients, more than num_grads={num_grads}")
         op = cls(num_grads, d, damp=damp, dtype=G.dtype, xp=xp, device=device_of(G), **options)
-        fill(op, xp, G)
+        if op.check_finite and k:
+            check_finite(xp, G, "G")
+        fill(op, xp, G, checked=True)
         return op
 
     # -- bookkeeping -------------------------------------------------------------------
@@ -357,27 +316,9 @@ class DynamicIHVP(LinearOperator):
         # original at its next update, so every copy is a deep one.
         return copy.deepcopy(self)
 
-    def __deepcopy__(self, memo: dict[int, Any]) -> DynamicIHVP:
-        # The communicator is shared, not copied: it stands for the group of processes.
-        state = LinearOperator.__getstate__(self)
-        comm = state.pop("_comm", None)
-        new = type(self).__new__(type(self))
-        memo[id(self)] = new
-        new.__setstate__(copy.deepcopy(state, memo))
-        new._comm = comm
-        return new
-
-    def __getstate__(self) -> dict[str, Any]:
-        if self._comm is not None:
-            raise TypeError(
-                "a sharded DynamicIHVP holds a communicator, which cannot be pickled; "
-                "save state_dict() on every rank instead"
-            )
-        return super().__getstate__()
-
     def __setstate__(self, state: dict[str, Any]) -> None:
-        # Pickles made before operators could be sharded have neither attribute.
-        super().__setstate__({"_comm": None, "layout": None, "_version": 0, **state})
+        # Pickles made before the state's edits were counted have no count.
+        super().__setstate__({"_version": 0, **state})
 
     def _commit(self, factor: SlotFactor, *, refactored: bool) -> None:
         self._factor = factor
@@ -388,11 +329,37 @@ class DynamicIHVP(LinearOperator):
         else:
             self._edits += 1
 
+    # -- sums over the d coordinates: one process holds them all ------------------------
+    # (ShardedDynamicIHVP makes each a checked reduction over its ranks.)
+
+    def _summed(self, x: Array) -> Array:
+        """``x`` (float64), a sum over the coordinates: this process's is the whole."""
+        return x
+
+    def _reduced(
+        self, operation: str, local: Callable[[], Array], length: int, **agreement: Any
+    ) -> Array:
+        """``local()``: the sum over the coordinates that ``operation`` needs, checked.
+
+        ``length`` and the ``agree=`` and ``disagree=`` of ``agreement`` serve the
+        sharded operator's reduction (``_sharding.reduce_checked``).
+        """
+        return local()
+
+    def _agreed(self, operation: str, local: Callable[[], Any]) -> None:
+        """Check ``operation``'s argument with ``local()`` (it may raise)."""
+        local()
+
+    def _residual(self, X: Array, Y: Array, scale: float) -> Array:
+        """``X - F Y`` in float64 for the refinement (``Y`` float64)."""
+        whole = (BlockGroup(0, 1, self.dim),)
+        return fisher_residual(self._xp, self._G, whole, X, Y, damp=self.damp, scale=scale)
+
     # -- updates (_dynamic_window) ----------------------------------------------------
 
     def _exact_gram_matrix(self) -> Any:
         """The buffer's Gram matrix accumulated in float64 (O(m^2 d), on the rare path)."""
-        return summed(self, local_gram(self._xp, self._G))
+        return self._summed(local_gram(self._xp, self._G))
 
     def update(self, g: Array, /) -> None:
         """Insert gradient ``g``; a full window drops its oldest.
@@ -495,7 +462,7 @@ class DynamicIHVP(LinearOperator):
         return _engine.combine(self._xp, self._G, X, A, alpha=1.0 / self.damp, dtype=self.dtype)
 
     def _solve(self, X: Array, factor: SlotFactor | None = None) -> Array:
-        return self._finish(X, summed(self, _engine.project(self._xp, self._G, X)), factor)
+        return self._finish(X, self._summed(_engine.project(self._xp, self._G, X)), factor)
 
     def _matmat(self, X: Array) -> Array:
         return self._refined(X, self._solve(X))
@@ -510,120 +477,11 @@ class DynamicIHVP(LinearOperator):
         if not self.refine or not factor.slots:
             return Y  # an empty window's F = damp I is applied exactly
         scale = 1.0 / (self.num_grads if self.zero_init else len(self._window))
-        whole = (BlockGroup(0, 1, self.dim),)
 
         def residual(X: Array, Y64: Array) -> Array:
-            if self._comm is not None:
-                return sharded_residual(self, X, Y64, scale)
-            return fisher_residual(self._xp, self._G, whole, X, Y64, damp=self.damp, scale=scale)
+            return self._residual(X, Y64, scale)
 
         return refine(self._xp, lambda R: self._solve(R, factor), residual, X, Y, self.refine)
-
-    def matvec(self, x: Array, /) -> Array:
-        """Apply ``F^{-1}`` to one vector (a sharded operator: this rank's entries).
-
-        Parameters
-        ----------
-        x : array, shape (d,) or (d, 1)
-            In the operator's namespace, device and dtype (or float32 for a
-            float64 operator); sharded, this rank's ``d`` entries.
-
-        Returns
-        -------
-        array, shape (d,) or (d, 1)
-            ``F^{-1} x``, with as many dimensions as ``x``.
-
-        Raises
-        ------
-        TypeError, ValueError
-            As :meth:`LinearOperator.matvec`; sharded, on every rank if one
-            rank's ``x`` is bad.
-        """
-        if self._comm is None:
-            return super().matvec(x)
-        y = collective_product(self, x, "x", (1, 2), 1)
-        return y[:, 0] if getattr(x, "ndim", 2) == 1 else y
-
-    def matmat(self, X: Array, /) -> Array:
-        """Apply ``F^{-1}`` to the columns of a matrix (sharded: this rank's rows).
-
-        Parameters
-        ----------
-        X : array, shape (d, k)
-            In the operator's namespace, device and dtype (or float32 for a
-            float64 operator); sharded, this rank's ``d`` rows, with the same
-            ``k`` on every rank.
-
-        Returns
-        -------
-        array, shape (d, k)
-            ``F^{-1} X``.
-
-        Raises
-        ------
-        TypeError, ValueError
-            As :meth:`LinearOperator.matmat`; sharded, on every rank if one
-            rank's ``X`` is bad.
-        """
-        if self._comm is None:
-            return super().matmat(X)
-        shape = tuple(getattr(X, "shape", ()))
-        k = int(shape[1]) if len(shape) == 2 else 1
-        return collective_product(self, X, "X", (2,), k)
-
-    def rmatvec(self, x: Array, /) -> Array:
-        """The adjoint product, :meth:`matvec` (the operator is symmetric).
-
-        Parameters
-        ----------
-        x : array, shape (d,) or (d, 1)
-            As for :meth:`matvec`.
-
-        Returns
-        -------
-        array
-            ``F^{-1} x``.
-        """
-        return self.matvec(x)
-
-    def rmatmat(self, X: Array, /) -> Array:
-        """The adjoint product, :meth:`matmat` (the operator is symmetric).
-
-        Parameters
-        ----------
-        X : array, shape (d, k)
-            As for :meth:`matmat`.
-
-        Returns
-        -------
-        array
-            ``F^{-1} X``.
-        """
-        return self.matmat(X)
-
-    def todense(self, *, max_entries: int = DEFAULT_MAX_DENSE_ENTRIES) -> Array:
-        """Build ``F^{-1}`` as a dense ``(d, d)`` array (not for a sharded operator).
-
-        Parameters
-        ----------
-        max_entries : int, optional
-            As for :meth:`LinearOperator.todense`.
-
-        Returns
-        -------
-        array, shape (d, d)
-            ``F^{-1}``.
-
-        Raises
-        ------
-        TypeError
-            For a sharded operator, whose columns of the identity live on several
-            ranks (as every column-sharded operator refuses it); and as
-            :meth:`LinearOperator.todense`.
-        ValueError
-            As :meth:`LinearOperator.todense`.
-        """
-        return super().todense(max_entries=max_entries)
 
     # -- checkpoints (_dynamic_state) --------------------------------------------------
 
@@ -641,9 +499,6 @@ class DynamicIHVP(LinearOperator):
             the sizes, ``damp``, ``zero_init``, the edit count,
             ``exact_gram`` (whether every Gram entry was accumulated in
             float64 from the stored gradients) and a format ``version``.
-            Sharded: ``grads`` is this rank's ``m x d`` shard, the rest is the
-            replicated m x m state, and ``shard_rank`` and ``shard_widths``
-            (every rank's width) record the layout.
         """
         return saved_state(self)
 
@@ -662,7 +517,7 @@ class DynamicIHVP(LinearOperator):
             new damping; the operator keeps the old one.
         """
         given = damp
-        agreed(self, "DynamicIHVP.set_damp", OP_SET_DAMP, lambda: check_damp(given))
+        self._agreed("set_damp", lambda: check_damp(given))
         damp = check_damp(damp)
         factor = factorized(self, self._gram, list(self._factor.slots), damp)
         self.damp = damp

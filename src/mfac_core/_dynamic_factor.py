@@ -15,11 +15,10 @@ from typing import Any
 
 from . import _capacitance, _engine
 from ._capacitance import DRIFT_TOL, CapacitanceFactor
-from ._compat import Array
+from ._compat import Array, host_values
 from ._compat import device as device_of
 from ._dynamic_checks import judge_gradient
 from ._errors import NotPositiveDefinite
-from ._sharding import host_values
 
 #: Columns of an edited factor checked for drift after each edit (O(m) each).
 DRIFT_SAMPLE = 32

@@ -13,7 +13,7 @@ from typing import Any
 from ._compat import Array, array_namespace, detached
 from ._compat import device as device_of
 from ._dynamic_factor import factorized
-from ._dynamic_sharded import default_namespace, local_gram, summed
+from ._layout import BlockGroup, chunk_gram, pieces
 from ._operator import LinearOperator
 from ._validation import (
     check_choice,
@@ -24,6 +24,31 @@ from ._validation import (
     check_writeable,
     half_dtype_name,
 )
+
+#: float64 entries in one piece of a float64 Gram pass over the window.
+PIECE_ENTRIES = 2**22
+
+
+def default_namespace() -> Any:
+    """NumPy's array namespace, the default of a window built without ``xp``."""
+    import numpy as np
+
+    return array_namespace(np.empty(0))
+
+
+def local_gram(xp: Any, G: Array) -> Array:
+    """``G G^T`` of the rows of ``G`` (of a shard: of its columns), accumulated in float64.
+
+    O(m^2 d): column pieces of G converted to float64 (32 MiB at most), one
+    BLAS-3 product each; products of float32 or 2-byte values are exact in
+    float64, so each entry errs by at most d eps64 |g_i| |g_j|.
+    """
+    m, d = G.shape
+    if not d:  # a shard without columns
+        return xp.zeros((m, m), dtype=xp.float64, device=device_of(G))
+    whole = BlockGroup(0, 1, d)
+    chunk = list(pieces(whole, max(1, PIECE_ENTRIES // m)))
+    return chunk_gram(xp, G, whole, chunk, lambda X: X @ xp.matrix_transpose(X))[0, ...]
 
 
 def window_dtypes(xp: Any, dtype: Any) -> tuple[Any, Any, str | None]:
@@ -129,20 +154,21 @@ def build(
     op.reset()
 
 
-def fill(op: Any, xp: Any, G: Array) -> None:
+def fill(op: Any, xp: Any, G: Array, *, checked: bool = False) -> None:
     """Put the k gradients in the rows of ``G`` into the new, empty window ``op``.
 
     The set-up of :meth:`DynamicIHVP.from_window`: ``G`` (k x d, in the window's
-    namespace ``xp``, device and dtype) was checked for its shape; an empty ``G``
+    namespace ``xp``, device and dtype) was checked for its shape, and for NaN
+    and infinity if ``checked`` (a shard's G, inside a reduction); an empty ``G``
     leaves the window empty.
     """
     k, num_grads = G.shape[0], op.num_grads
     if k == 0:
         return
-    if op.check_finite and op._comm is None:  # a sharded G was checked collectively
+    if op.check_finite and not checked:
         check_finite(xp, G, "G")
     G = detached(G)
-    gram = summed(op, local_gram(xp, G))
+    gram = op._summed(local_gram(xp, G))
     # Both conventions put the k gradients into slots 0..k-1, oldest first.
     if op.zero_init:
         window = list(range(k, num_grads)) + list(range(k))

@@ -14,7 +14,7 @@ import torch
 
 from ._compat import array_namespace
 from ._dynamic import DynamicIHVP
-from ._torch_distributed import check_dtensors, local, window_columns
+from ._torch_distributed import check_dtensors, local, sharded_window, window_columns
 
 logger = logging.getLogger("mfac_core.torch")
 
@@ -120,20 +120,18 @@ def log_window(opt: Any, damp: float) -> None:
 def new_window(opt: Any, damp: float) -> DynamicIHVP:
     log_window(opt, damp)
     lo, hi = opt._columns
-    return DynamicIHVP(
-        opt.defaults["num_grads"],
-        hi - lo,
-        damp=damp,
-        dtype=opt.grad_dtype,
-        xp=array_namespace(opt._grad),
-        device=opt.device,
-        zero_init=opt.defaults["zero_init"],
-        comm=opt._comm,
-        # One process: the step has the window check the gradient
-        # (_update_and_matvec_checked) and products are left unchecked, as before;
-        # distributed, the window's check is the collective one.
-        check_finite=opt._comm is not None,
-    )
+    options = {
+        "damp": damp,
+        "dtype": opt.grad_dtype,
+        "xp": array_namespace(opt._grad),
+        "device": opt.device,
+        "zero_init": opt.defaults["zero_init"],
+    }
+    if opt._comm is not None:
+        return sharded_window(opt, hi - lo, options)
+    # One process: the step has the window check the gradient
+    # (_update_and_matvec_checked) and products are left unchecked, as before.
+    return DynamicIHVP(opt.defaults["num_grads"], hi - lo, check_finite=False, **options)
 
 
 @torch.no_grad()
