@@ -126,7 +126,7 @@ def test_threads_match_the_unsharded_operator(sc: dict[str, Any]) -> None:
         "damp": 0.5,
         "dtype": sc["dtype"],
         "zero_init": sc["zero_init"],
-        "update_method": sc["method"],
+        "refactor_every": 0 if sc["method"] == "refactor" else None,
         "refine": sc["refine"],
     }
 

@@ -211,8 +211,10 @@ def _exercise(torch):
     for op in [*ops, StaticIHVP.streamed(G, device="cpu", damp=0.1)]:
         out += [op @ x, op @ X, op.diagonal(), op.entries(idx, idx)]
     out.append(StaticIHVP(G.half(), damp=0.1) @ x)
-    for method in ("incremental", "refactor"):
-        op = DynamicIHVP(m, d, damp=0.1, dtype=torch.float32, xp=torch, update_method=method)
+    for refactor_every in (None, 0):  # incremental edits, and a full factorisation each time
+        op = DynamicIHVP(
+            m, d, damp=0.1, dtype=torch.float32, xp=torch, refactor_every=refactor_every
+        )
         out += [op.update_and_matvec(G[i % m] + i) for i in range(m + 1)]
         out.append(op @ X)
     for kwargs in ({}, {"block_size": 6}):

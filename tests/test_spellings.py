@@ -138,3 +138,28 @@ def test_single_process_modules_know_no_communicator() -> None:
         text = (src / name).read_text()
         # No communicator, and no import of the sharded layer or of mfac_core.distributed.
         assert not re.search(r"\bcomm\b|from \.(distributed|_shard|_dynamic_sharded)", text), name
+
+
+def test_deprecated_update_method() -> None:
+    from mfac_core import DynamicIHVP
+
+    with pytest.warns(DeprecationWarning, match=r"use refactor_every=0"):
+        ref = DynamicIHVP(3, 8, damp=0.1, dtype="float64", update_method="refactor")
+    assert ref.refactor_every == 0 and ref.update_method == "refactor"
+    with pytest.warns(DeprecationWarning, match="incremental edits are the default"):
+        inc = DynamicIHVP(3, 8, damp=0.1, dtype="float64", update_method="incremental")
+    assert inc.refactor_every == 3 and inc.update_method == "incremental"
+    with pytest.raises(ValueError, match="update_method must be one of"):
+        DynamicIHVP(3, 8, damp=0.1, dtype="float64", update_method="fast")
+    # refactor_every=0 is the reference: a full factorisation at every update.
+    rng = np.random.default_rng(2)
+    op = DynamicIHVP(3, 8, damp=0.1, dtype="float64", refactor_every=0)
+    for g in rng.standard_normal((6, 8)):
+        op.update(g)
+    assert op.refactor_count == 7  # the empty window's, then one per update
+    # A pickle of a reference window made before refactor_every=0 loads as one.
+    state = op.__getstate__()
+    state.update(update_method="refactor", refactor_every=3)
+    old = DynamicIHVP.__new__(DynamicIHVP)
+    old.__setstate__(state)
+    assert old.refactor_every == 0 and old.update_method == "refactor"

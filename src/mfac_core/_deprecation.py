@@ -7,11 +7,13 @@ from collections.abc import Iterable
 from typing import Any
 
 from ._errors import user_stacklevel
+from ._validation import check_choice
 
 __all__ = [
     "DYNAMIC_LEGACY",
     "LEGACY_DEFAULTS",
     "legacy_options",
+    "legacy_refactor_every",
     "register_sharded_form",
     "sharded_form",
     "warn_deprecated",
@@ -25,10 +27,11 @@ LEGACY_DEFAULTS: dict[str, Any] = {
     "out": None,
     "stream_to": None,
     "comm": None,
+    "update_method": None,
 }
 
 #: The keywords that ``DynamicIHVP`` accepts only for the deprecated spellings.
-DYNAMIC_LEGACY = ("comm",)
+DYNAMIC_LEGACY = ("comm", "update_method")
 
 #: The sharded class of each single-process operator class, registered by the sharded
 #: class's module (at package import), so that the single-process modules import none.
@@ -88,6 +91,39 @@ def warn_no_w() -> None:
         DeprecationWarning,
         stacklevel=user_stacklevel(),
     )
+
+
+def legacy_refactor_every(update_method: Any, refactor_every: Any) -> Any:
+    """``refactor_every`` for the deprecated ``update_method=`` (None: not given).
+
+    Parameters
+    ----------
+    update_method : {None, "incremental", "refactor"}
+        The deprecated keyword's value.
+    refactor_every : int or None
+        The ``refactor_every`` given with it.
+
+    Returns
+    -------
+    int or None
+        ``0`` (a full factorisation at every update) for ``"refactor"``, else
+        ``refactor_every``.
+
+    Raises
+    ------
+    ValueError
+        For another ``update_method``.
+    """
+    if update_method is None:
+        return refactor_every
+    check_choice(update_method, "update_method", ("incremental", "refactor"))
+    if update_method == "refactor":
+        warn_deprecated(
+            'update_method="refactor"', "refactor_every=0 (a full factorisation at every update)"
+        )
+        return 0
+    warn_deprecated('update_method="incremental"', "nothing (incremental edits are the default)")
+    return refactor_every
 
 
 def register_sharded_form(single: type, sharded: type) -> None:

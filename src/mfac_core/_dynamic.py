@@ -66,14 +66,13 @@ class DynamicIHVP(LinearOperator):
         Reproduce the authors' convention: the window starts as ``num_grads``
         zero gradients and the normalisation is fixed at ``1/num_grads``.
         Removing a gradient then sets it to zero.
-    update_method : {"incremental", "refactor"}, optional
-        ``"incremental"`` (default) edits the float64 Cholesky factor of the
-        m x m capacitance matrix in O(m^2) per replaced gradient;
-        ``"refactor"`` refactorises it in O(m^3), as a reference.
     refactor_every : int, optional
         Refactorise in full after this many incremental edits (default m),
         which bounds the drift of the factor; a cheap drift check after each
-        edit refactorises earlier if needed.
+        edit refactorises earlier if needed. Each incremental edit changes the
+        float64 Cholesky factor of the m x m capacitance matrix in O(m^2) per
+        replaced gradient; ``0`` refactorises it at every update in O(m^3),
+        as a reference.
     check_finite : bool, optional
         Refuse gradients and vectors holding NaN or infinity (default True).
     refine : int, optional
@@ -84,9 +83,10 @@ class DynamicIHVP(LinearOperator):
         products are already at float32's rounding (see Notes). A step costs
         about two more products and two float64 passes over the window.
     **deprecated
-        The sharded spelling (a communicator) still builds a
-        :class:`~mfac_core.ShardedDynamicIHVP`, with a ``DeprecationWarning``;
-        it will be removed.
+        ``update_method="refactor"`` (use ``refactor_every=0``) and the sharded
+        spelling (a communicator; it builds a
+        :class:`~mfac_core.ShardedDynamicIHVP`) still work, with a
+        ``DeprecationWarning``; they will be removed.
 
     Attributes
     ----------
@@ -151,6 +151,7 @@ class DynamicIHVP(LinearOperator):
     num_grads: int
     dim: int
     zero_init: bool
+    refactor_every: int
     refine: int
     # The 2-byte storage dtype's name ("float16", "bfloat16"), or None.
     storage_dtype: str | None
@@ -179,13 +180,13 @@ class DynamicIHVP(LinearOperator):
         xp: Any = None,
         device: Any = None,
         zero_init: bool = False,
-        update_method: str = "incremental",
         refactor_every: int | None = None,
         check_finite: bool = True,
         refine: int = 0,
         **deprecated: Any,
     ) -> None:
-        _deprecation.legacy_options("DynamicIHVP", deprecated, _deprecation.DYNAMIC_LEGACY)
+        legacy = _deprecation.legacy_options("DynamicIHVP", deprecated, _deprecation.DYNAMIC_LEGACY)
+        refactor_every = _deprecation.legacy_refactor_every(legacy["update_method"], refactor_every)
         build(
             self,
             num_grads,
@@ -195,7 +196,6 @@ class DynamicIHVP(LinearOperator):
             xp=xp,
             device=device,
             zero_init=zero_init,
-            update_method=update_method,
             refactor_every=refactor_every,
             check_finite=check_finite,
             refine=refine,
@@ -205,6 +205,11 @@ class DynamicIHVP(LinearOperator):
     def local_shape(self) -> tuple[int, int]:
         """``shape``: the shape products take and return."""  # numpydoc ignore=RT01
         return self.shape
+
+    @property
+    def update_method(self) -> str:
+        """``"refactor"`` (``refactor_every=0``) or ``"incremental"``."""  # numpydoc ignore=RT01
+        return "refactor" if self.refactor_every == 0 else "incremental"
 
     @classmethod
     def from_window(
@@ -317,8 +322,12 @@ class DynamicIHVP(LinearOperator):
         return copy.deepcopy(self)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        # Pickles made before the state's edits were counted have no count.
-        super().__setstate__({"_version": 0, **state})
+        # Pickles made before the state's edits were counted have no count; before
+        # refactor_every=0, a reference window had update_method="refactor".
+        state = {"_version": 0, **state}
+        if state.pop("update_method", None) == "refactor":
+            state["refactor_every"] = 0
+        super().__setstate__(state)
 
     def _commit(self, factor: SlotFactor, *, refactored: bool) -> None:
         self._factor = factor

@@ -16,7 +16,6 @@ from ._dynamic_factor import factorized
 from ._layout import BlockGroup, chunk_gram, pieces
 from ._operator import LinearOperator
 from ._validation import (
-    check_choice,
     check_count,
     check_damp,
     check_finite,
@@ -95,7 +94,6 @@ def build(
     xp: Any,
     device: Any,
     zero_init: bool,
-    update_method: str,
     refactor_every: int | None,
     check_finite: bool,
     refine: int,
@@ -110,9 +108,10 @@ def build(
     # A shard may hold no column (more ranks than coordinates).
     dim = check_count(dim, "dim", minimum=0 if sharded else 1)
     op.damp = check_damp(damp)
-    op.update_method = check_choice(update_method, "update_method", ("incremental", "refactor"))
     op.refactor_every = (
-        num_grads if refactor_every is None else check_count(refactor_every, "refactor_every")
+        num_grads
+        if refactor_every is None
+        else check_count(refactor_every, "refactor_every", minimum=0)
     )
     op.zero_init = check_flag(zero_init, "zero_init")
     if xp is None:

@@ -13,7 +13,12 @@ from typing import Any
 
 from ._compat import Array
 from ._compat import device as device_of
-from ._deprecation import register_sharded_form
+from ._deprecation import (
+    DYNAMIC_LEGACY,
+    legacy_options,
+    legacy_refactor_every,
+    register_sharded_form,
+)
 from ._dynamic import DynamicIHVP
 from ._dynamic_setup import build, fill
 from ._dynamic_sharded import (
@@ -61,14 +66,14 @@ class ShardedDynamicIHVP(DynamicIHVP):
         As for :class:`~mfac_core.DynamicIHVP`.
     zero_init : bool, optional
         As for :class:`~mfac_core.DynamicIHVP`.
-    update_method : {"incremental", "refactor"}, optional
-        As for :class:`~mfac_core.DynamicIHVP`.
     refactor_every : int, optional
         As for :class:`~mfac_core.DynamicIHVP`.
     check_finite : bool, optional
         As for :class:`~mfac_core.DynamicIHVP`, checked collectively.
     refine : int, optional
         As for :class:`~mfac_core.DynamicIHVP`.
+    **deprecated
+        As for :class:`~mfac_core.DynamicIHVP` (``comm=`` is a keyword here).
 
     Attributes
     ----------
@@ -153,11 +158,14 @@ class ShardedDynamicIHVP(DynamicIHVP):
         xp: Any = None,
         device: Any = None,
         zero_init: bool = False,
-        update_method: str = "incremental",
         refactor_every: int | None = None,
         check_finite: bool = True,
         refine: int = 0,
+        **deprecated: Any,
     ) -> None:
+        # The deprecated DynamicIHVP(..., comm=comm) is built here, with its keywords.
+        legacy = legacy_options("ShardedDynamicIHVP", deprecated, DYNAMIC_LEGACY)
+        refactor_every = legacy_refactor_every(legacy["update_method"], refactor_every)
         # A bad communicator cannot join a reduction: it raises on its rank alone.
         comm = check_communicator(comm)
 
@@ -171,7 +179,6 @@ class ShardedDynamicIHVP(DynamicIHVP):
                 xp=xp,
                 device=device,
                 zero_init=zero_init,
-                update_method=update_method,
                 refactor_every=refactor_every,
                 check_finite=check_finite,
                 refine=refine,
