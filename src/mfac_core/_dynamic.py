@@ -15,17 +15,15 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from . import _deprecation, _engine
+from . import _deprecation
 from ._compat import Array
-from ._compat import device as device_of
-from ._dynamic_factor import SlotFactor, factorized
-from ._dynamic_setup import build, fill, local_gram
+from ._dynamic_factor import SlotFactor, committed, finished, redamped, refined, solved
+from ._dynamic_setup import build, emptied, filled, local_gram
 from ._dynamic_state import LoadedState, saved_state
 from ._dynamic_window import StepCheck, insert, remove_slot, update_and_matvec_checked
 from ._layout import BlockGroup
 from ._operator import LinearOperator
-from ._refine import fisher_residual, refine
-from ._validation import check_count, check_damp, check_finite, namespace_of
+from ._refine import fisher_residual
 
 __all__ = ["DynamicIHVP"]
 
@@ -150,6 +148,7 @@ class DynamicIHVP(LinearOperator):
     # The settings and buffers, set by ``_dynamic_setup.build``.
     num_grads: int
     dim: int
+    damp: float
     zero_init: bool
     refactor_every: int
     refine: int
@@ -159,6 +158,10 @@ class DynamicIHVP(LinearOperator):
     _gram: Any
     _buffers: tuple[Any, Any] | None
     _version: int
+    # The window slots (oldest first) and free slots, set by ``_dynamic_setup.emptied``.
+    _window: deque[int]
+    _free: list[int]
+    refactor_count: int
     #: Whether a gradient is checked inside the reduction of its Gram row, so that
     #: every rank raises alike (``ShardedDynamicIHVP``); one process checks it first.
     _collective_checks = False
@@ -248,46 +251,16 @@ class DynamicIHVP(LinearOperator):
         forward = _deprecation.sharded_form(cls, "DynamicIHVP.from_window", options)
         if forward is not None:
             return forward.from_window(G, damp=damp, num_grads=num_grads, **options)
-        xp = namespace_of(G, "G")
-        if G.ndim != 2:
-            raise ValueError(f"G must be 2-D (k, d), got shape {tuple(G.shape)}")
-        k, d = G.shape
-        num_grads = k if num_grads is None else check_count(num_grads, "num_grads")
-        if k > num_grads:
-            raise ValueError(f"G holds {k} gradients, more than num_grads={num_grads}")
-        op = cls(num_grads, d, damp=damp, dtype=G.dtype, xp=xp, device=device_of(G), **options)
-        if op.check_finite and k:
-            check_finite(xp, G, "G")
-        fill(op, xp, G, checked=True)
-        return op
+        return filled(cls, G, damp=damp, num_grads=num_grads, options=options)
 
     # -- bookkeeping -------------------------------------------------------------------
 
     def reset(self) -> None:
         """Empty the window (or, with ``zero_init``, fill it with zero gradients)."""
-        m = self.num_grads
-        self._G[...] = 0
-        self._gram[...] = 0
-        self._exact_gram = True
-        self._edits = 0
-        self._version += 1
-        self.refactor_count = 0
-        if self.zero_init:
-            self._window: deque[int] = deque(range(m))
-            self._free: list[int] = []
-        else:
-            self._window = deque()
-            self._free = list(range(m - 1, -1, -1))
-        self._commit(factorized(self, self._gram, list(self._window)), refactored=True)
+        emptied(self)
 
     def __len__(self) -> int:
-        """Return the number of gradients in the window.
-
-        Returns
-        -------
-        int
-            ``k``, at most ``num_grads``.
-        """
+        """The number of gradients in the window, ``k <= num_grads``."""  # numpydoc ignore=RT01
         return len(self._window)
 
     @property
@@ -330,13 +303,7 @@ class DynamicIHVP(LinearOperator):
         super().__setstate__(state)
 
     def _commit(self, factor: SlotFactor, *, refactored: bool) -> None:
-        self._factor = factor
-        self._version += 1
-        if refactored:
-            self._edits = 0
-            self.refactor_count += 1
-        else:
-            self._edits += 1
+        committed(self, factor, refactored=refactored)
 
     # -- sums over the d coordinates: one process holds them all ------------------------
     # (ShardedDynamicIHVP makes each a checked reduction over its ranks.)
@@ -459,38 +426,19 @@ class DynamicIHVP(LinearOperator):
 
     # -- products ----------------------------------------------------------------------
 
-    def _finish(self, X: Array, P: Array, factor: SlotFactor | None = None) -> Any:
-        """``(X - G^T C^{-1} P) / damp`` given ``P = G X`` (float64, slot order).
+    # The products' steps, functions of _dynamic_factor (the window's modules call these).
 
-        With the operator's factor unless ``factor`` is given (see ``_dynamic_factor.edited``).
-        """
-        factor = self._factor if factor is None else factor
-        if not factor.slots:
-            return X / self.damp
-        A = factor.coefficients(P)
-        return _engine.combine(self._xp, self._G, X, A, alpha=1.0 / self.damp, dtype=self.dtype)
+    def _finish(self, X: Array, P: Array, factor: SlotFactor | None = None) -> Any:
+        return finished(self, X, P, factor)
 
     def _solve(self, X: Array, factor: SlotFactor | None = None) -> Array:
-        return self._finish(X, self._summed(_engine.project(self._xp, self._G, X)), factor)
-
-    def _matmat(self, X: Array) -> Array:
-        return self._refined(X, self._solve(X))
+        return solved(self, X, factor)
 
     def _refined(self, X: Array, Y: Array, factor: SlotFactor | None = None) -> Array:
-        """``Y ~ F^{-1} X`` after ``refine`` steps of iterative refinement.
+        return refined(self, X, Y, factor)
 
-        With the operator's factor unless ``factor`` is given; the window's size
-        must be the one ``factor`` is for.
-        """
-        factor = self._factor if factor is None else factor
-        if not self.refine or not factor.slots:
-            return Y  # an empty window's F = damp I is applied exactly
-        scale = 1.0 / (self.num_grads if self.zero_init else len(self._window))
-
-        def residual(X: Array, Y64: Array) -> Array:
-            return self._residual(X, Y64, scale)
-
-        return refine(self._xp, lambda R: self._solve(R, factor), residual, X, Y, self.refine)
+    def _matmat(self, X: Array) -> Array:
+        return refined(self, X, solved(self, X))
 
     # -- checkpoints (_dynamic_state) --------------------------------------------------
 
@@ -525,12 +473,7 @@ class DynamicIHVP(LinearOperator):
             If the window's capacitance matrix cannot be factorised with the
             new damping; the operator keeps the old one.
         """
-        given = damp
-        self._agreed("set_damp", lambda: check_damp(given))
-        damp = check_damp(damp)
-        factor = factorized(self, self._gram, list(self._factor.slots), damp)
-        self.damp = damp
-        self._commit(factor, refactored=True)
+        redamped(self, damp)
 
     def check_state_dict(self, state: Mapping[str, Any], /, *, damp: float | None = None) -> None:
         """Check that :meth:`load_state_dict` would accept ``state``, changing nothing.

@@ -22,6 +22,7 @@ from ._validation import (
     check_flag,
     check_writeable,
     half_dtype_name,
+    namespace_of,
 )
 
 #: float64 entries in one piece of a float64 Gram pass over the window.
@@ -151,6 +152,42 @@ def build(
     # Counts the edits of the replicated state (see _tag); reset adds one.
     op._version = 0
     op.reset()
+
+
+def emptied(op: Any) -> None:
+    """The body of :meth:`DynamicIHVP.reset` (see there)."""
+    m = op.num_grads
+    op._G[...] = 0
+    op._gram[...] = 0
+    op._exact_gram = True
+    op._edits = 0
+    op._version += 1
+    op.refactor_count = 0
+    if op.zero_init:
+        op._window = deque(range(m))
+        op._free = []
+    else:
+        op._window = deque()
+        op._free = list(range(m - 1, -1, -1))
+    op._commit(factorized(op, op._gram, list(op._window)), refactored=True)
+
+
+def filled(
+    cls: Any, G: Array, *, damp: float, num_grads: int | None, options: dict[str, Any]
+) -> Any:
+    """The body of :meth:`DynamicIHVP.from_window` in one process (see there)."""
+    xp = namespace_of(G, "G")
+    if G.ndim != 2:
+        raise ValueError(f"G must be 2-D (k, d), got shape {tuple(G.shape)}")
+    k, d = G.shape
+    num_grads = k if num_grads is None else check_count(num_grads, "num_grads")
+    if k > num_grads:
+        raise ValueError(f"G holds {k} gradients, more than num_grads={num_grads}")
+    op = cls(num_grads, d, damp=damp, dtype=G.dtype, xp=xp, device=device_of(G), **options)
+    if op.check_finite and k:
+        check_finite(xp, G, "G")
+    fill(op, xp, G, checked=True)
+    return op
 
 
 def fill(op: Any, xp: Any, G: Array, *, checked: bool = False) -> None:
