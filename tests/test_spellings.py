@@ -163,3 +163,33 @@ def test_deprecated_update_method() -> None:
     old = DynamicIHVP.__new__(DynamicIHVP)
     old.__setstate__(state)
     assert old.refactor_every == 0 and old.update_method == "refactor"
+
+
+def test_from_gradients_options_are_the_operators() -> None:
+    """``from_gradients`` names 6 keywords; the operator's options pass through."""
+    import inspect
+
+    keywords = [
+        p
+        for p in inspect.signature(StaticIHVP.from_gradients).parameters.values()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
+    ]
+    assert len(keywords) <= 6
+    G = np.random.default_rng(3).standard_normal((4, 12))
+    op = StaticIHVP.from_gradients(iter(G), num_grads=4, dim=12, damp=0.1, block_size=6, refine=1)
+    ref = StaticIHVP(G, damp=0.1, block_size=6, refine=1)
+    assert (op.block_size, op.refine) == (6, 1)
+    np.testing.assert_array_equal(op.matvec(np.ones(12)), ref.matvec(np.ones(12)))
+    read: list[int] = []
+
+    def gradients():
+        for i, g in enumerate(G):
+            read.append(i)
+            yield g
+
+    # An unknown keyword is refused before the data loader is read.
+    with pytest.raises(TypeError, match="unexpected keyword argument 'blocksize'"):
+        StaticIHVP.from_gradients(gradients(), num_grads=4, dim=12, damp=0.1, blocksize=6)
+    assert read == []
+    with pytest.warns(DeprecationWarning, match="out= and overwrite_G= are ignored"):
+        StaticIHVP.from_gradients(iter(G), num_grads=4, dim=12, damp=0.1, overwrite_G=True)

@@ -9,15 +9,12 @@ route rows to those factors.
 from __future__ import annotations
 
 import inspect
-import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from . import _capacitance, _engine, _setup, _store, _streaming
 from ._compat import Array, detached, device
 from ._deprecation import LEGACY_DEFAULTS, legacy_options, warn_deprecated, warn_no_w
-from ._errors import user_stacklevel
-from ._gform import GFormFactor
 from ._group_factors import GroupFactor
 from ._layout import block_groups
 from ._operator import LinearOperator
@@ -312,7 +309,8 @@ class StaticIHVP(_BlockOperatorBase):
                 "StaticIHVP(G, stream_to=device)", "StaticIHVP.streamed(G, device=device, damp=...)"
             )
             self._init_checked(G, damp, block_size, check_finite, refine, progress)
-            self._init_streamed(
+            _streaming.init_streamed(
+                self,
                 G,
                 legacy["stream_to"],
                 overwrite_G=overwrite_G,
@@ -403,7 +401,7 @@ class StaticIHVP(_BlockOperatorBase):
         op = super().__new__(cls)
         G = detached(G)
         op._init_checked(G, damp, None, check_finite, 0, progress)
-        op._init_streamed(G, device, overwrite_G=False, out=None, progress=progress)
+        _streaming.init_streamed(op, G, device, overwrite_G=False, out=None, progress=progress)
         return op
 
     def _init_checked(
@@ -419,50 +417,6 @@ class StaticIHVP(_BlockOperatorBase):
         self.refine = check_count(refine, "refine", minimum=0)
         return xp
 
-    def _init_streamed(
-        self,
-        G: Array,
-        stream_to: Any,
-        *,
-        overwrite_G: bool,
-        out: Any,
-        progress: Callable[[int, int], None] | None,
-    ) -> None:
-        """The set-up on the host, G piece-major in host memory, products on ``stream_to``."""
-        xp = self._xp
-        full = len(self._groups) == 1 and self._groups[0].count == 1
-        target = _streaming.check_stream_to(
-            xp,
-            G,
-            stream_to,
-            full=full and self.dim > self.num_grads,
-            half=self.storage_dtype is not None,
-            overwrite_G=overwrite_G,
-            out=out,
-            refine=self.refine,
-        )
-        (group,) = self._groups
-        result = _setup.factorize_gform_groups(
-            xp,
-            G,
-            self._groups,
-            damp=self.damp,
-            dtype=self.dtype,
-            check_finite=self.check_finite,
-            progress=progress,
-        )
-        (gform,) = result.factors
-        assert isinstance(gform, GFormFactor)  # the full operator with d > m
-        width = _streaming.piece_width(self.num_grads, self.dim, G.element_size())
-        host = _streaming.piece_major(G, target, width)
-        self._factors = (
-            _streaming.StreamedGForm.build(group, host, gform.factor, self.damp, target),
-        )
-        self._G = None  # the streamed pieces are a copy; G itself is not kept
-        self.kappa_bound = result.kappa_hi
-        self.device = target
-        self._warn_if_hopeless(result.kappa_lo)
-
     @classmethod
     def from_gradients(
         cls,
@@ -474,12 +428,8 @@ class StaticIHVP(_BlockOperatorBase):
         damp: float,
         dtype: Any = None,
         grads_out: Any = None,
-        out: Any = None,
-        block_size: int | None = None,
-        overwrite_G: bool = False,
-        check_finite: bool = True,
-        refine: int = 0,
         progress: Any = None,
+        **options: Any,
     ) -> StaticIHVP:
         """Collect gradients from an iterable (a data loader) into G, then build the operator.
 
@@ -507,22 +457,17 @@ class StaticIHVP(_BlockOperatorBase):
             ``.npy`` file of that path opened as a memmap (an existing file is
             refused; reopen it later with ``numpy.load(path, mmap_mode="r")``),
             or a writeable ``(num_grads, dim)`` array to fill (any library).
-        out : None, str, os.PathLike or array, optional
-            Deprecated, ignored (see :class:`StaticIHVP`); no file is made.
-        block_size : int, optional
-            As in :class:`StaticIHVP`.
-        overwrite_G : bool, optional
-            Deprecated, ignored (see :class:`StaticIHVP`).
-        check_finite : bool, optional
-            As in :class:`StaticIHVP`; each gradient is checked as it arrives.
-        refine : int, optional
-            As in :class:`StaticIHVP`.
         progress : None, True or callable, optional
             ``True`` draws a text progress bar on stderr; a callable is called
             as ``progress(stage, done, total)``, with ``stage`` ``"gradients"``
             (gradients stored so far, of ``num_grads``) and then ``"set-up"``
             (the set-up's work, as in :class:`StaticIHVP`). To use tqdm, pass
             a callable that updates a bar of your own.
+        **options
+            ``block_size``, ``check_finite`` (each gradient is also checked as
+            it arrives) and ``refine``, as in :class:`StaticIHVP`. The
+            deprecated ``out=`` and ``overwrite_G=`` are ignored, with a
+            ``DeprecationWarning`` (no file is made for ``out``).
 
         Returns
         -------
@@ -540,7 +485,8 @@ class StaticIHVP(_BlockOperatorBase):
             :class:`StaticIHVP`.
         TypeError
             For a gradient of another library or a non-floating dtype, or a
-            dtype that differs from the first gradient's without ``dtype``.
+            dtype that differs from the first gradient's without ``dtype``;
+            for an unknown keyword (before any gradient is read).
         FileExistsError
             If a path names an existing file.
 
@@ -560,44 +506,17 @@ class StaticIHVP(_BlockOperatorBase):
         >>> op.num_grads, op.dim
         (12, 50)
         """
-        report = _store.progress_callback(progress)
-        # What can be checked before the gradients are read is, so that a mistake
-        # does not cost a pass over the data loader.
-        check_damp(damp)
-        check_block_size(block_size, check_count(dim, "dim"))
-        check_count(refine, "refine", minimum=0)
-        if check_flag(overwrite_G, "overwrite_G") or out is not None:
-            warnings.warn(
-                "StaticIHVP stores no W any more: out= and overwrite_G= are ignored and "
-                "will be removed (no file is made for out)",
-                DeprecationWarning,
-                stacklevel=user_stacklevel(),
-            )
-        created: list[_store.GradientStore] = []
-        try:
-            store = _store.gather_gradients(
-                gradients,
-                num_grads=num_grads,
-                dim=dim,
-                dtype=dtype,
-                store=grads_out,
-                check_finite=check_finite,
-                progress=report,
-            )
-            created.append(store)
-            setup = None if report is None else _stage(report, "set-up")
-            return cls(
-                store.array,
-                damp=damp,
-                block_size=block_size,
-                check_finite=check_finite,
-                refine=refine,
-                progress=setup,
-            )
-        except BaseException:
-            for made in created:
-                made.discard()
-            raise
+        return _store.built_from_gradients(
+            cls,
+            gradients,
+            num_grads=num_grads,
+            dim=dim,
+            damp=damp,
+            dtype=dtype,
+            grads_out=grads_out,
+            progress=progress,
+            options=options,
+        )
 
     @property
     def local_shape(self) -> tuple[int, int]:
@@ -714,15 +633,6 @@ def show_init_signature(cls: type) -> None:
 
 
 show_init_signature(StaticIHVP)
-
-
-def _stage(report: Callable[[str, int, int], None], stage: str) -> Callable[[int, int], None]:
-    """The set-up's ``progress(done, total)`` as one stage of a staged report."""
-
-    def call(done: int, total: int) -> None:
-        report(stage, done, total)
-
-    return call
 
 
 class EmpiricalFisher(_BlockOperatorBase):
