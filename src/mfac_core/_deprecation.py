@@ -15,6 +15,7 @@ __all__ = [
     "legacy_options",
     "legacy_refactor_every",
     "register_sharded_form",
+    "sharded_class",
     "sharded_form",
     "warn_deprecated",
     "warn_no_w",
@@ -135,6 +136,22 @@ def register_sharded_form(single: type, sharded: type) -> None:
         The single-process operator class and its column-sharded class.
     """
     _SHARDED_FORMS[single] = sharded
+
+
+def sharded_class(single: type) -> type[Any] | None:
+    """The registered sharded class of ``single``, or None.
+
+    Parameters
+    ----------
+    single : type
+        A single-process operator class.
+
+    Returns
+    -------
+    type or None
+        Its column-sharded class.
+    """
+    return _SHARDED_FORMS.get(single)
 
 
 def sharded_form(cls: type, spelling: str, options: dict[str, Any]) -> type[Any] | None:

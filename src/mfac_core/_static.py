@@ -14,7 +14,14 @@ from typing import Any
 
 from . import _capacitance, _engine, _setup, _store, _streaming
 from ._compat import Array, detached, device
-from ._deprecation import LEGACY_DEFAULTS, legacy_options, warn_deprecated, warn_no_w
+from ._deprecation import (
+    LEGACY_DEFAULTS,
+    legacy_options,
+    sharded_class,
+    sharded_form,
+    warn_deprecated,
+    warn_no_w,
+)
 from ._group_factors import GroupFactor
 from ._layout import block_groups
 from ._operator import LinearOperator
@@ -34,7 +41,6 @@ __all__ = [
     "EmpiricalFisher",
     "StaticIHVP",
     "register_array_type",
-    "register_sharded_class",
     "show_init_signature",
     "static_ihvp",
 ]
@@ -56,11 +62,6 @@ def register_array_type(accepts: Callable[[Any], bool], subclass: type[StaticIHV
         A subclass of :class:`StaticIHVP` whose ``__init__`` takes StaticIHVP's arguments.
     """
     _OTHER_ARRAYS.append((accepts, subclass))
-
-
-#: The class that the deprecated ``StaticIHVP(G_local, comm=...)`` builds
-#: (``ShardedStaticIHVP``, registered by its module at package import).
-_SHARDED: list[type[LinearOperator]] = []
 
 
 def static_ihvp(G: Array, /, **options: Any) -> StaticIHVP:
@@ -85,17 +86,6 @@ def static_ihvp(G: Array, /, **options: Any) -> StaticIHVP:
         if accepts(G):
             return subclass(G, **options)
     return StaticIHVP(G, **options)
-
-
-def register_sharded_class(cls: type[LinearOperator]) -> None:
-    """Let the deprecated ``StaticIHVP(G_local, comm=...)`` build ``cls``.
-
-    Parameters
-    ----------
-    cls : type
-        The column-sharded operator, called as ``cls(G_local, comm=..., ...)``.
-    """
-    _SHARDED[:] = [cls]
 
 
 class _BlockOperatorBase(LinearOperator):
@@ -179,9 +169,9 @@ class StaticIHVP(_BlockOperatorBase):
         amount of work done so far and in all (one pass over d columns).
     **deprecated
         ``overwrite_G=True`` and ``out=`` (ignored: no working array is
-        stored), ``stream_to=`` (use :meth:`streamed`) and ``comm=`` (use
-        :class:`~mfac_core.ShardedStaticIHVP`) still work and emit a
-        ``DeprecationWarning``; they will be removed.
+        stored), ``stream_to=`` (use :meth:`streamed`) and the sharded
+        spelling (a communicator: use :class:`~mfac_core.ShardedStaticIHVP`)
+        still work and emit a ``DeprecationWarning``; they will be removed.
 
     Attributes
     ----------
@@ -271,19 +261,15 @@ class StaticIHVP(_BlockOperatorBase):
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Any:
         # The deprecated spellings of the other strategies: StaticIHVP(dask_G, ...) and
-        # StaticIHVP(G_local, comm=...). No arguments: pickle's reconstruction.
+        # the sharded one. No arguments: pickle's reconstruction.
         if cls is StaticIHVP and args:
             for accepts, subclass in _OTHER_ARRAYS:
                 if accepts(args[0]):
                     name = subclass.__name__
                     warn_deprecated("StaticIHVP(G) for this G", f"{name}(G, damp=...)")
                     return super().__new__(subclass)
-            if kwargs.get("comm") is not None and _SHARDED:
-                (sharded,) = _SHARDED
-                warn_deprecated(
-                    "StaticIHVP(G_local, comm=comm)",
-                    f"{sharded.__name__}(G_local, comm=comm, damp=...)",
-                )
+            sharded = sharded_form(cls, "StaticIHVP", kwargs)
+            if sharded is not None:
                 # Not a StaticIHVP: built here, and Python calls no __init__ on it.
                 return sharded(*args, **kwargs)
         return super().__new__(cls)
@@ -524,11 +510,11 @@ class StaticIHVP(_BlockOperatorBase):
         return self.shape
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        if "_shard" in state and _SHARDED:
+        sharded = sharded_class(StaticIHVP)
+        if "_shard" in state and sharded is not None:
             # A column-sharded operator pickled while it was a StaticIHVP: it loads as
             # the class it is now (its state is the same).
-            (sharded,) = _SHARDED
-            self.__class__ = sharded  # type: ignore[assignment]
+            self.__class__ = sharded
             self.__setstate__(state)
             return
         super().__setstate__(state)
