@@ -189,6 +189,11 @@ class ShardedDynamicIHVP(DynamicIHVP):
         self.layout = agreed_layout(comm, xp, device, built)
         self.comm = comm
 
+    @property
+    def local_shape(self) -> tuple[int, int]:
+        """``(dim, dim)``: this rank's shape, which ``shape`` is too."""  # numpydoc ignore=RT01
+        return self.shape
+
     @classmethod
     def from_window(  # type: ignore[override]
         cls,

@@ -82,15 +82,11 @@ class SpectralIHVP(LinearOperator):
     in its storage dtype and sums in float64. What the spectral form adds is
     that every function of F is known for every damping:
 
-    - :meth:`with_damp` gives the operator at another damping in O(m),
-      sharing the set-up; :meth:`sweep` and ``diagonal(damps=...)`` give
-      products and diagonals for K dampings in one pass over G;
-    - :meth:`logdet`, :meth:`trace` and :meth:`trace_inverse` in O(m) per
-      block;
-    - :meth:`sqrt` and :meth:`inv_sqrt` (``F^{-1/2}`` and ``F^{1/2}``) as
-      operators, :meth:`sample` from ``N(0, F^{-1})`` in O(d m) per sample;
-    - :meth:`bilinear` ``Q F^{-1} R^T`` and :meth:`quadratic`
-      ``diag(R F^{-1} R^T)`` for stacks of vectors, without a d x d array.
+    :meth:`with_damp` (O(m)), :meth:`sweep` and ``diagonal(damps=...)`` (K
+    dampings in one pass over G); :meth:`logdet`, :meth:`trace`,
+    :meth:`trace_inverse` (O(m) per block); :meth:`sqrt`, :meth:`inv_sqrt`
+    and :meth:`sample` (O(d m) per sample); :meth:`bilinear` and
+    :meth:`quadratic` forms of stacks of vectors, without a d x d array.
 
     Parameters
     ----------
@@ -182,35 +178,21 @@ class SpectralIHVP(LinearOperator):
     True
     """
 
+    # Set by ``_built``.
+    num_grads: int
+    dim: int
+    block_size: int
+    storage_dtype: str | None
+    power: float
+    damp: float
+    kappa: float
+    error_scale: float
+    _groups: tuple[_Group, ...]
+
     def __init__(
         self, G: Array, /, *, damp: float, block_size: int | None = None, check_finite: bool = True
     ) -> None:
-        check_finite = check_flag(check_finite, "check_finite")
-        G = detached(G)  # the operator stores G, never its autograd graph
-        xp = check_gradients(G, require_finite=False, half=True)
-        damp = check_damp(damp)
-        check_float64_available(xp)
-        m, d = (int(n) for n in G.shape)
-        bs = check_block_size(block_size, d)
-        storage = half_dtype_name(xp, G.dtype)
-        dtype = G.dtype if storage is None else xp.float32
-        groups = _setup(
-            xp, G, block_groups(d, bs), dtype=dtype, damp=damp, check_finite=check_finite
-        )
-        super().__init__(
-            shape=(d, d),
-            dtype=dtype,
-            xp=xp,
-            device=device(G),
-            symmetric=True,
-            check_finite=check_finite,
-        )
-        self.num_grads, self.dim, self.block_size = m, d, bs
-        self.storage_dtype = storage
-        self._groups: tuple[_Group, ...] = groups
-        self.power = -1.0
-        self._set_damp(damp)
-        self._warn_if_hopeless()
+        _built(self, G, damp=damp, block_size=block_size, check_finite=check_finite)
 
     # -- damping, spectrum and derived operators -----------------------------------------------
 
@@ -692,6 +674,35 @@ def _standard_normal(xp: Any, rng: Any, shape: tuple[int, int], dtype: Any, dev:
         with cupy.cuda.Device(dev.id):
             return gen.standard_normal(shape, dtype=dtype)
     raise TypeError(f"sample() has no random number generator for {name} arrays")
+
+
+def _built(op: SpectralIHVP, G: Array, *, damp: Any, block_size: Any, check_finite: Any) -> None:
+    """The body of :class:`SpectralIHVP`'s constructor: the checks, the set-up, the state."""
+    check_finite = check_flag(check_finite, "check_finite")
+    G = detached(G)  # the operator stores G, never its autograd graph
+    xp = check_gradients(G, require_finite=False, half=True)
+    damp = check_damp(damp)
+    check_float64_available(xp)
+    m, d = (int(n) for n in G.shape)
+    bs = check_block_size(block_size, d)
+    storage = half_dtype_name(xp, G.dtype)
+    dtype = G.dtype if storage is None else xp.float32
+    groups = _setup(xp, G, block_groups(d, bs), dtype=dtype, damp=damp, check_finite=check_finite)
+    LinearOperator.__init__(
+        op,
+        shape=(d, d),
+        dtype=dtype,
+        xp=xp,
+        device=device(G),
+        symmetric=True,
+        check_finite=check_finite,
+    )
+    op.num_grads, op.dim, op.block_size = m, d, bs
+    op.storage_dtype = storage
+    op._groups = groups
+    op.power = -1.0
+    op._set_damp(damp)
+    op._warn_if_hopeless()
 
 
 def _setup(
