@@ -12,9 +12,10 @@ from typing import Any
 
 import torch
 
+from . import _torch_distributed
 from ._compat import array_namespace
 from ._dynamic import DynamicIHVP
-from ._torch_distributed import check_dtensors, local, sharded_window, window_columns
+from ._torch_distributed import check_dtensors, local, window_columns
 
 logger = logging.getLogger("mfac_core.torch")
 
@@ -128,7 +129,7 @@ def new_window(opt: Any, damp: float) -> DynamicIHVP:
         "zero_init": opt.defaults["zero_init"],
     }
     if opt._comm is not None:
-        return sharded_window(opt, hi - lo, options)
+        return _torch_distributed.sharded_window(opt, hi - lo, options)
     # One process: the step has the window check the gradient
     # (_update_and_matvec_checked) and products are left unchecked, as before.
     return DynamicIHVP(opt.defaults["num_grads"], hi - lo, check_finite=False, **options)
