@@ -43,7 +43,7 @@ from _common import (
     markdown_table,
 )
 
-from mfac_core import DynamicIHVP
+from mfac_core import DynamicIHVP, WindowOptions
 from mfac_core._dynamic_factor import edited
 
 
@@ -111,7 +111,9 @@ def mm_row(args: argparse.Namespace, m: int, rng: np.random.Generator) -> list[s
     d = 2 * m
     G = _window(rng, m, d, "float64", args.damp)
     ops = {
-        method: DynamicIHVP.from_window(G, damp=args.damp, refactor_every=every)
+        method: DynamicIHVP.from_window(
+            G, damp=args.damp, options=WindowOptions(refactor_every=every)
+        )
         for method, every in (("incremental", None), ("refactor", 0))
     }
     g = _window(rng, 1, d, "float64", args.damp)[0]

@@ -19,7 +19,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mfac_core import DynamicIHVP, FactorizationError, IllConditionedWarning, ShardedDynamicIHVP
+from mfac_core import (
+    DynamicIHVP,
+    FactorizationError,
+    IllConditionedWarning,
+    ShardedDynamicIHVP,
+    WindowOptions,
+)
 from mfac_core.distributed import CommCall, Communicator, CountingComm
 from mfac_core.testing import SpectralOracle, assert_close, run_spmd_threads
 
@@ -125,9 +131,11 @@ def test_threads_match_the_unsharded_operator(sc: dict[str, Any]) -> None:
     options = {
         "damp": 0.5,
         "dtype": sc["dtype"],
-        "zero_init": sc["zero_init"],
-        "refactor_every": 0 if sc["method"] == "refactor" else None,
-        "refine": sc["refine"],
+        "options": WindowOptions(
+            zero_init=sc["zero_init"],
+            refactor_every=0 if sc["method"] == "refactor" else None,
+            refine=sc["refine"],
+        ),
     }
 
     def rank(comm: Communicator) -> tuple[Any, ...]:
@@ -268,7 +276,9 @@ def _failing_call(comm: Communicator, case: str) -> Any:
     starts = _starts(_even_widths(d, size))
     lo, hi = starts[comm.rank], starts[comm.rank + 1]
     rng = np.random.default_rng(0)
-    op = ShardedDynamicIHVP(m, hi - lo, damp=0.1, dtype="float64", comm=comm, zero_init=False)
+    op = ShardedDynamicIHVP(
+        m, hi - lo, damp=0.1, dtype="float64", comm=comm, options=WindowOptions(zero_init=False)
+    )
     for _ in range(m + 1):
         op.update(rng.standard_normal(d)[lo:hi])
     before = op.state_dict()
@@ -348,7 +358,9 @@ def _mismatched_call(comm: Communicator, case: str) -> Any:
     starts = _starts(_even_widths(d, size))
     lo, hi = starts[comm.rank], starts[comm.rank + 1]
     rng = np.random.default_rng(1)
-    op = ShardedDynamicIHVP(m, hi - lo, damp=0.1, dtype="float64", comm=comm, zero_init=False)
+    op = ShardedDynamicIHVP(
+        m, hi - lo, damp=0.1, dtype="float64", comm=comm, options=WindowOptions(zero_init=False)
+    )
     for _ in range(m + 1):
         op.update(rng.standard_normal(d)[lo:hi])
     g = rng.standard_normal(d)[lo:hi]
@@ -486,6 +498,10 @@ def test_construction_must_agree_on_every_rank() -> None:
             options["dtype"] = "float16" if comm.rank == 0 else "float32"
         if comm.rank == 1 and field == "bad damp":
             options["damp"] = -1.0
+        if comm.rank == 1 and field == "refine":
+            options["options"] = WindowOptions(refine=1)
+        if comm.rank == 1 and field == "not options":  # refused inside the reduction
+            options["options"] = {"refine": 1}
         return ShardedDynamicIHVP(m, 3, comm=comm, **options)
 
     cases = [
@@ -493,6 +509,8 @@ def test_construction_must_agree_on_every_rank() -> None:
         ("dtype", TypeError),
         ("storage", TypeError),
         ("bad damp", ValueError),
+        ("refine", ValueError),
+        ("not options", TypeError),
     ]
     for field, kind in cases:
         results = run_spmd_threads(rank, 2, field, timeout=20)

@@ -12,6 +12,7 @@ from typing import Any
 # DaskStaticIHVP imports dask on use only.
 from ._dask import DaskStaticIHVP
 from ._dynamic import DynamicIHVP
+from ._dynamic_setup import WindowOptions
 from ._errors import FactorizationError, IllConditionedWarning
 from ._linalg import CUPY_LINALG_CHOICES, get_cupy_linalg, set_cupy_linalg
 from ._operator import LinearOperator
@@ -33,6 +34,7 @@ __all__ = [
     "ShardedStaticIHVP",
     "SpectralIHVP",
     "StaticIHVP",
+    "WindowOptions",
     "__version__",
     "get_cupy_linalg",
     "set_cupy_linalg",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Iterable
 from typing import Any
@@ -12,16 +13,22 @@ from ._validation import check_choice
 __all__ = [
     "DYNAMIC_LEGACY",
     "LEGACY_DEFAULTS",
+    "NOT_GIVEN",
+    "STATIC_LEGACY",
     "legacy_options",
     "legacy_refactor_every",
     "register_sharded_form",
     "sharded_class",
     "sharded_form",
+    "show_init_signature",
     "warn_deprecated",
     "warn_no_w",
 ]
 
-#: Keywords that ``StaticIHVP`` accepts only for the deprecated spellings, with the
+#: The "not used" value of a deprecated keyword for which every value means something.
+NOT_GIVEN: Any = object()
+
+#: Keywords that the constructors accept only for the deprecated spellings, with the
 #: value that means "not used" (passing it is accepted silently).
 LEGACY_DEFAULTS: dict[str, Any] = {
     "overwrite_G": False,
@@ -29,10 +36,25 @@ LEGACY_DEFAULTS: dict[str, Any] = {
     "stream_to": None,
     "comm": None,
     "update_method": None,
+    # The window's options, now WindowOptions fields: any value given is checked.
+    "zero_init": NOT_GIVEN,
+    "refactor_every": NOT_GIVEN,
+    "check_finite": NOT_GIVEN,
+    "refine": NOT_GIVEN,
 }
 
+#: The keywords that ``StaticIHVP`` accepts only for the deprecated spellings.
+STATIC_LEGACY = ("overwrite_G", "out", "stream_to", "comm")
+
 #: The keywords that ``DynamicIHVP`` accepts only for the deprecated spellings.
-DYNAMIC_LEGACY = ("comm", "update_method")
+DYNAMIC_LEGACY = (
+    "comm",
+    "update_method",
+    "zero_init",
+    "refactor_every",
+    "check_finite",
+    "refine",
+)
 
 #: The sharded class of each single-process operator class, registered by the sharded
 #: class's module (at package import), so that the single-process modules import none.
@@ -120,7 +142,8 @@ def legacy_refactor_every(update_method: Any, refactor_every: Any) -> Any:
     check_choice(update_method, "update_method", ("incremental", "refactor"))
     if update_method == "refactor":
         warn_deprecated(
-            'update_method="refactor"', "refactor_every=0 (a full factorisation at every update)"
+            'update_method="refactor"',
+            "options=WindowOptions(refactor_every=0) (a full factorisation at every update)",
         )
         return 0
     warn_deprecated('update_method="incremental"', "nothing (incremental edits are the default)")
@@ -180,3 +203,20 @@ def sharded_form(cls: type, spelling: str, options: dict[str, Any]) -> type[Any]
     new = spelling.replace(cls.__name__, sharded.__name__, 1)
     warn_deprecated(f"{spelling}(..., comm=comm)", f"{new}(..., comm=comm)")
     return sharded
+
+
+def show_init_signature(cls: type) -> None:
+    """Make help() and the docs show ``cls.__init__``'s signature, not its ``__new__``'s.
+
+    The ``__new__`` of a class with deprecated spellings takes ``*args, **kwargs``.
+
+    Parameters
+    ----------
+    cls : type
+        The class (e.g. :class:`StaticIHVP`, :class:`DynamicIHVP` or a subclass).
+    """
+    signature = inspect.signature(cls.__dict__["__init__"])
+    cls.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=list(signature.parameters.values())[1:],
+        return_annotation=inspect.Signature.empty,
+    )

@@ -18,7 +18,7 @@ from typing import Any
 from . import _deprecation
 from ._compat import Array
 from ._dynamic_factor import SlotFactor, committed, finished, redamped, refined, solved
-from ._dynamic_setup import build, emptied, filled, local_gram
+from ._dynamic_setup import WindowOptions, build, emptied, filled, local_gram, window_options
 from ._dynamic_state import LoadedState, saved_state
 from ._dynamic_window import StepCheck, insert, remove_slot, update_and_matvec_checked
 from ._layout import BlockGroup
@@ -60,28 +60,17 @@ class DynamicIHVP(LinearOperator):
         the library module itself (``torch``, ``cupy``, ...).
     device : optional
         The device of the buffers (default: the namespace's default).
-    zero_init : bool, optional
-        Reproduce the authors' convention: the window starts as ``num_grads``
-        zero gradients and the normalisation is fixed at ``1/num_grads``.
-        Removing a gradient then sets it to zero.
-    refactor_every : int, optional
-        Refactorise in full after this many incremental edits (default m),
-        which bounds the drift of the factor; a cheap drift check after each
-        edit refactorises earlier if needed. Each incremental edit changes the
-        float64 Cholesky factor of the m x m capacitance matrix in O(m^2) per
-        replaced gradient; ``0`` refactorises it at every update in O(m^3),
-        as a reference.
-    check_finite : bool, optional
-        Refuse gradients and vectors holding NaN or infinity (default True).
-    refine : int, optional
-        Steps of iterative refinement in every product (default 0), each with
-        the residual ``x - F y`` computed from the window in float64. For a
-        float64 window one step brings the error of vectors near the window's
-        span (such as its mean) down to ``eps * kappa``; float32 and 2-byte
-        products are already at float32's rounding (see Notes). A step costs
-        about two more products and two float64 passes over the window.
+    options : WindowOptions, optional
+        The rarely changed options (default ``WindowOptions()``): the
+        authors' zero-initialised window (``zero_init``), when to refactorise
+        (``refactor_every``), the checks for NaN and infinity
+        (``check_finite``) and iterative refinement (``refine``); see
+        :class:`~mfac_core.WindowOptions`. They are the attributes of the
+        same names.
     **deprecated
-        ``update_method="refactor"`` (use ``refactor_every=0``) and the sharded
+        ``zero_init=``, ``refactor_every=``, ``check_finite=`` and
+        ``refine=`` (use ``options=WindowOptions(...)``),
+        ``update_method="refactor"`` (use ``WindowOptions(refactor_every=0)``) and the sharded
         spelling (a communicator; it builds a
         :class:`~mfac_core.ShardedDynamicIHVP`) still work, with a
         ``DeprecationWarning``; they will be removed.
@@ -182,27 +171,11 @@ class DynamicIHVP(LinearOperator):
         dtype: Any,
         xp: Any = None,
         device: Any = None,
-        zero_init: bool = False,
-        refactor_every: int | None = None,
-        check_finite: bool = True,
-        refine: int = 0,
+        options: WindowOptions | None = None,
         **deprecated: Any,
     ) -> None:
-        legacy = _deprecation.legacy_options("DynamicIHVP", deprecated, _deprecation.DYNAMIC_LEGACY)
-        refactor_every = _deprecation.legacy_refactor_every(legacy["update_method"], refactor_every)
-        build(
-            self,
-            num_grads,
-            dim,
-            damp=damp,
-            dtype=dtype,
-            xp=xp,
-            device=device,
-            zero_init=zero_init,
-            refactor_every=refactor_every,
-            check_finite=check_finite,
-            refine=refine,
-        )
+        options = window_options("DynamicIHVP", options, deprecated)
+        build(self, num_grads, dim, damp=damp, dtype=dtype, xp=xp, device=device, options=options)
 
     @property
     def local_shape(self) -> tuple[int, int]:
@@ -529,3 +502,6 @@ class DynamicIHVP(LinearOperator):
             If the window cannot be factorised with the new ``damp``.
         """
         LoadedState.check(self, state, damp=damp, refactor=True).commit(self)
+
+
+_deprecation.show_init_signature(DynamicIHVP)

@@ -7,11 +7,19 @@ one factorisation.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
 from typing import Any
 
 from ._compat import Array, array_namespace, detached
 from ._compat import device as device_of
+from ._deprecation import (
+    DYNAMIC_LEGACY,
+    NOT_GIVEN,
+    legacy_options,
+    legacy_refactor_every,
+    warn_deprecated,
+)
 from ._dynamic_factor import factorized
 from ._layout import BlockGroup, chunk_gram, pieces
 from ._operator import LinearOperator
@@ -27,6 +35,78 @@ from ._validation import (
 
 #: float64 entries in one piece of a float64 Gram pass over the window.
 PIECE_ENTRIES = 2**22
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowOptions:
+    """The rarely changed options of a sliding window (``options=`` of its constructors).
+
+    For :class:`~mfac_core.DynamicIHVP` and
+    :class:`~mfac_core.ShardedDynamicIHVP`; the constructor checks them.
+
+    Parameters
+    ----------
+    zero_init : bool, optional
+        Reproduce the authors' convention: the window starts as ``num_grads``
+        zero gradients and the normalisation is fixed at ``1/num_grads``.
+        Removing a gradient then sets it to zero. Default False.
+    refactor_every : int, optional
+        Refactorise in full after this many incremental edits (default m),
+        which bounds the drift of the factor; a cheap drift check after each
+        edit refactorises earlier if needed. Each incremental edit changes the
+        float64 Cholesky factor of the m x m capacitance matrix in O(m^2) per
+        replaced gradient; ``0`` refactorises it at every update in O(m^3),
+        as a reference.
+    check_finite : bool, optional
+        Refuse gradients and vectors holding NaN or infinity (default True).
+    refine : int, optional
+        Steps of iterative refinement in every product (default 0), each with
+        the residual ``x - F y`` computed from the window in float64. For a
+        float64 window one step brings the error of vectors near the window's
+        span (such as its mean) down to ``eps * kappa``; float32 and 2-byte
+        products are already at float32's rounding. A step costs about two
+        more products and two float64 passes over the window.
+
+    Examples
+    --------
+    >>> from mfac_core import DynamicIHVP, WindowOptions
+    >>> op = DynamicIHVP(
+    ...     4, 50, damp=0.1, dtype="float64", options=WindowOptions(zero_init=True, refine=1)
+    ... )
+    >>> len(op), op.refine
+    (4, 1)
+    """
+
+    zero_init: bool = False
+    refactor_every: int | None = None
+    check_finite: bool = True
+    refine: int = 0
+
+
+#: The fields of ``WindowOptions`` that were the constructors' own keywords.
+WINDOW_FIELDS = tuple(f.name for f in dataclasses.fields(WindowOptions))
+
+
+def window_options(owner: str, options: Any, deprecated: dict[str, Any]) -> WindowOptions:
+    """``options`` with the deprecated keywords of ``owner``'s constructor merged in.
+
+    Each of the old keywords (``zero_init=`` ... ``refine=``, ``update_method=``)
+    warns, naming its ``WindowOptions`` spelling; an unknown keyword is a TypeError.
+    """
+    legacy = legacy_options(owner, deprecated, DYNAMIC_LEGACY)
+    if options is None:
+        options = WindowOptions()
+    elif not isinstance(options, WindowOptions):
+        raise TypeError(f"options must be a WindowOptions, got {type(options).__name__}")
+    given = {name: legacy[name] for name in WINDOW_FIELDS if legacy[name] is not NOT_GIVEN}
+    if given:
+        spelled = ", ".join(f"{name}={value!r}" for name, value in given.items())
+        warn_deprecated(
+            f"{owner}(..., {spelled})", f"{owner}(..., options=WindowOptions({spelled}))"
+        )
+        options = dataclasses.replace(options, **given)
+    every = legacy_refactor_every(legacy["update_method"], options.refactor_every)
+    return dataclasses.replace(options, refactor_every=every)
 
 
 def default_namespace() -> Any:
@@ -94,16 +174,15 @@ def build(
     dtype: Any,
     xp: Any,
     device: Any,
-    zero_init: bool,
-    refactor_every: int | None,
-    check_finite: bool,
-    refine: int,
+    options: WindowOptions,
     sharded: bool = False,
 ) -> None:
     """Check the constructor's arguments and create the buffers of ``op``, then empty it.
 
     ``sharded``: ``op`` holds one rank's columns, which may be none.
     """
+    zero_init, refactor_every = options.zero_init, options.refactor_every
+    check_finite, refine = options.check_finite, options.refine
     num_grads = check_count(num_grads, "num_grads")
     op.refine = check_count(refine, "refine", minimum=0)
     # A shard may hold no column (more ranks than coordinates).

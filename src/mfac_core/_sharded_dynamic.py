@@ -13,14 +13,9 @@ from typing import Any
 
 from ._compat import Array
 from ._compat import device as device_of
-from ._deprecation import (
-    DYNAMIC_LEGACY,
-    legacy_options,
-    legacy_refactor_every,
-    register_sharded_form,
-)
+from ._deprecation import register_sharded_form, show_init_signature
 from ._dynamic import DynamicIHVP
-from ._dynamic_setup import build, fill
+from ._dynamic_setup import WindowOptions, build, fill, window_options
 from ._dynamic_sharded import (
     OPERATIONS,
     OWNER,
@@ -64,14 +59,9 @@ class ShardedDynamicIHVP(DynamicIHVP):
         As for :class:`~mfac_core.DynamicIHVP`.
     device : optional
         As for :class:`~mfac_core.DynamicIHVP`.
-    zero_init : bool, optional
-        As for :class:`~mfac_core.DynamicIHVP`.
-    refactor_every : int, optional
-        As for :class:`~mfac_core.DynamicIHVP`.
-    check_finite : bool, optional
-        As for :class:`~mfac_core.DynamicIHVP`, checked collectively.
-    refine : int, optional
-        As for :class:`~mfac_core.DynamicIHVP`.
+    options : WindowOptions, optional
+        As for :class:`~mfac_core.DynamicIHVP`, the same on every rank
+        (``check_finite`` checks collectively).
     **deprecated
         As for :class:`~mfac_core.DynamicIHVP` (``comm=`` is a keyword here).
 
@@ -157,19 +147,15 @@ class ShardedDynamicIHVP(DynamicIHVP):
         dtype: Any,
         xp: Any = None,
         device: Any = None,
-        zero_init: bool = False,
-        refactor_every: int | None = None,
-        check_finite: bool = True,
-        refine: int = 0,
+        options: WindowOptions | None = None,
         **deprecated: Any,
     ) -> None:
-        # The deprecated DynamicIHVP(..., comm=comm) is built here, with its keywords.
-        legacy = legacy_options("ShardedDynamicIHVP", deprecated, DYNAMIC_LEGACY)
-        refactor_every = legacy_refactor_every(legacy["update_method"], refactor_every)
         # A bad communicator cannot join a reduction: it raises on its rank alone.
         comm = check_communicator(comm)
 
         def built() -> ShardedDynamicIHVP:
+            # The deprecated DynamicIHVP(..., comm=comm) is built here, with its keywords.
+            merged = window_options("ShardedDynamicIHVP", options, deprecated)
             build(
                 self,
                 num_grads,
@@ -178,10 +164,7 @@ class ShardedDynamicIHVP(DynamicIHVP):
                 dtype=dtype,
                 xp=xp,
                 device=device,
-                zero_init=zero_init,
-                refactor_every=refactor_every,
-                check_finite=check_finite,
-                refine=refine,
+                options=merged,
                 sharded=True,
             )
             return self
@@ -235,8 +218,7 @@ class ShardedDynamicIHVP(DynamicIHVP):
             If the window's capacitance matrix cannot be factorised in float64.
         """
         comm = check_communicator(comm)
-        check = options.get("check_finite", True) is not False
-        num_grads = agreed_rows(comm, G, num_grads, check)
+        num_grads = agreed_rows(comm, G, num_grads, _checks_finite(options))
         xp = namespace_of(G, "G")
         k, d = G.shape
         num_grads = k if num_grads is None else check_count(num_grads, "num_grads")
@@ -364,4 +346,13 @@ class ShardedDynamicIHVP(DynamicIHVP):
         return self.matmat(X)
 
 
+def _checks_finite(options: dict[str, Any]) -> bool:
+    """Whether ``from_window``'s keywords ask for G's check for NaN and infinity."""
+    if "check_finite" in options:  # the deprecated spelling
+        return options["check_finite"] is not False
+    given = options.get("options")
+    return not isinstance(given, WindowOptions) or given.check_finite is not False
+
+
 register_sharded_form(DynamicIHVP, ShardedDynamicIHVP)
+show_init_signature(ShardedDynamicIHVP)

@@ -8,17 +8,17 @@ route rows to those factors.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from . import _capacitance, _engine, _setup, _store, _streaming
 from ._compat import Array, detached, device
 from ._deprecation import (
-    LEGACY_DEFAULTS,
+    STATIC_LEGACY,
     legacy_options,
     sharded_class,
     sharded_form,
+    show_init_signature,
     warn_deprecated,
     warn_no_w,
 )
@@ -286,7 +286,7 @@ class StaticIHVP(_BlockOperatorBase):
         progress: Callable[[int, int], None] | None = None,
         **deprecated: Any,
     ) -> None:
-        legacy = legacy_options("StaticIHVP", deprecated, LEGACY_DEFAULTS)
+        legacy = legacy_options("StaticIHVP", deprecated, STATIC_LEGACY)
         overwrite_G = check_flag(legacy["overwrite_G"], "overwrite_G")
         # The operator stores G (or factors of it): never its autograd graph.
         G = detached(G)
@@ -601,21 +601,6 @@ class StaticIHVP(_BlockOperatorBase):
             # but meaningless: ``inside`` masks them out.
             out = xp.where(inside, factor.entries(rr, cc), out)
         return xp.reshape(out, shape)
-
-
-def show_init_signature(cls: type) -> None:
-    """Make help() and the docs show ``cls.__init__``'s signature, not ``StaticIHVP.__new__``'s.
-
-    Parameters
-    ----------
-    cls : type
-        :class:`StaticIHVP` or a subclass.
-    """
-    signature = inspect.signature(cls.__dict__["__init__"])
-    cls.__signature__ = signature.replace(  # type: ignore[attr-defined]
-        parameters=list(signature.parameters.values())[1:],
-        return_annotation=inspect.Signature.empty,
-    )
 
 
 show_init_signature(StaticIHVP)

@@ -15,6 +15,7 @@ import torch
 from . import _torch_distributed
 from ._compat import array_namespace
 from ._dynamic import DynamicIHVP
+from ._dynamic_setup import WindowOptions
 from ._torch_distributed import check_dtensors, local, window_columns
 
 logger = logging.getLogger("mfac_core.torch")
@@ -126,13 +127,14 @@ def new_window(opt: Any, damp: float) -> DynamicIHVP:
         "dtype": opt.grad_dtype,
         "xp": array_namespace(opt._grad),
         "device": opt.device,
-        "zero_init": opt.defaults["zero_init"],
     }
+    zero_init = opt.defaults["zero_init"]
     if opt._comm is not None:
-        return _torch_distributed.sharded_window(opt, hi - lo, options)
+        return _torch_distributed.sharded_window(opt, hi - lo, zero_init, options)
     # One process: the step has the window check the gradient
     # (_update_and_matvec_checked) and products are left unchecked, as before.
-    return DynamicIHVP(opt.defaults["num_grads"], hi - lo, check_finite=False, **options)
+    unchecked = WindowOptions(zero_init=zero_init, check_finite=False)
+    return DynamicIHVP(opt.defaults["num_grads"], hi - lo, options=unchecked, **options)
 
 
 @torch.no_grad()
