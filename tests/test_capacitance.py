@@ -116,7 +116,7 @@ def test_one_wording_of_the_error_for_both_operators():
     G = np.stack([g, g])
     with pytest.raises(FactorizationError) as static:
         StaticIHVP(G, damp=1e-12)
-    op = DynamicIHVP(3, 8, damp=1e-12, dtype="float64", options=WindowOptions(zero_init=True))
+    op = DynamicIHVP(3, 8, damp=1e-12, dtype="float64", zero_init=True)
     op.update(g)
     with pytest.raises(FactorizationError) as dynamic:
         op.update(g.copy())
@@ -131,7 +131,7 @@ def test_dynamic_float32_error_names_the_gram_dtype_and_a_correct_kappa(rng):
     # Gram"), which fails too; so the error does not blame float32 accumulation, and its
     # kappa bounds enclose the condition number of the window.
     g = rng.standard_normal(50).astype(np.float32)
-    op = DynamicIHVP(4, 50, damp=1e-16, dtype="float32", options=WindowOptions(zero_init=True))
+    op = DynamicIHVP(4, 50, damp=1e-16, dtype="float32", zero_init=True)
     op.update(g)
     with pytest.raises(FactorizationError) as info:
         op.update(g.copy())

@@ -397,7 +397,7 @@ def test_remove_refuses_unknown_slots(rng):
 def test_duplicated_gradient_with_hopeless_damping_fails_cleanly():
     """kappa far above 1/eps(float64): a clear error, and the window is unchanged."""
     g = np.full(8, 1e8)
-    op = DynamicIHVP(3, 8, damp=1e-12, dtype="float64", options=WindowOptions(zero_init=True))
+    op = DynamicIHVP(3, 8, damp=1e-12, dtype="float64", zero_init=True)
     op.update(g)
     before = op.state_dict()
     with pytest.raises(FactorizationError, match=r"damp=1e-12.*kappa"):
@@ -799,7 +799,7 @@ def test_hopeless_windows_warn_on_every_path(rng):
     op = DynamicIHVP.from_window(G, damp=1.0)
     with pytest.warns(IllConditionedWarning):
         op.set_damp(1e-17)
-    op = DynamicIHVP(6, 40, damp=1e-17, dtype="float32", options=WindowOptions(refactor_every=0))
+    op = DynamicIHVP(6, 40, damp=1e-17, dtype="float32", update_method="refactor")
     with pytest.warns(IllConditionedWarning):
         for g in G:
             op.update(g)
