@@ -7,13 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mfac_core import (
-    DynamicIHVP,
-    FactorizationError,
-    IllConditionedWarning,
-    StaticIHVP,
-    WindowOptions,
-)
+from mfac_core import DynamicIHVP, FactorizationError, IllConditionedWarning, StaticIHVP
 from mfac_core._capacitance import factorize, kappa_bounds, lambda_max_bounds
 from mfac_core._compat import array_namespace
 from mfac_core.testing import to_numpy
