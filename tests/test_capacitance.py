@@ -171,12 +171,7 @@ def test_ill_conditioned_warnings_name_the_callers_line() -> None:
     # must still point at the user's call (stacklevel found by walking out of mfac_core).
     import warnings
 
-    from mfac_core import (
-        DynamicIHVP,
-        IllConditionedWarning,
-        SpectralIHVP,
-        StaticIHVP,
-    )
+    from mfac_core import DynamicIHVP, IllConditionedWarning, SpectralIHVP, StaticIHVP
 
     rng = np.random.default_rng(0)
     G = rng.standard_normal((4, 50)).astype(np.float32)
