@@ -58,7 +58,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _common as common
 
-from mfac_core import DynamicIHVP, ShardedStaticIHVP, StaticIHVP
+from mfac_core import ShardedDynamicIHVP, ShardedStaticIHVP, StaticIHVP
 from mfac_core.distributed import CountingComm
 from mfac_core.testing import run_spmd_threads
 
@@ -118,7 +118,7 @@ def _static_blocks(comm: Any, p: Problem, rank: int) -> Any:
 def _dynamic(comm: Any, p: Problem, rank: int) -> Any:
     # A full window from the rows of G: one Gram matrix and one factorisation, where m
     # updates would make m edits of the factor (minutes at m = 1024 on thread ranks).
-    return DynamicIHVP.from_window(p.G[:, p.columns(rank)], damp=p.damp, comm=comm)
+    return ShardedDynamicIHVP.from_window(p.G[:, p.columns(rank)], damp=p.damp, comm=comm)
 
 
 def _dynamic_operations(op: Any, p: Problem, rank: int) -> dict[str, Callable[[], Any]]:
@@ -131,7 +131,7 @@ def _dynamic_operations(op: Any, p: Problem, rank: int) -> dict[str, Callable[[]
     n = cols.stop - cols.start
 
     def construct() -> None:
-        DynamicIHVP(m, n, damp=p.damp, dtype=p.G.dtype.name, comm=op.comm)
+        ShardedDynamicIHVP(m, n, damp=p.damp, dtype=p.G.dtype.name, comm=op.comm)
 
     def refined() -> None:
         op.refine = 1
@@ -173,7 +173,7 @@ TRAFFIC_CASES: list[TrafficCase] = [
         "entries 0 then k",
     ),
     TrafficCase(
-        "DynamicIHVP",
+        "ShardedDynamicIHVP",
         _dynamic,
         _dynamic_operations,
         "set-up from_window: p (rows checked), p x 9 (settings), m^2 (Gram); constructor "

@@ -15,7 +15,7 @@ read-only BLAS pass) is shown too. Target: 1.3x at m >= 256.
 **m x m part** of one update, independent of d and so timed on a window of d = 2m:
 the factor edit of the incremental path (delete the oldest row and column of the
 float64 Cholesky factor, append the new one, drift check) against the O(m^3) path that
-refactorises (``update_method="refactor"``); and the m x m part of a product (two
+refactorises (``refactor_every=0``); and the m x m part of a product (two
 triangular solves). Target: incremental edit <= 2 ms at m = 1024.
 
 The last lines say how many cores other processes used during the run: timings taken
@@ -43,7 +43,7 @@ from _common import (
     markdown_table,
 )
 
-from mfac_core import DynamicIHVP
+from mfac_core import DynamicIHVP, WindowOptions
 from mfac_core._dynamic_factor import edited
 
 
@@ -111,8 +111,10 @@ def mm_row(args: argparse.Namespace, m: int, rng: np.random.Generator) -> list[s
     d = 2 * m
     G = _window(rng, m, d, "float64", args.damp)
     ops = {
-        method: DynamicIHVP.from_window(G, damp=args.damp, update_method=method)
-        for method in ("incremental", "refactor")
+        method: DynamicIHVP.from_window(
+            G, damp=args.damp, options=WindowOptions(refactor_every=every)
+        )
+        for method, every in (("incremental", None), ("refactor", 0))
     }
     g = _window(rng, 1, d, "float64", args.damp)[0]
     slot = ops["incremental"].slots[0]

@@ -40,7 +40,7 @@ sys.path.append(str(Path(__file__).resolve().parent))
 import _common as common
 
 import mfac_core
-from mfac_core import DynamicIHVP, StaticIHVP, _engine, _fused
+from mfac_core import DynamicIHVP, StaticIHVP, WindowOptions, _engine, _fused
 from mfac_core.testing import extended_precision_inverse
 
 EPS32 = float(np.finfo(np.float32).eps)
@@ -59,7 +59,9 @@ def product_rows(m: int, d: int, repeat: int, rng: np.random.Generator) -> list[
     a = rng.standard_normal(m).astype(np.float32)
     damp = 1e-3
     ops: dict[str, Any] = {"float32": StaticIHVP(G32, damp=damp, check_finite=False)}
-    window = DynamicIHVP(m, d, damp=damp, dtype="float32", check_finite=False)
+    window = DynamicIHVP(
+        m, d, damp=damp, dtype="float32", options=WindowOptions(check_finite=False)
+    )
     for g in G32:
         window.update(g)
     cands: dict[str, Any] = {
@@ -80,7 +82,9 @@ def product_rows(m: int, d: int, repeat: int, rng: np.random.Generator) -> list[
         ops["bfloat16"] = StaticIHVP(Gb, damp=damp, check_finite=False)
         cands["StaticIHVP bfloat16 (torch)"] = (lambda _: ops["bfloat16"] @ xt, None)
         xpt = mfac_core._compat.array_namespace(xt)
-        wb = DynamicIHVP(m, d, damp=damp, dtype="bfloat16", xp=xpt, check_finite=False)
+        wb = DynamicIHVP(
+            m, d, damp=damp, dtype="bfloat16", xp=xpt, options=WindowOptions(check_finite=False)
+        )
         Gt = torch.from_numpy(G32)
         for g in Gt:
             wb.update(g)

@@ -553,9 +553,11 @@ def _time_window_step(m: int, d: int, repeat: int) -> float:
     """ms of one ``DynamicIHVP.update_and_matvec`` on a full window of float32 gradients."""
     import cupy
 
-    from mfac_core import DynamicIHVP
+    from mfac_core import DynamicIHVP, WindowOptions
 
-    op = DynamicIHVP(m, d, damp=10.0, dtype="float32", xp=cupy, check_finite=False)
+    op = DynamicIHVP(
+        m, d, damp=10.0, dtype="float32", xp=cupy, options=WindowOptions(check_finite=False)
+    )
     grads = cupy.random.standard_normal((8, d), dtype=cupy.float32)
     for i in range(m):  # fill the window: from here on every step slides it
         op.update(grads[i % 8])

@@ -11,7 +11,13 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 import mfac_core._linalg
-from mfac_core import DynamicIHVP, FactorizationError, IllConditionedWarning, StaticIHVP
+from mfac_core import (
+    DynamicIHVP,
+    FactorizationError,
+    IllConditionedWarning,
+    StaticIHVP,
+    WindowOptions,
+)
 from mfac_core._errors import NotPositiveDefinite
 from mfac_core.testing import (
     SpectralOracle,
@@ -56,7 +62,13 @@ def test_updates_match_oracle_on_every_backend(xp_device, dtype, rng, zero_init)
     xp_device.skip_if_immutable()
     m, d, damp = 5, 23, 0.3
     op = DynamicIHVP(
-        m, d, damp=damp, dtype=dtype, xp=xp_device.xp, device=xp_device.device, zero_init=zero_init
+        m,
+        d,
+        damp=damp,
+        dtype=dtype,
+        xp=xp_device.xp,
+        device=xp_device.device,
+        options=WindowOptions(zero_init=zero_init),
     )
     assert op.shape == (d, d) and op.device == xp_device.device
     window: list[np.ndarray] = []
@@ -122,7 +134,7 @@ def test_newest_gradient_in_span_is_accurate(dtype, rng):
 
 def test_zero_init_matches_the_papers_dynamic_algorithm(rng):
     m, d, damp = 5, 17, 0.2
-    op = DynamicIHVP(m, d, damp=damp, dtype="float64", zero_init=True)
+    op = DynamicIHVP(m, d, damp=damp, dtype="float64", options=WindowOptions(zero_init=True))
     window = []
     for _ in range(m + 3):
         g = rng.standard_normal(d)
@@ -140,7 +152,10 @@ def test_from_window_equals_inserting_one_by_one(xp_device, rng):
     G = rng.standard_normal((4, d))
     for zero_init in (False, True):
         a = DynamicIHVP.from_window(
-            xp_device.asarray(G, "float64"), damp=damp, num_grads=m, zero_init=zero_init
+            xp_device.asarray(G, "float64"),
+            damp=damp,
+            num_grads=m,
+            options=WindowOptions(zero_init=zero_init),
         )
         b = DynamicIHVP(
             m,
@@ -149,7 +164,7 @@ def test_from_window_equals_inserting_one_by_one(xp_device, rng):
             dtype="float64",
             xp=xp_device.xp,
             device=xp_device.device,
-            zero_init=zero_init,
+            options=WindowOptions(zero_init=zero_init),
         )
         for g in G:
             b.update(xp_device.asarray(g, "float64"))
@@ -175,8 +190,8 @@ def _factor_drift(op: DynamicIHVP) -> float:
 def test_long_run_drift_stays_bounded(dtype, rng):
     """10 m incremental updates, never refactorised: the factor stays accurate."""
     m, d, damp = 16, 64, 1e-2
-    inc = DynamicIHVP(m, d, damp=damp, dtype=dtype, refactor_every=10**9)
-    ref = DynamicIHVP(m, d, damp=damp, dtype=dtype, update_method="refactor")
+    inc = DynamicIHVP(m, d, damp=damp, dtype=dtype, options=WindowOptions(refactor_every=10**9))
+    ref = DynamicIHVP(m, d, damp=damp, dtype=dtype, options=WindowOptions(refactor_every=0))
     worst = 0.0
     for step in range(10 * m):
         g = (rng.standard_normal(d) * rng.uniform(0.1, 10.0)).astype(dtype)
@@ -194,7 +209,7 @@ def test_long_run_drift_stays_bounded(dtype, rng):
 
 def test_periodic_and_drift_triggered_refactorisation(rng):
     m, d = 4, 12
-    op = DynamicIHVP(m, d, damp=0.5, dtype="float64", refactor_every=3)
+    op = DynamicIHVP(m, d, damp=0.5, dtype="float64", options=WindowOptions(refactor_every=3))
     for _ in range(m):
         op.update(rng.standard_normal(d))
     before = op.refactor_count
@@ -205,7 +220,7 @@ def test_periodic_and_drift_triggered_refactorisation(rng):
 
 
 def test_refactor_method_refactorises_every_update(rng):
-    op = DynamicIHVP(3, 10, damp=0.5, dtype="float64", update_method="refactor")
+    op = DynamicIHVP(3, 10, damp=0.5, dtype="float64", options=WindowOptions(refactor_every=0))
     for _ in range(7):
         op.update(rng.standard_normal(10))
     assert op.refactor_count == 8  # reset() + one per update
@@ -251,7 +266,7 @@ def test_remove_and_reset(rng):
 
 def test_zero_init_removal_zeroes_the_slot_and_it_is_replaced_next(rng):
     m, d, damp = 4, 9, 0.3
-    op = DynamicIHVP(m, d, damp=damp, dtype="float64", zero_init=True)
+    op = DynamicIHVP(m, d, damp=damp, dtype="float64", options=WindowOptions(zero_init=True))
     grads = [rng.standard_normal(d) for _ in range(m)]
     for g in grads:
         op.update(g)
@@ -324,7 +339,7 @@ def test_constructor_refuses_bad_arguments():
         ({"damp": math.nan}, ValueError, "damp"),
         ({"damp": 1.0, "dtype": "int32"}, TypeError, "dtype"),
         ({"damp": 1.0, "update_method": "fast"}, ValueError, "update_method"),
-        ({"damp": 1.0, "refactor_every": 0}, ValueError, "refactor_every"),
+        ({"damp": 1.0, "options": WindowOptions(refactor_every=-1)}, ValueError, "refactor_every"),
     ]:
         kwargs.setdefault("dtype", "float64")
         with pytest.raises(exc, match=match):
@@ -433,9 +448,10 @@ class WindowMachine(RuleBasedStateMachine):
             d,
             damp=self.damp,
             dtype="float64",
-            zero_init=zero_init,
-            update_method=method,
-            refactor_every=max(1, m // 2 + 1),
+            options=WindowOptions(
+                zero_init=zero_init,
+                refactor_every=0 if method == "refactor" else max(1, m // 2 + 1),
+            ),
         )
         self.window: list[tuple[int, np.ndarray]] = []  # (slot, gradient), oldest first
 
@@ -654,12 +670,12 @@ def test_load_state_dict_refuses_inconsistent_states_and_changes_nothing(
     corruption, zero_init, rng
 ):
     m, d = 6, 20
-    src = DynamicIHVP(m, d, damp=0.1, dtype="float64", zero_init=zero_init)
+    src = DynamicIHVP(m, d, damp=0.1, dtype="float64", options=WindowOptions(zero_init=zero_init))
     for _ in range(9):  # wraps around: the factor order differs from the window order
         src.update(rng.standard_normal(d) * rng.uniform(0.5, 3.0))
     bad = _corrupt(src.state_dict(), corruption)
     assert bad is not None
-    dst = DynamicIHVP(m, d, damp=0.1, dtype="float64", zero_init=zero_init)
+    dst = DynamicIHVP(m, d, damp=0.1, dtype="float64", options=WindowOptions(zero_init=zero_init))
     dst.update(rng.standard_normal(d))
     before = dst.state_dict()
     x = rng.standard_normal(d)
@@ -695,7 +711,7 @@ def _unit_window(dtype: str, zero_init: bool = False) -> DynamicIHVP:
     # Unit-norm gradients (as after clipping): their Gram diagonal is all ones, so a
     # check of the diagonal alone cannot see a negated, swapped or replaced gradient.
     rng = np.random.default_rng(11)
-    op = DynamicIHVP(5, 40, damp=1e-3, dtype=dtype, zero_init=zero_init)
+    op = DynamicIHVP(5, 40, damp=1e-3, dtype=dtype, options=WindowOptions(zero_init=zero_init))
     for _ in range(7):
         g = rng.standard_normal(40)
         op.update((g / np.linalg.norm(g)).astype(dtype))
@@ -768,7 +784,10 @@ def test_refinement_of_the_window_mean(zero_init):
     G = 0.1 * rng.standard_normal((m, d)) + rng.standard_normal(d)
     damp = float(np.linalg.norm(G, 2)) ** 2 / (m * 1e8)
     ops = [
-        DynamicIHVP(m, d, damp=damp, dtype="float64", zero_init=zero_init, refine=k) for k in (0, 1)
+        DynamicIHVP(
+            m, d, damp=damp, dtype="float64", options=WindowOptions(zero_init=zero_init, refine=k)
+        )
+        for k in (0, 1)
     ]
     for g in G:
         steps = [op.update_and_matvec(g) for op in ops]

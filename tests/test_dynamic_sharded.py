@@ -1,4 +1,4 @@
-"""DynamicIHVP sharded by columns (comm=): against the unsharded operator and the oracle.
+"""ShardedDynamicIHVP: against the unsharded DynamicIHVP and the oracle.
 
 Every rank holds its columns of the window; the m x m state must stay the same
 bits on every rank, every reduction is counted, and an error on one rank is an
@@ -19,7 +19,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mfac_core import DynamicIHVP, FactorizationError, IllConditionedWarning
+from mfac_core import (
+    DynamicIHVP,
+    FactorizationError,
+    IllConditionedWarning,
+    ShardedDynamicIHVP,
+    WindowOptions,
+)
 from mfac_core.distributed import CommCall, Communicator, CountingComm
 from mfac_core.testing import SpectralOracle, assert_close, run_spmd_threads
 
@@ -125,14 +131,16 @@ def test_threads_match_the_unsharded_operator(sc: dict[str, Any]) -> None:
     options = {
         "damp": 0.5,
         "dtype": sc["dtype"],
-        "zero_init": sc["zero_init"],
-        "update_method": sc["method"],
-        "refine": sc["refine"],
+        "options": WindowOptions(
+            zero_init=sc["zero_init"],
+            refactor_every=0 if sc["method"] == "refactor" else None,
+            refine=sc["refine"],
+        ),
     }
 
     def rank(comm: Communicator) -> tuple[Any, ...]:
         lo, hi = starts[comm.rank], starts[comm.rank + 1]
-        op = DynamicIHVP(m, hi - lo, comm=comm, **options)
+        op = ShardedDynamicIHVP(m, hi - lo, comm=comm, **options)
         out = _play(op, sc, lo, hi)
         return out, op.state_dict(), op.window(), op.slots, op.refactor_count
 
@@ -164,7 +172,7 @@ def test_threads_match_the_unsharded_operator(sc: dict[str, Any]) -> None:
 
     def product(comm: Communicator, state: dict[str, Any]) -> np.ndarray:
         lo, hi = starts[comm.rank], starts[comm.rank + 1]
-        op = DynamicIHVP(m, hi - lo, comm=comm, **{**options, "damp": state["damp"]})
+        op = ShardedDynamicIHVP(m, hi - lo, comm=comm, **{**options, "damp": state["damp"]})
         op.load_state_dict(state)
         return op.matvec(x[lo:hi].astype(sc["dtype"]))
 
@@ -198,7 +206,7 @@ def test_each_operation_costs_one_reduction_of_the_stated_size() -> None:
             call()
             seen.setdefault(name, []).extend(counting.calls)
 
-        op = DynamicIHVP(m, hi - lo, damp=0.1, dtype="float64", comm=counting)
+        op = ShardedDynamicIHVP(m, hi - lo, damp=0.1, dtype="float64", comm=counting)
         for g in gs:  # fills the window, then replaces (incremental edits)
             record("step", lambda g=g: op.update_and_matvec(g[lo:hi]))
             record("update", lambda g=g: op.update(g[lo:hi]))
@@ -238,7 +246,7 @@ def test_nearly_collinear_rows_are_exact_in_one_reduction() -> None:
     def rank(comm: Communicator) -> tuple[list[list[tuple[int, ...]]], Any, Any]:
         counting = CountingComm(comm)
         lo, hi = starts[comm.rank], starts[comm.rank + 1]
-        op = DynamicIHVP(m, hi - lo, damp=damp, dtype="float32", comm=counting)
+        op = ShardedDynamicIHVP(m, hi - lo, damp=damp, dtype="float32", comm=counting)
         shapes = []
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", IllConditionedWarning)
@@ -268,7 +276,9 @@ def _failing_call(comm: Communicator, case: str) -> Any:
     starts = _starts(_even_widths(d, size))
     lo, hi = starts[comm.rank], starts[comm.rank + 1]
     rng = np.random.default_rng(0)
-    op = DynamicIHVP(m, hi - lo, damp=0.1, dtype="float64", comm=comm, zero_init=False)
+    op = ShardedDynamicIHVP(
+        m, hi - lo, damp=0.1, dtype="float64", comm=comm, options=WindowOptions(zero_init=False)
+    )
     for _ in range(m + 1):
         op.update(rng.standard_normal(d)[lo:hi])
     before = op.state_dict()
@@ -299,7 +309,7 @@ def _failing_call(comm: Communicator, case: str) -> Any:
             # alone makes the window hopeless (eps(float64) kappa >= 1), which every rank
             # finds from the reduced Gram row, before a repeat could fail the factorisation.
             base = (rng.standard_normal((3, d)) * 1e4).astype(np.float32)
-            op = DynamicIHVP(8, hi - lo, damp=1e-30, dtype="float32", comm=comm)
+            op = ShardedDynamicIHVP(8, hi - lo, damp=1e-30, dtype="float32", comm=comm)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", IllConditionedWarning)
                 for step in range(24):
@@ -350,7 +360,9 @@ def _mismatched_call(comm: Communicator, case: str) -> Any:
     starts = _starts(_even_widths(d, size))
     lo, hi = starts[comm.rank], starts[comm.rank + 1]
     rng = np.random.default_rng(1)
-    op = DynamicIHVP(m, hi - lo, damp=0.1, dtype="float64", comm=comm, zero_init=False)
+    op = ShardedDynamicIHVP(
+        m, hi - lo, damp=0.1, dtype="float64", comm=comm, options=WindowOptions(zero_init=False)
+    )
     for _ in range(m + 1):
         op.update(rng.standard_normal(d)[lo:hi])
     g = rng.standard_normal(d)[lo:hi]
@@ -391,7 +403,7 @@ def _after_local_resets(comm: Communicator, resets: dict[int, int]) -> Any:
     starts = _starts(_even_widths(d, comm.size))
     lo, hi = starts[comm.rank], starts[comm.rank + 1]
     rng = np.random.default_rng(1)
-    op = DynamicIHVP(m, hi - lo, damp=0.1, dtype="float64", comm=comm)
+    op = ShardedDynamicIHVP(m, hi - lo, damp=0.1, dtype="float64", comm=comm)
     for _ in range(m + 1):
         op.update(rng.standard_normal(d)[lo:hi])
     for _ in range(resets.get(comm.rank, 0)):
@@ -436,7 +448,7 @@ def test_load_state_dict_checks_the_reduced_gram_on_every_rank(edit: str) -> Non
     def rank(comm: Communicator) -> Any:
         lo, hi = 4 * comm.rank, 4 * comm.rank + 4
         rng = np.random.default_rng(3)
-        op = DynamicIHVP(3, 4, damp=0.1, dtype="float32", comm=comm)
+        op = ShardedDynamicIHVP(3, 4, damp=0.1, dtype="float32", comm=comm)
         for _ in range(3):
             op.update(rng.standard_normal(4 * comm.size).astype(np.float32)[lo:hi])
         state = op.state_dict()
@@ -464,7 +476,7 @@ def test_load_state_dict_mends_diverged_states() -> None:
     def rank(comm: Communicator) -> Any:
         lo, hi = 2 * comm.rank, 2 * comm.rank + 2
         rng = np.random.default_rng(2)
-        op = DynamicIHVP(3, 2, damp=0.1, dtype="float64", comm=comm)
+        op = ShardedDynamicIHVP(3, 2, damp=0.1, dtype="float64", comm=comm)
         for _ in range(2):
             op.update(rng.standard_normal(2 * comm.size)[lo:hi])
         state = op.state_dict()
@@ -488,24 +500,30 @@ def test_construction_must_agree_on_every_rank() -> None:
             options["dtype"] = "float16" if comm.rank == 0 else "float32"
         if comm.rank == 1 and field == "bad damp":
             options["damp"] = -1.0
-        return DynamicIHVP(m, 3, comm=comm, **options)
+        if comm.rank == 1 and field == "refine":
+            options["options"] = WindowOptions(refine=1)
+        if comm.rank == 1 and field == "not options":  # refused inside the reduction
+            options["options"] = {"refine": 1}
+        return ShardedDynamicIHVP(m, 3, comm=comm, **options)
 
     cases = [
         ("num_grads", ValueError),
         ("dtype", TypeError),
         ("storage", TypeError),
         ("bad damp", ValueError),
+        ("refine", ValueError),
+        ("not options", TypeError),
     ]
     for field, kind in cases:
         results = run_spmd_threads(rank, 2, field, timeout=20)
         assert all(isinstance(r, kind) for r in results), (field, results)
 
     def empty(comm: Communicator) -> Any:
-        return DynamicIHVP(2, 0, damp=0.1, dtype="float64", comm=comm)
+        return ShardedDynamicIHVP(2, 0, damp=0.1, dtype="float64", comm=comm)
 
     assert all(isinstance(r, ValueError) for r in run_spmd_threads(empty, 2, timeout=20))
     with pytest.raises(TypeError, match="Communicator"):
-        DynamicIHVP(2, 3, damp=0.1, dtype="float64", comm=object())  # type: ignore[arg-type]
+        ShardedDynamicIHVP(2, 3, damp=0.1, dtype="float64", comm=object())  # type: ignore[arg-type]
 
 
 def test_from_window_sharded() -> None:
@@ -517,7 +535,7 @@ def test_from_window_sharded() -> None:
     def rank(comm: Communicator, rows: int) -> Any:
         lo, hi = starts[comm.rank], starts[comm.rank + 1]
         local = G[: (rows if comm.rank == 0 else 4), lo:hi]
-        op = DynamicIHVP.from_window(local, damp=0.1, num_grads=m, comm=comm)
+        op = ShardedDynamicIHVP.from_window(local, damp=0.1, num_grads=m, comm=comm)
         return op.matvec(x[lo:hi]), op.state_dict()
 
     results = _ok(run_spmd_threads(rank, size, 4))
@@ -533,7 +551,7 @@ def test_from_window_sharded() -> None:
         local = G[:, lo:hi].copy()
         if comm.rank == 2:
             local[1, 0] = np.nan
-        return DynamicIHVP.from_window(local, damp=0.1, comm=comm)
+        return ShardedDynamicIHVP.from_window(local, damp=0.1, comm=comm)
 
     assert all(isinstance(r, ValueError) for r in run_spmd_threads(nan, size, timeout=20))
 
@@ -548,7 +566,7 @@ def test_sharded_state_dict_round_trip_and_layout_errors() -> None:
     def rank(comm: Communicator, widths: list[int], saved: list[Any] | None) -> Any:
         starts = _starts(widths)
         lo, hi = starts[comm.rank], starts[comm.rank + 1]
-        op = DynamicIHVP(m, hi - lo, damp=0.1, dtype="float64", comm=comm)
+        op = ShardedDynamicIHVP(m, hi - lo, damp=0.1, dtype="float64", comm=comm)
         if saved is not None:
             op.load_state_dict(saved[comm.rank])
             for g in gs[m:]:
@@ -588,7 +606,7 @@ def test_sharded_state_dict_round_trip_and_layout_errors() -> None:
 
 def test_sharded_copies_share_the_communicator() -> None:
     def rank(comm: Communicator) -> Any:
-        op = DynamicIHVP(3, 4, damp=0.1, dtype="float64", comm=comm)
+        op = ShardedDynamicIHVP(3, 4, damp=0.1, dtype="float64", comm=comm)
         op.update(np.ones(4))
         twin = copy.copy(op)
         assert twin.comm is comm and twin.layout == op.layout
@@ -603,7 +621,7 @@ def test_sharded_copies_share_the_communicator() -> None:
 
 def test_todense_and_arithmetic_are_refused_when_sharded() -> None:
     def rank(comm: Communicator) -> Any:
-        op = DynamicIHVP(3, 4 + comm.rank, damp=0.1, dtype="float64", comm=comm)
+        op = ShardedDynamicIHVP(3, 4 + comm.rank, damp=0.1, dtype="float64", comm=comm)
         # As ShardedStaticIHVP(comm=) and every operation that would mix shards: a TypeError.
         with pytest.raises(TypeError, match=r"todense.*column-sharded"):
             op.todense()
@@ -630,13 +648,13 @@ def _gloo_operator(comm: Communicator, d: int) -> dict[str, Any]:
     m = 6
     rng = np.random.default_rng(11)
     gs = torch.from_numpy(rng.standard_normal((4 * m, d)))
-    op = DynamicIHVP(m, hi - lo, damp=0.05, dtype=torch.float64, xp=torch, comm=comm)
+    op = ShardedDynamicIHVP(m, hi - lo, damp=0.05, dtype=torch.float64, xp=torch, comm=comm)
     steps = [op.update_and_matvec(g[lo:hi]).numpy() for g in gs[:-4]]
     saved = op.state_dict()
     tail = [op.update_and_matvec(g[lo:hi]).numpy() for g in gs[-4:]]
     out: dict[str, Any] = {"steps": steps + tail, "state": _numpy_state(op.state_dict())}
     # Round trip: a fresh operator loads the saved shard and continues bit for bit.
-    again = DynamicIHVP(m, hi - lo, damp=0.05, dtype=torch.float64, xp=torch, comm=comm)
+    again = ShardedDynamicIHVP(m, hi - lo, damp=0.05, dtype=torch.float64, xp=torch, comm=comm)
     again.load_state_dict(saved)
     out["resumed"] = [again.update_and_matvec(g[lo:hi]).numpy() for g in gs[-4:]]
     # A NaN in one rank's shard: every rank raises, every window is kept.
@@ -650,7 +668,7 @@ def _gloo_operator(comm: Communicator, d: int) -> dict[str, Any]:
     # Another world size: the state of this layout does not load into a 1-rank layout.
     try:
         widths = [d] if comm.rank == 0 else [0]
-        DynamicIHVP(
+        ShardedDynamicIHVP(
             m, widths[0], damp=0.05, dtype=torch.float64, xp=torch, comm=comm
         ).load_state_dict(saved)
     except ValueError as exc:
@@ -709,7 +727,7 @@ def test_two_byte_window_with_an_empty_rank(dtype: str) -> None:
 
     def rank(comm: Communicator) -> Any:
         cols = slice(starts[comm.rank], starts[comm.rank + 1])
-        op = DynamicIHVP(m, widths[comm.rank], damp=0.1, dtype=dtype, xp=xp, comm=comm)
+        op = ShardedDynamicIHVP(m, widths[comm.rank], damp=0.1, dtype=dtype, xp=xp, comm=comm)
         for g in grads:
             op.update(conv(g[cols]))
         return back(op.update_and_matvec(conv(x[cols])))

@@ -24,7 +24,7 @@ torch = pytest.importorskip("torch")
 
 from _counting import counting, device_path  # noqa: E402
 
-from mfac_core import DynamicIHVP, SpectralIHVP, StaticIHVP, _engine  # noqa: E402
+from mfac_core import DynamicIHVP, SpectralIHVP, StaticIHVP, WindowOptions, _engine  # noqa: E402
 
 M = 32
 SMALL, LARGE = 2**11, 2**16  # M * LARGE = 2 host pieces, one device piece
@@ -111,7 +111,9 @@ def test_refinement_residual_takes_device_pieces(kind: str, monkeypatch: pytest.
 
 
 def _window(dtype: torch.dtype, d: int, check: bool) -> DynamicIHVP:
-    return DynamicIHVP.from_window(_gradients(M, d, dtype), damp=1e-2, check_finite=check)
+    return DynamicIHVP.from_window(
+        _gradients(M, d, dtype), damp=1e-2, options=WindowOptions(check_finite=check)
+    )
 
 
 def _dynamic_counts(dtype: torch.dtype, d: int, check: bool) -> tuple[dict, dict]:
@@ -204,10 +206,12 @@ def test_the_checked_step_is_the_step_and_reads_once(dtype: torch.dtype, device:
     """
     import contextlib
 
-    for options in ({}, {"refine": 1, "refactor_every": 2}):
+    for extra in ({}, {"refine": 1, "refactor_every": 2}):
         op, twin = (
             DynamicIHVP.from_window(
-                _gradients(8, 256, dtype), damp=1e-2, check_finite=False, **options
+                _gradients(8, 256, dtype),
+                damp=1e-2,
+                options=WindowOptions(check_finite=False, **extra),
             )
             for _ in range(2)
         )

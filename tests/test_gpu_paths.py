@@ -198,7 +198,7 @@ def tf32_on():
 
 def _exercise(torch):
     """Set-ups, products, diagonals, entries and optimiser steps of every torch operator."""
-    from mfac_core import DynamicIHVP, SpectralIHVP, StaticIHVP
+    from mfac_core import DynamicIHVP, SpectralIHVP, StaticIHVP, WindowOptions
     from mfac_core.torch import MFAC
 
     gen = torch.Generator().manual_seed(0)
@@ -211,8 +211,15 @@ def _exercise(torch):
     for op in [*ops, StaticIHVP.streamed(G, device="cpu", damp=0.1)]:
         out += [op @ x, op @ X, op.diagonal(), op.entries(idx, idx)]
     out.append(StaticIHVP(G.half(), damp=0.1) @ x)
-    for method in ("incremental", "refactor"):
-        op = DynamicIHVP(m, d, damp=0.1, dtype=torch.float32, xp=torch, update_method=method)
+    for refactor_every in (None, 0):  # incremental edits, and a full factorisation each time
+        op = DynamicIHVP(
+            m,
+            d,
+            damp=0.1,
+            dtype=torch.float32,
+            xp=torch,
+            options=WindowOptions(refactor_every=refactor_every),
+        )
         out += [op.update_and_matvec(G[i % m] + i) for i in range(m + 1)]
         out.append(op @ X)
     for kwargs in ({}, {"block_size": 6}):

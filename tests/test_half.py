@@ -19,7 +19,7 @@ from conftest import _BACKENDS, rounded
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mfac_core import DynamicIHVP, IllConditionedWarning
+from mfac_core import DynamicIHVP, IllConditionedWarning, WindowOptions
 from mfac_core.testing import assert_close, to_numpy
 
 _CASES = [("numpy", "float16"), ("torch", "float16"), ("torch", "bfloat16")]
@@ -48,8 +48,17 @@ def _store(dtype: str, a: np.ndarray) -> np.ndarray:
     return rounded(a, dtype)
 
 
-def _window_op(backend, m: int, d: int, dtype: str, **kw) -> DynamicIHVP:
-    return DynamicIHVP(m, d, dtype=dtype, xp=backend.xp, device=backend.device, **kw)
+def _window_op(backend, m: int, d: int, dtype: str, *, damp: float, **options) -> DynamicIHVP:
+    """A window of ``backend``; ``options`` are ``WindowOptions``'s."""
+    return DynamicIHVP(
+        m,
+        d,
+        damp=damp,
+        dtype=dtype,
+        xp=backend.xp,
+        device=backend.device,
+        options=WindowOptions(**options),
+    )
 
 
 def _kappa(G: np.ndarray, scale_rows: int, damp: float) -> float:
@@ -235,7 +244,7 @@ def test_half_window_of_nearly_collinear_gradients(rng):
     # gradient, not the given one) instead of refusing.
     m, d, damp = 12, 2000, 1e-6
     g = rng.standard_normal(d).astype(np.float32) * 30
-    op = DynamicIHVP(m, d, damp=damp, dtype="float16", zero_init=True)
+    op = DynamicIHVP(m, d, damp=damp, dtype="float16", options=WindowOptions(zero_init=True))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", IllConditionedWarning)
         for k in range(2 * m):

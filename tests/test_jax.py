@@ -26,7 +26,7 @@ optax = pytest.importorskip("optax")
 import jax.numpy as jnp  # noqa: E402
 
 import mfac_core  # noqa: E402
-from mfac_core import DynamicIHVP, FactorizationError, IllConditionedWarning  # noqa: E402
+from mfac_core import DynamicIHVP, FactorizationError, IllConditionedWarning, WindowOptions  # noqa: E402
 from mfac_core import jax as mj  # noqa: E402
 from mfac_core.testing import (  # noqa: E402
     SpectralOracle,
@@ -362,7 +362,7 @@ def test_window_matches_dense_oracle_step_by_step(dtype, rng, zero_init):
 def test_window_agrees_with_dynamic_ihvp(dtype, rng):
     m, d, damp = 6, 31, 1e-3
     state = mj.window_init(m, d, damp=damp, dtype=dtype)
-    core = DynamicIHVP(m, d, damp=damp, dtype=dtype, zero_init=True)
+    core = DynamicIHVP(m, d, damp=damp, dtype=dtype, options=WindowOptions(zero_init=True))
     step = jax.jit(mj.window_update_and_matvec)
     for t in range(3 * m):
         g = rng.standard_normal(d).astype(dtype)

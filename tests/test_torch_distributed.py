@@ -370,3 +370,16 @@ def test_two_byte_windows_are_not_distributed(grad_dtype: torch.dtype) -> None:
         MFAC(
             model.parameters(), lr=0.1, num_grads=4, grad_dtype=grad_dtype, comm=SingleProcessComm()
         )
+
+
+def test_distributed_window_is_the_sharded_class() -> None:
+    from mfac_core import DynamicIHVP, ShardedDynamicIHVP
+    from mfac_core.distributed import SingleProcessComm
+
+    model = torch.nn.Linear(3, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)  # no deprecated spelling inside
+        opt = MFAC(model.parameters(), lr=0.1, num_grads=4, comm=SingleProcessComm())
+        single = MFAC(torch.nn.Linear(3, 2).parameters(), lr=0.1, num_grads=4)
+    assert type(opt.ihvp) is ShardedDynamicIHVP and opt.ihvp.comm is opt._comm
+    assert type(single.ihvp) is DynamicIHVP

@@ -12,9 +12,11 @@ from typing import Any
 # DaskStaticIHVP imports dask on use only.
 from ._dask import DaskStaticIHVP
 from ._dynamic import DynamicIHVP
+from ._dynamic_setup import WindowOptions
 from ._errors import FactorizationError, IllConditionedWarning
 from ._linalg import CUPY_LINALG_CHOICES, get_cupy_linalg, set_cupy_linalg
 from ._operator import LinearOperator
+from ._sharded_dynamic import ShardedDynamicIHVP
 from ._sharded_ihvp import ShardedStaticIHVP
 from ._spectral import SpectralIHVP
 from ._static import EmpiricalFisher, StaticIHVP
@@ -28,9 +30,11 @@ __all__ = [
     "FactorizationError",
     "IllConditionedWarning",
     "LinearOperator",
+    "ShardedDynamicIHVP",
     "ShardedStaticIHVP",
     "SpectralIHVP",
     "StaticIHVP",
+    "WindowOptions",
     "__version__",
     "get_cupy_linalg",
     "set_cupy_linalg",

@@ -37,6 +37,7 @@ __all__ = [
     "canonical_device",
     "detached",
     "device_scoped_names",
+    "host_values",
     "picklable_device",
     "restored_device",
     "same_device",
@@ -175,6 +176,14 @@ def detached(x: Any) -> Any:
     if is_torch_array(x) and x.requires_grad:
         return x.detach()
     return x
+
+
+def host_values(a: Any) -> list[float]:
+    """The entries of a small 1-D array as Python floats (one transfer)."""
+    tolist = getattr(a, "tolist", None)
+    if tolist is not None:
+        return [float(v) for v in tolist()]
+    return [float(a[i]) for i in range(int(a.shape[0]))]
 
 
 def namespace_name(xp: Any) -> str:

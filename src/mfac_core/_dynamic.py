@@ -12,32 +12,18 @@ from __future__ import annotations
 
 import copy
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from . import _engine
+from . import _deprecation
 from ._compat import Array
-from ._compat import device as device_of
-from ._dynamic_factor import SlotFactor, factorized
-from ._dynamic_setup import build, fill
-from ._dynamic_sharded import (
-    OP_SET_DAMP,
-    agreed,
-    agreed_layout,
-    agreed_rows,
-    collective_product,
-    local_gram,
-    sharded_residual,
-    summed,
-)
+from ._dynamic_factor import SlotFactor, committed, finished, redamped, refined, solved
+from ._dynamic_setup import WindowOptions, build, emptied, filled, local_gram, window_options
 from ._dynamic_state import LoadedState, saved_state
 from ._dynamic_window import StepCheck, insert, remove_slot, update_and_matvec_checked
 from ._layout import BlockGroup
-from ._operator import DEFAULT_MAX_DENSE_ENTRIES, LinearOperator
-from ._refine import fisher_residual, refine
-from ._sharding import ShardLayout
-from ._validation import check_count, check_damp, namespace_of
-from .distributed import Communicator, check_communicator
+from ._operator import LinearOperator
+from ._refine import fisher_residual
 
 __all__ = ["DynamicIHVP"]
 
@@ -74,45 +60,25 @@ class DynamicIHVP(LinearOperator):
         the library module itself (``torch``, ``cupy``, ...).
     device : optional
         The device of the buffers (default: the namespace's default).
-    zero_init : bool, optional
-        Reproduce the authors' convention: the window starts as ``num_grads``
-        zero gradients and the normalisation is fixed at ``1/num_grads``.
-        Removing a gradient then sets it to zero.
-    update_method : {"incremental", "refactor"}, optional
-        ``"incremental"`` (default) edits the float64 Cholesky factor of the
-        m x m capacitance matrix in O(m^2) per replaced gradient;
-        ``"refactor"`` refactorises it in O(m^3), as a reference.
-    refactor_every : int, optional
-        Refactorise in full after this many incremental edits (default m),
-        which bounds the drift of the factor; a cheap drift check after each
-        edit refactorises earlier if needed.
-    check_finite : bool, optional
-        Refuse gradients and vectors holding NaN or infinity (default True).
-    refine : int, optional
-        Steps of iterative refinement in every product (default 0), each with
-        the residual ``x - F y`` computed from the window in float64. For a
-        float64 window one step brings the error of vectors near the window's
-        span (such as its mean) down to ``eps * kappa``; float32 and 2-byte
-        products are already at float32's rounding (see Notes). A step costs
-        about two more products and two float64 passes over the window.
-    comm : Communicator, optional
-        Shard the window by columns over the ranks of ``comm`` (see
-        :mod:`mfac_core.distributed`): ``dim`` is then this rank's number of
-        coordinates (0 allowed), and every method takes and returns this
-        rank's entries; see Notes. Every other argument must be the same on
-        every rank.
+    options : WindowOptions, optional
+        The rarely changed options (default ``WindowOptions()``): the
+        authors' zero-initialised window (``zero_init``), when to refactorise
+        (``refactor_every``), the checks for NaN and infinity
+        (``check_finite``) and iterative refinement (``refine``); see
+        :class:`~mfac_core.WindowOptions`. They are the attributes of the
+        same names.
+    **deprecated
+        ``zero_init=``, ``refactor_every=``, ``check_finite=`` and
+        ``refine=`` (use ``options=WindowOptions(...)``),
+        ``update_method="refactor"`` (use ``WindowOptions(refactor_every=0)``) and the sharded
+        spelling (a communicator; it builds a
+        :class:`~mfac_core.ShardedDynamicIHVP`) still work, with a
+        ``DeprecationWarning``; they will be removed.
 
     Attributes
     ----------
-    layout : ShardLayout or None
-        With ``comm``: ``widths`` (every rank's column count), ``start`` and
-        ``stop`` (this rank's global column range) and ``dim`` (d over all
-        ranks). None otherwise.
     local_shape : tuple
-        ``(dim, dim)``, the shapes products take and return on this rank. Unlike
-        :class:`StaticIHVP`, whose ``shape`` and ``dim`` are global, a sharded
-        window is sized by the constructor's ``dim``, so ``shape`` is this
-        rank's too and equals ``local_shape``; the global d is ``layout.dim``.
+        ``shape`` (as for :class:`~mfac_core.ShardedDynamicIHVP`).
     dtype, device
         The dtype of products and vectors (the storage dtype, or float32 for
         2-byte storage) and the device.
@@ -124,6 +90,7 @@ class DynamicIHVP(LinearOperator):
     See Also
     --------
     StaticIHVP : The same inverse for a fixed set of gradients.
+    ShardedDynamicIHVP : The same window, its columns sharded over ranks.
 
     Notes
     -----
@@ -152,25 +119,6 @@ class DynamicIHVP(LinearOperator):
     A 2-byte window computes the row from the *rounded* gradient, so that
     factor and stored window agree.
 
-    Sharded (``comm=``), each rank holds its ``m x d_r`` columns of the window;
-    every contraction over d is this rank's part summed by
-    ``comm.allreduce_sum``, and everything m x m (Gram matrix, factor, slot
-    order, refactorisation and drift decisions, warnings) is computed on every
-    rank from the reduced, bit-identical numbers, so the ranks' replicated
-    states stay identical bit for bit. One call, one reduction: :meth:`update`
-    and :meth:`update_and_matvec` reduce the new Gram row (m numbers, its
-    diagonal ``|g|^2`` included, since the row is written before the product),
-    :meth:`matvec` m numbers and :meth:`matmat` ``m k``, each with a status
-    word appended (6 numbers: how many ranks failed, per exception class, and a
-    tag of the operation and state), so that a bad input on one rank (wrong
-    shape or dtype, NaN), or ranks calling different operations, makes every
-    rank raise the same exception class and leaves every rank's window as it
-    was. Each refinement step costs two more reductions of ``m k``.
-    :meth:`remove` and :meth:`set_damp` reduce ``size`` numbers to check that
-    every rank passed the same argument. :meth:`todense`, ``to_scipy()`` and
-    operator arithmetic are refused (``TypeError``), as for every
-    column-sharded operator.
-
     Examples
     --------
     >>> import numpy as np
@@ -189,7 +137,9 @@ class DynamicIHVP(LinearOperator):
     # The settings and buffers, set by ``_dynamic_setup.build``.
     num_grads: int
     dim: int
+    damp: float
     zero_init: bool
+    refactor_every: int
     refine: int
     # The 2-byte storage dtype's name ("float16", "bfloat16"), or None.
     storage_dtype: str | None
@@ -197,6 +147,19 @@ class DynamicIHVP(LinearOperator):
     _gram: Any
     _buffers: tuple[Any, Any] | None
     _version: int
+    # The window slots (oldest first) and free slots, set by ``_dynamic_setup.emptied``.
+    _window: deque[int]
+    _free: list[int]
+    refactor_count: int
+    #: Whether a gradient is checked inside the reduction of its Gram row, so that
+    #: every rank raises alike (``ShardedDynamicIHVP``); one process checks it first.
+    _collective_checks = False
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        # The deprecated sharded spelling builds the sharded class; Python then calls
+        # its __init__ with the same arguments. No arguments: pickle's reconstruction.
+        forward = _deprecation.sharded_form(cls, "DynamicIHVP", kwargs) if args else None
+        return super().__new__(cls if forward is None else forward)
 
     def __init__(
         self,
@@ -208,47 +171,21 @@ class DynamicIHVP(LinearOperator):
         dtype: Any,
         xp: Any = None,
         device: Any = None,
-        zero_init: bool = False,
-        update_method: str = "incremental",
-        refactor_every: int | None = None,
-        check_finite: bool = True,
-        refine: int = 0,
-        comm: Communicator | None = None,
+        options: WindowOptions | None = None,
+        **deprecated: Any,
     ) -> None:
-        options = dict(
-            damp=damp,
-            dtype=dtype,
-            xp=xp,
-            device=device,
-            zero_init=zero_init,
-            update_method=update_method,
-            refactor_every=refactor_every,
-            check_finite=check_finite,
-            refine=refine,
-        )
-        self._comm: Communicator | None = None
-        self.layout: ShardLayout | None = None
-        if comm is None:
-            build(self, num_grads, dim, **options)
-            return
-        comm = check_communicator(comm)
-
-        def built() -> DynamicIHVP:
-            build(self, num_grads, dim, sharded=True, **options)
-            return self
-
-        self.layout = agreed_layout(comm, xp, device, built)
-        self._comm = comm
-
-    @property
-    def comm(self) -> Communicator | None:
-        """The communicator of a sharded operator, or None."""  # numpydoc ignore=RT01
-        return self._comm
+        options = window_options("DynamicIHVP", options, deprecated)
+        build(self, num_grads, dim, damp=damp, dtype=dtype, xp=xp, device=device, options=options)
 
     @property
     def local_shape(self) -> tuple[int, int]:
-        """``shape``: a sharded window's shape is already this rank's."""  # numpydoc ignore=RT01
+        """``shape``: the shape products take and return."""  # numpydoc ignore=RT01
         return self.shape
+
+    @property
+    def update_method(self) -> str:
+        """``"refactor"`` (``refactor_every=0``) or ``"incremental"``."""  # numpydoc ignore=RT01
+        return "refactor" if self.refactor_every == 0 else "incremental"
 
     @classmethod
     def from_window(
@@ -284,46 +221,19 @@ class DynamicIHVP(LinearOperator):
         FactorizationError
             If the window's capacitance matrix cannot be factorised in float64.
         """
-        if options.get("comm") is not None:
-            num_grads = agreed_rows(G, num_grads, options)
-        xp = namespace_of(G, "G")
-        if G.ndim != 2:
-            raise ValueError(f"G must be 2-D (k, d), got shape {tuple(G.shape)}")
-        k, d = G.shape
-        num_grads = k if num_grads is None else check_count(num_grads, "num_grads")
-        if k > num_grads:
-            raise ValueError(f"G holds {k} gradients, more than num_grads={num_grads}")
-        op = cls(num_grads, d, damp=damp, dtype=G.dtype, xp=xp, device=device_of(G), **options)
-        fill(op, xp, G)
-        return op
+        forward = _deprecation.sharded_form(cls, "DynamicIHVP.from_window", options)
+        if forward is not None:
+            return forward.from_window(G, damp=damp, num_grads=num_grads, **options)
+        return filled(cls, G, damp=damp, num_grads=num_grads, options=options)
 
     # -- bookkeeping -------------------------------------------------------------------
 
     def reset(self) -> None:
         """Empty the window (or, with ``zero_init``, fill it with zero gradients)."""
-        m = self.num_grads
-        self._G[...] = 0
-        self._gram[...] = 0
-        self._exact_gram = True
-        self._edits = 0
-        self._version += 1
-        self.refactor_count = 0
-        if self.zero_init:
-            self._window: deque[int] = deque(range(m))
-            self._free: list[int] = []
-        else:
-            self._window = deque()
-            self._free = list(range(m - 1, -1, -1))
-        self._commit(factorized(self, self._gram, list(self._window)), refactored=True)
+        emptied(self)
 
     def __len__(self) -> int:
-        """Return the number of gradients in the window.
-
-        Returns
-        -------
-        int
-            ``k``, at most ``num_grads``.
-        """
+        """The number of gradients in the window, ``k <= num_grads``."""  # numpydoc ignore=RT01
         return len(self._window)
 
     @property
@@ -357,42 +267,48 @@ class DynamicIHVP(LinearOperator):
         # original at its next update, so every copy is a deep one.
         return copy.deepcopy(self)
 
-    def __deepcopy__(self, memo: dict[int, Any]) -> DynamicIHVP:
-        # The communicator is shared, not copied: it stands for the group of processes.
-        state = LinearOperator.__getstate__(self)
-        comm = state.pop("_comm", None)
-        new = type(self).__new__(type(self))
-        memo[id(self)] = new
-        new.__setstate__(copy.deepcopy(state, memo))
-        new._comm = comm
-        return new
-
-    def __getstate__(self) -> dict[str, Any]:
-        if self._comm is not None:
-            raise TypeError(
-                "a sharded DynamicIHVP holds a communicator, which cannot be pickled; "
-                "save state_dict() on every rank instead"
-            )
-        return super().__getstate__()
-
     def __setstate__(self, state: dict[str, Any]) -> None:
-        # Pickles made before operators could be sharded have neither attribute.
-        super().__setstate__({"_comm": None, "layout": None, "_version": 0, **state})
+        # Pickles made before the state's edits were counted have no count; before
+        # refactor_every=0, a reference window had update_method="refactor".
+        state = {"_version": 0, **state}
+        if state.pop("update_method", None) == "refactor":
+            state["refactor_every"] = 0
+        super().__setstate__(state)
 
     def _commit(self, factor: SlotFactor, *, refactored: bool) -> None:
-        self._factor = factor
-        self._version += 1
-        if refactored:
-            self._edits = 0
-            self.refactor_count += 1
-        else:
-            self._edits += 1
+        committed(self, factor, refactored=refactored)
+
+    # -- sums over the d coordinates: one process holds them all ------------------------
+    # (ShardedDynamicIHVP makes each a checked reduction over its ranks.)
+
+    def _summed(self, x: Array) -> Array:
+        """``x`` (float64), a sum over the coordinates: this process's is the whole."""
+        return x
+
+    def _reduced(
+        self, operation: str, local: Callable[[], Array], length: int, **agreement: Any
+    ) -> Array:
+        """``local()``: the sum over the coordinates that ``operation`` needs, checked.
+
+        ``length`` and the ``agree=`` and ``disagree=`` of ``agreement`` serve the
+        sharded operator's reduction (``_sharding.reduce_checked``).
+        """
+        return local()
+
+    def _agreed(self, operation: str, local: Callable[[], Any]) -> None:
+        """Check ``operation``'s argument with ``local()`` (it may raise)."""
+        local()
+
+    def _residual(self, X: Array, Y: Array, scale: float) -> Array:
+        """``X - F Y`` in float64 for the refinement (``Y`` float64)."""
+        whole = (BlockGroup(0, 1, self.dim),)
+        return fisher_residual(self._xp, self._G, whole, X, Y, damp=self.damp, scale=scale)
 
     # -- updates (_dynamic_window) ----------------------------------------------------
 
     def _exact_gram_matrix(self) -> Any:
         """The buffer's Gram matrix accumulated in float64 (O(m^2 d), on the rare path)."""
-        return summed(self, local_gram(self._xp, self._G))
+        return self._summed(local_gram(self._xp, self._G))
 
     def update(self, g: Array, /) -> None:
         """Insert gradient ``g``; a full window drops its oldest.
@@ -486,147 +402,19 @@ class DynamicIHVP(LinearOperator):
 
     # -- products ----------------------------------------------------------------------
 
-    def _finish(self, X: Array, P: Array, factor: SlotFactor | None = None) -> Any:
-        """``(X - G^T C^{-1} P) / damp`` given ``P = G X`` (float64, slot order).
+    # The products' steps, functions of _dynamic_factor (the window's modules call these).
 
-        With the operator's factor unless ``factor`` is given (see ``_dynamic_factor.edited``).
-        """
-        factor = self._factor if factor is None else factor
-        if not factor.slots:
-            return X / self.damp
-        A = factor.coefficients(P)
-        return _engine.combine(self._xp, self._G, X, A, alpha=1.0 / self.damp, dtype=self.dtype)
+    def _finish(self, X: Array, P: Array, factor: SlotFactor | None = None) -> Any:
+        return finished(self, X, P, factor)
 
     def _solve(self, X: Array, factor: SlotFactor | None = None) -> Array:
-        return self._finish(X, summed(self, _engine.project(self._xp, self._G, X)), factor)
-
-    def _matmat(self, X: Array) -> Array:
-        return self._refined(X, self._solve(X))
+        return solved(self, X, factor)
 
     def _refined(self, X: Array, Y: Array, factor: SlotFactor | None = None) -> Array:
-        """``Y ~ F^{-1} X`` after ``refine`` steps of iterative refinement.
+        return refined(self, X, Y, factor)
 
-        With the operator's factor unless ``factor`` is given; the window's size
-        must be the one ``factor`` is for.
-        """
-        factor = self._factor if factor is None else factor
-        if not self.refine or not factor.slots:
-            return Y  # an empty window's F = damp I is applied exactly
-        scale = 1.0 / (self.num_grads if self.zero_init else len(self._window))
-        whole = (BlockGroup(0, 1, self.dim),)
-
-        def residual(X: Array, Y64: Array) -> Array:
-            if self._comm is not None:
-                return sharded_residual(self, X, Y64, scale)
-            return fisher_residual(self._xp, self._G, whole, X, Y64, damp=self.damp, scale=scale)
-
-        return refine(self._xp, lambda R: self._solve(R, factor), residual, X, Y, self.refine)
-
-    def matvec(self, x: Array, /) -> Array:
-        """Apply ``F^{-1}`` to one vector (a sharded operator: this rank's entries).
-
-        Parameters
-        ----------
-        x : array, shape (d,) or (d, 1)
-            In the operator's namespace, device and dtype (or float32 for a
-            float64 operator); sharded, this rank's ``d`` entries.
-
-        Returns
-        -------
-        array, shape (d,) or (d, 1)
-            ``F^{-1} x``, with as many dimensions as ``x``.
-
-        Raises
-        ------
-        TypeError, ValueError
-            As :meth:`LinearOperator.matvec`; sharded, on every rank if one
-            rank's ``x`` is bad.
-        """
-        if self._comm is None:
-            return super().matvec(x)
-        y = collective_product(self, x, "x", (1, 2), 1)
-        return y[:, 0] if getattr(x, "ndim", 2) == 1 else y
-
-    def matmat(self, X: Array, /) -> Array:
-        """Apply ``F^{-1}`` to the columns of a matrix (sharded: this rank's rows).
-
-        Parameters
-        ----------
-        X : array, shape (d, k)
-            In the operator's namespace, device and dtype (or float32 for a
-            float64 operator); sharded, this rank's ``d`` rows, with the same
-            ``k`` on every rank.
-
-        Returns
-        -------
-        array, shape (d, k)
-            ``F^{-1} X``.
-
-        Raises
-        ------
-        TypeError, ValueError
-            As :meth:`LinearOperator.matmat`; sharded, on every rank if one
-            rank's ``X`` is bad.
-        """
-        if self._comm is None:
-            return super().matmat(X)
-        shape = tuple(getattr(X, "shape", ()))
-        k = int(shape[1]) if len(shape) == 2 else 1
-        return collective_product(self, X, "X", (2,), k)
-
-    def rmatvec(self, x: Array, /) -> Array:
-        """The adjoint product, :meth:`matvec` (the operator is symmetric).
-
-        Parameters
-        ----------
-        x : array, shape (d,) or (d, 1)
-            As for :meth:`matvec`.
-
-        Returns
-        -------
-        array
-            ``F^{-1} x``.
-        """
-        return self.matvec(x)
-
-    def rmatmat(self, X: Array, /) -> Array:
-        """The adjoint product, :meth:`matmat` (the operator is symmetric).
-
-        Parameters
-        ----------
-        X : array, shape (d, k)
-            As for :meth:`matmat`.
-
-        Returns
-        -------
-        array
-            ``F^{-1} X``.
-        """
-        return self.matmat(X)
-
-    def todense(self, *, max_entries: int = DEFAULT_MAX_DENSE_ENTRIES) -> Array:
-        """Build ``F^{-1}`` as a dense ``(d, d)`` array (not for a sharded operator).
-
-        Parameters
-        ----------
-        max_entries : int, optional
-            As for :meth:`LinearOperator.todense`.
-
-        Returns
-        -------
-        array, shape (d, d)
-            ``F^{-1}``.
-
-        Raises
-        ------
-        TypeError
-            For a sharded operator, whose columns of the identity live on several
-            ranks (as every column-sharded operator refuses it); and as
-            :meth:`LinearOperator.todense`.
-        ValueError
-            As :meth:`LinearOperator.todense`.
-        """
-        return super().todense(max_entries=max_entries)
+    def _matmat(self, X: Array) -> Array:
+        return refined(self, X, solved(self, X))
 
     # -- checkpoints (_dynamic_state) --------------------------------------------------
 
@@ -644,9 +432,6 @@ class DynamicIHVP(LinearOperator):
             the sizes, ``damp``, ``zero_init``, the edit count,
             ``exact_gram`` (whether every Gram entry was accumulated in
             float64 from the stored gradients) and a format ``version``.
-            Sharded: ``grads`` is this rank's ``m x d`` shard, the rest is the
-            replicated m x m state, and ``shard_rank`` and ``shard_widths``
-            (every rank's width) record the layout.
         """
         return saved_state(self)
 
@@ -664,12 +449,7 @@ class DynamicIHVP(LinearOperator):
             If the window's capacitance matrix cannot be factorised with the
             new damping; the operator keeps the old one.
         """
-        given = damp
-        agreed(self, "DynamicIHVP.set_damp", OP_SET_DAMP, lambda: check_damp(given))
-        damp = check_damp(damp)
-        factor = factorized(self, self._gram, list(self._factor.slots), damp)
-        self.damp = damp
-        self._commit(factor, refactored=True)
+        redamped(self, damp)
 
     def check_state_dict(self, state: Mapping[str, Any], /, *, damp: float | None = None) -> None:
         """Check that :meth:`load_state_dict` would accept ``state``, changing nothing.
@@ -725,3 +505,6 @@ class DynamicIHVP(LinearOperator):
             If the window cannot be factorised with the new ``damp``.
         """
         LoadedState.check(self, state, damp=damp, refactor=True).commit(self)
+
+
+_deprecation.show_init_signature(DynamicIHVP)

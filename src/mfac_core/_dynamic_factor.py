@@ -15,11 +15,12 @@ from typing import Any
 
 from . import _capacitance, _engine
 from ._capacitance import DRIFT_TOL, CapacitanceFactor
-from ._compat import Array
+from ._compat import Array, host_values
 from ._compat import device as device_of
 from ._dynamic_checks import Pending, with_norm
 from ._errors import NotPositiveDefinite
-from ._sharding import host_values
+from ._refine import refine
+from ._validation import check_damp
 
 #: Columns of an edited factor checked for drift after each edit (O(m) each).
 DRIFT_SAMPLE = 32
@@ -114,6 +115,67 @@ class Speculation:
         op, xp = self._op, self._op._xp
         self.s = op._refined(self.X, op._finish(self.X, self.P, factor), factor)[:, 0]
         return xp.all(xp.isfinite(self.s))
+
+
+# -- products: the factor applied (DynamicIHVP._finish, _solve, _refined) ------------------
+
+
+def finished(op: Any, X: Array, P: Array, factor: SlotFactor | None = None) -> Any:
+    """``(X - G^T C^{-1} P) / damp`` given ``P = G X`` (float64, slot order).
+
+    With the operator's factor unless ``factor`` is given (see :func:`edited`).
+    """
+    factor = op._factor if factor is None else factor
+    if not factor.slots:
+        return X / op.damp
+    A = factor.coefficients(P)
+    return _engine.combine(op._xp, op._G, X, A, alpha=1.0 / op.damp, dtype=op.dtype)
+
+
+def solved(op: Any, X: Array, factor: SlotFactor | None = None) -> Array:
+    """``F^{-1} X`` without refinement: ``G X`` summed over the coordinates, then finished."""
+    return finished(op, X, op._summed(_engine.project(op._xp, op._G, X)), factor)
+
+
+def refined(op: Any, X: Array, Y: Array, factor: SlotFactor | None = None) -> Array:
+    """``Y ~ F^{-1} X`` after ``op.refine`` steps of iterative refinement.
+
+    With the operator's factor unless ``factor`` is given; the window's size
+    must be the one ``factor`` is for.
+    """
+    factor = op._factor if factor is None else factor
+    if not op.refine or not factor.slots:
+        return Y  # an empty window's F = damp I is applied exactly
+    scale = 1.0 / (op.num_grads if op.zero_init else len(op._window))
+
+    def residual(X: Array, Y64: Array) -> Array:
+        return op._residual(X, Y64, scale)
+
+    return refine(op._xp, lambda R: solved(op, R, factor), residual, X, Y, op.refine)
+
+
+# -- the operator's factor replaced (DynamicIHVP._commit, set_damp) ------------------------
+
+
+def committed(op: Any, factor: SlotFactor, *, refactored: bool) -> None:
+    """Make ``factor`` the operator's, counting the edit (nothing here can fail)."""
+    op._factor = factor
+    op._version += 1
+    if refactored:
+        op._edits = 0
+        op.refactor_count += 1
+    else:
+        op._edits += 1
+
+
+def redamped(op: Any, damp: float) -> None:
+    """The body of :meth:`DynamicIHVP.set_damp` (see there): refactorised, then committed."""
+    given = damp
+    op._agreed("set_damp", lambda: check_damp(given))
+    damp = check_damp(damp)
+    factor = factorized(op, op._gram, list(op._factor.slots), damp)
+    op.damp = damp
+    op._commit(factor, refactored=True)
 
 
 def free_buffer(op: Any) -> Any:

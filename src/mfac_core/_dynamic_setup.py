@@ -7,23 +7,128 @@ one factorisation.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
 from typing import Any
 
 from ._compat import Array, array_namespace, detached
 from ._compat import device as device_of
+from ._deprecation import (
+    DYNAMIC_LEGACY,
+    NOT_GIVEN,
+    legacy_options,
+    legacy_refactor_every,
+    warn_deprecated,
+)
 from ._dynamic_factor import factorized
-from ._dynamic_sharded import default_namespace, local_gram, summed
+from ._layout import BlockGroup, chunk_gram, pieces
 from ._operator import LinearOperator
 from ._validation import (
-    check_choice,
     check_count,
     check_damp,
     check_finite,
     check_flag,
     check_writeable,
     half_dtype_name,
+    namespace_of,
 )
+
+#: float64 entries in one piece of a float64 Gram pass over the window.
+PIECE_ENTRIES = 2**22
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowOptions:
+    """The rarely changed options of a sliding window (``options=`` of its constructors).
+
+    For :class:`~mfac_core.DynamicIHVP` and
+    :class:`~mfac_core.ShardedDynamicIHVP`; the constructor checks them.
+
+    Parameters
+    ----------
+    zero_init : bool, optional
+        Reproduce the authors' convention: the window starts as ``num_grads``
+        zero gradients and the normalisation is fixed at ``1/num_grads``.
+        Removing a gradient then sets it to zero. Default False.
+    refactor_every : int, optional
+        Refactorise in full after this many incremental edits (default m),
+        which bounds the drift of the factor; a cheap drift check after each
+        edit refactorises earlier if needed. Each incremental edit changes the
+        float64 Cholesky factor of the m x m capacitance matrix in O(m^2) per
+        replaced gradient; ``0`` refactorises it at every update in O(m^3),
+        as a reference.
+    check_finite : bool, optional
+        Refuse gradients and vectors holding NaN or infinity (default True).
+    refine : int, optional
+        Steps of iterative refinement in every product (default 0), each with
+        the residual ``x - F y`` computed from the window in float64. For a
+        float64 window one step brings the error of vectors near the window's
+        span (such as its mean) down to ``eps * kappa``; float32 and 2-byte
+        products are already at float32's rounding. A step costs about two
+        more products and two float64 passes over the window.
+
+    Examples
+    --------
+    >>> from mfac_core import DynamicIHVP, WindowOptions
+    >>> op = DynamicIHVP(
+    ...     4, 50, damp=0.1, dtype="float64", options=WindowOptions(zero_init=True, refine=1)
+    ... )
+    >>> len(op), op.refine
+    (4, 1)
+    """
+
+    zero_init: bool = False
+    refactor_every: int | None = None
+    check_finite: bool = True
+    refine: int = 0
+
+
+#: The fields of ``WindowOptions`` that were the constructors' own keywords.
+WINDOW_FIELDS = tuple(f.name for f in dataclasses.fields(WindowOptions))
+
+
+def window_options(owner: str, options: Any, deprecated: dict[str, Any]) -> WindowOptions:
+    """``options`` with the deprecated keywords of ``owner``'s constructor merged in.
+
+    Each of the old keywords (``zero_init=`` ... ``refine=``, ``update_method=``)
+    warns, naming its ``WindowOptions`` spelling; an unknown keyword is a TypeError.
+    """
+    legacy = legacy_options(owner, deprecated, DYNAMIC_LEGACY)
+    if options is None:
+        options = WindowOptions()
+    elif not isinstance(options, WindowOptions):
+        raise TypeError(f"options must be a WindowOptions, got {type(options).__name__}")
+    given = {name: legacy[name] for name in WINDOW_FIELDS if legacy[name] is not NOT_GIVEN}
+    if given:
+        spelled = ", ".join(f"{name}={value!r}" for name, value in given.items())
+        warn_deprecated(
+            f"{owner}(..., {spelled})", f"{owner}(..., options=WindowOptions({spelled}))"
+        )
+        options = dataclasses.replace(options, **given)
+    every = legacy_refactor_every(legacy["update_method"], options.refactor_every)
+    return dataclasses.replace(options, refactor_every=every)
+
+
+def default_namespace() -> Any:
+    """NumPy's array namespace, the default of a window built without ``xp``."""
+    import numpy as np
+
+    return array_namespace(np.empty(0))
+
+
+def local_gram(xp: Any, G: Array) -> Array:
+    """``G G^T`` of the rows of ``G`` (of a shard: of its columns), accumulated in float64.
+
+    O(m^2 d): column pieces of G converted to float64 (32 MiB at most), one
+    BLAS-3 product each; products of float32 or 2-byte values are exact in
+    float64, so each entry errs by at most d eps64 |g_i| |g_j|.
+    """
+    m, d = G.shape
+    if not d:  # a shard without columns
+        return xp.zeros((m, m), dtype=xp.float64, device=device_of(G))
+    whole = BlockGroup(0, 1, d)
+    chunk = list(pieces(whole, max(1, PIECE_ENTRIES // m)))
+    return chunk_gram(xp, G, whole, chunk, lambda X: X @ xp.matrix_transpose(X))[0, ...]
 
 
 def window_dtypes(xp: Any, dtype: Any) -> tuple[Any, Any, str | None]:
@@ -69,25 +174,24 @@ def build(
     dtype: Any,
     xp: Any,
     device: Any,
-    zero_init: bool,
-    update_method: str,
-    refactor_every: int | None,
-    check_finite: bool,
-    refine: int,
+    options: WindowOptions,
     sharded: bool = False,
 ) -> None:
     """Check the constructor's arguments and create the buffers of ``op``, then empty it.
 
     ``sharded``: ``op`` holds one rank's columns, which may be none.
     """
+    zero_init, refactor_every = options.zero_init, options.refactor_every
+    check_finite, refine = options.check_finite, options.refine
     num_grads = check_count(num_grads, "num_grads")
     op.refine = check_count(refine, "refine", minimum=0)
     # A shard may hold no column (more ranks than coordinates).
     dim = check_count(dim, "dim", minimum=0 if sharded else 1)
     op.damp = check_damp(damp)
-    op.update_method = check_choice(update_method, "update_method", ("incremental", "refactor"))
     op.refactor_every = (
-        num_grads if refactor_every is None else check_count(refactor_every, "refactor_every")
+        num_grads
+        if refactor_every is None
+        else check_count(refactor_every, "refactor_every", minimum=0)
     )
     op.zero_init = check_flag(zero_init, "zero_init")
     if xp is None:
@@ -129,20 +233,57 @@ def build(
     op.reset()
 
 
-def fill(op: Any, xp: Any, G: Array) -> None:
+def emptied(op: Any) -> None:
+    """The body of :meth:`DynamicIHVP.reset` (see there)."""
+    m = op.num_grads
+    op._G[...] = 0
+    op._gram[...] = 0
+    op._exact_gram = True
+    op._edits = 0
+    op._version += 1
+    op.refactor_count = 0
+    if op.zero_init:
+        op._window = deque(range(m))
+        op._free = []
+    else:
+        op._window = deque()
+        op._free = list(range(m - 1, -1, -1))
+    op._commit(factorized(op, op._gram, list(op._window)), refactored=True)
+
+
+def filled(
+    cls: Any, G: Array, *, damp: float, num_grads: int | None, options: dict[str, Any]
+) -> Any:
+    """The body of :meth:`DynamicIHVP.from_window` in one process (see there)."""
+    xp = namespace_of(G, "G")
+    if G.ndim != 2:
+        raise ValueError(f"G must be 2-D (k, d), got shape {tuple(G.shape)}")
+    k, d = G.shape
+    num_grads = k if num_grads is None else check_count(num_grads, "num_grads")
+    if k > num_grads:
+        raise ValueError(f"G holds {k} gradients, more than num_grads={num_grads}")
+    op = cls(num_grads, d, damp=damp, dtype=G.dtype, xp=xp, device=device_of(G), **options)
+    if op.check_finite and k:
+        check_finite(xp, G, "G")
+    fill(op, xp, G, checked=True)
+    return op
+
+
+def fill(op: Any, xp: Any, G: Array, *, checked: bool = False) -> None:
     """Put the k gradients in the rows of ``G`` into the new, empty window ``op``.
 
     The set-up of :meth:`DynamicIHVP.from_window`: ``G`` (k x d, in the window's
-    namespace ``xp``, device and dtype) was checked for its shape; an empty ``G``
+    namespace ``xp``, device and dtype) was checked for its shape, and for NaN
+    and infinity if ``checked`` (a shard's G, inside a reduction); an empty ``G``
     leaves the window empty.
     """
     k, num_grads = G.shape[0], op.num_grads
     if k == 0:
         return
-    if op.check_finite and op._comm is None:  # a sharded G was checked collectively
+    if op.check_finite and not checked:
         check_finite(xp, G, "G")
     G = detached(G)
-    gram = summed(op, local_gram(xp, G))
+    gram = op._summed(local_gram(xp, G))
     # Both conventions put the k gradients into slots 0..k-1, oldest first.
     if op.zero_init:
         window = list(range(k, num_grads)) + list(range(k))

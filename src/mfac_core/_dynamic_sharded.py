@@ -1,27 +1,24 @@
-"""The sharded glue of :class:`~mfac_core.DynamicIHVP`: reductions over the d coordinates.
+"""The reductions of :class:`~mfac_core.ShardedDynamicIHVP` over the d coordinates.
 
 Every contraction over d of a column-sharded window is this rank's part summed
 over the ranks; the helpers here make each such sum one checked reduction
 (``reduce_checked``) with a status word and a tag of the operation and the
-operator's replicated state, and hold the float64 Gram pass that the set-up and
-the checkpoint checks share. Unsharded, each is the local computation alone.
+operator's replicated state.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 from . import _engine
 from ._compat import Array, array_namespace
 from ._compat import device as device_of
-from ._layout import BlockGroup, chunk_gram, pieces
+from ._dynamic_setup import PIECE_ENTRIES, default_namespace
+from ._layout import BlockGroup, pieces
 from ._sharding import ShardLayout, host_values, reduce_checked
 from ._validation import check_count, check_finite, namespace_of
-from .distributed import Communicator, check_communicator
-
-#: float64 entries in one piece of a float64 Gram pass over the window.
-PIECE_ENTRIES = 2**22
+from .distributed import Communicator
 
 #: Entries of the row each rank contributes when a sharded operator is built: its width,
 #: then the settings that must agree on every rank (see :func:`settings`).
@@ -34,6 +31,18 @@ NUM_SETTINGS = 9
 # raise instead of mixing their sums.
 OP_UPDATE, OP_PRODUCT, OP_REMOVE, OP_SET_DAMP = 1, 2, 3, 4
 OP_LOAD, OP_FROM_WINDOW, OP_INIT = 5, 6, 7
+
+#: The operations that the window's methods name (``DynamicIHVP._reduced``), by code.
+OPERATIONS = {
+    "update": OP_UPDATE,
+    "product": OP_PRODUCT,
+    "remove": OP_REMOVE,
+    "set_damp": OP_SET_DAMP,
+    "load_state_dict": OP_LOAD,
+}
+
+#: The class's name in the messages of its collective checks.
+OWNER = "ShardedDynamicIHVP"
 
 
 def reduction_space(xp: Any, device: Any) -> tuple[Any, Any]:
@@ -54,35 +63,13 @@ def rows(total: Array, size: int) -> list[tuple[float, ...]]:
     return [tuple(values[r * width : (r + 1) * width]) for r in range(size)]
 
 
-def default_namespace() -> Any:
-    """NumPy's array namespace, the default of a window built without ``xp``."""
-    import numpy as np
-
-    return array_namespace(np.empty(0))
-
-
-def local_gram(xp: Any, G: Array) -> Array:
-    """``G G^T`` of this rank's columns of the rows of ``G``, accumulated in float64.
-
-    O(m^2 d): column pieces of G converted to float64 (32 MiB at most), one
-    BLAS-3 product each; products of float32 or 2-byte values are exact in
-    float64, so each entry errs by at most d eps64 |g_i| |g_j|.
-    """
-    m, d = G.shape
-    if not d:  # a shard without columns
-        return xp.zeros((m, m), dtype=xp.float64, device=device_of(G))
-    whole = BlockGroup(0, 1, d)
-    chunk = list(pieces(whole, max(1, PIECE_ENTRIES // m)))
-    return chunk_gram(xp, G, whole, chunk, lambda X: X @ xp.matrix_transpose(X))[0, ...]
-
-
-def agreed_rows(G: Array, num_grads: int | None, options: Mapping[str, Any]) -> int | None:
-    """``from_window(comm=...)``'s first reduction: G checked on every rank, one k for all.
+def agreed_rows(comm: Communicator, G: Array, num_grads: int | None, check: bool) -> int | None:
+    """``from_window``'s first reduction: G checked on every rank, one k for all.
 
     Returns ``num_grads`` (None stays None). Every rank raises if a rank's G is
-    malformed or not finite, or if the ranks hold different numbers of gradients.
+    malformed or not finite (``check``: unless ``check_finite`` is False), or if
+    the ranks hold different numbers of gradients.
     """
-    comm = check_communicator(options["comm"])
     try:
         space = array_namespace(G), device_of(G)
     except TypeError:
@@ -95,7 +82,7 @@ def agreed_rows(G: Array, num_grads: int | None, options: Mapping[str, Any]) -> 
         k = int(G.shape[0])
         if num_grads is not None and k > check_count(num_grads, "num_grads"):
             raise ValueError(f"G holds {k} gradients, more than num_grads={num_grads}")
-        if options.get("check_finite", True) is not False:
+        if check:
             check_finite(xp, G, "G")
         flat = [0.0] * comm.size
         flat[comm.rank] = float(k)
@@ -108,13 +95,13 @@ def agreed_rows(G: Array, num_grads: int | None, options: Mapping[str, Any]) -> 
         length=comm.size,
         dtype=space[0].float64,
         device=space[1],
-        what="DynamicIHVP.from_window",
+        what=f"{OWNER}.from_window",
         tag=("DynamicIHVP", OP_FROM_WINDOW),
     )
     ks = [int(v) for v in host_values(total)]
     if len(set(ks)) != 1:
         raise ValueError(
-            f"DynamicIHVP.from_window(comm=...): the ranks hold the columns of different "
+            f"{OWNER}.from_window: the ranks hold the columns of different "
             f"numbers of gradients, rank by rank {ks}"
         )
     return num_grads
@@ -173,24 +160,24 @@ def agreed_layout(
         length=comm.size * NUM_SETTINGS,
         dtype=space[0].float64,
         device=space[1],
-        what="DynamicIHVP(comm=...)",
+        what=OWNER,
         tag=("DynamicIHVP", OP_INIT),
     )
     table = rows(total, comm.size)
     if any(r[3] != table[0][3] for r in table):
         raise TypeError(
-            "DynamicIHVP(comm=...) must be built with the same dtype on every rank; "
+            f"{OWNER} must be built with the same dtype on every rank; "
             f"rank by rank (bits of the compute dtype + 1000 x storage code, 1: float16, "
             f"2: bfloat16): {[r[3] for r in table]}"
         )
     if any(r[1:] != table[0][1:] for r in table):
         raise ValueError(
-            "DynamicIHVP(comm=...) must be built with the same num_grads, damp, dtype, "
+            f"{OWNER} must be built with the same num_grads, damp, dtype, "
             "zero_init, update_method, refactor_every, refine and check_finite on every "
             f"rank; rank by rank: {[r[1:] for r in table]}"
         )
     if sum(int(r[0]) for r in table) == 0:
-        raise ValueError("DynamicIHVP(comm=...): every rank holds 0 columns (dim=0)")
+        raise ValueError(f"{OWNER}: every rank holds 0 columns (dim=0)")
     return ShardLayout(comm.rank, tuple(int(r[0]) for r in table))
 
 
@@ -224,11 +211,9 @@ def reduced(
     different operations (``code``) or hold diverged states, or if ``agree()``
     differs between ranks (``reduce_checked``).
     """
-    if op._comm is None:
-        return local()
     xp = op._xp
     return reduce_checked(
-        op._comm,
+        op.comm,
         xp,
         local,
         length=length,
@@ -243,10 +228,8 @@ def reduced(
 
 def summed(op: Any, x: Array) -> Array:
     """``x`` (float64, computed from this rank's columns) summed over the ranks."""
-    if op._comm is None:
-        return x
     xp = op._xp
-    total = op._comm.allreduce_sum(xp.reshape(x, (-1,)))
+    total = op.comm.allreduce_sum(xp.reshape(x, (-1,)))
     return xp.reshape(total, x.shape)
 
 
@@ -255,12 +238,9 @@ def agreed(op: Any, what: str, code: int, local: Any) -> None:
 
     For arguments that must be the same on every rank of a sharded operator (a
     slot, a damping), whose replicated state would otherwise diverge silently:
-    one reduction of ``size`` numbers. Unsharded, just ``local()``.
+    one reduction of ``size`` numbers.
     """
-    if op._comm is None:
-        local()
-        return
-    comm = op._comm
+    comm = op.comm
     total = reduced(op, lambda: one_hot(op, comm, [float(local())]), comm.size, what, code)
     values = host_values(total)
     if any(v != values[0] for v in values):
@@ -328,7 +308,7 @@ def collective_product(op: Any, X: Array, name: str, ndims: tuple[int, ...], k: 
         checked.append(X2)
         return xp.reshape(_engine.project(xp, op._G, X2), (-1,))
 
-    what = "DynamicIHVP.matvec" if name == "x" else "DynamicIHVP.matmat"
+    what = f"{OWNER}.matvec" if name == "x" else f"{OWNER}.matmat"
     P = reduced(op, local, op.num_grads * k, what, OP_PRODUCT)
     X2 = checked[0]
     return op._refined(X2, op._finish(X2, xp.reshape(P, (op.num_grads, k))))

@@ -16,7 +16,7 @@ from typing import Any
 from ._capacitance import DRIFT_TOL, CapacitanceFactor
 from ._compat import Array, detached
 from ._dynamic_factor import SlotFactor, evenly_spaced, factorized
-from ._dynamic_sharded import OP_LOAD, local_gram, reduced
+from ._dynamic_setup import local_gram
 from ._validation import check_count, check_damp, check_same_space
 
 #: The format version of ``state_dict``.
@@ -107,12 +107,10 @@ class LoadedState:
             _, gram, U, window, free, slots, edits, saved_damp, target, exact = parts[0]
             return gram, U, window, free, slots, edits, saved_damp, target, exact
 
-        total = reduced(
-            op,
+        total = op._reduced(
+            "load_state_dict",
             local,
             m * m,
-            "load_state_dict",
-            OP_LOAD,
             agree=replicated,
             disagree=(
                 ValueError,
@@ -162,8 +160,8 @@ class LoadedState:
         if widths is None:
             raise ValueError(
                 "state_dict is of an unsharded window; this operator holds rank "
-                f"{op.layout.rank}'s shard of {len(op.layout.widths)} ranks (build it "
-                "without comm, or save the state of a sharded operator)"
+                f"{op.layout.rank}'s shard of {len(op.layout.widths)} ranks (load it into "
+                "a DynamicIHVP, or save the state of a sharded operator)"
             )
         try:
             saved = (int(state.get("shard_rank", -1)), tuple(int(w) for w in widths))

@@ -15,7 +15,6 @@ from . import _engine
 from ._compat import Array
 from ._dynamic_checks import Refused, check_gradient
 from ._dynamic_factor import Speculation, edited, factorized
-from ._dynamic_sharded import OP_REMOVE, OP_UPDATE, agreed, reduced
 from ._errors import FactorizationError
 
 
@@ -136,15 +135,15 @@ def written_row(op: Any, slot: int, g: Array) -> tuple[Array, Any, Any]:
     checked = [g]
 
     def local() -> Array:
-        if op._comm is not None:
+        if op._collective_checks:
             checked[0] = check_gradient(op, g)
         op._G[slot, ...] = checked[0]
         row, product = products(op, slot, checked[0])
         return row if product is None else xp.concat([row, product[:, 0]])
 
     if op.storage_dtype is None:
-        return checked[0], reduced(op, local, m, "DynamicIHVP.update", OP_UPDATE), None
-    total = reduced(op, local, 2 * m, "DynamicIHVP.update", OP_UPDATE)
+        return checked[0], op._reduced("update", local, m), None
+    total = op._reduced("update", local, 2 * m)
     return checked[0], total[:m], total[m:][:, None]
 
 
@@ -156,7 +155,7 @@ def insert(op: Any, g: Array, *, speculation: Speculation | None = None) -> tupl
     the checks are read (``_dynamic_factor.edited``).
     """
     pending = None
-    if op._comm is None:  # sharded, g is checked inside the reduction of its row
+    if not op._collective_checks:  # sharded, g is checked inside the reduction of its row
         finite = speculation is not None
         # On a device the gradient's check waits for the row edit's, to be read
         # with it in one transfer; on the host it runs first.
@@ -204,7 +203,7 @@ def update_and_matvec_checked(op: Any, g: Array, /) -> StepCheck:
     FactorizationError
         As :meth:`DynamicIHVP.update`; the window is then unchanged.
     """
-    if op._comm is not None:
+    if op._collective_checks:
         raise ValueError("_update_and_matvec_checked is for unsharded windows only")
     speculation = Speculation(op)
     try:
@@ -238,7 +237,7 @@ def remove_slot(op: Any, slot: int, /) -> None:
             )
         return index
 
-    agreed(op, "DynamicIHVP.remove", OP_REMOVE, check)
+    op._agreed("remove", check)
     slot = check()
     xp = op._xp
     if op.zero_init:

@@ -13,7 +13,7 @@ from typing import Any
 
 from . import _sharded_static, _static
 from ._compat import Array, detached, device
-from ._deprecation import legacy_options, warn_deprecated
+from ._deprecation import legacy_options, register_sharded_form, warn_deprecated
 from ._operator import LinearOperator
 from ._sharding import ShardLayout
 from ._validation import check_float64_available, namespace_of
@@ -309,4 +309,4 @@ class ShardedStaticIHVP(_static._BlockOperatorBase):
         return self._shard.entries(self.comm, self._xp, self.device, self.dtype, rows, cols)
 
 
-_static.register_sharded_class(ShardedStaticIHVP)
+register_sharded_form(_static.StaticIHVP, ShardedStaticIHVP)

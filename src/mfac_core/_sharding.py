@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from ._compat import Array, is_torch_array
+from ._compat import Array, host_values, is_torch_array
 from .distributed import Communicator
 
 __all__ = [
@@ -48,14 +48,6 @@ __all__ = [
 # The exception classes a status word can carry, in the order a rank that saw
 # several kinds of failure among its peers reports them.
 _KINDS: tuple[type[Exception], ...] = (TypeError, IndexError, ValueError, RuntimeError)
-
-
-def host_values(a: Array) -> list[float]:
-    """The entries of a small 1-D array as Python floats (one transfer)."""
-    tolist = getattr(a, "tolist", None)
-    if tolist is not None:
-        return [float(v) for v in tolist()]
-    return [float(a[i]) for i in range(int(a.shape[0]))]
 
 
 def gather_ints(

@@ -39,7 +39,16 @@ from ._compat import (
 )
 from ._layout import BlockGroup, block_groups, checked_gram, chunks
 from ._operator import LinearOperator
-from ._spectral_groups import ColumnEigen, GramEigen
+from ._spectral_groups import (
+    ColumnEigen,
+    Forms,
+    GramEigen,
+    applied,
+    checked_power,
+    logdet_of,
+    spectrum_bounds,
+    trace_of,
+)
 from ._validation import (
     check_block_size,
     check_count,
@@ -58,9 +67,6 @@ __all__ = ["SpectralIHVP"]
 #: float64 entries in one column piece of the set-up (32 MiB).
 _PIECE_ENTRIES = 2**22
 
-#: The powers of F the closed forms cover: F^{-1}, F^{-1/2}, F^{1/2}, F.
-_POWERS = (-1.0, -0.5, 0.5, 1.0)
-
 #: A group of blocks of the spectral form (``_spectral_groups``).
 _Group = GramEigen | ColumnEigen
 
@@ -76,26 +82,19 @@ class SpectralIHVP(LinearOperator):
     in its storage dtype and sums in float64. What the spectral form adds is
     that every function of F is known for every damping:
 
-    - :meth:`with_damp` gives the operator at another damping in O(m),
-      sharing the set-up; :meth:`sweep` and ``diagonal(damps=...)`` give
-      products and diagonals for K dampings in one pass over G;
-    - :meth:`logdet`, :meth:`trace` and :meth:`trace_inverse` in O(m) per
-      block;
-    - :meth:`sqrt` and :meth:`inv_sqrt` (``F^{-1/2}`` and ``F^{1/2}``) as
-      operators, :meth:`sample` from ``N(0, F^{-1})`` in O(d m) per sample;
-    - :meth:`bilinear` ``Q F^{-1} R^T`` and :meth:`quadratic`
-      ``diag(R F^{-1} R^T)`` for stacks of vectors, without a d x d array.
+    :meth:`with_damp` (O(m)), :meth:`sweep` and ``diagonal(damps=...)`` (K
+    dampings in one pass over G); :meth:`logdet`, :meth:`trace`,
+    :meth:`trace_inverse` (O(m) per block); :meth:`sqrt`, :meth:`inv_sqrt`
+    and :meth:`sample` (O(d m) per sample); :meth:`bilinear` and
+    :meth:`quadratic` forms of stacks of vectors, without a d x d array.
 
     Parameters
     ----------
     G : array, shape (m, d)
-        The gradients, one per row, of any Array-API library: float32 or
-        float64, or float16/bfloat16 storage (NumPy, PyTorch, CuPy), for which
-        the operator computes and returns float32. The operator lives in G's
-        namespace and on G's device and keeps G by reference: do not write to G
-        while the operator (or one derived from it) is in use. A PyTorch G that
-        requires grad is detached: the operator keeps no autograd graph alive,
-        and its results are not differentiable in G.
+        The gradients, one per row, as for :class:`~mfac_core.StaticIHVP`
+        (2-byte storage computes and returns float32; G is kept by reference:
+        do not write to it while this operator, or one derived from it, is in
+        use).
     damp : float
         The damping ``lambda > 0``.
     block_size : int, optional
@@ -179,49 +178,27 @@ class SpectralIHVP(LinearOperator):
     True
     """
 
+    # Set by ``_built``.
+    num_grads: int
+    dim: int
+    block_size: int
+    storage_dtype: str | None
+    power: float
+    damp: float
+    kappa: float
+    error_scale: float
+    _groups: tuple[_Group, ...]
+
     def __init__(
         self, G: Array, /, *, damp: float, block_size: int | None = None, check_finite: bool = True
     ) -> None:
-        check_finite = check_flag(check_finite, "check_finite")
-        G = detached(G)  # the operator stores G, never its autograd graph
-        xp = check_gradients(G, require_finite=False, half=True)
-        damp = check_damp(damp)
-        check_float64_available(xp)
-        m, d = (int(n) for n in G.shape)
-        bs = check_block_size(block_size, d)
-        storage = half_dtype_name(xp, G.dtype)
-        dtype = G.dtype if storage is None else xp.float32
-        groups = _setup(
-            xp, G, block_groups(d, bs), dtype=dtype, damp=damp, check_finite=check_finite
-        )
-        super().__init__(
-            shape=(d, d),
-            dtype=dtype,
-            xp=xp,
-            device=device(G),
-            symmetric=True,
-            check_finite=check_finite,
-        )
-        self.num_grads, self.dim, self.block_size = m, d, bs
-        self.storage_dtype = storage
-        self._groups: tuple[_Group, ...] = groups
-        self.power = -1.0
-        self._set_damp(damp)
-        self._warn_if_hopeless()
+        _built(self, G, damp=damp, block_size=block_size, check_finite=check_finite)
 
     # -- damping, spectrum and derived operators -----------------------------------------------
 
     def _set_damp(self, damp: float) -> None:
         self.damp = damp
-        xp, m = self._xp, self.num_grads
-        top = max(float(xp.max(g.top[:, -1])) for g in self._groups)
-        self.error_scale = 1.0 + top / (m * damp)
-        kappa = 1.0
-        for g in self._groups:
-            t = g.top
-            low = t[:, 0] if g.group.size <= m else xp.zeros_like(t[:, 0])
-            kappa = max(kappa, float(xp.max((damp + t[:, -1] / m) / (damp + low / m))))
-        self.kappa = kappa
+        self.error_scale, self.kappa = spectrum_bounds(self._xp, self._groups, self.num_grads, damp)
 
     def _warn_if_hopeless(self) -> None:
         # The passes are exact to the result's rounding; what remains is the float64
@@ -336,20 +313,7 @@ class SpectralIHVP(LinearOperator):
         return self._derived(power=-self.power)
 
     def _power_checked(self, power: float, what: str) -> float:
-        if power not in _POWERS:
-            raise ValueError(
-                f"{what}() of F**{self.power:g} would be F**{power:g}; the closed "
-                f"forms cover the powers {', '.join(f'{p:g}' for p in _POWERS)}"
-            )
-        return power
-
-    def _spectrum_sum(self, term: Any) -> float:
-        """``sum over blocks of term(top, k, size)``, with ``top`` the ``k`` largest eigenvalues."""
-        total = 0.0
-        for g in self._groups:
-            top = g.top
-            total += float(self._xp.sum(term(top, top.shape[-1], g.group.size)))
-        return total
+        return checked_power(self.power, power, what)
 
     def logdet(self) -> float:
         """``log det`` of this operator (``-log det F`` for ``F^{-1}``), in O(m) per block.
@@ -371,20 +335,10 @@ class SpectralIHVP(LinearOperator):
         >>> bool(np.isclose(op.logdet(), np.linalg.slogdet(op.todense())[1]))
         True
         """
-        xp, m, damp = self._xp, self.num_grads, self.damp
-        logdet_f = self._spectrum_sum(
-            lambda top, k, size: size * math.log(damp) + xp.sum(xp.log1p(top / (m * damp)), axis=1)
-        )
-        return self.power * logdet_f
+        return self.power * logdet_of(self._xp, self._groups, self.num_grads, self.damp)
 
     def _trace(self, power: float) -> float:
-        xp, m, damp = self._xp, self.num_grads, self.damp
-        # (B - k) f(damp) + sum f(damp + mu): a sum of positive terms, nothing cancels.
-        return self._spectrum_sum(
-            lambda top, k, size: (
-                (size - k) * damp**power + xp.sum((damp + top / m) ** power, axis=1)
-            )
-        )
+        return trace_of(self._xp, self._groups, self.num_grads, self.damp, power)
 
     def trace(self) -> float:
         """The trace of this operator (``tr F^{-1}`` for ``F^{-1}``), in O(m) per block.
@@ -429,10 +383,7 @@ class SpectralIHVP(LinearOperator):
 
     def _apply(self, X: Array, damps: list[float]) -> Array:
         """``f_k(F) X`` for every damping, stacked: ``(K, d, k)``, one pass over G per group."""
-        parts = [
-            g.apply(X[g.group.start : g.group.end, ...], damps, self.power) for g in self._groups
-        ]
-        return parts[0] if len(parts) == 1 else self._xp.concat(parts, axis=1)
+        return applied(self._xp, self._groups, X, damps, self.power)
 
     def _matmat(self, X: Array) -> Array:
         return self._apply(X, [self.damp])[0, ...]
@@ -529,12 +480,15 @@ class SpectralIHVP(LinearOperator):
             check_finite(self._xp, A, name)
         return A
 
-    def _batch(self, batch_size: int | None) -> int:
-        if batch_size is not None:
-            return check_count(batch_size, "batch_size")
-        # Bounded temporaries: about 2**22 entries of the coordinates (or of R in float64).
-        blocks = sum(g.group.count for g in self._groups)
-        return max(1, _PIECE_ENTRIES // max(self.num_grads * blocks, self.dim))
+    def _forms(self, batch_size: int | None) -> Forms:
+        """The operator's bilinear and quadratic forms, ``batch_size`` rows of R at a time."""
+        if batch_size is None:
+            # Bounded temporaries: about 2**22 entries of the coordinates (or of R in float64).
+            blocks = sum(g.group.count for g in self._groups)
+            step = max(1, _PIECE_ENTRIES // max(self.num_grads * blocks, self.dim))
+        else:
+            step = check_count(batch_size, "batch_size")
+        return Forms(self._xp, self._groups, self.damp, self.power, step, self.dtype, self.device)
 
     def bilinear(self, Q: Array, R: Array, /, *, batch_size: int | None = None) -> Array:
         r"""``Q A R^T`` for this operator A (``Q F^{-1} R^T``), without a d x d array.
@@ -574,22 +528,8 @@ class SpectralIHVP(LinearOperator):
         >>> bool(np.allclose(op.bilinear(Q, R), Q @ op.todense() @ R.T))
         True
         """
-        xp = self._xp
         Q, R = self._rows(Q, "Q"), self._rows(R, "R")
-        step = self._batch(batch_size)
-        alpha = self.damp**self.power
-        PQ = [g.weights(self.damp, self.power)[..., None] * g.project(Q) for g in self._groups]
-        Q64 = xp.astype(Q, xp.float64)
-        parts = []
-        for lo in range(0, R.shape[0], step):
-            Rb = R[lo : min(lo + step, R.shape[0]), :]
-            acc = alpha * (Q64 @ xp.matrix_transpose(xp.astype(Rb, xp.float64)))
-            for g, pq in zip(self._groups, PQ, strict=True):
-                acc = acc + xp.sum(xp.matrix_transpose(pq) @ g.project(Rb), axis=0)
-            parts.append(xp.astype(acc, self.dtype))
-        if not parts:
-            return xp.zeros((Q.shape[0], 0), dtype=self.dtype, device=self.device)
-        return parts[0] if len(parts) == 1 else xp.concat(parts, axis=1)
+        return self._forms(batch_size).bilinear(Q, R)
 
     def quadratic(self, R: Array, /, *, batch_size: int | None = None) -> Array:
         """``diag(R A R^T)`` for this operator A: ``r^T F^{-1} r`` for each row r of R.
@@ -622,23 +562,7 @@ class SpectralIHVP(LinearOperator):
         >>> bool(np.allclose(op.quadratic(R), np.diag(R @ op.todense() @ R.T)))
         True
         """
-        xp = self._xp
-        R = self._rows(R, "R")
-        step = self._batch(batch_size)
-        alpha = self.damp**self.power
-        W = [g.weights(self.damp, self.power)[..., None] for g in self._groups]
-        parts = []
-        for lo in range(0, R.shape[0], step):
-            Rb = R[lo : min(lo + step, R.shape[0]), :]
-            R64 = xp.astype(Rb, xp.float64)
-            acc = alpha * xp.sum(R64 * R64, axis=1)
-            for g, w in zip(self._groups, W, strict=True):
-                P = g.project(Rb)  # (count, r, n)
-                acc = acc + xp.sum(w * P * P, axis=(0, 1))
-            parts.append(xp.astype(acc, self.dtype))
-        if not parts:
-            return xp.zeros((0,), dtype=self.dtype, device=self.device)
-        return parts[0] if len(parts) == 1 else xp.concat(parts)
+        return self._forms(batch_size).quadratic(self._rows(R, "R"))
 
     # -- sampling ------------------------------------------------------------------------------
 
@@ -689,18 +613,21 @@ class SpectralIHVP(LinearOperator):
         >>> X.shape
         (3, 20)
         """
-        n = check_count(n, "n", minimum=0)
-        if self.power not in (-1.0, 1.0):
-            # The draws are A^{1/2} z: say so in terms of sample(), not of the sqrt() inside.
-            raise ValueError(
-                f"sample() draws from N(0, A) for A = F^-1 or F (power -1 or 1), through "
-                f"A's square root; this operator is F**{self.power:g} (from sqrt() or "
-                f"inv_sqrt()), whose square root F**{self.power / 2:g} has no closed form; "
-                "sample from the operator it was derived from"
-            )
-        root = self.sqrt()
-        Z = _standard_normal(self._xp, rng, (self.dim, n), self.dtype, self.device)
-        return root._matmat(Z).T
+        return _drawn(self, check_count(n, "n", minimum=0), rng)
+
+
+def _drawn(op: SpectralIHVP, n: int, rng: Any) -> Array:
+    """The body of :meth:`SpectralIHVP.sample`: ``A^{1/2} z`` for n standard normal z."""
+    if op.power not in (-1.0, 1.0):
+        # The draws are A^{1/2} z: say so in terms of sample(), not of the sqrt() inside.
+        raise ValueError(
+            f"sample() draws from N(0, A) for A = F^-1 or F (power -1 or 1), through "
+            f"A's square root; this operator is F**{op.power:g} (from sqrt() or "
+            f"inv_sqrt()), whose square root F**{op.power / 2:g} has no closed form; "
+            "sample from the operator it was derived from"
+        )
+    Z = _standard_normal(op._xp, rng, (op.dim, n), op.dtype, op.device)
+    return op.sqrt()._matmat(Z).T
 
 
 def _is_seed(rng: Any) -> bool:
@@ -747,6 +674,35 @@ def _standard_normal(xp: Any, rng: Any, shape: tuple[int, int], dtype: Any, dev:
         with cupy.cuda.Device(dev.id):
             return gen.standard_normal(shape, dtype=dtype)
     raise TypeError(f"sample() has no random number generator for {name} arrays")
+
+
+def _built(op: SpectralIHVP, G: Array, *, damp: Any, block_size: Any, check_finite: Any) -> None:
+    """The body of :class:`SpectralIHVP`'s constructor: the checks, the set-up, the state."""
+    check_finite = check_flag(check_finite, "check_finite")
+    G = detached(G)  # the operator stores G, never its autograd graph
+    xp = check_gradients(G, require_finite=False, half=True)
+    damp = check_damp(damp)
+    check_float64_available(xp)
+    m, d = (int(n) for n in G.shape)
+    bs = check_block_size(block_size, d)
+    storage = half_dtype_name(xp, G.dtype)
+    dtype = G.dtype if storage is None else xp.float32
+    groups = _setup(xp, G, block_groups(d, bs), dtype=dtype, damp=damp, check_finite=check_finite)
+    LinearOperator.__init__(
+        op,
+        shape=(d, d),
+        dtype=dtype,
+        xp=xp,
+        device=device(G),
+        symmetric=True,
+        check_finite=check_finite,
+    )
+    op.num_grads, op.dim, op.block_size = m, d, bs
+    op.storage_dtype = storage
+    op._groups = groups
+    op.power = -1.0
+    op._set_damp(damp)
+    op._warn_if_hopeless()
 
 
 def _setup(

@@ -37,7 +37,21 @@ from . import _engine
 from ._compat import Array, array_namespace, device
 from ._layout import BlockGroup, piece_stack, pieces
 
-__all__ = ["ColumnEigen", "GramEigen", "coefficients"]
+__all__ = [
+    "POWERS",
+    "ColumnEigen",
+    "Forms",
+    "GramEigen",
+    "applied",
+    "checked_power",
+    "coefficients",
+    "logdet_of",
+    "spectrum_bounds",
+    "trace_of",
+]
+
+#: The powers of F the closed forms cover: F^{-1}, F^{-1/2}, F^{1/2}, F.
+POWERS = (-1.0, -0.5, 0.5, 1.0)
 
 #: float64 entries of one whitened piece of ``GramEigen.diagonal`` (32 MiB).
 CHUNK_ENTRIES = 2**22
@@ -202,3 +216,114 @@ class ColumnEigen:
         n = A.shape[0]
         Ab = xp.reshape(xp.astype(_rows_of(xp, A, g), xp.float64), (g.count, g.size, n))
         return xp.matrix_transpose(self.Q) @ Ab
+
+
+# -- the spectral operator's functions of its groups (SpectralIHVP's methods call these) --
+
+
+def checked_power(current: float, power: float, what: str) -> float:
+    """``power``, the power that ``what()`` of ``F**current`` gives, if a closed form has it."""
+    if power not in POWERS:
+        raise ValueError(
+            f"{what}() of F**{current:g} would be F**{power:g}; the closed "
+            f"forms cover the powers {', '.join(f'{p:g}' for p in POWERS)}"
+        )
+    return power
+
+
+def spectrum_bounds(xp: Any, groups: Any, m: int, damp: float) -> tuple[float, float]:
+    """``(error_scale, kappa)`` of the operator at ``damp`` (see ``SpectralIHVP``)."""
+    top = max(float(xp.max(g.top[:, -1])) for g in groups)
+    kappa = 1.0
+    for g in groups:
+        t = g.top
+        low = t[:, 0] if g.group.size <= m else xp.zeros_like(t[:, 0])
+        kappa = max(kappa, float(xp.max((damp + t[:, -1] / m) / (damp + low / m))))
+    return 1.0 + top / (m * damp), kappa
+
+
+def _spectrum_sum(xp: Any, groups: Any, term: Any) -> float:
+    """``sum over blocks of term(top, k, size)``, with ``top`` the ``k`` largest eigenvalues."""
+    total = 0.0
+    for g in groups:
+        top = g.top
+        total += float(xp.sum(term(top, top.shape[-1], g.group.size)))
+    return total
+
+
+def logdet_of(xp: Any, groups: Any, m: int, damp: float) -> float:
+    """``log det F``, summed in float64 over the blocks' spectra."""
+    return _spectrum_sum(
+        xp,
+        groups,
+        lambda top, k, size: size * math.log(damp) + xp.sum(xp.log1p(top / (m * damp)), axis=1),
+    )
+
+
+def trace_of(xp: Any, groups: Any, m: int, damp: float, power: float) -> float:
+    """``tr F**power``, summed in float64 over the blocks' spectra."""
+    # (B - k) f(damp) + sum f(damp + mu): a sum of positive terms, nothing cancels.
+    return _spectrum_sum(
+        xp,
+        groups,
+        lambda top, k, size: (size - k) * damp**power + xp.sum((damp + top / m) ** power, axis=1),
+    )
+
+
+def applied(xp: Any, groups: Any, X: Array, damps: list[float], power: float) -> Array:
+    """``f_k(F) X`` for every damping, stacked: ``(K, d, k)``, one pass over G per group."""
+    parts = [g.apply(X[g.group.start : g.group.end, ...], damps, power) for g in groups]
+    return parts[0] if len(parts) == 1 else xp.concat(parts, axis=1)
+
+
+@dataclass(frozen=True)
+class Forms:
+    """The bilinear and quadratic forms of ``F**power``, ``step`` rows of R at a time.
+
+    ``f(damp) Q R^T + sum_b (B_b Q_b^T)^T diag(w_b) (B_b R_b^T)`` with the float64
+    coordinates ``B_b`` of :meth:`GramEigen.project`: the temporaries are
+    ``(p + step) x m`` per block, and the m-sized contractions float64.
+    """
+
+    xp: Any
+    groups: Any
+    damp: float
+    power: float
+    step: int
+    dtype: Any
+    device: Any
+
+    def bilinear(self, Q: Array, R: Array) -> Array:
+        """``Q F**power R^T``, shape ``(p, n)``: Q projected once, R a batch at a time."""
+        xp = self.xp
+        alpha = self.damp**self.power
+        PQ = [g.weights(self.damp, self.power)[..., None] * g.project(Q) for g in self.groups]
+        Q64 = xp.astype(Q, xp.float64)
+        parts = []
+        for lo in range(0, R.shape[0], self.step):
+            Rb = R[lo : min(lo + self.step, R.shape[0]), :]
+            acc = alpha * (Q64 @ xp.matrix_transpose(xp.astype(Rb, xp.float64)))
+            for g, pq in zip(self.groups, PQ, strict=True):
+                acc = acc + xp.sum(xp.matrix_transpose(pq) @ g.project(Rb), axis=0)
+            parts.append(xp.astype(acc, self.dtype))
+        if not parts:
+            return xp.zeros((Q.shape[0], 0), dtype=self.dtype, device=self.device)
+        return parts[0] if len(parts) == 1 else xp.concat(parts, axis=1)
+
+    def quadratic(self, R: Array) -> Array:
+        """``diag(R F**power R^T)``, shape ``(n,)``, a batch of rows of R at a time."""
+        xp = self.xp
+        alpha = self.damp**self.power
+        W = [g.weights(self.damp, self.power)[..., None] for g in self.groups]
+        parts = []
+        for lo in range(0, R.shape[0], self.step):
+            Rb = R[lo : min(lo + self.step, R.shape[0]), :]
+            R64 = xp.astype(Rb, xp.float64)
+            acc = alpha * xp.sum(R64 * R64, axis=1)
+            for g, w in zip(self.groups, W, strict=True):
+                P = g.project(Rb)  # (count, r, n)
+                acc = acc + xp.sum(w * P * P, axis=(0, 1))
+            parts.append(xp.astype(acc, self.dtype))
+        if not parts:
+            return xp.zeros((0,), dtype=self.dtype, device=self.device)
+        return parts[0] if len(parts) == 1 else xp.concat(parts)

@@ -8,16 +8,20 @@ route rows to those factors.
 
 from __future__ import annotations
 
-import inspect
-import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from . import _capacitance, _engine, _setup, _store, _streaming
 from ._compat import Array, detached, device
-from ._deprecation import LEGACY_DEFAULTS, legacy_options, warn_deprecated, warn_no_w
-from ._errors import user_stacklevel
-from ._gform import GFormFactor
+from ._deprecation import (
+    STATIC_LEGACY,
+    legacy_options,
+    sharded_class,
+    sharded_form,
+    show_init_signature,
+    warn_deprecated,
+    warn_no_w,
+)
 from ._group_factors import GroupFactor
 from ._layout import block_groups
 from ._operator import LinearOperator
@@ -37,7 +41,6 @@ __all__ = [
     "EmpiricalFisher",
     "StaticIHVP",
     "register_array_type",
-    "register_sharded_class",
     "show_init_signature",
     "static_ihvp",
 ]
@@ -59,11 +62,6 @@ def register_array_type(accepts: Callable[[Any], bool], subclass: type[StaticIHV
         A subclass of :class:`StaticIHVP` whose ``__init__`` takes StaticIHVP's arguments.
     """
     _OTHER_ARRAYS.append((accepts, subclass))
-
-
-#: The class that the deprecated ``StaticIHVP(G_local, comm=...)`` builds
-#: (``ShardedStaticIHVP``, registered by its module at package import).
-_SHARDED: list[type[LinearOperator]] = []
 
 
 def static_ihvp(G: Array, /, **options: Any) -> StaticIHVP:
@@ -88,17 +86,6 @@ def static_ihvp(G: Array, /, **options: Any) -> StaticIHVP:
         if accepts(G):
             return subclass(G, **options)
     return StaticIHVP(G, **options)
-
-
-def register_sharded_class(cls: type[LinearOperator]) -> None:
-    """Let the deprecated ``StaticIHVP(G_local, comm=...)`` build ``cls``.
-
-    Parameters
-    ----------
-    cls : type
-        The column-sharded operator, called as ``cls(G_local, comm=..., ...)``.
-    """
-    _SHARDED[:] = [cls]
 
 
 class _BlockOperatorBase(LinearOperator):
@@ -182,9 +169,9 @@ class StaticIHVP(_BlockOperatorBase):
         amount of work done so far and in all (one pass over d columns).
     **deprecated
         ``overwrite_G=True`` and ``out=`` (ignored: no working array is
-        stored), ``stream_to=`` (use :meth:`streamed`) and ``comm=`` (use
-        :class:`~mfac_core.ShardedStaticIHVP`) still work and emit a
-        ``DeprecationWarning``; they will be removed.
+        stored), ``stream_to=`` (use :meth:`streamed`) and the sharded
+        spelling (a communicator: use :class:`~mfac_core.ShardedStaticIHVP`)
+        still work and emit a ``DeprecationWarning``; they will be removed.
 
     Attributes
     ----------
@@ -274,19 +261,15 @@ class StaticIHVP(_BlockOperatorBase):
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Any:
         # The deprecated spellings of the other strategies: StaticIHVP(dask_G, ...) and
-        # StaticIHVP(G_local, comm=...). No arguments: pickle's reconstruction.
+        # the sharded one. No arguments: pickle's reconstruction.
         if cls is StaticIHVP and args:
             for accepts, subclass in _OTHER_ARRAYS:
                 if accepts(args[0]):
                     name = subclass.__name__
                     warn_deprecated("StaticIHVP(G) for this G", f"{name}(G, damp=...)")
                     return super().__new__(subclass)
-            if kwargs.get("comm") is not None and _SHARDED:
-                (sharded,) = _SHARDED
-                warn_deprecated(
-                    "StaticIHVP(G_local, comm=comm)",
-                    f"{sharded.__name__}(G_local, comm=comm, damp=...)",
-                )
+            sharded = sharded_form(cls, "StaticIHVP", kwargs)
+            if sharded is not None:
                 # Not a StaticIHVP: built here, and Python calls no __init__ on it.
                 return sharded(*args, **kwargs)
         return super().__new__(cls)
@@ -303,7 +286,7 @@ class StaticIHVP(_BlockOperatorBase):
         progress: Callable[[int, int], None] | None = None,
         **deprecated: Any,
     ) -> None:
-        legacy = legacy_options("StaticIHVP", deprecated, LEGACY_DEFAULTS)
+        legacy = legacy_options("StaticIHVP", deprecated, STATIC_LEGACY)
         overwrite_G = check_flag(legacy["overwrite_G"], "overwrite_G")
         # The operator stores G (or factors of it): never its autograd graph.
         G = detached(G)
@@ -312,7 +295,8 @@ class StaticIHVP(_BlockOperatorBase):
                 "StaticIHVP(G, stream_to=device)", "StaticIHVP.streamed(G, device=device, damp=...)"
             )
             self._init_checked(G, damp, block_size, check_finite, refine, progress)
-            self._init_streamed(
+            _streaming.init_streamed(
+                self,
                 G,
                 legacy["stream_to"],
                 overwrite_G=overwrite_G,
@@ -403,7 +387,7 @@ class StaticIHVP(_BlockOperatorBase):
         op = super().__new__(cls)
         G = detached(G)
         op._init_checked(G, damp, None, check_finite, 0, progress)
-        op._init_streamed(G, device, overwrite_G=False, out=None, progress=progress)
+        _streaming.init_streamed(op, G, device, overwrite_G=False, out=None, progress=progress)
         return op
 
     def _init_checked(
@@ -419,50 +403,6 @@ class StaticIHVP(_BlockOperatorBase):
         self.refine = check_count(refine, "refine", minimum=0)
         return xp
 
-    def _init_streamed(
-        self,
-        G: Array,
-        stream_to: Any,
-        *,
-        overwrite_G: bool,
-        out: Any,
-        progress: Callable[[int, int], None] | None,
-    ) -> None:
-        """The set-up on the host, G piece-major in host memory, products on ``stream_to``."""
-        xp = self._xp
-        full = len(self._groups) == 1 and self._groups[0].count == 1
-        target = _streaming.check_stream_to(
-            xp,
-            G,
-            stream_to,
-            full=full and self.dim > self.num_grads,
-            half=self.storage_dtype is not None,
-            overwrite_G=overwrite_G,
-            out=out,
-            refine=self.refine,
-        )
-        (group,) = self._groups
-        result = _setup.factorize_gform_groups(
-            xp,
-            G,
-            self._groups,
-            damp=self.damp,
-            dtype=self.dtype,
-            check_finite=self.check_finite,
-            progress=progress,
-        )
-        (gform,) = result.factors
-        assert isinstance(gform, GFormFactor)  # the full operator with d > m
-        width = _streaming.piece_width(self.num_grads, self.dim, G.element_size())
-        host = _streaming.piece_major(G, target, width)
-        self._factors = (
-            _streaming.StreamedGForm.build(group, host, gform.factor, self.damp, target),
-        )
-        self._G = None  # the streamed pieces are a copy; G itself is not kept
-        self.kappa_bound = result.kappa_hi
-        self.device = target
-        self._warn_if_hopeless(result.kappa_lo)
-
     @classmethod
     def from_gradients(
         cls,
@@ -474,12 +414,8 @@ class StaticIHVP(_BlockOperatorBase):
         damp: float,
         dtype: Any = None,
         grads_out: Any = None,
-        out: Any = None,
-        block_size: int | None = None,
-        overwrite_G: bool = False,
-        check_finite: bool = True,
-        refine: int = 0,
         progress: Any = None,
+        **options: Any,
     ) -> StaticIHVP:
         """Collect gradients from an iterable (a data loader) into G, then build the operator.
 
@@ -507,22 +443,17 @@ class StaticIHVP(_BlockOperatorBase):
             ``.npy`` file of that path opened as a memmap (an existing file is
             refused; reopen it later with ``numpy.load(path, mmap_mode="r")``),
             or a writeable ``(num_grads, dim)`` array to fill (any library).
-        out : None, str, os.PathLike or array, optional
-            Deprecated, ignored (see :class:`StaticIHVP`); no file is made.
-        block_size : int, optional
-            As in :class:`StaticIHVP`.
-        overwrite_G : bool, optional
-            Deprecated, ignored (see :class:`StaticIHVP`).
-        check_finite : bool, optional
-            As in :class:`StaticIHVP`; each gradient is checked as it arrives.
-        refine : int, optional
-            As in :class:`StaticIHVP`.
         progress : None, True or callable, optional
             ``True`` draws a text progress bar on stderr; a callable is called
             as ``progress(stage, done, total)``, with ``stage`` ``"gradients"``
             (gradients stored so far, of ``num_grads``) and then ``"set-up"``
             (the set-up's work, as in :class:`StaticIHVP`). To use tqdm, pass
             a callable that updates a bar of your own.
+        **options
+            ``block_size``, ``check_finite`` (each gradient is also checked as
+            it arrives) and ``refine``, as in :class:`StaticIHVP`. The
+            deprecated ``out=`` and ``overwrite_G=`` are ignored, with a
+            ``DeprecationWarning`` (no file is made for ``out``).
 
         Returns
         -------
@@ -540,7 +471,8 @@ class StaticIHVP(_BlockOperatorBase):
             :class:`StaticIHVP`.
         TypeError
             For a gradient of another library or a non-floating dtype, or a
-            dtype that differs from the first gradient's without ``dtype``.
+            dtype that differs from the first gradient's without ``dtype``;
+            for an unknown keyword (before any gradient is read).
         FileExistsError
             If a path names an existing file.
 
@@ -560,44 +492,17 @@ class StaticIHVP(_BlockOperatorBase):
         >>> op.num_grads, op.dim
         (12, 50)
         """
-        report = _store.progress_callback(progress)
-        # What can be checked before the gradients are read is, so that a mistake
-        # does not cost a pass over the data loader.
-        check_damp(damp)
-        check_block_size(block_size, check_count(dim, "dim"))
-        check_count(refine, "refine", minimum=0)
-        if check_flag(overwrite_G, "overwrite_G") or out is not None:
-            warnings.warn(
-                "StaticIHVP stores no W any more: out= and overwrite_G= are ignored and "
-                "will be removed (no file is made for out)",
-                DeprecationWarning,
-                stacklevel=user_stacklevel(),
-            )
-        created: list[_store.GradientStore] = []
-        try:
-            store = _store.gather_gradients(
-                gradients,
-                num_grads=num_grads,
-                dim=dim,
-                dtype=dtype,
-                store=grads_out,
-                check_finite=check_finite,
-                progress=report,
-            )
-            created.append(store)
-            setup = None if report is None else _stage(report, "set-up")
-            return cls(
-                store.array,
-                damp=damp,
-                block_size=block_size,
-                check_finite=check_finite,
-                refine=refine,
-                progress=setup,
-            )
-        except BaseException:
-            for made in created:
-                made.discard()
-            raise
+        return _store.built_from_gradients(
+            cls,
+            gradients,
+            num_grads=num_grads,
+            dim=dim,
+            damp=damp,
+            dtype=dtype,
+            grads_out=grads_out,
+            progress=progress,
+            options=options,
+        )
 
     @property
     def local_shape(self) -> tuple[int, int]:
@@ -605,11 +510,11 @@ class StaticIHVP(_BlockOperatorBase):
         return self.shape
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        if "_shard" in state and _SHARDED:
+        sharded = sharded_class(StaticIHVP)
+        if "_shard" in state and sharded is not None:
             # A column-sharded operator pickled while it was a StaticIHVP: it loads as
             # the class it is now (its state is the same).
-            (sharded,) = _SHARDED
-            self.__class__ = sharded  # type: ignore[assignment]
+            self.__class__ = sharded
             self.__setstate__(state)
             return
         super().__setstate__(state)
@@ -698,31 +603,7 @@ class StaticIHVP(_BlockOperatorBase):
         return xp.reshape(out, shape)
 
 
-def show_init_signature(cls: type) -> None:
-    """Make help() and the docs show ``cls.__init__``'s signature, not ``StaticIHVP.__new__``'s.
-
-    Parameters
-    ----------
-    cls : type
-        :class:`StaticIHVP` or a subclass.
-    """
-    signature = inspect.signature(cls.__dict__["__init__"])
-    cls.__signature__ = signature.replace(  # type: ignore[attr-defined]
-        parameters=list(signature.parameters.values())[1:],
-        return_annotation=inspect.Signature.empty,
-    )
-
-
 show_init_signature(StaticIHVP)
-
-
-def _stage(report: Callable[[str, int, int], None], stage: str) -> Callable[[int, int], None]:
-    """The set-up's ``progress(done, total)`` as one stage of a staged report."""
-
-    def call(done: int, total: int) -> None:
-        report(stage, done, total)
-
-    return call
 
 
 class EmpiricalFisher(_BlockOperatorBase):

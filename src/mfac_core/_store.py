@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TextIO
@@ -25,8 +26,11 @@ from typing import Any, TextIO
 import numpy as np
 
 from ._compat import Array, array_namespace, device, namespace_name
+from ._errors import user_stacklevel
 from ._validation import (
+    check_block_size,
     check_count,
+    check_damp,
     check_flag,
     check_same_space,
     check_writeable,
@@ -37,6 +41,7 @@ from ._validation import (
 __all__ = [
     "GradientStore",
     "TextProgress",
+    "built_from_gradients",
     "gather_gradients",
     "open_store",
     "progress_callback",
@@ -295,3 +300,74 @@ def _checked_rows(
     elif check_finite and not bool(xp.all(xp.isfinite(item))):
         raise ValueError(f"{name} holds NaN or infinity")
     return item if item.ndim == 2 else item[None, :]
+
+
+#: The keywords that ``StaticIHVP.from_gradients`` passes on to the operator, with their
+#: defaults, and the deprecated ones it ignores.
+OPERATOR_OPTIONS: dict[str, Any] = {"block_size": None, "check_finite": True, "refine": 0}
+IGNORED_OPTIONS: dict[str, Any] = {"out": None, "overwrite_G": False}
+
+
+def built_from_gradients(
+    build: Callable[..., Any],
+    gradients: Iterable[Array],
+    *,
+    num_grads: int,
+    dim: int,
+    damp: float,
+    dtype: Any,
+    grads_out: Any,
+    progress: Any,
+    options: dict[str, Any],
+) -> Any:
+    """The body of :meth:`StaticIHVP.from_gradients` (see there); ``build`` is the class."""
+    for name in options:
+        if name not in OPERATOR_OPTIONS and name not in IGNORED_OPTIONS:
+            raise TypeError(f"from_gradients() got an unexpected keyword argument {name!r}")
+    opts = {**OPERATOR_OPTIONS, **IGNORED_OPTIONS, **options}
+    report = progress_callback(progress)
+    # What can be checked before the gradients are read is, so that a mistake
+    # does not cost a pass over the data loader.
+    check_damp(damp)
+    check_block_size(opts["block_size"], check_count(dim, "dim"))
+    check_count(opts["refine"], "refine", minimum=0)
+    if check_flag(opts["overwrite_G"], "overwrite_G") or opts["out"] is not None:
+        warnings.warn(
+            "StaticIHVP stores no W any more: out= and overwrite_G= are ignored and "
+            "will be removed (no file is made for out)",
+            DeprecationWarning,
+            stacklevel=user_stacklevel(),
+        )
+    created: list[GradientStore] = []
+    try:
+        store = gather_gradients(
+            gradients,
+            num_grads=num_grads,
+            dim=dim,
+            dtype=dtype,
+            store=grads_out,
+            check_finite=opts["check_finite"],
+            progress=report,
+        )
+        created.append(store)
+        return build(
+            store.array,
+            damp=damp,
+            block_size=opts["block_size"],
+            check_finite=opts["check_finite"],
+            refine=opts["refine"],
+            progress=None if report is None else _stage(report, "set-up"),
+        )
+    except BaseException:
+        for made in created:
+            made.discard()
+        raise
+
+
+def _stage(report: Callable[[str, int, int], None], stage: str) -> Callable[[int, int], None]:
+    """The set-up's ``progress(done, total)`` as one stage of a staged report."""
+
+    def call(done: int, total: int) -> None:
+        report(stage, done, total)
+
+    return call

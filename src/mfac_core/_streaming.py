@@ -36,8 +36,9 @@ from typing import Any, Protocol
 from . import _engine
 from ._capacitance import CapacitanceFactor
 from ._compat import Array, array_namespace, canonical_device, is_torch_namespace
-from ._gform import whitened_diagonal, whitened_pairs
+from ._gform import GFormFactor, whitened_diagonal, whitened_pairs
 from ._layout import BlockGroup
+from ._setup import factorize_gform_groups
 
 __all__ = [
     "DoubleBuffer",
@@ -443,3 +444,50 @@ class StreamedGForm:
         if not parts:
             return torch.zeros((0,), dtype=self.host.dtype, device=self.device)
         return torch.cat(parts)
+
+
+def init_streamed(
+    op: Any,
+    G: Array,
+    stream_to: Any,
+    *,
+    overwrite_G: bool,
+    out: Any,
+    progress: Callable[[int, int], None] | None,
+) -> None:
+    """:meth:`StaticIHVP.streamed`'s set-up of ``op`` (its layout and options checked).
+
+    The set-up runs on the host, G is copied piece-major into host memory, and
+    products run on ``stream_to``.
+    """
+    xp = op._xp
+    full = len(op._groups) == 1 and op._groups[0].count == 1
+    target = check_stream_to(
+        xp,
+        G,
+        stream_to,
+        full=full and op.dim > op.num_grads,
+        half=op.storage_dtype is not None,
+        overwrite_G=overwrite_G,
+        out=out,
+        refine=op.refine,
+    )
+    (group,) = op._groups
+    result = factorize_gform_groups(
+        xp,
+        G,
+        op._groups,
+        damp=op.damp,
+        dtype=op.dtype,
+        check_finite=op.check_finite,
+        progress=progress,
+    )
+    (gform,) = result.factors
+    assert isinstance(gform, GFormFactor)  # the full operator with d > m
+    width = piece_width(op.num_grads, op.dim, G.element_size())
+    host = piece_major(G, target, width)
+    op._factors = (StreamedGForm.build(group, host, gform.factor, op.damp, target),)
+    op._G = None  # the streamed pieces are a copy; G itself is not kept
+    op.kappa_bound = result.kappa_hi
+    op.device = target
+    op._warn_if_hopeless(result.kappa_lo)

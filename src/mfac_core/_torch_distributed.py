@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from ._dynamic_setup import WindowOptions
+from ._sharded_dynamic import ShardedDynamicIHVP
 from .distributed import TorchComm
 
 
@@ -59,6 +61,19 @@ def check_dtensors(opt: Any, flat: list[torch.Tensor]) -> bool:
             f"device mesh has this process at {mesh.get_local_rank()} of {mesh.size()}"
         )
     return True
+
+
+def sharded_window(
+    opt: Any, width: int, zero_init: bool, options: dict[str, Any]
+) -> ShardedDynamicIHVP:
+    """This rank's ``width`` columns of the window, over the optimizer's communicator.
+
+    ``options`` are the window's other keywords; gradients and products are checked
+    collectively, so that a bad gradient on one rank makes every rank refuse the step.
+    """
+    checked = WindowOptions(zero_init=zero_init, check_finite=True)
+    num_grads = opt.defaults["num_grads"]
+    return ShardedDynamicIHVP(num_grads, width, comm=opt._comm, options=checked, **options)
 
 
 def window_columns(opt: Any, width: int) -> tuple[int, int]:

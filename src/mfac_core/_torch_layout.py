@@ -12,8 +12,10 @@ from typing import Any
 
 import torch
 
+from . import _torch_distributed
 from ._compat import array_namespace
 from ._dynamic import DynamicIHVP
+from ._dynamic_setup import WindowOptions
 from ._torch_distributed import check_dtensors, local, window_columns
 from ._torch_sparse import check_not_sharded, kept_index
 
@@ -136,20 +138,19 @@ def log_window(opt: Any, damp: float) -> None:
 def new_window(opt: Any, damp: float) -> DynamicIHVP:
     log_window(opt, damp)
     lo, hi = opt._columns
-    return DynamicIHVP(
-        opt.defaults["num_grads"],
-        hi - lo,
-        damp=damp,
-        dtype=opt.grad_dtype,
-        xp=array_namespace(opt._grad),
-        device=opt.device,
-        zero_init=opt.defaults["zero_init"],
-        comm=opt._comm,
-        # One process: the step has the window check the gradient
-        # (_update_and_matvec_checked) and products are left unchecked, as before;
-        # distributed, the window's check is the collective one.
-        check_finite=opt._comm is not None,
-    )
+    options = {
+        "damp": damp,
+        "dtype": opt.grad_dtype,
+        "xp": array_namespace(opt._grad),
+        "device": opt.device,
+    }
+    zero_init = opt.defaults["zero_init"]
+    if opt._comm is not None:
+        return _torch_distributed.sharded_window(opt, hi - lo, zero_init, options)
+    # One process: the step has the window check the gradient
+    # (_update_and_matvec_checked) and products are left unchecked, as before.
+    unchecked = WindowOptions(zero_init=zero_init, check_finite=False)
+    return DynamicIHVP(opt.defaults["num_grads"], hi - lo, options=unchecked, **options)
 
 
 @torch.no_grad()

@@ -1,6 +1,8 @@
 """Communicators: what a column-sharded (SPMD) operator needs from a parallel engine.
 
-An operator built with ``comm=`` holds one rank's columns of the gradients (and
+A column-sharded operator (:class:`~mfac_core.ShardedStaticIHVP`,
+:class:`~mfac_core.ShardedDynamicIHVP`, or :class:`mfac_core.torch.MFAC` given
+``comm=``) holds one rank's columns of the gradients (and
 takes and returns that rank's entries of every vector). Every contraction over
 the d coordinates is a sum of per-rank parts, so the only collective the
 algorithms need is a **sum-all-reduce**; everything m x m is computed
