@@ -7,7 +7,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mfac_core import DynamicIHVP, FactorizationError, IllConditionedWarning, StaticIHVP
+from mfac_core import (
+    DynamicIHVP,
+    FactorizationError,
+    IllConditionedWarning,
+    StaticIHVP,
+    WindowOptions,
+)
 from mfac_core._capacitance import factorize, kappa_bounds, lambda_max_bounds
 from mfac_core._compat import array_namespace
 from mfac_core.testing import to_numpy
@@ -112,7 +118,7 @@ def test_one_wording_of_the_error_for_both_operators():
     G = np.stack([g, g])
     with pytest.raises(FactorizationError) as static:
         StaticIHVP(G, damp=9.0)
-    op = DynamicIHVP(2, 8, damp=9.0, dtype="float64", zero_init=True)
+    op = DynamicIHVP(2, 8, damp=9.0, dtype="float64", options=WindowOptions(zero_init=True))
     op.update(g)
     with pytest.raises(FactorizationError) as dynamic:
         op.update(g.copy())
@@ -128,7 +134,7 @@ def test_dynamic_float32_error_names_the_gram_dtype_and_a_correct_kappa(rng):
     # damping is set after the duplicate is in: inserted with it, g alone would be
     # refused as too large for the window (eps(float64) kappa >= 1).
     g = rng.standard_normal(50).astype(np.float32)
-    op = DynamicIHVP(4, 50, damp=1.0, dtype="float32", zero_init=True)
+    op = DynamicIHVP(4, 50, damp=1.0, dtype="float32", options=WindowOptions(zero_init=True))
     op.update(g)
     op.update(g.copy())
     with pytest.raises(FactorizationError) as info:
@@ -188,7 +194,9 @@ def test_ill_conditioned_warnings_name_the_callers_line() -> None:
     # after m edits. (With damp=1e-17 each gradient alone would be refused.)
     P = (1.0 + 1e-3 * rng.standard_normal((8, 50))).astype(np.float32)
     norm2 = max(float(p.astype(np.float64) @ p) for p in P)
-    filled = DynamicIHVP(4, 50, damp=norm2 / (4 * 2e15), dtype=np.float32, zero_init=True)
+    filled = DynamicIHVP(
+        4, 50, damp=norm2 / (4 * 2e15), dtype=np.float32, options=WindowOptions(zero_init=True)
+    )
     calls = [
         lambda: StaticIHVP(G, damp=1e-17),
         lambda: DynamicIHVP.from_window(G, damp=1e-17),

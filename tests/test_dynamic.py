@@ -413,7 +413,7 @@ def test_gradient_with_hopeless_damping_fails_cleanly():
     is refused before a duplicate of it could make the factorisation fail.
     """
     g = np.full(8, 1e8)
-    op = DynamicIHVP(3, 8, damp=1e-12, dtype="float64", zero_init=True)
+    op = DynamicIHVP(3, 8, damp=1e-12, dtype="float64", options=WindowOptions(zero_init=True))
     op.update(np.full(8, 1e-3))
     before = op.state_dict()
     with pytest.raises(ValueError, match=r"too large for this window.*kappa >= 2.67e\+28"):
@@ -817,7 +817,7 @@ def test_hopeless_windows_warn_on_every_path(rng):
         op.set_damp(1e-17)
     # A gradient inserted into such a window is refused instead (it cannot be stored
     # usefully), as by the JAX window; the window stays as it was.
-    op = DynamicIHVP(6, 40, damp=1e-17, dtype="float32", update_method="refactor")
+    op = DynamicIHVP(6, 40, damp=1e-17, dtype="float32", options=WindowOptions(refactor_every=0))
     with pytest.raises(ValueError, match="too large for this window"):
         op.update(G[0])
     assert len(op) == 0
