@@ -118,13 +118,18 @@ STORAGES = [
 
 # (m, ld, col0, n): as SHAPES, with m not a multiple of 8 or 4 (the panels' rows), widths
 # below one staging (64 columns) and one tile, odd column offsets (2-byte rows at addresses
-# not a multiple of 4), and widths across the chunks (4096 columns).
+# not a multiple of 4), and widths across the chunks (4096 columns). The last two: several
+# panels of combine64's rows (16 rows), across its chunks (4032 columns) with a last tile of
+# one vector, rows read in place (row strides that spread over the L1 cache's sets) and
+# staged (rows a multiple of 4 KiB apart).
 SHAPES64 = [
     (1, 40, 0, 40),
     (5, 97, 3, 90),
     (8, 64, 0, 64),
     (13, 300, 37, 201),
     (9, 9_000, 5, 8_990),
+    (37, 4_136, 2, 4_100),
+    (20, 2_048, 0, 2_048),
 ]
 
 
@@ -183,6 +188,30 @@ def test_combine64_against_longdouble(isa, storage, shape, K, dtype, rng):
         bound = np.finfo(dtype).eps / 2 * np.abs(ref).astype(np.float64) + (m + 2) * EPS64 * mag
         err = np.abs(_ld(Y) - ref).astype(np.float64)
         assert np.all(err <= bound * 1.01 + np.finfo(dtype).tiny), (err / bound).max()
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("storage", ["float32", "float64"])
+def test_combine64_rows_in_place_or_staged_give_the_same_bits(isa, storage, rng):
+    """Several rows of C: the same columns of G, with rows a multiple of 4 KiB apart (staged
+    before the tiles read them) and not (read in place), give bit-identical results: every
+    column's m terms are summed in the same order either way."""
+    m, n = 35, 1_000
+    V = rng.standard_normal((m, n)).astype(storage)
+    C = rng.standard_normal((7, m))
+    alpha = rng.standard_normal(7)
+    x = rng.standard_normal(n).astype(np.float32)
+    out = []
+    for ld in (1_024, 1_100):
+        G = np.zeros((m, ld), dtype=storage)
+        G[:, 3 : 3 + n] = V
+        Y = _fused.combine64(G, C, alpha, x, start=3, stop=3 + n, dtype=np.float64, isa=isa)
+        out.append(Y)
+    np.testing.assert_array_equal(out[0], out[1])
+    x64, V64 = x.astype(np.float64), V.astype(np.float64)
+    ref = alpha[:, None] * _ld(x64) + _ld(C) @ _ld(V64)
+    mag = np.abs(alpha)[:, None] * np.abs(x64) + np.abs(C) @ np.abs(V64)
+    assert np.all(np.abs(_ld(out[0]) - ref).astype(np.float64) <= (m + 2) * EPS64 * mag)
 
 
 @pytest.mark.parametrize("isa", ISAS)

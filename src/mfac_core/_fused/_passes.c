@@ -52,6 +52,44 @@ _Static_assert(PANEL_ROWS >= 1 && PANEL_ROWS <= 8, "PANEL_ROWS must be between 1
    and one cache line, so that its 8 rows do not fall, 32 KiB apart, in one set of the L1
    cache (where the rows of V, often a multiple of 4 KiB apart, fall too). */
 #define ACC_LD64 (COMBINE_CHUNK + 8)
+/* combine64 with several rows of C (_passes_impl.h): panels of C64_ROWS rows, C64_SUB columns
+   at a time (a multiple of every tile of 3 vectors and of the staging's vectors), in chunks of
+   C64_SUBS x C64_SUB columns whose partial sums wait in a buffer of kk rows of C64_LD doubles
+   (a cache line apart, as ACC_LD64). 16 rows and 96 columns ran eight dampings faster than
+   8, 24 or 32 rows and 48 columns (one core of a Zen 3, d = 1e6): 16 rows in flight (fetched
+   ahead) and the tiles' reloads of their sums, 2 per 16 FMAs. Chunks of 2 to 42 stagings ran
+   alike. */
+#ifndef C64_ROWS
+#define C64_ROWS 16
+#endif
+#ifndef C64_SUB
+#define C64_SUB 96
+#endif
+#ifndef C64_SUBS
+#define C64_SUBS 42
+#endif
+#define C64_CHUNK (C64_SUBS * C64_SUB)
+#define C64_LD (C64_CHUNK + 8)
+
+/* The sums' start in combine64's first panel: 3 vectors of zeros, read with no stride. */
+static const double c64_zeros[3 * 8] __attribute__((aligned(64)));
+
+/* Whether a panel's rows, `stride` bytes apart, spread over the sets of a 32 KiB, 8-way L1
+   cache (64 sets of 64-byte lines) well enough to be read in place by combine64's tiles: at
+   most 4 of their lines (2 a row, as a tile's piece may cross a line) in one set. Rows a
+   multiple of 1 KiB apart crowd a few sets, and the second group of dampings found the rows'
+   lines evicted (d = 2^20 float32 columns: 1.45x slower than through the staging). */
+static int c64_rows_spread(Py_ssize_t stride)
+{
+    int count[64] = {0}, most = 0;
+    for (Py_ssize_t r = 0; r < C64_ROWS; r++) {
+        const size_t line = ((size_t)r * (size_t)stride) / 64;
+        for (size_t l = line; l < line + 2; l++)
+            if (++count[l % 64] > most)
+                most = count[l % 64];
+    }
+    return most <= 4;
+}
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #define MFAC_X86 1
@@ -237,11 +275,16 @@ static int check_shape(const Py_buffer *V, Py_ssize_t itemsize, Py_ssize_t m, Py
     return check_len(V, items, 1, itemsize, "V");
 }
 
-/* The staging buffer of project64 and combine64 (8 x SUB64 floats, on a 64-byte boundary, so
-   that its rows' vectors do not straddle cache lines), or NULL with an exception; free *raw. */
+/* The staging buffer of project64 and combine64 (8 x SUB64 floats, or C64_ROWS x C64_SUB
+   doubles, on a 64-byte boundary, so that its rows' vectors do not straddle cache lines), or
+   NULL with an exception; free *raw. */
+#define STAGE_BYTES                                                                         \
+    (sizeof(float) * 8 * SUB64 > sizeof(double) * C64_ROWS * C64_SUB                        \
+         ? sizeof(float) * 8 * SUB64                                                        \
+         : sizeof(double) * C64_ROWS * C64_SUB)
 static float *stage_buffer(void **raw)
 {
-    *raw = malloc(sizeof(float) * 8 * SUB64 + 64);
+    *raw = malloc(STAGE_BYTES + 64);
     if (*raw == NULL) {
         PyErr_NoMemory();
         return NULL;
@@ -324,7 +367,7 @@ static PyObject *py_combine64(PyObject *self, PyObject *args)
         check_len(&X, shared ? 1 : kk, n, x64 ? 8 : 4, "X") < 0 ||
         check_len(&Y, kk, n, out64 ? 8 : 4, "Y") < 0)
         goto done;
-    buf = malloc(sizeof(double) * 8 * ACC_LD64);
+    buf = malloc(sizeof(double) * (kk == 1 ? ACC_LD64 : kk * C64_LD));
     if (buf == NULL) {
         PyErr_NoMemory();
         goto done;

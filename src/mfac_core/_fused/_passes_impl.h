@@ -30,14 +30,15 @@ typedef float NAME(vh) __attribute__((vector_size(VBYTES / 2), aligned(4), may_a
    vpmovzxwd). LANES_D lists as many lanes as a vd has, LANES_F as many as a vf. */
 #if VBYTES == 64
 #define LANES_D(h) h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7]
-#define LANES_F(h) LANES_D(h), h[8], h[9], h[10], h[11], h[12], h[13], h[14], h[15]
+#define LANES_D_HI(h) h[8], h[9], h[10], h[11], h[12], h[13], h[14], h[15]
 #elif VBYTES == 32
 #define LANES_D(h) h[0], h[1], h[2], h[3]
-#define LANES_F(h) LANES_D(h), h[4], h[5], h[6], h[7]
+#define LANES_D_HI(h) h[4], h[5], h[6], h[7]
 #else
 #define LANES_D(h) h[0], h[1]
-#define LANES_F(h) LANES_D(h), h[2], h[3]
+#define LANES_D_HI(h) h[2], h[3]
 #endif
+#define LANES_F(h) LANES_D(h), LANES_D_HI(h)
 
 /* As many uint16 (and uint32) as a vf has floats: a piece of a 2-byte row, and it widened. */
 typedef uint16_t NAME(vw) __attribute__((vector_size(VBYTES / 2), aligned(2), may_alias));
@@ -262,75 +263,85 @@ PROJECT64_FNS(bf16, uint16_t, LOAD1_BF16, float, LOADV_F32, STAGED, stage_bf16, 
  * combine64: Y[k ldy + j] = a[k] X[k ldx + j] + sum_i Ct[8 i + k] V[i ld + j], k < kk <= 8,
  * j0 <= j < j1, every product and sum in float64 and the result rounded once, to float32 or
  * float64 (out64). X is float32 or float64 (x64); ldx = 0 shares one x among the kk rows. The
- * m terms are summed first and a[k] X[k, j] is added after the last panel, as a product
- * followed by the addition would do (starting from it would round every partial sum at its
- * size, in a sweep much larger than the sum's). The chunk's partial sums wait in acc_buf (8 rows of ACC_LD64 doubles) between
- * panels of PANEL_ROWS rows; NK dampings (1, 2, 4 or 8, the fewest >= kk; Ct is zero-padded
- * to 8) x U vectors of sums stay in registers, so that one damping costs one FMA per item of
- * V, not the eight of a padded group.
+ * m terms are summed first, in the order of i, and a[k] X[k, j] is added after the last row,
+ * as a product followed by the addition would do (starting from it would round every partial
+ * sum at its size, in a sweep much larger than the sum's). Every column's sum goes through
+ * the same operations whatever j0 and j1 and whichever loop below takes it.
+ *
+ * One row of C (kk = 1, a product's second pass) is a pass at memory speed: combine64_one,
+ * one FMA per item of V read (converted) from memory, four vectors of sums in registers.
+ *
+ * Several rows (a sweep's dampings) cost kk FMAs per item, which a core does slower than
+ * memory delivers the items from kk = 4 or so (AVX2: 2 FMAs a cycle, 4 items each):
+ * combine64_rows keeps the FMA units busy. A panel of C64_ROWS rows goes C64_SUB columns at a
+ * time; for each tile of 3 vectors of columns and each group of C64_NKR dampings, NKR x 3
+ * vectors of sums stay in registers while the panel's rows go by: per row 3 loads of the
+ * rows' items (converted to float64 as they load) and NKR broadcast coefficients feed 3 NKR
+ * FMAs (AVX2: 7 loads per 12 FMAs, within Zen 3's 3 loads a cycle). The groups of one tile
+ * follow each other, so that the second reads the rows' pieces from L1. The rows are read in
+ * place where their stride spreads them over the L1 cache's sets (c64_rows_spread), else
+ * staged (copied side by side, 2-byte rows widened to float32); the next piece of rows is
+ * fetched into the cache while the tiles compute. The sums wait in acc_buf (kk rows of C64_LD
+ * doubles) between panels of a chunk of C64_CHUNK columns; a[k] X[k] is added at the chunk's
+ * end. The earlier kernel (4 x 2 tiles over staged float32 rows, the eight dampings in two
+ * passes over them, the panels' rows not fetched ahead) ran eight dampings at a third of the
+ * FMA peak; this one at about two thirds (one core of a Zen 3).
  */
-#define COMBINE64_TILE(T, LOADT, NK, NKR, U)                                                \
+#define COMBINE64_TILE(T, LOADT, U)                                                         \
     do {                                                                                    \
         for (Py_ssize_t j = js; j < jse; j += (U) * lanes) {                                \
             double *buf = acc_buf + (j - jc);                                               \
-            for (int k0 = 0; k0 < (NK); k0 += (NKR)) {                                      \
-                NAME(vd) acc[NKR][U];                                                       \
-                for (int k = 0; k < (NKR); k++)                                             \
-                    for (int u = 0; u < (U); u++)                                           \
-                        acc[k][u] = i0 == 0 ? (NAME(vd)){0}                                 \
-                                            : *(const NAME(vd) *)(buf + (k0 + k) * ACC_LD64 \
-                                                                  + u * lanes);             \
-                for (Py_ssize_t r = 0; r < rows; r++) {                                     \
-                    const T *row = src + r * sld + (j - joff);                              \
-                    const double *c = Ct + 8 * (i0 + r) + k0;                               \
-                    NAME(vd) v[U];                                                          \
-                    for (int u = 0; u < (U); u++)                                           \
-                        v[u] = LOADT(row + u * lanes);                                      \
-                    for (int k = 0; k < (NKR); k++)                                         \
-                        for (int u = 0; u < (U); u++)                                       \
-                            acc[k][u] += c[k] * v[u];                                       \
+            NAME(vd) acc[U];                                                                \
+            for (int u = 0; u < (U); u++)                                                   \
+                acc[u] = i0 == 0 ? (NAME(vd)){0} : *(const NAME(vd) *)(buf + u * lanes);    \
+            for (Py_ssize_t r = 0; r < rows; r++) {                                         \
+                const T *row = src + r * sld + (j - joff);                                  \
+                const double c = Ct[8 * (i0 + r)];                                          \
+                for (int u = 0; u < (U); u++)                                               \
+                    acc[u] += c * LOADT(row + u * lanes);                                   \
+            }                                                                               \
+            for (int u = 0; u < (U); u++) {                                                 \
+                const Py_ssize_t jj = j + u * lanes;                                        \
+                if (!last)                                                                  \
+                    *(NAME(vd) *)(buf + u * lanes) = acc[u];                                \
+                else {                                                                      \
+                    const NAME(vd) xv = x64 ? LOADV_F64(xd + jj) : LOADV_F32(xf + jj);      \
+                    const NAME(vd) y = acc[u] + a[0] * xv;                                  \
+                    if (out64)                                                              \
+                        *(NAME(vd) *)(yd + jj) = y;                                         \
+                    else                                                                    \
+                        *(NAME(vh) *)(yf + jj) = __builtin_convertvector(y, NAME(vh));      \
                 }                                                                           \
-                for (int k = 0; k < (NKR); k++)                                             \
-                    for (int u = 0; u < (U); u++) {                                         \
-                        const Py_ssize_t jj = j + u * lanes;                                \
-                        const int kd = k0 + k;                                              \
-                        if (!last)                                                          \
-                            *(NAME(vd) *)(buf + kd * ACC_LD64 + u * lanes) = acc[k][u];     \
-                        else if (kd < kk) {                                                 \
-                            const NAME(vd) xv = x64 ? LOADV_F64(xd + kd * ldx + jj)         \
-                                                    : LOADV_F32(xf + kd * ldx + jj);        \
-                            const NAME(vd) y = acc[k][u] + a[kd] * xv;                      \
-                            if (out64)                                                      \
-                                *(NAME(vd) *)(yd + kd * ldy + jj) = y;                      \
-                            else                                                            \
-                                *(NAME(vh) *)(yf + kd * ldy + jj) =                         \
-                                    __builtin_convertvector(y, NAME(vh));                   \
-                        }                                                                   \
-                    }                                                                       \
             }                                                                               \
         }                                                                                   \
     } while (0)
 
-/* Sums in registers: NKR dampings x U vectors, U = 4 for one or two dampings (4 or 8 sums),
-   else 2; eight dampings go in two halves on SSE2 and AVX2 (8 sums; with all 16
-   in registers three spilled, each through a store and a load per row), the tile's rows read
-   again from L1 (staged, above) for the second half. The vector loops end at a multiple of
-   the tile and of 2 lanes (a whole vf, as staging converts). */
-#define COMBINE64_NKR8 (VBYTES == 64 ? 8 : 4)
+/* The columns past the last whole pair of vectors, one at a time (both paths). */
+#define COMBINE64_LAST_COLUMNS(LOAD1)                                                       \
+    for (Py_ssize_t j = jt; j < je; j++)                                                    \
+        for (int k = 0; k < kk; k++) {                                                      \
+            double s = 0.0;                                                                 \
+            for (Py_ssize_t i = 0; i < m; i++)                                              \
+                s += Ct[8 * i + k] * LOAD1(V + i * ld + j);                                 \
+            const double xj = x64 ? xd[k * ldx + j] : (double)xf[k * ldx + j];              \
+            const double y = s + a[k] * xj;                                                 \
+            if (out64)                                                                      \
+                yd[k * ldy + j] = y;                                                        \
+            else                                                                            \
+                yf[k * ldy + j] = (float)y;                                                 \
+        }
 
-#define COMBINE64_BODY(S, LOAD1, T, LOADT, WHERE, STG, WHEN)                                \
+/* Sums in registers: 4 vectors (one FMA chain each), the panels' rows read from V (float32,
+   float64) or from their float32 staging (2-byte). The vector loops end at a multiple of 4
+   lanes (a whole tile). */
+#define COMBINE64_ONE_BODY(S, LOAD1, T, LOADT, WHERE, STG, WHEN)                            \
     const S *V = Vp;                                                                        \
-    const double *xd = Xp;                                                                  \
-    const float *xf = Xp;                                                                   \
-    double *yd = Yp;                                                                        \
-    float *yf = Yp;                                                                         \
     const int lanes = VBYTES / 8;                                                           \
     const int staging = (WHEN);                                                             \
-    const Py_ssize_t sub = staging ? SUB64 : COMBINE_CHUNK;                                    \
-    const int nk = kk <= 1 ? 1 : kk <= 2 ? 2 : kk <= 4 ? 4 : 8;                             \
-    const Py_ssize_t gran = (nk <= 2 ? 4 : 2) * lanes;                                      \
-    for (Py_ssize_t jc = j0; jc < j1; jc += COMBINE_CHUNK) {                                   \
-        const Py_ssize_t je = jc + COMBINE_CHUNK < j1 ? jc + COMBINE_CHUNK : j1;                  \
+    const Py_ssize_t sub = staging ? SUB64 : COMBINE_CHUNK;                                 \
+    const Py_ssize_t gran = 4 * lanes;                                                      \
+    for (Py_ssize_t jc = j0; jc < j1; jc += COMBINE_CHUNK) {                                \
+        const Py_ssize_t je = jc + COMBINE_CHUNK < j1 ? jc + COMBINE_CHUNK : j1;            \
         const Py_ssize_t jt = jc + ((je - jc) / gran) * gran;                               \
         for (Py_ssize_t i0 = 0; i0 < m; i0 += PANEL_ROWS) {                                 \
             const Py_ssize_t rows = i0 + PANEL_ROWS < m ? PANEL_ROWS : m - i0;              \
@@ -338,46 +349,248 @@ PROJECT64_FNS(bf16, uint16_t, LOAD1_BF16, float, LOADV_F32, STAGED, stage_bf16, 
             for (Py_ssize_t js = jc; js < jt; js += sub) {                                  \
                 const Py_ssize_t jse = js + sub < jt ? js + sub : jt;                       \
                 WHERE(S, STG, rows)                                                         \
-                if (nk == 1)                                                                \
-                    COMBINE64_TILE(T, LOADT, 1, 1, 4);                                      \
-                else if (nk == 2)                                                           \
-                    COMBINE64_TILE(T, LOADT, 2, 2, 4);                                      \
-                else if (nk == 4)                                                           \
-                    COMBINE64_TILE(T, LOADT, 4, 4, 2);                                      \
-                else                                                                        \
-                    COMBINE64_TILE(T, LOADT, 8, COMBINE64_NKR8, 2);                         \
+                COMBINE64_TILE(T, LOADT, 4);                                                \
             }                                                                               \
         }                                                                                   \
-        for (Py_ssize_t j = jt; j < je; j++)                                                \
-            for (int k = 0; k < kk; k++) {                                                  \
-                double s = 0.0;                                                             \
-                for (Py_ssize_t i = 0; i < m; i++)                                          \
-                    s += Ct[8 * i + k] * LOAD1(V + i * ld + j);                             \
-                const double xj = x64 ? xd[k * ldx + j] : (double)xf[k * ldx + j];          \
-                const double y = s + a[k] * xj;                                             \
-                if (out64)                                                                  \
-                    yd[k * ldy + j] = y;                                                    \
-                else                                                                        \
-                    yf[k * ldy + j] = (float)y;                                             \
-            }                                                                               \
+        COMBINE64_LAST_COLUMNS(LOAD1)                                                       \
     }
 
-#define COMBINE64_FN(SUFFIX, S, LOAD1, T, LOADT, WHERE, STG, WHEN)                          \
+/* Dampings in one register tile: C64_NKR x 3 vectors of sums, 12 of the 16 registers of SSE2
+   and AVX2 (3 more hold the rows' vectors, one a broadcast coefficient), 24 of AVX-512's 32. */
+#define C64_NKR (VBYTES == 64 ? 8 : 4)
+
+/*
+ * Staging for combine64_rows: columns 0 <= j < w (a multiple of VBYTES / 4) of `rows` rows at V
+ * (row r at V + r ld), C64_SUB items a row, to buf: float32 for float32 and 2-byte rows (the
+ * tiles convert to float64 as they load, which costs the FMA units nothing: a 4 x 3 tile of
+ * FMAs with its 3 loads converting ran at the FMA peak, AVX2 on Zen 3), float64 for float64
+ * rows.
+ */
+ISA_ATTR static void NAME(stage64_f32)(const float *V, Py_ssize_t ld, Py_ssize_t rows,
+                                       Py_ssize_t w, float *buf)
+{
+    for (Py_ssize_t r = 0; r < rows; r++)
+        for (Py_ssize_t j = 0; j < w; j += VBYTES / 4) {
+            *(NAME(vf) *)(buf + r * C64_SUB + j) = *(const NAME(vf) *)(V + r * ld + j);
+        }
+}
+
+ISA_ATTR static void NAME(stage64_f64)(const double *V, Py_ssize_t ld, Py_ssize_t rows,
+                                       Py_ssize_t w, double *buf)
+{
+    for (Py_ssize_t r = 0; r < rows; r++)
+        for (Py_ssize_t j = 0; j < w; j += VBYTES / 8) {
+            *(NAME(vd) *)(buf + r * C64_SUB + j) = *(const NAME(vd) *)(V + r * ld + j);
+        }
+}
+
+ISA_ATTR static void NAME(stage64_bf16)(const uint16_t *V, Py_ssize_t ld, Py_ssize_t rows,
+                                        Py_ssize_t w, float *buf)
+{
+    for (Py_ssize_t r = 0; r < rows; r++)
+        for (Py_ssize_t j = 0; j < w; j += VBYTES / 4) {
+            const NAME(vu) u = NAME(widen_u16)(*(const NAME(vw) *)(V + r * ld + j));
+            *(NAME(vf) *)(buf + r * C64_SUB + j) = (NAME(vf))(u << 16);
+        }
+}
+
+ISA_ATTR static void NAME(stage64_f16)(const uint16_t *V, Py_ssize_t ld, Py_ssize_t rows,
+                                       Py_ssize_t w, float *buf)
+{
+    for (Py_ssize_t r = 0; r < rows; r++)
+        for (Py_ssize_t j = 0; j < w; j += VBYTES / 4) {
+            const uint16_t *p = V + r * ld + j;
+            float *q = buf + r * C64_SUB + j;
+#if defined(ISA_F16C) && VBYTES == 64
+            *(NAME(vf) *)q = (NAME(vf))_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+#elif defined(ISA_F16C) && VBYTES == 32
+            *(NAME(vf) *)q = (NAME(vf))_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+#else
+            for (int l = 0; l < VBYTES / 4; l++)
+                q[l] = (float)half_to_double(p[l]);
+#endif
+        }
+}
+
+/* One tile: dampings k0 to k0 + NKR - 1, U vectors of columns from the panel's column jj (the
+   chunk's column js - jc + jj), over the panel's rows. Its sums start from acc_buf, or from zero
+   in the first panel (ain: zeros and ald = 0, or acc_buf and C64_LD), and go back to acc_buf.
+   No branch on the sums: GCC kept the sums of a tile with branches (first panel, last panel)
+   on the stack, a store and a load of each around the rows' loop. */
+#define C64_TILE(T, LOADT, NKR, U)                                                          \
+    do {                                                                                    \
+        double *ab = acc_buf + (js - jc) + jj + k0 * C64_LD;                                \
+        const double *ai = ain + ((js - jc) + jj + k0 * C64_LD) * (ald != 0);               \
+        NAME(vd) acc[NKR][U];                                                               \
+        for (int k = 0; k < (NKR); k++)                                                     \
+            for (int u = 0; u < (U); u++)                                                   \
+                acc[k][u] = *(const NAME(vd) *)(ai + k * ald + u * lanes);                  \
+        const T *g = src + jj;                                                              \
+        const double *c = Ct + 8 * i0 + k0;                                                 \
+        for (Py_ssize_t r = 0; r < rows; r++, g += sld, c += 8) {                           \
+            NAME(vd) v[U];                                                                  \
+            for (int u = 0; u < (U); u++)                                                   \
+                v[u] = LOADT(g + u * lanes);                                                \
+            for (int k = 0; k < (NKR); k++)                                                 \
+                for (int u = 0; u < (U); u++)                                               \
+                    acc[k][u] += c[k] * v[u];                                               \
+        }                                                                                   \
+        for (int k = 0; k < (NKR); k++)                                                     \
+            for (int u = 0; u < (U); u++)                                                   \
+                *(NAME(vd) *)(ab + k * C64_LD + u * lanes) = acc[k][u];                     \
+    } while (0)
+
+/* Before each tile, its share of the next staging's rows (nrows rows of nw items at Vn, row r
+   at Vn + r ld) is fetched into the cache: spread over the tiles, the fetches keep few misses in
+   flight at a time, and the tiles' FMAs leave them time to arrive. Without them the staging
+   waited for memory, half the time of eight dampings: the panels' rows, 16 short runs, were not
+   fetched ahead by the hardware. */
+#define C64_FETCH_NEXT()                                                                    \
+    do {                                                                                    \
+        for (; pf_row < nrows && pf_row * ntiles < (tile + 1) * nrows; pf_row++)            \
+            for (Py_ssize_t jp = 0; jp < nw; jp += 64 / (Py_ssize_t)sizeof(*Vn))            \
+                __builtin_prefetch(Vn + pf_row * ld + jp, 0, 3);                            \
+        tile++;                                                                             \
+    } while (0)
+
+/* The tiles of the groups of dampings at one column position: all groups, NKR at a time. */
+#define C64_GROUPS(T, LOADT, U)                                                             \
+    for (int k0 = 0; k0 < kk; k0 += C64_NKR) {                                              \
+        C64_FETCH_NEXT();                                                                   \
+        switch (kk - k0 < C64_NKR ? kk - k0 : C64_NKR) {                                    \
+        case 1: C64_TILE(T, LOADT, 1, U); break;                                            \
+        case 2: C64_TILE(T, LOADT, 2, U); break;                                            \
+        case 3: C64_TILE(T, LOADT, 3, U); break;                                            \
+        C64_CASES_WIDE(T, LOADT, U)                                                         \
+        default: C64_TILE(T, LOADT, C64_NKR, U); break;                                     \
+        }                                                                                   \
+    }
+
+#if VBYTES == 64
+#define C64_CASES_WIDE(T, LOADT, U)                                                         \
+    case 4: C64_TILE(T, LOADT, 4, U); break;                                                \
+    case 5: C64_TILE(T, LOADT, 5, U); break;                                                \
+    case 6: C64_TILE(T, LOADT, 6, U); break;                                                \
+    case 7: C64_TILE(T, LOADT, 7, U); break;
+#else
+#define C64_CASES_WIDE(T, LOADT, U)
+#endif
+
+/* A panel's tiles over its columns js <= j < js + w: tiles of 3 vectors, then of one. */
+#define C64_PANEL(T, LOADT)                                                                 \
+    do {                                                                                    \
+        Py_ssize_t jj = 0;                                                                  \
+        for (; jj + 3 * lanes <= w; jj += 3 * lanes)                                        \
+            C64_GROUPS(T, LOADT, 3)                                                         \
+        for (; jj < w; jj += lanes)                                                         \
+            C64_GROUPS(T, LOADT, 1)                                                         \
+    } while (0)
+
+/* The chunk's columns jc <= j < jt: sums from zero over the panels, then a[k] X[k] added and
+   the results rounded and stored. */
+#define COMBINE64_ROWS_BODY(S, LOAD1, T, LOADT, STG, DIRECT)                                \
+    const S *V = Vp;                                                                        \
+    T *sbuf = (T *)(void *)sbuf_raw;                                                        \
+    const int lanes = VBYTES / 8;                                                           \
+    const Py_ssize_t gran = 2 * lanes;                                                      \
+    const int direct = (DIRECT) && c64_rows_spread(ld * (Py_ssize_t)sizeof(S));             \
+    for (Py_ssize_t jc = j0; jc < j1; jc += C64_CHUNK) {                                    \
+        const Py_ssize_t je = jc + C64_CHUNK < j1 ? jc + C64_CHUNK : j1;                    \
+        const Py_ssize_t jt = jc + ((je - jc) / gran) * gran;                               \
+        for (Py_ssize_t i0 = 0; i0 < m; i0 += C64_ROWS) {                                   \
+            const Py_ssize_t rows = i0 + C64_ROWS < m ? C64_ROWS : m - i0;                  \
+            const double *ain = i0 == 0 ? c64_zeros : acc_buf;                              \
+            const Py_ssize_t ald = i0 == 0 ? 0 : C64_LD;                                    \
+            for (Py_ssize_t js = jc; js < jt; js += C64_SUB) {                              \
+                const Py_ssize_t w = js + C64_SUB < jt ? C64_SUB : jt - js;                 \
+                const T *src = sbuf;                                                        \
+                Py_ssize_t sld = C64_SUB;                                                   \
+                if (direct) {                                                               \
+                    src = (const T *)(const void *)(V + i0 * ld + js);                      \
+                    sld = ld;                                                               \
+                } else                                                                      \
+                    NAME(STG)(V + i0 * ld + js, ld, rows, w, sbuf);                         \
+                /* The next staging: this panel's next columns, the next panel, or the next \
+                   chunk's first panel. */                                                  \
+                Py_ssize_t ni0 = i0, njs = js + C64_SUB, njt = jt;                          \
+                if (njs >= jt) {                                                            \
+                    njs = jc;                                                               \
+                    ni0 = i0 + C64_ROWS;                                                    \
+                    if (ni0 >= m) {                                                         \
+                        ni0 = 0;                                                            \
+                        njs = jc + C64_CHUNK;                                               \
+                        const Py_ssize_t nje = njs + C64_CHUNK < j1 ? njs + C64_CHUNK : j1; \
+                        njt = njs < j1 ? njs + ((nje - njs) / gran) * gran : njs;           \
+                    }                                                                       \
+                }                                                                           \
+                const Py_ssize_t nrows =                                                    \
+                    njs < njt ? (ni0 + C64_ROWS < m ? C64_ROWS : m - ni0) : 0;              \
+                const Py_ssize_t nw = njs + C64_SUB < njt ? C64_SUB : njt - njs;            \
+                const S *Vn = V + ni0 * ld + njs;                                           \
+                const Py_ssize_t ntiles = (kk + C64_NKR - 1) / C64_NKR                      \
+                                          * (w / (3 * lanes) + w % (3 * lanes) / lanes);    \
+                Py_ssize_t tile = 0, pf_row = 0;                                            \
+                C64_PANEL(T, LOADT);                                                        \
+            }                                                                               \
+        }                                                                                   \
+        for (int k = 0; k < kk; k++)                                                        \
+            for (Py_ssize_t j = jc; j < jt; j += lanes) {                                   \
+                const NAME(vd) xv = x64 ? LOADV_F64(xd + k * ldx + j)                       \
+                                        : LOADV_F32(xf + k * ldx + j);                      \
+                const NAME(vd) y = *(const NAME(vd) *)(acc_buf + k * C64_LD + (j - jc))     \
+                                   + a[k] * xv;                                             \
+                if (out64)                                                                  \
+                    *(NAME(vd) *)(yd + k * ldy + j) = y;                                    \
+                else                                                                        \
+                    *(NAME(vh) *)(yf + k * ldy + j) = __builtin_convertvector(y, NAME(vh)); \
+            }                                                                               \
+        COMBINE64_LAST_COLUMNS(LOAD1)                                                       \
+    }
+
+#define COMBINE64_FN(SUFFIX, S, LOAD1, T, LOADT, WHERE, STG, WHEN, T64, LOADT64, STG64, DIRECT) \
+    ISA_ATTR static void NAME(combine64_one_##SUFFIX)(                                      \
+        const void *Vp, Py_ssize_t ld, Py_ssize_t m, const double *Ct, int kk,              \
+        const double *a, const void *Xp, Py_ssize_t ldx, int x64, void *Yp, Py_ssize_t ldy, \
+        int out64, Py_ssize_t j0, Py_ssize_t j1, double *acc_buf, float *sbuf)              \
+    {                                                                                       \
+        const double *xd = Xp;                                                              \
+        const float *xf = Xp;                                                               \
+        double *yd = Yp;                                                                    \
+        float *yf = Yp;                                                                     \
+        (void)sbuf;                                                                         \
+        COMBINE64_ONE_BODY(S, LOAD1, T, LOADT, WHERE, STG, WHEN)                            \
+    }                                                                                       \
+    ISA_ATTR static void NAME(combine64_rows_##SUFFIX)(                                     \
+        const void *Vp, Py_ssize_t ld, Py_ssize_t m, const double *Ct, int kk,              \
+        const double *a, const void *Xp, Py_ssize_t ldx, int x64, void *Yp, Py_ssize_t ldy, \
+        int out64, Py_ssize_t j0, Py_ssize_t j1, double *acc_buf, float *sbuf_raw)          \
+    {                                                                                       \
+        const double *xd = Xp;                                                              \
+        const float *xf = Xp;                                                               \
+        double *yd = Yp;                                                                    \
+        float *yf = Yp;                                                                     \
+        COMBINE64_ROWS_BODY(S, LOAD1, T64, LOADT64, STG64, DIRECT)                          \
+    }                                                                                       \
     ISA_ATTR static void NAME(combine64_##SUFFIX)(                                          \
         const void *Vp, Py_ssize_t ld, Py_ssize_t m, const double *Ct, int kk,              \
         const double *a, const void *Xp, Py_ssize_t ldx, int x64, void *Yp, Py_ssize_t ldy, \
         int out64, Py_ssize_t j0, Py_ssize_t j1, double *acc_buf, float *sbuf)              \
     {                                                                                       \
-        (void)sbuf;                                                                         \
-        COMBINE64_BODY(S, LOAD1, T, LOADT, WHERE, STG, WHEN)                                \
+        (kk == 1 ? NAME(combine64_one_##SUFFIX) : NAME(combine64_rows_##SUFFIX))(           \
+            Vp, ld, m, Ct, kk, a, Xp, ldx, x64, Yp, ldy, out64, j0, j1, acc_buf, sbuf);     \
     }
 
-COMBINE64_FN(f32, float, LOAD1_F32, float, LOADV_F32, STAGED, stage_f32, kk > 1)
-COMBINE64_FN(f64, double, LOAD1_F64, double, LOADV_F64, DIRECT, -, 0)
-COMBINE64_FN(f16, uint16_t, LOAD1_F16, float, LOADV_F32, STAGED, stage_f16, 1)
-COMBINE64_FN(bf16, uint16_t, LOAD1_BF16, float, LOADV_F32, STAGED, stage_bf16, 1)
+COMBINE64_FN(f32, float, LOAD1_F32, float, LOADV_F32, DIRECT, -, 0, float, LOADV_F32,
+             stage64_f32, 1)
+COMBINE64_FN(f64, double, LOAD1_F64, double, LOADV_F64, DIRECT, -, 0, double, LOADV_F64,
+             stage64_f64, 1)
+COMBINE64_FN(f16, uint16_t, LOAD1_F16, float, LOADV_F32, STAGED, stage_f16, 1, float,
+             LOADV_F32, stage64_f16, 0)
+COMBINE64_FN(bf16, uint16_t, LOAD1_BF16, float, LOADV_F32, STAGED, stage_bf16, 1, float,
+             LOADV_F32, stage64_bf16, 0)
 
 #undef LANES_D
+#undef LANES_D_HI
 #undef LANES_F
 #undef LOADV_F32
 #undef LOADV_F64
@@ -397,8 +610,15 @@ COMBINE64_FN(bf16, uint16_t, LOAD1_BF16, float, LOADV_F32, STAGED, stage_bf16, 1
 #undef PROJECT64_FN
 #undef PROJECT64_FNS
 #undef COMBINE64_TILE
-#undef COMBINE64_NKR8
-#undef COMBINE64_BODY
+#undef COMBINE64_LAST_COLUMNS
+#undef COMBINE64_ONE_BODY
+#undef C64_NKR
+#undef C64_TILE
+#undef C64_FETCH_NEXT
+#undef C64_GROUPS
+#undef C64_PANEL
+#undef C64_CASES_WIDE
+#undef COMBINE64_ROWS_BODY
 #undef COMBINE64_FN
 
 #undef ISA_ATTR
