@@ -9,6 +9,7 @@ same examples) and ``dev`` (more examples, random); pick one with the
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,35 @@ settings.register_profile(
 )
 settings.register_profile("dev", deadline=None, max_examples=200)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Give JAX a persistent compilation cache in pytest's cache directory.
+
+    JAX compiles every operation anew for each shape and dtype, and on the CPU those
+    compilations are most of the JAX tests' time. CI runs the suite twice in one checkout
+    (two OpenBLAS kernels, which XLA's code never calls), so the second run reuses the
+    programs; XLA keys each entry on the program, the compile options and the jaxlib
+    version, so nothing is reused across differing inputs. The environment variables
+    (which JAX reads when imported) also reach the subprocesses that run the examples.
+    With the cache plugin off (``-p no:cacheprovider``) or a cache directory set by the
+    user, nothing changes.
+    """
+    cache = getattr(config, "cache", None)
+    if cache is None or "JAX_COMPILATION_CACHE_DIR" in os.environ:
+        return
+    settings_ = {
+        "JAX_COMPILATION_CACHE_DIR": str(cache.mkdir("jax-compilation-cache")),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+    }
+    os.environ.update(settings_)
+    if "jax" in sys.modules:  # imported before this hook: set its flags directly
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", settings_["JAX_COMPILATION_CACHE_DIR"])
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 @dataclass(frozen=True)
