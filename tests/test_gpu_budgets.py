@@ -86,7 +86,9 @@ def _refined_counts(kind: str, d: int) -> dict[str, int]:
     if kind == "static":
         op = StaticIHVP(G, damp=1e-2, refine=1, check_finite=False)
     else:
-        op = DynamicIHVP.from_window(G, damp=1e-2, refine=1, check_finite=False)
+        op = DynamicIHVP.from_window(
+            G, damp=1e-2, options=WindowOptions(refine=1, check_finite=False)
+        )
     x = _vector(d)
     with device_path():
         op @ x
