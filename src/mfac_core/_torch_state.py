@@ -223,8 +223,11 @@ def check_state(
 
 def saved_state(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
     """MFAC's entry of a state_dict's "state"."""
-    state = state_dict["state"]
-    return state[holder(state_dict)]
+    key = holder(state_dict)
+    extra = state_dict["state"][key]
+    if not isinstance(extra, Mapping):
+        raise ValueError(f"state_dict['state'][{key!r}] must be a dict")
+    return extra
 
 
 def holder(state_dict: Mapping[str, Any]) -> Any:
