@@ -2,6 +2,7 @@
 
 import copy
 import pickle
+import warnings
 
 import numpy as np
 import pytest
@@ -153,6 +154,30 @@ def test_deprecated_update_method() -> None:
     assert inc.refactor_every == 3 and inc.update_method == "incremental"
     with pytest.raises(ValueError, match="update_method must be one of"):
         DynamicIHVP(3, 8, damp=0.1, dtype="float64", update_method="fast")
+    # Contradictory spellings are refused (they were resolved silently, one way or the other).
+    contradictory = [
+        {"update_method": "refactor", "refactor_every": 7},
+        {"update_method": "incremental", "options": WindowOptions(refactor_every=0)},
+    ]
+    for kw in contradictory:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            with pytest.raises(ValueError, match="contradicts refactor_every"):
+                DynamicIHVP(3, 8, damp=0.1, dtype="float64", **kw)
+    with pytest.warns(DeprecationWarning, match="update_method"):
+        agreed = DynamicIHVP(
+            3,
+            8,
+            damp=0.1,
+            dtype="float64",
+            update_method="refactor",
+            options=WindowOptions(refactor_every=0),
+        )
+    assert agreed.refactor_every == 0
+    # from_window's deprecated keywords name from_window's new spelling.
+    new = r"use DynamicIHVP\.from_window\(\.\.\., options=WindowOptions\(refine=2\)\)"
+    with pytest.warns(DeprecationWarning, match=new):
+        assert DynamicIHVP.from_window(np.eye(2, 8), damp=0.1, refine=2).refine == 2
     # refactor_every=0 is the reference: a full factorisation at every update.
     rng = np.random.default_rng(2)
     op = DynamicIHVP(3, 8, damp=0.1, dtype="float64", options=WindowOptions(refactor_every=0))

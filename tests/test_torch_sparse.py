@@ -178,6 +178,34 @@ def test_state_dict_round_trip_continues_bit_for_bit():
     assert copied.dim == pickled.dim == opt.dim and copied.steps == 8
 
 
+def test_a_flattened_dcp_state_round_trips():
+    # DCP rebuilds a flattened state from the live entry's keys: "mask" must be there.
+    # Regression: it was only in state_dict(), so the load lacked it and was refused.
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(flatten_optimizer_state_dict=True)
+    A, b, C, masks = _params()
+    opt = MFAC([A, b, C], lr=0.05, num_grads=M, damp=1e-2, momentum=0.5, masks=masks)
+    grads = _grads(4, [A.shape, b.shape, C.shape])
+    _run(opt, [A, b, C], grads[:2])
+    assert torch.equal(opt.state[A]["mask"], opt.state_dict()["state"][0]["mask"])
+    A2, b2, C2, _ = _params(seed=4)
+    holder, holder2 = nn.ParameterList([A, b, C]), nn.ParameterList([A2, b2, C2])
+    holder2.load_state_dict(holder.state_dict())
+    same = {A2: masks[A], C2: masks[C]}
+    fresh = MFAC([A2, b2, C2], lr=0.05, num_grads=M, damp=1e-2, momentum=0.5, masks=same)
+    saved = get_optimizer_state_dict(holder, opt, options=options)
+    set_optimizer_state_dict(holder2, fresh, saved, options=options)
+    _run(opt, [A, b, C], grads[2:])
+    _run(fresh, [A2, b2, C2], grads[2:])
+    for p, q in zip((A, b, C), (A2, b2, C2), strict=True):
+        assert torch.equal(p, q)
+
+
 def _other_mask(mask: torch.Tensor) -> torch.Tensor:
     """The same number of kept coordinates, one of them moved."""
     flat = mask.reshape(-1).clone()
@@ -220,6 +248,35 @@ def test_a_state_with_other_masks_is_refused_and_nothing_changes():
     full = MFAC([A, b, C], num_grads=M, damp=1e-2, masks={A: torch.ones(6, 5, dtype=torch.bool)})
     full.load_state_dict(dense.state_dict())
     dense.load_state_dict(full.state_dict())
+
+
+def test_a_layout_changed_after_construction_is_refused_before_anything_changes():
+    # Regression: apply() raised after the window, the momentum and the bias had moved.
+    conv = nn.Conv2d(2, 3, 2).double()
+    mask = torch.rand(conv.weight.shape, generator=torch.Generator().manual_seed(0)) < 0.5
+    opt = MFAC([conv.bias, conv.weight], num_grads=M, momentum=0.9, masks={conv.weight: mask})
+    x = torch.randn(2, 2, 3, 3, dtype=torch.float64)
+    conv(x).square().sum().backward()
+    opt.step()
+    conv.to(memory_format=torch.channels_last)
+    conv(x).square().sum().backward()
+    before = copy.deepcopy((opt.state_dict(), conv.state_dict()))
+    with pytest.raises(RuntimeError, match=r"layout of the masked parameter 1 of group 0"):
+        opt.step()
+    after = (opt.state_dict(), conv.state_dict())
+    for a, b in zip(_tensors(before), _tensors(after), strict=True):
+        assert torch.equal(a, b)
+
+
+def _tensors(tree):
+    if isinstance(tree, torch.Tensor):
+        yield tree
+    elif isinstance(tree, dict):
+        for value in tree.values():
+            yield from _tensors(value)
+    elif isinstance(tree, (list, tuple)):
+        for value in tree:
+            yield from _tensors(value)
 
 
 def test_bad_masks_are_refused_at_construction():

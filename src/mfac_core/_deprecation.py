@@ -124,7 +124,7 @@ def legacy_refactor_every(update_method: Any, refactor_every: Any) -> Any:
     update_method : {None, "incremental", "refactor"}
         The deprecated keyword's value.
     refactor_every : int or None
-        The ``refactor_every`` given with it.
+        The ``refactor_every`` given with it (``None``: not given).
 
     Returns
     -------
@@ -135,11 +135,19 @@ def legacy_refactor_every(update_method: Any, refactor_every: Any) -> Any:
     Raises
     ------
     ValueError
-        For another ``update_method``.
+        For another ``update_method``, or a ``refactor_every`` that contradicts it
+        (``"refactor"`` with one other than 0, ``"incremental"`` with 0).
     """
     if update_method is None:
         return refactor_every
     check_choice(update_method, "update_method", ("incremental", "refactor"))
+    if refactor_every is not None and (update_method == "refactor") != (refactor_every == 0):
+        raise ValueError(
+            f"update_method={update_method!r} contradicts refactor_every={refactor_every!r} "
+            '(update_method="refactor" means refactor_every=0, a full factorisation at '
+            'every update; "incremental" means edits): give '
+            "options=WindowOptions(refactor_every=...) alone"
+        )
     if update_method == "refactor":
         warn_deprecated(
             'update_method="refactor"',

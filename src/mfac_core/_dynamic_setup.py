@@ -262,7 +262,10 @@ def filled(
     num_grads = k if num_grads is None else check_count(num_grads, "num_grads")
     if k > num_grads:
         raise ValueError(f"G holds {k} gradients, more than num_grads={num_grads}")
-    op = cls(num_grads, d, damp=damp, dtype=G.dtype, xp=xp, device=device_of(G), **options)
+    # The deprecated keywords merged here, so that their warnings name from_window.
+    legacy = {k: v for k, v in options.items() if k != "options"}
+    merged = window_options(f"{cls.__name__}.from_window", options.get("options"), legacy)
+    op = cls(num_grads, d, damp=damp, dtype=G.dtype, xp=xp, device=device_of(G), options=merged)
     if op.check_finite and k:
         check_finite(xp, G, "G")
     fill(op, xp, G, checked=True)

@@ -61,7 +61,9 @@ def layout(opt: Any) -> None:
                 "MFAC treats all parameters as one vector: they must share one device, "
                 f"got {first.device} and {p.device}"
             )
-    opt._first = first
+    # The parameter that holds MFAC's state: the first one that requires grad, since
+    # torch.distributed.checkpoint drops the state of frozen parameters.
+    opt._first = next((p for p in flat if p.requires_grad), first)
     dtypes = {p.dtype for p in flat}
     # The step's dtype: float64 if a parameter is float64, else float32 (2-byte
     # parameters are stepped in float32 and the result rounded to their dtype once).
@@ -175,7 +177,9 @@ def grow(opt: Any) -> None:
     except Exception:
         opt.__dict__.update(saved)
         raise
-    entry = dict(opt._entry)
+    # Under the parameter that held it (the holder changes when the new group has
+    # the first parameter that requires grad).
+    entry = dict(opt.state[saved["_first"]])
     old = entry["momentum_buffer"]
     entry["momentum_buffer"] = torch.cat([old, old.new_zeros(width)])
     opt.ihvp = ihvp

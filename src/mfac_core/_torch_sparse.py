@@ -52,6 +52,32 @@ def kept_index(p: torch.Tensor, mask: torch.Tensor) -> Kept:
     return Kept(order, flat.nonzero().reshape(-1))
 
 
+def check_layouts(opt: Any) -> None:
+    """Refuse a step if a masked parameter's memory layout changed since construction.
+
+    The window's coordinates are the kept entries in the memory order the parameter had
+    then (e.g. before ``module.to(memory_format=torch.channels_last)``): in another
+    layout the flat view the step writes through does not exist, and a new order would
+    not match the window's columns. Nothing has changed when this raises.
+    """
+    for p, kept in opt._kept.items():
+        if p.permute(kept.order).is_contiguous():
+            continue
+        where = next(
+            f"parameter {i} of group {j} (shape {tuple(p.shape)})"
+            for j, group in enumerate(opt.param_groups)
+            for i, q in enumerate(group["params"])
+            if q is p
+        )
+        raise RuntimeError(
+            f"MFAC: the memory layout of the masked {where} changed since the optimizer "
+            f"was built (strides now {p.stride()}, dimensions were in the order "
+            f"{kept.order}, e.g. by module.to(memory_format=...)): the window holds its kept "
+            "entries in the layout it had; restore that layout, or build the optimizer "
+            "after changing it (the step was not taken, nothing changed)"
+        )
+
+
 def check_masks(masks: Any, groups: list[dict[str, Any]]) -> dict[torch.Tensor, torch.Tensor]:
     """``MFAC(masks=...)``: checked copies of the masks, by parameter (empty for none)."""
     if masks is None:

@@ -19,14 +19,15 @@ from ._compat import array_namespace
 from ._sharding import reduce_checked
 from ._torch_checkpoint import packed, unpacked
 from ._torch_layout import layout, new_window
-from ._torch_sparse import check_saved_mask, flat_mask
+from ._torch_sparse import check_saved_mask
 from ._validation import check_damp, check_number
 
 #: The options of a parameter group.
 GROUP_KEYS = ("lr", "momentum", "weight_decay")
 #: Options of the whole optimizer (one window over all parameters), not per group.
 GLOBAL_KEYS = ("num_grads", "damp", "zero_init", "errors", "grad_dtype")
-#: The keys of MFAC's state entry (on its first parameter); "window" only in state_dict().
+#: The counters and momentum of MFAC's state entry, which also holds "window" and, with
+#: masks, "mask" (every parameter's mask, flat).
 ENTRY_KEYS = ("momentum_buffer", "steps", "skipped_steps", "rejected_grads")
 
 
@@ -105,7 +106,7 @@ def saved_entry(opt: Any) -> dict[str, Any]:
         **{key: int(entry[key]) for key in ENTRY_KEYS[1:]},
     }
     if opt._masks:  # sparse mode: which coordinates the window and momentum hold
-        saved["mask"] = flat_mask(opt)
+        saved["mask"] = entry["mask"].clone()
     if opt._comm is not None:
         # Under a key naming the rank and the world size: torch.distributed.checkpoint
         # keeps one copy of a key that every rank saves, and these are the rank's own.
@@ -221,23 +222,33 @@ def check_state(
 
 
 def saved_state(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
-    """MFAC's entry of a state_dict's "state" (under the first parameter's id)."""
+    """MFAC's entry of a state_dict's "state"."""
+    key = holder(state_dict)
+    extra = state_dict["state"][key]
+    if not isinstance(extra, Mapping):
+        raise ValueError(f"state_dict['state'][{key!r}] must be a dict")
+    return extra
+
+
+def holder(state_dict: Mapping[str, Any]) -> Any:
+    """The id of the one parameter whose entry of a state_dict's "state" is MFAC's.
+
+    MFAC saves its entry under the first parameter that requires grad (which a
+    checkpoint does not record), so any one parameter's entry is taken.
+    """
     state = state_dict["state"]
     if not isinstance(state, Mapping):
         raise ValueError("state_dict['state'] must be a dict")
-    first = state_dict["param_groups"][0]["params"][0]
     ids = {i for group in state_dict["param_groups"] for i in group["params"]}
-    others = [k for k, v in state.items() if k != first and (k not in ids or v != {})]
-    if others or first not in state:
+    held = [k for k, v in state.items() if k not in ids or not isinstance(v, Mapping) or v]
+    if len(held) != 1 or held[0] not in ids:
         raise ValueError(
-            f"state_dict['state'] must hold MFAC's state under the id of the first "
-            f"parameter ({first!r}) and nothing for the others, got entries for "
+            "state_dict['state'] must hold MFAC's state under the id of one parameter "
+            "(the first that requires grad) and nothing (or empty entries) for the "
+            f"others, got non-empty entries for {sorted(held, key=str)} of "
             f"{sorted(state, key=str)}"
         )
-    extra = state[first]
-    if not isinstance(extra, Mapping):
-        raise ValueError(f"state_dict['state'][{first!r}] must be a dict")
-    return extra
+    return held[0]
 
 
 def check_distributed_state(opt: Any, state_dict: Any, damp: float | None) -> SimpleNamespace:
@@ -275,8 +286,7 @@ def check_distributed_state(opt: Any, state_dict: Any, damp: float | None) -> Si
             raise ValueError(f"the MFAC state's shard {opt._shard_key!r} must be a dict")
         mine = {k: v for k, v in extra.items() if k != "shards"}
         mine.update(shard)
-        first = state_dict["param_groups"][0]["params"][0]
-        flat.append({**state_dict, "state": {first: mine}})
+        flat.append({**state_dict, "state": {holder(state_dict): mine}})
         flat.append(check_state(opt, flat[0], damp, window=False))
         return torch.zeros(0, dtype=torch.float64, device=opt.device)
 
@@ -438,6 +448,6 @@ def restore(opt: Any, extra: Mapping[str, Any]) -> None:
     if "steps" in extra:  # a pickle of the earlier format: the entry was here
         entry = {key: extra.get(key, 0) for key in ENTRY_KEYS[1:]}
         entry["momentum_buffer"] = check_momentum(opt, extra["momentum_buffer"])
-    else:
-        entry = opt._entry
+    else:  # the one entry (held by the first parameter that required grad when pickled)
+        entry = next((e for e in opt.state.values() if e), opt._entry)
     opt._reset_state(entry)  # the entry of the live window

@@ -14,15 +14,11 @@ import torch
 from ._dynamic_checks import Refused
 from ._errors import FactorizationError
 from ._torch_distributed import all_gather, local
+from ._torch_sparse import check_layouts
 
 
 class Unstorable(Exception):
-    """A finite gradient that the window cannot store.
-
-    An entry beyond the range of its 2-byte storage, or a gradient so large that
-    the window with it would leave no correct digit in float64 (eps(float64)
-    kappa >= 1).
-    """
+    """A finite gradient with an entry beyond the range of the window's 2-byte storage."""
 
 
 def step(opt: Any) -> None:
@@ -61,11 +57,12 @@ def step(opt: Any) -> None:
             if opt.defaults["errors"] == "raise":
                 assert out.error is not None
                 raise out.error  # the ValueError update_and_matvec raises
+            if out.status == "too large":
+                skip(opt, too_large(out.error))
+                return
             unstorable = Unstorable(
                 f"an entry of the gradient ({float(g.abs().max()):g}) is beyond the "
                 f"range of the window's {str(opt.grad_dtype).removeprefix('torch.')}"
-                if out.status == "not representable"
-                else str(out.error)
             )
             s, finite = with_previous_window(opt, g, unstorable)
         else:
@@ -86,6 +83,18 @@ def with_previous_window(opt: Any, g: torch.Tensor, exc: Exception) -> tuple[tor
     left_out(opt, exc)
     s = opt.ihvp.matvec(g)
     return s, bool(torch.isfinite(s).all())
+
+
+def too_large(error: Exception | None) -> str:
+    """The message of a step skipped for a gradient that would make the window hopeless.
+
+    Its step, even with the previous window, would be of the gradient's absurd size: it
+    is skipped as a non-finite gradient's.
+    """
+    return (
+        f"the gradient is too large for the window ({error}); the step is skipped "
+        "(parameters, momentum and window unchanged)"
+    )
 
 
 def skip(opt: Any, message: str) -> None:
@@ -112,12 +121,16 @@ def distributed_step(opt: Any, g: torch.Tensor) -> None:
     try:
         s = opt.ihvp.update_and_matvec(x)
     except (FactorizationError, ValueError) as exc:
-        if isinstance(exc, FactorizationError) or (isinstance(exc, Refused) and exc.hopeless):
+        hopeless = isinstance(exc, Refused) and exc.hopeless
+        if isinstance(exc, FactorizationError) or hopeless:
             # Decided from reduced numbers, on every rank: a factorisation that fails,
-            # or a finite gradient too large for the window.
+            # or a finite gradient too large for the window (whose step is skipped).
             if opt.defaults["errors"] == "raise":
                 raise
-            left_out(opt, exc if isinstance(exc, FactorizationError) else Unstorable(str(exc)))
+            if hopeless:
+                skip(opt, too_large(exc))
+                return
+            left_out(opt, exc)
             s = opt.ihvp.matvec(x)
         else:
             # The window checks its shard inside the reduction of the Gram row, so a NaN
@@ -153,6 +166,7 @@ def distributed_step(opt: Any, g: torch.Tensor) -> None:
 
 def gather(opt: Any) -> torch.Tensor:
     """The flat gradient, weight decay included, in the reused buffer."""
+    check_layouts(opt)  # before anything changes: apply() writes through their flat views
     g = opt._grad
     for group, layout in zip(opt.param_groups, opt._slices, strict=True):
         wd = group["weight_decay"]

@@ -32,7 +32,7 @@ import torch
 from ._errors import user_stacklevel
 from ._torch_layout import grow, layout, new_window
 from ._torch_pruner import MFACPruner
-from ._torch_sparse import check_masks, masks_from_list, masks_list
+from ._torch_sparse import check_masks, flat_mask, masks_from_list, masks_list
 from ._torch_state import (
     GLOBAL_KEYS,
     check_group,
@@ -188,16 +188,20 @@ class MFAC(torch.optim.Optimizer):
     steps : int
         Steps taken (parameters moved).
     skipped_steps : int
-        Steps skipped because the gradient or the step was not finite.
+        Steps skipped because the gradient or the step was not finite, or
+        the gradient was too large for the window.
     rejected_grads : int
         Gradients left out of the window (their step was taken with the
         previous window).
     state : dict
         As for every :class:`torch.optim.Optimizer`; MFAC's state is global
         (one window, one momentum buffer over the flat vector), so it is
-        held by the first parameter (as :class:`torch.optim.LBFGS` holds
-        its own): ``state[first]`` has ``"window"`` (the operator
-        :attr:`ihvp` itself), ``"momentum_buffer"`` and the three counters;
+        held by the first parameter that requires grad (the first parameter
+        if none does; as :class:`torch.optim.LBFGS` holds its own, and
+        since :mod:`torch.distributed.checkpoint` drops the state of frozen
+        parameters): ``state[first]`` has ``"window"`` (the operator
+        :attr:`ihvp` itself), ``"momentum_buffer"`` and the three counters
+        (with ``masks``, also ``"mask"``, as :meth:`state_dict` saves it);
         the other parameters have none (:meth:`state_dict` gives them empty
         entries, and holds the window's state in place of the window).
 
@@ -249,15 +253,16 @@ class MFAC(torch.optim.Optimizer):
     - A gradient (after weight decay) holding NaN or infinity skips the
       step: parameters, momentum, window and :attr:`steps` are untouched,
       :attr:`skipped_steps` counts it and a :class:`MFACStepWarning` names the
-      parameter. So does a finite gradient whose preconditioned step is not
-      finite (the gradient then stays in the window).
+      parameter. So does a finite gradient so large that the window with it
+      would leave no correct digit in float64 (``eps(float64) kappa >= 1``;
+      its step would be of its absurd size), and a finite gradient whose
+      preconditioned step is not finite (the gradient then stays in the
+      window).
     - A gradient that cannot be inserted because the window's Fisher would
       not be numerically positive definite (a
       :class:`~mfac_core.FactorizationError`, e.g. a gradient repeated exactly
-      with a tiny ``damp``), because it is so large that the window with it
-      would leave no correct digit in float64 (``eps(float64) kappa >= 1``),
-      or (with a float16 ``grad_dtype``) because an entry exceeds float16's
-      range is left out of the window, which is unchanged,
+      with a tiny ``damp``), or (with a float16 ``grad_dtype``) because an
+      entry exceeds float16's range is left out of the window, which is unchanged,
       and the step is taken with the previous window: ``s = F^{-1} g`` of the
       window without ``g``, which is still a valid preconditioner: the
       gradient is used for the step, only not stored (skipping would discard
@@ -280,7 +285,7 @@ class MFAC(torch.optim.Optimizer):
     gradient the window cannot take is left out on every rank. The state
     holds this rank's window and momentum under
     ``state_dict()["state"][0]["window"]["rank{r}_of_{p}"]`` and
-    ``["momentum_buffer"]["rank{r}_of_{p}"]`` (the first parameter's entry;
+    ``["momentum_buffer"]["rank{r}_of_{p}"]`` (the holding parameter's entry;
     tensors of fixed shapes,
     so that :mod:`torch.distributed.checkpoint` saves every rank's shard and
     loads into the state_dict of a fresh optimizer) and loads only at the
@@ -328,8 +333,9 @@ class MFAC(torch.optim.Optimizer):
     (20, 0, 0)
     """
 
-    # Set by _torch_layout.layout (with device, _sharded, _slices and _columns): the first
-    # parameter, the flat gradient (reused by every step), and the number of coordinates.
+    # Set by _torch_layout.layout (with device, _sharded, _slices and _columns): the
+    # parameter that holds the state, the flat gradient (reused by every step), and the
+    # number of coordinates.
     _first: torch.Tensor
     _grad: torch.Tensor
     dim: int
@@ -375,22 +381,28 @@ class MFAC(torch.optim.Optimizer):
         self._masks = check_masks(masks, self.param_groups)
         layout(self)
         self.ihvp = new_window(self, damp)
-        # The optimizer's state lives on its first parameter, as torch.optim.LBFGS keeps
+        # The optimizer's state lives on one parameter, as torch.optim.LBFGS keeps
         # its global state: never empty, so that torch.distributed.checkpoint finds it
         # initialised and does not call step() with zero gradients to create it.
         self._reset_state(fresh_entry(self._grad))
 
     def _reset_state(self, entry: dict[str, Any]) -> None:
-        # Only the first parameter has an entry, as with torch.optim.LBFGS (torch's
+        # Only one parameter (self._first) has an entry, as with torch.optim.LBFGS (torch's
         # harness asks every entry to be non-empty); state_dict() lists the others.
         self.state = defaultdict(dict)
         # The window itself, not a copy (the m x d memory is held once): DCP rebuilds a
         # flattened state from the keys of the live one, so "window" must be among them.
-        self.state[self._first] = {"window": self.ihvp, **without_window(entry)}
+        live = {"window": self.ihvp, **without_window(entry)}
+        live.pop("mask", None)
+        if self._masks:
+            # As state_dict() saves it: DCP rebuilds a flattened state from the live
+            # entry's keys only, and a load without the mask would be refused.
+            live["mask"] = flat_mask(self)
+        self.state[self._first] = live
 
     @property
     def _entry(self) -> dict[str, Any]:
-        """The optimizer's state entry (``self.state`` of the first parameter)."""
+        """The optimizer's state entry (``self.state`` of its holding parameter)."""
         return self.state[self._first]
 
     @property
@@ -400,7 +412,10 @@ class MFAC(torch.optim.Optimizer):
 
     @property
     def skipped_steps(self) -> int:
-        """The number of steps skipped for a non-finite gradient or step."""  # numpydoc ignore=RT01
+        """The number of steps skipped for a non-finite or too large gradient, or step.
+
+        A too large gradient is one that would make the window hopeless.
+        """  # numpydoc ignore=RT01
         return int(self._entry["skipped_steps"])
 
     @property
@@ -525,8 +540,9 @@ class MFAC(torch.optim.Optimizer):
         -------
         dict
             :meth:`torch.optim.Optimizer.state_dict`, whose ``"state"`` holds
-            one entry, under the id of the first parameter (as
-            :class:`torch.optim.LBFGS` keeps its global state): MFAC's state
+            one entry, under the id of the first parameter that requires grad
+            (of the first parameter if none does; as :class:`torch.optim.LBFGS`
+            keeps its global state): MFAC's state
             for all parameters, with copies of the window's state
             (``"window"``: :meth:`DynamicIHVP.state_dict` with its slot
             lists as int64 tensors of length ``num_grads`` padded with -1,
