@@ -2,9 +2,9 @@
 
 Usage::
 
-    python benchmarks/sparse.py                 # d = 2^20 coordinates, m = 32, density 100/50/10 %
-    python benchmarks/sparse.py --dim 4194304 --m 64 --density 0.1 --density 0.02
-    python benchmarks/sparse.py --quick         # smoke run (seconds): d = 2^14, m = 8
+    python benchmarks/sparse_finetuning.py                 # d = 2^20 coordinates, m = 32, density 100/50/10 %
+    python benchmarks/sparse_finetuning.py --dim 4194304 --m 64 --density 0.1 --density 0.02
+    python benchmarks/sparse_finetuning.py --quick         # smoke run (seconds): d = 2^14, m = 8
 
 The parameters are four float32 weight matrices of ``d / 4`` coordinates, on the CPU
 with ``--threads`` torch threads (default 1), pruned at random to each density
@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-if __package__ in (None, ""):  # run as a script: python benchmarks/sparse.py
+if __package__ in (None, ""):  # run as a script: python benchmarks/sparse_finetuning.py
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import (
