@@ -2,9 +2,9 @@
 
 Usage::
 
-    python benchmarks/sparse_finetuning.py                 # d = 2^20 coordinates, m = 32, density 100/50/10 %
+    python benchmarks/sparse_finetuning.py      # d = 2^20, m = 32, density 100/50/10 %
     python benchmarks/sparse_finetuning.py --dim 4194304 --m 64 --density 0.1 --density 0.02
-    python benchmarks/sparse_finetuning.py --quick         # smoke run (seconds): d = 2^14, m = 8
+    python benchmarks/sparse_finetuning.py --quick   # smoke run (seconds): d = 2^14, m = 8
 
 The parameters are four float32 weight matrices of ``d / 4`` coordinates, on the CPU
 with ``--threads`` torch threads (default 1), pruned at random to each density
