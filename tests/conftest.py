@@ -191,6 +191,33 @@ _BACKENDS: dict[str, Callable[[], Backend]] = {
 }
 
 
+#: The layouts of the generic backend matrix that JAX runs: one of each code path (a full
+#: Woodbury form, d < m, Woodbury and dense blocks with a ragged last block). JAX compiles
+#: every operation anew for each shape, seconds per layout on the CPU, while its arithmetic
+#: is the array-API path that NumPy, array-api-strict and PyTorch check on every layout.
+JAX_LAYOUTS = frozenset(
+    {
+        "full",
+        "full-woodbury",
+        "full-d<m",
+        "woodbury-blocks+dense-ragged",
+        "wide-blocks+ragged",
+        "dense-blocks+ragged",
+        "narrow-blocks+ragged",
+    }
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip the JAX cases of layouts outside ``JAX_LAYOUTS`` (see there)."""
+    skip = pytest.mark.skip(reason="JAX runs the layouts of conftest.JAX_LAYOUTS only")
+    for item in items:
+        params = getattr(item, "callspec", None)
+        params = params.params if params is not None else {}
+        if params.get("xp_device") == "jax" and params.get("layout", "full") not in JAX_LAYOUTS:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def _jax_float64(request: pytest.FixtureRequest) -> Any:
     """64-bit JAX (thread-local, restored afterwards) for tests on the JAX backend."""
