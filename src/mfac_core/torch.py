@@ -131,21 +131,16 @@ class MFAC(torch.optim.Optimizer):
     zero_init : bool, optional
         Start from a window of ``m`` zero gradients with the normalisation
         ``1/m`` fixed, as the paper and the authors' implementation do
-        (default). Every insertion is then an O(m^2) edit of the factor. With
+        (default): steps of a steady size from the first one on. With
         ``False`` the normalisation is ``1/k`` for the ``k`` gradients seen so
-        far, which makes the first steps ``g / |g|^2``-sized, and each of the
-        first m insertions refactorises the k x k factor (O(k^3)). The
-        default differs from :class:`~mfac_core.DynamicIHVP`'s (``False``) on
-        purpose: an operator should be exact for the gradients it has; an
-        optimizer should take steps of a steady size from the first one on.
+        far, which makes the first steps ``g / |g|^2``-sized (the default of
+        :class:`~mfac_core.DynamicIHVP`, which is exact for the gradients it has).
     errors : {"skip", "raise"}, optional
-        What a step does with a gradient it cannot use (default ``"skip"``);
-        see Notes.
+        What a step does with a gradient it cannot use (default ``"skip"``, Notes).
     grad_dtype : torch.dtype, optional
         The storage dtype of the window: the parameters' dtype if they share
         one, else the step's (default, ``None``), or ``torch.bfloat16`` or
-        ``torch.float16``, which halve
-        (float32 parameters) the window's memory, ``2 m d`` bytes. Each
+        ``torch.float16`` (``2 m d`` bytes, half of float32's). Each
         gradient is then rounded to it once when inserted, the window's Fisher
         is that of the stored gradients, and the step is computed in float32
         (a float64 gradient is first rounded to float32); the parameters keep
@@ -181,8 +176,7 @@ class MFAC(torch.optim.Optimizer):
         The number of coordinates d of the flat vector (over all ranks): with
         ``masks``, the kept ones.
     num_grads, damp : int, float
-        The window's size m and damping (read-only; see
-        :meth:`load_state_dict` to change the damping).
+        The window's size m and damping (read-only; :meth:`load_state_dict` changes damp).
     dtype : torch.dtype
         The dtype of the flat gradient, the momentum and the step.
     steps : int
@@ -194,12 +188,10 @@ class MFAC(torch.optim.Optimizer):
         Gradients left out of the window (their step was taken with the
         previous window).
     state : dict
-        As for every :class:`torch.optim.Optimizer`; MFAC's state is global
-        (one window, one momentum buffer over the flat vector), so it is
-        held by the first parameter that requires grad (the first parameter
-        if none does; as :class:`torch.optim.LBFGS` holds its own, and
-        since :mod:`torch.distributed.checkpoint` drops the state of frozen
-        parameters): ``state[first]`` has ``"window"`` (the operator
+        As for every :class:`torch.optim.Optimizer`; MFAC's state is global,
+        held (as :class:`torch.optim.LBFGS` holds its own) by the first
+        parameter that requires grad, which :mod:`torch.distributed.checkpoint`
+        keeps (else the first one): ``state[first]`` has ``"window"`` (the operator
         :attr:`ihvp` itself), ``"momentum_buffer"`` and the three counters
         (with ``masks``, also ``"mask"``, as :meth:`state_dict` saves it);
         the other parameters have none (:meth:`state_dict` gives them empty
@@ -224,93 +216,30 @@ class MFAC(torch.optim.Optimizer):
 
     Notes
     -----
-    Parameters whose ``grad`` is ``None`` in a step contribute zeros to the
-    flat gradient and are not moved in that step; their momentum only decays
-    (``b <- mu b``: the entries of ``F^{-1} g`` that the other gradients give
-    them are dropped). A step in which every ``grad`` is ``None`` does
-    nothing (no insertion, no decay, no count). A step reads the ``m x d``
-    window twice, the floor of the dynamic algorithm; see
-    :meth:`DynamicIHVP.update_and_matvec`. Gradients never enter autograd:
-    the window, the momentum and the step are computed without recording
-    history even if the gradients require grad (e.g. after
-    ``backward(create_graph=True)``).
+    A step reads the ``m x d`` window twice, the floor of the dynamic
+    algorithm (:meth:`DynamicIHVP.update_and_matvec`); gradients never enter
+    autograd. Parameters whose ``grad`` is ``None`` are not moved and their
+    momentum only decays; a step in which every ``grad`` is ``None`` does
+    nothing. With ``masks`` the optimizer equals a dense :class:`MFAC` over a
+    model made of just the kept coordinates, whose entries alone it reads
+    and moves.
 
-    With ``masks`` (sparse fine-tuning, paper Section 4.2), a step gathers
-    the kept entries of each masked gradient into the flat gradient of
-    ``dim`` coordinates and adds the step to the kept entries of the
-    parameter, in place; the rest of the step is the dense algorithm on
-    those coordinates: the optimizer equals a dense :class:`MFAC` over a
-    model made of just the kept coordinates. Besides the window it keeps a
-    copy of each mask (one byte per coordinate) and the kept positions
-    (eight bytes per kept coordinate). A NaN or infinity in a gradient at a
-    pruned coordinate is ignored, as is that gradient entry itself.
-    :meth:`MFACPruner.attach` is not needed: the pruned entries are not
-    moved.
+    A bad gradient does not end a run, as with AMP's ``GradScaler``: one
+    holding NaN or infinity, or so large that the window with it would leave
+    no correct digit in float64, skips the step (:attr:`skipped_steps`); one
+    the window cannot store (a :class:`~mfac_core.FactorizationError`, or an
+    entry beyond float16's range with a float16 ``grad_dtype``) is left out
+    of the window and the step is taken with the previous window
+    (:attr:`rejected_grads`). With ``errors="raise"`` each raises instead and
+    the optimizer is left as it was.
 
-    A training run does not die of a bad gradient, as with AMP's
-    ``GradScaler``:
-
-    - A gradient (after weight decay) holding NaN or infinity skips the
-      step: parameters, momentum, window and :attr:`steps` are untouched,
-      :attr:`skipped_steps` counts it and a :class:`MFACStepWarning` names the
-      parameter. So does a finite gradient so large that the window with it
-      would leave no correct digit in float64 (``eps(float64) kappa >= 1``;
-      its step would be of its absurd size), and a finite gradient whose
-      preconditioned step is not finite (the gradient then stays in the
-      window).
-    - A gradient that cannot be inserted because the window's Fisher would
-      not be numerically positive definite (a
-      :class:`~mfac_core.FactorizationError`, e.g. a gradient repeated exactly
-      with a tiny ``damp``), or (with a float16 ``grad_dtype``) because an
-      entry exceeds float16's range is left out of the window, which is unchanged,
-      and the step is taken with the previous window: ``s = F^{-1} g`` of the
-      window without ``g``, which is still a valid preconditioner: the
-      gradient is used for the step, only not stored (skipping would discard
-      it). :attr:`rejected_grads` counts these steps.
-
-    With ``errors="raise"`` both raise instead (``FloatingPointError``,
-    ``FactorizationError``, or the window's ``ValueError`` for a gradient
-    beyond float16's range or too large) and the optimizer is left as it was, except that a
-    non-finite step of a finite gradient leaves that gradient in the window.
-
-    Distributed (``comm``, or DTensor parameters), each rank's window holds
-    its columns of the gradients (``m d / p`` values): under DDP the rank's
-    :func:`torch.chunk` of the flat gradient, whose step is then all-gathered
-    (``d`` numbers per step, next to the window's one reduction of ``m + 20``:
-    the Gram row and a status word); with DTensor parameters the local shards
-    of the gradients, and each rank moves its own shards (nothing is
-    gathered; one more reduction of one number says whether the step is
-    finite everywhere). Every decision is
-    collective: a NaN on one rank skips (or raises on) every rank, a
-    gradient the window cannot take is left out on every rank. The state
-    holds this rank's window and momentum under
-    ``state_dict()["state"][0]["window"]["rank{r}_of_{p}"]`` and
-    ``["momentum_buffer"]["rank{r}_of_{p}"]`` (the holding parameter's entry;
-    tensors of fixed shapes,
-    so that :mod:`torch.distributed.checkpoint` saves every rank's shard and
-    loads into the state_dict of a fresh optimizer) and loads only at the
-    same world size, on the rank that saved it. A distributed optimizer
-    cannot be pickled or copied.
-
-    :meth:`state_dict` holds the window (gradients, Gram matrix and Cholesky
-    factor), the momentum buffer, the step count and the two counters, so
-    that a run restored from a checkpoint continues bit for bit, also
-    through :func:`torch.distributed.checkpoint.state_dict.get_optimizer_state_dict`
-    and ``set_optimizer_state_dict`` (full or sharded, flattened or not) and
-    through ``dcp.save`` and ``dcp.load`` into the state of a fresh optimizer:
-    the state holds only tensors, of the shapes they have from construction
-    on, and plain numbers;
-    :meth:`load_state_dict` can also resume it with another damping. An
-    optimizer can be copied with :func:`copy.deepcopy` (with its model, as
-    ``copy.deepcopy((model, opt))``) and pickled; the copy continues exactly
-    as the original would. Hooks are not copied, as for every
-    :class:`torch.optim.Optimizer`.
-
-    Under :func:`torch.compile`, the step runs eagerly
-    (:func:`torch.compiler.disable`): the window's update decides on the
-    host (finiteness, the factor's positive definiteness), which a graph
-    cannot hold, so a compiled training step has one graph break, at
-    ``opt.step()``, and equals the eager run.
+    The state round-trips through :meth:`state_dict`, copies, pickles and
+    :mod:`torch.distributed.checkpoint` (every ``StateDictOptions``, and
+    ``dcp.load`` into a fresh optimizer) and continues bit for bit; under
+    :func:`torch.compile` the step is one graph break and equals the eager
+    run. The documentation's sections "Gradients that cannot be used",
+    "Checkpoints and copies", "Sparse fine-tuning" and "Distributed
+    training" give the details, including each rank's share of the window.
 
     Examples
     --------
