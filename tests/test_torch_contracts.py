@@ -571,6 +571,19 @@ def test_dcp_round_trips_with_the_first_parameter_frozen(flatten):
     assert_continue_alike(model, opt, fresh_model, fresh)
 
 
+def test_a_bad_window_is_named_where_the_entry_is():
+    # The entry sits on the first parameter that requires grad (here id 1): the
+    # message names the entry's key, not a fixed id 0 that holds nothing.
+    model = make_model()
+    model[0].weight.requires_grad_(False)
+    opt = MFAC(model.parameters(), lr=0.1, num_grads=3)
+    train(model, opt, batches(1, 2))
+    state = opt.state_dict()
+    state["state"][1]["window"] = None
+    with pytest.raises(ValueError, match=r"^the MFAC state's 'window' must be a dict"):
+        opt.load_state_dict(state)
+
+
 def test_a_state_with_two_entries_is_refused():
     _, opt = trained(steps=2)
     state = opt.state_dict()

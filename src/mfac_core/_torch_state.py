@@ -378,7 +378,7 @@ def check_window(opt: Any, window: Any, damp: float | None) -> tuple[dict[str, A
 
     Returns the state and the damping to load it with (``None``: its own).
     """
-    where = "state_dict['state'][0]['window']"
+    where = "the MFAC state's 'window'"  # the entry sits on the first parameter that trains
     if not isinstance(window, Mapping):
         raise ValueError(f"{where} must be a dict")
     # Tensors to this device; the core detaches them, and checks everything else.
