@@ -692,6 +692,13 @@ def test_demo_rejects_too_large_sizes(capsys):
     assert_user_error(capsys, main(["demo", "--m", "0"]), "--m")
 
 
+def test_integer_options_say_what_they_take(capsys):
+    # One parser for the counts (>= 1) and the seed (>= 0): each names its bound.
+    assert_user_error(capsys, main(["demo", "--m", "0"]), "--m", "must be >= 1, got '0'")
+    assert_user_error(capsys, main(["demo", "--seed", "-1"]), "--seed", "must be >= 0, got '-1'")
+    assert_user_error(capsys, main(["demo", "--d", "2.5"]), "--d", "not an integer: '2.5'")
+
+
 def test_quiet_overrides_progress(files, capsys):
     assert (
         run(

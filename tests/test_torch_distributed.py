@@ -149,6 +149,46 @@ def test_a_nan_on_one_rank_skips_the_step_on_every_rank() -> None:
         assert "NaN" in r["raised"] and r["counts"] == (2, 0, 0)
 
 
+def _inf_step_threads(comm: Communicator, errors: str) -> dict[str, Any]:
+    model = make_model()
+    opt = MFAC(model.parameters(), **OPTIONS, errors=errors, comm=comm)
+    out: dict[str, Any] = {}
+    for i, (x, y) in enumerate(batches(4)):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        if comm.rank == 0 and i == 2:
+            # This rank's part of the product overflows: the gathered step is not finite.
+            update = opt.ihvp.update_and_matvec
+            opt.ihvp.update_and_matvec = lambda x, update=update: update(x) * float("inf")
+        try:
+            opt.step()
+        except FloatingPointError as exc:
+            out["raised"] = str(exc)
+            break
+        finally:
+            opt.ihvp.__dict__.pop("update_and_matvec", None)
+    out["params"] = flat(model)
+    out["counts"] = (opt.steps, opt.skipped_steps, opt.rejected_grads)
+    return out
+
+
+def test_a_nonfinite_step_on_one_rank_skips_the_step_on_every_rank() -> None:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", MFACStepWarning)
+        results = run_spmd_threads(_inf_step_threads, 2, "skip")
+    for r in results:
+        assert not isinstance(r, Exception), r
+        # The gradient stays in the window; the parameters and momentum do not move.
+        assert r["counts"] == (3, 1, 0)
+        np.testing.assert_array_equal(r["params"], results[0]["params"])
+    messages = [str(w.message) for w in caught if w.category is MFACStepWarning]
+    assert len(messages) == 2 and all("preconditioned step holds NaN" in m for m in messages)
+    for r in run_spmd_threads(_inf_step_threads, 2, "raise"):
+        assert not isinstance(r, Exception), r
+        assert "step 3: the preconditioned step holds NaN" in r["raised"]
+        assert r["counts"] == (2, 0, 0)
+
+
 def _checkpoint_threads(comm: Communicator, saved: list[Any] | None, size_ok: bool) -> Any:
     model = make_model()
     opt = MFAC(model.parameters(), **OPTIONS, comm=comm)

@@ -24,7 +24,8 @@ Both give the ``k = min(s, m)`` nonzero-capable eigenvalues of the Gram, ascendi
 (``top``), from which the spectrum of ``F_b`` follows: ``damp + top / m`` and ``damp``
 on the other ``s - k`` directions. Both also give the form
 ``f(F_b) = f(damp) I + B_b^T diag(w) B_b`` with float64 coordinates ``B_b A^T``
-(:meth:`project`) and weights ``w`` (:meth:`weights`), for bilinear and quadratic forms.
+(:meth:`project`) and weights ``w`` (:meth:`weights`), for the bilinear and quadratic
+forms (``_spectral_forms``).
 """
 
 from __future__ import annotations
@@ -40,11 +41,12 @@ from ._layout import BlockGroup, piece_stack, pieces
 __all__ = [
     "POWERS",
     "ColumnEigen",
-    "Forms",
     "GramEigen",
+    "Group",
     "applied",
     "checked_power",
     "coefficients",
+    "diagonal_of",
     "logdet_of",
     "spectrum_bounds",
     "trace_of",
@@ -218,6 +220,10 @@ class ColumnEigen:
         return xp.matrix_transpose(self.Q) @ Ab
 
 
+#: A group of blocks of the spectral form.
+Group = GramEigen | ColumnEigen
+
+
 # -- the spectral operator's functions of its groups (SpectralIHVP's methods call these) --
 
 
@@ -276,54 +282,7 @@ def applied(xp: Any, groups: Any, X: Array, damps: list[float], power: float) ->
     return parts[0] if len(parts) == 1 else xp.concat(parts, axis=1)
 
 
-@dataclass(frozen=True)
-class Forms:
-    """The bilinear and quadratic forms of ``F**power``, ``step`` rows of R at a time.
-
-    ``f(damp) Q R^T + sum_b (B_b Q_b^T)^T diag(w_b) (B_b R_b^T)`` with the float64
-    coordinates ``B_b`` of :meth:`GramEigen.project`: the temporaries are
-    ``(p + step) x m`` per block, and the m-sized contractions float64.
-    """
-
-    xp: Any
-    groups: Any
-    damp: float
-    power: float
-    step: int
-    dtype: Any
-    device: Any
-
-    def bilinear(self, Q: Array, R: Array) -> Array:
-        """``Q F**power R^T``, shape ``(p, n)``: Q projected once, R a batch at a time."""
-        xp = self.xp
-        alpha = self.damp**self.power
-        PQ = [g.weights(self.damp, self.power)[..., None] * g.project(Q) for g in self.groups]
-        Q64 = xp.astype(Q, xp.float64)
-        parts = []
-        for lo in range(0, R.shape[0], self.step):
-            Rb = R[lo : min(lo + self.step, R.shape[0]), :]
-            acc = alpha * (Q64 @ xp.matrix_transpose(xp.astype(Rb, xp.float64)))
-            for g, pq in zip(self.groups, PQ, strict=True):
-                acc = acc + xp.sum(xp.matrix_transpose(pq) @ g.project(Rb), axis=0)
-            parts.append(xp.astype(acc, self.dtype))
-        if not parts:
-            return xp.zeros((Q.shape[0], 0), dtype=self.dtype, device=self.device)
-        return parts[0] if len(parts) == 1 else xp.concat(parts, axis=1)
-
-    def quadratic(self, R: Array) -> Array:
-        """``diag(R F**power R^T)``, shape ``(n,)``, a batch of rows of R at a time."""
-        xp = self.xp
-        alpha = self.damp**self.power
-        W = [g.weights(self.damp, self.power)[..., None] for g in self.groups]
-        parts = []
-        for lo in range(0, R.shape[0], self.step):
-            Rb = R[lo : min(lo + self.step, R.shape[0]), :]
-            R64 = xp.astype(Rb, xp.float64)
-            acc = alpha * xp.sum(R64 * R64, axis=1)
-            for g, w in zip(self.groups, W, strict=True):
-                P = g.project(Rb)  # (count, r, n)
-                acc = acc + xp.sum(w * P * P, axis=(0, 1))
-            parts.append(xp.astype(acc, self.dtype))
-        if not parts:
-            return xp.zeros((0,), dtype=self.dtype, device=self.device)
-        return parts[0] if len(parts) == 1 else xp.concat(parts)
+def diagonal_of(xp: Any, groups: Any, damps: list[float], power: float) -> Array:
+    """The diagonal of ``f_k(F)`` for every damping, stacked: ``(K, d)``."""
+    parts = [g.diagonal(damps, power) for g in groups]
+    return parts[0] if len(parts) == 1 else xp.concat(parts, axis=1)

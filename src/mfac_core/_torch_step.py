@@ -67,6 +67,14 @@ def step(opt: Any) -> None:
             s, finite = with_previous_window(opt, g, unstorable)
         else:
             s, finite = out.s, out.s_finite
+    moved(opt, s.to(opt.dtype), finite)
+
+
+def moved(opt: Any, s: torch.Tensor, finite: bool) -> None:
+    """Move the parameters by the preconditioned step ``s``, or skip it if not ``finite``.
+
+    ``finite`` is decided by the caller (on every rank alike when distributed).
+    """
     if not finite:
         skip(
             opt,
@@ -74,7 +82,7 @@ def step(opt: Any) -> None:
             "the dtype?); the step is skipped (parameters and momentum unchanged)",
         )
         return
-    apply(opt, s.to(opt.dtype))
+    apply(opt, s)
     opt._count("steps")
 
 
@@ -153,15 +161,7 @@ def distributed_step(opt: Any, g: torch.Tensor) -> None:
     else:
         s = all_gather(opt, s)
         finite = bool(torch.isfinite(s).all())  # the same s on every rank
-    if not finite:
-        skip(
-            opt,
-            "the preconditioned step holds NaN or infinity (damp too small for "
-            "the dtype?); the step is skipped (parameters and momentum unchanged)",
-        )
-        return
-    apply(opt, s)
-    opt._count("steps")
+    moved(opt, s, finite)
 
 
 def gather(opt: Any) -> torch.Tensor:

@@ -1,0 +1,97 @@
+r"""The bilinear and quadratic forms of :class:`~mfac_core.SpectralIHVP`, without a d x d array.
+
+``Q f(F) R^T = f(damp) Q R^T + sum_b (B_b Q_b^T)^T diag(w_b) (B_b R_b^T)`` with the
+float64 coordinates ``B_b A^T`` and weights ``w_b`` of each group of blocks
+(``_spectral_groups``: ``project`` and ``weights``): Q is projected once, R a batch
+of rows at a time (docs/beyond.rst, "What each operation costs").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ._compat import Array
+from ._validation import check_count, check_finite, check_operand
+
+__all__ = ["BATCH_ENTRIES", "Forms", "checked_rows", "forms_of"]
+
+#: float64 entries of the forms' temporaries per batch of rows of R, by default (32 MiB).
+BATCH_ENTRIES = 2**22
+
+
+def checked_rows(op: Any, A: Array, name: str) -> Any:
+    """``A`` checked as a stack of vectors in the rows, ``(n, d)``, for ``op``'s forms."""
+    A = check_operand(op.xp, op.device, op.dtype, A, name, owner=repr(op))
+    if A.ndim != 2 or A.shape[1] != op.dim:
+        raise ValueError(
+            f"{name} must have shape (n, {op.dim}), one vector per row; got {tuple(A.shape)}"
+        )
+    if op.check_finite:
+        check_finite(op.xp, A, name)
+    return A
+
+
+def forms_of(op: Any, batch_size: int | None) -> Forms:
+    """The forms of ``op``'s power of F at its damping, ``batch_size`` rows of R at a time."""
+    groups = op._groups
+    if batch_size is None:
+        # Bounded temporaries: about 2**22 entries of the coordinates (or of R in float64).
+        blocks = sum(g.group.count for g in groups)
+        step = max(1, BATCH_ENTRIES // max(op.num_grads * blocks, op.dim))
+    else:
+        step = check_count(batch_size, "batch_size")
+    return Forms(op.xp, groups, op.damp, op.power, step, op.dtype, op.device)
+
+
+@dataclass(frozen=True)
+class Forms:
+    """The bilinear and quadratic forms of ``F**power``, ``step`` rows of R at a time.
+
+    ``f(damp) Q R^T + sum_b (B_b Q_b^T)^T diag(w_b) (B_b R_b^T)`` with the float64
+    coordinates ``B_b`` of :meth:`GramEigen.project`: the temporaries are
+    ``(p + step) x m`` per block, and the m-sized contractions float64.
+    """
+
+    xp: Any
+    groups: Any
+    damp: float
+    power: float
+    step: int
+    dtype: Any
+    device: Any
+
+    def bilinear(self, Q: Array, R: Array) -> Array:
+        """``Q F**power R^T``, shape ``(p, n)``: Q projected once, R a batch at a time."""
+        xp = self.xp
+        alpha = self.damp**self.power
+        PQ = [g.weights(self.damp, self.power)[..., None] * g.project(Q) for g in self.groups]
+        Q64 = xp.astype(Q, xp.float64)
+        parts = []
+        for lo in range(0, R.shape[0], self.step):
+            Rb = R[lo : min(lo + self.step, R.shape[0]), :]
+            acc = alpha * (Q64 @ xp.matrix_transpose(xp.astype(Rb, xp.float64)))
+            for g, pq in zip(self.groups, PQ, strict=True):
+                acc = acc + xp.sum(xp.matrix_transpose(pq) @ g.project(Rb), axis=0)
+            parts.append(xp.astype(acc, self.dtype))
+        if not parts:
+            return xp.zeros((Q.shape[0], 0), dtype=self.dtype, device=self.device)
+        return parts[0] if len(parts) == 1 else xp.concat(parts, axis=1)
+
+    def quadratic(self, R: Array) -> Array:
+        """``diag(R F**power R^T)``, shape ``(n,)``, a batch of rows of R at a time."""
+        xp = self.xp
+        alpha = self.damp**self.power
+        W = [g.weights(self.damp, self.power)[..., None] for g in self.groups]
+        parts = []
+        for lo in range(0, R.shape[0], self.step):
+            Rb = R[lo : min(lo + self.step, R.shape[0]), :]
+            R64 = xp.astype(Rb, xp.float64)
+            acc = alpha * xp.sum(R64 * R64, axis=1)
+            for g, w in zip(self.groups, W, strict=True):
+                P = g.project(Rb)  # (count, r, n)
+                acc = acc + xp.sum(w * P * P, axis=(0, 1))
+            parts.append(xp.astype(acc, self.dtype))
+        if not parts:
+            return xp.zeros((0,), dtype=self.dtype, device=self.device)
+        return parts[0] if len(parts) == 1 else xp.concat(parts)

@@ -1,0 +1,131 @@
+"""The set-up and the state of :class:`~mfac_core.SpectralIHVP`: eigenpairs, damping, power.
+
+The constructor's checks and its one pass over G (each group's float64 Gram, then
+``eigh``), and the derived operators (another damping or power), which share G and
+the eigenpairs and recompute only the O(m) bounds of the spectrum.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+from . import _capacitance
+from ._compat import Array, detached, device
+from ._layout import BlockGroup, block_groups, checked_gram, chunks
+from ._operator import LinearOperator
+from ._spectral_groups import ColumnEigen, GramEigen, Group, spectrum_bounds
+from ._validation import (
+    check_block_size,
+    check_damp,
+    check_flag,
+    check_float64_available,
+    check_gradients,
+    half_dtype_name,
+)
+
+__all__ = ["PIECE_ENTRIES", "build", "derived", "eigen_groups"]
+
+#: float64 entries in one column piece of the set-up (32 MiB).
+PIECE_ENTRIES = 2**22
+
+
+def build(op: Any, G: Array, *, damp: Any, block_size: Any, check_finite: Any) -> None:
+    """The body of :class:`SpectralIHVP`'s constructor: the checks, the set-up, the state."""
+    check_finite = check_flag(check_finite, "check_finite")
+    G = detached(G)  # the operator stores G, never its autograd graph
+    xp = check_gradients(G, require_finite=False, half=True)
+    damp = check_damp(damp)
+    check_float64_available(xp)
+    m, d = (int(n) for n in G.shape)
+    bs = check_block_size(block_size, d)
+    storage = half_dtype_name(xp, G.dtype)
+    dtype = G.dtype if storage is None else xp.float32
+    groups = eigen_groups(
+        xp, G, block_groups(d, bs), dtype=dtype, damp=damp, check_finite=check_finite
+    )
+    LinearOperator.__init__(
+        op,
+        shape=(d, d),
+        dtype=dtype,
+        xp=xp,
+        device=device(G),
+        symmetric=True,
+        check_finite=check_finite,
+    )
+    op.num_grads, op.dim, op.block_size = m, d, bs
+    op.storage_dtype = storage
+    op._groups = groups
+    op.power = -1.0
+    _set_damp(op, damp)
+    _warn_if_hopeless(op)
+
+
+def derived(op: Any, *, damp: float | None = None, power: float | None = None) -> Any:
+    """``op`` at another (checked) damping or power, sharing G and the eigenpairs."""
+    # A shallow copy shares G and the eigenpairs: O(m) per group, never O(d m).
+    new = copy.copy(op)
+    if power is not None:
+        new.power = power
+    if damp is not None:
+        _set_damp(new, damp)
+        _warn_if_hopeless(new)
+    return new
+
+
+def _set_damp(op: Any, damp: float) -> None:
+    op.damp = damp
+    op.error_scale, op.kappa = spectrum_bounds(op.xp, op._groups, op.num_grads, damp)
+
+
+def _warn_if_hopeless(op: Any) -> None:
+    # The passes are exact to the result's rounding; what remains is the float64
+    # m x m work, good to about eps(float64) * error_scale.
+    _capacitance.warn_if_passes_hopeless(op.kappa, damp=op.damp)
+
+
+def eigen_groups(
+    xp: Any,
+    G: Array,
+    groups: tuple[BlockGroup, ...],
+    *,
+    dtype: Any,
+    damp: float,
+    check_finite: bool,
+) -> tuple[Group, ...]:
+    """Each group's float64 eigenpairs, chunk by chunk, in one pass over G.
+
+    The chunk's Grams are summed in float64 over column pieces (products of float32
+    or 2-byte values are exact in float64), then decomposed by ``eigh``; blocks no
+    wider than m decompose their ``G_b^T G_b`` instead (``_spectral_groups``).
+    """
+    m, d = G.shape
+    # float64 pieces of at most 32 MiB and 1/64 of G's entries: the set-up's peak memory
+    # stays near size(G).
+    width = max(1, min(PIECE_ENTRIES, m * d // 64) // m)
+
+    def rows(X: Array) -> Array:
+        return X @ xp.matrix_transpose(X)
+
+    def columns(X: Array) -> Array:
+        return xp.matrix_transpose(X) @ X
+
+    out: list[Group] = []
+    for g in groups:
+        dense = g.size <= m
+        vals, vecs = [], []
+        for chunk in chunks(g, max(width, g.size) if dense else width):
+            gram = checked_gram(xp, G, g, chunk, columns if dense else rows, check=check_finite)
+            if not check_finite and not bool(xp.all(xp.isfinite(xp.linalg.diagonal(gram)))):
+                # Unchecked NaN or infinity in G: eigh would fail with a bare LinAlgError
+                # (or return NaN). Each off-diagonal entry is bounded by the diagonal's,
+                # so O(m) of work tells, and the error is StaticIHVP's.
+                raise _capacitance.factorization_error(damp, (math.inf, math.inf))
+            lam, U = xp.linalg.eigh(gram)
+            vals.append(xp.clip(lam, min=0.0))
+            vecs.append(U)
+        lams = vals[0] if len(vals) == 1 else xp.concat(vals, axis=0)
+        U = vecs[0] if len(vecs) == 1 else xp.concat(vecs, axis=0)
+        out.append(ColumnEigen(g, U, lams, m, dtype) if dense else GramEigen(g, G, U, lams, dtype))
+    return tuple(out)
