@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _capacitance
+from . import _capacitance, _engine
 from ._compat import (
     Array,
     detached,
@@ -63,9 +63,6 @@ from ._validation import (
 )
 
 __all__ = ["SpectralIHVP"]
-
-#: float64 entries in one column piece of the set-up (32 MiB).
-_PIECE_ENTRIES = 2**22
 
 #: A group of blocks of the spectral form (``_spectral_groups``).
 _Group = GramEigen | ColumnEigen
@@ -484,8 +481,12 @@ class SpectralIHVP(LinearOperator):
         """The operator's bilinear and quadratic forms, ``batch_size`` rows of R at a time."""
         if batch_size is None:
             # Bounded temporaries: about 2**22 entries of the coordinates (or of R in float64).
+            # On an accelerator the engine's one device piece (_engine.piece_entries).
             blocks = sum(g.group.count for g in self._groups)
-            step = max(1, _PIECE_ENTRIES // max(self.num_grads * blocks, self.dim))
+            entries = _engine.piece_entries(
+                self._xp, _anchor(self._groups[0]), host=_engine.LARGE_PIECE_ENTRIES
+            )
+            step = max(1, entries // max(self.num_grads * blocks, self.dim))
         else:
             step = check_count(batch_size, "batch_size")
         return Forms(self._xp, self._groups, self.damp, self.power, step, self.dtype, self.device)
@@ -705,6 +706,11 @@ def _built(op: SpectralIHVP, G: Array, *, damp: Any, block_size: Any, check_fini
     op._warn_if_hopeless()
 
 
+def _anchor(group: _Group) -> Array:
+    """An array of ``group`` on the operator's device, for the engine's piece rule."""
+    return group.U if isinstance(group, GramEigen) else group.Q
+
+
 def _setup(
     xp: Any,
     G: Array,
@@ -720,10 +726,10 @@ def _setup(
     or 2-byte values are exact in float64), then decomposed by ``eigh``; blocks no
     wider than m decompose their ``G_b^T G_b`` instead (``_spectral_groups``).
     """
-    m, d = G.shape
-    # float64 pieces of at most 32 MiB and 1/64 of G's entries: the set-up's peak memory
-    # stays near size(G).
-    width = max(1, min(_PIECE_ENTRIES, m * d // 64) // m)
+    m = G.shape[0]
+    # StaticIHVP's set-up rule: on the host at most 32 MiB and 1/64 of G's entries (the
+    # peak memory stays near size(G)); on an accelerator one device piece.
+    width = _engine.gram_piece_width(xp, G)
 
     def rows(X: Array) -> Array:
         return X @ xp.matrix_transpose(X)
