@@ -113,7 +113,8 @@ def _full_window(m: int, d: int, dtype: str, damp: float, key: jax.Array) -> mj.
     What m updates would give, up to rounding, without compiling and running them.
     """
     G = _scale(m, d, damp) * jax.random.normal(key, (m, d), dtype)
-    gram = jax.jit(_jax_static._gram_f64)(G)  # float64 by chunks: no float64 copy of G
+    # float64 by chunks: no float64 copy of G
+    gram = jax.jit(_jax_static._gram_f64, static_argnums=1)(G, _jax_static._chunk_width(G))
     pos = jnp.zeros((), jnp.int32)
     factor, ok = jax.jit(_jax_window._refactor)(gram, pos, jnp.asarray(m * damp, jnp.float64))
     assert bool(ok)

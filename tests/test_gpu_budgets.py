@@ -105,9 +105,7 @@ def test_refinement_residual_takes_device_pieces(kind: str, monkeypatch: pytest.
     with d. The host piece is made small here (M * 128 entries), so that the larger d
     takes four host pieces, as at m d = 2**24 with the real size; a device piece holds it.
     """
-    from mfac_core import _refine
-
-    monkeypatch.setattr(_refine, "PIECE_ENTRIES", M * 128)
+    monkeypatch.setattr(_engine, "LARGE_PIECE_ENTRIES", M * 128)
     small, large = _refined_counts(kind, 128), _refined_counts(kind, 512)
     assert small["ops"] == large["ops"], (small, large)
 

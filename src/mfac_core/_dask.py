@@ -72,7 +72,7 @@ def _chunk_gram(G: Any) -> Any:
     def product(X: Any) -> Any:
         return X @ _NP.matrix_transpose(X)
 
-    width = max(1, _setup.PIECE_ENTRIES // m)
+    width = _engine.piece_width(_NP, G, m, host=_engine.LARGE_PIECE_ENTRIES)
     return _layout.chunk_gram(_NP, G, group, list(_layout.pieces(group, width)), product)[0]
 
 

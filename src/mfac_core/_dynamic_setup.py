@@ -11,6 +11,7 @@ import dataclasses
 from collections import deque
 from typing import Any
 
+from . import _engine
 from ._compat import Array, array_namespace, detached
 from ._compat import device as device_of
 from ._deprecation import (
@@ -32,9 +33,6 @@ from ._validation import (
     half_dtype_name,
     namespace_of,
 )
-
-#: float64 entries in one piece of a float64 Gram pass over the window.
-PIECE_ENTRIES = 2**22
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +117,7 @@ def default_namespace() -> Any:
 def local_gram(xp: Any, G: Array) -> Array:
     """``G G^T`` of the rows of ``G`` (of a shard: of its columns), accumulated in float64.
 
-    O(m^2 d): column pieces of G converted to float64 (32 MiB at most), one
+    O(m^2 d): column pieces of G converted to float64 (:func:`_engine.piece_width`), one
     BLAS-3 product each; products of float32 or 2-byte values are exact in
     float64, so each entry errs by at most d eps64 |g_i| |g_j|.
     """
@@ -127,7 +125,7 @@ def local_gram(xp: Any, G: Array) -> Array:
     if not d:  # a shard without columns
         return xp.zeros((m, m), dtype=xp.float64, device=device_of(G))
     whole = BlockGroup(0, 1, d)
-    chunk = list(pieces(whole, max(1, PIECE_ENTRIES // m)))
+    chunk = list(pieces(whole, _engine.piece_width(xp, G, m, host=_engine.LARGE_PIECE_ENTRIES)))
     return chunk_gram(xp, G, whole, chunk, lambda X: X @ xp.matrix_transpose(X))[0, ...]
 
 

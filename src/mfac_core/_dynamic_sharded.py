@@ -14,7 +14,7 @@ from typing import Any
 from . import _engine
 from ._compat import Array, array_namespace
 from ._compat import device as device_of
-from ._dynamic_setup import PIECE_ENTRIES, default_namespace
+from ._dynamic_setup import default_namespace
 from ._layout import BlockGroup, pieces
 from ._sharding import ShardLayout, host_values, reduce_checked
 from ._validation import check_count, check_finite, namespace_of
@@ -251,11 +251,13 @@ def agreed(op: Any, what: str, code: int, local: Any) -> None:
 
 
 def pieces_of(op: Any) -> list[Any]:
-    """The column pieces of the buffer for its float64 passes (32 MiB each at most)."""
+    """The column pieces of the buffer for its float64 passes (the engine's rule: 32 MiB
+    each at most on the host, one device piece on an accelerator)."""
     if not op.dim:  # a shard without columns
         return []
     whole = BlockGroup(0, 1, op.dim)
-    return list(pieces(whole, max(1, PIECE_ENTRIES // op.num_grads)))
+    width = _engine.piece_width(op._xp, op._G, op.num_grads, host=_engine.LARGE_PIECE_ENTRIES)
+    return list(pieces(whole, width))
 
 
 def sharded_residual(op: Any, X: Array, Y: Array, scale: float) -> Array:

@@ -27,11 +27,19 @@ reuse does not matter, one bounded float64 temporary (``DEVICE_PIECE_ENTRIES``),
 a product is a fixed handful of launches up to that size. Where the extension was not
 built, that fallback serves NumPy and PyTorch too; it is as exact and slower, and says
 so once.
+
+The same rule sizes every other pass over G that casts column pieces to float64 (the
+set-up's Grams, the dynamic window's Gram and residuals, refinement residuals, the
+whitened diagonals and entries, the spectral forms): :func:`piece_width` with their host
+size (``LARGE_PIECE_ENTRIES``), and :func:`gram_piece_width` for the set-up's Gram, whose
+host pieces are also at most 1/64 of G. On an accelerator all of them take the one
+device piece.
 """
 
 from __future__ import annotations
 
 import contextlib
+import sys
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
@@ -46,9 +54,11 @@ from ._layout import BlockGroup, piece_stack, pieces
 __all__ = [
     "combine",
     "combine_blocks",
+    "gram_piece_width",
     "is_accelerator",
     "lift",
     "piece_entries",
+    "piece_width",
     "project",
     "project_blocks",
     "project_rows",
@@ -68,6 +78,17 @@ PIECE_ENTRIES = 2**20
 #: multiply; a piece this size takes over 0.1 ms of an H200's bandwidth, so launches
 #: stay a few percent of a product at any d.
 DEVICE_PIECE_ENTRIES = 2**25
+
+#: float64 entries of one column piece, on the host, of the passes other than the
+#: products' fallback (32 MiB): the set-up's Grams, the window's Gram and residuals,
+#: refinement residuals, whitened diagonals and entries, the spectral forms. On an
+#: accelerator they take ``DEVICE_PIECE_ENTRIES`` too (:func:`piece_width`).
+LARGE_PIECE_ENTRIES = 2**22
+
+#: The fewest pieces of the set-up's Gram pass on the host (:func:`gram_piece_width`):
+#: its float64 pieces are at most 1/64 of G's entries (1/32 of a float32 G's bytes), so
+#: that the set-up's peak memory stays near size(G).
+GRAM_MIN_PIECES = 64
 
 _simulated = [False]
 #: The CUDA passes that serve PyTorch tensors inside :func:`simulate_device` (None: none).
@@ -99,7 +120,8 @@ def is_accelerator(xp: Any, A: Array) -> bool:
     """Whether ``A`` lives on an accelerator (a GPU), where launches, not caches, count.
 
     PyTorch tensors on any device but ``cpu`` (``cuda``, ``xpu``, ``mps``...), CuPy
-    arrays, JAX arrays on a non-CPU platform; NumPy and other host arrays are not.
+    arrays, JAX arrays on a non-CPU platform (a traced one, which has no device yet,
+    where JAX's default backend is not the CPU); NumPy and other host arrays are not.
     """
     if _simulated[0]:
         return True
@@ -109,17 +131,55 @@ def is_accelerator(xp: Any, A: Array) -> bool:
         return bool(A.device.type != "cpu")
     dev = getattr(A, "device", None)
     platform = getattr(dev, "platform", None)  # JAX: a Device with a platform name
-    return isinstance(platform, str) and platform != "cpu"
+    if isinstance(platform, str):
+        return platform != "cpu"
+    return _jax_accelerator(A)
 
 
-def piece_entries(xp: Any, A: Array) -> int:
-    """float64 entries of one cast column piece of ``A``'s passes: cache- or device-sized."""
-    return DEVICE_PIECE_ENTRIES if is_accelerator(xp, A) else PIECE_ENTRIES
+def _jax_accelerator(A: Any) -> bool:
+    """Whether a JAX array without one device of its own (sharded, or traced) is on a GPU."""
+    jax = sys.modules.get("jax")
+    if jax is None or not isinstance(A, jax.Array):
+        return False
+    if isinstance(A, jax.core.Tracer):
+        # Under jax.jit or jax.vmap the array is placed on the default backend.
+        return bool(jax.default_backend() != "cpu")
+    return any(d.platform != "cpu" for d in A.devices())
 
 
-def piece_width(xp: Any, A: Array, rows: int) -> int:
-    """Columns of one float64 piece of ``A`` with ``rows`` rows (at least one)."""
-    return max(1, piece_entries(xp, A) // max(rows, 1))
+def piece_entries(xp: Any, A: Array, *, host: int | None = None) -> int:
+    """float64 entries of one cast column piece of ``A``'s passes: cache- or device-sized.
+
+    ``host`` (by default ``PIECE_ENTRIES``, the products' fallback) where ``A`` is on
+    the host, ``DEVICE_PIECE_ENTRIES`` where it is on an accelerator.
+    """
+    if is_accelerator(xp, A):
+        return DEVICE_PIECE_ENTRIES
+    return PIECE_ENTRIES if host is None else host
+
+
+def piece_width(
+    xp: Any, A: Array, rows: int, *, host: int | None = None, min_pieces: int = 1
+) -> int:
+    """Columns of one float64 piece of ``A`` with ``rows`` rows (at least one).
+
+    ``host`` as in :func:`piece_entries`. On the host, pieces are also at most
+    ``1 / min_pieces`` of ``A``'s columns; on an accelerator the one device piece
+    bounds the temporaries instead, and more pieces would only add launches.
+    """
+    width = piece_entries(xp, A, host=host) // max(rows, 1)
+    if min_pieces > 1 and not is_accelerator(xp, A):
+        width = min(width, A.shape[-1] // min_pieces)
+    return max(1, width)
+
+
+def gram_piece_width(xp: Any, G: Array) -> int:
+    """Columns of one piece of the set-up's Gram pass over ``G`` (m x d, or a shard of it).
+
+    On the host ``LARGE_PIECE_ENTRIES`` and at most 1/``GRAM_MIN_PIECES`` of the
+    columns; on an accelerator the device piece.
+    """
+    return piece_width(xp, G, G.shape[0], host=LARGE_PIECE_ENTRIES, min_pieces=GRAM_MIN_PIECES)
 
 
 _warned_slow = False

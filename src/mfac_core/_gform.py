@@ -39,8 +39,6 @@ __all__ = [
 COMPUTE_ENTRIES = 2**20
 #: Fewest columns of a piece, so that the per-piece overhead stays small for large m.
 MIN_WIDTH = 256
-#: float64 entries of one temporary of ``diagonal``/``entries`` (32 MiB).
-CHUNK_ENTRIES = 2**22
 
 
 def piece_width(m: int) -> int:
@@ -125,7 +123,8 @@ class GFormFactor:
         Linv = self.factor.lower_inverse()
         m = G.shape[0]
         parts = []
-        for b0, b1, c0, c1 in pieces(g, max(1, CHUNK_ENTRIES // max(m, 1))):
+        width = _engine.piece_width(xp, G, m, host=_engine.LARGE_PIECE_ENTRIES)
+        for b0, b1, c0, c1 in pieces(g, width):
             Gp = xp.astype(piece_stack(xp, G, g, (b0, b1, c0, c1)), xp.float64)
             D = whitened_diagonal(xp, Linv[b0:b1, ...], Gp, self.damp)
             parts.append(xp.astype(xp.reshape(D, (-1,)), self.dtype))
@@ -143,7 +142,8 @@ class GFormFactor:
         m = G.shape[0]
         n = rows.shape[0]
         per_column = m * (m if g.count > 1 else 1)  # a gathered factor per column if blocks
-        width = max(1, CHUNK_ENTRIES // max(2 * per_column, 1))
+        entries = _engine.piece_entries(xp, G, host=_engine.LARGE_PIECE_ENTRIES)
+        width = max(1, entries // max(2 * per_column, 1))
         parts = []
         for lo in range(0, n, width):
             hi = min(lo + width, n)
@@ -204,7 +204,8 @@ class DenseBlockFactors:
         flat = xp.reshape(self.Linv, (-1,))
         down = xp.reshape(xp.arange(s, dtype=xp.int64, device=device(flat)) * s, (1, s))
         n = rows.shape[0]
-        width = max(1, CHUNK_ENTRIES // max(2 * s, 1))
+        entries = _engine.piece_entries(xp, flat, host=_engine.LARGE_PIECE_ENTRIES)
+        width = max(1, entries // max(2 * s, 1))
         parts = []
         for lo in range(0, n, width):
             hi = min(lo + width, n)

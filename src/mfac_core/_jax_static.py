@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from . import _capacitance
+from . import _capacitance, _engine
 from ._jax_common import (
     check_dtype,
     check_vector,
@@ -29,10 +29,6 @@ from ._jax_common import (
 from ._validation import check_damp
 
 __all__ = ["StaticIHVP", "static_ihvp"]
-
-#: float64 entries of one column chunk of the static set-up's Gram product (32 MiB).
-_CHUNK_ENTRIES = 2**22
-
 
 # -- the static operator ---------------------------------------------------------------------
 
@@ -197,7 +193,7 @@ class StaticIHVP:
             raise ValueError(
                 "a batch of operators (from jax.vmap) must be applied under jax.vmap too"
             )
-        return _static_diagonal(self.G, self.U, self.damp)
+        return _static_diagonal(self.G, self.U, self.damp, _chunk_width(self.G))
 
 
 # Registered by a call, not as a decorator, so that the class stays a class where the
@@ -205,14 +201,23 @@ class StaticIHVP:
 jax.tree_util.register_dataclass(StaticIHVP)
 
 
-def _gram_f64(G: Any) -> Any:
-    """``G G^T`` accumulated in float64, over column chunks of at most 32 MiB in float64.
+def _chunk_width(G: Any) -> int:
+    """Columns of one float64 chunk of G's passes: the engine's rule for G's device.
 
-    Converting all of G to float64 at once would need twice the memory of a
-    float32 G; the chunks keep the extra memory to a small fraction of G.
+    32 MiB on the host; on a GPU one device piece (``_engine.DEVICE_PIECE_ENTRIES``),
+    where each chunk is a few launches. A traced G is on JAX's default backend.
     """
     m, d = G.shape
-    width = max(1, min(d, _CHUNK_ENTRIES // m))
+    return min(d, _engine.piece_width(jnp, G, m, host=_engine.LARGE_PIECE_ENTRIES))
+
+
+def _gram_f64(G: Any, width: int) -> Any:
+    """``G G^T`` accumulated in float64, over column chunks of ``width`` columns.
+
+    Converting all of G to float64 at once would need twice the memory of a
+    float32 G; the chunks bound the extra memory (:func:`_chunk_width`).
+    """
+    m, d = G.shape
     full = d // width
 
     def chunk_gram(X: Any) -> Any:
@@ -296,7 +301,7 @@ def static_ihvp(G: Any, /, *, damp: float) -> StaticIHVP:
             f"row; got shape {G.shape}"
         )
     dtype = check_dtype(G.dtype, "G")
-    U, kappa_bound, kappa_lower, finite = _static_setup(G, damp)
+    U, kappa_bound, kappa_lower, finite = _static_setup(G, damp, _chunk_width(G))
     # Outside of tracing these are concrete, and a failure is an exception as in
     # mfac_core.StaticIHVP; under jit or vmap the checks are skipped (NaN results).
     # The wording and the rule are the core's (mfac_core._capacitance).
@@ -310,15 +315,15 @@ def static_ihvp(G: Any, /, *, damp: float) -> StaticIHVP:
     return StaticIHVP(G=G, U=U, kappa_bound=kappa_bound, damp=damp)
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def _static_setup(G: Any, damp: float) -> tuple[Any, Any, Any, Any]:
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _static_setup(G: Any, damp: float, width: int) -> tuple[Any, Any, Any, Any]:
     """U, the upper and a lower bound of kappa, and whether the factor is finite.
 
     Jitted as a whole so that an eager :func:`static_ihvp` compiles once per
     shape instead of dispatching a dozen small operations.
     """
     m = G.shape[0]
-    gram = _gram_f64(G)
+    gram = _gram_f64(G, width)
     C = gram + (m * damp) * jnp.eye(m, dtype=jnp.float64)
     U = jnp.linalg.cholesky(C).T
     # The bounds of the largest eigenvalue of mfac_core.StaticIHVP: the trace above, power
@@ -341,11 +346,10 @@ def _static_apply_columns(G: Any, U: Any, X: Any, damp: float) -> Any:
     return lax.map(lambda x: _static_apply(G, U, x, damp), X.T).T
 
 
-@functools.partial(jax.jit, static_argnums=2)
-def _static_diagonal(G: Any, U: Any, damp: float) -> Any:
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _static_diagonal(G: Any, U: Any, damp: float, width: int) -> Any:
     """``(1 - ||U^{-T} g_j||^2) / damp`` per column, whitened in float64 chunk by chunk."""
-    m, d = G.shape
-    width = max(1, min(d, _CHUNK_ENTRIES // m))
+    d = G.shape[1]
     full = d // width
 
     def chunk(X: Any) -> Any:

@@ -23,16 +23,6 @@ from ._layout import BlockGroup, chunks, piece_columns, piece_stack
 
 __all__ = ["fisher_residual", "refine"]
 
-#: float64 entries in one column piece of G read by a residual on the host (32 MiB). On
-#: an accelerator the engine's device piece (``_engine.DEVICE_PIECE_ENTRIES``) is used:
-#: there launches, not caches, count, and a host-sized piece multiplies them.
-PIECE_ENTRIES = 2**22
-
-
-def piece_entries(xp: Any, G: Array) -> int:
-    """float64 entries of one column piece of a residual's passes over ``G``."""
-    return _engine.DEVICE_PIECE_ENTRIES if _engine.is_accelerator(xp, G) else PIECE_ENTRIES
-
 
 def _rows(xp: Any, Y: Array, group: BlockGroup, piece: tuple[int, int, int, int]) -> Array:
     """The rows of ``Y`` (d x k) in a piece as a ``(blocks, width, k)`` view."""
@@ -58,7 +48,9 @@ def fisher_residual(
     temporaries stay bounded whatever G's size.
     """
     m = G.shape[0]
-    width = max(1, piece_entries(xp, G) // m)
+    # 32 MiB pieces on the host; on an accelerator, where launches, not caches, count,
+    # the engine's one device piece.
+    width = _engine.piece_width(xp, G, m, host=_engine.LARGE_PIECE_ENTRIES)
     X64 = xp.astype(X, xp.float64)
     parts = []
     for group in groups:

@@ -15,16 +15,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from . import _capacitance
+from . import _capacitance, _engine
 from ._compat import Array, device, is_writeable_array
 from ._gform import DenseBlockFactors, GFormFactor
 from ._group_factors import GroupFactor
 from ._layout import BlockGroup, Piece, checked_gram, chunks
 
 __all__ = ["SetupResult", "factorize_gform_groups"]
-
-#: float64 entries in one column piece of the set-up (32 MiB).
-PIECE_ENTRIES = 2**22
 
 
 @dataclass
@@ -56,13 +53,6 @@ class SetupResult:
     kappa_hi: float
 
 
-def _piece_width(G: Array) -> int:
-    # float64 pieces of at most 32 MiB and at most 1/64 of G's entries (1/32 of a
-    # float32 G's bytes), so that the set-up's peak memory stays near size(G).
-    m, d = G.shape
-    return max(1, min(PIECE_ENTRIES, m * d // 64) // m)
-
-
 def _checked_gram(
     xp: Any,
     G: Array,
@@ -84,7 +74,7 @@ def _dense_chunk_factors(
     from its Gram over whole blocks (at most m columns each: O(m^2) memory per block).
     """
     m = G.shape[0]
-    for chunk in chunks(group, max(_piece_width(G), group.size)):
+    for chunk in chunks(group, max(_engine.gram_piece_width(xp, G), group.size)):
         gram = _checked_gram(
             xp, G, group, chunk, lambda X: xp.matrix_transpose(X) @ X, track, check
         )
@@ -145,7 +135,7 @@ def factorize_gform_groups(
             continue
         stacks = []
         kappa_lo = kappa_hi = 1.0
-        for chunk in chunks(group, _piece_width(G)):
+        for chunk in chunks(group, _engine.gram_piece_width(xp, G)):
             gram = _checked_gram(xp, G, group, chunk, product, track, check_finite)
             factor = _capacitance.factorize(xp, gram, shift=m * damp, scale=1.0, damp=damp)
             track.add(factor)

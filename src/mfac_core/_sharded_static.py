@@ -68,11 +68,6 @@ _DTYPE_CODES = {"float32": 1, "float64": 2}
 _DONE_FIELDS = ("kappa_lo", "kappa_hi", "failed")
 
 
-def _piece_width(m: int, n: int) -> int:
-    # The rule of the single-process set-up (_setup), for this rank's m x n shard.
-    return max(1, min(_setup.PIECE_ENTRIES, m * n // 64) // m)
-
-
 def _gathered(total: Array, size: int, k: int) -> list[list[float]]:
     values = host_values(total)
     return [values[r * k : (r + 1) * k] for r in range(size)]
@@ -228,7 +223,8 @@ def _local_gram(
     if n == 0:
         return xp.zeros((m * m,), dtype=xp.float64, device=device(G))
     group = BlockGroup(0, 1, n)
-    (chunk,) = list(chunks(group, _piece_width(m, n)))  # one block: one chunk of pieces
+    # The single-process set-up's rule, for this rank's m x n shard; one block: one chunk.
+    (chunk,) = list(chunks(group, _engine.gram_piece_width(xp, G)))
 
     def product(X: Array) -> Array:
         return X @ xp.matrix_transpose(X)
@@ -529,7 +525,7 @@ class ShardedStatic:
         G = self.G
         m, n = G.shape
         k = Y.shape[1]
-        width = _piece_width(m, n)
+        width = _engine.gram_piece_width(xp, G)
         P = xp.zeros((m, k), dtype=xp.float64, device=device(Y))
         for lo in range(0, n, width):
             hi = min(lo + width, n)

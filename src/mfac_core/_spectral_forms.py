@@ -11,13 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from . import _engine
 from ._compat import Array
+from ._spectral_groups import GramEigen
 from ._validation import check_count, check_finite, check_operand
 
-__all__ = ["BATCH_ENTRIES", "Forms", "checked_rows", "forms_of"]
-
-#: float64 entries of the forms' temporaries per batch of rows of R, by default (32 MiB).
-BATCH_ENTRIES = 2**22
+__all__ = ["Forms", "checked_rows", "forms_of"]
 
 
 def checked_rows(op: Any, A: Array, name: str) -> Any:
@@ -36,9 +35,13 @@ def forms_of(op: Any, batch_size: int | None) -> Forms:
     """The forms of ``op``'s power of F at its damping, ``batch_size`` rows of R at a time."""
     groups = op._groups
     if batch_size is None:
-        # Bounded temporaries: about 2**22 entries of the coordinates (or of R in float64).
+        # Bounded temporaries: about 2**22 entries of the coordinates (or of R in float64),
+        # on an accelerator the engine's one device piece.
         blocks = sum(g.group.count for g in groups)
-        step = max(1, BATCH_ENTRIES // max(op.num_grads * blocks, op.dim))
+        first = groups[0]
+        anchor = first.U if isinstance(first, GramEigen) else first.Q
+        entries = _engine.piece_entries(op.xp, anchor, host=_engine.LARGE_PIECE_ENTRIES)
+        step = max(1, entries // max(op.num_grads * blocks, op.dim))
     else:
         step = check_count(batch_size, "batch_size")
     return Forms(op.xp, groups, op.damp, op.power, step, op.dtype, op.device)

@@ -55,8 +55,6 @@ __all__ = [
 #: The powers of F the closed forms cover: F^{-1}, F^{-1/2}, F^{1/2}, F.
 POWERS = (-1.0, -0.5, 0.5, 1.0)
 
-#: float64 entries of one whitened piece of ``GramEigen.diagonal`` (32 MiB).
-CHUNK_ENTRIES = 2**22
 #: The most blocks of a group whose one-vector sweep goes block by block through the
 #: engine's lift (one read of G for all dampings); past that, per-call costs outweigh it
 #: and each damping reads the group once (one call for all blocks).
@@ -148,12 +146,9 @@ class GramEigen:
         )
         Ut = xp.matrix_transpose(self.U)
         parts = []
-        # Cache-sized pieces on the host; on a GPU, where each piece costs launches,
-        # pieces of the engine's device size (its policy, _engine.piece_width).
-        if _engine.is_accelerator(xp, G):
-            width = _engine.piece_width(xp, G, m)
-        else:
-            width = max(1, CHUNK_ENTRIES // m)
+        # 32 MiB pieces on the host; on a GPU, where each piece costs launches, the
+        # engine's device piece.
+        width = _engine.piece_width(xp, G, m, host=_engine.LARGE_PIECE_ENTRIES)
         for b0, b1, c0, c1 in pieces(g, width):
             Gp = piece_stack(xp, G, g, (b0, b1, c0, c1))
             Z = Ut[b0:b1, ...] @ xp.astype(Gp, xp.float64)  # (b, m, w)

@@ -25,10 +25,7 @@ from ._validation import (
     half_dtype_name,
 )
 
-__all__ = ["PIECE_ENTRIES", "build", "derived", "eigen_groups"]
-
-#: float64 entries in one column piece of the set-up (32 MiB).
-PIECE_ENTRIES = 2**22
+__all__ = ["build", "derived", "eigen_groups"]
 
 
 def build(op: Any, G: Array, *, damp: Any, block_size: Any, check_finite: Any) -> None:
@@ -100,10 +97,10 @@ def eigen_groups(
     or 2-byte values are exact in float64), then decomposed by ``eigh``; blocks no
     wider than m decompose their ``G_b^T G_b`` instead (``_spectral_groups``).
     """
-    m, d = G.shape
-    # float64 pieces of at most 32 MiB and 1/64 of G's entries: the set-up's peak memory
-    # stays near size(G).
-    width = max(1, min(PIECE_ENTRIES, m * d // 64) // m)
+    m = G.shape[0]
+    # StaticIHVP's set-up rule: on the host at most 32 MiB and 1/64 of G's entries (the
+    # peak memory stays near size(G)); on an accelerator one device piece.
+    width = _engine.gram_piece_width(xp, G)
 
     def rows(X: Array) -> Array:
         return X @ xp.matrix_transpose(X)

@@ -60,9 +60,6 @@ __all__ = [
 #: two device buffers stay small.
 PIECE_BYTES = 2**25
 
-#: float64 entries of one temporary of ``entries`` (32 MiB).
-CHUNK_ENTRIES = 2**22
-
 
 class StreamOps(Protocol):
     """The stream operations the double-buffered schedule needs."""
@@ -432,7 +429,8 @@ class StreamedGForm:
         Linv = self.factor.lower_inverse()[0, ...]
         m, w = self.host.shape[1], self._width
         n = rows.shape[0]
-        step = max(1, CHUNK_ENTRIES // m)
+        # Whitened on the target: a device piece there, 32 MiB pieces on the host.
+        step = _engine.piece_width(xp, Linv, m, host=_engine.LARGE_PIECE_ENTRIES)
         parts = []
         for lo in range(0, n, step):
             r, c = rows[lo : lo + step].cpu(), cols[lo : lo + step].cpu()
