@@ -11,7 +11,7 @@ import copy
 import math
 from typing import Any
 
-from . import _capacitance
+from . import _capacitance, _engine
 from ._compat import Array, detached, device
 from ._layout import BlockGroup, block_groups, checked_gram, chunks
 from ._operator import LinearOperator
