@@ -114,8 +114,8 @@ def test_sharded_static_setup(device: bool, monkeypatch: pytest.MonkeyPatch) -> 
 
 @DEVICE
 def test_spectral_setup_diagonal_and_forms(device: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    import mfac_core._spectral_setup as spectral
     import mfac_core._spectral_groups as groups
+    import mfac_core._spectral_setup as spectral
 
     monkeypatch.setattr(_engine, "LARGE_PIECE_ENTRIES", SMALL_HOST)
     d = 512
