@@ -1,10 +1,9 @@
 """The sliding window of :mod:`mfac_core.jax`: :class:`WindowState` and its functions.
 
-The window's state, the O(m^2) edit of its float64 factor (the core's, through
-``_linalg.replaced_row``) with the drift check,
-and :func:`window_init`, :func:`window_update`, :func:`window_update_and_matvec`
-and :func:`window_matvec`. Re-exported by :mod:`mfac_core.jax`, where it is
-documented; imported only by it.
+The window's state, the O(m^2) edit of its float64 factor (the core's edit,
+``_linalg.replaced_row``) with the drift check, and :func:`window_init`,
+:func:`window_update`, :func:`window_update_and_matvec` and :func:`window_matvec`.
+Re-exported by :mod:`mfac_core.jax`, where it is documented; imported only by it.
 """
 
 from __future__ import annotations
