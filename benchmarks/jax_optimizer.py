@@ -58,7 +58,7 @@ from _common import (
     markdown_table,
 )
 
-from mfac_core import _jax_common, _jax_static, _jax_window
+from mfac_core import _jax_common, _jax_static, _jax_window, _linalg
 from mfac_core import jax as mj
 
 MiB = 2**20
@@ -227,7 +227,8 @@ def mm_row(args: argparse.Namespace, m: int, key: jax.Array) -> list[str]:
     b = (state.grads @ g).at[state.pos].set(g @ g)
     idx = (state.pos + 1 + jnp.arange(m)) % m
     shift = jnp.asarray(m * args.damp, jnp.float64)
-    edit = jax.jit(_jax_window._replace_oldest)
+    # The window's edit: drop the oldest (first) row and column, append the new one.
+    edit = jax.jit(lambda U, b, c: _linalg.replaced_row(jnp, U, 0, b[:-1], b[-1] + c))
     refactor = jax.jit(_jax_window._refactor)
     P = state.grads @ jax.random.normal(key, (2 * m,), jnp.float64)
     solves = jax.jit(lambda U, p: _jax_common.solve_upper(U, _jax_common.solve_upper_t(U, p)))

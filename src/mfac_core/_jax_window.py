@@ -1,9 +1,9 @@
 """The sliding window of :mod:`mfac_core.jax`: :class:`WindowState` and its functions.
 
-The window's state, the O(m^2) edit of its float64 factor with the drift check,
-and :func:`window_init`, :func:`window_update`, :func:`window_update_and_matvec`
-and :func:`window_matvec`. Re-exported by :mod:`mfac_core.jax`, where it is
-documented; imported only by it.
+The window's state, the O(m^2) edit of its float64 factor (the core's edit,
+``_linalg.replaced_row``) with the drift check, and :func:`window_init`,
+:func:`window_update`, :func:`window_update_and_matvec` and :func:`window_matvec`.
+Re-exported by :mod:`mfac_core.jax`, where it is documented; imported only by it.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from ._jax_common import (
     solve_upper,
     solve_upper_t,
 )
-from ._linalg._rowedit import PIVOT_TOL
+from ._linalg import replaced_row
 from ._validation import SMALLEST_DAMP, check_count, check_flag
 
 __all__ = [
@@ -277,59 +277,6 @@ def _refactor(gram: Any, pos: Any, shift: Any) -> tuple[Any, Any]:
     return L.T, ok
 
 
-def _replace_oldest(U: Any, b_age: Any, shift: Any) -> tuple[Any, Any]:
-    """Edit the factor: drop the oldest (first) row and column, append the new one last.
-
-    ``U`` is the upper factor of ``C`` in age order, ``b_age`` the new Gram row
-    against the window after the replacement, in the new age order (its last
-    entry the new gradient's squared norm). O(m^2), all in float64:
-
-    1. Deleting row and column 0 leaves ``V^T V + u u^T`` for ``V = U[1:, 1:]``
-       and ``u = U[0, 1:]``, a rank-one update. With ``q = V^{-T} u``,
-       ``V^T V + u u^T = V^T (I + q q^T) V`` and ``I + q q^T = K^T K`` where K
-       is upper triangular with ``K_jj = sqrt(s_{j+1}/s_j)`` and
-       ``K_ji = beta_j q_i`` (``i > j``), ``s_j = 1 + sum_{i<j} q_i^2``,
-       ``beta_j = q_j / sqrt(s_j s_{j+1})`` (Gill, Golub, Murray & Saunders
-       1974; :mod:`mfac_core._cholesky` does the same by panels). Row j of
-       ``K V`` is ``K_jj V_j + beta_j sum_{i>j} q_i V_i``: one bottom-up sweep
-       with a running sum. The sweep is a ``fori_loop`` over rows, each step a
-       contiguous row of length m: on XLA's CPU this took 0.8 ms at m = 1024,
-       where ``lax.cumsum`` over the rows took 7.6 ms.
-    2. Appending is one triangular solve ``U1^T c = b`` and the pivot
-       ``sqrt(b_new + shift - c^T c)``.
-
-    Returns the new factor and whether it can be trusted: a positive pivot
-    and ``diag(U^T U)`` within ``DRIFT_TOL`` of ``diag(C)``.
-    """
-    m = U.shape[0]
-    n = m - 1
-    # q from a solve with all of U, without copying V: U^T y = U_00 e_0 has
-    # y[0] = 1 and y[1:] = -q.
-    e0 = jnp.zeros((m,), jnp.float64).at[0].set(U[0, 0])
-    q = -solve_upper_t(U, e0)[1:]
-    s = 1.0 + jnp.concatenate([jnp.zeros((1,), jnp.float64), jnp.cumsum(q * q)])
-    diag = jnp.sqrt(s[1:] / s[:-1])
-    beta = q / jnp.sqrt(s[1:] * s[:-1])
-
-    def body(i: Any, carry: tuple[Any, Any]) -> tuple[Any, Any]:
-        acc, out = carry
-        j = n - 1 - i
-        v = lax.dynamic_slice(U, (j + 1, 1), (1, n))[0]
-        out = lax.dynamic_update_slice(out, (diag[j] * v + beta[j] * acc)[None, :], (j, 0))
-        return acc + q[j] * v, out
-
-    # The last row and column are those of the identity during the append's solve.
-    out = jnp.zeros((m, m), jnp.float64).at[n, n].set(1.0)
-    if n:  # m = 1: nothing is left after the deletion (and the body cannot be traced)
-        _, out = lax.fori_loop(0, n, body, (jnp.zeros((n,), jnp.float64), out))
-    c = b_age[n] + shift
-    col = solve_upper_t(out, b_age.at[n].set(0.0))[:n]
-    pivot2 = c - col @ col
-    good = pivot2 > PIVOT_TOL * jnp.abs(c)
-    out = out.at[:n, n].set(col).at[n, n].set(jnp.sqrt(jnp.where(good, pivot2, 1.0)))
-    return out, good
-
-
 def _check_state(state: Any, what: str) -> None:
     if not isinstance(state, WindowState):
         raise TypeError(
@@ -371,10 +318,12 @@ def _insert(state: WindowState, g: Any, damp: Any) -> tuple[WindowState, Any, An
     b_age = b[idx]
 
     def edit(_: Any) -> tuple[Any, Any]:
-        U, good = _replace_oldest(state.factor, b_age, shift)
+        # The core's O(m^2) edit (mfac_core._linalg._rowedit): drop the oldest row and
+        # column (the first, in age order), append the new gradient's last.
+        U, margin = replaced_row(jnp, state.factor, 0, b_age[:-1], b_age[-1] + shift)
         want = jnp.diagonal(gram)[idx] + shift
         drift = relative_column_drift(jnp, U, want)
-        return U, good & (drift <= DRIFT_TOL)
+        return U, (margin > 0) & (drift <= DRIFT_TOL)
 
     def skip(_: Any) -> tuple[Any, Any]:
         return state.factor, jnp.zeros((), bool)

@@ -34,6 +34,7 @@ __all__ = [
     "get_cupy_linalg",
     "matmul_into",
     "replace_row",
+    "replaced_row",
     "set_cupy_linalg",
     "solve_triangular",
     "triangular_inverse",
@@ -133,3 +134,16 @@ def replace_row(
         return _rowedit.replace(xp, backend.solve_triangular, U, p, b, c, out, deferred=deferred)
     U = backend.replace(U, p, b, float(c), out)
     return (U, None) if deferred else U
+
+
+def replaced_row(xp: Any, U: Any, p: int, b: Any, c: Any, /) -> tuple[Any, Any]:
+    """:func:`replace_row` as a pure function of arrays: ``(new, margin)``.
+
+    New arrays only and no read on the host (``margin > 0`` exactly when the new
+    pivot passes), so that it traces under ``jax.jit`` for a static ``p``: the edit of
+    :mod:`mfac_core.jax`'s window. O(k^2).
+    """
+    backend = _backend_for(xp)
+    if backend.replaced is None:
+        return _rowedit.replaced(xp, backend.solve_triangular, U, p, b, c)
+    return backend.replaced(U, p, b, c)

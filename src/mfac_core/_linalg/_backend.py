@@ -28,6 +28,10 @@ class Backend:
     replace : callable or None
         ``replace(U, p, b, c, out)``, the row edit of an upper factor; ``None``: the
         generic one of ``_rowedit`` with this backend's solve.
+    replaced : callable or None
+        ``replaced(U, p, b, c)`` -> ``(new, margin)``, the row edit as a pure function
+        of arrays (``_rowedit.replaced``'s contract), in this library's own loop;
+        ``None``: ``_rowedit.replaced`` with this backend's solve.
     matmul_into : callable or None
         ``matmul_into(A, B, out)``: ``out[...] = A @ B`` without a temporary; ``None``:
         with one.
@@ -41,5 +45,6 @@ class Backend:
     solve_triangular: Callable[[Any, Any, bool, bool], Any]
     inverse: Callable[[Any], Any] | None = None
     replace: Callable[..., Any] | None = None
+    replaced: Callable[..., tuple[Any, Any]] | None = None
     matmul_into: Callable[[Any, Any, Any], None] | None = None
     cholesky_inverse: Callable[[Any, Any], None] | None = None
