@@ -486,3 +486,14 @@ def test_sample_takes_numpy_integer_seeds_and_refuses_bools(rng):
     np.testing.assert_array_equal(op.sample(2, rng=np.int64(3)), op.sample(2, rng=3))
     with pytest.raises(TypeError, match="rng must be"):
         op.sample(2, rng=True)
+
+
+@pytest.mark.parametrize("layout", ["full-d<m", "narrow-blocks+ragged", "wide-blocks"])
+def test_no_columns_and_no_samples_give_empty_results(layout):
+    # Blocks no wider than m (and the engine's blocked pass) once reshaped with -1,
+    # which is ambiguous for k = 0 columns: sample(0) and a (d, 0) matmat raised.
+    m, d, bs = LAYOUTS[layout]
+    op = SpectralIHVP(np.random.default_rng(0).standard_normal((m, d)), damp=0.5, block_size=bs)
+    assert op.sample(0, rng=0).shape == (0, d)
+    assert op.matmat(np.zeros((d, 0))).shape == (d, 0)
+    assert op.sweep(np.zeros((d, 0)), damps=[0.5, 2.0]).shape == (2, d, 0)

@@ -196,7 +196,9 @@ class ColumnEigen:
         Xb = xp.reshape(xp.astype(X, xp.float64), (g.count, g.size, k))
         Z = xp.matrix_transpose(self.Q) @ Xb
         out = [
-            xp.reshape(self.Q @ (self._spectrum(dp, power)[..., None] * Z), (-1, k)) for dp in damps
+            # (count * size, k) spelled out: -1 is ambiguous for k = 0 (sample(0)).
+            xp.reshape(self.Q @ (self._spectrum(dp, power)[..., None] * Z), (g.count * g.size, k))
+            for dp in damps
         ]
         return xp.astype(xp.stack(out), self.dtype)
 
