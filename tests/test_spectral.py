@@ -497,3 +497,18 @@ def test_no_columns_and_no_samples_give_empty_results(layout):
     assert op.sample(0, rng=0).shape == (0, d)
     assert op.matmat(np.zeros((d, 0))).shape == (d, 0)
     assert op.sweep(np.zeros((d, 0)), damps=[0.5, 2.0]).shape == (2, d, 0)
+
+
+@pytest.mark.parametrize("layout", ["full-d<m", "narrow-blocks+ragged"])
+def test_forms_of_blocks_no_wider_than_m_hold_at_small_damping(layout):
+    # F is well-conditioned (kappa < 1e4) whatever the damping when the blocks are no
+    # wider than m, yet the forms once summed f(damp) |r|^2 with weights f(F) - f(damp):
+    # at damp = 1e-10 they cancelled to 1e-6 relative, where products stay at 1e-15.
+    m, d, bs = LAYOUTS[layout]
+    rng = np.random.default_rng(5)
+    G, Q, R = rng.standard_normal((m, d)), rng.standard_normal((2, d)), rng.standard_normal((3, d))
+    op = SpectralIHVP(G, damp=1e-10, block_size=bs)
+    FR = SpectralOracle(G, 1e-10, block_size=bs).matmat(R.T)  # F^{-1} R^T
+    assert op.kappa < 1e4  # independent of the damping
+    assert_close(op.bilinear(Q, R, batch_size=2), Q @ FR, kappa=op.kappa, dtype="float64")
+    assert_close(op.quadratic(R), np.sum(R.T * FR, axis=0), kappa=op.kappa, dtype="float64")
