@@ -486,3 +486,29 @@ def test_sample_takes_numpy_integer_seeds_and_refuses_bools(rng):
     np.testing.assert_array_equal(op.sample(2, rng=np.int64(3)), op.sample(2, rng=3))
     with pytest.raises(TypeError, match="rng must be"):
         op.sample(2, rng=True)
+
+
+@pytest.mark.parametrize("layout", ["full-d<m", "narrow-blocks+ragged", "wide-blocks"])
+def test_no_columns_and_no_samples_give_empty_results(layout):
+    # Blocks no wider than m (and the engine's blocked pass) once reshaped with -1,
+    # which is ambiguous for k = 0 columns: sample(0) and a (d, 0) matmat raised.
+    m, d, bs = LAYOUTS[layout]
+    op = SpectralIHVP(np.random.default_rng(0).standard_normal((m, d)), damp=0.5, block_size=bs)
+    assert op.sample(0, rng=0).shape == (0, d)
+    assert op.matmat(np.zeros((d, 0))).shape == (d, 0)
+    assert op.sweep(np.zeros((d, 0)), damps=[0.5, 2.0]).shape == (2, d, 0)
+
+
+@pytest.mark.parametrize("layout", ["full-d<m", "narrow-blocks+ragged"])
+def test_forms_of_blocks_no_wider_than_m_hold_at_small_damping(layout):
+    # F is well-conditioned (kappa < 1e4) whatever the damping when the blocks are no
+    # wider than m, yet the forms once summed f(damp) |r|^2 with weights f(F) - f(damp):
+    # at damp = 1e-10 they cancelled to 1e-6 relative, where products stay at 1e-15.
+    m, d, bs = LAYOUTS[layout]
+    rng = np.random.default_rng(5)
+    G, Q, R = rng.standard_normal((m, d)), rng.standard_normal((2, d)), rng.standard_normal((3, d))
+    op = SpectralIHVP(G, damp=1e-10, block_size=bs)
+    FR = SpectralOracle(G, 1e-10, block_size=bs).matmat(R.T)  # F^{-1} R^T
+    assert op.kappa < 1e4  # independent of the damping
+    assert_close(op.bilinear(Q, R, batch_size=2), Q @ FR, kappa=op.kappa, dtype="float64")
+    assert_close(op.quadratic(R), np.sum(R.T * FR, axis=0), kappa=op.kappa, dtype="float64")

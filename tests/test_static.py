@@ -12,7 +12,15 @@ from hypothesis import strategies as st
 
 import mfac_core._group_factors
 import mfac_core._setup
-from mfac_core import EmpiricalFisher, FactorizationError, IllConditionedWarning, StaticIHVP
+from mfac_core import (
+    EmpiricalFisher,
+    FactorizationError,
+    IllConditionedWarning,
+    ShardedStaticIHVP,
+    SpectralIHVP,
+    StaticIHVP,
+)
+from mfac_core.distributed import SingleProcessComm
 from mfac_core.testing import (
     SpectralOracle,
     assert_close,
@@ -703,3 +711,18 @@ def test_torch_g_that_requires_grad_keeps_no_graph(kind):
     del G
     gc.collect()
     assert alive() is None, "the operator keeps G's autograd graph alive"
+
+
+@pytest.mark.parametrize("kind", ["static", "spectral", "sharded"])
+@pytest.mark.parametrize("block_size", [None, 2])
+def test_gram_overflow_is_the_error_that_says_so_not_numpys_warning(kind, block_size):
+    # The float64 Gram of finite G overflowed with NumPy's RuntimeWarning first: where
+    # warnings are errors (as here) the user got "overflow encountered in matmul".
+    G = np.full((3, 4), 1e200)
+    with pytest.raises(ValueError, match="overflow float64"):
+        if kind == "sharded":
+            ShardedStaticIHVP(G, damp=1.0, block_size=block_size, comm=SingleProcessComm())
+        else:
+            {"static": StaticIHVP, "spectral": SpectralIHVP}[kind](
+                G, damp=1.0, block_size=block_size
+            )

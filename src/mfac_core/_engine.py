@@ -683,5 +683,5 @@ def combine_blocks(
         Gp = _f64(xp, piece_stack(xp, G, group, piece))
         Xp = _f64(xp, _block_rows(xp, X, group, piece))
         Y = xp.astype(a * (Xp - xp.matrix_transpose(Gp) @ A[b0:b1, ...]), dtype)
-        parts.append(xp.reshape(Y, (-1, k)))
+        parts.append(xp.reshape(Y, (Y.shape[0] * Y.shape[1], k)))  # not -1: k may be 0
     return parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)

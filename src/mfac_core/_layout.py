@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from ._compat import Array
 
 __all__ = [
@@ -125,8 +127,13 @@ def chunk_gram(
     acc = None
     for piece in chunk:
         b0, b1, c0, c1 = piece
-        P = product(xp.astype(piece_stack(xp, G, group, piece), xp.float64))
-        acc = P if acc is None else acc + P
+        # Squared norms beyond float64 leave inf on the Gram's diagonal, which its users
+        # report as an error that says so (checked_gram, the factorisations); NumPy's own
+        # RuntimeWarning would come first, and be the error where warnings are errors.
+        # np.errstate is local to this context.
+        with np.errstate(over="ignore", invalid="ignore"):
+            P = product(xp.astype(piece_stack(xp, G, group, piece), xp.float64))
+            acc = P if acc is None else acc + P
         if progress is not None:
             progress((b1 - b0) * (c1 - c0))
     return acc

@@ -1,8 +1,8 @@
 r"""The bilinear and quadratic forms of :class:`~mfac_core.SpectralIHVP`, without a d x d array.
 
-``Q f(F) R^T = f(damp) Q R^T + sum_b (B_b Q_b^T)^T diag(w_b) (B_b R_b^T)`` with the
-float64 coordinates ``B_b A^T`` and weights ``w_b`` of each group of blocks
-(``_spectral_groups``: ``project`` and ``weights``): Q is projected once, R a batch
+``Q f(F) R^T = sum_b a_b Q_b R_b^T + (B_b Q_b^T)^T diag(w_b) (B_b R_b^T)`` with the
+float64 coordinates ``B_b A^T`` and ``(a_b, w_b)`` of each group of blocks
+(``_spectral_groups``: ``project`` and ``form``): Q is projected once, R a batch
 of rows at a time (docs/beyond.rst, "What each operation costs").
 """
 
@@ -51,8 +51,8 @@ def forms_of(op: Any, batch_size: int | None) -> Forms:
 class Forms:
     """The bilinear and quadratic forms of ``F**power``, ``step`` rows of R at a time.
 
-    ``f(damp) Q R^T + sum_b (B_b Q_b^T)^T diag(w_b) (B_b R_b^T)`` with the float64
-    coordinates ``B_b`` of :meth:`GramEigen.project`: the temporaries are
+    ``sum_b a_b Q_b R_b^T + (B_b Q_b^T)^T diag(w_b) (B_b R_b^T)`` with the float64
+    coordinates ``B_b`` of each group's ``project``: the temporaries are
     ``(p + step) x m`` per block, and the m-sized contractions float64.
     """
 
@@ -67,14 +67,18 @@ class Forms:
     def bilinear(self, Q: Array, R: Array) -> Array:
         """``Q F**power R^T``, shape ``(p, n)``: Q projected once, R a batch at a time."""
         xp = self.xp
-        alpha = self.damp**self.power
-        PQ = [g.weights(self.damp, self.power)[..., None] * g.project(Q) for g in self.groups]
+        forms = [g.form(self.damp, self.power) for g in self.groups]
+        PQ = [w[..., None] * g.project(Q) for g, (_, w) in zip(self.groups, forms, strict=True)]
         Q64 = xp.astype(Q, xp.float64)
         parts = []
         for lo in range(0, R.shape[0], self.step):
             Rb = R[lo : min(lo + self.step, R.shape[0]), :]
-            acc = alpha * (Q64 @ xp.matrix_transpose(xp.astype(Rb, xp.float64)))
-            for g, pq in zip(self.groups, PQ, strict=True):
+            R64 = xp.astype(Rb, xp.float64)
+            acc = xp.zeros((Q.shape[0], Rb.shape[0]), dtype=xp.float64, device=self.device)
+            for g, (a, _), pq in zip(self.groups, forms, PQ, strict=True):
+                if a:
+                    s, e = g.group.start, g.group.end
+                    acc = acc + a * (Q64[:, s:e] @ xp.matrix_transpose(R64[:, s:e]))
                 acc = acc + xp.sum(xp.matrix_transpose(pq) @ g.project(Rb), axis=0)
             parts.append(xp.astype(acc, self.dtype))
         if not parts:
@@ -84,16 +88,18 @@ class Forms:
     def quadratic(self, R: Array) -> Array:
         """``diag(R F**power R^T)``, shape ``(n,)``, a batch of rows of R at a time."""
         xp = self.xp
-        alpha = self.damp**self.power
-        W = [g.weights(self.damp, self.power)[..., None] for g in self.groups]
+        forms = [g.form(self.damp, self.power) for g in self.groups]
         parts = []
         for lo in range(0, R.shape[0], self.step):
             Rb = R[lo : min(lo + self.step, R.shape[0]), :]
             R64 = xp.astype(Rb, xp.float64)
-            acc = alpha * xp.sum(R64 * R64, axis=1)
-            for g, w in zip(self.groups, W, strict=True):
+            acc = xp.zeros((Rb.shape[0],), dtype=xp.float64, device=self.device)
+            for g, (a, w) in zip(self.groups, forms, strict=True):
+                if a:
+                    Rg = R64[:, g.group.start : g.group.end]
+                    acc = acc + a * xp.sum(Rg * Rg, axis=1)
                 P = g.project(Rb)  # (count, r, n)
-                acc = acc + xp.sum(w * P * P, axis=(0, 1))
+                acc = acc + xp.sum(w[..., None] * P * P, axis=(0, 1))
             parts.append(xp.astype(acc, self.dtype))
         if not parts:
             return xp.zeros((0,), dtype=self.dtype, device=self.device)

@@ -23,9 +23,12 @@ in one of two ways by the blocks' width s:
 Both give the ``k = min(s, m)`` nonzero-capable eigenvalues of the Gram, ascending
 (``top``), from which the spectrum of ``F_b`` follows: ``damp + top / m`` and ``damp``
 on the other ``s - k`` directions. Both also give the form
-``f(F_b) = f(damp) I + B_b^T diag(w) B_b`` with float64 coordinates ``B_b A^T``
-(:meth:`project`) and weights ``w`` (:meth:`weights`), for the bilinear and quadratic
-forms (``_spectral_forms``).
+``f(F_b) = a I + B_b^T diag(w) B_b`` with float64 coordinates ``B_b A^T``
+(:meth:`project`) and ``(a, w)`` from :meth:`form`, for the bilinear and quadratic
+forms (``_spectral_forms``): ``a = f(damp)`` with the weights of ``U`` for
+:class:`GramEigen`, ``a = 0`` with the whole spectrum for :class:`ColumnEigen`,
+whose Q spans its blocks (``f(damp) I`` there would cancel against the weights where
+``f(damp)`` dominates: power < 0 and a small damping, however well-conditioned F).
 """
 
 from __future__ import annotations
@@ -104,6 +107,10 @@ class GramEigen:
 
     def weights(self, damp: float, power: float) -> Array:
         return coefficients(self.xp, self.lams, damp, power, self.G.shape[0])
+
+    def form(self, damp: float, power: float) -> tuple[float, Array]:
+        """``(f(damp), w)``: ``f(F_b) = f(damp) I + (U^T G_b)^T diag(w) (U^T G_b)``."""
+        return damp**power, self.weights(damp, power)
 
     def apply(self, X: Array, damps: list[float], power: float) -> Array:
         """``f(F_b) X_b`` at each damping: ``(K, count * size, k)`` of ``dtype``."""
@@ -186,9 +193,9 @@ class ColumnEigen:
     def _spectrum(self, damp: float, power: float) -> Array:
         return (damp + self.mu / self.m) ** power  # (count, s), positive
 
-    def weights(self, damp: float, power: float) -> Array:
-        # f(damp + mu/m) - f(damp), multiplied out (no cancellation for small mu).
-        return coefficients(self.xp, self.mu, damp, power, self.m) * self.mu
+    def form(self, damp: float, power: float) -> tuple[float, Array]:
+        """``(0, f(damp + mu / m))``: ``f(F_b) = Q diag(f(damp + mu / m)) Q^T``."""
+        return 0.0, self._spectrum(damp, power)
 
     def apply(self, X: Array, damps: list[float], power: float) -> Array:
         xp, g = self.xp, self.group
@@ -196,7 +203,9 @@ class ColumnEigen:
         Xb = xp.reshape(xp.astype(X, xp.float64), (g.count, g.size, k))
         Z = xp.matrix_transpose(self.Q) @ Xb
         out = [
-            xp.reshape(self.Q @ (self._spectrum(dp, power)[..., None] * Z), (-1, k)) for dp in damps
+            # (count * size, k) spelled out: -1 is ambiguous for k = 0 (sample(0)).
+            xp.reshape(self.Q @ (self._spectrum(dp, power)[..., None] * Z), (g.count * g.size, k))
+            for dp in damps
         ]
         return xp.astype(xp.stack(out), self.dtype)
 
