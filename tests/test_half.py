@@ -9,6 +9,7 @@ the window's span without refinement, ``100 eps32 kappa`` with one step of it.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import tracemalloc
 import warnings
@@ -494,3 +495,68 @@ def test_pruning_with_2byte_gradients(case, rng):
     # 2-byte gradients compute in float32: float64 weights are refused.
     with pytest.raises(TypeError, match="float32 weights"):
         pruning.prune(backend.asarray(theta, "float64"), Gs, sparsity=0.5)
+
+
+@pytest.mark.parametrize("case", _CASES, ids=_IDS)
+def test_half_window_step_fast_paths_match_the_generic_ones(case, rng, monkeypatch):
+    """The step's per-library forms (PyTorch, NumPy) of its two O(d) pieces, against the
+    Array-API forms they replace: the stored row and ``g`` in one ``(2, d)`` array, and
+    ``max |g|`` without ``abs``'s temporary. Same bits of every result, same refusals
+    (NaN, infinities, overflow of either sign), the window unchanged after each; PyTorch
+    also with the checks deferred as on a device (read with the row edit's, once)."""
+    from mfac_core import _dynamic_checks, _dynamic_window, _engine
+
+    backend_name, dtype = case
+    backend = _backend(backend_name)
+    xp = backend.xp
+    m, d = 3, 40
+    top = 7e4 if dtype == "float16" else 3.4e38  # past the storage's largest finite value
+    edges = np.array([[1.0, -3.0, 2.0], [1.0, np.nan, -5.0], [-np.inf, 1.0, 0.0],
+                      [np.nan, -np.inf, 1.0], [-top, 1.0, top / 2]])  # fmt: skip
+    for e in edges:
+        a = backend.asarray(e, "float32")
+        fast = float(_dynamic_checks.largest_magnitude(xp, a))
+        generic = float(_dynamic_checks.generic_largest_magnitude(xp, a))
+        assert fast == generic or (np.isnan(fast) and np.isnan(generic)), e
+    grads = rng.standard_normal((m + 3, d)).astype(np.float32)
+    bad = []
+    for where, value in [(5, np.nan), (6, np.inf), (7, -np.inf), (8, top), (9, -top)]:
+        b = grads[0].copy()
+        b[where] = value
+        bad.append(b)
+
+    def run(generic: bool, deferred: bool) -> tuple[list, list[str], dict]:
+        place = _engine.simulate_device() if deferred else contextlib.nullcontext()
+        with monkeypatch.context() as mp, place:
+            if generic:
+                mp.setattr(_dynamic_window, "paired_rows", _dynamic_window.generic_paired_rows)
+                mp.setattr(_dynamic_checks, "largest_magnitude",
+                           _dynamic_checks.generic_largest_magnitude)  # fmt: skip
+            op = _window_op(backend, m, d, dtype, damp=0.1, check_finite=False)
+            out = [_as64(op.update_and_matvec(backend.asarray(g, "float32"))) for g in grads]
+            before = op.state_dict()
+            errors = []
+            for b in bad:
+                with pytest.raises(ValueError) as info:
+                    op.update_and_matvec(backend.asarray(b, "float32"))
+                errors.append(str(info.value))
+                status = op._update_and_matvec_checked(backend.asarray(b, "float32"))
+                assert status.s is None and str(status.error) == errors[-1]
+            after = op.state_dict()
+            assert after.keys() == before.keys()
+            for key, value in before.items():
+                if key in ("grads", "gram") or hasattr(value, "shape"):
+                    np.testing.assert_array_equal(_as64(after[key]), _as64(value), err_msg=key)
+                else:
+                    assert after[key] == value, key
+            return out, errors, after
+
+    for deferred in [False, True] if backend_name == "torch" else [False]:
+        out_f, err_f, state_f = run(False, deferred)
+        out_g, err_g, state_g = run(True, deferred)
+        for a, b in zip(out_f, out_g, strict=True):
+            np.testing.assert_array_equal(a, b)
+        assert err_f == err_g
+        assert all("NaN or infinity" in e for e in err_f[:3])
+        assert all("overflows" in e for e in err_f[3:]), err_f
+        np.testing.assert_array_equal(_as64(state_f["grads"]), _as64(state_g["grads"]))

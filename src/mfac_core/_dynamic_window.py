@@ -11,8 +11,10 @@ from __future__ import annotations
 import operator
 from typing import Any, NamedTuple
 
+import numpy as np
+
 from . import _engine
-from ._compat import Array
+from ._compat import Array, is_numpy_namespace, is_torch_namespace
 from ._dynamic_checks import Refused, check_gradient
 from ._dynamic_factor import Speculation, edited, factorized
 from ._errors import FactorizationError
@@ -53,9 +55,35 @@ def products(op: Any, slot: int, g: Array) -> tuple[Any, Any]:
     xp = op._xp
     if op.storage_dtype is None:
         return _engine.project(xp, op._G, g[:, None])[:, 0], None
-    stored = xp.astype(op._G[slot, ...], op.dtype)
-    P = _engine.project_rows(xp, op._G, xp.stack([stored, g], axis=0))
+    P = _engine.project_rows(xp, op._G, paired_rows(xp, op._G[slot, ...], g))
     return P[:, 0], P[:, 1:]
+
+
+def paired_rows(xp: Any, stored: Array, g: Array) -> Array:
+    """``stack([astype(stored, g.dtype), g])``: the two rows of one pass, ``(2, d)``.
+
+    PyTorch and NumPy write both rows straight into one new array (the stored row
+    widened as it is copied): one d-long write each, where ``astype`` and
+    ``stack`` write the widened row twice and allocate twice. Other libraries take
+    the generic form. The values are the same (widening is exact).
+    """
+    rows: Any
+    if is_torch_namespace(xp):
+        import torch
+
+        rows = torch.empty((2, g.shape[0]), dtype=g.dtype, device=g.device)
+    elif is_numpy_namespace(xp):
+        rows = np.empty((2, g.shape[0]), dtype=g.dtype)
+    else:
+        return generic_paired_rows(xp, stored, g)
+    rows[0, ...] = stored
+    rows[1, ...] = g
+    return rows
+
+
+def generic_paired_rows(xp: Any, stored: Array, g: Array) -> Array:
+    """:func:`paired_rows` in any Array-API library."""
+    return xp.stack([xp.astype(stored, g.dtype), g], axis=0)
 
 
 def place(
