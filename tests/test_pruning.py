@@ -95,6 +95,25 @@ def test_obd_and_magnitude_saliencies(xp_device, rng):
     np.testing.assert_array_equal(to_numpy(magnitude_saliency(xp_device.asarray(theta))), theta**2)
 
 
+@pytest.mark.parametrize("half", ["float16", "bfloat16"])
+def test_obd_saliency_of_2_byte_gradients_sums_in_float64(half):
+    # The squares of 2**-13 (2**-26 each) fall below half a float32 ulp of 1: summed
+    # in float32 after the row of ones they all vanish (128 eps32 at m = 1025).
+    torch = pytest.importorskip("torch")
+    m, d, damp = 1025, 4, 2.0**-20
+    G = np.full((m, d), 2.0**-13)
+    G[0] = 1.0
+    theta = np.array([1.0, 2.0, -0.5, 0.25])
+    got = obd_saliency(
+        torch.asarray(theta, dtype=torch.float32),
+        torch.asarray(G, dtype=getattr(torch, half)),
+        damp=damp,
+    )
+    want = theta**2 * (damp + np.sum(G * G, axis=0) / m) / 2
+    eps32 = float(np.finfo(np.float32).eps)
+    np.testing.assert_allclose(to_numpy(got).astype(np.float64), want, rtol=8 * eps32, atol=0)
+
+
 # -- selection ----------------------------------------------------------------------------
 
 

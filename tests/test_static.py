@@ -165,6 +165,25 @@ def test_zero_gradients(xp_device, dtype):
     assert_close(F.matvec(xp_device.asarray(x, dtype)), x / 2)
 
 
+def _absorbed_squares(m: int, d: int) -> np.ndarray:
+    # One gradient of 1, then m - 1 of 2**-13 whose squares (2**-26) each fall below
+    # half a float32 ulp of 1: summed in float32 one row after another they all vanish
+    # (an error of (m - 1) 2**-26, 128 eps32 at m = 1025); in float64 the sum is exact.
+    G = np.full((m, d), 2.0**-13)
+    G[0] = 1.0
+    return G
+
+
+def test_fisher_diagonal_is_summed_in_float64(xp_device):
+    m, d, damp = 1025, 4, 2.0**-20
+    G = _absorbed_squares(m, d)
+    F = EmpiricalFisher(xp_device.asarray(G, "float32"), damp=damp)
+    want = damp + np.sum(G * G, axis=0) / m  # exact in float64 (powers of two)
+    got = to_numpy(F.diagonal()).astype(np.float64)
+    assert F.diagonal().dtype == xp_device.dtype("float32")
+    np.testing.assert_allclose(got, want, rtol=8 * float(np.finfo(np.float32).eps), atol=0)
+
+
 def test_entries_subsets(xp_device, dtype, rng):
     m, d, bs = 3, 17, 5
     G, damp = _data(rng, m, d, dtype)

@@ -242,9 +242,8 @@ def test_read_only_memmap_G_keeps_md_out_of_memory(tmp_path, rng, monkeypatch):
 
 def test_half_read_only_memmap_end_to_end(tmp_path, rng, monkeypatch):
     # Pieces of 2**14 entries (the engine's float64 pieces where the C extension is not
-    # used, the pruning diagonal's float32 ones), so that G spans many of them.
+    # used, and those of the Fisher diagonal), so that G spans many of them.
     monkeypatch.setattr(mfac_core._engine, "PIECE_ENTRIES", 2**14)
-    monkeypatch.setattr(mfac_core._gform, "COMPUTE_ENTRIES", 2**14)
     m, d, damp = 12, 50_000, 1e-3
     G = _memmap(tmp_path / "G16.npy", rng.standard_normal((m, d)) / np.sqrt(d), np.float16)
     G64 = np.asarray(G, dtype=np.float64)

@@ -63,6 +63,7 @@ __all__ = [
     "project_blocks",
     "project_rows",
     "simulate_device",
+    "square_sums",
     "uses_kernels",
 ]
 
@@ -446,6 +447,22 @@ def _spans(xp: Any, G: Array, start: int, stop: int) -> Iterator[tuple[int, int]
     width = piece_width(xp, G, G.shape[0])
     for c0 in range(start, stop, width):
         yield c0, min(c0 + width, stop)
+
+
+def square_sums(xp: Any, G: Array, /) -> Array:
+    """``sum_k G_kj^2`` of every column j of G, summed in float64: float64, shape ``(d,)``.
+
+    A piece of columns at a time (:func:`piece_width`), so that the float64
+    temporary stays bounded; the squares of single-precision and 2-byte values are
+    exact in float64, so only the sums round, in float64.
+    """
+    parts = []
+    for c0, c1 in _spans(xp, G, 0, G.shape[1]):
+        P = _f64(xp, G[:, c0:c1])
+        parts.append(xp.sum(P * P, axis=0))
+    if not parts:
+        return xp.zeros((0,), dtype=xp.float64, device=device(G))
+    return parts[0] if len(parts) == 1 else xp.concat(parts)
 
 
 def project(xp: Any, G: Array, X: Array, *, start: int = 0, stop: int | None = None) -> Array:

@@ -17,60 +17,20 @@ gradients cover well.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from . import _engine
 from ._capacitance import CapacitanceFactor
-from ._compat import Array, array_namespace, device, is_writeable_array
+from ._compat import Array, array_namespace, device
 from ._layout import BlockGroup, piece_stack, pieces
 
 __all__ = [
     "DenseBlockFactors",
     "GFormFactor",
-    "cast_pieces",
     "whitened_diagonal",
     "whitened_pairs",
 ]
-
-#: float32 entries of one cast piece of G (4 MiB): large enough that the per-piece
-#: overhead of a library call stays small, small enough to be read back from cache.
-COMPUTE_ENTRIES = 2**20
-#: Fewest columns of a piece, so that the per-piece overhead stays small for large m.
-MIN_WIDTH = 256
-
-
-def piece_width(m: int) -> int:
-    """Columns of one float32 piece of an ``(m, n)`` 2-byte array."""
-    return max(MIN_WIDTH, COMPUTE_ENTRIES // max(m, 1))
-
-
-def cast_pieces(xp: Any, G: Array, compute: Any) -> Iterator[tuple[int, int, Array]]:
-    """``(c0, c1, G[:, c0:c1] in compute)`` for the column pieces of G.
-
-    The pieces are written into one scratch array where the library allows it:
-    with a fresh array per piece, PyTorch's CPU passes took 1.2 to 6 times as
-    long on the development machine (benchmarks/RESULTS.md). A piece is valid
-    until the next one is produced.
-    """
-    m, n = G.shape
-    if n == 0:
-        # One empty piece, so that products over no columns are zeros of the right
-        # shape (a rank of a sharded 2-byte window may hold no coordinates).
-        yield 0, 0, xp.empty((m, 0), dtype=compute, device=device(G))
-        return
-    w = min(piece_width(m), n)
-    scratch = xp.empty((m, w), dtype=compute, device=device(G))
-    reuse = is_writeable_array(scratch)
-    for c0 in range(0, n, w):
-        c1 = min(c0 + w, n)
-        if reuse:
-            piece = scratch[:, : c1 - c0]
-            piece[...] = G[:, c0:c1]
-        else:
-            piece = xp.astype(G[:, c0:c1], compute)
-        yield c0, c1, piece
 
 
 def whitened_diagonal(xp: Any, Linv: Array, G64: Array, damp: float) -> Array:

@@ -14,9 +14,9 @@ from __future__ import annotations
 import math
 from typing import Any, Protocol, runtime_checkable
 
+from . import _engine
 from ._compat import Array, is_dask_namespace
 from ._compat import device as device_of
-from ._gform import cast_pieces
 from ._pruning_inputs import check_bool, check_grads, check_mask, check_theta
 from ._static import EmpiricalFisher
 from ._validation import check_count, check_damp, check_fraction, check_operand
@@ -109,12 +109,8 @@ def _check_operator(ihvp: Any, theta: Array) -> Any:
 
 
 def _half_fisher_diagonal(xp: Any, G: Array, damp: float) -> Array:
-    """``damp + sum_k G_ki^2 / m`` of 2-byte G in float32, a cast column piece at a time."""
-    m = G.shape[0]
-    parts = [
-        damp + xp.sum(piece * piece, axis=0) / m for _, _, piece in cast_pieces(xp, G, xp.float32)
-    ]
-    return parts[0] if len(parts) == 1 else xp.concat(parts)
+    """``damp + sum_k G_ki^2 / m`` of 2-byte G: summed in float64, rounded once to float32."""
+    return xp.astype(damp + _engine.square_sums(xp, G) / G.shape[0], xp.float32)
 
 
 # -- saliencies ---------------------------------------------------------------------------

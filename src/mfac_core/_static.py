@@ -664,7 +664,9 @@ class EmpiricalFisher(_BlockOperatorBase):
         Returns
         -------
         array, shape (d,)
-            In the operator's namespace, dtype and device.
+            In the operator's namespace, dtype and device; summed in float64 and
+            rounded once.
         """
         xp = self._xp
-        return self.damp + xp.sum(self._G * self._G, axis=0) / self.num_grads
+        sums = _engine.square_sums(xp, self._G)
+        return xp.astype(self.damp + sums / self.num_grads, self.dtype)
