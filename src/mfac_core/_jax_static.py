@@ -293,6 +293,13 @@ def static_ihvp(G: Any, /, *, damp: float) -> StaticIHVP:
     True
     """
     require_x64("static_ihvp")
+    if isinstance(damp, jax.core.Tracer):
+        # The set-up's checks, its kappa bound and warning read the damping on the host.
+        raise TypeError(
+            "static_ihvp's damp must be static (a Python number or a concrete 0-d array), "
+            "got a traced value: make it a static argument of the jitted function "
+            "(jax.jit(..., static_argnames=...)), or factorise outside the trace"
+        )
     damp = check_damp(damp)
     G = jnp.asarray(G)
     if G.ndim != 2 or 0 in G.shape:
