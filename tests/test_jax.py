@@ -222,7 +222,7 @@ def test_static_refuses_bad_input(rng):
     # A concrete 0-d array is one number (the static damping is its Python float); a
     # traced one has no value to be static with.
     assert mj.static_ihvp(G, damp=jnp.float64(0.1)).damp == 0.1
-    with pytest.raises(TypeError, match="damp must be static .*got a traced value"):
+    with pytest.raises(TypeError, match=r"damp must be static .*got a traced value"):
         jax.jit(lambda damp: mj.static_ihvp(G, damp=damp).kappa_bound)(0.1)
     for bad in (G[0], jnp.zeros((0, 3)), jnp.zeros((2, 3, 4))):
         with pytest.raises(ValueError, match="2-D"):
