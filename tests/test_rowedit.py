@@ -86,3 +86,21 @@ def test_replaced_traces_under_jit_and_matches_numpy(rng):
         ref = _linalg.replace_row(np, U, p, b, c, np.zeros_like(U))
         assert float(margin) > 0
         assert np.abs(np.asarray(new) - ref).max() <= 1e-13 * np.abs(oracle).max()
+
+
+def test_jax_transposed_solve_broadcasts_as_the_others(rng):
+    # The JAX backend solves U^T x = b with lax's solve, which neither broadcasts batch
+    # dimensions nor takes a vector: both as jax.scipy.linalg.solve_triangular does.
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+
+    from mfac_core._linalg import solve_triangular
+
+    U = np.triu(rng.standard_normal((5, 5))) + 5 * np.eye(5)
+    Us = np.stack([U, U + np.eye(5)])
+    B = rng.standard_normal((3, 5, 2))
+    with jax.enable_x64(True):
+        for t, b in ((U, B), (Us, B[0]), (Us[:, None], B), (U, B[0, :, 0])):
+            got = solve_triangular(jnp, jnp.asarray(t), jnp.asarray(b), lower=False, trans=True)
+            want = solve_triangular(np, t, b, lower=False, trans=True)
+            np.testing.assert_allclose(np.asarray(got), want, rtol=1e-12, atol=0)

@@ -20,9 +20,17 @@ def make_backend() -> Backend:
         if trans:
             # Solving with the transposed matrix, not with transpose_a: XLA's CPU solve
             # took 0.5 ms for U^T x = b at order 1024 this way, 2.3-2.6 ms the other.
-            return lax.linalg.triangular_solve(
-                jnp.swapaxes(t, -1, -2), b, left_side=True, lower=not lower
+            # lax's solve takes no vector and no broadcasting: both as solve_triangular.
+            vector = b.ndim == 1
+            bm = b[:, None] if vector else b
+            batch = jnp.broadcast_shapes(t.shape[:-2], bm.shape[:-2])
+            x = lax.linalg.triangular_solve(
+                jnp.broadcast_to(jnp.swapaxes(t, -1, -2), batch + t.shape[-2:]),
+                jnp.broadcast_to(bm, batch + bm.shape[-2:]),
+                left_side=True,
+                lower=not lower,
             )
+            return x[..., 0] if vector else x
         return jax.scipy.linalg.solve_triangular(t, b, lower=lower)
 
     def replaced(U: Any, p: int, b: Any, c: Any) -> tuple[Any, Any]:
