@@ -150,6 +150,7 @@ def machine_facts() -> list[tuple[str, str]]:
     for var in (
         "OPENBLAS_CORETYPE",
         "OPENBLAS_NUM_THREADS",
+        "OPENBLAS_THREAD_TIMEOUT",
         "OMP_NUM_THREADS",
         "MKL_NUM_THREADS",
         "MFAC_CORE_NUM_THREADS",

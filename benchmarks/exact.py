@@ -7,7 +7,9 @@ Usage::
     python benchmarks/exact.py --quick          # CI smoke run, d = 2e5, m = 32, < 1 min
 
 Every table runs its candidates interleaved with the floor they are held to, in the same
-process (docs/design.rst, "Speed: how it is measured"):
+process (docs/design.rst, "Speed: how it is measured"; OpenBLAS's idle threads are told to sleep
+at once, ``OPENBLAS_THREAD_TIMEOUT=4``, unless the environment sets it, so that a candidate
+does not share its cores with the floor's spinning threads):
 
 **Product** (``StaticIHVP(G) @ x``, ``DynamicIHVP.update_and_matvec(g)``): over the
 *float32 two-pass floor*, ``G32 @ x`` then ``G32.T @ a`` through BLAS (sgemv, sgemv^T) on
@@ -29,9 +31,16 @@ StaticIHVP, DynamicIHVP, and the float32-summed passes of earlier versions.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
+
+# OpenBLAS's idle threads spin for about 0.1 s (2**28 cycles) after each call. Interleaved
+# with a BLAS floor, the next candidate would share the cores with them and pay for the
+# floor's threads (docs/design.rst, "Speed: how it is measured"); let them sleep at once.
+# OpenBLAS reads this when it loads, hence before NumPy; a value in the environment wins.
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 import numpy as np
 

@@ -29,6 +29,12 @@ import os
 import sys
 from typing import Any
 
+# OpenBLAS's idle threads spin for about 0.1 s (2**28 cycles) after each call. Interleaved
+# with a BLAS floor, the next candidate would share the cores with them and pay for the
+# floor's threads (docs/design.rst, "Speed: how it is measured"); let them sleep at once.
+# OpenBLAS reads this when it loads, hence before NumPy; a value in the environment wins.
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+
 import numpy as np
 
 if __package__ in (None, ""):  # run as a script: python benchmarks/sweep_kernels.py
