@@ -864,3 +864,25 @@ def test_pickles_naming_the_factor_class_in_the_operators_module_load(rng):
     np.testing.assert_array_equal(old.matvec(x), op.matvec(x))
     g = rng.standard_normal(20)
     np.testing.assert_array_equal(old.update_and_matvec(g), op.update_and_matvec(g))
+
+
+@pytest.mark.parametrize("library", ["numpy", "torch"])
+def test_largest_magnitude_of_zeros_is_plus_zero_in_every_form(library):
+    # The step's range check reads max|g| as max(max g, -min g); maximum of +0.0 and
+    # -0.0 returned -0.0 for some signs of zero (NumPy and PyTorch differently), where
+    # the generic max(abs(g)) gives +0.0.
+    from array_api_compat import array_namespace
+
+    from mfac_core._dynamic_checks import generic_largest_magnitude, largest_magnitude
+
+    if library == "torch":
+        torch = pytest.importorskip("torch")
+        make = torch.tensor
+    else:
+        make = np.array
+    for values in ([0.0, 0.0], [-0.0, -0.0], [0.0, -0.0], [-0.0, 0.0]):
+        for dtype in ("float32", "float64"):
+            g = make(np.array(values, dtype=dtype))
+            xp = array_namespace(g)
+            fast, generic = float(largest_magnitude(xp, g)), float(generic_largest_magnitude(xp, g))
+            assert (fast, math.copysign(1.0, fast)) == (generic, 1.0), (values, dtype)

@@ -94,15 +94,17 @@ def largest_magnitude(xp: Any, g: Array) -> Array:
     ``max(max g, -min g)``: the same value as ``max(abs(g))`` (negation is exact),
     without the d-long temporary of ``abs``, which a step would pay on every call.
     PyTorch reads ``g`` once (``aminmax``), NumPy twice; other libraries take the
-    generic form. NaN propagates through each (``maximum`` keeps it).
+    generic form. NaN propagates through each (``maximum`` keeps it). A ``g`` of
+    zeros gives +0.0 in every form, as ``abs`` does: ``maximum`` of +0.0 and -0.0
+    may return either, and adding +0.0 turns -0.0 (only) into +0.0.
     """
     if is_torch_namespace(xp):
         import torch
 
         low, high = torch.aminmax(g)
-        return torch.maximum(high, torch.neg(low))
+        return torch.maximum(high, torch.neg(low)) + 0.0
     if is_numpy_namespace(xp):
-        return xp.maximum(xp.max(g), -xp.min(g))
+        return xp.maximum(xp.max(g), -xp.min(g)) + 0.0
     return generic_largest_magnitude(xp, g)
 
 
