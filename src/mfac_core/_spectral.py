@@ -151,6 +151,14 @@ class SpectralIHVP(LinearOperator):
     ) -> None:
         build(self, G, damp=damp, block_size=block_size, check_finite=check_finite)
 
+    def _repr_options(self) -> tuple[str, ...]:
+        # The derived operators share the class and the set-up: the power (sqrt, inverse)
+        # and the damping (with_damp) tell them apart; a block size only where one was set.
+        items = [f"power={self.power:g}", f"damp={self.damp!r}"]
+        if self.block_size < self.dim:
+            items.append(f"block_size={self.block_size}")
+        return tuple(items)
+
     # -- damping, spectrum and derived operators (``_spectral_setup.derived``) -----------------
 
     def with_damp(self, damp: float, /) -> SpectralIHVP:
