@@ -504,6 +504,30 @@ def test_sample_takes_numpy_integer_seeds_and_refuses_bools(rng):
         op.sample(2, rng=True)
 
 
+@pytest.mark.parametrize(
+    ("library", "where", "bits"),
+    [
+        ("numpy", ">= 0", None),
+        ("torch", r"in \[0, 2\*\*64\)", 64),
+        ("jax", r"in \[0, 2\*\*63\)", 63),
+    ],
+)
+def test_sample_refuses_seeds_its_library_cannot_take(library, where, bits, rng):
+    # NumPy said "expected non-negative integer", PyTorch "Overflow when unpacking long
+    # long", JAX "Python int too large to convert to C long"; PyTorch and JAX took -1.
+    G = rng.standard_normal((4, 6))
+    if library == "torch":
+        G = pytest.importorskip("torch").asarray(G)
+    elif library == "jax":
+        G = pytest.importorskip("jax.numpy").asarray(G)
+    op = SpectralIHVP(G, damp=0.5)
+    for seed in [-1, np.int64(-2)] + ([] if bits is None else [2**bits, 2**70]):
+        with pytest.raises(ValueError, match=rf"^rng as an int seed must be {where} for {library}"):
+            op.sample(1, rng=seed)
+    good = 2**70 if bits is None else 2**bits - 1
+    assert tuple(op.sample(1, rng=good).shape) == (1, 6)
+
+
 @pytest.mark.parametrize("layout", ["full-d<m", "narrow-blocks+ragged", "wide-blocks"])
 def test_no_columns_and_no_samples_give_empty_results(layout):
     # Blocks no wider than m (and the engine's blocked pass) once reshaped with -1,
