@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -864,3 +865,67 @@ def test_pickles_naming_the_factor_class_in_the_operators_module_load(rng):
     np.testing.assert_array_equal(old.matvec(x), op.matvec(x))
     g = rng.standard_normal(20)
     np.testing.assert_array_equal(old.update_and_matvec(g), op.update_and_matvec(g))
+
+
+@pytest.mark.parametrize("library", ["numpy", "torch"])
+def test_largest_magnitude_of_zeros_is_plus_zero_in_every_form(library):
+    # The step's range check reads max|g| as max(max g, -min g); maximum of +0.0 and
+    # -0.0 returned -0.0 for some signs of zero (NumPy and PyTorch differently), where
+    # the generic max(abs(g)) gives +0.0.
+    from array_api_compat import array_namespace
+
+    from mfac_core._dynamic_checks import generic_largest_magnitude, largest_magnitude
+
+    if library == "torch":
+        torch = pytest.importorskip("torch")
+        make = torch.tensor
+    else:
+        make = np.array
+    for values in ([0.0, 0.0], [-0.0, -0.0], [0.0, -0.0], [-0.0, 0.0]):
+        for dtype in ("float32", "float64"):
+            g = make(np.array(values, dtype=dtype))
+            xp = array_namespace(g)
+            fast, generic = float(largest_magnitude(xp, g)), float(generic_largest_magnitude(xp, g))
+            assert (fast, math.copysign(1.0, fast)) == (generic, 1.0), (values, dtype)
+
+
+@pytest.mark.parametrize(("dtype", "zero_init"), [("float32", False), ("float16", True)])
+def test_a_damping_no_gradient_could_enter_with_is_refused_at_the_door(dtype, zero_init, rng):
+    # set_damp (and the constructor, load_state_dict) took a damping with which every
+    # later update was refused as too large: now the constructor's rule, naming the
+    # smallest damping that works. At it, the smallest nonzero gradient enters.
+    m, d = 3, 5
+    # update's rule, eps64 (1 + |g|^2 / shift) >= 1, for the smallest nonzero |g|^2 of
+    # the dtype and the smallest shift of an empty window (m damp with zero_init).
+    norm2, count = float(np.finfo(np.dtype(dtype)).smallest_subnormal) ** 2, m if zero_init else 1
+    floor = norm2 / (count * (2.0**52 - 1.0))
+    while 2.0**-52 * (1.0 + norm2 / (count * floor)) >= 1.0:
+        floor = math.nextafter(floor, math.inf)
+    below = math.nextafter(floor, 0.0)
+    options = WindowOptions(zero_init=zero_init)
+    message = rf"^damp={below!r} is too small .* smallest damping that works is {floor!r}$"
+    with pytest.raises(ValueError, match=message):
+        DynamicIHVP(m, d, damp=below, dtype=dtype, options=options)
+    op = DynamicIHVP(m, d, damp=1.0, dtype=dtype, options=options)
+    for g in rng.standard_normal((2, d)).astype(np.float32):
+        op.update(g)
+    state, x = op.state_dict(), rng.standard_normal(d).astype(np.float32)
+    before = op.matvec(x)
+    with pytest.raises(ValueError, match=message):
+        op.set_damp(below)
+    with pytest.raises(ValueError, match=message):
+        op.load_state_dict(state, damp=below)
+    assert op.damp == 1.0 and len(op) == (m if zero_init else 2)  # nothing changed
+    np.testing.assert_array_equal(op.matvec(x), before)
+    smallest = np.zeros(d, dtype=np.float32)
+    smallest[1] = np.finfo(np.dtype(dtype)).smallest_subnormal
+    low = DynamicIHVP(m, d, damp=floor, dtype=dtype, options=options)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", IllConditionedWarning)  # at the edge, it may warn
+        low.update(smallest)
+    assert len(low) == (m if zero_init else 1)
+    # float64 windows: any damping the constructor takes (float64's smallest normal
+    # number and up) lets a small enough gradient in.
+    tiny = DynamicIHVP(m, d, damp=2.2250738585072014e-308, dtype="float64")
+    tiny.update(np.full(d, 1e-160))
+    assert len(tiny) == 1

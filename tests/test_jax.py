@@ -222,8 +222,17 @@ def test_static_refuses_bad_input(rng):
     # A concrete 0-d array is one number (the static damping is its Python float); a
     # traced one has no value to be static with.
     assert mj.static_ihvp(G, damp=jnp.float64(0.1)).damp == 0.1
-    with pytest.raises(TypeError, match=r"damp must be static .*got a traced value"):
-        jax.jit(lambda damp: mj.static_ihvp(G, damp=damp).kappa_bound)(0.1)
+    # Any transformation traces it: the message names none of them alone (it said
+    # "jitted function" under vmap and grad too).
+    traced = r"damp must be static: a concrete Python or NumPy scalar .* not a value traced"
+    traced += r" by a JAX transformation \(jit, vmap, grad, \.\.\.\), got a traced value"
+
+    def kappa(damp):
+        return mj.static_ihvp(G, damp=damp).kappa_bound
+
+    for transformed, damp in ((jax.jit, 0.1), (jax.vmap, jnp.asarray([0.1, 0.2])), (jax.grad, 0.1)):
+        with pytest.raises(TypeError, match=traced):
+            transformed(kappa)(damp)
     for bad in (G[0], jnp.zeros((0, 3)), jnp.zeros((2, 3, 4))):
         with pytest.raises(ValueError, match="2-D"):
             mj.static_ihvp(bad, damp=1.0)

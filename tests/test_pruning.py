@@ -114,6 +114,27 @@ def test_obd_saliency_of_2_byte_gradients_sums_in_float64(half):
     np.testing.assert_allclose(to_numpy(got).astype(np.float64), want, rtol=8 * eps32, atol=0)
 
 
+@pytest.mark.parametrize(
+    ("library", "dtype"),
+    [("numpy", "float32"), ("numpy", "float16"), ("torch", "float32"), ("torch", "bfloat16")],
+)
+@pytest.mark.parametrize("bad", [np.nan, -np.inf])
+def test_obd_saliency_refuses_non_finite_gradients_of_every_dtype(library, dtype, bad):
+    # 2-byte G skips EmpiricalFisher (summed apart in float64): it is refused all the same.
+    G = np.ones((3, 4))
+    G[1, 2] = bad
+    theta = np.ones(4, dtype=np.float32)
+    if library == "torch":
+        torch = pytest.importorskip("torch")
+        G_in, theta_in = torch.tensor(G).to(getattr(torch, dtype)), torch.asarray(theta)
+    else:
+        G_in, theta_in = G.astype(dtype), theta
+    with pytest.raises(ValueError, match=r"^G must not contain NaN or infinity"):
+        obd_saliency(theta_in, G_in, damp=0.5)
+    with pytest.raises(ValueError, match=r"^G must not contain NaN or infinity"):
+        prune(theta_in, G_in, sparsity=0.5, damp=0.5, saliency="obd", update="none")
+
+
 # -- selection ----------------------------------------------------------------------------
 
 

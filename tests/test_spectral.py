@@ -384,6 +384,22 @@ def test_validation(numpy_backend, rng):
         op.quadratic(np.ones((1, 8)), batch_size=0)
 
 
+def test_repr_tells_the_powers_and_dampings_apart(rng):
+    # sqrt(), inverse() and with_damp() share the class and the set-up: the repr
+    # printed the same for F^-1, F^-1/2, F and another damping.
+    op = SpectralIHVP(rng.standard_normal((3, 8)), damp=0.1)
+    texts = [repr(op), repr(op.sqrt()), repr(op.inv_sqrt()), repr(op.inverse())]
+    texts.append(repr(op.with_damp(0.25)))
+    assert len(set(texts)) == 5, texts
+    assert texts[0] == (
+        "<8x8 SpectralIHVP with power=-1, damp=0.1, dtype=float64, namespace=numpy, device='cpu'>"
+    )
+    assert "power=-0.5, damp=0.1," in texts[1] and "power=1, damp=0.1," in texts[3]
+    assert "power=-1, damp=0.25," in texts[4]
+    blocked = SpectralIHVP(rng.standard_normal((3, 8)), damp=1e-3, block_size=4)
+    assert "power=-1, damp=0.001, block_size=4, dtype=float64" in repr(blocked)
+
+
 def test_other_device_refused(strict_device1, make_backend, rng):
     G = rng.standard_normal((3, 8))
     op = SpectralIHVP(strict_device1.asarray(G, "float64"), damp=0.1)
@@ -486,6 +502,30 @@ def test_sample_takes_numpy_integer_seeds_and_refuses_bools(rng):
     np.testing.assert_array_equal(op.sample(2, rng=np.int64(3)), op.sample(2, rng=3))
     with pytest.raises(TypeError, match="rng must be"):
         op.sample(2, rng=True)
+
+
+@pytest.mark.parametrize(
+    ("library", "where", "bits"),
+    [
+        ("numpy", ">= 0", None),
+        ("torch", r"in \[0, 2\*\*64\)", 64),
+        ("jax", r"in \[0, 2\*\*63\)", 63),
+    ],
+)
+def test_sample_refuses_seeds_its_library_cannot_take(library, where, bits, rng):
+    # NumPy said "expected non-negative integer", PyTorch "Overflow when unpacking long
+    # long", JAX "Python int too large to convert to C long"; PyTorch and JAX took -1.
+    G = rng.standard_normal((4, 6))
+    if library == "torch":
+        G = pytest.importorskip("torch").asarray(G)
+    elif library == "jax":
+        G = pytest.importorskip("jax.numpy").asarray(G)
+    op = SpectralIHVP(G, damp=0.5)
+    for seed in [-1, np.int64(-2)] + ([] if bits is None else [2**bits, 2**70]):
+        with pytest.raises(ValueError, match=rf"^rng as an int seed must be {where} for {library}"):
+            op.sample(1, rng=seed)
+    good = 2**70 if bits is None else 2**bits - 1
+    assert tuple(op.sample(1, rng=good).shape) == (1, 6)
 
 
 @pytest.mark.parametrize("layout", ["full-d<m", "narrow-blocks+ragged", "wide-blocks"])

@@ -46,7 +46,10 @@ class DynamicIHVP(LinearOperator):
     dim : int
         The number of coordinates d.
     damp : float
-        The damping ``lambda > 0``.
+        The damping ``lambda > 0``: at least float64's smallest normal number
+        and, for float32 and 2-byte windows, a damping with which the window
+        can take a nonzero gradient (below about ``4e-106`` for float32, where
+        every gradient would be refused as too large; see :meth:`update`).
     dtype : dtype or str
         Storage dtype of the gradients (``"float32"`` or ``"float64"`` or the
         namespace's dtype object). All m x m work is float64. 2-byte storage
@@ -217,9 +220,18 @@ class DynamicIHVP(LinearOperator):
         ------
         ValueError
             If G is not 2-D, holds NaN or infinity, or has more rows than
-            ``num_grads``.
+            ``num_grads``; for a damping the constructor refuses.
         FactorizationError
             If the window's capacitance matrix cannot be factorised in float64.
+
+        Warns
+        -----
+        IllConditionedWarning
+            Where ``eps(float64) kappa >= 1`` for the window built, as every
+            set-up (:class:`StaticIHVP`, :meth:`set_damp`) warns: the gradients
+            are the caller's whole window. :meth:`update` refuses such a
+            gradient instead, which the window would otherwise keep for m
+            steps (docs/mathematics.rst, "When the set-up fails or warns").
         """
         forward = _deprecation.sharded_form(cls, "DynamicIHVP.from_window", options)
         if forward is not None:
@@ -445,9 +457,21 @@ class DynamicIHVP(LinearOperator):
 
         Raises
         ------
+        TypeError, ValueError
+            For a damping the constructor refuses: not a finite positive real
+            number, subnormal, or so small that the window could take no
+            nonzero gradient (the message names the smallest that works).
         FactorizationError
             If the window's capacitance matrix cannot be factorised with the
-            new damping; the operator keeps the old one.
+            new damping.
+
+        Warns
+        -----
+        IllConditionedWarning
+            Where the window's gradients with the new damping make
+            ``eps(float64) kappa >= 1``; later gradients of their size are
+            then refused by :meth:`update`. The damping is changed all the
+            same (after an error, the operator keeps its old one).
         """
         redamped(self, damp)
 

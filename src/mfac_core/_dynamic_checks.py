@@ -94,15 +94,17 @@ def largest_magnitude(xp: Any, g: Array) -> Array:
     ``max(max g, -min g)``: the same value as ``max(abs(g))`` (negation is exact),
     without the d-long temporary of ``abs``, which a step would pay on every call.
     PyTorch reads ``g`` once (``aminmax``), NumPy twice; other libraries take the
-    generic form. NaN propagates through each (``maximum`` keeps it).
+    generic form. NaN propagates through each (``maximum`` keeps it). A ``g`` of
+    zeros gives +0.0 in every form, as ``abs`` does: ``maximum`` of +0.0 and -0.0
+    may return either, and adding +0.0 turns -0.0 (only) into +0.0.
     """
     if is_torch_namespace(xp):
         import torch
 
         low, high = torch.aminmax(g)
-        return torch.maximum(high, torch.neg(low))
+        return torch.maximum(high, torch.neg(low)) + 0.0
     if is_numpy_namespace(xp):
-        return xp.maximum(xp.max(g), -xp.min(g))
+        return xp.maximum(xp.max(g), -xp.min(g)) + 0.0
     return generic_largest_magnitude(xp, g)
 
 
@@ -162,4 +164,46 @@ def judge_conditioning(norm2: float, shift: float) -> None:
             "the gradients, or increase damp",
             finite=True,
             hopeless=True,
+        )
+
+
+def smallest_window_damp(xp: Any, dtype: Any, count: int) -> float:
+    """The smallest damping with which a window of ``dtype`` can take a nonzero gradient.
+
+    :func:`judge_conditioning` refuses ``g`` where ``eps(float64) (1 + |g|^2 /
+    shift) >= 1``, with ``shift = count damp`` (``count``: 1 for an emptied window's
+    first gradient, ``num_grads`` with ``zero_init``). The smallest nonzero ``|g|^2``
+    of the storage ``dtype`` is the square of its smallest subnormal
+    (``smallest_normal * eps``; exact in float64 for float32 and the 2-byte dtypes),
+    so that below the damping returned every nonzero gradient is refused. It is 0.0
+    for float64, whose smallest subnormal squares to zero.
+    """
+    info = xp.finfo(dtype)
+    tiny = float(info.smallest_normal) * float(info.eps)
+    norm2 = tiny * tiny
+    if norm2 == 0.0:
+        return 0.0
+    floor = norm2 / (count * (1.0 / EPS64 - 1.0))
+    while is_hopeless(1.0 + norm2 / (count * floor), eps=EPS64):
+        floor = math.nextafter(floor, math.inf)
+    return floor
+
+
+def check_window_damp(xp: Any, dtype: Any, num_grads: int, zero_init: bool, damp: float) -> None:
+    """Refuse a (checked) damping with which a window could take no nonzero gradient.
+
+    Judged for the window's emptiest state (an emptied window's first gradient, or
+    any with ``zero_init``), which every window can reach (``reset``): below it the
+    window would refuse every later gradient as too large.
+    """
+    count = num_grads if zero_init else 1
+    floor = smallest_window_damp(xp, dtype, count)
+    if damp < floor:
+        name = str(getattr(xp.finfo(dtype), "dtype", dtype)).rsplit(".", 1)[-1]
+        term = f"{num_grads} damp with zero_init" if zero_init else "damp, an empty window's first"
+        raise ValueError(
+            f"damp={damp!r} is too small for a {name} window: every nonzero gradient would "
+            f"be refused as too large, since even the smallest (one {name} subnormal) makes "
+            f"eps(float64) kappa >= 1 against the damping term ({term}); the smallest "
+            f"damping that works is {floor!r}"
         )

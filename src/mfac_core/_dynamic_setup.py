@@ -21,6 +21,7 @@ from ._deprecation import (
     legacy_refactor_every,
     warn_deprecated,
 )
+from ._dynamic_checks import check_window_damp
 from ._dynamic_factor import factorized
 from ._layout import BlockGroup, chunk_gram, pieces
 from ._operator import LinearOperator
@@ -203,6 +204,7 @@ def build(
                 f"torch, cupy, ...), got {xp!r}"
             ) from None
     dtype, compute, storage = window_dtypes(xp, dtype)
+    check_window_damp(xp, dtype, num_grads, op.zero_init, op.damp)
     G = xp.zeros((num_grads, dim), dtype=dtype, device=device)
     check_writeable(G, "window buffer", why="DynamicIHVP (a window edited in place)")
     op.storage_dtype = storage

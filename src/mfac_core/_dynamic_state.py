@@ -15,6 +15,7 @@ from typing import Any
 
 from ._capacitance import DRIFT_TOL, CapacitanceFactor
 from ._compat import Array, detached
+from ._dynamic_checks import check_window_damp
 from ._dynamic_factor import SlotFactor, evenly_spaced, factorized
 from ._dynamic_setup import local_gram
 from ._validation import check_count, check_damp, check_same_space
@@ -233,6 +234,7 @@ class LoadedState:
                 "another damping"
             )
         target = saved_damp if damp is None else check_damp(damp)
+        check_window_damp(xp, op._G.dtype, m, op.zero_init, target)
         grads, gram, U = (detached(state[k]) for k in ("grads", "gram", "factor"))
         for name, array, dtype in (
             ("grads", grads, op._G.dtype),

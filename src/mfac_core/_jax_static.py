@@ -249,7 +249,8 @@ def static_ihvp(G: Any, /, *, damp: float) -> StaticIHVP:
     G : array, shape (m, d)
         The gradients, float32 or float64 (a JAX or NumPy array).
     damp : float
-        The damping ``lambda > 0`` (static: a Python number).
+        The damping ``lambda > 0``, static: a concrete Python or NumPy scalar
+        (or 0-d array), not traced by ``jit``, ``vmap`` or ``grad``.
 
     Returns
     -------
@@ -262,7 +263,7 @@ def static_ihvp(G: Any, /, *, damp: float) -> StaticIHVP:
         If JAX's 64-bit mode is off.
     ValueError, TypeError
         For a G that is not 2-D, is empty or not float32/float64, and for a
-        bad ``damp``.
+        bad ``damp`` (a traced one: ``TypeError``).
     FactorizationError
         If, outside of tracing, the capacitance matrix cannot be factorised
         in float64 (kappa near 1e16, or NaN/inf in G). Under ``jax.jit`` or
@@ -295,10 +296,13 @@ def static_ihvp(G: Any, /, *, damp: float) -> StaticIHVP:
     require_x64("static_ihvp")
     if isinstance(damp, jax.core.Tracer):
         # The set-up's checks, its kappa bound and warning read the damping on the host.
+        # Any transformation traces it (jit, vmap, grad, ...): the advice covers each.
         raise TypeError(
-            "static_ihvp's damp must be static (a Python number or a concrete 0-d array), "
-            "got a traced value: make it a static argument of the jitted function "
-            "(jax.jit(..., static_argnames=...)), or factorise outside the trace"
+            "static_ihvp's damp must be static: a concrete Python or NumPy scalar (or a "
+            "concrete 0-d array), not a value traced by a JAX transformation (jit, vmap, "
+            "grad, ...), got a traced value. Under jax.jit make it a static argument "
+            "(static_argnames=...); to batch or differentiate over dampings, build one "
+            "operator per damping outside the transformation"
         )
     damp = check_damp(damp)
     G = jnp.asarray(G)

@@ -471,10 +471,15 @@ class LinearOperator:
 
     def __repr__(self) -> str:
         m, n = self.shape
+        options = "".join(f"{item}, " for item in self._repr_options())
         return (
-            f"<{m}x{n} {type(self).__name__} with dtype={self.dtype}, "
+            f"<{m}x{n} {type(self).__name__} with {options}dtype={self.dtype}, "
             f"namespace={namespace_name(self._xp)}, device={self.device!r}>"
         )
+
+    def _repr_options(self) -> tuple[str, ...]:
+        """``key=value`` items that tell this operator from others of its class in its repr."""
+        return ()
 
 
 class _SciPyProduct:

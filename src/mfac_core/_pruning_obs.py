@@ -19,7 +19,7 @@ from ._compat import Array, is_dask_namespace
 from ._compat import device as device_of
 from ._pruning_inputs import check_bool, check_grads, check_mask, check_theta
 from ._static import EmpiricalFisher
-from ._validation import check_count, check_damp, check_fraction, check_operand
+from ._validation import check_count, check_damp, check_finite, check_fraction, check_operand
 
 #: Entries of ``F^{-1}`` requested from :meth:`StaticIHVP.entries` per call.
 _ENTRY_BUDGET = 2**20
@@ -109,8 +109,15 @@ def _check_operator(ihvp: Any, theta: Array) -> Any:
 
 
 def _half_fisher_diagonal(xp: Any, G: Array, damp: float) -> Array:
-    """``damp + sum_k G_ki^2 / m`` of 2-byte G: summed in float64, rounded once to float32."""
-    return xp.astype(damp + _engine.square_sums(xp, G) / G.shape[0], xp.float32)
+    """``damp + sum_k G_ki^2 / m`` of 2-byte G: summed in float64, rounded once to float32.
+
+    A ValueError if G holds NaN or infinity, as for float32/float64 G. The float64
+    sums check G at no extra pass: a 2-byte value squared is at most about 1e77
+    (bfloat16's largest), so a sum is non-finite exactly when its column is.
+    """
+    sums = _engine.square_sums(xp, G)
+    check_finite(xp, sums, "G")
+    return xp.astype(damp + sums / G.shape[0], xp.float32)
 
 
 # -- saliencies ---------------------------------------------------------------------------
@@ -182,6 +189,14 @@ def obd_saliency(theta: Array, G: Array, /, *, damp: float) -> Array:
     -------
     array, shape (d,)
         The saliencies (theta's dtype).
+
+    Raises
+    ------
+    ValueError
+        If ``G`` holds NaN or infinity (in any dtype, 2-byte included), the
+        shapes do not match, or ``damp`` is not finite and positive.
+    TypeError
+        If ``G``'s dtype does not go with theta's.
 
     Examples
     --------

@@ -151,6 +151,14 @@ class SpectralIHVP(LinearOperator):
     ) -> None:
         build(self, G, damp=damp, block_size=block_size, check_finite=check_finite)
 
+    def _repr_options(self) -> tuple[str, ...]:
+        # The derived operators share the class and the set-up: the power (sqrt, inverse)
+        # and the damping (with_damp) tell them apart; a block size only where one was set.
+        items = [f"power={self.power:g}", f"damp={self.damp!r}"]
+        if self.block_size < self.dim:
+            items.append(f"block_size={self.block_size}")
+        return tuple(items)
+
     # -- damping, spectrum and derived operators (``_spectral_setup.derived``) -----------------
 
     def with_damp(self, damp: float, /) -> SpectralIHVP:
@@ -484,9 +492,11 @@ class SpectralIHVP(LinearOperator):
             :class:`numpy.random.Generator`, a :class:`torch.Generator` on the
             operator's device, a JAX PRNG key (``jax.random.key`` or
             ``PRNGKey``, used as given: split it yourself for further draws), a
-            ``cupy.random.Generator``, or an int seed for a new one;
-            array-api-strict (no generator) takes a NumPy Generator or seed and
-            copies the draws to the operator's device.
+            ``cupy.random.Generator``, or an int seed ``>= 0`` for a new one
+            (below ``2**64`` for PyTorch, ``2**63`` for JAX: what their
+            generators take without wrapping); array-api-strict (no generator)
+            takes a NumPy Generator or seed and copies the draws to the
+            operator's device.
 
         Returns
         -------
@@ -498,7 +508,8 @@ class SpectralIHVP(LinearOperator):
         TypeError
             For a generator of another library.
         ValueError
-            For a negative ``n``, or an operator that is not ``F^{-1}`` or ``F``
+            For a negative ``n``, a seed out of its library's range, or an
+            operator that is not ``F^{-1}`` or ``F``
             (``power = ±1/2``, from :meth:`sqrt` or :meth:`inv_sqrt`), whose
             square root has no closed form.
 

@@ -46,6 +46,23 @@ def _is_seed(rng: Any) -> bool:
     return isinstance(rng, numbers.Integral) and not isinstance(rng, (bool, np.bool_))
 
 
+def _checked_seed(rng: Any, kind: str, name: str, bits: int | None = None) -> int:
+    """An int seed as ``int``, refused unless in ``[0, 2**bits)`` (``[0, inf)`` without bits).
+
+    One range per library, what its generator takes without wrapping: NumPy's (and
+    CuPy's) seed sequences take any non-negative int, ``torch.Generator.manual_seed``
+    64 bits, ``jax.random.key`` a C long. Negative seeds are refused everywhere:
+    PyTorch and JAX would wrap them onto the stream of another seed.
+    """
+    seed = int(rng)
+    if seed < 0 or (bits is not None and seed >= 2**bits):
+        where = ">= 0" if bits is None else f"in [0, 2**{bits})"
+        raise ValueError(
+            f"rng as an int seed must be {where} for {name} operators (or pass {kind}), got {seed}"
+        )
+    return seed
+
+
 def _not_a_generator(rng: Any, kind: str, name: str) -> TypeError:
     return TypeError(
         f"rng must be {kind} or an int seed for {name} operators, got {type(rng).__name__}"
@@ -56,32 +73,39 @@ def standard_normal(xp: Any, rng: Any, shape: tuple[int, int], dtype: Any, dev: 
     """Standard normal draws of ``shape`` in namespace ``xp`` on ``dev``, from the caller's rng."""
     name = namespace_name(xp)
     if is_numpy_namespace(xp) or is_array_api_strict_namespace(xp):
-        gen = np.random.default_rng(int(rng)) if _is_seed(rng) else rng
+        kind = "a numpy.random.Generator"
+        gen = np.random.default_rng(_checked_seed(rng, kind, name)) if _is_seed(rng) else rng
         if not isinstance(gen, np.random.Generator):
-            raise _not_a_generator(rng, "a numpy.random.Generator", name)
+            raise _not_a_generator(rng, kind, name)
         npdt = np.float32 if dtype == xp.float32 else np.float64
         Z = gen.standard_normal(shape, dtype=npdt)
         return Z if is_numpy_namespace(xp) else xp.asarray(Z, device=dev)
     if is_torch_namespace(xp):
         import torch
 
-        gen = torch.Generator(device=dev).manual_seed(int(rng)) if _is_seed(rng) else rng
+        kind = "a torch.Generator"
+        if _is_seed(rng):
+            gen = torch.Generator(device=dev).manual_seed(_checked_seed(rng, kind, "torch", 64))
+        else:
+            gen = rng
         if not isinstance(gen, torch.Generator):
-            raise _not_a_generator(rng, "a torch.Generator", "torch")
+            raise _not_a_generator(rng, kind, "torch")
         return torch.randn(shape, generator=gen, dtype=dtype, device=dev)
     if is_jax_namespace(xp):
         import jax
 
-        key = jax.random.key(int(rng)) if _is_seed(rng) else rng
+        kind = "a JAX PRNG key"
+        key = jax.random.key(_checked_seed(rng, kind, "jax", 63)) if _is_seed(rng) else rng
         if not isinstance(key, jax.Array):
-            raise _not_a_generator(rng, "a JAX PRNG key", "jax")
+            raise _not_a_generator(rng, kind, "jax")
         return jax.device_put(jax.random.normal(key, shape, dtype=dtype), dev)
     if is_cupy_namespace(xp):
         import cupy
 
-        gen = cupy.random.default_rng(int(rng)) if _is_seed(rng) else rng
+        kind = "a cupy.random.Generator"
+        gen = cupy.random.default_rng(_checked_seed(rng, kind, "cupy")) if _is_seed(rng) else rng
         if not isinstance(gen, cupy.random.Generator):
-            raise _not_a_generator(rng, "a cupy.random.Generator", "cupy")
+            raise _not_a_generator(rng, kind, "cupy")
         with cupy.cuda.Device(dev.id):
             return gen.standard_normal(shape, dtype=dtype)
     raise TypeError(f"sample() has no random number generator for {name} arrays")
