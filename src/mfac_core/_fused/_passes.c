@@ -275,12 +275,13 @@ static int check_shape(const Py_buffer *V, Py_ssize_t itemsize, Py_ssize_t m, Py
     return check_len(V, items, 1, itemsize, "V");
 }
 
-/* The staging buffer of project64 and combine64 (8 x SUB64 floats, or C64_ROWS x C64_SUB
-   doubles, on a 64-byte boundary, so that its rows' vectors do not straddle cache lines), or
-   NULL with an exception; free *raw. */
+/* The staging buffer of project64 and combine64 (2 x 8 x SUB64 floats: combine64_one stages
+   2-byte rows into one half while its tiles read the other; or C64_ROWS x C64_SUB doubles), on
+   a 64-byte boundary, so that its rows' vectors do not straddle cache lines, or NULL with an
+   exception; free *raw. */
 #define STAGE_BYTES                                                                         \
-    (sizeof(float) * 8 * SUB64 > sizeof(double) * C64_ROWS * C64_SUB                        \
-         ? sizeof(float) * 8 * SUB64                                                        \
+    (sizeof(float) * 2 * 8 * SUB64 > sizeof(double) * C64_ROWS * C64_SUB                    \
+         ? sizeof(float) * 2 * 8 * SUB64                                                    \
          : sizeof(double) * C64_ROWS * C64_SUB)
 static float *stage_buffer(void **raw)
 {
