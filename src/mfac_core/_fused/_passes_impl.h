@@ -384,8 +384,11 @@ PROJECT64_FNS(bf16, uint16_t, LOAD1_BF16, float, LOADV_F32, STAGED, stage_bf16, 
  * go out while the FMAs run, instead of in a loop of their own that waits for them; and tiles of
  * C1_U16 vectors (8 FMA chains: 4 chains left the FMA units idle for their latency). The sums
  * are those of COMBINE64_ONE_DIRECT, term for term: each column's sum starts from acc_buf (zero
- * in the first panel) and takes the rows in order. One core of a Zen 3 (AVX2, d = 1e6, m = 64):
- * 7.4-7.8 ms against 8.4-8.6 ms for staging then tiles, 4 vectors (benchmarks/widen_tile.c).
+ * in the first panel) and takes the rows in order. One core of a Zen 3 (AVX2, d = 1e6, m = 64,
+ * alternated in one process): 7.9-8.7 ms against 8.8-9.0 ms for staging then tiles of 4
+ * vectors. Widening bfloat16 without a float conversion (its bits, shifted, are a float64 of its
+ * value times 2^-896) ran slower than this, as did converting in registers
+ * (benchmarks/widen_tile.c).
  */
 #define C1_U16 8
 _Static_assert(SUB64 % (C1_U16 * VBYTES / 8) == 0, "SUB64 must be a multiple of the tile");
