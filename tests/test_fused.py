@@ -293,6 +293,44 @@ def test_combine64_one_2_byte_columns_equal_the_scalar_path(isa, storage, rng):
     assert np.all(err <= (m + 2) * EPS64 * mag + EPS64 / 2 * np.abs(ref).astype(np.float64))
 
 
+def test_cast16_equals_numpys_casts(rng):
+    """float16 <-> float32 through F16C: every float16 value widened, and float32 values
+    narrowed (normal, subnormal and halfway between two float16s, rounding to even; -0;
+    past the largest float16, to infinity), bit for bit as NumPy's casts, at aligned and
+    odd lengths (the last items one at a time). Other arrays are left to the caller."""
+    if not _fused.cast16(np.zeros(1, np.float16), np.zeros(1, np.float32)):
+        pytest.skip("no F16C")
+    h = np.arange(2**16, dtype=np.uint16).view(np.float16)
+    wide = np.full(h.size, -1.0, np.float32)
+    assert _fused.cast16(h, wide)
+    ref = h.astype(np.float32)
+    finite = np.isfinite(ref)
+    np.testing.assert_array_equal(wide.view(np.uint32)[finite], ref.view(np.uint32)[finite])
+    np.testing.assert_array_equal(np.isnan(wide), np.isnan(ref))
+    np.testing.assert_array_equal(wide[np.isinf(ref)], ref[np.isinf(ref)])
+    f16 = h[finite].astype(np.float32)
+    halfway = ((f16[:-1].astype(np.float64) + f16[1:]) / 2).astype(np.float32)
+    scaled = rng.standard_normal(4_000) * 2.0 ** rng.integers(-30, 18, 4_000)
+    big = np.array([65504.0, 65519.0, 65520.0, 7e4, 3e38, -0.0], np.float32)
+    f = np.concatenate([f16, halfway, scaled.astype(np.float32), big, -big])
+    for n in (f.size, f.size - 3):
+        with np.errstate(over="ignore"):
+            want = f[:n].astype(np.float16)
+        got = np.zeros(n, np.float16)
+        assert _fused.cast16(f[:n], got)
+        np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))
+    x = np.ones(10, np.float32)
+    for src, dst in [
+        (x, np.zeros(10, np.float32)),  # no float16
+        (x, np.zeros(11, np.float16)),  # lengths differ
+        (x[::2], np.zeros(5, np.float16)),  # not contiguous
+        (x.reshape(2, 5), np.zeros((2, 5), np.float16)),  # not 1-D
+    ]:
+        before = dst.copy()
+        assert not _fused.cast16(src, dst)
+        np.testing.assert_array_equal(dst, before)
+
+
 def _exact(A):
     from fractions import Fraction
 
