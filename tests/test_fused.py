@@ -241,6 +241,96 @@ def test_every_2_byte_value_converts_exactly(isa, storage):
     assert abs(y[0] - ref) <= (G.shape[1] + 2) * EPS64 * np.sum(np.abs(expected[finite]))
 
 
+def _special_2_byte(storage):
+    """Bit patterns of every class of a 2-byte storage: +-0, the smallest and largest
+    subnormals, the smallest normal, one, the largest finite, and their negatives."""
+    if storage == "float16":
+        pos = [0x0000, 0x0001, 0x03FF, 0x0400, 0x3C00, 0x7BFF]
+    else:
+        pos = [0x0000, 0x0001, 0x007F, 0x0080, 0x3F80, 0x7F7F]
+    return np.array(pos + [p | 0x8000 for p in pos], dtype=np.uint16)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("storage", ["float16", "bfloat16"])
+def test_combine64_one_2_byte_columns_equal_the_scalar_path(isa, storage, rng):
+    """One row of C over 2-byte rows (the kernel that stages the next columns while its tiles
+    run): every column equals, bit for bit, that column alone (the scalar path: the same
+    products and sums, in the same order). Rows in two panels (8 + 5), columns across
+    stagings of 64 and a last staging of half, at an odd offset, G holding zeros, -0,
+    subnormals, the largest finite values and numbers of very different size."""
+    m, n, col0 = 13, 64 * 3 + 32 + 7, 3
+    V = rng.standard_normal((m, col0 + n)) * np.logspace(0, -30, m)[:, None]
+    if storage == "float16":
+        bits = V.astype(np.float16).view(np.uint16)
+    else:
+        bits = (V.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
+    special = _special_2_byte(storage)
+    where = rng.random(bits.shape) < 0.3
+    bits[where] = rng.choice(special, size=int(where.sum()))
+    values = (
+        bits.view(np.float16).astype(np.float64) if storage == "float16" else _bf16_values(bits)
+    )
+    C = rng.standard_normal((1, m)) * np.logspace(0, 20, m)
+    alpha = np.array([0.75])
+    x = rng.standard_normal(n).astype(np.float32)
+    for dtype in DTYPES:
+        Y = _fused.combine64(
+            bits, C, alpha, x, start=col0, stop=col0 + n, dtype=dtype, storage=storage, isa=isa
+        )
+        one = [
+            _fused.combine64(
+                bits, C, alpha, x[j : j + 1], start=col0 + j, stop=col0 + j + 1, dtype=dtype,
+                storage=storage, isa=isa,
+            )[0, 0]
+            for j in range(n)
+        ]  # fmt: skip
+        np.testing.assert_array_equal(Y[0], np.array(one, dtype=dtype))
+    G64 = values[:, col0 : col0 + n]
+    ref = alpha[0] * _ld(x.astype(np.float64)) + (_ld(C) @ _ld(G64))[0]
+    mag = abs(alpha[0]) * np.abs(x.astype(np.float64)) + (np.abs(C) @ np.abs(G64))[0]
+    err = np.abs(_ld(Y[0]) - ref).astype(np.float64)
+    assert np.all(err <= (m + 2) * EPS64 * mag + EPS64 / 2 * np.abs(ref).astype(np.float64))
+
+
+def test_cast16_equals_numpys_casts(rng):
+    """float16 <-> float32 through F16C: every float16 value widened, and float32 values
+    narrowed (normal, subnormal and halfway between two float16s, rounding to even; -0;
+    past the largest float16, to infinity), bit for bit as NumPy's casts, at aligned and
+    odd lengths (the last items one at a time). Other arrays are left to the caller."""
+    if not _fused.cast16(np.zeros(1, np.float16), np.zeros(1, np.float32)):
+        pytest.skip("no F16C")
+    h = np.arange(2**16, dtype=np.uint16).view(np.float16)
+    wide = np.full(h.size, -1.0, np.float32)
+    assert _fused.cast16(h, wide)
+    ref = h.astype(np.float32)
+    finite = np.isfinite(ref)
+    np.testing.assert_array_equal(wide.view(np.uint32)[finite], ref.view(np.uint32)[finite])
+    np.testing.assert_array_equal(np.isnan(wide), np.isnan(ref))
+    np.testing.assert_array_equal(wide[np.isinf(ref)], ref[np.isinf(ref)])
+    f16 = h[finite].astype(np.float32)
+    halfway = ((f16[:-1].astype(np.float64) + f16[1:]) / 2).astype(np.float32)
+    scaled = rng.standard_normal(4_000) * 2.0 ** rng.integers(-30, 18, 4_000)
+    big = np.array([65504.0, 65519.0, 65520.0, 7e4, 3e38, -0.0], np.float32)
+    f = np.concatenate([f16, halfway, scaled.astype(np.float32), big, -big])
+    for n in (f.size, f.size - 3):
+        with np.errstate(over="ignore"):
+            want = f[:n].astype(np.float16)
+        got = np.zeros(n, np.float16)
+        assert _fused.cast16(f[:n], got)
+        np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))
+    x = np.ones(10, np.float32)
+    for src, dst in [
+        (x, np.zeros(10, np.float32)),  # no float16
+        (x, np.zeros(11, np.float16)),  # lengths differ
+        (x[::2], np.zeros(5, np.float16)),  # not contiguous
+        (x.reshape(2, 5), np.zeros((2, 5), np.float16)),  # not 1-D
+    ]:
+        before = dst.copy()
+        assert not _fused.cast16(src, dst)
+        np.testing.assert_array_equal(dst, before)
+
+
 def _exact(A):
     from fractions import Fraction
 

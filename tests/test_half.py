@@ -501,10 +501,12 @@ def test_pruning_with_2byte_gradients(case, rng):
 def test_half_window_step_fast_paths_match_the_generic_ones(case, rng, monkeypatch):
     """The step's per-library forms (PyTorch, NumPy) of its two O(d) pieces, against the
     Array-API forms they replace: the stored row and ``g`` in one ``(2, d)`` array, and
-    ``max |g|`` without ``abs``'s temporary. Same bits of every result, same refusals
-    (NaN, infinities, overflow of either sign), the window unchanged after each; PyTorch
-    also with the checks deferred as on a device (read with the row edit's, once)."""
-    from mfac_core import _dynamic_checks, _dynamic_window, _engine
+    ``max |g|`` without ``abs``'s temporary; with NumPy float16 also the F16C casts of the
+    row's write and widening (``_fused.cast16``) against NumPy's. Same bits of every
+    result, same refusals (NaN, infinities, overflow of either sign), the window unchanged
+    after each; PyTorch also with the checks deferred as on a device (read with the row
+    edit's, once)."""
+    from mfac_core import _dynamic_checks, _dynamic_window, _engine, _fused
 
     backend_name, dtype = case
     backend = _backend(backend_name)
@@ -532,6 +534,7 @@ def test_half_window_step_fast_paths_match_the_generic_ones(case, rng, monkeypat
                 mp.setattr(_dynamic_window, "paired_rows", _dynamic_window.generic_paired_rows)
                 mp.setattr(_dynamic_checks, "largest_magnitude",
                            _dynamic_checks.generic_largest_magnitude)  # fmt: skip
+                mp.setattr(_fused, "cast16", lambda src, dst: False)  # NumPy's casts
             op = _window_op(backend, m, d, dtype, damp=0.1, check_finite=False)
             out = [_as64(op.update_and_matvec(backend.asarray(g, "float32"))) for g in grads]
             before = op.state_dict()

@@ -76,7 +76,7 @@ def paired_rows(xp: Any, stored: Array, g: Array) -> Array:
         rows = np.empty((2, g.shape[0]), dtype=g.dtype)
     else:
         return generic_paired_rows(xp, stored, g)
-    rows[0, ...] = stored
+    _engine.assign_row(xp, rows, 0, stored)  # float16 widened by F16C, not NumPy's cast
     rows[1, ...] = g
     return rows
 
@@ -165,7 +165,7 @@ def written_row(op: Any, slot: int, g: Array) -> tuple[Array, Any, Any]:
     def local() -> Array:
         if op._collective_checks:
             checked[0] = check_gradient(op, g)
-        op._G[slot, ...] = checked[0]
+        _engine.assign_row(xp, op._G, slot, checked[0])
         row, product = products(op, slot, checked[0])
         return row if product is None else xp.concat([row, product[:, 0]])
 

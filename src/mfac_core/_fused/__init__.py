@@ -40,6 +40,7 @@ __all__ = [
     "STORAGES",
     "available",
     "best_isa",
+    "cast16",
     "combine64",
     "combine64_blocks",
     "max_threads",
@@ -142,6 +143,36 @@ def _run(call: Callable[[int, int, int], None], m: int, n: int) -> int:
     if errors:
         raise errors[0]
     return len(pieces)
+
+
+def cast16(src: np.ndarray, dst: np.ndarray, /) -> bool:
+    """``dst[...] = src`` between float32 and float16 with F16C; whether it was done.
+
+    The values are those of NumPy's cast (float16 to float32 exactly, float32 to float16
+    rounded to nearest even, overflow to infinity), NaNs stay NaNs (a signalling one comes
+    back quiet). NumPy converts float16 one item at a time in software, 10-20 times slower.
+    False, with ``dst`` untouched, unless both are 1-D, C-ordered, aligned NumPy arrays of
+    one length, one float32 and the other float16, the extension built and the CPU with
+    F16C (or an extension built before it had this kernel): the caller then assigns.
+    """
+    kernel = getattr(_passes, "cast16", None)
+    if kernel is None or not (
+        isinstance(src, np.ndarray)
+        and isinstance(dst, np.ndarray)
+        and src.ndim == dst.ndim == 1
+        and src.shape == dst.shape
+        and {src.dtype, dst.dtype} == {np.dtype(np.float32), np.dtype(np.float16)}
+        and src.flags.c_contiguous
+        and src.flags.aligned
+        and dst.flags.c_contiguous
+        and dst.flags.aligned
+        and dst.flags.writeable
+    ):
+        return False
+    narrow = dst.dtype == np.float16
+    out = dst.view(np.uint16) if narrow else dst
+    source = src if narrow else src.view(np.uint16)
+    return bool(kernel(source, out, src.shape[0], narrow))
 
 
 # -- float64 sums over G in its storage dtype ----------------------------------------------

@@ -3,6 +3,7 @@
  *
  *   project64: Y[k, i] = sum_j V[i, j] X[k, j], in float64              (up to 8 vectors)
  *   combine64: Y[k, j] = a[k] X[k, j] + sum_i C[k, i] V[i, j], in float64, rounded once
+ *   cast16:    float32 <-> float16 with F16C (a 2-byte window's row writes; see there)
  *
  * for the columns j0 <= j < j1 of a column block of the row-major m x ld array V (the stored
  * gradients G). They read V in its storage type (float32, float64, IEEE float16 or bfloat16),
@@ -275,12 +276,13 @@ static int check_shape(const Py_buffer *V, Py_ssize_t itemsize, Py_ssize_t m, Py
     return check_len(V, items, 1, itemsize, "V");
 }
 
-/* The staging buffer of project64 and combine64 (8 x SUB64 floats, or C64_ROWS x C64_SUB
-   doubles, on a 64-byte boundary, so that its rows' vectors do not straddle cache lines), or
-   NULL with an exception; free *raw. */
+/* The staging buffer of project64 and combine64 (2 x 8 x SUB64 floats: combine64_one stages
+   2-byte rows into one half while its tiles read the other; or C64_ROWS x C64_SUB doubles), on
+   a 64-byte boundary, so that its rows' vectors do not straddle cache lines, or NULL with an
+   exception; free *raw. */
 #define STAGE_BYTES                                                                         \
-    (sizeof(float) * 8 * SUB64 > sizeof(double) * C64_ROWS * C64_SUB                        \
-         ? sizeof(float) * 8 * SUB64                                                        \
+    (sizeof(float) * 2 * 8 * SUB64 > sizeof(double) * C64_ROWS * C64_SUB                    \
+         ? sizeof(float) * 2 * 8 * SUB64                                                    \
          : sizeof(double) * C64_ROWS * C64_SUB)
 static float *stage_buffer(void **raw)
 {
@@ -392,11 +394,73 @@ done:
     return result;
 }
 
+/* cast16(src, dst, n, narrow): n items between float32 and IEEE float16 (its uint16 bits) with
+   F16C, rounding to nearest even (narrow) or exactly (widen), as NumPy's casts do for every
+   value but signalling NaNs (F16C returns them quiet). NumPy converts one item at a time in
+   software: 1.9 ms (widen) and 3.2 ms (narrow) for 1e6 items, against about 0.2 ms here (one
+   core of a Zen 3). Returns False, converting nothing, where the CPU has no F16C. */
+#ifdef MFAC_X86
+__attribute__((target("avx,f16c"))) static void widen_f16c(const uint16_t *src, float *dst,
+                                                            Py_ssize_t n)
+{
+    Py_ssize_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
+    for (; i < n; i++)
+        dst[i] = _cvtsh_ss(src[i]);
+}
+
+__attribute__((target("avx,f16c"))) static void narrow_f16c(const float *src, uint16_t *dst,
+                                                             Py_ssize_t n)
+{
+    Py_ssize_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i *)(dst + i),
+                         _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+    for (; i < n; i++)
+        dst[i] = _cvtss_sh(src[i], _MM_FROUND_TO_NEAREST_INT);
+}
+#endif
+
+static PyObject *py_cast16(PyObject *self, PyObject *args)
+{
+    (void)self;
+    Py_buffer src, dst;
+    Py_ssize_t n;
+    int narrow;
+    if (!PyArg_ParseTuple(args, "y*w*np", &src, &dst, &n, &narrow))
+        return NULL;
+    PyObject *result = NULL;
+    const Py_ssize_t from = narrow ? 4 : 2, to = narrow ? 2 : 4;
+    if (check_len(&src, n, 1, from, "src") < 0 || check_len(&dst, n, 1, to, "dst") < 0)
+        goto done;
+    int done_here = 0;
+#ifdef MFAC_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c")) {
+        Py_BEGIN_ALLOW_THREADS
+        if (narrow)
+            narrow_f16c(src.buf, dst.buf, n);
+        else
+            widen_f16c(src.buf, dst.buf, n);
+        Py_END_ALLOW_THREADS
+        done_here = 1;
+    }
+#endif
+    result = PyBool_FromLong(done_here);
+done:
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&dst);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"best_isa", py_best_isa, METH_NOARGS, "The fastest instruction set this CPU runs (1-3)."},
     {"project64", py_project64, METH_VARARGS, "Y = X V^T over a column range, in float64."},
     {"combine64", py_combine64, METH_VARARGS,
      "Y = a X + C V over a column range, in float64, rounded once."},
+    {"cast16", py_cast16, METH_VARARGS,
+     "float32 <-> float16 bits with F16C; False where the CPU has none."},
     {NULL, NULL, 0, NULL},
 };
 
