@@ -214,6 +214,20 @@ def test_half_window_takes_its_storage_dtype_and_refuses_overflow(case, rng):
     np.testing.assert_array_equal(_as64(after["grads"]), _as64(before["grads"]))
 
 
+@pytest.mark.parametrize("case", _CASES, ids=_IDS)
+def test_half_window_dtype_is_the_librarys_float32_dtype(case):
+    """A 2-byte window computes in float32: its ``dtype`` is the same float32 dtype object
+    as a float32 window's (NumPy's ``dtype('float32')``, not the scalar type
+    ``numpy.float32``), so that its repr and messages print ``dtype=float32``."""
+    backend_name, dtype = case
+    backend = _backend(backend_name)
+    op = _window_op(backend, 2, 5, dtype, damp=0.1)
+    ref = _window_op(backend, 2, 5, "float32", damp=0.1)
+    assert op.dtype == ref.dtype
+    assert type(op.dtype) is type(ref.dtype)
+    assert f"dtype={ref.dtype}," in repr(op)
+
+
 def test_half_window_dtypes_the_library_lacks(strict_device1):
     with pytest.raises(TypeError, match="no bfloat16"):
         DynamicIHVP(2, 4, damp=1.0, dtype="bfloat16")  # NumPy

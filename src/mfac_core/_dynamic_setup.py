@@ -212,8 +212,9 @@ def build(
         op,
         shape=(dim, dim),
         # The library's dtype object, as G's, whatever form was given; for 2-byte
-        # storage the compute dtype (float32).
-        dtype=G.dtype if storage is None else compute,
+        # storage the compute dtype (float32) in that form too (NumPy's xp.float32 is
+        # the scalar type, which would print as "<class 'numpy.float32'>").
+        dtype=G.dtype if storage is None else xp.empty(0, dtype=compute, device=device).dtype,
         xp=xp,
         device=device_of(G),
         symmetric=True,
