@@ -200,10 +200,9 @@ def check_window_damp(xp: Any, dtype: Any, num_grads: int, zero_init: bool, damp
     floor = smallest_window_damp(xp, dtype, count)
     if damp < floor:
         name = str(getattr(xp.finfo(dtype), "dtype", dtype)).rsplit(".", 1)[-1]
-        term = f"{num_grads} damp with zero_init" if zero_init else "damp, an empty window's first"
+        when = "with zero_init, against m * damp" if zero_init else "in an empty window"
         raise ValueError(
-            f"damp={damp!r} is too small for a {name} window: every nonzero gradient would "
-            f"be refused as too large, since even the smallest (one {name} subnormal) makes "
-            f"eps(float64) kappa >= 1 against the damping term ({term}); the smallest "
-            f"damping that works is {floor!r}"
+            f"damp={damp!r} is too small for a {name} window: it would refuse every nonzero "
+            f"gradient as too large (even one {name} subnormal gives eps(float64) * kappa >= 1 "
+            f"{when}); the smallest damping that works is {floor!r}"
         )

@@ -51,8 +51,9 @@ def _checked_seed(rng: Any, kind: str, name: str, bits: int | None = None) -> in
 
     One range per library, what its generator takes without wrapping: NumPy's (and
     CuPy's) seed sequences take any non-negative int, ``torch.Generator.manual_seed``
-    64 bits, ``jax.random.key`` a C long. Negative seeds are refused everywhere:
-    PyTorch and JAX would wrap them onto the stream of another seed.
+    64 bits, ``jax.random.key`` a C long. Negative seeds are refused everywhere, so that
+    one seed means the same in every library: PyTorch would wrap them onto the stream of
+    another seed (-1 is 2**64 - 1), and NumPy refuses them.
     """
     seed = int(rng)
     if seed < 0 or (bits is not None and seed >= 2**bits):
