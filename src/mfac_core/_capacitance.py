@@ -20,8 +20,11 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from . import _linalg
 from ._compat import Array, array_namespace, device
@@ -40,6 +43,8 @@ __all__ = [
     "factorize",
     "is_hopeless",
     "kappa_bounds",
+    "lambda_max_bounds",
+    "power_bounds",
     "warn_if_hopeless",
     "warn_if_passes_hopeless",
 ]
@@ -69,19 +74,30 @@ def lambda_max_bounds(xp: Any, gram: Array, /) -> tuple[Any, Any]:
 
     Returns arrays of the stack's leading shape (float64).
     """
-    diag = xp.linalg.diagonal(gram)
+    return power_bounds(xp, xp.linalg.diagonal(gram), lambda v: gram @ v)
+
+
+def power_bounds(xp: Any, diag: Array, matvec: Callable[[Array], Array], /) -> tuple[Any, Any]:
+    """:func:`lambda_max_bounds` of a stack given by its diagonal and its product.
+
+    ``diag`` is ``(..., k)``, ``matvec`` maps a ``(..., k, 1)`` stack of vectors to the
+    matrices' products with them; a caller that holds a factor rather than the matrix
+    (the dense blocks' set-up) passes products through it. Each product serves both a
+    Rayleigh quotient and the next iterate.
+    """
     upper = xp.sum(diag, axis=-1)
-    k = gram.shape[-1]
+    k = diag.shape[-1]
     start = xp.argmax(diag, axis=-1)
-    v = xp.astype(xp.arange(k, device=device(gram)) == start[..., None], gram.dtype)[..., None]
+    v = xp.astype(xp.arange(k, device=device(diag)) == start[..., None], diag.dtype)[..., None]
     lower = xp.max(diag, axis=-1)
+    w = matvec(v)
     for _ in range(_POWER_ITERATIONS):
-        w = gram @ v
         # Rescale so that the iterates neither overflow nor underflow.
         scale = xp.max(xp.abs(w), axis=(-2, -1), keepdims=True)
         v = w / xp.where(scale > 0, scale, 1.0)
         norm2 = xp.sum(v * v, axis=(-2, -1))
-        rayleigh = xp.sum(v * (gram @ v), axis=(-2, -1)) / xp.where(norm2 > 0, norm2, 1.0)
+        w = matvec(v)
+        rayleigh = xp.sum(v * w, axis=(-2, -1)) / xp.where(norm2 > 0, norm2, 1.0)
         lower = xp.maximum(lower, rayleigh)
     return lower, upper
 
@@ -93,7 +109,11 @@ def kappa_bounds(xp: Any, gram: Array, /, *, shift: float, scale: float) -> tupl
     """
     if not gram.shape[-1] or math.prod(gram.shape[:-2]) == 0:
         return 1.0, 1.0
-    lo, hi = lambda_max_bounds(xp, gram)
+    # A Gram with inf (the gradients' squared norms overflow, or G holds inf) gives NaN
+    # bounds, which factorization_error words; NumPy's RuntimeWarning would come first,
+    # and be the error where warnings are errors (np.errstate is local to this context).
+    with np.errstate(over="ignore", invalid="ignore"):
+        lo, hi = lambda_max_bounds(xp, gram)
     return (1.0 + scale * float(xp.max(lo)) / shift, 1.0 + scale * float(xp.max(hi)) / shift)
 
 

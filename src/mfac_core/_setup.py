@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from . import _capacitance, _engine
+from . import _capacitance, _dense_blocks, _engine
 from ._compat import Array, device, is_writeable_array
 from ._gform import DenseBlockFactors, GFormFactor
 from ._group_factors import GroupFactor
@@ -90,6 +90,19 @@ def _dense_factors(
     s = group.size
     writeable = is_writeable_array(xp.empty((0,), dtype=xp.float64, device=device(G)))
     out = xp.empty((group.count, s, s), dtype=xp.float64, device=device(G)) if writeable else None
+    if out is not None and _dense_blocks.serves(xp, G, group):
+        before = track.done
+        kappa = _dense_blocks.fill_block_inverses(G, group, out, damp=damp, progress=track.advance)
+        if kappa is not None:
+            track.kappa_lo, track.kappa_hi = (
+                max(track.kappa_lo, kappa[0]),
+                max(track.kappa_hi, kappa[1]),
+            )
+            return DenseBlockFactors(group, out, dtype)
+        # A non-finite Gram or a failed factor: the general path below raises the error
+        # that says which (or, should NumPy's factorisation succeed where LAPACK's did
+        # not, gives the factors).
+        track.done = before
     parts = []
     for b0, b1, factor in _dense_chunk_factors(xp, G, group, damp=damp, check=check, track=track):
         Linv = factor.lower_inverse()  # F_b^{-1} = Linv^T Linv; no product of the two
