@@ -353,10 +353,20 @@ def memory_probe(fn: Callable[[], Any]) -> dict[str, Any]:
     }
 
 
-def run_child(argv: Sequence[str], timeout: float = 900) -> dict[str, Any]:
-    """Run ``python argv...`` and parse the JSON object on the last line of its stdout."""
+def run_child(
+    argv: Sequence[str], timeout: float = 900, env: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Run ``python argv...`` and parse the JSON object on the last line of its stdout.
+
+    ``env`` is the child's whole environment (None: this process's).
+    """
     proc = subprocess.run(
-        [sys.executable, *argv], capture_output=True, text=True, timeout=timeout, check=False
+        [sys.executable, *argv],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        env=env,
     )
     if proc.returncode != 0:
         raise RuntimeError(f"child {argv} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")

@@ -7,9 +7,12 @@ Usage::
     python benchmarks/exact.py --quick          # CI smoke run, d = 2e5, m = 32, < 1 min
 
 Every table runs its candidates interleaved with the floor they are held to, in the same
-process (docs/design.rst, "Speed: how it is measured"; OpenBLAS's idle threads are told to sleep
-at once, ``OPENBLAS_THREAD_TIMEOUT=4``, unless the environment sets it, so that a candidate
-does not share its cores with the floor's spinning threads):
+process (docs/design.rst, "Speed: how it is measured"). For the products, OpenBLAS's idle
+threads are told to sleep at once (``OPENBLAS_THREAD_TIMEOUT=4``, unless the environment
+sets it), so that a candidate does not share its cores with the floor's spinning threads.
+The set-up tables, BLAS-3 against BLAS-3, run in a child process with OpenBLAS's own
+setting (or the environment's): there the wake-up after each small LAPACK call of the
+block-wise set-up would cost it 20 %.
 
 **Product** (``StaticIHVP(G) @ x``, ``DynamicIHVP.update_and_matvec(g)``): over the
 *float32 two-pass floor*, ``G32 @ x`` then ``G32.T @ a`` through BLAS (sgemv, sgemv^T) on
@@ -31,6 +34,7 @@ StaticIHVP, DynamicIHVP, and the float32-summed passes of earlier versions.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -40,17 +44,21 @@ from typing import Any
 # with a BLAS floor, the next candidate would share the cores with them and pay for the
 # floor's threads (docs/design.rst, "Speed: how it is measured"); let them sleep at once.
 # OpenBLAS reads this when it loads, hence before NumPy; a value in the environment wins.
-os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+# The set-up tables' child keeps the environment's value, or none.
+_SETUP_CHILD = "--setup-child"
+_ENV_BLAS_TIMEOUT = os.environ.get("OPENBLAS_THREAD_TIMEOUT")
+if _SETUP_CHILD not in sys.argv:
+    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
-import numpy as np
+import numpy as np  # noqa: E402
 
 # The installed package, not a source tree next to the script; then the helpers.
 sys.path.append(str(Path(__file__).resolve().parent))
-import _common as common
+import _common as common  # noqa: E402
 
-import mfac_core
-from mfac_core import DynamicIHVP, StaticIHVP, WindowOptions, _engine, _fused
-from mfac_core.testing import extended_precision_inverse
+import mfac_core  # noqa: E402
+from mfac_core import DynamicIHVP, StaticIHVP, WindowOptions, _engine, _fused  # noqa: E402
+from mfac_core.testing import extended_precision_inverse  # noqa: E402
 
 EPS32 = float(np.finfo(np.float32).eps)
 
@@ -216,6 +224,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--error-d", type=float, default=None, help="d of the error table (1e5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="CI smoke run: d=2e5, m=32, 2 repeats")
+    p.add_argument(_SETUP_CHILD, action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
         args.d = args.d or 2e5
@@ -229,9 +238,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def setup_tables(args: argparse.Namespace, rng: np.random.Generator) -> list[list[str]]:
+    """The rows of the set-up tables: the full set-up, then the block-wise one."""
+    rows = []
+    for m in args.m:
+        rows += setup_rows(m, args.d, args.repeat, rng)
+    for m, B in [(32, 16)] if args.quick else [(256, 128)]:
+        rows += block_rows(m, B, args.d, args.repeat, rng)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     rng = np.random.default_rng(args.seed)
+    if args.setup_child:
+        print(json.dumps({"rows": setup_tables(args, rng)}))
+        return 0
     print(f"# benchmarks/exact.py (mfac_core {mfac_core.__version__} at {mfac_core.__file__})")
     for key, value in common.machine_facts():
         print(f"- {key}: {value}")
@@ -245,13 +267,16 @@ def main(argv: list[str] | None = None) -> int:
         rows += product_rows(m, args.d, args.repeat, rng)
     print("## Products over the float32 two-pass floor\n")
     print(common.markdown_table(headers, rows) + "\n")
-    rows = []
-    for m in args.m:
-        rows += setup_rows(m, args.d, args.repeat, rng)
-    blocks = [(32, 16)] if args.quick else [(256, 128)]
-    for m, B in blocks:
-        rows += block_rows(m, B, args.d, args.repeat, rng)
-    print("## Set-up over its float64 Gram floor\n")
+    env = dict(os.environ)
+    if _ENV_BLAS_TIMEOUT is None:
+        del env["OPENBLAS_THREAD_TIMEOUT"]
+    argv = [__file__, _SETUP_CHILD, "--d", str(args.d), "--repeat", str(args.repeat)]
+    argv += ["--seed", str(args.seed)] + [f"--m={m}" for m in args.m]
+    rows = common.run_child(argv + (["--quick"] if args.quick else []), env=env)["rows"]
+    print(
+        "## Set-up over its float64 Gram floor (a child process, OPENBLAS_THREAD_TIMEOUT: "
+        f"{_ENV_BLAS_TIMEOUT or '(unset)'})\n"
+    )
     print(common.markdown_table(headers, rows) + "\n")
     m = min(args.m)
     print(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import warnings
 
 import array_api_compat
@@ -16,9 +15,8 @@ from mfac_core._layout import BlockGroup
 
 @pytest.fixture
 def chunked(monkeypatch):
-    """Chunks of two blocks of 4 x 4, and threads for any work: every code path on tiny G."""
+    """Chunks of two blocks of 4 x 4: every code path on tiny G."""
     monkeypatch.setattr(_dense_blocks, "_CHUNK_BYTES", 2 * 8 * 4 * 4)
-    monkeypatch.setattr(_dense_blocks, "_MIN_THREAD_WORK", 1)
     return monkeypatch
 
 
@@ -38,9 +36,7 @@ def _oracle_Linv(G64, start, size, damp):
 
 
 @pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
-@pytest.mark.parametrize("threads", ["1", "3"])
-def test_matches_oracle_and_general_path(chunked, rng, dtype, threads):
-    chunked.setenv("MFAC_CORE_NUM_THREADS", threads)
+def test_matches_oracle_and_general_path(chunked, rng, dtype):
     m, d, bs = 6, 23, 4  # five full blocks (three chunks) and a ragged one of 3
     G = rng.standard_normal((m, d)).astype(dtype)
     G64 = G.astype(np.float64)
@@ -65,22 +61,7 @@ def test_matches_oracle_and_general_path(chunked, rng, dtype, threads):
     assert [c[0] for c in calls] == sorted(c[0] for c in calls)
 
 
-def test_threads_give_the_same_numbers(chunked, rng):
-    G = rng.standard_normal((8, 64)).astype(np.float32)
-    group = BlockGroup(0, 16, 4)
-    results = []
-    for threads in ("1", "2", "5"):
-        chunked.setenv("MFAC_CORE_NUM_THREADS", threads)
-        out = np.empty((16, 4, 4))
-        kappa = _dense_blocks.fill_block_inverses(G, group, out, damp=0.1)
-        results.append((out, kappa))
-    for out, kappa in results[1:]:
-        np.testing.assert_array_equal(out, results[0][0])
-        assert kappa == results[0][1]
-
-
-def test_progress_on_the_calling_thread_only(chunked, rng):
-    chunked.setenv("MFAC_CORE_NUM_THREADS", "3")
+def test_progress_after_each_chunk(chunked, rng):
     G = rng.standard_normal((8, 64)).astype(np.float32)
     seen = []
     out = np.empty((16, 4, 4))
@@ -89,10 +70,9 @@ def test_progress_on_the_calling_thread_only(chunked, rng):
         BlockGroup(0, 16, 4),
         out,
         damp=0.1,
-        progress=lambda n: seen.append((n, threading.get_ident())),
+        progress=seen.append,
     )
-    assert sum(n for n, _ in seen) == 64
-    assert {t for _, t in seen} == {threading.get_ident()}
+    assert seen == [8] * 8  # eight chunks of two blocks of 4 columns
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])

@@ -19,21 +19,24 @@ diagonal entry (below) of each Gram; the lower one is sharpened by ``_capacitanc
 power iterations, on a chunk of factors while they are still in cache (through
 ``F_b v = L_b (L_b^T v)``), only where the warning it decides could be due.
 
-Chunks of blocks are shared among up to ``_fused.max_threads()`` threads (LAPACK and
-BLAS release the GIL); each block's numbers are the same whatever the threads. A chunk
-that meets a non-finite Gram or a failed factorisation stops the work, and the caller
-repeats the group through the general set-up, which words the error.
+The chunks run on the calling thread, one after the other; BLAS and LAPACK spread each
+call over their own threads. Python threads that each call a threaded BLAS oversubscribe
+the cores: at m = 256, B = 128, d = 1e6 on 2 cores, two such threads took 4.1 s against
+3.8 s for one (OpenBLAS's default), 26.7 s where OpenBLAS's idle threads sleep at once
+(``OPENBLAS_THREAD_TIMEOUT=4``), and did not finish in minutes on a loaded machine
+(benchmarks/RESULTS.md). A chunk that meets a non-finite Gram or a failed factorisation
+stops the work, and the caller repeats the group through the general set-up, which
+words the error.
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from . import _capacitance, _fused
+from . import _capacitance
 from ._compat import is_numpy_namespace
 from ._layout import BlockGroup
 
@@ -42,9 +45,6 @@ __all__ = ["fill_block_inverses", "serves"]
 #: float64 bytes of the factors of one chunk: its power iterations read them ten times,
 #: so they should stay in a core's cache.
 _CHUNK_BYTES = 2**20
-
-#: Entries of G per thread below which fewer threads are used (a thread costs about 50 us).
-_MIN_THREAD_WORK = 2**20
 
 _DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
@@ -78,7 +78,7 @@ def fill_block_inverses(
     ``(lo, hi)`` of the largest condition number over the group's blocks, or ``None``
     where some block's Gram is not finite or its factorisation failed (``out`` then
     holds partial results, and the caller takes the general path, which raises the
-    error that says why). ``progress(columns)`` is called on the calling thread only.
+    error that says why). ``progress(columns)`` is called after each chunk.
     """
     from scipy.linalg import blas, lapack
 
@@ -120,43 +120,14 @@ def fill_block_inverses(
                 raise _Failed
         return lo, hi
 
-    threads = max(1, min(_fused.max_threads(), len(spans), (m * s * count) // _MIN_THREAD_WORK))
-    kappa = [1.0, 1.0]
-    taken = iter(range(len(spans)))
-    lock = threading.Lock()
-    errors: list[BaseException] = []
-    done = [0, 0]  # columns finished, columns reported
-
-    def work(report: bool) -> None:
-        buf = np.empty((m, s), dtype=np.float64)
+    buf = np.empty((m, s), dtype=np.float64)
+    kappa_lo, kappa_hi = 1.0, 1.0
+    for b0, b1 in spans:
         try:
-            while not errors:
-                with lock:
-                    p = next(taken, None)
-                if p is None:
-                    return
-                b0, b1 = spans[p]
-                lo, hi = chunk(b0, b1, buf)
-                with lock:
-                    kappa[0], kappa[1] = max(kappa[0], lo), max(kappa[1], hi)
-                    done[0] += (b1 - b0) * s
-                    new = done[0] - done[1]
-                    done[1] = done[0] if report else done[1]
-                if report and progress is not None:
-                    progress(new)
-        except BaseException as exc:  # re-raised (or handed back) on the caller's thread
-            errors.append(exc)
-
-    helpers = [threading.Thread(target=work, args=(False,), daemon=True) for _ in range(1, threads)]
-    for th in helpers:
-        th.start()
-    work(True)
-    for th in helpers:
-        th.join()
-    if errors:
-        if any(isinstance(e, _Failed) for e in errors):
+            lo, hi = chunk(b0, b1, buf)
+        except _Failed:
             return None
-        raise errors[0]
-    if progress is not None and done[0] > done[1]:
-        progress(done[0] - done[1])
-    return kappa[0], kappa[1]
+        kappa_lo, kappa_hi = max(kappa_lo, lo), max(kappa_hi, hi)
+        if progress is not None:
+            progress((b1 - b0) * s)
+    return kappa_lo, kappa_hi
