@@ -307,32 +307,40 @@ PROJECT64_FNS(bf16, uint16_t, LOAD1_BF16, float, LOADV_F32, STAGED, stage_bf16, 
  * passes over them, the panels' rows not fetched ahead) ran eight dampings at a third of the
  * FMA peak; this one at about two thirds (one core of a Zen 3).
  */
+/* A tile's U vectors of sums: zero before the first panel, else from acc_buf. */
+#define COMBINE64_SUMS_IN(acc, U)                                                           \
+    for (int u = 0; u < (U); u++)                                                           \
+        acc[u] = i0 == 0 ? (NAME(vd)){0} : *(const NAME(vd) *)(buf + u * lanes)
+
+/* The sums after a panel: back to acc_buf, or after the last panel y = sums + a[0] x. */
+#define COMBINE64_SUMS_OUT(acc, U, j)                                                       \
+    for (int u = 0; u < (U); u++) {                                                         \
+        const Py_ssize_t jj = (j) + u * lanes;                                              \
+        if (!last)                                                                          \
+            *(NAME(vd) *)(buf + u * lanes) = acc[u];                                        \
+        else {                                                                              \
+            const NAME(vd) xv = x64 ? LOADV_F64(xd + jj) : LOADV_F32(xf + jj);              \
+            const NAME(vd) y = acc[u] + a[0] * xv;                                          \
+            if (out64)                                                                      \
+                *(NAME(vd) *)(yd + jj) = y;                                                 \
+            else                                                                            \
+                *(NAME(vh) *)(yf + jj) = __builtin_convertvector(y, NAME(vh));              \
+        }                                                                                   \
+    }
+
 #define COMBINE64_TILE(T, LOADT, U)                                                         \
     do {                                                                                    \
         for (Py_ssize_t j = js; j < jse; j += (U) * lanes) {                                \
             double *buf = acc_buf + (j - jc);                                               \
             NAME(vd) acc[U];                                                                \
-            for (int u = 0; u < (U); u++)                                                   \
-                acc[u] = i0 == 0 ? (NAME(vd)){0} : *(const NAME(vd) *)(buf + u * lanes);    \
+            COMBINE64_SUMS_IN(acc, U);                                                      \
             for (Py_ssize_t r = 0; r < rows; r++) {                                         \
                 const T *row = src + r * sld + (j - joff);                                  \
                 const double c = Ct[8 * (i0 + r)];                                          \
                 for (int u = 0; u < (U); u++)                                               \
                     acc[u] += c * LOADT(row + u * lanes);                                   \
             }                                                                               \
-            for (int u = 0; u < (U); u++) {                                                 \
-                const Py_ssize_t jj = j + u * lanes;                                        \
-                if (!last)                                                                  \
-                    *(NAME(vd) *)(buf + u * lanes) = acc[u];                                \
-                else {                                                                      \
-                    const NAME(vd) xv = x64 ? LOADV_F64(xd + jj) : LOADV_F32(xf + jj);      \
-                    const NAME(vd) y = acc[u] + a[0] * xv;                                  \
-                    if (out64)                                                              \
-                        *(NAME(vd) *)(yd + jj) = y;                                         \
-                    else                                                                    \
-                        *(NAME(vh) *)(yf + jj) = __builtin_convertvector(y, NAME(vh));      \
-                }                                                                           \
-            }                                                                               \
+            COMBINE64_SUMS_OUT(acc, U, j);                                                  \
         }                                                                                   \
     } while (0)
 
@@ -416,8 +424,7 @@ _Static_assert(SUB64 % (C1_U16 * VBYTES / 8) == 0, "SUB64 must be a multiple of 
                     const S *vn = V + i0 * ld + jse + (j - js);                             \
                     float *qn = nbuf + (j - js);                                            \
                     NAME(vd) acc[C1_U16];                                                   \
-                    for (int u = 0; u < C1_U16; u++)                                        \
-                        acc[u] = i0 == 0 ? (NAME(vd)){0} : *(const NAME(vd) *)(buf + u * lanes); \
+                    COMBINE64_SUMS_IN(acc, C1_U16);                                         \
                     for (Py_ssize_t r = 0; r < rows; r++) {                                 \
                         if (stage_next)                                                     \
                             for (int q = 0; q < C1_U16 * lanes; q += VBYTES / 4)            \
@@ -427,19 +434,7 @@ _Static_assert(SUB64 % (C1_U16 * VBYTES / 8) == 0, "SUB64 must be a multiple of 
                         for (int u = 0; u < C1_U16; u++)                                    \
                             acc[u] += c * LOADV_F32(row + u * lanes);                       \
                     }                                                                       \
-                    for (int u = 0; u < C1_U16; u++) {                                      \
-                        const Py_ssize_t jj = j + u * lanes;                                \
-                        if (!last)                                                          \
-                            *(NAME(vd) *)(buf + u * lanes) = acc[u];                        \
-                        else {                                                              \
-                            const NAME(vd) xv = x64 ? LOADV_F64(xd + jj) : LOADV_F32(xf + jj); \
-                            const NAME(vd) y = acc[u] + a[0] * xv;                          \
-                            if (out64)                                                      \
-                                *(NAME(vd) *)(yd + jj) = y;                                 \
-                            else                                                            \
-                                *(NAME(vh) *)(yf + jj) = __builtin_convertvector(y, NAME(vh)); \
-                        }                                                                   \
-                    }                                                                       \
+                    COMBINE64_SUMS_OUT(acc, C1_U16, j);                                     \
                 }                                                                           \
             }                                                                               \
         }                                                                                   \
@@ -701,6 +696,8 @@ COMBINE64_FN(bf16, uint16_t, LOAD1_BF16, float, LOADV_F32, STAGED, stage_bf16, 1
 #undef PROJECT64_FN
 #undef PROJECT64_FNS
 #undef COMBINE64_TILE
+#undef COMBINE64_SUMS_IN
+#undef COMBINE64_SUMS_OUT
 #undef COMBINE64_LAST_COLUMNS
 #undef COMBINE64_ONE_BODY
 #undef COMBINE64_ONE_DIRECT
