@@ -75,8 +75,7 @@ ISA_ATTR static inline __attribute__((always_inline)) NAME(vu) NAME(widen_u16)(N
  * rows at V to buf, SUB64 floats a row (_passes.c).
  */
 
-/* One vf of 2-byte items at p widened to float32 at q (the stagings below, and the pipelined
-   staging of combine64_one). */
+/* One vf of 2-byte items at p widened to float32 at q: every staging of 2-byte rows. */
 ISA_ATTR static inline __attribute__((always_inline)) void NAME(stage_bf16_vec)(const uint16_t *p,
                                                                                float *q)
 {
@@ -463,28 +462,16 @@ ISA_ATTR static void NAME(stage64_bf16)(const uint16_t *V, Py_ssize_t ld, Py_ssi
                                         Py_ssize_t w, float *buf)
 {
     for (Py_ssize_t r = 0; r < rows; r++)
-        for (Py_ssize_t j = 0; j < w; j += VBYTES / 4) {
-            const NAME(vu) u = NAME(widen_u16)(*(const NAME(vw) *)(V + r * ld + j));
-            *(NAME(vf) *)(buf + r * C64_SUB + j) = (NAME(vf))(u << 16);
-        }
+        for (Py_ssize_t j = 0; j < w; j += VBYTES / 4)
+            NAME(stage_bf16_vec)(V + r * ld + j, buf + r * C64_SUB + j);
 }
 
 ISA_ATTR static void NAME(stage64_f16)(const uint16_t *V, Py_ssize_t ld, Py_ssize_t rows,
                                        Py_ssize_t w, float *buf)
 {
     for (Py_ssize_t r = 0; r < rows; r++)
-        for (Py_ssize_t j = 0; j < w; j += VBYTES / 4) {
-            const uint16_t *p = V + r * ld + j;
-            float *q = buf + r * C64_SUB + j;
-#if defined(ISA_F16C) && VBYTES == 64
-            *(NAME(vf) *)q = (NAME(vf))_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
-#elif defined(ISA_F16C) && VBYTES == 32
-            *(NAME(vf) *)q = (NAME(vf))_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
-#else
-            for (int l = 0; l < VBYTES / 4; l++)
-                q[l] = (float)half_to_double(p[l]);
-#endif
-        }
+        for (Py_ssize_t j = 0; j < w; j += VBYTES / 4)
+            NAME(stage_f16_vec)(V + r * ld + j, buf + r * C64_SUB + j);
 }
 
 /* One tile: dampings k0 to k0 + NKR - 1, U vectors of columns from the panel's column jj (the
