@@ -929,3 +929,71 @@ def test_a_damping_no_gradient_could_enter_with_is_refused_at_the_door(dtype, ze
     tiny = DynamicIHVP(m, d, damp=2.2250738585072014e-308, dtype="float64")
     tiny.update(np.full(d, 1e-160))
     assert len(tiny) == 1
+
+
+@pytest.mark.parametrize("library", ["numpy", "torch"])
+@pytest.mark.parametrize("check_finite", [True, False])
+def test_float32_row_write_in_one_loop_matches_the_librarys_own(library, check_finite, monkeypatch):
+    """A float32 window's row write through the extension (``_fused.store_row``: the undo
+    copy, the row and ``max |g|`` in one read of g) against the library's own copies and
+    checks: the same results, the same refusals and statuses (NaN, infinity, a gradient too
+    large, whose refusal comes after the row was written), and the window exactly as it was
+    after each refusal; NaN with ``check_finite=False`` treated alike."""
+    from mfac_core import _fused
+
+    if not _fused.stores(None):
+        pytest.skip("the C extension was not built")
+    if library == "torch":
+        torch = pytest.importorskip("torch")
+        xp, asarray = torch, lambda a: torch.from_numpy(np.array(a, np.float32))
+    else:
+        xp, asarray = None, lambda a: np.array(a, np.float32)
+    m, d = 3, 37
+    rng = np.random.default_rng(5)
+    grads = rng.standard_normal((m + 2, d)).astype(np.float32)
+    bad = [grads[0].copy() for _ in range(4)]
+    bad[0][4], bad[1][30], bad[2][0] = np.nan, np.inf, -np.inf
+    bad[3][:] = 1e30  # finite, too large: refused after the row's write
+
+    def run(own: bool) -> tuple[list, list, dict]:
+        with monkeypatch.context() as mp:
+            if own:
+                mp.setattr(_fused, "stores", lambda storage: False)
+            op = DynamicIHVP(m, d, damp=0.1, dtype="float32", xp=xp,
+                             options=WindowOptions(check_finite=check_finite))  # fmt: skip
+            out = [to_numpy(op.update_and_matvec(asarray(g))) for g in grads]
+            before = op.state_dict()
+            seen = []
+            for b in bad:
+                status = op._update_and_matvec_checked(asarray(b))
+                seen.append((status.status, str(status.error)))
+                try:
+                    seen.append(to_numpy(op.update_and_matvec(asarray(b))))
+                except ValueError as exc:
+                    seen.append(str(exc))
+                    after = op.state_dict()
+                    for key, value in before.items():
+                        if hasattr(value, "shape"):
+                            np.testing.assert_array_equal(to_numpy(after[key]), to_numpy(value))
+                        else:
+                            assert after[key] == value, key
+                    continue
+                break  # accepted (NaN without the check): the window changed
+            return out, seen, op.state_dict()
+
+    out_fast, seen_fast, state_fast = run(False)
+    out_own, seen_own, state_own = run(True)
+    for a, b in zip(out_fast, out_own, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert [s[0] for s in seen_fast[::2]][:4] == ["not finite"] * 3 + ["too large"]
+    assert len(seen_fast) == len(seen_own)
+    for a, b in zip(seen_fast, seen_own, strict=True):
+        if isinstance(a, np.ndarray):
+            np.testing.assert_array_equal(a, b)
+        else:
+            assert a == b
+    for key, value in state_own.items():
+        if hasattr(value, "shape"):
+            np.testing.assert_array_equal(to_numpy(state_fast[key]), to_numpy(value))
+        else:
+            assert state_fast[key] == value, key

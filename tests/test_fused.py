@@ -331,6 +331,104 @@ def test_cast16_equals_numpys_casts(rng):
         np.testing.assert_array_equal(dst, before)
 
 
+def _bf16_bits(f):
+    """float32 values rounded to bfloat16 bits, to nearest even (NaN: 0x7fc0), in NumPy."""
+    u = f.view(np.uint32).astype(np.uint64)
+    bits = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    return np.where(np.isnan(f), np.uint16(0x7FC0), bits)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_store_row_writes_saves_and_widens_the_row(isa, rng):
+    """One loop: the old row saved, g rounded into the row (float32 copied, bfloat16 to
+    nearest even as PyTorch, float16 as NumPy), the row widened, g copied, and max |g|
+    exactly (NaN where g holds one, +0.0 for zeros) -- at odd lengths past the 2048-item
+    chunks, with every kind of value: normal, subnormal, halfway, overflowing, infinite."""
+    n = 2 * 2048 + 13
+    scaled = rng.standard_normal(n) * 2.0 ** rng.integers(-140, 129, n)
+    g = np.clip(scaled, -3.4e38, 3.4e38).astype(np.float32)
+    g[:8] = [np.inf, -np.inf, 3.4e38, -65520.0, 1e-45, -0.0, 65504.0, 1.0 + 2.0**-8]
+    h = np.arange(2**16, dtype=np.uint32)[::37]
+    h = h[(h & 0x7F80) != 0x7F80] << 16  # finite bfloat16 values, then halfway above them
+    g[8 : 8 + 2 * h.size] = np.concatenate([h | 0x8000, h | 0x18000]).view(np.float32)
+    for storage in ["float32", "bfloat16", "float16"]:
+        kind = np.float32 if storage == "float32" else np.uint16
+        prev = rng.integers(0, 2**16, n * (2 if storage == "float32" else 1), dtype=np.uint16)
+        row = prev.view(kind).copy()
+        old, wide, copy = np.empty_like(row), np.empty(n, np.float32), np.empty(n, np.float32)
+        dst = row.view(np.float16) if storage == "float16" else row
+        name = None if storage != "bfloat16" else storage
+        got = _fused.store_row(g, dst, old=old, wide=wide, copy=copy, storage=name, isa=isa)
+        if storage == "float16" and isa == "base":
+            assert got is None  # no F16C: nothing written
+            np.testing.assert_array_equal(row.view(np.uint16), prev)
+            continue
+        assert got == np.max(np.abs(g)) == np.inf
+        np.testing.assert_array_equal(old.view(np.uint16), prev)
+        np.testing.assert_array_equal(copy.view(np.uint32), g.view(np.uint32))
+        if storage == "float32":
+            want = g
+        elif storage == "bfloat16":
+            want = _bf16_bits(g)
+            np.testing.assert_array_equal(wide.view(np.uint32), want.astype(np.uint32) << 16)
+        else:
+            with np.errstate(over="ignore"):
+                want = g.astype(np.float16).view(np.uint16)
+            np.testing.assert_array_equal(wide, want.view(np.float16).astype(np.float32))
+        np.testing.assert_array_equal(row.view(np.uint16), want.view(np.uint16))
+    finite = g[np.isfinite(g)]
+    assert _fused.store_row(finite, isa=isa) == np.max(np.abs(finite))
+    with_nan = g.copy()
+    with_nan[n - 1] = np.nan
+    assert np.isnan(_fused.store_row(with_nan, isa=isa))
+    zero = _fused.store_row(-np.zeros(n - 1, np.float32), isa=isa)
+    assert zero == 0.0 and np.copysign(1.0, zero) == 1.0
+    assert _fused.store_row(np.zeros(0, np.float32), isa=isa) == 0.0
+
+
+def test_store_row_agrees_with_torch_bfloat16_rounding(rng):
+    torch = pytest.importorskip("torch")
+    bits = rng.integers(0, 2**32, 2**18, dtype=np.uint64).astype(np.uint32)
+    f = bits.view(np.float32)
+    row = np.zeros(f.size, np.uint16)
+    assert _fused.store_row(f, row, storage="bfloat16") is not None
+    want = torch.from_numpy(f).to(torch.bfloat16).view(torch.uint16).numpy()
+    finite = np.isfinite(f)
+    np.testing.assert_array_equal(row[finite], want[finite])
+    nan = np.isnan(f)
+    np.testing.assert_array_equal(row[nan], np.full(nan.sum(), 0x7FC0, np.uint16))
+    np.testing.assert_array_equal(want[nan] & 0x7F80, np.full(nan.sum(), 0x7F80, np.uint16))
+
+
+def test_store_row_refuses_bad_buffers():
+    g = np.ones(10, np.float32)
+    row = np.zeros(10, np.uint16)
+    for call, error in [
+        (lambda: _fused.store_row(g.astype(np.float64)), TypeError),  # src not float32
+        (lambda: _fused.store_row(g.reshape(2, 5)), TypeError),  # src not 1-D
+        (lambda: _fused.store_row(g[::2]), ValueError),  # src not contiguous
+        (lambda: _fused.store_row(g, row), TypeError),  # uint16 without storage
+        (lambda: _fused.store_row(g, np.zeros(10, np.float64)), TypeError),  # no storage dtype
+        (lambda: _fused.store_row(g, np.zeros(9, np.float32)), ValueError),  # lengths differ
+        (lambda: _fused.store_row(g, np.zeros(20, np.float32)[::2]), ValueError),  # strided
+        (lambda: _fused.store_row(g, np.zeros(10, np.float16), storage="bfloat16"), TypeError),
+        (lambda: _fused.store_row(g, row, storage="int16"), ValueError),
+        (lambda: _fused.store_row(g, old=np.zeros(10, np.float32)), ValueError),  # old, no dst
+        (lambda: _fused.store_row(g, np.zeros(10, np.float32), old=row), TypeError),
+        (lambda: _fused.store_row(g, row, storage="bfloat16", wide=np.zeros(9, np.float32)),
+         ValueError),
+        (lambda: _fused.store_row(g, row, storage="bfloat16", copy=np.zeros(10)), TypeError),
+        (lambda: _fused.store_row(g, isa="sse9"), ValueError),
+    ]:  # fmt: skip
+        with pytest.raises(error):
+            call()
+    frozen = np.zeros(10, np.float32)
+    frozen.flags.writeable = False
+    with pytest.raises(ValueError, match="writable"):
+        _fused.store_row(g, frozen)
+    assert not row.any()
+
+
 def _exact(A):
     from fractions import Fraction
 

@@ -516,7 +516,8 @@ def test_half_window_step_fast_paths_match_the_generic_ones(case, rng, monkeypat
     """The step's per-library forms (PyTorch, NumPy) of its two O(d) pieces, against the
     Array-API forms they replace: the stored row and ``g`` in one ``(2, d)`` array, and
     ``max |g|`` without ``abs``'s temporary; with NumPy float16 also the F16C casts of the
-    row's write and widening (``_fused.cast16``) against NumPy's. Same bits of every
+    row's write and widening (``_fused.cast16``) against NumPy's, and the row's write in one
+    loop (``_fused.store_row``) against the library's own ops. Same bits of every
     result, same refusals (NaN, infinities, overflow of either sign), the window unchanged
     after each; PyTorch also with the checks deferred as on a device (read with the row
     edit's, once)."""
@@ -549,6 +550,7 @@ def test_half_window_step_fast_paths_match_the_generic_ones(case, rng, monkeypat
                 mp.setattr(_dynamic_checks, "largest_magnitude",
                            _dynamic_checks.generic_largest_magnitude)  # fmt: skip
                 mp.setattr(_fused, "cast16", lambda src, dst: False)  # NumPy's casts
+                mp.setattr(_fused, "stores", lambda storage: False)  # the library's own ops
             op = _window_op(backend, m, d, dtype, damp=0.1, check_finite=False)
             out = [_as64(op.update_and_matvec(backend.asarray(g, "float32"))) for g in grads]
             before = op.state_dict()

@@ -73,19 +73,30 @@ def check_gradient(op: Any, g: Array, *, deferred: bool = False, finite: bool = 
     from the device, which ``pending`` (a :class:`Pending`, or None) leaves to
     ``_dynamic_factor.judge``, so that a step reads all its checks at once.
     """
-    # The window stores gradients, never their autograd history.
-    g = detached(check_operand(op._xp, op.device, op.dtype, g, "g", owner=repr(op)))
-    if g.ndim != 1 or g.shape[0] != op.dim:
-        raise ValueError(f"g must have shape ({op.dim},), got {tuple(g.shape)}")
+    g = checked_operand(op, g)
     finite = finite or op.check_finite
-    needed = finite or op.storage_dtype is not None
     # A rank of a sharded window may hold no coordinates: nothing to check.
-    pending = Pending(g, largest_magnitude(op._xp, g), finite) if needed and g.shape[0] else None
+    needed = values_checked(op, finite) and g.shape[0]
+    pending = Pending(g, largest_magnitude(op._xp, g), finite) if needed else None
     if deferred:
         return g, pending
     if pending is not None:
         judge_gradient(op, g, float(pending.biggest), finite=finite)
     return g
+
+
+def checked_operand(op: Any, g: Array) -> Array:
+    """``g`` checked for library, device, dtype and shape (promoted, detached); no values."""
+    # The window stores gradients, never their autograd history.
+    g = detached(check_operand(op._xp, op.device, op.dtype, g, "g", owner=repr(op)))
+    if g.ndim != 1 or g.shape[0] != op.dim:
+        raise ValueError(f"g must have shape ({op.dim},), got {tuple(g.shape)}")
+    return g
+
+
+def values_checked(op: Any, finite: bool) -> bool:
+    """Whether a gradient's values are checked: NaN and infinity, or a 2-byte range."""
+    return finite or op.storage_dtype is not None
 
 
 def largest_magnitude(xp: Any, g: Array) -> Array:

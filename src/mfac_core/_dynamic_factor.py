@@ -114,7 +114,7 @@ class Speculation:
     def compute(self, factor: SlotFactor) -> Array:
         op, xp = self._op, self._op._xp
         self.s = op._refined(self.X, op._finish(self.X, self.P, factor), factor)[:, 0]
-        return xp.all(xp.isfinite(self.s))
+        return _engine.all_finite(xp, self.s)
 
 
 # -- products: the factor applied (DynamicIHVP._finish, _solve, _refined) ------------------

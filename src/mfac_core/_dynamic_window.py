@@ -15,7 +15,13 @@ import numpy as np
 
 from . import _engine
 from ._compat import Array, is_numpy_namespace, is_torch_namespace
-from ._dynamic_checks import Refused, check_gradient
+from ._dynamic_checks import (
+    Refused,
+    check_gradient,
+    checked_operand,
+    judge_gradient,
+    values_checked,
+)
 from ._dynamic_factor import Speculation, edited, factorized
 from ._errors import FactorizationError
 
@@ -86,6 +92,64 @@ def generic_paired_rows(xp: Any, stored: Array, g: Array) -> Array:
     return xp.stack([xp.astype(stored, g.dtype), g], axis=0)
 
 
+class RowStore:
+    """A host window's row write through the extension (``_fused.store_row``), undoable.
+
+    One loop on the calling thread reads ``g`` once: it saves the slot's row, writes ``g``
+    into it (rounded, for 2-byte storage), fills the rows of the first pass (the stored row
+    widened, and ``g``) and returns ``max |g|``, from which the gradient's value checks
+    follow (:meth:`judge`), exactly as ``_dynamic_checks.check_gradient`` would judge them
+    before the write. The same values as ``assign_row`` and :func:`paired_rows`; no d-long
+    work on PyTorch's intra-op threads, whose spinning took the cores from the passes.
+    """
+
+    def __init__(self, op: Any, slot: int, g: Array, views: tuple[Any, Any, str], finite: bool):
+        self.op, self.slot, self.g, self.finite = op, slot, g, finite
+        self.G, self.gv, self.storage = views
+        self.old: Any = None
+        self.rows: Any = None
+
+    @classmethod
+    def of(cls, op: Any, g: Array, finite: bool) -> RowStore | None:
+        """The row store for ``g`` (checked operand), or None where the extension cannot write."""
+        views = _engine.host_row_views(op._xp, op._G, g)
+        if views is None:
+            return None
+        slot = op._window[0] if op.is_full else op._free[-1]
+        return cls(op, slot, g, views, finite)
+
+    def write(self) -> None:
+        """Write the row (saving the old one), then judge ``g``'s values; raises ``Refused``."""
+        row = self.G[self.slot]
+        old = np.empty_like(row)
+        if self.op.storage_dtype is None:
+            biggest = _engine.store_row(self.gv, row, old=old, storage=self.storage)
+        else:
+            self.rows = np.empty((2, row.shape[0]), dtype=np.float32)
+            biggest = _engine.store_row(
+                self.gv, row, old=old, wide=self.rows[0], copy=self.rows[1], storage=self.storage
+            )
+        if biggest is None:  # the extension checked this could not happen (``stores``)
+            raise RuntimeError("the extension did not write the row")
+        self.old = old
+        if values_checked(self.op, self.finite) and self.g.shape[0]:
+            judge_gradient(self.op, self.g, biggest, finite=self.finite)
+
+    def products(self) -> tuple[Any, Any]:
+        """As :func:`products`, from the rows :meth:`write` filled."""
+        xp, G = self.op._xp, self.op._G
+        if self.rows is None:
+            return _engine.project(xp, G, self.g[:, None])[:, 0], None
+        P = _engine.project_rows(xp, G, _engine.as_library(xp, self.rows))
+        return P[:, 0], P[:, 1:]
+
+    def restore(self) -> None:
+        """Put the saved row back (nothing, if :meth:`write` saved none)."""
+        if self.old is not None:
+            np.copyto(self.G[self.slot], self.old)
+            self.old = None
+
+
 def place(
     op: Any,
     slot: int,
@@ -94,6 +158,7 @@ def place(
     *,
     pending: Any = None,
     speculation: Speculation | None = None,
+    store: RowStore | None = None,
 ) -> tuple[Array, Any, Any]:
     """Put gradient ``g`` into ``slot``; return it (checked) and its Gram row (float64).
 
@@ -111,14 +176,16 @@ def place(
     ``pending`` is an unsharded ``g``'s deferred check (``_dynamic_checks.check_gradient``),
     judged before the operator changes. ``speculation`` is handed the product's
     operands and computes it with the edited factor (see ``_dynamic_factor.edited``).
+    ``store`` (a :class:`RowStore` for ``slot``) writes the row on the host in one read of
+    ``g`` and judges ``g``'s values there, the row then put back if they are refused.
     """
     xp = op._xp
-    old = xp.asarray(op._G[slot, ...], copy=True)
+    old = None if store is not None else xp.asarray(op._G[slot, ...], copy=True)
     gram = None
     product = None
     try:
         if b is None:
-            g, b, product = written_row(op, slot, g)
+            g, b, product = written_row(op, slot, g, store)
             if speculation is not None:
                 speculation.X = g[:, None]
                 speculation.P = b[:, None] if product is None else product
@@ -136,7 +203,10 @@ def place(
             b = xp.asarray(gram[slot, :], copy=True)
             factor, refactored = edited(op, slot, b, gram=gram)
     except BaseException:
-        op._G[slot, ...] = old
+        if store is not None:
+            store.restore()
+        else:
+            op._G[slot, ...] = old
         raise
     if gram is not None:
         op._gram = gram
@@ -150,7 +220,9 @@ def place(
 # -- reductions over the d coordinates (every one goes through here) ---------------
 
 
-def written_row(op: Any, slot: int, g: Array) -> tuple[Array, Any, Any]:
+def written_row(
+    op: Any, slot: int, g: Array, store: RowStore | None = None
+) -> tuple[Array, Any, Any]:
     """Write ``g`` into ``slot``; return it, its Gram row and ``G g`` (float64, summed).
 
     ``G g`` (``(m, 1)``) is ``None`` when it is the row (see :func:`products`).
@@ -165,8 +237,12 @@ def written_row(op: Any, slot: int, g: Array) -> tuple[Array, Any, Any]:
     def local() -> Array:
         if op._collective_checks:
             checked[0] = check_gradient(op, g)
-        _engine.assign_row(xp, op._G, slot, checked[0])
-        row, product = products(op, slot, checked[0])
+        if store is not None:
+            store.write()
+            row, product = store.products()
+        else:
+            _engine.assign_row(xp, op._G, slot, checked[0])
+            row, product = products(op, slot, checked[0])
         return row if product is None else xp.concat([row, product[:, 0]])
 
     if op.storage_dtype is None:
@@ -183,16 +259,20 @@ def insert(op: Any, g: Array, *, speculation: Speculation | None = None) -> tupl
     the checks are read (``_dynamic_factor.edited``).
     """
     pending = None
+    store = None
     if not op._collective_checks:  # sharded, g is checked inside the reduction of its row
         finite = speculation is not None
         # On a device the gradient's check waits for the row edit's, to be read
-        # with it in one transfer; on the host it runs first.
+        # with it in one transfer; on the host it runs first, or in the row's write.
         if _engine.is_accelerator(op._xp, op._G):
             g, pending = check_gradient(op, g, deferred=True, finite=finite)
         else:
-            g = check_gradient(op, g, finite=finite)
+            g = checked_operand(op, g)
+            store = RowStore.of(op, g, finite or op.check_finite)
+            if store is None:
+                g = check_gradient(op, g, finite=finite)
     slot = op._window[0] if op.is_full else op._free[-1]
-    g, _, product = place(op, slot, g, pending=pending, speculation=speculation)
+    g, _, product = place(op, slot, g, pending=pending, speculation=speculation, store=store)
     if op.is_full:
         op._window.popleft()
     else:
@@ -247,7 +327,7 @@ def update_and_matvec_checked(op: Any, g: Array, /) -> StepCheck:
     xp = op._xp
     X = g[:, None]
     s = op._refined(X, op._finish(X, product))[:, 0]
-    return StepCheck("ok", s, bool(xp.all(xp.isfinite(s))), None)
+    return StepCheck("ok", s, bool(_engine.all_finite(xp, s)), None)
 
 
 def remove_slot(op: Any, slot: int, /) -> None:

@@ -62,6 +62,8 @@ __all__ = [
     "combine",
     "combine_blocks",
     "gram_piece_width",
+    "all_finite",
+    "host_row_views",
     "is_accelerator",
     "lift",
     "piece_entries",
@@ -71,6 +73,7 @@ __all__ = [
     "project_rows",
     "simulate_device",
     "square_sums",
+    "store_row",
     "uses_kernels",
 ]
 
@@ -443,6 +446,59 @@ def assign_row(xp: Any, A: Array, index: int, values: Array) -> None:
     if is_numpy_namespace(xp) and isinstance(A, np.ndarray) and _fused.cast16(values, A[index]):
         return
     A[index, ...] = values
+
+
+def host_row_views(xp: Any, G: Array, g: Array) -> tuple[np.ndarray, np.ndarray, str] | None:
+    """NumPy views of a host window's buffer ``G`` and float32 gradient ``g``, and G's storage.
+
+    For ``_fused.store_row``, which writes a row and reads the gradient in one loop on the
+    calling thread: where the kernels read ``G`` (float32 or 2-byte, NumPy or PyTorch CPU)
+    and ``g`` is a contiguous float32 vector; None elsewhere. PyTorch's own copies and
+    reductions over ``g`` run on its intra-op threads, which then spin on the cores the
+    passes' threads want.
+    """
+    host = _host_view(xp, G)
+    if host is None:
+        return None
+    view, storage = host
+    name = storage or view.dtype.name
+    gv = _vector_view(xp, g)
+    if (
+        gv is None
+        or gv.dtype != np.float32
+        or gv.ndim != 1
+        or not (gv.flags.c_contiguous and gv.flags.aligned)
+        or view.ndim != 2
+        or not view.flags.writeable
+        or not _fused.stores(name)
+    ):
+        return None
+    return view, gv, name
+
+
+def store_row(src: np.ndarray, dst: np.ndarray, /, **buffers: Any) -> float | None:
+    """``_fused.store_row``: a row written, saved and widened in one read of ``src``."""
+    return _fused.store_row(src, dst, **buffers)
+
+
+def as_library(xp: Any, A: np.ndarray) -> Any:
+    """A NumPy array as an array of ``xp`` (PyTorch: a CPU tensor over the same memory)."""
+    return _from_numpy(A) if is_torch_namespace(xp) else A
+
+
+def all_finite(xp: Any, s: Array) -> Array:
+    """Whether ``s`` holds no NaN or infinity, as a 0-d array of ``xp`` (bool).
+
+    A float32 host vector is read once by the extension on this thread (``max |s|`` is
+    finite exactly when every item is), not by PyTorch's intra-op threads.
+    """
+    view = None if is_accelerator(xp, s) else _vector_view(xp, s)
+    if view is not None and view.dtype == np.float32 and view.ndim == 1:
+        if view.flags.c_contiguous and view.flags.aligned and _fused.stores(None):
+            biggest = _fused.store_row(view)
+            if biggest is not None:
+                return xp.asarray(bool(np.isfinite(biggest)))
+    return xp.all(xp.isfinite(s))
 
 
 def uses_kernels(xp: Any, G: Array) -> bool:

@@ -46,6 +46,8 @@ __all__ = [
     "max_threads",
     "project64",
     "project64_blocks",
+    "store_row",
+    "stores",
     "supports64",
 ]
 
@@ -173,6 +175,105 @@ def cast16(src: np.ndarray, dst: np.ndarray, /) -> bool:
     out = dst.view(np.uint16) if narrow else dst
     source = src if narrow else src.view(np.uint16)
     return bool(kernel(source, out, src.shape[0], narrow))
+
+
+def _row_buffer(A: Any, name: str, n: int, dtypes: tuple[np.dtype, ...]) -> np.ndarray:
+    """``A`` checked as a 1-D, C-ordered, aligned, writable NumPy array of ``n`` items."""
+    if not isinstance(A, np.ndarray) or A.dtype not in dtypes:
+        raise TypeError(
+            f"{name} must be a NumPy array of {' or '.join(str(d) for d in dtypes)}, got "
+            f"{getattr(A, 'dtype', type(A).__name__)}"
+        )
+    if A.shape != (n,) or not (A.flags.c_contiguous and A.flags.aligned and A.flags.writeable):
+        raise ValueError(
+            f"{name} must be 1-D of length {n}, C-ordered, aligned and writable, got shape "
+            f"{A.shape}"
+        )
+    return A
+
+
+def stores(storage: str | None) -> bool:
+    """Whether :func:`store_row` writes rows of ``storage`` (None: float32) here, fastest ISA."""
+    if _passes is None or not hasattr(_passes, "store_row"):
+        return False
+    return storage != "float16" or best_isa() != "base"
+
+
+def store_row(
+    src: np.ndarray,
+    dst: np.ndarray | None = None,
+    /,
+    *,
+    old: np.ndarray | None = None,
+    wide: np.ndarray | None = None,
+    copy: np.ndarray | None = None,
+    storage: str | None = None,
+    isa: str | None = None,
+) -> float | None:
+    """A window's row write in one read of ``src``; returns ``max |src|`` (NaN if it holds one).
+
+    In one loop over the float32 vector ``src``, each optional: ``old[...] = dst`` (the row as
+    it was), ``dst[...] = src`` rounded to the row's storage (float32 copied; bfloat16 to
+    nearest even, as PyTorch rounds; float16 with F16C, as NumPy rounds), ``wide[...] = dst``
+    widened to float32, ``copy[...] = src``. The largest magnitude is exact (from the items'
+    bits), the value :func:`numpy.max` of ``abs(src)`` gives, +0.0 for zeros.
+
+    Parameters
+    ----------
+    src : numpy.ndarray
+        1-D float32, C-ordered and aligned.
+    dst : numpy.ndarray, optional
+        The row: float32, float16, or uint16 holding bfloat16 or float16 bits (``storage``
+        names which; float16 may be named or not).
+    old : numpy.ndarray, optional
+        A dtype of the row's item size; gets the row's bits as they were (needs ``dst``).
+    wide, copy : numpy.ndarray, optional
+        float32; get the row written, widened, and ``src``.
+    storage : {"float32", "float16", "bfloat16"}, optional
+        The row's storage; None: from ``dst``'s dtype.
+    isa : str, optional
+        An instruction set of :data:`ISAS` (tests); None: the fastest.
+
+    Returns
+    -------
+    float or None
+        ``max |src|``; None, with nothing written, where the extension is missing or a
+        float16 row would need F16C that this CPU (or ``isa="base"``) lacks.
+    """
+    if _passes is None or not hasattr(_passes, "store_row"):
+        return None
+    if not isinstance(src, np.ndarray) or src.dtype != np.float32 or src.ndim != 1:
+        raise TypeError(
+            f"src must be a 1-D NumPy float32 array, got {getattr(src, 'dtype', src)!r}"
+        )
+    if not (src.flags.c_contiguous and src.flags.aligned):
+        raise ValueError("src must be C-ordered and aligned")
+    n = src.shape[0]
+    names = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16"}
+    if dst is None:
+        if old is not None:
+            raise ValueError("old needs dst")
+        name = "float32"
+    else:
+        row_dtypes = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(np.uint16))
+        _row_buffer(dst, "dst", n, row_dtypes)
+        own = names.get(dst.dtype)
+        if storage is not None and storage not in ("float32", "float16", "bfloat16"):
+            raise ValueError(
+                f"storage must be 'float32', 'float16', 'bfloat16' or None, got {storage!r}"
+            )
+        if own is None and storage not in ("float16", "bfloat16"):
+            raise TypeError("a uint16 dst needs storage='float16' or 'bfloat16'")
+        if own is not None and storage not in (None, own):
+            raise TypeError(f"dst's dtype {dst.dtype} does not match storage={storage!r}")
+        name = str(own if storage is None else storage)  # own is None only with storage
+        if old is not None:  # any dtype of the row's item size: its bits are copied
+            _row_buffer(old, "old", n, tuple(d for d in row_dtypes if d.itemsize == dst.itemsize))
+    for buf, label in ((wide, "wide"), (copy, "copy")):
+        if buf is not None:
+            _row_buffer(buf, label, n, (np.dtype(np.float32),))
+    value = _passes.store_row(src, dst, old, wide, copy, n, STORAGES[name], _isa_code(isa))
+    return None if value is None else float(value)
 
 
 # -- float64 sums over G in its storage dtype ----------------------------------------------

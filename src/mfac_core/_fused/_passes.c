@@ -4,6 +4,7 @@
  *   project64: Y[k, i] = sum_j V[i, j] X[k, j], in float64              (up to 8 vectors)
  *   combine64: Y[k, j] = a[k] X[k, j] + sum_i C[k, i] V[i, j], in float64, rounded once
  *   cast16:    float32 <-> float16 with F16C (a 2-byte window's row writes; see there)
+ *   store_row: a window's row write and its gradient's largest magnitude, one loop (see there)
  *
  * for the columns j0 <= j < j1 of a column block of the row-major m x ld array V (the stored
  * gradients G). They read V in its storage type (float32, float64, IEEE float16 or bfloat16),
@@ -454,6 +455,207 @@ done:
     return result;
 }
 
+/* store_row(src, dst, old, wide, copy, n, storage, isa): a window's row write in one loop over
+   a float32 vector `src` of n items, chunk by chunk (each chunk in L1 for all of its uses):
+   old = dst (the row as it was, for an undo), dst = src rounded to the row's storage (float32:
+   copied; bfloat16: to nearest even, as PyTorch rounds, NaN to 0x7fc0; float16: with F16C, as
+   NumPy and cast16 round), wide = dst widened to float32, copy = src; each of dst, old, wide
+   and copy may be None. Returns max |src| as a float (NaN if src holds a NaN), from the items'
+   bits with the sign cleared: for IEEE floats their order is the values' order, and every NaN
+   is above infinity. A step's d-long work besides its passes (the gradient's checks, the
+   undo copy, the row write, the rows of the first pass) then reads the gradient once, in this
+   thread: PyTorch's own copies and reductions ran on its intra-op threads, which then spun on
+   the cores that the passes' threads wanted. Returns None, doing nothing, for float16 where
+   the CPU has no F16C (the caller then writes the row itself). */
+#define STORE_CHUNK 2048
+
+static inline uint16_t bf16_round(uint32_t bits)
+{
+    if ((bits & 0x7fffffffu) > 0x7f800000u)
+        return 0x7fc0u;
+    return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+
+/* One chunk of store_row, for the storage st (ST_F32, ST_BF16; -1: no dst), wide/copy optional.
+   Returns the chunk's largest magnitude bits. Written once, compiled for each copy below. */
+static inline __attribute__((always_inline)) uint32_t store_chunk(const uint32_t *src, void *dst,
+                                                                   void *old, uint32_t *wide,
+                                                                   uint32_t *copy, Py_ssize_t len,
+                                                                   int st)
+{
+    uint32_t top = 0;
+    if (len <= 0 || len > STORE_CHUNK)
+        return 0;
+    for (Py_ssize_t j = 0; j < len; j++) {
+        const uint32_t a = src[j] & 0x7fffffffu;
+        top = a > top ? a : top;
+    }
+    if (st == ST_F32) {
+        if (old != NULL)
+            memcpy(old, dst, (size_t)len * 4);
+        memcpy(dst, src, (size_t)len * 4);
+        if (wide != NULL)
+            memcpy(wide, src, (size_t)len * 4);
+    } else if (st == ST_BF16) {
+        uint16_t *d16 = dst;
+        if (old != NULL)
+            memcpy(old, dst, (size_t)len * 2);
+        for (Py_ssize_t j = 0; j < len; j++)
+            d16[j] = bf16_round(src[j]);
+        if (wide != NULL)
+            for (Py_ssize_t j = 0; j < len; j++)
+                wide[j] = (uint32_t)d16[j] << 16;
+    }
+    if (copy != NULL)
+        memcpy(copy, src, (size_t)len * 4);
+    return top;
+}
+
+#define STORE_ROW_LOOP(CHUNK_CALL)                                                          \
+    uint32_t top = 0;                                                                       \
+    for (Py_ssize_t j0 = 0; j0 < n; j0 += STORE_CHUNK) {                                    \
+        const Py_ssize_t len = n - j0 < STORE_CHUNK ? n - j0 : STORE_CHUNK;                 \
+        const uint32_t t = CHUNK_CALL;                                                      \
+        top = t > top ? t : top;                                                            \
+    }                                                                                       \
+    return top;
+
+static uint32_t store_row_base(const uint32_t *src, char *dst, char *old, uint32_t *wide,
+                               uint32_t *copy, Py_ssize_t n, int st, Py_ssize_t size)
+{
+    STORE_ROW_LOOP(store_chunk(src + j0, dst ? dst + j0 * size : NULL,
+                               old ? old + j0 * size : NULL, wide ? wide + j0 : NULL,
+                               copy ? copy + j0 : NULL, len, st))
+}
+
+#ifdef MFAC_X86
+__attribute__((target("avx2,fma,f16c"))) static uint32_t
+store_row_avx2(const uint32_t *src, char *dst, char *old, uint32_t *wide, uint32_t *copy,
+               Py_ssize_t n, int st, Py_ssize_t size)
+{
+    STORE_ROW_LOOP(store_chunk(src + j0, dst ? dst + j0 * size : NULL,
+                               old ? old + j0 * size : NULL, wide ? wide + j0 : NULL,
+                               copy ? copy + j0 : NULL, len, st))
+}
+
+/* float16 rows: the chunk's magnitudes and copies as above (st -1), the rounding with F16C. */
+__attribute__((target("avx2,fma,f16c"))) static uint32_t
+store_row_f16c(const uint32_t *src, char *dst, char *old, uint32_t *wide, uint32_t *copy,
+               Py_ssize_t n)
+{
+    uint32_t top = 0;
+    for (Py_ssize_t j0 = 0; j0 < n; j0 += STORE_CHUNK) {
+        const Py_ssize_t len = n - j0 < STORE_CHUNK ? n - j0 : STORE_CHUNK;
+        const uint32_t t = store_chunk(src + j0, NULL, NULL, NULL, copy ? copy + j0 : NULL, len,
+                                       -1);
+        top = t > top ? t : top;
+        if (dst == NULL)
+            continue;
+        uint16_t *d16 = (uint16_t *)dst + j0;
+        if (old != NULL)
+            memcpy((uint16_t *)old + j0, d16, (size_t)len * 2);
+        narrow_f16c((const float *)(src + j0), d16, len);
+        if (wide != NULL)
+            widen_f16c(d16, (float *)(wide + j0), len);
+    }
+    return top;
+}
+#endif
+
+/* An optional writable buffer argument: None leaves b->buf NULL. */
+static int optional_buffer(PyObject *obj, Py_buffer *b)
+{
+    if (obj == Py_None) {
+        b->buf = NULL;
+        b->obj = NULL;
+        b->len = 0;
+        return 0;
+    }
+    return PyObject_GetBuffer(obj, b, PyBUF_WRITABLE);
+}
+
+static PyObject *py_store_row(PyObject *self, PyObject *args)
+{
+    (void)self;
+    Py_buffer src;
+    PyObject *objs[4];
+    Py_buffer bufs[4] = {{0}}; /* dst, old, wide, copy */
+    Py_ssize_t n;
+    int storage, isa;
+    if (!PyArg_ParseTuple(args, "y*OOOOnii", &src, &objs[0], &objs[1], &objs[2], &objs[3], &n,
+                          &storage, &isa))
+        return NULL;
+    PyObject *result = NULL;
+    int got = 0;
+    for (; got < 4; got++)
+        if (optional_buffer(objs[got], &bufs[got]) < 0)
+            goto done;
+    const int best = best_isa();
+    if (isa == ISA_AUTO)
+        isa = best;
+    if (isa < ISA_BASE || isa > ISA_AVX512 || isa > best) {
+        PyErr_Format(PyExc_ValueError, "isa %d is not one this CPU runs (best: %d)", isa, best);
+        goto done;
+    }
+    if (storage != ST_F32 && storage != ST_F16 && storage != ST_BF16) {
+        PyErr_Format(PyExc_ValueError,
+                     "storage must be 0 (float32), 2 (float16) or 3 (bfloat16), got %d", storage);
+        goto done;
+    }
+    const Py_ssize_t size = storage_size[storage];
+    static const char *const names[4] = {"dst", "old", "wide", "copy"};
+    if (check_len(&src, n, 1, 4, "src") < 0)
+        goto done;
+    for (int i = 0; i < 4; i++)
+        if (bufs[i].buf != NULL && check_len(&bufs[i], n, 1, i < 2 ? size : 4, names[i]) < 0)
+            goto done;
+    if (bufs[1].buf != NULL && bufs[0].buf == NULL) {
+        PyErr_SetString(PyExc_ValueError, "old needs dst");
+        goto done;
+    }
+    char *dst = bufs[0].buf, *old = bufs[1].buf;
+    uint32_t *wide = bufs[2].buf, *copy = bufs[3].buf;
+    const uint32_t *s = src.buf;
+    uint32_t top = 0;
+    if (storage == ST_F16 && dst != NULL) {
+#ifdef MFAC_X86
+        if (isa >= ISA_AVX2) {
+            Py_BEGIN_ALLOW_THREADS
+            top = store_row_f16c(s, dst, old, wide, copy, n);
+            Py_END_ALLOW_THREADS
+            goto finished;
+        }
+#endif
+        result = Py_NewRef(Py_None); /* no F16C in this copy: the caller writes the row */
+        goto done;
+    }
+    {
+        const int st = dst == NULL ? -1 : storage;
+        Py_BEGIN_ALLOW_THREADS
+#ifdef MFAC_X86
+        if (isa >= ISA_AVX2)
+            top = store_row_avx2(s, dst, old, wide, copy, n, st, size);
+        else
+#endif
+            top = store_row_base(s, dst, old, wide, copy, n, st, size);
+        Py_END_ALLOW_THREADS
+    }
+#ifdef MFAC_X86
+finished:
+#endif
+    {
+        float f;
+        memcpy(&f, &top, sizeof f);
+        result = PyFloat_FromDouble((double)f);
+    }
+done:
+    PyBuffer_Release(&src);
+    for (int i = 0; i < got; i++)
+        if (bufs[i].obj != NULL)
+            PyBuffer_Release(&bufs[i]);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"best_isa", py_best_isa, METH_NOARGS, "The fastest instruction set this CPU runs (1-3)."},
     {"project64", py_project64, METH_VARARGS, "Y = X V^T over a column range, in float64."},
@@ -461,6 +663,8 @@ static PyMethodDef methods[] = {
      "Y = a X + C V over a column range, in float64, rounded once."},
     {"cast16", py_cast16, METH_VARARGS,
      "float32 <-> float16 bits with F16C; False where the CPU has none."},
+    {"store_row", py_store_row, METH_VARARGS,
+     "A window's row write: undo copy, rounding, widened row, copy, max |src|; one loop."},
     {NULL, NULL, 0, NULL},
 };
 
