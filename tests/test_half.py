@@ -20,7 +20,13 @@ from conftest import _BACKENDS, rounded
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mfac_core import DynamicIHVP, IllConditionedWarning, WindowOptions
+from mfac_core import (
+    DynamicIHVP,
+    IllConditionedWarning,
+    SpectralIHVP,
+    StaticIHVP,
+    WindowOptions,
+)
 from mfac_core.testing import assert_close, to_numpy
 
 _CASES = [("numpy", "float16"), ("torch", "float16"), ("torch", "bfloat16")]
@@ -226,6 +232,23 @@ def test_half_window_dtype_is_the_librarys_float32_dtype(case):
     assert op.dtype == ref.dtype
     assert type(op.dtype) is type(ref.dtype)
     assert f"dtype={ref.dtype}," in repr(op)
+
+
+@pytest.mark.parametrize("case", _CASES, ids=_IDS)
+def test_static_and_spectral_2byte_dtype_is_the_librarys_float32_dtype(case):
+    """The static operators of 2-byte G, and the derived spectral ones, report float32
+    as a float32 G's operator does: NumPy's ``dtype('float32')``, with ``itemsize`` and
+    ``name``, not the scalar type ``numpy.float32``."""
+    backend_name, dtype = case
+    backend = _backend(backend_name)
+    G32 = np.random.default_rng(0).standard_normal((2, 5)).astype(np.float32)
+    G = backend.asarray(_store(dtype, G32.astype(np.float64)), dtype=dtype)
+    ref = StaticIHVP(backend.asarray(G32, dtype="float32"), damp=0.1)
+    spectral = SpectralIHVP(G, damp=0.1)
+    for op in (StaticIHVP(G, damp=0.1), spectral, spectral.sqrt(), spectral.with_damp(1.0)):
+        assert op.dtype == ref.dtype
+        assert type(op.dtype) is type(ref.dtype)
+        assert f"dtype={ref.dtype}," in repr(op)
 
 
 def test_half_window_dtypes_the_library_lacks(strict_device1):

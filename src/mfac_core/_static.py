@@ -34,6 +34,7 @@ from ._validation import (
     check_float64_available,
     check_gradients,
     check_index_array,
+    compute_dtype,
     half_dtype_name,
 )
 
@@ -109,7 +110,7 @@ class _BlockOperatorBase(LinearOperator):
         #: The 2-byte storage dtype's name ("float16", "bfloat16"), or None; with one the
         #: operator computes, and returns results, in float32.
         self.storage_dtype = half_dtype_name(xp, G.dtype)
-        dtype = G.dtype if self.storage_dtype is None else xp.float32
+        dtype = compute_dtype(xp, G)
         super().__init__(
             shape=(d, d), dtype=dtype, xp=xp, device=device(G), symmetric=True, check_finite=check
         )
