@@ -929,3 +929,28 @@ def test_a_damping_no_gradient_could_enter_with_is_refused_at_the_door(dtype, ze
     tiny = DynamicIHVP(m, d, damp=2.2250738585072014e-308, dtype="float64")
     tiny.update(np.full(d, 1e-160))
     assert len(tiny) == 1
+
+
+@pytest.mark.parametrize("zero_init", [False, True])
+@pytest.mark.parametrize("method", ["update", "update_and_matvec"])
+def test_float64_gradient_whose_squared_norm_overflows_is_refused_in_words(zero_init, method):
+    # Regression: a finite float64 gradient of entries ~1e300 overflowed NumPy's float64
+    # pass (Gram row) and then the row edit of a full window: NumPy's RuntimeWarnings came
+    # before the FactorizationError that says so, and were the error where warnings are
+    # errors (pytest's configuration here). The window must be left as it was.
+    rng = np.random.default_rng(0)
+    op = DynamicIHVP(3, 17, damp=1e-3, dtype="float64", options=WindowOptions(zero_init=zero_init))
+    for g in rng.standard_normal((2, 17)):
+        op.update(g)
+    before = op.state_dict()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(FactorizationError, match="not finite"):
+            getattr(op, method)(rng.standard_normal(17) * 1e300)
+    after = op.state_dict()
+    assert after.keys() == before.keys()
+    for key, value in before.items():
+        if isinstance(value, np.ndarray):
+            np.testing.assert_array_equal(after[key], value)
+        else:
+            assert after[key] == value, key
