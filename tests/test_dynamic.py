@@ -997,3 +997,27 @@ def test_float32_row_write_in_one_loop_matches_the_librarys_own(library, check_f
             np.testing.assert_array_equal(to_numpy(state_fast[key]), to_numpy(value))
         else:
             assert state_fast[key] == value, key
+
+@pytest.mark.parametrize("zero_init", [False, True])
+@pytest.mark.parametrize("method", ["update", "update_and_matvec"])
+def test_float64_gradient_whose_squared_norm_overflows_is_refused_in_words(zero_init, method):
+    # Regression: a finite float64 gradient of entries ~1e300 overflowed NumPy's float64
+    # pass (Gram row) and then the row edit of a full window: NumPy's RuntimeWarnings came
+    # before the FactorizationError that says so, and were the error where warnings are
+    # errors (pytest's configuration here). The window must be left as it was.
+    rng = np.random.default_rng(0)
+    op = DynamicIHVP(3, 17, damp=1e-3, dtype="float64", options=WindowOptions(zero_init=zero_init))
+    for g in rng.standard_normal((2, 17)):
+        op.update(g)
+    before = op.state_dict()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(FactorizationError, match="not finite"):
+            getattr(op, method)(rng.standard_normal(17) * 1e300)
+    after = op.state_dict()
+    assert after.keys() == before.keys()
+    for key, value in before.items():
+        if isinstance(value, np.ndarray):
+            np.testing.assert_array_equal(after[key], value)
+        else:
+            assert after[key] == value, key

@@ -20,7 +20,14 @@ from conftest import _BACKENDS, rounded
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mfac_core import DynamicIHVP, IllConditionedWarning, WindowOptions
+from mfac_core import (
+    DynamicIHVP,
+    EmpiricalFisher,
+    IllConditionedWarning,
+    SpectralIHVP,
+    StaticIHVP,
+    WindowOptions,
+)
 from mfac_core.testing import assert_close, to_numpy
 
 _CASES = [("numpy", "float16"), ("torch", "float16"), ("torch", "bfloat16")]
@@ -226,6 +233,61 @@ def test_half_window_dtype_is_the_librarys_float32_dtype(case):
     assert op.dtype == ref.dtype
     assert type(op.dtype) is type(ref.dtype)
     assert f"dtype={ref.dtype}," in repr(op)
+
+
+@pytest.mark.parametrize("case", _CASES, ids=_IDS)
+def test_static_and_spectral_2byte_dtype_is_the_librarys_float32_dtype(case):
+    """The static operators of 2-byte G, and the derived spectral ones, report float32
+    as a float32 G's operator does: NumPy's ``dtype('float32')``, with ``itemsize`` and
+    ``name``, not the scalar type ``numpy.float32``."""
+    backend_name, dtype = case
+    backend = _backend(backend_name)
+    G32 = np.random.default_rng(0).standard_normal((2, 5)).astype(np.float32)
+    G = backend.asarray(_store(dtype, G32.astype(np.float64)), dtype=dtype)
+    ref = StaticIHVP(backend.asarray(G32, dtype="float32"), damp=0.1)
+    spectral = SpectralIHVP(G, damp=0.1)
+    for op in (StaticIHVP(G, damp=0.1), spectral, spectral.sqrt(), spectral.with_damp(1.0)):
+        assert op.dtype == ref.dtype
+        assert type(op.dtype) is type(ref.dtype)
+        assert f"dtype={ref.dtype}," in repr(op)
+
+
+@pytest.mark.parametrize("case", _CASES, ids=_IDS)
+@pytest.mark.parametrize("block_size", [None, 10])
+def test_empirical_fisher_of_2byte_gradients_is_the_stored_gradients_fisher(case, block_size):
+    """EmpiricalFisher of 2-byte G: products, columns and diagonal within 8 eps32 of the
+    float64 Fisher of the stored gradients (per coordinate for the diagonal), float32
+    results, NaN refused; a 2-byte StaticIHVP of the same G inverts it."""
+    backend_name, dtype = case
+    backend = _backend(backend_name)
+    rng = np.random.default_rng(3)
+    m, d, damp = 6, 37, 1e-3
+    G64 = _store(dtype, rng.standard_normal(d) + 0.1 * rng.standard_normal((m, d)))
+    G = backend.asarray(G64, dtype=dtype)
+    F = damp * np.eye(d)
+    for lo in range(0, d, block_size or d):
+        hi = min(d, lo + (block_size or d))
+        F[lo:hi, lo:hi] += G64[:, lo:hi].T @ G64[:, lo:hi] / m
+    X = np.stack([G64.mean(axis=0), rng.standard_normal(d)], axis=1).astype(np.float32)
+    op = EmpiricalFisher(G, damp=damp, block_size=block_size)
+    assert op.storage_dtype == dtype
+    eps32 = float(np.finfo(np.float32).eps)
+    Y = op.matmat(backend.asarray(X, dtype="float32"))
+    assert Y.dtype == op.dtype == backend.dtype("float32")
+    for j in range(2):
+        want = F @ X[:, j].astype(np.float64)
+        x = backend.asarray(X[:, j], dtype="float32")
+        assert_close(_as64(op.matvec(x)), want, dtype="float32", factor=8)
+        assert_close(_as64(Y[:, j]), want, dtype="float32", factor=8)
+    diag = _as64(op.diagonal())
+    assert np.max(np.abs(diag - np.diag(F)) / np.diag(F)) <= 8 * eps32
+    inverse = StaticIHVP(G, damp=damp, block_size=block_size)
+    x = backend.asarray(X[:, 1], dtype="float32")
+    kappa = float(np.linalg.cond(F))
+    assert_close(_as64(op.matvec(inverse.matvec(x))), X[:, 1], dtype="float32", kappa=kappa)
+    G64[1, 2] = np.nan
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        EmpiricalFisher(backend.asarray(G64, dtype=dtype), damp=damp)
 
 
 def test_half_window_dtypes_the_library_lacks(strict_device1):

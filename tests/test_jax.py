@@ -726,6 +726,26 @@ def test_mfac_refuses_bad_arguments():
         opt.update({"a": jnp.zeros(3, jnp.int32)}, state)
 
 
+def test_mfac_sgd_checks_its_learning_rate_as_torch_mfac_does():
+    # Regression: the learning rate was passed to optax unchecked, so NaN (parameters
+    # turned NaN at the first step), True and -1 were accepted, where MFAC refuses them.
+    for bad in (float("nan"), -1.0, jnp.asarray(-0.1)):
+        with pytest.raises(ValueError, match="learning_rate"):
+            mj.mfac_sgd(bad, 4)
+    for bad in (True, "0.1", jnp.ones(2)):
+        with pytest.raises(TypeError, match="learning_rate"):
+            mj.mfac_sgd(bad, 4)
+    params = {"w": jnp.ones(3, jnp.float32)}
+    grads = {"w": jnp.asarray([1.0, -2.0, 0.5], jnp.float32)}
+    schedule = optax.constant_schedule(0.5)
+    for lr in (0.5, jnp.asarray(0.5, jnp.float32), schedule):  # a schedule is optax's
+        opt = mj.mfac_sgd(lr, 4)
+        updates, _ = opt.update(grads, opt.init(params), params)
+        plain = mj.mfac_sgd(0.5, 4)
+        want, _ = plain.update(grads, plain.init(params), params)
+        np.testing.assert_array_equal(np.asarray(updates["w"]), np.asarray(want["w"]))
+
+
 @pytest.mark.parametrize("kappa", [1e3, 1e5, 1e7])
 def test_products_are_exact_for_vectors_in_the_span(kappa, rng):
     # Gradients with a shared mean (an optimizer's), x = their mean and a stored gradient:

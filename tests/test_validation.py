@@ -169,15 +169,14 @@ def test_storage_dtypes_outside_the_documented_set_are_refused(dtype):
 
 def test_float16_storage_is_accepted_where_supported():
     # 2-byte gradients: StaticIHVP and the window keep them and compute in float32
-    # (docs/mathematics.rst, "2-byte storage"); the forward operator does not support
-    # them yet and says so.
+    # (docs/mathematics.rst, "2-byte storage"), and so does the forward operator.
     G16 = G.astype(np.float16)
     op = StaticIHVP(G16, damp=1.0)
     assert op.dtype == np.float32 and op.storage_dtype == "float16"
     window = DynamicIHVP.from_window(G16, damp=1.0)
     assert window.dtype == np.float32 and window.storage_dtype == "float16"
-    with pytest.raises(TypeError, match="float32 or float64"):
-        EmpiricalFisher(G16, damp=1.0)
+    forward = EmpiricalFisher(G16, damp=1.0)
+    assert forward.dtype == np.float32 and forward.storage_dtype == "float16"
     # A float16 operand is promoted losslessly, to float32 and to float64 operators.
     x16 = np.ones(10, dtype=np.float16)
     assert op.matvec(x16).dtype == np.float32

@@ -296,6 +296,11 @@ def edited(
                 # arithmetic (whose warnings would be errors in strict code).
                 judge(op, pending, [])
                 pending = None
+                if not bool(xp.all(xp.isfinite(b))):
+                    # A finite float64 gradient whose squared norm overflows: the full
+                    # factorisation below refuses its row in words, which the edit's
+                    # arithmetic would precede with NumPy's overflow warnings.
+                    raise NotPositiveDefinite
                 factor = current.factor.replace_row(
                     row, others, float(b[slot]) + op._shift(k), out=free_buffer(op)
                 )

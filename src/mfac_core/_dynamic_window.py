@@ -60,7 +60,12 @@ def products(op: Any, slot: int, g: Array) -> tuple[Any, Any]:
     """
     xp = op._xp
     if op.storage_dtype is None:
-        return _engine.project(xp, op._G, g[:, None])[:, 0], None
+        # A float64 gradient whose squared norm overflows leaves inf in the row, which
+        # the factor's edit refuses with an error that says so; NumPy's RuntimeWarning
+        # would come first, and be the error where warnings are errors (np.errstate is
+        # local to this context).
+        with np.errstate(over="ignore", invalid="ignore"):
+            return _engine.project(xp, op._G, g[:, None])[:, 0], None
     P = _engine.project_rows(xp, op._G, paired_rows(xp, op._G[slot, ...], g))
     return P[:, 0], P[:, 1:]
 

@@ -22,6 +22,7 @@ from ._validation import (
     check_flag,
     check_float64_available,
     check_gradients,
+    compute_dtype,
     half_dtype_name,
 )
 
@@ -38,7 +39,7 @@ def build(op: Any, G: Array, *, damp: Any, block_size: Any, check_finite: Any) -
     m, d = (int(n) for n in G.shape)
     bs = check_block_size(block_size, d)
     storage = half_dtype_name(xp, G.dtype)
-    dtype = G.dtype if storage is None else xp.float32
+    dtype = compute_dtype(xp, G)
     groups = eigen_groups(
         xp, G, block_groups(d, bs), dtype=dtype, damp=damp, check_finite=check_finite
     )

@@ -34,6 +34,7 @@ from ._validation import (
     check_float64_available,
     check_gradients,
     check_index_array,
+    compute_dtype,
     half_dtype_name,
 )
 
@@ -109,7 +110,7 @@ class _BlockOperatorBase(LinearOperator):
         #: The 2-byte storage dtype's name ("float16", "bfloat16"), or None; with one the
         #: operator computes, and returns results, in float32.
         self.storage_dtype = half_dtype_name(xp, G.dtype)
-        dtype = G.dtype if self.storage_dtype is None else xp.float32
+        dtype = compute_dtype(xp, G)
         super().__init__(
             shape=(d, d), dtype=dtype, xp=xp, device=device(G), symmetric=True, check_finite=check
         )
@@ -616,7 +617,10 @@ class EmpiricalFisher(_BlockOperatorBase):
     Parameters
     ----------
     G : array, shape (m, d)
-        The gradients, one per row, kept by reference. A PyTorch G that
+        The gradients, one per row, kept by reference; float32 or float64, or
+        2-byte storage as for :class:`StaticIHVP` (NumPy and CuPy float16,
+        PyTorch float16 and bfloat16), the Fisher of the stored gradients,
+        whose results are float32. A PyTorch G that
         requires grad is detached: the operator keeps no autograd graph alive,
         and its results are not differentiable in G.
     damp : float
@@ -641,7 +645,7 @@ class EmpiricalFisher(_BlockOperatorBase):
         self, G: Array, /, *, damp: float, block_size: int | None = None, check_finite: bool = True
     ) -> None:
         G = detached(G)  # the operator stores G, never its autograd graph
-        self._init_layout(G, damp, block_size, check_finite)
+        self._init_layout(G, damp, block_size, check_finite, half=True)
         self._G = G
 
     def _matmat(self, X: Array) -> Array:

@@ -83,6 +83,18 @@ def half_dtype_name(xp: Any, dtype: Any) -> str | None:
     return None
 
 
+def compute_dtype(xp: Any, G: Array) -> Any:
+    """The dtype of an operator's results over ``G``: G's own, float32 for 2-byte storage.
+
+    As the library's dtype object, as ``G.dtype`` is (NumPy's ``dtype('float32')``,
+    not the scalar type ``numpy.float32``, which has no ``itemsize`` and prints as
+    ``<class 'numpy.float32'>``).
+    """
+    if half_dtype_name(xp, G.dtype) is None:
+        return G.dtype
+    return xp.empty(0, dtype=xp.float32, device=device(G)).dtype
+
+
 def namespace_of(x: Array, name: str) -> Any:
     """The array namespace of ``x``, or a ``TypeError`` naming the argument."""
     if not is_array_api_obj(x):

@@ -405,12 +405,16 @@ def mfac_sgd(
     Raises
     ------
     ValueError
-        If ``momentum`` is not in ``[0, 1)``, ``weight_decay`` is not finite
-        and ``>= 0``, ``num_grads`` is not ``>= 1``, or ``damp`` is not finite
-        and positive (arrays: checked when concrete).
+        If ``learning_rate`` (a number or array, not a schedule) or
+        ``weight_decay`` is not finite and ``>= 0``, ``momentum`` is not in
+        ``[0, 1)``, ``num_grads`` is not ``>= 1``, or ``damp`` is not finite
+        and positive (arrays: checked when concrete), as
+        :class:`mfac_core.torch.MFAC` refuses them.
     TypeError
-        If ``momentum``, ``weight_decay`` or ``damp`` is neither a real
-        number nor a 0-d real array, or ``num_grads`` is not a Python int.
+        If ``learning_rate`` is neither a schedule nor a real number or 0-d
+        real array, if ``momentum``, ``weight_decay`` or ``damp`` is neither
+        a real number nor a 0-d real array, or ``num_grads`` is not a Python
+        int.
 
     Examples
     --------
@@ -421,6 +425,12 @@ def mfac_sgd(
     >>> sorted(opt.init({"w": jnp.zeros(3, jnp.float32)}).hyperparams)
     ['damp', 'learning_rate', 'momentum', 'weight_decay']
     """
+    if not callable(learning_rate):  # a schedule is optax's to evaluate
+        learning_rate = hyper(
+            learning_rate,
+            "learning_rate",
+            lambda v: check_number(v, "learning_rate", low=0.0),
+        )
     momentum = hyper(
         momentum,
         "momentum",
