@@ -148,6 +148,23 @@ def test_a_zero_dimensional_real_array_is_a_damping():
         StaticIHVP(G, damp=np.array(-1.0))
 
 
+def test_non_finite_inputs_are_named_where_they_are():
+    """Vectors, matrices of vectors and gradients: one wording that names the first bad entry."""
+    op = StaticIHVP(G, damp=1.0)
+    x = np.ones(10)
+    x[7], x[3] = np.nan, -np.inf
+    with pytest.raises(ValueError, match=r"^x must not contain NaN or infinity: x\[3\] is -inf$"):
+        op.matvec(x)
+    X = np.ones((10, 2))
+    X[4, 1] = np.nan
+    with pytest.raises(ValueError, match=r"^X must not contain NaN or infinity: X\[4, 1\] is nan$"):
+        op.matmat(X)
+    bad = G.copy()
+    bad[3, 9] = np.inf
+    with pytest.raises(ValueError, match=r"^G must not contain NaN or infinity: G\[3, 9\] is inf$"):
+        DynamicIHVP.from_window(bad, damp=1.0)
+
+
 # -- dtypes outside the documented set ----------------------------------------------------------
 
 

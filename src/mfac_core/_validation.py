@@ -55,6 +55,8 @@ __all__ = [
     "check_writeable",
     "is_number_list",
     "namespace_of",
+    "non_finite_error",
+    "raise_non_finite",
 ]
 
 #: The storage dtypes whose precision the operators state (docs/mathematics.rst).
@@ -128,9 +130,48 @@ def floating_dtype_error(name: str, dtype: Any) -> TypeError:
 
 
 def check_finite(xp: Any, x: Array, name: str) -> None:
-    """Raise ``ValueError`` if ``x`` holds NaN or infinity."""
+    """Raise ``ValueError`` if ``x`` holds NaN or infinity, naming its first such entry."""
     if not bool(xp.all(xp.isfinite(x))):
-        raise ValueError(f"{name} must not contain NaN or infinity")
+        raise_non_finite(xp, x, name)
+
+
+def non_finite_error(xp: Any, x: Array, name: str, *, offset: int = 0) -> ValueError | None:
+    """The one wording of an array holding NaN or infinity, or None where ``x`` is finite.
+
+    It names the first such entry in row-major order, e.g. ``G[2, 5] is nan``; ``x`` may
+    be the columns of a larger array that start at column ``offset`` (the last axis),
+    which the index then counts in. One more read of ``x``: for the failure only.
+    """
+    bad = ~xp.isfinite(x)
+    if not bool(xp.any(bad)):
+        return None
+    flat = int(xp.argmax(xp.reshape(xp.astype(bad, xp.int8), (-1,))))
+    index = []
+    for size in reversed(x.shape):
+        flat, i = divmod(flat, size)
+        index.append(i)
+    index.reverse()
+    value = float(x[tuple(index)])
+    if index:
+        index[-1] += offset
+    where = f"{name}[{', '.join(map(str, index))}]" if index else name
+    return ValueError(f"{name} must not contain NaN or infinity: {where} is {value}")
+
+
+def raise_non_finite(xp: Any, x: Array, name: str, *, offset: int = 0) -> None:
+    """Say where ``x`` holds NaN or infinity; for a finite ``x`` that its squares overflow.
+
+    For the checks that find non-finite values in float64 sums over ``x`` (sums of
+    squares, a Gram's diagonal), so that they cost no pass of their own: only on
+    failure is ``x`` read again, to say where.
+    """
+    error = non_finite_error(xp, x, name, offset=offset)
+    if error is not None:
+        raise error
+    raise ValueError(
+        f"the squared norms of {name}'s rows or columns overflow float64: {name} is finite "
+        "but too large; rescale the gradients (the damping scales with them)"
+    )
 
 
 def check_number(
