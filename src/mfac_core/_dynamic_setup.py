@@ -12,6 +12,7 @@ from collections import deque
 from typing import Any
 
 from . import _engine
+from ._capacitance import check_window_damp
 from ._compat import Array, array_namespace, detached
 from ._compat import device as device_of
 from ._deprecation import (
@@ -21,7 +22,6 @@ from ._deprecation import (
     legacy_refactor_every,
     warn_deprecated,
 )
-from ._dynamic_checks import check_window_damp
 from ._dynamic_factor import factorized
 from ._layout import BlockGroup, chunk_gram, pieces
 from ._operator import LinearOperator
