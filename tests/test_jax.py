@@ -857,6 +857,25 @@ def test_a_traced_damping_below_the_floor_refuses_the_gradient():
     assert bool(jnp.all(s == 0)) and float(new.damp) == 1e-3
 
 
+@pytest.mark.parametrize(
+    "damp", [np.float32(-1.0), np.ones(1), np.array(True), jnp.ones(1), jnp.asarray(0.0)]
+)
+def test_a_bad_damping_is_refused_in_the_cores_words(damp):
+    # Regression: the JAX checks showed a NumPy scalar as a float (``got -1.0`` for
+    # ``np.float32(-1.0)``), and the core an array by its repr.
+    with pytest.raises((TypeError, ValueError)) as core:
+        mfac_core.StaticIHVP(np.ones((2, 3)), damp=damp)
+    message = f"^{re.escape(str(core.value))}$"
+    params = {"w": jnp.zeros(3)}
+    for call in (
+        lambda: mj.static_ihvp(jnp.ones((2, 3)), damp=damp),
+        lambda: mj.window_init(2, 3, damp=damp, dtype=jnp.float64),
+        lambda: mj.mfac(2, damp).init(params),
+    ):
+        with pytest.raises(type(core.value), match=message):
+            call()
+
+
 def test_mixed_bfloat16_int_and_empty_leaves_work_where_adam_does(rng):
     """Mixed float dtypes (float32 window), a float64 gradient of float32 parameters,
     int leaves (zero update), empty subtrees and None: against the oracle."""

@@ -3,6 +3,8 @@ checked through every public entry point that takes the argument."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -126,6 +128,31 @@ def test_subnormal_damp_is_refused_naming_the_smallest_that_works(damp):
 def test_damp_types(damp):
     with pytest.raises(TypeError, match="damp must be a real number"):
         StaticIHVP(G, damp=damp)
+
+
+@pytest.mark.parametrize(
+    ("damp", "shown"),
+    [
+        (np.ones(1), "an array of shape (1,) and dtype float64"),
+        (np.array(True), "an array of shape () and dtype bool"),
+        (np.array(0.5 + 0j), "an array of shape () and dtype complex128"),
+        (np.True_, "np.True_"),
+    ],
+)
+def test_a_damping_that_is_no_real_number_is_shown_alike_everywhere(damp, shown):
+    # An array is shown by its shape and dtype, as the JAX front-end does (a repr may be
+    # long, and a GPU array's reads it back); the core printed its repr, or ``True`` for a
+    # 0-d bool array.
+    message = f"^damp must be a real number or a 0-d real array, got {re.escape(shown)}$"
+    for call in (
+        lambda: StaticIHVP(G, damp=damp),
+        lambda: EmpiricalFisher(G, damp=damp),
+        lambda: SpectralIHVP(G, damp=damp),
+        lambda: DynamicIHVP(3, 10, damp=damp, dtype="float64"),
+        lambda: prune(np.ones(10), G, sparsity=0.5, damp=damp),
+    ):
+        with pytest.raises(TypeError, match=message):
+            call()
 
 
 def test_a_zero_dimensional_real_array_is_a_damping():

@@ -53,10 +53,12 @@ __all__ = [
     "check_operand",
     "check_same_space",
     "check_writeable",
+    "described",
     "is_number_list",
     "namespace_of",
     "non_finite_error",
     "raise_non_finite",
+    "real_scalar_error",
 ]
 
 #: The storage dtypes whose precision the operators state (docs/mathematics.rst).
@@ -219,14 +221,33 @@ def scalar_value(value: Any) -> Any:
         return value
 
 
+def described(value: Any) -> str:
+    """``value`` as a message shows it: an array by its shape and dtype, else its repr.
+
+    An array's repr may be long, and on a GPU it reads the array back to the host.
+    """
+    if isinstance(value, (numbers.Number, np.generic)):
+        return repr(value)
+    shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
+    if shape is None or dtype is None:
+        return repr(value)
+    return f"an array of shape {tuple(shape)} and dtype {dtype}"
+
+
+def real_scalar_error(name: str, value: Any) -> TypeError:
+    """The one wording of a hyper-parameter that is neither a real number nor a 0-d real array."""
+    return TypeError(f"{name} must be a real number or a 0-d real array, got {described(value)}")
+
+
 def check_damp(damp: Any, name: str = "damp") -> float:
     """The damping as a Python float; it must be finite and at least float64's smallest normal.
 
     A real number or a 0-d real array (bools and complex numbers are refused).
     """
+    given = damp
     damp = scalar_value(damp)
     if isinstance(damp, bool) or not isinstance(damp, numbers.Real):
-        raise TypeError(f"{name} must be a real number or a 0-d real array, got {damp!r}")
+        raise real_scalar_error(name, given)
     value = float(damp)
     if not math.isfinite(value) or value <= 0.0:
         raise ValueError(f"{name} must be finite and > 0, got {damp!r}")
