@@ -876,6 +876,20 @@ def test_a_bad_damping_is_refused_in_the_cores_words(damp):
             call()
 
 
+def test_pytree_reprs_show_static_values_only():
+    # The dataclass reprs printed every array (read back from the device; tracers under jit).
+    op = mj.static_ihvp(jnp.ones((2, 3)), damp=0.5)
+    assert repr(op) == "<3x3 mfac_core.jax.StaticIHVP with num_grads=2, damp=0.5, dtype=float64>"
+    state = mj.window_init(2, 3, damp=0.1, dtype=jnp.float32)
+    expected = "<3x3 mfac_core.jax.WindowState with num_grads=2, zero_init=True, dtype=float32>"
+    assert repr(state) == expected
+    seen = []
+    jax.jit(lambda s: seen.append(repr(s)) or s.count)(state)
+    assert seen == [expected]
+    batched = jax.vmap(lambda G: mj.static_ihvp(G, damp=0.5))(jnp.ones((4, 2, 3)))
+    assert "num_grads=2, damp=0.5, batch_shape=(4,), dtype=float64>" in repr(batched)
+
+
 def test_mixed_bfloat16_int_and_empty_leaves_work_where_adam_does(rng):
     """Mixed float dtypes (float32 window), a float64 gradient of float32 parameters,
     int leaves (zero update), empty subtrees and None: against the oracle."""

@@ -146,6 +146,17 @@ class WindowState:
         """
         return window_matvec(self, x)
 
+    def __repr__(self) -> str:
+        # As the core operators' reprs, from static values only: the damping and the
+        # fill are leaves (arrays, traced under jit), which printing would read back.
+        d = self.dim
+        batch = tuple(self.grads.shape[:-2])
+        extra = f", batch_shape={batch}" if batch else ""
+        return (
+            f"<{d}x{d} mfac_core.jax.WindowState with num_grads={self.num_grads}, "
+            f"zero_init={self.zero_init}{extra}, dtype={self.dtype}>"
+        )
+
     def __matmul__(self, x: Any) -> Any:
         return window_matvec(self, x)
 
