@@ -149,7 +149,8 @@ class LinearOperator:
             want = " or ".join({1: f"({n},)", 2: f"({n}, k)"}[k] for k in ndims)
             raise ValueError(f"{name} must have shape {want}, got {tuple(x.shape)}")
         if self.check_finite:
-            check_finite(self._xp, x, name)
+            # A rank's shard (a sharded operator's layout) has local indices: name none.
+            check_finite(self._xp, x, name, locate=self.layout is None)
         return x
 
     # -- the SciPy interface ---------------------------------------------------------

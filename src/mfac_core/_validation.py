@@ -131,9 +131,15 @@ def floating_dtype_error(name: str, dtype: Any) -> TypeError:
     return TypeError(f"{name} must have a real floating dtype (float32 or float64), got {dtype}")
 
 
-def check_finite(xp: Any, x: Array, name: str) -> None:
-    """Raise ``ValueError`` if ``x`` holds NaN or infinity, naming its first such entry."""
+def check_finite(xp: Any, x: Array, name: str, *, locate: bool = True) -> None:
+    """Raise ``ValueError`` if ``x`` holds NaN or infinity, naming its first such entry.
+
+    Without ``locate`` the message names none: for one rank's shard of an array, whose
+    indices are not the user's.
+    """
     if not bool(xp.all(xp.isfinite(x))):
+        if not locate:
+            raise ValueError(f"{name} must not contain NaN or infinity")
         raise_non_finite(xp, x, name)
 
 
