@@ -153,9 +153,10 @@ def is_hopeless(kappa_lower: Any, *, eps: float) -> Any:
 def smallest_window_damp(xp: Any, dtype: Any, count: int) -> float:
     """The smallest damping with which a window of ``dtype`` can take a nonzero gradient.
 
-    :func:`judge_conditioning` refuses ``g`` where ``eps(float64) (1 + |g|^2 /
-    shift) >= 1``, with ``shift = count damp`` (``count``: 1 for an emptied window's
-    first gradient, ``num_grads`` with ``zero_init``). The smallest nonzero ``|g|^2``
+    A window (``_dynamic_checks.judge_conditioning``, the JAX window's step) refuses
+    ``g`` where ``eps(float64) (1 + |g|^2 / shift) >= 1``, with ``shift = count damp``
+    (``count``: 1 for an emptied window's first gradient, ``num_grads`` with
+    ``zero_init``). The smallest nonzero ``|g|^2``
     of the storage ``dtype`` is the square of its smallest subnormal
     (``smallest_normal * eps``; exact in float64 for float32 and the 2-byte dtypes),
     so that below the damping returned every nonzero gradient is refused. It is 0.0
