@@ -257,3 +257,15 @@ def test_the_checked_step_reports_bad_gradients(dtype: torch.dtype, value: float
     # The error update_and_matvec raises (with check_finite) for this gradient.
     assert isinstance(out.error, ValueError) and str(out.error) == str(raised.value)
     _same_state(before, op.state_dict())
+
+
+def test_reprs_launch_nothing_and_read_nothing_back() -> None:
+    """A repr (built into every operand check's message) reads Python values only."""
+    G = torch.randn(3, 8, dtype=torch.float64)
+    window = DynamicIHVP(3, 8, damp=0.5, dtype=torch.bfloat16, xp=torch)
+    window.update(G[0].float())
+    ops = [StaticIHVP(G, damp=0.5, block_size=4), SpectralIHVP(G, damp=0.5).sqrt(), window]
+    with counting() as counts:
+        texts = [repr(op) for op in ops]
+    assert counts.summary() == {"ops": 0, "syncs": 0, "host_tensors": 0, "scalar_args": 0}
+    assert all("damp=0.5" in text for text in texts), texts

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import doctest
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -813,6 +814,80 @@ def test_inject_hyperparams_injects_every_numeric_hyperparameter(rng):
     state = opt.init(params)
     assert set(state.hyperparams) == {"damp", "refactor_every"}
     assert state.inner_state.window.num_grads == 64
+
+
+@pytest.mark.parametrize("zero_init", [True, False])
+def test_window_refuses_a_damping_below_dynamic_ihvps_floor_with_its_message(zero_init):
+    """window_init, a step's new damping and mfac's init: DynamicIHVP's floor and message.
+
+    Regression: below about 4.4e-106 (float32; divided by m with zero_init) the window
+    was built, and then refused every nonzero gradient as too large.
+    """
+    m, d, tiny = 3, 4, 1e-110
+    with pytest.raises(ValueError) as expected:
+        DynamicIHVP(m, d, damp=tiny, dtype="float32", options=WindowOptions(zero_init=zero_init))
+    message = f"^{re.escape(str(expected.value))}$"
+    assert "too small for a float32 window" in str(expected.value)
+    with pytest.raises(ValueError, match=message):
+        mj.window_init(m, d, damp=tiny, dtype=jnp.float32, zero_init=zero_init)
+    with pytest.raises(ValueError, match=message):
+        mj.window_init(m, d, damp=jnp.asarray(tiny), dtype=jnp.float32, zero_init=zero_init)
+    state = mj.window_init(m, d, damp=0.1, dtype=jnp.float32, zero_init=zero_init)
+    g = jnp.ones(d, jnp.float32)
+    for step in (mj.window_update, mj.window_update_and_matvec):
+        with pytest.raises(ValueError, match=message):
+            step(state, g, damp=tiny)
+    with pytest.raises(ValueError, match=message):
+        mj.mfac(m, tiny, zero_init=zero_init).init({"w": jnp.zeros(d, jnp.float32)})
+    # float64 windows have no floor above float64's smallest normal number.
+    assert float(mj.window_init(m, d, damp=1e-300, dtype=jnp.float64).damp) == 1e-300
+
+
+def test_a_traced_damping_below_the_floor_refuses_the_gradient():
+    # Under jit the damping has no value to check: the step refuses the gradient (NaN
+    # direction, window unchanged), even a zero one, which it took before and then kept
+    # the damping with which the window refused every later gradient.
+    state = mj.window_init(2, 3, damp=0.1, dtype=jnp.float32)
+    step = jax.jit(mj.window_update_and_matvec)
+    new, s = step(state, jnp.zeros(3, jnp.float32), damp=jnp.asarray(1e-110))
+    assert bool(jnp.all(jnp.isnan(s)))
+    for x, y in zip(*map(jax.tree_util.tree_leaves, (new, state)), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    new, s = step(state, jnp.zeros(3, jnp.float32), damp=jnp.asarray(1e-3))
+    assert bool(jnp.all(s == 0)) and float(new.damp) == 1e-3
+
+
+@pytest.mark.parametrize(
+    "damp", [np.float32(-1.0), np.ones(1), np.array(True), jnp.ones(1), jnp.asarray(0.0)]
+)
+def test_a_bad_damping_is_refused_in_the_cores_words(damp):
+    # Regression: the JAX checks showed a NumPy scalar as a float (``got -1.0`` for
+    # ``np.float32(-1.0)``), and the core an array by its repr.
+    with pytest.raises((TypeError, ValueError)) as core:
+        mfac_core.StaticIHVP(np.ones((2, 3)), damp=damp)
+    message = f"^{re.escape(str(core.value))}$"
+    params = {"w": jnp.zeros(3)}
+    for call in (
+        lambda: mj.static_ihvp(jnp.ones((2, 3)), damp=damp),
+        lambda: mj.window_init(2, 3, damp=damp, dtype=jnp.float64),
+        lambda: mj.mfac(2, damp).init(params),
+    ):
+        with pytest.raises(type(core.value), match=message):
+            call()
+
+
+def test_pytree_reprs_show_static_values_only():
+    # The dataclass reprs printed every array (read back from the device; tracers under jit).
+    op = mj.static_ihvp(jnp.ones((2, 3)), damp=0.5)
+    assert repr(op) == "<3x3 mfac_core.jax.StaticIHVP with num_grads=2, damp=0.5, dtype=float64>"
+    state = mj.window_init(2, 3, damp=0.1, dtype=jnp.float32)
+    expected = "<3x3 mfac_core.jax.WindowState with num_grads=2, zero_init=True, dtype=float32>"
+    assert repr(state) == expected
+    seen = []
+    jax.jit(lambda s: seen.append(repr(s)) or s.count)(state)
+    assert seen == [expected]
+    batched = jax.vmap(lambda G: mj.static_ihvp(G, damp=0.5))(jnp.ones((4, 2, 3)))
+    assert "num_grads=2, damp=0.5, batch_shape=(4,), dtype=float64>" in repr(batched)
 
 
 def test_mixed_bfloat16_int_and_empty_leaves_work_where_adam_does(rng):

@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 from conftest import Dense, check_space, rounded
 
-from mfac_core import DynamicIHVP, EmpiricalFisher, LinearOperator, StaticIHVP
+from mfac_core import (
+    DynamicIHVP,
+    EmpiricalFisher,
+    LinearOperator,
+    SpectralIHVP,
+    StaticIHVP,
+    WindowOptions,
+)
 from mfac_core.testing import (
     SpectralOracle,
     assert_close,
@@ -76,6 +83,37 @@ def test_attributes(fisher_setup):
             + {"numpy": "numpy", "torch": "torch", "jax": "jax"}.get(be.name, "array_api_strict")
             in r
         )
+
+
+def test_reprs_show_what_defines_each_operator_in_one_style():
+    """Static, Fisher, spectral and window reprs: the same items in the same order.
+
+    StaticIHVP, EmpiricalFisher and DynamicIHVP showed neither damping, gradient count,
+    block size nor storage dtype (two operators at different dampings printed alike),
+    and a float16 G's float32 operators printed ``dtype=<class 'numpy.float32'>``.
+    """
+    G = np.random.default_rng(0).standard_normal((3, 8))
+    tail = "dtype=float64, namespace=numpy, device='cpu'>"
+    assert repr(StaticIHVP(G, damp=0.5)) == f"<8x8 StaticIHVP with num_grads=3, damp=0.5, {tail}"
+    assert repr(StaticIHVP(G, damp=1e-3, block_size=4, refine=1)) == (
+        f"<8x8 StaticIHVP with num_grads=3, damp=0.001, block_size=4, refine=1, {tail}"
+    )
+    assert repr(EmpiricalFisher(G, damp=0.5, block_size=8)) == (
+        f"<8x8 EmpiricalFisher with num_grads=3, damp=0.5, {tail}"
+    )
+    window = DynamicIHVP(4, 8, damp=0.25, dtype="float64")
+    window.update(G[0])
+    assert repr(window) == f"<8x8 DynamicIHVP with num_grads=4, len=1, damp=0.25, {tail}"
+    half = "storage_dtype=float16, dtype=float32, namespace=numpy, device='cpu'>"
+    zero = DynamicIHVP(4, 8, damp=0.25, dtype="float16", options=WindowOptions(zero_init=True))
+    assert repr(zero) == (
+        "<8x8 DynamicIHVP with num_grads=4, len=4, damp=0.25, storage_dtype=float16, "
+        "zero_init=True, dtype=float32, namespace=numpy, device='cpu'>"
+    )
+    G16 = G.astype(np.float16)
+    assert repr(StaticIHVP(G16, damp=0.5)).endswith(f"num_grads=3, damp=0.5, {half}")
+    spectral = SpectralIHVP(G16, damp=0.5, block_size=4)
+    assert repr(spectral).endswith(f"power=-1, num_grads=3, damp=0.5, block_size=4, {half}")
 
 
 def test_base_class_shape_validation():

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import doctest
 import itertools
+import re
 
 import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mfac_core import StaticIHVP, pruning
+from mfac_core import EmpiricalFisher, StaticIHVP, pruning
 from mfac_core.pruning import (
     PruneResult,
     gradual_prune,
@@ -133,6 +134,39 @@ def test_obd_saliency_refuses_non_finite_gradients_of_every_dtype(library, dtype
         obd_saliency(theta_in, G_in, damp=0.5)
     with pytest.raises(ValueError, match=r"^G must not contain NaN or infinity"):
         prune(theta_in, G_in, sparsity=0.5, damp=0.5, saliency="obd", update="none")
+
+
+#: Every entry point that takes gradients, each refusing a non-finite G in the same words.
+_G_ENTRY_POINTS = {
+    "EmpiricalFisher": lambda theta, G: EmpiricalFisher(G, damp=0.5),
+    "obd_saliency": lambda theta, G: obd_saliency(theta, G, damp=0.5),
+    "prune": lambda theta, G: prune(theta, G, sparsity=0.5, damp=0.5),
+    "prune_obd": lambda theta, G: prune(
+        theta, G, sparsity=0.5, damp=0.5, saliency="obd", update="none"
+    ),
+    "prune_masked": lambda theta, G: prune(
+        theta, G, sparsity=0.5, damp=0.5, mask=np.arange(4) != 0
+    ),
+    "gradual_prune": lambda theta, G: gradual_prune(
+        theta, lambda th, mask: G, sparsity=0.5, steps=1, damp=0.5
+    ),
+    "damping_sweep": lambda theta, G: pruning.damping_sweep(theta, G, [0.5], sparsity=0.5),
+    "select_damping": lambda theta, G: pruning.select_damping(
+        theta, G, [0.5, 1.0], sparsity=0.5, loss=lambda dp, res: 0.0
+    ),
+}
+
+
+@pytest.mark.parametrize("entry", sorted(_G_ENTRY_POINTS))
+@pytest.mark.parametrize(("dtype", "bad"), [("float64", np.nan), ("float16", -np.inf)])
+def test_every_entry_point_names_the_first_non_finite_gradient_entry(entry, dtype, bad):
+    # One wording everywhere, saying where: the first entry in row-major order.
+    G = np.ones((3, 4))
+    G[2, 1] = G[1, 3] = bad
+    theta = np.ones(4, dtype=np.float32 if dtype == "float16" else np.float64)
+    message = f"G must not contain NaN or infinity: G[1, 3] is {bad}"
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        _G_ENTRY_POINTS[entry](theta, G.astype(dtype))
 
 
 # -- selection ----------------------------------------------------------------------------

@@ -392,12 +392,14 @@ def test_repr_tells_the_powers_and_dampings_apart(rng):
     texts.append(repr(op.with_damp(0.25)))
     assert len(set(texts)) == 5, texts
     assert texts[0] == (
-        "<8x8 SpectralIHVP with power=-1, damp=0.1, dtype=float64, namespace=numpy, device='cpu'>"
+        "<8x8 SpectralIHVP with power=-1, num_grads=3, damp=0.1, dtype=float64, "
+        "namespace=numpy, device='cpu'>"
     )
-    assert "power=-0.5, damp=0.1," in texts[1] and "power=1, damp=0.1," in texts[3]
-    assert "power=-1, damp=0.25," in texts[4]
+    assert "power=-0.5, num_grads=3, damp=0.1," in texts[1]
+    assert "power=1, num_grads=3, damp=0.1," in texts[3]
+    assert "power=-1, num_grads=3, damp=0.25," in texts[4]
     blocked = SpectralIHVP(rng.standard_normal((3, 8)), damp=1e-3, block_size=4)
-    assert "power=-1, damp=0.001, block_size=4, dtype=float64" in repr(blocked)
+    assert "power=-1, num_grads=3, damp=0.001, block_size=4, dtype=float64" in repr(blocked)
 
 
 def test_other_device_refused(strict_device1, make_backend, rng):

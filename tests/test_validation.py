@@ -3,6 +3,8 @@ checked through every public entry point that takes the argument."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -128,6 +130,31 @@ def test_damp_types(damp):
         StaticIHVP(G, damp=damp)
 
 
+@pytest.mark.parametrize(
+    ("damp", "shown"),
+    [
+        (np.ones(1), "an array of shape (1,) and dtype float64"),
+        (np.array(True), "an array of shape () and dtype bool"),
+        (np.array(0.5 + 0j), "an array of shape () and dtype complex128"),
+        (np.True_, "np.True_"),
+    ],
+)
+def test_a_damping_that_is_no_real_number_is_shown_alike_everywhere(damp, shown):
+    # An array is shown by its shape and dtype, as the JAX front-end does (a repr may be
+    # long, and a GPU array's reads it back); the core printed its repr, or ``True`` for a
+    # 0-d bool array.
+    message = f"^damp must be a real number or a 0-d real array, got {re.escape(shown)}$"
+    for call in (
+        lambda: StaticIHVP(G, damp=damp),
+        lambda: EmpiricalFisher(G, damp=damp),
+        lambda: SpectralIHVP(G, damp=damp),
+        lambda: DynamicIHVP(3, 10, damp=damp, dtype="float64"),
+        lambda: prune(np.ones(10), G, sparsity=0.5, damp=damp),
+    ):
+        with pytest.raises(TypeError, match=message):
+            call()
+
+
 def test_a_zero_dimensional_real_array_is_a_damping():
     """Regression: np.array(1e-3) and torch.tensor(1e-3) were refused (TypeError)."""
     torch = pytest.importorskip("torch")
@@ -146,6 +173,30 @@ def test_a_zero_dimensional_real_array_is_a_damping():
             StaticIHVP(G, damp=damp)
     with pytest.raises(ValueError, match="finite and > 0"):
         StaticIHVP(G, damp=np.array(-1.0))
+
+
+def test_non_finite_inputs_are_named_where_they_are():
+    """Vectors, matrices of vectors and gradients: one wording that names the first bad entry."""
+    op = StaticIHVP(G, damp=1.0)
+    x = np.ones(10)
+    x[7], x[3] = np.nan, -np.inf
+    with pytest.raises(ValueError, match=r"^x must not contain NaN or infinity: x\[3\] is -inf$"):
+        op.matvec(x)
+    X = np.ones((10, 2))
+    X[4, 1] = np.nan
+    with pytest.raises(ValueError, match=r"^X must not contain NaN or infinity: X\[4, 1\] is nan$"):
+        op.matmat(X)
+    bad = G.copy()
+    bad[3, 9] = np.inf
+    with pytest.raises(ValueError, match=r"^G must not contain NaN or infinity: G\[3, 9\] is inf$"):
+        DynamicIHVP.from_window(bad, damp=1.0)
+    # A rank's shard has local indices: its message names none.
+    from mfac_core import ShardedDynamicIHVP
+    from mfac_core.distributed import SingleProcessComm
+
+    sharded = ShardedDynamicIHVP(3, 10, damp=1.0, dtype="float64", comm=SingleProcessComm())
+    with pytest.raises(ValueError, match=r"^x must not contain NaN or infinity$"):
+        sharded.matvec(x)
 
 
 # -- dtypes outside the documented set ----------------------------------------------------------

@@ -36,6 +36,8 @@ from ._errors import (
 )
 
 __all__ = [
+    "check_window_damp",
+    "smallest_window_damp",
     "DRIFT_TOL",
     "EPS64",
     "CapacitanceFactor",
@@ -146,6 +148,48 @@ def is_hopeless(kappa_lower: Any, *, eps: float) -> Any:
     A pure function of its argument, so it also takes (traced) arrays.
     """
     return eps * kappa_lower >= 1.0
+
+
+def smallest_window_damp(xp: Any, dtype: Any, count: int) -> float:
+    """The smallest damping with which a window of ``dtype`` can take a nonzero gradient.
+
+    A window (``_dynamic_checks.judge_conditioning``, the JAX window's step) refuses
+    ``g`` where ``eps(float64) (1 + |g|^2 / shift) >= 1``, with ``shift = count damp``
+    (``count``: 1 for an emptied window's first gradient, ``num_grads`` with
+    ``zero_init``). The smallest nonzero ``|g|^2``
+    of the storage ``dtype`` is the square of its smallest subnormal
+    (``smallest_normal * eps``; exact in float64 for float32 and the 2-byte dtypes),
+    so that below the damping returned every nonzero gradient is refused. It is 0.0
+    for float64, whose smallest subnormal squares to zero.
+    """
+    info = xp.finfo(dtype)
+    tiny = float(info.smallest_normal) * float(info.eps)
+    norm2 = tiny * tiny
+    if norm2 == 0.0:
+        return 0.0
+    floor = norm2 / (count * (1.0 / EPS64 - 1.0))
+    while is_hopeless(1.0 + norm2 / (count * floor), eps=EPS64):
+        floor = math.nextafter(floor, math.inf)
+    return floor
+
+
+def check_window_damp(xp: Any, dtype: Any, num_grads: int, zero_init: bool, damp: float) -> None:
+    """Refuse a (checked) damping with which a window could take no nonzero gradient.
+
+    Judged for the window's emptiest state (an emptied window's first gradient, or
+    any with ``zero_init``), which every window can reach (``reset``): below it the
+    window would refuse every later gradient as too large.
+    """
+    count = num_grads if zero_init else 1
+    floor = smallest_window_damp(xp, dtype, count)
+    if damp < floor:
+        name = str(getattr(xp.finfo(dtype), "dtype", dtype)).rsplit(".", 1)[-1]
+        when = "with zero_init, against m * damp" if zero_init else "in an empty window"
+        raise ValueError(
+            f"damp={damp!r} is too small for a {name} window: it would refuse every nonzero "
+            f"gradient as too large (even one {name} subnormal gives eps(float64) * kappa >= 1 "
+            f"{when}); the smallest damping that works is {floor!r}"
+        )
 
 
 def warn_if_hopeless(kappa_lower: float, *, damp: float, eps: float, dtype: Any) -> None:

@@ -40,7 +40,14 @@ from ._gform import GFormFactor
 from ._group_factors import GroupFactor
 from ._layout import BlockGroup, block_groups
 from ._static import StaticIHVP
-from ._validation import check_count, check_flag, check_index_array, check_same_space
+from ._validation import (
+    check_count,
+    check_flag,
+    check_index_array,
+    check_same_space,
+    non_finite_error,
+    raise_non_finite,
+)
 
 __all__ = ["DaskStaticIHVP"]
 
@@ -53,14 +60,7 @@ _NP = array_namespace(np.empty(0))
 
 def _non_finite_error(G: Any, offset: int) -> ValueError | None:
     """The error naming G's first NaN or infinity (columns from ``offset``), or None."""
-    bad = ~np.isfinite(G)
-    if not bad.any():
-        return None
-    col = int(np.argmax(bad.any(axis=0)))
-    row = int(np.argmax(bad[:, col]))
-    return ValueError(
-        f"G must not contain NaN or infinity: G[{row}, {col + offset}] is {float(G[row, col])}"
-    )
+    return non_finite_error(_NP, G, "G", offset=offset)
 
 
 def _chunk_gram(G: Any) -> Any:
@@ -452,15 +452,9 @@ class DaskStaticIHVP(StaticIHVP):
         import dask.array as da
 
         bad_cols = np.asarray(da.any(~da.isfinite(G), axis=0).compute())
-        if bad_cols.any():
-            col = int(np.argmax(bad_cols))
-            error = _non_finite_error(np.asarray(G[:, col : col + 1].compute()), col)
-            assert error is not None
-            raise error
-        raise ValueError(
-            "the squared norms of G's rows or columns overflow float64: G is finite but "
-            "too large; rescale the gradients (the damping scales with them)"
-        )
+        col = int(np.argmax(bad_cols)) if bad_cols.any() else 0
+        # The one column that holds the first NaN or infinity (or none: overflow).
+        raise_non_finite(_NP, np.asarray(G[:, col : col + 1].compute()), "G", offset=col)
 
     # -- products --------------------------------------------------------------------
 

@@ -22,7 +22,7 @@ from ._dynamic_setup import WindowOptions, build, emptied, filled, local_gram, w
 from ._dynamic_state import LoadedState, saved_state
 from ._dynamic_window import StepCheck, insert, remove_slot, update_and_matvec_checked
 from ._layout import BlockGroup
-from ._operator import LinearOperator
+from ._operator import LinearOperator, gradient_items
 from ._refine import fisher_residual
 
 __all__ = ["DynamicIHVP"]
@@ -179,6 +179,9 @@ class DynamicIHVP(LinearOperator):
     ) -> None:
         options = window_options("DynamicIHVP", options, deprecated)
         build(self, num_grads, dim, damp=damp, dtype=dtype, xp=xp, device=device, options=options)
+
+    def _repr_options(self) -> tuple[str, ...]:
+        return gradient_items(self, filled=len(self._window), zero_init=self.zero_init)
 
     @property
     def local_shape(self) -> tuple[int, int]:

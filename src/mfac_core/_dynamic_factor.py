@@ -17,7 +17,7 @@ from . import _capacitance, _engine
 from ._capacitance import DRIFT_TOL, CapacitanceFactor
 from ._compat import Array, host_values
 from ._compat import device as device_of
-from ._dynamic_checks import Pending, check_window_damp, with_norm
+from ._dynamic_checks import Pending, with_norm
 from ._errors import NotPositiveDefinite
 from ._refine import refine
 from ._validation import check_damp
@@ -181,7 +181,7 @@ def redamped(op: Any, damp: float) -> None:
 def _window_damp(op: Any, damp: Any) -> float:
     """``damp`` checked as the constructor checks it: a damping the window can use."""
     value = check_damp(damp)
-    check_window_damp(op._xp, op._G.dtype, op.num_grads, op.zero_init, value)
+    _capacitance.check_window_damp(op._xp, op._G.dtype, op.num_grads, op.zero_init, value)
     return value
 
 

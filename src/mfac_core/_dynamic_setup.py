@@ -12,6 +12,7 @@ from collections import deque
 from typing import Any
 
 from . import _engine
+from ._capacitance import check_window_damp
 from ._compat import Array, array_namespace, detached
 from ._compat import device as device_of
 from ._deprecation import (
@@ -21,7 +22,6 @@ from ._deprecation import (
     legacy_refactor_every,
     warn_deprecated,
 )
-from ._dynamic_checks import check_window_damp
 from ._dynamic_factor import factorized
 from ._layout import BlockGroup, chunk_gram, pieces
 from ._operator import LinearOperator
@@ -31,6 +31,7 @@ from ._validation import (
     check_finite,
     check_flag,
     check_writeable,
+    compute_dtype,
     half_dtype_name,
     namespace_of,
 )
@@ -203,7 +204,7 @@ def build(
                 f"xp must be an array namespace or library module (numpy, "
                 f"torch, cupy, ...), got {xp!r}"
             ) from None
-    dtype, compute, storage = window_dtypes(xp, dtype)
+    dtype, _, storage = window_dtypes(xp, dtype)
     check_window_damp(xp, dtype, num_grads, op.zero_init, op.damp)
     G = xp.zeros((num_grads, dim), dtype=dtype, device=device)
     check_writeable(G, "window buffer", why="DynamicIHVP (a window edited in place)")
@@ -211,10 +212,8 @@ def build(
     LinearOperator.__init__(
         op,
         shape=(dim, dim),
-        # The library's dtype object, as G's, whatever form was given; for 2-byte
-        # storage the compute dtype (float32) in that form too (NumPy's xp.float32 is
-        # the scalar type, which would print as "<class 'numpy.float32'>").
-        dtype=G.dtype if storage is None else xp.empty(0, dtype=compute, device=device).dtype,
+        # The library's dtype object, as G's, whatever form was given.
+        dtype=compute_dtype(xp, G),
         xp=xp,
         device=device_of(G),
         symmetric=True,

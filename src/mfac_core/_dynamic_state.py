@@ -13,9 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ._capacitance import DRIFT_TOL, CapacitanceFactor
+from ._capacitance import DRIFT_TOL, CapacitanceFactor, check_window_damp
 from ._compat import Array, detached
-from ._dynamic_checks import check_window_damp
 from ._dynamic_factor import SlotFactor, evenly_spaced, factorized
 from ._dynamic_setup import local_gram
 from ._validation import check_count, check_damp, check_same_space

@@ -22,6 +22,7 @@ from ._validation import (
     check_damp,
     dtype_mismatch_error,
     floating_dtype_error,
+    real_scalar_error,
     x64_off_error,
 )
 
@@ -73,15 +74,13 @@ def hyper(value: Any, name: str, check: Any) -> Any:
         return check(value)
     dtype = np.dtype(value.dtype)
     if value.ndim != 0 or dtype == np.bool_ or dtype.kind not in "fiu":
-        raise TypeError(
-            f"{name} must be a real number or a 0-d real array, got an array of shape "
-            f"{value.shape} and dtype {dtype}"
-        )
+        raise real_scalar_error(name, value)
     try:
         concrete = float(value)
     except jax.errors.ConcretizationTypeError:
         return value
-    check(concrete)
+    # A NumPy scalar as the core's checks see it (their messages show its repr).
+    check(value if isinstance(value, np.generic) else concrete)
     return value
 
 

@@ -167,6 +167,17 @@ class StaticIHVP:
             return self.matvec(X)
         return _static_apply_columns(self.G, self.U, X, self.damp)
 
+    def __repr__(self) -> str:
+        # As the core operators' reprs, and from static values only: printing G would
+        # read it back from the device (and show tracers under jit).
+        d = self.dim
+        batch = tuple(self.G.shape[:-2])
+        extra = f", batch_shape={batch}" if batch else ""
+        return (
+            f"<{d}x{d} mfac_core.jax.StaticIHVP with num_grads={self.num_grads}, "
+            f"damp={self.damp!r}{extra}, dtype={self.dtype}>"
+        )
+
     def __matmul__(self, x: Any) -> Any:
         return self.matmat(x)
 

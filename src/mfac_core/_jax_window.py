@@ -16,11 +16,19 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ._capacitance import DRIFT_TOL, EPS64, is_hopeless, relative_column_drift
+from ._capacitance import (
+    DRIFT_TOL,
+    EPS64,
+    check_window_damp,
+    is_hopeless,
+    relative_column_drift,
+    smallest_window_damp,
+)
 from ._jax_common import (
     check_dtype,
     check_vector,
     combine64,
+    concrete_float,
     hyper_count,
     hyper_damp,
     project64,
@@ -138,6 +146,17 @@ class WindowState:
         """
         return window_matvec(self, x)
 
+    def __repr__(self) -> str:
+        # As the core operators' reprs, from static values only: the damping and the
+        # fill are leaves (arrays, traced under jit), which printing would read back.
+        d = self.dim
+        batch = tuple(self.grads.shape[:-2])
+        extra = f", batch_shape={batch}" if batch else ""
+        return (
+            f"<{d}x{d} mfac_core.jax.WindowState with num_grads={self.num_grads}, "
+            f"zero_init={self.zero_init}{extra}, dtype={self.dtype}>"
+        )
+
     def __matmul__(self, x: Any) -> Any:
         return window_matvec(self, x)
 
@@ -181,7 +200,9 @@ def window_init(
         The number of coordinates d.
     damp : float or jax.Array
         The damping ``lambda > 0``: a real number or a 0-d array (it is a
-        leaf of the state).
+        leaf of the state). As for :class:`mfac_core.DynamicIHVP`, a float32
+        window refuses one with which it could take no nonzero gradient
+        (below about ``4.4e-106``, divided by m with ``zero_init``).
     dtype : dtype
         The storage dtype of the gradients, float32 or float64.
     zero_init : bool, optional
@@ -208,7 +229,8 @@ def window_init(
         If JAX's 64-bit mode is off.
     ValueError
         If ``num_grads``, ``dim`` or ``refactor_every`` is not an int
-        ``>= 1``, or ``damp`` is not finite and positive.
+        ``>= 1``, or ``damp`` is not finite and positive, or below the
+        window's floor (see ``damp``; a traced one is not checked here).
     TypeError
         If ``damp`` is neither a real number nor a 0-d real array, or
         ``dtype`` is neither float32 nor float64.
@@ -232,10 +254,10 @@ def window_init(
     require_x64("window_init")
     m = check_count(num_grads, "num_grads")
     d = check_count(dim, "dim")
-    damp64 = jnp.asarray(hyper_damp(damp), jnp.float64)
     dt = check_dtype(dtype, "dtype")
     every = m if refactor_every is None else hyper_count(refactor_every, "refactor_every")
     zero_init = check_flag(zero_init, "zero_init")
+    damp64 = _window_damp(damp, dt, m, zero_init)
     shift = m * damp64 if zero_init else damp64  # without zero_init any k >= 1 gives it
     return WindowState(
         grads=jnp.zeros((m, d), dt),
@@ -340,8 +362,9 @@ def _insert(state: WindowState, g: Any, damp: Any) -> tuple[WindowState, Any, An
     # gradient too, judging the new gradient's own |g|^2).
     hopeless = is_hopeless(1.0 + jnp.max(jnp.diagonal(gram)) / shift, eps=EPS64)
     # A traced damping (an injected hyper-parameter) cannot be checked by value before
-    # the step; one that is not finite and positive refuses the gradient instead.
-    good_damp = jnp.isfinite(damp) & (damp >= SMALLEST_DAMP)
+    # the step; one that a concrete damping would fail with (not finite, not positive, or
+    # below the window's floor) refuses the gradient instead.
+    good_damp = jnp.isfinite(damp) & (damp >= _damp_floor(state))
     ok = ok & jnp.isfinite(b[slot]) & ~hopeless & good_damp
     new = WindowState(
         # One in-place write: the slot's own old row is the only other value read.
@@ -409,9 +432,32 @@ def _matvec_jit(state: WindowState, x: Any) -> Any:
     return _finish(state, x, P)
 
 
+def _window_damp(damp: Any, dtype: Any, num_grads: int, zero_init: bool) -> Any:
+    """A window's damping (float64, 0-d), checked as :class:`~mfac_core.DynamicIHVP`'s.
+
+    Finite, positive, normal, and not so small that the window could take no nonzero
+    gradient (``_capacitance.check_window_damp``, the same check and message); a
+    traced value has no value to check here: :func:`_insert` refuses the gradient of
+    a step with a damping that would fail.
+    """
+    damp = hyper_damp(damp)
+    value = concrete_float(damp)
+    if value is not None:
+        check_window_damp(np, dtype, num_grads, zero_init, value)
+    return jnp.asarray(damp, jnp.float64)
+
+
+def _damp_floor(state: WindowState) -> float:
+    """The smallest damping ``_window_damp`` accepts for this window (a Python float)."""
+    count = state.num_grads if state.zero_init else 1
+    return max(SMALLEST_DAMP, smallest_window_damp(np, state.dtype, count))
+
+
 def _step_damp(state: WindowState, damp: Any) -> Any:
     """The damping of a step (float64, 0-d): the state's, or a new one checked as such."""
-    return state.damp if damp is None else jnp.asarray(hyper_damp(damp), jnp.float64)
+    if damp is None:
+        return state.damp
+    return _window_damp(damp, state.dtype, state.num_grads, state.zero_init)
 
 
 def window_update(state: WindowState, g: Any, /, *, damp: Any = None) -> WindowState:
@@ -435,8 +481,9 @@ def window_update(state: WindowState, g: Any, /, *, damp: Any = None) -> WindowS
         A new damping for this and later steps (default: the window's). One
         that differs from ``state.damp`` changes the capacitance matrix, so
         the factor is recomputed from the stored Gram matrix, O(m^3), instead
-        of edited. It may be a traced value; a traced one that is not finite
-        and positive refuses ``g`` as a NaN gradient is refused.
+        of edited. It may be a traced value; a traced one that a concrete
+        one would fail with (not finite and positive, or below the floor of
+        :func:`window_init`) refuses ``g`` as a NaN gradient is refused.
 
     Returns
     -------
@@ -453,7 +500,7 @@ def window_update(state: WindowState, g: Any, /, *, damp: Any = None) -> WindowS
         If JAX's 64-bit mode is off.
     ValueError
         If ``g`` does not have shape ``(d,)``, or a concrete ``damp`` is not
-        finite and positive.
+        finite and positive, or is below the floor of :func:`window_init`.
     """
     _check_state(state, "window_update")
     g = check_vector(g, "g", state.dim, np.dtype(state.dtype))
@@ -497,7 +544,7 @@ def window_update_and_matvec(
         If JAX's 64-bit mode is off.
     ValueError
         If ``g`` does not have shape ``(d,)``, or a concrete ``damp`` is not
-        finite and positive.
+        finite and positive, or is below the floor of :func:`window_init`.
     """
     _check_state(state, "window_update_and_matvec")
     g = check_vector(g, "g", state.dim, np.dtype(state.dtype))

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from ._compat import Array
+from ._validation import raise_non_finite
 
 __all__ = [
     "BlockGroup",
@@ -32,7 +33,6 @@ __all__ = [
     "piece_columns",
     "piece_stack",
     "pieces",
-    "raise_non_finite",
 ]
 
 #: ``(b0, b1, c0, c1)``: columns ``c0:c1`` of blocks ``b0:b1`` of a group.
@@ -159,21 +159,5 @@ def checked_gram(
     if check and not bool(xp.all(xp.isfinite(xp.linalg.diagonal(gram)))):
         lo, _ = piece_columns(group, chunk[0])
         _, hi = piece_columns(group, chunk[-1])
-        raise_non_finite(xp, G[:, lo:hi], lo)
+        raise_non_finite(xp, G[:, lo:hi], "G", offset=lo)
     return gram
-
-
-def raise_non_finite(xp: Any, columns: Array, offset: int) -> None:
-    """Say where G holds NaN or infinity, or that its squared norms overflow."""
-    bad = ~xp.isfinite(columns)
-    if bool(xp.any(bad)):
-        row = int(xp.argmax(xp.astype(xp.any(bad, axis=1), xp.int8)))
-        col = int(xp.argmax(xp.astype(bad[row, ...], xp.int8))) + offset
-        raise ValueError(
-            f"G must not contain NaN or infinity: G[{row}, {col}] is "
-            f"{float(columns[row, col - offset])}"
-        )
-    raise ValueError(
-        "the squared norms of G's rows or columns overflow float64: G is finite but "
-        "too large; rescale the gradients (the damping scales with them)"
-    )

@@ -28,7 +28,7 @@ from ._compat import (
 )
 from ._validation import check_count, check_finite, check_flag, check_operand
 
-__all__ = ["LinearOperator"]
+__all__ = ["LinearOperator", "gradient_items"]
 
 #: Largest number of entries :meth:`LinearOperator.todense` builds by default.
 DEFAULT_MAX_DENSE_ENTRIES = 2**26
@@ -149,7 +149,8 @@ class LinearOperator:
             want = " or ".join({1: f"({n},)", 2: f"({n}, k)"}[k] for k in ndims)
             raise ValueError(f"{name} must have shape {want}, got {tuple(x.shape)}")
         if self.check_finite:
-            check_finite(self._xp, x, name)
+            # A rank's shard (a sharded operator's layout) has local indices: name none.
+            check_finite(self._xp, x, name, locate=self.layout is None)
         return x
 
     # -- the SciPy interface ---------------------------------------------------------
@@ -480,6 +481,51 @@ class LinearOperator:
     def _repr_options(self) -> tuple[str, ...]:
         """``key=value`` items that tell this operator from others of its class in its repr."""
         return ()
+
+
+def gradient_items(
+    op: Any, *, power: float | None = None, filled: int | None = None, zero_init: bool = False
+) -> tuple[str, ...]:
+    """The ``key=value`` items of the repr of an operator over gradients, in one order.
+
+    What tells two such operators apart: the power of F (spectral operators), the
+    number of gradients m, how many a window holds (``filled``, its ``len``), the
+    damping, a block size that was set, the 2-byte storage dtype, ``zero_init`` and
+    refinement steps where given. Python values only, so that a repr reads no array
+    (no pass over G, no device synchronisation).
+
+    Parameters
+    ----------
+    op : LinearOperator
+        An operator with ``num_grads``, ``dim``, ``damp`` (a Python float) and
+        ``storage_dtype``, and optionally ``block_size`` and ``refine``.
+    power : float, optional
+        The power of F, for operators that have one.
+    filled : int, optional
+        The number of gradients a window holds.
+    zero_init : bool, optional
+        Whether the window is zero-initialised.
+
+    Returns
+    -------
+    tuple of str
+        The items, for :meth:`LinearOperator._repr_options`.
+    """
+    items = [] if power is None else [f"power={power:g}"]
+    items.append(f"num_grads={op.num_grads}")
+    if filled is not None:
+        items.append(f"len={filled}")
+    items.append(f"damp={op.damp!r}")
+    block_size = getattr(op, "block_size", op.dim)
+    if block_size < op.dim:
+        items.append(f"block_size={block_size}")
+    if op.storage_dtype is not None:
+        items.append(f"storage_dtype={op.storage_dtype}")
+    if zero_init:
+        items.append("zero_init=True")
+    if getattr(op, "refine", 0):
+        items.append(f"refine={op.refine}")
+    return tuple(items)
 
 
 class _SciPyProduct:

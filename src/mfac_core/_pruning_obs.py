@@ -19,7 +19,13 @@ from ._compat import Array, is_dask_namespace
 from ._compat import device as device_of
 from ._pruning_inputs import check_bool, check_grads, check_mask, check_theta
 from ._static import EmpiricalFisher
-from ._validation import check_count, check_damp, check_finite, check_fraction, check_operand
+from ._validation import (
+    check_count,
+    check_damp,
+    check_fraction,
+    check_operand,
+    raise_non_finite,
+)
 
 #: Entries of ``F^{-1}`` requested from :meth:`StaticIHVP.entries` per call.
 _ENTRY_BUDGET = 2**20
@@ -116,7 +122,8 @@ def _half_fisher_diagonal(xp: Any, G: Array, damp: float) -> Array:
     (bfloat16's largest), so a sum is non-finite exactly when its column is.
     """
     sums = _engine.square_sums(xp, G)
-    check_finite(xp, sums, "G")
+    if not bool(xp.all(xp.isfinite(sums))):
+        raise_non_finite(xp, G, "G")
     return xp.astype(damp + sums / G.shape[0], xp.float32)
 
 

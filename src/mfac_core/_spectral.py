@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ._compat import Array
-from ._operator import LinearOperator
+from ._operator import LinearOperator, gradient_items
 from ._spectral_forms import checked_rows, forms_of
 from ._spectral_groups import Group, applied, checked_power, diagonal_of, logdet_of, trace_of
 from ._spectral_sample import drawn
@@ -153,11 +153,8 @@ class SpectralIHVP(LinearOperator):
 
     def _repr_options(self) -> tuple[str, ...]:
         # The derived operators share the class and the set-up: the power (sqrt, inverse)
-        # and the damping (with_damp) tell them apart; a block size only where one was set.
-        items = [f"power={self.power:g}", f"damp={self.damp!r}"]
-        if self.block_size < self.dim:
-            items.append(f"block_size={self.block_size}")
-        return tuple(items)
+        # and the damping (with_damp) tell them apart.
+        return gradient_items(self, power=self.power)
 
     # -- damping, spectrum and derived operators (``_spectral_setup.derived``) -----------------
 

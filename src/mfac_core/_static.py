@@ -24,7 +24,7 @@ from ._deprecation import (
 )
 from ._group_factors import GroupFactor
 from ._layout import block_groups
-from ._operator import LinearOperator
+from ._operator import LinearOperator, gradient_items
 from ._refine import fisher_residual, refine
 from ._validation import (
     check_block_size,
@@ -115,6 +115,9 @@ class _BlockOperatorBase(LinearOperator):
             shape=(d, d), dtype=dtype, xp=xp, device=device(G), symmetric=True, check_finite=check
         )
         return xp
+
+    def _repr_options(self) -> tuple[str, ...]:
+        return gradient_items(self)
 
     def _join(self, parts: list[Any]) -> Any:
         """The groups' parts of a result, joined along axis 0."""

@@ -53,8 +53,12 @@ __all__ = [
     "check_operand",
     "check_same_space",
     "check_writeable",
+    "described",
     "is_number_list",
     "namespace_of",
+    "non_finite_error",
+    "raise_non_finite",
+    "real_scalar_error",
 ]
 
 #: The storage dtypes whose precision the operators state (docs/mathematics.rst).
@@ -127,10 +131,55 @@ def floating_dtype_error(name: str, dtype: Any) -> TypeError:
     return TypeError(f"{name} must have a real floating dtype (float32 or float64), got {dtype}")
 
 
-def check_finite(xp: Any, x: Array, name: str) -> None:
-    """Raise ``ValueError`` if ``x`` holds NaN or infinity."""
+def check_finite(xp: Any, x: Array, name: str, *, locate: bool = True) -> None:
+    """Raise ``ValueError`` if ``x`` holds NaN or infinity, naming its first such entry.
+
+    Without ``locate`` the message names none: for one rank's shard of an array, whose
+    indices are not the user's.
+    """
     if not bool(xp.all(xp.isfinite(x))):
-        raise ValueError(f"{name} must not contain NaN or infinity")
+        if not locate:
+            raise ValueError(f"{name} must not contain NaN or infinity")
+        raise_non_finite(xp, x, name)
+
+
+def non_finite_error(xp: Any, x: Array, name: str, *, offset: int = 0) -> ValueError | None:
+    """The one wording of an array holding NaN or infinity, or None where ``x`` is finite.
+
+    It names the first such entry in row-major order, e.g. ``G[2, 5] is nan``; ``x`` may
+    be the columns of a larger array that start at column ``offset`` (the last axis),
+    which the index then counts in. One more read of ``x``: for the failure only.
+    """
+    bad = ~xp.isfinite(x)
+    if not bool(xp.any(bad)):
+        return None
+    flat = int(xp.argmax(xp.reshape(xp.astype(bad, xp.int8), (-1,))))
+    index = []
+    for size in reversed(x.shape):
+        flat, i = divmod(flat, size)
+        index.append(i)
+    index.reverse()
+    value = float(x[tuple(index)])
+    if index:
+        index[-1] += offset
+    where = f"{name}[{', '.join(map(str, index))}]" if index else name
+    return ValueError(f"{name} must not contain NaN or infinity: {where} is {value}")
+
+
+def raise_non_finite(xp: Any, x: Array, name: str, *, offset: int = 0) -> None:
+    """Say where ``x`` holds NaN or infinity; for a finite ``x`` that its squares overflow.
+
+    For the checks that find non-finite values in float64 sums over ``x`` (sums of
+    squares, a Gram's diagonal), so that they cost no pass of their own: only on
+    failure is ``x`` read again, to say where.
+    """
+    error = non_finite_error(xp, x, name, offset=offset)
+    if error is not None:
+        raise error
+    raise ValueError(
+        f"the squared norms of {name}'s rows or columns overflow float64: {name} is finite "
+        "but too large; rescale the gradients (the damping scales with them)"
+    )
 
 
 def check_number(
@@ -178,14 +227,33 @@ def scalar_value(value: Any) -> Any:
         return value
 
 
+def described(value: Any) -> str:
+    """``value`` as a message shows it: an array by its shape and dtype, else its repr.
+
+    An array's repr may be long, and on a GPU it reads the array back to the host.
+    """
+    if isinstance(value, (numbers.Number, np.generic)):
+        return repr(value)
+    shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
+    if shape is None or dtype is None:
+        return repr(value)
+    return f"an array of shape {tuple(shape)} and dtype {dtype}"
+
+
+def real_scalar_error(name: str, value: Any) -> TypeError:
+    """The one wording of a hyper-parameter that is neither a real number nor a 0-d real array."""
+    return TypeError(f"{name} must be a real number or a 0-d real array, got {described(value)}")
+
+
 def check_damp(damp: Any, name: str = "damp") -> float:
     """The damping as a Python float; it must be finite and at least float64's smallest normal.
 
     A real number or a 0-d real array (bools and complex numbers are refused).
     """
+    given = damp
     damp = scalar_value(damp)
     if isinstance(damp, bool) or not isinstance(damp, numbers.Real):
-        raise TypeError(f"{name} must be a real number or a 0-d real array, got {damp!r}")
+        raise real_scalar_error(name, given)
     value = float(damp)
     if not math.isfinite(value) or value <= 0.0:
         raise ValueError(f"{name} must be finite and > 0, got {damp!r}")

@@ -219,7 +219,8 @@ def mfac(
         the wrong type.
     ValueError
         If ``num_grads`` or ``refactor_every`` is not ``>= 1``, or ``damp``
-        is not finite and positive.
+        is not finite and positive; ``init`` if ``damp`` is below the floor
+        of the window's dtype (:func:`window_init`).
 
     See Also
     --------
@@ -263,8 +264,9 @@ def mfac(
     this transformation, where it sees the direction:
     ``optax.chain(mfac(...), optax.apply_if_finite(optax.sgd(lr), 5))``
     (around the whole chain it sees only the incoming gradient, finite for a
-    refused one). So does a traced ``damp`` that is not finite and positive
-    (a concrete one is refused with a ``ValueError``).
+    refused one). So does a traced ``damp`` that is not finite and positive,
+    or below the floor of the window's dtype (a concrete one is refused with
+    a ``ValueError``; see :func:`window_init`).
 
     Examples
     --------
