@@ -998,6 +998,7 @@ def test_float32_row_write_in_one_loop_matches_the_librarys_own(library, check_f
         else:
             assert state_fast[key] == value, key
 
+
 @pytest.mark.parametrize("zero_init", [False, True])
 @pytest.mark.parametrize("method", ["update", "update_and_matvec"])
 def test_float64_gradient_whose_squared_norm_overflows_is_refused_in_words(zero_init, method):
@@ -1021,3 +1022,23 @@ def test_float64_gradient_whose_squared_norm_overflows_is_refused_in_words(zero_
             np.testing.assert_array_equal(after[key], value)
         else:
             assert after[key] == value, key
+
+
+def test_load_state_dict_refuses_a_zero_init_that_is_no_bool():
+    # Regression: state["zero_init"] was read with bool(), so "junk" (true) loaded into a
+    # zero_init window and "" or 0.0 into another; now it is checked as the option is.
+    rng = np.random.default_rng(0)
+    for zero_init in (False, True):
+        op = DynamicIHVP(
+            3, 5, damp=1e-2, dtype=np.float64, options=WindowOptions(zero_init=zero_init)
+        )
+        op.update(rng.standard_normal(5))
+        state = op.state_dict()
+        before = op.state_dict()
+        for bad in ("junk", "", 1, 0.0, None):
+            with pytest.raises(ValueError, match=r"zero_init"):
+                op.load_state_dict({**state, "zero_init": bad})
+            after = op.state_dict()
+            for key, value in before.items():
+                np.testing.assert_array_equal(np.asarray(after[key]), np.asarray(value))
+        op.load_state_dict({**state, "zero_init": np.bool_(zero_init)})

@@ -719,7 +719,9 @@ def test_mfac_refuses_bad_arguments():
     with pytest.raises(TypeError, match="real parameters"):
         opt.init({"a": jnp.zeros(3, jnp.complex64)})
     state = opt.init({"a": jnp.zeros(3)})
-    with pytest.raises(ValueError, match="coordinates"):
+    with pytest.raises(
+        ValueError, match=r"shape \(4,\) but the parameters given to init had \(3,\)"
+    ):
         opt.update({"a": jnp.zeros(4)}, state)
     with pytest.raises(ValueError, match="leaves"):
         opt.update({"a": jnp.zeros(3), "b": jnp.zeros(1)}, state)
@@ -745,6 +747,27 @@ def test_mfac_sgd_checks_its_learning_rate_as_torch_mfac_does():
         plain = mj.mfac_sgd(0.5, 4)
         want, _ = plain.update(grads, plain.init(params), params)
         np.testing.assert_array_equal(np.asarray(updates["w"]), np.asarray(want["w"]))
+
+
+def test_mfac_refuses_updates_whose_leaves_changed_shape():
+    # Regression: only the leaf count and the total size were checked, so an update whose
+    # leaves were reshaped (same size) was preconditioned in the wrong coordinates; optax's
+    # adam refuses it (its moments have the parameters' shapes).
+    params = {"a": jnp.ones((2, 3), jnp.float32), "b": jnp.ones(4, jnp.float32)}
+    opt = mj.mfac(4)
+    state = opt.init(params)
+    grads = {"a": jnp.arange(6.0, dtype=jnp.float32).reshape(2, 3), "b": jnp.ones(4, jnp.float32)}
+    updates, state = opt.update(grads, state)
+    for bad in (
+        {"a": grads["a"].reshape(3, 2), "b": grads["b"]},
+        {"a": grads["a"].reshape(6), "b": grads["b"]},
+    ):
+        with pytest.raises(ValueError, match=r"leaf 0 of the updates has shape"):
+            opt.update(bad, state)
+        with pytest.raises(ValueError, match=r"leaf 0 of the updates has shape"):
+            jax.jit(opt.update)(bad, state)
+    again, _ = jax.jit(opt.update)(grads, state)  # the state was left as it was
+    assert again["a"].shape == (2, 3) and updates["a"].shape == (2, 3)
 
 
 @pytest.mark.parametrize("kappa", [1e3, 1e5, 1e7])

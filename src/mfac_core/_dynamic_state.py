@@ -17,7 +17,7 @@ from ._capacitance import DRIFT_TOL, CapacitanceFactor, check_window_damp
 from ._compat import Array, detached
 from ._dynamic_factor import SlotFactor, evenly_spaced, factorized
 from ._dynamic_setup import local_gram
-from ._validation import check_count, check_damp, check_same_space
+from ._validation import check_count, check_damp, check_flag, check_same_space
 
 #: The format version of ``state_dict``.
 STATE_VERSION = 2
@@ -220,7 +220,11 @@ class LoadedState:
                 f"state_dict is for num_grads, dim = "
                 f"{(state['num_grads'], state['dim'])}, this operator has {(m, d)}"
             )
-        if bool(state["zero_init"]) != op.zero_init:
+        try:
+            saved_zero_init = check_flag(state["zero_init"], "state['zero_init']")
+        except TypeError as exc:
+            raise ValueError(str(exc)) from None
+        if saved_zero_init != op.zero_init:
             raise ValueError("state_dict and operator disagree on zero_init")
         try:
             saved_damp = check_damp(state["damp"])

@@ -93,7 +93,8 @@ _DEFAULT_DAMP = 1e-3
 class MFACState:
     """The state of :func:`mfac`: the sliding window of the flat float gradients.
 
-    A pytree: ``window`` is its data, ``param_dtypes`` its static part.
+    A pytree: ``window`` is its data, ``param_dtypes`` and ``param_shapes`` its
+    static part.
 
     Attributes
     ----------
@@ -105,10 +106,14 @@ class MFACState:
         The dtypes of the leaves of the parameters given to ``init``
         (``jax.tree_util.tree_leaves`` order); the float ones are in the
         window.
+    param_shapes : tuple of tuple of int
+        Their shapes, which every update's leaves must have: the window's
+        coordinates are the float leaves' entries in this layout.
     """
 
     window: WindowState | None
     param_dtypes: tuple[str, ...] = dataclasses.field(metadata={"static": True})
+    param_shapes: tuple[tuple[int, ...], ...] = dataclasses.field(metadata={"static": True})
 
     @property
     def windowed(self) -> tuple[bool, ...]:  # numpydoc ignore=RT01
@@ -137,24 +142,27 @@ def _float_mask(tree: Any) -> Any:
     return jax.tree_util.tree_map(_is_float, tree)
 
 
-def _param_layout(params: Any) -> tuple[tuple[str, ...], int, np.dtype]:
-    """The leaves' dtypes, the number of float coordinates and the window's dtype.
+def _param_layout(
+    params: Any,
+) -> tuple[tuple[str, ...], tuple[tuple[int, ...], ...], int, np.dtype]:
+    """The leaves' dtypes and shapes, the number of float coordinates and the window's dtype.
 
     Float leaves are windowed, integer and boolean ones are not; complex ones are
     refused. The window's dtype is float32, or float64 when a float leaf is float64:
     every float leaf's values (2-byte ones included) enter it exactly.
     """
-    names, dtypes, d = [], [], 0
+    names, shapes, dtypes, d = [], [], [], 0
     for i, x in enumerate(jax.tree_util.tree_leaves(params)):
         dt = _leaf_dtype(x)
         if jnp.issubdtype(dt, jnp.complexfloating) or dt == jax.dtypes.float0:
             raise TypeError(f"mfac works on real parameters; leaf {i} of the parameters is {dt}")
         names.append(dt.name)
+        shapes.append(tuple(int(n) for n in np.shape(x)))
         if jnp.issubdtype(dt, jnp.floating):
             dtypes.append(dt)
             d += int(np.prod(np.shape(x)))
     dtype = np.dtype(jnp.result_type(jnp.float32, *dtypes))
-    return tuple(names), d, dtype
+    return tuple(names), tuple(shapes), d, dtype
 
 
 def _check_num_grads(num_grads: Any) -> int:
@@ -305,13 +313,13 @@ def mfac(
 
     def init_fn(params: Any) -> MFACState:
         require_x64("mfac")
-        names, d, dtype = _param_layout(params)
+        names, shapes, d, dtype = _param_layout(params)
         window = None
         if d:
             window = window_init(
                 m, d, damp=damp, dtype=dtype, zero_init=zero_init, refactor_every=refactor_every
             )
-        return MFACState(window, names)
+        return MFACState(window, names, shapes)
 
     def update_fn(updates: Any, state: MFACState, params: Any = None) -> tuple[Any, MFACState]:
         del params
@@ -323,6 +331,15 @@ def mfac(
                 f"the updates have {len(leaves)} leaves but the parameters given to init had "
                 f"{len(windowed)}"
             )
+        # The window's coordinates are the leaves' entries in init's layout: updates of
+        # other shapes (the same total size reshaped) would be preconditioned in the wrong
+        # coordinates.
+        for i, (x, shape) in enumerate(zip(leaves, state.param_shapes, strict=True)):
+            if tuple(np.shape(x)) != shape:
+                raise ValueError(
+                    f"leaf {i} of the updates has shape {tuple(np.shape(x))} but the parameters "
+                    f"given to init had {shape}"
+                )
         # Non-float parameters get a zero update of their own dtype, also from a float0
         # gradient (jax.grad(..., allow_int=True)), which no later optax stage could take.
         out = [
@@ -344,10 +361,6 @@ def mfac(
                     f"{_leaf_dtype(leaves[i])}"
                 )
         sizes = [int(np.prod(np.shape(leaves[i]))) for i in picked]
-        if sum(sizes) != window.dim:
-            raise ValueError(
-                f"the updates have {sum(sizes)} float coordinates but the M-FAC window {window.dim}"
-            )
         parts = [jnp.ravel(jnp.asarray(leaves[i])).astype(window.dtype) for i in picked]
         flat = parts[0] if len(parts) == 1 else jnp.concatenate(parts)
         window, direction = window_update_and_matvec(window, flat, damp=damp)
@@ -356,7 +369,9 @@ def mfac(
             x = leaves[i]
             out[i] = direction[start : start + n].reshape(np.shape(x)).astype(_leaf_dtype(x))
             start += n
-        return jax.tree_util.tree_unflatten(treedef, out), MFACState(window, state.param_dtypes)
+        return jax.tree_util.tree_unflatten(treedef, out), MFACState(
+            window, state.param_dtypes, state.param_shapes
+        )
 
     return optax.GradientTransformation(init_fn, update_fn)
 
