@@ -62,6 +62,7 @@ __all__ = [
     "combine",
     "combine_blocks",
     "gram_piece_width",
+    "gram_widener",
     "is_accelerator",
     "lift",
     "piece_entries",
@@ -188,6 +189,37 @@ def gram_piece_width(xp: Any, G: Array) -> int:
     columns; on an accelerator the device piece.
     """
     return piece_width(xp, G, G.shape[0], host=LARGE_PIECE_ENTRIES, min_pieces=GRAM_MIN_PIECES)
+
+
+def gram_widener(xp: Any, G: Array) -> Callable[[int, int], Any] | None:
+    """``widen(lo, hi)``: ``G[:, lo:hi]`` as float64 in ``xp``, or None where it cannot serve.
+
+    The float64 column pieces of the set-up's Gram (``_layout.chunk_gram``), written by the
+    C extension's threads (:func:`mfac_core._fused.widen64`) into one buffer that every
+    piece reuses: each result is valid until the next call. NumPy's cast of a piece ran
+    on one thread while BLAS's product of it ran on all; the values are the same (the
+    casts are exact), and so is every bit of the Gram. Serves float32 and 2-byte NumPy
+    arrays and PyTorch CPU tensors that the kernels read in place; float64 G (no cast),
+    other arrays, and a build without the extension keep ``xp.astype`` (None).
+    """
+    if not _fused.available():
+        return None
+    host = _host_view(xp, G)
+    if host is None:
+        return None
+    view, storage = host
+    m = view.shape[0]
+    buffer = [np.empty(0)]
+    to_xp = _from_numpy if is_torch_namespace(xp) else _same
+
+    def widen(lo: int, hi: int) -> Any:
+        if buffer[0].size < m * (hi - lo):
+            buffer[0] = np.empty(m * (hi - lo))
+        out = buffer[0][: m * (hi - lo)].reshape(m, hi - lo)
+        _fused.widen64(view, out, start=lo, stop=hi, storage=storage)
+        return to_xp(out)
+
+    return widen
 
 
 _warned_slow = False
