@@ -5,6 +5,7 @@ Usage::
     OPENBLAS_NUM_THREADS=1 python benchmarks/setup_widen.py    # one thread
     OPENBLAS_NUM_THREADS=2 python benchmarks/setup_widen.py    # two (or leave unset)
     python benchmarks/setup_widen.py --m 64 --d 2e5 --repeat 3 # quick
+    python benchmarks/setup_widen.py --storage "numpy float32" --no-parts
 
 For each m and storage (NumPy float32 and float16, PyTorch float32 and bfloat16), in
 one process and interleaved (best of ``--repeat``):
@@ -13,7 +14,8 @@ one process and interleaved (best of ``--repeat``):
 * ``set-up, cast``: ``StaticIHVP(G)`` with every float64 column piece cast by
   ``xp.astype`` (NumPy's cast, one thread; before ``_engine.gram_widener``);
 * ``set-up, widen64``: the same with the pieces written by ``_fused.widen64``'s threads
-  (the library's choice where the extension serves G);
+  (the library's choice where the extension serves G), and ``widen64 on 1 thread``
+  (``MFAC_CORE_NUM_THREADS=1`` during the call: BLAS keeps its threads);
 * its parts, over the set-up's own pieces: ``cast`` (``xp.astype`` of every piece),
   ``widen64`` (every piece), ``BLAS`` (the Gram product of every piece, on one float64
   piece); the rest of the set-up (finite check, kappa, the factorisation) is the set-up
@@ -41,8 +43,13 @@ from mfac_core import StaticIHVP, _engine, _fused, _setup
 from mfac_core._layout import block_groups, piece_columns, pieces
 
 
-def _storages(G32: np.ndarray) -> list[tuple[str, Any, Any]]:
+def _storages(G32: np.ndarray, only: list[str] | None) -> list[tuple[str, Any, Any]]:
     """``(name, xp, G)`` for each storage measured (PyTorch where installed)."""
+    every = _every_storage(G32)
+    return [case for case in every if only is None or case[0] in only]
+
+
+def _every_storage(G32: np.ndarray) -> list[tuple[str, Any, Any]]:
     out: list[tuple[str, Any, Any]] = [("numpy float32", np, G32)]
     try:
         import torch
@@ -77,14 +84,18 @@ def factor_of(xp: Any, G: Any, old: bool) -> np.ndarray:
     return np.asarray(result.factors[0].factor.U)
 
 
-def rows_for(m: int, d: int, repeat: int, rng: np.random.Generator) -> list[list[str]]:
-    G = rng.standard_normal(d) + rng.standard_normal((m, d))
-    G32 = (G / (np.linalg.norm(G, 2) / np.sqrt(m))).astype(np.float32)
-    del G
-    return [row(m, name, xp, G, repeat) for name, xp, G in _storages(G32)]
+def rows_for(
+    m: int, d: int, repeat: int, rng: np.random.Generator, only: list[str] | None, parts: bool
+) -> list[list[str]]:
+    G32 = rng.standard_normal((m, d), dtype=np.float32)
+    rows = []
+    for name, xp, G in _storages(G32, only):
+        rows.append(row(m, name, xp, G, repeat, parts))
+        print("  done:", " | ".join(rows[-1]), flush=True)  # kept should a later row hang
+    return rows
 
 
-def row(m: int, name: str, xp: Any, G: Any, repeat: int) -> list[str]:
+def row(m: int, name: str, xp: Any, G: Any, repeat: int, parts: bool) -> list[str]:
     """One storage's row: the floor, both set-ups, and the set-up's parts."""
     from scipy.linalg import blas
 
@@ -96,12 +107,19 @@ def row(m: int, name: str, xp: Any, G: Any, repeat: int) -> list[str]:
     widen = widener(xp, G)
     one = xp.astype(G[:, : cols[0][1]], xp.float64)[None, ...]
 
-    def setup(old: bool) -> Any:
+    def setup(old: bool, one_thread: bool = False) -> Any:
         _engine.gram_widener = _no_widener if old else widener
+        before = os.environ.get("MFAC_CORE_NUM_THREADS")
+        if one_thread:  # widen64 on one thread, BLAS on its own count
+            os.environ["MFAC_CORE_NUM_THREADS"] = "1"
         try:
             return StaticIHVP(G, damp=1e-3, check_finite=False)
         finally:
             _engine.gram_widener = widener
+            if before is None:
+                os.environ.pop("MFAC_CORE_NUM_THREADS", None)
+            else:
+                os.environ["MFAC_CORE_NUM_THREADS"] = before
 
     def cast_all(_: Any) -> None:
         for lo, hi in cols:
@@ -119,12 +137,16 @@ def row(m: int, name: str, xp: Any, G: Any, repeat: int) -> list[str]:
         "floor": (lambda _: blas.dsyrk(1.0, G64, trans=1), None),
         "old": (lambda _: setup(True), None),
         "new": (lambda _: setup(False), None),
+        "new1": (lambda _: setup(False, one_thread=True), None),
         "cast": (cast_all, None),
         "widen": (widen_all, None),
         "blas": (blas_all, None),
     }
     if widen is None:
-        del cands["new"], cands["widen"]
+        del cands["new"], cands["new1"], cands["widen"]
+    if not parts:
+        for key in ("cast", "widen", "blas"):
+            cands.pop(key, None)
     monitor = common.CpuMonitor()
     t = common.interleaved(cands, repeat)
     foreign = monitor.foreign_cores()
@@ -133,7 +155,7 @@ def row(m: int, name: str, xp: Any, G: Any, repeat: int) -> list[str]:
     if widen is not None:
         a, b = (factor_of(xp, G, old) for old in (True, False))
         same = "yes" if np.array_equal(a.view(np.uint64), b.view(np.uint64)) else "NO"
-    rest_old = t["old"].best - t["cast"].best - t["blas"].best
+    rest_old = t["old"].best - t["cast"].best - t["blas"].best if parts else None
 
     def ms(key: str) -> str:
         return common.fmt_time(t[key].best) if key in t else "-"
@@ -147,10 +169,11 @@ def row(m: int, name: str, xp: Any, G: Any, repeat: int) -> list[str]:
         ms("floor"),
         f"{ms('old')} ({ratio('old')})",
         f"{ms('new')} ({ratio('new')})",
+        f"{ms('new1')} ({ratio('new1')})",
         ms("cast"),
         ms("widen"),
         ms("blas"),
-        common.fmt_time(rest_old),
+        common.fmt_time(rest_old) if rest_old is not None else "-",
         same,
         f"{foreign:.2f}" if foreign is not None else "-",
     ]
@@ -161,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--d", type=float, default=1e6)
     p.add_argument("--m", type=int, action="append", default=None)
     p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--storage", action="append", default=None, help="e.g. 'numpy float32'")
+    p.add_argument("--no-parts", action="store_true", help="the set-ups and floor only")
     args = p.parse_args(argv)
     print("# benchmarks/setup_widen.py")
     for key, value in common.machine_facts():
@@ -170,10 +195,10 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[list[str]] = []
     rng = np.random.default_rng(0)
     for m in args.m or [64, 256]:
-        rows += rows_for(m, int(args.d), args.repeat, rng)
+        rows += rows_for(m, int(args.d), args.repeat, rng, args.storage, not args.no_parts)
     headers = [
-        "m", "G", "floor dsyrk", "set-up, cast (before)", "set-up, widen64", "cast",
-        "widen64", "BLAS", "rest", "same Gram", "other cores",
+        "m", "G", "floor dsyrk", "set-up, cast (before)", "set-up, widen64",
+        "widen64 on 1 thread", "cast", "widen64", "BLAS", "rest", "same Gram", "other cores",
     ]  # fmt: skip
     print(common.markdown_table(headers, rows))
     print(f"\n- load average at end: {os.getloadavg()}")
