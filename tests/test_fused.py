@@ -678,4 +678,9 @@ def test_widen64_refuses_what_it_cannot_write():
             _fused.widen64(G, bad_out, start=2, stop=8)
     with pytest.raises(ValueError, match="columns"):
         _fused.widen64(G, np.zeros((4, 6)), start=6, stop=12)
+    for bad_threads in (0, True, 1.5):
+        with pytest.raises(ValueError, match="threads"):
+            _fused.widen64(G, out, start=2, stop=8, threads=bad_threads)
     np.testing.assert_array_equal(out, 0.0)
+    _fused.widen64(G, out, start=2, stop=8, threads=1)
+    np.testing.assert_array_equal(out, G[:, 2:8])

@@ -53,8 +53,8 @@ def _factor(xp, G, *, widen, block_size=None, monkeypatch):
 )
 def test_gram_pieces_widened_by_the_kernels_give_the_same_factor(monkeypatch, name, block_size):
     """Every bit of the set-up's factors (so of its Grams) is the same with the pieces cast
-    by ``xp.astype`` and written by ``widen64`` on three threads, for the full set-up and
-    blocks wider than a piece (a ragged last block too), and the widener serves each case."""
+    by ``xp.astype`` and written by ``widen64``, for the full set-up and blocks wider than
+    a piece (a ragged last block too), and the widener serves each case."""
     xp, G = _case(name)
     calls = []
     widener = _engine.gram_widener
@@ -64,13 +64,7 @@ def test_gram_pieces_widened_by_the_kernels_give_the_same_factor(monkeypatch, na
         assert widen is not None
         return lambda lo, hi: calls.append(hi - lo) or widen(lo, hi)
 
-    monkeypatch.setenv("MFAC_CORE_NUM_THREADS", "3")
-    monkeypatch.setattr(_fused, "_MIN_WIDEN_WORK", 1)
-    monkeypatch.setattr(_fused, "_WIDEN_PIECE", 64)
     before = _factor(xp, G, widen=False, block_size=block_size, monkeypatch=monkeypatch)
-    monkeypatch.setenv("MFAC_CORE_NUM_THREADS", "3")
-    monkeypatch.setattr(_fused, "_MIN_WIDEN_WORK", 1)
-    monkeypatch.setattr(_fused, "_WIDEN_PIECE", 64)
     monkeypatch.setattr(_engine, "gram_widener", spy)
     after = _factor(xp, G, widen=True, block_size=block_size, monkeypatch=monkeypatch)
     assert sum(calls) == G.shape[1]

@@ -200,8 +200,9 @@ def widen64(
     stop: int,
     storage: str | None = None,
     isa: str | None = None,
+    threads: int | None = None,
 ) -> None:
-    """``out[...] = G[:, start:stop]`` as float64, on up to :func:`max_threads` threads.
+    """``out[...] = G[:, start:stop]`` as float64, on up to ``threads`` threads.
 
     Parameters
     ----------
@@ -213,14 +214,14 @@ def widen64(
         The columns of G, ``0 <= start <= stop <= ld``.
     storage, isa : str, optional
         As for :func:`project64`.
+    threads : int, optional
+        The most threads (this one included); None: :func:`max_threads`.
 
     Notes
     -----
     The values are NumPy's casts (all four conversions are exact, ``-0.0``, subnormals
     and infinities included; a signalling NaN of 2-byte storage may come back quiet).
-    The columns are shared among threads in ranges of whole vectors: the float64 pieces
-    of the set-up's Gram were cast on one thread (NumPy's ``astype``) while BLAS used
-    all of them.
+    The columns are shared among threads in pieces of whole vectors.
     """
     G, m, ld, code_st = _check64(G, start, stop, storage)
     n = stop - start
@@ -241,7 +242,10 @@ def widen64(
     code = _isa_code(isa)
     width = max(_ALIGN, -(-_WIDEN_PIECE // (m * _ALIGN)) * _ALIGN)
     pieces = [(lo, min(lo + width, n)) for lo in range(0, n, width)]
-    threads = max(1, min(max_threads(), len(pieces), (m * n) // _MIN_WIDEN_WORK))
+    if threads is not None and (isinstance(threads, bool) or int(threads) != threads or threads < 1):
+        raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+    most = max_threads() if threads is None else int(threads)
+    threads = max(1, min(most, len(pieces), (m * n) // _MIN_WIDEN_WORK))
 
     def call(j0: int, j1: int, p: int) -> None:
         _passes.widen64(G, ld, start, m, out, n, j0, j1, code, code_st)
