@@ -237,13 +237,15 @@ def widen64(
             f"out must be a C-ordered, aligned, writeable ({m}, {n}) float64 NumPy array, got "
             f"{getattr(out, 'shape', None)} {getattr(out, 'dtype', type(out).__name__)}"
         )
+    if threads is not None and (
+        isinstance(threads, bool) or int(threads) != threads or threads < 1
+    ):
+        raise ValueError(f"threads must be a positive int or None, got {threads!r}")
     if m == 0 or n == 0:
         return
     code = _isa_code(isa)
     width = max(_ALIGN, -(-_WIDEN_PIECE // (m * _ALIGN)) * _ALIGN)
     pieces = [(lo, min(lo + width, n)) for lo in range(0, n, width)]
-    if threads is not None and (isinstance(threads, bool) or int(threads) != threads or threads < 1):
-        raise ValueError(f"threads must be a positive int or None, got {threads!r}")
     most = max_threads() if threads is None else int(threads)
     threads = max(1, min(most, len(pieces), (m * n) // _MIN_WIDEN_WORK))
 
