@@ -706,3 +706,79 @@ def test_block_calls_refuse_bad_shapes():
             G, np.ones((3, 1, 4)), np.ones(1), np.ones((3, 1, 10)), start=0, block_size=10,
             dtype=None,
         )  # fmt: skip
+
+
+# -- widen64: float64 column pieces of the set-up's Gram -------------------------------------
+
+
+def _every_value(storage):
+    """An array of ``storage`` holding its special values: ±0, subnormals, the extremes,
+    ±inf and NaNs (every bit pattern of a 2-byte type), then random values."""
+    if storage in ("float16", "bfloat16"):
+        bits = np.arange(2**16, dtype=np.uint16)
+        return bits.view(ml_dtypes.bfloat16) if storage == "bfloat16" else bits.view(np.float16)
+    info = np.finfo(storage)
+    special = [0.0, info.smallest_subnormal, info.smallest_normal, info.tiny / 3, info.max]
+    special += [np.inf, np.nan, 1.0, info.eps]
+    values = np.array(special + [-v for v in special], dtype=storage)
+    rng = np.random.default_rng(5)
+    scaled = rng.standard_normal(3_000) * 2.0 ** rng.integers(-140, 120, 3_000)
+    return np.concatenate([values, scaled.astype(storage)])
+
+
+def _same_values(got, source):
+    """Bit for bit NumPy's cast of ``source``, except that a NaN need only stay a NaN (F16C
+    quiets signalling ones)."""
+    with np.errstate(invalid="ignore"):  # ml_dtypes warns of signalling NaNs
+        want = source.astype(np.float64)
+    nan = np.isnan(want)
+    np.testing.assert_array_equal(np.isnan(got), nan)
+    np.testing.assert_array_equal(got.view(np.uint64)[~nan], want.view(np.uint64)[~nan])
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("storage", ["float32", "float64", "float16", "bfloat16"])
+def test_widen64_equals_numpys_cast(monkeypatch, isa, storage):
+    """Every value (every pattern of the 2-byte types, -0 and subnormals included) widened
+    as NumPy's cast does, at odd offsets and widths (vector columns and the tail one at a
+    time), with the columns shared among three threads in pieces of odd width."""
+    if storage == "bfloat16" and ml_dtypes is None:
+        pytest.skip("ml_dtypes is not installed")
+    monkeypatch.setenv("MFAC_CORE_NUM_THREADS", "3")
+    monkeypatch.setattr(_fused, "_MIN_WIDEN_WORK", 1)
+    monkeypatch.setattr(_fused, "_WIDEN_PIECE", 5 * 64)
+    values = _every_value(storage)
+    m = 5
+    ld = -(-values.size // m) + 3
+    G = np.resize(values, m * ld).reshape(m, ld)
+    for start, stop in [(0, ld), (3, ld - 2), (7, 7 + 37), (1, 2), (4, 4)]:
+        out = np.full((m, stop - start), -1.0)
+        _fused.widen64(G, out, start=start, stop=stop, isa=isa)
+        _same_values(out, G[:, start:stop])
+    if G.dtype.itemsize == 2:  # the uint16 bits, with storage= naming them
+        out = np.empty((m, ld))
+        _fused.widen64(G.view(np.uint16), out, start=0, stop=ld, storage=storage, isa=isa)
+        _same_values(out, G)
+
+
+def test_widen64_refuses_what_it_cannot_write():
+    """A G the kernels cannot read in place, or an out that is not a C-ordered, writeable
+    float64 array of the piece's shape, is a TypeError; nothing is written."""
+    G = np.arange(40, dtype=np.float32).reshape(4, 10)
+    out = np.zeros((4, 6))
+    for bad in (G[:, ::2], G.astype(np.int32), np.asfortranarray(G)):
+        with pytest.raises(TypeError, match="G"):
+            _fused.widen64(bad, np.zeros((4, 5)), start=0, stop=5)
+    ro = np.zeros((4, 6))
+    ro.flags.writeable = False
+    for bad_out in (np.zeros((4, 7)), np.zeros((4, 6), np.float32), np.zeros((6, 4)).T, ro):
+        with pytest.raises(TypeError, match="out must be"):
+            _fused.widen64(G, bad_out, start=2, stop=8)
+    with pytest.raises(ValueError, match="columns"):
+        _fused.widen64(G, np.zeros((4, 6)), start=6, stop=12)
+    for bad_threads in (0, True, 1.5):
+        with pytest.raises(ValueError, match="threads"):
+            _fused.widen64(G, out, start=2, stop=8, threads=bad_threads)
+    np.testing.assert_array_equal(out, 0.0)
+    _fused.widen64(G, out, start=2, stop=8, threads=1)
+    np.testing.assert_array_equal(out, G[:, 2:8])

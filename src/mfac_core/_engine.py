@@ -59,10 +59,11 @@ from ._errors import user_stacklevel
 from ._layout import BlockGroup, piece_stack, pieces
 
 __all__ = [
+    "all_finite",
     "combine",
     "combine_blocks",
     "gram_piece_width",
-    "all_finite",
+    "gram_widener",
     "host_row_views",
     "is_accelerator",
     "lift",
@@ -191,6 +192,41 @@ def gram_piece_width(xp: Any, G: Array) -> int:
     columns; on an accelerator the device piece.
     """
     return piece_width(xp, G, G.shape[0], host=LARGE_PIECE_ENTRIES, min_pieces=GRAM_MIN_PIECES)
+
+
+def gram_widener(xp: Any, G: Array) -> Callable[[int, int], Any] | None:
+    """``widen(lo, hi)``: ``G[:, lo:hi]`` as float64 in ``xp``, or None where it cannot serve.
+
+    The float64 column pieces of the set-up's Gram (``_layout.chunk_gram``), written by the
+    C extension (:func:`mfac_core._fused.widen64`) into one buffer that every piece
+    reuses: each result is valid until the next call. The values are ``xp.astype``'s (the
+    casts are exact), and so is every bit of the Gram. Serves float32 and 2-byte NumPy
+    arrays and PyTorch CPU tensors that the kernels read in place; float64 G (no cast),
+    other arrays, and a build without the extension keep ``xp.astype`` (None).
+
+    One thread widens: between BLAS calls OpenBLAS's other threads spin on the other
+    cores, and a second widening thread made the set-up slower (m = 64, d = 1e6, two
+    cores: 198 ms with two, 132 ms with one, 167 ms with ``astype``; benchmarks/RESULTS.md).
+    What it saves is NumPy's software float16 cast and a fresh float64 array per piece.
+    """
+    if not _fused.available():
+        return None
+    host = _host_view(xp, G)
+    if host is None:
+        return None
+    view, storage = host
+    m = view.shape[0]
+    buffer = [np.empty(0)]
+    to_xp = _from_numpy if is_torch_namespace(xp) else _same
+
+    def widen(lo: int, hi: int) -> Any:
+        if buffer[0].size < m * (hi - lo):
+            buffer[0] = np.empty(m * (hi - lo))
+        out = buffer[0][: m * (hi - lo)].reshape(m, hi - lo)
+        _fused.widen64(view, out, start=lo, stop=hi, storage=storage, threads=1)
+        return to_xp(out)
+
+    return widen
 
 
 _warned_slow = False

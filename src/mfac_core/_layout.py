@@ -117,12 +117,16 @@ def chunk_gram(
     chunk: list[Piece],
     product: Callable[[Any], Any],
     progress: Callable[[int], None] | None = None,
+    *,
+    widen: Callable[[int, int], Any] | None = None,
 ) -> Any:
     """``product`` summed over the pieces of one chunk, in float64.
 
     ``product`` maps a ``(blocks, m, width)`` float64 stack to a stack of small
     matrices; the pieces of one block are added up, so a block wider than a
-    piece never has a float64 copy in memory at once.
+    piece never has a float64 copy in memory at once. ``widen(lo, hi)``, where given,
+    returns ``G[:, lo:hi]`` as float64 for the pieces of one block (``_engine.gram_widener``:
+    the same values and layout as ``xp.astype``, written by the C extension's threads).
     """
     acc = None
     for piece in chunk:
@@ -132,7 +136,11 @@ def chunk_gram(
         # RuntimeWarning would come first, and be the error where warnings are errors.
         # np.errstate is local to this context.
         with np.errstate(over="ignore", invalid="ignore"):
-            P = product(xp.astype(piece_stack(xp, G, group, piece), xp.float64))
+            if widen is not None and b1 - b0 == 1:
+                X = widen(*piece_columns(group, piece))[None, ...]
+            else:
+                X = xp.astype(piece_stack(xp, G, group, piece), xp.float64)
+            P = product(X)
             acc = P if acc is None else acc + P
         if progress is not None:
             progress((b1 - b0) * (c1 - c0))
@@ -148,6 +156,7 @@ def checked_gram(
     *,
     check: bool,
     progress: Callable[[int], None] | None = None,
+    widen: Callable[[int, int], Any] | None = None,
 ) -> Any:
     """:func:`chunk_gram`, and with ``check`` a ValueError that says where G is not finite.
 
@@ -155,7 +164,7 @@ def checked_gram(
     non-finite: the Gram's diagonal checks G at no extra pass. Only on failure is the
     chunk read again, to say where.
     """
-    gram = chunk_gram(xp, G, group, chunk, product, progress)
+    gram = chunk_gram(xp, G, group, chunk, product, progress, widen=widen)
     if check and not bool(xp.all(xp.isfinite(xp.linalg.diagonal(gram)))):
         lo, _ = piece_columns(group, chunk[0])
         _, hi = piece_columns(group, chunk[-1])

@@ -61,8 +61,11 @@ def _checked_gram(
     product: Any,
     track: _Tracker,
     check: bool,
+    widen: Callable[[int, int], Any] | None = None,
 ) -> Any:
-    return checked_gram(xp, G, group, chunk, product, check=check, progress=track.advance)
+    return checked_gram(
+        xp, G, group, chunk, product, check=check, progress=track.advance, widen=widen
+    )
 
 
 def _dense_chunk_factors(
@@ -137,6 +140,7 @@ def factorize_gform_groups(
     """
     m = G.shape[0]
     track = _Tracker(progress, G.shape[1])
+    widen = _engine.gram_widener(xp, G)
 
     def product(X: Array) -> Array:
         return X @ xp.matrix_transpose(X)
@@ -149,7 +153,7 @@ def factorize_gform_groups(
         stacks = []
         kappa_lo = kappa_hi = 1.0
         for chunk in chunks(group, _engine.gram_piece_width(xp, G)):
-            gram = _checked_gram(xp, G, group, chunk, product, track, check_finite)
+            gram = _checked_gram(xp, G, group, chunk, product, track, check_finite, widen)
             factor = _capacitance.factorize(xp, gram, shift=m * damp, scale=1.0, damp=damp)
             track.add(factor)
             lo, hi = factor.kappa if factor.kappa is not None else (1.0, 1.0)

@@ -49,6 +49,7 @@ __all__ = [
     "store_row",
     "stores",
     "supports64",
+    "widen64",
 ]
 
 #: The kernels' instruction sets by name, slowest first; "base" is the compiler's baseline.
@@ -66,6 +67,15 @@ _PIECE_WORK = 2**21
 
 #: Pieces start at multiples of this many columns (whole vector tiles).
 _ALIGN = 64
+
+#: Entries per thread of :func:`widen64` below which fewer threads are used: a copy is
+#: quicker than a pass per entry (about 60 us for 2**18 float32 entries to float64 on one
+#: core), and starting a thread costs about 50 us.
+_MIN_WIDEN_WORK = 2**18
+
+#: Entries in one piece of :func:`widen64`'s work (1 MiB of float64 written): small, so that
+#: a thread whose core is busy does fewer of them.
+_WIDEN_PIECE = 2**17
 
 _THREAD_VARIABLES = ("MFAC_CORE_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
 
@@ -113,14 +123,21 @@ def _pieces(m: int, n: int) -> list[tuple[int, int]]:
 
 
 def _run(call: Callable[[int, int, int], None], m: int, n: int) -> int:
-    """``call(j0, j1, p)`` for every piece ``p`` (``_pieces``); the number of pieces.
+    """``call(j0, j1, p)`` for every piece ``p`` (``_pieces``); the number of pieces."""
+    pieces = _pieces(m, n)
+    _share(call, pieces, max(1, min(max_threads(), len(pieces), (m * n) // _MIN_THREAD_WORK)))
+    return len(pieces)
+
+
+def _share(
+    call: Callable[[int, int, int], None], pieces: list[tuple[int, int]], threads: int
+) -> None:
+    """``call(j0, j1, p)`` for every piece ``p``, on ``threads`` threads (this one included).
 
     Threads take the next piece when they finish one, so a thread that shares its core
     (with BLAS's idle threads, which spin for a while after each BLAS call, or with
     anything else) does fewer pieces instead of holding the others up.
     """
-    pieces = _pieces(m, n)
-    threads = max(1, min(max_threads(), len(pieces), (m * n) // _MIN_THREAD_WORK))
     errors: list[BaseException] = []
     taken = iter(range(len(pieces)))
     lock = threading.Lock()
@@ -144,7 +161,6 @@ def _run(call: Callable[[int, int, int], None], m: int, n: int) -> int:
         th.join()
     if errors:
         raise errors[0]
-    return len(pieces)
 
 
 def cast16(src: np.ndarray, dst: np.ndarray, /) -> bool:
@@ -274,6 +290,69 @@ def store_row(
             _row_buffer(buf, label, n, (np.dtype(np.float32),))
     value = _passes.store_row(src, dst, old, wide, copy, n, STORAGES[name], _isa_code(isa))
     return None if value is None else float(value)
+
+def widen64(
+    G: Any,
+    out: np.ndarray,
+    /,
+    *,
+    start: int,
+    stop: int,
+    storage: str | None = None,
+    isa: str | None = None,
+    threads: int | None = None,
+) -> None:
+    """``out[...] = G[:, start:stop]`` as float64, on up to ``threads`` threads.
+
+    Parameters
+    ----------
+    G : numpy.ndarray
+        (m, ld), as for :func:`project64`.
+    out : numpy.ndarray
+        (m, stop - start) float64, C-ordered, aligned and writeable.
+    start, stop : int
+        The columns of G, ``0 <= start <= stop <= ld``.
+    storage, isa : str, optional
+        As for :func:`project64`.
+    threads : int, optional
+        The most threads (this one included); None: :func:`max_threads`.
+
+    Notes
+    -----
+    The values are NumPy's casts (all four conversions are exact, ``-0.0``, subnormals
+    and infinities included; a signalling NaN of 2-byte storage may come back quiet).
+    The columns are shared among threads in pieces of whole vectors.
+    """
+    G, m, ld, code_st = _check64(G, start, stop, storage)
+    n = stop - start
+    if not (
+        isinstance(out, np.ndarray)
+        and out.dtype == np.float64
+        and out.shape == (m, n)
+        and out.flags.c_contiguous
+        and out.flags.aligned
+        and out.flags.writeable
+    ):
+        raise TypeError(
+            f"out must be a C-ordered, aligned, writeable ({m}, {n}) float64 NumPy array, got "
+            f"{getattr(out, 'shape', None)} {getattr(out, 'dtype', type(out).__name__)}"
+        )
+    if threads is not None and (
+        isinstance(threads, bool) or int(threads) != threads or threads < 1
+    ):
+        raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+    if m == 0 or n == 0:
+        return
+    code = _isa_code(isa)
+    width = max(_ALIGN, -(-_WIDEN_PIECE // (m * _ALIGN)) * _ALIGN)
+    pieces = [(lo, min(lo + width, n)) for lo in range(0, n, width)]
+    most = max_threads() if threads is None else int(threads)
+    threads = max(1, min(most, len(pieces), (m * n) // _MIN_WIDEN_WORK))
+
+    def call(j0: int, j1: int, p: int) -> None:
+        _passes.widen64(G, ld, start, m, out, n, j0, j1, code, code_st)
+
+    _share(call, pieces, threads)
 
 
 # -- float64 sums over G in its storage dtype ----------------------------------------------

@@ -3,6 +3,7 @@
  *
  *   project64: Y[k, i] = sum_j V[i, j] X[k, j], in float64              (up to 8 vectors)
  *   combine64: Y[k, j] = a[k] X[k, j] + sum_i C[k, i] V[i, j], in float64, rounded once
+ *   widen64:   D[i, j] = V[i, j] as float64 (the set-up's float64 Gram pieces; see there)
  *   cast16:    float32 <-> float16 with F16C (a 2-byte window's row writes; see there)
  *   store_row: a window's row write and its gradient's largest magnitude, one loop (see there)
  *
@@ -172,6 +173,8 @@ static const Py_ssize_t storage_size[ST_COUNT] = {4, 8, 2, 2};
 
 typedef void (*project64_fn)(const void *, Py_ssize_t, Py_ssize_t, const void *, Py_ssize_t, int,
                              double *, Py_ssize_t, Py_ssize_t, float *);
+typedef void (*widen64_fn)(const void *, Py_ssize_t, Py_ssize_t, double *, Py_ssize_t,
+                           Py_ssize_t, Py_ssize_t);
 typedef void (*combine64_fn)(const void *, Py_ssize_t, Py_ssize_t, const double *, int,
                              const double *, const void *, Py_ssize_t, int, void *, Py_ssize_t,
                              int, Py_ssize_t, Py_ssize_t, double *, float *);
@@ -181,6 +184,7 @@ typedef struct {
     /* By storage type (ST_*), then X's type (float32, float64). */
     project64_fn project64[ST_COUNT][2];
     combine64_fn combine64[ST_COUNT];
+    widen64_fn widen64[ST_COUNT];
 } Kernels;
 
 #define KERNELS(I)                                                                          \
@@ -188,7 +192,8 @@ typedef struct {
       {project64_f64_x32_##I, project64_f64_x64_##I},                                       \
       {project64_f16_x32_##I, project64_f16_x64_##I},                                       \
       {project64_bf16_x32_##I, project64_bf16_x64_##I}},                                    \
-     {combine64_f32_##I, combine64_f64_##I, combine64_f16_##I, combine64_bf16_##I}}
+     {combine64_f32_##I, combine64_f64_##I, combine64_f16_##I, combine64_bf16_##I},         \
+     {widen64_f32_##I, widen64_f64_##I, widen64_f16_##I, widen64_bf16_##I}}
 static const Kernels kernels_base = KERNELS(base);
 #ifdef MFAC_X86
 static const Kernels kernels_avx2 = KERNELS(avx2);
@@ -392,6 +397,39 @@ done:
     PyBuffer_Release(&a);
     PyBuffer_Release(&X);
     PyBuffer_Release(&Y);
+    return result;
+}
+
+/* widen64(V, ld, col0, m, D, n, j0, j1, isa, storage): D (m x n float64, C-ordered) gets the
+   columns j0 <= j < j1 of the m x n block of V (m rows of ld items of the storage type, the
+   block's columns from col0), as float64: one thread's share of a float64 column piece of the
+   set-up's Gram. The conversions are exact, and are those of the passes' loads (a signalling
+   NaN of 2-byte storage comes back quiet where F16C or the hardware's conversions widen it). A
+   copy in NumPy (astype) runs on one thread; the callers split the columns over threads. */
+static PyObject *py_widen64(PyObject *self, PyObject *args)
+{
+    (void)self;
+    Py_buffer V, D;
+    Py_ssize_t ld, col0, m, n, j0, j1;
+    int isa, storage;
+    if (!PyArg_ParseTuple(args, "y*nnnw*nnnii", &V, &ld, &col0, &m, &D, &n, &j0, &j1, &isa,
+                          &storage))
+        return NULL;
+    PyObject *result = NULL;
+    const Kernels *kern = pick_kernels(isa);
+    if (kern == NULL || check_storage(storage) < 0)
+        goto done;
+    const Py_ssize_t size = storage_size[storage];
+    if (check_shape(&V, size, m, ld, col0, n, j0, j1) < 0 || check_len(&D, m, n, 8, "D") < 0)
+        goto done;
+    const widen64_fn fn = kern->widen64[storage];
+    Py_BEGIN_ALLOW_THREADS
+    fn((const char *)V.buf + col0 * size, ld, m, D.buf, n, j0, j1);
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    PyBuffer_Release(&V);
+    PyBuffer_Release(&D);
     return result;
 }
 
@@ -661,6 +699,7 @@ static PyMethodDef methods[] = {
     {"project64", py_project64, METH_VARARGS, "Y = X V^T over a column range, in float64."},
     {"combine64", py_combine64, METH_VARARGS,
      "Y = a X + C V over a column range, in float64, rounded once."},
+    {"widen64", py_widen64, METH_VARARGS, "D = V's columns as float64, over a column range."},
     {"cast16", py_cast16, METH_VARARGS,
      "float32 <-> float16 bits with F16C; False where the CPU has none."},
     {"store_row", py_store_row, METH_VARARGS,

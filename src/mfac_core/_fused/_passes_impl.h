@@ -651,6 +651,56 @@ COMBINE64_FN(f16, uint16_t, LOAD1_F16, float, LOADV_F32, STAGED, stage_f16, 1, f
 COMBINE64_FN(bf16, uint16_t, LOAD1_BF16, float, LOADV_F32, STAGED, stage_bf16, 1, float,
              LOADV_F32, stage64_bf16, 0)
 
+/*
+ * widen64: the columns j0 <= j < j1 of m rows of V (row i at V + i ld), as float64, to D (row i
+ * at D + i ldd): the float64 column pieces of the set-up's Gram (_passes.c). Each item goes
+ * through the loads of project64 and combine64 (float32 rows widened as loaded, 2-byte rows
+ * through one vf of the staging's widening to float32, then widened as loaded), so the values
+ * are theirs, which are exact.
+ */
+#define WIDEN64_FN(SUFFIX, S, LOAD1, VEC)                                                   \
+    ISA_ATTR static void NAME(widen64_##SUFFIX)(const void *Vp, Py_ssize_t ld, Py_ssize_t m, \
+                                                double *D, Py_ssize_t ldd, Py_ssize_t j0,   \
+                                                Py_ssize_t j1)                              \
+    {                                                                                       \
+        const S *V = Vp;                                                                    \
+        const Py_ssize_t nv = VBYTES / 4;                                                   \
+        for (Py_ssize_t i = 0; i < m; i++) {                                                \
+            const S *v = V + i * ld;                                                        \
+            double *d = D + i * ldd;                                                        \
+            Py_ssize_t j = j0;                                                              \
+            for (; j + nv <= j1; j += nv)                                                   \
+                VEC(v + j, d + j);                                                          \
+            for (; j < j1; j++)                                                             \
+                d[j] = LOAD1(v + j);                                                        \
+        }                                                                                   \
+    }
+
+/* One vf of items at p as float64 at q (two vd). */
+#define WIDEN64_VEC_F32(p, q)                                                               \
+    do {                                                                                    \
+        *(NAME(vd) *)(q) = LOADV_F32(p);                                                    \
+        *(NAME(vd) *)((q) + VBYTES / 8) = LOADV_F32((p) + VBYTES / 8);                      \
+    } while (0)
+#define WIDEN64_VEC_F64(p, q)                                                               \
+    do {                                                                                    \
+        *(NAME(vd) *)(q) = LOADV_F64(p);                                                    \
+        *(NAME(vd) *)((q) + VBYTES / 8) = LOADV_F64((p) + VBYTES / 8);                      \
+    } while (0)
+#define WIDEN64_VEC_STAGED(STAGE, p, q)                                                     \
+    do {                                                                                    \
+        float f_[VBYTES / 4] __attribute__((aligned(VBYTES)));                              \
+        NAME(STAGE)(p, f_);                                                                 \
+        WIDEN64_VEC_F32(f_, q);                                                             \
+    } while (0)
+#define WIDEN64_VEC_F16(p, q) WIDEN64_VEC_STAGED(stage_f16_vec, p, q)
+#define WIDEN64_VEC_BF16(p, q) WIDEN64_VEC_STAGED(stage_bf16_vec, p, q)
+
+WIDEN64_FN(f32, float, LOAD1_F32, WIDEN64_VEC_F32)
+WIDEN64_FN(f64, double, LOAD1_F64, WIDEN64_VEC_F64)
+WIDEN64_FN(f16, uint16_t, LOAD1_F16, WIDEN64_VEC_F16)
+WIDEN64_FN(bf16, uint16_t, LOAD1_BF16, WIDEN64_VEC_BF16)
+
 #undef LANES_D
 #undef LANES_D_HI
 #undef LANES_F
@@ -687,6 +737,12 @@ COMBINE64_FN(bf16, uint16_t, LOAD1_BF16, float, LOADV_F32, STAGED, stage_bf16, 1
 #undef C64_CASES_WIDE
 #undef COMBINE64_ROWS_BODY
 #undef COMBINE64_FN
+#undef WIDEN64_FN
+#undef WIDEN64_VEC_F32
+#undef WIDEN64_VEC_F64
+#undef WIDEN64_VEC_STAGED
+#undef WIDEN64_VEC_F16
+#undef WIDEN64_VEC_BF16
 
 #undef ISA_ATTR
 #undef NAME
