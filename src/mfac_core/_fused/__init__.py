@@ -291,6 +291,7 @@ def store_row(
     value = _passes.store_row(src, dst, old, wide, copy, n, STORAGES[name], _isa_code(isa))
     return None if value is None else float(value)
 
+
 def widen64(
     G: Any,
     out: np.ndarray,
