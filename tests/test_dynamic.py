@@ -1042,3 +1042,40 @@ def test_load_state_dict_refuses_a_zero_init_that_is_no_bool():
             for key, value in before.items():
                 np.testing.assert_array_equal(np.asarray(after[key]), np.asarray(value))
         op.load_state_dict({**state, "zero_init": np.bool_(zero_init)})
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_an_interrupt_at_the_row_write_leaves_the_window_as_it_was(dtype, when, monkeypatch):
+    """A KeyboardInterrupt (a signal's handler) is raised as the extension's row write
+    returns: Python runs handlers only between bytecodes, so a Ctrl-C during the d-long loop
+    surfaces right after it, the row written. The window is put back exactly; an interrupt
+    before the write (nothing written, the undo buffer never filled) leaves it alone."""
+    from mfac_core import _fused
+
+    if not _fused.stores(dtype if dtype == "float16" else None):
+        pytest.skip("the C extension was not built")
+    real = _fused.store_row
+    m, d = 3, 41
+    grads = np.random.default_rng(7).standard_normal((m + 1, d)).astype(np.float32)
+    op = DynamicIHVP(m, d, damp=0.1, dtype=dtype)
+    for g in grads[:m]:
+        op.update(g)
+    before = op.state_dict()
+
+    def interrupted(*args: object, **kwargs: object) -> object:
+        if when == "after":
+            real(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_fused, "store_row", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        op.update(grads[m])
+    after = op.state_dict()
+    for key, value in before.items():
+        if hasattr(value, "shape"):
+            np.testing.assert_array_equal(np.asarray(after[key]), np.asarray(value), err_msg=key)
+        else:
+            assert after[key] == value, key
+    monkeypatch.setattr(_fused, "store_row", real)
+    np.testing.assert_array_equal(op.update_and_matvec(grads[m]), op.matvec(grads[m]))

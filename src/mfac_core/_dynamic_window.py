@@ -112,6 +112,7 @@ class RowStore:
         self.op, self.slot, self.g, self.finite = op, slot, g, finite
         self.G, self.gv, self.storage = views
         self.old: Any = None
+        self.first: Any = None
         self.rows: Any = None
 
     @classmethod
@@ -127,6 +128,13 @@ class RowStore:
         """Write the row (saving the old one), then judge ``g``'s values; raises ``Refused``."""
         row = self.G[self.slot]
         old = np.empty_like(row)
+        # The undo buffer is kept before the call: an interrupt (a signal's handler runs
+        # between bytecodes) surfaces as the extension returns, the row already written.
+        # Whether the extension ran is told by ``old``'s first item, set here to bits the
+        # row's first item does not have and overwritten by the extension with that item.
+        self.old, self.first = old, _first_bits(row)
+        if self.first is not None:
+            _bits(old)[0] = ~self.first
         if self.op.storage_dtype is None:
             biggest = _engine.store_row(self.gv, row, old=old, storage=self.storage)
         else:
@@ -136,7 +144,6 @@ class RowStore:
             )
         if biggest is None:  # the extension checked this could not happen (``stores``)
             raise RuntimeError("the extension did not write the row")
-        self.old = old
         if values_checked(self.op, self.finite) and self.g.shape[0]:
             judge_gradient(self.op, self.g, biggest, finite=self.finite)
 
@@ -149,10 +156,20 @@ class RowStore:
         return P[:, 0], P[:, 1:]
 
     def restore(self) -> None:
-        """Put the saved row back (nothing, if :meth:`write` saved none)."""
-        if self.old is not None:
-            np.copyto(self.G[self.slot], self.old)
-            self.old = None
+        """Put the saved row back (nothing, if the extension did not write it)."""
+        old, self.old = self.old, None
+        if old is not None and self.first is not None and _bits(old)[0] == self.first:
+            np.copyto(self.G[self.slot], old)
+
+
+def _bits(row: np.ndarray) -> np.ndarray:
+    """``row``'s items as unsigned integers of their size (their bits, compared exactly)."""
+    return row.view(f"u{row.itemsize}")
+
+
+def _first_bits(row: np.ndarray) -> Any:
+    """The bits of ``row``'s first item (a NumPy scalar), or None for an empty row."""
+    return _bits(row)[0].copy() if row.shape[0] else None
 
 
 def place(
