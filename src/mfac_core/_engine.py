@@ -217,14 +217,13 @@ def gram_widener(xp: Any, G: Array) -> Callable[[int, int], Any] | None:
     view, storage = host
     m = view.shape[0]
     buffer = [np.empty(0)]
-    to_xp = _from_numpy if is_torch_namespace(xp) else _same
 
     def widen(lo: int, hi: int) -> Any:
         if buffer[0].size < m * (hi - lo):
             buffer[0] = np.empty(m * (hi - lo))
         out = buffer[0][: m * (hi - lo)].reshape(m, hi - lo)
         _fused.widen64(view, out, start=lo, stop=hi, storage=storage, threads=1)
-        return to_xp(out)
+        return as_library(xp, out)
 
     return widen
 
