@@ -101,7 +101,7 @@ def engine_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
         if not _fused.available():
             pytest.skip("the C extension was not built")
     else:
-        monkeypatch.setattr(_engine, "_host_view", lambda xp, A: None)
+        monkeypatch.setattr(_engine, "host_view", lambda xp, A: None)
     return request.param
 
 

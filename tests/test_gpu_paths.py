@@ -242,8 +242,8 @@ def cuda_code_path(monkeypatch):
     """CPU tensors through the code CUDA tensors take: no NumPy views for the host kernels."""
     import mfac_core._engine
 
-    monkeypatch.setattr(mfac_core._engine, "_host_view", lambda xp, A: None)
-    monkeypatch.setattr(mfac_core._engine, "_vector_view", lambda xp, X: None)
+    monkeypatch.setattr(mfac_core._engine, "host_view", lambda xp, A: None)
+    monkeypatch.setattr(mfac_core._engine, "vector_view", lambda xp, X: None)
 
 
 def test_no_float32_gemm_on_the_documented_paths_so_tf32_cannot_apply(tf32_on, cuda_code_path):

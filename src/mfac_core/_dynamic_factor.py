@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from . import _capacitance, _engine
+from . import _capacitance, _engine, _host_rows
 from ._capacitance import DRIFT_TOL, CapacitanceFactor
 from ._compat import Array, host_values
 from ._compat import device as device_of
@@ -114,7 +114,7 @@ class Speculation:
     def compute(self, factor: SlotFactor) -> Array:
         op, xp = self._op, self._op._xp
         self.s = op._refined(self.X, op._finish(self.X, self.P, factor), factor)[:, 0]
-        return _engine.all_finite(xp, self.s)
+        return _host_rows.all_finite(xp, self.s)
 
 
 # -- products: the factor applied (DynamicIHVP._finish, _solve, _refined) ------------------

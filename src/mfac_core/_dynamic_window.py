@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from . import _engine
+from . import _engine, _host_rows
 from ._compat import Array, is_numpy_namespace, is_torch_namespace
 from ._dynamic_checks import (
     Refused,
@@ -118,7 +118,7 @@ class RowStore:
     @classmethod
     def of(cls, op: Any, g: Array, finite: bool) -> RowStore | None:
         """The row store for ``g`` (checked operand), or None where the extension cannot write."""
-        views = _engine.host_row_views(op._xp, op._G, g)
+        views = _host_rows.host_row_views(op._xp, op._G, g)
         if views is None:
             return None
         slot = op._window[0] if op.is_full else op._free[-1]
@@ -136,10 +136,10 @@ class RowStore:
         if self.first is not None:
             _bits(old)[0] = ~self.first
         if self.op.storage_dtype is None:
-            biggest = _engine.store_row(self.gv, row, old=old, storage=self.storage)
+            biggest = _host_rows.store_row(self.gv, row, old=old, storage=self.storage)
         else:
             self.rows = np.empty((2, row.shape[0]), dtype=np.float32)
-            biggest = _engine.store_row(
+            biggest = _host_rows.store_row(
                 self.gv, row, old=old, wide=self.rows[0], copy=self.rows[1], storage=self.storage
             )
         if biggest is None:  # the extension checked this could not happen (``stores``)
@@ -349,7 +349,7 @@ def update_and_matvec_checked(op: Any, g: Array, /) -> StepCheck:
     xp = op._xp
     X = g[:, None]
     s = op._refined(X, op._finish(X, product))[:, 0]
-    return StepCheck("ok", s, bool(_engine.all_finite(xp, s)), None)
+    return StepCheck("ok", s, bool(_host_rows.all_finite(xp, s)), None)
 
 
 def remove_slot(op: Any, slot: int, /) -> None:

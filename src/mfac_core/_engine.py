@@ -59,12 +59,13 @@ from ._errors import user_stacklevel
 from ._layout import BlockGroup, piece_stack, pieces
 
 __all__ = [
-    "all_finite",
+    "as_library",
     "combine",
     "combine_blocks",
     "gram_piece_width",
+    "from_numpy",
     "gram_widener",
-    "host_row_views",
+    "host_view",
     "is_accelerator",
     "lift",
     "piece_entries",
@@ -74,8 +75,8 @@ __all__ = [
     "project_rows",
     "simulate_device",
     "square_sums",
-    "store_row",
     "uses_kernels",
+    "vector_view",
 ]
 
 #: float64 entries of one cast column piece of the fallback (8 MiB): small enough to be
@@ -211,7 +212,7 @@ def gram_widener(xp: Any, G: Array) -> Callable[[int, int], Any] | None:
     """
     if not _fused.available():
         return None
-    host = _host_view(xp, G)
+    host = host_view(xp, G)
     if host is None:
         return None
     view, storage = host
@@ -245,7 +246,7 @@ def _warn_slow_once() -> None:
         )
 
 
-def _host_view(xp: Any, A: Array) -> tuple[np.ndarray, str | None] | None:
+def host_view(xp: Any, A: Array) -> tuple[np.ndarray, str | None] | None:
     """A NumPy view of ``A`` that the kernels can read, and its storage name, or None.
 
     Only single-precision and 2-byte storage go to the kernels: BLAS already sums
@@ -285,7 +286,7 @@ def _host_view(xp: Any, A: Array) -> tuple[np.ndarray, str | None] | None:
     return view, storage
 
 
-def _vector_view(xp: Any, X: Array) -> np.ndarray | None:
+def vector_view(xp: Any, X: Array) -> np.ndarray | None:
     """``X`` (n, k) as a NumPy array of its values, or None (autograd, another device)."""
     if isinstance(X, np.ndarray):
         return X
@@ -293,7 +294,7 @@ def _vector_view(xp: Any, X: Array) -> np.ndarray | None:
         if str(X.dtype) in ("torch.float32", "torch.float64"):
             try:
                 return X.numpy()
-            except RuntimeError:  # no plain storage (see _host_view)
+            except RuntimeError:  # no plain storage (see host_view)
                 return None
     return None
 
@@ -327,20 +328,20 @@ def _kernel_operands(xp: Any, G: Array, *arrays: Array) -> _Route | None:
     device_route = _device_route(xp, G, arrays)
     if device_route is not None:
         return device_route
-    host = _host_view(xp, G)
+    host = host_view(xp, G)
     if host is None:
         return None
     views = []
     for A in arrays:
-        view = _vector_view(xp, A)
+        view = vector_view(xp, A)
         if view is None:
             return None
         views.append(view)
     torch_out = is_torch_namespace(xp) and not isinstance(arrays[0], np.ndarray)
-    return _Route(np, _fused, host[0], host[1], views, back=_from_numpy if torch_out else _same)
+    return _Route(np, _fused, host[0], host[1], views, back=from_numpy if torch_out else _same)
 
 
-def _from_numpy(Y: np.ndarray) -> Any:
+def from_numpy(Y: np.ndarray) -> Any:
     """A host kernel's result as a PyTorch CPU tensor (no copy)."""
     import torch
 
@@ -483,62 +484,14 @@ def assign_row(xp: Any, A: Array, index: int, values: Array) -> None:
     A[index, ...] = values
 
 
-def host_row_views(xp: Any, G: Array, g: Array) -> tuple[np.ndarray, np.ndarray, str] | None:
-    """NumPy views of a host window's buffer ``G`` and float32 gradient ``g``, and G's storage.
-
-    For ``_fused.store_row``, which writes a row and reads the gradient in one loop on the
-    calling thread: where the kernels read ``G`` (float32 or 2-byte, NumPy or PyTorch CPU)
-    and ``g`` is a contiguous float32 vector; None elsewhere. PyTorch's own copies and
-    reductions over ``g`` run on its intra-op threads, which then spin on the cores the
-    passes' threads want.
-    """
-    host = _host_view(xp, G)
-    if host is None:
-        return None
-    view, storage = host
-    name = storage or view.dtype.name
-    gv = _vector_view(xp, g)
-    if (
-        gv is None
-        or gv.dtype != np.float32
-        or gv.ndim != 1
-        or not (gv.flags.c_contiguous and gv.flags.aligned)
-        or view.ndim != 2
-        or not view.flags.writeable
-        or not _fused.stores(name)
-    ):
-        return None
-    return view, gv, name
-
-
-def store_row(src: np.ndarray, dst: np.ndarray, /, **buffers: Any) -> float | None:
-    """``_fused.store_row``: a row written, saved and widened in one read of ``src``."""
-    return _fused.store_row(src, dst, **buffers)
-
-
 def as_library(xp: Any, A: np.ndarray) -> Any:
     """A NumPy array as an array of ``xp`` (PyTorch: a CPU tensor over the same memory)."""
-    return _from_numpy(A) if is_torch_namespace(xp) else A
-
-
-def all_finite(xp: Any, s: Array) -> Array:
-    """Whether ``s`` holds no NaN or infinity, as a 0-d array of ``xp`` (bool).
-
-    A float32 host vector is read once by the extension on this thread (``max |s|`` is
-    finite exactly when every item is), not by PyTorch's intra-op threads.
-    """
-    view = None if is_accelerator(xp, s) else _vector_view(xp, s)
-    if view is not None and view.dtype == np.float32 and view.ndim == 1:
-        if view.flags.c_contiguous and view.flags.aligned and _fused.stores(None):
-            biggest = _fused.store_row(view)
-            if biggest is not None:
-                return xp.asarray(bool(np.isfinite(biggest)))
-    return xp.all(xp.isfinite(s))
+    return from_numpy(A) if is_torch_namespace(xp) else A
 
 
 def uses_kernels(xp: Any, G: Array) -> bool:
     """Whether the passes over ``G`` run in the kernels (for benchmarks and tests)."""
-    return _device_route(xp, G, ()) is not None or _host_view(xp, G) is not None
+    return _device_route(xp, G, ()) is not None or host_view(xp, G) is not None
 
 
 def _alphas(mod: Any, alpha: float, k: int, dev: Any = None) -> Any:

@@ -123,6 +123,16 @@ def concrete_true(flag: Any) -> bool:
 # lower triangular matrix.
 
 
+def static_repr(kind: str, dim: int, batch: tuple[int, ...], items: str, dtype: Any) -> str:
+    """A pytree operator's repr in the core operators' style, from static values only.
+
+    Printing an array leaf would read it back from the device (and show tracers under
+    jit), so only shapes, dtypes and Python values enter it.
+    """
+    extra = f", batch_shape={tuple(batch)}" if batch else ""
+    return f"<{dim}x{dim} mfac_core.jax.{kind} with {items}{extra}, dtype={dtype}>"
+
+
 def solve_upper_t(U: Any, B: Any) -> Any:
     """``U^{-T} B`` for upper triangular ``U`` (B of shape (m,) or (m, n))."""
     vec = B.ndim == 1

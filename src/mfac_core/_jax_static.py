@@ -25,6 +25,7 @@ from ._jax_common import (
     require_x64,
     solve_upper,
     solve_upper_t,
+    static_repr,
 )
 from ._validation import check_damp
 
@@ -168,15 +169,8 @@ class StaticIHVP:
         return _static_apply_columns(self.G, self.U, X, self.damp)
 
     def __repr__(self) -> str:
-        # As the core operators' reprs, and from static values only: printing G would
-        # read it back from the device (and show tracers under jit).
-        d = self.dim
-        batch = tuple(self.G.shape[:-2])
-        extra = f", batch_shape={batch}" if batch else ""
-        return (
-            f"<{d}x{d} mfac_core.jax.StaticIHVP with num_grads={self.num_grads}, "
-            f"damp={self.damp!r}{extra}, dtype={self.dtype}>"
-        )
+        items = f"num_grads={self.num_grads}, damp={self.damp!r}"
+        return static_repr("StaticIHVP", self.dim, tuple(self.G.shape[:-2]), items, self.dtype)
 
     def __matmul__(self, x: Any) -> Any:
         return self.matmat(x)

@@ -35,6 +35,7 @@ from ._jax_common import (
     require_x64,
     solve_upper,
     solve_upper_t,
+    static_repr,
 )
 from ._linalg import replaced_row
 from ._validation import SMALLEST_DAMP, check_count, check_flag
@@ -147,15 +148,10 @@ class WindowState:
         return window_matvec(self, x)
 
     def __repr__(self) -> str:
-        # As the core operators' reprs, from static values only: the damping and the
-        # fill are leaves (arrays, traced under jit), which printing would read back.
-        d = self.dim
+        # The damping and the fill are leaves (arrays, traced under jit): left out.
+        items = f"num_grads={self.num_grads}, zero_init={self.zero_init}"
         batch = tuple(self.grads.shape[:-2])
-        extra = f", batch_shape={batch}" if batch else ""
-        return (
-            f"<{d}x{d} mfac_core.jax.WindowState with num_grads={self.num_grads}, "
-            f"zero_init={self.zero_init}{extra}, dtype={self.dtype}>"
-        )
+        return static_repr("WindowState", self.dim, batch, items, self.dtype)
 
     def __matmul__(self, x: Any) -> Any:
         return window_matvec(self, x)
