@@ -73,7 +73,11 @@ def check_gradient(op: Any, g: Array, *, deferred: bool = False, finite: bool = 
     from the device, which ``pending`` (a :class:`Pending`, or None) leaves to
     ``_dynamic_factor.judge``, so that a step reads all its checks at once.
     """
-    g = checked_operand(op, g)
+    return checked_values(op, checked_operand(op, g), deferred=deferred, finite=finite)
+
+
+def checked_values(op: Any, g: Array, *, deferred: bool = False, finite: bool = False) -> Any:
+    """:func:`check_gradient`'s value checks of an operand :func:`checked_operand` returned."""
     finite = finite or op.check_finite
     # A rank of a sharded window may hold no coordinates: nothing to check.
     needed = values_checked(op, finite) and g.shape[0]

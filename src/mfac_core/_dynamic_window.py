@@ -19,6 +19,7 @@ from ._dynamic_checks import (
     Refused,
     check_gradient,
     checked_operand,
+    checked_values,
     judge_gradient,
     values_checked,
 )
@@ -50,13 +51,14 @@ class StepCheck(NamedTuple):
     error: ValueError | None
 
 
-def products(op: Any, slot: int, g: Array) -> tuple[Any, Any]:
+def products(op: Any, slot: int, g: Array, rows: Any = None) -> tuple[Any, Any]:
     """The Gram row of ``slot`` (float64) and ``G g`` (float64, ``(m, 1)``), one pass.
 
     ``G g`` is ``None`` when it is the Gram row. With 2-byte storage the row
     is that of the stored (rounded) gradient, so that factor and window
     agree, and ``G g`` that of ``g`` as given, for the product of
-    :meth:`DynamicIHVP.update_and_matvec`: both columns in one float32 pass.
+    :meth:`DynamicIHVP.update_and_matvec`: both columns in one float32 pass,
+    over ``rows`` (NumPy, from :class:`RowStore`) where given, else :func:`paired_rows`.
     """
     xp = op._xp
     if op.storage_dtype is None:
@@ -66,7 +68,8 @@ def products(op: Any, slot: int, g: Array) -> tuple[Any, Any]:
         # local to this context).
         with np.errstate(over="ignore", invalid="ignore"):
             return _engine.project(xp, op._G, g[:, None])[:, 0], None
-    P = _engine.project_rows(xp, op._G, paired_rows(xp, op._G[slot, ...], g))
+    rows = paired_rows(xp, op._G[slot, ...], g) if rows is None else _engine.as_library(xp, rows)
+    P = _engine.project_rows(xp, op._G, rows)
     return P[:, 0], P[:, 1:]
 
 
@@ -103,8 +106,8 @@ class RowStore:
     One loop on the calling thread reads ``g`` once: it saves the slot's row, writes ``g``
     into it (rounded, for 2-byte storage), fills the rows of the first pass (the stored row
     widened, and ``g``) and returns ``max |g|``, from which the gradient's value checks
-    follow (:meth:`judge`), exactly as ``_dynamic_checks.check_gradient`` would judge them
-    before the write. The same values as ``assign_row`` and :func:`paired_rows`; no d-long
+    follow (``_dynamic_checks.judge_gradient``), exactly as ``check_gradient`` would judge
+    them before the write. The same values as ``assign_row`` and :func:`paired_rows`; no d-long
     work on PyTorch's intra-op threads, whose spinning took the cores from the passes.
     """
 
@@ -148,12 +151,8 @@ class RowStore:
             judge_gradient(self.op, self.g, biggest, finite=self.finite)
 
     def products(self) -> tuple[Any, Any]:
-        """As :func:`products`, from the rows :meth:`write` filled."""
-        xp, G = self.op._xp, self.op._G
-        if self.rows is None:
-            return _engine.project(xp, G, self.g[:, None])[:, 0], None
-        P = _engine.project_rows(xp, G, _engine.as_library(xp, self.rows))
-        return P[:, 0], P[:, 1:]
+        """:func:`products`, from the rows :meth:`write` filled."""
+        return products(self.op, self.slot, self.g, self.rows)
 
     def restore(self) -> None:
         """Put the saved row back (nothing, if the extension did not write it)."""
@@ -292,7 +291,7 @@ def insert(op: Any, g: Array, *, speculation: Speculation | None = None) -> tupl
             g = checked_operand(op, g)
             store = RowStore.of(op, g, finite or op.check_finite)
             if store is None:
-                g = check_gradient(op, g, finite=finite)
+                g = checked_values(op, g, finite=finite)
     slot = op._window[0] if op.is_full else op._free[-1]
     g, _, product = place(op, slot, g, pending=pending, speculation=speculation, store=store)
     if op.is_full:
