@@ -282,6 +282,11 @@ class DynamicIHVP(LinearOperator):
         # original at its next update, so every copy is a deep one.
         return copy.deepcopy(self)
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.pop("_row_scratch", None)  # a step's host buffers (``_dynamic_window``)
+        return state
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         # Pickles made before the state's edits were counted have no count; before
         # refactor_every=0, a reference window had update_method="refactor".

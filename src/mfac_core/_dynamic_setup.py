@@ -11,7 +11,7 @@ import dataclasses
 from collections import deque
 from typing import Any
 
-from . import _engine
+from . import _engine, _host_rows
 from ._capacitance import check_window_damp
 from ._compat import Array, array_namespace, detached
 from ._compat import device as device_of
@@ -206,7 +206,7 @@ def build(
             ) from None
     dtype, _, storage = window_dtypes(xp, dtype)
     check_window_damp(xp, dtype, num_grads, op.zero_init, op.damp)
-    G = xp.zeros((num_grads, dim), dtype=dtype, device=device)
+    G = _host_rows.zeros(xp, (num_grads, dim), dtype=dtype, device=device)
     check_writeable(G, "window buffer", why="DynamicIHVP (a window edited in place)")
     op.storage_dtype = storage
     LinearOperator.__init__(

@@ -7,6 +7,11 @@ intra-op threads, which then spun on the cores the passes' threads wanted. Here 
 extension's ``store_row`` does it in one loop on the calling thread, for NumPy arrays and
 PyTorch CPU tensors that the kernels read in place (``_engine.host_view``); elsewhere
 the callers keep their array-library path.
+
+The window's own buffer is allocated here too (:func:`zeros`): for PyTorch CPU windows
+through NumPy, whose allocator asks Linux for transparent huge pages where PyTorch's does
+not; the passes stream the whole buffer twice a step, and with 4 KiB pages they ran 4-11 %
+slower (float32, d = 1e6, one and two threads).
 """
 
 from __future__ import annotations
@@ -16,9 +21,30 @@ from typing import Any
 import numpy as np
 
 from . import _engine, _fused
-from ._compat import Array
+from ._compat import Array, is_torch_namespace
 
-__all__ = ["all_finite", "host_row_views", "store_row"]
+__all__ = ["all_finite", "host_row_views", "store_row", "zeros"]
+
+
+def zeros(xp: Any, shape: tuple[int, ...], /, *, dtype: Any, device: Any = None) -> Array:
+    """``xp.zeros(shape, dtype=dtype, device=device)``, for a buffer the passes stream over.
+
+    A PyTorch CPU tensor of a dtype NumPy stores (bfloat16 as uint16 bits) is a view of a
+    NumPy array (``torch.from_numpy``): NumPy asks the kernel for transparent huge pages for
+    large arrays (Linux, where the user has not turned it off), and the two reads of the
+    buffer per step then miss the TLB less. Every other library, device and dtype gets
+    ``xp.zeros``. The values, dtype and device are the same either way.
+    """
+    if is_torch_namespace(xp):
+        import torch
+
+        probe = torch.empty((0,), dtype=dtype, device=device)
+        bits: dict[Any, type[np.generic]] = {torch.float32: np.float32, torch.float64: np.float64}
+        bits.update({torch.float16: np.float16, torch.bfloat16: np.uint16})
+        if probe.device.type == "cpu" and probe.dtype in bits:
+            host = torch.from_numpy(np.zeros(shape, dtype=bits[probe.dtype]))
+            return host.view(probe.dtype) if probe.dtype == torch.bfloat16 else host
+    return xp.zeros(shape, dtype=dtype, device=device)
 
 
 def host_row_views(xp: Any, G: Array, g: Array) -> tuple[np.ndarray, np.ndarray, str] | None:

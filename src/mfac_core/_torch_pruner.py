@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import pruning
+from . import _host_rows, pruning
 from ._torch_layout import format_bytes, itemsize, logger
 from ._validation import check_choice, check_fraction
 
@@ -275,7 +275,10 @@ class MFACPruner:
             size,
             format_bytes(size),
         )
-        G = torch.empty((self.num_grads, self.dim), dtype=self.dtype, device=self.device)
+        # Through NumPy on the CPU (huge pages): the saliency's passes stream it.
+        G = _host_rows.zeros(
+            torch, (self.num_grads, self.dim), dtype=self.dtype, device=self.device
+        )
         mask = self.flat_mask()
         row = 0
         while row < self.num_grads:
