@@ -262,5 +262,15 @@ def test_window_options_and_their_deprecated_keywords() -> None:
         DynamicIHVP(4, 9, damp=0.1, dtype="float64", zero_init=None)
     with pytest.raises(TypeError, match="options must be a WindowOptions, got dict"):
         DynamicIHVP(4, 9, damp=0.1, dtype="float64", options={"refine": 1})
+    # Each option is refused where it is written, with the constructors' words.
+    for bad, error, words in (
+        ({"zero_init": "no"}, TypeError, "zero_init must be True or False"),
+        ({"refactor_every": -1}, ValueError, "refactor_every must be >= 0"),
+        ({"refactor_every": 2.0}, TypeError, "refactor_every must be an int"),
+        ({"check_finite": 1}, TypeError, "check_finite must be True or False"),
+        ({"refine": True}, TypeError, "refine must be an int"),
+    ):
+        with pytest.raises(error, match=words):
+            WindowOptions(**bad)
     filled = DynamicIHVP.from_window(G[:3], damp=0.1, options=WindowOptions(check_finite=False))
     assert len(filled) == 3 and not filled.check_finite

@@ -42,7 +42,8 @@ class WindowOptions:
     """The rarely changed options of a sliding window (``options=`` of its constructors).
 
     For :class:`~mfac_core.DynamicIHVP` and
-    :class:`~mfac_core.ShardedDynamicIHVP`; the constructor checks them.
+    :class:`~mfac_core.ShardedDynamicIHVP`. Each value is checked here, as the
+    constructors check it: a bad one raises where it is written.
 
     Parameters
     ----------
@@ -81,6 +82,14 @@ class WindowOptions:
     refactor_every: int | None = None
     check_finite: bool = True
     refine: int = 0
+
+    def __post_init__(self) -> None:
+        # Refused where they are written, as the constructors would refuse them later.
+        check_flag(self.zero_init, "zero_init")
+        if self.refactor_every is not None:
+            check_count(self.refactor_every, "refactor_every", minimum=0)
+        check_flag(self.check_finite, "check_finite")
+        check_count(self.refine, "refine", minimum=0)
 
 
 #: The fields of ``WindowOptions`` that were the constructors' own keywords.
