@@ -19,7 +19,7 @@ from . import _deprecation
 from ._compat import Array
 from ._dynamic_factor import SlotFactor, committed, finished, redamped, refined, solved
 from ._dynamic_setup import WindowOptions, build, emptied, filled, local_gram, window_options
-from ._dynamic_state import LoadedState, saved_state
+from ._dynamic_state import LoadedState, saved_state, unpickled
 from ._dynamic_window import StepCheck, insert, remove_slot, update_and_matvec_checked
 from ._layout import BlockGroup
 from ._operator import LinearOperator, gradient_items
@@ -157,6 +157,8 @@ class DynamicIHVP(LinearOperator):
     #: Whether a gradient is checked inside the reduction of its Gram row, so that
     #: every rank raises alike (``ShardedDynamicIHVP``); one process checks it first.
     _collective_checks = False
+    # A step's host scratch (``_dynamic_window``): not pickled, not deep-copied.
+    _transient = ("_row_scratch",)
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Any:
         # The deprecated sharded spelling builds the sharded class; Python then calls
@@ -282,18 +284,8 @@ class DynamicIHVP(LinearOperator):
         # original at its next update, so every copy is a deep one.
         return copy.deepcopy(self)
 
-    def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__()
-        state.pop("_row_scratch", None)  # a step's host buffers (``_dynamic_window``)
-        return state
-
     def __setstate__(self, state: dict[str, Any]) -> None:
-        # Pickles made before the state's edits were counted have no count; before
-        # refactor_every=0, a reference window had update_method="refactor".
-        state = {"_version": 0, **state}
-        if state.pop("update_method", None) == "refactor":
-            state["refactor_every"] = 0
-        super().__setstate__(state)
+        super().__setstate__(unpickled(state))
 
     def _commit(self, factor: SlotFactor, *, refactored: bool) -> None:
         committed(self, factor, refactored=refactored)

@@ -31,6 +31,18 @@ FACTOR_SAMPLE = 8
 GRAM_ROUNDING = 4
 
 
+def unpickled(state: dict[str, Any]) -> dict[str, Any]:
+    """A pickled window's attributes (``__getstate__``) as this version keeps them.
+
+    Pickles made before the state's edits were counted have no count; before
+    ``refactor_every=0``, a reference window had ``update_method="refactor"``.
+    """
+    state = {"_version": 0, **state}
+    if state.pop("update_method", None) == "refactor":
+        state["refactor_every"] = 0
+    return state
+
+
 def saved_state(op: Any) -> dict[str, Any]:
     """The body of :meth:`DynamicIHVP.state_dict` (see there)."""
     xp = op._xp

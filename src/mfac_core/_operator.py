@@ -68,6 +68,9 @@ class LinearOperator:
     #: own products; the base class only refuses what would mix shards and whole
     #: vectors (``todense``, ``to_scipy``, arithmetic).
     layout: Any = None
+    # Attributes a subclass rebuilds on demand (scratch buffers): left out of pickles
+    # and deep copies.
+    _transient: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -92,7 +95,7 @@ class LinearOperator:
     # -- pickling: the namespace is a module, which pickle cannot store -----------------
 
     def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
+        state = {k: v for k, v in self.__dict__.items() if k not in self._transient}
         state["_xp"] = self._xp.__name__
         state["device"] = picklable_device(self.device)
         return state
