@@ -530,3 +530,28 @@ def test_the_package_does_not_touch_blas_threads():
         "assert 'threadpoolctl' not in sys.modules, 'threadpoolctl imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_product_builds_no_repr_but_a_refusal_names_the_operator(monkeypatch):
+    """The operand checks name the operator in their messages; its repr (several
+    microseconds, read on every product and step before) is built for a message only."""
+    rng = np.random.default_rng(0)
+    G = rng.standard_normal((4, 30)).astype(np.float32)
+    window = DynamicIHVP(4, 30, damp=0.1, dtype="float32")
+    ops = [StaticIHVP(G, damp=0.1), window]
+    calls = []
+    real = LinearOperator.__repr__
+
+    def counted(self: Any) -> str:
+        calls.append(type(self).__name__)
+        return real(self)
+
+    monkeypatch.setattr(LinearOperator, "__repr__", counted)
+    x = rng.standard_normal(30).astype(np.float32)
+    for op in ops:
+        op.matvec(x)
+    window.update_and_matvec(x)
+    assert calls == []
+    with pytest.raises(TypeError, match=r"x has dtype float64 but <30x30 StaticIHVP with"):
+        ops[0].matvec(x.astype(np.float64))
+    assert calls == ["StaticIHVP"]

@@ -92,7 +92,7 @@ def checked_values(op: Any, g: Array, *, deferred: bool = False, finite: bool = 
 def checked_operand(op: Any, g: Array) -> Array:
     """``g`` checked for library, device, dtype and shape (promoted, detached); no values."""
     # The window stores gradients, never their autograd history.
-    g = detached(check_operand(op._xp, op.device, op.dtype, g, "g", owner=repr(op)))
+    g = detached(check_operand(op._xp, op.device, op.dtype, g, "g", owner=op))
     if g.ndim != 1 or g.shape[0] != op.dim:
         raise ValueError(f"g must have shape ({op.dim},), got {tuple(g.shape)}")
     return g

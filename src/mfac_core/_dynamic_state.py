@@ -256,7 +256,7 @@ class LoadedState:
             ("gram", gram, xp.float64),
             ("factor", U, xp.float64),
         ):
-            check_same_space(xp, op.device, array, f"state['{name}']", owner=repr(op))
+            check_same_space(xp, op.device, array, f"state['{name}']", owner=op)
             if array.dtype != dtype:
                 raise TypeError(f"state['{name}'] has dtype {array.dtype}, expected {dtype}")
         try:

@@ -147,7 +147,7 @@ class LinearOperator:
 
     def _check_input(self, x: Array, name: str, n: int, ndims: tuple[int, ...]) -> Any:
         """``x`` checked, and promoted to the operator's dtype where that is lossless."""
-        x = check_operand(self._xp, self.device, self.dtype, x, name, owner=repr(self))
+        x = check_operand(self._xp, self.device, self.dtype, x, name, owner=self)
         if x.ndim not in ndims or x.shape[0] != n:
             want = " or ".join({1: f"({n},)", 2: f"({n}, k)"}[k] for k in ndims)
             raise ValueError(f"{name} must have shape {want}, got {tuple(x.shape)}")

@@ -111,7 +111,7 @@ def _check_operator(ihvp: Any, theta: Array) -> Any:
     d = theta.shape[0]
     if tuple(ihvp.shape) != (d, d):
         raise ValueError(f"ihvp has shape {tuple(ihvp.shape)} but theta has {d} weights")
-    return check_operand(ihvp.xp, ihvp.device, ihvp.dtype, theta, "theta", owner=repr(ihvp))
+    return check_operand(ihvp.xp, ihvp.device, ihvp.dtype, theta, "theta", owner=ihvp)
 
 
 def _half_fisher_diagonal(xp: Any, G: Array, damp: float) -> Array:

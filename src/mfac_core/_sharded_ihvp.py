@@ -218,7 +218,7 @@ class ShardedStaticIHVP(_static._BlockOperatorBase):
             x,
             vector=vector,
             check=self.check_finite,
-            owner=repr(self),
+            owner=self,
         )
 
     def matvec(self, x: Array, /) -> Array:

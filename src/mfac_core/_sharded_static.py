@@ -406,7 +406,7 @@ class ShardedStatic:
     # -- products ----------------------------------------------------------------------
 
     def _checked(
-        self, xp: Any, dev: Any, dtype: Any, x: Any, *, vector: bool, check: bool, owner: str
+        self, xp: Any, dev: Any, dtype: Any, x: Any, *, vector: bool, check: bool, owner: object
     ) -> Array:
         """``x`` as a checked ``(width, k)`` array (what LinearOperator checks, for shards)."""
         name = "x" if vector else "X"
@@ -434,7 +434,7 @@ class ShardedStatic:
         *,
         vector: bool,
         check: bool,
-        owner: str,
+        owner: object,
     ) -> Array:
         """``F^{-1}`` of this rank's shard of ``x``: collective for the full operator."""
         one_d = vector and getattr(x, "ndim", 1) == 1

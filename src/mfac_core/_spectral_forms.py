@@ -21,7 +21,7 @@ __all__ = ["Forms", "checked_rows", "forms_of"]
 
 def checked_rows(op: Any, A: Array, name: str) -> Any:
     """``A`` checked as a stack of vectors in the rows, ``(n, d)``, for ``op``'s forms."""
-    A = check_operand(op.xp, op.device, op.dtype, A, name, owner=repr(op))
+    A = check_operand(op.xp, op.device, op.dtype, A, name, owner=op)
     if A.ndim != 2 or A.shape[1] != op.dim:
         raise ValueError(
             f"{name} must have shape (n, {op.dim}), one vector per row; got {tuple(A.shape)}"

@@ -349,11 +349,13 @@ def check_writeable(x: Array, name: str, *, why: str) -> None:
         )
 
 
-def check_same_space(xp: Any, dev: Any, x: Array, name: str, *, owner: str) -> None:
+def check_same_space(xp: Any, dev: Any, x: Array, name: str, *, owner: object) -> None:
     """Refuse an array of another library (``TypeError``) or on another device (``ValueError``).
 
     The operators never move data between libraries or devices behind the
-    user's back: such a mismatch is an error that says how to fix it.
+    user's back: such a mismatch is an error that says how to fix it. ``owner``
+    is named in the message as ``str(owner)``: an operator itself, whose repr is
+    then built only for a message, not on every call.
     """
     xp_x = namespace_of(x, name)
     if is_jax_array(x) and device(x) is None:
@@ -375,7 +377,7 @@ def check_same_space(xp: Any, dev: Any, x: Array, name: str, *, owner: str) -> N
         )
 
 
-def check_operand(xp: Any, dev: Any, dtype: Any, x: Array, name: str, *, owner: str) -> Any:
+def check_operand(xp: Any, dev: Any, dtype: Any, x: Array, name: str, *, owner: object) -> Any:
     """``x`` in the operator's library, device and dtype, promoted where that is lossless.
 
     A float32 array given to a float64 operator is promoted to float64 (as the
@@ -393,7 +395,7 @@ def check_operand(xp: Any, dev: Any, dtype: Any, x: Array, name: str, *, owner: 
     raise dtype_mismatch_error(name, x.dtype, owner=owner, dtype=dtype)
 
 
-def dtype_mismatch_error(name: str, got: Any, *, owner: str, dtype: Any) -> TypeError:
+def dtype_mismatch_error(name: str, got: Any, *, owner: object, dtype: Any) -> TypeError:
     """The one wording of an operand whose dtype the operator will not convert to silently."""
     return TypeError(
         f"{name} has dtype {got} but {owner} has dtype {dtype}; cast it explicitly "
