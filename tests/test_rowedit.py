@@ -104,3 +104,35 @@ def test_jax_transposed_solve_broadcasts_as_the_others(rng):
             got = solve_triangular(jnp, jnp.asarray(t), jnp.asarray(b), lower=False, trans=True)
             want = solve_triangular(np, t, b, lower=False, trans=True)
             np.testing.assert_allclose(np.asarray(got), want, rtol=1e-12, atol=0)
+
+
+def test_a_torch_cpu_edit_runs_in_numpy_on_the_same_memory(rng):
+    """PyTorch CPU factors are edited through NumPy views (no copy): PyTorch's small
+    products run on its OpenMP team, whose threads spin on the passes' cores and, under
+    load, wait for each other. Same bits as NumPy's edit; no torch operation runs; a
+    dependent row is refused the same way, ``out`` only written."""
+    torch = pytest.importorskip("torch")
+    from torch.overrides import TorchFunctionMode
+
+    class Recorded(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.names.append(getattr(func, "__name__", str(func)))
+            return func(*args, **(kwargs or {}))
+
+    U, b, c, _ = _problem(rng, 17)
+    want = _linalg.replace_row(np, U, 17, b, c, np.zeros_like(U))
+    Ut, bt = torch.from_numpy(U.copy()), torch.from_numpy(b.copy())
+    out = torch.zeros(U.shape, dtype=torch.float64)
+    with Recorded() as seen:
+        got = _linalg.replace_row(torch, Ut, 17, bt, c, out)
+    assert got is out and np.array_equal(out.numpy(), want)
+    assert not any(name in ("matmul", "__matmul__", "solve_triangular") for name in seen.names)
+    C = U.T @ U
+    dependent = torch.from_numpy(C[-1, 1:].copy())
+    with pytest.raises(NotPositiveDefinite, match="pivot not positive"):
+        _linalg.replace_row(torch, Ut, 0, dependent, float(C[-1, -1]), out)
+    assert np.array_equal(Ut.numpy(), U)

@@ -15,7 +15,10 @@ from __future__ import annotations
 from functools import cache
 from typing import Any
 
+import numpy as np
+
 from .._compat import (
+    array_namespace,
     device,
     is_cupy_namespace,
     is_jax_namespace,
@@ -129,11 +132,40 @@ def replace_row(
     when it passes), without reading a value on the host; a backend's own edit,
     which checks the pivot itself, returns ``(out, None)``.
     """
+    views = None if deferred else _host_views(xp, U, b, out)
+    if views is not None:
+        Uh, bh, outh = views
+        replace_row(_host_namespace(), Uh, p, bh, float(c), outh)  # into out's memory
+        return out
     backend = _backend_for(xp)
     if backend.replace is None:
         return _rowedit.replace(xp, backend.solve_triangular, U, p, b, c, out, deferred=deferred)
     U = backend.replace(U, p, b, float(c), out)
     return (U, None) if deferred else U
+
+
+def _host_views(xp: Any, *arrays: Any) -> tuple[Any, ...] | None:
+    """NumPy views of PyTorch CPU tensors (no copy), or None for any other arrays.
+
+    PyTorch runs a small product on its intra-op (OpenMP) team, whose threads then spin
+    on the cores the passes' threads want, and, on a loaded machine, wait for each
+    other: the row edit of a 64 x 64 factor took 1.1 ms against NumPy's 0.5 ms on one
+    idle thread, and one of its 32 x 32 products a median of 32 ms under load. NumPy's
+    and SciPy's small calls run on the calling thread.
+    """
+    if not is_torch_namespace(xp):
+        return None
+    if any(a.device.type != "cpu" or a.requires_grad for a in arrays):
+        return None
+    try:
+        return tuple(a.numpy() for a in arrays)
+    except (RuntimeError, TypeError):  # no plain storage (a conjugate or functorch view)
+        return None
+
+
+@cache
+def _host_namespace() -> Any:
+    return array_namespace(np.empty(0))
 
 
 def replaced_row(xp: Any, U: Any, p: int, b: Any, c: Any, /) -> tuple[Any, Any]:
