@@ -1005,3 +1005,38 @@ def test_defaults_are_64_gradients_and_damp_1e_3():
             0
         ]
         assert window.num_grads == 64 and float(window.damp) == 1e-3
+
+
+# -- adversarial optax/JAX use -----------------------------------------------------------------
+
+
+def test_a_batch_of_windows_or_operators_is_refused_outside_vmap_in_words():
+    # Regression: a batch (from jax.vmap) used outside of vmap failed deep in the shape
+    # logic ("too many values to unpack", "incompatible shapes for broadcasting"); only
+    # StaticIHVP.matvec and .diagonal said what was wrong. A batch is what vmap returns:
+    # each leaf stacked (built so here, without compiling a step).
+    def stack(tree):
+        return jax.tree_util.tree_map(lambda x: jnp.stack([x, x]), tree)
+
+    g = jnp.ones(3, jnp.float32)
+    batch = stack(mj.window_init(2, 3, damp=0.1, dtype=jnp.float32))
+    ops = mj.StaticIHVP(
+        G=jnp.ones((2, 2, 3)), U=jnp.ones((2, 2, 2)), kappa_bound=jnp.ones(2), damp=0.1
+    )
+    opt = mj.mfac(2, 0.1)
+    states = stack(opt.init({"w": g}))
+    calls = {
+        "windows": (
+            lambda: mj.window_update(batch, g),
+            lambda: mj.window_update_and_matvec(batch, g),
+            lambda: mj.window_matvec(batch, g),
+            lambda: batch @ g,
+            batch.gradients,
+        ),
+        "operators": (lambda: ops.matvec(jnp.ones(3)), lambda: ops @ jnp.ones((3, 2))),
+        "optimizer states": (lambda: opt.update({"w": g}, states),),
+    }
+    for what, fns in calls.items():
+        for fn in fns:
+            with pytest.raises(ValueError, match=f"^a batch of {what} \\(from jax.vmap\\)"):
+                fn()

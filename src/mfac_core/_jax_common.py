@@ -41,6 +41,17 @@ def require_x64(what: str) -> None:
         raise x64_off_error(f"mfac_core.jax.{what}")
 
 
+def require_unbatched(array: Any, what: str) -> None:
+    """Refuse a batch of operators or windows (from :func:`jax.vmap`) outside of ``vmap``.
+
+    Under ``vmap`` each one's arrays have their own 2-D shape; outside, the batch's
+    arrays have leading batch axes, and the products would fail deep in their
+    shape logic ("too many values to unpack").
+    """
+    if np.ndim(array) != 2:
+        raise ValueError(f"a batch of {what} (from jax.vmap) must be used under jax.vmap too")
+
+
 def check_dtype(dtype: Any, name: str) -> np.dtype:
     """``dtype`` as a NumPy dtype, float32 or float64."""
     try:

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ._jax_common import hyper, hyper_count, require_x64
+from ._jax_common import hyper, hyper_count, require_unbatched, require_x64
 from ._jax_static import StaticIHVP, static_ihvp
 from ._jax_window import (
     WindowState,
@@ -228,7 +228,10 @@ def mfac(
     ValueError
         If ``num_grads`` or ``refactor_every`` is not ``>= 1``, or ``damp``
         is not finite and positive; ``init`` if ``damp`` is below the floor
-        of the window's dtype (:func:`window_init`).
+        of the window's dtype (:func:`window_init`); ``update`` if the
+        updates' leaves differ in number or shape from the parameters given
+        to ``init``, or the state is a batch of states (:func:`jax.vmap` of
+        ``init``) updated outside of :func:`jax.vmap`.
 
     See Also
     --------
@@ -324,6 +327,8 @@ def mfac(
     def update_fn(updates: Any, state: MFACState, params: Any = None) -> tuple[Any, MFACState]:
         del params
         require_x64("mfac")
+        if state.window is not None:
+            require_unbatched(state.window.grads, "optimizer states")
         leaves, treedef = jax.tree_util.tree_flatten(updates)
         windowed = state.windowed
         if len(leaves) != len(windowed):
