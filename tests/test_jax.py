@@ -1040,3 +1040,20 @@ def test_a_batch_of_windows_or_operators_is_refused_outside_vmap_in_words():
         for fn in fns:
             with pytest.raises(ValueError, match=f"^a batch of {what} \\(from jax.vmap\\)"):
                 fn()
+
+
+def test_mfac_takes_8_bit_float_leaves_as_adam_does(rng):
+    # Regression: the window's dtype came from jnp.result_type, which has no implicit
+    # promotion path for 8-bit floats (TypePromotionError at init); adam takes such leaves.
+    # Their values enter the float32 window exactly: the step is the float32 one, rounded.
+    f8 = jnp.float8_e4m3fn
+    grads = {"w": jnp.asarray(rng.standard_normal(2), f8), "v": jnp.ones(1, jnp.float32)}
+    wide = {"w": grads["w"].astype(jnp.float32), "v": grads["v"]}
+    opt = mj.mfac(4, 0.1)  # the window of test_mfac_sgd_checks_its_learning_rate...: compiled
+    state = opt.init(grads)
+    assert state.window.dtype == jnp.float32 and state.param_dtypes == ("float32", "float8_e4m3fn")
+    updates, _ = opt.update(grads, state)
+    want, _ = opt.update(wide, opt.init(wide))
+    assert updates["w"].dtype == f8
+    np.testing.assert_array_equal(np.asarray(updates["w"]), np.asarray(want["w"].astype(f8)))
+    np.testing.assert_array_equal(np.asarray(updates["v"]), np.asarray(want["v"]))

@@ -161,7 +161,10 @@ def _param_layout(
         if jnp.issubdtype(dt, jnp.floating):
             dtypes.append(dt)
             d += int(np.prod(np.shape(x)))
-    dtype = np.dtype(jnp.result_type(jnp.float32, *dtypes))
+    # Not jnp.result_type: 8-bit floats have no implicit promotion path (it raises),
+    # though their values enter a float32 window exactly, as adam takes such leaves.
+    wide = any(dt.itemsize > 4 for dt in dtypes)
+    dtype = np.dtype(np.float64 if wide else np.float32)
     return tuple(names), tuple(shapes), d, dtype
 
 
@@ -257,10 +260,10 @@ def mfac(
     two O(d) copies.
 
     **Leaves.** The window's dtype is float32, or float64 if a float leaf of
-    the parameters is float64: every float leaf's gradient (bfloat16 and
-    float16 ones included) enters it exactly, one of a wider dtype than the
-    window's (a float64 gradient of float32 parameters) is rounded to it
-    once, and the direction is that of the stored gradient, rounded once to
+    the parameters is float64: every float leaf's gradient (bfloat16,
+    float16 and 8-bit float ones included) enters it exactly, one of a wider
+    dtype than the window's (a float64 gradient of float32 parameters) is
+    rounded to it once, and the direction is that of the stored gradient, rounded once to
     the window's dtype and then to each update leaf's own dtype. Integer and
     boolean leaves are not preconditioned: their update is zero in the
     parameter's dtype (also for a ``float0`` gradient from
