@@ -1057,3 +1057,30 @@ def test_mfac_takes_8_bit_float_leaves_as_adam_does(rng):
     assert updates["w"].dtype == f8
     np.testing.assert_array_equal(np.asarray(updates["w"]), np.asarray(want["w"].astype(f8)))
     np.testing.assert_array_equal(np.asarray(updates["v"]), np.asarray(want["v"]))
+
+
+def test_inject_hyperparams_over_a_bfloat16_model(rng):
+    # Regression: inject_hyperparams casts float hyper-parameters to the parameters' widest
+    # float dtype, bfloat16 here, and the check of 0-d arrays went by NumPy's dtype kind,
+    # "V" for bfloat16: "damp must be a real number or a 0-d real array" at init.
+    params = {"w": jnp.ones(3, jnp.bfloat16)}
+    damp = float(jnp.asarray(0.1, jnp.bfloat16))  # what the injected damping is
+    # The window of test_mfac_sgd_checks_its_learning_rate...: its step is compiled.
+    opt = optax.inject_hyperparams(mj.mfac, static_args="num_grads")(num_grads=4, damp=0.1)
+    state = opt.init(params)
+    assert state.hyperparams["damp"].dtype == jnp.bfloat16
+    assert float(state.inner_state.window.damp) == damp
+    plain = mj.mfac(4, damp)
+    plain_state = plain.init(params)
+    grads = {"w": jnp.asarray(rng.standard_normal(3), jnp.bfloat16)}
+    for _ in range(2):  # the injected damping equals the window's: no refactorisation
+        updates, state = opt.update(grads, state, params)
+        want, plain_state = plain.update(grads, plain_state)
+        np.testing.assert_array_equal(np.asarray(updates["w"]), np.asarray(want["w"]))
+    assert int(state.inner_state.window.refactors) == 0
+    # mfac_sgd's checks, as inject_hyperparams calls it with bfloat16 arrays.
+    bf16 = {k: jnp.asarray(0.5, jnp.bfloat16) for k in ("learning_rate", "momentum", "damp")}
+    mj.mfac_sgd(**bf16, num_grads=4, weight_decay=bf16["damp"])  # refused before the fix
+    for name in ("learning_rate", "momentum", "weight_decay"):
+        with pytest.raises(ValueError, match=f"{name} must be finite"):
+            mj.mfac_sgd(**{**bf16, name: jnp.asarray(-1.0, jnp.bfloat16)})
