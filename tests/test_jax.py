@@ -1084,3 +1084,31 @@ def test_inject_hyperparams_over_a_bfloat16_model(rng):
     for name in ("learning_rate", "momentum", "weight_decay"):
         with pytest.raises(ValueError, match=f"{name} must be finite"):
             mj.mfac_sgd(**{**bf16, name: jnp.asarray(-1.0, jnp.bfloat16)})
+
+
+@pytest.mark.skipif(not hasattr(jax, "set_mesh"), reason="JAX without explicit sharding")
+def test_mfac_under_explicit_sharding_gives_each_update_its_leafs_type(rng):
+    # Regression: under explicit sharding (shardings in the types) the flat gradient's
+    # jnp.concatenate raised ShardingTypeError for leaves of different shardings, where
+    # adam works; the updates must also have the gradients' types, or the lax.cond of
+    # optax.apply_if_finite refuses them. One device suffices: the types differ.
+    P = jax.sharding.PartitionSpec
+    mesh = jax.make_mesh((1,), ("x",), axis_types=(jax.sharding.AxisType.Explicit,))
+    values = {k: rng.standard_normal(n).astype(np.float32) for k, n in (("a", 2), ("b", 1))}
+    want, _ = (opt := mj.mfac(4, 0.1)).update(values, opt.init(values))  # 4 x 3: compiled
+    with jax.set_mesh(mesh):
+        along_x = jax.sharding.NamedSharding(mesh, P("x"))
+        grads = {
+            "a": jax.device_put(values["a"], along_x),
+            "b": jnp.asarray(values["b"]),
+            "n": jax.device_put(jnp.zeros(2, jnp.int32), along_x),
+        }
+        updates, state = opt.update(grads, opt.init(grads))
+        again, _ = opt.update(grads, state)  # the state's types stay those of init's
+    for k in grads:
+        assert jax.typeof(updates[k]) == jax.typeof(grads[k]), k
+        assert jax.typeof(again[k]) == jax.typeof(grads[k]), k
+    assert jax.typeof(updates["a"]).sharding.spec == P("x")
+    for k in values:
+        np.testing.assert_array_equal(np.asarray(updates[k]), np.asarray(want[k]))
+    assert not np.any(np.asarray(updates["n"]))

@@ -124,6 +124,28 @@ class MFACState:
 jax.tree_util.register_dataclass(MFACState)
 
 
+def _typed_sharding(x: Any) -> Any:
+    """The sharding in ``x``'s type, or None where it names no mesh axis.
+
+    Only JAX's explicit sharding (mesh axes of ``AxisType.Explicit``) puts a sharding
+    in the type.
+    """
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    spec = getattr(sharding, "spec", None)
+    if spec is None or all(axis is None for axis in spec):
+        return None
+    return sharding
+
+
+def _resharded(y: Any, sharding: Any, *, unsharded: bool = False) -> Any:
+    """``y`` with ``sharding`` in its type, or with its mesh but no axis (None: as it is)."""
+    if sharding is None:
+        return y
+    if unsharded:
+        sharding = sharding.update(spec=jax.sharding.PartitionSpec())
+    return jax.sharding.reshard(y, sharding)
+
+
 def _is_array(value: Any) -> bool:
     return isinstance(value, (jax.Array, np.ndarray))
 
@@ -325,6 +347,13 @@ def mfac(
             window = window_init(
                 m, d, damp=damp, dtype=dtype, zero_init=zero_init, refactor_every=refactor_every
             )
+            # Under explicit sharding the window lives on the parameters' mesh, unsharded,
+            # as the flat gradient does in update_fn (an array's mesh is in its type).
+            typed = (_typed_sharding(x) for x in jax.tree_util.tree_leaves(params))
+            sharding = next((s for s in typed if s is not None), None)
+            window = jax.tree_util.tree_map(
+                lambda a: _resharded(a, sharding, unsharded=True), window
+            )
         return MFACState(window, names, shapes)
 
     def update_fn(updates: Any, state: MFACState, params: Any = None) -> tuple[Any, MFACState]:
@@ -350,9 +379,17 @@ def mfac(
                 )
         # Non-float parameters get a zero update of their own dtype, also from a float0
         # gradient (jax.grad(..., allow_int=True)), which no later optax stage could take.
+        # Under explicit sharding the leaves' shardings are part of their types: the
+        # window is one unsharded vector over all the float leaves (jnp.concatenate
+        # refuses parts of different shardings), and each update gets its leaf's
+        # sharding back, as adam's would have (optax.apply_if_finite's lax.cond needs
+        # the updates' types to equal the gradients').
+        shardings = [_typed_sharding(x) for x in leaves]
         out = [
-            x if w else jnp.zeros(np.shape(x), np.dtype(t))
-            for x, w, t in zip(leaves, windowed, state.param_dtypes, strict=True)
+            x if w else _resharded(jnp.zeros(np.shape(x), np.dtype(t)), sharding)
+            for x, w, t, sharding in zip(
+                leaves, windowed, state.param_dtypes, shardings, strict=True
+            )
         ]
         if state.window is None:
             return jax.tree_util.tree_unflatten(treedef, out), state
@@ -369,13 +406,19 @@ def mfac(
                     f"{_leaf_dtype(leaves[i])}"
                 )
         sizes = [int(np.prod(np.shape(leaves[i]))) for i in picked]
-        parts = [jnp.ravel(jnp.asarray(leaves[i])).astype(window.dtype) for i in picked]
+        parts = [
+            jnp.ravel(_resharded(jnp.asarray(leaves[i]), shardings[i], unsharded=True)).astype(
+                window.dtype
+            )
+            for i in picked
+        ]
         flat = parts[0] if len(parts) == 1 else jnp.concatenate(parts)
         window, direction = window_update_and_matvec(window, flat, damp=damp)
         start = 0
         for i, n in zip(picked, sizes, strict=True):
             x = leaves[i]
-            out[i] = direction[start : start + n].reshape(np.shape(x)).astype(_leaf_dtype(x))
+            y = direction[start : start + n].reshape(np.shape(x)).astype(_leaf_dtype(x))
+            out[i] = _resharded(y, shardings[i])
             start += n
         return jax.tree_util.tree_unflatten(treedef, out), MFACState(
             window, state.param_dtypes, state.param_shapes
