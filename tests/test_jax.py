@@ -727,6 +727,11 @@ def test_mfac_refuses_bad_arguments():
         opt.update({"a": jnp.zeros(3), "b": jnp.zeros(1)}, state)
     with pytest.raises(TypeError, match="float leaf"):
         opt.update({"a": jnp.zeros(3, jnp.int32)}, state)
+    # Regression: another state (a chain's tuple, a window) failed on a missing attribute.
+    chain = optax.chain(opt, optax.scale(-1.0))
+    for wrong in (chain.init({"a": jnp.zeros(3)}), state.window):
+        with pytest.raises(TypeError, match=f"MFACState .*, got {type(wrong).__name__}$"):
+            opt.update({"a": jnp.zeros(3)}, wrong)
 
 
 def test_mfac_sgd_checks_its_learning_rate_as_torch_mfac_does():

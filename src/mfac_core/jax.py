@@ -249,7 +249,7 @@ def mfac(
     ------
     TypeError
         If ``num_grads`` is an array (an injected shape), or an argument has
-        the wrong type.
+        the wrong type; ``update`` if its state is not an :class:`MFACState`.
     ValueError
         If ``num_grads`` or ``refactor_every`` is not ``>= 1``, or ``damp``
         is not finite and positive; ``init`` if ``damp`` is below the floor
@@ -359,6 +359,13 @@ def mfac(
     def update_fn(updates: Any, state: MFACState, params: Any = None) -> tuple[Any, MFACState]:
         del params
         require_x64("mfac")
+        if not isinstance(state, MFACState):
+            # A chain's tuple of states, or another stage's state, passed by mistake:
+            # say so rather than fail on a missing attribute.
+            raise TypeError(
+                f"mfac's update needs the MFACState that its init returned, got "
+                f"{type(state).__name__}"
+            )
         if state.window is not None:
             require_unbatched(state.window.grads, "optimizer states")
         leaves, treedef = jax.tree_util.tree_flatten(updates)
