@@ -727,6 +727,11 @@ def test_mfac_refuses_bad_arguments():
         opt.update({"a": jnp.zeros(3), "b": jnp.zeros(1)}, state)
     with pytest.raises(TypeError, match="float leaf"):
         opt.update({"a": jnp.zeros(3, jnp.int32)}, state)
+    # Regression: another state (a chain's tuple, a window) failed on a missing attribute.
+    chain = optax.chain(opt, optax.scale(-1.0))
+    for wrong in (chain.init({"a": jnp.zeros(3)}), state.window):
+        with pytest.raises(TypeError, match=f"MFACState .*, got {type(wrong).__name__}$"):
+            opt.update({"a": jnp.zeros(3)}, wrong)
 
 
 def test_mfac_sgd_checks_its_learning_rate_as_torch_mfac_does():
@@ -1005,3 +1010,110 @@ def test_defaults_are_64_gradients_and_damp_1e_3():
             0
         ]
         assert window.num_grads == 64 and float(window.damp) == 1e-3
+
+
+# -- adversarial optax/JAX use -----------------------------------------------------------------
+
+
+def test_a_batch_of_windows_or_operators_is_refused_outside_vmap_in_words():
+    # Regression: a batch (from jax.vmap) used outside of vmap failed deep in the shape
+    # logic ("too many values to unpack", "incompatible shapes for broadcasting"); only
+    # StaticIHVP.matvec and .diagonal said what was wrong. A batch is what vmap returns:
+    # each leaf stacked (built so here, without compiling a step).
+    def stack(tree):
+        return jax.tree_util.tree_map(lambda x: jnp.stack([x, x]), tree)
+
+    g = jnp.ones(3, jnp.float32)
+    batch = stack(mj.window_init(2, 3, damp=0.1, dtype=jnp.float32))
+    ops = mj.StaticIHVP(
+        G=jnp.ones((2, 2, 3)), U=jnp.ones((2, 2, 2)), kappa_bound=jnp.ones(2), damp=0.1
+    )
+    opt = mj.mfac(2, 0.1)
+    states = stack(opt.init({"w": g}))
+    calls = {
+        "windows": (
+            lambda: mj.window_update(batch, g),
+            lambda: mj.window_update_and_matvec(batch, g),
+            lambda: mj.window_matvec(batch, g),
+            lambda: batch @ g,
+            batch.gradients,
+        ),
+        "operators": (lambda: ops.matvec(jnp.ones(3)), lambda: ops @ jnp.ones((3, 2))),
+        "optimizer states": (lambda: opt.update({"w": g}, states),),
+    }
+    for what, fns in calls.items():
+        for fn in fns:
+            with pytest.raises(ValueError, match=f"^a batch of {what} \\(from jax.vmap\\)"):
+                fn()
+
+
+def test_mfac_takes_8_bit_float_leaves_as_adam_does(rng):
+    # Regression: the window's dtype came from jnp.result_type, which has no implicit
+    # promotion path for 8-bit floats (TypePromotionError at init); adam takes such leaves.
+    # Their values enter the float32 window exactly: the step is the float32 one, rounded.
+    f8 = jnp.float8_e4m3fn
+    grads = {"w": jnp.asarray(rng.standard_normal(2), f8), "v": jnp.ones(1, jnp.float32)}
+    wide = {"w": grads["w"].astype(jnp.float32), "v": grads["v"]}
+    opt = mj.mfac(4, 0.1)  # the window of test_mfac_sgd_checks_its_learning_rate...: compiled
+    state = opt.init(grads)
+    assert state.window.dtype == jnp.float32 and state.param_dtypes == ("float32", "float8_e4m3fn")
+    updates, _ = opt.update(grads, state)
+    want, _ = opt.update(wide, opt.init(wide))
+    assert updates["w"].dtype == f8
+    np.testing.assert_array_equal(np.asarray(updates["w"]), np.asarray(want["w"].astype(f8)))
+    np.testing.assert_array_equal(np.asarray(updates["v"]), np.asarray(want["v"]))
+
+
+def test_inject_hyperparams_over_a_bfloat16_model(rng):
+    # Regression: inject_hyperparams casts float hyper-parameters to the parameters' widest
+    # float dtype, bfloat16 here, and the check of 0-d arrays went by NumPy's dtype kind,
+    # "V" for bfloat16: "damp must be a real number or a 0-d real array" at init.
+    params = {"w": jnp.ones(3, jnp.bfloat16)}
+    damp = float(jnp.asarray(0.1, jnp.bfloat16))  # what the injected damping is
+    # The window of test_mfac_sgd_checks_its_learning_rate...: its step is compiled.
+    opt = optax.inject_hyperparams(mj.mfac, static_args="num_grads")(num_grads=4, damp=0.1)
+    state = opt.init(params)
+    assert state.hyperparams["damp"].dtype == jnp.bfloat16
+    assert float(state.inner_state.window.damp) == damp
+    plain = mj.mfac(4, damp)
+    plain_state = plain.init(params)
+    grads = {"w": jnp.asarray(rng.standard_normal(3), jnp.bfloat16)}
+    for _ in range(2):  # the injected damping equals the window's: no refactorisation
+        updates, state = opt.update(grads, state, params)
+        want, plain_state = plain.update(grads, plain_state)
+        np.testing.assert_array_equal(np.asarray(updates["w"]), np.asarray(want["w"]))
+    assert int(state.inner_state.window.refactors) == 0
+    # mfac_sgd's checks, as inject_hyperparams calls it with bfloat16 arrays.
+    bf16 = {k: jnp.asarray(0.5, jnp.bfloat16) for k in ("learning_rate", "momentum", "damp")}
+    mj.mfac_sgd(**bf16, num_grads=4, weight_decay=bf16["damp"])  # refused before the fix
+    for name in ("learning_rate", "momentum", "weight_decay"):
+        with pytest.raises(ValueError, match=f"{name} must be finite"):
+            mj.mfac_sgd(**{**bf16, name: jnp.asarray(-1.0, jnp.bfloat16)})
+
+
+@pytest.mark.skipif(not hasattr(jax, "set_mesh"), reason="JAX without explicit sharding")
+def test_mfac_under_explicit_sharding_gives_each_update_its_leafs_type(rng):
+    # Regression: under explicit sharding (shardings in the types) the flat gradient's
+    # jnp.concatenate raised ShardingTypeError for leaves of different shardings, where
+    # adam works; the updates must also have the gradients' types, or the lax.cond of
+    # optax.apply_if_finite refuses them. One device suffices: the types differ.
+    P = jax.sharding.PartitionSpec
+    mesh = jax.make_mesh((1,), ("x",), axis_types=(jax.sharding.AxisType.Explicit,))
+    values = {k: rng.standard_normal(n).astype(np.float32) for k, n in (("a", 2), ("b", 1))}
+    want, _ = (opt := mj.mfac(4, 0.1)).update(values, opt.init(values))  # 4 x 3: compiled
+    with jax.set_mesh(mesh):
+        along_x = jax.sharding.NamedSharding(mesh, P("x"))
+        grads = {
+            "a": jax.device_put(values["a"], along_x),
+            "b": jnp.asarray(values["b"]),
+            "n": jax.device_put(jnp.zeros(2, jnp.int32), along_x),
+        }
+        updates, state = opt.update(grads, opt.init(grads))
+        again, _ = opt.update(grads, state)  # the state's types stay those of init's
+    for k in grads:
+        assert jax.typeof(updates[k]) == jax.typeof(grads[k]), k
+        assert jax.typeof(again[k]) == jax.typeof(grads[k]), k
+    assert jax.typeof(updates["a"]).sharding.spec == P("x")
+    for k in values:
+        np.testing.assert_array_equal(np.asarray(updates[k]), np.asarray(want[k]))
+    assert not np.any(np.asarray(updates["n"]))

@@ -41,6 +41,17 @@ def require_x64(what: str) -> None:
         raise x64_off_error(f"mfac_core.jax.{what}")
 
 
+def require_unbatched(array: Any, what: str) -> None:
+    """Refuse a batch of operators or windows (from :func:`jax.vmap`) outside of ``vmap``.
+
+    Under ``vmap`` each one's arrays have their own 2-D shape; outside, the batch's
+    arrays have leading batch axes, and the products would fail deep in their
+    shape logic ("too many values to unpack").
+    """
+    if np.ndim(array) != 2:
+        raise ValueError(f"a batch of {what} (from jax.vmap) must be used under jax.vmap too")
+
+
 def check_dtype(dtype: Any, name: str) -> np.dtype:
     """``dtype`` as a NumPy dtype, float32 or float64."""
     try:
@@ -73,14 +84,20 @@ def hyper(value: Any, name: str, check: Any) -> Any:
     if not isinstance(value, (jax.Array, np.ndarray, np.generic)):
         return check(value)
     dtype = np.dtype(value.dtype)
-    if value.ndim != 0 or dtype == np.bool_ or dtype.kind not in "fiu":
+    # jnp.issubdtype, not NumPy's kind: bfloat16 and the 8-bit floats (ml_dtypes) have
+    # kind "V", and inject_hyperparams casts float hyper-parameters to the parameters'
+    # widest float dtype, bfloat16 for a bfloat16 model.
+    real = jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)
+    if value.ndim != 0 or not real:
         raise real_scalar_error(name, value)
     try:
         concrete = float(value)
     except jax.errors.ConcretizationTypeError:
         return value
-    # A NumPy scalar as the core's checks see it (their messages show its repr).
-    check(value if isinstance(value, np.generic) else concrete)
+    # A NumPy scalar as the core's checks see it (their messages show its repr); one of
+    # ml_dtypes' types is no numbers.Real to them, so it goes as its float.
+    numpy_scalar = isinstance(value, np.generic) and dtype.kind in "fiu"
+    check(value if numpy_scalar else concrete)
     return value
 
 
@@ -91,7 +108,7 @@ def hyper_damp(damp: Any) -> Any:
 def hyper_count(value: Any, name: str) -> Any:
     """A count >= 1 (Python int, or an integer 0-d array as :func:`hyper` takes it)."""
     if isinstance(value, (jax.Array, np.ndarray, np.generic)):
-        if np.dtype(value.dtype).kind not in "iu":
+        if not jnp.issubdtype(value.dtype, jnp.integer):  # int4 has NumPy kind "V"
             raise TypeError(f"{name} must be an int, got an array of dtype {value.dtype}")
         return hyper(value, name, lambda v: check_count(int(v), name))
     return check_count(value, name)

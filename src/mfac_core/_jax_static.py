@@ -22,6 +22,7 @@ from ._jax_common import (
     concrete_float,
     concrete_true,
     project64,
+    require_unbatched,
     require_x64,
     solve_upper,
     solve_upper_t,
@@ -133,10 +134,7 @@ class StaticIHVP:
             If ``x`` does not have the operator's dtype.
         """
         require_x64("StaticIHVP.matvec")
-        if self.G.ndim != 2:
-            raise ValueError(
-                "a batch of operators (from jax.vmap) must be applied under jax.vmap too"
-            )
+        require_unbatched(self.G, "operators")
         x = check_vector(x, "x", self.dim, np.dtype(self.G.dtype))
         return _static_apply(self.G, self.U, x, self.damp)
 
@@ -158,11 +156,14 @@ class StaticIHVP:
         RuntimeError
             If JAX's 64-bit mode is off.
         ValueError
-            If ``X`` does not have shape ``(d, n)`` or ``(d,)``.
+            If ``X`` does not have shape ``(d, n)`` or ``(d,)``, or the
+            operator is a batch of operators (from :func:`jax.vmap`) applied
+            outside of :func:`jax.vmap`.
         TypeError
             If ``X`` does not have the operator's dtype.
         """
         require_x64("StaticIHVP.matmat")
+        require_unbatched(self.G, "operators")
         X = check_vector(X, "X", self.dim, np.dtype(self.G.dtype), matrix=True)
         if X.ndim == 1:
             return self.matvec(X)
@@ -192,12 +193,12 @@ class StaticIHVP:
         ------
         RuntimeError
             If JAX's 64-bit mode is off.
+        ValueError
+            If the operator is a batch of operators (from :func:`jax.vmap`)
+            applied outside of :func:`jax.vmap`.
         """
         require_x64("StaticIHVP.diagonal")
-        if self.G.ndim != 2:
-            raise ValueError(
-                "a batch of operators (from jax.vmap) must be applied under jax.vmap too"
-            )
+        require_unbatched(self.G, "operators")
         return _static_diagonal(self.G, self.U, self.damp, _chunk_width(self.G))
 
 

@@ -32,6 +32,7 @@ from ._jax_common import (
     hyper_count,
     hyper_damp,
     project64,
+    require_unbatched,
     require_x64,
     solve_upper,
     solve_upper_t,
@@ -141,7 +142,9 @@ class WindowState:
         RuntimeError
             If JAX's 64-bit mode is off.
         ValueError
-            If ``x`` does not have shape ``(d,)`` or ``(d, n)``.
+            If ``x`` does not have shape ``(d,)`` or ``(d, n)``, or the state
+            is a batch of windows (from :func:`jax.vmap`) used outside of
+            :func:`jax.vmap`.
         TypeError
             If ``x`` does not have the storage dtype.
         """
@@ -167,7 +170,14 @@ class WindowState:
         jax.Array, shape (m, d)
             A new array of the rows of ``grads`` in age order, in the
             storage dtype.
+
+        Raises
+        ------
+        ValueError
+            If the state is a batch of windows (from :func:`jax.vmap`) used
+            outside of :func:`jax.vmap`.
         """
+        require_unbatched(self.grads, "windows")
         m = self.num_grads
         return jnp.take(self.grads, (self.pos + jnp.arange(m, dtype=jnp.int32)) % m, axis=0)
 
@@ -301,6 +311,7 @@ def _check_state(state: Any, what: str) -> None:
             f"{what} needs a WindowState (from window_init), got {type(state).__name__}"
         )
     require_x64(what)
+    require_unbatched(state.grads, "windows")
 
 
 def _insert(state: WindowState, g: Any, damp: Any) -> tuple[WindowState, Any, Any]:
@@ -496,7 +507,9 @@ def window_update(state: WindowState, g: Any, /, *, damp: Any = None) -> WindowS
         If JAX's 64-bit mode is off.
     ValueError
         If ``g`` does not have shape ``(d,)``, or a concrete ``damp`` is not
-        finite and positive, or is below the floor of :func:`window_init`.
+        finite and positive, or is below the floor of :func:`window_init`, or
+        ``state`` is a batch of windows (from :func:`jax.vmap`) used outside
+        of :func:`jax.vmap`.
     """
     _check_state(state, "window_update")
     g = check_vector(g, "g", state.dim, np.dtype(state.dtype))
@@ -540,7 +553,9 @@ def window_update_and_matvec(
         If JAX's 64-bit mode is off.
     ValueError
         If ``g`` does not have shape ``(d,)``, or a concrete ``damp`` is not
-        finite and positive, or is below the floor of :func:`window_init`.
+        finite and positive, or is below the floor of :func:`window_init`, or
+        ``state`` is a batch of windows (from :func:`jax.vmap`) used outside
+        of :func:`jax.vmap`.
     """
     _check_state(state, "window_update_and_matvec")
     g = check_vector(g, "g", state.dim, np.dtype(state.dtype))
@@ -573,7 +588,9 @@ def window_matvec(state: WindowState, x: Any, /) -> Any:
     RuntimeError
         If JAX's 64-bit mode is off.
     ValueError
-        If ``x`` does not have shape ``(d,)`` or ``(d, n)``.
+        If ``x`` does not have shape ``(d,)`` or ``(d, n)``, or ``state`` is
+        a batch of windows (from :func:`jax.vmap`) used outside of
+        :func:`jax.vmap`.
     """
     _check_state(state, "window_matvec")
     return _matvec_jit(state, check_vector(x, "x", state.dim, np.dtype(state.dtype), matrix=True))

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ._jax_common import hyper, hyper_count, require_x64
+from ._jax_common import hyper, hyper_count, require_unbatched, require_x64
 from ._jax_static import StaticIHVP, static_ihvp
 from ._jax_window import (
     WindowState,
@@ -124,6 +124,28 @@ class MFACState:
 jax.tree_util.register_dataclass(MFACState)
 
 
+def _typed_sharding(x: Any) -> Any:
+    """The sharding in ``x``'s type, or None where it names no mesh axis.
+
+    Only JAX's explicit sharding (mesh axes of ``AxisType.Explicit``) puts a sharding
+    in the type.
+    """
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    spec = getattr(sharding, "spec", None)
+    if spec is None or all(axis is None for axis in spec):
+        return None
+    return sharding
+
+
+def _resharded(y: Any, sharding: Any, *, unsharded: bool = False) -> Any:
+    """``y`` with ``sharding`` in its type, or with its mesh but no axis (None: as it is)."""
+    if sharding is None:
+        return y
+    if unsharded:
+        sharding = sharding.update(spec=jax.sharding.PartitionSpec())
+    return jax.sharding.reshard(y, sharding)
+
+
 def _is_array(value: Any) -> bool:
     return isinstance(value, (jax.Array, np.ndarray))
 
@@ -161,7 +183,10 @@ def _param_layout(
         if jnp.issubdtype(dt, jnp.floating):
             dtypes.append(dt)
             d += int(np.prod(np.shape(x)))
-    dtype = np.dtype(jnp.result_type(jnp.float32, *dtypes))
+    # Not jnp.result_type: 8-bit floats have no implicit promotion path (it raises),
+    # though their values enter a float32 window exactly, as adam takes such leaves.
+    wide = any(dt.itemsize > 4 for dt in dtypes)
+    dtype = np.dtype(np.float64 if wide else np.float32)
     return tuple(names), tuple(shapes), d, dtype
 
 
@@ -224,11 +249,14 @@ def mfac(
     ------
     TypeError
         If ``num_grads`` is an array (an injected shape), or an argument has
-        the wrong type.
+        the wrong type; ``update`` if its state is not an :class:`MFACState`.
     ValueError
         If ``num_grads`` or ``refactor_every`` is not ``>= 1``, or ``damp``
         is not finite and positive; ``init`` if ``damp`` is below the floor
-        of the window's dtype (:func:`window_init`).
+        of the window's dtype (:func:`window_init`); ``update`` if the
+        updates' leaves differ in number or shape from the parameters given
+        to ``init``, or the state is a batch of states (:func:`jax.vmap` of
+        ``init``) updated outside of :func:`jax.vmap`.
 
     See Also
     --------
@@ -254,10 +282,10 @@ def mfac(
     two O(d) copies.
 
     **Leaves.** The window's dtype is float32, or float64 if a float leaf of
-    the parameters is float64: every float leaf's gradient (bfloat16 and
-    float16 ones included) enters it exactly, one of a wider dtype than the
-    window's (a float64 gradient of float32 parameters) is rounded to it
-    once, and the direction is that of the stored gradient, rounded once to
+    the parameters is float64: every float leaf's gradient (bfloat16,
+    float16 and 8-bit float ones included) enters it exactly, one of a wider
+    dtype than the window's (a float64 gradient of float32 parameters) is
+    rounded to it once, and the direction is that of the stored gradient, rounded once to
     the window's dtype and then to each update leaf's own dtype. Integer and
     boolean leaves are not preconditioned: their update is zero in the
     parameter's dtype (also for a ``float0`` gradient from
@@ -319,11 +347,27 @@ def mfac(
             window = window_init(
                 m, d, damp=damp, dtype=dtype, zero_init=zero_init, refactor_every=refactor_every
             )
+            # Under explicit sharding the window lives on the parameters' mesh, unsharded,
+            # as the flat gradient does in update_fn (an array's mesh is in its type).
+            typed = (_typed_sharding(x) for x in jax.tree_util.tree_leaves(params))
+            sharding = next((s for s in typed if s is not None), None)
+            window = jax.tree_util.tree_map(
+                lambda a: _resharded(a, sharding, unsharded=True), window
+            )
         return MFACState(window, names, shapes)
 
     def update_fn(updates: Any, state: MFACState, params: Any = None) -> tuple[Any, MFACState]:
         del params
         require_x64("mfac")
+        if not isinstance(state, MFACState):
+            # A chain's tuple of states, or another stage's state, passed by mistake:
+            # say so rather than fail on a missing attribute.
+            raise TypeError(
+                f"mfac's update needs the MFACState that its init returned, got "
+                f"{type(state).__name__}"
+            )
+        if state.window is not None:
+            require_unbatched(state.window.grads, "optimizer states")
         leaves, treedef = jax.tree_util.tree_flatten(updates)
         windowed = state.windowed
         if len(leaves) != len(windowed):
@@ -342,9 +386,17 @@ def mfac(
                 )
         # Non-float parameters get a zero update of their own dtype, also from a float0
         # gradient (jax.grad(..., allow_int=True)), which no later optax stage could take.
+        # Under explicit sharding the leaves' shardings are part of their types: the
+        # window is one unsharded vector over all the float leaves (jnp.concatenate
+        # refuses parts of different shardings), and each update gets its leaf's
+        # sharding back, as adam's would have (optax.apply_if_finite's lax.cond needs
+        # the updates' types to equal the gradients').
+        shardings = [_typed_sharding(x) for x in leaves]
         out = [
-            x if w else jnp.zeros(np.shape(x), np.dtype(t))
-            for x, w, t in zip(leaves, windowed, state.param_dtypes, strict=True)
+            x if w else _resharded(jnp.zeros(np.shape(x), np.dtype(t)), sharding)
+            for x, w, t, sharding in zip(
+                leaves, windowed, state.param_dtypes, shardings, strict=True
+            )
         ]
         if state.window is None:
             return jax.tree_util.tree_unflatten(treedef, out), state
@@ -361,13 +413,19 @@ def mfac(
                     f"{_leaf_dtype(leaves[i])}"
                 )
         sizes = [int(np.prod(np.shape(leaves[i]))) for i in picked]
-        parts = [jnp.ravel(jnp.asarray(leaves[i])).astype(window.dtype) for i in picked]
+        parts = [
+            jnp.ravel(_resharded(jnp.asarray(leaves[i]), shardings[i], unsharded=True)).astype(
+                window.dtype
+            )
+            for i in picked
+        ]
         flat = parts[0] if len(parts) == 1 else jnp.concatenate(parts)
         window, direction = window_update_and_matvec(window, flat, damp=damp)
         start = 0
         for i, n in zip(picked, sizes, strict=True):
             x = leaves[i]
-            out[i] = direction[start : start + n].reshape(np.shape(x)).astype(_leaf_dtype(x))
+            y = direction[start : start + n].reshape(np.shape(x)).astype(_leaf_dtype(x))
+            out[i] = _resharded(y, shardings[i])
             start += n
         return jax.tree_util.tree_unflatten(treedef, out), MFACState(
             window, state.param_dtypes, state.param_shapes
