@@ -206,6 +206,14 @@ def test_optimizer_errors():
         other.load_state_dict(opt.state_dict())
 
 
+def test_meta_parameters_are_refused_clearly():
+    # Regression: "Tensor.item() cannot be called on meta tensors" from the window's
+    # factorisation, deep inside the constructor.
+    model = nn.Linear(3, 2, device="meta")
+    with pytest.raises(ValueError, match=r"meta device.*materialise the model"):
+        MFAC(model.parameters(), num_grads=2)
+
+
 def test_parameters_without_entries_are_refused_clearly():
     # Regression: "dim must be >= 1, got 0", a message about the window's internals.
     for params in (

@@ -61,6 +61,14 @@ def layout(opt: Any) -> None:
                 "MFAC treats all parameters as one vector: they must share one device, "
                 f"got {first.device} and {p.device}"
             )
+    if first.device.type == "meta":
+        # The window is allocated and factorised at construction, which reads values.
+        raise ValueError(
+            "MFAC's parameters are on the meta device (no storage): the window is "
+            "allocated and factorised when the optimizer is built; materialise the model "
+            "first (e.g. model.to_empty(device=...) and initialise it), then build MFAC "
+            "over its new parameters"
+        )
     # The parameter that holds MFAC's state: the first one that requires grad, since
     # torch.distributed.checkpoint drops the state of frozen parameters.
     opt._first = next((p for p in flat if p.requires_grad), first)

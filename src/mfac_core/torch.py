@@ -200,7 +200,7 @@ class MFAC(torch.optim.Optimizer):
     Raises
     ------
     ValueError
-        For parameters on different devices, no parameters,
+        For parameters on different devices or on the meta device, no parameters,
         out-of-range hyper-parameters, or masks of the wrong shape or
         device, for a tensor that is not a parameter, or keeping no
         coordinate at all.
