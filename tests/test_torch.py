@@ -950,6 +950,40 @@ def test_pruner_with_mfac_optimizer_and_float64_fisher():
     assert torch.all(model[0].weight[~pruner.masks["0"]] == 0)
 
 
+class _TiedModel(nn.Module):
+    """An embedding and an output layer sharing one weight (tied weights)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(6, 4)
+        self.out = nn.Linear(4, 6, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.emb(x)))
+
+
+def test_pruner_prunes_a_tied_weight_once():
+    # Regression: a weight shared by two chosen layers was two blocks of theta (d = 48,
+    # not 24), its gradient counted twice in the Fisher and each copy pruned and updated
+    # as if independent of the other, the second copy's values written last.
+    gen = torch.Generator().manual_seed(0)
+    data = [
+        (torch.randint(0, 6, (5,), generator=gen), torch.randint(0, 6, (5,), generator=gen))
+        for _ in range(6)
+    ]
+    results = []
+    for layers in (["emb", "out"], ["emb"]):
+        torch.manual_seed(0)
+        model = _TiedModel()
+        pruner = MFACPruner(model, num_grads=6, block_size=None, damp=1e-2, layers=layers)
+        assert list(pruner.weights) == ["emb"] and pruner.dim == 24
+        pruner.prune(data, F.cross_entropy, sparsity=0.5)
+        assert int((model.emb.weight == 0).sum()) == 12
+        results.append(model.emb.weight.detach().clone())
+    torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
+
+
 def test_pruner_errors():
     model = make_model()
     with pytest.raises(ValueError, match="no layer named 'fc9'"):

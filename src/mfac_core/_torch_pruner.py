@@ -45,6 +45,8 @@ class MFACPruner:
     layers : sequence of str, optional
         Names of the modules (as in ``model.named_modules()``) whose
         ``weight`` is pruned. Default: every ``Linear`` and ``Conv1d/2d/3d``.
+        A weight shared by several of them (tied weights) is pruned once, as
+        one tensor, under the first of their names.
     saliency : {"obs", "obd", "magnitude"}, optional
         The saliency (default ``"obs"``); see :func:`mfac_core.pruning.prune`.
     update : {"single", "joint", "none"}, optional
@@ -147,7 +149,7 @@ class MFACPruner:
                     "the model has no Linear or Conv layer to prune; name the "
                     "layers explicitly with layers=[...]"
                 )
-            return found
+            return MFACPruner._distinct(found)
         if isinstance(layers, str):
             layers = [layers]
         out = {}
@@ -163,6 +165,19 @@ class MFACPruner:
             out[name] = weight
         if not out:
             raise ValueError("layers must name at least one layer")
+        return MFACPruner._distinct(out)
+
+    @staticmethod
+    def _distinct(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        # A weight shared by several layers (tied weights) is one set of coordinates of
+        # theta: listed twice, its Fisher would count each gradient twice and OBS would
+        # prune one copy of a coordinate while "updating" the other.
+        seen: set[int] = set()
+        out = {}
+        for name, w in weights.items():
+            if id(w) not in seen:
+                seen.add(id(w))
+                out[name] = w
         return out
 
     # -- flat views -----------------------------------------------------------------------
