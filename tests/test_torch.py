@@ -1004,6 +1004,26 @@ def test_pruner_errors():
         MFACPruner(model, saliency="random")
 
 
+def test_pruner_checks_its_options_when_built():
+    # Regression: they were accepted and failed at the first prune(), after the
+    # gradients were collected; a bad selection_block_size was reported as "block_size",
+    # a dtype given as a string as "Invalid device string".
+    model = make_model()
+    bad = [
+        ({"damp": -1.0}, ValueError, "damp must be finite and > 0"),
+        ({"damp": float("nan")}, ValueError, "damp must be finite and > 0"),
+        ({"block_size": 0}, ValueError, "block_size must be >= 1"),
+        ({"block_size": 7.5}, TypeError, "block_size must be an int"),
+        ({"selection_block_size": -3}, ValueError, "selection_block_size must be >= 1"),
+        ({"dtype": torch.int32}, TypeError, "dtype must be None"),
+        ({"dtype": "float64"}, TypeError, "dtype must be None"),
+    ]
+    for kwargs, error, message in bad:
+        with pytest.raises(error, match=message):
+            MFACPruner(model, **kwargs)
+    assert MFACPruner(model, block_size=np.int64(8), damp=np.float32(1e-3)).block_size == 8
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_mfac_defaults_descend_on_every_step(dtype):
     # torch's own optimizer check ("goes right direction"): with the default damping

@@ -10,11 +10,13 @@ from torch import nn
 
 from . import pruning
 from ._torch_layout import format_bytes, itemsize, logger
-from ._validation import check_choice, check_fraction
+from ._validation import check_choice, check_count, check_damp, check_fraction
 
 __all__ = ["MFACPruner"]
 
 _PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+#: The dtypes of the Fisher computations (the 2-byte ones store the gradients only).
+_FISHER_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 class MFACPruner:
@@ -74,7 +76,13 @@ class MFACPruner:
     ------
     ValueError
         If the model has no prunable layer or a named layer does not exist
-        or has no ``weight``.
+        or has no ``weight``, or for ``num_grads``, ``block_size`` or
+        ``selection_block_size`` below 1 or a ``damp`` that is not finite
+        and positive.
+    TypeError
+        For a ``model`` that is not a module, a ``block_size`` or
+        ``selection_block_size`` that is not an int, or a ``dtype`` other
+        than the four above.
 
     Examples
     --------
@@ -111,6 +119,18 @@ class MFACPruner:
             raise ValueError(f"num_grads must be an int >= 1, got {num_grads!r}")
         check_choice(saliency, "saliency", ("obs", "obd", "magnitude"))
         check_choice(update, "update", ("single", "joint", "none"))
+        # Checked here, as torch.optim checks its hyper-parameters, not at the first
+        # prune() (where a bad selection_block_size was reported as "block_size").
+        damp = check_damp(damp)
+        if block_size is not None:
+            block_size = check_count(block_size, "block_size")
+        if selection_block_size is not None:
+            selection_block_size = check_count(selection_block_size, "selection_block_size")
+        if dtype is not None and dtype not in _FISHER_DTYPES:
+            raise TypeError(
+                "dtype must be None (the weights' dtype), torch.float32, torch.float64, "
+                f"torch.float16 or torch.bfloat16, got {dtype!r}"
+            )
         self.model = model
         self.num_grads = num_grads
         self.block_size = block_size
