@@ -1004,6 +1004,41 @@ def test_pruner_errors():
         MFACPruner(model, saliency="random")
 
 
+def test_pruner_collects_sparse_gradients_densely():
+    # Regression: "reshape is not implemented for sparse tensors".
+    gen = torch.Generator().manual_seed(1)
+    data = [
+        (torch.randint(0, 6, (5,), generator=gen), torch.randint(0, 6, (5,), generator=gen))
+        for _ in range(4)
+    ]
+    grads = []
+    for sparse in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Embedding(6, 3, sparse=sparse), nn.Linear(3, 6))
+        pruner = MFACPruner(model, num_grads=4, layers=["0", "1"], damp=1e-2)
+        grads.append(pruner.collect_grads(data, F.cross_entropy))
+        pruner.prune(data, F.cross_entropy, sparsity=0.5)
+        assert int((model[0].weight == 0).sum()) + int((model[1].weight == 0).sum()) == 18
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-6, atol=1e-7)
+
+
+def test_pruner_explains_what_stops_its_gradients():
+    # Regression: autograd's errors from deep inside collect_grads, and "the data loader
+    # yielded no batches" for a one-shot iterator that yielded some.
+    model = make_model()
+    pruner = MFACPruner(model, num_grads=4, block_size=8, damp=1e-3)
+    before = {name: w.detach().clone() for name, w in pruner.weights.items()}
+    with pytest.raises(ValueError, match=r"yielded 2 batches and then none .* num_grads=4"):
+        pruner.prune(iter(loader(n=2)), F.cross_entropy, sparsity=0.5)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
+        pruner.prune(loader(), F.cross_entropy, sparsity=0.5)
+    model[0].weight.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"layers \['0'\] do not require grad"):
+        pruner.prune(loader(), F.cross_entropy, sparsity=0.5)
+    for name, w in pruner.weights.items():
+        assert torch.equal(w, before[name]) and bool(pruner.masks[name].all())
+
+
 def test_pruner_checks_its_options_when_built():
     # Regression: they were accepted and failed at the first prune(), after the
     # gradients were collected; a bad selection_block_size was reported as "block_size",

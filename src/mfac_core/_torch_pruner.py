@@ -284,8 +284,11 @@ class MFACPruner:
         Batches are ``(inputs, targets)`` pairs; the gradient of
         ``loss_fn(model(inputs), targets)`` is taken with respect to the
         chosen weights and zeroed at pruned coordinates. The loader is
-        iterated again from the start if it has fewer batches. The model's
-        ``.grad`` fields are cleared.
+        iterated again from the start if it has fewer batches (so a one-shot
+        iterator must yield ``num_grads`` batches). The gradients are taken
+        with :func:`torch.autograd.grad`: the model's ``.grad`` fields are
+        left as they are. Sparse gradients (``nn.Embedding(sparse=True)``)
+        are made dense.
 
         Parameters
         ----------
@@ -298,7 +301,17 @@ class MFACPruner:
         -------
         torch.Tensor, shape (num_grads, d)
             In the Fisher's dtype, on the weights' device.
+
+        Raises
+        ------
+        ValueError
+            If the loader yields no batch, or fewer than ``num_grads`` and
+            then none when iterated again, or a chosen weight does not
+            require grad.
+        RuntimeError
+            Under :func:`torch.inference_mode`, which disables gradients.
         """
+        self._check_differentiable()
         weights = list(self.weights.values())
         size = self.num_grads * self.dim * itemsize(self.dtype)
         logger.info(
@@ -327,15 +340,41 @@ class MFACPruner:
                     if g is None:
                         G[row, offset : offset + n] = 0
                     else:
-                        G[row, offset : offset + n] = g.reshape(-1)
+                        # A sparse gradient (nn.Embedding(sparse=True)) is dense here.
+                        G[row, offset : offset + n] = (
+                            g.to_dense() if g.layout != torch.strided else g
+                        ).reshape(-1)
                     offset += n
                 row += 1
                 if row == self.num_grads:
                     break
+            if not got and row:
+                raise ValueError(
+                    f"the data loader yielded {row} batches and then none when iterated "
+                    f"again: num_grads={self.num_grads} needs {self.num_grads}; pass a "
+                    "loader that can be iterated more than once (a list, a DataLoader) "
+                    "or a smaller num_grads"
+                )
             if not got:
                 raise ValueError("the data loader yielded no batches")
         # In place (no second m x d array); the pruning functions zero them again.
         return G.masked_fill_(~mask, 0)
+
+    def _check_differentiable(self) -> None:
+        """Refuse, before any batch, what would stop autograd from giving the gradients."""
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError(
+                "MFACPruner needs the gradients of the weights, which torch.inference_mode() "
+                "disables: call prune() or collect_grads() outside it (torch.no_grad() "
+                "is fine)"
+            )
+        frozen = [name for name, w in self.weights.items() if not w.requires_grad]
+        if frozen:
+            raise ValueError(
+                f"the weights of layers {frozen} do not require grad, and MFACPruner needs "
+                "their gradients: call requires_grad_(True) on them before pruning (and "
+                "requires_grad_(False) after, to freeze them again)"
+            )
 
     # -- pruning --------------------------------------------------------------------------
 
