@@ -467,6 +467,23 @@ def test_failed_loads_leave_the_optimizer_as_it_was():
         assert torch.equal(a, b)
 
 
+def test_a_load_of_other_sizes_names_them():
+    # Regression: "'window_slots' must be a 1-D integer tensor of length num_grads=4" for
+    # another num_grads, "the momentum buffer must be ... of shape (5,)" for other sizes.
+    a = nn.Parameter(torch.ones(3))
+    opt = MFAC([a], num_grads=2)
+    a.grad = torch.ones(3)
+    opt.step()
+    state = opt.state_dict()
+    for other, sizes in (
+        (MFAC([nn.Parameter(torch.ones(3))], num_grads=4), "num_grads=4 and dim=3"),
+        (MFAC([nn.Parameter(torch.ones(5))], num_grads=2), "num_grads=2 and dim=5"),
+    ):
+        with pytest.raises(ValueError, match=f"num_grads=2 gradients of dim=3 .*{sizes}"):
+            other.load_state_dict(state)
+        assert other.steps == 0
+
+
 def test_old_checkpoints_without_counters_load():
     _, source = trained(1, 6)
     state = source.state_dict()
