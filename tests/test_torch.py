@@ -334,6 +334,25 @@ def test_copies_equal_the_original_and_continue_like_it(how, dtype, zero_init, m
     assert_same(snapshot(opt2, diagnostics=False), snapshot(opt, diagnostics=False))
 
 
+@pytest.mark.parametrize("how", list(COPIERS))
+def test_copies_after_freezing_or_unfreezing_a_layer(how):
+    # Regression: "dictionary changed size during iteration" when the first parameter
+    # that requires grad (the state's holder) was another one than at construction.
+    data = batches(8, 5)
+    for frozen_at_first in (False, True):
+        model = make_model(8)
+        model[0].weight.requires_grad_(not frozen_at_first)
+        opt = MFAC(model.parameters(), lr=0.05, num_grads=3, momentum=0.9)
+        train(model, opt, data[:2])
+        model[0].weight.requires_grad_(frozen_at_first)
+        model2, opt2 = COPIERS[how]((model, opt))
+        train(model2, opt2, data[2:])
+        train(model, opt, data[2:])
+        for a, b in zip(model.parameters(), model2.parameters(), strict=True):
+            assert torch.equal(a, b)
+        assert opt2.steps == opt.steps == 5 and len(opt2.state) == 1
+
+
 def trained(seed: int, steps: int, **kw):
     kw = {"lr": 0.05, "num_grads": 4, "damp": 1e-3, "momentum": 0.9, "weight_decay": 1e-3, **kw}
     model = make_model(seed)

@@ -472,5 +472,9 @@ def restore(opt: Any, extra: Mapping[str, Any]) -> None:
         entry = {key: extra.get(key, 0) for key in ENTRY_KEYS[1:]}
         entry["momentum_buffer"] = check_momentum(opt, extra["momentum_buffer"])
     else:  # the one entry (held by the first parameter that required grad when pickled)
-        entry = next((e for e in opt.state.values() if e), opt._entry)
+        # Listed before opt._entry is read: when requires_grad changed since the optimizer
+        # was built, layout() picked another holder, and reading its (default) entry adds
+        # it to the state.
+        held = [e for e in opt.state.values() if e]
+        entry = held[0] if held else opt._entry
     opt._reset_state(entry)  # the entry of the live window
