@@ -1075,6 +1075,20 @@ def test_pruner_explains_what_stops_its_gradients():
         assert torch.equal(w, before[name]) and bool(pruner.masks[name].all())
 
 
+def test_pruner_refuses_a_parametrized_weight():
+    # Regression: weight_norm's weight is recomputed by every forward pass, so its
+    # gradients were taken at a stale copy (all zero) and the pruned values written into
+    # that copy: sparsity() said 0.5 and the layer was not pruned at all.
+    model = make_model()
+    nn.utils.parametrizations.weight_norm(model[0])
+    for layers in (None, ["0"]):
+        with pytest.raises(ValueError, match="weight of layer '0' is not a parameter"):
+            MFACPruner(model, layers=layers)
+    pruner = MFACPruner(model, layers=["2"], num_grads=4, block_size=8, damp=1e-3)
+    pruner.prune(loader(), F.cross_entropy, sparsity=0.5)
+    assert int((model[2].weight == 0).sum()) == model[2].weight.numel() // 2
+
+
 def test_pruner_checks_its_options_when_built():
     # Regression: they were accepted and failed at the first prune(), after the
     # gradients were collected; a bad selection_block_size was reported as "block_size",

@@ -75,8 +75,10 @@ class MFACPruner:
     Raises
     ------
     ValueError
-        If the model has no prunable layer or a named layer does not exist
-        or has no ``weight``, or for ``num_grads``, ``block_size`` or
+        If the model has no prunable layer, a named layer does not exist
+        or has no ``weight``, or a chosen layer's ``weight`` is not one of
+        its parameters (a parametrization such as ``weight_norm`` computes
+        it), or for ``num_grads``, ``block_size`` or
         ``selection_block_size`` below 1 or a ``damp`` that is not finite
         and positive.
     TypeError
@@ -163,7 +165,11 @@ class MFACPruner:
     def _resolve(model: nn.Module, layers: Sequence[str] | None) -> dict[str, torch.Tensor]:
         modules = dict(model.named_modules())
         if layers is None:
-            found = {name: m.weight for name, m in modules.items() if isinstance(m, _PRUNABLE)}
+            found = {
+                name: MFACPruner._own_weight(name, m)
+                for name, m in modules.items()
+                if isinstance(m, _PRUNABLE)
+            }
             if not found:
                 raise ValueError(
                     "the model has no Linear or Conv layer to prune; name the "
@@ -182,10 +188,30 @@ class MFACPruner:
             weight = getattr(modules[name], "weight", None)
             if not isinstance(weight, torch.Tensor):
                 raise ValueError(f"layer {name!r} has no weight tensor to prune")
-            out[name] = weight
+            out[name] = MFACPruner._own_weight(name, modules[name])
         if not out:
             raise ValueError("layers must name at least one layer")
         return MFACPruner._distinct(out)
+
+    @staticmethod
+    def _own_weight(name: str, module: nn.Module) -> torch.Tensor:
+        """The module's ``weight`` parameter itself, which the pruner reads and writes.
+
+        A parametrised weight (``torch.nn.utils.parametrizations.weight_norm``,
+        ``spectral_norm``, the older ``weight_norm`` hook) is recomputed from other
+        parameters by every forward pass: its gradients would be taken with respect to a
+        stale copy (all zero) and the pruned values written into that copy.
+        """
+        weight = dict(module.named_parameters(recurse=False)).get("weight")
+        if weight is None:
+            raise ValueError(
+                f"the weight of layer {name!r} is not a parameter of the layer: it is "
+                "computed from others (a parametrization such as weight_norm or "
+                "spectral_norm), so pruning it would change nothing; remove the "
+                "parametrization first (torch.nn.utils.parametrize.remove_parametrizations) "
+                "or leave the layer out of layers=[...]"
+            )
+        return weight
 
     @staticmethod
     def _distinct(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
