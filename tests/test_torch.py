@@ -212,6 +212,8 @@ def test_meta_parameters_are_refused_clearly():
     model = nn.Linear(3, 2, device="meta")
     with pytest.raises(ValueError, match=r"meta device.*materialise the model"):
         MFAC(model.parameters(), num_grads=2)
+    with pytest.raises(ValueError, match=r"meta device.*materialise the model"):
+        MFACPruner(model)
 
 
 def test_parameters_without_entries_are_refused_clearly():

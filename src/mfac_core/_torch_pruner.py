@@ -80,7 +80,7 @@ class MFACPruner:
         its parameters (a parametrization such as ``weight_norm`` computes
         it), or for ``num_grads``, ``block_size`` or
         ``selection_block_size`` below 1 or a ``damp`` that is not finite
-        and positive.
+        and positive, or weights on the meta device.
     TypeError
         For a ``model`` that is not a module, a ``block_size`` or
         ``selection_block_size`` that is not an int, or a ``dtype`` other
@@ -149,6 +149,11 @@ class MFACPruner:
                     f"{name} is {w.device}/{w.dtype}, not "
                     f"{first.device}/{first.dtype}"
                 )
+        if first.device.type == "meta":
+            raise ValueError(
+                "the model's weights are on the meta device (no values): materialise the "
+                "model (e.g. model.to_empty(device=...) and load its weights) before pruning"
+            )
         self.device = first.device
         self.dtype = first.dtype if dtype is None else dtype
         # 2-byte gradients go with float32 weights through the pruning functions.
