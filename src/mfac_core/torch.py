@@ -470,8 +470,8 @@ class MFAC(torch.optim.Optimizer):
         dict
             :meth:`torch.optim.Optimizer.state_dict`, whose ``"state"`` holds
             one entry, under the id of the first parameter that requires grad
-            (of the first parameter if none does; as :class:`torch.optim.LBFGS`
-            keeps its global state): MFAC's state
+            when it is called (of the first parameter if none does; as
+            :class:`torch.optim.LBFGS` keeps its global state): MFAC's state
             for all parameters, with copies of the window's state
             (``"window"``: :meth:`DynamicIHVP.state_dict` with its slot
             lists as int64 tensors of length ``num_grads`` padded with -1,
@@ -487,15 +487,23 @@ class MFAC(torch.optim.Optimizer):
             these entries.
         """
         live = self._entry
+        # Saved under the first parameter that requires grad now, which may be another
+        # than when the optimizer was built (a layer frozen or unfrozen since):
+        # torch.distributed.checkpoint drops the state of frozen parameters.
+        params = [p for group in self.param_groups for p in group["params"]]
+        holder = next((p for p in params if p.requires_grad), self._first)
         # Copies of the window's state in state_dict() only: kept in self.state they
         # would double the m x d memory.
-        self.state[self._first] = saved_entry(self)
-        others = [p for group in self.param_groups for p in group["params"] if p not in self.state]
+        saved = saved_entry(self)
+        del self.state[self._first]
+        self.state[holder] = saved
+        others = [p for p in params if p not in self.state]
         for p in others:
             self.state[p] = {}
         try:
             return super().state_dict()
         finally:
+            del self.state[holder]
             self.state[self._first] = live
             for p in others:
                 if self.state.get(p) == {}:  # unless a hook wrote into it
