@@ -216,6 +216,23 @@ def test_meta_parameters_are_refused_clearly():
         MFACPruner(model)
 
 
+def test_a_group_that_would_change_the_window_dtype_says_so():
+    # Regression: "would change the step's dtype from torch.float32 to torch.float32
+    # (or the window's)": the step's dtype did not change, the window's did.
+    opt = MFAC([nn.Parameter(torch.zeros(3, dtype=torch.bfloat16))], num_grads=2)
+    extra = {"params": [nn.Parameter(torch.zeros(2))]}
+    with pytest.raises(ValueError, match=r"window's storage dtype from torch\.bfloat16 to"):
+        opt.add_param_group(dict(extra))
+    assert (opt.dim, len(opt.param_groups), opt.grad_dtype) == (3, 1, torch.bfloat16)
+    kept = MFAC(
+        [nn.Parameter(torch.zeros(3, dtype=torch.bfloat16))],
+        num_grads=2,
+        grad_dtype=torch.bfloat16,
+    )
+    kept.add_param_group(dict(extra))
+    assert (kept.dim, kept.grad_dtype) == (5, torch.bfloat16)
+
+
 def test_parameters_without_entries_are_refused_clearly():
     # Regression: "dim must be >= 1, got 0", a message about the window's internals.
     for params in (

@@ -169,11 +169,19 @@ def grow(opt: Any) -> None:
     saved = {k: opt.__dict__[k] for k in LAYOUT_ATTRS}
     try:
         layout(opt)
-        if (opt.dtype, opt.grad_dtype) != (saved["dtype"], saved["grad_dtype"]):
+        if opt.dtype != saved["dtype"]:
             raise ValueError(
                 f"the new parameters would change the step's dtype from {saved['dtype']} "
-                f"to {opt.dtype} (or the window's): add parameters of the dtypes the "
-                "optimizer was built with, or build a new optimizer"
+                f"to {opt.dtype}: add parameters of the dtypes the optimizer was built "
+                "with, or build a new optimizer"
+            )
+        if opt.grad_dtype != saved["grad_dtype"]:
+            # The default window stores the parameters' dtype only while they share one.
+            raise ValueError(
+                "the new parameters would change the window's storage dtype from "
+                f"{saved['grad_dtype']} to {opt.grad_dtype} (the parameters would no "
+                "longer share one dtype): add parameters of the optimizer's dtype, or "
+                f"build the optimizer with grad_dtype={saved['grad_dtype']}"
             )
         width = opt._grad.shape[0] - saved["_grad"].shape[0]
         window = opt.ihvp.state_dict()
