@@ -375,8 +375,9 @@ class MFAC(torch.optim.Optimizer):
             For an out-of-range ``lr``, ``momentum`` or ``weight_decay`` of
             the group, a window option in it, parameters on another device,
             parameters that would change the step's dtype (float64 ones added
-            to a float32 optimizer), or a distributed optimizer. The optimizer
-            is then unchanged.
+            to a float32 optimizer) or the window's storage dtype (float32 ones
+            added to a bfloat16 optimizer without ``grad_dtype``), or a
+            distributed optimizer. The optimizer is then unchanged.
         """
         frozen = check_new_group(self, param_group)
         super().add_param_group(param_group)
