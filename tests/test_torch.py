@@ -1085,6 +1085,8 @@ def test_pruner_explains_what_stops_its_gradients():
     before = {name: w.detach().clone() for name, w in pruner.weights.items()}
     with pytest.raises(ValueError, match=r"yielded 2 batches and then none .* num_grads=4"):
         pruner.prune(iter(loader(n=2)), F.cross_entropy, sparsity=0.5)
+    with pytest.raises(ValueError, match=r"no batches .*steps > 1 iterates the loader again"):
+        pruner.prune(iter(loader(n=4)), F.cross_entropy, sparsity=0.5, steps=2)
     with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
         pruner.prune(loader(), F.cross_entropy, sparsity=0.5)
     model[0].weight.requires_grad_(False)

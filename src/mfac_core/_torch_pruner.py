@@ -387,7 +387,11 @@ class MFACPruner:
                     "or a smaller num_grads"
                 )
             if not got:
-                raise ValueError("the data loader yielded no batches")
+                raise ValueError(
+                    "the data loader yielded no batches (an iterator exhausted already? "
+                    "prune() with steps > 1 iterates the loader again at every step: pass "
+                    "a list or a DataLoader)"
+                )
         # In place (no second m x d array); the pruning functions zero them again.
         return G.masked_fill_(~mask, 0)
 
