@@ -233,6 +233,28 @@ def test_a_group_that_would_change_the_window_dtype_says_so():
     assert (kept.dim, kept.grad_dtype) == (5, torch.bfloat16)
 
 
+def test_a_step_after_model_double_is_refused():
+    # Regression: the float32 window and step rounded every update of the now float64
+    # parameters to float32, silently. A half() model is stepped in float32, as built.
+    model = nn.Linear(3, 2)
+    opt = MFAC(model.parameters(), lr=0.1, num_grads=2)
+    x = torch.randn(4, 3)
+    model(x).sum().backward()
+    opt.step()
+    model.double()
+    model(x.double()).sum().backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match=r"parameter 0 of group 0 \(shape \(2, 3\)\) is float64"):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+    assert opt.steps == 1
+    model.half()
+    opt.zero_grad()
+    model(x.half()).sum().backward()
+    opt.step()
+    assert opt.steps == 2
+
+
 def test_parameters_without_entries_are_refused_clearly():
     # Regression: "dim must be >= 1, got 0", a message about the window's internals.
     for params in (

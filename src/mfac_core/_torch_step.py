@@ -164,9 +164,33 @@ def distributed_step(opt: Any, g: torch.Tensor) -> None:
     moved(opt, s, finite)
 
 
+def check_dtypes(opt: Any) -> None:
+    """Refuse a step after a parameter became float64 in a float32 optimizer.
+
+    E.g. ``model.double()`` after the optimizer was built: the parameters stay the same
+    objects, and the float32 flat gradient, window and step would round every float64
+    update to float32 without a word. (2-byte parameters, or float32 ones in a float64
+    optimizer, are stepped in a wider dtype and rounded once, as at construction.)
+    """
+    if opt.dtype == torch.float64:
+        return
+    for j, group in enumerate(opt.param_groups):
+        for i, p in enumerate(group["params"]):
+            if p.dtype == torch.float64:
+                raise RuntimeError(
+                    f"MFAC: parameter {i} of group {j} (shape {tuple(p.shape)}) is float64, "
+                    f"but the optimizer was built for parameters without float64 (its "
+                    f"window and steps are {str(opt.dtype).removeprefix('torch.')}), e.g. "
+                    "before model.double(): its updates would be rounded to that dtype; "
+                    "build the optimizer after converting the model (the step was not "
+                    "taken, nothing changed)"
+                )
+
+
 def gather(opt: Any) -> torch.Tensor:
     """The flat gradient, weight decay included, in the reused buffer."""
     check_layouts(opt)  # before anything changes: apply() writes through their flat views
+    check_dtypes(opt)
     g = opt._grad
     for group, layout in zip(opt.param_groups, opt._slices, strict=True):
         wd = group["weight_decay"]
