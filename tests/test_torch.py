@@ -255,6 +255,22 @@ def test_a_step_after_model_double_is_refused():
     assert opt.steps == 2
 
 
+def test_a_step_after_a_parameter_was_resized_is_refused():
+    # Regression: "The size of tensor a (6) must match the size of tensor b (12)".
+    for masked in (False, True):
+        model = nn.Linear(3, 2)
+        masks = {model.weight: torch.ones(2, 3, dtype=torch.bool)} if masked else None
+        opt = MFAC(model.parameters(), lr=0.1, num_grads=2, masks=masks)
+        with torch.no_grad():
+            model.weight.data = torch.randn(4, 3)
+            model.bias.data = torch.randn(4)
+        model(torch.randn(5, 3)).sum().backward()
+        was = "shape \\(2, 3\\)" if masked else "6 entries"
+        with pytest.raises(RuntimeError, match=rf"parameter 0 of group 0 .* had {was} when"):
+            opt.step()
+        assert opt.steps == 0
+
+
 def test_parameters_without_entries_are_refused_clearly():
     # Regression: "dim must be >= 1, got 0", a message about the window's internals.
     for params in (

@@ -164,33 +164,43 @@ def distributed_step(opt: Any, g: torch.Tensor) -> None:
     moved(opt, s, finite)
 
 
-def check_dtypes(opt: Any) -> None:
-    """Refuse a step after a parameter became float64 in a float32 optimizer.
+def check_params(opt: Any) -> None:
+    """Refuse a step after a parameter changed its size, or became float64 in a float32 one.
 
-    E.g. ``model.double()`` after the optimizer was built: the parameters stay the same
-    objects, and the float32 flat gradient, window and step would round every float64
-    update to float32 without a word. (2-byte parameters, or float32 ones in a float64
-    optimizer, are stepped in a wider dtype and rounded once, as at construction.)
+    The parameters stay the same objects through ``p.data = ...`` and ``model.double()``
+    after the optimizer was built: a new size would not fit its slice of the flat vector,
+    and the float32 flat gradient, window and step would round every float64 update to
+    float32 without a word. (2-byte parameters, or float32 ones in a float64 optimizer,
+    are stepped in a wider dtype and rounded once, as at construction.)
     """
-    if opt.dtype == torch.float64:
-        return
-    for j, group in enumerate(opt.param_groups):
-        for i, p in enumerate(group["params"]):
-            if p.dtype == torch.float64:
+    for j, layout in enumerate(opt._slices):
+        for i, (p, lo, hi) in enumerate(layout):
+            where = f"parameter {i} of group {j} (shape {tuple(p.shape)})"
+            if p in opt._kept:  # a masked parameter: its mask's shape
+                shape = tuple(opt._masks[p].shape)
+                changed, was = tuple(p.shape) != shape, f"shape {shape}"
+            else:
+                changed, was = local(p).numel() != hi - lo, f"{hi - lo} entries"
+            if changed:
                 raise RuntimeError(
-                    f"MFAC: parameter {i} of group {j} (shape {tuple(p.shape)}) is float64, "
-                    f"but the optimizer was built for parameters without float64 (its "
-                    f"window and steps are {str(opt.dtype).removeprefix('torch.')}), e.g. "
-                    "before model.double(): its updates would be rounded to that dtype; "
-                    "build the optimizer after converting the model (the step was not "
-                    "taken, nothing changed)"
+                    f"MFAC: {where} had {was} when the optimizer was built (its .data "
+                    "replaced since?): the window holds its coordinates as they were; build "
+                    "a new optimizer (the step was not taken, nothing changed)"
+                )
+            if p.dtype == torch.float64 and opt.dtype != torch.float64:
+                raise RuntimeError(
+                    f"MFAC: {where} is float64, but the optimizer was built for parameters "
+                    f"without float64 (its window and steps are "
+                    f"{str(opt.dtype).removeprefix('torch.')}), e.g. before model.double(): "
+                    "its updates would be rounded to that dtype; build the optimizer after "
+                    "converting the model (the step was not taken, nothing changed)"
                 )
 
 
 def gather(opt: Any) -> torch.Tensor:
     """The flat gradient, weight decay included, in the reused buffer."""
+    check_params(opt)
     check_layouts(opt)  # before anything changes: apply() writes through their flat views
-    check_dtypes(opt)
     g = opt._grad
     for group, layout in zip(opt.param_groups, opt._slices, strict=True):
         wd = group["weight_decay"]

@@ -435,9 +435,10 @@ class MFAC(torch.optim.Optimizer):
         FactorizationError
             With ``errors="raise"``, for a gradient the window cannot take.
         RuntimeError
-            For sparse gradients, a masked parameter whose memory layout
-            changed, or a float64 parameter in an optimizer built without
-            one (e.g. ``model.double()`` after construction); nothing changes.
+            For sparse gradients, a parameter whose size (or, masked, memory
+            layout) changed since construction, or a float64 parameter in an
+            optimizer built without one (e.g. ``model.double()`` after
+            construction); nothing changes.
         """
         loss = None
         if closure is not None:
