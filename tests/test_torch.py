@@ -271,6 +271,33 @@ def test_a_step_after_a_parameter_was_resized_is_refused():
         assert opt.steps == 0
 
 
+def test_inference_mode_calls_leave_an_optimizer_that_trains_on():
+    # Regression: MFAC(...), step() (once it refactorised), load_state_dict() or
+    # add_param_group() under torch.inference_mode() made inference tensors of its
+    # buffers, and the next step outside failed with "Inplace update to inference tensor
+    # outside InferenceMode is not allowed". Each run must equal the one outside.
+    data = batches(3, 6)
+
+    def run(inference: bool):
+        model = make_model(3)
+        head, tail = list(model.parameters())[:2], list(model.parameters())[2:]
+        with torch.inference_mode(inference):
+            opt = MFAC(head, lr=0.05, num_grads=2, momentum=0.9, zero_init=False)
+        for x, y in data[:3]:
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            with torch.inference_mode(inference):
+                opt.step()
+        with torch.inference_mode(inference):
+            opt.load_state_dict(opt.state_dict())
+            opt.add_param_group({"params": tail})
+        train(model, opt, data[3:])
+        return [p.detach().clone() for p in model.parameters()]
+
+    for a, b in zip(run(True), run(False), strict=True):
+        assert torch.equal(a, b)
+
+
 def test_parameters_without_entries_are_refused_clearly():
     # Regression: "dim must be >= 1, got 0", a message about the window's internals.
     for params in (

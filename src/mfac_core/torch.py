@@ -307,13 +307,19 @@ class MFAC(torch.optim.Optimizer):
             grad_dtype=grad_dtype,
         )
         self._comm: Communicator | None = None if comm is None else check_communicator(comm)
-        self._masks = check_masks(masks, self.param_groups)
-        layout(self)
-        self.ihvp = new_window(self, damp)
-        # The optimizer's state lives on one parameter, as torch.optim.LBFGS keeps
-        # its global state: never empty, so that torch.distributed.checkpoint finds it
-        # initialised and does not call step() with zero gradients to create it.
-        self._reset_state(fresh_entry(self._grad))
+        # Every buffer MFAC keeps is made outside inference mode (here and in each method
+        # that makes some), even if called in it: an inference tensor cannot be updated
+        # in place by a later step outside it, which torch's optimizers never ask of
+        # theirs (their state is made by their first step, and loads keep tensors).
+        # inference_mode(False) enables grad mode: no_grad goes inside it.
+        with torch.inference_mode(False), torch.no_grad():
+            self._masks = check_masks(masks, self.param_groups)
+            layout(self)
+            self.ihvp = new_window(self, damp)
+            # The optimizer's state lives on one parameter, as torch.optim.LBFGS keeps
+            # its global state: never empty, so that torch.distributed.checkpoint finds
+            # it initialised and does not call step() with zero gradients to create it.
+            self._reset_state(fresh_entry(self._grad))
 
     def _reset_state(self, entry: dict[str, Any]) -> None:
         # Only one parameter (self._first) has an entry, as with torch.optim.LBFGS (torch's
@@ -387,7 +393,8 @@ class MFAC(torch.optim.Optimizer):
         try:
             check_group(group, "the parameter group")
             if frozen:
-                grow(self)
+                with torch.inference_mode(False), torch.no_grad():  # see __init__
+                    grow(self)
         except (TypeError, ValueError):
             self.param_groups.pop()
             raise
@@ -453,11 +460,11 @@ class MFAC(torch.optim.Optimizer):
         return loss
 
     # no_grad again: this runs on its own when a compiled function calls it eagerly.
-    # no_grad again: this runs on its own when a compiled function calls it eagerly.
     @torch.no_grad()
     def _step(self) -> None:
         """The step itself, after the closure."""
-        take_step(self)
+        with torch.inference_mode(False), torch.no_grad():  # see __init__
+            take_step(self)
 
     def _warn(self, message: str) -> None:
         # Point at the caller of opt.step(), past this package and torch's wrappers of step
@@ -562,7 +569,8 @@ class MFAC(torch.optim.Optimizer):
         FactorizationError
             If the window cannot be factorised with the new ``damp``.
         """
-        load_state(self, state_dict, damp)
+        with torch.inference_mode(False), torch.no_grad():  # see __init__
+            load_state(self, state_dict, damp)
 
     def __getstate__(self) -> dict[str, Any]:
         # torch.optim.Optimizer pickles only defaults, state and param_groups; the
@@ -593,5 +601,5 @@ class MFAC(torch.optim.Optimizer):
         masks_from_list(self, None if extra is None else extra.get("masks"))
         if extra is None:
             return
-        with torch.no_grad():
+        with torch.inference_mode(False), torch.no_grad():  # see __init__
             restore(self, extra)
