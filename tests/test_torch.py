@@ -1175,6 +1175,17 @@ def test_pruner_refuses_a_parametrized_weight():
     assert int((model[2].weight == 0).sum()) == model[2].weight.numel() // 2
 
 
+def test_pruner_names_a_gradient_beyond_float16():
+    # Regression: "G must not contain NaN or infinity: G[0, 1] is -inf", about an
+    # array the user never made, for finite gradients that float16 storage overflowed.
+    model = make_model()
+    before = [w.detach().clone() for w in model.parameters()]
+    pruner = MFACPruner(model, num_grads=2, block_size=8, dtype=torch.float16)
+    with pytest.raises(ValueError, match=r"layer '0' for batch 0 .* beyond float16's range"):
+        pruner.prune(loader(n=2), lambda out, y: 1e6 * F.cross_entropy(out, y), sparsity=0.5)
+    assert all(torch.equal(w, b) for w, b in zip(model.parameters(), before, strict=True))
+
+
 def test_pruner_checks_its_options_when_built():
     # Regression: they were accepted and failed at the first prune(), after the
     # gradients were collected; a bad selection_block_size was reported as "block_size",

@@ -337,8 +337,9 @@ class MFACPruner:
         ------
         ValueError
             If the loader yields no batch, or fewer than ``num_grads`` and
-            then none when iterated again, or a chosen weight does not
-            require grad.
+            then none when iterated again, a chosen weight does not require
+            grad, or (``dtype=torch.float16``) a finite gradient entry is
+            beyond float16's range.
         RuntimeError
             Under :func:`torch.inference_mode`, which disables gradients.
         """
@@ -366,15 +367,16 @@ class MFACPruner:
                     loss = loss_fn(self.model(inputs), targets)
                     grads = torch.autograd.grad(loss, weights, allow_unused=True)
                 offset = 0
-                for w, g in zip(weights, grads, strict=True):
+                for name, w, g in zip(self.weights, weights, grads, strict=True):
                     n = w.numel()
                     if g is None:
                         G[row, offset : offset + n] = 0
                     else:
                         # A sparse gradient (nn.Embedding(sparse=True)) is dense here.
-                        G[row, offset : offset + n] = (
-                            g.to_dense() if g.layout != torch.strided else g
-                        ).reshape(-1)
+                        g = (g.to_dense() if g.layout != torch.strided else g).reshape(-1)
+                        G[row, offset : offset + n] = g
+                        if self.dtype == torch.float16:
+                            self._check_float16(G[row, offset : offset + n], g, name, row)
                     offset += n
                 row += 1
                 if row == self.num_grads:
@@ -394,6 +396,21 @@ class MFACPruner:
                 )
         # In place (no second m x d array); the pruning functions zero them again.
         return G.masked_fill_(~mask, 0)
+
+    @staticmethod
+    def _check_float16(stored: torch.Tensor, g: torch.Tensor, name: str, row: int) -> None:
+        """Refuse a finite gradient that float16 storage turned into infinity.
+
+        The pruning functions would refuse the infinity without saying where it came from.
+        """
+        if bool(torch.isfinite(stored).all()) or not bool(torch.isfinite(g).all()):
+            return
+        raise ValueError(
+            f"the gradient of layer {name!r} for batch {row} has an entry of magnitude "
+            f"{float(g.abs().max()):.3g}, beyond float16's range (65504), which "
+            "dtype=torch.float16 would store as infinity: use dtype=torch.bfloat16 "
+            "(float32's range in 2 bytes) or torch.float32, or scale the loss down"
+        )
 
     def _check_differentiable(self) -> None:
         """Refuse, before any batch, what would stop autograd from giving the gradients."""
