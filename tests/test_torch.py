@@ -298,6 +298,27 @@ def test_inference_mode_calls_leave_an_optimizer_that_trains_on():
         assert torch.equal(a, b)
 
 
+def test_a_step_after_param_groups_were_edited_is_refused():
+    # Regression: a parameter appended to group["params"] was silently left out of the
+    # window and never moved (torch's optimizers step it); a group appended to
+    # param_groups failed with "zip() argument 2 is shorter than argument 1".
+    a, b = nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(2))
+    opt = MFAC([a], lr=0.1, num_grads=2)
+    a.grad, b.grad = torch.ones(3), torch.ones(2)
+    opt.param_groups[0]["params"].append(b)
+    with pytest.raises(RuntimeError, match=r"\[1\] per group, now \[2\].*add_param_group"):
+        opt.step()
+    opt.param_groups[0]["params"].pop()
+    opt.param_groups.append({**opt.param_groups[0], "params": [b]})
+    with pytest.raises(RuntimeError, match=r"\[1\] per group, now \[1, 1\]"):
+        opt.step()
+    assert opt.steps == 0 and not a.any()
+    opt.param_groups.pop()
+    opt.add_param_group({"params": [b]})
+    opt.step()
+    assert opt.steps == 1 and bool(b.ne(0).all())
+
+
 def test_parameters_without_entries_are_refused_clearly():
     # Regression: "dim must be >= 1, got 0", a message about the window's internals.
     for params in (

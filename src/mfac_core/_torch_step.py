@@ -165,7 +165,7 @@ def distributed_step(opt: Any, g: torch.Tensor) -> None:
 
 
 def check_params(opt: Any) -> None:
-    """Refuse a step after a parameter changed its size, or became float64 in a float32 one.
+    """Refuse a step after the groups' parameters were edited, or one changed size or dtype.
 
     The parameters stay the same objects through ``p.data = ...`` and ``model.double()``
     after the optimizer was built: a new size would not fit its slice of the flat vector,
@@ -173,6 +173,22 @@ def check_params(opt: Any) -> None:
     float32 without a word. (2-byte parameters, or float32 ones in a float64 optimizer,
     are stepped in a wider dtype and rounded once, as at construction.)
     """
+    groups = opt.param_groups
+    edited = len(groups) != len(opt._slices) or any(
+        len(group["params"]) != len(layout)
+        or any(p is not q for p, (q, _, _) in zip(group["params"], layout, strict=False))
+        for group, layout in zip(groups, opt._slices, strict=False)
+    )
+    if edited:
+        # The flat vector and the window are laid out over the parameters as built.
+        raise RuntimeError(
+            "MFAC: opt.param_groups no longer lists the parameters the optimizer was built "
+            f"with ({[len(layout) for layout in opt._slices]} per group, now "
+            f"{[len(group['params']) for group in groups]}, or others): a parameter added "
+            "to or removed from a group, or a group appended, would be left out of (or "
+            "kept in) the window; use add_param_group(), or build a new optimizer (the "
+            "step was not taken, nothing changed)"
+        )
     for j, layout in enumerate(opt._slices):
         for i, (p, lo, hi) in enumerate(layout):
             where = f"parameter {i} of group {j} (shape {tuple(p.shape)})"

@@ -442,7 +442,8 @@ class MFAC(torch.optim.Optimizer):
         FactorizationError
             With ``errors="raise"``, for a gradient the window cannot take.
         RuntimeError
-            For sparse gradients, a parameter whose size (or, masked, memory
+            For sparse gradients, parameter groups edited by hand (not with
+            :meth:`add_param_group`), a parameter whose size (or, masked, memory
             layout) changed since construction, or a float64 parameter in an
             optimizer built without one (e.g. ``model.double()`` after
             construction); nothing changes.
