@@ -206,6 +206,119 @@ def test_optimizer_errors():
         other.load_state_dict(opt.state_dict())
 
 
+def test_meta_parameters_are_refused_clearly():
+    # Regression: "Tensor.item() cannot be called on meta tensors" from the window's
+    # factorisation, deep inside the constructor.
+    model = nn.Linear(3, 2, device="meta")
+    with pytest.raises(ValueError, match=r"meta device.*materialise the model"):
+        MFAC(model.parameters(), num_grads=2)
+    with pytest.raises(ValueError, match=r"meta device.*materialise the model"):
+        MFACPruner(model)
+
+
+def test_a_group_that_would_change_the_window_dtype_says_so():
+    # Regression: "would change the step's dtype from torch.float32 to torch.float32
+    # (or the window's)": the step's dtype did not change, the window's did.
+    opt = MFAC([nn.Parameter(torch.zeros(3, dtype=torch.bfloat16))], num_grads=2)
+    extra = {"params": [nn.Parameter(torch.zeros(2))]}
+    with pytest.raises(ValueError, match=r"window's storage dtype from torch\.bfloat16 to"):
+        opt.add_param_group(dict(extra))
+    assert (opt.dim, len(opt.param_groups), opt.grad_dtype) == (3, 1, torch.bfloat16)
+    kept = MFAC(
+        [nn.Parameter(torch.zeros(3, dtype=torch.bfloat16))],
+        num_grads=2,
+        grad_dtype=torch.bfloat16,
+    )
+    kept.add_param_group(dict(extra))
+    assert (kept.dim, kept.grad_dtype) == (5, torch.bfloat16)
+
+
+def test_a_step_after_model_double_is_refused():
+    # Regression: the float32 window and step rounded every update of the now float64
+    # parameters to float32, silently. A half() model is stepped in float32, as built.
+    model = nn.Linear(3, 2)
+    opt = MFAC(model.parameters(), lr=0.1, num_grads=2)
+    x = torch.randn(4, 3)
+    model(x).sum().backward()
+    opt.step()
+    model.double()
+    model(x.double()).sum().backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match=r"parameter 0 of group 0 \(shape \(2, 3\)\) is float64"):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+    assert opt.steps == 1
+    model.half()
+    opt.zero_grad()
+    model(x.half()).sum().backward()
+    opt.step()
+    assert opt.steps == 2
+
+
+def test_a_step_after_a_parameter_was_resized_is_refused():
+    # Regression: "The size of tensor a (6) must match the size of tensor b (12)".
+    for masked in (False, True):
+        model = nn.Linear(3, 2)
+        masks = {model.weight: torch.ones(2, 3, dtype=torch.bool)} if masked else None
+        opt = MFAC(model.parameters(), lr=0.1, num_grads=2, masks=masks)
+        with torch.no_grad():
+            model.weight.data = torch.randn(4, 3)
+            model.bias.data = torch.randn(4)
+        model(torch.randn(5, 3)).sum().backward()
+        was = "shape \\(2, 3\\)" if masked else "6 entries"
+        with pytest.raises(RuntimeError, match=rf"parameter 0 of group 0 .* had {was} when"):
+            opt.step()
+        assert opt.steps == 0
+
+
+def test_inference_mode_calls_leave_an_optimizer_that_trains_on():
+    # Regression: MFAC(...), step() (once it refactorised), load_state_dict() or
+    # add_param_group() under torch.inference_mode() made inference tensors of its
+    # buffers, and the next step outside failed with "Inplace update to inference tensor
+    # outside InferenceMode is not allowed". Each run must equal the one outside.
+    data = batches(3, 6)
+
+    def run(inference: bool):
+        model = make_model(3)
+        head, tail = list(model.parameters())[:2], list(model.parameters())[2:]
+        with torch.inference_mode(inference):
+            opt = MFAC(head, lr=0.05, num_grads=2, momentum=0.9, zero_init=False)
+        for x, y in data[:3]:
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            with torch.inference_mode(inference):
+                opt.step()
+        with torch.inference_mode(inference):
+            opt.load_state_dict(opt.state_dict())
+            opt.add_param_group({"params": tail})
+        train(model, opt, data[3:])
+        return [p.detach().clone() for p in model.parameters()]
+
+    for a, b in zip(run(True), run(False), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_step_after_param_groups_were_edited_is_refused():
+    # Regression: a parameter appended to group["params"] was silently left out of the
+    # window and never moved (torch's optimizers step it); a group appended to
+    # param_groups failed with "zip() argument 2 is shorter than argument 1".
+    a, b = nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(2))
+    opt = MFAC([a], lr=0.1, num_grads=2)
+    a.grad, b.grad = torch.ones(3), torch.ones(2)
+    opt.param_groups[0]["params"].append(b)
+    with pytest.raises(RuntimeError, match=r"\[1\] per group, now \[2\].*add_param_group"):
+        opt.step()
+    opt.param_groups[0]["params"].pop()
+    opt.param_groups.append({**opt.param_groups[0], "params": [b]})
+    with pytest.raises(RuntimeError, match=r"\[1\] per group, now \[1, 1\]"):
+        opt.step()
+    assert opt.steps == 0 and not a.any()
+    opt.param_groups.pop()
+    opt.add_param_group({"params": [b]})
+    opt.step()
+    assert opt.steps == 1 and bool(b.ne(0).all())
+
+
 def test_parameters_without_entries_are_refused_clearly():
     # Regression: "dim must be >= 1, got 0", a message about the window's internals.
     for params in (
@@ -324,6 +437,25 @@ def test_copies_equal_the_original_and_continue_like_it(how, dtype, zero_init, m
     for a, b in zip(model.parameters(), model2.parameters(), strict=True):
         assert torch.equal(a, b)
     assert_same(snapshot(opt2, diagnostics=False), snapshot(opt, diagnostics=False))
+
+
+@pytest.mark.parametrize("how", list(COPIERS))
+def test_copies_after_freezing_or_unfreezing_a_layer(how):
+    # Regression: "dictionary changed size during iteration" when the first parameter
+    # that requires grad (the state's holder) was another one than at construction.
+    data = batches(8, 5)
+    for frozen_at_first in (False, True):
+        model = make_model(8)
+        model[0].weight.requires_grad_(not frozen_at_first)
+        opt = MFAC(model.parameters(), lr=0.05, num_grads=3, momentum=0.9)
+        train(model, opt, data[:2])
+        model[0].weight.requires_grad_(frozen_at_first)
+        model2, opt2 = COPIERS[how]((model, opt))
+        train(model2, opt2, data[2:])
+        train(model, opt, data[2:])
+        for a, b in zip(model.parameters(), model2.parameters(), strict=True):
+            assert torch.equal(a, b)
+        assert opt2.steps == opt.steps == 5 and len(opt2.state) == 1
 
 
 def trained(seed: int, steps: int, **kw):
@@ -457,6 +589,23 @@ def test_failed_loads_leave_the_optimizer_as_it_was():
     train(target_model, target, data)
     for a, b in zip(model.parameters(), target_model.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_a_load_of_other_sizes_names_them():
+    # Regression: "'window_slots' must be a 1-D integer tensor of length num_grads=4" for
+    # another num_grads, "the momentum buffer must be ... of shape (5,)" for other sizes.
+    a = nn.Parameter(torch.ones(3))
+    opt = MFAC([a], num_grads=2)
+    a.grad = torch.ones(3)
+    opt.step()
+    state = opt.state_dict()
+    for other, sizes in (
+        (MFAC([nn.Parameter(torch.ones(3))], num_grads=4), "num_grads=4 and dim=3"),
+        (MFAC([nn.Parameter(torch.ones(5))], num_grads=2), "num_grads=2 and dim=5"),
+    ):
+        with pytest.raises(ValueError, match=f"num_grads=2 gradients of dim=3 .*{sizes}"):
+            other.load_state_dict(state)
+        assert other.steps == 0
 
 
 def test_old_checkpoints_without_counters_load():
@@ -942,6 +1091,40 @@ def test_pruner_with_mfac_optimizer_and_float64_fisher():
     assert torch.all(model[0].weight[~pruner.masks["0"]] == 0)
 
 
+class _TiedModel(nn.Module):
+    """An embedding and an output layer sharing one weight (tied weights)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(6, 4)
+        self.out = nn.Linear(4, 6, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.emb(x)))
+
+
+def test_pruner_prunes_a_tied_weight_once():
+    # Regression: a weight shared by two chosen layers was two blocks of theta (d = 48,
+    # not 24), its gradient counted twice in the Fisher and each copy pruned and updated
+    # as if independent of the other, the second copy's values written last.
+    gen = torch.Generator().manual_seed(0)
+    data = [
+        (torch.randint(0, 6, (5,), generator=gen), torch.randint(0, 6, (5,), generator=gen))
+        for _ in range(6)
+    ]
+    results = []
+    for layers in (["emb", "out"], ["emb"]):
+        torch.manual_seed(0)
+        model = _TiedModel()
+        pruner = MFACPruner(model, num_grads=6, block_size=None, damp=1e-2, layers=layers)
+        assert list(pruner.weights) == ["emb"] and pruner.dim == 24
+        pruner.prune(data, F.cross_entropy, sparsity=0.5)
+        assert int((model.emb.weight == 0).sum()) == 12
+        results.append(model.emb.weight.detach().clone())
+    torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
+
+
 def test_pruner_errors():
     model = make_model()
     with pytest.raises(ValueError, match="no layer named 'fc9'"):
@@ -960,6 +1143,88 @@ def test_pruner_errors():
         pruner.prune([], F.cross_entropy, sparsity=0.5)
     with pytest.raises(ValueError, match="saliency"):
         MFACPruner(model, saliency="random")
+
+
+def test_pruner_collects_sparse_gradients_densely():
+    # Regression: "reshape is not implemented for sparse tensors".
+    gen = torch.Generator().manual_seed(1)
+    data = [
+        (torch.randint(0, 6, (5,), generator=gen), torch.randint(0, 6, (5,), generator=gen))
+        for _ in range(4)
+    ]
+    grads = []
+    for sparse in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Embedding(6, 3, sparse=sparse), nn.Linear(3, 6))
+        pruner = MFACPruner(model, num_grads=4, layers=["0", "1"], damp=1e-2)
+        grads.append(pruner.collect_grads(data, F.cross_entropy))
+        pruner.prune(data, F.cross_entropy, sparsity=0.5)
+        assert int((model[0].weight == 0).sum()) + int((model[1].weight == 0).sum()) == 18
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-6, atol=1e-7)
+
+
+def test_pruner_explains_what_stops_its_gradients():
+    # Regression: autograd's errors from deep inside collect_grads, and "the data loader
+    # yielded no batches" for a one-shot iterator that yielded some.
+    model = make_model()
+    pruner = MFACPruner(model, num_grads=4, block_size=8, damp=1e-3)
+    before = {name: w.detach().clone() for name, w in pruner.weights.items()}
+    with pytest.raises(ValueError, match=r"yielded 2 batches and then none .* num_grads=4"):
+        pruner.prune(iter(loader(n=2)), F.cross_entropy, sparsity=0.5)
+    with pytest.raises(ValueError, match=r"no batches .*steps > 1 iterates the loader again"):
+        pruner.prune(iter(loader(n=4)), F.cross_entropy, sparsity=0.5, steps=2)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
+        pruner.prune(loader(), F.cross_entropy, sparsity=0.5)
+    model[0].weight.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"layers \['0'\] do not require grad"):
+        pruner.prune(loader(), F.cross_entropy, sparsity=0.5)
+    for name, w in pruner.weights.items():
+        assert torch.equal(w, before[name]) and bool(pruner.masks[name].all())
+
+
+def test_pruner_refuses_a_parametrized_weight():
+    # Regression: weight_norm's weight is recomputed by every forward pass, so its
+    # gradients were taken at a stale copy (all zero) and the pruned values written into
+    # that copy: sparsity() said 0.5 and the layer was not pruned at all.
+    model = make_model()
+    nn.utils.parametrizations.weight_norm(model[0])
+    for layers in (None, ["0"]):
+        with pytest.raises(ValueError, match="weight of layer '0' is not a parameter"):
+            MFACPruner(model, layers=layers)
+    pruner = MFACPruner(model, layers=["2"], num_grads=4, block_size=8, damp=1e-3)
+    pruner.prune(loader(), F.cross_entropy, sparsity=0.5)
+    assert int((model[2].weight == 0).sum()) == model[2].weight.numel() // 2
+
+
+def test_pruner_names_a_gradient_beyond_float16():
+    # Regression: "G must not contain NaN or infinity: G[0, 1] is -inf", about an
+    # array the user never made, for finite gradients that float16 storage overflowed.
+    model = make_model()
+    before = [w.detach().clone() for w in model.parameters()]
+    pruner = MFACPruner(model, num_grads=2, block_size=8, dtype=torch.float16)
+    with pytest.raises(ValueError, match=r"layer '0' for batch 0 .* beyond float16's range"):
+        pruner.prune(loader(n=2), lambda out, y: 1e6 * F.cross_entropy(out, y), sparsity=0.5)
+    assert all(torch.equal(w, b) for w, b in zip(model.parameters(), before, strict=True))
+
+
+def test_pruner_checks_its_options_when_built():
+    # Regression: they were accepted and failed at the first prune(), after the
+    # gradients were collected; a bad selection_block_size was reported as "block_size",
+    # a dtype given as a string as "Invalid device string".
+    model = make_model()
+    bad = [
+        ({"damp": -1.0}, ValueError, "damp must be finite and > 0"),
+        ({"damp": float("nan")}, ValueError, "damp must be finite and > 0"),
+        ({"block_size": 0}, ValueError, "block_size must be >= 1"),
+        ({"block_size": 7.5}, TypeError, "block_size must be an int"),
+        ({"selection_block_size": -3}, ValueError, "selection_block_size must be >= 1"),
+        ({"dtype": torch.int32}, TypeError, "dtype must be None"),
+        ({"dtype": "float64"}, TypeError, "dtype must be None"),
+    ]
+    for kwargs, error, message in bad:
+        with pytest.raises(error, match=message):
+            MFACPruner(model, **kwargs)
+    assert MFACPruner(model, block_size=np.int64(8), damp=np.float32(1e-3)).block_size == 8
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])

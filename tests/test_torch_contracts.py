@@ -571,6 +571,37 @@ def test_dcp_round_trips_with_the_first_parameter_frozen(flatten):
     assert_continue_alike(model, opt, fresh_model, fresh)
 
 
+@pytest.mark.parametrize("flatten", [False, True])
+@pytest.mark.parametrize("frozen_at_first", [False, True])
+def test_dcp_round_trips_after_a_layer_is_frozen_or_unfrozen(flatten, frozen_at_first):
+    # The entry is saved under the first parameter that requires grad when state_dict()
+    # is called. Regression: it was saved under the one of the optimizer's construction,
+    # which DCP dropped once frozen (the set raised), or which a fresh optimizer over the
+    # unfrozen model does not read in the flattened form (the set raised).
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(flatten_optimizer_state_dict=flatten)
+    model = make_model()
+    model[0].weight.requires_grad_(not frozen_at_first)
+    opt = MFAC(model.parameters(), lr=0.1, num_grads=3, momentum=0.5)
+    train(model, opt, batches(1, 2))
+    model[0].weight.requires_grad_(frozen_at_first)
+    fresh_model = make_model(3)
+    fresh_model[0].weight.requires_grad_(frozen_at_first)
+    fresh = MFAC(fresh_model.parameters(), lr=0.1, num_grads=3, momentum=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # DCP: no process group
+        saved = get_optimizer_state_dict(model, opt, options=options)
+        set_optimizer_state_dict(fresh_model, fresh, saved, options=options)
+    fresh_model.load_state_dict(model.state_dict())
+    assert fresh.steps == opt.steps == 2
+    assert_continue_alike(model, opt, fresh_model, fresh)
+
+
 def test_a_bad_window_is_named_where_the_entry_is():
     # The entry sits on the first parameter that requires grad (here id 1): the
     # message names the entry's key, not a fixed id 0 that holds nothing.

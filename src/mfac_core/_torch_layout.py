@@ -61,6 +61,14 @@ def layout(opt: Any) -> None:
                 "MFAC treats all parameters as one vector: they must share one device, "
                 f"got {first.device} and {p.device}"
             )
+    if first.device.type == "meta":
+        # The window is allocated and factorised at construction, which reads values.
+        raise ValueError(
+            "MFAC's parameters are on the meta device (no storage): the window is "
+            "allocated and factorised when the optimizer is built; materialise the model "
+            "first (e.g. model.to_empty(device=...) and initialise it), then build MFAC "
+            "over its new parameters"
+        )
     # The parameter that holds MFAC's state: the first one that requires grad, since
     # torch.distributed.checkpoint drops the state of frozen parameters.
     opt._first = next((p for p in flat if p.requires_grad), first)
@@ -161,11 +169,19 @@ def grow(opt: Any) -> None:
     saved = {k: opt.__dict__[k] for k in LAYOUT_ATTRS}
     try:
         layout(opt)
-        if (opt.dtype, opt.grad_dtype) != (saved["dtype"], saved["grad_dtype"]):
+        if opt.dtype != saved["dtype"]:
             raise ValueError(
                 f"the new parameters would change the step's dtype from {saved['dtype']} "
-                f"to {opt.dtype} (or the window's): add parameters of the dtypes the "
-                "optimizer was built with, or build a new optimizer"
+                f"to {opt.dtype}: add parameters of the dtypes the optimizer was built "
+                "with, or build a new optimizer"
+            )
+        if opt.grad_dtype != saved["grad_dtype"]:
+            # The default window stores the parameters' dtype only while they share one.
+            raise ValueError(
+                "the new parameters would change the window's storage dtype from "
+                f"{saved['grad_dtype']} to {opt.grad_dtype} (the parameters would no "
+                "longer share one dtype): add parameters of the optimizer's dtype, or "
+                f"build the optimizer with grad_dtype={saved['grad_dtype']}"
             )
         width = opt._grad.shape[0] - saved["_grad"].shape[0]
         window = opt.ihvp.state_dict()

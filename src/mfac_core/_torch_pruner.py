@@ -10,11 +10,13 @@ from torch import nn
 
 from . import _host_rows, pruning
 from ._torch_layout import format_bytes, itemsize, logger
-from ._validation import check_choice, check_fraction
+from ._validation import check_choice, check_count, check_damp, check_fraction
 
 __all__ = ["MFACPruner"]
 
 _PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+#: The dtypes of the Fisher computations (the 2-byte ones store the gradients only).
+_FISHER_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 class MFACPruner:
@@ -45,6 +47,8 @@ class MFACPruner:
     layers : sequence of str, optional
         Names of the modules (as in ``model.named_modules()``) whose
         ``weight`` is pruned. Default: every ``Linear`` and ``Conv1d/2d/3d``.
+        A weight shared by several of them (tied weights) is pruned once, as
+        one tensor, under the first of their names.
     saliency : {"obs", "obd", "magnitude"}, optional
         The saliency (default ``"obs"``); see :func:`mfac_core.pruning.prune`.
     update : {"single", "joint", "none"}, optional
@@ -71,8 +75,16 @@ class MFACPruner:
     Raises
     ------
     ValueError
-        If the model has no prunable layer or a named layer does not exist
-        or has no ``weight``.
+        If the model has no prunable layer, a named layer does not exist
+        or has no ``weight``, or a chosen layer's ``weight`` is not one of
+        its parameters (a parametrization such as ``weight_norm`` computes
+        it), or for ``num_grads``, ``block_size`` or
+        ``selection_block_size`` below 1 or a ``damp`` that is not finite
+        and positive, or weights on the meta device.
+    TypeError
+        For a ``model`` that is not a module, a ``block_size`` or
+        ``selection_block_size`` that is not an int, or a ``dtype`` other
+        than the four above.
 
     Examples
     --------
@@ -109,6 +121,18 @@ class MFACPruner:
             raise ValueError(f"num_grads must be an int >= 1, got {num_grads!r}")
         check_choice(saliency, "saliency", ("obs", "obd", "magnitude"))
         check_choice(update, "update", ("single", "joint", "none"))
+        # Checked here, as torch.optim checks its hyper-parameters, not at the first
+        # prune() (where a bad selection_block_size was reported as "block_size").
+        damp = check_damp(damp)
+        if block_size is not None:
+            block_size = check_count(block_size, "block_size")
+        if selection_block_size is not None:
+            selection_block_size = check_count(selection_block_size, "selection_block_size")
+        if dtype is not None and dtype not in _FISHER_DTYPES:
+            raise TypeError(
+                "dtype must be None (the weights' dtype), torch.float32, torch.float64, "
+                f"torch.float16 or torch.bfloat16, got {dtype!r}"
+            )
         self.model = model
         self.num_grads = num_grads
         self.block_size = block_size
@@ -125,6 +149,11 @@ class MFACPruner:
                     f"{name} is {w.device}/{w.dtype}, not "
                     f"{first.device}/{first.dtype}"
                 )
+        if first.device.type == "meta":
+            raise ValueError(
+                "the model's weights are on the meta device (no values): materialise the "
+                "model (e.g. model.to_empty(device=...) and load its weights) before pruning"
+            )
         self.device = first.device
         self.dtype = first.dtype if dtype is None else dtype
         # 2-byte gradients go with float32 weights through the pruning functions.
@@ -141,13 +170,17 @@ class MFACPruner:
     def _resolve(model: nn.Module, layers: Sequence[str] | None) -> dict[str, torch.Tensor]:
         modules = dict(model.named_modules())
         if layers is None:
-            found = {name: m.weight for name, m in modules.items() if isinstance(m, _PRUNABLE)}
+            found = {
+                name: MFACPruner._own_weight(name, m)
+                for name, m in modules.items()
+                if isinstance(m, _PRUNABLE)
+            }
             if not found:
                 raise ValueError(
                     "the model has no Linear or Conv layer to prune; name the "
                     "layers explicitly with layers=[...]"
                 )
-            return found
+            return MFACPruner._distinct(found)
         if isinstance(layers, str):
             layers = [layers]
         out = {}
@@ -160,9 +193,42 @@ class MFACPruner:
             weight = getattr(modules[name], "weight", None)
             if not isinstance(weight, torch.Tensor):
                 raise ValueError(f"layer {name!r} has no weight tensor to prune")
-            out[name] = weight
+            out[name] = MFACPruner._own_weight(name, modules[name])
         if not out:
             raise ValueError("layers must name at least one layer")
+        return MFACPruner._distinct(out)
+
+    @staticmethod
+    def _own_weight(name: str, module: nn.Module) -> torch.Tensor:
+        """The module's ``weight`` parameter itself, which the pruner reads and writes.
+
+        A parametrised weight (``torch.nn.utils.parametrizations.weight_norm``,
+        ``spectral_norm``, the older ``weight_norm`` hook) is recomputed from other
+        parameters by every forward pass: its gradients would be taken with respect to a
+        stale copy (all zero) and the pruned values written into that copy.
+        """
+        weight = dict(module.named_parameters(recurse=False)).get("weight")
+        if weight is None:
+            raise ValueError(
+                f"the weight of layer {name!r} is not a parameter of the layer: it is "
+                "computed from others (a parametrization such as weight_norm or "
+                "spectral_norm), so pruning it would change nothing; remove the "
+                "parametrization first (torch.nn.utils.parametrize.remove_parametrizations) "
+                "or leave the layer out of layers=[...]"
+            )
+        return weight
+
+    @staticmethod
+    def _distinct(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        # A weight shared by several layers (tied weights) is one set of coordinates of
+        # theta: listed twice, its Fisher would count each gradient twice and OBS would
+        # prune one copy of a coordinate while "updating" the other.
+        seen: set[int] = set()
+        out = {}
+        for name, w in weights.items():
+            if id(w) not in seen:
+                seen.add(id(w))
+                out[name] = w
         return out
 
     # -- flat views -----------------------------------------------------------------------
@@ -249,8 +315,11 @@ class MFACPruner:
         Batches are ``(inputs, targets)`` pairs; the gradient of
         ``loss_fn(model(inputs), targets)`` is taken with respect to the
         chosen weights and zeroed at pruned coordinates. The loader is
-        iterated again from the start if it has fewer batches. The model's
-        ``.grad`` fields are cleared.
+        iterated again from the start if it has fewer batches (so a one-shot
+        iterator must yield ``num_grads`` batches). The gradients are taken
+        with :func:`torch.autograd.grad`: the model's ``.grad`` fields are
+        left as they are. Sparse gradients (``nn.Embedding(sparse=True)``)
+        are made dense.
 
         Parameters
         ----------
@@ -263,7 +332,18 @@ class MFACPruner:
         -------
         torch.Tensor, shape (num_grads, d)
             In the Fisher's dtype, on the weights' device.
+
+        Raises
+        ------
+        ValueError
+            If the loader yields no batch, or fewer than ``num_grads`` and
+            then none when iterated again, a chosen weight does not require
+            grad, or (``dtype=torch.float16``) a finite gradient entry is
+            beyond float16's range.
+        RuntimeError
+            Under :func:`torch.inference_mode`, which disables gradients.
         """
+        self._check_differentiable()
         weights = list(self.weights.values())
         size = self.num_grads * self.dim * itemsize(self.dtype)
         logger.info(
@@ -290,20 +370,66 @@ class MFACPruner:
                     loss = loss_fn(self.model(inputs), targets)
                     grads = torch.autograd.grad(loss, weights, allow_unused=True)
                 offset = 0
-                for w, g in zip(weights, grads, strict=True):
+                for name, w, g in zip(self.weights, weights, grads, strict=True):
                     n = w.numel()
                     if g is None:
                         G[row, offset : offset + n] = 0
                     else:
-                        G[row, offset : offset + n] = g.reshape(-1)
+                        # A sparse gradient (nn.Embedding(sparse=True)) is dense here.
+                        g = (g.to_dense() if g.layout != torch.strided else g).reshape(-1)
+                        G[row, offset : offset + n] = g
+                        if self.dtype == torch.float16:
+                            self._check_float16(G[row, offset : offset + n], g, name, row)
                     offset += n
                 row += 1
                 if row == self.num_grads:
                     break
+            if not got and row:
+                raise ValueError(
+                    f"the data loader yielded {row} batches and then none when iterated "
+                    f"again: num_grads={self.num_grads} needs {self.num_grads}; pass a "
+                    "loader that can be iterated more than once (a list, a DataLoader) "
+                    "or a smaller num_grads"
+                )
             if not got:
-                raise ValueError("the data loader yielded no batches")
+                raise ValueError(
+                    "the data loader yielded no batches (an iterator exhausted already? "
+                    "prune() with steps > 1 iterates the loader again at every step: pass "
+                    "a list or a DataLoader)"
+                )
         # In place (no second m x d array); the pruning functions zero them again.
         return G.masked_fill_(~mask, 0)
+
+    @staticmethod
+    def _check_float16(stored: torch.Tensor, g: torch.Tensor, name: str, row: int) -> None:
+        """Refuse a finite gradient that float16 storage turned into infinity.
+
+        The pruning functions would refuse the infinity without saying where it came from.
+        """
+        if bool(torch.isfinite(stored).all()) or not bool(torch.isfinite(g).all()):
+            return
+        raise ValueError(
+            f"the gradient of layer {name!r} for batch {row} has an entry of magnitude "
+            f"{float(g.abs().max()):.3g}, beyond float16's range (65504), which "
+            "dtype=torch.float16 would store as infinity: use dtype=torch.bfloat16 "
+            "(float32's range in 2 bytes) or torch.float32, or scale the loss down"
+        )
+
+    def _check_differentiable(self) -> None:
+        """Refuse, before any batch, what would stop autograd from giving the gradients."""
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError(
+                "MFACPruner needs the gradients of the weights, which torch.inference_mode() "
+                "disables: call prune() or collect_grads() outside it (torch.no_grad() "
+                "is fine)"
+            )
+        frozen = [name for name, w in self.weights.items() if not w.requires_grad]
+        if frozen:
+            raise ValueError(
+                f"the weights of layers {frozen} do not require grad, and MFACPruner needs "
+                "their gradients: call requires_grad_(True) on them before pruning (and "
+                "requires_grad_(False) after, to freeze them again)"
+            )
 
     # -- pruning --------------------------------------------------------------------------
 

@@ -214,10 +214,12 @@ def check_state(
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"the MFAC state's {key!r} must be an int >= 0, got {value!r}")
         counts[key] = int(value)
-    momentum = check_momentum(opt, extra["momentum_buffer"])
     if not window:
+        momentum = check_momentum(opt, extra["momentum_buffer"])
         return SimpleNamespace(groups=groups, window=None, damp=None, momentum=momentum, **counts)
+    # The window first: its sizes explain a mismatch better than the momentum's length.
     state, target = check_window(opt, extra["window"], damp)
+    momentum = check_momentum(opt, extra["momentum_buffer"])
     return SimpleNamespace(groups=groups, window=state, damp=target, momentum=momentum, **counts)
 
 
@@ -381,6 +383,7 @@ def check_window(opt: Any, window: Any, damp: float | None) -> tuple[dict[str, A
     where = "the MFAC state's 'window'"  # the entry sits on the first parameter that trains
     if not isinstance(window, Mapping):
         raise ValueError(f"{where} must be a dict")
+    check_window_sizes(opt, window, where)
     # Tensors to this device; the core detaches them, and checks everything else.
     out = {
         k: v.to(device=opt.device) if isinstance(v, torch.Tensor) else v
@@ -392,6 +395,26 @@ def check_window(opt: Any, window: Any, damp: float | None) -> tuple[dict[str, A
     except (TypeError, ValueError) as exc:  # one kind of error for every malformed state
         raise ValueError(f"{where}: {exc}") from None
     return out, target
+
+
+def check_window_sizes(opt: Any, window: Mapping[str, Any], where: str) -> None:
+    """Refuse a window of another ``num_grads`` or ``dim`` with both sizes named.
+
+    Checked before the padded slot lists (whose length is ``num_grads``) and the momentum
+    (of length ``dim``), whose own messages would not say which option differs. Values
+    that are not ints are left to the core's checks.
+    """
+    sizes = (window.get("num_grads"), window.get("dim"))
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in sizes):
+        return
+    mine = (opt.ihvp.num_grads, opt.ihvp.dim)
+    if sizes != mine:
+        raise ValueError(
+            f"{where} is a window of num_grads={sizes[0]} gradients of dim={sizes[1]} "
+            f"coordinates, this optimizer's of num_grads={mine[0]} and dim={mine[1]}: "
+            "load it into an optimizer built with the same num_grads over parameters of "
+            "the same sizes (and masks)"
+        )
 
 
 def load_state(opt: Any, state_dict: Any, damp: float | None) -> None:
@@ -449,5 +472,9 @@ def restore(opt: Any, extra: Mapping[str, Any]) -> None:
         entry = {key: extra.get(key, 0) for key in ENTRY_KEYS[1:]}
         entry["momentum_buffer"] = check_momentum(opt, extra["momentum_buffer"])
     else:  # the one entry (held by the first parameter that required grad when pickled)
-        entry = next((e for e in opt.state.values() if e), opt._entry)
+        # Listed before opt._entry is read: when requires_grad changed since the optimizer
+        # was built, layout() picked another holder, and reading its (default) entry adds
+        # it to the state.
+        held = [e for e in opt.state.values() if e]
+        entry = held[0] if held else opt._entry
     opt._reset_state(entry)  # the entry of the live window

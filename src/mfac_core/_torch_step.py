@@ -164,8 +164,58 @@ def distributed_step(opt: Any, g: torch.Tensor) -> None:
     moved(opt, s, finite)
 
 
+def check_params(opt: Any) -> None:
+    """Refuse a step after the groups' parameters were edited, or one changed size or dtype.
+
+    The parameters stay the same objects through ``p.data = ...`` and ``model.double()``
+    after the optimizer was built: a new size would not fit its slice of the flat vector,
+    and the float32 flat gradient, window and step would round every float64 update to
+    float32 without a word. (2-byte parameters, or float32 ones in a float64 optimizer,
+    are stepped in a wider dtype and rounded once, as at construction.)
+    """
+    groups = opt.param_groups
+    edited = len(groups) != len(opt._slices) or any(
+        len(group["params"]) != len(layout)
+        or any(p is not q for p, (q, _, _) in zip(group["params"], layout, strict=False))
+        for group, layout in zip(groups, opt._slices, strict=False)
+    )
+    if edited:
+        # The flat vector and the window are laid out over the parameters as built.
+        raise RuntimeError(
+            "MFAC: opt.param_groups no longer lists the parameters the optimizer was built "
+            f"with ({[len(layout) for layout in opt._slices]} per group, now "
+            f"{[len(group['params']) for group in groups]}, or others): a parameter added "
+            "to or removed from a group, or a group appended, would be left out of (or "
+            "kept in) the window; use add_param_group(), or build a new optimizer (the "
+            "step was not taken, nothing changed)"
+        )
+    for j, layout in enumerate(opt._slices):
+        for i, (p, lo, hi) in enumerate(layout):
+            where = f"parameter {i} of group {j} (shape {tuple(p.shape)})"
+            if p in opt._kept:  # a masked parameter: its mask's shape
+                shape = tuple(opt._masks[p].shape)
+                changed, was = tuple(p.shape) != shape, f"shape {shape}"
+            else:
+                changed, was = local(p).numel() != hi - lo, f"{hi - lo} entries"
+            if changed:
+                raise RuntimeError(
+                    f"MFAC: {where} had {was} when the optimizer was built (its .data "
+                    "replaced since?): the window holds its coordinates as they were; build "
+                    "a new optimizer (the step was not taken, nothing changed)"
+                )
+            if p.dtype == torch.float64 and opt.dtype != torch.float64:
+                raise RuntimeError(
+                    f"MFAC: {where} is float64, but the optimizer was built for parameters "
+                    f"without float64 (its window and steps are "
+                    f"{str(opt.dtype).removeprefix('torch.')}), e.g. before model.double(): "
+                    "its updates would be rounded to that dtype; build the optimizer after "
+                    "converting the model (the step was not taken, nothing changed)"
+                )
+
+
 def gather(opt: Any) -> torch.Tensor:
     """The flat gradient, weight decay included, in the reused buffer."""
+    check_params(opt)
     check_layouts(opt)  # before anything changes: apply() writes through their flat views
     g = opt._grad
     for group, layout in zip(opt.param_groups, opt._slices, strict=True):

@@ -200,7 +200,7 @@ class MFAC(torch.optim.Optimizer):
     Raises
     ------
     ValueError
-        For parameters on different devices, no parameters,
+        For parameters on different devices or on the meta device, no parameters,
         out-of-range hyper-parameters, or masks of the wrong shape or
         device, for a tensor that is not a parameter, or keeping no
         coordinate at all.
@@ -307,13 +307,19 @@ class MFAC(torch.optim.Optimizer):
             grad_dtype=grad_dtype,
         )
         self._comm: Communicator | None = None if comm is None else check_communicator(comm)
-        self._masks = check_masks(masks, self.param_groups)
-        layout(self)
-        self.ihvp = new_window(self, damp)
-        # The optimizer's state lives on one parameter, as torch.optim.LBFGS keeps
-        # its global state: never empty, so that torch.distributed.checkpoint finds it
-        # initialised and does not call step() with zero gradients to create it.
-        self._reset_state(fresh_entry(self._grad))
+        # Every buffer MFAC keeps is made outside inference mode (here and in each method
+        # that makes some), even if called in it: an inference tensor cannot be updated
+        # in place by a later step outside it, which torch's optimizers never ask of
+        # theirs (their state is made by their first step, and loads keep tensors).
+        # inference_mode(False) enables grad mode: no_grad goes inside it.
+        with torch.inference_mode(False), torch.no_grad():
+            self._masks = check_masks(masks, self.param_groups)
+            layout(self)
+            self.ihvp = new_window(self, damp)
+            # The optimizer's state lives on one parameter, as torch.optim.LBFGS keeps
+            # its global state: never empty, so that torch.distributed.checkpoint finds
+            # it initialised and does not call step() with zero gradients to create it.
+            self._reset_state(fresh_entry(self._grad))
 
     def _reset_state(self, entry: dict[str, Any]) -> None:
         # Only one parameter (self._first) has an entry, as with torch.optim.LBFGS (torch's
@@ -375,8 +381,9 @@ class MFAC(torch.optim.Optimizer):
             For an out-of-range ``lr``, ``momentum`` or ``weight_decay`` of
             the group, a window option in it, parameters on another device,
             parameters that would change the step's dtype (float64 ones added
-            to a float32 optimizer), or a distributed optimizer. The optimizer
-            is then unchanged.
+            to a float32 optimizer) or the window's storage dtype (float32 ones
+            added to a bfloat16 optimizer without ``grad_dtype``), or a
+            distributed optimizer. The optimizer is then unchanged.
         """
         frozen = check_new_group(self, param_group)
         super().add_param_group(param_group)
@@ -386,7 +393,8 @@ class MFAC(torch.optim.Optimizer):
         try:
             check_group(group, "the parameter group")
             if frozen:
-                grow(self)
+                with torch.inference_mode(False), torch.no_grad():  # see __init__
+                    grow(self)
         except (TypeError, ValueError):
             self.param_groups.pop()
             raise
@@ -433,6 +441,12 @@ class MFAC(torch.optim.Optimizer):
             infinity.
         FactorizationError
             With ``errors="raise"``, for a gradient the window cannot take.
+        RuntimeError
+            For sparse gradients, parameter groups edited by hand (not with
+            :meth:`add_param_group`), a parameter whose size (or, masked, memory
+            layout) changed since construction, or a float64 parameter in an
+            optimizer built without one (e.g. ``model.double()`` after
+            construction); nothing changes.
         """
         loss = None
         if closure is not None:
@@ -447,11 +461,11 @@ class MFAC(torch.optim.Optimizer):
         return loss
 
     # no_grad again: this runs on its own when a compiled function calls it eagerly.
-    # no_grad again: this runs on its own when a compiled function calls it eagerly.
     @torch.no_grad()
     def _step(self) -> None:
         """The step itself, after the closure."""
-        take_step(self)
+        with torch.inference_mode(False), torch.no_grad():  # see __init__
+            take_step(self)
 
     def _warn(self, message: str) -> None:
         # Point at the caller of opt.step(), past this package and torch's wrappers of step
@@ -470,8 +484,8 @@ class MFAC(torch.optim.Optimizer):
         dict
             :meth:`torch.optim.Optimizer.state_dict`, whose ``"state"`` holds
             one entry, under the id of the first parameter that requires grad
-            (of the first parameter if none does; as :class:`torch.optim.LBFGS`
-            keeps its global state): MFAC's state
+            when it is called (of the first parameter if none does; as
+            :class:`torch.optim.LBFGS` keeps its global state): MFAC's state
             for all parameters, with copies of the window's state
             (``"window"``: :meth:`DynamicIHVP.state_dict` with its slot
             lists as int64 tensors of length ``num_grads`` padded with -1,
@@ -487,15 +501,23 @@ class MFAC(torch.optim.Optimizer):
             these entries.
         """
         live = self._entry
+        # Saved under the first parameter that requires grad now, which may be another
+        # than when the optimizer was built (a layer frozen or unfrozen since):
+        # torch.distributed.checkpoint drops the state of frozen parameters.
+        params = [p for group in self.param_groups for p in group["params"]]
+        holder = next((p for p in params if p.requires_grad), self._first)
         # Copies of the window's state in state_dict() only: kept in self.state they
         # would double the m x d memory.
-        self.state[self._first] = saved_entry(self)
-        others = [p for group in self.param_groups for p in group["params"] if p not in self.state]
+        saved = saved_entry(self)
+        del self.state[self._first]
+        self.state[holder] = saved
+        others = [p for p in params if p not in self.state]
         for p in others:
             self.state[p] = {}
         try:
             return super().state_dict()
         finally:
+            del self.state[holder]
             self.state[self._first] = live
             for p in others:
                 if self.state.get(p) == {}:  # unless a hook wrote into it
@@ -548,7 +570,8 @@ class MFAC(torch.optim.Optimizer):
         FactorizationError
             If the window cannot be factorised with the new ``damp``.
         """
-        load_state(self, state_dict, damp)
+        with torch.inference_mode(False), torch.no_grad():  # see __init__
+            load_state(self, state_dict, damp)
 
     def __getstate__(self) -> dict[str, Any]:
         # torch.optim.Optimizer pickles only defaults, state and param_groups; the
@@ -579,5 +602,5 @@ class MFAC(torch.optim.Optimizer):
         masks_from_list(self, None if extra is None else extra.get("masks"))
         if extra is None:
             return
-        with torch.no_grad():
+        with torch.inference_mode(False), torch.no_grad():  # see __init__
             restore(self, extra)
