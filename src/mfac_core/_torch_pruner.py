@@ -10,13 +10,16 @@ from torch import nn
 
 from . import _host_rows, pruning
 from ._torch_layout import format_bytes, itemsize, logger
-from ._validation import check_choice, check_count, check_damp, check_fraction
+from ._torch_pruner_inputs import (
+    check_block,
+    check_differentiable,
+    check_fisher_dtype,
+    check_float16,
+    chosen_weights,
+)
+from ._validation import check_choice, check_damp, check_fraction
 
 __all__ = ["MFACPruner"]
-
-_PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-#: The dtypes of the Fisher computations (the 2-byte ones store the gradients only).
-_FISHER_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 class MFACPruner:
@@ -124,15 +127,9 @@ class MFACPruner:
         # Checked here, as torch.optim checks its hyper-parameters, not at the first
         # prune() (where a bad selection_block_size was reported as "block_size").
         damp = check_damp(damp)
-        if block_size is not None:
-            block_size = check_count(block_size, "block_size")
-        if selection_block_size is not None:
-            selection_block_size = check_count(selection_block_size, "selection_block_size")
-        if dtype is not None and dtype not in _FISHER_DTYPES:
-            raise TypeError(
-                "dtype must be None (the weights' dtype), torch.float32, torch.float64, "
-                f"torch.float16 or torch.bfloat16, got {dtype!r}"
-            )
+        block_size = check_block(block_size, "block_size")
+        selection_block_size = check_block(selection_block_size, "selection_block_size")
+        check_fisher_dtype(dtype)
         self.model = model
         self.num_grads = num_grads
         self.block_size = block_size
@@ -140,20 +137,8 @@ class MFACPruner:
         self.saliency = saliency
         self.update = update
         self.selection_block_size = selection_block_size
-        self.weights = self._resolve(model, layers)
+        self.weights = chosen_weights(model, layers)
         first = next(iter(self.weights.values()))
-        for name, w in self.weights.items():
-            if w.device != first.device or w.dtype != first.dtype:
-                raise ValueError(
-                    f"all pruned weights must share one device and dtype; "
-                    f"{name} is {w.device}/{w.dtype}, not "
-                    f"{first.device}/{first.dtype}"
-                )
-        if first.device.type == "meta":
-            raise ValueError(
-                "the model's weights are on the meta device (no values): materialise the "
-                "model (e.g. model.to_empty(device=...) and load its weights) before pruning"
-            )
         self.device = first.device
         self.dtype = first.dtype if dtype is None else dtype
         # 2-byte gradients go with float32 weights through the pruning functions.
@@ -165,71 +150,6 @@ class MFACPruner:
         }
         self.dim = sum(w.numel() for w in self.weights.values())
         self.selected_damps: list[float] = []
-
-    @staticmethod
-    def _resolve(model: nn.Module, layers: Sequence[str] | None) -> dict[str, torch.Tensor]:
-        modules = dict(model.named_modules())
-        if layers is None:
-            found = {
-                name: MFACPruner._own_weight(name, m)
-                for name, m in modules.items()
-                if isinstance(m, _PRUNABLE)
-            }
-            if not found:
-                raise ValueError(
-                    "the model has no Linear or Conv layer to prune; name the "
-                    "layers explicitly with layers=[...]"
-                )
-            return MFACPruner._distinct(found)
-        if isinstance(layers, str):
-            layers = [layers]
-        out = {}
-        for name in layers:
-            if name not in modules:
-                raise ValueError(
-                    f"the model has no layer named {name!r}; its layers are "
-                    f"{[n for n in modules if n]}"
-                )
-            weight = getattr(modules[name], "weight", None)
-            if not isinstance(weight, torch.Tensor):
-                raise ValueError(f"layer {name!r} has no weight tensor to prune")
-            out[name] = MFACPruner._own_weight(name, modules[name])
-        if not out:
-            raise ValueError("layers must name at least one layer")
-        return MFACPruner._distinct(out)
-
-    @staticmethod
-    def _own_weight(name: str, module: nn.Module) -> torch.Tensor:
-        """The module's ``weight`` parameter itself, which the pruner reads and writes.
-
-        A parametrised weight (``torch.nn.utils.parametrizations.weight_norm``,
-        ``spectral_norm``, the older ``weight_norm`` hook) is recomputed from other
-        parameters by every forward pass: its gradients would be taken with respect to a
-        stale copy (all zero) and the pruned values written into that copy.
-        """
-        weight = dict(module.named_parameters(recurse=False)).get("weight")
-        if weight is None:
-            raise ValueError(
-                f"the weight of layer {name!r} is not a parameter of the layer: it is "
-                "computed from others (a parametrization such as weight_norm or "
-                "spectral_norm), so pruning it would change nothing; remove the "
-                "parametrization first (torch.nn.utils.parametrize.remove_parametrizations) "
-                "or leave the layer out of layers=[...]"
-            )
-        return weight
-
-    @staticmethod
-    def _distinct(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        # A weight shared by several layers (tied weights) is one set of coordinates of
-        # theta: listed twice, its Fisher would count each gradient twice and OBS would
-        # prune one copy of a coordinate while "updating" the other.
-        seen: set[int] = set()
-        out = {}
-        for name, w in weights.items():
-            if id(w) not in seen:
-                seen.add(id(w))
-                out[name] = w
-        return out
 
     # -- flat views -----------------------------------------------------------------------
 
@@ -343,7 +263,7 @@ class MFACPruner:
         RuntimeError
             Under :func:`torch.inference_mode`, which disables gradients.
         """
-        self._check_differentiable()
+        check_differentiable(self.weights)
         weights = list(self.weights.values())
         size = self.num_grads * self.dim * itemsize(self.dtype)
         logger.info(
@@ -379,7 +299,7 @@ class MFACPruner:
                         g = (g.to_dense() if g.layout != torch.strided else g).reshape(-1)
                         G[row, offset : offset + n] = g
                         if self.dtype == torch.float16:
-                            self._check_float16(G[row, offset : offset + n], g, name, row)
+                            check_float16(G[row, offset : offset + n], g, name, row)
                     offset += n
                 row += 1
                 if row == self.num_grads:
@@ -399,37 +319,6 @@ class MFACPruner:
                 )
         # In place (no second m x d array); the pruning functions zero them again.
         return G.masked_fill_(~mask, 0)
-
-    @staticmethod
-    def _check_float16(stored: torch.Tensor, g: torch.Tensor, name: str, row: int) -> None:
-        """Refuse a finite gradient that float16 storage turned into infinity.
-
-        The pruning functions would refuse the infinity without saying where it came from.
-        """
-        if bool(torch.isfinite(stored).all()) or not bool(torch.isfinite(g).all()):
-            return
-        raise ValueError(
-            f"the gradient of layer {name!r} for batch {row} has an entry of magnitude "
-            f"{float(g.abs().max()):.3g}, beyond float16's range (65504), which "
-            "dtype=torch.float16 would store as infinity: use dtype=torch.bfloat16 "
-            "(float32's range in 2 bytes) or torch.float32, or scale the loss down"
-        )
-
-    def _check_differentiable(self) -> None:
-        """Refuse, before any batch, what would stop autograd from giving the gradients."""
-        if torch.is_inference_mode_enabled():
-            raise RuntimeError(
-                "MFACPruner needs the gradients of the weights, which torch.inference_mode() "
-                "disables: call prune() or collect_grads() outside it (torch.no_grad() "
-                "is fine)"
-            )
-        frozen = [name for name, w in self.weights.items() if not w.requires_grad]
-        if frozen:
-            raise ValueError(
-                f"the weights of layers {frozen} do not require grad, and MFACPruner needs "
-                "their gradients: call requires_grad_(True) on them before pruning (and "
-                "requires_grad_(False) after, to freeze them again)"
-            )
 
     # -- pruning --------------------------------------------------------------------------
 

@@ -7,9 +7,10 @@ load commits only a state that passed them all. Nothing here is public.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import SimpleNamespace
 from typing import Any
 
@@ -114,6 +115,47 @@ def saved_entry(opt: Any) -> dict[str, Any]:
         for key in ("window", "momentum_buffer"):
             saved[key] = {opt._shard_key: saved[key]}
     return saved
+
+
+def with_saved_entry(opt: Any, parent_state_dict: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """``torch.optim.Optimizer.state_dict`` with the entry of :func:`saved_entry` in it.
+
+    The entry goes under the first parameter that requires grad now, which may be another
+    than when the optimizer was built (a layer frozen or unfrozen since):
+    torch.distributed.checkpoint drops the state of frozen parameters. The other
+    parameters get empty entries for the call. The copies of the window exist in the
+    returned state only: kept in ``opt.state`` they would double the m x d memory.
+    """
+    live = opt._entry
+    params = [p for group in opt.param_groups for p in group["params"]]
+    holder = next((p for p in params if p.requires_grad), opt._first)
+    saved = saved_entry(opt)
+    del opt.state[opt._first]
+    opt.state[holder] = saved
+    others = [p for p in params if p not in opt.state]
+    for p in others:
+        opt.state[p] = {}
+    try:
+        return parent_state_dict()
+    finally:
+        del opt.state[holder]
+        opt.state[opt._first] = live
+        for p in others:
+            if opt.state.get(p) == {}:  # unless a hook wrote into it
+                del opt.state[p]
+
+
+@contextlib.contextmanager
+def outside_inference() -> Iterator[None]:
+    """No grad, and outside inference mode even where called in it: where MFAC makes buffers.
+
+    An inference tensor cannot be updated in place by a later step outside inference
+    mode, which torch's optimizers never ask of theirs (their state is made by their
+    first step, and loads keep tensors). ``inference_mode(False)`` enables grad mode,
+    so ``no_grad`` goes inside it.
+    """
+    with torch.inference_mode(False), torch.no_grad():
+        yield
 
 
 def rank_keyed(value: Any) -> bool:

@@ -41,8 +41,9 @@ from ._torch_state import (
     check_picklable,
     fresh_entry,
     load_state,
+    outside_inference,
     restore,
-    saved_entry,
+    with_saved_entry,
     without_window,
 )
 from ._torch_step import step as take_step
@@ -307,12 +308,7 @@ class MFAC(torch.optim.Optimizer):
             grad_dtype=grad_dtype,
         )
         self._comm: Communicator | None = None if comm is None else check_communicator(comm)
-        # Every buffer MFAC keeps is made outside inference mode (here and in each method
-        # that makes some), even if called in it: an inference tensor cannot be updated
-        # in place by a later step outside it, which torch's optimizers never ask of
-        # theirs (their state is made by their first step, and loads keep tensors).
-        # inference_mode(False) enables grad mode: no_grad goes inside it.
-        with torch.inference_mode(False), torch.no_grad():
+        with outside_inference():
             self._masks = check_masks(masks, self.param_groups)
             layout(self)
             self.ihvp = new_window(self, damp)
@@ -393,7 +389,7 @@ class MFAC(torch.optim.Optimizer):
         try:
             check_group(group, "the parameter group")
             if frozen:
-                with torch.inference_mode(False), torch.no_grad():  # see __init__
+                with outside_inference():
                     grow(self)
         except (TypeError, ValueError):
             self.param_groups.pop()
@@ -464,7 +460,7 @@ class MFAC(torch.optim.Optimizer):
     @torch.no_grad()
     def _step(self) -> None:
         """The step itself, after the closure."""
-        with torch.inference_mode(False), torch.no_grad():  # see __init__
+        with outside_inference():
             take_step(self)
 
     def _warn(self, message: str) -> None:
@@ -500,28 +496,7 @@ class MFAC(torch.optim.Optimizer):
             :mod:`torch.distributed.checkpoint` asks for). State-dict hooks see
             these entries.
         """
-        live = self._entry
-        # Saved under the first parameter that requires grad now, which may be another
-        # than when the optimizer was built (a layer frozen or unfrozen since):
-        # torch.distributed.checkpoint drops the state of frozen parameters.
-        params = [p for group in self.param_groups for p in group["params"]]
-        holder = next((p for p in params if p.requires_grad), self._first)
-        # Copies of the window's state in state_dict() only: kept in self.state they
-        # would double the m x d memory.
-        saved = saved_entry(self)
-        del self.state[self._first]
-        self.state[holder] = saved
-        others = [p for p in params if p not in self.state]
-        for p in others:
-            self.state[p] = {}
-        try:
-            return super().state_dict()
-        finally:
-            del self.state[holder]
-            self.state[self._first] = live
-            for p in others:
-                if self.state.get(p) == {}:  # unless a hook wrote into it
-                    del self.state[p]
+        return with_saved_entry(self, super().state_dict)
 
     @property
     def _shard_key(self) -> str:
@@ -570,7 +545,7 @@ class MFAC(torch.optim.Optimizer):
         FactorizationError
             If the window cannot be factorised with the new ``damp``.
         """
-        with torch.inference_mode(False), torch.no_grad():  # see __init__
+        with outside_inference():
             load_state(self, state_dict, damp)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -602,5 +577,5 @@ class MFAC(torch.optim.Optimizer):
         masks_from_list(self, None if extra is None else extra.get("masks"))
         if extra is None:
             return
-        with torch.inference_mode(False), torch.no_grad():  # see __init__
+        with outside_inference():
             restore(self, extra)

@@ -1,0 +1,161 @@
+"""What :class:`~mfac_core.torch.MFACPruner` takes, checked: its weights, options and gradients.
+
+The pruner reads and writes its layers' ``weight`` parameters in place and takes their
+gradients with autograd; each check here refuses, in words and before anything changes,
+a model or option with which it would silently prune nothing, prune twice or fail deep
+inside.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._validation import check_count
+
+__all__ = [
+    "check_block",
+    "check_differentiable",
+    "check_fisher_dtype",
+    "check_float16",
+    "chosen_weights",
+]
+
+#: The layers pruned when none are named.
+PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+#: The dtypes of the Fisher computations (the 2-byte ones store the gradients only).
+FISHER_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def check_block(value: Any, name: str) -> int | None:
+    """A block size: None (no blocks) or an int >= 1."""
+    return None if value is None else check_count(value, name)
+
+
+def check_fisher_dtype(dtype: Any) -> None:
+    """Refuse a ``dtype=`` the pruner cannot compute the Fisher in."""
+    if dtype is not None and dtype not in FISHER_DTYPES:
+        raise TypeError(
+            "dtype must be None (the weights' dtype), torch.float32, torch.float64, "
+            f"torch.float16 or torch.bfloat16, got {dtype!r}"
+        )
+
+
+def chosen_weights(model: nn.Module, layers: Sequence[str] | None) -> dict[str, torch.Tensor]:
+    """The ``weight`` parameters of ``layers`` (default: every Linear and Conv), by name.
+
+    Each weight once (tied weights under the first of their names), all on one device
+    (not the meta device) and of one dtype.
+    """
+    weights = _named_weights(model, layers)
+    first = next(iter(weights.values()))
+    for name, w in weights.items():
+        if w.device != first.device or w.dtype != first.dtype:
+            raise ValueError(
+                f"all pruned weights must share one device and dtype; "
+                f"{name} is {w.device}/{w.dtype}, not "
+                f"{first.device}/{first.dtype}"
+            )
+    if first.device.type == "meta":
+        raise ValueError(
+            "the model's weights are on the meta device (no values): materialise the "
+            "model (e.g. model.to_empty(device=...) and load its weights) before pruning"
+        )
+    return weights
+
+
+def _named_weights(model: nn.Module, layers: Sequence[str] | None) -> dict[str, torch.Tensor]:
+    modules = dict(model.named_modules())
+    if layers is None:
+        found = {
+            name: _own_weight(name, m) for name, m in modules.items() if isinstance(m, PRUNABLE)
+        }
+        if not found:
+            raise ValueError(
+                "the model has no Linear or Conv layer to prune; name the "
+                "layers explicitly with layers=[...]"
+            )
+        return _distinct(found)
+    if isinstance(layers, str):
+        layers = [layers]
+    out = {}
+    for name in layers:
+        if name not in modules:
+            raise ValueError(
+                f"the model has no layer named {name!r}; its layers are {[n for n in modules if n]}"
+            )
+        weight = getattr(modules[name], "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            raise ValueError(f"layer {name!r} has no weight tensor to prune")
+        out[name] = _own_weight(name, modules[name])
+    if not out:
+        raise ValueError("layers must name at least one layer")
+    return _distinct(out)
+
+
+def _own_weight(name: str, module: nn.Module) -> torch.Tensor:
+    """The module's ``weight`` parameter itself, which the pruner reads and writes.
+
+    A parametrised weight (``torch.nn.utils.parametrizations.weight_norm``,
+    ``spectral_norm``, the older ``weight_norm`` hook) is recomputed from other
+    parameters by every forward pass: its gradients would be taken with respect to a
+    stale copy (all zero) and the pruned values written into that copy.
+    """
+    weight = dict(module.named_parameters(recurse=False)).get("weight")
+    if weight is None:
+        raise ValueError(
+            f"the weight of layer {name!r} is not a parameter of the layer: it is "
+            "computed from others (a parametrization such as weight_norm or "
+            "spectral_norm), so pruning it would change nothing; remove the "
+            "parametrization first (torch.nn.utils.parametrize.remove_parametrizations) "
+            "or leave the layer out of layers=[...]"
+        )
+    return weight
+
+
+def _distinct(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # A weight shared by several layers (tied weights) is one set of coordinates of
+    # theta: listed twice, its Fisher would count each gradient twice and OBS would
+    # prune one copy of a coordinate while "updating" the other.
+    seen: set[int] = set()
+    out = {}
+    for name, w in weights.items():
+        if id(w) not in seen:
+            seen.add(id(w))
+            out[name] = w
+    return out
+
+
+def check_differentiable(weights: Mapping[str, torch.Tensor]) -> None:
+    """Refuse, before any batch, what would stop autograd from giving the gradients."""
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            "MFACPruner needs the gradients of the weights, which torch.inference_mode() "
+            "disables: call prune() or collect_grads() outside it (torch.no_grad() "
+            "is fine)"
+        )
+    frozen = [name for name, w in weights.items() if not w.requires_grad]
+    if frozen:
+        raise ValueError(
+            f"the weights of layers {frozen} do not require grad, and MFACPruner needs "
+            "their gradients: call requires_grad_(True) on them before pruning (and "
+            "requires_grad_(False) after, to freeze them again)"
+        )
+
+
+def check_float16(stored: torch.Tensor, g: torch.Tensor, name: str, row: int) -> None:
+    """Refuse a finite gradient that float16 storage turned into infinity.
+
+    The pruning functions would refuse the infinity without saying where it came from.
+    """
+    if bool(torch.isfinite(stored).all()) or not bool(torch.isfinite(g).all()):
+        return
+    raise ValueError(
+        f"the gradient of layer {name!r} for batch {row} has an entry of magnitude "
+        f"{float(g.abs().max()):.3g}, beyond float16's range (65504), which "
+        "dtype=torch.float16 would store as infinity: use dtype=torch.bfloat16 "
+        "(float32's range in 2 bytes) or torch.float32, or scale the loss down"
+    )
