@@ -281,6 +281,36 @@ def test_composition_errors(dense_setup, fisher_setup, numpy_backend, strict_dev
         Dense(foreign.asarray(np.ones((3, 5)), dense_setup["dtype"])) + opA
 
 
+def test_integer_powers_as_scipy(rng):
+    # SciPy's A ** p: p products with a square operator, the identity (a copy) for p = 0.
+    A = rng.standard_normal((4, 4))
+    op = Dense(A)
+    x = rng.standard_normal(4)
+    for p in (0, 1, 3, np.int64(2)):
+        ref = np.linalg.matrix_power(A, int(p))
+        power = op**p
+        assert isinstance(power, LinearOperator)
+        assert_close(power.todense(), ref, factor=100)
+        assert_close(power.H.todense(), ref.T, factor=100)
+        assert_close(power @ x, ref @ x, factor=100)
+    y = (op**0).matvec(x)
+    assert y is not x and np.array_equal(y, x)
+    G = rng.standard_normal((3, 6))
+    F = empirical_fisher_dense(G, 0.5)
+    assert_close(
+        (EmpiricalFisher(G, damp=0.5) ** 2).todense(), F @ F, kappa=condition_number(G, 0.5) ** 2
+    )
+    with pytest.raises(ValueError, match=">= 0"):
+        op**-1
+    with pytest.raises(ValueError, match="square"):
+        Dense(rng.standard_normal((2, 3))) ** 2
+    for bad in (2.0, True, 1j):
+        with pytest.raises(TypeError, match="must be an int"):
+            op**bad
+    with pytest.raises(TypeError):
+        op ** "2"
+
+
 def test_row_vector_times_operator_torch():
     torch = pytest.importorskip("torch")
     A = np.arange(15.0).reshape(3, 5)

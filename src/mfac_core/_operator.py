@@ -2,7 +2,7 @@
 
 :class:`LinearOperator` mirrors :class:`scipy.sparse.linalg.LinearOperator`
 (``shape``, ``dtype``, ``matvec``, ``matmat``, ``rmatvec``, ``rmatmat``,
-``adjoint``/``H``, ``transpose``/``T``, ``@``, ``dot``, ``+``, ``*``) but keeps
+``adjoint``/``H``, ``transpose``/``T``, ``@``, ``dot``, ``+``, ``*``, ``**``) but keeps
 every result in the namespace, dtype and device of the operator. It does not
 subclass SciPy's class, whose methods convert every input to NumPy; a real
 SciPy operator is available through :meth:`LinearOperator.to_scipy` for NumPy
@@ -364,6 +364,14 @@ class LinearOperator:
             return _SumOperator(self, _ScaledOperator(other, -1.0))
         return NotImplemented
 
+    def __pow__(self, p: Any) -> Any:
+        # SciPy's A ** p: a non-negative integer power of a square operator.
+        if isinstance(p, bool) or not isinstance(p, numbers.Integral):
+            if isinstance(p, numbers.Number):
+                raise TypeError(f"the power of an operator must be an int, got {p!r}")
+            return NotImplemented
+        return _PowerOperator(self, int(p))
+
     def adjoint(self) -> LinearOperator:
         """Return the Hermitian adjoint ``A^H`` (the transpose: operators here are real).
 
@@ -675,3 +683,45 @@ class _ProductOperator(LinearOperator):
 
     def _rmatvec(self, x: Array) -> Array:
         return self.args[1]._rmatvec(self.args[0]._rmatvec(x))
+
+
+class _PowerOperator(LinearOperator):
+    """``A ** p``: ``p`` products with ``A`` (the identity for ``p = 0``), as SciPy's."""
+
+    def __init__(self, A: LinearOperator, p: int) -> None:
+        A._refuse_sharded("Powers of operators (**)")
+        if A.shape[0] != A.shape[1]:
+            raise ValueError(f"only a square operator has powers, got shape {A.shape}")
+        if p < 0:
+            raise ValueError(
+                f"the power of an operator must be >= 0, got {p} (mfac_core's inverse "
+                "operators are separate classes, e.g. StaticIHVP for EmpiricalFisher)"
+            )
+        super().__init__(
+            shape=A.shape,
+            dtype=A.dtype,
+            xp=A._xp,
+            device=A.device,
+            symmetric=A._symmetric,
+            check_finite=A.check_finite,
+        )
+        self.A, self.p = A, p
+
+    def _power(self, apply: Any, X: Array) -> Array:
+        # A copy for p = 0, so that the result never aliases the input (as SciPy's).
+        Y = self._xp.asarray(X, copy=True) if self.p == 0 else X
+        for _ in range(self.p):
+            Y = apply(Y)
+        return Y
+
+    def _matmat(self, X: Array) -> Array:
+        return self._power(self.A._matmat, X)
+
+    def _rmatmat(self, X: Array) -> Array:
+        return self._power(self.A._rmatmat, X)
+
+    def _matvec(self, x: Array) -> Array:
+        return self._power(self.A._matvec, x)
+
+    def _rmatvec(self, x: Array) -> Array:
+        return self._power(self.A._rmatvec, x)
