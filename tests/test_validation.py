@@ -87,7 +87,10 @@ def test_fractions_refuse_non_numbers(value):
             select_pruned(theta, sparsity=value)
 
 
-@pytest.mark.parametrize("value", [-0.1, 1.0, 1.5, float("nan"), float("inf")])
+@pytest.mark.parametrize(
+    "value",
+    [-0.1, 1.0, 1.5, float("nan"), float("inf"), pytest.param(10**400, id="1e400-int")],
+)
 def test_fractions_refuse_values_outside_their_interval(value):
     with pytest.raises(ValueError, match=r"sparsity must be finite and lie in \[0, 1\)"):
         prune(np.ones(10), G, sparsity=value)
@@ -98,8 +101,11 @@ def test_choices_refuse_unknown_options():
         prune(np.ones(10), G, sparsity=0.5, saliency=3)
 
 
-@pytest.mark.parametrize("damp", [0.0, -1e-5, float("nan"), float("inf")])
+@pytest.mark.parametrize(
+    "damp", [0.0, -1e-5, float("nan"), float("inf"), pytest.param(10**400, id="1e400-int")]
+)
 def test_damp_values(damp):
+    # An int beyond float64's range (10**400) raised a bare OverflowError.
     for call in (
         lambda: StaticIHVP(G, damp=damp),
         lambda: EmpiricalFisher(G, damp=damp),

@@ -182,6 +182,18 @@ def raise_non_finite(xp: Any, x: Array, name: str, *, offset: int = 0) -> None:
     )
 
 
+def finite_or_inf(value: Any) -> float:
+    """``float(value)``, with infinity for an integer beyond float64's range.
+
+    ``float`` raises ``OverflowError`` for such an int (``10**400``); as infinity it is
+    refused by the same range check, with the same message, as ``float("inf")``.
+    """
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
+
+
 def check_number(
     value: Any,
     name: str,
@@ -194,7 +206,7 @@ def check_number(
     """A real number (not a bool) in the given interval, as a Python float."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {value!r}")
-    v = float(value)
+    v = finite_or_inf(value)
     above = v > low if low_open else v >= low
     below = v < high if high_open else v <= high
     if not (math.isfinite(v) and above and below):
@@ -254,7 +266,7 @@ def check_damp(damp: Any, name: str = "damp") -> float:
     damp = scalar_value(damp)
     if isinstance(damp, bool) or not isinstance(damp, numbers.Real):
         raise real_scalar_error(name, given)
-    value = float(damp)
+    value = finite_or_inf(damp)
     if not math.isfinite(value) or value <= 0.0:
         raise ValueError(f"{name} must be finite and > 0, got {damp!r}")
     if value < SMALLEST_DAMP:
