@@ -280,11 +280,15 @@ def condition_number(G: Any, damp: float, *, block_size: int | None = None) -> f
     Raises
     ------
     ValueError
-        If ``G`` is not a non-empty 2-D array, or ``block_size < 1``.
+        If ``G`` is not a non-empty 2-D array, ``block_size < 1``, or
+        ``damp`` is not finite and positive.
     """
     G = as_grads(G)
     m, d = G.shape
     lam = float(damp)
+    if not (math.isfinite(lam) and lam > 0):
+        # At 0 the ratio divides by zero; below, it is no condition number.
+        raise ValueError(f"damp must be finite and > 0, got {damp!r}")
     kappa = 1.0
     for s in blocks(d, block_size):
         Gb = G[:, s]
