@@ -311,6 +311,18 @@ def test_integer_powers_as_scipy(rng):
         op ** "2"
 
 
+def test_a_scipy_operator_operand_is_refused_with_the_way_to_compose_it(rng):
+    # Regression: "expected ... a LinearOperator, got _CustomLinearOperator" (it is one,
+    # SciPy's); the message now names this library's class and to_scipy().
+    scipy_linalg = pytest.importorskip("scipy.sparse.linalg")
+    G = rng.standard_normal((3, 6))
+    F = EmpiricalFisher(G, damp=0.5)
+    other = scipy_linalg.aslinearoperator(np.eye(6))
+    with pytest.raises(TypeError, match=r"mfac_core LinearOperator.*to_scipy\(\)"):
+        F @ other
+    assert_close((F.to_scipy() @ other) @ np.ones(6), F @ np.ones(6))
+
+
 def test_row_vector_times_operator_torch():
     torch = pytest.importorskip("torch")
     A = np.arange(15.0).reshape(3, 5)

@@ -309,8 +309,15 @@ class LinearOperator:
         if isinstance(x, numbers.Real) and not isinstance(x, bool):
             return _ScaledOperator(self, float(x))
         if not is_array_api_obj(x):
+            # SciPy's operators are LinearOperators too, but not this class's.
+            hint = (
+                "; to compose with a SciPy operator, compose this operator's to_scipy() with it"
+                if hasattr(x, "matvec") and hasattr(x, "shape")
+                else ""
+            )
             raise TypeError(
-                f"expected an array, a scalar or a LinearOperator, got {type(x).__name__}"
+                "expected an array, a scalar or an mfac_core LinearOperator, got "
+                f"{type(x).__name__}{hint}"
             )
         if x.ndim == 1 or (x.ndim == 2 and x.shape[1] == 1):
             return self.matvec(x)
