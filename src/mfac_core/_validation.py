@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -101,6 +102,16 @@ def compute_dtype(xp: Any, G: Array) -> Any:
 
 def namespace_of(x: Array, name: str) -> Any:
     """The array namespace of ``x``, or a ``TypeError`` naming the argument."""
+    # NumPy's functions would read the masked entries' values (or fail deep inside on the
+    # mask's broadcasting): the mask is the caller's to resolve. numpy.ma is imported
+    # lazily; where it is not, x is no masked array.
+    ma = sys.modules.get("numpy.ma")
+    if ma is not None and isinstance(x, ma.MaskedArray):
+        raise TypeError(
+            f"{name} is a numpy.ma.MaskedArray, whose mask the operators would ignore; "
+            f"pass a plain array, e.g. np.ma.filled({name}, value) with the value that its "
+            "masked entries stand for"
+        )
     if not is_array_api_obj(x):
         raise TypeError(
             f"{name} must be an array of an Array-API library (NumPy, CuPy, PyTorch, JAX, "
