@@ -122,6 +122,12 @@ def test_base_class_shape_validation():
         LinearOperator(shape=(3,), dtype=np.float64, xp=xp, device="cpu")
     with pytest.raises(ValueError, match="shape"):
         LinearOperator(shape=(3, -1), dtype=np.float64, xp=xp, device="cpu")
+    # Regression: a bool passed as an int and NumPy's integers were refused (SciPy's
+    # LinearOperator takes them); the shape holds Python ints.
+    with pytest.raises(ValueError, match="shape"):
+        LinearOperator(shape=(True, 2), dtype=np.float64, xp=xp, device="cpu")
+    op = LinearOperator(shape=(np.int64(2), np.int32(3)), dtype=np.float64, xp=xp, device="cpu")
+    assert op.shape == (2, 3) and all(type(s) is int for s in op.shape)
     op = LinearOperator(shape=(2, 2), dtype=np.float64, xp=xp, device="cpu")
     with pytest.raises(NotImplementedError, match="_matmat"):
         op.matvec(np.ones(2))

@@ -79,7 +79,10 @@ class LinearOperator:
         symmetric: bool = False,
         check_finite: bool = True,
     ) -> None:
-        if len(shape) != 2 or not all(isinstance(s, int) and s >= 0 for s in shape):
+        # Any integers (NumPy's too, as SciPy takes them), not bools, as Python ints.
+        if len(shape) != 2 or not all(
+            isinstance(s, numbers.Integral) and not isinstance(s, bool) and s >= 0 for s in shape
+        ):
             raise ValueError(f"shape must be a pair of non-negative ints, got {shape!r}")
         self.shape = (int(shape[0]), int(shape[1]))
         self.dtype = dtype
