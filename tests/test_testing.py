@@ -370,6 +370,21 @@ def test_assert_close_refuses_a_slack_that_cannot_fail_or_pass():
             condition_number(np.ones((2, 3)), damp)
 
 
+def test_oracles_that_divide_by_damp_check_it_and_x():
+    # Regression: extended_precision_inverse took a 2-D or short x to a deep broadcasting
+    # error and damp=0 to a division by zero; a string damping was read with float().
+    G = np.ones((2, 3))
+    with pytest.raises(ValueError, match=r"x must have shape \(3,\), got \(3, 2\)"):
+        extended_precision_inverse(G, 0.5, np.ones((3, 2)))
+    with pytest.raises(ValueError, match=r"x must have shape \(3,\), got \(2,\)"):
+        extended_precision_inverse(G, 0.5, np.ones(2))
+    with pytest.raises(ValueError, match="damp must be finite and > 0"):
+        extended_precision_inverse(G, 0.0, np.ones(3))
+    for call in (SpectralOracle, condition_number):
+        with pytest.raises(TypeError, match="damp must be a real number"):
+            call(G, "0.5")
+
+
 def test_assert_close_dtypes_of_other_libraries(xp_device):
     d = np.ones(10)
     x32 = xp_device.asarray(d + 1e-6, "float32")
