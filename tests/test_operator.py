@@ -342,6 +342,9 @@ def test_row_vector_times_operator_torch():
 def test_row_vector_times_operator_numpy():
     A = np.arange(15.0).reshape(3, 5)
     assert_close(np.arange(3.0) @ Dense(A), np.arange(3.0) @ A)
+    # SciPy's x * A is x @ A (it raised TypeError: unsupported operand).
+    assert_close(np.arange(3.0) * Dense(A), np.arange(3.0) @ A)
+    assert_close(np.ones((2, 3)) * Dense(A), np.ones((2, 3)) @ A)
 
 
 # -- dottest ---------------------------------------------------------------------------------

@@ -354,6 +354,9 @@ class LinearOperator:
     def __rmul__(self, other: Any) -> Any:
         if isinstance(other, numbers.Real) and not isinstance(other, bool):
             return _ScaledOperator(self, float(other))
+        if is_array_api_obj(other):
+            # SciPy's x * A is x @ A, as A * x is A @ x.
+            return self.__rmatmul__(other)
         return NotImplemented
 
     def __truediv__(self, other: Any) -> Any:
