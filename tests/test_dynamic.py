@@ -1045,6 +1045,34 @@ def test_load_state_dict_refuses_a_zero_init_that_is_no_bool():
         op.load_state_dict({**state, "zero_init": np.bool_(zero_init)})
 
 
+def test_load_state_dict_names_malformed_slot_lists_flags_and_dtypes():
+    # Regression: a slot list that was no list was refused as "'int' object is not
+    # iterable"; exact_gram was read as `is True`, so "junk" loaded (as False, loosening
+    # the Gram check of a float32 window); the float64 arrays' dtype read as NumPy's
+    # class (`expected <class 'numpy.float64'>`).
+    rng = np.random.default_rng(0)
+    op = DynamicIHVP(3, 5, damp=1e-2, dtype="float32")
+    op.update(rng.standard_normal(5).astype(np.float32))
+    state = op.state_dict()
+    before = op.state_dict()
+    bad_states = [
+        ({"window_slots": 0}, r"state\['window_slots'\] must be a list of slot numbers"),
+        ({"free_slots": "12"}, r"state\['free_slots'\] must be a list of slot numbers"),
+        ({"exact_gram": "junk"}, r"state\['exact_gram'\] must be True or False"),
+        ({"exact_gram": 1}, r"state\['exact_gram'\] must be True or False"),
+        ({"gram": state["gram"].astype(np.float32)}, r"float32, expected float64$"),
+    ]
+    for change, match in bad_states:
+        with pytest.raises((ValueError, TypeError), match=match):
+            op.load_state_dict({**state, **change})
+        after = op.state_dict()
+        for key, value in before.items():
+            np.testing.assert_array_equal(np.asarray(after[key]), np.asarray(value))
+    # Absent (states saved before the flag) it is False, as a NumPy bool it is read.
+    op.load_state_dict({k: v for k, v in state.items() if k != "exact_gram"})
+    op.load_state_dict({**state, "exact_gram": np.True_})
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 @pytest.mark.parametrize("when", ["before", "after"])
 def test_an_interrupt_at_the_row_write_leaves_the_window_as_it_was(dtype, when, monkeypatch):

@@ -122,6 +122,12 @@ def test_base_class_shape_validation():
         LinearOperator(shape=(3,), dtype=np.float64, xp=xp, device="cpu")
     with pytest.raises(ValueError, match="shape"):
         LinearOperator(shape=(3, -1), dtype=np.float64, xp=xp, device="cpu")
+    # Regression: a bool passed as an int and NumPy's integers were refused (SciPy's
+    # LinearOperator takes them); the shape holds Python ints.
+    with pytest.raises(ValueError, match="shape"):
+        LinearOperator(shape=(True, 2), dtype=np.float64, xp=xp, device="cpu")
+    op = LinearOperator(shape=(np.int64(2), np.int32(3)), dtype=np.float64, xp=xp, device="cpu")
+    assert op.shape == (2, 3) and all(type(s) is int for s in op.shape)
     op = LinearOperator(shape=(2, 2), dtype=np.float64, xp=xp, device="cpu")
     with pytest.raises(NotImplementedError, match="_matmat"):
         op.matvec(np.ones(2))
@@ -281,6 +287,48 @@ def test_composition_errors(dense_setup, fisher_setup, numpy_backend, strict_dev
         Dense(foreign.asarray(np.ones((3, 5)), dense_setup["dtype"])) + opA
 
 
+def test_integer_powers_as_scipy(rng):
+    # SciPy's A ** p: p products with a square operator, the identity (a copy) for p = 0.
+    A = rng.standard_normal((4, 4))
+    op = Dense(A)
+    x = rng.standard_normal(4)
+    for p in (0, 1, 3, np.int64(2)):
+        ref = np.linalg.matrix_power(A, int(p))
+        power = op**p
+        assert isinstance(power, LinearOperator)
+        assert_close(power.todense(), ref, factor=100)
+        assert_close(power.H.todense(), ref.T, factor=100)
+        assert_close(power @ x, ref @ x, factor=100)
+    y = (op**0).matvec(x)
+    assert y is not x and np.array_equal(y, x)
+    G = rng.standard_normal((3, 6))
+    F = empirical_fisher_dense(G, 0.5)
+    assert_close(
+        (EmpiricalFisher(G, damp=0.5) ** 2).todense(), F @ F, kappa=condition_number(G, 0.5) ** 2
+    )
+    with pytest.raises(ValueError, match=">= 0"):
+        op**-1
+    with pytest.raises(ValueError, match="square"):
+        Dense(rng.standard_normal((2, 3))) ** 2
+    for bad in (2.0, True, 1j):
+        with pytest.raises(TypeError, match="must be an int"):
+            op**bad
+    with pytest.raises(TypeError):
+        op ** "2"
+
+
+def test_a_scipy_operator_operand_is_refused_with_the_way_to_compose_it(rng):
+    # Regression: "expected ... a LinearOperator, got _CustomLinearOperator" (it is one,
+    # SciPy's); the message now names this library's class and to_scipy().
+    scipy_linalg = pytest.importorskip("scipy.sparse.linalg")
+    G = rng.standard_normal((3, 6))
+    F = EmpiricalFisher(G, damp=0.5)
+    other = scipy_linalg.aslinearoperator(np.eye(6))
+    with pytest.raises(TypeError, match=r"mfac_core LinearOperator.*to_scipy\(\)"):
+        F @ other
+    assert_close((F.to_scipy() @ other) @ np.ones(6), F @ np.ones(6))
+
+
 def test_row_vector_times_operator_torch():
     torch = pytest.importorskip("torch")
     A = np.arange(15.0).reshape(3, 5)
@@ -294,6 +342,9 @@ def test_row_vector_times_operator_torch():
 def test_row_vector_times_operator_numpy():
     A = np.arange(15.0).reshape(3, 5)
     assert_close(np.arange(3.0) @ Dense(A), np.arange(3.0) @ A)
+    # SciPy's x * A is x @ A (it raised TypeError: unsupported operand).
+    assert_close(np.arange(3.0) * Dense(A), np.arange(3.0) @ A)
+    assert_close(np.ones((2, 3)) * Dense(A), np.ones((2, 3)) @ A)
 
 
 # -- dottest ---------------------------------------------------------------------------------

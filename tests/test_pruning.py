@@ -497,6 +497,47 @@ def test_bad_sparsity(bad, rng):
         gradual_prune(theta, lambda t, m: G, sparsity=bad, steps=2)
 
 
+def test_obs_update_names_what_selected_means(rng):
+    # Regression: its refusal said "(True = kept)", the mask's meaning, not selected's.
+    G, theta, _ = problem(rng)
+    with pytest.raises(TypeError, match=r"selected must be a boolean array \(True = removed\)"):
+        obs_update(theta, StaticIHVP(G, damp=0.1), np.array([2, 5]))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_kept_weights_are_refused_by_name(rng, bad):
+    # Regression: a NaN weight was refused as "scores must not contain NaN" (a name the
+    # caller never gave); an infinite one was kept, unpruned, in the result.
+    G, theta, mask = problem(rng)
+    kept = int(np.flatnonzero(mask)[1])
+    theta = theta.copy()
+    theta[kept] = bad
+    want = rf"theta must not contain NaN or infinity: theta\[{kept}\] is {bad}"
+    calls = {
+        "prune": lambda: prune(theta, G, sparsity=0.8, damp=0.1, mask=mask),
+        "gradual_prune": lambda: gradual_prune(
+            theta, lambda t, m: G, sparsity=0.8, steps=2, damp=0.1, mask=mask
+        ),
+        "damping_sweep": lambda: pruning.damping_sweep(
+            theta, G, [0.1, 1.0], sparsity=0.8, mask=mask
+        ),
+        "select_damping": lambda: pruning.select_damping(
+            theta, G, [0.1, 1.0], sparsity=0.8, loss=lambda dp, r: 0.0, mask=mask
+        ),
+    }
+    for call in calls.values():
+        with pytest.raises(ValueError, match=want):
+            call()
+    # At a weight the mask prunes already it is set to zero, as any value there is.
+    theta[kept] = 0.0
+    pruned = int(np.flatnonzero(~mask)[0])  # problem() prunes some weights
+    clean = prune(theta, G, sparsity=0.8, damp=0.1, mask=mask)
+    theta[pruned] = bad
+    res = prune(theta, G, sparsity=0.8, damp=0.1, mask=mask)
+    np.testing.assert_array_equal(res.theta, clean.theta)
+    np.testing.assert_array_equal(res.mask, clean.mask)
+
+
 def test_bad_shapes_and_types(rng):
     G, theta, mask = problem(rng)
     ihvp = StaticIHVP(G, damp=0.1)

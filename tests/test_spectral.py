@@ -15,6 +15,7 @@ from mfac_core import FactorizationError, SpectralIHVP, StaticIHVP
 from mfac_core.testing import (
     SpectralOracle,
     assert_close,
+    condition_number,
     empirical_fisher_dense,
     problems,
     to_numpy,
@@ -554,3 +555,25 @@ def test_forms_of_blocks_no_wider_than_m_hold_at_small_damping(layout):
     assert op.kappa < 1e4  # independent of the damping
     assert_close(op.bilinear(Q, R, batch_size=2), Q @ FR, kappa=op.kappa, dtype="float64")
     assert_close(op.quadratic(R), np.sum(R.T * FR, axis=0), kappa=op.kappa, dtype="float64")
+
+
+@pytest.mark.parametrize("scale", [1e100, 1e-100])
+@pytest.mark.parametrize("block_size", [None, 3])
+def test_f_inverse_at_a_damping_beyond_1e154_or_below_1e_154(scale, block_size, rng):
+    # Regression: F^{-1}'s weights h = -1 / (damp (m damp + lam)) left float64's range
+    # where the damping's square does (damp ~ 1e199 or 1e-201 here): products and
+    # diagonals were 65% off (h underflowed to 0) or NaN (h overflowed). Scaling G by c and
+    # the damping by c^2 scales every result exactly; the other powers always held.
+    G, x, R = rng.standard_normal((4, 10)), rng.standard_normal(10), rng.standard_normal((3, 10))
+    ref = SpectralIHVP(G, damp=0.1, block_size=block_size)
+    op = SpectralIHVP(G * scale, damp=0.1 * scale**2, block_size=block_size)
+    for got, want in [
+        (op @ x, ref @ x),
+        (op @ np.stack([x, -x], axis=1), ref @ np.stack([x, -x], axis=1)),
+        (op.diagonal(), ref.diagonal()),
+        (op.sweep(x, damps=[0.1 * scale**2, scale**2]), ref.sweep(x, damps=[0.1, 1.0])),
+        (op.quadratic(R), ref.quadratic(R)),
+        (op.bilinear(R, R[:2]), ref.bilinear(R, R[:2])),
+    ]:
+        # Both sides carry their own rounding (G * scale is rounded), eps kappa each.
+        assert_close(got * scale**2, want, kappa=condition_number(G, 0.1, block_size=block_size))

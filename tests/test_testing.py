@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 
@@ -349,6 +350,39 @@ def test_assert_close_tolerance_scales_with_eps_kappa_factor_atol():
         assert_close(np.full(3, 1e-300), np.zeros(3))
     assert_close(np.full(3, 1e-12), np.zeros(3), atol=1e-11)
     assert DEFAULT_FACTOR == 100.0
+
+
+def test_assert_close_refuses_a_slack_that_cannot_fail_or_pass():
+    # Regression: kappa or atol = inf passed any arrays (a test that cannot fail), NaN or
+    # a negative value failed equal ones, and a complex desired lost its imaginary part.
+    a = np.ones(3)
+    for name in ("kappa", "factor", "atol"):
+        for bad in (math.inf, math.nan, -1.0):
+            with pytest.raises(ValueError, match=rf"{name} must be finite and >= 0"):
+                assert_close(a, a, **{name: bad})
+        with pytest.raises(TypeError, match=rf"{name} must be a real number"):
+            assert_close(a, a, **{name: True})
+    with pytest.raises(TypeError, match="complex128"):
+        assert_close(a, a + 1j)
+    assert_close(a, a, kappa=np.array(2.0), atol=0)  # a 0-d array is a number
+    for damp in (0.0, -1.0):
+        with pytest.raises(ValueError, match="damp must be finite and > 0"):
+            condition_number(np.ones((2, 3)), damp)
+
+
+def test_oracles_that_divide_by_damp_check_it_and_x():
+    # Regression: extended_precision_inverse took a 2-D or short x to a deep broadcasting
+    # error and damp=0 to a division by zero; a string damping was read with float().
+    G = np.ones((2, 3))
+    with pytest.raises(ValueError, match=r"x must have shape \(3,\), got \(3, 2\)"):
+        extended_precision_inverse(G, 0.5, np.ones((3, 2)))
+    with pytest.raises(ValueError, match=r"x must have shape \(3,\), got \(2,\)"):
+        extended_precision_inverse(G, 0.5, np.ones(2))
+    with pytest.raises(ValueError, match="damp must be finite and > 0"):
+        extended_precision_inverse(G, 0.0, np.ones(3))
+    for call in (SpectralOracle, condition_number):
+        with pytest.raises(TypeError, match="damp must be a real number"):
+            call(G, "0.5")
 
 
 def test_assert_close_dtypes_of_other_libraries(xp_device):

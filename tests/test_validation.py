@@ -87,7 +87,10 @@ def test_fractions_refuse_non_numbers(value):
             select_pruned(theta, sparsity=value)
 
 
-@pytest.mark.parametrize("value", [-0.1, 1.0, 1.5, float("nan"), float("inf")])
+@pytest.mark.parametrize(
+    "value",
+    [-0.1, 1.0, 1.5, float("nan"), float("inf"), pytest.param(10**400, id="1e400-int")],
+)
 def test_fractions_refuse_values_outside_their_interval(value):
     with pytest.raises(ValueError, match=r"sparsity must be finite and lie in \[0, 1\)"):
         prune(np.ones(10), G, sparsity=value)
@@ -98,8 +101,11 @@ def test_choices_refuse_unknown_options():
         prune(np.ones(10), G, sparsity=0.5, saliency=3)
 
 
-@pytest.mark.parametrize("damp", [0.0, -1e-5, float("nan"), float("inf")])
+@pytest.mark.parametrize(
+    "damp", [0.0, -1e-5, float("nan"), float("inf"), pytest.param(10**400, id="1e400-int")]
+)
 def test_damp_values(damp):
+    # An int beyond float64's range (10**400) raised a bare OverflowError.
     for call in (
         lambda: StaticIHVP(G, damp=damp),
         lambda: EmpiricalFisher(G, damp=damp),
@@ -273,3 +279,22 @@ def test_optimizer_flags_and_callables():
         StaticIHVP(G, damp=1.0, progress="x")
     with pytest.raises(TypeError, match="xp must be an array namespace"):
         DynamicIHVP(3, 5, damp=1.0, dtype="float64", xp="numpy")
+
+
+def test_masked_arrays_are_refused_by_name():
+    # Regression: a numpy.ma.MaskedArray passed the checks as a NumPy array; its mask was
+    # then ignored (prune kept and moved a masked weight as its stored value) or broke
+    # deep inside (op @ x: "operands could not be broadcast together").
+    masked = np.ma.masked_array
+    with pytest.raises(TypeError, match=r"G is a numpy\.ma\.MaskedArray"):
+        StaticIHVP(masked(G, mask=G > 1), damp=0.1)
+    op = StaticIHVP(G, damp=0.1)
+    x = masked(np.ones(10), mask=np.arange(10) == 3)
+    with pytest.raises(TypeError, match=r"x is a numpy\.ma\.MaskedArray.*np\.ma\.filled"):
+        op @ x
+    window = DynamicIHVP(2, 10, damp=0.1, dtype="float64")
+    with pytest.raises(TypeError, match=r"g is a numpy\.ma\.MaskedArray"):
+        window.update(x)
+    assert len(window) == 0
+    with pytest.raises(TypeError, match=r"theta is a numpy\.ma\.MaskedArray"):
+        prune(x, G, sparsity=0.5, damp=0.1)

@@ -9,7 +9,7 @@ columns. Sharded, every rank's checks are reduced with one status word.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -258,7 +258,15 @@ class LoadedState:
         ):
             check_same_space(xp, op.device, array, f"state['{name}']", owner=op)
             if array.dtype != dtype:
-                raise TypeError(f"state['{name}'] has dtype {array.dtype}, expected {dtype}")
+                # As the library prints an array's dtype (NumPy's xp.float64 is a class).
+                expected = xp.empty((0,), dtype=dtype, device=op.device).dtype
+                raise TypeError(f"state['{name}'] has dtype {array.dtype}, expected {expected}")
+        for key in ("window_slots", "free_slots", "factor_slots"):
+            if isinstance(state[key], (str, bytes)) or not isinstance(state[key], Iterable):
+                raise ValueError(
+                    f"state['{key}'] must be a list of slot numbers (ints), got "
+                    f"{type(state[key]).__name__}"
+                )
         try:
             window, free, slots = (
                 tuple(check_count(s, f"state['{key}'] entries", minimum=0) for s in state[key])
@@ -298,7 +306,13 @@ class LoadedState:
         cls._check_factor(op, gram, U, list(slots), k, saved_damp)
         # States saved before the Gram rows were summed in float64 lack the flag; a
         # float64 window's Gram always was.
-        exact = state.get("exact_gram") is True or op._G.dtype == xp.float64
+        # Absent (None) in states saved before the flag; a bool wherever it is given.
+        saved_exact = state.get("exact_gram")
+        try:
+            saved_exact = saved_exact is not None and check_flag(saved_exact, "state['exact_gram']")
+        except TypeError as exc:
+            raise ValueError(str(exc)) from None
+        exact = saved_exact or op._G.dtype == xp.float64
         return grads, gram, U, window, free, slots, edits, saved_damp, target, exact
 
     @staticmethod

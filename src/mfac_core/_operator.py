@@ -2,7 +2,7 @@
 
 :class:`LinearOperator` mirrors :class:`scipy.sparse.linalg.LinearOperator`
 (``shape``, ``dtype``, ``matvec``, ``matmat``, ``rmatvec``, ``rmatmat``,
-``adjoint``/``H``, ``transpose``/``T``, ``@``, ``dot``, ``+``, ``*``) but keeps
+``adjoint``/``H``, ``transpose``/``T``, ``@``, ``dot``, ``+``, ``*``, ``**``) but keeps
 every result in the namespace, dtype and device of the operator. It does not
 subclass SciPy's class, whose methods convert every input to NumPy; a real
 SciPy operator is available through :meth:`LinearOperator.to_scipy` for NumPy
@@ -82,7 +82,10 @@ class LinearOperator:
         symmetric: bool = False,
         check_finite: bool = True,
     ) -> None:
-        if len(shape) != 2 or not all(isinstance(s, int) and s >= 0 for s in shape):
+        # Any integers (NumPy's too, as SciPy takes them), not bools, as Python ints.
+        if len(shape) != 2 or not all(
+            isinstance(s, numbers.Integral) and not isinstance(s, bool) and s >= 0 for s in shape
+        ):
             raise ValueError(f"shape must be a pair of non-negative ints, got {shape!r}")
         self.shape = (int(shape[0]), int(shape[1]))
         self.dtype = dtype
@@ -312,8 +315,15 @@ class LinearOperator:
         if isinstance(x, numbers.Real) and not isinstance(x, bool):
             return _ScaledOperator(self, float(x))
         if not is_array_api_obj(x):
+            # SciPy's operators are LinearOperators too, but not this class's.
+            hint = (
+                "; to compose with a SciPy operator, compose this operator's to_scipy() with it"
+                if hasattr(x, "matvec") and hasattr(x, "shape")
+                else ""
+            )
             raise TypeError(
-                f"expected an array, a scalar or a LinearOperator, got {type(x).__name__}"
+                "expected an array, a scalar or an mfac_core LinearOperator, got "
+                f"{type(x).__name__}{hint}"
             )
         if x.ndim == 1 or (x.ndim == 2 and x.shape[1] == 1):
             return self.matvec(x)
@@ -347,6 +357,9 @@ class LinearOperator:
     def __rmul__(self, other: Any) -> Any:
         if isinstance(other, numbers.Real) and not isinstance(other, bool):
             return _ScaledOperator(self, float(other))
+        if is_array_api_obj(other):
+            # SciPy's x * A is x @ A, as A * x is A @ x.
+            return self.__rmatmul__(other)
         return NotImplemented
 
     def __truediv__(self, other: Any) -> Any:
@@ -366,6 +379,14 @@ class LinearOperator:
         if isinstance(other, LinearOperator):
             return _SumOperator(self, _ScaledOperator(other, -1.0))
         return NotImplemented
+
+    def __pow__(self, p: Any) -> Any:
+        # SciPy's A ** p: a non-negative integer power of a square operator.
+        if isinstance(p, bool) or not isinstance(p, numbers.Integral):
+            if isinstance(p, numbers.Number):
+                raise TypeError(f"the power of an operator must be an int, got {p!r}")
+            return NotImplemented
+        return _PowerOperator(self, int(p))
 
     def adjoint(self) -> LinearOperator:
         """Return the Hermitian adjoint ``A^H`` (the transpose: operators here are real).
@@ -678,3 +699,45 @@ class _ProductOperator(LinearOperator):
 
     def _rmatvec(self, x: Array) -> Array:
         return self.args[1]._rmatvec(self.args[0]._rmatvec(x))
+
+
+class _PowerOperator(LinearOperator):
+    """``A ** p``: ``p`` products with ``A`` (the identity for ``p = 0``), as SciPy's."""
+
+    def __init__(self, A: LinearOperator, p: int) -> None:
+        A._refuse_sharded("Powers of operators (**)")
+        if A.shape[0] != A.shape[1]:
+            raise ValueError(f"only a square operator has powers, got shape {A.shape}")
+        if p < 0:
+            raise ValueError(
+                f"the power of an operator must be >= 0, got {p} (mfac_core's inverse "
+                "operators are separate classes, e.g. StaticIHVP for EmpiricalFisher)"
+            )
+        super().__init__(
+            shape=A.shape,
+            dtype=A.dtype,
+            xp=A._xp,
+            device=A.device,
+            symmetric=A._symmetric,
+            check_finite=A.check_finite,
+        )
+        self.A, self.p = A, p
+
+    def _power(self, apply: Any, X: Array) -> Array:
+        # A copy for p = 0, so that the result never aliases the input (as SciPy's).
+        Y = self._xp.asarray(X, copy=True) if self.p == 0 else X
+        for _ in range(self.p):
+            Y = apply(Y)
+        return Y
+
+    def _matmat(self, X: Array) -> Array:
+        return self._power(self.A._matmat, X)
+
+    def _rmatmat(self, X: Array) -> Array:
+        return self._power(self.A._rmatmat, X)
+
+    def _matvec(self, x: Array) -> Array:
+        return self._power(self.A._matvec, x)
+
+    def _rmatvec(self, x: Array) -> Array:
+        return self._power(self.A._rmatvec, x)

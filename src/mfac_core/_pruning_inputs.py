@@ -24,6 +24,7 @@ from ._validation import (
     half_dtype_name,
     is_number_list,
     namespace_of,
+    non_finite_error,
 )
 
 # -- validation ---------------------------------------------------------------------------
@@ -46,17 +47,30 @@ def check_mask(xp: Any, theta: Array, mask: Array) -> Any:
     d = theta.shape[0]
     if mask is None:
         return xp.ones((d,), dtype=xp.bool, device=device_of(theta))
-    check_bool(xp, theta, mask, "mask")
+    check_bool(xp, theta, mask, "mask", meaning="True = kept")
     if mask.ndim != 1 or mask.shape[0] != d:
         raise ValueError(f"mask must have shape ({d},) like theta, got {tuple(mask.shape)}")
     return mask
 
 
-def check_bool(xp: Any, theta: Array, x: Array, name: str) -> None:
-    """``x`` must be a boolean array of theta's library and device."""
+def check_kept_weights(xp: Any, theta: Array, mask: Array) -> None:
+    """Refuse NaN or infinity among the weights that ``mask`` keeps, naming the first.
+
+    Their saliencies would be NaN (refused deep inside as "scores") or infinite (the
+    weight never pruned, the update's result not finite). Weights already pruned are
+    set to zero by every entry point, whatever they hold.
+    """
+    kept = xp.where(mask, theta, xp.zeros((), dtype=theta.dtype, device=device_of(theta)))
+    error = non_finite_error(xp, kept, "theta")
+    if error is not None:
+        raise ValueError(f"{error} (a weight that mask keeps)")
+
+
+def check_bool(xp: Any, theta: Array, x: Array, name: str, *, meaning: str) -> None:
+    """``x`` must be a boolean array of theta's library and device; ``meaning`` says of what."""
     check_same_space(xp, device_of(theta), x, name, owner="theta")
     if x.dtype != xp.bool:
-        raise TypeError(f"{name} must be a boolean array (True = kept), got dtype {x.dtype}")
+        raise TypeError(f"{name} must be a boolean array ({meaning}), got dtype {x.dtype}")
 
 
 def check_grads(xp: Any, theta: Array, G: Array) -> str | None:

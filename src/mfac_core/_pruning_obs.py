@@ -267,7 +267,8 @@ def select_pruned(
     Parameters
     ----------
     scores : array, shape (d,)
-        The saliencies (lower = pruned first); no NaN.
+        The saliencies (lower = pruned first); no NaN where ``mask`` keeps
+        the weight.
     sparsity : float, optional
         The fraction of weights, in ``[0, 1)``, that is pruned after the
         selection, counting the already-pruned ones: ``floor(sparsity * n)``
@@ -290,7 +291,7 @@ def select_pruned(
     ------
     ValueError
         For a sparsity outside ``[0, 1)``, a ``count`` larger than the number
-        of kept weights (in some block), scores holding NaN, or mismatched
+        of kept weights (in some block), scores holding NaN at a kept weight, or mismatched
         shapes.
     TypeError
         For arrays of different libraries or a non-boolean mask.
@@ -316,8 +317,10 @@ def select_pruned(
         sparsity = check_fraction(sparsity, "sparsity")
     else:
         count = check_count(count, "count", minimum=0)
-    if bool(xp.any(xp.isnan(scores))):
-        raise ValueError("scores must not contain NaN")
+    # Scores of weights already pruned are never read: they may be NaN (their weight
+    # may be, as every entry point zeroes it).
+    if bool(xp.any(xp.isnan(scores) & mask)):
+        raise ValueError("scores must not contain NaN where mask keeps the weight")
     d = scores.shape[0]
     B = d if block_size is None else min(check_count(block_size, "block_size"), d)
     dev = device_of(scores)
@@ -448,7 +451,8 @@ def obs_update(
     xp = check_theta(theta)
     theta = _check_operator(ihvp, theta)
     mask = check_mask(xp, theta, mask)
-    check_bool(xp, theta, selected, "selected")
+    # A mask of the weights to remove: integer indices are refused, not read as a mask.
+    check_bool(xp, theta, selected, "selected", meaning="True = removed")
     d = theta.shape[0]
     if selected.ndim != 1 or selected.shape[0] != d:
         raise ValueError(f"selected must have shape ({d},), got {tuple(selected.shape)}")

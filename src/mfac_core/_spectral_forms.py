@@ -68,18 +68,19 @@ class Forms:
         """``Q F**power R^T``, shape ``(p, n)``: Q projected once, R a batch at a time."""
         xp = self.xp
         forms = [g.form(self.damp, self.power) for g in self.groups]
-        PQ = [w[..., None] * g.project(Q) for g, (_, w) in zip(self.groups, forms, strict=True)]
+        # The scales apart until the sums meet R's projections, as in quadratic().
+        PQ = [w[..., None] * g.project(Q) for g, (_, w, _) in zip(self.groups, forms, strict=True)]
         Q64 = xp.astype(Q, xp.float64)
         parts = []
         for lo in range(0, R.shape[0], self.step):
             Rb = R[lo : min(lo + self.step, R.shape[0]), :]
             R64 = xp.astype(Rb, xp.float64)
             acc = xp.zeros((Q.shape[0], Rb.shape[0]), dtype=xp.float64, device=self.device)
-            for g, (a, _), pq in zip(self.groups, forms, PQ, strict=True):
+            for g, (a, _, sc), pq in zip(self.groups, forms, PQ, strict=True):
                 if a:
                     s, e = g.group.start, g.group.end
                     acc = acc + a * (Q64[:, s:e] @ xp.matrix_transpose(R64[:, s:e]))
-                acc = acc + xp.sum(xp.matrix_transpose(pq) @ g.project(Rb), axis=0)
+                acc = acc + sc * xp.sum(xp.matrix_transpose(pq) @ g.project(Rb), axis=0)
             parts.append(xp.astype(acc, self.dtype))
         if not parts:
             return xp.zeros((Q.shape[0], 0), dtype=self.dtype, device=self.device)
@@ -94,12 +95,12 @@ class Forms:
             Rb = R[lo : min(lo + self.step, R.shape[0]), :]
             R64 = xp.astype(Rb, xp.float64)
             acc = xp.zeros((Rb.shape[0],), dtype=xp.float64, device=self.device)
-            for g, (a, w) in zip(self.groups, forms, strict=True):
+            for g, (a, w, sc) in zip(self.groups, forms, strict=True):
                 if a:
                     Rg = R64[:, g.group.start : g.group.end]
                     acc = acc + a * xp.sum(Rg * Rg, axis=1)
                 P = g.project(Rb)  # (count, r, n)
-                acc = acc + xp.sum(w[..., None] * P * P, axis=(0, 1))
+                acc = acc + sc * xp.sum(w[..., None] * P * P, axis=(0, 1))
             parts.append(xp.astype(acc, self.dtype))
         if not parts:
             return xp.zeros((0,), dtype=self.dtype, device=self.device)

@@ -58,27 +58,37 @@ __all__ = [
 #: The powers of F the closed forms cover: F^{-1}, F^{-1/2}, F^{1/2}, F.
 POWERS = (-1.0, -0.5, 0.5, 1.0)
 
+#: The scales of the weights (:func:`coefficients`) with which a one-vector product goes
+#: through the engine's lift: beyond them (a damping beyond about 1e100 or 1e-100 for
+#: F^{-1}) the lift's coefficients could leave float64's range, and each damping reads the
+#: group once instead.
+_LIFT_SCALES = (1e-100, 1e100)
+
 #: The most blocks of a group whose one-vector sweep goes block by block through the
 #: engine's lift (one read of G for all dampings); past that, per-call costs outweigh it
 #: and each damping reads the group once (one call for all blocks).
 _LIFT_BLOCKS = 64
 
 
-def coefficients(xp: Any, lam: Array, damp: float, power: float, m: int) -> Any:
-    """``h = (f(damp + lam/m) - f(damp)) / lam`` for ``f(x) = x**power``, float64.
+def coefficients(xp: Any, lam: Array, damp: float, power: float, m: int) -> tuple[float, Any]:
+    """``(s, c)`` with ``h = s * c = (f(damp + lam/m) - f(damp)) / lam``, float64.
 
-    Each form is the difference quotient with the difference multiplied out, so
-    that nothing is divided by ``lam`` (exact zeros included) and nothing cancels.
+    ``f(x) = x**power``. Each form is the difference quotient with the difference
+    multiplied out, so that nothing is divided by ``lam`` (exact zeros included) and
+    nothing cancels. ``h`` itself leaves float64's range where the damping does by the
+    square root of it (``h = -1 / (damp (m damp + lam))`` underflows for a damping above
+    about 1e154, overflows below 1e-154): the scale ``s`` (a power of the damping) is
+    kept apart, and applied after ``c`` has met the in-range data it weighs.
     """
     if power == -1.0:
-        return -1.0 / (damp * (m * damp + lam))
+        return -1.0 / damp, 1.0 / (m * damp + lam)
     if power == 1.0:
-        return xp.full(lam.shape, 1.0 / m, dtype=xp.float64, device=device(lam))
+        return 1.0, xp.full(lam.shape, 1.0 / m, dtype=xp.float64, device=device(lam))
     sd = math.sqrt(damp)
     s = xp.sqrt(damp + lam / m)
     if power == 0.5:
-        return 1.0 / (m * (s + sd))
-    return -1.0 / (m * sd * s * (s + sd))
+        return 1.0, 1.0 / (m * (s + sd))
+    return -1.0 / sd, 1.0 / (m * s * (s + sd))
 
 
 def _rows_of(xp: Any, A: Array, group: BlockGroup) -> Array:
@@ -105,28 +115,34 @@ class GramEigen:
     def top(self) -> Array:
         return self.lams
 
-    def weights(self, damp: float, power: float) -> Array:
+    def weights(self, damp: float, power: float) -> tuple[float, Array]:
+        """``(s, c)``: the weights ``h = s * c`` of :func:`coefficients`."""
         return coefficients(self.xp, self.lams, damp, power, self.G.shape[0])
 
-    def form(self, damp: float, power: float) -> tuple[float, Array]:
-        """``(f(damp), w)``: ``f(F_b) = f(damp) I + (U^T G_b)^T diag(w) (U^T G_b)``."""
-        return damp**power, self.weights(damp, power)
+    def form(self, damp: float, power: float) -> tuple[float, Array, float]:
+        """``(f(damp), c, s)``: ``f(F_b) = f(damp) I + s (U^T G_b)^T diag(c) (U^T G_b)``."""
+        scale, c = self.weights(damp, power)
+        return damp**power, c, scale
 
     def apply(self, X: Array, damps: list[float], power: float) -> Array:
         """``f(F_b) X_b`` at each damping: ``(K, count * size, k)`` of ``dtype``."""
         xp, g, G = self.xp, self.group, self.G
         Ut = xp.matrix_transpose(self.U)
         alphas = [dp**power for dp in damps]
-        if X.shape[1] == 1 and g.count <= _LIFT_BLOCKS:
+        H = [self.weights(dp, power) for dp in damps]  # K x (s, (count, m))
+        # The lift's coefficients carry the scale s of the weights (a power of the damping);
+        # at an extreme damping they would leave float64's range where the others' A, in
+        # which s / f(damp) is about 1, does not.
+        in_range = all(_LIFT_SCALES[0] <= abs(sc) <= _LIFT_SCALES[1] for sc, _ in H)
+        if X.shape[1] == 1 and g.count <= _LIFT_BLOCKS and in_range:
             # One vector: per block, all K results from one more read of its columns (the
             # engine's lift, x shared by the K rows of coefficients).
             P = _engine.project_blocks(xp, G, g, X)[..., 0]  # (count, m)
             Z = (Ut @ P[..., None])[..., 0]
-            H = [self.weights(dp, power) for dp in damps]  # K x (count, m)
             a = xp.asarray(alphas, dtype=xp.float64, device=device(P))
             parts = []
             for b in range(g.count):
-                C = xp.stack([self.U[b, ...] @ (h[b, ...] * Z[b, ...]) for h in H])
+                C = xp.stack([sc * (self.U[b, ...] @ (c[b, ...] * Z[b, ...])) for sc, c in H])
                 lo, hi = b * g.size, (b + 1) * g.size
                 cols = {"start": g.start + lo, "stop": g.start + hi}
                 Y_b = _engine.lift(xp, G, X[lo:hi, 0], C, alphas=a, dtype=self.dtype, **cols)
@@ -135,9 +151,9 @@ class GramEigen:
             return Y[..., None]
         Z = Ut @ _engine.project_blocks(xp, G, g, X)  # (count, m, k)
         out = []
-        for dp, alpha in zip(damps, alphas, strict=True):
+        for (scale, c), alpha in zip(H, alphas, strict=True):
             # alpha (X - G^T A) with A = -U (h * Z) / alpha: f(damp) X + G^T U diag(h) U^T G X.
-            A = self.U @ (self.weights(dp, power)[..., None] * Z) * (-1.0 / alpha)
+            A = self.U @ (c[..., None] * Z) * (-scale / alpha)
             out.append(_engine.combine_blocks(xp, G, g, X, A, alpha=alpha, dtype=self.dtype))
         return xp.stack(out)
 
@@ -147,7 +163,11 @@ class GramEigen:
         The columns are whitened on the fly, in float64, a bounded piece at a time.
         """
         xp, g, G, m = self.xp, self.group, self.G, self.G.shape[0]
-        H = xp.stack([self.weights(dp, power) for dp in damps])  # (K, count, m)
+        weights = [self.weights(dp, power) for dp in damps]
+        H = xp.stack([c for _, c in weights])  # (K, count, m)
+        scales = xp.reshape(
+            xp.asarray([sc for sc, _ in weights], dtype=xp.float64, device=device(H)), (-1, 1, 1)
+        )
         alphas = xp.reshape(
             xp.asarray([dp**power for dp in damps], dtype=xp.float64, device=device(H)), (-1, 1)
         )
@@ -160,7 +180,7 @@ class GramEigen:
             Gp = piece_stack(xp, G, g, (b0, b1, c0, c1))
             Z = Ut[b0:b1, ...] @ xp.astype(Gp, xp.float64)  # (b, m, w)
             hb = xp.permute_dims(H[:, b0:b1, :], (1, 0, 2))  # (b, K, m)
-            D = xp.permute_dims(hb @ (Z * Z), (1, 0, 2))  # (K, b, w)
+            D = xp.permute_dims(hb @ (Z * Z), (1, 0, 2)) * scales  # (K, b, w)
             parts.append(xp.astype(alphas + xp.reshape(D, (len(damps), -1)), self.dtype))
         return parts[0] if len(parts) == 1 else xp.concat(parts, axis=1)
 
@@ -193,9 +213,9 @@ class ColumnEigen:
     def _spectrum(self, damp: float, power: float) -> Array:
         return (damp + self.mu / self.m) ** power  # (count, s), positive
 
-    def form(self, damp: float, power: float) -> tuple[float, Array]:
-        """``(0, f(damp + mu / m))``: ``f(F_b) = Q diag(f(damp + mu / m)) Q^T``."""
-        return 0.0, self._spectrum(damp, power)
+    def form(self, damp: float, power: float) -> tuple[float, Array, float]:
+        """``(0, f(damp + mu / m), 1)``: ``f(F_b) = Q diag(f(damp + mu / m)) Q^T``."""
+        return 0.0, self._spectrum(damp, power), 1.0
 
     def apply(self, X: Array, damps: list[float], power: float) -> Array:
         xp, g = self.xp, self.group

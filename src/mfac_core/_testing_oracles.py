@@ -9,7 +9,6 @@ conversions the other oracles (``_testing_paper``) share.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +21,7 @@ from ._compat import (
     is_cupy_namespace,
     is_torch_namespace,
 )
+from ._validation import check_damp
 
 # -- conversion ---------------------------------------------------------------------------
 
@@ -222,6 +222,14 @@ def extended_precision_inverse(G: Any, damp: float, x: Any) -> np.ndarray:
     numpy.ndarray, shape (d,)
         ``F^{-1} x`` rounded to float64.
 
+    Raises
+    ------
+    ValueError
+        If ``G`` is not a non-empty 2-D array, ``x`` has another shape than
+        ``(d,)``, or ``damp`` is not finite and positive.
+    TypeError
+        If ``damp`` is not a real number.
+
     Examples
     --------
     >>> import numpy as np
@@ -233,7 +241,10 @@ def extended_precision_inverse(G: Any, damp: float, x: Any) -> np.ndarray:
     """
     LD = np.longdouble
     Gl = as_grads(G).astype(LD)
+    damp = check_damp(damp)
     xl = np.asarray(to_numpy(x), dtype=LD)
+    if xl.shape != (Gl.shape[1],):
+        raise ValueError(f"x must have shape ({Gl.shape[1]},), got {xl.shape}")
     m = Gl.shape[0]
     C = np.einsum("ik,jk->ij", Gl, Gl) + m * LD(damp) * np.eye(m, dtype=LD)
     b = Gl @ xl
@@ -280,11 +291,12 @@ def condition_number(G: Any, damp: float, *, block_size: int | None = None) -> f
     Raises
     ------
     ValueError
-        If ``G`` is not a non-empty 2-D array, or ``block_size < 1``.
+        If ``G`` is not a non-empty 2-D array, ``block_size < 1``, or
+        ``damp`` is not finite and positive.
     """
     G = as_grads(G)
     m, d = G.shape
-    lam = float(damp)
+    lam = check_damp(damp)  # at 0 the ratio divides by zero; below, it is no kappa
     kappa = 1.0
     for s in blocks(d, block_size):
         Gb = G[:, s]
@@ -356,9 +368,7 @@ class SpectralOracle:
     def __init__(self, G: Any, damp: float, *, block_size: int | None = None) -> None:
         G = as_grads(G)
         m, d = G.shape
-        lam = float(damp)
-        if not (math.isfinite(lam) and lam > 0):
-            raise ValueError(f"damp must be finite and > 0, got {damp!r}")
+        lam = check_damp(damp)
         self.damp, self.num_grads, self.dim = lam, m, d
         self.block_size = d if block_size is None else min(int(block_size), d)
         self.shape = (d, d)

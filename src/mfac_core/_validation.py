@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -101,6 +102,16 @@ def compute_dtype(xp: Any, G: Array) -> Any:
 
 def namespace_of(x: Array, name: str) -> Any:
     """The array namespace of ``x``, or a ``TypeError`` naming the argument."""
+    # NumPy's functions would read the masked entries' values (or fail deep inside on the
+    # mask's broadcasting): the mask is the caller's to resolve. numpy.ma is imported
+    # lazily; where it is not, x is no masked array.
+    ma = sys.modules.get("numpy.ma")
+    if ma is not None and isinstance(x, ma.MaskedArray):
+        raise TypeError(
+            f"{name} is a numpy.ma.MaskedArray, whose mask the operators would ignore; "
+            f"pass a plain array, e.g. np.ma.filled({name}, value) with the value that its "
+            "masked entries stand for"
+        )
     if not is_array_api_obj(x):
         raise TypeError(
             f"{name} must be an array of an Array-API library (NumPy, CuPy, PyTorch, JAX, "
@@ -182,6 +193,18 @@ def raise_non_finite(xp: Any, x: Array, name: str, *, offset: int = 0) -> None:
     )
 
 
+def finite_or_inf(value: Any) -> float:
+    """``float(value)``, with infinity for an integer beyond float64's range.
+
+    ``float`` raises ``OverflowError`` for such an int (``10**400``); as infinity it is
+    refused by the same range check, with the same message, as ``float("inf")``.
+    """
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
+
+
 def check_number(
     value: Any,
     name: str,
@@ -194,7 +217,7 @@ def check_number(
     """A real number (not a bool) in the given interval, as a Python float."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {value!r}")
-    v = float(value)
+    v = finite_or_inf(value)
     above = v > low if low_open else v >= low
     below = v < high if high_open else v <= high
     if not (math.isfinite(v) and above and below):
@@ -254,7 +277,7 @@ def check_damp(damp: Any, name: str = "damp") -> float:
     damp = scalar_value(damp)
     if isinstance(damp, bool) or not isinstance(damp, numbers.Real):
         raise real_scalar_error(name, given)
-    value = float(damp)
+    value = finite_or_inf(damp)
     if not math.isfinite(value) or value <= 0.0:
         raise ValueError(f"{name} must be finite and > 0, got {damp!r}")
     if value < SMALLEST_DAMP:

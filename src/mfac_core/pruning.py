@@ -46,6 +46,7 @@ from typing import Any, Literal, NamedTuple, cast
 from ._compat import Array
 from ._compat import device as device_of
 from ._pruning_inputs import (
+    check_kept_weights,
     check_mask,
     check_selection_options,
     check_theta,
@@ -165,7 +166,8 @@ def prune(
     Raises
     ------
     ValueError
-        For a sparsity outside ``[0, 1)``, wrong shapes, or unknown choices.
+        For a sparsity outside ``[0, 1)``, wrong shapes, unknown choices, or
+        NaN or infinity in a weight that ``mask`` keeps.
     TypeError
         For arrays of different libraries or dtypes.
 
@@ -188,6 +190,7 @@ def prune(
     check_choice(update, "update", ("single", "joint", "none"))
     given = mask
     mask = check_mask(xp, theta, mask)
+    check_kept_weights(xp, theta, mask)
     needs_grads = saliency != "magnitude" or update != "none"
     if G is None:
         if needs_grads:
@@ -345,7 +348,8 @@ def gradual_prune(
         For a sparsity outside ``[0, 1)`` or below the mask's, ``steps < 1``,
         ``grad_fn`` returning an array of the wrong shape, a grid of
         dampings without ``select_damp`` (or the reverse), or ``select_damp``
-        with a saliency other than ``"obs"`` or a joint update.
+        with a saliency other than ``"obs"`` or a joint update, or NaN or
+        infinity in a weight that ``mask`` keeps.
     TypeError
         For a ``grad_fn`` or ``select_damp`` that is not callable, or a
         ``select_damp`` that returns something other than a real number.
@@ -380,6 +384,7 @@ def gradual_prune(
     xp = check_theta(theta)
     sparsity = check_fraction(sparsity, "sparsity")
     mask = check_mask(xp, theta, mask)
+    check_kept_weights(xp, theta, mask)
     if not callable(grad_fn):
         raise TypeError(f"grad_fn must be callable, got {type(grad_fn).__name__}")
     grid = damping_grid(damp, select_damp, saliency, update)
@@ -501,8 +506,9 @@ def damping_sweep(
         For arrays of different libraries or dtypes, or dampings that are not
         a sequence of numbers.
     ValueError
-        For mismatched shapes or devices, a sparsity outside ``[0, 1)``, or a
-        damping that is not finite and positive.
+        For mismatched shapes or devices, a sparsity outside ``[0, 1)``, a
+        damping that is not finite and positive, or NaN or infinity in a
+        weight that ``mask`` keeps.
 
     Examples
     --------
@@ -523,6 +529,7 @@ def damping_sweep(
     xp = check_theta(theta)
     given = mask
     mask = check_mask(xp, theta, mask)
+    check_kept_weights(xp, theta, mask)
     sparsity = check_fraction(sparsity, "sparsity")
     dampings = check_dampings(dampings, "dampings")  # before the O(d m^2) set-up
     G = prepared_grads(xp, theta, G, None if given is None else mask)
@@ -627,7 +634,8 @@ def select_damping(
         callable or returns something other than a real number.
     ValueError
         For mismatched shapes, a sparsity outside ``[0, 1)``, a damping that
-        is not finite and positive, ``update="joint"``, or a non-finite loss.
+        is not finite and positive, ``update="joint"``, a non-finite loss, or
+        NaN or infinity in a weight that ``mask`` keeps.
         Nothing is changed when it raises (``theta`` is never written).
 
     See Also
@@ -661,6 +669,7 @@ def select_damping(
     xp = check_theta(theta)
     given = mask
     mask = check_mask(xp, theta, mask)
+    check_kept_weights(xp, theta, mask)
     sparsity = check_fraction(sparsity, "sparsity")
     if not callable(loss):
         raise TypeError(f"loss must be callable, got {type(loss).__name__}")

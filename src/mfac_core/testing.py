@@ -111,6 +111,28 @@ def _norm(v: np.ndarray) -> float:
     return scale * float(np.linalg.norm((v / scale).ravel()))
 
 
+def _check_slack(**values: Any) -> None:
+    """Refuse a ``kappa``, ``factor`` or ``atol`` that is not a finite number ``>= 0``.
+
+    With NaN the check fails whatever the arrays, with infinity it passes whatever they
+    hold (a test that cannot fail), and a negative one fails on equal arrays.
+    """
+    for name, value in values.items():
+        if value is None:
+            continue
+        try:
+            if isinstance(value, bool | complex):
+                raise TypeError
+            v = float(value)  # a number, or a 0-d array of any library
+        except (TypeError, ValueError):
+            raise TypeError(f"{name} must be a real number, got {value!r}") from None
+        if not (math.isfinite(v) and v >= 0.0):
+            raise ValueError(
+                f"{name} must be finite and >= 0, got {value!r}: the tolerance would "
+                "pass or fail whatever the arrays hold"
+            )
+
+
 def assert_close(
     actual: Any,
     desired: Any,
@@ -160,6 +182,11 @@ def assert_close(
         On different shapes, non-finite values in ``actual`` or an error
         above the tolerance; the message gives the relative error, the
         tolerance, ``kappa`` and the dtype.
+    ValueError
+        If ``kappa``, ``factor`` or ``atol`` is negative, NaN or infinite
+        (the comparison could then not fail, or not pass).
+    TypeError
+        If one of them is not a real number, or ``desired`` is complex.
 
     Notes
     -----
@@ -186,8 +213,13 @@ def assert_close(
     accumulation the error is dominated by a few roundings to the storage
     precision (of the inputs and of the result).
     """
+    _check_slack(kappa=kappa, factor=factor, atol=atol)
     a = to_numpy(actual)
-    desired_np = np.asarray(to_numpy(desired), dtype=np.float64)
+    desired_np = to_numpy(desired)
+    if np.iscomplexobj(desired_np):
+        # Cast to float64 it would lose its imaginary part, and a real result pass.
+        raise TypeError(f"assert_close compares real arrays; desired is {desired_np.dtype}")
+    desired_np = np.asarray(desired_np, dtype=np.float64)
     if dtype is None:
         dtype = getattr(actual, "dtype", a.dtype)
     name = _dtype_name(dtype)
