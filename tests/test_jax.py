@@ -390,6 +390,15 @@ def test_window_refactor_every_and_m_equal_one(rng):
         state = mj.window_update(state, jnp.asarray(rng.standard_normal(d)))
     # m while filling, then 8 replacements with a full factorisation after every 3 edits.
     assert int(state.refactors) == m + 2
+    # refactor_every=0: a full factorisation at every update, as DynamicIHVP's.
+    state = mj.window_init(m, d, damp=0.5, dtype=jnp.float64, refactor_every=0)
+    options = WindowOptions(zero_init=True, refactor_every=0)
+    core = DynamicIHVP(m, d, damp=0.5, dtype="float64", options=options)
+    for t in range(m + 3):
+        g = rng.standard_normal(d)
+        state, y = mj.window_update_and_matvec(state, jnp.asarray(g))
+        assert_close(y, core.update_and_matvec(g), kappa=woodbury_kappa(core.window(), 0.5))
+    assert int(state.refactors) == m + 3  # one per update (the core counts its first too)
     state = mj.window_init(1, 3, damp=1.0, dtype=jnp.float64)
     for _ in range(3):
         g = jnp.asarray(rng.standard_normal(3))
@@ -484,7 +493,7 @@ def test_window_refuses_bad_arguments():
         ({"damp": 0.0}, ValueError, "damp"),
         ({"dtype": jnp.int32}, TypeError, "float32 or float64"),
         ({"dtype": jnp.float16}, TypeError, "float32 or float64"),
-        ({"refactor_every": 0}, ValueError, "refactor_every"),
+        ({"refactor_every": -1}, ValueError, "refactor_every must be >= 0"),
     ):
         args = {"damp": 0.1, "dtype": jnp.float32, **kwargs}
         with pytest.raises(exc, match=match):

@@ -105,13 +105,13 @@ def hyper_damp(damp: Any) -> Any:
     return hyper(damp, "damp", check_damp)
 
 
-def hyper_count(value: Any, name: str) -> Any:
-    """A count >= 1 (Python int, or an integer 0-d array as :func:`hyper` takes it)."""
+def hyper_count(value: Any, name: str, *, minimum: int = 1) -> Any:
+    """A count >= ``minimum`` (Python int, or an integer 0-d array as :func:`hyper` takes it)."""
     if isinstance(value, (jax.Array, np.ndarray, np.generic)):
         if not jnp.issubdtype(value.dtype, jnp.integer):  # int4 has NumPy kind "V"
             raise TypeError(f"{name} must be an int, got an array of dtype {value.dtype}")
-        return hyper(value, name, lambda v: check_count(int(v), name))
-    return check_count(value, name)
+        return hyper(value, name, lambda v: check_count(int(v), name, minimum=minimum))
+    return check_count(value, name, minimum=minimum)
 
 
 def concrete_float(value: Any) -> float | None:

@@ -221,7 +221,9 @@ def window_init(
     refactor_every : int or jax.Array, optional
         Refactorise in full after this many incremental edits (default m),
         which bounds the drift of the factor; a drift check after each edit
-        refactorises earlier if needed. A leaf of the state, like ``damp``.
+        refactorises earlier if needed; ``0`` refactorises at every update, as
+        :class:`mfac_core.WindowOptions` ``(refactor_every=0)`` does. A leaf of
+        the state, like ``damp``.
 
     Returns
     -------
@@ -261,7 +263,9 @@ def window_init(
     m = check_count(num_grads, "num_grads")
     d = check_count(dim, "dim")
     dt = check_dtype(dtype, "dtype")
-    every = m if refactor_every is None else hyper_count(refactor_every, "refactor_every")
+    every = (
+        m if refactor_every is None else hyper_count(refactor_every, "refactor_every", minimum=0)
+    )
     zero_init = check_flag(zero_init, "zero_init")
     damp64 = _window_damp(damp, dt, m, zero_init)
     shift = m * damp64 if zero_init else damp64  # without zero_init any k >= 1 gives it

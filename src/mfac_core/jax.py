@@ -251,7 +251,7 @@ def mfac(
         If ``num_grads`` is an array (an injected shape), or an argument has
         the wrong type; ``update`` if its state is not an :class:`MFACState`.
     ValueError
-        If ``num_grads`` or ``refactor_every`` is not ``>= 1``, or ``damp``
+        If ``num_grads`` is not ``>= 1`` or ``refactor_every`` not ``>= 0``, or ``damp``
         is not finite and positive; ``init`` if ``damp`` is below the floor
         of the window's dtype (:func:`window_init`); ``update`` if the
         updates' leaves differ in number or shape from the parameters given
@@ -336,7 +336,7 @@ def mfac(
     # without a float leaf, inject_hyperparams casts the damping to an integer dtype.
     damp = damp if _is_array(damp) else check_damp(damp)
     if refactor_every is not None:
-        refactor_every = hyper_count(refactor_every, "refactor_every")
+        refactor_every = hyper_count(refactor_every, "refactor_every", minimum=0)
     zero_init = check_flag(zero_init, "zero_init")
 
     def init_fn(params: Any) -> MFACState:
