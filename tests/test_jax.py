@@ -394,7 +394,7 @@ def test_window_refactor_every_and_m_equal_one(rng):
     state = mj.window_init(m, d, damp=0.5, dtype=jnp.float64, refactor_every=0)
     options = WindowOptions(zero_init=True, refactor_every=0)
     core = DynamicIHVP(m, d, damp=0.5, dtype="float64", options=options)
-    for t in range(m + 3):
+    for _ in range(m + 3):
         g = rng.standard_normal(d)
         state, y = mj.window_update_and_matvec(state, jnp.asarray(g))
         assert_close(y, core.update_and_matvec(g), kappa=woodbury_kappa(core.window(), 0.5))
