@@ -1140,3 +1140,30 @@ def test_a_host_step_allocates_only_its_result(dtype):
     assert size < op.num_grads * d * np.dtype(dtype).itemsize + 2 * m * m * 8 + 10_000
     clone = pickle.loads(pickle.dumps(op))
     np.testing.assert_array_equal(clone.update_and_matvec(grads[0]), op.update_and_matvec(grads[0]))
+
+
+def test_a_host_steps_scratch_is_never_shared():
+    """The reused step buffers stay the window's own: no result is a view of them, and a
+    deep copy (as every copy) gets none of them, so the two windows step apart."""
+    import copy
+
+    from mfac_core import _fused
+
+    if not _fused.stores("float16"):
+        pytest.skip("the C extension was not built")
+    m, d = 3, 64
+    grads = np.random.default_rng(5).standard_normal((m + 4, d)).astype(np.float32)
+    op = DynamicIHVP(m, d, damp=0.1, dtype="float16")
+    results = [op.update_and_matvec(g) for g in grads[: m + 2]]
+    scratch = op.__dict__.get("_row_scratch", {})
+    for r in results:
+        assert not any(np.shares_memory(r, buf) for buf in scratch.values())
+    twin = copy.copy(op)
+    assert "_row_scratch" not in twin.__dict__
+    for g in grads[m + 2 :]:
+        np.testing.assert_array_equal(twin.update_and_matvec(g), op.update_and_matvec(g))
+    assert not any(
+        np.shares_memory(a, b)
+        for a in twin.__dict__["_row_scratch"].values()
+        for b in op.__dict__["_row_scratch"].values()
+    )

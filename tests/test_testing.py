@@ -385,6 +385,18 @@ def test_oracles_that_divide_by_damp_check_it_and_x():
             call(G, "0.5")
 
 
+def test_assert_close_refuses_a_string_or_huge_int_slack():
+    # Regression: float() parsed a string ("1e-3" as atol, read as a number) and an int
+    # beyond float64's range raised a bare OverflowError.
+    a = np.ones(3)
+    for name in ("kappa", "factor", "atol"):
+        for text in ("10", b"10"):
+            with pytest.raises(TypeError, match=rf"{name} must be a real number"):
+                assert_close(a, a, **{name: text})
+        with pytest.raises(ValueError, match=rf"{name} must be finite and >= 0"):
+            assert_close(a, a, **{name: 10**400})
+
+
 def test_assert_close_dtypes_of_other_libraries(xp_device):
     d = np.ones(10)
     x32 = xp_device.asarray(d + 1e-6, "float32")

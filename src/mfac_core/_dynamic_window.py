@@ -167,7 +167,7 @@ def _scratch(op: Any, key: str, shape: tuple[int, ...], dtype: np.dtype) -> np.n
     A step's buffers live only within the step. A fresh d-long array per step cost about
     1.3 ms at d = 1e6 (float32, 5 % of the step): glibc hands freed memory at the top of its
     heap back to the kernel, and the next step's first writes fault it in again, page by
-    page. Not pickled (``DynamicIHVP.__getstate__``).
+    page. Not pickled, not deep-copied (``DynamicIHVP._transient``): no copy shares it.
     """
     buffers = op.__dict__.setdefault("_row_scratch", {})
     buf = buffers.get(key)

@@ -13,7 +13,7 @@ import torch
 
 from ._dynamic_checks import Refused
 from ._errors import FactorizationError
-from ._torch_distributed import all_gather, local
+from ._torch_distributed import all_gather, dtensor_class, local
 from ._torch_sparse import check_layouts
 
 
@@ -189,28 +189,36 @@ def check_params(opt: Any) -> None:
             "kept in) the window; use add_param_group(), or build a new optimizer (the "
             "step was not taken, nothing changed)"
         )
+    # Every step: only comparisons per parameter; the messages are built where one fails.
+    narrow = opt.dtype != torch.float64
+    dtensor = dtensor_class() or ()  # isinstance(p, ()) is False
     for j, layout in enumerate(opt._slices):
         for i, (p, lo, hi) in enumerate(layout):
-            where = f"parameter {i} of group {j} (shape {tuple(p.shape)})"
-            if p in opt._kept:  # a masked parameter: its mask's shape
-                shape = tuple(opt._masks[p].shape)
-                changed, was = tuple(p.shape) != shape, f"shape {shape}"
+            mask = opt._masks.get(p)  # a masked parameter: its mask's shape
+            if mask is not None:
+                changed = p.shape != mask.shape
             else:
-                changed, was = local(p).numel() != hi - lo, f"{hi - lo} entries"
+                changed = (p.to_local() if isinstance(p, dtensor) else p).numel() != hi - lo
             if changed:
+                was = f"shape {tuple(mask.shape)}" if mask is not None else f"{hi - lo} entries"
                 raise RuntimeError(
-                    f"MFAC: {where} had {was} when the optimizer was built (its .data "
-                    "replaced since?): the window holds its coordinates as they were; build "
-                    "a new optimizer (the step was not taken, nothing changed)"
+                    f"MFAC: {_where(p, i, j)} had {was} when the optimizer was built (its "
+                    ".data replaced since?): the window holds its coordinates as they were; "
+                    "build a new optimizer (the step was not taken, nothing changed)"
                 )
-            if p.dtype == torch.float64 and opt.dtype != torch.float64:
+            if narrow and p.dtype == torch.float64:
                 raise RuntimeError(
-                    f"MFAC: {where} is float64, but the optimizer was built for parameters "
-                    f"without float64 (its window and steps are "
+                    f"MFAC: {_where(p, i, j)} is float64, but the optimizer was built for "
+                    f"parameters without float64 (its window and steps are "
                     f"{str(opt.dtype).removeprefix('torch.')}), e.g. before model.double(): "
                     "its updates would be rounded to that dtype; build the optimizer after "
                     "converting the model (the step was not taken, nothing changed)"
                 )
+
+
+def _where(p: torch.Tensor, i: int, j: int) -> str:
+    """A parameter as the step's refusals name it."""
+    return f"parameter {i} of group {j} (shape {tuple(p.shape)})"
 
 
 def gather(opt: Any) -> torch.Tensor:

@@ -121,11 +121,14 @@ def _check_slack(**values: Any) -> None:
         if value is None:
             continue
         try:
-            if isinstance(value, bool | complex):
+            # float() would parse a string ("1e-3") and take a bool as 0 or 1.
+            if isinstance(value, bool | complex | str | bytes):
                 raise TypeError
             v = float(value)  # a number, or a 0-d array of any library
         except (TypeError, ValueError):
             raise TypeError(f"{name} must be a real number, got {value!r}") from None
+        except OverflowError:  # an int beyond float64's range (10**400): infinite
+            v = math.inf
         if not (math.isfinite(v) and v >= 0.0):
             raise ValueError(
                 f"{name} must be finite and >= 0, got {value!r}: the tolerance would "

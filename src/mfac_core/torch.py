@@ -460,6 +460,9 @@ class MFAC(torch.optim.Optimizer):
     @torch.no_grad()
     def _step(self) -> None:
         """The step itself, after the closure."""
+        if not torch.is_inference_mode_enabled():  # the usual case: no context to enter
+            take_step(self)
+            return
         with outside_inference():
             take_step(self)
 
