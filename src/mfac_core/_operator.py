@@ -616,17 +616,22 @@ class _AdjointOperator(LinearOperator):
         return self.A
 
 
+def _same_space(A: LinearOperator) -> dict[str, Any]:
+    """The constructor's arguments for an operator of ``A``'s shape, space and symmetry."""
+    return {
+        "shape": A.shape,
+        "dtype": A.dtype,
+        "xp": A._xp,
+        "device": A.device,
+        "symmetric": A._symmetric,
+        "check_finite": A.check_finite,
+    }
+
+
 class _ScaledOperator(LinearOperator):
     def __init__(self, A: LinearOperator, alpha: float) -> None:
         A._refuse_sharded("Scaling (*, /, -)")
-        super().__init__(
-            shape=A.shape,
-            dtype=A.dtype,
-            xp=A._xp,
-            device=A.device,
-            symmetric=A._symmetric,
-            check_finite=A.check_finite,
-        )
+        super().__init__(**_same_space(A))
         self.A, self.alpha = A, alpha
 
     def _matmat(self, X: Array) -> Array:
@@ -713,14 +718,7 @@ class _PowerOperator(LinearOperator):
                 f"the power of an operator must be >= 0, got {p} (mfac_core's inverse "
                 "operators are separate classes, e.g. StaticIHVP for EmpiricalFisher)"
             )
-        super().__init__(
-            shape=A.shape,
-            dtype=A.dtype,
-            xp=A._xp,
-            device=A.device,
-            symmetric=A._symmetric,
-            check_finite=A.check_finite,
-        )
+        super().__init__(**_same_space(A))
         self.A, self.p = A, p
 
     def _power(self, apply: Any, X: Array) -> Array:
