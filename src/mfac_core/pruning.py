@@ -304,7 +304,9 @@ def gradual_prune(
         :func:`prune`). Coordinates where ``mask`` is ``False`` are zeroed
         whatever it returns.
     sparsity : float
-        The final sparsity, in ``[0, 1)``.
+        The final sparsity, in ``[0, 1)``. At or below the sparsity of
+        ``mask`` nothing more is pruned (``mask``'s pruned weights stay
+        pruned, as with :func:`prune`).
     steps : int
         The number of steps (recomputations).
     schedule : {"linear", "cubic", "exponential"}, optional
@@ -345,7 +347,7 @@ def gradual_prune(
     Raises
     ------
     ValueError
-        For a sparsity outside ``[0, 1)`` or below the mask's, ``steps < 1``,
+        For a sparsity outside ``[0, 1)``, ``steps < 1``,
         ``grad_fn`` returning an array of the wrong shape, a grid of
         dampings without ``select_damp`` (or the reverse), or ``select_damp``
         with a saliency other than ``"obs"`` or a joint update, or NaN or
