@@ -601,3 +601,27 @@ def test_mismatched_devices(strict_device1, rng):
 def test_docstring_examples_run():
     failures, tried = doctest.testmod(pruning, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert tried > 0 and failures == 0
+
+
+def test_a_bad_selection_block_size_is_refused_by_its_name_before_any_work():
+    """It used to be refused by ``select_pruned`` as its ``block_size``, after the set-up
+    (and, in gradual_prune, after the first gradients)."""
+    rng = np.random.default_rng(0)
+    theta, G = rng.standard_normal(10), rng.standard_normal((4, 10))
+    calls = []
+
+    def grad_fn(theta, mask):
+        calls.append(1)
+        return G
+
+    for bad, error in ((-3, ValueError), (0, ValueError), (2.5, TypeError), (True, TypeError)):
+        with pytest.raises(error, match="selection_block_size must be"):
+            prune(theta, G, sparsity=0.3, damp=0.1, selection_block_size=bad)
+        with pytest.raises(error, match="selection_block_size must be"):
+            gradual_prune(theta, grad_fn, sparsity=0.3, steps=2, selection_block_size=bad)
+        with pytest.raises(error, match="selection_block_size must be"):
+            pruning.select_damping(
+                theta, G, [0.1, 1.0], sparsity=0.3, loss=lambda d, r: 1.0,
+                selection_block_size=bad,
+            )  # fmt: skip
+    assert calls == []

@@ -17,6 +17,7 @@ from ._compat import Array
 from ._compat import device as device_of
 from ._validation import (
     check_choice,
+    check_count,
     check_dampings,
     check_floating,
     check_gradients,
@@ -135,6 +136,16 @@ def damping_grid(damp: Any, select_damp: Any, saliency: str, update: str) -> lis
         )
     check_selection_options(saliency, update)
     return check_dampings(damp, "damp")
+
+
+def check_selection_block(value: Any) -> None:
+    """Refuse a ``selection_block_size`` that is not None or an int >= 1, by its own name.
+
+    Checked at the door: ``select_pruned`` would refuse it as its ``block_size``, after
+    the saliency's set-up.
+    """
+    if value is not None:
+        check_count(value, "selection_block_size")
 
 
 def check_selection_options(saliency: str, update: str) -> None:

@@ -48,6 +48,7 @@ from ._compat import device as device_of
 from ._pruning_inputs import (
     check_kept_weights,
     check_mask,
+    check_selection_block,
     check_selection_options,
     check_theta,
     damping_grid,
@@ -186,6 +187,7 @@ def prune(
     """
     xp = check_theta(theta)
     sparsity = check_fraction(sparsity, "sparsity")
+    check_selection_block(selection_block_size)
     check_choice(saliency, "saliency", ("obs", "obd", "magnitude"))
     check_choice(update, "update", ("single", "joint", "none"))
     given = mask
@@ -385,6 +387,7 @@ def gradual_prune(
     """
     xp = check_theta(theta)
     sparsity = check_fraction(sparsity, "sparsity")
+    check_selection_block(selection_block_size)
     mask = check_mask(xp, theta, mask)
     check_kept_weights(xp, theta, mask)
     if not callable(grad_fn):
@@ -673,6 +676,7 @@ def select_damping(
     mask = check_mask(xp, theta, mask)
     check_kept_weights(xp, theta, mask)
     sparsity = check_fraction(sparsity, "sparsity")
+    check_selection_block(selection_block_size)
     if not callable(loss):
         raise TypeError(f"loss must be callable, got {type(loss).__name__}")
     check_selection_options("obs", update)
