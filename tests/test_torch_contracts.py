@@ -542,15 +542,25 @@ def test_dcp_save_and_load_into_a_fresh_model_and_optimizer(tmp_path, zero_init,
     assert_continue_alike(model, opt, fresh_model, fresh)
 
 
+def _dcp_copy(model, opt, fresh_model, fresh, options):
+    """The model and optimizer state through DCP's state-dict functions, into the fresh pair."""
+    from torch.distributed.checkpoint.state_dict import (
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # DCP: no process group
+        saved = get_optimizer_state_dict(model, opt, options=options)
+        set_optimizer_state_dict(fresh_model, fresh, saved, options=options)
+    fresh_model.load_state_dict(model.state_dict())
+
+
 @pytest.mark.parametrize("flatten", [False, True])
 def test_dcp_round_trips_with_the_first_parameter_frozen(flatten):
     # DCP drops the state of parameters without grad: MFAC's entry is on the first
     # parameter that requires grad. Regression: the set raised (entry not on "0.weight").
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_optimizer_state_dict,
-        set_optimizer_state_dict,
-    )
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
 
     options = StateDictOptions(flatten_optimizer_state_dict=flatten)
     model = make_model()
@@ -562,11 +572,7 @@ def test_dcp_round_trips_with_the_first_parameter_frozen(flatten):
     fresh_model = make_model(3)
     fresh_model[0].weight.requires_grad_(False)
     fresh = MFAC(fresh_model.parameters(), lr=0.1, num_grads=3, momentum=0.5)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # DCP: no process group
-        saved = get_optimizer_state_dict(model, opt, options=options)
-        set_optimizer_state_dict(fresh_model, fresh, saved, options=options)
-    fresh_model.load_state_dict(model.state_dict())
+    _dcp_copy(model, opt, fresh_model, fresh, options)
     same(everything(fresh), everything(opt))
     assert_continue_alike(model, opt, fresh_model, fresh)
 
@@ -578,11 +584,7 @@ def test_dcp_round_trips_after_a_layer_is_frozen_or_unfrozen(flatten, frozen_at_
     # is called. Regression: it was saved under the one of the optimizer's construction,
     # which DCP dropped once frozen (the set raised), or which a fresh optimizer over the
     # unfrozen model does not read in the flattened form (the set raised).
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_optimizer_state_dict,
-        set_optimizer_state_dict,
-    )
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
 
     options = StateDictOptions(flatten_optimizer_state_dict=flatten)
     model = make_model()
@@ -593,11 +595,7 @@ def test_dcp_round_trips_after_a_layer_is_frozen_or_unfrozen(flatten, frozen_at_
     fresh_model = make_model(3)
     fresh_model[0].weight.requires_grad_(frozen_at_first)
     fresh = MFAC(fresh_model.parameters(), lr=0.1, num_grads=3, momentum=0.5)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # DCP: no process group
-        saved = get_optimizer_state_dict(model, opt, options=options)
-        set_optimizer_state_dict(fresh_model, fresh, saved, options=options)
-    fresh_model.load_state_dict(model.state_dict())
+    _dcp_copy(model, opt, fresh_model, fresh, options)
     assert fresh.steps == opt.steps == 2
     assert_continue_alike(model, opt, fresh_model, fresh)
 
