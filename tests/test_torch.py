@@ -1104,15 +1104,20 @@ class _TiedModel(nn.Module):
         return self.out(torch.tanh(self.emb(x)))
 
 
+def _token_batches(seed, n):
+    """n batches of 5 token ids in [0, 6) and as many targets."""
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randint(0, 6, (5,), generator=gen), torch.randint(0, 6, (5,), generator=gen))
+        for _ in range(n)
+    ]
+
+
 def test_pruner_prunes_a_tied_weight_once():
     # Regression: a weight shared by two chosen layers was two blocks of theta (d = 48,
     # not 24), its gradient counted twice in the Fisher and each copy pruned and updated
     # as if independent of the other, the second copy's values written last.
-    gen = torch.Generator().manual_seed(0)
-    data = [
-        (torch.randint(0, 6, (5,), generator=gen), torch.randint(0, 6, (5,), generator=gen))
-        for _ in range(6)
-    ]
+    data = _token_batches(0, 6)
     results = []
     for layers in (["emb", "out"], ["emb"]):
         torch.manual_seed(0)
@@ -1147,11 +1152,7 @@ def test_pruner_errors():
 
 def test_pruner_collects_sparse_gradients_densely():
     # Regression: "reshape is not implemented for sparse tensors".
-    gen = torch.Generator().manual_seed(1)
-    data = [
-        (torch.randint(0, 6, (5,), generator=gen), torch.randint(0, 6, (5,), generator=gen))
-        for _ in range(4)
-    ]
+    data = _token_batches(1, 4)
     grads = []
     for sparse in (False, True):
         torch.manual_seed(0)
