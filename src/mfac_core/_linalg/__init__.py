@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import _engine
 from .._compat import (
     array_namespace,
     device,
@@ -155,12 +156,8 @@ def _host_views(xp: Any, *arrays: Any) -> tuple[Any, ...] | None:
     """
     if not is_torch_namespace(xp):
         return None
-    if any(a.device.type != "cpu" or a.requires_grad for a in arrays):
-        return None
-    try:
-        return tuple(a.numpy() for a in arrays)
-    except (RuntimeError, TypeError):  # no plain storage (a conjugate or functorch view)
-        return None
+    views = tuple(_engine.vector_view(xp, a) for a in arrays)
+    return None if any(v is None for v in views) else views
 
 
 @cache
