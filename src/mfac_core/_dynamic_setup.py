@@ -84,12 +84,19 @@ class WindowOptions:
     refine: int = 0
 
     def __post_init__(self) -> None:
-        # Refused where they are written, as the constructors would refuse them later.
-        check_flag(self.zero_init, "zero_init")
-        if self.refactor_every is not None:
-            check_count(self.refactor_every, "refactor_every", minimum=0)
-        check_flag(self.check_finite, "check_finite")
-        check_count(self.refine, "refine", minimum=0)
+        # Refused where they are written; kept as Python bools and ints (NumPy ones are
+        # taken), which the constructors then use as they are.
+        every = self.refactor_every
+        checked = {
+            "zero_init": check_flag(self.zero_init, "zero_init"),
+            "refactor_every": None
+            if every is None
+            else check_count(every, "refactor_every", minimum=0),
+            "check_finite": check_flag(self.check_finite, "check_finite"),
+            "refine": check_count(self.refine, "refine", minimum=0),
+        }
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)  # frozen: the dataclass's own way
 
 
 #: The fields of ``WindowOptions`` that were the constructors' own keywords.
@@ -190,19 +197,13 @@ def build(
 
     ``sharded``: ``op`` holds one rank's columns, which may be none.
     """
-    zero_init, refactor_every = options.zero_init, options.refactor_every
-    check_finite, refine = options.check_finite, options.refine
     num_grads = check_count(num_grads, "num_grads")
-    op.refine = check_count(refine, "refine", minimum=0)
+    op.refine = options.refine  # the options were checked where they were built
     # A shard may hold no column (more ranks than coordinates).
     dim = check_count(dim, "dim", minimum=0 if sharded else 1)
     op.damp = check_damp(damp)
-    op.refactor_every = (
-        num_grads
-        if refactor_every is None
-        else check_count(refactor_every, "refactor_every", minimum=0)
-    )
-    op.zero_init = check_flag(zero_init, "zero_init")
+    op.refactor_every = num_grads if options.refactor_every is None else options.refactor_every
+    op.zero_init = options.zero_init
     if xp is None:
         xp = default_namespace()
     else:
@@ -226,7 +227,7 @@ def build(
         xp=xp,
         device=device_of(G),
         symmetric=True,
-        check_finite=check_flag(check_finite, "check_finite"),
+        check_finite=options.check_finite,
     )
     op.num_grads, op.dim = num_grads, dim
     op._G = G
