@@ -200,17 +200,19 @@ def _same_state(sa: dict, sb: dict) -> None:
 def test_the_checked_step_is_the_step_and_reads_once(dtype: torch.dtype, device: bool) -> None:
     """The optimiser's step: the product and its finiteness come with the step's one read.
 
-    The product, computed with the edited factor before the checks are read, is the
+    The product, computed with the new factor before the window commits to it, is the
     one ``update_and_matvec`` returns, in the steady state (row edits), at a
-    refactorisation (``refactor_every``) and with refinement.
+    refactorisation (``refactor_every``), while the window fills up (whose refinement
+    counts the gradient being inserted) and with refinement.
     """
     import contextlib
 
-    for extra in ({}, {"refine": 1, "refactor_every": 2}):
+    for capacity, extra in ((8, {}), (8, {"refine": 1, "refactor_every": 2}), (12, {"refine": 1})):
         op, twin = (
             DynamicIHVP.from_window(
                 _gradients(8, 256, dtype),
                 damp=1e-2,
+                num_grads=capacity,
                 options=WindowOptions(check_finite=False, **extra),
             )
             for _ in range(2)

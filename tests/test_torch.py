@@ -900,6 +900,103 @@ def test_a_nonfinite_step_is_skipped(monkeypatch):
     assert (opt.steps, opt.skipped_steps) == (2, 1)
 
 
+# Good steps before the failed one, and whether that one refactorises: the window
+# filling up (1/k changes), a row edit of the full window, and the refactorisation
+# after refactor_every = m edits.
+ROLLBACK_PATHS = {"filling up": (1, 1), "row edit": (4, 0), "refactorisation": (6, 1)}
+
+
+def overflowing_optimizer(construction: str, good_steps: int):
+    """An MFAC(errors="raise") after good steps, and a finite gradient whose step overflows.
+
+    ``"bfloat16"``: gradients of 1e-30 with a damping of 1e-74 (kappa ~ 3e14, taken):
+    stored ones step by about k g / |g|^2, but the part of a gradient that rounding to
+    bfloat16 loses (2^-9 |g|) is outside the window, and F^{-1} scales it by 1 / damp,
+    beyond float32's range. ``"float64"``: a float64 window whose product is made to
+    overflow (its last step, through the optimizer's window).
+    """
+    gen = torch.Generator().manual_seed(0)
+    if construction == "bfloat16":
+        w = nn.Parameter(torch.zeros(8))
+        opt = MFAC(
+            [w],
+            lr=1e-30,
+            num_grads=3,
+            damp=1e-74,
+            momentum=0.9,
+            zero_init=False,
+            grad_dtype=torch.bfloat16,
+            errors="raise",
+        )
+
+        def gradient(stored: bool) -> torch.Tensor:
+            g = torch.randn(8, generator=gen) * 1e-30
+            return g.to(torch.bfloat16).float() if stored else g
+
+    else:
+        w = nn.Parameter(torch.zeros(8, dtype=torch.float64))
+        opt = MFAC(
+            [w], lr=0.1, num_grads=3, damp=1e-3, momentum=0.9, zero_init=False, errors="raise"
+        )
+
+        def gradient(stored: bool) -> torch.Tensor:
+            return torch.randn(8, generator=gen, dtype=torch.float64)
+
+    for _ in range(good_steps):
+        w.grad = gradient(True)
+        opt.step()
+    w.grad = gradient(False)
+    return w, opt, gradient
+
+
+def window_scalars(opt) -> dict:
+    """The window's attributes that are numbers (counters, flags), state or not."""
+    return {k: v for k, v in vars(opt.ihvp).items() if isinstance(v, (bool, int, float))}
+
+
+def overflow(construction: str, opt) -> None:
+    """Make the float64 construction's product overflow (the bfloat16 one does)."""
+    if construction == "float64":
+        refined = opt.ihvp._refined
+        opt.ihvp._refined = lambda *a: refined(*a) * float("inf")
+
+
+@pytest.mark.parametrize("construction", ["bfloat16", "float64"])
+@pytest.mark.parametrize("path", list(ROLLBACK_PATHS))
+def test_errors_raise_refuses_a_nonfinite_step_with_its_gradient(construction, path):
+    """A finite gradient whose step is not finite: errors="raise" changes nothing.
+
+    Regression: the gradient was in the window (its row, Gram row and factor, the slot
+    lists and the edit count) when FloatingPointError was raised. errors="skip" keeps
+    it, as documented; the twin below shows that it reaches the path named.
+    """
+    good_steps, refactorisations = ROLLBACK_PATHS[path]
+    w, opt, gradient = overflowing_optimizer(construction, good_steps)
+    twin, reference = copy.deepcopy(opt), copy.deepcopy(opt)
+    twin.param_groups[0]["params"][0].grad = w.grad  # a Parameter's copy has none
+    twin.defaults["errors"] = "skip"
+    overflow(construction, twin)
+    start = twin.ihvp.refactor_count
+    with pytest.warns(MFACStepWarning, match="preconditioned step holds NaN"):
+        twin.step()
+    assert twin.ihvp.refactor_count - start == refactorisations
+    assert not torch.equal(twin.ihvp._G, opt.ihvp._G)  # errors="skip" keeps the gradient
+
+    overflow(construction, opt)
+    before, scalars = snapshot(opt), window_scalars(opt)
+    message = rf"MFAC step {good_steps + 1}: the preconditioned step holds NaN.*window unchanged"
+    with pytest.raises(FloatingPointError, match=message):
+        opt.step()
+    assert_same(snapshot(opt), before)
+    assert window_scalars(opt) == scalars
+    # The optimizer goes on as one that never saw the call.
+    opt.ihvp.__dict__.pop("_refined", None)
+    w.grad = reference.param_groups[0]["params"][0].grad = gradient(True)
+    opt.step()
+    reference.step()
+    assert_same(snapshot(opt, diagnostics=False), snapshot(reference, diagnostics=False))
+
+
 def window_state(opt):
     return {k: v for k, v in opt.state_dict()["state"][0]["window"].items() if k != "edits"}
 
@@ -952,7 +1049,7 @@ def test_a_rejected_gradient_is_stepped_with_the_previous_window(zero_init, monk
         theta = flat_params(params)
         if i in (2, 4):
 
-            def refuse(_g):
+            def refuse(_g, *, strict=False):
                 raise FactorizationError("injected")
 
             monkeypatch.setattr(opt.ihvp, "_update_and_matvec_checked", refuse)

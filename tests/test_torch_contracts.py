@@ -876,6 +876,23 @@ def test_a_nonfinite_step_on_the_device_route_is_skipped():
     assert torch.equal(opt.state_dict()["state"][0]["momentum_buffer"], momentum)
 
 
+def test_a_nonfinite_step_on_the_device_route_is_refused_with_one_read():
+    """errors="raise": the row edit's product is refused before the commit, in the one read."""
+    from _counting import counting, device_path
+
+    p, opt = _steady_optimizer(20)
+    opt.defaults["errors"] = "raise"
+    before, theta = _state(opt), p.detach().clone()
+    finish = opt.ihvp._finish
+    opt.ihvp._finish = lambda *a: finish(*a) * float("inf")  # the product overflows
+    with device_path(), counting() as count:
+        with pytest.raises(FloatingPointError, match="momentum and window unchanged"):
+            opt.step()
+    assert count.syncs == 1, count.names
+    assert torch.equal(p.detach(), theta)
+    _assert_same_state(before, _state(opt))  # it used to keep the gradient
+
+
 @pytest.mark.parametrize("errors", ["skip", "raise"])
 def test_an_unstorable_gradient_on_the_device_route(errors):
     """Beyond bfloat16's range: left out of the window (skip) or refused (raise), as on the host."""

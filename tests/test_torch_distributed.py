@@ -14,6 +14,7 @@ learning rate carry that through with a factor of order one per step, hence
 
 from __future__ import annotations
 
+import copy
 import os
 import tempfile
 import warnings
@@ -158,18 +159,41 @@ def _inf_step_threads(comm: Communicator, errors: str) -> dict[str, Any]:
         F.cross_entropy(model(x), y).backward()
         if comm.rank == 0 and i == 2:
             # This rank's part of the product overflows: the gathered step is not finite.
-            update = opt.ihvp.update_and_matvec
-            opt.ihvp.update_and_matvec = lambda x, update=update: update(x) * float("inf")
+            refined = opt.ihvp._refined
+            opt.ihvp._refined = lambda *a, refined=refined: refined(*a) * float("inf")
+        before = copy.deepcopy(opt.state_dict())
         try:
             opt.step()
         except FloatingPointError as exc:
             out["raised"] = str(exc)
+            # Every rank refused the gradient with the step: nothing changed.
+            _assert_same_tree(opt.state_dict(), before)
             break
         finally:
-            opt.ihvp.__dict__.pop("update_and_matvec", None)
+            opt.ihvp.__dict__.pop("_refined", None)
+        # A skipped step (errors="skip") keeps the finite gradient in the window.
+        out.setdefault("windows", []).append(opt.ihvp.slots)
+        out.setdefault("grads", []).append(opt.ihvp.window().clone())
     out["params"] = flat(model)
     out["counts"] = (opt.steps, opt.skipped_steps, opt.rejected_grads)
     return out
+
+
+def _assert_same_tree(a: Any, b: Any) -> None:
+    """Equal nested dicts and lists, their tensors equal bit for bit."""
+    assert type(a) is type(b)
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            _assert_same_tree(a[key], b[key])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            _assert_same_tree(x, y)
+    else:
+        assert a == b
 
 
 def test_a_nonfinite_step_on_one_rank_skips_the_step_on_every_rank() -> None:
@@ -180,12 +204,16 @@ def test_a_nonfinite_step_on_one_rank_skips_the_step_on_every_rank() -> None:
         assert not isinstance(r, Exception), r
         # The gradient stays in the window; the parameters and momentum do not move.
         assert r["counts"] == (3, 1, 0)
+        assert not torch.equal(r["grads"][2], r["grads"][1])
         np.testing.assert_array_equal(r["params"], results[0]["params"])
     messages = [str(w.message) for w in caught if w.category is MFACStepWarning]
     assert len(messages) == 2 and all("preconditioned step holds NaN" in m for m in messages)
+    # errors="raise": every rank refuses the gradient with the step, its window as it was
+    # (checked in the threads; it used to keep the gradient).
     for r in run_spmd_threads(_inf_step_threads, 2, "raise"):
         assert not isinstance(r, Exception), r
         assert "step 3: the preconditioned step holds NaN" in r["raised"]
+        assert "(parameters, momentum and window unchanged)" in r["raised"]
         assert r["counts"] == (2, 0, 0)
 
 

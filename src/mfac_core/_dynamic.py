@@ -20,7 +20,13 @@ from ._compat import Array
 from ._dynamic_factor import SlotFactor, committed, finished, redamped, refined, solved
 from ._dynamic_setup import WindowOptions, build, emptied, filled, local_gram, window_options
 from ._dynamic_state import LoadedState, saved_state, unpickled
-from ._dynamic_window import StepCheck, insert, remove_slot, update_and_matvec_checked
+from ._dynamic_window import (
+    StepCheck,
+    insert,
+    remove_slot,
+    update_and_matvec_checked,
+    update_and_matvec_finite,
+)
 from ._layout import BlockGroup
 from ._operator import LinearOperator, gradient_items
 from ._refine import fisher_residual
@@ -379,12 +385,19 @@ class DynamicIHVP(LinearOperator):
         X = g[:, None]
         return self._refined(X, self._finish(X, product))[:, 0]
 
-    def _update_and_matvec_checked(self, g: Array, /) -> StepCheck:
+    def _update_and_matvec_checked(self, g: Array, /, *, strict: bool = False) -> StepCheck:
         """:meth:`update_and_matvec` for an optimiser step: bad values are a status.
 
         See ``_dynamic_window.update_and_matvec_checked`` (``MFAC.step`` calls this).
         """
-        return update_and_matvec_checked(self, g)
+        return update_and_matvec_checked(self, g, strict=strict)
+
+    def _update_and_matvec_finite(self, g: Array, /) -> Array | None:
+        """:meth:`update_and_matvec`, or None, the window unchanged, for a step not finite.
+
+        See ``_dynamic_window.update_and_matvec_finite`` (a distributed ``MFAC`` calls this).
+        """
+        return update_and_matvec_finite(self, g)
 
     def remove_oldest(self) -> None:
         """Remove the oldest gradient of the window."""

@@ -96,16 +96,26 @@ class SlotFactor:
         return xp.take(xp.concat([coef, zero], axis=0), self.position, axis=0)
 
 
-class Speculation:
-    """The step's product, computed with an edited factor before the step's checks are read.
+class NotFiniteStep(Exception):
+    """A strict :class:`Speculation`'s product holds NaN or infinity: the insert is refused."""
 
-    ``compute`` returns the product's finiteness as a 0-d array, read with the
-    row edit's checks in one transfer (:func:`edited`); the product
-    stands only if the edit is kept (``s`` is None otherwise).
+
+class Speculation:
+    """The step's product, computed with the new factor before the window commits to it.
+
+    On the steady-state path (a row edit) ``compute`` returns the product's
+    finiteness as a 0-d array, read with the row edit's checks in one transfer
+    (:func:`edited`); the product stands only if the edit is kept (``s`` is None
+    otherwise). On the other paths (the window filling up, a refactorisation)
+    :meth:`settle` computes it with the factor about to be committed, where the
+    product was computed after the commit before: the same work, read once.
+    ``strict`` refuses a product that is not finite before the commit, so that
+    the window is as it was (``errors="raise"`` of :class:`mfac_core.torch.MFAC`).
     """
 
-    def __init__(self, op: Any) -> None:
+    def __init__(self, op: Any, *, strict: bool = False) -> None:
         self._op = op
+        self.strict = strict
         self.X: Any = None
         self.P: Any = None
         self.s: Any = None
@@ -115,6 +125,22 @@ class Speculation:
         op, xp = self._op, self._op._xp
         self.s = op._refined(self.X, op._finish(self.X, self.P, factor), factor)[:, 0]
         return _host_rows.all_finite(xp, self.s)
+
+    def settle(self, factor: SlotFactor) -> None:
+        """The product with ``factor`` (the row edit's, if it made it) and its finiteness.
+
+        Raises ``NotFiniteStep`` where ``strict`` and the product is not finite; a
+        sharded window then decides on every rank alike (one reduction of one number;
+        without ``strict`` its caller decides, after the product).
+        """
+        op, xp = self._op, self._op._xp
+        if self.s is None:
+            self.finite = bool(self.compute(factor))
+        if self.strict and op._collective_checks:
+            bad = xp.asarray([0.0 if self.finite else 1.0], dtype=xp.float64, device=op.device)
+            self.finite = float(op._summed(bad)[0]) == 0.0
+        if self.strict and not self.finite:
+            raise NotFiniteStep
 
 
 # -- products: the factor applied (DynamicIHVP._finish, _solve, _refined) ------------------
@@ -140,13 +166,15 @@ def solved(op: Any, X: Array, factor: SlotFactor | None = None) -> Array:
 def refined(op: Any, X: Array, Y: Array, factor: SlotFactor | None = None) -> Array:
     """``Y ~ F^{-1} X`` after ``op.refine`` steps of iterative refinement.
 
-    With the operator's factor unless ``factor`` is given; the window's size
-    must be the one ``factor`` is for.
+    With the operator's factor unless ``factor`` is given (the window's size is
+    that of its slots).
     """
     factor = op._factor if factor is None else factor
     if not op.refine or not factor.slots:
         return Y  # an empty window's F = damp I is applied exactly
-    scale = 1.0 / (op.num_grads if op.zero_init else len(op._window))
+    # The factor's slots are the window's: a factor about to be committed counts the
+    # gradient being inserted (``Speculation.settle``).
+    scale = 1.0 / (op.num_grads if op.zero_init else len(factor.slots))
 
     def residual(X: Array, Y64: Array) -> Array:
         return op._residual(X, Y64, scale)

@@ -23,19 +23,21 @@ from ._dynamic_checks import (
     judge_gradient,
     values_checked,
 )
-from ._dynamic_factor import Speculation, edited, factorized
+from ._dynamic_factor import NotFiniteStep, Speculation, edited, factorized
 from ._errors import FactorizationError
 
 
 class StepCheck(NamedTuple):
     """What :meth:`DynamicIHVP._update_and_matvec_checked` found.
 
-    status : {"ok", "not finite", "not representable", "too large"}
+    status : {"ok", "not finite", "not representable", "too large", "step not finite"}
         ``"ok"``: ``g`` was inserted. ``"not finite"``: ``g`` holds NaN or
         infinity. ``"not representable"``: ``g`` is finite but an entry is
         beyond the range of the window's 2-byte storage. ``"too large"``:
         ``g`` is finite but so large that the window with it would have
-        ``eps(float64) kappa >= 1``. The window is unchanged unless ``"ok"``.
+        ``eps(float64) kappa >= 1``. ``"step not finite"`` (``strict`` only):
+        ``F^{-1} g`` for the window with ``g`` holds NaN or infinity. The
+        window is unchanged unless ``"ok"``.
     s : array or None
         ``F^{-1} g`` for the window that includes ``g`` (``"ok"`` only).
     s_finite : bool
@@ -211,12 +213,17 @@ def place(
     reduction of the row, so that every rank raises if one rank's ``g`` is bad.
     ``pending`` is an unsharded ``g``'s deferred check (``_dynamic_checks.check_gradient``),
     judged before the operator changes. ``speculation`` is handed the product's
-    operands and computes it with the edited factor (see ``_dynamic_factor.edited``).
+    operands and computes it with the new factor before the commit (see
+    ``_dynamic_factor.Speculation``); a strict one that finds it not finite raises
+    ``NotFiniteStep`` with the row put back.
     ``store`` (a :class:`RowStore` for ``slot``) writes the row on the host in one read of
     ``g`` and judges ``g``'s values there, the row then put back if they are refused.
     """
     xp = op._xp
     old = None if store is not None else xp.asarray(op._G[slot, ...], copy=True)
+    # A full factorisation notes whether it warned of a hopeless window: a refused
+    # insert (a strict speculation's) puts the note back with the row.
+    warned = op.__dict__.get("_warned_hopeless")
     gram = None
     product = None
     try:
@@ -238,11 +245,21 @@ def place(
             gram = op._exact_gram_matrix()
             b = xp.asarray(gram[slot, :], copy=True)
             factor, refactored = edited(op, slot, b, gram=gram)
+            if speculation is not None:
+                speculation.s = None  # not made with this factor
+        if speculation is not None:
+            # Before the commit: a strict speculation refuses a product that is not
+            # finite here, and the row is put back below (nothing else has changed).
+            speculation.settle(factor)
     except BaseException:
         if store is not None:
             store.restore()
         else:
             op._G[slot, ...] = old
+        if warned is None:
+            op.__dict__.pop("_warned_hopeless", None)
+        else:
+            op._warned_hopeless = warned
         raise
     if gram is not None:
         op._gram = gram
@@ -317,23 +334,26 @@ def insert(op: Any, g: Array, *, speculation: Speculation | None = None) -> tupl
     return g, product
 
 
-def update_and_matvec_checked(op: Any, g: Array, /) -> StepCheck:
+def update_and_matvec_checked(op: Any, g: Array, /, *, strict: bool = False) -> StepCheck:
     """:meth:`DynamicIHVP.update_and_matvec` for an optimiser step: bad values are a status.
 
     NaN and infinity in ``g`` are refused whatever ``check_finite``, and
     reported with a 2-byte window's range error and a gradient that makes the
     window hopeless as a status, not raised;
-    whether the product is finite is returned with it. On a device, the
+    whether the product is finite is returned with it. The product is computed
+    with the new factor before the window commits to it: on a device, the
     steady-state step (a full window and a row edit) reads the gradient's
-    check, the edit's and the product's finiteness in one transfer: the
-    product is computed with the edited factor before that read and
-    discarded if the step is refused. Unsharded windows only (a sharded
+    check, the edit's and the product's finiteness in one transfer, and the
+    product is discarded if the step is refused. Unsharded windows only (a sharded
     gradient is checked collectively, inside the reduction of its row).
 
     Parameters
     ----------
     g : array, shape (d,)
         The gradient, as for :meth:`DynamicIHVP.update`.
+    strict : bool
+        Refuse a product holding NaN or infinity (status ``"step not finite"``)
+        and leave the window as it was; otherwise ``g`` stays in the window.
 
     Returns
     -------
@@ -349,21 +369,31 @@ def update_and_matvec_checked(op: Any, g: Array, /) -> StepCheck:
     """
     if op._collective_checks:
         raise ValueError("_update_and_matvec_checked is for unsharded windows only")
-    speculation = Speculation(op)
+    speculation = Speculation(op, strict=strict)
     try:
-        g, product = insert(op, g, speculation=speculation)
+        insert(op, g, speculation=speculation)
     except Refused as exc:
         status = (
             "too large" if exc.hopeless else "not representable" if exc.finite else "not finite"
         )
         return StepCheck(status, None, False, exc)
-    if speculation.s is not None:
-        return StepCheck("ok", speculation.s, speculation.finite, None)
-    # Not a row edit (filling up, a refactorisation): the product, then its read.
-    xp = op._xp
-    X = g[:, None]
-    s = op._refined(X, op._finish(X, product))[:, 0]
-    return StepCheck("ok", s, bool(_host_rows.all_finite(xp, s)), None)
+    except NotFiniteStep:
+        return StepCheck("step not finite", None, False, None)
+    return StepCheck("ok", speculation.s, speculation.finite, None)
+
+
+def update_and_matvec_finite(op: Any, g: Array, /) -> Array | None:
+    """:meth:`DynamicIHVP.update_and_matvec`, or None, the window unchanged, for a step not finite.
+
+    A sharded window decides on every rank alike (the step is not finite where it is
+    not on one rank): the step of a distributed ``MFAC(errors="raise")``.
+    """
+    speculation = Speculation(op, strict=True)
+    try:
+        insert(op, g, speculation=speculation)
+    except NotFiniteStep:
+        return None
+    return speculation.s
 
 
 def remove_slot(op: Any, slot: int, /) -> None:

@@ -39,13 +39,19 @@ def step(opt: Any) -> None:
     # method is private to the window because it exists for this loop: it refuses
     # NaN whatever the window's check_finite, and computes the product before it
     # knows whether the step stands.
+    strict = opt.defaults["errors"] == "raise"
     try:
-        out = opt.ihvp._update_and_matvec_checked(g)
+        # Strict, a step that is not finite is refused before the window commits to
+        # its gradient: the product is computed with the new factor first, at no cost.
+        out = opt.ihvp._update_and_matvec_checked(g, strict=strict)
     except FactorizationError as exc:
-        if opt.defaults["errors"] == "raise":
+        if strict:
             raise
         s, finite = with_previous_window(opt, g, exc)
     else:
+        if out.status == "step not finite":
+            skip(opt, step_not_finite(window_kept=False))
+            return
         if out.status == "not finite":
             skip(
                 opt,
@@ -76,14 +82,23 @@ def moved(opt: Any, s: torch.Tensor, finite: bool) -> None:
     ``finite`` is decided by the caller (on every rank alike when distributed).
     """
     if not finite:
-        skip(
-            opt,
-            "the preconditioned step holds NaN or infinity (damp too small for "
-            "the dtype?); the step is skipped (parameters and momentum unchanged)",
-        )
+        skip(opt, step_not_finite(window_kept=True))
         return
     apply(opt, s)
     opt._count("steps")
+
+
+def step_not_finite(*, window_kept: bool) -> str:
+    """The message of a skipped step whose preconditioned step holds NaN or infinity.
+
+    With ``errors="skip"`` the window keeps the gradient (it was finite and stored);
+    with ``errors="raise"`` it is refused with the step, and nothing changes.
+    """
+    unchanged = "parameters and momentum" if window_kept else "parameters, momentum and window"
+    return (
+        "the preconditioned step holds NaN or infinity (damp too small for the dtype?); "
+        f"the step is skipped ({unchanged} unchanged)"
+    )
 
 
 def with_previous_window(opt: Any, g: torch.Tensor, exc: Exception) -> tuple[torch.Tensor, bool]:
@@ -126,8 +141,11 @@ def distributed_step(opt: Any, g: torch.Tensor) -> None:
     """The step across processes: every rank decides alike (see the class's Notes)."""
     lo, hi = opt._columns
     x = g[lo:hi]
+    strict = opt.defaults["errors"] == "raise"
     try:
-        s = opt.ihvp.update_and_matvec(x)
+        # Strict, a step not finite on any rank is refused on every rank before the
+        # window commits to the gradient (one more reduction of one number).
+        s = opt.ihvp._update_and_matvec_finite(x) if strict else opt.ihvp.update_and_matvec(x)
     except (FactorizationError, ValueError) as exc:
         hopeless = isinstance(exc, Refused) and exc.hopeless
         if isinstance(exc, FactorizationError) or hopeless:
@@ -154,6 +172,9 @@ def distributed_step(opt: Any, g: torch.Tensor) -> None:
                 "and window unchanged)",
             )
             return
+    if s is None:
+        skip(opt, step_not_finite(window_kept=False))
+        return
     if opt._sharded:
         # Each rank moves its own shards, so whether the step is finite is collective.
         bad = torch.tensor([float(not bool(torch.isfinite(s).all()))], dtype=torch.float64)
