@@ -137,7 +137,9 @@ class MFAC(torch.optim.Optimizer):
         far, which makes the first steps ``g / |g|^2``-sized (the default of
         :class:`~mfac_core.DynamicIHVP`, which is exact for the gradients it has).
     errors : {"skip", "raise"}, optional
-        What a step does with a gradient it cannot use (default ``"skip"``, Notes).
+        What a step does with a gradient it cannot use (default ``"skip"``, Notes):
+        skip the step (or take it with the previous window), or raise and leave
+        the optimizer, window included, exactly as it was.
     grad_dtype : torch.dtype, optional
         The storage dtype of the window: the parameters' dtype if they share
         one, else the step's (default, ``None``), or ``torch.bfloat16`` or
@@ -231,8 +233,11 @@ class MFAC(torch.optim.Optimizer):
     the window cannot store (a :class:`~mfac_core.FactorizationError`, or an
     entry beyond float16's range with a float16 ``grad_dtype``) is left out
     of the window and the step is taken with the previous window
-    (:attr:`rejected_grads`). With ``errors="raise"`` each raises instead and
-    the optimizer is left as it was.
+    (:attr:`rejected_grads`). A finite gradient whose preconditioned step is
+    not finite skips the step but stays in the window. With ``errors="raise"``
+    each raises instead and the optimizer is left as it was, its window
+    included (the step is computed before the window commits to the
+    gradient).
 
     The state round-trips through :meth:`state_dict`, copies, pickles and
     :mod:`torch.distributed.checkpoint` (every ``StateDictOptions``, and
@@ -434,9 +439,11 @@ class MFAC(torch.optim.Optimizer):
         ------
         FloatingPointError
             With ``errors="raise"``, for a gradient or a step holding NaN or
-            infinity.
+            infinity; the parameters, momentum, counters and window are as
+            they were (the gradient of a step that is not finite is not kept).
         FactorizationError
-            With ``errors="raise"``, for a gradient the window cannot take.
+            With ``errors="raise"``, for a gradient the window cannot take; the
+            optimizer is as it was.
         RuntimeError
             For sparse gradients, parameter groups edited by hand (not with
             :meth:`add_param_group`), a parameter whose size (or, masked, memory
