@@ -292,7 +292,8 @@ class DynamicIHVP(LinearOperator):
         # (_host_rows.zeros: NumPy's, for a PyTorch CPU window), then the rest as any
         # operator's; the state is this version's, so __setstate__'s migration and
         # re-homing of a pickle's buffer are not needed.
-        memo.setdefault(id(self._G), _host_rows.copied(self._xp, self._G))
+        if id(self._G) not in memo:  # an enclosing deepcopy that copied it shares its copy
+            memo[id(self._G)] = _host_rows.copied(self._xp, self._G)
         new = type(self).__new__(type(self))
         memo[id(self)] = new
         LinearOperator.__setstate__(new, copy.deepcopy(LinearOperator.__getstate__(self), memo))
