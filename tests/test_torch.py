@@ -1160,6 +1160,19 @@ def test_pruner_gradients_leave_batch_norm_statistics_as_they_were():
     torch.testing.assert_close(G[0, : want.numel()], want.reshape(-1), rtol=0, atol=0)
     pruner.prune(loader(), F.cross_entropy, sparsity=0.5, steps=2)
     _assert_buffers_and_modes(model, saved)
+    saved = _buffers_and_modes(model)
+
+    calls = []
+
+    def failing_on_the_second_batch(out, y):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("loss failed")
+        return F.cross_entropy(out, y)
+
+    with pytest.raises(RuntimeError, match="loss failed"):
+        pruner.collect_grads(loader(), failing_on_the_second_batch)
+    _assert_buffers_and_modes(model, saved)
 
 
 def test_pruner_failing_leaves_the_model_exactly_as_it_was():

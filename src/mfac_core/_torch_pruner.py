@@ -231,8 +231,9 @@ class MFACPruner:
 
         With a ``base`` (weights wider than theta), each weight becomes its value at
         the base plus theta's change from the base's theta: the difference of two
-        values of theta's dtype, exact in the wider one, so a weight the pruning left
-        alone is unchanged, bit for bit, and an updated one is rounded once.
+        values of theta's dtype, exact in the wider one (unless one is below 2**-29 of
+        the other, for float32 in float64), so a weight the pruning left alone is
+        unchanged, bit for bit, and an updated one is rounded once.
         """
         offset = 0
         for name, w in self.weights.items():
