@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
 import tracemalloc
 
 import numpy as np
@@ -63,3 +65,60 @@ def test_a_torch_window_buffer_is_numpy_memory_and_works_as_before(dtype):
     want = np.linalg.solve(F, gs[-1].astype(np.float64))
     err = np.linalg.norm(s.double().numpy() - want) / np.linalg.norm(want)
     assert err <= 8 * np.finfo(np.float32).eps
+
+
+def _copies(obj):
+    """``copy.copy``, ``copy.deepcopy`` and a pickle round trip of ``obj``, by name."""
+    return {
+        "copy": lambda: copy.copy(obj),
+        "deepcopy": lambda: copy.deepcopy(obj),
+        "pickle": lambda: pickle.loads(pickle.dumps(obj)),
+    }
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_copies_of_a_torch_window_get_a_buffer_in_numpy_memory_as_a_fresh_one(dtype):
+    # Regression: copies and unpickled windows got PyTorch-allocated buffers (no huge
+    # pages), a fresh window NumPy-allocated ones.
+    torch = pytest.importorskip("torch")
+    m, d = 3, 1000
+    w = DynamicIHVP(m, d, damp=1e-2, dtype=dtype, xp=torch)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(m + 1):
+        w.update(torch.randn(d, generator=gen))
+    g = torch.randn(d, generator=gen)
+    want = copy.deepcopy(w).update_and_matvec(g)
+    for how, make in _copies(w).items():
+        c, sizes = _numpy_allocations(make)
+        assert m * d * w._G.element_size() in sizes, how
+        assert c._G.dtype == w._G.dtype and torch.equal(c._G, w._G), how
+        assert torch.equal(c.update_and_matvec(g), want), how  # its own buffer, edited
+        assert not torch.equal(c._G, w._G), how
+
+
+def test_copies_and_loads_of_a_torch_mfac_window_are_in_numpy_memory():
+    torch = pytest.importorskip("torch")
+    from mfac_core.torch import MFAC
+
+    def make():
+        torch.manual_seed(0)
+        model = torch.nn.Linear(40, 25)
+        return model, MFAC(model.parameters(), lr=1e-2, num_grads=3)
+
+    model, opt = make()
+    model(torch.randn(2, 40)).sum().backward()
+    opt.step()
+    size = 3 * opt.dim * 4
+    state = opt.state_dict()
+
+    def loaded():
+        fresh = make()[1]
+        fresh.load_state_dict(state)
+        return fresh
+
+    for how, build in {**_copies(opt), "load_state_dict": loaded}.items():
+        if how == "copy":
+            continue  # a shallow copy of an optimizer shares its window
+        c, sizes = _numpy_allocations(build)
+        assert size in sizes, how
+        assert torch.equal(c.ihvp._G, opt.ihvp._G), how

@@ -1021,6 +1021,34 @@ def test_defaults_are_64_gradients_and_damp_1e_3():
         assert window.num_grads == 64 and float(window.damp) == 1e-3
 
 
+def test_optax_tree_get_and_tree_set_see_the_mfac_state():
+    # Regression: MFACState was a dataclass, which optax.tree_utils does not look into:
+    # tree_get(state, "window") found nothing (returned None).
+    from optax.tree_utils import tree_get, tree_set
+
+    params = {"w": jnp.ones(3, jnp.float32), "n": jnp.zeros((), jnp.int32)}
+    opt = optax.inject_hyperparams(mj.mfac_sgd, static_args="num_grads")(
+        learning_rate=0.1, num_grads=2, damp=0.5
+    )
+    state = opt.init(params)
+    assert isinstance(tree_get(state, "MFACState"), mj.MFACState)
+    window = tree_get(state, "window")
+    assert isinstance(window, mj.WindowState) and window.num_grads == 2
+    assert tree_get(state, "param_shapes") == ((), (3,))  # tree_leaves order: n, w
+    assert tree_get(state, "param_dtypes") == ("int32", "float32")
+    # The window's own fields stay out of reach: no second "count" or "damp" beside
+    # inject_hyperparams' step count and hyper-parameter (WindowState is no named tuple).
+    assert int(tree_get(state, "count")) == 0 and float(tree_get(state, "damp")) == 0.5
+    # tree_set rebuilds the state with the same structure (what jit and update take).
+    other = tree_get(opt.init({"w": 2 * params["w"], "n": params["n"]}), "window")
+    replaced = tree_set(state, window=other)
+    assert jax.tree_util.tree_structure(replaced) == jax.tree_util.tree_structure(state)
+    assert tree_get(replaced, "window") is other
+    rate = tree_set(state, learning_rate=jnp.asarray(0.2, jnp.float32))
+    assert jax.tree_util.tree_structure(rate) == jax.tree_util.tree_structure(state)
+    assert float(tree_get(rate, "learning_rate")) == np.float32(0.2)
+
+
 # -- adversarial optax/JAX use -----------------------------------------------------------------
 
 

@@ -1188,6 +1188,127 @@ def test_pruner_with_mfac_optimizer_and_float64_fisher():
     assert torch.all(model[0].weight[~pruner.masks["0"]] == 0)
 
 
+@pytest.mark.parametrize("update", ["none", "single"])
+def test_pruner_changes_float64_weights_by_a_float32_update_only(update):
+    # Regression: with float64 weights and dtype=torch.float32 the weights went through
+    # float32 and back, so the kept ones were rounded (1e-7 relative) even unchanged.
+    model = make_model(6)
+    with torch.no_grad():  # weights that float32 does not hold (make_model's are float32's)
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, dtype=torch.float64) / 2)
+    start = torch.cat([w.detach().reshape(-1).clone() for w in (model[0].weight, model[2].weight)])
+    pruner = MFACPruner(
+        model, num_grads=6, block_size=8, damp=1e-3, dtype=torch.float32, update=update
+    )
+    theta32 = pruner.flat_weights()
+    assert theta32.dtype == torch.float32 and not torch.equal(theta32.double(), start)
+    G = pruner.collect_grads(loader(), F.cross_entropy)
+    want = pruning.prune(theta32, G, sparsity=0.5, damp=1e-3, block_size=8, update=update)
+    pruner.prune(loader(), F.cross_entropy, sparsity=0.5)
+    kept, got = (
+        pruner.flat_mask(),
+        torch.cat([w.detach().reshape(-1) for w in pruner.weights.values()]),
+    )
+    assert got.dtype == torch.float64 and torch.equal(kept, want.mask)
+    assert torch.all(got[~kept] == 0)
+    # Each kept weight moved by the float32 computation's change, added in float64.
+    change = want.theta.double() - theta32.double()
+    assert torch.equal(got[kept], (start + change)[kept])
+    if update == "none":
+        assert torch.equal(got[kept], start[kept])
+    else:
+        assert torch.any(change[kept] != 0)
+
+
+def _batch_norm_model():
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3))
+    model.double().train()
+    return model
+
+
+def _buffers_and_modes(model):
+    return (
+        {k: b.clone() for k, b in model.named_buffers()},
+        {k: m.training for k, m in model.named_modules()},
+    )
+
+
+def _assert_buffers_and_modes(model, saved):
+    buffers, modes = _buffers_and_modes(model)
+    assert modes == saved[1]
+    assert buffers.keys() == saved[0].keys()
+    for k, b in buffers.items():
+        assert torch.equal(b, saved[0][k]), k
+
+
+def test_pruner_gradients_leave_batch_norm_statistics_as_they_were():
+    # Regression: collect_grads ran the forward passes in train mode and left batch
+    # norm's running statistics moved by num_grads batches.
+    model = _batch_norm_model()
+    saved = _buffers_and_modes(model)
+    pruner = MFACPruner(model, num_grads=4, block_size=8, damp=1e-3)
+    G = pruner.collect_grads(loader(), F.cross_entropy)
+    _assert_buffers_and_modes(model, saved)
+    # Taken in train mode (the batch's statistics), the mode the model was in.
+    x, y = loader()[0]
+    twin = copy.deepcopy(model)
+    want = torch.autograd.grad(F.cross_entropy(twin(x), y), twin[0].weight)[0]
+    torch.testing.assert_close(G[0, : want.numel()], want.reshape(-1), rtol=0, atol=0)
+    pruner.prune(loader(), F.cross_entropy, sparsity=0.5, steps=2)
+    _assert_buffers_and_modes(model, saved)
+    saved = _buffers_and_modes(model)
+
+    calls = []
+
+    def failing_on_the_second_batch(out, y):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("loss failed")
+        return F.cross_entropy(out, y)
+
+    with pytest.raises(RuntimeError, match="loss failed"):
+        pruner.collect_grads(loader(), failing_on_the_second_batch)
+    _assert_buffers_and_modes(model, saved)
+
+
+def test_pruner_failing_leaves_the_model_exactly_as_it_was():
+    # Regression: a failed prune() restored the weights and masks only: batch norm's
+    # running statistics stayed moved, and a select_damp's model.eval() stayed.
+    model = _batch_norm_model()
+    pruner = MFACPruner(model, num_grads=4, block_size=8, damp=1e-3)
+    pruner.prune(loader(), F.cross_entropy, sparsity=0.25)
+    saved = _buffers_and_modes(model)
+    weights = {k: p.clone() for k, p in model.named_parameters()}
+    masks = {k: m.clone() for k, m in pruner.masks.items()}
+    calls = []
+
+    def failing_loss(out, y):
+        calls.append(1)
+        if len(calls) == 7:  # in the second step's gradients
+            raise RuntimeError("loss failed")
+        return F.cross_entropy(out, y)
+
+    def evaluating_then_failing(m):
+        m.eval()
+        raise RuntimeError("select_damp failed")
+
+    with pytest.raises(RuntimeError, match="loss failed"):
+        pruner.prune(loader(), failing_loss, sparsity=0.5, steps=2)
+    with pytest.raises(RuntimeError, match="select_damp failed"):
+        pruner.prune(
+            loader(),
+            F.cross_entropy,
+            sparsity=0.5,
+            dampings=[1e-3],
+            select_damp=evaluating_then_failing,
+        )
+    _assert_buffers_and_modes(model, saved)
+    for k, p in model.named_parameters():
+        assert torch.equal(p, weights[k]), k
+    assert all(torch.equal(pruner.masks[k], m) for k, m in masks.items())
+
+
 class _TiedModel(nn.Module):
     """An embedding and an output layer sharing one weight (tied weights)."""
 

@@ -13,9 +13,9 @@ from __future__ import annotations
 import copy
 from collections import deque
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
-from . import _deprecation
+from . import _deprecation, _host_rows
 from ._compat import Array
 from ._dynamic_factor import SlotFactor, committed, finished, redamped, refined, solved
 from ._dynamic_setup import WindowOptions, build, emptied, filled, local_gram, window_options
@@ -30,6 +30,9 @@ from ._dynamic_window import (
 from ._layout import BlockGroup
 from ._operator import LinearOperator, gradient_items
 from ._refine import fisher_residual
+
+#: A DynamicIHVP or subclass (ShardedDynamicIHVP): what its deep copy is.
+_Window = TypeVar("_Window", bound="DynamicIHVP")
 
 __all__ = ["DynamicIHVP"]
 
@@ -290,8 +293,22 @@ class DynamicIHVP(LinearOperator):
         # original at its next update, so every copy is a deep one.
         return copy.deepcopy(self)
 
+    def __deepcopy__(self: _Window, memo: dict[int, Any]) -> _Window:
+        # The buffer is copied once, into memory allocated as the constructor's
+        # (_host_rows.zeros: NumPy's, for a PyTorch CPU window), then the rest as any
+        # operator's; the state is this version's, so __setstate__'s migration and
+        # re-homing of a pickle's buffer are not needed.
+        if id(self._G) not in memo:  # an enclosing deepcopy that copied it shares its copy
+            memo[id(self._G)] = _host_rows.copied(self._xp, self._G)
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        LinearOperator.__setstate__(new, copy.deepcopy(LinearOperator.__getstate__(self), memo))
+        return new
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(unpickled(state))
+        # Pickle rebuilt a PyTorch buffer in PyTorch's memory: into the constructor's.
+        self._G = _host_rows.rehomed(self._xp, self._G)
 
     def _commit(self, factor: SlotFactor, *, refactored: bool) -> None:
         committed(self, factor, refactored=refactored)

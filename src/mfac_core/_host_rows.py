@@ -11,7 +11,8 @@ the callers keep their array-library path.
 The window's own buffer is allocated here too (:func:`zeros`): for PyTorch CPU windows
 through NumPy, whose allocator asks Linux for transparent huge pages where PyTorch's does
 not; the passes stream the whole buffer twice a step, and with 4 KiB pages they ran 4-11 %
-slower (float32, d = 1e6, one and two threads).
+slower (float32, d = 1e6, one and two threads). Deep copies and unpickled windows get
+their buffers the same way (:func:`copied`, :func:`rehomed`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import numpy as np
 from . import _engine, _fused
 from ._compat import Array, is_torch_namespace
 
-__all__ = ["all_finite", "host_row_views", "store_row", "zeros"]
+__all__ = ["all_finite", "copied", "host_row_views", "rehomed", "store_row", "zeros"]
 
 
 def zeros(xp: Any, shape: tuple[int, ...], /, *, dtype: Any, device: Any = None) -> Array:
@@ -39,12 +40,42 @@ def zeros(xp: Any, shape: tuple[int, ...], /, *, dtype: Any, device: Any = None)
         import torch
 
         probe = torch.empty((0,), dtype=dtype, device=device)
-        bits: dict[Any, type[np.generic]] = {torch.float32: np.float32, torch.float64: np.float64}
-        bits.update({torch.float16: np.float16, torch.bfloat16: np.uint16})
-        if probe.device.type == "cpu" and probe.dtype in bits:
-            host = torch.from_numpy(np.zeros(shape, dtype=bits[probe.dtype]))
+        bits = _numpy_bits(probe)
+        if bits is not None:
+            host = torch.from_numpy(np.zeros(shape, dtype=bits))
             return host.view(probe.dtype) if probe.dtype == torch.bfloat16 else host
     return xp.zeros(shape, dtype=dtype, device=device)
+
+
+def _numpy_bits(t: Any) -> type[np.generic] | None:
+    """The NumPy dtype of a PyTorch tensor's bits where :func:`zeros` allocates it in NumPy."""
+    import torch
+
+    bits: dict[Any, type[np.generic]] = {torch.float32: np.float32, torch.float64: np.float64}
+    bits.update({torch.float16: np.float16, torch.bfloat16: np.uint16})
+    return bits.get(t.dtype) if t.device.type == "cpu" else None
+
+
+def copied(xp: Any, A: Array, /) -> Array:
+    """A copy of ``A`` in memory allocated as :func:`zeros` allocates a buffer of its kind.
+
+    For the copies of a window's buffer (``copy.deepcopy``): PyTorch's own copy of a
+    tensor over NumPy memory is over PyTorch's, without the huge pages.
+    """
+    out = zeros(xp, tuple(A.shape), dtype=A.dtype, device=getattr(A, "device", None))
+    out[...] = A
+    return out
+
+
+def rehomed(xp: Any, A: Array, /) -> Array:
+    """``A``, or a copy of it in NumPy memory where :func:`zeros` would put such a buffer.
+
+    For an unpickled window's buffer: pickle rebuilds a PyTorch tensor in PyTorch's
+    memory; every other array (NumPy's own, a GPU tensor) is kept as it came.
+    """
+    if is_torch_namespace(xp) and _numpy_bits(A) is not None:
+        return copied(xp, A)
+    return A
 
 
 def host_row_views(xp: Any, G: Array, g: Array) -> tuple[np.ndarray, np.ndarray, str] | None:

@@ -7,7 +7,6 @@ the single-process window knows nothing about communicators.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -27,7 +26,6 @@ from ._dynamic_sharded import (
     sharded_residual,
     summed,
 )
-from ._operator import LinearOperator
 from ._sharding import ShardLayout
 from ._validation import check_count, namespace_of
 from .distributed import Communicator, check_communicator
@@ -257,10 +255,7 @@ class ShardedDynamicIHVP(DynamicIHVP):
     def __deepcopy__(self, memo: dict[int, Any]) -> ShardedDynamicIHVP:
         # A communicator stands for the group of processes: the copy shares it.
         memo.setdefault(id(self.comm), self.comm)
-        new = type(self).__new__(type(self))
-        memo[id(self)] = new
-        new.__setstate__(copy.deepcopy(LinearOperator.__getstate__(self), memo))
-        return new
+        return super().__deepcopy__(memo)
 
     def __getstate__(self) -> dict[str, Any]:
         raise TypeError(

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -20,6 +21,39 @@ from ._torch_pruner_inputs import (
 from ._validation import check_choice, check_damp, check_fraction
 
 __all__ = ["MFACPruner"]
+
+#: Copies of the weights by name (their dtype), and the same weights flat in the
+#: Fisher's dtype: where :meth:`MFACPruner.prune` started.
+_Base = tuple[dict[str, torch.Tensor], torch.Tensor]
+
+
+@contextlib.contextmanager
+def _modes_and_buffers_kept(model: nn.Module) -> Iterator[None]:
+    """Restore every module's train/eval mode and buffers on exit, raised or not.
+
+    Forward passes in train mode update batch norm's running statistics (and
+    ``num_batches_tracked``) in place; gradients for a pruning step should leave the
+    model the user evaluates as it was. A buffer the forward pass replaced by another
+    tensor is put back too.
+    """
+    modes = [(module, module.training) for module in model.modules()]
+    copies: dict[int, torch.Tensor] = {}
+    buffers = []
+    for module in model.modules():
+        for name, buf in module.named_buffers(recurse=False):
+            if id(buf) not in copies:  # a buffer shared by two modules is copied once
+                copies[id(buf)] = buf.detach().clone()
+            buffers.append((module, name, buf))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for module, name, buf in buffers:
+                if getattr(module, name, None) is not buf:
+                    setattr(module, name, buf)
+                buf.copy_(copies[id(buf)])
+        for module, training in modes:
+            module.training = training
 
 
 class MFACPruner:
@@ -65,7 +99,12 @@ class MFACPruner:
         ``torch.float64`` gives more accurate OBS updates at small damping;
         ``torch.float16`` or ``torch.bfloat16`` store the gradients in 2 bytes
         (half the memory of float32) and compute in float32, with float32
-        weights (:mod:`mfac_core.pruning`'s 2-byte gradients).
+        weights (:mod:`mfac_core.pruning`'s 2-byte gradients). Weights of a
+        wider dtype than the computations' (float64 weights, a float32
+        Fisher) are not rounded to it: the kept weights change by the update
+        computed in the narrower dtype, added to them in their own dtype (one
+        rounding), so with ``update="none"`` they stay bit for bit as they
+        were.
 
     Attributes
     ----------
@@ -175,12 +214,35 @@ class MFACPruner:
         """
         return torch.cat([m.reshape(-1) for m in self.masks.values()])
 
+    def _base(self, weights: dict[str, torch.Tensor]) -> _Base | None:
+        """What :meth:`_write` needs to change weights wider than the Fisher's dtype exactly.
+
+        ``weights`` are copies of the weights (their dtype); None where theta's dtype
+        holds them exactly (the same or a wider dtype): theta is then written as it is.
+        """
+        w_dtype = next(iter(self.weights.values())).dtype
+        if torch.finfo(self._theta_dtype).eps <= torch.finfo(w_dtype).eps:
+            return None
+        return weights, self.flat_weights()
+
     @torch.no_grad()
-    def _write(self, theta: torch.Tensor, mask: torch.Tensor) -> None:
+    def _write(self, theta: torch.Tensor, mask: torch.Tensor, base: _Base | None) -> None:
+        """Write ``theta`` (the Fisher's dtype) and ``mask`` into the weights and masks.
+
+        With a ``base`` (weights wider than theta), each weight becomes its value at
+        the base plus theta's change from the base's theta: the difference of two
+        values of theta's dtype, exact in the wider one (unless one is below 2**-29 of
+        the other, for float32 in float64), so a weight the pruning left alone is
+        unchanged, bit for bit, and an updated one is rounded once.
+        """
         offset = 0
         for name, w in self.weights.items():
             n = w.numel()
-            w.copy_(theta[offset : offset + n].view(w.shape))
+            new = theta[offset : offset + n].view(w.shape)
+            if base is not None:
+                start, start_theta = base[0][name], base[1][offset : offset + n].view(w.shape)
+                new = start + (new.to(start.dtype) - start_theta.to(start.dtype))
+            w.copy_(new)
             self.masks[name] = mask[offset : offset + n].reshape(w.shape).clone()
             offset += n
         self.apply_masks()
@@ -241,6 +303,14 @@ class MFACPruner:
         left as they are. Sparse gradients (``nn.Embedding(sparse=True)``)
         are made dense.
 
+        The model runs in the mode it is in: in train mode, batch norm
+        normalises by each batch's statistics and dropout is active, as in
+        training; call ``model.eval()`` first for the gradients of the model
+        as it is evaluated. Its buffers (batch norm's running statistics and
+        ``num_batches_tracked``) and every module's train/eval mode are
+        restored afterwards, whether the call returns or raises: collecting
+        gradients for pruning does not change what the model computes.
+
         Parameters
         ----------
         loader : iterable
@@ -264,7 +334,6 @@ class MFACPruner:
             Under :func:`torch.inference_mode`, which disables gradients.
         """
         check_differentiable(self.weights)
-        weights = list(self.weights.values())
         size = self.num_grads * self.dim * itemsize(self.dtype)
         logger.info(
             "MFACPruner allocates num_grads=%d x dim=%d %s gradients on %s: %d bytes (%s)",
@@ -280,6 +349,16 @@ class MFACPruner:
             torch, (self.num_grads, self.dim), dtype=self.dtype, device=self.device
         )
         mask = self.flat_mask()
+        with _modes_and_buffers_kept(self.model):
+            self._fill(G, loader, loss_fn)
+        # In place (no second m x d array); the pruning functions zero them again.
+        return G.masked_fill_(~mask, 0)
+
+    def _fill(
+        self, G: torch.Tensor, loader: Iterable[Any], loss_fn: Callable[[Any, Any], Any]
+    ) -> None:
+        """Write one gradient of the chosen weights per batch into the rows of ``G``."""
+        weights = list(self.weights.values())
         row = 0
         while row < self.num_grads:
             got = False
@@ -317,8 +396,6 @@ class MFACPruner:
                     "prune() with steps > 1 iterates the loader again at every step: pass "
                     "a list or a DataLoader)"
                 )
-        # In place (no second m x d array); the pruning functions zero them again.
-        return G.masked_fill_(~mask, 0)
 
     # -- pruning --------------------------------------------------------------------------
 
@@ -346,6 +423,11 @@ class MFACPruner:
         with the candidate weights and masks in the model; the chosen
         dampings are in :attr:`selected_damps`. If anything raises, the
         weights and masks are restored to what they were before the call.
+        Either way the model's buffers (batch norm's running statistics) and
+        its modules' train/eval modes are afterwards what they were before
+        the call, whatever the forward passes, ``loss_fn`` or ``select_damp``
+        did to them (see :meth:`collect_grads`): only the chosen weights
+        change.
 
         Parameters
         ----------
@@ -405,17 +487,18 @@ class MFACPruner:
             {name: w.detach().clone() for name, w in self.weights.items()},
             {name: m.clone() for name, m in self.masks.items()},
         )
+        base = self._base(before[0])
         # The candidates of the current step, and the damping select_damping chose at
         # each step: the one whose result object it returned (no second argmin here).
         candidates: list[tuple[pruning.PruneResult, float]] = []
         chosen: list[float] = []
 
         def grad_fn(theta: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-            self._write(theta, mask)
+            self._write(theta, mask, base)
             return self.collect_grads(loader, loss_fn)
 
         def held_out(damp: float, result: pruning.PruneResult) -> Any:
-            self._write(result.theta, result.mask)
+            self._write(result.theta, result.mask, base)
             assert select_damp is not None
             candidates.append((result, damp))
             return select_damp(self.model)
@@ -424,26 +507,27 @@ class MFACPruner:
             chosen.append(next(damp for r, damp in candidates if r is result))
             candidates.clear()
 
-        try:
-            result = pruning.gradual_prune(
-                self.flat_weights(),
-                grad_fn,
-                sparsity=sparsity,
-                steps=steps,
-                schedule=schedule,
-                mask=self.flat_mask(),
-                damp=self.damp if dampings is None else dampings,
-                block_size=self.block_size,
-                saliency=self.saliency,
-                update=self.update,
-                selection_block_size=self.selection_block_size,
-                select_damp=None if select_damp is None else held_out,
-                callback=None if select_damp is None else step_done,
-            )
-            self._write(result.theta, result.mask)
-        except BaseException:
-            self._restore(*before)
-            raise
+        with _modes_and_buffers_kept(self.model):
+            try:
+                result = pruning.gradual_prune(
+                    self.flat_weights() if base is None else base[1],
+                    grad_fn,
+                    sparsity=sparsity,
+                    steps=steps,
+                    schedule=schedule,
+                    mask=self.flat_mask(),
+                    damp=self.damp if dampings is None else dampings,
+                    block_size=self.block_size,
+                    saliency=self.saliency,
+                    update=self.update,
+                    selection_block_size=self.selection_block_size,
+                    select_damp=None if select_damp is None else held_out,
+                    callback=None if select_damp is None else step_done,
+                )
+                self._write(result.theta, result.mask, base)
+            except BaseException:
+                self._restore(*before)
+                raise
         if dampings is not None:
             self.selected_damps = chosen
 

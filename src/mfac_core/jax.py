@@ -31,7 +31,7 @@ jitted function). float32 gradients and parameters stay float32 in that mode.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.flatten_util
@@ -89,12 +89,34 @@ _DEFAULT_NUM_GRADS = 64
 _DEFAULT_DAMP = 1e-3
 
 
-@dataclasses.dataclass(frozen=True)
-class MFACState:
+class _StaticTuple(tuple):
+    """A tuple that is static data of a pytree (a node without leaves) wherever it sits.
+
+    :class:`MFACState`'s ``param_dtypes`` and ``param_shapes``: JAX's flattening of the
+    state keeps them as static data, and ``optax.tree_utils.tree_set`` walks a named
+    tuple's fields itself (``getattr``), where a plain tuple of strings and ints would
+    be leaves that the state's structure does not have.
+    """
+
+    __slots__ = ()
+
+
+jax.tree_util.register_pytree_node(
+    _StaticTuple, lambda t: ((), tuple(t)), lambda static, _: _StaticTuple(static)
+)
+
+
+class MFACState(NamedTuple):
     """The state of :func:`mfac`: the sliding window of the flat float gradients.
 
     A pytree: ``window`` is its data, ``param_dtypes`` and ``param_shapes`` its
-    static part.
+    static part. A named tuple, as optax's own states are, so that
+    :func:`optax.tree_utils.tree_get` and :func:`optax.tree_utils.tree_set`
+    find its fields (``tree_get(state, "window")``) and the state itself by
+    name (``tree_get(state, "MFACState")``). The :class:`WindowState` is not
+    one: its ``count`` and ``damp`` would clash with those of
+    ``optax.inject_hyperparams`` (and ``tree_set(state, damp=...)`` would
+    change the damping of the window's factor without refactorising it).
 
     Attributes
     ----------
@@ -112,8 +134,8 @@ class MFACState:
     """
 
     window: WindowState | None
-    param_dtypes: tuple[str, ...] = dataclasses.field(metadata={"static": True})
-    param_shapes: tuple[tuple[int, ...], ...] = dataclasses.field(metadata={"static": True})
+    param_dtypes: tuple[str, ...]
+    param_shapes: tuple[tuple[int, ...], ...]
 
     @property
     def windowed(self) -> tuple[bool, ...]:  # numpydoc ignore=RT01
@@ -121,7 +143,25 @@ class MFACState:
         return tuple(bool(jnp.issubdtype(np.dtype(t), jnp.floating)) for t in self.param_dtypes)
 
 
-jax.tree_util.register_dataclass(MFACState)
+MFACState.window.__doc__ = "The window over the float leaves' coordinates, or None."
+
+
+def _mfac_state_children(state: MFACState) -> tuple[Any, Any]:
+    # The window is the one child (a leaf path ending in .window, as the dataclass's
+    # was); the dtypes and shapes are static data, not leaves that jit would trace.
+    return ((jax.tree_util.GetAttrKey("window"), state.window),), (
+        tuple(state.param_dtypes),
+        tuple(state.param_shapes),
+    )
+
+
+def _mfac_state_from(static: tuple[Any, Any], children: Any) -> MFACState:
+    return MFACState(children[0], *(_StaticTuple(t) for t in static))
+
+
+# A named tuple would be a pytree of its three fields; registered, the fields after the
+# window are static (JAX looks up a registered class before treating it as a tuple).
+jax.tree_util.register_pytree_with_keys(MFACState, _mfac_state_children, _mfac_state_from)
 
 
 def _typed_sharding(x: Any) -> Any:
@@ -354,7 +394,7 @@ def mfac(
             window = jax.tree_util.tree_map(
                 lambda a: _resharded(a, sharding, unsharded=True), window
             )
-        return MFACState(window, names, shapes)
+        return MFACState(window, _StaticTuple(names), _StaticTuple(shapes))
 
     def update_fn(updates: Any, state: MFACState, params: Any = None) -> tuple[Any, MFACState]:
         del params
