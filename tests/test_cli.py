@@ -187,6 +187,46 @@ def test_ihvp_dtype_option_casts(files, dtype):
     np.testing.assert_array_equal(got, StaticIHVP(G, damp=DAMP).matmat(V.T).T)
 
 
+def test_ihvp_float16_grads_are_read_in_place_for_float32(tmp_path):
+    # The operator reads float16 storage itself (float32 products): a float32 copy of
+    # the mapped file (twice its size) is not needed.
+    import tracemalloc
+
+    rng = np.random.default_rng(3)
+    m, d = 8, 50_000
+    G16 = (rng.standard_normal((m, d)) / np.sqrt(d)).astype(np.float16)
+    np.save(tmp_path / "G16.npy", G16)
+    np.save(tmp_path / "v.npy", G16.astype(np.float32).mean(axis=0))
+    out = tmp_path / "out.npy"
+    args = ["ihvp", tmp_path / "G16.npy", tmp_path / "v.npy", "-o", out, "--damp", DAMP, "-q"]
+    assert run([*args, "--dtype", "float32"]) == 0  # lazy imports are not the run's memory
+    tracemalloc.start()
+    try:
+        assert run([*args, "--dtype", "float32", "--overwrite"]) == 0
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < m * d * 4 / 2, (peak, m * d * 4)
+    got = np.load(out)
+    assert got.dtype == np.float32
+    v = np.load(tmp_path / "v.npy")
+    np.testing.assert_array_equal(got, StaticIHVP(G16, damp=DAMP).matvec(v))
+
+
+def test_ihvp_big_endian_float32_grads_give_float32(files, tmp_path):
+    # "The default is the dtype of GRADS when it is float32": in either byte order.
+    G = np.load(files["G32"])
+    np.save(tmp_path / "big.npy", G.astype(">f4"))
+    assert (
+        run(["ihvp", tmp_path / "big.npy", files["V32"], "-o", files["out"], "--damp", DAMP, "-q"])
+        == 0
+    )
+    got = np.load(files["out"])
+    assert got.dtype == np.float32
+    V = np.load(files["V32"])
+    np.testing.assert_array_equal(got, StaticIHVP(G, damp=DAMP).matmat(V.T).T)
+
+
 def test_ihvp_does_not_modify_inputs(files):
     before = files["G"].read_bytes(), files["V"].read_bytes()
     assert run(["ihvp", files["G"], files["V"], "-o", files["out"], "--damp", DAMP, "-q"]) == 0

@@ -166,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("float32", "float64"),
         default=None,
         help="precision of the products and of OUT (default: that of GRADS "
-        "if it is float32 or float64, else float64)",
+        "if it is float32 or float64, else float64); GRADS is read in place if it has "
+        "this dtype, or is float16 with float32, else converted into memory",
     )
     ihvp.add_argument(
         "--overwrite",
@@ -491,6 +492,26 @@ def _save(path: str, arr: np.ndarray, overwrite: bool, inputs: dict[str, str]) -
         raise
 
 
+def _product_dtype(stored: np.dtype, option: str | None) -> np.dtype:
+    """``--dtype``, else the stored float32 or float64 (in either byte order), else float64."""
+    if option is not None:
+        return np.dtype(option)
+    native = stored.newbyteorder("=")
+    return native if native in (np.float32, np.float64) else np.dtype(np.float64)
+
+
+def _operator_gradients(G: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """G as the operator reads it for products in ``dtype``: the mapped file where it can.
+
+    The operator reads G in its storage dtype, float16 included (its products are then
+    float32); any other dtype, or a byte order not the machine's (which the operator
+    refuses), is converted into memory. The mapped file itself is never written.
+    """
+    if G.dtype == dtype or (G.dtype == np.float16 and dtype == np.float32):
+        return G
+    return G.astype(dtype)
+
+
 def _cmd_ihvp(
     args: argparse.Namespace, stdout: TextIO, stderr: TextIO, flush_warnings: Callable[[], None]
 ) -> int:
@@ -512,14 +533,8 @@ def _cmd_ihvp(
             f"VECS has d={V.shape[-1]} coordinates ({args.vecs}, shape {V.shape}) "
             f"but GRADS has d={d} ({args.grads}, shape {G.shape})"
         )
-    if args.dtype is not None:
-        dtype = np.dtype(args.dtype)
-    else:
-        dtype = G.dtype if G.dtype in (np.float32, np.float64) else np.dtype(np.float64)
-    # The operator reads G in its storage dtype; only a change of dtype makes a copy (the
-    # memory-mapped file itself is never written).
-    if G.dtype != dtype:
-        G = G.astype(dtype)
+    dtype = _product_dtype(G.dtype, args.dtype)
+    G = _operator_gradients(G, dtype)
     V = np.ascontiguousarray(V, dtype=dtype)
 
     bar = ProgressBar(stderr, "set-up") if _wants_progress(args, stderr) else None
