@@ -638,6 +638,15 @@ def test_version_and_help(capsys):
     assert "--block-size" in capsys.readouterr().out
 
 
+def test_demo_help_states_the_bounds_it_checks(capsys):
+    # The bounds of _demo.error_ratios: float32's does not grow with ||x|| / ||F^-1 x||,
+    # float64's grows with sqrt(kappa), not kappa.
+    assert main(["demo", "--help"]) == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert f"{SINGLE_BOUND:g} * eps(float32) + eps(float64) * kappa^1.5 in float32" in help_text
+    assert "C * eps(float64) * sqrt(kappa) * ||x|| / (damp * ||F^-1 x||) in float64" in help_text
+
+
 # -- demo ----------------------------------------------------------------------------------
 
 

@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     argparse.ArgumentParser
         With the subcommands ``ihvp`` and ``demo``.
     """
-    from ._demo import DEFAULT_DAMP, MAX_DEMO_GRADS, MAX_DENSE_DIM
+    from ._demo import DEFAULT_DAMP, MAX_DEMO_GRADS, MAX_DENSE_DIM, SINGLE_BOUND
 
     parser = _ArgumentParser(
         prog=PROG,
@@ -191,9 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
             "(no download), run StaticIHVP (full and block-wise, float32 and float64), compare "
             "with the float64 dense inverse and print errors, timings and this machine's "
             "floors; the output explains its columns. Exits with 0 only if, for every test "
-            "vector x, the relative error is within its bound "
-            "C * eps(dtype) * kappa * ||x|| / (damp * ||F^-1 x||) (StaticIHVP's docstring, "
-            "Notes, Precision; C is printed)."
+            "vector x, the relative error is within its bound (StaticIHVP's docstring, "
+            f"Notes, Precision): {SINGLE_BOUND:g} * eps(float32) + eps(float64) * kappa^1.5 "
+            "in float32, C * eps(float64) * sqrt(kappa) * ||x|| / (damp * ||F^-1 x||) in "
+            "float64 (C is printed)."
         ),
     )
     demo.add_argument(
