@@ -299,6 +299,28 @@ def test_from_gradients_in_memory_single_and_batches(rng):
     )
 
 
+def test_big_endian_gradients(tmp_path, rng):
+    # A big-endian file (written on another machine) is float32 to its reader, but the
+    # passes read this machine's byte order only: the operator refuses it by saying so,
+    # and from_gradients stores such gradients converted, instead of filling a
+    # big-endian store (a whole pass over the loader) that the operator then refuses.
+    m, d = 4, 30
+    G, damp = _data(rng, m, d, "float32")
+    G = G.astype(np.float32)
+    big = G.astype(">f4")
+    np.save(tmp_path / "big.npy", big)
+    with pytest.raises(TypeError, match=r"big-endian byte order.*newbyteorder\('='\)"):
+        StaticIHVP(np.load(tmp_path / "big.npy", mmap_mode="r"), damp=damp)
+    op = StaticIHVP.from_gradients(
+        [big[:1], big[1:2], G[2:]], num_grads=m, dim=d, damp=damp, grads_out=tmp_path / "G.npy"
+    )
+    stored = np.load(tmp_path / "G.npy")
+    assert stored.dtype == np.dtype("=f4")
+    np.testing.assert_array_equal(stored, G)
+    x = G.mean(axis=0)
+    np.testing.assert_array_equal(op.matvec(x), StaticIHVP(G, damp=damp).matvec(x))
+
+
 def test_from_gradients_to_files(tmp_path, rng):
     m, d = 8, 500
     G, damp = _data(rng, m, d, "float32")

@@ -224,8 +224,10 @@ def gather_gradients(
                         "grads_out the store is a NumPy array (or .npy file); pass "
                         "grads_out, an array of their library, or convert them"
                     )
+                # In the machine's byte order (the operator reads no other): gradients
+                # in the other order are stored converted.
                 target = open_store(
-                    store, shape, dtype if dtype is not None else item.dtype, "grads_out"
+                    store, shape, dtype if dtype is not None else _native(item.dtype), "grads_out"
                 )
                 xp = array_namespace(target.array)
             rows = _checked_rows(xp, target.array, item, index, d, explicit, check_finite)
@@ -263,6 +265,11 @@ def gather_gradients(
     return target
 
 
+def _native(dt: Any) -> Any:
+    """A NumPy dtype in the machine's byte order; other libraries' dtypes as they are."""
+    return dt.newbyteorder("=") if isinstance(dt, np.dtype) else dt
+
+
 def _dtype_name(dt: Any) -> str:
     return str(dt).rsplit(".", 1)[-1]
 
@@ -286,7 +293,7 @@ def _checked_rows(
     if not xp.isdtype(item.dtype, "real floating"):
         raise TypeError(f"{name} must have a real floating dtype, got {item.dtype}")
     if item.dtype != store.dtype:
-        if not explicit:
+        if not explicit and _native(item.dtype) != store.dtype:
             raise TypeError(
                 f"{name} has dtype {item.dtype}, the first gradient {store.dtype}; pass "
                 "dtype= to convert them all to one dtype"
