@@ -321,6 +321,26 @@ def test_big_endian_gradients(tmp_path, rng):
     np.testing.assert_array_equal(op.matvec(x), StaticIHVP(G, damp=damp).matvec(x))
 
 
+def test_from_gradients_of_ml_dtypes_bfloat16(rng):
+    # JAX's bfloat16 gradients reach NumPy as ml_dtypes' bfloat16, for which
+    # numpy.isdtype raises TypeError: converted to an explicit dtype, or refused by
+    # saying what to pass.
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    m, d, damp = 4, 30, 0.1
+    B = rng.standard_normal((m, d)).astype(ml_dtypes.bfloat16)
+    G = B.astype(np.float64)
+    with pytest.raises(TypeError, match=r"gradient 0 has dtype bfloat16.*pass dtype="):
+        StaticIHVP.from_gradients(iter(B), num_grads=m, dim=d, damp=damp)
+    op = StaticIHVP.from_gradients(iter(B), num_grads=m, dim=d, damp=damp, dtype="float32")
+    np.testing.assert_array_equal(op._factors[0].G, G)  # bfloat16 values are float32 values
+    oracle = SpectralOracle(G, damp)
+    x = G.mean(axis=0)
+    assert_close(op.matvec(x.astype(np.float32)), oracle.matvec(x), kappa=oracle.kappa)
+    B[1, 2] = np.inf
+    with pytest.raises(ValueError, match="gradient 1 holds NaN or infinity"):
+        StaticIHVP.from_gradients(iter(B), num_grads=m, dim=d, damp=damp, dtype="float32")
+
+
 def test_from_gradients_to_files(tmp_path, rng):
     m, d = 8, 500
     G, damp = _data(rng, m, d, "float32")

@@ -214,7 +214,7 @@ def gather_gradients(
             if target is None:
                 # The store is made once the first gradient says which dtype to use.
                 first = namespace_of(item, f"gradient {index}")
-                if not first.isdtype(item.dtype, "real floating"):
+                if not _real_floating(first, item.dtype):
                     raise TypeError(
                         f"gradient {index} must have a real floating dtype, got {item.dtype}"
                     )
@@ -223,6 +223,12 @@ def gather_gradients(
                         f"the gradients are {namespace_name(first)} arrays, but without "
                         "grads_out the store is a NumPy array (or .npy file); pass "
                         "grads_out, an array of their library, or convert them"
+                    )
+                if dtype is None and _native(item.dtype).name not in STORE_DTYPES:
+                    raise TypeError(
+                        f"gradient {index} has dtype {item.dtype}, which a NumPy store of "
+                        f"gradients cannot have ({', '.join(STORE_DTYPES)}); pass dtype= "
+                        "to convert them all, e.g. dtype='float32'"
                     )
                 # In the machine's byte order (the operator reads no other): gradients
                 # in the other order are stored converted.
@@ -265,6 +271,18 @@ def gather_gradients(
     return target
 
 
+def _real_floating(xp: Any, dt: Any) -> bool:
+    """Whether ``dt`` is a real floating dtype, ml_dtypes' NumPy bfloat16 included.
+
+    ``numpy.isdtype`` raises TypeError for ml_dtypes' types (the NumPy arrays of JAX's
+    bfloat16 gradients); bfloat16 is recognised by name, so that ml_dtypes is not needed.
+    """
+    try:
+        return bool(xp.isdtype(dt, "real floating"))
+    except TypeError:
+        return str(dt) == "bfloat16"
+
+
 def _native(dt: Any) -> Any:
     """A NumPy dtype in the machine's byte order; other libraries' dtypes as they are."""
     return dt.newbyteorder("=") if isinstance(dt, np.dtype) else dt
@@ -290,7 +308,7 @@ def _checked_rows(
             f"{name} has shape {tuple(item.shape)}; expected ({d},) for one gradient or "
             f"(k, {d}) for a batch of k"
         )
-    if not xp.isdtype(item.dtype, "real floating"):
+    if not _real_floating(xp, item.dtype):
         raise TypeError(f"{name} must have a real floating dtype, got {item.dtype}")
     if item.dtype != store.dtype:
         if not explicit and _native(item.dtype) != store.dtype:
