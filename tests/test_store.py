@@ -407,6 +407,27 @@ def test_from_gradients_into_a_torch_tensor(rng):
         StaticIHVP.from_gradients(iter(torch.tensor(G)), num_grads=m, dim=d, damp=damp)
 
 
+def test_from_gradients_stores_no_autograd_graph(rng):
+    # Gradients that require grad (create_graph=True, or a function of the weights):
+    # writing them into the user's tensor made it a node of every gradient's graph
+    # (requires_grad, grad_fn), keeping all m graphs alive.
+    torch = pytest.importorskip("torch")
+    m, d = 4, 30
+    G, damp = _data(rng, m, d, "float32")
+    w = torch.tensor(G, requires_grad=True)
+    for wide in (False, True):  # stored as they are, or cast to the store's float32
+        store = torch.empty(m, d, dtype=torch.float32)
+        gradients = ((w[i].double() if wide else w[i]) * 1.0 for i in range(m))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # "Converting a tensor with requires_grad=True"
+            op = StaticIHVP.from_gradients(
+                gradients, num_grads=m, dim=d, damp=damp, grads_out=store
+            )
+        assert not store.requires_grad and store.grad_fn is None
+        np.testing.assert_array_equal(store.numpy(), G.astype(np.float32))
+        assert op.dtype == torch.float32
+
+
 def test_from_gradients_text_bar():
     stream = io.StringIO()
     bar = TextProgress(stream, width=10)

@@ -25,7 +25,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from ._compat import Array, array_namespace, device, namespace_name
+from ._compat import Array, array_namespace, detached, device, namespace_name
 from ._errors import user_stacklevel
 from ._validation import (
     check_block_size,
@@ -297,6 +297,8 @@ def _checked_rows(
 ) -> Any:
     """One item as ``(k, d)`` rows in the store's dtype, or a clear error."""
     name = f"gradient {index}"
+    # The store keeps values, not the autograd graph of each gradient written into it.
+    item = detached(item)
     check_same_space(xp, device(store), item, name, owner="the gradient store")
     if item.ndim == 2 and item.shape[0] == 0 and item.shape[1] == d:
         raise ValueError(
