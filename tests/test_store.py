@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import itertools
 import os
@@ -478,12 +479,19 @@ def _bad_cases(G):
         ("bad dtype", lambda: iter(G), {"dtype": "int8"}, TypeError, "dtype"),
         ("bad progress", lambda: iter(G), {"progress": "yes"}, TypeError, "progress"),
         ("bad overwrite_G", lambda: iter(G), {"overwrite_G": "yes"}, TypeError, "overwrite_G"),
+        (
+            "missing folder",
+            lambda: iter(G),
+            {"grads_out": os.path.join("missing", "G.npy")},
+            FileNotFoundError,
+            "folder",
+        ),
         # The deprecated out= (a path) makes no file, and G's file is removed as ever.
         ("too few, out=", lambda: iter(G[:-1]), {"out": "W.npy"}, ValueError, "ended after"),
     ]
 
 
-@pytest.mark.parametrize("case", range(17))
+@pytest.mark.parametrize("case", range(18))
 def test_from_gradients_errors_leave_nothing_behind(case, tmp_path, rng, monkeypatch):
     monkeypatch.chdir(tmp_path)
     G, damp = _data(rng, 8, 20, "float64")
@@ -502,10 +510,41 @@ def test_from_gradients_errors_leave_nothing_behind(case, tmp_path, rng, monkeyp
     with warns, pytest.raises(exc, match=match):
         StaticIHVP.from_gradients(source, **opts)
     assert os.listdir(tmp_path) == []  # the files it had created are removed
-    if name in ("bad damp", "bad dtype", "bad progress", "bad overwrite_G"):
+    if name in ("bad damp", "bad dtype", "bad progress", "bad overwrite_G", "missing folder"):
         assert not consumed  # refused before the data loader was touched
     elif name != "not iterable":
         assert consumed  # the others fail on (or after) the gradients
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fallocate"), reason="no posix_fallocate")
+def test_from_gradients_reserves_the_file_on_disk(tmp_path, rng, monkeypatch):
+    # The new .npy file is sparse: with the disk full, a write into the memmap killed the
+    # process (SIGBUS) half through the loader, and the file stayed. Its blocks are
+    # reserved when it is made, so that a full disk is an OSError then.
+    m, d = 8, 20_000
+    G, damp = _data(rng, m, d, "float32")
+    G = G.astype(np.float32)
+    path = tmp_path / "G.npy"
+    blocks = []
+
+    def gradients():
+        for g in G:
+            yield g
+            if not blocks:  # the file exists, one row written
+                blocks.append(os.stat(path).st_blocks * 512)
+
+    StaticIHVP.from_gradients(gradients(), num_grads=m, dim=d, damp=damp, grads_out=path)
+    assert blocks[0] >= m * d * 4, (blocks, m * d * 4)
+
+    def full_disk(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full_disk)
+    with pytest.raises(OSError, match=r"grads_out: cannot reserve the \d+ bytes .*No space"):
+        StaticIHVP.from_gradients(
+            iter(G), num_grads=m, dim=d, damp=damp, grads_out=tmp_path / "G2.npy"
+        )
+    assert os.listdir(tmp_path) == ["G.npy"]
 
 
 def test_from_gradients_user_arrays_and_existing_files(tmp_path, rng):

@@ -16,6 +16,8 @@ file opened as a memmap.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import sys
 import warnings
@@ -132,6 +134,10 @@ def check_new_path(target: Any, name: str) -> str:
             f"{name}: {path!r} exists; remove it first or pass another path (an existing "
             "file is not overwritten)"
         )
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        # Said before the data loader is read, not when the first gradient is stored.
+        raise FileNotFoundError(f"{name}: the folder of {path!r} does not exist: {folder}")
     return path
 
 
@@ -141,8 +147,50 @@ def open_store(target: Any, shape: tuple[int, int], dtype: Any, name: str) -> Gr
     if target is None:
         return GradientStore(np.empty(shape, dtype=dt))
     path = check_new_path(target, name)
-    array = np.lib.format.open_memmap(path, mode="w+", dtype=dt, shape=shape)
+    try:
+        array = np.lib.format.open_memmap(path, mode="w+", dtype=dt, shape=shape)
+        _reserve(path, name)
+    except BaseException:
+        # Not left behind, even half-written (a full disk can fail the header already).
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+        raise
     return GradientStore(array, created=path)
+
+
+#: What posix_fallocate says where the file system cannot reserve space (then it is not).
+_NO_FALLOCATE = frozenset(
+    getattr(errno, code)
+    for code in ("EINVAL", "EOPNOTSUPP", "ENOTSUP", "ENOSYS")
+    if hasattr(errno, code)
+)
+
+
+def _reserve(path: str, name: str) -> None:
+    """Reserve the disk blocks of the new ``.npy`` file ``path`` (it is sparse when made).
+
+    A write into a memory map whose page has no disk block and finds the disk full is
+    not an error NumPy can raise: the process dies of SIGBUS, half through the data
+    loader, leaving the file behind. Reserved here, a full disk is an OSError now.
+    Where the platform or file system cannot reserve space, nothing is reserved.
+    """
+    fallocate = getattr(os, "posix_fallocate", None)
+    if fallocate is None:
+        return
+    size = os.path.getsize(path)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno in _NO_FALLOCATE:
+            return
+        raise OSError(
+            exc.errno,
+            f"{name}: cannot reserve the {size} bytes of {path!r} on disk "
+            f"({exc.strerror}); free space or pass a path on another disk",
+        ) from None
+    finally:
+        os.close(fd)
 
 
 def _check_store_array(store: Any, shape: tuple[int, int], name: str) -> Any:
