@@ -665,6 +665,21 @@ def test_demo_runs_and_passes(capsys):
     assert f"C = {BOUND_CONSTANT:g}" in out and f"{SINGLE_BOUND:g} eps(float32)" in out
 
 
+@pytest.mark.parametrize(
+    ("damp", "words"),
+    [
+        ("1e-30", ["kappa = ", "larger --damp"]),  # exited 1: "FAILED", the reference's fault
+        ("1e-300", ["kappa = ", "larger --damp"]),  # an OverflowError's traceback
+        ("1e300", ["at most", "float32"]),  # NaN errors, "FAILED"
+    ],
+)
+def test_demo_refuses_dampings_its_reference_cannot_check(damp, words, capsys):
+    # Beyond kappa ~ 1e14 the demo's refined dense reference has no correct digits, and
+    # beyond damp ~ 1e38 its float32 products underflow: it reported the library as failing.
+    status = main(["demo", "--m", "8", "--d", "60", "--damp", damp])
+    assert_user_error(capsys, status, *words)
+
+
 def test_demo_fails_when_an_error_exceeds_its_bound(capsys, monkeypatch):
     # A bound 1e6 times too tight must fail the check: "ok" depends on the bound, for
     # each dtype's constant.
