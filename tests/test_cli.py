@@ -505,6 +505,13 @@ def test_ihvp_warnings_come_before_the_summary(tmp_path, capsys):
     assert warned[0] < wrote[0]
     with pytest.warns(IllConditionedWarning):  # the warning the command printed
         StaticIHVP(np.load(tmp_path / "G.npy"), damp=1e-17)
+    # --quiet keeps the warnings (results with no correct digits), as its help says.
+    args = ["ihvp", tmp_path / "G.npy", tmp_path / "v.npy", "-o", tmp_path / "o.npy"]
+    assert run([*args, "--damp", "1e-17", "--overwrite", "-q"]) == 0
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mfac-core: warning:"), lines
+    assert main(["ihvp", "--help"]) == 0
+    assert "print nothing but warnings and errors" in " ".join(capsys.readouterr().out.split())
 
 
 def test_ihvp_truncated_file_is_not_out_of_memory(files, capsys):

@@ -180,7 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="show the set-up progress bar on stderr even when it is not a terminal",
     )
     ihvp.add_argument(
-        "-q", "--quiet", action="store_true", help="print nothing but errors (overrides --progress)"
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="print nothing but warnings and errors (overrides --progress)",
     )
 
     demo = sub.add_parser(
