@@ -567,6 +567,10 @@ def test_ihvp_missing_output_folder(files, capsys):
     out = files["out"].parent / "no" / "such" / "out.npy"
     status = run(["ihvp", files["G"], files["v"], "-o", out, "--damp", DAMP])
     assert_user_error(capsys, status, "folder")
+    # Said before the inputs are read (and the operator built), as an existing output is.
+    status = run(["ihvp", files["text"], files["v"], "-o", out, "--damp", DAMP])
+    err = assert_user_error(capsys, status, "output folder does not exist")
+    assert "not an .npy file" not in err
 
 
 def test_ihvp_output_is_a_directory(files, capsys):

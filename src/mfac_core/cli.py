@@ -399,6 +399,10 @@ def _check_output(path: str, overwrite: bool, inputs: dict[str, str]) -> None:
         )
     if os.path.lexists(path) and not overwrite:
         raise UserError(f"output file exists: {path} (pass --overwrite to replace it)")
+    folder = os.path.dirname(os.path.abspath(target))
+    if not os.path.isdir(folder):
+        # Said before the inputs are read and the operator is built, not after.
+        raise UserError(f"output folder does not exist: {folder}")
 
 
 def _output_target(path: str) -> str:
@@ -473,8 +477,6 @@ def _save(path: str, arr: np.ndarray, overwrite: bool, inputs: dict[str, str]) -
     _check_output(path, overwrite, inputs)
     path = _output_target(path)
     folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise UserError(f"output folder does not exist: {folder}")
     try:
         fd, tmp = tempfile.mkstemp(prefix=".mfac-core-", suffix=".npy", dir=folder)
     except OSError as exc:
