@@ -320,6 +320,9 @@ def test_big_endian_gradients(tmp_path, rng):
     np.testing.assert_array_equal(stored, G)
     x = G.mean(axis=0)
     np.testing.assert_array_equal(op.matvec(x), StaticIHVP(G, damp=damp).matvec(x))
+    # A big-endian dtype= is the dtype in the machine's order.
+    op = StaticIHVP.from_gradients(iter(big), num_grads=m, dim=d, damp=damp, dtype=">f4")
+    assert op._factors[0].G.dtype == np.dtype("=f4")
 
 
 def test_from_gradients_of_ml_dtypes_bfloat16(rng):

@@ -118,7 +118,7 @@ def _numpy_dtype(dtype: Any, name: str) -> np.dtype:
         raise TypeError(f"{name} must be a NumPy dtype or its name, got {dtype!r}") from None
     if dt.name not in STORE_DTYPES:
         raise TypeError(f"{name} must be one of {', '.join(STORE_DTYPES)}, got {dt.name}")
-    return dt
+    return _native(dt)  # ">f4" too: the operator reads the machine's byte order only
 
 
 def is_path(target: Any) -> bool:
