@@ -550,6 +550,19 @@ def test_from_gradients_reserves_the_file_on_disk(tmp_path, rng, monkeypatch):
     assert os.listdir(tmp_path) == ["G.npy"]
 
 
+def test_from_gradients_keeps_the_loaders_own_type_error(rng):
+    # A TypeError inside the iterable's __iter__ is the loader's: it is not reported as
+    # "gradients must be an iterable".
+    class Loader:
+        def __iter__(self):
+            raise TypeError("collate: cannot stack a list and a dict")
+
+    with pytest.raises(TypeError, match="collate: cannot stack"):
+        StaticIHVP.from_gradients(Loader(), num_grads=2, dim=5, damp=1.0)
+    with pytest.raises(TypeError, match="gradients must be an iterable of arrays, got int"):
+        StaticIHVP.from_gradients(3, num_grads=2, dim=5, damp=1.0)
+
+
 def test_from_gradients_user_arrays_and_existing_files(tmp_path, rng):
     G, damp = _data(rng, 4, 20, "float64")
     (tmp_path / "G.npy").write_bytes(b"precious")

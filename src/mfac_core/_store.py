@@ -211,12 +211,12 @@ _END = object()
 
 
 def _batches(gradients: Iterable[Any]) -> Iterator[Any]:
-    try:
-        return iter(gradients)
-    except TypeError:
-        raise TypeError(
-            f"gradients must be an iterable of arrays, got {type(gradients).__name__}"
-        ) from None
+    # Asked of the type, not by catching iter()'s TypeError: that would also catch, and
+    # hide, a TypeError raised inside the iterable's own __iter__ (a data loader's).
+    kind = type(gradients)
+    if not (hasattr(kind, "__iter__") or hasattr(kind, "__getitem__")):
+        raise TypeError(f"gradients must be an iterable of arrays, got {kind.__name__}")
+    return iter(gradients)
 
 
 def gather_gradients(
