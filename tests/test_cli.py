@@ -187,6 +187,46 @@ def test_ihvp_dtype_option_casts(files, dtype):
     np.testing.assert_array_equal(got, StaticIHVP(G, damp=DAMP).matmat(V.T).T)
 
 
+def test_ihvp_float16_grads_are_read_in_place_for_float32(tmp_path):
+    # The operator reads float16 storage itself (float32 products): a float32 copy of
+    # the mapped file (twice its size) is not needed.
+    import tracemalloc
+
+    rng = np.random.default_rng(3)
+    m, d = 8, 50_000
+    G16 = (rng.standard_normal((m, d)) / np.sqrt(d)).astype(np.float16)
+    np.save(tmp_path / "G16.npy", G16)
+    np.save(tmp_path / "v.npy", G16.astype(np.float32).mean(axis=0))
+    out = tmp_path / "out.npy"
+    args = ["ihvp", tmp_path / "G16.npy", tmp_path / "v.npy", "-o", out, "--damp", DAMP, "-q"]
+    assert run([*args, "--dtype", "float32"]) == 0  # lazy imports are not the run's memory
+    tracemalloc.start()
+    try:
+        assert run([*args, "--dtype", "float32", "--overwrite"]) == 0
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < m * d * 4 / 2, (peak, m * d * 4)
+    got = np.load(out)
+    assert got.dtype == np.float32
+    v = np.load(tmp_path / "v.npy")
+    np.testing.assert_array_equal(got, StaticIHVP(G16, damp=DAMP).matvec(v))
+
+
+def test_ihvp_big_endian_float32_grads_give_float32(files, tmp_path):
+    # "The default is the dtype of GRADS when it is float32": in either byte order.
+    G = np.load(files["G32"])
+    np.save(tmp_path / "big.npy", G.astype(">f4"))
+    assert (
+        run(["ihvp", tmp_path / "big.npy", files["V32"], "-o", files["out"], "--damp", DAMP, "-q"])
+        == 0
+    )
+    got = np.load(files["out"])
+    assert got.dtype == np.float32
+    V = np.load(files["V32"])
+    np.testing.assert_array_equal(got, StaticIHVP(G, damp=DAMP).matmat(V.T).T)
+
+
 def test_ihvp_does_not_modify_inputs(files):
     before = files["G"].read_bytes(), files["V"].read_bytes()
     assert run(["ihvp", files["G"], files["V"], "-o", files["out"], "--damp", DAMP, "-q"]) == 0
@@ -465,6 +505,13 @@ def test_ihvp_warnings_come_before_the_summary(tmp_path, capsys):
     assert warned[0] < wrote[0]
     with pytest.warns(IllConditionedWarning):  # the warning the command printed
         StaticIHVP(np.load(tmp_path / "G.npy"), damp=1e-17)
+    # --quiet keeps the warnings (results with no correct digits), as its help says.
+    args = ["ihvp", tmp_path / "G.npy", tmp_path / "v.npy", "-o", tmp_path / "o.npy"]
+    assert run([*args, "--damp", "1e-17", "--overwrite", "-q"]) == 0
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mfac-core: warning:"), lines
+    assert main(["ihvp", "--help"]) == 0
+    assert "print nothing but warnings and errors" in " ".join(capsys.readouterr().out.split())
 
 
 def test_ihvp_truncated_file_is_not_out_of_memory(files, capsys):
@@ -520,6 +567,10 @@ def test_ihvp_missing_output_folder(files, capsys):
     out = files["out"].parent / "no" / "such" / "out.npy"
     status = run(["ihvp", files["G"], files["v"], "-o", out, "--damp", DAMP])
     assert_user_error(capsys, status, "folder")
+    # Said before the inputs are read (and the operator built), as an existing output is.
+    status = run(["ihvp", files["text"], files["v"], "-o", out, "--damp", DAMP])
+    err = assert_user_error(capsys, status, "output folder does not exist")
+    assert "not an .npy file" not in err
 
 
 def test_ihvp_output_is_a_directory(files, capsys):
@@ -598,6 +649,15 @@ def test_version_and_help(capsys):
     assert "--block-size" in capsys.readouterr().out
 
 
+def test_demo_help_states_the_bounds_it_checks(capsys):
+    # The bounds of _demo.error_ratios: float32's does not grow with ||x|| / ||F^-1 x||,
+    # float64's grows with sqrt(kappa), not kappa.
+    assert main(["demo", "--help"]) == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert f"{SINGLE_BOUND:g} * eps(float32) + eps(float64) * kappa^1.5 in float32" in help_text
+    assert "C * eps(float64) * sqrt(kappa) * ||x|| / (damp * ||F^-1 x||) in float64" in help_text
+
+
 # -- demo ----------------------------------------------------------------------------------
 
 
@@ -614,6 +674,21 @@ def test_demo_runs_and_passes(capsys):
     for column in ("variant", "kappa", "err/bound", "rel.err", "bound", "set-up", "IHVP", "ok"):
         assert f"\n  {column} " in out, column
     assert f"C = {BOUND_CONSTANT:g}" in out and f"{SINGLE_BOUND:g} eps(float32)" in out
+
+
+@pytest.mark.parametrize(
+    ("damp", "words"),
+    [
+        ("1e-30", ["kappa = ", "larger --damp"]),  # exited 1: "FAILED", the reference's fault
+        ("1e-300", ["kappa = ", "larger --damp"]),  # an OverflowError's traceback
+        ("1e300", ["at most", "float32"]),  # NaN errors, "FAILED"
+    ],
+)
+def test_demo_refuses_dampings_its_reference_cannot_check(damp, words, capsys):
+    # Beyond kappa ~ 1e14 the demo's refined dense reference has no correct digits, and
+    # beyond damp ~ 1e38 its float32 products underflow: it reported the library as failing.
+    status = main(["demo", "--m", "8", "--d", "60", "--damp", damp])
+    assert_user_error(capsys, status, *words)
 
 
 def test_demo_fails_when_an_error_exceeds_its_bound(capsys, monkeypatch):

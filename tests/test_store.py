@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import itertools
 import os
@@ -262,6 +263,29 @@ def test_half_read_only_memmap_end_to_end(tmp_path, rng, monkeypatch):
     assert_close(op.diagonal(), oracle.diagonal(), kappa=oracle.kappa)
 
 
+@pytest.mark.parametrize("layout", ["fortran", "column-slice"])
+def test_entries_of_a_non_contiguous_memmap_read_only_their_columns(layout, tmp_path, rng):
+    # numpy.take copies the whole of a non-C-contiguous input before it gathers: single
+    # entries of a Fortran-ordered or sliced memmap read all of G into memory.
+    m, d, damp = 8, 20_000, 1e-3
+    G64 = rounded(rng.standard_normal((m, d)) / np.sqrt(d), "float32")
+    if layout == "fortran":
+        np.save(tmp_path / "G.npy", np.asfortranarray(G64.astype(np.float32)))
+        G = np.load(tmp_path / "G.npy", mmap_mode="r")
+        assert G.flags.f_contiguous and not G.flags.c_contiguous
+    else:
+        G = _memmap(tmp_path / "G.npy", G64, np.float32)[:, ::2]
+        G64 = G64[:, ::2]
+    op = StaticIHVP(G, damp=damp)
+    rows, cols = np.array([0, 5, 7, 9]), np.array([0, 5, 3, 9])
+    _warm_up()
+    op.entries(rows, cols)  # the first call's lower inverse of the factor is kept
+    got, peak = _peak(lambda: op.entries(rows, cols))
+    assert peak < G.nbytes / 8, (peak, G.nbytes)
+    oracle = SpectralOracle(G64, damp)
+    assert_close(got, oracle.entries(rows, cols), kappa=oracle.kappa)
+
+
 # -- from_gradients ------------------------------------------------------------------------
 
 
@@ -274,6 +298,51 @@ def test_from_gradients_in_memory_single_and_batches(rng):
     assert_close(
         op.todense(), dense_inverse(G, damp), kappa=condition_number(G, damp), err_msg="F^-1"
     )
+
+
+def test_big_endian_gradients(tmp_path, rng):
+    # A big-endian file (written on another machine) is float32 to its reader, but the
+    # passes read this machine's byte order only: the operator refuses it by saying so,
+    # and from_gradients stores such gradients converted, instead of filling a
+    # big-endian store (a whole pass over the loader) that the operator then refuses.
+    m, d = 4, 30
+    G, damp = _data(rng, m, d, "float32")
+    G = G.astype(np.float32)
+    big = G.astype(">f4")
+    np.save(tmp_path / "big.npy", big)
+    with pytest.raises(TypeError, match=r"big-endian byte order.*newbyteorder\('='\)"):
+        StaticIHVP(np.load(tmp_path / "big.npy", mmap_mode="r"), damp=damp)
+    op = StaticIHVP.from_gradients(
+        [big[:1], big[1:2], G[2:]], num_grads=m, dim=d, damp=damp, grads_out=tmp_path / "G.npy"
+    )
+    stored = np.load(tmp_path / "G.npy")
+    assert stored.dtype == np.dtype("=f4")
+    np.testing.assert_array_equal(stored, G)
+    x = G.mean(axis=0)
+    np.testing.assert_array_equal(op.matvec(x), StaticIHVP(G, damp=damp).matvec(x))
+    # A big-endian dtype= is the dtype in the machine's order.
+    op = StaticIHVP.from_gradients(iter(big), num_grads=m, dim=d, damp=damp, dtype=">f4")
+    assert op._factors[0].G.dtype == np.dtype("=f4")
+
+
+def test_from_gradients_of_ml_dtypes_bfloat16(rng):
+    # JAX's bfloat16 gradients reach NumPy as ml_dtypes' bfloat16, for which
+    # numpy.isdtype raises TypeError: converted to an explicit dtype, or refused by
+    # saying what to pass.
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    m, d, damp = 4, 30, 0.1
+    B = rng.standard_normal((m, d)).astype(ml_dtypes.bfloat16)
+    G = B.astype(np.float64)
+    with pytest.raises(TypeError, match=r"gradient 0 has dtype bfloat16.*pass dtype="):
+        StaticIHVP.from_gradients(iter(B), num_grads=m, dim=d, damp=damp)
+    op = StaticIHVP.from_gradients(iter(B), num_grads=m, dim=d, damp=damp, dtype="float32")
+    np.testing.assert_array_equal(op._factors[0].G, G)  # bfloat16 values are float32 values
+    oracle = SpectralOracle(G, damp)
+    x = G.mean(axis=0)
+    assert_close(op.matvec(x.astype(np.float32)), oracle.matvec(x), kappa=oracle.kappa)
+    B[1, 2] = np.inf
+    with pytest.raises(ValueError, match="gradient 1 holds NaN or infinity"):
+        StaticIHVP.from_gradients(iter(B), num_grads=m, dim=d, damp=damp, dtype="float32")
 
 
 def test_from_gradients_to_files(tmp_path, rng):
@@ -342,6 +411,27 @@ def test_from_gradients_into_a_torch_tensor(rng):
         StaticIHVP.from_gradients(iter(torch.tensor(G)), num_grads=m, dim=d, damp=damp)
 
 
+def test_from_gradients_stores_no_autograd_graph(rng):
+    # Gradients that require grad (create_graph=True, or a function of the weights):
+    # writing them into the user's tensor made it a node of every gradient's graph
+    # (requires_grad, grad_fn), keeping all m graphs alive.
+    torch = pytest.importorskip("torch")
+    m, d = 4, 30
+    G, damp = _data(rng, m, d, "float32")
+    w = torch.tensor(G, requires_grad=True)
+    for wide in (False, True):  # stored as they are, or cast to the store's float32
+        store = torch.empty(m, d, dtype=torch.float32)
+        gradients = ((w[i].double() if wide else w[i]) * 1.0 for i in range(m))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # "Converting a tensor with requires_grad=True"
+            op = StaticIHVP.from_gradients(
+                gradients, num_grads=m, dim=d, damp=damp, grads_out=store
+            )
+        assert not store.requires_grad and store.grad_fn is None
+        np.testing.assert_array_equal(store.numpy(), G.astype(np.float32))
+        assert op.dtype == torch.float32
+
+
 def test_from_gradients_text_bar():
     stream = io.StringIO()
     bar = TextProgress(stream, width=10)
@@ -392,12 +482,19 @@ def _bad_cases(G):
         ("bad dtype", lambda: iter(G), {"dtype": "int8"}, TypeError, "dtype"),
         ("bad progress", lambda: iter(G), {"progress": "yes"}, TypeError, "progress"),
         ("bad overwrite_G", lambda: iter(G), {"overwrite_G": "yes"}, TypeError, "overwrite_G"),
+        (
+            "missing folder",
+            lambda: iter(G),
+            {"grads_out": os.path.join("missing", "G.npy")},
+            FileNotFoundError,
+            "folder",
+        ),
         # The deprecated out= (a path) makes no file, and G's file is removed as ever.
         ("too few, out=", lambda: iter(G[:-1]), {"out": "W.npy"}, ValueError, "ended after"),
     ]
 
 
-@pytest.mark.parametrize("case", range(17))
+@pytest.mark.parametrize("case", range(18))
 def test_from_gradients_errors_leave_nothing_behind(case, tmp_path, rng, monkeypatch):
     monkeypatch.chdir(tmp_path)
     G, damp = _data(rng, 8, 20, "float64")
@@ -416,10 +513,54 @@ def test_from_gradients_errors_leave_nothing_behind(case, tmp_path, rng, monkeyp
     with warns, pytest.raises(exc, match=match):
         StaticIHVP.from_gradients(source, **opts)
     assert os.listdir(tmp_path) == []  # the files it had created are removed
-    if name in ("bad damp", "bad dtype", "bad progress", "bad overwrite_G"):
+    if name in ("bad damp", "bad dtype", "bad progress", "bad overwrite_G", "missing folder"):
         assert not consumed  # refused before the data loader was touched
     elif name != "not iterable":
         assert consumed  # the others fail on (or after) the gradients
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fallocate"), reason="no posix_fallocate")
+def test_from_gradients_reserves_the_file_on_disk(tmp_path, rng, monkeypatch):
+    # The new .npy file is sparse: with the disk full, a write into the memmap killed the
+    # process (SIGBUS) half through the loader, and the file stayed. Its blocks are
+    # reserved when it is made, so that a full disk is an OSError then.
+    m, d = 8, 20_000
+    G, damp = _data(rng, m, d, "float32")
+    G = G.astype(np.float32)
+    path = tmp_path / "G.npy"
+    blocks = []
+
+    def gradients():
+        for g in G:
+            yield g
+            if not blocks:  # the file exists, one row written
+                blocks.append(os.stat(path).st_blocks * 512)
+
+    StaticIHVP.from_gradients(gradients(), num_grads=m, dim=d, damp=damp, grads_out=path)
+    assert blocks[0] >= m * d * 4, (blocks, m * d * 4)
+
+    def full_disk(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full_disk)
+    with pytest.raises(OSError, match=r"grads_out: cannot reserve the \d+ bytes .*No space"):
+        StaticIHVP.from_gradients(
+            iter(G), num_grads=m, dim=d, damp=damp, grads_out=tmp_path / "G2.npy"
+        )
+    assert os.listdir(tmp_path) == ["G.npy"]
+
+
+def test_from_gradients_keeps_the_loaders_own_type_error(rng):
+    # A TypeError inside the iterable's __iter__ is the loader's: it is not reported as
+    # "gradients must be an iterable".
+    class Loader:
+        def __iter__(self):
+            raise TypeError("collate: cannot stack a list and a dict")
+
+    with pytest.raises(TypeError, match="collate: cannot stack"):
+        StaticIHVP.from_gradients(Loader(), num_grads=2, dim=5, damp=1.0)
+    with pytest.raises(TypeError, match="gradients must be an iterable of arrays, got int"):
+        StaticIHVP.from_gradients(3, num_grads=2, dim=5, damp=1.0)
 
 
 def test_from_gradients_user_arrays_and_existing_files(tmp_path, rng):

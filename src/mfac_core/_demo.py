@@ -56,7 +56,9 @@ __all__ = [
     "REFINE_STEPS",
     "SINGLE_BOUND",
     "DEFAULT_DAMP",
+    "MAX_DEMO_DAMP",
     "MAX_DEMO_GRADS",
+    "MAX_DEMO_KAPPA",
     "MAX_DENSE_DIM",
     "block_kappa",
     "demo_gradients",
@@ -74,6 +76,18 @@ MAX_DENSE_DIM = 6000
 
 #: The largest m the demo accepts (its synthetic data set has 4 m samples of d features).
 MAX_DEMO_GRADS = 4096
+
+#: The largest condition number the demo checks. Its reference refines the float64 dense
+#: inverse, whose relative error is about eps(float64) kappa, and each step shrinks the
+#: error by that factor: at 1e-3 / eps(float64) (4.5e12) two steps leave ~1e-9 of it. Near
+#: kappa = 1e14 the reference's own error exceeded the float64 bound (err/bound 6 to 8, m
+#: in {8, 64}), and at 1e29 it had no correct digits.
+MAX_DEMO_KAPPA = 1e-3 / float(np.finfo(np.float64).eps)
+
+#: The largest damping the demo checks: its float32 products, of about ||x|| / damp with
+#: entries of order 1 / damp, must stay normal float32 numbers (above 1.2e-38, less a margin
+#: of 1e8 for the entries' spread); beyond 1e38 they are subnormal or zero.
+MAX_DEMO_DAMP = 1e-8 / float(np.finfo(np.float32).tiny)
 
 #: The constant C of the float64 bound ``C eps sqrt(kappa) ||x|| / (damp ||y||)`` that each
 #: float64 product must meet (StaticIHVP's docstring says "about" that with C = 1). Over the
@@ -324,7 +338,20 @@ def run_demo(
         )
     if m > MAX_DEMO_GRADS:
         raise ValueError(f"--m must be at most {MAX_DEMO_GRADS}, got {m}")
+    if damp > MAX_DEMO_DAMP:
+        raise ValueError(
+            f"--damp must be at most {MAX_DEMO_DAMP:.2g} for the demo (its float32 products, "
+            f"of order 1 / damp, would leave float32's normal range), got {damp:g}"
+        )
     G64 = demo_gradients(m, d, seed)
+    full_kappa = block_kappa(G64, damp, d)  # the largest of the variants'
+    if full_kappa > MAX_DEMO_KAPPA:
+        raise ValueError(
+            f"--damp {damp:g} gives kappa = {full_kappa:.3g} on the demo's gradients, more than "
+            f"the {MAX_DEMO_KAPPA:.2g} (1e-3 / eps(float64)) that its reference can check: "
+            "the float64 dense inverse it refines has too few correct digits there; pass a "
+            "larger --damp"
+        )
     rng = np.random.default_rng(seed + 1)
     # Two random vectors and two in the span of the gradients (the hard case).
     X64 = np.concatenate([rng.standard_normal((d, 2)), G64.T @ rng.standard_normal((m, 2))], axis=1)

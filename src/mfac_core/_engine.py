@@ -75,6 +75,7 @@ __all__ = [
     "project_rows",
     "simulate_device",
     "square_sums",
+    "take_columns",
     "uses_kernels",
     "vector_view",
 ]
@@ -482,6 +483,18 @@ def assign_row(xp: Any, A: Array, index: int, values: Array) -> None:
     if is_numpy_namespace(xp) and isinstance(A, np.ndarray) and _fused.cast16(values, A[index]):
         return
     A[index, ...] = values
+
+
+def take_columns(xp: Any, G: Array, idx: Array) -> Array:
+    """``G[:, idx]``, reading only those columns of G.
+
+    :func:`numpy.take` first makes a C-ordered copy of its whole input when that is not
+    C-contiguous (a Fortran-ordered or sliced memmap: all of G read into memory for a
+    few columns); NumPy's integer indexing gathers the columns in place.
+    """
+    if isinstance(G, np.ndarray):
+        return G[:, idx]
+    return xp.take(G, idx, axis=1)
 
 
 def as_library(xp: Any, A: np.ndarray) -> Any:

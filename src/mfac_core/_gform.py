@@ -109,7 +109,7 @@ class GFormFactor:
             hi = min(lo + width, n)
             r, c = rows[lo:hi], cols[lo:hi]
             coords, where = xp.unique_inverse(xp.concat([r, c]))
-            Gu = xp.astype(xp.take(G, coords + g.start, axis=1), xp.float64)  # (m, u)
+            Gu = xp.astype(_engine.take_columns(xp, G, coords + g.start), xp.float64)  # (m, u)
             if g.count == 1:
                 Z = Linv[0, ...] @ Gu
             else:

@@ -634,7 +634,7 @@ class ShardedStatic:
             return xp.zeros((m, idx.shape[0]), dtype=xp.float64, device=device(idx))
         start = self.layout.start
         mine = (idx >= start) & (idx < start + n)
-        cols = xp.astype(xp.take(G, xp.clip(idx - start, 0, n - 1), axis=1), xp.float64)
+        cols = xp.astype(_engine.take_columns(xp, G, xp.clip(idx - start, 0, n - 1)), xp.float64)
         return xp.where(mine[None, :], cols, xp.zeros_like(cols))
 
     def _local_entries(self, xp: Any, r: Array, c: Array, dtype: Any) -> Array:

@@ -479,6 +479,13 @@ class StaticIHVP(_BlockOperatorBase):
             for an unknown keyword (before any gradient is read).
         FileExistsError
             If a path names an existing file.
+        FileNotFoundError
+            If a path's folder does not exist (before any gradient is read).
+        OSError
+            If the disk cannot hold the new file: its space is reserved when it
+            is made (``posix_fallocate``, where the platform has it), after the
+            first gradient, so that a full disk is this error rather than the
+            process's death (``SIGBUS``) at a later write into the map.
 
         Notes
         -----

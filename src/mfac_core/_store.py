@@ -16,6 +16,8 @@ file opened as a memmap.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import sys
 import warnings
@@ -25,7 +27,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from ._compat import Array, array_namespace, device, namespace_name
+from ._compat import Array, array_namespace, detached, device, namespace_name
 from ._errors import user_stacklevel
 from ._validation import (
     check_block_size,
@@ -116,7 +118,7 @@ def _numpy_dtype(dtype: Any, name: str) -> np.dtype:
         raise TypeError(f"{name} must be a NumPy dtype or its name, got {dtype!r}") from None
     if dt.name not in STORE_DTYPES:
         raise TypeError(f"{name} must be one of {', '.join(STORE_DTYPES)}, got {dt.name}")
-    return dt
+    return _native(dt)  # ">f4" too: the operator reads the machine's byte order only
 
 
 def is_path(target: Any) -> bool:
@@ -132,6 +134,10 @@ def check_new_path(target: Any, name: str) -> str:
             f"{name}: {path!r} exists; remove it first or pass another path (an existing "
             "file is not overwritten)"
         )
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        # Said before the data loader is read, not when the first gradient is stored.
+        raise FileNotFoundError(f"{name}: the folder of {path!r} does not exist: {folder}")
     return path
 
 
@@ -141,8 +147,50 @@ def open_store(target: Any, shape: tuple[int, int], dtype: Any, name: str) -> Gr
     if target is None:
         return GradientStore(np.empty(shape, dtype=dt))
     path = check_new_path(target, name)
-    array = np.lib.format.open_memmap(path, mode="w+", dtype=dt, shape=shape)
+    try:
+        array = np.lib.format.open_memmap(path, mode="w+", dtype=dt, shape=shape)
+        _reserve(path, name)
+    except BaseException:
+        # Not left behind, even half-written (a full disk can fail the header already).
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+        raise
     return GradientStore(array, created=path)
+
+
+#: What posix_fallocate says where the file system cannot reserve space (then it is not).
+_NO_FALLOCATE = frozenset(
+    getattr(errno, code)
+    for code in ("EINVAL", "EOPNOTSUPP", "ENOTSUP", "ENOSYS")
+    if hasattr(errno, code)
+)
+
+
+def _reserve(path: str, name: str) -> None:
+    """Reserve the disk blocks of the new ``.npy`` file ``path`` (it is sparse when made).
+
+    A write into a memory map whose page has no disk block and finds the disk full is
+    not an error NumPy can raise: the process dies of SIGBUS, half through the data
+    loader, leaving the file behind. Reserved here, a full disk is an OSError now.
+    Where the platform or file system cannot reserve space, nothing is reserved.
+    """
+    fallocate = getattr(os, "posix_fallocate", None)
+    if fallocate is None:
+        return
+    size = os.path.getsize(path)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno in _NO_FALLOCATE:
+            return
+        raise OSError(
+            exc.errno,
+            f"{name}: cannot reserve the {size} bytes of {path!r} on disk "
+            f"({exc.strerror}); free space or pass a path on another disk",
+        ) from None
+    finally:
+        os.close(fd)
 
 
 def _check_store_array(store: Any, shape: tuple[int, int], name: str) -> Any:
@@ -163,12 +211,12 @@ _END = object()
 
 
 def _batches(gradients: Iterable[Any]) -> Iterator[Any]:
-    try:
-        return iter(gradients)
-    except TypeError:
-        raise TypeError(
-            f"gradients must be an iterable of arrays, got {type(gradients).__name__}"
-        ) from None
+    # Asked of the type, not by catching iter()'s TypeError: that would also catch, and
+    # hide, a TypeError raised inside the iterable's own __iter__ (a data loader's).
+    kind = type(gradients)
+    if not (hasattr(kind, "__iter__") or hasattr(kind, "__getitem__")):
+        raise TypeError(f"gradients must be an iterable of arrays, got {kind.__name__}")
+    return iter(gradients)
 
 
 def gather_gradients(
@@ -214,7 +262,7 @@ def gather_gradients(
             if target is None:
                 # The store is made once the first gradient says which dtype to use.
                 first = namespace_of(item, f"gradient {index}")
-                if not first.isdtype(item.dtype, "real floating"):
+                if not _real_floating(first, item.dtype):
                     raise TypeError(
                         f"gradient {index} must have a real floating dtype, got {item.dtype}"
                     )
@@ -224,8 +272,16 @@ def gather_gradients(
                         "grads_out the store is a NumPy array (or .npy file); pass "
                         "grads_out, an array of their library, or convert them"
                     )
+                if dtype is None and _native(item.dtype).name not in STORE_DTYPES:
+                    raise TypeError(
+                        f"gradient {index} has dtype {item.dtype}, which a NumPy store of "
+                        f"gradients cannot have ({', '.join(STORE_DTYPES)}); pass dtype= "
+                        "to convert them all, e.g. dtype='float32'"
+                    )
+                # In the machine's byte order (the operator reads no other): gradients
+                # in the other order are stored converted.
                 target = open_store(
-                    store, shape, dtype if dtype is not None else item.dtype, "grads_out"
+                    store, shape, dtype if dtype is not None else _native(item.dtype), "grads_out"
                 )
                 xp = array_namespace(target.array)
             rows = _checked_rows(xp, target.array, item, index, d, explicit, check_finite)
@@ -263,6 +319,23 @@ def gather_gradients(
     return target
 
 
+def _real_floating(xp: Any, dt: Any) -> bool:
+    """Whether ``dt`` is a real floating dtype, ml_dtypes' NumPy bfloat16 included.
+
+    ``numpy.isdtype`` raises TypeError for ml_dtypes' types (the NumPy arrays of JAX's
+    bfloat16 gradients); bfloat16 is recognised by name, so that ml_dtypes is not needed.
+    """
+    try:
+        return bool(xp.isdtype(dt, "real floating"))
+    except TypeError:
+        return str(dt) == "bfloat16"
+
+
+def _native(dt: Any) -> Any:
+    """A NumPy dtype in the machine's byte order; other libraries' dtypes as they are."""
+    return dt.newbyteorder("=") if isinstance(dt, np.dtype) else dt
+
+
 def _dtype_name(dt: Any) -> str:
     return str(dt).rsplit(".", 1)[-1]
 
@@ -272,6 +345,8 @@ def _checked_rows(
 ) -> Any:
     """One item as ``(k, d)`` rows in the store's dtype, or a clear error."""
     name = f"gradient {index}"
+    # The store keeps values, not the autograd graph of each gradient written into it.
+    item = detached(item)
     check_same_space(xp, device(store), item, name, owner="the gradient store")
     if item.ndim == 2 and item.shape[0] == 0 and item.shape[1] == d:
         raise ValueError(
@@ -283,10 +358,10 @@ def _checked_rows(
             f"{name} has shape {tuple(item.shape)}; expected ({d},) for one gradient or "
             f"(k, {d}) for a batch of k"
         )
-    if not xp.isdtype(item.dtype, "real floating"):
+    if not _real_floating(xp, item.dtype):
         raise TypeError(f"{name} must have a real floating dtype, got {item.dtype}")
     if item.dtype != store.dtype:
-        if not explicit:
+        if not explicit and _native(item.dtype) != store.dtype:
             raise TypeError(
                 f"{name} has dtype {item.dtype}, the first gradient {store.dtype}; pass "
                 "dtype= to convert them all to one dtype"

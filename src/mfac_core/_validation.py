@@ -139,7 +139,27 @@ def check_floating(xp: Any, x: Array, name: str) -> None:
 
 def floating_dtype_error(name: str, dtype: Any) -> TypeError:
     """The one wording of a dtype other than float32 or float64."""
-    return TypeError(f"{name} must have a real floating dtype (float32 or float64), got {dtype}")
+    return TypeError(
+        f"{name} must have a real floating dtype (float32 or float64), got {dtype}"
+        f"{byte_order_note(name, dtype)}"
+    )
+
+
+def byte_order_note(name: str, dtype: Any) -> str:
+    """What to do about a NumPy dtype in the byte order that is not the machine's, or ``""``.
+
+    ``>f4`` is float32 to the reader, but the passes read the machine's byte order only
+    (a big-endian ``.npy`` file opened with ``numpy.load(..., mmap_mode="r")``).
+    """
+    if not isinstance(dtype, np.dtype) or dtype.isnative:
+        return ""
+    native = dtype.newbyteorder("=")
+    order = "big" if dtype.byteorder == ">" else "little"
+    return (
+        f" ({native.name} in {order}-endian byte order; the operators read this machine's "
+        f"only: convert it once with {name}.astype({name}.dtype.newbyteorder('=')), a copy "
+        "in memory)"
+    )
 
 
 def check_finite(xp: Any, x: Array, name: str, *, locate: bool = True) -> None:
@@ -473,6 +493,7 @@ def check_gradients(G: Array, *, require_finite: bool, name: str = "G", half: bo
             raise TypeError(
                 f"{name} must have a real floating dtype (float32 or float64, or "
                 f"float16/bfloat16 storage where the library has it), got {G.dtype}"
+                f"{byte_order_note(name, G.dtype)}"
             )
         check_floating(xp, G, name)
     if require_finite:

@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     argparse.ArgumentParser
         With the subcommands ``ihvp`` and ``demo``.
     """
-    from ._demo import DEFAULT_DAMP, MAX_DEMO_GRADS, MAX_DENSE_DIM
+    from ._demo import DEFAULT_DAMP, MAX_DEMO_GRADS, MAX_DENSE_DIM, SINGLE_BOUND
 
     parser = _ArgumentParser(
         prog=PROG,
@@ -166,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("float32", "float64"),
         default=None,
         help="precision of the products and of OUT (default: that of GRADS "
-        "if it is float32 or float64, else float64)",
+        "if it is float32 or float64, else float64); GRADS is read in place if it has "
+        "this dtype, or is float16 with float32, else converted into memory",
     )
     ihvp.add_argument(
         "--overwrite",
@@ -179,7 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="show the set-up progress bar on stderr even when it is not a terminal",
     )
     ihvp.add_argument(
-        "-q", "--quiet", action="store_true", help="print nothing but errors (overrides --progress)"
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="print nothing but warnings and errors (overrides --progress)",
     )
 
     demo = sub.add_parser(
@@ -190,9 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
             "(no download), run StaticIHVP (full and block-wise, float32 and float64), compare "
             "with the float64 dense inverse and print errors, timings and this machine's "
             "floors; the output explains its columns. Exits with 0 only if, for every test "
-            "vector x, the relative error is within its bound "
-            "C * eps(dtype) * kappa * ||x|| / (damp * ||F^-1 x||) (StaticIHVP's docstring, "
-            "Notes, Precision; C is printed)."
+            "vector x, the relative error is within its bound (StaticIHVP's docstring, "
+            f"Notes, Precision): {SINGLE_BOUND:g} * eps(float32) + eps(float64) * kappa^1.5 "
+            "in float32, C * eps(float64) * sqrt(kappa) * ||x|| / (damp * ||F^-1 x||) in "
+            "float64 (C is printed)."
         ),
     )
     demo.add_argument(
@@ -394,6 +399,10 @@ def _check_output(path: str, overwrite: bool, inputs: dict[str, str]) -> None:
         )
     if os.path.lexists(path) and not overwrite:
         raise UserError(f"output file exists: {path} (pass --overwrite to replace it)")
+    folder = os.path.dirname(os.path.abspath(target))
+    if not os.path.isdir(folder):
+        # Said before the inputs are read and the operator is built, not after.
+        raise UserError(f"output folder does not exist: {folder}")
 
 
 def _output_target(path: str) -> str:
@@ -468,8 +477,6 @@ def _save(path: str, arr: np.ndarray, overwrite: bool, inputs: dict[str, str]) -
     _check_output(path, overwrite, inputs)
     path = _output_target(path)
     folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise UserError(f"output folder does not exist: {folder}")
     try:
         fd, tmp = tempfile.mkstemp(prefix=".mfac-core-", suffix=".npy", dir=folder)
     except OSError as exc:
@@ -489,6 +496,26 @@ def _save(path: str, arr: np.ndarray, overwrite: bool, inputs: dict[str, str]) -
         if isinstance(exc, OSError):  # a full disk, a rename refused: name the output
             raise UserError(f"cannot write output {path}: {exc.strerror or exc}") from None
         raise
+
+
+def _product_dtype(stored: np.dtype, option: str | None) -> np.dtype:
+    """``--dtype``, else the stored float32 or float64 (in either byte order), else float64."""
+    if option is not None:
+        return np.dtype(option)
+    native = stored.newbyteorder("=")
+    return native if native in (np.float32, np.float64) else np.dtype(np.float64)
+
+
+def _operator_gradients(G: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """G as the operator reads it for products in ``dtype``: the mapped file where it can.
+
+    The operator reads G in its storage dtype, float16 included (its products are then
+    float32); any other dtype, or a byte order not the machine's (which the operator
+    refuses), is converted into memory. The mapped file itself is never written.
+    """
+    if G.dtype == dtype or (G.dtype == np.float16 and dtype == np.float32):
+        return G
+    return G.astype(dtype)
 
 
 def _cmd_ihvp(
@@ -512,14 +539,8 @@ def _cmd_ihvp(
             f"VECS has d={V.shape[-1]} coordinates ({args.vecs}, shape {V.shape}) "
             f"but GRADS has d={d} ({args.grads}, shape {G.shape})"
         )
-    if args.dtype is not None:
-        dtype = np.dtype(args.dtype)
-    else:
-        dtype = G.dtype if G.dtype in (np.float32, np.float64) else np.dtype(np.float64)
-    # The operator reads G in its storage dtype; only a change of dtype makes a copy (the
-    # memory-mapped file itself is never written).
-    if G.dtype != dtype:
-        G = G.astype(dtype)
+    dtype = _product_dtype(G.dtype, args.dtype)
+    G = _operator_gradients(G, dtype)
     V = np.ascontiguousarray(V, dtype=dtype)
 
     bar = ProgressBar(stderr, "set-up") if _wants_progress(args, stderr) else None
