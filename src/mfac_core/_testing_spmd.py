@@ -114,6 +114,14 @@ class ThreadComm:
         if len(shapes) != 1:
             group.fail()
             raise RuntimeError(f"ranks reduced arrays of different shapes: {sorted(shapes)}")
+        # The protocol's dtype too: adding float32 to float64 here would promote without a
+        # word, where an engine that exchanges bytes fails (gloo aborts the process).
+        kinds = {f"{type(p).__module__}.{type(p).__name__} {p.dtype}" for p in parts}
+        if len(kinds) != 1:
+            group.fail()
+            raise RuntimeError(
+                f"ranks reduced arrays of different types or dtypes: {sorted(kinds)}"
+            )
         xp = array_namespace(x)
         total = xp.asarray(parts[0], copy=True)
         for part in parts[1:]:
