@@ -84,7 +84,9 @@ class ThreadComm:
     A rank that raises breaks the group, so a rank still waiting in a
     reduction raises :class:`threading.BrokenBarrierError` instead of waiting
     forever: a test sees an error that is not collective as different
-    exceptions on different ranks.
+    exceptions on different ranks. Ranks that reduce arrays of different
+    shapes, dtypes or libraries (which the protocol forbids, and which an
+    engine such as gloo cannot reduce) all raise :class:`RuntimeError`.
     """
 
     def __init__(self, group: _ThreadGroup, rank: int) -> None:
