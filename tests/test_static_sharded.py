@@ -340,6 +340,33 @@ def test_what_a_sharded_operator_refuses() -> None:
             make()
 
 
+@pytest.mark.parametrize("joint", [False, True])
+def test_pruning_refuses_a_sharded_operator_on_every_rank(joint: bool) -> None:
+    # A rank holding every column passed the shape check and waited in the update's
+    # product for the rank whose empty shard was refused: a hang under gloo.
+    from mfac_core.pruning import obs_saliency, obs_update
+
+    rng = np.random.default_rng(12)
+    G, theta = rng.standard_normal((3, 8)), rng.standard_normal(8)
+    selected = np.arange(8) % 3 == 0
+
+    def fn(comm: Any) -> list[str]:
+        lo, hi = [(0, 8), (8, 8)][comm.rank]
+        op = ShardedStaticIHVP(G[:, lo:hi], damp=0.1, comm=comm)
+        errors = []
+        for call in (
+            lambda: obs_update(theta[lo:hi], op, selected[lo:hi], joint=joint),
+            lambda: obs_saliency(theta[lo:hi], op),
+        ):
+            with pytest.raises(TypeError, match="column-sharded") as info:
+                call()
+            errors.append(str(info.value))
+        return errors
+
+    for r in run_spmd_threads(fn, 2, timeout=20):
+        assert isinstance(r, list), r
+
+
 def test_copies_share_the_communicator_and_pickles_restore() -> None:
     rng = np.random.default_rng(4)
     G = rng.standard_normal((3, 8))
