@@ -238,14 +238,14 @@ def test_layouts_and_traffic(layout: str, dtype: str) -> None:
         # the float64 G columns of the pairs.
         shapes = [c.shape for c in r["setup"]]
         if full:
-            assert shapes == [(7 * p + S,), (m * m + S,), (3 * p + S,)]
+            assert shapes == [(8 * p + S,), (m * m + S,), (3 * p + S,)]
             assert [c.shape for c in r["matvec"]] == [(m + S,)]
             assert [c.shape for c in r["matmat"]] == [(3 * m + S,)]
             assert r["matvec"][0].nbytes == (m + S) * 8
             assert [c.shape for c in r["entries"]] == [(S,), (2 * m * k + S,)]
             assert all(c.dtype == "float64" for c in r["matvec"] + r["entries"])
         else:
-            assert shapes == [(7 * p + S,), (3 * p + S,)]
+            assert shapes == [(8 * p + S,), (3 * p + S,)]
             assert r["matvec"] == [] and r["matmat"] == []  # whole blocks: no exchange
             assert [c.shape for c in r["entries"]] == [(S,), (k + S,)]
         assert r["diagonal"] == []
@@ -681,8 +681,8 @@ def test_entries_of_zero_dimensional_and_empty_indices() -> None:
 
 
 def test_different_operations_with_one_reduction_length_raise_on_every_rank() -> None:
-    # m = 2 on 2 ranks: matmat of 7 columns reduces m * 7 = 14 numbers, the first
-    # reduction of a new operator's set-up 7 * size = 14: the same length, so only the
+    # m = 2 on 2 ranks: matmat of 8 columns reduces m * 8 = 16 numbers, the first
+    # reduction of a new operator's set-up 8 * size = 16: the same length, so only the
     # tag in the status word tells them apart.
     G = np.random.default_rng(3).standard_normal((2, 6))
 
@@ -691,7 +691,7 @@ def test_different_operations_with_one_reduction_length_raise_on_every_rank() ->
         op = ShardedStaticIHVP(shard, damp=0.1, comm=comm)
         try:
             if comm.rank == 0:
-                op.matmat(np.ones((3, 7)))
+                op.matmat(np.ones((3, 8)))
             else:
                 ShardedStaticIHVP(shard, damp=0.2, comm=comm)
         except RuntimeError as exc:
@@ -701,6 +701,31 @@ def test_different_operations_with_one_reduction_length_raise_on_every_rank() ->
     results = run_spmd_threads(rank, 2, timeout=20)
     for r in results:
         assert isinstance(r, str) and "different collective operations" in r, r
+
+
+def test_two_operators_applied_in_different_orders_raise_on_every_rank() -> None:
+    # Two operators of one shape (a set iterated in per-process hash order): their
+    # products reduce the same length with the same operation, so only the operators'
+    # identity in the tag keeps rank 0's sums of one from adding to rank 1's of the other.
+    rng = np.random.default_rng(13)
+    Gs = [rng.standard_normal((3, 8)) for _ in range(2)]
+    x = rng.standard_normal(8)
+
+    def rank(comm: Communicator) -> Any:
+        lo, hi = 4 * comm.rank, 4 * comm.rank + 4
+        a, b = (ShardedStaticIHVP(G[:, lo:hi], damp=0.1, comm=comm) for G in Gs)
+        first = a if comm.rank == 0 else b
+        with pytest.raises(RuntimeError, match="different collective operations") as info:
+            first.matvec(x[lo:hi])
+        # Nothing changed: in the same order, both give their products.
+        return str(info.value), a.matvec(x[lo:hi]), b.matvec(x[lo:hi])
+
+    results = run_spmd_threads(rank, 2, timeout=20)
+    for r in results:
+        assert isinstance(r, tuple), r
+    for j, G in enumerate(Gs):
+        y = np.concatenate([r[1 + j] for r in results])
+        assert_close(y, StaticIHVP(G, damp=0.1).matvec(x), kappa=100)
 
 
 @pytest.mark.parametrize("kappa", [1e3, 1e5, 1e7])

@@ -21,6 +21,7 @@ lie among all ranks' columns.
 from __future__ import annotations
 
 import hashlib
+import secrets
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ __all__ = [
     "encode_status",
     "gather_ints",
     "host_values",
+    "identity_draw",
     "reduce_checked",
 ]
 
@@ -65,6 +67,18 @@ def gather_ints(
     flat = xp.asarray(flat_host, dtype=xp.float64, device=device)
     total = host_values(comm.allreduce_sum(flat))
     return [tuple(int(v) for v in total[r * k : (r + 1) * k]) for r in range(comm.size)]
+
+
+def identity_draw() -> int:
+    """A random number to name one sharded operator in the tags of its reductions.
+
+    Every rank draws one in the set-up's first reduction and all take rank 0's, so
+    that the operator's tags are the same on every rank and differ from another
+    operator's: ranks that apply two operators of one shape in different orders
+    (a ``set`` iterated in per-process hash order) raise instead of adding the sums
+    of one to the other's. 52 bits: exact in the float64 reduction.
+    """
+    return secrets.randbits(52)
 
 
 @dataclass(frozen=True)
@@ -363,10 +377,11 @@ def reduce_checked(
     same_tag, same_args = agreement(word, comm.size)
     if not same_tag:
         raise RuntimeError(
-            f"{what}: the ranks called different collective operations, or their "
-            "replicated states diverged (reset, load_state_dict or another edit on some "
-            "ranks only); every rank must call the same operations in the same order. "
-            "Every rank raised this and left its state as it was"
+            f"{what}: the ranks called different collective operations (or one on "
+            "different operators), or their replicated states diverged (reset, "
+            "load_state_dict or another edit on some ranks only); every rank must call "
+            "the same operations in the same order. Every rank raised this and left its "
+            "state as it was"
         ) from error
     counts = decode_status(word)
     if any(counts.values()):
