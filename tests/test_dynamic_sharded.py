@@ -429,6 +429,33 @@ def test_two_windows_applied_in_different_orders_raise_on_every_rank() -> None:
         assert unchanged
 
 
+def test_dask_windows_are_refused_on_every_rank() -> None:
+    # The window over Dask failed deep inside its first product (a matmul of mismatched
+    # core dimensions); a Dask array cannot cross a communicator either.
+    da = pytest.importorskip("dask.array")
+    G = np.random.default_rng(16).standard_normal((3, 8))
+
+    def rank(comm: Communicator) -> Any:
+        lo, hi = 4 * comm.rank, 4 * comm.rank + 4
+        messages = []
+        for build in (
+            lambda: ShardedDynamicIHVP(
+                3, 4, damp=0.1, dtype="float64", xp=da if comm.rank else None, comm=comm
+            ),
+            lambda: ShardedDynamicIHVP.from_window(
+                da.from_array(G[:, lo:hi]) if comm.rank else G[:, lo:hi], damp=0.1, comm=comm
+            ),
+        ):
+            with pytest.raises(TypeError) as info:
+                build()
+            messages.append(str(info.value))
+        return messages
+
+    results = _ok(run_spmd_threads(rank, 2, timeout=20))
+    assert all("failed on 1 other rank" in m for m in results[0]), results[0]
+    assert all("takes no Dask arrays" in m for m in results[1]), results[1]
+
+
 def _after_local_resets(comm: Communicator, resets: dict[int, int]) -> Any:
     m, d = 4, 12
     starts = _starts(_even_widths(d, comm.size))

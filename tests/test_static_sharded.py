@@ -728,6 +728,26 @@ def test_two_operators_applied_in_different_orders_raise_on_every_rank() -> None
         assert_close(y, StaticIHVP(G, damp=0.1).matvec(x), kappa=100)
 
 
+def test_dask_shards_are_refused_on_every_rank() -> None:
+    # A Dask G_local reached the float64 factorisation as a lazy array and failed
+    # there as a FactorizationError of a well-conditioned Gram; it cannot cross a
+    # communicator either (no DLPack). Refused in the set-up's first reduction, in NumPy.
+    da = pytest.importorskip("dask.array")
+    G = np.random.default_rng(15).standard_normal((3, 8))
+
+    def rank(comm: Communicator) -> Any:
+        shard = G[:, 4 * comm.rank : 4 * comm.rank + 4]
+        with pytest.raises(TypeError) as info:
+            ShardedStaticIHVP(
+                da.from_array(shard) if comm.rank == 0 else shard, damp=1.0, comm=comm
+            )
+        return str(info.value)
+
+    results = run_spmd_threads(rank, 2, timeout=20)
+    assert "takes no Dask arrays" in results[0], results[0]
+    assert "failed on 1 other rank" in results[1], results[1]
+
+
 @pytest.mark.parametrize("kappa", [1e3, 1e5, 1e7])
 @pytest.mark.parametrize("block_size", [None, 300])
 def test_float32_shards_are_exact_for_vectors_in_the_span(kappa: float, block_size: Any) -> None:

@@ -16,7 +16,7 @@ from ._compat import Array, array_namespace
 from ._compat import device as device_of
 from ._dynamic_setup import default_namespace
 from ._layout import BlockGroup, pieces
-from ._sharding import ShardLayout, host_values, identity_draw, reduce_checked
+from ._sharding import ShardLayout, dask_refusal, host_values, identity_draw, reduce_checked
 from ._validation import check_count, check_finite, namespace_of
 from .distributed import Communicator
 
@@ -72,11 +72,14 @@ def agreed_rows(comm: Communicator, G: Array, num_grads: int | None, check: bool
     the ranks hold different numbers of gradients.
     """
     try:
-        space = array_namespace(G), device_of(G)
+        found = array_namespace(G), device_of(G)
     except TypeError:
-        space = default_namespace(), None
+        found = default_namespace(), None
+    space_xp, space_device, refusal = dask_refusal(*found, OWNER)
 
     def local() -> Array:
+        if refusal is not None:
+            raise refusal
         xp = namespace_of(G, "G")
         if G.ndim != 2:
             raise ValueError(f"G must be 2-D (k, d), got shape {tuple(G.shape)}")
@@ -91,11 +94,11 @@ def agreed_rows(comm: Communicator, G: Array, num_grads: int | None, check: bool
 
     total = reduce_checked(
         comm,
-        space[0],
+        space_xp,
         local,
         length=comm.size,
-        dtype=space[0].float64,
-        device=space[1],
+        dtype=space_xp.float64,
+        device=space_device,
         what=f"{OWNER}.from_window",
         tag=("DynamicIHVP", OP_FROM_WINDOW),
     )
@@ -149,20 +152,22 @@ def agreed_layout(
     identity (rank 0's draw, the same on every rank).
     """
     row: list[float] = []
+    space_xp, space_device, refusal = dask_refusal(*reduction_space(xp, device), OWNER)
 
     def local() -> Array:
+        if refusal is not None:
+            raise refusal
         op = build()
         row.extend(settings(op))
         return one_hot(op, comm, row)
 
-    space = reduction_space(xp, device)
     total = reduce_checked(
         comm,
-        space[0],
+        space_xp,
         local,
         length=comm.size * NUM_SETTINGS,
-        dtype=space[0].float64,
-        device=space[1],
+        dtype=space_xp.float64,
+        device=space_device,
         what=OWNER,
         tag=("DynamicIHVP", OP_INIT),
     )

@@ -35,7 +35,7 @@ from ._gform import GFormFactor, whitened_pairs
 from ._layout import BlockGroup, block_groups, chunk_gram, chunks
 from ._refine import fisher_residual
 from ._refine import refine as refine_steps
-from ._sharding import ShardLayout, host_values, identity_draw, reduce_checked
+from ._sharding import ShardLayout, dask_refusal, host_values, identity_draw, reduce_checked
 from ._validation import (
     check_count,
     check_damp,
@@ -141,8 +141,11 @@ def agree(
 ) -> Agreed:
     """Check this rank's arguments, exchange them and check that the ranks agree (one reduction)."""
     size = comm.size
+    xp, dev, refusal = dask_refusal(xp, dev, "ShardedStaticIHVP")
 
     def local() -> Array:
+        if refusal is not None:
+            raise refusal
         if G.ndim != 2 or G.shape[0] == 0:
             raise ValueError(
                 "G_local must be a 2-D array of shape (m, d_local) with m >= 1: this rank's "

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from ._compat import Array, host_values, is_torch_array
+from ._compat import Array, array_namespace, host_values, is_dask_namespace, is_torch_array
 from .distributed import Communicator
 
 __all__ = [
@@ -38,6 +38,7 @@ __all__ = [
     "STATUS_LENGTH",
     "ShardLayout",
     "agreement",
+    "dask_refusal",
     "decode_status",
     "digest",
     "encode_status",
@@ -67,6 +68,28 @@ def gather_ints(
     flat = xp.asarray(flat_host, dtype=xp.float64, device=device)
     total = host_values(comm.allreduce_sum(flat))
     return [tuple(int(v) for v in total[r * k : (r + 1) * k]) for r in range(comm.size)]
+
+
+def dask_refusal(xp: Any, device: Any, what: str) -> tuple[Any, Any, TypeError | None]:
+    """The namespace and device of a set-up's reduction, and the refusal of a Dask ``xp``.
+
+    A Dask array cannot cross a communicator (it has no DLPack), and Dask spreads
+    its chunks over its own workers: a rank given one refuses it inside the set-up's
+    reduction, which then runs in NumPy, so that every rank raises alike.
+    """
+    if xp is None or not is_dask_namespace(xp):
+        return xp, device, None
+    import numpy as np
+
+    return (
+        array_namespace(np.empty(0)),
+        None,
+        TypeError(
+            f"{what} takes no Dask arrays: Dask distributes the chunks of G over its "
+            "workers itself (DaskStaticIHVP). Give each rank its columns as NumPy, CuPy "
+            "or PyTorch arrays"
+        ),
+    )
 
 
 def identity_draw() -> int:
