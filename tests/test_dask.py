@@ -123,6 +123,15 @@ def test_entries_shapes(bs, rng):
     c = np.array([10, 0, 6, 5, 3], dtype=np.int32)
     got = op.entries(da.from_array(r, chunks=2), da.from_array(c, chunks=3)).compute()
     assert_close(got, oracle.entries(r, c), kappa=oracle.kappa)
+    # Indices of unknown length (boolean indexing, as a pruning step picks weights).
+    idx = da.from_array(r, chunks=2)
+    picked = idx[idx > 3]
+    assert np.isnan(picked.shape[0])
+    got = op.entries(picked, picked).compute()
+    assert got.shape == (3,)
+    assert_close(got, oracle.entries(r[r > 3], r[r > 3]), kappa=oracle.kappa)
+    with pytest.raises(ValueError, match="same shape, got \\(3,\\) and \\(5,\\)"):
+        op.entries(picked, da.from_array(c, chunks=3))
 
 
 @st.composite

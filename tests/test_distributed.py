@@ -114,6 +114,23 @@ def test_thread_comm_reports_mismatched_shapes() -> None:
     assert all(isinstance(r, (RuntimeError, threading.BrokenBarrierError)) for r in results)
 
 
+@pytest.mark.parametrize("case", ["dtype", "library"])
+def test_thread_comm_reports_mismatched_dtypes_and_libraries(case: str) -> None:
+    # The protocol's "same shape and dtype": a sum that promoted would hide what gloo,
+    # which exchanges bytes, cannot do.
+    array_api_strict = pytest.importorskip("array_api_strict")
+
+    def fn(comm: ThreadComm) -> object:
+        if case == "dtype":
+            return comm.allreduce_sum(np.zeros(2, dtype=[np.float64, np.float32][comm.rank]))
+        x = np.zeros(2)
+        return comm.allreduce_sum(x if comm.rank == 0 else array_api_strict.asarray(x))
+
+    results = run_spmd_threads(fn, 2, timeout=10)
+    assert all(isinstance(r, RuntimeError) for r in results), results
+    assert all("different types or dtypes" in str(r) for r in results), results
+
+
 def test_a_rank_raising_alone_is_seen_by_the_others() -> None:
     # The failure mode reduce_checked exists to prevent: the other rank must not hang.
     def fn(comm: ThreadComm) -> np.ndarray:
@@ -442,11 +459,17 @@ def _reduce_many(comm: Communicator) -> dict[str, object]:
         "numpy32": comm.allreduce_sum(x32),
         "torch": comm.allreduce_sum(torch.from_numpy(x64)).numpy(),
         "strict": np.from_dlpack(comm.allreduce_sum(array_api_strict.asarray(x64))),
+        # Views with negative strides, which PyTorch's DLPack import cannot take.
+        "reversed": comm.allreduce_sum(x64[::-1])[::-1],
+        "strict_reversed": np.from_dlpack(comm.allreduce_sum(array_api_strict.asarray(x64)[::-1]))[
+            ::-1
+        ],
         "unchanged": bool(np.array_equal(x64, keep)),
     }
     assert isinstance(comm, TorchComm)
     fast = TorchComm(deterministic=False)
     out["all_reduce"] = fast.allreduce_sum(x64)
+    out["all_reduce_reversed"] = fast.allreduce_sum(x64[::-1])[::-1]
     out["types"] = (
         type(out["numpy64"]).__name__,
         str(out["numpy32"].dtype),  # type: ignore[attr-defined]
@@ -471,12 +494,13 @@ def test_torch_comm_over_gloo(nprocs: int) -> None:
     for r in results:
         assert r["types"] == ("ndarray", "float32")
         assert r["unchanged"]
-        for key in ("numpy64", "torch", "strict"):
+        for key in ("numpy64", "torch", "strict", "reversed", "strict_reversed"):
             np.testing.assert_array_equal(r[key], expected)
         # The engine's all_reduce: the same bits on every rank, the sum to rounding.
         np.testing.assert_array_equal(r["all_reduce"], results[0]["all_reduce"])
         scale = sum(np.abs(x) for x in xs)
-        assert np.all(np.abs(r["all_reduce"] - expected) <= 4 * nprocs * 2.0**-52 * scale)
+        for key in ("all_reduce", "all_reduce_reversed"):
+            assert np.all(np.abs(r[key] - expected) <= 4 * nprocs * 2.0**-52 * scale)
         np.testing.assert_array_equal(r["numpy32"], results[0]["numpy32"])
 
 

@@ -398,6 +398,64 @@ def test_different_operations_or_diverged_states_raise_on_every_rank(case: str) 
     assert len({r[1].split(": ", 1)[1] for r in results}) == 1
 
 
+def _two_windows_in_different_orders(comm: Communicator) -> Any:
+    m, d = 3, 8
+    lo, hi = 4 * comm.rank, 4 * comm.rank + 4
+    rng = np.random.default_rng(14)
+    Gs = [rng.standard_normal((m, d)) for _ in range(2)]
+    a, b = (ShardedDynamicIHVP.from_window(G[:, lo:hi], damp=0.1, comm=comm) for G in Gs)
+    first = a if comm.rank == 0 else b
+    before = [w.state_dict() for w in (a, b)]
+    try:
+        first.update_and_matvec(rng.standard_normal(d)[lo:hi])
+    except RuntimeError as exc:
+        after = [w.state_dict() for w in (a, b)]
+        same = all(
+            np.array_equal(np.asarray(x[k]), np.asarray(y[k]))
+            for x, y in zip(before, after, strict=True)
+            for k in x
+        )
+        return str(exc), same
+    return "no error"
+
+
+def test_two_windows_applied_in_different_orders_raise_on_every_rank() -> None:
+    # Two windows of one shape with the same count of edits: only their identity in the
+    # tag keeps rank 0's Gram row of one from adding to rank 1's of the other.
+    for r in _ok(run_spmd_threads(_two_windows_in_different_orders, 2, timeout=20)):
+        assert r != "no error"
+        message, unchanged = r
+        assert "different collective operations" in message
+        assert unchanged
+
+
+def test_dask_windows_are_refused_on_every_rank() -> None:
+    # The window over Dask failed deep inside its first product (a matmul of mismatched
+    # core dimensions); a Dask array cannot cross a communicator either.
+    da = pytest.importorskip("dask.array")
+    G = np.random.default_rng(16).standard_normal((3, 8))
+
+    def rank(comm: Communicator) -> Any:
+        lo, hi = 4 * comm.rank, 4 * comm.rank + 4
+        messages = []
+        for build in (
+            lambda: ShardedDynamicIHVP(
+                3, 4, damp=0.1, dtype="float64", xp=da if comm.rank else None, comm=comm
+            ),
+            lambda: ShardedDynamicIHVP.from_window(
+                da.from_array(G[:, lo:hi]) if comm.rank else G[:, lo:hi], damp=0.1, comm=comm
+            ),
+        ):
+            with pytest.raises(TypeError) as info:
+                build()
+            messages.append(str(info.value))
+        return messages
+
+    results = _ok(run_spmd_threads(rank, 2, timeout=20))
+    assert all("failed on 1 other rank" in m for m in results[0]), results[0]
+    assert all("takes no Dask arrays" in m for m in results[1]), results[1]
+
+
 def _after_local_resets(comm: Communicator, resets: dict[int, int]) -> Any:
     m, d = 4, 12
     starts = _starts(_even_widths(d, comm.size))

@@ -238,14 +238,14 @@ def test_layouts_and_traffic(layout: str, dtype: str) -> None:
         # the float64 G columns of the pairs.
         shapes = [c.shape for c in r["setup"]]
         if full:
-            assert shapes == [(7 * p + S,), (m * m + S,), (3 * p + S,)]
+            assert shapes == [(8 * p + S,), (m * m + S,), (3 * p + S,)]
             assert [c.shape for c in r["matvec"]] == [(m + S,)]
             assert [c.shape for c in r["matmat"]] == [(3 * m + S,)]
             assert r["matvec"][0].nbytes == (m + S) * 8
             assert [c.shape for c in r["entries"]] == [(S,), (2 * m * k + S,)]
             assert all(c.dtype == "float64" for c in r["matvec"] + r["entries"])
         else:
-            assert shapes == [(7 * p + S,), (3 * p + S,)]
+            assert shapes == [(8 * p + S,), (3 * p + S,)]
             assert r["matvec"] == [] and r["matmat"] == []  # whole blocks: no exchange
             assert [c.shape for c in r["entries"]] == [(S,), (k + S,)]
         assert r["diagonal"] == []
@@ -338,6 +338,33 @@ def test_what_a_sharded_operator_refuses() -> None:
     ):
         with pytest.raises(TypeError, match="column-sharded"):
             make()
+
+
+@pytest.mark.parametrize("joint", [False, True])
+def test_pruning_refuses_a_sharded_operator_on_every_rank(joint: bool) -> None:
+    # A rank holding every column passed the shape check and waited in the update's
+    # product for the rank whose empty shard was refused: a hang under gloo.
+    from mfac_core.pruning import obs_saliency, obs_update
+
+    rng = np.random.default_rng(12)
+    G, theta = rng.standard_normal((3, 8)), rng.standard_normal(8)
+    selected = np.arange(8) % 3 == 0
+
+    def fn(comm: Any) -> list[str]:
+        lo, hi = [(0, 8), (8, 8)][comm.rank]
+        op = ShardedStaticIHVP(G[:, lo:hi], damp=0.1, comm=comm)
+        errors = []
+        for call in (
+            lambda: obs_update(theta[lo:hi], op, selected[lo:hi], joint=joint),
+            lambda: obs_saliency(theta[lo:hi], op),
+        ):
+            with pytest.raises(TypeError, match="column-sharded") as info:
+                call()
+            errors.append(str(info.value))
+        return errors
+
+    for r in run_spmd_threads(fn, 2, timeout=20):
+        assert isinstance(r, list), r
 
 
 def test_copies_share_the_communicator_and_pickles_restore() -> None:
@@ -654,8 +681,8 @@ def test_entries_of_zero_dimensional_and_empty_indices() -> None:
 
 
 def test_different_operations_with_one_reduction_length_raise_on_every_rank() -> None:
-    # m = 2 on 2 ranks: matmat of 7 columns reduces m * 7 = 14 numbers, the first
-    # reduction of a new operator's set-up 7 * size = 14: the same length, so only the
+    # m = 2 on 2 ranks: matmat of 8 columns reduces m * 8 = 16 numbers, the first
+    # reduction of a new operator's set-up 8 * size = 16: the same length, so only the
     # tag in the status word tells them apart.
     G = np.random.default_rng(3).standard_normal((2, 6))
 
@@ -664,7 +691,7 @@ def test_different_operations_with_one_reduction_length_raise_on_every_rank() ->
         op = ShardedStaticIHVP(shard, damp=0.1, comm=comm)
         try:
             if comm.rank == 0:
-                op.matmat(np.ones((3, 7)))
+                op.matmat(np.ones((3, 8)))
             else:
                 ShardedStaticIHVP(shard, damp=0.2, comm=comm)
         except RuntimeError as exc:
@@ -674,6 +701,51 @@ def test_different_operations_with_one_reduction_length_raise_on_every_rank() ->
     results = run_spmd_threads(rank, 2, timeout=20)
     for r in results:
         assert isinstance(r, str) and "different collective operations" in r, r
+
+
+def test_two_operators_applied_in_different_orders_raise_on_every_rank() -> None:
+    # Two operators of one shape (a set iterated in per-process hash order): their
+    # products reduce the same length with the same operation, so only the operators'
+    # identity in the tag keeps rank 0's sums of one from adding to rank 1's of the other.
+    rng = np.random.default_rng(13)
+    Gs = [rng.standard_normal((3, 8)) for _ in range(2)]
+    x = rng.standard_normal(8)
+
+    def rank(comm: Communicator) -> Any:
+        lo, hi = 4 * comm.rank, 4 * comm.rank + 4
+        a, b = (ShardedStaticIHVP(G[:, lo:hi], damp=0.1, comm=comm) for G in Gs)
+        first = a if comm.rank == 0 else b
+        with pytest.raises(RuntimeError, match="different collective operations") as info:
+            first.matvec(x[lo:hi])
+        # Nothing changed: in the same order, both give their products.
+        return str(info.value), a.matvec(x[lo:hi]), b.matvec(x[lo:hi])
+
+    results = run_spmd_threads(rank, 2, timeout=20)
+    for r in results:
+        assert isinstance(r, tuple), r
+    for j, G in enumerate(Gs):
+        y = np.concatenate([r[1 + j] for r in results])
+        assert_close(y, StaticIHVP(G, damp=0.1).matvec(x), kappa=100)
+
+
+def test_dask_shards_are_refused_on_every_rank() -> None:
+    # A Dask G_local reached the float64 factorisation as a lazy array and failed
+    # there as a FactorizationError of a well-conditioned Gram; it cannot cross a
+    # communicator either (no DLPack). Refused in the set-up's first reduction, in NumPy.
+    da = pytest.importorskip("dask.array")
+    G = np.random.default_rng(15).standard_normal((3, 8))
+
+    def rank(comm: Communicator) -> Any:
+        shard = G[:, 4 * comm.rank : 4 * comm.rank + 4]
+        with pytest.raises(TypeError) as info:
+            ShardedStaticIHVP(
+                da.from_array(shard) if comm.rank == 0 else shard, damp=1.0, comm=comm
+            )
+        return str(info.value)
+
+    results = run_spmd_threads(rank, 2, timeout=20)
+    assert "takes no Dask arrays" in results[0], results[0]
+    assert "failed on 1 other rank" in results[1], results[1]
 
 
 @pytest.mark.parametrize("kappa", [1e3, 1e5, 1e7])

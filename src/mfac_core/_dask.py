@@ -543,15 +543,15 @@ class DaskStaticIHVP(StaticIHVP):
 
         for idx, name in ((rows, "rows"), (cols, "cols")):
             check_same_space(self._xp, self.device, idx, name, owner="the operator")
-        if rows.shape != cols.shape:
-            raise ValueError(
-                f"rows and cols must have the same shape, got {tuple(rows.shape)} and "
-                f"{tuple(cols.shape)}"
-            )
-        shape = rows.shape
-        r_np, c_np = dask.compute(rows, cols)
-        r = check_index_array(np.asarray(r_np), "rows", xp=_NP, device="cpu", bound=self.dim)
-        c = check_index_array(np.asarray(c_np), "cols", xp=_NP, device="cpu", bound=self.dim)
+        if _known(rows.shape) and _known(cols.shape):
+            _check_same_shape(rows.shape, cols.shape)  # before any computation
+        # Computed here anyway, so indices of unknown length (from boolean indexing,
+        # idx[saliency < t]) are taken too: their shapes are compared once known.
+        r_np, c_np = (np.asarray(v) for v in dask.compute(rows, cols))
+        _check_same_shape(r_np.shape, c_np.shape)
+        shape = r_np.shape
+        r = check_index_array(r_np, "rows", xp=_NP, device="cpu", bound=self.dim)
+        c = check_index_array(c_np, "cols", xp=_NP, device="cpu", bound=self.dim)
         r, c = r.reshape(-1), c.reshape(-1)
         if self._G is not None:
             # One block: every pair. The columns asked for, in increasing order (one task
@@ -589,6 +589,18 @@ class DaskStaticIHVP(StaticIHVP):
         # The pairs in the order of ``parts``, put back into the caller's order.
         inverse = np.argsort(np.concatenate(order), kind="stable")
         return da.concatenate(parts)[inverse].rechunk(-1).reshape(shape)
+
+
+def _known(shape: tuple[float, ...]) -> bool:
+    """Whether a Dask shape is known (no NaN: no chunk of unknown size)."""
+    return not any(math.isnan(n) for n in shape)
+
+
+def _check_same_shape(rows: tuple[int, ...], cols: tuple[int, ...]) -> None:
+    if tuple(rows) != tuple(cols):
+        raise ValueError(
+            f"rows and cols must have the same shape, got {tuple(rows)} and {tuple(cols)}"
+        )
 
 
 _static.register_array_type(is_dask_array, DaskStaticIHVP)

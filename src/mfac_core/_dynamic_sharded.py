@@ -16,13 +16,14 @@ from ._compat import Array, array_namespace
 from ._compat import device as device_of
 from ._dynamic_setup import default_namespace
 from ._layout import BlockGroup, pieces
-from ._sharding import ShardLayout, host_values, reduce_checked
+from ._sharding import ShardLayout, dask_refusal, host_values, identity_draw, reduce_checked
 from ._validation import check_count, check_finite, namespace_of
 from .distributed import Communicator
 
 #: Entries of the row each rank contributes when a sharded operator is built: its width,
-#: then the settings that must agree on every rank (see :func:`settings`).
-NUM_SETTINGS = 9
+#: then the settings that must agree on every rank (see :func:`settings`), then its
+#: identity draw (rank 0's names the operator in its tags, :func:`tag`).
+NUM_SETTINGS = 10
 
 # The operations of the sharded reductions (``reduce_checked``). Their tag is the
 # operation and the operator's whole count of state edits (:func:`tag`), so
@@ -71,11 +72,14 @@ def agreed_rows(comm: Communicator, G: Array, num_grads: int | None, check: bool
     the ranks hold different numbers of gradients.
     """
     try:
-        space = array_namespace(G), device_of(G)
+        found = array_namespace(G), device_of(G)
     except TypeError:
-        space = default_namespace(), None
+        found = default_namespace(), None
+    space_xp, space_device, refusal = dask_refusal(*found, OWNER)
 
     def local() -> Array:
+        if refusal is not None:
+            raise refusal
         xp = namespace_of(G, "G")
         if G.ndim != 2:
             raise ValueError(f"G must be 2-D (k, d), got shape {tuple(G.shape)}")
@@ -90,11 +94,11 @@ def agreed_rows(comm: Communicator, G: Array, num_grads: int | None, check: bool
 
     total = reduce_checked(
         comm,
-        space[0],
+        space_xp,
         local,
         length=comm.size,
-        dtype=space[0].float64,
-        device=space[1],
+        dtype=space_xp.float64,
+        device=space_device,
         what=f"{OWNER}.from_window",
         tag=("DynamicIHVP", OP_FROM_WINDOW),
     )
@@ -122,6 +126,7 @@ def settings(op: Any) -> list[float]:
         float(op.refactor_every),
         float(op.refine),
         float(op.check_finite),
+        float(identity_draw()),
     ]
 
 
@@ -138,28 +143,31 @@ def one_hot(op: Any, comm: Communicator, values: list[float]) -> Array:
 
 def agreed_layout(
     comm: Communicator, xp: Any, device: Any, build: Callable[[], Any]
-) -> ShardLayout:
+) -> tuple[ShardLayout, int]:
     """The constructor's reduction: ``build()`` on every rank, then its settings compared.
 
     ``build()`` builds this rank's operator (it may raise) and returns it. Every
     rank raises if one rank's build failed or if the ranks' settings differ;
-    otherwise returns the layout of every rank's width.
+    otherwise returns the layout of every rank's width and the operator's
+    identity (rank 0's draw, the same on every rank).
     """
     row: list[float] = []
+    space_xp, space_device, refusal = dask_refusal(*reduction_space(xp, device), OWNER)
 
     def local() -> Array:
+        if refusal is not None:
+            raise refusal
         op = build()
         row.extend(settings(op))
         return one_hot(op, comm, row)
 
-    space = reduction_space(xp, device)
     total = reduce_checked(
         comm,
-        space[0],
+        space_xp,
         local,
         length=comm.size * NUM_SETTINGS,
-        dtype=space[0].float64,
-        device=space[1],
+        dtype=space_xp.float64,
+        device=space_device,
         what=OWNER,
         tag=("DynamicIHVP", OP_INIT),
     )
@@ -170,15 +178,16 @@ def agreed_layout(
             f"rank by rank (bits of the compute dtype + 1000 x storage code, 1: float16, "
             f"2: bfloat16): {[r[3] for r in table]}"
         )
-    if any(r[1:] != table[0][1:] for r in table):
+    last = NUM_SETTINGS - 1  # the identity draws differ
+    if any(r[1:last] != table[0][1:last] for r in table):
         raise ValueError(
             f"{OWNER} must be built with the same num_grads, damp, dtype, "
             "zero_init, update_method, refactor_every, refine and check_finite on every "
-            f"rank; rank by rank: {[r[1:] for r in table]}"
+            f"rank; rank by rank: {[r[1:last] for r in table]}"
         )
     if sum(int(r[0]) for r in table) == 0:
         raise ValueError(f"{OWNER}: every rank holds 0 columns (dim=0)")
-    return ShardLayout(comm.rank, tuple(int(r[0]) for r in table))
+    return ShardLayout(comm.rank, tuple(int(r[0]) for r in table)), int(table[0][last])
 
 
 def tag(op: Any, code: int) -> tuple[Any, ...]:
@@ -188,11 +197,13 @@ def tag(op: Any, code: int) -> tuple[Any, ...]:
     on one rank would bring back: ranks whose counts differ raise, whatever
     the sequence of local edits. ``load_state_dict`` replaces the state, so
     its tag is the operation's alone: loading every rank from one checkpoint
-    mends diverged states (and restarts the count on every rank).
+    mends diverged states (and restarts the count on every rank). Every tag
+    holds the operator's identity, so that ranks applying two windows in
+    different orders raise instead of adding one's sums to the other's.
     """
     if code == OP_LOAD:
-        return ("DynamicIHVP", code)
-    return ("DynamicIHVP", code, op._version)
+        return ("DynamicIHVP", code, op._identity)
+    return ("DynamicIHVP", code, op._identity, op._version)
 
 
 def reduced(

@@ -17,6 +17,7 @@ from typing import Any, Protocol, runtime_checkable
 from . import _engine
 from ._compat import Array, is_dask_namespace
 from ._compat import device as device_of
+from ._operator import LinearOperator
 from ._pruning_inputs import check_bool, check_grads, check_mask, check_theta
 from ._static import EmpiricalFisher
 from ._validation import (
@@ -101,6 +102,24 @@ class InverseFisherOperator(Protocol):
         """
 
 
+def _refuse_sharded(ihvp: Any, what: str) -> None:
+    """Refuse a column-sharded operator, on every rank alike and before any collective.
+
+    The pruning functions take whole vectors and decide from them locally (a weight
+    count, whether any weight is selected) before a product: on the shards of a
+    column-sharded operator, ranks would decide differently and some would wait in a
+    reduction that the others never join (a rank holding every column passed the shape
+    check and waited for a rank whose empty shard was refused).
+    """
+    if isinstance(ihvp, LinearOperator) and ihvp.layout is not None:
+        raise TypeError(
+            f"{what} does not take a column-sharded operator ({type(ihvp).__name__}): the "
+            "pruning functions take whole vectors. On each rank, theta_local**2 / (2 * "
+            "op.diagonal()) are its OBS saliencies, and theta_local - op.matvec(coef_local) "
+            "the summed OBS update (collective: call it on every rank)"
+        )
+
+
 def _check_operator(ihvp: Any, theta: Array) -> Any:
     """The operator's checks; returns ``theta`` in its dtype (promoted where lossless)."""
     if not isinstance(ihvp, InverseFisherOperator):
@@ -154,7 +173,8 @@ def obs_saliency(theta: Array, ihvp: InverseFisherOperator, /) -> Array:
     ------
     TypeError
         If ``theta`` is not a floating array of the operator's library and
-        dtype.
+        dtype; for a column-sharded operator
+        (:class:`~mfac_core.ShardedStaticIHVP`).
     ValueError
         If the shapes or devices do not match.
 
@@ -170,6 +190,7 @@ def obs_saliency(theta: Array, ihvp: InverseFisherOperator, /) -> Array:
     >>> bool(np.allclose(rho, theta**2 / (2 * np.diag(Finv))))
     True
     """
+    _refuse_sharded(ihvp, "obs_saliency")
     check_theta(theta)
     theta = _check_operator(ihvp, theta)
     return theta * theta / (2 * ihvp.diagonal())
@@ -425,7 +446,8 @@ def obs_update(
         For mismatched shapes, or a joint block with more than
         ``max_joint_size`` selected weights.
     TypeError
-        For arrays of another library or dtype than the operator's.
+        For arrays of another library or dtype than the operator's; for a
+        column-sharded operator (:class:`~mfac_core.ShardedStaticIHVP`).
 
     Examples
     --------
@@ -448,6 +470,7 @@ def obs_update(
     >>> bool(np.allclose(F[free] @ delta, 0))  # the stationarity conditions
     True
     """
+    _refuse_sharded(ihvp, "obs_update")
     xp = check_theta(theta)
     theta = _check_operator(ihvp, theta)
     mask = check_mask(xp, theta, mask)

@@ -132,6 +132,8 @@ class ShardedDynamicIHVP(DynamicIHVP):
 
     comm: Communicator
     layout: ShardLayout
+    #: Names this window in the tags of its reductions, the same on every rank.
+    _identity: int
     _collective_checks = True
 
     def __init__(
@@ -167,7 +169,7 @@ class ShardedDynamicIHVP(DynamicIHVP):
             )
             return self
 
-        self.layout = agreed_layout(comm, xp, device, built)
+        self.layout, self._identity = agreed_layout(comm, xp, device, built)
         self.comm = comm
 
     @property

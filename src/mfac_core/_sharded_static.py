@@ -35,7 +35,7 @@ from ._gform import GFormFactor, whitened_pairs
 from ._layout import BlockGroup, block_groups, chunk_gram, chunks
 from ._refine import fisher_residual
 from ._refine import refine as refine_steps
-from ._sharding import ShardLayout, host_values, reduce_checked
+from ._sharding import ShardLayout, dask_refusal, host_values, identity_draw, reduce_checked
 from ._validation import (
     check_count,
     check_damp,
@@ -52,8 +52,10 @@ __all__ = ["ShardedStatic", "build"]
 
 # The tags of the reductions (``reduce_checked``): one per operation, so that ranks
 # calling different operations whose reductions have one length (a product and the
-# set-up, say) raise instead of mixing their sums. The operator's replicated state is
-# fixed once built, so the tags need no count of edits.
+# set-up, say) raise instead of mixing their sums. After the first reduction each tag
+# also holds the operator's identity (``Agreed.identity``), so that ranks applying two
+# operators in different orders raise too. The operator's replicated state is fixed
+# once built, so the tags need no count of edits.
 _TAG_AGREE = ("StaticIHVP", "set-up options")
 _TAG_GRAM = ("StaticIHVP", "set-up Gram")
 _TAG_BUILD = ("StaticIHVP", "set-up factor")
@@ -61,8 +63,9 @@ _TAG_PRODUCT = ("StaticIHVP", "product")
 _TAG_INDICES = ("StaticIHVP", "entries indices")
 _TAG_ENTRIES = ("StaticIHVP", "entries")
 
-#: Per-rank fields of the set-up's first reduction, in this order.
-_FIELDS = ("m", "width", "dtype", "damp", "block_size", "refine", "check_finite")
+#: Per-rank fields of the set-up's first reduction, in this order (rank 0's identity
+#: draw names the operator).
+_FIELDS = ("m", "width", "dtype", "damp", "block_size", "refine", "check_finite", "identity")
 _DTYPE_CODES = {"float32": 1, "float64": 2}
 #: Per-rank fields of the set-up's last reduction.
 _DONE_FIELDS = ("kappa_lo", "kappa_hi", "failed")
@@ -109,6 +112,13 @@ class Agreed:
     block_size: int
     refine: int
     check_finite: bool
+    #: Rank 0's draw, the same on every rank (``_sharding.identity_draw``); 0 in an
+    #: operator pickled before it existed.
+    identity: int = 0
+
+    def tag(self, operation: tuple[str, str]) -> tuple[object, ...]:
+        """The tag of ``operation`` on this operator."""
+        return (*operation, self.identity)
 
     @property
     def full(self) -> bool:
@@ -131,8 +141,11 @@ def agree(
 ) -> Agreed:
     """Check this rank's arguments, exchange them and check that the ranks agree (one reduction)."""
     size = comm.size
+    xp, dev, refusal = dask_refusal(xp, dev, "ShardedStaticIHVP")
 
     def local() -> Array:
+        if refusal is not None:
+            raise refusal
         if G.ndim != 2 or G.shape[0] == 0:
             raise ValueError(
                 "G_local must be a 2-D array of shape (m, d_local) with m >= 1: this rank's "
@@ -152,6 +165,7 @@ def agree(
         bs = 0 if block_size is None else check_count(block_size, "block_size")
         code = _DTYPE_CODES["float32" if G.dtype == xp.float32 else "float64"]
         row = [G.shape[0], G.shape[1], code, check_damp(damp), bs, steps, float(flags[0])]
+        row.append(identity_draw())
         return _own_row(xp, dev, comm, [float(v) for v in row])
 
     k = len(_FIELDS)
@@ -178,7 +192,9 @@ def agree(
     first = rows[0]
     bs = int(first[4])
     block = layout.dim if bs == 0 else min(bs, layout.dim)
-    agreed = Agreed(layout, int(first[0]), first[3], block, int(first[5]), bool(first[6]))
+    agreed = Agreed(
+        layout, int(first[0]), first[3], block, int(first[5]), bool(first[6]), int(first[7])
+    )
     if not agreed.full:
         bounds = [sum(layout.widths[: r + 1]) for r in range(size)]
         cut = [b for b in bounds if b % block and b != layout.dim]
@@ -266,7 +282,7 @@ def _full_factor(
         dtype=xp.float64,
         device=device(G),
         what="the set-up's Gram matrix",
-        tag=_TAG_GRAM,
+        tag=agreed.tag(_TAG_GRAM),
     )
     gram = xp.reshape(total, (1, m, m))
     if agreed.check_finite and not bool(xp.all(xp.isfinite(xp.linalg.diagonal(gram)))):
@@ -347,7 +363,7 @@ def build(
         dtype=xp.float64,
         device=dev,
         what="the set-up",
-        tag=_TAG_BUILD,
+        tag=agreed.tag(_TAG_BUILD),
         # The full operator's factor, computed on every rank: its bits must agree.
         agree=(lambda: factor.U) if agreed.full else None,
         disagree=(
@@ -475,7 +491,7 @@ class ShardedStatic:
             dtype=xp.float64,
             device=dev,
             what="the product",
-            tag=_TAG_PRODUCT,
+            tag=self.agreed.tag(_TAG_PRODUCT),
         )
         X = held["X"]
         Y = self._finish(xp, X, xp.reshape(P, (m, k)), dtype)
@@ -586,7 +602,7 @@ class ShardedStatic:
             dtype=xp.float64,
             device=dev,
             what="entries",
-            tag=_TAG_INDICES,
+            tag=agreed.tag(_TAG_INDICES),
             agree=lambda: (rows, cols),
             disagree=(
                 ValueError,
@@ -613,7 +629,7 @@ class ShardedStatic:
             dtype=xp.float64,
             device=dev,
             what="entries",
-            tag=_TAG_ENTRIES,
+            tag=agreed.tag(_TAG_ENTRIES),
         )
         if agreed.full:
             # Whitened in float64: (delta_rc - w_r . w_c) / damp with w = L^{-1} g.

@@ -21,6 +21,7 @@ lie among all ranks' columns.
 from __future__ import annotations
 
 import hashlib
+import secrets
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from ._compat import Array, host_values, is_torch_array
+from ._compat import Array, array_namespace, host_values, is_dask_namespace, is_torch_array
 from .distributed import Communicator
 
 __all__ = [
@@ -37,11 +38,13 @@ __all__ = [
     "STATUS_LENGTH",
     "ShardLayout",
     "agreement",
+    "dask_refusal",
     "decode_status",
     "digest",
     "encode_status",
     "gather_ints",
     "host_values",
+    "identity_draw",
     "reduce_checked",
 ]
 
@@ -65,6 +68,40 @@ def gather_ints(
     flat = xp.asarray(flat_host, dtype=xp.float64, device=device)
     total = host_values(comm.allreduce_sum(flat))
     return [tuple(int(v) for v in total[r * k : (r + 1) * k]) for r in range(comm.size)]
+
+
+def dask_refusal(xp: Any, device: Any, what: str) -> tuple[Any, Any, TypeError | None]:
+    """The namespace and device of a set-up's reduction, and the refusal of a Dask ``xp``.
+
+    A Dask array cannot cross a communicator (it has no DLPack), and Dask spreads
+    its chunks over its own workers: a rank given one refuses it inside the set-up's
+    reduction, which then runs in NumPy, so that every rank raises alike.
+    """
+    if xp is None or not is_dask_namespace(xp):
+        return xp, device, None
+    import numpy as np
+
+    return (
+        array_namespace(np.empty(0)),
+        None,
+        TypeError(
+            f"{what} takes no Dask arrays: Dask distributes the chunks of G over its "
+            "workers itself (DaskStaticIHVP). Give each rank its columns as NumPy, CuPy "
+            "or PyTorch arrays"
+        ),
+    )
+
+
+def identity_draw() -> int:
+    """A random number to name one sharded operator in the tags of its reductions.
+
+    Every rank draws one in the set-up's first reduction and all take rank 0's, so
+    that the operator's tags are the same on every rank and differ from another
+    operator's: ranks that apply two operators of one shape in different orders
+    (a ``set`` iterated in per-process hash order) raise instead of adding the sums
+    of one to the other's. 52 bits: exact in the float64 reduction.
+    """
+    return secrets.randbits(52)
 
 
 @dataclass(frozen=True)
@@ -363,10 +400,11 @@ def reduce_checked(
     same_tag, same_args = agreement(word, comm.size)
     if not same_tag:
         raise RuntimeError(
-            f"{what}: the ranks called different collective operations, or their "
-            "replicated states diverged (reset, load_state_dict or another edit on some "
-            "ranks only); every rank must call the same operations in the same order. "
-            "Every rank raised this and left its state as it was"
+            f"{what}: the ranks called different collective operations (or one on "
+            "different operators), or their replicated states diverged (reset, "
+            "load_state_dict or another edit on some ranks only); every rank must call "
+            "the same operations in the same order. Every rank raised this and left its "
+            "state as it was"
         ) from error
     counts = decode_status(word)
     if any(counts.values()):

@@ -84,7 +84,9 @@ class ThreadComm:
     A rank that raises breaks the group, so a rank still waiting in a
     reduction raises :class:`threading.BrokenBarrierError` instead of waiting
     forever: a test sees an error that is not collective as different
-    exceptions on different ranks.
+    exceptions on different ranks. Ranks that reduce arrays of different
+    shapes, dtypes or libraries (which the protocol forbids, and which an
+    engine such as gloo cannot reduce) all raise :class:`RuntimeError`.
     """
 
     def __init__(self, group: _ThreadGroup, rank: int) -> None:
@@ -114,6 +116,14 @@ class ThreadComm:
         if len(shapes) != 1:
             group.fail()
             raise RuntimeError(f"ranks reduced arrays of different shapes: {sorted(shapes)}")
+        # The protocol's dtype too: adding float32 to float64 here would promote without a
+        # word, where an engine that exchanges bytes fails (gloo aborts the process).
+        kinds = {f"{type(p).__module__}.{type(p).__name__} {p.dtype}" for p in parts}
+        if len(kinds) != 1:
+            group.fail()
+            raise RuntimeError(
+                f"ranks reduced arrays of different types or dtypes: {sorted(kinds)}"
+            )
         xp = array_namespace(x)
         total = xp.asarray(parts[0], copy=True)
         for part in parts[1:]:

@@ -228,8 +228,10 @@ class TorchComm:
         if is_torch_array(x):
             t = x.detach()
         else:
-            # DLPack shares the buffer; the collectives below never write into it.
-            t = torch.from_dlpack(x)
+            # Through a copy, whose strides are positive: PyTorch has none that are
+            # negative, and its DLPack import of a reversed view (x[::-1]) aborts the
+            # process instead of raising. The arrays reduced are small (m x m at most).
+            t = torch.from_dlpack(array_namespace(x).asarray(x, copy=True))
         if self.deterministic:
             parts = [torch.empty_like(t) for _ in range(self._size)]
             self._dist.all_gather(parts, t.contiguous(), group=self.group)
