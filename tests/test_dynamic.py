@@ -850,6 +850,15 @@ def test_torch_dtype_without_xp_says_to_pass_xp():
     assert DynamicIHVP(3, 5, damp=0.1, dtype=torch.bfloat16, xp=torch).storage_dtype == "bfloat16"
 
 
+def test_a_dask_namespace_is_refused_at_construction(rng):
+    # A Dask window was built, then failed inside a matmul at the first update.
+    da = pytest.importorskip("dask.array")
+    with pytest.raises(TypeError, match="DynamicIHVP takes no Dask arrays"):
+        DynamicIHVP(3, 5, damp=0.1, dtype=da.float64, xp=da)
+    with pytest.raises(TypeError, match="DynamicIHVP takes no Dask arrays"):
+        DynamicIHVP.from_window(da.from_array(rng.standard_normal((3, 5))), damp=0.1)
+
+
 def test_pickles_naming_the_factor_class_in_the_operators_module_load(rng):
     # Pickles made before the operator's modules were split name the slot factor's
     # class mfac_core._dynamic._SlotFactor; they must still load, and work.

@@ -13,7 +13,7 @@ from typing import Any
 
 from . import _engine, _host_rows
 from ._capacitance import check_window_damp
-from ._compat import Array, array_namespace, detached
+from ._compat import Array, array_namespace, detached, is_dask_namespace
 from ._compat import device as device_of
 from ._deprecation import (
     DYNAMIC_LEGACY,
@@ -214,6 +214,12 @@ def build(
                 f"xp must be an array namespace or library module (numpy, "
                 f"torch, cupy, ...), got {xp!r}"
             ) from None
+    if is_dask_namespace(xp) and not sharded:  # sharded, every rank refuses it alike
+        # The window is edited in place, row by row, which a Dask graph cannot be.
+        raise TypeError(
+            "DynamicIHVP takes no Dask arrays: its window is edited in place at every "
+            "update. Use NumPy, CuPy or PyTorch arrays, or DaskStaticIHVP for a fixed G"
+        )
     dtype, _, storage = window_dtypes(xp, dtype)
     check_window_damp(xp, dtype, num_grads, op.zero_init, op.damp)
     G = _host_rows.zeros(xp, (num_grads, dim), dtype=dtype, device=device)
