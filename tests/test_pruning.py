@@ -96,6 +96,30 @@ def test_obd_and_magnitude_saliencies(xp_device, rng):
     np.testing.assert_array_equal(to_numpy(magnitude_saliency(xp_device.asarray(theta))), theta**2)
 
 
+@pytest.mark.parametrize("damp", [1e-8, 1e8])
+def test_saliencies_where_theta_squared_leaves_the_float32_range(rng, damp):
+    # damp = 1e-8 (tiny gradients): theta = 1e19..1e20 has theta^2 beyond float32's
+    # range, the saliencies (~1e30) are not; damp = 1e8: theta = 1e-22 has a subnormal
+    # theta^2 (2 bits), the saliencies (~1e-37) are normal numbers.
+    from mfac_core.testing import dense_inverse
+
+    G = (rng.standard_normal((8, 4)) * (1e-6 if damp < 1 else 1.0)).astype(np.float32)
+    theta = np.array([1e20, -3e19, 1.0, 0.0] if damp < 1 else [1e-22, 3e-23, 1.0, -0.0])
+    theta = theta.astype(np.float32)
+    t64 = theta.astype(np.float64)
+    Finv = dense_inverse(G, damp)
+    fisher = damp + np.mean(G.astype(np.float64) ** 2, axis=0)
+    eps = np.finfo(np.float32).eps
+    for got, want in (
+        (obs_saliency(theta, StaticIHVP(G, damp=damp)), t64**2 / (2 * np.diag(Finv))),
+        (obd_saliency(theta, G, damp=damp), t64**2 * fisher / 2),
+        (pruning.damping_sweep(theta, G, [damp], sparsity=0.5).saliency[0], None),
+    ):
+        want = t64**2 / (2 * np.diag(Finv)) if want is None else want
+        assert np.all(np.isfinite(got))
+        np.testing.assert_allclose(got, want, rtol=8 * eps, atol=0)
+
+
 @pytest.mark.parametrize("half", ["float16", "bfloat16"])
 def test_obd_saliency_of_2_byte_gradients_sums_in_float64(half):
     # The squares of 2**-13 (2**-26 each) fall below half a float32 ulp of 1: summed

@@ -4,11 +4,14 @@ Both operators reduce F^{-1} to a small symmetric positive definite matrix of
 this form: the static Woodbury form and the dynamic window use the m x m
 ``C = m damp I + G G^T`` (shift ``m damp``, scale 1), dense blocks of the static
 operator the B x B ``F_b = damp I + G_b^T G_b / m`` (shift ``damp``, scale
-``1/m``). In every case the condition number of F is that of C,
+``1/m``). For C of the Woodbury form, whose Gram is singular on F's side (more
+coordinates than gradients), the condition number of F is
 
-    kappa = 1 + scale * lambda_max(Gram) / shift,
+    kappa = 1 + scale * lambda_max(Gram) / shift;
 
-and this module is the one place that factorises such a matrix, estimates
+a dense block's Gram ``G_b^T G_b`` can be nonsingular (gradients that span the
+block), and then kappa is smaller: :func:`dense_kappa_lower` bounds it from below
+through the inverse factor. This module is the one place that factorises such a matrix, estimates
 kappa, edits the factor and words the error when float64 cannot factorise it.
 
 Convention: the upper Cholesky factor, ``C = U^T U`` (LAPACK's ``uplo='U'``),
@@ -37,6 +40,7 @@ from ._errors import (
 
 __all__ = [
     "check_window_damp",
+    "dense_kappa_lower",
     "smallest_window_damp",
     "DRIFT_TOL",
     "EPS64",
@@ -117,6 +121,25 @@ def kappa_bounds(xp: Any, gram: Array, /, *, shift: float, scale: float) -> tupl
     with np.errstate(over="ignore", invalid="ignore"):
         lo, hi = lambda_max_bounds(xp, gram)
     return (1.0 + scale * float(xp.max(lo)) / shift, 1.0 + scale * float(xp.max(hi)) / shift)
+
+
+def dense_kappa_lower(xp: Any, lam_max_lower: Array, Linv: Array, /) -> float:
+    """A lower bound of the largest condition number over a stack of dense blocks ``F_b``.
+
+    ``lam_max_lower`` holds lower bounds of ``lambda_max(F_b)`` (shape ``(...,)``) and
+    ``Linv`` the inverses of the blocks' Cholesky factors ``F_b = L_b L_b^T`` (shape
+    ``(..., s, s)``). Since ``F_b^{-1} = Linv^T Linv``, its diagonal holds the squared
+    column norms of ``Linv``, and ``lambda_min(F_b) = 1 / lambda_max(F_b^{-1})`` is at
+    most ``1 / max_j (F_b^{-1})_jj``. Where the gradients span a block, this is far
+    below ``1 + lambda_max(S_b) / damp``, which assumes ``lambda_min(F_b) = damp``.
+    """
+    diag_inverse = xp.sum(Linv * Linv, axis=-2)
+    # Nothing here may warn: an overflowing inverse (a hopeless block) gives inf, the
+    # bound the warning then reports (np.errstate is local to this context).
+    with np.errstate(over="ignore", invalid="ignore"):
+        lower = lam_max_lower * xp.max(diag_inverse, axis=-1)
+        kappa = float(xp.max(lower)) if math.prod(lower.shape) else 1.0
+    return max(1.0, kappa) if not math.isnan(kappa) else math.inf
 
 
 def factorization_error(

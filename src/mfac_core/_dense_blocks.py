@@ -14,10 +14,12 @@ in place, in the row of ``out`` that keeps its result:
 
 A row of ``out`` is read by LAPACK as the column-major transpose of itself: the upper
 factor ``U_b`` LAPACK computes there reads row-major as ``U_b^T = L_b``, its inverse as
-``L_b^{-1}``. The bounds of the condition number are the trace (above) and the largest
-diagonal entry (below) of each Gram; the lower one is sharpened by ``_capacitance``'s
-power iterations, on a chunk of factors while they are still in cache (through
-``F_b v = L_b (L_b^T v)``), only where the warning it decides could be due.
+``L_b^{-1}``. The bounds of the condition number are the trace of each Gram (above)
+and, below, a lower bound of ``lambda_max(F_b)`` (the largest diagonal entry, sharpened
+by ``_capacitance``'s power iterations on a chunk of factors while they are still in
+cache, through ``F_b v = L_b (L_b^T v)``, only where the warning it decides could be
+due) over the upper bound ``1 / max_j (F_b^{-1})_jj`` of ``lambda_min(F_b)`` that the
+inverse factors give (``_capacitance.dense_kappa_lower``).
 
 The chunks run on the calling thread, one after the other; BLAS and LAPACK spread each
 call over their own threads. Python threads that each call a threaded BLAS oversubscribe
@@ -107,18 +109,18 @@ def fill_block_inverses(
             if not np.all(np.isfinite(diag)) or not np.all(diag > 0):
                 raise _Failed
             hi = 1.0 + float(np.max(np.sum(S_diag, axis=-1))) / damp
-            lo = 1.0 + float(np.max(S_diag)) / damp
+            lam_lo = np.max(S_diag, axis=-1)
             if _capacitance.is_hopeless(hi, eps=_capacitance.EPS64):
                 # The lower bound decides the operator's only use of it, the warning that
                 # float64 has no digit left: sharpened by power iterations only where the
                 # upper bound leaves that open (they cost a third of the factorisation).
                 L, Lt = F, np.swapaxes(F, -1, -2)
-                lam_lo, _ = _capacitance.power_bounds(np, S_diag, lambda v: L @ (Lt @ v) - damp * v)
-                lo = max(lo, 1.0 + float(np.max(lam_lo)) / damp)
+                power, _ = _capacitance.power_bounds(np, S_diag, lambda v: L @ (Lt @ v) - damp * v)
+                lam_lo = np.maximum(lam_lo, power)
         for b in range(b0, b1):
             if lapack.dtrtri(out[b].T, lower=0, overwrite_c=1)[1] != 0:
                 raise _Failed
-        return lo, hi
+        return _capacitance.dense_kappa_lower(np, damp + lam_lo, F), hi
 
     buf = np.empty((m, s), dtype=np.float64)
     kappa_lo, kappa_hi = 1.0, 1.0

@@ -193,7 +193,7 @@ def obs_saliency(theta: Array, ihvp: InverseFisherOperator, /) -> Array:
     _refuse_sharded(ihvp, "obs_saliency")
     check_theta(theta)
     theta = _check_operator(ihvp, theta)
-    return theta * theta / (2 * ihvp.diagonal())
+    return saliency_of_diagonal(ihvp.xp, theta, ihvp.diagonal())
 
 
 def obd_saliency(theta: Array, G: Array, /, *, damp: float) -> Array:
@@ -236,8 +236,43 @@ def obd_saliency(theta: Array, G: Array, /, *, damp: float) -> Array:
     """
     xp = check_theta(theta)
     if check_grads(xp, theta, G) is not None:
-        return theta * theta * _half_fisher_diagonal(xp, G, check_damp(damp)) / 2
-    return theta * theta * EmpiricalFisher(G, damp=damp).diagonal() / 2
+        diag = _half_fisher_diagonal(xp, G, check_damp(damp))
+    else:
+        diag = EmpiricalFisher(G, damp=damp).diagonal()
+    return _squared(theta * xp.sqrt(diag / 2))
+
+
+def _squared(t: Array) -> Array:
+    """``t * t``: a saliency ``theta^2 c`` formed as ``(theta sqrt(c))^2``.
+
+    ``theta^2`` alone overflows or turns subnormal (float32: beyond about 1.8e19 or
+    below 1.1e-19) where the saliency is representable, e.g. for weights of 1e20
+    under a Fisher of 1e-8; the square root scales first, at half the exponent.
+    """
+    return t * t
+
+
+def saliency_of_diagonal(xp: Any, theta: Array, diag: Array, /) -> Array:
+    """``theta^2 / (2 diag)`` for ``diag`` of ``F^{-1}`` (a stack of them broadcasts).
+
+    Formed as ``(theta / sqrt(2 diag))^2`` (see :func:`_squared`): finite and
+    accurate wherever the saliency is a normal number.
+
+    Parameters
+    ----------
+    xp : module
+        The namespace of ``theta`` and ``diag``.
+    theta : array, shape (d,)
+        The flat weights.
+    diag : array, shape (d,) or (K, d)
+        The diagonal of ``F^{-1}``, or one per damping.
+
+    Returns
+    -------
+    array, shape of ``diag``
+        The OBS saliencies, in ``diag``'s dtype.
+    """
+    return _squared(theta / xp.sqrt(2 * diag))
 
 
 def magnitude_saliency(theta: Array, /) -> Array:

@@ -11,6 +11,8 @@ factors (``_gform.DenseBlockFactors``); wider ones keep the factor stack over G 
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -70,8 +72,8 @@ def _checked_gram(
 
 def _dense_chunk_factors(
     xp: Any, G: Array, group: BlockGroup, *, damp: float, check: bool, track: _Tracker
-) -> Iterator[tuple[int, int, _capacitance.CapacitanceFactor]]:
-    """``(b0, b1, factor)``: the Cholesky factor of ``F_b`` for the blocks ``b0:b1`` of a chunk.
+) -> Iterator[tuple[int, int, Array]]:
+    """``(b0, b1, Linv)``: the inverse Cholesky factors of ``F_b``, blocks ``b0:b1`` of a chunk.
 
     ``F_b = damp I + G_b^T G_b / m`` is only size x size (size <= m): factorised densely,
     from its Gram over whole blocks (at most m columns each: O(m^2) memory per block).
@@ -82,8 +84,14 @@ def _dense_chunk_factors(
             xp, G, group, chunk, lambda X: xp.matrix_transpose(X) @ X, track, check
         )
         factor = _capacitance.factorize(xp, gram, shift=damp, scale=1.0 / m, damp=damp)
-        track.add(factor)
-        yield chunk[0][0], chunk[-1][1], factor
+        Linv = factor.lower_inverse()  # F_b^{-1} = Linv^T Linv; no product of the two
+        # factorize's lower bound assumes lambda_min(F_b) = damp, as in the Woodbury form;
+        # gradients that span a block make F_b far better conditioned than that.
+        lam_lo, _ = _capacitance.lambda_max_bounds(xp, gram)
+        lo = _capacitance.dense_kappa_lower(xp, damp + lam_lo / m, Linv)
+        hi = factor.kappa[1] if factor.kappa is not None else math.inf
+        track.add(dataclasses.replace(factor, kappa=(lo, hi)))
+        yield chunk[0][0], chunk[-1][1], Linv
 
 
 def _dense_factors(
@@ -107,8 +115,7 @@ def _dense_factors(
         # not, gives the factors).
         track.done = before
     parts = []
-    for b0, b1, factor in _dense_chunk_factors(xp, G, group, damp=damp, check=check, track=track):
-        Linv = factor.lower_inverse()  # F_b^{-1} = Linv^T Linv; no product of the two
+    for b0, b1, Linv in _dense_chunk_factors(xp, G, group, damp=damp, check=check, track=track):
         if out is None:
             parts.append(Linv)
         else:

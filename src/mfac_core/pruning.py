@@ -61,6 +61,7 @@ from ._pruning_obs import (
     obd_saliency,
     obs_saliency,
     obs_update,
+    saliency_of_diagonal,
     select_pruned,
 )
 from ._spectral import SpectralIHVP
@@ -540,7 +541,7 @@ def damping_sweep(
     G = prepared_grads(xp, theta, G, None if given is None else mask)
     op = SpectralIHVP(G, damp=1.0, block_size=block_size)
     diag = op.diagonal(damps=dampings)
-    saliency = theta * theta / (2 * diag)
+    saliency = saliency_of_diagonal(xp, theta, diag)
     selected = xp.stack(
         [
             select_pruned(saliency[k, ...], sparsity=sparsity, mask=mask)
@@ -692,7 +693,7 @@ def select_damping(
     for k, dp in enumerate(grid):
         dk = diag[k, ...]
         selected = select_pruned(
-            theta * theta / (2 * dk),
+            saliency_of_diagonal(xp, theta, dk),
             sparsity=sparsity,
             mask=mask,
             block_size=selection_block_size,
