@@ -366,7 +366,7 @@ class SpectralIHVP(LinearOperator):
         return Y if x.ndim == 2 else Y[..., 0]
 
     def diagonal(self, *, damps: Sequence[float] | None = None) -> Array:
-        """The diagonal of this operator, at its damping or at each of K dampings, in O(d m).
+        """The diagonal of this operator, at its damping or at each of K dampings, in O(d m^2).
 
         ``f(damp) + sum_i h_i (U^T g_j)_i^2`` for the columns ``g_j`` of G,
         whitened in float64 a bounded piece at a time (O(d m^2) BLAS-3 work); all

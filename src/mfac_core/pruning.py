@@ -171,6 +171,9 @@ def prune(
         NaN or infinity in a weight that ``mask`` keeps.
     TypeError
         For arrays of different libraries or dtypes.
+    FactorizationError
+        If the damped Fisher of the masked gradients cannot be factorised in
+        float64 (as for :class:`~mfac_core.StaticIHVP`).
 
     Examples
     --------
