@@ -247,6 +247,14 @@ def sparsity_schedule(
     list of float
         ``steps`` sparsities, increasing, the last equal to ``end``.
 
+    Raises
+    ------
+    ValueError
+        For ``start`` or ``end`` outside ``[0, 1)``, ``end < start``,
+        ``steps < 1`` or an unknown ``schedule``.
+    TypeError
+        For a ``steps`` that is not an int.
+
     Examples
     --------
     >>> from mfac_core.pruning import sparsity_schedule
@@ -360,6 +368,9 @@ def gradual_prune(
     TypeError
         For a ``grad_fn`` or ``select_damp`` that is not callable, or a
         ``select_damp`` that returns something other than a real number.
+    FactorizationError
+        If the damped Fisher of a step's gradients cannot be factorised in
+        float64 (as for :func:`prune`).
 
     Examples
     --------
