@@ -382,6 +382,12 @@ class SpectralIHVP(LinearOperator):
         array, shape (d,), or (K, d) when ``damps`` is given
             In the operator's namespace, dtype and device.
 
+        Raises
+        ------
+        TypeError, ValueError
+            For ``damps`` that are not a non-empty sequence of finite positive
+            real numbers.
+
         Examples
         --------
         >>> import numpy as np
@@ -422,7 +428,7 @@ class SpectralIHVP(LinearOperator):
         Raises
         ------
         TypeError, ValueError
-            For inputs of another library, device, dtype or width.
+            For inputs of another library, device, dtype or width, or a ``batch_size`` below 1.
 
         Examples
         --------
@@ -456,7 +462,7 @@ class SpectralIHVP(LinearOperator):
         Raises
         ------
         TypeError, ValueError
-            For an input of another library, device, dtype or width.
+            For an input of another library, device, dtype or width, or a ``batch_size`` below 1.
 
         Examples
         --------
