@@ -875,6 +875,30 @@ def test_readme_quickstart_runs():
     assert "--index-url https://download.pytorch.org/whl/cpu" in setup
 
 
+#: The ``.. code-block:: python`` examples of docs/*.rst that run as they are (NumPy and
+#: SciPy only, no GPU, cluster or loader of the reader's): (page, a line of the block).
+RUNNABLE_DOC_BLOCKS = [
+    ("index.rst", "Finv = StaticIHVP(G, damp=1e-3)"),
+    ("guidance.rst", "op = StaticIHVP.from_gradients("),
+    ("gpu.rst", 'previous = mfac_core.set_cupy_linalg("kernels")'),
+]
+
+
+@pytest.mark.parametrize(("page", "line"), RUNNABLE_DOC_BLOCKS)
+def test_docs_python_examples_run(page, line, tmp_path, monkeypatch):
+    """The self-contained Python examples of the documentation run (in a scratch folder)."""
+    doc = Path(__file__).resolve().parent.parent / "docs" / page
+    if not doc.exists():
+        pytest.skip("docs/ is not beside the tests")
+    blocks = re.findall(
+        r"\.\. code-block:: python\n\n((?:   .*\n|\n)+)", doc.read_text(encoding="utf-8")
+    )
+    (block,) = [b for b in blocks if line in b]
+    code = "\n".join(row[3:] for row in block.splitlines())
+    monkeypatch.chdir(tmp_path)  # guidance.rst's example writes G.npy to the current folder
+    exec(compile(code, str(doc), "exec"), {})
+
+
 def test_examples_readme_quotes_the_results_verbatim():
     """examples/README.md quotes each summary the scripts wrote to examples/results, unchanged."""
     examples = Path(__file__).resolve().parent.parent / "examples"

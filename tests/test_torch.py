@@ -717,6 +717,22 @@ def test_window_memory_is_logged_once(caplog, dtype, m, shapes):
     assert small == 3 * m * m * 8
 
 
+def test_docs_torch_rst_quotes_the_log_line_of_its_example(caplog):
+    """docs/torch.rst quotes the line that its first example's optimizer logs, unchanged."""
+    from pathlib import Path
+
+    doc = Path(__file__).resolve().parent.parent / "docs" / "torch.rst"
+    if not doc.exists():
+        pytest.skip("docs/ is not beside the tests")
+    quoted = re.search(r"wrapped here\)::\n\n   (.*?)\n   (.*?)\n", doc.read_text()).groups()
+    torch.manual_seed(0)
+    model = torch.nn.Linear(784, 10)  # the page's example
+    with caplog.at_level(logging.INFO, logger="mfac_core.torch"):
+        MFAC(model.parameters(), lr=1e-3)
+    (record,) = [r for r in caplog.records if r.name == "mfac_core.torch"]
+    assert " ".join(quoted) == record.getMessage()
+
+
 def test_pruner_logs_its_gradient_matrix(caplog):
     model = make_model(1)
     pruner = MFACPruner(model, num_grads=5, block_size=None, damp=1e-3)

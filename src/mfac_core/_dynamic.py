@@ -99,6 +99,16 @@ class DynamicIHVP(LinearOperator):
     num_grads, dim, damp
         m, d and lambda.
 
+    Raises
+    ------
+    ValueError
+        For ``num_grads < 1``, ``dim < 1`` or a damping that is not finite
+        and > 0 (or too small for the dtype, above).
+    TypeError
+        For a ``num_grads`` or ``dim`` that is not an int, a dtype that is
+        not a floating one the namespace stores, an ``options`` that is not a
+        :class:`~mfac_core.WindowOptions`, and an unknown keyword.
+
     See Also
     --------
     StaticIHVP : The same inverse for a fixed set of gradients.

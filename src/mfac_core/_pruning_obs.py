@@ -162,7 +162,7 @@ def obs_saliency(theta: Array, ihvp: InverseFisherOperator, /) -> Array:
     ihvp : InverseFisherOperator
         The inverse Fisher ``F^{-1}`` over the same d coordinates, such as a
         :class:`~mfac_core.StaticIHVP`, in the namespace and on the device of
-        ``theta``; its ``diagonal()`` is used (O(d m)).
+        ``theta``; its ``diagonal()`` is used (O(d m^2) for the M-FAC operators).
 
     Returns
     -------

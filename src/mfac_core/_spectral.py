@@ -366,7 +366,7 @@ class SpectralIHVP(LinearOperator):
         return Y if x.ndim == 2 else Y[..., 0]
 
     def diagonal(self, *, damps: Sequence[float] | None = None) -> Array:
-        """The diagonal of this operator, at its damping or at each of K dampings, in O(d m).
+        """The diagonal of this operator, at its damping or at each of K dampings, in O(d m^2).
 
         ``f(damp) + sum_i h_i (U^T g_j)_i^2`` for the columns ``g_j`` of G,
         whitened in float64 a bounded piece at a time (O(d m^2) BLAS-3 work); all
@@ -381,6 +381,12 @@ class SpectralIHVP(LinearOperator):
         -------
         array, shape (d,), or (K, d) when ``damps`` is given
             In the operator's namespace, dtype and device.
+
+        Raises
+        ------
+        TypeError, ValueError
+            For ``damps`` that are not a non-empty sequence of finite positive
+            real numbers.
 
         Examples
         --------
@@ -422,7 +428,7 @@ class SpectralIHVP(LinearOperator):
         Raises
         ------
         TypeError, ValueError
-            For inputs of another library, device, dtype or width.
+            For inputs of another library, device, dtype or width, or a ``batch_size`` below 1.
 
         Examples
         --------
@@ -456,7 +462,7 @@ class SpectralIHVP(LinearOperator):
         Raises
         ------
         TypeError, ValueError
-            For an input of another library, device, dtype or width.
+            For an input of another library, device, dtype or width, or a ``batch_size`` below 1.
 
         Examples
         --------

@@ -640,6 +640,14 @@ class EmpiricalFisher(_BlockOperatorBase):
     check_finite : bool, optional
         Check G and each input for NaN and infinity (default ``True``).
 
+    Raises
+    ------
+    ValueError
+        For a G that is not 2-D, empty, or holds NaN/inf, for ``damp <= 0``
+        and for ``block_size < 1``.
+    TypeError
+        For an integer or complex G, or a G that is not an array.
+
     Examples
     --------
     >>> import numpy as np

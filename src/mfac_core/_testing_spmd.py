@@ -159,6 +159,11 @@ def run_spmd_threads(
         (returned, not raised, so that a test can check that every rank failed
         the same way).
 
+    Raises
+    ------
+    ValueError
+        If ``size`` is not an integer >= 1.
+
     Examples
     --------
     >>> import numpy as np

@@ -455,11 +455,16 @@ class MFACPruner:
         Raises
         ------
         ValueError
-            For a sparsity outside ``[0, 1)``, ``steps < 1``, only one of
-            ``dampings`` and ``select_damp``, or a non-finite held-out loss.
+            For a sparsity outside ``[0, 1)``, ``steps < 1``, an unknown
+            ``schedule``, only one of ``dampings`` and ``select_damp``,
+            ``dampings`` with the joint update, or a non-finite held-out
+            loss; and as :meth:`collect_grads`.
         TypeError
             For a ``select_damp`` that returns something other than a real
             number.
+        FactorizationError
+            If the damped Fisher of the collected gradients cannot be
+            factorised in float64 (a damping far too small for them).
 
         Examples
         --------

@@ -26,9 +26,9 @@ library and stays in its namespace and on its device:
 Masks are boolean arrays with ``True`` for the weights that are kept.
 
 Gradients may be stored in 2 bytes (float16; PyTorch's bfloat16) with float32
-weights: the Fisher keeps them as given (``StaticIHVP``'s 2-byte storage,
-docs/mathematics.rst), :func:`damping_sweep` works on a float32 copy, and
-every result is float32.
+weights: the Fisher keeps them as given (``StaticIHVP``'s and
+``SpectralIHVP``'s 2-byte storage, docs/mathematics.rst; :func:`damping_sweep`
+and :func:`select_damping` included), and every result is float32.
 
 Notes
 -----
@@ -172,6 +172,9 @@ def prune(
         NaN or infinity in a weight that ``mask`` keeps.
     TypeError
         For arrays of different libraries or dtypes.
+    FactorizationError
+        If the damped Fisher of the masked gradients cannot be factorised in
+        float64 (as for :class:`~mfac_core.StaticIHVP`).
 
     Examples
     --------
@@ -244,6 +247,14 @@ def sparsity_schedule(
     -------
     list of float
         ``steps`` sparsities, increasing, the last equal to ``end``.
+
+    Raises
+    ------
+    ValueError
+        For ``start`` or ``end`` outside ``[0, 1)``, ``end < start``,
+        ``steps < 1`` or an unknown ``schedule``.
+    TypeError
+        For a ``steps`` that is not an int.
 
     Examples
     --------
@@ -358,6 +369,9 @@ def gradual_prune(
     TypeError
         For a ``grad_fn`` or ``select_damp`` that is not callable, or a
         ``select_damp`` that returns something other than a real number.
+    FactorizationError
+        If the damped Fisher of a step's gradients cannot be factorised in
+        float64 (as for :func:`prune`).
 
     Examples
     --------

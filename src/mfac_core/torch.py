@@ -208,8 +208,10 @@ class MFAC(torch.optim.Optimizer):
         device, for a tensor that is not a parameter, or keeping no
         coordinate at all.
     TypeError
-        For parameters of another dtype than the four above, or masks that
-        are not boolean tensors (or keyed by name).
+        For parameters of another dtype than the four above, masks that
+        are not boolean tensors (or keyed by name), a ``grad_dtype`` other
+        than ``None``, the two 2-byte dtypes and the step's dtype, or a
+        ``zero_init`` that is not a bool.
 
     Warns
     -----
