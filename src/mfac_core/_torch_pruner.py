@@ -227,24 +227,8 @@ class MFACPruner:
 
     @torch.no_grad()
     def _write(self, theta: torch.Tensor, mask: torch.Tensor, base: _Base | None) -> None:
-        """Write ``theta`` (the Fisher's dtype) and ``mask`` into the weights and masks.
-
-        With a ``base`` (weights wider than theta), each weight becomes its value at
-        the base plus theta's change from the base's theta: the difference of two
-        values of theta's dtype, exact in the wider one (unless one is below 2**-29 of
-        the other, for float32 in float64), so a weight the pruning left alone is
-        unchanged, bit for bit, and an updated one is rounded once.
-        """
-        offset = 0
-        for name, w in self.weights.items():
-            n = w.numel()
-            new = theta[offset : offset + n].view(w.shape)
-            if base is not None:
-                start, start_theta = base[0][name], base[1][offset : offset + n].view(w.shape)
-                new = start + (new.to(start.dtype) - start_theta.to(start.dtype))
-            w.copy_(new)
-            self.masks[name] = mask[offset : offset + n].reshape(w.shape).clone()
-            offset += n
+        """Write ``theta`` (the Fisher's dtype) and ``mask`` into the weights and masks."""
+        _write_weights(self.weights, self.masks, theta, mask, base)
         self.apply_masks()
 
     def param_masks(self) -> dict[torch.Tensor, torch.Tensor]:
@@ -562,3 +546,30 @@ class MFACPruner:
             Call ``.remove()`` on it to stop.
         """
         return optimizer.register_step_post_hook(lambda *_: self.apply_masks())
+
+
+def _write_weights(
+    weights: dict[str, torch.Tensor],
+    masks: dict[str, torch.Tensor],
+    theta: torch.Tensor,
+    mask: torch.Tensor,
+    base: _Base | None,
+) -> None:
+    """Write the flat ``theta`` and ``mask`` into ``weights`` and ``masks`` (by name).
+
+    With a ``base`` (weights wider than theta), each weight becomes its value at
+    the base plus theta's change from the base's theta: the difference of two
+    values of theta's dtype, exact in the wider one (unless one is below 2**-29 of
+    the other, for float32 in float64), so a weight the pruning left alone is
+    unchanged, bit for bit, and an updated one is rounded once.
+    """
+    offset = 0
+    for name, w in weights.items():
+        n = w.numel()
+        new = theta[offset : offset + n].view(w.shape)
+        if base is not None:
+            start, start_theta = base[0][name], base[1][offset : offset + n].view(w.shape)
+            new = start + (new.to(start.dtype) - start_theta.to(start.dtype))
+        w.copy_(new)
+        masks[name] = mask[offset : offset + n].reshape(w.shape).clone()
+        offset += n

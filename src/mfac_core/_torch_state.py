@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import re
+from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import SimpleNamespace
 from typing import Any
@@ -20,7 +21,7 @@ from ._compat import array_namespace
 from ._sharding import reduce_checked
 from ._torch_checkpoint import packed, unpacked
 from ._torch_layout import layout, new_window
-from ._torch_sparse import check_saved_mask
+from ._torch_sparse import check_saved_mask, masks_list
 from ._validation import check_damp, check_number
 
 #: The options of a parameter group.
@@ -492,14 +493,28 @@ def load_state(opt: Any, state_dict: Any, damp: float | None) -> None:
         post_hook(opt)
 
 
-def check_picklable(opt: Any) -> None:
-    """Refuse to pickle or copy a distributed ``MFAC``."""
+def pickled(opt: Any, parent_getstate: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """``MFAC.__getstate__``: torch's pickled state, the window beside it as its state_dict.
+
+    torch.optim.Optimizer pickles only defaults, state and param_groups; the window goes
+    as its state_dict (plain tensors), because DynamicIHVP holds its array namespace, a
+    module, which neither pickle nor deepcopy can copy. A distributed ``MFAC`` is refused.
+    """
     if getattr(opt, "_comm", None) is not None:
         raise TypeError(
             "a distributed MFAC optimizer (comm=, or DTensor parameters) cannot be "
             "pickled or copied: it belongs to a process group; save state_dict() "
             "(e.g. with torch.distributed.checkpoint) instead"
         )
+    state = parent_getstate()
+    # As the other entries: without the operator, whose state goes separately.
+    state["state"] = defaultdict(
+        dict, {p: without_window(e) if p is opt._first else e for p, e in opt.state.items()}
+    )
+    state["_mfac"] = {"window": opt.ihvp.state_dict()}
+    if opt._masks:
+        state["_mfac"]["masks"] = masks_list(opt)
+    return state
 
 
 def restore(opt: Any, extra: Mapping[str, Any]) -> None:

@@ -32,16 +32,16 @@ import torch
 from ._errors import user_stacklevel
 from ._torch_layout import grow, layout, new_window
 from ._torch_pruner import MFACPruner
-from ._torch_sparse import check_masks, flat_mask, masks_from_list, masks_list
+from ._torch_sparse import check_masks, flat_mask, masks_from_list
 from ._torch_state import (
     GLOBAL_KEYS,
     check_group,
     check_lr,
     check_new_group,
-    check_picklable,
     fresh_entry,
     load_state,
     outside_inference,
+    pickled,
     restore,
     with_saved_entry,
     without_window,
@@ -561,20 +561,7 @@ class MFAC(torch.optim.Optimizer):
             load_state(self, state_dict, damp)
 
     def __getstate__(self) -> dict[str, Any]:
-        # torch.optim.Optimizer pickles only defaults, state and param_groups; the
-        # window goes as its state_dict (plain tensors), because DynamicIHVP holds its
-        # array namespace, a module, which neither pickle nor deepcopy can copy.
-        check_picklable(self)
-        state = super().__getstate__()
-        # As the other entries: without the operator, whose state goes separately.
-        state["state"] = defaultdict(
-            dict,
-            {p: without_window(e) if p is self._first else e for p, e in self.state.items()},
-        )
-        state["_mfac"] = {"window": self.ihvp.state_dict()}
-        if self._masks:
-            state["_mfac"]["masks"] = masks_list(self)
-        return state
+        return pickled(self, super().__getstate__)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state = dict(state)
