@@ -1154,3 +1154,43 @@ def test_mfac_under_explicit_sharding_gives_each_update_its_leafs_type(rng):
     for k in values:
         np.testing.assert_array_equal(np.asarray(updates[k]), np.asarray(want[k]))
     assert not np.any(np.asarray(updates["n"]))
+
+
+def test_window_refuses_a_damping_whose_shift_overflows_with_the_cores_message(rng):
+    """m damp beyond float64's range: refused at the door in DynamicIHVP's words.
+
+    Regression: ``window_init(32, d, damp=1e307)`` was built, and its steps' products
+    were NaN (the shift m damp of the capacitance matrix overflowed; here 2 * 1e308). At the largest
+    damping that works the window agrees with the core, gradients of ~1e150 included
+    (squared norms ~1e302 beside the shift ~1.8e308).
+    """
+    m, d, huge, zero_init = 2, 3, 1e308, True
+    options = WindowOptions(zero_init=zero_init)
+    with pytest.raises(ValueError) as expected:
+        DynamicIHVP(m, d, damp=huge, dtype="float64", options=options)
+    message = f"^{re.escape(str(expected.value))}$"
+    assert "the largest damping that works is" in str(expected.value)
+    with pytest.raises(ValueError, match=message):
+        mj.window_init(m, d, damp=huge, dtype=jnp.float64, zero_init=zero_init)
+    with pytest.raises(ValueError, match=message):
+        mj.mfac(m, huge, zero_init=zero_init).init({"w": jnp.zeros(d, jnp.float64)})
+    top = float(str(expected.value).rsplit(" ", 1)[-1])
+    state = mj.window_init(m, d, damp=top, dtype=jnp.float64, zero_init=zero_init)
+    for step in (mj.window_update, mj.window_update_and_matvec):
+        with pytest.raises(ValueError, match=message):
+            step(state, jnp.ones(d), damp=huge)
+    core = DynamicIHVP(m, d, damp=top, dtype="float64", options=options)
+    G = rng.standard_normal((3, d)) * 2.0**500
+    for g in G:
+        core.update(g)
+        state = mj.window_update(state, jnp.asarray(g))
+    assert int(state.count) == len(core)
+    x = rng.standard_normal(d) * 2.0**500  # a gradient-sized vector: F^{-1} x ~ 1e-157
+    want = core.matvec(x)
+    got = np.asarray(mj.window_matvec(state, jnp.asarray(x)))
+    assert np.all(np.isfinite(got))
+    assert_close(got, want, kappa=1.0, dtype="float64")
+    # A traced damping has no value to check: the step refuses the gradient instead.
+    new, s = jax.jit(mj.window_update_and_matvec)(state, jnp.ones(d), damp=jnp.asarray(huge))
+    assert bool(jnp.all(jnp.isnan(s))) and int(new.count) == int(state.count)
+    assert float(new.damp) == top

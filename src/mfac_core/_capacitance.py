@@ -34,6 +34,7 @@ from ._errors import (
     NotPositiveDefinite,
     user_stacklevel,
 )
+from ._validation import check_damp
 
 __all__ = [
     "check_window_damp",
@@ -115,8 +116,22 @@ def kappa_bounds(xp: Any, gram: Array, /, *, shift: float, scale: float) -> tupl
     # bounds, which factorization_error words; NumPy's RuntimeWarning would come first,
     # and be the error where warnings are errors (np.errstate is local to this context).
     with np.errstate(over="ignore", invalid="ignore"):
-        lo, hi = lambda_max_bounds(xp, gram)
-    return (1.0 + scale * float(xp.max(lo)) / shift, 1.0 + scale * float(xp.max(hi)) / shift)
+        # The power iterations on the Gram scaled by 2**-e, e = ceil(log2(largest diagonal
+        # entry)): exactly the same bounds, scaled, where the Gram's own products (k
+        # entries of up to max |g|^2 summed) would overflow although lambda_max does not.
+        # The scale comes back in two halves (2**1024 itself overflows), before the
+        # division by shift where it shrinks the bound, after it where it grows it: each
+        # overflows only where kappa does. The roundings are those of the unscaled form.
+        top = xp.max(xp.linalg.diagonal(gram))
+        e = xp.ceil(xp.log2(xp.where(top > 0, top, 1.0)))
+        half = xp.floor(e / 2)
+        up, down = xp.pow(2.0, half), xp.pow(2.0, e - half)
+        lo, hi = lambda_max_bounds(xp, gram * xp.pow(2.0, -e))
+        lo, hi = (
+            xp.where(e > 0, scale * b / shift * up * down, scale * (b * up * down) / shift)
+            for b in (lo, hi)
+        )
+    return (1.0 + float(xp.max(lo)), 1.0 + float(xp.max(hi)))
 
 
 def factorization_error(
@@ -178,8 +193,10 @@ def check_window_damp(xp: Any, dtype: Any, num_grads: int, zero_init: bool, damp
 
     Judged for the window's emptiest state (an emptied window's first gradient, or
     any with ``zero_init``), which every window can reach (``reset``): below it the
-    window would refuse every later gradient as too large.
+    window would refuse every later gradient as too large. Also refused: a damping
+    whose shift at a full window, ``m damp``, overflows float64 (:func:`check_damp`).
     """
+    check_damp(damp, num_grads=num_grads)
     count = num_grads if zero_init else 1
     floor = smallest_window_damp(xp, dtype, count)
     if damp < floor:
@@ -356,9 +373,21 @@ def factorize(
             xp.zeros(gram.shape, dtype=xp.float64, device=device(gram)), shift, scale, kappa
         )
     eye = xp.eye(gram.shape[-1], dtype=xp.float64, device=device(gram))
+    # C's diagonal may overflow beside a large shift: told apart below, after the failure.
+    with np.errstate(over="ignore"):
+        C = scale * gram + shift * eye
     try:
-        L = _linalg.cholesky(xp, scale * gram + shift * eye)
+        L = _linalg.cholesky(xp, C)
     except NotPositiveDefinite:
+        top = shift + scale * float(xp.max(xp.linalg.diagonal(gram)))
+        if math.isfinite(kappa[1]) and not math.isfinite(top):
+            # C's diagonal overflowed: no damping is too small here, so kappa's advice
+            # ("increase damp") would mislead.
+            raise FactorizationError(
+                f"the capacitance matrix overflows float64 (damp={damp:g}): the damping "
+                "term plus the gradients' squared norms exceed float64's range; decrease "
+                "damp, or rescale the gradients (the damping scales with their square)"
+            ) from None
         raise factorization_error(damp, kappa, gram_dtype=gram_dtype) from None
     U = xp.matrix_transpose(L)
     if out is not None:

@@ -317,6 +317,7 @@ def static_ihvp(G: Any, /, *, damp: float) -> StaticIHVP:
             f"G must be a non-empty 2-D array of shape (m, d), one gradient per "
             f"row; got shape {G.shape}"
         )
+    damp = check_damp(damp, num_grads=int(G.shape[0]))
     dtype = check_dtype(G.dtype, "G")
     U, kappa_bound, kappa_lower, finite = _static_setup(G, damp, _chunk_width(G))
     # Outside of tracing these are concrete, and a failure is an exception as in

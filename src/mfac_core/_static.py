@@ -102,8 +102,8 @@ class _BlockOperatorBase(LinearOperator):
         half: bool = False,
     ) -> Any:
         xp = check_gradients(G, require_finite=check and check_G, half=half)
-        self.damp = check_damp(damp)
         m, d = G.shape
+        self.damp = check_damp(damp, num_grads=int(m))
         self.num_grads, self.dim = int(m), int(d)
         self.block_size = check_block_size(block_size, d)
         self._groups = block_groups(d, self.block_size)
