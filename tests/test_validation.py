@@ -144,6 +144,7 @@ def test_a_damping_whose_shift_overflows_is_refused_naming_the_largest_that_work
     state = window.state_dict()
     for call in (
         lambda: StaticIHVP(G, damp=huge),
+        lambda: StaticIHVP.from_gradients(iter(()), num_grads=m, dim=10, damp=huge),
         lambda: SpectralIHVP(G, damp=huge),
         lambda: spectral.with_damp(huge),
         lambda: DynamicIHVP(m, 10, damp=huge, dtype="float64"),
