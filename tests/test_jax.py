@@ -1194,3 +1194,21 @@ def test_window_refuses_a_damping_whose_shift_overflows_with_the_cores_message(r
     new, s = jax.jit(mj.window_update_and_matvec)(state, jnp.ones(d), damp=jnp.asarray(huge))
     assert bool(jnp.all(jnp.isnan(s))) and int(new.count) == int(state.count)
     assert float(new.damp) == top
+
+
+def test_static_ihvp_of_gradients_near_float64s_largest_number_does_not_warn(rng):
+    # Regression: the power iterations behind the bounds of kappa summed products of Gram
+    # entries (0.4 of float64's largest number) past its range: "kappa >= inf" for kappa
+    # ~ 100 (the core's bounds too, which share the function).
+    g = rng.standard_normal(3)
+    G = np.stack([g, g + 1e-3 * rng.standard_normal(3)])
+    G *= np.sqrt(0.4 * np.finfo(np.float64).max) / np.linalg.norm(G, axis=1, keepdims=True)
+    damp = float(np.sum(G[0] ** 2)) / 100
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        op = mj.static_ihvp(jnp.asarray(G), damp=damp)
+        core = mfac_core.StaticIHVP(G, damp=damp)
+    assert 50.0 < float(op.kappa_bound) < 300.0
+    x = G[0] + G[1]
+    want = core.matvec(x)
+    assert_close(np.asarray(op.matvec(jnp.asarray(x))), want, kappa=300.0, dtype="float64")

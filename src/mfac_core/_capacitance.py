@@ -45,6 +45,7 @@ __all__ = [
     "relative_column_drift",
     "factorize",
     "is_hopeless",
+    "excess_bounds",
     "kappa_bounds",
     "lambda_max_bounds",
     "power_bounds",
@@ -105,10 +106,33 @@ def power_bounds(xp: Any, diag: Array, matvec: Callable[[Array], Array], /) -> t
     return lower, upper
 
 
+def excess_bounds(xp: Any, gram: Array, /, *, shift: float, scale: float) -> tuple[Any, Any]:
+    """Bounds of ``kappa - 1 = scale * lambda_max(Gram) / shift`` for each matrix of a stack.
+
+    The power iterations run on the Gram scaled by ``2**-e``, ``e = ceil(log2(largest
+    diagonal entry))`` clipped to float64's normal exponents (XLA flushes subnormals to
+    zero): exactly the same bounds, scaled, where the Gram's own products (k entries of
+    up to ``max |g|^2`` summed) would overflow although ``lambda_max`` does not. The
+    scale comes back before the division by ``shift`` where it shrinks the bound, after it
+    where it grows it: each overflows only where ``kappa`` does, and the roundings are
+    those of the unscaled form. Arrays of the stack's leading shape (any Array-API
+    library, JAX under ``jit`` too).
+    """
+    top = xp.max(xp.linalg.diagonal(gram))
+    e = xp.clip(xp.ceil(xp.log2(xp.where(top > 0, top, 1.0))), min=-1022.0, max=1022.0)
+    lo, hi = lambda_max_bounds(xp, gram * xp.pow(2.0, -e))
+    back = xp.pow(2.0, e)
+    return (
+        xp.where(e > 0, scale * lo / shift * back, scale * (lo * back) / shift),
+        xp.where(e > 0, scale * hi / shift * back, scale * (hi * back) / shift),
+    )
+
+
 def kappa_bounds(xp: Any, gram: Array, /, *, shift: float, scale: float) -> tuple[float, float]:
     """Bounds ``(lo, hi)`` of the largest condition number over a stack of capacitances.
 
-    ``kappa = 1 + scale * lambda_max(Gram) / shift`` for each matrix of the stack.
+    ``kappa = 1 + scale * lambda_max(Gram) / shift`` for each matrix of the stack
+    (:func:`excess_bounds`).
     """
     if not gram.shape[-1] or math.prod(gram.shape[:-2]) == 0:
         return 1.0, 1.0
@@ -116,21 +140,7 @@ def kappa_bounds(xp: Any, gram: Array, /, *, shift: float, scale: float) -> tupl
     # bounds, which factorization_error words; NumPy's RuntimeWarning would come first,
     # and be the error where warnings are errors (np.errstate is local to this context).
     with np.errstate(over="ignore", invalid="ignore"):
-        # The power iterations on the Gram scaled by 2**-e, e = ceil(log2(largest diagonal
-        # entry)): exactly the same bounds, scaled, where the Gram's own products (k
-        # entries of up to max |g|^2 summed) would overflow although lambda_max does not.
-        # The scale comes back in two halves (2**1024 itself overflows), before the
-        # division by shift where it shrinks the bound, after it where it grows it: each
-        # overflows only where kappa does. The roundings are those of the unscaled form.
-        top = xp.max(xp.linalg.diagonal(gram))
-        e = xp.ceil(xp.log2(xp.where(top > 0, top, 1.0)))
-        half = xp.floor(e / 2)
-        up, down = xp.pow(2.0, half), xp.pow(2.0, e - half)
-        lo, hi = lambda_max_bounds(xp, gram * xp.pow(2.0, -e))
-        lo, hi = (
-            xp.where(e > 0, scale * b / shift * up * down, scale * (b * up * down) / shift)
-            for b in (lo, hi)
-        )
+        lo, hi = excess_bounds(xp, gram, shift=shift, scale=scale)
     return (1.0 + float(xp.max(lo)), 1.0 + float(xp.max(hi)))
 
 

@@ -346,9 +346,9 @@ def _static_setup(G: Any, damp: float, width: int) -> tuple[Any, Any, Any, Any]:
     U = jnp.linalg.cholesky(C).T
     # The bounds of the largest eigenvalue of mfac_core.StaticIHVP: the trace above, power
     # iterations from the largest diagonal entry (which no Gram can make vanish) below.
-    lam_lo, lam_hi = _capacitance.lambda_max_bounds(jnp, gram)
-    kappa_bound = 1.0 + lam_hi / (m * damp)
-    return U, kappa_bound, 1.0 + lam_lo / (m * damp), jnp.all(jnp.isfinite(U))
+    # Scaled so that gradients near float64's largest number do not overflow them.
+    excess_lo, excess_hi = _capacitance.excess_bounds(jnp, gram, shift=m * damp, scale=1.0)
+    return U, 1.0 + excess_hi, 1.0 + excess_lo, jnp.all(jnp.isfinite(U))
 
 
 @functools.partial(jax.jit, static_argnums=3)
