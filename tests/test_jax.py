@@ -1194,6 +1194,18 @@ def test_window_refuses_a_damping_whose_shift_overflows_with_the_cores_message(r
     new, s = jax.jit(mj.window_update_and_matvec)(state, jnp.ones(d), damp=jnp.asarray(huge))
     assert bool(jnp.all(jnp.isnan(s))) and int(new.count) == int(state.count)
     assert float(new.damp) == top
+    # The other end: damp = 1e-300 with gradients of ~1e-151 (kappa ~ 10), whose products
+    # (~1e150) are as representable; the same compiled steps. (Gradients of ~1e-154, whose
+    # entries' products are subnormal, lose digits in JAX: XLA flushes subnormals to zero.)
+    low = 1e-300
+    state = mj.window_init(m, d, damp=low, dtype=jnp.float64, zero_init=zero_init)
+    core = DynamicIHVP(m, d, damp=low, dtype="float64", options=options)
+    for g in G * 2.0**-1000:
+        core.update(g)
+        state = mj.window_update(state, jnp.asarray(g))
+    x = x * 2.0**-1000
+    got = np.asarray(mj.window_matvec(state, jnp.asarray(x)))
+    assert_close(got, core.matvec(x), kappa=100.0, dtype="float64")
 
 
 def test_static_ihvp_of_gradients_near_float64s_largest_number_does_not_warn(rng):
