@@ -159,6 +159,9 @@ def test_a_damping_whose_shift_overflows_is_refused_naming_the_largest_that_work
     with pytest.raises(ValueError, match=message.replace("damp=", r"damps\[0\]=")):
         spectral.diagonal(damps=[huge])
     assert window.damp == 1.0 and len(window) == 1  # nothing changed
+    # F itself has no capacitance matrix: any finite damping works.
+    y = G[1] / 100  # F y = 1e308 y + G^T G y / m, within range
+    np.testing.assert_allclose(EmpiricalFisher(G, damp=huge) @ y / huge, y, rtol=1e-15)
     # At the largest damping every operator works: F^{-1} x = x / damp (kappa = 1 + 1e-306).
     x = G[1]
     for op in (
