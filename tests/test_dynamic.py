@@ -1009,6 +1009,43 @@ def test_float32_row_write_in_one_loop_matches_the_librarys_own(library, check_f
             assert state_fast[key] == value, key
 
 
+@pytest.mark.parametrize("library", ["numpy", "torch"])
+@pytest.mark.parametrize("extension", [True, False])
+def test_a_refused_non_finite_gradient_is_named_by_its_first_bad_index(
+    library, extension, monkeypatch
+):
+    # The refusal named no index. On the host it now names the first NaN or infinity,
+    # found only once the check has failed (a window's accepted steps pay nothing; on an
+    # accelerator the step's one read stays one: tests/test_gpu_budgets.py).
+    from mfac_core import _fused
+
+    if library == "torch":
+        torch = pytest.importorskip("torch")
+        xp, asarray = torch, torch.from_numpy
+    else:
+        xp, asarray = None, np.asarray
+    if not extension:
+        monkeypatch.setattr(_fused, "stores", lambda storage: False)
+    d = 9
+    cases = [
+        ("float64", True, "update", 4, (np.nan,)),
+        ("float32", True, "update_and_matvec", 0, (-np.inf, np.nan)),
+        ("float16", False, "update", 2, (np.nan, 7e4)),  # the 2-byte range check
+    ]
+    for dtype, check, method, first, values in cases:
+        if dtype == "float16" and library == "torch":
+            dtype = "bfloat16"
+        op = DynamicIHVP(2, d, damp=0.1, dtype=dtype, xp=xp,
+                         options=WindowOptions(check_finite=check))  # fmt: skip
+        g = np.ones(d, np.float32 if dtype != "float64" else np.float64)
+        g[first : first + len(values)] = values
+        shown = {np.nan: "nan", np.inf: "inf", -np.inf: "-inf"}[values[0]]
+        message = rf"^g must not contain NaN or infinity: g\[{first}\] is {shown}$"
+        with pytest.raises(ValueError, match=message):
+            getattr(op, method)(asarray(g))
+        assert len(op) == 0
+
+
 @pytest.mark.parametrize("zero_init", [False, True])
 @pytest.mark.parametrize("method", ["update", "update_and_matvec"])
 def test_float64_gradient_whose_squared_norm_overflows_is_refused_in_words(zero_init, method):

@@ -1154,3 +1154,73 @@ def test_mfac_under_explicit_sharding_gives_each_update_its_leafs_type(rng):
     for k in values:
         np.testing.assert_array_equal(np.asarray(updates[k]), np.asarray(want[k]))
     assert not np.any(np.asarray(updates["n"]))
+
+
+def test_window_refuses_a_damping_whose_shift_overflows_with_the_cores_message(rng):
+    """m damp beyond float64's range: refused at the door in DynamicIHVP's words.
+
+    Regression: ``window_init(32, d, damp=1e307)`` was built, and its steps' products
+    were NaN (the shift m damp of the capacitance matrix overflowed; here 2 * 1e308). At the largest
+    damping that works the window agrees with the core, gradients of ~1e150 included
+    (squared norms ~1e302 beside the shift ~1.8e308).
+    """
+    m, d, huge, zero_init = 2, 3, 1e308, True
+    options = WindowOptions(zero_init=zero_init)
+    with pytest.raises(ValueError) as expected:
+        DynamicIHVP(m, d, damp=huge, dtype="float64", options=options)
+    message = f"^{re.escape(str(expected.value))}$"
+    assert "the largest damping that works is" in str(expected.value)
+    with pytest.raises(ValueError, match=message):
+        mj.window_init(m, d, damp=huge, dtype=jnp.float64, zero_init=zero_init)
+    with pytest.raises(ValueError, match=message):
+        mj.mfac(m, huge, zero_init=zero_init).init({"w": jnp.zeros(d, jnp.float64)})
+    top = float(str(expected.value).rsplit(" ", 1)[-1])
+    state = mj.window_init(m, d, damp=top, dtype=jnp.float64, zero_init=zero_init)
+    for step in (mj.window_update, mj.window_update_and_matvec):
+        with pytest.raises(ValueError, match=message):
+            step(state, jnp.ones(d), damp=huge)
+    core = DynamicIHVP(m, d, damp=top, dtype="float64", options=options)
+    G = rng.standard_normal((3, d)) * 2.0**500
+    for g in G:
+        core.update(g)
+        state = mj.window_update(state, jnp.asarray(g))
+    assert int(state.count) == len(core)
+    x = rng.standard_normal(d) * 2.0**500  # a gradient-sized vector: F^{-1} x ~ 1e-157
+    want = core.matvec(x)
+    got = np.asarray(mj.window_matvec(state, jnp.asarray(x)))
+    assert np.all(np.isfinite(got))
+    assert_close(got, want, kappa=1.0, dtype="float64")
+    # A traced damping has no value to check: the step refuses the gradient instead.
+    new, s = jax.jit(mj.window_update_and_matvec)(state, jnp.ones(d), damp=jnp.asarray(huge))
+    assert bool(jnp.all(jnp.isnan(s))) and int(new.count) == int(state.count)
+    assert float(new.damp) == top
+    # The other end: damp = 1e-300 with gradients of ~1e-151 (kappa ~ 10), whose products
+    # (~1e150) are as representable; the same compiled steps. (Gradients of ~1e-154, whose
+    # entries' products are subnormal, lose digits in JAX: XLA flushes subnormals to zero.)
+    low = 1e-300
+    state = mj.window_init(m, d, damp=low, dtype=jnp.float64, zero_init=zero_init)
+    core = DynamicIHVP(m, d, damp=low, dtype="float64", options=options)
+    for g in G * 2.0**-1000:
+        core.update(g)
+        state = mj.window_update(state, jnp.asarray(g))
+    x = x * 2.0**-1000
+    got = np.asarray(mj.window_matvec(state, jnp.asarray(x)))
+    assert_close(got, core.matvec(x), kappa=100.0, dtype="float64")
+
+
+def test_static_ihvp_of_gradients_near_float64s_largest_number_does_not_warn(rng):
+    # Regression: the power iterations behind the bounds of kappa summed products of Gram
+    # entries (0.4 of float64's largest number) past its range: "kappa >= inf" for kappa
+    # ~ 100 (the core's bounds too, which share the function).
+    g = rng.standard_normal(3)
+    G = np.stack([g, g + 1e-3 * rng.standard_normal(3)])
+    G *= np.sqrt(0.4 * np.finfo(np.float64).max) / np.linalg.norm(G, axis=1, keepdims=True)
+    damp = float(np.sum(G[0] ** 2)) / 100
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        op = mj.static_ihvp(jnp.asarray(G), damp=damp)
+        core = mfac_core.StaticIHVP(G, damp=damp)
+    assert 50.0 < float(op.kappa_bound) < 300.0
+    x = G[0] + G[1]
+    want = core.matvec(x)
+    assert_close(np.asarray(op.matvec(jnp.asarray(x))), want, kappa=300.0, dtype="float64")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import pickle
+import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -11,7 +13,7 @@ from conftest import check_space, rounded
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mfac_core import FactorizationError, SpectralIHVP, StaticIHVP
+from mfac_core import DynamicIHVP, FactorizationError, SpectralIHVP, StaticIHVP
 from mfac_core.testing import (
     SpectralOracle,
     assert_close,
@@ -577,3 +579,75 @@ def test_f_inverse_at_a_damping_beyond_1e154_or_below_1e_154(scale, block_size, 
     ]:
         # Both sides carry their own rounding (G * scale is rounded), eps kappa each.
         assert_close(got * scale**2, want, kappa=condition_number(G, 0.1, block_size=block_size))
+
+
+def _aligned(rng: np.random.Generator, m: int = 8, d: int = 40) -> np.ndarray:
+    """Gradients sharing one direction: the Gram's largest eigenvalue is about m |g|^2."""
+    return rng.standard_normal(d) + 0.1 * rng.standard_normal((m, d))
+
+
+@pytest.mark.parametrize("exponent", [-498, -250, 250, 498])  # c = 2**e, about 1e+-150
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_scale_free_from_1e_150_to_1e150(exponent, dtype, rng):
+    # The operators of c G at the damping c^2 lambda are those of G at lambda scaled by
+    # c^-2 (each power p by c^(2p)): with c a power of two every stored value is exact,
+    # so the results agree to the rounding of each side. x is gradient-sized (c y), as an
+    # optimizer's or a pruner's vectors are, so that its squared products are c^4 y^2.
+    # float32 takes c**(e/10), about 1e+-15, where its results (c^-2 diag F^{-1}) stay in range.
+    c = 2.0 ** (exponent if dtype == "float64" else exponent // 10)
+    G = rounded(_aligned(rng), dtype)
+    y, lam = rounded(rng.standard_normal(G.shape[1]), dtype), 1e-2
+    ref = SpectralIHVP(G, damp=lam, block_size=None)
+    op = SpectralIHVP((G * c).astype(dtype), damp=c * c * lam)
+    x = (y * c).astype(dtype)
+    kappa = ref.kappa
+    for got, want in [
+        (op @ x * c, ref @ y),
+        (op.sweep(x, damps=[c * c * lam, 4 * c * c * lam])[1] * c, ref.with_damp(4 * lam) @ y),
+        (op.diagonal() * c * c, ref.diagonal()),
+        (op.quadratic(x[None, :]), ref.quadratic(y[None, :])),
+        (op.sqrt() @ x, ref.sqrt() @ y),
+        (op.inverse() @ (y / c).astype(dtype) / c, ref.inverse() @ y),
+        (np.array([op.trace() * c * c]), np.array([ref.trace()])),
+    ]:
+        assert_close(got, want, kappa=kappa, dtype=dtype)
+    assert math.isclose(op.logdet(), ref.logdet() - G.shape[1] * math.log(c * c), rel_tol=1e-12)
+    assert math.isclose(op.kappa, kappa, rel_tol=1e-12)
+    for other in (StaticIHVP, DynamicIHVP.from_window):
+        got = other((G * c).astype(dtype), damp=c * c * lam) @ x * c
+        assert_close(got, ref @ y, kappa=kappa, dtype=dtype)
+
+
+def test_gradients_at_the_top_of_float64s_range(rng):
+    # Regression: with squared norms of ~8e306 (m = 8 aligned gradients), the bound of
+    # kappa summed the Gram's entries past float64's range: StaticIHVP and
+    # DynamicIHVP.from_window warned "kappa >= inf" for kappa ~ 1e3. Twice larger, the
+    # Gram's largest eigenvalue (~ m |g|^2) overflows, and SpectralIHVP, which warned and
+    # then weighed that direction by 0, refuses G instead.
+    G, y, lam = _aligned(rng), rng.standard_normal(40), 1e-2
+    c = 2.0**507
+    ref = StaticIHVP(G, damp=lam)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no IllConditionedWarning
+        for build in (StaticIHVP, SpectralIHVP, DynamicIHVP.from_window):
+            op = build(G * c, damp=c * c * lam)
+            assert_close(op @ (y * c) * c, ref @ y, kappa=condition_number(G, lam))
+    with pytest.raises(ValueError, match="largest eigenvalue of G's Gram matrix overflows"):
+        SpectralIHVP(G * (2 * c), damp=c * c * lam)
+
+
+def test_weights_at_the_largest_damping(rng):
+    # Regression: SpectralIHVP's weights 1 / (m damp + Lambda) overflowed to 0 where that
+    # sum does although each term is finite (m damp a quarter of float64's largest number
+    # and the Gram's largest eigenvalue 0.8 of it): products 10% off (kappa 4), silently.
+    m, c = 4, 2.0**510
+    top = sys.float_info.max / 4 / m  # the largest damping for m = 4 (exact)
+    G = _aligned(rng, m, 10)
+    G = G / np.linalg.norm(G, axis=1, keepdims=True) * math.sqrt(0.2 * sys.float_info.max)
+    y = rng.standard_normal(10)
+    for block_size in (None, 5):
+        op = SpectralIHVP(G, damp=top, block_size=block_size)
+        want = SpectralIHVP(G / c, damp=top / c / c, block_size=block_size)
+        assert want.kappa > 2.0  # the gradients' term is far above the rounding
+        assert_close(op @ (y * c) * c, want @ y, kappa=want.kappa)
+        assert_close(op.diagonal() * c * c, want.diagonal(), kappa=want.kappa)

@@ -11,6 +11,7 @@ import pytest
 from mfac_core import (
     DynamicIHVP,
     EmpiricalFisher,
+    FactorizationError,
     IllConditionedWarning,
     SpectralIHVP,
     StaticIHVP,
@@ -128,6 +129,60 @@ def test_subnormal_damp_is_refused_naming_the_smallest_that_works(damp):
     with pytest.warns(IllConditionedWarning):  # the smallest accepted works, and warns
         op = StaticIHVP(G, damp=2.2250738585072014e-308)
     assert np.all(np.isfinite(op.diagonal()))
+
+
+def test_a_damping_whose_shift_overflows_is_refused_naming_the_largest_that_works():
+    # Regression: m * damp (the capacitance matrix's shift) beyond float64's range was
+    # accepted and gave NaN products (StaticIHVP, DynamicIHVP) or silently dropped the
+    # gradients' term (SpectralIHVP), however well-conditioned F was.
+    m, huge = G.shape[0], 1e308
+    top = float.fromhex("0x1.fffffffffffffp+1023") / 4 / m  # exact: m is a power of two
+    message = rf"^damp=1e\+308 is too large for 4 gradients: .* works is {re.escape(repr(top))}$"
+    spectral = SpectralIHVP(G, damp=1.0)
+    window = DynamicIHVP(m, 10, damp=1.0, dtype="float64")
+    window.update(G[0])
+    state = window.state_dict()
+    for call in (
+        lambda: StaticIHVP(G, damp=huge),
+        lambda: StaticIHVP.from_gradients(iter(()), num_grads=m, dim=10, damp=huge),
+        lambda: SpectralIHVP(G, damp=huge),
+        lambda: spectral.with_damp(huge),
+        lambda: DynamicIHVP(m, 10, damp=huge, dtype="float64"),
+        lambda: DynamicIHVP.from_window(G, damp=huge),
+        lambda: window.set_damp(huge),
+        lambda: window.load_state_dict(state, damp=huge),
+    ):
+        with pytest.raises(ValueError, match=message):
+            call()
+    with pytest.raises(ValueError, match=message.replace("damp=", r"damps\[1\]=")):
+        spectral.sweep(G[0], damps=[1.0, huge])
+    with pytest.raises(ValueError, match=message.replace("damp=", r"damps\[0\]=")):
+        spectral.diagonal(damps=[huge])
+    assert window.damp == 1.0 and len(window) == 1  # nothing changed
+    # F itself has no capacitance matrix: any finite damping works.
+    y = G[1] / 100  # F y = 1e308 y + G^T G y / m, within range
+    np.testing.assert_allclose(EmpiricalFisher(G, damp=huge) @ y / huge, y, rtol=1e-15)
+    # At the largest damping every operator works: F^{-1} x = x / damp (kappa = 1 + 1e-306).
+    x = G[1]
+    for op in (
+        StaticIHVP(G, damp=top),
+        SpectralIHVP(G, damp=top),
+        spectral.with_damp(top),
+        DynamicIHVP.from_window(G, damp=top),
+    ):
+        np.testing.assert_allclose(op @ x, x / top, rtol=1e-15)
+
+
+def test_a_capacitance_matrix_that_overflows_is_not_blamed_on_a_small_damping():
+    # Regression: at the largest damping, gradients of norm 1.2e154 (squared norms,
+    # 1.44e308, beyond the room left beside m damp) failed as "not numerically positive
+    # definite ... increase damp": the advice that made it worse.
+    m = G.shape[0]
+    top = float.fromhex("0x1.fffffffffffffp+1023") / 4 / m
+    big = G / np.linalg.norm(G, axis=1, keepdims=True) * 1.2e154
+    for build in (StaticIHVP, DynamicIHVP.from_window):
+        with pytest.raises(FactorizationError, match=r"overflows float64.*decrease damp"):
+            build(big, damp=top)
 
 
 @pytest.mark.parametrize("damp", ["1e-5", None, True, np.ones(1)])

@@ -37,6 +37,7 @@ from ._errors import (
     NotPositiveDefinite,
     user_stacklevel,
 )
+from ._validation import check_damp
 
 __all__ = [
     "check_window_damp",
@@ -48,6 +49,7 @@ __all__ = [
     "relative_column_drift",
     "factorize",
     "is_hopeless",
+    "excess_bounds",
     "kappa_bounds",
     "lambda_max_bounds",
     "power_bounds",
@@ -108,10 +110,33 @@ def power_bounds(xp: Any, diag: Array, matvec: Callable[[Array], Array], /) -> t
     return lower, upper
 
 
+def excess_bounds(xp: Any, gram: Array, /, *, shift: float, scale: float) -> tuple[Any, Any]:
+    """Bounds of ``kappa - 1 = scale * lambda_max(Gram) / shift`` for each matrix of a stack.
+
+    The power iterations run on the Gram scaled by ``2**-e``, ``e = ceil(log2(largest
+    diagonal entry))`` clipped to float64's normal exponents (XLA flushes subnormals to
+    zero): exactly the same bounds, scaled, where the Gram's own products (k entries of
+    up to ``max |g|^2`` summed) would overflow although ``lambda_max`` does not. The
+    scale comes back before the division by ``shift`` where it shrinks the bound, after it
+    where it grows it: each overflows only where ``kappa`` does, and the roundings are
+    those of the unscaled form. Arrays of the stack's leading shape (any Array-API
+    library, JAX under ``jit`` too).
+    """
+    top = xp.max(xp.linalg.diagonal(gram))
+    e = xp.clip(xp.ceil(xp.log2(xp.where(top > 0, top, 1.0))), min=-1022.0, max=1022.0)
+    lo, hi = lambda_max_bounds(xp, gram * xp.pow(2.0, -e))
+    back = xp.pow(2.0, e)
+    return (
+        xp.where(e > 0, scale * lo / shift * back, scale * (lo * back) / shift),
+        xp.where(e > 0, scale * hi / shift * back, scale * (hi * back) / shift),
+    )
+
+
 def kappa_bounds(xp: Any, gram: Array, /, *, shift: float, scale: float) -> tuple[float, float]:
     """Bounds ``(lo, hi)`` of the largest condition number over a stack of capacitances.
 
-    ``kappa = 1 + scale * lambda_max(Gram) / shift`` for each matrix of the stack.
+    ``kappa = 1 + scale * lambda_max(Gram) / shift`` for each matrix of the stack
+    (:func:`excess_bounds`).
     """
     if not gram.shape[-1] or math.prod(gram.shape[:-2]) == 0:
         return 1.0, 1.0
@@ -119,8 +144,8 @@ def kappa_bounds(xp: Any, gram: Array, /, *, shift: float, scale: float) -> tupl
     # bounds, which factorization_error words; NumPy's RuntimeWarning would come first,
     # and be the error where warnings are errors (np.errstate is local to this context).
     with np.errstate(over="ignore", invalid="ignore"):
-        lo, hi = lambda_max_bounds(xp, gram)
-    return (1.0 + scale * float(xp.max(lo)) / shift, 1.0 + scale * float(xp.max(hi)) / shift)
+        lo, hi = excess_bounds(xp, gram, shift=shift, scale=scale)
+    return (1.0 + float(xp.max(lo)), 1.0 + float(xp.max(hi)))
 
 
 def dense_kappa_lower(xp: Any, lam_max_lower: Array, Linv: Array, /) -> float:
@@ -201,8 +226,10 @@ def check_window_damp(xp: Any, dtype: Any, num_grads: int, zero_init: bool, damp
 
     Judged for the window's emptiest state (an emptied window's first gradient, or
     any with ``zero_init``), which every window can reach (``reset``): below it the
-    window would refuse every later gradient as too large.
+    window would refuse every later gradient as too large. Also refused: a damping
+    whose shift at a full window, ``m damp``, overflows float64 (:func:`check_damp`).
     """
+    check_damp(damp, num_grads=num_grads)
     count = num_grads if zero_init else 1
     floor = smallest_window_damp(xp, dtype, count)
     if damp < floor:
@@ -379,9 +406,21 @@ def factorize(
             xp.zeros(gram.shape, dtype=xp.float64, device=device(gram)), shift, scale, kappa
         )
     eye = xp.eye(gram.shape[-1], dtype=xp.float64, device=device(gram))
+    # C's diagonal may overflow beside a large shift: told apart below, after the failure.
+    with np.errstate(over="ignore"):
+        C = scale * gram + shift * eye
     try:
-        L = _linalg.cholesky(xp, scale * gram + shift * eye)
+        L = _linalg.cholesky(xp, C)
     except NotPositiveDefinite:
+        top = shift + scale * float(xp.max(xp.linalg.diagonal(gram)))
+        if math.isfinite(kappa[1]) and not math.isfinite(top):
+            # C's diagonal overflowed: no damping is too small here, so kappa's advice
+            # ("increase damp") would mislead.
+            raise FactorizationError(
+                f"the capacitance matrix overflows float64 (damp={damp:g}): the damping "
+                "term plus the gradients' squared norms exceed float64's range; decrease "
+                "damp, or rescale the gradients (the damping scales with their square)"
+            ) from None
         raise factorization_error(damp, kappa, gram_dtype=gram_dtype) from None
     U = xp.matrix_transpose(L)
     if out is not None:

@@ -12,7 +12,8 @@ from typing import Any, NamedTuple
 
 from ._capacitance import EPS64, is_hopeless
 from ._compat import Array, detached, is_numpy_namespace, is_torch_namespace
-from ._validation import check_operand
+from ._engine import is_accelerator
+from ._validation import check_operand, non_finite_error
 
 
 class Refused(ValueError):
@@ -135,9 +136,26 @@ def judge_gradient(op: Any, g: Array, biggest: float, *, finite: bool) -> None:
     They are refused with ``finite``, and always by a 2-byte window.
     """
     if finite and not math.isfinite(biggest):
-        raise Refused("g must not contain NaN or infinity", finite=False)
+        raise non_finite_refusal(op, g)
     if op.storage_dtype is not None:
         check_representable(op, g, biggest)
+
+
+def non_finite_refusal(op: Any, g: Array) -> Refused:
+    """The refusal of a ``g`` holding NaN or infinity, naming its first such entry on the host.
+
+    Built only once the check has failed, so the index costs nothing on success. On
+    an accelerator the message names none: finding it would read the device once more,
+    and a step's checks are read in one transfer (tests/test_gpu_budgets.py).
+    """
+    xp = op._xp
+    # A rank's shard of g (a sharded window) has local indices: none is named there.
+    local = getattr(op, "_collective_checks", False)
+    if g is not None and not local and not is_accelerator(xp, g):
+        error = non_finite_error(xp, g, "g")
+        if error is not None:
+            return Refused(str(error), finite=False)
+    return Refused("g must not contain NaN or infinity", finite=False)
 
 
 def check_representable(op: Any, g: Array, biggest: float) -> None:
@@ -150,7 +168,7 @@ def check_representable(op: Any, g: Array, biggest: float) -> None:
     limit = top + top * eps / (2 * (2 - eps))
     if not biggest < limit:
         if not math.isfinite(biggest):  # a NaN or infinity given is reported as such
-            raise Refused("g must not contain NaN or infinity", finite=False)
+            raise non_finite_refusal(op, g)
         raise Refused(
             f"g does not fit the window's {op.storage_dtype} storage: an entry "
             f"({biggest:g}) overflows its range (largest finite {top:g}); scale the "

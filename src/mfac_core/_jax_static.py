@@ -317,6 +317,7 @@ def static_ihvp(G: Any, /, *, damp: float) -> StaticIHVP:
             f"G must be a non-empty 2-D array of shape (m, d), one gradient per "
             f"row; got shape {G.shape}"
         )
+    damp = check_damp(damp, num_grads=int(G.shape[0]))
     dtype = check_dtype(G.dtype, "G")
     U, kappa_bound, kappa_lower, finite = _static_setup(G, damp, _chunk_width(G))
     # Outside of tracing these are concrete, and a failure is an exception as in
@@ -345,9 +346,9 @@ def _static_setup(G: Any, damp: float, width: int) -> tuple[Any, Any, Any, Any]:
     U = jnp.linalg.cholesky(C).T
     # The bounds of the largest eigenvalue of mfac_core.StaticIHVP: the trace above, power
     # iterations from the largest diagonal entry (which no Gram can make vanish) below.
-    lam_lo, lam_hi = _capacitance.lambda_max_bounds(jnp, gram)
-    kappa_bound = 1.0 + lam_hi / (m * damp)
-    return U, kappa_bound, 1.0 + lam_lo / (m * damp), jnp.all(jnp.isfinite(U))
+    # Scaled so that gradients near float64's largest number do not overflow them.
+    excess_lo, excess_hi = _capacitance.excess_bounds(jnp, gram, shift=m * damp, scale=1.0)
+    return U, 1.0 + excess_hi, 1.0 + excess_lo, jnp.all(jnp.isfinite(U))
 
 
 @functools.partial(jax.jit, static_argnums=3)

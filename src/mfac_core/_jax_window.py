@@ -39,7 +39,7 @@ from ._jax_common import (
     static_repr,
 )
 from ._linalg import replaced_row
-from ._validation import SMALLEST_DAMP, check_count, check_flag
+from ._validation import SMALLEST_DAMP, check_count, check_flag, largest_damp
 
 __all__ = [
     "WindowState",
@@ -373,9 +373,9 @@ def _insert(state: WindowState, g: Any, damp: Any) -> tuple[WindowState, Any, An
     # gradient too, judging the new gradient's own |g|^2).
     hopeless = is_hopeless(1.0 + jnp.max(jnp.diagonal(gram)) / shift, eps=EPS64)
     # A traced damping (an injected hyper-parameter) cannot be checked by value before
-    # the step; one that a concrete damping would fail with (not finite, not positive, or
-    # below the window's floor) refuses the gradient instead.
-    good_damp = jnp.isfinite(damp) & (damp >= _damp_floor(state))
+    # the step; one that a concrete damping would fail with (not finite, not positive,
+    # below the window's floor, or with m damp overflowing) refuses the gradient instead.
+    good_damp = jnp.isfinite(damp) & (damp >= _damp_floor(state)) & (damp <= largest_damp(m))
     ok = ok & jnp.isfinite(b[slot]) & ~hopeless & good_damp
     new = WindowState(
         # One in-place write: the slot's own old row is the only other value read.

@@ -164,7 +164,8 @@ def agree(
         steps = check_count(refine, "refine", minimum=0)
         bs = 0 if block_size is None else check_count(block_size, "block_size")
         code = _DTYPE_CODES["float32" if G.dtype == xp.float32 else "float64"]
-        row = [G.shape[0], G.shape[1], code, check_damp(damp), bs, steps, float(flags[0])]
+        checked = check_damp(damp, num_grads=int(G.shape[0]))
+        row = [G.shape[0], G.shape[1], code, checked, bs, steps, float(flags[0])]
         row.append(identity_draw())
         return _own_row(xp, dev, comm, [float(v) for v in row])
 

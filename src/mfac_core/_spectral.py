@@ -185,7 +185,7 @@ class SpectralIHVP(LinearOperator):
         >>> bool(np.allclose(op.diagonal(), StaticIHVP(G, damp=1e-3).diagonal()))
         True
         """
-        return derived(self, damp=check_damp(damp))
+        return derived(self, damp=check_damp(damp, num_grads=self.num_grads))
 
     def sqrt(self) -> SpectralIHVP:
         """The square root of this operator: ``F^{-1/2}`` for ``F^{-1}``, ``F^{1/2}`` for ``F``.
@@ -360,7 +360,7 @@ class SpectralIHVP(LinearOperator):
         >>> Y.shape, bool(np.allclose(Y[1], op @ x))
         ((2, 20), True)
         """
-        dl = check_dampings(damps)
+        dl = check_dampings(damps, num_grads=self.num_grads)
         x = self._check_input(x, "x", self.dim, (1, 2))
         Y = applied(self._xp, self._groups, x if x.ndim == 2 else x[:, None], dl, self.power)
         return Y if x.ndim == 2 else Y[..., 0]
@@ -398,7 +398,7 @@ class SpectralIHVP(LinearOperator):
         >>> D.shape, bool(np.allclose(D[1], np.diag(op.todense())))
         ((2, 20), True)
         """
-        dl = [self.damp] if damps is None else check_dampings(damps)
+        dl = [self.damp] if damps is None else check_dampings(damps, num_grads=self.num_grads)
         out = diagonal_of(self._xp, self._groups, dl, self.power)
         return out[0, ...] if damps is None else out
 

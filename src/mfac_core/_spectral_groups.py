@@ -81,7 +81,9 @@ def coefficients(xp: Any, lam: Array, damp: float, power: float, m: int) -> tupl
     kept apart, and applied after ``c`` has met the in-range data it weighs.
     """
     if power == -1.0:
-        return -1.0 / damp, 1.0 / (m * damp + lam)
+        # m damp + lam spelled so that it overflows only where damp + lam / m does (never
+        # for m >= 2 within the dampings check_damp admits).
+        return -1.0 / damp, (1.0 / m) / (damp + lam / m)
     if power == 1.0:
         return 1.0, xp.full(lam.shape, 1.0 / m, dtype=xp.float64, device=device(lam))
     sd = math.sqrt(damp)

@@ -34,9 +34,9 @@ def build(op: Any, G: Array, *, damp: Any, block_size: Any, check_finite: Any) -
     check_finite = check_flag(check_finite, "check_finite")
     G = detached(G)  # the operator stores G, never its autograd graph
     xp = check_gradients(G, require_finite=False, half=True)
-    damp = check_damp(damp)
-    check_float64_available(xp)
     m, d = (int(n) for n in G.shape)
+    damp = check_damp(damp, num_grads=m)
+    check_float64_available(xp)
     bs = check_block_size(block_size, d)
     storage = half_dtype_name(xp, G.dtype)
     dtype = compute_dtype(xp, G)
@@ -121,6 +121,13 @@ def eigen_groups(
                 # so O(m) of work tells, and the error is StaticIHVP's.
                 raise _capacitance.factorization_error(damp, (math.inf, math.inf))
             lam, U = xp.linalg.eigh(gram)
+            if not bool(xp.all(xp.isfinite(lam[..., -1]))):
+                # Finite entries (each at most the largest squared norm) whose largest
+                # eigenvalue (up to m times it) overflows: no weight would be right.
+                raise ValueError(
+                    "the largest eigenvalue of G's Gram matrix overflows float64: G is finite "
+                    "but too large; rescale the gradients (the damping scales with their square)"
+                )
             vals.append(xp.clip(lam, min=0.0))
             vecs.append(U)
         lams = vals[0] if len(vals) == 1 else xp.concat(vals, axis=0)

@@ -100,10 +100,12 @@ class _BlockOperatorBase(LinearOperator):
         check: bool,
         check_G: bool = True,
         half: bool = False,
+        inverse: bool = True,
     ) -> Any:
         xp = check_gradients(G, require_finite=check and check_G, half=half)
-        self.damp = check_damp(damp)
         m, d = G.shape
+        # An inverse's capacitance matrix carries the shift m damp; F itself does not.
+        self.damp = check_damp(damp, num_grads=int(m) if inverse else None)
         self.num_grads, self.dim = int(m), int(d)
         self.block_size = check_block_size(block_size, d)
         self._groups = block_groups(d, self.block_size)
@@ -663,7 +665,7 @@ class EmpiricalFisher(_BlockOperatorBase):
         self, G: Array, /, *, damp: float, block_size: int | None = None, check_finite: bool = True
     ) -> None:
         G = detached(G)  # the operator stores G, never its autograd graph
-        self._init_layout(G, damp, block_size, check_finite, half=True)
+        self._init_layout(G, damp, block_size, check_finite, half=True, inverse=False)
         self._G = G
 
     def _matmat(self, X: Array) -> Array:

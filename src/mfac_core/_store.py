@@ -403,7 +403,7 @@ def built_from_gradients(
     report = progress_callback(progress)
     # What can be checked before the gradients are read is, so that a mistake
     # does not cost a pass over the data loader.
-    check_damp(damp)
+    check_damp(damp, num_grads=check_count(num_grads, "num_grads"))
     check_block_size(opts["block_size"], check_count(dim, "dim"))
     check_count(opts["refine"], "refine", minimum=0)
     if check_flag(opts["overwrite_G"], "overwrite_G") or opts["out"] is not None:

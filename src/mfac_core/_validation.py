@@ -42,6 +42,7 @@ __all__ = [
     "check_count",
     "check_damp",
     "check_dampings",
+    "largest_damp",
     "check_finite",
     "check_flag",
     "check_float64_available",
@@ -288,10 +289,28 @@ def real_scalar_error(name: str, value: Any) -> TypeError:
     return TypeError(f"{name} must be a real number or a 0-d real array, got {described(value)}")
 
 
-def check_damp(damp: Any, name: str = "damp") -> float:
+def largest_damp(num_grads: int) -> float:
+    """The largest damping whose capacitance shift ``num_grads * damp`` is finite in float64.
+
+    Every operator over m gradients adds ``m damp`` to the diagonal of its m x m
+    capacitance matrix (``C = m damp I + G G^T``); beyond this damping that shift is
+    infinite and the products NaN, however well-conditioned F is. The shift is kept to
+    a quarter of float64's largest number, so that the gradients' squared norms have
+    room beside it, and C's entries stay below half of it, where XLA's Cholesky
+    factorisation (the JAX window's) overflows.
+    """
+    value = sys.float_info.max / 4 / num_grads
+    while num_grads * value > sys.float_info.max / 4:
+        value = math.nextafter(value, 0.0)
+    return value
+
+
+def check_damp(damp: Any, name: str = "damp", *, num_grads: int | None = None) -> float:
     """The damping as a Python float; it must be finite and at least float64's smallest normal.
 
-    A real number or a 0-d real array (bools and complex numbers are refused).
+    A real number or a 0-d real array (bools and complex numbers are refused). With
+    ``num_grads`` (m), also at most :func:`largest_damp`: ``m damp`` must stay within a
+    quarter of float64's range.
     """
     given = damp
     damp = scalar_value(damp)
@@ -304,6 +323,13 @@ def check_damp(damp: Any, name: str = "damp") -> float:
         raise ValueError(
             f"{name}={damp!r} is subnormal in float64 (its inverse overflows); the smallest "
             f"damping that works is {SMALLEST_DAMP!r}, float64's smallest normal number"
+        )
+    if num_grads is not None and value > largest_damp(num_grads):
+        raise ValueError(
+            f"{name}={damp!r} is too large for {num_grads} gradients: m * damp, the shift of "
+            f"the capacitance matrix, must stay within a quarter of float64's range, beside "
+            f"the gradients' squared norms; the largest damping that works is "
+            f"{largest_damp(num_grads)!r}"
         )
     return value
 
@@ -324,7 +350,7 @@ def is_number_list(value: Any) -> bool:
     return isinstance(ndim, int) and ndim >= 1 and callable(getattr(value, "tolist", None))
 
 
-def check_dampings(damps: Any, name: str = "damps") -> list[float]:
+def check_dampings(damps: Any, name: str = "damps", *, num_grads: int | None = None) -> list[float]:
     """A non-empty sequence or 1-d array of dampings (:func:`check_damp`), as Python floats."""
     if not is_number_list(damps):
         raise TypeError(
@@ -341,7 +367,7 @@ def check_dampings(damps: Any, name: str = "damps") -> list[float]:
         damps = damps.tolist()
     if len(damps) == 0:
         raise ValueError(f"{name} must hold at least one damping")
-    return [check_damp(dp, f"{name}[{i}]") for i, dp in enumerate(damps)]
+    return [check_damp(dp, f"{name}[{i}]", num_grads=num_grads) for i, dp in enumerate(damps)]
 
 
 def check_fraction(value: Any, name: str) -> float:
