@@ -873,6 +873,39 @@ def test_remove_takes_numpy_integers_and_copies_are_independent(rng):
     assert (len(op), len(twin)) == (1, 2)
 
 
+def test_deep_copies_of_a_subclass_go_through_its_pickling_state(rng):
+    # Regression: DynamicIHVP.__deepcopy__ took LinearOperator's state, past a
+    # subclass's __getstate__: one that left a lock out of its pickles could be pickled
+    # but not copied ("cannot pickle '_thread.lock' object").
+    import copy
+    import threading
+
+    class Locked(DynamicIHVP):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.tags = ["mine"]
+            self.lock = threading.Lock()
+
+        def __getstate__(self):
+            state = super().__getstate__()
+            del state["lock"]
+            return state
+
+        def __setstate__(self, state):
+            super().__setstate__(state)
+            self.lock = threading.Lock()
+
+    op = Locked(3, 20, damp=0.1, dtype="float64")
+    op.update(rng.standard_normal(20))
+    x = rng.standard_normal(20)
+    twin = copy.deepcopy(op)
+    assert twin.tags == ["mine"] and twin.tags is not op.tags
+    assert isinstance(twin.lock, type(op.lock)) and twin.lock is not op.lock
+    np.testing.assert_array_equal(twin.matvec(x), op.matvec(x))
+    twin.update(rng.standard_normal(20))  # its own buffers
+    assert (len(op), len(twin)) == (1, 2)
+
+
 def test_torch_dtype_without_xp_says_to_pass_xp():
     # DynamicIHVP(m, d, dtype=torch.bfloat16) defaults to NumPy buffers; the error
     # used to read as if bfloat16 were not supported at all.
