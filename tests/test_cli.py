@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
+import socket
 import stat
 import subprocess
 import sys
@@ -463,7 +466,31 @@ def test_ihvp_names_the_row_that_overflows_the_dtype(files, capsys):
             "float32",
         ]
     )
-    assert_user_error(capsys, status, "big.npy row 2", "range of float32", "--dtype float64")
+    err = assert_user_error(capsys, status, "big.npy row 2", "range of float32", "--dtype float64")
+    # The library's error alone: not NumPy's "overflow encountered in cast" before it.
+    assert "warning" not in err and len(err.splitlines()) == 1, err
+    V = np.load(files["V"])
+    V[1, 3] = -1e39
+    np.save(files["out"].parent / "bigv.npy", V)
+    args = ["ihvp", files["G"], files["out"].parent / "bigv.npy", "-o", files["out"]]
+    status = run([*args, "--damp", DAMP, "--dtype", "float32"])
+    err = assert_user_error(capsys, status, "bigv.npy row 1", "range of float32")
+    assert "warning" not in err and len(err.splitlines()) == 1, err
+    assert not files["out"].exists()
+
+
+def test_ihvp_explains_untyped_2_byte_values(files, capsys):
+    # numpy.save writes ml_dtypes' bfloat16 (JAX's arrays in NumPy) as raw 2-byte values,
+    # "|V2", which read as a dtype of no meaning.
+    raw = files["out"].parent / "bf16.npy"
+    with open(raw, "wb") as fh:  # the header ml_dtypes' bfloat16 gets (without importing it)
+        np.lib.format.write_array_header_1_0(
+            fh, {"descr": "<V2", "fortran_order": False, "shape": (M, D)}
+        )
+        fh.write(bytes(2 * M * D))
+    for args in ([raw, files["v"]], [files["G"], raw]):
+        status = run(["ihvp", *args, "-o", files["out"], "--damp", DAMP])
+        assert_user_error(capsys, status, "raw 2-byte values", "bfloat16", "float32")
 
 
 def test_nonfinite_rows_reads_in_pieces():
@@ -581,15 +608,61 @@ def test_ihvp_output_is_a_directory(files, capsys):
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
-def test_ihvp_output_that_is_a_named_pipe_is_refused(files, capsys):
+def test_ihvp_output_that_is_a_named_pipe_is_written_through(files, capsys):
     # Regression: with --overwrite the pipe was replaced by a regular file (the rename of
-    # the temporary output), so a reader of the pipe waited for ever.
+    # the temporary output), so a reader of the pipe waited for ever; then it was refused.
+    # It is written to, as np.save writes to it, with or without --overwrite.
     fifo = files["out"].parent / "pipe.npy"
     os.mkfifo(fifo)
+    want = StaticIHVP(np.load(files["G"]), damp=DAMP).matvec(np.load(files["v"]))
     for extra in ([], ["--overwrite"]):
-        status = run(["ihvp", files["G"], files["v"], "-o", fifo, "--damp", DAMP, *extra])
-        assert_user_error(capsys, status, "named pipe (FIFO), not a regular file")
+        # Opened by its reader first (without waiting for a writer); the output is far
+        # smaller than the pipe's buffer, so the writer never waits for the reader.
+        reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            status = run(["ihvp", files["G"], files["v"], "-o", fifo, "--damp", DAMP, *extra])
+            data = os.read(reader, 1 << 16)
+        finally:
+            os.close(reader)
+        assert status == 0, capsys.readouterr().err
+        np.testing.assert_array_equal(np.load(io.BytesIO(data)), want)
         assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/fd"), reason="needs /dev/fd")
+def test_ihvp_writes_to_standard_output_and_devices(files, capsys):
+    # Regression: -o /dev/stdout into a pipe said "output file exists": the pipe's
+    # /proc/self/fd link resolves to no path (pipe:[...]), so it was taken for a file.
+    want = StaticIHVP(np.load(files["G"]), damp=DAMP).matvec(np.load(files["v"]))
+    r, w = os.pipe()
+    try:
+        status = run(["ihvp", files["G"], files["v"], "-o", f"/dev/fd/{w}", "--damp", DAMP])
+        os.close(w)
+        data = os.read(r, 1 << 16)  # far smaller than the pipe's buffer
+    finally:
+        os.close(r)
+        with contextlib.suppress(OSError):
+            os.close(w)
+    assert status == 0, capsys.readouterr().err
+    np.testing.assert_array_equal(np.load(io.BytesIO(data)), want)
+    # A character device is written to, not replaced.
+    if os.path.exists(os.devnull) and stat.S_ISCHR(os.stat(os.devnull).st_mode):
+        assert run(["ihvp", files["G"], files["v"], "-o", os.devnull, "--damp", DAMP]) == 0
+        assert stat.S_ISCHR(os.stat(os.devnull).st_mode)
+
+
+@pytest.mark.skipif(not hasattr(socket, "AF_UNIX"), reason="no Unix sockets here")
+def test_ihvp_output_that_is_a_socket_is_refused(files, capsys, tmp_path):
+    path = tmp_path / "s.npy"
+    with socket.socket(socket.AF_UNIX) as sock:
+        try:
+            sock.bind(str(path))
+        except OSError:
+            pytest.skip("cannot bind a Unix socket here")
+        for extra in ([], ["--overwrite"]):
+            status = run(["ihvp", files["G"], files["v"], "-o", path, "--damp", DAMP, *extra])
+            assert_user_error(capsys, status, "is a socket, which cannot be opened as a file")
+            assert stat.S_ISSOCK(os.lstat(path).st_mode)
 
 
 def test_ihvp_output_through_a_symbolic_link_replaces_its_target(files, capsys):

@@ -825,6 +825,38 @@ def test_hopeless_windows_warn_on_every_path(rng):
     assert len(op) == 0
 
 
+def test_a_refused_step_does_not_warn_of_the_factor_it_threw_away():
+    # MFAC(errors="raise")'s step (_update_and_matvec_checked(strict=True)) refuses a
+    # product that is not finite before the window commits to it. On the refactorisation
+    # path the factor it threw away warned IllConditionedWarning, and the warn-once note
+    # was put back, so the committed insert warned again.
+    eps = np.finfo(np.float64).eps
+    u = np.zeros(20)
+    u[0] = 1.0
+    op = DynamicIHVP(4, 20, damp=1.0, dtype="float64")
+    # Collinear gradients, each |g|^2 / (k damp) = 0.6 / eps: two keep the window usable
+    # (kappa ~ 0.9 / eps), the third makes it hopeless (kappa ~ 1.2 / eps).
+    grads = [u * math.sqrt(0.6 / eps * k) for k in (1, 2, 3)]
+    op.update(grads[0])
+    op.update(grads[1])
+    before = (op.slots, op.matvec(u))
+    finish = op._finish
+    op._finish = lambda *a: finish(*a) + np.inf  # the product overflows
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        status = op._update_and_matvec_checked(grads[2], strict=True).status
+    del op._finish
+    assert status == "step not finite"
+    assert not caught, [str(w.message) for w in caught]
+    assert op.slots == before[0]
+    np.testing.assert_array_equal(op.matvec(u), before[1])
+    with pytest.warns(IllConditionedWarning, match="ill-conditioned"):
+        op.update(grads[2])  # committed: warned once
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        op.update(grads[2])  # refactorised, still hopeless: not warned again
+
+
 def test_remove_takes_numpy_integers_and_copies_are_independent(rng):
     import copy
 
@@ -838,6 +870,39 @@ def test_remove_takes_numpy_integers_and_copies_are_independent(rng):
     before = op.matvec(x)
     twin.update(rng.standard_normal(20))
     np.testing.assert_array_equal(op.matvec(x), before)
+    assert (len(op), len(twin)) == (1, 2)
+
+
+def test_deep_copies_of_a_subclass_go_through_its_pickling_state(rng):
+    # Regression: DynamicIHVP.__deepcopy__ took LinearOperator's state, past a
+    # subclass's __getstate__: one that left a lock out of its pickles could be pickled
+    # but not copied ("cannot pickle '_thread.lock' object").
+    import copy
+    import threading
+
+    class Locked(DynamicIHVP):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.tags = ["mine"]
+            self.lock = threading.Lock()
+
+        def __getstate__(self):
+            state = super().__getstate__()
+            del state["lock"]
+            return state
+
+        def __setstate__(self, state):
+            super().__setstate__(state)
+            self.lock = threading.Lock()
+
+    op = Locked(3, 20, damp=0.1, dtype="float64")
+    op.update(rng.standard_normal(20))
+    x = rng.standard_normal(20)
+    twin = copy.deepcopy(op)
+    assert twin.tags == ["mine"] and twin.tags is not op.tags
+    assert isinstance(twin.lock, type(op.lock)) and twin.lock is not op.lock
+    np.testing.assert_array_equal(twin.matvec(x), op.matvec(x))
+    twin.update(rng.standard_normal(20))  # its own buffers
     assert (len(op), len(twin)) == (1, 2)
 
 

@@ -441,6 +441,17 @@ def test_prune_magnitude_needs_no_gradients_and_selection_blocks():
     np.testing.assert_array_equal(res.theta, np.where(res.mask, theta, 0.0))
 
 
+def test_prune_magnitude_orders_by_abs_theta_where_theta_squared_leaves_the_range():
+    # float32 theta^2 is 0 for |theta| < 3.7e-23 and inf beyond 1.8e19: the magnitude
+    # saliency tied these weights, and the lower index was pruned, not the smaller weight.
+    theta = np.array([3e-30, -1e-30, 1.0, -5e19, 4e19, 2.0], dtype=np.float32)
+    for sparsity, kept in ((1 / 6, [0, 2, 3, 4, 5]), (5 / 6, [3])):
+        res = prune(theta, None, sparsity=sparsity, saliency="magnitude", update="none")
+        np.testing.assert_array_equal(np.flatnonzero(res.mask), kept)
+        assert res.theta.dtype == np.float32
+        np.testing.assert_array_equal(res.theta, np.where(res.mask, theta, 0))
+
+
 def test_sparsity_schedule():
     assert sparsity_schedule(0.0, 0.8, 4) == pytest.approx([0.2, 0.4, 0.6, 0.8])
     cubic = sparsity_schedule(0.2, 0.9, 5, schedule="cubic")

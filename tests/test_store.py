@@ -323,6 +323,12 @@ def test_big_endian_gradients(tmp_path, rng):
     # A big-endian dtype= is the dtype in the machine's order.
     op = StaticIHVP.from_gradients(iter(big), num_grads=m, dim=d, damp=damp, dtype=">f4")
     assert op._factors[0].G.dtype == np.dtype("=f4")
+    # A big-endian grads_out (an array the operator would then read) is refused with the
+    # same hint as a big-endian G, before the loader is read.
+    store = np.zeros((m, d), dtype=">f4")
+    with pytest.raises(TypeError, match=r"grads_out.*big-endian byte order.*newbyteorder\('='\)"):
+        StaticIHVP.from_gradients(iter(()), num_grads=m, dim=d, damp=damp, grads_out=store)
+    np.testing.assert_array_equal(store, 0)
 
 
 def test_from_gradients_of_ml_dtypes_bfloat16(rng):

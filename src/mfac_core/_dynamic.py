@@ -306,13 +306,19 @@ class DynamicIHVP(LinearOperator):
     def __deepcopy__(self: _Window, memo: dict[int, Any]) -> _Window:
         # The buffer is copied once, into memory allocated as the constructor's
         # (_host_rows.zeros: NumPy's, for a PyTorch CPU window), then the rest as any
-        # operator's; the state is this version's, so __setstate__'s migration and
-        # re-homing of a pickle's buffer are not needed.
+        # operator's, through the pickling state: a subclass's own __getstate__ and
+        # __setstate__ leave out of the copy and rebuild what they do for a pickle (a
+        # lock, say). The state is this version's, so this class's __setstate__ (the
+        # migration and re-homing of a pickle's buffer) is not needed.
         if id(self._G) not in memo:  # an enclosing deepcopy that copied it shares its copy
             memo[id(self._G)] = _host_rows.copied(self._xp, self._G)
         new = type(self).__new__(type(self))
         memo[id(self)] = new
-        LinearOperator.__setstate__(new, copy.deepcopy(LinearOperator.__getstate__(self), memo))
+        state = copy.deepcopy(self.__getstate__(), memo)
+        if type(self).__setstate__ is DynamicIHVP.__setstate__:
+            LinearOperator.__setstate__(new, state)
+        else:
+            new.__setstate__(state)
         return new
 
     def __setstate__(self, state: dict[str, Any]) -> None:

@@ -228,12 +228,20 @@ def free_buffer(op: Any) -> Any:
 
 
 def factorized(
-    op: Any, gram: Array, slots: list[int], damp: float | None = None, *, exact: bool = False
+    op: Any,
+    gram: Array,
+    slots: list[int],
+    damp: float | None = None,
+    *,
+    exact: bool = False,
+    warn: bool = True,
 ) -> SlotFactor:
     """The factor of the capacitance matrix of ``slots``, in full (O(k^3)).
 
     With the operator's damping unless ``damp`` is given. Raises
-    ``FactorizationError``; nothing of the operator changes.
+    ``FactorizationError``; nothing of the operator changes. Warns of a hopeless
+    window (:func:`warn_if_hopeless`) unless ``warn`` is false: then the caller
+    warns once nothing can refuse the factor any more, before it commits it.
     """
     damp = op.damp if damp is None else damp
     xp = op._xp
@@ -250,7 +258,8 @@ def factorized(
         gram_dtype="float64" if exact or op._exact_gram else "float32",
         out=out,
     )
-    warn_if_hopeless(op, factor)
+    if warn:
+        warn_if_hopeless(op, factor)
     return SlotFactor.build(factor, slots, op.num_grads)
 
 
@@ -285,7 +294,10 @@ def edited(
     """The factor after ``slot`` gets Gram row ``b``: an O(m^2) edit where possible.
 
     Returns ``(factor, refactored)``; raises ``FactorizationError``; nothing
-    of the operator changes (the free factor buffer is scratch). With
+    of the operator changes (the free factor buffer is scratch), and nothing
+    warns: a refactorised factor may still be refused (a strict
+    :class:`Speculation`), so the caller warns of a hopeless one
+    (:func:`warn_if_hopeless`) just before it commits it. With
     ``gram`` (a recomputed Gram matrix, row ``slot`` included) the factor is
     computed from it in full. ``pending`` is the gradient's deferred check
     (``_dynamic_checks.check_gradient``), judged here before anything else can fail: the
@@ -302,7 +314,7 @@ def edited(
     pending = with_norm(pending, b[slot], op._shift(k))
     if gram is not None:
         judge(op, pending, [])
-        return factorized(op, gram, slots, exact=True), True
+        return factorized(op, gram, slots, exact=True, warn=False), True
     if (
         op.update_method == "incremental"
         and len(current.slots) == k == op.num_grads
@@ -353,7 +365,7 @@ def edited(
     gram = op._xp.asarray(op._gram, copy=True)
     gram[slot, :] = b
     gram[:, slot] = b
-    return factorized(op, gram, slots), True
+    return factorized(op, gram, slots, warn=False), True
 
 
 def drift(op: Any, edited: SlotFactor, new_diagonal: Array) -> Array:

@@ -23,7 +23,7 @@ from ._dynamic_checks import (
     judge_gradient,
     values_checked,
 )
-from ._dynamic_factor import NotFiniteStep, Speculation, edited, factorized
+from ._dynamic_factor import NotFiniteStep, Speculation, edited, factorized, warn_if_hopeless
 from ._errors import FactorizationError
 
 
@@ -221,9 +221,6 @@ def place(
     """
     xp = op._xp
     old = None if store is not None else xp.asarray(op._G[slot, ...], copy=True)
-    # A full factorisation notes whether it warned of a hopeless window: a refused
-    # insert (a strict speculation's) puts the note back with the row.
-    warned = op.__dict__.get("_warned_hopeless")
     gram = None
     product = None
     try:
@@ -251,15 +248,16 @@ def place(
             # Before the commit: a strict speculation refuses a product that is not
             # finite here, and the row is put back below (nothing else has changed).
             speculation.settle(factor)
+        if refactored:
+            # Only now, the factor refused by nothing: a refused insert warned of a
+            # factor that it threw away. (Where the warning is an error, it refuses
+            # the insert like any error here.)
+            warn_if_hopeless(op, factor.factor)
     except BaseException:
         if store is not None:
             store.restore()
         else:
             op._G[slot, ...] = old
-        if warned is None:
-            op.__dict__.pop("_warned_hopeless", None)
-        else:
-            op._warned_hopeless = warned
         raise
     if gram is not None:
         op._gram = gram

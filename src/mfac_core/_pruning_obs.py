@@ -286,7 +286,17 @@ def magnitude_saliency(theta: Array, /) -> Array:
     Returns
     -------
     array, shape (d,)
-        ``theta * theta``; ranks weights like ``abs(theta)``.
+        ``theta * theta`` (theta's dtype), rounded as the product is.
+
+    Notes
+    -----
+    The saliency ranks weights like ``abs(theta)`` wherever ``theta^2`` is a
+    normal number (float32: ``1.1e-19 <= |theta| <= 1.8e19``; float64:
+    ``1.5e-154 <= |theta| <= 1.3e154``). Below, distinct magnitudes may round
+    to the same subnormal number or to 0; above, they all overflow to infinity
+    (with NumPy's overflow warning). To select by magnitude exactly, give
+    ``abs(theta)`` to :func:`select_pruned`, as ``prune(...,
+    saliency="magnitude")`` does.
 
     Examples
     --------

@@ -259,7 +259,9 @@ class ShardedDynamicIHVP(DynamicIHVP):
         memo.setdefault(id(self.comm), self.comm)
         return super().__deepcopy__(memo)
 
-    def __getstate__(self) -> dict[str, Any]:
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        # Refused here, where pickle starts, not in __getstate__: deep copies (which share
+        # the communicator) go through __getstate__.
         raise TypeError(
             "a ShardedDynamicIHVP holds a communicator, which cannot be pickled; "
             "save state_dict() on every rank instead"

@@ -30,6 +30,7 @@ import numpy as np
 from ._compat import Array, array_namespace, detached, device, namespace_name
 from ._errors import user_stacklevel
 from ._validation import (
+    byte_order_note,
     check_block_size,
     check_count,
     check_damp,
@@ -200,7 +201,7 @@ def _check_store_array(store: Any, shape: tuple[int, int], name: str) -> Any:
     if half_dtype_name(xp, store.dtype) is None and store.dtype not in (xp.float32, xp.float64):
         raise TypeError(
             f"{name} must have a floating dtype (float32, float64 or a 2-byte one), "
-            f"got {store.dtype}"
+            f"got {store.dtype}{byte_order_note(name, store.dtype)}"
         )
     check_writeable(store, name, why="filling it with the gradients")
     return xp

@@ -146,7 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
     ihvp.add_argument("grads", metavar="GRADS.npy", help="gradients, shape (m, d)")
     ihvp.add_argument("vecs", metavar="VECS.npy", help="one vector (d,) or a stack (k, d)")
     ihvp.add_argument(
-        "-o", "--output", metavar="OUT.npy", required=True, help="where to save the results (.npy)"
+        "-o",
+        "--output",
+        metavar="OUT.npy",
+        required=True,
+        help="where to save the results (.npy): a file, or a named pipe or character device "
+        "such as /dev/stdout, which is written to",
     )
     ihvp.add_argument(
         "--damp",
@@ -308,6 +313,13 @@ def _load(path: str, what: str, mmap: bool) -> np.ndarray:
     return arr
 
 
+#: The types that numpy.save writes as untyped ("void") values of 1 or 2 bytes.
+_UNTYPED = {
+    2: "bfloat16",
+    1: "the 8-bit floats (float8_e4m3fn, float8_e5m2, ...) and small integers",
+}
+
+
 class _NpyHeader(NamedTuple):
     shape: tuple[int, ...]
     fortran_order: bool
@@ -340,6 +352,13 @@ def _check_npy_header(fh: BinaryIO, path: str, what: str, size: int) -> _NpyHead
         raise UserError(
             f"{what} file {path} has a truncated or corrupt .npy header: {exc}"
         ) from None
+    if dtype.kind == "V" and dtype.fields is None and dtype.itemsize in _UNTYPED:
+        raise UserError(
+            f"{what} in {path} holds raw {dtype.itemsize}-byte values (dtype {dtype}), as "
+            f"numpy.save writes {_UNTYPED[dtype.itemsize]} of ml_dtypes (JAX's arrays "
+            "converted to NumPy); the file does not record which type: save them as "
+            "float32, e.g. numpy.save(path, numpy.asarray(x, dtype=numpy.float32))"
+        )
     if dtype.hasobject or dtype.kind not in "fiub" or dtype.itemsize > 8:
         raise UserError(f"{what} in {path} must hold real numbers, got dtype {dtype}")
     offset = fh.tell()
@@ -389,14 +408,15 @@ def _check_output(path: str, overwrite: bool, inputs: dict[str, str]) -> None:
             )
     if os.path.isdir(path):
         raise UserError(f"output is a directory, not a file: {path}")
-    target = _output_target(path)
-    kind = _special_kind(target)
+    kind = _special_kind(path)
+    if kind in _STREAM_KINDS:
+        return  # written through (see _save): nothing is replaced, nothing to overwrite
     if kind is not None:
-        # Replacing it would remove the pipe or device (a rename over it), not write to it.
         raise UserError(
-            f"output {path} is a {kind}, not a regular file; the output is written to a "
-            "temporary file and renamed, which cannot go through it: write to a file"
+            f"output {path} is a {kind}, {_REFUSED_KINDS[kind]}: write to a file, a named "
+            "pipe or a character device (/dev/stdout)"
         )
+    target = _output_target(path)
     if os.path.lexists(path) and not overwrite:
         raise UserError(f"output file exists: {path} (pass --overwrite to replace it)")
     folder = os.path.dirname(os.path.abspath(target))
@@ -414,8 +434,24 @@ def _output_target(path: str) -> str:
     return os.path.realpath(path) if os.path.islink(path) else path
 
 
+#: Outputs that are written through, as ``np.save`` writes them: replacing them (the rename
+#: of a temporary file) would remove the pipe or device instead of writing to it.
+_STREAM_KINDS = ("named pipe (FIFO)", "character device")
+
+#: Why the other special files are refused as outputs.
+_REFUSED_KINDS = {
+    "block device": "whose contents the .npy file would overwrite",
+    "socket": "which cannot be opened as a file",
+}
+
+
 def _special_kind(path: str) -> str | None:
-    """What ``path`` is when it exists and is neither a regular file nor a folder."""
+    """What ``path`` is when it exists and is neither a regular file nor a folder.
+
+    ``os.stat`` follows every link to the file itself, the links of ``/proc`` included:
+    ``/dev/stdout`` into a pipe is ``/proc/self/fd/1``, whose target ``pipe:[...]`` is
+    no path that :func:`os.path.realpath` could resolve.
+    """
     try:
         mode = os.stat(path).st_mode
     except OSError:
@@ -473,8 +509,19 @@ def _finiteness_error(path: str, arr: np.ndarray, dtype: np.dtype) -> UserError 
 
 
 def _save(path: str, arr: np.ndarray, overwrite: bool, inputs: dict[str, str]) -> None:
-    """Write ``arr`` to ``path`` as .npy, atomically (a temporary file, then a rename)."""
+    """Write ``arr`` to ``path`` as .npy, atomically (a temporary file, then a rename).
+
+    A named pipe or a character device (``/dev/stdout``, ``/dev/null``) is written to
+    directly instead; opening a named pipe waits for its reader.
+    """
     _check_output(path, overwrite, inputs)
+    if _special_kind(path) in _STREAM_KINDS:
+        try:
+            with open(path, "wb") as fh:
+                np.save(_Writer(fh), arr, allow_pickle=False)
+        except OSError as exc:  # a reader that went away: "Broken pipe"
+            raise UserError(f"cannot write output {path}: {exc.strerror or exc}") from None
+        return
     path = _output_target(path)
     folder = os.path.dirname(os.path.abspath(path))
     try:
@@ -498,6 +545,21 @@ def _save(path: str, arr: np.ndarray, overwrite: bool, inputs: dict[str, str]) -
         raise
 
 
+class _Writer:
+    """A file that ``np.save`` sees as a writer of bytes only.
+
+    Given the file itself, ``np.save`` writes the data with ``ndarray.tofile``, which asks
+    for a file position that a pipe does not have ("obtaining file position failed");
+    given an object that only writes, it writes the data in pieces of 16 MiB.
+    """
+
+    def __init__(self, fh: BinaryIO) -> None:
+        self._fh = fh
+
+    def write(self, data: bytes) -> int:
+        return self._fh.write(data)
+
+
 def _product_dtype(stored: np.dtype, option: str | None) -> np.dtype:
     """``--dtype``, else the stored float32 or float64 (in either byte order), else float64."""
     if option is not None:
@@ -515,7 +577,18 @@ def _operator_gradients(G: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """
     if G.dtype == dtype or (G.dtype == np.float16 and dtype == np.float32):
         return G
-    return G.astype(dtype)
+    return _cast(G, dtype)
+
+
+def _cast(arr: np.ndarray, dtype: np.dtype, *, contiguous: bool = False) -> np.ndarray:
+    """``arr`` as ``dtype`` (C-contiguous if asked), without NumPy's overflow warning.
+
+    A value beyond the range of ``dtype`` becomes infinity, which the library then
+    refuses and :func:`_finiteness_error` names (file, row, "pass --dtype float64"):
+    NumPy's "overflow encountered in cast" would be printed before that error.
+    """
+    with np.errstate(over="ignore"):
+        return np.ascontiguousarray(arr, dtype=dtype) if contiguous else arr.astype(dtype)
 
 
 def _cmd_ihvp(
@@ -541,7 +614,7 @@ def _cmd_ihvp(
         )
     dtype = _product_dtype(G.dtype, args.dtype)
     G = _operator_gradients(G, dtype)
-    V = np.ascontiguousarray(V, dtype=dtype)
+    V = _cast(V, dtype, contiguous=True)
 
     bar = ProgressBar(stderr, "set-up") if _wants_progress(args, stderr) else None
     t0 = time.perf_counter()

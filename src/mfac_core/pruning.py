@@ -147,7 +147,8 @@ def prune(
     saliency : {"obs", "obd", "magnitude"}, optional
         ``"obs"``: ``theta_i^2 / (2 [F^{-1}]_ii)`` with the M-FAC inverse
         (default); ``"obd"``: the diagonal-Fisher version; ``"magnitude"``:
-        ``theta_i^2``.
+        ``theta_i^2``, ranked as ``|theta_i|`` (exactly, where ``theta_i^2``
+        would round to 0, a subnormal or infinity).
     update : {"single", "joint", "none"}, optional
         The update of the remaining weights: the paper's summed single-weight
         OBS update (default), the joint OBS update within each block, or none
@@ -208,7 +209,10 @@ def prune(
     if saliency == "obd":
         scores = obd_saliency(theta, G, damp=damp)
     elif saliency == "magnitude":
-        scores = magnitude_saliency(theta)
+        # |theta| orders the weights as theta^2 does wherever theta^2 is a normal number,
+        # and exactly beyond: theta^2 ties distinct weights at 0 or a subnormal (float32:
+        # |theta| < 1.1e-19) and at inf (|theta| > 1.8e19); see magnitude_saliency.
+        scores = xp.abs(theta)
     ihvp = None
     if saliency == "obs" or update != "none":
         ihvp = static_ihvp(G, damp=damp, block_size=block_size)
