@@ -21,7 +21,7 @@ from ._dynamic_setup import WindowOptions, build, emptied, filled, local_gram, w
 from ._dynamic_state import LoadedState, WindowCopies, saved_state
 from ._dynamic_window import StepCheck, insert, remove_slot, update_and_matvec_checked
 from ._layout import BlockGroup
-from ._operator import LinearOperator, gradient_items
+from ._operator import gradient_items
 from ._refine import fisher_residual
 
 __all__ = ["DynamicIHVP"]
@@ -30,7 +30,7 @@ __all__ = ["DynamicIHVP"]
 _SlotFactor = SlotFactor
 
 
-class DynamicIHVP(WindowCopies, LinearOperator):
+class DynamicIHVP(WindowCopies):
     r"""The inverse damped Fisher of a sliding window of the last gradients.
 
     ``F = damp * I + (1/k) * sum(g g^T)`` over the ``k <= num_grads``

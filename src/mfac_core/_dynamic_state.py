@@ -50,7 +50,7 @@ def unpickled(state: dict[str, Any]) -> dict[str, Any]:
 _Window = TypeVar("_Window", bound="WindowCopies")
 
 
-class WindowCopies:
+class WindowCopies(LinearOperator):
     """The copies and pickles of a :class:`~mfac_core.DynamicIHVP` (a base class of it).
 
     The window is edited in place: a copy that shared its buffers would corrupt the
@@ -60,7 +60,6 @@ class WindowCopies:
     """
 
     _G: Any
-    _xp: Any
 
     def __copy__(self: _Window) -> _Window:
         return copy.deepcopy(self)
@@ -77,7 +76,7 @@ class WindowCopies:
         return new
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        LinearOperator.__setstate__(self, unpickled(state))
+        super().__setstate__(unpickled(state))
         # Pickle rebuilt a PyTorch buffer in PyTorch's memory: into the constructor's.
         self._G = _host_rows.rehomed(self._xp, self._G)
 
