@@ -10,29 +10,19 @@ because an edit moves the replaced slot to the end of the factor.
 
 from __future__ import annotations
 
-import copy
 from collections import deque
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from typing import Any
 
-from . import _deprecation, _host_rows
+from . import _deprecation
 from ._compat import Array
 from ._dynamic_factor import SlotFactor, committed, finished, redamped, refined, solved
 from ._dynamic_setup import WindowOptions, build, emptied, filled, local_gram, window_options
-from ._dynamic_state import LoadedState, saved_state, unpickled
-from ._dynamic_window import (
-    StepCheck,
-    insert,
-    remove_slot,
-    update_and_matvec_checked,
-    update_and_matvec_finite,
-)
+from ._dynamic_state import LoadedState, WindowCopies, saved_state
+from ._dynamic_window import StepCheck, insert, remove_slot, update_and_matvec_checked
 from ._layout import BlockGroup
-from ._operator import LinearOperator, gradient_items
+from ._operator import gradient_items
 from ._refine import fisher_residual
-
-#: A DynamicIHVP or subclass (ShardedDynamicIHVP): what its deep copy is.
-_Window = TypeVar("_Window", bound="DynamicIHVP")
 
 __all__ = ["DynamicIHVP"]
 
@@ -40,7 +30,7 @@ __all__ = ["DynamicIHVP"]
 _SlotFactor = SlotFactor
 
 
-class DynamicIHVP(LinearOperator):
+class DynamicIHVP(WindowCopies):
     r"""The inverse damped Fisher of a sliding window of the last gradients.
 
     ``F = damp * I + (1/k) * sum(g g^T)`` over the ``k <= num_grads``
@@ -296,35 +286,7 @@ class DynamicIHVP(LinearOperator):
     def _shift(self, k: int, damp: float | None = None) -> float:
         return (self.num_grads if self.zero_init else k) * (self.damp if damp is None else damp)
 
-    # -- copies, pickles and the factor (_dynamic_factor) -------------------------------
-
-    def __copy__(self) -> DynamicIHVP:
-        # The window is edited in place: a copy that shared its buffers would corrupt the
-        # original at its next update, so every copy is a deep one.
-        return copy.deepcopy(self)
-
-    def __deepcopy__(self: _Window, memo: dict[int, Any]) -> _Window:
-        # The buffer is copied once, into memory allocated as the constructor's
-        # (_host_rows.zeros: NumPy's, for a PyTorch CPU window), then the rest as any
-        # operator's, through the pickling state: a subclass's own __getstate__ and
-        # __setstate__ leave out of the copy and rebuild what they do for a pickle (a
-        # lock, say). The state is this version's, so this class's __setstate__ (the
-        # migration and re-homing of a pickle's buffer) is not needed.
-        if id(self._G) not in memo:  # an enclosing deepcopy that copied it shares its copy
-            memo[id(self._G)] = _host_rows.copied(self._xp, self._G)
-        new = type(self).__new__(type(self))
-        memo[id(self)] = new
-        state = copy.deepcopy(self.__getstate__(), memo)
-        if type(self).__setstate__ is DynamicIHVP.__setstate__:
-            LinearOperator.__setstate__(new, state)
-        else:
-            new.__setstate__(state)
-        return new
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(unpickled(state))
-        # Pickle rebuilt a PyTorch buffer in PyTorch's memory: into the constructor's.
-        self._G = _host_rows.rehomed(self._xp, self._G)
+    # -- the factor (_dynamic_factor) ---------------------------------------------------
 
     def _commit(self, factor: SlotFactor, *, refactored: bool) -> None:
         committed(self, factor, refactored=refactored)
@@ -424,13 +386,6 @@ class DynamicIHVP(LinearOperator):
         See ``_dynamic_window.update_and_matvec_checked`` (``MFAC.step`` calls this).
         """
         return update_and_matvec_checked(self, g, strict=strict)
-
-    def _update_and_matvec_finite(self, g: Array, /) -> Array | None:
-        """:meth:`update_and_matvec`, or None, the window unchanged, for a step not finite.
-
-        See ``_dynamic_window.update_and_matvec_finite`` (a distributed ``MFAC`` calls this).
-        """
-        return update_and_matvec_finite(self, g)
 
     def remove_oldest(self) -> None:
         """Remove the oldest gradient of the window."""

@@ -1,4 +1,4 @@
-"""The checkpoints of :class:`~mfac_core.DynamicIHVP`: ``state_dict`` and its checks.
+"""The checkpoints of :class:`~mfac_core.DynamicIHVP`: ``state_dict``, its checks, copies.
 
 ``load_state_dict`` checks everything before anything changes: the state's
 form, its shard layout, the whole Gram matrix against the one recomputed from
@@ -8,15 +8,18 @@ columns. Sharded, every rank's checks are reduced with one status word.
 
 from __future__ import annotations
 
+import copy
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
+from . import _host_rows
 from ._capacitance import DRIFT_TOL, CapacitanceFactor, check_window_damp
 from ._compat import Array, detached
 from ._dynamic_factor import SlotFactor, evenly_spaced, factorized
 from ._dynamic_setup import local_gram
+from ._operator import LinearOperator
 from ._validation import check_count, check_damp, check_flag, check_same_space
 
 #: The format version of ``state_dict``.
@@ -41,6 +44,47 @@ def unpickled(state: dict[str, Any]) -> dict[str, Any]:
     if state.pop("update_method", None) == "refactor":
         state["refactor_every"] = 0
     return state
+
+
+#: A DynamicIHVP or subclass (ShardedDynamicIHVP): what its deep copy is.
+_Window = TypeVar("_Window", bound="WindowCopies")
+
+
+class WindowCopies(LinearOperator):
+    """The copies and pickles of a :class:`~mfac_core.DynamicIHVP` (a base class of it).
+
+    The window is edited in place: a copy that shared its buffers would corrupt the
+    original at its next update, so every copy is a deep one, and its buffer is in
+    memory allocated as the constructor's (``_host_rows.zeros``: NumPy's, with
+    transparent huge pages, for a PyTorch CPU window).
+    """
+
+    _G: Any
+
+    def __copy__(self: _Window) -> _Window:
+        return copy.deepcopy(self)
+
+    def __deepcopy__(self: _Window, memo: dict[int, Any]) -> _Window:
+        # The buffer is copied once, then the rest as any operator's, through the
+        # pickling state: a subclass's own __getstate__ and __setstate__ leave out of the
+        # copy and rebuild what they do for a pickle (a lock, say). The state is this
+        # version's, so this class's __setstate__ (the migration and re-homing of a
+        # pickle's buffer) is not needed.
+        if id(self._G) not in memo:  # an enclosing deepcopy that copied it shares its copy
+            memo[id(self._G)] = _host_rows.copied(self._xp, self._G)
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        state = copy.deepcopy(self.__getstate__(), memo)
+        if type(self).__setstate__ is WindowCopies.__setstate__:
+            LinearOperator.__setstate__(new, state)
+        else:
+            new.__setstate__(state)
+        return new
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(unpickled(state))
+        # Pickle rebuilt a PyTorch buffer in PyTorch's memory: into the constructor's.
+        self._G = _host_rows.rehomed(self._xp, self._G)
 
 
 def saved_state(op: Any) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from ._dynamic_checks import Refused
+from ._dynamic_window import update_and_matvec_finite
 from ._errors import FactorizationError
 from ._torch_distributed import all_gather, dtensor_class, local
 from ._torch_sparse import check_layouts
@@ -145,7 +146,7 @@ def distributed_step(opt: Any, g: torch.Tensor) -> None:
     try:
         # Strict, a step not finite on any rank is refused on every rank before the
         # window commits to the gradient (one more reduction of one number).
-        s = opt.ihvp._update_and_matvec_finite(x) if strict else opt.ihvp.update_and_matvec(x)
+        s = update_and_matvec_finite(opt.ihvp, x) if strict else opt.ihvp.update_and_matvec(x)
     except (FactorizationError, ValueError) as exc:
         hopeless = isinstance(exc, Refused) and exc.hopeless
         if isinstance(exc, FactorizationError) or hopeless:
