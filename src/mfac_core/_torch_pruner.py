@@ -165,7 +165,9 @@ class MFACPruner:
         check_choice(update, "update", ("single", "joint", "none"))
         # Checked here, as torch.optim checks its hyper-parameters, not at the first
         # prune() (where a bad selection_block_size was reported as "block_size").
-        damp = check_damp(damp)
+        # With m: a damping whose shift m damp overflows is refused here, not after the
+        # m forward and backward passes of the first prune().
+        damp = check_damp(damp, num_grads=num_grads)
         block_size = check_block(block_size, "block_size")
         selection_block_size = check_block(selection_block_size, "selection_block_size")
         check_fisher_dtype(dtype)
