@@ -223,6 +223,15 @@ def test_pruner_refuses_a_damping_whose_shift_overflows_when_built():
     with pytest.raises(ValueError, match=r"^damp=1e\+307 is too large for 64 gradients"):
         MFACPruner(model, num_grads=64, damp=1e307)
     assert MFACPruner(model, num_grads=2, damp=1e307).damp == 1e307
+    # A grid of dampings: refused by prune() before the loader is read.
+    pruner = MFACPruner(model, num_grads=64)
+
+    def loader():
+        raise AssertionError("the loader was read")
+        yield
+
+    with pytest.raises(ValueError, match=r"^dampings\[1\]=1e\+307 is too large for 64"):
+        pruner.prune(loader(), F.mse_loss, sparsity=0.5, dampings=[1e-3, 1e307], select_damp=len)
 
 
 def test_a_group_that_would_change_the_window_dtype_says_so():

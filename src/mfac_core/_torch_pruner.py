@@ -18,7 +18,7 @@ from ._torch_pruner_inputs import (
     check_float16,
     chosen_weights,
 )
-from ._validation import check_choice, check_damp, check_fraction
+from ._validation import check_choice, check_damp, check_dampings, check_fraction
 
 __all__ = ["MFACPruner"]
 
@@ -474,6 +474,8 @@ class MFACPruner:
         sparsity = check_fraction(sparsity, "sparsity")
         if (dampings is None) != (select_damp is None):
             raise ValueError("give both dampings (the grid) and select_damp (the held-out loss)")
+        if dampings is not None:  # before the gradients' forward and backward passes
+            check_dampings(dampings, "dampings", num_grads=self.num_grads)
         before = (
             {name: w.detach().clone() for name, w in self.weights.items()},
             {name: m.clone() for name, m in self.masks.items()},
