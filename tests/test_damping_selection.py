@@ -206,6 +206,8 @@ def test_select_damping_validation(rng):
         select_damping(theta, G, [0.1, 0.0], sparsity=0.5, loss=loss)
     with pytest.raises(ValueError, match="at least one"):
         select_damping(theta, G, [], sparsity=0.5, loss=loss)
+    with pytest.raises(ValueError, match=r"^dampings\[1\]=1e\+307 is too large for"):
+        select_damping(theta, G, [0.1, 1e307], sparsity=0.5, loss=loss)
     with pytest.raises(ValueError, match="sparsity"):
         select_damping(theta, G, [0.1], sparsity=1.0, loss=loss)
     with pytest.raises(TypeError, match="dtype"):

@@ -148,6 +148,17 @@ def test_blocks_spanned_by_the_gradients_do_not_warn(rng, xp_name, block_size):
     assert np.all(np.abs(diag - np.diag(Finv)) <= 8 * eps * np.diag(Finv))
 
 
+def test_blocks_of_gradients_whose_squared_norms_overflow_are_refused_without_warning():
+    # A block's Gram trace overflows before the set-up's check of G's squared norms:
+    # the blocks' kappa bound must not warn (RuntimeWarning, an error here) ahead of
+    # that check's ValueError.
+    G = np.random.default_rng(0).standard_normal((8, 16)) * 2.0**510.25
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        with pytest.raises(ValueError, match="squared norms"):
+            StaticIHVP(G, damp=1e304, block_size=4)
+
+
 def test_serves_only_numpy_dense_blocks():
     G = np.ones((4, 12), dtype=np.float32)
     xp = array_api_compat.array_namespace(G)

@@ -489,6 +489,9 @@ def test_damping_sweep_validation(rng):
         damping_sweep(theta[:9], G, [0.1], sparsity=0.5)
     with pytest.raises(TypeError, match="dtype"):
         damping_sweep(theta.astype(np.float32), G, [0.1], sparsity=0.5)
+    # m damp beyond float64's range: named as the caller's argument, before the set-up.
+    with pytest.raises(ValueError, match=r"^dampings\[1\]=1e\+308 is too large for 3 gradients"):
+        damping_sweep(theta, G, [0.1, 1e308], sparsity=0.5)
 
 
 def test_docstring_examples():

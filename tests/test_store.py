@@ -567,6 +567,9 @@ def test_from_gradients_keeps_the_loaders_own_type_error(rng):
         StaticIHVP.from_gradients(Loader(), num_grads=2, dim=5, damp=1.0)
     with pytest.raises(TypeError, match="gradients must be an iterable of arrays, got int"):
         StaticIHVP.from_gradients(3, num_grads=2, dim=5, damp=1.0)
+    for scalar in (np.float64(1.0), np.zeros(())):  # they have __getitem__ and __iter__
+        with pytest.raises(TypeError, match="gradients must be an iterable of arrays, got"):
+            StaticIHVP.from_gradients(scalar, num_grads=2, dim=5, damp=1.0)
 
 
 def test_from_gradients_user_arrays_and_existing_files(tmp_path, rng):

@@ -216,6 +216,24 @@ def test_meta_parameters_are_refused_clearly():
         MFACPruner(model)
 
 
+def test_pruner_refuses_a_damping_whose_shift_overflows_when_built():
+    # Regression: accepted, then refused by the first prune() after its m forward and
+    # backward passes (m damp, the capacitance's shift, beyond float64's range).
+    model = nn.Linear(3, 2)
+    with pytest.raises(ValueError, match=r"^damp=1e\+307 is too large for 64 gradients"):
+        MFACPruner(model, num_grads=64, damp=1e307)
+    assert MFACPruner(model, num_grads=2, damp=1e307).damp == 1e307
+    # A grid of dampings: refused by prune() before the loader is read.
+    pruner = MFACPruner(model, num_grads=64)
+
+    def loader():
+        raise AssertionError("the loader was read")
+        yield
+
+    with pytest.raises(ValueError, match=r"^dampings\[1\]=1e\+307 is too large for 64"):
+        pruner.prune(loader(), F.mse_loss, sparsity=0.5, dampings=[1e-3, 1e307], select_damp=len)
+
+
 def test_a_group_that_would_change_the_window_dtype_says_so():
     # Regression: "would change the step's dtype from torch.float32 to torch.float32
     # (or the window's)": the step's dtype did not change, the window's did.

@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from . import _capacitance, _dense_blocks, _engine
 from ._compat import Array, device, is_writeable_array
 from ._gform import DenseBlockFactors, GFormFactor
@@ -87,8 +89,12 @@ def _dense_chunk_factors(
         Linv = factor.lower_inverse()  # F_b^{-1} = Linv^T Linv; no product of the two
         # factorize's lower bound assumes lambda_min(F_b) = damp, as in the Woodbury form;
         # gradients that span a block make F_b far better conditioned than that.
-        lam_lo, _ = _capacitance.lambda_max_bounds(xp, gram)
-        lo = _capacitance.dense_kappa_lower(xp, damp + lam_lo / m, Linv)
+        # From the Gram scaled by a power of two (its products may overflow where its
+        # eigenvalues do not); an overflowing bound is inf, left to the checks of G's
+        # squared norms and the factor, not a RuntimeWarning (errstate is local here).
+        with np.errstate(over="ignore", invalid="ignore"):
+            excess, _ = _capacitance.excess_bounds(xp, gram, shift=1.0, scale=1.0 / m)
+            lo = _capacitance.dense_kappa_lower(xp, damp + excess, Linv)
         hi = factor.kappa[1] if factor.kappa is not None else math.inf
         track.add(dataclasses.replace(factor, kappa=(lo, hi)))
         yield chunk[0][0], chunk[-1][1], Linv

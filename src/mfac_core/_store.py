@@ -214,8 +214,11 @@ _END = object()
 def _batches(gradients: Iterable[Any]) -> Iterator[Any]:
     # Asked of the type, not by catching iter()'s TypeError: that would also catch, and
     # hide, a TypeError raised inside the iterable's own __iter__ (a data loader's).
+    # A 0-d array or NumPy scalar has the methods but no iteration (its own TypeError,
+    # "iteration over a 0-d array", named nothing of ours).
     kind = type(gradients)
-    if not (hasattr(kind, "__iter__") or hasattr(kind, "__getitem__")):
+    scalar = getattr(gradients, "ndim", None) == 0
+    if scalar or not (hasattr(kind, "__iter__") or hasattr(kind, "__getitem__")):
         raise TypeError(f"gradients must be an iterable of arrays, got {kind.__name__}")
     return iter(gradients)
 

@@ -10,7 +10,9 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from ._compat import array_namespace
+import numpy as np
+
+from ._compat import array_namespace, device
 
 # -- SPMD on threads ------------------------------------------------------------------------
 
@@ -85,8 +87,9 @@ class ThreadComm:
     reduction raises :class:`threading.BrokenBarrierError` instead of waiting
     forever: a test sees an error that is not collective as different
     exceptions on different ranks. Ranks that reduce arrays of different
-    shapes, dtypes or libraries (which the protocol forbids, and which an
-    engine such as gloo cannot reduce) all raise :class:`RuntimeError`.
+    shapes or dtypes (which the protocol forbids, and which an engine such
+    as gloo cannot reduce) all raise :class:`RuntimeError`; ranks of
+    different array libraries each get the sum in their own.
     """
 
     def __init__(self, group: _ThreadGroup, rank: int) -> None:
@@ -117,21 +120,32 @@ class ThreadComm:
             group.fail()
             raise RuntimeError(f"ranks reduced arrays of different shapes: {sorted(shapes)}")
         # The protocol's dtype too: adding float32 to float64 here would promote without a
-        # word, where an engine that exchanges bytes fails (gloo aborts the process).
+        # word, where an engine that exchanges bytes fails (gloo aborts the process). The
+        # libraries may differ (the protocol returns each rank's sum in its own namespace,
+        # and TorchComm reduces NumPy arrays beside tensors): dtypes compare by name.
         kinds = {f"{type(p).__module__}.{type(p).__name__} {p.dtype}" for p in parts}
-        if len(kinds) != 1:
+        if len({str(p.dtype).rsplit(".", 1)[-1] for p in parts}) != 1:
             group.fail()
-            raise RuntimeError(
-                f"ranks reduced arrays of different types or dtypes: {sorted(kinds)}"
-            )
+            raise RuntimeError(f"ranks reduced arrays of different dtypes: {sorted(kinds)}")
         xp = array_namespace(x)
-        total = xp.asarray(parts[0], copy=True)
+        total = xp.asarray(self._own(x, parts[0]), copy=True)
         for part in parts[1:]:
-            total = total + part
+            total = total + self._own(x, part)
         # Nobody may overwrite its part before every rank has read all of them.
         group.wait()
         self.num_calls += 1
         return total
+
+    @staticmethod
+    def _own(x: Any, part: Any) -> Any:
+        """``part`` in the namespace, dtype and device of ``x`` (its values, exactly)."""
+        xp = array_namespace(x)
+        if array_namespace(part) is xp:
+            return part
+        # Through the host (a GPU tensor's tolist, another library's DLPack export).
+        tolist = getattr(part, "tolist", None)
+        values = tolist() if tolist is not None else np.from_dlpack(part)
+        return xp.asarray(values, dtype=x.dtype, device=device(x))
 
 
 def run_spmd_threads(

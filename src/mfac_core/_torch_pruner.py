@@ -18,7 +18,7 @@ from ._torch_pruner_inputs import (
     check_float16,
     chosen_weights,
 )
-from ._validation import check_choice, check_damp, check_fraction
+from ._validation import check_choice, check_damp, check_dampings, check_fraction
 
 __all__ = ["MFACPruner"]
 
@@ -165,7 +165,9 @@ class MFACPruner:
         check_choice(update, "update", ("single", "joint", "none"))
         # Checked here, as torch.optim checks its hyper-parameters, not at the first
         # prune() (where a bad selection_block_size was reported as "block_size").
-        damp = check_damp(damp)
+        # With m: a damping whose shift m damp overflows is refused here, not after the
+        # m forward and backward passes of the first prune().
+        damp = check_damp(damp, num_grads=num_grads)
         block_size = check_block(block_size, "block_size")
         selection_block_size = check_block(selection_block_size, "selection_block_size")
         check_fisher_dtype(dtype)
@@ -472,6 +474,8 @@ class MFACPruner:
         sparsity = check_fraction(sparsity, "sparsity")
         if (dampings is None) != (select_damp is None):
             raise ValueError("give both dampings (the grid) and select_damp (the held-out loss)")
+        if dampings is not None:  # before the gradients' forward and backward passes
+            check_dampings(dampings, "dampings", num_grads=self.num_grads)
         before = (
             {name: w.detach().clone() for name, w in self.weights.items()},
             {name: m.clone() for name, m in self.masks.items()},

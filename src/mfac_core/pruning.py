@@ -557,6 +557,8 @@ def damping_sweep(
     sparsity = check_fraction(sparsity, "sparsity")
     dampings = check_dampings(dampings, "dampings")  # before the O(d m^2) set-up
     G = prepared_grads(xp, theta, G, None if given is None else mask)
+    # m damp within float64's range, named as given (the operator's check says "damps").
+    check_dampings(dampings, "dampings", num_grads=int(G.shape[0]))
     op = SpectralIHVP(G, damp=1.0, block_size=block_size)
     diag = op.diagonal(damps=dampings)
     saliency = saliency_of_diagonal(xp, theta, diag)
@@ -702,6 +704,8 @@ def select_damping(
     dampings = check_dampings(dampings, "dampings")  # before the O(d m^2) set-up
     # Pruned coordinates decouple (module Notes).
     G = prepared_grads(xp, theta, G, None if given is None else mask)
+    # m damp within float64's range, named as given (the operator's check says "damps").
+    check_dampings(dampings, "dampings", num_grads=int(G.shape[0]))
     op = SpectralIHVP(G, damp=1.0, block_size=block_size)
     diag = op.diagonal(damps=dampings)  # one pass for all K
     grid = tuple(float(dp) for dp in dampings)
