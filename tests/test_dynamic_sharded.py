@@ -429,6 +429,30 @@ def test_two_windows_applied_in_different_orders_raise_on_every_rank() -> None:
         assert unchanged
 
 
+def _a_window_and_its_copy_in_different_orders(comm: Communicator) -> Any:
+    m, d = 3, 8
+    lo, hi = 4 * comm.rank, 4 * comm.rank + 4
+    rng = np.random.default_rng(17)
+    a = ShardedDynamicIHVP.from_window(rng.standard_normal((m, d))[:, lo:hi], damp=0.1, comm=comm)
+    b = copy.deepcopy(a)
+    g, h, x = rng.standard_normal((3, d))[:, lo:hi]
+    a.update(g)  # the two diverge, at the same count of edits
+    b.update(h)
+    first = a if comm.rank == 0 else b
+    try:
+        first.matvec(x)
+    except RuntimeError as exc:
+        return str(exc)
+    return "no error"
+
+
+def test_a_window_and_its_deep_copy_applied_in_different_orders_raise_on_every_rank() -> None:
+    # A deep copy kept the original's identity: once updates made the two differ, rank
+    # 0's product with the original added rank 1's sums of the copy, without a word.
+    for r in _ok(run_spmd_threads(_a_window_and_its_copy_in_different_orders, 2, timeout=20)):
+        assert "different collective operations" in r, r
+
+
 def test_dask_windows_are_refused_on_every_rank() -> None:
     # The window over Dask failed deep inside its first product (a matmul of mismatched
     # core dimensions); a Dask array cannot cross a communicator either.

@@ -26,7 +26,7 @@ from ._dynamic_sharded import (
     sharded_residual,
     summed,
 )
-from ._sharding import ShardLayout
+from ._sharding import ShardLayout, copied_identity
 from ._validation import check_count, namespace_of
 from .distributed import Communicator, check_communicator
 
@@ -134,6 +134,8 @@ class ShardedDynamicIHVP(DynamicIHVP):
     layout: ShardLayout
     #: Names this window in the tags of its reductions, the same on every rank.
     _identity: int
+    #: How many deep copies were made of this window (each names its copy, above).
+    _copies = 0
     _collective_checks = True
 
     def __init__(
@@ -257,7 +259,13 @@ class ShardedDynamicIHVP(DynamicIHVP):
     def __deepcopy__(self, memo: dict[int, Any]) -> ShardedDynamicIHVP:
         # A communicator stands for the group of processes: the copy shares it.
         memo.setdefault(id(self.comm), self.comm)
-        return super().__deepcopy__(memo)
+        new = super().__deepcopy__(memo)
+        # The copy is another window (updates make the two differ): a name of its own in
+        # the tags, so that ranks applying the original and the copy in different orders
+        # raise instead of adding one's sums to the other's.
+        self._copies += 1
+        new._identity, new._copies = copied_identity(self._identity, self._copies), 0
+        return new
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         # Refused here, where pickle starts, not in __getstate__: deep copies (which share

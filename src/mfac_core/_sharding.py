@@ -44,6 +44,7 @@ __all__ = [
     "encode_status",
     "gather_ints",
     "host_values",
+    "copied_identity",
     "identity_draw",
     "reduce_checked",
 ]
@@ -102,6 +103,17 @@ def identity_draw() -> int:
     of one to the other's. 52 bits: exact in the float64 reduction.
     """
     return secrets.randbits(52)
+
+
+def copied_identity(identity: int, count: int) -> int:
+    """The identity of the ``count``-th copy of an operator named ``identity`` (52 bits).
+
+    Derived without a reduction, alike on every rank that copies the operator as
+    often (ranks copy in the same order, as they make every collective call), so
+    that an operator and its copy, diverged by updates, are told apart in the tags.
+    """
+    digest = hashlib.blake2b(f"{identity}:{count}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 12
 
 
 @dataclass(frozen=True)
