@@ -573,10 +573,37 @@ class _SciPyProduct:
         x = np.asarray(x)
         if np.iscomplexobj(x):
             # A real operator acts on both parts; casting would drop the imaginary one.
-            re = self.apply(np.asarray(x.real, dtype=self.dtype))
-            im = self.apply(np.asarray(x.imag, dtype=self.dtype))
+            re = self.apply(self._cast(x.real, "the real part of x"))
+            im = self.apply(self._cast(x.imag, "the imaginary part of x"))
             return re + 1j * im
-        return self.apply(np.asarray(x, dtype=self.dtype))
+        return self.apply(self._cast(x, "x"))
+
+    def _cast(self, x: Any, name: str) -> Any:
+        """``x`` in the operator's dtype; a finite value that overflows it is refused.
+
+        Cast to float32 a float64 entry beyond float32's range would become infinity
+        (NumPy's warning only), which the operator would then refuse as an infinity
+        that ``x`` does not hold, or with ``check_finite=False`` turn into a product
+        of infinities and NaN.
+        """
+        import numpy as np
+
+        narrowing = x.dtype.kind == "f" and x.dtype.itemsize > np.dtype(self.dtype).itemsize
+        if not narrowing:
+            return np.asarray(x, dtype=self.dtype)
+        with np.errstate(over="ignore"):
+            out = np.asarray(x, dtype=self.dtype)
+        if not np.all(np.isfinite(out)):
+            over = np.isinf(out) & np.isfinite(x)
+            if np.any(over):
+                where = np.unravel_index(int(np.argmax(over)), x.shape)
+                index = ", ".join(map(str, where))
+                raise ValueError(
+                    f"{name} holds {float(x[where])!r} at [{index}], beyond the range of "
+                    f"{np.dtype(self.dtype)}, the operator's dtype, to which SciPy's "
+                    "vectors are cast; rescale the problem, or build the operator in float64"
+                )
+        return out
 
 
 def _check_compatible(a: LinearOperator, b: LinearOperator, what: str) -> None:
