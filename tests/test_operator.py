@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import array_api_compat
@@ -315,6 +316,36 @@ def test_integer_powers_as_scipy(rng):
             op**bad
     with pytest.raises(TypeError):
         op ** "2"
+
+
+def test_a_scaled_operator_refuses_a_factor_that_is_not_finite(rng):
+    # Regression: op * nan, inf * op, op / 1e-310 (1 / x is infinite) built operators
+    # whose every product was NaN or infinite, while the inputs are checked for NaN;
+    # op * 10**400 raised a bare OverflowError and op / 0 "float division by zero".
+    G = rng.standard_normal((3, 6))
+    F = EmpiricalFisher(G, damp=0.5)
+    x = rng.standard_normal(6)
+    want = F @ x
+    for build in (
+        lambda: F * math.nan,
+        lambda: math.inf * F,
+        lambda: F.dot(-math.inf),
+        lambda: F(np.float32("inf")),
+        lambda: F * 10**400,
+    ):
+        with pytest.raises(ValueError, match="scalar multiplying an operator must be finite"):
+            build()
+    with pytest.raises(ValueError, match=r"^1 / 1e-310 must be finite"):
+        F / 1e-310
+    with pytest.raises(ValueError, match="divisor of an operator must be finite"):
+        F / math.nan
+    with pytest.raises(ZeroDivisionError, match="cannot divide an operator by zero"):
+        F / 0
+    # Finite factors, down to the smallest, still scale.
+    assert np.array_equal((F * 2.0) @ x, 2.0 * want)
+    assert np.array_equal((F / 4) @ x, 0.25 * want)
+    assert np.array_equal((F * 5e-324) @ x, 5e-324 * want)
+    assert np.array_equal(F @ x, want)
 
 
 def test_a_scipy_operator_operand_is_refused_with_the_way_to_compose_it(rng):

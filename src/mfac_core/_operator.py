@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import math
 import numbers
 from typing import Any
 
@@ -26,7 +27,7 @@ from ._compat import (
     restored_device,
     same_device,
 )
-from ._validation import check_count, check_finite, check_flag, check_operand
+from ._validation import check_count, check_finite, check_flag, check_operand, finite_or_inf
 
 __all__ = ["LinearOperator", "gradient_items"]
 
@@ -291,8 +292,8 @@ class LinearOperator:
         Parameters
         ----------
         x : LinearOperator, float or array
-            Another operator (of the same library, device and dtype), a real
-            scalar, or an array of shape ``(N,)``, ``(N, 1)`` or ``(N, k)``.
+            Another operator (of the same library, device and dtype), a finite
+            real scalar, or an array of shape ``(N,)``, ``(N, 1)`` or ``(N, k)``.
 
         Returns
         -------
@@ -307,13 +308,14 @@ class LinearOperator:
             If ``x`` is none of these, or is an operator over another library,
             device or dtype; and as :meth:`matvec` and :meth:`matmat`.
         ValueError
-            If ``x`` is an array of more than two dimensions, or an operator
-            whose shape does not fit; and as :meth:`matvec` and :meth:`matmat`.
+            If ``x`` is an array of more than two dimensions, an operator
+            whose shape does not fit, or a scalar that is NaN or infinite; and
+            as :meth:`matvec` and :meth:`matmat`.
         """
         if isinstance(x, LinearOperator):
             return _ProductOperator(self, x)
         if isinstance(x, numbers.Real) and not isinstance(x, bool):
-            return _ScaledOperator(self, float(x))
+            return _ScaledOperator(self, _finite_scalar(x))
         if not is_array_api_obj(x):
             # SciPy's operators are LinearOperators too, but not this class's.
             hint = (
@@ -356,7 +358,7 @@ class LinearOperator:
 
     def __rmul__(self, other: Any) -> Any:
         if isinstance(other, numbers.Real) and not isinstance(other, bool):
-            return _ScaledOperator(self, float(other))
+            return _ScaledOperator(self, _finite_scalar(other))
         if is_array_api_obj(other):
             # SciPy's x * A is x @ A, as A * x is A @ x.
             return self.__rmatmul__(other)
@@ -364,7 +366,10 @@ class LinearOperator:
 
     def __truediv__(self, other: Any) -> Any:
         if isinstance(other, numbers.Real) and not isinstance(other, bool):
-            return _ScaledOperator(self, 1.0 / float(other))
+            divisor = _finite_scalar(other, "the divisor of an operator")
+            if divisor == 0.0:
+                raise ZeroDivisionError("cannot divide an operator by zero")
+            return _ScaledOperator(self, _finite_scalar(1.0 / divisor, f"1 / {other!r}"))
         return NotImplemented
 
     def __neg__(self) -> LinearOperator:
@@ -550,6 +555,21 @@ def gradient_items(
     if getattr(op, "refine", 0):
         items.append(f"refine={op.refine}")
     return tuple(items)
+
+
+def _finite_scalar(value: Any, what: str = "the scalar multiplying an operator") -> float:
+    """``value`` as a finite Python float, the factor of a scaled operator.
+
+    An infinite or NaN factor (or an int beyond float64's range) would make every
+    product of the operator NaN or infinite, inputs checked for finiteness or not.
+    """
+    alpha = finite_or_inf(value)
+    if not math.isfinite(alpha):
+        raise ValueError(
+            f"{what} must be finite, got {value!r}: every product of the scaled operator "
+            "would be NaN or infinite"
+        )
+    return alpha
 
 
 class _SciPyProduct:

@@ -56,6 +56,7 @@ __all__ = [
     "check_same_space",
     "check_writeable",
     "described",
+    "finite_or_inf",
     "is_number_list",
     "namespace_of",
     "non_finite_error",
