@@ -378,6 +378,27 @@ def test_row_vector_times_operator_numpy():
     assert_close(np.ones((2, 3)) * Dense(A), np.ones((2, 3)) @ A)
 
 
+def test_row_stack_times_operator_names_x_as_given():
+    # Regression: x @ A checked x^T, so that for x of shape (2, 5) and A of shape (3, 5)
+    # the message read "X must have shape (3, k), got (5, 2)", and a NaN at x[1, 2] was
+    # "X[2, 1] is nan".
+    A = np.arange(15.0).reshape(3, 5)
+    op = Dense(A)
+    with pytest.raises(
+        ValueError, match=r"^x @ A needs x of shape \(3,\) or \(k, 3\), got \(2, 5\)"
+    ):
+        np.ones((2, 5)) @ op
+    x = np.ones((2, 3))
+    x[1, 2] = np.nan
+    with pytest.raises(ValueError, match=r"x\[1, 2\] is nan"):
+        x @ op
+    with pytest.raises(TypeError, match="floating"):
+        np.ones((2, 3), dtype=np.int64) @ op
+    y = np.arange(6.0).reshape(2, 3)
+    assert_close(y @ op, y @ A)
+    assert_close(y.astype(np.float32) @ op, y @ A)  # promoted to the operator's float64
+
+
 # -- dottest ---------------------------------------------------------------------------------
 
 

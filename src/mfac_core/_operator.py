@@ -350,8 +350,26 @@ class LinearOperator:
             if other.ndim == 1:
                 return self.transpose().matvec(other)
             if other.ndim == 2:
-                return self.transpose().matmat(other.T).T
+                return self.transpose().matmat(self._rows(other)).T
         return NotImplemented
+
+    def _rows(self, x: Array) -> Array:
+        """The stack of rows ``x`` of ``x @ A``, checked as given, transposed to ``x^T``.
+
+        ``matmat`` of ``x^T`` checks it too, but its messages would name the transpose:
+        "X must have shape (M, k), got (N, 2)" for an x of shape (2, N), and
+        ``X[j, i] is nan`` for ``x[i, j]``. A column-sharded operator's own ``matmat``
+        checks its local shards.
+        """
+        if self.layout is not None:
+            return x.T
+        m = self.shape[0]
+        x = check_operand(self._xp, self.device, self.dtype, x, "x", owner=self)
+        if x.shape[1] != m:
+            raise ValueError(f"x @ A needs x of shape ({m},) or (k, {m}), got {tuple(x.shape)}")
+        if self.check_finite:
+            check_finite(self._xp, x, "x")
+        return x.T
 
     def __mul__(self, other: Any) -> Any:
         return self.dot(other)
