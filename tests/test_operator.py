@@ -360,6 +360,24 @@ def test_a_scipy_operator_operand_is_refused_with_the_way_to_compose_it(rng):
     assert_close((F.to_scipy() @ other) @ np.ones(6), F @ np.ones(6))
 
 
+def test_numpy_does_not_take_an_operator_for_an_array(rng):
+    # Regression: NumPy converted an operator to a 0-d object array: np.asarray(A)
+    # "worked", np.dot(x, A) returned an object array of scaled operators, and SciPy's
+    # S @ A failed on that array ("expected 1-d or 2-d array or matrix, got array(<...>)").
+    scipy_linalg = pytest.importorskip("scipy.sparse.linalg")
+    F = EmpiricalFisher(rng.standard_normal((3, 6)), damp=0.5)
+    S = scipy_linalg.aslinearoperator(np.eye(6))
+    for call in (lambda: np.asarray(F), lambda: np.dot(np.ones(6), F), lambda: S @ F):
+        with pytest.raises(
+            TypeError, match=r"^EmpiricalFisher is an operator, not an array.*to_scipy"
+        ):
+            call()
+    x = rng.standard_normal(6)
+    assert_close(np.float64(2.0) * F @ x, 2.0 * (F @ x))  # NumPy scalars still scale it
+    assert_close(x @ F, F @ x)  # and NumPy arrays still defer to it
+    assert_close(S @ F.to_scipy() @ x, F @ x)
+
+
 def test_row_vector_times_operator_torch():
     torch = pytest.importorskip("torch")
     A = np.arange(15.0).reshape(3, 5)

@@ -335,6 +335,16 @@ class LinearOperator:
 
     __call__ = dot
 
+    def __array__(self, dtype: Any = None, copy: Any = None) -> Any:
+        # Without it NumPy takes an operator for a 0-d object array: np.asarray(A) "works",
+        # np.dot(x, A) returns an object array of scaled operators, and SciPy's
+        # ``S @ A`` fails on that array ("expected 1-d or 2-d array ... got array(<...>)").
+        raise TypeError(
+            f"{type(self).__name__} is an operator, not an array, and NumPy cannot convert "
+            "it: apply it with @ or matvec/matmat, build its matrix with todense(), or pass "
+            "to_scipy() to SciPy (whose operators compose with it)"
+        )
+
     def __matmul__(self, other: Any) -> Any:
         if isinstance(other, numbers.Number):
             raise ValueError("scalar operands are not allowed with @, use * instead")
