@@ -59,6 +59,14 @@ class LinearOperator:
     check_finite : bool, optional
         Whether inputs to ``matvec``/``matmat`` are checked for NaN and
         infinity (one extra read of the input).
+
+    Notes
+    -----
+    ``x @ A`` and ``x * A`` with an array on the left reach the operator only
+    where the array's library hands an unknown right operand over to it, as
+    NumPy, PyTorch, JAX and Dask do; array-api-strict raises ``TypeError``
+    ("Expected Array or Python scalar") itself. ``A.T @ x`` (and
+    ``(A.T @ X.T).T`` for a stack of rows) is the same product everywhere.
     """
 
     ndim = 2
