@@ -208,6 +208,41 @@ def test_adjoint_and_transpose(dense_setup, fisher_setup, rng):
     assert Finv.H is Finv and Finv.T is Finv and Finv.adjoint() is Finv
 
 
+class _Matrix(LinearOperator):
+    """A subclass as a user writes one: the namespace and device given as they come."""
+
+    def __init__(self, A: Any, xp: Any, device: Any) -> None:
+        super().__init__(shape=tuple(A.shape), dtype=A.dtype, xp=xp, device=device)
+        self.A = A
+
+    def _matmat(self, X: Any) -> Any:
+        return self.A @ X
+
+    def _rmatmat(self, X: Any) -> Any:
+        return self.A.T @ X
+
+
+def test_a_subclass_may_name_the_library_module_and_device_name(rng):
+    # Regression: with xp=numpy (not array-api-compat's wrapped namespace) every NumPy
+    # input was refused as "x is a numpy array but ... works on numpy arrays", and a
+    # PyTorch operator on device="cpu" refused every tensor as "x is on device
+    # device(type='cpu') but ... lives on device 'cpu'".
+    A = rng.standard_normal((3, 4))
+    x = rng.standard_normal(4)
+    op = _Matrix(A, np, "cpu")
+    assert op.xp is array_api_compat.array_namespace(A)
+    assert_close(op @ x, A @ x)
+    for bad in ("numpy", None, 3):
+        with pytest.raises(TypeError, match="xp must be an array namespace or library module"):
+            _Matrix(A, bad, "cpu")
+    torch = pytest.importorskip("torch")
+    At = torch.asarray(A)
+    op = _Matrix(At, torch, "cpu")
+    assert op.device == At.device
+    assert_close(op @ torch.asarray(x), A @ x)
+    assert_close(op.T @ torch.ones(3, dtype=torch.float64), A.T @ np.ones(3))
+
+
 def test_H_uses_the_subclass_adjoint():
     A = Dense(np.arange(6.0).reshape(2, 3))
     assert A.H.H is A

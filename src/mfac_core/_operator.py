@@ -19,9 +19,11 @@ from typing import Any
 
 from ._compat import (
     Array,
+    array_namespace,
     canonical_device,
     is_array_api_obj,
     is_numpy_namespace,
+    is_torch_namespace,
     namespace_name,
     picklable_device,
     restored_device,
@@ -50,7 +52,9 @@ class LinearOperator:
     dtype : dtype
         The dtype of the operator, in its array namespace.
     xp : module
-        The (array-api-compat wrapped) namespace of the operator's arrays.
+        The (array-api-compat wrapped) namespace of the operator's arrays, as
+        ``array_api_compat.array_namespace`` gives it; the library module
+        itself (``numpy``, ``torch``, ``cupy``, ``dask.array``) stands for it.
     device : object
         The device on which the operator's arrays live.
     symmetric : bool, optional
@@ -98,7 +102,12 @@ class LinearOperator:
             raise ValueError(f"shape must be a pair of non-negative ints, got {shape!r}")
         self.shape = (int(shape[0]), int(shape[1]))
         self.dtype = dtype
-        self._xp = xp
+        self._xp = _namespace(xp)
+        if isinstance(device, str) and is_torch_namespace(self._xp):
+            # A tensor's device is a torch.device, never equal to its name ("cpu").
+            import torch
+
+            device = torch.device(device)
         # As its arrays report it: torch.device("cuda") is "cuda:<current>".
         self.device = canonical_device(device)
         self._symmetric = bool(symmetric)
@@ -546,6 +555,27 @@ class LinearOperator:
     def _repr_options(self) -> tuple[str, ...]:
         """``key=value`` items that tell this operator from others of its class in its repr."""
         return ()
+
+
+#: Library modules whose arrays report array-api-compat's wrapped namespace instead.
+_WRAPPED_LIBRARIES = ("numpy", "torch", "cupy", "dask.array")
+
+
+def _namespace(xp: Any) -> Any:
+    """``xp`` as the operator's arrays report their namespace.
+
+    Given ``numpy`` rather than ``array_api_compat.numpy``, a subclass refused every
+    NumPy input as "x is a numpy array but ... works on numpy arrays".
+    """
+    name = getattr(xp, "__name__", None)
+    if not isinstance(name, str) or not hasattr(xp, "asarray"):
+        raise TypeError(
+            f"xp must be an array namespace or library module (numpy, torch, cupy, "
+            f"jax.numpy, ...), got {xp!r}"
+        )
+    if name in _WRAPPED_LIBRARIES:
+        return array_namespace(xp.empty(0))
+    return xp
 
 
 def gradient_items(
