@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import array_api_compat
@@ -207,6 +208,41 @@ def test_adjoint_and_transpose(dense_setup, fisher_setup, rng):
     assert Finv.H is Finv and Finv.T is Finv and Finv.adjoint() is Finv
 
 
+class _Matrix(LinearOperator):
+    """A subclass as a user writes one: the namespace and device given as they come."""
+
+    def __init__(self, A: Any, xp: Any, device: Any) -> None:
+        super().__init__(shape=tuple(A.shape), dtype=A.dtype, xp=xp, device=device)
+        self.A = A
+
+    def _matmat(self, X: Any) -> Any:
+        return self.A @ X
+
+    def _rmatmat(self, X: Any) -> Any:
+        return self.A.T @ X
+
+
+def test_a_subclass_may_name_the_library_module_and_device_name(rng):
+    # Regression: with xp=numpy (not array-api-compat's wrapped namespace) every NumPy
+    # input was refused as "x is a numpy array but ... works on numpy arrays", and a
+    # PyTorch operator on device="cpu" refused every tensor as "x is on device
+    # device(type='cpu') but ... lives on device 'cpu'".
+    A = rng.standard_normal((3, 4))
+    x = rng.standard_normal(4)
+    op = _Matrix(A, np, "cpu")
+    assert op.xp is array_api_compat.array_namespace(A)
+    assert_close(op @ x, A @ x)
+    for bad in ("numpy", None, 3):
+        with pytest.raises(TypeError, match="xp must be an array namespace or library module"):
+            _Matrix(A, bad, "cpu")
+    torch = pytest.importorskip("torch")
+    At = torch.asarray(A)
+    op = _Matrix(At, torch, "cpu")
+    assert op.device == At.device
+    assert_close(op @ torch.asarray(x), A @ x)
+    assert_close(op.T @ torch.ones(3, dtype=torch.float64), A.T @ np.ones(3))
+
+
 def test_H_uses_the_subclass_adjoint():
     A = Dense(np.arange(6.0).reshape(2, 3))
     assert A.H.H is A
@@ -317,6 +353,36 @@ def test_integer_powers_as_scipy(rng):
         op ** "2"
 
 
+def test_a_scaled_operator_refuses_a_factor_that_is_not_finite(rng):
+    # Regression: op * nan, inf * op, op / 1e-310 (1 / x is infinite) built operators
+    # whose every product was NaN or infinite, while the inputs are checked for NaN;
+    # op * 10**400 raised a bare OverflowError and op / 0 "float division by zero".
+    G = rng.standard_normal((3, 6))
+    F = EmpiricalFisher(G, damp=0.5)
+    x = rng.standard_normal(6)
+    want = F @ x
+    for build in (
+        lambda: F * math.nan,
+        lambda: math.inf * F,
+        lambda: F.dot(-math.inf),
+        lambda: F(np.float32("inf")),
+        lambda: F * 10**400,
+    ):
+        with pytest.raises(ValueError, match="scalar multiplying an operator must be finite"):
+            build()
+    with pytest.raises(ValueError, match=r"^1 / 1e-310 must be finite"):
+        F / 1e-310
+    with pytest.raises(ValueError, match="divisor of an operator must be finite"):
+        F / math.nan
+    with pytest.raises(ZeroDivisionError, match="cannot divide an operator by zero"):
+        F / 0
+    # Finite factors, down to the smallest, still scale.
+    assert np.array_equal((F * 2.0) @ x, 2.0 * want)
+    assert np.array_equal((F / 4) @ x, 0.25 * want)
+    assert np.array_equal((F * 5e-324) @ x, 5e-324 * want)
+    assert np.array_equal(F @ x, want)
+
+
 def test_a_scipy_operator_operand_is_refused_with_the_way_to_compose_it(rng):
     # Regression: "expected ... a LinearOperator, got _CustomLinearOperator" (it is one,
     # SciPy's); the message now names this library's class and to_scipy().
@@ -327,6 +393,24 @@ def test_a_scipy_operator_operand_is_refused_with_the_way_to_compose_it(rng):
     with pytest.raises(TypeError, match=r"mfac_core LinearOperator.*to_scipy\(\)"):
         F @ other
     assert_close((F.to_scipy() @ other) @ np.ones(6), F @ np.ones(6))
+
+
+def test_numpy_does_not_take_an_operator_for_an_array(rng):
+    # Regression: NumPy converted an operator to a 0-d object array: np.asarray(A)
+    # "worked", np.dot(x, A) returned an object array of scaled operators, and SciPy's
+    # S @ A failed on that array ("expected 1-d or 2-d array or matrix, got array(<...>)").
+    scipy_linalg = pytest.importorskip("scipy.sparse.linalg")
+    F = EmpiricalFisher(rng.standard_normal((3, 6)), damp=0.5)
+    S = scipy_linalg.aslinearoperator(np.eye(6))
+    for call in (lambda: np.asarray(F), lambda: np.dot(np.ones(6), F), lambda: S @ F):
+        with pytest.raises(
+            TypeError, match=r"^EmpiricalFisher is an operator, not an array.*to_scipy"
+        ):
+            call()
+    x = rng.standard_normal(6)
+    assert_close(np.float64(2.0) * F @ x, 2.0 * (F @ x))  # NumPy scalars still scale it
+    assert_close(x @ F, F @ x)  # and NumPy arrays still defer to it
+    assert_close(S @ F.to_scipy() @ x, F @ x)
 
 
 def test_row_vector_times_operator_torch():
@@ -345,6 +429,27 @@ def test_row_vector_times_operator_numpy():
     # SciPy's x * A is x @ A (it raised TypeError: unsupported operand).
     assert_close(np.arange(3.0) * Dense(A), np.arange(3.0) @ A)
     assert_close(np.ones((2, 3)) * Dense(A), np.ones((2, 3)) @ A)
+
+
+def test_row_stack_times_operator_names_x_as_given():
+    # Regression: x @ A checked x^T, so that for x of shape (2, 5) and A of shape (3, 5)
+    # the message read "X must have shape (3, k), got (5, 2)", and a NaN at x[1, 2] was
+    # "X[2, 1] is nan".
+    A = np.arange(15.0).reshape(3, 5)
+    op = Dense(A)
+    with pytest.raises(
+        ValueError, match=r"^x @ A needs x of shape \(3,\) or \(k, 3\), got \(2, 5\)"
+    ):
+        np.ones((2, 5)) @ op
+    x = np.ones((2, 3))
+    x[1, 2] = np.nan
+    with pytest.raises(ValueError, match=r"x\[1, 2\] is nan"):
+        x @ op
+    with pytest.raises(TypeError, match="floating"):
+        np.ones((2, 3), dtype=np.int64) @ op
+    y = np.arange(6.0).reshape(2, 3)
+    assert_close(y @ op, y @ A)
+    assert_close(y.astype(np.float32) @ op, y @ A)  # promoted to the operator's float64
 
 
 # -- dottest ---------------------------------------------------------------------------------

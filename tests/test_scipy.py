@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import warnings
 
 import numpy as np
 import pytest
@@ -222,6 +223,33 @@ def test_lobpcg_float32(rng):
         F, rng.standard_normal((d, k)).astype(np.float32), M=M, largest=False, maxiter=200, tol=1e-4
     )
     np.testing.assert_allclose(np.sort(vals), want[:k], rtol=1e-4)
+
+
+@pytest.mark.parametrize("check_finite", [True, False])
+def test_a_solver_vector_beyond_float32_is_refused_as_such(rng, check_finite):
+    # Regression: SciPy's float64 vectors are cast to a float32 operator's dtype; an
+    # entry beyond float32's range became infinity (NumPy's warning only), refused as
+    # "x must not contain NaN or infinity: x[3] is inf", which x did not hold, or with
+    # check_finite=False turned into a product of infinities.
+    G = rng.standard_normal((3, 8)).astype(np.float32)
+    sop = StaticIHVP(G, damp=0.5, check_finite=check_finite).to_scipy()
+    x = np.ones(8)
+    x[3] = -1e300
+    Z = np.ones((8, 2)) + 1j * np.ones((8, 2))
+    Z[5, 1] = 1 + 1e40j
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no RuntimeWarning of the cast either
+        with pytest.raises(ValueError, match=r"^x holds -1e\+300 at \[3\], beyond .* float32"):
+            sop.matvec(x)
+        with pytest.raises(ValueError, match=r"^x holds -1e\+300 at \[3, 0\]"):
+            sop.matmat(x[:, None])
+        with pytest.raises(ValueError, match=r"^the imaginary part of x holds 1e\+40 at \[5, 1\]"):
+            sop.matmat(Z)
+        # Within float32's range (and the float64 operator's) nothing changes.
+        x[3] = -1e30
+        assert_close(sop.matvec(x), StaticIHVP(G, damp=0.5).matvec(x.astype(np.float32)))
+        big = StaticIHVP(G.astype(np.float64), damp=0.5).to_scipy()
+        assert np.all(np.isfinite(big.matvec(np.full(8, 1e300))))
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -385,6 +385,31 @@ def test_oracles_that_divide_by_damp_check_it_and_x():
             call(G, "0.5")
 
 
+def test_complex_arrays_are_refused_not_compared_by_their_real_part():
+    # Regression: with dtype= given, a complex actual was cast to float64 (NumPy's
+    # ComplexWarning only) and passed on its real part; the oracles likewise dropped the
+    # imaginary part of a complex G or x and returned the result for its real part.
+    a = np.ones(3)
+    with pytest.raises(TypeError, match="actual is complex128"):
+        assert_close(a + 1j, a, dtype="float64")
+    G = np.ones((2, 3))
+    so = SpectralOracle(G, 0.5)
+    calls = [
+        ("G", lambda: SpectralOracle(G + 1j, 0.5)),
+        ("G", lambda: condition_number(G + 1j, 0.5)),
+        ("G", lambda: empirical_fisher_dense(G + 1j, 0.5)),
+        ("G", lambda: paper_static(G + 1j, 0.5)),
+        ("x", lambda: so.matvec(a + 1j)),
+        ("X", lambda: so.matmat(a[:, None] + 1j)),
+        ("x", lambda: extended_precision_inverse(G, 0.5, a + 1j)),
+        ("x", lambda: paper_static(G, 0.5).matvec(a + 1j)),
+        ("x", lambda: paper_dynamic(G, 0.5).matvec(a + 1j)),
+    ]
+    for name, call in calls:
+        with pytest.raises(TypeError, match=rf"^{name} must be real .*complex128"):
+            call()
+
+
 def test_assert_close_refuses_a_string_or_huge_int_slack():
     # Regression: float() parsed a string ("1e-3" as atol, read as a number) and an int
     # beyond float64's range raised a bare OverflowError.

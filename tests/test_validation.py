@@ -4,6 +4,7 @@ checked through every public entry point that takes the argument."""
 from __future__ import annotations
 
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -334,6 +335,47 @@ def test_optimizer_flags_and_callables():
         StaticIHVP(G, damp=1.0, progress="x")
     with pytest.raises(TypeError, match="xp must be an array namespace"):
         DynamicIHVP(3, 5, damp=1.0, dtype="float64", xp="numpy")
+
+
+def test_sparse_and_nested_torch_tensors_are_refused_by_name():
+    # Regression: they are tensors to array-api-compat, so they passed the type checks
+    # and failed deep inside: "Could not run 'aten::ne.Scalar' with arguments from the
+    # 'SparseCPU' backend", "unsupported tensor layout: SparseCsr", "NestedTensorImpl
+    # doesn't support sizes"; nothing said which argument or what to pass instead.
+    torch = pytest.importorskip("torch")
+    Gt = torch.asarray(G)
+    x = torch.asarray(np.linspace(-1.0, 1.0, G.shape[1]))
+    ops = [
+        StaticIHVP(Gt, damp=0.1),
+        EmpiricalFisher(Gt, damp=0.1, check_finite=False),
+        SpectralIHVP(Gt, damp=0.1),
+    ]
+    window = DynamicIHVP(3, G.shape[1], damp=0.1, dtype="float64", xp=torch)
+    window.update(Gt[0])
+    ops.append(window)
+    before = [op @ x for op in ops]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # CSR and nested tensors are beta
+        sparse = [(x.to_sparse(), "sparse_coo"), (x[:, None].to_sparse_csr(), "sparse_csr")]
+        nested = torch.nested.nested_tensor([x, x])
+    for op in ops:
+        for xs, layout in sparse:
+            with pytest.raises(
+                TypeError, match=rf"^x is a PyTorch tensor of layout torch\.{layout}"
+            ):
+                op.matvec(xs)
+    with pytest.raises(TypeError, match=r"^X is a PyTorch tensor .*pass X\.to_dense\(\)"):
+        ops[0].matmat(x[:, None].to_sparse())
+    with pytest.raises(TypeError, match=r"^g is a PyTorch tensor of layout torch\.sparse_coo"):
+        window.update(x.to_sparse())
+    for build in (StaticIHVP, EmpiricalFisher, SpectralIHVP):
+        with pytest.raises(TypeError, match=r"^G is a PyTorch tensor of layout torch\.sparse_coo"):
+            build(Gt.to_sparse(), damp=0.1)
+    with pytest.raises(TypeError, match=r"^x is a nested PyTorch tensor.*torch\.stack"):
+        ops[0].matvec(nested)
+    assert len(window) == 1
+    for op, y in zip(ops, before, strict=True):
+        assert torch.equal(op @ x, y)  # the refusals changed nothing
 
 
 def test_masked_arrays_are_refused_by_name():

@@ -13,20 +13,23 @@ from __future__ import annotations
 
 import copy
 import importlib
+import math
 import numbers
 from typing import Any
 
 from ._compat import (
     Array,
+    array_namespace,
     canonical_device,
     is_array_api_obj,
     is_numpy_namespace,
+    is_torch_namespace,
     namespace_name,
     picklable_device,
     restored_device,
     same_device,
 )
-from ._validation import check_count, check_finite, check_flag, check_operand
+from ._validation import check_count, check_finite, check_flag, check_operand, finite_or_inf
 
 __all__ = ["LinearOperator", "gradient_items"]
 
@@ -49,7 +52,9 @@ class LinearOperator:
     dtype : dtype
         The dtype of the operator, in its array namespace.
     xp : module
-        The (array-api-compat wrapped) namespace of the operator's arrays.
+        The (array-api-compat wrapped) namespace of the operator's arrays, as
+        ``array_api_compat.array_namespace`` gives it; the library module
+        itself (``numpy``, ``torch``, ``cupy``, ``dask.array``) stands for it.
     device : object
         The device on which the operator's arrays live.
     symmetric : bool, optional
@@ -58,6 +63,14 @@ class LinearOperator:
     check_finite : bool, optional
         Whether inputs to ``matvec``/``matmat`` are checked for NaN and
         infinity (one extra read of the input).
+
+    Notes
+    -----
+    ``x @ A`` and ``x * A`` with an array on the left reach the operator only
+    where the array's library hands an unknown right operand over to it, as
+    NumPy, PyTorch, JAX and Dask do; array-api-strict raises ``TypeError``
+    ("Expected Array or Python scalar") itself. ``A.T @ x`` (and
+    ``(A.T @ X.T).T`` for a stack of rows) is the same product everywhere.
     """
 
     ndim = 2
@@ -89,7 +102,12 @@ class LinearOperator:
             raise ValueError(f"shape must be a pair of non-negative ints, got {shape!r}")
         self.shape = (int(shape[0]), int(shape[1]))
         self.dtype = dtype
-        self._xp = xp
+        self._xp = _namespace(xp)
+        if isinstance(device, str) and is_torch_namespace(self._xp):
+            # A tensor's device is a torch.device, never equal to its name ("cpu").
+            import torch
+
+            device = torch.device(device)
         # As its arrays report it: torch.device("cuda") is "cuda:<current>".
         self.device = canonical_device(device)
         self._symmetric = bool(symmetric)
@@ -291,8 +309,8 @@ class LinearOperator:
         Parameters
         ----------
         x : LinearOperator, float or array
-            Another operator (of the same library, device and dtype), a real
-            scalar, or an array of shape ``(N,)``, ``(N, 1)`` or ``(N, k)``.
+            Another operator (of the same library, device and dtype), a finite
+            real scalar, or an array of shape ``(N,)``, ``(N, 1)`` or ``(N, k)``.
 
         Returns
         -------
@@ -307,13 +325,14 @@ class LinearOperator:
             If ``x`` is none of these, or is an operator over another library,
             device or dtype; and as :meth:`matvec` and :meth:`matmat`.
         ValueError
-            If ``x`` is an array of more than two dimensions, or an operator
-            whose shape does not fit; and as :meth:`matvec` and :meth:`matmat`.
+            If ``x`` is an array of more than two dimensions, an operator
+            whose shape does not fit, or a scalar that is NaN or infinite; and
+            as :meth:`matvec` and :meth:`matmat`.
         """
         if isinstance(x, LinearOperator):
             return _ProductOperator(self, x)
         if isinstance(x, numbers.Real) and not isinstance(x, bool):
-            return _ScaledOperator(self, float(x))
+            return _ScaledOperator(self, _finite_scalar(x))
         if not is_array_api_obj(x):
             # SciPy's operators are LinearOperators too, but not this class's.
             hint = (
@@ -333,6 +352,16 @@ class LinearOperator:
 
     __call__ = dot
 
+    def __array__(self, dtype: Any = None, copy: Any = None) -> Any:
+        # Without it NumPy takes an operator for a 0-d object array: np.asarray(A) "works",
+        # np.dot(x, A) returns an object array of scaled operators, and SciPy's
+        # ``S @ A`` fails on that array ("expected 1-d or 2-d array ... got array(<...>)").
+        raise TypeError(
+            f"{type(self).__name__} is an operator, not an array, and NumPy cannot convert "
+            "it: apply it with @ or matvec/matmat, build its matrix with todense(), or pass "
+            "to_scipy() to SciPy (whose operators compose with it)"
+        )
+
     def __matmul__(self, other: Any) -> Any:
         if isinstance(other, numbers.Number):
             raise ValueError("scalar operands are not allowed with @, use * instead")
@@ -348,15 +377,33 @@ class LinearOperator:
             if other.ndim == 1:
                 return self.transpose().matvec(other)
             if other.ndim == 2:
-                return self.transpose().matmat(other.T).T
+                return self.transpose().matmat(self._rows(other)).T
         return NotImplemented
+
+    def _rows(self, x: Array) -> Array:
+        """The stack of rows ``x`` of ``x @ A``, checked as given, transposed to ``x^T``.
+
+        ``matmat`` of ``x^T`` checks it too, but its messages would name the transpose:
+        "X must have shape (M, k), got (N, 2)" for an x of shape (2, N), and
+        ``X[j, i] is nan`` for ``x[i, j]``. A column-sharded operator's own ``matmat``
+        checks its local shards.
+        """
+        if self.layout is not None:
+            return x.T
+        m = self.shape[0]
+        x = check_operand(self._xp, self.device, self.dtype, x, "x", owner=self)
+        if x.shape[1] != m:
+            raise ValueError(f"x @ A needs x of shape ({m},) or (k, {m}), got {tuple(x.shape)}")
+        if self.check_finite:
+            check_finite(self._xp, x, "x")
+        return x.T
 
     def __mul__(self, other: Any) -> Any:
         return self.dot(other)
 
     def __rmul__(self, other: Any) -> Any:
         if isinstance(other, numbers.Real) and not isinstance(other, bool):
-            return _ScaledOperator(self, float(other))
+            return _ScaledOperator(self, _finite_scalar(other))
         if is_array_api_obj(other):
             # SciPy's x * A is x @ A, as A * x is A @ x.
             return self.__rmatmul__(other)
@@ -364,7 +411,10 @@ class LinearOperator:
 
     def __truediv__(self, other: Any) -> Any:
         if isinstance(other, numbers.Real) and not isinstance(other, bool):
-            return _ScaledOperator(self, 1.0 / float(other))
+            divisor = _finite_scalar(other, "the divisor of an operator")
+            if divisor == 0.0:
+                raise ZeroDivisionError("cannot divide an operator by zero")
+            return _ScaledOperator(self, _finite_scalar(1.0 / divisor, f"1 / {other!r}"))
         return NotImplemented
 
     def __neg__(self) -> LinearOperator:
@@ -507,6 +557,27 @@ class LinearOperator:
         return ()
 
 
+#: Library modules whose arrays report array-api-compat's wrapped namespace instead.
+_WRAPPED_LIBRARIES = ("numpy", "torch", "cupy", "dask.array")
+
+
+def _namespace(xp: Any) -> Any:
+    """``xp`` as the operator's arrays report their namespace.
+
+    Given ``numpy`` rather than ``array_api_compat.numpy``, a subclass refused every
+    NumPy input as "x is a numpy array but ... works on numpy arrays".
+    """
+    name = getattr(xp, "__name__", None)
+    if not isinstance(name, str) or not hasattr(xp, "asarray"):
+        raise TypeError(
+            f"xp must be an array namespace or library module (numpy, torch, cupy, "
+            f"jax.numpy, ...), got {xp!r}"
+        )
+    if name in _WRAPPED_LIBRARIES:
+        return array_namespace(xp.empty(0))
+    return xp
+
+
 def gradient_items(
     op: Any, *, power: float | None = None, filled: int | None = None, zero_init: bool = False
 ) -> tuple[str, ...]:
@@ -552,6 +623,21 @@ def gradient_items(
     return tuple(items)
 
 
+def _finite_scalar(value: Any, what: str = "the scalar multiplying an operator") -> float:
+    """``value`` as a finite Python float, the factor of a scaled operator.
+
+    An infinite or NaN factor (or an int beyond float64's range) would make every
+    product of the operator NaN or infinite, inputs checked for finiteness or not.
+    """
+    alpha = finite_or_inf(value)
+    if not math.isfinite(alpha):
+        raise ValueError(
+            f"{what} must be finite, got {value!r}: every product of the scaled operator "
+            "would be NaN or infinite"
+        )
+    return alpha
+
+
 class _SciPyProduct:
     """One product of a NumPy-backed operator as :meth:`LinearOperator.to_scipy` exports it.
 
@@ -573,10 +659,37 @@ class _SciPyProduct:
         x = np.asarray(x)
         if np.iscomplexobj(x):
             # A real operator acts on both parts; casting would drop the imaginary one.
-            re = self.apply(np.asarray(x.real, dtype=self.dtype))
-            im = self.apply(np.asarray(x.imag, dtype=self.dtype))
+            re = self.apply(self._cast(x.real, "the real part of x"))
+            im = self.apply(self._cast(x.imag, "the imaginary part of x"))
             return re + 1j * im
-        return self.apply(np.asarray(x, dtype=self.dtype))
+        return self.apply(self._cast(x, "x"))
+
+    def _cast(self, x: Any, name: str) -> Any:
+        """``x`` in the operator's dtype; a finite value that overflows it is refused.
+
+        Cast to float32 a float64 entry beyond float32's range would become infinity
+        (NumPy's warning only), which the operator would then refuse as an infinity
+        that ``x`` does not hold, or with ``check_finite=False`` turn into a product
+        of infinities and NaN.
+        """
+        import numpy as np
+
+        narrowing = x.dtype.kind == "f" and x.dtype.itemsize > np.dtype(self.dtype).itemsize
+        if not narrowing:
+            return np.asarray(x, dtype=self.dtype)
+        with np.errstate(over="ignore"):
+            out = np.asarray(x, dtype=self.dtype)
+        if not np.all(np.isfinite(out)):
+            over = np.isinf(out) & np.isfinite(x)
+            if np.any(over):
+                where = np.unravel_index(int(np.argmax(over)), x.shape)
+                index = ", ".join(map(str, where))
+                raise ValueError(
+                    f"{name} holds {float(x[where])!r} at [{index}], beyond the range of "
+                    f"{np.dtype(self.dtype)}, the operator's dtype, to which SciPy's "
+                    "vectors are cast; rescale the problem, or build the operator in float64"
+                )
+        return out
 
 
 def _check_compatible(a: LinearOperator, b: LinearOperator, what: str) -> None:

@@ -73,6 +73,38 @@ def to_numpy(x: Any) -> np.ndarray:
     return out
 
 
+def real_numpy(x: Any, name: str) -> np.ndarray:
+    """:func:`to_numpy` of ``x``, refusing a complex array (``TypeError``).
+
+    The oracles compute in real float64; converting a complex array to it would
+    drop the imaginary part with only NumPy's ``ComplexWarning``, and a wrong
+    complex result would then be compared by its real part alone.
+
+    Parameters
+    ----------
+    x : array or scalar
+        What :func:`to_numpy` accepts.
+    name : str
+        The argument's name, for the message.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``to_numpy(x)``.
+
+    Raises
+    ------
+    TypeError
+        If ``x`` is complex.
+    """
+    out = to_numpy(x)
+    if np.iscomplexobj(out):
+        raise TypeError(
+            f"{name} must be real (the oracles and the operators are real), got {out.dtype}"
+        )
+    return out
+
+
 def as_grads(G: Any) -> np.ndarray:
     """Return gradients of any library as a non-empty float64 NumPy array.
 
@@ -90,8 +122,10 @@ def as_grads(G: Any) -> np.ndarray:
     ------
     ValueError
         If ``G`` is not a non-empty 2-D array.
+    TypeError
+        If ``G`` is complex.
     """
-    G = np.asarray(to_numpy(G), dtype=np.float64)
+    G = np.asarray(real_numpy(G, "G"), dtype=np.float64)
     if G.ndim != 2 or G.shape[0] == 0 or G.shape[1] == 0:
         raise ValueError(f"G must be a non-empty 2-D array (m, d), got shape {G.shape}")
     return G
@@ -149,6 +183,8 @@ def empirical_fisher_dense(G: Any, damp: float, *, block_size: int | None = None
     ------
     ValueError
         If ``G`` is not a non-empty 2-D array, or ``block_size < 1``.
+    TypeError
+        If ``G`` is complex.
     """
     G = as_grads(G)
     m, d = G.shape
@@ -186,6 +222,8 @@ def dense_inverse(G: Any, damp: float, *, block_size: int | None = None) -> np.n
     ------
     ValueError
         If ``G`` is not a non-empty 2-D array, or ``block_size < 1``.
+    TypeError
+        If ``G`` is complex.
     numpy.linalg.LinAlgError
         If a block of ``F`` is exactly singular in float64, as it can be
         for ``damp <= 0``.
@@ -228,7 +266,7 @@ def extended_precision_inverse(G: Any, damp: float, x: Any) -> np.ndarray:
         If ``G`` is not a non-empty 2-D array, ``x`` has another shape than
         ``(d,)``, or ``damp`` is not finite and positive.
     TypeError
-        If ``damp`` is not a real number.
+        If ``damp`` is not a real number, or ``G`` or ``x`` is complex.
 
     Examples
     --------
@@ -242,7 +280,7 @@ def extended_precision_inverse(G: Any, damp: float, x: Any) -> np.ndarray:
     LD = np.longdouble
     Gl = as_grads(G).astype(LD)
     damp = check_damp(damp)
-    xl = np.asarray(to_numpy(x), dtype=LD)
+    xl = np.asarray(real_numpy(x, "x"), dtype=LD)
     if xl.shape != (Gl.shape[1],):
         raise ValueError(f"x must have shape ({Gl.shape[1]},), got {xl.shape}")
     m = Gl.shape[0]
@@ -293,6 +331,8 @@ def condition_number(G: Any, damp: float, *, block_size: int | None = None) -> f
     ValueError
         If ``G`` is not a non-empty 2-D array, ``block_size < 1``, or
         ``damp`` is not finite and positive.
+    TypeError
+        If ``G`` is complex.
     """
     G = as_grads(G)
     m, d = G.shape
@@ -363,6 +403,8 @@ class SpectralOracle:
     ValueError
         If ``G`` is not a non-empty 2-D array, ``damp`` is not finite and
         positive, or ``block_size < 1``.
+    TypeError
+        If ``G`` is complex.
     """
 
     def __init__(self, G: Any, damp: float, *, block_size: int | None = None) -> None:
@@ -411,8 +453,10 @@ class SpectralOracle:
         ------
         ValueError
             If ``X`` does not have shape ``(d, k)``.
+        TypeError
+            If ``X`` is complex.
         """
-        X = np.asarray(to_numpy(X), dtype=np.float64)
+        X = np.asarray(real_numpy(X, "X"), dtype=np.float64)
         if X.ndim != 2 or X.shape[0] != self.dim:
             raise ValueError(f"X must have shape ({self.dim}, k), got {X.shape}")
         out = np.empty_like(X)
@@ -441,8 +485,10 @@ class SpectralOracle:
         ------
         ValueError
             If ``x`` has another shape.
+        TypeError
+            If ``x`` is complex.
         """
-        x = np.asarray(to_numpy(x), dtype=np.float64)
+        x = np.asarray(real_numpy(x, "x"), dtype=np.float64)
         if x.ndim == 2 and x.shape[1] == 1:
             return self.matmat(x)
         if x.ndim != 1:

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from ._testing_oracles import as_grads, to_numpy
+from ._testing_oracles import as_grads, real_numpy
 
 # -- literal transcriptions of the paper ---------------------------------------------------
 
@@ -71,7 +71,7 @@ class PaperStatic:
         numpy.ndarray, shape (d,)
             ``F_m^{-1} x`` in float64.
         """
-        x = np.asarray(to_numpy(x), dtype=np.float64)
+        x = np.asarray(real_numpy(x, "x"), dtype=np.float64)
         return self._apply(x, upto=self.num_grads)
 
     def entry(self, i: int, j: int) -> float:
@@ -196,7 +196,7 @@ class PaperDynamic:
         numpy.ndarray, shape (d,)
             ``F_m^{-1} x`` in float64.
         """
-        x = np.asarray(to_numpy(x), dtype=np.float64)
+        x = np.asarray(real_numpy(x, "x"), dtype=np.float64)
         m, lam, G = self.num_grads, self.damp, self.G
         p = np.array([G[j] @ x for j in range(m)])
         # Eq. (11): s[j] = g_j^T F_0^{-1} x = p_j / lambda, then Eq. (12) step by step.

@@ -30,6 +30,7 @@ from ._compat import (
     is_array_api_obj,
     is_jax_array,
     is_jax_namespace,
+    is_torch_array,
     is_torch_namespace,
     is_writeable_array,
     namespace_name,
@@ -56,6 +57,7 @@ __all__ = [
     "check_same_space",
     "check_writeable",
     "described",
+    "finite_or_inf",
     "is_number_list",
     "namespace_of",
     "non_finite_error",
@@ -117,6 +119,19 @@ def namespace_of(x: Array, name: str) -> Any:
         raise TypeError(
             f"{name} must be an array of an Array-API library (NumPy, CuPy, PyTorch, JAX, "
             f"array-api-strict), got {type(x).__name__}"
+        )
+    # PyTorch's sparse and nested tensors are tensors to array-api-compat, but the
+    # operators' slicing, checks and passes need strided memory: they failed deep inside
+    # (NotImplementedError "Could not run 'aten::ne.Scalar' ... 'SparseCPU' backend").
+    if is_torch_array(x) and x.is_nested:
+        raise TypeError(
+            f"{name} is a nested PyTorch tensor; the operators take dense (strided) "
+            f"tensors: stack its components, e.g. torch.stack({name}.unbind())"
+        )
+    if is_torch_array(x) and str(x.layout) != "torch.strided":
+        raise TypeError(
+            f"{name} is a PyTorch tensor of layout {x.layout}; the operators take dense "
+            f"(strided) tensors: pass {name}.to_dense()"
         )
     return array_namespace(x)
 

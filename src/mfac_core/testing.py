@@ -189,7 +189,8 @@ def assert_close(
         If ``kappa``, ``factor`` or ``atol`` is negative, NaN or infinite
         (the comparison could then not fail, or not pass).
     TypeError
-        If one of them is not a real number, or ``desired`` is complex.
+        If one of them is not a real number, or ``actual`` or ``desired``
+        is complex.
 
     Notes
     -----
@@ -219,9 +220,11 @@ def assert_close(
     _check_slack(kappa=kappa, factor=factor, atol=atol)
     a = to_numpy(actual)
     desired_np = to_numpy(desired)
-    if np.iscomplexobj(desired_np):
-        # Cast to float64 it would lose its imaginary part, and a real result pass.
-        raise TypeError(f"assert_close compares real arrays; desired is {desired_np.dtype}")
+    # Cast to float64 a complex array would lose its imaginary part: a wrong result would
+    # pass on its real part (``actual`` too, where ``dtype`` is given and not read from it).
+    for what, value in (("actual", a), ("desired", desired_np)):
+        if np.iscomplexobj(value):
+            raise TypeError(f"assert_close compares real arrays; {what} is {value.dtype}")
     desired_np = np.asarray(desired_np, dtype=np.float64)
     if dtype is None:
         dtype = getattr(actual, "dtype", a.dtype)
