@@ -9,7 +9,7 @@ changes the operator (the free factor buffer is scratch).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -235,6 +235,7 @@ def factorized(
     *,
     exact: bool = False,
     warn: bool = True,
+    locate: Callable[[], str | None] | None = None,
 ) -> SlotFactor:
     """The factor of the capacitance matrix of ``slots``, in full (O(k^3)).
 
@@ -242,6 +243,8 @@ def factorized(
     ``FactorizationError``; nothing of the operator changes. Warns of a hopeless
     window (:func:`warn_if_hopeless`) unless ``warn`` is false: then the caller
     warns once nothing can refuse the factor any more, before it commits it.
+    ``locate`` names, for a Gram that is not finite, the first NaN or infinity of
+    the gradients just put in (``_capacitance.factorize``).
     """
     damp = op.damp if damp is None else damp
     xp = op._xp
@@ -257,6 +260,7 @@ def factorized(
         damp=damp,
         gram_dtype="float64" if exact or op._exact_gram else "float32",
         out=out,
+        locate=locate,
     )
     if warn:
         warn_if_hopeless(op, factor)
@@ -290,6 +294,7 @@ def edited(
     gram: Array | None = None,
     pending: Any = None,
     speculation: Speculation | None = None,
+    locate: Callable[[], str | None] | None = None,
 ) -> tuple[SlotFactor, bool]:
     """The factor after ``slot`` gets Gram row ``b``: an O(m^2) edit where possible.
 
@@ -304,7 +309,8 @@ def edited(
     row edit reads it in the same transfer as its own checks, so that a step
     synchronises with the device once. A ``speculation`` computes the step's
     product with the edited factor, whose finiteness joins that read; it is
-    discarded (``speculation.s`` None) unless the edit is kept.
+    discarded (``speculation.s`` None) unless the edit is kept. ``locate`` is
+    :func:`factorized`'s, for the new gradient.
     """
     current = op._factor
     slots = [s for s in current.slots if s != slot] + [slot]
@@ -314,7 +320,7 @@ def edited(
     pending = with_norm(pending, b[slot], op._shift(k))
     if gram is not None:
         judge(op, pending, [])
-        return factorized(op, gram, slots, exact=True, warn=False), True
+        return factorized(op, gram, slots, exact=True, warn=False, locate=locate), True
     if (
         op.update_method == "incremental"
         and len(current.slots) == k == op.num_grads
@@ -365,7 +371,7 @@ def edited(
     gram = op._xp.asarray(op._gram, copy=True)
     gram[slot, :] = b
     gram[:, slot] = b
-    return factorized(op, gram, slots, warn=False), True
+    return factorized(op, gram, slots, warn=False, locate=locate), True
 
 
 def drift(op: Any, edited: SlotFactor, new_diagonal: Array) -> Array:

@@ -20,6 +20,7 @@ from ._dynamic_checks import (
     check_gradient,
     checked_operand,
     checked_values,
+    gradient_culprit,
     judge_gradient,
     values_checked,
 )
@@ -231,8 +232,13 @@ def place(
                 speculation.P = b[:, None] if product is None else product
         else:
             op._G[slot, ...] = g
+        # The rest of the window's Gram was finite: NaN or infinity in it (which
+        # check_finite=False lets in) is g's.
+        locate = gradient_culprit(op, g)
         try:
-            factor, refactored = edited(op, slot, b, pending=pending, speculation=speculation)
+            factor, refactored = edited(
+                op, slot, b, pending=pending, speculation=speculation, locate=locate
+            )
         except FactorizationError:
             if op._exact_gram:
                 raise
@@ -241,7 +247,7 @@ def place(
             # that makes nearly collinear windows indefinite: recompute it, once.
             gram = op._exact_gram_matrix()
             b = xp.asarray(gram[slot, :], copy=True)
-            factor, refactored = edited(op, slot, b, gram=gram)
+            factor, refactored = edited(op, slot, b, gram=gram, locate=locate)
             if speculation is not None:
                 speculation.s = None  # not made with this factor
         if speculation is not None:
