@@ -111,11 +111,18 @@ class Speculation:
     product was computed after the commit before: the same work, read once.
     ``strict`` refuses a product that is not finite before the commit, so that
     the window is as it was (``errors="raise"`` of :class:`mfac_core.torch.MFAC`).
+    ``agree`` (a sharded window's strict step) is the caller's collective that
+    decides on every rank alike whether the product is finite: the reduction its
+    step makes of the product anyway (an all-gather of it, or the sum of a flag),
+    moved before the commit, in place of a reduction of its own.
     """
 
-    def __init__(self, op: Any, *, strict: bool = False) -> None:
+    def __init__(
+        self, op: Any, *, strict: bool = False, agree: Callable[[Array], bool] | None = None
+    ) -> None:
         self._op = op
         self.strict = strict
+        self.agree = agree
         self.X: Any = None
         self.P: Any = None
         self.s: Any = None
@@ -130,15 +137,22 @@ class Speculation:
         """The product with ``factor`` (the row edit's, if it made it) and its finiteness.
 
         Raises ``NotFiniteStep`` where ``strict`` and the product is not finite; a
-        sharded window then decides on every rank alike (one reduction of one number;
-        without ``strict`` its caller decides, after the product).
+        sharded window then decides on every rank alike: through ``agree``, or else
+        one reduction of one number (without ``strict`` its caller decides, after the
+        product).
         """
         op, xp = self._op, self._op._xp
-        if self.s is None:
-            self.finite = bool(self.compute(factor))
-        if self.strict and op._collective_checks:
-            bad = xp.asarray([0.0 if self.finite else 1.0], dtype=xp.float64, device=op.device)
-            self.finite = float(op._summed(bad)[0]) == 0.0
+        if self.strict and op._collective_checks and self.agree is not None:
+            if self.s is None:
+                self.compute(factor)  # its local finiteness is agree's business
+            self.finite = bool(self.agree(self.s))
+        else:
+            if self.s is None:
+                self.finite = bool(self.compute(factor))
+            if self.strict and op._collective_checks:
+                flag = [0.0 if self.finite else 1.0]
+                bad = xp.asarray(flag, dtype=xp.float64, device=op.device)
+                self.finite = float(op._summed(bad)[0]) == 0.0
         if self.strict and not self.finite:
             raise NotFiniteStep
 

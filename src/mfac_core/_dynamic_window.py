@@ -9,6 +9,7 @@ put back and the operator is as it was.
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -386,13 +387,17 @@ def update_and_matvec_checked(op: Any, g: Array, /, *, strict: bool = False) -> 
     return StepCheck("ok", speculation.s, speculation.finite, None)
 
 
-def update_and_matvec_finite(op: Any, g: Array, /) -> Array | None:
+def update_and_matvec_finite(
+    op: Any, g: Array, /, *, agree: Callable[[Array], bool] | None = None
+) -> Array | None:
     """:meth:`DynamicIHVP.update_and_matvec`, or None, the window unchanged, for a step not finite.
 
     A sharded window decides on every rank alike (the step is not finite where it is
-    not on one rank): the step of a distributed ``MFAC(errors="raise")``.
+    not on one rank): the step of a distributed ``MFAC(errors="raise")``. ``agree(s)``,
+    where given, is that decision (collective; see ``_dynamic_factor.Speculation``),
+    taken before the window commits to ``g``; without it the window reduces a flag.
     """
-    speculation = Speculation(op, strict=True)
+    speculation = Speculation(op, strict=True, agree=agree)
     try:
         insert(op, g, speculation=speculation)
     except NotFiniteStep:
