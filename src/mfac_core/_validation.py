@@ -56,6 +56,7 @@ __all__ = [
     "check_same_space",
     "check_writeable",
     "described",
+    "first_non_finite",
     "is_number_list",
     "namespace_of",
     "non_finite_entry",
@@ -191,7 +192,7 @@ def non_finite_entry(xp: Any, x: Array, name: str, *, offset: int = 0) -> str | 
     memory-mapped G is read piece by piece); the scan stops at the first band with such
     an entry. One more read of ``x``: for failures only.
     """
-    found = _first_non_finite(xp, x)
+    found = first_non_finite(xp, x)
     if found is None:
         return None
     index, value = found
@@ -201,8 +202,11 @@ def non_finite_entry(xp: Any, x: Array, name: str, *, offset: int = 0) -> str | 
     return f"{where} is {value}"
 
 
-def _first_non_finite(xp: Any, x: Array) -> tuple[list[int], float] | None:
-    """The index (a list) and value of ``x``'s first NaN or infinity in row-major order."""
+def first_non_finite(xp: Any, x: Array) -> tuple[list[int], float] | None:
+    """The index (a list) and value of ``x``'s first NaN or infinity in row-major order.
+
+    None where ``x`` is finite; read as :func:`non_finite_entry` says.
+    """
     if x.ndim != 2:
         return _first_in_piece(xp, x)
     rows, cols = (int(n) for n in x.shape)
