@@ -294,9 +294,18 @@ def test_non_finite_and_singular_G(bs, rng):
     bad[2, 17] = np.inf
     with pytest.raises(ValueError, match=r"G\[2, 17\] is inf"):
         DaskStaticIHVP(da.from_array(bad, chunks=(4, 5)), damp=damp, block_size=bs)
+    # Unchecked, the FactorizationError names it too, in G's columns (not its chunk's).
+    with pytest.raises(FactorizationError, match=r"NaN or infinity: G\[2, 17\] is inf$"):
+        DaskStaticIHVP(
+            da.from_array(bad, chunks=(4, 5)), damp=damp, block_size=bs, check_finite=False
+        )
     huge = np.full((4, 20), 1e300)
     with pytest.raises(ValueError, match="overflow float64"):
         DaskStaticIHVP(da.from_array(huge, chunks=(4, 5)), damp=1.0, block_size=bs)
+    with pytest.raises(FactorizationError, match="the gradients are finite"):
+        DaskStaticIHVP(
+            da.from_array(huge, chunks=(4, 5)), damp=1.0, block_size=bs, check_finite=False
+        )
     same = np.repeat(G[:1], 4, axis=0)
     with pytest.raises(FactorizationError, match=r"damp=1e-300.*kappa"):
         DaskStaticIHVP(da.from_array(same, chunks=(4, 5)), damp=1e-300, block_size=bs)

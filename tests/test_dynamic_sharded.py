@@ -231,6 +231,63 @@ def test_each_operation_costs_one_reduction_of_the_stated_size() -> None:
         assert [c.shape for c in seen["refined matvec"]] == [(m + S,), (m,), (m,)]
 
 
+def test_strict_step_decides_through_the_callers_reduction() -> None:
+    """A strict step (MFAC(errors="raise")) asks the caller's collective (``agree``) whether
+    its product is finite, before the commit: no reduction of its own beside the row's;
+    refused, the window is as it was; accepted, the product is the plain step's, bit for bit."""
+    from mfac_core._dynamic_window import update_and_matvec_finite
+
+    m, d, size = 3, 20, 2
+    starts = _starts(_even_widths(d, size))
+    gs = np.random.default_rng(4).standard_normal((m + 2, d))
+
+    def rank(comm: Communicator) -> Any:
+        counting = CountingComm(comm)
+        lo, hi = starts[comm.rank], starts[comm.rank + 1]
+        strict, plain = (
+            ShardedDynamicIHVP(m, hi - lo, damp=0.1, dtype="float64", comm=counting)
+            for _ in range(2)
+        )
+        for g in gs[:-1]:
+            strict.update(g[lo:hi])
+            plain.update(g[lo:hi])
+        before = strict.state_dict()
+        g = gs[-1][lo:hi]
+        seen: list[Any] = []
+        counting.reset()
+        refused = update_and_matvec_finite(strict, g, agree=lambda s: seen.append(s) or False)
+        calls = [c.shape for c in counting.calls]
+        after = strict.state_dict()
+        counting.reset()
+        s = update_and_matvec_finite(strict, g, agree=lambda s: True)
+        accepted = [c.shape for c in counting.calls]
+        want = plain.update_and_matvec(g)
+        counting.reset()
+        own = update_and_matvec_finite(plain, gs[0][lo:hi])  # no agree: a flag reduced
+        return (
+            refused,
+            seen,
+            calls,
+            before,
+            after,
+            (s, want, accepted),
+            own,
+            [c.shape for c in counting.calls],
+        )
+
+    for refused, seen, calls, before, after, step, own, flagged in _ok(
+        run_spmd_threads(rank, size)
+    ):
+        assert refused is None and len(seen) == 1 and calls == [(m + 20,)]
+        assert before.keys() == after.keys()
+        for key, value in before.items():
+            np.testing.assert_array_equal(np.asarray(after[key]), np.asarray(value), err_msg=key)
+        s, want, accepted = step
+        np.testing.assert_array_equal(s, want)
+        assert accepted == [(m + 20,)]
+        assert own is not None and flagged == [(m + 20,), (1,)]
+
+
 def test_nearly_collinear_rows_are_exact_in_one_reduction() -> None:
     # Nearly collinear float32 gradients, their differences below float32's resolution of
     # the Gram: each rank's row is summed in float64 (docs/mathematics.rst, "Exact

@@ -414,7 +414,15 @@ def test_nan_in_one_shard(block_size: int | None) -> None:
 
     results = _build_on_threads(make, [3, 6, 3], block_size=block_size)
     _all_raise(results, ValueError, own=1)
-    assert "global column 4" in str(results[1]) or "G[2, 1]" in str(results[1])
+    # The shard's index and the global column, blocked too (it named G[2, 1], the shard's).
+    named = "G_local[2, 1] (global column 4) is nan"
+    assert str(results[1]) == f"G_local must not contain NaN or infinity: {named}"
+    # Unchecked, every rank raises the FactorizationError; blocked, the rank that holds
+    # the NaN names it alike (the full Gram is reduced first: no rank knows whose it is).
+    unchecked = _build_on_threads(make, [3, 6, 3], block_size=block_size, check_finite=False)
+    _all_raise(unchecked, FactorizationError, own=1)
+    if block_size is not None:
+        assert str(unchecked[1]).endswith(f"the gradients hold NaN or infinity: {named}")
 
 
 # The threads' sum overflows in NumPy, which warns; a real engine sums silently.

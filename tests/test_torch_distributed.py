@@ -131,6 +131,20 @@ def test_ddp_mode_matches_one_process(size: int) -> None:
         assert r["calls"] == [[(OPTIONS["num_grads"] + 20,), (d,)]] * STEPS
 
 
+def test_ddp_strict_step_decides_in_its_all_gather() -> None:
+    # errors="raise" refuses a step that is not finite before the window commits: the
+    # all-gather of the step, moved before the commit, decides on every rank alike (it
+    # reduced a flag of its own before). The same parameters, bit for bit.
+    strict = run_spmd_threads(_ddp_threads, 2, None, "raise")
+    plain = run_spmd_threads(_ddp_threads, 2, None, "skip")
+    d = plain[0]["params"].size
+    for r, p in zip(strict, plain, strict=True):
+        assert not isinstance(r, Exception), r
+        assert r["counts"] == (STEPS, 0, 0)
+        np.testing.assert_array_equal(r["params"], p["params"])
+        assert r["calls"] == [[(OPTIONS["num_grads"] + 20,), (d,)]] * STEPS
+
+
 def test_a_nan_on_one_rank_skips_the_step_on_every_rank() -> None:
     # Warnings are process-wide: the three threads' warnings land in one list.
     with warnings.catch_warnings(record=True) as caught:

@@ -261,6 +261,89 @@ def test_non_finite_inputs_are_named_where_they_are():
         sharded.matvec(x)
 
 
+_UNCHECKED = r"^the Gram matrix of these gradients is not finite \(damp=0\.5\): "
+
+
+@pytest.mark.parametrize(
+    ("shape", "block_size"),
+    [((4, 10), None), ((4, 10), 3), ((4, 10), 6), ((6, 5), None)],
+    ids=["woodbury", "dense-blocks", "woodbury-blocks", "m>=d"],
+)
+def test_unchecked_non_finite_gradients_are_named_in_the_factorization_error(shape, block_size):
+    """check_finite=False lets NaN and infinity into the Gram; its FactorizationError names the
+    first one as the refusal of check_finite=True does (row-major in the failing chunk)."""
+    bad = np.random.default_rng(1).standard_normal(shape)
+    # In the first block whatever the block size; the first in row-major order, not
+    # in column-major order (2, 0).
+    bad[3, 4], bad[2, 0], bad[1, 1] = np.inf, -np.inf, np.nan
+    checked = r"G must not contain NaN or infinity: G\[1, 1\] is nan$"
+    named = _UNCHECKED + r"the gradients hold NaN or infinity: G\[1, 1\] is nan$"
+    options = {"damp": 0.5, "block_size": block_size}
+    for cls in (StaticIHVP, SpectralIHVP):
+        with pytest.raises(ValueError, match=checked):
+            cls(bad, **options)
+        with pytest.raises(FactorizationError, match=named):
+            cls(bad, check_finite=False, **options)
+    if block_size is None:
+        unchecked = WindowOptions(check_finite=False)
+        with pytest.raises(FactorizationError, match=named):
+            DynamicIHVP.from_window(bad, damp=0.5, options=unchecked)
+    # Finite gradients whose squared norms overflow are told apart.
+    huge = np.full(shape, 1e200)
+    for cls in (StaticIHVP, SpectralIHVP):
+        with pytest.raises(FactorizationError, match=_UNCHECKED + "the gradients are finite"):
+            cls(huge, check_finite=False, **options)
+
+
+def test_unchecked_non_finite_gradient_of_a_window_is_named():
+    op = DynamicIHVP(3, 10, damp=0.5, dtype="float64", options=WindowOptions(check_finite=False))
+    for g in G[:3]:
+        op.update(g)
+    before = op.state_dict()
+    g = G[3].copy()
+    g[6], g[8] = -np.inf, np.nan
+    with pytest.raises(FactorizationError, match=_UNCHECKED + r".*: g\[6\] is -inf$"):
+        op.update(g)
+    after = op.state_dict()
+    for key, value in before.items():
+        np.testing.assert_array_equal(np.asarray(after[key]), np.asarray(value))
+
+
+def test_non_finite_entries_are_found_in_bounded_pieces(monkeypatch, tmp_path):
+    """The scan reads a 2-D array in bands of rows (long rows in pieces): the first NaN or
+    infinity in row-major order wherever the pieces cut, nothing the size of G made."""
+    import tracemalloc
+
+    from mfac_core import _validation
+
+    rng = np.random.default_rng(2)
+    for scan in (1, 5, 7, 64, 10_000):
+        monkeypatch.setattr(_validation, "SCAN_ENTRIES", scan)
+        for _ in range(20):
+            x = rng.standard_normal((int(rng.integers(1, 9)), int(rng.integers(1, 12))))
+            for _ in range(int(rng.integers(0, 4))):
+                x[rng.integers(x.shape[0]), rng.integers(x.shape[1])] = rng.choice(
+                    [np.nan, np.inf, -np.inf]
+                )
+            rows, cols = np.nonzero(~np.isfinite(x))
+            want = f"x[{rows[0]}, {cols[0] + 3}] is {x[rows[0], cols[0]]}" if rows.size else None
+            assert _validation.non_finite_entry(np, x, "x", offset=3) == want
+    # A memory-mapped G: read in pieces of SCAN_ENTRIES entries, never whole.
+    monkeypatch.setattr(_validation, "SCAN_ENTRIES", 4096)
+    G_map = np.lib.format.open_memmap(
+        tmp_path / "G.npy", mode="w+", dtype=np.float32, shape=(64, 8192)
+    )
+    G_map[63, 8000] = np.nan
+    tracemalloc.start()
+    try:
+        found = _validation.non_finite_entry(np, G_map[:, 100:], "G", offset=100)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert found == "G[63, 8000] is nan"
+    assert peak < 8 * 4096 * 4  # the bool mask of G alone would be 64 * 8092 bytes
+
+
 # -- dtypes outside the documented set ----------------------------------------------------------
 
 

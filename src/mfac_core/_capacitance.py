@@ -167,15 +167,37 @@ def dense_kappa_lower(xp: Any, lam_max_lower: Array, Linv: Array, /) -> float:
     return max(1.0, kappa) if not math.isnan(kappa) else math.inf
 
 
+#: What :func:`factorize`'s ``locate`` returns for gradients found finite: their Gram is
+#: not finite because their squared norms overflow.
+FINITE = ""
+
+
 def factorization_error(
-    damp: float, kappa: tuple[float, float], *, gram_dtype: str = "float64"
+    damp: float,
+    kappa: tuple[float, float],
+    *,
+    gram_dtype: str = "float64",
+    culprit: str | None = None,
 ) -> FactorizationError:
-    """The one wording of a failed factorisation: it names damp and kappa."""
+    """The one wording of a failed factorisation: it names damp and kappa.
+
+    For a Gram that is not finite, ``culprit`` (where the gradients were looked at) names
+    their first NaN or infinity (``"G[4, 7] is nan"``, as the refusals of ``check_finite``
+    word it), or is :data:`FINITE` for finite gradients whose squared norms overflow.
+    """
     lo, hi = kappa
     if not (math.isfinite(lo) and math.isfinite(hi)):
+        head = f"the Gram matrix of these gradients is not finite (damp={damp:g}): "
+        if culprit == FINITE:
+            return FactorizationError(
+                head + "the gradients are finite, but so large that their squared norms "
+                "overflow float64; rescale the gradients (the damping scales with their square)"
+            )
+        if culprit is not None:
+            return FactorizationError(head + f"the gradients hold NaN or infinity: {culprit}")
         return FactorizationError(
-            f"the Gram matrix of these gradients is not finite (damp={damp:g}): the gradients "
-            "hold NaN or infinity, or are so large that their squared norms overflow"
+            head + "the gradients hold NaN or infinity, or are so large that their squared "
+            "norms overflow"
         )
     cause = (
         f"its Gram matrix was accumulated in {gram_dtype}, whose rounding can make a nearly "
@@ -376,6 +398,7 @@ def factorize(
     damp: float,
     gram_dtype: str = "float64",
     out: Array = None,
+    locate: Callable[[], str | None] | None = None,
 ) -> CapacitanceFactor:
     """Factorise ``C = shift * I + scale * gram`` (float64; a matrix or a stack).
 
@@ -393,6 +416,10 @@ def factorize(
         The dtype in which the Gram matrix was accumulated, for the error message.
     out : array (k, k), optional
         A C-contiguous float64 buffer for ``U`` (a single matrix only).
+    locate : callable, optional
+        Called only where the Gram is not finite (the failure path: a successful call
+        reads nothing more): the first NaN or infinity of the gradients behind it, in
+        the words of ``_validation.non_finite_entry``, or None where they are finite.
 
     Raises
     ------
@@ -421,7 +448,13 @@ def factorize(
                 "term plus the gradients' squared norms exceed float64's range; decrease "
                 "damp, or rescale the gradients (the damping scales with their square)"
             ) from None
-        raise factorization_error(damp, kappa, gram_dtype=gram_dtype) from None
+        culprit = None
+        if locate is not None and not bool(xp.all(xp.isfinite(xp.linalg.diagonal(gram)))):
+            # Each off-diagonal entry is bounded by the diagonal's: a Gram that is not
+            # finite has a diagonal that is not, and gradients behind it to look at.
+            found = locate()
+            culprit = FINITE if found is None else found
+        raise factorization_error(damp, kappa, gram_dtype=gram_dtype, culprit=culprit) from None
     U = xp.matrix_transpose(L)
     if out is not None:
         out[...] = U

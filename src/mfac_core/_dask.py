@@ -36,6 +36,7 @@ import numpy as np
 from . import _capacitance, _engine, _layout, _setup, _static
 from ._compat import Array, array_namespace, is_dask_array
 from ._deprecation import legacy_options, warn_deprecated
+from ._errors import FactorizationError
 from ._gform import GFormFactor
 from ._group_factors import GroupFactor
 from ._layout import BlockGroup, block_groups
@@ -45,6 +46,7 @@ from ._validation import (
     check_flag,
     check_index_array,
     check_same_space,
+    non_finite_entry,
     non_finite_error,
     raise_non_finite,
 )
@@ -151,11 +153,19 @@ def _chunk_inverse(
         result = _setup.factorize_gform_groups(
             _NP, G, groups, damp=damp, dtype=G.dtype, check_finite=check_finite, progress=None
         )
-    except ValueError:
+    except ValueError as exc:
         # The set-up names a column of the chunk; say which column of G it is.
-        error = _non_finite_error(G, offset) if check_finite else None
-        if error is not None:
-            raise error from None
+        if check_finite:
+            error = _non_finite_error(G, offset)
+            if error is not None:
+                raise error from None
+        elif isinstance(exc, FactorizationError):
+            # Unchecked NaN or infinity: the factorisation's error, its index in G's columns.
+            entry = non_finite_entry(_NP, G, "G", offset=offset)
+            if entry is not None:
+                raise _capacitance.factorization_error(
+                    damp, (math.inf, math.inf), culprit=entry
+                ) from None
         raise
     return _ChunkInverse(result.factors, G.dtype, (result.kappa_lo, result.kappa_hi))
 
@@ -419,7 +429,14 @@ class DaskStaticIHVP(StaticIHVP):
         gram = np.asarray(da.stack(parts).sum(axis=0).compute())
         if check_finite and not np.all(np.isfinite(np.diagonal(gram))):
             self._raise_non_finite(G)
-        factor = _capacitance.factorize(_NP, gram[None, ...], shift=m * damp, scale=1.0, damp=damp)
+        factor = _capacitance.factorize(
+            _NP,
+            gram[None, ...],
+            shift=m * damp,
+            scale=1.0,
+            damp=damp,
+            locate=lambda: self._non_finite_entry(G),
+        )
         self._factor = factor
         # Persisted, so that no product evaluates G's graph again.
         self._G = G.persist()
@@ -449,12 +466,23 @@ class DaskStaticIHVP(StaticIHVP):
     @staticmethod
     def _raise_non_finite(G: Array) -> None:
         """Say where G holds NaN or infinity, or that its squared norms overflow."""
+        col = DaskStaticIHVP._first_non_finite_column(G)
+        # The one column that holds the first NaN or infinity (or none: overflow).
+        raise_non_finite(_NP, np.asarray(G[:, col : col + 1].compute()), "G", offset=col)
+
+    @staticmethod
+    def _non_finite_entry(G: Array) -> str | None:
+        """G's first NaN or infinity as :meth:`_raise_non_finite` names it, or None."""
+        col = DaskStaticIHVP._first_non_finite_column(G)
+        return non_finite_entry(_NP, np.asarray(G[:, col : col + 1].compute()), "G", offset=col)
+
+    @staticmethod
+    def _first_non_finite_column(G: Array) -> int:
+        """The first column of G holding NaN or infinity (0 where there is none)."""
         import dask.array as da
 
         bad_cols = np.asarray(da.any(~da.isfinite(G), axis=0).compute())
-        col = int(np.argmax(bad_cols)) if bad_cols.any() else 0
-        # The one column that holds the first NaN or infinity (or none: overflow).
-        raise_non_finite(_NP, np.asarray(G[:, col : col + 1].compute()), "G", offset=col)
+        return int(np.argmax(bad_cols)) if bad_cols.any() else 0
 
     # -- products --------------------------------------------------------------------
 

@@ -8,12 +8,13 @@ may defer to read with its other checks in one transfer (``_dynamic_factor.judge
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from ._capacitance import EPS64, is_hopeless
 from ._compat import Array, detached, is_numpy_namespace, is_torch_namespace
 from ._engine import is_accelerator
-from ._validation import check_operand, non_finite_error
+from ._validation import check_operand, non_finite_entry, non_finite_error
 
 
 class Refused(ValueError):
@@ -149,13 +150,32 @@ def non_finite_refusal(op: Any, g: Array) -> Refused:
     and a step's checks are read in one transfer (tests/test_gpu_budgets.py).
     """
     xp = op._xp
-    # A rank's shard of g (a sharded window) has local indices: none is named there.
-    local = getattr(op, "_collective_checks", False)
-    if g is not None and not local and not is_accelerator(xp, g):
+    if g is not None and names_entries(op, g):
         error = non_finite_error(xp, g, "g")
         if error is not None:
             return Refused(str(error), finite=False)
     return Refused("g must not contain NaN or infinity", finite=False)
+
+
+def names_entries(op: Any, g: Array) -> bool:
+    """Whether the refusals of ``g``'s values name its entries (:func:`non_finite_refusal`).
+
+    Not for a rank's shard of g (a sharded window), whose indices are local, nor on
+    an accelerator, where the index would cost one more read of the device.
+    """
+    return not getattr(op, "_collective_checks", False) and not is_accelerator(op._xp, g)
+
+
+def gradient_culprit(op: Any, g: Array) -> Callable[[], str | None] | None:
+    """The ``locate`` of a factorisation with ``g`` just put in (``_capacitance.factorize``).
+
+    A window with ``check_finite=False`` lets NaN and infinity into its Gram, whose
+    factorisation then fails: it names ``g``'s first such entry where the refusals of
+    ``check_finite`` would (:func:`names_entries`), None elsewhere.
+    """
+    if not names_entries(op, g):
+        return None
+    return lambda: non_finite_entry(op._xp, g, "g")
 
 
 def check_representable(op: Any, g: Array, biggest: float) -> None:

@@ -9,7 +9,7 @@ changes the operator (the free factor buffer is scratch).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,11 +111,18 @@ class Speculation:
     product was computed after the commit before: the same work, read once.
     ``strict`` refuses a product that is not finite before the commit, so that
     the window is as it was (``errors="raise"`` of :class:`mfac_core.torch.MFAC`).
+    ``agree`` (a sharded window's strict step) is the caller's collective that
+    decides on every rank alike whether the product is finite: the reduction its
+    step makes of the product anyway (an all-gather of it, or the sum of a flag),
+    moved before the commit, in place of a reduction of its own.
     """
 
-    def __init__(self, op: Any, *, strict: bool = False) -> None:
+    def __init__(
+        self, op: Any, *, strict: bool = False, agree: Callable[[Array], bool] | None = None
+    ) -> None:
         self._op = op
         self.strict = strict
+        self.agree = agree
         self.X: Any = None
         self.P: Any = None
         self.s: Any = None
@@ -130,15 +137,22 @@ class Speculation:
         """The product with ``factor`` (the row edit's, if it made it) and its finiteness.
 
         Raises ``NotFiniteStep`` where ``strict`` and the product is not finite; a
-        sharded window then decides on every rank alike (one reduction of one number;
-        without ``strict`` its caller decides, after the product).
+        sharded window then decides on every rank alike: through ``agree``, or else
+        one reduction of one number (without ``strict`` its caller decides, after the
+        product).
         """
         op, xp = self._op, self._op._xp
-        if self.s is None:
-            self.finite = bool(self.compute(factor))
-        if self.strict and op._collective_checks:
-            bad = xp.asarray([0.0 if self.finite else 1.0], dtype=xp.float64, device=op.device)
-            self.finite = float(op._summed(bad)[0]) == 0.0
+        if self.strict and op._collective_checks and self.agree is not None:
+            if self.s is None:
+                self.compute(factor)  # its local finiteness is agree's business
+            self.finite = bool(self.agree(self.s))
+        else:
+            if self.s is None:
+                self.finite = bool(self.compute(factor))
+            if self.strict and op._collective_checks:
+                flag = [0.0 if self.finite else 1.0]
+                bad = xp.asarray(flag, dtype=xp.float64, device=op.device)
+                self.finite = float(op._summed(bad)[0]) == 0.0
         if self.strict and not self.finite:
             raise NotFiniteStep
 
@@ -235,6 +249,7 @@ def factorized(
     *,
     exact: bool = False,
     warn: bool = True,
+    locate: Callable[[], str | None] | None = None,
 ) -> SlotFactor:
     """The factor of the capacitance matrix of ``slots``, in full (O(k^3)).
 
@@ -242,6 +257,8 @@ def factorized(
     ``FactorizationError``; nothing of the operator changes. Warns of a hopeless
     window (:func:`warn_if_hopeless`) unless ``warn`` is false: then the caller
     warns once nothing can refuse the factor any more, before it commits it.
+    ``locate`` names, for a Gram that is not finite, the first NaN or infinity of
+    the gradients just put in (``_capacitance.factorize``).
     """
     damp = op.damp if damp is None else damp
     xp = op._xp
@@ -257,6 +274,7 @@ def factorized(
         damp=damp,
         gram_dtype="float64" if exact or op._exact_gram else "float32",
         out=out,
+        locate=locate,
     )
     if warn:
         warn_if_hopeless(op, factor)
@@ -290,6 +308,7 @@ def edited(
     gram: Array | None = None,
     pending: Any = None,
     speculation: Speculation | None = None,
+    locate: Callable[[], str | None] | None = None,
 ) -> tuple[SlotFactor, bool]:
     """The factor after ``slot`` gets Gram row ``b``: an O(m^2) edit where possible.
 
@@ -304,7 +323,8 @@ def edited(
     row edit reads it in the same transfer as its own checks, so that a step
     synchronises with the device once. A ``speculation`` computes the step's
     product with the edited factor, whose finiteness joins that read; it is
-    discarded (``speculation.s`` None) unless the edit is kept.
+    discarded (``speculation.s`` None) unless the edit is kept. ``locate`` is
+    :func:`factorized`'s, for the new gradient.
     """
     current = op._factor
     slots = [s for s in current.slots if s != slot] + [slot]
@@ -314,7 +334,7 @@ def edited(
     pending = with_norm(pending, b[slot], op._shift(k))
     if gram is not None:
         judge(op, pending, [])
-        return factorized(op, gram, slots, exact=True, warn=False), True
+        return factorized(op, gram, slots, exact=True, warn=False, locate=locate), True
     if (
         op.update_method == "incremental"
         and len(current.slots) == k == op.num_grads
@@ -365,7 +385,7 @@ def edited(
     gram = op._xp.asarray(op._gram, copy=True)
     gram[slot, :] = b
     gram[:, slot] = b
-    return factorized(op, gram, slots, warn=False), True
+    return factorized(op, gram, slots, warn=False, locate=locate), True
 
 
 def drift(op: Any, edited: SlotFactor, new_diagonal: Array) -> Array:

@@ -34,6 +34,7 @@ from ._validation import (
     compute_dtype,
     half_dtype_name,
     namespace_of,
+    non_finite_entry,
 )
 
 
@@ -311,7 +312,10 @@ def fill(op: Any, xp: Any, G: Array, *, checked: bool = False) -> None:
         window, free = list(range(k)), list(range(num_grads - 1, k - 1, -1))
     full_gram = xp.zeros((num_grads, num_grads), dtype=xp.float64, device=op.device)
     full_gram[:k, :k] = gram
-    factor = factorized(op, full_gram, window)  # raises before anything changes
+    # Raises before anything changes; with check_finite=False, a Gram that is not finite
+    # names G's first NaN or infinity (not a shard's, whose indices are local).
+    locate = None if op._collective_checks else (lambda: non_finite_entry(xp, G, "G"))
+    factor = factorized(op, full_gram, window, locate=locate)
     op._G[:k, ...] = G
     op._gram = full_gram
     op._exact_gram = True

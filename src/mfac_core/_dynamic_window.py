@@ -9,6 +9,7 @@ put back and the operator is as it was.
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -20,6 +21,7 @@ from ._dynamic_checks import (
     check_gradient,
     checked_operand,
     checked_values,
+    gradient_culprit,
     judge_gradient,
     values_checked,
 )
@@ -231,8 +233,13 @@ def place(
                 speculation.P = b[:, None] if product is None else product
         else:
             op._G[slot, ...] = g
+        # The rest of the window's Gram was finite: NaN or infinity in it (which
+        # check_finite=False lets in) is g's.
+        locate = gradient_culprit(op, g)
         try:
-            factor, refactored = edited(op, slot, b, pending=pending, speculation=speculation)
+            factor, refactored = edited(
+                op, slot, b, pending=pending, speculation=speculation, locate=locate
+            )
         except FactorizationError:
             if op._exact_gram:
                 raise
@@ -241,7 +248,7 @@ def place(
             # that makes nearly collinear windows indefinite: recompute it, once.
             gram = op._exact_gram_matrix()
             b = xp.asarray(gram[slot, :], copy=True)
-            factor, refactored = edited(op, slot, b, gram=gram)
+            factor, refactored = edited(op, slot, b, gram=gram, locate=locate)
             if speculation is not None:
                 speculation.s = None  # not made with this factor
         if speculation is not None:
@@ -380,13 +387,17 @@ def update_and_matvec_checked(op: Any, g: Array, /, *, strict: bool = False) -> 
     return StepCheck("ok", speculation.s, speculation.finite, None)
 
 
-def update_and_matvec_finite(op: Any, g: Array, /) -> Array | None:
+def update_and_matvec_finite(
+    op: Any, g: Array, /, *, agree: Callable[[Array], bool] | None = None
+) -> Array | None:
     """:meth:`DynamicIHVP.update_and_matvec`, or None, the window unchanged, for a step not finite.
 
     A sharded window decides on every rank alike (the step is not finite where it is
-    not on one rank): the step of a distributed ``MFAC(errors="raise")``.
+    not on one rank): the step of a distributed ``MFAC(errors="raise")``. ``agree(s)``,
+    where given, is that decision (collective; see ``_dynamic_factor.Speculation``),
+    taken before the window commits to ``g``; without it the window reduces a flag.
     """
-    speculation = Speculation(op, strict=True)
+    speculation = Speculation(op, strict=True, agree=agree)
     try:
         insert(op, g, speculation=speculation)
     except NotFiniteStep:

@@ -20,13 +20,15 @@ from typing import Any
 import numpy as np
 
 from ._compat import Array
-from ._validation import raise_non_finite
+from ._validation import non_finite_entry, raise_non_finite
 
 __all__ = [
     "BlockGroup",
     "Piece",
     "block_groups",
     "checked_gram",
+    "chunk_columns",
+    "chunk_culprit",
     "chunk_gram",
     "chunks",
     "group_stack",
@@ -166,7 +168,23 @@ def checked_gram(
     """
     gram = chunk_gram(xp, G, group, chunk, product, progress, widen=widen)
     if check and not bool(xp.all(xp.isfinite(xp.linalg.diagonal(gram)))):
-        lo, _ = piece_columns(group, chunk[0])
-        _, hi = piece_columns(group, chunk[-1])
+        lo, hi = chunk_columns(group, chunk)
         raise_non_finite(xp, G[:, lo:hi], "G", offset=lo)
     return gram
+
+
+def chunk_columns(group: BlockGroup, chunk: list[Piece]) -> tuple[int, int]:
+    """The column range of G that a chunk covers."""
+    return piece_columns(group, chunk[0])[0], piece_columns(group, chunk[-1])[1]
+
+
+def chunk_culprit(
+    xp: Any, G: Array, group: BlockGroup, chunk: list[Piece]
+) -> Callable[[], str | None]:
+    """The ``locate`` of a chunk's factorisation (``_capacitance.factorize``).
+
+    Where ``check_finite=False`` let NaN or infinity into G, it names the chunk's first
+    such entry as the check would have (:func:`checked_gram`), reading G in pieces.
+    """
+    lo, hi = chunk_columns(group, chunk)
+    return lambda: non_finite_entry(xp, G[:, lo:hi], "G", offset=lo)

@@ -23,7 +23,7 @@ from . import _capacitance, _dense_blocks, _engine
 from ._compat import Array, device, is_writeable_array
 from ._gform import DenseBlockFactors, GFormFactor
 from ._group_factors import GroupFactor
-from ._layout import BlockGroup, Piece, checked_gram, chunks
+from ._layout import BlockGroup, Piece, checked_gram, chunk_culprit, chunks
 
 __all__ = ["SetupResult", "factorize_gform_groups"]
 
@@ -85,7 +85,14 @@ def _dense_chunk_factors(
         gram = _checked_gram(
             xp, G, group, chunk, lambda X: xp.matrix_transpose(X) @ X, track, check
         )
-        factor = _capacitance.factorize(xp, gram, shift=damp, scale=1.0 / m, damp=damp)
+        factor = _capacitance.factorize(
+            xp,
+            gram,
+            shift=damp,
+            scale=1.0 / m,
+            damp=damp,
+            locate=chunk_culprit(xp, G, group, chunk),
+        )
         Linv = factor.lower_inverse()  # F_b^{-1} = Linv^T Linv; no product of the two
         # factorize's lower bound assumes lambda_min(F_b) = damp, as in the Woodbury form;
         # gradients that span a block make F_b far better conditioned than that.
@@ -167,7 +174,14 @@ def factorize_gform_groups(
         kappa_lo = kappa_hi = 1.0
         for chunk in chunks(group, _engine.gram_piece_width(xp, G)):
             gram = _checked_gram(xp, G, group, chunk, product, track, check_finite, widen)
-            factor = _capacitance.factorize(xp, gram, shift=m * damp, scale=1.0, damp=damp)
+            factor = _capacitance.factorize(
+                xp,
+                gram,
+                shift=m * damp,
+                scale=1.0,
+                damp=damp,
+                locate=chunk_culprit(xp, G, group, chunk),
+            )
             track.add(factor)
             lo, hi = factor.kappa if factor.kappa is not None else (1.0, 1.0)
             kappa_lo, kappa_hi = max(kappa_lo, lo), max(kappa_hi, hi)

@@ -24,6 +24,7 @@ data is taken from reduced values, so all ranks raise, or none does.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +45,7 @@ from ._validation import (
     check_floating,
     check_index_array,
     check_operand,
+    first_non_finite,
     half_dtype_name,
 )
 from .distributed import Communicator
@@ -212,15 +214,23 @@ def agree(
 # -- the set-up --------------------------------------------------------------------------------
 
 
+def _non_finite_entry(xp: Any, G: Array, offset: int) -> str | None:
+    """``"G_local[2, 7] (global column 17) is inf"``: the shard's first NaN or infinity, or None.
+
+    Row-major, read in pieces (``_validation.first_non_finite``); ``offset`` is the first
+    global column of the shard.
+    """
+    found = first_non_finite(xp, G)
+    if found is None:
+        return None
+    (row, col), value = found
+    return f"G_local[{row}, {col}] (global column {offset + col}) is {value}"
+
+
 def _non_finite(xp: Any, G: Array, offset: int) -> ValueError:
-    bad = ~xp.isfinite(G)
-    if bool(xp.any(bad)):
-        row = int(xp.argmax(xp.astype(xp.any(bad, axis=1), xp.int8)))
-        col = int(xp.argmax(xp.astype(bad[row, ...], xp.int8)))
-        return ValueError(
-            f"G_local must not contain NaN or infinity: G_local[{row}, {col}] (global column "
-            f"{offset + col}) is {float(G[row, col])}"
-        )
+    entry = _non_finite_entry(xp, G, offset)
+    if entry is not None:
+        return ValueError(f"G_local must not contain NaN or infinity: {entry}")
     return ValueError(
         "the squared norms of G_local's rows overflow float64: G is finite but too large; "
         "rescale the gradients (the damping scales with them)"
@@ -334,6 +344,7 @@ def build(
         groups: tuple[BlockGroup, ...] = (BlockGroup(0, 1, n),)
     else:
         groups = block_groups(n, agreed.block_size) if n else ()
+        start = agreed.layout.start
 
         def local() -> Array:
             try:
@@ -348,9 +359,22 @@ def build(
                 )
             except FactorizationError as exc:
                 # Not raised here: every rank must raise a FactorizationError, not the
-                # generic class that reduce_checked would give the others.
-                state["error"] = exc
+                # generic class that reduce_checked would give the others. Unchecked
+                # NaN or infinity is named as the check names it: in global columns.
+                entry = None if agreed.check_finite else _non_finite_entry(xp, G, start)
+                state["error"] = (
+                    exc
+                    if entry is None
+                    else _capacitance.factorization_error(
+                        agreed.damp, (math.inf, math.inf), culprit=entry
+                    )
+                )
                 return _own_row(xp, dev, comm, [1.0, 1.0, 1.0])
+            except ValueError:
+                # The check's refusal named the shard's columns: name the global ones.
+                if agreed.check_finite:
+                    raise _non_finite(xp, G, start) from None
+                raise
             state["factors"] = result.factors
             row = [result.kappa_lo, result.kappa_hi, 0.0]
             return _own_row(xp, dev, comm, row)

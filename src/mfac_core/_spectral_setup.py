@@ -13,7 +13,7 @@ from typing import Any
 
 from . import _capacitance, _engine
 from ._compat import Array, detached, device
-from ._layout import BlockGroup, block_groups, checked_gram, chunks
+from ._layout import BlockGroup, block_groups, checked_gram, chunk_culprit, chunks
 from ._operator import LinearOperator
 from ._spectral_groups import ColumnEigen, GramEigen, Group, spectrum_bounds
 from ._validation import (
@@ -119,7 +119,12 @@ def eigen_groups(
                 # Unchecked NaN or infinity in G: eigh would fail with a bare LinAlgError
                 # (or return NaN). Each off-diagonal entry is bounded by the diagonal's,
                 # so O(m) of work tells, and the error is StaticIHVP's.
-                raise _capacitance.factorization_error(damp, (math.inf, math.inf))
+                culprit = chunk_culprit(xp, G, g, chunk)()
+                raise _capacitance.factorization_error(
+                    damp,
+                    (math.inf, math.inf),
+                    culprit=_capacitance.FINITE if culprit is None else culprit,
+                )
             lam, U = xp.linalg.eigh(gram)
             if not bool(xp.all(xp.isfinite(lam[..., -1]))):
                 # Finite entries (each at most the largest squared norm) whose largest

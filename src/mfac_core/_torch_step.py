@@ -143,10 +143,20 @@ def distributed_step(opt: Any, g: torch.Tensor) -> None:
     lo, hi = opt._columns
     x = g[lo:hi]
     strict = opt.defaults["errors"] == "raise"
+    agreed: list[tuple[torch.Tensor, bool]] = []
+
+    def agree(s: torch.Tensor) -> bool:
+        agreed.append(agreed_step(opt, s))
+        return agreed[0][1]
+
     try:
         # Strict, a step not finite on any rank is refused on every rank before the
-        # window commits to the gradient (one more reduction of one number).
-        s = update_and_matvec_finite(opt.ihvp, x) if strict else opt.ihvp.update_and_matvec(x)
+        # window commits to the gradient: the step's own reduction of the product (its
+        # all-gather, or the sum of its flag) decides, moved before the commit.
+        if strict:
+            s = update_and_matvec_finite(opt.ihvp, x, agree=agree)
+        else:
+            s = opt.ihvp.update_and_matvec(x)
     except (FactorizationError, ValueError) as exc:
         hopeless = isinstance(exc, Refused) and exc.hopeless
         if isinstance(exc, FactorizationError) or hopeless:
@@ -176,14 +186,23 @@ def distributed_step(opt: Any, g: torch.Tensor) -> None:
     if s is None:
         skip(opt, step_not_finite(window_kept=False))
         return
-    if opt._sharded:
-        # Each rank moves its own shards, so whether the step is finite is collective.
-        bad = torch.tensor([float(not bool(torch.isfinite(s).all()))], dtype=torch.float64)
-        finite = float(opt._comm.allreduce_sum(bad.to(opt.device))[0]) == 0.0
-    else:
-        s = all_gather(opt, s)
-        finite = bool(torch.isfinite(s).all())  # the same s on every rank
+    # Strict, agree made the reduction before the commit; otherwise it is made here.
+    s, finite = agreed[0] if agreed else agreed_step(opt, s)
     moved(opt, s, finite)
+
+
+def agreed_step(opt: Any, s: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """The step from this rank's part ``s``, and whether it is finite on every rank.
+
+    One collective: sharded (FSDP2), each rank moves its own shards and the ranks sum
+    a flag; replicated (DDP), the step is all-gathered and its finiteness is that of
+    the same gathered step on every rank.
+    """
+    if opt._sharded:
+        bad = torch.tensor([float(not bool(torch.isfinite(s).all()))], dtype=torch.float64)
+        return s, float(opt._comm.allreduce_sum(bad.to(opt.device))[0]) == 0.0
+    s = all_gather(opt, s)
+    return s, bool(torch.isfinite(s).all())
 
 
 def check_params(opt: Any) -> None:
