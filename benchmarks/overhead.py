@@ -3,7 +3,7 @@
 Usage::
 
     python benchmarks/overhead.py            # (m, d) = (8, 1e2) ... (64, 1e5), 1 and 2 threads
-    python benchmarks/overhead.py --quick    # smoke run, < 20 s
+    python benchmarks/overhead.py --quick    # smoke run, one thread, < 20 s
     python benchmarks/overhead.py --threads 1 --repeat 15
 
 At small d the O(d m) passes take microseconds, and what a call costs besides them
@@ -188,10 +188,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, action="append", default=None, help="default 1 and 2")
     p.add_argument("--repeat", type=int, default=None, help="runs per timing (best of)")
     p.add_argument("--no-torch", action="store_true", help="skip the optimizer table")
-    p.add_argument("--quick", action="store_true", help="smoke run: two sizes, < 20 s")
+    p.add_argument("--quick", action="store_true", help="smoke run: two sizes, one thread, < 20 s")
     p.add_argument(_CHILD, type=str, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    args.threads = args.threads or [1, 2]
+    args.threads = args.threads or ([1] if args.quick else [1, 2])
     args.repeat = args.repeat or (3 if args.quick else 9)
     args.budget = 5e-4 if args.quick else 2e-3
     return args
