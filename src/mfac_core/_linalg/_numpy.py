@@ -91,7 +91,9 @@ def _trtrs(t: Any, b: Any, lower: bool, trans: bool) -> Any:
     batch = t.shape[:-2]
     if b.ndim != t.ndim or b.shape[:-2] != batch or b.shape[-2] != t.shape[-1]:
         return None
-    parts = [_trtrs_one(t[i], b[i], lower, trans) for i in np.ndindex(batch)]
+    # A stack of factors (one per block) has one batch axis: a plain loop over it.
+    indices = range(batch[0]) if len(batch) == 1 else np.ndindex(batch)
+    parts = [_trtrs_one(t[i], b[i], lower, trans) for i in indices]
     out = np.stack(parts)  # as SciPy stacks them (each solution's own memory order kept)
     return np.reshape(out, batch + out.shape[1:])
 
