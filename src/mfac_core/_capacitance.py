@@ -21,6 +21,7 @@ applies to G (``W = U^{-T} G``); the dynamic operator edits rows of ``U``.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Callable
@@ -311,10 +312,14 @@ class CapacitanceFactor:
     scale: float
     kappa: tuple[float, float] | None = None
 
-    @property
+    @functools.cached_property
     def xp(self) -> Any:
-        """The array namespace of ``U`` (derived, so that the object pickles)."""
+        """The array namespace of ``U``, found once per factor (a step asks for it often)."""
         return array_namespace(self.U)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The namespace found (a module, which pickle cannot store) is found again.
+        return {k: v for k, v in self.__dict__.items() if k != "xp"}
 
     @property
     def size(self) -> int:

@@ -17,6 +17,7 @@ gradients cover well.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,9 +64,12 @@ class GFormFactor:
     damp: float
     dtype: Any
 
-    @property
+    @functools.cached_property
     def xp(self) -> Any:
-        return array_namespace(self.G)
+        return array_namespace(self.G)  # once per factor: every product asks for it
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "xp"}  # not the module
 
     def apply(self, X: Array, /) -> Array:
         xp, g = self.xp, self.group
@@ -138,9 +142,12 @@ class DenseBlockFactors:
     Linv: Array
     dtype: Any
 
-    @property
+    @functools.cached_property
     def xp(self) -> Any:
-        return array_namespace(self.Linv)
+        return array_namespace(self.Linv)  # once per factor: every product asks for it
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "xp"}  # not the module
 
     def apply(self, X: Array, /) -> Array:
         xp, g = self.xp, self.group

@@ -14,6 +14,7 @@ Every message names the argument and says what was expected.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import operator
@@ -495,6 +496,11 @@ def check_same_space(xp: Any, dev: Any, x: Array, name: str, *, owner: object) -
     is named in the message as ``str(owner)``: an operator itself, whose repr is
     then built only for a message, not on every call.
     """
+    if type(x) is np.ndarray and xp is _numpy_namespace() and dev == "cpu":
+        # What the checks below find for a plain NumPy array (no subclass: a masked
+        # array is refused there), without their lookups: a product at small d is
+        # mostly its fixed cost.
+        return
     xp_x = namespace_of(x, name)
     if is_jax_array(x) and device(x) is None:
         raise TypeError(
@@ -513,6 +519,12 @@ def check_same_space(xp: Any, dev: Any, x: Array, name: str, *, owner: object) -
             f"{name} is on device {dev_x!r} but {owner} lives on device {dev!r}; "
             "move it explicitly first"
         )
+
+
+@functools.cache
+def _numpy_namespace() -> Any:
+    """The namespace :func:`namespace_of` finds for a NumPy array."""
+    return array_namespace(np.empty(0))
 
 
 def check_operand(xp: Any, dev: Any, dtype: Any, x: Array, name: str, *, owner: object) -> Any:

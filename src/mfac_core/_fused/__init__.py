@@ -125,7 +125,9 @@ def _pieces(m: int, n: int) -> list[tuple[int, int]]:
 def _run(call: Callable[[int, int, int], None], m: int, n: int) -> int:
     """``call(j0, j1, p)`` for every piece ``p`` (``_pieces``); the number of pieces."""
     pieces = _pieces(m, n)
-    _share(call, pieces, max(1, min(max_threads(), len(pieces), (m * n) // _MIN_THREAD_WORK)))
+    # The environment is read only where a second thread could take work.
+    most = min(len(pieces), (m * n) // _MIN_THREAD_WORK)
+    _share(call, pieces, max(1, min(max_threads(), most)) if most > 1 else 1)
     return len(pieces)
 
 
@@ -138,6 +140,12 @@ def _share(
     (with BLAS's idle threads, which spin for a while after each BLAS call, or with
     anything else) does fewer pieces instead of holding the others up.
     """
+    if threads <= 1:
+        # No thread to start, join or hand errors back (small calls: a loop of calls
+        # from scientific code, where the machinery cost more than the work).
+        for p, (j0, j1) in enumerate(pieces):
+            call(j0, j1, p)
+        return
     errors: list[BaseException] = []
     taken = iter(range(len(pieces)))
     lock = threading.Lock()
@@ -364,10 +372,17 @@ def _storage_of(dtype: np.dtype) -> str | None:
 
     bfloat16 is recognised by name (ml_dtypes' dtype), so that ml_dtypes is not needed.
     """
+    native = _NATIVE_STORAGES.get(dtype)
+    if native is not None:
+        return native  # the common dtypes without ``dtype.name`` (a few microseconds)
     name = dtype.name
     if name in STORAGES and (name == "bfloat16" or dtype == np.dtype(name)):
         return name
     return None
+
+
+#: The storage names of NumPy's own storage dtypes, in this machine's byte order.
+_NATIVE_STORAGES = {np.dtype(name): name for name in ("float32", "float64", "float16")}
 
 
 def supports64(G: Any, /) -> bool:
@@ -448,6 +463,8 @@ def _x_for_kernels(X: np.ndarray) -> np.ndarray:
     longer floats float64.
     """
     if X.dtype in (np.float32, np.float64):
+        if X.flags.c_contiguous and X.flags.aligned:
+            return X  # what np.require returns for it, without its argument handling
         dt = X.dtype
     else:
         dt = np.dtype(np.float32) if X.dtype.itemsize < 4 else np.dtype(np.float64)

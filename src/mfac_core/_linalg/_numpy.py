@@ -30,6 +30,9 @@ def make_backend() -> Backend:
             raise NotPositiveDefinite(str(exc)) from None
 
     def solve(t: Any, b: Any, lower: bool, trans: bool) -> Any:
+        direct = _trtrs(t, b, lower, trans)
+        if direct is not None:
+            return direct
         return scipy.linalg.solve_triangular(
             t, b, lower=lower, trans=1 if trans else 0, check_finite=False
         )
@@ -57,3 +60,55 @@ def make_backend() -> Backend:
     # at order 128 (benchmarks/RESULTS.md, 2026-11-29): its small threaded calls
     # synchronise more than they compute.
     return Backend(chol, solve, inverse, matmul_into=matmul_into)
+
+
+def _trtrs(t: Any, b: Any, lower: bool, trans: bool) -> Any:
+    """``scipy.linalg.solve_triangular(t, b, ...)`` for float64 NumPy systems, by its LAPACK calls.
+
+    SciPy's wrapper (batch dispatch, validation, the LAPACK lookup) took 10-20 us a call,
+    many times the solve at the orders of a window (m <= 64): a small product's two
+    solves cost more than its passes over d = 1e3. This makes the calls it makes for a
+    square float64 ``t`` and a non-empty float64 ``b`` of NumPy, 2-D (``b`` 1-D or 2-D) or
+    stacks of one batch shape (``b`` 2-D per matrix): ``dtrtrs`` with the same arguments
+    per matrix, stacked as SciPy stacks them, so the same bits. None for anything else
+    (broadcasting, other dtypes, empty arrays), which goes through SciPy.
+    """
+    if not (
+        type(t) is np.ndarray
+        and type(b) is np.ndarray
+        and t.dtype == np.float64
+        and b.dtype == np.float64
+        and t.ndim >= 2
+        and b.ndim >= 1
+        and t.shape[-1] == t.shape[-2]
+        and b.size
+    ):
+        return None
+    if t.ndim == 2:
+        if b.ndim > 2 or b.shape[0] != t.shape[0]:
+            return None
+        return _trtrs_one(t, b, lower, trans)
+    batch = t.shape[:-2]
+    if b.ndim != t.ndim or b.shape[:-2] != batch or b.shape[-2] != t.shape[-1]:
+        return None
+    # A stack of factors (one per block) has one batch axis: a plain loop over it.
+    indices = range(batch[0]) if len(batch) == 1 else np.ndindex(batch)
+    parts = [_trtrs_one(t[i], b[i], lower, trans) for i in indices]
+    out = np.stack(parts)  # as SciPy stacks them (each solution's own memory order kept)
+    return np.reshape(out, batch + out.shape[1:])
+
+
+def _trtrs_one(t: np.ndarray, b: np.ndarray, lower: bool, trans: bool) -> np.ndarray:
+    """SciPy's ``_solve_triangular`` for one float64 system: its ``dtrtrs`` call and errors."""
+    from scipy.linalg import lapack
+
+    # As SciPy: trtrs reads Fortran order, so another t is solved as its transpose.
+    if t.flags.f_contiguous:
+        x, info = lapack.dtrtrs(t, b, lower=int(lower), trans=int(trans))
+    else:
+        x, info = lapack.dtrtrs(t.T, b, lower=int(not lower), trans=int(not trans))
+    if info > 0:
+        raise np.linalg.LinAlgError(f"singular matrix: resolution failed at diagonal {info - 1}")
+    if info < 0:
+        raise ValueError(f"illegal value in {-info}-th argument of internal trtrs")
+    return x

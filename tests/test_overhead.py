@@ -1,0 +1,108 @@
+"""The fixed cost of small calls: what a product or a window step must not pay per call.
+
+At small d a product's passes take microseconds, and the calls around them decide its
+time (benchmarks/overhead.py). These tests pin the cheap routes down: the float64
+triangular solves of NumPy operators call LAPACK directly (bit for bit SciPy's result),
+and a small pass of the C extension neither reads the environment nor starts a thread.
+"""
+
+from __future__ import annotations
+
+import pickle
+import threading
+
+import numpy as np
+import pytest
+import scipy.linalg
+
+from mfac_core import DynamicIHVP, StaticIHVP, _fused
+from mfac_core._linalg import _numpy as numpy_linalg
+
+
+def _factors(rng: np.random.Generator, n: int, batch: tuple[int, ...]) -> np.ndarray:
+    """Lower Cholesky factors of random SPD matrices, shape ``batch + (n, n)``."""
+    A = rng.standard_normal((*batch, n, n))
+    spd = A @ np.swapaxes(A, -1, -2) + n * np.eye(n)
+    return np.linalg.cholesky(spd)
+
+
+@pytest.mark.parametrize("batch", [(), (1,), (3,), (2, 2)])
+@pytest.mark.parametrize("order", ["C", "F"])
+@pytest.mark.parametrize("lower", [True, False])
+@pytest.mark.parametrize("trans", [False, True])
+def test_numpy_solve_is_scipys_bit_for_bit(batch, order, lower, trans):
+    # The direct LAPACK call must give SciPy's values and memory layout, whatever the
+    # factor's order (SciPy solves a C-ordered one as its transpose).
+    rng = np.random.default_rng(len(batch) + 2 * lower + 4 * trans)
+    n = 7
+    L = _factors(rng, n, batch)
+    T = L if lower else np.swapaxes(L, -1, -2)
+    T = np.asfortranarray(T) if order == "F" and not batch else T
+    rhs = [rng.standard_normal((*batch, n, 3)), rng.standard_normal((*batch, n, 1))]
+    if not batch:
+        rhs.append(rng.standard_normal(n))
+    for B in rhs:
+        want = scipy.linalg.solve_triangular(
+            T, B, lower=lower, trans=int(trans), check_finite=False
+        )
+        got = numpy_linalg._trtrs(T, B, lower, trans)
+        assert got is not None
+        assert got.shape == want.shape and got.strides == want.strides
+        np.testing.assert_array_equal(got, want)
+
+
+def test_numpy_solve_leaves_other_systems_to_scipy():
+    rng = np.random.default_rng(0)
+    L = _factors(rng, 4, ())
+    assert (
+        numpy_linalg._trtrs(L.astype(np.float32), np.ones((4, 1), np.float32), True, False) is None
+    )
+    assert numpy_linalg._trtrs(L, np.ones((0, 1)), True, False) is None  # empty
+    assert numpy_linalg._trtrs(L, np.ones((2, 4, 1)), True, False) is None  # broadcast
+    assert numpy_linalg._trtrs(L[None], np.ones((4, 1)), True, False) is None
+
+
+def test_numpy_solve_of_a_singular_factor_raises_as_scipy():
+    T = np.eye(3)
+    T[1, 1] = 0.0
+    with pytest.raises(np.linalg.LinAlgError, match="singular matrix") as want:
+        scipy.linalg.solve_triangular(T, np.ones(3), lower=True, check_finite=False)
+    with pytest.raises(np.linalg.LinAlgError) as got:
+        numpy_linalg._trtrs(T, np.ones(3), True, False)
+    assert str(got.value) == str(want.value)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_small_calls_take_no_scipy_solve_no_environment_and_no_thread(monkeypatch, dtype):
+    rng = np.random.default_rng(1)
+    m, d = 8, 300
+    G = rng.standard_normal((m, d)).astype(dtype)
+    x = rng.standard_normal(d).astype(dtype)
+    g = rng.standard_normal(d).astype(dtype)
+    op = StaticIHVP(G, damp=0.1)
+    window = DynamicIHVP(m, d, damp=0.1, dtype=np.dtype(dtype).name)
+    for row in G:
+        window.update(row)
+    twin = pickle.loads(pickle.dumps(window))
+    want_y, want_s = op @ x, twin.update_and_matvec(g)
+
+    def refused(*args, **kwargs):
+        raise AssertionError("a small call paid for this")
+
+    monkeypatch.setattr(scipy.linalg, "solve_triangular", refused)
+    monkeypatch.setattr(threading.Thread, "start", refused)
+    monkeypatch.setattr(_fused, "max_threads", refused)
+    np.testing.assert_array_equal(op @ x, want_y)
+    np.testing.assert_array_equal(window.update_and_matvec(g), want_s)
+
+
+def test_factors_pickle_after_their_namespace_was_found():
+    # The factors find their namespace (a module) once and keep it: pickles and deep
+    # copies must leave it out, and find it again.
+    rng = np.random.default_rng(2)
+    G = rng.standard_normal((4, 50)).astype(np.float32)
+    x = rng.standard_normal(50).astype(np.float32)
+    for op in (StaticIHVP(G, damp=0.1), StaticIHVP(G, damp=0.1, block_size=3)):
+        y = op @ x  # every factor has its namespace now
+        assert all("xp" in f.__dict__ for f in op._factors)
+        np.testing.assert_array_equal(pickle.loads(pickle.dumps(op)) @ x, y)
