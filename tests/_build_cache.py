@@ -83,10 +83,36 @@ def cached_file(config: pytest.Config, name: str, key: str, produce: Callable[[]
     return target
 
 
-def host_library(
-    config: pytest.Config, directory: Path, *, extra_sources: tuple[str, ...] = ()
-) -> Path:
-    """``HostKernels.build``'s library (g++), skipped without g++, reused for equal inputs."""
+# Kernels that misuse barriers, for test_kernels.py to show that the harness catches it. Every
+# module builds the one library that holds them (test_kernel_passes.py too), so a run builds it
+# once and the later modules reuse it.
+HARNESS_SELF_TEST = r"""
+extern "C" __global__ void divergent_barrier(int* out)
+{
+    if (threadIdx.x < 3) return;  // these threads never reach the barrier
+    __syncthreads();
+    out[threadIdx.x] = 1;
+}
+extern "C" __global__ void missing_barrier(int* out)
+{
+    __shared__ int s[MFAC_THREADS];
+    s[threadIdx.x] = (int)threadIdx.x + 1;
+    // no __syncthreads() here: the neighbour's entry may not be written yet
+    out[threadIdx.x] = s[(threadIdx.x + 1) % MFAC_THREADS];
+}
+extern "C" int host_self_test(int which, unsigned long long seed, int* out)
+{
+    if (which == 0)
+        return cuda_host::launch(1, MFAC_THREADS, [&] { divergent_barrier(out); }, seed, 1);
+    return cuda_host::launch(1, MFAC_THREADS, [&] { missing_barrier(out); }, seed, 1);
+}
+"""
+
+
+def host_library(config: pytest.Config, directory: Path) -> Path:
+    """``HostKernels.build``'s library with :data:`HARNESS_SELF_TEST` (g++), skipped without
+    g++, reused for equal inputs."""
+    extra_sources = (HARNESS_SELF_TEST,)
     if shutil.which("g++") is None:
         pytest.skip("g++ is not on PATH")
     from mfac_core._kernels import _host

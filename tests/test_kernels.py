@@ -166,35 +166,13 @@ def test_kernel_source_pastes_local_includes() -> None:
 
 # -- the CPU harness ---------------------------------------------------------------------------
 
-# Kernels that misuse barriers, to show that the harness catches it.
-_HARNESS_SELF_TEST = r"""
-extern "C" __global__ void divergent_barrier(int* out)
-{
-    if (threadIdx.x < 3) return;  // these threads never reach the barrier
-    __syncthreads();
-    out[threadIdx.x] = 1;
-}
-extern "C" __global__ void missing_barrier(int* out)
-{
-    __shared__ int s[MFAC_THREADS];
-    s[threadIdx.x] = (int)threadIdx.x + 1;
-    // no __syncthreads() here: the neighbour's entry may not be written yet
-    out[threadIdx.x] = s[(threadIdx.x + 1) % MFAC_THREADS];
-}
-extern "C" int host_self_test(int which, unsigned long long seed, int* out)
-{
-    if (which == 0)
-        return cuda_host::launch(1, MFAC_THREADS, [&] { divergent_barrier(out); }, seed, 1);
-    return cuda_host::launch(1, MFAC_THREADS, [&] { missing_barrier(out); }, seed, 1);
-}
-"""
+# The library holds kernels that misuse barriers (_build_cache.HARNESS_SELF_TEST), to show
+# that the harness catches it.
 
 
 @pytest.fixture(scope="module")
 def host_library(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _build_cache.host_library(
-        request.config, tmp_path_factory.mktemp("host"), extra_sources=(_HARNESS_SELF_TEST,)
-    )
+    return _build_cache.host_library(request.config, tmp_path_factory.mktemp("host"))
 
 
 @pytest.fixture(scope="module")
