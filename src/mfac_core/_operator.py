@@ -29,7 +29,14 @@ from ._compat import (
     restored_device,
     same_device,
 )
-from ._validation import check_count, check_finite, check_flag, check_operand, finite_or_inf
+from ._validation import (
+    check_count,
+    check_finite,
+    check_flag,
+    check_operand,
+    check_strided,
+    finite_or_inf,
+)
 
 __all__ = ["LinearOperator", "gradient_items"]
 
@@ -344,6 +351,8 @@ class LinearOperator:
                 "expected an array, a scalar or an mfac_core LinearOperator, got "
                 f"{type(x).__name__}{hint}"
             )
+        # Before x.shape, which a nested tensor's raises (RuntimeError, no argument named).
+        check_strided(x, "x")
         if x.ndim == 1 or (x.ndim == 2 and x.shape[1] == 1):
             return self.matvec(x)
         if x.ndim == 2:
