@@ -386,26 +386,34 @@ class LinearOperator:
             if other.ndim == 1:
                 return self.transpose().matvec(other)
             if other.ndim == 2:
-                return self.transpose().matmat(self._rows(other)).T
+                return self._row_product(other)
         return NotImplemented
 
-    def _rows(self, x: Array) -> Array:
-        """The stack of rows ``x`` of ``x @ A``, checked as given, transposed to ``x^T``.
+    def _row_product(self, x: Array) -> Array:
+        """``x @ A`` for a stack of rows ``x``: ``(A^T @ x^T)^T``, ``x`` checked as given.
 
-        ``matmat`` of ``x^T`` checks it too, but its messages would name the transpose:
+        ``matmat`` of ``x^T`` checks it, but its messages would name the transpose:
         "X must have shape (M, k), got (N, 2)" for an x of shape (2, N), and
-        ``X[j, i] is nan`` for ``x[i, j]``. A column-sharded operator's own ``matmat``
-        checks its local shards.
+        ``X[j, i] is nan`` for ``x[i, j]``. The shape is checked here; the values are
+        read once, by ``matmat``, and again only where it refuses them, to name
+        ``x``'s own entry (a second read on every product would be for the failure
+        only). A column-sharded operator's own ``matmat`` checks its local shards.
         """
+        T = self.transpose()
         if self.layout is not None:
-            return x.T
+            return T.matmat(x.T).T
         m = self.shape[0]
         x = check_operand(self._xp, self.device, self.dtype, x, "x", owner=self)
         if x.shape[1] != m:
             raise ValueError(f"x @ A needs x of shape ({m},) or (k, {m}), got {tuple(x.shape)}")
-        if self.check_finite:
-            check_finite(self._xp, x, "x")
-        return x.T
+        if self.check_finite and not T.check_finite:
+            check_finite(self._xp, x, "x")  # a subclass's transpose that does not check
+        try:
+            return T.matmat(x.T).T
+        except ValueError:
+            if self.check_finite:
+                check_finite(self._xp, x, "x")  # x's own index where matmat named x^T's
+            raise
 
     def __mul__(self, other: Any) -> Any:
         return self.dot(other)
