@@ -694,19 +694,21 @@ class _SciPyProduct:
         narrowing = x.dtype.kind == "f" and x.dtype.itemsize > np.dtype(self.dtype).itemsize
         if not narrowing:
             return np.asarray(x, dtype=self.dtype)
-        with np.errstate(over="ignore"):
-            out = np.asarray(x, dtype=self.dtype)
-        if not np.all(np.isfinite(out)):
-            over = np.isinf(out) & np.isfinite(x)
-            if np.any(over):
-                where = np.unravel_index(int(np.argmax(over)), x.shape)
-                index = ", ".join(map(str, where))
-                raise ValueError(
-                    f"{name} holds {float(x[where])!r} at [{index}], beyond the range of "
-                    f"{np.dtype(self.dtype)}, the operator's dtype, to which SciPy's "
-                    "vectors are cast; rescale the problem, or build the operator in float64"
-                )
-        return out
+        try:
+            # The cast reports its own overflow (an infinity in x is no overflow): nothing
+            # more is read on the way through.
+            with np.errstate(over="raise"):
+                return np.asarray(x, dtype=self.dtype)
+        except FloatingPointError:
+            with np.errstate(over="ignore"):
+                over = np.isinf(np.asarray(x, dtype=self.dtype)) & np.isfinite(x)
+        where = np.unravel_index(int(np.argmax(over)), x.shape)
+        index = ", ".join(map(str, where))
+        raise ValueError(
+            f"{name} holds {float(x[where])!r} at [{index}], beyond the range of "
+            f"{np.dtype(self.dtype)}, the operator's dtype, to which SciPy's "
+            "vectors are cast; rescale the problem, or build the operator in float64"
+        ) from None
 
 
 def _check_compatible(a: LinearOperator, b: LinearOperator, what: str) -> None:
