@@ -452,6 +452,28 @@ def test_row_stack_times_operator_names_x_as_given():
     assert_close(y.astype(np.float32) @ op, y @ A)  # promoted to the operator's float64
 
 
+def test_row_stack_times_operator_reads_x_once(monkeypatch):
+    # Regression: x @ A checked x's values itself, then matmat checked x^T again: two
+    # reads of x on every product, the second only to name x's own index on a failure.
+    import mfac_core._operator as operator_module
+
+    reads = []
+    checked = operator_module.check_finite
+
+    def counted(xp, x, name, **kwargs):
+        reads.append(name)
+        return checked(xp, x, name, **kwargs)
+
+    monkeypatch.setattr(operator_module, "check_finite", counted)
+    A = np.arange(15.0).reshape(3, 5)
+    y = np.arange(6.0).reshape(2, 3)
+    assert_close(y @ Dense(A), y @ A)
+    assert len(reads) == 1
+    y[1, 2] = np.inf
+    with pytest.raises(ValueError, match=r"x\[1, 2\] is inf"):
+        y @ Dense(A)
+
+
 # -- dottest ---------------------------------------------------------------------------------
 
 

@@ -252,6 +252,27 @@ def test_a_solver_vector_beyond_float32_is_refused_as_such(rng, check_finite):
         assert np.all(np.isfinite(big.matvec(np.full(8, 1e300))))
 
 
+def test_a_solver_vector_is_cast_without_a_second_read(rng, monkeypatch):
+    # Regression: the float64 vector cast to a float32 operator's dtype was then read
+    # whole again (np.isfinite) on every product, to find an overflow the cast reports.
+    G = rng.standard_normal((3, 8)).astype(np.float32)
+    sop = StaticIHVP(G, damp=0.5, check_finite=False).to_scipy()
+    x = np.linspace(-1.0, 1.0, 8)
+    want = sop.matvec(x)
+    reads = []
+    isfinite = np.isfinite
+
+    def counted(*args, **kwargs):
+        reads.append(args[0].shape)
+        return isfinite(*args, **kwargs)
+
+    monkeypatch.setattr(np, "isfinite", counted)
+    got = sop.matvec(x)
+    monkeypatch.undo()
+    assert reads == []
+    assert_close(got, want)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_complex_vectors_act_on_both_parts(rng, dtype):
     # Regression: a complex vector lost its imaginary part (with only a NumPy warning).

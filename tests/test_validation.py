@@ -3,6 +3,7 @@ checked through every public entry point that takes the argument."""
 
 from __future__ import annotations
 
+import operator
 import re
 import warnings
 
@@ -456,6 +457,12 @@ def test_sparse_and_nested_torch_tensors_are_refused_by_name():
             build(Gt.to_sparse(), damp=0.1)
     with pytest.raises(TypeError, match=r"^x is a nested PyTorch tensor.*torch\.stack"):
         ops[0].matvec(nested)
+    for op in ops:
+        # Through @ and * too: dot read the nested tensor's shape first, which raised
+        # RuntimeError "NestedTensorImpl doesn't support sizes".
+        for apply in (operator.matmul, operator.mul):
+            with pytest.raises(TypeError, match=r"^x is a nested PyTorch tensor"):
+                apply(op, nested)
     assert len(window) == 1
     for op, y in zip(ops, before, strict=True):
         assert torch.equal(op @ x, y)  # the refusals changed nothing

@@ -29,7 +29,14 @@ from ._compat import (
     restored_device,
     same_device,
 )
-from ._validation import check_count, check_finite, check_flag, check_operand, finite_or_inf
+from ._validation import (
+    check_count,
+    check_finite,
+    check_flag,
+    check_operand,
+    check_strided,
+    finite_or_inf,
+)
 
 __all__ = ["LinearOperator", "gradient_items"]
 
@@ -344,6 +351,8 @@ class LinearOperator:
                 "expected an array, a scalar or an mfac_core LinearOperator, got "
                 f"{type(x).__name__}{hint}"
             )
+        # Before x.shape, which a nested tensor's raises (RuntimeError, no argument named).
+        check_strided(x, "x")
         if x.ndim == 1 or (x.ndim == 2 and x.shape[1] == 1):
             return self.matvec(x)
         if x.ndim == 2:
@@ -377,26 +386,34 @@ class LinearOperator:
             if other.ndim == 1:
                 return self.transpose().matvec(other)
             if other.ndim == 2:
-                return self.transpose().matmat(self._rows(other)).T
+                return self._row_product(other)
         return NotImplemented
 
-    def _rows(self, x: Array) -> Array:
-        """The stack of rows ``x`` of ``x @ A``, checked as given, transposed to ``x^T``.
+    def _row_product(self, x: Array) -> Array:
+        """``x @ A`` for a stack of rows ``x``: ``(A^T @ x^T)^T``, ``x`` checked as given.
 
-        ``matmat`` of ``x^T`` checks it too, but its messages would name the transpose:
+        ``matmat`` of ``x^T`` checks it, but its messages would name the transpose:
         "X must have shape (M, k), got (N, 2)" for an x of shape (2, N), and
-        ``X[j, i] is nan`` for ``x[i, j]``. A column-sharded operator's own ``matmat``
-        checks its local shards.
+        ``X[j, i] is nan`` for ``x[i, j]``. The shape is checked here; the values are
+        read once, by ``matmat``, and again only where it refuses them, to name
+        ``x``'s own entry (a second read on every product would be for the failure
+        only). A column-sharded operator's own ``matmat`` checks its local shards.
         """
+        T = self.transpose()
         if self.layout is not None:
-            return x.T
+            return T.matmat(x.T).T
         m = self.shape[0]
         x = check_operand(self._xp, self.device, self.dtype, x, "x", owner=self)
         if x.shape[1] != m:
             raise ValueError(f"x @ A needs x of shape ({m},) or (k, {m}), got {tuple(x.shape)}")
-        if self.check_finite:
-            check_finite(self._xp, x, "x")
-        return x.T
+        if self.check_finite and not T.check_finite:
+            check_finite(self._xp, x, "x")  # a subclass's transpose that does not check
+        try:
+            return T.matmat(x.T).T
+        except ValueError:
+            if self.check_finite:
+                check_finite(self._xp, x, "x")  # x's own index where matmat named x^T's
+            raise
 
     def __mul__(self, other: Any) -> Any:
         return self.dot(other)
@@ -677,19 +694,21 @@ class _SciPyProduct:
         narrowing = x.dtype.kind == "f" and x.dtype.itemsize > np.dtype(self.dtype).itemsize
         if not narrowing:
             return np.asarray(x, dtype=self.dtype)
-        with np.errstate(over="ignore"):
-            out = np.asarray(x, dtype=self.dtype)
-        if not np.all(np.isfinite(out)):
-            over = np.isinf(out) & np.isfinite(x)
-            if np.any(over):
-                where = np.unravel_index(int(np.argmax(over)), x.shape)
-                index = ", ".join(map(str, where))
-                raise ValueError(
-                    f"{name} holds {float(x[where])!r} at [{index}], beyond the range of "
-                    f"{np.dtype(self.dtype)}, the operator's dtype, to which SciPy's "
-                    "vectors are cast; rescale the problem, or build the operator in float64"
-                )
-        return out
+        try:
+            # The cast reports its own overflow (an infinity in x is no overflow): nothing
+            # more is read on the way through.
+            with np.errstate(over="raise"):
+                return np.asarray(x, dtype=self.dtype)
+        except FloatingPointError:
+            with np.errstate(over="ignore"):
+                over = np.isinf(np.asarray(x, dtype=self.dtype)) & np.isfinite(x)
+        where = np.unravel_index(int(np.argmax(over)), x.shape)
+        index = ", ".join(map(str, where))
+        raise ValueError(
+            f"{name} holds {float(x[where])!r} at [{index}], beyond the range of "
+            f"{np.dtype(self.dtype)}, the operator's dtype, to which SciPy's "
+            "vectors are cast; rescale the problem, or build the operator in float64"
+        ) from None
 
 
 def _check_compatible(a: LinearOperator, b: LinearOperator, what: str) -> None:

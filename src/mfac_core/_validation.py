@@ -56,6 +56,7 @@ __all__ = [
     "check_number",
     "check_operand",
     "check_same_space",
+    "check_strided",
     "check_writeable",
     "described",
     "finite_or_inf",
@@ -123,9 +124,19 @@ def namespace_of(x: Array, name: str) -> Any:
             f"{name} must be an array of an Array-API library (NumPy, CuPy, PyTorch, JAX, "
             f"array-api-strict), got {type(x).__name__}"
         )
-    # PyTorch's sparse and nested tensors are tensors to array-api-compat, but the
-    # operators' slicing, checks and passes need strided memory: they failed deep inside
-    # (NotImplementedError "Could not run 'aten::ne.Scalar' ... 'SparseCPU' backend").
+    check_strided(x, name)
+    return array_namespace(x)
+
+
+def check_strided(x: Array, name: str) -> None:
+    """Refuse a PyTorch sparse or nested tensor (``TypeError`` naming the argument).
+
+    They are tensors to array-api-compat, but the operators' slicing, checks and passes
+    need strided memory: they failed deep inside (NotImplementedError "Could not run
+    'aten::ne.Scalar' ... 'SparseCPU' backend"); a nested tensor's ``shape`` raises
+    RuntimeError ("NestedTensorImpl doesn't support sizes"), so a caller that reads the
+    shape of an array before :func:`namespace_of` calls this first.
+    """
     if is_torch_array(x) and x.is_nested:
         raise TypeError(
             f"{name} is a nested PyTorch tensor; the operators take dense (strided) "
@@ -136,7 +147,6 @@ def namespace_of(x: Array, name: str) -> Any:
             f"{name} is a PyTorch tensor of layout {x.layout}; the operators take dense "
             f"(strided) tensors: pass {name}.to_dense()"
         )
-    return array_namespace(x)
 
 
 def _dtype_name(xp: Any, dtype: Any) -> str | None:
