@@ -53,6 +53,7 @@ __all__ = [
     "is_torch_array",
     "is_torch_namespace",
     "is_writeable_array",
+    "library_namespace",
     "may_share_memory",
     "namespace_name",
     "size",
@@ -234,3 +235,24 @@ def may_share_memory(a: Any, b: Any) -> bool:
         except (BufferError, RuntimeError, TypeError, ValueError):
             return False
     return False
+
+
+#: Library modules whose arrays report array-api-compat's wrapped namespace instead.
+_WRAPPED_LIBRARIES = ("numpy", "torch", "cupy", "dask.array")
+
+
+def library_namespace(xp: Any) -> Any:
+    """``xp`` (a namespace or a library module) as its arrays report their namespace.
+
+    Given ``numpy`` rather than ``array_api_compat.numpy``, an operator subclass
+    refused every NumPy input as "x is a numpy array but ... works on numpy arrays".
+    """
+    name = getattr(xp, "__name__", None)
+    if not isinstance(name, str) or not hasattr(xp, "asarray"):
+        raise TypeError(
+            f"xp must be an array namespace or library module (numpy, torch, cupy, "
+            f"jax.numpy, ...), got {xp!r}"
+        )
+    if name in _WRAPPED_LIBRARIES:
+        return array_namespace(xp.empty(0))
+    return xp

@@ -20,8 +20,8 @@ from ._dynamic_factor import SlotFactor, committed, finished, redamped, refined,
 from ._dynamic_setup import WindowOptions, build, emptied, filled, local_gram, window_options
 from ._dynamic_state import LoadedState, WindowCopies, saved_state
 from ._dynamic_window import StepCheck, insert, remove_slot, update_and_matvec_checked
+from ._gradient_repr import gradient_items
 from ._layout import BlockGroup
-from ._operator import gradient_items
 from ._refine import fisher_residual
 
 __all__ = ["DynamicIHVP"]

@@ -19,16 +19,17 @@ from typing import Any
 
 from ._compat import (
     Array,
-    array_namespace,
     canonical_device,
     is_array_api_obj,
     is_numpy_namespace,
     is_torch_namespace,
+    library_namespace,
     namespace_name,
     picklable_device,
     restored_device,
     same_device,
 )
+from ._scipy_export import scipy_operator
 from ._validation import (
     check_count,
     check_finite,
@@ -38,7 +39,7 @@ from ._validation import (
     finite_or_inf,
 )
 
-__all__ = ["LinearOperator", "gradient_items"]
+__all__ = ["LinearOperator"]
 
 #: Largest number of entries :meth:`LinearOperator.todense` builds by default.
 DEFAULT_MAX_DENSE_ENTRIES = 2**26
@@ -109,7 +110,7 @@ class LinearOperator:
             raise ValueError(f"shape must be a pair of non-negative ints, got {shape!r}")
         self.shape = (int(shape[0]), int(shape[1]))
         self.dtype = dtype
-        self._xp = _namespace(xp)
+        self._xp = library_namespace(xp)
         if isinstance(device, str) and is_torch_namespace(self._xp):
             # A tensor's device is a torch.device, never equal to its name ("cpu").
             import torch
@@ -386,34 +387,8 @@ class LinearOperator:
             if other.ndim == 1:
                 return self.transpose().matvec(other)
             if other.ndim == 2:
-                return self._row_product(other)
+                return _row_product(self, other)
         return NotImplemented
-
-    def _row_product(self, x: Array) -> Array:
-        """``x @ A`` for a stack of rows ``x``: ``(A^T @ x^T)^T``, ``x`` checked as given.
-
-        ``matmat`` of ``x^T`` checks it, but its messages would name the transpose:
-        "X must have shape (M, k), got (N, 2)" for an x of shape (2, N), and
-        ``X[j, i] is nan`` for ``x[i, j]``. The shape is checked here; the values are
-        read once, by ``matmat``, and again only where it refuses them, to name
-        ``x``'s own entry (a second read on every product would be for the failure
-        only). A column-sharded operator's own ``matmat`` checks its local shards.
-        """
-        T = self.transpose()
-        if self.layout is not None:
-            return T.matmat(x.T).T
-        m = self.shape[0]
-        x = check_operand(self._xp, self.device, self.dtype, x, "x", owner=self)
-        if x.shape[1] != m:
-            raise ValueError(f"x @ A needs x of shape ({m},) or (k, {m}), got {tuple(x.shape)}")
-        if self.check_finite and not T.check_finite:
-            check_finite(self._xp, x, "x")  # a subclass's transpose that does not check
-        try:
-            return T.matmat(x.T).T
-        except ValueError:
-            if self.check_finite:
-                check_finite(self._xp, x, "x")  # x's own index where matmat named x^T's
-            raise
 
     def __mul__(self, other: Any) -> Any:
         return self.dot(other)
@@ -540,8 +515,6 @@ class LinearOperator:
             column-sharded (SciPy's solvers would take local shards for whole
             vectors).
         """
-        import scipy.sparse.linalg
-
         self._refuse_sharded("to_scipy()")
         if not is_numpy_namespace(self._xp):
             raise TypeError(
@@ -550,16 +523,7 @@ class LinearOperator:
                 "Build the operator from NumPy arrays, or call its matvec directly"
             )
 
-        # Module-level callables of bound methods, not closures, so that the result pickles
-        # (SciPy's operator keeps them as attributes) whenever the operator does.
-        return scipy.sparse.linalg.LinearOperator(
-            self.shape,
-            matvec=_SciPyProduct(self.matvec, self.dtype),
-            rmatvec=_SciPyProduct(self.rmatvec, self.dtype),
-            matmat=_SciPyProduct(self.matmat, self.dtype),
-            rmatmat=_SciPyProduct(self.rmatmat, self.dtype),
-            dtype=self.dtype,
-        )
+        return scipy_operator(self)
 
     def __repr__(self) -> str:
         m, n = self.shape
@@ -572,72 +536,6 @@ class LinearOperator:
     def _repr_options(self) -> tuple[str, ...]:
         """``key=value`` items that tell this operator from others of its class in its repr."""
         return ()
-
-
-#: Library modules whose arrays report array-api-compat's wrapped namespace instead.
-_WRAPPED_LIBRARIES = ("numpy", "torch", "cupy", "dask.array")
-
-
-def _namespace(xp: Any) -> Any:
-    """``xp`` as the operator's arrays report their namespace.
-
-    Given ``numpy`` rather than ``array_api_compat.numpy``, a subclass refused every
-    NumPy input as "x is a numpy array but ... works on numpy arrays".
-    """
-    name = getattr(xp, "__name__", None)
-    if not isinstance(name, str) or not hasattr(xp, "asarray"):
-        raise TypeError(
-            f"xp must be an array namespace or library module (numpy, torch, cupy, "
-            f"jax.numpy, ...), got {xp!r}"
-        )
-    if name in _WRAPPED_LIBRARIES:
-        return array_namespace(xp.empty(0))
-    return xp
-
-
-def gradient_items(
-    op: Any, *, power: float | None = None, filled: int | None = None, zero_init: bool = False
-) -> tuple[str, ...]:
-    """The ``key=value`` items of the repr of an operator over gradients, in one order.
-
-    What tells two such operators apart: the power of F (spectral operators), the
-    number of gradients m, how many a window holds (``filled``, its ``len``), the
-    damping, a block size that was set, the 2-byte storage dtype, ``zero_init`` and
-    refinement steps where given. Python values only, so that a repr reads no array
-    (no pass over G, no device synchronisation).
-
-    Parameters
-    ----------
-    op : LinearOperator
-        An operator with ``num_grads``, ``dim``, ``damp`` (a Python float) and
-        ``storage_dtype``, and optionally ``block_size`` and ``refine``.
-    power : float, optional
-        The power of F, for operators that have one.
-    filled : int, optional
-        The number of gradients a window holds.
-    zero_init : bool, optional
-        Whether the window is zero-initialised.
-
-    Returns
-    -------
-    tuple of str
-        The items, for :meth:`LinearOperator._repr_options`.
-    """
-    items = [] if power is None else [f"power={power:g}"]
-    items.append(f"num_grads={op.num_grads}")
-    if filled is not None:
-        items.append(f"len={filled}")
-    items.append(f"damp={op.damp!r}")
-    block_size = getattr(op, "block_size", op.dim)
-    if block_size < op.dim:
-        items.append(f"block_size={block_size}")
-    if op.storage_dtype is not None:
-        items.append(f"storage_dtype={op.storage_dtype}")
-    if zero_init:
-        items.append("zero_init=True")
-    if getattr(op, "refine", 0):
-        items.append(f"refine={op.refine}")
-    return tuple(items)
 
 
 def _finite_scalar(value: Any, what: str = "the scalar multiplying an operator") -> float:
@@ -655,60 +553,31 @@ def _finite_scalar(value: Any, what: str = "the scalar multiplying an operator")
     return alpha
 
 
-class _SciPyProduct:
-    """One product of a NumPy-backed operator as :meth:`LinearOperator.to_scipy` exports it.
+def _row_product(A: LinearOperator, x: Array) -> Array:
+    """``x @ A`` for a stack of rows ``x``: ``(A^T @ x^T)^T``, ``x`` checked as given.
 
-    SciPy's solvers hand in float64 (or complex) work vectors: they are cast to
-    the operator's dtype, and a complex one is applied to its real and
-    imaginary parts (the operators are real). A class rather than a closure, so
-    that the exported operator can be pickled.
+    ``matmat`` of ``x^T`` checks it, but its messages would name the transpose:
+    "X must have shape (M, k), got (N, 2)" for an x of shape (2, N), and
+    ``X[j, i] is nan`` for ``x[i, j]``. The shape is checked here; the values are
+    read once, by ``matmat``, and again only where it refuses them, to name
+    ``x``'s own entry (a second read on every product would be for the failure
+    only). A column-sharded operator's own ``matmat`` checks its local shards.
     """
-
-    __slots__ = ("apply", "dtype")
-
-    def __init__(self, apply: Any, dtype: Any) -> None:
-        self.apply = apply
-        self.dtype = dtype
-
-    def __call__(self, x: Any) -> Any:
-        import numpy as np
-
-        x = np.asarray(x)
-        if np.iscomplexobj(x):
-            # A real operator acts on both parts; casting would drop the imaginary one.
-            re = self.apply(self._cast(x.real, "the real part of x"))
-            im = self.apply(self._cast(x.imag, "the imaginary part of x"))
-            return re + 1j * im
-        return self.apply(self._cast(x, "x"))
-
-    def _cast(self, x: Any, name: str) -> Any:
-        """``x`` in the operator's dtype; a finite value that overflows it is refused.
-
-        Cast to float32 a float64 entry beyond float32's range would become infinity
-        (NumPy's warning only), which the operator would then refuse as an infinity
-        that ``x`` does not hold, or with ``check_finite=False`` turn into a product
-        of infinities and NaN.
-        """
-        import numpy as np
-
-        narrowing = x.dtype.kind == "f" and x.dtype.itemsize > np.dtype(self.dtype).itemsize
-        if not narrowing:
-            return np.asarray(x, dtype=self.dtype)
-        try:
-            # The cast reports its own overflow (an infinity in x is no overflow): nothing
-            # more is read on the way through.
-            with np.errstate(over="raise"):
-                return np.asarray(x, dtype=self.dtype)
-        except FloatingPointError:
-            with np.errstate(over="ignore"):
-                over = np.isinf(np.asarray(x, dtype=self.dtype)) & np.isfinite(x)
-        where = np.unravel_index(int(np.argmax(over)), x.shape)
-        index = ", ".join(map(str, where))
-        raise ValueError(
-            f"{name} holds {float(x[where])!r} at [{index}], beyond the range of "
-            f"{np.dtype(self.dtype)}, the operator's dtype, to which SciPy's "
-            "vectors are cast; rescale the problem, or build the operator in float64"
-        ) from None
+    T = A.transpose()
+    if A.layout is not None:
+        return T.matmat(x.T).T
+    m = A.shape[0]
+    x = check_operand(A._xp, A.device, A.dtype, x, "x", owner=A)
+    if x.shape[1] != m:
+        raise ValueError(f"x @ A needs x of shape ({m},) or (k, {m}), got {tuple(x.shape)}")
+    if A.check_finite and not T.check_finite:
+        check_finite(A._xp, x, "x")  # a subclass's transpose that does not check
+    try:
+        return T.matmat(x.T).T
+    except ValueError:
+        if A.check_finite:
+            check_finite(A._xp, x, "x")  # x's own index where matmat named x^T's
+        raise
 
 
 def _check_compatible(a: LinearOperator, b: LinearOperator, what: str) -> None:

@@ -26,7 +26,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from ._compat import Array
-from ._operator import LinearOperator, gradient_items
+from ._gradient_repr import gradient_items
+from ._operator import LinearOperator
 from ._spectral_forms import checked_rows, forms_of
 from ._spectral_groups import Group, applied, checked_power, diagonal_of, logdet_of, trace_of
 from ._spectral_sample import drawn

@@ -22,9 +22,10 @@ from ._deprecation import (
     warn_deprecated,
     warn_no_w,
 )
+from ._gradient_repr import gradient_items
 from ._group_factors import GroupFactor
 from ._layout import block_groups
-from ._operator import LinearOperator, gradient_items
+from ._operator import LinearOperator
 from ._refine import fisher_residual, refine
 from ._validation import (
     check_block_size,
