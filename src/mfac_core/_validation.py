@@ -27,6 +27,7 @@ import numpy as np
 from ._compat import (
     Array,
     array_namespace,
+    canonical_device,
     device,
     is_array_api_obj,
     is_jax_array,
@@ -58,6 +59,7 @@ __all__ = [
     "check_same_space",
     "check_strided",
     "check_writeable",
+    "resolved_device",
     "described",
     "finite_or_inf",
     "first_non_finite",
@@ -529,6 +531,64 @@ def check_same_space(xp: Any, dev: Any, x: Array, name: str, *, owner: object) -
             f"{name} is on device {dev_x!r} but {owner} lives on device {dev!r}; "
             "move it explicitly first"
         )
+
+
+def resolved_device(xp: Any, dev: Any) -> Any:
+    """``dev`` as the arrays that namespace ``xp`` creates on it report their device.
+
+    ``None`` means the namespace's default device, and a name (``"cpu"``) what the
+    namespace means by it: the device of an empty array created there (NumPy's
+    ``"cpu"``, PyTorch's ``torch.device("cpu")``, a JAX ``Device``). A device the
+    operators store is then compared with their inputs' devices as they report
+    them; stored as given, ``None`` or a name refused every input. Called once per
+    operator built, never per product. A device object is returned as
+    :func:`canonical_device` gives it, without creating an array.
+
+    Parameters
+    ----------
+    xp : module
+        The array namespace (as :func:`array_namespace` returns it, or ``jax.numpy``).
+    dev : object
+        A device of ``xp``, its name, or ``None``.
+
+    Returns
+    -------
+    object
+        The device, as ``xp``'s arrays on it report it.
+
+    Raises
+    ------
+    ValueError
+        If ``xp`` has no device of that name (or refuses ``dev``).
+    """
+    if dev is not None and not isinstance(dev, str):
+        return canonical_device(dev)
+    if is_jax_namespace(xp):
+        return _jax_device(dev)
+    try:
+        made = xp.empty((0,), device=dev)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"device {dev!r} is not a {namespace_name(xp)} device: {e}") from None
+    return canonical_device(device(made))
+
+
+def _jax_device(name: str | None) -> Any:
+    """JAX's default device (``None``), or its first local device of platform ``name``.
+
+    JAX takes no device names; a platform's default device is the default one where
+    that is of the platform. The probe array is made concrete even inside a trace
+    (``jax.jit``), where an empty array would otherwise be a tracer with no device.
+    """
+    import jax
+
+    with jax.ensure_compile_time_eval():
+        default = device(jax.numpy.empty((0,)))
+    if name is None or default.platform == name:
+        return default
+    try:
+        return jax.local_devices(backend=name)[0]
+    except RuntimeError as e:
+        raise ValueError(f"device {name!r} is not a JAX device: {e}") from None
 
 
 @functools.cache
