@@ -538,3 +538,32 @@ def test_a_jax_device_by_name_or_none_even_inside_a_trace():
         DynamicIHVP(3, 4, damp=1.0, dtype=jnp.float32, xp=jnp, device="cpu")
     with pytest.raises(ValueError, match="device 'cuda' is not a numpy device"):
         DynamicIHVP(3, 4, damp=1.0, dtype="float64", xp=np, device="cuda")
+
+
+# -- scale factors: a huge int by its size; A / 10**400 underflows, it is not infinite ------------
+
+
+def test_scale_factors_show_huge_ints_by_size_and_refuse_an_underflowing_reciprocal():
+    from mfac_core._validation import reciprocal_factor, scale_factor
+
+    # Every digit of the int was in the message; beyond 4300 digits building the
+    # message itself failed (Python's limit on int-to-string conversion).
+    for power in (400, 5000):
+        with pytest.raises(ValueError, match="must be finite") as info:
+            scale_factor(-(10**power))
+        assert f"an int of {power + 1} digits (-1.000e+{power})" in str(info.value)
+        assert len(str(info.value)) < 200
+    # A / 10**400 is a scale by 1e-400, not by an infinite divisor's reciprocal.
+    for divisor in (10**400, -(2**1100)):
+        with pytest.raises(ValueError, match=r"^1 / an int of \d+ digits .* underflows float64"):
+            reciprocal_factor(divisor)
+    big = 10**309  # beyond float64, its reciprocal subnormal but not 0
+    assert reciprocal_factor(big) == 1 / big != 0.0
+    assert reciprocal_factor(np.int64(4)) == 0.25 == reciprocal_factor(4.0)
+    with pytest.raises(ValueError, match=r"^1 / 1e-310 must be finite"):
+        reciprocal_factor(1e-310)
+    with pytest.raises(ValueError, match="divisor of an operator must be finite"):
+        reciprocal_factor(float("inf"))
+    for zero in (0, 0.0, np.int8(0)):
+        with pytest.raises(ZeroDivisionError, match="cannot divide an operator by zero"):
+            reciprocal_factor(zero)
