@@ -288,6 +288,44 @@ def test_strict_step_decides_through_the_callers_reduction() -> None:
         assert own is not None and flagged == [(m + 20,), (1,)]
 
 
+def test_strict_step_leaves_finiteness_to_agree(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where ``agree`` decides (a sharded strict step), the product is not also read for
+    a local finiteness it would override: while the window fills, on a row edit and at a
+    refactorisation; the products are the plain steps', bit for bit."""
+    from mfac_core import _host_rows
+    from mfac_core._dynamic_window import update_and_matvec_finite
+
+    m, d, size = 3, 20, 2
+    starts = _starts(_even_widths(d, size))
+    gs = np.random.default_rng(5).standard_normal((3 * m, d))
+    read: list[Any] = []
+    all_finite = _host_rows.all_finite
+
+    def counted(xp: Any, s: Any) -> Any:
+        read.append(s)
+        return all_finite(xp, s)
+
+    monkeypatch.setattr(_host_rows, "all_finite", counted)
+    options = WindowOptions(refactor_every=2)
+
+    def rank(comm: Communicator) -> Any:
+        lo, hi = starts[comm.rank], starts[comm.rank + 1]
+        strict, plain = (
+            ShardedDynamicIHVP(m, hi - lo, damp=0.1, dtype="float64", comm=comm, options=options)
+            for _ in range(2)
+        )
+        steps = []
+        for g in gs:
+            s = update_and_matvec_finite(strict, g[lo:hi], agree=lambda s: True)
+            steps.append((s, plain.update_and_matvec(g[lo:hi])))
+        return steps
+
+    for steps in _ok(run_spmd_threads(rank, size)):
+        for s, want in steps:
+            np.testing.assert_array_equal(s, want)
+            assert not any(r is s for r in read)
+
+
 def test_nearly_collinear_rows_are_exact_in_one_reduction() -> None:
     # Nearly collinear float32 gradients, their differences below float32's resolution of
     # the Gram: each rank's row is summed in float64 (docs/mathematics.rst, "Exact

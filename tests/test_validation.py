@@ -485,3 +485,85 @@ def test_masked_arrays_are_refused_by_name():
     assert len(window) == 0
     with pytest.raises(TypeError, match=r"theta is a numpy\.ma\.MaskedArray"):
         prune(x, G, sparsity=0.5, damp=0.1)
+
+
+# -- devices given by name or None mean what the namespace means by them -------------------------
+
+
+def test_a_device_named_or_none_is_the_namespaces_own():
+    import array_api_compat.numpy as cnp
+    from array_api_compat import array_namespace
+
+    from mfac_core._validation import check_same_space, resolved_device
+
+    torch = pytest.importorskip("torch")
+    tx = array_namespace(torch.empty(0))
+    cases = [(cnp, np.ones(3)), (tx, torch.ones(3))]
+    for xp, x in cases:
+        for dev in (None, "cpu"):
+            # Stored as given, None (or NumPy's name) refused every input of its library.
+            check_same_space(xp, resolved_device(xp, dev), x, "x", owner="A")
+    assert resolved_device(tx, "cpu") == torch.device("cpu")
+    same = torch.device("cpu")
+    assert resolved_device(tx, same) == same
+    with pytest.raises(ValueError, match="device 'cuda' is not a numpy device"):
+        resolved_device(cnp, "cuda")
+    with pytest.raises(ValueError, match="device 'nowhere' is not a torch device"):
+        resolved_device(tx, "nowhere")
+
+
+def test_a_jax_device_by_name_or_none_even_inside_a_trace():
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    from mfac_core._compat import device
+    from mfac_core._validation import check_same_space, resolved_device
+
+    x = jnp.ones(3)
+    for dev in (None, "cpu"):
+        check_same_space(jnp, resolved_device(jnp, dev), x, "x", owner="A")
+    inside = []
+
+    @jax.jit
+    def traced(y):
+        inside.append(resolved_device(jnp, None))
+        return y
+
+    traced(x)
+    assert inside == [device(x)]
+    with pytest.raises(ValueError, match="device 'nowhere' is not a JAX device"):
+        resolved_device(jnp, "nowhere")
+    # Given "cpu", the window's zeros were asked for a device name JAX does not take
+    # (an AttributeError deep inside JAX); JAX's arrays are then refused as immutable.
+    with pytest.raises(ValueError, match="needs a writeable array"):
+        DynamicIHVP(3, 4, damp=1.0, dtype=jnp.float32, xp=jnp, device="cpu")
+    with pytest.raises(ValueError, match="device 'cuda' is not a numpy device"):
+        DynamicIHVP(3, 4, damp=1.0, dtype="float64", xp=np, device="cuda")
+
+
+# -- scale factors: a huge int by its size; A / 10**400 underflows, it is not infinite ------------
+
+
+def test_scale_factors_show_huge_ints_by_size_and_refuse_an_underflowing_reciprocal():
+    from mfac_core._validation import reciprocal_factor, scale_factor
+
+    # Every digit of the int was in the message; beyond 4300 digits building the
+    # message itself failed (Python's limit on int-to-string conversion).
+    for power in (400, 5000):
+        with pytest.raises(ValueError, match="must be finite") as info:
+            scale_factor(-(10**power))
+        assert f"an int of {power + 1} digits (-1.000e+{power})" in str(info.value)
+        assert len(str(info.value)) < 200
+    # A / 10**400 is a scale by 1e-400, not by an infinite divisor's reciprocal.
+    for divisor in (10**400, -(2**1100)):
+        with pytest.raises(ValueError, match=r"^1 / an int of \d+ digits .* underflows float64"):
+            reciprocal_factor(divisor)
+    big = 10**309  # beyond float64, its reciprocal subnormal but not 0
+    assert reciprocal_factor(big) == 1 / big != 0.0
+    assert reciprocal_factor(np.int64(4)) == 0.25 == reciprocal_factor(4.0)
+    with pytest.raises(ValueError, match=r"^1 / 1e-310 must be finite"):
+        reciprocal_factor(1e-310)
+    with pytest.raises(ValueError, match="divisor of an operator must be finite"):
+        reciprocal_factor(float("inf"))
+    for zero in (0, 0.0, np.int8(0)):
+        with pytest.raises(ZeroDivisionError, match="cannot divide an operator by zero"):
+            reciprocal_factor(zero)

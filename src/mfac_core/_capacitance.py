@@ -173,6 +173,17 @@ def dense_kappa_lower(xp: Any, lam_max_lower: Array, Linv: Array, /) -> float:
 FINITE = ""
 
 
+def non_finite_gram_error(damp: float, culprit: str | None) -> FactorizationError:
+    """:func:`factorization_error` for a Gram that is not finite (its kappa is infinite).
+
+    ``culprit`` names the gradients' first NaN or infinity (``"G[4, 7] is nan"``), or
+    is None where they are finite (their squared norms overflow float64).
+    """
+    return factorization_error(
+        damp, (math.inf, math.inf), culprit=FINITE if culprit is None else culprit
+    )
+
+
 def factorization_error(
     damp: float,
     kappa: tuple[float, float],

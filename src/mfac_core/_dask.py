@@ -163,9 +163,7 @@ def _chunk_inverse(
             # Unchecked NaN or infinity: the factorisation's error, its index in G's columns.
             entry = non_finite_entry(_NP, G, "G", offset=offset)
             if entry is not None:
-                raise _capacitance.factorization_error(
-                    damp, (math.inf, math.inf), culprit=entry
-                ) from None
+                raise _capacitance.non_finite_gram_error(damp, entry) from None
         raise
     return _ChunkInverse(result.factors, G.dtype, (result.kappa_lo, result.kappa_hi))
 

@@ -128,10 +128,21 @@ class Speculation:
         self.s: Any = None
         self.finite = False
 
-    def compute(self, factor: SlotFactor) -> Array:
+    def compute(self, factor: SlotFactor) -> Array | None:
+        """The product with ``factor`` into ``s``, and its finiteness as a 0-d array.
+
+        None in place of the finiteness where ``agree`` decides it (:meth:`settle`):
+        the local one would be overridden, and costs a read of ``s``.
+        """
         op, xp = self._op, self._op._xp
         self.s = op._refined(self.X, op._finish(self.X, self.P, factor), factor)[:, 0]
+        if self._agreed():
+            return None
         return _host_rows.all_finite(xp, self.s)
+
+    def _agreed(self) -> bool:
+        """Whether ``agree`` decides the product's finiteness (a sharded strict step)."""
+        return self.strict and self._op._collective_checks and self.agree is not None
 
     def settle(self, factor: SlotFactor) -> None:
         """The product with ``factor`` (the row edit's, if it made it) and its finiteness.
@@ -142,10 +153,11 @@ class Speculation:
         product).
         """
         op, xp = self._op, self._op._xp
-        if self.strict and op._collective_checks and self.agree is not None:
+        agree = self.agree if self._agreed() else None
+        if agree is not None:
             if self.s is None:
-                self.compute(factor)  # its local finiteness is agree's business
-            self.finite = bool(self.agree(self.s))
+                self.compute(factor)  # no local finiteness: agree's business
+            self.finite = bool(agree(self.s))
         else:
             if self.s is None:
                 self.finite = bool(self.compute(factor))
@@ -370,10 +382,11 @@ def edited(
             moved = current.moved_last(factor, row)
             drifted = drift(op, moved, b[slot])
             checks = [drifted] if margin is None else [margin, drifted]
-            if speculation is not None:
-                checks.append(speculation.compute(moved))
+            finite = None if speculation is None else speculation.compute(moved)
+            if finite is not None:  # None where the caller's agree decides (settle)
+                checks.append(finite)
             values = judge(op, pending, checks)
-            if speculation is not None:
+            if speculation is not None and finite is not None:
                 speculation.finite = values.pop() > 0
             pivot_ok = margin is None or values[0] > 0
             if pivot_ok and not values[-1] > DRIFT_TOL:

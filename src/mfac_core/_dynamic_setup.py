@@ -35,6 +35,7 @@ from ._validation import (
     half_dtype_name,
     namespace_of,
     non_finite_entry,
+    resolved_device,
 )
 
 
@@ -223,6 +224,8 @@ def build(
         )
     dtype, _, storage = window_dtypes(xp, dtype)
     check_window_damp(xp, dtype, num_grads, op.zero_init, op.damp)
+    # A name or None as the namespace means it (JAX's zeros take no name).
+    device = resolved_device(xp, device)
     G = _host_rows.zeros(xp, (num_grads, dim), dtype=dtype, device=device)
     check_writeable(G, "window buffer", why="DynamicIHVP (a window edited in place)")
     op.storage_dtype = storage

@@ -24,7 +24,6 @@ data is taken from reduced values, so all ranks raise, or none does.
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -363,11 +362,7 @@ def build(
                 # NaN or infinity is named as the check names it: in global columns.
                 entry = None if agreed.check_finite else _non_finite_entry(xp, G, start)
                 state["error"] = (
-                    exc
-                    if entry is None
-                    else _capacitance.factorization_error(
-                        agreed.damp, (math.inf, math.inf), culprit=entry
-                    )
+                    exc if entry is None else _capacitance.non_finite_gram_error(agreed.damp, entry)
                 )
                 return _own_row(xp, dev, comm, [1.0, 1.0, 1.0])
             except ValueError:

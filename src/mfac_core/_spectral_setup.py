@@ -8,7 +8,6 @@ the eigenpairs and recompute only the O(m) bounds of the spectrum.
 from __future__ import annotations
 
 import copy
-import math
 from typing import Any
 
 from . import _capacitance, _engine
@@ -119,12 +118,7 @@ def eigen_groups(
                 # Unchecked NaN or infinity in G: eigh would fail with a bare LinAlgError
                 # (or return NaN). Each off-diagonal entry is bounded by the diagonal's,
                 # so O(m) of work tells, and the error is StaticIHVP's.
-                culprit = chunk_culprit(xp, G, g, chunk)()
-                raise _capacitance.factorization_error(
-                    damp,
-                    (math.inf, math.inf),
-                    culprit=_capacitance.FINITE if culprit is None else culprit,
-                )
+                raise _capacitance.non_finite_gram_error(damp, chunk_culprit(xp, G, g, chunk)())
             lam, U = xp.linalg.eigh(gram)
             if not bool(xp.all(xp.isfinite(lam[..., -1]))):
                 # Finite entries (each at most the largest squared norm) whose largest

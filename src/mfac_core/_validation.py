@@ -14,6 +14,7 @@ Every message names the argument and says what was expected.
 
 from __future__ import annotations
 
+import decimal
 import functools
 import math
 import numbers
@@ -27,6 +28,7 @@ import numpy as np
 from ._compat import (
     Array,
     array_namespace,
+    canonical_device,
     device,
     is_array_api_obj,
     is_jax_array,
@@ -58,6 +60,10 @@ __all__ = [
     "check_same_space",
     "check_strided",
     "check_writeable",
+    "reciprocal_factor",
+    "scale_factor",
+    "short_repr",
+    "resolved_device",
     "described",
     "finite_or_inf",
     "first_non_finite",
@@ -306,6 +312,97 @@ def finite_or_inf(value: Any) -> float:
         return math.inf if value > 0 else -math.inf
 
 
+def scale_factor(value: Any, what: str = "the scalar multiplying an operator") -> float:
+    """``value`` as a finite Python float, the factor of a scaled operator (``A * value``).
+
+    An infinite or NaN factor (or an int beyond float64's range) would make every
+    product of the operator NaN or infinite, inputs checked for finiteness or not.
+    The refusal shows a huge int by its size, not by its hundreds of digits.
+
+    Parameters
+    ----------
+    value : real number
+        The factor (the caller has checked it is a real number, not a bool).
+    what : str
+        What ``value`` is, for the message.
+
+    Returns
+    -------
+    float
+        ``value``, finite.
+
+    Raises
+    ------
+    ValueError
+        If ``value`` is NaN or infinite, or an int beyond float64's range.
+    """
+    alpha = finite_or_inf(value)
+    if not math.isfinite(alpha):
+        raise ValueError(
+            f"{what} must be finite, got {short_repr(value)}: every product of the "
+            "scaled operator would be NaN or infinite"
+        )
+    return alpha
+
+
+def reciprocal_factor(divisor: Any) -> float:
+    """``1 / divisor`` as a finite, nonzero Python float, the factor of ``A / divisor``.
+
+    An int is inverted exactly, then rounded once: ``10**400`` means a scale by
+    1e-400, which is not refused as an infinite divisor but as what it is, a factor
+    that underflows float64 to 0 (as does any int beyond about ``2**1075``).
+
+    Parameters
+    ----------
+    divisor : real number
+        The divisor (the caller has checked it is a real number, not a bool).
+
+    Returns
+    -------
+    float
+        ``1 / divisor``, finite and nonzero.
+
+    Raises
+    ------
+    ZeroDivisionError
+        If ``divisor`` is zero.
+    ValueError
+        If ``divisor`` is NaN or infinite, or ``1 / divisor`` overflows float64 (a
+        subnormal divisor) or underflows it to 0 (a huge int).
+    """
+    if isinstance(divisor, numbers.Integral):
+        if divisor == 0:
+            raise ZeroDivisionError("cannot divide an operator by zero")
+        # Python's int division rounds the exact quotient once, and never overflows.
+        alpha = 1 / int(divisor)
+    else:
+        d = scale_factor(divisor, "the divisor of an operator")
+        if d == 0.0:
+            raise ZeroDivisionError("cannot divide an operator by zero")
+        alpha = 1.0 / d
+    if alpha == 0.0:
+        raise ValueError(
+            f"1 / {short_repr(divisor)} underflows float64 to 0: every product of the "
+            "scaled operator would be 0; multiply by 0.0 if that is meant"
+        )
+    return scale_factor(alpha, f"1 / {short_repr(divisor)}")
+
+
+def short_repr(value: Any) -> str:
+    """``repr(value)``, or for an int of more than 20 digits its size and leading digits.
+
+    A message that shows ``10**400`` shows it as "an int of 401 digits (1.000e+400)",
+    not its 401 digits (the repr of an int beyond ``sys.get_int_max_str_digits()``
+    digits raises ``ValueError``).
+    """
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        n = decimal.Decimal(int(value))
+        digits = n.adjusted() + 1
+        if digits > 20:
+            return f"an int of {digits} digits ({n:.3e})"
+    return repr(value)
+
+
 def check_number(
     value: Any,
     name: str,
@@ -529,6 +626,64 @@ def check_same_space(xp: Any, dev: Any, x: Array, name: str, *, owner: object) -
             f"{name} is on device {dev_x!r} but {owner} lives on device {dev!r}; "
             "move it explicitly first"
         )
+
+
+def resolved_device(xp: Any, dev: Any) -> Any:
+    """``dev`` as the arrays that namespace ``xp`` creates on it report their device.
+
+    ``None`` means the namespace's default device, and a name (``"cpu"``) what the
+    namespace means by it: the device of an empty array created there (NumPy's
+    ``"cpu"``, PyTorch's ``torch.device("cpu")``, a JAX ``Device``). A device the
+    operators store is then compared with their inputs' devices as they report
+    them; stored as given, ``None`` or a name refused every input. Called once per
+    operator built, never per product. A device object is returned as
+    :func:`canonical_device` gives it, without creating an array.
+
+    Parameters
+    ----------
+    xp : module
+        The array namespace (as :func:`array_namespace` returns it, or ``jax.numpy``).
+    dev : object
+        A device of ``xp``, its name, or ``None``.
+
+    Returns
+    -------
+    object
+        The device, as ``xp``'s arrays on it report it.
+
+    Raises
+    ------
+    ValueError
+        If ``xp`` has no device of that name (or refuses ``dev``).
+    """
+    if dev is not None and not isinstance(dev, str):
+        return canonical_device(dev)
+    if is_jax_namespace(xp):
+        return _jax_device(dev)
+    try:
+        made = xp.empty((0,), device=dev)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"device {dev!r} is not a {namespace_name(xp)} device: {e}") from None
+    return canonical_device(device(made))
+
+
+def _jax_device(name: str | None) -> Any:
+    """JAX's default device (``None``), or its first local device of platform ``name``.
+
+    JAX takes no device names; a platform's default device is the default one where
+    that is of the platform. The probe array is made concrete even inside a trace
+    (``jax.jit``), where an empty array would otherwise be a tracer with no device.
+    """
+    import jax
+
+    with jax.ensure_compile_time_eval():
+        default = device(jax.numpy.empty((0,)))
+    if name is None or default.platform == name:
+        return default
+    try:
+        return jax.local_devices(backend=name)[0]
+    except RuntimeError as e:
+        raise ValueError(f"device {name!r} is not a JAX device: {e}") from None
 
 
 @functools.cache
