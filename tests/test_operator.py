@@ -733,3 +733,48 @@ def test_a_product_builds_no_repr_but_a_refusal_names_the_operator(monkeypatch):
     with pytest.raises(TypeError, match=r"x has dtype float64 but <30x30 StaticIHVP with"):
         ops[0].matvec(x.astype(np.float64))
     assert calls == ["StaticIHVP"]
+
+
+# -- devices by name or None in a subclass; huge int scales (review of this session) ------------
+
+
+class _IdentityOnDevice(LinearOperator):
+    def __init__(self, xp, device, dtype):
+        super().__init__(shape=(3, 3), dtype=dtype, xp=xp, device=device, symmetric=True)
+
+    def _matmat(self, X):
+        return X
+
+
+def test_a_device_by_name_or_none_is_the_namespaces_own_in_a_subclass():
+    # Regression: stored as given, None (or JAX's "cpu") refused every input.
+    x = np.arange(3.0)
+    for dev in (None, "cpu"):
+        assert np.array_equal(_IdentityOnDevice(np, dev, np.float64) @ x, x)
+    torch = pytest.importorskip("torch")
+    assert torch.equal(
+        _IdentityOnDevice(torch, None, torch.float64) @ torch.ones(3, dtype=torch.float64),
+        torch.ones(3, dtype=torch.float64),
+    )
+    jnp = pytest.importorskip("jax.numpy")
+    for dev in (None, "cpu"):
+        y = jnp.ones(3, dtype=jnp.float32)
+        assert bool(jnp.all(_IdentityOnDevice(jnp, dev, jnp.float32) @ y == y))
+    assert (
+        DynamicIHVP(2, 3, damp=1.0, dtype="float64", xp=np, device=None).device
+        == _IdentityOnDevice(np, None, np.float64).device
+    )
+
+
+def test_a_huge_int_scale_is_short_and_its_reciprocal_underflows():
+    rng = np.random.default_rng(0)
+    F = EmpiricalFisher(rng.standard_normal((3, 6)), damp=0.5)
+    with pytest.raises(ValueError, match=r"got an int of 401 digits \(1\.000e\+400\)") as info:
+        F * 10**400
+    assert len(str(info.value)) < 200
+    with pytest.raises(ValueError, match="an int of 5001 digits"):
+        10**5000 * F
+    with pytest.raises(ValueError, match=r"^1 / an int of 401 digits .* underflows float64 to 0"):
+        F / 10**400
+    x = rng.standard_normal(6)
+    assert np.array_equal((F / 10**309) @ x, (1 / 10**309) * (F @ x))

@@ -13,16 +13,13 @@ from __future__ import annotations
 
 import copy
 import importlib
-import math
 import numbers
 from typing import Any
 
 from ._compat import (
     Array,
-    canonical_device,
     is_array_api_obj,
     is_numpy_namespace,
-    is_torch_namespace,
     library_namespace,
     namespace_name,
     picklable_device,
@@ -36,7 +33,9 @@ from ._validation import (
     check_flag,
     check_operand,
     check_strided,
-    finite_or_inf,
+    reciprocal_factor,
+    resolved_device,
+    scale_factor,
 )
 
 __all__ = ["LinearOperator"]
@@ -111,13 +110,8 @@ class LinearOperator:
         self.shape = (int(shape[0]), int(shape[1]))
         self.dtype = dtype
         self._xp = library_namespace(xp)
-        if isinstance(device, str) and is_torch_namespace(self._xp):
-            # A tensor's device is a torch.device, never equal to its name ("cpu").
-            import torch
-
-            device = torch.device(device)
-        # As its arrays report it: torch.device("cuda") is "cuda:<current>".
-        self.device = canonical_device(device)
+        # As its arrays report it: None and names ("cpu") as the namespace means them.
+        self.device = resolved_device(self._xp, device)
         self._symmetric = bool(symmetric)
         self.check_finite = check_flag(check_finite, "check_finite")
 
@@ -340,7 +334,7 @@ class LinearOperator:
         if isinstance(x, LinearOperator):
             return _ProductOperator(self, x)
         if isinstance(x, numbers.Real) and not isinstance(x, bool):
-            return _ScaledOperator(self, _finite_scalar(x))
+            return _ScaledOperator(self, scale_factor(x))
         if not is_array_api_obj(x):
             # SciPy's operators are LinearOperators too, but not this class's.
             hint = (
@@ -395,7 +389,7 @@ class LinearOperator:
 
     def __rmul__(self, other: Any) -> Any:
         if isinstance(other, numbers.Real) and not isinstance(other, bool):
-            return _ScaledOperator(self, _finite_scalar(other))
+            return _ScaledOperator(self, scale_factor(other))
         if is_array_api_obj(other):
             # SciPy's x * A is x @ A, as A * x is A @ x.
             return self.__rmatmul__(other)
@@ -403,10 +397,7 @@ class LinearOperator:
 
     def __truediv__(self, other: Any) -> Any:
         if isinstance(other, numbers.Real) and not isinstance(other, bool):
-            divisor = _finite_scalar(other, "the divisor of an operator")
-            if divisor == 0.0:
-                raise ZeroDivisionError("cannot divide an operator by zero")
-            return _ScaledOperator(self, _finite_scalar(1.0 / divisor, f"1 / {other!r}"))
+            return _ScaledOperator(self, reciprocal_factor(other))
         return NotImplemented
 
     def __neg__(self) -> LinearOperator:
@@ -536,21 +527,6 @@ class LinearOperator:
     def _repr_options(self) -> tuple[str, ...]:
         """``key=value`` items that tell this operator from others of its class in its repr."""
         return ()
-
-
-def _finite_scalar(value: Any, what: str = "the scalar multiplying an operator") -> float:
-    """``value`` as a finite Python float, the factor of a scaled operator.
-
-    An infinite or NaN factor (or an int beyond float64's range) would make every
-    product of the operator NaN or infinite, inputs checked for finiteness or not.
-    """
-    alpha = finite_or_inf(value)
-    if not math.isfinite(alpha):
-        raise ValueError(
-            f"{what} must be finite, got {value!r}: every product of the scaled operator "
-            "would be NaN or infinite"
-        )
-    return alpha
 
 
 def _row_product(A: LinearOperator, x: Array) -> Array:
