@@ -21,17 +21,16 @@ applies to G (``W = U^{-T} G``); the dynamic operator edits rows of ``U``.
 
 from __future__ import annotations
 
-import functools
 import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 from . import _linalg
-from ._compat import Array, array_namespace, device
+from ._compat import Array, FoundNamespace, device
 from ._errors import (
     FactorizationError,
     IllConditionedWarning,
@@ -301,7 +300,7 @@ def warn_if_passes_hopeless(kappa_lower: float, *, damp: float) -> None:
 
 
 @dataclass(frozen=True)
-class CapacitanceFactor:
+class CapacitanceFactor(FoundNamespace):
     """The upper Cholesky factor ``U`` of ``C = shift * I + scale * Gram`` (float64).
 
     ``U`` is one ``(k, k)`` matrix or a stack ``(..., k, k)``; its strict lower
@@ -323,14 +322,7 @@ class CapacitanceFactor:
     scale: float
     kappa: tuple[float, float] | None = None
 
-    @functools.cached_property
-    def xp(self) -> Any:
-        """The array namespace of ``U``, found once per factor (a step asks for it often)."""
-        return array_namespace(self.U)
-
-    def __getstate__(self) -> dict[str, Any]:
-        # The namespace found (a module, which pickle cannot store) is found again.
-        return {k: v for k, v in self.__dict__.items() if k != "xp"}
+    _NAMESPACE_FIELD: ClassVar[str] = "U"
 
     @property
     def size(self) -> int:

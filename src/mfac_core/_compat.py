@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any, TypeAlias
+from typing import Any, ClassVar, TypeAlias
 
 from array_api_compat import array_namespace as _array_namespace
 from array_api_compat import (
@@ -33,6 +33,7 @@ Array: TypeAlias = Any
 
 __all__ = [
     "Array",
+    "FoundNamespace",
     "array_namespace",
     "canonical_device",
     "detached",
@@ -256,3 +257,22 @@ def library_namespace(xp: Any) -> Any:
     if name in _WRAPPED_LIBRARIES:
         return array_namespace(xp.empty(0))
     return xp
+
+
+class FoundNamespace:
+    """A base of the (frozen) dataclasses over arrays that ask for their namespace often.
+
+    ``xp`` is the namespace of the array field named by ``_NAMESPACE_FIELD``, found once
+    per object (a window step or a product asks for it many times), and left out of
+    pickles and copies: a module, which pickle cannot store, found again after.
+    """
+
+    _NAMESPACE_FIELD: ClassVar[str]
+
+    @functools.cached_property
+    def xp(self) -> Any:
+        """The array namespace of the object's arrays."""
+        return array_namespace(getattr(self, self._NAMESPACE_FIELD))
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "xp"}

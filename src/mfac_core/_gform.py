@@ -17,13 +17,12 @@ gradients cover well.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from . import _engine
 from ._capacitance import CapacitanceFactor
-from ._compat import Array, array_namespace, device
+from ._compat import Array, FoundNamespace, device
 from ._layout import BlockGroup, piece_stack, pieces
 
 __all__ = [
@@ -50,7 +49,7 @@ def whitened_pairs(xp: Any, Zr: Array, Zc: Array, rows: Array, cols: Array, damp
 
 
 @dataclass(frozen=True)
-class GFormFactor:
+class GFormFactor(FoundNamespace):
     """A group of blocks in the G-form: G (all of it; the group's columns are used) and
     the float64 factor stack ``U`` ``(count, m, m)`` of the blocks' capacitance matrices.
 
@@ -64,12 +63,7 @@ class GFormFactor:
     damp: float
     dtype: Any
 
-    @functools.cached_property
-    def xp(self) -> Any:
-        return array_namespace(self.G)  # once per factor: every product asks for it
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k != "xp"}  # not the module
+    _NAMESPACE_FIELD: ClassVar[str] = "G"
 
     def apply(self, X: Array, /) -> Array:
         xp, g = self.xp, self.group
@@ -128,7 +122,7 @@ class GFormFactor:
 
 
 @dataclass(frozen=True)
-class DenseBlockFactors:
+class DenseBlockFactors(FoundNamespace):
     """The blocks of a group no wider than m: ``Linv`` ``(count, size, size)``, float64,
     the inverse of each block's lower Cholesky factor, ``F_b^{-1} = Linv_b^T Linv_b``.
 
@@ -142,12 +136,7 @@ class DenseBlockFactors:
     Linv: Array
     dtype: Any
 
-    @functools.cached_property
-    def xp(self) -> Any:
-        return array_namespace(self.Linv)  # once per factor: every product asks for it
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k != "xp"}  # not the module
+    _NAMESPACE_FIELD: ClassVar[str] = "Linv"
 
     def apply(self, X: Array, /) -> Array:
         xp, g = self.xp, self.group
