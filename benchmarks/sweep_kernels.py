@@ -12,7 +12,9 @@ float32 G of m x d, interleaved (one run of each candidate per round, best of
 ``--repeat``): ``project64`` with one vector, ``combine64`` with 1, 2, 4 and K rows
 (``--k``), and the operator's ``matvec`` and ``sweep``; with ``--before``, the same
 through another build of ``mfac_core._fused._passes`` (e.g. main's), loaded beside this
-tree's and swapped in for its rows. Each thread count (``--threads``) has its own rounds;
+tree's and swapped in for its rows; on a core that runs AVX-512 as two halves (AMD Zen 4),
+the same build with its kernels always of the widest ISA ("widest"), against the automatic
+choice (AVX2 where FMAs set the pace). Each thread count (``--threads``) has its own rounds;
 the count is set through ``MFAC_CORE_NUM_THREADS``, which ``mfac_core._fused`` reads per
 call.
 
@@ -70,10 +72,13 @@ def candidates(
     damps = [damp * 10.0 ** (j / 2) for j in range(K)]
     spec = mfac_core.SpectralIHVP(G, damp=damp)
     cands = {}
+    halves = _fused._AVX512_HALVES
     for tag, mod in builds.items():
 
-        def use(mod: Any = mod) -> None:
+        def use(mod: Any = mod, tag: str = tag) -> None:
             _fused._passes = mod
+            # "widest": this build, its kernels always of the widest ISA.
+            _fused._AVX512_HALVES = halves and tag != "widest"
 
         cands[f"{tag}|project64 K=1"] = (
             lambda _: _fused.project64(G, x[None], start=0, stop=d),
@@ -106,6 +111,10 @@ def main() -> None:
     if not _fused.available():
         sys.exit("mfac_core._fused is not built here: nothing to measure")
     builds = {"this": _fused._passes}
+    if _fused._AVX512_HALVES:
+        # This core runs AVX-512 as two halves: time the automatic choice (AVX2 for the
+        # FMA-bound calls) against the widest ISA everywhere.
+        builds = {"widest": _fused._passes, **builds}
     if args.before:
         builds = {"before": load_build(args.before), **builds}
     d, K = int(args.d), args.k

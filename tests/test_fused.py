@@ -690,6 +690,71 @@ def test_block_calls_equal_one_call_per_block(storage, threads, monkeypatch):
         np.testing.assert_array_equal(Y[b], want)
 
 
+def test_the_automatic_isa_is_the_widest_except_fma_bound_calls_on_split_avx512(monkeypatch):
+    # An explicit ISA is never replaced; without split AVX-512 units the automatic choice
+    # (0) stays the widest; with them, AVX2 for the FMA-bound calls only.
+    F32, F64, F16, BF16 = (
+        _fused.STORAGES[n] for n in ("float32", "float64", "float16", "bfloat16")
+    )
+    avx2 = _fused.ISAS["avx2"]
+    monkeypatch.setattr(_fused, "_AVX512_HALVES", False)
+    for st in (F32, F64, F16, BF16):
+        for kk in (1, 4, 8):
+            for combine in (False, True):
+                assert _fused._auto_isa(0, st, kk, combine=combine) == 0
+    monkeypatch.setattr(_fused, "_AVX512_HALVES", True)
+    for combine in (False, True):
+        for st in (F32, F64, F16, BF16):
+            for kk in range(1, 9):
+                for code in _fused.ISAS.values():
+                    assert _fused._auto_isa(code, st, kk, combine=combine) == code
+    for kk in range(1, 9):
+        for st in (F32, F64):
+            assert _fused._auto_isa(0, st, kk, combine=True) == (avx2 if kk >= 2 else 0)
+            assert _fused._auto_isa(0, st, kk, combine=False) == 0
+        for st in (F16, BF16):
+            assert _fused._auto_isa(0, st, kk, combine=True) == 0
+            assert _fused._auto_isa(0, st, kk, combine=False) == (avx2 if kk >= 4 else 0)
+
+
+def test_split_avx512_is_only_reported_where_avx512_runs():
+    halves = _fused._passes.avx512_halves()
+    assert isinstance(halves, bool) and halves == _fused._AVX512_HALVES
+    assert not halves or _fused.best_isa() == "avx512"
+
+
+@pytest.mark.skipif("avx2" not in ISAS, reason="the CPU has no AVX2")
+@pytest.mark.parametrize("storage", ["float32", "float16"])
+def test_the_automatic_choice_runs_the_chosen_kernels(monkeypatch, storage):
+    # Where AVX-512 is split, isa=None gives the AVX2 kernels' bits on the FMA-bound calls,
+    # one call or per block; the other calls keep the widest ISA's.
+    monkeypatch.setattr(_fused, "_AVX512_HALVES", True)
+    rng = np.random.default_rng(3)
+    m, s, count, K = 9, 96, 3, 5
+    G = rng.standard_normal((m, count * s)).astype(storage)
+    X = rng.standard_normal((K, count * s)).astype(np.float32)
+    C = rng.standard_normal((K, m))
+    alpha = rng.standard_normal(K)
+    n = count * s
+    fma = "avx2" if storage == "float16" else _fused.best_isa()
+    np.testing.assert_array_equal(
+        _fused.project64(G, X, start=0, stop=n), _fused.project64(G, X, start=0, stop=n, isa=fma)
+    )
+    fma = "avx2" if storage == "float32" else _fused.best_isa()
+    np.testing.assert_array_equal(
+        _fused.combine64(G, C, alpha, X, start=0, stop=n, dtype=np.float32),
+        _fused.combine64(G, C, alpha, X, start=0, stop=n, dtype=np.float32, isa=fma),
+    )
+    Xb = np.ascontiguousarray(X.reshape(K, count, s).transpose(1, 0, 2))
+    Cb = np.stack([C] * count)
+    Yb = _fused.combine64_blocks(G, Cb, alpha, Xb, start=0, block_size=s, dtype=np.float32)
+    for b in range(count):
+        want = _fused.combine64(
+            G, C, alpha, Xb[b], start=b * s, stop=(b + 1) * s, dtype=np.float32, isa=fma
+        )
+        np.testing.assert_array_equal(Yb[b], want)
+
+
 def test_block_calls_refuse_bad_shapes():
     G = np.ones((4, 100), np.float32)
     with pytest.raises(ValueError, match="X must have shape"):

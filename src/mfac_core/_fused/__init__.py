@@ -112,6 +112,26 @@ def _isa_code(isa: str | None) -> int:
     return ISAS[isa]
 
 
+#: Whether this CPU runs AVX-512 as two 256-bit halves (AMD Zen 4): see :func:`_auto_isa`.
+_AVX512_HALVES = _passes is not None and bool(_passes.avx512_halves())
+
+
+def _auto_isa(code: int, code_st: int, kk: int, *, combine: bool) -> int:
+    """The instruction set of one kernel call: ``code``, or for ``isa=None`` (0) the fastest.
+
+    That is the widest the CPU has, except on a core that runs AVX-512 as two 256-bit halves
+    (:data:`_AVX512_HALVES`). There the 512-bit registers add no FMAs, and the AVX2 kernels
+    are faster where FMAs rather than memory set the pace: :func:`combine64` with two or more
+    rows of coefficients over float32 or float64 rows (1.08-1.2x faster) and
+    :func:`project64` with four or more vectors over 2-byte rows (1.13-1.19x; one Zen 4 core,
+    benchmarks/RESULTS.md). Either ISA sums in float64; they may round differently.
+    """
+    if code != 0 or not _AVX512_HALVES:
+        return code
+    fma_bound = kk >= 2 and code_st <= 1 if combine else kk >= 4 and code_st >= 2
+    return ISAS["avx2"] if fma_bound else code
+
+
 def _pieces(m: int, n: int) -> list[tuple[int, int]]:
     """Column ranges of ``[0, n)`` of about ``_PIECE_WORK`` entries of V each.
 
@@ -497,7 +517,8 @@ def project64(
     storage : {"float32", "float64", "float16", "bfloat16"}, optional
         How G's items are stored; None: from ``G.dtype``.
     isa : str, optional
-        An instruction set of :data:`ISAS` (tests); None: the fastest.
+        An instruction set of :data:`ISAS` (tests); None: the fastest for the call (the
+        widest, or AVX2 where a core runs AVX-512 as two halves and FMAs set the pace).
 
     Returns
     -------
@@ -527,12 +548,19 @@ def project64(
             kk = min(8, K - k0)
             Xg = Xk[k0 : k0 + kk]
             partial = np.empty((len(_pieces(m, n)), kk, m))
+            isa_k = _auto_isa(code, code_st, kk, combine=False)
 
             def call(
-                j0: int, j1: int, p: int, Xg: Any = Xg, partial: Any = partial, kk: int = kk
+                j0: int,
+                j1: int,
+                p: int,
+                Xg: Any = Xg,
+                partial: Any = partial,
+                kk: int = kk,
+                isa_k: int = isa_k,
             ) -> None:
                 _passes.project64(
-                    G, ld, start, m, Xg, kk, x64, partial[p], n, j0, j1, code, code_st
+                    G, ld, start, m, Xg, kk, x64, partial[p], n, j0, j1, isa_k, code_st
                 )
 
             _run(call, m, n)
@@ -620,6 +648,7 @@ def combine64(
         a8[:kk] = alpha[k0 : k0 + kk]
         Xg = Xk if shared else Xk[k0 : k0 + kk]
         Yk = Y[k0 : k0 + kk]
+        isa_k = _auto_isa(code, code_st, kk, combine=True)
 
         def call(
             j0: int,
@@ -630,9 +659,10 @@ def combine64(
             Xg: Any = Xg,
             Yk: Any = Yk,
             kk: int = kk,
+            isa_k: int = isa_k,
         ) -> None:
             _passes.combine64(
-                G, ld, start, m, Ct, kk, a8, Xg, shared, x64, Yk, out64, n, j0, j1, code, code_st
+                G, ld, start, m, Ct, kk, a8, Xg, shared, x64, Yk, out64, n, j0, j1, isa_k, code_st
             )
 
         _run(call, m, n)
@@ -675,7 +705,8 @@ def project64_blocks(
                 kk = min(8, K - k0)
                 _passes.project64(
                     G, ld, start + b * s, m, Xk[b, k0 : k0 + kk], kk, x64,
-                    out[b, k0 : k0 + kk], s, 0, s, code, code_st,
+                    out[b, k0 : k0 + kk], s, 0, s,
+                    _auto_isa(code, code_st, kk, combine=False), code_st,
                 )  # fmt: skip
 
     _run(call, m * s, count)
@@ -730,14 +761,14 @@ def combine64_blocks(
         Ct[:, :, :kk] = np.transpose(C[:, k0 : k0 + kk, :], (0, 2, 1))
         a8 = np.zeros(8)
         a8[:kk] = alpha[k0 : k0 + kk]
-        groups.append((k0, kk, Ct, a8))
+        groups.append((k0, kk, Ct, a8, _auto_isa(code, code_st, kk, combine=True)))
 
     def call(b0: int, b1: int, p: int) -> None:
         for b in range(b0, b1):
-            for k0, kk, Ct, a8 in groups:
+            for k0, kk, Ct, a8, isa_k in groups:
                 _passes.combine64(
                     G, ld, start + b * s, m, Ct[b], kk, a8, Xk[b, k0 : k0 + kk], False, x64,
-                    Y[b, k0 : k0 + kk], out64, s, 0, s, code, code_st,
+                    Y[b, k0 : k0 + kk], out64, s, 0, s, isa_k, code_st,
                 )  # fmt: skip
 
     _run(call, m * s, count)

@@ -96,6 +96,7 @@ static int c64_rows_spread(Py_ssize_t stride)
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #define MFAC_X86 1
+#include <cpuid.h> /* the vendor and family (avx512_halves) */
 #endif
 
 /* An IEEE half's value as a double, exactly (the copies without F16C, and the columns past the
@@ -165,6 +166,29 @@ static int best_isa(void)
         return ISA_AVX2;
 #endif
     return ISA_BASE;
+}
+
+/* Whether this CPU runs AVX-512 on 256-bit units, each 512-bit instruction as two halves: AMD's
+   family 19h (Zen 4; Zen 3, the same family, has no AVX-512). There the 512-bit registers buy
+   no FMAs, and the AVX2 kernels are the faster where FMAs, not memory, set the pace
+   (mfac_core._fused chooses per call). */
+static int avx512_halves(void)
+{
+#ifdef MFAC_X86
+    unsigned a, b, c, d;
+    if (best_isa() != ISA_AVX512 || !__get_cpuid(0, &a, &b, &c, &d))
+        return 0;
+    if (b != 0x68747541u || d != 0x69746e65u || c != 0x444d4163u) /* "Auth" "enti" "cAMD" */
+        return 0;
+    if (!__get_cpuid(1, &a, &b, &c, &d))
+        return 0;
+    unsigned family = (a >> 8) & 0xfu;
+    if (family == 0xfu)
+        family += (a >> 20) & 0xffu;
+    return family == 0x19u;
+#else
+    return 0;
+#endif
 }
 
 /* The storage types of project64 and combine64 (their V), and their item sizes. */
@@ -239,6 +263,13 @@ static PyObject *py_best_isa(PyObject *self, PyObject *args)
     (void)self;
     (void)args;
     return PyLong_FromLong(best_isa());
+}
+
+static PyObject *py_avx512_halves(PyObject *self, PyObject *args)
+{
+    (void)self;
+    (void)args;
+    return PyBool_FromLong(avx512_halves());
 }
 
 /* The largest m: row indices times 8 (the coefficient layout) stay far from overflow. */
@@ -696,6 +727,8 @@ done:
 
 static PyMethodDef methods[] = {
     {"best_isa", py_best_isa, METH_NOARGS, "The fastest instruction set this CPU runs (1-3)."},
+    {"avx512_halves", py_avx512_halves, METH_NOARGS,
+     "Whether this CPU runs AVX-512 as two 256-bit halves (AMD family 19h)."},
     {"project64", py_project64, METH_VARARGS, "Y = X V^T over a column range, in float64."},
     {"combine64", py_combine64, METH_VARARGS,
      "Y = a X + C V over a column range, in float64, rounded once."},
