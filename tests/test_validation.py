@@ -567,3 +567,27 @@ def test_scale_factors_show_huge_ints_by_size_and_refuse_an_underflowing_recipro
     for zero in (0, 0.0, np.int8(0)):
         with pytest.raises(ZeroDivisionError, match="cannot divide an operator by zero"):
             reciprocal_factor(zero)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+def test_torch_inputs_with_nan_or_infinity_are_refused_by_name(dtype):
+    # The finiteness check of a tensor reads its least and largest entries (NaN
+    # propagating through both): every bad value, anywhere, in any layout, is found.
+    torch = pytest.importorskip("torch")
+    from mfac_core import _compat
+
+    dt = getattr(torch, dtype)
+    base = torch.randn(7, 300, generator=torch.Generator().manual_seed(1)).to(dt)
+    assert _compat.all_finite(torch, base) and _compat.all_finite(torch, base[:, ::3].T)
+    assert _compat.all_finite(torch, base[:0]) and _compat.all_finite(torch, base[0, 0])
+    op = StaticIHVP(torch.randn(3, 300, generator=torch.Generator().manual_seed(2)), damp=1.0)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for i, j in ((0, 0), (3, 151), (6, 299)):
+            x = base.clone()
+            x[i, j] = bad
+            assert not _compat.all_finite(torch, x)
+            assert not _compat.all_finite(torch, x.T.flip(0))
+            assert not _compat.all_finite(torch, x[i, j])
+            assert _compat.all_finite(torch, x[(i + 1) % 7])
+            with pytest.raises(ValueError, match=re.escape(f"x[{j}] is {bad}")):
+                op.matvec(x[i].float())
