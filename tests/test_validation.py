@@ -578,16 +578,16 @@ def test_torch_inputs_with_nan_or_infinity_are_refused_by_name(dtype):
 
     dt = getattr(torch, dtype)
     base = torch.randn(7, 300, generator=torch.Generator().manual_seed(1)).to(dt)
-    assert _compat.all_finite(torch, base) and _compat.all_finite(torch, base[:, ::3].T)
-    assert _compat.all_finite(torch, base[:0]) and _compat.all_finite(torch, base[0, 0])
+    assert _compat.is_finite_array(torch, base) and _compat.is_finite_array(torch, base[:, ::3].T)
+    assert _compat.is_finite_array(torch, base[:0]) and _compat.is_finite_array(torch, base[0, 0])
     op = StaticIHVP(torch.randn(3, 300, generator=torch.Generator().manual_seed(2)), damp=1.0)
     for bad in (float("nan"), float("inf"), -float("inf")):
         for i, j in ((0, 0), (3, 151), (6, 299)):
             x = base.clone()
             x[i, j] = bad
-            assert not _compat.all_finite(torch, x)
-            assert not _compat.all_finite(torch, x.T.flip(0))
-            assert not _compat.all_finite(torch, x[i, j])
-            assert _compat.all_finite(torch, x[(i + 1) % 7])
+            assert not _compat.is_finite_array(torch, x)
+            assert not _compat.is_finite_array(torch, x.T.flip(0))
+            assert not _compat.is_finite_array(torch, x[i, j])
+            assert _compat.is_finite_array(torch, x[(i + 1) % 7])
             with pytest.raises(ValueError, match=re.escape(f"x[{j}] is {bad}")):
                 op.matvec(x[i].float())

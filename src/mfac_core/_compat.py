@@ -35,7 +35,7 @@ Array: TypeAlias = Any
 __all__ = [
     "Array",
     "FoundNamespace",
-    "all_finite",
+    "is_finite_array",
     "array_namespace",
     "canonical_device",
     "detached",
@@ -182,7 +182,7 @@ def detached(x: Any) -> Any:
     return x
 
 
-def all_finite(xp: Any, x: Any) -> bool:
+def is_finite_array(xp: Any, x: Any) -> bool:
     """Whether the floating array ``x`` holds no NaN and no infinity (one transfer).
 
     For a PyTorch tensor, its least and largest entries say it (``aminmax`` propagates

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 from . import _host_rows
 from ._capacitance import DRIFT_TOL, CapacitanceFactor, check_window_damp
-from ._compat import Array, detached
+from ._compat import Array, detached, is_finite_array
 from ._dynamic_factor import SlotFactor, evenly_spaced, factorized
 from ._dynamic_setup import local_gram
 from ._operator import LinearOperator
@@ -336,17 +336,9 @@ class LoadedState:
                 raise ValueError(
                     f"state['{name}'] has shape {tuple(array.shape)}, expected {shape}"
                 )
-        if not (
-            bool(xp.all(xp.isfinite(grads)))
-            and bool(xp.all(xp.isfinite(gram)))
-            and bool(xp.all(xp.isfinite(U)))
-        ):
-            name = next(
-                n
-                for n, a in (("grads", grads), ("gram", gram), ("factor", U))
-                if not bool(xp.all(xp.isfinite(a)))
-            )
-            raise ValueError(f"state['{name}'] holds NaN or infinity")
+        for name, array in (("grads", grads), ("gram", gram), ("factor", U)):
+            if not is_finite_array(xp, array):
+                raise ValueError(f"state['{name}'] holds NaN or infinity")
         cls._check_factor(op, gram, U, list(slots), k, saved_damp)
         # States saved before the Gram rows were summed in float64 lack the flag; a
         # float64 window's Gram always was.

@@ -27,11 +27,11 @@ import numpy as np
 
 from ._compat import (
     Array,
-    all_finite,
     array_namespace,
     canonical_device,
     device,
     is_array_api_obj,
+    is_finite_array,
     is_jax_array,
     is_jax_namespace,
     is_torch_array,
@@ -204,7 +204,7 @@ def check_finite(xp: Any, x: Array, name: str, *, locate: bool = True) -> None:
     Without ``locate`` the message names none: for one rank's shard of an array, whose
     indices are not the user's.
     """
-    if not all_finite(xp, x):
+    if not is_finite_array(xp, x):
         if not locate:
             raise ValueError(f"{name} must not contain NaN or infinity")
         raise_non_finite(xp, x, name)
