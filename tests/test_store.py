@@ -660,3 +660,55 @@ def test_guidance_example_runs(tmp_path, monkeypatch, capsys):
     assert selected.sum() == len(theta) // 2
     assert np.all(ns["theta_new"][selected] == 0)
     assert_close(ns["op2"].diagonal(), SpectralOracle(G, 10 * damp).diagonal(), kappa=oracle.kappa)
+
+
+def test_from_gradients_dangling_link_folder_and_huge_sizes(tmp_path, rng, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    G, damp = _data(rng, 4, 20, "float64")
+    # A dangling symbolic link is an existing name: followed, it made the file at its
+    # target, and a failure removed the link and left that file behind.
+    os.symlink(tmp_path / "target.npy", tmp_path / "link.npy")
+    with pytest.raises(FileExistsError, match=r"link\.npy' exists"):
+        StaticIHVP.from_gradients(iter(G[:3]), num_grads=4, dim=20, damp=damp, grads_out="link.npy")
+    with pytest.raises(IsADirectoryError, match="is a folder"):
+        StaticIHVP.from_gradients(iter(G), num_grads=4, dim=20, damp=damp, grads_out=tmp_path)
+    # Sizes no array can have: said with the sizes, before the loader is read (was NumPy's
+    # overflow warning and "[Errno 22] Invalid argument", or "array is too big").
+    consumed = []
+
+    def gradients():
+        consumed.append(1)
+        yield from G
+
+    for out, dtype, match in [
+        (None, None, r"num_grads=4 x dim=an int of 401 digits .* at least 2 bytes"),
+        ("G.npy", "float64", r"num_grads=4 x dim=an int of 401 digits .* of 8 bytes"),
+        ("G.npy", None, r"num_grads=10000000000 x dim=10000000000 .* 2\.000e\+20 bytes"),
+    ]:
+        big = 10**400 if "401" in match else 10**10
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # and no overflow warning of NumPy's
+            with pytest.raises(ValueError, match=match):
+                StaticIHVP.from_gradients(
+                    gradients(),
+                    num_grads=4 if big == 10**400 else big,
+                    dim=big,
+                    damp=damp,
+                    dtype=dtype,
+                    grads_out=out,
+                )
+    assert not consumed
+    assert sorted(os.listdir(tmp_path)) == ["link.npy"]
+
+
+def test_from_gradients_names_a_file_the_disk_cannot_hold(tmp_path, rng, monkeypatch):
+    def refused(*args, **kwargs):
+        raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
+
+    monkeypatch.setattr(np.lib.format, "open_memmap", refused)
+    G, damp = _data(rng, 4, 20, "float64")
+    with pytest.raises(OSError, match=r"grads_out: cannot make .*G\.npy.*640 bytes .*too large"):
+        StaticIHVP.from_gradients(
+            iter(G), num_grads=4, dim=20, damp=damp, grads_out=tmp_path / "G.npy"
+        )
+    assert os.listdir(tmp_path) == []

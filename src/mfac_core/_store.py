@@ -17,6 +17,7 @@ file opened as a memmap.
 from __future__ import annotations
 
 import contextlib
+import decimal
 import errno
 import os
 import sys
@@ -39,6 +40,7 @@ from ._validation import (
     check_writeable,
     half_dtype_name,
     namespace_of,
+    short_repr,
 )
 
 __all__ = [
@@ -130,7 +132,11 @@ def is_path(target: Any) -> bool:
 def check_new_path(target: Any, name: str) -> str:
     """The path of a store to create; an existing file is refused, not overwritten."""
     path = os.fspath(target)
-    if os.path.exists(path):
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{name}: {path!r} is a folder; pass the path of a new .npy file")
+    # lexists: a dangling symbolic link is an existing name too. Followed, it made the
+    # file at the link's target, and a failure then removed the link and left the file.
+    if os.path.lexists(path):
         raise FileExistsError(
             f"{name}: {path!r} exists; remove it first or pass another path (an existing "
             "file is not overwritten)"
@@ -145,11 +151,20 @@ def check_new_path(target: Any, name: str) -> str:
 def open_store(target: Any, shape: tuple[int, int], dtype: Any, name: str) -> GradientStore:
     """A new NumPy array (``target`` None) or ``.npy`` memmap file (a path) of ``shape``."""
     dt = _numpy_dtype(dtype, "dtype")
+    nbytes = check_store_size(shape, dt.itemsize, name)
     if target is None:
         return GradientStore(np.empty(shape, dtype=dt))
     path = check_new_path(target, name)
     try:
-        array = np.lib.format.open_memmap(path, mode="w+", dtype=dt, shape=shape)
+        try:
+            array = np.lib.format.open_memmap(path, mode="w+", dtype=dt, shape=shape)
+        except OSError as exc:
+            # The file system's own limit ("File too large"), said with what was asked.
+            raise OSError(
+                exc.errno,
+                f"{name}: cannot make {path!r}, {nbytes} bytes of {dt.name} gradients "
+                f"{shape} ({exc.strerror or exc})",
+            ) from None
         _reserve(path, name)
     except BaseException:
         # Not left behind, even half-written (a full disk can fail the header already).
@@ -157,6 +172,28 @@ def open_store(target: Any, shape: tuple[int, int], dtype: Any, name: str) -> Gr
             os.remove(path)
         raise
     return GradientStore(array, created=path)
+
+
+def check_store_size(
+    shape: tuple[int, int], itemsize: int, name: str, *, at_least: bool = False
+) -> int:
+    """The bytes of an ``(m, d)`` store of ``itemsize``-byte values; refused beyond NumPy's limit.
+
+    ``at_least``: the dtype is not known yet and ``itemsize`` is the smallest one.
+    Past it NumPy said only "array is too big", "Maximum allowed dimension exceeded" or,
+    for a file, an overflow warning and "[Errno 22] Invalid argument".
+    """
+    m, d = shape
+    nbytes = m * d * itemsize
+    if nbytes > np.iinfo(np.intp).max:
+        # Decimal: an int of any size in a few digits (float() of 10**400 overflows).
+        size = f"{'at least ' if at_least else ''}{itemsize}"
+        raise ValueError(
+            f"{name}: num_grads={short_repr(m)} x dim={short_repr(d)} values of {size} bytes "
+            f"take {decimal.Decimal(nbytes):.3e} bytes, more than one array (or .npy file) "
+            f"can address ({np.iinfo(np.intp).max:.3e})"
+        )
+    return nbytes
 
 
 #: What posix_fallocate says where the file system cannot reserve space (then it is not).
@@ -253,8 +290,10 @@ def gather_gradients(
                 "(the store's dtype is used)"
             )
     else:
-        if dtype is not None:
-            _numpy_dtype(dtype, "dtype")
+        # Before the loader is read: the store's dtype is known only with the first
+        # gradient, so the smallest one (2 bytes) unless dtype= says.
+        itemsize = 2 if dtype is None else _numpy_dtype(dtype, "dtype").itemsize
+        check_store_size(shape, itemsize, "grads_out", at_least=dtype is None)
         if store is not None:
             check_new_path(store, "grads_out")
     items = _batches(gradients)
