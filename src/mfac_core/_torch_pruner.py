@@ -14,8 +14,10 @@ from ._torch_layout import format_bytes, itemsize, logger
 from ._torch_pruner_inputs import (
     check_block,
     check_differentiable,
+    check_finite_grad,
     check_fisher_dtype,
     check_float16,
+    check_masks,
     chosen_weights,
 )
 from ._validation import check_choice, check_damp, check_dampings, check_fraction
@@ -109,7 +111,11 @@ class MFACPruner:
     Attributes
     ----------
     masks : dict of str to torch.Tensor
-        The boolean mask of each chosen weight, by module name.
+        The boolean mask of each chosen weight, by module name. It may be
+        assigned (masks saved with the model's ``state_dict``, say): one
+        boolean tensor of the weight's shape and device for each name, in
+        any order; the methods that use it refuse anything else, naming the
+        layer.
     selected_damps : list of float
         The damping chosen at each step of the last :meth:`prune` with a
         grid of ``dampings`` (empty before).
@@ -214,7 +220,9 @@ class MFACPruner:
         torch.Tensor of bool, shape (d,)
             ``True`` for the weights that are kept.
         """
-        return torch.cat([m.reshape(-1) for m in self.masks.values()])
+        check_masks(self.masks, self.weights)
+        # In the weights' order, which theta's has (not the dict's own, if assigned).
+        return torch.cat([self.masks[name].reshape(-1) for name in self.weights])
 
     def _base(self, weights: dict[str, torch.Tensor]) -> _Base | None:
         """What :meth:`_write` needs to change weights wider than the Fisher's dtype exactly.
@@ -261,7 +269,8 @@ class MFACPruner:
         >>> opt.dim  # 80 kept weights of 160, and the 18 biases
         98
         """
-        return {self.weights[name]: mask.clone() for name, mask in self.masks.items()}
+        check_masks(self.masks, self.weights)
+        return {w: self.masks[name].clone() for name, w in self.weights.items()}
 
     def sparsity(self) -> float:
         """The fraction of the chosen weights that is pruned.
@@ -314,12 +323,14 @@ class MFACPruner:
         ValueError
             If the loader yields no batch, or fewer than ``num_grads`` and
             then none when iterated again, a chosen weight does not require
-            grad, or (``dtype=torch.float16``) a finite gradient entry is
-            beyond float16's range.
+            grad, a gradient holds NaN or infinity at a kept weight, the
+            ``masks`` do not fit the weights, or (``dtype=torch.float16``) a
+            finite gradient entry is beyond float16's range.
         RuntimeError
             Under :func:`torch.inference_mode`, which disables gradients.
         """
         check_differentiable(self.weights)
+        mask = self.flat_mask()  # checked before the m x d allocation
         size = self.num_grads * self.dim * itemsize(self.dtype)
         logger.info(
             "MFACPruner allocates num_grads=%d x dim=%d %s gradients on %s: %d bytes (%s)",
@@ -334,7 +345,6 @@ class MFACPruner:
         G = _host_rows.zeros(
             torch, (self.num_grads, self.dim), dtype=self.dtype, device=self.device
         )
-        mask = self.flat_mask()
         with _modes_and_buffers_kept(self.model):
             self._fill(G, loader, loss_fn)
         # In place (no second m x d array); the pruning functions zero them again.
@@ -362,6 +372,7 @@ class MFACPruner:
                     else:
                         # A sparse gradient (nn.Embedding(sparse=True)) is dense here.
                         g = (g.to_dense() if g.layout != torch.strided else g).reshape(-1)
+                        check_finite_grad(g, self.masks[name], name, row)
                         G[row, offset : offset + n] = g
                         if self.dtype == torch.float16:
                             check_float16(G[row, offset : offset + n], g, name, row)
@@ -472,6 +483,7 @@ class MFACPruner:
         (1, 0.5)
         """
         sparsity = check_fraction(sparsity, "sparsity")
+        check_masks(self.masks, self.weights)  # before they are copied to restore them
         if (dampings is None) != (select_damp is None):
             raise ValueError("give both dampings (the grid) and select_damp (the held-out loss)")
         if dampings is not None:  # before the gradients' forward and backward passes
@@ -533,6 +545,7 @@ class MFACPruner:
     @torch.no_grad()
     def apply_masks(self) -> None:
         """Set the pruned weights to zero again (e.g. after an optimizer step)."""
+        check_masks(self.masks, self.weights)
         for name, w in self.weights.items():
             w.masked_fill_(~self.masks[name], 0.0)
 

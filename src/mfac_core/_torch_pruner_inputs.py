@@ -19,8 +19,10 @@ from ._validation import check_count
 __all__ = [
     "check_block",
     "check_differentiable",
+    "check_finite_grad",
     "check_fisher_dtype",
     "check_float16",
+    "check_masks",
     "chosen_weights",
 ]
 
@@ -146,6 +148,26 @@ def check_differentiable(weights: Mapping[str, torch.Tensor]) -> None:
         )
 
 
+def check_finite_grad(g: torch.Tensor, mask: torch.Tensor, name: str, row: int) -> None:
+    """Refuse NaN or infinity in a layer's flat gradient ``g`` where ``mask`` keeps the weight.
+
+    The pruning functions refuse it too, but as an entry of the internal ``G``
+    ("G[0, 16] is nan"), which names neither the layer nor the batch. At pruned
+    weights the gradient is dropped, whatever it holds.
+    """
+    if bool(torch.isfinite(g).all()):
+        return
+    bad = torch.nonzero(~torch.isfinite(g) & mask.reshape(-1))
+    if bad.numel() == 0:
+        return
+    index = int(bad[0, 0])
+    raise ValueError(
+        f"the gradient of layer {name!r} for batch {row} holds {float(g[index])} at the "
+        f"weight's flat index {index} ({bad.shape[0]} of its {g.numel()} entries are NaN or "
+        "infinite): the loss or the model's outputs are not finite for that batch"
+    )
+
+
 def check_float16(stored: torch.Tensor, g: torch.Tensor, name: str, row: int) -> None:
     """Refuse a finite gradient that float16 storage turned into infinity.
 
@@ -159,3 +181,35 @@ def check_float16(stored: torch.Tensor, g: torch.Tensor, name: str, row: int) ->
         "dtype=torch.float16 would store as infinity: use dtype=torch.bfloat16 "
         "(float32's range in 2 bytes) or torch.float32, or scale the loss down"
     )
+
+
+def check_masks(masks: Any, weights: Mapping[str, torch.Tensor]) -> None:
+    """The pruner's ``masks`` (a public attribute, which may be assigned) against its weights.
+
+    One boolean tensor per pruned layer, by the layer's name, of its weight's shape and
+    device. The names are matched, not the order: a dict in another order (loaded from a
+    checkpoint, say) was read in its own order and its masks fell on the wrong weights.
+    """
+    if not isinstance(masks, Mapping):
+        raise TypeError(f"masks must be a dict of layer name to mask, got {type(masks).__name__}")
+    missing = [name for name in weights if name not in masks]
+    extra = [name for name in masks if name not in weights]
+    if missing or extra:
+        raise ValueError(
+            f"masks must hold one mask for each pruned layer {list(weights)}; "
+            + "; ".join(
+                f"{what} {names}"
+                for what, names in (("missing", missing), ("not pruned", extra))
+                if names
+            )
+        )
+    for name, w in weights.items():
+        mask = masks[name]
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise TypeError(f"masks[{name!r}] must be a boolean tensor (True = kept), got {got}")
+        if mask.shape != w.shape or mask.device != w.device:
+            raise ValueError(
+                f"masks[{name!r}] must have the shape and device of the layer's weight, "
+                f"{tuple(w.shape)} on {w.device}; got {tuple(mask.shape)} on {mask.device}"
+            )
