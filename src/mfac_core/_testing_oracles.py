@@ -45,6 +45,11 @@ def to_numpy(x: Any) -> np.ndarray:
         Real floating arrays keep their precision (``float16`` and
         ``bfloat16`` become ``float32``); integer and boolean arrays become
         ``float64``.
+
+    Raises
+    ------
+    TypeError
+        If ``x`` is not numeric (``None``, strings, objects).
     """
     if isinstance(x, np.ndarray | np.generic | float | int | list | tuple):
         out = np.asarray(x)
@@ -66,6 +71,12 @@ def to_numpy(x: Any) -> np.ndarray:
             out = np.asarray(x.to_device(array_api_strict.Device("CPU_DEVICE")))
         else:  # NumPy, JAX and anything with __array__ or the buffer protocol
             out = np.asarray(x)
+    if out.dtype.kind not in "biufc":
+        # None, a string or a ragged list: an object array became NaN as float64 (and
+        # assert_close(None, None) said "desired holds NaN").
+        raise TypeError(
+            f"expected an array of numbers, got {type(x).__name__} of dtype {out.dtype}"
+        )
     if out.dtype == np.float16:
         out = out.astype(np.float32)
     elif not np.issubdtype(out.dtype, np.inexact):
