@@ -599,6 +599,9 @@ def test_ihvp_missing_output_folder(files, capsys):
     status = run(["ihvp", files["text"], files["v"], "-o", out, "--damp", DAMP])
     err = assert_user_error(capsys, status, "output folder does not exist")
     assert "not an .npy file" not in err
+    # A "folder" that is a file exists: it is said to be a file.
+    status = run(["ihvp", files["G"], files["v"], "-o", files["G"] / "out.npy", "--damp", DAMP])
+    assert_user_error(capsys, status, "which is a file, not a folder")
 
 
 def test_ihvp_output_is_a_directory(files, capsys):

@@ -422,6 +422,8 @@ def _check_output(path: str, overwrite: bool, inputs: dict[str, str]) -> None:
     folder = os.path.dirname(os.path.abspath(target))
     if not os.path.isdir(folder):
         # Said before the inputs are read and the operator is built, not after.
+        if os.path.exists(folder):  # -o G.npy/out.npy: "does not exist" was untrue
+            raise UserError(f"output {path} is inside {folder}, which is a file, not a folder")
         raise UserError(f"output folder does not exist: {folder}")
 
 
