@@ -1505,6 +1505,53 @@ def test_pruner_reads_assigned_masks_by_name_and_checks_them():
         assert all(torch.equal(w, b) for w, b in zip(model.parameters(), before, strict=True))
 
 
+def test_pruner_refuses_weights_replaced_since_it_was_built():
+    # Regression: after load_state_dict(..., assign=True) (or a layer replaced) the pruner
+    # pruned its old tensors: the model kept its weights, and sparsity() said 0.5.
+    data = loader()
+    for replace in (
+        lambda model: model.load_state_dict(make_model(7).state_dict(), assign=True),
+        lambda model: model.__setitem__(2, nn.Linear(4, 3)),
+    ):
+        model = make_model(6)
+        pruner = MFACPruner(model, num_grads=6, block_size=8, damp=1e-3)
+        replace(model)
+        before = [w.detach().clone() for w in model.parameters()]
+        for call, args in (
+            (pruner.prune, (data, F.cross_entropy)),
+            (pruner.collect_grads, (data, F.cross_entropy)),
+            (pruner.apply_masks, ()),
+        ):
+            kwargs = {"sparsity": 0.5} if call == pruner.prune else {}
+            with pytest.raises(ValueError, match=r"no longer the parameter this MFACPruner"):
+                call(*args, **kwargs)
+        assert all(torch.equal(w, b) for w, b in zip(model.parameters(), before, strict=True))
+    # Loading in place (the default) keeps the parameters: nothing to refuse.
+    model = make_model(6)
+    pruner = MFACPruner(model, num_grads=6, block_size=8, damp=1e-3)
+    model.load_state_dict(make_model(7).state_dict())
+    pruner.prune(data, F.cross_entropy, sparsity=0.5)
+    assert sum(int((w == 0).sum()) for w in pruner.weights.values()) == pruner.dim // 2
+
+
+def test_pruner_takes_a_held_out_loss_that_requires_grad():
+    # A select_damp computed without torch.no_grad(): its value, without PyTorch's
+    # UserWarning about converting a tensor that requires grad (an error under -W error).
+    model = make_model(8)
+    x, y = batches(9, 1)[0]
+    pruner = MFACPruner(model, num_grads=6, block_size=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pruner.prune(
+            loader(),
+            F.cross_entropy,
+            sparsity=0.5,
+            dampings=[1e-4, 1e-1],
+            select_damp=lambda model: F.cross_entropy(model(x), y),
+        )
+    assert len(pruner.selected_damps) == 1
+
+
 def test_pruner_names_the_layer_and_batch_of_a_non_finite_gradient():
     # Was "G must not contain NaN or infinity: G[0, 1] is nan", of an array the user
     # never made. NaN at a pruned weight is dropped, as the pruning functions drop it.

@@ -18,6 +18,7 @@ from ._torch_pruner_inputs import (
     check_fisher_dtype,
     check_float16,
     check_masks,
+    check_weights_current,
     chosen_weights,
 )
 from ._validation import check_choice, check_damp, check_dampings, check_fraction
@@ -324,11 +325,14 @@ class MFACPruner:
             If the loader yields no batch, or fewer than ``num_grads`` and
             then none when iterated again, a chosen weight does not require
             grad, a gradient holds NaN or infinity at a kept weight, the
-            ``masks`` do not fit the weights, or (``dtype=torch.float16``) a
+            ``masks`` do not fit the weights, a weight is no longer the
+            parameter the pruner was built with (replaced, as by
+            ``load_state_dict(..., assign=True)``), or (``dtype=torch.float16``) a
             finite gradient entry is beyond float16's range.
         RuntimeError
             Under :func:`torch.inference_mode`, which disables gradients.
         """
+        check_weights_current(self.model, self.weights)
         check_differentiable(self.weights)
         mask = self.flat_mask()  # checked before the m x d allocation
         size = self.num_grads * self.dim * itemsize(self.dtype)
@@ -483,6 +487,7 @@ class MFACPruner:
         (1, 0.5)
         """
         sparsity = check_fraction(sparsity, "sparsity")
+        check_weights_current(self.model, self.weights)
         check_masks(self.masks, self.weights)  # before they are copied to restore them
         if (dampings is None) != (select_damp is None):
             raise ValueError("give both dampings (the grid) and select_damp (the held-out loss)")
@@ -545,6 +550,7 @@ class MFACPruner:
     @torch.no_grad()
     def apply_masks(self) -> None:
         """Set the pruned weights to zero again (e.g. after an optimizer step)."""
+        check_weights_current(self.model, self.weights)
         check_masks(self.masks, self.weights)
         for name, w in self.weights.items():
             w.masked_fill_(~self.masks[name], 0.0)

@@ -23,6 +23,7 @@ __all__ = [
     "check_fisher_dtype",
     "check_float16",
     "check_masks",
+    "check_weights_current",
     "chosen_weights",
 ]
 
@@ -212,4 +213,25 @@ def check_masks(masks: Any, weights: Mapping[str, torch.Tensor]) -> None:
             raise ValueError(
                 f"masks[{name!r}] must have the shape and device of the layer's weight, "
                 f"{tuple(w.shape)} on {w.device}; got {tuple(mask.shape)} on {mask.device}"
+            )
+
+
+def check_weights_current(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> None:
+    """Each pruned weight is still its layer's ``weight`` parameter in ``model``.
+
+    The pruner keeps the parameters it was built with. A parameter replaced since
+    (``model.load_state_dict(..., assign=True)``, ``layer.weight = nn.Parameter(...)``,
+    a layer replaced) was pruned no more: the old tensor was, and ``sparsity()`` said so,
+    while the model kept its weights.
+    """
+    modules = dict(model.named_modules())
+    for name, w in weights.items():
+        module = modules.get(name)
+        current = None if module is None else dict(module.named_parameters(recurse=False))
+        if current is None or current.get("weight") is not w:
+            raise ValueError(
+                f"the weight of layer {name!r} is no longer the parameter this MFACPruner was "
+                "built with (the parameter or the layer was replaced, e.g. by "
+                "load_state_dict(..., assign=True)): build a new MFACPruner (and set its "
+                "masks) after replacing parameters"
             )
