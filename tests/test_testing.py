@@ -230,6 +230,11 @@ def test_oracles_validate_input():
         so.entries(np.array([0, 1]), np.array([0]))
     with pytest.raises(ValueError, match="shape"):
         so.matvec(np.ones(4))
+    # Regression: 0.5 was truncated to index 0, an entry of another place.
+    for bad in (np.array([0.5]), np.array([np.nan])):
+        with pytest.raises(TypeError, match="rows must hold whole-number indices"):
+            so.entries(bad, np.array([0]))
+    assert so.entries(np.array([1.0]), np.array([1])) == so.entries(np.array([1]), np.array([1]))
 
 
 # -- to_numpy -------------------------------------------------------------------------------

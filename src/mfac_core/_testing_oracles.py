@@ -142,6 +142,18 @@ def as_grads(G: Any) -> np.ndarray:
     return G
 
 
+def _indices(x: Any, name: str) -> np.ndarray:
+    """Indices of any library as int64, refusing what is not a whole number.
+
+    ``to_numpy`` gives them as float64, whose cast to int64 truncated ``0.5`` to an
+    index 0 (an entry of another place, without an error).
+    """
+    v = np.asarray(to_numpy(x), dtype=np.float64)
+    if not np.all(np.isfinite(v) & (v == np.trunc(v))):
+        raise TypeError(f"{name} must hold whole-number indices, got {v[v != np.trunc(v)][:3]}")
+    return v.astype(np.int64)
+
+
 def blocks(d: int, block_size: int | None) -> Iterator[slice]:
     """Consecutive blocks of ``block_size`` coordinates; the last may be shorter.
 
@@ -543,9 +555,10 @@ class SpectralOracle:
             If ``rows`` and ``cols`` have different shapes.
         IndexError
             For an index outside ``[0, d)``.
+        TypeError
+            For an index that is not a whole number (``0.5``, NaN).
         """
-        r = np.asarray(to_numpy(rows)).astype(np.int64)
-        c = np.asarray(to_numpy(cols)).astype(np.int64)
+        r, c = _indices(rows, "rows"), _indices(cols, "cols")
         if r.shape != c.shape:
             raise ValueError(f"rows and cols must have the same shape, got {r.shape}, {c.shape}")
         out = np.zeros(r.shape)
