@@ -230,6 +230,17 @@ def test_oracles_validate_input():
         so.entries(np.array([0, 1]), np.array([0]))
     with pytest.raises(ValueError, match="shape"):
         so.matvec(np.ones(4))
+    # Regression: a NaN or infinite damping gave a NaN or infinite "reference".
+    for fn in (empirical_fisher_dense, dense_inverse):
+        for bad in (math.nan, math.inf):
+            with pytest.raises(ValueError, match="damp must be finite"):
+                fn(np.ones((2, 3)), bad)
+        with pytest.raises(TypeError, match="damp must be a real number"):
+            fn(np.ones((2, 3)), "1e-3")
+    assert np.array_equal(  # 0-d arrays, and zero or negative dampings, are taken
+        empirical_fisher_dense(np.ones((2, 3)), np.array(-1.0)),
+        empirical_fisher_dense(np.ones((2, 3)), -1.0),
+    )
     # Regression: 0.5 was truncated to index 0, an entry of another place.
     for bad in (np.array([0.5]), np.array([np.nan])):
         with pytest.raises(TypeError, match="rows must hold whole-number indices"):

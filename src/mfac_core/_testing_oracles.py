@@ -21,7 +21,7 @@ from ._compat import (
     is_cupy_namespace,
     is_torch_namespace,
 )
-from ._validation import check_damp
+from ._validation import check_damp, check_number, scalar_value
 
 # -- conversion ---------------------------------------------------------------------------
 
@@ -205,17 +205,21 @@ def empirical_fisher_dense(G: Any, damp: float, *, block_size: int | None = None
     Raises
     ------
     ValueError
-        If ``G`` is not a non-empty 2-D array, or ``block_size < 1``.
+        If ``G`` is not a non-empty 2-D array, ``block_size < 1``, or
+        ``damp`` is NaN or infinite (0 and negative dampings are taken).
     TypeError
-        If ``G`` is complex.
+        If ``G`` is complex, or ``damp`` is not a real number.
     """
     G = as_grads(G)
+    # Any finite damping, 0 and negative ones included (a test of a singular F); NaN
+    # or infinity gave a NaN or infinite F without an error.
+    damp = check_number(scalar_value(damp), "damp")
     m, d = G.shape
     F = np.zeros((d, d))
     for s in blocks(d, block_size):
         Gb = G[:, s]
         F[s, s] = Gb.T @ Gb / m
-    F[np.diag_indices(d)] += float(damp)
+    F[np.diag_indices(d)] += damp
     return F
 
 
@@ -244,9 +248,10 @@ def dense_inverse(G: Any, damp: float, *, block_size: int | None = None) -> np.n
     Raises
     ------
     ValueError
-        If ``G`` is not a non-empty 2-D array, or ``block_size < 1``.
+        If ``G`` is not a non-empty 2-D array, ``block_size < 1``, or
+        ``damp`` is NaN or infinite.
     TypeError
-        If ``G`` is complex.
+        If ``G`` is complex, or ``damp`` is not a real number.
     numpy.linalg.LinAlgError
         If a block of ``F`` is exactly singular in float64, as it can be
         for ``damp <= 0``.
