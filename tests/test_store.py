@@ -701,6 +701,29 @@ def test_from_gradients_dangling_link_folder_and_huge_sizes(tmp_path, rng, monke
     assert sorted(os.listdir(tmp_path)) == ["link.npy"]
 
 
+def test_from_gradients_leaves_a_file_made_after_its_check_alone(tmp_path, rng, monkeypatch):
+    # A file made by someone else between the check of the path and the store's creation
+    # was truncated by open_memmap's mode "w+" (and removed if the call then failed).
+    import mfac_core._store as store
+
+    G, damp = _data(rng, 4, 20, "float64")
+    path = tmp_path / "G.npy"
+    checked = store.check_new_path
+    calls = []
+
+    def check_then_race(target, name):
+        out = checked(target, name)
+        calls.append(1)
+        if len(calls) == 2:  # the check when the store is made (the first: before the loader)
+            path.write_bytes(b"precious")
+        return out
+
+    monkeypatch.setattr(store, "check_new_path", check_then_race)
+    with pytest.raises(FileExistsError, match="exists"):
+        StaticIHVP.from_gradients(iter(G), num_grads=4, dim=20, damp=damp, grads_out=path)
+    assert path.read_bytes() == b"precious"
+
+
 def test_from_gradients_names_a_file_the_disk_cannot_hold(tmp_path, rng, monkeypatch):
     def refused(*args, **kwargs):
         raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))

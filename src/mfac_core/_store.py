@@ -156,6 +156,15 @@ def open_store(target: Any, shape: tuple[int, int], dtype: Any, name: str) -> Gr
         return GradientStore(np.empty(shape, dtype=dt))
     path = check_new_path(target, name)
     try:
+        # Made here, exclusively: a file made by someone else since the check above is
+        # refused (and left alone), not truncated by open_memmap's mode "w+".
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    except FileExistsError:
+        raise FileExistsError(
+            f"{name}: {path!r} exists; remove it first or pass another path (an existing "
+            "file is not overwritten)"
+        ) from None
+    try:
         try:
             array = np.lib.format.open_memmap(path, mode="w+", dtype=dt, shape=shape)
         except OSError as exc:
