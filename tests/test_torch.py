@@ -1448,6 +1448,11 @@ def test_pruner_refuses_a_parametrized_weight():
     pruner = MFACPruner(model, layers=["2"], num_grads=4, block_size=8, damp=1e-3)
     pruner.prune(loader(), F.cross_entropy, sparsity=0.5)
     assert int((model[2].weight == 0).sum()) == model[2].weight.numel() // 2
+    # A weight that is a buffer is said to be one (was: "computed from others").
+    layer = nn.Module()
+    layer.register_buffer("weight", torch.ones(3, 3))
+    with pytest.raises(ValueError, match="weight of layer '0' is a buffer of the layer"):
+        MFACPruner(nn.Sequential(layer), layers=["0"])
 
 
 def test_pruner_names_a_gradient_beyond_float16():

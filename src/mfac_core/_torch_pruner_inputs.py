@@ -108,6 +108,13 @@ def _own_weight(name: str, module: nn.Module) -> torch.Tensor:
     stale copy (all zero) and the pruned values written into that copy.
     """
     weight = dict(module.named_parameters(recurse=False)).get("weight")
+    if weight is None and "weight" in dict(module.named_buffers(recurse=False)):
+        # Not a parametrization: the message below would say it was computed from others.
+        raise ValueError(
+            f"the weight of layer {name!r} is a buffer of the layer, not a parameter: it has "
+            "no gradient to build the Fisher from; make it an nn.Parameter or leave the "
+            "layer out of layers=[...]"
+        )
     if weight is None:
         raise ValueError(
             f"the weight of layer {name!r} is not a parameter of the layer: it is "
@@ -145,7 +152,8 @@ def check_differentiable(weights: Mapping[str, torch.Tensor]) -> None:
         raise ValueError(
             f"the weights of layers {frozen} do not require grad, and MFACPruner needs "
             "their gradients: call requires_grad_(True) on them before pruning (and "
-            "requires_grad_(False) after, to freeze them again)"
+            "requires_grad_(False) after, to freeze them again), or leave them out with "
+            "layers=[...]"
         )
 
 
