@@ -242,7 +242,7 @@ def test_oracles_validate_input():
         empirical_fisher_dense(np.ones((2, 3)), -1.0),
     )
     # Regression: 0.5 was truncated to index 0, an entry of another place.
-    for bad in (np.array([0.5]), np.array([np.nan])):
+    for bad in (np.array([0.5]), np.array([np.nan]), np.array([np.inf])):
         with pytest.raises(TypeError, match="rows must hold whole-number indices"):
             so.entries(bad, np.array([0]))
     assert so.entries(np.array([1.0]), np.array([1])) == so.entries(np.array([1]), np.array([1]))

@@ -149,8 +149,10 @@ def _indices(x: Any, name: str) -> np.ndarray:
     index 0 (an entry of another place, without an error).
     """
     v = np.asarray(to_numpy(x), dtype=np.float64)
-    if not np.all(np.isfinite(v) & (v == np.trunc(v))):
-        raise TypeError(f"{name} must hold whole-number indices, got {v[v != np.trunc(v)][:3]}")
+    with np.errstate(invalid="ignore"):  # trunc of infinity
+        bad = ~(np.isfinite(v) & (v == np.trunc(v)))
+    if np.any(bad):
+        raise TypeError(f"{name} must hold whole-number indices, got {v[bad][:3]}")
     return v.astype(np.int64)
 
 

@@ -14,7 +14,7 @@ from ._torch_layout import format_bytes, itemsize, logger
 from ._torch_pruner_inputs import (
     check_block,
     check_differentiable,
-    check_finite_grad,
+    check_finite_row,
     check_fisher_dtype,
     check_float16,
     check_masks,
@@ -350,12 +350,16 @@ class MFACPruner:
             torch, (self.num_grads, self.dim), dtype=self.dtype, device=self.device
         )
         with _modes_and_buffers_kept(self.model):
-            self._fill(G, loader, loss_fn)
+            self._fill(G, mask, loader, loss_fn)
         # In place (no second m x d array); the pruning functions zero them again.
         return G.masked_fill_(~mask, 0)
 
     def _fill(
-        self, G: torch.Tensor, loader: Iterable[Any], loss_fn: Callable[[Any, Any], Any]
+        self,
+        G: torch.Tensor,
+        mask: torch.Tensor,
+        loader: Iterable[Any],
+        loss_fn: Callable[[Any, Any], Any],
     ) -> None:
         """Write one gradient of the chosen weights per batch into the rows of ``G``."""
         weights = list(self.weights.values())
@@ -376,11 +380,11 @@ class MFACPruner:
                     else:
                         # A sparse gradient (nn.Embedding(sparse=True)) is dense here.
                         g = (g.to_dense() if g.layout != torch.strided else g).reshape(-1)
-                        check_finite_grad(g, self.masks[name], name, row)
                         G[row, offset : offset + n] = g
                         if self.dtype == torch.float16:
                             check_float16(G[row, offset : offset + n], g, name, row)
                     offset += n
+                check_finite_row(G[row], mask, self.weights, row)  # one sync per batch
                 row += 1
                 if row == self.num_grads:
                     break

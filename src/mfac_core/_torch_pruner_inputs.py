@@ -19,7 +19,7 @@ from ._validation import check_count
 __all__ = [
     "check_block",
     "check_differentiable",
-    "check_finite_grad",
+    "check_finite_row",
     "check_fisher_dtype",
     "check_float16",
     "check_masks",
@@ -157,24 +157,32 @@ def check_differentiable(weights: Mapping[str, torch.Tensor]) -> None:
         )
 
 
-def check_finite_grad(g: torch.Tensor, mask: torch.Tensor, name: str, row: int) -> None:
-    """Refuse NaN or infinity in a layer's flat gradient ``g`` where ``mask`` keeps the weight.
+def check_finite_row(
+    values: torch.Tensor, mask: torch.Tensor, weights: Mapping[str, torch.Tensor], row: int
+) -> None:
+    """Refuse NaN or infinity in one batch's flat gradient where ``mask`` keeps the weight.
 
     The pruning functions refuse it too, but as an entry of the internal ``G``
     ("G[0, 16] is nan"), which names neither the layer nor the batch. At pruned
-    weights the gradient is dropped, whatever it holds.
+    weights the gradient is dropped, whatever it holds. One check (one host sync)
+    per batch; the layer is looked for only when it fails.
     """
-    if bool(torch.isfinite(g).all()):
+    bad = ~torch.isfinite(values) & mask
+    if not bool(bad.any()):
         return
-    bad = torch.nonzero(~torch.isfinite(g) & mask.reshape(-1))
-    if bad.numel() == 0:
-        return
-    index = int(bad[0, 0])
-    raise ValueError(
-        f"the gradient of layer {name!r} for batch {row} holds {float(g[index])} at the "
-        f"weight's flat index {index} ({bad.shape[0]} of its {g.numel()} entries are NaN or "
-        "infinite): the loss or the model's outputs are not finite for that batch"
-    )
+    index = int(torch.nonzero(bad)[0, 0])
+    offset = 0
+    for name, w in weights.items():
+        n = w.numel()
+        if index < offset + n:
+            count = int(bad[offset : offset + n].sum())
+            raise ValueError(
+                f"the gradient of layer {name!r} for batch {row} holds {float(values[index])} "
+                f"at the weight's flat index {index - offset} ({count} of its {n} entries "
+                "kept by the masks are NaN or infinite): the loss or the model's outputs are "
+                "not finite for that batch"
+            )
+        offset += n
 
 
 def check_float16(stored: torch.Tensor, g: torch.Tensor, name: str, row: int) -> None:
