@@ -449,6 +449,17 @@ def test_from_gradients_text_bar():
     assert text.count("\r") == 5
 
 
+def test_from_gradients_text_bar_ends_its_line_on_failure(rng, capsys):
+    # Regression: a failed call left the bar unfinished, so that what stderr showed next
+    # (the traceback) went on its line: "75% (3/4)Traceback ...".
+    G, damp = _data(rng, 4, 20, "float64")
+    with pytest.raises(ValueError, match="ended after 3"):
+        StaticIHVP.from_gradients(iter(G[:3]), num_grads=4, dim=20, damp=damp, progress=True)
+    assert capsys.readouterr().err.endswith("75% (3/4)\n")
+    StaticIHVP.from_gradients(iter(G), num_grads=4, dim=20, damp=damp, progress=True)
+    assert capsys.readouterr().err.count("\n") == 2  # one line per stage, as before
+
+
 def _bad_cases(G):
     m, d = G.shape
     nan = G.copy()

@@ -78,6 +78,13 @@ class TextProgress:
         self.stream.write(f"\r{stage:>9s} [{bar}] {percent:3d}% ({done}/{total}){end}")
         self.stream.flush()
 
+    def close(self) -> None:
+        """End a bar left unfinished by a failed call, so that its error starts a line."""
+        if self._last is not None and self._last[1] < 100:
+            self.stream.write("\n")
+            self.stream.flush()
+        self._last = None
+
 
 def progress_callback(progress: Any) -> Callable[[str, int, int], None] | None:
     """``None``, the built-in text bar (``True``), or the user's callable."""
@@ -488,6 +495,8 @@ def built_from_gradients(
     except BaseException:
         for made in created:
             made.discard()
+        if isinstance(report, TextProgress):  # not "75% (3/4)Traceback ..."
+            report.close()
         raise
 
 
