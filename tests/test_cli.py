@@ -1060,3 +1060,26 @@ def test_python_m_subprocess(files):
     assert "Traceback" not in ok.stderr and ok.stdout == ""
     G, V = np.load(files["G"]), np.load(files["V"])
     np.testing.assert_array_equal(np.load(files["out"]), StaticIHVP(G, damp=DAMP).matmat(V.T).T)
+
+
+@pytest.mark.parametrize(
+    ("raised", "status", "message"),
+    [(MemoryError, 1, "out of memory"), (KeyboardInterrupt, 130, "interrupted")],
+)
+def test_ihvp_out_of_memory_and_interrupt_exit_statuses(
+    files, capsys, monkeypatch, raised, status, message
+):
+    # The statuses docs/cli.rst lists, one line each, and no output (partial or not).
+    import mfac_core._static
+
+    def failing(*args, **kwargs):
+        raise raised()
+
+    monkeypatch.setattr(mfac_core._static, "StaticIHVP", failing)
+    got = run(["ihvp", files["G"], files["v"], "-o", files["out"], "--damp", DAMP])
+    out, err = capsys.readouterr()
+    assert got == status
+    assert err == f"mfac-core: error: {message}\n" and out == ""
+    assert sorted(os.listdir(files["out"].parent)) == sorted(
+        p.name for p in files.values() if p != files["out"]
+    )
