@@ -279,7 +279,8 @@ class MFACPruner:
         Returns
         -------
         float
-            In ``[0, 1)``.
+            In ``[0, 1]``: ``prune`` leaves some weights, but assigned
+            ``masks`` may keep none.
         """
         return 1.0 - float(self.flat_mask().sum()) / self.dim
 
