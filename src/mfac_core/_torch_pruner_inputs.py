@@ -1,4 +1,4 @@
-"""What :class:`~mfac_core.torch.MFACPruner` takes, checked: its weights, options and gradients.
+"""What :class:`~mfac_core.torch.MFACPruner` takes, checked: its weights, masks, options, gradients.
 
 The pruner reads and writes its layers' ``weight`` parameters in place and takes their
 gradients with autograd; each check here refuses, in words and before anything changes,
