@@ -1491,6 +1491,7 @@ def test_pruner_reads_assigned_masks_by_name_and_checks_them():
     cases = [
         ({**good, "0": torch.ones(3, dtype=torch.bool)}, ValueError, r"masks\['0'\] .*got \(3,\)"),
         ({**good, "0": good["0"].float()}, TypeError, r"masks\['0'\] must be a boolean"),
+        ({**good, "0": good["0"].to("meta")}, ValueError, r"masks\['0'\] .* on meta"),
         ({"0": good["0"]}, ValueError, r"missing \['2'\]"),
         ({**good, "1": good["0"]}, ValueError, r"not pruned \['1'\]"),
         (None, TypeError, "masks must be a dict"),
