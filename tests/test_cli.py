@@ -585,6 +585,38 @@ def test_ihvp_reads_pipes(files, tmp_path):
     np.testing.assert_array_equal(np.load(files["out"]), np.load(want))
 
 
+@pytest.mark.skipif(not os.path.isdir("/dev/fd"), reason="needs /dev/fd (pipes by path)")
+def test_ihvp_one_pipe_for_both_inputs_and_empty_inputs(files, tmp_path, capsys):
+    # Regression: "VECS file /dev/stdin is not an .npy file": GRADS had read the pipe.
+    r, w = os.pipe()
+    os.write(w, files["G"].read_bytes())  # small: fits the pipe's buffer
+    os.close(w)
+    try:
+        pipe = f"/dev/fd/{r}"
+        status = run(["ihvp", pipe, pipe, "-o", files["out"], "--damp", DAMP])
+        assert_user_error(capsys, status, "GRADS and VECS are the same pipe", "read only once")
+        # Refused before anything was read: the pipe still holds G for one input.
+        status = run(["ihvp", pipe, files["G"], "-o", files["out"], "--damp", DAMP])
+        assert status == 0, capsys.readouterr()
+    finally:
+        os.close(r)
+    # The same file twice is read twice: G's rows as the vectors.
+    status = run(["ihvp", files["G"], files["G"], "-o", tmp_path / "GG.npy", "--damp", DAMP])
+    assert status == 0
+    # An empty input is said to be empty, a file or a pipe.
+    empty = tmp_path / "empty.npy"
+    empty.write_bytes(b"")
+    status = run(["ihvp", empty, files["v"], "-o", tmp_path / "e.npy", "--damp", DAMP])
+    assert_user_error(capsys, status, "GRADS file", "is empty (0 bytes)")
+    r, w = os.pipe()
+    os.close(w)
+    try:
+        status = run(["ihvp", files["G"], f"/dev/fd/{r}", "-o", tmp_path / "e.npy", "--damp", DAMP])
+    finally:
+        os.close(r)
+    assert_user_error(capsys, status, "VECS file", "is empty (0 bytes)")
+
+
 def test_ihvp_empty_output_names_the_option(files, capsys):
     status = run(["ihvp", files["G"], files["v"], "-o", "", "--damp", DAMP])
     err = assert_user_error(capsys, status, "-o/--output is empty")
@@ -599,6 +631,9 @@ def test_ihvp_missing_output_folder(files, capsys):
     status = run(["ihvp", files["text"], files["v"], "-o", out, "--damp", DAMP])
     err = assert_user_error(capsys, status, "output folder does not exist")
     assert "not an .npy file" not in err
+    # A "folder" that is a file exists: it is said to be a file.
+    status = run(["ihvp", files["G"], files["v"], "-o", files["G"] / "out.npy", "--damp", DAMP])
+    assert_user_error(capsys, status, "which is a file, not a folder")
 
 
 def test_ihvp_output_is_a_directory(files, capsys):
@@ -1025,3 +1060,26 @@ def test_python_m_subprocess(files):
     assert "Traceback" not in ok.stderr and ok.stdout == ""
     G, V = np.load(files["G"]), np.load(files["V"])
     np.testing.assert_array_equal(np.load(files["out"]), StaticIHVP(G, damp=DAMP).matmat(V.T).T)
+
+
+@pytest.mark.parametrize(
+    ("raised", "status", "message"),
+    [(MemoryError, 1, "out of memory"), (KeyboardInterrupt, 130, "interrupted")],
+)
+def test_ihvp_out_of_memory_and_interrupt_exit_statuses(
+    files, capsys, monkeypatch, raised, status, message
+):
+    # The statuses docs/cli.rst lists, one line each, and no output (partial or not).
+    import mfac_core._static
+
+    def failing(*args, **kwargs):
+        raise raised()
+
+    monkeypatch.setattr(mfac_core._static, "StaticIHVP", failing)
+    got = run(["ihvp", files["G"], files["v"], "-o", files["out"], "--damp", DAMP])
+    out, err = capsys.readouterr()
+    assert got == status
+    assert err == f"mfac-core: error: {message}\n" and out == ""
+    assert sorted(os.listdir(files["out"].parent)) == sorted(
+        p.name for p in files.values() if p != files["out"]
+    )

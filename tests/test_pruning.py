@@ -573,6 +573,36 @@ def test_non_finite_kept_weights_are_refused_by_name(rng, bad):
     np.testing.assert_array_equal(res.mask, clean.mask)
 
 
+@pytest.mark.parametrize("joint", [False, True])
+def test_obs_update_leaves_pruned_weights_out_and_names_non_finite_kept_ones(rng, joint):
+    # Regressions: a NaN or infinity at a weight that mask prunes, selected again, failed
+    # with "x must not contain NaN or infinity: x[i] is nan" (the product's argument); at
+    # a kept weight it was passed on to the result (not selected) or failed the same way.
+    G, theta, mask = problem(rng)
+    G = np.where(mask, G, 0.0)  # obs_update's precondition: zero gradients where pruned
+    ihvp = StaticIHVP(G, damp=0.1)
+    pruned = int(np.flatnonzero(~mask)[0])
+    kept = np.flatnonzero(mask)
+    selected = np.zeros_like(mask)
+    selected[kept[:3]] = True
+    clean = theta.copy()
+    clean[pruned] = 0.0
+    want = obs_update(clean, ihvp, selected, mask=mask, joint=joint)
+    again = selected.copy()
+    again[pruned] = True
+    for value in (0.0, 3.0, np.nan, np.inf):
+        dirty = clean.copy()
+        dirty[pruned] = value
+        for sel in (selected, again):
+            got = obs_update(dirty, ihvp, sel, mask=mask, joint=joint)
+            np.testing.assert_array_equal(got, want)
+    for i in (kept[0], kept[-1]):  # selected, and not selected
+        bad = clean.copy()
+        bad[i] = np.nan
+        with pytest.raises(ValueError, match=rf"theta\[{i}\] is nan \(a weight that mask keeps"):
+            obs_update(bad, ihvp, selected, mask=mask, joint=joint)
+
+
 def test_bad_shapes_and_types(rng):
     G, theta, mask = problem(rng)
     ihvp = StaticIHVP(G, damp=0.1)

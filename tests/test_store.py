@@ -449,6 +449,17 @@ def test_from_gradients_text_bar():
     assert text.count("\r") == 5
 
 
+def test_from_gradients_text_bar_ends_its_line_on_failure(rng, capsys):
+    # Regression: a failed call left the bar unfinished, so that what stderr showed next
+    # (the traceback) went on its line: "75% (3/4)Traceback ...".
+    G, damp = _data(rng, 4, 20, "float64")
+    with pytest.raises(ValueError, match="ended after 3"):
+        StaticIHVP.from_gradients(iter(G[:3]), num_grads=4, dim=20, damp=damp, progress=True)
+    assert capsys.readouterr().err.endswith("75% (3/4)\n")
+    StaticIHVP.from_gradients(iter(G), num_grads=4, dim=20, damp=damp, progress=True)
+    assert capsys.readouterr().err.count("\n") == 2  # one line per stage, as before
+
+
 def _bad_cases(G):
     m, d = G.shape
     nan = G.copy()
@@ -660,3 +671,78 @@ def test_guidance_example_runs(tmp_path, monkeypatch, capsys):
     assert selected.sum() == len(theta) // 2
     assert np.all(ns["theta_new"][selected] == 0)
     assert_close(ns["op2"].diagonal(), SpectralOracle(G, 10 * damp).diagonal(), kappa=oracle.kappa)
+
+
+def test_from_gradients_dangling_link_folder_and_huge_sizes(tmp_path, rng, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    G, damp = _data(rng, 4, 20, "float64")
+    # A dangling symbolic link is an existing name: followed, it made the file at its
+    # target, and a failure removed the link and left that file behind.
+    os.symlink(tmp_path / "target.npy", tmp_path / "link.npy")
+    with pytest.raises(FileExistsError, match=r"link\.npy' exists"):
+        StaticIHVP.from_gradients(iter(G[:3]), num_grads=4, dim=20, damp=damp, grads_out="link.npy")
+    with pytest.raises(IsADirectoryError, match="is a folder"):
+        StaticIHVP.from_gradients(iter(G), num_grads=4, dim=20, damp=damp, grads_out=tmp_path)
+    # Sizes no array can have: said with the sizes, before the loader is read (was NumPy's
+    # overflow warning and "[Errno 22] Invalid argument", or "array is too big").
+    consumed = []
+
+    def gradients():
+        consumed.append(1)
+        yield from G
+
+    for out, dtype, match in [
+        (None, None, r"num_grads=4 x dim=an int of 401 digits .* at least 2 bytes"),
+        ("G.npy", "float64", r"num_grads=4 x dim=an int of 401 digits .* of 8 bytes"),
+        ("G.npy", None, r"num_grads=10000000000 x dim=10000000000 .* 2\.000e\+20 bytes"),
+    ]:
+        big = 10**400 if "401" in match else 10**10
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # and no overflow warning of NumPy's
+            with pytest.raises(ValueError, match=match):
+                StaticIHVP.from_gradients(
+                    gradients(),
+                    num_grads=4 if big == 10**400 else big,
+                    dim=big,
+                    damp=damp,
+                    dtype=dtype,
+                    grads_out=out,
+                )
+    assert not consumed
+    assert sorted(os.listdir(tmp_path)) == ["link.npy"]
+
+
+def test_from_gradients_leaves_a_file_made_after_its_check_alone(tmp_path, rng, monkeypatch):
+    # A file made by someone else between the check of the path and the store's creation
+    # was truncated by open_memmap's mode "w+" (and removed if the call then failed).
+    import mfac_core._store as store
+
+    G, damp = _data(rng, 4, 20, "float64")
+    path = tmp_path / "G.npy"
+    checked = store.check_new_path
+    calls = []
+
+    def check_then_race(target, name):
+        out = checked(target, name)
+        calls.append(1)
+        if len(calls) == 2:  # the check when the store is made (the first: before the loader)
+            path.write_bytes(b"precious")
+        return out
+
+    monkeypatch.setattr(store, "check_new_path", check_then_race)
+    with pytest.raises(FileExistsError, match="exists"):
+        StaticIHVP.from_gradients(iter(G), num_grads=4, dim=20, damp=damp, grads_out=path)
+    assert path.read_bytes() == b"precious"
+
+
+def test_from_gradients_names_a_file_the_disk_cannot_hold(tmp_path, rng, monkeypatch):
+    def refused(*args, **kwargs):
+        raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
+
+    monkeypatch.setattr(np.lib.format, "open_memmap", refused)
+    G, damp = _data(rng, 4, 20, "float64")
+    with pytest.raises(OSError, match=r"grads_out: cannot make .*G\.npy.*640 bytes .*too large"):
+        StaticIHVP.from_gradients(
+            iter(G), num_grads=4, dim=20, damp=damp, grads_out=tmp_path / "G.npy"
+        )
+    assert os.listdir(tmp_path) == []

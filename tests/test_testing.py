@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -229,6 +230,22 @@ def test_oracles_validate_input():
         so.entries(np.array([0, 1]), np.array([0]))
     with pytest.raises(ValueError, match="shape"):
         so.matvec(np.ones(4))
+    # Regression: a NaN or infinite damping gave a NaN or infinite "reference".
+    for fn in (empirical_fisher_dense, dense_inverse):
+        for bad in (math.nan, math.inf):
+            with pytest.raises(ValueError, match="damp must be finite"):
+                fn(np.ones((2, 3)), bad)
+        with pytest.raises(TypeError, match="damp must be a real number"):
+            fn(np.ones((2, 3)), "1e-3")
+    assert np.array_equal(  # 0-d arrays, and zero or negative dampings, are taken
+        empirical_fisher_dense(np.ones((2, 3)), np.array(-1.0)),
+        empirical_fisher_dense(np.ones((2, 3)), -1.0),
+    )
+    # Regression: 0.5 was truncated to index 0, an entry of another place.
+    for bad in (np.array([0.5]), np.array([np.nan]), np.array([np.inf])):
+        with pytest.raises(TypeError, match="rows must hold whole-number indices"):
+            so.entries(bad, np.array([0]))
+    assert so.entries(np.array([1.0]), np.array([1])) == so.entries(np.array([1]), np.array([1]))
 
 
 # -- to_numpy -------------------------------------------------------------------------------
@@ -241,6 +258,35 @@ def test_to_numpy_backends(xp_device):
     assert isinstance(out, np.ndarray)
     assert out.dtype == np.float32
     np.testing.assert_array_equal(out, a)
+
+
+def test_assert_close_fails_as_an_assertion_at_any_kappa_and_magnitude():
+    # Regressions: with kappa = 0 (allowed: atol alone) or a kappa so small that eps *
+    # kappa underflows, a failed comparison raised ZeroDivisionError while writing its
+    # message; a difference beyond float64's range raised NumPy's overflow warning first
+    # (an error under -W error) instead of the failed comparison.
+    a = np.ones(3)
+    for kappa in (0.0, 1e-320):
+        with pytest.raises(AssertionError, match=r"error / \(eps kappa \|\|desired\|\|\) = inf"):
+            assert_close(a + 1, a, kappa=kappa)
+    assert_close(a + 1e-3, a, kappa=0.0, atol=0.01)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(AssertionError, match=r"\|\|actual - desired\|\| = inf"):
+            assert_close(np.array([1e308]), np.array([-1e308]))
+
+
+def test_to_numpy_refuses_what_is_not_numbers():
+    # Regression: None and object arrays became NaN, so assert_close(None, None) failed
+    # with "desired holds NaN or infinity".
+    for bad in (None, np.array([1.0, None]), "abc"):
+        with pytest.raises(TypeError, match="expected an array of numbers"):
+            to_numpy(bad)
+        with pytest.raises(TypeError, match="expected an array of numbers"):
+            assert_close(bad, bad)
+    if np.finfo(np.longdouble).eps < np.finfo(np.float64).eps:  # not float64 itself
+        with pytest.raises(TypeError, match=r"float16, bfloat16, float32, float64 \(it"):
+            assert_close(np.ones(2, dtype=np.longdouble), np.ones(2))
 
 
 def test_to_numpy_numpy_is_as_is_and_casts_integers():

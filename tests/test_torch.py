@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import io
 import logging
+import math
 import pickle
 import re
 import subprocess
@@ -1447,6 +1448,11 @@ def test_pruner_refuses_a_parametrized_weight():
     pruner = MFACPruner(model, layers=["2"], num_grads=4, block_size=8, damp=1e-3)
     pruner.prune(loader(), F.cross_entropy, sparsity=0.5)
     assert int((model[2].weight == 0).sum()) == model[2].weight.numel() // 2
+    # A weight that is a buffer is said to be one (was: "computed from others").
+    layer = nn.Module()
+    layer.register_buffer("weight", torch.ones(3, 3))
+    with pytest.raises(ValueError, match="weight of layer '0' is a buffer of the layer"):
+        MFACPruner(nn.Sequential(layer), layers=["0"])
 
 
 def test_pruner_names_a_gradient_beyond_float16():
@@ -1458,6 +1464,134 @@ def test_pruner_names_a_gradient_beyond_float16():
     with pytest.raises(ValueError, match=r"layer '0' for batch 0 .* beyond float16's range"):
         pruner.prune(loader(n=2), lambda out, y: 1e6 * F.cross_entropy(out, y), sparsity=0.5)
     assert all(torch.equal(w, b) for w, b in zip(model.parameters(), before, strict=True))
+
+
+def test_pruner_reads_assigned_masks_by_name_and_checks_them():
+    # masks is public and may be assigned (from a checkpoint): a dict in another order was
+    # read in its own order, so the masks fell on the wrong weights: kept weights of one
+    # layer were zeroed and the other's pruned ones counted as kept.
+    model = make_model(4)
+    data = loader()
+    pruner = MFACPruner(model, num_grads=6, block_size=8, saliency="magnitude", update="none")
+    with torch.no_grad():
+        model[2].weight.zero_()
+    before = [w.detach().clone() for w in model.parameters()]
+    w2 = model[2].weight
+    pruner.masks = {
+        "2": torch.zeros_like(w2, dtype=torch.bool),
+        "0": torch.ones_like(model[0].weight, dtype=torch.bool),
+    }
+    assert pruner.sparsity() == w2.numel() / pruner.dim
+    pruner.prune(data, F.cross_entropy, sparsity=w2.numel() / pruner.dim)  # reached already
+    assert all(torch.equal(w, b) for w, b in zip(model.parameters(), before, strict=True))
+    assert not pruner.masks["2"].any() and pruner.masks["0"].all()
+    # Anything else is refused by every method that reads them, naming the layer, and a
+    # prune() refused so changes nothing.
+    good = dict(pruner.masks)
+    cases = [
+        ({**good, "0": torch.ones(3, dtype=torch.bool)}, ValueError, r"masks\['0'\] .*got \(3,\)"),
+        ({**good, "0": good["0"].float()}, TypeError, r"masks\['0'\] must be a boolean"),
+        ({**good, "0": good["0"].to("meta")}, ValueError, r"masks\['0'\] .* on meta"),
+        ({"0": good["0"]}, ValueError, r"missing \['2'\]"),
+        ({**good, "1": good["0"]}, ValueError, r"not pruned \['1'\]"),
+        (None, TypeError, "masks must be a dict"),
+    ]
+    for masks, exc, match in cases:
+        pruner.masks = masks
+        for call in (
+            pruner.sparsity,
+            pruner.apply_masks,
+            pruner.param_masks,
+            pruner.flat_mask,
+            lambda: pruner.collect_grads(data, F.cross_entropy),
+            lambda: pruner.prune(data, F.cross_entropy, sparsity=0.5),
+        ):
+            with pytest.raises(exc, match=match):
+                call()
+        assert all(torch.equal(w, b) for w, b in zip(model.parameters(), before, strict=True))
+
+
+def test_pruner_refuses_weights_replaced_since_it_was_built():
+    # Regression: after load_state_dict(..., assign=True) (or a layer replaced) the pruner
+    # pruned its old tensors: the model kept its weights, and sparsity() said 0.5.
+    data = loader()
+    for replace in (
+        lambda model: model.load_state_dict(make_model(7).state_dict(), assign=True),
+        lambda model: model.__setitem__(2, nn.Linear(4, 3)),
+    ):
+        model = make_model(6)
+        pruner = MFACPruner(model, num_grads=6, block_size=8, damp=1e-3)
+        replace(model)
+        before = [w.detach().clone() for w in model.parameters()]
+        for call, args in (
+            (pruner.prune, (data, F.cross_entropy)),
+            (pruner.collect_grads, (data, F.cross_entropy)),
+            (pruner.apply_masks, ()),
+        ):
+            kwargs = {"sparsity": 0.5} if call == pruner.prune else {}
+            with pytest.raises(ValueError, match=r"no longer the parameter this MFACPruner"):
+                call(*args, **kwargs)
+        assert all(torch.equal(w, b) for w, b in zip(model.parameters(), before, strict=True))
+    # Loading in place (the default) keeps the parameters: nothing to refuse.
+    model = make_model(6)
+    pruner = MFACPruner(model, num_grads=6, block_size=8, damp=1e-3)
+    model.load_state_dict(make_model(7).state_dict())
+    pruner.prune(data, F.cross_entropy, sparsity=0.5)
+    assert sum(int((w == 0).sum()) for w in pruner.weights.values()) == pruner.dim // 2
+
+
+def test_pruner_takes_a_held_out_loss_that_requires_grad():
+    # A select_damp computed without torch.no_grad(): its value, without PyTorch's
+    # UserWarning about converting a tensor that requires grad (an error under -W error).
+    model = make_model(8)
+    x, y = batches(9, 1)[0]
+    pruner = MFACPruner(model, num_grads=6, block_size=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pruner.prune(
+            loader(),
+            F.cross_entropy,
+            sparsity=0.5,
+            dampings=[1e-4, 1e-1],
+            select_damp=lambda model: F.cross_entropy(model(x), y),
+        )
+    assert len(pruner.selected_damps) == 1
+
+
+def test_pruner_names_the_layer_and_batch_of_a_non_finite_gradient():
+    # Was "G must not contain NaN or infinity: G[0, 1] is nan", of an array the user
+    # never made. NaN at a pruned weight is dropped, as the pruning functions drop it.
+    model = make_model(5)
+    before = [w.detach().clone() for w in model.parameters()]
+    pruner = MFACPruner(model, num_grads=4, block_size=8, damp=1e-3)
+
+    calls = []
+
+    def loss(out, y):  # not finite for the second batch
+        calls.append(1)
+        return F.cross_entropy(out, y) * (math.nan if len(calls) == 2 else 1.0)
+
+    with pytest.raises(ValueError, match=r"gradient of layer '0' for batch 1 holds nan"):
+        pruner.prune(loader(n=4), loss, sparsity=0.5)
+    assert all(torch.equal(w, b) for w, b in zip(model.parameters(), before, strict=True))
+    # A NaN gradient only at pruned weights: pruned by a mask, kept out of G.
+    mask0 = torch.ones_like(model[0].weight, dtype=torch.bool)
+    mask0[0, 0] = False
+    pruner.masks["0"] = mask0
+    with torch.no_grad():
+        model[0].weight[0, 0] = 0.0
+
+    def hook(grad):
+        grad = grad.clone()
+        grad[0, 0] = math.nan
+        return grad
+
+    handle = model[0].weight.register_hook(hook)
+    try:
+        pruner.prune(loader(n=4), F.cross_entropy, sparsity=0.5)
+    finally:
+        handle.remove()
+    assert pruner.sparsity() == 0.5 and not pruner.masks["0"][0, 0]
 
 
 def test_pruner_checks_its_options_when_built():

@@ -13,7 +13,7 @@ import math
 import numbers
 from typing import Any
 
-from ._compat import Array
+from ._compat import Array, detached
 from ._compat import device as device_of
 from ._validation import (
     check_choice,
@@ -174,7 +174,9 @@ def loss_value(value: Any, damp: float) -> float:
             f"the held-out loss at damp={damp:g} must be a real number (or a 0-d array), "
             f"got {type(value).__name__}"
         )
-    out = float(value)
+    # A loss computed with autograd on (no torch.no_grad()): its value, without PyTorch's
+    # warning about converting a tensor that requires grad.
+    out = float(detached(value))
     if not math.isfinite(out):
         raise ValueError(f"the held-out loss at damp={damp:g} is {out}; it must be finite")
     return out

@@ -18,7 +18,13 @@ from . import _engine
 from ._compat import Array, is_dask_namespace
 from ._compat import device as device_of
 from ._operator import LinearOperator
-from ._pruning_inputs import check_bool, check_grads, check_mask, check_theta
+from ._pruning_inputs import (
+    check_bool,
+    check_grads,
+    check_kept_weights,
+    check_mask,
+    check_theta,
+)
 from ._static import EmpiricalFisher
 from ._validation import (
     check_count,
@@ -457,7 +463,8 @@ def obs_update(
       float64, all blocks at once; then one IHVP applies the update.
 
     The selected weights, and any weight that ``mask`` already prunes, are
-    then set to exactly zero.
+    then set to exactly zero; weights that ``mask`` prunes take no part in
+    the update, whatever they hold, selected or not.
 
     Parameters
     ----------
@@ -488,8 +495,9 @@ def obs_update(
     Raises
     ------
     ValueError
-        For mismatched shapes, or a joint block with more than
-        ``max_joint_size`` selected weights.
+        For mismatched shapes, NaN or infinity in a weight that ``mask``
+        keeps, or a joint block with more than ``max_joint_size`` selected
+        weights.
     TypeError
         For arrays of another library or dtype than the operator's; for a
         column-sharded operator (:class:`~mfac_core.ShardedStaticIHVP`).
@@ -524,7 +532,15 @@ def obs_update(
     d = theta.shape[0]
     if selected.ndim != 1 or selected.shape[0] != d:
         raise ValueError(f"selected must have shape ({d},), got {tuple(selected.shape)}")
+    # As prune() does: a NaN or infinite kept weight is named here, not as "x[i] is nan"
+    # of the product below (selected) or passed on to the result (not selected).
+    check_kept_weights(xp, theta, mask)
     gone = selected | ~mask
+    # A weight that mask prunes already has nothing to remove, whatever it holds (it is
+    # zeroed below): selected again, a NaN there failed the product. With zero gradients
+    # there (see ihvp), F^{-1} does not couple it to the others, so leaving it out of the
+    # update changes nothing else.
+    selected = selected & mask
     zero = xp.zeros((), dtype=theta.dtype, device=device_of(theta))
     if not bool(xp.any(selected)):
         return xp.where(gone, zero, theta)

@@ -474,14 +474,18 @@ class StaticIHVP(_BlockOperatorBase):
             If the iterable yields fewer or more than ``num_grads`` gradients
             (a ``None`` after the last counts as one more: the iterable must
             end), one of another shape, an empty batch ``(0, dim)``, or one
-            holding NaN or infinity; and as in
+            holding NaN or infinity; for ``num_grads * dim`` values more than
+            one array can address (before any gradient is read); and as in
             :class:`StaticIHVP`.
         TypeError
             For a gradient of another library or a non-floating dtype, or a
             dtype that differs from the first gradient's without ``dtype``;
             for an unknown keyword (before any gradient is read).
         FileExistsError
-            If a path names an existing file.
+            If a path names an existing file (or a symbolic link, even a
+            dangling one).
+        IsADirectoryError
+            If a path names a folder.
         FileNotFoundError
             If a path's folder does not exist (before any gradient is read).
         OSError

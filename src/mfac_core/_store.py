@@ -17,6 +17,7 @@ file opened as a memmap.
 from __future__ import annotations
 
 import contextlib
+import decimal
 import errno
 import os
 import sys
@@ -39,6 +40,7 @@ from ._validation import (
     check_writeable,
     half_dtype_name,
     namespace_of,
+    short_repr,
 )
 
 __all__ = [
@@ -75,6 +77,13 @@ class TextProgress:
         end = "\n" if percent == 100 else ""
         self.stream.write(f"\r{stage:>9s} [{bar}] {percent:3d}% ({done}/{total}){end}")
         self.stream.flush()
+
+    def close(self) -> None:
+        """End a bar left unfinished by a failed call, so that its error starts a line."""
+        if self._last is not None and self._last[1] < 100:
+            self.stream.write("\n")
+            self.stream.flush()
+        self._last = None
 
 
 def progress_callback(progress: Any) -> Callable[[str, int, int], None] | None:
@@ -130,7 +139,11 @@ def is_path(target: Any) -> bool:
 def check_new_path(target: Any, name: str) -> str:
     """The path of a store to create; an existing file is refused, not overwritten."""
     path = os.fspath(target)
-    if os.path.exists(path):
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{name}: {path!r} is a folder; pass the path of a new .npy file")
+    # lexists: a dangling symbolic link is an existing name too. Followed, it made the
+    # file at the link's target, and a failure then removed the link and left the file.
+    if os.path.lexists(path):
         raise FileExistsError(
             f"{name}: {path!r} exists; remove it first or pass another path (an existing "
             "file is not overwritten)"
@@ -145,11 +158,29 @@ def check_new_path(target: Any, name: str) -> str:
 def open_store(target: Any, shape: tuple[int, int], dtype: Any, name: str) -> GradientStore:
     """A new NumPy array (``target`` None) or ``.npy`` memmap file (a path) of ``shape``."""
     dt = _numpy_dtype(dtype, "dtype")
+    nbytes = check_store_size(shape, dt.itemsize, name)
     if target is None:
         return GradientStore(np.empty(shape, dtype=dt))
     path = check_new_path(target, name)
     try:
-        array = np.lib.format.open_memmap(path, mode="w+", dtype=dt, shape=shape)
+        # Made here, exclusively: a file made by someone else since the check above is
+        # refused (and left alone), not truncated by open_memmap's mode "w+".
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    except FileExistsError:
+        raise FileExistsError(
+            f"{name}: {path!r} exists; remove it first or pass another path (an existing "
+            "file is not overwritten)"
+        ) from None
+    try:
+        try:
+            array = np.lib.format.open_memmap(path, mode="w+", dtype=dt, shape=shape)
+        except OSError as exc:
+            # The file system's own limit ("File too large"), said with what was asked.
+            raise OSError(
+                exc.errno,
+                f"{name}: cannot make {path!r}, {nbytes} bytes of {dt.name} gradients "
+                f"{shape} ({exc.strerror or exc})",
+            ) from None
         _reserve(path, name)
     except BaseException:
         # Not left behind, even half-written (a full disk can fail the header already).
@@ -157,6 +188,28 @@ def open_store(target: Any, shape: tuple[int, int], dtype: Any, name: str) -> Gr
             os.remove(path)
         raise
     return GradientStore(array, created=path)
+
+
+def check_store_size(
+    shape: tuple[int, int], itemsize: int, name: str, *, at_least: bool = False
+) -> int:
+    """The bytes of an ``(m, d)`` store of ``itemsize``-byte values; refused beyond NumPy's limit.
+
+    ``at_least``: the dtype is not known yet and ``itemsize`` is the smallest one.
+    Past it NumPy said only "array is too big", "Maximum allowed dimension exceeded" or,
+    for a file, an overflow warning and "[Errno 22] Invalid argument".
+    """
+    m, d = shape
+    nbytes = m * d * itemsize
+    if nbytes > np.iinfo(np.intp).max:
+        # Decimal: an int of any size in a few digits (float() of 10**400 overflows).
+        size = f"{'at least ' if at_least else ''}{itemsize}"
+        raise ValueError(
+            f"{name}: num_grads={short_repr(m)} x dim={short_repr(d)} values of {size} bytes "
+            f"take {decimal.Decimal(nbytes):.3e} bytes, more than one array (or .npy file) "
+            f"can address ({np.iinfo(np.intp).max:.3e})"
+        )
+    return nbytes
 
 
 #: What posix_fallocate says where the file system cannot reserve space (then it is not).
@@ -253,8 +306,10 @@ def gather_gradients(
                 "(the store's dtype is used)"
             )
     else:
-        if dtype is not None:
-            _numpy_dtype(dtype, "dtype")
+        # Before the loader is read: the store's dtype is known only with the first
+        # gradient, so the smallest one (2 bytes) unless dtype= says.
+        itemsize = 2 if dtype is None else _numpy_dtype(dtype, "dtype").itemsize
+        check_store_size(shape, itemsize, "grads_out", at_least=dtype is None)
         if store is not None:
             check_new_path(store, "grads_out")
     items = _batches(gradients)
@@ -440,6 +495,8 @@ def built_from_gradients(
     except BaseException:
         for made in created:
             made.discard()
+        if isinstance(report, TextProgress):  # not "75% (3/4)Traceback ..."
+            report.close()
         raise
 
 

@@ -21,7 +21,7 @@ from ._compat import (
     is_cupy_namespace,
     is_torch_namespace,
 )
-from ._validation import check_damp
+from ._validation import check_damp, check_number, scalar_value
 
 # -- conversion ---------------------------------------------------------------------------
 
@@ -45,6 +45,11 @@ def to_numpy(x: Any) -> np.ndarray:
         Real floating arrays keep their precision (``float16`` and
         ``bfloat16`` become ``float32``); integer and boolean arrays become
         ``float64``.
+
+    Raises
+    ------
+    TypeError
+        If ``x`` is not numeric (``None``, strings, objects).
     """
     if isinstance(x, np.ndarray | np.generic | float | int | list | tuple):
         out = np.asarray(x)
@@ -66,6 +71,12 @@ def to_numpy(x: Any) -> np.ndarray:
             out = np.asarray(x.to_device(array_api_strict.Device("CPU_DEVICE")))
         else:  # NumPy, JAX and anything with __array__ or the buffer protocol
             out = np.asarray(x)
+    if out.dtype.kind not in "biufc":
+        # None, a string or a ragged list: an object array became NaN as float64 (and
+        # assert_close(None, None) said "desired holds NaN").
+        raise TypeError(
+            f"expected an array of numbers, got {type(x).__name__} of dtype {out.dtype}"
+        )
     if out.dtype == np.float16:
         out = out.astype(np.float32)
     elif not np.issubdtype(out.dtype, np.inexact):
@@ -131,6 +142,20 @@ def as_grads(G: Any) -> np.ndarray:
     return G
 
 
+def _indices(x: Any, name: str) -> np.ndarray:
+    """Indices of any library as int64, refusing what is not a whole number.
+
+    ``to_numpy`` gives them as float64, whose cast to int64 truncated ``0.5`` to an
+    index 0 (an entry of another place, without an error).
+    """
+    v = np.asarray(to_numpy(x), dtype=np.float64)
+    with np.errstate(invalid="ignore"):  # trunc of infinity
+        bad = ~(np.isfinite(v) & (v == np.trunc(v)))
+    if np.any(bad):
+        raise TypeError(f"{name} must hold whole-number indices, got {v[bad][:3]}")
+    return v.astype(np.int64)
+
+
 def blocks(d: int, block_size: int | None) -> Iterator[slice]:
     """Consecutive blocks of ``block_size`` coordinates; the last may be shorter.
 
@@ -182,17 +207,21 @@ def empirical_fisher_dense(G: Any, damp: float, *, block_size: int | None = None
     Raises
     ------
     ValueError
-        If ``G`` is not a non-empty 2-D array, or ``block_size < 1``.
+        If ``G`` is not a non-empty 2-D array, ``block_size < 1``, or
+        ``damp`` is NaN or infinite (0 and negative dampings are taken).
     TypeError
-        If ``G`` is complex.
+        If ``G`` is complex, or ``damp`` is not a real number.
     """
     G = as_grads(G)
+    # Any finite damping, 0 and negative ones included (a test of a singular F); NaN
+    # or infinity gave a NaN or infinite F without an error.
+    damp = check_number(scalar_value(damp), "damp")
     m, d = G.shape
     F = np.zeros((d, d))
     for s in blocks(d, block_size):
         Gb = G[:, s]
         F[s, s] = Gb.T @ Gb / m
-    F[np.diag_indices(d)] += float(damp)
+    F[np.diag_indices(d)] += damp
     return F
 
 
@@ -221,9 +250,10 @@ def dense_inverse(G: Any, damp: float, *, block_size: int | None = None) -> np.n
     Raises
     ------
     ValueError
-        If ``G`` is not a non-empty 2-D array, or ``block_size < 1``.
+        If ``G`` is not a non-empty 2-D array, ``block_size < 1``, or
+        ``damp`` is NaN or infinite.
     TypeError
-        If ``G`` is complex.
+        If ``G`` is complex, or ``damp`` is not a real number.
     numpy.linalg.LinAlgError
         If a block of ``F`` is exactly singular in float64, as it can be
         for ``damp <= 0``.
@@ -532,9 +562,10 @@ class SpectralOracle:
             If ``rows`` and ``cols`` have different shapes.
         IndexError
             For an index outside ``[0, d)``.
+        TypeError
+            For an index that is not a whole number (``0.5``, NaN).
         """
-        r = np.asarray(to_numpy(rows)).astype(np.int64)
-        c = np.asarray(to_numpy(cols)).astype(np.int64)
+        r, c = _indices(rows, "rows"), _indices(cols, "cols")
         if r.shape != c.shape:
             raise ValueError(f"rows and cols must have the same shape, got {r.shape}, {c.shape}")
         out = np.zeros(r.shape)

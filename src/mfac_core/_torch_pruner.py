@@ -14,8 +14,11 @@ from ._torch_layout import format_bytes, itemsize, logger
 from ._torch_pruner_inputs import (
     check_block,
     check_differentiable,
+    check_finite_row,
     check_fisher_dtype,
     check_float16,
+    check_masks,
+    check_weights_current,
     chosen_weights,
 )
 from ._validation import check_choice, check_damp, check_dampings, check_fraction
@@ -109,7 +112,11 @@ class MFACPruner:
     Attributes
     ----------
     masks : dict of str to torch.Tensor
-        The boolean mask of each chosen weight, by module name.
+        The boolean mask of each chosen weight, by module name. It may be
+        assigned (masks saved with the model's ``state_dict``, say): one
+        boolean tensor of the weight's shape and device for each name, in
+        any order; the methods that use it refuse anything else, naming the
+        layer.
     selected_damps : list of float
         The damping chosen at each step of the last :meth:`prune` with a
         grid of ``dampings`` (empty before).
@@ -214,7 +221,9 @@ class MFACPruner:
         torch.Tensor of bool, shape (d,)
             ``True`` for the weights that are kept.
         """
-        return torch.cat([m.reshape(-1) for m in self.masks.values()])
+        check_masks(self.masks, self.weights)
+        # In the weights' order, which theta's has (not the dict's own, if assigned).
+        return torch.cat([self.masks[name].reshape(-1) for name in self.weights])
 
     def _base(self, weights: dict[str, torch.Tensor]) -> _Base | None:
         """What :meth:`_write` needs to change weights wider than the Fisher's dtype exactly.
@@ -261,7 +270,8 @@ class MFACPruner:
         >>> opt.dim  # 80 kept weights of 160, and the 18 biases
         98
         """
-        return {self.weights[name]: mask.clone() for name, mask in self.masks.items()}
+        check_masks(self.masks, self.weights)
+        return {w: self.masks[name].clone() for name, w in self.weights.items()}
 
     def sparsity(self) -> float:
         """The fraction of the chosen weights that is pruned.
@@ -269,7 +279,8 @@ class MFACPruner:
         Returns
         -------
         float
-            In ``[0, 1)``.
+            In ``[0, 1]``: ``prune`` leaves some weights, but assigned
+            ``masks`` may keep none.
         """
         return 1.0 - float(self.flat_mask().sum()) / self.dim
 
@@ -314,12 +325,17 @@ class MFACPruner:
         ValueError
             If the loader yields no batch, or fewer than ``num_grads`` and
             then none when iterated again, a chosen weight does not require
-            grad, or (``dtype=torch.float16``) a finite gradient entry is
-            beyond float16's range.
+            grad, a gradient holds NaN or infinity at a kept weight, the
+            ``masks`` do not fit the weights, a weight is no longer the
+            parameter the pruner was built with (replaced, as by
+            ``load_state_dict(..., assign=True)``), or (``dtype=torch.float16``) a
+            finite gradient entry is beyond float16's range.
         RuntimeError
             Under :func:`torch.inference_mode`, which disables gradients.
         """
+        check_weights_current(self.model, self.weights)
         check_differentiable(self.weights)
+        mask = self.flat_mask()  # checked before the m x d allocation
         size = self.num_grads * self.dim * itemsize(self.dtype)
         logger.info(
             "MFACPruner allocates num_grads=%d x dim=%d %s gradients on %s: %d bytes (%s)",
@@ -334,14 +350,17 @@ class MFACPruner:
         G = _host_rows.zeros(
             torch, (self.num_grads, self.dim), dtype=self.dtype, device=self.device
         )
-        mask = self.flat_mask()
         with _modes_and_buffers_kept(self.model):
-            self._fill(G, loader, loss_fn)
+            self._fill(G, mask, loader, loss_fn)
         # In place (no second m x d array); the pruning functions zero them again.
         return G.masked_fill_(~mask, 0)
 
     def _fill(
-        self, G: torch.Tensor, loader: Iterable[Any], loss_fn: Callable[[Any, Any], Any]
+        self,
+        G: torch.Tensor,
+        mask: torch.Tensor,
+        loader: Iterable[Any],
+        loss_fn: Callable[[Any, Any], Any],
     ) -> None:
         """Write one gradient of the chosen weights per batch into the rows of ``G``."""
         weights = list(self.weights.values())
@@ -366,6 +385,7 @@ class MFACPruner:
                         if self.dtype == torch.float16:
                             check_float16(G[row, offset : offset + n], g, name, row)
                     offset += n
+                check_finite_row(G[row], mask, self.weights, row)  # one sync per batch
                 row += 1
                 if row == self.num_grads:
                     break
@@ -472,6 +492,8 @@ class MFACPruner:
         (1, 0.5)
         """
         sparsity = check_fraction(sparsity, "sparsity")
+        check_weights_current(self.model, self.weights)
+        check_masks(self.masks, self.weights)  # before they are copied to restore them
         if (dampings is None) != (select_damp is None):
             raise ValueError("give both dampings (the grid) and select_damp (the held-out loss)")
         if dampings is not None:  # before the gradients' forward and backward passes
@@ -533,6 +555,8 @@ class MFACPruner:
     @torch.no_grad()
     def apply_masks(self) -> None:
         """Set the pruned weights to zero again (e.g. after an optimizer step)."""
+        check_weights_current(self.model, self.weights)
+        check_masks(self.masks, self.weights)
         for name, w in self.weights.items():
             w.masked_fill_(~self.masks[name], 0.0)
 

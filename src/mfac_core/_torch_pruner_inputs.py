@@ -1,4 +1,4 @@
-"""What :class:`~mfac_core.torch.MFACPruner` takes, checked: its weights, options and gradients.
+"""What :class:`~mfac_core.torch.MFACPruner` takes, checked: its weights, masks, options, gradients.
 
 The pruner reads and writes its layers' ``weight`` parameters in place and takes their
 gradients with autograd; each check here refuses, in words and before anything changes,
@@ -19,8 +19,11 @@ from ._validation import check_count
 __all__ = [
     "check_block",
     "check_differentiable",
+    "check_finite_row",
     "check_fisher_dtype",
     "check_float16",
+    "check_masks",
+    "check_weights_current",
     "chosen_weights",
 ]
 
@@ -105,6 +108,13 @@ def _own_weight(name: str, module: nn.Module) -> torch.Tensor:
     stale copy (all zero) and the pruned values written into that copy.
     """
     weight = dict(module.named_parameters(recurse=False)).get("weight")
+    if weight is None and "weight" in dict(module.named_buffers(recurse=False)):
+        # Not a parametrization: the message below would say it was computed from others.
+        raise ValueError(
+            f"the weight of layer {name!r} is a buffer of the layer, not a parameter: it has "
+            "no gradient to build the Fisher from; make it an nn.Parameter or leave the "
+            "layer out of layers=[...]"
+        )
     if weight is None:
         raise ValueError(
             f"the weight of layer {name!r} is not a parameter of the layer: it is "
@@ -142,8 +152,37 @@ def check_differentiable(weights: Mapping[str, torch.Tensor]) -> None:
         raise ValueError(
             f"the weights of layers {frozen} do not require grad, and MFACPruner needs "
             "their gradients: call requires_grad_(True) on them before pruning (and "
-            "requires_grad_(False) after, to freeze them again)"
+            "requires_grad_(False) after, to freeze them again), or leave them out with "
+            "layers=[...]"
         )
+
+
+def check_finite_row(
+    values: torch.Tensor, mask: torch.Tensor, weights: Mapping[str, torch.Tensor], row: int
+) -> None:
+    """Refuse NaN or infinity in one batch's flat gradient where ``mask`` keeps the weight.
+
+    The pruning functions refuse it too, but as an entry of the internal ``G``
+    ("G[0, 16] is nan"), which names neither the layer nor the batch. At pruned
+    weights the gradient is dropped, whatever it holds. One check (one host sync)
+    per batch; the layer is looked for only when it fails.
+    """
+    bad = ~torch.isfinite(values) & mask
+    if not bool(bad.any()):
+        return
+    index = int(torch.nonzero(bad)[0, 0])
+    offset = 0
+    for name, w in weights.items():
+        n = w.numel()
+        if index < offset + n:
+            count = int(bad[offset : offset + n].sum())
+            raise ValueError(
+                f"the gradient of layer {name!r} for batch {row} holds {float(values[index])} "
+                f"at the weight's flat index {index - offset} ({count} of its {n} entries "
+                "kept by the masks are NaN or infinite): the loss or the model's outputs are "
+                "not finite for that batch"
+            )
+        offset += n
 
 
 def check_float16(stored: torch.Tensor, g: torch.Tensor, name: str, row: int) -> None:
@@ -159,3 +198,56 @@ def check_float16(stored: torch.Tensor, g: torch.Tensor, name: str, row: int) ->
         "dtype=torch.float16 would store as infinity: use dtype=torch.bfloat16 "
         "(float32's range in 2 bytes) or torch.float32, or scale the loss down"
     )
+
+
+def check_masks(masks: Any, weights: Mapping[str, torch.Tensor]) -> None:
+    """The pruner's ``masks`` (a public attribute, which may be assigned) against its weights.
+
+    One boolean tensor per pruned layer, by the layer's name, of its weight's shape and
+    device. The names are matched, not the order: a dict in another order (loaded from a
+    checkpoint, say) was read in its own order and its masks fell on the wrong weights.
+    """
+    if not isinstance(masks, Mapping):
+        raise TypeError(f"masks must be a dict of layer name to mask, got {type(masks).__name__}")
+    missing = [name for name in weights if name not in masks]
+    extra = [name for name in masks if name not in weights]
+    if missing or extra:
+        raise ValueError(
+            f"masks must hold one mask for each pruned layer {list(weights)}; "
+            + "; ".join(
+                f"{what} {names}"
+                for what, names in (("missing", missing), ("not pruned", extra))
+                if names
+            )
+        )
+    for name, w in weights.items():
+        mask = masks[name]
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise TypeError(f"masks[{name!r}] must be a boolean tensor (True = kept), got {got}")
+        if mask.shape != w.shape or mask.device != w.device:
+            raise ValueError(
+                f"masks[{name!r}] must have the shape and device of the layer's weight, "
+                f"{tuple(w.shape)} on {w.device}; got {tuple(mask.shape)} on {mask.device}"
+            )
+
+
+def check_weights_current(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> None:
+    """Each pruned weight is still its layer's ``weight`` parameter in ``model``.
+
+    The pruner keeps the parameters it was built with. A parameter replaced since
+    (``model.load_state_dict(..., assign=True)``, ``layer.weight = nn.Parameter(...)``,
+    a layer replaced) was pruned no more: the old tensor was, and ``sparsity()`` said so,
+    while the model kept its weights.
+    """
+    modules = dict(model.named_modules())
+    for name, w in weights.items():
+        module = modules.get(name)
+        current = None if module is None else dict(module.named_parameters(recurse=False))
+        if current is None or current.get("weight") is not w:
+            raise ValueError(
+                f"the weight of layer {name!r} is no longer the parameter this MFACPruner was "
+                "built with (the parameter or the layer was replaced, e.g. by "
+                "load_state_dict(..., assign=True)): build a new MFACPruner (and set its "
+                "masks) after replacing parameters"
+            )

@@ -335,6 +335,8 @@ def _check_npy_header(fh: BinaryIO, path: str, what: str, size: int) -> _NpyHead
     header says 800 GB read as "out of memory").
     """
     magic = fh.read(len(_NPY_MAGIC))
+    if size == 0:
+        raise UserError(f"{what} file {path} is empty (0 bytes), not an .npy file")
     if magic[:2] == b"PK":
         raise UserError(
             f"{what} file {path} is an .npz archive; save a single array with numpy.save"
@@ -422,6 +424,8 @@ def _check_output(path: str, overwrite: bool, inputs: dict[str, str]) -> None:
     folder = os.path.dirname(os.path.abspath(target))
     if not os.path.isdir(folder):
         # Said before the inputs are read and the operator is built, not after.
+        if os.path.exists(folder):  # -o G.npy/out.npy: "does not exist" was untrue
+            raise UserError(f"output {path} is inside {folder}, which is a file, not a folder")
         raise UserError(f"output folder does not exist: {folder}")
 
 
@@ -597,6 +601,12 @@ def _cmd_ihvp(
     from ._static import StaticIHVP
 
     inputs = {"GRADS": args.grads, "VECS": args.vecs}
+    if _same_file(args.grads, args.vecs) and _special_kind(args.grads) in _STREAM_KINDS:
+        # Read once by GRADS, the pipe was empty for VECS ("not an .npy file").
+        raise UserError(
+            f"GRADS and VECS are the same pipe ({args.grads}), which can be read only once: "
+            "save one of them to a file"
+        )
     _check_output(args.output, args.overwrite, inputs)
     G = G_file = _load(args.grads, "GRADS", mmap=True)
     V = V_file = _load(args.vecs, "VECS", mmap=False)

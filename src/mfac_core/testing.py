@@ -99,7 +99,10 @@ def _dtype_name(dtype: Any) -> str:
             npdt = None
         name = npdt.name if npdt is not None else str(dtype).rsplit(".", 1)[-1]
     if name not in _EPS:
-        raise TypeError(f"assert_close needs a real floating dtype, got {dtype!r}")
+        raise TypeError(
+            f"assert_close needs a real floating dtype of {', '.join(_EPS)} (it compares in "
+            f"float64), got {dtype!r}"
+        )
     return name
 
 
@@ -244,17 +247,20 @@ def assert_close(
             f"{prefix}actual holds NaN or infinity "
             f"({int(np.sum(~np.isfinite(a64)))} of {a64.size} entries)"
         )
-    err = _norm(a64 - desired_np)
+    # A difference beyond float64's range is infinite, and fails: without NumPy's overflow
+    # warning, which a test run with -W error reported instead of the failed comparison.
+    with np.errstate(over="ignore"):
+        err = _norm(a64 - desired_np)
     ref = _norm(desired_np)
-    tol = factor * eps * float(kappa) * ref + float(atol)
+    scale = eps * float(kappa) * ref  # 0 where kappa is (kappa=0 is allowed: atol alone)
+    tol = factor * scale + float(atol)
     if not err <= tol:
         rel = err / ref if ref > 0 else math.inf
         raise AssertionError(
             f"{prefix}not close: ||actual - desired|| = {err:.3e}, relative error {rel:.3e}, "
             f"tolerance {tol:.3e} (= {factor:g} * eps {eps:.3g} * kappa {float(kappa):.3g} * "
             f"||desired|| {ref:.3e} + atol {float(atol):.3g}); dtype {dtype}, shape {a.shape}; "
-            f"error / (eps kappa ||desired||) = "
-            f"{err / (eps * float(kappa) * ref) if ref > 0 else math.inf:.3g}"
+            f"error / (eps kappa ||desired||) = {err / scale if scale > 0 else math.inf:.3g}"
         )
 
 
