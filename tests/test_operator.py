@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import array_api_compat
@@ -385,14 +386,32 @@ def test_a_scaled_operator_refuses_a_factor_that_is_not_finite(rng):
 
 def test_a_scipy_operator_operand_is_refused_with_the_way_to_compose_it(rng):
     # Regression: "expected ... a LinearOperator, got _CustomLinearOperator" (it is one,
-    # SciPy's); the message now names this library's class and to_scipy().
+    # SciPy's), and A + S, S + A, A - S, S - A failed with Python's bare "unsupported
+    # operand type(s)"; each message now says how: export A with to_scipy().
     scipy_linalg = pytest.importorskip("scipy.sparse.linalg")
     G = rng.standard_normal((3, 6))
     F = EmpiricalFisher(G, damp=0.5)
     other = scipy_linalg.aslinearoperator(np.eye(6))
-    with pytest.raises(TypeError, match=r"mfac_core LinearOperator.*to_scipy\(\)"):
-        F @ other
-    assert_close((F.to_scipy() @ other) @ np.ones(6), F @ np.ones(6))
+    calls = [
+        ("A @ S", lambda: F @ other),
+        ("A @ S", lambda: F * other),
+        ("A @ S", lambda: F.dot(other)),
+        ("A + S", lambda: F + other),
+        ("S + A", lambda: other + F),
+        ("A - S", lambda: F - other),
+        ("S - A", lambda: other - F),
+    ]
+    for expression, call in calls:
+        scipy_form = re.escape(expression.replace("A", "A.to_scipy()"))
+        with pytest.raises(TypeError, match=rf"^{re.escape(expression)} with S a .*{scipy_form}"):
+            call()
+    x = np.ones(6)
+    assert_close((F.to_scipy() @ other) @ x, F @ x)
+    assert_close((F.to_scipy() + other) @ x, F @ x + x)
+    assert_close((other - F.to_scipy()) @ x, x - F @ x)
+    # Anything else still gets Python's own refusal (or its own reflected operator).
+    with pytest.raises(TypeError, match="unsupported operand"):
+        F + "S"
 
 
 def test_numpy_does_not_take_an_operator_for_an_array(rng):
