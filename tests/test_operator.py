@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from fractions import Fraction
 from typing import Any
 
 import array_api_compat
@@ -793,6 +794,10 @@ def test_a_huge_int_scale_is_short_and_its_reciprocal_underflows():
     assert len(str(info.value)) < 200
     with pytest.raises(ValueError, match="an int of 5001 digits"):
         10**5000 * F
+    with pytest.raises(ValueError, match=r"got a Fraction of 401 / 1 digits \(3\.333e\+399\)"):
+        F * Fraction(10**400, 3)
+    with pytest.raises(ValueError, match=r"^1 / a Fraction of 1 / 401 digits .* must be finite"):
+        F / Fraction(1, 10**400)  # not a division by zero: its float is 0.0, not it
     with pytest.raises(ValueError, match=r"^1 / an int of 401 digits .* underflows float64 to 0"):
         F / 10**400
     x = rng.standard_normal(6)
