@@ -709,6 +709,27 @@ def test_load_state_dict_of_version_1(rng):
     np.testing.assert_array_equal(dst.matvec(x), src.matvec(x))
 
 
+def test_load_state_dict_refuses_unknown_keys(rng):
+    # They were dropped unread: a misspelt "exact_gram" loaded the state with the looser
+    # Gram check of states saved before it, without a word.
+    src = DynamicIHVP(3, 8, damp=0.1, dtype="float64")
+    for _ in range(4):
+        src.update(rng.standard_normal(8))
+    state = src.state_dict()
+    dst = DynamicIHVP(3, 8, damp=0.1, dtype="float64")
+    before = dst.state_dict()
+    for key in ("exact_grams", "window"):
+        with pytest.raises(ValueError, match=rf"unknown keys \['{key}'\]"):
+            dst.load_state_dict({**state, key: True})
+        with pytest.raises(ValueError, match="unknown keys"):
+            dst.check_state_dict({**state, key: True})
+        after = dst.state_dict()
+        assert all(np.array_equal(after[k], before[k]) for k in before)
+    dst.load_state_dict(state)
+    x = rng.standard_normal(8)
+    np.testing.assert_array_equal(dst.matvec(x), src.matvec(x))
+
+
 def _unit_window(dtype: str, zero_init: bool = False) -> DynamicIHVP:
     # Unit-norm gradients (as after clipping): their Gram diagonal is all ones, so a
     # check of the diagonal alone cannot see a negated, swapped or replaced gradient.

@@ -271,6 +271,21 @@ def test_static_zero_sum_gradients_warn_and_stay_exact(rng):
     assert np.linalg.norm(y - want) <= 8 * np.finfo(np.float32).eps * np.linalg.norm(want)
 
 
+def test_static_names_the_first_non_finite_entry_as_the_core_does(rng):
+    # The refusal said "NaN or infinity, or so large that their squared norms overflow"
+    # without the entry that mfac_core.StaticIHVP(check_finite=False) names.
+    G = rng.standard_normal((3, 7))
+    G[2, 0], G[1, 4] = np.inf, np.nan
+    huge = G.copy()
+    huge[2, 0] = huge[1, 4] = 1e300
+    for bad, want in ((G, "G[1, 4] is nan"), (huge, "squared norms overflow")):
+        with pytest.raises(FactorizationError, match=re.escape(want)) as ours:
+            mj.static_ihvp(jnp.asarray(bad), damp=0.1)
+        with pytest.raises(FactorizationError) as core:
+            mfac_core.StaticIHVP(bad, damp=0.1, check_finite=False)
+        assert str(ours.value) == str(core.value)
+
+
 def test_static_failures_are_worded_as_the_core_words_them(rng):
     """A failed factorisation, the ill-conditioned warning and the 64-bit mode are worded
     by the core's helpers (one wording, so a fix lands once); the warning names the

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import re
+from fractions import Fraction
 from typing import Any
 
 import array_api_compat
@@ -385,14 +387,32 @@ def test_a_scaled_operator_refuses_a_factor_that_is_not_finite(rng):
 
 def test_a_scipy_operator_operand_is_refused_with_the_way_to_compose_it(rng):
     # Regression: "expected ... a LinearOperator, got _CustomLinearOperator" (it is one,
-    # SciPy's); the message now names this library's class and to_scipy().
+    # SciPy's), and A + S, S + A, A - S, S - A failed with Python's bare "unsupported
+    # operand type(s)"; each message now says how: export A with to_scipy().
     scipy_linalg = pytest.importorskip("scipy.sparse.linalg")
     G = rng.standard_normal((3, 6))
     F = EmpiricalFisher(G, damp=0.5)
     other = scipy_linalg.aslinearoperator(np.eye(6))
-    with pytest.raises(TypeError, match=r"mfac_core LinearOperator.*to_scipy\(\)"):
-        F @ other
-    assert_close((F.to_scipy() @ other) @ np.ones(6), F @ np.ones(6))
+    calls = [
+        ("A @ S", lambda: F @ other),
+        ("A @ S", lambda: F * other),
+        ("A @ S", lambda: F.dot(other)),
+        ("A + S", lambda: F + other),
+        ("S + A", lambda: other + F),
+        ("A - S", lambda: F - other),
+        ("S - A", lambda: other - F),
+    ]
+    for expression, call in calls:
+        scipy_form = re.escape(expression.replace("A", "A.to_scipy()"))
+        with pytest.raises(TypeError, match=rf"^{re.escape(expression)} with S a .*{scipy_form}"):
+            call()
+    x = np.ones(6)
+    assert_close((F.to_scipy() @ other) @ x, F @ x)
+    assert_close((F.to_scipy() + other) @ x, F @ x + x)
+    assert_close((other - F.to_scipy()) @ x, x - F @ x)
+    # Anything else still gets Python's own refusal (or its own reflected operator).
+    with pytest.raises(TypeError, match="unsupported operand"):
+        F + "S"
 
 
 def test_numpy_does_not_take_an_operator_for_an_array(rng):
@@ -774,6 +794,10 @@ def test_a_huge_int_scale_is_short_and_its_reciprocal_underflows():
     assert len(str(info.value)) < 200
     with pytest.raises(ValueError, match="an int of 5001 digits"):
         10**5000 * F
+    with pytest.raises(ValueError, match=r"got a Fraction of 401 / 1 digits \(3\.333e\+399\)"):
+        F * Fraction(10**400, 3)
+    with pytest.raises(ValueError, match=r"^1 / a Fraction of 1 / 401 digits .* must be finite"):
+        F / Fraction(1, 10**400)  # not a division by zero: its float is 0.0, not it
     with pytest.raises(ValueError, match=r"^1 / an int of 401 digits .* underflows float64 to 0"):
         F / 10**400
     x = rng.standard_normal(6)

@@ -241,11 +241,53 @@ def test_oracles_validate_input():
         empirical_fisher_dense(np.ones((2, 3)), np.array(-1.0)),
         empirical_fisher_dense(np.ones((2, 3)), -1.0),
     )
-    # Regression: 0.5 was truncated to index 0, an entry of another place.
-    for bad in (np.array([0.5]), np.array([np.nan]), np.array([np.inf])):
-        with pytest.raises(TypeError, match="rows must hold whole-number indices"):
+    # Regression: 0.5 was truncated to index 0, an entry of another place. Float indices
+    # are refused as the operators' entries refuse them, whole or not.
+    for bad in (np.array([0.5]), np.array([np.nan]), np.array([np.inf]), np.array([1.0])):
+        with pytest.raises(TypeError, match="rows must have an integer dtype, got float64"):
             so.entries(bad, np.array([0]))
-    assert so.entries(np.array([1.0]), np.array([1])) == so.entries(np.array([1]), np.array([1]))
+
+
+@pytest.mark.parametrize(
+    ("index", "error", "match"),
+    [
+        (np.array([2.7]), TypeError, "integer dtype, got float64"),
+        ([2.7], TypeError, "integer dtype"),
+        (np.array([True]), TypeError, "integer dtype, got bool"),
+        (np.array([-1]), IndexError, r"out of range \[0, 3\): -1"),
+        (np.array([3]), IndexError, r"out of range \[0, 3\): 3"),
+        (np.array([2**63], dtype=np.uint64), IndexError, "out of range"),
+    ],
+)
+def test_oracle_indices_refused_as_the_operators_refuse_them(index, error, match):
+    # A float index was truncated (2.7 read as 2) and a bool read as 0 or 1; a negative
+    # one in paper_static's entry counted from the end, as NumPy indexing does.
+    G = np.arange(1.0, 7.0).reshape(2, 3)
+    so, ps = SpectralOracle(G, 1.0), paper_static(G, 1.0)
+    zero = np.zeros(np.shape(index), dtype=np.int64)
+    with pytest.raises(error, match=match):
+        so.entries(index, zero)
+    with pytest.raises(error, match=match.replace("rows", "cols")):
+        so.entries(zero, index)
+    if isinstance(index, np.ndarray) and index.dtype != np.uint64:
+        with pytest.raises(error, match=match):
+            StaticIHVP(G, damp=1.0).entries(index, zero)
+        with pytest.raises(error, match=match):
+            ps.entry(index[0].item(), 0)
+    with pytest.raises(TypeError, match="one index"):
+        ps.entry([1], 0)
+    assert so.entries([1], [2]) == pytest.approx(ps.entry(np.int64(1), 2), rel=1e-12)
+
+
+@pytest.mark.parametrize("block_size", [2.7, True, np.float64(2.0)])
+def test_oracle_block_size_not_truncated(block_size):
+    # int(block_size) took 2.7 as 2 and True as 1, where the operators refuse both.
+    G = np.ones((2, 3))
+    for build in (SpectralOracle, dense_inverse, empirical_fisher_dense, condition_number):
+        with pytest.raises(TypeError, match="block_size must be an int"):
+            build(G, 1.0, block_size=block_size)
+    with pytest.raises(TypeError, match="block_size must be an int"):
+        StaticIHVP(G, damp=1.0, block_size=block_size)
 
 
 # -- to_numpy -------------------------------------------------------------------------------

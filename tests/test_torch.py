@@ -550,7 +550,7 @@ MALFORMED = {
     "other dim": (_set((*W, "dim"), lambda d: d + 1), "dim"),
     "other zero_init": (_set((*W, "zero_init"), False), "zero_init"),
     "other version": (_set((*W, "version"), 99), "version"),
-    "grads dtype": (_set((*W, "grads"), lambda t: t.float()), "grads"),
+    "grads dtype": (_set((*W, "grads"), lambda t: t.float()), "grads.*float32.*grad_dtype"),
     "grads shape": (_set((*W, "grads"), lambda t: t[:, :-1]), "grads"),
     "grads NaN": (_nan_at(*W, "grads"), "grads.*NaN"),
     "gram shape": (_set((*W, "gram"), lambda t: t[:-1]), "gram"),
@@ -559,6 +559,9 @@ MALFORMED = {
     "slot lists": (_set((*W, "window_slots"), lambda a: [a[0]] * len(a)), "slot lists"),
     "slot not an int": (_set((*W, "free_slots"), [0.5]), "free_slots"),
     "edits": (_set((*W, "edits"), "never"), "edits"),
+    # Unknown keys in the window were dropped unread, where the entry's are refused.
+    "window unknown key": (_set((*W, "exact_grams"), True), r"unknown keys \['exact_grams'\]"),
+    "entry unknown key": (_set(("state", 0, "window_size"), 4), r"unknown keys \['window_size'\]"),
 }
 
 
@@ -625,6 +628,19 @@ def test_a_load_of_other_sizes_names_them():
         with pytest.raises(ValueError, match=f"num_grads=2 gradients of dim=3 .*{sizes}"):
             other.load_state_dict(state)
         assert other.steps == 0
+
+
+def test_a_load_of_another_window_dtype_names_the_option():
+    # Regression: only the core's "state['grads'] has dtype torch.float32, expected
+    # torch.float64", which did not say which option of the optimizer differs.
+    a = nn.Parameter(torch.ones(3))
+    opt = MFAC([a], num_grads=2)
+    a.grad = torch.ones(3)
+    opt.step()
+    other = MFAC([nn.Parameter(torch.ones(3, dtype=torch.float64))], num_grads=2)
+    with pytest.raises(ValueError, match=r"stored in torch\.float32.*window in torch\.float64"):
+        other.load_state_dict(opt.state_dict())
+    assert other.steps == 0
 
 
 def test_old_checkpoints_without_counters_load():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import operator
 import re
 import warnings
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -591,3 +592,34 @@ def test_torch_inputs_with_nan_or_infinity_are_refused_by_name(dtype):
             assert _compat.is_finite_array(torch, x[(i + 1) % 7])
             with pytest.raises(ValueError, match=re.escape(f"x[{j}] is {bad}")):
                 op.matvec(x[i].float())
+
+
+def test_huge_fractions_are_shown_by_size_and_inverted_exactly():
+    from mfac_core._validation import check_count, check_damp, reciprocal_factor, scale_factor
+
+    # Every digit of the Fraction was in the message, and beyond 4300 digits building
+    # it failed; the int case was already short.
+    for power in (400, 5000):
+        with pytest.raises(ValueError, match="must be finite") as info:
+            scale_factor(Fraction(10**power, 3))
+        assert f"a Fraction of {power + 1} / 1 digits (3.333e+{power - 1})" in str(info.value)
+        assert len(str(info.value)) < 200
+        with pytest.raises(ValueError, match=r"^1 / a Fraction of .* underflows float64 to 0"):
+            reciprocal_factor(Fraction(-(10**power), 7))
+    # Fraction(1, 10**400) is no zero divisor (its float is 0.0): 1 / it overflows.
+    with pytest.raises(ValueError, match=r"^1 / a Fraction of 1 / 401 digits \(1\.000e-400\)"):
+        reciprocal_factor(Fraction(1, 10**400))
+    with pytest.raises(ZeroDivisionError, match="cannot divide an operator by zero"):
+        reciprocal_factor(Fraction(0))
+    third = Fraction(1, 3)
+    assert reciprocal_factor(third) == 3.0 and scale_factor(third) == 1 / 3
+    # Subnormal as a float (bits lost): 1 / float(tiny) was 2.0000000000000002e+307.
+    tiny = Fraction(5, 10**308)
+    assert reciprocal_factor(tiny) == 2e307
+    # The other checks of numbers show them the same way (the ints' failed to build too).
+    for value in (10**5000, Fraction(10**5000, 3), -(10**5000)):
+        with pytest.raises(ValueError, match="damp must be finite and > 0") as info:
+            check_damp(value)
+        assert len(str(info.value)) < 100
+    with pytest.raises(ValueError, match=r"got an int of 5001 digits \(-1\.000e\+5000\)"):
+        check_count(-(10**5000), "block_size")

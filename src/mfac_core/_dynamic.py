@@ -522,8 +522,8 @@ class DynamicIHVP(WindowCopies):
         Raises
         ------
         ValueError
-            For a malformed or inconsistent state, or one of other sizes or
-            damping.
+            For a malformed or inconsistent state, one of other sizes or
+            damping, or one with keys that no ``state_dict`` holds.
         TypeError
             For arrays of another library or dtype.
         FactorizationError

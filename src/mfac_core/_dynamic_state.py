@@ -24,6 +24,18 @@ from ._validation import check_count, check_damp, check_flag, check_same_space
 
 #: The format version of ``state_dict``.
 STATE_VERSION = 2
+#: Every key a ``state_dict`` of this version or of version 1 (whose slot lists and edit
+#: count were age_order, factor_order, since_refactor) may hold, a sharded one's
+#: included; ``load_state_dict`` refuses others,
+#: rather than drop them unread (a misspelt ``"exact_gram"`` would load the state with
+#: the looser check of states saved before it).
+STATE_KEYS = frozenset(
+    (
+        *("version", "num_grads", "dim", "damp", "zero_init", "grads", "gram", "factor"),
+        *("window_slots", "free_slots", "factor_slots", "edits", "exact_gram"),
+        *("age_order", "factor_order", "since_refactor", "shard_rank", "shard_widths"),
+    )
+)
 #: Columns of a loaded factor that ``load_state_dict`` checks against the Gram matrix.
 FACTOR_SAMPLE = 8
 #: The rounding of a Gram entry, in units of (d + ranks) eps |g_i| |g_j|, that
@@ -252,6 +264,12 @@ class LoadedState:
             raise ValueError(
                 f"not a DynamicIHVP state_dict of a known version (got version "
                 f"{version!r}, expected {STATE_VERSION})"
+            )
+        unknown = sorted(set(state) - STATE_KEYS, key=str)
+        if unknown:
+            raise ValueError(
+                f"DynamicIHVP state_dict has unknown keys {unknown} (a state_dict() of "
+                "DynamicIHVP holds only its own)"
             )
         keys = (
             "num_grads",

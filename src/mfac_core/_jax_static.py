@@ -28,7 +28,7 @@ from ._jax_common import (
     solve_upper_t,
     static_repr,
 )
-from ._validation import check_damp
+from ._validation import check_damp, non_finite_entry
 
 __all__ = ["StaticIHVP", "static_ihvp"]
 
@@ -272,7 +272,8 @@ def static_ihvp(G: Any, /, *, damp: float) -> StaticIHVP:
         bad ``damp`` (a traced one: ``TypeError``).
     FactorizationError
         If, outside of tracing, the capacitance matrix cannot be factorised
-        in float64 (kappa near 1e16, or NaN/inf in G). Under ``jax.jit`` or
+        in float64 (kappa near 1e16, or NaN/inf in G, whose first such entry
+        the message names: ``G[1, 1] is nan``). Under ``jax.jit`` or
         ``jax.vmap`` the check is not possible and the operator then holds
         NaN instead.
 
@@ -325,6 +326,11 @@ def static_ihvp(G: Any, /, *, damp: float) -> StaticIHVP:
     # The wording and the rule are the core's (mfac_core._capacitance).
     if not concrete_true(finite):
         kappa = (float(kappa_lower), float(kappa_bound))
+        if not (np.isfinite(kappa[0]) and np.isfinite(kappa[1])):
+            # A Gram that is not finite: G is concrete here (finite is), so its first NaN
+            # or infinity can be named as mfac_core.StaticIHVP names it. One more read of
+            # G, on failure only.
+            raise _capacitance.non_finite_gram_error(damp, non_finite_entry(jnp, G, "G"))
         raise _capacitance.factorization_error(damp, kappa)
     del dtype
     lower = concrete_float(kappa_lower)

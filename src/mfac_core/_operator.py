@@ -78,6 +78,10 @@ class LinearOperator:
     NumPy, PyTorch, JAX and Dask do; array-api-strict raises ``TypeError``
     ("Expected Array or Python scalar") itself. ``A.T @ x`` (and
     ``(A.T @ X.T).T`` for a stack of rows) is the same product everywhere.
+
+    A SciPy operator ``S`` is refused as an operand of ``+``, ``-``, ``@`` and
+    ``*`` (``TypeError``): ``A.to_scipy() + S`` is the SciPy operator, for a
+    NumPy-backed ``A``.
     """
 
     ndim = 2
@@ -336,15 +340,12 @@ class LinearOperator:
         if isinstance(x, numbers.Real) and not isinstance(x, bool):
             return _ScaledOperator(self, scale_factor(x))
         if not is_array_api_obj(x):
-            # SciPy's operators are LinearOperators too, but not this class's.
-            hint = (
-                "; to compose with a SciPy operator, compose this operator's to_scipy() with it"
-                if hasattr(x, "matvec") and hasattr(x, "shape")
-                else ""
-            )
+            foreign = _foreign_operator_error("A @ S", x)
+            if foreign is not None:
+                raise foreign
             raise TypeError(
                 "expected an array, a scalar or an mfac_core LinearOperator, got "
-                f"{type(x).__name__}{hint}"
+                f"{type(x).__name__}"
             )
         # Before x.shape, which a nested tensor's raises (RuntimeError, no argument named).
         check_strided(x, "x")
@@ -382,6 +383,7 @@ class LinearOperator:
                 return self.transpose().matvec(other)
             if other.ndim == 2:
                 return _row_product(self, other)
+        _raise_if_foreign_operator("S @ A", other)
         return NotImplemented
 
     def __mul__(self, other: Any) -> Any:
@@ -393,6 +395,7 @@ class LinearOperator:
         if is_array_api_obj(other):
             # SciPy's x * A is x @ A, as A * x is A @ x.
             return self.__rmatmul__(other)
+        _raise_if_foreign_operator("S * A", other)
         return NotImplemented
 
     def __truediv__(self, other: Any) -> Any:
@@ -406,11 +409,22 @@ class LinearOperator:
     def __add__(self, other: Any) -> Any:
         if isinstance(other, LinearOperator):
             return _SumOperator(self, other)
+        _raise_if_foreign_operator("A + S", other)
+        return NotImplemented
+
+    def __radd__(self, other: Any) -> Any:
+        # Reached for S + A where S's own __add__ declines (SciPy's takes only its own).
+        _raise_if_foreign_operator("S + A", other)
         return NotImplemented
 
     def __sub__(self, other: Any) -> Any:
         if isinstance(other, LinearOperator):
             return _SumOperator(self, _ScaledOperator(other, -1.0))
+        _raise_if_foreign_operator("A - S", other)
+        return NotImplemented
+
+    def __rsub__(self, other: Any) -> Any:
+        _raise_if_foreign_operator("S - A", other)
         return NotImplemented
 
     def __pow__(self, p: Any) -> Any:
@@ -527,6 +541,33 @@ class LinearOperator:
     def _repr_options(self) -> tuple[str, ...]:
         """``key=value`` items that tell this operator from others of its class in its repr."""
         return ()
+
+
+def _foreign_operator_error(expression: str, other: Any) -> TypeError | None:
+    """The refusal of an operator of another library (SciPy's) as an operand, or None.
+
+    Operators of this library and SciPy's do not combine: SciPy's arithmetic takes only
+    its own operators, and this class's only its own (whose library, device, dtype and
+    finiteness a SciPy operator does not answer for). Exported with ``to_scipy()``, this
+    operator is SciPy's, and so is the expression. ``expression`` shows the operation,
+    with ``A`` for this operator and ``S`` for the other.
+    """
+    if isinstance(other, LinearOperator) or is_array_api_obj(other):
+        return None
+    if not (hasattr(other, "matvec") and hasattr(other, "shape")):
+        return None
+    scipy_form = expression.replace("A", "A.to_scipy()")
+    return TypeError(
+        f"{expression} with S a {type(other).__name__}, another library's operator: "
+        "mfac_core operators combine only with their own; export A to SciPy first: "
+        f"{scipy_form} is a scipy.sparse.linalg.LinearOperator (A must be NumPy-backed)"
+    )
+
+
+def _raise_if_foreign_operator(expression: str, other: Any) -> None:
+    error = _foreign_operator_error(expression, other)
+    if error is not None:
+        raise error
 
 
 def _row_product(A: LinearOperator, x: Array) -> Array:

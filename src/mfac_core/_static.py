@@ -646,6 +646,9 @@ class EmpiricalFisher(_BlockOperatorBase):
         Block-diagonal F over consecutive blocks of this many coordinates.
     check_finite : bool, optional
         Check G and each input for NaN and infinity (default ``True``).
+        Without the check G is not read when the operator is built, and NaN
+        or infinity in G gives NaN products, as in an input; StaticIHVP
+        refuses such a G even so, because its factorisation fails.
 
     Raises
     ------

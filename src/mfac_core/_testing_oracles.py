@@ -3,8 +3,8 @@
 :func:`to_numpy`, :func:`empirical_fisher_dense`, :func:`dense_inverse`,
 :func:`extended_precision_inverse`, :func:`condition_number` and
 :class:`SpectralOracle` are public, re-exported and documented by
-:mod:`mfac_core.testing`; :func:`as_grads` and :func:`blocks` are the
-conversions the other oracles (``_testing_paper``) share.
+:mod:`mfac_core.testing`; :func:`as_grads`, :func:`index_numpy` and :func:`blocks`
+are the conversions the other oracles (``_testing_paper``) share.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from ._compat import (
     is_cupy_namespace,
     is_torch_namespace,
 )
-from ._validation import check_damp, check_number, scalar_value
+from ._validation import check_block_size, check_damp, check_number, scalar_value
 
 # -- conversion ---------------------------------------------------------------------------
 
@@ -51,6 +51,17 @@ def to_numpy(x: Any) -> np.ndarray:
     TypeError
         If ``x`` is not numeric (``None``, strings, objects).
     """
+    out = _on_host(x)
+    if out.dtype == np.float16:
+        out = out.astype(np.float32)
+    elif not np.issubdtype(out.dtype, np.inexact):
+        out = out.astype(np.float64)
+    return out
+
+
+def _on_host(x: Any) -> np.ndarray:
+    # ``x`` as a NumPy array of its own dtype, for to_numpy and index_numpy (PyTorch's
+    # 2-byte floats become float32: NumPy has no bfloat16).
     if isinstance(x, np.ndarray | np.generic | float | int | list | tuple):
         out = np.asarray(x)
     else:
@@ -77,10 +88,6 @@ def to_numpy(x: Any) -> np.ndarray:
         raise TypeError(
             f"expected an array of numbers, got {type(x).__name__} of dtype {out.dtype}"
         )
-    if out.dtype == np.float16:
-        out = out.astype(np.float32)
-    elif not np.issubdtype(out.dtype, np.inexact):
-        out = out.astype(np.float64)
     return out
 
 
@@ -116,6 +123,48 @@ def real_numpy(x: Any, name: str) -> np.ndarray:
     return out
 
 
+def index_numpy(x: Any, name: str, bound: int) -> np.ndarray:
+    """Integer indices in ``[0, bound)`` of any library as an int64 NumPy array.
+
+    Refused as the operators' ``entries`` refuse them: a float index is not
+    truncated (2.7 is not taken as 2), nor a bool taken as 0 or 1, nor a negative
+    index counted from the end.
+
+    Parameters
+    ----------
+    x : array or scalar
+        Of any library :func:`to_numpy` accepts (Python ints and lists of them too).
+    name : str
+        The argument's name, for the messages.
+    bound : int
+        The number of rows (and columns) indexed.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``x`` as int64.
+
+    Raises
+    ------
+    TypeError
+        If ``x`` does not have an integer dtype (a bool or float one included).
+    IndexError
+        For an index outside ``[0, bound)``.
+    """
+    out = _on_host(x)
+    if out.dtype == np.bool_ or not np.issubdtype(out.dtype, np.integer):
+        raise TypeError(f"{name} must have an integer dtype, got {out.dtype}")
+    if out.size:
+        # The bounds are compared as Python ints: a uint64 index beyond int64's range
+        # must not wrap to a negative one first.
+        lo, hi = int(out.min()), int(out.max())
+        if lo < 0 or hi >= bound:
+            raise IndexError(
+                f"{name} holds an index out of range [0, {bound}): {lo if lo < 0 else hi}"
+            )
+    return out.astype(np.int64)
+
+
 def as_grads(G: Any) -> np.ndarray:
     """Return gradients of any library as a non-empty float64 NumPy array.
 
@@ -142,20 +191,6 @@ def as_grads(G: Any) -> np.ndarray:
     return G
 
 
-def _indices(x: Any, name: str) -> np.ndarray:
-    """Indices of any library as int64, refusing what is not a whole number.
-
-    ``to_numpy`` gives them as float64, whose cast to int64 truncated ``0.5`` to an
-    index 0 (an entry of another place, without an error).
-    """
-    v = np.asarray(to_numpy(x), dtype=np.float64)
-    with np.errstate(invalid="ignore"):  # trunc of infinity
-        bad = ~(np.isfinite(v) & (v == np.trunc(v)))
-    if np.any(bad):
-        raise TypeError(f"{name} must hold whole-number indices, got {v[bad][:3]}")
-    return v.astype(np.int64)
-
-
 def blocks(d: int, block_size: int | None) -> Iterator[slice]:
     """Consecutive blocks of ``block_size`` coordinates; the last may be shorter.
 
@@ -175,10 +210,10 @@ def blocks(d: int, block_size: int | None) -> Iterator[slice]:
     ------
     ValueError
         If ``block_size`` is below 1.
+    TypeError
+        If ``block_size`` is not an int (a float is not truncated, a bool not taken as 1).
     """
-    b = d if block_size is None else int(block_size)
-    if b < 1:
-        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    b = check_block_size(block_size, d)
     for start in range(0, d, b):
         yield slice(start, min(start + b, d))
 
@@ -434,7 +469,7 @@ class SpectralOracle:
         If ``G`` is not a non-empty 2-D array, ``damp`` is not finite and
         positive, or ``block_size < 1``.
     TypeError
-        If ``G`` is complex.
+        If ``G`` is complex, or ``block_size`` is not an int.
     """
 
     def __init__(self, G: Any, damp: float, *, block_size: int | None = None) -> None:
@@ -442,7 +477,7 @@ class SpectralOracle:
         m, d = G.shape
         lam = check_damp(damp)
         self.damp, self.num_grads, self.dim = lam, m, d
-        self.block_size = d if block_size is None else min(int(block_size), d)
+        self.block_size = check_block_size(block_size, d)
         self.shape = (d, d)
         eps = float(np.finfo(np.float64).eps)
         self._blocks: list[_SpectralBlock] = []
@@ -558,24 +593,24 @@ class SpectralOracle:
 
         Raises
         ------
+        TypeError
+            If ``rows`` or ``cols`` does not have an integer dtype (as for the
+            operators, a float index is not truncated nor a bool taken as 0 or 1).
         ValueError
             If ``rows`` and ``cols`` have different shapes.
         IndexError
-            For an index outside ``[0, d)``.
+            For an index outside ``[0, d)`` (a negative one included).
         TypeError
-            For an index that is not a whole number (``0.5``, NaN).
+            For indices of a dtype that is not an integer one (``0.5``, ``1.0``, ``True``).
         """
-        r, c = _indices(rows, "rows"), _indices(cols, "cols")
+        r = index_numpy(rows, "rows", self.dim)
+        c = index_numpy(cols, "cols", self.dim)
         if r.shape != c.shape:
             raise ValueError(f"rows and cols must have the same shape, got {r.shape}, {c.shape}")
         out = np.zeros(r.shape)
         B = self.block_size
         for idx in np.ndindex(r.shape):
             i, j = int(r[idx]), int(c[idx])
-            if not (0 <= i < self.dim and 0 <= j < self.dim):
-                raise IndexError(
-                    f"index ({i}, {j}) out of range for a {self.dim} x {self.dim} matrix"
-                )
             if i // B != j // B:
                 continue
             b = self._blocks[i // B]

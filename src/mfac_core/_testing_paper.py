@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from ._testing_oracles import as_grads, real_numpy
+from ._testing_oracles import as_grads, index_numpy, real_numpy
 
 # -- literal transcriptions of the paper ---------------------------------------------------
 
@@ -86,11 +86,29 @@ class PaperStatic:
         -------
         float
             ``[F_m^{-1}]_{ij}``.
+
+        Raises
+        ------
+        TypeError
+            If ``i`` or ``j`` is not one integer (a float is not truncated, a bool
+            not taken as 0 or 1).
+        IndexError
+            If ``i`` or ``j`` lies outside ``[0, d)``: a negative index is not
+            counted from the end.
         """
+        i, j = (self._index(k, name) for k, name in ((i, "i"), (j, "j")))
         total = (1.0 if i == j else 0.0) / self.damp
         for k in range(self.num_grads):
             total -= self.v[k, i] * self.v[k, j] / self.q[k]
         return total
+
+    def _index(self, k: Any, name: str) -> int:
+        # As SpectralOracle.entries and the operators' entries refuse them, not as NumPy
+        # indexing would take them (self.v[:, -1] is the last column).
+        index = index_numpy(k, name, self.dim)
+        if index.ndim:
+            raise TypeError(f"{name} must be one index, got an array of shape {index.shape}")
+        return int(index)
 
     def diagonal(self) -> np.ndarray:
         """Return the diagonal of ``F_m^{-1}``, one Eq. (5) per entry.

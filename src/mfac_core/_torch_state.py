@@ -427,6 +427,7 @@ def check_window(opt: Any, window: Any, damp: float | None) -> tuple[dict[str, A
     if not isinstance(window, Mapping):
         raise ValueError(f"{where} must be a dict")
     check_window_sizes(opt, window, where)
+    check_window_dtype(opt, window, where)
     # Tensors to this device; the core detaches them, and checks everything else.
     out = {
         k: v.to(device=opt.device) if isinstance(v, torch.Tensor) else v
@@ -438,6 +439,22 @@ def check_window(opt: Any, window: Any, damp: float | None) -> tuple[dict[str, A
     except (TypeError, ValueError) as exc:  # one kind of error for every malformed state
         raise ValueError(f"{where}: {exc}") from None
     return out, target
+
+
+def check_window_dtype(opt: Any, window: Mapping[str, Any], where: str) -> None:
+    """Refuse a window stored in another dtype with the option that sets it named.
+
+    The core's message ("state['grads'] has dtype torch.float32, expected
+    torch.float64") does not say that the optimizer's ``grad_dtype`` (or its parameters'
+    dtype) differs. A ``grads`` that is not a tensor is left to the core's checks.
+    """
+    grads = window.get("grads")
+    if isinstance(grads, torch.Tensor) and grads.dtype != opt.grad_dtype:
+        raise ValueError(
+            f"{where} holds gradients ('grads') stored in {grads.dtype}, this optimizer's "
+            f"window in {opt.grad_dtype}: load it into an optimizer of the same grad_dtype "
+            "(by default its parameters' dtype)"
+        )
 
 
 def check_window_sizes(opt: Any, window: Mapping[str, Any], where: str) -> None:

@@ -15,6 +15,7 @@ Every message names the argument and says what was expected.
 from __future__ import annotations
 
 import decimal
+import fractions
 import functools
 import math
 import numbers
@@ -349,9 +350,11 @@ def scale_factor(value: Any, what: str = "the scalar multiplying an operator") -
 def reciprocal_factor(divisor: Any) -> float:
     """``1 / divisor`` as a finite, nonzero Python float, the factor of ``A / divisor``.
 
-    An int is inverted exactly, then rounded once: ``10**400`` means a scale by
-    1e-400, which is not refused as an infinite divisor but as what it is, a factor
-    that underflows float64 to 0 (as does any int beyond about ``2**1075``).
+    An int (or a fraction) is inverted exactly, then rounded once: ``10**400`` means a
+    scale by 1e-400, which is not refused as an infinite divisor but as what it is, a
+    factor that underflows float64 to 0 (as does any int beyond about ``2**1075``); and
+    ``Fraction(1, 10**400)``, whose float is 0.0, is not refused as a zero divisor but
+    as a factor that overflows.
 
     Parameters
     ----------
@@ -369,13 +372,20 @@ def reciprocal_factor(divisor: Any) -> float:
         If ``divisor`` is zero.
     ValueError
         If ``divisor`` is NaN or infinite, or ``1 / divisor`` overflows float64 (a
-        subnormal divisor) or underflows it to 0 (a huge int).
+        subnormal divisor, a tiny fraction) or underflows it to 0 (a huge int or
+        fraction).
     """
     if isinstance(divisor, numbers.Integral):
         if divisor == 0:
             raise ZeroDivisionError("cannot divide an operator by zero")
         # Python's int division rounds the exact quotient once, and never overflows.
         alpha = 1 / int(divisor)
+    elif isinstance(divisor, numbers.Rational):
+        if divisor == 0:
+            raise ZeroDivisionError("cannot divide an operator by zero")
+        # Inverted exactly, then rounded once: Fraction(1, 10**400) is no zero divisor
+        # (its float is 0.0), but a factor of 10**400 that overflows float64.
+        alpha = finite_or_inf(fractions.Fraction(int(divisor.denominator), int(divisor.numerator)))
     else:
         d = scale_factor(divisor, "the divisor of an operator")
         if d == 0.0:
@@ -390,18 +400,31 @@ def reciprocal_factor(divisor: Any) -> float:
 
 
 def short_repr(value: Any) -> str:
-    """``repr(value)``, or for an int of more than 20 digits its size and leading digits.
+    """``repr(value)``, or for a number with an int of more than 20 digits its size.
 
     A message that shows ``10**400`` shows it as "an int of 401 digits (1.000e+400)",
     not its 401 digits (the repr of an int beyond ``sys.get_int_max_str_digits()``
-    digits raises ``ValueError``).
+    digits raises ``ValueError``); ``Fraction(10**400, 3)`` likewise, as "a Fraction of
+    401 / 1 digits (3.333e+399)".
     """
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+    if isinstance(value, bool) or not isinstance(value, numbers.Rational):
+        return repr(value)
+    if isinstance(value, numbers.Integral):
         n = decimal.Decimal(int(value))
         digits = n.adjusted() + 1
         if digits > 20:
             return f"an int of {digits} digits ({n:.3e})"
-    return repr(value)
+        return repr(value)
+    num, den = decimal.Decimal(int(value.numerator)), decimal.Decimal(int(value.denominator))
+    num_digits, den_digits = num.adjusted() + 1, den.adjusted() + 1
+    if max(num_digits, den_digits) <= 20:
+        return repr(value)
+    # Decimal's exponent range holds any quotient of ints Python can hold in memory.
+    with decimal.localcontext(
+        decimal.Context(prec=4, Emax=decimal.MAX_EMAX, Emin=decimal.MIN_EMIN)
+    ):
+        quotient = num / den
+    return f"a {type(value).__name__} of {num_digits} / {den_digits} digits ({quotient:.3e})"
 
 
 def check_number(
@@ -421,7 +444,7 @@ def check_number(
     below = v < high if high_open else v <= high
     if not (math.isfinite(v) and above and below):
         interval = ("(" if low_open else "[") + f"{low:g}, {high:g}" + (")" if high_open else "]")
-        raise ValueError(f"{name} must be finite and lie in {interval}, got {value!r}")
+        raise ValueError(f"{name} must be finite and lie in {interval}, got {short_repr(value)}")
     return v
 
 
@@ -494,17 +517,18 @@ def check_damp(damp: Any, name: str = "damp", *, num_grads: int | None = None) -
     damp = scalar_value(damp)
     if isinstance(damp, bool) or not isinstance(damp, numbers.Real):
         raise real_scalar_error(name, given)
+    shown = short_repr(damp)
     value = finite_or_inf(damp)
     if not math.isfinite(value) or value <= 0.0:
-        raise ValueError(f"{name} must be finite and > 0, got {damp!r}")
+        raise ValueError(f"{name} must be finite and > 0, got {shown}")
     if value < SMALLEST_DAMP:
         raise ValueError(
-            f"{name}={damp!r} is subnormal in float64 (its inverse overflows); the smallest "
+            f"{name}={shown} is subnormal in float64 (its inverse overflows); the smallest "
             f"damping that works is {SMALLEST_DAMP!r}, float64's smallest normal number"
         )
     if num_grads is not None and value > largest_damp(num_grads):
         raise ValueError(
-            f"{name}={damp!r} is too large for {num_grads} gradients: m * damp, the shift of "
+            f"{name}={shown} is too large for {num_grads} gradients: m * damp, the shift of "
             f"the capacitance matrix, must stay within a quarter of float64's range, beside "
             f"the gradients' squared norms; the largest damping that works is "
             f"{largest_damp(num_grads)!r}"
@@ -562,7 +586,7 @@ def check_count(value: Any, name: str, *, minimum: int = 1) -> int:
     except TypeError:
         raise TypeError(f"{name} must be an int, got {value!r}") from None
     if count < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {count}")
+        raise ValueError(f"{name} must be >= {minimum}, got {short_repr(count)}")
     return count
 
 
