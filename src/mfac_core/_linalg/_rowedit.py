@@ -108,15 +108,19 @@ def panels(xp: Any, V: Any, q: Any, block: int, /) -> Iterator[tuple[int, Any]]:
     n = V.shape[0]
     dev = device(V)
     diag, beta = coefficients(xp, q)
-    # tail = the sum of q_i V_i over the rows below the panel, from the panel's column on.
-    tail = xp.zeros((0,), dtype=V.dtype, device=dev)
+    # tail = the sum of q_i V_i over the rows below the panel, from the panel's column on:
+    # zeros for the bottom panel, and not summed after the top one (at k <= block, the
+    # only panel, each array call of the edit costs more than its arithmetic).
+    tail = None
     for j0 in reversed(range(0, n, block)):
         j1 = min(j0 + block, n)
         VJ = V[j0:j1, j0:]
         qJ, bJ = q[j0:j1], beta[j0:j1]
-        tail = xp.concat([xp.zeros((j1 - j0,), dtype=V.dtype, device=dev), tail])
+        zeros = xp.zeros((j1 - j0,), dtype=V.dtype, device=dev)
+        tail = zeros if tail is None else xp.concat([zeros, tail])
         yield j0, panel_rows(diagonal_block(xp, qJ, bJ, diag[j0:j1]), VJ, bJ, tail)
-        tail = tail + qJ @ VJ
+        if j0:
+            tail = tail + qJ @ VJ
 
 
 def appended(xp: Any, c: Any, col: Any, /) -> tuple[Any, Any]:
@@ -246,7 +250,8 @@ def replace(
     # Append: with the last row and column set to those of the identity, ``out``
     # is a whole triangular matrix whose solve gives the new column.
     out[:n, n] = 0.0
-    out[n, :] = xp.astype(xp.arange(k, device=dev) == n, out.dtype)
+    out[n, :n] = 0.0
+    out[n, n] = 1.0
     rhs = xp.concat([b, xp.zeros((1,), dtype=b.dtype, device=dev)])
     col = solve(out, rhs[:, None], False, True)[:n, 0]
     margin, corner = appended(xp, xp.asarray(c, dtype=U.dtype, device=dev), col)
