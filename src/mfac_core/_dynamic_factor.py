@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import _capacitance, _engine, _host_rows
-from ._capacitance import DRIFT_TOL, CapacitanceFactor
+from ._capacitance import DRIFT_TOL, CapacitanceFactor, relative_column_drift
 from ._compat import Array, host_values
 from ._compat import device as device_of
 from ._dynamic_checks import Pending, with_norm
@@ -80,11 +80,17 @@ class SlotFactor:
         k = len(self.slots)
         si, pos = self.slot_index, self.position
         slot_index = xp.concat([si[:row], si[row + 1 :], si[row : row + 1]])
-        # Rows after ``row`` move up one, ``row`` goes last; slots outside the factor
-        # (position k) stay.
-        up = xp.astype((pos > row) & (pos < k), xp.int64)
-        last = xp.astype(pos == row, xp.int64)
-        position = pos - up + last * (k - 1 - row)
+        if k == pos.shape[0]:
+            # Every slot is in the factor (a full window's edit): position is the
+            # inverse of the permutation slot_index, one call where the rule below
+            # takes nine.
+            position = xp.argsort(slot_index)
+        else:
+            # Rows after ``row`` move up one, ``row`` goes last; slots outside the factor
+            # (position k) stay.
+            up = xp.astype((pos > row) & (pos < k), xp.int64)
+            last = xp.astype(pos == row, xp.int64)
+            position = pos - up + last * (k - 1 - row)
         slots = self.slots[:row] + self.slots[row + 1 :] + self.slots[row : row + 1]
         return SlotFactor(factor, slots, slot_index, position)
 
@@ -92,6 +98,8 @@ class SlotFactor:
         """``C^{-1} P`` in slot order (zero rows for slots outside the factor)."""
         xp = self.factor.xp
         coef = self.factor.solve(xp.take(P, self.slot_index, axis=0))
+        if len(self.slots) == self.position.shape[0]:
+            return xp.take(coef, self.position, axis=0)  # no slot outside the factor
         zero = xp.zeros((1, coef.shape[1]), dtype=coef.dtype, device=device_of(coef))
         return xp.take(xp.concat([coef, zero], axis=0), self.position, axis=0)
 
@@ -409,9 +417,17 @@ def drift(op: Any, edited: SlotFactor, new_diagonal: Array) -> Array:
     """
     xp = op._xp
     k = len(edited.slots)
-    pos = drift_positions(op, k)
-    want = xp.take(xp.linalg.diagonal(op._gram), xp.take(edited.slot_index, pos), axis=0)
-    want = xp.where(pos == k - 1, new_diagonal, want)
+    diagonal = xp.linalg.diagonal(op._gram)
+    if k <= DRIFT_SAMPLE:  # every column: the sample would be a copy of them all
+        want = xp.take(diagonal, edited.slot_index, axis=0)
+    else:
+        pos = drift_positions(op, k)
+        want = xp.take(diagonal, xp.take(edited.slot_index, pos, axis=0), axis=0)
+    # The sample's last column is the factor's last, the edited slot's, whose Gram row
+    # the window does not hold yet (``want`` is a new array).
+    want[-1] = new_diagonal
+    if k <= DRIFT_SAMPLE:
+        return relative_column_drift(xp, edited.factor.U, want + op._shift(k))
     return edited.factor.column_drift_array(pos, want + op._shift(k))
 
 
@@ -434,5 +450,10 @@ def judge(op: Any, pending: Pending | None, checks: list[Array]) -> list[float]:
     if not arrays:
         return []
     xp = op._xp
-    values = host_values(xp.stack([xp.astype(xp.reshape(a, ()), xp.float64) for a in arrays]))
+    if _engine.is_accelerator(xp, arrays[0]):
+        values = host_values(xp.stack([xp.astype(xp.reshape(a, ()), xp.float64) for a in arrays]))
+    else:
+        # On the host a read costs nothing: each value read as it is (the same float64,
+        # widening is exact), without the stack's four array calls (a step reads twice).
+        values = [float(a if a.ndim == 0 else xp.reshape(a, ())) for a in arrays]
     return values if pending is None else pending.judge(op, values)
