@@ -101,7 +101,7 @@ def _trtrs(t: Any, b: Any, lower: bool, trans: bool) -> Any:
 
 @cache
 def _lapack() -> Any:
-    """``scipy.linalg.lapack``, imported on first use (an import statement per solve cost 0.5 us)."""
+    """``scipy.linalg.lapack``, imported on first use (an import per solve cost 0.5 us)."""
     from scipy.linalg import lapack
 
     return lapack
