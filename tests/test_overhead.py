@@ -16,7 +16,7 @@ import pytest
 import scipy.linalg
 
 from mfac_core import DynamicIHVP, StaticIHVP, WindowOptions, _fused
-from mfac_core._compat import array_namespace, take
+from mfac_core._compat import array_namespace, cumulative_sum, take
 from mfac_core._linalg import _numpy as numpy_linalg
 
 
@@ -153,4 +153,16 @@ def test_window_edit_step_takes_no_compat_gather_and_no_stack(monkeypatch, lib):
     count = ops[1].refactor_count
     got = ops[1].update_and_matvec(mod.asarray(G[-1]))
     assert ops[1].refactor_count == count  # an edit, not a refactorisation
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+@pytest.mark.parametrize("lib", ["numpy", "array_api_strict"])
+@pytest.mark.parametrize("include_initial", [False, True])
+def test_cumulative_sum_is_the_namespaces_bit_for_bit(lib, include_initial):
+    mod = pytest.importorskip(lib)
+    xp = array_namespace(mod.asarray([0.0]))
+    x = xp.asarray(np.random.default_rng(4).standard_normal(9) ** 2)
+    got = cumulative_sum(xp, x, include_initial=include_initial)
+    want = xp.cumulative_sum(x, include_initial=include_initial)
+    assert got.dtype == want.dtype and tuple(got.shape) == tuple(want.shape)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
