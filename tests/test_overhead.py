@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from mfac_core import DynamicIHVP, StaticIHVP, _fused
+from mfac_core import DynamicIHVP, StaticIHVP, WindowOptions, _fused
+from mfac_core._compat import array_namespace, cumulative_sum, take
 from mfac_core._linalg import _numpy as numpy_linalg
 
 
@@ -106,3 +107,62 @@ def test_factors_pickle_after_their_namespace_was_found():
         y = op @ x  # every factor has its namespace now
         assert all("xp" in f.__dict__ for f in op._factors)
         np.testing.assert_array_equal(pickle.loads(pickle.dumps(op)) @ x, y)
+
+
+@pytest.mark.parametrize("lib", ["numpy", "torch", "array_api_strict"])
+def test_take_gathers_as_the_namespaces_take(lib):
+    mod = pytest.importorskip(lib)
+    xp = array_namespace(mod.asarray([0.0]))
+    x = xp.reshape(xp.arange(12, dtype=xp.float64), (4, 3))
+    for axis, idx in ((0, [3, 0, 0, 2]), (1, [2, 0])):
+        i = xp.asarray(idx, dtype=xp.int64)
+        got, want = take(xp, x, i, axis=axis), xp.take(x, i, axis=axis)
+        assert got.dtype == want.dtype and tuple(got.shape) == tuple(want.shape)
+        assert bool(xp.all(got == want))
+    if lib == "torch":  # PyTorch's own call refuses a negative index: never a wrong row
+        with pytest.raises((IndexError, RuntimeError)):
+            take(xp, x, xp.asarray([-1], dtype=xp.int64), axis=0)
+
+
+@pytest.mark.parametrize("lib", ["numpy", "torch"])
+def test_window_edit_step_takes_no_compat_gather_and_no_stack(monkeypatch, lib):
+    # The steady-state step of a host window (a row edit, no refactorisation) gathers by
+    # the library's own call and reads its checks without stacking them (the wrappers'
+    # Python layers were most of a small step's time).
+    mod = pytest.importorskip(lib)
+    compat = pytest.importorskip(f"array_api_compat.{lib}")
+    rng = np.random.default_rng(3)
+    m, d = 6, 40
+    G = rng.standard_normal((m + 2, d))
+    ops = [
+        DynamicIHVP(
+            m, d, damp=0.1, dtype="float64", xp=mod, options=WindowOptions(refactor_every=99)
+        )
+        for _ in range(2)
+    ]
+    for op in ops:
+        for row in G[:-1]:
+            op.update(mod.asarray(row))
+    want = ops[0].update_and_matvec(mod.asarray(G[-1]))
+
+    def refused(*args, **kwargs):
+        raise AssertionError("the step paid for a wrapper")
+
+    monkeypatch.setattr(compat, "take", refused)
+    monkeypatch.setattr(compat, "stack", refused)
+    count = ops[1].refactor_count
+    got = ops[1].update_and_matvec(mod.asarray(G[-1]))
+    assert ops[1].refactor_count == count  # an edit, not a refactorisation
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+@pytest.mark.parametrize("lib", ["numpy", "array_api_strict"])
+@pytest.mark.parametrize("include_initial", [False, True])
+def test_cumulative_sum_is_the_namespaces_bit_for_bit(lib, include_initial):
+    mod = pytest.importorskip(lib)
+    xp = array_namespace(mod.asarray([0.0]))
+    x = xp.asarray(np.random.default_rng(4).standard_normal(9) ** 2)
+    got = cumulative_sum(xp, x, include_initial=include_initial)
+    want = xp.cumulative_sum(x, include_initial=include_initial)
+    assert got.dtype == want.dtype and tuple(got.shape) == tuple(want.shape)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

@@ -358,7 +358,7 @@ class CapacitanceFactor(FoundNamespace):
             If the new pivot is not positive; the caller refactorises in full.
         """
         U = _linalg.replace_row(self.xp, self.U, p, b, c, out)
-        return CapacitanceFactor(U, self.shift, self.scale)
+        return CapacitanceFactor(U, self.shift, self.scale).namespace_of(self)
 
     def replace_row_deferred(
         self, p: int, b: Array, c: Any, /, *, out: Array
@@ -370,7 +370,7 @@ class CapacitanceFactor(FoundNamespace):
         pivot itself and raised ``NotPositiveDefinite`` if it failed).
         """
         U, margin = _linalg.replace_row(self.xp, self.U, p, b, c, out, deferred=True)
-        return CapacitanceFactor(U, self.shift, self.scale), margin
+        return CapacitanceFactor(U, self.shift, self.scale).namespace_of(self), margin
 
     def column_drift(self, columns: Array, want: Array, /) -> float:
         """Largest relative error of ``diag(U^T U)`` on ``columns`` against ``want``.

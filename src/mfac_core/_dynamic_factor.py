@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import _capacitance, _engine, _host_rows
-from ._capacitance import DRIFT_TOL, CapacitanceFactor
-from ._compat import Array, host_values
+from ._capacitance import DRIFT_TOL, CapacitanceFactor, relative_column_drift
+from ._compat import Array, host_values, take
 from ._compat import device as device_of
 from ._dynamic_checks import Pending, with_norm
 from ._errors import NotPositiveDefinite
@@ -70,30 +70,46 @@ class SlotFactor:
             xp.asarray(where, dtype=xp.int64, device=dev),
         )
 
-    def moved_last(self, factor: CapacitanceFactor, row: int) -> SlotFactor:
+    def moved_index(self, row: int) -> Array:
+        """``slot_index`` with entry ``row`` moved last (that of :meth:`moved_last`)."""
+        si = self.slot_index
+        return self.factor.xp.concat([si[:row], si[row + 1 :], si[row : row + 1]])
+
+    def moved_last(
+        self, factor: CapacitanceFactor, row: int, slot_index: Array | None = None
+    ) -> SlotFactor:
         """The slot factor whose ``factor`` holds this one's rows with ``row`` moved last.
 
         What a row edit of the factor returns; the index arrays are derived from this
         one's on the device (no array made from host data on the hot path).
+        ``slot_index`` is :meth:`moved_index`, where the caller made it already.
         """
         xp = factor.xp
         k = len(self.slots)
-        si, pos = self.slot_index, self.position
-        slot_index = xp.concat([si[:row], si[row + 1 :], si[row : row + 1]])
-        # Rows after ``row`` move up one, ``row`` goes last; slots outside the factor
-        # (position k) stay.
-        up = xp.astype((pos > row) & (pos < k), xp.int64)
-        last = xp.astype(pos == row, xp.int64)
-        position = pos - up + last * (k - 1 - row)
+        pos = self.position
+        slot_index = self.moved_index(row) if slot_index is None else slot_index
+        if k == pos.shape[0]:
+            # Every slot is in the factor (a full window's edit): position is the
+            # inverse of the permutation slot_index, one call where the rule below
+            # takes nine.
+            position = xp.argsort(slot_index)
+        else:
+            # Rows after ``row`` move up one, ``row`` goes last; slots outside the factor
+            # (position k) stay.
+            up = xp.astype((pos > row) & (pos < k), xp.int64)
+            last = xp.astype(pos == row, xp.int64)
+            position = pos - up + last * (k - 1 - row)
         slots = self.slots[:row] + self.slots[row + 1 :] + self.slots[row : row + 1]
         return SlotFactor(factor, slots, slot_index, position)
 
     def coefficients(self, P: Array) -> Array:
         """``C^{-1} P`` in slot order (zero rows for slots outside the factor)."""
         xp = self.factor.xp
-        coef = self.factor.solve(xp.take(P, self.slot_index, axis=0))
+        coef = self.factor.solve(take(xp, P, self.slot_index, axis=0))
+        if len(self.slots) == self.position.shape[0]:
+            return take(xp, coef, self.position, axis=0)  # no slot outside the factor
         zero = xp.zeros((1, coef.shape[1]), dtype=coef.dtype, device=device_of(coef))
-        return xp.take(xp.concat([coef, zero], axis=0), self.position, axis=0)
+        return take(xp, xp.concat([coef, zero], axis=0), self.position, axis=0)
 
 
 class NotFiniteStep(Exception):
@@ -354,8 +370,9 @@ def edited(
     ):
         xp = op._xp
         row = current.slots.index(slot)
-        si = current.slot_index
-        others = xp.take(b, xp.concat([si[:row], si[row + 1 :]]), axis=0)
+        # The edited factor's slots in order: the others', then ``slot``.
+        moved_index = current.moved_index(row)
+        others = take(xp, b, moved_index[:-1], axis=0)
         margin = None
         try:
             if _engine.is_accelerator(xp, b):
@@ -379,7 +396,7 @@ def edited(
         except NotPositiveDefinite:
             pass  # the full factorisation below decides, and words any error
         else:
-            moved = current.moved_last(factor, row)
+            moved = current.moved_last(factor, row, moved_index)
             drifted = drift(op, moved, b[slot])
             checks = [drifted] if margin is None else [margin, drifted]
             finite = None if speculation is None else speculation.compute(moved)
@@ -409,9 +426,17 @@ def drift(op: Any, edited: SlotFactor, new_diagonal: Array) -> Array:
     """
     xp = op._xp
     k = len(edited.slots)
-    pos = drift_positions(op, k)
-    want = xp.take(xp.linalg.diagonal(op._gram), xp.take(edited.slot_index, pos), axis=0)
-    want = xp.where(pos == k - 1, new_diagonal, want)
+    diagonal = xp.linalg.diagonal(op._gram)
+    if k <= DRIFT_SAMPLE:  # every column: the sample would be a copy of them all
+        want = take(xp, diagonal, edited.slot_index, axis=0)
+    else:
+        pos = drift_positions(op, k)
+        want = take(xp, diagonal, take(xp, edited.slot_index, pos, axis=0), axis=0)
+    # The sample's last column is the factor's last, the edited slot's, whose Gram row
+    # the window does not hold yet (``want`` is a new array).
+    want[-1] = new_diagonal
+    if k <= DRIFT_SAMPLE:
+        return relative_column_drift(xp, edited.factor.U, want + op._shift(k))
     return edited.factor.column_drift_array(pos, want + op._shift(k))
 
 
@@ -434,5 +459,10 @@ def judge(op: Any, pending: Pending | None, checks: list[Array]) -> list[float]:
     if not arrays:
         return []
     xp = op._xp
-    values = host_values(xp.stack([xp.astype(xp.reshape(a, ()), xp.float64) for a in arrays]))
+    if _engine.is_accelerator(xp, arrays[0]):
+        values = host_values(xp.stack([xp.astype(xp.reshape(a, ()), xp.float64) for a in arrays]))
+    else:
+        # On the host a read costs nothing: each value read as it is (the same float64,
+        # widening is exact), without the stack's four array calls (a step reads twice).
+        values = [float(a if a.ndim == 0 else xp.reshape(a, ())) for a in arrays]
     return values if pending is None else pending.judge(op, values)

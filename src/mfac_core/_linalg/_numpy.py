@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Any
 
 import numpy as np
@@ -98,10 +99,17 @@ def _trtrs(t: Any, b: Any, lower: bool, trans: bool) -> Any:
     return np.reshape(out, batch + out.shape[1:])
 
 
-def _trtrs_one(t: np.ndarray, b: np.ndarray, lower: bool, trans: bool) -> np.ndarray:
-    """SciPy's ``_solve_triangular`` for one float64 system: its ``dtrtrs`` call and errors."""
+@cache
+def _lapack() -> Any:
+    """``scipy.linalg.lapack``, imported on first use (an import per solve cost 0.5 us)."""
     from scipy.linalg import lapack
 
+    return lapack
+
+
+def _trtrs_one(t: np.ndarray, b: np.ndarray, lower: bool, trans: bool) -> np.ndarray:
+    """SciPy's ``_solve_triangular`` for one float64 system: its ``dtrtrs`` call and errors."""
+    lapack = _lapack()
     # As SciPy: trtrs reads Fortran order, so another t is solved as its transpose.
     if t.flags.f_contiguous:
         x, info = lapack.dtrtrs(t, b, lower=int(lower), trans=int(trans))

@@ -41,7 +41,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from .._compat import device
+from .._compat import cumulative_sum, device
 from .._errors import NotPositiveDefinite
 
 __all__ = [
@@ -69,18 +69,24 @@ PIVOT_TOL = 1e-13
 Solve = Callable[[Any, Any, bool, bool], Any]
 
 
-def trailing_q(xp: Any, solve: Solve, U: Any, p: int, /) -> Any:
+def trailing_q(xp: Any, solve: Solve, U: Any, p: int, /, *, writable: bool = False) -> Any:
     """``q = V^{-T} u`` for ``V = U[p+1:, p+1:]`` and ``u = U[p, p+1:]``, without copying V.
 
-    ``U^T y = U_pp e_p`` has ``y[:p] = 0``, ``y[p] = 1`` and ``y[p+1:] = -q``.
+    ``U^T y = U_pp e_p`` has ``y[:p] = 0``, ``y[p] = 1`` and ``y[p+1:] = -q``. With
+    ``writable`` (an eager library's arrays) ``U_pp e_p`` is written into zeros: two
+    calls where the pure form takes four, the same vector.
     """
-    rhs = xp.where(xp.arange(U.shape[0], device=device(U)) == p, U[p, p], 0.0)
-    return -solve(U, rhs[:, None], False, True)[p + 1 :, 0]
+    if writable:
+        rhs = xp.zeros((U.shape[0], 1), dtype=U.dtype, device=device(U))
+        rhs[p, 0] = U[p, p]
+    else:
+        rhs = xp.where(xp.arange(U.shape[0], device=device(U)) == p, U[p, p], 0.0)[:, None]
+    return -solve(U, rhs, False, True)[p + 1 :, 0]
 
 
 def coefficients(xp: Any, q: Any, /) -> tuple[Any, Any]:
     """The diagonal ``K_jj`` and the factors ``beta_j`` of K (``I + q q^T = K^T K``)."""
-    s = 1.0 + xp.cumulative_sum(q * q, include_initial=True)
+    s = 1.0 + cumulative_sum(xp, q * q, include_initial=True)
     return xp.sqrt(s[1:] / s[:-1]), q / xp.sqrt(s[1:] * s[:-1])
 
 
@@ -108,15 +114,19 @@ def panels(xp: Any, V: Any, q: Any, block: int, /) -> Iterator[tuple[int, Any]]:
     n = V.shape[0]
     dev = device(V)
     diag, beta = coefficients(xp, q)
-    # tail = the sum of q_i V_i over the rows below the panel, from the panel's column on.
-    tail = xp.zeros((0,), dtype=V.dtype, device=dev)
+    # tail = the sum of q_i V_i over the rows below the panel, from the panel's column on:
+    # zeros for the bottom panel, and not summed after the top one (at k <= block, the
+    # only panel, each array call of the edit costs more than its arithmetic).
+    tail = None
     for j0 in reversed(range(0, n, block)):
         j1 = min(j0 + block, n)
         VJ = V[j0:j1, j0:]
         qJ, bJ = q[j0:j1], beta[j0:j1]
-        tail = xp.concat([xp.zeros((j1 - j0,), dtype=V.dtype, device=dev), tail])
+        zeros = xp.zeros((j1 - j0,), dtype=V.dtype, device=dev)
+        tail = zeros if tail is None else xp.concat([zeros, tail])
         yield j0, panel_rows(diagonal_block(xp, qJ, bJ, diag[j0:j1]), VJ, bJ, tail)
-        tail = tail + qJ @ VJ
+        if j0:
+            tail = tail + qJ @ VJ
 
 
 def appended(xp: Any, c: Any, col: Any, /) -> tuple[Any, Any]:
@@ -129,7 +139,8 @@ def appended(xp: Any, c: Any, col: Any, /) -> tuple[Any, Any]:
     negative pivot would be NaN, about which NumPy warns).
     """
     pivot = c - xp.vecdot(col, col)
-    margin = pivot - PIVOT_TOL * xp.abs(c)
+    # A Python float ``c`` (a host edit's) is used as it is: the same float64 arithmetic.
+    margin = pivot - PIVOT_TOL * (abs(c) if isinstance(c, float) else xp.abs(c))
     return margin, xp.sqrt(xp.where(margin > 0, pivot, 1.0))
 
 
@@ -238,7 +249,7 @@ def replace(
         out[:p, p:n] = U[:p, p + 1 :]
         out[p:n, :p] = 0.0
     if p < n:
-        q = trailing_q(xp, solve, U, p)
+        q = trailing_q(xp, solve, U, p, writable=True)
         for j0, rows in panels(xp, U[p + 1 :, p + 1 :], q, block):
             j1 = j0 + rows.shape[0]
             out[p + j0 : p + j1, p + j0 : n] = rows
@@ -246,10 +257,14 @@ def replace(
     # Append: with the last row and column set to those of the identity, ``out``
     # is a whole triangular matrix whose solve gives the new column.
     out[:n, n] = 0.0
-    out[n, :] = xp.astype(xp.arange(k, device=dev) == n, out.dtype)
-    rhs = xp.concat([b, xp.zeros((1,), dtype=b.dtype, device=dev)])
-    col = solve(out, rhs[:, None], False, True)[:n, 0]
-    margin, corner = appended(xp, xp.asarray(c, dtype=U.dtype, device=dev), col)
+    out[n, :n] = 0.0
+    out[n, n] = 1.0
+    rhs = xp.zeros((k, 1), dtype=b.dtype, device=dev)
+    rhs[:n, 0] = b
+    col = solve(out, rhs, False, True)[:n, 0]
+    if not isinstance(c, float):
+        c = xp.asarray(c, dtype=U.dtype, device=dev)
+    margin, corner = appended(xp, c, col)
     if not deferred:
         short = float(margin)
         if not short > 0:
