@@ -316,11 +316,11 @@ def test_non_finite_entries_are_found_in_bounded_pieces(monkeypatch, tmp_path):
     infinity in row-major order wherever the pieces cut, nothing the size of G made."""
     import tracemalloc
 
-    from mfac_core import _validation
+    from mfac_core import _finite
 
     rng = np.random.default_rng(2)
     for scan in (1, 5, 7, 64, 10_000):
-        monkeypatch.setattr(_validation, "SCAN_ENTRIES", scan)
+        monkeypatch.setattr(_finite, "SCAN_ENTRIES", scan)
         for _ in range(20):
             x = rng.standard_normal((int(rng.integers(1, 9)), int(rng.integers(1, 12))))
             for _ in range(int(rng.integers(0, 4))):
@@ -329,16 +329,16 @@ def test_non_finite_entries_are_found_in_bounded_pieces(monkeypatch, tmp_path):
                 )
             rows, cols = np.nonzero(~np.isfinite(x))
             want = f"x[{rows[0]}, {cols[0] + 3}] is {x[rows[0], cols[0]]}" if rows.size else None
-            assert _validation.non_finite_entry(np, x, "x", offset=3) == want
+            assert _finite.non_finite_entry(np, x, "x", offset=3) == want
     # A memory-mapped G: read in pieces of SCAN_ENTRIES entries, never whole.
-    monkeypatch.setattr(_validation, "SCAN_ENTRIES", 4096)
+    monkeypatch.setattr(_finite, "SCAN_ENTRIES", 4096)
     G_map = np.lib.format.open_memmap(
         tmp_path / "G.npy", mode="w+", dtype=np.float32, shape=(64, 8192)
     )
     G_map[63, 8000] = np.nan
     tracemalloc.start()
     try:
-        found = _validation.non_finite_entry(np, G_map[:, 100:], "G", offset=100)
+        found = _finite.non_finite_entry(np, G_map[:, 100:], "G", offset=100)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()

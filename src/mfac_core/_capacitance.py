@@ -427,7 +427,7 @@ def factorize(
     locate : callable, optional
         Called only where the Gram is not finite (the failure path: a successful call
         reads nothing more): the first NaN or infinity of the gradients behind it, in
-        the words of ``_validation.non_finite_entry``, or None where they are finite.
+        the words of ``_finite.non_finite_entry``, or None where they are finite.
 
     Raises
     ------

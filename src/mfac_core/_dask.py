@@ -37,19 +37,12 @@ from . import _capacitance, _engine, _layout, _setup, _static
 from ._compat import Array, array_namespace, is_dask_array
 from ._deprecation import legacy_options, warn_deprecated
 from ._errors import FactorizationError
+from ._finite import non_finite_entry, non_finite_error, raise_non_finite
 from ._gform import GFormFactor
 from ._group_factors import GroupFactor
 from ._layout import BlockGroup, block_groups
 from ._static import StaticIHVP
-from ._validation import (
-    check_count,
-    check_flag,
-    check_index_array,
-    check_same_space,
-    non_finite_entry,
-    non_finite_error,
-    raise_non_finite,
-)
+from ._validation import check_count, check_flag, check_index_array, check_same_space
 
 __all__ = ["DaskStaticIHVP"]
 

@@ -23,18 +23,17 @@ from ._deprecation import (
     warn_deprecated,
 )
 from ._dynamic_factor import factorized
+from ._finite import check_finite, non_finite_entry
 from ._layout import BlockGroup, chunk_gram, pieces
 from ._operator import LinearOperator
 from ._validation import (
     check_count,
     check_damp,
-    check_finite,
     check_flag,
     check_writeable,
     compute_dtype,
     half_dtype_name,
     namespace_of,
-    non_finite_entry,
     resolved_device,
 )
 

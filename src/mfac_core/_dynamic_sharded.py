@@ -15,9 +15,10 @@ from . import _engine
 from ._compat import Array, array_namespace
 from ._compat import device as device_of
 from ._dynamic_setup import default_namespace
+from ._finite import check_finite
 from ._layout import BlockGroup, pieces
 from ._sharding import ShardLayout, dask_refusal, host_values, identity_draw, reduce_checked
-from ._validation import check_count, check_finite, namespace_of
+from ._validation import check_count, namespace_of
 from .distributed import Communicator
 
 #: Entries of the row each rank contributes when a sharded operator is built: its width,

@@ -15,6 +15,7 @@ import numpy as np
 from jax import lax
 
 from . import _capacitance, _engine
+from ._finite import non_finite_entry
 from ._jax_common import (
     check_dtype,
     check_vector,
@@ -28,7 +29,7 @@ from ._jax_common import (
     solve_upper_t,
     static_repr,
 )
-from ._validation import check_damp, non_finite_entry
+from ._validation import check_damp
 
 __all__ = ["StaticIHVP", "static_ihvp"]
 

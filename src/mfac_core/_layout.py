@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from ._compat import Array
-from ._validation import non_finite_entry, raise_non_finite
+from ._finite import non_finite_entry, raise_non_finite
 
 __all__ = [
     "BlockGroup",

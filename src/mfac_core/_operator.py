@@ -26,10 +26,10 @@ from ._compat import (
     restored_device,
     same_device,
 )
+from ._finite import check_finite
 from ._scipy_export import scipy_operator
 from ._validation import (
     check_count,
-    check_finite,
     check_flag,
     check_operand,
     check_strided,

@@ -15,6 +15,7 @@ from typing import Any
 
 from ._compat import Array, detached
 from ._compat import device as device_of
+from ._finite import non_finite_error
 from ._validation import (
     check_choice,
     check_count,
@@ -25,7 +26,6 @@ from ._validation import (
     half_dtype_name,
     is_number_list,
     namespace_of,
-    non_finite_error,
 )
 
 # -- validation ---------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from typing import Any, Protocol, runtime_checkable
 from . import _engine
 from ._compat import Array, is_dask_namespace
 from ._compat import device as device_of
+from ._finite import raise_non_finite
 from ._operator import LinearOperator
 from ._pruning_inputs import (
     check_bool,
@@ -26,13 +27,7 @@ from ._pruning_inputs import (
     check_theta,
 )
 from ._static import EmpiricalFisher
-from ._validation import (
-    check_count,
-    check_damp,
-    check_fraction,
-    check_operand,
-    raise_non_finite,
-)
+from ._validation import check_count, check_damp, check_fraction, check_operand
 
 #: Entries of ``F^{-1}`` requested from :meth:`StaticIHVP.entries` per call.
 _ENTRY_BUDGET = 2**20

@@ -31,6 +31,7 @@ from typing import Any
 from . import _capacitance, _engine, _setup
 from ._compat import Array, device
 from ._errors import FactorizationError
+from ._finite import check_finite, first_non_finite
 from ._gform import GFormFactor, whitened_pairs
 from ._layout import BlockGroup, block_groups, chunk_gram, chunks
 from ._refine import fisher_residual
@@ -39,12 +40,10 @@ from ._sharding import ShardLayout, dask_refusal, host_values, identity_draw, re
 from ._validation import (
     check_count,
     check_damp,
-    check_finite,
     check_flag,
     check_floating,
     check_index_array,
     check_operand,
-    first_non_finite,
     half_dtype_name,
 )
 from .distributed import Communicator
@@ -216,7 +215,7 @@ def agree(
 def _non_finite_entry(xp: Any, G: Array, offset: int) -> str | None:
     """``"G_local[2, 7] (global column 17) is inf"``: the shard's first NaN or infinity, or None.
 
-    Row-major, read in pieces (``_validation.first_non_finite``); ``offset`` is the first
+    Row-major, read in pieces (``_finite.first_non_finite``); ``offset`` is the first
     global column of the shard.
     """
     found = first_non_finite(xp, G)

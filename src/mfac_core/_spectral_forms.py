@@ -13,8 +13,9 @@ from typing import Any
 
 from . import _engine
 from ._compat import Array
+from ._finite import check_finite
 from ._spectral_groups import GramEigen
-from ._validation import check_count, check_finite, check_operand
+from ._validation import check_count, check_operand
 
 __all__ = ["Forms", "checked_rows", "forms_of"]
 
