@@ -351,57 +351,9 @@ class MFACPruner:
             torch, (self.num_grads, self.dim), dtype=self.dtype, device=self.device
         )
         with _modes_and_buffers_kept(self.model):
-            self._fill(G, mask, loader, loss_fn)
+            _fill(self.model, self.weights, self.dtype, G, mask, loader, loss_fn)
         # In place (no second m x d array); the pruning functions zero them again.
         return G.masked_fill_(~mask, 0)
-
-    def _fill(
-        self,
-        G: torch.Tensor,
-        mask: torch.Tensor,
-        loader: Iterable[Any],
-        loss_fn: Callable[[Any, Any], Any],
-    ) -> None:
-        """Write one gradient of the chosen weights per batch into the rows of ``G``."""
-        weights = list(self.weights.values())
-        row = 0
-        while row < self.num_grads:
-            got = False
-            for batch in loader:
-                got = True
-                inputs, targets = batch[0], batch[1]
-                with torch.enable_grad():
-                    loss = loss_fn(self.model(inputs), targets)
-                    grads = torch.autograd.grad(loss, weights, allow_unused=True)
-                offset = 0
-                for name, w, g in zip(self.weights, weights, grads, strict=True):
-                    n = w.numel()
-                    if g is None:
-                        G[row, offset : offset + n] = 0
-                    else:
-                        # A sparse gradient (nn.Embedding(sparse=True)) is dense here.
-                        g = (g.to_dense() if g.layout != torch.strided else g).reshape(-1)
-                        G[row, offset : offset + n] = g
-                        if self.dtype == torch.float16:
-                            check_float16(G[row, offset : offset + n], g, name, row)
-                    offset += n
-                check_finite_row(G[row], mask, self.weights, row)  # one sync per batch
-                row += 1
-                if row == self.num_grads:
-                    break
-            if not got and row:
-                raise ValueError(
-                    f"the data loader yielded {row} batches and then none when iterated "
-                    f"again: num_grads={self.num_grads} needs {self.num_grads}; pass a "
-                    "loader that can be iterated more than once (a list, a DataLoader) "
-                    "or a smaller num_grads"
-                )
-            if not got:
-                raise ValueError(
-                    "the data loader yielded no batches (an iterator exhausted already? "
-                    "prune() with steps > 1 iterates the loader again at every step: pass "
-                    "a list or a DataLoader)"
-                )
 
     # -- pruning --------------------------------------------------------------------------
 
@@ -574,6 +526,58 @@ class MFACPruner:
             Call ``.remove()`` on it to stop.
         """
         return optimizer.register_step_post_hook(lambda *_: self.apply_masks())
+
+
+def _fill(
+    model: nn.Module,
+    weights: dict[str, torch.Tensor],
+    dtype: torch.dtype,
+    G: torch.Tensor,
+    mask: torch.Tensor,
+    loader: Iterable[Any],
+    loss_fn: Callable[[Any, Any], Any],
+) -> None:
+    """Write one gradient of ``weights`` (by name) per batch into each row of ``G``."""
+    num_grads = int(G.shape[0])
+    params = list(weights.values())
+    row = 0
+    while row < num_grads:
+        got = False
+        for batch in loader:
+            got = True
+            inputs, targets = batch[0], batch[1]
+            with torch.enable_grad():
+                loss = loss_fn(model(inputs), targets)
+                grads = torch.autograd.grad(loss, params, allow_unused=True)
+            offset = 0
+            for name, w, g in zip(weights, params, grads, strict=True):
+                n = w.numel()
+                if g is None:
+                    G[row, offset : offset + n] = 0
+                else:
+                    # A sparse gradient (nn.Embedding(sparse=True)) is dense here.
+                    g = (g.to_dense() if g.layout != torch.strided else g).reshape(-1)
+                    G[row, offset : offset + n] = g
+                    if dtype == torch.float16:
+                        check_float16(G[row, offset : offset + n], g, name, row)
+                offset += n
+            check_finite_row(G[row], mask, weights, row)  # one sync per batch
+            row += 1
+            if row == num_grads:
+                break
+        if not got and row:
+            raise ValueError(
+                f"the data loader yielded {row} batches and then none when iterated "
+                f"again: num_grads={num_grads} needs {num_grads}; pass a "
+                "loader that can be iterated more than once (a list, a DataLoader) "
+                "or a smaller num_grads"
+            )
+        if not got:
+            raise ValueError(
+                "the data loader yielded no batches (an iterator exhausted already? "
+                "prune() with steps > 1 iterates the loader again at every step: pass "
+                "a list or a DataLoader)"
+            )
 
 
 def _write_weights(
