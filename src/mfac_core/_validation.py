@@ -336,13 +336,20 @@ def scale_factor(value: Any, what: str = "the scalar multiplying an operator") -
     Raises
     ------
     ValueError
-        If ``value`` is NaN or infinite, or an int beyond float64's range.
+        If ``value`` is NaN or infinite, or an int beyond float64's range, or a nonzero
+        value that float64 rounds to 0 (``Fraction(1, 10**400)``).
     """
     alpha = finite_or_inf(value)
     if not math.isfinite(alpha):
         raise ValueError(
             f"{what} must be finite, got {short_repr(value)}: every product of the "
             "scaled operator would be NaN or infinite"
+        )
+    if alpha == 0.0 and value != 0:
+        # As 1 / 10**400 is refused by reciprocal_factor: a zero operator nobody asked for.
+        raise ValueError(
+            f"{what}, {short_repr(value)}, is not 0 but underflows float64 to 0: every "
+            "product of the scaled operator would be 0; multiply by 0.0 if that is meant"
         )
     return alpha
 
@@ -386,6 +393,9 @@ def reciprocal_factor(divisor: Any) -> float:
         # Inverted exactly, then rounded once: Fraction(1, 10**400) is no zero divisor
         # (its float is 0.0), but a factor of 10**400 that overflows float64.
         alpha = finite_or_inf(fractions.Fraction(int(divisor.denominator), int(divisor.numerator)))
+    elif divisor != 0 and finite_or_inf(divisor) == 0.0:
+        # A nonzero divisor below float64's range (a longdouble): its inverse overflows.
+        alpha = math.inf if divisor > 0 else -math.inf
     else:
         d = scale_factor(divisor, "the divisor of an operator")
         if d == 0.0:
