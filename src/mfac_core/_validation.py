@@ -529,11 +529,13 @@ def check_damp(damp: Any, name: str = "damp", *, num_grads: int | None = None) -
         raise real_scalar_error(name, given)
     shown = short_repr(damp)
     value = finite_or_inf(damp)
-    if not math.isfinite(value) or value <= 0.0:
+    # damp itself against 0: Fraction(1, 10**400) is > 0, and float64 rounds it to 0.
+    if not math.isfinite(value) or damp <= 0:
         raise ValueError(f"{name} must be finite and > 0, got {shown}")
     if value < SMALLEST_DAMP:
+        size = "underflows float64 to 0" if value == 0.0 else "is subnormal in float64"
         raise ValueError(
-            f"{name}={shown} is subnormal in float64 (its inverse overflows); the smallest "
+            f"{name}={shown} {size} (its inverse overflows); the smallest "
             f"damping that works is {SMALLEST_DAMP!r}, float64's smallest normal number"
         )
     if num_grads is not None and value > largest_damp(num_grads):
