@@ -113,7 +113,9 @@ def _isa_code(isa: str | None) -> int:
 
 
 #: Whether this CPU runs AVX-512 as two 256-bit halves (AMD Zen 4): see :func:`_auto_isa`.
-_AVX512_HALVES = _passes is not None and bool(_passes.avx512_halves())
+#: False with an extension built before it had the test (the widest ISA then serves, as
+#: before): such a build imports, as for cast16 and store_row.
+_AVX512_HALVES = bool(getattr(_passes, "avx512_halves", lambda: False)())
 
 
 def _auto_isa(code: int, code_st: int, kk: int, *, combine: bool) -> int:
