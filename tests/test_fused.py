@@ -3,6 +3,10 @@ instruction set this CPU runs."""
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import types
+
 import numpy as np
 import pytest
 
@@ -847,3 +851,25 @@ def test_widen64_refuses_what_it_cannot_write():
     np.testing.assert_array_equal(out, 0.0)
     _fused.widen64(G, out, start=2, stop=8, threads=1)
     np.testing.assert_array_equal(out, G[:, 2:8])
+
+
+def test_an_extension_built_before_the_isa_choice_still_imports(monkeypatch):
+    # Regression: _AVX512_HALVES called _passes.avx512_halves() at import, so an extension
+    # built before it (an editable install not rebuilt) failed `import mfac_core` with an
+    # AttributeError; older kernels (cast16, store_row) are looked up, not assumed.
+    if _fused._passes is None:
+        pytest.skip("the C extension is not built")
+    older = types.SimpleNamespace(
+        **{n: getattr(_fused._passes, n) for n in dir(_fused._passes) if n != "avx512_halves"}
+    )
+    real = importlib.import_module
+    monkeypatch.setattr(
+        importlib,
+        "import_module",
+        lambda name, package=None: older if name == "._passes" else real(name, package),
+    )
+    spec = importlib.util.spec_from_file_location("_fused_older_build", _fused.__file__)
+    copy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(copy)
+    assert copy._AVX512_HALVES is False
+    assert copy._auto_isa(0, 0, 8, combine=True) == 0  # the widest ISA, as before

@@ -802,3 +802,17 @@ def test_a_huge_int_scale_is_short_and_its_reciprocal_underflows():
         F / 10**400
     x = rng.standard_normal(6)
     assert np.array_equal((F / 10**309) @ x, (1 / 10**309) * (F @ x))
+
+
+def test_a_nonzero_scale_that_underflows_is_refused_as_its_reciprocal_is():
+    # Regression: F * Fraction(1, 10**400) was silently the zero operator, while
+    # F / 10**400, the same factor, is refused as underflowing to 0.
+    F = EmpiricalFisher(np.random.default_rng(0).standard_normal((3, 6)), damp=0.5)
+    for scale in (Fraction(1, 10**400), Fraction(-1, 10**400), np.longdouble(2) ** -1100):
+        for scaled in (lambda s: F * s, lambda s: s * F):
+            with pytest.raises(ValueError, match=r"is not 0 but underflows float64 to 0"):
+                scaled(scale)
+    with pytest.raises(ValueError, match=r"^1 / .* must be finite, got -inf"):
+        F / -(np.longdouble(2) ** -1100)  # its inverse overflows: not 'a product of 0'
+    assert np.array_equal((F * 0.0).todense(), np.zeros((6, 6)))  # a zero asked for
+    assert np.array_equal((F * Fraction(0)).todense(), np.zeros((6, 6)))

@@ -331,6 +331,21 @@ def test_to_numpy_refuses_what_is_not_numbers():
             assert_close(np.ones(2, dtype=np.longdouble), np.ones(2))
 
 
+def test_to_numpy_takes_pythons_own_real_numbers_that_numpy_holds_as_objects():
+    # Regression: refusing object arrays (None became NaN) refused these too, which
+    # were converted exactly before: an int beyond int64 and a Fraction.
+    from fractions import Fraction
+
+    big = 2**70
+    assert to_numpy(big) == float(big) and to_numpy(big).dtype == np.float64
+    got = to_numpy([Fraction(1, 3), big, 2])
+    assert got.dtype == np.float64 and got.tolist() == [1 / 3, float(big), 2.0]
+    assert_close(np.array([1.0, float(big)]), [1, big], kappa=1)
+    for bad in ([Fraction(1, 3), None], [True, Fraction(1, 2)]):
+        with pytest.raises(TypeError, match="expected an array of numbers"):
+            to_numpy(bad)
+
+
 def test_to_numpy_numpy_is_as_is_and_casts_integers():
     a = np.ones(3)
     assert to_numpy(a) is a

@@ -134,6 +134,13 @@ def test_subnormal_damp_is_refused_naming_the_smallest_that_works(damp):
     assert np.all(np.isfinite(op.diagonal()))
 
 
+@pytest.mark.parametrize("damp", [Fraction(1, 10**400), np.longdouble(2) ** -1100])
+def test_a_positive_damp_that_underflows_is_not_said_to_be_nonpositive(damp):
+    # Regression: Fraction(1, 10**400) > 0 was refused as "must be finite and > 0".
+    with pytest.raises(ValueError, match=r"underflows float64 to 0.*2\.2250738585072014e-308"):
+        StaticIHVP(G, damp=damp)
+
+
 def test_a_damping_whose_shift_overflows_is_refused_naming_the_largest_that_works():
     # Regression: m * damp (the capacitance matrix's shift) beyond float64's range was
     # accepted and gave NaN products (StaticIHVP, DynamicIHVP) or silently dropped the

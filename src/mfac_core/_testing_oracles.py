@@ -9,6 +9,7 @@ are the conversions the other oracles (``_testing_paper``) share.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -51,7 +52,7 @@ def to_numpy(x: Any) -> np.ndarray:
     TypeError
         If ``x`` is not numeric (``None``, strings, objects).
     """
-    out = _on_host(x)
+    out = _on_host(x, reals=True)
     if out.dtype == np.float16:
         out = out.astype(np.float32)
     elif not np.issubdtype(out.dtype, np.inexact):
@@ -59,9 +60,11 @@ def to_numpy(x: Any) -> np.ndarray:
     return out
 
 
-def _on_host(x: Any) -> np.ndarray:
+def _on_host(x: Any, *, reals: bool = False) -> np.ndarray:
     # ``x`` as a NumPy array of its own dtype, for to_numpy and index_numpy (PyTorch's
-    # 2-byte floats become float32: NumPy has no bfloat16).
+    # 2-byte floats become float32: NumPy has no bfloat16). With ``reals``, Python's own
+    # real numbers that NumPy holds as objects (an int beyond int64, a Fraction) become
+    # float64, as they did before object arrays were refused.
     if isinstance(x, np.ndarray | np.generic | float | int | list | tuple):
         out = np.asarray(x)
     else:
@@ -82,6 +85,13 @@ def _on_host(x: Any) -> np.ndarray:
             out = np.asarray(x.to_device(array_api_strict.Device("CPU_DEVICE")))
         else:  # NumPy, JAX and anything with __array__ or the buffer protocol
             out = np.asarray(x)
+    if (
+        reals
+        and out.dtype == object
+        and out.size
+        and all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in out.flat)
+    ):
+        out = out.astype(np.float64)
     if out.dtype.kind not in "biufc":
         # None, a string or a ragged list: an object array became NaN as float64 (and
         # assert_close(None, None) said "desired holds NaN").

@@ -228,13 +228,20 @@ def scale_factor(value: Any, what: str = "the scalar multiplying an operator") -
     Raises
     ------
     ValueError
-        If ``value`` is NaN or infinite, or an int beyond float64's range.
+        If ``value`` is NaN or infinite, or an int beyond float64's range, or a nonzero
+        value that float64 rounds to 0 (``Fraction(1, 10**400)``).
     """
     alpha = finite_or_inf(value)
     if not math.isfinite(alpha):
         raise ValueError(
             f"{what} must be finite, got {short_repr(value)}: every product of the "
             "scaled operator would be NaN or infinite"
+        )
+    if alpha == 0.0 and value != 0:
+        # As 1 / 10**400 is refused by reciprocal_factor: a zero operator nobody asked for.
+        raise ValueError(
+            f"{what}, {short_repr(value)}, is not 0 but underflows float64 to 0: every "
+            "product of the scaled operator would be 0; multiply by 0.0 if that is meant"
         )
     return alpha
 
@@ -278,6 +285,9 @@ def reciprocal_factor(divisor: Any) -> float:
         # Inverted exactly, then rounded once: Fraction(1, 10**400) is no zero divisor
         # (its float is 0.0), but a factor of 10**400 that overflows float64.
         alpha = finite_or_inf(fractions.Fraction(int(divisor.denominator), int(divisor.numerator)))
+    elif divisor != 0 and finite_or_inf(divisor) == 0.0:
+        # A nonzero divisor below float64's range (a longdouble): its inverse overflows.
+        alpha = math.inf if divisor > 0 else -math.inf
     else:
         d = scale_factor(divisor, "the divisor of an operator")
         if d == 0.0:
@@ -411,11 +421,13 @@ def check_damp(damp: Any, name: str = "damp", *, num_grads: int | None = None) -
         raise real_scalar_error(name, given)
     shown = short_repr(damp)
     value = finite_or_inf(damp)
-    if not math.isfinite(value) or value <= 0.0:
+    # damp itself against 0: Fraction(1, 10**400) is > 0, and float64 rounds it to 0.
+    if not math.isfinite(value) or damp <= 0:
         raise ValueError(f"{name} must be finite and > 0, got {shown}")
     if value < SMALLEST_DAMP:
+        size = "underflows float64 to 0" if value == 0.0 else "is subnormal in float64"
         raise ValueError(
-            f"{name}={shown} is subnormal in float64 (its inverse overflows); the smallest "
+            f"{name}={shown} {size} (its inverse overflows); the smallest "
             f"damping that works is {SMALLEST_DAMP!r}, float64's smallest normal number"
         )
     if num_grads is not None and value > largest_damp(num_grads):

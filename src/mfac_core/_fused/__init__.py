@@ -113,7 +113,9 @@ def _isa_code(isa: str | None) -> int:
 
 
 #: Whether this CPU runs AVX-512 as two 256-bit halves (AMD Zen 4): see :func:`_auto_isa`.
-_AVX512_HALVES = _passes is not None and bool(_passes.avx512_halves())
+#: False with an extension built before it had the test (the widest ISA then serves, as
+#: before): such a build imports, as for cast16 and store_row.
+_AVX512_HALVES = bool(getattr(_passes, "avx512_halves", lambda: False)())
 
 
 def _auto_isa(code: int, code_st: int, kk: int, *, combine: bool) -> int:
@@ -122,9 +124,10 @@ def _auto_isa(code: int, code_st: int, kk: int, *, combine: bool) -> int:
     That is the widest the CPU has, except on a core that runs AVX-512 as two 256-bit halves
     (:data:`_AVX512_HALVES`). There the 512-bit registers add no FMAs, and the AVX2 kernels
     are faster where FMAs rather than memory set the pace: :func:`combine64` with two or more
-    rows of coefficients over float32 or float64 rows (1.08-1.2x faster) and
-    :func:`project64` with four or more vectors over 2-byte rows (1.13-1.19x; one Zen 4 core,
-    benchmarks/RESULTS.md). Either ISA sums in float64; they may round differently.
+    rows of coefficients over float32 rows (1.08-1.17x faster) or float64 rows (1.00-1.03x at
+    2 and 4 rows, 1.21x at 8) and :func:`project64` with four or more vectors over 2-byte rows
+    (1.13-1.22x; one Zen 4 core, benchmarks/results/isa_choice-cpu-zen4-2026-12-06.txt).
+    Either ISA sums in float64; they may round differently.
     """
     if code != 0 or not _AVX512_HALVES:
         return code
