@@ -610,8 +610,6 @@ class SpectralOracle:
             If ``rows`` and ``cols`` have different shapes.
         IndexError
             For an index outside ``[0, d)`` (a negative one included).
-        TypeError
-            For indices of a dtype that is not an integer one (``0.5``, ``1.0``, ``True``).
         """
         r = index_numpy(rows, "rows", self.dim)
         c = index_numpy(cols, "cols", self.dim)
