@@ -242,9 +242,9 @@ def check_weights_current(model: nn.Module, weights: Mapping[str, torch.Tensor])
     """
     modules = dict(model.named_modules())
     for name, w in weights.items():
-        module = modules.get(name)
-        current = None if module is None else dict(module.named_parameters(recurse=False))
-        if current is None or current.get("weight") is not w:
+        # The attribute, not a dict of the layer's parameters (per call of apply_masks):
+        # a parametrization added since computes it, and is refused as a replacement too.
+        if getattr(modules.get(name), "weight", None) is not w:
             raise ValueError(
                 f"the weight of layer {name!r} is no longer the parameter this MFACPruner was "
                 "built with (the parameter or the layer was replaced, e.g. by "
