@@ -533,7 +533,9 @@ def project64(
     G's items are converted to float64 as they are loaded; every product and sum is in
     float64. One read of G serves up to 8 vectors (groups of 8 past that). The partial
     sums of the column pieces are added in their order: the result does not depend on
-    the threads or their timing.
+    the threads or their timing. It may depend, in the last bits, on how many vectors
+    share the call where :func:`_auto_isa` picks another instruction set for larger
+    groups (2-byte rows on a core with split AVX-512 units): both sum in float64.
     """
     G, m, ld, code_st = _check64(G, start, stop, storage)
     n = stop - start
