@@ -395,7 +395,7 @@ def test_a_scipy_operator_operand_is_refused_with_the_way_to_compose_it(rng):
     other = scipy_linalg.aslinearoperator(np.eye(6))
     calls = [
         ("A @ S", lambda: F @ other),
-        ("A @ S", lambda: F * other),
+        ("A * S", lambda: F * other),
         ("A @ S", lambda: F.dot(other)),
         ("A + S", lambda: F + other),
         ("S + A", lambda: other + F),
@@ -410,6 +410,22 @@ def test_a_scipy_operator_operand_is_refused_with_the_way_to_compose_it(rng):
     assert_close((F.to_scipy() @ other) @ x, F @ x)
     assert_close((F.to_scipy() + other) @ x, F @ x + x)
     assert_close((other - F.to_scipy()) @ x, x - F @ x)
+    # A SciPy sparse matrix: the same, wrapped by aslinearoperator (Python's bare
+    # "unsupported operand" for A + M, "expected an array" for A @ M before).
+    sparse = pytest.importorskip("scipy.sparse")
+    M = sparse.eye(6, format="csr")
+    for expression, call in [
+        ("A + S", lambda: F + M),
+        ("A - S", lambda: F - M),
+        ("A @ S", lambda: F @ M),
+        ("A * S", lambda: F * M),
+    ]:
+        scipy_form = expression.replace("S", "aslinearoperator(S)").replace("A", "A.to_scipy()")
+        with pytest.raises(TypeError, match=rf"^{re.escape(expression)} with S a csr_matrix, a "):
+            call()
+        with pytest.raises(TypeError, match=re.escape(scipy_form)):
+            call()
+    assert_close((F.to_scipy() + scipy_linalg.aslinearoperator(M)) @ x, F @ x + x)
     # Anything else still gets Python's own refusal (or its own reflected operator).
     with pytest.raises(TypeError, match="unsupported operand"):
         F + "S"

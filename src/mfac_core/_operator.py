@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import importlib
 import numbers
+import sys
 from typing import Any
 
 from ._compat import (
@@ -387,6 +388,7 @@ class LinearOperator:
         return NotImplemented
 
     def __mul__(self, other: Any) -> Any:
+        _raise_if_foreign_operator("A * S", other)
         return self.dot(other)
 
     def __rmul__(self, other: Any) -> Any:
@@ -554,13 +556,19 @@ def _foreign_operator_error(expression: str, other: Any) -> TypeError | None:
     """
     if isinstance(other, LinearOperator) or is_array_api_obj(other):
         return None
-    if not (hasattr(other, "matvec") and hasattr(other, "shape")):
+    # A SciPy sparse matrix or array (only where SciPy's sparse module is loaded: no import).
+    sparse = sys.modules.get("scipy.sparse")
+    if sparse is not None and sparse.issparse(other):
+        kind, scipy_form = "a SciPy sparse matrix", expression.replace("S", "aslinearoperator(S)")
+    elif hasattr(other, "matvec") and hasattr(other, "shape"):
+        kind, scipy_form = "another library's operator", expression
+    else:
         return None
-    scipy_form = expression.replace("A", "A.to_scipy()")
+    scipy_form = scipy_form.replace("A", "A.to_scipy()", 1)
     return TypeError(
-        f"{expression} with S a {type(other).__name__}, another library's operator: "
-        "mfac_core operators combine only with their own; export A to SciPy first: "
-        f"{scipy_form} is a scipy.sparse.linalg.LinearOperator (A must be NumPy-backed)"
+        f"{expression} with S a {type(other).__name__}, {kind}: mfac_core operators "
+        f"combine only with their own; export A to SciPy first: {scipy_form} is a "
+        "scipy.sparse.linalg.LinearOperator (A must be NumPy-backed)"
     )
 
 
