@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from . import _engine, _fused
-from ._compat import Array, is_torch_namespace
+from ._compat import Array, is_finite_array, is_torch_namespace
 
 __all__ = ["all_finite", "copied", "host_row_views", "rehomed", "store_row", "zeros"]
 
@@ -117,10 +117,13 @@ def all_finite(xp: Any, s: Array) -> Array:
     A float32 host vector is read once by the extension on this thread (``max |s|`` is
     finite exactly when every item is), not by PyTorch's intra-op threads.
     """
-    view = None if _engine.is_accelerator(xp, s) else _engine.vector_view(xp, s)
+    if _engine.is_accelerator(xp, s):
+        return xp.all(xp.isfinite(s))  # no host sync here: the caller's one transfer reads it
+    view = _engine.vector_view(xp, s)
     if view is not None and view.dtype == np.float32 and view.ndim == 1:
         if view.flags.c_contiguous and view.flags.aligned and _fused.stores(None):
             biggest = _fused.store_row(view)
             if biggest is not None:
                 return xp.asarray(bool(np.isfinite(biggest)))
-    return xp.all(xp.isfinite(s))
+    # A host array is read now anyway: the shared check (one reduction for a torch tensor).
+    return xp.asarray(is_finite_array(xp, s))
