@@ -713,8 +713,9 @@ def test_the_automatic_isa_is_the_widest_except_fma_bound_calls_on_split_avx512(
                 for code in _fused.ISAS.values():
                     assert _fused._auto_isa(code, st, kk, combine=combine) == code
     for kk in range(1, 9):
+        assert _fused._auto_isa(0, F32, kk, combine=True) == (avx2 if kk > 4 else 0)
+        assert _fused._auto_isa(0, F64, kk, combine=True) == 0
         for st in (F32, F64):
-            assert _fused._auto_isa(0, st, kk, combine=True) == (avx2 if kk >= 2 else 0)
             assert _fused._auto_isa(0, st, kk, combine=False) == 0
         for st in (F16, BF16):
             assert _fused._auto_isa(0, st, kk, combine=True) == 0

@@ -123,15 +123,18 @@ def _auto_isa(code: int, code_st: int, kk: int, *, combine: bool) -> int:
 
     That is the widest the CPU has, except on a core that runs AVX-512 as two 256-bit halves
     (:data:`_AVX512_HALVES`). There the 512-bit registers add no FMAs, and the AVX2 kernels
-    are faster where FMAs rather than memory set the pace: :func:`combine64` with two or more
-    rows of coefficients over float32 rows (1.08-1.17x faster) or float64 rows (1.00-1.03x at
-    2 and 4 rows, 1.21x at 8) and :func:`project64` with four or more vectors over 2-byte rows
-    (1.13-1.22x; one Zen 4 core, benchmarks/results/isa_choice-cpu-zen4-2026-12-06.txt).
+    are faster where FMAs rather than memory set the pace: :func:`combine64` with more than
+    four rows of coefficients over float32 rows (1.04-1.1x faster at eight) and
+    :func:`project64` with four or more vectors over 2-byte rows (1.13-1.22x; one Zen 4 core,
+    benchmarks/results/isa_choice-cpu-zen4-2026-12-06.txt and
+    combine_prefetch-cpu-zen4-2026-12-06.txt). Since combine64 fetches rows it reads in place
+    into L2, fewer rows over float32 rows, and float64 rows, run as fast in either ISA
+    (within 0.93-1.07x).
     Either ISA sums in float64; they may round differently.
     """
     if code != 0 or not _AVX512_HALVES:
         return code
-    fma_bound = kk >= 2 and code_st <= 1 if combine else kk >= 4 and code_st >= 2
+    fma_bound = kk > 4 and code_st == 0 if combine else kk >= 4 and code_st >= 2
     return ISAS["avx2"] if fma_bound else code
 
 

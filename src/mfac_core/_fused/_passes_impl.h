@@ -513,12 +513,26 @@ ISA_ATTR static void NAME(stage64_f16)(const uint16_t *V, Py_ssize_t ld, Py_ssiz
    at Vn + r ld) is fetched into the cache: spread over the tiles, the fetches keep few misses in
    flight at a time, and the tiles' FMAs leave them time to arrive. Without them the staging
    waited for memory, half the time of eight dampings: the panels' rows, 16 short runs, were not
-   fetched ahead by the hardware. */
+   fetched ahead by the hardware. Rows that the tiles read in place go into L2 only
+   (prefetcht1) where they are float64 or where one group of dampings reads them: the tiles'
+   loads then wait on L2, which the out-of-order core covers, and a piece of float64 rows
+   (12 KiB) and the next one fetched into L1 evicted each other and the sums (eight dampings
+   over float64 rows took 1.6x as long, two 1.9x; two to four over float32 rows 1.07-1.1x).
+   Where a second group reads the float32 rows again (more than NKR dampings), and where the
+   rows are staged (copied from the cache), L1 is the faster (AVX2, six and eight dampings
+   over float32 rows: 1.02-1.1x; eight over 2-byte rows: 1.2x). One Zen 4 core, m = 64,
+   benchmarks/results/combine_prefetch-cpu-zen4-2026-12-06.txt. */
 #define C64_FETCH_NEXT()                                                                    \
     do {                                                                                    \
-        for (; pf_row < nrows && pf_row * ntiles < (tile + 1) * nrows; pf_row++)            \
-            for (Py_ssize_t jp = 0; jp < nw; jp += 64 / (Py_ssize_t)sizeof(*Vn))            \
-                __builtin_prefetch(Vn + pf_row * ld + jp, 0, 3);                            \
+        for (; pf_row < nrows && pf_row * ntiles < (tile + 1) * nrows; pf_row++) {          \
+            __typeof__(Vn) pv = Vn + pf_row * ld;                                             \
+            if (pf_l2)                                                                      \
+                for (Py_ssize_t jp = 0; jp < nw; jp += 64 / (Py_ssize_t)sizeof(*Vn))        \
+                    __builtin_prefetch(pv + jp, 0, 2);                                      \
+            else                                                                            \
+                for (Py_ssize_t jp = 0; jp < nw; jp += 64 / (Py_ssize_t)sizeof(*Vn))        \
+                    __builtin_prefetch(pv + jp, 0, 3);                                      \
+        }                                                                                   \
         tile++;                                                                             \
     } while (0)
 
@@ -599,6 +613,7 @@ ISA_ATTR static void NAME(stage64_f16)(const uint16_t *V, Py_ssize_t ld, Py_ssiz
                 const Py_ssize_t ntiles = (kk + C64_NKR - 1) / C64_NKR                      \
                                           * (w / (3 * lanes) + w % (3 * lanes) / lanes);    \
                 Py_ssize_t tile = 0, pf_row = 0;                                            \
+                const int pf_l2 = direct && (sizeof(S) == 8 || kk <= C64_NKR);              \
                 C64_PANEL(T, LOADT);                                                        \
             }                                                                               \
         }                                                                                   \
