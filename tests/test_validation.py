@@ -11,6 +11,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
+import mfac_core
 from mfac_core import (
     DynamicIHVP,
     EmpiricalFisher,
@@ -630,3 +631,25 @@ def test_huge_fractions_are_shown_by_size_and_inverted_exactly():
         assert len(str(info.value)) < 100
     with pytest.raises(ValueError, match=r"got an int of 5001 digits \(-1\.000e\+5000\)"):
         check_count(-(10**5000), "block_size")
+
+
+def test_meta_tensors_and_the_meta_device_are_refused_at_the_door():
+    # A meta tensor has a shape but no values: the operators failed deep inside
+    # (".item() cannot be called on meta tensors") or built a window that no update could
+    # fill ("Cannot copy out of meta tensor").
+    torch = pytest.importorskip("torch")
+    xp = mfac_core._compat.array_namespace(torch.ones(1))
+    meta = torch.empty((4, 10), device="meta")
+    for make in (StaticIHVP, SpectralIHVP, EmpiricalFisher):
+        with pytest.raises(ValueError, match="G is a PyTorch tensor on the meta device"):
+            make(meta, damp=1e-3)
+    for dev in ("meta", torch.device("meta")):
+        with pytest.raises(ValueError, match="PyTorch's meta device"):
+            DynamicIHVP(4, 10, damp=1e-3, xp=xp, dtype="float32", device=dev)
+    A = StaticIHVP(torch.ones((4, 10)), damp=1e-3)
+    with pytest.raises(ValueError, match="x is a PyTorch tensor on the meta device"):
+        A.matvec(torch.ones(10, device="meta"))
+    W = DynamicIHVP(4, 10, damp=1e-3, xp=xp, dtype="float32")
+    with pytest.raises(ValueError, match="g is a PyTorch tensor on the meta device"):
+        W.update(torch.ones(10, device="meta"))
+    assert len(W) == 0

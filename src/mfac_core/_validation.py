@@ -110,6 +110,14 @@ def compute_dtype(xp: Any, G: Array) -> Any:
     return xp.empty(0, dtype=xp.float32, device=device(G)).dtype
 
 
+# PyTorch's meta tensors have shapes and dtypes but no values: every product would fail deep
+# inside (".item() cannot be called on meta tensors", "Cannot copy out of meta tensor").
+_META_HOLDS_NOTHING = (
+    "which holds shapes but no values; the operators compute with the values: use a "
+    "device with storage ('cpu', 'cuda', ...)"
+)
+
+
 def namespace_of(x: Array, name: str) -> Any:
     """The array namespace of ``x``, or a ``TypeError`` naming the argument."""
     # NumPy's functions would read the masked entries' values (or fail deep inside on the
@@ -128,6 +136,8 @@ def namespace_of(x: Array, name: str) -> Any:
             f"array-api-strict), got {type(x).__name__}"
         )
     check_strided(x, name)
+    if getattr(x, "is_meta", False) is True:
+        raise ValueError(f"{name} is a PyTorch tensor on the meta device, {_META_HOLDS_NOTHING}")
     return array_namespace(x)
 
 
@@ -586,6 +596,8 @@ def resolved_device(xp: Any, dev: Any) -> Any:
         If ``xp`` has no device of that name (or refuses ``dev``).
     """
     if dev is not None and not isinstance(dev, str):
+        if is_torch_namespace(xp) and getattr(dev, "type", None) == "meta":
+            raise ValueError(f"device {dev!r} is PyTorch's meta device, {_META_HOLDS_NOTHING}")
         return canonical_device(dev)
     if is_jax_namespace(xp):
         return _jax_device(dev)
@@ -593,6 +605,8 @@ def resolved_device(xp: Any, dev: Any) -> Any:
         made = xp.empty((0,), device=dev)
     except (TypeError, ValueError, RuntimeError) as e:
         raise ValueError(f"device {dev!r} is not a {namespace_name(xp)} device: {e}") from None
+    if getattr(made, "is_meta", False) is True:
+        raise ValueError(f"device {dev!r} is PyTorch's meta device, {_META_HOLDS_NOTHING}")
     return canonical_device(device(made))
 
 
