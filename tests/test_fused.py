@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import itertools
 import types
 
 import numpy as np
@@ -502,7 +503,7 @@ def test_pieces_cover_the_columns_and_end_in_quarters(m, n):
     # finishes first waits for a quarter piece at most; the pieces are the shape's alone.
     pieces = _fused._pieces(m, n)
     assert pieces[0][0] == 0 and pieces[-1][1] == n
-    assert all(a[1] == b[0] for a, b in zip(pieces, pieces[1:]))
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(pieces))
     assert all(lo % _fused._ALIGN == 0 and hi > lo for lo, hi in pieces)
     width = max(hi - lo for lo, hi in pieces[:-1]) if len(pieces) > 1 else pieces[0][1]
     assert width * m <= _fused._PIECE_WORK + m * _fused._ALIGN
