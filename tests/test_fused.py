@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import itertools
 import types
 
 import numpy as np
@@ -492,6 +493,24 @@ def test_project64_sums_a_cancelling_product_in_float64(rng):
         assert np.all(np.abs(y - exact) <= (n + 2) * EPS64 * mag), isa
         assert np.all(np.abs(y - exact) <= 1e-6 * np.abs(exact)), isa
     assert np.median(np.abs((G @ x).astype(np.float64) - exact) / np.abs(exact)) > 1e-4
+
+
+@pytest.mark.parametrize(
+    ("m", "n"), [(64, 10**6), (256, 10**6), (64, 10**5), (3, 70_000), (8, 1_000)]
+)
+def test_pieces_cover_the_columns_and_end_in_quarters(m, n):
+    # The last two pieces' worth of columns go in quarter pieces, so that a thread that
+    # finishes first waits for a quarter piece at most; the pieces are the shape's alone.
+    pieces = _fused._pieces(m, n)
+    assert pieces[0][0] == 0 and pieces[-1][1] == n
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(pieces))
+    assert all(lo % _fused._ALIGN == 0 and hi > lo for lo, hi in pieces)
+    width = max(hi - lo for lo, hi in pieces[:-1]) if len(pieces) > 1 else pieces[0][1]
+    assert width * m <= _fused._PIECE_WORK + m * _fused._ALIGN
+    tail = [hi - lo for lo, hi in pieces if lo >= n - 2 * width]
+    if n > width:
+        assert max(tail) <= max(_fused._ALIGN, width // 4) and len(tail) >= 4
+    assert _fused._pieces(m, n) == pieces
 
 
 @pytest.mark.parametrize("storage", ["float32", "float16", "bfloat16-bits"])
