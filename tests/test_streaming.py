@@ -14,6 +14,7 @@ import gc
 import pickle
 import random
 import threading
+import types
 from collections import deque
 
 import numpy as np
@@ -186,12 +187,25 @@ def test_streamed_refusals(rng):
         StaticIHVP.streamed(G[:, :3], damp=1.0, device="cpu")  # d <= m: dense, nothing to stream
     with pytest.raises(ValueError, match="2-byte"):
         StaticIHVP.streamed(G.half(), damp=1.0, device="cpu")
+    # A meta G (no values) is refused at the door, before anything of streaming.
+    with pytest.raises(ValueError, match="G is a PyTorch tensor on the meta device"):
+        StaticIHVP.streamed(
+            torch.empty(4, 30, dtype=torch.float64, device="meta"), damp=1.0, device="cpu"
+        )
     # G (not W, which no operator stores any more) is what streams from host memory.
+    off_host = types.SimpleNamespace(device=torch.device("meta"))
     with pytest.raises(
         ValueError, match=r"StaticIHVP\.streamed streams G from host memory, but G is on meta"
     ):
-        StaticIHVP.streamed(
-            torch.empty(4, 30, dtype=torch.float64, device="meta"), damp=1.0, device="cpu"
+        mfac_core._streaming.check_stream_to(
+            mfac_core._compat.array_namespace(G),
+            off_host,
+            "cpu",
+            full=True,
+            half=False,
+            overwrite_G=False,
+            out=None,
+            refine=0,
         )
 
 
