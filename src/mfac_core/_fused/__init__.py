@@ -125,16 +125,17 @@ def _auto_isa(code: int, code_st: int, kk: int, *, combine: bool) -> int:
     (:data:`_AVX512_HALVES`). There the 512-bit registers add no FMAs, and the AVX2 kernels
     are faster where FMAs rather than memory set the pace: :func:`combine64` with more than
     four rows of coefficients over float32 rows (1.04-1.1x faster at eight) and
-    :func:`project64` with four or more vectors over 2-byte rows (1.13-1.22x; one Zen 4 core,
-    benchmarks/results/isa_choice-cpu-zen4-2026-12-06.txt and
-    combine_prefetch-cpu-zen4-2026-12-06.txt). Since combine64 fetches rows it reads in place
+    :func:`project64` over 2-byte rows with one vector (bfloat16 1.07-1.1x, float16 1.0-1.03x),
+    three (1.04-1.1x) or more (1.13-1.22x); with two, the AVX-512 kernel is 1.2x the faster.
+    One Zen 4 core: benchmarks/results/isa_choice-cpu-zen4-2026-12-06.txt and
+    combine_prefetch-cpu-zen4-2026-12-06.txt. Since combine64 fetches rows it reads in place
     into L2, fewer rows over float32 rows, and float64 rows, run as fast in either ISA
     (within 0.93-1.07x).
     Either ISA sums in float64; they may round differently.
     """
     if code != 0 or not _AVX512_HALVES:
         return code
-    fma_bound = kk > 4 and code_st == 0 if combine else kk >= 4 and code_st >= 2
+    fma_bound = kk > 4 and code_st == 0 if combine else kk != 2 and code_st >= 2
     return ISAS["avx2"] if fma_bound else code
 
 
@@ -546,8 +547,8 @@ def project64(
     float64. One read of G serves up to 8 vectors (groups of 8 past that). The partial
     sums of the column pieces are added in their order: the result does not depend on
     the threads or their timing. It may depend, in the last bits, on how many vectors
-    share the call where :func:`_auto_isa` picks another instruction set for larger
-    groups (2-byte rows on a core with split AVX-512 units): both sum in float64.
+    share the call where :func:`_auto_isa` picks the instruction set by the group's size
+    (2-byte rows on a core with split AVX-512 units): both sum in float64.
     """
     G, m, ld, code_st = _check64(G, start, stop, storage)
     n = stop - start
