@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import warnings
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -241,6 +242,27 @@ def test_a_parameter_without_gradient_only_decays_its_momentum():
     assert torch.equal(after[2:], 0.5 * buf[2:])  # pure decay, no entries of s
     assert torch.equal(b, b_before)  # not moved
     assert not torch.equal(a, a_before)
+
+
+@pytest.mark.parametrize("how", ["clear", "reassign"])
+def test_a_cleared_state_starts_afresh_as_for_torchs_optimizers(how):
+    # opt.state.clear() (or a new defaultdict) is how a torch optimizer is reset: Adam
+    # rebuilds its state at the next step. MFAC raised KeyError('momentum_buffer') from
+    # the step, after the window had taken the gradient, and from steps and state_dict().
+    model, opt = trained(steps=4)
+    if how == "clear":
+        opt.state.clear()
+    else:
+        opt.state = defaultdict(dict)
+    fresh_model = copy.deepcopy(model)
+    fresh = MFAC(fresh_model.parameters(), lr=0.1, num_grads=3, damp=1e-2, momentum=0.5)
+    assert (opt.steps, opt.skipped_steps, opt.rejected_grads) == (0, 0, 0)
+    assert_continue_alike(model, opt, fresh_model, fresh)
+    same(everything(opt), everything(fresh))
+    # add_param_group on a cleared state grows the fresh one.
+    opt.state.clear()
+    opt.add_param_group({"params": [nn.Parameter(torch.ones(2))]})
+    assert opt.steps == 0 and opt.dim == fresh.dim + 2
 
 
 # -- learning rates and dtypes --------------------------------------------------------------

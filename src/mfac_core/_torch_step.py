@@ -16,6 +16,7 @@ from ._dynamic_window import update_and_matvec_finite
 from ._errors import FactorizationError
 from ._torch_distributed import all_gather, dtensor_class, local
 from ._torch_sparse import check_layouts
+from ._torch_state import live_entry
 
 
 class Unstorable(Exception):
@@ -26,6 +27,7 @@ def step(opt: Any) -> None:
     """The step itself, after the closure."""
     if all(p.grad is None for group in opt.param_groups for p in group["params"]):
         return  # nothing to step with: no window insert, no momentum decay, no count
+    live_entry(opt)  # a state cleared by the user starts afresh before the window takes g
     g = gather(opt)
     if opt._comm is not None:
         distributed_step(opt, g)

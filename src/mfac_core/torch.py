@@ -39,6 +39,7 @@ from ._torch_state import (
     check_lr,
     check_new_group,
     fresh_entry,
+    live_entry,
     load_state,
     outside_inference,
     pickled,
@@ -341,7 +342,7 @@ class MFAC(torch.optim.Optimizer):
     @property
     def _entry(self) -> dict[str, Any]:
         """The optimizer's state entry (``self.state`` of its holding parameter)."""
-        return self.state[self._first]
+        return live_entry(self)
 
     @property
     def steps(self) -> int:
