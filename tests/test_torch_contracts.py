@@ -265,6 +265,30 @@ def test_a_cleared_state_starts_afresh_as_for_torchs_optimizers(how):
     assert opt.steps == 0 and opt.dim == fresh.dim + 2
 
 
+@pytest.mark.parametrize(
+    ("key", "value"), [("lr", None), ("momentum", "0.9"), ("weight_decay", None)]
+)
+def test_a_group_option_edited_into_a_non_number_is_refused_before_the_step(key, value):
+    # A None lr failed with "bad operand type for unary -: 'NoneType'" in the middle of the
+    # parameters' move, after the window had taken the gradient and the first group's
+    # parameters had moved; a None momentum or weight decay was taken for zero.
+    model, opt = trained(steps=3)
+    opt.add_param_group({"params": [nn.Parameter(torch.ones(2))]})
+    opt.param_groups[1][key] = value
+    for p in (*model.parameters(), opt.param_groups[1]["params"][0]):
+        p.grad = torch.ones_like(p)
+    before = everything(opt)
+    params = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(TypeError, match=rf"^MFAC: {key} of parameter group 1 is {value!r}: "):
+        opt.step()
+    same(everything(opt), before)
+    for p, q in zip(model.parameters(), params, strict=True):
+        assert torch.equal(p, q)
+    del opt.param_groups[1][key]
+    with pytest.raises(TypeError, match=f"{key} of parameter group 1 is missing"):
+        opt.step()
+
+
 # -- learning rates and dtypes --------------------------------------------------------------
 
 

@@ -7,6 +7,7 @@ public.
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import torch
@@ -16,7 +17,8 @@ from ._dynamic_window import update_and_matvec_finite
 from ._errors import FactorizationError
 from ._torch_distributed import all_gather, dtensor_class, local
 from ._torch_sparse import check_layouts
-from ._torch_state import live_entry
+from ._torch_state import GROUP_KEYS, live_entry
+from ._validation import short_repr
 
 
 class Unstorable(Exception):
@@ -259,6 +261,28 @@ def check_params(opt: Any) -> None:
                 )
 
 
+def check_options(opt: Any) -> None:
+    """Refuse a group option edited into what a step cannot use, before anything changes.
+
+    Only types are read (a tensor ``lr``'s value would cost a device sync per step): a
+    ``None`` or a string failed in the middle of the parameters' move, after the window
+    had taken the gradient, with Python's bare "bad operand type" (a ``None`` momentum or
+    weight decay was taken for zero).
+    """
+    for j, group in enumerate(opt.param_groups):
+        for key in GROUP_KEYS:
+            value = group.get(key)
+            if isinstance(value, torch.Tensor) and value.numel() == 1:
+                continue
+            if isinstance(value, numbers.Real):
+                continue
+            got = "missing" if key not in group else short_repr(value)
+            raise TypeError(
+                f"MFAC: {key} of parameter group {j} is {got}: a step needs a real number "
+                "(or a one-element tensor) there (the step was not taken, nothing changed)"
+            )
+
+
 def _where(p: torch.Tensor, i: int, j: int) -> str:
     """A parameter as the step's refusals name it."""
     return f"parameter {i} of group {j} (shape {tuple(p.shape)})"
@@ -267,6 +291,7 @@ def _where(p: torch.Tensor, i: int, j: int) -> str:
 def gather(opt: Any) -> torch.Tensor:
     """The flat gradient, weight decay included, in the reused buffer."""
     check_params(opt)
+    check_options(opt)
     check_layouts(opt)  # before anything changes: apply() writes through their flat views
     g = opt._grad
     for group, layout in zip(opt.param_groups, opt._slices, strict=True):

@@ -453,6 +453,9 @@ class MFAC(torch.optim.Optimizer):
             layout) changed since construction, or a float64 parameter in an
             optimizer built without one (e.g. ``model.double()`` after
             construction); nothing changes.
+        TypeError
+            For a group's ``lr``, ``momentum`` or ``weight_decay`` edited into other
+            than a real number or a one-element tensor; nothing changes.
         """
         loss = None
         if closure is not None:
