@@ -740,6 +740,31 @@ def test_add_param_group_widens_the_window_with_zeros():
     assert grown.dim == 5 and len(grown.param_groups) == 2
 
 
+def test_add_param_group_out_of_memory_leaves_the_optimizer_as_it_was(monkeypatch):
+    # An out-of-memory error while the window grew (a RuntimeError, not the ValueError of
+    # a refused group) kept the group: every later step refused "opt.param_groups no
+    # longer lists the parameters", and a retry "some parameters appear in more than one
+    # parameter group".
+    import mfac_core._torch_layout as torch_layout
+
+    model, opt = trained(steps=3)
+    before = everything(opt)
+    extra = nn.Parameter(torch.ones(2))
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("out of memory (simulated)")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch_layout, "new_window", out_of_memory)
+        with pytest.raises(torch.OutOfMemoryError):
+            opt.add_param_group({"params": [extra]})
+    same(everything(opt), before)
+    fresh_model, fresh = copy.deepcopy((model, opt))
+    assert_continue_alike(model, opt, fresh_model, fresh)  # the steps are not refused
+    opt.add_param_group({"params": [extra]})  # nor is the retry
+    assert opt.dim == fresh.dim + 2
+
+
 # -- the runnable examples of docs/torch.rst --------------------------------------------------
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"

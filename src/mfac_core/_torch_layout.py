@@ -194,10 +194,10 @@ def grow(opt: Any) -> None:
         window["dim"] = opt.dim
         ihvp = new_window(opt, opt.ihvp.damp)
         ihvp.load_state_dict(window)
-    except Exception:
+        old = entry["momentum_buffer"]
+        entry["momentum_buffer"] = torch.cat([old, old.new_zeros(width)])
+    except Exception:  # out of memory too: the optimizer stays as it was
         opt.__dict__.update(saved)
         raise
-    old = entry["momentum_buffer"]
-    entry["momentum_buffer"] = torch.cat([old, old.new_zeros(width)])
     opt.ihvp = ihvp
     opt._reset_state(entry)

@@ -399,7 +399,7 @@ class MFAC(torch.optim.Optimizer):
             if frozen:
                 with outside_inference():
                     grow(self)
-        except (TypeError, ValueError):
+        except Exception:  # out of memory too: the group goes with the layout's changes
             self.param_groups.pop()
             raise
 
