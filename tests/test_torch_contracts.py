@@ -292,6 +292,21 @@ def test_a_group_option_edited_into_a_non_number_is_refused_before_the_step(key,
 # -- learning rates and dtypes --------------------------------------------------------------
 
 
+def test_a_tensor_learning_rate_that_requires_grad_is_refused_by_name():
+    # The refusal showed only the shape and dtype, "got shape (), dtype torch.float32",
+    # of a one-element float tensor: what was wrong, requires_grad, went unsaid.
+    p = nn.Parameter(torch.zeros(2))
+    lr = torch.tensor(0.1, requires_grad=True)
+    with pytest.raises(
+        ValueError, match=r"got shape \(\), dtype torch.float32, requires_grad=True"
+    ):
+        MFAC([p], lr=lr, num_grads=2)
+    opt = MFAC([p], lr=lr.detach(), num_grads=2)
+    with pytest.raises(ValueError, match=r"lr of the parameter group .* requires_grad=True"):
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(1))], "lr": lr})
+    assert len(opt.param_groups) == 1
+
+
 def test_a_tensor_learning_rate_steps_as_the_float():
     model, opt = trained(steps=0)
     tmodel = make_model(0)

@@ -76,10 +76,13 @@ def check_lr(lr: Any, where: str) -> Any:
     """
     if isinstance(lr, torch.Tensor):
         if lr.numel() != 1 or not lr.is_floating_point() or lr.requires_grad:
+            # torch's own words first (its optimizer harness matches them), then which
+            # of the three it is: a tensor that requires grad read as one of the wrong size.
             raise ValueError(
                 f"Tensor lr must be 1-element: {where} as a tensor must be a one-element floating "
                 "tensor without grad, "
                 f"got shape {tuple(lr.shape)}, dtype {lr.dtype}"
+                + (", requires_grad=True (pass lr.detach())" if lr.requires_grad else "")
             )
         check_number(float(lr), where, low=0.0)
         return lr
