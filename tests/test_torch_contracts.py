@@ -332,6 +332,27 @@ def test_a_tensor_learning_rate_steps_as_the_float():
         MFAC(make_model().parameters(), lr=torch.tensor(-1.0))
 
 
+@pytest.mark.parametrize("shape", [(1,), (1, 1)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_a_one_element_tensor_lr_of_any_shape_steps_as_the_float(shape, masked):
+    # torch.tensor([lr]) (accepted as one element) failed every step with "output with
+    # shape [] doesn't match the broadcast shape [1]" for a 0-d parameter, and a (1, 1)
+    # lr so for vectors, after the window had taken the gradient; Adam takes both.
+    def run(lr):
+        scale = nn.Parameter(torch.tensor(1.5))
+        w = nn.Parameter(torch.linspace(-1.0, 1.0, 4).reshape(2, 2))
+        masks = {w: torch.tensor([[True, False], [True, True]])} if masked else None
+        opt = MFAC([scale, w], lr=lr, num_grads=2, damp=1e-2, momentum=0.5, masks=masks)
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(3):
+            scale.grad, w.grad = torch.randn((), generator=gen), torch.randn(2, 2, generator=gen)
+            opt.step()
+        return scale.detach(), w.detach()
+
+    for p, q in zip(run(0.1), run(torch.full(shape, 0.1, dtype=torch.float64)), strict=True):
+        assert torch.equal(p, q)
+
+
 @pytest.mark.parametrize("grad_dtype", [torch.bfloat16, torch.float16])
 def test_a_finite_float64_gradient_beyond_float32_is_skipped_not_raised(grad_dtype):
     p = nn.Parameter(torch.zeros(3, dtype=torch.float64))

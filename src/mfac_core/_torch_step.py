@@ -368,7 +368,9 @@ def move(local: torch.Tensor, d_p: torch.Tensor, lr: Any) -> None:
     step = d_p.view(local.shape)
     wide = local if local.dtype == step.dtype else local.to(step.dtype)
     if isinstance(lr, torch.Tensor):
-        wide.addcmul_(step, lr.to(step.dtype), value=-1)
+        # 0-d: a one-element lr of another shape, torch.tensor([lr]), would broadcast a
+        # 0-d parameter's step to (1,) (or a vector's to (1, n) for a (1, 1) lr) and fail.
+        wide.addcmul_(step, lr.to(step.dtype).reshape(()), value=-1)
     else:
         wide.add_(step, alpha=-lr)
     if wide is not local:
