@@ -353,6 +353,26 @@ def test_a_one_element_tensor_lr_of_any_shape_steps_as_the_float(shape, masked):
         assert torch.equal(p, q)
 
 
+@pytest.mark.parametrize("key", ["momentum", "weight_decay"])
+def test_a_one_element_tensor_momentum_or_weight_decay_steps_as_the_float(key):
+    # Set in a group as tensors (a scheduler's), a (1, 1) momentum failed in buf.mul_
+    # after the window had taken the gradient; a (1,) or (1, 1) weight decay failed with
+    # "argument 'alpha' must be Number".
+    def run(value):
+        p = nn.Parameter(torch.linspace(-1.0, 1.0, 3))
+        opt = MFAC([p], lr=0.1, num_grads=2, damp=1e-2, momentum=0.5)
+        opt.param_groups[0][key] = value
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(3):
+            p.grad = torch.randn(3, generator=gen)
+            opt.step()
+        return p.detach()
+
+    want = run(0.25)
+    for shape in [(), (1,), (1, 1)]:
+        assert torch.equal(run(torch.full(shape, 0.25)), want), shape
+
+
 @pytest.mark.parametrize("grad_dtype", [torch.bfloat16, torch.float16])
 def test_a_finite_float64_gradient_beyond_float32_is_skipped_not_raised(grad_dtype):
     p = nn.Parameter(torch.zeros(3, dtype=torch.float64))

@@ -283,6 +283,15 @@ def check_options(opt: Any) -> None:
             )
 
 
+def scalar(value: Any) -> Any:
+    """A group option as a step uses it: a one-element tensor 0-d, so that it never broadcasts.
+
+    A ``(1, 1)`` momentum made ``buf.mul_`` fail after the window had taken the gradient,
+    and a ``(1,)`` weight decay was no ``alpha`` for ``add_``.
+    """
+    return value.reshape(()) if isinstance(value, torch.Tensor) else value
+
+
 def _where(p: torch.Tensor, i: int, j: int) -> str:
     """A parameter as the step's refusals name it."""
     return f"parameter {i} of group {j} (shape {tuple(p.shape)})"
@@ -295,7 +304,7 @@ def gather(opt: Any) -> torch.Tensor:
     check_layouts(opt)  # before anything changes: apply() writes through their flat views
     g = opt._grad
     for group, layout in zip(opt.param_groups, opt._slices, strict=True):
-        wd = group["weight_decay"]
+        wd = scalar(group["weight_decay"])
         for p, lo, hi in layout:
             seg = g[lo:hi]
             if p.grad is None:
@@ -340,7 +349,7 @@ def culprit(opt: Any) -> str:
 def apply(opt: Any, s: torch.Tensor) -> None:
     momentum = opt._entry["momentum_buffer"]
     for group, layout in zip(opt.param_groups, opt._slices, strict=True):
-        lr, mu = group["lr"], group["momentum"]
+        lr, mu = group["lr"], scalar(group["momentum"])
         for p, lo, hi in layout:
             d_p = s[lo:hi]
             if mu:
