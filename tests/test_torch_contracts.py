@@ -265,6 +265,22 @@ def test_a_cleared_state_starts_afresh_as_for_torchs_optimizers(how):
     assert opt.steps == 0 and opt.dim == fresh.dim + 2
 
 
+def test_a_parameter_moved_to_another_device_is_refused_before_the_step():
+    # model.to(device) after construction keeps the parameter objects (new .data, or
+    # swapped tensors): on a GPU the step copied the gradients to the window's device,
+    # took them into the window, then failed to move the parameters ("Expected all
+    # tensors to be on the same device"). The meta device stands in for the GPU here.
+    model, opt = trained(steps=2)
+    before = everything(opt)
+    first = next(model.parameters())
+    torch.utils.swap_tensors(first, nn.Parameter(torch.empty_like(first, device="meta")))
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    with pytest.raises(RuntimeError, match=r"is on meta, but the optimizer was built for .* cpu"):
+        opt.step()
+    same(everything(opt), before)
+
+
 @pytest.mark.parametrize(
     ("key", "value"), [("lr", None), ("momentum", "0.9"), ("weight_decay", None)]
 )

@@ -251,6 +251,16 @@ def check_params(opt: Any) -> None:
                     ".data replaced since?): the window holds its coordinates as they were; "
                     "build a new optimizer (the step was not taken, nothing changed)"
                 )
+            if p.device != opt.device:
+                # e.g. model.cuda() after construction (torch's modules keep their
+                # parameters, with new .data): the step would fail moving it, after the
+                # window had taken the gradient.
+                raise RuntimeError(
+                    f"MFAC: {_where(p, i, j)} is on {p.device}, but the optimizer was built "
+                    f"for parameters on {opt.device}, where its window and buffers are (e.g. "
+                    "before model.to(device)); build the optimizer after moving the model "
+                    "(the step was not taken, nothing changed)"
+                )
             if narrow and p.dtype == torch.float64:
                 raise RuntimeError(
                     f"MFAC: {_where(p, i, j)} is float64, but the optimizer was built for "

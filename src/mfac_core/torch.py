@@ -450,8 +450,8 @@ class MFAC(torch.optim.Optimizer):
         RuntimeError
             For sparse gradients, parameter groups edited by hand (not with
             :meth:`add_param_group`), a parameter whose size (or, masked, memory
-            layout) changed since construction, or a float64 parameter in an
-            optimizer built without one (e.g. ``model.double()`` after
+            layout) or device changed since construction, or a float64 parameter
+            in an optimizer built without one (e.g. ``model.double()`` after
             construction); nothing changes.
         TypeError
             For a group's ``lr``, ``momentum`` or ``weight_decay`` edited into other
