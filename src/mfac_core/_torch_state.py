@@ -76,8 +76,8 @@ def check_lr(lr: Any, where: str) -> Any:
     """
     if isinstance(lr, torch.Tensor):
         if lr.numel() != 1 or not lr.is_floating_point() or lr.requires_grad:
-            # torch's own words first (its optimizer harness matches them), then which
-            # of the three it is: a tensor that requires grad read as one of the wrong size.
+            # torch's own words first (its optimizer harness matches them); requires_grad
+            # is named, or the message would show a valid lr's shape and dtype.
             raise ValueError(
                 f"Tensor lr must be 1-element: {where} as a tensor must be a one-element floating "
                 "tensor without grad, "
