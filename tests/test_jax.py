@@ -1143,6 +1143,21 @@ def test_inject_hyperparams_over_a_bfloat16_model(rng):
             mj.mfac_sgd(**{**bf16, name: jnp.asarray(-1.0, jnp.bfloat16)})
 
 
+def test_a_damping_that_inject_hyperparams_rounds_to_zero_says_so():
+    # Regression: over float16 parameters inject_hyperparams casts damp=1e-8 to float16,
+    # 0.0, and init refused "damp must be finite and > 0, got 0.0" without naming the cast
+    # or the option that keeps the value (adam's eps is cast the same way).
+    params = {"w": jnp.ones(3, jnp.float16)}
+    for transform, kw in ((mj.mfac, {}), (mj.mfac_sgd, {"learning_rate": 0.1})):
+        injected = optax.inject_hyperparams(transform)(damp=1e-8, **kw)
+        with pytest.raises(ValueError, match=r"got 0\.0 \(a float16 array: .*hyperparam_dtype"):
+            injected.init(params)
+        kept = optax.inject_hyperparams(transform, hyperparam_dtype=jnp.float32)(damp=1e-8, **kw)
+        assert float(kept.init(params).hyperparams["damp"]) > 0
+    with pytest.raises(ValueError, match=r"^damp must be finite and > 0, got 0\.0$"):
+        mj.mfac(damp=jnp.asarray(0.0, jnp.float32)).init(params)  # no hint: not rounded
+
+
 @pytest.mark.skipif(not hasattr(jax, "set_mesh"), reason="JAX without explicit sharding")
 def test_mfac_under_explicit_sharding_gives_each_update_its_leafs_type(rng):
     # Regression: under explicit sharding (shardings in the types) the flat gradient's

@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import warnings
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -243,7 +244,83 @@ def test_a_parameter_without_gradient_only_decays_its_momentum():
     assert not torch.equal(a, a_before)
 
 
+@pytest.mark.parametrize("how", ["clear", "reassign"])
+def test_a_cleared_state_starts_afresh_as_for_torchs_optimizers(how):
+    # opt.state.clear() (or a new defaultdict) is how a torch optimizer is reset: Adam
+    # rebuilds its state at the next step. MFAC raised KeyError('momentum_buffer') from
+    # the step, after the window had taken the gradient, and from steps and state_dict().
+    model, opt = trained(steps=4)
+    if how == "clear":
+        opt.state.clear()
+    else:
+        opt.state = defaultdict(dict)
+    fresh_model = copy.deepcopy(model)
+    fresh = MFAC(fresh_model.parameters(), lr=0.1, num_grads=3, damp=1e-2, momentum=0.5)
+    assert (opt.steps, opt.skipped_steps, opt.rejected_grads) == (0, 0, 0)
+    assert_continue_alike(model, opt, fresh_model, fresh)
+    same(everything(opt), everything(fresh))
+    # add_param_group on a cleared state grows the fresh one.
+    opt.state.clear()
+    opt.add_param_group({"params": [nn.Parameter(torch.ones(2))]})
+    assert opt.steps == 0 and opt.dim == fresh.dim + 2
+
+
+def test_a_parameter_moved_to_another_device_is_refused_before_the_step():
+    # model.to(device) after construction keeps the parameter objects (new .data, or
+    # swapped tensors): on a GPU the step copied the gradients to the window's device,
+    # took them into the window, then failed to move the parameters ("Expected all
+    # tensors to be on the same device"). The meta device stands in for the GPU here.
+    model, opt = trained(steps=2)
+    before = everything(opt)
+    first = next(model.parameters())
+    torch.utils.swap_tensors(first, nn.Parameter(torch.empty_like(first, device="meta")))
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    with pytest.raises(RuntimeError, match=r"is on meta, but the optimizer was built for .* cpu"):
+        opt.step()
+    same(everything(opt), before)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"), [("lr", None), ("momentum", "0.9"), ("weight_decay", None)]
+)
+def test_a_group_option_edited_into_a_non_number_is_refused_before_the_step(key, value):
+    # A None lr failed with "bad operand type for unary -: 'NoneType'" in the middle of the
+    # parameters' move, after the window had taken the gradient and the first group's
+    # parameters had moved; a None momentum or weight decay was taken for zero.
+    model, opt = trained(steps=3)
+    opt.add_param_group({"params": [nn.Parameter(torch.ones(2))]})
+    opt.param_groups[1][key] = value
+    for p in (*model.parameters(), opt.param_groups[1]["params"][0]):
+        p.grad = torch.ones_like(p)
+    before = everything(opt)
+    params = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(TypeError, match=rf"^MFAC: {key} of parameter group 1 is {value!r}: "):
+        opt.step()
+    same(everything(opt), before)
+    for p, q in zip(model.parameters(), params, strict=True):
+        assert torch.equal(p, q)
+    del opt.param_groups[1][key]
+    with pytest.raises(TypeError, match=f"{key} of parameter group 1 is missing"):
+        opt.step()
+
+
 # -- learning rates and dtypes --------------------------------------------------------------
+
+
+def test_a_tensor_learning_rate_that_requires_grad_is_refused_by_name():
+    # The refusal showed only the shape and dtype, "got shape (), dtype torch.float32",
+    # of a one-element float tensor: what was wrong, requires_grad, went unsaid.
+    p = nn.Parameter(torch.zeros(2))
+    lr = torch.tensor(0.1, requires_grad=True)
+    with pytest.raises(
+        ValueError, match=r"got shape \(\), dtype torch.float32, requires_grad=True"
+    ):
+        MFAC([p], lr=lr, num_grads=2)
+    opt = MFAC([p], lr=lr.detach(), num_grads=2)
+    with pytest.raises(ValueError, match=r"lr of the parameter group .* requires_grad=True"):
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(1))], "lr": lr})
+    assert len(opt.param_groups) == 1
 
 
 def test_a_tensor_learning_rate_steps_as_the_float():
@@ -269,6 +346,47 @@ def test_a_tensor_learning_rate_steps_as_the_float():
         MFAC(make_model().parameters(), lr=torch.ones(2))
     with pytest.raises(ValueError, match="lr"):
         MFAC(make_model().parameters(), lr=torch.tensor(-1.0))
+
+
+@pytest.mark.parametrize("shape", [(1,), (1, 1)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_a_one_element_tensor_lr_of_any_shape_steps_as_the_float(shape, masked):
+    # torch.tensor([lr]) (accepted as one element) failed every step with "output with
+    # shape [] doesn't match the broadcast shape [1]" for a 0-d parameter, and a (1, 1)
+    # lr so for vectors, after the window had taken the gradient; Adam takes both.
+    def run(lr):
+        scale = nn.Parameter(torch.tensor(1.5))
+        w = nn.Parameter(torch.linspace(-1.0, 1.0, 4).reshape(2, 2))
+        masks = {w: torch.tensor([[True, False], [True, True]])} if masked else None
+        opt = MFAC([scale, w], lr=lr, num_grads=2, damp=1e-2, momentum=0.5, masks=masks)
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(3):
+            scale.grad, w.grad = torch.randn((), generator=gen), torch.randn(2, 2, generator=gen)
+            opt.step()
+        return scale.detach(), w.detach()
+
+    for p, q in zip(run(0.1), run(torch.full(shape, 0.1, dtype=torch.float64)), strict=True):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("key", ["momentum", "weight_decay"])
+def test_a_one_element_tensor_momentum_or_weight_decay_steps_as_the_float(key):
+    # Set in a group as tensors (a scheduler's), a (1, 1) momentum failed in buf.mul_
+    # after the window had taken the gradient; a (1,) or (1, 1) weight decay failed with
+    # "argument 'alpha' must be Number".
+    def run(value):
+        p = nn.Parameter(torch.linspace(-1.0, 1.0, 3))
+        opt = MFAC([p], lr=0.1, num_grads=2, damp=1e-2, momentum=0.5)
+        opt.param_groups[0][key] = value
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(3):
+            p.grad = torch.randn(3, generator=gen)
+            opt.step()
+        return p.detach()
+
+    want = run(0.25)
+    for shape in [(), (1,), (1, 1)]:
+        assert torch.equal(run(torch.full(shape, 0.25)), want), shape
 
 
 @pytest.mark.parametrize("grad_dtype", [torch.bfloat16, torch.float16])
@@ -692,6 +810,31 @@ def test_add_param_group_widens_the_window_with_zeros():
     with pytest.raises(ValueError, match="device"):
         grown.add_param_group({"params": [nn.Parameter(torch.zeros(2, device="meta"))]})
     assert grown.dim == 5 and len(grown.param_groups) == 2
+
+
+def test_add_param_group_out_of_memory_leaves_the_optimizer_as_it_was(monkeypatch):
+    # An out-of-memory error while the window grew (a RuntimeError, not the ValueError of
+    # a refused group) kept the group: every later step refused "opt.param_groups no
+    # longer lists the parameters", and a retry "some parameters appear in more than one
+    # parameter group".
+    import mfac_core._torch_layout as torch_layout
+
+    model, opt = trained(steps=3)
+    before = everything(opt)
+    extra = nn.Parameter(torch.ones(2))
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("out of memory (simulated)")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch_layout, "new_window", out_of_memory)
+        with pytest.raises(torch.OutOfMemoryError):
+            opt.add_param_group({"params": [extra]})
+    same(everything(opt), before)
+    fresh_model, fresh = copy.deepcopy((model, opt))
+    assert_continue_alike(model, opt, fresh_model, fresh)  # the steps are not refused
+    opt.add_param_group({"params": [extra]})  # nor is the retry
+    assert opt.dim == fresh.dim + 2
 
 
 # -- the runnable examples of docs/torch.rst --------------------------------------------------

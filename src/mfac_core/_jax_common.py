@@ -97,7 +97,17 @@ def hyper(value: Any, name: str, check: Any) -> Any:
     # A NumPy scalar as the core's checks see it (their messages show its repr); one of
     # ml_dtypes' types is no numbers.Real to them, so it goes as its float.
     numpy_scalar = isinstance(value, np.generic) and dtype.kind in "fiu"
-    check(value if numpy_scalar else concrete)
+    try:
+        check(value if numpy_scalar else concrete)
+    except ValueError as exc:
+        if not (jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < 4):
+            raise
+        # A value given as 1e-8 reads 0.0 here: say where it was rounded.
+        raise ValueError(
+            f"{exc} (a {dtype.name} array: optax.inject_hyperparams casts float "
+            "hyper-parameters to the parameters' widest float dtype; give it "
+            "hyperparam_dtype=jnp.float32, or jnp.float64)"
+        ) from None
     return value
 
 

@@ -166,6 +166,10 @@ def new_window(opt: Any, damp: float) -> DynamicIHVP:
 @torch.no_grad()
 def grow(opt: Any) -> None:
     """Widen the window, the flat gradient and the momentum to the new last group."""
+    # Read under the parameter that holds it before layout() (the holder changes when the
+    # new group has the first parameter that requires grad), and first: a state cleared
+    # by the user starts afresh before the window grows.
+    entry = dict(opt._entry)
     saved = {k: opt.__dict__[k] for k in LAYOUT_ATTRS}
     try:
         layout(opt)
@@ -190,13 +194,10 @@ def grow(opt: Any) -> None:
         window["dim"] = opt.dim
         ihvp = new_window(opt, opt.ihvp.damp)
         ihvp.load_state_dict(window)
-    except Exception:
+        old = entry["momentum_buffer"]
+        entry["momentum_buffer"] = torch.cat([old, old.new_zeros(width)])
+    except Exception:  # out of memory too: the optimizer stays as it was
         opt.__dict__.update(saved)
         raise
-    # Under the parameter that held it (the holder changes when the new group has
-    # the first parameter that requires grad).
-    entry = dict(opt.state[saved["_first"]])
-    old = entry["momentum_buffer"]
-    entry["momentum_buffer"] = torch.cat([old, old.new_zeros(width)])
     opt.ihvp = ihvp
     opt._reset_state(entry)

@@ -43,6 +43,26 @@ def fresh_entry(grad: torch.Tensor) -> dict[str, Any]:
     }
 
 
+def live_entry(opt: Any) -> dict[str, Any]:
+    """MFAC's state entry; after ``opt.state`` was cleared, a fresh one over an emptied window.
+
+    ``opt.state.clear()`` (or ``opt.state = defaultdict(dict)``) is how a torch optimizer
+    is made to start afresh: Adam or LBFGS rebuild their state at the next step. MFAC's
+    window and momentum start afresh the same way, the first time the entry is read
+    (a step reads it before the window takes the gradient). Only when no parameter has
+    an entry: while ``state_dict()`` holds the saved entry under another parameter, that
+    is not a cleared state.
+    """
+    entry = opt.state.get(opt._first)  # .get: a defaultdict would add an empty entry
+    if entry:
+        return entry
+    if not any(opt.state.values()):
+        with outside_inference():
+            opt.ihvp.reset()
+            opt._reset_state(fresh_entry(opt._grad))
+    return opt.state[opt._first]
+
+
 def without_window(entry: Mapping[str, Any]) -> dict[str, Any]:
     """MFAC's state entry without its ``"window"`` (the live operator, or its saved state)."""
     return {k: v for k, v in entry.items() if k != "window"}
@@ -56,10 +76,13 @@ def check_lr(lr: Any, where: str) -> Any:
     """
     if isinstance(lr, torch.Tensor):
         if lr.numel() != 1 or not lr.is_floating_point() or lr.requires_grad:
+            # torch's own words first (its optimizer harness matches them); requires_grad
+            # is named, or the message would show a valid lr's shape and dtype.
             raise ValueError(
                 f"Tensor lr must be 1-element: {where} as a tensor must be a one-element floating "
                 "tensor without grad, "
                 f"got shape {tuple(lr.shape)}, dtype {lr.dtype}"
+                + (", requires_grad=True (pass lr.detach())" if lr.requires_grad else "")
             )
         check_number(float(lr), where, low=0.0)
         return lr

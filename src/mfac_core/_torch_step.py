@@ -7,6 +7,7 @@ public.
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import torch
@@ -16,6 +17,8 @@ from ._dynamic_window import update_and_matvec_finite
 from ._errors import FactorizationError
 from ._torch_distributed import all_gather, dtensor_class, local
 from ._torch_sparse import check_layouts
+from ._torch_state import GROUP_KEYS, live_entry
+from ._validation import short_repr
 
 
 class Unstorable(Exception):
@@ -26,6 +29,7 @@ def step(opt: Any) -> None:
     """The step itself, after the closure."""
     if all(p.grad is None for group in opt.param_groups for p in group["params"]):
         return  # nothing to step with: no window insert, no momentum decay, no count
+    live_entry(opt)  # a state cleared by the user starts afresh before the window takes g
     g = gather(opt)
     if opt._comm is not None:
         distributed_step(opt, g)
@@ -247,6 +251,16 @@ def check_params(opt: Any) -> None:
                     ".data replaced since?): the window holds its coordinates as they were; "
                     "build a new optimizer (the step was not taken, nothing changed)"
                 )
+            if p.device != opt.device:
+                # e.g. model.cuda() after construction (torch's modules keep their
+                # parameters, with new .data): the step would fail moving it, after the
+                # window had taken the gradient.
+                raise RuntimeError(
+                    f"MFAC: {_where(p, i, j)} is on {p.device}, but the optimizer was built "
+                    f"for parameters on {opt.device}, where its window and buffers are (e.g. "
+                    "before model.to(device)); build the optimizer after moving the model "
+                    "(the step was not taken, nothing changed)"
+                )
             if narrow and p.dtype == torch.float64:
                 raise RuntimeError(
                     f"MFAC: {_where(p, i, j)} is float64, but the optimizer was built for "
@@ -257,6 +271,37 @@ def check_params(opt: Any) -> None:
                 )
 
 
+def check_options(opt: Any) -> None:
+    """Refuse a group option edited into what a step cannot use, before anything changes.
+
+    Only types are read (a tensor ``lr``'s value would cost a device sync per step): a
+    ``None`` or a string failed in the middle of the parameters' move, after the window
+    had taken the gradient, with Python's bare "bad operand type" (a ``None`` momentum or
+    weight decay was taken for zero).
+    """
+    for j, group in enumerate(opt.param_groups):
+        for key in GROUP_KEYS:
+            value = group.get(key)
+            if isinstance(value, torch.Tensor) and value.numel() == 1:
+                continue
+            if isinstance(value, numbers.Real):
+                continue
+            got = "missing" if key not in group else short_repr(value)
+            raise TypeError(
+                f"MFAC: {key} of parameter group {j} is {got}: a step needs a real number "
+                "(or a one-element tensor) there (the step was not taken, nothing changed)"
+            )
+
+
+def scalar(value: Any) -> Any:
+    """A group option as a step uses it: a one-element tensor 0-d, so that it never broadcasts.
+
+    A ``(1, 1)`` momentum made ``buf.mul_`` fail after the window had taken the gradient,
+    and a ``(1,)`` weight decay was no ``alpha`` for ``add_``.
+    """
+    return value.reshape(()) if isinstance(value, torch.Tensor) else value
+
+
 def _where(p: torch.Tensor, i: int, j: int) -> str:
     """A parameter as the step's refusals name it."""
     return f"parameter {i} of group {j} (shape {tuple(p.shape)})"
@@ -265,10 +310,11 @@ def _where(p: torch.Tensor, i: int, j: int) -> str:
 def gather(opt: Any) -> torch.Tensor:
     """The flat gradient, weight decay included, in the reused buffer."""
     check_params(opt)
+    check_options(opt)
     check_layouts(opt)  # before anything changes: apply() writes through their flat views
     g = opt._grad
     for group, layout in zip(opt.param_groups, opt._slices, strict=True):
-        wd = group["weight_decay"]
+        wd = scalar(group["weight_decay"])
         for p, lo, hi in layout:
             seg = g[lo:hi]
             if p.grad is None:
@@ -313,7 +359,7 @@ def culprit(opt: Any) -> str:
 def apply(opt: Any, s: torch.Tensor) -> None:
     momentum = opt._entry["momentum_buffer"]
     for group, layout in zip(opt.param_groups, opt._slices, strict=True):
-        lr, mu = group["lr"], group["momentum"]
+        lr, mu = group["lr"], scalar(group["momentum"])
         for p, lo, hi in layout:
             d_p = s[lo:hi]
             if mu:
@@ -341,7 +387,9 @@ def move(local: torch.Tensor, d_p: torch.Tensor, lr: Any) -> None:
     step = d_p.view(local.shape)
     wide = local if local.dtype == step.dtype else local.to(step.dtype)
     if isinstance(lr, torch.Tensor):
-        wide.addcmul_(step, lr.to(step.dtype), value=-1)
+        # 0-d: a one-element lr of another shape, torch.tensor([lr]), would broadcast a
+        # 0-d parameter's step to (1,) (or a vector's to (1, n) for a (1, 1) lr) and fail.
+        wide.addcmul_(step, lr.to(step.dtype).reshape(()), value=-1)
     else:
         wide.add_(step, alpha=-lr)
     if wide is not local:

@@ -39,6 +39,7 @@ from ._torch_state import (
     check_lr,
     check_new_group,
     fresh_entry,
+    live_entry,
     load_state,
     outside_inference,
     pickled,
@@ -341,7 +342,7 @@ class MFAC(torch.optim.Optimizer):
     @property
     def _entry(self) -> dict[str, Any]:
         """The optimizer's state entry (``self.state`` of its holding parameter)."""
-        return self.state[self._first]
+        return live_entry(self)
 
     @property
     def steps(self) -> int:
@@ -398,7 +399,7 @@ class MFAC(torch.optim.Optimizer):
             if frozen:
                 with outside_inference():
                     grow(self)
-        except (TypeError, ValueError):
+        except Exception:  # out of memory too: the group goes with the layout's changes
             self.param_groups.pop()
             raise
 
@@ -449,9 +450,12 @@ class MFAC(torch.optim.Optimizer):
         RuntimeError
             For sparse gradients, parameter groups edited by hand (not with
             :meth:`add_param_group`), a parameter whose size (or, masked, memory
-            layout) changed since construction, or a float64 parameter in an
-            optimizer built without one (e.g. ``model.double()`` after
+            layout) or device changed since construction, or a float64 parameter
+            in an optimizer built without one (e.g. ``model.double()`` after
             construction); nothing changes.
+        TypeError
+            For a group's ``lr``, ``momentum`` or ``weight_decay`` edited into other
+            than a real number or a one-element tensor; nothing changes.
         """
         loss = None
         if closure is not None:
