@@ -654,3 +654,22 @@ def test_weights_at_the_largest_damping(rng):
         assert want.kappa > 2.0  # the gradients' term is far above the rounding
         assert_close(op @ (y * c) * c, want @ y, kappa=want.kappa)
         assert_close(op.diagonal() * c * c, want.diagonal(), kappa=want.kappa)
+
+
+def test_sweeps_warn_at_a_hopeless_damping_as_with_damp_does(rng):
+    # Regression: sweep() and diagonal(damps=...) at a damping where eps(float64) kappa
+    # >= 1 gave no IllConditionedWarning where with_damp() and the constructor warn, and
+    # their results there are garbage: a stored gradient's product 9e2 and a diagonal
+    # entry 2e2 relative off at damp 1e-17 (kappa 3e18), silently.
+    from mfac_core import IllConditionedWarning
+
+    G = (rng.standard_normal((5, 30)) + 1).astype(np.float32)
+    op, x, hopeless = SpectralIHVP(G, damp=1.0), G[0], 1e-17
+    with pytest.warns(IllConditionedWarning, match="damp=1e-17"):
+        op.with_damp(hopeless)
+    for call in (lambda d: op.sweep(x, damps=d), lambda d: op.diagonal(damps=d)):
+        with pytest.warns(IllConditionedWarning, match="damp=1e-17"):
+            call([1.0, hopeless])
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # none where every damping is well conditioned
+            call([1.0, 1e-3, 10.0])
