@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import numpy as np
 import pytest
@@ -531,3 +532,24 @@ def test_mfac_pruner_reports_the_damping_select_damping_chose():
     MFACPruner(twin, num_grads=8, block_size=32, damp=grid[1]).prune(data, loss_fn, sparsity=0.5)
     for a, b in zip(model.parameters(), twin.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("which", ["damping_sweep", "select_damping"])
+def test_grids_warn_for_their_own_dampings_only(rng, which):
+    # Regression: both built their SpectralIHVP at damp=1 whatever the grid: gradients of
+    # norm ~1e10 with a grid of 1e18 (kappa ~1e3) warned "kappa >= 4e21, damp=1", and a
+    # grid damping of 1e-20 (kappa ~3e21, saliencies 100 % off) did not warn at all.
+    from mfac_core import IllConditionedWarning
+
+    theta, G = rng.standard_normal(30), rng.standard_normal((6, 30)) + 1
+    run = {
+        "damping_sweep": lambda G, grid: pruning.damping_sweep(theta, G, grid, sparsity=0.5),
+        "select_damping": lambda G, grid: select_damping(
+            theta, G, grid, sparsity=0.5, loss=lambda dp, r: float(np.sum(r.theta**2))
+        ),
+    }[which]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run(G * 1e10, [1e18, 1e19])
+    with pytest.warns(IllConditionedWarning, match="damp=1e-20"):
+        run(G, [1e-20, 1.0])

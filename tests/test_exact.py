@@ -19,7 +19,7 @@ from conftest import rounded
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mfac_core import DynamicIHVP, SpectralIHVP, StaticIHVP, _engine, _fused
+from mfac_core import DynamicIHVP, SpectralIHVP, StaticIHVP, WindowOptions, _engine, _fused
 from mfac_core.testing import extended_precision_inverse
 
 EPS32 = float(np.finfo(np.float32).eps)
@@ -398,3 +398,27 @@ def test_nearly_collinear_gradients(noise):
         for name, x in vectors(G, rng).items():
             got = op @ x.astype(np.float32)
             assert rel(got, reference(G, damp, x)) <= BOUND * EPS32, (kappa, name)
+
+
+@pytest.mark.parametrize("storage", ["float32", "float16"])
+def test_refine_over_narrow_storage_beyond_kappa_1e7(storage):
+    # Regression: refinement rounded the float64 residual to float32 before applying
+    # F^{-1}, an error of eps32 |r| that F^{-1} weighs by 1 / damp: one step made a stored
+    # gradient's product worse than none (5.8e-5 against 1.5e-5 at kappa 2e11, 0.45
+    # against 1.4e-3 at 2e13). The residual now goes in as its rounding and the rounding's
+    # error, and the step gives the float32 bound there.
+    rng = np.random.default_rng(7)
+    m, d = 8, 40
+    G = (rng.standard_normal(d) + 1e-3 * rng.standard_normal((m, d))).astype(storage)
+    G64 = G.astype(np.float64)
+    damp = damp_for(G64, 2e11)
+    x = G64[0].astype(np.float32)
+    want = reference(G64, damp, x.astype(np.float64))
+    options = WindowOptions(refine=1)
+    window = DynamicIHVP.from_window(G[1:], damp=damp, num_grads=m, options=options)
+    for got in (
+        StaticIHVP(G, damp=damp, refine=1) @ x,
+        DynamicIHVP.from_window(G, damp=damp, options=options) @ x,
+        window.update_and_matvec(x),  # x = G[0], oldest first: the same window
+    ):
+        assert rel(got, want) <= BOUND * EPS32

@@ -13,7 +13,13 @@ from conftest import check_space, rounded
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mfac_core import DynamicIHVP, FactorizationError, SpectralIHVP, StaticIHVP
+from mfac_core import (
+    DynamicIHVP,
+    FactorizationError,
+    IllConditionedWarning,
+    SpectralIHVP,
+    StaticIHVP,
+)
 from mfac_core.testing import (
     SpectralOracle,
     assert_close,
@@ -654,3 +660,40 @@ def test_weights_at_the_largest_damping(rng):
         assert want.kappa > 2.0  # the gradients' term is far above the rounding
         assert_close(op @ (y * c) * c, want @ y, kappa=want.kappa)
         assert_close(op.diagonal() * c * c, want.diagonal(), kappa=want.kappa)
+
+
+def test_sweeps_warn_at_a_hopeless_damping_as_with_damp_does(rng):
+    # Regression: sweep() and diagonal(damps=...) at a damping where eps(float64) kappa
+    # >= 1 gave no IllConditionedWarning where with_damp() and the constructor warn, and
+    # their results there are garbage: a stored gradient's product 9e2 and a diagonal
+    # entry 2e2 relative off at damp 1e-17 (kappa 3e18), silently.
+    G = (rng.standard_normal((5, 30)) + 1).astype(np.float32)
+    op, x, hopeless = SpectralIHVP(G, damp=1.0), G[0], 1e-17
+    with pytest.warns(IllConditionedWarning, match="damp=1e-17"):
+        op.with_damp(hopeless)
+    for call in (lambda d: op.sweep(x, damps=d), lambda d: op.diagonal(damps=d)):
+        with pytest.warns(IllConditionedWarning, match="damp=1e-17"):
+            call([1.0, hopeless])
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # none where every damping is well conditioned
+            call([1.0, 1e-3, 10.0])
+
+
+@pytest.mark.parametrize("block_size", [None, 3, 5])
+def test_logdet_where_the_spectrum_over_the_damping_passes_float64s_range(rng, block_size):
+    # Regression: log det F summed log1p(Lambda / (m damp)), which is log1p(inf) = inf once
+    # the ratio passes float64's range: gradients of 1e5 at damp 1e-300 gave a logdet of
+    # F^{-1} of -inf (with NumPy's overflow warnings) for a finite -4052.
+    G, damp = rng.standard_normal((4, 10)) * 1e5, 1e-300
+    B = block_size or 10
+    want = 0.0  # the blocks' singular values: log(damp + s^2 / m), no ratio to overflow
+    for lo in range(0, 10, B):
+        sv = np.linalg.svd(G[:, lo : lo + B], compute_uv=False)
+        want += (min(B, 10 - lo) - sv.size) * math.log(damp)
+        want += float(np.sum(np.log(damp + sv**2 / 4)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", IllConditionedWarning)  # for the products
+        op = SpectralIHVP(G, damp=damp, block_size=block_size)
+    assert math.isfinite(op.logdet())
+    assert op.inverse().logdet() == pytest.approx(want, rel=1e-12)
+    assert op.logdet() == -op.inverse().logdet()

@@ -747,3 +747,27 @@ def test_gram_overflow_is_the_error_that_says_so_not_numpys_warning(kind, block_
             {"static": StaticIHVP, "spectral": SpectralIHVP}[kind](
                 G, damp=1.0, block_size=block_size
             )
+
+
+@pytest.mark.parametrize(
+    ("dtype", "scale", "damp"),
+    [("float64", 1e5, 1e-300), ("float64", 1.0, 2.3e-308), ("float32", 1e15, 1e-300)],
+)
+@pytest.mark.parametrize("block_size", [None, 3])
+def test_fisher_products_at_the_smallest_dampings(rng, dtype, scale, damp, block_size):
+    # Regression: EmpiricalFisher summed damp (x - G^T A) with A = -G x / (m damp), whose
+    # G^T A is the result over the damping: inf (numpy's overflow warning) for float64
+    # gradients of 1e5 at damp 1e-300, where F x is about 1e10.
+    G = (rng.standard_normal((4, 10)) * scale).astype(dtype)
+    x = rng.standard_normal(10).astype(dtype)
+    Gl, xl = G.astype(np.longdouble), x.astype(np.longdouble)
+    step = block_size or 10
+    blocks = [slice(lo, lo + step) for lo in range(0, 10, step)]
+    want = np.concatenate(
+        [damp * xl[s] + Gl[:, s].T @ (Gl[:, s] @ xl[s]) / 4 for s in blocks]
+    ).astype(np.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow
+        got = EmpiricalFisher(G, damp=damp, block_size=block_size) @ x
+    err = np.linalg.norm(got.astype(np.float64) - want) / np.linalg.norm(want)
+    assert err <= 8 * np.finfo(dtype).eps

@@ -31,7 +31,7 @@ from ._operator import LinearOperator
 from ._spectral_forms import checked_rows, forms_of
 from ._spectral_groups import Group, applied, checked_power, diagonal_of, logdet_of, trace_of
 from ._spectral_sample import drawn
-from ._spectral_setup import build, derived
+from ._spectral_setup import build, derived, warn_if_any_hopeless
 from ._validation import check_count, check_damp, check_dampings
 
 __all__ = ["SpectralIHVP"]
@@ -153,8 +153,7 @@ class SpectralIHVP(LinearOperator):
         build(self, G, damp=damp, block_size=block_size, check_finite=check_finite)
 
     def _repr_options(self) -> tuple[str, ...]:
-        # The derived operators share the class and the set-up: the power (sqrt, inverse)
-        # and the damping (with_damp) tell them apart.
+        # Derived operators share the class: the power and the damping tell them apart.
         return gradient_items(self, power=self.power)
 
     # -- damping, spectrum and derived operators (``_spectral_setup.derived``) -----------------
@@ -350,6 +349,11 @@ class SpectralIHVP(LinearOperator):
         TypeError, ValueError
             For an input of another library, device, dtype or shape, or bad dampings.
 
+        Warns
+        -----
+        IllConditionedWarning
+            As the constructor, where a damping below the operator's leaves no digit.
+
         Examples
         --------
         >>> import numpy as np
@@ -363,6 +367,7 @@ class SpectralIHVP(LinearOperator):
         """
         dl = check_dampings(damps, num_grads=self.num_grads)
         x = self._check_input(x, "x", self.dim, (1, 2))
+        warn_if_any_hopeless(self, dl)
         Y = applied(self._xp, self._groups, x if x.ndim == 2 else x[:, None], dl, self.power)
         return Y if x.ndim == 2 else Y[..., 0]
 
@@ -386,8 +391,12 @@ class SpectralIHVP(LinearOperator):
         Raises
         ------
         TypeError, ValueError
-            For ``damps`` that are not a non-empty sequence of finite positive
-            real numbers.
+            For ``damps`` that are not a non-empty sequence of finite dampings > 0.
+
+        Warns
+        -----
+        IllConditionedWarning
+            As the constructor, where a damping below the operator's leaves no digit.
 
         Examples
         --------
@@ -400,6 +409,7 @@ class SpectralIHVP(LinearOperator):
         ((2, 20), True)
         """
         dl = [self.damp] if damps is None else check_dampings(damps, num_grads=self.num_grads)
+        warn_if_any_hopeless(self, dl)
         out = diagonal_of(self._xp, self._groups, dl, self.power)
         return out[0, ...] if damps is None else out
 

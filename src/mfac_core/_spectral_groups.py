@@ -270,8 +270,29 @@ def spectrum_bounds(xp: Any, groups: Any, m: int, damp: float) -> tuple[float, f
     for g in groups:
         t = g.top
         low = t[:, 0] if g.group.size <= m else xp.zeros_like(t[:, 0])
-        kappa = max(kappa, float(xp.max((damp + t[:, -1] / m) / (damp + low / m))))
+        kappa = max(kappa, float(xp.max(_ratio(xp, damp + t[:, -1] / m, damp + low / m))))
     return 1.0 + top / (m * damp), kappa
+
+
+def _ratio(xp: Any, hi: Array, lo: Array) -> Array:
+    """``hi / lo`` (positive), ``inf`` where it passes float64's range, without the
+    overflow (and NumPy's warning about it) of the division itself."""
+    huge = hi * 2.0**-1000 > lo
+    return xp.where(huge, xp.full_like(hi, math.inf), hi / xp.where(huge, hi, lo))
+
+
+def _log1p_over(xp: Any, top: Array, m: int, damp: float) -> Array:
+    """``log1p(top / (m damp))`` where the ratio may pass float64's range.
+
+    There (a damping some 1e300 below the squared norms) it is ``log(top / m) -
+    log(damp)``, above 690: the 1 is beneath its rounding. It was ``log1p(inf)``, so
+    ``logdet`` was infinite for a finite determinant.
+    """
+    scaled = top / m
+    huge = scaled * 2.0**-1000 > damp
+    ratio = xp.where(huge, xp.zeros_like(scaled), scaled) / damp
+    logs = xp.log(xp.where(huge, scaled, xp.ones_like(scaled))) - math.log(damp)
+    return xp.where(huge, logs, xp.log1p(ratio))
 
 
 def _spectrum_sum(xp: Any, groups: Any, term: Any) -> float:
@@ -288,7 +309,7 @@ def logdet_of(xp: Any, groups: Any, m: int, damp: float) -> float:
     return _spectrum_sum(
         xp,
         groups,
-        lambda top, k, size: size * math.log(damp) + xp.sum(xp.log1p(top / (m * damp)), axis=1),
+        lambda top, k, size: size * math.log(damp) + xp.sum(_log1p_over(xp, top, m, damp), axis=1),
     )
 
 

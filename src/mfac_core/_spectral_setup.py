@@ -25,7 +25,7 @@ from ._validation import (
     half_dtype_name,
 )
 
-__all__ = ["build", "derived", "eigen_groups"]
+__all__ = ["build", "derived", "eigen_groups", "warn_if_any_hopeless"]
 
 
 def build(op: Any, G: Array, *, damp: Any, block_size: Any, check_finite: Any) -> None:
@@ -80,6 +80,19 @@ def _warn_if_hopeless(op: Any) -> None:
     # The passes are exact to the result's rounding; what remains is the float64
     # m x m work, good to about eps(float64) * error_scale.
     _capacitance.warn_if_passes_hopeless(op.kappa, damp=op.damp)
+
+
+def warn_if_any_hopeless(op: Any, damps: list[float]) -> None:
+    """Warn as the constructor does where one of ``damps`` (a sweep's) is hopeless.
+
+    kappa only grows as the damping shrinks, so the smallest damping decides. One at or
+    above the operator's own was covered when that was set (the constructor and
+    ``with_damp`` warn), so only a smaller one is checked: an O(m) look at the spectrum.
+    """
+    low = min(damps)
+    if low < op.damp:
+        _, kappa = spectrum_bounds(op.xp, op._groups, op.num_grads, low)
+        _capacitance.warn_if_passes_hopeless(kappa, damp=low)
 
 
 def eigen_groups(

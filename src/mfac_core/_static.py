@@ -678,15 +678,15 @@ class EmpiricalFisher(_BlockOperatorBase):
 
     def _matmat(self, X: Array) -> Array:
         # damp X + G^T (G X) / m block by block, both passes summed in float64 by the
-        # engine: alpha (X - G^T A) with alpha = damp and A = -G X / (m damp).
+        # engine's alpha (X - G^T A) (see _fisher_terms for alpha, X and A).
         xp, m = self._xp, self.num_grads
         parts = []
         for g in self._groups:
             Xg = X[g.start : g.end, ...]
             P = _engine.project_blocks(xp, self._G, g, Xg)
-            A = P * (-1.0 / (m * self.damp))
+            Xw, A, alpha = _fisher_terms(xp, self._G, Xg, P, self.damp, m)
             parts.append(
-                _engine.combine_blocks(xp, self._G, g, Xg, A, alpha=self.damp, dtype=self.dtype)
+                _engine.combine_blocks(xp, self._G, g, Xw, A, alpha=alpha, dtype=self.dtype)
             )
         return self._join(parts)
 
@@ -702,3 +702,22 @@ class EmpiricalFisher(_BlockOperatorBase):
         xp = self._xp
         sums = _engine.square_sums(xp, self._G)
         return xp.astype(self.damp + sums / self.num_grads, self.dtype)
+
+
+def _fisher_terms(
+    xp: Any, G: Array, X: Array, P: Array, damp: float, m: int
+) -> tuple[Array, Array, float]:
+    """``(X', A, alpha)`` with ``alpha (X' - G^T A) = damp X + G^T P / m``, within range.
+
+    ``alpha = damp`` and ``A = -P / (m damp)`` read X as given, but their ``G^T A`` is the
+    result over the damping, past float64's range at a small one (float64 gradients of
+    1e5 at damp 1e-300 gave inf for a result of 1e10). ``alpha = 1`` with ``X' = damp X``
+    in float64 keeps every term at the result's scale, at the cost of a float64 copy of
+    X, so it is taken only where the first form can overflow: below a damping of 1 over
+    float64 gradients, below ``d 2**-600`` over 4- and 2-byte ones (whose finite entries
+    bound ``|G^T A|`` by ``d 4e115 / damp``).
+    """
+    low = 1.0 if G.dtype == xp.float64 else G.shape[1] * 2.0**-600
+    if damp >= low:
+        return X, P * (-1.0 / (m * damp)), damp
+    return xp.astype(X, xp.float64) * damp, P * (-1.0 / m), 1.0

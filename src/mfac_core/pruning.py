@@ -559,7 +559,9 @@ def damping_sweep(
     G = prepared_grads(xp, theta, G, None if given is None else mask)
     # m damp within float64's range, named as given (the operator's check says "damps").
     check_dampings(dampings, "dampings", num_grads=int(G.shape[0]))
-    op = SpectralIHVP(G, damp=1.0, block_size=block_size)
+    # Built at the largest damping, the best conditioned: a warning names a damping of the
+    # grid (diagonal() checks the smaller ones), never one the caller did not ask for.
+    op = SpectralIHVP(G, damp=max(dampings), block_size=block_size)
     diag = op.diagonal(damps=dampings)
     saliency = saliency_of_diagonal(xp, theta, diag)
     selected = xp.stack(
@@ -706,7 +708,7 @@ def select_damping(
     G = prepared_grads(xp, theta, G, None if given is None else mask)
     # m damp within float64's range, named as given (the operator's check says "damps").
     check_dampings(dampings, "dampings", num_grads=int(G.shape[0]))
-    op = SpectralIHVP(G, damp=1.0, block_size=block_size)
+    op = SpectralIHVP(G, damp=max(dampings), block_size=block_size)  # as damping_sweep
     diag = op.diagonal(damps=dampings)  # one pass for all K
     grid = tuple(float(dp) for dp in dampings)
     zero = xp.zeros((), dtype=theta.dtype, device=device_of(theta))
