@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -11,8 +13,10 @@ from mfac_core import (
     DynamicIHVP,
     FactorizationError,
     IllConditionedWarning,
+    SpectralIHVP,
     StaticIHVP,
     WindowOptions,
+    _capacitance,
 )
 from mfac_core._capacitance import factorize, kappa_bounds, lambda_max_bounds
 from mfac_core._compat import array_namespace
@@ -211,3 +215,31 @@ def test_ill_conditioned_warnings_name_the_callers_line() -> None:
         ill = [w for w in caught if issubclass(w.category, IllConditionedWarning)]
         assert ill, "no IllConditionedWarning"
         assert {w.filename for w in ill} == {__file__}, [(w.filename, w.lineno) for w in ill]
+
+
+@pytest.mark.parametrize(("damp", "warns"), [(2.0**-50, True), (2.0**-45, False)])
+def test_the_warning_comes_at_one_thirty_second_of_eps64_kappa(damp, warns):
+    # Vectors near the gradients' span lose up to about 25 eps64 kappa: a product 0.94
+    # relative off at eps64 kappa = 0.75 came with no warning while the warning waited
+    # for eps64 kappa >= 1. kappa = 1 + 1 / damp here: eps64 kappa = 1/4 and 1/128.
+    G = np.zeros((1, 4))
+    G[0, 0] = 1.0
+    makers = [
+        lambda: StaticIHVP(G, damp=damp),
+        lambda: StaticIHVP(G, damp=damp, block_size=2),
+        lambda: SpectralIHVP(G, damp=damp),
+    ]
+    for make in makers:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            make()
+        assert any(w.category is IllConditionedWarning for w in caught) == warns
+    # A window warns as well, but refuses a gradient only from eps64 kappa >= 1.
+    window = DynamicIHVP(1, 4, damp=damp, dtype="float64")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        window.update(G[0])
+    assert len(window) == 1
+    assert any(w.category is IllConditionedWarning for w in caught) == warns
+    assert _capacitance.is_imprecise(1.0 + 1.0 / damp, eps=_capacitance.EPS64) == warns
+    assert not _capacitance.is_hopeless(1.0 + 1.0 / damp, eps=_capacitance.EPS64)

@@ -855,9 +855,10 @@ def test_a_refused_step_does_not_warn_of_the_factor_it_threw_away():
     u = np.zeros(20)
     u[0] = 1.0
     op = DynamicIHVP(4, 20, damp=1.0, dtype="float64")
-    # Collinear gradients, each |g|^2 / (k damp) = 0.6 / eps: two keep the window usable
-    # (kappa ~ 0.9 / eps), the third makes it hopeless (kappa ~ 1.2 / eps).
-    grads = [u * math.sqrt(0.6 / eps * k) for k in (1, 2, 3)]
+    # Collinear gradients, each |g|^2 / (k damp) = 0.6 / (32 eps): two keep the window
+    # below the warning (kappa ~ 0.9 / (32 eps)), the third takes it past (kappa ~ 1.2 /
+    # (32 eps)); none is refused (that takes eps kappa >= 1).
+    grads = [u * math.sqrt(0.6 / 32 / eps * k) for k in (1, 2, 3)]
     op.update(grads[0])
     op.update(grads[1])
     before = (op.slots, op.matvec(u))

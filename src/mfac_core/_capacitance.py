@@ -49,6 +49,7 @@ __all__ = [
     "relative_column_drift",
     "factorize",
     "is_hopeless",
+    "is_imprecise",
     "excess_bounds",
     "kappa_bounds",
     "lambda_max_bounds",
@@ -63,6 +64,12 @@ DRIFT_TOL = 1e-10
 
 #: float64's machine epsilon, the unit of the hopeless rule for the float64 passes.
 EPS64 = 2.0**-52
+#: ``eps * kappa`` from which the operators warn that products may have no correct digit.
+#: Vectors near the gradients' span lose up to about ``c eps(float64) kappa``, with c up to
+#: 25 measured (nearly collinear gradients, rank-deficient dense blocks: 0.94 relative at
+#: eps kappa = 0.75, 7 % at 0.44), so the warning comes at 1/32 of where eps kappa alone
+#: reaches 1. A window refuses a gradient only from eps kappa >= 1 (:func:`is_hopeless`).
+WARN_EPS_KAPPA = 2.0**-5
 #: How warnings name the precision of the passes' accumulation.
 PASSES_DTYPE = "float64 (the passes' accumulation)"
 
@@ -224,11 +231,21 @@ def factorization_error(
 
 
 def is_hopeless(kappa_lower: Any, *, eps: float) -> Any:
-    """Whether ``eps * kappa >= 1``: products may then have no correct digit.
+    """Whether ``eps * kappa >= 1``: products then have no correct digit in general.
 
-    A pure function of its argument, so it also takes (traced) arrays.
+    The rule by which a window refuses a gradient. A pure function of its argument, so
+    it also takes (traced) arrays.
     """
     return eps * kappa_lower >= 1.0
+
+
+def is_imprecise(kappa_lower: Any, *, eps: float) -> Any:
+    """Whether ``eps * kappa >= WARN_EPS_KAPPA``: products may have no correct digit.
+
+    The rule of the warning (:func:`warn_if_hopeless`), earlier than :func:`is_hopeless`
+    by the constant that the worst vectors' error carries.
+    """
+    return eps * kappa_lower >= WARN_EPS_KAPPA
 
 
 def smallest_window_damp(xp: Any, dtype: Any, count: int) -> float:
@@ -276,15 +293,15 @@ def check_window_damp(xp: Any, dtype: Any, num_grads: int, zero_init: bool, damp
 
 
 def warn_if_hopeless(kappa_lower: float, *, damp: float, eps: float, dtype: Any) -> None:
-    """Warn when ``eps * kappa >= 1`` (:func:`is_hopeless`).
+    """Warn when ``eps * kappa >= 1/32`` (:func:`is_imprecise`).
 
     The warning names the user's line that led here (``user_stacklevel``).
     """
-    if is_hopeless(kappa_lower, eps=eps):
+    if is_imprecise(kappa_lower, eps=eps):
         warnings.warn(
             f"F is so ill-conditioned (kappa >= {kappa_lower:.3g}, damp={damp:g}) that "
-            f"{dtype} products may have no correct digits; increase damp"
-            + (" or use float64" if eps > 1e-15 else ""),
+            f"{dtype} products may have no correct digits (eps * kappa >= 1/32); "
+            "increase damp" + (" or use float64" if eps > 1e-15 else ""),
             IllConditionedWarning,
             stacklevel=user_stacklevel(),
         )

@@ -241,7 +241,7 @@ class DynamicIHVP(WindowCopies):
         Warns
         -----
         IllConditionedWarning
-            Where ``eps(float64) kappa >= 1`` for the window built, as every
+            Where ``eps(float64) kappa >= 1/32`` for the window built, as every
             set-up (:class:`StaticIHVP`, :meth:`set_damp`) warns: the gradients
             are the caller's whole window. :meth:`update` refuses such a
             gradient instead, which the window would otherwise keep for m

@@ -310,7 +310,7 @@ def factorized(
 
 
 def warn_if_hopeless(op: Any, factor: CapacitanceFactor) -> None:
-    """Warn, once until the window recovers, when eps(float64) * kappa >= 1.
+    """Warn, once until the window recovers, when eps(float64) * kappa >= 1/32.
 
     The passes and the factor are float64 whatever the storage dtype
     (docs/mathematics.rst, "Exact passes"), so the storage's own eps does not
@@ -321,7 +321,7 @@ def warn_if_hopeless(op: Any, factor: CapacitanceFactor) -> None:
     """
     if factor.kappa is None:
         return
-    hopeless = bool(_capacitance.is_hopeless(factor.kappa[0], eps=_capacitance.EPS64))
+    hopeless = bool(_capacitance.is_imprecise(factor.kappa[0], eps=_capacitance.EPS64))
     if hopeless and not getattr(op, "_warned_hopeless", False):
         damp = factor.shift / (op.num_grads if op.zero_init else max(factor.size, 1))
         _capacitance.warn_if_passes_hopeless(factor.kappa[0], damp=damp)
