@@ -94,7 +94,11 @@ def product_rows(m: int, d: int, repeat: int, rng: np.random.Generator) -> list[
     except ImportError:
         torch = None
     if torch is not None:
-        Gb = torch.from_numpy(G32).to(torch.bfloat16)
+        # G over NumPy memory, as the floor's: NumPy asks Linux for transparent huge pages,
+        # PyTorch's CPU allocator does not, and with 4 KiB pages both passes (the floor's
+        # too) run about 1.2x slower (docs/design.rst, "A window's buffer").
+        Gb = torch.from_numpy(np.empty(G32.shape, dtype=np.uint16)).view(torch.bfloat16)
+        Gb.copy_(torch.from_numpy(G32))
         xt = torch.from_numpy(x)
         ops["bfloat16"] = StaticIHVP(Gb, damp=damp, check_finite=False)
         cands["StaticIHVP bfloat16 (torch)"] = (lambda _: ops["bfloat16"] @ xt, None)
