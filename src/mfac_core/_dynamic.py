@@ -470,9 +470,10 @@ class DynamicIHVP(WindowCopies):
         -----
         IllConditionedWarning
             Where the window's gradients with the new damping make
-            ``eps(float64) kappa >= 1``; later gradients of their size are
-            then refused by :meth:`update`. The damping is changed all the
-            same (after an error, the operator keeps its old one).
+            ``eps(float64) kappa >= 1/32``; from ``eps(float64) kappa >= 1``
+            later gradients of their size are refused by :meth:`update`. The
+            damping is changed all the same (after an error, the operator
+            keeps its old one).
         """
         redamped(self, damp)
 
