@@ -305,6 +305,36 @@ def test_a_group_option_edited_into_a_non_number_is_refused_before_the_step(key,
         opt.step()
 
 
+@pytest.mark.parametrize(
+    ("key", "value", "said"),
+    [
+        ("lr", torch.tensor(0.1, device="meta"), "a tensor on meta, but the parameters are on cpu"),
+        ("momentum", torch.tensor(0.5, device="meta"), "a tensor on meta"),
+        ("weight_decay", torch.tensor(0.1, device="meta"), "a tensor on meta"),
+        ("momentum", torch.tensor(0.5 + 0j), "a torch.complex64 tensor"),
+    ],
+)
+def test_a_tensor_group_option_the_step_cannot_use_is_refused_before_the_step(key, value, said):
+    # A one-element tensor on another device (a CUDA lr over CPU parameters; the meta device
+    # stands in for it) or a complex one passed the type check and failed after the window
+    # had taken the gradient ("Tensor on device meta is not on the expected device cpu!",
+    # "result type ComplexFloat can't be cast to the desired output type Float").
+    model, opt = trained(steps=2)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    before = everything(opt)  # with the option as it was: torch.equal has no meta kernel
+    params = [p.detach().clone() for p in model.parameters()]
+    kept, opt.param_groups[0][key] = opt.param_groups[0][key], value
+    with pytest.raises(TypeError, match=rf"^MFAC: {key} of parameter group 0 is {re.escape(said)}"):
+        opt.step()
+    opt.param_groups[0][key] = kept
+    same(everything(opt), before)
+    for p, q in zip(model.parameters(), params, strict=True):
+        assert torch.equal(p, q)
+    opt.param_groups[0][key] = torch.tensor(0.0)  # a CPU tensor serves any device
+    opt.step()
+
+
 # -- learning rates and dtypes --------------------------------------------------------------
 
 
