@@ -243,9 +243,10 @@ class DynamicIHVP(WindowCopies):
         IllConditionedWarning
             Where ``eps(float64) kappa >= 1/32`` for the window built, as every
             set-up (:class:`StaticIHVP`, :meth:`set_damp`) warns: the gradients
-            are the caller's whole window. :meth:`update` refuses such a
-            gradient instead, which the window would otherwise keep for m
-            steps (docs/mathematics.rst, "When the set-up fails or warns").
+            are the caller's whole window. From ``eps(float64) kappa >= 1``
+            :meth:`update` refuses such a gradient instead (below, it warns as
+            here), which the window would otherwise keep for m steps
+            (docs/mathematics.rst, "When the set-up fails or warns").
         """
         forward = _deprecation.sharded_form(cls, "DynamicIHVP.from_window", options)
         if forward is not None:
