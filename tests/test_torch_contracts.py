@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import fractions
 import os
 import re
 import subprocess
@@ -333,6 +334,24 @@ def test_a_tensor_group_option_the_step_cannot_use_is_refused_before_the_step(ke
         assert torch.equal(p, q)
     opt.param_groups[0][key] = torch.tensor(0.0)  # a CPU tensor serves any device
     opt.step()
+
+
+@pytest.mark.parametrize("key", ["lr", "momentum", "weight_decay"])
+def test_a_group_option_edited_into_a_fraction_steps_as_its_float(key):
+    # Regression: a fractions.Fraction is a numbers.Real, so the step's check let it by,
+    # and torch refused it ("argument 'alpha' must be Number, not Fraction") after the
+    # window had taken the gradient. The constructor reads it as its float; so does a step.
+    value = fractions.Fraction(1, 4)
+    models = []
+    for option in (value, float(value)):
+        model, opt = trained(steps=2)
+        opt.param_groups[0][key] = option
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
+        opt.step()
+        models.append(model)
+    for p, q in zip(*(m.parameters() for m in models), strict=True):
+        assert torch.equal(p, q)
 
 
 # -- learning rates and dtypes --------------------------------------------------------------

@@ -316,9 +316,11 @@ def scalar(value: Any) -> Any:
     """A group option as a step uses it: a one-element tensor 0-d, so that it never broadcasts.
 
     A ``(1, 1)`` momentum made ``buf.mul_`` fail after the window had taken the gradient,
-    and a ``(1,)`` weight decay was no ``alpha`` for ``add_``.
+    and a ``(1,)`` weight decay was no ``alpha`` for ``add_``. Any other real number is
+    read as a float: torch takes no ``fractions.Fraction`` (a ``numbers.Real`` that
+    :func:`check_options` lets by), as it failed there too.
     """
-    return value.reshape(()) if isinstance(value, torch.Tensor) else value
+    return value.reshape(()) if isinstance(value, torch.Tensor) else float(value)
 
 
 def _where(p: torch.Tensor, i: int, j: int) -> str:
@@ -378,7 +380,7 @@ def culprit(opt: Any) -> str:
 def apply(opt: Any, s: torch.Tensor) -> None:
     momentum = opt._entry["momentum_buffer"]
     for group, layout in zip(opt.param_groups, opt._slices, strict=True):
-        lr, mu = group["lr"], scalar(group["momentum"])
+        lr, mu = scalar(group["lr"]), scalar(group["momentum"])
         for p, lo, hi in layout:
             d_p = s[lo:hi]
             if mu:
