@@ -357,6 +357,13 @@ def test_a_group_option_edited_into_a_fraction_steps_as_its_float(key):
 # -- learning rates and dtypes --------------------------------------------------------------
 
 
+def test_a_meta_tensor_learning_rate_is_refused_by_name():
+    # Regression: float(lr) failed with "Tensor.item() cannot be called on meta tensors".
+    p = nn.Parameter(torch.zeros(2))
+    with pytest.raises(ValueError, match=r"^lr is a tensor on the meta device"):
+        MFAC([p], lr=torch.tensor(0.1, device="meta"), num_grads=2)
+
+
 def test_a_tensor_learning_rate_that_requires_grad_is_refused_by_name():
     # The refusal showed only the shape and dtype, "got shape (), dtype torch.float32",
     # of a one-element float tensor: what was wrong, requires_grad, went unsaid.
