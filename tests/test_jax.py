@@ -10,6 +10,7 @@ show users ``jax.config.update("jax_enable_x64", True)``, run in a child process
 from __future__ import annotations
 
 import doctest
+import math
 import os
 import re
 import subprocess
@@ -1156,6 +1157,20 @@ def test_a_damping_that_inject_hyperparams_rounds_to_zero_says_so():
         assert float(kept.init(params).hyperparams["damp"]) > 0
     with pytest.raises(ValueError, match=r"^damp must be finite and > 0, got 0\.0$"):
         mj.mfac(damp=jnp.asarray(0.0, jnp.float32)).init(params)  # no hint: not rounded
+
+
+def test_a_2_byte_hyperparameter_that_no_rounding_explains_names_no_cast():
+    # Regression: a negative or NaN 2-byte value (given so, not rounded out of range) was
+    # refused with the inject_hyperparams hint, which sent the user after a cast that did not
+    # happen; a momentum rounded up to 1.0 still gets it.
+    params = {"w": jnp.ones(3, jnp.float16)}
+    for value in (-1.0, math.nan):
+        with pytest.raises(ValueError, match=r"^damp must be finite and > 0, got [-\w.]+$"):
+            mj.mfac(damp=jnp.asarray(value, jnp.float16)).init(params)
+        with pytest.raises(ValueError, match=r"^learning_rate must be .*, got [-\w.]+$"):
+            mj.mfac_sgd(learning_rate=jnp.asarray(value, jnp.bfloat16))
+    with pytest.raises(ValueError, match=r"got 1\.0 \(a bfloat16 array: .*hyperparam_dtype"):
+        mj.mfac_sgd(learning_rate=0.1, momentum=jnp.asarray(0.9999, jnp.bfloat16))
 
 
 @pytest.mark.skipif(not hasattr(jax, "set_mesh"), reason="JAX without explicit sharding")

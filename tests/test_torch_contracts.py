@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import fractions
 import os
 import re
 import subprocess
@@ -305,7 +306,62 @@ def test_a_group_option_edited_into_a_non_number_is_refused_before_the_step(key,
         opt.step()
 
 
+@pytest.mark.parametrize(
+    ("key", "value", "said"),
+    [
+        ("lr", torch.tensor(0.1, device="meta"), "a tensor on meta, but the parameters are on cpu"),
+        ("momentum", torch.tensor(0.5, device="meta"), "a tensor on meta"),
+        ("weight_decay", torch.tensor(0.1, device="meta"), "a tensor on meta"),
+        ("momentum", torch.tensor(0.5 + 0j), "a torch.complex64 tensor"),
+    ],
+)
+def test_a_tensor_group_option_the_step_cannot_use_is_refused_before_the_step(key, value, said):
+    # A one-element tensor on another device (a CUDA lr over CPU parameters; the meta device
+    # stands in for it) or a complex one passed the type check and failed after the window
+    # had taken the gradient ("Tensor on device meta is not on the expected device cpu!",
+    # "result type ComplexFloat can't be cast to the desired output type Float").
+    model, opt = trained(steps=2)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    before = everything(opt)  # with the option as it was: torch.equal has no meta kernel
+    params = [p.detach().clone() for p in model.parameters()]
+    kept, opt.param_groups[0][key] = opt.param_groups[0][key], value
+    with pytest.raises(TypeError, match=rf"^MFAC: {key} of parameter group 0 is {re.escape(said)}"):
+        opt.step()
+    opt.param_groups[0][key] = kept
+    same(everything(opt), before)
+    for p, q in zip(model.parameters(), params, strict=True):
+        assert torch.equal(p, q)
+    opt.param_groups[0][key] = torch.tensor(0.0)  # a CPU tensor serves any device
+    opt.step()
+
+
+@pytest.mark.parametrize("key", ["lr", "momentum", "weight_decay"])
+def test_a_group_option_edited_into_a_fraction_steps_as_its_float(key):
+    # Regression: a fractions.Fraction is a numbers.Real, so the step's check let it by,
+    # and torch refused it ("argument 'alpha' must be Number, not Fraction") after the
+    # window had taken the gradient. The constructor reads it as its float; so does a step.
+    value = fractions.Fraction(1, 4)
+    models = []
+    for option in (value, float(value)):
+        model, opt = trained(steps=2)
+        opt.param_groups[0][key] = option
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
+        opt.step()
+        models.append(model)
+    for p, q in zip(*(m.parameters() for m in models), strict=True):
+        assert torch.equal(p, q)
+
+
 # -- learning rates and dtypes --------------------------------------------------------------
+
+
+def test_a_meta_tensor_learning_rate_is_refused_by_name():
+    # Regression: float(lr) failed with "Tensor.item() cannot be called on meta tensors".
+    p = nn.Parameter(torch.zeros(2))
+    with pytest.raises(ValueError, match=r"^lr is a tensor on the meta device"):
+        MFAC([p], lr=torch.tensor(0.1, device="meta"), num_grads=2)
 
 
 def test_a_tensor_learning_rate_that_requires_grad_is_refused_by_name():

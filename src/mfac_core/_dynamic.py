@@ -243,9 +243,9 @@ class DynamicIHVP(WindowCopies):
         IllConditionedWarning
             Where ``eps(float64) kappa >= 1/32`` for the window built, as every
             set-up (:class:`StaticIHVP`, :meth:`set_damp`) warns: the gradients
-            are the caller's whole window. :meth:`update` refuses such a
-            gradient instead, which the window would otherwise keep for m
-            steps (docs/mathematics.rst, "When the set-up fails or warns").
+            are the caller's whole window. :meth:`update` warns too, and from
+            ``eps(float64) kappa >= 1`` refuses such a gradient, which the window
+            would keep for m steps (docs/mathematics.rst, "When the set-up fails or warns").
         """
         forward = _deprecation.sharded_form(cls, "DynamicIHVP.from_window", options)
         if forward is not None:
@@ -470,9 +470,9 @@ class DynamicIHVP(WindowCopies):
         -----
         IllConditionedWarning
             Where the window's gradients with the new damping make
-            ``eps(float64) kappa >= 1``; later gradients of their size are
-            then refused by :meth:`update`. The damping is changed all the
-            same (after an error, the operator keeps its old one).
+            ``eps(float64) kappa >= 1/32`` (:meth:`update` refuses gradients
+            of their size from 1). The damping is changed all the same (after
+            an error, the operator keeps its old one).
         """
         redamped(self, damp)
 

@@ -100,9 +100,11 @@ def hyper(value: Any, name: str, check: Any) -> Any:
     try:
         check(value if numpy_scalar else concrete)
     except ValueError as exc:
-        if not (jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < 4):
+        # A value given as 1e-8 reads 0.0 here (1e5 inf, a momentum of 0.9999 1.0): say
+        # where it was rounded. Rounding makes no NaN and no negative value out of a valid
+        # one, so those are refused as they are, with no word of a cast.
+        if not (jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < 4 and concrete >= 0):
             raise
-        # A value given as 1e-8 reads 0.0 here: say where it was rounded.
         raise ValueError(
             f"{exc} (a {dtype.name} array: optax.inject_hyperparams casts float "
             "hyper-parameters to the parameters' widest float dtype; give it "

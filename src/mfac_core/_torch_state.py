@@ -84,6 +84,8 @@ def check_lr(lr: Any, where: str) -> Any:
                 f"got shape {tuple(lr.shape)}, dtype {lr.dtype}"
                 + (", requires_grad=True (pass lr.detach())" if lr.requires_grad else "")
             )
+        if lr.is_meta:  # float() below would fail with "item() cannot be called on meta"
+            raise ValueError(f"{where} is a tensor on the meta device, which holds no value")
         check_number(float(lr), where, low=0.0)
         return lr
     return check_number(lr, where, low=0.0)

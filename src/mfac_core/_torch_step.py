@@ -277,12 +277,15 @@ def check_options(opt: Any) -> None:
     Only types are read (a tensor ``lr``'s value would cost a device sync per step): a
     ``None`` or a string failed in the middle of the parameters' move, after the window
     had taken the gradient, with Python's bare "bad operand type" (a ``None`` momentum or
-    weight decay was taken for zero).
+    weight decay was taken for zero). A tensor's device and dtype are read too: one on
+    another device than the parameters' or the CPU's (a CUDA ``lr`` for CPU parameters,
+    the meta device), or a complex one, failed the same way.
     """
     for j, group in enumerate(opt.param_groups):
         for key in GROUP_KEYS:
             value = group.get(key)
             if isinstance(value, torch.Tensor) and value.numel() == 1:
+                check_tensor_option(opt, value, f"{key} of parameter group {j}")
                 continue
             if isinstance(value, numbers.Real):
                 continue
@@ -293,13 +296,31 @@ def check_options(opt: Any) -> None:
             )
 
 
+def check_tensor_option(opt: Any, value: torch.Tensor, where: str) -> None:
+    """Refuse a one-element tensor option that the parameters' arithmetic cannot take."""
+    if value.is_complex() or value.dtype == torch.bool:
+        raise TypeError(
+            f"MFAC: {where} is a {value.dtype} tensor: a step needs a real one (the step "
+            "was not taken, nothing changed)"
+        )
+    if value.device.type != "cpu" and value.device != opt.device:
+        # A 0-d CPU tensor goes into any device's arithmetic as a number; others do not.
+        raise TypeError(
+            f"MFAC: {where} is a tensor on {value.device}, but the parameters are on "
+            f"{opt.device}: put it there or on the CPU (the step was not taken, nothing "
+            "changed)"
+        )
+
+
 def scalar(value: Any) -> Any:
     """A group option as a step uses it: a one-element tensor 0-d, so that it never broadcasts.
 
     A ``(1, 1)`` momentum made ``buf.mul_`` fail after the window had taken the gradient,
-    and a ``(1,)`` weight decay was no ``alpha`` for ``add_``.
+    and a ``(1,)`` weight decay was no ``alpha`` for ``add_``. Any other real number is
+    read as a float: torch takes no ``fractions.Fraction`` (a ``numbers.Real`` that
+    :func:`check_options` lets by), as it failed there too.
     """
-    return value.reshape(()) if isinstance(value, torch.Tensor) else value
+    return value.reshape(()) if isinstance(value, torch.Tensor) else float(value)
 
 
 def _where(p: torch.Tensor, i: int, j: int) -> str:
@@ -359,7 +380,7 @@ def culprit(opt: Any) -> str:
 def apply(opt: Any, s: torch.Tensor) -> None:
     momentum = opt._entry["momentum_buffer"]
     for group, layout in zip(opt.param_groups, opt._slices, strict=True):
-        lr, mu = group["lr"], scalar(group["momentum"])
+        lr, mu = scalar(group["lr"]), scalar(group["momentum"])
         for p, lo, hi in layout:
             d_p = s[lo:hi]
             if mu:

@@ -455,7 +455,8 @@ class MFAC(torch.optim.Optimizer):
             construction); nothing changes.
         TypeError
             For a group's ``lr``, ``momentum`` or ``weight_decay`` edited into other
-            than a real number or a one-element tensor; nothing changes.
+            than a real number or a one-element real tensor on the parameters' device
+            or the CPU; nothing changes.
         """
         loss = None
         if closure is not None:
