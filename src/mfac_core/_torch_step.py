@@ -316,9 +316,10 @@ def scalar(value: Any) -> Any:
     """A group option as a step uses it: a one-element tensor 0-d, so that it never broadcasts.
 
     A ``(1, 1)`` momentum made ``buf.mul_`` fail after the window had taken the gradient,
-    and a ``(1,)`` weight decay was no ``alpha`` for ``add_``. Any other real number is
-    read as a float: torch takes no ``fractions.Fraction`` (a ``numbers.Real`` that
-    :func:`check_options` lets by), as it failed there too.
+    a ``(1,)`` weight decay was no ``alpha`` for ``add_``, and a ``(1,)`` lr broadcast a 0-d
+    parameter's step to ``(1,)`` (a ``(1, 1)`` lr a vector's to ``(1, n)``). Any other real
+    number is read as a float: torch takes no ``fractions.Fraction`` (a ``numbers.Real``
+    that :func:`check_options` lets by), as it failed there too.
     """
     return value.reshape(()) if isinstance(value, torch.Tensor) else float(value)
 
@@ -407,10 +408,8 @@ def move(local: torch.Tensor, d_p: torch.Tensor, lr: Any) -> None:
     """``theta -= lr * d_p``, computed in the step's dtype and rounded to the parameter's once."""
     step = d_p.view(local.shape)
     wide = local if local.dtype == step.dtype else local.to(step.dtype)
-    if isinstance(lr, torch.Tensor):
-        # 0-d: a one-element lr of another shape, torch.tensor([lr]), would broadcast a
-        # 0-d parameter's step to (1,) (or a vector's to (1, n) for a (1, 1) lr) and fail.
-        wide.addcmul_(step, lr.to(step.dtype).reshape(()), value=-1)
+    if isinstance(lr, torch.Tensor):  # 0-d (scalar()), so that it never broadcasts the step
+        wide.addcmul_(step, lr.to(step.dtype), value=-1)
     else:
         wide.add_(step, alpha=-lr)
     if wide is not local:

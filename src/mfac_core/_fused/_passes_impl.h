@@ -577,6 +577,7 @@ ISA_ATTR static void NAME(stage64_f16)(const uint16_t *V, Py_ssize_t ld, Py_ssiz
     const int lanes = VBYTES / 8;                                                           \
     const Py_ssize_t gran = 2 * lanes;                                                      \
     const int direct = (DIRECT) && c64_rows_spread(ld * (Py_ssize_t)sizeof(S));             \
+    const int pf_l2 = direct && (sizeof(S) == 8 || kk <= C64_NKR); /* C64_FETCH_NEXT */   \
     for (Py_ssize_t jc = j0; jc < j1; jc += C64_CHUNK) {                                    \
         const Py_ssize_t je = jc + C64_CHUNK < j1 ? jc + C64_CHUNK : j1;                    \
         const Py_ssize_t jt = jc + ((je - jc) / gran) * gran;                               \
@@ -613,7 +614,6 @@ ISA_ATTR static void NAME(stage64_f16)(const uint16_t *V, Py_ssize_t ld, Py_ssiz
                 const Py_ssize_t ntiles = (kk + C64_NKR - 1) / C64_NKR                      \
                                           * (w / (3 * lanes) + w % (3 * lanes) / lanes);    \
                 Py_ssize_t tile = 0, pf_row = 0;                                            \
-                const int pf_l2 = direct && (sizeof(S) == 8 || kk <= C64_NKR);              \
                 C64_PANEL(T, LOADT);                                                        \
             }                                                                               \
         }                                                                                   \
