@@ -362,6 +362,20 @@ def test_to_numpy_torch_grad_and_half():
     assert to_numpy(torch.ones(2, dtype=torch.float16)).dtype == np.float32
 
 
+def test_to_numpy_and_assert_close_of_ml_dtypes_bfloat16():
+    # JAX's bfloat16 arrays, and np.asarray of them, are ml_dtypes' bfloat16 (kind "V"):
+    # float32, as PyTorch's bfloat16; they were refused as "not an array of numbers".
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    d = np.linspace(1, 2, 20)
+    b = d.astype(ml_dtypes.bfloat16)
+    out = to_numpy(b)
+    assert out.dtype == np.float32
+    np.testing.assert_array_equal(out, b.astype(np.float32))
+    assert_close(b, d)  # at bfloat16's precision
+    with pytest.raises(AssertionError, match="bfloat16"):
+        assert_close((d + 0.5).astype(ml_dtypes.bfloat16), d)
+
+
 # -- assert_close -------------------------------------------------------------------------
 
 

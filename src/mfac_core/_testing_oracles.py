@@ -61,8 +61,8 @@ def to_numpy(x: Any) -> np.ndarray:
 
 
 def _on_host(x: Any, *, reals: bool = False) -> np.ndarray:
-    # ``x`` as a NumPy array of its own dtype, for to_numpy and index_numpy (PyTorch's
-    # 2-byte floats become float32: NumPy has no bfloat16). With ``reals``, Python's own
+    # ``x`` as a NumPy array of its own dtype, for to_numpy and index_numpy (bfloat16,
+    # PyTorch's or ml_dtypes', and PyTorch's float16 become float32). With ``reals``, Python's own
     # real numbers that NumPy holds as objects (an int beyond int64, a Fraction) become
     # float64, as they did before object arrays were refused.
     if isinstance(x, np.ndarray | np.generic | float | int | list | tuple):
@@ -92,6 +92,10 @@ def _on_host(x: Any, *, reals: bool = False) -> np.ndarray:
         and all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in out.flat)
     ):
         out = out.astype(np.float64)
+    if out.dtype.name == "bfloat16":
+        # ml_dtypes' (JAX's bfloat16 in NumPy), of kind "V": float32 holds it exactly, as
+        # it holds PyTorch's bfloat16 above.
+        out = out.astype(np.float32)
     if out.dtype.kind not in "biufc":
         # None, a string or a ragged list: an object array became NaN as float64 (and
         # assert_close(None, None) said "desired holds NaN").
