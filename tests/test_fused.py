@@ -602,6 +602,11 @@ def test_supports64(rng):
         assert _fused.supports64(V.astype(dt))
     if ml_dtypes is not None:
         assert _fused.supports64(V.astype(ml_dtypes.bfloat16))
+        # A bfloat16 in the other byte order is named bfloat16 too; its bits are swapped.
+        swapped = np.dtype(ml_dtypes.bfloat16).newbyteorder("S")
+        assert not _fused.supports64(V.astype(swapped))
+        with pytest.raises(TypeError, match="not a storage dtype"):
+            _fused.project64(V.astype(swapped), V[:1], start=0, stop=10)
     assert not _fused.supports64(V.astype(np.uint16))  # bits: only with storage= named
     assert not _fused.supports64(V.astype(np.int32))
     assert not _fused.supports64(V.astype(">f4"))

@@ -406,13 +406,16 @@ def widen64(
 def _storage_of(dtype: np.dtype) -> str | None:
     """The storage name of a dtype that the float64 kernels read, else ``None``.
 
-    bfloat16 is recognised by name (ml_dtypes' dtype), so that ml_dtypes is not needed.
+    bfloat16 is recognised by name (ml_dtypes' dtype), so that ml_dtypes is not needed; in
+    the machine's byte order only (a byte-swapped bfloat16 has the name too).
     """
     native = _NATIVE_STORAGES.get(dtype)
     if native is not None:
         return native  # the common dtypes without ``dtype.name`` (a few microseconds)
     name = dtype.name
-    if name in STORAGES and (name == "bfloat16" or dtype == np.dtype(name)):
+    if name == "bfloat16":
+        return name if dtype.isnative else None
+    if name in STORAGES and dtype == np.dtype(name):
         return name
     return None
 
