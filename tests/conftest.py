@@ -84,7 +84,14 @@ class Backend:
     make: Callable[[Any, Any], Any]
 
     def dtype(self, name: str) -> Any:
-        """The namespace's dtype called ``name`` ("float32", "int64", ...)."""
+        """The namespace's dtype called ``name`` ("float32", "int64", ...).
+
+        NumPy's "bfloat16" is ml_dtypes' (JAX's bfloat16 in NumPy), which the namespace lacks.
+        """
+        if name == "bfloat16" and self.is_numpy:
+            import ml_dtypes
+
+            return np.dtype(ml_dtypes.bfloat16)
         return getattr(self.xp, name)
 
     def asarray(self, a: Any, dtype: str | None = None) -> Any:

@@ -458,33 +458,47 @@ def _arrays(out):
 
 
 @pytest.mark.parametrize("masked", [False, True])
-@pytest.mark.parametrize("storage", ["float16", "bfloat16"])
+@pytest.mark.parametrize(
+    ("library", "storage"), [("torch", "float16"), ("torch", "bfloat16"), ("numpy", "bfloat16")]
+)
 @pytest.mark.parametrize("which", list(_ENTRY_POINTS))
-def test_every_entry_point_prepares_two_byte_gradients_and_masks_alike(which, storage, masked):
+def test_every_entry_point_prepares_two_byte_gradients_and_masks_alike(
+    which, library, storage, masked
+):
     # Every entry point checks G, zeros it where the mask prunes (NaN there included: the
     # pruned coordinates must not matter) and keeps 2-byte G in 2 bytes, so each gives
     # what it gives for the same values in float32 with zeros at the pruned coordinates.
-    torch = pytest.importorskip("torch")
+    # NumPy's bfloat16 is ml_dtypes'.
     rng = np.random.default_rng(7)
     d, m = 24, 6
-    theta = torch.tensor(rng.standard_normal(d), dtype=torch.float32)
-    G2 = torch.tensor(rng.standard_normal((m, d))).to(getattr(torch, storage))
+    theta = rng.standard_normal(d).astype(np.float32)
+    G = rng.standard_normal((m, d))
+    keep = np.arange(d) % 4 != 1
+    if library == "torch":
+        torch = pytest.importorskip("torch")
+        theta, keep = torch.tensor(theta), torch.tensor(keep)
+        G2 = torch.tensor(G).to(getattr(torch, storage))
+        where, reference = torch.where, G2.float()
+    else:
+        G2 = G.astype(pytest.importorskip("ml_dtypes").bfloat16)
+        where, reference = np.where, G2.astype(np.float32)
     mask = None
-    reference = G2.float()
     if masked:
-        mask = torch.tensor(np.arange(d) % 4 != 1)
+        mask = keep
         G2[:, ~mask] = float("nan")
-        reference = torch.where(mask, reference, 0.0)
-    theta = torch.where(mask, theta, 0.0) if masked else theta
+        reference = where(mask, reference, 0.0)
+        theta = where(mask, theta, 0.0)
     fn = _ENTRY_POINTS[which]
     got, want = _arrays(fn(theta, G2, mask)), _arrays(fn(theta, reference, mask))
     assert len(got) == len(want) > 0
     for a, b in zip(got, want, strict=True):
         assert a.dtype == b.dtype
-        if a.dtype == torch.bool:
-            assert torch.equal(a, b)
+        exact = str(a.dtype) in ("bool", "torch.bool")  # the masks and selections
+        a, b = to_numpy(a), to_numpy(b)
+        if exact:
+            np.testing.assert_array_equal(a, b)
         else:
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("storage", ["float16", "bfloat16"])

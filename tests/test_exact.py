@@ -28,6 +28,16 @@ BOUND = 8.0
 KAPPAS = (1e2, 1e4, 1e5, 1e7)
 
 
+#: The libraries and storages of the products' tests (NumPy's bfloat16 is ml_dtypes').
+_LIBS_STORAGES = [
+    ("numpy", "float32"),
+    ("torch", "float32"),
+    ("numpy", "float16"),
+    ("numpy", "bfloat16"),
+    ("torch", "bfloat16"),
+]
+
+
 def spread_grads(
     rng: np.random.Generator, m: int, d: int, storage: str, *, decay: float = 0.0
 ) -> np.ndarray:
@@ -41,9 +51,18 @@ def spread_grads(
     G = mean + rng.standard_normal((m, d)) * np.logspace(0, -decay, m)[:, None]
     G /= np.linalg.norm(G, 2) / np.sqrt(m)  # ||G||_2^2 / m = 1
     if storage == "bfloat16":
+        return _bfloat16_values(G)
+    return rounded(G, storage)
+
+
+def _bfloat16_values(G: np.ndarray) -> np.ndarray:
+    """``G`` rounded to bfloat16 (to nearest even, as ml_dtypes and PyTorch round), in float64."""
+    try:
+        import ml_dtypes
+    except ImportError:
         torch = pytest.importorskip("torch")
         return torch.tensor(G).to(torch.bfloat16).to(torch.float64).numpy()
-    return rounded(G, storage)
+    return G.astype(ml_dtypes.bfloat16).astype(np.float64)
 
 
 def damp_for(G: np.ndarray, kappa: float) -> float:
@@ -119,8 +138,8 @@ def rel(y: Any, want: np.ndarray) -> float:
 
 def _as(lib: str, a: np.ndarray, storage: str) -> Any:
     if lib == "numpy":
-        if storage == "bfloat16":
-            pytest.skip("NumPy has no bfloat16")
+        if storage == "bfloat16":  # ml_dtypes' (JAX's bfloat16 in NumPy)
+            storage = pytest.importorskip("ml_dtypes").bfloat16
         return np.ascontiguousarray(a, dtype=storage)
     torch = pytest.importorskip("torch")
     return torch.tensor(a, dtype=getattr(torch, storage))
@@ -140,7 +159,7 @@ def engine_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
 @pytest.mark.parametrize("kappa", KAPPAS)
 @pytest.mark.parametrize(
     ("lib", "storage"),
-    [("numpy", "float32"), ("torch", "float32"), ("numpy", "float16"), ("torch", "bfloat16")],
+    _LIBS_STORAGES,
 )
 def test_static_products_are_exact(engine_path, lib, storage, kappa):
     rng = np.random.default_rng(int(kappa) % 1000 + 7)
@@ -157,7 +176,7 @@ def test_static_products_are_exact(engine_path, lib, storage, kappa):
 @pytest.mark.parametrize("kappa", KAPPAS)
 @pytest.mark.parametrize(
     ("lib", "storage"),
-    [("numpy", "float32"), ("torch", "float32"), ("numpy", "float16"), ("torch", "bfloat16")],
+    _LIBS_STORAGES,
 )
 def test_dynamic_products_are_exact(engine_path, lib, storage, kappa):
     rng = np.random.default_rng(int(kappa) % 1000 + 11)
@@ -228,7 +247,7 @@ def test_diagonal_and_entries_are_exact_per_coordinate(kappa, block_size):
 @pytest.mark.parametrize("kappa", KAPPAS)
 @pytest.mark.parametrize(
     ("lib", "storage"),
-    [("numpy", "float32"), ("torch", "float32"), ("numpy", "float16"), ("torch", "bfloat16")],
+    _LIBS_STORAGES,
 )
 @pytest.mark.parametrize("block_size", [None, 16, 300])
 def test_spectral_products_and_sweeps_are_exact(engine_path, lib, storage, block_size, kappa):
@@ -279,8 +298,10 @@ def test_spectral_diagonals_are_exact_per_coordinate(engine_path, kappa, block_s
 
 
 @pytest.mark.parametrize("scale", [4e-12, 1e-3, 1e17])
-@pytest.mark.parametrize("storage", ["float32", "bfloat16"])
-def test_extreme_gradient_scales(scale, storage):
+@pytest.mark.parametrize(
+    ("lib", "storage"), [("numpy", "float32"), ("numpy", "bfloat16"), ("torch", "bfloat16")]
+)
+def test_extreme_gradient_scales(scale, lib, storage):
     # Gradients near the ends of float32's range (and bfloat16 ones of 1e18, beyond
     # float32's squares): every sum of squares and coefficient is float64, so nothing
     # underflows or overflows before the result's own rounding.
@@ -291,19 +312,18 @@ def test_extreme_gradient_scales(scale, storage):
     if storage == "float32":
         G = rounded(G, "float32")
     else:
-        torch = pytest.importorskip("torch")
-        G = torch.tensor(G).to(torch.bfloat16).to(torch.float64).numpy()
+        G = _bfloat16_values(G)
     damp = damp_for(G, 1e5)
     x = vectors(G, rng)["mean"] / np.float32(scale)
     x = rounded(x, "float32")
     want = reference(G, damp, x)
-    stored = _as("torch" if storage == "bfloat16" else "numpy", G, storage)
+    stored = _as(lib, G, storage)
     static = StaticIHVP(stored, damp=damp)
     spectral = SpectralIHVP(stored, damp=damp)
     window = DynamicIHVP(m, d, damp=damp, dtype=stored.dtype, xp=_namespace(stored))
     for g in stored:
         window.update(g)
-    xin = _as("torch" if storage == "bfloat16" else "numpy", x, "float32")
+    xin = _as(lib, x, "float32")
     for op in (static, spectral, window):
         got = op @ xin
         assert rel(got, want) <= BOUND * EPS32, (type(op).__name__, rel(got, want) / EPS32)

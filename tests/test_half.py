@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import sys
 import tracemalloc
 import warnings
 
@@ -30,13 +31,16 @@ from mfac_core import (
 )
 from mfac_core.testing import assert_close, to_numpy
 
-_CASES = [("numpy", "float16"), ("torch", "float16"), ("torch", "bfloat16")]
+# NumPy's bfloat16 is ml_dtypes' (JAX's bfloat16 gradients as NumPy arrays).
+_CASES = [("numpy", "float16"), ("numpy", "bfloat16"), ("torch", "float16"), ("torch", "bfloat16")]
 _IDS = [f"{b}-{d}" for b, d in _CASES]
 
 
-def _backend(name: str):
+def _backend(name: str, dtype: str | None = None):
     if name == "torch":
         pytest.importorskip("torch")
+    if name == "numpy" and dtype == "bfloat16":
+        pytest.importorskip("ml_dtypes")
     return _BACKENDS[name]()
 
 
@@ -50,9 +54,13 @@ def _as64(a) -> np.ndarray:
 def _store(dtype: str, a: np.ndarray) -> np.ndarray:
     """``a`` rounded to the 2-byte ``dtype`` (round to nearest even), in float64."""
     if dtype == "bfloat16":
-        import torch
+        try:
+            import ml_dtypes
+        except ImportError:  # PyTorch's cases without JAX: PyTorch rounds alike
+            import torch
 
-        return torch.tensor(a, dtype=torch.float32).to(torch.bfloat16).double().numpy()
+            return torch.tensor(a, dtype=torch.float32).to(torch.bfloat16).double().numpy()
+        return np.asarray(a, dtype=np.float32).astype(ml_dtypes.bfloat16).astype(np.float64)
     return rounded(a, dtype)
 
 
@@ -101,7 +109,7 @@ def _amplified(G, scale_rows, damp, x):
 )
 def test_half_window_matches_the_stored_gradients_oracle(seed, case, rank, damp, zero_init, steps):
     backend_name, dtype = case
-    backend = _backend(backend_name)
+    backend = _backend(backend_name, dtype)
     rng = np.random.default_rng(seed)
     m, d = 6, 300
     basis = np.linalg.qr(rng.standard_normal((d, rank)))[0].T
@@ -141,7 +149,7 @@ def test_half_window_matches_the_stored_gradients_oracle(seed, case, rank, damp,
 @pytest.mark.parametrize("case", _CASES, ids=_IDS)
 def test_half_window_checkpoints_edits_and_damping(case, rng):
     backend_name, dtype = case
-    backend = _backend(backend_name)
+    backend = _backend(backend_name, dtype)
     m, d, damp = 5, 400, 1e-2
     grads = rounded(rng.standard_normal((9, d)), "float32")
     op = _window_op(backend, m, d, dtype, damp=damp)
@@ -188,7 +196,7 @@ def test_half_window_checkpoints_edits_and_damping(case, rng):
 @pytest.mark.parametrize("case", _CASES, ids=_IDS)
 def test_half_window_takes_its_storage_dtype_and_refuses_overflow(case, rng):
     backend_name, dtype = case
-    backend = _backend(backend_name)
+    backend = _backend(backend_name, dtype)
     m, d = 3, 50
     op = _window_op(backend, m, d, dtype, damp=1.0)
     g = rng.standard_normal(d)
@@ -227,7 +235,7 @@ def test_half_window_dtype_is_the_librarys_float32_dtype(case):
     as a float32 window's (NumPy's ``dtype('float32')``, not the scalar type
     ``numpy.float32``), so that its repr and messages print ``dtype=float32``."""
     backend_name, dtype = case
-    backend = _backend(backend_name)
+    backend = _backend(backend_name, dtype)
     op = _window_op(backend, 2, 5, dtype, damp=0.1)
     ref = _window_op(backend, 2, 5, "float32", damp=0.1)
     assert op.dtype == ref.dtype
@@ -241,7 +249,7 @@ def test_static_and_spectral_2byte_dtype_is_the_librarys_float32_dtype(case):
     as a float32 G's operator does: NumPy's ``dtype('float32')``, with ``itemsize`` and
     ``name``, not the scalar type ``numpy.float32``."""
     backend_name, dtype = case
-    backend = _backend(backend_name)
+    backend = _backend(backend_name, dtype)
     G32 = np.random.default_rng(0).standard_normal((2, 5)).astype(np.float32)
     G = backend.asarray(_store(dtype, G32.astype(np.float64)), dtype=dtype)
     ref = StaticIHVP(backend.asarray(G32, dtype="float32"), damp=0.1)
@@ -259,7 +267,7 @@ def test_empirical_fisher_of_2byte_gradients_is_the_stored_gradients_fisher(case
     float64 Fisher of the stored gradients (per coordinate for the diagonal), float32
     results, NaN refused; a 2-byte StaticIHVP of the same G inverts it."""
     backend_name, dtype = case
-    backend = _backend(backend_name)
+    backend = _backend(backend_name, dtype)
     rng = np.random.default_rng(3)
     m, d, damp = 6, 37, 1e-3
     G64 = _store(dtype, rng.standard_normal(d) + 0.1 * rng.standard_normal((m, d)))
@@ -290,9 +298,18 @@ def test_empirical_fisher_of_2byte_gradients_is_the_stored_gradients_fisher(case
         EmpiricalFisher(backend.asarray(G64, dtype=dtype), damp=damp)
 
 
-def test_half_window_dtypes_the_library_lacks(strict_device1):
+def test_half_window_dtypes_the_library_lacks(strict_device1, monkeypatch):
     with pytest.raises(TypeError, match="no bfloat16"):
-        DynamicIHVP(2, 4, damp=1.0, dtype="bfloat16")  # NumPy
+        DynamicIHVP(2, 4, damp=1.0, dtype="bfloat16", xp=strict_device1.xp)
+    with monkeypatch.context() as mp:  # NumPy's bfloat16 is ml_dtypes', where installed
+        mp.setitem(sys.modules, "ml_dtypes", None)
+        with pytest.raises(TypeError, match=r"no bfloat16.*where ml_dtypes is installed"):
+            DynamicIHVP(2, 4, damp=1.0, dtype="bfloat16")
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    # The passes read the machine's byte order only.
+    swapped = np.dtype(ml_dtypes.bfloat16).newbyteorder("S")
+    with pytest.raises(TypeError, match="dtype must be"):
+        DynamicIHVP(2, 4, damp=1.0, dtype=swapped)
     with pytest.raises(TypeError, match="no float16"):
         DynamicIHVP(2, 4, damp=1.0, dtype="float16", xp=strict_device1.xp)
     with pytest.raises(TypeError, match="dtype"):
@@ -504,16 +521,10 @@ def test_mfac_2byte_window_with_float64_parameters():
 
 def _pruning_case(case, rng, m=8, d=120):
     backend_name, dtype = case
-    backend = _backend(backend_name)
+    backend = _backend(backend_name, dtype)
     G = _store(dtype, rng.standard_normal((m, d)) + 0.5 * rng.standard_normal(d))
     theta = rounded(rng.standard_normal(d), "float32")
-    if dtype == "bfloat16":
-        import torch
-
-        Gs = torch.tensor(G, dtype=torch.bfloat16)
-    else:
-        Gs = backend.asarray(G, dtype)
-    return backend, Gs, G, theta
+    return backend, backend.asarray(G, dtype), G, theta
 
 
 @pytest.mark.parametrize("case", _CASES, ids=_IDS)
@@ -592,7 +603,7 @@ def test_half_window_step_fast_paths_match_the_generic_ones(case, rng, monkeypat
     from mfac_core import _dynamic_checks, _dynamic_window, _engine, _fused
 
     backend_name, dtype = case
-    backend = _backend(backend_name)
+    backend = _backend(backend_name, dtype)
     xp = backend.xp
     m, d = 3, 40
     top = 7e4 if dtype == "float16" else 3.4e38  # past the storage's largest finite value
@@ -647,3 +658,83 @@ def test_half_window_step_fast_paths_match_the_generic_ones(case, rng, monkeypat
         assert all("NaN or infinity" in e for e in err_f[:3])
         assert all("overflows" in e for e in err_f[3:]), err_f
         np.testing.assert_array_equal(_as64(state_f["grads"]), _as64(state_g["grads"]))
+
+
+def _bfloat16_edge_bits(rng) -> np.ndarray:
+    """float32 bit patterns for rounding to bfloat16: random ones, exact ties (both parities
+    of the kept bit), one below and above each tie, subnormals, and values next to
+    bfloat16's largest (below, at, and past the midpoint to infinity). No NaN."""
+    rand = rng.integers(0, 2**32, size=4096, dtype=np.uint64).astype(np.uint32)
+    kept = rng.integers(0, 2**16, size=512, dtype=np.uint64).astype(np.uint32) << 16
+    tie = kept | 0x8000
+    top = np.uint32(0x7F7F0000)  # bfloat16's largest finite value, 3.3895e38
+    near = np.array([top, top | 0x7FFF, top | 0x8000, top | 0x8001, 0x7F7FFFFF], np.uint32)
+    small = np.array([1, 0x7FFF, 0x8000, 0x8001, 0x18000, 0x7FFFFF], np.uint32)
+    bits = np.concatenate([rand, tie, tie - 1, tie + 1, near, small])
+    bits = np.concatenate([bits, bits ^ np.uint32(0x80000000)])  # both signs
+    return bits[~np.isnan(bits.view(np.float32))]
+
+
+def test_numpy_bfloat16_rounds_as_pytorch_does(rng):
+    # NumPy's bfloat16 (ml_dtypes), the C extension's row write and PyTorch round float32
+    # to nearest even alike, to the bit: ties, subnormals, values past bfloat16's largest
+    # (to infinity). All 2**32 - 2**24 non-NaN patterns were compared once; this samples.
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    torch = pytest.importorskip("torch")
+    from mfac_core import _fused
+
+    f = _bfloat16_edge_bits(rng).view(np.float32)
+    want = torch.from_numpy(f.copy()).to(torch.bfloat16).view(torch.int16).numpy()
+    with np.errstate(over="ignore"):
+        got = f.astype(ml_dtypes.bfloat16)
+    np.testing.assert_array_equal(got.view(np.int16), want)
+    assert not np.isinf(f).any() and np.isinf(got.astype(np.float32)).any()  # past the top
+    if _fused.stores("bfloat16"):
+        row = np.empty(f.shape, np.uint16)
+        assert _fused.store_row(f, row, storage="bfloat16") is not None
+        np.testing.assert_array_equal(row.view(np.int16), want)
+
+
+def test_numpy_and_pytorch_bfloat16_windows_are_bit_identical(rng):
+    # The same engine reads both: the same gradients give the same stored bits, the same
+    # products and the same refusals, with and without the C extension's row write (NumPy's
+    # own path casts through ml_dtypes). And a static operator on the same bits agrees.
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    torch = pytest.importorskip("torch")
+    from mfac_core import _fused
+
+    m, d, damp = 4, 300, 1e-2
+    grads = (rng.standard_normal((m + 3, d)) * np.logspace(-3, 3, d)).astype(np.float32)
+    # Ties of both parities, one either side, subnormals.
+    edges = np.array(
+        [0x3F808000, 0x3F818000, 0x3F807FFF, 0x3F808001, 1, 0x8000, 0x18000, 0x807FFFFF]
+    )
+    grads[:, :8] = edges.astype(np.uint32).view(np.float32)
+    x = rng.standard_normal(d).astype(np.float32)
+    results = []
+    for generic in (False, True):
+        with pytest.MonkeyPatch.context() as mp:
+            if generic:
+                mp.setattr(_fused, "stores", lambda storage: False)
+            a = DynamicIHVP(m, d, damp=damp, dtype=ml_dtypes.bfloat16)
+            b = DynamicIHVP(m, d, damp=damp, dtype=torch.bfloat16, xp=torch)
+            for g in grads:
+                ya = a.update_and_matvec(g)
+                yb = b.update_and_matvec(torch.from_numpy(g))
+                np.testing.assert_array_equal(ya, yb.numpy())
+            wa, wb = a.window(), b.window()
+            assert wa.dtype == np.dtype(ml_dtypes.bfloat16) and a.storage_dtype == "bfloat16"
+            np.testing.assert_array_equal(wa.view(np.int16), wb.view(torch.int16).numpy())
+            np.testing.assert_array_equal(a @ x, (b @ torch.from_numpy(x)).numpy())
+            big = grads[0].copy()
+            big[5] = -3.4e38  # rounds to -inf in bfloat16
+            for op, g in ((a, big), (b, torch.from_numpy(big))):
+                with pytest.raises(ValueError, match="overflows its range"):
+                    op.update(g)
+            results.append(wa.copy())
+            static = StaticIHVP(wa, damp=damp)
+            static_t = StaticIHVP(wb, damp=damp)
+            assert static.storage_dtype == "bfloat16" and static.dtype == np.float32
+            np.testing.assert_array_equal(static @ x, (static_t @ torch.from_numpy(x)).numpy())
+            np.testing.assert_array_equal(static.diagonal(), static_t.diagonal().numpy())
+    np.testing.assert_array_equal(results[0].view(np.int16), results[1].view(np.int16))

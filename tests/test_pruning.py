@@ -120,20 +120,25 @@ def test_saliencies_where_theta_squared_leaves_the_float32_range(rng, damp):
         np.testing.assert_allclose(got, want, rtol=8 * eps, atol=0)
 
 
-@pytest.mark.parametrize("half", ["float16", "bfloat16"])
-def test_obd_saliency_of_2_byte_gradients_sums_in_float64(half):
+@pytest.mark.parametrize(
+    ("library", "half"), [("torch", "float16"), ("torch", "bfloat16"), ("numpy", "bfloat16")]
+)
+def test_obd_saliency_of_2_byte_gradients_sums_in_float64(library, half):
     # The squares of 2**-13 (2**-26 each) fall below half a float32 ulp of 1: summed
-    # in float32 after the row of ones they all vanish (128 eps32 at m = 1025).
-    torch = pytest.importorskip("torch")
+    # in float32 after the row of ones they all vanish (128 eps32 at m = 1025). NumPy's
+    # bfloat16 is ml_dtypes'.
     m, d, damp = 1025, 4, 2.0**-20
     G = np.full((m, d), 2.0**-13)
     G[0] = 1.0
     theta = np.array([1.0, 2.0, -0.5, 0.25])
-    got = obd_saliency(
-        torch.asarray(theta, dtype=torch.float32),
-        torch.asarray(G, dtype=getattr(torch, half)),
-        damp=damp,
-    )
+    if library == "torch":
+        torch = pytest.importorskip("torch")
+        theta_in = torch.asarray(theta, dtype=torch.float32)
+        G_in = torch.asarray(G, dtype=getattr(torch, half))
+    else:
+        theta_in = theta.astype(np.float32)
+        G_in = G.astype(pytest.importorskip("ml_dtypes").bfloat16)
+    got = obd_saliency(theta_in, G_in, damp=damp)
     want = theta**2 * (damp + np.sum(G * G, axis=0) / m) / 2
     eps32 = float(np.finfo(np.float32).eps)
     np.testing.assert_allclose(to_numpy(got).astype(np.float64), want, rtol=8 * eps32, atol=0)
@@ -141,17 +146,26 @@ def test_obd_saliency_of_2_byte_gradients_sums_in_float64(half):
 
 @pytest.mark.parametrize(
     ("library", "dtype"),
-    [("numpy", "float32"), ("numpy", "float16"), ("torch", "float32"), ("torch", "bfloat16")],
+    [
+        ("numpy", "float32"),
+        ("numpy", "float16"),
+        ("numpy", "bfloat16"),
+        ("torch", "float32"),
+        ("torch", "bfloat16"),
+    ],
 )
 @pytest.mark.parametrize("bad", [np.nan, -np.inf])
 def test_obd_saliency_refuses_non_finite_gradients_of_every_dtype(library, dtype, bad):
     # 2-byte G skips EmpiricalFisher (summed apart in float64): it is refused all the same.
+    # NumPy's bfloat16 is ml_dtypes'.
     G = np.ones((3, 4))
     G[1, 2] = bad
     theta = np.ones(4, dtype=np.float32)
     if library == "torch":
         torch = pytest.importorskip("torch")
         G_in, theta_in = torch.tensor(G).to(getattr(torch, dtype)), torch.asarray(theta)
+    elif dtype == "bfloat16":
+        G_in, theta_in = G.astype(pytest.importorskip("ml_dtypes").bfloat16), theta
     else:
         G_in, theta_in = G.astype(dtype), theta
     with pytest.raises(ValueError, match=r"^G must not contain NaN or infinity"):

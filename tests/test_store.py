@@ -9,6 +9,7 @@ import errno
 import io
 import itertools
 import os
+import sys
 import tracemalloc
 import warnings
 
@@ -331,24 +332,53 @@ def test_big_endian_gradients(tmp_path, rng):
     np.testing.assert_array_equal(store, 0)
 
 
-def test_from_gradients_of_ml_dtypes_bfloat16(rng):
-    # JAX's bfloat16 gradients reach NumPy as ml_dtypes' bfloat16, for which
-    # numpy.isdtype raises TypeError: converted to an explicit dtype, or refused by
-    # saying what to pass.
+def test_from_gradients_of_ml_dtypes_bfloat16(tmp_path, rng, monkeypatch):
+    # JAX's bfloat16 gradients reach NumPy as ml_dtypes' bfloat16 (numpy.isdtype raises
+    # TypeError for it): stored as they are, a 2-byte G as PyTorch's bfloat16 is, or
+    # converted to the dtype= asked for; float32 ones rounded to nearest even by
+    # dtype="bfloat16". They were refused without dtype=, and dtype="bfloat16" too.
     ml_dtypes = pytest.importorskip("ml_dtypes")
+    bf16 = np.dtype(ml_dtypes.bfloat16)
     m, d, damp = 4, 30, 0.1
-    B = rng.standard_normal((m, d)).astype(ml_dtypes.bfloat16)
+    B = rng.standard_normal((m, d)).astype(bf16)
     G = B.astype(np.float64)
-    with pytest.raises(TypeError, match=r"gradient 0 has dtype bfloat16.*pass dtype="):
-        StaticIHVP.from_gradients(iter(B), num_grads=m, dim=d, damp=damp)
+    oracle = SpectralOracle(G, damp)
+    x = G.mean(axis=0).astype(np.float32)
+    for dtype in (None, "bfloat16", ml_dtypes.bfloat16, bf16):
+        op = StaticIHVP.from_gradients(iter(B), num_grads=m, dim=d, damp=damp, dtype=dtype)
+        assert op.storage_dtype == "bfloat16" and op._factors[0].G.dtype == bf16
+        np.testing.assert_array_equal(op._factors[0].G.view(np.uint16), B.view(np.uint16))
+        assert_close(op.matvec(x), oracle.matvec(x), kappa=oracle.kappa)
     op = StaticIHVP.from_gradients(iter(B), num_grads=m, dim=d, damp=damp, dtype="float32")
     np.testing.assert_array_equal(op._factors[0].G, G)  # bfloat16 values are float32 values
-    oracle = SpectralOracle(G, damp)
-    x = G.mean(axis=0)
-    assert_close(op.matvec(x.astype(np.float32)), oracle.matvec(x), kappa=oracle.kappa)
+    assert_close(op.matvec(x), oracle.matvec(x), kappa=oracle.kappa)
+    # float32 gradients rounded to bfloat16 (nearest even; ml_dtypes rounds as PyTorch does).
+    F = rng.standard_normal((m, d)).astype(np.float32)
+    op = StaticIHVP.from_gradients(iter(F), num_grads=m, dim=d, damp=damp, dtype="bfloat16")
+    np.testing.assert_array_equal(op._factors[0].G.view(np.uint16), F.astype(bf16).view(np.uint16))
+    # A .npy file: numpy.save's header records raw 2-byte values ("|V2"); the file maps
+    # back as bfloat16 through a view, and G given as the raw values says so.
+    path = tmp_path / "B.npy"
+    op = StaticIHVP.from_gradients(iter(B), num_grads=m, dim=d, damp=damp, grads_out=path)
+    raw = np.load(path, mmap_mode="r")
+    assert raw.dtype.kind == "V" and raw.dtype.itemsize == 2
+    np.testing.assert_array_equal(raw.view(bf16), B)
+    mapped = StaticIHVP(raw.view(bf16), damp=damp)
+    np.testing.assert_array_equal(mapped.matvec(x), op.matvec(x))
+    with pytest.raises(TypeError, match=r"raw 2-byte values.*G\.view\(ml_dtypes\.bfloat16\)"):
+        StaticIHVP(raw, damp=damp)
+    # Values: a non-finite gradient, and one beyond bfloat16's range, are refused.
     B[1, 2] = np.inf
-    with pytest.raises(ValueError, match="gradient 1 holds NaN or infinity"):
-        StaticIHVP.from_gradients(iter(B), num_grads=m, dim=d, damp=damp, dtype="float32")
+    for dtype in (None, "float32"):
+        with pytest.raises(ValueError, match="gradient 1 holds NaN or infinity"):
+            StaticIHVP.from_gradients(iter(B), num_grads=m, dim=d, damp=damp, dtype=dtype)
+    F[2, 3] = 3.4e38
+    with pytest.raises(ValueError, match="gradient 2 overflows the store's dtype bfloat16"):
+        StaticIHVP.from_gradients(iter(F), num_grads=m, dim=d, damp=damp, dtype="bfloat16")
+    # Without ml_dtypes, NumPy has no bfloat16 of its own: the name is refused saying so.
+    monkeypatch.setitem(sys.modules, "ml_dtypes", None)
+    with pytest.raises(TypeError, match=r"dtype='bfloat16' is ml_dtypes'.*not installed"):
+        StaticIHVP.from_gradients(iter(F), num_grads=m, dim=d, damp=damp, dtype="bfloat16")
 
 
 def test_from_gradients_to_files(tmp_path, rng):

@@ -373,20 +373,35 @@ def test_storage_dtypes_outside_the_documented_set_are_refused(dtype):
         StaticIHVP(G, damp=1.0).matvec(np.ones(10, dtype=dtype))
 
 
-def test_float16_storage_is_accepted_where_supported():
+@pytest.mark.parametrize("half", ["float16", "bfloat16"])
+def test_numpy_2byte_storage_is_accepted_where_supported(half):
     # 2-byte gradients: StaticIHVP and the window keep them and compute in float32
-    # (docs/mathematics.rst, "2-byte storage"), and so does the forward operator.
-    G16 = G.astype(np.float16)
+    # (docs/mathematics.rst, "2-byte storage"), and so does the forward operator. NumPy's
+    # bfloat16 is ml_dtypes' (JAX's bfloat16 in NumPy), recognised by name.
+    if half == "bfloat16":
+        dt = np.dtype(pytest.importorskip("ml_dtypes").bfloat16)
+    else:
+        dt = np.dtype(half)
+    G16 = G.astype(dt)
     op = StaticIHVP(G16, damp=1.0)
-    assert op.dtype == np.float32 and op.storage_dtype == "float16"
+    assert op.dtype == np.float32 and op.storage_dtype == half
     window = DynamicIHVP.from_window(G16, damp=1.0)
-    assert window.dtype == np.float32 and window.storage_dtype == "float16"
+    assert window.dtype == np.float32 and window.storage_dtype == half
     forward = EmpiricalFisher(G16, damp=1.0)
-    assert forward.dtype == np.float32 and forward.storage_dtype == "float16"
-    # A float16 operand is promoted losslessly, to float32 and to float64 operators.
-    x16 = np.ones(10, dtype=np.float16)
+    assert forward.dtype == np.float32 and forward.storage_dtype == half
+    # A 2-byte operand is promoted losslessly, to float32 and to float64 operators.
+    x16 = np.ones(10, dtype=dt)
     assert op.matvec(x16).dtype == np.float32
     assert StaticIHVP(G, damp=1.0).matvec(x16).dtype == np.float64
+    # check_finite finds a non-finite entry of 2-byte G, by name.
+    bad = G16.copy()
+    bad[1, 7] = np.nan
+    with pytest.raises(ValueError, match=r"G\[1, 7\] is nan"):
+        StaticIHVP(bad, damp=1.0)
+    # The other byte order is refused saying so (the passes read this machine's).
+    swapped = G16.astype(dt.newbyteorder("S"))
+    with pytest.raises(TypeError, match=f"{half} in big-endian byte order"):
+        StaticIHVP(swapped, damp=1.0)
 
 
 def test_torch_half_dtypes():

@@ -13,7 +13,7 @@ from typing import Any
 
 from . import _engine, _host_rows
 from ._capacitance import check_window_damp
-from ._compat import Array, array_namespace, detached, is_dask_namespace
+from ._compat import Array, array_namespace, detached, is_dask_namespace, is_numpy_namespace
 from ._compat import device as device_of
 from ._deprecation import (
     DYNAMIC_LEGACY,
@@ -34,6 +34,7 @@ from ._validation import (
     compute_dtype,
     half_dtype_name,
     namespace_of,
+    numpy_bfloat16,
     resolved_device,
 )
 
@@ -160,13 +161,15 @@ def window_dtypes(xp: Any, dtype: Any) -> tuple[Any, Any, str | None]:
         if dtype not in ("float32", "float64", "float16", "bfloat16"):
             raise TypeError(f"dtype must be {wanted}, got {dtype!r}")
         named = getattr(xp, dtype, None)
+        if named is None and dtype == "bfloat16" and is_numpy_namespace(xp):
+            named = numpy_bfloat16()
         if named is None or (
             dtype in ("float16", "bfloat16") and half_dtype_name(xp, named) is None
         ):
             raise TypeError(
                 f"dtype {dtype!r}: this array library ({xp.__name__}) has no {dtype} "
-                "storage that DynamicIHVP supports (NumPy and CuPy have float16, PyTorch "
-                "float16 and bfloat16)"
+                "storage that DynamicIHVP supports (NumPy has float16, and bfloat16 "
+                "where ml_dtypes is installed; CuPy float16; PyTorch float16 and bfloat16)"
             )
         dtype = named
     if dtype in (xp.float32, xp.float64):

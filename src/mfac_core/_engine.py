@@ -261,6 +261,10 @@ def host_view(xp: Any, A: Array) -> tuple[np.ndarray, str | None] | None:
         if A.dtype == np.float64:
             return None
         view, storage = A, None
+        if A.dtype.name == "bfloat16":  # ml_dtypes': its bits, as PyTorch's bfloat16 goes
+            if not A.dtype.isnative:
+                return None
+            view, storage = A.view(np.uint16), "bfloat16"
     elif is_torch_namespace(xp):
         import torch
 

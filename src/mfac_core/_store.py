@@ -40,7 +40,9 @@ from ._validation import (
     check_writeable,
     half_dtype_name,
     namespace_of,
+    numpy_bfloat16,
     short_repr,
+    untyped_note,
 )
 
 __all__ = [
@@ -52,8 +54,9 @@ __all__ = [
     "progress_callback",
 ]
 
-#: The dtypes a gradient store may have (the operator's storage dtypes).
-STORE_DTYPES = ("float16", "float32", "float64")
+#: The dtypes a gradient store may have (the operator's storage dtypes; bfloat16 is
+#: ml_dtypes', JAX's bfloat16 in NumPy).
+STORE_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 
 # -- progress ------------------------------------------------------------------------------
@@ -122,6 +125,15 @@ class GradientStore:
 
 
 def _numpy_dtype(dtype: Any, name: str) -> np.dtype:
+    if isinstance(dtype, str) and dtype == "bfloat16":
+        # NumPy knows the name only once ml_dtypes has been imported (by anyone).
+        bfloat16 = numpy_bfloat16()
+        if bfloat16 is None:
+            raise TypeError(
+                f"{name}='bfloat16' is ml_dtypes' NumPy bfloat16, and ml_dtypes is not "
+                "installed (it comes with JAX); install it, or pass another dtype"
+            )
+        return bfloat16
     try:
         dt = np.dtype(dtype)
     except TypeError:
@@ -255,6 +267,7 @@ def _check_store_array(store: Any, shape: tuple[int, int], name: str) -> Any:
         raise TypeError(
             f"{name} must have a floating dtype (float32, float64 or a 2-byte one), "
             f"got {store.dtype}{byte_order_note(name, store.dtype)}"
+            f"{untyped_note(name, store.dtype)}"
         )
     check_writeable(store, name, why="filling it with the gradients")
     return xp

@@ -34,6 +34,7 @@ from ._compat import (
     is_array_api_obj,
     is_jax_array,
     is_jax_namespace,
+    is_numpy_namespace,
     is_torch_array,
     is_torch_namespace,
     is_writeable_array,
@@ -55,6 +56,9 @@ __all__ = [
     "check_fraction",
     "check_gradients",
     "half_dtype_name",
+    "is_numpy_bfloat16",
+    "numpy_bfloat16",
+    "untyped_note",
     "check_index_array",
     "check_number",
     "check_operand",
@@ -76,7 +80,8 @@ __all__ = [
 FLOATING_DTYPES = ("float32", "float64")
 
 #: 2-byte storage dtypes, accepted for gradients where a library has them (NumPy and
-#: CuPy float16, PyTorch float16 and bfloat16); the operators then compute in float32
+#: CuPy float16, NumPy bfloat16 of ml_dtypes, PyTorch float16 and bfloat16); the operators
+#: then compute in float32
 #: (docs/mathematics.rst, "2-byte storage").
 HALF_DTYPES = ("float16", "bfloat16")
 
@@ -93,9 +98,35 @@ def half_dtype_name(xp: Any, dtype: Any) -> str | None:
     half = getattr(xp, "float16", None)
     if half is not None and dtype == half:
         return "float16"
-    if is_torch_namespace(xp) and dtype == getattr(xp, "bfloat16", None):
+    if is_torch_namespace(xp):
+        return "bfloat16" if dtype == getattr(xp, "bfloat16", None) else None
+    if is_numpy_namespace(xp) and is_numpy_bfloat16(dtype):
         return "bfloat16"
     return None
+
+
+def is_numpy_bfloat16(dtype: Any) -> bool:
+    """Whether ``dtype`` is ml_dtypes' NumPy bfloat16 (its dtype or scalar type), native order.
+
+    The NumPy arrays of JAX's bfloat16 gradients have it. It is recognised by name, so that
+    ml_dtypes is not needed; the byte order must be the machine's, which the passes read
+    (``dtype.newbyteorder(">")`` is a bfloat16 too).
+    """
+    if isinstance(dtype, type) and getattr(dtype, "__name__", None) == "bfloat16":
+        try:
+            dtype = np.dtype(dtype)
+        except TypeError:
+            return False
+    return isinstance(dtype, np.dtype) and dtype.name == "bfloat16" and dtype.isnative
+
+
+def numpy_bfloat16() -> np.dtype | None:
+    """ml_dtypes' NumPy bfloat16 dtype, for the name ``"bfloat16"``; None without ml_dtypes."""
+    try:
+        import ml_dtypes
+    except ImportError:
+        return None
+    return np.dtype(ml_dtypes.bfloat16)
 
 
 def compute_dtype(xp: Any, G: Array) -> Any:
@@ -184,6 +215,22 @@ def floating_dtype_error(name: str, dtype: Any) -> TypeError:
     return TypeError(
         f"{name} must have a real floating dtype (float32 or float64), got {dtype}"
         f"{byte_order_note(name, dtype)}"
+    )
+
+
+def untyped_note(name: str, dtype: Any) -> str:
+    """What to do about raw 2-byte values (``|V2``), or ``""``.
+
+    ``numpy.save`` writes ml_dtypes' bfloat16 (JAX's bfloat16 in NumPy) as untyped 2-byte
+    values, which is what ``numpy.load`` then gives back; a view reads them as bfloat16.
+    """
+    # ml_dtypes' own types are of kind "V" too, but not np.void.
+    untyped = isinstance(dtype, np.dtype) and dtype.type is np.void and dtype.itemsize == 2
+    if not untyped or dtype.fields is not None:
+        return ""
+    return (
+        f" (raw 2-byte values, as numpy.save writes ml_dtypes' bfloat16: if they are "
+        f"bfloat16, read them as such without a copy, {name}.view(ml_dtypes.bfloat16))"
     )
 
 
@@ -708,7 +755,7 @@ def check_gradients(G: Array, *, require_finite: bool, name: str = "G", half: bo
             raise TypeError(
                 f"{name} must have a real floating dtype (float32 or float64, or "
                 f"float16/bfloat16 storage where the library has it), got {G.dtype}"
-                f"{byte_order_note(name, G.dtype)}"
+                f"{byte_order_note(name, G.dtype)}{untyped_note(name, G.dtype)}"
             )
         check_floating(xp, G, name)
     if require_finite:
