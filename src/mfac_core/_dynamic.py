@@ -53,7 +53,8 @@ class DynamicIHVP(WindowCopies):
         Storage dtype of the gradients (``"float32"`` or ``"float64"`` or the
         namespace's dtype object). All m x m work is float64. 2-byte storage
         (``"float16"`` for NumPy and CuPy, ``"float16"`` or ``"bfloat16"``
-        for PyTorch) keeps the window in 2 bytes per entry: each gradient is
+        for PyTorch, and ``"bfloat16"`` for NumPy where ml_dtypes is installed:
+        its bfloat16, JAX's) keeps the window in 2 bytes per entry: each gradient is
         rounded to it once when it is inserted, the operator is the inverse
         Fisher of the stored (rounded) gradients, it computes in float32 and
         its ``dtype`` is float32 (docs/mathematics.rst, "2-byte storage").

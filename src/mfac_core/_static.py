@@ -147,8 +147,9 @@ class StaticIHVP(_BlockOperatorBase):
     G : array, shape (m, d)
         The gradients, one per row, of any Array-API library; float32 or
         float64, or 2-byte (NumPy and CuPy float16, PyTorch float16 and
-        bfloat16), whose results are float32 (docs/mathematics.rst, "2-byte
-        storage"). The operator lives in G's namespace and on G's device and
+        bfloat16, NumPy bfloat16 of ml_dtypes: JAX's, ``numpy.asarray`` of a
+        JAX array, no copy), whose results are float32 (docs/mathematics.rst,
+        "2-byte storage"). The operator lives in G's namespace and on G's device and
         keeps G by reference (no copy): G must not be modified while the
         operator is in use. A PyTorch G that requires grad is detached, as
         :class:`~mfac_core.DynamicIHVP` does: the operator keeps no autograd graph alive,
@@ -442,13 +443,16 @@ class StaticIHVP(_BlockOperatorBase):
         damp : float
             The damping, as in :class:`StaticIHVP`.
         dtype : dtype or str, optional
-            The dtype of G (``"float32"``, ``"float64"``, or ``"float16"`` for
-            2-byte storage): every gradient is converted to it. By default the
-            first gradient's dtype, which all the others must then have.
+            The dtype of G (``"float32"``, ``"float64"``, or ``"float16"`` or
+            ``"bfloat16"``, ml_dtypes', for 2-byte storage): every gradient is
+            converted to it (rounded to nearest even). By default the first
+            gradient's dtype, which all the others must then have.
         grads_out : None, str, os.PathLike or array, optional
             Where G goes: a new NumPy array (``None``, the default), a new
             ``.npy`` file of that path opened as a memmap (an existing file is
-            refused; reopen it later with ``numpy.load(path, mmap_mode="r")``),
+            refused; reopen it later with ``numpy.load(path, mmap_mode="r")``,
+            and a bfloat16 file, which ``.npy`` records as raw 2-byte values,
+            with ``.view(ml_dtypes.bfloat16)`` of that),
             or a writeable ``(num_grads, dim)`` array to fill (any library).
         progress : None, True or callable, optional
             ``True`` draws a text progress bar on stderr; a callable is called
@@ -636,7 +640,8 @@ class EmpiricalFisher(_BlockOperatorBase):
     G : array, shape (m, d)
         The gradients, one per row, kept by reference; float32 or float64, or
         2-byte storage as for :class:`StaticIHVP` (NumPy and CuPy float16,
-        PyTorch float16 and bfloat16), the Fisher of the stored gradients,
+        PyTorch float16 and bfloat16, NumPy bfloat16 of ml_dtypes), the Fisher
+        of the stored gradients,
         whose results are float32. A PyTorch G that
         requires grad is detached: the operator keeps no autograd graph alive,
         and its results are not differentiable in G.

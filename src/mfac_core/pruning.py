@@ -25,9 +25,9 @@ library and stays in its namespace and on its device:
 
 Masks are boolean arrays with ``True`` for the weights that are kept.
 
-Gradients may be stored in 2 bytes (float16; PyTorch's bfloat16) with float32
-weights: the Fisher keeps them as given (``StaticIHVP``'s and
-``SpectralIHVP``'s 2-byte storage, docs/mathematics.rst; :func:`damping_sweep`
+Gradients may be stored in 2 bytes (float16; bfloat16 of PyTorch or, for NumPy, of
+ml_dtypes) with float32 weights: the Fisher keeps them as given (``StaticIHVP``'s
+and ``SpectralIHVP``'s 2-byte storage, docs/mathematics.rst; :func:`damping_sweep`
 and :func:`select_damping` included), and every result is float32.
 
 Notes
