@@ -41,6 +41,7 @@ import numpy as np
 from . import _capacitance
 from ._compat import is_numpy_namespace
 from ._layout import BlockGroup
+from ._validation import is_numpy_bfloat16
 
 __all__ = ["fill_block_inverses", "serves"]
 
@@ -56,7 +57,7 @@ def serves(xp: Any, G: Any, group: BlockGroup) -> bool:
     return (
         is_numpy_namespace(xp)
         and isinstance(G, np.ndarray)
-        and G.dtype in _DTYPES
+        and (G.dtype in _DTYPES or is_numpy_bfloat16(G.dtype))
         and 1 <= group.size <= G.shape[0]
     )
 
