@@ -472,6 +472,15 @@ def test_bad_shards_and_options_raise_on_every_rank(
         assert all(match in str(r) for r in results), results
 
 
+def test_numpy_bfloat16_shards_are_refused_as_2_byte_ones() -> None:
+    # ml_dtypes' bfloat16 is 2-byte storage, single-process only as float16 is: the
+    # refusal says so (and to cast), not that bfloat16 is no floating dtype.
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    results = _build_on_threads(lambda r, G: (G.astype(ml_dtypes.bfloat16), 0.1), [2, 3, 2])
+    _all_raise(results, TypeError)
+    assert all("bfloat16 gradients are not supported with comm=" in str(r) for r in results)
+
+
 def test_options_must_agree() -> None:
     def fn(comm: Any) -> Any:
         return ShardedStaticIHVP(np.eye(2, 4), damp=0.1, refine=comm.rank, comm=comm)
