@@ -701,7 +701,7 @@ def test_numpy_and_pytorch_bfloat16_windows_are_bit_identical(rng):
     # own path casts through ml_dtypes). And a static operator on the same bits agrees.
     ml_dtypes = pytest.importorskip("ml_dtypes")
     torch = pytest.importorskip("torch")
-    from mfac_core import _fused
+    from mfac_core import _fused, _host_rows
 
     m, d, damp = 4, 300, 1e-2
     grads = (rng.standard_normal((m + 3, d)) * np.logspace(-3, 3, d)).astype(np.float32)
@@ -718,6 +718,10 @@ def test_numpy_and_pytorch_bfloat16_windows_are_bit_identical(rng):
                 mp.setattr(_fused, "stores", lambda storage: False)
             a = DynamicIHVP(m, d, damp=damp, dtype=ml_dtypes.bfloat16)
             b = DynamicIHVP(m, d, damp=damp, dtype=torch.bfloat16, xp=torch)
+            # The extension writes NumPy's rows as PyTorch's: as bfloat16 bits.
+            views = _host_rows.host_row_views(a._xp, a._G, grads[0])
+            assert (views is None) == (generic or not _fused.stores("bfloat16"))
+            assert views is None or views[2] == "bfloat16"
             for g in grads:
                 ya = a.update_and_matvec(g)
                 yb = b.update_and_matvec(torch.from_numpy(g))
