@@ -117,7 +117,12 @@ def is_numpy_bfloat16(dtype: Any) -> bool:
             dtype = np.dtype(dtype)
         except TypeError:
             return False
-    return isinstance(dtype, np.dtype) and dtype.name == "bfloat16" and dtype.isnative
+    return (
+        isinstance(dtype, np.dtype)
+        and dtype.kind == "V"  # before dtype.name, which costs microseconds
+        and dtype.name == "bfloat16"
+        and dtype.isnative
+    )
 
 
 def numpy_bfloat16() -> np.dtype | None:
