@@ -405,3 +405,27 @@ def test_from_gradients_is_refused_before_the_gradients_are_consumed():
     with pytest.raises(TypeError, match=r"StaticIHVP\.from_gradients.*dask\.array\.from_array"):
         DaskStaticIHVP.from_gradients(gradients(), num_grads=3, dim=4, damp=1e-2)
     assert consumed == []
+
+
+@pytest.mark.parametrize("bs", [None, 5])
+def test_the_set_up_evaluates_the_graph_of_G_once(bs, tmp_path, rng):
+    # G's graph stands for a read from disk or the gradients' computation: each chunk's
+    # evaluation is logged to a file (the workers are other processes). The full
+    # operator once evaluated it for the Gram and again to persist G.
+    G, damp = _data(rng, 4, 20, "float64")
+    log = tmp_path / "reads"
+
+    def read(block, block_info=None):
+        with open(log, "a") as f:
+            f.write(f"{block_info[None]['array-location'][1][0]}\n")
+        return block
+
+    Gd = da.from_array(G, chunks=(4, 5)).map_blocks(read, dtype=G.dtype)
+    op = DaskStaticIHVP(Gd, damp=damp, block_size=bs)
+    x = da.from_array(rng.standard_normal(20), chunks=5)
+    y = (op @ x).compute()
+    op.diagonal().compute()
+    op.entries(da.arange(3), da.arange(3)).compute()
+    assert sorted(log.read_text().split()) == ["0", "10", "15", "5"]
+    want = StaticIHVP(G, damp=damp, block_size=bs).matvec(x.compute())
+    assert_close(y, want, kappa=1e3)

@@ -410,6 +410,10 @@ class DaskStaticIHVP(StaticIHVP):
         import dask.array as da
 
         m, damp = self.num_grads, self.damp
+        # Persisted first, so that the Gram, the products and any search for a NaN all
+        # read the kept chunks: G's graph (a read from disk, the gradients' computation)
+        # is evaluated once, not once for the Gram and again for the persist.
+        G = G.persist()
         parts = [
             da.from_delayed(
                 dask.delayed(_chunk_gram, pure=True)(part), shape=(m, m), dtype=np.float64
@@ -429,8 +433,7 @@ class DaskStaticIHVP(StaticIHVP):
             locate=lambda: self._non_finite_entry(G),
         )
         self._factor = factor
-        # Persisted, so that no product evaluates G's graph again.
-        self._G = G.persist()
+        self._G = G  # persisted above: no product evaluates G's graph again
         assert factor.kappa is not None  # factorize always bounds kappa
         self.kappa_bound = factor.kappa[1]
         self._warn_if_hopeless(factor.kappa[0])
