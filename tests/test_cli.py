@@ -1083,3 +1083,44 @@ def test_ihvp_out_of_memory_and_interrupt_exit_statuses(
     assert sorted(os.listdir(files["out"].parent)) == sorted(
         p.name for p in files.values() if p != files["out"]
     )
+
+
+_MAP_LARGER_THAN_ALLOWED = """
+import resource, sys
+from mfac_core.cli import _load
+
+# The process may hold 256 MiB of private writable memory more than it does now; the
+# file is 1 GiB. A private ("c") map counts in full, a read-only one does not.
+with open("/proc/self/status") as f:
+    data = next(int(line.split()[1]) for line in f if line.startswith("VmData:")) * 1024
+hard = resource.getrlimit(resource.RLIMIT_DATA)[1]
+resource.setrlimit(resource.RLIMIT_DATA, (data + 2**28, hard))
+G = _load(sys.argv[1], "GRADS", mmap=True)
+print(G.shape, G.flags.writeable)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_DATA counts maps on Linux")
+def test_grads_larger_than_the_memory_allowed_are_mapped(tmp_path):
+    # GRADS was mapped copy-on-write, which the system charges in full at once: a file
+    # larger than memory failed with "cannot read GRADS file ...: Cannot allocate memory".
+    # A sparse 1 GiB file stands for it, against a limit on the process's private memory.
+    path = tmp_path / "G.npy"
+    m, d = 4, 2**26
+    with open(path, "wb") as fh:
+        header = {"descr": "<f4", "fortran_order": False, "shape": (m, d)}
+        np.lib.format.write_array_header_1_0(fh, header)
+        fh.truncate(fh.tell() + m * d * 4)
+    env = dict(os.environ)
+    root = str(Path(mfac_core.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    run_ = subprocess.run(
+        [sys.executable, "-c", _MAP_LARGER_THAN_ALLOWED, str(path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert run_.returncode == 0, run_.stderr
+    assert run_.stdout.split() == ["(4,", "67108864)", "False"]

@@ -300,10 +300,10 @@ def _load(path: str, what: str, mmap: bool) -> np.ndarray:
         return arr
     try:
         try:
-            # Copy-on-write mapping: read-only in effect (nothing writes to it), but
-            # writeable to NumPy, so that StaticIHVP allocates its m x d work array
-            # once instead of assembling it from pieces.
-            arr = np.load(path, mmap_mode="c" if mmap else None, allow_pickle=False)
+            # Read-only: a copy-on-write ("c") map is private and writeable, so the
+            # system charges all of it to the process's memory at once and refuses a
+            # GRADS larger than memory (ENOMEM), which is what the map is for.
+            arr = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
         except ValueError:
             if not mmap:
                 raise
@@ -632,8 +632,7 @@ def _cmd_ihvp(
         op = StaticIHVP(G, damp=args.damp, block_size=args.block_size, progress=bar)
     except ValueError:
         # The library finds a NaN without a pass of its own but cannot say where; only
-        # now, on failure, is the file read once more to name the row. (G itself may be
-        # the cast copy, already partly overwritten by the work array.)
+        # now, on failure, is the file read once more to name the row.
         error = _finiteness_error(args.grads, G_file, dtype)
         if error is None:
             raise
