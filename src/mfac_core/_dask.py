@@ -418,7 +418,7 @@ class DaskStaticIHVP(StaticIHVP):
             da.from_delayed(
                 dask.delayed(_chunk_gram, pure=True)(part), shape=(m, m), dtype=np.float64
             )
-            for part in G.to_delayed().ravel()
+            for part in G.to_delayed(optimize_graph=False).ravel()
         ]
         # One reduction: dask sums the chunks' parts in a tree.
         gram = np.asarray(da.stack(parts).sum(axis=0).compute())
@@ -486,8 +486,13 @@ class DaskStaticIHVP(StaticIHVP):
 
         X = X.rechunk({0: self.chunks, 1: -1})
         k = X.shape[1]
+        # Unoptimised: the optimised to_delayed of a persisted array (G, or a vector the
+        # caller persisted) names its chunks by key only, without the futures that keep
+        # them on a cluster, so a lazy result failed ("lost dependencies") once the
+        # operator or the vector was collected.
+        xs = X.to_delayed(optimize_graph=False)[:, 0]
         if self._G is not None:
-            gs, xs = self._G.to_delayed().ravel(), X.to_delayed()[:, 0]
+            gs = self._G.to_delayed(optimize_graph=False).ravel()
             projections = [dask.delayed(_project_chunk)(g, x) for g, x in zip(gs, xs, strict=True)]
             A = dask.delayed(_solve)(self._factor, *projections)  # the m x k reduction
             combined = [
@@ -501,7 +506,7 @@ class DaskStaticIHVP(StaticIHVP):
             return da.concatenate(combined, axis=0)
         parts = [
             da.from_delayed(dask.delayed(_apply)(op, x), shape=(n, k), dtype=self.dtype)
-            for op, x, n in zip(self._parts, X.to_delayed()[:, 0], self.chunks, strict=True)
+            for op, x, n in zip(self._parts, xs, self.chunks, strict=True)
         ]
         return da.concatenate(parts, axis=0)
 
