@@ -413,8 +413,20 @@ def test_from_gradients_into_a_torch_tensor(rng):
     )  # float64 gradients into the float32 store the user chose
     assert op.dtype == torch.float32
     np.testing.assert_array_equal(store.numpy(), G.astype(np.float32))
-    with pytest.raises(TypeError, match="grads_out"):  # torch gradients, NumPy store
+    with pytest.raises(TypeError, match="without grads_out the store is a NumPy array"):
         StaticIHVP.from_gradients(iter(torch.tensor(G)), num_grads=m, dim=d, damp=damp)
+
+
+def test_torch_gradients_into_a_file_are_refused_naming_the_file(tmp_path, rng):
+    # The message said "without grads_out" to a call that had passed a path in grads_out.
+    torch = pytest.importorskip("torch")
+    G, damp = _data(rng, 3, 10, "float32")
+    path = tmp_path / "G.npy"
+    with pytest.raises(TypeError, match=r"torch arrays, but grads_out names a \.npy file"):
+        StaticIHVP.from_gradients(
+            iter(torch.tensor(G)), num_grads=3, dim=10, damp=damp, grads_out=path
+        )
+    assert not path.exists()
 
 
 def test_from_gradients_stores_no_autograd_graph(rng):

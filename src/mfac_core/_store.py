@@ -326,10 +326,16 @@ def gather_gradients(
                         f"gradient {index} must have a real floating dtype, got {item.dtype}"
                     )
                 if namespace_name(first) != "numpy":
+                    # Said of the store there is: a path named in grads_out is one too.
+                    where = (
+                        "without grads_out the store is a NumPy array"
+                        if store is None
+                        else "grads_out names a .npy file, a NumPy store"
+                    )
                     raise TypeError(
-                        f"the gradients are {namespace_name(first)} arrays, but without "
-                        "grads_out the store is a NumPy array (or .npy file); pass "
-                        "grads_out, an array of their library, or convert them"
+                        f"the gradients are {namespace_name(first)} arrays, but {where}; "
+                        "convert them to NumPy arrays (PyTorch: t.detach().cpu().numpy()), "
+                        "or pass grads_out, an array of their library"
                     )
                 if dtype is None and _native(item.dtype).name not in STORE_DTYPES:
                     raise TypeError(
