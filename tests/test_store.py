@@ -758,3 +758,19 @@ def test_from_gradients_names_a_file_the_disk_cannot_hold(tmp_path, rng, monkeyp
             iter(G), num_grads=4, dim=20, damp=damp, grads_out=tmp_path / "G.npy"
         )
     assert os.listdir(tmp_path) == []
+
+
+def test_from_gradients_names_the_entry_of_G_that_is_not_finite_or_overflows(rng):
+    # It said only "gradient 1 holds NaN or infinity", of a batch whose items are not
+    # rows of G: which of its gradients, which coordinate, was left to find.
+    G = rng.standard_normal((8, 20))
+    G[6, 17] = np.nan
+    with pytest.raises(ValueError, match=r"gradient 1 holds NaN or infinity: G\[6, 17\] is nan"):
+        StaticIHVP.from_gradients(iter([G[:4], G[4:]]), num_grads=8, dim=20, damp=1.0)
+    with pytest.raises(ValueError, match=r"gradient 6 holds NaN or infinity: G\[6, 17\] is nan"):
+        StaticIHVP.from_gradients(iter(G), num_grads=8, dim=20, damp=1.0, dtype="float32")
+    G[6, 17] = -1e6
+    with pytest.raises(ValueError, match=r"float16 \(largest 65504\): G\[6, 17\] is -1e\+06"):
+        StaticIHVP.from_gradients(
+            iter([G[:3], G[3:]]), num_grads=8, dim=20, damp=1.0, dtype="float16"
+        )

@@ -349,7 +349,7 @@ def gather_gradients(
                     store, shape, dtype if dtype is not None else _native(item.dtype), "grads_out"
                 )
                 xp = array_namespace(target.array)
-            rows = _checked_rows(xp, target.array, item, index, d, explicit, check_finite)
+            rows = _checked_rows(xp, target.array, item, index, d, explicit, check_finite, row)
             k = rows.shape[0]
             if row + k > m:
                 raise ValueError(
@@ -406,9 +406,16 @@ def _dtype_name(dt: Any) -> str:
 
 
 def _checked_rows(
-    xp: Any, store: Any, item: Any, index: int, d: int, explicit: bool, check_finite: bool
+    xp: Any,
+    store: Any,
+    item: Any,
+    index: int,
+    d: int,
+    explicit: bool,
+    check_finite: bool,
+    row: int,
 ) -> Any:
-    """One item as ``(k, d)`` rows in the store's dtype, or a clear error."""
+    """One item as ``(k, d)`` rows in the store's dtype (G's rows from ``row``), or an error."""
     name = f"gradient {index}"
     # The store keeps values, not the autograd graph of each gradient written into it.
     item = detached(item)
@@ -432,14 +439,39 @@ def _checked_rows(
                 "dtype= to convert them all to one dtype"
             )
         if check_finite and not bool(xp.all(xp.isfinite(item))):
-            raise ValueError(f"{name} holds NaN or infinity")
+            _raise_non_finite(xp, item, name, row)
         # Checked before the cast, which would turn such values into infinity.
-        if check_finite and float(xp.max(xp.abs(item))) > float(xp.finfo(store.dtype).max):
-            raise ValueError(f"{name} overflows the store's dtype {store.dtype}")
+        largest = float(xp.finfo(store.dtype).max)
+        if check_finite and float(xp.max(xp.abs(item))) > largest:
+            rows = _as_rows(item)
+            where = _first_entry(xp, rows, xp.abs(rows) > largest, row)
+            raise ValueError(
+                f"{name} overflows the store's dtype {_dtype_name(store.dtype)} "
+                f"(largest {largest:g}): {where}"
+            )
         item = xp.astype(item, store.dtype)
     elif check_finite and not bool(xp.all(xp.isfinite(item))):
-        raise ValueError(f"{name} holds NaN or infinity")
+        _raise_non_finite(xp, item, name, row)
+    return _as_rows(item)
+
+
+def _as_rows(item: Any) -> Any:
     return item if item.ndim == 2 else item[None, :]
+
+
+def _raise_non_finite(xp: Any, item: Any, name: str, row: int) -> None:
+    """Name the first NaN or infinity of ``item`` by the entry of G it was to fill."""
+    rows = _as_rows(item)
+    raise ValueError(
+        f"{name} holds NaN or infinity: {_first_entry(xp, rows, ~xp.isfinite(rows), row)}"
+    )
+
+
+def _first_entry(xp: Any, rows: Any, bad: Any, row: int) -> str:
+    """``"G[6, 17] is nan"``: the first entry of ``rows`` (G's rows from ``row``) in ``bad``."""
+    d = int(bad.shape[1])
+    i, j = divmod(int(xp.argmax(xp.reshape(xp.astype(bad, xp.int8), (-1,)))), d)
+    return f"G[{row + i}, {j}] is {float(rows[i, j]):g}"
 
 
 #: The keywords that ``StaticIHVP.from_gradients`` passes on to the operator, with their
