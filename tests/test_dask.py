@@ -476,3 +476,31 @@ def test_lazy_results_outlive_the_operator(bs, what, client, rng):
     gc.collect()
     _released(client)
     assert_close(lazy.compute(), expected, kappa=1e3)
+
+
+def test_naming_a_nan_brings_no_column_mask_to_the_client():
+    # The search for G's NaN computed any(~isfinite(G), axis=0) on the client: d booleans
+    # (10 GB at d = 1e10) for a G that is on the cluster because it is too large. Each
+    # chunk is now searched where it is, and only the entry's name comes back. Run here
+    # (synchronous scheduler) so that tracemalloc sees what the client holds.
+    import tracemalloc
+
+    import dask
+
+    d, width = 2**24, 2**20
+    G = da.concatenate(
+        [
+            da.zeros((1, d - 1), chunks=(1, width), dtype=np.float32),
+            da.full((1, 1), np.nan, dtype=np.float32),
+        ],
+        axis=1,
+    )
+    with dask.config.set(scheduler="synchronous"):
+        tracemalloc.start()
+        try:
+            with pytest.raises(ValueError, match=rf"G\[0, {d - 1}\] is nan"):
+                DaskStaticIHVP._raise_non_finite(G)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert peak < 0.75 * d  # the mask is d bytes; a chunk of G and its mask, 5 * width

@@ -58,6 +58,11 @@ def _non_finite_error(G: Any, offset: int) -> ValueError | None:
     return non_finite_error(_NP, G, "G", offset=offset)
 
 
+def _chunk_non_finite_entry(G: Any, offset: int) -> str | None:
+    """``"G[2, 17] is nan"`` for the chunk's first NaN or infinity (columns from ``offset``)."""
+    return non_finite_entry(_NP, np.asarray(G), "G", offset=offset)
+
+
 def _chunk_gram(G: Any) -> Any:
     """``G G^T`` of one chunk, ``(m, m)``, summed in float64 over pieces of bounded width."""
     G = np.asarray(G)
@@ -460,23 +465,16 @@ class DaskStaticIHVP(StaticIHVP):
     @staticmethod
     def _raise_non_finite(G: Array) -> None:
         """Say where G holds NaN or infinity, or that its squared norms overflow."""
-        col = DaskStaticIHVP._first_non_finite_column(G)
-        # The one column that holds the first NaN or infinity (or none: overflow).
-        raise_non_finite(_NP, np.asarray(G[:, col : col + 1].compute()), "G", offset=col)
+        error = _first_of_chunks(G, _non_finite_error)
+        if error is not None:
+            raise error
+        # G is finite and its squares overflow: said of one column, read for it.
+        raise_non_finite(_NP, np.asarray(G[:, :1].compute()), "G")
 
     @staticmethod
     def _non_finite_entry(G: Array) -> str | None:
         """G's first NaN or infinity as :meth:`_raise_non_finite` names it, or None."""
-        col = DaskStaticIHVP._first_non_finite_column(G)
-        return non_finite_entry(_NP, np.asarray(G[:, col : col + 1].compute()), "G", offset=col)
-
-    @staticmethod
-    def _first_non_finite_column(G: Array) -> int:
-        """The first column of G holding NaN or infinity (0 where there is none)."""
-        import dask.array as da
-
-        bad_cols = np.asarray(da.any(~da.isfinite(G), axis=0).compute())
-        return int(np.argmax(bad_cols)) if bad_cols.any() else 0
+        return _first_of_chunks(G, _chunk_non_finite_entry)
 
     # -- products --------------------------------------------------------------------
 
@@ -616,6 +614,26 @@ class DaskStaticIHVP(StaticIHVP):
         # The pairs in the order of ``parts``, put back into the caller's order.
         inverse = np.argsort(np.concatenate(order), kind="stable")
         return da.concatenate(parts)[inverse].rechunk(-1).reshape(shape)
+
+
+def _first_of_chunks(G: Array, search: Callable[[Any, int], Any]) -> Any:
+    """The first chunk's answer that is not None, ``search(chunk, offset)`` on every chunk.
+
+    For the search of G's first NaN: each chunk is searched on its worker (in bounded
+    pieces) and only a name comes back. A mask of G's d columns on the client would be
+    as long as G, which is on a cluster because it is too large for one machine.
+    """
+    import dask
+
+    offsets = np.concatenate([[0], np.cumsum(G.chunks[1])[:-1]])
+    parts = G.to_delayed(optimize_graph=False).ravel()
+    found = dask.compute(
+        *[
+            dask.delayed(search, pure=True)(part, int(lo))
+            for part, lo in zip(parts, offsets, strict=True)
+        ]
+    )
+    return next((answer for answer in found if answer is not None), None)
 
 
 def _known(shape: tuple[float, ...]) -> bool:
