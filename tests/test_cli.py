@@ -1124,3 +1124,16 @@ def test_grads_larger_than_the_memory_allowed_are_mapped(tmp_path):
     )
     assert run_.returncode == 0, run_.stderr
     assert run_.stdout.split() == ["(4,", "67108864)", "False"]
+
+
+def test_an_unfinished_gradient_file_is_named_so(tmp_path, capsys):
+    # The file that from_gradients leaves when its process is killed while filling it.
+    from mfac_core._store import UNFINISHED_MAGIC
+
+    path = tmp_path / "G.npy"
+    np.save(path, np.zeros((3, D)))
+    with open(path, "r+b") as fh:
+        fh.write(UNFINISHED_MAGIC)
+    np.save(tmp_path / "v.npy", np.ones(D))
+    status = run(["ihvp", path, tmp_path / "v.npy", "-o", tmp_path / "o.npy", "--damp", DAMP])
+    assert_user_error(capsys, status, "G.npy is unfinished", "from_gradients", "again")

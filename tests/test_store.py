@@ -774,3 +774,25 @@ def test_from_gradients_names_the_entry_of_G_that_is_not_finite_or_overflows(rng
         StaticIHVP.from_gradients(
             iter([G[:3], G[3:]]), num_grads=8, dim=20, damp=1.0, dtype="float16"
         )
+
+
+def test_a_file_being_filled_is_not_a_npy_file_until_the_last_gradient(tmp_path, rng):
+    # A process killed while it filled the file (SIGKILL, a batch system's time limit)
+    # cannot remove it; it was a complete .npy file from the start, its unfilled rows
+    # zeros, which numpy.load (and the CLI) then read as gradients without a word.
+    G, damp = _data(rng, 4, 10, "float64")
+    path = tmp_path / "G.npy"
+    seen = []
+
+    def gradients():
+        for i, g in enumerate(G):
+            if i == 2:  # as a killed process leaves it
+                with pytest.raises(ValueError):
+                    np.load(path, mmap_mode="r")
+                seen.append(i)
+            yield g
+
+    op = StaticIHVP.from_gradients(gradients(), num_grads=4, dim=10, damp=damp, grads_out=path)
+    assert seen == [2]
+    np.testing.assert_array_equal(np.load(path, mmap_mode="r"), G)
+    assert_close(op.diagonal(), SpectralOracle(G, damp).diagonal(), kappa=condition_number(G, damp))

@@ -103,12 +103,31 @@ def progress_callback(progress: Any) -> Callable[[str, int, int], None] | None:
 # -- the gradient store --------------------------------------------------------------------
 
 
+#: The first bytes of a ``.npy`` file that :func:`gather_gradients` is still filling:
+#: NumPy's magic string with its first byte zeroed. A file left by a process killed
+#: half-way (SIGKILL, the out-of-memory killer, a batch system's time limit), which nothing
+#: can remove and whose unfilled rows read as zeros, is then refused by ``numpy.load``
+#: instead of loaded as complete gradients.
+UNFINISHED_MAGIC = b"\x00NUMPY"
+
+
+def _mark(path: str, *, finished: bool) -> None:
+    """Write the first byte of the ``.npy`` file ``path``: NumPy's, or the unfinished mark."""
+    with open(path, "r+b") as fh:
+        fh.write(b"\x93" if finished else UNFINISHED_MAGIC[:1])
+
+
 @dataclass
 class GradientStore:
     """An ``(m, d)`` array to write into, and the file this module created for it (or None)."""
 
     array: Any
     created: str | None = None
+
+    def finish(self) -> None:
+        """Mark the file this module created as complete (a ``.npy`` file again)."""
+        if self.created is not None:
+            _mark(self.created, finished=True)
 
     def discard(self) -> None:
         """Remove the file this module created (after a failure); arrays are let go."""
@@ -181,6 +200,7 @@ def open_store(target: Any, shape: tuple[int, int], dtype: Any, name: str) -> Gr
                 f"{name}: cannot make {path!r}, {nbytes} bytes of {dt.name} gradients "
                 f"{shape} ({exc.strerror or exc})",
             ) from None
+        _mark(path, finished=False)
         _reserve(path, name)
     except BaseException:
         # Not left behind, even half-written (a full disk can fail the header already).
@@ -376,6 +396,8 @@ def gather_gradients(
                 f"the gradients exceed num_grads={m}: more were yielded after the "
                 f"{m}-th (take the first ones with itertools.islice)"
             )
+        assert target is not None  # made with the first of the m >= 1 gradients
+        target.finish()  # only now a .npy file that numpy.load reads
     except BaseException:
         if target is not None and not given:
             target.discard()

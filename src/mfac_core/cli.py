@@ -38,6 +38,7 @@ import numpy as np
 import numpy.lib.format as npy_format
 
 from . import __version__
+from ._store import UNFINISHED_MAGIC
 from ._validation import check_damp
 
 __all__ = ["main"]
@@ -340,6 +341,12 @@ def _check_npy_header(fh: BinaryIO, path: str, what: str, size: int) -> _NpyHead
     if magic[:2] == b"PK":
         raise UserError(
             f"{what} file {path} is an .npz archive; save a single array with numpy.save"
+        )
+    if magic == UNFINISHED_MAGIC:
+        raise UserError(
+            f"{what} file {path} is unfinished: StaticIHVP.from_gradients was filling it "
+            "when its process stopped (killed, or out of time), so rows are missing; "
+            "collect the gradients again into a new file"
         )
     if magic != _NPY_MAGIC:
         raise UserError(f"{what} file {path} is not an .npy file (written by numpy.save)")
