@@ -9,7 +9,8 @@ chunk; its column chunks decide how the work is split. Two layouts:
     the float64 Gram ``sum_c G_c G_c^T`` is one reduction over the chunks
     (each chunk's part summed in float64 on its worker), computed and
     factorised eagerly on the client in NumPy float64 (``_capacitance``); G is
-    *persisted*, so that products never evaluate its graph again. A product is
+    *persisted* first, so that its graph is evaluated once, by the set-up, and
+    never again by the Gram or a product. A product is
     the G-form of the pass engine on every chunk: the reduction of the float64
     projections ``P = sum_c G_c X_c`` (m x k), one task ``A = C^{-1} P``, and
     ``(X_c - G_c^T A) / damp`` per chunk, summed in float64 and rounded once.
