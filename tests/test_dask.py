@@ -496,6 +496,9 @@ def test_naming_a_nan_brings_no_column_mask_to_the_client():
         axis=1,
     )
     with dask.config.set(scheduler="synchronous"):
+        # Once on a small G first: what the first computation imports is not measured.
+        with pytest.raises(ValueError, match=r"G\[0, 1\] is nan"):
+            DaskStaticIHVP._raise_non_finite(G[:, d - 2 :])
         tracemalloc.start()
         try:
             with pytest.raises(ValueError, match=rf"G\[0, {d - 1}\] is nan"):
@@ -503,4 +506,5 @@ def test_naming_a_nan_brings_no_column_mask_to_the_client():
             peak = tracemalloc.get_traced_memory()[1]
         finally:
             tracemalloc.stop()
-    assert peak < 0.75 * d  # the mask is d bytes; a chunk of G and its mask, 5 * width
+    # The mask was d bytes (its float reduction more); a chunk and its mask are 5 * width.
+    assert peak < 0.5 * d
