@@ -506,6 +506,26 @@ def test_nonfinite_rows_reads_in_pieces():
     assert _nonfinite_rows(B, np.dtype(np.float32), 4) == (1, 1, True)
 
 
+def test_nonfinite_rows_reads_long_rows_in_pieces():
+    # One piece held whole rows: a row of d = 1e9 float32 values was cast to float64
+    # (8 GB) and masked (1 GB) at once, to name the row holding a NaN.
+    import tracemalloc
+
+    d = 2**22
+    A = np.zeros((2, d), dtype=np.float32)
+    A[1, d - 1] = np.nan
+    bad = ~np.isfinite(A).all(axis=1)
+    want = (int(np.argmax(bad)), int(bad.sum()), False)
+    tracemalloc.start()
+    try:
+        got = _nonfinite_rows(A, np.dtype(np.float64))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert got == want
+    assert peak < d * 8 / 2  # half of one row in float64
+
+
 def test_ihvp_warnings_come_before_the_summary(tmp_path, capsys):
     # kappa ~ 1e18: eps64 * kappa > 1, so StaticIHVP warns (float64 still factorises
     # m damp I + G G^T, whose Gram is well conditioned).

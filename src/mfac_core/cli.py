@@ -489,18 +489,31 @@ def _nonfinite_rows(
     entries, so that the check needs no memory of the size of ``arr``.
     """
     rows = arr[None, :] if arr.ndim == 1 else arr  # one vector (d,) or rows (k, d)
-    step = max(1, piece_entries // max(1, rows.shape[1]))
+    # Bands of rows, each read in column pieces: a row alone can be larger than memory
+    # allows (d = 1e9: its float64 cast 8 GB, for a failure message).
+    width = max(1, min(rows.shape[1], piece_entries))
+    step = max(1, piece_entries // width)
     first, count, overflow = -1, 0, False
     for start in range(0, rows.shape[0], step):
         piece = rows[start : start + step]
-        with np.errstate(over="ignore"):  # an overflow is what is looked for
-            bad = ~np.isfinite(piece.astype(dtype, copy=False)).all(axis=1)
+        bad = _rows_not_all(piece, width, lambda p: np.isfinite(p.astype(dtype, copy=False)))
         n = int(np.count_nonzero(bad))
         if n and first < 0:
             first = start + int(np.argmax(bad))
-            overflow = bool(np.isfinite(piece[first - start]).all())
+            overflow = not _rows_not_all(piece[first - start : first - start + 1], width)[0]
         count += n
     return None if first < 0 else (first, count, overflow)
+
+
+def _rows_not_all(
+    rows: np.ndarray, width: int, ok: Callable[[np.ndarray], np.ndarray] = np.isfinite
+) -> np.ndarray:
+    """For each row, whether ``ok`` fails somewhere in it, read ``width`` columns at a time."""
+    bad = np.zeros(rows.shape[0], dtype=bool)
+    for lo in range(0, rows.shape[1], width):
+        with np.errstate(over="ignore"):  # an overflow is what is looked for
+            bad |= ~ok(rows[:, lo : lo + width]).all(axis=1)
+    return bad
 
 
 def _finiteness_error(path: str, arr: np.ndarray, dtype: np.dtype) -> UserError | None:
