@@ -175,7 +175,11 @@ def check_new_path(target: Any, name: str) -> str:
 
 
 def open_store(target: Any, shape: tuple[int, int], dtype: Any, name: str) -> GradientStore:
-    """A new NumPy array (``target`` None) or ``.npy`` memmap file (a path) of ``shape``."""
+    """A new NumPy array (``target`` None) or ``.npy`` memmap file (a path) of ``shape``.
+
+    A file is marked unfinished (:data:`UNFINISHED_MAGIC`) until
+    :meth:`GradientStore.finish`.
+    """
     dt = _numpy_dtype(dtype, "dtype")
     nbytes = check_store_size(shape, dt.itemsize, name)
     if target is None:
