@@ -334,6 +334,10 @@ def test_operand_errors(rng):
         op.matvec(da.from_array(np.full(20, np.nan)))
     with pytest.raises(ValueError, match=r"shape \(20,\)"):
         op.matvec(da.from_array(x[:5]))
+    # A vector of unknown length (boolean indexing) is told how to know it.
+    xd = da.from_array(np.concatenate([x, x]), chunks=5)
+    with pytest.raises(ValueError, match=r"got \(nan,\) \(unknown: call x\.compute_chunk_sizes"):
+        op.matvec(xd[xd == xd])
     idx = np.array([1, 2])
     with pytest.raises(TypeError, match="rows is a numpy array"):
         op.entries(idx, idx)
