@@ -506,6 +506,26 @@ def test_nonfinite_rows_reads_in_pieces():
     assert _nonfinite_rows(B, np.dtype(np.float32), 4) == (1, 1, True)
 
 
+def test_nonfinite_rows_reads_long_rows_in_pieces():
+    # One piece held whole rows: a row of d = 1e9 float32 values was cast to float64
+    # (8 GB) and masked (1 GB) at once, to name the row holding a NaN.
+    import tracemalloc
+
+    d = 2**22
+    A = np.zeros((2, d), dtype=np.float32)
+    A[1, d - 1] = np.nan
+    bad = ~np.isfinite(A).all(axis=1)
+    want = (int(np.argmax(bad)), int(bad.sum()), False)
+    tracemalloc.start()
+    try:
+        got = _nonfinite_rows(A, np.dtype(np.float64))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert got == want
+    assert peak < d * 8 / 2  # half of one row in float64
+
+
 def test_ihvp_warnings_come_before_the_summary(tmp_path, capsys):
     # kappa ~ 1e18: eps64 * kappa > 1, so StaticIHVP warns (float64 still factorises
     # m damp I + G G^T, whose Gram is well conditioned).
@@ -1083,3 +1103,57 @@ def test_ihvp_out_of_memory_and_interrupt_exit_statuses(
     assert sorted(os.listdir(files["out"].parent)) == sorted(
         p.name for p in files.values() if p != files["out"]
     )
+
+
+_MAP_LARGER_THAN_ALLOWED = """
+import resource, sys
+from mfac_core.cli import _load
+
+# The process may hold 256 MiB of private writable memory more than it does now; the
+# file is 1 GiB. A private ("c") map counts in full, a read-only one does not.
+with open("/proc/self/status") as f:
+    data = next(int(line.split()[1]) for line in f if line.startswith("VmData:")) * 1024
+hard = resource.getrlimit(resource.RLIMIT_DATA)[1]
+resource.setrlimit(resource.RLIMIT_DATA, (data + 2**28, hard))
+G = _load(sys.argv[1], "GRADS", mmap=True)
+print(G.shape, G.flags.writeable)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_DATA counts maps on Linux")
+def test_grads_larger_than_the_memory_allowed_are_mapped(tmp_path):
+    # GRADS was mapped copy-on-write, which the system charges in full at once: a file
+    # larger than memory failed with "cannot read GRADS file ...: Cannot allocate memory".
+    # A sparse 1 GiB file stands for it, against a limit on the process's private memory.
+    path = tmp_path / "G.npy"
+    m, d = 4, 2**26
+    with open(path, "wb") as fh:
+        header = {"descr": "<f4", "fortran_order": False, "shape": (m, d)}
+        np.lib.format.write_array_header_1_0(fh, header)
+        fh.truncate(fh.tell() + m * d * 4)
+    env = dict(os.environ)
+    root = str(Path(mfac_core.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    run_ = subprocess.run(
+        [sys.executable, "-c", _MAP_LARGER_THAN_ALLOWED, str(path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert run_.returncode == 0, run_.stderr
+    assert run_.stdout.split() == ["(4,", "67108864)", "False"]
+
+
+def test_an_unfinished_gradient_file_is_named_so(tmp_path, capsys):
+    # The file that from_gradients leaves when its process is killed while filling it.
+    from mfac_core._store import UNFINISHED_MAGIC
+
+    path = tmp_path / "G.npy"
+    np.save(path, np.zeros((3, D)))
+    with open(path, "r+b") as fh:
+        fh.write(UNFINISHED_MAGIC)
+    np.save(tmp_path / "v.npy", np.ones(D))
+    status = run(["ihvp", path, tmp_path / "v.npy", "-o", tmp_path / "o.npy", "--damp", DAMP])
+    assert_user_error(capsys, status, "G.npy is unfinished", "from_gradients", "again")

@@ -6,6 +6,8 @@ module), against the NumPy operator and the float64 oracles of mfac_core.testing
 
 from __future__ import annotations
 
+import gc
+import time
 import warnings
 
 import numpy as np
@@ -332,6 +334,10 @@ def test_operand_errors(rng):
         op.matvec(da.from_array(np.full(20, np.nan)))
     with pytest.raises(ValueError, match=r"shape \(20,\)"):
         op.matvec(da.from_array(x[:5]))
+    # A vector of unknown length (boolean indexing) is told how to know it.
+    xd = da.from_array(np.concatenate([x, x]), chunks=5)
+    with pytest.raises(ValueError, match=r"got \(nan,\) \(unknown: call x\.compute_chunk_sizes"):
+        op.matvec(xd[xd == xd])
     idx = np.array([1, 2])
     with pytest.raises(TypeError, match="rows is a numpy array"):
         op.entries(idx, idx)
@@ -405,3 +411,104 @@ def test_from_gradients_is_refused_before_the_gradients_are_consumed():
     with pytest.raises(TypeError, match=r"StaticIHVP\.from_gradients.*dask\.array\.from_array"):
         DaskStaticIHVP.from_gradients(gradients(), num_grads=3, dim=4, damp=1e-2)
     assert consumed == []
+
+
+@pytest.mark.parametrize("bs", [None, 5])
+def test_the_set_up_evaluates_the_graph_of_G_once(bs, tmp_path, rng):
+    # G's graph stands for a read from disk or the gradients' computation: each chunk's
+    # evaluation is logged to a file (the workers are other processes). The full
+    # operator once evaluated it for the Gram and again to persist G.
+    G, damp = _data(rng, 4, 20, "float64")
+    log = tmp_path / "reads"
+
+    def read(block, block_info=None):
+        with open(log, "a") as f:
+            f.write(f"{block_info[None]['array-location'][1][0]}\n")
+        return block
+
+    Gd = da.from_array(G, chunks=(4, 5)).map_blocks(read, dtype=G.dtype)
+    op = DaskStaticIHVP(Gd, damp=damp, block_size=bs)
+    x = da.from_array(rng.standard_normal(20), chunks=5)
+    y = (op @ x).compute()
+    op.diagonal().compute()
+    op.entries(da.arange(3), da.arange(3)).compute()
+    assert sorted(log.read_text().split()) == ["0", "10", "15", "5"]
+    want = StaticIHVP(G, damp=damp, block_size=bs).matvec(x.compute())
+    assert_close(y, want, kappa=1e3)
+
+
+def _released(client):
+    """Return once the scheduler has let go of what this client released so far.
+
+    The client's releases reach the scheduler in order: a sentinel released last is
+    forgotten after the others.
+    """
+    sentinel = client.submit(int, 1, pure=False)
+    sentinel.result()
+    key = sentinel.key
+    del sentinel
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if not client.run_on_scheduler(lambda dask_scheduler: key in dask_scheduler.tasks):
+            return
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("what", ["matvec", "persisted-vector", "diagonal", "entries"])
+@pytest.mark.parametrize("bs", [None, 5])
+def test_lazy_results_outlive_the_operator(bs, what, client, rng):
+    # The full operator's products referred to G's persisted chunks by key only (the
+    # optimised to_delayed of a persisted array holds no futures): once the operator
+    # was collected, the cluster dropped them and computing a product that was still
+    # lazy failed with "lost dependencies"; so did any product of a vector persisted
+    # for the call (op @ x.persist()), for every layout.
+    G, damp = _data(rng, 4, 20, "float64")
+    x = rng.standard_normal(20)
+    want = StaticIHVP(G, damp=damp, block_size=bs)
+    op = DaskStaticIHVP(da.from_array(G, chunks=(4, 5)), damp=damp, block_size=bs)
+    if what == "matvec":
+        lazy, expected = op @ da.from_array(x, chunks=5), want.matvec(x)
+    elif what == "persisted-vector":
+        lazy, expected = op @ da.from_array(x, chunks=5).persist(), want.matvec(x)
+    elif what == "diagonal":
+        lazy, expected = op.diagonal(), want.diagonal()
+    else:
+        idx = np.array([0, 7, 19])
+        lazy = op.entries(da.from_array(idx), da.from_array(idx[::-1]))
+        expected = want.entries(idx, idx[::-1])
+    del op
+    gc.collect()
+    _released(client)
+    assert_close(lazy.compute(), expected, kappa=1e3)
+
+
+def test_naming_a_nan_brings_no_column_mask_to_the_client():
+    # The search for G's NaN computed any(~isfinite(G), axis=0) on the client: d booleans
+    # (10 GB at d = 1e10) for a G that is on the cluster because it is too large. Each
+    # chunk is now searched where it is, and only the entry's name comes back. Run here
+    # (synchronous scheduler) so that tracemalloc sees what the client holds.
+    import tracemalloc
+
+    import dask
+
+    d, width = 2**24, 2**20
+    G = da.concatenate(
+        [
+            da.zeros((1, d - 1), chunks=(1, width), dtype=np.float32),
+            da.full((1, 1), np.nan, dtype=np.float32),
+        ],
+        axis=1,
+    )
+    with dask.config.set(scheduler="synchronous"):
+        # Once on a small G first: what the first computation imports is not measured.
+        with pytest.raises(ValueError, match=r"G\[0, 1\] is nan"):
+            DaskStaticIHVP._raise_non_finite(G[:, d - 2 :])
+        tracemalloc.start()
+        try:
+            with pytest.raises(ValueError, match=rf"G\[0, {d - 1}\] is nan"):
+                DaskStaticIHVP._raise_non_finite(G)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    # The mask was d bytes (its float reduction more); a chunk and its mask are 5 * width.
+    assert peak < 0.5 * d

@@ -443,8 +443,20 @@ def test_from_gradients_into_a_torch_tensor(rng):
     )  # float64 gradients into the float32 store the user chose
     assert op.dtype == torch.float32
     np.testing.assert_array_equal(store.numpy(), G.astype(np.float32))
-    with pytest.raises(TypeError, match="grads_out"):  # torch gradients, NumPy store
+    with pytest.raises(TypeError, match="without grads_out the store is a NumPy array"):
         StaticIHVP.from_gradients(iter(torch.tensor(G)), num_grads=m, dim=d, damp=damp)
+
+
+def test_torch_gradients_into_a_file_are_refused_naming_the_file(tmp_path, rng):
+    # The message said "without grads_out" to a call that had passed a path in grads_out.
+    torch = pytest.importorskip("torch")
+    G, damp = _data(rng, 3, 10, "float32")
+    path = tmp_path / "G.npy"
+    with pytest.raises(TypeError, match=r"torch arrays, but grads_out names a \.npy file"):
+        StaticIHVP.from_gradients(
+            iter(torch.tensor(G)), num_grads=3, dim=10, damp=damp, grads_out=path
+        )
+    assert not path.exists()
 
 
 def test_from_gradients_stores_no_autograd_graph(rng):
@@ -776,3 +788,41 @@ def test_from_gradients_names_a_file_the_disk_cannot_hold(tmp_path, rng, monkeyp
             iter(G), num_grads=4, dim=20, damp=damp, grads_out=tmp_path / "G.npy"
         )
     assert os.listdir(tmp_path) == []
+
+
+def test_from_gradients_names_the_entry_of_G_that_is_not_finite_or_overflows(rng):
+    # It said only "gradient 1 holds NaN or infinity", of a batch whose items are not
+    # rows of G: which of its gradients, which coordinate, was left to find.
+    G = rng.standard_normal((8, 20))
+    G[6, 17] = np.nan
+    with pytest.raises(ValueError, match=r"gradient 1 holds NaN or infinity: G\[6, 17\] is nan"):
+        StaticIHVP.from_gradients(iter([G[:4], G[4:]]), num_grads=8, dim=20, damp=1.0)
+    with pytest.raises(ValueError, match=r"gradient 6 holds NaN or infinity: G\[6, 17\] is nan"):
+        StaticIHVP.from_gradients(iter(G), num_grads=8, dim=20, damp=1.0, dtype="float32")
+    G[6, 17] = -1e6
+    with pytest.raises(ValueError, match=r"float16 \(largest 65504\): G\[6, 17\] is -1e\+06"):
+        StaticIHVP.from_gradients(
+            iter([G[:3], G[3:]]), num_grads=8, dim=20, damp=1.0, dtype="float16"
+        )
+
+
+def test_a_file_being_filled_is_not_a_npy_file_until_the_last_gradient(tmp_path, rng):
+    # A process killed while it filled the file (SIGKILL, a batch system's time limit)
+    # cannot remove it; it was a complete .npy file from the start, its unfilled rows
+    # zeros, which numpy.load (and the CLI) then read as gradients without a word.
+    G, damp = _data(rng, 4, 10, "float64")
+    path = tmp_path / "G.npy"
+    seen = []
+
+    def gradients():
+        for i, g in enumerate(G):
+            if i == 2:  # as a killed process leaves it
+                with pytest.raises(ValueError):
+                    np.load(path, mmap_mode="r")
+                seen.append(i)
+            yield g
+
+    op = StaticIHVP.from_gradients(gradients(), num_grads=4, dim=10, damp=damp, grads_out=path)
+    assert seen == [2]
+    np.testing.assert_array_equal(np.load(path, mmap_mode="r"), G)
+    assert_close(op.diagonal(), SpectralOracle(G, damp).diagonal(), kappa=condition_number(G, damp))

@@ -9,7 +9,8 @@ chunk; its column chunks decide how the work is split. Two layouts:
     the float64 Gram ``sum_c G_c G_c^T`` is one reduction over the chunks
     (each chunk's part summed in float64 on its worker), computed and
     factorised eagerly on the client in NumPy float64 (``_capacitance``); G is
-    *persisted*, so that products never evaluate its graph again. A product is
+    *persisted* first, so that its graph is evaluated once, by the set-up, and
+    never again by the Gram or a product. A product is
     the G-form of the pass engine on every chunk: the reduction of the float64
     projections ``P = sum_c G_c X_c`` (m x k), one task ``A = C^{-1} P``, and
     ``(X_c - G_c^T A) / damp`` per chunk, summed in float64 and rounded once.
@@ -56,6 +57,11 @@ _NP = array_namespace(np.empty(0))
 def _non_finite_error(G: Any, offset: int) -> ValueError | None:
     """The error naming G's first NaN or infinity (columns from ``offset``), or None."""
     return non_finite_error(_NP, G, "G", offset=offset)
+
+
+def _chunk_non_finite_entry(G: Any, offset: int) -> str | None:
+    """``"G[2, 17] is nan"`` for the chunk's first NaN or infinity (columns from ``offset``)."""
+    return non_finite_entry(_NP, np.asarray(G), "G", offset=offset)
 
 
 def _chunk_gram(G: Any) -> Any:
@@ -410,11 +416,15 @@ class DaskStaticIHVP(StaticIHVP):
         import dask.array as da
 
         m, damp = self.num_grads, self.damp
+        # Persisted first, so that the Gram, the products and any search for a NaN all
+        # read the kept chunks: G's graph (a read from disk, the gradients' computation)
+        # is evaluated once, not once for the Gram and again for the persist.
+        G = G.persist()
         parts = [
             da.from_delayed(
                 dask.delayed(_chunk_gram, pure=True)(part), shape=(m, m), dtype=np.float64
             )
-            for part in G.to_delayed().ravel()
+            for part in G.to_delayed(optimize_graph=False).ravel()
         ]
         # One reduction: dask sums the chunks' parts in a tree.
         gram = np.asarray(da.stack(parts).sum(axis=0).compute())
@@ -429,8 +439,7 @@ class DaskStaticIHVP(StaticIHVP):
             locate=lambda: self._non_finite_entry(G),
         )
         self._factor = factor
-        # Persisted, so that no product evaluates G's graph again.
-        self._G = G.persist()
+        self._G = G  # persisted above: no product evaluates G's graph again
         assert factor.kappa is not None  # factorize always bounds kappa
         self.kappa_bound = factor.kappa[1]
         self._warn_if_hopeless(factor.kappa[0])
@@ -457,23 +466,16 @@ class DaskStaticIHVP(StaticIHVP):
     @staticmethod
     def _raise_non_finite(G: Array) -> None:
         """Say where G holds NaN or infinity, or that its squared norms overflow."""
-        col = DaskStaticIHVP._first_non_finite_column(G)
-        # The one column that holds the first NaN or infinity (or none: overflow).
-        raise_non_finite(_NP, np.asarray(G[:, col : col + 1].compute()), "G", offset=col)
+        error = _first_of_chunks(G, _non_finite_error)
+        if error is not None:
+            raise error
+        # G is finite and its squares overflow: said of one column, read for it.
+        raise_non_finite(_NP, np.asarray(G[:, :1].compute()), "G")
 
     @staticmethod
     def _non_finite_entry(G: Array) -> str | None:
         """G's first NaN or infinity as :meth:`_raise_non_finite` names it, or None."""
-        col = DaskStaticIHVP._first_non_finite_column(G)
-        return non_finite_entry(_NP, np.asarray(G[:, col : col + 1].compute()), "G", offset=col)
-
-    @staticmethod
-    def _first_non_finite_column(G: Array) -> int:
-        """The first column of G holding NaN or infinity (0 where there is none)."""
-        import dask.array as da
-
-        bad_cols = np.asarray(da.any(~da.isfinite(G), axis=0).compute())
-        return int(np.argmax(bad_cols)) if bad_cols.any() else 0
+        return _first_of_chunks(G, _chunk_non_finite_entry)
 
     # -- products --------------------------------------------------------------------
 
@@ -483,8 +485,13 @@ class DaskStaticIHVP(StaticIHVP):
 
         X = X.rechunk({0: self.chunks, 1: -1})
         k = X.shape[1]
+        # Unoptimised: the optimised to_delayed of a persisted array (G, or a vector the
+        # caller persisted) names its chunks by key only, without the futures that keep
+        # them on a cluster, so a lazy result failed ("lost dependencies") once the
+        # operator or the vector was collected.
+        xs = X.to_delayed(optimize_graph=False)[:, 0]
         if self._G is not None:
-            gs, xs = self._G.to_delayed().ravel(), X.to_delayed()[:, 0]
+            gs = self._G.to_delayed(optimize_graph=False).ravel()
             projections = [dask.delayed(_project_chunk)(g, x) for g, x in zip(gs, xs, strict=True)]
             A = dask.delayed(_solve)(self._factor, *projections)  # the m x k reduction
             combined = [
@@ -498,7 +505,7 @@ class DaskStaticIHVP(StaticIHVP):
             return da.concatenate(combined, axis=0)
         parts = [
             da.from_delayed(dask.delayed(_apply)(op, x), shape=(n, k), dtype=self.dtype)
-            for op, x, n in zip(self._parts, X.to_delayed()[:, 0], self.chunks, strict=True)
+            for op, x, n in zip(self._parts, xs, self.chunks, strict=True)
         ]
         return da.concatenate(parts, axis=0)
 
@@ -608,6 +615,26 @@ class DaskStaticIHVP(StaticIHVP):
         # The pairs in the order of ``parts``, put back into the caller's order.
         inverse = np.argsort(np.concatenate(order), kind="stable")
         return da.concatenate(parts)[inverse].rechunk(-1).reshape(shape)
+
+
+def _first_of_chunks(G: Array, search: Callable[[Any, int], Any]) -> Any:
+    """The first chunk's answer that is not None, ``search(chunk, offset)`` on every chunk.
+
+    For the search of G's first NaN: each chunk is searched on its worker (in bounded
+    pieces) and only a name comes back. A mask of G's d columns on the client would be
+    as long as G, which is on a cluster because it is too large for one machine.
+    """
+    import dask
+
+    offsets = np.concatenate([[0], np.cumsum(G.chunks[1])[:-1]])
+    parts = G.to_delayed(optimize_graph=False).ravel()
+    found = dask.compute(
+        *[
+            dask.delayed(search, pure=True)(part, int(lo))
+            for part, lo in zip(parts, offsets, strict=True)
+        ]
+    )
+    return next((answer for answer in found if answer is not None), None)
 
 
 def _known(shape: tuple[float, ...]) -> bool:

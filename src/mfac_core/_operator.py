@@ -178,7 +178,10 @@ class LinearOperator:
         x = check_operand(self._xp, self.device, self.dtype, x, name, owner=self)
         if x.ndim not in ndims or x.shape[0] != n:
             want = " or ".join({1: f"({n},)", 2: f"({n}, k)"}[k] for k in ndims)
-            raise ValueError(f"{name} must have shape {want}, got {tuple(x.shape)}")
+            # NaN: a Dask array's unknown length (from boolean indexing).
+            unknown = any(s != s for s in x.shape)
+            hint = f" (unknown: call {name}.compute_chunk_sizes())" if unknown else ""
+            raise ValueError(f"{name} must have shape {want}, got {tuple(x.shape)}{hint}")
         if self.check_finite:
             # A rank's shard (a sharded operator's layout) has local indices: name none.
             check_finite(self._xp, x, name, locate=self.layout is None)

@@ -502,7 +502,9 @@ class StaticIHVP(_BlockOperatorBase):
         -----
         Nothing half-built is left after a failure: files this method created
         are removed. An array passed as ``grads_out`` keeps what was
-        written into it (the gradients read so far).
+        written into it (the gradients read so far). A file is a ``.npy``
+        file only once its last gradient is in, so that one left by a killed
+        process is not read as complete gradients by ``numpy.load``.
 
         Examples
         --------

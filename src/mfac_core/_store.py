@@ -106,12 +106,31 @@ def progress_callback(progress: Any) -> Callable[[str, int, int], None] | None:
 # -- the gradient store --------------------------------------------------------------------
 
 
+#: The first bytes of a ``.npy`` file that :func:`gather_gradients` is still filling:
+#: NumPy's magic string with its first byte zeroed. A file left by a process killed
+#: half-way (SIGKILL, the out-of-memory killer, a batch system's time limit), which nothing
+#: can remove and whose unfilled rows read as zeros, is then refused by ``numpy.load``
+#: instead of loaded as complete gradients.
+UNFINISHED_MAGIC = b"\x00NUMPY"
+
+
+def _mark(path: str, *, finished: bool) -> None:
+    """Write the first byte of the ``.npy`` file ``path``: NumPy's, or the unfinished mark."""
+    with open(path, "r+b") as fh:
+        fh.write(b"\x93" if finished else UNFINISHED_MAGIC[:1])
+
+
 @dataclass
 class GradientStore:
     """An ``(m, d)`` array to write into, and the file this module created for it (or None)."""
 
     array: Any
     created: str | None = None
+
+    def finish(self) -> None:
+        """Mark the file this module created as complete (a ``.npy`` file again)."""
+        if self.created is not None:
+            _mark(self.created, finished=True)
 
     def discard(self) -> None:
         """Remove the file this module created (after a failure); arrays are let go."""
@@ -168,7 +187,11 @@ def check_new_path(target: Any, name: str) -> str:
 
 
 def open_store(target: Any, shape: tuple[int, int], dtype: Any, name: str) -> GradientStore:
-    """A new NumPy array (``target`` None) or ``.npy`` memmap file (a path) of ``shape``."""
+    """A new NumPy array (``target`` None) or ``.npy`` memmap file (a path) of ``shape``.
+
+    A file is marked unfinished (:data:`UNFINISHED_MAGIC`) until
+    :meth:`GradientStore.finish`.
+    """
     dt = _numpy_dtype(dtype, "dtype")
     nbytes = check_store_size(shape, dt.itemsize, name)
     if target is None:
@@ -193,6 +216,7 @@ def open_store(target: Any, shape: tuple[int, int], dtype: Any, name: str) -> Gr
                 f"{name}: cannot make {path!r}, {nbytes} bytes of {dt.name} gradients "
                 f"{shape} ({exc.strerror or exc})",
             ) from None
+        _mark(path, finished=False)
         _reserve(path, name)
     except BaseException:
         # Not left behind, even half-written (a full disk can fail the header already).
@@ -339,10 +363,16 @@ def gather_gradients(
                         f"gradient {index} must have a real floating dtype, got {item.dtype}"
                     )
                 if namespace_name(first) != "numpy":
+                    # Said of the store there is: a path named in grads_out is one too.
+                    where = (
+                        "without grads_out the store is a NumPy array"
+                        if store is None
+                        else "grads_out names a .npy file, a NumPy store"
+                    )
                     raise TypeError(
-                        f"the gradients are {namespace_name(first)} arrays, but without "
-                        "grads_out the store is a NumPy array (or .npy file); pass "
-                        "grads_out, an array of their library, or convert them"
+                        f"the gradients are {namespace_name(first)} arrays, but {where}; "
+                        "convert them to NumPy arrays (PyTorch: t.detach().cpu().numpy()), "
+                        "or pass grads_out, an array of their library"
                     )
                 if dtype is None and _native(item.dtype).name not in STORE_DTYPES:
                     raise TypeError(
@@ -356,7 +386,7 @@ def gather_gradients(
                     store, shape, dtype if dtype is not None else _native(item.dtype), "grads_out"
                 )
                 xp = array_namespace(target.array)
-            rows = _checked_rows(xp, target.array, item, index, d, explicit, check_finite)
+            rows = _checked_rows(xp, target.array, item, index, d, explicit, check_finite, row)
             k = rows.shape[0]
             if row + k > m:
                 raise ValueError(
@@ -383,6 +413,8 @@ def gather_gradients(
                 f"the gradients exceed num_grads={m}: more were yielded after the "
                 f"{m}-th (take the first ones with itertools.islice)"
             )
+        assert target is not None  # made with the first of the m >= 1 gradients
+        target.finish()  # only now a .npy file that numpy.load reads
     except BaseException:
         if target is not None and not given:
             target.discard()
@@ -413,9 +445,16 @@ def _dtype_name(dt: Any) -> str:
 
 
 def _checked_rows(
-    xp: Any, store: Any, item: Any, index: int, d: int, explicit: bool, check_finite: bool
+    xp: Any,
+    store: Any,
+    item: Any,
+    index: int,
+    d: int,
+    explicit: bool,
+    check_finite: bool,
+    row: int,
 ) -> Any:
-    """One item as ``(k, d)`` rows in the store's dtype, or a clear error."""
+    """One item as ``(k, d)`` rows in the store's dtype (G's rows from ``row``), or an error."""
     name = f"gradient {index}"
     # The store keeps values, not the autograd graph of each gradient written into it.
     item = detached(item)
@@ -439,14 +478,39 @@ def _checked_rows(
                 "dtype= to convert them all to one dtype"
             )
         if check_finite and not bool(xp.all(xp.isfinite(item))):
-            raise ValueError(f"{name} holds NaN or infinity")
+            _raise_non_finite(xp, item, name, row)
         # Checked before the cast, which would turn such values into infinity.
-        if check_finite and float(xp.max(xp.abs(item))) > float(xp.finfo(store.dtype).max):
-            raise ValueError(f"{name} overflows the store's dtype {store.dtype}")
+        largest = float(xp.finfo(store.dtype).max)
+        if check_finite and float(xp.max(xp.abs(item))) > largest:
+            rows = _as_rows(item)
+            where = _first_entry(xp, rows, xp.abs(rows) > largest, row)
+            raise ValueError(
+                f"{name} overflows the store's dtype {_dtype_name(store.dtype)} "
+                f"(largest {largest:g}): {where}"
+            )
         item = xp.astype(item, store.dtype)
     elif check_finite and not bool(xp.all(xp.isfinite(item))):
-        raise ValueError(f"{name} holds NaN or infinity")
+        _raise_non_finite(xp, item, name, row)
+    return _as_rows(item)
+
+
+def _as_rows(item: Any) -> Any:
     return item if item.ndim == 2 else item[None, :]
+
+
+def _raise_non_finite(xp: Any, item: Any, name: str, row: int) -> None:
+    """Name the first NaN or infinity of ``item`` by the entry of G it was to fill."""
+    rows = _as_rows(item)
+    raise ValueError(
+        f"{name} holds NaN or infinity: {_first_entry(xp, rows, ~xp.isfinite(rows), row)}"
+    )
+
+
+def _first_entry(xp: Any, rows: Any, bad: Any, row: int) -> str:
+    """``"G[6, 17] is nan"``: the first entry of ``rows`` (G's rows from ``row``) in ``bad``."""
+    d = int(bad.shape[1])
+    i, j = divmod(int(xp.argmax(xp.reshape(xp.astype(bad, xp.int8), (-1,)))), d)
+    return f"G[{row + i}, {j}] is {float(rows[i, j]):g}"
 
 
 #: The keywords that ``StaticIHVP.from_gradients`` passes on to the operator, with their

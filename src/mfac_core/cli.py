@@ -38,6 +38,7 @@ import numpy as np
 import numpy.lib.format as npy_format
 
 from . import __version__
+from ._store import UNFINISHED_MAGIC
 from ._validation import check_damp
 
 __all__ = ["main"]
@@ -300,10 +301,10 @@ def _load(path: str, what: str, mmap: bool) -> np.ndarray:
         return arr
     try:
         try:
-            # Copy-on-write mapping: read-only in effect (nothing writes to it), but
-            # writeable to NumPy, so that StaticIHVP allocates its m x d work array
-            # once instead of assembling it from pieces.
-            arr = np.load(path, mmap_mode="c" if mmap else None, allow_pickle=False)
+            # Read-only: a copy-on-write ("c") map is private and writeable, so the
+            # system charges all of it to the process's memory at once and refuses a
+            # GRADS larger than memory (ENOMEM), which is what the map is for.
+            arr = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
         except ValueError:
             if not mmap:
                 raise
@@ -340,6 +341,12 @@ def _check_npy_header(fh: BinaryIO, path: str, what: str, size: int) -> _NpyHead
     if magic[:2] == b"PK":
         raise UserError(
             f"{what} file {path} is an .npz archive; save a single array with numpy.save"
+        )
+    if magic == UNFINISHED_MAGIC:
+        raise UserError(
+            f"{what} file {path} is unfinished: StaticIHVP.from_gradients was filling it "
+            "when its process stopped (killed, or out of time), so rows are missing; "
+            "collect the gradients again into a new file"
         )
     if magic != _NPY_MAGIC:
         raise UserError(f"{what} file {path} is not an .npy file (written by numpy.save)")
@@ -482,18 +489,31 @@ def _nonfinite_rows(
     entries, so that the check needs no memory of the size of ``arr``.
     """
     rows = arr[None, :] if arr.ndim == 1 else arr  # one vector (d,) or rows (k, d)
-    step = max(1, piece_entries // max(1, rows.shape[1]))
+    # Bands of rows, each read in column pieces: a row alone can be larger than memory
+    # allows (d = 1e9: its float64 cast 8 GB, for a failure message).
+    width = max(1, min(rows.shape[1], piece_entries))
+    step = max(1, piece_entries // width)
     first, count, overflow = -1, 0, False
     for start in range(0, rows.shape[0], step):
         piece = rows[start : start + step]
-        with np.errstate(over="ignore"):  # an overflow is what is looked for
-            bad = ~np.isfinite(piece.astype(dtype, copy=False)).all(axis=1)
+        bad = _rows_not_all(piece, width, lambda p: np.isfinite(p.astype(dtype, copy=False)))
         n = int(np.count_nonzero(bad))
         if n and first < 0:
             first = start + int(np.argmax(bad))
-            overflow = bool(np.isfinite(piece[first - start]).all())
+            overflow = not _rows_not_all(piece[first - start : first - start + 1], width)[0]
         count += n
     return None if first < 0 else (first, count, overflow)
+
+
+def _rows_not_all(
+    rows: np.ndarray, width: int, ok: Callable[[np.ndarray], np.ndarray] = np.isfinite
+) -> np.ndarray:
+    """For each row, whether ``ok`` fails somewhere in it, read ``width`` columns at a time."""
+    bad = np.zeros(rows.shape[0], dtype=bool)
+    for lo in range(0, rows.shape[1], width):
+        with np.errstate(over="ignore"):  # an overflow is what is looked for
+            bad |= ~ok(rows[:, lo : lo + width]).all(axis=1)
+    return bad
 
 
 def _finiteness_error(path: str, arr: np.ndarray, dtype: np.dtype) -> UserError | None:
@@ -632,8 +652,7 @@ def _cmd_ihvp(
         op = StaticIHVP(G, damp=args.damp, block_size=args.block_size, progress=bar)
     except ValueError:
         # The library finds a NaN without a pass of its own but cannot say where; only
-        # now, on failure, is the file read once more to name the row. (G itself may be
-        # the cast copy, already partly overwritten by the work array.)
+        # now, on failure, is the file read once more to name the row.
         error = _finiteness_error(args.grads, G_file, dtype)
         if error is None:
             raise
