@@ -324,6 +324,9 @@ def test_half_window_dtypes_the_library_lacks(strict_device1, monkeypatch):
         DynamicIHVP(2, 4, damp=1.0, dtype=swapped)
     with pytest.raises(TypeError, match=r"G\.astype\(G\.dtype\.newbyteorder\('='\)\)"):
         DynamicIHVP.from_window(np.ones((2, 4), swapped), damp=1.0)
+    # numpy.save writes a bfloat16 window as raw |V2 values; numpy.load gives those back.
+    with pytest.raises(TypeError, match=re.escape("G.view(ml_dtypes.bfloat16)")):
+        DynamicIHVP.from_window(np.ones((2, 4), ml_dtypes.bfloat16).view("V2"), damp=1.0)
     with pytest.raises(TypeError, match="no float16"):
         DynamicIHVP(2, 4, damp=1.0, dtype="float16", xp=strict_device1.xp)
     with pytest.raises(TypeError, match="dtype"):

@@ -46,6 +46,7 @@ from ._validation import (
     namespace_of,
     numpy_bfloat16,
     resolved_device,
+    untyped_note,
 )
 
 
@@ -205,6 +206,9 @@ def window_dtypes(xp: Any, dtype: Any) -> tuple[Any, Any, str | None]:
                 "machine's, which the window does not store: pass dtype.newbyteorder('='), "
                 "and to from_window G.astype(G.dtype.newbyteorder('=')), a copy)"
             )
+        elif untyped_note("G", dtype):
+            # from_window(numpy.load(path)) of a window saved with numpy.save (bfloat16).
+            hint = untyped_note("G", dtype)
         raise TypeError(f"dtype must be {wanted}{hint}, got {dtype!r}")
     return dtype, xp.float32, name
 
