@@ -337,6 +337,7 @@ def gather_gradients(
                 if not _real_floating(first, item.dtype):
                     raise TypeError(
                         f"gradient {index} must have a real floating dtype, got {item.dtype}"
+                        f"{untyped_note('g', item.dtype)}"
                     )
                 if namespace_name(first) != "numpy":
                     raise TypeError(
@@ -400,7 +401,9 @@ def _real_floating(xp: Any, dt: Any) -> bool:
     try:
         return bool(xp.isdtype(dt, "real floating"))
     except TypeError:
-        return str(dt) == "bfloat16"
+        # By the dtype's name: str() of a byte-swapped bfloat16 is ">V2", which from_gradients
+        # stores converted as it stores ">f4".
+        return getattr(dt, "name", str(dt)) == "bfloat16"
 
 
 def _native(dt: Any) -> Any:
@@ -431,7 +434,10 @@ def _checked_rows(
             f"(k, {d}) for a batch of k"
         )
     if not _real_floating(xp, item.dtype):
-        raise TypeError(f"{name} must have a real floating dtype, got {item.dtype}")
+        raise TypeError(
+            f"{name} must have a real floating dtype, got {item.dtype}"
+            f"{untyped_note('g', item.dtype)}"
+        )
     if item.dtype != store.dtype:
         if not explicit and _native(item.dtype) != store.dtype:
             raise TypeError(
