@@ -333,6 +333,13 @@ def test_core_refusals_of_jax_2_byte_gradients_name_numpy_asarray(rng, dtype):
     with pytest.raises(TypeError, match=re.escape("from_window(numpy.asarray(G))")):
         DynamicIHVP.from_window(G, damp=0.1)
     assert mfac_core.StaticIHVP(np.asarray(G), damp=0.1).storage_dtype == dtype
+    # from_gradients of JAX gradients: its store cannot be a JAX array (immutable), so the
+    # advice is numpy.asarray, not "grads_out, an array of their library".
+    build = mfac_core.StaticIHVP.from_gradients
+    with pytest.raises(TypeError, match=r"jax arrays.*convert each with numpy\.asarray"):
+        build(iter(G), num_grads=3, dim=8, damp=0.1)
+    op = build((np.asarray(g) for g in G), num_grads=3, dim=8, damp=0.1)
+    assert op.storage_dtype == dtype
 
 
 # -- 64-bit mode off -----------------------------------------------------------------------------

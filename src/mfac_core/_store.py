@@ -28,7 +28,14 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from ._compat import Array, array_namespace, detached, device, namespace_name
+from ._compat import (
+    Array,
+    array_namespace,
+    detached,
+    device,
+    is_jax_namespace,
+    namespace_name,
+)
 from ._errors import user_stacklevel
 from ._validation import (
     byte_order_note,
@@ -340,10 +347,17 @@ def gather_gradients(
                         f"{untyped_note('g', item.dtype)}"
                     )
                 if namespace_name(first) != "numpy":
+                    # JAX's arrays cannot be a store (immutable); NumPy keeps JAX's
+                    # gradients, bfloat16 included, as they are.
+                    convert = (
+                        "convert each with numpy.asarray (no copy on the CPU; a bfloat16 "
+                        "gradient stays bfloat16)"
+                        if is_jax_namespace(first)
+                        else "pass grads_out, an array of their library, or convert them"
+                    )
                     raise TypeError(
                         f"the gradients are {namespace_name(first)} arrays, but without "
-                        "grads_out the store is a NumPy array (or .npy file); pass "
-                        "grads_out, an array of their library, or convert them"
+                        f"grads_out the store is a NumPy array (or .npy file); {convert}"
                     )
                 if dtype is None and _native(item.dtype).name not in STORE_DTYPES:
                     raise TypeError(
