@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import re
 import sys
 import tracemalloc
 import warnings
@@ -166,6 +167,15 @@ def test_half_window_checkpoints_edits_and_damping(case, rng):
         np.testing.assert_array_equal(_as64(a), _as64(b))
     with pytest.raises(TypeError, match="dtype"):
         _window_op(backend, m, d, "float32", damp=damp).load_state_dict(state)
+    if backend.is_numpy and dtype == "bfloat16":
+        # A state saved with numpy.save comes back with its bfloat16 grads as raw |V2
+        # values: the refusal says how to view them, and the view restores the state.
+        saved = dict(state, grads=state["grads"].view("V2"))
+        fresh = _window_op(backend, m, d, dtype, damp=damp)
+        view = re.escape("state['grads'].view(ml_dtypes.bfloat16)")
+        with pytest.raises(TypeError, match=r"has dtype \|V2, expected bfloat16 .*" + view):
+            fresh.load_state_dict(saved)
+        fresh.load_state_dict(dict(saved, grads=saved["grads"].view(state["grads"].dtype)))
     # A window built at once from the stored gradients is the same operator.
     G = _store(dtype, grads[-m:])
     x = rounded(rng.standard_normal(d), "float32")
@@ -307,9 +317,16 @@ def test_half_window_dtypes_the_library_lacks(strict_device1, monkeypatch):
             DynamicIHVP(2, 4, damp=1.0, dtype="bfloat16")
     ml_dtypes = pytest.importorskip("ml_dtypes")
     # The passes read the machine's byte order only.
+    # Its refusal says so: the swapped dtype prints as "dtype(bfloat16)", which the
+    # message listed as accepted.
     swapped = np.dtype(ml_dtypes.bfloat16).newbyteorder("S")
-    with pytest.raises(TypeError, match="dtype must be"):
+    with pytest.raises(TypeError, match=r"dtype must be.*bfloat16 in the byte order that is no"):
         DynamicIHVP(2, 4, damp=1.0, dtype=swapped)
+    with pytest.raises(TypeError, match=r"G\.astype\(G\.dtype\.newbyteorder\('='\)\)"):
+        DynamicIHVP.from_window(np.ones((2, 4), swapped), damp=1.0)
+    # numpy.save writes a bfloat16 window as raw |V2 values; numpy.load gives those back.
+    with pytest.raises(TypeError, match=re.escape("G.view(ml_dtypes.bfloat16)")):
+        DynamicIHVP.from_window(np.ones((2, 4), ml_dtypes.bfloat16).view("V2"), damp=1.0)
     with pytest.raises(TypeError, match="no float16"):
         DynamicIHVP(2, 4, damp=1.0, dtype="float16", xp=strict_device1.xp)
     with pytest.raises(TypeError, match="dtype"):

@@ -314,6 +314,34 @@ def test_static_failures_are_worded_as_the_core_words_them(rng):
     assert str(ours.value).split(" does ", 1)[1] == str(core.value).split(" does ", 1)[1]
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_core_refusals_of_jax_2_byte_gradients_name_numpy_asarray(rng, dtype):
+    # The core operators keep JAX's 2-byte gradients as NumPy arrays (np.asarray, no copy
+    # on the CPU). Given as JAX arrays, the refusal said only "float16/bfloat16 storage
+    # where the library has it, got bfloat16", which JAX has; the window's said "dtype must
+    # be ... bfloat16 ..., got dtype(bfloat16)".
+    from mfac_core.pruning import prune
+
+    G = jnp.asarray(rng.standard_normal((3, 8)), dtype=dtype)
+    for build in (
+        lambda: mfac_core.StaticIHVP(G, damp=0.1),
+        lambda: mfac_core.EmpiricalFisher(G, damp=0.1),
+        lambda: prune(jnp.ones(8, jnp.float32), G, sparsity=0.5),
+    ):
+        with pytest.raises(TypeError, match=re.escape("numpy.asarray(G)")):
+            build()
+    with pytest.raises(TypeError, match=re.escape("from_window(numpy.asarray(G))")):
+        DynamicIHVP.from_window(G, damp=0.1)
+    assert mfac_core.StaticIHVP(np.asarray(G), damp=0.1).storage_dtype == dtype
+    # from_gradients of JAX gradients: its store cannot be a JAX array (immutable), so the
+    # advice is numpy.asarray, not "grads_out, an array of their library".
+    build = mfac_core.StaticIHVP.from_gradients
+    with pytest.raises(TypeError, match=r"jax arrays.*convert each with numpy\.asarray"):
+        build(iter(G), num_grads=3, dim=8, damp=0.1)
+    op = build((np.asarray(g) for g in G), num_grads=3, dim=8, damp=0.1)
+    assert op.storage_dtype == dtype
+
+
 # -- 64-bit mode off -----------------------------------------------------------------------------
 
 

@@ -367,6 +367,19 @@ def test_from_gradients_of_ml_dtypes_bfloat16(tmp_path, rng, monkeypatch):
     np.testing.assert_array_equal(mapped.matvec(x), op.matvec(x))
     with pytest.raises(TypeError, match=r"raw 2-byte values.*G\.view\(ml_dtypes\.bfloat16\)"):
         StaticIHVP(raw, damp=damp)
+    # Big-endian bfloat16 gradients are stored converted, as big-endian float32 ones are
+    # (test_big_endian_gradients); they were refused as "no real floating dtype, got >V2".
+    # Raw |V2 gradients (numpy.load of a saved bfloat16 one) are refused naming the view.
+    swapped = B.astype(bf16.newbyteorder(">"))
+    for dtype in (None, "bfloat16"):
+        op = StaticIHVP.from_gradients(iter(swapped), num_grads=m, dim=d, damp=damp, dtype=dtype)
+        assert op._factors[0].G.dtype == bf16
+        np.testing.assert_array_equal(op._factors[0].G.view(np.uint16), B.view(np.uint16))
+    for dtype in (None, "bfloat16"):
+        with pytest.raises(TypeError, match=r"gradient 0 .*\|V2.*\.view\(ml_dtypes\.bfloat16\)"):
+            StaticIHVP.from_gradients(
+                iter(B.view("V2")), num_grads=m, dim=d, damp=damp, dtype=dtype
+            )
     # Values: a non-finite gradient, and one beyond bfloat16's range, are refused.
     B[1, 2] = np.inf
     for dtype in (None, "float32"):

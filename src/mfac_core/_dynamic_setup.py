@@ -11,9 +11,18 @@ import dataclasses
 from collections import deque
 from typing import Any
 
+import numpy as np
+
 from . import _engine, _host_rows
 from ._capacitance import check_window_damp
-from ._compat import Array, array_namespace, detached, is_dask_namespace, is_numpy_namespace
+from ._compat import (
+    Array,
+    array_namespace,
+    detached,
+    is_dask_namespace,
+    is_jax_namespace,
+    is_numpy_namespace,
+)
 from ._compat import device as device_of
 from ._deprecation import (
     DYNAMIC_LEGACY,
@@ -27,6 +36,7 @@ from ._finite import check_finite, non_finite_entry
 from ._layout import BlockGroup, chunk_gram, pieces
 from ._operator import LinearOperator
 from ._validation import (
+    HALF_DTYPES,
     check_count,
     check_damp,
     check_flag,
@@ -36,6 +46,7 @@ from ._validation import (
     namespace_of,
     numpy_bfloat16,
     resolved_device,
+    untyped_note,
 )
 
 
@@ -181,6 +192,23 @@ def window_dtypes(xp: Any, dtype: Any) -> tuple[Any, Any, str | None]:
             # torch.float32 given with the default (NumPy) namespace: the dtype names
             # another library than xp, which only xp=torch can mean.
             hint = f" (the namespace is {xp.__name__}: pass xp=torch for PyTorch buffers)"
+        elif is_jax_namespace(xp) and str(dtype) in HALF_DTYPES:
+            # from_window(G) of JAX's 2-byte G: the dtype is NumPy's too (ml_dtypes').
+            hint = (
+                " (a window is edited in place, which JAX's arrays cannot be: build it in "
+                "NumPy, which keeps JAX's 2-byte gradients as they are, "
+                "from_window(numpy.asarray(G)))"
+            )
+        elif isinstance(dtype, np.dtype) and not dtype.isnative:
+            # A big-endian dtype prints as the native one where it has a name (bfloat16).
+            hint = (
+                f" ({dtype.newbyteorder('=').name} in the byte order that is not this "
+                "machine's, which the window does not store: pass dtype.newbyteorder('='), "
+                "and to from_window G.astype(G.dtype.newbyteorder('=')), a copy)"
+            )
+        elif untyped_note("G", dtype):
+            # from_window(numpy.load(path)) of a window saved with numpy.save (bfloat16).
+            hint = untyped_note("G", dtype)
         raise TypeError(f"dtype must be {wanted}{hint}, got {dtype!r}")
     return dtype, xp.float32, name
 

@@ -20,7 +20,14 @@ from ._compat import Array, detached, is_finite_array
 from ._dynamic_factor import SlotFactor, evenly_spaced, factorized
 from ._dynamic_setup import local_gram
 from ._operator import LinearOperator
-from ._validation import check_count, check_damp, check_flag, check_same_space
+from ._validation import (
+    byte_order_note,
+    check_count,
+    check_damp,
+    check_flag,
+    check_same_space,
+    untyped_note,
+)
 
 #: The format version of ``state_dict``.
 STATE_VERSION = 2
@@ -322,7 +329,12 @@ class LoadedState:
             if array.dtype != dtype:
                 # As the library prints an array's dtype (NumPy's xp.float64 is a class).
                 expected = xp.empty((0,), dtype=dtype, device=op.device).dtype
-                raise TypeError(f"state['{name}'] has dtype {array.dtype}, expected {expected}")
+                # A state saved with numpy.save comes back with bfloat16 grads as |V2.
+                raise TypeError(
+                    f"state['{name}'] has dtype {array.dtype}, expected {expected}"
+                    f"{byte_order_note(f'state[{name!r}]', array.dtype)}"
+                    f"{untyped_note(f'state[{name!r}]', array.dtype)}"
+                )
         for key in ("window_slots", "free_slots", "factor_slots"):
             if isinstance(state[key], (str, bytes)) or not isinstance(state[key], Iterable):
                 raise ValueError(

@@ -28,7 +28,14 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from ._compat import Array, array_namespace, detached, device, namespace_name
+from ._compat import (
+    Array,
+    array_namespace,
+    detached,
+    device,
+    is_jax_namespace,
+    namespace_name,
+)
 from ._errors import user_stacklevel
 from ._validation import (
     byte_order_note,
@@ -361,6 +368,7 @@ def gather_gradients(
                 if not _real_floating(first, item.dtype):
                     raise TypeError(
                         f"gradient {index} must have a real floating dtype, got {item.dtype}"
+                        f"{untyped_note('g', item.dtype)}"
                     )
                 if namespace_name(first) != "numpy":
                     # Said of the store there is: a path named in grads_out is one too.
@@ -369,10 +377,17 @@ def gather_gradients(
                         if store is None
                         else "grads_out names a .npy file, a NumPy store"
                     )
-                    raise TypeError(
-                        f"the gradients are {namespace_name(first)} arrays, but {where}; "
-                        "convert them to NumPy arrays (PyTorch: t.detach().cpu().numpy()), "
+                    # JAX's arrays cannot be a store (immutable); NumPy keeps JAX's
+                    # gradients, bfloat16 included, as they are.
+                    convert = (
+                        "convert each with numpy.asarray (no copy on the CPU; a bfloat16 "
+                        "gradient stays bfloat16)"
+                        if is_jax_namespace(first)
+                        else "convert them to NumPy arrays (PyTorch: t.detach().cpu().numpy()), "
                         "or pass grads_out, an array of their library"
+                    )
+                    raise TypeError(
+                        f"the gradients are {namespace_name(first)} arrays, but {where}; {convert}"
                     )
                 if dtype is None and _native(item.dtype).name not in STORE_DTYPES:
                     raise TypeError(
@@ -432,7 +447,9 @@ def _real_floating(xp: Any, dt: Any) -> bool:
     try:
         return bool(xp.isdtype(dt, "real floating"))
     except TypeError:
-        return str(dt) == "bfloat16"
+        # By the dtype's name: str() of a byte-swapped bfloat16 is ">V2", which from_gradients
+        # stores converted as it stores ">f4".
+        return getattr(dt, "name", str(dt)) == "bfloat16"
 
 
 def _native(dt: Any) -> Any:
@@ -470,7 +487,10 @@ def _checked_rows(
             f"(k, {d}) for a batch of k"
         )
     if not _real_floating(xp, item.dtype):
-        raise TypeError(f"{name} must have a real floating dtype, got {item.dtype}")
+        raise TypeError(
+            f"{name} must have a real floating dtype, got {item.dtype}"
+            f"{untyped_note('g', item.dtype)}"
+        )
     if item.dtype != store.dtype:
         if not explicit and _native(item.dtype) != store.dtype:
             raise TypeError(

@@ -57,6 +57,7 @@ __all__ = [
     "check_gradients",
     "half_dtype_name",
     "is_numpy_bfloat16",
+    "jax_two_byte_note",
     "numpy_bfloat16",
     "untyped_note",
     "check_index_array",
@@ -236,6 +237,21 @@ def untyped_note(name: str, dtype: Any) -> str:
     return (
         f" (raw 2-byte values, as numpy.save writes ml_dtypes' bfloat16: if they are "
         f"bfloat16, read them as such without a copy, {name}.view(ml_dtypes.bfloat16))"
+    )
+
+
+def jax_two_byte_note(xp: Any, name: str, dtype: Any) -> str:
+    """What to do about JAX's 2-byte gradients given to a core operator, or ``""``.
+
+    The core operators keep them as 2-byte storage as NumPy arrays (``numpy.asarray`` of a
+    JAX array on the CPU shares its memory; its bfloat16 is ml_dtypes', which NumPy's
+    operators read); JAX's own 2-byte dtypes are not a storage of the JAX namespace.
+    """
+    if not is_jax_namespace(xp) or str(dtype) not in HALF_DTYPES:
+        return ""
+    return (
+        f" (JAX's {dtype} gradients are 2-byte storage as a NumPy array: pass "
+        f"numpy.asarray({name}), no copy on the CPU)"
     )
 
 
@@ -761,6 +777,7 @@ def check_gradients(G: Array, *, require_finite: bool, name: str = "G", half: bo
                 f"{name} must have a real floating dtype (float32 or float64, or "
                 f"float16/bfloat16 storage where the library has it), got {G.dtype}"
                 f"{byte_order_note(name, G.dtype)}{untyped_note(name, G.dtype)}"
+                f"{jax_two_byte_note(xp, name, G.dtype)}"
             )
         check_floating(xp, G, name)
     if require_finite:
