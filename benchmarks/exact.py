@@ -89,7 +89,7 @@ def product_rows(m: int, d: int, repeat: int, rng: np.random.Generator) -> list[
     G16 = G32.astype(np.float16)
     ops["float16"] = StaticIHVP(G16, damp=damp, check_finite=False)
     cands["StaticIHVP float16 (NumPy)"] = (lambda _: ops["float16"] @ x, None)
-    bf16 = mfac_core._validation.numpy_bfloat16()  # ml_dtypes' (JAX's gradients in NumPy)
+    bf16 = mfac_core._dtypes.numpy_bfloat16()  # ml_dtypes' (JAX's gradients in NumPy)
     if bf16 is not None:
         ops["bfloat16 (NumPy)"] = StaticIHVP(G32.astype(bf16), damp=damp, check_finite=False)
         cands["StaticIHVP bfloat16 (NumPy)"] = (lambda _: ops["bfloat16 (NumPy)"] @ x, None)

@@ -40,8 +40,8 @@ import numpy as np
 
 from . import _capacitance
 from ._compat import is_numpy_namespace
+from ._dtypes import is_numpy_bfloat16
 from ._layout import BlockGroup
-from ._validation import is_numpy_bfloat16
 
 __all__ = ["fill_block_inverses", "serves"]
 

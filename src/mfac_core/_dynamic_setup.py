@@ -31,22 +31,18 @@ from ._deprecation import (
     legacy_refactor_every,
     warn_deprecated,
 )
+from ._dtypes import HALF_DTYPES, compute_dtype, half_dtype_name, numpy_bfloat16, untyped_note
 from ._dynamic_factor import factorized
 from ._finite import check_finite, non_finite_entry
 from ._layout import BlockGroup, chunk_gram, pieces
 from ._operator import LinearOperator
 from ._validation import (
-    HALF_DTYPES,
     check_count,
     check_damp,
     check_flag,
     check_writeable,
-    compute_dtype,
-    half_dtype_name,
     namespace_of,
-    numpy_bfloat16,
     resolved_device,
-    untyped_note,
 )
 
 

@@ -17,17 +17,11 @@ from typing import Any, TypeVar
 from . import _host_rows
 from ._capacitance import DRIFT_TOL, CapacitanceFactor, check_window_damp
 from ._compat import Array, detached, is_finite_array
+from ._dtypes import byte_order_note, untyped_note
 from ._dynamic_factor import SlotFactor, evenly_spaced, factorized
 from ._dynamic_setup import local_gram
 from ._operator import LinearOperator
-from ._validation import (
-    byte_order_note,
-    check_count,
-    check_damp,
-    check_flag,
-    check_same_space,
-    untyped_note,
-)
+from ._validation import check_count, check_damp, check_flag, check_same_space
 
 #: The format version of ``state_dict``.
 STATE_VERSION = 2

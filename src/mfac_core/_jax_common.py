@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from ._dtypes import FLOATING_DTYPES
 from ._validation import (
-    FLOATING_DTYPES,
     check_count,
     check_damp,
     dtype_mismatch_error,

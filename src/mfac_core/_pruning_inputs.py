@@ -15,6 +15,7 @@ from typing import Any
 
 from ._compat import Array, detached
 from ._compat import device as device_of
+from ._dtypes import half_dtype_name
 from ._finite import non_finite_error
 from ._validation import (
     check_choice,
@@ -23,7 +24,6 @@ from ._validation import (
     check_floating,
     check_gradients,
     check_same_space,
-    half_dtype_name,
     is_number_list,
     namespace_of,
 )

@@ -30,6 +30,7 @@ from typing import Any
 
 from . import _capacitance, _engine, _setup
 from ._compat import Array, device
+from ._dtypes import half_dtype_name
 from ._errors import FactorizationError
 from ._finite import check_finite, first_non_finite
 from ._gform import GFormFactor, whitened_pairs
@@ -44,7 +45,6 @@ from ._validation import (
     check_floating,
     check_index_array,
     check_operand,
-    half_dtype_name,
 )
 from .distributed import Communicator
 

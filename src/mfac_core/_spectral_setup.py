@@ -12,6 +12,7 @@ from typing import Any
 
 from . import _capacitance, _engine
 from ._compat import Array, detached, device
+from ._dtypes import compute_dtype, half_dtype_name
 from ._layout import BlockGroup, block_groups, checked_gram, chunk_culprit, chunks
 from ._operator import LinearOperator
 from ._spectral_groups import ColumnEigen, GramEigen, Group, spectrum_bounds
@@ -21,8 +22,6 @@ from ._validation import (
     check_flag,
     check_float64_available,
     check_gradients,
-    compute_dtype,
-    half_dtype_name,
 )
 
 __all__ = ["build", "derived", "eigen_groups", "warn_if_any_hopeless"]

@@ -22,6 +22,7 @@ from ._deprecation import (
     warn_deprecated,
     warn_no_w,
 )
+from ._dtypes import compute_dtype, half_dtype_name
 from ._gradient_repr import gradient_items
 from ._group_factors import GroupFactor
 from ._layout import block_groups
@@ -35,8 +36,6 @@ from ._validation import (
     check_float64_available,
     check_gradients,
     check_index_array,
-    compute_dtype,
-    half_dtype_name,
 )
 
 __all__ = [

@@ -36,20 +36,17 @@ from ._compat import (
     is_jax_namespace,
     namespace_name,
 )
+from ._dtypes import byte_order_note, half_dtype_name, numpy_bfloat16, untyped_note
 from ._errors import user_stacklevel
 from ._validation import (
-    byte_order_note,
     check_block_size,
     check_count,
     check_damp,
     check_flag,
     check_same_space,
     check_writeable,
-    half_dtype_name,
     namespace_of,
-    numpy_bfloat16,
     short_repr,
-    untyped_note,
 )
 
 __all__ = [

@@ -34,12 +34,18 @@ from ._compat import (
     is_array_api_obj,
     is_jax_array,
     is_jax_namespace,
-    is_numpy_namespace,
     is_torch_array,
     is_torch_namespace,
     is_writeable_array,
     namespace_name,
     same_device,
+)
+from ._dtypes import (
+    FLOATING_DTYPES,
+    byte_order_note,
+    half_dtype_name,
+    jax_two_byte_note,
+    untyped_note,
 )
 from ._finite import check_finite
 
@@ -55,11 +61,6 @@ __all__ = [
     "check_floating",
     "check_fraction",
     "check_gradients",
-    "half_dtype_name",
-    "is_numpy_bfloat16",
-    "jax_two_byte_note",
-    "numpy_bfloat16",
-    "untyped_note",
     "check_index_array",
     "check_number",
     "check_operand",
@@ -76,76 +77,6 @@ __all__ = [
     "namespace_of",
     "real_scalar_error",
 ]
-
-#: The storage dtypes whose precision the operators state (docs/mathematics.rst).
-FLOATING_DTYPES = ("float32", "float64")
-
-#: 2-byte storage dtypes, accepted for gradients where a library has them (NumPy and
-#: CuPy float16, NumPy bfloat16 of ml_dtypes, PyTorch float16 and bfloat16); the operators
-#: then compute in float32
-#: (docs/mathematics.rst, "2-byte storage").
-HALF_DTYPES = ("float16", "bfloat16")
-
-
-def half_dtype_name(xp: Any, dtype: Any) -> str | None:
-    """``"float16"`` or ``"bfloat16"`` for a supported 2-byte dtype of ``xp``, else ``None``.
-
-    JAX and array-api-strict are not among them (JAX's operators are pytrees of
-    immutable arrays, array-api-strict has no 2-byte dtype).
-    """
-    if is_jax_namespace(xp):
-        return None
-    # Not ``dtype == getattr(xp, "float16", None)``: a NumPy dtype equals None (float64).
-    half = getattr(xp, "float16", None)
-    if half is not None and dtype == half:
-        return "float16"
-    if is_torch_namespace(xp):
-        return "bfloat16" if dtype == getattr(xp, "bfloat16", None) else None
-    if is_numpy_namespace(xp) and is_numpy_bfloat16(dtype):
-        return "bfloat16"
-    return None
-
-
-def is_numpy_bfloat16(dtype: Any) -> bool:
-    """Whether ``dtype`` is ml_dtypes' NumPy bfloat16 (its dtype or scalar type), native order.
-
-    The NumPy arrays of JAX's bfloat16 gradients have it. It is recognised by name, so that
-    ml_dtypes is not needed; the byte order must be the machine's, which the passes read
-    (``dtype.newbyteorder(">")`` is a bfloat16 too).
-    """
-    if isinstance(dtype, type) and getattr(dtype, "__name__", None) == "bfloat16":
-        try:
-            dtype = np.dtype(dtype)
-        except TypeError:
-            return False
-    return (
-        isinstance(dtype, np.dtype)
-        and dtype.kind == "V"  # before dtype.name, which costs microseconds
-        and dtype.name == "bfloat16"
-        and dtype.isnative
-    )
-
-
-def numpy_bfloat16() -> np.dtype | None:
-    """ml_dtypes' NumPy bfloat16 dtype, for the name ``"bfloat16"``; None without ml_dtypes."""
-    try:
-        import ml_dtypes
-    except ImportError:
-        return None
-    return np.dtype(ml_dtypes.bfloat16)
-
-
-def compute_dtype(xp: Any, G: Array) -> Any:
-    """The dtype of an operator's results over ``G``: G's own, float32 for 2-byte storage.
-
-    As the library's dtype object, as ``G.dtype`` is (NumPy's ``dtype('float32')``,
-    not the scalar type ``numpy.float32``, which has no ``itemsize`` and prints as
-    ``<class 'numpy.float32'>``).
-    """
-    if half_dtype_name(xp, G.dtype) is None:
-        return G.dtype
-    return xp.empty(0, dtype=xp.float32, device=device(G)).dtype
-
 
 # PyTorch's meta tensors have shapes and dtypes but no values: every product would fail deep
 # inside (".item() cannot be called on meta tensors", "Cannot copy out of meta tensor").
@@ -221,54 +152,6 @@ def floating_dtype_error(name: str, dtype: Any) -> TypeError:
     return TypeError(
         f"{name} must have a real floating dtype (float32 or float64), got {dtype}"
         f"{byte_order_note(name, dtype)}"
-    )
-
-
-def untyped_note(name: str, dtype: Any) -> str:
-    """What to do about raw 2-byte values (``|V2``), or ``""``.
-
-    ``numpy.save`` writes ml_dtypes' bfloat16 (JAX's bfloat16 in NumPy) as untyped 2-byte
-    values, which is what ``numpy.load`` then gives back; a view reads them as bfloat16.
-    """
-    # ml_dtypes' own types are of kind "V" too, but not np.void.
-    untyped = isinstance(dtype, np.dtype) and dtype.type is np.void and dtype.itemsize == 2
-    if not untyped or dtype.fields is not None:
-        return ""
-    return (
-        f" (raw 2-byte values, as numpy.save writes ml_dtypes' bfloat16: if they are "
-        f"bfloat16, read them as such without a copy, {name}.view(ml_dtypes.bfloat16))"
-    )
-
-
-def jax_two_byte_note(xp: Any, name: str, dtype: Any) -> str:
-    """What to do about JAX's 2-byte gradients given to a core operator, or ``""``.
-
-    The core operators keep them as 2-byte storage as NumPy arrays (``numpy.asarray`` of a
-    JAX array on the CPU shares its memory; its bfloat16 is ml_dtypes', which NumPy's
-    operators read); JAX's own 2-byte dtypes are not a storage of the JAX namespace.
-    """
-    if not is_jax_namespace(xp) or str(dtype) not in HALF_DTYPES:
-        return ""
-    return (
-        f" (JAX's {dtype} gradients are 2-byte storage as a NumPy array: pass "
-        f"numpy.asarray({name}), no copy on the CPU)"
-    )
-
-
-def byte_order_note(name: str, dtype: Any) -> str:
-    """What to do about a NumPy dtype in the byte order that is not the machine's, or ``""``.
-
-    ``>f4`` is float32 to the reader, but the passes read the machine's byte order only
-    (a big-endian ``.npy`` file opened with ``numpy.load(..., mmap_mode="r")``).
-    """
-    if not isinstance(dtype, np.dtype) or dtype.isnative:
-        return ""
-    native = dtype.newbyteorder("=")
-    order = "big" if dtype.byteorder == ">" else "little"
-    return (
-        f" ({native.name} in {order}-endian byte order; the operators read this machine's "
-        f"only: convert it once with {name}.astype({name}.dtype.newbyteorder('=')), a copy "
-        "in memory)"
     )
 
 
