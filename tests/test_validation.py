@@ -415,6 +415,19 @@ def test_torch_half_dtypes():
         DynamicIHVP(3, 10, damp=1.0, dtype=torch.int32, xp=torch)
 
 
+def test_an_operand_refusal_names_the_2_byte_floats_where_they_are_taken():
+    # The operators widen a float16/bfloat16 x exactly; the refusal of an integer x said
+    # "float32 or float64" only. array-api-strict has no 2-byte float: not named there.
+    op = StaticIHVP(G.astype(np.float32), damp=1.0)
+    with pytest.raises(TypeError, match=r"float32 or float64, or the library's float16"):
+        op.matvec(np.ones(G.shape[1], dtype=np.int64))
+    assert op.matvec(np.ones(G.shape[1], dtype=np.float16)).dtype == np.float32
+    xs = pytest.importorskip("array_api_strict")
+    ops = StaticIHVP(xs.asarray(G), damp=1.0)
+    with pytest.raises(TypeError, match=r"\(float32 or float64\), got"):
+        ops.matvec(xs.ones(G.shape[1], dtype=xs.int32))
+
+
 @pytest.mark.parametrize("value", ["no", "", 0, None])
 def test_every_flag_refuses_non_booleans(value):
     # Regression: overwrite_G="no" overwrote the caller's G, and check_finite=0 turned the

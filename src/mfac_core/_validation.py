@@ -147,10 +147,14 @@ def check_floating(xp: Any, x: Array, name: str) -> None:
         raise floating_dtype_error(name, x.dtype)
 
 
-def floating_dtype_error(name: str, dtype: Any) -> TypeError:
-    """The one wording of a dtype other than float32 or float64."""
+def floating_dtype_error(name: str, dtype: Any, *, two_byte: bool = False) -> TypeError:
+    """The one wording of a dtype other than float32 or float64.
+
+    With ``two_byte`` it names the library's 2-byte floats too, which an operand may be.
+    """
+    also = ", or the library's float16/bfloat16, widened exactly" if two_byte else ""
     return TypeError(
-        f"{name} must have a real floating dtype (float32 or float64), got {dtype}"
+        f"{name} must have a real floating dtype (float32 or float64{also}), got {dtype}"
         f"{byte_order_note(name, dtype)}"
     )
 
@@ -598,7 +602,10 @@ def check_operand(xp: Any, dev: Any, dtype: Any, x: Array, name: str, *, owner: 
         return x
     if half_dtype_name(xp, x.dtype) is not None and dtype in (xp.float32, xp.float64):
         return xp.astype(x, dtype)  # lossless: every 2-byte value is a float32 value
-    check_floating(xp, x, name)
+    if _dtype_name(xp, x.dtype) is None:
+        half = getattr(xp, "float16", None)
+        two_byte = half is not None and half_dtype_name(xp, half) is not None
+        raise floating_dtype_error(name, x.dtype, two_byte=two_byte)
     if x.dtype == xp.float32 and dtype == xp.float64:
         return xp.astype(x, xp.float64)
     raise dtype_mismatch_error(name, x.dtype, owner=owner, dtype=dtype)
