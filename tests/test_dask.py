@@ -289,6 +289,21 @@ def test_option_and_dtype_errors(rng):
         DaskStaticIHVP(Gd[0], damp=damp)
 
 
+@pytest.mark.parametrize("check_finite", [True, False])
+def test_the_nan_named_is_the_first_in_row_major_order_as_numpy_names_it(check_finite, rng):
+    # Each chunk names its own first NaN; the first chunk's answer was taken, G[3, 2]
+    # here, where the NumPy operator (and the docs) name the first in row-major order.
+    G, damp = _data(rng, 4, 30, "float64")
+    G[3, 2] = G[0, 20] = np.nan
+    G[1, 12] = np.inf
+    error = ValueError if check_finite else FactorizationError
+    with pytest.raises(error) as expected:
+        StaticIHVP(G, damp=damp, check_finite=check_finite)
+    assert "G[0, 20] is nan" in str(expected.value)
+    with pytest.raises(error, match=r"G\[0, 20\] is nan"):
+        DaskStaticIHVP(da.from_array(G, chunks=(4, 7)), damp=damp, check_finite=check_finite)
+
+
 @pytest.mark.parametrize("bs", [None, 5])
 def test_non_finite_and_singular_G(bs, rng):
     G, damp = _data(rng, 4, 20, "float64")
