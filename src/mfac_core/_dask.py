@@ -28,6 +28,8 @@ Everything dask needs on a worker is a module-level function here, so that
 from __future__ import annotations
 
 import math
+import sys
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -430,24 +432,33 @@ class DaskStaticIHVP(StaticIHVP):
         # read the kept chunks: G's graph (a read from disk, the gradients' computation)
         # is evaluated once, not once for the Gram and again for the persist.
         G = G.persist()
-        parts = [
-            da.from_delayed(
-                dask.delayed(_chunk_gram, pure=True)(part), shape=(m, m), dtype=np.float64
+        try:
+            parts = [
+                da.from_delayed(
+                    dask.delayed(_chunk_gram, pure=True)(part), shape=(m, m), dtype=np.float64
+                )
+                for part in G.to_delayed(optimize_graph=False).ravel()
+            ]
+            # One reduction: dask sums the chunks' parts in a tree.
+            gram = np.asarray(da.stack(parts).sum(axis=0).compute())
+            if check_finite and not np.all(np.isfinite(np.diagonal(gram))):
+                self._raise_non_finite(G)
+            factor = _capacitance.factorize(
+                _NP,
+                gram[None, ...],
+                shift=m * damp,
+                scale=1.0,
+                damp=damp,
+                locate=lambda: self._non_finite_entry(G),
             )
-            for part in G.to_delayed(optimize_graph=False).ravel()
-        ]
-        # One reduction: dask sums the chunks' parts in a tree.
-        gram = np.asarray(da.stack(parts).sum(axis=0).compute())
-        if check_finite and not np.all(np.isfinite(np.diagonal(gram))):
-            self._raise_non_finite(G)
-        factor = _capacitance.factorize(
-            _NP,
-            gram[None, ...],
-            shift=m * damp,
-            scale=1.0,
-            damp=damp,
-            locate=lambda: self._non_finite_entry(G),
-        )
+        except BaseException:
+            # A failure lets the persisted G go: its traceback, which a notebook or
+            # sys.last_traceback keeps, holds the frames' locals and with them G's
+            # chunks, m d entries held in the cluster's memory by a failed call. The
+            # lines of the traceback stay; the locals of the frames that ended go.
+            G = parts = None
+            traceback.clear_frames(sys.exc_info()[2])
+            raise
         self._factor = factor
         self._G = G  # persisted above: no product evaluates G's graph again
         assert factor.kappa is not None  # factorize always bounds kappa
