@@ -137,6 +137,11 @@ class GradientStore:
     def finish(self) -> None:
         """Mark the file this module created as complete (a ``.npy`` file again)."""
         if self.created is not None:
+            # The rows are written out first: the map's pages reach the disk (or a network
+            # file system's server) whenever the system writes them back, the mark at once,
+            # so a crash, or a reader on another machine, could find the file marked
+            # complete with rows still missing.
+            self.array.flush()
             _mark(self.created, finished=True)
 
     def discard(self) -> None:
