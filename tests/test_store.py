@@ -861,3 +861,51 @@ def test_the_rows_are_written_out_before_the_file_is_marked_complete(tmp_path, r
     StaticIHVP.from_gradients(iter(G), num_grads=3, dim=10, damp=damp, grads_out=tmp_path / "G.npy")
     assert events[0] is False  # unfinished from the start
     assert events[-2:] == ["rows", True]
+
+
+def test_the_unfinished_mark_is_on_the_disk_before_the_first_row(tmp_path, rng, monkeypatch):
+    # NumPy's header (a complete .npy file's) could reach the disk before the mark, which
+    # then stayed in memory only: a machine that went down while the file was filled
+    # left it complete-looking, its unfilled rows zeros.
+    G, damp = _data(rng, 3, 10, "float64")
+    path = tmp_path / "G.npy"
+    synced = []
+
+    def fsync(fd):
+        with open(path, "rb") as fh:
+            synced.append(fh.read(1))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+    def gradients():
+        assert synced == []  # nothing made before the first gradient
+        yield G[0]
+        assert synced == [b"\x00"]
+        yield from G[1:]
+
+    StaticIHVP.from_gradients(gradients(), num_grads=3, dim=10, damp=damp, grads_out=path)
+    assert synced == [b"\x00"]
+
+
+@pytest.mark.parametrize("code", [errno.EINVAL, errno.EIO])
+def test_a_file_system_that_cannot_sync_the_mark_is_no_error_a_disk_error_is(
+    tmp_path, rng, monkeypatch, code
+):
+    G, damp = _data(rng, 3, 10, "float64")
+    path = tmp_path / "G.npy"
+
+    def fsync(fd):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+    def make():
+        return StaticIHVP.from_gradients(iter(G), num_grads=3, dim=10, damp=damp, grads_out=path)
+
+    if code == errno.EIO:
+        with pytest.raises(OSError, match=os.strerror(code)):
+            make()
+        assert not path.exists()
+    else:
+        make()
+        np.testing.assert_array_equal(np.load(path), G)

@@ -121,10 +121,27 @@ def progress_callback(progress: Any) -> Callable[[str, int, int], None] | None:
 UNFINISHED_MAGIC = b"\x00NUMPY"
 
 
+#: What fsync says where the file system cannot sync (then the mark is only written).
+_NO_SYNC = frozenset(
+    getattr(errno, code) for code in ("EINVAL", "ENOTSUP", "EOPNOTSUPP") if hasattr(errno, code)
+)
+
+
 def _mark(path: str, *, finished: bool) -> None:
     """Write the first byte of the ``.npy`` file ``path``: NumPy's, or the unfinished mark."""
     with open(path, "r+b") as fh:
         fh.write(b"\x93" if finished else UNFINISHED_MAGIC[:1])
+        if not finished:
+            # On the disk before any row: NumPy's header was written (and may have
+            # reached the disk) first, so a machine that went down while the file was
+            # filled (a node's failure, a power cut) could leave it complete-looking.
+            # One page of a new file; the finished mark needs none (lost, it errs safe).
+            fh.flush()
+            try:
+                os.fsync(fh.fileno())
+            except OSError as exc:
+                if exc.errno not in _NO_SYNC:  # a disk error is said; no sync is not one
+                    raise
 
 
 @dataclass
