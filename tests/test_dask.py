@@ -289,6 +289,37 @@ def test_option_and_dtype_errors(rng):
         DaskStaticIHVP(Gd[0], damp=damp)
 
 
+@pytest.mark.parametrize("check_finite", [True, False])
+def test_a_failed_construction_holds_no_chunk_of_G_in_the_cluster(client, check_finite, rng):
+    # G is persisted before its Gram is summed; a failure's traceback (which a notebook
+    # keeps as the last error) held the frames' locals, and with them G's chunks on the
+    # workers, for as long as the error was kept.
+    G, damp = _data(rng, 4, 20, "float64")
+    G[1, 3] = np.nan
+    gc.collect()
+    before = set(client.refcount)
+    with pytest.raises(ValueError if check_finite else FactorizationError) as kept:
+        DaskStaticIHVP(da.from_array(G, chunks=(4, 5)), damp=damp, check_finite=check_finite)
+    gc.collect()
+    assert set(client.refcount) - before == set()
+    assert r"G[1, 3] is nan" in str(kept.value)  # kept until here, with its traceback
+
+
+@pytest.mark.parametrize("check_finite", [True, False])
+def test_the_nan_named_is_the_first_in_row_major_order_as_numpy_names_it(check_finite, rng):
+    # Each chunk names its own first NaN; the first chunk's answer was taken, G[3, 2]
+    # here, where the NumPy operator (and the docs) name the first in row-major order.
+    G, damp = _data(rng, 4, 30, "float64")
+    G[3, 2] = G[0, 20] = np.nan
+    G[1, 12] = np.inf
+    error = ValueError if check_finite else FactorizationError
+    with pytest.raises(error) as expected:
+        StaticIHVP(G, damp=damp, check_finite=check_finite)
+    assert "G[0, 20] is nan" in str(expected.value)
+    with pytest.raises(error, match=r"G\[0, 20\] is nan"):
+        DaskStaticIHVP(da.from_array(G, chunks=(4, 7)), damp=damp, check_finite=check_finite)
+
+
 @pytest.mark.parametrize("bs", [None, 5])
 def test_non_finite_and_singular_G(bs, rng):
     G, damp = _data(rng, 4, 20, "float64")

@@ -28,6 +28,8 @@ Everything dask needs on a worker is a module-level function here, so that
 from __future__ import annotations
 
 import math
+import sys
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -38,7 +40,14 @@ from . import _capacitance, _engine, _layout, _setup, _static
 from ._compat import Array, array_namespace, is_dask_array
 from ._deprecation import legacy_options, warn_deprecated
 from ._errors import FactorizationError
-from ._finite import non_finite_entry, non_finite_error, raise_non_finite
+from ._finite import (
+    entry_error,
+    entry_name,
+    first_non_finite,
+    non_finite_entry,
+    non_finite_error,
+    raise_non_finite,
+)
 from ._gform import GFormFactor
 from ._group_factors import GroupFactor
 from ._layout import BlockGroup, block_groups
@@ -59,9 +68,12 @@ def _non_finite_error(G: Any, offset: int) -> ValueError | None:
     return non_finite_error(_NP, G, "G", offset=offset)
 
 
-def _chunk_non_finite_entry(G: Any, offset: int) -> str | None:
-    """``"G[2, 17] is nan"`` for the chunk's first NaN or infinity (columns from ``offset``)."""
-    return non_finite_entry(_NP, np.asarray(G), "G", offset=offset)
+def _chunk_first_non_finite(G: Any, offset: int) -> tuple[list[int], float] | None:
+    """The index in G (columns from ``offset``) and value of the chunk's first NaN or inf."""
+    found = first_non_finite(_NP, np.asarray(G))
+    if found is not None:
+        found[0][-1] += offset
+    return found
 
 
 def _chunk_gram(G: Any) -> Any:
@@ -420,24 +432,33 @@ class DaskStaticIHVP(StaticIHVP):
         # read the kept chunks: G's graph (a read from disk, the gradients' computation)
         # is evaluated once, not once for the Gram and again for the persist.
         G = G.persist()
-        parts = [
-            da.from_delayed(
-                dask.delayed(_chunk_gram, pure=True)(part), shape=(m, m), dtype=np.float64
+        try:
+            parts = [
+                da.from_delayed(
+                    dask.delayed(_chunk_gram, pure=True)(part), shape=(m, m), dtype=np.float64
+                )
+                for part in G.to_delayed(optimize_graph=False).ravel()
+            ]
+            # One reduction: dask sums the chunks' parts in a tree.
+            gram = np.asarray(da.stack(parts).sum(axis=0).compute())
+            if check_finite and not np.all(np.isfinite(np.diagonal(gram))):
+                self._raise_non_finite(G)
+            factor = _capacitance.factorize(
+                _NP,
+                gram[None, ...],
+                shift=m * damp,
+                scale=1.0,
+                damp=damp,
+                locate=lambda: self._non_finite_entry(G),
             )
-            for part in G.to_delayed(optimize_graph=False).ravel()
-        ]
-        # One reduction: dask sums the chunks' parts in a tree.
-        gram = np.asarray(da.stack(parts).sum(axis=0).compute())
-        if check_finite and not np.all(np.isfinite(np.diagonal(gram))):
-            self._raise_non_finite(G)
-        factor = _capacitance.factorize(
-            _NP,
-            gram[None, ...],
-            shift=m * damp,
-            scale=1.0,
-            damp=damp,
-            locate=lambda: self._non_finite_entry(G),
-        )
+        except BaseException:
+            # A failure lets the persisted G go: its traceback, which a notebook or
+            # sys.last_traceback keeps, holds the frames' locals and with them G's
+            # chunks, m d entries held in the cluster's memory by a failed call. The
+            # lines of the traceback stay; the locals of the frames that ended go.
+            G = parts = None
+            traceback.clear_frames(sys.exc_info()[2])
+            raise
         self._factor = factor
         self._G = G  # persisted above: no product evaluates G's graph again
         assert factor.kappa is not None  # factorize always bounds kappa
@@ -466,16 +487,17 @@ class DaskStaticIHVP(StaticIHVP):
     @staticmethod
     def _raise_non_finite(G: Array) -> None:
         """Say where G holds NaN or infinity, or that its squared norms overflow."""
-        error = _first_of_chunks(G, _non_finite_error)
-        if error is not None:
-            raise error
+        entry = DaskStaticIHVP._non_finite_entry(G)
+        if entry is not None:
+            raise entry_error("G", entry)
         # G is finite and its squares overflow: said of one column, read for it.
         raise_non_finite(_NP, np.asarray(G[:, :1].compute()), "G")
 
     @staticmethod
     def _non_finite_entry(G: Array) -> str | None:
         """G's first NaN or infinity as :meth:`_raise_non_finite` names it, or None."""
-        return _first_of_chunks(G, _chunk_non_finite_entry)
+        found = _first_of_chunks(G, _chunk_first_non_finite)
+        return None if found is None else entry_name("G", *found)
 
     # -- products --------------------------------------------------------------------
 
@@ -617,12 +639,15 @@ class DaskStaticIHVP(StaticIHVP):
         return da.concatenate(parts)[inverse].rechunk(-1).reshape(shape)
 
 
-def _first_of_chunks(G: Array, search: Callable[[Any, int], Any]) -> Any:
-    """The first chunk's answer that is not None, ``search(chunk, offset)`` on every chunk.
+def _first_of_chunks(
+    G: Array, search: Callable[[Any, int], tuple[list[int], float] | None]
+) -> tuple[list[int], float] | None:
+    """G's first NaN or infinity in row-major order, ``search(chunk, offset)`` on every chunk.
 
-    For the search of G's first NaN: each chunk is searched on its worker (in bounded
-    pieces) and only a name comes back. A mask of G's d columns on the client would be
-    as long as G, which is on a cluster because it is too large for one machine.
+    Each chunk is searched on its worker (in bounded pieces) and only an index comes
+    back. A mask of G's d columns on the client would be as long as G, which is on a
+    cluster because it is too large for one machine. The earliest index of all chunks,
+    not the first chunk's: G[0, 20] comes before G[3, 2], as the NumPy operator names it.
     """
     import dask
 
@@ -634,7 +659,8 @@ def _first_of_chunks(G: Array, search: Callable[[Any, int], Any]) -> Any:
             for part, lo in zip(parts, offsets, strict=True)
         ]
     )
-    return next((answer for answer in found if answer is not None), None)
+    hits = [answer for answer in found if answer is not None]
+    return min(hits, key=lambda hit: hit[0]) if hits else None
 
 
 def _known(shape: tuple[float, ...]) -> bool:

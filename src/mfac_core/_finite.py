@@ -55,6 +55,11 @@ def non_finite_entry(xp: Any, x: Array, name: str, *, offset: int = 0) -> str | 
     index, value = found
     if index:
         index[-1] += offset
+    return entry_name(name, index, value)
+
+
+def entry_name(name: str, index: list[int], value: float) -> str:
+    """``"G[2, 5] is nan"``: the entry ``index`` of ``name``, which holds ``value``."""
     where = f"{name}[{', '.join(map(str, index))}]" if index else name
     return f"{where} is {value}"
 
@@ -106,6 +111,11 @@ def non_finite_error(xp: Any, x: Array, name: str, *, offset: int = 0) -> ValueE
     entry = non_finite_entry(xp, x, name, offset=offset)
     if entry is None:
         return None
+    return entry_error(name, entry)
+
+
+def entry_error(name: str, entry: str) -> ValueError:
+    """The error of :func:`non_finite_error` for ``entry``, as :func:`entry_name` says it."""
     return ValueError(f"{name} must not contain NaN or infinity: {entry}")
 
 

@@ -503,7 +503,8 @@ class StaticIHVP(_BlockOperatorBase):
         are removed. An array passed as ``grads_out`` keeps what was
         written into it (the gradients read so far). A file is a ``.npy``
         file only once its last gradient is in, so that one left by a killed
-        process is not read as complete gradients by ``numpy.load``.
+        process is not read as complete gradients by ``numpy.load`` (which
+        then says, wrongly, that the file holds pickled data).
 
         Examples
         --------

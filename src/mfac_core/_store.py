@@ -118,10 +118,48 @@ def progress_callback(progress: Any) -> Callable[[str, int, int], None] | None:
 UNFINISHED_MAGIC = b"\x00NUMPY"
 
 
-def _mark(path: str, *, finished: bool) -> None:
-    """Write the first byte of the ``.npy`` file ``path``: NumPy's, or the unfinished mark."""
+#: What fsync says where the file system cannot sync (then the mark is only written).
+_NO_SYNC = frozenset(
+    getattr(errno, code) for code in ("EINVAL", "ENOTSUP", "EOPNOTSUPP") if hasattr(errno, code)
+)
+
+
+def _sync(fh: Any) -> None:
+    """Write ``fh`` out to the disk; a file system that cannot sync is no error."""
+    fh.flush()
+    try:
+        os.fsync(fh.fileno())
+    except OSError as exc:
+        if exc.errno not in _NO_SYNC:  # a disk error is said; no sync is not one
+            raise
+
+
+def _write_unfinished_header(fh: Any, dt: np.dtype, shape: tuple[int, int]) -> int:
+    """Write the ``.npy`` header of ``shape`` and ``dt`` marked unfinished; its length.
+
+    NumPy's header (the version 1.0 that ``numpy.save`` writes for such a shape) with
+    the mark in its first byte, on the disk before any row: written and marked in two
+    steps (NumPy's ``open_memmap``, then the mark), a process killed between them, or a
+    machine that went down with the header written back and the mark not, left a
+    complete-looking file, its rows zeros.
+    """
+    header = {
+        "descr": np.lib.format.dtype_to_descr(dt),
+        "fortran_order": False,
+        "shape": tuple(int(n) for n in shape),
+    }
+    np.lib.format.write_array_header_1_0(fh, header)
+    offset = fh.tell()
+    fh.seek(0)
+    fh.write(UNFINISHED_MAGIC[:1])
+    _sync(fh)
+    return offset
+
+
+def _mark_finished(path: str) -> None:
+    """Give the ``.npy`` file ``path`` back NumPy's first byte (see :data:`UNFINISHED_MAGIC`)."""
     with open(path, "r+b") as fh:
-        fh.write(b"\x93" if finished else UNFINISHED_MAGIC[:1])
+        fh.write(b"\x93")
 
 
 @dataclass
@@ -134,7 +172,12 @@ class GradientStore:
     def finish(self) -> None:
         """Mark the file this module created as complete (a ``.npy`` file again)."""
         if self.created is not None:
-            _mark(self.created, finished=True)
+            # The rows are written out first: the map's pages reach the disk (or a network
+            # file system's server) whenever the system writes them back, the mark at once,
+            # so a crash, or a reader on another machine, could find the file marked
+            # complete with rows still missing.
+            self.array.flush()
+            _mark_finished(self.created)
 
     def discard(self) -> None:
         """Remove the file this module created (after a failure); arrays are let go."""
@@ -202,9 +245,9 @@ def open_store(target: Any, shape: tuple[int, int], dtype: Any, name: str) -> Gr
         return GradientStore(np.empty(shape, dtype=dt))
     path = check_new_path(target, name)
     try:
-        # Made here, exclusively: a file made by someone else since the check above is
-        # refused (and left alone), not truncated by open_memmap's mode "w+".
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        # Made here, exclusively, and written through this descriptor: a file made by
+        # someone else since the check above is refused (and left alone), not truncated.
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
     except FileExistsError:
         raise FileExistsError(
             f"{name}: {path!r} exists; remove it first or pass another path (an existing "
@@ -212,7 +255,9 @@ def open_store(target: Any, shape: tuple[int, int], dtype: Any, name: str) -> Gr
         ) from None
     try:
         try:
-            array = np.lib.format.open_memmap(path, mode="w+", dtype=dt, shape=shape)
+            with os.fdopen(fd, "r+b") as fh:
+                offset = _write_unfinished_header(fh, dt, shape)
+            array = np.memmap(path, dtype=dt, mode="r+", offset=offset, shape=shape)
         except OSError as exc:
             # The file system's own limit ("File too large"), said with what was asked.
             raise OSError(
@@ -220,7 +265,6 @@ def open_store(target: Any, shape: tuple[int, int], dtype: Any, name: str) -> Gr
                 f"{name}: cannot make {path!r}, {nbytes} bytes of {dt.name} gradients "
                 f"{shape} ({exc.strerror or exc})",
             ) from None
-        _mark(path, finished=False)
         _reserve(path, name)
     except BaseException:
         # Not left behind, even half-written (a full disk can fail the header already).

@@ -344,9 +344,10 @@ def _check_npy_header(fh: BinaryIO, path: str, what: str, size: int) -> _NpyHead
         )
     if magic == UNFINISHED_MAGIC:
         raise UserError(
-            f"{what} file {path} is unfinished: StaticIHVP.from_gradients was filling it "
-            "when its process stopped (killed, or out of time), so rows are missing; "
-            "collect the gradients again into a new file"
+            f"{what} file {path} is unfinished, rows are missing: StaticIHVP.from_gradients "
+            "is still filling it (wait for it to return), or its process stopped before the "
+            "last gradient (killed, or out of time: collect the gradients again into a new "
+            "file)"
         )
     if magic != _NPY_MAGIC:
         raise UserError(f"{what} file {path} is not an .npy file (written by numpy.save)")
