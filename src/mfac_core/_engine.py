@@ -55,6 +55,7 @@ from ._compat import (
     is_torch_namespace,
     is_writeable_array,
 )
+from ._dtypes import is_numpy_bfloat16
 from ._errors import user_stacklevel
 from ._layout import BlockGroup, piece_stack, pieces
 
@@ -261,11 +262,9 @@ def host_view(xp: Any, A: Array) -> tuple[np.ndarray, str | None] | None:
         if A.dtype == np.float64:
             return None
         view, storage = A, None
-        # ml_dtypes' bfloat16 (kind "V", tested first: dtype.name costs microseconds): its
-        # bits, with the storage named, as PyTorch's bfloat16 goes.
-        if A.dtype.kind == "V" and A.dtype.name == "bfloat16":
-            if not A.dtype.isnative:
-                return None
+        # ml_dtypes' bfloat16: its bits, with the storage named, as PyTorch's bfloat16
+        # goes (one in the other byte order stays as it is, which no kernel reads).
+        if is_numpy_bfloat16(A.dtype):
             view, storage = A.view(np.uint16), "bfloat16"
     elif is_torch_namespace(xp):
         import torch
