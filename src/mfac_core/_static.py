@@ -499,12 +499,26 @@ class StaticIHVP(_BlockOperatorBase):
 
         Notes
         -----
-        Nothing half-built is left after a failure: files this method created
-        are removed. An array passed as ``grads_out`` keeps what was
-        written into it (the gradients read so far). A file is a ``.npy``
-        file only once its last gradient is in, so that one left by a killed
-        process is not read as complete gradients by ``numpy.load`` (which
-        then says, wrongly, that the file holds pickled data).
+        A file this method created is removed when the collection fails (a
+        gradient refused, too few or too many of them, an error of the
+        iterable, an interrupt): its rows are missing. Once the last gradient
+        is in, the file is complete, and it is kept when the set-up after the
+        collection fails (a damping too small to factorise, an interrupt): a
+        mistake in one option does not cost the collection. The error's note
+        (Python 3.11 and later; ``__notes__`` on 3.10) names the file and how
+        to build the operator from it,
+        ``StaticIHVP(numpy.load(path, mmap_mode="r"), damp=...)``. An array
+        passed as ``grads_out`` keeps what was written into it (the
+        gradients read so far). A file is a ``.npy`` file only once its last
+        gradient is in, so that one left by a killed process is not read as
+        complete gradients by ``numpy.load`` (which then says, wrongly, that
+        the file holds pickled data).
+
+        An iterator left unfinished by an error is closed (its ``close()``,
+        where it has one): a generator's ``finally`` blocks and ``with``
+        statements (an open file, a data loader's workers) run then, not
+        whenever it is garbage-collected. An error of ``close()`` itself is
+        added to the first error as a note.
 
         Examples
         --------

@@ -9,7 +9,8 @@ file opened as a memmap.
   ``.npy`` file opened as a memmap, or an array the user passes) from an
   iterable of gradients or batches, with clear errors for too few, too many,
   mis-shaped or non-finite gradients. A store this module created is removed
-  again when the call fails.
+  again when the collection fails, and an iterator it abandons is closed; a
+  complete file is kept when the set-up after it fails (the error says so).
 - :func:`progress_callback` and :class:`TextProgress`: the ``progress=``
   argument of ``from_gradients`` (a text bar on stderr, or the user's callable).
 """
@@ -20,6 +21,7 @@ import contextlib
 import decimal
 import errno
 import os
+import shlex
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -37,7 +39,7 @@ from ._compat import (
     namespace_name,
 )
 from ._dtypes import byte_order_note, half_dtype_name, numpy_bfloat16, untyped_note
-from ._errors import user_stacklevel
+from ._errors import add_note, close_abandoned, user_stacklevel
 from ._validation import (
     check_block_size,
     check_count,
@@ -54,6 +56,7 @@ __all__ = [
     "TextProgress",
     "built_from_gradients",
     "gather_gradients",
+    "kept_file_note",
     "open_store",
     "progress_callback",
 ]
@@ -376,7 +379,8 @@ def gather_gradients(
     Each item is a gradient ``(dim,)`` or a batch ``(k, dim)`` of the store's
     library and device. The iterable must yield exactly ``num_grads``
     gradients. On any error a store this function created is removed; an
-    array the caller passed keeps the rows written so far.
+    array the caller passed keeps the rows written so far; and the iterator,
+    unless it was exhausted, is closed (``_errors.close_abandoned``).
     """
     m = check_count(num_grads, "num_grads")
     d = check_count(dim, "dim")
@@ -401,6 +405,7 @@ def gather_gradients(
     explicit = given or dtype is not None
     target: GradientStore | None = GradientStore(store) if given else None
     row = 0
+    exhausted = False  # the iterator said StopIteration: nothing of it is left to close
     try:
         for index, item in enumerate(items):
             if target is None:
@@ -455,9 +460,12 @@ def gather_gradients(
                 progress("gradients", row, m)
             if row == m:
                 break
+        else:
+            exhausted = True
         if row < m:
             raise ValueError(f"the gradients ended after {row} of num_grads={m}")
         extra = next(items, _END)
+        exhausted = extra is _END
         if extra is None:
             # None is no end marker: the iterable must stop (StopIteration) after m.
             raise ValueError(
@@ -471,9 +479,15 @@ def gather_gradients(
             )
         assert target is not None  # made with the first of the m >= 1 gradients
         target.finish()  # only now a .npy file that numpy.load reads
-    except BaseException:
+    except BaseException as exc:
         if target is not None and not given:
             target.discard()
+        if not exhausted:
+            close_abandoned(items, exc)
+        # Not kept alive by this frame, which the exception's traceback holds: an
+        # iterator without close() (a DataLoader's, whose workers stop when it is
+        # collected) is then let go with the last other reference to it.
+        del items
         raise
     assert target is not None
     return target
@@ -610,8 +624,8 @@ def built_from_gradients(
             DeprecationWarning,
             stacklevel=user_stacklevel(),
         )
-    created: list[GradientStore] = []
     try:
+        # A failed collection removes a file it made (its rows are missing).
         store = gather_gradients(
             gradients,
             num_grads=num_grads,
@@ -621,21 +635,46 @@ def built_from_gradients(
             check_finite=opts["check_finite"],
             progress=report,
         )
-        created.append(store)
-        return build(
-            store.array,
-            damp=damp,
-            block_size=opts["block_size"],
-            check_finite=opts["check_finite"],
-            refine=opts["refine"],
-            progress=None if report is None else _stage(report, "set-up"),
-        )
+        try:
+            return build(
+                store.array,
+                damp=damp,
+                block_size=opts["block_size"],
+                check_finite=opts["check_finite"],
+                refine=opts["refine"],
+                progress=None if report is None else _stage(report, "set-up"),
+            )
+        except BaseException as exc:
+            # The complete file is kept: a mistake in one option (a damping too small
+            # to factorise) must not cost the collection, hours of backward passes.
+            if store.created is not None:
+                add_note(exc, kept_file_note(build, store.created, store.array.dtype))
+            store.array = None  # the map is not held open by the traceback's frames
+            raise
     except BaseException:
-        for made in created:
-            made.discard()
         if isinstance(report, TextProgress):  # not "75% (3/4)Traceback ..."
             report.close()
         raise
+
+
+def kept_file_note(build: Any, path: str, dtype: Any) -> str:
+    """The note of a set-up's error: where the complete gradients are, and how to use them."""
+    name = getattr(build, "__name__", "StaticIHVP")
+    where = os.path.abspath(path)
+    load = f"numpy.load({where!r}, mmap_mode='r')"
+    if getattr(dtype, "name", None) == "bfloat16":
+        # .npy records bfloat16 as raw 2-byte values, which the command line refuses.
+        load += ".view(ml_dtypes.bfloat16)"
+        cli = ""
+    else:
+        command = f"mfac-core ihvp {shlex.quote(where)} VECS.npy -o OUT.npy --damp D"
+        cli = f", or from the command line: {command}"
+    return (
+        f"The gradients were all collected: {where} is complete and has been kept. "
+        f"Build the operator from it without collecting them again: {name}({load}, "
+        f"damp=...) with the other options as you need them{cli}. Delete the file if "
+        "you do not need it."
+    )
 
 
 def _stage(report: Callable[[str, int, int], None], stage: str) -> Callable[[int, int], None]:
