@@ -1455,6 +1455,51 @@ def test_pruner_explains_what_stops_its_gradients():
         assert torch.equal(w, before[name]) and bool(pruner.masks[name].all())
 
 
+def test_pruner_closes_the_loader_an_error_abandons():
+    # Regression: a loss, a non-finite gradient or an interrupt that stopped the
+    # gradients left the caller's generator suspended, its finally blocks and with
+    # statements (an open file, a loader's workers) put off until it was collected.
+    def generator(record, n):
+        try:
+            yield from loader(n=n)
+        finally:
+            record.append("closed")
+
+    def failing(kind):
+        calls = []
+
+        def loss_fn(out, y):
+            calls.append(1)
+            if len(calls) == 2:
+                if kind == "interrupt":
+                    raise KeyboardInterrupt
+                if kind == "loss":
+                    raise RuntimeError("the loss failed")
+                return F.cross_entropy(out, y) * float("nan")
+            return F.cross_entropy(out, y)
+
+        return loss_fn
+
+    model = make_model()
+    pruner = MFACPruner(model, num_grads=4, block_size=8, damp=1e-3)
+    for kind, exc in (
+        ("interrupt", KeyboardInterrupt),
+        ("loss", RuntimeError),
+        ("nan", ValueError),
+    ):
+        record = []
+        held = generator(record, 6)
+        with pytest.raises(exc):
+            pruner.prune(held, failing(kind), sparsity=0.5)
+        assert record == ["closed"], kind
+    # A generator with batches left after num_grads is not closed: prune()'s next step
+    # reads on from it.
+    record = []
+    held = generator(record, 8)
+    pruner.prune(held, F.cross_entropy, sparsity=0.5, steps=2)
+    assert record == [] and next(held, None) is None and record == ["closed"]
+
+
 def test_pruner_refuses_a_parametrized_weight():
     # Regression: weight_norm's weight is recomputed by every forward pass, so its
     # gradients were taken at a stale copy (all zero) and the pruned values written into

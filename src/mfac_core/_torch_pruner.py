@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from . import _host_rows, pruning
+from ._errors import close_abandoned
 from ._torch_layout import format_bytes, itemsize, logger
 from ._torch_pruner_inputs import (
     check_block,
@@ -306,7 +307,11 @@ class MFACPruner:
         as it is evaluated. Its buffers (batch norm's running statistics and
         ``num_batches_tracked``) and every module's train/eval mode are
         restored afterwards, whether the call returns or raises: collecting
-        gradients for pruning does not change what the model computes.
+        gradients for pruning does not change what the model computes. An
+        error (of ``loss_fn``, a non-finite gradient, an interrupt) closes the
+        loader's iterator it leaves unfinished (``close()``, where it has one:
+        a generator's ``finally`` blocks run then); one that still has batches
+        after ``num_grads`` is left open, for the next step of ``prune``.
 
         Parameters
         ----------
@@ -543,28 +548,21 @@ def _fill(
     row = 0
     while row < num_grads:
         got = False
-        for batch in loader:
-            got = True
-            inputs, targets = batch[0], batch[1]
-            with torch.enable_grad():
-                loss = loss_fn(model(inputs), targets)
-                grads = torch.autograd.grad(loss, params, allow_unused=True)
-            offset = 0
-            for name, w, g in zip(weights, params, grads, strict=True):
-                n = w.numel()
-                if g is None:
-                    G[row, offset : offset + n] = 0
-                else:
-                    # A sparse gradient (nn.Embedding(sparse=True)) is dense here.
-                    g = (g.to_dense() if g.layout != torch.strided else g).reshape(-1)
-                    G[row, offset : offset + n] = g
-                    if dtype == torch.float16:
-                        check_float16(G[row, offset : offset + n], g, name, row)
-                offset += n
-            check_finite_row(G[row], mask, weights, row)  # one sync per batch
-            row += 1
-            if row == num_grads:
-                break
+        batches = iter(loader)
+        try:
+            for batch in batches:
+                got = True
+                row = _fill_row(model, weights, params, dtype, G, mask, batch, loss_fn, row)
+                if row == num_grads:
+                    # Not closed: a longer one-shot iterator serves prune()'s next step.
+                    break
+        except BaseException as exc:
+            # An error abandons the iterator: a generator's finally blocks and with
+            # statements run now, not when it is collected (never, while the caller
+            # holds it), and this frame, which the traceback holds, lets it go.
+            close_abandoned(batches, exc)
+            del batches
+            raise
         if not got and row:
             raise ValueError(
                 f"the data loader yielded {row} batches and then none when iterated "
@@ -578,6 +576,38 @@ def _fill(
                 "prune() with steps > 1 iterates the loader again at every step: pass "
                 "a list or a DataLoader)"
             )
+
+
+def _fill_row(
+    model: nn.Module,
+    weights: dict[str, torch.Tensor],
+    params: list[torch.Tensor],
+    dtype: torch.dtype,
+    G: torch.Tensor,
+    mask: torch.Tensor,
+    batch: Any,
+    loss_fn: Callable[[Any, Any], Any],
+    row: int,
+) -> int:
+    """Write the gradient of ``batch``'s loss into ``G[row]``; the next row."""
+    inputs, targets = batch[0], batch[1]
+    with torch.enable_grad():
+        loss = loss_fn(model(inputs), targets)
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+    offset = 0
+    for name, w, g in zip(weights, params, grads, strict=True):
+        n = w.numel()
+        if g is None:
+            G[row, offset : offset + n] = 0
+        else:
+            # A sparse gradient (nn.Embedding(sparse=True)) is dense here.
+            g = (g.to_dense() if g.layout != torch.strided else g).reshape(-1)
+            G[row, offset : offset + n] = g
+            if dtype == torch.float16:
+                check_float16(G[row, offset : offset + n], g, name, row)
+        offset += n
+    check_finite_row(G[row], mask, weights, row)  # one sync per batch
+    return row + 1
 
 
 def _write_weights(
