@@ -878,6 +878,31 @@ def test_a_state_with_two_entries_is_refused():
         trained(steps=0)[1].load_state_dict(state)
 
 
+@pytest.mark.parametrize(
+    ("other", "holds"),
+    [
+        (lambda ps: torch.optim.Adam(ps, lr=0.1), "exp_avg"),
+        (lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9), "momentum_buffer"),
+        (lambda ps: torch.optim.SGD(ps, lr=0.1), "no entry"),
+    ],
+    ids=["Adam", "SGD with momentum", "SGD"],
+)
+def test_the_state_of_another_optimizer_class_is_refused_as_such(other, holds):
+    # Regression: Adam's state_dict was refused with "state_dict['param_groups'][0] has no
+    # 'momentum'", SGD's for its entries under several (or no) parameters: true, but not
+    # what was wrong, a state of another optimizer class.
+    model, opt = trained(steps=2)
+    foreign = other(model.parameters())
+    train(model, foreign, batches(5, 1))
+    before = everything(opt)
+    with pytest.raises(
+        ValueError,
+        match=rf"^not an MFAC state_dict \(the state of another optimizer class\?\).*{holds}",
+    ):
+        opt.load_state_dict(foreign.state_dict())
+    same(everything(opt), before)
+
+
 @pytest.mark.parametrize("factor", ["k x k", "m x m"])
 def test_a_window_state_with_slot_lists_loads(factor):
     # The window's form in checkpoints saved before its slot lists became tensors: the

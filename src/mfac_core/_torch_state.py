@@ -286,8 +286,9 @@ def check_state(
     missing = [k for k in ("state", "param_groups") if k not in state_dict]
     if missing:
         raise ValueError(f"not an MFAC state_dict: it has no {missing}")
-    groups = check_groups(opt, state_dict)
-    extra = saved_state(state_dict)
+    with foreign_noted(state_dict):
+        groups = check_groups(opt, state_dict)
+        extra = saved_state(state_dict)
     shards = shards_of(extra) if window else None
     if shards is not None:
         raise ValueError(
@@ -315,6 +316,47 @@ def check_state(
     state, target = check_window(opt, extra["window"], damp)
     momentum = check_momentum(opt, extra["momentum_buffer"])
     return SimpleNamespace(groups=groups, window=state, damp=target, momentum=momentum, **counts)
+
+
+@contextlib.contextmanager
+def foreign_noted(state_dict: Mapping[str, Any]) -> Iterator[None]:
+    """Add to a refusal of the groups or the entries what shows another optimizer's state.
+
+    The state_dict of torch.optim.Adam was refused with "state_dict['param_groups'][0] has
+    no 'momentum'", that of SGD with momentum for holding entries under several
+    parameters: true, but neither said that it is not an MFAC state at all. Only when no
+    entry holds MFAC's window (which every MFAC state has, from construction on).
+    """
+    try:
+        yield
+    except ValueError as exc:
+        note = foreign_note(state_dict)
+        if not note:
+            raise
+        raise ValueError(f"{note} ({exc})") from None
+
+
+def foreign_note(state_dict: Mapping[str, Any]) -> str:
+    """What a state_dict without MFAC's window holds instead, or ``""`` if one holds it."""
+    state, groups = state_dict.get("state"), state_dict.get("param_groups")
+    entries = (
+        [v for v in state.values() if isinstance(v, Mapping) and v]
+        if isinstance(state, Mapping)
+        else []
+    )
+    if any("window" in e or "shards" in e for e in entries):
+        return ""
+    held = sorted({str(k) for e in entries for k in e})
+    options = sorted(
+        {str(k) for g in groups if isinstance(g, Mapping) for k in g} - {"params", "param_names"}
+        if isinstance(groups, Sequence) and not isinstance(groups, str)
+        else set()
+    )
+    what = f"entries of {len(entries)} parameter(s) with the keys {held}" if held else "no entry"
+    return (
+        "not an MFAC state_dict (the state of another optimizer class?): no entry holds "
+        f"MFAC's 'window'; its state has {what}, its groups the options {options}"
+    )
 
 
 def saved_state(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -363,8 +405,9 @@ def check_distributed_state(opt: Any, state_dict: Any, damp: float | None) -> Si
         missing = [k for k in ("state", "param_groups") if k not in state_dict]
         if missing:
             raise ValueError(f"not an MFAC state_dict: it has no {missing}")
-        check_groups(opt, state_dict)
-        extra = saved_state(state_dict)
+        with foreign_noted(state_dict):
+            check_groups(opt, state_dict)
+            extra = saved_state(state_dict)
         shards = shards_of(extra)
         if not isinstance(shards, Mapping):
             raise ValueError(
