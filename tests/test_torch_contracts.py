@@ -445,6 +445,23 @@ def test_a_one_element_tensor_momentum_or_weight_decay_steps_as_the_float(key):
         assert torch.equal(run(torch.full(shape, 0.25)), want), shape
 
 
+def test_a_parameter_listed_twice_is_refused():
+    # Regression: torch.optim only warns of a group listing a parameter twice; MFAC then
+    # put its coordinates into the flat vector twice (dim 3 + 2 + 3), so that the window
+    # took its gradient twice and a step moved it twice.
+    w, b = nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch's own "duplicate parameters"
+        with pytest.raises(ValueError, match=r"^MFAC got a parameter twice \(shape \(3,\)\)"):
+            MFAC([w, b, w], num_grads=2)
+        opt = MFAC([b], num_grads=2)
+        before = everything(opt)
+        with pytest.raises(ValueError, match="twice"):
+            opt.add_param_group({"params": [w, w]})
+    assert len(opt.param_groups) == 1 and opt.dim == 2
+    same(everything(opt), before)
+
+
 @pytest.mark.parametrize("key", ["momentum", "weight_decay"])
 def test_tensor_momentum_or_weight_decay_round_trips_and_is_taken_where_lr_is(key):
     # Regression: a step takes one-element tensors for every group option (as torch's
@@ -1320,7 +1337,9 @@ def _harness_error_inputs():
 def test_the_generic_error_inputs_of_torchs_optimizer_harness(case):
     params, kwargs, error, match = _harness_error_inputs()[case]
     if issubclass(error, Warning):
-        with pytest.warns(error, match=match):
+        # torch's warning of a parameter listed twice comes, and then MFAC's refusal
+        # (test_a_parameter_listed_twice_is_refused), where torch's optimizers go on.
+        with pytest.warns(error, match=match), pytest.raises(ValueError, match="twice"):
             MFAC(params, **kwargs)
     else:
         with pytest.raises(error, match=match):
