@@ -207,11 +207,10 @@ class MFAC(torch.optim.Optimizer):
     ------
     ValueError
         For parameters on different devices or on the meta device, no parameters,
-        a parameter listed twice,
-        out-of-range hyper-parameters, a tensor ``lr`` on another device than the
-        parameters' or the CPU, or masks of the wrong shape or
-        device, for a tensor that is not a parameter, or keeping no
-        coordinate at all.
+        a parameter listed twice, out-of-range hyper-parameters, a tensor ``lr``,
+        ``momentum`` or ``weight_decay`` on another device than the parameters'
+        or the CPU, or masks of the wrong shape or device, for a tensor that is
+        not a parameter, or keeping no coordinate at all.
     TypeError
         For parameters of another dtype than the four above, masks that
         are not boolean tensors (or keyed by name), a ``grad_dtype`` other
@@ -387,10 +386,9 @@ class MFAC(torch.optim.Optimizer):
         ------
         ValueError
             For an out-of-range ``lr``, ``momentum`` or ``weight_decay`` of
-            the group, a tensor ``lr`` on another device than its parameters' or the
-            CPU, a window option in it, a parameter listed twice, parameters on another
-            device,
-            parameters that would change the step's dtype (float64 ones added
+            the group, a tensor option on another device than its parameters' or
+            the CPU, a window option in it, a parameter listed twice, parameters on
+            another device, parameters that would change the step's dtype (float64 ones added
             to a float32 optimizer) or the window's storage dtype (float32 ones
             added to a bfloat16 optimizer without ``grad_dtype``), or a
             distributed optimizer. The optimizer is then unchanged.
