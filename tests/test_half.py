@@ -759,3 +759,49 @@ def test_numpy_and_pytorch_bfloat16_windows_are_bit_identical(rng):
             np.testing.assert_array_equal(static @ x, (static_t @ torch.from_numpy(x)).numpy())
             np.testing.assert_array_equal(static.diagonal(), static_t.diagonal().numpy())
     np.testing.assert_array_equal(results[0].view(np.int16), results[1].view(np.int16))
+
+
+@pytest.mark.parametrize("saved_by", ["numpy", "torch"])
+def test_a_bfloat16_window_state_of_the_other_library_says_how_to_convert_it(saved_by, rng):
+    # Regression: a NumPy window's state (ml_dtypes' bfloat16) given to a PyTorch window, or
+    # the reverse, was refused with "convert it explicitly first" only, which neither
+    # torch.as_tensor nor Tensor.numpy() can do for bfloat16. The message gives the bit
+    # view that does; followed, the load gives the saved window back.
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    torch = pytest.importorskip("torch")
+
+    m, d, damp = 3, 5, 1e-2
+    windows = {
+        "numpy": DynamicIHVP(m, d, damp=damp, dtype=ml_dtypes.bfloat16),
+        "torch": DynamicIHVP(m, d, damp=damp, dtype=torch.bfloat16, xp=torch),
+    }
+    source = windows[saved_by]
+    target = windows["torch" if saved_by == "numpy" else "numpy"]
+    for g in rng.standard_normal((m + 1, d)).astype(np.float32):
+        source.update(g if saved_by == "numpy" else torch.from_numpy(g))
+    state = source.state_dict()
+    grads = state["grads"]
+    if saved_by == "numpy":
+        said = "torch.from_numpy(state['grads'].view(numpy.int16)).view(torch.bfloat16)"
+        converted = torch.from_numpy(grads.view(np.int16)).view(torch.bfloat16)
+        rest = {k: torch.as_tensor(state[k]) for k in ("gram", "factor")}
+    else:
+        said = "state['grads'].cpu().view(torch.int16).numpy().view(ml_dtypes.bfloat16)"
+        converted = grads.cpu().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        rest = {k: state[k].numpy() for k in ("gram", "factor")}
+    with pytest.raises(TypeError, match=re.escape(said)):
+        target.load_state_dict(state)
+    if saved_by == "numpy":  # as the window of an MFAC state
+        from mfac_core.torch import MFAC
+
+        p = torch.nn.Parameter(torch.zeros(d))
+        opt = MFAC([p], num_grads=m, damp=damp, zero_init=False, grad_dtype=torch.bfloat16)
+        saved = opt.state_dict()
+        saved["state"][0]["window"] = state
+        with pytest.raises(ValueError, match=re.escape(said)):
+            opt.load_state_dict(saved)
+    target.load_state_dict({**state, **rest, "grads": converted})
+    x = rng.standard_normal(d).astype(np.float32)
+    want = to_numpy(source.matvec(x if saved_by == "numpy" else torch.from_numpy(x)))
+    got = to_numpy(target.matvec(torch.from_numpy(x) if saved_by == "numpy" else x))
+    np.testing.assert_array_equal(got, want)

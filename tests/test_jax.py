@@ -828,6 +828,23 @@ def test_mfac_refuses_updates_whose_leaves_changed_shape():
     assert again["a"].shape == (2, 3) and updates["a"].shape == (2, 3)
 
 
+@pytest.mark.parametrize("other", [{"num_grads": 8}, {"zero_init": False}])
+def test_mfac_refuses_the_state_of_another_mfac(other):
+    # Regression: update took the window size and normalisation from the state alone, so
+    # mfac(4) given a state of mfac(8) (a checkpoint of another configuration) went on
+    # with a window of 8 gradients, as the torch optimizer refuses such a state.
+    params = {"w": jnp.ones(3, jnp.float32)}
+    grads = {"w": jnp.arange(3.0, dtype=jnp.float32)}
+    opt = mj.mfac(4)
+    foreign = mj.mfac(**{"num_grads": 4, **other}).init(params)
+    for update in (opt.update, jax.jit(opt.update)):
+        with pytest.raises(
+            ValueError, match=r"^the state's window holds num_grads=.* another mfac"
+        ):
+            update(grads, foreign)
+    opt.update(grads, opt.init(params))
+
+
 @pytest.mark.parametrize("kappa", [1e3, 1e5, 1e7])
 def test_products_are_exact_for_vectors_in_the_span(kappa, rng):
     # Gradients with a shared mean (an optimizer's), x = their mean and a stored gradient:

@@ -445,6 +445,106 @@ def test_a_one_element_tensor_momentum_or_weight_decay_steps_as_the_float(key):
         assert torch.equal(run(torch.full(shape, 0.25)), want), shape
 
 
+def test_a_parameter_listed_twice_is_refused():
+    # Regression: torch.optim only warns of a group listing a parameter twice; MFAC then
+    # put its coordinates into the flat vector twice (dim 3 + 2 + 3), so that the window
+    # took its gradient twice and a step moved it twice.
+    w, b = nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch's own "duplicate parameters"
+        with pytest.raises(ValueError, match=r"^MFAC got a parameter twice \(shape \(3,\)\)"):
+            MFAC([w, b, w], num_grads=2)
+        opt = MFAC([b], num_grads=2)
+        before = everything(opt)
+        with pytest.raises(ValueError, match="twice"):
+            opt.add_param_group({"params": [w, w]})
+    assert len(opt.param_groups) == 1 and opt.dim == 2
+    same(everything(opt), before)
+
+
+@pytest.mark.parametrize("key", ["momentum", "weight_decay"])
+def test_tensor_momentum_or_weight_decay_round_trips_and_is_taken_where_lr_is(key):
+    # Regression: a step takes one-element tensors for every group option (as torch's
+    # optimizers take tensor betas), but the state_dict of such a group failed to load
+    # ("momentum of state_dict['param_groups'][0] must be a real number, got tensor(0.5)"),
+    # and the constructor and add_param_group refused them.
+    model, opt = trained(steps=2)
+    opt.param_groups[0][key] = torch.tensor(0.25)
+    train(model, opt, batches(3, 1))
+    saved = copy.deepcopy(opt.state_dict())
+    copy_model, copy_opt = trained(steps=0)
+    copy_model.load_state_dict(model.state_dict())
+    copy_opt.load_state_dict(saved)
+    assert isinstance(copy_opt.param_groups[0][key], torch.Tensor)
+    assert_continue_alike(model, opt, copy_model, copy_opt)
+    extra = nn.Parameter(torch.zeros(2))
+    opt.add_param_group({"params": [extra], key: torch.tensor(0.5)})
+    assert float(opt.param_groups[1][key]) == 0.5
+    with pytest.raises(ValueError, match=f"{key} of the parameter group must .* in"):
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(1))], key: torch.tensor(-1.0)})
+    assert len(opt.param_groups) == 2
+    # Given to the constructor, a tensor steps as its float.
+    runs = [trained(**{key: value})[0] for value in (0.25, torch.tensor(0.25))]
+    for p, q in zip(*(m.parameters() for m in runs), strict=True):
+        assert torch.equal(p, q)
+
+
+class _OnCuda(torch.Tensor):
+    """A CPU tensor that says it is on cuda:0: another device than the CPU parameters'."""
+
+    @property
+    def device(self):
+        return torch.device("cuda", 0)
+
+    def to(self, *args, **kwargs):
+        return self.as_subclass(torch.Tensor).to(*args, **kwargs)
+
+    def __deepcopy__(self, memo):
+        return self.as_subclass(torch.Tensor).clone().as_subclass(_OnCuda)
+
+
+def _on_another_device(value):
+    if torch.cuda.is_available():
+        return torch.tensor(value, device="cuda")
+    return torch.tensor(value).as_subclass(_OnCuda)
+
+
+@pytest.mark.parametrize("key", ["lr", "momentum", "weight_decay"])
+def test_a_tensor_option_on_another_device_is_refused_when_given(key):
+    # Regression: a CUDA lr over CPU parameters was accepted by the constructor and by
+    # add_param_group, and only every step refused it (without CUDA, a tensor that says
+    # it is on cuda:0 stands in for it).
+    value = _on_another_device(0.5)
+    p = nn.Parameter(torch.zeros(3))
+    with pytest.raises(
+        ValueError, match=rf"^{key} of parameter group 0 is a tensor on cuda:0, but"
+    ):
+        MFAC([p], num_grads=2, **{key: value})
+    opt = MFAC([p], num_grads=2)
+    before = everything(opt)
+    with pytest.raises(ValueError, match=rf"^{key} of parameter group 1 is a tensor on cuda:0"):
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(2))], key: value})
+    assert len(opt.param_groups) == 1 and opt.dim == 3
+    same(everything(opt), before)
+    # A CPU tensor serves parameters on any device.
+    opt.add_param_group({"params": [nn.Parameter(torch.zeros(2))], key: torch.tensor(0.5)})
+
+
+def test_a_tensor_lr_saved_on_another_device_is_moved_by_a_load():
+    # Regression: the load kept a CUDA lr of a GPU checkpoint over CPU parameters, and
+    # every step then refused it; the state's tensors are moved, and so is it now.
+    model, opt = trained(steps=2)
+    saved = opt.state_dict()
+    saved["param_groups"][0]["lr"] = _on_another_device(0.1)
+    copy_model, copy_opt = trained(steps=0)
+    copy_model.load_state_dict(model.state_dict())
+    copy_opt.load_state_dict(saved)
+    lr = copy_opt.param_groups[0]["lr"]
+    assert lr.device == torch.device("cpu") and float(lr) == pytest.approx(0.1)
+    opt.param_groups[0]["lr"] = torch.tensor(0.1)
+    assert_continue_alike(model, opt, copy_model, copy_opt)
+
+
 @pytest.mark.parametrize("grad_dtype", [torch.bfloat16, torch.float16])
 def test_a_finite_float64_gradient_beyond_float32_is_skipped_not_raised(grad_dtype):
     p = nn.Parameter(torch.zeros(3, dtype=torch.float64))
@@ -793,6 +893,31 @@ def test_a_state_with_two_entries_is_refused():
     state["state"][2] = state["state"][0]
     with pytest.raises(ValueError, match=r"under the id of one parameter.*\[0, 2\]"):
         trained(steps=0)[1].load_state_dict(state)
+
+
+@pytest.mark.parametrize(
+    ("other", "holds"),
+    [
+        (lambda ps: torch.optim.Adam(ps, lr=0.1), "exp_avg"),
+        (lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9), "momentum_buffer"),
+        (lambda ps: torch.optim.SGD(ps, lr=0.1), "no entry"),
+    ],
+    ids=["Adam", "SGD with momentum", "SGD"],
+)
+def test_the_state_of_another_optimizer_class_is_refused_as_such(other, holds):
+    # Regression: Adam's state_dict was refused with "state_dict['param_groups'][0] has no
+    # 'momentum'", SGD's for its entries under several (or no) parameters: true, but not
+    # what was wrong, a state of another optimizer class.
+    model, opt = trained(steps=2)
+    foreign = other(model.parameters())
+    train(model, foreign, batches(5, 1))
+    before = everything(opt)
+    with pytest.raises(
+        ValueError,
+        match=rf"^not an MFAC state_dict \(the state of another optimizer class\?\).*{holds}",
+    ):
+        opt.load_state_dict(foreign.state_dict())
+    same(everything(opt), before)
 
 
 @pytest.mark.parametrize("factor", ["k x k", "m x m"])
@@ -1212,7 +1337,9 @@ def _harness_error_inputs():
 def test_the_generic_error_inputs_of_torchs_optimizer_harness(case):
     params, kwargs, error, match = _harness_error_inputs()[case]
     if issubclass(error, Warning):
-        with pytest.warns(error, match=match):
+        # torch's warning of a parameter listed twice comes, and then MFAC's refusal
+        # (test_a_parameter_listed_twice_is_refused), where torch's optimizers go on.
+        with pytest.warns(error, match=match), pytest.raises(ValueError, match="twice"):
             MFAC(params, **kwargs)
     else:
         with pytest.raises(error, match=match):

@@ -4,7 +4,7 @@ The floating dtypes whose precision the operators state, the 2-byte storage dtyp
 array library (NumPy's float16 and ml_dtypes' bfloat16, PyTorch's float16 and bfloat16),
 an operator's result dtype over its storage, and the notes that the refusals of
 ``_validation`` append for dtypes a user can convert: another byte order, raw 2-byte values
-(``numpy.save`` of bfloat16), JAX's 2-byte arrays.
+(``numpy.save`` of bfloat16), JAX's 2-byte arrays, bfloat16 between NumPy and PyTorch.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from ._compat import Array, device, is_jax_namespace, is_numpy_namespace, is_tor
 __all__ = [
     "FLOATING_DTYPES",
     "HALF_DTYPES",
+    "bfloat16_library_note",
     "byte_order_note",
     "compute_dtype",
     "half_dtype_name",
@@ -127,6 +128,30 @@ def jax_two_byte_note(xp: Any, name: str, dtype: Any) -> str:
         f" (JAX's {dtype} gradients are 2-byte storage as a NumPy array: pass "
         f"numpy.asarray({name}), no copy on the CPU)"
     )
+
+
+def bfloat16_library_note(name: str, x: Any, xp_x: Any, xp: Any) -> str:
+    """How to move bfloat16 ``x`` (of ``xp_x``) between NumPy and PyTorch for ``xp``, or ``""``.
+
+    The two libraries' bfloat16 are the same bits, but neither converts the other's:
+    ``torch.as_tensor`` refuses ml_dtypes' bfloat16 arrays and ``Tensor.numpy()``
+    torch.bfloat16 tensors, so "convert it explicitly" alone leaves a user without a way.
+    Both read the bits through a 2-byte integer view, without a copy.
+    """
+    dtype = getattr(x, "dtype", None)
+    if is_numpy_namespace(xp_x) and is_torch_namespace(xp) and is_numpy_bfloat16(dtype):
+        return (
+            f" ({name} holds ml_dtypes' NumPy bfloat16, which torch.as_tensor does not "
+            "take; torch's bfloat16 has the same bits: "
+            f"torch.from_numpy({name}.view(numpy.int16)).view(torch.bfloat16), no copy)"
+        )
+    if is_torch_namespace(xp_x) and is_numpy_namespace(xp) and str(dtype) == "torch.bfloat16":
+        return (
+            f" ({name} holds torch.bfloat16, which Tensor.numpy() does not convert; "
+            "ml_dtypes' NumPy bfloat16 has the same bits: "
+            f"{name}.cpu().view(torch.int16).numpy().view(ml_dtypes.bfloat16))"
+        )
+    return ""
 
 
 def byte_order_note(name: str, dtype: Any) -> str:

@@ -51,7 +51,18 @@ def layout(opt: Any) -> None:
     if not flat:
         raise ValueError("MFAC got an empty parameter list")
     first = flat[0]
+    seen: set[int] = set()
     for p in flat:
+        if id(p) in seen:
+            # torch.optim only warns of a group listing a parameter twice (its optimizers
+            # then step it twice); here its coordinates would enter the flat vector twice,
+            # and the window's Fisher would be that of another, duplicated, vector.
+            raise ValueError(
+                f"MFAC got a parameter twice (shape {tuple(p.shape)}): its coordinates "
+                "would enter the flat vector, and its gradient the window, twice; list "
+                "each once"
+            )
+        seen.add(id(p))
         if p.dtype not in PARAM_DTYPES:
             raise TypeError(
                 f"MFAC needs float16, bfloat16, float32 or float64 parameters, got {p.dtype}"

@@ -68,39 +68,65 @@ def without_window(entry: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in entry.items() if k != "window"}
 
 
-def check_lr(lr: Any, where: str) -> Any:
-    """A learning rate >= 0: a real number (as a float), or a one-element floating tensor.
+#: The range of each group option, as :func:`check_option` checks it.
+GROUP_BOUNDS: dict[str, dict[str, Any]] = {
+    "lr": {"low": 0.0},
+    "momentum": {"low": 0.0, "high": 1.0, "high_open": True},
+    "weight_decay": {"low": 0.0},
+}
 
-    A tensor is kept (as torch's optimizers keep it), so that a scheduler or the user can
-    change it in place; its value is read here once, to check it.
+
+def check_option(value: Any, key: str, where: str) -> Any:
+    """A group option in its range: a real number (as a float), or a one-element float tensor.
+
+    A tensor is kept (as torch's optimizers keep a tensor ``lr``), so that a scheduler or
+    the user can change it in place; its value is read here once, to check it. The step
+    takes one-element tensors for every option, so a load and ``add_param_group`` take
+    them too: a group whose ``momentum`` was made a tensor saved a state that no load took.
     """
-    if isinstance(lr, torch.Tensor):
-        if lr.numel() != 1 or not lr.is_floating_point() or lr.requires_grad:
-            # torch's own words first (its optimizer harness matches them); requires_grad
-            # is named, or the message would show a valid lr's shape and dtype.
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or not value.is_floating_point() or value.requires_grad:
+            # torch's own words first (its optimizer harness matches them for lr);
+            # requires_grad is named, or the message would show a valid shape and dtype.
             raise ValueError(
-                f"Tensor lr must be 1-element: {where} as a tensor must be a one-element floating "
-                "tensor without grad, "
-                f"got shape {tuple(lr.shape)}, dtype {lr.dtype}"
-                + (", requires_grad=True (pass lr.detach())" if lr.requires_grad else "")
+                (f"Tensor {key} must be 1-element: " if value.numel() != 1 else "")
+                + f"{where} as a tensor must be a one-element floating tensor without grad, "
+                f"got shape {tuple(value.shape)}, dtype {value.dtype}"
+                + (f", requires_grad=True (pass {key}.detach())" if value.requires_grad else "")
             )
-        if lr.is_meta:  # float() below would fail with "item() cannot be called on meta"
+        if value.is_meta:  # float() below would fail with "item() cannot be called on meta"
             raise ValueError(f"{where} is a tensor on the meta device, which holds no value")
-        check_number(float(lr), where, low=0.0)
-        return lr
-    return check_number(lr, where, low=0.0)
+        check_number(float(value), where, **GROUP_BOUNDS[key])
+        return value
+    return check_number(value, where, **GROUP_BOUNDS[key])
 
 
 def check_group(group: Mapping[str, Any], where: str) -> None:
     for key in GROUP_KEYS:
         if key not in group:
             raise ValueError(f"{where} has no {key!r}")
-        if key == "momentum":
-            check_number(group[key], f"{key} of {where}", low=0.0, high=1.0, high_open=True)
-        elif key == "lr":
-            check_lr(group[key], f"lr of {where}")
-        else:
-            check_number(group[key], f"{key} of {where}", low=0.0)
+        check_option(group[key], key, f"{key} of {where}")
+
+
+def check_option_devices(group: Mapping[str, Any], where: str) -> None:
+    """Refuse a tensor option that a step over the group's parameters could not use.
+
+    A one-element tensor on the CPU goes into any device's arithmetic as a number; one on
+    another device than the parameters' (a CUDA ``lr`` over CPU parameters) was accepted
+    here and then refused by every step (``_torch_step.check_tensor_option``), so it is
+    refused when it is given, as torch's optimizers check their options' devices when built.
+    """
+    for key in GROUP_KEYS:
+        value = group.get(key)
+        if not isinstance(value, torch.Tensor) or value.device.type == "cpu":
+            continue
+        devices = sorted({str(p.device) for p in group["params"] if p.device != value.device})
+        if devices:
+            raise ValueError(
+                f"{key} of {where} is a tensor on {value.device}, but the group's parameters "
+                f"are on {', '.join(devices)}: a step could not use it; put it on the "
+                "parameters' device or on the CPU"
+            )
 
 
 def check_new_group(opt: Any, param_group: Any) -> bool:
@@ -260,8 +286,9 @@ def check_state(
     missing = [k for k in ("state", "param_groups") if k not in state_dict]
     if missing:
         raise ValueError(f"not an MFAC state_dict: it has no {missing}")
-    groups = check_groups(opt, state_dict)
-    extra = saved_state(state_dict)
+    with foreign_noted(state_dict):
+        groups = check_groups(opt, state_dict)
+        extra = saved_state(state_dict)
     shards = shards_of(extra) if window else None
     if shards is not None:
         raise ValueError(
@@ -289,6 +316,47 @@ def check_state(
     state, target = check_window(opt, extra["window"], damp)
     momentum = check_momentum(opt, extra["momentum_buffer"])
     return SimpleNamespace(groups=groups, window=state, damp=target, momentum=momentum, **counts)
+
+
+@contextlib.contextmanager
+def foreign_noted(state_dict: Mapping[str, Any]) -> Iterator[None]:
+    """Add to a refusal of the groups or the entries what shows another optimizer's state.
+
+    The state_dict of torch.optim.Adam was refused with "state_dict['param_groups'][0] has
+    no 'momentum'", that of SGD with momentum for holding entries under several
+    parameters: true, but neither said that it is not an MFAC state at all. Only when no
+    entry holds MFAC's window (which every MFAC state has, from construction on).
+    """
+    try:
+        yield
+    except ValueError as exc:
+        note = foreign_note(state_dict)
+        if not note:
+            raise
+        raise ValueError(f"{note} ({exc})") from None
+
+
+def foreign_note(state_dict: Mapping[str, Any]) -> str:
+    """What a state_dict without MFAC's window holds instead, or ``""`` if one holds it."""
+    state, groups = state_dict.get("state"), state_dict.get("param_groups")
+    entries = (
+        [v for v in state.values() if isinstance(v, Mapping) and v]
+        if isinstance(state, Mapping)
+        else []
+    )
+    if any("window" in e or "shards" in e for e in entries):
+        return ""
+    held = sorted({str(k) for e in entries for k in e})
+    options = sorted(
+        {str(k) for g in groups if isinstance(g, Mapping) for k in g} - {"params", "param_names"}
+        if isinstance(groups, Sequence) and not isinstance(groups, str)
+        else set()
+    )
+    what = f"entries of {len(entries)} parameter(s) with the keys {held}" if held else "no entry"
+    return (
+        "not an MFAC state_dict (the state of another optimizer class?): no entry holds "
+        f"MFAC's 'window'; its state has {what}, its groups the options {options}"
+    )
 
 
 def saved_state(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -337,8 +405,9 @@ def check_distributed_state(opt: Any, state_dict: Any, damp: float | None) -> Si
         missing = [k for k in ("state", "param_groups") if k not in state_dict]
         if missing:
             raise ValueError(f"not an MFAC state_dict: it has no {missing}")
-        check_groups(opt, state_dict)
-        extra = saved_state(state_dict)
+        with foreign_noted(state_dict):
+            check_groups(opt, state_dict)
+            extra = saved_state(state_dict)
         shards = shards_of(extra)
         if not isinstance(shards, Mapping):
             raise ValueError(
@@ -419,6 +488,16 @@ def check_groups(opt: Any, base: Mapping[str, Any]) -> list[dict[str, Any]]:
                     f"state_dict['param_groups'] has {key!r} in a group: it is an option "
                     "of the whole MFAC optimizer"
                 )
+        for key in GROUP_KEYS:
+            value = saved[key]
+            if (
+                isinstance(value, torch.Tensor)
+                and value.device.type != "cpu"
+                and value.device != opt.device
+            ):
+                # A tensor lr saved on another device (a CUDA checkpoint loaded for CPU
+                # parameters), which no step could use: moved, as the state's tensors are.
+                saved[key] = value.to(device=opt.device)
         saved["params"] = group["params"]
         if "param_names" in group and "param_names" not in saved:
             saved["param_names"] = group["param_names"]

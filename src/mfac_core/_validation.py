@@ -42,6 +42,7 @@ from ._compat import (
 )
 from ._dtypes import (
     FLOATING_DTYPES,
+    bfloat16_library_note,
     byte_order_note,
     half_dtype_name,
     jax_two_byte_note,
@@ -513,6 +514,7 @@ def check_same_space(xp: Any, dev: Any, x: Array, name: str, *, owner: object) -
         raise TypeError(
             f"{name} is a {namespace_name(xp_x)} array but {owner} works on "
             f"{namespace_name(xp)} arrays; convert it explicitly first"
+            f"{bfloat16_library_note(name, x, xp_x, xp)}"
         )
     dev_x = device(x)
     if not same_device(dev_x, dev):

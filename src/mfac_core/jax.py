@@ -296,7 +296,8 @@ def mfac(
         of the window's dtype (:func:`window_init`); ``update`` if the
         updates' leaves differ in number or shape from the parameters given
         to ``init``, or the state is a batch of states (:func:`jax.vmap` of
-        ``init``) updated outside of :func:`jax.vmap`.
+        ``init``) updated outside of :func:`jax.vmap`, or its window has another
+        ``num_grads`` or ``zero_init`` than the transformation's.
 
     See Also
     --------
@@ -408,6 +409,16 @@ def mfac(
             )
         if state.window is not None:
             require_unbatched(state.window.grads, "optimizer states")
+            # Both are the state's own (its shape, its static field): a state of another
+            # mfac (a checkpoint of another configuration) went on with its window size
+            # and normalisation, whatever this transformation was built with.
+            if (state.window.num_grads, state.window.zero_init) != (m, zero_init):
+                raise ValueError(
+                    f"the state's window holds num_grads={state.window.num_grads} gradients "
+                    f"with zero_init={state.window.zero_init}, but this mfac was built with "
+                    f"num_grads={m} and zero_init={zero_init}: the state of another mfac "
+                    "(init a new state, or build mfac with the state's options)"
+                )
         leaves, treedef = jax.tree_util.tree_flatten(updates)
         windowed = state.windowed
         if len(leaves) != len(windowed):

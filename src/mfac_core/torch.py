@@ -36,8 +36,9 @@ from ._torch_sparse import check_masks, flat_mask, masks_from_list
 from ._torch_state import (
     GLOBAL_KEYS,
     check_group,
-    check_lr,
     check_new_group,
+    check_option,
+    check_option_devices,
     fresh_entry,
     live_entry,
     load_state,
@@ -48,7 +49,7 @@ from ._torch_state import (
     without_window,
 )
 from ._torch_step import step as take_step
-from ._validation import check_choice, check_count, check_damp, check_flag, check_number
+from ._validation import check_choice, check_count, check_damp, check_flag
 from .distributed import Communicator, check_communicator
 
 __all__ = ["MFAC", "MFACPruner", "MFACStepWarning"]
@@ -113,8 +114,9 @@ class MFAC(torch.optim.Optimizer):
         a parameter is float64, else float32; each parameter's update is
         computed in that dtype and rounded to the parameter's dtype once.
     lr : float or torch.Tensor, optional
-        The learning rate (default ``1e-3``); a one-element tensor is kept
-        as given (a scheduler may change it in place).
+        The learning rate (default ``1e-3``); a one-element float tensor is
+        kept as given (a scheduler may change it in place), on the
+        parameters' device or the CPU; so are the two options below.
     num_grads : int, optional
         The window size m (default 64). The window holds ``m * d`` values
         of its storage dtype (``grad_dtype``); the size is logged when it is
@@ -125,10 +127,10 @@ class MFAC(torch.optim.Optimizer):
         The damping ``lambda > 0`` (default ``1e-3``: in the project's
         training measurements, docs/guidance.rst, 1e-3 trained best and the
         paper's 1e-5 trained 13x worse).
-    momentum : float, optional
+    momentum : float or torch.Tensor, optional
         Momentum on the preconditioned step, in ``[0, 1)`` (default 0: the
         paper uses none).
-    weight_decay : float, optional
+    weight_decay : float or torch.Tensor, optional
         L2 penalty added to the gradient before preconditioning (default 0).
     zero_init : bool, optional
         Start from a window of ``m`` zero gradients with the normalisation
@@ -205,9 +207,10 @@ class MFAC(torch.optim.Optimizer):
     ------
     ValueError
         For parameters on different devices or on the meta device, no parameters,
-        out-of-range hyper-parameters, or masks of the wrong shape or
-        device, for a tensor that is not a parameter, or keeping no
-        coordinate at all.
+        a parameter listed twice, out-of-range hyper-parameters, a tensor ``lr``,
+        ``momentum`` or ``weight_decay`` on another device than the parameters'
+        or the CPU, or masks of the wrong shape or device, for a tensor that is
+        not a parameter, or keeping no coordinate at all.
     TypeError
         For parameters of another dtype than the four above, masks that
         are not boolean tensors (or keyed by name), a ``grad_dtype`` other
@@ -297,9 +300,9 @@ class MFAC(torch.optim.Optimizer):
         comm: Communicator | None = None,
         masks: Mapping[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
-        lr = check_lr(lr, "lr")
-        momentum = check_number(momentum, "momentum", low=0.0, high=1.0, high_open=True)
-        weight_decay = check_number(weight_decay, "weight_decay", low=0.0)
+        lr = check_option(lr, "lr", "lr")
+        momentum = check_option(momentum, "momentum", "momentum")
+        weight_decay = check_option(weight_decay, "weight_decay", "weight_decay")
         num_grads = check_count(num_grads, "num_grads")
         damp = check_damp(damp)
         check_choice(errors, "errors", ("skip", "raise"))
@@ -383,8 +386,9 @@ class MFAC(torch.optim.Optimizer):
         ------
         ValueError
             For an out-of-range ``lr``, ``momentum`` or ``weight_decay`` of
-            the group, a window option in it, parameters on another device,
-            parameters that would change the step's dtype (float64 ones added
+            the group, a tensor option on another device than its parameters' or
+            the CPU, a window option in it, a parameter listed twice, parameters on
+            another device, parameters that would change the step's dtype (float64 ones added
             to a float32 optimizer) or the window's storage dtype (float32 ones
             added to a bfloat16 optimizer without ``grad_dtype``), or a
             distributed optimizer. The optimizer is then unchanged.
@@ -396,6 +400,7 @@ class MFAC(torch.optim.Optimizer):
             group.pop(key, None)
         try:
             check_group(group, "the parameter group")
+            check_option_devices(group, f"parameter group {len(self.param_groups) - 1}")
             if frozen:
                 with outside_inference():
                     grow(self)
