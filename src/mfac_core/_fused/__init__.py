@@ -5,10 +5,12 @@ exact products: they read ``G`` in its storage dtype (float32, float64, float16 
 bfloat16, the last also as the uint16 bits of a PyTorch tensor) and do every product and
 sum in float64, at about the speed of a GEMV in the storage dtype; up to eight vectors (or
 rows of coefficients, as for the K dampings of a sweep) share one read of ``G``. NumPy's own
-routes to the same sums need a float64 copy of ``G``. This module checks the arguments
-and splits the columns over threads; ``_engine`` decides when the kernels serve. Where the
-extension was not built (:func:`available` is false) the engine uses float64 products over
-column pieces instead; both are tested against each other and against exact oracles.
+routes to the same sums need a float64 copy of ``G``. ``G`` is C-ordered, or Fortran-ordered
+(read as its transpose, in tiles: the same sums in the same order, the same bits). This
+module checks the arguments and splits the columns over threads; ``_engine`` decides when
+the kernels serve. Where the extension was not built (:func:`available` is false) the
+engine uses float64 products over column pieces instead; both are tested against each other
+and against exact oracles.
 
 Threads: the kernels release the GIL, and a call on more than ``_MIN_THREAD_WORK``
 entries of ``V`` shares its column pieces among up to :func:`max_threads` threads
@@ -538,8 +540,8 @@ def project64(
     Parameters
     ----------
     G : numpy.ndarray
-        (m, ld), C-ordered and aligned, of float32, float64, float16 or bfloat16; or
-        uint16 holding float16 or bfloat16 bits, with ``storage`` naming which.
+        (m, ld), C- or Fortran-ordered and aligned, of float32, float64, float16 or
+        bfloat16; or uint16 holding float16 or bfloat16 bits, with ``storage`` naming which.
     X : array_like
         (K, stop - start), any real floating dtype; its values are taken as float64 (exact
         for float32, float16 and bfloat16). A 1-D ``x`` is K = 1, and the result is then
