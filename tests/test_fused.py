@@ -610,7 +610,7 @@ def test_supports64(rng):
     assert not _fused.supports64(V.astype(np.uint16))  # bits: only with storage= named
     assert not _fused.supports64(V.astype(np.int32))
     assert not _fused.supports64(V.astype(">f4"))
-    assert not _fused.supports64(np.asfortranarray(V))
+    assert _fused.supports64(np.asfortranarray(V))  # read as its transpose
     assert not _fused.supports64(V[:, ::2])
     assert not _fused.supports64(V[0])
     assert not _fused.supports64(V.tolist())
@@ -645,7 +645,7 @@ def test_float64_passes_reject_bad_arguments(rng):
     with pytest.raises(TypeError, match="does not match storage='bfloat16'"):
         _fused.project64(G, x, start=0, stop=10, storage="bfloat16")
     with pytest.raises(TypeError, match="C-ordered"):
-        _fused.project64(np.asfortranarray(G), x, start=0, stop=10)
+        _fused.project64(G[:, ::2], x[:5], start=0, stop=5)
     with pytest.raises(TypeError, match="X must hold real floating"):
         _fused.project64(G, np.ones(10, np.int64), start=0, stop=10)
     with pytest.raises(TypeError, match="C must hold real floating"):
@@ -860,7 +860,7 @@ def test_widen64_refuses_what_it_cannot_write():
     float64 array of the piece's shape, is a TypeError; nothing is written."""
     G = np.arange(40, dtype=np.float32).reshape(4, 10)
     out = np.zeros((4, 6))
-    for bad in (G[:, ::2], G.astype(np.int32), np.asfortranarray(G)):
+    for bad in (G[:, ::2], G.astype(np.int32), np.asfortranarray(G)[:, ::2]):
         with pytest.raises(TypeError, match="G"):
             _fused.widen64(bad, np.zeros((4, 5)), start=0, stop=5)
     ro = np.zeros((4, 6))

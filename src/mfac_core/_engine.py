@@ -13,7 +13,8 @@ accumulate in float64 (docs/mathematics.rst, "Exact passes"). Products of float3
 Where the data allow, the passes run in kernels that read G once, in place: the
 optional C extension (``_fused``), at the speed of a single-precision GEMV, for C-ordered
 NumPy arrays and PyTorch CPU tensors (through a NumPy view, no copy) of float32 or 2-byte
-storage; and the CUDA kernels of ``_kernels`` (``passes.cu``) for C-ordered CuPy arrays
+storage, and Fortran-ordered ones (``Gt.T``: ``Gt``'s rows transposed in cache-sized tiles,
+the same bits); and the CUDA kernels of ``_kernels`` (``passes.cu``) for C-ordered CuPy arrays
 of float32 or float16 storage and PyTorch CUDA tensors of float32, float16 or bfloat16
 storage (through zero-copy DLPack views, on PyTorch's current stream; where CuPy is
 installed), a launch or two per pass whatever d. Both kernel sets take the same
@@ -287,9 +288,8 @@ def host_view(xp: Any, A: Array) -> tuple[np.ndarray, str | None] | None:
     if not _fused.available():
         _warn_slow_once()
         return None
-    if not _fused.supports64(view) and not (
-        storage and view.flags.c_contiguous and view.flags.aligned
-    ):
+    # C- or Fortran-ordered (``Gt.T``, a .npy file saved from one: read as its transpose).
+    if not _fused.supports64(view, storage=storage):
         return None
     return view, storage
 

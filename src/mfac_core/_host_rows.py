@@ -99,6 +99,7 @@ def host_row_views(xp: Any, G: Array, g: Array) -> tuple[np.ndarray, np.ndarray,
         or gv.ndim != 1
         or not (gv.flags.c_contiguous and gv.flags.aligned)
         or view.ndim != 2
+        or not view.flags.c_contiguous  # a row of a Fortran-ordered G is strided
         or not view.flags.writeable
         or not _fused.stores(name)
     ):

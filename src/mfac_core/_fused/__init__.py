@@ -5,10 +5,12 @@ exact products: they read ``G`` in its storage dtype (float32, float64, float16 
 bfloat16, the last also as the uint16 bits of a PyTorch tensor) and do every product and
 sum in float64, at about the speed of a GEMV in the storage dtype; up to eight vectors (or
 rows of coefficients, as for the K dampings of a sweep) share one read of ``G``. NumPy's own
-routes to the same sums need a float64 copy of ``G``. This module checks the arguments
-and splits the columns over threads; ``_engine`` decides when the kernels serve. Where the
-extension was not built (:func:`available` is false) the engine uses float64 products over
-column pieces instead; both are tested against each other and against exact oracles.
+routes to the same sums need a float64 copy of ``G``. ``G`` is C-ordered, or Fortran-ordered
+(read as its transpose, in tiles: the same sums in the same order, the same bits). This
+module checks the arguments and splits the columns over threads; ``_engine`` decides when
+the kernels serve. Where the extension was not built (:func:`available` is false) the
+engine uses float64 products over column pieces instead; both are tested against each other
+and against exact oracles.
 
 Threads: the kernels release the GIL, and a call on more than ``_MIN_THREAD_WORK``
 entries of ``V`` shares its column pieces among up to :func:`max_threads` threads
@@ -368,7 +370,7 @@ def widen64(
     and infinities included; a signalling NaN of 2-byte storage may come back quiet).
     The columns are shared among threads in pieces of whole vectors.
     """
-    G, m, ld, code_st = _check64(G, start, stop, storage)
+    G, m, ld, code_st, trans = _check64(G, start, stop, storage)
     n = stop - start
     if not (
         isinstance(out, np.ndarray)
@@ -395,7 +397,7 @@ def widen64(
     threads = max(1, min(most, len(pieces), (m * n) // _MIN_WIDEN_WORK))
 
     def call(j0: int, j1: int, p: int) -> None:
-        _passes.widen64(G, ld, start, m, out, n, j0, j1, code, code_st)
+        _passes.widen64(G, ld, start, m, out, n, j0, j1, code, code_st, trans)
 
     _share(call, pieces, threads)
 
@@ -424,42 +426,52 @@ def _storage_of(dtype: np.dtype) -> str | None:
 _NATIVE_STORAGES = {np.dtype(name): name for name in ("float32", "float64", "float16")}
 
 
-def supports64(G: Any, /) -> bool:
+def supports64(G: Any, /, *, storage: str | None = None) -> bool:
     """Whether :func:`project64` and :func:`combine64` can read ``G`` in place.
 
-    That is: the extension built, and ``G`` a 2-D C-ordered, aligned NumPy array of
+    That is: the extension built, and ``G`` a 2-D C-ordered or Fortran-ordered (read as its
+    transpose: :func:`_in_order`), aligned NumPy array of
     float32, float64, float16, or bfloat16 (ml_dtypes' bfloat16 dtype, i.e.
     ``G.dtype.name == "bfloat16"``). The uint16 bits of bfloat16 or float16 data are read
     too, but only with ``storage=`` named (their dtype does not say which).
     """
-    return (
-        _passes is not None
-        and isinstance(G, np.ndarray)
-        and G.ndim == 2
-        and _storage_of(G.dtype) is not None
-        and G.flags.c_contiguous
-        and G.flags.aligned
-    )
+    if not _in_order(G):
+        return False
+    bits = storage in ("float16", "bfloat16") and G.dtype == np.uint16
+    return bits or (storage in (None, _storage_of(G.dtype)) and _storage_of(G.dtype) is not None)
 
 
-def _check64(G: Any, start: int, stop: int, storage: str | None) -> tuple[Any, int, int, int]:
-    """``(G's items as the kernels take them, m, ld, storage code)`` after checking G.
+def _in_order(G: Any) -> bool:
+    """Whether ``G`` is a 2-D NumPy array, C- or Fortran-ordered and aligned, in a build
+    whose kernels read either order.
+
+    A Fortran-ordered G (``Gt.T`` of a C-ordered (d, m) array, a ``.npy`` file saved from
+    one) goes to the kernels as its transpose (C-ordered), with ``trans``: they read a block
+    of its rows (G's columns, one run of memory) into a tile transposed.
+    """
+    if _passes is None or not isinstance(G, np.ndarray) or G.ndim != 2 or not G.flags.aligned:
+        return False
+    return bool(G.flags.c_contiguous or (G.flags.f_contiguous and _TRANSPOSED))
+
+
+#: Whether the extension reads Fortran-ordered G (False with an extension built before it
+#: did: such a build imports, and a Fortran-ordered G keeps the engine's other route).
+_TRANSPOSED = bool(getattr(_passes, "transposed", lambda: False)())
+
+
+def _check64(G: Any, start: int, stop: int, storage: str | None) -> tuple[Any, int, int, int, bool]:
+    """``(G's items as the kernels take them, m, ld, storage code, trans)`` after checking G.
 
     2-byte storage goes to the extension as uint16 (a buffer of ml_dtypes' bfloat16 may not
-    export through the buffer protocol; its bits are the same).
+    export through the buffer protocol; its bits are the same). A Fortran-ordered G goes as
+    its transpose, ``trans`` true (:func:`_in_order`).
     """
     if storage is not None and storage not in STORAGES:
         raise ValueError(f"storage must be one of {sorted(STORAGES)} or None, got {storage!r}")
-    if not (
-        _passes is not None
-        and isinstance(G, np.ndarray)
-        and G.ndim == 2
-        and G.flags.c_contiguous
-        and G.flags.aligned
-    ):
+    if not _in_order(G):
         raise TypeError(
-            "G must be a 2-D C-ordered, aligned NumPy array, and the extension built, got "
-            f"{type(G).__name__}"
+            "G must be a 2-D C-ordered (or Fortran-ordered), aligned NumPy array, and the "
+            f"extension built, got {type(G).__name__}"
         )
     own = _storage_of(G.dtype)
     bits = G.dtype == np.uint16 and storage in ("float16", "bfloat16")
@@ -474,9 +486,12 @@ def _check64(G: Any, start: int, stop: int, storage: str | None) -> tuple[Any, i
     m, ld = G.shape
     if not 0 <= start <= stop <= ld:
         raise ValueError(f"columns [{start}, {stop}) are not inside G's {ld}")
+    trans = not G.flags.c_contiguous
+    if trans:
+        G = G.T
     if G.dtype.itemsize == 2:
         G = G.view(np.uint16)
-    return G, m, ld, STORAGES[name]
+    return G, m, ld, STORAGES[name], trans
 
 
 def _result_dtype(dtype: Any) -> np.dtype:
@@ -525,8 +540,8 @@ def project64(
     Parameters
     ----------
     G : numpy.ndarray
-        (m, ld), C-ordered and aligned, of float32, float64, float16 or bfloat16; or
-        uint16 holding float16 or bfloat16 bits, with ``storage`` naming which.
+        (m, ld), C- or Fortran-ordered and aligned, of float32, float64, float16 or
+        bfloat16; or uint16 holding float16 or bfloat16 bits, with ``storage`` naming which.
     X : array_like
         (K, stop - start), any real floating dtype; its values are taken as float64 (exact
         for float32, float16 and bfloat16). A 1-D ``x`` is K = 1, and the result is then
@@ -553,7 +568,7 @@ def project64(
     share the call where :func:`_auto_isa` picks the instruction set by the group's size
     (2-byte rows on a core with split AVX-512 units): both sum in float64.
     """
-    G, m, ld, code_st = _check64(G, start, stop, storage)
+    G, m, ld, code_st, trans = _check64(G, start, stop, storage)
     n = stop - start
     X = _float_array(X, "X")
     one = X.ndim == 1
@@ -581,7 +596,7 @@ def project64(
                 isa_k: int = isa_k,
             ) -> None:
                 _passes.project64(
-                    G, ld, start, m, Xg, kk, x64, partial[p], n, j0, j1, isa_k, code_st
+                    G, ld, start, m, Xg, kk, x64, partial[p], n, j0, j1, isa_k, code_st, trans
                 )
 
             _run(call, m, n)
@@ -639,7 +654,7 @@ def combine64(
     serves up to 8 rows of C (groups of 8, zero-padded, past that). Each result is summed
     in the same order whatever the threads.
     """
-    G, m, ld, code_st = _check64(G, start, stop, storage)
+    G, m, ld, code_st, trans = _check64(G, start, stop, storage)
     n = stop - start
     out_dt = _result_dtype(dtype)
     C = _float_array(C, "C").astype(np.float64, copy=False)
@@ -683,7 +698,24 @@ def combine64(
             isa_k: int = isa_k,
         ) -> None:
             _passes.combine64(
-                G, ld, start, m, Ct, kk, a8, Xg, shared, x64, Yk, out64, n, j0, j1, isa_k, code_st
+                G,
+                ld,
+                start,
+                m,
+                Ct,
+                kk,
+                a8,
+                Xg,
+                shared,
+                x64,
+                Yk,
+                out64,
+                n,
+                j0,
+                j1,
+                isa_k,
+                code_st,
+                trans,
             )
 
         _run(call, m, n)
@@ -713,7 +745,7 @@ def project64_blocks(
     if X.ndim != 3 or X.shape[2] != s or s < 1:
         raise ValueError(f"X must have shape (count, K, {block_size}), got {X.shape}")
     count, K = X.shape[0], X.shape[1]
-    G, m, ld, code_st = _check64(G, start, start + count * s, storage)
+    G, m, ld, code_st, trans = _check64(G, start, start + count * s, storage)
     out = np.zeros((count, K, m))
     if count == 0 or K == 0 or m == 0:
         return out
@@ -727,7 +759,7 @@ def project64_blocks(
                 _passes.project64(
                     G, ld, start + b * s, m, Xk[b, k0 : k0 + kk], kk, x64,
                     out[b, k0 : k0 + kk], s, 0, s,
-                    _auto_isa(code, code_st, kk, combine=False), code_st,
+                    _auto_isa(code, code_st, kk, combine=False), code_st, trans,
                 )  # fmt: skip
 
     _run(call, m * s, count)
@@ -762,7 +794,7 @@ def combine64_blocks(
     if X.ndim != 3 or X.shape[2] != s or s < 1:
         raise ValueError(f"X must have shape (count, K, {block_size}), got {X.shape}")
     count, K = X.shape[0], X.shape[1]
-    G, m, ld, code_st = _check64(G, start, start + count * s, storage)
+    G, m, ld, code_st, trans = _check64(G, start, start + count * s, storage)
     if C.shape != (count, K, m):
         raise ValueError(f"C must have shape ({count}, {K}, {m}), got {C.shape}")
     if alpha.shape != (K,):
@@ -789,7 +821,7 @@ def combine64_blocks(
             for k0, kk, Ct, a8, isa_k in groups:
                 _passes.combine64(
                     G, ld, start + b * s, m, Ct[b], kk, a8, Xk[b, k0 : k0 + kk], False, x64,
-                    Y[b, k0 : k0 + kk], out64, s, 0, s, isa_k, code_st,
+                    Y[b, k0 : k0 + kk], out64, s, 0, s, isa_k, code_st, trans,
                 )  # fmt: skip
 
     _run(call, m * s, count)

@@ -72,6 +72,25 @@ _Static_assert(PANEL_ROWS >= 1 && PANEL_ROWS <= 8, "PANEL_ROWS must be between 1
 #define C64_SUBS 42
 #endif
 #define C64_CHUNK (C64_SUBS * C64_SUB)
+
+/* A Fortran-ordered V (the *t kernels of _passes_impl.h read the rows of its transpose): the
+   columns of one transposed tile of project64t (a multiple of every vector loop's step), and
+   of combine64t and widen64t, whose tiles' rows are a cache line longer (TLD64, for items of
+   `size` bytes) so that a panel's rows do not share the L1 cache's sets; tiles of 64 rows of
+   float32 stay in L1. T_AHEAD: how far ahead of a tile's piece its transpose fetches V's rows
+   into L2 (T_LOC 2, prefetcht1). Read in 8 x 8 blocks, the rows of V^T are 8 strided streams
+   that the hardware's prefetchers did not fetch ahead: the transpose of d = 1e6, m = 64
+   float32 items took 3x a sequential read of them without the fetches, 1.0-1.5x with them
+   (into L1 the fetches gained nothing; one core of a Zen 4, a busy machine). */
+#define SUBT 64
+#define TW64 64
+#ifndef T_AHEAD
+#define T_AHEAD 16384
+#endif
+#ifndef T_LOC
+#define T_LOC 2
+#endif
+#define TLD64(size) (TW64 + 64 / (Py_ssize_t)(size))
 #define C64_LD (C64_CHUNK + 8)
 
 /* The sums' start in combine64's first panel: 3 vectors of zeros, read with no stride. */
@@ -202,6 +221,14 @@ typedef void (*widen64_fn)(const void *, Py_ssize_t, Py_ssize_t, double *, Py_ss
 typedef void (*combine64_fn)(const void *, Py_ssize_t, Py_ssize_t, const double *, int,
                              const double *, const void *, Py_ssize_t, int, void *, Py_ssize_t,
                              int, Py_ssize_t, Py_ssize_t, double *, float *);
+/* The kernels over a transposed V: their scratch (tiles, a row's sums) at the end. */
+typedef void (*project64t_fn)(const void *, Py_ssize_t, Py_ssize_t, const void *, Py_ssize_t,
+                              int, double *, Py_ssize_t, Py_ssize_t, void *, void *);
+typedef void (*widen64t_fn)(const void *, Py_ssize_t, Py_ssize_t, double *, Py_ssize_t,
+                            Py_ssize_t, Py_ssize_t, void *);
+typedef void (*combine64t_fn)(const void *, Py_ssize_t, Py_ssize_t, const double *, int,
+                              const double *, const void *, Py_ssize_t, int, void *, Py_ssize_t,
+                              int, Py_ssize_t, Py_ssize_t, double *, float *, void *);
 
 /* One instruction set's kernels. */
 typedef struct {
@@ -209,6 +236,10 @@ typedef struct {
     project64_fn project64[ST_COUNT][2];
     combine64_fn combine64[ST_COUNT];
     widen64_fn widen64[ST_COUNT];
+    /* The same over a Fortran-ordered V (the rows of its transpose). */
+    project64t_fn project64t[ST_COUNT][2];
+    combine64t_fn combine64t[ST_COUNT];
+    widen64t_fn widen64t[ST_COUNT];
 } Kernels;
 
 #define KERNELS(I)                                                                          \
@@ -217,7 +248,13 @@ typedef struct {
       {project64_f16_x32_##I, project64_f16_x64_##I},                                       \
       {project64_bf16_x32_##I, project64_bf16_x64_##I}},                                    \
      {combine64_f32_##I, combine64_f64_##I, combine64_f16_##I, combine64_bf16_##I},         \
-     {widen64_f32_##I, widen64_f64_##I, widen64_f16_##I, widen64_bf16_##I}}
+     {widen64_f32_##I, widen64_f64_##I, widen64_f16_##I, widen64_bf16_##I},                 \
+     {{project64t_f32_x32_##I, project64t_f32_x64_##I},                                     \
+      {project64t_f64_x32_##I, project64t_f64_x64_##I},                                     \
+      {project64t_f16_x32_##I, project64t_f16_x64_##I},                                     \
+      {project64t_bf16_x32_##I, project64t_bf16_x64_##I}},                                  \
+     {combine64t_f32_##I, combine64t_f64_##I, combine64t_f16_##I, combine64t_bf16_##I},     \
+     {widen64t_f32_##I, widen64t_f64_##I, widen64t_f16_##I, widen64t_bf16_##I}}
 static const Kernels kernels_base = KERNELS(base);
 #ifdef MFAC_X86
 static const Kernels kernels_avx2 = KERNELS(avx2);
@@ -263,6 +300,15 @@ static PyObject *py_best_isa(PyObject *self, PyObject *args)
     (void)self;
     (void)args;
     return PyLong_FromLong(best_isa());
+}
+
+/* Whether project64, combine64 and widen64 take a Fortran-ordered V (their `trans`): an
+   extension built before they did has no such function. */
+static PyObject *py_transposed(PyObject *self, PyObject *args)
+{
+    (void)self;
+    (void)args;
+    Py_RETURN_TRUE;
 }
 
 static PyObject *py_avx512_halves(PyObject *self, PyObject *args)
@@ -313,6 +359,39 @@ static int check_shape(const Py_buffer *V, Py_ssize_t itemsize, Py_ssize_t m, Py
     return check_len(V, items, 1, itemsize, "V");
 }
 
+/* check_shape for a Fortran-ordered V, passed as its transpose: ld rows of m items (row j is V's
+   column j), of which the block's rows col0 <= j < col0 + n are read. */
+static int check_shape_t(const Py_buffer *V, Py_ssize_t itemsize, Py_ssize_t m, Py_ssize_t ld,
+                         Py_ssize_t col0, Py_ssize_t n, Py_ssize_t j0, Py_ssize_t j1)
+{
+    Py_ssize_t items;
+    if (m < 1 || m > MAX_ROWS || ld < 1 || col0 < 0 || n < 0 || col0 > ld - n || j0 < 0 ||
+        j0 > j1 || j1 > n || __builtin_mul_overflow(col0 + n, m, &items)) {
+        PyErr_Format(PyExc_ValueError, "bad shape: m=%zd ld=%zd col0=%zd n=%zd j0=%zd j1=%zd", m,
+                     ld, col0, n, j0, j1);
+        return -1;
+    }
+    return check_len(V, items, 1, itemsize, "V");
+}
+
+/* `count` x `each` bytes on a 64-byte boundary (the transposed kernels' tiles), or NULL with an
+   exception (an overflowing size too); free *raw. */
+static void *scratch(Py_ssize_t count, Py_ssize_t each, void **raw)
+{
+    Py_ssize_t bytes;
+    *raw = NULL;
+    if (__builtin_mul_overflow(count, each, &bytes) || bytes > PY_SSIZE_T_MAX - 64) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+    *raw = malloc((size_t)bytes + 64);
+    if (*raw == NULL) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+    return (void *)(((uintptr_t)*raw + 63) & ~(uintptr_t)63);
+}
+
 /* The staging buffer of project64 and combine64 (2 x 8 x SUB64 floats: combine64_one stages
    2-byte rows into one half while its tiles read the other; or C64_ROWS x C64_SUB doubles), on
    a 64-byte boundary, so that its rows' vectors do not straddle cache lines, or NULL with an
@@ -344,44 +423,60 @@ static int check_storage(int storage)
     return storage;
 }
 
-/* project64(V, ld, col0, m, X, kk, x64, Y, n, j0, j1, isa, storage): V's items are of the storage
-   type `storage` (ST_*); X is kk x n, float64 if x64 else float32; Y is kk x m float64 (this
-   range's sums, overwritten). */
+/* project64(V, ld, col0, m, X, kk, x64, Y, n, j0, j1, isa, storage[, trans]): V's items are of the
+   storage type `storage` (ST_*); X is kk x n, float64 if x64 else float32; Y is kk x m float64
+   (this range's sums, overwritten). With `trans`, V is the transpose of a Fortran-ordered m x ld
+   array (ld rows of m items), read by the *t kernels: the same bits. */
 static PyObject *py_project64(PyObject *self, PyObject *args)
 {
     (void)self;
     Py_buffer V, X, Y;
     Py_ssize_t ld, col0, m, kk, n, j0, j1;
-    int isa, x64, storage;
-    if (!PyArg_ParseTuple(args, "y*nnny*npw*nnnii", &V, &ld, &col0, &m, &X, &kk, &x64, &Y, &n,
-                          &j0, &j1, &isa, &storage))
+    int isa, x64, storage, trans = 0;
+    if (!PyArg_ParseTuple(args, "y*nnny*npw*nnnii|p", &V, &ld, &col0, &m, &X, &kk, &x64, &Y, &n,
+                          &j0, &j1, &isa, &storage, &trans))
         return NULL;
     PyObject *result = NULL;
-    void *raw = NULL;
+    void *raw = NULL, *raw_sums = NULL;
     const Kernels *kern = pick_kernels(isa);
     if (kern == NULL || check_storage(storage) < 0 || check_kk(kk) < 0)
         goto done;
     const Py_ssize_t size = storage_size[storage];
-    if (check_shape(&V, size, m, ld, col0, n, j0, j1) < 0 ||
+    if ((trans ? check_shape_t : check_shape)(&V, size, m, ld, col0, n, j0, j1) < 0 ||
         check_len(&X, kk, n, x64 ? 8 : 4, "X") < 0 || check_len(&Y, kk, m, 8, "Y") < 0)
         goto done;
-    float *sbuf = stage_buffer(&raw);
-    if (sbuf == NULL)
-        goto done;
-    const project64_fn fn = kern->project64[storage][x64];
-    Py_BEGIN_ALLOW_THREADS
-    fn((const char *)V.buf + col0 * size, ld, m, X.buf, n, (int)kk, Y.buf, j0, j1, sbuf);
-    Py_END_ALLOW_THREADS
+    if (trans) {
+        /* A tile of m x SUBT items (float64 at most) and m x 8 vectors of sums (64 bytes). */
+        void *tile = scratch(m, SUBT * (Py_ssize_t)sizeof(double), &raw);
+        void *sums = tile == NULL ? NULL : scratch(m, 8 * 64, &raw_sums);
+        if (sums == NULL)
+            goto done;
+        const project64t_fn fn = kern->project64t[storage][x64];
+        Py_BEGIN_ALLOW_THREADS
+        fn((const char *)V.buf + col0 * m * size, m, m, X.buf, n, (int)kk, Y.buf, j0, j1, tile,
+           sums);
+        Py_END_ALLOW_THREADS
+    } else {
+        float *sbuf = stage_buffer(&raw);
+        if (sbuf == NULL)
+            goto done;
+        const project64_fn fn = kern->project64[storage][x64];
+        Py_BEGIN_ALLOW_THREADS
+        fn((const char *)V.buf + col0 * size, ld, m, X.buf, n, (int)kk, Y.buf, j0, j1, sbuf);
+        Py_END_ALLOW_THREADS
+    }
     result = Py_NewRef(Py_None);
 done:
     free(raw);
+    free(raw_sums);
     PyBuffer_Release(&V);
     PyBuffer_Release(&X);
     PyBuffer_Release(&Y);
     return result;
 }
 
-/* combine64(V, ld, col0, m, Ct, kk, a, X, shared, x64, Y, out64, n, j0, j1, isa, storage): V's
+/* combine64(V, ld, col0, m, Ct, kk, a, X, shared, x64, Y, out64, n, j0, j1, isa, storage[, trans]):
+   with `trans`, V is transposed as for project64. V's
    items are of the storage type `storage`; Ct is m x 8 and a has 8 items, float64 (zero-padded
    past kk); X is kk x n (one row of n if `shared`), float64 if x64 else float32; Y is kk x n,
    float64 if out64 else float32. */
@@ -390,18 +485,19 @@ static PyObject *py_combine64(PyObject *self, PyObject *args)
     (void)self;
     Py_buffer V, Ct, a, X, Y;
     Py_ssize_t ld, col0, m, kk, n, j0, j1;
-    int shared, x64, out64, isa, storage;
-    if (!PyArg_ParseTuple(args, "y*nnny*ny*y*ppw*pnnnii", &V, &ld, &col0, &m, &Ct, &kk, &a, &X,
-                          &shared, &x64, &Y, &out64, &n, &j0, &j1, &isa, &storage))
+    int shared, x64, out64, isa, storage, trans = 0;
+    if (!PyArg_ParseTuple(args, "y*nnny*ny*y*ppw*pnnnii|p", &V, &ld, &col0, &m, &Ct, &kk, &a, &X,
+                          &shared, &x64, &Y, &out64, &n, &j0, &j1, &isa, &storage, &trans))
         return NULL;
     PyObject *result = NULL;
     double *buf = NULL;
-    void *raw = NULL;
+    void *raw = NULL, *raw_tile = NULL;
     const Kernels *kern = pick_kernels(isa);
     if (kern == NULL || check_storage(storage) < 0 || check_kk(kk) < 0)
         goto done;
     const Py_ssize_t size = storage_size[storage];
-    if (check_shape(&V, size, m, ld, col0, n, j0, j1) < 0 || check_len(&Ct, 8, m, 8, "Ct") < 0 ||
+    if ((trans ? check_shape_t : check_shape)(&V, size, m, ld, col0, n, j0, j1) < 0 ||
+        check_len(&Ct, 8, m, 8, "Ct") < 0 ||
         check_len(&a, 8, 1, 8, "a") < 0 ||
         check_len(&X, shared ? 1 : kk, n, x64 ? 8 : 4, "X") < 0 ||
         check_len(&Y, kk, n, out64 ? 8 : 4, "Y") < 0)
@@ -414,15 +510,27 @@ static PyObject *py_combine64(PyObject *self, PyObject *args)
     float *sbuf = stage_buffer(&raw);
     if (sbuf == NULL)
         goto done;
-    const combine64_fn fn = kern->combine64[storage];
-    Py_BEGIN_ALLOW_THREADS
-    fn((const char *)V.buf + col0 * size, ld, m, Ct.buf, (int)kk, a.buf, X.buf, shared ? 0 : n,
-       x64, Y.buf, n, out64, j0, j1, buf, sbuf);
-    Py_END_ALLOW_THREADS
+    if (trans) {
+        void *tile = scratch(m, TLD64(sizeof(double)) * (Py_ssize_t)sizeof(double), &raw_tile);
+        if (tile == NULL)
+            goto done;
+        const combine64t_fn fn = kern->combine64t[storage];
+        Py_BEGIN_ALLOW_THREADS
+        fn((const char *)V.buf + col0 * m * size, m, m, Ct.buf, (int)kk, a.buf, X.buf,
+           shared ? 0 : n, x64, Y.buf, n, out64, j0, j1, buf, sbuf, tile);
+        Py_END_ALLOW_THREADS
+    } else {
+        const combine64_fn fn = kern->combine64[storage];
+        Py_BEGIN_ALLOW_THREADS
+        fn((const char *)V.buf + col0 * size, ld, m, Ct.buf, (int)kk, a.buf, X.buf,
+           shared ? 0 : n, x64, Y.buf, n, out64, j0, j1, buf, sbuf);
+        Py_END_ALLOW_THREADS
+    }
     result = Py_NewRef(Py_None);
 done:
     free(buf);
     free(raw);
+    free(raw_tile);
     PyBuffer_Release(&V);
     PyBuffer_Release(&Ct);
     PyBuffer_Release(&a);
@@ -431,7 +539,8 @@ done:
     return result;
 }
 
-/* widen64(V, ld, col0, m, D, n, j0, j1, isa, storage): D (m x n float64, C-ordered) gets the
+/* widen64(V, ld, col0, m, D, n, j0, j1, isa, storage[, trans]) (trans: V transposed, as for
+   project64): D (m x n float64, C-ordered) gets the
    columns j0 <= j < j1 of the m x n block of V (m rows of ld items of the storage type, the
    block's columns from col0), as float64: one thread's share of a float64 column piece of the
    set-up's Gram. The conversions are exact, and are those of the passes' loads (a signalling
@@ -442,23 +551,36 @@ static PyObject *py_widen64(PyObject *self, PyObject *args)
     (void)self;
     Py_buffer V, D;
     Py_ssize_t ld, col0, m, n, j0, j1;
-    int isa, storage;
-    if (!PyArg_ParseTuple(args, "y*nnnw*nnnii", &V, &ld, &col0, &m, &D, &n, &j0, &j1, &isa,
-                          &storage))
+    int isa, storage, trans = 0;
+    if (!PyArg_ParseTuple(args, "y*nnnw*nnnii|p", &V, &ld, &col0, &m, &D, &n, &j0, &j1, &isa,
+                          &storage, &trans))
         return NULL;
     PyObject *result = NULL;
+    void *raw = NULL;
     const Kernels *kern = pick_kernels(isa);
     if (kern == NULL || check_storage(storage) < 0)
         goto done;
     const Py_ssize_t size = storage_size[storage];
-    if (check_shape(&V, size, m, ld, col0, n, j0, j1) < 0 || check_len(&D, m, n, 8, "D") < 0)
+    if ((trans ? check_shape_t : check_shape)(&V, size, m, ld, col0, n, j0, j1) < 0 ||
+        check_len(&D, m, n, 8, "D") < 0)
         goto done;
-    const widen64_fn fn = kern->widen64[storage];
-    Py_BEGIN_ALLOW_THREADS
-    fn((const char *)V.buf + col0 * size, ld, m, D.buf, n, j0, j1);
-    Py_END_ALLOW_THREADS
+    if (trans) {
+        void *tile = scratch(m, TLD64(sizeof(double)) * (Py_ssize_t)sizeof(double), &raw);
+        if (tile == NULL)
+            goto done;
+        const widen64t_fn fn = kern->widen64t[storage];
+        Py_BEGIN_ALLOW_THREADS
+        fn((const char *)V.buf + col0 * m * size, m, m, D.buf, n, j0, j1, tile);
+        Py_END_ALLOW_THREADS
+    } else {
+        const widen64_fn fn = kern->widen64[storage];
+        Py_BEGIN_ALLOW_THREADS
+        fn((const char *)V.buf + col0 * size, ld, m, D.buf, n, j0, j1);
+        Py_END_ALLOW_THREADS
+    }
     result = Py_NewRef(Py_None);
 done:
+    free(raw);
     PyBuffer_Release(&V);
     PyBuffer_Release(&D);
     return result;
@@ -729,6 +851,8 @@ static PyMethodDef methods[] = {
     {"best_isa", py_best_isa, METH_NOARGS, "The fastest instruction set this CPU runs (1-3)."},
     {"avx512_halves", py_avx512_halves, METH_NOARGS,
      "Whether this CPU runs AVX-512 as two 256-bit halves (AMD family 19h)."},
+    {"transposed", py_transposed, METH_NOARGS,
+     "Whether project64, combine64 and widen64 read a Fortran-ordered V (trans)."},
     {"project64", py_project64, METH_VARARGS, "Y = X V^T over a column range, in float64."},
     {"combine64", py_combine64, METH_VARARGS,
      "Y = a X + C V over a column range, in float64, rounded once."},

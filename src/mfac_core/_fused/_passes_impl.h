@@ -723,6 +723,235 @@ WIDEN64_FN(f64, double, LOAD1_F64, WIDEN64_VEC_F64)
 WIDEN64_FN(f16, uint16_t, LOAD1_F16, WIDEN64_VEC_F16)
 WIDEN64_FN(bf16, uint16_t, LOAD1_BF16, WIDEN64_VEC_BF16)
 
+/* ---------------------------------------------------------------------------------------- */
+/*
+ * A Fortran-ordered G: the same passes over the rows of Gt = G^T (C-ordered, a row of m items
+ * per column of G, row j at Vt + j ldt). A piece of Gt's rows (a block of G's columns, one run
+ * of memory) is transposed, 8 x 8 items at a time in registers, into a row-major tile of m rows
+ * that the loops above read as they read V's rows (2-byte items widened to float32 on the way,
+ * exactly, as the staging widens them). G is read once, in its order, as one stream; the tile
+ * stays in the core's cache. The sums are those of the C-ordered kernels, term for term, in the
+ * same order (project64t, combine64t): the results are the same bits.
+ */
+typedef float NAME(t8f) __attribute__((vector_size(32), aligned(4), may_alias));
+typedef double NAME(t8d) __attribute__((vector_size(64), aligned(8), may_alias));
+typedef int32_t NAME(t8i) __attribute__((vector_size(32)));
+typedef int64_t NAME(t8l) __attribute__((vector_size(64)));
+typedef uint16_t NAME(t8w) __attribute__((vector_size(16), aligned(2), may_alias));
+typedef uint32_t NAME(t8u) __attribute__((vector_size(32)));
+
+/* *d = the eight items at p, as a t8f (float32 and 2-byte rows) or a t8d (float64 rows). The
+   helpers write through a pointer: a 32-byte vector returned by value changes the ABI of the
+   copy without AVX. */
+#define T8_LOAD_F32(p, d) (*(d) = *(const NAME(t8f) *)(p))
+#define T8_LOAD_F64(p, d) (*(d) = *(const NAME(t8d) *)(p))
+#define T8_LOAD_BF16(p, d) NAME(t8_bf16)(p, d)
+#define T8_LOAD_F16(p, d) NAME(t8_f16)(p, d)
+
+ISA_ATTR static inline __attribute__((always_inline)) void NAME(t8_bf16)(const uint16_t *p,
+                                                                        NAME(t8f) *d)
+{
+    const NAME(t8w) w = *(const NAME(t8w) *)p;
+    const NAME(t8u) u = {w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]};
+    *d = (NAME(t8f))(u << 16);
+}
+
+ISA_ATTR static inline __attribute__((always_inline)) void NAME(t8_f16)(const uint16_t *p,
+                                                                       NAME(t8f) *d)
+{
+#if defined(ISA_F16C)
+    *d = (NAME(t8f))_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+#else
+    for (int l = 0; l < 8; l++)
+        (*d)[l] = (float)half_to_double(p[l]);
+#endif
+}
+
+/* o[q] = (r[0][q], ..., r[7][q]): an 8 x 8 transpose in three rounds of two-input shuffles
+   (unpack, pairs, halves), constant masks that GCC turns into the ISA's shuffles. */
+#define T8_TRANSPOSE(VT, MT, r, o)                                                          \
+    do {                                                                                    \
+        VT t_[8], s_[8];                                                                    \
+        for (int q = 0; q < 8; q += 2) {                                                    \
+            t_[q] = __builtin_shuffle(r[q], r[q + 1], (MT){0, 8, 1, 9, 4, 12, 5, 13});      \
+            t_[q + 1] = __builtin_shuffle(r[q], r[q + 1], (MT){2, 10, 3, 11, 6, 14, 7, 15}); \
+        }                                                                                   \
+        for (int q = 0; q < 8; q += 4) {                                                    \
+            s_[q] = __builtin_shuffle(t_[q], t_[q + 2], (MT){0, 1, 8, 9, 4, 5, 12, 13});    \
+            s_[q + 1] = __builtin_shuffle(t_[q], t_[q + 2], (MT){2, 3, 10, 11, 6, 7, 14, 15}); \
+            s_[q + 2] = __builtin_shuffle(t_[q + 1], t_[q + 3], (MT){0, 1, 8, 9, 4, 5, 12, 13}); \
+            s_[q + 3] =                                                                     \
+                __builtin_shuffle(t_[q + 1], t_[q + 3], (MT){2, 3, 10, 11, 6, 7, 14, 15});  \
+        }                                                                                   \
+        for (int q = 0; q < 4; q++) {                                                       \
+            o[q] = __builtin_shuffle(s_[q], s_[q + 4], (MT){0, 1, 2, 3, 8, 9, 10, 11});     \
+            o[q + 4] = __builtin_shuffle(s_[q], s_[q + 4], (MT){4, 5, 6, 7, 12, 13, 14, 15}); \
+        }                                                                                   \
+    } while (0)
+
+/* tile[i ldtile + c] = Vt[c ldt + i] (as T, exactly) for i < m, c < w. */
+#define TRANSPOSE_FN(SUFFIX, S, T, VT, MT, LOAD8, LOAD1)                                    \
+    ISA_ATTR static void NAME(transpose_##SUFFIX)(const S *Vt, Py_ssize_t ldt, Py_ssize_t m, \
+                                                  Py_ssize_t w, T *tile, Py_ssize_t ldtile) \
+    {                                                                                       \
+        Py_ssize_t c = 0;                                                                   \
+        for (; c + 8 <= w; c += 8) {                                                        \
+            const S *p = Vt + c * ldt;                                                      \
+            /* The rows' bytes T_AHEAD further on (prefetches never fault). */              \
+            const char *ahead = (const char *)(p + 8 * ldt) + T_AHEAD;                      \
+            for (Py_ssize_t b = 0; b < 8 * ldt * (Py_ssize_t)sizeof(S); b += 64)            \
+                __builtin_prefetch(ahead + b, 0, T_LOC);                                     \
+            Py_ssize_t i = 0;                                                               \
+            for (; i + 8 <= m; i += 8) {                                                    \
+                VT r[8], o[8];                                                              \
+                for (int q = 0; q < 8; q++)                                                 \
+                    LOAD8(p + q * ldt + i, &r[q]);                                          \
+                T8_TRANSPOSE(VT, MT, r, o);                                                 \
+                for (int q = 0; q < 8; q++)                                                 \
+                    *(VT *)(tile + (i + q) * ldtile + c) = o[q];                            \
+            }                                                                               \
+            for (; i < m; i++)                                                              \
+                for (int q = 0; q < 8; q++)                                                 \
+                    tile[i * ldtile + c + q] = (T)LOAD1(p + q * ldt + i);                   \
+        }                                                                                   \
+        for (; c < w; c++)                                                                  \
+            for (Py_ssize_t i = 0; i < m; i++)                                              \
+                tile[i * ldtile + c] = (T)LOAD1(Vt + c * ldt + i);                          \
+    }
+
+TRANSPOSE_FN(f32, float, float, NAME(t8f), NAME(t8i), T8_LOAD_F32, LOAD1_F32)
+TRANSPOSE_FN(f64, double, double, NAME(t8d), NAME(t8l), T8_LOAD_F64, LOAD1_F64)
+TRANSPOSE_FN(f16, uint16_t, float, NAME(t8f), NAME(t8i), T8_LOAD_F16, LOAD1_F16)
+TRANSPOSE_FN(bf16, uint16_t, float, NAME(t8f), NAME(t8i), T8_LOAD_BF16, LOAD1_BF16)
+
+/*
+ * project64t: project64 over Gt. The columns go in the chunks of project64 (CHUNK64 from j0),
+ * each chunk in tiles of SUBT columns, all m rows at once; every row's vectors of sums wait in
+ * sums_raw (m x 8 vd) from tile to tile, and take the same FMAs in the same order as in
+ * project64's registers (a row's sums depend on its own items only, whatever its panel). At
+ * the chunk's end they are added up lane by lane, the last columns one by one, and added to
+ * Y, as project64 does: the same bits.
+ */
+#define PROJECT64T_PANELS(T, LOADT, LOADX, NVMAX, R)                                        \
+    for (Py_ssize_t i0 = 0; i0 < m;) {                                                      \
+        NAME(vd)(*sums)[8] = all + i0;                                                      \
+        const T *src = tile + i0 * sld;                                                     \
+        if (i0 + (R) <= m) {                                                                \
+            PROJECT64_GROUPS(T, LOADT, LOADX, NVMAX, R)                                     \
+            i0 += (R);                                                                      \
+        } else {                                                                            \
+            PROJECT64_GROUPS(T, LOADT, LOADX, NVMAX, 1)                                     \
+            i0 += 1;                                                                        \
+        }                                                                                   \
+    }
+
+#define PROJECT64T_FN(SUFFIX, S, LOAD1, T, LOADT, XSUFFIX, XT, LOADX)                       \
+    ISA_ATTR static void NAME(project64t_##SUFFIX##_##XSUFFIX)(                             \
+        const void *Vp, Py_ssize_t ldt, Py_ssize_t m, const void *Xp, Py_ssize_t ldx, int kk, \
+        double *Y, Py_ssize_t j0, Py_ssize_t j1, void *tile_raw, void *sums_raw)            \
+    {                                                                                       \
+        const S *V = Vp;                                                                    \
+        const XT *X = Xp;                                                                   \
+        const int lanes = VBYTES / 8;                                                       \
+        T *tile = tile_raw;                                                                 \
+        NAME(vd)(*all)[8] = sums_raw;                                                       \
+        const Py_ssize_t sld = SUBT;                                                        \
+        for (Py_ssize_t i = 0; i < kk * m; i++)                                             \
+            Y[i] = 0.0;                                                                     \
+        for (Py_ssize_t jc = j0; jc < j1; jc += CHUNK64) {                                  \
+            const Py_ssize_t je = jc + CHUNK64 < j1 ? jc + CHUNK64 : j1;                    \
+            const Py_ssize_t jt = jc + ((je - jc) / (2 * lanes)) * (2 * lanes);             \
+            for (Py_ssize_t i = 0; i < m; i++)                                              \
+                for (int v = 0; v < kk; v++)                                                \
+                    all[i][v] = (NAME(vd)){0};                                              \
+            for (Py_ssize_t js = jc; js < jt; js += SUBT) {                                 \
+                const Py_ssize_t jse = js + SUBT < jt ? js + SUBT : jt;                     \
+                const Py_ssize_t joff = js;                                                 \
+                NAME(transpose_##SUFFIX)(V + js * ldt, ldt, m, jse - js, tile, SUBT);       \
+                if (kk == 1) {                                                              \
+                    PROJECT64T_PANELS(T, LOADT, LOADX, 1, 8)                                \
+                } else if (kk == 2 && ACC64 == 16) {                                        \
+                    PROJECT64T_PANELS(T, LOADT, LOADX, 2, 8)                                \
+                } else {                                                                    \
+                    PROJECT64T_PANELS(T, LOADT, LOADX, ACC64 / 4, 4)                        \
+                }                                                                           \
+            }                                                                               \
+            for (Py_ssize_t i = 0; i < m; i++)                                              \
+                for (int v = 0; v < kk; v++) {                                              \
+                    double s = 0.0;                                                         \
+                    for (int l = 0; l < lanes; l++)                                         \
+                        s += all[i][v][l];                                                  \
+                    for (Py_ssize_t j = jt; j < je; j++)                                    \
+                        s += LOAD1(V + j * ldt + i) * (double)X[v * ldx + j];               \
+                    Y[v * m + i] += s;                                                      \
+                }                                                                           \
+        }                                                                                   \
+    }
+#define PROJECT64T_FNS(SUFFIX, S, LOAD1, T, LOADT)                                          \
+    PROJECT64T_FN(SUFFIX, S, LOAD1, T, LOADT, x32, float, LOADV_F32)                        \
+    PROJECT64T_FN(SUFFIX, S, LOAD1, T, LOADT, x64, double, LOADV_F64)
+
+PROJECT64T_FNS(f32, float, LOAD1_F32, float, LOADV_F32)
+PROJECT64T_FNS(f64, double, LOAD1_F64, double, LOADV_F64)
+PROJECT64T_FNS(f16, uint16_t, LOAD1_F16, float, LOADV_F32)
+PROJECT64T_FNS(bf16, uint16_t, LOAD1_BF16, float, LOADV_F32)
+
+/*
+ * combine64t: combine64 over Gt, a tile of TW64 columns at a time, each tile through combine64's
+ * kernels for float32 rows (float64 rows: float64's). Every column's sum is its own (the m
+ * terms in the order of i from zero, a[k] x added last), the same whatever the columns around
+ * it, and 2-byte items widened to float32 are what the staging gives those kernels: the
+ * results are combine64's bits.
+ */
+#define COMBINE64T_FN(SUFFIX, S, T, INNER)                                                  \
+    ISA_ATTR static void NAME(combine64t_##SUFFIX)(                                         \
+        const void *Vp, Py_ssize_t ldt, Py_ssize_t m, const double *Ct, int kk,             \
+        const double *a, const void *Xp, Py_ssize_t ldx, int x64, void *Yp, Py_ssize_t ldy, \
+        int out64, Py_ssize_t j0, Py_ssize_t j1, double *acc_buf, float *sbuf, void *tile_raw) \
+    {                                                                                       \
+        const S *V = Vp;                                                                    \
+        T *tile = tile_raw;                                                                 \
+        const Py_ssize_t xs = x64 ? 8 : 4, ys = out64 ? 8 : 4, tld = TLD64(sizeof(T));      \
+        for (Py_ssize_t js = j0; js < j1; js += TW64) {                                     \
+            const Py_ssize_t w = js + TW64 < j1 ? TW64 : j1 - js;                           \
+            NAME(transpose_##SUFFIX)(V + js * ldt, ldt, m, w, tile, tld);                   \
+            NAME(INNER)(tile, tld, m, Ct, kk, a, (const char *)Xp + js * xs, ldx, x64,      \
+                        (char *)Yp + js * ys, ldy, out64, 0, w, acc_buf, sbuf);             \
+        }                                                                                   \
+    }
+
+COMBINE64T_FN(f32, float, float, combine64_f32)
+COMBINE64T_FN(f64, double, double, combine64_f64)
+COMBINE64T_FN(f16, uint16_t, float, combine64_f32)
+COMBINE64T_FN(bf16, uint16_t, float, combine64_f32)
+
+/* widen64t: widen64 over Gt (D row i at D + i ldd gets G's row i, columns j0 <= j < j1), a tile
+   at a time: the values of widen64, the same bits. */
+#define WIDEN64T_FN(SUFFIX, S, T)                                                           \
+    ISA_ATTR static void NAME(widen64t_##SUFFIX)(const void *Vp, Py_ssize_t ldt, Py_ssize_t m, \
+                                                 double *D, Py_ssize_t ldd, Py_ssize_t j0,  \
+                                                 Py_ssize_t j1, void *tile_raw)             \
+    {                                                                                       \
+        const S *V = Vp;                                                                    \
+        T *tile = tile_raw;                                                                 \
+        const Py_ssize_t tld = TLD64(sizeof(T));                                            \
+        for (Py_ssize_t js = j0; js < j1; js += TW64) {                                     \
+            const Py_ssize_t w = js + TW64 < j1 ? TW64 : j1 - js;                           \
+            NAME(transpose_##SUFFIX)(V + js * ldt, ldt, m, w, tile, tld);                   \
+            for (Py_ssize_t i = 0; i < m; i++) {                                            \
+                const T *t = tile + i * tld;                                                \
+                double *d = D + i * ldd + js;                                               \
+                for (Py_ssize_t c = 0; c < w; c++)                                          \
+                    d[c] = (double)t[c];                                                    \
+            }                                                                               \
+        }                                                                                   \
+    }
+
+WIDEN64T_FN(f32, float, float)
+WIDEN64T_FN(f64, double, double)
+WIDEN64T_FN(f16, uint16_t, float)
+WIDEN64T_FN(bf16, uint16_t, float)
+
 #undef LANES_D
 #undef LANES_D_HI
 #undef LANES_F
@@ -765,6 +994,17 @@ WIDEN64_FN(bf16, uint16_t, LOAD1_BF16, WIDEN64_VEC_BF16)
 #undef WIDEN64_VEC_STAGED
 #undef WIDEN64_VEC_F16
 #undef WIDEN64_VEC_BF16
+#undef T8_LOAD_F32
+#undef T8_LOAD_F64
+#undef T8_LOAD_BF16
+#undef T8_LOAD_F16
+#undef T8_TRANSPOSE
+#undef TRANSPOSE_FN
+#undef PROJECT64T_PANELS
+#undef PROJECT64T_FN
+#undef PROJECT64T_FNS
+#undef COMBINE64T_FN
+#undef WIDEN64T_FN
 
 #undef ISA_ATTR
 #undef NAME

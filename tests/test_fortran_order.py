@@ -1,0 +1,153 @@
+"""A Fortran-ordered G (``Gt.T``, a .npy file saved from one, ``np.asfortranarray``): the C
+extension reads it in place, as its transpose, and every result is the C-ordered G's, bit for
+bit (the kernels sum the same terms in the same order; mfac_core._fused)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mfac_core import SpectralIHVP, StaticIHVP, _engine, _fused
+
+pytestmark = pytest.mark.skipif(
+    not _fused.available(), reason="the C extension mfac_core._fused._passes was not built"
+)
+
+try:
+    import ml_dtypes
+except ImportError:
+    ml_dtypes = None  # type: ignore[assignment]
+
+
+def _isas() -> list[str | None]:
+    if not _fused.available():
+        return []
+    best = _fused.ISAS[_fused.best_isa()]
+    return [None] + [name for name, code in _fused.ISAS.items() if code <= best]
+
+
+def _storages() -> list[tuple[str, object]]:
+    out: list[tuple[str, object]] = [
+        ("float32", np.float32),
+        ("float64", np.float64),
+        ("float16", np.float16),
+    ]
+    if ml_dtypes is not None:
+        out.append(("bfloat16", ml_dtypes.bfloat16))
+    return out
+
+
+# (m, ld, col0, n): m not a multiple of the panels' 8 rows, widths below one tile and across
+# a chunk of project64 (4096 columns) with a last piece of single columns, odd offsets.
+SHAPES = [(1, 40, 0, 40), (5, 97, 3, 90), (13, 300, 37, 201), (9, 4_200, 5, 4_190)]
+
+
+@pytest.mark.parametrize("isa", _isas())
+@pytest.mark.parametrize("storage", _storages(), ids=lambda s: s[0])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_fortran_ordered_passes_are_the_c_ordered_bits(isa, storage, shape, rng):
+    m, ld, col0, n = shape
+    G = rng.standard_normal((m, ld)).astype(storage[1])
+    F = np.asfortranarray(G)
+    assert F.flags.f_contiguous and (m == 1 or not F.flags.c_contiguous)
+    assert _fused.supports64(F)
+    cols = {"start": col0, "stop": col0 + n, "isa": isa}
+    for K in (1, 3, 9):
+        X = rng.standard_normal((K, n)).astype(np.float32)
+        np.testing.assert_array_equal(
+            _fused.project64(F, X, **cols), _fused.project64(G, X, **cols)
+        )
+        C, a = rng.standard_normal((K, m)), rng.standard_normal(K)
+        for x, dt in ((X, np.float32), (X.astype(np.float64), np.float64), (X[0], np.float32)):
+            np.testing.assert_array_equal(
+                _fused.combine64(F, C, a, x, dtype=dt, **cols),
+                _fused.combine64(G, C, a, x, dtype=dt, **cols),
+            )
+    wide_f, wide_c = np.full((m, n), np.nan), np.full((m, n), np.nan)
+    _fused.widen64(F, wide_f, **cols)
+    _fused.widen64(G, wide_c, **cols)
+    np.testing.assert_array_equal(wide_f, wide_c)
+    # Block-wise calls: 3 blocks of n // 3 columns.
+    s = n // 3
+    if s >= 1:
+        Xb = rng.standard_normal((3, 2, s)).astype(np.float32)
+        blk = {"start": col0, "block_size": s, "isa": isa}
+        np.testing.assert_array_equal(
+            _fused.project64_blocks(F, Xb, **blk), _fused.project64_blocks(G, Xb, **blk)
+        )
+        Cb = rng.standard_normal((3, 2, m))
+        np.testing.assert_array_equal(
+            _fused.combine64_blocks(F, Cb, [1.0, -2.0], Xb, dtype=np.float32, **blk),
+            _fused.combine64_blocks(G, Cb, [1.0, -2.0], Xb, dtype=np.float32, **blk),
+        )
+
+
+def test_fortran_ordered_pieces_on_threads_are_the_same_bits(rng, monkeypatch):
+    # Pieces on two threads (each transposing its own columns) sum as one thread does.
+    G = rng.standard_normal((8, 300_000)).astype(np.float32)
+    F = np.asfortranarray(G)
+    X = rng.standard_normal((2, 300_000)).astype(np.float32)
+    monkeypatch.setenv("MFAC_CORE_NUM_THREADS", "2")
+    two = _fused.project64(F, X, start=0, stop=300_000)
+    monkeypatch.setenv("MFAC_CORE_NUM_THREADS", "1")
+    np.testing.assert_array_equal(two, _fused.project64(G, X, start=0, stop=300_000))
+
+
+def test_strided_g_is_still_refused(rng):
+    F = np.asfortranarray(rng.standard_normal((4, 20)).astype(np.float32))
+    assert not _fused.supports64(F[:, ::2])
+    assert not _fused.supports64(F[::2])
+    with pytest.raises(TypeError, match="C-ordered \\(or Fortran-ordered\\)"):
+        _fused.project64(F[:, ::2], np.ones(10), start=0, stop=10)
+
+
+def test_extension_checks_a_transposed_buffer():
+    """With ``trans``, V is ld rows of m items: a short buffer is an exception."""
+    P = _fused._passes
+    X, Y = np.zeros((1, 10)), np.zeros((1, 4))
+    V = np.zeros((10, 4), np.float32)
+    P.project64(V, 10, 0, 4, X, 1, True, Y, 10, 0, 10, 0, 0, True)  # the valid call
+    with pytest.raises(ValueError, match="V holds"):
+        P.project64(V[:9], 10, 0, 4, X, 1, True, Y, 10, 0, 10, 0, 0, True)
+    with pytest.raises(ValueError, match="V holds"):
+        P.project64(V, 10, 0, 5, X, 1, True, np.zeros((1, 5)), 10, 0, 10, 0, 0, True)
+    Ct, a, y = np.zeros((4, 8)), np.zeros(8), np.zeros((1, 10), np.float32)
+    with pytest.raises(ValueError, match="V holds"):
+        P.combine64(V[:9], 10, 0, 4, Ct, 1, a, y, True, False, y, False, 10, 0, 10, 0, 0, True)
+    with pytest.raises(ValueError, match="V holds"):
+        P.widen64(V[:9], 10, 0, 4, np.zeros((4, 10)), 10, 0, 10, 0, 0, True)
+
+
+def test_fortran_ordered_memmap_operator_is_the_c_ordered_bits(rng, tmp_path):
+    """A read-only Fortran-ordered memmap goes to the kernels in place (it went to float64
+    copies of column pieces, 3-30x slower); set-up, products, diagonal and sweep are the
+    C-ordered G's bits."""
+    m, d = 12, 5_000
+    G = rng.standard_normal((m, d)).astype(np.float32)
+    np.save(tmp_path / "G.npy", np.asfortranarray(G))
+    Gm = np.load(tmp_path / "G.npy", mmap_mode="r")
+    assert Gm.flags.f_contiguous and not Gm.flags.c_contiguous and not Gm.flags.writeable
+    assert _engine.uses_kernels(np, Gm)
+    x = rng.standard_normal(d).astype(np.float32)
+    X = rng.standard_normal((d, 4)).astype(np.float32)
+    for kw in ({}, {"block_size": 1_000}, {"block_size": 8}):
+        a, b = StaticIHVP(G, damp=1e-2, **kw), StaticIHVP(Gm, damp=1e-2, **kw)
+        np.testing.assert_array_equal(b @ x, a @ x)
+        np.testing.assert_array_equal(b @ X, a @ X)
+        np.testing.assert_array_equal(b.diagonal(), a.diagonal())
+    damps = [1e-3, 1e-2, 1.0]
+    np.testing.assert_array_equal(
+        SpectralIHVP(Gm, damp=1e-2).sweep(x, damps=damps),
+        SpectralIHVP(G, damp=1e-2).sweep(x, damps=damps),
+    )
+
+
+def test_transposed_torch_tensor_is_the_contiguous_bits(rng):
+    torch = pytest.importorskip("torch")
+    G = torch.from_numpy(rng.standard_normal((6, 3_000)).astype(np.float32))
+    x = torch.from_numpy(rng.standard_normal(3_000).astype(np.float32))
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        Gc = G.to(dtype)
+        Gf = Gc.T.contiguous().T  # torch.stack(grads, dim=1).T
+        assert not Gf.is_contiguous() and _engine.uses_kernels(torch, Gf)
+        assert torch.equal(StaticIHVP(Gf, damp=1e-2) @ x, StaticIHVP(Gc, damp=1e-2) @ x)
