@@ -57,6 +57,7 @@ from ._compat import (
 )
 from ._dtypes import is_numpy_bfloat16
 from ._errors import user_stacklevel
+from ._finite import float32_overflow_once, narrowed
 from ._layout import BlockGroup, piece_stack, pieces
 
 __all__ = [
@@ -595,6 +596,7 @@ def _project_pieces(xp: Any, G: Array, X: Array, start: int, stop: int | None) -
     return P
 
 
+@float32_overflow_once
 def combine(
     xp: Any,
     G: Array,
@@ -626,14 +628,14 @@ def combine(
     X64 = _f64(xp, X)
     a = _alphas(xp, alpha, X.shape[1], device(G))
     if G.dtype == xp.float64:
-        return xp.astype(a * (X64 - xp.matrix_transpose(G[:, start:stop]) @ A), dtype)
+        return narrowed(xp, a * (X64 - xp.matrix_transpose(G[:, start:stop]) @ A), dtype)
     out = xp.empty(X.shape, dtype=dtype, device=device(X))
     writable = is_writeable_array(out)
     parts = []
     for c0, c1 in _spans(xp, G, start, stop):
         lo, hi = c0 - start, c1 - start
         Gp = _f64(xp, G[:, c0:c1])
-        Y = xp.astype(a * (X64[lo:hi, ...] - xp.matrix_transpose(Gp) @ A), dtype)
+        Y = narrowed(xp, a * (X64[lo:hi, ...] - xp.matrix_transpose(Gp) @ A), dtype)
         if writable:
             out[lo:hi, ...] = Y
         else:
@@ -643,6 +645,7 @@ def combine(
     return parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)
 
 
+@float32_overflow_once
 def lift(
     xp: Any,
     G: Array,
@@ -675,13 +678,13 @@ def lift(
     a = xp.reshape(_f64(xp, alphas), (-1, 1))
     x64 = _f64(xp, x)
     if G.dtype == xp.float64:
-        return xp.astype(C @ G[:, start:stop] + a * x64[None, :], dtype)
+        return narrowed(xp, C @ G[:, start:stop] + a * x64[None, :], dtype)
     out = xp.empty((C.shape[0], stop - start), dtype=dtype, device=device(x))
     writable = is_writeable_array(out)
     parts = []
     for c0, c1 in _spans(xp, G, start, stop):
         lo, hi = c0 - start, c1 - start
-        Y = xp.astype(C @ _f64(xp, G[:, c0:c1]) + a * x64[None, lo:hi], dtype)
+        Y = narrowed(xp, C @ _f64(xp, G[:, c0:c1]) + a * x64[None, lo:hi], dtype)
         if writable:
             out[:, lo:hi] = Y
         else:
@@ -737,6 +740,7 @@ def project_blocks(xp: Any, G: Array, group: BlockGroup, X: Array) -> Array:
     return parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)
 
 
+@float32_overflow_once
 def combine_blocks(
     xp: Any,
     G: Array,
@@ -781,6 +785,6 @@ def combine_blocks(
         b0, b1 = piece[0], piece[1]
         Gp = _f64(xp, piece_stack(xp, G, group, piece))
         Xp = _f64(xp, _block_rows(xp, X, group, piece))
-        Y = xp.astype(a * (Xp - xp.matrix_transpose(Gp) @ A[b0:b1, ...]), dtype)
+        Y = narrowed(xp, a * (Xp - xp.matrix_transpose(Gp) @ A[b0:b1, ...]), dtype)
         parts.append(xp.reshape(Y, (Y.shape[0] * Y.shape[1], k)))  # not -1: k may be 0
     return parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)
