@@ -276,3 +276,19 @@ def test_the_kernels_leave_the_callers_overflow_flag_as_found(raised):
         assert got is overflows
         assert after == before == (flag if raised else 0)
         assert np.isinf(Y).all() == overflows
+
+
+def test_the_optimizers_step_says_it_once_in_its_own_words(engine_path):
+    # MFAC skips a step that is not finite and says why (MFACStepWarning): no second warning.
+    torch = pytest.importorskip("torch")
+    from mfac_core.torch import MFAC, MFACStepWarning
+
+    p = torch.nn.Parameter(torch.zeros(D))
+    opt = MFAC([p], num_grads=2, damp=1e-83, lr=1.0)
+    p.grad = torch.full((D,), 2e-43)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.step()
+    assert [w.category for w in caught] == [MFACStepWarning]
+    assert "NaN or infinity" in str(caught[0].message)
+    assert opt.skipped_steps == 1 and not p.detach().any()

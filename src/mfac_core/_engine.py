@@ -28,6 +28,11 @@ a product is a fixed handful of launches up to that size. Where the extension wa
 built, that fallback serves NumPy and PyTorch too; it is as exact and slower, and says
 so once.
 
+Every result rounded to float32 that leaves float32's range (infinity) is reported
+(``_finite.note_float32_overflow``, said once per public call): by the C kernels' overflow
+flag, by ``_finite.narrowed`` on the fallback; not on a GPU (docs/mathematics.rst,
+"Results beyond float32's range").
+
 The same rule sizes every other pass over G that casts column pieces to float64 (the
 set-up's Grams, the dynamic window's Gram and residuals, refinement residuals, the
 whitened diagonals and entries, the spectral forms): :func:`piece_width` with their host
@@ -57,7 +62,7 @@ from ._compat import (
 )
 from ._dtypes import is_numpy_bfloat16
 from ._errors import user_stacklevel
-from ._finite import float32_overflow_once, narrowed
+from ._finite import float32_overflow_once, host_results_stand_for_a_device, narrowed
 from ._layout import BlockGroup, piece_stack, pieces
 
 __all__ = [
@@ -122,12 +127,14 @@ def simulate_device(*, cuda_passes: Any = None) -> Iterator[None]:
     serve CUDA tensors where CuPy is installed: through the ``cupy`` module (tests put
     a stand-in in ``sys.modules``), on ``torch.cuda.current_stream()`` (which tests
     replace). Without it, they take the route of CUDA tensors without CuPy: the same
-    operations, pieces of ``DEVICE_PIECE_ENTRIES``. Not thread-safe; for tests only.
+    operations, pieces of ``DEVICE_PIECE_ENTRIES``. Their float32 results are not tested
+    for overflow, as a GPU's are not. Not thread-safe; for tests only.
     """
     previous = _simulated[0], _simulated_passes[0]
     _simulated[0], _simulated_passes[0] = True, cuda_passes
     try:
-        yield
+        with host_results_stand_for_a_device():
+            yield
     finally:
         _simulated[0], _simulated_passes[0] = previous
 
