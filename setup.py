@@ -6,6 +6,8 @@ compiler, or one without GCC's vector extensions), the package installs without 
 runs the same computations through BLAS.
 """
 
+import sys
+
 from setuptools import Extension, setup
 
 setup(
@@ -15,6 +17,9 @@ setup(
             sources=["src/mfac_core/_fused/_passes.c"],
             depends=["src/mfac_core/_fused/_passes_impl.h"],
             extra_compile_args=["-O3", "-std=gnu11"],
+            # fenv.h's flag functions (combine64's overflow test, off x86-64) live in libm
+            # on Linux: linked by name, not left to the interpreter's own libm.
+            libraries=[] if sys.platform == "win32" else ["m"],
             optional=True,
         )
     ]

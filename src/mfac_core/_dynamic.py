@@ -20,6 +20,7 @@ from ._dynamic_factor import SlotFactor, committed, finished, redamped, refined,
 from ._dynamic_setup import WindowOptions, build, emptied, filled, local_gram, window_options
 from ._dynamic_state import LoadedState, WindowCopies, saved_state
 from ._dynamic_window import StepCheck, insert, remove_slot, update_and_matvec_checked
+from ._finite import float32_overflow_once
 from ._gradient_repr import gradient_items
 from ._layout import BlockGroup
 from ._refine import fisher_residual
@@ -354,6 +355,7 @@ class DynamicIHVP(WindowCopies):
         """
         insert(self, g)
 
+    @float32_overflow_once
     def update_and_matvec(self, g: Array, /) -> Array:
         """Insert ``g``, then return ``F^{-1} g`` for the window that includes it.
 

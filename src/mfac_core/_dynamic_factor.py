@@ -19,6 +19,7 @@ from ._compat import Array, host_values, take
 from ._compat import device as device_of
 from ._dynamic_checks import Pending, with_norm
 from ._errors import NotPositiveDefinite
+from ._finite import narrowed
 from ._refine import refine
 from ._validation import check_damp
 
@@ -195,7 +196,10 @@ def finished(op: Any, X: Array, P: Array, factor: SlotFactor | None = None) -> A
     """
     factor = op._factor if factor is None else factor
     if not factor.slots:
-        return X / op.damp
+        # In float64 and rounded once, as the other products: a float32 division would
+        # divide by the damping rounded to float32 (0 below float32's range).
+        xp = op._xp
+        return narrowed(xp, xp.astype(X, xp.float64) / op.damp, op.dtype)
     A = factor.coefficients(P)
     return _engine.combine(op._xp, op._G, X, A, alpha=1.0 / op.damp, dtype=op.dtype)
 

@@ -27,6 +27,7 @@ from ._dynamic_checks import (
 )
 from ._dynamic_factor import NotFiniteStep, Speculation, edited, factorized, warn_if_hopeless
 from ._errors import FactorizationError
+from ._finite import float32_overflow_said_by_caller
 
 
 class StepCheck(NamedTuple):
@@ -339,6 +340,7 @@ def insert(op: Any, g: Array, *, speculation: Speculation | None = None) -> tupl
     return g, product
 
 
+@float32_overflow_said_by_caller
 def update_and_matvec_checked(op: Any, g: Array, /, *, strict: bool = False) -> StepCheck:
     """:meth:`DynamicIHVP.update_and_matvec` for an optimiser step: bad values are a status.
 
@@ -387,6 +389,7 @@ def update_and_matvec_checked(op: Any, g: Array, /, *, strict: bool = False) -> 
     return StepCheck("ok", speculation.s, speculation.finite, None)
 
 
+@float32_overflow_said_by_caller
 def update_and_matvec_finite(
     op: Any, g: Array, /, *, agree: Callable[[Array], bool] | None = None
 ) -> Array | None:

@@ -29,6 +29,11 @@ a product is a fixed handful of launches up to that size. Where the extension wa
 built, that fallback serves NumPy and PyTorch too; it is as exact and slower, and says
 so once.
 
+Every result rounded to float32 that leaves float32's range (infinity) is reported
+(``_finite.note_float32_overflow``, said once per public call): by the C kernels' overflow
+flag, by ``_finite.narrowed`` on the fallback; not on a GPU (docs/mathematics.rst,
+"Results beyond float32's range").
+
 The same rule sizes every other pass over G that casts column pieces to float64 (the
 set-up's Grams, the dynamic window's Gram and residuals, refinement residuals, the
 whitened diagonals and entries, the spectral forms): :func:`piece_width` with their host
@@ -58,6 +63,7 @@ from ._compat import (
 )
 from ._dtypes import is_numpy_bfloat16
 from ._errors import user_stacklevel
+from ._finite import float32_overflow_once, host_results_stand_for_a_device, narrowed
 from ._layout import BlockGroup, piece_stack, pieces
 
 __all__ = [
@@ -122,12 +128,14 @@ def simulate_device(*, cuda_passes: Any = None) -> Iterator[None]:
     serve CUDA tensors where CuPy is installed: through the ``cupy`` module (tests put
     a stand-in in ``sys.modules``), on ``torch.cuda.current_stream()`` (which tests
     replace). Without it, they take the route of CUDA tensors without CuPy: the same
-    operations, pieces of ``DEVICE_PIECE_ENTRIES``. Not thread-safe; for tests only.
+    operations, pieces of ``DEVICE_PIECE_ENTRIES``. Their float32 results are not tested
+    for overflow, as a GPU's are not. Not thread-safe; for tests only.
     """
     previous = _simulated[0], _simulated_passes[0]
     _simulated[0], _simulated_passes[0] = True, cuda_passes
     try:
-        yield
+        with host_results_stand_for_a_device():
+            yield
     finally:
         _simulated[0], _simulated_passes[0] = previous
 
@@ -595,6 +603,7 @@ def _project_pieces(xp: Any, G: Array, X: Array, start: int, stop: int | None) -
     return P
 
 
+@float32_overflow_once
 def combine(
     xp: Any,
     G: Array,
@@ -626,14 +635,14 @@ def combine(
     X64 = _f64(xp, X)
     a = _alphas(xp, alpha, X.shape[1], device(G))
     if G.dtype == xp.float64:
-        return xp.astype(a * (X64 - xp.matrix_transpose(G[:, start:stop]) @ A), dtype)
+        return narrowed(xp, a * (X64 - xp.matrix_transpose(G[:, start:stop]) @ A), dtype)
     out = xp.empty(X.shape, dtype=dtype, device=device(X))
     writable = is_writeable_array(out)
     parts = []
     for c0, c1 in _spans(xp, G, start, stop):
         lo, hi = c0 - start, c1 - start
         Gp = _f64(xp, G[:, c0:c1])
-        Y = xp.astype(a * (X64[lo:hi, ...] - xp.matrix_transpose(Gp) @ A), dtype)
+        Y = narrowed(xp, a * (X64[lo:hi, ...] - xp.matrix_transpose(Gp) @ A), dtype)
         if writable:
             out[lo:hi, ...] = Y
         else:
@@ -643,6 +652,7 @@ def combine(
     return parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)
 
 
+@float32_overflow_once
 def lift(
     xp: Any,
     G: Array,
@@ -675,13 +685,13 @@ def lift(
     a = xp.reshape(_f64(xp, alphas), (-1, 1))
     x64 = _f64(xp, x)
     if G.dtype == xp.float64:
-        return xp.astype(C @ G[:, start:stop] + a * x64[None, :], dtype)
+        return narrowed(xp, C @ G[:, start:stop] + a * x64[None, :], dtype)
     out = xp.empty((C.shape[0], stop - start), dtype=dtype, device=device(x))
     writable = is_writeable_array(out)
     parts = []
     for c0, c1 in _spans(xp, G, start, stop):
         lo, hi = c0 - start, c1 - start
-        Y = xp.astype(C @ _f64(xp, G[:, c0:c1]) + a * x64[None, lo:hi], dtype)
+        Y = narrowed(xp, C @ _f64(xp, G[:, c0:c1]) + a * x64[None, lo:hi], dtype)
         if writable:
             out[:, lo:hi] = Y
         else:
@@ -737,6 +747,7 @@ def project_blocks(xp: Any, G: Array, group: BlockGroup, X: Array) -> Array:
     return parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)
 
 
+@float32_overflow_once
 def combine_blocks(
     xp: Any,
     G: Array,
@@ -781,6 +792,6 @@ def combine_blocks(
         b0, b1 = piece[0], piece[1]
         Gp = _f64(xp, piece_stack(xp, G, group, piece))
         Xp = _f64(xp, _block_rows(xp, X, group, piece))
-        Y = xp.astype(a * (Xp - xp.matrix_transpose(Gp) @ A[b0:b1, ...]), dtype)
+        Y = narrowed(xp, a * (Xp - xp.matrix_transpose(Gp) @ A[b0:b1, ...]), dtype)
         parts.append(xp.reshape(Y, (Y.shape[0] * Y.shape[1], k)))  # not -1: k may be 0
     return parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)

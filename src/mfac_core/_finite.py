@@ -4,20 +4,42 @@
 (``x[4] is nan``, ``G[2, 5] is inf``); the operators' float64 sums that find a NaN or an
 infinity (a Gram's diagonal) say the same through ``raise_non_finite``, reading the
 array again only then. Large arrays are scanned in bounded pieces (``SCAN_ENTRIES``).
+
+A finite result beyond float32's range, which a float32 operator returns as infinity,
+is said once per call (``FLOAT32_OVERFLOW``, a ``RuntimeWarning``): the C extension's
+passes report it from their floating-point flags, ``narrowed`` from NumPy's cast or a
+PyTorch CPU tensor's extremes, and ``float32_overflow_once`` gathers the reports of one
+public call into one warning (``docs/mathematics.rst``, "Results beyond float32's
+range").
 """
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+import contextvars
+import functools
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
-from ._compat import Array, is_finite_array
+import numpy as np
+
+from ._compat import Array, is_finite_array, is_torch_array
+from ._errors import user_stacklevel
 
 __all__ = [
+    "FLOAT32_OVERFLOW",
     "SCAN_ENTRIES",
     "check_finite",
     "first_non_finite",
+    "float32_overflow_noted",
+    "float32_overflow_once",
+    "float32_overflow_said_by_caller",
+    "host_results_stand_for_a_device",
+    "narrowed",
     "non_finite_entry",
     "non_finite_error",
+    "note_float32_overflow",
     "raise_non_finite",
 ]
 
@@ -133,3 +155,141 @@ def raise_non_finite(xp: Any, x: Array, name: str, *, offset: int = 0) -> None:
         f"the squared norms of {name}'s rows or columns overflow float64: {name} is finite "
         "but too large; rescale the gradients (the damping scales with them)"
     )
+
+
+# -- results beyond float32's range ----------------------------------------------------------
+
+#: The one wording of a float32 result whose exact value is beyond float32's range.
+FLOAT32_OVERFLOW = (
+    "a result exceeds float32's range (largest finite value 3.4e38) and is returned as "
+    "infinity: the results of float32 and 2-byte gradients are float32 (their sums are "
+    "float64, rounded once). Scale the input down (products are linear in it), or give "
+    "the gradients as float64, whose results are float64"
+)
+
+#: The calls in progress (this thread's, or this task's): a list holding whether one of
+#: their results overflowed, or None outside every ``float32_overflow_once`` call.
+_pending: contextvars.ContextVar[list[bool] | None] = contextvars.ContextVar(
+    "mfac_core_float32_overflow", default=None
+)
+
+
+def note_float32_overflow() -> None:
+    """Report a float32 result beyond float32's range: once, at the end of the call.
+
+    Inside a :func:`float32_overflow_once` call the report waits for its end; elsewhere
+    it warns at once. Called on the thread that made the call (the C extension's
+    worker threads hand their flags back to it).
+    """
+    pending = _pending.get()
+    if pending is None:
+        _warn_float32_overflow()
+    else:
+        pending[0] = True
+
+
+def float32_overflow_noted() -> bool:
+    """Whether the call in progress has reported a float32 result beyond float32's range."""
+    pending = _pending.get()
+    return pending is not None and pending[0]
+
+
+def _warn_float32_overflow() -> None:
+    warnings.warn(FLOAT32_OVERFLOW, RuntimeWarning, stacklevel=user_stacklevel())
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def float32_overflow_once(method: _F) -> _F:
+    """``method`` with its reports of float32 overflow said once, when it returns.
+
+    For the public calls, whose results may gather several roundings (the groups of
+    a block-wise operator, the steps of refinement): the user is told once per call.
+    A call inside another (a composite operator's products) reports to the outer one;
+    one that raises says nothing of overflow.
+    """
+    return _gathered(method, say=True)
+
+
+def float32_overflow_said_by_caller(method: _F) -> _F:
+    """``method`` with its reports of float32 overflow dropped: its caller says it.
+
+    For the optimiser's step, which tests the step's finiteness itself and says why
+    it skips a step that is not finite (``MFACStepWarning``).
+    """
+    return _gathered(method, say=False)
+
+
+def _gathered(method: _F, *, say: bool) -> _F:
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if _pending.get() is not None:
+            return method(*args, **kwargs)
+        pending = [False]
+        token = _pending.set(pending)
+        try:
+            result = method(*args, **kwargs)
+        finally:
+            _pending.reset(token)
+        if say and pending[0]:
+            _warn_float32_overflow()
+        return result
+
+    return wrapper  # type: ignore[return-value]
+
+
+#: Whether :func:`narrowed` tests PyTorch CPU results: not where they stand for a GPU's.
+_torch_cpu_checked = [True]
+
+
+@contextlib.contextmanager
+def host_results_stand_for_a_device() -> Iterator[None]:
+    """Inside: PyTorch CPU results are not tested, as a GPU's are not (tests only).
+
+    For ``_engine.simulate_device``, whose CPU tensors take a GPU's route: the test
+    would be a transfer that the device route does not make. Not thread-safe.
+    """
+    previous = _torch_cpu_checked[0]
+    _torch_cpu_checked[0] = False
+    try:
+        yield
+    finally:
+        _torch_cpu_checked[0] = previous
+
+
+def narrowed(xp: Any, Y: Array, dtype: Any) -> Array:
+    """``xp.astype(Y, dtype)``, reporting a float32 result beyond float32's range.
+
+    ``Y`` holds float64 values (sums, or a float64 diagonal). For a float32 ``dtype``
+    and NumPy, NumPy's own cast finds the overflow (its flag, no pass of its own: the
+    cast is redone only then, and its warning gives way to the library's); for a
+    PyTorch CPU tensor, the result's extremes (one reduction) and, only where one is
+    infinite or NaN, a comparison with ``Y``. Elsewhere (a GPU, where the test would
+    wait for the device, JAX, which may be tracing) the cast is not checked.
+    """
+    if isinstance(Y, np.ndarray):
+        if np.dtype(dtype) != np.float32:
+            return xp.astype(Y, dtype)
+        with np.errstate(over="raise"):
+            try:
+                return xp.astype(Y, dtype)
+            except FloatingPointError:
+                pass
+        with np.errstate(over="ignore"):
+            out = xp.astype(Y, dtype)
+        note_float32_overflow()
+        return out
+    out = xp.astype(Y, dtype)
+    if (
+        _torch_cpu_checked[0]
+        and is_torch_array(out)
+        and out.device.type == "cpu"
+        and str(out.dtype) == "torch.float32"
+        and not is_finite_array(xp, out)
+    ):
+        import torch
+
+        if bool(torch.any(torch.isinf(out) & ~torch.isinf(Y))):
+            note_float32_overflow()
+    return out

@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 from . import _engine
 from ._capacitance import CapacitanceFactor
 from ._compat import Array, FoundNamespace, device
+from ._finite import narrowed
 from ._layout import BlockGroup, piece_stack, pieces
 
 __all__ = [
@@ -85,7 +86,7 @@ class GFormFactor(FoundNamespace):
         for b0, b1, c0, c1 in pieces(g, width):
             Gp = xp.astype(piece_stack(xp, G, g, (b0, b1, c0, c1)), xp.float64)
             D = whitened_diagonal(xp, Linv[b0:b1, ...], Gp, self.damp)
-            parts.append(xp.astype(xp.reshape(D, (-1,)), self.dtype))
+            parts.append(narrowed(xp, xp.reshape(D, (-1,)), self.dtype))
         if not parts:
             return xp.zeros((0,), dtype=self.dtype, device=device(G))
         return parts[0] if len(parts) == 1 else xp.concat(parts)
@@ -115,7 +116,7 @@ class GFormFactor(FoundNamespace):
                 Z = xp.matrix_transpose((L @ xp.matrix_transpose(Gu)[..., None])[..., 0])
             Zr = xp.take(Z, where[: hi - lo], axis=1)
             Zc = xp.take(Z, where[hi - lo :], axis=1)
-            parts.append(xp.astype(whitened_pairs(xp, Zr, Zc, r, c, self.damp), self.dtype))
+            parts.append(narrowed(xp, whitened_pairs(xp, Zr, Zc, r, c, self.damp), self.dtype))
         if not parts:
             return xp.zeros((0,), dtype=self.dtype, device=device(G))
         return parts[0] if len(parts) == 1 else xp.concat(parts)
@@ -142,7 +143,7 @@ class DenseBlockFactors(FoundNamespace):
         xp, g = self.xp, self.group
         Xb = xp.reshape(xp.astype(X, xp.float64), (g.count, g.size, X.shape[-1]))
         Y = xp.matrix_transpose(self.Linv) @ (self.Linv @ Xb)
-        return xp.astype(xp.reshape(Y, (g.count * g.size, X.shape[-1])), self.dtype)
+        return narrowed(xp, xp.reshape(Y, (g.count * g.size, X.shape[-1])), self.dtype)
 
     def apply_vector(self, x: Array, /) -> Array:
         return self.apply(x[:, None])[:, 0]
@@ -150,7 +151,7 @@ class DenseBlockFactors(FoundNamespace):
     def diagonal(self) -> Array:
         xp = self.xp
         D = xp.sum(self.Linv * self.Linv, axis=-2)  # (count, size): column norms squared
-        return xp.astype(xp.reshape(D, (-1,)), self.dtype)
+        return narrowed(xp, xp.reshape(D, (-1,)), self.dtype)
 
     def entries(self, rows: Array, cols: Array, /) -> Array:
         # [F_b^{-1}]_jk = Linv_b[:, j] . Linv_b[:, k]: each pair's two columns gathered
@@ -170,7 +171,7 @@ class DenseBlockFactors(FoundNamespace):
             Lr = xp.take(flat, xp.reshape(base + xp.reshape(r % s, (-1, 1)), (-1,)))
             Lc = xp.take(flat, xp.reshape(base + xp.reshape(c % s, (-1, 1)), (-1,)))
             dots = xp.sum(xp.reshape(Lr * Lc, (hi - lo, s)), axis=-1)
-            parts.append(xp.astype(dots, self.dtype))
+            parts.append(narrowed(xp, dots, self.dtype))
         if not parts:
             return xp.zeros((0,), dtype=self.dtype, device=device(flat))
         return parts[0] if len(parts) == 1 else xp.concat(parts)

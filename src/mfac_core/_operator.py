@@ -27,7 +27,7 @@ from ._compat import (
     restored_device,
     same_device,
 )
-from ._finite import check_finite
+from ._finite import check_finite, float32_overflow_once
 from ._scipy_export import scipy_operator
 from ._validation import (
     check_count,
@@ -201,6 +201,7 @@ class LinearOperator:
             )
         return apply(x[:, 0])[:, None]
 
+    @float32_overflow_once
     def matvec(self, x: Array, /) -> Array:
         """Apply the operator to one vector: ``A @ x``.
 
@@ -229,6 +230,7 @@ class LinearOperator:
         """
         return self._vector(x, self.shape[1], self._matvec, "matmat")
 
+    @float32_overflow_once
     def rmatvec(self, x: Array, /) -> Array:
         """Apply the adjoint to one vector: ``A^H @ x``.
 
@@ -257,6 +259,7 @@ class LinearOperator:
         """
         return self._vector(x, self.shape[0], self._rmatvec, "rmatmat")
 
+    @float32_overflow_once
     def matmat(self, X: Array, /) -> Array:
         """Apply the operator to the columns of a matrix: ``A @ X``.
 
@@ -284,6 +287,7 @@ class LinearOperator:
         """
         return self._matmat(self._check_input(X, "X", self.shape[1], (2,)))
 
+    @float32_overflow_once
     def rmatmat(self, X: Array, /) -> Array:
         """Apply the adjoint to the columns of a matrix: ``A^H @ X``.
 

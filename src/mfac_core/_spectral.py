@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ._compat import Array
+from ._finite import float32_overflow_once
 from ._gradient_repr import gradient_items
 from ._operator import LinearOperator
 from ._spectral_forms import checked_rows, forms_of
@@ -324,6 +325,7 @@ class SpectralIHVP(LinearOperator):
     def _matvec(self, x: Array) -> Array:
         return self._matmat(x[:, None])[:, 0]
 
+    @float32_overflow_once
     def sweep(self, x: Array, /, *, damps: Sequence[float]) -> Array:
         """Apply this power of F at each of K dampings to ``x``.
 
@@ -371,6 +373,7 @@ class SpectralIHVP(LinearOperator):
         Y = applied(self._xp, self._groups, x if x.ndim == 2 else x[:, None], dl, self.power)
         return Y if x.ndim == 2 else Y[..., 0]
 
+    @float32_overflow_once
     def diagonal(self, *, damps: Sequence[float] | None = None) -> Array:
         """The diagonal of this operator, at its damping or at each of K dampings, in O(d m^2).
 
@@ -415,6 +418,7 @@ class SpectralIHVP(LinearOperator):
 
     # -- bilinear and quadratic forms (``_spectral_forms``) ------------------------------------
 
+    @float32_overflow_once
     def bilinear(self, Q: Array, R: Array, /, *, batch_size: int | None = None) -> Array:
         r"""``Q A R^T`` for this operator A (``Q F^{-1} R^T``), without a d x d array.
 
@@ -455,6 +459,7 @@ class SpectralIHVP(LinearOperator):
         Q, R = checked_rows(self, Q, "Q"), checked_rows(self, R, "R")
         return forms_of(self, batch_size).bilinear(Q, R)
 
+    @float32_overflow_once
     def quadratic(self, R: Array, /, *, batch_size: int | None = None) -> Array:
         """``diag(R A R^T)`` for this operator A: ``r^T F^{-1} r`` for each row r of R.
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from . import _engine
 from ._compat import Array
-from ._finite import check_finite
+from ._finite import check_finite, narrowed
 from ._spectral_groups import GramEigen
 from ._validation import check_count, check_operand
 
@@ -82,7 +82,7 @@ class Forms:
                     s, e = g.group.start, g.group.end
                     acc = acc + a * (Q64[:, s:e] @ xp.matrix_transpose(R64[:, s:e]))
                 acc = acc + sc * xp.sum(xp.matrix_transpose(pq) @ g.project(Rb), axis=0)
-            parts.append(xp.astype(acc, self.dtype))
+            parts.append(narrowed(xp, acc, self.dtype))
         if not parts:
             return xp.zeros((Q.shape[0], 0), dtype=self.dtype, device=self.device)
         return parts[0] if len(parts) == 1 else xp.concat(parts, axis=1)
@@ -102,7 +102,7 @@ class Forms:
                     acc = acc + a * xp.sum(Rg * Rg, axis=1)
                 P = g.project(Rb)  # (count, r, n)
                 acc = acc + sc * xp.sum(w[..., None] * P * P, axis=(0, 1))
-            parts.append(xp.astype(acc, self.dtype))
+            parts.append(narrowed(xp, acc, self.dtype))
         if not parts:
             return xp.zeros((0,), dtype=self.dtype, device=self.device)
         return parts[0] if len(parts) == 1 else xp.concat(parts)

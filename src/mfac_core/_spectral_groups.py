@@ -39,6 +39,7 @@ from typing import Any
 
 from . import _engine
 from ._compat import Array, array_namespace, device
+from ._finite import narrowed
 from ._layout import BlockGroup, piece_stack, pieces
 
 __all__ = [
@@ -183,7 +184,7 @@ class GramEigen:
             Z = Ut[b0:b1, ...] @ xp.astype(Gp, xp.float64)  # (b, m, w)
             hb = xp.permute_dims(H[:, b0:b1, :], (1, 0, 2))  # (b, K, m)
             D = xp.permute_dims(hb @ (Z * Z), (1, 0, 2)) * scales  # (K, b, w)
-            parts.append(xp.astype(alphas + xp.reshape(D, (len(damps), -1)), self.dtype))
+            parts.append(narrowed(xp, alphas + xp.reshape(D, (len(damps), -1)), self.dtype))
         return parts[0] if len(parts) == 1 else xp.concat(parts, axis=1)
 
     def project(self, A: Array) -> Array:
@@ -229,7 +230,7 @@ class ColumnEigen:
             xp.reshape(self.Q @ (self._spectrum(dp, power)[..., None] * Z), (g.count * g.size, k))
             for dp in damps
         ]
-        return xp.astype(xp.stack(out), self.dtype)
+        return narrowed(xp, xp.stack(out), self.dtype)
 
     def diagonal(self, damps: list[float], power: float) -> Array:
         # sum_i Q_ji^2 f(damp + mu_i / m): positive terms, nothing cancels.
@@ -237,7 +238,7 @@ class ColumnEigen:
         S = self.Q * self.Q  # (count, s_j, s_i)
         Fs = xp.stack([self._spectrum(dp, power) for dp in damps], axis=-1)  # (count, s, K)
         D = xp.permute_dims(S @ Fs, (2, 0, 1))  # (K, count, s)
-        return xp.astype(xp.reshape(D, (len(damps), -1)), self.dtype)
+        return narrowed(xp, xp.reshape(D, (len(damps), -1)), self.dtype)
 
     def project(self, A: Array) -> Array:
         xp, g = self.xp, self.group

@@ -23,6 +23,7 @@ from ._deprecation import (
     warn_no_w,
 )
 from ._dtypes import compute_dtype, half_dtype_name
+from ._finite import float32_overflow_once, narrowed
 from ._gradient_repr import gradient_items
 from ._group_factors import GroupFactor
 from ._layout import block_groups
@@ -577,6 +578,7 @@ class StaticIHVP(_BlockOperatorBase):
 
     # -- entries -------------------------------------------------------------------------
 
+    @float32_overflow_once
     def diagonal(self) -> Array:
         """The d diagonal entries of ``F^{-1}``, in O(d m^2) BLAS-3 work.
 
@@ -591,6 +593,7 @@ class StaticIHVP(_BlockOperatorBase):
         """
         return self._join([f.diagonal() for f in self._factors])
 
+    @float32_overflow_once
     def entries(self, rows: Array, cols: Array, /) -> Array:
         """Selected entries ``[F^{-1}][rows[k], cols[k]]`` (paper Eq. 5).
 
@@ -711,6 +714,7 @@ class EmpiricalFisher(_BlockOperatorBase):
             )
         return self._join(parts)
 
+    @float32_overflow_once
     def diagonal(self) -> Array:
         """Return the diagonal ``damp + sum_i G_ij^2 / m``.
 
@@ -722,7 +726,7 @@ class EmpiricalFisher(_BlockOperatorBase):
         """
         xp = self._xp
         sums = _engine.square_sums(xp, self._G)
-        return xp.astype(self.damp + sums / self.num_grads, self.dtype)
+        return narrowed(xp, self.damp + sums / self.num_grads, self.dtype)
 
 
 def _fisher_terms(

@@ -15,6 +15,7 @@ import torch
 from ._dynamic_checks import Refused
 from ._dynamic_window import update_and_matvec_finite
 from ._errors import FactorizationError
+from ._finite import float32_overflow_said_by_caller
 from ._torch_distributed import all_gather, dtensor_class, local
 from ._torch_sparse import check_layouts
 from ._torch_state import GROUP_KEYS, live_entry
@@ -25,6 +26,9 @@ class Unstorable(Exception):
     """A finite gradient with an entry beyond the range of the window's 2-byte storage."""
 
 
+# A step beyond float32's range is not finite, which the step tests and says itself (its
+# MFACStepWarning), on every path (the previous window's product, the distributed step's).
+@float32_overflow_said_by_caller
 def step(opt: Any) -> None:
     """The step itself, after the closure."""
     if all(p.grad is None for group in opt.param_groups for p in group["params"]):

@@ -652,7 +652,9 @@ def combine64(
     and ``alpha x`` added last, as ``apply`` does (starting from ``alpha x``, in a sweep
     much larger than the sum, would round every partial sum at its size). One read of G
     serves up to 8 rows of C (groups of 8, zero-padded, past that). Each result is summed
-    in the same order whatever the threads.
+    in the same order whatever the threads. A float32 result beyond float32's range is
+    infinity, and reported (``_finite.note_float32_overflow``: a ``RuntimeWarning``, once
+    per call) from the flag the kernels' rounding raises, at no cost to the passes.
     """
     G, m, ld, code_st, trans = _check64(G, start, stop, storage)
     n = stop - start
@@ -672,10 +674,11 @@ def combine64(
     if K == 0 or n == 0:
         return Y
     if m == 0:
-        Y[...] = alpha[:, None] * X.astype(np.float64)
+        Y[...] = _narrowed(alpha[:, None] * X.astype(np.float64), out_dt)
         return Y
     Xk = _x_for_kernels(X)
     code, x64, out64 = _isa_code(isa), Xk.dtype == np.float64, out_dt == np.float64
+    overflowed = [False]  # any piece's; written by the threads, read after them
     for k0 in range(0, K, 8):
         kk = min(8, K - k0)
         Ct = np.zeros((m, 8))
@@ -697,29 +700,36 @@ def combine64(
             kk: int = kk,
             isa_k: int = isa_k,
         ) -> None:
-            _passes.combine64(
-                G,
-                ld,
-                start,
-                m,
-                Ct,
-                kk,
-                a8,
-                Xg,
-                shared,
-                x64,
-                Yk,
-                out64,
-                n,
-                j0,
-                j1,
-                isa_k,
-                code_st,
-                trans,
-            )
+            if _passes.combine64(
+                G, ld, start, m, Ct, kk, a8, Xg, shared, x64, Yk, out64, n, j0, j1, isa_k,
+                code_st, trans,
+            ):  # fmt: skip
+                overflowed[0] = True
 
         _run(call, m, n)
+    _report_overflow(overflowed[0], out64)
     return Y
+
+
+def _report_overflow(overflowed: bool, out64: bool) -> None:
+    """Report a float32 result beyond float32's range, on the calling thread.
+
+    ``overflowed``: a kernel raised the overflow flag (``_passes.c``, combine64). For
+    float32 results that is a result stored as infinity; float64 results overflow only
+    where their float64 sums do, which is not this report's (NumPy's float64 products
+    do not say it either).
+    """
+    if overflowed and not out64:
+        from .._finite import note_float32_overflow  # here: the module also loads alone
+
+        note_float32_overflow()
+
+
+def _narrowed(Y: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """``Y`` rounded to ``dtype``, a float32 result beyond float32's range reported."""
+    from .._finite import narrowed
+
+    return np.asarray(narrowed(np, Y, dtype))
 
 
 def project64_blocks(
@@ -803,7 +813,7 @@ def combine64_blocks(
     if count == 0 or K == 0:
         return Y
     if m == 0:
-        Y[...] = alpha[:, None] * X.astype(np.float64)
+        Y[...] = _narrowed(alpha[:, None] * X.astype(np.float64), out_dt)
         return Y
     Xk = _x_for_kernels(X)
     code, x64, out64 = _isa_code(isa), Xk.dtype == np.float64, out_dt == np.float64
@@ -816,13 +826,17 @@ def combine64_blocks(
         a8[:kk] = alpha[k0 : k0 + kk]
         groups.append((k0, kk, Ct, a8, _auto_isa(code, code_st, kk, combine=True)))
 
+    overflowed = [False]
+
     def call(b0: int, b1: int, p: int) -> None:
         for b in range(b0, b1):
             for k0, kk, Ct, a8, isa_k in groups:
-                _passes.combine64(
+                if _passes.combine64(
                     G, ld, start + b * s, m, Ct[b], kk, a8, Xk[b, k0 : k0 + kk], False, x64,
                     Y[b, k0 : k0 + kk], out64, s, 0, s, isa_k, code_st, trans,
-                )  # fmt: skip
+                ):  # fmt: skip
+                    overflowed[0] = True
 
     _run(call, m * s, count)
+    _report_overflow(overflowed[0], out64)
     return Y
