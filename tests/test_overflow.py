@@ -159,6 +159,25 @@ def test_a_result_in_range_does_not_warn(engine_path, lib, case, storage):
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("storage", ["float32", "bfloat16"])
+@pytest.mark.parametrize("options", [{}, {"block_size": BLOCK}], ids=["full", "blocks"])
+def test_a_fortran_ordered_g_reports_its_overflow_too(engine_path, storage, options):
+    # A Fortran-ordered G goes through the kernels' transposed reads: its own flag test.
+    G, damp, x = _setup("matvec", storage, overflow=True)
+    F = np.asfortranarray(_as("numpy", G, storage))
+    assert F.flags.f_contiguous and not F.flags.c_contiguous
+    op = StaticIHVP(F, damp=damp, **options)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = op.matvec(x.astype(np.float32))
+    assert [(w.category, str(w.message)) for w in caught] == [(RuntimeWarning, FLOAT32_OVERFLOW)]
+    with np.errstate(over="ignore"):
+        op64 = StaticIHVP(G, damp=damp, **options)
+        want = op64.matvec(x.astype(np.float32).astype(np.float64)).astype(np.float32)
+    assert np.isinf(got).any()
+    np.testing.assert_array_equal(got, want)
+
+
 def _window(lib: str, damp: float, rows: np.ndarray) -> Any:
     dtype = np.float32 if lib == "numpy" else pytest.importorskip("torch").float32
     xp = None if lib == "numpy" else pytest.importorskip("torch")
