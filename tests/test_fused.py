@@ -6,6 +6,8 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import itertools
+import os
+import sys
 import types
 
 import numpy as np
@@ -895,8 +897,17 @@ def test_an_extension_built_before_the_isa_choice_still_imports(monkeypatch):
         "import_module",
         lambda name, package=None: older if name == "._passes" else real(name, package),
     )
-    spec = importlib.util.spec_from_file_location("_fused_older_build", _fused.__file__)
+    # A second copy of the package (its relative imports, _ext's among them, load anew).
+    name = "mfac_core._fused_older_build"
+    spec = importlib.util.spec_from_file_location(
+        name, _fused.__file__, submodule_search_locations=[os.path.dirname(_fused.__file__)]
+    )
     copy = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(copy)
+    monkeypatch.setitem(sys.modules, name, copy)
+    try:
+        spec.loader.exec_module(copy)
+    finally:
+        for sub in [k for k in sys.modules if k.startswith(name + ".")]:
+            del sys.modules[sub]
     assert copy._AVX512_HALVES is False
     assert copy._auto_isa(0, 0, 8, combine=True) == 0  # the widest ISA, as before

@@ -12,6 +12,11 @@ the kernels serve. Where the extension was not built (:func:`available` is false
 engine uses float64 products over column pieces instead; both are tested against each other
 and against exact oracles.
 
+The extension is loaded in :mod:`._ext` (with the instruction sets' and storages' codes);
+a dynamic window's row writes and the float16 casts (:func:`store_row`, :func:`cast16`)
+live in :mod:`._rows`; both are re-exported here, the one name the rest of the package
+imports.
+
 Threads: the kernels release the GIL, and a call on more than ``_MIN_THREAD_WORK``
 entries of ``V`` shares its column pieces among up to :func:`max_threads` threads
 (started per call, so nothing outlives it and ``fork`` is safe). The count follows the variables
@@ -21,7 +26,6 @@ OpenBLAS reads (``OPENBLAS_NUM_THREADS``, then ``OMP_NUM_THREADS``), with
 
 from __future__ import annotations
 
-import importlib
 import os
 import threading
 from collections.abc import Callable
@@ -29,13 +33,10 @@ from typing import Any
 
 import numpy as np
 
-# Imported by name: the module exists only where the extension was built, and type checkers
-# run on source trees with or without it.
-_passes: Any
-try:
-    _passes = importlib.import_module("._passes", __name__)
-except ImportError:  # not built: no C compiler at install time, or another compiler
-    _passes = None
+from ._ext import ISAS, STORAGES, available, best_isa
+from ._ext import isa_code as _isa_code
+from ._ext import passes as _passes
+from ._rows import cast16, store_row, stores
 
 __all__ = [
     "ISAS",
@@ -53,12 +54,6 @@ __all__ = [
     "supports64",
     "widen64",
 ]
-
-#: The kernels' instruction sets by name, slowest first; "base" is the compiler's baseline.
-ISAS = {"base": 1, "avx2": 2, "avx512": 3}
-
-#: The storage dtypes of project64 and combine64 by name, with the kernels' codes.
-STORAGES = {"float32": 0, "float64": 1, "float16": 2, "bfloat16": 3}
 
 #: Entries of V per thread below which fewer threads are used (starting a thread costs about
 #: 50 us; a pass over 2**20 float32 entries takes about 100 us).
@@ -82,19 +77,6 @@ _WIDEN_PIECE = 2**17
 _THREAD_VARIABLES = ("MFAC_CORE_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
 
 
-def available() -> bool:
-    """Whether the C extension was built and loads."""
-    return _passes is not None
-
-
-def best_isa() -> str | None:
-    """The fastest instruction set the kernels run on this CPU, or ``None`` without them."""
-    if _passes is None:
-        return None
-    code = _passes.best_isa()
-    return next(name for name, c in ISAS.items() if c == code)
-
-
 def max_threads() -> int:
     """The most threads one call uses (see the module's docstring)."""
     for name in _THREAD_VARIABLES:
@@ -104,14 +86,6 @@ def max_threads() -> int:
     if hasattr(os, "sched_getaffinity"):
         return max(1, len(os.sched_getaffinity(0)))
     return max(1, os.cpu_count() or 1)
-
-
-def _isa_code(isa: str | None) -> int:
-    if isa is None:
-        return 0
-    if isa not in ISAS:
-        raise ValueError(f"isa must be one of {sorted(ISAS)} or None, got {isa!r}")
-    return ISAS[isa]
 
 
 #: Whether this CPU runs AVX-512 as two 256-bit halves (AMD Zen 4): see :func:`_auto_isa`.
@@ -207,135 +181,6 @@ def _share(
         th.join()
     if errors:
         raise errors[0]
-
-
-def cast16(src: np.ndarray, dst: np.ndarray, /) -> bool:
-    """``dst[...] = src`` between float32 and float16 with F16C; whether it was done.
-
-    The values are those of NumPy's cast (float16 to float32 exactly, float32 to float16
-    rounded to nearest even, overflow to infinity), NaNs stay NaNs (a signalling one comes
-    back quiet). NumPy converts float16 one item at a time in software, 10-20 times slower.
-    False, with ``dst`` untouched, unless both are 1-D, C-ordered, aligned NumPy arrays of
-    one length, one float32 and the other float16, the extension built and the CPU with
-    F16C (or an extension built before it had this kernel): the caller then assigns.
-    """
-    kernel = getattr(_passes, "cast16", None)
-    if kernel is None or not (
-        isinstance(src, np.ndarray)
-        and isinstance(dst, np.ndarray)
-        and src.ndim == dst.ndim == 1
-        and src.shape == dst.shape
-        and {src.dtype, dst.dtype} == {np.dtype(np.float32), np.dtype(np.float16)}
-        and src.flags.c_contiguous
-        and src.flags.aligned
-        and dst.flags.c_contiguous
-        and dst.flags.aligned
-        and dst.flags.writeable
-    ):
-        return False
-    narrow = dst.dtype == np.float16
-    out = dst.view(np.uint16) if narrow else dst
-    source = src if narrow else src.view(np.uint16)
-    return bool(kernel(source, out, src.shape[0], narrow))
-
-
-def _row_buffer(A: Any, name: str, n: int, dtypes: tuple[np.dtype, ...]) -> np.ndarray:
-    """``A`` checked as a 1-D, C-ordered, aligned, writable NumPy array of ``n`` items."""
-    if not isinstance(A, np.ndarray) or A.dtype not in dtypes:
-        raise TypeError(
-            f"{name} must be a NumPy array of {' or '.join(str(d) for d in dtypes)}, got "
-            f"{getattr(A, 'dtype', type(A).__name__)}"
-        )
-    if A.shape != (n,) or not (A.flags.c_contiguous and A.flags.aligned and A.flags.writeable):
-        raise ValueError(
-            f"{name} must be 1-D of length {n}, C-ordered, aligned and writable, got shape "
-            f"{A.shape}"
-        )
-    return A
-
-
-def stores(storage: str | None) -> bool:
-    """Whether :func:`store_row` writes rows of ``storage`` (None: float32) here, fastest ISA."""
-    if _passes is None or not hasattr(_passes, "store_row"):
-        return False
-    return storage != "float16" or best_isa() != "base"
-
-
-def store_row(
-    src: np.ndarray,
-    dst: np.ndarray | None = None,
-    /,
-    *,
-    old: np.ndarray | None = None,
-    wide: np.ndarray | None = None,
-    copy: np.ndarray | None = None,
-    storage: str | None = None,
-    isa: str | None = None,
-) -> float | None:
-    """A window's row write in one read of ``src``; returns ``max |src|`` (NaN if it holds one).
-
-    In one loop over the float32 vector ``src``, each optional: ``old[...] = dst`` (the row as
-    it was), ``dst[...] = src`` rounded to the row's storage (float32 copied; bfloat16 to
-    nearest even, as PyTorch rounds; float16 with F16C, as NumPy rounds), ``wide[...] = dst``
-    widened to float32, ``copy[...] = src``. The largest magnitude is exact (from the items'
-    bits), the value :func:`numpy.max` of ``abs(src)`` gives, +0.0 for zeros.
-
-    Parameters
-    ----------
-    src : numpy.ndarray
-        1-D float32, C-ordered and aligned.
-    dst : numpy.ndarray, optional
-        The row: float32, float16, or uint16 holding bfloat16 or float16 bits (``storage``
-        names which; float16 may be named or not).
-    old : numpy.ndarray, optional
-        A dtype of the row's item size; gets the row's bits as they were (needs ``dst``).
-    wide, copy : numpy.ndarray, optional
-        float32; get the row written, widened, and ``src``.
-    storage : {"float32", "float16", "bfloat16"}, optional
-        The row's storage; None: from ``dst``'s dtype.
-    isa : str, optional
-        An instruction set of :data:`ISAS` (tests); None: the fastest.
-
-    Returns
-    -------
-    float or None
-        ``max |src|``; None, with nothing written, where the extension is missing or a
-        float16 row would need F16C that this CPU (or ``isa="base"``) lacks.
-    """
-    if _passes is None or not hasattr(_passes, "store_row"):
-        return None
-    if not isinstance(src, np.ndarray) or src.dtype != np.float32 or src.ndim != 1:
-        raise TypeError(
-            f"src must be a 1-D NumPy float32 array, got {getattr(src, 'dtype', src)!r}"
-        )
-    if not (src.flags.c_contiguous and src.flags.aligned):
-        raise ValueError("src must be C-ordered and aligned")
-    n = src.shape[0]
-    names = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16"}
-    if dst is None:
-        if old is not None:
-            raise ValueError("old needs dst")
-        name = "float32"
-    else:
-        row_dtypes = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(np.uint16))
-        _row_buffer(dst, "dst", n, row_dtypes)
-        own = names.get(dst.dtype)
-        if storage is not None and storage not in ("float32", "float16", "bfloat16"):
-            raise ValueError(
-                f"storage must be 'float32', 'float16', 'bfloat16' or None, got {storage!r}"
-            )
-        if own is None and storage not in ("float16", "bfloat16"):
-            raise TypeError("a uint16 dst needs storage='float16' or 'bfloat16'")
-        if own is not None and storage not in (None, own):
-            raise TypeError(f"dst's dtype {dst.dtype} does not match storage={storage!r}")
-        name = str(own if storage is None else storage)  # own is None only with storage
-        if old is not None:  # any dtype of the row's item size: its bits are copied
-            _row_buffer(old, "old", n, tuple(d for d in row_dtypes if d.itemsize == dst.itemsize))
-    for buf, label in ((wide, "wide"), (copy, "copy")):
-        if buf is not None:
-            _row_buffer(buf, label, n, (np.dtype(np.float32),))
-    value = _passes.store_row(src, dst, old, wide, copy, n, STORAGES[name], _isa_code(isa))
-    return None if value is None else float(value)
 
 
 def widen64(
