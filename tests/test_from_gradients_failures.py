@@ -264,3 +264,66 @@ def test_add_note_without_notes_support():
     new = ValueError("bad")
     add_note(new, "first")
     assert new.__notes__ == ["first"]
+
+
+def test_a_relative_file_is_the_same_file_when_the_loader_changes_directory(
+    tmp_path, rng, monkeypatch
+):
+    # Regression: the store kept its relative name. A data loader that changed the working
+    # directory made the failed collection remove the user's file of that name there (and
+    # leave its own, unfinished), and a complete one marked the user's file's first byte
+    # and named it in the note.
+    m, d = 3, 20
+    (tmp_path / "data").mkdir()
+    theirs = tmp_path / "data" / "G.npy"
+    monkeypatch.chdir(tmp_path)
+
+    def moving(G, fail):
+        yield G[0]
+        os.chdir("data")
+        yield from G[1:]
+        if fail:
+            raise RuntimeError("the loader failed")
+
+    G = rng.standard_normal((m, d))
+    theirs.write_bytes(b"the user's own file")
+    with pytest.raises(RuntimeError, match="the loader failed"):
+        StaticIHVP.from_gradients(
+            moving([*G, G[0]], True), num_grads=m + 1, dim=d, damp=0.1, grads_out="G.npy"
+        )
+    assert theirs.read_bytes() == b"the user's own file"
+    assert sorted(os.listdir(tmp_path)) == ["data"]
+    os.chdir(tmp_path)
+    S = _singular(rng, m, d, np.float64)
+    with pytest.raises(FactorizationError) as info:
+        StaticIHVP.from_gradients(
+            moving(S, False), num_grads=m, dim=d, damp=1e-300, grads_out="G.npy"
+        )
+    assert theirs.read_bytes() == b"the user's own file"
+    (note,) = info.value.__notes__
+    assert f"{os.path.realpath(tmp_path / 'G.npy')} is complete" in note
+    np.testing.assert_array_equal(np.load(tmp_path / "G.npy"), S)
+
+
+def test_the_kept_file_note_names_the_file_through_a_link_and_a_bytes_path(tmp_path, rng):
+    # Regression: the note named os.path.abspath's file, which drops "link/.." without
+    # following the link (another file, or none), and a path that os.fspath gives as
+    # bytes failed the note itself (shlex.quote), a TypeError in place of the error.
+    m, d = 3, 20
+    S = _singular(rng, m, d, np.float64)
+    (tmp_path / "real" / "sub").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "real" / "sub")
+
+    class BytesPath(os.PathLike):
+        def __fspath__(self):
+            return os.fsencode(tmp_path / "bytes.npy")
+
+    for grads_out, where in (
+        (str(tmp_path / "link" / ".." / "G.npy"), tmp_path / "real" / "G.npy"),
+        (BytesPath(), tmp_path / "bytes.npy"),
+    ):
+        with pytest.raises(FactorizationError) as info:
+            StaticIHVP.from_gradients(iter(S), num_grads=m, dim=d, damp=1e-300, grads_out=grads_out)
+        (note,) = info.value.__notes__
+        assert f"numpy.load({os.path.realpath(where)!r}, mmap_mode='r')" in note
+        np.testing.assert_array_equal(np.load(where), S)

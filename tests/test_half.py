@@ -805,3 +805,21 @@ def test_a_bfloat16_window_state_of_the_other_library_says_how_to_convert_it(sav
     want = to_numpy(source.matvec(x if saved_by == "numpy" else torch.from_numpy(x)))
     got = to_numpy(target.matvec(torch.from_numpy(x) if saved_by == "numpy" else x))
     np.testing.assert_array_equal(got, want)
+
+
+def test_the_bfloat16_conversion_of_a_gradient_is_code_to_copy(rng):
+    # Regression: the conversion named the value by its message name, "gradient 0", which
+    # made "torch.from_numpy(gradient 0.view(numpy.int16))", no Python; followed, the code
+    # now given converts the gradient.
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    torch = pytest.importorskip("torch")
+
+    G = rng.standard_normal((2, 5)).astype(ml_dtypes.bfloat16)
+    store = torch.empty(2, 5, dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match=r"^gradient 0 is a numpy array") as info:
+        StaticIHVP.from_gradients(iter(G), num_grads=2, dim=5, damp=0.1, grads_out=store)
+    said = "torch.from_numpy(x.view(numpy.int16)).view(torch.bfloat16), x being it"
+    assert said in str(info.value)
+    converted = [torch.from_numpy(x.view(np.int16)).view(torch.bfloat16) for x in G]
+    StaticIHVP.from_gradients(iter(converted), num_grads=2, dim=5, damp=0.1, grads_out=store)
+    np.testing.assert_array_equal(store.view(torch.int16).numpy(), G.view(np.int16))

@@ -9,6 +9,7 @@ an operator's result dtype over its storage, and the notes that the refusals of
 
 from __future__ import annotations
 
+import ast
 from typing import Any
 
 import numpy as np
@@ -139,19 +140,32 @@ def bfloat16_library_note(name: str, x: Any, xp_x: Any, xp: Any) -> str:
     Both read the bits through a 2-byte integer view, without a copy.
     """
     dtype = getattr(x, "dtype", None)
+    # The conversion is code to copy: a name that is no Python expression ("gradient 3")
+    # stands there as "x".
+    code, which = (name, "") if _is_expression(name) else ("x", ", x being it")
     if is_numpy_namespace(xp_x) and is_torch_namespace(xp) and is_numpy_bfloat16(dtype):
         return (
             f" ({name} holds ml_dtypes' NumPy bfloat16, which torch.as_tensor does not "
             "take; torch's bfloat16 has the same bits: "
-            f"torch.from_numpy({name}.view(numpy.int16)).view(torch.bfloat16), no copy)"
+            f"torch.from_numpy({code}.view(numpy.int16)).view(torch.bfloat16){which}, "
+            "no copy)"
         )
     if is_torch_namespace(xp_x) and is_numpy_namespace(xp) and str(dtype) == "torch.bfloat16":
         return (
             f" ({name} holds torch.bfloat16, which Tensor.numpy() does not convert; "
             "ml_dtypes' NumPy bfloat16 has the same bits: "
-            f"{name}.cpu().view(torch.int16).numpy().view(ml_dtypes.bfloat16))"
+            f"{code}.cpu().view(torch.int16).numpy().view(ml_dtypes.bfloat16){which})"
         )
     return ""
+
+
+def _is_expression(text: str) -> bool:
+    """Whether ``text`` is a Python expression (``x``, ``state['grads']``)."""
+    try:
+        ast.parse(text, mode="eval")
+    except SyntaxError:
+        return False
+    return True
 
 
 def byte_order_note(name: str, dtype: Any) -> str:

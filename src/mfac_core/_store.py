@@ -236,6 +236,20 @@ def check_new_path(target: Any, name: str) -> str:
     return path
 
 
+def _absolute(path: str | bytes) -> str:
+    """``path`` as a ``str`` naming the same file from any working directory.
+
+    The store's file is removed, marked complete and named by its error notes later,
+    and a data loader may change the working directory meanwhile: a relative name then
+    removed (or marked) a file of that name in the new one, the user's, and left its
+    own. Joined to the working directory, not normalised (``os.path.abspath``): with a
+    symbolic link, ``link/../G.npy`` is not ``G.npy``. A ``bytes`` name (an
+    ``os.PathLike`` may give one) is decoded as ``os`` does, so that messages are text.
+    """
+    text = os.fsdecode(path)
+    return text if os.path.isabs(text) else os.path.join(os.getcwd(), text)
+
+
 def open_store(target: Any, shape: tuple[int, int], dtype: Any, name: str) -> GradientStore:
     """A new NumPy array (``target`` None) or ``.npy`` memmap file (a path) of ``shape``.
 
@@ -246,7 +260,7 @@ def open_store(target: Any, shape: tuple[int, int], dtype: Any, name: str) -> Gr
     nbytes = check_store_size(shape, dt.itemsize, name)
     if target is None:
         return GradientStore(np.empty(shape, dtype=dt))
-    path = check_new_path(target, name)
+    path = _absolute(check_new_path(target, name))
     try:
         # Made here, exclusively, and written through this descriptor: a file made by
         # someone else since the check above is refused (and left alone), not truncated.
@@ -660,7 +674,8 @@ def built_from_gradients(
 def kept_file_note(build: Any, path: str, dtype: Any) -> str:
     """The note of a set-up's error: where the complete gradients are, and how to use them."""
     name = getattr(build, "__name__", "StaticIHVP")
-    where = os.path.abspath(path)
+    # Resolved as the system does (a link's "..", which abspath would only drop).
+    where = os.path.realpath(os.fsdecode(path))
     load = f"numpy.load({where!r}, mmap_mode='r')"
     if getattr(dtype, "name", None) == "bfloat16":
         # .npy records bfloat16 as raw 2-byte values, which the command line refuses.
