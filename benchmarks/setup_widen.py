@@ -16,10 +16,12 @@ one process and interleaved (best of ``--repeat``):
 * ``set-up, widen64``: the same with the pieces written by ``_fused.widen64``'s threads
   (the library's choice where the extension serves G), and ``widen64 on 1 thread``
   (``MFAC_CORE_NUM_THREADS=1`` during the call: BLAS keeps its threads);
+* for a PyTorch tensor, ``torch's own @``: the set-up with the Gram products in PyTorch
+  (MKL's ``dgemm``), as before ``_gram`` sent them to NumPy's BLAS (``dsyrk``);
 * its parts, over the set-up's own pieces: ``cast`` (``xp.astype`` of every piece),
   ``widen64`` (every piece), ``BLAS`` (the Gram product of every piece, on one float64
-  piece); the rest of the set-up (finite check, kappa, the factorisation) is the set-up
-  less its cast and BLAS parts.
+  piece, as the set-up computes it: ``_gram.rows_gram``); the rest of the set-up (finite
+  check, kappa, the factorisation) is the set-up less its cast and BLAS parts.
 
 The Grams of the two set-ups are compared bit for bit. The thread count is OpenBLAS's
 (``OPENBLAS_NUM_THREADS``), which ``_fused`` follows; PyTorch is set to the same count
@@ -39,7 +41,7 @@ import numpy as np
 sys.path.append(str(Path(__file__).resolve().parent))
 import _common as common
 
-from mfac_core import StaticIHVP, _engine, _fused, _setup
+from mfac_core import StaticIHVP, _engine, _fused, _gram, _setup
 from mfac_core._layout import block_groups, piece_columns, pieces
 
 
@@ -121,6 +123,16 @@ def row(m: int, name: str, xp: Any, G: Any, repeat: int, parts: bool) -> list[st
             else:
                 os.environ["MFAC_CORE_NUM_THREADS"] = before
 
+    def own_product(_: Any) -> Any:
+        # The set-up with the Gram of the array's own library (PyTorch: MKL's dgemm under
+        # its OpenMP threads), as before _gram sent a CPU tensor's to NumPy's BLAS.
+        view = _gram._numpy_view
+        _gram._numpy_view = lambda xp, X: None
+        try:
+            return StaticIHVP(G, damp=1e-3, check_finite=False)
+        finally:
+            _gram._numpy_view = view
+
     def cast_all(_: Any) -> None:
         for lo, hi in cols:
             xp.astype(G[:, lo:hi][None, ...], xp.float64)
@@ -131,19 +143,22 @@ def row(m: int, name: str, xp: Any, G: Any, repeat: int, parts: bool) -> list[st
 
     def blas_all(_: Any) -> None:
         for _ in cols:
-            one @ xp.matrix_transpose(one)
+            _gram.rows_gram(xp, one)  # the set-up's own product (NumPy's BLAS for a CPU tensor)
 
     cands: dict[str, Any] = {
         "floor": (lambda _: blas.dsyrk(1.0, G64, trans=1), None),
         "old": (lambda _: setup(True), None),
         "new": (lambda _: setup(False), None),
         "new1": (lambda _: setup(False, one_thread=True), None),
+        "own": (own_product, None),
         "cast": (cast_all, None),
         "widen": (widen_all, None),
         "blas": (blas_all, None),
     }
     if widen is None:
         del cands["new"], cands["new1"], cands["widen"]
+    if not name.startswith("torch"):  # NumPy's product is _gram's
+        del cands["own"]
     if not parts:
         for key in ("cast", "widen", "blas"):
             cands.pop(key, None)
@@ -170,6 +185,7 @@ def row(m: int, name: str, xp: Any, G: Any, repeat: int, parts: bool) -> list[st
         f"{ms('old')} ({ratio('old')})",
         f"{ms('new')} ({ratio('new')})",
         f"{ms('new1')} ({ratio('new1')})",
+        f"{ms('own')} ({ratio('own')})" if "own" in t else "-",
         ms("cast"),
         ms("widen"),
         ms("blas"),
@@ -198,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         rows += rows_for(m, int(args.d), args.repeat, rng, args.storage, not args.no_parts)
     headers = [
         "m", "G", "floor dsyrk", "set-up, cast (before)", "set-up, widen64",
-        "widen64 on 1 thread", "cast", "widen64", "BLAS", "rest", "same Gram", "other cores",
+        "widen64 on 1 thread", "torch's own @ (before)", "cast", "widen64", "BLAS", "rest",
+        "same Gram", "other cores",
     ]  # fmt: skip
     print(common.markdown_table(headers, rows))
     print(f"\n- load average at end: {os.getloadavg()}")

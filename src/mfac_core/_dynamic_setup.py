@@ -34,6 +34,7 @@ from ._deprecation import (
 from ._dtypes import HALF_DTYPES, compute_dtype, half_dtype_name, numpy_bfloat16, untyped_note
 from ._dynamic_factor import factorized
 from ._finite import check_finite, non_finite_entry
+from ._gram import rows_gram
 from ._layout import BlockGroup, chunk_gram, pieces
 from ._operator import LinearOperator
 from ._validation import (
@@ -153,7 +154,7 @@ def local_gram(xp: Any, G: Array) -> Array:
         return xp.zeros((m, m), dtype=xp.float64, device=device_of(G))
     whole = BlockGroup(0, 1, d)
     chunk = list(pieces(whole, _engine.piece_width(xp, G, m, host=_engine.LARGE_PIECE_ENTRIES)))
-    return chunk_gram(xp, G, whole, chunk, lambda X: X @ xp.matrix_transpose(X))[0, ...]
+    return chunk_gram(xp, G, whole, chunk, lambda X: rows_gram(xp, X))[0, ...]
 
 
 def window_dtypes(xp: Any, dtype: Any) -> tuple[Any, Any, str | None]:

@@ -22,6 +22,7 @@ import numpy as np
 from . import _capacitance, _dense_blocks, _engine
 from ._compat import Array, device, is_writeable_array
 from ._gform import DenseBlockFactors, GFormFactor
+from ._gram import columns_gram, rows_gram
 from ._group_factors import GroupFactor
 from ._layout import BlockGroup, Piece, checked_gram, chunk_culprit, chunks
 
@@ -82,9 +83,7 @@ def _dense_chunk_factors(
     """
     m = G.shape[0]
     for chunk in chunks(group, max(_engine.gram_piece_width(xp, G), group.size)):
-        gram = _checked_gram(
-            xp, G, group, chunk, lambda X: xp.matrix_transpose(X) @ X, track, check
-        )
+        gram = _checked_gram(xp, G, group, chunk, lambda X: columns_gram(xp, X), track, check)
         factor = _capacitance.factorize(
             xp,
             gram,
@@ -163,7 +162,7 @@ def factorize_gform_groups(
     widen = _engine.gram_widener(xp, G)
 
     def product(X: Array) -> Array:
-        return X @ xp.matrix_transpose(X)
+        return rows_gram(xp, X)
 
     factors: list[GroupFactor] = []
     for group in groups:

@@ -34,6 +34,7 @@ from ._dtypes import half_dtype_name
 from ._errors import FactorizationError
 from ._finite import check_finite, first_non_finite
 from ._gform import GFormFactor, whitened_pairs
+from ._gram import rows_gram
 from ._layout import BlockGroup, block_groups, chunk_gram, chunks
 from ._refine import fisher_residual
 from ._refine import refine as refine_steps
@@ -252,7 +253,7 @@ def _local_gram(
     (chunk,) = list(chunks(group, _engine.gram_piece_width(xp, G)))
 
     def product(X: Array) -> Array:
-        return X @ xp.matrix_transpose(X)
+        return rows_gram(xp, X)
 
     gram = chunk_gram(xp, G, group, chunk, product, advance)
     # A NaN or infinity in this rank's columns makes its Gram diagonal non-finite.

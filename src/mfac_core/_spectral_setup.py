@@ -13,6 +13,7 @@ from typing import Any
 from . import _capacitance, _engine
 from ._compat import Array, detached, device
 from ._dtypes import compute_dtype, half_dtype_name
+from ._gram import columns_gram, rows_gram
 from ._layout import BlockGroup, block_groups, checked_gram, chunk_culprit, chunks
 from ._operator import LinearOperator
 from ._spectral_groups import ColumnEigen, GramEigen, Group, spectrum_bounds
@@ -115,10 +116,10 @@ def eigen_groups(
     width = _engine.gram_piece_width(xp, G)
 
     def rows(X: Array) -> Array:
-        return X @ xp.matrix_transpose(X)
+        return rows_gram(xp, X)
 
     def columns(X: Array) -> Array:
-        return xp.matrix_transpose(X) @ X
+        return columns_gram(xp, X)
 
     out: list[Group] = []
     for g in groups:
