@@ -223,6 +223,36 @@ def test_a_window_step_beyond_float32_warns_once(engine_path, lib):
     assert np.isinf(got).all() and np.all(np.sign(got) == np.sign(g))
 
 
+@pytest.mark.parametrize("lib", ["numpy", "torch"])
+@pytest.mark.parametrize("filled", [0, 1, 2])
+def test_a_window_step_whose_warning_is_an_error_leaves_the_window_as_it_was(
+    engine_path, lib, filled
+):
+    # docs/mathematics.rst suggests filterwarnings("error", ...) for the overflow warning:
+    # update_and_matvec then fails, and a failed call leaves the window as it was (as a
+    # hopeless gradient's warning turned into an error does). It raised after inserting g.
+    # filled: the window filling up, and full (the row edit); gradients of 2e-43 as above.
+    g = np.full(D, 2e-43, np.float32)
+    g[::2] *= -1
+    op = _window(lib, 1e-83, np.zeros((0, D)))
+    for k in range(filled):
+        op.update(_as(lib, (3.0 + k) * g.astype(np.float64), "float32"))
+    before = (list(op.slots), _numpy(op._G).copy(), _numpy(op._gram).copy())
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", "a result exceeds float32's range")
+        with pytest.raises(RuntimeWarning, match="float32's range"):
+            op.update_and_matvec(_as(lib, g.astype(np.float64), "float32"))
+    assert list(op.slots) == before[0]
+    np.testing.assert_array_equal(_numpy(op._G), before[1])
+    np.testing.assert_array_equal(_numpy(op._gram), before[2])
+    # Warned, not refused, the same call inserts g and returns the infinities.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = _numpy(op.update_and_matvec(_as(lib, g.astype(np.float64), "float32")))
+    assert [str(w.message) for w in caught] == [FLOAT32_OVERFLOW]
+    assert len(op.slots) == min(filled + 1, 2) and np.isinf(got).any()
+
+
 def test_refinement_keeps_the_finite_coordinates_of_an_overflowing_product(engine_path):
     # The residual of an infinite product is NaN everywhere (NumPy said "invalid value"):
     # the product is returned as it is, its finite coordinates at float32's rounding.

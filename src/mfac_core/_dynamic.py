@@ -16,7 +16,7 @@ from typing import Any
 
 from . import _deprecation
 from ._compat import Array
-from ._dynamic_factor import SlotFactor, committed, finished, redamped, refined, solved
+from ._dynamic_factor import SlotFactor, Speculation, committed, finished, redamped, refined, solved
 from ._dynamic_setup import WindowOptions, build, emptied, filled, local_gram, window_options
 from ._dynamic_state import LoadedState, WindowCopies, saved_state
 from ._dynamic_window import StepCheck, insert, remove_slot, update_and_matvec_checked
@@ -379,6 +379,14 @@ class DynamicIHVP(WindowCopies):
         ValueError, TypeError, FactorizationError
             As :meth:`update`; the window is then unchanged.
         """
+        if not self._collective_checks:
+            # The product before the commit, its overflow said there: where that warning
+            # is an error, the window is left as it was (Speculation's say_overflow).
+            speculation = Speculation(self, say_overflow=True)
+            insert(self, g, speculation=speculation)
+            return speculation.s
+        # Sharded: said at the end, on the ranks whose coordinates overflowed; said before
+        # the commit, those ranks alone would refuse it.
         g, product = insert(self, g)
         X = g[:, None]
         return self._refined(X, self._finish(X, product))[:, 0]

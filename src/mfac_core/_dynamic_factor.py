@@ -19,7 +19,7 @@ from ._compat import Array, host_values, take
 from ._compat import device as device_of
 from ._dynamic_checks import Pending, with_norm
 from ._errors import NotPositiveDefinite
-from ._finite import narrowed
+from ._finite import float32_overflow_said_now, narrowed
 from ._refine import refine
 from ._validation import check_damp
 
@@ -132,14 +132,24 @@ class Speculation:
     decides on every rank alike whether the product is finite: the reduction its
     step makes of the product anyway (an all-gather of it, or the sum of a flag),
     moved before the commit, in place of a reduction of its own.
+    ``say_overflow`` (:meth:`DynamicIHVP.update_and_matvec`'s, unsharded) says a
+    product beyond float32's range before the commit, so that the warning turned into
+    an error refuses the insert; such a speculation neither needs the product's
+    finiteness nor refuses a gradient's NaN or infinity beyond ``check_finite``.
     """
 
     def __init__(
-        self, op: Any, *, strict: bool = False, agree: Callable[[Array], bool] | None = None
+        self,
+        op: Any,
+        *,
+        strict: bool = False,
+        agree: Callable[[Array], bool] | None = None,
+        say_overflow: bool = False,
     ) -> None:
         self._op = op
         self.strict = strict
         self.agree = agree
+        self.say_overflow = say_overflow
         self.X: Any = None
         self.P: Any = None
         self.s: Any = None
@@ -153,8 +163,8 @@ class Speculation:
         """
         op, xp = self._op, self._op._xp
         self.s = op._refined(self.X, op._finish(self.X, self.P, factor), factor)[:, 0]
-        if self._agreed():
-            return None
+        if self._agreed() or (self.say_overflow and not self.strict):
+            return None  # agree's business, or nobody's (a read of s saved)
         return _host_rows.all_finite(xp, self.s)
 
     def _agreed(self) -> bool:
@@ -184,6 +194,8 @@ class Speculation:
                 self.finite = float(op._summed(bad)[0]) == 0.0
         if self.strict and not self.finite:
             raise NotFiniteStep
+        if self.say_overflow:
+            float32_overflow_said_now()  # before the commit (see the class)
 
 
 # -- products: the factor applied (DynamicIHVP._finish, _solve, _refined) ------------------

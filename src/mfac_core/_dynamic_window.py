@@ -320,7 +320,7 @@ def insert(op: Any, g: Array, *, speculation: Speculation | None = None) -> tupl
     pending = None
     store = None
     if not op._collective_checks:  # sharded, g is checked inside the reduction of its row
-        finite = speculation is not None
+        finite = speculation is not None and not speculation.say_overflow
         # On a device the gradient's check waits for the row edit's, to be read
         # with it in one transfer; on the host it runs first, or in the row's write.
         if _engine.is_accelerator(op._xp, op._G):

@@ -35,6 +35,7 @@ __all__ = [
     "float32_overflow_noted",
     "float32_overflow_once",
     "float32_overflow_said_by_caller",
+    "float32_overflow_said_now",
     "host_results_stand_for_a_device",
     "narrowed",
     "non_finite_entry",
@@ -192,6 +193,21 @@ def float32_overflow_noted() -> bool:
     """Whether the call in progress has reported a float32 result beyond float32's range."""
     pending = _pending.get()
     return pending is not None and pending[0]
+
+
+def float32_overflow_said_now() -> None:
+    """Say the call's float32 overflow now, where reported, rather than when it returns.
+
+    For a call that changes an object after computing its result (a window's
+    ``update_and_matvec``): said before the change, a warning turned into an error
+    (``warnings.filterwarnings("error", ...)``) refuses the change like any error, where
+    said at the end it would fail a call that has already made it. Said once: the call's
+    end then says nothing more unless a later result overflows.
+    """
+    pending = _pending.get()
+    if pending is not None and pending[0]:
+        pending[0] = False
+        _warn_float32_overflow()
 
 
 def _warn_float32_overflow() -> None:
