@@ -24,7 +24,11 @@ import numpy as np
 import pytest
 
 from mfac_core import DynamicIHVP, EmpiricalFisher, SpectralIHVP, StaticIHVP, _engine, _fused
-from mfac_core._finite import FLOAT32_OVERFLOW
+from mfac_core._finite import (
+    FLOAT32_OVERFLOW,
+    float32_overflow_noted,
+    float32_overflow_said_by_caller,
+)
 
 M, D, BLOCK = 4, 96, 40  # block-wise: two groups (2 blocks of 40, one of 16)
 
@@ -251,6 +255,24 @@ def test_a_window_step_whose_warning_is_an_error_leaves_the_window_as_it_was(
         got = _numpy(op.update_and_matvec(_as(lib, g.astype(np.float64), "float32")))
     assert [str(w.message) for w in caught] == [FLOAT32_OVERFLOW]
     assert len(op.slots) == min(filled + 1, 2) and np.isinf(got).any()
+
+
+def test_a_window_step_inside_a_call_that_says_it_itself_says_nothing():
+    # update_and_matvec says its overflow before the commit, except inside a caller that
+    # says it in its own words (float32_overflow_said_by_caller, as MFAC's step): that
+    # caller still finds it noted.
+    g = np.full(D, 2e-43, np.float32)
+    g[::2] *= -1
+    op = _window("numpy", 1e-83, np.zeros((0, D)))
+
+    @float32_overflow_said_by_caller
+    def step() -> tuple[Any, bool]:
+        return op.update_and_matvec(g), float32_overflow_noted()
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got, noted = step()
+    assert caught == [] and noted and np.isinf(got).all()
 
 
 def test_refinement_keeps_the_finite_coordinates_of_an_overflowing_product(engine_path):

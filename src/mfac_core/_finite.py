@@ -169,7 +169,8 @@ FLOAT32_OVERFLOW = (
 )
 
 #: The calls in progress (this thread's, or this task's): a list holding whether one of
-#: their results overflowed, or None outside every ``float32_overflow_once`` call.
+#: their results overflowed and whether the outermost says so (``float32_overflow_once``)
+#: or its caller does (``float32_overflow_said_by_caller``); None outside every such call.
 _pending: contextvars.ContextVar[list[bool] | None] = contextvars.ContextVar(
     "mfac_core_float32_overflow", default=None
 )
@@ -202,10 +203,11 @@ def float32_overflow_said_now() -> None:
     ``update_and_matvec``): said before the change, a warning turned into an error
     (``warnings.filterwarnings("error", ...)``) refuses the change like any error, where
     said at the end it would fail a call that has already made it. Said once: the call's
-    end then says nothing more unless a later result overflows.
+    end then says nothing more unless a later result overflows. Inside a call whose
+    caller says it in its own words (``float32_overflow_said_by_caller``), nothing.
     """
     pending = _pending.get()
-    if pending is not None and pending[0]:
+    if pending is not None and pending[0] and pending[1]:
         pending[0] = False
         _warn_float32_overflow()
 
@@ -242,7 +244,7 @@ def _gathered(method: _F, *, say: bool) -> _F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         if _pending.get() is not None:
             return method(*args, **kwargs)
-        pending = [False]
+        pending = [False, say]
         token = _pending.set(pending)
         try:
             result = method(*args, **kwargs)
