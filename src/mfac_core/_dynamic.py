@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from . import _deprecation
+from . import _deprecation, _engine
 from ._compat import Array
 from ._dynamic_factor import SlotFactor, Speculation, committed, finished, redamped, refined, solved
 from ._dynamic_setup import WindowOptions, build, emptied, filled, local_gram, window_options
@@ -379,14 +379,14 @@ class DynamicIHVP(WindowCopies):
         ValueError, TypeError, FactorizationError
             As :meth:`update`; the window is then unchanged.
         """
-        if not self._collective_checks:
+        if not (self._collective_checks or _engine.is_accelerator(self._xp, self._G)):
             # The product before the commit, its overflow said there: where that warning
             # is an error, the window is left as it was (Speculation's say_overflow).
             speculation = Speculation(self, say_overflow=True)
             insert(self, g, speculation=speculation)
             return speculation.s
-        # Sharded: said at the end, on the ranks whose coordinates overflowed; said before
-        # the commit, those ranks alone would refuse it.
+        # Sharded: said at the end, on the ranks whose coordinates overflowed (said before
+        # the commit, those ranks alone would refuse it); a GPU's is not checked.
         g, product = insert(self, g)
         X = g[:, None]
         return self._refined(X, self._finish(X, product))[:, 0]
