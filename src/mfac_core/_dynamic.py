@@ -212,14 +212,13 @@ class DynamicIHVP(WindowCopies):
     ) -> DynamicIHVP:
         """Build a window holding the gradients in the rows of ``G`` (oldest first).
 
-        The set-up is BLAS-3: one Gram product (accumulated in float64) and one
-        factorisation.
+        The set-up is BLAS-3: one Gram product (accumulated in float64) and one factorisation.
 
         Parameters
         ----------
         G : array, shape (k, d)
-            The gradients, oldest first; the operator takes G's namespace,
-            device and dtype (a 2-byte G gives a 2-byte window).
+            The gradients, oldest first; the operator takes G's namespace, device and dtype (a
+            2-byte G gives a 2-byte window).
         damp : float
             The damping ``lambda > 0``.
         num_grads : int, optional
@@ -235,19 +234,19 @@ class DynamicIHVP(WindowCopies):
         Raises
         ------
         ValueError
-            If G is not 2-D, holds NaN or infinity, or has more rows than
-            ``num_grads``; for a damping the constructor refuses.
+            If G is not 2-D, holds NaN or infinity, or has more rows than ``num_grads``; for a
+            damping the constructor refuses.
         FactorizationError
             If the window's capacitance matrix cannot be factorised in float64.
 
         Warns
         -----
         IllConditionedWarning
-            Where ``eps(float64) kappa >= 1/32`` for the window built, as every
-            set-up (:class:`StaticIHVP`, :meth:`set_damp`) warns: the gradients
-            are the caller's whole window. :meth:`update` warns too, and from
-            ``eps(float64) kappa >= 1`` refuses such a gradient, which the window
-            would keep for m steps (docs/mathematics.rst, "When the set-up fails or warns").
+            Where ``eps(float64) kappa >= 1/32`` for the window built, as every set-up
+            (:class:`StaticIHVP`, :meth:`set_damp`) warns: the gradients are the caller's whole
+            window. :meth:`update` warns too, and from ``eps(float64) kappa >= 1`` refuses such
+            a gradient, which the window would keep for m steps (docs/mathematics.rst, "When the
+            set-up fails or warns").
         """
         forward = _deprecation.sharded_form(cls, "DynamicIHVP.from_window", options)
         if forward is not None:
@@ -328,26 +327,24 @@ class DynamicIHVP(WindowCopies):
     def update(self, g: Array, /) -> None:
         """Insert gradient ``g``; a full window drops its oldest.
 
-        A gradient holding NaN or infinity, one so large that the window with
-        it would leave no correct digit in float64 (``eps(float64) kappa >= 1``
-        for ``kappa >= 1 + |g|^2 / (k damp)``), or one that makes the window's
-        capacitance matrix singular in float64, is refused and the window is
-        left unchanged.
+        A gradient holding NaN or infinity, one so large that the window with it would leave no
+        correct digit in float64 (``eps(float64) kappa >= 1`` for
+        ``kappa >= 1 + |g|^2 / (k damp)``), or one that makes the window's capacitance matrix
+        singular in float64, is refused and the window is left unchanged.
 
         Parameters
         ----------
         g : array, shape (d,)
-            The gradient, in the operator's namespace and device; float32 into
-            a float64 window is promoted; float32 (or 2-byte) into a 2-byte
-            window is rounded to its storage dtype, once.
+            The gradient, in the operator's namespace and device; float32 into a float64 window
+            is promoted; float32 (or 2-byte) into a 2-byte window is rounded to its storage
+            dtype, once.
 
         Raises
         ------
         ValueError
-            For a wrong shape, NaN or infinity, or another device; for an
-            entry beyond the range of a 2-byte storage dtype (float16's
-            largest finite value is 65504); for a gradient too large for the
-            window (above).
+            For a wrong shape, NaN or infinity, or another device; for an entry beyond the range
+            of a 2-byte storage dtype (float16's largest finite value is 65504); for a gradient
+            too large for the window (above).
         TypeError
             For another library or a lossy dtype.
         FactorizationError
@@ -359,8 +356,8 @@ class DynamicIHVP(WindowCopies):
     def update_and_matvec(self, g: Array, /) -> Array:
         """Insert ``g``, then return ``F^{-1} g`` for the window that includes it.
 
-        The optimiser step: the product ``G g`` serves both the update of the
-        Gram matrix and the product, so the m x d window is read twice in all.
+        The optimiser step: the product ``G g`` serves both the update of the Gram matrix and
+        the product, so the m x d window is read twice in all.
 
         Parameters
         ----------
@@ -370,9 +367,8 @@ class DynamicIHVP(WindowCopies):
         Returns
         -------
         array, shape (d,)
-            ``F^{-1} g`` in the operator's dtype (after ``refine`` steps),
-            for ``g`` as given (a 2-byte window stores it rounded: ``F`` is
-            the Fisher of the stored gradients).
+            ``F^{-1} g`` in the operator's dtype (after ``refine`` steps), for ``g`` as given (a
+            2-byte window stores it rounded: ``F`` is the Fisher of the stored gradients).
 
         Raises
         ------
@@ -380,13 +376,11 @@ class DynamicIHVP(WindowCopies):
             As :meth:`update`; the window is then unchanged.
         """
         if not (self._collective_checks or _engine.is_accelerator(self._xp, self._G)):
-            # The product before the commit, its overflow said there: where that warning
-            # is an error, the window is left as it was (Speculation's say_overflow).
+            # The product before the commit: an overflow error leaves the window as it was.
             speculation = Speculation(self, say_overflow=True)
             insert(self, g, speculation=speculation)
             return speculation.s
-        # Sharded: said at the end, on the ranks whose coordinates overflowed (said before
-        # the commit, those ranks alone would refuse it); a GPU's is not checked.
+        # Sharded: said after the commit (before it, only overflowing ranks would refuse).
         g, product = insert(self, g)
         X = g[:, None]
         return self._refined(X, self._finish(X, product))[:, 0]
@@ -470,20 +464,19 @@ class DynamicIHVP(WindowCopies):
         Raises
         ------
         TypeError, ValueError
-            For a damping the constructor refuses: not a finite positive real
-            number, subnormal, or so small that the window could take no
-            nonzero gradient (the message names the smallest that works).
+            For a damping the constructor refuses: not a finite positive real number, subnormal,
+            or so small that the window could take no nonzero gradient (the message names the
+            smallest that works).
         FactorizationError
-            If the window's capacitance matrix cannot be factorised with the
-            new damping.
+            If the window's capacitance matrix cannot be factorised with the new damping.
 
         Warns
         -----
         IllConditionedWarning
             Where the window's gradients with the new damping make
-            ``eps(float64) kappa >= 1/32`` (:meth:`update` refuses gradients
-            of their size from 1). The damping is changed all the same (after
-            an error, the operator keeps its old one).
+            ``eps(float64) kappa >= 1/32`` (:meth:`update` refuses gradients of their size from
+            1). The damping is changed all the same (after an error, the operator keeps its old
+            one).
         """
         redamped(self, damp)
 
@@ -507,34 +500,31 @@ class DynamicIHVP(WindowCopies):
     def load_state_dict(self, state: Mapping[str, Any], /, *, damp: float | None = None) -> None:
         """Restore a state from :meth:`state_dict` (same sizes, dtype and device).
 
-        Everything is checked before anything changes: a state that is
-        malformed, or whose gradients, Gram matrix and factor do not agree,
-        raises and leaves the operator exactly as it was. The whole Gram
-        matrix is recomputed from the stored gradients (accumulated in
-        float64, O(m^2 d), the cost of :meth:`from_window`'s set-up) and must
-        match the stored one to the rounding of its sums: within
-        ``4 (d + ranks) eps |g_i| |g_j|`` per entry, with float64's eps for
-        a state whose ``exact_gram`` is set (every state this version saves)
-        and the window's compute dtype's for older states, whose Gram rows
-        were summed in that dtype. The factor is checked against the Gram
-        matrix on a sample of columns and its whole diagonal (O(m^2)).
+        Everything is checked before anything changes: a state that is malformed, or whose
+        gradients, Gram matrix and factor do not agree, raises and leaves the operator exactly
+        as it was. The whole Gram matrix is recomputed from the stored gradients (accumulated in
+        float64, O(m^2 d), the cost of :meth:`from_window`'s set-up) and must match the stored
+        one to the rounding of its sums: within ``4 (d + ranks) eps |g_i| |g_j|`` per entry,
+        with float64's eps for a state whose ``exact_gram`` is set (every state this version
+        saves) and the window's compute dtype's for older states, whose Gram rows were summed in
+        that dtype. The factor is checked against the Gram matrix on a sample of columns and its
+        whole diagonal (O(m^2)).
 
         Parameters
         ----------
         state : mapping
-            A state from :meth:`state_dict`; its ``damp`` must equal the
-            operator's unless ``damp`` is given.
+            A state from :meth:`state_dict`; its ``damp`` must equal the operator's unless
+            ``damp`` is given.
         damp : float, optional
-            Resume with this damping: the state is checked against its own
-            damping, then its factor is recomputed from the stored Gram matrix
-            with this one (O(m^3), no pass over the gradients); the operator
-            takes this damping.
+            Resume with this damping: the state is checked against its own damping, then its
+            factor is recomputed from the stored Gram matrix with this one (O(m^3), no pass over
+            the gradients); the operator takes this damping.
 
         Raises
         ------
         ValueError
-            For a malformed or inconsistent state, one of other sizes or
-            damping, or one with keys that no ``state_dict`` holds.
+            For a malformed or inconsistent state, one of other sizes or damping, or one with
+            keys that no ``state_dict`` holds.
         TypeError
             For arrays of another library or dtype.
         FactorizationError

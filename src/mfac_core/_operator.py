@@ -208,25 +208,24 @@ class LinearOperator:
         Parameters
         ----------
         x : array, shape (N,) or (N, 1)
-            In the operator's namespace and device, and its dtype (or float32
-            for a float64 operator).
+            In the operator's namespace and device, and its dtype (or float32 for a float64
+            operator).
 
         Returns
         -------
         array, shape (M,) or (M, 1)
-            ``A @ x``, with as many dimensions as ``x``, in the operator's
-            namespace, dtype and device.
+            ``A @ x``, with as many dimensions as ``x``, in the operator's namespace, dtype and
+            device.
 
         Raises
         ------
         TypeError
-            If ``x`` is not an array of the operator's library, or has a
-            floating dtype that would lose precision in the operator's dtype
-            (float32 is promoted to a float64 operator's dtype; the reverse is
-            refused).
+            If ``x`` is not an array of the operator's library, or has a floating dtype that
+            would lose precision in the operator's dtype (float32 is promoted to a float64
+            operator's dtype; the reverse is refused).
         ValueError
-            If ``x`` is on another device, has the wrong shape, or (with
-            ``check_finite``) holds NaN or infinity.
+            If ``x`` is on another device, has the wrong shape, or (with ``check_finite``) holds
+            NaN or infinity.
         """
         return self._vector(x, self.shape[1], self._matvec, "matmat")
 
@@ -237,25 +236,24 @@ class LinearOperator:
         Parameters
         ----------
         x : array, shape (M,) or (M, 1)
-            In the operator's namespace and device, and its dtype (or float32
-            for a float64 operator).
+            In the operator's namespace and device, and its dtype (or float32 for a float64
+            operator).
 
         Returns
         -------
         array, shape (N,) or (N, 1)
-            ``A^H @ x``, with as many dimensions as ``x``, in the operator's
-            namespace, dtype and device.
+            ``A^H @ x``, with as many dimensions as ``x``, in the operator's namespace, dtype
+            and device.
 
         Raises
         ------
         TypeError
-            If ``x`` is not an array of the operator's library, or has a
-            floating dtype that would lose precision in the operator's dtype
-            (float32 is promoted to a float64 operator's dtype; the reverse is
-            refused).
+            If ``x`` is not an array of the operator's library, or has a floating dtype that
+            would lose precision in the operator's dtype (float32 is promoted to a float64
+            operator's dtype; the reverse is refused).
         ValueError
-            If ``x`` is on another device, has the wrong shape, or (with
-            ``check_finite``) holds NaN or infinity.
+            If ``x`` is on another device, has the wrong shape, or (with ``check_finite``) holds
+            NaN or infinity.
         """
         return self._vector(x, self.shape[0], self._rmatvec, "rmatmat")
 
@@ -266,8 +264,8 @@ class LinearOperator:
         Parameters
         ----------
         X : array, shape (N, k)
-            In the operator's namespace and device, and its dtype (or float32
-            for a float64 operator).
+            In the operator's namespace and device, and its dtype (or float32 for a float64
+            operator).
 
         Returns
         -------
@@ -277,13 +275,12 @@ class LinearOperator:
         Raises
         ------
         TypeError
-            If ``X`` is not an array of the operator's library, or has a
-            floating dtype that would lose precision in the operator's dtype
-            (float32 is promoted to a float64 operator's dtype; the reverse is
-            refused).
+            If ``X`` is not an array of the operator's library, or has a floating dtype that
+            would lose precision in the operator's dtype (float32 is promoted to a float64
+            operator's dtype; the reverse is refused).
         ValueError
-            If ``X`` is on another device, has the wrong shape, or (with
-            ``check_finite``) holds NaN or infinity.
+            If ``X`` is on another device, has the wrong shape, or (with ``check_finite``) holds
+            NaN or infinity.
         """
         return self._matmat(self._check_input(X, "X", self.shape[1], (2,)))
 
@@ -294,8 +291,8 @@ class LinearOperator:
         Parameters
         ----------
         X : array, shape (M, k)
-            In the operator's namespace and device, and its dtype (or float32
-            for a float64 operator).
+            In the operator's namespace and device, and its dtype (or float32 for a float64
+            operator).
 
         Returns
         -------
@@ -305,13 +302,12 @@ class LinearOperator:
         Raises
         ------
         TypeError
-            If ``X`` is not an array of the operator's library, or has a
-            floating dtype that would lose precision in the operator's dtype
-            (float32 is promoted to a float64 operator's dtype; the reverse is
-            refused).
+            If ``X`` is not an array of the operator's library, or has a floating dtype that
+            would lose precision in the operator's dtype (float32 is promoted to a float64
+            operator's dtype; the reverse is refused).
         ValueError
-            If ``X`` is on another device, has the wrong shape, or (with
-            ``check_finite``) holds NaN or infinity.
+            If ``X`` is on another device, has the wrong shape, or (with ``check_finite``) holds
+            NaN or infinity.
         """
         return self._rmatmat(self._check_input(X, "X", self.shape[0], (2,)))
 

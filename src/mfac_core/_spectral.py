@@ -259,8 +259,8 @@ class SpectralIHVP(LinearOperator):
     def logdet(self) -> float:
         """``log det`` of this operator (``-log det F`` for ``F^{-1}``), in O(m) per block.
 
-        A sum over the ``min(B, m)`` largest eigenvalues of each block's Gram, in
-        float64 (docs/beyond.rst, "Closed forms").
+        A sum over the ``min(B, m)`` largest eigenvalues of each block's Gram, in float64
+        (docs/beyond.rst, "Closed forms").
 
         Returns
         -------
@@ -329,15 +329,14 @@ class SpectralIHVP(LinearOperator):
     def sweep(self, x: Array, /, *, damps: Sequence[float]) -> Array:
         """Apply this power of F at each of K dampings to ``x``.
 
-        ``G x`` once, then, for one vector, all K results from one more read of
-        G; a matrix ``x`` reads G once more per damping (docs/beyond.rst, "What
-        each operation costs").
+        ``G x`` once, then, for one vector, all K results from one more read of G; a matrix
+        ``x`` reads G once more per damping (docs/beyond.rst, "What each operation costs").
 
         Parameters
         ----------
         x : array, shape (d,) or (d, k)
-            In the operator's namespace, device and dtype (float32 is
-            promoted for a float64 operator).
+            In the operator's namespace, device and dtype (float32 is promoted for a float64
+            operator).
         damps : sequence or 1-d array of float
             The K dampings ``> 0``.
 
@@ -377,9 +376,9 @@ class SpectralIHVP(LinearOperator):
     def diagonal(self, *, damps: Sequence[float] | None = None) -> Array:
         """The diagonal of this operator, at its damping or at each of K dampings, in O(d m^2).
 
-        ``f(damp) + sum_i h_i (U^T g_j)_i^2`` for the columns ``g_j`` of G,
-        whitened in float64 a bounded piece at a time (O(d m^2) BLAS-3 work); all
-        K dampings share one pass over G (docs/beyond.rst, "What each operation costs").
+        ``f(damp) + sum_i h_i (U^T g_j)_i^2`` for the columns ``g_j`` of G, whitened in float64
+        a bounded piece at a time (O(d m^2) BLAS-3 work); all K dampings share one pass over G
+        (docs/beyond.rst, "What each operation costs").
 
         Parameters
         ----------
@@ -422,9 +421,9 @@ class SpectralIHVP(LinearOperator):
     def bilinear(self, Q: Array, R: Array, /, *, batch_size: int | None = None) -> Array:
         r"""``Q A R^T`` for this operator A (``Q F^{-1} R^T``), without a d x d array.
 
-        Q is projected once, R a batch of rows at a time, onto float64
-        coordinates (one pass over G each): the temporaries are ``(p + n_batch)
-        x m`` per block (docs/beyond.rst, "What each operation costs").
+        Q is projected once, R a batch of rows at a time, onto float64 coordinates (one pass
+        over G each): the temporaries are ``(p + n_batch) x m`` per block (docs/beyond.rst,
+        "What each operation costs").
 
         Parameters
         ----------
@@ -498,9 +497,8 @@ class SpectralIHVP(LinearOperator):
     def sample(self, n: int, /, *, rng: Any) -> Array:
         """``n`` draws from ``N(0, A)`` for this operator A (``N(0, F^{-1})``), O(d m) each.
 
-        ``A^{1/2} z`` for standard normal ``z`` drawn on the operator's device
-        in its library, so ``A`` must be ``F^{-1}`` or ``F`` (a square root
-        exists in closed form).
+        ``A^{1/2} z`` for standard normal ``z`` drawn on the operator's device in its library,
+        so ``A`` must be ``F^{-1}`` or ``F`` (a square root exists in closed form).
 
         Parameters
         ----------
@@ -508,14 +506,12 @@ class SpectralIHVP(LinearOperator):
             The number of samples, ``>= 0``.
         rng : generator, key or int
             The caller's source of randomness in the operator's library: a
-            :class:`numpy.random.Generator`, a :class:`torch.Generator` on the
-            operator's device, a JAX PRNG key (``jax.random.key`` or
-            ``PRNGKey``, used as given: split it yourself for further draws), a
-            ``cupy.random.Generator``, or an int seed ``>= 0`` for a new one
-            (below ``2**64`` for PyTorch, ``2**63`` for JAX: what their
-            generators take without wrapping); array-api-strict (no generator)
-            takes a NumPy Generator or seed and copies the draws to the
-            operator's device.
+            :class:`numpy.random.Generator`, a :class:`torch.Generator` on the operator's
+            device, a JAX PRNG key (``jax.random.key`` or ``PRNGKey``, used as given: split it
+            yourself for further draws), a ``cupy.random.Generator``, or an int seed ``>= 0``
+            for a new one (below ``2**64`` for PyTorch, ``2**63`` for JAX: what their generators
+            take without wrapping); array-api-strict (no generator) takes a NumPy Generator or
+            seed and copies the draws to the operator's device.
 
         Returns
         -------
@@ -527,9 +523,8 @@ class SpectralIHVP(LinearOperator):
         TypeError
             For a generator of another library.
         ValueError
-            For a negative ``n``, a seed out of its library's range, or an
-            operator that is not ``F^{-1}`` or ``F``
-            (``power = ±1/2``, from :meth:`sqrt` or :meth:`inv_sqrt`), whose
+            For a negative ``n``, a seed out of its library's range, or an operator that is not
+            ``F^{-1}`` or ``F`` (``power = ±1/2``, from :meth:`sqrt` or :meth:`inv_sqrt`), whose
             square root has no closed form.
 
         Examples

@@ -427,99 +427,87 @@ class StaticIHVP(_BlockOperatorBase):
     ) -> StaticIHVP:
         """Collect gradients from an iterable (a data loader) into G, then build the operator.
 
-        G is filled one gradient, or one batch of gradients, at a time, into
-        memory or into a ``.npy`` file opened as a memmap, so that G need not
-        fit in memory (docs/guidance.rst, "Gradients larger than memory").
+        G is filled one gradient, or one batch of gradients, at a time, into memory or into a
+        ``.npy`` file opened as a memmap, so that G need not fit in memory (docs/guidance.rst,
+        "Gradients larger than memory").
 
         Parameters
         ----------
         gradients : iterable of arrays
-            Yields exactly ``num_grads`` gradients, each of shape ``(dim,)``
-            or in batches ``(k, dim)``, of the store's library and device
-            (NumPy unless ``grads_out`` is an array of another library). Use
-            ``itertools.islice`` to take the first ones of a longer iterable.
+            Yields exactly ``num_grads`` gradients, each of shape ``(dim,)`` or in batches
+            ``(k, dim)``, of the store's library and device (NumPy unless ``grads_out`` is an
+            array of another library). Use ``itertools.islice`` to take the first ones of a
+            longer iterable.
         num_grads, dim : int
             The number of gradients m and their length d.
         damp : float
             The damping, as in :class:`StaticIHVP`.
         dtype : dtype or str, optional
-            The dtype of G (``"float32"``, ``"float64"``, or ``"float16"`` or
-            ``"bfloat16"``, ml_dtypes', for 2-byte storage): every gradient is
-            converted to it (rounded to nearest even). By default the first
-            gradient's dtype, which all the others must then have.
+            The dtype of G (``"float32"``, ``"float64"``, or ``"float16"`` or ``"bfloat16"``,
+            ml_dtypes', for 2-byte storage): every gradient is converted to it (rounded to
+            nearest even). By default the first gradient's dtype, which all the others must then
+            have.
         grads_out : None, str, os.PathLike or array, optional
-            Where G goes: a new NumPy array (``None``, the default), a new
-            ``.npy`` file of that path opened as a memmap (an existing file is
-            refused; reopen it later with ``numpy.load(path, mmap_mode="r")``,
-            and a bfloat16 file, which ``.npy`` records as raw 2-byte values,
-            with ``.view(ml_dtypes.bfloat16)`` of that),
-            or a writeable ``(num_grads, dim)`` array to fill (any library).
+            Where G goes: a new NumPy array (``None``, the default), a new ``.npy`` file of that
+            path opened as a memmap (an existing file is refused; reopen it later with
+            ``numpy.load(path, mmap_mode="r")``, and a bfloat16 file, which ``.npy`` records as
+            raw 2-byte values, with ``.view(ml_dtypes.bfloat16)`` of that), or a writeable
+            ``(num_grads, dim)`` array to fill (any library).
         progress : None, True or callable, optional
-            ``True`` draws a text progress bar on stderr; a callable is called
-            as ``progress(stage, done, total)``, with ``stage`` ``"gradients"``
-            (gradients stored so far, of ``num_grads``) and then ``"set-up"``
-            (the set-up's work, as in :class:`StaticIHVP`). To use tqdm, pass
-            a callable that updates a bar of your own.
+            ``True`` draws a text progress bar on stderr; a callable is called as
+            ``progress(stage, done, total)``, with ``stage`` ``"gradients"`` (gradients stored
+            so far, of ``num_grads``) and then ``"set-up"`` (the set-up's work, as in
+            :class:`StaticIHVP`). To use tqdm, pass a callable that updates a bar of your own.
         **options
-            ``block_size``, ``check_finite`` (each gradient is also checked as
-            it arrives) and ``refine``, as in :class:`StaticIHVP`. The
-            deprecated ``out=`` and ``overwrite_G=`` are ignored, with a
-            ``DeprecationWarning`` (no file is made for ``out``).
+            ``block_size``, ``check_finite`` (each gradient is also checked as it arrives) and
+            ``refine``, as in :class:`StaticIHVP`. The deprecated ``out=`` and ``overwrite_G=``
+            are ignored, with a ``DeprecationWarning`` (no file is made for ``out``).
 
         Returns
         -------
         StaticIHVP
-            The operator; it keeps G by reference, so a memmap file must stay
-            where it is while the operator is in use.
+            The operator; it keeps G by reference, so a memmap file must stay where it is while
+            the operator is in use.
 
         Raises
         ------
         ValueError
-            If the iterable yields fewer or more than ``num_grads`` gradients
-            (a ``None`` after the last counts as one more: the iterable must
-            end), one of another shape, an empty batch ``(0, dim)``, or one
-            holding NaN or infinity; for ``num_grads * dim`` values more than
-            one array can address (before any gradient is read); and as in
+            If the iterable yields fewer or more than ``num_grads`` gradients (a ``None`` after
+            the last counts as one more: the iterable must end), one of another shape, an empty
+            batch ``(0, dim)``, or one holding NaN or infinity; for ``num_grads * dim`` values
+            more than one array can address (before any gradient is read); and as in
             :class:`StaticIHVP`.
         TypeError
-            For a gradient of another library or a non-floating dtype, or a
-            dtype that differs from the first gradient's without ``dtype``;
-            for an unknown keyword (before any gradient is read).
+            For a gradient of another library or a non-floating dtype, or a dtype that differs
+            from the first gradient's without ``dtype``; for an unknown keyword (before any
+            gradient is read).
         FileExistsError
-            If a path names an existing file (or a symbolic link, even a
-            dangling one).
+            If a path names an existing file (or a symbolic link, even a dangling one).
         IsADirectoryError
             If a path names a folder.
         FileNotFoundError
             If a path's folder does not exist (before any gradient is read).
         OSError
-            If the disk cannot hold the new file: its space is reserved when it
-            is made (``posix_fallocate``, where the platform has it), after the
-            first gradient, so that a full disk is this error rather than the
-            process's death (``SIGBUS``) at a later write into the map.
+            If the disk cannot hold the new file: its space is reserved when it is made
+            (``posix_fallocate``, where the platform has it), after the first gradient, so that
+            a full disk is this error rather than the process's death (``SIGBUS``) at a later
+            write into the map.
 
         Notes
         -----
-        A file this method created is removed when the collection fails (a
-        gradient refused, too few or too many of them, an error of the
-        iterable, an interrupt): its rows are missing. Once the last gradient
-        is in, the file is complete, and it is kept when the set-up after the
-        collection fails (a damping too small to factorise, an interrupt): a
-        mistake in one option does not cost the collection. The error's note
-        (Python 3.11 and later; ``__notes__`` on 3.10) names the file and how
-        to build the operator from it,
-        ``StaticIHVP(numpy.load(path, mmap_mode="r"), damp=...)``. An array
-        passed as ``grads_out`` keeps what was written into it (the
-        gradients read so far). A file is a ``.npy`` file only once its last
-        gradient is in, so that one left by a killed process is not read as
-        complete gradients by ``numpy.load`` (which then says, wrongly, that
-        the file holds pickled data).
-
-        An iterator left unfinished by an error is closed (its ``close()``,
-        where it has one): a generator's ``finally`` blocks and ``with``
-        statements (an open file, a data loader's workers) run then, not
-        whenever it is garbage-collected. An error of ``close()`` itself is
-        added to the first error as a note.
+        A file this method created is removed when the collection fails (a gradient refused, too
+        few or too many of them, an error of the iterable, an interrupt): its rows are missing.
+        Once the last gradient is in, the file is complete, and it is kept when the set-up after
+        it fails (a damping too small to factorise, an interrupt); the error's note (Python 3.11
+        and later; ``__notes__`` on 3.10) names it and how to build the operator from it,
+        ``StaticIHVP(numpy.load(path, mmap_mode="r"), damp=...)``. An array passed as
+        ``grads_out`` keeps the gradients read so far. A file is a ``.npy`` file only once its
+        last gradient is in, so that ``numpy.load`` refuses one left by a killed process (saying,
+        wrongly, that it holds pickled data) rather than read it as complete gradients. An
+        iterator an error abandons is closed (its ``close()``, where it has one), so that a
+        generator's ``finally`` blocks and ``with`` statements (an open file, a data loader's
+        workers) run then, not when it is garbage-collected; an error of ``close()`` becomes a
+        note of the first error.
 
         Examples
         --------

@@ -371,10 +371,9 @@ class MFAC(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a parameter group, as to any :class:`torch.optim.Optimizer`.
 
-        The new parameters' coordinates are appended to the flat vector. The
-        window's gradients get zeros there (the new parameters had no
-        gradient in the steps before), which leaves the Gram matrix and its
-        factor as they are: the new coordinates start with the Fisher
+        The new parameters' coordinates are appended to the flat vector. The window's gradients
+        get zeros there (the new parameters had no gradient in the steps before), which leaves
+        the Gram matrix and its factor as they are: the new coordinates start with the Fisher
         ``damp I`` and a zero momentum.
 
         Parameters
@@ -385,12 +384,11 @@ class MFAC(torch.optim.Optimizer):
         Raises
         ------
         ValueError
-            For an out-of-range ``lr``, ``momentum`` or ``weight_decay`` of
-            the group, a tensor option on another device than its parameters' or
-            the CPU, a window option in it, a parameter listed twice, parameters on
-            another device, parameters that would change the step's dtype (float64 ones added
-            to a float32 optimizer) or the window's storage dtype (float32 ones
-            added to a bfloat16 optimizer without ``grad_dtype``), or a
+            For an out-of-range ``lr``, ``momentum`` or ``weight_decay`` of the group, a tensor
+            option on another device than its parameters' or the CPU, a window option in it, a
+            parameter listed twice, parameters on another device, parameters that would change
+            the step's dtype (float64 ones added to a float32 optimizer) or the window's storage
+            dtype (float32 ones added to a bfloat16 optimizer without ``grad_dtype``), or a
             distributed optimizer. The optimizer is then unchanged.
         """
         frozen = check_new_group(self, param_group)
@@ -435,8 +433,7 @@ class MFAC(torch.optim.Optimizer):
         Parameters
         ----------
         closure : callable, optional
-            Re-evaluates the model and returns the loss (computed with
-            gradients enabled).
+            Re-evaluates the model and returns the loss (computed with gradients enabled).
 
         Returns
         -------
@@ -446,22 +443,21 @@ class MFAC(torch.optim.Optimizer):
         Raises
         ------
         FloatingPointError
-            With ``errors="raise"``, for a gradient or a step holding NaN or
-            infinity; the parameters, momentum, counters and window are as
-            they were (the gradient of a step that is not finite is not kept).
+            With ``errors="raise"``, for a gradient or a step holding NaN or infinity; the
+            parameters, momentum, counters and window are as they were (the gradient of a step
+            that is not finite is not kept).
         FactorizationError
-            With ``errors="raise"``, for a gradient the window cannot take; the
-            optimizer is as it was.
+            With ``errors="raise"``, for a gradient the window cannot take; the optimizer is as
+            it was.
         RuntimeError
             For sparse gradients, parameter groups edited by hand (not with
-            :meth:`add_param_group`), a parameter whose size (or, masked, memory
-            layout) or device changed since construction, or a float64 parameter
-            in an optimizer built without one (e.g. ``model.double()`` after
-            construction); nothing changes.
+            :meth:`add_param_group`), a parameter whose size (or, masked, memory layout) or
+            device changed since construction, or a float64 parameter in an optimizer built
+            without one (e.g. ``model.double()`` after construction); nothing changes.
         TypeError
-            For a group's ``lr``, ``momentum`` or ``weight_decay`` edited into other
-            than a real number or a one-element real tensor on the parameters' device
-            or the CPU; nothing changes.
+            For a group's ``lr``, ``momentum`` or ``weight_decay`` edited into other than a real
+            number or a one-element real tensor on the parameters' device or the CPU; nothing
+            changes.
         """
         loss = None
         if closure is not None:
@@ -500,23 +496,19 @@ class MFAC(torch.optim.Optimizer):
         Returns
         -------
         dict
-            :meth:`torch.optim.Optimizer.state_dict`, whose ``"state"`` holds
-            one entry, under the id of the first parameter that requires grad
-            when it is called (of the first parameter if none does; as
-            :class:`torch.optim.LBFGS` keeps its global state): MFAC's state
-            for all parameters, with copies of the window's state
-            (``"window"``: :meth:`DynamicIHVP.state_dict` with its slot
-            lists as int64 tensors of length ``num_grads`` padded with -1,
-            and its factor padded with zeros to ``num_grads x num_grads``, so
-            that every tensor keeps its shape from construction on), the momentum
-            buffer of the flat vector (``"momentum_buffer"``), the step count
-            (``"steps"``) and the counters ``"skipped_steps"`` and
-            ``"rejected_grads"``; with ``masks``, also ``"mask"``, every
-            parameter's mask flat in parameter order (a boolean tensor of all
-            their coordinates, ``True`` where kept), which a load checks. The
-            other parameters have empty entries (which the strict loading of
-            :mod:`torch.distributed.checkpoint` asks for). State-dict hooks see
-            these entries.
+            :meth:`torch.optim.Optimizer.state_dict`, whose ``"state"`` holds one entry, under
+            the id of the first parameter that requires grad when it is called (of the first
+            parameter if none does; as :class:`torch.optim.LBFGS` keeps its global state):
+            MFAC's state for all parameters, with copies of the window's state (``"window"``:
+            :meth:`DynamicIHVP.state_dict` with its slot lists as int64 tensors of length
+            ``num_grads`` padded with -1, and its factor padded with zeros to
+            ``num_grads x num_grads``, so that every tensor keeps its shape from construction
+            on), the momentum buffer of the flat vector (``"momentum_buffer"``), the step count
+            (``"steps"``) and the counters ``"skipped_steps"`` and ``"rejected_grads"``; with
+            ``masks``, also ``"mask"``, every parameter's mask flat in parameter order (a
+            boolean tensor of all their coordinates, ``True`` where kept), which a load checks.
+            The other parameters have empty entries (which the strict loading of
+            :mod:`torch.distributed.checkpoint` asks for). State-dict hooks see these entries.
         """
         return with_saved_entry(self, super().state_dict)
 
@@ -531,39 +523,34 @@ class MFAC(torch.optim.Optimizer):
         """Restore a state from :meth:`state_dict`, window included.
 
         The load pre-hooks run first (on a shallow copy, as in
-        :meth:`torch.optim.Optimizer.load_state_dict`); then everything is
-        checked before anything changes: a state that cannot be loaded raises
-        and leaves the optimizer exactly as it was (window, momentum,
-        counters, parameter groups). The post-hooks run after the load.
+        :meth:`torch.optim.Optimizer.load_state_dict`); then everything is checked before
+        anything changes: a state that cannot be loaded raises and leaves the optimizer exactly
+        as it was (window, momentum, counters, parameter groups). The post-hooks run after the
+        load.
 
-        A state saved by mfac_core 0.x before the state moved into
-        ``state_dict["state"]`` (a top-level ``"mfac"`` entry beside an
-        empty ``"state"``) loads too, and so does a window whose slot lists
-        are Python lists (:meth:`DynamicIHVP.state_dict`'s form, which
-        earlier checkpoints hold).
+        A state saved by mfac_core 0.x before the state moved into ``state_dict["state"]`` (a
+        top-level ``"mfac"`` entry beside an empty ``"state"``) loads too, and so does a window
+        whose slot lists are Python lists (:meth:`DynamicIHVP.state_dict`'s form, which earlier
+        checkpoints hold).
 
         Parameters
         ----------
         state_dict : dict
-            From :meth:`state_dict` of an MFAC optimizer with the same
-            ``num_grads``, ``zero_init``, window dtype and parameter sizes.
-            Tensors are moved to this optimizer's device; none keeps autograd
-            history.
+            From :meth:`state_dict` of an MFAC optimizer with the same ``num_grads``,
+            ``zero_init``, window dtype and parameter sizes. Tensors are moved to this
+            optimizer's device; none keeps autograd history.
         damp : float, optional
-            Resume with this damping. Without it the state's damping must
-            equal the optimizer's. With a damping other than the state's,
-            the window's factor is recomputed from its gradients
-            from the stored Gram matrix (O(m^3), no pass over the window and no
-            extra ``m x d`` buffer); the continuation then differs from the
-            original run.
+            Resume with this damping. Without it the state's damping must equal the optimizer's.
+            With a damping other than the state's, the window's factor is recomputed from its
+            gradients from the stored Gram matrix (O(m^3), no pass over the window and no extra
+            ``m x d`` buffer); the continuation then differs from the original run.
 
         Raises
         ------
         ValueError
-            If the state is not an MFAC state of matching sizes, or a value
-            in it is missing, of the wrong type, out of range or cannot be
-            copied, or it was saved with other ``masks`` than the
-            optimizer's (no masks counting as all kept).
+            If the state is not an MFAC state of matching sizes, or a value in it is missing, of
+            the wrong type, out of range or cannot be copied, or it was saved with other
+            ``masks`` than the optimizer's (no masks counting as all kept).
         FactorizationError
             If the window cannot be factorised with the new ``damp``.
         """
