@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 
-from mfac_core import LinearOperator
+from mfac_core import LinearOperator, _engine, _fused
 
 settings.register_profile(
     "ci",
@@ -307,3 +307,14 @@ class Dense(LinearOperator):
 
     def _rmatmat(self, X: Any) -> Any:
         return self.A.T @ X
+
+
+@pytest.fixture(params=["kernels", "fallback"])
+def engine_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The passes through the C extension, and through float64 column pieces."""
+    if request.param == "kernels":
+        if not _fused.available():
+            pytest.skip("the C extension was not built")
+    else:
+        monkeypatch.setattr(_engine, "host_view", lambda xp, A: None)
+    return request.param

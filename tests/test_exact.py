@@ -19,7 +19,7 @@ from conftest import rounded
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mfac_core import DynamicIHVP, SpectralIHVP, StaticIHVP, WindowOptions, _engine, _fused
+from mfac_core import DynamicIHVP, SpectralIHVP, StaticIHVP, WindowOptions
 from mfac_core.testing import extended_precision_inverse
 
 EPS32 = float(np.finfo(np.float32).eps)
@@ -143,17 +143,6 @@ def _as(lib: str, a: np.ndarray, storage: str) -> Any:
         return np.ascontiguousarray(a, dtype=storage)
     torch = pytest.importorskip("torch")
     return torch.tensor(a, dtype=getattr(torch, storage))
-
-
-@pytest.fixture(params=["kernels", "fallback"])
-def engine_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """The passes through the C extension, and through float64 column pieces."""
-    if request.param == "kernels":
-        if not _fused.available():
-            pytest.skip("the C extension was not built")
-    else:
-        monkeypatch.setattr(_engine, "host_view", lambda xp, A: None)
-    return request.param
 
 
 @pytest.mark.parametrize("kappa", KAPPAS)

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from mfac_core import DynamicIHVP, EmpiricalFisher, SpectralIHVP, StaticIHVP, _engine, _fused
+from mfac_core import DynamicIHVP, EmpiricalFisher, SpectralIHVP, StaticIHVP, _fused
 from mfac_core._finite import (
     FLOAT32_OVERFLOW,
     float32_overflow_noted,
@@ -31,17 +31,6 @@ from mfac_core._finite import (
 )
 
 M, D, BLOCK = 4, 96, 40  # block-wise: two groups (2 blocks of 40, one of 16)
-
-
-@pytest.fixture(params=["kernels", "fallback"])
-def engine_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """The passes through the C extension, and through float64 column pieces."""
-    if request.param == "kernels":
-        if not _fused.available():
-            pytest.skip("the C extension was not built")
-    else:
-        monkeypatch.setattr(_engine, "host_view", lambda xp, A: None)
-    return request.param
 
 
 def _as(lib: str, a: np.ndarray, storage: str) -> Any:
