@@ -556,27 +556,23 @@ static PyObject *py_combine64(PyObject *self, PyObject *args)
     float *sbuf = stage_buffer(&raw);
     if (sbuf == NULL)
         goto done;
+    void *tile = NULL;
+    if (trans && (tile = scratch(m, TLD64(sizeof(double)) * (Py_ssize_t)sizeof(double),
+                                 &raw_tile)) == NULL)
+        goto done;
     int overflow;
-    if (trans) {
-        void *tile = scratch(m, TLD64(sizeof(double)) * (Py_ssize_t)sizeof(double), &raw_tile);
-        if (tile == NULL)
-            goto done;
-        const combine64t_fn fn = kern->combine64t[storage];
-        Py_BEGIN_ALLOW_THREADS
-        const overflow_state saved = overflow_clear();
-        fn((const char *)V.buf + col0 * m * size, m, m, Ct.buf, (int)kk, a.buf, X.buf,
-           shared ? 0 : n, x64, Y.buf, n, out64, j0, j1, buf, sbuf, tile);
-        overflow = overflow_test_restore(saved);
-        Py_END_ALLOW_THREADS
-    } else {
-        const combine64_fn fn = kern->combine64[storage];
-        Py_BEGIN_ALLOW_THREADS
-        const overflow_state saved = overflow_clear();
-        fn((const char *)V.buf + col0 * size, ld, m, Ct.buf, (int)kk, a.buf, X.buf,
-           shared ? 0 : n, x64, Y.buf, n, out64, j0, j1, buf, sbuf);
-        overflow = overflow_test_restore(saved);
-        Py_END_ALLOW_THREADS
-    }
+    Py_BEGIN_ALLOW_THREADS
+    const overflow_state saved = overflow_clear();
+    if (trans)
+        kern->combine64t[storage]((const char *)V.buf + col0 * m * size, m, m, Ct.buf, (int)kk,
+                                  a.buf, X.buf, shared ? 0 : n, x64, Y.buf, n, out64, j0, j1,
+                                  buf, sbuf, tile);
+    else
+        kern->combine64[storage]((const char *)V.buf + col0 * size, ld, m, Ct.buf, (int)kk,
+                                 a.buf, X.buf, shared ? 0 : n, x64, Y.buf, n, out64, j0, j1, buf,
+                                 sbuf);
+    overflow = overflow_test_restore(saved);
+    Py_END_ALLOW_THREADS
     result = PyBool_FromLong(overflow);
 done:
     free(buf);
