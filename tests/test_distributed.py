@@ -495,7 +495,7 @@ def test_torch_comm_over_gloo(nprocs: int) -> None:
     pytest.importorskip("array_api_strict")
     from _spmd import spawn
 
-    results = spawn(_reduce_many, nprocs)
+    results = spawn(_reduce_many, nprocs, pooled=True)
     for r in results:
         assert isinstance(r, dict), r
     parts = [np.random.default_rng(r) for r in range(nprocs)]

@@ -863,7 +863,7 @@ def test_sharded_operator_over_gloo(nprocs: int) -> None:
     from _spmd import spawn
 
     d = 37
-    results = spawn(_gloo_operator, nprocs, d)
+    results = spawn(_gloo_operator, nprocs, d, pooled=True)
     _ok(results)
     _assert_same_replicated([r["state"] for r in results])
     rng = np.random.default_rng(11)

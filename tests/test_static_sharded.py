@@ -621,7 +621,7 @@ def test_over_gloo(nprocs: int) -> None:
 
     m, d = 5, 8 * nprocs - 3
     block_sizes: list[int | None] = [None, 4]
-    results = spawn(_gloo_checks, nprocs, m, d, block_sizes, timeout=60)
+    results = spawn(_gloo_checks, nprocs, m, d, block_sizes, timeout=60, pooled=True)
     for r in results:
         assert isinstance(r, dict), r
         assert r["error"] == "ValueError"
