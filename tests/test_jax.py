@@ -10,6 +10,7 @@ show users ``jax.config.update("jax_enable_x64", True)``, run in a child process
 from __future__ import annotations
 
 import doctest
+import json
 import math
 import os
 import re
@@ -76,34 +77,43 @@ def test_import_mfac_core_does_not_import_jax():
     subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=ROOT)
 
 
-def test_docstring_examples():
-    """The Examples run in a child: they switch the 64-bit mode on process-wide."""
+@pytest.fixture(scope="module")
+def doc_examples() -> tuple[dict[str, list[int]], str]:
+    """The Examples of mfac_core.jax's docstrings, then the optax session of docs/jax.rst,
+    run in one child (they switch the 64-bit mode on process-wide, each at its start; one
+    child imports JAX once for both): per source ``[failed, attempted]``, and the output.
+    """
+    flags = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
     code = (
-        "import doctest, mfac_core.jax as m; r = doctest.testmod(m, optionflags="
-        f"{doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE}); "
-        "assert r.failed == 0 and r.attempted >= 10, r"
-    )
-    env = {**os.environ, "PYTHONPATH": PACKAGE_PARENT}
-    proc = subprocess.run(
-        [sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-
-
-def test_docs_jax_rst_examples_run_and_install_line_works():
-    """The optax session of docs/jax.rst runs (in a child: it turns the 64-bit mode on),
-    and the install line is the one that works from a checkout (not on PyPI)."""
-    code = (
-        "import doctest, sys; r = doctest.testfile(sys.argv[1], module_relative=False, "
-        f"optionflags={doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE}); "
-        "assert r.failed == 0 and r.attempted >= 25, r"
+        "import doctest, json, sys, mfac_core.jax as m; "
+        f"r = doctest.testmod(m, optionflags={flags}); "
+        "f = doctest.testfile(sys.argv[1], module_relative=False, "
+        f"optionflags={flags}); "
+        "print(json.dumps({'module': list(r), 'docs': list(f)}))"
     )
     env = {**os.environ, "PYTHONPATH": PACKAGE_PARENT}
     path = os.path.join(ROOT, "docs", "jax.rst")
     proc = subprocess.run(
         [sys.executable, "-c", code, path], env=env, cwd=ROOT, capture_output=True, text=True
     )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output
+    return json.loads(proc.stdout.splitlines()[-1]), output
+
+
+def test_docstring_examples(doc_examples):
+    """The Examples run in a child: they switch the 64-bit mode on process-wide."""
+    results, output = doc_examples
+    failed, attempted = results["module"]
+    assert failed == 0 and attempted >= 10, output
+
+
+def test_docs_jax_rst_examples_run_and_install_line_works(doc_examples):
+    """The optax session of docs/jax.rst runs (in a child: it turns the 64-bit mode on),
+    and the install line is the one that works from a checkout (not on PyPI)."""
+    results, output = doc_examples
+    failed, attempted = results["docs"]
+    assert failed == 0 and attempted >= 25, output
     for name in ("jax.rst", "api.rst"):
         with open(os.path.join(ROOT, "docs", name), encoding="utf-8") as f:
             text = f.read()
