@@ -309,3 +309,26 @@ def test_lapack_path_where_the_kernels_do_not_serve(chunked, rng, monkeypatch):
     scale = max(np.linalg.norm(Linv, 2) for Linv in out2)
     np.testing.assert_allclose(out, out2, rtol=0, atol=1e-13 * scale)
     np.testing.assert_allclose(kappa, kappa2, rtol=1e-12)
+
+
+@needs_kernels
+def test_wide_blocks_go_through_lapack(rng, monkeypatch):
+    # The kernels' Gram and factor are unblocked: past about 384 columns LAPACK's blocked
+    # calls are faster on one core (1.3x at 512, 5x at 2048), and their BLAS threads pay.
+    used = []
+    for cls in (_dense_blocks._KernelBlocks, _dense_blocks._LapackBlocks):
+        real = cls.factor
+
+        def factor(self, b0, b1, real=real, cls=cls):
+            used.append((cls.__name__, self.group.size))
+            return real(self, b0, b1)
+
+        monkeypatch.setattr(cls, "factor", factor)
+    wide = 513
+    G = rng.standard_normal((wide, wide + 8)).astype(np.float32)
+    for size in (8, wide):
+        out = np.empty((1, size, size))
+        assert _dense_blocks.fill_block_inverses(G, BlockGroup(0, 1, size), out, damp=1.0)
+        want = _oracle_Linv(G.astype(np.float64), 0, size, 1.0)
+        np.testing.assert_allclose(out[0], want, rtol=0, atol=1e-13 * np.linalg.norm(want, 2))
+    assert used == [("_KernelBlocks", 8), ("_LapackBlocks", wide)]

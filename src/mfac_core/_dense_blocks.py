@@ -36,8 +36,9 @@ asked for without a process-wide setting: OpenBLAS's ``openblas_set_num_threads_
 wheels), so it would change every other thread's BLAS calls too. The kernels run in one
 pass about 1.5x faster than the three LAPACK calls on one thread (a 128 x 128 block
 from 256 rows: 0.21 against 0.32 ms on a Zen 4 core). Where the extension, or its dense
-blocks' kernels, was not built (or G is neither C- nor Fortran-ordered), the blocks go
-through LAPACK on the calling thread as before.
+blocks' kernels, was not built (or G is neither C- nor Fortran-ordered), and for blocks
+wider than ``_KERNEL_MAX_SIZE`` (384 columns, where the unblocked kernels fall behind
+LAPACK's blocked calls), the blocks go through LAPACK on the calling thread as before.
 
 A chunk that meets a non-finite Gram or a failed factorisation stops the work (the
 other threads stop at their next chunk), and the caller repeats the group through the
@@ -67,6 +68,14 @@ _CHUNK_BYTES = 2**20
 #: The Gram's multiply-adds per thread below which fewer threads are used (a thread costs
 #: about 50 us to start; one block of 128 x 128 from 256 rows, 4.2 M, takes about 0.2 ms).
 _MIN_THREAD_WORK = 2**22
+
+#: The widest blocks the C extension's kernels take; wider ones go through LAPACK. The
+#: kernels' Gram and factorisation are unblocked, so past the cache their time grows faster
+#: than LAPACK's: per block on one Zen 4 core, float32 G of m = max(256, s) rows, they take
+#: 0.69x LAPACK's time at s = 128, 0.84x at 256, 0.92-0.98x at 320-384, 1.27x at 512, 1.43x
+#: at 768, 2.1x at 1024 and 5.3x at 2048; and a call that wide is long enough for BLAS's own
+#: threads to pay.
+_KERNEL_MAX_SIZE = 384
 
 _DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
@@ -106,7 +115,7 @@ def fill_block_inverses(
     m, s, count = G.shape[0], group.size, group.count
     per = max(1, _CHUNK_BYTES // (8 * s * s))
     spans = [(b0, min(b0 + per, count)) for b0 in range(0, count, per)]
-    if _fused.supports_blocks(G):
+    if s <= _KERNEL_MAX_SIZE and _fused.supports_blocks(G):
         blocks: _KernelBlocks | _LapackBlocks = _KernelBlocks(G, group, out, damp)
         threads = _threads(m, s, count, len(spans))
     else:
