@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 import warnings
 
 import array_api_compat
@@ -332,3 +333,25 @@ def test_wide_blocks_go_through_lapack(rng, monkeypatch):
         want = _oracle_Linv(G.astype(np.float64), 0, size, 1.0)
         np.testing.assert_allclose(out[0], want, rtol=0, atol=1e-13 * np.linalg.norm(want, 2))
     assert used == [("_KernelBlocks", 8), ("_LapackBlocks", wide)]
+
+
+@needs_kernels
+def test_an_interrupt_is_not_lost_to_a_failed_chunk_of_another_thread(threaded, rng):
+    # A helper's failed chunk (which sends the group to the general path) must not hide the
+    # calling thread's KeyboardInterrupt (or any other error), whichever came first.
+    G = rng.standard_normal((6, 64)).astype(np.float32)
+    busy, failed, caller = threading.Event(), threading.Event(), threading.get_ident()
+
+    def factor(self, b0, b1):
+        if threading.get_ident() == caller:
+            busy.set()
+            assert failed.wait(5)
+            time.sleep(0.02)  # the helper's failure is recorded first
+            raise KeyboardInterrupt
+        assert busy.wait(5)  # both threads in a chunk
+        failed.set()
+        raise _dense_blocks._Failed
+
+    threaded.setattr(_dense_blocks._KernelBlocks, "factor", factor)
+    with pytest.raises(KeyboardInterrupt):
+        _dense_blocks.fill_block_inverses(G, BlockGroup(0, 16, 4), np.empty((16, 4, 4)), damp=0.1)

@@ -231,7 +231,10 @@ def _run(
     Threads take the next span when they finish one. ``progress`` is called on this thread
     only, after each of its chunks, with the columns of every chunk finished since its last
     call (and once at the end for the rest). The first error of any thread stops the others
-    at their next span and is raised here, after they have stopped.
+    at their next span and is raised here, after they have stopped; any error other than
+    ``_Failed`` comes first (a ``KeyboardInterrupt`` or a ``progress`` error that one
+    thread met after another thread's failed chunk must not send the group on to the
+    general path, as a failed chunk does).
     """
     if threads <= 1:
         for b0, b1 in spans:
@@ -269,6 +272,6 @@ def _run(
     for th in helpers:
         th.join()
     if errors:
-        raise errors[0]
+        raise next((e for e in errors if not isinstance(e, _Failed)), errors[0])
     if finished[0] and progress is not None:
         progress(finished[0])
