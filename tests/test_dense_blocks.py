@@ -313,31 +313,26 @@ def test_lapack_path_where_the_kernels_do_not_serve(chunked, rng, monkeypatch):
 
 
 @needs_kernels
-def test_large_blocks_go_through_lapack(rng, monkeypatch):
-    # The kernels' Gram streams the rows once a tile and their factorisation is unblocked:
-    # past m s^2 = 2^26 LAPACK's blocked calls are faster (1.2x at m = 8192, s = 128, 1.3x
-    # at 512 x 512, 5x at 2048 x 2048 on one core), and their BLAS threads pay.
+def test_wide_blocks_go_through_lapack(rng, monkeypatch):
+    # The kernels' factorisation and inverse are unblocked: past 256 columns LAPACK's
+    # blocked calls are faster (1.3x at 512 x 512, 4.1x at 2048 x 2048 on one core), and
+    # their BLAS threads pay.
     used = []
     for cls in (_dense_blocks._KernelBlocks, _dense_blocks._LapackBlocks):
         real = cls.factor
 
         def factor(self, b0, b1, real=real, cls=cls):
-            used.append((cls.__name__, self.G.shape[0], self.group.size))
+            used.append((cls.__name__, self.group.size))
             return real(self, b0, b1)
 
         monkeypatch.setattr(cls, "factor", factor)
-    for m, size in ((513, 8), (513, 513), (4097, 128)):
-        G = rng.standard_normal((m, size + 8)).astype(np.float32)
+    G = rng.standard_normal((300, 257)).astype(np.float32)
+    for size in (256, 257):
         out = np.empty((1, size, size))
         assert _dense_blocks.fill_block_inverses(G, BlockGroup(0, 1, size), out, damp=1.0)
-        # The LAPACK path's factors are checked against the oracle above (a float64
-        # oracle of these sizes would take most of this test's time).
-        assert np.all(np.isfinite(out)) and np.all(np.diagonal(out[0]) > 0)
-    assert used == [
-        ("_KernelBlocks", 513, 8),
-        ("_LapackBlocks", 513, 513),
-        ("_LapackBlocks", 4097, 128),
-    ]
+        want = _oracle_Linv(G.astype(np.float64), 0, size, 1.0)
+        np.testing.assert_allclose(out[0], want, rtol=0, atol=1e-13 * np.linalg.norm(want, 2))
+    assert used == [("_KernelBlocks", 256), ("_LapackBlocks", 257)]
 
 
 @needs_kernels

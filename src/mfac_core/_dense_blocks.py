@@ -37,9 +37,8 @@ wheels), so it would change every other thread's BLAS calls too. The kernels run
 pass about 1.5x faster than the three LAPACK calls on one thread (a 128 x 128 block
 from 256 rows: 0.21 against 0.32 ms on a Zen 4 core). Where the extension, or its dense
 blocks' kernels, was not built (or G is neither C- nor Fortran-ordered), and for blocks
-of more than ``_KERNEL_MAX_WORK`` (``m s^2`` of 2^26, as m = 4096, s = 128: there the
-kernels fall behind LAPACK's blocked calls), the blocks go through LAPACK on the calling
-thread as before.
+wider than ``_KERNEL_MAX_SIZE`` (256 columns: there the unblocked kernels fall behind
+LAPACK's blocked calls), the blocks go through LAPACK on the calling thread as before.
 
 A chunk that meets a non-finite Gram or a failed factorisation stops the work (the
 other threads stop at their next chunk), and the caller repeats the group through the
@@ -70,15 +69,14 @@ _CHUNK_BYTES = 2**20
 #: about 50 us to start; one block of 128 x 128 from 256 rows, 4.2 M, takes about 0.2 ms).
 _MIN_THREAD_WORK = 2**22
 
-#: The largest ``m s^2`` (twice a block's Gram multiply-adds) the C extension's kernels
-#: take; larger blocks go through LAPACK. The kernels' Gram streams the block's m rows once
-#: a register tile, and their factorisation is unblocked, so past the caches they fall
-#: behind LAPACK's blocked calls. Per block on one Zen 4 core, float32 G, kernels over
-#: LAPACK: at most 0.98x up to 2^26 (m = 256, s = 128: 0.69x; 384, 384: 0.92x; 4096, 128:
-#: 0.80x; 16384, 32: 0.46x), at least 1.17x past it (8192, 128: 1.23x; 512, 512: 1.27x;
-#: 2048, 256: 1.41x; 1024, 1024: 2.1x; 4096, 384: 2.3x; 2048, 2048: 5.3x). Such a block
-#: takes milliseconds in LAPACK, long enough for BLAS's own threads to pay.
-_KERNEL_MAX_WORK = 2**26
+#: The widest blocks the C extension's kernels take; wider ones go through LAPACK. The
+#: kernels' factorisation and inverse are unblocked (their time grows as s^3 out of
+#: cache): per block on one Zen 4 core, float32 G, kernels over LAPACK took 0.45-0.96x up
+#: to s = 256 (m = 256, s = 128: 0.74x; 16384 x 32: 0.45x; 8192 x 128: 0.89x; 2048 x 256:
+#: 0.96x) and 1.0-4.1x past it (384 x 384: 1.00x; 512 x 512: 1.28x; 4096 x 384: 1.37x;
+#: 2048 x 2048: 4.1x), where a LAPACK call takes milliseconds, long enough for BLAS's own
+#: threads to pay (benchmarks/setup_blocks_width.py, benchmarks/RESULTS.md).
+_KERNEL_MAX_SIZE = 256
 
 _DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
@@ -118,7 +116,7 @@ def fill_block_inverses(
     m, s, count = G.shape[0], group.size, group.count
     per = max(1, _CHUNK_BYTES // (8 * s * s))
     spans = [(b0, min(b0 + per, count)) for b0 in range(0, count, per)]
-    if m * s * s <= _KERNEL_MAX_WORK and _fused.supports_blocks(G):
+    if s <= _KERNEL_MAX_SIZE and _fused.supports_blocks(G):
         blocks: _KernelBlocks | _LapackBlocks = _KernelBlocks(G, group, out, damp)
         threads = _threads(m, s, count, len(spans))
     else:
