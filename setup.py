@@ -15,7 +15,7 @@ setup(
         Extension(
             "mfac_core._fused._passes",
             sources=["src/mfac_core/_fused/_passes.c"],
-            depends=["src/mfac_core/_fused/_passes_impl.h"],
+            depends=["src/mfac_core/_fused/_passes_impl.h", "src/mfac_core/_fused/_blocks_impl.h"],
             extra_compile_args=["-O3", "-std=gnu11"],
             # fenv.h's flag functions (combine64's overflow test, off x86-64) live in libm
             # on Linux: linked by name, not left to the interpreter's own libm.

@@ -12,6 +12,11 @@ the kernels serve. Where the extension was not built (:func:`available` is false
 engine uses float64 products over column pieces instead; both are tested against each other
 and against exact oracles.
 
+:func:`block_factors` and :func:`block_inverses` are the host set-up of dense blocks
+(``_dense_blocks``): each block's float64 Gram from G in its storage dtype, its Cholesky
+factor and the factor's inverse, on the calling thread alone (the caller runs chunks of
+blocks on threads of its own).
+
 The extension is loaded in :mod:`._ext` (with the instruction sets' and storages' codes);
 a dynamic window's row writes and the float16 casts (:func:`store_row`, :func:`cast16`)
 live in :mod:`._rows`; both are re-exported here, the one name the rest of the package
@@ -43,6 +48,8 @@ __all__ = [
     "STORAGES",
     "available",
     "best_isa",
+    "block_factors",
+    "block_inverses",
     "cast16",
     "combine64",
     "combine64_blocks",
@@ -52,6 +59,7 @@ __all__ = [
     "store_row",
     "stores",
     "supports64",
+    "supports_blocks",
     "widen64",
 ]
 
@@ -685,3 +693,105 @@ def combine64_blocks(
     _run(call, m * s, count)
     _report_overflow(overflowed[0], out64)
     return Y
+
+
+# -- dense blocks: Gram, Cholesky factor and its inverse, one thread -------------------------
+
+
+#: Whether the extension has the dense blocks' kernels (False with one built before it did:
+#: such a build imports, and the dense blocks keep LAPACK).
+_BLOCKS = hasattr(_passes, "block_factors")
+
+
+def supports_blocks(G: Any, /) -> bool:
+    """Whether :func:`block_factors` reads ``G`` (as :func:`supports64`, with its kernels built)."""
+    return _BLOCKS and supports64(G)
+
+
+def _check_blocks(out: np.ndarray, name: str, ndim: int) -> None:
+    if not (
+        isinstance(out, np.ndarray)
+        and out.dtype == np.float64
+        and out.ndim == ndim
+        and out.flags.c_contiguous
+        and out.flags.aligned
+        and out.flags.writeable
+    ):
+        raise TypeError(
+            f"{name} must be a C-ordered, aligned, writeable {ndim}-D float64 NumPy array, got "
+            f"{getattr(out, 'shape', None)} {getattr(out, 'dtype', type(out).__name__)}"
+        )
+
+
+def block_factors(
+    G: Any,
+    out: np.ndarray,
+    diag: np.ndarray,
+    /,
+    *,
+    start: int,
+    scale: float,
+    damp: float,
+    isa: str | None = None,
+) -> int:
+    """The lower Cholesky factor of ``damp I + scale G_b^T G_b`` of each block into ``out[b]``.
+
+    Parameters
+    ----------
+    G : numpy.ndarray
+        (m, ld), as for :func:`project64`.
+    out : numpy.ndarray
+        (count, s, s) float64, C-ordered: block ``b``'s factor ``L_b`` (row-major, zeros above
+        the diagonal), for the columns ``start + b s`` to ``start + (b + 1) s`` of G
+        (``1 <= s <= m``).
+    diag : numpy.ndarray
+        (count, s) float64, C-ordered: the diagonal of each ``scale G_b^T G_b``.
+    start : int
+        G's first column.
+    scale, damp : float
+        The Gram's factor and the shift.
+    isa : str, optional
+        As for :func:`project64`.
+
+    Returns
+    -------
+    int
+        The number of blocks done: ``count``, or the first block whose Gram has a diagonal
+        entry that is not finite or whose factorisation met a pivot that is not positive
+        (later blocks untouched).
+
+    Notes
+    -----
+    G's items are converted to float64 (exactly); every product and sum is in float64. The
+    Gram's upper triangle is summed in register tiles, the factor computed right-looking
+    (``_blocks_impl.h``). Runs on the calling thread, without the GIL.
+    """
+    _check_blocks(out, "out", 3)
+    _check_blocks(diag, "diag", 2)
+    count, s = out.shape[0], out.shape[1]
+    if out.shape[2] != s or diag.shape != (count, s) or s < 1:
+        raise ValueError(
+            f"out must be (count, s, s) and diag (count, s), got {out.shape} and {diag.shape}"
+        )
+    G, m, ld, code_st, trans = _check64(G, start, start + count * s, None)
+    if s > m:
+        raise ValueError(f"blocks of {s} columns are wider than G's {m} rows")
+    code = _isa_code(isa)
+    done = _passes.block_factors(
+        G, ld, start, m, s, count, out, diag, float(scale), float(damp), code, code_st, trans
+    )
+    return int(done)
+
+
+def block_inverses(out: np.ndarray, /, *, isa: str | None = None) -> None:
+    """Each lower triangular ``out[b]`` (zeros above the diagonal) replaced by its inverse.
+
+    ``out`` is (count, s, s) float64, C-ordered, as :func:`block_factors` writes it; sums in
+    float64, row by row (``_blocks_impl.h``), on the calling thread, without the GIL.
+    """
+    _check_blocks(out, "out", 3)
+    count, s = out.shape[0], out.shape[1]
+    if out.shape[2] != s:
+        raise ValueError(f"out must be (count, s, s), got {out.shape}")
+    if count and s:
+        _passes.block_inverses(out, s, count, _isa_code(isa))

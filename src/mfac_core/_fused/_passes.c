@@ -6,6 +6,8 @@
  *   widen64:   D[i, j] = V[i, j] as float64 (the set-up's float64 Gram pieces; see there)
  *   cast16:    float32 <-> float16 with F16C (a 2-byte window's row writes; see there)
  *   store_row: a window's row write and its gradient's largest magnitude, one loop (see there)
+ *   block_factors, block_inverses: dense blocks' Grams, Cholesky factors and their inverses
+ *              (_blocks_impl.h; see there)
  *
  * for the columns j0 <= j < j1 of a column block of the row-major m x ld array V (the stored
  * gradients G). They read V in its storage type (float32, float64, IEEE float16 or bfloat16),
@@ -29,6 +31,8 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <float.h>
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -149,6 +153,7 @@ static inline double bf16_to_double(uint16_t b)
 #define ISA_F16C 1
 #define VBYTES 64
 #include "_passes_impl.h"
+#include "_blocks_impl.h"
 #undef ISA
 #undef ISA_TARGET
 #undef ISA_F16C
@@ -159,6 +164,7 @@ static inline double bf16_to_double(uint16_t b)
 #define ISA_F16C 1
 #define VBYTES 32
 #include "_passes_impl.h"
+#include "_blocks_impl.h"
 #undef ISA
 #undef ISA_TARGET
 #undef ISA_F16C
@@ -168,6 +174,7 @@ static inline double bf16_to_double(uint16_t b)
 #define ISA base
 #define VBYTES 16
 #include "_passes_impl.h"
+#include "_blocks_impl.h"
 #undef ISA
 #undef VBYTES
 
@@ -894,6 +901,140 @@ done:
     return result;
 }
 
+/* The dense blocks' kernels of one instruction set (_blocks_impl.h). */
+typedef int (*block_factor_fn)(const double *, Py_ssize_t, Py_ssize_t, Py_ssize_t, double, double,
+                               double *, double *, double *);
+typedef void (*block_inverse_fn)(double *, Py_ssize_t, double *);
+
+/* A block's columns padded to a multiple of this many (zeros): every instruction set's Gram
+   tile (8 or 4 rows, 16, 8 or 4 columns) divides it. */
+#define BLOCK_PAD 16
+
+static int pick_block_kernels(int isa, block_factor_fn *factor, block_inverse_fn *inverse)
+{
+    if (pick_kernels(isa) == NULL) /* the same checks of isa */
+        return -1;
+    if (isa == ISA_AUTO)
+        isa = best_isa();
+#ifdef MFAC_X86
+    if (isa == ISA_AVX512) {
+        *factor = block_factor_avx512;
+        *inverse = block_lower_inverse_avx512;
+        return 0;
+    }
+    if (isa == ISA_AVX2) {
+        *factor = block_factor_avx2;
+        *inverse = block_lower_inverse_avx2;
+        return 0;
+    }
+#endif
+    *factor = block_factor_base;
+    *inverse = block_lower_inverse_base;
+    return 0;
+}
+
+/* block_factors(V, ld, col0, m, s, count, D, diag, scale, damp, isa, storage[, trans]): for each
+   block b < count of s columns from col0 (V as for project64), D[b] (s x s float64, row-major)
+   = the lower Cholesky factor of damp I + scale V_b^T V_b, its upper part zero, and diag[b] (s)
+   the diagonal of scale V_b^T V_b. Returns the number of blocks done: fewer than count where
+   block `returned` has a Gram whose diagonal is not finite or a pivot that is not positive. */
+static PyObject *py_block_factors(PyObject *self, PyObject *args)
+{
+    (void)self;
+    Py_buffer V, D, diag;
+    Py_ssize_t ld, col0, m, s, count;
+    double scale, damp;
+    int isa, storage, trans = 0;
+    if (!PyArg_ParseTuple(args, "y*nnnnnw*w*ddii|p", &V, &ld, &col0, &m, &s, &count, &D, &diag,
+                          &scale, &damp, &isa, &storage, &trans))
+        return NULL;
+    PyObject *result = NULL;
+    void *raw_w = NULL, *raw_a = NULL, *raw_t = NULL;
+    block_factor_fn factor;
+    block_inverse_fn inverse;
+    const Kernels *kern = pick_kernels(isa);
+    Py_ssize_t n, p = 0;
+    if (kern == NULL || pick_block_kernels(isa, &factor, &inverse) < 0 ||
+        check_storage(storage) < 0)
+        goto done;
+    const Py_ssize_t size = storage_size[storage];
+    if (s < 1 || s > m || count < 0 || __builtin_mul_overflow(s, count, &n)) {
+        PyErr_Format(PyExc_ValueError, "bad blocks: m=%zd s=%zd count=%zd", m, s, count);
+        goto done;
+    }
+    p = (s + BLOCK_PAD - 1) / BLOCK_PAD * BLOCK_PAD;
+    if ((trans ? check_shape_t : check_shape)(&V, size, m, ld, col0, n, 0, n) < 0 ||
+        check_len(&D, n, s, 8, "D") < 0 || check_len(&diag, n, 1, 8, "diag") < 0)
+        goto done;
+    double *W = scratch(m, p * (Py_ssize_t)sizeof(double), &raw_w);
+    double *A = W == NULL ? NULL : scratch(p, p * (Py_ssize_t)sizeof(double), &raw_a);
+    void *tile = NULL;
+    if (A != NULL && trans)
+        tile = scratch(m, TLD64(sizeof(double)) * (Py_ssize_t)sizeof(double), &raw_t);
+    if (A == NULL || (trans && tile == NULL))
+        goto done;
+    Py_ssize_t b = 0;
+    Py_BEGIN_ALLOW_THREADS
+    memset(W, 0, (size_t)(m * p) * sizeof(double)); /* the padding columns stay zero */
+    for (; b < count; b++) {
+        const Py_ssize_t c0 = col0 + b * s;
+        if (trans)
+            kern->widen64t[storage]((const char *)V.buf + c0 * m * size, m, m, W, p, 0, s, tile);
+        else
+            kern->widen64[storage]((const char *)V.buf + c0 * size, ld, m, W, p, 0, s);
+        if (factor(W, m, p, s, scale, damp, A, (double *)D.buf + b * s * s,
+                   (double *)diag.buf + b * s) < 0)
+            break;
+    }
+    Py_END_ALLOW_THREADS
+    result = PyLong_FromSsize_t(b);
+done:
+    free(raw_w);
+    free(raw_a);
+    free(raw_t);
+    PyBuffer_Release(&V);
+    PyBuffer_Release(&D);
+    PyBuffer_Release(&diag);
+    return result;
+}
+
+/* block_inverses(D, s, count, isa): each of the count lower triangular s x s float64 matrices of
+   D (row-major, zeros above the diagonal, a nonzero diagonal) replaced by its inverse. */
+static PyObject *py_block_inverses(PyObject *self, PyObject *args)
+{
+    (void)self;
+    Py_buffer D;
+    Py_ssize_t s, count;
+    int isa;
+    if (!PyArg_ParseTuple(args, "w*nni", &D, &s, &count, &isa))
+        return NULL;
+    PyObject *result = NULL;
+    void *raw = NULL;
+    block_factor_fn factor;
+    block_inverse_fn inverse;
+    Py_ssize_t n;
+    if (pick_block_kernels(isa, &factor, &inverse) < 0)
+        goto done;
+    if (s < 1 || count < 0 || __builtin_mul_overflow(s, count, &n)) {
+        PyErr_Format(PyExc_ValueError, "bad blocks: s=%zd count=%zd", s, count);
+        goto done;
+    }
+    if (check_len(&D, n, s, 8, "D") < 0)
+        goto done;
+    double *acc = scratch(s, (Py_ssize_t)sizeof(double), &raw);
+    if (acc == NULL)
+        goto done;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t b = 0; b < count; b++)
+        inverse((double *)D.buf + b * s * s, s, acc);
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    free(raw);
+    PyBuffer_Release(&D);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"best_isa", py_best_isa, METH_NOARGS, "The fastest instruction set this CPU runs (1-3)."},
     {"avx512_halves", py_avx512_halves, METH_NOARGS,
@@ -908,6 +1049,10 @@ static PyMethodDef methods[] = {
      "float32 <-> float16 bits with F16C; False where the CPU has none."},
     {"store_row", py_store_row, METH_VARARGS,
      "A window's row write: undo copy, rounding, widened row, copy, max |src|; one loop."},
+    {"block_factors", py_block_factors, METH_VARARGS,
+     "Dense blocks' float64 Grams and Cholesky factors; the number of blocks done."},
+    {"block_inverses", py_block_inverses, METH_VARARGS,
+     "Dense blocks' lower triangular factors replaced by their inverses."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -1,0 +1,161 @@
+/*
+ * The dense blocks' kernels of _passes.c for one instruction set (included once per instruction
+ * set after _passes_impl.h, with ISA, ISA_TARGET and VBYTES defined as for it): a block's float64
+ * Gram, its Cholesky factor and the factor's inverse, each on the calling thread alone. The
+ * set-up of dense blocks (mfac_core._dense_blocks) runs one chunk of blocks per thread of its
+ * own; LAPACK's calls at this size (128 x 128) each woke BLAS's threads, and Python threads each
+ * calling a threaded BLAS oversubscribed the cores (see that module).
+ *
+ * Matrices are row-major; a block's factor L is lower triangular (row i holds L[i][0..i]), and
+ * its inverse is written over it. Every sum is in float64.
+ */
+
+#define BPASTE_(a, b) a##_##b
+#define BPASTE(a, b) BPASTE_(a, b)
+#define BNAME(name) BPASTE(name, ISA)
+
+#ifdef ISA_TARGET
+#define BISA_ATTR __attribute__((target(ISA_TARGET)))
+#else
+#define BISA_ATTR
+#endif
+
+/* Doubles of a vector, and the Gram's register tile: GR rows by two vectors of columns (16 of
+   the 32 AVX-512 registers hold sums; 8 of AVX2's 16). BLOCK_PAD (_passes.c) is a multiple of
+   GR and of the tile's width. */
+#define BV (VBYTES / 8)
+#define GR (VBYTES == 64 ? 8 : 4)
+#define GTW (2 * BV)
+
+typedef double BNAME(bvd) __attribute__((vector_size(VBYTES), aligned(8), may_alias));
+
+/*
+ * The upper triangle of W^T W (W: m rows of p doubles, p a multiple of BLOCK_PAD, the columns
+ * past the block's zero) into A (p x p, row i at A + i p), in register tiles of GR rows by GTW
+ * columns over all m rows: tiles that reach below the diagonal are whole (their lower part is
+ * not read).
+ */
+BISA_ATTR static void BNAME(block_gram)(const double *W, Py_ssize_t m, Py_ssize_t p,
+                                        Py_ssize_t s, double *A)
+{
+    for (Py_ssize_t i0 = 0; i0 < s; i0 += GR) {
+        for (Py_ssize_t j0 = i0 / GTW * GTW; j0 < s; j0 += GTW) {
+            BNAME(bvd) acc[GR][2];
+            for (int r = 0; r < GR; r++)
+                acc[r][0] = acc[r][1] = (BNAME(bvd)){0};
+            const double *w = W;
+            for (Py_ssize_t k = 0; k < m; k++, w += p) {
+                const BNAME(bvd) b0 = *(const BNAME(bvd) *)(w + j0);
+                const BNAME(bvd) b1 = *(const BNAME(bvd) *)(w + j0 + BV);
+                for (int r = 0; r < GR; r++) {
+                    const double a = w[i0 + r];
+                    acc[r][0] += a * b0;
+                    acc[r][1] += a * b1;
+                }
+            }
+            for (int r = 0; r < GR; r++) {
+                *(BNAME(bvd) *)(A + (i0 + r) * p + j0) = acc[r][0];
+                *(BNAME(bvd) *)(A + (i0 + r) * p + j0 + BV) = acc[r][1];
+            }
+        }
+    }
+}
+
+/* y[k] -= c x[k], k < n. */
+BISA_ATTR static inline void BNAME(block_axpy)(double *y, double c, const double *x, Py_ssize_t n)
+{
+    Py_ssize_t k = 0;
+    for (; k + BV <= n; k += BV)
+        *(BNAME(bvd) *)(y + k) -= c * *(const BNAME(bvd) *)(x + k);
+    for (; k < n; k++)
+        y[k] -= c * x[k];
+}
+
+/*
+ * One block: A (p x p scratch) = scale W^T W (upper triangle), its diagonal to diag (s), then the
+ * Cholesky factor U = L^T of A + damp I, right-looking (row j of U: pivot A[j][j] checked
+ * positive and finite, U[j][j] its root, the rest of the row divided by it; then every later row
+ * i takes U[j][i] times row j from its part right of the diagonal: contiguous rows, no sums
+ * across a vector), and L written to out (s x s, row-major, zeros above the diagonal). Returns
+ * 0, or -1 where the Gram's diagonal is not finite or a pivot is not positive (out then partly
+ * written).
+ */
+BISA_ATTR static int BNAME(block_factor)(const double *W, Py_ssize_t m, Py_ssize_t p,
+                                         Py_ssize_t s, double scale, double damp, double *A,
+                                         double *out, double *diag)
+{
+    BNAME(block_gram)(W, m, p, s, A);
+    for (Py_ssize_t i = 0; i < s; i++) {
+        double *a = A + i * p;
+        for (Py_ssize_t j = i; j < s; j++)
+            a[j] *= scale;
+        diag[i] = a[i];
+        if (!isfinite(a[i]))
+            return -1;
+        a[i] += damp;
+    }
+    for (Py_ssize_t j = 0; j < s; j++) {
+        double *u = A + j * p;
+        const double pivot = u[j];
+        if (!(pivot > 0.0 && pivot <= DBL_MAX))
+            return -1;
+        u[j] = sqrt(pivot);
+        const double inv = 1.0 / u[j];
+        for (Py_ssize_t c = j + 1; c < s; c++)
+            u[c] *= inv;
+        for (Py_ssize_t i = j + 1; i < s; i++)
+            BNAME(block_axpy)(A + i * p + i, u[i], u + i, s - i);
+    }
+    for (Py_ssize_t i = 0; i < s; i++) {
+        double *o = out + i * s;
+        for (Py_ssize_t j = 0; j <= i; j++)
+            o[j] = A[j * p + i];
+        memset(o + i + 1, 0, (size_t)(s - i - 1) * sizeof(double));
+    }
+    return 0;
+}
+
+/*
+ * L (s x s, lower, zeros above the diagonal) replaced by its inverse X, row by row: X[i][:i] =
+ * -(L[i][:i] X[:i][:i]) / L[i][i], summed in acc (s doubles) as multiples of the rows of X
+ * above, four at a time (their zeros past the diagonal make the lengths equal).
+ */
+BISA_ATTR static void BNAME(block_lower_inverse)(double *L, Py_ssize_t s, double *acc)
+{
+    for (Py_ssize_t i = 0; i < s; i++) {
+        double *row = L + i * s;
+        memset(acc, 0, (size_t)s * sizeof(double));
+        Py_ssize_t k = 0;
+        for (; k + 4 <= i; k += 4) {
+            const double c0 = row[k], c1 = row[k + 1], c2 = row[k + 2], c3 = row[k + 3];
+            const double *x0 = L + k * s, *x1 = x0 + s, *x2 = x1 + s, *x3 = x2 + s;
+            const Py_ssize_t n = k + 4;
+            Py_ssize_t j = 0;
+            for (; j + BV <= n; j += BV)
+                *(BNAME(bvd) *)(acc + j) += c0 * *(const BNAME(bvd) *)(x0 + j) +
+                                            c1 * *(const BNAME(bvd) *)(x1 + j) +
+                                            c2 * *(const BNAME(bvd) *)(x2 + j) +
+                                            c3 * *(const BNAME(bvd) *)(x3 + j);
+            for (; j < n; j++)
+                acc[j] += c0 * x0[j] + c1 * x1[j] + c2 * x2[j] + c3 * x3[j];
+        }
+        for (; k < i; k++) {
+            const double c = row[k];
+            const double *x = L + k * s;
+            for (Py_ssize_t j = 0; j <= k; j++)
+                acc[j] += c * x[j];
+        }
+        const double inv = 1.0 / row[i];
+        for (Py_ssize_t j = 0; j < i; j++)
+            row[j] = -acc[j] * inv;
+        row[i] = inv;
+    }
+}
+
+#undef BV
+#undef GR
+#undef GTW
+#undef BISA_ATTR
+#undef BNAME
+#undef BPASTE
+#undef BPASTE_
