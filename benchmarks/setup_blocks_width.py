@@ -60,10 +60,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--work", type=float, default=1.2e8, help="m s^2 of blocks per shape")
+    parser.add_argument(
+        "--quick", action="store_true", help="CI smoke run: three shapes, little work"
+    )
     args = parser.parse_args()
+    shapes = SHAPES[:3] if args.quick else SHAPES
+    if args.quick:
+        args.work, args.repeat = 2e7, 1
     rng = np.random.default_rng(0)
     print("# load average before:", os.getloadavg())
-    for m, s in SHAPES:
+    for m, s in shapes:
         count = max(2, int(args.work // (m * s * s)))
         G = rng.standard_normal((m, s * count)).astype(np.float32)
         ms = {k: 1e9 for k in (True, False)}
