@@ -89,7 +89,8 @@ def product_rows(m: int, d: int, repeat: int, rng: np.random.Generator) -> list[
         "DynamicIHVP step float32": (lambda _: window.update_and_matvec(G32[0]), None),
     }
     # A Fortran-ordered G (``Gt.T`` of a (d, m) array of gradients as columns, a .npy saved
-    # from one): the kernels read it as its transpose, in tiles; target 1.5x the C-ordered's.
+    # from one): the kernels read it as its transpose (one vector: its rows in place, in
+    # memory order; several: in tiles); target 1.7x the floor.
     ops["float32 F"] = StaticIHVP(np.asfortranarray(G32), damp=damp, check_finite=False)
     cands["StaticIHVP float32 Fortran-ordered"] = (lambda _: ops["float32 F"] @ x, None)
     G16 = G32.astype(np.float16)

@@ -826,12 +826,12 @@ TRANSPOSE_FN(f16, uint16_t, float, NAME(t8f), NAME(t8i), T8_LOAD_F16, LOAD1_F16)
 TRANSPOSE_FN(bf16, uint16_t, float, NAME(t8f), NAME(t8i), T8_LOAD_BF16, LOAD1_BF16)
 
 /*
- * One vector (kk = 1, a product's two passes) over Gt in place, no tile: the transpose of the
+ * One vector (kk = 1, a product's two passes) over Gt in place, no tile: the transposes of the
  * kernels above did not overlap their arithmetic on one core (a product over a Fortran-ordered
- * float32 G, m = 64, d = 1e6: 1.8x the float32 two-pass floor, against 1.05x C-ordered). Gt's
- * rows are read in order, one stream, as they lie in memory. Every product and sum is in
- * float64, the result rounded once; the sums go in another order than the C-ordered kernels'
- * (not their bits: both are float64 sums of the same terms).
+ * float32 G, m = 64, d = 1e6: 1.8-1.9x the float32 two-pass floor, against 1.05x C-ordered;
+ * 0.75-0.9x with these, one Zen 4 core). Gt's rows are read in order, one stream, as they lie
+ * in memory. Every product and sum is in float64, the result rounded once; the sums go in
+ * another order than the C-ordered kernels' (not their bits: float64 sums of the same terms).
  *
  * project1t: y_i = sum_j Gt[j, i] x_j as y += x_j Gt[j, :], a block of up to 4 vf-wide pieces
  * of y (8 vd of sums, in registers) over a tile of P1T_BYTES of Gt's rows, then the next block
@@ -839,12 +839,14 @@ TRANSPOSE_FN(bf16, uint16_t, float, NAME(t8f), NAME(t8i), T8_LOAD_BF16, LOAD1_BF
  * over the columns of one chunk of CHUNK64 (from j0) in order, and the chunks' sums are added
  * to Y in order: the result depends on j0 and j1, never on the threads.
  *
- * combine1t: y_j = a x_j + sum_i C_i Gt[j, i], 8 rows of Gt at a time, one vd of sums per row
- * (8 FMA chains) over its vf-wide pieces, the last m % (2 lanes) items one by one; the 8
- * rows' lanes are added in a tree of shuffles (C1T_REDUCE) to 8 / lanes vd of the rows' sums,
- * then a x_j is added and the result rounded once. A row's sum never depends on the rows
- * around it: a last group of fewer than 8 rows repeats its last row (and x), so that it takes
- * the same operations, and stores only its own rows.
+ * combine1t: y_j = a x_j + sum_i C_i Gt[j, i], 8 rows of Gt at a time, each row in turn
+ * (memory order: the 8 rows' pieces interleaved in the loop over i took 1.2x a float32 GEMV^T's
+ * time, in turn 0.9x) into two vd of sums, one per half of its vf-wide pieces, added; C's items are
+ * loaded from a contiguous copy in L1. The last m % (2 lanes) items go one by one, the 8 rows'
+ * lanes are added in a tree of shuffles (C1T_REDUCE) to 8 / lanes vd of the rows' sums, then
+ * a x_j is added and the result rounded once. A row's sum never depends on the rows around it:
+ * a last group of fewer than 8 rows repeats its last row (and x), so that it takes the same
+ * operations (its overflow too), and stores only its own rows.
  */
 #define P1T_BYTES 16384
 
