@@ -42,8 +42,9 @@ def _storages() -> list[tuple[str, object]]:
 
 
 # (m, ld, col0, n): m not a multiple of the panels' 8 rows, widths below one tile and across
-# a chunk of project64 (4096 columns) with a last piece of single columns, odd offsets; m = 70
-# past one block of the one-vector kernels' sums (64 with AVX-512), with a last part of 6.
+# a chunk of project64 (4096 columns) with a last piece of single columns, odd offsets. One
+# vector reads Gt in place at m = 9 (AVX2, base), 13 (base) and 70 (all: 64 + 6 one by one),
+# with 1 to 4 vf-wide pieces of sums in registers, or (AVX2, base at 70) more, in L1.
 SHAPES = [(1, 40, 0, 40), (5, 97, 3, 90), (13, 300, 37, 201), (9, 4_200, 5, 4_190), (70, 45, 2, 43)]
 
 EPS64 = float(np.finfo(np.float64).eps)
@@ -135,10 +136,10 @@ def test_fortran_ordered_passes_are_the_c_ordered_bits(isa, storage, shape, rng)
 def test_fortran_ordered_pieces_on_threads_are_the_same_bits(rng, monkeypatch):
     # Pieces on two threads (each transposing, or reading, its own columns) sum as one thread
     # does: two vectors as the C-ordered G's kernels, one vector as the direct kernels.
-    G = rng.standard_normal((8, 300_000)).astype(np.float32)
+    G = rng.standard_normal((16, 300_000)).astype(np.float32)
     F = np.asfortranarray(G)
     X = rng.standard_normal((2, 300_000)).astype(np.float32)
-    C, a = rng.standard_normal((1, 8)), np.array([0.5])
+    C, a = rng.standard_normal((1, 16)), np.array([0.5])
     monkeypatch.setenv("MFAC_CORE_NUM_THREADS", "2")
     two = _fused.project64(F, X, start=0, stop=300_000)
     two1 = _fused.project64(F, X[:1], start=0, stop=300_000)
@@ -151,16 +152,17 @@ def test_fortran_ordered_pieces_on_threads_are_the_same_bits(rng, monkeypatch):
     )
 
 
-def test_one_vector_rows_do_not_depend_on_the_rows_around_them(rng):
+@pytest.mark.parametrize("isa", _isas())
+def test_one_vector_rows_do_not_depend_on_the_rows_around_them(isa, rng):
     # combine64 over Gt with one row of C takes its rows 8 at a time; a last group of fewer
     # repeats its last row. A column's result is the same whichever group it falls in.
-    m, n = 21, 37
+    m, n = 36, 37
     F = np.asfortranarray(rng.standard_normal((m, n)).astype(np.float32))
     C, a = rng.standard_normal((1, m)), np.array([-1.5])
     x = rng.standard_normal(n).astype(np.float32)
-    whole = _fused.combine64(F, C, a, x, dtype=np.float64, start=0, stop=n)
+    whole = _fused.combine64(F, C, a, x, dtype=np.float64, start=0, stop=n, isa=isa)
     for j0, j1 in ((0, 5), (3, 11), (13, 37), (36, 37)):
-        piece = _fused.combine64(F, C, a, x[j0:j1], dtype=np.float64, start=j0, stop=j1)
+        piece = _fused.combine64(F, C, a, x[j0:j1], dtype=np.float64, start=j0, stop=j1, isa=isa)
         np.testing.assert_array_equal(piece, whole[:, j0:j1])
 
 
