@@ -205,7 +205,9 @@ def test_fortran_ordered_memmap_operator_is_the_c_ordered_bits(rng, tmp_path):
     """A read-only Fortran-ordered memmap goes to the kernels in place (it went to float64
     copies of column pieces, 3-30x slower); set-up, products of several vectors, diagonal and
     sweep are the C-ordered G's bits, a product of one vector within float64 sums' bound."""
-    m, d = 12, 5_000
+    # m = 16: whole vectors with every ISA, so that one vector takes the direct kernels (m = 12
+    # took them with the base ISA only, and the tiles' bits passed the bound on x86).
+    m, d = 16, 5_000
     G = rng.standard_normal((m, d)).astype(np.float32)
     np.save(tmp_path / "G.npy", np.asfortranarray(G))
     Gm = np.load(tmp_path / "G.npy", mmap_mode="r")
@@ -227,7 +229,8 @@ def test_fortran_ordered_memmap_operator_is_the_c_ordered_bits(rng, tmp_path):
 
 def test_transposed_torch_tensor_is_the_contiguous_product(rng):
     torch = pytest.importorskip("torch")
-    G = torch.from_numpy(rng.standard_normal((6, 3_000)).astype(np.float32))
+    # m = 16: the direct kernels with every ISA (m = 6 took the tiles with all of them).
+    G = torch.from_numpy(rng.standard_normal((16, 3_000)).astype(np.float32))
     x = torch.from_numpy(rng.standard_normal(3_000).astype(np.float32))
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         Gc = G.to(dtype)
