@@ -43,9 +43,19 @@ def _storages() -> list[tuple[str, object]]:
 
 # (m, ld, col0, n): m not a multiple of the panels' 8 rows, widths below one tile and across
 # a chunk of project64 (4096 columns) with a last piece of single columns, odd offsets. One
-# vector reads Gt in place at m = 9 (AVX2, base), 13 (base) and 70 (all: 64 + 6 one by one),
-# with 1 to 4 vf-wide pieces of sums in registers, or (AVX2, base at 70) more, in L1.
-SHAPES = [(1, 40, 0, 40), (5, 97, 3, 90), (13, 300, 37, 201), (9, 4_200, 5, 4_190), (70, 45, 2, 43)]
+# vector reads Gt in place at m = 32 and 48 (every storage and ISA; project64: 2 and 3 vf-wide
+# pieces of sums in registers with AVX-512, 4 or more, in L1, with the others) and 70 (64 + 6
+# one by one; project64 over float32 and float64 only: 4 pieces with AVX-512, more with AVX2
+# and base); m = 9 and 13 take the tiles (too few bytes of whole vectors a row).
+SHAPES = [
+    (1, 40, 0, 40),
+    (5, 97, 3, 90),
+    (13, 300, 37, 201),
+    (9, 4_200, 5, 4_190),
+    (70, 45, 2, 43),
+    (32, 50, 3, 45),
+    (48, 21, 0, 21),
+]
 
 EPS64 = float(np.finfo(np.float64).eps)
 
@@ -164,6 +174,32 @@ def test_one_vector_rows_do_not_depend_on_the_rows_around_them(isa, rng):
     for j0, j1 in ((0, 5), (3, 11), (13, 37), (36, 37)):
         piece = _fused.combine64(F, C, a, x[j0:j1], dtype=np.float64, start=j0, stop=j1, isa=isa)
         np.testing.assert_array_equal(piece, whole[:, j0:j1])
+
+
+@pytest.mark.parametrize("isa", _isas())
+@pytest.mark.parametrize("m", [17, 33])
+def test_one_vector_short_rows_with_a_tail_take_the_tiles(isa, m, rng):
+    # One vector over Gt reads the rows in place only where no item is left past the row's
+    # whole vectors, or these make 256 bytes (project64) or 128 (combine64): the items past
+    # them go one by one, which made project64 at m = 17 and 33 (float32) 1.2-2.5x slower than
+    # the tiles, and combine64 at m = 17 (bfloat16) 1.4x. Those take the tiles, whose sums are
+    # the C-ordered G's, bit for bit.
+    n = 300
+    G = rng.standard_normal((m, n)).astype(np.float32)
+    F = np.asfortranarray(G)
+    cols = {"start": 0, "stop": n, "isa": isa}
+    C, a = rng.standard_normal((1, m)), np.array([0.5])
+    for st in (np.float32, np.float16):
+        x = rng.standard_normal(n).astype(np.float32)
+        Fs, Gs = F.astype(st), G.astype(st)
+        np.testing.assert_array_equal(
+            _fused.project64(Fs, x, **cols), _fused.project64(Gs, x, **cols)
+        )
+        if m == 17 or st == np.float16:
+            np.testing.assert_array_equal(
+                _fused.combine64(Fs, C, a, x, dtype=np.float64, **cols),
+                _fused.combine64(Gs, C, a, x, dtype=np.float64, **cols),
+            )
 
 
 def test_strided_g_is_still_refused(rng):

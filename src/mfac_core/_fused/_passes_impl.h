@@ -843,7 +843,8 @@ TRANSPOSE_FN(bf16, uint16_t, float, NAME(t8f), NAME(t8i), T8_LOAD_BF16, LOAD1_BF
  * threads.
  *
  * Both serve m whose last m % (2 lanes) items, one by one, are at most an eighth of the others
- * (direct1t); else the tiles. Float32, AVX-512, one Zen 4 core, d = 1e6, against the tiles:
+ * (direct1t), and where items are left, whole vectors of 256 bytes a row (project1t_serves) or
+ * 128 (combine1t_serves); else the tiles. Float32, AVX-512, one Zen 4 core, d = 1e6, against the tiles:
  * 1.5-1.9x faster at m = 64, 70, 72 and 80, 2.4x slower (combine1t 1.3x) at m = 24, 1.0-1.3x
  * slower at m = 13 (every item one by one).
  *
@@ -862,6 +863,29 @@ ISA_ATTR static inline int NAME(direct1t)(Py_ssize_t m)
 {
     const Py_ssize_t last = m % (VBYTES / 4);
     return last * 8 <= m - last && m >= VBYTES / 4;
+}
+
+/* Whether project1t serves m items of `size` bytes a row, besides direct1t: its last items go in
+   a second pass over the chunk's rows, a chain of dependent adds a row, which costs as much as
+   a row of whole vectors below about 256 bytes. One Zen 4 core, d x m = 1.6e7 or 3.2e7, against
+   the tiles: float32 m = 17, 18 1.7x (AVX-512) and 1.9x (AVX2) slower, m = 33-35 1.2-1.5x, AVX2
+   m = 9 2.5x, 49 1.1x; bfloat16 (AVX2) m = 33-70 1.1-1.6x; faster from 256 bytes (float32
+   m = 70, 100, 130: 0.6-0.7x; bfloat16 m = 130: 0.63x) and with no items left (m = 16-256). */
+ISA_ATTR static inline int NAME(project1t_serves)(Py_ssize_t m, Py_ssize_t size)
+{
+    const Py_ssize_t last = m % (VBYTES / 4);
+    return last == 0 || (m - last) * size >= 256;
+}
+
+/* Whether combine1t serves m items of `size` bytes a row, besides direct1t: its last items go
+   one by one, 8 rows' worth a group (2-byte items each converted alone), which costs more than
+   the tiles below about 128 bytes of whole vectors a row. One Zen 4 core, against the tiles:
+   bfloat16 m = 17, 18 1.4x slower (AVX-512), m = 33-49 1.05-1.1x (AVX2, AVX-512); float32 and
+   m = 66, 70 (bfloat16) within 0.8-1.05x. */
+ISA_ATTR static inline int NAME(combine1t_serves)(Py_ssize_t m, Py_ssize_t size)
+{
+    const Py_ssize_t last = m % (VBYTES / 4);
+    return last == 0 || (m - last) * size >= 128;
 }
 
 /* lo, hi: the float64 values of the VBYTES / 4 items at p (one vf of float32). */
@@ -1094,7 +1118,7 @@ COMBINE1T_FN(bf16, uint16_t, LOAD1_BF16, LOAD2_BF16)
     {                                                                                       \
         const S *V = Vp;                                                                    \
         const XT *X = Xp;                                                                   \
-        if (kk == 1 && NAME(direct1t)(m)) {                                                 \
+        if (kk == 1 && NAME(direct1t)(m) && NAME(project1t_serves)(m, sizeof(S))) {         \
             NAME(project1t_##SUFFIX##_##XSUFFIX)(V, ldt, m, X, Y, j0, j1, sums_raw);        \
             return;                                                                         \
         }                                                                                   \
@@ -1156,7 +1180,7 @@ PROJECT64T_FNS(bf16, uint16_t, LOAD1_BF16, float, LOADV_F32)
         int out64, Py_ssize_t j0, Py_ssize_t j1, double *acc_buf, float *sbuf, void *tile_raw) \
     {                                                                                       \
         const S *V = Vp;                                                                    \
-        if (kk == 1 && NAME(direct1t)(m)) {                                                 \
+        if (kk == 1 && NAME(direct1t)(m) && NAME(combine1t_serves)(m, sizeof(S))) {         \
             NAME(combine1t_##SUFFIX)(V, ldt, m, Ct, a[0], Xp, x64, Yp, out64, j0, j1,       \
                                      tile_raw);                                             \
             return;                                                                         \
