@@ -19,8 +19,9 @@ block-wise set-up would cost it 20 %.
 the same float32 m x d array. The operator reads G twice with float64 accumulation (the C
 extension's ``project64`` and ``combine64``); target <= 1.15x. 2-byte storage (PyTorch
 bfloat16, NumPy float16) reads half the bytes; target <= 0.6x of the same float32 floor.
-A Fortran-ordered float32 G (``Gt.T``), which the kernels read as its transpose in
-tiles: target <= 1.7x (1.5x the C-ordered G's target).
+A Fortran-ordered float32 G (``Gt.T``), which the kernels read as its transpose (one
+vector: its rows in place; several: in tiles), over the same floor of the C-ordered array
+(BLAS over the Fortran-ordered one took 2x as long at m = 256): target <= 1.7x.
 
 **Set-up** (``StaticIHVP(G)``): over one ``dsyrk`` of a float64 copy of G (the Gram in
 float64, which is the whole set-up once no W is built); target <= 1.2x. The block-wise
@@ -89,7 +90,8 @@ def product_rows(m: int, d: int, repeat: int, rng: np.random.Generator) -> list[
         "DynamicIHVP step float32": (lambda _: window.update_and_matvec(G32[0]), None),
     }
     # A Fortran-ordered G (``Gt.T`` of a (d, m) array of gradients as columns, a .npy saved
-    # from one): the kernels read it as its transpose, in tiles; target 1.5x the C-ordered's.
+    # from one): the kernels read it as its transpose (one vector: its rows in place, in
+    # memory order; several: in tiles); target 1.7x the floor.
     ops["float32 F"] = StaticIHVP(np.asfortranarray(G32), damp=damp, check_finite=False)
     cands["StaticIHVP float32 Fortran-ordered"] = (lambda _: ops["float32 F"] @ x, None)
     G16 = G32.astype(np.float16)

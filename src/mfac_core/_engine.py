@@ -13,9 +13,10 @@ accumulate in float64 (docs/mathematics.rst, "Exact passes"). Products of float3
 Where the data allow, the passes run in kernels that read G once, in place: the
 optional C extension (``_fused``), at the speed of a single-precision GEMV, for C-ordered
 NumPy arrays and PyTorch CPU tensors (through a NumPy view, no copy) of float32 or 2-byte
-storage, and Fortran-ordered ones (``Gt.T``: ``Gt``'s rows transposed in cache-sized tiles,
-the same bits); and the CUDA kernels of ``_kernels`` (``passes.cu``) for C-ordered CuPy arrays
-of float32 or float16 storage and PyTorch CUDA tensors of float32, float16 or bfloat16
+storage, and Fortran-ordered ones (``Gt.T``: ``Gt``'s rows read in place for one vector,
+transposed in cache-sized tiles for several, the same bits as C-ordered there); and the
+CUDA kernels of ``_kernels`` (``passes.cu``) for C-ordered CuPy arrays of float32 or
+float16 storage and PyTorch CUDA tensors of float32, float16 or bfloat16
 storage (through zero-copy DLPack views, on PyTorch's current stream; where CuPy is
 installed), a launch or two per pass whatever d. Both kernel sets take the same
 arguments, so each pass is written once over a *route* (``_Route``).

@@ -6,7 +6,8 @@ bfloat16, the last also as the uint16 bits of a PyTorch tensor) and do every pro
 sum in float64, at about the speed of a GEMV in the storage dtype; up to eight vectors (or
 rows of coefficients, as for the K dampings of a sweep) share one read of ``G``. NumPy's own
 routes to the same sums need a float64 copy of ``G``. ``G`` is C-ordered, or Fortran-ordered
-(read as its transpose, in tiles: the same sums in the same order, the same bits). This
+(read as its transpose: with one vector its rows in place, float64 sums in another order; with
+several in tiles, the same sums in the same order, the same bits). This
 module checks the arguments and splits the columns over threads; ``_engine`` decides when
 the kernels serve. Where the extension was not built (:func:`available` is false) the
 engine uses float64 products over column pieces instead; both are tested against each other
@@ -299,8 +300,9 @@ def _in_order(G: Any) -> bool:
     whose kernels read either order.
 
     A Fortran-ordered G (``Gt.T`` of a C-ordered (d, m) array, a ``.npy`` file saved from
-    one) goes to the kernels as its transpose (C-ordered), with ``trans``: they read a block
-    of its rows (G's columns, one run of memory) into a tile transposed.
+    one) goes to the kernels as its transpose (C-ordered), with ``trans``: they read its rows
+    (G's columns, one run of memory) in place for one vector, else a block of them into a tile
+    transposed.
     """
     if _passes is None or not isinstance(G, np.ndarray) or G.ndim != 2 or not G.flags.aligned:
         return False

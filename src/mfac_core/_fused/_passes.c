@@ -472,7 +472,8 @@ static int check_storage(int storage)
 /* project64(V, ld, col0, m, X, kk, x64, Y, n, j0, j1, isa, storage[, trans]): V's items are of the
    storage type `storage` (ST_*); X is kk x n, float64 if x64 else float32; Y is kk x m float64
    (this range's sums, overwritten). With `trans`, V is the transpose of a Fortran-ordered m x ld
-   array (ld rows of m items), read by the *t kernels: the same bits. */
+   array (ld rows of m items), read by the *t kernels: the same bits for kk > 1, float64 sums in
+   another order for kk = 1 (_passes_impl.h). */
 static PyObject *py_project64(PyObject *self, PyObject *args)
 {
     (void)self;

@@ -731,7 +731,8 @@ WIDEN64_FN(bf16, uint16_t, LOAD1_BF16, WIDEN64_VEC_BF16)
  * that the loops above read as they read V's rows (2-byte items widened to float32 on the way,
  * exactly, as the staging widens them). G is read once, in its order, as one stream; the tile
  * stays in the core's cache. The sums are those of the C-ordered kernels, term for term, in the
- * same order (project64t, combine64t): the results are the same bits.
+ * same order (project64t, combine64t): the results are the same bits. One vector (kk = 1)
+ * goes to project1t and combine1t instead, which read Gt's rows in place (below).
  */
 typedef float NAME(t8f) __attribute__((vector_size(32), aligned(4), may_alias));
 typedef double NAME(t8d) __attribute__((vector_size(64), aligned(8), may_alias));
@@ -825,6 +826,271 @@ TRANSPOSE_FN(f16, uint16_t, float, NAME(t8f), NAME(t8i), T8_LOAD_F16, LOAD1_F16)
 TRANSPOSE_FN(bf16, uint16_t, float, NAME(t8f), NAME(t8i), T8_LOAD_BF16, LOAD1_BF16)
 
 /*
+ * One vector (kk = 1, a product's two passes) over Gt in place, no tile: the transposes of the
+ * kernels above did not overlap their arithmetic on one core (a product over a Fortran-ordered
+ * float32 G, m = 64, d = 1e6: 1.8-1.9x the float32 two-pass floor, against 1.05x C-ordered;
+ * 0.75-0.9x with these, one Zen 4 core). Gt's rows are read in order, one stream, as they lie
+ * in memory. Every product and sum is in float64, the result rounded once; the sums go in
+ * another order than the C-ordered kernels' (not their bits: float64 sums of the same terms).
+ *
+ * project1t: y_i = sum_j Gt[j, i] x_j as y += x_j Gt[j, :], row after row: up to 4 vf-wide
+ * pieces of y (8 vd of sums) in registers, more in L1 (the sums loaded and stored at each row:
+ * blocks of 4 pieces in registers, each block over a 16 KiB tile of rows re-read from L1, read
+ * G's rows at half the speed of a GEMV at m = 256, float32, AVX-512: the first block's reads,
+ * a few lines of each row, were not fetched ahead), and the last m % (2 lanes) items one by
+ * one. Each item's sum runs over the columns of one chunk of CHUNK64 (from j0) in order, and
+ * the chunks' sums are added to Y in order: the result depends on j0 and j1, never on the
+ * threads.
+ *
+ * Both serve m whose last m % (2 lanes) items, one by one, are at most an eighth of the others
+ * (direct1t), and where items are left, whole vectors of 256 bytes a row (project1t_serves) or
+ * 128 (combine1t_serves); else the tiles. Float32, AVX-512, one Zen 4 core, d = 1e6, against the tiles:
+ * 1.5-1.9x faster at m = 64, 70, 72 and 80, 2.4x slower (combine1t 1.3x) at m = 24, 1.0-1.3x
+ * slower at m = 13 (every item one by one).
+ *
+ * combine1t: y_j = a x_j + sum_i C_i Gt[j, i], 8 rows of Gt at a time, each row in turn
+ * (memory order: the 8 rows' pieces interleaved in the loop over i took 1.2x a float32 GEMV^T's
+ * time, in turn 0.9x) into two vd of sums, one per half of its vf-wide pieces, added; C's items are
+ * loaded from a contiguous copy in L1. The last m % (2 lanes) items go one by one, the 8 rows'
+ * lanes are added in a tree of shuffles (C1T_REDUCE) to 8 / lanes vd of the rows' sums, then
+ * a x_j is added and the result rounded once. A row's sum never depends on the rows around it:
+ * a last group of fewer than 8 rows repeats its last row (and x), so that it takes the same
+ * operations (its overflow too), and stores only its own rows.
+ */
+
+/* Whether project1t and combine1t serve m items a row (see above). */
+ISA_ATTR static inline int NAME(direct1t)(Py_ssize_t m)
+{
+    const Py_ssize_t last = m % (VBYTES / 4);
+    return last * 8 <= m - last && m >= VBYTES / 4;
+}
+
+/* Whether project1t serves m items of `size` bytes a row, besides direct1t: its last items go in
+   a second pass over the chunk's rows, a chain of dependent adds a row, which costs as much as
+   a row of whole vectors below about 256 bytes. One Zen 4 core, d x m = 1.6e7 or 3.2e7, against
+   the tiles: float32 m = 17, 18 1.7x (AVX-512) and 1.9x (AVX2) slower, m = 33-35 1.2-1.5x, AVX2
+   m = 9 2.5x, 49 1.1x; bfloat16 (AVX2) m = 33-70 1.1-1.6x; faster from 256 bytes (float32
+   m = 70, 100, 130: 0.6-0.7x; bfloat16 m = 130: 0.63x) and with no items left (m = 16-256). */
+ISA_ATTR static inline int NAME(project1t_serves)(Py_ssize_t m, Py_ssize_t size)
+{
+    const Py_ssize_t last = m % (VBYTES / 4);
+    return last == 0 || (m - last) * size >= 256;
+}
+
+/* Whether combine1t serves m items of `size` bytes a row, besides direct1t: its last items go
+   one by one, 8 rows' worth a group (2-byte items each converted alone), which costs more than
+   the tiles below about 128 bytes of whole vectors a row. One Zen 4 core, against the tiles:
+   bfloat16 m = 17, 18 1.4x slower (AVX-512), m = 33-49 1.05-1.1x (AVX2, AVX-512); float32 and
+   m = 66, 70 (bfloat16) within 0.8-1.05x. */
+ISA_ATTR static inline int NAME(combine1t_serves)(Py_ssize_t m, Py_ssize_t size)
+{
+    const Py_ssize_t last = m % (VBYTES / 4);
+    return last == 0 || (m - last) * size >= 128;
+}
+
+/* lo, hi: the float64 values of the VBYTES / 4 items at p (one vf of float32). */
+#define LOAD2_F32(p, lo, hi)                                                                \
+    do {                                                                                    \
+        lo = LOADV_F32(p);                                                                  \
+        hi = LOADV_F32((p) + VBYTES / 8);                                                   \
+    } while (0)
+#define LOAD2_F64(p, lo, hi)                                                                \
+    do {                                                                                    \
+        lo = LOADV_F64(p);                                                                  \
+        hi = LOADV_F64((p) + VBYTES / 8);                                                   \
+    } while (0)
+#define LOAD2_STAGED(STAGE, p, lo, hi)                                                      \
+    do {                                                                                    \
+        float f_[VBYTES / 4] __attribute__((aligned(VBYTES)));                              \
+        NAME(STAGE)(p, f_);                                                                 \
+        lo = LOADV_F32(f_);                                                                 \
+        hi = LOADV_F32(f_ + VBYTES / 8);                                                    \
+    } while (0)
+#define LOAD2_F16(p, lo, hi) LOAD2_STAGED(stage_f16_vec, p, lo, hi)
+#define LOAD2_BF16(p, lo, hi) LOAD2_STAGED(stage_bf16_vec, p, lo, hi)
+
+/* The first NP vf-wide pieces of the sums (NP <= 4: 8 vd, in registers) over the chunk's rows. */
+#define PROJECT1T_BLOCK(LOAD2, NP)                                                          \
+    do {                                                                                    \
+        NAME(vd) acc[2 * (NP)];                                                             \
+        for (int u = 0; u < 2 * (NP); u++)                                                  \
+            acc[u] = (NAME(vd)){0};                                                         \
+        const S *row = V + jc * ldt;                                                        \
+        for (Py_ssize_t j = jc; j < je; j++, row += ldt) {                                  \
+            const double xj = (double)X[j];                                                 \
+            for (int p = 0; p < (NP); p++) {                                                \
+                NAME(vd) lo, hi;                                                            \
+                LOAD2(row + p * 2 * lanes, lo, hi);                                         \
+                acc[2 * p] += xj * lo;                                                      \
+                acc[2 * p + 1] += xj * hi;                                                  \
+            }                                                                               \
+        }                                                                                   \
+        for (int u = 0; u < 2 * (NP); u++)                                                  \
+            *(NAME(vd) *)(sums + u * lanes) = acc[u];                                       \
+    } while (0)
+
+#define PROJECT1T_FN(SUFFIX, ST, LOAD1, LOAD2, XSUFFIX, XT)                                 \
+    ISA_ATTR static void NAME(project1t_##SUFFIX##_##XSUFFIX)(                              \
+        const ST *V, Py_ssize_t ldt, Py_ssize_t m, const XT *X, double *Y, Py_ssize_t j0,   \
+        Py_ssize_t j1, double *sums)                                                        \
+    {                                                                                       \
+        typedef ST S;                                                                       \
+        const int lanes = VBYTES / 8;                                                       \
+        const Py_ssize_t step = 2 * lanes, mv = m / step * step;                            \
+        for (Py_ssize_t i = 0; i < m; i++)                                                  \
+            Y[i] = 0.0;                                                                     \
+        for (Py_ssize_t jc = j0; jc < j1; jc += CHUNK64) {                                  \
+            const Py_ssize_t je = jc + CHUNK64 < j1 ? jc + CHUNK64 : j1;                    \
+            for (Py_ssize_t i = 0; i < m; i++)                                              \
+                sums[i] = 0.0;                                                              \
+            const Py_ssize_t np = mv / step;                                                \
+            if (np > 4) {                                                                   \
+                const S *row = V + jc * ldt;                                                \
+                for (Py_ssize_t j = jc; j < je; j++, row += ldt) {                          \
+                    const double xj = (double)X[j];                                         \
+                    for (Py_ssize_t i = 0; i < mv; i += step) {                             \
+                        NAME(vd) lo, hi;                                                    \
+                        LOAD2(row + i, lo, hi);                                             \
+                        *(NAME(vd) *)(sums + i) += xj * lo;                                 \
+                        *(NAME(vd) *)(sums + i + lanes) += xj * hi;                         \
+                    }                                                                       \
+                }                                                                           \
+            } else if (np == 4)                                                             \
+                PROJECT1T_BLOCK(LOAD2, 4);                                                  \
+            else if (np == 3)                                                               \
+                PROJECT1T_BLOCK(LOAD2, 3);                                                  \
+            else if (np == 2)                                                               \
+                PROJECT1T_BLOCK(LOAD2, 2);                                                  \
+            else if (np == 1)                                                               \
+                PROJECT1T_BLOCK(LOAD2, 1);                                                  \
+            for (Py_ssize_t j = jc; j < je && mv < m; j++) {                                \
+                const double xj = (double)X[j];                                             \
+                for (Py_ssize_t i = mv; i < m; i++)                                         \
+                    sums[i] += LOAD1(V + j * ldt + i) * xj;                                 \
+            }                                                                               \
+            for (Py_ssize_t i = 0; i < m; i++)                                              \
+                Y[i] += sums[i];                                                            \
+        }                                                                                   \
+    }
+#define PROJECT1T_FNS(SUFFIX, S, LOAD1, LOAD2)                                              \
+    PROJECT1T_FN(SUFFIX, S, LOAD1, LOAD2, x32, float)                                       \
+    PROJECT1T_FN(SUFFIX, S, LOAD1, LOAD2, x64, double)
+
+PROJECT1T_FNS(f32, float, LOAD1_F32, LOAD2_F32)
+PROJECT1T_FNS(f64, double, LOAD1_F64, LOAD2_F64)
+PROJECT1T_FNS(f16, uint16_t, LOAD1_F16, LOAD2_F16)
+PROJECT1T_FNS(bf16, uint16_t, LOAD1_BF16, LOAD2_BF16)
+
+/* Even and odd lanes of two vd side by side: their sum adds each vd's neighbouring lanes. */
+typedef int64_t NAME(vl) __attribute__((vector_size(VBYTES)));
+#if VBYTES == 64
+#define C1T_EVENS {0, 2, 4, 6, 8, 10, 12, 14}
+#define C1T_ODDS {1, 3, 5, 7, 9, 11, 13, 15}
+#elif VBYTES == 32
+#define C1T_EVENS {0, 2, 4, 6}
+#define C1T_ODDS {1, 3, 5, 7}
+#else
+#define C1T_EVENS {0, 2}
+#define C1T_ODDS {1, 3}
+#endif
+/* v[0..7] (one vd of sums per row) to v[0..8 / lanes - 1], the rows' sums in row order: each
+   round adds neighbouring lanes of two vd, halving the vd (8 -> 4 -> 2 -> 1 with 8 lanes). */
+#define C1T_REDUCE(v)                                                                       \
+    do {                                                                                    \
+        int cnt_ = 8;                                                                       \
+        for (int w_ = lanes; w_ > 1; w_ /= 2, cnt_ /= 2)                                    \
+            for (int q = 0; q < cnt_ / 2; q++)                                              \
+                v[q] = __builtin_shuffle(v[2 * q], v[2 * q + 1], (NAME(vl))C1T_EVENS)       \
+                       + __builtin_shuffle(v[2 * q], v[2 * q + 1], (NAME(vl))C1T_ODDS);     \
+    } while (0)
+
+/* The group of 8 rows from row j: nr of them (FULL: 8, known at compile time) stored. */
+#define COMBINE1T_GROUP(LOAD1, LOAD2, FULL, NR)                                             \
+    do {                                                                                    \
+        const int nr = (NR);                                                                \
+        const ST *rw[8];                                                                    \
+        for (int r = 0; r < 8; r++)                                                         \
+            rw[r] = V + (j + ((FULL) || r < nr ? r : nr - 1)) * ldt;                        \
+        NAME(vd) v[8];                                                                      \
+        for (int r = 0; r < 8; r++)                                                         \
+            v[r] = (NAME(vd)){0};                                                           \
+        _Pragma("GCC unroll 8") for (int r = 0; r < 8; r++) {                               \
+            NAME(vd) vhi = {0};                                                             \
+            for (Py_ssize_t i = 0; i < mv; i += step) {                                     \
+                NAME(vd) lo, hi;                                                            \
+                LOAD2(rw[r] + i, lo, hi);                                                   \
+                v[r] += lo * LOADV_F64(c1 + i);                                             \
+                vhi += hi * LOADV_F64(c1 + i + lanes);                                      \
+            }                                                                               \
+            v[r] += vhi;                                                                    \
+        }                                                                                   \
+        C1T_REDUCE(v);                                                                      \
+        if (mv < m) {                                                                       \
+            double tail[8] __attribute__((aligned(64)));                                    \
+            for (int r = 0; r < 8; r++) {                                                   \
+                double t = 0.0;                                                             \
+                for (Py_ssize_t i = mv; i < m; i++)                                         \
+                    t += c1[i] * LOAD1(rw[r] + i);                                          \
+                tail[r] = t;                                                                \
+            }                                                                               \
+            for (int q = 0; q < 8 / lanes; q++)                                             \
+                v[q] += LOADV_F64(tail + q * lanes);                                        \
+        }                                                                                   \
+        /* x_j of the group's rows as float64 (exactly), the last row's again past nr. */   \
+        double xl[8] __attribute__((aligned(64)));                                          \
+        if (!(FULL))                                                                        \
+            for (int r = 0; r < 8; r++) {                                                   \
+                const Py_ssize_t jj = j + (r < nr ? r : nr - 1);                            \
+                xl[r] = x64 ? xd[jj] : (double)xf[jj];                                      \
+            }                                                                               \
+        double yl[8] __attribute__((aligned(64)));                                          \
+        float yh[8] __attribute__((aligned(32)));                                           \
+        for (int q = 0; q < 8 / lanes; q++) {                                               \
+            const Py_ssize_t jq = j + q * lanes;                                            \
+            const NAME(vd) xv = !(FULL) ? LOADV_F64(xl + q * lanes)                         \
+                                : x64   ? LOADV_F64(xd + jq)                                \
+                                        : LOADV_F32(xf + jq);                               \
+            const NAME(vd) y = v[q] + a0 * xv;                                              \
+            if (out64)                                                                      \
+                *(NAME(vd) *)((FULL) ? yd + jq : yl + q * lanes) = y;                       \
+            else                                                                            \
+                *(NAME(vh) *)((FULL) ? yf + jq : yh + q * lanes) =                          \
+                    __builtin_convertvector(y, NAME(vh));                                   \
+        }                                                                                   \
+        for (int r = 0; r < ((FULL) ? 0 : nr); r++)                                         \
+            if (out64)                                                                      \
+                yd[j + r] = yl[r];                                                          \
+            else                                                                            \
+                yf[j + r] = yh[r];                                                          \
+    } while (0)
+
+#define COMBINE1T_FN(SUFFIX, ST_, LOAD1, LOAD2)                                             \
+    ISA_ATTR static void NAME(combine1t_##SUFFIX)(                                          \
+        const ST_ *V, Py_ssize_t ldt, Py_ssize_t m, const double *Ct, double a0,            \
+        const void *Xp, int x64, void *Yp, int out64, Py_ssize_t j0, Py_ssize_t j1,         \
+        double *c1)                                                                         \
+    {                                                                                       \
+        typedef ST_ ST;                                                                     \
+        const int lanes = VBYTES / 8;                                                       \
+        const Py_ssize_t step = 2 * lanes, mv = m / step * step;                            \
+        const double *xd = Xp;                                                              \
+        const float *xf = Xp;                                                               \
+        double *yd = Yp;                                                                    \
+        float *yf = Yp;                                                                     \
+        for (Py_ssize_t i = 0; i < m; i++)                                                  \
+            c1[i] = Ct[8 * i];                                                              \
+        Py_ssize_t j = j0;                                                                  \
+        for (; j + 8 <= j1; j += 8)                                                         \
+            COMBINE1T_GROUP(LOAD1, LOAD2, 1, 8);                                            \
+        if (j < j1)                                                                         \
+            COMBINE1T_GROUP(LOAD1, LOAD2, 0, (int)(j1 - j));                                \
+    }
+
+COMBINE1T_FN(f32, float, LOAD1_F32, LOAD2_F32)
+COMBINE1T_FN(f64, double, LOAD1_F64, LOAD2_F64)
+COMBINE1T_FN(f16, uint16_t, LOAD1_F16, LOAD2_F16)
+COMBINE1T_FN(bf16, uint16_t, LOAD1_BF16, LOAD2_BF16)
+/*
  * project64t: project64 over Gt. The columns go in the chunks of project64 (CHUNK64 from j0),
  * each chunk in tiles of SUBT columns, all m rows at once; every row's vectors of sums wait in
  * sums_raw (m x 8 vd) from tile to tile, and take the same FMAs in the same order as in
@@ -852,6 +1118,10 @@ TRANSPOSE_FN(bf16, uint16_t, float, NAME(t8f), NAME(t8i), T8_LOAD_BF16, LOAD1_BF
     {                                                                                       \
         const S *V = Vp;                                                                    \
         const XT *X = Xp;                                                                   \
+        if (kk == 1 && NAME(direct1t)(m) && NAME(project1t_serves)(m, sizeof(S))) {         \
+            NAME(project1t_##SUFFIX##_##XSUFFIX)(V, ldt, m, X, Y, j0, j1, sums_raw);        \
+            return;                                                                         \
+        }                                                                                   \
         const int lanes = VBYTES / 8;                                                       \
         T *tile = tile_raw;                                                                 \
         NAME(vd)(*all)[8] = sums_raw;                                                       \
@@ -910,6 +1180,11 @@ PROJECT64T_FNS(bf16, uint16_t, LOAD1_BF16, float, LOADV_F32)
         int out64, Py_ssize_t j0, Py_ssize_t j1, double *acc_buf, float *sbuf, void *tile_raw) \
     {                                                                                       \
         const S *V = Vp;                                                                    \
+        if (kk == 1 && NAME(direct1t)(m) && NAME(combine1t_serves)(m, sizeof(S))) {         \
+            NAME(combine1t_##SUFFIX)(V, ldt, m, Ct, a[0], Xp, x64, Yp, out64, j0, j1,       \
+                                     tile_raw);                                             \
+            return;                                                                         \
+        }                                                                                   \
         T *tile = tile_raw;                                                                 \
         const Py_ssize_t xs = x64 ? 8 : 4, ys = out64 ? 8 : 4, tld = TLD64(sizeof(T));      \
         for (Py_ssize_t js = j0; js < j1; js += TW64) {                                     \
@@ -1004,6 +1279,19 @@ WIDEN64T_FN(bf16, uint16_t, float)
 #undef PROJECT64T_FN
 #undef PROJECT64T_FNS
 #undef COMBINE64T_FN
+#undef LOAD2_F32
+#undef LOAD2_F64
+#undef LOAD2_STAGED
+#undef LOAD2_F16
+#undef LOAD2_BF16
+#undef PROJECT1T_BLOCK
+#undef PROJECT1T_FN
+#undef PROJECT1T_FNS
+#undef C1T_EVENS
+#undef C1T_ODDS
+#undef C1T_REDUCE
+#undef COMBINE1T_GROUP
+#undef COMBINE1T_FN
 #undef WIDEN64T_FN
 
 #undef ISA_ATTR
