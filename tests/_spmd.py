@@ -57,6 +57,19 @@ def _child(
     args: tuple[Any, ...],
     out: Any,
 ) -> None:
+    _job(rank, nprocs, init_file, timeout, fn, args, lambda result: out.put((rank, result)))
+
+
+def _job(
+    rank: int,
+    nprocs: int,
+    init_file: str,
+    timeout: float,
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    send: Callable[[Any], None],
+) -> None:
+    """One rank's run of ``fn`` in a gloo group of its own; ``send`` gets its result or error."""
     import torch.distributed as dist
 
     from mfac_core.distributed import TorchComm
@@ -73,7 +86,7 @@ def _child(
     except Exception as exc:  # sent to the parent
         result = RankError(type(exc).__name__, str(exc), traceback.format_exc())
     try:
-        out.put((rank, result))
+        send(result)
     finally:
         dist.destroy_process_group()
 
@@ -134,27 +147,9 @@ def spawn(
 
 def _pooled_worker(inbox: Any, out: Any) -> None:
     """A pooled rank: runs ``_child``'s steps for each job until it gets None."""
-    import torch.distributed as dist
-
-    from mfac_core.distributed import TorchComm
-
     while (job := inbox.get()) is not None:
-        job_id, rank, nprocs, init_file, timeout, fn, args = job
-        dist.init_process_group(
-            "gloo",
-            init_method=f"file://{init_file}",
-            rank=rank,
-            world_size=nprocs,
-            timeout=datetime.timedelta(seconds=timeout),
-        )
-        try:
-            result: Any = fn(TorchComm(), *args)
-        except Exception as exc:  # sent to the parent
-            result = RankError(type(exc).__name__, str(exc), traceback.format_exc())
-        try:
-            out.put((job_id, rank, result))
-        finally:
-            dist.destroy_process_group()
+        job_id, rank, *rest = job
+        _job(rank, *rest, lambda result, tag=(job_id, rank): out.put((*tag, result)))
 
 
 class _Pool:

@@ -192,6 +192,28 @@ def _share(
         raise errors[0]
 
 
+def _check_out(out: Any, name: str, shape: tuple[int, ...] | int) -> None:
+    """Refuse ``out`` unless it is a C-ordered, aligned, writeable float64 array of ``shape``.
+
+    ``shape`` is the exact shape, or (an int) the number of dimensions.
+    """
+    fits = isinstance(out, np.ndarray) and (
+        out.shape == shape if isinstance(shape, tuple) else out.ndim == shape
+    )
+    if not (
+        fits
+        and out.dtype == np.float64
+        and out.flags.c_contiguous
+        and out.flags.aligned
+        and out.flags.writeable
+    ):
+        want = str(shape) if isinstance(shape, tuple) else f"{shape}-D"
+        raise TypeError(
+            f"{name} must be a C-ordered, aligned, writeable {want} float64 NumPy array, got "
+            f"{getattr(out, 'shape', None)} {getattr(out, 'dtype', type(out).__name__)}"
+        )
+
+
 def widen64(
     G: Any,
     out: np.ndarray,
@@ -226,18 +248,7 @@ def widen64(
     """
     G, m, ld, code_st, trans = _check64(G, start, stop, storage)
     n = stop - start
-    if not (
-        isinstance(out, np.ndarray)
-        and out.dtype == np.float64
-        and out.shape == (m, n)
-        and out.flags.c_contiguous
-        and out.flags.aligned
-        and out.flags.writeable
-    ):
-        raise TypeError(
-            f"out must be a C-ordered, aligned, writeable ({m}, {n}) float64 NumPy array, got "
-            f"{getattr(out, 'shape', None)} {getattr(out, 'dtype', type(out).__name__)}"
-        )
+    _check_out(out, "out", (m, n))
     if threads is not None and (
         isinstance(threads, bool) or int(threads) != threads or threads < 1
     ):
@@ -710,21 +721,6 @@ def supports_blocks(G: Any, /) -> bool:
     return _BLOCKS and supports64(G)
 
 
-def _check_blocks(out: np.ndarray, name: str, ndim: int) -> None:
-    if not (
-        isinstance(out, np.ndarray)
-        and out.dtype == np.float64
-        and out.ndim == ndim
-        and out.flags.c_contiguous
-        and out.flags.aligned
-        and out.flags.writeable
-    ):
-        raise TypeError(
-            f"{name} must be a C-ordered, aligned, writeable {ndim}-D float64 NumPy array, got "
-            f"{getattr(out, 'shape', None)} {getattr(out, 'dtype', type(out).__name__)}"
-        )
-
-
 def block_factors(
     G: Any,
     out: np.ndarray,
@@ -768,8 +764,8 @@ def block_factors(
     Gram's upper triangle is summed in register tiles, the factor computed right-looking
     (``_blocks_impl.h``). Runs on the calling thread, without the GIL.
     """
-    _check_blocks(out, "out", 3)
-    _check_blocks(diag, "diag", 2)
+    _check_out(out, "out", 3)
+    _check_out(diag, "diag", 2)
     count, s = out.shape[0], out.shape[1]
     if out.shape[2] != s or diag.shape != (count, s) or s < 1:
         raise ValueError(
@@ -791,7 +787,7 @@ def block_inverses(out: np.ndarray, /, *, isa: str | None = None) -> None:
     ``out`` is (count, s, s) float64, C-ordered, as :func:`block_factors` writes it; sums in
     float64, row by row (``_blocks_impl.h``), on the calling thread, without the GIL.
     """
-    _check_blocks(out, "out", 3)
+    _check_out(out, "out", 3)
     count, s = out.shape[0], out.shape[1]
     if out.shape[2] != s:
         raise ValueError(f"out must be (count, s, s), got {out.shape}")
