@@ -20,6 +20,7 @@ state (DDP, device meshes) keep the default, one fresh interpreter per rank and 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime
 import itertools
 import multiprocessing as mp
@@ -27,11 +28,26 @@ import os
 import queue
 import tempfile
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 # One BLAS thread per child: several children share this machine's cores.
 _CHILD_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+@contextlib.contextmanager
+def _child_env() -> Iterator[None]:
+    """``_CHILD_ENV`` in ``os.environ`` while ranks start (spawned children copy it), then back."""
+    saved = {k: os.environ.get(k) for k in _CHILD_ENV}
+    os.environ.update(_CHILD_ENV)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 class RankError(Exception):
@@ -48,7 +64,8 @@ class RankError(Exception):
         return f"{self.kind}: {self.message}\n{self.trace}"
 
 
-def _child(
+def _job(
+    tag: tuple[int, ...],
     rank: int,
     nprocs: int,
     init_file: str,
@@ -57,19 +74,7 @@ def _child(
     args: tuple[Any, ...],
     out: Any,
 ) -> None:
-    _job(rank, nprocs, init_file, timeout, fn, args, lambda result: out.put((rank, result)))
-
-
-def _job(
-    rank: int,
-    nprocs: int,
-    init_file: str,
-    timeout: float,
-    fn: Callable[..., Any],
-    args: tuple[Any, ...],
-    send: Callable[[Any], None],
-) -> None:
-    """One rank's run of ``fn`` in a gloo group of its own; ``send`` gets its result or error."""
+    """One rank's run of ``fn`` in a gloo group of its own; ``(*tag, result)`` goes to ``out``."""
     import torch.distributed as dist
 
     from mfac_core.distributed import TorchComm
@@ -86,7 +91,7 @@ def _job(
     except Exception as exc:  # sent to the parent
         result = RankError(type(exc).__name__, str(exc), traceback.format_exc())
     try:
-        send(result)
+        out.put((*tag, result))
     finally:
         dist.destroy_process_group()
 
@@ -104,25 +109,19 @@ def spawn(
         return _POOL.run(fn, nprocs, args, timeout)
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    saved = {k: os.environ.get(k) for k in _CHILD_ENV}
-    os.environ.update(_CHILD_ENV)
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "init")
-        try:
+        with _child_env():
             procs = [
                 ctx.Process(
-                    target=_child, args=(r, nprocs, init_file, timeout, fn, args, out), daemon=True
+                    target=_job,
+                    args=((r,), r, nprocs, init_file, timeout, fn, args, out),
+                    daemon=True,
                 )
                 for r in range(nprocs)
             ]
             for p in procs:
                 p.start()
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
         results: list[Any] = [None] * nprocs
         received = 0
         try:
@@ -146,10 +145,10 @@ def spawn(
 
 
 def _pooled_worker(inbox: Any, out: Any) -> None:
-    """A pooled rank: runs ``_child``'s steps for each job until it gets None."""
+    """A pooled rank: runs ``_job`` for each job until it gets None."""
     while (job := inbox.get()) is not None:
         job_id, rank, *rest = job
-        _job(rank, *rest, lambda result, tag=(job_id, rank): out.put((*tag, result)))
+        _job((job_id, rank), rank, *rest, out)
 
 
 class _Pool:
@@ -170,21 +169,13 @@ class _Pool:
         if self._out is None:
             self._out = ctx.Queue()
             self._tmp = tempfile.TemporaryDirectory()
-        saved = {k: os.environ.get(k) for k in _CHILD_ENV}
-        os.environ.update(_CHILD_ENV)
-        try:
+        with _child_env():
             while len(self._procs) < nprocs:
                 inbox = ctx.Queue()
                 proc = ctx.Process(target=_pooled_worker, args=(inbox, self._out), daemon=True)
                 proc.start()
                 self._procs.append(proc)
                 self._inboxes.append(inbox)
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
 
     def run(
         self, fn: Callable[..., Any], nprocs: int, args: tuple[Any, ...], timeout: float

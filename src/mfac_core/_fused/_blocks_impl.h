@@ -1,6 +1,7 @@
 /*
  * The dense blocks' kernels of _passes.c for one instruction set (included once per instruction
- * set after _passes_impl.h, with ISA, ISA_TARGET and VBYTES defined as for it): a block's float64
+ * set after _passes_impl.h, with ISA, ISA_TARGET and VBYTES defined as for it, whose NAME,
+ * ISA_ATTR and vector types it uses and whose naming macros it undefines): a block's float64
  * Gram, its Cholesky factor and the factor's inverse, each on the calling thread alone. The
  * set-up of dense blocks (mfac_core._dense_blocks) runs one chunk of blocks per thread of its
  * own; LAPACK's calls at this size (128 x 128) each woke BLAS's threads, and Python threads each
@@ -10,16 +11,6 @@
  * its inverse is written over it. Every sum is in float64.
  */
 
-#define BPASTE_(a, b) a##_##b
-#define BPASTE(a, b) BPASTE_(a, b)
-#define BNAME(name) BPASTE(name, ISA)
-
-#ifdef ISA_TARGET
-#define BISA_ATTR __attribute__((target(ISA_TARGET)))
-#else
-#define BISA_ATTR
-#endif
-
 /* Doubles of a vector, and the Gram's register tile: GR rows by two vectors of columns (16 of
    the 32 AVX-512 registers hold sums; 8 of AVX2's 16). BLOCK_PAD (_passes.c) is a multiple of
    GR and of the tile's width. */
@@ -27,26 +18,24 @@
 #define GR (VBYTES == 64 ? 8 : 4)
 #define GTW (2 * BV)
 
-typedef double BNAME(bvd) __attribute__((vector_size(VBYTES), aligned(8), may_alias));
-
 /*
  * The upper triangle of W^T W (W: m rows of p doubles, p a multiple of BLOCK_PAD, the columns
  * past the block's zero) into A (p x p, row i at A + i p), in register tiles of GR rows by GTW
  * columns over all m rows: tiles that reach below the diagonal are whole (their lower part is
  * not read).
  */
-BISA_ATTR static void BNAME(block_gram)(const double *W, Py_ssize_t m, Py_ssize_t p,
+ISA_ATTR static void NAME(block_gram)(const double *W, Py_ssize_t m, Py_ssize_t p,
                                         Py_ssize_t s, double *A)
 {
     for (Py_ssize_t i0 = 0; i0 < s; i0 += GR) {
         for (Py_ssize_t j0 = i0 / GTW * GTW; j0 < s; j0 += GTW) {
-            BNAME(bvd) acc[GR][2];
+            NAME(vd) acc[GR][2];
             for (int r = 0; r < GR; r++)
-                acc[r][0] = acc[r][1] = (BNAME(bvd)){0};
+                acc[r][0] = acc[r][1] = (NAME(vd)){0};
             const double *w = W;
             for (Py_ssize_t k = 0; k < m; k++, w += p) {
-                const BNAME(bvd) b0 = *(const BNAME(bvd) *)(w + j0);
-                const BNAME(bvd) b1 = *(const BNAME(bvd) *)(w + j0 + BV);
+                const NAME(vd) b0 = *(const NAME(vd) *)(w + j0);
+                const NAME(vd) b1 = *(const NAME(vd) *)(w + j0 + BV);
                 for (int r = 0; r < GR; r++) {
                     const double a = w[i0 + r];
                     acc[r][0] += a * b0;
@@ -54,19 +43,19 @@ BISA_ATTR static void BNAME(block_gram)(const double *W, Py_ssize_t m, Py_ssize_
                 }
             }
             for (int r = 0; r < GR; r++) {
-                *(BNAME(bvd) *)(A + (i0 + r) * p + j0) = acc[r][0];
-                *(BNAME(bvd) *)(A + (i0 + r) * p + j0 + BV) = acc[r][1];
+                *(NAME(vd) *)(A + (i0 + r) * p + j0) = acc[r][0];
+                *(NAME(vd) *)(A + (i0 + r) * p + j0 + BV) = acc[r][1];
             }
         }
     }
 }
 
 /* y[k] -= c x[k], k < n. */
-BISA_ATTR static inline void BNAME(block_axpy)(double *y, double c, const double *x, Py_ssize_t n)
+ISA_ATTR static inline void NAME(block_axpy)(double *y, double c, const double *x, Py_ssize_t n)
 {
     Py_ssize_t k = 0;
     for (; k + BV <= n; k += BV)
-        *(BNAME(bvd) *)(y + k) -= c * *(const BNAME(bvd) *)(x + k);
+        *(NAME(vd) *)(y + k) -= c * *(const NAME(vd) *)(x + k);
     for (; k < n; k++)
         y[k] -= c * x[k];
 }
@@ -80,11 +69,11 @@ BISA_ATTR static inline void BNAME(block_axpy)(double *y, double c, const double
  * 0, or -1 where the Gram's diagonal is not finite or a pivot is not positive (out then partly
  * written).
  */
-BISA_ATTR static int BNAME(block_factor)(const double *W, Py_ssize_t m, Py_ssize_t p,
+ISA_ATTR static int NAME(block_factor)(const double *W, Py_ssize_t m, Py_ssize_t p,
                                          Py_ssize_t s, double scale, double damp, double *A,
                                          double *out, double *diag)
 {
-    BNAME(block_gram)(W, m, p, s, A);
+    NAME(block_gram)(W, m, p, s, A);
     for (Py_ssize_t i = 0; i < s; i++) {
         double *a = A + i * p;
         for (Py_ssize_t j = i; j < s; j++)
@@ -104,7 +93,7 @@ BISA_ATTR static int BNAME(block_factor)(const double *W, Py_ssize_t m, Py_ssize
         for (Py_ssize_t c = j + 1; c < s; c++)
             u[c] *= inv;
         for (Py_ssize_t i = j + 1; i < s; i++)
-            BNAME(block_axpy)(A + i * p + i, u[i], u + i, s - i);
+            NAME(block_axpy)(A + i * p + i, u[i], u + i, s - i);
     }
     for (Py_ssize_t i = 0; i < s; i++) {
         double *o = out + i * s;
@@ -120,7 +109,7 @@ BISA_ATTR static int BNAME(block_factor)(const double *W, Py_ssize_t m, Py_ssize
  * -(L[i][:i] X[:i][:i]) / L[i][i], summed in acc (s doubles) as multiples of the rows of X
  * above, four at a time (their zeros past the diagonal make the lengths equal).
  */
-BISA_ATTR static void BNAME(block_lower_inverse)(double *L, Py_ssize_t s, double *acc)
+ISA_ATTR static void NAME(block_lower_inverse)(double *L, Py_ssize_t s, double *acc)
 {
     for (Py_ssize_t i = 0; i < s; i++) {
         double *row = L + i * s;
@@ -132,10 +121,10 @@ BISA_ATTR static void BNAME(block_lower_inverse)(double *L, Py_ssize_t s, double
             const Py_ssize_t n = k + 4;
             Py_ssize_t j = 0;
             for (; j + BV <= n; j += BV)
-                *(BNAME(bvd) *)(acc + j) += c0 * *(const BNAME(bvd) *)(x0 + j) +
-                                            c1 * *(const BNAME(bvd) *)(x1 + j) +
-                                            c2 * *(const BNAME(bvd) *)(x2 + j) +
-                                            c3 * *(const BNAME(bvd) *)(x3 + j);
+                *(NAME(vd) *)(acc + j) += c0 * *(const NAME(vd) *)(x0 + j) +
+                                            c1 * *(const NAME(vd) *)(x1 + j) +
+                                            c2 * *(const NAME(vd) *)(x2 + j) +
+                                            c3 * *(const NAME(vd) *)(x3 + j);
             for (; j < n; j++)
                 acc[j] += c0 * x0[j] + c1 * x1[j] + c2 * x2[j] + c3 * x3[j];
         }
@@ -155,7 +144,7 @@ BISA_ATTR static void BNAME(block_lower_inverse)(double *L, Py_ssize_t s, double
 #undef BV
 #undef GR
 #undef GTW
-#undef BISA_ATTR
-#undef BNAME
-#undef BPASTE
-#undef BPASTE_
+#undef ISA_ATTR
+#undef NAME
+#undef PASTE
+#undef PASTE_

@@ -277,6 +277,11 @@ typedef void (*combine64t_fn)(const void *, Py_ssize_t, Py_ssize_t, const double
                               int, Py_ssize_t, Py_ssize_t, double *, float *, void *);
 
 /* One instruction set's kernels. */
+/* The dense blocks' kernels of one instruction set (_blocks_impl.h). */
+typedef int (*block_factor_fn)(const double *, Py_ssize_t, Py_ssize_t, Py_ssize_t, double, double,
+                               double *, double *, double *);
+typedef void (*block_inverse_fn)(double *, Py_ssize_t, double *);
+
 typedef struct {
     /* By storage type (ST_*), then X's type (float32, float64). */
     project64_fn project64[ST_COUNT][2];
@@ -286,6 +291,9 @@ typedef struct {
     project64t_fn project64t[ST_COUNT][2];
     combine64t_fn combine64t[ST_COUNT];
     widen64t_fn widen64t[ST_COUNT];
+    /* The dense blocks' Gram and factor, and the factor's inverse (_blocks_impl.h). */
+    block_factor_fn block_factor;
+    block_inverse_fn block_inverse;
 } Kernels;
 
 #define KERNELS(I)                                                                          \
@@ -300,7 +308,9 @@ typedef struct {
       {project64t_f16_x32_##I, project64t_f16_x64_##I},                                     \
       {project64t_bf16_x32_##I, project64t_bf16_x64_##I}},                                  \
      {combine64t_f32_##I, combine64t_f64_##I, combine64t_f16_##I, combine64t_bf16_##I},     \
-     {widen64t_f32_##I, widen64t_f64_##I, widen64t_f16_##I, widen64t_bf16_##I}}
+     {widen64t_f32_##I, widen64t_f64_##I, widen64t_f16_##I, widen64t_bf16_##I},             \
+     block_factor_##I,                                                                      \
+     block_lower_inverse_##I}
 static const Kernels kernels_base = KERNELS(base);
 #ifdef MFAC_X86
 static const Kernels kernels_avx2 = KERNELS(avx2);
@@ -902,37 +912,9 @@ done:
     return result;
 }
 
-/* The dense blocks' kernels of one instruction set (_blocks_impl.h). */
-typedef int (*block_factor_fn)(const double *, Py_ssize_t, Py_ssize_t, Py_ssize_t, double, double,
-                               double *, double *, double *);
-typedef void (*block_inverse_fn)(double *, Py_ssize_t, double *);
-
 /* A block's columns padded to a multiple of this many (zeros): every instruction set's Gram
    tile (8 or 4 rows, 16, 8 or 4 columns) divides it. */
 #define BLOCK_PAD 16
-
-static int pick_block_kernels(int isa, block_factor_fn *factor, block_inverse_fn *inverse)
-{
-    if (pick_kernels(isa) == NULL) /* the same checks of isa */
-        return -1;
-    if (isa == ISA_AUTO)
-        isa = best_isa();
-#ifdef MFAC_X86
-    if (isa == ISA_AVX512) {
-        *factor = block_factor_avx512;
-        *inverse = block_lower_inverse_avx512;
-        return 0;
-    }
-    if (isa == ISA_AVX2) {
-        *factor = block_factor_avx2;
-        *inverse = block_lower_inverse_avx2;
-        return 0;
-    }
-#endif
-    *factor = block_factor_base;
-    *inverse = block_lower_inverse_base;
-    return 0;
-}
 
 /* block_factors(V, ld, col0, m, s, count, D, diag, scale, damp, isa, storage[, trans]): for each
    block b < count of s columns from col0 (V as for project64), D[b] (s x s float64, row-major)
@@ -951,12 +933,9 @@ static PyObject *py_block_factors(PyObject *self, PyObject *args)
         return NULL;
     PyObject *result = NULL;
     void *raw_w = NULL, *raw_a = NULL, *raw_t = NULL;
-    block_factor_fn factor;
-    block_inverse_fn inverse;
     const Kernels *kern = pick_kernels(isa);
     Py_ssize_t n, p = 0;
-    if (kern == NULL || pick_block_kernels(isa, &factor, &inverse) < 0 ||
-        check_storage(storage) < 0)
+    if (kern == NULL || check_storage(storage) < 0)
         goto done;
     const Py_ssize_t size = storage_size[storage];
     if (s < 1 || s > m || count < 0 || __builtin_mul_overflow(s, count, &n)) {
@@ -983,8 +962,8 @@ static PyObject *py_block_factors(PyObject *self, PyObject *args)
             kern->widen64t[storage]((const char *)V.buf + c0 * m * size, m, m, W, p, 0, s, tile);
         else
             kern->widen64[storage]((const char *)V.buf + c0 * size, ld, m, W, p, 0, s);
-        if (factor(W, m, p, s, scale, damp, A, (double *)D.buf + b * s * s,
-                   (double *)diag.buf + b * s) < 0)
+        if (kern->block_factor(W, m, p, s, scale, damp, A, (double *)D.buf + b * s * s,
+                               (double *)diag.buf + b * s) < 0)
             break;
     }
     Py_END_ALLOW_THREADS
@@ -1011,10 +990,9 @@ static PyObject *py_block_inverses(PyObject *self, PyObject *args)
         return NULL;
     PyObject *result = NULL;
     void *raw = NULL;
-    block_factor_fn factor;
-    block_inverse_fn inverse;
+    const Kernels *kern = pick_kernels(isa);
     Py_ssize_t n;
-    if (pick_block_kernels(isa, &factor, &inverse) < 0)
+    if (kern == NULL)
         goto done;
     if (s < 1 || count < 0 || __builtin_mul_overflow(s, count, &n)) {
         PyErr_Format(PyExc_ValueError, "bad blocks: s=%zd count=%zd", s, count);
@@ -1027,7 +1005,7 @@ static PyObject *py_block_inverses(PyObject *self, PyObject *args)
         goto done;
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t b = 0; b < count; b++)
-        inverse((double *)D.buf + b * s * s, s, acc);
+        kern->block_inverse((double *)D.buf + b * s * s, s, acc);
     Py_END_ALLOW_THREADS
     result = Py_NewRef(Py_None);
 done:

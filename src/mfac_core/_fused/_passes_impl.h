@@ -1293,8 +1293,4 @@ WIDEN64T_FN(bf16, uint16_t, float)
 #undef COMBINE1T_GROUP
 #undef COMBINE1T_FN
 #undef WIDEN64T_FN
-
-#undef ISA_ATTR
-#undef NAME
-#undef PASTE
-#undef PASTE_
+/* NAME, PASTE and ISA_ATTR stay defined for _blocks_impl.h, included next, which undefines them. */
