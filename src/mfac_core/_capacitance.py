@@ -65,10 +65,13 @@ DRIFT_TOL = 1e-10
 #: float64's machine epsilon, the unit of the hopeless rule for the float64 passes.
 EPS64 = 2.0**-52
 #: ``eps * kappa`` from which the operators warn that products may have no correct digit.
-#: Vectors near the gradients' span lose up to about ``c eps(float64) kappa``, with c up to
-#: 25 measured (nearly collinear gradients, rank-deficient dense blocks: 0.94 relative at
-#: eps kappa = 0.75, 7 % at 0.44), so the warning comes at 1/32 of where eps kappa alone
-#: reaches 1. A window refuses a gradient only from eps kappa >= 1 (:func:`is_hopeless`).
+#: Vectors near the gradients' span lose about ``c eps(float64) kappa`` (nearly collinear
+#: gradients, rank-deficient dense blocks: 0.94 relative at eps kappa = 0.75, 7 % at 0.44),
+#: so the warning comes at 1/32 of where eps kappa alone reaches 1. The rule does not see
+#: the Gram's own conditioning: gradients whose spread decays over several decades lose up
+#: to about ``eps kappa**1.5`` and can keep no digit below it (docs/mathematics.rst, "When
+#: the set-up fails or warns"). A window refuses a gradient only from eps kappa >= 1
+#: (:func:`is_hopeless`).
 WARN_EPS_KAPPA = 2.0**-5
 #: How warnings name the precision of the passes' accumulation.
 PASSES_DTYPE = "float64 (the passes' accumulation)"
