@@ -34,7 +34,8 @@ normwise relative error of ``F^{-1} x`` against the extended-precision inverse o
 and for the gradients' mean (a vector in their span, where a float32-summed pass would
 cancel), without and with one step of ``refine``; the last columns are the worst error
 in units of eps of the result dtype. Float32 and 2-byte products are at float32
-rounding (about eps32 / 2) at every kappa, so ``refine=1`` buys nothing there; a float64
+rounding (about eps32 / 2) at each of these kappas (the bound of docs/mathematics.rst,
+"Exact passes", holds up to about 1e7), so ``refine=1`` buys nothing there; a float64
 row shows where it still helps (float64 storage, errors growing with kappa).
 
 **Memory**: NumPy only (tracemalloc sees NumPy's buffers): bytes the operator keeps (its
@@ -393,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         "\n## Error vs the extended-precision inverse of the stored gradients (m=32, "
         "d=4000); float32 and 2-byte results are at float32 rounding (about eps32 / 2) at "
-        "every kappa, refine=1 helps float64 storage only\n"
+        "each kappa here, refine=1 helps float64 storage only\n"
     )
     print(
         common.markdown_table(

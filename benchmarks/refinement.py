@@ -7,8 +7,11 @@ Usage::
 
 The operator's products read G twice, summed in float64 (the pass engine), and round
 the result once: float32 and 2-byte storage give products at float32 rounding (about
-eps32 / 2) at any kappa, which refinement cannot improve. Float64 storage is summed by
-BLAS in float64 and loses about ``eps64 * kappa`` for vectors near the gradients' span;
+eps32 / 2) for kappa up to about 1e7, which refinement cannot improve (beyond, the float64
+factor's rounding shows, and one step reduces it: docs/mathematics.rst, "Exact passes",
+"Iterative refinement"). Float64 storage is summed by BLAS in float64 and loses about
+``c * eps64 * sqrt(kappa) * r`` (``r`` below, up to kappa) for vectors near the gradients'
+span (the mean, kappa = 1e7: 1.1e-6, 500 eps64 * kappa);
 one step of refinement (the residual ``x - F y`` from G in float64) brings that down.
 
 **Accuracy**: the relative error of ``F^{-1} x`` for x = the gradients' mean (the hard
