@@ -104,11 +104,15 @@ def test_a_bad_value_leaves_the_results_bits(env, rng):
 
 
 def _items(done: list[tuple[int, float]], helper_seconds: float = 0.0):
-    """A ``share`` call that records when each item ends; a helper's items take a while."""
+    """A ``share`` call that records when each item ends; a helper's items take a while,
+    and the calling thread's first waits until a helper is inside one (on a busy machine
+    the calling thread could otherwise take every item first)."""
     running = threading.Event()
 
     def call(i: int, on_caller: bool) -> None:
-        if not on_caller:
+        if on_caller:
+            assert running.wait(5)
+        else:
             running.set()
             time.sleep(helper_seconds)
         done.append((i, time.perf_counter()))
