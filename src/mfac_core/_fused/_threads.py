@@ -156,7 +156,8 @@ class _Team:
                     return
                 i = self.next
                 self.next += 1
-                self.busy += not caller
+                if not caller:
+                    self.busy += 1
             try:
                 self.call(i, caller)
             finally:
@@ -180,8 +181,8 @@ class _Team:
 
         A helper whose start was interrupted before it ran cannot be joined; it takes no
         item once an error is recorded, and the items it took before are waited for here.
-        An interrupt of this wait (at most one item per helper) is recorded as the call's
-        error, and the wait goes on.
+        An interrupt of this wait (at most one item per helper), or an error that a signal
+        handler raised, is recorded as the call's error, and the wait goes on.
         """
         pending = list(helpers)
         while True:
@@ -196,5 +197,5 @@ class _Team:
                         pass
                     pending.pop()
                 return
-            except KeyboardInterrupt as exc:
+            except BaseException as exc:  # raised by share() once the helpers are done
                 self.fail(exc)
