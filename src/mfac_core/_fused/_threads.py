@@ -143,15 +143,17 @@ class _Team:
         self.call, self.count = call, count
         self.next = 0  # the next item to take
         self.busy = 0  # helpers inside ``call``
+        self.waiting = False  # whether finish() waits for busy to reach 0
         self.errors: list[BaseException] = []  # any stops every thread
         # Reentrant: a KeyboardInterrupt that leaves it held by the calling thread (between
         # its acquire and the ``with`` block) cannot then lock that thread out of finish().
-        self.cond = threading.Condition(threading.RLock())
+        self.lock = threading.RLock()
+        self.cond = threading.Condition(self.lock)  # entered through the lock: quicker
 
     def work(self, caller: bool) -> None:
         """Take items until none is left or some thread failed."""
         while True:
-            with self.cond:
+            with self.lock:
                 if self.errors or self.next >= self.count:
                     return
                 i = self.next
@@ -162,9 +164,10 @@ class _Team:
                 self.call(i, caller)
             finally:
                 if not caller:
-                    with self.cond:
+                    with self.lock:
                         self.busy -= 1
-                        self.cond.notify_all()
+                        if self.waiting and not self.busy:  # notify costs 0.5 us an item
+                            self.cond.notify_all()
 
     def helper(self) -> None:
         try:
@@ -173,7 +176,7 @@ class _Team:
             self.fail(exc)
 
     def fail(self, exc: BaseException) -> None:
-        with self.cond:
+        with self.lock:
             self.errors.append(exc)
 
     def finish(self, helpers: list[threading.Thread]) -> None:
@@ -188,6 +191,7 @@ class _Team:
         while True:
             try:
                 with self.cond:
+                    self.waiting = True
                     while self.busy:
                         self.cond.wait()
                 while pending:
