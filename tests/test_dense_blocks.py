@@ -96,6 +96,21 @@ def test_non_finite_gradients_raise_as_the_general_path(chunked, bad):
     assert _dense_blocks.fill_block_inverses(G, BlockGroup(0, 5, 4), out, damp=1.0) is None
 
 
+def test_progress_does_not_go_back_where_the_general_path_redoes_a_group(chunked):
+    # The kernels report the first two chunks (16 columns), fail on the third, and the
+    # general path redoes the group from its first column: the user's done stays monotone.
+    G = np.ones((6, 23), dtype=np.float32)
+    G[2, 17] = np.nan  # the third chunk's
+    calls = []
+    with pytest.raises(FactorizationError, match=r"G\[2, 17\]"):
+        StaticIHVP(
+            G, damp=1.0, block_size=4, check_finite=False, progress=lambda *a: calls.append(a)
+        )
+    done = [c[0] for c in calls]
+    assert done[:2] == [8, 16] and done[-1] == 20  # the general path went on past 16
+    assert done == sorted(done)
+
+
 def _warned_kappa(caught):
     assert [w.category for w in caught] == [IllConditionedWarning]
     return float(str(caught[0].message).split("kappa >= ")[1].split(",")[0])

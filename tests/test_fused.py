@@ -31,30 +31,6 @@ ISAS = _isas()
 DTYPES = [np.float32, np.float64]
 
 
-@pytest.mark.parametrize(
-    ("env", "expected"),
-    [
-        ({"MFAC_CORE_NUM_THREADS": "3", "OMP_NUM_THREADS": "7"}, 3),
-        ({"OPENBLAS_NUM_THREADS": "2", "OMP_NUM_THREADS": "7"}, 2),
-        ({"OMP_NUM_THREADS": "4,2"}, 4),
-    ],
-)
-def test_max_threads_follows_the_variables(monkeypatch, env, expected):
-    for name in ("MFAC_CORE_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
-        monkeypatch.delenv(name, raising=False)
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    assert _fused.max_threads() == expected
-
-
-@pytest.mark.parametrize("value", ["0", "x", "", "-2", "\u00b2"])
-def test_max_threads_ignores_bad_values(monkeypatch, value):
-    for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("MFAC_CORE_NUM_THREADS", value)
-    assert _fused.max_threads() >= 1
-
-
 def test_a_failing_piece_raises_on_the_caller(monkeypatch, rng):
     monkeypatch.setattr(_fused, "_PIECE_WORK", 2**8)
     monkeypatch.setattr(_fused, "_MIN_THREAD_WORK", 1)

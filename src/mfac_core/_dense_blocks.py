@@ -229,50 +229,26 @@ def _run(
 ) -> None:
     """``chunk(b0, b1)`` for every span, on ``threads`` threads (this one included).
 
-    Threads take the next span when they finish one. ``progress`` is called on this thread
-    only, after each of its chunks, with the columns of every chunk finished since its last
-    call (and once at the end for the rest). The first error of any thread stops the others
-    at their next span and is raised here, after they have stopped; any error other than
-    ``_Failed`` comes first (a ``KeyboardInterrupt`` or a ``progress`` error that one
-    thread met after another thread's failed chunk must not send the group on to the
-    general path, as a failed chunk does).
+    Threads take the next span when they finish one (:func:`_fused.share`). ``progress`` is
+    called on this thread only, after each of its chunks, with the columns of every chunk
+    finished since its last call (and once at the end for the rest). The first error of any
+    thread stops the others at their next span and is raised here, after they have stopped;
+    any error other than ``_Failed`` comes first (a ``KeyboardInterrupt`` or a ``progress``
+    error that one thread met after another thread's failed chunk must not send the group
+    on to the general path, as a failed chunk does).
     """
-    if threads <= 1:
-        for b0, b1 in spans:
-            chunk(b0, b1)
-            if progress is not None:
-                progress((b1 - b0) * size)
-        return
-    errors: list[BaseException] = []
-    taken = iter(spans)
     lock = threading.Lock()
     finished = [0]  # columns not yet reported
 
-    def work(report: bool) -> None:
-        try:
-            while not errors:
-                with lock:
-                    span = next(taken, None)
-                if span is None:
-                    return
-                chunk(*span)
-                with lock:
-                    finished[0] += (span[1] - span[0]) * size
-                    n, finished[0] = (finished[0], 0) if report else (0, finished[0])
-                if report and progress is not None:
-                    progress(n)
-        except BaseException as exc:  # re-raised on the caller's thread below
-            errors.append(exc)
+    def work(i: int, on_caller: bool) -> None:
+        b0, b1 = spans[i]
+        chunk(b0, b1)
+        with lock:
+            finished[0] += (b1 - b0) * size
+            n, finished[0] = (finished[0], 0) if on_caller else (0, finished[0])
+        if on_caller and progress is not None:
+            progress(n)
 
-    helpers = [
-        threading.Thread(target=work, args=(False,), daemon=True) for _ in range(threads - 1)
-    ]
-    for th in helpers:
-        th.start()
-    work(True)
-    for th in helpers:
-        th.join()
-    if errors:
-        raise next((e for e in errors if not isinstance(e, _Failed)), errors[0])
+    _fused.share(work, len(spans), threads, minor=(_Failed,))
     if finished[0] and progress is not None:
         progress(finished[0])

@@ -38,10 +38,15 @@ class _Tracker:
     done: int = 0
     kappa_lo: float = 1.0
     kappa_hi: float = 1.0
+    #: The most columns the callback was told of: a group redone on the general path
+    #: (``_dense_factors``) counts its columns again from where it began, unreported until
+    #: it is back there, so that the callback's ``done`` never goes down.
+    reported: int = 0
 
     def advance(self, n: int) -> None:
         self.done += n
-        if self.callback is not None:
+        if self.callback is not None and self.done >= self.reported:
+            self.reported = self.done
             self.callback(self.done, self.total)
 
     def add(self, factor: _capacitance.CapacitanceFactor) -> None:

@@ -25,15 +25,12 @@ imports.
 
 Threads: the kernels release the GIL, and a call on more than ``_MIN_THREAD_WORK``
 entries of ``V`` shares its column pieces among up to :func:`max_threads` threads
-(started per call, so nothing outlives it and ``fork`` is safe). The count follows the variables
-OpenBLAS reads (``OPENBLAS_NUM_THREADS``, then ``OMP_NUM_THREADS``), with
-``MFAC_CORE_NUM_THREADS`` before both; unset, the CPUs this process may run on.
+(:mod:`._threads`: started per call, their count from ``MFAC_CORE_NUM_THREADS``, else the
+variables OpenBLAS reads, else the CPUs this process may run on).
 """
 
 from __future__ import annotations
 
-import os
-import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -43,6 +40,7 @@ from ._ext import ISAS, STORAGES, available, best_isa
 from ._ext import isa_code as _isa_code
 from ._ext import passes as _passes
 from ._rows import cast16, store_row, stores
+from ._threads import max_threads, share
 
 __all__ = [
     "ISAS",
@@ -57,6 +55,7 @@ __all__ = [
     "max_threads",
     "project64",
     "project64_blocks",
+    "share",
     "store_row",
     "stores",
     "supports64",
@@ -82,20 +81,6 @@ _MIN_WIDEN_WORK = 2**18
 #: Entries in one piece of :func:`widen64`'s work (1 MiB of float64 written): small, so that
 #: a thread whose core is busy does fewer of them.
 _WIDEN_PIECE = 2**17
-
-_THREAD_VARIABLES = ("MFAC_CORE_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
-
-
-def max_threads() -> int:
-    """The most threads one call uses (see the module's docstring)."""
-    for name in _THREAD_VARIABLES:
-        value = os.environ.get(name, "").split(",")[0].strip()
-        if value.isascii() and value.isdigit() and int(value) > 0:
-            return int(value)
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return max(1, os.cpu_count() or 1)
-
 
 #: Whether this CPU runs AVX-512 as two 256-bit halves (AMD Zen 4): see :func:`_auto_isa`.
 #: False with an extension built before it had the test (the widest ISA then serves, as
@@ -155,41 +140,8 @@ def _run(call: Callable[[int, int, int], None], m: int, n: int) -> int:
 def _share(
     call: Callable[[int, int, int], None], pieces: list[tuple[int, int]], threads: int
 ) -> None:
-    """``call(j0, j1, p)`` for every piece ``p``, on ``threads`` threads (this one included).
-
-    Threads take the next piece when they finish one, so a thread that shares its core
-    (with BLAS's idle threads, which spin for a while after each BLAS call, or with
-    anything else) does fewer pieces instead of holding the others up.
-    """
-    if threads <= 1:
-        # No thread to start, join or hand errors back (small calls: a loop of calls
-        # from scientific code, where the machinery cost more than the work).
-        for p, (j0, j1) in enumerate(pieces):
-            call(j0, j1, p)
-        return
-    errors: list[BaseException] = []
-    taken = iter(range(len(pieces)))
-    lock = threading.Lock()
-
-    def work() -> None:
-        try:
-            while not errors:
-                with lock:
-                    p = next(taken, None)
-                if p is None:
-                    return
-                call(*pieces[p], p)
-        except BaseException as exc:  # re-raised on the caller's thread below
-            errors.append(exc)
-
-    helpers = [threading.Thread(target=work, daemon=True) for _ in range(threads - 1)]
-    for th in helpers:
-        th.start()
-    work()
-    for th in helpers:
-        th.join()
-    if errors:
-        raise errors[0]
+    """``call(j0, j1, p)`` for every piece ``p``, on ``threads`` threads (``_threads.share``)."""
+    share(lambda p, _: call(*pieces[p], p), len(pieces), threads)
 
 
 def _check_out(out: Any, name: str, shape: tuple[int, ...] | int) -> None:
