@@ -33,7 +33,8 @@ so once.
 Every result rounded to float32 that leaves float32's range (infinity) is reported
 (``_finite.note_float32_overflow``, said once per public call): by the C kernels' overflow
 flag, by ``_finite.narrowed`` on the fallback; not on a GPU (docs/mathematics.rst,
-"Results beyond float32's range").
+"Results beyond float32's range"). A float64 result beyond float64's range is said by
+the public call that returns it, from one sum of the result (``_finite``).
 
 The same rule sizes every other pass over G that casts column pieces to float64 (the
 set-up's Grams, the dynamic window's Gram and residuals, refinement residuals, the
