@@ -21,7 +21,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-from mfac_core import DynamicIHVP, EmpiricalFisher, SpectralIHVP, StaticIHVP
+from mfac_core import (
+    DynamicIHVP,
+    EmpiricalFisher,
+    IllConditionedWarning,
+    SpectralIHVP,
+    StaticIHVP,
+)
 from mfac_core._finite import FLOAT32_OVERFLOW, FLOAT64_OVERFLOW
 
 M, D, BLOCK = 4, 96, 40
@@ -232,3 +238,32 @@ def test_results_below_float32s_normal_range_are_rounded_not_flushed(engine_path
     assert caught == []
     assert np.all((got != 0) & (np.abs(got) < tiny))  # about 1e-39: subnormal, every one
     np.testing.assert_array_equal(got, want.astype(np.float32))
+
+
+@pytest.mark.parametrize("lib", ["numpy", "torch"])
+@pytest.mark.parametrize(
+    ("cls", "options"),
+    [(StaticIHVP, {}), (StaticIHVP, {"block_size": BLOCK}), (SpectralIHVP, {})],
+    ids=["full", "blocks", "spectral"],
+)
+def test_a_float32_product_whose_float64_coefficients_overflow_warns_once(lib, cls, options):
+    # Gradients of 1e-20 at damp 1e-300 (hopeless: warned at set-up) and x of 1e30: the
+    # coefficients C^{-1} G x / damp overflow float64 and the kernels make NaN of them,
+    # which raises no overflow flag. NumPy's "overflow encountered in multiply" was the
+    # only word (its warnings now give way to the library's, which must then say it).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", IllConditionedWarning)
+        op = cls(_as(lib, _gradients(1e-20, "float32")), damp=1e-300, **options)
+    got, caught = _warnings(lambda: op.matvec(_as(lib, _vector(1e30, "float32"))))
+    assert caught == [(RuntimeWarning, FLOAT32_OVERFLOW)]
+    assert np.isnan(got).any()
+
+
+@pytest.mark.parametrize("lib", LIBS)
+def test_a_large_finite_result_whose_sum_overflows_says_nothing(lib):
+    # The one-sum test overflows for results near float64's largest value: it then reads
+    # the result entry by entry, finds it finite, and says nothing.
+    x = _as(lib, np.full(D, 1e307))
+    got, caught = _warnings(lambda: StaticIHVP(_as(lib, _gradients(1e-3)), damp=1.0) @ x)
+    assert caught == [] and np.isfinite(got).all()
+    assert float(np.sum(np.abs(got) / 1e300)) > 1.8e8  # the sum did overflow

@@ -50,6 +50,7 @@ __all__ = [
     "non_finite_error",
     "note_arithmetic_overflow",
     "note_float32_overflow",
+    "note_intermediate",
     "note_result_overflow",
     "raise_non_finite",
 ]
@@ -173,7 +174,8 @@ def raise_non_finite(xp: Any, x: Array, name: str, *, offset: int = 0) -> None:
 #: The one wording of a float32 result whose exact value is beyond float32's range.
 FLOAT32_OVERFLOW = (
     "a result exceeds float32's range (largest finite value 3.4e38) and is returned as "
-    "infinity: the results of float32 and 2-byte gradients are float32 (their sums are "
+    "infinity (or NaN where a step inside the product overflowed first): the results of "
+    "float32 and 2-byte gradients are float32 (their sums are "
     "float64, rounded once). Scale the input down (products are linear in it), or give "
     "the gradients as float64, whose results are float64"
 )
@@ -189,7 +191,9 @@ FLOAT64_OVERFLOW = (
 #: The calls in progress (this thread's, or this task's): a list holding whether one of
 #: their float32 results overflowed, whether the outermost says so
 #: (``float32_overflow_once``) or its caller does (``float32_overflow_said_by_caller``),
-#: and whether a float64 result overflowed; None outside every such call.
+#: whether a float64 result overflowed, and whether a step inside overflowed (NumPy's
+#: flags, or a non-finite float64 coefficient: ``note_intermediate``), which has the
+#: call test a float32 result too; None outside every such call.
 _pending: contextvars.ContextVar[list[bool] | None] = contextvars.ContextVar(
     "mfac_core_float32_overflow", default=None
 )
@@ -260,6 +264,35 @@ def note_result_overflow(result: Any, *inputs: Any) -> bool:
     return _overflowed(result, inputs, ("float64",))
 
 
+def note_intermediate(*arrays: Any) -> None:
+    """Have the call in progress test its result: a small float64 step is not finite.
+
+    For the m x k coefficients of a product (``C^{-1} G x``, whose float64 solve
+    overflows silently in LAPACK, and their scaling by ``1/damp``): a kernel that
+    reads an infinity raises no overflow flag, and its float32 result would be NaN
+    without a word. Host arrays only; an m x k test costs nothing next to the pass.
+    """
+    pending = _pending.get()
+    if pending is None or pending[3]:
+        return
+    for a in arrays:
+        if isinstance(a, np.ndarray):
+            finite = math.isfinite(a.sum())  # a large finite sum only costs the test
+        else:
+            mod = _host_result(a)
+            finite = mod is None or is_finite_array(mod, a)
+        if not finite:
+            pending[3] = True
+            return
+
+
+def _numpy_flagged(kind: str, flag: int) -> None:
+    """NumPy's error callback inside a public call: an operation overflowed (or gave NaN)."""
+    pending = _pending.get()
+    if pending is not None:
+        pending[3] = True
+
+
 def note_arithmetic_overflow(result: Any, *parts: Any) -> None:
     """Report a float32 or float64 ``result`` of ``parts`` (finite) that is not finite.
 
@@ -275,7 +308,7 @@ _NAMES = {"d": "float64", "f": "float32"}
 
 def _overflowed(result: Any, inputs: tuple[Any, ...], dtypes: tuple[str, ...]) -> bool:
     # Called inside a public call, whose errstate keeps NumPy from warning of a large
-    # finite result whose sum overflows.
+    # finite result whose sum overflows (or of a large finite m x k coefficient's).
     if isinstance(result, np.ndarray):  # the common case first, in a few microseconds
         name = _NAMES.get(result.dtype.char, "")  # dtype.name takes microseconds
         if name not in dtypes or math.isfinite(result.sum()):
@@ -332,8 +365,9 @@ def float32_overflow_once(method: _F) -> _F:
     a block-wise operator, the steps of refinement): the user is told once per call.
     A call inside another (a composite operator's products) reports to the outer one;
     one that raises says nothing of overflow. The outermost call tests a float64
-    result (:func:`note_result_overflow`, one sum), and NumPy's
-    own overflow warnings inside it give way to the library's.
+    result (:func:`note_result_overflow`, one sum), and a float32 one where a step
+    inside overflowed (NumPy's flags, :func:`note_intermediate`): NumPy's own
+    overflow warnings inside it give way to the library's.
     """
     return _gathered(method, say=True)
 
@@ -352,15 +386,19 @@ def _gathered(method: _F, *, say: bool) -> _F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         if _pending.get() is not None:
             return method(*args, **kwargs)
-        pending = [False, say, False]
+        pending = [False, say, False, False]
         token = _pending.set(pending)
         try:
             # NumPy's warnings ("overflow encountered in multiply", one per operation)
-            # give way to the library's; inner errstates (narrowed's) still hold.
-            with np.errstate(over="ignore", invalid="ignore"):
+            # give way to the library's: each calls _numpy_flagged, and the result is
+            # then tested, float32 too. Inner errstates (narrowed's) still hold.
+            with np.errstate(over="call", invalid="call", call=_numpy_flagged):
                 result = method(*args, **kwargs)
-                if say:
-                    note_result_overflow(result, *args, *kwargs.values())
+                if say:  # (a float64 sum that overflows flags too: float32 is tested alone)
+                    inputs = (*args, *kwargs.values())
+                    note_result_overflow(result, *inputs)
+                    if pending[3]:
+                        _overflowed(result, inputs, ("float32",))
         finally:
             _pending.reset(token)
         if say:
