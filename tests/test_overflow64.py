@@ -267,3 +267,17 @@ def test_a_large_finite_result_whose_sum_overflows_says_nothing(lib):
     got, caught = _warnings(lambda: StaticIHVP(_as(lib, _gradients(1e-3)), damp=1.0) @ x)
     assert caught == [] and np.isfinite(got).all()
     assert float(np.sum(np.abs(got) / 1e300)) > 1.8e8  # the sum did overflow
+
+
+@pytest.mark.parametrize("lib", ["numpy", "torch"])
+def test_a_float32_result_whose_float64_sum_overflowed_warns_once(engine_path, lib):
+    # Gradients of a few float32 subnormals at damp 1e-280 (hopeless: warned at set-up):
+    # the coefficients stay finite but (x - G^T A) / damp overflows float64 itself, which
+    # the cast to float32 cannot tell (inf to inf). PyTorch's float64 pieces said nothing.
+    G = (np.random.default_rng(1).integers(-3, 4, (M, D)) * 1.4e-45).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", IllConditionedWarning)
+        op = StaticIHVP(_as(lib, G), damp=1e-280)
+    got, caught = _warnings(lambda: op.matvec(_as(lib, _vector(1e37, "float32"))))
+    assert caught == [(RuntimeWarning, FLOAT32_OVERFLOW)]
+    assert not np.isfinite(got).all()

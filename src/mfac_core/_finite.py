@@ -288,6 +288,11 @@ def note_intermediate(*arrays: Any) -> None:
 
 def _numpy_flagged(kind: str, flag: int) -> None:
     """NumPy's error callback inside a public call: an operation overflowed (or gave NaN)."""
+    _suspect()
+
+
+def _suspect() -> None:
+    """Have the call in progress test its result against its inputs (a step overflowed)."""
     pending = _pending.get()
     if pending is not None:
         pending[3] = True
@@ -437,7 +442,8 @@ def narrowed(xp: Any, Y: Array, dtype: Any) -> Array:
     cast is redone only then, and its warning gives way to the library's; for
     array-api-strict's arrays too, which are NumPy's inside); for a
     PyTorch CPU tensor, the result's extremes (one reduction) and, only where one is
-    infinite or NaN, a comparison with ``Y``. Elsewhere (a GPU, where the test would
+    infinite or NaN, a comparison with ``Y`` (where ``Y`` is not finite itself, the call
+    tests its result against its inputs at its end). Elsewhere (a GPU, where the test would
     wait for the device, JAX, which may be tracing) the cast is not checked.
     """
     if isinstance(Y, np.ndarray) or _is_strict_array(Y):  # NumPy's cast, either way
@@ -464,4 +470,8 @@ def narrowed(xp: Any, Y: Array, dtype: Any) -> Array:
 
         if bool(torch.any(torch.isinf(out) & ~torch.isinf(Y))):
             note_float32_overflow()
+        else:
+            # Y itself is not finite: a float64 step overflowed (PyTorch raises no flag),
+            # or an input held NaN or infinity. The call tells them apart, at its end.
+            _suspect()
     return out
