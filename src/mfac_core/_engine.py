@@ -33,7 +33,8 @@ so once.
 Every result rounded to float32 that leaves float32's range (infinity) is reported
 (``_finite.note_float32_overflow``, said once per public call): by the C kernels' overflow
 flag, by ``_finite.narrowed`` on the fallback; not on a GPU (docs/mathematics.rst,
-"Results beyond float32's range").
+"Results beyond float32's range"). A float64 result beyond float64's range is said by
+the public call that returns it, from one sum of the result (``_finite``).
 
 The same rule sizes every other pass over G that casts column pieces to float64 (the
 set-up's Grams, the dynamic window's Gram and residuals, refinement residuals, the
@@ -64,7 +65,12 @@ from ._compat import (
 )
 from ._dtypes import is_numpy_bfloat16
 from ._errors import user_stacklevel
-from ._finite import float32_overflow_once, host_results_stand_for_a_device, narrowed
+from ._finite import (
+    float32_overflow_once,
+    host_results_stand_for_a_device,
+    narrowed,
+    note_intermediate,
+)
 from ._layout import BlockGroup, piece_stack, pieces
 
 __all__ = [
@@ -621,6 +627,7 @@ def combine(
     ``X`` is ``(n, k)`` (``n = stop - start``), ``A`` ``(m, k)`` float64.
     """
     stop = G.shape[1] if stop is None else stop
+    note_intermediate(A)  # an overflowed solve: the kernels would read its infinities
     route = _kernel_operands(xp, G, X, A)
     if route is not None:
         with route.scope():
@@ -673,6 +680,7 @@ def lift(
     The m terms are summed first and ``alpha x`` added last, every sum in float64.
     """
     stop = G.shape[1] if stop is None else stop
+    note_intermediate(C)  # an overflowed solve: the kernels would read its infinities
     route = _kernel_operands(xp, G, x, C, alphas)
     if route is not None:
         with route.scope():
@@ -769,6 +777,7 @@ def combine_blocks(
             xp, G, X, A[0, ...], alpha=alpha, dtype=dtype, start=group.start, stop=group.end
         )
     m, k = G.shape[0], X.shape[1]
+    note_intermediate(A)  # an overflowed solve: the kernels would read its infinities
     route = _kernel_operands(xp, G, X, A)
     if route is not None:
         with route.scope():

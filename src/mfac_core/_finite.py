@@ -11,6 +11,12 @@ passes report it from their floating-point flags, ``narrowed`` from NumPy's cast
 PyTorch CPU tensor's extremes, and ``float32_overflow_once`` gathers the reports of one
 public call into one warning (``docs/mathematics.rst``, "Results beyond float32's
 range").
+
+A float64 result beyond float64's range (infinity, or NaN where a sum inside the
+product overflowed first) is said the same way (``FLOAT64_OVERFLOW``): the public call
+tests its host float64 result with one sum (a NaN or an infinity makes it non-finite;
+only then are the result and the inputs read entry by entry), and NumPy's own
+"overflow encountered" warnings from the library's float64 arithmetic give way to it.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import math
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -29,6 +36,7 @@ from ._errors import user_stacklevel
 
 __all__ = [
     "FLOAT32_OVERFLOW",
+    "FLOAT64_OVERFLOW",
     "SCAN_ENTRIES",
     "check_finite",
     "first_non_finite",
@@ -40,7 +48,10 @@ __all__ = [
     "narrowed",
     "non_finite_entry",
     "non_finite_error",
+    "note_arithmetic_overflow",
     "note_float32_overflow",
+    "note_intermediate",
+    "note_result_overflow",
     "raise_non_finite",
 ]
 
@@ -163,14 +174,26 @@ def raise_non_finite(xp: Any, x: Array, name: str, *, offset: int = 0) -> None:
 #: The one wording of a float32 result whose exact value is beyond float32's range.
 FLOAT32_OVERFLOW = (
     "a result exceeds float32's range (largest finite value 3.4e38) and is returned as "
-    "infinity: the results of float32 and 2-byte gradients are float32 (their sums are "
+    "infinity (or NaN where a step inside the product overflowed first): the results of "
+    "float32 and 2-byte gradients are float32 (their sums are "
     "float64, rounded once). Scale the input down (products are linear in it), or give "
     "the gradients as float64, whose results are float64"
 )
 
+#: The one wording of a float64 result whose exact value is beyond float64's range.
+FLOAT64_OVERFLOW = (
+    "a result exceeds float64's range (largest finite value 1.8e308) and is returned as "
+    "infinity, or as NaN where a sum inside the product overflowed first. Scale the input "
+    "down (products are linear in it), or the gradients and the damping (c G at c**2 damp "
+    "scales the inverse by 1/c**2)"
+)
+
 #: The calls in progress (this thread's, or this task's): a list holding whether one of
-#: their results overflowed and whether the outermost says so (``float32_overflow_once``)
-#: or its caller does (``float32_overflow_said_by_caller``); None outside every such call.
+#: their float32 results overflowed, whether the outermost says so
+#: (``float32_overflow_once``) or its caller does (``float32_overflow_said_by_caller``),
+#: whether a float64 result overflowed, and whether a step inside overflowed (NumPy's
+#: flags, or a non-finite float64 coefficient: ``note_intermediate``), which has the
+#: call test a float32 result too; None outside every such call.
 _pending: contextvars.ContextVar[list[bool] | None] = contextvars.ContextVar(
     "mfac_core_float32_overflow", default=None
 )
@@ -183,17 +206,136 @@ def note_float32_overflow() -> None:
     it warns at once. Called on the thread that made the call (the C extension's
     worker threads hand their flags back to it).
     """
+    _note(0)
+
+
+def _note(index: int) -> None:
+    """Note a float32 (``index`` 0) or float64 (2) overflow, or say it outside every call."""
     pending = _pending.get()
     if pending is None:
-        _warn_float32_overflow()
+        _warn(FLOAT32_OVERFLOW if index == 0 else FLOAT64_OVERFLOW)
     else:
-        pending[0] = True
+        pending[index] = True
 
 
 def float32_overflow_noted() -> bool:
     """Whether the call in progress has reported a float32 result beyond float32's range."""
     pending = _pending.get()
     return pending is not None and pending[0]
+
+
+def _host_result(x: Any) -> Any:
+    """The module whose ``sum`` reduces ``x`` on the host, or None where ``x`` is not tested.
+
+    NumPy arrays, array-api-strict's (NumPy inside) and PyTorch CPU tensors; not a GPU's
+    arrays (the test would wait for the device) nor JAX's (which may be traced).
+    """
+    if isinstance(x, np.ndarray):
+        return np
+    if is_torch_array(x):
+        return __import__("torch") if x.device.type == "cpu" and _torch_cpu_checked[0] else None
+    if _is_strict_array(x):
+        return x.__array_namespace__()
+    return None
+
+
+def _is_strict_array(x: Any) -> bool:
+    return type(x).__module__.startswith("array_api_strict")
+
+
+def _dtype_name(dtype: Any) -> str:
+    """``"float32"`` for NumPy's, PyTorch's and array-api-strict's float32 (and so on)."""
+    try:
+        return np.dtype(dtype).name
+    except TypeError:
+        return str(dtype).rpartition(".")[2]
+
+
+def note_result_overflow(result: Any, *inputs: Any) -> bool:
+    """Report a float64 ``result`` that overflowed (said at the end of the call); say whether.
+
+    A host result that is not finite, computed from ``inputs`` that are, has overflowed
+    (an infinity, or a NaN where a sum of infinities met first). One sum of ``result``
+    tells a finite one (a NaN or an infinity makes it NaN or infinite; a large finite
+    result whose sum overflows is read again): only then are the result and the inputs
+    read entry by entry. A Python float (a trace) is float64. Results of other dtypes,
+    and arrays not on the host (:func:`_host_result`), are not tested.
+    """
+    return _overflowed(result, inputs, ("float64",))
+
+
+def note_intermediate(*arrays: Any) -> None:
+    """Have the call in progress test its result: a small float64 step is not finite.
+
+    For the m x k coefficients of a product (``C^{-1} G x``, whose float64 solve
+    overflows silently in LAPACK, and their scaling by ``1/damp``): a kernel that
+    reads an infinity raises no overflow flag, and its float32 result would be NaN
+    without a word. Host arrays only; an m x k test costs nothing next to the pass.
+    """
+    pending = _pending.get()
+    if pending is None or pending[3]:
+        return
+    for a in arrays:
+        if isinstance(a, np.ndarray):
+            finite = math.isfinite(a.sum())  # a large finite sum only costs the test
+        else:
+            mod = _host_result(a)
+            finite = mod is None or is_finite_array(mod, a)
+        if not finite:
+            pending[3] = True
+            return
+
+
+def _numpy_flagged(kind: str, flag: int) -> None:
+    """NumPy's error callback inside a public call: an operation overflowed (or gave NaN)."""
+    _suspect()
+
+
+def _suspect() -> None:
+    """Have the call in progress test its result against its inputs (a step overflowed)."""
+    pending = _pending.get()
+    if pending is not None:
+        pending[3] = True
+
+
+def note_arithmetic_overflow(result: Any, *parts: Any) -> None:
+    """Report a float32 or float64 ``result`` of ``parts`` (finite) that is not finite.
+
+    For the composite operators' own arithmetic (``alpha * A x``, ``A x + B x``), which
+    no kernel flag watches; tested as :func:`note_result_overflow` says.
+    """
+    _overflowed(result, parts, ("float64", "float32"))
+
+
+#: The names of NumPy's float dtypes by their character codes.
+_NAMES = {"d": "float64", "f": "float32"}
+
+
+def _overflowed(result: Any, inputs: tuple[Any, ...], dtypes: tuple[str, ...]) -> bool:
+    # Called inside a public call, whose errstate keeps NumPy from warning of a large
+    # finite result whose sum overflows (or of a large finite m x k coefficient's).
+    if isinstance(result, np.ndarray):  # the common case first, in a few microseconds
+        name = _NAMES.get(result.dtype.char, "")  # dtype.name takes microseconds
+        if name not in dtypes or math.isfinite(result.sum()):
+            return False
+        mod: Any = np
+    elif isinstance(result, float):  # a Python float (a trace): float64
+        if "float64" not in dtypes or math.isfinite(result):
+            return False
+        mod, name = None, "float64"
+    else:
+        mod = _host_result(result)
+        name = _dtype_name(getattr(result, "dtype", ""))
+        if mod is None or name not in dtypes or math.isfinite(float(mod.sum(result))):
+            return False
+    if mod is not None and is_finite_array(mod, result):
+        return False  # a large finite result whose sum overflowed
+    for x in inputs:
+        xmod = _host_result(x)
+        if xmod is not None and not is_finite_array(xmod, x):
+            return False  # NaN or infinity given (check_finite=False), or said already
+    _note(0 if name == "float32" else 2)
+    return True
 
 
 def float32_overflow_said_now() -> None:
@@ -207,31 +349,36 @@ def float32_overflow_said_now() -> None:
     caller says it in its own words (``float32_overflow_said_by_caller``), nothing.
     """
     pending = _pending.get()
-    if pending is not None and pending[0] and pending[1]:
-        pending[0] = False
-        _warn_float32_overflow()
+    if pending is not None and pending[1]:
+        for index, message in ((0, FLOAT32_OVERFLOW), (2, FLOAT64_OVERFLOW)):
+            if pending[index]:
+                pending[index] = False
+                _warn(message)
 
 
-def _warn_float32_overflow() -> None:
-    warnings.warn(FLOAT32_OVERFLOW, RuntimeWarning, stacklevel=user_stacklevel())
+def _warn(message: str) -> None:
+    warnings.warn(message, RuntimeWarning, stacklevel=user_stacklevel())
 
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
 def float32_overflow_once(method: _F) -> _F:
-    """``method`` with its reports of float32 overflow said once, when it returns.
+    """``method`` with its reports of float32 and float64 overflow said once, when it returns.
 
     For the public calls, whose results may gather several roundings (the groups of
     a block-wise operator, the steps of refinement): the user is told once per call.
     A call inside another (a composite operator's products) reports to the outer one;
-    one that raises says nothing of overflow.
+    one that raises says nothing of overflow. The outermost call tests a float64
+    result (:func:`note_result_overflow`, one sum), and a float32 one where a step
+    inside overflowed (NumPy's flags, :func:`note_intermediate`): NumPy's own
+    overflow warnings inside it give way to the library's.
     """
     return _gathered(method, say=True)
 
 
 def float32_overflow_said_by_caller(method: _F) -> _F:
-    """``method`` with its reports of float32 overflow dropped: its caller says it.
+    """``method`` with its reports of float32 and float64 overflow dropped: its caller says it.
 
     For the optimiser's step, which tests the step's finiteness itself and says why
     it skips a step that is not finite (``MFACStepWarning``).
@@ -244,14 +391,25 @@ def _gathered(method: _F, *, say: bool) -> _F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         if _pending.get() is not None:
             return method(*args, **kwargs)
-        pending = [False, say]
+        pending = [False, say, False, False]
         token = _pending.set(pending)
         try:
-            result = method(*args, **kwargs)
+            # NumPy's warnings ("overflow encountered in multiply", one per operation)
+            # give way to the library's: each calls _numpy_flagged, and the result is
+            # then tested, float32 too. Inner errstates (narrowed's) still hold.
+            with np.errstate(over="call", invalid="call", call=_numpy_flagged):
+                result = method(*args, **kwargs)
+                if say:  # (a float64 sum that overflows flags too: float32 is tested alone)
+                    inputs = (*args, *kwargs.values())
+                    note_result_overflow(result, *inputs)
+                    if pending[3]:
+                        _overflowed(result, inputs, ("float32",))
         finally:
             _pending.reset(token)
-        if say and pending[0]:
-            _warn_float32_overflow()
+        if say:
+            for index, message in ((0, FLOAT32_OVERFLOW), (2, FLOAT64_OVERFLOW)):
+                if pending[index]:
+                    _warn(message)
         return result
 
     return wrapper  # type: ignore[return-value]
@@ -281,13 +439,15 @@ def narrowed(xp: Any, Y: Array, dtype: Any) -> Array:
 
     ``Y`` holds float64 values (sums, or a float64 diagonal). For a float32 ``dtype``
     and NumPy, NumPy's own cast finds the overflow (its flag, no pass of its own: the
-    cast is redone only then, and its warning gives way to the library's); for a
+    cast is redone only then, and its warning gives way to the library's; for
+    array-api-strict's arrays too, which are NumPy's inside); for a
     PyTorch CPU tensor, the result's extremes (one reduction) and, only where one is
-    infinite or NaN, a comparison with ``Y``. Elsewhere (a GPU, where the test would
+    infinite or NaN, a comparison with ``Y`` (where ``Y`` is not finite itself, the call
+    tests its result against its inputs at its end). Elsewhere (a GPU, where the test would
     wait for the device, JAX, which may be tracing) the cast is not checked.
     """
-    if isinstance(Y, np.ndarray):
-        if np.dtype(dtype) != np.float32:
+    if isinstance(Y, np.ndarray) or _is_strict_array(Y):  # NumPy's cast, either way
+        if _dtype_name(dtype) != "float32":
             return xp.astype(Y, dtype)
         with np.errstate(over="raise"):
             try:
@@ -310,4 +470,8 @@ def narrowed(xp: Any, Y: Array, dtype: Any) -> Array:
 
         if bool(torch.any(torch.isinf(out) & ~torch.isinf(Y))):
             note_float32_overflow()
+        else:
+            # Y itself is not finite: a float64 step overflowed (PyTorch raises no flag),
+            # or an input held NaN or infinity. The call tells them apart, at its end.
+            _suspect()
     return out

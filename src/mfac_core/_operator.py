@@ -27,7 +27,7 @@ from ._compat import (
     restored_device,
     same_device,
 )
-from ._finite import check_finite, float32_overflow_once
+from ._finite import check_finite, float32_overflow_once, note_arithmetic_overflow
 from ._scipy_export import scipy_operator
 from ._validation import (
     check_count,
@@ -663,17 +663,23 @@ class _ScaledOperator(LinearOperator):
         super().__init__(**_same_space(A))
         self.A, self.alpha = A, alpha
 
+    def _scaled(self, Y: Array) -> Array:
+        # A finite Y times alpha may leave the dtype's range: said as the operators say it.
+        out = self.alpha * Y
+        note_arithmetic_overflow(out, Y)
+        return out
+
     def _matmat(self, X: Array) -> Array:
-        return self.alpha * self.A._matmat(X)
+        return self._scaled(self.A._matmat(X))
 
     def _rmatmat(self, X: Array) -> Array:
-        return self.alpha * self.A._rmatmat(X)
+        return self._scaled(self.A._rmatmat(X))
 
     def _matvec(self, x: Array) -> Array:
-        return self.alpha * self.A._matvec(x)
+        return self._scaled(self.A._matvec(x))
 
     def _rmatvec(self, x: Array) -> Array:
-        return self.alpha * self.A._rmatvec(x)
+        return self._scaled(self.A._rmatvec(x))
 
 
 class _SumOperator(LinearOperator):
@@ -693,17 +699,24 @@ class _SumOperator(LinearOperator):
         )
         self.args = (A, B)
 
+    @staticmethod
+    def _sum(Y: Array, Z: Array) -> Array:
+        # Two finite terms may sum beyond the dtype's range: said as the operators say it.
+        out = Y + Z
+        note_arithmetic_overflow(out, Y, Z)
+        return out
+
     def _matmat(self, X: Array) -> Array:
-        return self.args[0]._matmat(X) + self.args[1]._matmat(X)
+        return self._sum(self.args[0]._matmat(X), self.args[1]._matmat(X))
 
     def _rmatmat(self, X: Array) -> Array:
-        return self.args[0]._rmatmat(X) + self.args[1]._rmatmat(X)
+        return self._sum(self.args[0]._rmatmat(X), self.args[1]._rmatmat(X))
 
     def _matvec(self, x: Array) -> Array:
-        return self.args[0]._matvec(x) + self.args[1]._matvec(x)
+        return self._sum(self.args[0]._matvec(x), self.args[1]._matvec(x))
 
     def _rmatvec(self, x: Array) -> Array:
-        return self.args[0]._rmatvec(x) + self.args[1]._rmatvec(x)
+        return self._sum(self.args[0]._rmatvec(x), self.args[1]._rmatvec(x))
 
 
 class _ProductOperator(LinearOperator):

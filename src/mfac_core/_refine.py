@@ -19,7 +19,7 @@ from typing import Any
 
 from . import _engine
 from ._compat import Array
-from ._finite import float32_overflow_noted, narrowed
+from ._finite import float32_overflow_noted, narrowed, note_result_overflow
 from ._layout import BlockGroup, chunks, piece_columns, piece_stack
 
 __all__ = ["fisher_residual", "refine"]
@@ -84,10 +84,10 @@ def refine(
     ``residual(X, Y64)`` the float64 residual ``X - F Y64``. The iterate is
     kept in float64 between steps.
     """
-    if not steps or float32_overflow_noted():
-        # A product beyond float32's range (said once, at the end of the call) is
-        # infinity, which the residual would spread to every coordinate as NaN: its
-        # finite coordinates are kept as they are, at float32's rounding.
+    if not steps or float32_overflow_noted() or note_result_overflow(Y, X):
+        # A product beyond float32's (or float64's) range, said once at the end of the
+        # call, is infinity, which the residual would spread to every coordinate as
+        # NaN: its finite coordinates are kept as they are, at the dtype's rounding.
         return Y
     Y64 = xp.astype(Y, xp.float64)
     for _ in range(steps):

@@ -256,6 +256,7 @@ class SpectralIHVP(LinearOperator):
         """
         return derived(self, power=-self.power)
 
+    @float32_overflow_once
     def logdet(self) -> float:
         """``log det`` of this operator (``-log det F`` for ``F^{-1}``), in O(m) per block.
 
@@ -278,6 +279,7 @@ class SpectralIHVP(LinearOperator):
         """
         return self.power * logdet_of(self._xp, self._groups, self.num_grads, self.damp)
 
+    @float32_overflow_once
     def trace(self) -> float:
         """The trace of this operator (``tr F^{-1}`` for ``F^{-1}``), in O(m) per block.
 
@@ -298,6 +300,7 @@ class SpectralIHVP(LinearOperator):
         """
         return trace_of(self._xp, self._groups, self.num_grads, self.damp, self.power)
 
+    @float32_overflow_once
     def trace_inverse(self) -> float:
         """The trace of this operator's inverse (``tr F`` for ``F^{-1}``), in O(m) per block.
 
