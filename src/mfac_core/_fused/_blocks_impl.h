@@ -77,17 +77,18 @@ NAME(narrow_gram_s)(const double *W, Py_ssize_t rows, Py_ssize_t pw, Py_ssize_t 
                     double *Dg, int first, const int S)
 {
     /* Vectors of columns at a time: S NV sums, NV columns and one shifted load in registers
-       (32 with AVX-512, 16 otherwise); NV BV divides NARROW_GW. */
+       (32 with AVX-512, 16 otherwise: AVX2's 15 sums at S = 15 spill one, and still beat the
+       tiles); NV BV divides NARROW_GW. */
     const int NV = S <= 2 ? 4 : S <= 4 ? (BV == 8 ? 4 : 2) : S <= 8 && BV == 8 ? 2 : 1;
     for (Py_ssize_t c = 0; c < ncols; c += NV * BV) {
-        NAME(vd) acc[S][NV];
+        NAME(vd) acc[NARROW_MAX][4]; /* fixed sizes (no VLA): in registers once unrolled */
         for (int d = 0; d < S; d++)
             for (int v = 0; v < NV; v++)
                 acc[d][v] = first ? (NAME(vd)){0}
                                   : *(const NAME(vd) *)(Dg + d * NARROW_GW + c + v * BV);
         const double *w = W + c;
         for (Py_ssize_t k = 0; k < rows; k++, w += pw) {
-            NAME(vd) x[NV];
+            NAME(vd) x[4];
             for (int v = 0; v < NV; v++)
                 x[v] = *(const NAME(vd) *)(w + v * BV);
             for (int d = 0; d < S; d++)
@@ -111,6 +112,7 @@ ISA_ATTR static void NAME(narrow_grams)(const double *W, Py_ssize_t rows, Py_ssi
         break;
         NARROW_CASE(1) NARROW_CASE(2) NARROW_CASE(3) NARROW_CASE(4) NARROW_CASE(5)
         NARROW_CASE(6) NARROW_CASE(7) NARROW_CASE(8) NARROW_CASE(9) NARROW_CASE(10)
+        NARROW_CASE(11) NARROW_CASE(12) NARROW_CASE(13) NARROW_CASE(14) NARROW_CASE(15)
 #undef NARROW_CASE
     default:
         break;

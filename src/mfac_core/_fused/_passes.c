@@ -102,7 +102,7 @@ _Static_assert(PANEL_ROWS >= 1 && PANEL_ROWS <= 8, "PANEL_ROWS must be between 1
    in its Kernels, narrow_max). */
 #define NARROW_GW TW64
 #define NARROW_ROWS 512
-#define NARROW_MAX 10
+#define NARROW_MAX 15
 #define C64_LD (C64_CHUNK + 8)
 
 /* The sums' start in combine64's first panel: 3 vectors of zeros, read with no stride. */
@@ -308,11 +308,11 @@ typedef struct {
     block_inverse_fn block_inverse;
     /* Narrow blocks' Grams, a group at a time, and their factors (_blocks_impl.h), for blocks
        of at most narrow_max columns (wider ones through block_factor). Per block on one Zen 4
-       core (float32 G of 1024 and 8192 rows, two runs; benchmarks/RESULTS.md), the groups took
-       0.07-0.95x the time of block_factor's tiles up to 10 columns with AVX-512, 0.76-1.15x at
-       11 and 1.02-1.13x at 12; with AVX2, 0.10-0.71x up to 7 and 1.16-1.17x at 8 (whose tile of
-       4 x 8 wastes nothing; 0.65-1.13x at 9-11); without either, 0.18-0.92x up to 7 and
-       1.11-1.67x at 8. */
+       core (float32 G of 1024 and 8192 rows; benchmarks/RESULTS.md), the groups took
+       0.06-0.93x the time of block_factor's tiles up to 15 columns with AVX-512 or AVX2 and
+       1.13-1.40x at 16 (two tiles of 8 x 16, or six of 4 x 8, that waste nothing); without
+       either, 0.12-0.62x up to 7, 0.81-1.11x at 8 (a whole tile of 4 x 4) and 0.66-1.11x at
+       9-14. */
     narrow_grams_fn narrow_grams;
     narrow_factors_fn narrow_factors;
     Py_ssize_t narrow_max;
@@ -338,7 +338,7 @@ typedef struct {
      NMAX}
 static const Kernels kernels_base = KERNELS(base, 7);
 #ifdef MFAC_X86
-static const Kernels kernels_avx2 = KERNELS(avx2, 7);
+static const Kernels kernels_avx2 = KERNELS(avx2, NARROW_MAX);
 static const Kernels kernels_avx512 = KERNELS(avx512, NARROW_MAX);
 #endif
 
@@ -940,6 +940,7 @@ done:
 /* A block's columns padded to a multiple of this many (zeros): every instruction set's Gram
    tile (8 or 4 rows, 16, 8 or 4 columns) divides it. */
 #define BLOCK_PAD 16
+_Static_assert(BLOCK_PAD >= NARROW_MAX - 1, "narrow_grams reads s - 1 columns past a group's");
 
 /* block_factors(V, ld, col0, m, s, count, D, diag, scale, damp, isa, storage[, trans]): for each
    block b < count of s columns from col0 (V as for project64), D[b] (s x s float64, row-major)
