@@ -76,9 +76,9 @@ ISA_ATTR static inline __attribute__((always_inline)) void
 NAME(narrow_gram_s)(const double *W, Py_ssize_t rows, Py_ssize_t pw, Py_ssize_t ncols,
                     double *Dg, int first, const int S)
 {
-    /* Vectors of columns at a time: S NV sums, NV columns and one shifted load in registers
-       (32 with AVX-512, 16 otherwise: AVX2's 15 sums at S = 15 spill one, and still beat the
-       tiles); NV BV divides NARROW_GW. */
+    /* Vectors of columns at a time: S NV sums and NV columns in registers (32 with AVX-512,
+       16 otherwise; the multiply-adds read the shifted columns from L1), none spilled; NV BV
+       divides NARROW_GW. */
     const int NV = S <= 2 ? 4 : S <= 4 ? (BV == 8 ? 4 : 2) : S <= 8 && BV == 8 ? 2 : 1;
     for (Py_ssize_t c = 0; c < ncols; c += NV * BV) {
         NAME(vd) acc[NARROW_MAX][4]; /* fixed sizes (no VLA): in registers once unrolled */
