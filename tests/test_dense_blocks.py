@@ -37,10 +37,12 @@ def _oracle_Linv(G64, start, size, damp):
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
-def test_matches_oracle_and_general_path(chunked, rng, dtype):
+@pytest.mark.parametrize("bs", [1, 4])
+def test_matches_oracle_and_general_path(chunked, rng, dtype, bs):
     if dtype == "bfloat16":  # NumPy's is ml_dtypes'
         dtype = pytest.importorskip("ml_dtypes").bfloat16
-    m, d, bs = 6, 23, 4  # five full blocks (three chunks) and a ragged one of 3
+    # bs = 4: five full blocks (three chunks) and a ragged one of 3; bs = 1: 23 blocks.
+    m, d = 6, 23
     G = rng.standard_normal((m, d)).astype(dtype)
     G64 = G.astype(np.float64)
     damp = 1e-2 * float(np.linalg.norm(G64, 2)) ** 2 / m
@@ -227,6 +229,51 @@ def test_kernels_match_the_oracle(rng, isa, order):
         Gb = G64[:, 3 + b * s : 3 + (b + 1) * s]
         want = _oracle_Linv(Gb, 0, s, damp)
         np.testing.assert_allclose(out[b], want, rtol=0, atol=1e-13 * np.linalg.norm(want, 2))
+
+
+@needs_kernels
+@pytest.mark.parametrize("isa", _isas())
+@pytest.mark.parametrize("order", ["C", "F"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+def test_narrow_kernels_match_the_oracle(rng, isa, order, dtype):
+    # Blocks of up to 15 columns (7 without AVX2) go a group of 64 columns at a time,
+    # widened 512 rows at a time: whole and ragged groups (count past a multiple of 64 // s),
+    # G of one and of two row panels, widths at and past the vectors' (2, 4 and 8 doubles),
+    # the limits (7, 15) and the first past them (8, 16: the register tiles).
+    if dtype == "bfloat16":  # NumPy's is ml_dtypes'
+        dtype = pytest.importorskip("ml_dtypes").bfloat16
+    damp = 0.5
+    shapes = [(40, 1), (40, 3), (600, 2), (40, 5), (600, 7), (40, 8), (600, 11), (40, 15)]
+    for m, s in [*shapes, (40, 16)]:
+        count = 64 // s + 3
+        G = rng.standard_normal((m, 3 + count * s + 2)).astype(dtype)
+        G = np.asarray(G, order=order)
+        out, diag = np.full((count, s, s), np.nan), np.full((count, s), np.nan)
+        done = _fused.block_factors(G, out, diag, start=3, scale=1.0 / m, damp=damp, isa=isa)
+        assert done == count
+        G64 = G.astype(np.float64)
+        for b in range(count):
+            Gb = G64[:, 3 + b * s : 3 + (b + 1) * s]
+            S = Gb.T @ Gb / m
+            L = np.linalg.cholesky(S + damp * np.eye(s))
+            # kappa(F_b) <= 1 + trace(S) / damp, about 2 s + 1 <= 33: eps64 * kappa relative.
+            np.testing.assert_allclose(out[b], L, rtol=0, atol=1e-13 * np.linalg.norm(L, 2))
+            np.testing.assert_allclose(diag[b], np.diag(S), rtol=1e-14)
+            assert not np.any(np.triu(out[b], 1))
+
+
+@needs_kernels
+@pytest.mark.parametrize("isa", _isas())
+def test_narrow_kernels_stop_at_the_failing_block_of_a_group(isa):
+    G = np.ones((8, 40), dtype=np.float32)  # twenty blocks of 2, one group: rank one each
+    G[3, 11] = np.nan  # block 5's
+    out, diag = np.zeros((20, 2, 2)), np.zeros((20, 2))
+    done = _fused.block_factors(G, out, diag, start=0, scale=1.0 / 8, damp=1.0, isa=isa)
+    assert done == 5
+    np.testing.assert_allclose(
+        out[:5], np.broadcast_to([[2**0.5, 0], [2**-0.5, 1.5**0.5]], (5, 2, 2))
+    )
+    assert not np.any(out[6:]) and not np.any(diag[6:])  # later blocks of the group untouched
 
 
 @needs_kernels

@@ -61,19 +61,76 @@ ISA_ATTR static inline void NAME(block_axpy)(double *y, double c, const double *
 }
 
 /*
- * One block: A (p x p scratch) = scale W^T W (upper triangle), its diagonal to diag (s), then the
- * Cholesky factor U = L^T of A + damp I, right-looking (row j of U: pivot A[j][j] checked
- * positive and finite, U[j][j] its root, the rest of the row divided by it; then every later row
- * i takes U[j][i] times row j from its part right of the diagonal: contiguous rows, no sums
- * across a vector), and L written to out (s x s, row-major, zeros above the diagonal). Returns
- * 0, or -1 where the Gram's diagonal is not finite or a pivot is not positive (out then partly
- * written).
+ * Narrow blocks (s <= NARROW_MAX, _passes.c), a group of them at a time: W holds `rows` rows
+ * (row k at W + k pw) of the group's ncols <= NARROW_GW columns, s to a block, and the columns
+ * past them up to NARROW_GW + s - 1 are readable (their values do not matter). For each offset
+ * d < s and column c < ncols, the sum over the rows of W[k][c] W[k][c + d] goes to (first) or is
+ * added to Dg[d][c] (row d at Dg + d NARROW_GW): block b's Gram entry (i, i + d) is
+ * Dg[d][b s + i] where i + d < s, and the lanes where c + d falls in the next block are not
+ * used. A vector of columns takes s multiply-adds a row, where the register tile takes 2 GR
+ * for every two vectors of columns of one block (128 a row at s = 1 with AVX-512, for one
+ * useful); and the group's columns are widened together, a cache line of G read once where
+ * each block read one for its s items (narrow blocks on tall G: a miss a row).
  */
-ISA_ATTR static int NAME(block_factor)(const double *W, Py_ssize_t m, Py_ssize_t p,
-                                         Py_ssize_t s, double scale, double damp, double *A,
-                                         double *out, double *diag)
+ISA_ATTR static inline __attribute__((always_inline)) void
+NAME(narrow_gram_s)(const double *W, Py_ssize_t rows, Py_ssize_t pw, Py_ssize_t ncols,
+                    double *Dg, int first, const int S)
 {
-    NAME(block_gram)(W, m, p, s, A);
+    /* Vectors of columns at a time: S NV sums and NV columns in registers (32 with AVX-512,
+       16 otherwise; the multiply-adds read the shifted columns from L1), none spilled; NV BV
+       divides NARROW_GW. */
+    const int NV = S <= 2 ? 4 : S <= 4 ? (BV == 8 ? 4 : 2) : S <= 8 && BV == 8 ? 2 : 1;
+    for (Py_ssize_t c = 0; c < ncols; c += NV * BV) {
+        NAME(vd) acc[NARROW_MAX][4]; /* fixed sizes (no VLA): in registers once unrolled */
+        for (int d = 0; d < S; d++)
+            for (int v = 0; v < NV; v++)
+                acc[d][v] = first ? (NAME(vd)){0}
+                                  : *(const NAME(vd) *)(Dg + d * NARROW_GW + c + v * BV);
+        const double *w = W + c;
+        for (Py_ssize_t k = 0; k < rows; k++, w += pw) {
+            NAME(vd) x[4];
+            for (int v = 0; v < NV; v++)
+                x[v] = *(const NAME(vd) *)(w + v * BV);
+            for (int d = 0; d < S; d++)
+                for (int v = 0; v < NV; v++)
+                    acc[d][v] += x[v] * *(const NAME(vd) *)(w + v * BV + d);
+        }
+        for (int d = 0; d < S; d++)
+            for (int v = 0; v < NV; v++)
+                *(NAME(vd) *)(Dg + d * NARROW_GW + c + v * BV) = acc[d][v];
+    }
+}
+
+/* narrow_gram_s for s (1 <= s <= NARROW_MAX), each s its own code (its sums in registers). */
+ISA_ATTR static void NAME(narrow_grams)(const double *W, Py_ssize_t rows, Py_ssize_t pw,
+                                         Py_ssize_t ncols, Py_ssize_t s, double *Dg, int first)
+{
+    switch (s) {
+#define NARROW_CASE(S)                                                                       \
+    case S:                                                                                  \
+        NAME(narrow_gram_s)(W, rows, pw, ncols, Dg, first, S);                               \
+        break;
+        NARROW_CASE(1) NARROW_CASE(2) NARROW_CASE(3) NARROW_CASE(4) NARROW_CASE(5)
+        NARROW_CASE(6) NARROW_CASE(7) NARROW_CASE(8) NARROW_CASE(9) NARROW_CASE(10)
+        NARROW_CASE(11) NARROW_CASE(12) NARROW_CASE(13) NARROW_CASE(14) NARROW_CASE(15)
+#undef NARROW_CASE
+    default:
+        break;
+    }
+}
+
+/*
+ * One block's factor from its Gram's upper triangle in A (p x p scratch, row i at A + i p,
+ * overwritten): A = scale A, its diagonal to diag (s), then the Cholesky factor U = L^T of A +
+ * damp I, right-looking (row j of U: pivot A[j][j] checked positive and finite, U[j][j] its
+ * root, the rest of the row divided by it; then every later row i takes U[j][i] times row j
+ * from its part right of the diagonal: contiguous rows, no sums across a vector), and L
+ * written to out (s x s, row-major, zeros above the diagonal). Returns 0, or -1 where the
+ * Gram's diagonal is not finite or a pivot is not positive (out then partly written).
+ */
+ISA_ATTR static int NAME(block_cholesky)(double *A, Py_ssize_t p, Py_ssize_t s, double scale,
+                                           double damp, double *out, double *diag)
+{
     for (Py_ssize_t i = 0; i < s; i++) {
         double *a = A + i * p;
         for (Py_ssize_t j = i; j < s; j++)
@@ -102,6 +159,33 @@ ISA_ATTR static int NAME(block_factor)(const double *W, Py_ssize_t m, Py_ssize_t
         memset(o + i + 1, 0, (size_t)(s - i - 1) * sizeof(double));
     }
     return 0;
+}
+
+/* One block of W (m rows of p doubles, as block_gram): its Gram by block_gram into A (p x p
+   scratch), then block_cholesky. */
+ISA_ATTR static int NAME(block_factor)(const double *W, Py_ssize_t m, Py_ssize_t p,
+                                         Py_ssize_t s, double scale, double damp, double *A,
+                                         double *out, double *diag)
+{
+    NAME(block_gram)(W, m, p, s, A);
+    return NAME(block_cholesky)(A, p, s, scale, damp, out, diag);
+}
+
+/* The factors of a group's nb narrow blocks from narrow_grams' Dg, block b's to D + b s s and
+   its diagonal to diag + b s, each through block_cholesky on its upper triangle (Dg[j - i][b s
+   + i] to A's row i, column j; A: s x s scratch). Returns nb, or the first block that failed. */
+ISA_ATTR static Py_ssize_t NAME(narrow_factors)(const double *Dg, Py_ssize_t s, Py_ssize_t nb,
+                                                 double scale, double damp, double *A,
+                                                 double *D, double *diag)
+{
+    for (Py_ssize_t b = 0; b < nb; b++) {
+        for (Py_ssize_t i = 0; i < s; i++)
+            for (Py_ssize_t j = i; j < s; j++)
+                A[i * s + j] = Dg[(j - i) * NARROW_GW + b * s + i];
+        if (NAME(block_cholesky)(A, s, s, scale, damp, D + b * s * s, diag + b * s) < 0)
+            return b;
+    }
+    return nb;
 }
 
 /*

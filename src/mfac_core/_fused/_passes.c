@@ -95,6 +95,14 @@ _Static_assert(PANEL_ROWS >= 1 && PANEL_ROWS <= 8, "PANEL_ROWS must be between 1
 #define T_LOC 2
 #endif
 #define TLD64(size) (TW64 + 64 / (Py_ssize_t)(size))
+/* Narrow dense blocks (block_factors, _blocks_impl.h's narrow_grams): a group's columns (at most
+   NARROW_GW, TW64 for widen64t's tiles; a multiple of every instruction set's vectors of
+   columns there; 128 or 256 were no faster), widened NARROW_ROWS rows at a time (80 doubles a
+   row, 320 KiB: in L2), blocks of at most NARROW_MAX columns (each instruction set's limit is
+   in its Kernels, narrow_max). */
+#define NARROW_GW TW64
+#define NARROW_ROWS 512
+#define NARROW_MAX 15
 #define C64_LD (C64_CHUNK + 8)
 
 /* The sums' start in combine64's first panel: 3 vectors of zeros, read with no stride. */
@@ -281,6 +289,10 @@ typedef void (*combine64t_fn)(const void *, Py_ssize_t, Py_ssize_t, const double
 typedef int (*block_factor_fn)(const double *, Py_ssize_t, Py_ssize_t, Py_ssize_t, double, double,
                                double *, double *, double *);
 typedef void (*block_inverse_fn)(double *, Py_ssize_t, double *);
+typedef void (*narrow_grams_fn)(const double *, Py_ssize_t, Py_ssize_t, Py_ssize_t, Py_ssize_t,
+                                double *, int);
+typedef Py_ssize_t (*narrow_factors_fn)(const double *, Py_ssize_t, Py_ssize_t, double, double,
+                                        double *, double *, double *);
 
 typedef struct {
     /* By storage type (ST_*), then X's type (float32, float64). */
@@ -294,9 +306,19 @@ typedef struct {
     /* The dense blocks' Gram and factor, and the factor's inverse (_blocks_impl.h). */
     block_factor_fn block_factor;
     block_inverse_fn block_inverse;
+    /* Narrow blocks' Grams, a group at a time, and their factors (_blocks_impl.h), for blocks
+       of at most narrow_max columns (wider ones through block_factor). Per block on one Zen 4
+       core (float32 G of 1024 and 8192 rows; benchmarks/RESULTS.md), the groups took
+       0.06-0.93x the time of block_factor's tiles up to 15 columns with AVX-512 or AVX2 and
+       1.13-1.40x at 16 (two tiles of 8 x 16, or six of 4 x 8, that waste nothing); without
+       either, 0.12-0.62x up to 7, 0.81-1.11x at 8 (a whole tile of 4 x 4) and 0.66-1.11x at
+       9-14. */
+    narrow_grams_fn narrow_grams;
+    narrow_factors_fn narrow_factors;
+    Py_ssize_t narrow_max;
 } Kernels;
 
-#define KERNELS(I)                                                                          \
+#define KERNELS(I, NMAX)                                                                    \
     {{{project64_f32_x32_##I, project64_f32_x64_##I},                                       \
       {project64_f64_x32_##I, project64_f64_x64_##I},                                       \
       {project64_f16_x32_##I, project64_f16_x64_##I},                                       \
@@ -310,11 +332,14 @@ typedef struct {
      {combine64t_f32_##I, combine64t_f64_##I, combine64t_f16_##I, combine64t_bf16_##I},     \
      {widen64t_f32_##I, widen64t_f64_##I, widen64t_f16_##I, widen64t_bf16_##I},             \
      block_factor_##I,                                                                      \
-     block_lower_inverse_##I}
-static const Kernels kernels_base = KERNELS(base);
+     block_lower_inverse_##I,                                                               \
+     narrow_grams_##I,                                                                      \
+     narrow_factors_##I,                                                                    \
+     NMAX}
+static const Kernels kernels_base = KERNELS(base, 7);
 #ifdef MFAC_X86
-static const Kernels kernels_avx2 = KERNELS(avx2);
-static const Kernels kernels_avx512 = KERNELS(avx512);
+static const Kernels kernels_avx2 = KERNELS(avx2, NARROW_MAX);
+static const Kernels kernels_avx512 = KERNELS(avx512, NARROW_MAX);
 #endif
 
 /* The kernels of the instruction set `isa` (ISA_AUTO: the best), or NULL with an exception. */
@@ -915,6 +940,7 @@ done:
 /* A block's columns padded to a multiple of this many (zeros): every instruction set's Gram
    tile (8 or 4 rows, 16, 8 or 4 columns) divides it. */
 #define BLOCK_PAD 16
+_Static_assert(BLOCK_PAD >= NARROW_MAX - 1, "narrow_grams reads s - 1 columns past a group's");
 
 /* block_factors(V, ld, col0, m, s, count, D, diag, scale, damp, isa, storage[, trans]): for each
    block b < count of s columns from col0 (V as for project64), D[b] (s x s float64, row-major)
@@ -942,29 +968,64 @@ static PyObject *py_block_factors(PyObject *self, PyObject *args)
         PyErr_Format(PyExc_ValueError, "bad blocks: m=%zd s=%zd count=%zd", m, s, count);
         goto done;
     }
-    p = (s + BLOCK_PAD - 1) / BLOCK_PAD * BLOCK_PAD;
+    const int narrow = s <= kern->narrow_max;
+    /* Narrow: a group's columns and the s - 1 after them (any values) a row; else one block's,
+       padded with zeros. */
+    p = narrow ? NARROW_GW + BLOCK_PAD : (s + BLOCK_PAD - 1) / BLOCK_PAD * BLOCK_PAD;
+    const Py_ssize_t rows = narrow && m > NARROW_ROWS ? NARROW_ROWS : m;
     if ((trans ? check_shape_t : check_shape)(&V, size, m, ld, col0, n, 0, n) < 0 ||
         check_len(&D, n, s, 8, "D") < 0 || check_len(&diag, n, 1, 8, "diag") < 0)
         goto done;
-    double *W = scratch(m, p * (Py_ssize_t)sizeof(double), &raw_w);
-    double *A = W == NULL ? NULL : scratch(p, p * (Py_ssize_t)sizeof(double), &raw_a);
+    double *W = scratch(rows, p * (Py_ssize_t)sizeof(double), &raw_w);
+    /* A: one block's Gram (p x p), or a narrow group's sums (s rows of NARROW_GW) and a block's
+       Gram (s x s) after them. */
+    double *A = W == NULL ? NULL
+                          : scratch(narrow ? s * (NARROW_GW + s) : p * p,
+                                    (Py_ssize_t)sizeof(double), &raw_a);
     void *tile = NULL;
     if (A != NULL && trans)
-        tile = scratch(m, TLD64(sizeof(double)) * (Py_ssize_t)sizeof(double), &raw_t);
+        tile = scratch(rows, TLD64(sizeof(double)) * (Py_ssize_t)sizeof(double), &raw_t);
     if (A == NULL || (trans && tile == NULL))
         goto done;
     Py_ssize_t b = 0;
     Py_BEGIN_ALLOW_THREADS
-    memset(W, 0, (size_t)(m * p) * sizeof(double)); /* the padding columns stay zero */
-    for (; b < count; b++) {
-        const Py_ssize_t c0 = col0 + b * s;
-        if (trans)
-            kern->widen64t[storage]((const char *)V.buf + c0 * m * size, m, m, W, p, 0, s, tile);
-        else
-            kern->widen64[storage]((const char *)V.buf + c0 * size, ld, m, W, p, 0, s);
-        if (kern->block_factor(W, m, p, s, scale, damp, A, (double *)D.buf + b * s * s,
-                               (double *)diag.buf + b * s) < 0)
-            break;
+    memset(W, 0, (size_t)(rows * p) * sizeof(double)); /* the padding columns stay zero */
+    if (narrow) {
+        const Py_ssize_t per = NARROW_GW / s;
+        for (; b < count; b += per) {
+            const Py_ssize_t nb = count - b < per ? count - b : per, c0 = col0 + b * s;
+            for (Py_ssize_t r0 = 0; r0 < m; r0 += rows) {
+                const Py_ssize_t k = m - r0 < rows ? m - r0 : rows;
+                if (trans)
+                    kern->widen64t[storage]((const char *)V.buf + (c0 * m + r0) * size, m, k, W,
+                                            p, 0, nb * s, tile);
+                else
+                    kern->widen64[storage]((const char *)V.buf + (r0 * ld + c0) * size, ld, k, W,
+                                           p, 0, nb * s);
+                kern->narrow_grams(W, k, p, nb * s, s, A, r0 == 0);
+            }
+            const Py_ssize_t done = kern->narrow_factors(A, s, nb, scale, damp, A + s * NARROW_GW,
+                                                         (double *)D.buf + b * s * s,
+                                                         (double *)diag.buf + b * s);
+            if (done < nb) {
+                b += done;
+                break;
+            }
+        }
+        if (b > count)
+            b = count;
+    } else {
+        for (; b < count; b++) {
+            const Py_ssize_t c0 = col0 + b * s;
+            if (trans)
+                kern->widen64t[storage]((const char *)V.buf + c0 * m * size, m, m, W, p, 0, s,
+                                        tile);
+            else
+                kern->widen64[storage]((const char *)V.buf + c0 * size, ld, m, W, p, 0, s);
+            if (kern->block_factor(W, m, p, s, scale, damp, A, (double *)D.buf + b * s * s,
+                                   (double *)diag.buf + b * s) < 0)
+                break;
+        }
     }
     Py_END_ALLOW_THREADS
     result = PyLong_FromSsize_t(b);
