@@ -128,8 +128,9 @@ class _BlockOperatorBase(LinearOperator):
 
     def _warn_if_hopeless(self, kappa_lo: float) -> None:
         # kappa_lo is the largest over every group's factor: the dense blocks' rule only
-        # where every group is dense (blocks no wider than m), else the Woodbury forms'.
-        dense = all(group.size <= self.num_grads for group in self._groups)
+        # where every block is dense (no wider than m; a ragged last block is narrower),
+        # else the Woodbury forms'.
+        dense = (self.block_size or self.dim) <= self.num_grads
         _capacitance.warn_if_passes_hopeless(kappa_lo, damp=self.damp, dense=dense)
 
 
