@@ -20,7 +20,7 @@ from mfac_core import (
 )
 from mfac_core._capacitance import factorize, kappa_bounds, lambda_max_bounds
 from mfac_core._compat import array_namespace
-from mfac_core.testing import to_numpy
+from mfac_core.testing import extended_precision_inverse, to_numpy
 
 XP = array_namespace(np.zeros(1))
 
@@ -217,16 +217,17 @@ def test_ill_conditioned_warnings_name_the_callers_line() -> None:
         assert {w.filename for w in ill} == {__file__}, [(w.filename, w.lineno) for w in ill]
 
 
-@pytest.mark.parametrize(("damp", "warns"), [(2.0**-50, True), (2.0**-45, False)])
-def test_the_warning_comes_at_one_thirty_second_of_eps64_kappa(damp, warns):
-    # Vectors near the gradients' span lose up to about 25 eps64 kappa: a product 0.94
-    # relative off at eps64 kappa = 0.75 came with no warning while the warning waited
-    # for eps64 kappa >= 1. kappa = 1 + 1 / damp here: eps64 kappa = 1/4 and 1/128.
+@pytest.mark.parametrize(("damp", "warns"), [(2.0**-36, True), (2.0**-33, False)])
+def test_the_woodbury_forms_warn_from_eps64_kappa_to_the_three_halves_at_one(damp, warns):
+    # The capacitance factor's backward error reaches vectors near the span amplified by
+    # up to kappa**1.5 / 2: gradients whose spread decays over decades lost every digit
+    # while eps64 kappa was still far below the old rule's 1/32 (test below). kappa =
+    # 1 + 1 / damp here: eps64 kappa**1.5 = 4 and 2**-2.5.
     G = np.zeros((1, 4))
     G[0, 0] = 1.0
     makers = [
         lambda: StaticIHVP(G, damp=damp),
-        lambda: StaticIHVP(G, damp=damp, block_size=2),
+        lambda: StaticIHVP(G, damp=damp, block_size=2),  # blocks wider than m: Woodbury
         lambda: SpectralIHVP(G, damp=damp),
     ]
     for make in makers:
@@ -243,3 +244,39 @@ def test_the_warning_comes_at_one_thirty_second_of_eps64_kappa(damp, warns):
     assert any(w.category is IllConditionedWarning for w in caught) == warns
     assert _capacitance.is_imprecise(1.0 + 1.0 / damp, eps=_capacitance.EPS64) == warns
     assert not _capacitance.is_hopeless(1.0 + 1.0 / damp, eps=_capacitance.EPS64)
+
+
+@pytest.mark.parametrize(("damp", "warns"), [(2.0**-50, True), (2.0**-45, False)])
+def test_dense_blocks_warn_from_eps64_kappa_at_one_thirty_second(damp, warns):
+    # A dense block factorises F_b itself: its products lose up to about c eps64 kappa,
+    # not kappa**1.5 (7 % at eps64 kappa = 0.44), so it keeps the earlier rule and does
+    # not warn at kappa where the Woodbury forms do. kappa = 1 + 1 / damp for the first
+    # block (rows 1 and 0 over m = 2): eps64 kappa = 1/4 and 1/128.
+    G = np.zeros((2, 4))
+    G[0, 0] = np.sqrt(2.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        StaticIHVP(G, damp=damp, block_size=2)  # blocks no wider than m: dense
+    assert any(w.category is IllConditionedWarning for w in caught) == warns
+    kappa = 1.0 + 1.0 / damp
+    assert _capacitance.is_imprecise(kappa, eps=_capacitance.EPS64, dense=True) == warns
+    assert _capacitance.is_imprecise(kappa, eps=_capacitance.EPS64)  # the Woodbury rule
+
+
+@pytest.mark.parametrize("make", [StaticIHVP, SpectralIHVP, DynamicIHVP.from_window])
+def test_gradients_spread_over_decades_warn_before_their_products_lose_every_digit(make):
+    # Four float32 gradients around a shared direction whose spread decays over eight
+    # decades: at kappa = 1e11 (eps64 kappa = 2.2e-5, far below 1/32) a stored gradient's
+    # product was 13-47 % off with no warning; eps64 kappa**1.5 = 7 now warns.
+    rng = np.random.default_rng(2)
+    G = rng.standard_normal(300) + rng.standard_normal((4, 300)) * np.logspace(0, -8, 4)[:, None]
+    G = (G / (np.linalg.norm(G, 2) / 2.0)).astype(np.float32)
+    G64 = G.astype(np.float64)
+    damp = float(np.linalg.norm(G64, 2) ** 2 / (4 * (1e11 - 1)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        op = make(G, damp=damp)
+    assert any(w.category is IllConditionedWarning for w in caught)
+    want = extended_precision_inverse(G64, damp, G64[0])
+    got = np.asarray(op.matvec(G[0]), dtype=np.float64)
+    assert np.linalg.norm(got - want) > 1e-2 * np.linalg.norm(want)  # the warning was due

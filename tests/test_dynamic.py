@@ -855,10 +855,11 @@ def test_a_refused_step_does_not_warn_of_the_factor_it_threw_away():
     u = np.zeros(20)
     u[0] = 1.0
     op = DynamicIHVP(4, 20, damp=1.0, dtype="float64")
-    # Collinear gradients, each |g|^2 / (k damp) = 0.6 / (32 eps): two keep the window
-    # below the warning (kappa ~ 0.9 / (32 eps)), the third takes it past (kappa ~ 1.2 /
-    # (32 eps)); none is refused (that takes eps kappa >= 1).
-    grads = [u * math.sqrt(0.6 / 32 / eps * k) for k in (1, 2, 3)]
+    # Collinear gradients, |g_k|^2 / damp = k t with t = eps**(-2/3) / 1.75: two keep the
+    # window below the warning (eps kappa**1.5 >= 1: kappa ~ 1.5 t = 0.86 eps**(-2/3)),
+    # the third takes it past (kappa ~ 2 t = 1.14 eps**(-2/3)); none is refused (that
+    # takes eps kappa >= 1).
+    grads = [u * math.sqrt(k * eps ** (-2 / 3) / 1.75) for k in (1, 2, 3)]
     op.update(grads[0])
     op.update(grads[1])
     before = (op.slots, op.matvec(u))

@@ -1012,7 +1012,7 @@ def overflow(construction: str, opt) -> None:
         opt.ihvp._refined = lambda *a: refined(*a) * float("inf")
 
 
-# The bfloat16 construction's kappa (~3e14) is past the warning (eps64 kappa >= 1/32), which
+# The bfloat16 construction's kappa (~3e14) is past the warning (eps64 kappa**1.5 >= 1), which
 # this test is not about.
 @pytest.mark.filterwarnings("ignore::mfac_core.IllConditionedWarning")
 @pytest.mark.parametrize("construction", ["bfloat16", "float64"])

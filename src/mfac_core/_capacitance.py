@@ -64,15 +64,21 @@ DRIFT_TOL = 1e-10
 
 #: float64's machine epsilon, the unit of the hopeless rule for the float64 passes.
 EPS64 = 2.0**-52
-#: ``eps * kappa`` from which the operators warn that products may have no correct digit.
-#: Vectors near the gradients' span lose about ``c eps(float64) kappa`` (nearly collinear
-#: gradients, rank-deficient dense blocks: 0.94 relative at eps kappa = 0.75, 7 % at 0.44),
-#: so the warning comes at 1/32 of where eps kappa alone reaches 1. The rule does not see
-#: the Gram's own conditioning: gradients whose spread decays over several decades lose up
-#: to about ``eps kappa**1.5`` and can keep no digit below it (docs/mathematics.rst, "When
-#: the set-up fails or warns"). A window refuses a gradient only from eps kappa >= 1
-#: (:func:`is_hopeless`).
+#: ``eps * kappa`` from which a dense block's factor (``F_b`` itself, no wider than m)
+#: warns that products may have no correct digit. Its products lose up to about
+#: ``c eps(float64) kappa`` (rank-deficient dense blocks: 7 % at eps kappa = 0.44), so the
+#: warning comes at 1/32 of where eps kappa alone reaches 1.
 WARN_EPS_KAPPA = 2.0**-5
+#: ``eps * kappa**1.5`` from which the Woodbury forms (the capacitance ``m damp I + G G^T``,
+#: its Cholesky factor or its eigenvectors) warn. The factor's backward error, about eps
+#: times its largest eigenvalue, reaches a vector near the gradients' span amplified by up
+#: to ``kappa**1.5 / 2`` to first order, where the Gram also has eigenvalues near
+#: ``m damp`` (gradients whose spread decays over decades): measured up to 0.08
+#: ``eps kappa**1.5`` (46 % at kappa = 1e11), where evenly spread gradients lose about
+#: ``eps kappa`` (docs/mathematics.rst, "When the set-up fails or warns"). The warning
+#: comes where the first-order bound reaches 1/2: from kappa = 2.7e10 in float64. A window
+#: refuses a gradient only from eps kappa >= 1 (:func:`is_hopeless`).
+WARN_EPS_KAPPA_WOODBURY = 1.0
 #: How warnings name the precision of the passes' accumulation.
 PASSES_DTYPE = "float64 (the passes' accumulation)"
 
@@ -242,13 +248,16 @@ def is_hopeless(kappa_lower: Any, *, eps: float) -> Any:
     return eps * kappa_lower >= 1.0
 
 
-def is_imprecise(kappa_lower: Any, *, eps: float) -> Any:
-    """Whether ``eps * kappa >= WARN_EPS_KAPPA``: products may have no correct digit.
+def is_imprecise(kappa_lower: Any, *, eps: float, dense: bool = False) -> Any:
+    """Whether products may have no correct digit: the rule of :func:`warn_if_hopeless`.
 
-    The rule of the warning (:func:`warn_if_hopeless`), earlier than :func:`is_hopeless`
-    by the constant that the worst vectors' error carries.
+    ``eps * kappa**1.5 >= WARN_EPS_KAPPA_WOODBURY`` for the Woodbury forms,
+    ``eps * kappa >= WARN_EPS_KAPPA`` for ``dense`` blocks' factors; both earlier than
+    :func:`is_hopeless`. A pure function of its argument, so it also takes (traced) arrays.
     """
-    return eps * kappa_lower >= WARN_EPS_KAPPA
+    if dense:
+        return eps * kappa_lower >= WARN_EPS_KAPPA
+    return eps * kappa_lower * kappa_lower**0.5 >= WARN_EPS_KAPPA_WOODBURY
 
 
 def smallest_window_damp(xp: Any, dtype: Any, count: int) -> float:
@@ -295,28 +304,32 @@ def check_window_damp(xp: Any, dtype: Any, num_grads: int, zero_init: bool, damp
         )
 
 
-def warn_if_hopeless(kappa_lower: float, *, damp: float, eps: float, dtype: Any) -> None:
-    """Warn when ``eps * kappa >= 1/32`` (:func:`is_imprecise`).
+def warn_if_hopeless(
+    kappa_lower: float, *, damp: float, eps: float, dtype: Any, dense: bool = False
+) -> None:
+    """Warn where :func:`is_imprecise` says products may have no correct digit.
 
     The warning names the user's line that led here (``user_stacklevel``).
     """
-    if is_imprecise(kappa_lower, eps=eps):
+    if is_imprecise(kappa_lower, eps=eps, dense=dense):
+        rule = "eps * kappa >= 1/32" if dense else "eps * kappa**1.5 >= 1"
         warnings.warn(
             f"F is so ill-conditioned (kappa >= {kappa_lower:.3g}, damp={damp:g}) that "
-            f"{dtype} products may have no correct digits (eps * kappa >= 1/32); "
-            "increase damp" + (" or use float64" if eps > 1e-15 else ""),
+            f"{dtype} products of vectors near the gradients' span may have no correct "
+            f"digits ({rule}); increase damp" + (" or use float64" if eps > 1e-15 else ""),
             IllConditionedWarning,
             stacklevel=user_stacklevel(),
         )
 
 
-def warn_if_passes_hopeless(kappa_lower: float, *, damp: float) -> None:
+def warn_if_passes_hopeless(kappa_lower: float, *, damp: float, dense: bool = False) -> None:
     """:func:`warn_if_hopeless` for the float64 factor and passes, whatever the storage dtype.
 
     The passes over the gradients and the factor are float64 (docs/mathematics.rst,
     "Exact passes"), so float64's eps, not the storage's, decides when digits run out.
+    ``dense``: every factor is a dense block's (the rule of :data:`WARN_EPS_KAPPA`).
     """
-    warn_if_hopeless(kappa_lower, damp=damp, eps=EPS64, dtype=PASSES_DTYPE)
+    warn_if_hopeless(kappa_lower, damp=damp, eps=EPS64, dtype=PASSES_DTYPE, dense=dense)
 
 
 @dataclass(frozen=True)

@@ -135,7 +135,7 @@ def fill_block_inverses(
         with np.errstate(over="ignore", invalid="ignore"):
             hi = 1.0 + float(np.max(np.sum(S_diag, axis=-1))) / damp
             lam_lo = np.max(S_diag, axis=-1)
-            if _capacitance.is_imprecise(hi, eps=_capacitance.EPS64):
+            if _capacitance.is_imprecise(hi, eps=_capacitance.EPS64, dense=True):
                 # The lower bound decides the operator's only use of it, the warning that
                 # float64 has no digit left: sharpened by power iterations only where the
                 # upper bound leaves that open (they cost a third of the factorisation).

@@ -242,7 +242,7 @@ class DynamicIHVP(WindowCopies):
         Warns
         -----
         IllConditionedWarning
-            Where ``eps(float64) kappa >= 1/32`` for the window built, as every set-up
+            Where ``eps(float64) kappa**1.5 >= 1`` for the window built, as every set-up
             (:class:`StaticIHVP`, :meth:`set_damp`) warns: the gradients are the caller's whole
             window. :meth:`update` warns too, and from ``eps(float64) kappa >= 1`` refuses such
             a gradient, which the window would keep for m steps (docs/mathematics.rst, "When the
@@ -474,9 +474,9 @@ class DynamicIHVP(WindowCopies):
         -----
         IllConditionedWarning
             Where the window's gradients with the new damping make
-            ``eps(float64) kappa >= 1/32`` (:meth:`update` refuses gradients of their size from
-            1). The damping is changed all the same (after an error, the operator keeps its old
-            one).
+            ``eps(float64) kappa**1.5 >= 1`` (:meth:`update` refuses gradients of their size
+            from ``eps(float64) kappa >= 1``). The damping is changed all the same (after an
+            error, the operator keeps its old one).
         """
         redamped(self, damp)
 

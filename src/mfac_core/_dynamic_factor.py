@@ -326,7 +326,7 @@ def factorized(
 
 
 def warn_if_hopeless(op: Any, factor: CapacitanceFactor) -> None:
-    """Warn, once until the window recovers, when eps(float64) * kappa >= 1/32.
+    """Warn, once until the window recovers, when eps(float64) * kappa**1.5 >= 1.
 
     The passes and the factor are float64 whatever the storage dtype
     (docs/mathematics.rst, "Exact passes"), so the storage's own eps does not

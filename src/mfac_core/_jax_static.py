@@ -281,7 +281,7 @@ def static_ihvp(G: Any, /, *, damp: float) -> StaticIHVP:
     Warns
     -----
     IllConditionedWarning
-        Outside of tracing, when ``eps(float64) * kappa >= 1/32`` for a lower
+        Outside of tracing, when ``eps(float64) * kappa**1.5 >= 1`` for a lower
         estimate of kappa: the float64 factor and passes may then leave no
         correct digit.
 

@@ -115,7 +115,7 @@ class SpectralIHVP(LinearOperator):
     and each result is rounded once: a product, a diagonal entry or a sweep is
     within 8 ``eps(float32)`` of the exact result for the Fisher of the stored
     gradients for ``kappa`` up to 1e6 (docs/beyond.rst, "Precision", for the
-    cases beyond). A warning says where ``eps(float64) * kappa`` reaches 1/32.
+    cases beyond). A warning says where ``eps(float64) * kappa**1.5`` reaches 1.
     Blocks no wider than m are applied from the float64 eigenpairs of their
     ``B x B`` matrix ``G_b^T G_b``, without a pass over G.
 

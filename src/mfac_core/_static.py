@@ -127,7 +127,11 @@ class _BlockOperatorBase(LinearOperator):
         return parts[0] if len(parts) == 1 else self._xp.concat(parts, axis=0)
 
     def _warn_if_hopeless(self, kappa_lo: float) -> None:
-        _capacitance.warn_if_passes_hopeless(kappa_lo, damp=self.damp)
+        # kappa_lo is the largest over every group's factor: the dense blocks' rule only
+        # where every block is dense (no wider than m; a ragged last block is narrower),
+        # else the Woodbury forms'.
+        dense = (self.block_size or self.dim) <= self.num_grads
+        _capacitance.warn_if_passes_hopeless(kappa_lo, damp=self.damp, dense=dense)
 
 
 class StaticIHVP(_BlockOperatorBase):
