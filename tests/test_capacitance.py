@@ -254,10 +254,11 @@ def test_dense_blocks_warn_from_eps64_kappa_at_one_thirty_second(damp, warns):
     # block (rows 1 and 0 over m = 2): eps64 kappa = 1/4 and 1/128.
     G = np.zeros((2, 4))
     G[0, 0] = np.sqrt(2.0)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        StaticIHVP(G, damp=damp, block_size=2)  # blocks no wider than m: dense
-    assert any(w.category is IllConditionedWarning for w in caught) == warns
+    for make in (StaticIHVP, SpectralIHVP):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            make(G, damp=damp, block_size=2)  # blocks no wider than m: dense
+        assert any(w.category is IllConditionedWarning for w in caught) == warns
     kappa = 1.0 + 1.0 / damp
     assert _capacitance.is_imprecise(kappa, eps=_capacitance.EPS64, dense=True) == warns
     assert _capacitance.is_imprecise(kappa, eps=_capacitance.EPS64)  # the Woodbury rule

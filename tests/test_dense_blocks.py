@@ -204,6 +204,23 @@ def _isas():
     return [name for name, code in _fused.ISAS.items() if code <= best]
 
 
+def _assert_block_factors(G, out, diag, s, count, damp, isa):
+    """block_factors of ``count`` blocks of ``s`` columns from column 3 against LAPACK's."""
+    m = G.shape[0]
+    done = _fused.block_factors(G, out, diag, start=3, scale=1.0 / m, damp=damp, isa=isa)
+    assert done == count
+    G64 = G.astype(np.float64)
+    for b in range(count):
+        Gb = G64[:, 3 + b * s : 3 + (b + 1) * s]
+        S = Gb.T @ Gb / m
+        L = np.linalg.cholesky(S + damp * np.eye(s))
+        # kappa(F_b) <= 1 + trace(S) / damp (at most about 40 in these tests): errors of
+        # eps64 * kappa relative to |L|.
+        np.testing.assert_allclose(out[b], L, rtol=0, atol=1e-13 * np.linalg.norm(L, 2))
+        np.testing.assert_allclose(diag[b], np.diag(S), rtol=1e-14)
+        assert not np.any(np.triu(out[b], 1))
+
+
 @needs_kernels
 @pytest.mark.parametrize("isa", _isas())
 @pytest.mark.parametrize("order", ["C", "F"])
@@ -213,20 +230,10 @@ def test_kernels_match_the_oracle(rng, isa, order):
     G = np.asarray(rng.standard_normal((m, 3 + count * s + 2)).astype(np.float32), order=order)
     damp = 0.5
     out, diag = np.full((count, s, s), np.nan), np.full((count, s), np.nan)
-    done = _fused.block_factors(G, out, diag, start=3, scale=1.0 / m, damp=damp, isa=isa)
-    assert done == count
-    G64 = G.astype(np.float64)
-    for b in range(count):
-        Gb = G64[:, 3 + b * s : 3 + (b + 1) * s]
-        S = Gb.T @ Gb / m
-        L = np.linalg.cholesky(S + damp * np.eye(s))
-        # kappa(F_b) <= 1 + trace(S) / damp ~ 40: errors of eps64 * kappa relative to |L|.
-        np.testing.assert_allclose(out[b], L, rtol=0, atol=1e-13 * np.linalg.norm(L, 2))
-        np.testing.assert_allclose(diag[b], np.diag(S), rtol=1e-14)
-        assert not np.any(np.triu(out[b], 1))
+    _assert_block_factors(G, out, diag, s, count, damp, isa)
     _fused.block_inverses(out, isa=isa)
     for b in range(count):
-        Gb = G64[:, 3 + b * s : 3 + (b + 1) * s]
+        Gb = G.astype(np.float64)[:, 3 + b * s : 3 + (b + 1) * s]
         want = _oracle_Linv(Gb, 0, s, damp)
         np.testing.assert_allclose(out[b], want, rtol=0, atol=1e-13 * np.linalg.norm(want, 2))
 
@@ -249,17 +256,7 @@ def test_narrow_kernels_match_the_oracle(rng, isa, order, dtype):
         G = rng.standard_normal((m, 3 + count * s + 2)).astype(dtype)
         G = np.asarray(G, order=order)
         out, diag = np.full((count, s, s), np.nan), np.full((count, s), np.nan)
-        done = _fused.block_factors(G, out, diag, start=3, scale=1.0 / m, damp=damp, isa=isa)
-        assert done == count
-        G64 = G.astype(np.float64)
-        for b in range(count):
-            Gb = G64[:, 3 + b * s : 3 + (b + 1) * s]
-            S = Gb.T @ Gb / m
-            L = np.linalg.cholesky(S + damp * np.eye(s))
-            # kappa(F_b) <= 1 + trace(S) / damp, about 2 s + 1 <= 33: eps64 * kappa relative.
-            np.testing.assert_allclose(out[b], L, rtol=0, atol=1e-13 * np.linalg.norm(L, 2))
-            np.testing.assert_allclose(diag[b], np.diag(S), rtol=1e-14)
-            assert not np.any(np.triu(out[b], 1))
+        _assert_block_factors(G, out, diag, s, count, damp, isa)
 
 
 @needs_kernels

@@ -110,14 +110,14 @@ class SpectralIHVP(LinearOperator):
 
         F^{-1} x = \big(x - G^\top U \mathrm{diag}(c)\, U^\top G x\big) / \lambda ,
 
-    which has no factorisation to fail: any damping works. Both passes over G
-    read it in its storage dtype and sum in float64, the m x m work is float64,
-    and each result is rounded once: a product, a diagonal entry or a sweep is
-    within 8 ``eps(float32)`` of the exact result for the Fisher of the stored
-    gradients for ``kappa`` up to 1e6 (docs/beyond.rst, "Precision", for the
-    cases beyond). A warning says where ``eps(float64) * kappa**1.5`` reaches 1.
-    Blocks no wider than m are applied from the float64 eigenpairs of their
-    ``B x B`` matrix ``G_b^T G_b``, without a pass over G.
+    which has no factorisation to fail: any damping works. Both passes over G read it in its
+    storage dtype and sum in float64, the m x m work is float64, and each result is rounded
+    once: a product, a diagonal entry or a sweep is within 8 ``eps(float32)`` of the exact
+    result for the Fisher of the stored gradients for ``kappa`` up to 1e6 (docs/beyond.rst,
+    "Precision", for the cases beyond). A warning says where ``eps(float64) * kappa**1.5``
+    reaches 1 (blocks no wider than m: ``eps(float64) * kappa``, 1/32). Blocks no wider than m
+    are applied from the float64 eigenpairs of their ``B x B`` matrix ``G_b^T G_b``, without a
+    pass over G.
 
     Examples
     --------
@@ -324,9 +324,6 @@ class SpectralIHVP(LinearOperator):
 
     def _matmat(self, X: Array) -> Array:
         return applied(self._xp, self._groups, X, [self.damp], self.power)[0, ...]
-
-    def _matvec(self, x: Array) -> Array:
-        return self._matmat(x[:, None])[:, 0]
 
     @float32_overflow_once
     def sweep(self, x: Array, /, *, damps: Sequence[float]) -> Array:

@@ -76,10 +76,15 @@ def _set_damp(op: Any, damp: float) -> None:
     op.error_scale, op.kappa = spectrum_bounds(op.xp, op._groups, op.num_grads, damp)
 
 
-def _warn_if_hopeless(op: Any) -> None:
+def _warn_if_hopeless(op: Any, kappa: float | None = None, damp: float | None = None) -> None:
     # The passes are exact to the result's rounding; what remains is the float64
-    # m x m work, good to about eps(float64) * error_scale.
-    _capacitance.warn_if_passes_hopeless(op.kappa, damp=op.damp)
+    # eigen-decomposition: of G G^T (blocks wider than m) or of each block's F_b itself
+    # (the dense blocks' rule).
+    _capacitance.warn_if_passes_hopeless(
+        op.kappa if kappa is None else kappa,
+        damp=op.damp if damp is None else damp,
+        dense=op.block_size <= op.num_grads,
+    )
 
 
 def warn_if_any_hopeless(op: Any, damps: list[float]) -> None:
@@ -92,7 +97,7 @@ def warn_if_any_hopeless(op: Any, damps: list[float]) -> None:
     low = min(damps)
     if low < op.damp:
         _, kappa = spectrum_bounds(op.xp, op._groups, op.num_grads, low)
-        _capacitance.warn_if_passes_hopeless(kappa, damp=low)
+        _warn_if_hopeless(op, kappa, low)
 
 
 def eigen_groups(
