@@ -115,7 +115,9 @@ class SpectralIHVP(LinearOperator):
     and each result is rounded once: a product, a diagonal entry or a sweep is
     within 8 ``eps(float32)`` of the exact result for the Fisher of the stored
     gradients for ``kappa`` up to 1e6 (docs/beyond.rst, "Precision", for the
-    cases beyond). A warning says where ``eps(float64) * kappa**1.5`` reaches 1.
+    cases beyond). A warning says where ``eps(float64) * kappa**1.5`` reaches 1 (where
+    every block is no wider than m, ``eps(float64) * kappa`` 1/32, as for
+    :class:`StaticIHVP`'s dense blocks).
     Blocks no wider than m are applied from the float64 eigenpairs of their
     ``B x B`` matrix ``G_b^T G_b``, without a pass over G.
 

@@ -79,7 +79,18 @@ def _set_damp(op: Any, damp: float) -> None:
 def _warn_if_hopeless(op: Any) -> None:
     # The passes are exact to the result's rounding; what remains is the float64
     # m x m work, good to about eps(float64) * error_scale.
-    _capacitance.warn_if_passes_hopeless(op.kappa, damp=op.damp)
+    _capacitance.warn_if_passes_hopeless(op.kappa, damp=op.damp, dense=_all_dense(op))
+
+
+def _all_dense(op: Any) -> bool:
+    """Whether every block is no wider than m: the dense blocks' rule of the warning.
+
+    Such a block is applied from the eigenpairs of ``G_b^T G_b`` (``F_b`` itself), whose
+    products lose about ``eps(float64) kappa`` as a dense block's factor does, not the
+    Woodbury forms' up to ``kappa**1.5``. A ragged last block alone keeps the Woodbury
+    rule (``op.kappa`` is the largest over the blocks), as ``StaticIHVP``'s does.
+    """
+    return bool(op.block_size <= op.num_grads)
 
 
 def warn_if_any_hopeless(op: Any, damps: list[float]) -> None:
@@ -92,7 +103,7 @@ def warn_if_any_hopeless(op: Any, damps: list[float]) -> None:
     low = min(damps)
     if low < op.damp:
         _, kappa = spectrum_bounds(op.xp, op._groups, op.num_grads, low)
-        _capacitance.warn_if_passes_hopeless(kappa, damp=low)
+        _capacitance.warn_if_passes_hopeless(kappa, damp=low, dense=_all_dense(op))
 
 
 def eigen_groups(
