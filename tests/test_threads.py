@@ -10,7 +10,7 @@ import warnings
 import numpy as np
 import pytest
 
-from mfac_core import _fused
+from mfac_core import StaticIHVP, _fused
 from mfac_core._fused import _threads
 
 _VARIABLES = ("MFAC_CORE_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
@@ -101,6 +101,20 @@ def test_a_bad_value_leaves_the_results_bits(env, rng):
     with pytest.warns(RuntimeWarning, match="'two' is not a positive integer"):
         got = _fused.project64(G, X, start=0, stop=3_000)
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.skipif(not _fused.available(), reason="the C extension was not built")
+def test_a_bad_value_is_said_at_the_users_line(env, rng):
+    # Read deep inside a public call (a pass's pieces): the warning names the line that
+    # made the call, as the library's other warnings do, not the pass's own line.
+    env.setattr(_fused, "_PIECE_WORK", 2**10)
+    env.setattr(_fused, "_MIN_THREAD_WORK", 1)
+    G = rng.standard_normal((12, 3_000)).astype(np.float32)
+    op = StaticIHVP(G, damp=1.0)
+    env.setenv("MFAC_CORE_NUM_THREADS", "two")
+    with pytest.warns(RuntimeWarning, match="'two' is not a positive integer") as record:
+        op.matvec(G[0, :])
+    assert [w.filename for w in record] == [__file__]
 
 
 def _items(done: list[tuple[int, float]], helper_seconds: float = 0.0):

@@ -243,6 +243,14 @@ def _is_strict_array(x: Any) -> bool:
     return type(x).__module__.startswith("array_api_strict")
 
 
+def _is_float32(dtype: Any) -> bool:
+    """Whether ``dtype`` is float32: NumPy's compared (0.2 us), others named."""
+    try:
+        return bool(np.dtype(dtype) == np.float32)  # dtype.name takes microseconds
+    except TypeError:  # array-api-strict's or PyTorch's
+        return _dtype_name(dtype) == "float32"
+
+
 def _dtype_name(dtype: Any) -> str:
     """``"float32"`` for NumPy's, PyTorch's and array-api-strict's float32 (and so on)."""
     try:
@@ -447,7 +455,7 @@ def narrowed(xp: Any, Y: Array, dtype: Any) -> Array:
     wait for the device, JAX, which may be tracing) the cast is not checked.
     """
     if isinstance(Y, np.ndarray) or _is_strict_array(Y):  # NumPy's cast, either way
-        if _dtype_name(dtype) != "float32":
+        if not _is_float32(dtype):
             return xp.astype(Y, dtype)
         with np.errstate(over="raise"):
             try:

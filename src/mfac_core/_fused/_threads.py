@@ -29,6 +29,8 @@ import threading
 import warnings
 from collections.abc import Callable
 
+from .._errors import user_stacklevel
+
 __all__ = ["VARIABLE", "max_threads", "share"]
 
 #: The library's own variable, read first.
@@ -92,7 +94,8 @@ def _report(raw: str, count: int, source: str) -> None:
         f"{VARIABLE}={raw!r} is not a positive integer; mfac_core uses {count} threads "
         f"instead (from {source})",
         RuntimeWarning,
-        stacklevel=3,
+        # The user's line: max_threads is read deep inside a call (a pass's pieces).
+        stacklevel=user_stacklevel(),
     )
 
 
