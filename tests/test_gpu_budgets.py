@@ -106,6 +106,9 @@ def test_refinement_residual_takes_device_pieces(kind: str, monkeypatch: pytest.
     takes four host pieces, as at m d = 2**24 with the real size; a device piece holds it.
     """
     monkeypatch.setattr(_pieces, "LARGE_PIECE_ENTRIES", M * 128)
+    # The premise: the residual's host pieces (as refinement sizes them) split the larger d.
+    G = _gradients(M, 512, torch.float32)
+    assert 512 // _pieces.piece_width(torch, G, M, host=_pieces.LARGE_PIECE_ENTRIES) == 4
     small, large = _refined_counts(kind, 128), _refined_counts(kind, 512)
     assert small["ops"] == large["ops"], (small, large)
 

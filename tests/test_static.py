@@ -354,6 +354,7 @@ def test_dense_block_wider_than_a_piece(monkeypatch):
     monkeypatch.setattr(mfac_core._pieces, "LARGE_PIECE_ENTRIES", 12)
     rng = np.random.default_rng(0)
     G, x = rng.standard_normal((6, 8)), rng.standard_normal(8)
+    assert mfac_core._pieces.gram_piece_width(np, G) < 4  # the premise: a block is wider
     op = StaticIHVP(G, damp=0.5, block_size=4)
     oracle = SpectralOracle(G, 0.5, block_size=4)
     assert_close(op.matmat(x[:, None])[:, 0], oracle.matvec(x), kappa=oracle.kappa)
