@@ -41,7 +41,7 @@ import numpy as np
 sys.path.append(str(Path(__file__).resolve().parent))
 import _common as common
 
-from mfac_core import StaticIHVP, _engine, _fused, _gram, _setup
+from mfac_core import StaticIHVP, _engine, _fused, _gram, _pieces, _setup
 from mfac_core._layout import block_groups, piece_columns, pieces
 
 
@@ -105,7 +105,7 @@ def row(m: int, name: str, xp: Any, G: Any, repeat: int, parts: bool) -> list[st
     widener = _engine.gram_widener
     G64 = np.asfortranarray(np.asarray(G.float() if hasattr(G, "float") else G).T, np.float64)
     (group,) = block_groups(d, d)
-    cols = [piece_columns(group, p) for p in pieces(group, _engine.gram_piece_width(xp, G))]
+    cols = [piece_columns(group, p) for p in pieces(group, _pieces.gram_piece_width(xp, G))]
     widen = widener(xp, G)
     one = xp.astype(G[:, : cols[0][1]], xp.float64)[None, ...]
 

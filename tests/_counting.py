@@ -182,12 +182,12 @@ def device_path() -> Iterator[None]:
     The engine reads C-ordered CPU tensors through NumPy views (the C
     extension), which the dispatch mode cannot see; CUDA tensors without CuPy
     take the library's own route, in pieces sized for a device. ``mfac_core``'s
-    ``_engine.simulate_device`` makes CPU tensors take that route. (With CuPy,
+    ``_pieces.simulate_device`` makes CPU tensors take that route. (With CuPy,
     CUDA tensors of single-precision or 2-byte storage take the CUDA pass
     kernels instead; ``tests/test_kernel_passes.py::test_torch_cuda_route_budget``
     counts that route.)
     """
-    from mfac_core import _engine
+    from mfac_core import _pieces
 
-    with _engine.simulate_device():
+    with _pieces.simulate_device():
         yield

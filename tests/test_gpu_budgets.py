@@ -1,7 +1,7 @@
 """GPU cost budgets, proven on the CPU: launches, host syncs and host-made tensors.
 
 ``tests/_counting.py`` counts, on CPU PyTorch tensors that take the engine's device
-route (``_engine.simulate_device``), what a CUDA run would launch (ATen operations),
+route (``_pieces.simulate_device``), what a CUDA run would launch (ATen operations),
 synchronise (values read on the host) and copy from the host (tensors made from host
 data). The budgets (docs/gpu.rst, "What the CPU tests prove about GPU cost"):
 
@@ -12,7 +12,7 @@ data). The budgets (docs/gpu.rst, "What the CPU tests prove about GPU cost"):
 * ``SpectralIHVP.diagonal``: operations independent of d.
 
 The two d values are chosen so that the host's cache-sized pieces would split the
-larger one (m d above ``_engine.PIECE_ENTRIES``) while a device piece holds both.
+larger one (m d above ``_pieces.PIECE_ENTRIES``) while a device piece holds both.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ torch = pytest.importorskip("torch")
 
 from _counting import counting, device_path  # noqa: E402
 
-from mfac_core import DynamicIHVP, SpectralIHVP, StaticIHVP, WindowOptions, _engine  # noqa: E402
+from mfac_core import DynamicIHVP, SpectralIHVP, StaticIHVP, WindowOptions, _pieces  # noqa: E402
 
 M = 32
 SMALL, LARGE = 2**11, 2**16  # M * LARGE = 2 host pieces, one device piece
@@ -44,21 +44,21 @@ def test_piece_policy_follows_the_device() -> None:
     """Cache-sized pieces for host arrays, device-sized ones for any other device."""
     host = torch.empty((M, 8))
     meta = torch.empty((M, 8), device="meta")  # a non-CPU device without a GPU
-    assert not _engine.is_accelerator(torch, host)
-    assert not _engine.is_accelerator(np, np.empty((M, 8)))
-    assert _engine.is_accelerator(torch, meta)
-    assert _engine.piece_entries(torch, host) == _engine.PIECE_ENTRIES
-    assert _engine.piece_entries(torch, meta) == _engine.DEVICE_PIECE_ENTRIES
+    assert not _pieces.is_accelerator(torch, host)
+    assert not _pieces.is_accelerator(np, np.empty((M, 8)))
+    assert _pieces.is_accelerator(torch, meta)
+    assert _pieces.piece_entries(torch, host) == _pieces.PIECE_ENTRIES
+    assert _pieces.piece_entries(torch, meta) == _pieces.DEVICE_PIECE_ENTRIES
     # The issue's example: m = 256, d = 1e6 took 245 host pieces per pass; on a device 8.
-    width = _engine.piece_width(torch, meta, 256)
+    width = _pieces.piece_width(torch, meta, 256)
     assert -(-(10**6) // width) <= 8
-    assert -(-(10**6) // _engine.piece_width(torch, host, 256)) > 200
-    with _engine.simulate_device():
-        assert _engine.is_accelerator(torch, host)
-        assert _engine.piece_entries(torch, host) == _engine.DEVICE_PIECE_ENTRIES
-    assert not _engine.is_accelerator(torch, host)
+    assert -(-(10**6) // _pieces.piece_width(torch, host, 256)) > 200
+    with _pieces.simulate_device():
+        assert _pieces.is_accelerator(torch, host)
+        assert _pieces.piece_entries(torch, host) == _pieces.DEVICE_PIECE_ENTRIES
+    assert not _pieces.is_accelerator(torch, host)
     # The test sizes: the host splits the larger d, a device piece holds it.
-    assert M * LARGE > _engine.PIECE_ENTRIES and M * LARGE <= _engine.DEVICE_PIECE_ENTRIES
+    assert M * LARGE > _pieces.PIECE_ENTRIES and M * LARGE <= _pieces.DEVICE_PIECE_ENTRIES
 
 
 def _static_counts(dtype: torch.dtype, d: int, check: bool) -> dict[str, int]:
@@ -105,7 +105,10 @@ def test_refinement_residual_takes_device_pieces(kind: str, monkeypatch: pytest.
     with d. The host piece is made small here (M * 128 entries), so that the larger d
     takes four host pieces, as at m d = 2**24 with the real size; a device piece holds it.
     """
-    monkeypatch.setattr(_engine, "LARGE_PIECE_ENTRIES", M * 128)
+    monkeypatch.setattr(_pieces, "LARGE_PIECE_ENTRIES", M * 128)
+    # The premise: the residual's host pieces (as refinement sizes them) split the larger d.
+    G = _gradients(M, 512, torch.float32)
+    assert 512 // _pieces.piece_width(torch, G, M, host=_pieces.LARGE_PIECE_ENTRIES) == 4
     small, large = _refined_counts(kind, 128), _refined_counts(kind, 512)
     assert small["ops"] == large["ops"], (small, large)
 

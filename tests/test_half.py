@@ -626,7 +626,7 @@ def test_half_window_step_fast_paths_match_the_generic_ones(case, rng, monkeypat
     result, same refusals (NaN, infinities, overflow of either sign), the window unchanged
     after each; PyTorch also with the checks deferred as on a device (read with the row
     edit's, once)."""
-    from mfac_core import _dynamic_checks, _dynamic_window, _engine, _fused
+    from mfac_core import _dynamic_checks, _dynamic_window, _fused, _pieces
 
     backend_name, dtype = case
     backend = _backend(backend_name, dtype)
@@ -648,7 +648,7 @@ def test_half_window_step_fast_paths_match_the_generic_ones(case, rng, monkeypat
         bad.append(b)
 
     def run(generic: bool, deferred: bool) -> tuple[list, list[str], dict]:
-        place = _engine.simulate_device() if deferred else contextlib.nullcontext()
+        place = _pieces.simulate_device() if deferred else contextlib.nullcontext()
         with monkeypatch.context() as mp, place:
             if generic:
                 mp.setattr(_dynamic_window, "paired_rows", _dynamic_window.generic_paired_rows)

@@ -608,7 +608,7 @@ def test_the_engine_through_the_cuda_passes(host, rng, monkeypatch, storage, blo
 # -- PyTorch CUDA tensors through these kernels (zero-copy DLPack, PyTorch's stream) -------------
 #
 # No GPU and no CuPy here. The engine's route for PyTorch CUDA tensors is run on CPU tensors
-# (``_engine.simulate_device``) with a stand-in ``cupy`` module over NumPy: ``from_dlpack`` is
+# (``_pieces.simulate_device``) with a stand-in ``cupy`` module over NumPy: ``from_dlpack`` is
 # NumPy's (zero-copy for CPU tensors, as CuPy's is for CUDA ones) and records the current stream
 # at each exchange; ``cuda.Device`` and ``cuda.ExternalStream`` keep the current device and
 # stream the way CuPy's context managers do; the passes are this harness's, which records the
@@ -699,7 +699,7 @@ def torch_cuda(host, monkeypatch):
 def test_torch_cuda_tensors_take_the_cuda_passes_in_place_on_torchs_stream(
     torch_cuda, rng, storage: str
 ) -> None:
-    from mfac_core import SpectralIHVP, StaticIHVP, _engine
+    from mfac_core import SpectralIHVP, StaticIHVP, _engine, _pieces
     from mfac_core.testing import extended_precision_inverse
 
     torch, cupy, passes, launched = torch_cuda
@@ -711,7 +711,7 @@ def test_torch_cuda_tensors_take_the_cuda_passes_in_place_on_torchs_stream(
     x = torch.from_numpy(Gv.mean(axis=0)).float()  # near the gradients' span
     X = torch.from_numpy(rng.standard_normal((d, 3))).float()
     damps = [damp, 4.0 * damp]
-    with _engine.simulate_device(cuda_passes=passes):
+    with _pieces.simulate_device(cuda_passes=passes):
         assert _engine.uses_kernels(torch, G)
         static = StaticIHVP(G, damp=damp)
         got = [static @ x, static @ X, StaticIHVP(G, damp=damp, block_size=200) @ x]
@@ -752,7 +752,7 @@ def test_torch_cuda_tensors_take_the_cuda_passes_in_place_on_torchs_stream(
 def test_the_torch_window_steps_through_the_cuda_passes(torch_cuda, rng, storage: str) -> None:
     """DynamicIHVP's steps and products (its Gram rows, ``project_rows``) on the CUDA route: the
     results of the route without CuPy (float64 pieces) to the rounding of the result."""
-    from mfac_core import DynamicIHVP, _engine
+    from mfac_core import DynamicIHVP, _pieces
 
     torch, cupy, passes, launched = torch_cuda
     m, d = 6, 300
@@ -761,7 +761,7 @@ def test_the_torch_window_steps_through_the_cuda_passes(torch_cuda, rng, storage
     grads = torch.from_numpy(rng.standard_normal((3, d))).float()
 
     def run(**options) -> list:
-        with _engine.simulate_device(**options):
+        with _pieces.simulate_device(**options):
             op = DynamicIHVP.from_window(G, damp=0.1)
             out = [op.update_and_matvec(g) for g in grads]
             return [*out, op @ grads[0]]
@@ -781,14 +781,14 @@ def test_the_torch_window_steps_through_the_cuda_passes(torch_cuda, rng, storage
 
 
 def test_torch_tensors_the_kernels_cannot_take_keep_the_float64_pieces(torch_cuda, rng) -> None:
-    from mfac_core import _engine
+    from mfac_core import _engine, _pieces
     from mfac_core._compat import array_namespace
 
     torch, _, passes, _ = torch_cuda
     G = torch.from_numpy(rng.standard_normal((5, 40))).float()
     X = torch.from_numpy(rng.standard_normal((40, 2))).float()
     xp = array_namespace(G)
-    with _engine.simulate_device(cuda_passes=passes):
+    with _pieces.simulate_device(cuda_passes=passes):
         routed = _engine.project(xp, G, X)
         assert passes.calls
         passes.calls.clear()
@@ -847,7 +847,7 @@ def test_torch_cuda_route_budget(torch_cuda, check: bool) -> None:
     the kernels (the coefficients ``-alpha A^T``, alpha's fill, copies of (k, m) arrays)."""
     from _counting import counting
 
-    from mfac_core import StaticIHVP, _engine
+    from mfac_core import StaticIHVP, _pieces
 
     torch, _, passes, launched = torch_cuda
 
@@ -857,7 +857,7 @@ def test_torch_cuda_route_budget(torch_cuda, check: bool) -> None:
         x = torch.randn(d, generator=gen)
         out = []
         for options in ({"cuda_passes": passes}, {}):
-            with _engine.simulate_device(**options):
+            with _pieces.simulate_device(**options):
                 op @ x  # warm-up: lazily made state is set-up, not the product
                 launched.clear()
                 with counting() as c:

@@ -1,8 +1,8 @@
 """Every pass over G cuts its float64 column pieces by the engine's one rule.
 
-On the host the pieces stay what they were: ``_engine.LARGE_PIECE_ENTRIES`` (32 MiB),
+On the host the pieces stay what they were: ``_pieces.LARGE_PIECE_ENTRIES`` (32 MiB),
 and the set-up's Gram at most 1/64 of G (``gram_piece_width``). On an accelerator (here:
-arrays that ``_engine.simulate_device`` routes as GPU ones) every pass takes the one
+arrays that ``_pieces.simulate_device`` routes as GPU ones) every pass takes the one
 device piece (``DEVICE_PIECE_ENTRIES``), so that its launches do not grow with d.
 
 Each test counts the pieces a pass actually reads, through the progress callback or
@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from mfac_core import ShardedStaticIHVP, SpectralIHVP, StaticIHVP, _engine
+from mfac_core import ShardedStaticIHVP, SpectralIHVP, StaticIHVP, _pieces
 from mfac_core.distributed import SingleProcessComm
 
 M = 8
@@ -36,7 +36,7 @@ def _gradients(m: int, d: int, seed: int = 0) -> np.ndarray:
 @contextlib.contextmanager
 def _routed(device: bool) -> Iterator[None]:
     """Arrays routed as accelerator ones (``device``) or left on the host."""
-    with _engine.simulate_device() if device else contextlib.nullcontext():
+    with _pieces.simulate_device() if device else contextlib.nullcontext():
         yield
 
 
@@ -60,19 +60,19 @@ def test_the_rule() -> None:
     """Host widths are those the passes had; an accelerator gets the device piece."""
     G = np.zeros((M, 4096), np.float32)
     huge = np.broadcast_to(np.float32(0), (M, 2**26))  # no memory: only its shape is read
-    assert _engine.piece_width(np, G, M) == _engine.PIECE_ENTRIES // M
-    assert _engine.piece_width(np, G, M, host=_engine.LARGE_PIECE_ENTRIES) == 2**22 // M
-    assert _engine.gram_piece_width(np, G) == 4096 // 64  # at most 1/64 of G
-    assert _engine.gram_piece_width(np, huge) == 2**22 // M  # at most 32 MiB
-    with _engine.simulate_device():
+    assert _pieces.piece_width(np, G, M) == _pieces.PIECE_ENTRIES // M
+    assert _pieces.piece_width(np, G, M, host=_pieces.LARGE_PIECE_ENTRIES) == 2**22 // M
+    assert _pieces.gram_piece_width(np, G) == 4096 // 64  # at most 1/64 of G
+    assert _pieces.gram_piece_width(np, huge) == 2**22 // M  # at most 32 MiB
+    with _pieces.simulate_device():
         for width in (
-            _engine.piece_width(np, G, M),
-            _engine.piece_width(np, G, M, host=_engine.LARGE_PIECE_ENTRIES),
-            _engine.piece_width(np, G, M, min_pieces=64),
-            _engine.gram_piece_width(np, G),
-            _engine.gram_piece_width(np, huge),
+            _pieces.piece_width(np, G, M),
+            _pieces.piece_width(np, G, M, host=_pieces.LARGE_PIECE_ENTRIES),
+            _pieces.piece_width(np, G, M, min_pieces=64),
+            _pieces.gram_piece_width(np, G),
+            _pieces.gram_piece_width(np, huge),
         ):
-            assert width == _engine.DEVICE_PIECE_ENTRIES // M
+            assert width == _pieces.DEVICE_PIECE_ENTRIES // M
 
 
 def test_traced_jax_arrays_follow_the_default_backend(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -82,14 +82,14 @@ def test_traced_jax_arrays_follow_the_default_backend(monkeypatch: pytest.Monkey
     seen = []
 
     def record(a: Any) -> Any:
-        seen.append(_engine.is_accelerator(jnp, a))
+        seen.append(_pieces.is_accelerator(jnp, a))
         return a
 
     jax.jit(record)(jnp.ones((2, 3)))
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     jax.jit(record)(jnp.ones((2, 4)))  # another shape: traced again
     assert seen == [False, True]
-    assert not _engine.is_accelerator(jnp, jnp.ones(3))  # a concrete CPU array
+    assert not _pieces.is_accelerator(jnp, jnp.ones(3))  # a concrete CPU array
 
 
 @DEVICE
@@ -117,7 +117,7 @@ def test_spectral_setup_diagonal_and_forms(device: bool, monkeypatch: pytest.Mon
     import mfac_core._spectral_groups as groups
     import mfac_core._spectral_setup as spectral
 
-    monkeypatch.setattr(_engine, "LARGE_PIECE_ENTRIES", SMALL_HOST)
+    monkeypatch.setattr(_pieces, "LARGE_PIECE_ENTRIES", SMALL_HOST)
     d = 512
     grams = _spy(monkeypatch, spectral, "checked_gram")
     with _routed(device):
@@ -140,7 +140,7 @@ def test_spectral_setup_diagonal_and_forms(device: bool, monkeypatch: pytest.Mon
 def test_gform_diagonal_and_entries(device: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     import mfac_core._gform as gform
 
-    monkeypatch.setattr(_engine, "LARGE_PIECE_ENTRIES", SMALL_HOST)
+    monkeypatch.setattr(_pieces, "LARGE_PIECE_ENTRIES", SMALL_HOST)
     d = 512
     op = StaticIHVP(_gradients(M, d), damp=0.1)
     diagonals = _spy(monkeypatch, gform, "whitened_diagonal")
@@ -159,7 +159,7 @@ def test_dynamic_gram_and_sharded_passes(device: bool, monkeypatch: pytest.Monke
     from mfac_core import ShardedDynamicIHVP
     from mfac_core._dynamic_sharded import pieces_of
 
-    monkeypatch.setattr(_engine, "LARGE_PIECE_ENTRIES", SMALL_HOST)
+    monkeypatch.setattr(_pieces, "LARGE_PIECE_ENTRIES", SMALL_HOST)
     d = 512
     grams = _spy(monkeypatch, dynamic_setup, "chunk_gram")
     op = ShardedDynamicIHVP(M, d, damp=0.1, dtype="float32", comm=SingleProcessComm())
@@ -176,7 +176,7 @@ def test_streamed_entries(device: bool, monkeypatch: pytest.MonkeyPatch) -> None
     torch = pytest.importorskip("torch")
     import mfac_core._streaming as streaming
 
-    monkeypatch.setattr(_engine, "LARGE_PIECE_ENTRIES", SMALL_HOST)
+    monkeypatch.setattr(_pieces, "LARGE_PIECE_ENTRIES", SMALL_HOST)
     op = StaticIHVP.streamed(torch.from_numpy(_gradients(M, 512)), damp=0.1, device="cpu")
     pairs = _spy(monkeypatch, streaming, "whitened_pairs")
     idx = torch.arange(512)
@@ -191,7 +191,7 @@ def test_jax_static_setup_and_diagonal(device: bool, monkeypatch: pytest.MonkeyP
     jax = pytest.importorskip("jax")
     from mfac_core.jax import static_ihvp
 
-    monkeypatch.setattr(_engine, "LARGE_PIECE_ENTRIES", SMALL_HOST)
+    monkeypatch.setattr(_pieces, "LARGE_PIECE_ENTRIES", SMALL_HOST)
     import mfac_core._jax_static as jax_static
 
     G = jax.numpy.asarray(_gradients(M, 512))

@@ -16,7 +16,7 @@ from conftest import rounded
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mfac_core import DynamicIHVP, IllConditionedWarning, StaticIHVP, _engine
+from mfac_core import DynamicIHVP, IllConditionedWarning, StaticIHVP, _pieces
 from mfac_core.testing import assert_close, condition_number, dense_inverse, to_numpy
 
 
@@ -76,7 +76,7 @@ def test_collinear_gradients_factorise(xp_device, rng, monkeypatch):
     m, d, damp = 16, 4096, 1e-3
     G = _subspace_grads(rng, m, d, rank=9, top=1.0)
     # One chunk of the whole G (small arrays get pieces of 1/64 of their columns).
-    monkeypatch.setattr(_engine, "gram_piece_width", lambda xp, G: G.shape[1])
+    monkeypatch.setattr(_pieces, "gram_piece_width", lambda xp, G: G.shape[1])
     with warnings.catch_warnings():
         warnings.simplefilter("error", IllConditionedWarning)
         op = StaticIHVP(xp_device.asarray(G, "float32"), damp=damp)

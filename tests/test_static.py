@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mfac_core._group_factors
+import mfac_core._pieces
 import mfac_core._setup
 from mfac_core import (
     EmpiricalFisher,
@@ -324,8 +325,8 @@ def test_properties_other_backends(make_backend, backend_name, dtype_name, data)
 def test_column_pieces(monkeypatch, make_backend, backend_name, layout, piece_entries, rng):
     # Shrink the set-up's column pieces so that small problems split blocks into pieces
     # and group several blocks per piece.
-    monkeypatch.setattr(mfac_core._engine, "LARGE_PIECE_ENTRIES", piece_entries)
-    monkeypatch.setattr(mfac_core._engine, "PIECE_ENTRIES", piece_entries)
+    monkeypatch.setattr(mfac_core._pieces, "LARGE_PIECE_ENTRIES", piece_entries)
+    monkeypatch.setattr(mfac_core._pieces, "PIECE_ENTRIES", piece_entries)
     be = make_backend(backend_name)
     m, d, bs = LAYOUTS[layout]
     G, damp = _data(rng, m, d, "float64")
@@ -350,9 +351,10 @@ def test_dense_block_wider_than_a_piece(monkeypatch):
     # Regression: the dense path (block_size <= m) added up X^T X over column pieces of a
     # block, which is not its Gram matrix; with the real piece size this hit blocks wider
     # than 2**22 // m columns (e.g. m = 2100, d = 4096, block_size = 2048).
-    monkeypatch.setattr(mfac_core._engine, "LARGE_PIECE_ENTRIES", 12)
+    monkeypatch.setattr(mfac_core._pieces, "LARGE_PIECE_ENTRIES", 12)
     rng = np.random.default_rng(0)
     G, x = rng.standard_normal((6, 8)), rng.standard_normal(8)
+    assert mfac_core._pieces.gram_piece_width(np, G) < 4  # the premise: a block is wider
     op = StaticIHVP(G, damp=0.5, block_size=4)
     oracle = SpectralOracle(G, 0.5, block_size=4)
     assert_close(op.matmat(x[:, None])[:, 0], oracle.matvec(x), kappa=oracle.kappa)
@@ -621,7 +623,7 @@ def test_entries_temporaries_are_bounded(monkeypatch, rng):
     rows = rng.integers(0, d, n)
     cols = rng.integers(0, d, n)
     want = op.entries(rows, cols)
-    monkeypatch.setattr(mfac_core._engine, "LARGE_PIECE_ENTRIES", 2**16)
+    monkeypatch.setattr(mfac_core._pieces, "LARGE_PIECE_ENTRIES", 2**16)
     tracemalloc.start()
     got = op.entries(rows, cols)
     peak = tracemalloc.get_traced_memory()[1]

@@ -290,10 +290,10 @@ def test_collinear_float32_gradients_reduce_a_float64_gram(monkeypatch: Any) -> 
     # subspace with a small damping, where a float32 Gram fails (earlier versions reduced
     # one, checked it and reduced a float64 one after). The reduced Gram is float64 from
     # the start, the passes sum in float64, and the product keeps float32's rounding.
-    import mfac_core._engine
+    import mfac_core._pieces
 
     # One piece per rank (and one for the whole G of the single-process operator).
-    monkeypatch.setattr(mfac_core._engine, "gram_piece_width", lambda xp, G: max(G.shape[1], 1))
+    monkeypatch.setattr(mfac_core._pieces, "gram_piece_width", lambda xp, G: max(G.shape[1], 1))
     rng = np.random.default_rng(12)
     m, d, damp = 16, 4096, 1e-3
     basis = np.linalg.qr(rng.standard_normal((d, 9)))[0].T

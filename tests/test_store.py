@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from conftest import rounded
 
-import mfac_core._engine
 import mfac_core._gform
+import mfac_core._pieces
 from mfac_core import StaticIHVP
 from mfac_core._gform import DenseBlockFactors, GFormFactor
 from mfac_core._store import TextProgress
@@ -213,7 +213,7 @@ def test_out_overlapping_G_torch(rng):
 def test_read_only_memmap_G_keeps_md_out_of_memory(tmp_path, rng, monkeypatch):
     # float64 pieces of 2**14 entries where the passes run without the C extension, so
     # that the bounds below hold on that path too.
-    monkeypatch.setattr(mfac_core._engine, "PIECE_ENTRIES", 2**14)
+    monkeypatch.setattr(mfac_core._pieces, "PIECE_ENTRIES", 2**14)
     m, d, damp = 32, 60_000, 1e-3
     G64 = rounded(rng.standard_normal((m, d)) / np.sqrt(d), "float32")
     G = _memmap(tmp_path / "G.npy", G64, np.float32)
@@ -245,7 +245,7 @@ def test_read_only_memmap_G_keeps_md_out_of_memory(tmp_path, rng, monkeypatch):
 def test_half_read_only_memmap_end_to_end(tmp_path, rng, monkeypatch):
     # Pieces of 2**14 entries (the engine's float64 pieces where the C extension is not
     # used, and those of the Fisher diagonal), so that G spans many of them.
-    monkeypatch.setattr(mfac_core._engine, "PIECE_ENTRIES", 2**14)
+    monkeypatch.setattr(mfac_core._pieces, "PIECE_ENTRIES", 2**14)
     m, d, damp = 12, 50_000, 1e-3
     G = _memmap(tmp_path / "G16.npy", rng.standard_normal((m, d)) / np.sqrt(d), np.float16)
     G64 = np.asarray(G, dtype=np.float64)

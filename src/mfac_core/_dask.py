@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _capacitance, _engine, _layout, _setup, _static
+from . import _capacitance, _engine, _layout, _pieces, _setup, _static
 from ._compat import Array, array_namespace, is_dask_array
 from ._deprecation import legacy_options, warn_deprecated
 from ._errors import FactorizationError
@@ -85,7 +85,7 @@ def _chunk_gram(G: Any) -> Any:
     def product(X: Any) -> Any:
         return X @ _NP.matrix_transpose(X)
 
-    width = _engine.piece_width(_NP, G, m, host=_engine.LARGE_PIECE_ENTRIES)
+    width = _pieces.piece_width(_NP, G, m, host=_pieces.LARGE_PIECE_ENTRIES)
     return _layout.chunk_gram(_NP, G, group, list(_layout.pieces(group, width)), product)[0]
 
 

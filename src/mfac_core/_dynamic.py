@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from . import _deprecation, _engine
+from . import _deprecation, _pieces
 from ._compat import Array
 from ._dynamic_factor import SlotFactor, Speculation, committed, finished, redamped, refined, solved
 from ._dynamic_setup import WindowOptions, build, emptied, filled, local_gram, window_options
@@ -375,7 +375,7 @@ class DynamicIHVP(WindowCopies):
         ValueError, TypeError, FactorizationError
             As :meth:`update`; the window is then unchanged.
         """
-        if not (self._collective_checks or _engine.is_accelerator(self._xp, self._G)):
+        if not (self._collective_checks or _pieces.is_accelerator(self._xp, self._G)):
             # The product before the commit: an overflow error leaves the window as it was.
             speculation = Speculation(self, say_overflow=True)
             insert(self, g, speculation=speculation)

@@ -13,8 +13,8 @@ from typing import Any, NamedTuple
 
 from ._capacitance import EPS64, is_hopeless
 from ._compat import Array, detached, is_numpy_namespace, is_torch_namespace
-from ._engine import is_accelerator
 from ._finite import non_finite_entry, non_finite_error
+from ._pieces import is_accelerator
 from ._validation import check_operand
 
 

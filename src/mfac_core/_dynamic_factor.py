@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from . import _capacitance, _engine, _host_rows
+from . import _capacitance, _engine, _host_rows, _pieces
 from ._capacitance import DRIFT_TOL, CapacitanceFactor, relative_column_drift
 from ._compat import Array, host_values, take
 from ._compat import device as device_of
@@ -391,7 +391,7 @@ def edited(
         others = take(xp, b, moved_index[:-1], axis=0)
         margin = None
         try:
-            if _engine.is_accelerator(xp, b):
+            if _pieces.is_accelerator(xp, b):
                 # The pivot's check joins the step's one read (see _judge).
                 factor, margin = current.factor.replace_row_deferred(
                     row, others, b[slot] + op._shift(k), out=free_buffer(op)
@@ -475,7 +475,7 @@ def judge(op: Any, pending: Pending | None, checks: list[Array]) -> list[float]:
     if not arrays:
         return []
     xp = op._xp
-    if _engine.is_accelerator(xp, arrays[0]):
+    if _pieces.is_accelerator(xp, arrays[0]):
         values = host_values(xp.stack([xp.astype(xp.reshape(a, ()), xp.float64) for a in arrays]))
     else:
         # On the host a read costs nothing: each value read as it is (the same float64,

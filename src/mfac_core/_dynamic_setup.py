@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _engine, _host_rows
+from . import _host_rows, _pieces
 from ._capacitance import check_window_damp
 from ._compat import (
     Array,
@@ -145,7 +145,7 @@ def default_namespace() -> Any:
 def local_gram(xp: Any, G: Array) -> Array:
     """``G G^T`` of the rows of ``G`` (of a shard: of its columns), accumulated in float64.
 
-    O(m^2 d): column pieces of G converted to float64 (:func:`_engine.piece_width`), one
+    O(m^2 d): column pieces of G converted to float64 (:func:`_pieces.piece_width`), one
     BLAS-3 product each; products of float32 or 2-byte values are exact in
     float64, so each entry errs by at most d eps64 |g_i| |g_j|.
     """
@@ -153,7 +153,7 @@ def local_gram(xp: Any, G: Array) -> Array:
     if not d:  # a shard without columns
         return xp.zeros((m, m), dtype=xp.float64, device=device_of(G))
     whole = BlockGroup(0, 1, d)
-    chunk = list(pieces(whole, _engine.piece_width(xp, G, m, host=_engine.LARGE_PIECE_ENTRIES)))
+    chunk = list(pieces(whole, _pieces.piece_width(xp, G, m, host=_pieces.LARGE_PIECE_ENTRIES)))
     return chunk_gram(xp, G, whole, chunk, lambda X: rows_gram(xp, X))[0, ...]
 
 

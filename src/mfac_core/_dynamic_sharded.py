@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from . import _engine
+from . import _engine, _pieces
 from ._compat import Array, array_namespace
 from ._compat import device as device_of
 from ._dynamic_setup import default_namespace
@@ -268,7 +268,7 @@ def pieces_of(op: Any) -> list[Any]:
     if not op.dim:  # a shard without columns
         return []
     whole = BlockGroup(0, 1, op.dim)
-    width = _engine.piece_width(op._xp, op._G, op.num_grads, host=_engine.LARGE_PIECE_ENTRIES)
+    width = _pieces.piece_width(op._xp, op._G, op.num_grads, host=_pieces.LARGE_PIECE_ENTRIES)
     return list(pieces(whole, width))
 
 

@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from . import _engine, _host_rows
+from . import _engine, _host_rows, _pieces
 from ._compat import Array, is_numpy_namespace, is_torch_namespace
 from ._dynamic_checks import (
     Refused,
@@ -323,7 +323,7 @@ def insert(op: Any, g: Array, *, speculation: Speculation | None = None) -> tupl
         finite = speculation is not None and not speculation.say_overflow
         # On a device the gradient's check waits for the row edit's, to be read
         # with it in one transfer; on the host it runs first, or in the row's write.
-        if _engine.is_accelerator(op._xp, op._G):
+        if _pieces.is_accelerator(op._xp, op._G):
             g, pending = check_gradient(op, g, deferred=True, finite=finite)
         else:
             g = checked_operand(op, g)

@@ -21,40 +21,28 @@ storage (through zero-copy DLPack views, on PyTorch's current stream; where CuPy
 installed), a launch or two per pass whatever d. Both kernel sets take the same
 arguments, so each pass is written once over a *route* (``_Route``).
 Everything else (float64 storage, which BLAS already sums in float64, and the other
-libraries) runs through the library's own float64 products over column pieces of G.
-Their size depends on where the array lives (:func:`piece_entries`): on the host, small
-enough to stay in cache; on a GPU (PyTorch CUDA tensors and CuPy arrays without the
-kernels, JAX arrays on a GPU), where every piece costs a few kernel launches and cache
-reuse does not matter, one bounded float64 temporary (``DEVICE_PIECE_ENTRIES``), so that
-a product is a fixed handful of launches up to that size. Where the extension was not
-built, that fallback serves NumPy and PyTorch too; it is as exact and slower, and says
-so once.
+libraries) runs through the library's own float64 products over column pieces of G,
+cache-sized on the host and one bounded piece on a GPU (``_pieces``, which sizes every
+float64 pass over G). Where the extension was not built, that fallback serves NumPy and
+PyTorch too; it is as exact and slower, and says so once.
 
 Every result rounded to float32 that leaves float32's range (infinity) is reported
 (``_finite.note_float32_overflow``, said once per public call): by the C kernels' overflow
 flag, by ``_finite.narrowed`` on the fallback; not on a GPU (docs/mathematics.rst,
 "Results beyond float32's range"). A float64 result beyond float64's range is said by
 the public call that returns it, from one sum of the result (``_finite``).
-
-The same rule sizes every other pass over G that casts column pieces to float64 (the
-set-up's Grams, the dynamic window's Gram and residuals, refinement residuals, the
-whitened diagonals and entries, the spectral forms): :func:`piece_width` with their host
-size (``LARGE_PIECE_ENTRIES``), and :func:`gram_piece_width` for the set-up's Gram, whose
-host pieces are also at most 1/64 of G. On an accelerator all of them take the one
-device piece.
 """
 
 from __future__ import annotations
 
 import contextlib
-import sys
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from . import _fused
+from . import _fused, _pieces
 from ._compat import (
     Array,
     device,
@@ -67,7 +55,6 @@ from ._dtypes import is_numpy_bfloat16
 from ._errors import user_stacklevel
 from ._finite import (
     float32_overflow_once,
-    host_results_stand_for_a_device,
     narrowed,
     note_intermediate,
 )
@@ -77,142 +64,18 @@ __all__ = [
     "as_library",
     "combine",
     "combine_blocks",
-    "gram_piece_width",
     "from_numpy",
     "gram_widener",
     "host_view",
-    "is_accelerator",
     "lift",
-    "piece_entries",
-    "piece_width",
     "project",
     "project_blocks",
     "project_rows",
-    "simulate_device",
     "square_sums",
     "take_columns",
     "uses_kernels",
     "vector_view",
 ]
-
-#: float64 entries of one cast column piece of the fallback (8 MiB): small enough to be
-#: read back from cache, large enough that the per-piece overhead of a library call stays
-#: small.
-PIECE_ENTRIES = 2**20
-
-#: float64 entries of one cast column piece on a GPU (256 MiB): one piece per pass up to
-#: m d = 2**25 (m = 256, d = 131072) and 8 at m = 256, d = 1e6, where cache-sized pieces
-#: were 245, each a few launches. On a GPU a piece is streamed from device memory
-#: whatever its size, and its launches (microseconds each) are what small pieces
-#: multiply; a piece this size takes over 0.1 ms of an H200's bandwidth, so launches
-#: stay a few percent of a product at any d.
-DEVICE_PIECE_ENTRIES = 2**25
-
-#: float64 entries of one column piece, on the host, of the passes other than the
-#: products' fallback (32 MiB): the set-up's Grams, the window's Gram and residuals,
-#: refinement residuals, whitened diagonals and entries, the spectral forms. On an
-#: accelerator they take ``DEVICE_PIECE_ENTRIES`` too (:func:`piece_width`).
-LARGE_PIECE_ENTRIES = 2**22
-
-#: The fewest pieces of the set-up's Gram pass on the host (:func:`gram_piece_width`):
-#: its float64 pieces are at most 1/64 of G's entries (1/32 of a float32 G's bytes), so
-#: that the set-up's peak memory stays near size(G).
-GRAM_MIN_PIECES = 64
-
-_simulated = [False]
-#: The CUDA passes that serve PyTorch tensors inside :func:`simulate_device` (None: none).
-_simulated_passes: list[Any] = [None]
-
-
-@contextlib.contextmanager
-def simulate_device(*, cuda_passes: Any = None) -> Iterator[None]:
-    """Treat host arrays as device ones (for tests that check the GPU path on a CPU).
-
-    Inside the block, :func:`is_accelerator` is true for every array and the host
-    kernels (the C extension) are not used, so that PyTorch CPU tensors take the route
-    of CUDA tensors. With ``cuda_passes`` (an object with the functions of
-    ``_kernels``' passes, e.g. the host harness), it serves them as the CUDA passes
-    serve CUDA tensors where CuPy is installed: through the ``cupy`` module (tests put
-    a stand-in in ``sys.modules``), on ``torch.cuda.current_stream()`` (which tests
-    replace). Without it, they take the route of CUDA tensors without CuPy: the same
-    operations, pieces of ``DEVICE_PIECE_ENTRIES``. Their float32 results are not tested
-    for overflow, as a GPU's are not. Not thread-safe; for tests only.
-    """
-    previous = _simulated[0], _simulated_passes[0]
-    _simulated[0], _simulated_passes[0] = True, cuda_passes
-    try:
-        with host_results_stand_for_a_device():
-            yield
-    finally:
-        _simulated[0], _simulated_passes[0] = previous
-
-
-def is_accelerator(xp: Any, A: Array) -> bool:
-    """Whether ``A`` lives on an accelerator (a GPU), where launches, not caches, count.
-
-    PyTorch tensors on any device but ``cpu`` (``cuda``, ``xpu``, ``mps``...), CuPy
-    arrays, JAX arrays on a non-CPU platform (a traced one, which has no device yet,
-    where JAX's default backend is not the CPU); NumPy and other host arrays are not.
-    """
-    if _simulated[0]:
-        return True
-    if type(A) is np.ndarray:  # the common host case, before the namespace tests (1-2 us)
-        return False
-    if is_cupy_namespace(xp):
-        return True
-    if is_torch_namespace(xp):
-        return bool(A.device.type != "cpu")
-    dev = getattr(A, "device", None)
-    platform = getattr(dev, "platform", None)  # JAX: a Device with a platform name
-    if isinstance(platform, str):
-        return platform != "cpu"
-    return _jax_accelerator(A)
-
-
-def _jax_accelerator(A: Any) -> bool:
-    """Whether a JAX array without one device of its own (sharded, or traced) is on a GPU."""
-    jax = sys.modules.get("jax")
-    if jax is None or not isinstance(A, jax.Array):
-        return False
-    if isinstance(A, jax.core.Tracer):
-        # Under jax.jit or jax.vmap the array is placed on the default backend.
-        return bool(jax.default_backend() != "cpu")
-    return any(d.platform != "cpu" for d in A.devices())
-
-
-def piece_entries(xp: Any, A: Array, *, host: int | None = None) -> int:
-    """float64 entries of one cast column piece of ``A``'s passes: cache- or device-sized.
-
-    ``host`` (by default ``PIECE_ENTRIES``, the products' fallback) where ``A`` is on
-    the host, ``DEVICE_PIECE_ENTRIES`` where it is on an accelerator.
-    """
-    if is_accelerator(xp, A):
-        return DEVICE_PIECE_ENTRIES
-    return PIECE_ENTRIES if host is None else host
-
-
-def piece_width(
-    xp: Any, A: Array, rows: int, *, host: int | None = None, min_pieces: int = 1
-) -> int:
-    """Columns of one float64 piece of ``A`` with ``rows`` rows (at least one).
-
-    ``host`` as in :func:`piece_entries`. On the host, pieces are also at most
-    ``1 / min_pieces`` of ``A``'s columns; on an accelerator the one device piece
-    bounds the temporaries instead, and more pieces would only add launches.
-    """
-    width = piece_entries(xp, A, host=host) // max(rows, 1)
-    if min_pieces > 1 and not is_accelerator(xp, A):
-        width = min(width, A.shape[-1] // min_pieces)
-    return max(1, width)
-
-
-def gram_piece_width(xp: Any, G: Array) -> int:
-    """Columns of one piece of the set-up's Gram pass over ``G`` (m x d, or a shard of it).
-
-    On the host ``LARGE_PIECE_ENTRIES`` and at most 1/``GRAM_MIN_PIECES`` of the
-    columns; on an accelerator the device piece.
-    """
-    return piece_width(xp, G, G.shape[0], host=LARGE_PIECE_ENTRIES, min_pieces=GRAM_MIN_PIECES)
 
 
 def gram_widener(xp: Any, G: Array) -> Callable[[int, int], Any] | None:
@@ -272,7 +135,7 @@ def host_view(xp: Any, A: Array) -> tuple[np.ndarray, str | None] | None:
     Only single-precision and 2-byte storage go to the kernels: BLAS already sums
     float64 storage in float64, at full speed.
     """
-    if _simulated[0]:
+    if _pieces.simulating():
         return None
     if isinstance(A, np.ndarray):
         if A.dtype == np.float64:
@@ -432,7 +295,7 @@ def _device_route(xp: Any, G: Array, arrays: tuple[Array, ...]) -> _Route | None
 
 def _on_cuda(A: Any) -> bool:
     """Whether the PyTorch tensor ``A`` is a CUDA one (or stands for one in a test)."""
-    return bool(A.device.type == "cuda") or _simulated[0]
+    return bool(A.device.type == "cuda") or _pieces.simulating()
 
 
 def _torch_device_route(G: Array, arrays: tuple[Array, ...]) -> _Route | None:
@@ -461,7 +324,7 @@ def _torch_device_route(G: Array, arrays: tuple[Array, ...]) -> _Route | None:
         return None
     if any(A.is_neg() for A in (G, *arrays)):
         return None  # DLPack exports the stored values without the negative bit's sign
-    if _simulated[0] and _simulated_passes[0] is None:
+    if _pieces.simulating() and _pieces.simulated_passes() is None:
         return None  # a test of the route without CuPy
     stream = torch.cuda.current_stream(G.device).cuda_stream
     index = G.device.index
@@ -469,7 +332,7 @@ def _torch_device_route(G: Array, arrays: tuple[Array, ...]) -> _Route | None:
     def scope(cupy: Any) -> contextlib.AbstractContextManager[Any]:
         return _cupy_on(cupy, index, stream)
 
-    passes = _simulated_passes[0] if _simulated[0] else _cuda_passes(scope)
+    passes = _pieces.simulated_passes() if _pieces.simulating() else _cuda_passes(scope)
     if passes is None:
         return None
     import cupy
@@ -541,7 +404,7 @@ def _f64(xp: Any, A: Array) -> Array:
 
 
 def _spans(xp: Any, G: Array, start: int, stop: int) -> Iterator[tuple[int, int]]:
-    width = piece_width(xp, G, G.shape[0])
+    width = _pieces.piece_width(xp, G, G.shape[0])
     for c0 in range(start, stop, width):
         yield c0, min(c0 + width, stop)
 
@@ -549,7 +412,7 @@ def _spans(xp: Any, G: Array, start: int, stop: int) -> Iterator[tuple[int, int]
 def square_sums(xp: Any, G: Array, /) -> Array:
     """``sum_k G_kj^2`` of every column j of G, summed in float64: float64, shape ``(d,)``.
 
-    A piece of columns at a time (:func:`piece_width`), so that the float64
+    A piece of columns at a time (:func:`_pieces.piece_width`), so that the float64
     temporary stays bounded; the squares of single-precision and 2-byte values are
     exact in float64, so only the sums round, in float64.
     """
@@ -743,7 +606,7 @@ def project_blocks(xp: Any, G: Array, group: BlockGroup, X: Array) -> Array:
             return route.back(mod.ascontiguousarray(mod.transpose(P, (0, 2, 1))))
     parts = []
     acc, blocks = None, None
-    for piece in pieces(group, piece_width(xp, G, m)):
+    for piece in pieces(group, _pieces.piece_width(xp, G, m)):
         Gp = _f64(xp, piece_stack(xp, G, group, piece))
         term = Gp @ _f64(xp, _block_rows(xp, X, group, piece))
         if piece[:2] == blocks:
@@ -798,7 +661,7 @@ def combine_blocks(
     parts = []
     # Pieces come block by block and, within a block, column range by column range, so
     # their rows, one after the other, are the group's rows in order.
-    for piece in pieces(group, piece_width(xp, G, m)):
+    for piece in pieces(group, _pieces.piece_width(xp, G, m)):
         b0, b1 = piece[0], piece[1]
         Gp = _f64(xp, piece_stack(xp, G, group, piece))
         Xp = _f64(xp, _block_rows(xp, X, group, piece))

@@ -431,7 +431,7 @@ _torch_cpu_checked = [True]
 def host_results_stand_for_a_device() -> Iterator[None]:
     """Inside: PyTorch CPU results are not tested, as a GPU's are not (tests only).
 
-    For ``_engine.simulate_device``, whose CPU tensors take a GPU's route: the test
+    For ``_pieces.simulate_device``, whose CPU tensors take a GPU's route: the test
     would be a transfer that the device route does not make. Not thread-safe.
     """
     previous = _torch_cpu_checked[0]

@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from . import _engine
+from . import _engine, _pieces
 from ._capacitance import CapacitanceFactor
 from ._compat import Array, FoundNamespace, device
 from ._finite import narrowed
@@ -82,7 +82,7 @@ class GFormFactor(FoundNamespace):
         Linv = self.factor.lower_inverse()
         m = G.shape[0]
         parts = []
-        width = _engine.piece_width(xp, G, m, host=_engine.LARGE_PIECE_ENTRIES)
+        width = _pieces.piece_width(xp, G, m, host=_pieces.LARGE_PIECE_ENTRIES)
         for b0, b1, c0, c1 in pieces(g, width):
             Gp = xp.astype(piece_stack(xp, G, g, (b0, b1, c0, c1)), xp.float64)
             D = whitened_diagonal(xp, Linv[b0:b1, ...], Gp, self.damp)
@@ -101,7 +101,7 @@ class GFormFactor(FoundNamespace):
         m = G.shape[0]
         n = rows.shape[0]
         per_column = m * (m if g.count > 1 else 1)  # a gathered factor per column if blocks
-        entries = _engine.piece_entries(xp, G, host=_engine.LARGE_PIECE_ENTRIES)
+        entries = _pieces.piece_entries(xp, G, host=_pieces.LARGE_PIECE_ENTRIES)
         width = max(1, entries // max(2 * per_column, 1))
         parts = []
         for lo in range(0, n, width):
@@ -161,7 +161,7 @@ class DenseBlockFactors(FoundNamespace):
         flat = xp.reshape(self.Linv, (-1,))
         down = xp.reshape(xp.arange(s, dtype=xp.int64, device=device(flat)) * s, (1, s))
         n = rows.shape[0]
-        entries = _engine.piece_entries(xp, flat, host=_engine.LARGE_PIECE_ENTRIES)
+        entries = _pieces.piece_entries(xp, flat, host=_pieces.LARGE_PIECE_ENTRIES)
         width = max(1, entries // max(2 * s, 1))
         parts = []
         for lo in range(0, n, width):

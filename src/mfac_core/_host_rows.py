@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _engine, _fused
+from . import _engine, _fused, _pieces
 from ._compat import Array, is_finite_array, is_torch_namespace
 
 __all__ = ["all_finite", "copied", "host_row_views", "rehomed", "store_row", "zeros"]
@@ -118,7 +118,7 @@ def all_finite(xp: Any, s: Array) -> Array:
     A float32 host vector is read once by the extension on this thread (``max |s|`` is
     finite exactly when every item is), not by PyTorch's intra-op threads.
     """
-    if _engine.is_accelerator(xp, s):
+    if _pieces.is_accelerator(xp, s):
         return xp.all(xp.isfinite(s))  # no host sync here: the caller's one transfer reads it
     view = _engine.vector_view(xp, s)
     if view is not None and view.dtype == np.float32 and view.ndim == 1:

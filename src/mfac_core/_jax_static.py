@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from . import _capacitance, _engine
+from . import _capacitance, _pieces
 from ._finite import non_finite_entry
 from ._jax_common import (
     check_dtype,
@@ -211,11 +211,11 @@ jax.tree_util.register_dataclass(StaticIHVP)
 def _chunk_width(G: Any) -> int:
     """Columns of one float64 chunk of G's passes: the engine's rule for G's device.
 
-    32 MiB on the host; on a GPU one device piece (``_engine.DEVICE_PIECE_ENTRIES``),
+    32 MiB on the host; on a GPU one device piece (``_pieces.DEVICE_PIECE_ENTRIES``),
     where each chunk is a few launches. A traced G is on JAX's default backend.
     """
     m, d = G.shape
-    return min(d, _engine.piece_width(jnp, G, m, host=_engine.LARGE_PIECE_ENTRIES))
+    return min(d, _pieces.piece_width(jnp, G, m, host=_pieces.LARGE_PIECE_ENTRIES))
 
 
 def _gram_f64(G: Any, width: int) -> Any:

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from . import _engine
+from . import _pieces
 from ._compat import Array
 from ._finite import float32_overflow_noted, narrowed, note_result_overflow
 from ._layout import BlockGroup, chunks, piece_columns, piece_stack
@@ -51,7 +51,7 @@ def fisher_residual(
     m = G.shape[0]
     # 32 MiB pieces on the host; on an accelerator, where launches, not caches, count,
     # the engine's one device piece.
-    width = _engine.piece_width(xp, G, m, host=_engine.LARGE_PIECE_ENTRIES)
+    width = _pieces.piece_width(xp, G, m, host=_pieces.LARGE_PIECE_ENTRIES)
     X64 = xp.astype(X, xp.float64)
     parts = []
     for group in groups:

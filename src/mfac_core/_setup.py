@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _capacitance, _dense_blocks, _engine
+from . import _capacitance, _dense_blocks, _engine, _pieces
 from ._compat import Array, device, is_writeable_array
 from ._gform import DenseBlockFactors, GFormFactor
 from ._gram import columns_gram, rows_gram
@@ -87,7 +87,7 @@ def _dense_chunk_factors(
     from its Gram over whole blocks (at most m columns each: O(m^2) memory per block).
     """
     m = G.shape[0]
-    for chunk in chunks(group, max(_engine.gram_piece_width(xp, G), group.size)):
+    for chunk in chunks(group, max(_pieces.gram_piece_width(xp, G), group.size)):
         gram = _checked_gram(xp, G, group, chunk, lambda X: columns_gram(xp, X), track, check)
         factor = _capacitance.factorize(
             xp,
@@ -176,7 +176,7 @@ def factorize_gform_groups(
             continue
         stacks = []
         kappa_lo = kappa_hi = 1.0
-        for chunk in chunks(group, _engine.gram_piece_width(xp, G)):
+        for chunk in chunks(group, _pieces.gram_piece_width(xp, G)):
             gram = _checked_gram(xp, G, group, chunk, product, track, check_finite, widen)
             factor = _capacitance.factorize(
                 xp,

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from . import _capacitance, _engine, _setup
+from . import _capacitance, _engine, _pieces, _setup
 from ._compat import Array, device
 from ._dtypes import half_dtype_name
 from ._errors import FactorizationError
@@ -250,7 +250,7 @@ def _local_gram(
         return xp.zeros((m * m,), dtype=xp.float64, device=device(G))
     group = BlockGroup(0, 1, n)
     # The single-process set-up's rule, for this rank's m x n shard; one block: one chunk.
-    (chunk,) = list(chunks(group, _engine.gram_piece_width(xp, G)))
+    (chunk,) = list(chunks(group, _pieces.gram_piece_width(xp, G)))
 
     def product(X: Array) -> Array:
         return rows_gram(xp, X)
@@ -561,7 +561,7 @@ class ShardedStatic:
         G = self.G
         m, n = G.shape
         k = Y.shape[1]
-        width = _engine.gram_piece_width(xp, G)
+        width = _pieces.gram_piece_width(xp, G)
         P = xp.zeros((m, k), dtype=xp.float64, device=device(Y))
         for lo in range(0, n, width):
             hi = min(lo + width, n)

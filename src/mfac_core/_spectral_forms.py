@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from . import _engine
+from . import _pieces
 from ._compat import Array
 from ._finite import check_finite, narrowed
 from ._spectral_groups import GramEigen
@@ -41,7 +41,7 @@ def forms_of(op: Any, batch_size: int | None) -> Forms:
         blocks = sum(g.group.count for g in groups)
         first = groups[0]
         anchor = first.U if isinstance(first, GramEigen) else first.Q
-        entries = _engine.piece_entries(op.xp, anchor, host=_engine.LARGE_PIECE_ENTRIES)
+        entries = _pieces.piece_entries(op.xp, anchor, host=_pieces.LARGE_PIECE_ENTRIES)
         step = max(1, entries // max(op.num_grads * blocks, op.dim))
     else:
         step = check_count(batch_size, "batch_size")

@@ -37,7 +37,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from . import _engine
+from . import _engine, _pieces
 from ._compat import Array, array_namespace, device
 from ._finite import narrowed
 from ._layout import BlockGroup, piece_stack, pieces
@@ -178,7 +178,7 @@ class GramEigen:
         parts = []
         # 32 MiB pieces on the host; on a GPU, where each piece costs launches, the
         # engine's device piece.
-        width = _engine.piece_width(xp, G, m, host=_engine.LARGE_PIECE_ENTRIES)
+        width = _pieces.piece_width(xp, G, m, host=_pieces.LARGE_PIECE_ENTRIES)
         for b0, b1, c0, c1 in pieces(g, width):
             Gp = piece_stack(xp, G, g, (b0, b1, c0, c1))
             Z = Ut[b0:b1, ...] @ xp.astype(Gp, xp.float64)  # (b, m, w)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from . import _capacitance, _engine
+from . import _capacitance, _pieces
 from ._compat import Array, detached, device
 from ._dtypes import compute_dtype, half_dtype_name
 from ._gram import columns_gram, rows_gram
@@ -118,7 +118,7 @@ def eigen_groups(
     m = G.shape[0]
     # StaticIHVP's set-up rule: on the host at most 32 MiB and 1/64 of G's entries (the
     # peak memory stays near size(G)); on an accelerator one device piece.
-    width = _engine.gram_piece_width(xp, G)
+    width = _pieces.gram_piece_width(xp, G)
 
     def rows(X: Array) -> Array:
         return rows_gram(xp, X)

@@ -33,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from . import _engine
+from . import _engine, _pieces
 from ._capacitance import CapacitanceFactor
 from ._compat import Array, array_namespace, canonical_device, is_torch_namespace
 from ._gform import GFormFactor, whitened_diagonal, whitened_pairs
@@ -430,7 +430,7 @@ class StreamedGForm:
         m, w = self.host.shape[1], self._width
         n = rows.shape[0]
         # Whitened on the target: a device piece there, 32 MiB pieces on the host.
-        step = _engine.piece_width(xp, Linv, m, host=_engine.LARGE_PIECE_ENTRIES)
+        step = _pieces.piece_width(xp, Linv, m, host=_pieces.LARGE_PIECE_ENTRIES)
         parts = []
         for lo in range(0, n, step):
             r, c = rows[lo : lo + step].cpu(), cols[lo : lo + step].cpu()
