@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from conftest import rounded
 
+import mfac_core._fused._ext
 import mfac_core._gform
 import mfac_core._pieces
 from mfac_core import StaticIHVP
@@ -242,10 +243,16 @@ def test_read_only_memmap_G_keeps_md_out_of_memory(tmp_path, rng, monkeypatch):
     np.testing.assert_array_equal(np.load(tmp_path / "G.npy"), G64.astype(np.float32))
 
 
-def test_half_read_only_memmap_end_to_end(tmp_path, rng, monkeypatch):
+@pytest.mark.filterwarnings("ignore:mfac_core's C extension was not built")
+@pytest.mark.parametrize("extension", [True, False])
+def test_half_read_only_memmap_end_to_end(tmp_path, rng, monkeypatch, extension):
     # Pieces of 2**14 entries (the engine's float64 pieces where the C extension is not
     # used, and those of the Fisher diagonal), so that G spans many of them.
     monkeypatch.setattr(mfac_core._pieces, "PIECE_ENTRIES", 2**14)
+    if not extension:
+        # A build without a C compiler: the set-up's float64 pieces come from xp.astype,
+        # and the last one was still held while the next was cast (1.07 times the bound).
+        monkeypatch.setattr(mfac_core._fused._ext, "passes", None)
     m, d, damp = 12, 50_000, 1e-3
     G = _memmap(tmp_path / "G16.npy", rng.standard_normal((m, d)) / np.sqrt(d), np.float16)
     G64 = np.asarray(G, dtype=np.float64)

@@ -143,6 +143,7 @@ def chunk_gram(
             else:
                 X = xp.astype(piece_stack(xp, G, group, piece), xp.float64)
             P = product(X)
+            del X  # before the next piece is cast: two float64 pieces at once otherwise
             acc = P if acc is None else acc + P
         if progress is not None:
             progress((b1 - b0) * (c1 - c0))
