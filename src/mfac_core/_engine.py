@@ -490,7 +490,7 @@ def combine(
     ``X`` is ``(n, k)`` (``n = stop - start``), ``A`` ``(m, k)`` float64.
     """
     stop = G.shape[1] if stop is None else stop
-    note_intermediate(A)  # an overflowed solve: the kernels would read its infinities
+    note_intermediate(A)  # an overflowed solve raised no flag: the result is tested
     route = _kernel_operands(xp, G, X, A)
     if route is not None:
         with route.scope():
@@ -543,7 +543,7 @@ def lift(
     The m terms are summed first and ``alpha x`` added last, every sum in float64.
     """
     stop = G.shape[1] if stop is None else stop
-    note_intermediate(C)  # an overflowed solve: the kernels would read its infinities
+    note_intermediate(C)  # an overflowed solve raised no flag: the result is tested
     route = _kernel_operands(xp, G, x, C, alphas)
     if route is not None:
         with route.scope():
@@ -640,7 +640,7 @@ def combine_blocks(
             xp, G, X, A[0, ...], alpha=alpha, dtype=dtype, start=group.start, stop=group.end
         )
     m, k = G.shape[0], X.shape[1]
-    note_intermediate(A)  # an overflowed solve: the kernels would read its infinities
+    note_intermediate(A)  # an overflowed solve raised no flag: the result is tested
     route = _kernel_operands(xp, G, X, A)
     if route is not None:
         with route.scope():
