@@ -27,6 +27,7 @@ import functools
 import math
 import warnings
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
@@ -188,13 +189,30 @@ FLOAT64_OVERFLOW = (
     "scales the inverse by 1/c**2)"
 )
 
-#: The calls in progress (this thread's, or this task's): a list holding whether one of
-#: their float32 results overflowed, whether the outermost says so
-#: (``float32_overflow_once``) or its caller does (``float32_overflow_said_by_caller``),
-#: whether a float64 result overflowed, and whether a step inside overflowed (NumPy's
-#: flags, or a non-finite float64 coefficient: ``note_intermediate``), which has the
-#: call test a float32 result too; None outside every such call.
-_pending: contextvars.ContextVar[list[bool] | None] = contextvars.ContextVar(
+
+@dataclass
+class _Call:
+    """What the public call in progress (``_gathered``) has noted, said at its end."""
+
+    #: Whether it says its overflow (``float32_overflow_once``) or its caller does
+    #: (``float32_overflow_said_by_caller``).
+    says: bool
+    float32: bool = False  # a float32 result overflowed
+    float64: bool = False  # a float64 result overflowed
+    #: A step inside overflowed (NumPy's flags, or a non-finite float64 coefficient:
+    #: ``note_intermediate``): the call tests a float32 result too.
+    suspect: bool = False
+
+    def say_noted(self) -> None:
+        """Warn of each overflow noted, once."""
+        for dtype, message in (("float32", FLOAT32_OVERFLOW), ("float64", FLOAT64_OVERFLOW)):
+            if getattr(self, dtype):
+                setattr(self, dtype, False)
+                _warn(message)
+
+
+#: The call in progress (this thread's, or this task's); None outside every such call.
+_pending: contextvars.ContextVar[_Call | None] = contextvars.ContextVar(
     "mfac_core_float32_overflow", default=None
 )
 
@@ -206,22 +224,22 @@ def note_float32_overflow() -> None:
     it warns at once. Called on the thread that made the call (the C extension's
     worker threads hand their flags back to it).
     """
-    _note(0)
+    _note("float32")
 
 
-def _note(index: int) -> None:
-    """Note a float32 (``index`` 0) or float64 (2) overflow, or say it outside every call."""
+def _note(dtype: str) -> None:
+    """Note a ``"float32"`` or ``"float64"`` overflow, or say it outside every call."""
     pending = _pending.get()
     if pending is None:
-        _warn(FLOAT32_OVERFLOW if index == 0 else FLOAT64_OVERFLOW)
+        _warn(FLOAT32_OVERFLOW if dtype == "float32" else FLOAT64_OVERFLOW)
     else:
-        pending[index] = True
+        setattr(pending, dtype, True)
 
 
 def float32_overflow_noted() -> bool:
     """Whether the call in progress has reported a float32 result beyond float32's range."""
     pending = _pending.get()
-    return pending is not None and pending[0]
+    return pending is not None and pending.float32
 
 
 def _host_result(x: Any) -> Any:
@@ -281,7 +299,7 @@ def note_intermediate(*arrays: Any) -> None:
     without a word. Host arrays only; an m x k test costs nothing next to the pass.
     """
     pending = _pending.get()
-    if pending is None or pending[3]:
+    if pending is None or pending.suspect:
         return
     for a in arrays:
         if isinstance(a, np.ndarray):
@@ -290,7 +308,7 @@ def note_intermediate(*arrays: Any) -> None:
             mod = _host_result(a)
             finite = mod is None or is_finite_array(mod, a)
         if not finite:
-            pending[3] = True
+            pending.suspect = True
             return
 
 
@@ -303,7 +321,7 @@ def _suspect() -> None:
     """Have the call in progress test its result against its inputs (a step overflowed)."""
     pending = _pending.get()
     if pending is not None:
-        pending[3] = True
+        pending.suspect = True
 
 
 def note_arithmetic_overflow(result: Any, *parts: Any) -> None:
@@ -342,7 +360,7 @@ def _overflowed(result: Any, inputs: tuple[Any, ...], dtypes: tuple[str, ...]) -
         xmod = _host_result(x)
         if xmod is not None and not is_finite_array(xmod, x):
             return False  # NaN or infinity given (check_finite=False), or said already
-    _note(0 if name == "float32" else 2)
+    _note("float32" if name == "float32" else "float64")
     return True
 
 
@@ -357,11 +375,8 @@ def float32_overflow_said_now() -> None:
     caller says it in its own words (``float32_overflow_said_by_caller``), nothing.
     """
     pending = _pending.get()
-    if pending is not None and pending[1]:
-        for index, message in ((0, FLOAT32_OVERFLOW), (2, FLOAT64_OVERFLOW)):
-            if pending[index]:
-                pending[index] = False
-                _warn(message)
+    if pending is not None and pending.says:
+        pending.say_noted()
 
 
 def _warn(message: str) -> None:
@@ -399,7 +414,7 @@ def _gathered(method: _F, *, say: bool) -> _F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         if _pending.get() is not None:
             return method(*args, **kwargs)
-        pending = [False, say, False, False]
+        pending = _Call(says=say)
         token = _pending.set(pending)
         try:
             # NumPy's warnings ("overflow encountered in multiply", one per operation)
@@ -410,14 +425,12 @@ def _gathered(method: _F, *, say: bool) -> _F:
                 if say:  # (a float64 sum that overflows flags too: float32 is tested alone)
                     inputs = (*args, *kwargs.values())
                     note_result_overflow(result, *inputs)
-                    if pending[3]:
+                    if pending.suspect:
                         _overflowed(result, inputs, ("float32",))
         finally:
             _pending.reset(token)
         if say:
-            for index, message in ((0, FLOAT32_OVERFLOW), (2, FLOAT64_OVERFLOW)):
-                if pending[index]:
-                    _warn(message)
+            pending.say_noted()
         return result
 
     return wrapper  # type: ignore[return-value]
