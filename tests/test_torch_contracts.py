@@ -1150,6 +1150,36 @@ def test_a_device_step_syncs_once(grad_dtype):
     assert small.ops == large.ops, (small.summary(), large.summary())
 
 
+def _tensor_options_step(as_tensor):
+    """A steady-state step with momentum, weight decay and lr as floats or CPU tensors."""
+    from _counting import counting, device_path
+
+    options = {"lr": 0.1, "momentum": 0.5, "weight_decay": 0.01}
+    if as_tensor:
+        options = {k: torch.tensor(v) for k, v in options.items()}
+    p = nn.Parameter(torch.linspace(-1.0, 1.0, 20))
+    opt = MFAC([p], num_grads=4, damp=1e-3, **options)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(6):
+        p.grad = torch.randn(20, generator=gen)
+        opt.step()
+    p.grad = torch.randn(20, generator=gen)
+    with device_path(), counting() as count:
+        opt.step()
+    return p.detach(), count
+
+
+def test_tensor_options_cost_no_device_sync():
+    # bool(wd), add_(alpha=wd) and bool(momentum) read a tensor option on the host: three
+    # device syncs more per step on a GPU (and per parameter group), where the docs say
+    # only the options' types are read.
+    theta, count = _tensor_options_step(as_tensor=True)
+    assert count.syncs == 1, count.names
+    expected, _ = _tensor_options_step(as_tensor=False)
+    scale = float(expected.abs().max())
+    assert torch.allclose(theta, expected, rtol=0, atol=4 * torch.finfo(torch.float32).eps * scale)
+
+
 def _state(opt):
     state = opt.state_dict()["state"][0]
     return {k: v for k, v in {**state, **state["window"]}.items() if k != "window"}

@@ -341,6 +341,7 @@ def gather(opt: Any) -> torch.Tensor:
     g = opt._grad
     for group, layout in zip(opt.param_groups, opt._slices, strict=True):
         wd = scalar(group["weight_decay"])
+        decay = used(wd)
         for p, lo, hi in layout:
             seg = g[lo:hi]
             if p.grad is None:
@@ -351,13 +352,31 @@ def gather(opt: Any) -> torch.Tensor:
             kept = opt._kept.get(p)
             if kept is not None:  # a masked parameter: its kept entries only
                 kept.read(p.grad, seg)
-                if wd:
-                    seg.add_(kept.flat(p.detach()).index_select(0, kept.positions), alpha=wd)
+                if decay:
+                    add_scaled(seg, kept.flat(p.detach()).index_select(0, kept.positions), wd)
                 continue
             seg.copy_(local(p.grad).reshape(-1))
-            if wd:
-                seg.add_(local(p.detach()).reshape(-1), alpha=wd)
+            if decay:
+                add_scaled(seg, local(p.detach()).reshape(-1), wd)
     return g
+
+
+def used(option: Any) -> bool:
+    """Whether a step applies an option: a float that is not zero, or any tensor.
+
+    A tensor's value is not read: on a GPU ``bool(t)`` is a device sync per step, and
+    multiplying by a zero tensor gives the same step (only a parameter that already
+    holds infinity or NaN, whose step is then skipped as non-finite, differs).
+    """
+    return isinstance(option, torch.Tensor) or option != 0
+
+
+def add_scaled(out: torch.Tensor, x: torch.Tensor, c: Any) -> None:
+    """``out += c * x`` for a float or 0-d tensor ``c``, whose value stays on its device."""
+    if isinstance(c, torch.Tensor):  # add_'s alpha would read it on the host
+        out.addcmul_(x, c.to(out.dtype))
+    else:
+        out.add_(x, alpha=c)
 
 
 def culprit(opt: Any) -> str:
@@ -388,7 +407,7 @@ def apply(opt: Any, s: torch.Tensor) -> None:
         lr, mu = scalar(group["lr"]), scalar(group["momentum"])
         for p, lo, hi in layout:
             d_p = s[lo:hi]
-            if mu:
+            if used(mu):
                 buf = momentum[lo:hi]
                 buf.mul_(mu)
                 if p.grad is None:
