@@ -89,7 +89,9 @@ class ShardedStaticIHVP(_static._BlockOperatorBase):
     same bits into the same factor; each rank keeps its columns of G (by
     reference) and of the dense block factors. ``matvec`` and ``matmat`` take
     and return this rank's shards (``local_shape``) and reduce the float64
-    projection ``G X`` (m k numbers) between the two float64-summed passes;
+    projection ``G X`` (m k numbers) between the two float64-summed passes
+    (``matmat`` after a reduction of the status word alone, which checks
+    that every rank passed the same k);
     ``diagonal()`` returns this rank's entries without communication;
     ``entries`` takes *global* indices (the same on every rank) and returns
     the same values on every rank (one reduction of ``2 m k`` float64
