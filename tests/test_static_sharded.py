@@ -906,3 +906,12 @@ def test_entries_with_different_indices_raise_on_every_rank(case: str, block_siz
         assert not isinstance(r, Exception), r
         assert r != "no error"
         assert "every rank must pass the same rows and cols" in r[0] and r[1]
+
+
+@pytest.mark.parametrize("bad", [None, [[1.0, 2.0]], "G"])
+def test_a_shard_that_is_no_array_raises_on_every_rank(bad: Any) -> None:
+    # It raised on its rank alone, before the set-up's first reduction, in which the
+    # other ranks then waited (until the engine's timeout; threads: a broken barrier).
+    results = _build_on_threads(lambda r, G: (bad if r == 1 else G, 0.1), [2, 3, 2])
+    _all_raise(results, TypeError)
+    assert "G_local must be an array" in str(results[1])

@@ -28,8 +28,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from . import _capacitance, _engine, _pieces, _setup
-from ._compat import Array, device
+from ._compat import Array, array_namespace, device
 from ._dtypes import half_dtype_name
 from ._errors import FactorizationError
 from ._finite import check_finite, first_non_finite
@@ -140,10 +142,18 @@ def agree(
     check_finite: Any,
     overwrite_G: Any,
     progress: Any,
+    refusal: Exception | None = None,
 ) -> Agreed:
-    """Check this rank's arguments, exchange them and check that the ranks agree (one reduction)."""
+    """Check this rank's arguments, exchange them and check that the ranks agree (one reduction).
+
+    ``refusal``: this rank's G_local is no array (``xp`` is None); the reduction runs
+    in NumPy and every rank raises.
+    """
     size = comm.size
-    xp, dev, refusal = dask_refusal(xp, dev, "ShardedStaticIHVP")
+    if refusal is not None:
+        xp, dev = array_namespace(np.empty(0)), None
+    xp, dev, dask_error = dask_refusal(xp, dev, "ShardedStaticIHVP")
+    refusal = refusal or dask_error
 
     def local() -> Array:
         if refusal is not None:
@@ -313,9 +323,14 @@ def build(
     check_finite: Any,
     refine: Any,
     progress: Any,
+    refusal: Exception | None = None,
 ) -> ShardedStatic:
-    """The sharded set-up (docs/scaling.rst): collective, and the same decisions on every rank."""
-    dev = device(G)
+    """The sharded set-up (docs/scaling.rst): collective, and the same decisions on every rank.
+
+    ``refusal``: why this rank's G_local is no array (``xp`` is then None); every rank
+    raises in the first reduction.
+    """
+    dev = None if refusal is not None else device(G)
     agreed = agree(
         comm,
         xp,
@@ -327,6 +342,7 @@ def build(
         check_finite=check_finite,
         overwrite_G=overwrite_G,
         progress=progress,
+        refusal=refusal,
     )
     n = G.shape[1]
     size = comm.size
