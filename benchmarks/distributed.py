@@ -161,25 +161,25 @@ TRAFFIC_CASES: list[TrafficCase] = [
         "StaticIHVP (full)",
         _static_full,
         _static_operations,
-        "set-up: p x 7 (shapes, options), m^2 float64 Gram, p x 3 (agreement); matvec m, "
-        "matmat m k, entries 0 then 2 m k, all float64; each call + 20 (the status word: "
-        "failed ranks per exception class, digests of the operation and arguments)",
+        "set-up: p x 8 (shapes, options, identity), m^2 float64 Gram, p x 3 (agreement); "
+        "matvec m, matmat 0 then m k, entries 0 then 2 m k, all float64; each call + 20 (the "
+        "status word: failed ranks per exception class, digests of the operation and arguments)",
     ),
     TrafficCase(
         f"StaticIHVP (block_size={BLOCK})",
         _static_blocks,
         _static_operations,
-        "whole blocks on each rank: set-up p x 7 and p x 3, products and diagonal nothing, "
+        "whole blocks on each rank: set-up p x 8 and p x 3, products and diagonal nothing, "
         "entries 0 then k",
     ),
     TrafficCase(
         "ShardedDynamicIHVP",
         _dynamic,
         _dynamic_operations,
-        "set-up from_window: p (rows checked), p x 9 (settings), m^2 (Gram); constructor "
-        "p x 9; update, update_and_matvec and matvec m (the Gram row, float64), matmat m k, "
-        "remove and set_damp p (the argument agrees); each + 20 but the Gram; a refinement "
-        "step m + m more",
+        "set-up from_window: p (rows checked), p x 10 (settings, identity), m^2 (Gram); "
+        "constructor p x 10; update, update_and_matvec and matvec m (the Gram row, float64), "
+        "matmat 0 then m k, remove and set_damp p (the argument agrees); each + 20 but the "
+        "Gram; a refinement step m + m more",
     ),
 ]
 

@@ -319,6 +319,26 @@ def _keys_held_after(client, before, *, timeout=20.0):
 
 
 @pytest.mark.parametrize("check_finite", [True, False])
+def test_a_failed_block_wise_construction_holds_no_chunk_set_up_in_the_cluster(
+    client, check_finite, rng
+):
+    # Block-wise, each chunk's set-up is persisted on its worker, then summarised; a chunk
+    # that failed left every chunk's persisted set-up on the half-built operator, which
+    # the kept error's traceback held (and, with a FactorizationError, beyond it).
+    G, damp = _data(rng, 4, 20, "float64")
+    G[1, 3] = np.nan
+    gc.collect()
+    before = set(client.refcount)
+    with pytest.raises(ValueError if check_finite else FactorizationError) as kept:
+        DaskStaticIHVP(
+            da.from_array(G, chunks=(4, 5)), damp=damp, block_size=5, check_finite=check_finite
+        )
+    gc.collect()
+    assert set(client.refcount) - before == set()
+    assert "G[1, 3]" in str(kept.value)  # kept until here, with its traceback
+
+
+@pytest.mark.parametrize("check_finite", [True, False])
 def test_the_nan_named_is_the_first_in_row_major_order_as_numpy_names_it(check_finite, rng):
     # Each chunk names its own first NaN; the first chunk's answer was taken, G[3, 2]
     # here, where the NumPy operator (and the docs) name the first in row-major order.

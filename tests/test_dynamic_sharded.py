@@ -224,7 +224,11 @@ def test_each_operation_costs_one_reduction_of_the_stated_size() -> None:
         assert seen["step"] == [CommCall((m + S,), f64, 8 * (m + S))] * len(gs)
         assert seen["update"] == [CommCall((m + S,), f64, 8 * (m + S))] * len(gs)
         assert seen["matvec"] == [CommCall((m + S,), f64, 8 * (m + S))]
-        assert seen["matmat"] == [CommCall((3 * m + S,), f64, 8 * (3 * m + S))]
+        # matmat: the status word alone first (X checked, k compared between the ranks).
+        assert seen["matmat"] == [
+            CommCall((S,), f64, 8 * S),
+            CommCall((3 * m + S,), f64, 8 * (3 * m + S)),
+        ]
         assert seen["remove"] == [CommCall((size + S,), f64, 8 * (size + S))]
         assert seen["set_damp"] == [CommCall((size + S,), f64, 8 * (size + S))]
         # The product, then per step a residual and a product without status word.
@@ -842,6 +846,12 @@ def _gloo_operator(comm: Communicator, d: int) -> dict[str, Any]:
         op.update(g)
     except ValueError as exc:
         out["nan"] = ("ValueError", bool(torch.equal(op.window(), again.window())), str(exc))
+    # matmat with another k on the last rank: every rank raises (gloo aborted the process
+    # on payloads of different lengths before k was compared first).
+    try:
+        op.matmat(torch.ones((hi - lo, 2 + (comm.rank == size - 1)), dtype=torch.float64))
+    except ValueError as exc:
+        out["columns"] = str(exc)
     # Another world size: the state of this layout does not load into a 1-rank layout.
     try:
         widths = [d] if comm.rank == 0 else [0]
@@ -879,6 +889,36 @@ def test_sharded_operator_over_gloo(nprocs: int) -> None:
             np.testing.assert_array_equal(a, b)
         assert r["nan"][:2] == ("ValueError", True), r["nan"]
         assert "same world size" in r["layout"]
+        assert "same number of columns" in r["columns"]
+
+
+@pytest.mark.parametrize("other", ["k", "1-D"])
+def test_matmat_with_another_k_on_one_rank_raises_on_every_rank(other: str) -> None:
+    # The payload's length is m k: ranks whose k differed reduced arrays of different
+    # lengths, which gloo cannot report (it aborted the process; the others waited).
+    G = np.random.default_rng(4).standard_normal((3, 8))
+    X = np.random.default_rng(5).standard_normal((8, 2))
+
+    def rank(comm: Communicator) -> Any:
+        lo, hi = 4 * comm.rank, 4 * comm.rank + 4
+        op = ShardedDynamicIHVP.from_window(G[:, lo:hi], damp=0.1, comm=comm)
+        before = op.state_dict()
+        bad = np.ones((4, 3)) if other == "k" else np.ones(4)
+        try:
+            op.matmat(bad if comm.rank == 1 else X[lo:hi])
+        except ValueError as exc:
+            _assert_same_replicated([before, op.state_dict()])
+            return str(exc), op.matmat(X[lo:hi])
+        return None
+
+    results = _ok(run_spmd_threads(rank, 2, timeout=20))
+    want = "same number of columns" if other == "k" else "X must"
+    assert want in results[1][0]
+    for r in results:
+        assert isinstance(r, tuple), r
+    Y = np.concatenate([r[1] for r in results])
+    ref = DynamicIHVP.from_window(G, damp=0.1)
+    assert_close(Y, ref.matmat(X), kappa=_kappa(G, 0.1))
 
 
 @pytest.mark.parametrize(

@@ -233,14 +233,17 @@ def test_layouts_and_traffic(layout: str, dtype: str) -> None:
         # m^2 float64 numbers, whatever G's dtype), and the final agreement. Each call
         # carries S extra numbers, the status word of collective errors (a count of
         # failed ranks per exception class, and the digests of the operation and of the
-        # arguments that must agree). Products reduce the float64 projection G X;
-        # entries first the status word alone (the indices checked and compared), then
-        # the float64 G columns of the pairs.
+        # arguments that must agree). Products reduce the float64 projection G X, matmat
+        # after the status word alone (X checked, k compared); entries first the status
+        # word alone (the indices checked and compared), then the float64 G columns of
+        # the pairs.
         shapes = [c.shape for c in r["setup"]]
         if full:
             assert shapes == [(8 * p + S,), (m * m + S,), (3 * p + S,)]
             assert [c.shape for c in r["matvec"]] == [(m + S,)]
-            assert [c.shape for c in r["matmat"]] == [(3 * m + S,)]
+            # The status word alone first: X checked and k compared, so that ranks whose
+            # k differ raise instead of reducing payloads of different lengths.
+            assert [c.shape for c in r["matmat"]] == [(S,), (3 * m + S,)]
             assert r["matvec"][0].nbytes == (m + S) * 8
             assert [c.shape for c in r["entries"]] == [(S,), (2 * m * k + S,)]
             assert all(c.dtype == "float64" for c in r["matvec"] + r["entries"])
@@ -554,6 +557,36 @@ def test_bad_operands_raise_on_every_rank_and_change_nothing() -> None:
     assert "every rank must pass the same" in str(results[0]["differ"])
 
 
+@pytest.mark.parametrize("other", ["k", "1-D"])
+def test_matmat_with_another_k_on_one_rank_raises_on_every_rank(other: str) -> None:
+    # The payload's length is m k: ranks whose k differed reduced arrays of different
+    # lengths, which gloo cannot report (it aborted the process; the others waited).
+    G = np.random.default_rng(4).standard_normal((3, 8))
+    X = np.random.default_rng(5).standard_normal((8, 2))
+
+    def fn(comm: Any) -> Any:
+        lo, hi = 4 * comm.rank, 4 * comm.rank + 4
+        op = ShardedStaticIHVP(G[:, lo:hi], damp=0.1, comm=comm)
+        bad = np.ones((4, 3)) if other == "k" else np.ones(4)
+        try:
+            op.matmat(bad if comm.rank == 1 else X[lo:hi])
+        except ValueError as exc:
+            return str(exc), op.matmat(X[lo:hi])
+        return None
+
+    results = run_spmd_threads(fn, 2, timeout=20)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    want = "same number of columns" if other == "k" else "shape (4, k)"
+    assert want in results[1][0]
+    for message, _ in results:
+        assert isinstance(message, str)
+    # Nothing changed: the next matmat is the single-process operator's.
+    Y = np.concatenate([r[1] for r in results])
+    assert_close(Y, StaticIHVP(G, damp=0.1).matmat(X), kappa=SpectralOracle(G, 0.1).kappa)
+
+
 def test_block_wise_products_fail_only_where_the_shard_is_bad() -> None:
     # No exchange: the bad rank raises, the other returns (no rank waits for the other).
     def fn(comm: Any) -> Any:
@@ -611,6 +644,13 @@ def _gloo_checks(comm: Any, m: int, d: int, block_sizes: list[int | None]) -> di
         ShardedStaticIHVP(G_bad, damp=damp, comm=comm)
     except ValueError as exc:
         out["error"] = type(exc).__name__
+    # matmat with another k on the last rank: gloo aborted the process on the payloads of
+    # different lengths (and the others waited) before k was compared first.
+    op = ShardedStaticIHVP(G[:, :3].copy(), damp=damp, comm=comm)
+    try:
+        op.matmat(np.ones((3, 2 + (comm.rank == comm.size - 1))))
+    except ValueError as exc:
+        out["columns"] = str(exc)
     return out
 
 
@@ -625,6 +665,7 @@ def test_over_gloo(nprocs: int) -> None:
     for r in results:
         assert isinstance(r, dict), r
         assert r["error"] == "ValueError"
+        assert "same number of columns" in r["columns"]
     rng = np.random.default_rng(11)
     G = rng.standard_normal((m, d))
     damp = 1e-2 * float(np.linalg.norm(G, 2)) ** 2 / m
@@ -699,17 +740,17 @@ def test_entries_of_zero_dimensional_and_empty_indices() -> None:
 
 
 def test_different_operations_with_one_reduction_length_raise_on_every_rank() -> None:
-    # m = 2 on 2 ranks: matmat of 8 columns reduces m * 8 = 16 numbers, the first
-    # reduction of a new operator's set-up 8 * size = 16: the same length, so only the
-    # tag in the status word tells them apart.
-    G = np.random.default_rng(3).standard_normal((2, 6))
+    # m = 16 on 2 ranks: matvec reduces m = 16 numbers, the first reduction of a new
+    # operator's set-up 8 * size = 16: the same length, so only the tag in the status
+    # word tells them apart.
+    G = np.random.default_rng(3).standard_normal((16, 6))
 
     def rank(comm: Communicator) -> Any:
         shard = G[:, 3 * comm.rank : 3 * comm.rank + 3]
         op = ShardedStaticIHVP(shard, damp=0.1, comm=comm)
         try:
             if comm.rank == 0:
-                op.matmat(np.ones((3, 8)))
+                op.matvec(np.ones(3))
             else:
                 ShardedStaticIHVP(shard, damp=0.2, comm=comm)
         except RuntimeError as exc:
@@ -865,3 +906,12 @@ def test_entries_with_different_indices_raise_on_every_rank(case: str, block_siz
         assert not isinstance(r, Exception), r
         assert r != "no error"
         assert "every rank must pass the same rows and cols" in r[0] and r[1]
+
+
+@pytest.mark.parametrize("bad", [None, [[1.0, 2.0]], "G"])
+def test_a_shard_that_is_no_array_raises_on_every_rank(bad: Any) -> None:
+    # It raised on its rank alone, before the set-up's first reduction, in which the
+    # other ranks then waited (until the engine's timeout; threads: a broken barrier).
+    results = _build_on_threads(lambda r, G: (bad if r == 1 else G, 0.1), [2, 3, 2])
+    _all_raise(results, TypeError)
+    assert "G_local must be an array" in str(results[1])

@@ -479,8 +479,18 @@ class DaskStaticIHVP(StaticIHVP):
             )
             for part, lo in zip(G.to_delayed().ravel(), offsets, strict=True)
         ]
-        self._parts = dask.persist(*parts)
-        summaries = dask.compute(*[dask.delayed(_summary)(p) for p in self._parts])
+        try:
+            persisted = dask.persist(*parts)
+            summaries = dask.compute(*[dask.delayed(_summary)(p) for p in persisted])
+        except BaseException:
+            # As in _init_woodbury: the traceback of a failure (a chunk's NaN or failed
+            # factorisation, raised by the compute) must not hold the chunks' persisted
+            # set-ups in the cluster, through the frames' locals or this half-built
+            # operator, which is why they reach self only once they all succeeded.
+            persisted = parts = None  # type: ignore[assignment]
+            traceback.clear_frames(sys.exc_info()[2])
+            raise
+        self._parts = persisted
         self.kappa_bound = max(s[1] for s in summaries)
         self._warn_if_hopeless(max(s[0] for s in summaries))
 

@@ -33,6 +33,7 @@ NUM_SETTINGS = 10
 # raise instead of mixing their sums.
 OP_UPDATE, OP_PRODUCT, OP_REMOVE, OP_SET_DAMP = 1, 2, 3, 4
 OP_LOAD, OP_FROM_WINDOW, OP_INIT = 5, 6, 7
+OP_COLUMNS = 8
 
 #: The operations that the window's methods name (``DynamicIHVP._reduced``), by code.
 OPERATIONS = {
@@ -299,17 +300,20 @@ def sharded_residual(op: Any, X: Array, Y: Array, scale: float) -> Array:
 # -- the sharded products: the input is checked inside the reduction ---------------
 
 
-def collective_product(op: Any, X: Array, name: str, ndims: tuple[int, ...], k: int) -> Array:
+def collective_product(
+    op: Any, X: Array, name: str, ndims: tuple[int, ...], k: int | None
+) -> Array:
     """``F^{-1} X`` of a sharded operator: one reduction of ``m k`` numbers + status.
 
     ``X`` is checked inside the reduction, so that every rank raises if one
-    rank's part is bad; ``k`` (the number of columns) must be the same on every
-    rank, as the length of a collective.
+    rank's part is bad. ``k``, the number of columns, is 1 for ``matvec``; None
+    for ``matmat``, whose ``X`` is checked, and its k compared between the
+    ranks, in a reduction of the status word alone first.
     """
     xp, n = op._xp, op.shape[1]
     checked: list[Array] = []
 
-    def local() -> Array:
+    def check() -> Array:
         Xc = op._check_input(X, name, n, ndims)
         if name == "x" and Xc.ndim == 2 and Xc.shape[1] != 1:
             raise ValueError(
@@ -317,12 +321,37 @@ def collective_product(op: Any, X: Array, name: str, ndims: tuple[int, ...], k: 
                 "use matmat for several vectors"
             )
         X2 = Xc[:, None] if Xc.ndim == 1 else Xc
-        if X2.shape[1] != k:
+        if k is not None and X2.shape[1] != k:
             raise ValueError(f"X must have {k} columns on every rank, got {X2.shape[1]}")
         checked.append(X2)
-        return xp.reshape(_engine.project(xp, op._G, X2), (-1,))
+        return xp.zeros((0,), dtype=xp.float64, device=op.device)
 
     what = f"{OWNER}.matvec" if name == "x" else f"{OWNER}.matmat"
+    if k is None:
+        # The payload's length m k must be the same on every rank: ranks whose k differ
+        # would reduce arrays of different lengths, which an engine cannot report (gloo
+        # aborts the process, the other ranks wait). So X is checked and k compared in
+        # a reduction of the status word alone first.
+        reduced(
+            op,
+            check,
+            0,
+            what,
+            OP_COLUMNS,
+            agree=lambda: int(checked[0].shape[1]),
+            disagree=(
+                ValueError,
+                f"{what} is collective: every rank must pass X with the same number of "
+                "columns k (the length of the reduction is m k), but they differ between ranks",
+            ),
+        )
+        k = int(checked[0].shape[1])
+
+    def local() -> Array:
+        if not checked:
+            check()
+        return xp.reshape(_engine.project(xp, op._G, checked[0]), (-1,))
+
     P = reduced(op, local, op.num_grads * k, what, OP_PRODUCT)
     X2 = checked[0]
     return op._refined(X2, op._finish(X2, xp.reshape(P, (op.num_grads, k))))

@@ -99,10 +99,12 @@ class ShardedDynamicIHVP(DynamicIHVP):
     everything m x m (Gram matrix, factor, slot order, refactorisation and
     drift decisions, warnings) is computed on every rank from the reduced,
     bit-identical numbers, so the ranks' replicated states stay identical bit
-    for bit. One call, one reduction: :meth:`update` and
+    for bit. One call, one reduction (two for :meth:`matmat`): :meth:`update` and
     :meth:`update_and_matvec` reduce the new Gram row (m numbers, its
     diagonal ``|g|^2`` included, since the row is written before the
-    product), :meth:`matvec` m numbers and :meth:`matmat` ``m k``, each with
+    product), :meth:`matvec` m numbers and :meth:`matmat` ``m k`` (after a
+    reduction of the status word alone, which checks ``X`` and that every
+    rank passed the same k), each with
     a status word appended (how many ranks failed, per exception class, and
     digests of the operation and state), so that a bad input on one rank
     (wrong shape or dtype, NaN), or ranks calling different operations, makes
@@ -318,9 +320,7 @@ class ShardedDynamicIHVP(DynamicIHVP):
             As :meth:`DynamicIHVP.matmat`, on every rank if one rank's ``X``
             is bad.
         """
-        shape = tuple(getattr(X, "shape", ()))
-        k = int(shape[1]) if len(shape) == 2 else 1
-        return collective_product(self, X, "X", (2,), k)
+        return collective_product(self, X, "X", (2,), None)
 
     def rmatvec(self, x: Array, /) -> Array:
         """The adjoint product, :meth:`matvec` (the operator is symmetric); collective.

@@ -73,8 +73,10 @@ class ShardedStaticIHVP(_static._BlockOperatorBase):
         ranks that disagree on m or an option, and shard boundaries that cut
         a block.
     TypeError
-        For a ``comm`` that is no communicator, or a G_local that is no
-        array (on that rank alone); for 2-byte gradients.
+        For a ``comm`` that is no communicator (on that rank alone); for a
+        G_local that is no array, on every rank (that rank's reduction runs
+        in NumPy, which the engine must take: gloo does, NCCL does not); for
+        2-byte gradients.
     FactorizationError
         As for :class:`~mfac_core.StaticIHVP`, on every rank.
 
@@ -89,7 +91,9 @@ class ShardedStaticIHVP(_static._BlockOperatorBase):
     same bits into the same factor; each rank keeps its columns of G (by
     reference) and of the dense block factors. ``matvec`` and ``matmat`` take
     and return this rank's shards (``local_shape``) and reduce the float64
-    projection ``G X`` (m k numbers) between the two float64-summed passes;
+    projection ``G X`` (m k numbers) between the two float64-summed passes
+    (``matmat`` after a reduction of the status word alone, which checks
+    that every rank passed the same k);
     ``diagonal()`` returns this rank's entries without communication;
     ``entries`` takes *global* indices (the same on every rank) and returns
     the same values on every rank (one reduction of ``2 m k`` float64
@@ -140,11 +144,18 @@ class ShardedStaticIHVP(_static._BlockOperatorBase):
                 "operator; each rank keeps its columns of G in memory"
             )
         G = detached(G_local)
-        # Neither a bad communicator nor a G_local that is no array can join a
-        # reduction: these two raise on their rank alone.
+        # A bad communicator cannot join a reduction: it raises on its rank alone.
         comm = check_communicator(comm)
-        xp = namespace_of(G, "G_local")
-        check_float64_available(xp)
+        refusal: Exception | None = None
+        try:
+            xp = namespace_of(G, "G_local")
+        except (TypeError, ValueError) as exc:
+            # A G_local that is no array (None from a loader, a list, a masked array)
+            # joins the set-up's first reduction in NumPy, where it is refused, so that
+            # every rank raises instead of the others waiting in the reduction.
+            xp, refusal = None, exc
+        else:
+            check_float64_available(xp)
         overwrite_G = legacy["overwrite_G"]
         if overwrite_G is True:
             warn_deprecated("overwrite_G=True (ignored: no W is stored)", "nothing")
@@ -158,6 +169,7 @@ class ShardedStaticIHVP(_static._BlockOperatorBase):
             check_finite=check_finite,
             refine=refine,
             progress=progress,
+            refusal=refusal,
         )
         agreed = shard.agreed
         self.comm = comm

@@ -28,8 +28,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from . import _capacitance, _engine, _pieces, _setup
-from ._compat import Array, device
+from ._compat import Array, array_namespace, device
 from ._dtypes import half_dtype_name
 from ._errors import FactorizationError
 from ._finite import check_finite, first_non_finite
@@ -61,6 +63,7 @@ _TAG_AGREE = ("StaticIHVP", "set-up options")
 _TAG_GRAM = ("StaticIHVP", "set-up Gram")
 _TAG_BUILD = ("StaticIHVP", "set-up factor")
 _TAG_PRODUCT = ("StaticIHVP", "product")
+_TAG_COLUMNS = ("StaticIHVP", "matmat columns")
 _TAG_INDICES = ("StaticIHVP", "entries indices")
 _TAG_ENTRIES = ("StaticIHVP", "entries")
 
@@ -139,10 +142,18 @@ def agree(
     check_finite: Any,
     overwrite_G: Any,
     progress: Any,
+    refusal: Exception | None = None,
 ) -> Agreed:
-    """Check this rank's arguments, exchange them and check that the ranks agree (one reduction)."""
+    """Check this rank's arguments, exchange them and check that the ranks agree (one reduction).
+
+    ``refusal``: this rank's G_local is no array (``xp`` is None); the reduction runs
+    in NumPy and every rank raises.
+    """
     size = comm.size
-    xp, dev, refusal = dask_refusal(xp, dev, "ShardedStaticIHVP")
+    if refusal is not None:
+        xp, dev = array_namespace(np.empty(0)), None
+    xp, dev, dask_error = dask_refusal(xp, dev, "ShardedStaticIHVP")
+    refusal = refusal or dask_error
 
     def local() -> Array:
         if refusal is not None:
@@ -312,9 +323,14 @@ def build(
     check_finite: Any,
     refine: Any,
     progress: Any,
+    refusal: Exception | None = None,
 ) -> ShardedStatic:
-    """The sharded set-up (docs/scaling.rst): collective, and the same decisions on every rank."""
-    dev = device(G)
+    """The sharded set-up (docs/scaling.rst): collective, and the same decisions on every rank.
+
+    ``refusal``: why this rank's G_local is no array (``xp`` is then None); every rank
+    raises in the first reduction.
+    """
+    dev = None if refusal is not None else device(G)
     agreed = agree(
         comm,
         xp,
@@ -326,6 +342,7 @@ def build(
         check_finite=check_finite,
         overwrite_G=overwrite_G,
         progress=progress,
+        refusal=refusal,
     )
     n = G.shape[1]
     size = comm.size
@@ -489,18 +506,25 @@ class ShardedStatic:
                     self.agreed.refine,
                 )
             return Y[:, 0] if one_d else Y
-        shape = tuple(getattr(x, "shape", ()))
-        # The number of columns is part of the collective call (as MPI's count): every
-        # rank passes the same k, so every payload has the same length.
-        k = 1 if vector else (int(shape[1]) if len(shape) == 2 else 1)
         m = self.agreed.num_grads
         G = self.G
         held: dict[str, Array] = {}
+        if vector:
+            k = 1
+        else:
+            # The payload's length m k must be the same on every rank: ranks whose k
+            # differ would reduce arrays of different lengths, which an engine cannot
+            # report (gloo aborts the process, the other ranks wait). So X is checked
+            # and k compared in a reduction of the status word alone first.
+            self._columns(comm, xp, dev, dtype, x, check=check, owner=owner, held=held)
+            k = int(held["X"].shape[1])
 
         def local() -> Array:
-            X = self._checked(xp, dev, dtype, x, vector=vector, check=check, owner=owner)
-            held["X"] = X
-            return xp.reshape(_engine.project(xp, G, X), (-1,))
+            if "X" not in held:
+                held["X"] = self._checked(
+                    xp, dev, dtype, x, vector=vector, check=check, owner=owner
+                )
+            return xp.reshape(_engine.project(xp, G, held["X"]), (-1,))
 
         # The projection G X summed in float64 on each rank, then over the ranks.
         P = reduce_checked(
@@ -530,6 +554,44 @@ class ShardedStatic:
                 self.agreed.refine,
             )
         return Y[:, 0] if one_d else Y
+
+    def _columns(
+        self,
+        comm: Communicator,
+        xp: Any,
+        dev: Any,
+        dtype: Any,
+        X: Any,
+        *,
+        check: bool,
+        owner: object,
+        held: dict[str, Array],
+    ) -> None:
+        """Check this rank's ``X`` of a full ``matmat`` and that every rank's k is the same.
+
+        One reduction of the status word alone; the checked ``X`` goes to ``held``.
+        """
+
+        def local() -> Array:
+            held["X"] = self._checked(xp, dev, dtype, X, vector=False, check=check, owner=owner)
+            return xp.zeros((0,), dtype=xp.float64, device=dev)
+
+        reduce_checked(
+            comm,
+            xp,
+            local,
+            length=0,
+            dtype=xp.float64,
+            device=dev,
+            what="matmat",
+            tag=self.agreed.tag(_TAG_COLUMNS),
+            agree=lambda: int(held["X"].shape[1]),
+            disagree=(
+                ValueError,
+                "matmat is collective: every rank must pass X with the same number of "
+                "columns k (the length of the reduction is m k), but they differ between ranks",
+            ),
+        )
 
     def _finish(self, xp: Any, X: Array, P: Array, dtype: Any) -> Array:
         """``(X - G^T C^{-1} P) / damp`` from the reduced ``P = G X``, summed in float64."""
