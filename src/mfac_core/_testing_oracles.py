@@ -316,14 +316,31 @@ def dense_inverse(G: Any, damp: float, *, block_size: int | None = None) -> np.n
     return out
 
 
-def extended_precision_inverse(G: Any, damp: float, x: Any) -> np.ndarray:
+def extended_precision_inverse(
+    G: Any, damp: float, x: Any, *, block_size: int | None = None
+) -> np.ndarray:
     """Apply ``F^{-1}`` to ``x`` in extended precision, for an error reference.
 
-    Woodbury's identity with the ``m x m`` capacitance matrix solved by Gaussian
-    elimination (it is symmetric positive definite), all in ``numpy.longdouble``
-    (80-bit extended precision on x86-64, about 3 more digits than float64; on
-    platforms where ``longdouble`` is float64 it is no better than float64).
-    Costs O(m^2 d + m^3) in Python-speed arithmetic: for small problems.
+    All in ``numpy.longdouble`` (80-bit extended precision on x86-64, about 3
+    more digits than float64; on platforms where ``longdouble`` is float64 it
+    is no better than float64), block by block, each block in the form that
+    is stable for it at any damping:
+
+    - a block of ``B > m`` coordinates by Woodbury's identity,
+      ``F_b^{-1} x_b = (x_b - G_b^T C^{-1} G_b x_b) / damp`` with the
+      ``m x m`` capacitance matrix ``C = G_b G_b^T + m damp I``;
+    - a block of ``B <= m`` coordinates by solving with the ``B x B`` block
+      ``F_b = damp I + G_b^T G_b / m`` itself. Woodbury's subtraction would
+      cancel there: for gradients of full column rank ``F_b^{-1} x_b`` is of
+      the size ``m ||x_b|| / mu_min(G_b^T G_b)``, far below the two terms'
+      ``||x_b|| / damp`` when the damping is tiny.
+
+    Both systems are symmetric positive definite and solved by Gaussian
+    elimination without pivoting. The relative error is a small multiple of
+    ``eps(longdouble) * kappa``, with ``kappa`` from :func:`condition_number`
+    with the same ``block_size``. Costs ``O(m d min(m, b))`` arithmetic,
+    with ``b`` the block size (``d`` for the full matrix), in NumPy's
+    ``longdouble`` loops rather than BLAS: for small problems.
 
     Parameters
     ----------
@@ -333,6 +350,10 @@ def extended_precision_inverse(G: Any, damp: float, x: Any) -> np.ndarray:
         The damping ``lambda > 0``.
     x : array_like, shape (d,)
         The vector.
+    block_size : int, optional
+        Apply the inverse of the block-diagonal F over consecutive blocks of
+        this many coordinates (the last block may be shorter), as
+        :func:`dense_inverse` does; ``None`` applies the full matrix's.
 
     Returns
     -------
@@ -343,9 +364,14 @@ def extended_precision_inverse(G: Any, damp: float, x: Any) -> np.ndarray:
     ------
     ValueError
         If ``G`` is not a non-empty 2-D array, ``x`` has another shape than
-        ``(d,)``, or ``damp`` is not finite and positive.
+        ``(d,)``, ``damp`` is not finite and positive, or ``block_size < 1``.
     TypeError
-        If ``damp`` is not a real number, or ``G`` or ``x`` is complex.
+        If ``damp`` is not a real number, ``block_size`` not an int, or ``G``
+        or ``x`` is complex.
+    numpy.linalg.LinAlgError
+        If a block's system is singular in extended precision (a pivot that
+        is not positive): only where ``eps(longdouble) * kappa`` is about 1
+        or more, and no digit of the result could be trusted.
 
     Examples
     --------
@@ -355,24 +381,50 @@ def extended_precision_inverse(G: Any, damp: float, x: Any) -> np.ndarray:
     >>> x = np.ones(8)
     >>> bool(np.allclose(extended_precision_inverse(G, 0.5, x), dense_inverse(G, 0.5) @ x))
     True
+    >>> got = extended_precision_inverse(G, 0.5, x, block_size=2)
+    >>> bool(np.allclose(got, dense_inverse(G, 0.5, block_size=2) @ x))
+    True
     """
     LD = np.longdouble
     Gl = as_grads(G).astype(LD)
     damp = check_damp(damp)
     xl = np.asarray(real_numpy(x, "x"), dtype=LD)
-    if xl.shape != (Gl.shape[1],):
-        raise ValueError(f"x must have shape ({Gl.shape[1]},), got {xl.shape}")
-    m = Gl.shape[0]
-    C = np.einsum("ik,jk->ij", Gl, Gl) + m * LD(damp) * np.eye(m, dtype=LD)
-    b = Gl @ xl
-    for k in range(m):
-        f = C[k + 1 :, k] / C[k, k]
-        C[k + 1 :, k:] -= f[:, None] * C[k, k:]
+    m, d = Gl.shape
+    if xl.shape != (d,):
+        raise ValueError(f"x must have shape ({d},), got {xl.shape}")
+    lam = LD(damp)
+    out = np.empty(d, dtype=LD)
+    for s in blocks(d, block_size):
+        Gb, xb = Gl[:, s], xl[s]
+        size = Gb.shape[1]
+        if size <= m:
+            Fb = (Gb.T @ Gb) / LD(m) + lam * np.eye(size, dtype=LD)
+            out[s] = _solve_spd(Fb, xb.copy())
+        else:
+            C = Gb @ Gb.T + LD(m) * lam * np.eye(m, dtype=LD)
+            out[s] = (xb - Gb.T @ _solve_spd(C, Gb @ xb)) / lam
+    return np.asarray(out, dtype=np.float64)
+
+
+def _solve_spd(A: np.ndarray, b: np.ndarray) -> np.ndarray:
+    # A z = b for a symmetric positive definite A by Gaussian elimination without pivoting
+    # (stable for such A), in A's dtype: NumPy's solvers have no longdouble. A and b are
+    # overwritten. A pivot that is not positive means A is singular to this precision:
+    # refused, where dividing by it gave NaN or infinity with only a RuntimeWarning.
+    n = A.shape[0]
+    for k in range(n):
+        if not A[k, k] > 0:
+            raise np.linalg.LinAlgError(
+                "F is singular in extended precision (a pivot of its solve is not positive): "
+                "its condition number is about 1 / eps(longdouble) or more"
+            )
+        f = A[k + 1 :, k] / A[k, k]
+        A[k + 1 :, k:] -= f[:, None] * A[k, k:]
         b[k + 1 :] -= f * b[k]
-    z = np.zeros(m, dtype=LD)
-    for k in range(m - 1, -1, -1):
-        z[k] = (b[k] - C[k, k + 1 :] @ z[k + 1 :]) / C[k, k]
-    return np.asarray((xl - Gl.T @ z) / LD(damp), dtype=np.float64)
+    z = np.zeros(n, dtype=A.dtype)
+    for k in range(n - 1, -1, -1):
+        z[k] = (b[k] - A[k, k + 1 :] @ z[k + 1 :]) / A[k, k]
+    return z
 
 
 def condition_number(G: Any, damp: float, *, block_size: int | None = None) -> float:

@@ -11,9 +11,11 @@ Everything here works in NumPy float64 and is meant for tests, not for speed:
   each block's small ``m x m`` Gram matrix; at a large condition number it
   stays accurate for generic vectors, where a dense float64 solve with ``F``
   loses ``log10(kappa)`` digits.
-- :func:`extended_precision_inverse` applies ``F^{-1}`` by Woodbury's identity in
-  ``numpy.longdouble``: a reference for vectors near the gradients' span, where
-  every float64 computation loses digits to cancellation.
+- :func:`extended_precision_inverse` applies ``F^{-1}`` (optionally
+  block-diagonal) in ``numpy.longdouble``, each block by Woodbury's identity or
+  by a solve with the block itself, whichever is stable for it: a reference
+  for vectors near the gradients' span, where every float64 computation loses
+  digits to cancellation.
 - :func:`paper_static` and :func:`paper_dynamic` are literal, loop-by-loop
   transcriptions of the paper's static (Eqs. 3-5) and dynamic (Eqs. 8-13)
   algorithms.
