@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import subprocess
 import sys
 import warnings
@@ -747,3 +748,93 @@ def test_extended_precision_inverse_refuses_a_system_singular_in_extended_precis
         extended_precision_inverse(np.ones((2, 5)), 1e-30, np.arange(5.0))
     with pytest.raises(TypeError, match="block_size"):
         extended_precision_inverse(G, 1.0, np.ones(2), block_size=1.5)
+
+
+@pytest.mark.parametrize("block_size", [None, 2])
+def test_spectral_oracle_kappa_is_the_condition_number_at_a_tiny_damping(block_size):
+    # Regression: for blocks of B <= m coordinates SpectralOracle.kappa was f[-1] / f[0] of
+    # F_b's eigenvalues; with identical gradients at damp 1e-17 the smallest (damp) was lost
+    # in rounding and came out <= 0, and kappa was 1 where condition_number gives 4e16.
+    g = np.array([[1.0, -0.5, 1.25, 0.75]])
+    G = np.repeat(g, 6, axis=0)
+    damp = 1e-17
+    kappa = SpectralOracle(G, damp, block_size=block_size).kappa
+    assert kappa == condition_number(G, damp, block_size=block_size)
+    # Each block's null space has the eigenvalue damp, its range damp + |g_b|^2.
+    b = block_size or 4
+    want = max(1 + float(g[0, s : s + b] @ g[0, s : s + b]) / damp for s in range(0, 4, b))
+    assert abs(kappa - want) <= 1e-6 * want
+
+
+def test_oracles_refuse_non_finite_gradients():
+    # Regression: NaN gradients gave condition_number 1.0 (max(1.0, nan)), a NaN dense
+    # inverse and SpectralOracle, and a "singular" extended-precision solve.
+    x = np.ones(2)
+    calls = {
+        "empirical_fisher_dense": lambda G: empirical_fisher_dense(G, 1.0),
+        "dense_inverse": lambda G: dense_inverse(G, 1.0),
+        "condition_number": lambda G: condition_number(G, 1.0),
+        "SpectralOracle": lambda G: SpectralOracle(G, 1.0),
+        "extended_precision_inverse": lambda G: extended_precision_inverse(G, 1.0, x),
+        "paper_static": lambda G: paper_static(G, 1.0),
+        "paper_dynamic": lambda G: paper_dynamic(G, 1.0),
+    }
+    for name, call in calls.items():
+        for bad, shown in ((math.nan, "nan"), (-math.inf, "-inf")):
+            G = np.ones((3, 2))
+            G[1, 1] = bad
+            with pytest.raises(
+                ValueError, match=rf"G must not contain NaN or infinity: G\[1, 1\] is {shown}"
+            ):
+                call(G)
+            assert np.isnan(G[1, 1]) if math.isnan(bad) else G[1, 1] == bad, name  # untouched
+
+
+def test_paper_oracles_check_damp_and_x():
+    # Regression: the paper's transcriptions read damp with float() (a string was taken,
+    # NaN and 0 gave NaN references) and took a short or 2-D x to NumPy's errors deep in
+    # their loops ("setting an array element with a sequence").
+    G = np.arange(1.0, 7.0).reshape(2, 3)
+    for make in (paper_static, paper_dynamic):
+        with pytest.raises(TypeError, match="damp must be a real number"):
+            make(G, "1")
+        for bad in (math.nan, 0.0, -1.0):
+            with pytest.raises(ValueError, match="damp must be finite and > 0"):
+                make(G, bad)
+        oracle = make(G, 0.5)
+        for x in (np.ones(2), np.ones((3, 2)), np.ones((1, 3))):
+            with pytest.raises(
+                ValueError, match=re.escape(f"x must have shape (3,), got {x.shape}")
+            ):
+                oracle.matvec(x)
+        assert_close(oracle.matvec([1.0, -1.0, 2.0]), dense_inverse(G, 0.5) @ [1.0, -1.0, 2.0])
+
+
+def test_problems_refuses_bounds_that_are_not_ints():
+    # Regression: max_m=2.5 reached Hypothesis's InvalidArgument only when drawing, True
+    # was taken as 1, and block_sizes="no" drew block sizes.
+    for kw in ({"max_m": 2.5}, {"max_d": True}, {"max_m": "8"}):
+        with pytest.raises(TypeError, match=f"{next(iter(kw))} must be an int"):
+            problems(**kw)
+    with pytest.raises(TypeError, match="block_sizes must be True or False"):
+        problems(block_sizes="no")
+    with pytest.raises(ValueError, match="max_d must be >= 1"):
+        problems(max_d=0)
+    problems(max_m=np.int64(3), block_sizes=np.bool_(False))  # NumPy's ints and bools are
+
+
+@pytest.mark.parametrize("damp", [2.0**-30, 2.0**-45])
+def test_spectral_oracle_keeps_a_generic_vector_accurate_in_rank_deficient_small_blocks(damp):
+    # Regression: a block of B <= m coordinates took F_b's eigenvalues from eigh, whose
+    # smallest (damp, on the null space of rank-deficient gradients) carries an absolute
+    # error eps * ||F_b||: a generic vector's result, dominated by x's null-space part
+    # times 1 / damp, lost log10(kappa) digits (relative error 1e-3 at damp 2**-40, kappa
+    # 8e12), and at 2**-60 the eigenvalue came out <= 0 (a wrong sign, or a division by
+    # zero). The eigenvalues are now damp + |G_b q|^2 / m. The vector has a null-space part, so the
+    # result is well conditioned in it: eps-level, against an exact rational reference.
+    G = np.array([[1, 2, 3], [2, -1, 1], [0, 3, 3], [-2, 1, -1], [1, 1, 2]], dtype=np.float64)
+    x = np.array([3.0, -1.0, 1.0])  # its part along the null vector (1, 1, -1) is 1/3
+    want = _exact_solve(G, damp, x)
+    for block_size in (None, 3):
+        got = SpectralOracle(G, damp, block_size=block_size).matvec(x)
+        assert np.linalg.norm(got - want) <= 20 * EPS64 * np.linalg.norm(want)

@@ -22,6 +22,7 @@ from ._compat import (
     is_cupy_namespace,
     is_torch_namespace,
 )
+from ._finite import non_finite_error
 from ._validation import check_block_size, check_damp, check_number, scalar_value
 
 # -- conversion ---------------------------------------------------------------------------
@@ -195,13 +196,18 @@ def as_grads(G: Any) -> np.ndarray:
     Raises
     ------
     ValueError
-        If ``G`` is not a non-empty 2-D array.
+        If ``G`` is not a non-empty 2-D array, or holds NaN or infinity.
     TypeError
         If ``G`` is complex.
     """
     G = np.asarray(real_numpy(G, "G"), dtype=np.float64)
     if G.ndim != 2 or G.shape[0] == 0 or G.shape[1] == 0:
         raise ValueError(f"G must be a non-empty 2-D array (m, d), got shape {G.shape}")
+    # As the operators refuse them: NaN gradients gave condition_number 1.0 (max(1.0, nan)),
+    # a NaN dense inverse, and a "singular" extended solve.
+    error = non_finite_error(np, G, "G")
+    if error is not None:
+        raise error
     return G
 
 
@@ -256,8 +262,9 @@ def empirical_fisher_dense(G: Any, damp: float, *, block_size: int | None = None
     Raises
     ------
     ValueError
-        If ``G`` is not a non-empty 2-D array, ``block_size < 1``, or
-        ``damp`` is NaN or infinite (0 and negative dampings are taken).
+        If ``G`` is not a non-empty 2-D array or holds NaN or infinity,
+        ``block_size < 1``, or ``damp`` is NaN or infinite (0 and negative
+        dampings are taken).
     TypeError
         If ``G`` is complex, or ``damp`` is not a real number.
     """
@@ -299,13 +306,14 @@ def dense_inverse(G: Any, damp: float, *, block_size: int | None = None) -> np.n
     Raises
     ------
     ValueError
-        If ``G`` is not a non-empty 2-D array, ``block_size < 1``, or
-        ``damp`` is NaN or infinite.
+        If ``G`` is not a non-empty 2-D array or holds NaN or infinity,
+        ``block_size < 1``, or ``damp`` is NaN or infinite.
     TypeError
         If ``G`` is complex, or ``damp`` is not a real number.
     numpy.linalg.LinAlgError
         If a block of ``F`` is exactly singular in float64, as it can be
-        for ``damp <= 0``.
+        for ``damp <= 0``, or for a damping below ``eps(float64)`` times the
+        gradients' squared norms where they are rank-deficient.
     """
     F = empirical_fisher_dense(G, damp, block_size=block_size)
     out = np.zeros_like(F)
@@ -363,8 +371,9 @@ def extended_precision_inverse(
     Raises
     ------
     ValueError
-        If ``G`` is not a non-empty 2-D array, ``x`` has another shape than
-        ``(d,)``, ``damp`` is not finite and positive, or ``block_size < 1``.
+        If ``G`` is not a non-empty 2-D array or holds NaN or infinity, ``x``
+        has another shape than ``(d,)``, ``damp`` is not finite and positive,
+        or ``block_size < 1``.
     TypeError
         If ``damp`` is not a real number, ``block_size`` not an int, or ``G``
         or ``x`` is complex.
@@ -460,8 +469,8 @@ def condition_number(G: Any, damp: float, *, block_size: int | None = None) -> f
     Raises
     ------
     ValueError
-        If ``G`` is not a non-empty 2-D array, ``block_size < 1``, or
-        ``damp`` is not finite and positive.
+        If ``G`` is not a non-empty 2-D array or holds NaN or infinity,
+        ``block_size < 1``, or ``damp`` is not finite and positive.
     TypeError
         If ``G`` is complex.
     """
@@ -471,11 +480,12 @@ def condition_number(G: Any, damp: float, *, block_size: int | None = None) -> f
     kappa = 1.0
     for s in blocks(d, block_size):
         Gb = G[:, s]
-        if Gb.shape[1] <= m:
-            mu = np.linalg.eigvalsh(Gb.T @ Gb)
-            lo, hi = max(float(mu[0]), 0.0), max(float(mu[-1]), 0.0)
-        else:
-            lo, hi = 0.0, max(float(np.linalg.eigvalsh(Gb @ Gb.T)[-1]), 0.0)
+        # The singular values of G_b, not the eigenvalues of G_b^T G_b: those resolve mu_min
+        # only to eps * mu_max, and a rank-deficient block's came out as rounding (1e-16)
+        # above the damping, a kappa of 1.25e17 where it is 2.1e17.
+        sv = np.linalg.svd(Gb, compute_uv=False)
+        hi = float(sv[0]) ** 2
+        lo = float(sv[-1]) ** 2 if Gb.shape[1] <= m else 0.0
         kappa = max(kappa, (lam + hi / m) / (lam + lo / m))
     return kappa
 
@@ -506,9 +516,13 @@ class SpectralOracle:
     whatever the damping, unlike a dense solve with F. A block of
     ``B <= m`` coordinates may have no null space, and then the projector
     ``I - V V^T`` would only add rounding errors of size ``eps / lambda``;
-    such a block uses ``F_b = Q diag(f) Q^T`` (``eigh`` of the ``B x B``
-    block) and ``F_b^{-1} = Q diag(1/f) Q^T``, accurate to
-    ``eps(float64) * cond(F_b)``.
+    such a block uses the eigenvectors ``Q`` of the ``B x B`` block
+    (``eigh``) and ``F_b^{-1} = Q diag(1/f) Q^T`` with the eigenvalues
+    recomputed as ``f_i = lambda + ||G_b q_i||^2 / m``, accurate to a small
+    multiple of ``eps(float64) * kappa`` too: the damping is added to values
+    computed without it, so that a null space of rank-deficient gradients
+    keeps the eigenvalue ``1 / lambda`` however small the damping, and a
+    generic vector's result stays accurate there as well.
 
     Parameters
     ----------
@@ -532,8 +546,8 @@ class SpectralOracle:
     Raises
     ------
     ValueError
-        If ``G`` is not a non-empty 2-D array, ``damp`` is not finite and
-        positive, or ``block_size < 1``.
+        If ``G`` is not a non-empty 2-D array or holds NaN or infinity,
+        ``damp`` is not finite and positive, or ``block_size < 1``.
     TypeError
         If ``G`` is complex, or ``block_size`` is not an int.
     """
@@ -547,25 +561,32 @@ class SpectralOracle:
         self.shape = (d, d)
         eps = float(np.finfo(np.float64).eps)
         self._blocks: list[_SpectralBlock] = []
-        kappa = 1.0
         for s in blocks(d, block_size):
             Gb = G[:, s]
             size = Gb.shape[1]
             if size <= m:
                 Fb = Gb.T @ Gb / m
                 Fb[np.diag_indices(size)] += lam
-                f, Q = np.linalg.eigh(Fb)
-                kappa = max(kappa, float(f[-1] / f[0]))
+                _, Q = np.linalg.eigh(Fb)
+                # The eigenvalues as damp + |G_b q|^2 / m, not eigh's: where the gradients
+                # are rank-deficient, F_b's smallest eigenvalue (damp) is lost in rounding
+                # at a tiny damping and came out 0 or negative (1 / f divided by zero or
+                # flipped a sign), and even at kappa 4e11 it was off enough to cost a generic
+                # vector's result log10(kappa) digits. |G_b q| of a null-space q is only
+                # rounding, so damp is kept there; elsewhere it is accurate to eps relatively.
+                f = lam + np.sum((Gb @ Q) ** 2, axis=0) / m
                 self._blocks.append(_SpectralBlock(s, Q, 1.0 / f, False))
                 continue
             sigma, U = np.linalg.eigh(Gb @ Gb.T)
             smax = max(float(sigma[-1]), 0.0)
-            kappa = max(kappa, 1.0 + smax / (m * lam))
             keep = sigma > max(m, size) * eps * smax
             sigma, U = sigma[keep], U[:, keep]
             V = (Gb.T @ U) / np.sqrt(sigma)
             self._blocks.append(_SpectralBlock(s, V, 1.0 / (lam + sigma / m), True))
-        self.kappa = kappa
+        # Not f[-1] / f[0] of the eigenvalues of F_b: where the gradients are rank-deficient
+        # and the damping tiny, f[0] (damp) is lost in rounding and may come out negative,
+        # which made kappa 1 where it is 4e16 (condition_number keeps the null space's damp).
+        self.kappa = condition_number(G, lam, block_size=block_size)
 
     def matmat(self, X: Any) -> np.ndarray:
         """Apply ``F^{-1}`` to the columns of a matrix.
