@@ -32,8 +32,8 @@ def to_numpy(x: Any) -> np.ndarray:
     """An array of any supported library as a NumPy array on the host.
 
     For tests only: it moves data off devices and out of other libraries,
-    which the operators themselves never do. NumPy floating arrays are
-    returned as they are (no copy); other libraries' arrays are copied.
+    which the operators themselves never do. NumPy floating arrays of 4
+    bytes or more are returned as they are (no copy); other arrays are copied.
 
     Parameters
     ----------
@@ -449,7 +449,12 @@ def condition_number(G: Any, damp: float, *, block_size: int | None = None) -> f
     the scale of the rounding errors of the M-FAC products. A block of
     ``B <= m`` coordinates whose gradients have full column rank is better
     conditioned: ``(damp + mu_max / m) / (damp + mu_min / m)`` with ``mu`` the
-    eigenvalues of ``G_b^T G_b``; that is what is returned for it.
+    eigenvalues of ``G_b^T G_b``; that is what is returned for it. A
+    computation in the Woodbury form does not profit from that: its errors
+    scale with ``1 + lambda_max(G_b G_b^T) / (m damp)`` on every block
+    (:func:`paper_static`, :func:`paper_dynamic`, and
+    :class:`~mfac_core.DynamicIHVP`, which always takes it), which is the
+    ``kappa`` to give :func:`assert_close` for them.
 
     Parameters
     ----------

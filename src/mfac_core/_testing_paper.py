@@ -147,7 +147,10 @@ def paper_static(G: Any, damp: float) -> PaperStatic:
     Precomputes ``v_i = F_{i-1}^{-1} g_i`` in increasing ``i`` with plain
     Python loops and ``q_i = m + g_i^T v_i``, where
     ``F_i = damp I + (1/m) sum_{j <= i} g_j g_j^T``. An oracle for small
-    problems; speed is irrelevant.
+    problems; speed is irrelevant. Like every Woodbury form its rounding
+    errors scale with ``1 + ||G||_2^2 / (m damp)``, also where ``d <= m``
+    and :func:`condition_number` is far smaller (``d = 1``, ``m = 5``,
+    ``damp = 1e-5``: an error of 7e3 ``eps`` where ``condition_number`` is 1).
 
     Parameters
     ----------
@@ -282,6 +285,9 @@ def paper_dynamic(G: Any, damp: float) -> PaperDynamic:
     ``p = G x``, the recursion (11)-(12) for the ``q_i`` and finally (13).
     The ``m`` in the denominators is the number of gradients
     (``F = damp I + G^T G / m``). Plain Python loops, for small problems.
+    Like every Woodbury form its rounding errors scale with
+    ``1 + ||G||_2^2 / (m damp)``, also where ``d <= m`` and
+    :func:`condition_number` is far smaller.
 
     Parameters
     ----------
