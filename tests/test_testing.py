@@ -764,6 +764,9 @@ def test_spectral_oracle_kappa_is_the_condition_number_at_a_tiny_damping(block_s
     b = block_size or 4
     want = max(1 + float(g[0, s : s + b] @ g[0, s : s + b]) / damp for s in range(0, 4, b))
     assert abs(kappa - want) <= 1e-6 * want
+    # F(s G, s^2 damp) = s^2 F(G, damp): the same kappa, where G_b^T G_b overflowed (inf).
+    scaled = condition_number(1e160 * G, 1e160 * (1e160 * damp), block_size=block_size)
+    assert abs(scaled - want) <= 1e-6 * want
 
 
 def test_oracles_refuse_non_finite_gradients():

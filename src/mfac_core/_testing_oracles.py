@@ -9,6 +9,7 @@ are the conversions the other oracles (``_testing_paper``) share.
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -483,15 +484,19 @@ def condition_number(G: Any, damp: float, *, block_size: int | None = None) -> f
     m, d = G.shape
     lam = check_damp(damp)  # at 0 the ratio divides by zero; below, it is no kappa
     kappa = 1.0
+    # The singular values over sqrt(m damp), squared: (1 + t_max^2) / (1 + t_min^2) is kappa
+    # without forming G_b^T G_b, which overflowed for gradients of 1e160 (kappa inf where it
+    # is 1e21 at damp 1e300) and resolves mu_min only to eps * mu_max (a rank-deficient
+    # block's came out as rounding above the damping: 1.25e17 where kappa is 2.1e17).
+    root = math.sqrt(m) * math.sqrt(lam)
     for s in blocks(d, block_size):
         Gb = G[:, s]
-        # The singular values of G_b, not the eigenvalues of G_b^T G_b: those resolve mu_min
-        # only to eps * mu_max, and a rank-deficient block's came out as rounding (1e-16)
-        # above the damping, a kappa of 1.25e17 where it is 2.1e17.
         sv = np.linalg.svd(Gb, compute_uv=False)
-        hi = float(sv[0]) ** 2
-        lo = float(sv[-1]) ** 2 if Gb.shape[1] <= m else 0.0
-        kappa = max(kappa, (lam + hi / m) / (lam + lo / m))
+        with np.errstate(over="ignore"):  # a kappa beyond float64's range is inf
+            t = sv / root
+            hi = float(np.square(t[0]))
+        lo = float(np.square(t[-1])) if Gb.shape[1] <= m else 0.0
+        kappa = max(kappa, (1.0 + hi) / (1.0 + lo) if math.isfinite(hi) else math.inf)
     return kappa
 
 
