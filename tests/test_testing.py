@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import subprocess
 import sys
 import warnings
@@ -687,3 +688,156 @@ def test_extended_precision_inverse_against_the_dense_inverse(rng):
     got = extended_precision_inverse(G, damp, x)
     want = SpectralOracle(G, damp).matvec(x)
     assert np.linalg.norm(got - want) <= 1e-4 * np.linalg.norm(want)
+
+
+def _exact_solve(G: np.ndarray, damp: float, x: np.ndarray) -> np.ndarray:
+    """``F^{-1} x`` in exact rational arithmetic, rounded once to float64 (tiny d only)."""
+    from fractions import Fraction
+
+    m, d = G.shape
+    F = [
+        [
+            Fraction(damp) * (i == j)
+            + sum(Fraction(G[k, i]) * Fraction(G[k, j]) for k in range(m)) / m
+            for j in range(d)
+        ]
+        for i in range(d)
+    ]
+    b = [Fraction(v) for v in x]
+    for k in range(d):
+        for i in range(k + 1, d):
+            f = F[i][k] / F[k][k]
+            F[i] = [F[i][j] - f * F[k][j] for j in range(d)]
+            b[i] -= f * b[k]
+    z = [Fraction(0)] * d
+    for k in range(d - 1, -1, -1):
+        z[k] = (b[k] - sum(F[k][j] * z[j] for j in range(k + 1, d))) / F[k][k]
+    return np.array([float(v) for v in z])
+
+
+@pytest.mark.parametrize("damp", [1.0, 2.0**-30, 2.0**-53, 1e-16, 2.0**-70])
+@pytest.mark.parametrize(
+    ("m", "d", "block_size"), [(4, 3, None), (5, 5, None), (3, 6, 2), (2, 7, 3)]
+)
+def test_extended_precision_inverse_exact_at_tiny_damping(m, d, block_size, damp):
+    # Regression: Woodbury's (x - G^T C^{-1} G x) / damp cancelled for blocks of B <= m
+    # coordinates at a tiny damping (relative error 5e-4 at m = 4, d = 3, damp = 2**-53, NaN
+    # at 2**-70, though kappa ~ 10); such blocks are now solved with F_b itself. Against an
+    # exact rational reference on integer-valued gradients.
+    rng = np.random.default_rng(m * 100 + d)
+    G = rng.integers(-3, 4, size=(m, d)).astype(np.float64)
+    x = rng.integers(-3, 4, size=d).astype(np.float64)
+    b = block_size or d
+    want = np.concatenate(
+        [_exact_solve(G[:, s : s + b], damp, x[s : s + b]) for s in range(0, d, b)]
+    )
+    kw = {} if block_size is None else {"block_size": block_size}
+    got = extended_precision_inverse(G, damp, x, **kw)
+    kappa = condition_number(G, damp, block_size=block_size)
+    eps_ld = float(np.finfo(np.longdouble).eps)
+    # Rounded once to float64, beside the extended computation's own eps(longdouble) kappa.
+    assert np.linalg.norm(got - want) <= 10 * (EPS64 + eps_ld * kappa) * np.linalg.norm(want)
+
+
+def test_extended_precision_inverse_refuses_a_system_singular_in_extended_precision():
+    # Regression: a zero pivot divided 0 by 0 into a NaN result, with a RuntimeWarning only.
+    G = np.ones((2, 2))
+    with pytest.raises(np.linalg.LinAlgError, match="singular in extended precision"):
+        extended_precision_inverse(G, 1e-30, np.array([1.0, -1.0]))
+    with pytest.raises(np.linalg.LinAlgError, match="singular in extended precision"):
+        extended_precision_inverse(np.ones((2, 5)), 1e-30, np.arange(5.0))
+    with pytest.raises(TypeError, match="block_size"):
+        extended_precision_inverse(G, 1.0, np.ones(2), block_size=1.5)
+
+
+@pytest.mark.parametrize("block_size", [None, 2])
+def test_spectral_oracle_kappa_is_the_condition_number_at_a_tiny_damping(block_size):
+    # Regression: for blocks of B <= m coordinates SpectralOracle.kappa was f[-1] / f[0] of
+    # F_b's eigenvalues; with identical gradients at damp 1e-17 the smallest (damp) was lost
+    # in rounding and came out <= 0, and kappa was 1 where condition_number gives 4e16.
+    g = np.array([[1.0, -0.5, 1.25, 0.75]])
+    G = np.repeat(g, 6, axis=0)
+    damp = 1e-17
+    kappa = SpectralOracle(G, damp, block_size=block_size).kappa
+    assert kappa == condition_number(G, damp, block_size=block_size)
+    # Each block's null space has the eigenvalue damp, its range damp + |g_b|^2.
+    b = block_size or 4
+    want = max(1 + float(g[0, s : s + b] @ g[0, s : s + b]) / damp for s in range(0, 4, b))
+    assert abs(kappa - want) <= 1e-6 * want
+    # F(s G, s^2 damp) = s^2 F(G, damp): the same kappa, where G_b^T G_b overflowed (inf).
+    scaled = condition_number(1e160 * G, 1e160 * (1e160 * damp), block_size=block_size)
+    assert abs(scaled - want) <= 1e-6 * want
+
+
+def test_oracles_refuse_non_finite_gradients():
+    # Regression: NaN gradients gave condition_number 1.0 (max(1.0, nan)), a NaN dense
+    # inverse and SpectralOracle, and a "singular" extended-precision solve.
+    x = np.ones(2)
+    calls = {
+        "empirical_fisher_dense": lambda G: empirical_fisher_dense(G, 1.0),
+        "dense_inverse": lambda G: dense_inverse(G, 1.0),
+        "condition_number": lambda G: condition_number(G, 1.0),
+        "SpectralOracle": lambda G: SpectralOracle(G, 1.0),
+        "extended_precision_inverse": lambda G: extended_precision_inverse(G, 1.0, x),
+        "paper_static": lambda G: paper_static(G, 1.0),
+        "paper_dynamic": lambda G: paper_dynamic(G, 1.0),
+    }
+    for name, call in calls.items():
+        for bad, shown in ((math.nan, "nan"), (-math.inf, "-inf")):
+            G = np.ones((3, 2))
+            G[1, 1] = bad
+            with pytest.raises(
+                ValueError, match=rf"G must not contain NaN or infinity: G\[1, 1\] is {shown}"
+            ):
+                call(G)
+            assert np.isnan(G[1, 1]) if math.isnan(bad) else G[1, 1] == bad, name  # untouched
+
+
+def test_paper_oracles_check_damp_and_x():
+    # Regression: the paper's transcriptions read damp with float() (a string was taken,
+    # NaN and 0 gave NaN references) and took a short or 2-D x to NumPy's errors deep in
+    # their loops ("setting an array element with a sequence").
+    G = np.arange(1.0, 7.0).reshape(2, 3)
+    for make in (paper_static, paper_dynamic):
+        with pytest.raises(TypeError, match="damp must be a real number"):
+            make(G, "1")
+        for bad in (math.nan, 0.0, -1.0):
+            with pytest.raises(ValueError, match="damp must be finite and > 0"):
+                make(G, bad)
+        oracle = make(G, 0.5)
+        for x in (np.ones(2), np.ones((3, 2)), np.ones((1, 3))):
+            with pytest.raises(
+                ValueError, match=re.escape(f"x must have shape (3,), got {x.shape}")
+            ):
+                oracle.matvec(x)
+        assert_close(oracle.matvec([1.0, -1.0, 2.0]), dense_inverse(G, 0.5) @ [1.0, -1.0, 2.0])
+
+
+def test_problems_refuses_bounds_that_are_not_ints():
+    # Regression: max_m=2.5 reached Hypothesis's InvalidArgument only when drawing, True
+    # was taken as 1, and block_sizes="no" drew block sizes.
+    for kw in ({"max_m": 2.5}, {"max_d": True}, {"max_m": "8"}):
+        with pytest.raises(TypeError, match=f"{next(iter(kw))} must be an int"):
+            problems(**kw)
+    with pytest.raises(TypeError, match="block_sizes must be True or False"):
+        problems(block_sizes="no")
+    with pytest.raises(ValueError, match="max_d must be >= 1"):
+        problems(max_d=0)
+    problems(max_m=np.int64(3), block_sizes=np.bool_(False))  # NumPy's ints and bools are
+
+
+@pytest.mark.parametrize("damp", [2.0**-30, 2.0**-45])
+def test_spectral_oracle_keeps_a_generic_vector_accurate_in_rank_deficient_small_blocks(damp):
+    # Regression: a block of B <= m coordinates took F_b's eigenvalues from eigh, whose
+    # smallest (damp, on the null space of rank-deficient gradients) carries an absolute
+    # error eps * ||F_b||: a generic vector's result, dominated by x's null-space part
+    # times 1 / damp, lost log10(kappa) digits (relative error 1e-3 at damp 2**-40, kappa
+    # 8e12), and at 2**-60 the eigenvalue came out <= 0 (a wrong sign, or a division by
+    # zero). The eigenvalues are now damp + |G_b q|^2 / m. The vector has a null-space part, so the
+    # result is well conditioned in it: eps-level, against an exact rational reference.
+    G = np.array([[1, 2, 3], [2, -1, 1], [0, 3, 3], [-2, 1, -1], [1, 1, 2]], dtype=np.float64)
+    x = np.array([3.0, -1.0, 1.0])  # its part along the null vector (1, 1, -1) is 1/3
+    want = _exact_solve(G, damp, x)
+    for block_size in (None, 3):
+        got = SpectralOracle(G, damp, block_size=block_size).matvec(x)
+        assert np.linalg.norm(got - want) <= 20 * EPS64 * np.linalg.norm(want)

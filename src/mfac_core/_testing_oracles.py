@@ -9,6 +9,7 @@ are the conversions the other oracles (``_testing_paper``) share.
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from ._compat import (
     is_cupy_namespace,
     is_torch_namespace,
 )
+from ._finite import non_finite_error
 from ._validation import check_block_size, check_damp, check_number, scalar_value
 
 # -- conversion ---------------------------------------------------------------------------
@@ -31,8 +33,8 @@ def to_numpy(x: Any) -> np.ndarray:
     """An array of any supported library as a NumPy array on the host.
 
     For tests only: it moves data off devices and out of other libraries,
-    which the operators themselves never do. NumPy floating arrays are
-    returned as they are (no copy); other libraries' arrays are copied.
+    which the operators themselves never do. NumPy floating arrays of 4
+    bytes or more are returned as they are (no copy); other arrays are copied.
 
     Parameters
     ----------
@@ -195,13 +197,18 @@ def as_grads(G: Any) -> np.ndarray:
     Raises
     ------
     ValueError
-        If ``G`` is not a non-empty 2-D array.
+        If ``G`` is not a non-empty 2-D array, or holds NaN or infinity.
     TypeError
         If ``G`` is complex.
     """
     G = np.asarray(real_numpy(G, "G"), dtype=np.float64)
     if G.ndim != 2 or G.shape[0] == 0 or G.shape[1] == 0:
         raise ValueError(f"G must be a non-empty 2-D array (m, d), got shape {G.shape}")
+    # As the operators refuse them: NaN gradients gave condition_number 1.0 (max(1.0, nan)),
+    # a NaN dense inverse, and a "singular" extended solve.
+    error = non_finite_error(np, G, "G")
+    if error is not None:
+        raise error
     return G
 
 
@@ -256,8 +263,9 @@ def empirical_fisher_dense(G: Any, damp: float, *, block_size: int | None = None
     Raises
     ------
     ValueError
-        If ``G`` is not a non-empty 2-D array, ``block_size < 1``, or
-        ``damp`` is NaN or infinite (0 and negative dampings are taken).
+        If ``G`` is not a non-empty 2-D array or holds NaN or infinity,
+        ``block_size < 1``, or ``damp`` is NaN or infinite (0 and negative
+        dampings are taken).
     TypeError
         If ``G`` is complex, or ``damp`` is not a real number.
     """
@@ -299,13 +307,14 @@ def dense_inverse(G: Any, damp: float, *, block_size: int | None = None) -> np.n
     Raises
     ------
     ValueError
-        If ``G`` is not a non-empty 2-D array, ``block_size < 1``, or
-        ``damp`` is NaN or infinite.
+        If ``G`` is not a non-empty 2-D array or holds NaN or infinity,
+        ``block_size < 1``, or ``damp`` is NaN or infinite.
     TypeError
         If ``G`` is complex, or ``damp`` is not a real number.
     numpy.linalg.LinAlgError
         If a block of ``F`` is exactly singular in float64, as it can be
-        for ``damp <= 0``.
+        for ``damp <= 0``, or for a damping below ``eps(float64)`` times the
+        gradients' squared norms where they are rank-deficient.
     """
     F = empirical_fisher_dense(G, damp, block_size=block_size)
     out = np.zeros_like(F)
@@ -316,14 +325,31 @@ def dense_inverse(G: Any, damp: float, *, block_size: int | None = None) -> np.n
     return out
 
 
-def extended_precision_inverse(G: Any, damp: float, x: Any) -> np.ndarray:
+def extended_precision_inverse(
+    G: Any, damp: float, x: Any, *, block_size: int | None = None
+) -> np.ndarray:
     """Apply ``F^{-1}`` to ``x`` in extended precision, for an error reference.
 
-    Woodbury's identity with the ``m x m`` capacitance matrix solved by Gaussian
-    elimination (it is symmetric positive definite), all in ``numpy.longdouble``
-    (80-bit extended precision on x86-64, about 3 more digits than float64; on
-    platforms where ``longdouble`` is float64 it is no better than float64).
-    Costs O(m^2 d + m^3) in Python-speed arithmetic: for small problems.
+    All in ``numpy.longdouble`` (80-bit extended precision on x86-64, about 3
+    more digits than float64; on platforms where ``longdouble`` is float64 it
+    is no better than float64), block by block, each block in the form that
+    is stable for it at any damping:
+
+    - a block of ``B > m`` coordinates by Woodbury's identity,
+      ``F_b^{-1} x_b = (x_b - G_b^T C^{-1} G_b x_b) / damp`` with the
+      ``m x m`` capacitance matrix ``C = G_b G_b^T + m damp I``;
+    - a block of ``B <= m`` coordinates by solving with the ``B x B`` block
+      ``F_b = damp I + G_b^T G_b / m`` itself. Woodbury's subtraction would
+      cancel there: for gradients of full column rank ``F_b^{-1} x_b`` is of
+      the size ``m ||x_b|| / mu_min(G_b^T G_b)``, far below the two terms'
+      ``||x_b|| / damp`` when the damping is tiny.
+
+    Both systems are symmetric positive definite and solved by Gaussian
+    elimination without pivoting. The relative error is a small multiple of
+    ``eps(longdouble) * kappa``, with ``kappa`` from :func:`condition_number`
+    with the same ``block_size``. Costs ``O(m d min(m, b))`` arithmetic,
+    with ``b`` the block size (``d`` for the full matrix), in NumPy's
+    ``longdouble`` loops rather than BLAS: for small problems.
 
     Parameters
     ----------
@@ -333,6 +359,10 @@ def extended_precision_inverse(G: Any, damp: float, x: Any) -> np.ndarray:
         The damping ``lambda > 0``.
     x : array_like, shape (d,)
         The vector.
+    block_size : int, optional
+        Apply the inverse of the block-diagonal F over consecutive blocks of
+        this many coordinates (the last block may be shorter), as
+        :func:`dense_inverse` does; ``None`` applies the full matrix's.
 
     Returns
     -------
@@ -342,10 +372,16 @@ def extended_precision_inverse(G: Any, damp: float, x: Any) -> np.ndarray:
     Raises
     ------
     ValueError
-        If ``G`` is not a non-empty 2-D array, ``x`` has another shape than
-        ``(d,)``, or ``damp`` is not finite and positive.
+        If ``G`` is not a non-empty 2-D array or holds NaN or infinity, ``x``
+        has another shape than ``(d,)``, ``damp`` is not finite and positive,
+        or ``block_size < 1``.
     TypeError
-        If ``damp`` is not a real number, or ``G`` or ``x`` is complex.
+        If ``damp`` is not a real number, ``block_size`` not an int, or ``G``
+        or ``x`` is complex.
+    numpy.linalg.LinAlgError
+        If a block's system is singular in extended precision (a pivot that
+        is not positive): only where ``eps(longdouble) * kappa`` is about 1
+        or more, and no digit of the result could be trusted.
 
     Examples
     --------
@@ -355,24 +391,50 @@ def extended_precision_inverse(G: Any, damp: float, x: Any) -> np.ndarray:
     >>> x = np.ones(8)
     >>> bool(np.allclose(extended_precision_inverse(G, 0.5, x), dense_inverse(G, 0.5) @ x))
     True
+    >>> got = extended_precision_inverse(G, 0.5, x, block_size=2)
+    >>> bool(np.allclose(got, dense_inverse(G, 0.5, block_size=2) @ x))
+    True
     """
     LD = np.longdouble
     Gl = as_grads(G).astype(LD)
     damp = check_damp(damp)
     xl = np.asarray(real_numpy(x, "x"), dtype=LD)
-    if xl.shape != (Gl.shape[1],):
-        raise ValueError(f"x must have shape ({Gl.shape[1]},), got {xl.shape}")
-    m = Gl.shape[0]
-    C = np.einsum("ik,jk->ij", Gl, Gl) + m * LD(damp) * np.eye(m, dtype=LD)
-    b = Gl @ xl
-    for k in range(m):
-        f = C[k + 1 :, k] / C[k, k]
-        C[k + 1 :, k:] -= f[:, None] * C[k, k:]
+    m, d = Gl.shape
+    if xl.shape != (d,):
+        raise ValueError(f"x must have shape ({d},), got {xl.shape}")
+    lam = LD(damp)
+    out = np.empty(d, dtype=LD)
+    for s in blocks(d, block_size):
+        Gb, xb = Gl[:, s], xl[s]
+        size = Gb.shape[1]
+        if size <= m:
+            Fb = (Gb.T @ Gb) / LD(m) + lam * np.eye(size, dtype=LD)
+            out[s] = _solve_spd(Fb, xb.copy())
+        else:
+            C = Gb @ Gb.T + LD(m) * lam * np.eye(m, dtype=LD)
+            out[s] = (xb - Gb.T @ _solve_spd(C, Gb @ xb)) / lam
+    return np.asarray(out, dtype=np.float64)
+
+
+def _solve_spd(A: np.ndarray, b: np.ndarray) -> np.ndarray:
+    # A z = b for a symmetric positive definite A by Gaussian elimination without pivoting
+    # (stable for such A), in A's dtype: NumPy's solvers have no longdouble. A and b are
+    # overwritten. A pivot that is not positive means A is singular to this precision:
+    # refused, where dividing by it gave NaN or infinity with only a RuntimeWarning.
+    n = A.shape[0]
+    for k in range(n):
+        if not A[k, k] > 0:
+            raise np.linalg.LinAlgError(
+                "F is singular in extended precision (a pivot of its solve is not positive): "
+                "its condition number is about 1 / eps(longdouble) or more"
+            )
+        f = A[k + 1 :, k] / A[k, k]
+        A[k + 1 :, k:] -= f[:, None] * A[k, k:]
         b[k + 1 :] -= f * b[k]
-    z = np.zeros(m, dtype=LD)
-    for k in range(m - 1, -1, -1):
-        z[k] = (b[k] - C[k, k + 1 :] @ z[k + 1 :]) / C[k, k]
-    return np.asarray((xl - Gl.T @ z) / LD(damp), dtype=np.float64)
+    z = np.zeros(n, dtype=A.dtype)
+    for k in range(n - 1, -1, -1):
+        z[k] = (b[k] - A[k, k + 1 :] @ z[k + 1 :]) / A[k, k]
+    return z
 
 
 def condition_number(G: Any, damp: float, *, block_size: int | None = None) -> float:
@@ -388,7 +450,12 @@ def condition_number(G: Any, damp: float, *, block_size: int | None = None) -> f
     the scale of the rounding errors of the M-FAC products. A block of
     ``B <= m`` coordinates whose gradients have full column rank is better
     conditioned: ``(damp + mu_max / m) / (damp + mu_min / m)`` with ``mu`` the
-    eigenvalues of ``G_b^T G_b``; that is what is returned for it.
+    eigenvalues of ``G_b^T G_b``; that is what is returned for it. A
+    computation in the Woodbury form does not profit from that: its errors
+    scale with ``1 + lambda_max(G_b G_b^T) / (m damp)`` on every block
+    (:func:`paper_static`, :func:`paper_dynamic`, and
+    :class:`~mfac_core.DynamicIHVP`, which always takes it), which is the
+    ``kappa`` to give :func:`assert_close` for them.
 
     Parameters
     ----------
@@ -408,8 +475,8 @@ def condition_number(G: Any, damp: float, *, block_size: int | None = None) -> f
     Raises
     ------
     ValueError
-        If ``G`` is not a non-empty 2-D array, ``block_size < 1``, or
-        ``damp`` is not finite and positive.
+        If ``G`` is not a non-empty 2-D array or holds NaN or infinity,
+        ``block_size < 1``, or ``damp`` is not finite and positive.
     TypeError
         If ``G`` is complex.
     """
@@ -417,14 +484,19 @@ def condition_number(G: Any, damp: float, *, block_size: int | None = None) -> f
     m, d = G.shape
     lam = check_damp(damp)  # at 0 the ratio divides by zero; below, it is no kappa
     kappa = 1.0
+    # The singular values over sqrt(m damp), squared: (1 + t_max^2) / (1 + t_min^2) is kappa
+    # without forming G_b^T G_b, which overflowed for gradients of 1e160 (kappa inf where it
+    # is 1e21 at damp 1e300) and resolves mu_min only to eps * mu_max (a rank-deficient
+    # block's came out as rounding above the damping: 1.25e17 where kappa is 2.1e17).
+    root = math.sqrt(m) * math.sqrt(lam)
     for s in blocks(d, block_size):
         Gb = G[:, s]
-        if Gb.shape[1] <= m:
-            mu = np.linalg.eigvalsh(Gb.T @ Gb)
-            lo, hi = max(float(mu[0]), 0.0), max(float(mu[-1]), 0.0)
-        else:
-            lo, hi = 0.0, max(float(np.linalg.eigvalsh(Gb @ Gb.T)[-1]), 0.0)
-        kappa = max(kappa, (lam + hi / m) / (lam + lo / m))
+        sv = np.linalg.svd(Gb, compute_uv=False)
+        with np.errstate(over="ignore"):  # a kappa beyond float64's range is inf
+            t = sv / root
+            hi = float(np.square(t[0]))
+        lo = float(np.square(t[-1])) if Gb.shape[1] <= m else 0.0
+        kappa = max(kappa, (1.0 + hi) / (1.0 + lo) if math.isfinite(hi) else math.inf)
     return kappa
 
 
@@ -454,9 +526,13 @@ class SpectralOracle:
     whatever the damping, unlike a dense solve with F. A block of
     ``B <= m`` coordinates may have no null space, and then the projector
     ``I - V V^T`` would only add rounding errors of size ``eps / lambda``;
-    such a block uses ``F_b = Q diag(f) Q^T`` (``eigh`` of the ``B x B``
-    block) and ``F_b^{-1} = Q diag(1/f) Q^T``, accurate to
-    ``eps(float64) * cond(F_b)``.
+    such a block uses the eigenvectors ``Q`` of the ``B x B`` block
+    (``eigh``) and ``F_b^{-1} = Q diag(1/f) Q^T`` with the eigenvalues
+    recomputed as ``f_i = lambda + ||G_b q_i||^2 / m``, accurate to a small
+    multiple of ``eps(float64) * kappa`` too: the damping is added to values
+    computed without it, so that a null space of rank-deficient gradients
+    keeps the eigenvalue ``1 / lambda`` however small the damping, and a
+    generic vector's result stays accurate there as well.
 
     Parameters
     ----------
@@ -480,8 +556,8 @@ class SpectralOracle:
     Raises
     ------
     ValueError
-        If ``G`` is not a non-empty 2-D array, ``damp`` is not finite and
-        positive, or ``block_size < 1``.
+        If ``G`` is not a non-empty 2-D array or holds NaN or infinity,
+        ``damp`` is not finite and positive, or ``block_size < 1``.
     TypeError
         If ``G`` is complex, or ``block_size`` is not an int.
     """
@@ -495,25 +571,32 @@ class SpectralOracle:
         self.shape = (d, d)
         eps = float(np.finfo(np.float64).eps)
         self._blocks: list[_SpectralBlock] = []
-        kappa = 1.0
         for s in blocks(d, block_size):
             Gb = G[:, s]
             size = Gb.shape[1]
             if size <= m:
                 Fb = Gb.T @ Gb / m
                 Fb[np.diag_indices(size)] += lam
-                f, Q = np.linalg.eigh(Fb)
-                kappa = max(kappa, float(f[-1] / f[0]))
+                _, Q = np.linalg.eigh(Fb)
+                # The eigenvalues as damp + |G_b q|^2 / m, not eigh's: where the gradients
+                # are rank-deficient, F_b's smallest eigenvalue (damp) is lost in rounding
+                # at a tiny damping and came out 0 or negative (1 / f divided by zero or
+                # flipped a sign), and even at kappa 4e11 it was off enough to cost a generic
+                # vector's result log10(kappa) digits. |G_b q| of a null-space q is only
+                # rounding, so damp is kept there; elsewhere it is accurate to eps relatively.
+                f = lam + np.sum((Gb @ Q) ** 2, axis=0) / m
                 self._blocks.append(_SpectralBlock(s, Q, 1.0 / f, False))
                 continue
             sigma, U = np.linalg.eigh(Gb @ Gb.T)
             smax = max(float(sigma[-1]), 0.0)
-            kappa = max(kappa, 1.0 + smax / (m * lam))
             keep = sigma > max(m, size) * eps * smax
             sigma, U = sigma[keep], U[:, keep]
             V = (Gb.T @ U) / np.sqrt(sigma)
             self._blocks.append(_SpectralBlock(s, V, 1.0 / (lam + sigma / m), True))
-        self.kappa = kappa
+        # Not f[-1] / f[0] of the eigenvalues of F_b: where the gradients are rank-deficient
+        # and the damping tiny, f[0] (damp) is lost in rounding and may come out negative,
+        # which made kappa 1 where it is 4e16 (condition_number keeps the null space's damp).
+        self.kappa = condition_number(G, lam, block_size=block_size)
 
     def matmat(self, X: Any) -> np.ndarray:
         """Apply ``F^{-1}`` to the columns of a matrix.

@@ -12,8 +12,18 @@ from typing import Any
 import numpy as np
 
 from ._testing_oracles import as_grads, index_numpy, real_numpy
+from ._validation import check_damp
 
 # -- literal transcriptions of the paper ---------------------------------------------------
+
+
+def _vector(x: Any, d: int) -> np.ndarray:
+    # x as float64 of shape (d,): a short or 2-D x reached NumPy's broadcasting or
+    # "setting an array element with a sequence" errors deep in the loops.
+    out = np.asarray(real_numpy(x, "x"), dtype=np.float64)
+    if out.shape != (d,):
+        raise ValueError(f"x must have shape ({d},), got {out.shape}")
+    return out
 
 
 class PaperStatic:
@@ -36,13 +46,17 @@ class PaperStatic:
     Raises
     ------
     ValueError
-        If ``G`` is not a non-empty 2-D array.
+        If ``G`` is not a non-empty 2-D array or holds NaN or infinity, or
+        ``damp`` is not finite and positive.
+    TypeError
+        If ``damp`` is not a real number, or ``G`` is complex.
     """
 
     def __init__(self, G: Any, damp: float) -> None:
         G = as_grads(G)
         m, d = G.shape
-        self.damp, self.num_grads, self.dim = float(damp), m, d
+        # check_damp: float() read a string damping, and NaN or 0 gave a NaN "reference".
+        self.damp, self.num_grads, self.dim = check_damp(damp), m, d
         self.v = np.zeros((m, d))
         self.q = np.zeros(m)
         # v_i = F_{i-1}^{-1} g_i, evaluated with Eq. (4) over the v_j, q_j for j < i.
@@ -70,9 +84,15 @@ class PaperStatic:
         -------
         numpy.ndarray, shape (d,)
             ``F_m^{-1} x`` in float64.
+
+        Raises
+        ------
+        ValueError
+            If ``x`` does not have shape ``(d,)``.
+        TypeError
+            If ``x`` is complex.
         """
-        x = np.asarray(real_numpy(x, "x"), dtype=np.float64)
-        return self._apply(x, upto=self.num_grads)
+        return self._apply(_vector(x, self.dim), upto=self.num_grads)
 
     def entry(self, i: int, j: int) -> float:
         """Return one entry of ``F_m^{-1}`` in O(m) by Eq. (5).
@@ -127,7 +147,10 @@ def paper_static(G: Any, damp: float) -> PaperStatic:
     Precomputes ``v_i = F_{i-1}^{-1} g_i`` in increasing ``i`` with plain
     Python loops and ``q_i = m + g_i^T v_i``, where
     ``F_i = damp I + (1/m) sum_{j <= i} g_j g_j^T``. An oracle for small
-    problems; speed is irrelevant.
+    problems; speed is irrelevant. Like every Woodbury form its rounding
+    errors scale with ``1 + ||G||_2^2 / (m damp)``, also where ``d <= m``
+    and :func:`condition_number` is far smaller (``d = 1``, ``m = 5``,
+    ``damp = 1e-5``: an error of 7e3 ``eps`` where ``condition_number`` is 1).
 
     Parameters
     ----------
@@ -140,6 +163,14 @@ def paper_static(G: Any, damp: float) -> PaperStatic:
     -------
     PaperStatic
         With ``matvec(x)`` (Eq. 4), ``entry(i, j)`` (Eq. 5) and ``diagonal()``.
+
+    Raises
+    ------
+    ValueError
+        If ``G`` is not a non-empty 2-D array or holds NaN or infinity, or
+        ``damp`` is not finite and positive.
+    TypeError
+        If ``damp`` is not a real number, or ``G`` is complex.
     """
     return PaperStatic(G, damp)
 
@@ -167,13 +198,16 @@ class PaperDynamic:
     Raises
     ------
     ValueError
-        If ``G`` is not a non-empty 2-D array.
+        If ``G`` is not a non-empty 2-D array or holds NaN or infinity, or
+        ``damp`` is not finite and positive.
+    TypeError
+        If ``damp`` is not a real number, or ``G`` is complex.
     """
 
     def __init__(self, G: Any, damp: float) -> None:
         G = as_grads(G)
         m, d = G.shape
-        lam = float(damp)
+        lam = check_damp(damp)  # as PaperStatic
         self.G, self.damp, self.num_grads, self.dim = G, lam, m, d
         self.GG = np.zeros((m, m))
         for i in range(m):
@@ -213,8 +247,15 @@ class PaperDynamic:
         -------
         numpy.ndarray, shape (d,)
             ``F_m^{-1} x`` in float64.
+
+        Raises
+        ------
+        ValueError
+            If ``x`` does not have shape ``(d,)``.
+        TypeError
+            If ``x`` is complex.
         """
-        x = np.asarray(real_numpy(x, "x"), dtype=np.float64)
+        x = _vector(x, self.dim)
         m, lam, G = self.num_grads, self.damp, self.G
         p = np.array([G[j] @ x for j in range(m)])
         # Eq. (11): s[j] = g_j^T F_0^{-1} x = p_j / lambda, then Eq. (12) step by step.
@@ -244,6 +285,9 @@ def paper_dynamic(G: Any, damp: float) -> PaperDynamic:
     ``p = G x``, the recursion (11)-(12) for the ``q_i`` and finally (13).
     The ``m`` in the denominators is the number of gradients
     (``F = damp I + G^T G / m``). Plain Python loops, for small problems.
+    Like every Woodbury form its rounding errors scale with
+    ``1 + ||G||_2^2 / (m damp)``, also where ``d <= m`` and
+    :func:`condition_number` is far smaller.
 
     Parameters
     ----------
@@ -256,6 +300,14 @@ def paper_dynamic(G: Any, damp: float) -> PaperDynamic:
     -------
     PaperDynamic
         With attributes ``GG``, ``D``, ``B`` and method ``matvec(x)``.
+
+    Raises
+    ------
+    ValueError
+        If ``G`` is not a non-empty 2-D array or holds NaN or infinity, or
+        ``damp`` is not finite and positive.
+    TypeError
+        If ``damp`` is not a real number, or ``G`` is complex.
     """
     return PaperDynamic(G, damp)
 

@@ -11,9 +11,11 @@ Everything here works in NumPy float64 and is meant for tests, not for speed:
   each block's small ``m x m`` Gram matrix; at a large condition number it
   stays accurate for generic vectors, where a dense float64 solve with ``F``
   loses ``log10(kappa)`` digits.
-- :func:`extended_precision_inverse` applies ``F^{-1}`` by Woodbury's identity in
-  ``numpy.longdouble``: a reference for vectors near the gradients' span, where
-  every float64 computation loses digits to cancellation.
+- :func:`extended_precision_inverse` applies ``F^{-1}`` (optionally
+  block-diagonal) in ``numpy.longdouble``, each block by Woodbury's identity or
+  by a solve with the block itself, whichever is stable for it: a reference
+  for vectors near the gradients' span, where every float64 computation loses
+  digits to cancellation.
 - :func:`paper_static` and :func:`paper_dynamic` are literal, loop-by-loop
   transcriptions of the paper's static (Eqs. 3-5) and dynamic (Eqs. 8-13)
   algorithms.
@@ -49,6 +51,7 @@ from ._testing_oracles import (
 )
 from ._testing_paper import PaperDynamic, PaperStatic, paper_dynamic, paper_static
 from ._testing_spmd import ThreadComm, run_spmd_threads
+from ._validation import check_count, check_flag
 
 __all__ = [
     "DEFAULT_FACTOR",
@@ -407,14 +410,18 @@ def problems(
     ValueError
         If ``dtype`` is neither ``"float32"`` nor ``"float64"``, or
         ``max_m`` or ``max_d`` is below 1.
+    TypeError
+        If ``max_m`` or ``max_d`` is not an int, or ``block_sizes`` not a bool.
     ImportError
         If Hypothesis is not installed.
     """
     st = _hypothesis()
     if dtype not in ("float32", "float64"):
         raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
-    if max_m < 1 or max_d < 1:
-        raise ValueError("max_m and max_d must be >= 1")
+    # A float bound reached Hypothesis's InvalidArgument only when drawing, a bool was taken
+    # as 1, and block_sizes="no" drew block sizes.
+    max_m, max_d = check_count(max_m, "max_m"), check_count(max_d, "max_d")
+    block_sizes = check_flag(block_sizes, "block_sizes")
     log_kappa_max = 4.0 if dtype == "float32" else 6.0
     store = np.float32 if dtype == "float32" else np.float64
 
