@@ -247,6 +247,33 @@ def test_a_zero_dimensional_real_array_is_a_damping():
         StaticIHVP(G, damp=np.array(-1.0))
 
 
+def test_the_standards_zero_dimensional_arrays_are_dampings():
+    # array-api-strict's arrays have no item() or tolist(): a 0-d damping was refused as
+    # "a real number or a 0-d real array, got an array of shape ()", and a 1-d array of
+    # dampings as no 1-d array.
+    xp = pytest.importorskip("array_api_strict")
+    Gs = xp.asarray(G)
+    for damp in (xp.asarray(0.5), xp.asarray(0.5, dtype=xp.float32), xp.asarray(2)):
+        value = float(damp)
+        op = StaticIHVP(Gs, damp=damp)
+        assert type(op.damp) is float and op.damp == value
+        window = DynamicIHVP(3, 10, damp=damp, dtype=xp.float64, xp=xp)
+        window.set_damp(damp)
+        assert window.damp == value
+        assert SpectralIHVP(Gs, damp=damp).damp == value
+    spectral = SpectralIHVP(Gs, damp=0.5)
+    damps = xp.asarray([0.5, 2.0])
+    expected = spectral.diagonal(damps=[0.5, 2.0])
+    assert bool(xp.all(spectral.diagonal(damps=damps) == expected))
+    for damp in (xp.asarray(True), xp.asarray(0.5 + 0j)):
+        with pytest.raises(TypeError, match="damp must be a real number or a 0-d real array"):
+            StaticIHVP(Gs, damp=damp)
+    with pytest.raises(TypeError, match=r"damps\[0\] must be a real number"):
+        spectral.diagonal(damps=xp.asarray([True]))
+    with pytest.raises(ValueError, match="1-d array of dampings"):
+        spectral.diagonal(damps=xp.asarray([[0.5]]))
+
+
 def test_non_finite_inputs_are_named_where_they_are():
     """Vectors, matrices of vectors and gradients: one wording that names the first bad entry."""
     op = StaticIHVP(G, damp=1.0)

@@ -333,11 +333,28 @@ def scalar_value(value: Any) -> Any:
         return value
     item = getattr(value, "item", None)
     if not callable(item):
-        return value
+        return standard_scalar(value)
     try:
         return item()
     except TypeError:  # e.g. a JAX tracer (ConcretizationTypeError)
         return value
+
+
+def standard_scalar(value: Any) -> Any:
+    """A 0-d array with no ``item()`` as a Python scalar, by the array API's conversions.
+
+    The standard's arrays (array-api-strict) convert with ``bool()``, ``int()`` and
+    ``float()`` by their dtype; a complex or unknown one is returned as it is.
+    """
+    try:
+        xp = array_namespace(value)
+        kinds = (("bool", bool), ("integral", int), ("real floating", float))
+        for kind, convert in kinds:
+            if xp.isdtype(value.dtype, kind):
+                return convert(value)
+    except (TypeError, ValueError, AttributeError):
+        pass
+    return value
 
 
 def described(value: Any) -> str:
@@ -410,16 +427,17 @@ def is_number_list(value: Any) -> bool:
     """Whether ``value`` is a sequence or array of numbers, as :func:`check_dampings` takes.
 
     A sequence other than a string, or an array (NumPy, PyTorch, JAX, CuPy: anything
-    with ``ndim`` and ``tolist``) of one dimension or more, which :func:`check_dampings`
-    refuses with a message unless it is 1-d. Not a 0-d array or NumPy scalar: that is
-    one number.
+    with ``ndim`` and ``tolist``; or the standard's) of one dimension or more, which
+    :func:`check_dampings` refuses with a message unless it is 1-d. Not a 0-d array or
+    NumPy scalar: that is one number.
     """
     if isinstance(value, (str, bytes)):
         return False
     if isinstance(value, Sequence):
         return True
     ndim = getattr(value, "ndim", None)
-    return isinstance(ndim, int) and ndim >= 1 and callable(getattr(value, "tolist", None))
+    listable = callable(getattr(value, "tolist", None)) or is_array_api_obj(value)
+    return isinstance(ndim, int) and ndim >= 1 and listable
 
 
 def check_dampings(damps: Any, name: str = "damps", *, num_grads: int | None = None) -> list[float]:
@@ -435,8 +453,12 @@ def check_dampings(damps: Any, name: str = "damps", *, num_grads: int | None = N
                 f"{name} must be a 1-d array of dampings, got shape {tuple(damps.shape)}"
             )
         # tolist() gives Python scalars (a bool or complex array gives bools or complex
-        # numbers, which check_damp refuses), whatever the array library and device.
-        damps = damps.tolist()
+        # numbers, which check_damp refuses), whatever the array library and device;
+        # the standard's arrays (array-api-strict) have no tolist(): entry by entry.
+        if callable(getattr(damps, "tolist", None)):
+            damps = damps.tolist()
+        else:
+            damps = [standard_scalar(damps[i]) for i in range(damps.shape[0])]
     if len(damps) == 0:
         raise ValueError(f"{name} must hold at least one damping")
     return [check_damp(dp, f"{name}[{i}]", num_grads=num_grads) for i, dp in enumerate(damps)]
