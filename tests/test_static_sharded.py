@@ -233,19 +233,20 @@ def test_layouts_and_traffic(layout: str, dtype: str) -> None:
         # m^2 float64 numbers, whatever G's dtype), and the final agreement. Each call
         # carries S extra numbers, the status word of collective errors (a count of
         # failed ranks per exception class, and the digests of the operation and of the
-        # arguments that must agree). Products reduce the float64 projection G X;
+        # arguments that must agree); the agreement is 5 numbers per rank (kappa's bounds,
+        # its lower bound per kind of factor, a failure flag). Products reduce the float64 projection G X;
         # entries first the status word alone (the indices checked and compared), then
         # the float64 G columns of the pairs.
         shapes = [c.shape for c in r["setup"]]
         if full:
-            assert shapes == [(8 * p + S,), (m * m + S,), (3 * p + S,)]
+            assert shapes == [(8 * p + S,), (m * m + S,), (5 * p + S,)]
             assert [c.shape for c in r["matvec"]] == [(m + S,)]
             assert [c.shape for c in r["matmat"]] == [(3 * m + S,)]
             assert r["matvec"][0].nbytes == (m + S) * 8
             assert [c.shape for c in r["entries"]] == [(S,), (2 * m * k + S,)]
             assert all(c.dtype == "float64" for c in r["matvec"] + r["entries"])
         else:
-            assert shapes == [(8 * p + S,), (3 * p + S,)]
+            assert shapes == [(8 * p + S,), (5 * p + S,)]
             assert r["matvec"] == [] and r["matmat"] == []  # whole blocks: no exchange
             assert [c.shape for c in r["entries"]] == [(S,), (k + S,)]
         assert r["diagonal"] == []
