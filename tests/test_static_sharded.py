@@ -234,9 +234,9 @@ def test_layouts_and_traffic(layout: str, dtype: str) -> None:
         # carries S extra numbers, the status word of collective errors (a count of
         # failed ranks per exception class, and the digests of the operation and of the
         # arguments that must agree); the agreement is 5 numbers per rank (kappa's bounds,
-        # its lower bound per kind of factor, a failure flag). Products reduce the float64 projection G X;
-        # entries first the status word alone (the indices checked and compared), then
-        # the float64 G columns of the pairs.
+        # its lower bound per kind of factor, a failure flag). Products reduce the float64
+        # projection G X; entries first the status word alone (the indices checked and
+        # compared), then the float64 G columns of the pairs.
         shapes = [c.shape for c in r["setup"]]
         if full:
             assert shapes == [(8 * p + S,), (m * m + S,), (5 * p + S,)]
