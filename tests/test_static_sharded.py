@@ -233,13 +233,14 @@ def test_layouts_and_traffic(layout: str, dtype: str) -> None:
         # m^2 float64 numbers, whatever G's dtype), and the final agreement. Each call
         # carries S extra numbers, the status word of collective errors (a count of
         # failed ranks per exception class, and the digests of the operation and of the
-        # arguments that must agree). Products reduce the float64 projection G X, matmat
-        # after the status word alone (X checked, k compared); entries first the status
-        # word alone (the indices checked and compared), then the float64 G columns of
-        # the pairs.
+        # arguments that must agree); the agreement is 5 numbers per rank (kappa's bounds,
+        # its lower bound per kind of factor, a failure flag). Products reduce the float64
+        # projection G X, matmat after the status word alone (X checked, k compared);
+        # entries first the status word alone (the indices checked and compared), then
+        # the float64 G columns of the pairs.
         shapes = [c.shape for c in r["setup"]]
         if full:
-            assert shapes == [(8 * p + S,), (m * m + S,), (3 * p + S,)]
+            assert shapes == [(8 * p + S,), (m * m + S,), (5 * p + S,)]
             assert [c.shape for c in r["matvec"]] == [(m + S,)]
             # The status word alone first: X checked and k compared, so that ranks whose
             # k differ raise instead of reducing payloads of different lengths.
@@ -248,7 +249,7 @@ def test_layouts_and_traffic(layout: str, dtype: str) -> None:
             assert [c.shape for c in r["entries"]] == [(S,), (2 * m * k + S,)]
             assert all(c.dtype == "float64" for c in r["matvec"] + r["entries"])
         else:
-            assert shapes == [(8 * p + S,), (3 * p + S,)]
+            assert shapes == [(8 * p + S,), (5 * p + S,)]
             assert r["matvec"] == [] and r["matmat"] == []  # whole blocks: no exchange
             assert [c.shape for c in r["entries"]] == [(S,), (k + S,)]
         assert r["diagonal"] == []

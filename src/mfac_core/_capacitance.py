@@ -79,6 +79,14 @@ WARN_EPS_KAPPA = 2.0**-5
 #: comes where the first-order bound reaches 1/2: from kappa = 2.7e10 in float64. A window
 #: refuses a gradient only from eps kappa >= 1 (:func:`is_hopeless`).
 WARN_EPS_KAPPA_WOODBURY = 1.0
+#: ``eps * kappa * a`` from which a Woodbury form that knows its spectrum (``SpectralIHVP``'s
+#: blocks wider than m) warns, with ``a = sqrt(t_1) max_j sqrt(t_j) / (1 + t_j)`` the exact
+#: first-order amplification of the float64 rounding (``t_j m damp`` the Gram's eigenvalues,
+#: ``a <= kappa**0.5 / 2``). Its products were measured up to 3.1 ``eps kappa a`` off (m up
+#: to 512; evenly spread gradients, a near 5), so one that is not warned of is within about
+#: 10 %; :data:`WARN_EPS_KAPPA_WOODBURY`'s rule must hold too (it still decides where some
+#: ``t_j`` is near 1), so nothing warns below the worst case's threshold.
+WARN_EPS_KAPPA_AMPLIFIED = 2.0**-5
 #: How warnings name the precision of the passes' accumulation.
 PASSES_DTYPE = "float64 (the passes' accumulation)"
 
@@ -248,16 +256,24 @@ def is_hopeless(kappa_lower: Any, *, eps: float) -> Any:
     return eps * kappa_lower >= 1.0
 
 
-def is_imprecise(kappa_lower: Any, *, eps: float, dense: bool = False) -> Any:
+def is_imprecise(
+    kappa_lower: Any, *, eps: float, dense: bool = False, amplification: Any = None
+) -> Any:
     """Whether products may have no correct digit: the rule of :func:`warn_if_hopeless`.
 
     ``eps * kappa**1.5 >= WARN_EPS_KAPPA_WOODBURY`` for the Woodbury forms,
     ``eps * kappa >= WARN_EPS_KAPPA`` for ``dense`` blocks' factors; both earlier than
-    :func:`is_hopeless`. A pure function of its argument, so it also takes (traced) arrays.
+    :func:`is_hopeless`. A Woodbury form that knows its first-order ``amplification``
+    (:data:`WARN_EPS_KAPPA_AMPLIFIED`) warns only where ``eps * kappa * amplification``
+    reaches that too: never below the worst case's threshold. A pure function of its
+    arguments, so it also takes (traced) arrays.
     """
     if dense:
         return eps * kappa_lower >= WARN_EPS_KAPPA
-    return eps * kappa_lower * kappa_lower**0.5 >= WARN_EPS_KAPPA_WOODBURY
+    worst = eps * kappa_lower * kappa_lower**0.5 >= WARN_EPS_KAPPA_WOODBURY
+    if amplification is None:
+        return worst
+    return worst & (eps * kappa_lower * amplification >= WARN_EPS_KAPPA_AMPLIFIED)
 
 
 def smallest_window_damp(xp: Any, dtype: Any, count: int) -> float:
@@ -305,14 +321,25 @@ def check_window_damp(xp: Any, dtype: Any, num_grads: int, zero_init: bool, damp
 
 
 def warn_if_hopeless(
-    kappa_lower: float, *, damp: float, eps: float, dtype: Any, dense: bool = False
+    kappa_lower: float,
+    *,
+    damp: float,
+    eps: float,
+    dtype: Any,
+    dense: bool = False,
+    amplification: float | None = None,
 ) -> None:
     """Warn where :func:`is_imprecise` says products may have no correct digit.
 
     The warning names the user's line that led here (``user_stacklevel``).
     """
-    if is_imprecise(kappa_lower, eps=eps, dense=dense):
+    if is_imprecise(kappa_lower, eps=eps, dense=dense, amplification=amplification):
         rule = "eps * kappa >= 1/32" if dense else "eps * kappa**1.5 >= 1"
+        if amplification is not None and not dense:
+            rule = (
+                f"eps * kappa * a >= 1/32 for the spectrum's amplification a = "
+                f"{amplification:.3g}, and {rule}"
+            )
         warnings.warn(
             f"F is so ill-conditioned (kappa >= {kappa_lower:.3g}, damp={damp:g}) that "
             f"{dtype} products of vectors near the gradients' span may have no correct "
@@ -322,14 +349,24 @@ def warn_if_hopeless(
         )
 
 
-def warn_if_passes_hopeless(kappa_lower: float, *, damp: float, dense: bool = False) -> None:
+def warn_if_passes_hopeless(
+    kappa_lower: float, *, damp: float, dense: bool = False, amplification: float | None = None
+) -> None:
     """:func:`warn_if_hopeless` for the float64 factor and passes, whatever the storage dtype.
 
     The passes over the gradients and the factor are float64 (docs/mathematics.rst,
     "Exact passes"), so float64's eps, not the storage's, decides when digits run out.
-    ``dense``: every factor is a dense block's (the rule of :data:`WARN_EPS_KAPPA`).
+    ``dense``: every factor is a dense block's (the rule of :data:`WARN_EPS_KAPPA`);
+    ``amplification``: the exact first-order one (:data:`WARN_EPS_KAPPA_AMPLIFIED`).
     """
-    warn_if_hopeless(kappa_lower, damp=damp, eps=EPS64, dtype=PASSES_DTYPE, dense=dense)
+    warn_if_hopeless(
+        kappa_lower,
+        damp=damp,
+        eps=EPS64,
+        dtype=PASSES_DTYPE,
+        dense=dense,
+        amplification=amplification,
+    )
 
 
 @dataclass(frozen=True)

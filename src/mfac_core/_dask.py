@@ -132,6 +132,8 @@ class _ChunkInverse:
     factors: tuple[GroupFactor, ...]
     dtype: Any
     kappa: tuple[float, float]
+    #: kappa's lower bound over the chunk's Woodbury and dense factors (``SetupResult``).
+    kinds: tuple[float, float] = (1.0, 1.0)
 
     def _join(self, parts: list[Any]) -> Any:
         return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
@@ -176,7 +178,8 @@ def _chunk_inverse(
             if entry is not None:
                 raise _capacitance.non_finite_gram_error(damp, entry) from None
         raise
-    return _ChunkInverse(result.factors, G.dtype, (result.kappa_lo, result.kappa_hi))
+    kinds = (result.woodbury_lo, result.dense_lo)
+    return _ChunkInverse(result.factors, G.dtype, (result.kappa_lo, result.kappa_hi), kinds)
 
 
 def _apply(op: _ChunkInverse, X: Any) -> Any:
@@ -191,8 +194,8 @@ def _entries(op: _ChunkInverse, rows: Any, cols: Any) -> Any:
     return op.entries(rows, cols)
 
 
-def _summary(op: _ChunkInverse) -> tuple[float, float]:
-    return op.kappa
+def _summary(op: _ChunkInverse) -> tuple[float, float, float, float]:
+    return (*op.kappa, *op.kinds)
 
 
 # -- on the client ---------------------------------------------------------------------
@@ -463,7 +466,7 @@ class DaskStaticIHVP(StaticIHVP):
         self._G = G  # persisted above: no product evaluates G's graph again
         assert factor.kappa is not None  # factorize always bounds kappa
         self.kappa_bound = factor.kappa[1]
-        self._warn_if_hopeless(factor.kappa[0])
+        self._warn_if_hopeless(factor.kappa[0], 1.0)  # d > m: the Woodbury form
 
     def _init_chunks(self, G: Array, check_finite: bool) -> None:
         import dask
@@ -492,7 +495,7 @@ class DaskStaticIHVP(StaticIHVP):
             raise
         self._parts = persisted
         self.kappa_bound = max(s[1] for s in summaries)
-        self._warn_if_hopeless(max(s[0] for s in summaries))
+        self._warn_if_hopeless(max(s[2] for s in summaries), max(s[3] for s in summaries))
 
     @staticmethod
     def _raise_non_finite(G: Array) -> None:

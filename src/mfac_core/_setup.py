@@ -38,6 +38,9 @@ class _Tracker:
     done: int = 0
     kappa_lo: float = 1.0
     kappa_hi: float = 1.0
+    #: kappa_lo over each kind of factor: each kind has its own warning rule.
+    woodbury_lo: float = 1.0
+    dense_lo: float = 1.0
     #: The most columns the callback was told of: a group redone on the general path
     #: (``_dense_factors``) counts its columns again from where it began, unreported until
     #: it is back there, so that the callback's ``done`` never goes down.
@@ -49,18 +52,32 @@ class _Tracker:
             self.reported = self.done
             self.callback(self.done, self.total)
 
-    def add(self, factor: _capacitance.CapacitanceFactor) -> None:
-        lo, hi = factor.kappa if factor.kappa is not None else (1.0, 1.0)
+    def add(self, factor: _capacitance.CapacitanceFactor, *, dense: bool) -> None:
+        self.add_bounds(factor.kappa if factor.kappa is not None else (1.0, 1.0), dense=dense)
+
+    def add_bounds(self, kappa: tuple[float, float], *, dense: bool) -> None:
+        lo, hi = kappa
         self.kappa_lo, self.kappa_hi = max(self.kappa_lo, lo), max(self.kappa_hi, hi)
+        if dense:
+            self.dense_lo = max(self.dense_lo, lo)
+        else:
+            self.woodbury_lo = max(self.woodbury_lo, lo)
 
 
 @dataclass(frozen=True)
 class SetupResult:
-    """The factors of every group, and bounds of the largest condition number."""
+    """The factors of every group, and bounds of the largest condition number.
+
+    ``woodbury_lo`` and ``dense_lo`` are ``kappa_lo`` over the Woodbury factors (groups
+    wider than m) and over the dense blocks' (no wider than m) alone, 1.0 where there are
+    none: each kind warns by its own rule (``_capacitance.is_imprecise``).
+    """
 
     factors: tuple[GroupFactor, ...]
     kappa_lo: float
     kappa_hi: float
+    woodbury_lo: float = 1.0
+    dense_lo: float = 1.0
 
 
 def _checked_gram(
@@ -107,7 +124,7 @@ def _dense_chunk_factors(
             excess, _ = _capacitance.excess_bounds(xp, gram, shift=1.0, scale=1.0 / m)
             lo = _capacitance.dense_kappa_lower(xp, damp + excess, Linv)
         hi = factor.kappa[1] if factor.kappa is not None else math.inf
-        track.add(dataclasses.replace(factor, kappa=(lo, hi)))
+        track.add(dataclasses.replace(factor, kappa=(lo, hi)), dense=True)
         yield chunk[0][0], chunk[-1][1], Linv
 
 
@@ -122,10 +139,7 @@ def _dense_factors(
         before = track.done
         kappa = _dense_blocks.fill_block_inverses(G, group, out, damp=damp, progress=track.advance)
         if kappa is not None:
-            track.kappa_lo, track.kappa_hi = (
-                max(track.kappa_lo, kappa[0]),
-                max(track.kappa_hi, kappa[1]),
-            )
+            track.add_bounds(kappa, dense=True)
             return DenseBlockFactors(group, out, dtype)
         # A non-finite Gram or a failed factor: the general path below raises the error
         # that says which (or, should NumPy's factorisation succeed where LAPACK's did
@@ -186,11 +200,13 @@ def factorize_gform_groups(
                 damp=damp,
                 locate=chunk_culprit(xp, G, group, chunk),
             )
-            track.add(factor)
+            track.add(factor, dense=False)
             lo, hi = factor.kappa if factor.kappa is not None else (1.0, 1.0)
             kappa_lo, kappa_hi = max(kappa_lo, lo), max(kappa_hi, hi)
             stacks.append(factor.U)
         U = stacks[0] if len(stacks) == 1 else xp.concat(stacks, axis=0)
         whole = _capacitance.CapacitanceFactor(U, m * damp, 1.0, (kappa_lo, kappa_hi))
         factors.append(GFormFactor(group, G, whole, damp, dtype))
-    return SetupResult(tuple(factors), track.kappa_lo, track.kappa_hi)
+    return SetupResult(
+        tuple(factors), track.kappa_lo, track.kappa_hi, track.woodbury_lo, track.dense_lo
+    )

@@ -191,7 +191,7 @@ class ShardedStaticIHVP(_static._BlockOperatorBase):
             symmetric=True,
             check_finite=agreed.check_finite,
         )
-        self._warn_if_hopeless(shard.kappa_lo)
+        self._warn_if_hopeless(shard.woodbury_lo, shard.dense_lo)
 
     @property
     def local_shape(self) -> tuple[int, int]:

@@ -72,7 +72,7 @@ _TAG_ENTRIES = ("StaticIHVP", "entries")
 _FIELDS = ("m", "width", "dtype", "damp", "block_size", "refine", "check_finite", "identity")
 _DTYPE_CODES = {"float32": 1, "float64": 2}
 #: Per-rank fields of the set-up's last reduction.
-_DONE_FIELDS = ("kappa_lo", "kappa_hi", "failed")
+_DONE_FIELDS = ("kappa_lo", "kappa_hi", "failed", "woodbury_lo", "dense_lo")
 
 
 def _gathered(total: Array, size: int, k: int) -> list[list[float]]:
@@ -355,7 +355,10 @@ def build(
             whole = GFormFactor(BlockGroup(0, 1, n), G, factor, agreed.damp, G.dtype)
             state["factors"] = (whole,)
             lo, hi = factor.kappa if factor.kappa is not None else (1.0, 1.0)
-            return _own_row(xp, dev, comm, [lo, hi, 0.0])
+            # One Woodbury factor; judged by the dense rule where d <= m, as StaticIHVP's
+            # full operator is then one dense block.
+            kinds = [1.0, lo] if agreed.layout.dim <= G.shape[0] else [lo, 1.0]
+            return _own_row(xp, dev, comm, [lo, hi, 0.0, *kinds])
 
         groups: tuple[BlockGroup, ...] = (BlockGroup(0, 1, n),)
     else:
@@ -381,14 +384,14 @@ def build(
                 state["error"] = (
                     exc if entry is None else _capacitance.non_finite_gram_error(agreed.damp, entry)
                 )
-                return _own_row(xp, dev, comm, [1.0, 1.0, 1.0])
+                return _own_row(xp, dev, comm, [1.0, 1.0, 1.0, 1.0, 1.0])
             except ValueError:
                 # The check's refusal named the shard's columns: name the global ones.
                 if agreed.check_finite:
                     raise _non_finite(xp, G, start) from None
                 raise
             state["factors"] = result.factors
-            row = [result.kappa_lo, result.kappa_hi, 0.0]
+            row = [result.kappa_lo, result.kappa_hi, 0.0, result.woodbury_lo, result.dense_lo]
             return _own_row(xp, dev, comm, row)
 
     k = len(_DONE_FIELDS)
@@ -428,6 +431,8 @@ def build(
         G=G,
         kappa_lo=max(row[0] for row in rows),
         kappa_hi=max(row[1] for row in rows),
+        woodbury_lo=max(row[3] for row in rows),
+        dense_lo=max(row[4] for row in rows),
     )
 
 
@@ -447,6 +452,9 @@ class ShardedStatic:
     G: Any
     kappa_lo: float
     kappa_hi: float
+    #: kappa_lo over the Woodbury and over the dense factors (``_setup.SetupResult``).
+    woodbury_lo: float = 1.0
+    dense_lo: float = 1.0
 
     @property
     def layout(self) -> ShardLayout:

@@ -114,10 +114,10 @@ class SpectralIHVP(LinearOperator):
     storage dtype and sum in float64, the m x m work is float64, and each result is rounded
     once: a product, a diagonal entry or a sweep is within 8 ``eps(float32)`` of the exact
     result for the Fisher of the stored gradients for ``kappa`` up to 1e6 (docs/beyond.rst,
-    "Precision", for the cases beyond). A warning says where ``eps(float64) * kappa**1.5``
-    reaches 1 (blocks no wider than m: ``eps(float64) * kappa``, 1/32). Blocks no wider than m
-    are applied from the float64 eigenpairs of their ``B x B`` matrix ``G_b^T G_b``, without a
-    pass over G.
+    "Precision", for the cases beyond). A warning says where ``eps(float64) kappa a`` reaches
+    1/32, ``a`` the first-order amplification of its spectrum (1 for blocks no wider than m,
+    docs/mathematics.rst). Blocks no wider than m are applied from the float64 eigenpairs of
+    their ``B x B`` matrix ``G_b^T G_b``, without a pass over G.
 
     Examples
     --------

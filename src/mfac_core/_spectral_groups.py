@@ -50,6 +50,7 @@ __all__ = [
     "applied",
     "checked_power",
     "coefficients",
+    "conditioning",
     "diagonal_of",
     "logdet_of",
     "spectrum_bounds",
@@ -64,6 +65,9 @@ POWERS = (-1.0, -0.5, 0.5, 1.0)
 #: F^{-1}) the lift's coefficients could leave float64's range, and each damping reads the
 #: group once instead.
 _LIFT_SCALES = (1e-100, 1e100)
+
+#: float64's machine epsilon (the eigen-decomposition's rounding).
+_EPS64 = 2.0**-52
 
 #: The most blocks of a group whose one-vector sweep goes block by block through the
 #: engine's lift (one read of G for all dampings); past that, per-call costs outweigh it
@@ -273,6 +277,33 @@ def spectrum_bounds(xp: Any, groups: Any, m: int, damp: float) -> tuple[float, f
         low = t[:, 0] if g.group.size <= m else xp.zeros_like(t[:, 0])
         kappa = max(kappa, float(xp.max(_ratio(xp, damp + t[:, -1] / m, damp + low / m))))
     return 1.0 + top / (m * damp), kappa
+
+
+def conditioning(xp: Any, group: Group, m: int, damp: float) -> tuple[Array, Array | None]:
+    """``(kappa, a)`` of each block of ``group`` at ``damp``: arrays ``(count,)``.
+
+    ``kappa`` is the block's exact condition number. For blocks wider than m, ``a`` is the
+    first-order amplification of the float64 eigen-decomposition's rounding (its backward
+    error, about ``eps |G_b G_b^T|``, and the m x m work's) in a product, relative to the
+    product (docs/mathematics.rst, "When the set-up fails or warns"):
+
+        a = sqrt(t_1) max_j sqrt(t_j) / (1 + t_j),   t_j = Lambda_j / (m damp),
+
+    each ``t_j`` moved within ``delta = m eps t_1`` to its worst value (an eigenvalue is
+    known to about ``eps Lambda_1``: those of duplicated gradients, 0 in exact arithmetic,
+    cannot be told from nearly collinear ones, which do amplify). ``a`` is None for blocks
+    no wider than m (``F_b``'s own eigenpairs: the dense rule).
+    """
+    t = group.top
+    if isinstance(group, ColumnEigen):
+        return _ratio(xp, damp + t[:, -1] / m, damp + t[:, 0] / m), None
+    ratio = _ratio(xp, t / m, xp.full_like(t, damp))
+    kappa = 1.0 + ratio[:, -1]
+    # Past 2 / eps every rule warns already; clipped, nothing below meets inf / inf.
+    t = xp.clip(ratio, max=2.0 / _EPS64)
+    delta = (m * _EPS64) * t[:, -1:]
+    g = xp.sqrt(t + delta) / (1.0 + xp.clip(t - delta, min=0.0))
+    return kappa, xp.sqrt(t[:, -1] + delta[:, 0]) * xp.max(g, axis=-1)
 
 
 def _ratio(xp: Any, hi: Array, lo: Array) -> Array:

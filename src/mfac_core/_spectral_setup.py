@@ -10,13 +10,15 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import numpy as np
+
 from . import _capacitance, _pieces
 from ._compat import Array, detached, device
 from ._dtypes import compute_dtype, half_dtype_name
 from ._gram import columns_gram, rows_gram
 from ._layout import BlockGroup, block_groups, checked_gram, chunk_culprit, chunks
 from ._operator import LinearOperator
-from ._spectral_groups import ColumnEigen, GramEigen, Group, spectrum_bounds
+from ._spectral_groups import ColumnEigen, GramEigen, Group, conditioning, spectrum_bounds
 from ._validation import (
     check_block_size,
     check_damp,
@@ -76,28 +78,42 @@ def _set_damp(op: Any, damp: float) -> None:
     op.error_scale, op.kappa = spectrum_bounds(op.xp, op._groups, op.num_grads, damp)
 
 
-def _warn_if_hopeless(op: Any, kappa: float | None = None, damp: float | None = None) -> None:
+def _warn_if_hopeless(op: Any, damp: float | None = None) -> None:
     # The passes are exact to the result's rounding; what remains is the float64
-    # eigen-decomposition: of G G^T (blocks wider than m) or of each block's F_b itself
-    # (the dense blocks' rule).
-    _capacitance.warn_if_passes_hopeless(
-        op.kappa if kappa is None else kappa,
-        damp=op.damp if damp is None else damp,
-        dense=op.block_size <= op.num_grads,
-    )
+    # eigen-decomposition: of G G^T (blocks wider than m), whose rounding each group's
+    # spectrum amplifies by a known factor, or of each block's F_b itself (the dense
+    # blocks' rule). The first block that may have no correct digit is named.
+    damp = op.damp if damp is None else damp
+    xp, eps = op.xp, _capacitance.EPS64
+    for g in op._groups:
+        kappa, a = conditioning(xp, g, op.num_grads, damp)
+        # kappa**1.5 may pass float64's range (then it warns): NumPy's RuntimeWarning would
+        # come first (np.errstate is local to this context).
+        with np.errstate(over="ignore"):
+            bad = _capacitance.is_imprecise(kappa, eps=eps, dense=a is None, amplification=a)
+        if bool(xp.any(bad)):
+            i = int(xp.argmax(xp.astype(bad, xp.int8)))
+            _capacitance.warn_if_passes_hopeless(
+                float(kappa[i]),
+                damp=damp,
+                dense=a is None,
+                amplification=None if a is None else float(a[i]),
+            )
+            return
 
 
 def warn_if_any_hopeless(op: Any, damps: list[float]) -> None:
     """Warn as the constructor does where one of ``damps`` (a sweep's) is hopeless.
 
-    kappa only grows as the damping shrinks, so the smallest damping decides. One at or
+    kappa and the amplification only grow as the damping shrinks (every ``t_j`` scales
+    by the same factor, and ``(1 + t_1) / (1 + t_j)`` with it), so the smallest damping
+    decides. One at or
     above the operator's own was covered when that was set (the constructor and
     ``with_damp`` warn), so only a smaller one is checked: an O(m) look at the spectrum.
     """
     low = min(damps)
     if low < op.damp:
-        _, kappa = spectrum_bounds(op.xp, op._groups, op.num_grads, low)
-        _warn_if_hopeless(op, kappa, low)
+        _warn_if_hopeless(op, low)
 
 
 def eigen_groups(

@@ -126,12 +126,14 @@ class _BlockOperatorBase(LinearOperator):
         """The groups' parts of a result, joined along axis 0."""
         return parts[0] if len(parts) == 1 else self._xp.concat(parts, axis=0)
 
-    def _warn_if_hopeless(self, kappa_lo: float) -> None:
-        # kappa_lo is the largest over every group's factor: the dense blocks' rule only
-        # where every block is dense (no wider than m; a ragged last block is narrower),
-        # else the Woodbury forms'.
-        dense = (self.block_size or self.dim) <= self.num_grads
-        _capacitance.warn_if_passes_hopeless(kappa_lo, damp=self.damp, dense=dense)
+    def _warn_if_hopeless(self, woodbury_lo: float, dense_lo: float) -> None:
+        # Each kind of factor by its own rule, kappa_lo over the Woodbury factors (blocks
+        # wider than m) and over the dense blocks' (no wider than m: a ragged last block
+        # beside wider ones too), 1.0 where there are none; one warning at most.
+        if _capacitance.is_imprecise(woodbury_lo, eps=_capacitance.EPS64):
+            _capacitance.warn_if_passes_hopeless(woodbury_lo, damp=self.damp)
+        else:
+            _capacitance.warn_if_passes_hopeless(dense_lo, damp=self.damp, dense=True)
 
 
 class StaticIHVP(_BlockOperatorBase):
@@ -332,7 +334,7 @@ class StaticIHVP(_BlockOperatorBase):
         )
         self._factors: tuple[GroupFactor, ...] = result.factors
         self.kappa_bound = result.kappa_hi
-        self._warn_if_hopeless(result.kappa_lo)
+        self._warn_if_hopeless(result.woodbury_lo, result.dense_lo)
 
     @classmethod
     def streamed(

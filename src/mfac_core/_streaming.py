@@ -488,4 +488,4 @@ def init_streamed(
     op._G = None  # the streamed pieces are a copy; G itself is not kept
     op.kappa_bound = result.kappa_hi
     op.device = target
-    op._warn_if_hopeless(result.kappa_lo)
+    op._warn_if_hopeless(result.woodbury_lo, result.dense_lo)
