@@ -414,6 +414,25 @@ def test_joint_refuses_huge_systems(rng):
         obs_update(theta, StaticIHVP(G, damp=0.1), sel, joint=True, max_joint_size=10)
 
 
+def test_obs_update_checks_joint_and_max_joint_size():
+    """``joint="no"`` ran the joint update (a truthy string); ``max_joint_size=2.5`` let a
+    2 x 2 system through and ``"abc"`` failed in a comparison deep inside."""
+    rng = np.random.default_rng(0)
+    G, theta = rng.standard_normal((4, 6)), rng.standard_normal(6)
+    op = StaticIHVP(G, damp=0.1)
+    sel = np.array([True, True, False, False, False, False])
+    for bad in ("no", 1, None):
+        with pytest.raises(TypeError, match="joint must be True or False"):
+            obs_update(theta, op, sel, joint=bad)
+    for bad, error in ((2.5, TypeError), ("abc", TypeError), (0, ValueError), (-1, ValueError)):
+        with pytest.raises(error, match="max_joint_size must be"):
+            obs_update(theta, op, sel, joint=True, max_joint_size=bad)
+    np.testing.assert_array_equal(
+        obs_update(theta, op, sel, joint=np.bool_(True), max_joint_size=np.int64(2)),
+        obs_update(theta, op, sel, joint=True),
+    )
+
+
 # -- prune and gradual_prune --------------------------------------------------------------
 
 
@@ -721,3 +740,39 @@ def test_a_bad_selection_block_size_is_refused_by_its_name_before_any_work():
                 selection_block_size=bad,
             )  # fmt: skip
     assert calls == []
+
+
+def test_gradual_prune_checks_every_option_before_the_first_gradients():
+    """A bad damping, block size, choice or callback was refused by the first step, after
+    ``grad_fn`` (m forward and backward passes for MFACPruner); a bad ``joint_block_size``
+    was named ``block_size``, and in ``prune`` refused after the set-up."""
+    rng = np.random.default_rng(0)
+    theta, G = rng.standard_normal(10), rng.standard_normal((4, 10))
+    calls = []
+
+    def grad_fn(theta, mask):
+        calls.append(1)
+        return G
+
+    cases = [
+        (dict(damp=-1.0), ValueError, "damp must be finite and > 0"),
+        (dict(damp="1e-3"), TypeError, "damp must be a real number"),
+        (dict(block_size=0), ValueError, "block_size must be >= 1"),
+        (dict(saliency="OBS"), ValueError, "saliency must be one of"),
+        (dict(update="Joint"), ValueError, "update must be one of"),
+        (dict(update="joint", joint_block_size=0), ValueError, "joint_block_size must be"),
+        (dict(update="joint", joint_block_size=2.5), TypeError, "joint_block_size must be"),
+        (dict(callback=3), TypeError, "callback must be callable"),
+    ]
+    for kwargs, error, message in cases:
+        with pytest.raises(error, match=message):
+            gradual_prune(theta, grad_fn, sparsity=0.3, steps=2, **kwargs)
+        if "callback" not in kwargs:
+            with pytest.raises(error, match=message):
+                prune(theta, G, sparsity=0.3, **kwargs)
+    assert calls == []
+    # Options a step does not use are not checked, as before: no gradients, no damping.
+    res = gradual_prune(
+        theta, grad_fn, sparsity=0.3, steps=2, saliency="magnitude", update="none", damp=-1.0
+    )
+    assert calls == [] and int((~res.mask).sum()) == 3

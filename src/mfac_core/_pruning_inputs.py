@@ -20,6 +20,7 @@ from ._finite import non_finite_error
 from ._validation import (
     check_choice,
     check_count,
+    check_damp,
     check_dampings,
     check_floating,
     check_gradients,
@@ -146,6 +147,29 @@ def check_selection_block(value: Any) -> None:
     """
     if value is not None:
         check_count(value, "selection_block_size")
+
+
+def check_step_options(
+    saliency: Any, update: Any, damp: Any, block_size: Any, joint_block_size: Any
+) -> None:
+    """The options of one :func:`prune` step that it uses, checked before any work.
+
+    :func:`gradual_prune` checks them before its first ``grad_fn`` call (m forward and
+    backward passes, for MFACPruner), where a bad damping, block size or choice was
+    refused only by the first step's :func:`prune`. Each is checked where the step uses
+    it, as :func:`prune` does (the damping needs gradients: an OBS or OBD saliency, or
+    an update; the block sizes the Fisher and the joint update); ``damp=None`` skips the
+    damping (a grid, checked by :func:`damping_grid`).
+    """
+    check_choice(saliency, "saliency", ("obs", "obd", "magnitude"))
+    check_choice(update, "update", ("single", "joint", "none"))
+    if damp is not None and (saliency != "magnitude" or update != "none"):
+        check_damp(damp)
+    if block_size is not None and (saliency == "obs" or update != "none"):
+        check_count(block_size, "block_size")
+    if joint_block_size is not None and update == "joint":
+        # By its own name: obs_update took it as its block_size, and said so.
+        check_count(joint_block_size, "joint_block_size")
 
 
 def check_selection_options(saliency: str, update: str) -> None:

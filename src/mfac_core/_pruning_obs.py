@@ -27,7 +27,7 @@ from ._pruning_inputs import (
     check_theta,
 )
 from ._static import EmpiricalFisher
-from ._validation import check_count, check_damp, check_fraction, check_operand
+from ._validation import check_count, check_damp, check_flag, check_fraction, check_operand
 
 #: Entries of ``F^{-1}`` requested from :meth:`StaticIHVP.entries` per call.
 _ENTRY_BUDGET = 2**20
@@ -484,7 +484,7 @@ def obs_update(
         ``True`` for the weights kept before this step.
     max_joint_size : int, optional
         Refuse joint systems with more selected weights than this in one
-        block (their cost grows as its cube); use blocks instead.
+        block (their cost grows as its cube); use blocks instead. At least 1.
 
     Returns
     -------
@@ -495,11 +495,13 @@ def obs_update(
     ------
     ValueError
         For mismatched shapes, NaN or infinity in a weight that ``mask``
-        keeps, or a joint block with more than ``max_joint_size`` selected
-        weights.
+        keeps, a joint block with more than ``max_joint_size`` selected
+        weights, or ``max_joint_size < 1``.
     TypeError
         For arrays of another library or dtype than the operator's; for a
-        column-sharded operator (:class:`~mfac_core.ShardedStaticIHVP`).
+        column-sharded operator (:class:`~mfac_core.ShardedStaticIHVP`); for
+        a ``joint`` that is not a bool or a ``max_joint_size`` that is not an
+        int.
 
     Examples
     --------
@@ -524,6 +526,10 @@ def obs_update(
     """
     _refuse_sharded(ihvp, "obs_update")
     xp = check_theta(theta)
+    # A truthy string ("no") ran the joint update; a max_joint_size that is not an int
+    # failed, or passed, in a comparison deep inside.
+    joint = check_flag(joint, "joint")
+    max_joint_size = check_count(max_joint_size, "max_joint_size")
     theta = _check_operator(ihvp, theta)
     mask = check_mask(xp, theta, mask)
     # A mask of the weights to remove: integer indices are refused, not read as a mask.

@@ -423,8 +423,8 @@ class MFACPruner:
             ``dampings`` with the joint update, or a non-finite held-out
             loss; and as :meth:`collect_grads`.
         TypeError
-            For a ``select_damp`` that returns something other than a real
-            number.
+            For a ``select_damp`` that is not callable or returns something
+            other than a real number.
         FactorizationError
             If the damped Fisher of the collected gradients cannot be
             factorised in float64 (a damping far too small for them).
@@ -455,6 +455,9 @@ class MFACPruner:
             raise ValueError("give both dampings (the grid) and select_damp (the held-out loss)")
         if dampings is not None:  # before the gradients' forward and backward passes
             check_dampings(dampings, "dampings", num_grads=self.num_grads)
+            # Wrapped below in a callable, it was called (and failed) only after them.
+            if not callable(select_damp):
+                raise TypeError(f"select_damp must be callable, got {type(select_damp).__name__}")
         before = (
             {name: w.detach().clone() for name, w in self.weights.items()},
             {name: m.clone() for name, m in self.masks.items()},

@@ -50,6 +50,7 @@ from ._pruning_inputs import (
     check_mask,
     check_selection_block,
     check_selection_options,
+    check_step_options,
     check_theta,
     damping_grid,
     loss_value,
@@ -193,8 +194,7 @@ def prune(
     xp = check_theta(theta)
     sparsity = check_fraction(sparsity, "sparsity")
     check_selection_block(selection_block_size)
-    check_choice(saliency, "saliency", ("obs", "obd", "magnitude"))
-    check_choice(update, "update", ("single", "joint", "none"))
+    check_step_options(saliency, update, damp, block_size, joint_block_size)
     given = mask
     mask = check_mask(xp, theta, mask)
     check_kept_weights(xp, theta, mask)
@@ -369,10 +369,12 @@ def gradual_prune(
         ``grad_fn`` returning an array of the wrong shape, a grid of
         dampings without ``select_damp`` (or the reverse), or ``select_damp``
         with a saliency other than ``"obs"`` or a joint update, or NaN or
-        infinity in a weight that ``mask`` keeps.
+        infinity in a weight that ``mask`` keeps. Options are checked before
+        the first ``grad_fn`` call.
     TypeError
-        For a ``grad_fn`` or ``select_damp`` that is not callable, or a
-        ``select_damp`` that returns something other than a real number.
+        For a ``grad_fn``, ``callback`` or ``select_damp`` that is not
+        callable, or a ``select_damp`` that returns something other than a
+        real number.
     FactorizationError
         If the damped Fisher of a step's gradients cannot be factorised in
         float64 (as for :func:`prune`).
@@ -411,7 +413,13 @@ def gradual_prune(
     check_kept_weights(xp, theta, mask)
     if not callable(grad_fn):
         raise TypeError(f"grad_fn must be callable, got {type(grad_fn).__name__}")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable, got {type(callback).__name__}")
     grid = damping_grid(damp, select_damp, saliency, update)
+    # Before the first gradients, not by the first step's prune().
+    check_step_options(
+        saliency, update, None if grid is not None else damp, block_size, joint_block_size
+    )
     d = theta.shape[0]
     start = 1.0 - int(xp.sum(xp.astype(mask, xp.int64))) / d
     targets = sparsity_schedule(min(start, sparsity), sparsity, steps, schedule=schedule)
