@@ -250,6 +250,11 @@ class MFACPruner:
         the kept weights only: its window holds their coordinates (and those
         of the parameters without a mask, such as biases), so its memory and
         step time scale with the density, and the pruned weights stay zero.
+        It keeps the masks it was built with: the weights that a later
+        :meth:`prune` removes are still among its coordinates, and its steps
+        move them again. Between pruning steps, build a new optimizer from
+        the new ``param_masks()`` (or :meth:`attach` the pruner to the old
+        one, which zeroes them after each step).
 
         Returns
         -------
