@@ -776,3 +776,21 @@ def test_gradual_prune_checks_every_option_before_the_first_gradients():
         theta, grad_fn, sparsity=0.3, steps=2, saliency="magnitude", update="none", damp=-1.0
     )
     assert calls == [] and int((~res.mask).sum()) == 3
+
+
+def test_prune_computes_the_diagonal_once(monkeypatch):
+    """The OBS saliency and the summed update divide by the same diagonal of F^{-1}, an
+    O(d m^2) pass over G: prune computed it twice, the cost of the step's set-up again."""
+    rng = np.random.default_rng(0)
+    G, theta = rng.standard_normal((6, 40)), rng.standard_normal(40)
+    mask = rng.random(40) > 0.2
+    op = StaticIHVP(G * mask, damp=1e-2, block_size=16)
+    want_sel = select_pruned(obs_saliency(theta, op), sparsity=0.5, mask=mask)
+    want = obs_update(theta, op, want_sel, mask=mask)
+    calls = []
+    diagonal = StaticIHVP.diagonal
+    monkeypatch.setattr(StaticIHVP, "diagonal", lambda self: calls.append(1) or diagonal(self))
+    res = prune(theta, G, sparsity=0.5, damp=1e-2, block_size=16, mask=mask)
+    assert len(calls) == 1
+    np.testing.assert_array_equal(res.mask, mask & ~want_sel)
+    np.testing.assert_array_equal(res.theta, want)  # the same arithmetic, bit for bit

@@ -32,6 +32,9 @@ from ._validation import check_count, check_damp, check_flag, check_fraction, ch
 #: Entries of ``F^{-1}`` requested from :meth:`StaticIHVP.entries` per call.
 _ENTRY_BUDGET = 2**20
 
+#: obs_update's default max_joint_size (prune's too).
+MAX_JOINT_SIZE = 4096
+
 #: Slack when turning a sparsity into a count, so that 0.29 * 100 gives 29, not 28; at
 #: least n * 2**-52 for a group of n weights (see _target_count).
 _ROUND_SLACK = 1e-9
@@ -445,7 +448,7 @@ def obs_update(
     joint: bool = False,
     block_size: int | None = None,
     mask: Array = None,
-    max_joint_size: int = 4096,
+    max_joint_size: int = MAX_JOINT_SIZE,
 ) -> Array:
     r"""The OBS update that removes the ``selected`` weights and moves the others.
 
@@ -540,6 +543,60 @@ def obs_update(
     # As prune() does: a NaN or infinite kept weight is named here, not as "x[i] is nan"
     # of the product below (selected) or passed on to the result (not selected).
     check_kept_weights(xp, theta, mask)
+    return updated_weights(
+        xp,
+        theta,
+        ihvp,
+        selected,
+        mask,
+        joint=joint,
+        block_size=block_size,
+        max_joint_size=max_joint_size,
+    )
+
+
+def updated_weights(
+    xp: Any,
+    theta: Array,
+    ihvp: Any,
+    selected: Array,
+    mask: Array,
+    *,
+    joint: bool,
+    block_size: int | None,
+    max_joint_size: int,
+    diag: Array | None = None,
+) -> Array:
+    """:func:`obs_update` once its inputs are checked.
+
+    :func:`prune` passes the diagonal its OBS saliencies came from: the summed update
+    computed it a second time, an O(d m^2) pass over G as long as the rest of the step.
+
+    Parameters
+    ----------
+    xp : module
+        The namespace of ``theta``.
+    theta : array, shape (d,)
+        The flat weights, checked, in the operator's dtype.
+    ihvp : InverseFisherOperator
+        ``F^{-1}``, checked against ``theta``.
+    selected, mask : array of bool, shape (d,)
+        The weights to remove and the weights kept before, checked.
+    joint : bool
+        As for :func:`obs_update`.
+    block_size : int or None
+        As for :func:`obs_update`.
+    max_joint_size : int
+        As for :func:`obs_update`.
+    diag : array, shape (d,), optional
+        ``ihvp.diagonal()``, if the caller has it (the summed update's divisor).
+
+    Returns
+    -------
+    array, shape (d,)
+        The updated weights, with exact zeros at the pruned coordinates.
+    """
+    d = theta.shape[0]
     gone = selected | ~mask
     # A weight that mask prunes already has nothing to remove, whatever it holds (it is
     # zeroed below): selected again, a NaN there failed the product. With zero gradients
@@ -558,7 +615,7 @@ def obs_update(
         B = min(check_count(ihvp.block_size if block_size is None else block_size, "block_size"), d)
         coef = _joint_coefficients(xp, theta, ihvp, selected, B, max_joint_size)
     else:
-        coef = xp.where(selected, theta / ihvp.diagonal(), zero)
+        coef = xp.where(selected, theta / (ihvp.diagonal() if diag is None else diag), zero)
     return xp.where(gone, zero, theta - ihvp.matvec(coef))
 
 

@@ -57,6 +57,7 @@ from ._pruning_inputs import (
     prepared_grads,
 )
 from ._pruning_obs import (
+    MAX_JOINT_SIZE,
     InverseFisherOperator,
     magnitude_saliency,
     obd_saliency,
@@ -64,6 +65,7 @@ from ._pruning_obs import (
     obs_update,
     saliency_of_diagonal,
     select_pruned,
+    updated_weights,
 )
 from ._spectral import SpectralIHVP
 from ._static import static_ihvp
@@ -213,18 +215,29 @@ def prune(
         # and exactly beyond: theta^2 ties distinct weights at 0 or a subnormal (float32:
         # |theta| < 1.1e-19) and at inf (|theta| > 1.8e19); see magnitude_saliency.
         scores = xp.abs(theta)
-    ihvp = None
+    ihvp = diag = None
     if saliency == "obs" or update != "none":
         ihvp = static_ihvp(G, damp=damp, block_size=block_size)
         if saliency == "obs":
-            scores = obs_saliency(theta, ihvp)
+            # Computed once: the summed update divides by the same diagonal.
+            diag = ihvp.diagonal()
+            scores = saliency_of_diagonal(xp, theta, diag)
     selected = select_pruned(scores, sparsity=sparsity, mask=mask, block_size=selection_block_size)
     if ihvp is None or update == "none":
         zero = xp.zeros((), dtype=theta.dtype, device=device_of(theta))
         new = xp.where(selected | ~mask, zero, theta)
     else:
-        new = obs_update(
-            theta, ihvp, selected, mask=mask, joint=update == "joint", block_size=joint_block_size
+        # obs_update's own checks were prune's (theta, mask, the kept weights).
+        new = updated_weights(
+            xp,
+            theta,
+            ihvp,
+            selected,
+            mask,
+            joint=update == "joint",
+            block_size=joint_block_size,
+            max_joint_size=MAX_JOINT_SIZE,
+            diag=diag,
         )
     return PruneResult(new, mask & ~selected)
 
