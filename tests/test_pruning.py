@@ -794,3 +794,35 @@ def test_prune_computes_the_diagonal_once(monkeypatch):
     assert len(calls) == 1
     np.testing.assert_array_equal(res.mask, mask & ~want_sel)
     np.testing.assert_array_equal(res.theta, want)  # the same arithmetic, bit for bit
+
+
+def test_gradients_zero_at_the_pruned_coordinates_are_not_copied(monkeypatch):
+    """With a mask, every entry point copied G to zero it there, one more m x d array for
+    as long as the operator lives, though MFACPruner's gradients are zero there already
+    (its peak memory was twice the logged gradient matrix). Only G that is not zero
+    there (a value, a NaN) is copied now, and G is never written."""
+    from mfac_core import _pieces
+
+    rng = np.random.default_rng(0)
+    theta, mask = rng.standard_normal(40), rng.random(40) > 0.3
+    clean = rng.standard_normal((5, 40)) * mask
+    seen = []
+    static_ihvp = pruning.static_ihvp
+    monkeypatch.setattr(
+        pruning, "static_ihvp", lambda G, **kw: seen.append(G) or static_ihvp(G, **kw)
+    )
+    monkeypatch.setattr(_pieces, "LARGE_PIECE_ENTRIES", 5 * 3)  # pieces of 3 columns
+    first, last = np.flatnonzero(~mask)[[0, -1]]
+    results = []
+    for where, value in ((None, 0.0), (last, 1.0), (last, np.nan), (first, -0.0)):
+        G = clean.copy()
+        if where is not None:
+            G[2, where] = value
+        given = G.copy()
+        results.append(prune(theta, G, sparsity=0.6, damp=1e-2, mask=mask))
+        assert (seen[-1] is G) == (value == 0.0), (where, value)
+        np.testing.assert_array_equal(seen[-1], clean)  # -0.0 equals 0.0
+        np.testing.assert_array_equal(G, given)
+    for res in results[1:]:  # copied or not, the same arithmetic
+        np.testing.assert_array_equal(res.mask, results[0].mask)
+        np.testing.assert_array_equal(res.theta, results[0].theta)

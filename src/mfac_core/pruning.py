@@ -138,8 +138,10 @@ def prune(
     G : array, shape (m, d), or None
         The gradients at ``theta``, one per row (theta's namespace, device and
         dtype, or 2-byte float16/bfloat16 with float32 ``theta``, whose
-        masked copy stays in 2 bytes). Only ``saliency="magnitude"`` with
-        ``update="none"`` may pass ``None``.
+        masked copy stays in 2 bytes). With a ``mask``, G is copied to zero it
+        at the pruned coordinates, unless it is zero there already (one read
+        of G instead). Only ``saliency="magnitude"`` with ``update="none"``
+        may pass ``None``.
     sparsity : float
         The fraction of weights pruned after the step, in ``[0, 1)``.
     damp : float, optional
@@ -205,8 +207,9 @@ def prune(
         if needs_grads:
             raise ValueError(f"saliency={saliency!r} with update={update!r} needs the gradients G")
     else:
-        # With a mask, a masked copy in G's dtype (2-byte G stays 2-byte): the operator
-        # keeps it by reference, so memory is one more m x d array of G's dtype.
+        # With a mask, a masked copy in G's dtype (2-byte G stays 2-byte) where G is not
+        # zero at the pruned coordinates already: the operator keeps it by reference, so
+        # memory is then one more m x d array of G's dtype.
         G = prepared_grads(xp, theta, G, None if given is None else mask)
     if saliency == "obd":
         scores = obd_saliency(theta, G, damp=damp)
