@@ -143,7 +143,9 @@ def prune(
         of G instead). Only ``saliency="magnitude"`` with ``update="none"``
         may pass ``None``.
     sparsity : float
-        The fraction of weights pruned after the step, in ``[0, 1)``.
+        The fraction of weights pruned after the step, in ``[0, 1)``: the
+        least salient kept weights, equal saliencies in index order (as
+        :func:`select_pruned` picks them).
     damp : float, optional
         The damping ``lambda`` of the Fisher (default ``1e-5``, the paper's).
     block_size : int, optional
