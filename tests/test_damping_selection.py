@@ -384,6 +384,24 @@ def test_mfac_pruner_restores_the_model_when_the_selection_fails():
         pruner.prune(data, loss_fn, sparsity=0.6, dampings=[1e-3])
 
 
+def test_mfac_pruner_refuses_a_select_damp_that_is_not_callable_before_any_gradient():
+    """Wrapped in a callable by prune(), it passed gradual_prune's check and failed as
+    "'float' object is not callable", after the gradients' forward and backward passes."""
+    torch, model, data, _ = _torch_problem()
+    from mfac_core.torch import MFACPruner
+
+    batches = []
+
+    def loss_fn(out, y):
+        batches.append(1)
+        return torch.nn.functional.cross_entropy(out, y)
+
+    pruner = MFACPruner(model, num_grads=8, block_size=32)
+    with pytest.raises(TypeError, match="select_damp must be callable, got float"):
+        pruner.prune(data, loss_fn, sparsity=0.5, dampings=[1e-3, 1e-2], select_damp=0.5)
+    assert batches == [] and pruner.sparsity() == 0.0
+
+
 def test_damping_sweep_with_a_mask_selects_what_prune_selects(rng):
     # G is not zeroed at the pruned weights by the caller: damping_sweep must decouple
     # them itself (as prune does), or its saliencies describe another Fisher.

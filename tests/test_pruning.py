@@ -274,6 +274,23 @@ def test_select_count_and_already_sparse():
         select_pruned(scores, count=6, mask=kept)
 
 
+def test_sparsity_counts_are_exact_for_large_groups():
+    """``floor(sparsity * n)`` of the decimal sparsity given, at the sizes of real models.
+
+    A fixed slack of 1e-9 over the float product fell short from about 4e7 weights:
+    0.282 of 10**8 weights gave 28_199_999.
+    """
+    from mfac_core._pruning_obs import _target_count
+
+    for n in (10, 4 * 10**7, 10**8, 123_456_789, 10**10):
+        for permille in range(1000):
+            assert _target_count(permille / 1000, n) == permille * n // 1000, (n, permille)
+    # Nor is a product that is not near an integer rounded up.
+    for n in (3, 10**8 + 1, 2**33 + 1):
+        assert _target_count(0.5, n) == n // 2
+        assert _target_count(0.75, n) == 3 * n // 4
+
+
 # -- the OBS update -----------------------------------------------------------------------
 
 
@@ -395,6 +412,25 @@ def test_joint_refuses_huge_systems(rng):
     sel = np.ones(30, dtype=bool)
     with pytest.raises(ValueError, match="max_joint_size"):
         obs_update(theta, StaticIHVP(G, damp=0.1), sel, joint=True, max_joint_size=10)
+
+
+def test_obs_update_checks_joint_and_max_joint_size():
+    """``joint="no"`` ran the joint update (a truthy string); ``max_joint_size=2.5`` let a
+    2 x 2 system through and ``"abc"`` failed in a comparison deep inside."""
+    rng = np.random.default_rng(0)
+    G, theta = rng.standard_normal((4, 6)), rng.standard_normal(6)
+    op = StaticIHVP(G, damp=0.1)
+    sel = np.array([True, True, False, False, False, False])
+    for bad in ("no", 1, None):
+        with pytest.raises(TypeError, match="joint must be True or False"):
+            obs_update(theta, op, sel, joint=bad)
+    for bad, error in ((2.5, TypeError), ("abc", TypeError), (0, ValueError), (-1, ValueError)):
+        with pytest.raises(error, match="max_joint_size must be"):
+            obs_update(theta, op, sel, joint=True, max_joint_size=bad)
+    np.testing.assert_array_equal(
+        obs_update(theta, op, sel, joint=np.bool_(True), max_joint_size=np.int64(2)),
+        obs_update(theta, op, sel, joint=True),
+    )
 
 
 # -- prune and gradual_prune --------------------------------------------------------------
@@ -704,3 +740,89 @@ def test_a_bad_selection_block_size_is_refused_by_its_name_before_any_work():
                 selection_block_size=bad,
             )  # fmt: skip
     assert calls == []
+
+
+def test_gradual_prune_checks_every_option_before_the_first_gradients():
+    """A bad damping, block size, choice or callback was refused by the first step, after
+    ``grad_fn`` (m forward and backward passes for MFACPruner); a bad ``joint_block_size``
+    was named ``block_size``, and in ``prune`` refused after the set-up."""
+    rng = np.random.default_rng(0)
+    theta, G = rng.standard_normal(10), rng.standard_normal((4, 10))
+    calls = []
+
+    def grad_fn(theta, mask):
+        calls.append(1)
+        return G
+
+    cases = [
+        (dict(damp=-1.0), ValueError, "damp must be finite and > 0"),
+        (dict(damp="1e-3"), TypeError, "damp must be a real number"),
+        (dict(block_size=0), ValueError, "block_size must be >= 1"),
+        (dict(saliency="OBS"), ValueError, "saliency must be one of"),
+        (dict(update="Joint"), ValueError, "update must be one of"),
+        (dict(update="joint", joint_block_size=0), ValueError, "joint_block_size must be"),
+        (dict(update="joint", joint_block_size=2.5), TypeError, "joint_block_size must be"),
+        (dict(callback=3), TypeError, "callback must be callable"),
+    ]
+    for kwargs, error, message in cases:
+        with pytest.raises(error, match=message):
+            gradual_prune(theta, grad_fn, sparsity=0.3, steps=2, **kwargs)
+        if "callback" not in kwargs:
+            with pytest.raises(error, match=message):
+                prune(theta, G, sparsity=0.3, **kwargs)
+    assert calls == []
+    # Options a step does not use are not checked, as before: no gradients, no damping.
+    res = gradual_prune(
+        theta, grad_fn, sparsity=0.3, steps=2, saliency="magnitude", update="none", damp=-1.0
+    )
+    assert calls == [] and int((~res.mask).sum()) == 3
+
+
+def test_prune_computes_the_diagonal_once(monkeypatch):
+    """The OBS saliency and the summed update divide by the same diagonal of F^{-1}, an
+    O(d m^2) pass over G: prune computed it twice, the cost of the step's set-up again."""
+    rng = np.random.default_rng(0)
+    G, theta = rng.standard_normal((6, 40)), rng.standard_normal(40)
+    mask = rng.random(40) > 0.2
+    op = StaticIHVP(G * mask, damp=1e-2, block_size=16)
+    want_sel = select_pruned(obs_saliency(theta, op), sparsity=0.5, mask=mask)
+    want = obs_update(theta, op, want_sel, mask=mask)
+    calls = []
+    diagonal = StaticIHVP.diagonal
+    monkeypatch.setattr(StaticIHVP, "diagonal", lambda self: calls.append(1) or diagonal(self))
+    res = prune(theta, G, sparsity=0.5, damp=1e-2, block_size=16, mask=mask)
+    assert len(calls) == 1
+    np.testing.assert_array_equal(res.mask, mask & ~want_sel)
+    np.testing.assert_array_equal(res.theta, want)  # the same arithmetic, bit for bit
+
+
+def test_gradients_zero_at_the_pruned_coordinates_are_not_copied(monkeypatch):
+    """With a mask, every entry point copied G to zero it there, one more m x d array for
+    as long as the operator lives, though MFACPruner's gradients are zero there already
+    (its peak memory was twice the logged gradient matrix). Only G that is not zero
+    there (a value, a NaN) is copied now, and G is never written."""
+    from mfac_core import _pieces
+
+    rng = np.random.default_rng(0)
+    theta, mask = rng.standard_normal(40), rng.random(40) > 0.3
+    clean = rng.standard_normal((5, 40)) * mask
+    seen = []
+    static_ihvp = pruning.static_ihvp
+    monkeypatch.setattr(
+        pruning, "static_ihvp", lambda G, **kw: seen.append(G) or static_ihvp(G, **kw)
+    )
+    monkeypatch.setattr(_pieces, "LARGE_PIECE_ENTRIES", 5 * 3)  # pieces of 3 columns
+    first, last = np.flatnonzero(~mask)[[0, -1]]
+    results = []
+    for where, value in ((None, 0.0), (last, 1.0), (last, np.nan), (first, -0.0)):
+        G = clean.copy()
+        if where is not None:
+            G[2, where] = value
+        given = G.copy()
+        results.append(prune(theta, G, sparsity=0.6, damp=1e-2, mask=mask))
+        assert (seen[-1] is G) == (value == 0.0), (where, value)
+        np.testing.assert_array_equal(seen[-1], clean)  # -0.0 equals 0.0
+        np.testing.assert_array_equal(G, given)
+    for res in results[1:]:  # copied or not, the same arithmetic
+        np.testing.assert_array_equal(res.mask, results[0].mask)
+        np.testing.assert_array_equal(res.theta, results[0].theta)

@@ -13,13 +13,15 @@ import math
 import numbers
 from typing import Any
 
-from ._compat import Array, detached
+from . import _pieces
+from ._compat import Array, detached, is_dask_namespace
 from ._compat import device as device_of
 from ._dtypes import half_dtype_name
 from ._finite import non_finite_error
 from ._validation import (
     check_choice,
     check_count,
+    check_damp,
     check_dampings,
     check_floating,
     check_gradients,
@@ -105,13 +107,33 @@ def prepared_grads(xp: Any, theta: Array, G: Array, mask: Array | None) -> Array
     With a ``mask`` (checked already), a copy of G is zeroed at the pruned
     coordinates, so that they decouple from the kept ones; selected by
     ``where``, not multiplied, so that a NaN or infinity there is dropped too.
-    Without one, G itself is returned (nothing is pruned yet).
+    Without one, or where G is zero at the pruned coordinates already (as
+    MFACPruner's gradients are), G itself is returned.
     """
     check_grads(xp, theta, G)
-    if mask is None:
+    if mask is None or (not is_dask_namespace(xp) and _zero_where_pruned(xp, G, mask)):
         return G
     zero = xp.zeros((), dtype=G.dtype, device=device_of(G))
     return xp.where(mask[None, :], G, zero)
+
+
+def _zero_where_pruned(xp: Any, G: Array, mask: Array) -> bool:
+    """Whether G holds only zeros (no NaN) at the coordinates ``mask`` prunes.
+
+    Then the masked copy, one more m x d array beside G for as long as the operator
+    keeps it, would equal G: MFACPruner's gradients, zeroed there in place, doubled
+    its peak memory. Read in column pieces (boolean temporaries of a piece), and only
+    up to the first piece that is not zero there.
+    """
+    if bool(xp.all(mask)):
+        return True
+    m, d = G.shape
+    width = _pieces.piece_width(xp, G, m, host=_pieces.LARGE_PIECE_ENTRIES)
+    for a in range(0, d, width):
+        b = min(d, a + width)
+        if bool(xp.any((G[:, a:b] != 0) & ~mask[None, a:b])):
+            return False
+    return True
 
 
 # -- damping selection -----------------------------------------------------------------
@@ -146,6 +168,29 @@ def check_selection_block(value: Any) -> None:
     """
     if value is not None:
         check_count(value, "selection_block_size")
+
+
+def check_step_options(
+    saliency: Any, update: Any, damp: Any, block_size: Any, joint_block_size: Any
+) -> None:
+    """The options of one :func:`prune` step that it uses, checked before any work.
+
+    :func:`gradual_prune` checks them before its first ``grad_fn`` call (m forward and
+    backward passes, for MFACPruner), where a bad damping, block size or choice was
+    refused only by the first step's :func:`prune`. Each is checked where the step uses
+    it, as :func:`prune` does (the damping needs gradients: an OBS or OBD saliency, or
+    an update; the block sizes the Fisher and the joint update); ``damp=None`` skips the
+    damping (a grid, checked by :func:`damping_grid`).
+    """
+    check_choice(saliency, "saliency", ("obs", "obd", "magnitude"))
+    check_choice(update, "update", ("single", "joint", "none"))
+    if damp is not None and (saliency != "magnitude" or update != "none"):
+        check_damp(damp)
+    if block_size is not None and (saliency == "obs" or update != "none"):
+        check_count(block_size, "block_size")
+    if joint_block_size is not None and update == "joint":
+        # By its own name: obs_update took it as its block_size, and said so.
+        check_count(joint_block_size, "joint_block_size")
 
 
 def check_selection_options(saliency: str, update: str) -> None:

@@ -27,12 +27,16 @@ from ._pruning_inputs import (
     check_theta,
 )
 from ._static import EmpiricalFisher
-from ._validation import check_count, check_damp, check_fraction, check_operand
+from ._validation import check_count, check_damp, check_flag, check_fraction, check_operand
 
 #: Entries of ``F^{-1}`` requested from :meth:`StaticIHVP.entries` per call.
 _ENTRY_BUDGET = 2**20
 
-#: Slack when turning a sparsity into a count, so that 0.29 * 100 gives 29, not 28.
+#: obs_update's default max_joint_size (prune's too).
+MAX_JOINT_SIZE = 4096
+
+#: Slack when turning a sparsity into a count, so that 0.29 * 100 gives 29, not 28; at
+#: least n * 2**-52 for a group of n weights (see _target_count).
 _ROUND_SLACK = 1e-9
 
 
@@ -314,7 +318,10 @@ def magnitude_saliency(theta: Array, /) -> Array:
 
 
 def _target_count(sparsity: float, n: int) -> int:
-    return min(n, math.floor(sparsity * n + _ROUND_SLACK))
+    # The float sparsity (within 2**-54 of the decimal typed) times n (one more rounding)
+    # is within 0.75 n 2**-52 of the count meant: a fixed slack of 1e-9 fell short from
+    # n ~ 4e7 (0.29 of 10**8 weights gave 28_999_999).
+    return min(n, math.floor(sparsity * n + max(_ROUND_SLACK, n * 2.0**-52)))
 
 
 def select_pruned(
@@ -441,7 +448,7 @@ def obs_update(
     joint: bool = False,
     block_size: int | None = None,
     mask: Array = None,
-    max_joint_size: int = 4096,
+    max_joint_size: int = MAX_JOINT_SIZE,
 ) -> Array:
     r"""The OBS update that removes the ``selected`` weights and moves the others.
 
@@ -480,7 +487,7 @@ def obs_update(
         ``True`` for the weights kept before this step.
     max_joint_size : int, optional
         Refuse joint systems with more selected weights than this in one
-        block (their cost grows as its cube); use blocks instead.
+        block (their cost grows as its cube); use blocks instead. At least 1.
 
     Returns
     -------
@@ -491,11 +498,13 @@ def obs_update(
     ------
     ValueError
         For mismatched shapes, NaN or infinity in a weight that ``mask``
-        keeps, or a joint block with more than ``max_joint_size`` selected
-        weights.
+        keeps, a joint block with more than ``max_joint_size`` selected
+        weights, or ``max_joint_size < 1``.
     TypeError
         For arrays of another library or dtype than the operator's; for a
-        column-sharded operator (:class:`~mfac_core.ShardedStaticIHVP`).
+        column-sharded operator (:class:`~mfac_core.ShardedStaticIHVP`); for
+        a ``joint`` that is not a bool or a ``max_joint_size`` that is not an
+        int.
 
     Examples
     --------
@@ -520,6 +529,10 @@ def obs_update(
     """
     _refuse_sharded(ihvp, "obs_update")
     xp = check_theta(theta)
+    # A truthy string ("no") ran the joint update; a max_joint_size that is not an int
+    # failed, or passed, in a comparison deep inside.
+    joint = check_flag(joint, "joint")
+    max_joint_size = check_count(max_joint_size, "max_joint_size")
     theta = _check_operator(ihvp, theta)
     mask = check_mask(xp, theta, mask)
     # A mask of the weights to remove: integer indices are refused, not read as a mask.
@@ -530,6 +543,60 @@ def obs_update(
     # As prune() does: a NaN or infinite kept weight is named here, not as "x[i] is nan"
     # of the product below (selected) or passed on to the result (not selected).
     check_kept_weights(xp, theta, mask)
+    return updated_weights(
+        xp,
+        theta,
+        ihvp,
+        selected,
+        mask,
+        joint=joint,
+        block_size=block_size,
+        max_joint_size=max_joint_size,
+    )
+
+
+def updated_weights(
+    xp: Any,
+    theta: Array,
+    ihvp: Any,
+    selected: Array,
+    mask: Array,
+    *,
+    joint: bool,
+    block_size: int | None,
+    max_joint_size: int,
+    diag: Array | None = None,
+) -> Array:
+    """:func:`obs_update` once its inputs are checked.
+
+    :func:`prune` passes the diagonal its OBS saliencies came from: the summed update
+    computed it a second time, an O(d m^2) pass over G as long as the rest of the step.
+
+    Parameters
+    ----------
+    xp : module
+        The namespace of ``theta``.
+    theta : array, shape (d,)
+        The flat weights, checked, in the operator's dtype.
+    ihvp : InverseFisherOperator
+        ``F^{-1}``, checked against ``theta``.
+    selected, mask : array of bool, shape (d,)
+        The weights to remove and the weights kept before, checked.
+    joint : bool
+        As for :func:`obs_update`.
+    block_size : int or None
+        As for :func:`obs_update`.
+    max_joint_size : int
+        As for :func:`obs_update`.
+    diag : array, shape (d,), optional
+        ``ihvp.diagonal()``, if the caller has it (the summed update's divisor).
+
+    Returns
+    -------
+    array, shape (d,)
+        The updated weights, with exact zeros at the pruned coordinates.
+    """
+    d = theta.shape[0]
     gone = selected | ~mask
     # A weight that mask prunes already has nothing to remove, whatever it holds (it is
     # zeroed below): selected again, a NaN there failed the product. With zero gradients
@@ -548,7 +615,7 @@ def obs_update(
         B = min(check_count(ihvp.block_size if block_size is None else block_size, "block_size"), d)
         coef = _joint_coefficients(xp, theta, ihvp, selected, B, max_joint_size)
     else:
-        coef = xp.where(selected, theta / ihvp.diagonal(), zero)
+        coef = xp.where(selected, theta / (ihvp.diagonal() if diag is None else diag), zero)
     return xp.where(gone, zero, theta - ihvp.matvec(coef))
 
 

@@ -250,6 +250,11 @@ class MFACPruner:
         the kept weights only: its window holds their coordinates (and those
         of the parameters without a mask, such as biases), so its memory and
         step time scale with the density, and the pruned weights stay zero.
+        It keeps the masks it was built with: the weights that a later
+        :meth:`prune` removes are still among its coordinates, and its steps
+        move them again. Between pruning steps, build a new optimizer from
+        the new ``param_masks()`` (or :meth:`attach` the pruner to the old
+        one, which zeroes them after each step).
 
         Returns
         -------
@@ -423,8 +428,8 @@ class MFACPruner:
             ``dampings`` with the joint update, or a non-finite held-out
             loss; and as :meth:`collect_grads`.
         TypeError
-            For a ``select_damp`` that returns something other than a real
-            number.
+            For a ``select_damp`` that is not callable or returns something
+            other than a real number.
         FactorizationError
             If the damped Fisher of the collected gradients cannot be
             factorised in float64 (a damping far too small for them).
@@ -455,6 +460,9 @@ class MFACPruner:
             raise ValueError("give both dampings (the grid) and select_damp (the held-out loss)")
         if dampings is not None:  # before the gradients' forward and backward passes
             check_dampings(dampings, "dampings", num_grads=self.num_grads)
+            # Wrapped below in a callable, it was called (and failed) only after them.
+            if not callable(select_damp):
+                raise TypeError(f"select_damp must be callable, got {type(select_damp).__name__}")
         before = (
             {name: w.detach().clone() for name, w in self.weights.items()},
             {name: m.clone() for name, m in self.masks.items()},

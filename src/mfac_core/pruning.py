@@ -50,12 +50,14 @@ from ._pruning_inputs import (
     check_mask,
     check_selection_block,
     check_selection_options,
+    check_step_options,
     check_theta,
     damping_grid,
     loss_value,
     prepared_grads,
 )
 from ._pruning_obs import (
+    MAX_JOINT_SIZE,
     InverseFisherOperator,
     magnitude_saliency,
     obd_saliency,
@@ -63,6 +65,7 @@ from ._pruning_obs import (
     obs_update,
     saliency_of_diagonal,
     select_pruned,
+    updated_weights,
 )
 from ._spectral import SpectralIHVP
 from ._static import static_ihvp
@@ -135,10 +138,14 @@ def prune(
     G : array, shape (m, d), or None
         The gradients at ``theta``, one per row (theta's namespace, device and
         dtype, or 2-byte float16/bfloat16 with float32 ``theta``, whose
-        masked copy stays in 2 bytes). Only ``saliency="magnitude"`` with
-        ``update="none"`` may pass ``None``.
+        masked copy stays in 2 bytes). With a ``mask``, G is copied to zero it
+        at the pruned coordinates, unless it is zero there already (one read
+        of G instead). Only ``saliency="magnitude"`` with ``update="none"``
+        may pass ``None``.
     sparsity : float
-        The fraction of weights pruned after the step, in ``[0, 1)``.
+        The fraction of weights pruned after the step, in ``[0, 1)``: the
+        least salient kept weights, equal saliencies in index order (as
+        :func:`select_pruned` picks them).
     damp : float, optional
         The damping ``lambda`` of the Fisher (default ``1e-5``, the paper's).
     block_size : int, optional
@@ -193,8 +200,7 @@ def prune(
     xp = check_theta(theta)
     sparsity = check_fraction(sparsity, "sparsity")
     check_selection_block(selection_block_size)
-    check_choice(saliency, "saliency", ("obs", "obd", "magnitude"))
-    check_choice(update, "update", ("single", "joint", "none"))
+    check_step_options(saliency, update, damp, block_size, joint_block_size)
     given = mask
     mask = check_mask(xp, theta, mask)
     check_kept_weights(xp, theta, mask)
@@ -203,8 +209,9 @@ def prune(
         if needs_grads:
             raise ValueError(f"saliency={saliency!r} with update={update!r} needs the gradients G")
     else:
-        # With a mask, a masked copy in G's dtype (2-byte G stays 2-byte): the operator
-        # keeps it by reference, so memory is one more m x d array of G's dtype.
+        # With a mask, a masked copy in G's dtype (2-byte G stays 2-byte) where G is not
+        # zero at the pruned coordinates already: the operator keeps it by reference, so
+        # memory is then one more m x d array of G's dtype.
         G = prepared_grads(xp, theta, G, None if given is None else mask)
     if saliency == "obd":
         scores = obd_saliency(theta, G, damp=damp)
@@ -213,18 +220,29 @@ def prune(
         # and exactly beyond: theta^2 ties distinct weights at 0 or a subnormal (float32:
         # |theta| < 1.1e-19) and at inf (|theta| > 1.8e19); see magnitude_saliency.
         scores = xp.abs(theta)
-    ihvp = None
+    ihvp = diag = None
     if saliency == "obs" or update != "none":
         ihvp = static_ihvp(G, damp=damp, block_size=block_size)
         if saliency == "obs":
-            scores = obs_saliency(theta, ihvp)
+            # Computed once: the summed update divides by the same diagonal.
+            diag = ihvp.diagonal()
+            scores = saliency_of_diagonal(xp, theta, diag)
     selected = select_pruned(scores, sparsity=sparsity, mask=mask, block_size=selection_block_size)
     if ihvp is None or update == "none":
         zero = xp.zeros((), dtype=theta.dtype, device=device_of(theta))
         new = xp.where(selected | ~mask, zero, theta)
     else:
-        new = obs_update(
-            theta, ihvp, selected, mask=mask, joint=update == "joint", block_size=joint_block_size
+        # obs_update's own checks were prune's (theta, mask, the kept weights).
+        new = updated_weights(
+            xp,
+            theta,
+            ihvp,
+            selected,
+            mask,
+            joint=update == "joint",
+            block_size=joint_block_size,
+            max_joint_size=MAX_JOINT_SIZE,
+            diag=diag,
         )
     return PruneResult(new, mask & ~selected)
 
@@ -369,10 +387,12 @@ def gradual_prune(
         ``grad_fn`` returning an array of the wrong shape, a grid of
         dampings without ``select_damp`` (or the reverse), or ``select_damp``
         with a saliency other than ``"obs"`` or a joint update, or NaN or
-        infinity in a weight that ``mask`` keeps.
+        infinity in a weight that ``mask`` keeps. Options are checked before
+        the first ``grad_fn`` call.
     TypeError
-        For a ``grad_fn`` or ``select_damp`` that is not callable, or a
-        ``select_damp`` that returns something other than a real number.
+        For a ``grad_fn``, ``callback`` or ``select_damp`` that is not
+        callable, or a ``select_damp`` that returns something other than a
+        real number.
     FactorizationError
         If the damped Fisher of a step's gradients cannot be factorised in
         float64 (as for :func:`prune`).
@@ -411,7 +431,13 @@ def gradual_prune(
     check_kept_weights(xp, theta, mask)
     if not callable(grad_fn):
         raise TypeError(f"grad_fn must be callable, got {type(grad_fn).__name__}")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable, got {type(callback).__name__}")
     grid = damping_grid(damp, select_damp, saliency, update)
+    # Before the first gradients, not by the first step's prune().
+    check_step_options(
+        saliency, update, None if grid is not None else damp, block_size, joint_block_size
+    )
     d = theta.shape[0]
     start = 1.0 - int(xp.sum(xp.astype(mask, xp.int64))) / d
     targets = sparsity_schedule(min(start, sparsity), sparsity, steps, schedule=schedule)
