@@ -300,3 +300,23 @@ def test_narrowing_to_a_numpy_dtype_does_not_read_dtype_names(monkeypatch):
         assert y.dtype == op.dtype
     with pytest.warns(RuntimeWarning, match="float32's range"):  # still said
         _finite.narrowed(np, np.array([1e39, 1.0]), np.float32)
+
+
+def test_a_result_that_requires_grad_is_tested_without_pytorchs_warning():
+    # The result's test read float() of a sum that required grad, and PyTorch warned
+    # ("Converting a tensor with requires_grad=True to a scalar") from inside the
+    # library; so did the name of a NaN in such an input.
+    torch = pytest.importorskip("torch")
+    G = torch.linspace(-1.0, 1.0, 40, dtype=torch.float64).reshape(4, 10)
+    op = StaticIHVP(G, damp=0.5)
+    x = torch.linspace(0.5, 2.0, 10, dtype=torch.float64, requires_grad=True)
+    bad = torch.ones(10, dtype=torch.float64)
+    bad[3] = float("nan")
+    bad.requires_grad_(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = op.matvec(x)
+        with pytest.raises(ValueError, match=r"x\[3\] is nan"):
+            op.matvec(bad)
+    assert y.requires_grad
+    assert torch.equal(y.detach(), op.matvec(x.detach()))

@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from ._compat import Array, is_finite_array, is_torch_array
+from ._compat import Array, detached, is_finite_array, is_torch_array
 from ._errors import user_stacklevel
 
 __all__ = [
@@ -134,7 +134,7 @@ def _first_in_piece(xp: Any, x: Array) -> tuple[list[int], float] | None:
         flat, i = divmod(flat, int(size))
         index.append(i)
     index.reverse()
-    return index, float(x[tuple(index)])
+    return index, float(detached(x[tuple(index)]))
 
 
 def non_finite_error(xp: Any, x: Array, name: str, *, offset: int = 0) -> ValueError | None:
@@ -352,7 +352,8 @@ def _overflowed(result: Any, inputs: tuple[Any, ...], dtypes: tuple[str, ...]) -
     else:
         mod = _host_result(result)
         name = _dtype_name(getattr(result, "dtype", ""))
-        if mod is None or name not in dtypes or math.isfinite(float(mod.sum(result))):
+        # Its value only: float() of a tensor that requires grad warns (PyTorch's).
+        if mod is None or name not in dtypes or math.isfinite(float(mod.sum(detached(result)))):
             return False
     if mod is not None and is_finite_array(mod, result):
         return False  # a large finite result whose sum overflowed
