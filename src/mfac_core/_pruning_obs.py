@@ -501,10 +501,11 @@ def obs_update(
         keeps, a joint block with more than ``max_joint_size`` selected
         weights, or ``max_joint_size < 1``.
     TypeError
-        For arrays of another library or dtype than the operator's; for a
-        column-sharded operator (:class:`~mfac_core.ShardedStaticIHVP`); for
-        a ``joint`` that is not a bool or a ``max_joint_size`` that is not an
-        int.
+        For arrays of another library than the operator's, or of a dtype
+        that it would round (float64 weights for a float32 operator; float32
+        weights for a float64 one are promoted); for a column-sharded
+        operator (:class:`~mfac_core.ShardedStaticIHVP`); for a ``joint``
+        that is not a bool or a ``max_joint_size`` that is not an int.
 
     Examples
     --------
