@@ -333,7 +333,8 @@ def warn_if_hopeless(op: Any, factor: CapacitanceFactor) -> None:
     decide when digits run out.
 
     Checked at every full factorisation (at least every ``refactor_every``
-    edits), where the kappa bounds come for free.
+    edits), where the kappa bounds come for free; a row edit checks the new
+    gradient's own bound (:func:`warn_if_edit_hopeless`).
     """
     if factor.kappa is None:
         return
