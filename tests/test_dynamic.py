@@ -880,6 +880,43 @@ def test_a_refused_step_does_not_warn_of_the_factor_it_threw_away():
         op.update(grads[2])  # refactorised, still hopeless: not warned again
 
 
+@pytest.mark.parametrize("zero_init", [False, True])
+def test_a_row_edit_warns_of_a_gradient_that_makes_the_window_hopeless(rng, zero_init):
+    # Regression: only a refactorisation warned (eps kappa**1.5 >= 1), so a full window
+    # took such a gradient by a row edit in silence; the warning came at the next
+    # refactorisation, from an unrelated update. Where warnings are errors, that update
+    # and every later one were refused (each refactorises and warns again): the window
+    # stayed stuck, the hopeless gradient in it for good.
+    eps = np.finfo(np.float64).eps
+    damp, d, m = 1e-2, 20, 4
+    op = DynamicIHVP(
+        m,
+        d,
+        damp=damp,
+        dtype="float64",
+        options=WindowOptions(zero_init=zero_init, refactor_every=8),
+    )
+    for g in rng.standard_normal((m, d)):
+        op.update(g)
+    # |g|^2 / (m damp) = eps**(-0.8): past the warning (eps kappa**1.5 >= 1), short of
+    # the refusal (eps kappa >= 1).
+    big = rng.standard_normal(d)
+    big *= math.sqrt(eps ** (-0.8) * m * damp) / np.linalg.norm(big)
+    x = rng.standard_normal(d)
+    before = (op.slots, op.state_dict()["edits"], op.matvec(x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(IllConditionedWarning):
+            op.update(big)  # a row edit (edits < refactor_every), refused
+        assert (op.slots, op.state_dict()["edits"]) == before[:2]
+        np.testing.assert_array_equal(op.matvec(x), before[2])
+        for g in rng.standard_normal((2 * m + 8, d)):
+            op.update(g)  # the window goes on (refactorising on the way)
+    with pytest.warns(IllConditionedWarning, match="ill-conditioned"):
+        op.update(big)  # taken: warned as it comes in
+    assert op.state_dict()["edits"] > 0  # by a row edit
+
+
 def test_remove_takes_numpy_integers_and_copies_are_independent(rng):
     import copy
 

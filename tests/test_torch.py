@@ -1145,7 +1145,8 @@ def test_errors_raise_leaves_the_optimizer_as_it_was():
     w = nn.Parameter(torch.zeros(8, dtype=torch.float64))
     opt = MFAC([w], lr=1e-3, num_grads=3, damp=1e-14, errors="raise")
     w.grad = torch.full((8,), 1.0, dtype=torch.float64)
-    opt.step()
+    with pytest.warns(IllConditionedWarning):  # |g|^2 / (m damp) = 2.7e14: taken, warned
+        opt.step()
     w.grad = torch.full((8,), 100.0, dtype=torch.float64)
     before = snapshot(opt)
     with pytest.raises(ValueError, match=r"too large for this window.*2\.67e\+18"):

@@ -333,7 +333,8 @@ def warn_if_hopeless(op: Any, factor: CapacitanceFactor) -> None:
     decide when digits run out.
 
     Checked at every full factorisation (at least every ``refactor_every``
-    edits), where the kappa bounds come for free.
+    edits), where the kappa bounds come for free; a row edit checks the new
+    gradient's own bound (:func:`warn_if_edit_hopeless`).
     """
     if factor.kappa is None:
         return
@@ -342,6 +343,23 @@ def warn_if_hopeless(op: Any, factor: CapacitanceFactor) -> None:
         damp = factor.shift / (op.num_grads if op.zero_init else max(factor.size, 1))
         _capacitance.warn_if_passes_hopeless(factor.kappa[0], damp=damp)
     op._warned_hopeless = hopeless
+
+
+def warn_if_edit_hopeless(op: Any, kappa_lower: float | None) -> None:
+    """:func:`warn_if_hopeless` for a row edit, with the new gradient's bound on kappa.
+
+    An edited factor has no kappa bounds of its own; ``kappa_lower = 1 + |g|^2 / shift``
+    (:func:`edited` returns it) bounds the window's kappa from below. Only a
+    refactorisation tells that the window recovered, so this never clears the warn-once
+    note. Without this a full window took such a gradient in silence, and the warning came
+    at the next refactorisation, from an unrelated update (which, where warnings are errors,
+    it refused, and every later one with it: each refactorises and warns again).
+    """
+    if kappa_lower is None or getattr(op, "_warned_hopeless", False):
+        return
+    if bool(_capacitance.is_imprecise(kappa_lower, eps=_capacitance.EPS64)):
+        _capacitance.warn_if_passes_hopeless(kappa_lower, damp=op.damp)
+        op._warned_hopeless = True
 
 
 def edited(
@@ -353,6 +371,7 @@ def edited(
     pending: Any = None,
     speculation: Speculation | None = None,
     locate: Callable[[], str | None] | None = None,
+    bound: list[float] | None = None,
 ) -> tuple[SlotFactor, bool]:
     """The factor after ``slot`` gets Gram row ``b``: an O(m^2) edit where possible.
 
@@ -368,7 +387,9 @@ def edited(
     synchronises with the device once. A ``speculation`` computes the step's
     product with the edited factor, whose finiteness joins that read; it is
     discarded (``speculation.s`` None) unless the edit is kept. ``locate`` is
-    :func:`factorized`'s, for the new gradient.
+    :func:`factorized`'s, for the new gradient. ``bound``, where given, receives the
+    lower bound ``1 + |g|^2 / shift`` of the window's kappa that the new gradient
+    gives (:func:`judge`), for :func:`warn_if_edit_hopeless`.
     """
     current = op._factor
     slots = [s for s in current.slots if s != slot] + [slot]
@@ -377,7 +398,7 @@ def edited(
     # the window hopeless is refused (read with the step's other checks).
     pending = with_norm(pending, b[slot], op._shift(k))
     if gram is not None:
-        judge(op, pending, [])
+        judge(op, pending, [], bound)
         return factorized(op, gram, slots, exact=True, warn=False, locate=locate), True
     if (
         op.update_method == "incremental"
@@ -399,7 +420,7 @@ def edited(
             else:
                 # On the host a read costs nothing, and NaN never reaches NumPy's
                 # arithmetic (whose warnings would be errors in strict code).
-                judge(op, pending, [])
+                judge(op, pending, [], bound)
                 pending = None
                 if not bool(xp.all(xp.isfinite(b))):
                     # A finite float64 gradient whose squared norm overflows: the full
@@ -418,7 +439,7 @@ def edited(
             finite = None if speculation is None else speculation.compute(moved)
             if finite is not None:  # None where the caller's agree decides (settle)
                 checks.append(finite)
-            values = judge(op, pending, checks)
+            values = judge(op, pending, checks, bound)
             if speculation is not None and finite is not None:
                 speculation.finite = values.pop() > 0
             pivot_ok = margin is None or values[0] > 0
@@ -427,7 +448,7 @@ def edited(
             pending = None  # judged above
             if speculation is not None:
                 speculation.s = None  # made with the edit that was just refused
-    judge(op, pending, [])
+    judge(op, pending, [], bound)
     gram = op._xp.asarray(op._gram, copy=True)
     gram[slot, :] = b
     gram[:, slot] = b
@@ -465,11 +486,15 @@ def drift_positions(op: Any, k: int) -> Array:
     return cache[k]
 
 
-def judge(op: Any, pending: Pending | None, checks: list[Array]) -> list[float]:
+def judge(
+    op: Any, pending: Pending | None, checks: list[Array], bound: list[float] | None = None
+) -> list[float]:
     """Read ``checks`` (0-d arrays) and a gradient's deferred checks in one transfer.
 
     Raises the gradient's error if its check fails (before ``checks`` are looked
-    at); returns the values of ``checks``.
+    at); returns the values of ``checks``. Where the gradient's squared norm is among
+    the checks, the lower bound ``1 + |g|^2 / shift`` of kappa that it gives is appended
+    to ``bound`` (where given), read in the same transfer.
     """
     arrays = ([] if pending is None else pending.arrays()) + checks
     if not arrays:
@@ -481,4 +506,9 @@ def judge(op: Any, pending: Pending | None, checks: list[Array]) -> list[float]:
         # On the host a read costs nothing: each value read as it is (the same float64,
         # widening is exact), without the stack's four array calls (a step reads twice).
         values = [float(a if a.ndim == 0 else xp.reshape(a, ())) for a in arrays]
-    return values if pending is None else pending.judge(op, values)
+    if pending is None:
+        return values
+    if bound is not None and pending.norm2 is not None:
+        # The norm is the last of the gradient's own values (``Pending.arrays``).
+        bound.append(1.0 + values[len(pending.arrays()) - 1] / pending.shift)
+    return pending.judge(op, values)

@@ -25,7 +25,14 @@ from ._dynamic_checks import (
     judge_gradient,
     values_checked,
 )
-from ._dynamic_factor import NotFiniteStep, Speculation, edited, factorized, warn_if_hopeless
+from ._dynamic_factor import (
+    NotFiniteStep,
+    Speculation,
+    edited,
+    factorized,
+    warn_if_edit_hopeless,
+    warn_if_hopeless,
+)
 from ._errors import FactorizationError
 from ._finite import float32_overflow_said_by_caller
 
@@ -237,9 +244,10 @@ def place(
         # The rest of the window's Gram was finite: NaN or infinity in it (which
         # check_finite=False lets in) is g's.
         locate = gradient_culprit(op, g)
+        bound: list[float] = []  # the new gradient's lower bound on kappa (``edited``)
         try:
             factor, refactored = edited(
-                op, slot, b, pending=pending, speculation=speculation, locate=locate
+                op, slot, b, pending=pending, speculation=speculation, locate=locate, bound=bound
             )
         except FactorizationError:
             if op._exact_gram:
@@ -249,7 +257,8 @@ def place(
             # that makes nearly collinear windows indefinite: recompute it, once.
             gram = op._exact_gram_matrix()
             b = xp.asarray(gram[slot, :], copy=True)
-            factor, refactored = edited(op, slot, b, gram=gram, locate=locate)
+            bound.clear()
+            factor, refactored = edited(op, slot, b, gram=gram, locate=locate, bound=bound)
             if speculation is not None:
                 speculation.s = None  # not made with this factor
         if speculation is not None:
@@ -261,6 +270,9 @@ def place(
             # factor that it threw away. (Where the warning is an error, it refuses
             # the insert like any error here.)
             warn_if_hopeless(op, factor.factor)
+        else:
+            # A row edit has no kappa bounds: the new gradient's own bound decides.
+            warn_if_edit_hopeless(op, bound[-1] if bound else None)
     except BaseException:
         if store is not None:
             store.restore()
