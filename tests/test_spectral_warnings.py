@@ -8,6 +8,7 @@ as well (docs/mathematics.rst, "When the set-up fails or warns").
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
@@ -132,3 +133,24 @@ def test_a_ragged_dense_block_is_judged_by_the_dense_rule(rng):
         assert np.linalg.norm(got - want) <= EPS64 * 1e12 * np.linalg.norm(want)
     with pytest.warns(IllConditionedWarning, match="eps \\* kappa >= 1/32"):
         op.with_damp(top / m / 2e14)
+
+
+def test_long_blocks_count_the_grams_summation(rng):
+    # Regression: the rule took the Gram's rounding as eps64 |G G^T|, but its float64 sums
+    # over B coordinates round to up to about sqrt(B)/4 eps64 of it (gradients of float32
+    # values, whose squares are exact: 72 eps64 at B = 1e6, 2300 at 1e8, OpenBLAS), and each
+    # such eps64 costs t_1 in a product. One such float64 gradient of 10**6 entries at kappa
+    # 1.26e14 gave its own product 210 % off (eps64 kappa a = 0.028 < 1/32), unwarned.
+    g = rng.standard_normal(10**6, dtype=np.float32).astype(np.float64)
+    norm2 = math.fsum((g**2).tolist())  # exact squares, exactly rounded sum
+    for kappa in (1e10, 1.26e14):
+        damp = norm2 / kappa  # m = 1: F = damp I + g g^T, F^{-1} g = g / (damp + |g|^2)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            op = SpectralIHVP(g[None, :], damp=damp)
+        warned = any(w.category is IllConditionedWarning for w in caught)
+        want = g / (damp + norm2)
+        err = np.linalg.norm(op @ g - want) / np.linalg.norm(want)
+        # Unwarned products are within 10 % (at kappa 1e10 about 1e-4 at most).
+        assert warned or err <= 0.1, (kappa, err)
+        assert warned == (kappa > 1e12)

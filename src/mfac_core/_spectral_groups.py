@@ -293,6 +293,13 @@ def conditioning(xp: Any, group: Group, m: int, damp: float) -> tuple[Array, Arr
     known to about ``eps Lambda_1``: those of duplicated gradients, 0 in exact arithmetic,
     cannot be told from nearly collinear ones, which do amplify). ``a`` is None for blocks
     no wider than m (``F_b``'s own eigenpairs: the dense rule).
+
+    The Gram's own float64 sums over a block's ``B`` coordinates round to more than
+    ``eps |G_b G_b^T|`` where ``B`` is long: up to about ``sqrt(B)/4 eps`` of it for
+    gradients of float32 values, whose exact squares leave the sums' rounding a bias
+    (OpenBLAS: 72 eps at ``B = 1e6``, 2300 at ``1e8``; a product of one such gradient 210 %
+    off at ``eps kappa a = 0.028``). That rounding enters as the decomposition's does, so
+    ``a`` and ``delta`` carry the factor ``max(1, sqrt(B)/8)`` (1 up to ``B = 64``).
     """
     t = group.top
     if isinstance(group, ColumnEigen):
@@ -301,9 +308,10 @@ def conditioning(xp: Any, group: Group, m: int, damp: float) -> tuple[Array, Arr
     kappa = 1.0 + ratio[:, -1]
     # Past 2 / eps every rule warns already; clipped, nothing below meets inf / inf.
     t = xp.clip(ratio, max=2.0 / _EPS64)
-    delta = (m * _EPS64) * t[:, -1:]
+    sums = max(1.0, math.sqrt(group.group.size) / 8.0)
+    delta = (max(m, sums) * _EPS64) * t[:, -1:]
     g = xp.sqrt(t + delta) / (1.0 + xp.clip(t - delta, min=0.0))
-    return kappa, xp.sqrt(t[:, -1] + delta[:, 0]) * xp.max(g, axis=-1)
+    return kappa, sums * xp.sqrt(t[:, -1] + delta[:, 0]) * xp.max(g, axis=-1)
 
 
 def _ratio(xp: Any, hi: Array, lo: Array) -> Array:
