@@ -83,9 +83,9 @@ WARN_EPS_KAPPA_WOODBURY = 1.0
 #: blocks wider than m) warns, with ``a = sqrt(t_1) max_j sqrt(t_j) / (1 + t_j)`` the exact
 #: first-order amplification of the float64 rounding (``t_j m damp`` the Gram's eigenvalues,
 #: ``a <= kappa**0.5 / 2``; times ``max(1, sqrt(B)/8)`` for the Gram's sums over ``B``
-#: coordinates, ``_spectral_groups.conditioning``). Its products were measured up to 3.1
-#: ``eps kappa a`` off (m up to 512; evenly spread gradients, a near 5), so one that is not
-#: warned of is within about 10 %; :data:`WARN_EPS_KAPPA_WOODBURY`'s rule must hold too (it
+#: coordinates, ``_spectral_groups.conditioning``). Its products were measured up to 6.5
+#: ``eps kappa a`` off (m up to 512; evenly spread gradients, a near 2-5), so one that is not
+#: warned of is within about 20 %; :data:`WARN_EPS_KAPPA_WOODBURY`'s rule must hold too (it
 #: still decides where some ``t_j`` is near 1), so nothing warns below the worst case's
 #: threshold.
 WARN_EPS_KAPPA_AMPLIFIED = 2.0**-5
