@@ -917,6 +917,61 @@ def test_a_row_edit_warns_of_a_gradient_that_makes_the_window_hopeless(rng, zero
     assert op.state_dict()["edits"] > 0  # by a row edit
 
 
+def _collinear_window(zero_init, refactor_every=1000):
+    """A window of 4 gradients whose row edits (no refactorisation) are what is tested."""
+    return DynamicIHVP(
+        4,
+        20,
+        damp=1e-2,
+        dtype="float64",
+        options=WindowOptions(zero_init=zero_init, refactor_every=refactor_every),
+    )
+
+
+@pytest.mark.parametrize("zero_init", [True, False])
+def test_row_edits_warn_of_nearly_collinear_gradients_hopeless_together(rng, zero_init):
+    # Each gradient's own bound 1 + |g|^2 / (m damp) is 1e10, short of the warning (eps
+    # kappa**1.5 >= 1 from 2.7e10); four nearly collinear ones make kappa about 4e10. Row
+    # edits judged the new gradient's bound only: the window took them in silence until
+    # its next refactorisation.
+    op = _collinear_window(zero_init)
+    m, d = op.num_grads, op.dim
+    for g in rng.standard_normal((m, d)):
+        op.update(g)  # full: the gradients below replace these by row edits
+    edits = op.state_dict()["edits"]
+    base = rng.standard_normal(d)
+    base *= math.sqrt(1e10 * m * op.damp) / np.linalg.norm(base)
+    G = base + 1e-6 * rng.standard_normal((m, d)) * np.linalg.norm(base)
+    with pytest.warns(IllConditionedWarning, match="ill-conditioned") as caught:
+        for g in G:
+            op.update(g)
+    assert len(caught) == 1
+    assert op.state_dict()["edits"] == edits + m  # each taken by a row edit
+    assert np.finfo(np.float64).eps * condition_number(G, op.damp) ** 1.5 >= 1  # true
+
+
+def test_a_window_that_recovered_by_row_edits_warns_of_the_next_hopeless_gradient(rng):
+    # The warn-once note was cleared by a refactorisation only: after the first hopeless
+    # gradient had left by row edits, a second one came in silence.
+    op = _collinear_window(True)
+    m, d = op.num_grads, op.dim
+    eps = np.finfo(np.float64).eps
+
+    def big():
+        g = rng.standard_normal(d)
+        return g * math.sqrt(eps ** (-0.8) * m * op.damp) / np.linalg.norm(g)
+
+    with pytest.warns(IllConditionedWarning):
+        op.update(big())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for g in rng.standard_normal((m, d)):
+            op.update(g)  # it leaves: no warning on the way
+    with pytest.warns(IllConditionedWarning):
+        op.update(big())
+    assert op.state_dict()["edits"] > m  # all by row edits
+
+
 def test_remove_takes_numpy_integers_and_copies_are_independent(rng):
     import copy
 

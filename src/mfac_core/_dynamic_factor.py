@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from . import _capacitance, _engine, _host_rows, _pieces
 from ._capacitance import DRIFT_TOL, CapacitanceFactor, relative_column_drift
 from ._compat import Array, host_values, take
@@ -345,20 +347,27 @@ def warn_if_hopeless(op: Any, factor: CapacitanceFactor) -> None:
     op._warned_hopeless = hopeless
 
 
-def warn_if_edit_hopeless(op: Any, kappa_lower: float | None) -> None:
-    """:func:`warn_if_hopeless` for a row edit, with the new gradient's bound on kappa.
+def warn_if_edit_hopeless(op: Any, bounds: tuple[float, float | None] | None) -> None:
+    """:func:`warn_if_hopeless` for a row edit, with bounds of the edited window's kappa.
 
-    An edited factor has no kappa bounds of its own; ``kappa_lower = 1 + |g|^2 / shift``
-    (:func:`edited` returns it) bounds the window's kappa from below. Only a
-    refactorisation tells that the window recovered, so this never clears the warn-once
-    note. Without this a full window took such a gradient in silence, and the warning came
-    at the next refactorisation, from an unrelated update (which, where warnings are errors,
-    it refused, and every later one with it: each refactorises and warns again).
+    An edited factor has no kappa bounds of its own; :func:`edited` gives ``(lower,
+    upper)`` from the new gradient's ``|g|^2``, the edited Gram's quotient with the ones
+    vector and its trace (``Pending.kappa_bounds``). Without the lower bound a full window
+    took a gradient that makes it hopeless in silence, or several nearly collinear ones
+    that do together, and the warning came at the next refactorisation, from an unrelated
+    update (which, where warnings are errors, it refused, and every later one with it:
+    each refactorises and warns again). An upper bound below the rule clears the
+    warn-once note, so that a window that recovered by edits warns of the next one.
     """
-    if kappa_lower is None or getattr(op, "_warned_hopeless", False):
+    if bounds is None:
         return
-    if bool(_capacitance.is_imprecise(kappa_lower, eps=_capacitance.EPS64)):
-        _capacitance.warn_if_passes_hopeless(kappa_lower, damp=op.damp)
+    lower, upper = bounds
+    if upper is not None and not _capacitance.is_imprecise(upper, eps=_capacitance.EPS64):
+        op._warned_hopeless = False
+    elif not getattr(op, "_warned_hopeless", False) and bool(
+        _capacitance.is_imprecise(lower, eps=_capacitance.EPS64)
+    ):
+        _capacitance.warn_if_passes_hopeless(lower, damp=op.damp)
         op._warned_hopeless = True
 
 
@@ -371,7 +380,7 @@ def edited(
     pending: Any = None,
     speculation: Speculation | None = None,
     locate: Callable[[], str | None] | None = None,
-    bound: list[float] | None = None,
+    bound: list[tuple[float, float | None]] | None = None,
 ) -> tuple[SlotFactor, bool]:
     """The factor after ``slot`` gets Gram row ``b``: an O(m^2) edit where possible.
 
@@ -387,16 +396,17 @@ def edited(
     synchronises with the device once. A ``speculation`` computes the step's
     product with the edited factor, whose finiteness joins that read; it is
     discarded (``speculation.s`` None) unless the edit is kept. ``locate`` is
-    :func:`factorized`'s, for the new gradient. ``bound``, where given, receives the
-    lower bound ``1 + |g|^2 / shift`` of the window's kappa that the new gradient
-    gives (:func:`judge`), for :func:`warn_if_edit_hopeless`.
+    :func:`factorized`'s, for the new gradient. ``bound``, where given, receives
+    bounds ``(lower, upper)`` of the edited window's kappa (:func:`judge`), for
+    :func:`warn_if_edit_hopeless`.
     """
     current = op._factor
     slots = [s for s in current.slots if s != slot] + [slot]
     k = len(slots)
     # The new gradient's Gram diagonal bounds kappa from below: a gradient that makes
     # the window hopeless is refused (read with the step's other checks).
-    pending = with_norm(pending, b[slot], op._shift(k))
+    mean, trace = edited_gram_sums(op, slot, b, k)
+    pending = with_norm(pending, b[slot], op._shift(k), mean=mean, trace=trace)
     if gram is not None:
         judge(op, pending, [], bound)
         return factorized(op, gram, slots, exact=True, warn=False, locate=locate), True
@@ -486,15 +496,51 @@ def drift_positions(op: Any, k: int) -> Array:
     return cache[k]
 
 
+def edited_gram_sums(op: Any, slot: int, b: Array, k: int) -> tuple[Any, Any]:
+    """The Gram matrix with row ``slot`` set to ``b``: its quotient with the ones vector
+    (the mean of its entries times m) and its trace, as 0-d arrays, O(m^2).
+
+    For a window of all m slots only (a full or ``zero_init`` one, the windows that take
+    gradients by row edits); ``(None, None)`` otherwise, whose other slots' rows are not
+    the window's. Read with the step's other checks (no device sync of its own).
+    """
+    if k != op.num_grads:
+        return None, None
+    xp, gram = op._xp, op._gram
+    # A gradient whose squared norm overflows is refused by its own check, in words:
+    # these sums' overflow or inf - inf is no finding of NumPy's to warn of.
+    with np.errstate(all="ignore"):
+        if type(gram) is np.ndarray and type(b) is np.ndarray:
+            # The host's sums as NumPy scalars, without the namespace's per-call cost (a
+            # small step's time is a few such calls).
+            old, new = float(gram[slot, slot]), float(b[slot])
+            trace = float(gram.trace()) - old + new
+            if not _capacitance.is_imprecise(1.0 + trace / op._shift(k), eps=_capacitance.EPS64):
+                # The trace bounds the quotient: no need of it (nor of its O(m^2) sum)
+                # where the window's kappa is within the rule even at that.
+                return None, np.float64(trace)
+            rows = gram.sum(axis=1)  # the Gram is symmetric: rows[slot] is its row's sum
+            total = float(rows.sum()) - 2.0 * float(rows[slot]) + old + 2.0 * float(b.sum()) - new
+            return np.float64(total / k), np.float64(trace)
+        old = gram[slot, slot]
+        total = xp.sum(gram) - 2.0 * xp.sum(gram[slot, :]) + old + 2.0 * xp.sum(b) - b[slot]
+        trace = xp.sum(xp.linalg.diagonal(gram)) - old + b[slot]
+        return total / k, trace
+
+
 def judge(
-    op: Any, pending: Pending | None, checks: list[Array], bound: list[float] | None = None
+    op: Any,
+    pending: Pending | None,
+    checks: list[Array],
+    bound: list[tuple[float, float | None]] | None = None,
 ) -> list[float]:
     """Read ``checks`` (0-d arrays) and a gradient's deferred checks in one transfer.
 
     Raises the gradient's error if its check fails (before ``checks`` are looked
     at); returns the values of ``checks``. Where the gradient's squared norm is among
-    the checks, the lower bound ``1 + |g|^2 / shift`` of kappa that it gives is appended
-    to ``bound`` (where given), read in the same transfer.
+    the checks, bounds ``(lower, upper)`` of the window's kappa
+    (``Pending.kappa_bounds``) are appended to ``bound`` (where given), read in the
+    same transfer.
     """
     arrays = ([] if pending is None else pending.arrays()) + checks
     if not arrays:
@@ -508,7 +554,7 @@ def judge(
         values = [float(a if a.ndim == 0 else xp.reshape(a, ())) for a in arrays]
     if pending is None:
         return values
-    if bound is not None and pending.norm2 is not None:
-        # The norm is the last of the gradient's own values (``Pending.arrays``).
-        bound.append(1.0 + values[len(pending.arrays()) - 1] / pending.shift)
+    bounds = pending.kappa_bounds(values)
+    if bound is not None and bounds is not None:
+        bound.append(bounds)
     return pending.judge(op, values)

@@ -244,7 +244,7 @@ def place(
         # The rest of the window's Gram was finite: NaN or infinity in it (which
         # check_finite=False lets in) is g's.
         locate = gradient_culprit(op, g)
-        bound: list[float] = []  # the new gradient's lower bound on kappa (``edited``)
+        bound: list[tuple[float, float | None]] = []  # kappa's bounds after the edit
         try:
             factor, refactored = edited(
                 op, slot, b, pending=pending, speculation=speculation, locate=locate, bound=bound
@@ -271,7 +271,7 @@ def place(
             # the insert like any error here.)
             warn_if_hopeless(op, factor.factor)
         else:
-            # A row edit has no kappa bounds: the new gradient's own bound decides.
+            # A row edit has no kappa bounds of its own: those edited() read decide.
             warn_if_edit_hopeless(op, bound[-1] if bound else None)
     except BaseException:
         if store is not None:
