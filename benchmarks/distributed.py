@@ -161,7 +161,7 @@ TRAFFIC_CASES: list[TrafficCase] = [
         "StaticIHVP (full)",
         _static_full,
         _static_operations,
-        "set-up: p x 8 (shapes, options, identity), m^2 float64 Gram, p x 3 (agreement); "
+        "set-up: p x 8 (shapes, options, identity), m^2 float64 Gram, p x 5 (agreement); "
         "matvec m, matmat 0 then m k, entries 0 then 2 m k, all float64; each call + 20 (the "
         "status word: failed ranks per exception class, digests of the operation and arguments)",
     ),
@@ -169,7 +169,7 @@ TRAFFIC_CASES: list[TrafficCase] = [
         f"StaticIHVP (block_size={BLOCK})",
         _static_blocks,
         _static_operations,
-        "whole blocks on each rank: set-up p x 8 and p x 3, products and diagonal nothing, "
+        "whole blocks on each rank: set-up p x 8 and p x 5, products and diagonal nothing, "
         "entries 0 then k",
     ),
     TrafficCase(
