@@ -312,6 +312,43 @@ def _full_factor(
     return _capacitance.factorize(xp, gram, shift=m * damp, scale=1.0, damp=damp)
 
 
+def status_alone(
+    comm: Communicator,
+    xp: Any,
+    dev: Any,
+    check: Callable[[], None],
+    *,
+    what: str,
+    tag: Any,
+    agree: Callable[[], Any],
+    disagree: tuple[type[Exception], str],
+) -> None:
+    """One reduction of the status word alone: ``check()`` run on every rank (every rank
+    raises if it raised on one) and ``agree()`` compared between the ranks.
+
+    For a call whose next reduction's length depends on its input (``matmat``'s k,
+    ``entries``' number of pairs): ranks that disagree on it must raise before that
+    reduction, which an engine cannot report (gloo aborts the process).
+    """
+
+    def local() -> Array:
+        check()
+        return xp.zeros((0,), dtype=xp.float64, device=dev)
+
+    reduce_checked(
+        comm,
+        xp,
+        local,
+        length=0,
+        dtype=xp.float64,
+        device=dev,
+        what=what,
+        tag=tag,
+        agree=agree,
+        disagree=disagree,
+    )
+
+
 def build(
     comm: Communicator,
     xp: Any,
@@ -580,17 +617,14 @@ class ShardedStatic:
         One reduction of the status word alone; the checked ``X`` goes to ``held``.
         """
 
-        def local() -> Array:
+        def local() -> None:
             held["X"] = self._checked(xp, dev, dtype, X, vector=False, check=check, owner=owner)
-            return xp.zeros((0,), dtype=xp.float64, device=dev)
 
-        reduce_checked(
+        status_alone(
             comm,
             xp,
+            dev,
             local,
-            length=0,
-            dtype=xp.float64,
-            device=dev,
             what="matmat",
             tag=self.agreed.tag(_TAG_COLUMNS),
             agree=lambda: int(held["X"].shape[1]),
@@ -672,7 +706,7 @@ class ShardedStatic:
         m = agreed.num_grads
         held: dict[str, Any] = {}
 
-        def check() -> Array:
+        def check() -> None:
             r = check_index_array(rows, "rows", xp=xp, device=dev, bound=layout.dim)
             c = check_index_array(cols, "cols", xp=xp, device=dev, bound=layout.dim)
             if r.shape != c.shape:
@@ -682,15 +716,12 @@ class ShardedStatic:
                 )
             held["shape"] = r.shape
             held["r"], held["c"] = xp.reshape(r, (-1,)), xp.reshape(c, (-1,))
-            return xp.zeros((0,), dtype=xp.float64, device=dev)
 
-        reduce_checked(
+        status_alone(
             comm,
             xp,
+            dev,
             check,
-            length=0,
-            dtype=xp.float64,
-            device=dev,
             what="entries",
             tag=agreed.tag(_TAG_INDICES),
             agree=lambda: (rows, cols),

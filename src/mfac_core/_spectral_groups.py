@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import _engine, _pieces
+from ._capacitance import EPS64
 from ._compat import Array, array_namespace, device
 from ._finite import narrowed
 from ._layout import BlockGroup, piece_stack, pieces
@@ -65,9 +66,6 @@ POWERS = (-1.0, -0.5, 0.5, 1.0)
 #: F^{-1}) the lift's coefficients could leave float64's range, and each damping reads the
 #: group once instead.
 _LIFT_SCALES = (1e-100, 1e100)
-
-#: float64's machine epsilon (the eigen-decomposition's rounding).
-_EPS64 = 2.0**-52
 
 #: The most blocks of a group whose one-vector sweep goes block by block through the
 #: engine's lift (one read of G for all dampings); past that, per-call costs outweigh it
@@ -307,9 +305,9 @@ def conditioning(xp: Any, group: Group, m: int, damp: float) -> tuple[Array, Arr
     ratio = _ratio(xp, t / m, xp.full_like(t, damp))
     kappa = 1.0 + ratio[:, -1]
     # Past 2 / eps every rule warns already; clipped, nothing below meets inf / inf.
-    t = xp.clip(ratio, max=2.0 / _EPS64)
+    t = xp.clip(ratio, max=2.0 / EPS64)
     sums = max(1.0, math.sqrt(group.group.size) / 8.0)
-    delta = (max(m, sums) * _EPS64) * t[:, -1:]
+    delta = (max(m, sums) * EPS64) * t[:, -1:]
     g = xp.sqrt(t + delta) / (1.0 + xp.clip(t - delta, min=0.0))
     return kappa, sums * xp.sqrt(t[:, -1] + delta[:, 0]) * xp.max(g, axis=-1)
 
