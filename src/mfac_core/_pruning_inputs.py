@@ -182,8 +182,7 @@ def check_step_options(
     an update; the block sizes the Fisher and the joint update); ``damp=None`` skips the
     damping (a grid, checked by :func:`damping_grid`).
     """
-    check_choice(saliency, "saliency", ("obs", "obd", "magnitude"))
-    check_choice(update, "update", ("single", "joint", "none"))
+    check_choices(saliency, update)
     if damp is not None and (saliency != "magnitude" or update != "none"):
         check_damp(damp)
     if block_size is not None and (saliency == "obs" or update != "none"):
@@ -193,9 +192,14 @@ def check_step_options(
         check_count(joint_block_size, "joint_block_size")
 
 
-def check_selection_options(saliency: str, update: str) -> None:
+def check_choices(saliency: Any, update: Any) -> None:
+    """``saliency`` and ``update``, each one of the choices a pruning step knows."""
     check_choice(saliency, "saliency", ("obs", "obd", "magnitude"))
     check_choice(update, "update", ("single", "joint", "none"))
+
+
+def check_selection_options(saliency: str, update: str) -> None:
+    check_choices(saliency, update)
     if saliency != "obs":
         raise ValueError(
             f"choosing the damping needs the OBS saliency (saliency='obs'); with "
