@@ -838,6 +838,23 @@ def test_mfac_refuses_updates_whose_leaves_changed_shape():
     assert again["a"].shape == (2, 3) and updates["a"].shape == (2, 3)
 
 
+def test_mfac_refuses_updates_of_another_pytree_with_the_same_shapes():
+    # Regression: only the leaves' count and shapes were checked, so updates whose keys were
+    # renamed (a state restored for a model whose layers were renamed) were preconditioned
+    # in the wrong coordinates: here "b"'s gradient in "a"'s, where optax's adam refuses the
+    # other structure. A container of the same keys (a tuple for a list) is the same tree.
+    params = {"a": jnp.ones(3, jnp.float32), "b": jnp.ones(3, jnp.float32)}
+    opt = mj.mfac(4)
+    state = opt.init(params)
+    g = jnp.arange(3.0, dtype=jnp.float32)
+    for update in (opt.update, jax.jit(opt.update)):
+        with pytest.raises(ValueError, match=r"leaf 0 of the updates is at \['b'\] but .*\['a'\]"):
+            update({"b": g, "c": g}, state)
+    opt.update({"a": g, "b": g}, state)
+    listed = opt.init([params["a"], params["b"]])
+    opt.update((g, g), listed)
+
+
 @pytest.mark.parametrize("other", [{"num_grads": 8}, {"zero_init": False}])
 def test_mfac_refuses_the_state_of_another_mfac(other):
     # Regression: update took the window size and normalisation from the state alone, so

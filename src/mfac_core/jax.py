@@ -92,7 +92,8 @@ _DEFAULT_DAMP = 1e-3
 class _StaticTuple(tuple):
     """A tuple that is static data of a pytree (a node without leaves) wherever it sits.
 
-    :class:`MFACState`'s ``param_dtypes`` and ``param_shapes``: JAX's flattening of the
+    :class:`MFACState`'s ``param_dtypes``, ``param_shapes`` and ``param_paths``: JAX's
+    flattening of the
     state keeps them as static data, and ``optax.tree_utils.tree_set`` walks a named
     tuple's fields itself (``getattr``), where a plain tuple of strings and ints would
     be leaves that the state's structure does not have.
@@ -109,8 +110,8 @@ jax.tree_util.register_pytree_node(
 class MFACState(NamedTuple):
     """The state of :func:`mfac`: the sliding window of the flat float gradients.
 
-    A pytree: ``window`` is its data, ``param_dtypes`` and ``param_shapes`` its
-    static part. A named tuple, as optax's own states are, so that
+    A pytree: ``window`` is its data, ``param_dtypes``, ``param_shapes`` and
+    ``param_paths`` its static part. A named tuple, as optax's own states are, so that
     :func:`optax.tree_utils.tree_get` and :func:`optax.tree_utils.tree_set`
     find its fields (``tree_get(state, "window")``) and the state itself by
     name (``tree_get(state, "MFACState")``). The :class:`WindowState` is not
@@ -131,11 +132,17 @@ class MFACState(NamedTuple):
     param_shapes : tuple of tuple of int
         Their shapes, which every update's leaves must have: the window's
         coordinates are the float leaves' entries in this layout.
+    param_paths : tuple of str
+        Their paths in the parameters' pytree (``jax.tree_util.keystr``), which
+        every update's leaves must have: an update of another pytree (keys
+        renamed) would be preconditioned in the wrong coordinates. Empty (not
+        checked) for a state built without them.
     """
 
     window: WindowState | None
     param_dtypes: tuple[str, ...]
     param_shapes: tuple[tuple[int, ...], ...]
+    param_paths: tuple[str, ...] = ()
 
     @property
     def windowed(self) -> tuple[bool, ...]:  # numpydoc ignore=RT01
@@ -152,10 +159,11 @@ def _mfac_state_children(state: MFACState) -> tuple[Any, Any]:
     return ((jax.tree_util.GetAttrKey("window"), state.window),), (
         tuple(state.param_dtypes),
         tuple(state.param_shapes),
+        tuple(state.param_paths),
     )
 
 
-def _mfac_state_from(static: tuple[Any, Any], children: Any) -> MFACState:
+def _mfac_state_from(static: tuple[Any, ...], children: Any) -> MFACState:
     return MFACState(children[0], *(_StaticTuple(t) for t in static))
 
 
@@ -202,6 +210,17 @@ def _is_float(x: Any) -> bool:
 def _float_mask(tree: Any) -> Any:
     """True at the float leaves of ``tree`` (for ``optax.masked`` weight decay)."""
     return jax.tree_util.tree_map(_is_float, tree)
+
+
+def _leaf_paths(tree: Any) -> tuple[str, ...]:
+    """The paths of the leaves of ``tree`` (``jax.tree_util.tree_leaves`` order), as strings.
+
+    Strings, so that containers of the same keys (a tuple for a list, a ``FrozenDict`` for
+    a dict) are the same tree, as their coordinates are the same.
+    """
+    return tuple(
+        jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]
+    )
 
 
 def _param_layout(
@@ -395,7 +414,8 @@ def mfac(
             window = jax.tree_util.tree_map(
                 lambda a: _resharded(a, sharding, unsharded=True), window
             )
-        return MFACState(window, _StaticTuple(names), _StaticTuple(shapes))
+        paths = _StaticTuple(_leaf_paths(params))
+        return MFACState(window, _StaticTuple(names), _StaticTuple(shapes), paths)
 
     def update_fn(updates: Any, state: MFACState, params: Any = None) -> tuple[Any, MFACState]:
         del params
@@ -427,8 +447,15 @@ def mfac(
                 f"{len(windowed)}"
             )
         # The window's coordinates are the leaves' entries in init's layout: updates of
-        # other shapes (the same total size reshaped) would be preconditioned in the wrong
-        # coordinates.
+        # another pytree (keys renamed, leaves of the same shapes) or of other shapes (the
+        # same total size reshaped) would be preconditioned in the wrong coordinates.
+        paths = _leaf_paths(updates) if state.param_paths else ()
+        for i, (path, want) in enumerate(zip(paths, state.param_paths, strict=True)):
+            if path != want:
+                raise ValueError(
+                    f"leaf {i} of the updates is at {path} but the parameters given to init "
+                    f"had {want} there: the updates are of another pytree than the parameters"
+                )
         for i, (x, shape) in enumerate(zip(leaves, state.param_shapes, strict=True)):
             if tuple(np.shape(x)) != shape:
                 raise ValueError(
@@ -478,9 +505,7 @@ def mfac(
             y = direction[start : start + n].reshape(np.shape(x)).astype(_leaf_dtype(x))
             out[i] = _resharded(y, shardings[i])
             start += n
-        return jax.tree_util.tree_unflatten(treedef, out), MFACState(
-            window, state.param_dtypes, state.param_shapes
-        )
+        return jax.tree_util.tree_unflatten(treedef, out), state._replace(window=window)
 
     return optax.GradientTransformation(init_fn, update_fn)
 
