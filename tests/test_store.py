@@ -775,8 +775,9 @@ def test_from_gradients_dangling_link_folder_and_huge_sizes(tmp_path, rng, monke
 
 
 def test_from_gradients_path_ending_in_a_separator(tmp_path, rng, monkeypatch):
-    # "new/" names a folder: the system refused to create that file (EISDIR) only when the
-    # store was made, after the first gradient, as a bare IsADirectoryError naming no option.
+    # "new/" names a folder (and "" the working directory): the system refused to create
+    # that file (EISDIR) only when the store was made, after the first gradient, as a bare
+    # IsADirectoryError naming no option.
     monkeypatch.chdir(tmp_path)
     G, damp = _data(rng, 4, 20, "float64")
     (tmp_path / "f.npy").write_bytes(b"")
@@ -791,6 +792,7 @@ def test_from_gradients_path_ending_in_a_separator(tmp_path, rng, monkeypatch):
         (os.path.join(tmp_path, "a", "b", ""), FileNotFoundError, r"not exist: .*b;"),
         ("f.npy" + os.sep, FileExistsError, r"grads_out: .*f\.npy.* exists"),
         (str(tmp_path) + os.sep, IsADirectoryError, "is a folder"),  # as before
+        ("", ValueError, "grads_out is an empty path"),  # was the working directory's EISDIR
     ]:
         with pytest.raises(exc, match=match):
             StaticIHVP.from_gradients(gradients(), num_grads=4, dim=20, damp=damp, grads_out=out)

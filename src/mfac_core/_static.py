@@ -481,8 +481,8 @@ class StaticIHVP(_BlockOperatorBase):
             If the iterable yields fewer or more than ``num_grads`` gradients (a ``None`` after
             the last counts as one more: the iterable must end), one of another shape, an empty
             batch ``(0, dim)``, or one holding NaN or infinity; for ``num_grads * dim`` values
-            more than one array can address (before any gradient is read); and as in
-            :class:`StaticIHVP`.
+            more than one array can address, or an empty path (before any gradient is read);
+            and as in :class:`StaticIHVP`.
         TypeError
             For a gradient of another library or a non-floating dtype, or a dtype that differs
             from the first gradient's without ``dtype``; for an unknown keyword (before any

@@ -220,6 +220,10 @@ def is_path(target: Any) -> bool:
 def check_new_path(target: Any, name: str) -> str:
     """The path of a store to create; an existing file is refused, not overwritten."""
     path = os.fspath(target)
+    if not path:
+        # Joined to the working directory it named that folder, which the system
+        # refused (EISDIR) only after the first gradient.
+        raise ValueError(f"{name} is an empty path; pass the path of a new .npy file")
     if os.path.isdir(path):
         raise IsADirectoryError(f"{name}: {path!r} is a folder; pass the path of a new .npy file")
     # A trailing separator names a folder: the system refuses to create a file of that
