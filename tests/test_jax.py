@@ -370,6 +370,7 @@ def test_x64_off_is_refused_with_a_clear_error_and_no_truncation(rng):
             # A state made in 64-bit mode, traced with the mode off.
             "window_update": lambda: jax.jit(mj.window_update)(state, jnp.ones(9, jnp.float32)),
             "window_matvec": lambda: mj.window_matvec(state, jnp.ones(9, jnp.float32)),
+            "kappa_bounds": state.kappa_bounds,
             "mfac init": lambda: opt.init({"w": jnp.ones(9, jnp.float32)}),
         }
         for name, call in calls.items():
@@ -540,6 +541,48 @@ def test_window_refuses_a_hopeless_gradient_and_stays_unchanged():
     # kappa = 1 + 800 / 3e-12 = 2.7e14 (eps(float64) kappa = 0.06): accepted.
     state, y = mj.window_update_and_matvec(state, jnp.full(8, 10.0))
     assert bool(jnp.all(jnp.isfinite(y))) and int(state.pos) == 1
+
+
+def test_window_kappa_bounds_say_what_dynamic_ihvp_warns_of(rng):
+    """The window never warns (nothing can from inside jit), where DynamicIHVP warns
+    (eps kappa**1.5 >= 1) of a gradient it takes: its kappa_bounds() give the bounds
+    the core judges, step by step, under jit and vmap."""
+    eps = float(jnp.finfo(jnp.float64).eps)
+    m, d = 4, 12  # the windows of test_window_refactor_every_and_m_equal_one: compiled once
+    # Nearly collinear gradients (kappa about 1e10 each alone, 4e10 together), then a
+    # well conditioned window (zero_init=False) whose bounds stay near kappa.
+    u = rng.standard_normal(d)
+    collinear = [2e5 * (u + 1e-6 * rng.standard_normal(d)) / np.linalg.norm(u) for _ in range(m)]
+    bounds = jax.jit(lambda s: s.kappa_bounds())
+    # Each window stepped as that test steps it (the same compiled step).
+    for damp, zero_init, rows, step in [
+        (1.0, True, collinear, lambda s, g: mj.window_update_and_matvec(s, g)[0]),
+        (0.5, False, [rng.standard_normal(d) for _ in range(m + 1)], mj.window_update),
+    ]:
+        options = WindowOptions(zero_init=zero_init)
+        core = DynamicIHVP(m, d, damp=damp, dtype=np.float64, options=options)
+        state = mj.window_init(m, d, damp=damp, dtype=jnp.float64, zero_init=zero_init)
+        warned = []
+        for t, g in enumerate(rows):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", IllConditionedWarning)
+                core.update(g)
+            state = step(state, jnp.asarray(g))
+            lower, upper = (float(b) for b in bounds(state))
+            G = np.array(rows[: t + 1][-m:])  # the window's gradients
+            k = m if zero_init else len(G)
+            kappa = 1.0 + np.linalg.eigvalsh(G @ G.T)[-1] / (k * damp)
+            assert lower <= kappa * (1 + 1e-9) and kappa <= upper * (1 + 1e-9)
+            assert lower >= 0.5 * kappa  # nearly tight here (the ones vector's quotient)
+            assert bool(caught) == (eps * lower**1.5 >= 1)
+            warned.append(bool(caught))
+        assert warned == ([False] * (m - 1) + [True] if zero_init else [False] * (m + 1))
+    # A batch of windows under vmap: each one's bounds.
+    other = step(state, jnp.asarray(u))
+    batch = jax.tree_util.tree_map(lambda a, b: jnp.stack([a, b]), state, other)
+    lows, ups = jax.jit(jax.vmap(lambda s: s.kappa_bounds()))(batch)
+    want = [(lower, upper), tuple(float(b) for b in bounds(other))]
+    assert [(float(lo), float(up)) for lo, up in zip(lows, ups, strict=True)] == want
 
 
 def test_window_refuses_bad_arguments():

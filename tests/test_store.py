@@ -774,6 +774,32 @@ def test_from_gradients_dangling_link_folder_and_huge_sizes(tmp_path, rng, monke
     assert sorted(os.listdir(tmp_path)) == ["link.npy"]
 
 
+def test_from_gradients_path_ending_in_a_separator(tmp_path, rng, monkeypatch):
+    # "new/" names a folder (and "" the working directory): the system refused to create
+    # that file (EISDIR) only when the store was made, after the first gradient, as a bare
+    # IsADirectoryError naming no option.
+    monkeypatch.chdir(tmp_path)
+    G, damp = _data(rng, 4, 20, "float64")
+    (tmp_path / "f.npy").write_bytes(b"")
+    consumed = []
+
+    def gradients():
+        consumed.append(1)
+        yield from G
+
+    for out, exc, match in [
+        ("new" + os.sep, FileNotFoundError, r"grads_out: .*new.* names a folder .* not exist"),
+        (os.path.join(tmp_path, "a", "b", ""), FileNotFoundError, r"not exist: .*b;"),
+        ("f.npy" + os.sep, FileExistsError, r"grads_out: .*f\.npy.* exists"),
+        (str(tmp_path) + os.sep, IsADirectoryError, "is a folder"),  # as before
+        ("", ValueError, "grads_out is an empty path"),  # was the working directory's EISDIR
+    ]:
+        with pytest.raises(exc, match=match):
+            StaticIHVP.from_gradients(gradients(), num_grads=4, dim=20, damp=damp, grads_out=out)
+    assert not consumed
+    assert sorted(os.listdir(tmp_path)) == ["f.npy"]
+
+
 def test_from_gradients_leaves_a_file_made_after_its_check_alone(tmp_path, rng, monkeypatch):
     # A file made by someone else between the check of the path and the store's creation
     # was truncated by open_memmap's mode "w+" (and removed if the call then failed).

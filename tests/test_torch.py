@@ -1672,6 +1672,8 @@ def test_pruner_checks_its_options_when_built():
         ({"selection_block_size": -3}, ValueError, "selection_block_size must be >= 1"),
         ({"dtype": torch.int32}, TypeError, "dtype must be None"),
         ({"dtype": "float64"}, TypeError, "dtype must be None"),
+        ({"saliency": "OBS"}, ValueError, "saliency must be one of"),
+        ({"update": "Joint"}, ValueError, "update must be one of"),
     ]
     for kwargs, error, message in bad:
         with pytest.raises(error, match=message):

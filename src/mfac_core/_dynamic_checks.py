@@ -31,6 +31,11 @@ class Refused(ValueError):
         self.hopeless = hopeless
 
 
+#: Bounds ``(lower, upper)`` of an edited window's kappa (:meth:`Pending.kappa_bounds`);
+#: ``upper`` None where unknown.
+KappaBounds = tuple[float, float | None]
+
+
 class Pending(NamedTuple):
     """A gradient's value checks left to be read with a step's other checks.
 
@@ -55,7 +60,7 @@ class Pending(NamedTuple):
         """The 0-d arrays to read, in the order :meth:`judge` takes their values."""
         return [a for a in (self.biggest, self.norm2, self.mean, self.trace) if a is not None]
 
-    def kappa_bounds(self, values: list[float]) -> tuple[float, float | None] | None:
+    def kappa_bounds(self, values: list[float]) -> KappaBounds | None:
         """Bounds ``(lower, upper)`` of the edited window's kappa from :meth:`arrays`' values.
 
         ``1 + lambda_max / shift`` with ``lambda_max`` at least ``|g|^2`` and the mean's

@@ -19,7 +19,7 @@ from . import _capacitance, _engine, _host_rows, _pieces
 from ._capacitance import DRIFT_TOL, CapacitanceFactor, relative_column_drift
 from ._compat import Array, host_values, take
 from ._compat import device as device_of
-from ._dynamic_checks import Pending, with_norm
+from ._dynamic_checks import KappaBounds, Pending, with_norm
 from ._errors import NotPositiveDefinite
 from ._finite import float32_overflow_said_now, narrowed
 from ._refine import refine
@@ -347,7 +347,7 @@ def warn_if_hopeless(op: Any, factor: CapacitanceFactor) -> None:
     op._warned_hopeless = hopeless
 
 
-def warn_if_edit_hopeless(op: Any, bounds: tuple[float, float | None] | None) -> None:
+def warn_if_edit_hopeless(op: Any, bounds: KappaBounds | None) -> None:
     """:func:`warn_if_hopeless` for a row edit, with bounds of the edited window's kappa.
 
     An edited factor has no kappa bounds of its own; :func:`edited` gives ``(lower,
@@ -380,11 +380,10 @@ def edited(
     pending: Any = None,
     speculation: Speculation | None = None,
     locate: Callable[[], str | None] | None = None,
-    bound: list[tuple[float, float | None]] | None = None,
-) -> tuple[SlotFactor, bool]:
+) -> tuple[SlotFactor, bool, KappaBounds | None]:
     """The factor after ``slot`` gets Gram row ``b``: an O(m^2) edit where possible.
 
-    Returns ``(factor, refactored)``; raises ``FactorizationError``; nothing
+    Returns ``(factor, refactored, bounds)``; raises ``FactorizationError``; nothing
     of the operator changes (the free factor buffer is scratch), and nothing
     warns: a refactorised factor may still be refused (a strict
     :class:`Speculation`), so the caller warns of a hopeless one
@@ -396,9 +395,9 @@ def edited(
     synchronises with the device once. A ``speculation`` computes the step's
     product with the edited factor, whose finiteness joins that read; it is
     discarded (``speculation.s`` None) unless the edit is kept. ``locate`` is
-    :func:`factorized`'s, for the new gradient. ``bound``, where given, receives
-    bounds ``(lower, upper)`` of the edited window's kappa (:func:`judge`), for
-    :func:`warn_if_edit_hopeless`.
+    :func:`factorized`'s, for the new gradient. ``bounds`` are ``(lower, upper)`` of
+    the edited window's kappa, read with the gradient's checks (:func:`judge`), for
+    :func:`warn_if_edit_hopeless`; None where none were read.
     """
     current = op._factor
     slots = [s for s in current.slots if s != slot] + [slot]
@@ -408,8 +407,11 @@ def edited(
     mean, trace = edited_gram_sums(op, slot, b, k)
     pending = with_norm(pending, b[slot], op._shift(k), mean=mean, trace=trace)
     if gram is not None:
-        judge(op, pending, [], bound)
-        return factorized(op, gram, slots, exact=True, warn=False, locate=locate), True
+        bounds = judge(op, pending, [])[1]
+        return factorized(op, gram, slots, exact=True, warn=False, locate=locate), True, bounds
+    # The gradient's checks (and with them kappa's bounds) are read once, by the first
+    # judge() given ``pending``; it is None afterwards.
+    bounds = None
     if (
         op.update_method == "incremental"
         and len(current.slots) == k == op.num_grads
@@ -430,7 +432,7 @@ def edited(
             else:
                 # On the host a read costs nothing, and NaN never reaches NumPy's
                 # arithmetic (whose warnings would be errors in strict code).
-                judge(op, pending, [], bound)
+                bounds = judge(op, pending, [])[1]
                 pending = None
                 if not bool(xp.all(xp.isfinite(b))):
                     # A finite float64 gradient whose squared norm overflows: the full
@@ -449,20 +451,23 @@ def edited(
             finite = None if speculation is None else speculation.compute(moved)
             if finite is not None:  # None where the caller's agree decides (settle)
                 checks.append(finite)
-            values = judge(op, pending, checks, bound)
+            values, judged = judge(op, pending, checks)
+            if pending is not None:
+                bounds = judged
             if speculation is not None and finite is not None:
                 speculation.finite = values.pop() > 0
             pivot_ok = margin is None or values[0] > 0
             if pivot_ok and not values[-1] > DRIFT_TOL:
-                return moved, False
+                return moved, False, bounds
             pending = None  # judged above
             if speculation is not None:
                 speculation.s = None  # made with the edit that was just refused
-    judge(op, pending, [], bound)
+    if pending is not None:
+        bounds = judge(op, pending, [])[1]
     gram = op._xp.asarray(op._gram, copy=True)
     gram[slot, :] = b
     gram[:, slot] = b
-    return factorized(op, gram, slots, warn=False, locate=locate), True
+    return factorized(op, gram, slots, warn=False, locate=locate), True, bounds
 
 
 def drift(op: Any, edited: SlotFactor, new_diagonal: Array) -> Array:
@@ -532,19 +537,17 @@ def judge(
     op: Any,
     pending: Pending | None,
     checks: list[Array],
-    bound: list[tuple[float, float | None]] | None = None,
-) -> list[float]:
+) -> tuple[list[float], KappaBounds | None]:
     """Read ``checks`` (0-d arrays) and a gradient's deferred checks in one transfer.
 
     Raises the gradient's error if its check fails (before ``checks`` are looked
-    at); returns the values of ``checks``. Where the gradient's squared norm is among
-    the checks, bounds ``(lower, upper)`` of the window's kappa
-    (``Pending.kappa_bounds``) are appended to ``bound`` (where given), read in the
-    same transfer.
+    at); returns the values of ``checks``, and bounds ``(lower, upper)`` of the
+    window's kappa (``Pending.kappa_bounds``) read in the same transfer where the
+    gradient's squared norm is among the checks (None otherwise).
     """
     arrays = ([] if pending is None else pending.arrays()) + checks
     if not arrays:
-        return []
+        return [], None
     xp = op._xp
     if _pieces.is_accelerator(xp, arrays[0]):
         values = host_values(xp.stack([xp.astype(xp.reshape(a, ()), xp.float64) for a in arrays]))
@@ -553,8 +556,6 @@ def judge(
         # widening is exact), without the stack's four array calls (a step reads twice).
         values = [float(a if a.ndim == 0 else xp.reshape(a, ())) for a in arrays]
     if pending is None:
-        return values
+        return values, None
     bounds = pending.kappa_bounds(values)
-    if bound is not None and bounds is not None:
-        bound.append(bounds)
-    return pending.judge(op, values)
+    return pending.judge(op, values), bounds

@@ -244,10 +244,10 @@ def place(
         # The rest of the window's Gram was finite: NaN or infinity in it (which
         # check_finite=False lets in) is g's.
         locate = gradient_culprit(op, g)
-        bound: list[tuple[float, float | None]] = []  # kappa's bounds after the edit
         try:
-            factor, refactored = edited(
-                op, slot, b, pending=pending, speculation=speculation, locate=locate, bound=bound
+            # bounds: kappa's, after the edit (read with the gradient's checks).
+            factor, refactored, bounds = edited(
+                op, slot, b, pending=pending, speculation=speculation, locate=locate
             )
         except FactorizationError:
             if op._exact_gram:
@@ -257,8 +257,7 @@ def place(
             # that makes nearly collinear windows indefinite: recompute it, once.
             gram = op._exact_gram_matrix()
             b = xp.asarray(gram[slot, :], copy=True)
-            bound.clear()
-            factor, refactored = edited(op, slot, b, gram=gram, locate=locate, bound=bound)
+            factor, refactored, bounds = edited(op, slot, b, gram=gram, locate=locate)
             if speculation is not None:
                 speculation.s = None  # not made with this factor
         if speculation is not None:
@@ -272,7 +271,7 @@ def place(
             warn_if_hopeless(op, factor.factor)
         else:
             # A row edit has no kappa bounds of its own: those edited() read decide.
-            warn_if_edit_hopeless(op, bound[-1] if bound else None)
+            warn_if_edit_hopeless(op, bounds)
     except BaseException:
         if store is not None:
             store.restore()

@@ -181,6 +181,51 @@ class WindowState:
         m = self.num_grads
         return jnp.take(self.grads, (self.pos + jnp.arange(m, dtype=jnp.int32)) % m, axis=0)
 
+    def kappa_bounds(self) -> tuple[Any, Any]:
+        r"""Return bounds ``(lower, upper)`` of the window's condition number kappa, O(m^2).
+
+        kappa is ``1 + lambda_max(G G^T) / (k damp)`` for the ``k`` gradients in
+        the window (``m`` with ``zero_init``): the condition number of ``F``
+        where ``d`` exceeds the gradients' rank, and what the float64 factor's
+        rounding scales with. ``lambda_max`` is bounded from below by the
+        largest squared norm and by the Gram matrix's quotient with the ones
+        vector (nearly collinear gradients), and from above by its trace; both
+        are read from the stored Gram matrix (no pass over the window), so the
+        method runs under :func:`jax.jit` and :func:`jax.vmap`.
+
+        The window cannot warn from inside ``jit``, so it never issues the
+        :class:`~mfac_core.IllConditionedWarning` that
+        :class:`mfac_core.DynamicIHVP` gives a gradient making its products
+        imprecise; read this instead. The core operators warn where
+        ``eps * lower**1.5 >= 1`` with ``eps = jnp.finfo(jnp.float64).eps``
+        (``lower >= 2.7e10``); a step refuses a gradient with which ``eps * (1 +
+        max_i |g_i|^2 / (k damp)) >= 1`` would hold.
+
+        Returns
+        -------
+        lower : jax.Array
+            A lower bound of kappa (float64, 0-d).
+        upper : jax.Array
+            An upper bound of kappa (float64, 0-d).
+
+        Raises
+        ------
+        RuntimeError
+            If JAX's 64-bit mode is off.
+        ValueError
+            If the state is a batch of windows (from :func:`jax.vmap`) used
+            outside of :func:`jax.vmap`.
+        """
+        require_x64("WindowState.kappa_bounds")
+        require_unbatched(self.grads, "windows")
+        # Empty slots hold zero rows: the ones vector over the k gradients' slots gives
+        # the same quotient as over all m slots, divided by k instead of m.
+        k = self.count.astype(jnp.float64) if not self.zero_init else float(self.num_grads)
+        shift = _shift(self, self.count, self.damp)
+        diagonal = jnp.diagonal(self.gram)
+        top = jnp.maximum(jnp.max(diagonal), jnp.sum(self.gram) / jnp.maximum(k, 1.0))
+        return 1.0 + top / shift, 1.0 + jnp.sum(diagonal) / shift
+
 
 jax.tree_util.register_dataclass(WindowState)
 
@@ -480,7 +525,9 @@ def window_update(state: WindowState, g: Any, /, *, damp: Any = None) -> WindowS
 
     A ``g`` holding NaN or infinity, or one the float64 factor cannot take
     (``eps(float64) * kappa >= 1``), leaves the window unchanged; nothing tells, so use
-    :func:`window_update_and_matvec` (NaN result) where that matters.
+    :func:`window_update_and_matvec` (NaN result) where that matters. Nor does a
+    ``g`` that the window takes warn where it makes the products imprecise, as
+    :class:`mfac_core.DynamicIHVP` warns: see :meth:`WindowState.kappa_bounds`.
 
     Parameters
     ----------

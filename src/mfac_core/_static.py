@@ -481,8 +481,8 @@ class StaticIHVP(_BlockOperatorBase):
             If the iterable yields fewer or more than ``num_grads`` gradients (a ``None`` after
             the last counts as one more: the iterable must end), one of another shape, an empty
             batch ``(0, dim)``, or one holding NaN or infinity; for ``num_grads * dim`` values
-            more than one array can address (before any gradient is read); and as in
-            :class:`StaticIHVP`.
+            more than one array can address, or an empty path (before any gradient is read);
+            and as in :class:`StaticIHVP`.
         TypeError
             For a gradient of another library or a non-floating dtype, or a dtype that differs
             from the first gradient's without ``dtype``; for an unknown keyword (before any
@@ -492,7 +492,8 @@ class StaticIHVP(_BlockOperatorBase):
         IsADirectoryError
             If a path names a folder.
         FileNotFoundError
-            If a path's folder does not exist (before any gradient is read).
+            If a path's folder does not exist, or a path ending in a separator names a folder
+            that does not exist (before any gradient is read).
         OSError
             If the disk cannot hold the new file: its space is reserved when it is made
             (``posix_fallocate``, where the platform has it), after the first gradient, so that

@@ -220,14 +220,29 @@ def is_path(target: Any) -> bool:
 def check_new_path(target: Any, name: str) -> str:
     """The path of a store to create; an existing file is refused, not overwritten."""
     path = os.fspath(target)
+    if not path:
+        # Joined to the working directory it named that folder, which the system
+        # refused (EISDIR) only after the first gradient.
+        raise ValueError(f"{name} is an empty path; pass the path of a new .npy file")
     if os.path.isdir(path):
         raise IsADirectoryError(f"{name}: {path!r} is a folder; pass the path of a new .npy file")
+    # A trailing separator names a folder: the system refuses to create a file of that
+    # name (EISDIR), which was said only when the store was made, after the first gradient,
+    # without naming grads_out.
+    text = os.fsdecode(path)
+    seps = os.sep + (os.altsep or "")
+    named_folder = text.rstrip(seps) if text.endswith(tuple(seps)) else None
     # lexists: a dangling symbolic link is an existing name too. Followed, it made the
     # file at the link's target, and a failure then removed the link and left the file.
-    if os.path.lexists(path):
+    if os.path.lexists(path) or (named_folder and os.path.lexists(named_folder)):
         raise FileExistsError(
             f"{name}: {path!r} exists; remove it first or pass another path (an existing "
             "file is not overwritten)"
+        )
+    if named_folder is not None:
+        raise FileNotFoundError(
+            f"{name}: {path!r} names a folder (it ends in a separator), and that folder does "
+            f"not exist: {os.path.abspath(text)}; pass the path of a new .npy file"
         )
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):

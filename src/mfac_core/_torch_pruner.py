@@ -11,6 +11,7 @@ from torch import nn
 
 from . import _host_rows, pruning
 from ._errors import close_abandoned
+from ._pruning_inputs import check_choices
 from ._torch_layout import format_bytes, itemsize, logger
 from ._torch_pruner_inputs import (
     check_block,
@@ -22,7 +23,7 @@ from ._torch_pruner_inputs import (
     check_weights_current,
     chosen_weights,
 )
-from ._validation import check_choice, check_damp, check_dampings, check_fraction
+from ._validation import check_damp, check_dampings, check_fraction
 
 __all__ = ["MFACPruner"]
 
@@ -169,8 +170,7 @@ class MFACPruner:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if isinstance(num_grads, bool) or not isinstance(num_grads, int) or num_grads < 1:
             raise ValueError(f"num_grads must be an int >= 1, got {num_grads!r}")
-        check_choice(saliency, "saliency", ("obs", "obd", "magnitude"))
-        check_choice(update, "update", ("single", "joint", "none"))
+        check_choices(saliency, update)
         # Checked here, as torch.optim checks its hyper-parameters, not at the first
         # prune() (where a bad selection_block_size was reported as "block_size").
         # With m: a damping whose shift m damp overflows is refused here, not after the

@@ -362,7 +362,10 @@ def mfac(
     (around the whole chain it sees only the incoming gradient, finite for a
     refused one). So does a traced ``damp`` that is not finite and positive,
     or below the floor of the window's dtype (a concrete one is refused with
-    a ``ValueError``; see :func:`window_init`).
+    a ``ValueError``; see :func:`window_init`). A gradient the window takes
+    never warns, even where :class:`mfac_core.DynamicIHVP` would warn of
+    imprecise products: read ``state.window.kappa_bounds()``
+    (:meth:`WindowState.kappa_bounds`).
 
     Examples
     --------
