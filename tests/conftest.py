@@ -281,6 +281,25 @@ def rounded(a: np.ndarray, dtype: str) -> np.ndarray:
     return np.asarray(a).astype(dtype).astype(np.float64)
 
 
+def close_where_promised(actual: Any, desired: Any, *, kappa: float, **kw: Any) -> None:
+    """``assert_close`` where its ``eps kappa`` bound promises a digit, else finite values.
+
+    At ``DEFAULT_FACTOR * eps * kappa >= 1`` the bound is ``||desired||`` or more (a zero
+    result would pass it), and ``assert_close`` refuses such a tolerance: only the
+    values' finiteness is checked there. ``kw`` goes to ``assert_close`` (``dtype``,
+    ``err_msg``); ``eps`` is that of ``dtype``, else of ``actual``'s dtype.
+    """
+    from mfac_core.testing import DEFAULT_FACTOR, assert_close, to_numpy
+
+    dtype = kw.get("dtype") or getattr(actual, "dtype", None)
+    name = str(dtype).rsplit(".", 1)[-1]
+    eps = 2.0**-7 if name == "bfloat16" else float(np.finfo(name).eps)
+    if DEFAULT_FACTOR * eps * kappa < 1:
+        assert_close(actual, desired, kappa=kappa, **kw)
+    else:
+        assert np.all(np.isfinite(to_numpy(actual))), kw.get("err_msg", "")
+
+
 def check_space(y: Any, backend: Backend, dtype: str) -> None:
     """``y`` is an array of the backend's library, on its device, with ``dtype``."""
     assert array_api_compat.array_namespace(y) is backend.xp

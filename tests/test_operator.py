@@ -573,6 +573,19 @@ def test_wrong_shapes(fisher_setup):
             op.rmatmat(be.asarray(bad, dt))
 
 
+def test_matvec_shape_error_names_the_vector_shapes():
+    # Regression: matvec and rmatvec of a row (1, d) said "x must have shape (d,) or (d, k)",
+    # a shape they refuse for k > 1 ("use matmat").
+    G = np.random.default_rng(0).standard_normal((2, 5))
+    for op in (EmpiricalFisher(G, damp=0.5), StaticIHVP(G, damp=0.5)):
+        for call in (op.matvec, op.rmatvec, op.T.matvec):
+            for bad in (np.ones((1, 5)), np.ones(()), np.ones((5, 1, 1))):
+                with pytest.raises(ValueError, match=r"x must have shape \(5,\) or \(5, 1\), got"):
+                    call(bad)
+        with pytest.raises(ValueError, match=r"X must have shape \(5, k\), got \(1, 5\)"):
+            op.matmat(np.ones((1, 5)))
+
+
 def test_other_library_device_dtype(fisher_setup, numpy_backend, strict_device1):
     s = fisher_setup
     be, dt, d, op = s["backend"], s["dtype"], s["d"], s["Finv"]

@@ -528,6 +528,22 @@ def test_complex_arrays_are_refused_not_compared_by_their_real_part():
             call()
 
 
+def test_assert_close_refuses_a_relative_tolerance_of_one_or_more():
+    # Regression: at factor * eps * kappa >= 1 the tolerance was ||desired|| or more, so a
+    # zero result passed (float32 at kappa 1e5, bfloat16 at kappa 13): a check that cannot
+    # tell a wrong operator from a right one.
+    d = np.linspace(1.0, 2.0, 8)
+    zero32 = np.zeros(8, dtype=np.float32)
+    kappa32 = 1.0 / (DEFAULT_FACTOR * float(np.finfo(np.float32).eps))
+    with pytest.raises(AssertionError):
+        assert_close(zero32, d, kappa=0.99 * kappa32)
+    for kappa, dtype in ((kappa32, None), (1e14, "float64"), (13.0, "bfloat16")):
+        with pytest.raises(ValueError, match=r"factor \* eps \* kappa = .* is 1 or more"):
+            assert_close(zero32, d, kappa=kappa, dtype=dtype)
+    with pytest.raises(ValueError, match="is 1 or more"):
+        assert_close(d, d, factor=2 / float(np.finfo(np.float64).eps))
+
+
 def test_assert_close_refuses_a_string_or_huge_int_slack():
     # Regression: float() parsed a string ("1e-3" as atol, read as a number) and an int
     # beyond float64's range raised a bare OverflowError.

@@ -314,7 +314,7 @@ def collective_product(
     checked: list[Array] = []
 
     def check() -> Array:
-        Xc = op._check_input(X, name, n, ndims)
+        Xc = op._check_input(X, name, n, ndims, vector=name == "x")
         if name == "x" and Xc.ndim == 2 and Xc.shape[1] != 1:
             raise ValueError(
                 f"x must have shape ({n},) or ({n}, 1), got {tuple(Xc.shape)}; "

@@ -173,11 +173,18 @@ class LinearOperator:
         """The array namespace of the operator (array-api-compat wrapped)."""
         return self._xp
 
-    def _check_input(self, x: Array, name: str, n: int, ndims: tuple[int, ...]) -> Any:
-        """``x`` checked, and promoted to the operator's dtype where that is lossless."""
+    def _check_input(
+        self, x: Array, name: str, n: int, ndims: tuple[int, ...], *, vector: bool = False
+    ) -> Any:
+        """``x`` checked, and promoted to the operator's dtype where that is lossless.
+
+        ``vector``: one vector is wanted, ``(n,)`` or ``(n, 1)``, which the message says
+        (the column count itself is the caller's to check).
+        """
         x = check_operand(self._xp, self.device, self.dtype, x, name, owner=self)
         if x.ndim not in ndims or x.shape[0] != n:
-            want = " or ".join({1: f"({n},)", 2: f"({n}, k)"}[k] for k in ndims)
+            cols = "1" if vector else "k"
+            want = " or ".join({1: f"({n},)", 2: f"({n}, {cols})"}[k] for k in ndims)
             # NaN: a Dask array's unknown length (from boolean indexing).
             unknown = any(s != s for s in x.shape)
             hint = f" (unknown: call {name}.compute_chunk_sizes())" if unknown else ""
@@ -191,7 +198,7 @@ class LinearOperator:
 
     def _vector(self, x: Array, n: int, apply: Any, several: str) -> Any:
         """Apply ``apply`` to a vector given as ``(n,)`` or ``(n, 1)``, keeping the shape."""
-        x = self._check_input(x, "x", n, (1, 2))
+        x = self._check_input(x, "x", n, (1, 2), vector=True)
         if x.ndim == 1:
             return apply(x)
         if x.shape[1] != 1:

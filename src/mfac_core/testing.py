@@ -142,6 +142,24 @@ def _check_slack(**values: Any) -> None:
             )
 
 
+def _check_relative_tolerance(factor: float, eps: float, kappa: float, name: str) -> None:
+    """Refuse a relative tolerance ``factor * eps * kappa`` of 1 or more.
+
+    The comparison then passes a zero result (its error is ``||desired||``), and any other
+    result within that distance: at such a ``kappa`` the bound promises no digit, and a test
+    built on it cannot tell a wrong operator from a right one.
+    """
+    rel = factor * eps * kappa
+    if rel >= 1.0:
+        raise ValueError(
+            f"the relative tolerance factor * eps * kappa = {factor:g} * {eps:.3g} * "
+            f"{kappa:.3g} = {rel:.3g} is 1 or more ({name}): a zero result would pass, so "
+            "the comparison cannot fail for a wrong one. No digit is promised at this "
+            "kappa in this precision: check what can be checked (finite values, a "
+            "residual), or compare in a higher precision"
+        )
+
+
 def assert_close(
     actual: Any,
     desired: Any,
@@ -193,7 +211,9 @@ def assert_close(
         tolerance, ``kappa`` and the dtype.
     ValueError
         If ``kappa``, ``factor`` or ``atol`` is negative, NaN or infinite
-        (the comparison could then not fail, or not pass).
+        (the comparison could then not fail, or not pass), or if
+        ``factor * eps * kappa >= 1``: a tolerance of ``||desired||`` or
+        more passes a zero result.
     TypeError
         If one of them is not a real number, or ``actual`` or ``desired``
         is complex.
@@ -239,6 +259,7 @@ def assert_close(
     if factor is None:
         factor = DEFAULT_FACTOR_HALF if name in ("float16", "bfloat16") else DEFAULT_FACTOR
     factor = float(factor)
+    _check_relative_tolerance(factor, eps, float(kappa), name)
     prefix = f"{err_msg}\n" if err_msg else ""
     if a.shape != desired_np.shape:
         raise AssertionError(f"{prefix}shapes differ: actual {a.shape}, desired {desired_np.shape}")
