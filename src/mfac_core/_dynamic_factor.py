@@ -9,6 +9,7 @@ changes the operator (the free factor buffer is scratch).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -351,13 +352,14 @@ def warn_if_edit_hopeless(op: Any, bounds: tuple[float, float | None] | None) ->
     """:func:`warn_if_hopeless` for a row edit, with bounds of the edited window's kappa.
 
     An edited factor has no kappa bounds of its own; :func:`edited` gives ``(lower,
-    upper)`` from the new gradient's ``|g|^2``, the edited Gram's quotient with the ones
-    vector and its trace (``Pending.kappa_bounds``). Without the lower bound a full window
-    took a gradient that makes it hopeless in silence, or several nearly collinear ones
-    that do together, and the warning came at the next refactorisation, from an unrelated
-    update (which, where warnings are errors, it refused, and every later one with it:
-    each refactorises and warns again). An upper bound below the rule clears the
-    warn-once note, so that a window that recovered by edits warns of the next one.
+    upper)`` from the new gradient's ``|g|^2``, the edited Gram's Rayleigh quotients and
+    its trace (:func:`edited_gram_sums`, ``Pending.kappa_bounds``). Without the lower
+    bound a full window took a gradient that makes it hopeless in silence, or several
+    nearly collinear ones that do together, and the warning came at the next
+    refactorisation, from an unrelated update (which, where warnings are errors, it
+    refused, and every later one with it: each refactorises and warns again). An upper
+    bound below the rule clears the warn-once note, so that a window that recovered by
+    edits warns of the next one.
     """
     if bounds is None:
         return
@@ -405,8 +407,8 @@ def edited(
     k = len(slots)
     # The new gradient's Gram diagonal bounds kappa from below: a gradient that makes
     # the window hopeless is refused (read with the step's other checks).
-    mean, trace = edited_gram_sums(op, slot, b, k)
-    pending = with_norm(pending, b[slot], op._shift(k), mean=mean, trace=trace)
+    quotient, trace = edited_gram_sums(op, slot, b, k)
+    pending = with_norm(pending, b[slot], op._shift(k), quotient=quotient, trace=trace)
     if gram is not None:
         judge(op, pending, [], bound)
         return factorized(op, gram, slots, exact=True, warn=False, locate=locate), True
@@ -497,35 +499,99 @@ def drift_positions(op: Any, k: int) -> Array:
 
 
 def edited_gram_sums(op: Any, slot: int, b: Array, k: int) -> tuple[Any, Any]:
-    """The Gram matrix with row ``slot`` set to ``b``: its quotient with the ones vector
-    (the mean of its entries times m) and its trace, as 0-d arrays, O(m^2).
+    """The Gram matrix with row ``slot`` set to ``b``: a lower bound of its largest
+    eigenvalue and its trace, as 0-d arrays, O(m^2) (the trace alone O(m)).
 
     For a window of all m slots only (a full or ``zero_init`` one, the windows that take
     gradients by row edits); ``(None, None)`` otherwise, whose other slots' rows are not
     the window's. Read with the step's other checks (no device sync of its own).
+
+    The bound is the larger Rayleigh quotient ``v^T G v / v^T v`` of two test vectors,
+    less its rounding (:func:`rayleigh_slack`). The ones vector finds nearly collinear
+    gradients of one sign. The new row ``b`` itself (the new gradient's Gram column, one
+    power-iteration step from its slot: its quotient is at least ``b[slot] = |g|^2``)
+    also finds those spread in sign (``g, -g, g, ...``), which cancel in the ones
+    vector's, and gradients collinear with the new one among unrelated ones, which the
+    ones vector dilutes by the window's length.
     """
     if k != op.num_grads:
         return None, None
     xp, gram = op._xp, op._gram
     # A gradient whose squared norm overflows is refused by its own check, in words:
-    # these sums' overflow or inf - inf is no finding of NumPy's to warn of.
+    # these sums' overflow, 0 / 0 or inf - inf is no finding of NumPy's to warn of.
     with np.errstate(all="ignore"):
         if type(gram) is np.ndarray and type(b) is np.ndarray:
             # The host's sums as NumPy scalars, without the namespace's per-call cost (a
             # small step's time is a few such calls).
             old, new = float(gram[slot, slot]), float(b[slot])
-            trace = float(gram.trace()) - old + new
-            if not _capacitance.is_imprecise(1.0 + trace / op._shift(k), eps=_capacitance.EPS64):
-                # The trace bounds the quotient: no need of it (nor of its O(m^2) sum)
-                # where the window's kappa is within the rule even at that.
+            total = float(gram.trace())
+            trace = total - old + new
+            if getattr(op, "_warned_hopeless", False) or not _capacitance.is_imprecise(
+                1.0 + trace / op._shift(k), eps=_capacitance.EPS64
+            ):
+                # No need of the quotients (nor of their O(m^2) products) where the trace
+                # bounds the window's kappa within the rule, nor where the window has
+                # warned already: only the trace decides then (warn_if_edit_hopeless).
                 return None, np.float64(trace)
-            rows = gram.sum(axis=1)  # the Gram is symmetric: rows[slot] is its row's sum
-            total = float(rows.sum()) - 2.0 * float(rows[slot]) + old + 2.0 * float(b.sum()) - new
-            return np.float64(total / k), np.float64(trace)
-        old = gram[slot, slot]
-        total = xp.sum(gram) - 2.0 * xp.sum(gram[slot, :]) + old + 2.0 * xp.sum(b) - b[slot]
-        trace = xp.sum(xp.linalg.diagonal(gram)) - old + b[slot]
-        return total / k, trace
+            # total + new bounds the edited trace, whose subtraction of the old entry may
+            # lose digits (a leaving gradient far larger than the rest).
+            quotient = host_quotient(gram, slot, b, total + new, op._shift(k))
+            return quotient, np.float64(trace)
+        total, new = xp.sum(xp.linalg.diagonal(gram)), b[slot]
+        others = xp.ones_like(b)
+        others[slot] = 0.0
+        tests = xp.stack([others, others * b / new], axis=1)
+        quotients = rayleigh_quotients(xp, gram, tests, b, new)
+        best = xp.where(quotients[1] > quotients[0], quotients[1], quotients[0])
+        return best - rayleigh_slack(k) * (total + new), total - gram[slot, slot] + new
+
+
+def host_quotient(gram: np.ndarray, slot: int, b: np.ndarray, trace: float, shift: float) -> Any:
+    """:func:`rayleigh_quotients`' bound on the host, less its rounding per ``trace`` (at
+    least the edited Gram's), or None where it is not finite.
+
+    A column at a time, with NumPy's dot (the cheapest of its calls on small arrays);
+    the new row's quotient only where the ones vector's does not reach the rule at
+    ``shift`` already.
+    """
+    k, new = len(b), float(b[slot])
+    best = None
+    for v in (np.ones(k), b / new):
+        v[slot] = 0.0
+        vgv = float(np.dot(v, np.dot(gram, v))) + 2.0 * float(np.dot(b, v)) + new
+        quotient = vgv / (float(np.dot(v, v)) + 1.0) - rayleigh_slack(k) * trace
+        if math.isfinite(quotient) and (best is None or quotient > best):
+            best = quotient
+            if _capacitance.is_imprecise(1.0 + best / shift, eps=_capacitance.EPS64):
+                break  # it decides: the window warns
+    return None if best is None else np.float64(best)
+
+
+def rayleigh_quotients(xp: Any, gram: Array, tests: Array, b: Array, new: Any) -> Array:
+    """``v^T G v / v^T v`` of the edited Gram ``G`` (``gram`` with row and column
+    ``slot`` set to ``b``) for each column ``v`` of ``tests`` with ``v[slot]`` set to 1.
+
+    ``tests`` holds each ``v`` with ``v[slot] = 0``, so that the old row and column of
+    ``gram`` only ever meet a zero (their entries may be far larger than the edited
+    Gram's: subtracting them would take its digits); ``new`` is ``b[slot]``.
+    """
+    products = gram @ tests
+    numerators = xp.sum(tests * products, axis=0) + 2.0 * (b @ tests) + new
+    return numerators / (xp.sum(tests * tests, axis=0) + 1.0)
+
+
+def rayleigh_slack(k: int) -> float:
+    """What to subtract, per unit of the trace (or of an upper bound of it), from a
+    computed Rayleigh quotient of a k x k Gram matrix so that it stays below the exact
+    one.
+
+    Its sums of at most ``k + 3`` terms err by at most ``(k + 3) eps`` times the sum of
+    the terms' magnitudes, ``|v|^T |G| |v| <= (v^T v) trace(G)`` (``|G_ij| <= sqrt(G_ii
+    G_jj)`` and Cauchy-Schwarz), and the division by ``v^T v`` once more: twice that
+    covers both with room. The bound is ``2 (k + 4) eps trace <= 2 k (k + 4) eps
+    lambda_max``, a relative ``2e-12`` at k = 64: no warning it could miss matters.
+    """
+    return 2.0 * (k + 4) * _capacitance.EPS64
 
 
 def judge(
