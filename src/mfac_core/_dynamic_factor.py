@@ -26,6 +26,10 @@ from ._finite import float32_overflow_said_now, narrowed
 from ._refine import refine
 from ._validation import check_damp
 
+#: The least normal float64: :func:`test_vectors` divides by ``|g|^2`` plus it.
+TINY = float(np.finfo(np.float64).tiny)
+
+
 #: Columns of an edited factor checked for drift after each edit (O(m) each).
 DRIFT_SAMPLE = 32
 
@@ -506,19 +510,15 @@ def edited_gram_sums(op: Any, slot: int, b: Array, k: int) -> tuple[Any, Any]:
     gradients by row edits); ``(None, None)`` otherwise, whose other slots' rows are not
     the window's. Read with the step's other checks (no device sync of its own).
 
-    The bound is the larger Rayleigh quotient ``v^T G v / v^T v`` of two test vectors,
-    less its rounding (:func:`rayleigh_slack`). The ones vector finds nearly collinear
-    gradients of one sign. The new row ``b`` itself (the new gradient's Gram column, one
-    power-iteration step from its slot: its quotient is at least ``b[slot] = |g|^2``)
-    also finds those spread in sign (``g, -g, g, ...``), which cancel in the ones
-    vector's, and gradients collinear with the new one among unrelated ones, which the
-    ones vector dilutes by the window's length.
+    The bound is the larger Rayleigh quotient ``v^T G v / v^T v`` of two test vectors
+    (:func:`test_vectors`), less its rounding (:func:`rayleigh_slack`); not finite (no
+    bound) where either is not.
     """
     if k != op.num_grads:
         return None, None
     xp, gram = op._xp, op._gram
     # A gradient whose squared norm overflows is refused by its own check, in words:
-    # these sums' overflow, 0 / 0 or inf - inf is no finding of NumPy's to warn of.
+    # these sums' overflow or inf - inf is no finding of NumPy's to warn of.
     with np.errstate(all="ignore"):
         if type(gram) is np.ndarray and type(b) is np.ndarray:
             # The host's sums as NumPy scalars, without the namespace's per-call cost (a
@@ -535,49 +535,53 @@ def edited_gram_sums(op: Any, slot: int, b: Array, k: int) -> tuple[Any, Any]:
                 return None, np.float64(trace)
             # total + new bounds the edited trace, whose subtraction of the old entry may
             # lose digits (a leaving gradient far larger than the rest).
-            quotient = host_quotient(gram, slot, b, total + new, op._shift(k))
-            return quotient, np.float64(trace)
-        total, new = xp.sum(xp.linalg.diagonal(gram)), b[slot]
-        others = xp.ones_like(b)
-        others[slot] = 0.0
-        tests = xp.stack([others, others * b / new], axis=1)
-        quotients = rayleigh_quotients(xp, gram, tests, b, new)
-        best = xp.where(quotients[1] > quotients[0], quotients[1], quotients[0])
-        return best - rayleigh_slack(k) * (total + new), total - gram[slot, slot] + new
+            return host_quotient(gram, slot, b, total + new), np.float64(trace)
+        edited = xp.asarray(gram, copy=True)
+        edited[slot, :] = b
+        edited[:, slot] = b
+        tests = test_vectors(xp, b, slot)
+        quotients = xp.sum(tests * (edited @ tests), axis=0) / xp.sum(tests * tests, axis=0)
+        trace = xp.sum(xp.linalg.diagonal(edited))
+        return xp.max(quotients) - rayleigh_slack(k) * trace, trace
 
 
-def host_quotient(gram: np.ndarray, slot: int, b: np.ndarray, trace: float, shift: float) -> Any:
-    """:func:`rayleigh_quotients`' bound on the host, less its rounding per ``trace`` (at
+def test_vectors(xp: Any, b: Array, slot: int) -> Array:
+    """The Rayleigh quotients' test vectors, the columns of an m x 2 array, each 1 at
+    ``slot``: the ones vector and the new Gram row ``b / b[slot]``.
+
+    The ones vector finds nearly collinear gradients of one sign. The new row (the new
+    gradient's Gram column, one power-iteration step from its slot: its quotient is at
+    least ``b[slot] = |g|^2``) also finds those spread in sign (``g, -g, g, ...``), which
+    cancel in the ones vector's, and gradients collinear with the new one among
+    unrelated ones, which the ones vector dilutes by the window's length. Scaled by
+    ``|g|^2`` (plus the least normal number, so that a zero gradient's is ``e_slot``)
+    its entries are at most the other gradients' norms over ``|g|``: its quotient
+    overflows only where those span 150 decades.
+    """
+    tests = xp.stack([xp.ones_like(b), b / (b[slot] + TINY)], axis=1)
+    tests[slot, :] = 1.0
+    return tests
+
+
+def host_quotient(gram: np.ndarray, slot: int, b: np.ndarray, trace: float) -> Any:
+    """:func:`edited_gram_sums`' bound on the host, less its rounding per ``trace`` (at
     least the edited Gram's), or None where it is not finite.
 
-    A column at a time, with NumPy's dot (the cheapest of its calls on small arrays);
-    the new row's quotient only where the ones vector's does not reach the rule at
-    ``shift`` already.
+    With each test vector ``v`` less its 1 at ``slot`` (``t``), ``v^T G v = t^T gram t + 2
+    b.t + b[slot]``: the old row and column of ``gram`` only ever meet a zero, without
+    the edited copy's O(m^2) writes. NumPy's dot is the cheapest of its calls on small
+    arrays.
     """
     k, new = len(b), float(b[slot])
-    best = None
-    for v in (np.ones(k), b / new):
-        v[slot] = 0.0
-        vgv = float(np.dot(v, np.dot(gram, v))) + 2.0 * float(np.dot(b, v)) + new
-        quotient = vgv / (float(np.dot(v, v)) + 1.0) - rayleigh_slack(k) * trace
-        if math.isfinite(quotient) and (best is None or quotient > best):
-            best = quotient
-            if _capacitance.is_imprecise(1.0 + best / shift, eps=_capacitance.EPS64):
-                break  # it decides: the window warns
-    return None if best is None else np.float64(best)
-
-
-def rayleigh_quotients(xp: Any, gram: Array, tests: Array, b: Array, new: Any) -> Array:
-    """``v^T G v / v^T v`` of the edited Gram ``G`` (``gram`` with row and column
-    ``slot`` set to ``b``) for each column ``v`` of ``tests`` with ``v[slot]`` set to 1.
-
-    ``tests`` holds each ``v`` with ``v[slot] = 0``, so that the old row and column of
-    ``gram`` only ever meet a zero (their entries may be far larger than the edited
-    Gram's: subtracting them would take its digits); ``new`` is ``b[slot]``.
-    """
-    products = gram @ tests
-    numerators = xp.sum(tests * products, axis=0) + 2.0 * (b @ tests) + new
-    return numerators / (xp.sum(tests * tests, axis=0) + 1.0)
+    tests = test_vectors(np, b, slot)
+    tests[slot, :] = 0.0
+    products = np.dot(gram, tests)
+    quotients = [
+        (float(np.dot(t, p)) + 2.0 * float(np.dot(b, t)) + new) / (float(np.dot(t, t)) + 1.0)
+        for t, p in zip(tests.T, products.T, strict=True)
+    ]
+    best = max(quotients) - rayleigh_slack(k) * trace
+    return np.float64(best) if all(map(math.isfinite, quotients)) else None
 
 
 def rayleigh_slack(k: int) -> float:
