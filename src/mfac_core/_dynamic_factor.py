@@ -26,7 +26,7 @@ from ._finite import float32_overflow_said_now, narrowed
 from ._refine import refine
 from ._validation import check_damp
 
-#: The least normal float64: :func:`test_vectors` divides by ``|g|^2`` plus it.
+#: The least normal float64: :func:`probe_vectors` divides by ``|g|^2`` plus it.
 TINY = float(np.finfo(np.float64).tiny)
 
 
@@ -511,7 +511,7 @@ def edited_gram_sums(op: Any, slot: int, b: Array, k: int) -> tuple[Any, Any]:
     the window's. Read with the step's other checks (no device sync of its own).
 
     The bound is the larger Rayleigh quotient ``v^T G v / v^T v`` of two test vectors
-    (:func:`test_vectors`), less its rounding (:func:`rayleigh_slack`); not finite (no
+    (:func:`probe_vectors`), less its rounding (:func:`rayleigh_slack`); not finite (no
     bound) where either is not.
     """
     if k != op.num_grads:
@@ -539,13 +539,13 @@ def edited_gram_sums(op: Any, slot: int, b: Array, k: int) -> tuple[Any, Any]:
         edited = xp.asarray(gram, copy=True)
         edited[slot, :] = b
         edited[:, slot] = b
-        tests = test_vectors(xp, b, slot)
-        quotients = xp.sum(tests * (edited @ tests), axis=0) / xp.sum(tests * tests, axis=0)
+        probes = probe_vectors(xp, b, slot)
+        quotients = xp.sum(probes * (edited @ probes), axis=0) / xp.sum(probes * probes, axis=0)
         trace = xp.sum(xp.linalg.diagonal(edited))
         return xp.max(quotients) - rayleigh_slack(k) * trace, trace
 
 
-def test_vectors(xp: Any, b: Array, slot: int) -> Array:
+def probe_vectors(xp: Any, b: Array, slot: int) -> Array:
     """The Rayleigh quotients' test vectors, the columns of an m x 2 array, each 1 at
     ``slot``: the ones vector and the new Gram row ``b / b[slot]``.
 
@@ -558,9 +558,9 @@ def test_vectors(xp: Any, b: Array, slot: int) -> Array:
     its entries are at most the other gradients' norms over ``|g|``: its quotient
     overflows only where those span 150 decades.
     """
-    tests = xp.stack([xp.ones_like(b), b / (b[slot] + TINY)], axis=1)
-    tests[slot, :] = 1.0
-    return tests
+    probes = xp.stack([xp.ones_like(b), b / (b[slot] + TINY)], axis=1)
+    probes[slot, :] = 1.0
+    return probes
 
 
 def host_quotient(gram: np.ndarray, slot: int, b: np.ndarray, trace: float) -> Any:
@@ -573,12 +573,12 @@ def host_quotient(gram: np.ndarray, slot: int, b: np.ndarray, trace: float) -> A
     arrays.
     """
     k, new = len(b), float(b[slot])
-    tests = test_vectors(np, b, slot)
-    tests[slot, :] = 0.0
-    products = np.dot(gram, tests)
+    probes = probe_vectors(np, b, slot)
+    probes[slot, :] = 0.0
+    products = np.dot(gram, probes)
     quotients = [
         (float(np.dot(t, p)) + 2.0 * float(np.dot(b, t)) + new) / (float(np.dot(t, t)) + 1.0)
-        for t, p in zip(tests.T, products.T, strict=True)
+        for t, p in zip(probes.T, products.T, strict=True)
     ]
     best = max(quotients) - rayleigh_slack(k) * trace
     return np.float64(best) if all(map(math.isfinite, quotients)) else None
