@@ -918,10 +918,10 @@ def test_a_row_edit_warns_of_a_gradient_that_makes_the_window_hopeless(rng, zero
     assert op.state_dict()["edits"] > 0  # by a row edit
 
 
-def _collinear_window(zero_init, refactor_every=1000):
-    """A window of 4 gradients whose row edits (no refactorisation) are what is tested."""
+def _collinear_window(zero_init, refactor_every=1000, num_grads=4):
+    """A window (of 4 unless told) whose row edits (no refactorisation) are what is tested."""
     return DynamicIHVP(
-        4,
+        num_grads,
         20,
         damp=1e-2,
         dtype="float64",
@@ -949,6 +949,58 @@ def test_row_edits_warn_of_nearly_collinear_gradients_hopeless_together(rng, zer
     assert len(caught) == 1
     assert op.state_dict()["edits"] == edits + m  # each taken by a row edit
     assert np.finfo(np.float64).eps * condition_number(G, op.damp) ** 1.5 >= 1  # true
+
+
+def collinear_gradients(rng, m, d, damp, signs, count):
+    """``count`` gradients ``+-(u + 1e-6 |u| noise)``, ``|u|^2 = 1e10 m damp``: each
+    short of the warning alone, the third nearly collinear one makes kappa about 3e10.
+    ``signs``: "alternating" (``u, -u, u, ...``) or "same"."""
+    base = rng.standard_normal(d)
+    base *= math.sqrt(1e10 * m * damp) / np.linalg.norm(base)
+    noise = 1e-6 * np.linalg.norm(base) * rng.standard_normal((count, d))
+    sign = (-1.0) ** np.arange(count) if signs == "alternating" else np.ones(count)
+    return sign[:, None] * (base + noise)
+
+
+def first_warnings(op, window, gradients, convert=lambda g: g):
+    """Update ``op`` (holding ``window``) with ``gradients``: the indices of the ones
+    that warned, and of the first with which the window is truly hopeless."""
+    eps = np.finfo(np.float64).eps
+    warned, hopeless = [], None
+    for i, g in enumerate(gradients):
+        window = [*window[1:], g]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            op.update(convert(g))
+        if any(issubclass(w.category, IllConditionedWarning) for w in caught):
+            warned.append(i)
+        kappa = condition_number(np.array(window), op.damp)
+        if hopeless is None and eps * kappa**1.5 >= 1:
+            hopeless = i
+    return warned, hopeless
+
+
+@pytest.mark.parametrize("zero_init", [True, False])
+@pytest.mark.parametrize("signs", ["alternating", "same"])
+def test_row_edits_warn_of_collinear_gradients_spread_in_sign_or_among_others(
+    rng, zero_init, signs
+):
+    # The edited Gram's quotient with the ones vector (the row edit's only bound beyond
+    # |g|^2) cancels for gradients spread in sign, and dilutes k collinear ones among m
+    # by k / m: alternating, the window took them in silence until its next
+    # refactorisation (here none); of one sign, it warned at the fifth of eight, not
+    # the third. The new Gram row's own quotient warns with the gradient that makes the
+    # window hopeless, and only once.
+    op = _collinear_window(zero_init, num_grads=8)
+    m, d = op.num_grads, op.dim
+    window = list(rng.standard_normal((m, d)))
+    for g in window:
+        op.update(g)  # full: the gradients below replace these by row edits
+    edits = op.state_dict()["edits"]
+    warned, hopeless = first_warnings(op, window, collinear_gradients(rng, m, d, op.damp, signs, m))
+    assert hopeless == 2  # the third makes the window hopeless (2.7e10 < 3e10)
+    assert warned == [hopeless]
+    assert op.state_dict()["edits"] == edits + m  # each taken by a row edit
 
 
 def test_a_window_that_recovered_by_row_edits_warns_of_the_next_hopeless_gradient(rng):

@@ -367,6 +367,43 @@ def test_nearly_collinear_rows_are_exact_in_one_reduction() -> None:
     np.testing.assert_allclose(gram, G @ G.T, rtol=1e-12)
 
 
+def test_row_edits_bound_kappa_alike_on_every_rank() -> None:
+    # Gradients u, -u, u, ... (|u|^2 = 1e10 m damp each, short of the warning alone) make
+    # the window hopeless with the third; a full window's row edit bounds kappa from the
+    # reduced Gram row, so every rank decides alike, and as the unsharded window does.
+    m, d, damp = 8, 24, 1e-2
+    rng = np.random.default_rng(5)
+    base = rng.standard_normal(d)
+    base *= (1e10 * m * damp) ** 0.5 / np.linalg.norm(base)
+    signs = (-1.0) ** np.arange(m)[:, None]
+    gs = [*rng.standard_normal((m, d)), *(signs * (base + 1e-6 * rng.standard_normal((m, d))))]
+    starts = _starts([10, 0, 14])
+    options = WindowOptions(refactor_every=1000)
+
+    def rank(comm: Communicator) -> list[bool]:
+        lo, hi = starts[comm.rank], starts[comm.rank + 1]
+        op = ShardedDynamicIHVP(m, hi - lo, damp=damp, dtype="float64", comm=comm, options=options)
+        noted = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", IllConditionedWarning)
+            for g in gs:
+                op.update(g[lo:hi])
+                noted.append(op._warned_hopeless)  # what the edit decided
+        return noted
+
+    results = _ok(run_spmd_threads(rank, 3))
+    assert all(r == results[0] for r in results)
+    assert results[0].index(True) == m + 2
+    whole = DynamicIHVP(m, d, damp=damp, dtype="float64", options=options)
+    noted = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", IllConditionedWarning)
+        for g in gs:
+            whole.update(g)
+            noted.append(whole._warned_hopeless)
+    assert noted == results[0]
+
+
 # -- collective errors -------------------------------------------------------------------------
 
 

@@ -1399,3 +1399,46 @@ def test_pickles_of_the_earlier_format_load():
     restored.__setstate__(copied[1])
     same(everything(restored), everything(opt))
     assert_continue_alike(model, opt, copied[0], restored)
+
+
+def test_device_row_edits_warn_of_gradients_spread_in_sign_as_the_host_does():
+    """A full window's edits bound kappa on the device route as NumPy does, step for step,
+    in the step's one sync: gradients ``u, -u, u, ...`` (each ``|u|^2 = 1e10 m damp``,
+    short of the warning alone) warn with the third, whose Gram row's own quotient finds
+    them (the ones vector's cancels); unrelated ones clear the note, and the next such
+    run warns again."""
+    from _counting import counting, device_path
+
+    from mfac_core import DynamicIHVP, IllConditionedWarning, WindowOptions
+
+    m, d, damp = 8, 20, 1e-2
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal(d)
+    base *= (1e10 * m * damp) ** 0.5 / np.linalg.norm(base)
+    collinear = (-1.0) ** np.arange(m)[:, None] * (base + 1e-6 * rng.standard_normal((m, d)))
+    gradients = [*rng.standard_normal((m, d)), *collinear, *rng.standard_normal((m, d))]
+    gradients += list(collinear)
+
+    def warned(xp):
+        op = DynamicIHVP(
+            m, d, damp=damp, dtype="float64", xp=xp, options=WindowOptions(refactor_every=1000)
+        )
+        steps, syncs = [], []
+        for i, g in enumerate(gradients):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                if xp is np:
+                    op.update(g)
+                else:
+                    with device_path(), counting() as count:
+                        op.update(torch.as_tensor(g))
+                    syncs.append(count.syncs)
+            if any(issubclass(w.category, IllConditionedWarning) for w in caught):
+                steps.append(i)
+        assert op.state_dict()["edits"] == len(gradients) - m  # all row edits
+        return steps, syncs[m:]
+
+    host, _ = warned(np)
+    device, syncs = warned(torch)
+    assert host == device == [m + 2, 3 * m + 2]
+    assert set(syncs) == {1}

@@ -43,9 +43,10 @@ class Pending(NamedTuple):
     is asked), judged by :func:`judge_gradient` (``finite``: refuse NaN).
     ``norm2`` is ``|g|^2``, the new diagonal entry of the window's Gram matrix (a
     0-d array, or None), judged by :func:`judge_conditioning` against ``shift``.
-    ``mean`` and ``trace`` (0-d arrays, or None) are the edited Gram matrix's Rayleigh
-    quotient with the all-ones vector and its trace, which bound its largest eigenvalue
-    from below and above (:meth:`kappa_bounds`); they are read, not judged.
+    ``quotient`` and ``trace`` (0-d arrays, or None) are a lower bound of the edited Gram
+    matrix's largest eigenvalue (its best Rayleigh quotient of two test vectors, less
+    its rounding: ``_dynamic_factor.edited_gram_sums``) and its trace, which bound that
+    eigenvalue from below and above (:meth:`kappa_bounds`); they are read, not judged.
     """
 
     g: Any
@@ -53,17 +54,17 @@ class Pending(NamedTuple):
     finite: bool
     norm2: Any = None
     shift: float = 1.0
-    mean: Any = None
+    quotient: Any = None
     trace: Any = None
 
     def arrays(self) -> list[Any]:
         """The 0-d arrays to read, in the order :meth:`judge` takes their values."""
-        return [a for a in (self.biggest, self.norm2, self.mean, self.trace) if a is not None]
+        return [a for a in (self.biggest, self.norm2, self.quotient, self.trace) if a is not None]
 
     def kappa_bounds(self, values: list[float]) -> KappaBounds | None:
         """Bounds ``(lower, upper)`` of the edited window's kappa from :meth:`arrays`' values.
 
-        ``1 + lambda_max / shift`` with ``lambda_max`` at least ``|g|^2`` and the mean's
+        ``1 + lambda_max / shift`` with ``lambda_max`` at least ``|g|^2`` and the
         quotient (many nearly collinear gradients, each below the bound alone), and at
         most the trace; ``upper`` is None where no trace was asked or it is not finite.
         None where no ``norm2`` was asked.
@@ -72,10 +73,10 @@ class Pending(NamedTuple):
             return None
         i = 0 if self.biggest is None else 1  # where norm2's value is (:meth:`arrays`)
         top, i = values[i], i + 1
-        if self.mean is not None:
-            mean, i = values[i], i + 1
-            if math.isfinite(mean) and mean > top:
-                top = mean
+        if self.quotient is not None:
+            quotient, i = values[i], i + 1
+            if math.isfinite(quotient) and quotient > top:
+                top = quotient
         upper = None
         if self.trace is not None and math.isfinite(values[i]):
             upper = 1.0 + values[i] / self.shift
@@ -89,17 +90,22 @@ class Pending(NamedTuple):
         if self.norm2 is not None:
             judge_conditioning(values[0], self.shift)
             values = values[1:]
-        return values[(self.mean is not None) + (self.trace is not None) :]
+        return values[(self.quotient is not None) + (self.trace is not None) :]
 
 
 def with_norm(
-    pending: Pending | None, norm2: Any, shift: float, *, mean: Any = None, trace: Any = None
+    pending: Pending | None,
+    norm2: Any,
+    shift: float,
+    *,
+    quotient: Any = None,
+    trace: Any = None,
 ) -> Pending:
     """``pending`` with the gradient's squared norm to judge against ``shift``, and the
-    edited Gram's ``mean`` and ``trace`` to read (:meth:`Pending.kappa_bounds`)."""
+    edited Gram's ``quotient`` and ``trace`` to read (:meth:`Pending.kappa_bounds`)."""
     if pending is None:
-        return Pending(None, None, False, norm2, shift, mean, trace)
-    return pending._replace(norm2=norm2, shift=shift, mean=mean, trace=trace)
+        return Pending(None, None, False, norm2, shift, quotient, trace)
+    return pending._replace(norm2=norm2, shift=shift, quotient=quotient, trace=trace)
 
 
 def check_gradient(op: Any, g: Array, *, deferred: bool = False, finite: bool = False) -> Any:

@@ -9,6 +9,7 @@ changes the operator (the free factor buffer is scratch).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,10 @@ from ._errors import NotPositiveDefinite
 from ._finite import float32_overflow_said_now, narrowed
 from ._refine import refine
 from ._validation import check_damp
+
+#: The least normal float64: :func:`probe_vectors` divides by ``|g|^2`` plus it.
+TINY = float(np.finfo(np.float64).tiny)
+
 
 #: Columns of an edited factor checked for drift after each edit (O(m) each).
 DRIFT_SAMPLE = 32
@@ -351,13 +356,14 @@ def warn_if_edit_hopeless(op: Any, bounds: KappaBounds | None) -> None:
     """:func:`warn_if_hopeless` for a row edit, with bounds of the edited window's kappa.
 
     An edited factor has no kappa bounds of its own; :func:`edited` gives ``(lower,
-    upper)`` from the new gradient's ``|g|^2``, the edited Gram's quotient with the ones
-    vector and its trace (``Pending.kappa_bounds``). Without the lower bound a full window
-    took a gradient that makes it hopeless in silence, or several nearly collinear ones
-    that do together, and the warning came at the next refactorisation, from an unrelated
-    update (which, where warnings are errors, it refused, and every later one with it:
-    each refactorises and warns again). An upper bound below the rule clears the
-    warn-once note, so that a window that recovered by edits warns of the next one.
+    upper)`` from the new gradient's ``|g|^2``, the edited Gram's Rayleigh quotients and
+    its trace (:func:`edited_gram_sums`, ``Pending.kappa_bounds``). Without the lower
+    bound a full window took a gradient that makes it hopeless in silence, or several
+    nearly collinear ones that do together, and the warning came at the next
+    refactorisation, from an unrelated update (which, where warnings are errors, it
+    refused, and every later one with it: each refactorises and warns again). An upper
+    bound below the rule clears the warn-once note, so that a window that recovered by
+    edits warns of the next one.
     """
     if bounds is None:
         return
@@ -404,8 +410,8 @@ def edited(
     k = len(slots)
     # The new gradient's Gram diagonal bounds kappa from below: a gradient that makes
     # the window hopeless is refused (read with the step's other checks).
-    mean, trace = edited_gram_sums(op, slot, b, k)
-    pending = with_norm(pending, b[slot], op._shift(k), mean=mean, trace=trace)
+    quotient, trace = edited_gram_sums(op, slot, b, k)
+    pending = with_norm(pending, b[slot], op._shift(k), quotient=quotient, trace=trace)
     if gram is not None:
         bounds = judge(op, pending, [])[1]
         return factorized(op, gram, slots, exact=True, warn=False, locate=locate), True, bounds
@@ -502,12 +508,16 @@ def drift_positions(op: Any, k: int) -> Array:
 
 
 def edited_gram_sums(op: Any, slot: int, b: Array, k: int) -> tuple[Any, Any]:
-    """The Gram matrix with row ``slot`` set to ``b``: its quotient with the ones vector
-    (the mean of its entries times m) and its trace, as 0-d arrays, O(m^2).
+    """The Gram matrix with row ``slot`` set to ``b``: a lower bound of its largest
+    eigenvalue and its trace, as 0-d arrays, O(m^2) (the trace alone O(m)).
 
     For a window of all m slots only (a full or ``zero_init`` one, the windows that take
     gradients by row edits); ``(None, None)`` otherwise, whose other slots' rows are not
     the window's. Read with the step's other checks (no device sync of its own).
+
+    The bound is the larger Rayleigh quotient ``v^T G v / v^T v`` of two test vectors
+    (:func:`probe_vectors`), less its rounding (:func:`rayleigh_slack`); not finite (no
+    bound) where either is not.
     """
     if k != op.num_grads:
         return None, None
@@ -519,18 +529,78 @@ def edited_gram_sums(op: Any, slot: int, b: Array, k: int) -> tuple[Any, Any]:
             # The host's sums as NumPy scalars, without the namespace's per-call cost (a
             # small step's time is a few such calls).
             old, new = float(gram[slot, slot]), float(b[slot])
-            trace = float(gram.trace()) - old + new
-            if not _capacitance.is_imprecise(1.0 + trace / op._shift(k), eps=_capacitance.EPS64):
-                # The trace bounds the quotient: no need of it (nor of its O(m^2) sum)
-                # where the window's kappa is within the rule even at that.
+            total = float(gram.trace())
+            trace = total - old + new
+            if getattr(op, "_warned_hopeless", False) or not _capacitance.is_imprecise(
+                1.0 + trace / op._shift(k), eps=_capacitance.EPS64
+            ):
+                # No need of the quotients (nor of their O(m^2) products) where the trace
+                # bounds the window's kappa within the rule, nor where the window has
+                # warned already: only the trace decides then (warn_if_edit_hopeless).
                 return None, np.float64(trace)
-            rows = gram.sum(axis=1)  # the Gram is symmetric: rows[slot] is its row's sum
-            total = float(rows.sum()) - 2.0 * float(rows[slot]) + old + 2.0 * float(b.sum()) - new
-            return np.float64(total / k), np.float64(trace)
-        old = gram[slot, slot]
-        total = xp.sum(gram) - 2.0 * xp.sum(gram[slot, :]) + old + 2.0 * xp.sum(b) - b[slot]
-        trace = xp.sum(xp.linalg.diagonal(gram)) - old + b[slot]
-        return total / k, trace
+            # total + new bounds the edited trace, whose subtraction of the old entry may
+            # lose digits (a leaving gradient far larger than the rest).
+            return host_quotient(gram, slot, b, total + new), np.float64(trace)
+        edited = xp.asarray(gram, copy=True)
+        edited[slot, :] = b
+        edited[:, slot] = b
+        probes = probe_vectors(xp, b, slot)
+        quotients = xp.sum(probes * (edited @ probes), axis=0) / xp.sum(probes * probes, axis=0)
+        trace = xp.sum(xp.linalg.diagonal(edited))
+        return xp.max(quotients) - rayleigh_slack(k) * trace, trace
+
+
+def probe_vectors(xp: Any, b: Array, slot: int) -> Array:
+    """The Rayleigh quotients' test vectors, the columns of an m x 2 array, each 1 at
+    ``slot``: the ones vector and the new Gram row ``b / b[slot]``.
+
+    The ones vector finds nearly collinear gradients of one sign. The new row (the new
+    gradient's Gram column, one power-iteration step from its slot: its quotient is at
+    least ``b[slot] = |g|^2``) also finds those spread in sign (``g, -g, g, ...``), which
+    cancel in the ones vector's, and gradients collinear with the new one among
+    unrelated ones, which the ones vector dilutes by the window's length. Scaled by
+    ``|g|^2`` (plus the least normal number, so that a zero gradient's is ``e_slot``)
+    its entries are at most the other gradients' norms over ``|g|``: its quotient
+    overflows only where those span 150 decades.
+    """
+    probes = xp.stack([xp.ones_like(b), b / (b[slot] + TINY)], axis=1)
+    probes[slot, :] = 1.0
+    return probes
+
+
+def host_quotient(gram: np.ndarray, slot: int, b: np.ndarray, trace: float) -> Any:
+    """:func:`edited_gram_sums`' bound on the host, less its rounding per ``trace`` (at
+    least the edited Gram's), or None where it is not finite.
+
+    With each test vector ``v`` less its 1 at ``slot`` (``t``), ``v^T G v = t^T gram t + 2
+    b.t + b[slot]``: the old row and column of ``gram`` only ever meet a zero, without
+    the edited copy's O(m^2) writes. NumPy's dot is the cheapest of its calls on small
+    arrays.
+    """
+    k, new = len(b), float(b[slot])
+    probes = probe_vectors(np, b, slot)
+    probes[slot, :] = 0.0
+    products = np.dot(gram, probes)
+    quotients = [
+        (float(np.dot(t, p)) + 2.0 * float(np.dot(b, t)) + new) / (float(np.dot(t, t)) + 1.0)
+        for t, p in zip(probes.T, products.T, strict=True)
+    ]
+    best = max(quotients) - rayleigh_slack(k) * trace
+    return np.float64(best) if all(map(math.isfinite, quotients)) else None
+
+
+def rayleigh_slack(k: int) -> float:
+    """What to subtract, per unit of the trace (or of an upper bound of it), from a
+    computed Rayleigh quotient of a k x k Gram matrix so that it stays below the exact
+    one.
+
+    Its sums of at most ``k + 3`` terms err by at most ``(k + 3) eps`` times the sum of
+    the terms' magnitudes, ``|v|^T |G| |v| <= (v^T v) trace(G)`` (``|G_ij| <= sqrt(G_ii
+    G_jj)`` and Cauchy-Schwarz), and the division by ``v^T v`` once more: twice that
+    covers both with room. The bound is ``2 (k + 4) eps trace <= 2 k (k + 4) eps
+    lambda_max``, a relative ``2e-12`` at k = 64: no warning it could miss matters.
+    """
+    return 2.0 * (k + 4) * _capacitance.EPS64
 
 
 def judge(
