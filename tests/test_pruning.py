@@ -121,6 +121,39 @@ def test_saliencies_where_theta_squared_leaves_the_float32_range(rng, damp):
 
 
 @pytest.mark.parametrize(
+    ("dtype", "scale"), [("float32", 1e20), ("float32", 1e-25), ("float64", 1e160)]
+)
+def test_selection_ranks_saliencies_beyond_the_dtypes_range(rng, dtype, scale):
+    # |theta| sqrt(F_jj) ~ 1e20 puts theta^2 / (2 [F^{-1}]_jj) beyond float32's range (and
+    # 1e160 beyond float64's): the saliencies all became inf, and the selection took the
+    # first weights by index. 1e-25 puts them below float32's smallest subnormal (0).
+    from mfac_core.testing import dense_inverse
+
+    d = 6
+    G = rng.standard_normal((8, d)).astype(dtype)
+    theta = (scale * np.array([3.0, 1.0, 2.0, 0.5, 4.0, 6.0])).astype(dtype)
+    F64 = dense_fisher(G.astype(np.float64), 1.0)
+    # log saliencies (float64 holds the logs of saliencies it cannot hold), spread by > 0.5
+    log_obs = 2 * np.log(np.abs(theta.astype(np.float64))) - np.log(
+        2 * np.diag(dense_inverse(G, 1.0))
+    )
+    log_obd = 2 * np.log(np.abs(theta.astype(np.float64))) + np.log(np.diag(F64) / 2)
+    for saliency, logs in (("obs", log_obs), ("obd", log_obd)):
+        want = np.zeros(d, dtype=bool)
+        want[np.argsort(logs)[:3]] = True
+        got = prune(theta, G, sparsity=0.5, damp=1.0, saliency=saliency, update="none")
+        np.testing.assert_array_equal(~got.mask, want, err_msg=saliency)
+        if saliency == "obs":
+            with np.errstate(over="ignore"):  # its saliencies (theta's dtype) overflow
+                sweep = pruning.damping_sweep(theta, G, [1.0], sparsity=0.5)
+            np.testing.assert_array_equal(sweep.selected[0], want)
+            choice = pruning.select_damping(
+                theta, G, [1.0], sparsity=0.5, loss=lambda dp, r: 0.0, update="none"
+            )
+            np.testing.assert_array_equal(~choice.result.mask, want)
+
+
+@pytest.mark.parametrize(
     ("library", "half"), [("torch", "float16"), ("torch", "bfloat16"), ("numpy", "bfloat16")]
 )
 def test_obd_saliency_of_2_byte_gradients_sums_in_float64(library, half):
