@@ -528,7 +528,12 @@ def obs_update(
       ``delta^T F delta / 2`` subject to ``theta_P + delta_P = 0`` (for a
       block-diagonal F when ``block_size`` is the operator's block size). The
       small systems are built from :meth:`StaticIHVP.entries` and solved in
-      float64, all blocks at once; then one IHVP applies the update.
+      float64, all blocks at once; then one IHVP applies the update. An
+      operator's entries, and the coefficients it takes, are in its dtype:
+      with a float32 operator the update is within a few ``eps32 *
+      cond([F^{-1}]_PP)`` of the exact one, relative to ``|theta| + |delta|``
+      (about 1e-2 at a condition number of 1e6, wherever the small system
+      is solved); for worse conditioned blocks use a float64 operator.
 
     The selected weights, and any weight that ``mask`` already prunes, are
     then set to exactly zero; weights that ``mask`` prunes take no part in
