@@ -313,9 +313,10 @@ def ranking_key(xp: Any, theta: Array, diag: Array, /, *, inverse: bool = True) 
     saliency is ``key^4 / 2``, so the key ranks as it does. A float32 saliency
     overflows to infinity beyond about 3.4e38 (``|theta| sqrt(F_jj)`` beyond about
     2.6e19), where the selection then took the tied weights by index; a float64 one
-    beyond about 1.8e308. The fourth root in float64 stays a normal number for every
-    finite float32 or float64 weight and positive diagonal (between about 1e-239 and
-    1e235), at about 4 ulps of the saliency's float64 resolution.
+    beyond about 1.8e308. The fourth root in float64 is zero for a zero weight and
+    otherwise a normal number for every finite float32 or float64 weight and positive
+    diagonal (between about 1e-243 and 1e235); it tells apart saliencies that differ
+    by more than a few parts in 1e15.
 
     Parameters
     ----------
