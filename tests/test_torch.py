@@ -1576,6 +1576,106 @@ def test_pruner_reads_assigned_masks_by_name_and_checks_them():
         assert all(torch.equal(w, b) for w, b in zip(model.parameters(), before, strict=True))
 
 
+def _pruner_checkpoint(model, pruner):
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "pruner": pruner.state_dict()}, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+@pytest.mark.parametrize("dampings", [None, [1e-4, 1e-2]])
+def test_pruner_state_dict_round_trip_continues_the_run(dampings):
+    # A run checkpointed between prune() calls (model weights + pruner state), loaded into
+    # a fresh model and a pruner built with other options, continues bit for bit as the
+    # original does.
+    kw = {"num_grads": 4, "block_size": 8, "damp": 1e-3, "update": "joint"}
+    if dampings is not None:
+        kw["update"] = "single"
+    select = None if dampings is None else (lambda m: float(F.cross_entropy(*_eval(m))))
+    model = make_model(5)
+    pruner = MFACPruner(model, **kw, dtype=torch.float32)
+    pruner.prune(loader(1), F.cross_entropy, sparsity=0.3, dampings=dampings, select_damp=select)
+    saved = _pruner_checkpoint(model, pruner)
+    assert set(saved["pruner"]) == {"masks", "selected_damps", "options"}
+    pruner.prune(
+        loader(2), F.cross_entropy, sparsity=0.6, steps=2, dampings=dampings, select_damp=select
+    )
+
+    fresh = make_model(6)  # other weights, replaced by the checkpoint's
+    fresh.load_state_dict(saved["model"])
+    other = MFACPruner(fresh, num_grads=2, block_size=None, damp=0.5, saliency="obd")
+    other.load_state_dict(saved["pruner"])
+    assert (other.num_grads, other.block_size, other.damp, other.update) == (
+        4,
+        8,
+        1e-3,
+        kw["update"],
+    )
+    assert other.dtype == torch.float32
+    assert other.selected_damps == saved["pruner"]["selected_damps"]
+    other.prune(
+        loader(2), F.cross_entropy, sparsity=0.6, steps=2, dampings=dampings, select_damp=select
+    )
+    for a, b in zip(model.parameters(), fresh.parameters(), strict=True):
+        assert torch.equal(a, b)
+    for name in pruner.masks:
+        assert torch.equal(pruner.masks[name], other.masks[name])
+    assert other.selected_damps == pruner.selected_damps
+    # The loaded masks are the pruner's own copies, not the checkpoint's tensors.
+    assert all(other.masks[n] is not saved["pruner"]["masks"][n] for n in other.masks)
+
+
+def _eval(model):
+    x, y = batches(9, 1)[0]
+    with torch.no_grad():
+        return model(x), y
+
+
+def test_pruner_load_state_dict_refuses_a_bad_state_and_changes_nothing():
+    model = make_model(7)
+    pruner = MFACPruner(model, num_grads=4, block_size=8, damp=1e-3)
+    pruner.prune(loader(), F.cross_entropy, sparsity=0.4)
+    good = pruner.state_dict()
+    target = MFACPruner(make_model(7), num_grads=3, damp=1e-2, update="none")
+    before = target.state_dict()
+
+    def edited(path, value):
+        state = copy.deepcopy(good)
+        _set(path, value)(state)
+        return state
+
+    mask0 = good["masks"]["0"]
+    cases = [
+        ([1, 2], ValueError, "not an MFACPruner state_dict: expected a dict, got list"),
+        ({"masks": good["masks"]}, ValueError, r"missing \['selected_damps', 'options'\]"),
+        ({**good, "steps": 3}, ValueError, r"unknown \['steps'\]"),
+        (edited(("masks", "0"), mask0.float()), TypeError, r"masks\['0'\] must be a boolean"),
+        (edited(("masks", "0"), mask0[:2]), ValueError, r"masks\['0'\] must have the shape"),
+        (edited(("masks", "0"), mask0.to("meta")), ValueError, r"masks\['0'\] .* on meta"),
+        (edited(("masks",), {"0": mask0}), ValueError, r"missing \['2'\]"),
+        (edited(("masks", "1"), mask0), ValueError, r"not pruned \['1'\]"),
+        (edited(("masks",), None), TypeError, "masks must be a dict"),
+        (edited(("selected_damps",), "abc"), ValueError, "must be a list of dampings"),
+        (edited(("selected_damps",), [1e-3, -1.0]), ValueError, r"selected_damps'\]\[1\]"),
+        (edited(("options", "damp"), 0.0), ValueError, r"options'\]\['damp'\] must be finite"),
+        (edited(("options", "num_grads"), 2.5), TypeError, r"\['num_grads'\] must be an int"),
+        (edited(("options", "block_size"), 0), ValueError, r"\['block_size'\] must be >= 1"),
+        (edited(("options", "update"), "both"), ValueError, r"\['update'\] must be one of"),
+        (edited(("options", "dtype"), "int8"), ValueError, r"\['dtype'\] must be one of"),
+        (edited(("options",), {"damp": 1e-3}), ValueError, r"missing \['num_grads'"),
+        (edited(("options", "lr"), 1.0), ValueError, r"unknown \['lr'\]"),
+    ]
+    for state, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            target.load_state_dict(state)
+        after = target.state_dict()
+        assert after["options"] == before["options"]
+        assert after["selected_damps"] == before["selected_damps"]
+        assert all(torch.equal(after["masks"][n], before["masks"][n]) for n in before["masks"])
+    target.load_state_dict(good)  # the state itself loads
+    assert target.sparsity() == pruner.sparsity()
+
+
 def test_pruner_refuses_weights_replaced_since_it_was_built():
     # Regression: after load_state_dict(..., assign=True) (or a layer replaced) the pruner
     # pruned its old tensors: the model kept its weights, and sparsity() said 0.5.

@@ -139,7 +139,7 @@ def _check_operator(ihvp: Any, theta: Array) -> Any:
 
 
 def _half_fisher_diagonal(xp: Any, G: Array, damp: float) -> Array:
-    """``damp + sum_k G_ki^2 / m`` of 2-byte G: summed in float64, rounded once to float32.
+    """``damp + sum_k G_ki^2 / m`` of 2-byte G, summed in float64 (and kept in float64).
 
     A ValueError if G holds NaN or infinity, as for float32/float64 G. The float64
     sums check G at no extra pass: a 2-byte value squared is at most about 1e77
@@ -148,7 +148,33 @@ def _half_fisher_diagonal(xp: Any, G: Array, damp: float) -> Array:
     sums = _engine.square_sums(xp, G)
     if not bool(xp.all(xp.isfinite(sums))):
         raise_non_finite(xp, G, "G")
-    return xp.astype(damp + sums / G.shape[0], xp.float32)
+    return damp + sums / G.shape[0]
+
+
+def fisher_diagonal(theta: Array, G: Array, damp: float) -> Array:
+    """``F_ii = damp + sum_k G_ki^2 / m``, checked: theta's dtype, or float64 for 2-byte G.
+
+    For 2-byte G the float64 sums are returned as they are (the ranking key of
+    :func:`ranking_key` takes them; :func:`obd_saliency` rounds them once to float32).
+
+    Parameters
+    ----------
+    theta : array, shape (d,)
+        The flat weights (their dtype is G's, or float32 for 2-byte G).
+    G : array, shape (m, d)
+        The gradients, one per row.
+    damp : float
+        The damping ``lambda > 0``.
+
+    Returns
+    -------
+    array, shape (d,)
+        The diagonal of the damped Fisher.
+    """
+    xp = check_theta(theta)
+    if check_grads(xp, theta, G) is not None:
+        return _half_fisher_diagonal(xp, G, check_damp(damp))
+    return EmpiricalFisher(G, damp=damp).diagonal()
 
 
 # -- saliencies ---------------------------------------------------------------------------
@@ -172,7 +198,9 @@ def obs_saliency(theta: Array, ihvp: InverseFisherOperator, /) -> Array:
     Returns
     -------
     array, shape (d,)
-        The saliencies, in theta's namespace, device and dtype.
+        The saliencies, in theta's namespace, device and dtype: infinity
+        where the saliency is beyond the dtype's range (float32: above about
+        3.4e38, for ``|theta_i| sqrt(F_ii)`` above about 2.6e19).
 
     Raises
     ------
@@ -240,10 +268,7 @@ def obd_saliency(theta: Array, G: Array, /, *, damp: float) -> Array:
     array([1. , 1.5])
     """
     xp = check_theta(theta)
-    if check_grads(xp, theta, G) is not None:
-        diag = _half_fisher_diagonal(xp, G, check_damp(damp))
-    else:
-        diag = EmpiricalFisher(G, damp=damp).diagonal()
+    diag = xp.astype(fisher_diagonal(theta, G, damp), theta.dtype)
     return _squared(theta * xp.sqrt(diag / 2))
 
 
@@ -278,6 +303,40 @@ def saliency_of_diagonal(xp: Any, theta: Array, diag: Array, /) -> Array:
         The OBS saliencies, in ``diag``'s dtype.
     """
     return _squared(theta / xp.sqrt(2 * diag))
+
+
+def ranking_key(xp: Any, theta: Array, diag: Array, /, *, inverse: bool = True) -> Array:
+    """A float64 key that orders the weights as their saliencies do, for every finite input.
+
+    ``sqrt(|theta|) / diag^(1/4)`` for a diagonal of ``F^{-1}`` (OBS), or
+    ``sqrt(|theta|) * diag^(1/4)`` for one of ``F`` (``inverse=False``, OBD): the
+    saliency is ``key^4 / 2``, so the key ranks as it does. A float32 saliency
+    overflows to infinity beyond about 3.4e38 (``|theta| sqrt(F_jj)`` beyond about
+    2.6e19), where the selection then took the tied weights by index; a float64 one
+    beyond about 1.8e308. The fourth root in float64 is zero for a zero weight and
+    otherwise a normal number for every finite float32 or float64 weight and positive
+    diagonal (between about 1e-243 and 1e235); it tells apart saliencies that differ
+    by more than a few parts in 1e15.
+
+    Parameters
+    ----------
+    xp : module
+        The namespace of ``theta`` and ``diag``.
+    theta : array, shape (d,)
+        The flat weights.
+    diag : array, shape (d,) or (K, d)
+        The diagonal of ``F^{-1}`` (or of ``F``), or one per damping.
+    inverse : bool, optional
+        Whether ``diag`` is that of ``F^{-1}`` (default) or of ``F``.
+
+    Returns
+    -------
+    array, shape of ``diag``, float64
+        The keys: lower = pruned first.
+    """
+    root = xp.sqrt(xp.abs(xp.astype(theta, xp.float64)))
+    quarter = xp.sqrt(xp.sqrt(xp.astype(diag, xp.float64)))
+    return root / quarter if inverse else root * quarter
 
 
 def magnitude_saliency(theta: Array, /) -> Array:
@@ -369,6 +428,14 @@ def select_pruned(
         shapes.
     TypeError
         For arrays of different libraries or a non-boolean mask.
+
+    Notes
+    -----
+    Equal scores are equal here: saliencies that overflowed to infinity (or
+    rounded to zero) are tied and taken in index order. :func:`prune`,
+    :func:`damping_sweep` and :func:`select_damping` do not select from the
+    saliencies but from a float64 key that orders them for every finite
+    weight and diagonal (a fourth root of the saliency).
 
     Examples
     --------
@@ -462,7 +529,12 @@ def obs_update(
       ``delta^T F delta / 2`` subject to ``theta_P + delta_P = 0`` (for a
       block-diagonal F when ``block_size`` is the operator's block size). The
       small systems are built from :meth:`StaticIHVP.entries` and solved in
-      float64, all blocks at once; then one IHVP applies the update.
+      float64, all blocks at once; then one IHVP applies the update. An
+      operator's entries, and the coefficients it takes, are in its dtype:
+      with a float32 operator the update is within a few ``eps32 *
+      cond([F^{-1}]_PP)`` of the exact one, relative to ``|theta| + |delta|``
+      (about 1e-2 at a condition number of 1e6, wherever the small system
+      is solved); for worse conditioned blocks use a float64 operator.
 
     The selected weights, and any weight that ``mask`` already prunes, are
     then set to exactly zero; weights that ``mask`` prunes take no part in

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -21,7 +21,9 @@ from ._torch_pruner_inputs import (
     check_float16,
     check_masks,
     check_weights_current,
+    checked_state,
     chosen_weights,
+    pruner_state,
 )
 from ._validation import check_damp, check_dampings, check_fraction
 
@@ -190,10 +192,7 @@ class MFACPruner:
         first = next(iter(self.weights.values()))
         self.device = first.device
         self.dtype = first.dtype if dtype is None else dtype
-        # 2-byte gradients go with float32 weights through the pruning functions.
-        self._theta_dtype = (
-            torch.float32 if self.dtype in (torch.float16, torch.bfloat16) else self.dtype
-        )
+        self._theta_dtype = _theta_dtype(self.dtype)
         self.masks = {
             name: torch.ones_like(w, dtype=torch.bool) for name, w in self.weights.items()
         }
@@ -517,6 +516,98 @@ class MFACPruner:
             w.copy_(weights[name])
             self.masks[name] = masks[name]
 
+    # -- checkpoints ----------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The pruner's state, to checkpoint a pruning run between :meth:`prune` calls.
+
+        As :meth:`torch.ao.pruning.BaseSparsifier.state_dict`, the masks and the
+        options, not the weights: save it beside ``model.state_dict()`` (which
+        holds the pruned weights). A :meth:`prune` call, all its ``steps``
+        included, leaves nothing half done, so this is the whole state.
+
+        Returns
+        -------
+        dict
+            ``"masks"``: each layer's boolean mask by name (copies, in the order
+            of the pruned weights); ``"selected_damps"``: the list
+            :attr:`selected_damps`; ``"options"``: ``num_grads``, ``block_size``,
+            ``damp``, ``saliency``, ``update``, ``selection_block_size`` and
+            ``dtype`` (its name, such as ``"float32"``). Tensors, strings,
+            numbers, ``None``, lists and dicts only: ``torch.load(...,
+            weights_only=True)`` reads it.
+
+        Raises
+        ------
+        TypeError, ValueError
+            For assigned :attr:`masks` that do not fit the weights.
+
+        Examples
+        --------
+        >>> import io
+        >>> import torch
+        >>> from mfac_core.torch import MFACPruner
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(),
+        ...                             torch.nn.Linear(16, 2))
+        >>> data = [(torch.randn(4, 8), torch.randint(0, 2, (4,))) for _ in range(8)]
+        >>> pruner = MFACPruner(model, num_grads=8, block_size=32, damp=1e-3)
+        >>> pruner.prune(data, torch.nn.functional.cross_entropy, sparsity=0.5)
+        >>> buffer = io.BytesIO()
+        >>> torch.save({"model": model.state_dict(), "pruner": pruner.state_dict()}, buffer)
+        >>> _ = buffer.seek(0)
+        >>> saved = torch.load(buffer, weights_only=True)
+        >>> model2 = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(),
+        ...                              torch.nn.Linear(16, 2))
+        >>> model2.load_state_dict(saved["model"])
+        <All keys matched successfully>
+        >>> pruner2 = MFACPruner(model2)
+        >>> pruner2.load_state_dict(saved["pruner"])
+        >>> round(pruner2.sparsity(), 2), pruner2.num_grads, pruner2.damp
+        (0.5, 8, 0.001)
+        """
+        return pruner_state(self)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Take the masks, chosen dampings and options of :meth:`state_dict`.
+
+        The options replace the pruner's own (as an optimizer's
+        ``load_state_dict`` replaces its hyper-parameters), so a pruner built
+        over the same layers continues the saved run: its next :meth:`prune`
+        prunes as the saved pruner's would. The masks are copied onto the
+        weights' devices. The weights are not touched: load them with
+        ``model.load_state_dict``, or call :meth:`apply_masks` to zero the pruned
+        ones. The whole state is checked before anything is set: a refused one
+        leaves the pruner as it was.
+
+        Parameters
+        ----------
+        state_dict : dict
+            As :meth:`state_dict` returns it (read back with
+            ``torch.load``, say).
+
+        Raises
+        ------
+        ValueError
+            For something other than such a dict (missing or unknown keys),
+            masks that are missing for a pruned layer, name a layer that is
+            not pruned or do not have its weight's shape, or an option out of
+            range (as ``MFACPruner(...)`` refuses it), each naming the key.
+        TypeError
+            For a mask that is not a boolean tensor, a block size or
+            ``num_grads`` that is not an int, or a chosen damping that is not a
+            number.
+        """
+        plan = checked_state(self, state_dict)
+        # Everything passed: set it all.
+        for key in ("num_grads", "block_size", "damp", "saliency", "update"):
+            setattr(self, key, plan[key])
+        self.selection_block_size = plan["selection_block_size"]
+        self.dtype = plan["dtype"]
+        self._theta_dtype = _theta_dtype(self.dtype)
+        self.masks = plan["masks"]
+        self.selected_damps = plan["selected_damps"]
+
     @torch.no_grad()
     def apply_masks(self) -> None:
         """Set the pruned weights to zero again (e.g. after an optimizer step)."""
@@ -539,6 +630,11 @@ class MFACPruner:
             Call ``.remove()`` on it to stop.
         """
         return optimizer.register_step_post_hook(lambda *_: self.apply_masks())
+
+
+def _theta_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The weights' dtype in the pruning functions: 2-byte gradients go with float32."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def _fill(

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._validation import check_count
+from ._validation import check_choice, check_count, check_damp, check_dampings
 
 __all__ = [
     "check_block",
@@ -25,12 +25,25 @@ __all__ = [
     "check_masks",
     "check_weights_current",
     "chosen_weights",
+    "checked_state",
+    "pruner_state",
 ]
 
 #: The layers pruned when none are named.
 PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 #: The dtypes of the Fisher computations (the 2-byte ones store the gradients only).
 FISHER_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+#: The keys of MFACPruner's state_dict, and the options under its "options".
+STATE_KEYS = ("masks", "selected_damps", "options")
+OPTION_KEYS = (
+    "num_grads",
+    "block_size",
+    "damp",
+    "saliency",
+    "update",
+    "selection_block_size",
+    "dtype",
+)
 
 
 def check_block(value: Any, name: str) -> int | None:
@@ -251,3 +264,106 @@ def check_weights_current(model: nn.Module, weights: Mapping[str, torch.Tensor])
                 "load_state_dict(..., assign=True)): build a new MFACPruner (and set its "
                 "masks) after replacing parameters"
             )
+
+
+# -- checkpoints ----------------------------------------------------------------------------
+
+
+def pruner_state(pruner: Any) -> dict[str, Any]:
+    """``MFACPruner.state_dict()``: fresh copies of its masks, chosen dampings and options.
+
+    Tensors, strings, numbers, lists and dicts only (the dtype by its name), so that
+    ``torch.load(..., weights_only=True)`` reads it back.
+    """
+    check_masks(pruner.masks, pruner.weights)
+    return {
+        # In the weights' order, whatever the order of an assigned dict.
+        "masks": {name: pruner.masks[name].clone() for name in pruner.weights},
+        "selected_damps": list(pruner.selected_damps),
+        "options": {
+            "num_grads": pruner.num_grads,
+            "block_size": pruner.block_size,
+            "damp": pruner.damp,
+            "saliency": pruner.saliency,
+            "update": pruner.update,
+            "selection_block_size": pruner.selection_block_size,
+            "dtype": str(pruner.dtype).removeprefix("torch."),
+        },
+    }
+
+
+def checked_state(pruner: Any, state_dict: Any) -> dict[str, Any]:
+    """A state for ``MFACPruner.load_state_dict``, checked: the attributes to set.
+
+    Nothing changes here (the masks are copied onto the weights' devices), so that a
+    load sets them only once the whole state has passed.
+    """
+    if not isinstance(state_dict, Mapping):
+        raise ValueError(
+            f"not an MFACPruner state_dict: expected a dict, got {type(state_dict).__name__}"
+        )
+    _check_keys(state_dict, STATE_KEYS, f"not an MFACPruner state_dict (keys {list(STATE_KEYS)})")
+    options = _checked_options(state_dict["options"])
+    masks = state_dict["masks"]
+    if isinstance(masks, Mapping):
+        # Onto the weights' devices (as torch's optimizers move a loaded state onto their
+        # parameters'): a state saved on a GPU loads into a pruner on the CPU.
+        masks = {
+            name: m.to(pruner.weights[name].device, copy=True)
+            # A meta tensor has nothing to copy: check_masks refuses it by its device.
+            if isinstance(m, torch.Tensor) and not m.is_meta and name in pruner.weights
+            else m
+            for name, m in masks.items()
+        }
+    try:
+        check_masks(masks, pruner.weights)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"state_dict['masks']: {exc}") from None
+    damps = state_dict["selected_damps"]
+    if isinstance(damps, (str, bytes)) or not isinstance(damps, Sequence):
+        raise ValueError(
+            f"state_dict['selected_damps'] must be a list of dampings, got {type(damps).__name__}"
+        )
+    damps = check_dampings(damps, "state_dict['selected_damps']") if len(damps) else []
+    return {
+        "masks": {name: masks[name] for name in pruner.weights},
+        "selected_damps": damps,
+        **options,
+    }
+
+
+def _checked_options(options: Any) -> dict[str, Any]:
+    """The options of a saved pruner, checked as ``MFACPruner(...)`` checks them."""
+    where = "state_dict['options']"
+    if not isinstance(options, Mapping):
+        raise ValueError(f"{where} must be a dict, got {type(options).__name__}")
+    _check_keys(options, OPTION_KEYS, f"{where} must hold {list(OPTION_KEYS)}")
+    num_grads = check_count(options["num_grads"], f"{where}['num_grads']")
+    dtype = options["dtype"]
+    names = [str(t).removeprefix("torch.") for t in FISHER_DTYPES]
+    if dtype not in names:
+        raise ValueError(f"{where}['dtype'] must be one of {names}, got {dtype!r}")
+    return {
+        "num_grads": num_grads,
+        "block_size": check_block(options["block_size"], f"{where}['block_size']"),
+        "damp": check_damp(options["damp"], f"{where}['damp']", num_grads=num_grads),
+        "saliency": check_choice(
+            options["saliency"], f"{where}['saliency']", ("obs", "obd", "magnitude")
+        ),
+        "update": check_choice(
+            options["update"], f"{where}['update']", ("single", "joint", "none")
+        ),
+        "selection_block_size": check_block(
+            options["selection_block_size"], f"{where}['selection_block_size']"
+        ),
+        "dtype": getattr(torch, dtype),
+    }
+
+
+def _check_keys(state: Mapping[str, Any], keys: Sequence[str], what: str) -> None:
+    """Refuse a dict without exactly ``keys``, naming the missing and the unknown ones."""
+    missing = [k for k in keys if k not in state]
+    unknown = sorted(str(k) for k in state if k not in keys)
+    if missing or unknown:
+        found = (("missing", missing), ("unknown", unknown))
+        raise ValueError(f"{what}: " + "; ".join(f"{w} {ks}" for w, ks in found if ks))

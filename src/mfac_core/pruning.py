@@ -59,10 +59,12 @@ from ._pruning_inputs import (
 from ._pruning_obs import (
     MAX_JOINT_SIZE,
     InverseFisherOperator,
+    fisher_diagonal,
     magnitude_saliency,
     obd_saliency,
     obs_saliency,
     obs_update,
+    ranking_key,
     saliency_of_diagonal,
     select_pruned,
     updated_weights,
@@ -155,7 +157,10 @@ def prune(
         ``"obs"``: ``theta_i^2 / (2 [F^{-1}]_ii)`` with the M-FAC inverse
         (default); ``"obd"``: the diagonal-Fisher version; ``"magnitude"``:
         ``theta_i^2``, ranked as ``|theta_i|`` (exactly, where ``theta_i^2``
-        would round to 0, a subnormal or infinity).
+        would round to 0, a subnormal or infinity). OBS and OBD saliencies
+        are ranked by a float64 key (their fourth root), exactly where they
+        are beyond the range of theta's dtype (float32 saliencies overflow
+        for ``|theta_i| sqrt(F_ii)`` above about 2.6e19).
     update : {"single", "joint", "none"}, optional
         The update of the remaining weights: the paper's summed single-weight
         OBS update (default), the joint OBS update within each block, or none
@@ -213,8 +218,10 @@ def prune(
         # zero at the pruned coordinates already: the operator keeps it by reference, so
         # memory is then one more m x d array of G's dtype.
         G = prepared_grads(xp, theta, G, None if given is None else mask)
+    # OBS and OBD rank by ranking_key, in float64: float32 saliencies overflow to infinity
+    # at |theta| sqrt(F_jj) > ~2.6e19, and the tied weights were then taken by index.
     if saliency == "obd":
-        scores = obd_saliency(theta, G, damp=damp)
+        scores = ranking_key(xp, theta, fisher_diagonal(theta, G, damp), inverse=False)
     elif saliency == "magnitude":
         # |theta| orders the weights as theta^2 does wherever theta^2 is a normal number,
         # and exactly beyond: theta^2 ties distinct weights at 0 or a subnormal (float32:
@@ -226,7 +233,7 @@ def prune(
         if saliency == "obs":
             # Computed once: the summed update divides by the same diagonal.
             diag = ihvp.diagonal()
-            scores = saliency_of_diagonal(xp, theta, diag)
+            scores = ranking_key(xp, theta, diag)
     selected = select_pruned(scores, sparsity=sparsity, mask=mask, block_size=selection_block_size)
     if ihvp is None or update == "none":
         zero = xp.zeros((), dtype=theta.dtype, device=device_of(theta))
@@ -489,10 +496,12 @@ class DampingSweep(NamedTuple):
     dampings : tuple of float
         The K dampings, in the order given.
     saliency : array, shape (K, d)
-        ``theta_i^2 / (2 [F_k^{-1}]_ii)`` for each damping (theta's dtype).
+        ``theta_i^2 / (2 [F_k^{-1}]_ii)`` for each damping (theta's dtype;
+        infinity beyond its range, as :func:`obs_saliency`).
     selected : array of bool, shape (K, d)
         The weights each damping prunes to reach the sparsity (the least
-        salient ones, as :func:`select_pruned` picks them).
+        salient ones, as :func:`select_pruned` picks them, ranked in float64
+        as :func:`prune` ranks them: right where ``saliency`` overflowed).
     loss_increase : array, shape (K,)
         The sum of the selected saliencies: the increase of the quadratic
         model of the loss that OBS predicts when the selected weights are
@@ -590,11 +599,10 @@ def damping_sweep(
     op = SpectralIHVP(G, damp=max(dampings), block_size=block_size)
     diag = op.diagonal(damps=dampings)
     saliency = saliency_of_diagonal(xp, theta, diag)
+    # Ranked as prune ranks (ranking_key), not by the saliencies, which may overflow.
+    keys = ranking_key(xp, theta, diag)
     selected = xp.stack(
-        [
-            select_pruned(saliency[k, ...], sparsity=sparsity, mask=mask)
-            for k in range(saliency.shape[0])
-        ]
+        [select_pruned(keys[k, ...], sparsity=sparsity, mask=mask) for k in range(keys.shape[0])]
     )
     zero = xp.zeros_like(saliency)
     increase = xp.sum(xp.where(selected, saliency, zero), axis=1)
@@ -743,7 +751,7 @@ def select_damping(
     for k, dp in enumerate(grid):
         dk = diag[k, ...]
         selected = select_pruned(
-            saliency_of_diagonal(xp, theta, dk),
+            ranking_key(xp, theta, dk),
             sparsity=sparsity,
             mask=mask,
             block_size=selection_block_size,
