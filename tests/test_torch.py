@@ -621,13 +621,21 @@ def test_a_load_of_other_sizes_names_them():
     a.grad = torch.ones(3)
     opt.step()
     state = opt.state_dict()
+    # A state saved before MFAC recorded its parameters' shapes (which name a parameter
+    # of another size first: below) is refused for its window's sizes.
+    earlier = copy.deepcopy(state)
+    del earlier["state"][0]["param_shapes"]
     for other, sizes in (
         (MFAC([nn.Parameter(torch.ones(3))], num_grads=4), "num_grads=4 and dim=3"),
         (MFAC([nn.Parameter(torch.ones(5))], num_grads=2), "num_grads=2 and dim=5"),
     ):
         with pytest.raises(ValueError, match=f"num_grads=2 gradients of dim=3 .*{sizes}"):
-            other.load_state_dict(state)
+            other.load_state_dict(earlier)
         assert other.steps == 0
+    other = MFAC([nn.Parameter(torch.ones(5))], num_grads=2)
+    with pytest.raises(ValueError, match=r"parameter 0 of group 0 has shape \(3,\) in the state"):
+        other.load_state_dict(state)
+    assert other.steps == 0
 
 
 def test_a_load_of_another_window_dtype_names_the_option():

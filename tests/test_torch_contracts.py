@@ -96,6 +96,7 @@ def test_state_is_on_the_first_parameter_from_construction():
         "steps",
         "skipped_steps",
         "rejected_grads",
+        "param_shapes",
     }
 
 
@@ -893,6 +894,130 @@ def test_a_state_with_two_entries_is_refused():
     state["state"][2] = state["state"][0]
     with pytest.raises(ValueError, match=r"under the id of one parameter.*\[0, 2\]"):
         trained(steps=0)[1].load_state_dict(state)
+
+
+# -- a state of parameters in another order or of other sizes -------------------------------
+
+
+def _two(sizes, names=None, seed=0, **kw):
+    """An optimizer over float64 parameters of ``sizes`` (named if ``names``), trained 3 steps."""
+    gen = torch.Generator().manual_seed(seed)
+    params = [nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64)) for s in sizes]
+    given = params if names is None else list(zip(names, params, strict=True))
+    kw = {"lr": 0.1, "num_grads": 2, "damp": 1e-2, "momentum": 0.5, **kw}
+    opt = MFAC(given, **kw)
+    for step in range(3):
+        opt.zero_grad()
+        sum((p**3).sum() * (step + 1) for p in params).backward()
+        opt.step()
+    return params, opt
+
+
+def test_a_state_of_parameters_in_another_order_is_refused():
+    # Regression: the state of MFAC([a(5), b(3)]) loaded into MFAC([b(3), a(5)]) (the same
+    # d = 8): its window and momentum were taken in permuted coordinates.
+    _, saved = _two([(5,), (3,)])
+    _, target = _two([(3,), (5,)], seed=1)
+    before = everything(target)
+    with pytest.raises(
+        ValueError,
+        match=r"parameter 0 of group 0 has shape \(5,\) in the state, \(3,\) in this optimizer",
+    ):
+        target.load_state_dict(saved.state_dict())
+    same(everything(target), before)
+
+
+def test_a_state_of_parameters_of_other_shapes_is_refused_by_group_and_position():
+    def groups(shapes):
+        return [{"params": [nn.Parameter(torch.zeros(s, dtype=torch.float64))]} for s in shapes]
+
+    # The same d = 14 and the same sizes per parameter, one weight transposed.
+    source = MFAC(groups([(4,), (2, 3), (2, 2)]), lr=0.1, num_grads=2)
+    target = MFAC(groups([(4,), (3, 2), (2, 2)]), lr=0.1, num_grads=2)
+    before = everything(target)
+    with pytest.raises(
+        ValueError, match=r"parameter 0 of group 1 has shape \(2, 3\) in the state, \(3, 2\)"
+    ):
+        target.load_state_dict(source.state_dict())
+    same(everything(target), before)
+
+
+def test_a_state_without_parameter_shapes_loads_unchecked():
+    # States saved before MFAC recorded its parameters' shapes load as before.
+    params, opt = _two([(5,), (3,)])
+    state = opt.state_dict()
+    del state["state"][0]["param_shapes"]
+    fresh = MFAC(
+        [nn.Parameter(p.detach().clone()) for p in params],
+        lr=0.1,
+        num_grads=2,
+        damp=1e-2,
+        momentum=0.5,
+    )
+    fresh.load_state_dict(state)
+    same(everything(fresh), everything(opt))
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda t: t.double(), "1-D integer tensor"),
+        (lambda t: t[:-1], "shapes of 2 parameters"),
+        (lambda t: torch.cat([t, t]), "shapes of 2 parameters"),
+        (lambda t: torch.tensor([-1, 5, 1, 3]), "shapes of 2 parameters"),
+    ],
+    ids=["float", "truncated", "too long", "negative"],
+)
+def test_malformed_parameter_shapes_are_refused(edit, match):
+    _, opt = _two([(5,), (3,)])
+    state = opt.state_dict()
+    state["state"][0]["param_shapes"] = edit(state["state"][0]["param_shapes"])
+    _, target = _two([(5,), (3,)], seed=1)
+    before = everything(target)
+    with pytest.raises(ValueError, match=rf"^the MFAC state's 'param_shapes'.*{match}"):
+        target.load_state_dict(state)
+    same(everything(target), before)
+
+
+def test_named_parameters_of_the_same_shapes_in_another_order_are_refused():
+    # Shapes cannot tell w1 and w2 apart; their names can (torch's Adam compares neither).
+    _, saved = _two([(3,), (3,)], names=["w1", "w2"])
+    _, target = _two([(3,), (3,)], names=["w2", "w1"], seed=1)
+    before = everything(target)
+    with pytest.raises(
+        ValueError, match=r"parameter 0 of group 0 is named 'w1' in the state, 'w2'"
+    ):
+        target.load_state_dict(saved.state_dict())
+    same(everything(target), before)
+
+
+def test_other_names_load_by_position_as_in_torch():
+    # A model wrapped since (DDP's "module.", torch.compile's "_orig_mod.") names its
+    # parameters otherwise: the state loads by position, as into torch's optimizers.
+    params, saved = _two([(5,), (3,)], names=["0.weight", "0.bias"])
+    copies = [nn.Parameter(p.detach().clone()) for p in params]
+    names = ["module.0.weight", "module.0.bias"]
+    fresh = MFAC(
+        list(zip(names, copies, strict=True)), lr=0.1, num_grads=2, damp=1e-2, momentum=0.5
+    )
+    fresh.load_state_dict(saved.state_dict())
+    same(everything(fresh)["state_dict"]["state"], everything(saved)["state_dict"]["state"])
+
+
+def test_a_dcp_checkpoint_of_parameters_in_another_order_is_refused(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    _, saved = _two([(5,), (3,)])
+    _, target = _two([(3,), (5,)], seed=1)
+    before = everything(target)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # DCP: no process group
+        dcp.save({"optim": saved.state_dict()}, checkpoint_id=str(tmp_path))
+        template = {"optim": target.state_dict()}
+        dcp.load(template, checkpoint_id=str(tmp_path))
+    with pytest.raises(ValueError, match=r"shape \(5,\) in the state, \(3,\) in this optimizer"):
+        target.load_state_dict(template["optim"])
+    same(everything(target), before)
 
 
 @pytest.mark.parametrize(

@@ -288,6 +288,33 @@ def test_ddp_mode_checkpoints_resume_bit_for_bit() -> None:
         MFAC(make_model().parameters(), **OPTIONS).load_state_dict(state)
 
 
+def _permuted_threads(comm: Communicator, permuted: tuple[int, ...]) -> Any:
+    gen = torch.Generator().manual_seed(0)
+    a, b = (nn.Parameter(torch.randn(n, generator=gen, dtype=torch.float64)) for n in (5, 3))
+    opt = MFAC([a, b], **OPTIONS, comm=comm)
+    a.grad, b.grad = torch.ones(5, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    opt.step()
+    state = opt.state_dict()
+    c, d = (nn.Parameter(p.detach().clone()) for p in (a, b))
+    target = MFAC([d, c] if comm.rank in permuted else [c, d], **OPTIONS, comm=comm)
+    try:
+        target.load_state_dict(state)
+    except ValueError as exc:
+        return str(exc), target.steps
+    return None, target.steps
+
+
+def test_a_distributed_state_of_parameters_in_another_order_is_refused_on_every_rank() -> None:
+    # The parameters' shapes are global (the same on every rank, kept once by DCP); one
+    # rank's mismatch is refused on every rank, before anything changes.
+    for permuted in ((0, 1), (1,)):
+        results = run_spmd_threads(_permuted_threads, 2, permuted)
+        for r in results:
+            assert not isinstance(r, Exception), r
+            assert r[0] is not None and r[1] == 0, r
+        assert "parameter 0 of group 0 has shape (5,) in the state, (3,)" in results[1][0]
+
+
 def test_distributed_optimizers_do_not_pickle() -> None:
     import pickle
 

@@ -250,6 +250,26 @@ def test_a_state_with_other_masks_is_refused_and_nothing_changes():
     dense.load_state_dict(full.state_dict())
 
 
+def test_a_masked_state_of_parameters_in_another_order_is_refused():
+    # Regression: a(4) masked TFTF and b(2) masked TF flatten to the masks TFTFTF in
+    # either order (both keep 3 coordinates), so neither the masks nor the sizes told
+    # MFAC([a, b])'s state from MFAC([b, a])'s: it loaded in permuted coordinates.
+    gen = torch.Generator().manual_seed(0)
+    a = nn.Parameter(torch.randn(4, generator=gen, dtype=torch.float64))
+    b = nn.Parameter(torch.randn(2, generator=gen, dtype=torch.float64))
+    masks = {a: torch.tensor([True, False, True, False]), b: torch.tensor([True, False])}
+    opt = MFAC([a, b], num_grads=M, damp=1e-2, momentum=0.5, masks=masks)
+    _run(opt, [a, b], _grads(2, [a.shape, b.shape]))
+    other = MFAC([b, a], num_grads=M, damp=1e-2, momentum=0.5, masks=masks)
+    assert torch.equal(other.state_dict()["state"][0]["mask"], opt.state_dict()["state"][0]["mask"])
+    before = other.state_dict()
+    with pytest.raises(ValueError, match=r"parameter 0 of group 0 has shape \(4,\) in the state"):
+        other.load_state_dict(opt.state_dict())
+    after = other.state_dict()
+    assert torch.equal(after["state"][0]["momentum_buffer"], before["state"][0]["momentum_buffer"])
+    assert after["state"][0]["steps"] == 0
+
+
 def test_a_layout_changed_after_construction_is_refused_before_anything_changes():
     # Regression: apply() raised after the window, the momentum and the bias had moved.
     conv = nn.Conv2d(2, 3, 2).double()

@@ -14,12 +14,20 @@ will have when loaded. In MFAC's state dict the window therefore holds
 - a sharded window's ``shard_widths`` as an int64 tensor of the ranks' widths.
 
 :func:`unpacked` turns that back into the core's form, and accepts the core's form
-(lists, a ``k x k`` factor) of earlier checkpoints as it is. Nothing here is public.
+(lists, a ``k x k`` factor) of earlier checkpoints as it is.
+
+Beside the window, MFAC's entry holds its parameters' shapes (:func:`packed_shapes`),
+which a load compares with its own: the window and the momentum are vectors over all
+parameters' coordinates, which a state of parameters in another order would permute.
+DCP takes no list there (its flattened state holds tensors, ints, floats and dicts), so
+they are one int64 tensor, of the same length on every rank (the parameters' global
+shapes, so that DCP keeps one copy of the key that every rank saves). Nothing here is
+public.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -101,3 +109,48 @@ def slot_list(slots: torch.Tensor, m: int, where: str) -> list[int]:
     if any(v != PAD for v in values[k:]):
         raise ValueError(f"{where} has entries after its padding ({PAD}): {values}")
     return values[:k]
+
+
+def packed_shapes(shapes: Sequence[Sequence[int]], device: torch.device) -> torch.Tensor:
+    """The parameters' shapes as one int64 tensor: each one's number of dimensions, its sizes.
+
+    ``[(5,), (2, 3), ()]`` is ``[1, 5, 2, 2, 3, 0]``.
+    """
+    values = [v for shape in shapes for v in (len(shape), *shape)]
+    return torch.tensor(values, dtype=torch.int64, device=device)
+
+
+def unpacked_shapes(packed: Any, count: int, where: str) -> list[tuple[int, ...]]:
+    """The ``count`` shapes of :func:`packed_shapes`; ``ValueError`` for anything else."""
+    if (
+        not isinstance(packed, torch.Tensor)
+        or packed.dim() != 1
+        or packed.dtype.is_floating_point
+        or packed.is_complex()
+        or packed.dtype == torch.bool
+    ):
+        got = (
+            f"shape {tuple(packed.shape)} and dtype {packed.dtype}"
+            if isinstance(packed, torch.Tensor)
+            else type(packed).__name__
+        )
+        raise ValueError(
+            f"{where} must be a 1-D integer tensor of the parameters' shapes, got {got}"
+        )
+    values = [int(v) for v in packed.tolist()]
+    shapes: list[tuple[int, ...]] = []
+    i = 0
+    while i < len(values) and len(shapes) < count:
+        n = values[i]
+        sizes = values[i + 1 : i + 1 + n]
+        if n < 0 or len(sizes) != n or any(v < 0 for v in sizes):
+            break
+        shapes.append(tuple(sizes))
+        i += 1 + n
+    if len(shapes) != count or i != len(values):
+        shown = values if len(values) <= 16 else [*values[:16], "..."]
+        raise ValueError(
+            f"{where} must hold the shapes of {count} parameters (each one's number of "
+            f"dimensions, then its sizes), got {shown}"
+        )
+    return shapes

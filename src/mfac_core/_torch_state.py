@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import SimpleNamespace
 from typing import Any
@@ -19,7 +19,7 @@ import torch
 
 from ._compat import array_namespace
 from ._sharding import reduce_checked
-from ._torch_checkpoint import packed, unpacked
+from ._torch_checkpoint import packed, packed_shapes, unpacked, unpacked_shapes
 from ._torch_layout import layout, new_window
 from ._torch_sparse import check_saved_mask, masks_list
 from ._validation import check_damp, check_number
@@ -28,9 +28,19 @@ from ._validation import check_damp, check_number
 GROUP_KEYS = ("lr", "momentum", "weight_decay")
 #: Options of the whole optimizer (one window over all parameters), not per group.
 GLOBAL_KEYS = ("num_grads", "damp", "zero_init", "errors", "grad_dtype")
-#: The counters and momentum of MFAC's state entry, which also holds "window" and, with
-#: masks, "mask" (every parameter's mask, flat).
+#: The counters and momentum of MFAC's state entry, which also holds "window",
+#: "param_shapes" (:func:`param_shapes`) and, with masks, "mask" (every parameter's mask, flat).
 ENTRY_KEYS = ("momentum_buffer", "steps", "skipped_steps", "rejected_grads")
+
+
+def param_shapes(opt: Any) -> torch.Tensor:
+    """The shapes of the parameters in order, group by group, as one int64 tensor.
+
+    Global shapes (a DTensor's ``shape``): the same on every rank. A load compares them
+    with its own (:func:`check_param_shapes`).
+    """
+    shapes = [tuple(p.shape) for group in opt.param_groups for p in group["params"]]
+    return packed_shapes(shapes, opt.device)
 
 
 def fresh_entry(grad: torch.Tensor) -> dict[str, Any]:
@@ -157,6 +167,8 @@ def saved_entry(opt: Any) -> dict[str, Any]:
         "window": packed(opt.ihvp.state_dict(), opt.ihvp.num_grads),
         "momentum_buffer": entry["momentum_buffer"].clone(),
         **{key: int(entry[key]) for key in ENTRY_KEYS[1:]},
+        # The same on every rank: DCP keeps one copy of it.
+        "param_shapes": param_shapes(opt),
     }
     if opt._masks:  # sparse mode: which coordinates the window and momentum hold
         saved["mask"] = entry["mask"].clone()
@@ -299,9 +311,13 @@ def check_state(
     missing = [k for k in ("window", "momentum_buffer", "steps") if k not in extra]
     if missing:
         raise ValueError(f"the MFAC state has no {missing}")
-    unknown = sorted(set(extra) - {*ENTRY_KEYS, "window", "shards", "mask"}, key=str)
+    unknown = sorted(
+        set(extra) - {*ENTRY_KEYS, "window", "shards", "mask", "param_shapes"}, key=str
+    )
     if unknown:
         raise ValueError(f"the MFAC state has unknown keys {unknown}")
+    # Before the mask: a permuted order of parameters explains a mask that differs.
+    check_param_shapes(opt, extra.get("param_shapes"))
     check_saved_mask(opt, extra.get("mask"))
     counts = {}
     for key in ENTRY_KEYS[1:]:
@@ -475,6 +491,7 @@ def check_groups(opt: Any, base: Mapping[str, Any]) -> list[dict[str, Any]]:
         ids.extend(saved["params"])
     if len(set(ids)) != len(ids):
         raise ValueError("state_dict['param_groups'] lists a parameter twice")
+    check_param_names(opt, groups)
     try:  # as torch's load_state_dict, which writes into a copy of the groups
         copies = copy.deepcopy(list(groups))
     except Exception as exc:
@@ -503,6 +520,69 @@ def check_groups(opt: Any, base: Mapping[str, Any]) -> list[dict[str, Any]]:
             saved["param_names"] = group["param_names"]
         new.append(saved)
     return new
+
+
+def check_param_shapes(opt: Any, saved: Any) -> None:
+    """Refuse a state saved for parameters of other shapes, or in another order.
+
+    The window and the momentum hold every parameter's coordinates in one vector, in
+    parameter order: the state of ``MFAC([a, b])`` loaded into ``MFAC([b, a])`` would
+    permute them, unnoticed where the total size is the same (torch's optimizers keep a
+    state per parameter, whose shape a step checks). States saved before MFAC recorded
+    the shapes (``None``) load unchecked.
+    """
+    if saved is None:
+        return
+    groups = opt.param_groups
+    count = sum(len(group["params"]) for group in groups)
+    shapes = iter(unpacked_shapes(saved, count, "the MFAC state's 'param_shapes'"))
+    for j, group in enumerate(groups):
+        for i, p in enumerate(group["params"]):
+            shape = next(shapes)
+            if shape != tuple(p.shape):
+                raise ValueError(
+                    f"the MFAC state is of other parameters: parameter {i} of group {j} "
+                    f"has shape {shape} in the state, {tuple(p.shape)} in this optimizer "
+                    "(its window and momentum hold all parameters' coordinates in one "
+                    "vector, which would be read in other coordinates); load it into an "
+                    "optimizer over parameters of the same shapes in the same order"
+                )
+
+
+def check_param_names(opt: Any, saved_groups: Sequence[Any]) -> None:
+    """Refuse a state whose parameters are this optimizer's names in another order.
+
+    Parameters of one shape in another order are told apart by their names only. Other
+    names (of a model wrapped since, with a prefix) load by position, as in
+    :meth:`torch.optim.Optimizer.load_state_dict`, which compares no names; so do
+    groups without names.
+    """
+    saved = [g.get("param_names") for g in saved_groups]
+    mine = [g.get("param_names") for g in opt.param_groups]
+    groups = (*opt.param_groups, *opt.param_groups)
+    for names, group in zip((*saved, *mine), groups, strict=True):
+        if (
+            not isinstance(names, Sequence)
+            or isinstance(names, str)
+            or len(names) != len(group["params"])
+        ):
+            return
+    flat_saved = [n for names in saved for n in names]
+    flat_mine = [n for names in mine for n in names]
+    if not all(isinstance(n, str) for n in (*flat_saved, *flat_mine)):
+        return
+    if flat_saved == flat_mine or Counter(flat_saved) != Counter(flat_mine):
+        return
+    for j, (a, b) in enumerate(zip(saved, mine, strict=True)):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            if x != y:
+                raise ValueError(
+                    f"the MFAC state names this optimizer's parameters in another order: "
+                    f"parameter {i} of group {j} is named {x!r} in the state, {y!r} in this "
+                    "optimizer (its window and momentum hold all parameters' coordinates "
+                    "in one vector, in parameter order); load it into an optimizer over the "
+                    "parameters in the order they were saved in"
+                )
 
 
 def check_momentum(opt: Any, buf: Any) -> torch.Tensor:

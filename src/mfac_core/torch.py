@@ -43,6 +43,7 @@ from ._torch_state import (
     live_entry,
     load_state,
     outside_inference,
+    param_shapes,
     pickled,
     restore,
     with_saved_entry,
@@ -336,6 +337,9 @@ class MFAC(torch.optim.Optimizer):
         # flattened state from the keys of the live one, so "window" must be among them.
         live = {"window": self.ihvp, **without_window(entry)}
         live.pop("mask", None)
+        # The shapes of the parameters now (a group added since, or a pickle's): DCP
+        # rebuilds a flattened state from the live entry's keys, so it is among them.
+        live["param_shapes"] = param_shapes(self)
         if self._masks:
             # As state_dict() saves it: DCP rebuilds a flattened state from the live
             # entry's keys only, and a load without the mask would be refused.
@@ -504,7 +508,9 @@ class MFAC(torch.optim.Optimizer):
             ``num_grads`` padded with -1, and its factor padded with zeros to
             ``num_grads x num_grads``, so that every tensor keeps its shape from construction
             on), the momentum buffer of the flat vector (``"momentum_buffer"``), the step count
-            (``"steps"``) and the counters ``"skipped_steps"`` and ``"rejected_grads"``; with
+            (``"steps"``), the counters ``"skipped_steps"`` and ``"rejected_grads"``, and the
+            parameters' shapes in order (``"param_shapes"``, one int64 tensor: each parameter's
+            number of dimensions, then its sizes), which a load compares with its own; with
             ``masks``, also ``"mask"``, every parameter's mask flat in parameter order (a
             boolean tensor of all their coordinates, ``True`` where kept), which a load checks.
             The other parameters have empty entries (which the strict loading of
@@ -550,7 +556,9 @@ class MFAC(torch.optim.Optimizer):
         ValueError
             If the state is not an MFAC state of matching sizes, or a value in it is missing, of
             the wrong type, out of range or cannot be copied, or it was saved with other
-            ``masks`` than the optimizer's (no masks counting as all kept).
+            ``masks`` than the optimizer's (no masks counting as all kept), for parameters of
+            other shapes or in another order (the first that differs is named), or for named
+            parameters whose names are this optimizer's in another order.
         FactorizationError
             If the window cannot be factorised with the new ``damp``.
         """
