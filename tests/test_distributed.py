@@ -386,6 +386,22 @@ def test_reduce_checked_reports_agreement_into_a_list(flags: tuple[bool, ...]) -
 
     want = ([len(set(flags)) == 1], [6.0, 6.0])
     assert run_spmd_threads(fn, 3) == [want] * 3
+    # A group too large for exact comparisons knows of no agreement, even where
+    # every rank passed the same value.
+    size, same = MAX_AGREEMENT_RANKS + 1, []
+    word = np.asarray(encode_status(None, 0, ("agree", True))) * float(size - 1)
+    reduce_checked(
+        _ManyRanks(size, np.concatenate([np.zeros(1), word])),
+        np,
+        lambda: np.ones(1),
+        length=1,
+        dtype=np.float64,
+        device="cpu",
+        what="op",
+        agree=lambda: True,
+        agreed_into=same,
+    )
+    assert same == [False]
 
 
 def test_reduce_checked_raises_on_every_rank_for_different_tags() -> None:

@@ -35,7 +35,6 @@ from ._dynamic_factor import (
 )
 from ._errors import FactorizationError
 from ._finite import float32_overflow_said_by_caller
-from ._sharding import MAX_AGREEMENT_RANKS
 
 
 class NoGradient(Exception):
@@ -333,22 +332,22 @@ def written_row(
 
     if op.storage_dtype is None:
         total = op._reduced("update", local, m, **agreement)
-        no_gradient(op, present, same)
+        no_gradient(present, same)
         return checked[0], total, None
     total = op._reduced("update", local, 2 * m, **agreement)
-    no_gradient(op, present, same)
+    no_gradient(present, same)
     return checked[0], total[:m], total[m:][:, None]
 
 
-def no_gradient(op: Any, present: bool | None, same: list[bool]) -> None:
+def no_gradient(present: bool | None, same: list[bool]) -> None:
     """Raise ``NoGradient`` where no rank had a gradient, decided alike on every rank.
 
-    A rank with a gradient goes on; one without goes on too unless every rank held
-    its flag. A group too large for exact agreement checks reports agreement whatever
-    the flags: every rank then goes on (the absent ones with zeros), as they do where
-    only some ranks lack a gradient.
+    A rank with a gradient goes on; one without goes on too unless every rank is
+    known to hold its flag. A group too large for exact agreement checks knows
+    nothing (``reduce_checked``): every rank then goes on (the absent ones with
+    zeros), as they do where only some ranks lack a gradient.
     """
-    if present is False and same[0] and op.comm.size <= MAX_AGREEMENT_RANKS:
+    if present is False and same[0]:
         raise NoGradient("no rank had a gradient")
 
 

@@ -373,12 +373,12 @@ def reduce_checked(
         differs between ranks (default: ValueError, "the ranks passed different
         arguments").
     agreed_into : list, optional
-        Where given, whether ``agree`` was the same on every rank is appended to
-        it, and ranks that differ raise nothing: ``agree`` is then a value that
-        the ranks may hold differently, such as a flag, of which a rank learns
-        whether every rank holds its own (exactly for two values, whose digests
-        differ in a piece; a group larger than ``MAX_AGREEMENT_RANKS`` is reported
-        as agreeing, as its caller must allow for).
+        Where given, whether ``agree`` is known to be the same on every rank is
+        appended to it, and ranks that differ raise nothing: ``agree`` is then a
+        value that the ranks may hold differently, such as a flag, of which a
+        rank learns whether every rank holds its own (exactly for two values,
+        whose digests differ in a piece). False where they differ, and in a group
+        larger than ``MAX_AGREEMENT_RANKS``, which compares nothing.
 
     Returns
     -------
@@ -437,7 +437,7 @@ def reduce_checked(
             f"why); rank {comm.rank} left its state as it was"
         )
     if agreed_into is not None:
-        agreed_into.append(same_args)
+        agreed_into.append(same_args and comm.size <= MAX_AGREEMENT_RANKS)
     elif not same_args:
         kind, message = disagree or (ValueError, f"{what}: the ranks passed different arguments")
         raise kind(message)
