@@ -365,6 +365,45 @@ def test_reduce_checked_raises_on_every_rank_for_different_arguments() -> None:
         )
 
 
+@pytest.mark.parametrize("flags", [(True, True, True), (False, False, False), (True, False, True)])
+def test_reduce_checked_reports_agreement_into_a_list(flags: tuple[bool, ...]) -> None:
+    # agreed_into: the comparison of agree's values is reported, not raised (a flag the
+    # ranks may hold differently), and the payload is summed as ever.
+    def fn(comm: ThreadComm) -> object:
+        same: list[bool] = []
+        total = reduce_checked(
+            comm,
+            np,
+            lambda: np.full(2, comm.rank + 1.0),
+            length=2,
+            dtype=np.float64,
+            device="cpu",
+            what="op",
+            agree=lambda: flags[comm.rank],
+            agreed_into=same,
+        )
+        return same, total.tolist()
+
+    want = ([len(set(flags)) == 1], [6.0, 6.0])
+    assert run_spmd_threads(fn, 3) == [want] * 3
+    # A group too large for exact comparisons knows of no agreement, even where
+    # every rank passed the same value.
+    size, same = MAX_AGREEMENT_RANKS + 1, []
+    word = np.asarray(encode_status(None, 0, ("agree", True))) * float(size - 1)
+    reduce_checked(
+        _ManyRanks(size, np.concatenate([np.zeros(1), word])),
+        np,
+        lambda: np.ones(1),
+        length=1,
+        dtype=np.float64,
+        device="cpu",
+        what="op",
+        agree=lambda: True,
+        agreed_into=same,
+    )
+    assert same == [False]
+
+
 def test_reduce_checked_raises_on_every_rank_for_different_tags() -> None:
     def fn(comm: ThreadComm) -> object:
         try:

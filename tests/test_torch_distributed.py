@@ -231,6 +231,79 @@ def test_a_nonfinite_step_on_one_rank_skips_the_step_on_every_rank() -> None:
         assert r["counts"] == (2, 0, 0)
 
 
+#: Per step, the ranks whose parameters all have grad None (they run no backward).
+ABSENT = [(), (1,), (0, 1), ()]
+
+
+def _absent_grads(comm: Communicator) -> dict[str, Any]:
+    return {errors: _absent_grads_run(comm, errors) for errors in ("skip", "raise")}
+
+
+def _absent_grads_run(comm: Communicator, errors: str) -> dict[str, Any]:
+    counting = CountingComm(comm)
+    model = make_model()
+    opt = MFAC(model.parameters(), **OPTIONS, errors=errors, comm=counting)
+    out: dict[str, Any] = {"calls": [], "moved": []}
+    for absent, (x, y) in zip(ABSENT, batches(len(ABSENT)), strict=True):
+        opt.zero_grad()  # set_to_none: every grad None
+        if comm.rank not in absent:
+            F.cross_entropy(model(x), y).backward()
+        params, state = flat(model), copy.deepcopy(opt.state_dict())
+        counting.reset()
+        opt.step()
+        out["calls"].append([c.shape for c in counting.calls])
+        out["moved"].append(not np.array_equal(flat(model), params))
+        if comm.rank in absent and len(absent) < comm.size:
+            # Its parameters have no gradient: their momentum only decays.
+            key = f"rank{comm.rank}_of_{comm.size}"
+            buf = [s["state"][0]["momentum_buffer"][key] for s in (state, opt.state_dict())]
+            out["decayed"] = torch.equal(buf[1], OPTIONS["momentum"] * buf[0])
+        if len(absent) == comm.size:
+            _assert_same_tree(opt.state_dict(), state)  # no rank had a gradient: a no-op
+    out["counts"] = (opt.steps, opt.skipped_steps, opt.rejected_grads)
+    window = opt.ihvp.state_dict()
+    out["gram"], out["slots"] = window["gram"].numpy(), window["window_slots"]
+    out["window"] = opt.ihvp.window().numpy()
+    return out
+
+
+def test_a_rank_without_gradients_joins_the_step() -> None:
+    # A rank whose parameters all have grad None used to return from step() at once:
+    # the others waited in the step's reduction (a hang until the group's timeout).
+    from _spmd import spawn
+
+    runs = spawn(_absent_grads, 2, timeout=10, pooled=True)
+    for r in runs:
+        assert isinstance(r, dict), r
+    m, d = OPTIONS["num_grads"], sum(r["skip"]["window"].shape[1] for r in runs)
+    for errors in ("skip", "raise"):  # "raise": the step decided before the window commits
+        results = [r[errors] for r in runs]
+        for rank, r in enumerate(results):
+            # The step with rank 1 empty is taken on every rank; the one without any
+            # gradient on any rank is a no-op everywhere (checked in the ranks), its
+            # one reduction (the Gram row's, with the status word) and nothing else.
+            assert r["counts"] == (3, 0, 0)
+            steps = [[(m + 20,), (d,)], [(m + 20,), (d,)], [(m + 20,)], [(m + 20,), (d,)]]
+            assert r["calls"] == steps
+            # A rank without gradients moves no parameter (torch's grad None), and
+            # their momentum only decays.
+            assert r["moved"] == [True, rank == 0, False, True]
+            # The replicated window: bit for bit the same on every rank (and mode).
+            np.testing.assert_array_equal(r["gram"], runs[0]["skip"]["gram"])
+            np.testing.assert_array_equal(r["window"], runs[rank]["skip"]["window"])
+            assert r["slots"] == results[0]["slots"]
+        assert results[1]["decayed"]
+    # Rank 1's columns of the second gradient (the window's last but one) are zeros
+    # (its parameters had no gradient), rank 0's are its gradient's; the Gram matrix
+    # is that of the whole window, every rank's columns together.
+    results = [r["skip"] for r in runs]
+    assert not results[1]["window"][-2].any() and results[0]["window"][-2].any()
+    whole = np.concatenate([r["window"] for r in results], axis=1)
+    gram = results[0]["gram"][np.ix_(results[0]["slots"], results[0]["slots"])]
+    scale = float(np.max(np.sum(whole * whole, axis=1)))
+    np.testing.assert_allclose(whole @ whole.T, gram, rtol=0, atol=1e-13 * scale)
+
+
 def _checkpoint_threads(comm: Communicator, saved: list[Any] | None, size_ok: bool) -> Any:
     model = make_model()
     opt = MFAC(model.parameters(), **OPTIONS, comm=comm)
@@ -445,6 +518,24 @@ def _gloo_optimizer(comm: Communicator, root: str) -> dict[str, Any]:
         bool(np.array_equal(before, flat(sharded))),
         [str(w.message) for w in caught],
     )
+    # Rank 1's shards without gradients (grad None): every rank steps, rank 1 moves
+    # none of its shards; then no rank with one: a no-op on every rank.
+    moved = []
+    for absent in ((1,), (0, 1)):
+        fopt.zero_grad()
+        F.cross_entropy(sharded(x), y).backward()
+        if comm.rank in absent:
+            for p in sharded.parameters():
+                p.grad = None
+        mine = [p.to_local().clone() for p in sharded.parameters()]
+        fopt.step()
+        moved.append(
+            any(
+                not torch.equal(p.to_local(), q)
+                for p, q in zip(sharded.parameters(), mine, strict=True)
+            )
+        )
+    out["absent"] = (moved, fopt.steps)
     return out
 
 
@@ -466,6 +557,10 @@ def test_ddp_and_fsdp2_over_gloo() -> None:
         assert r["options_restored"] == {"flatten": True, "full": True}, r["options_restored"]
         assert r["same_window"]
         assert r["skip"][:2] == (1, True), r["skip"]
+    assert [r["absent"] for r in results] == [
+        ([True, False], STEPS + 1),
+        ([False, False], STEPS + 1),
+    ]
     # FSDP2 shards each parameter's rows: the window holds this rank's local shards only.
     assert sum(r["fsdp_window"] for r in results) == want.size
 

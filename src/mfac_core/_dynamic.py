@@ -304,8 +304,9 @@ class DynamicIHVP(WindowCopies):
     ) -> Array:
         """``local()``: the sum over the coordinates that ``operation`` needs, checked.
 
-        ``length`` and the ``agree=`` and ``disagree=`` of ``agreement`` serve the
-        sharded operator's reduction (``_sharding.reduce_checked``).
+        ``length`` and the ``agree=``, ``disagree=`` and ``agreed_into=`` of
+        ``agreement`` serve the sharded operator's reduction
+        (``_sharding.reduce_checked``).
         """
         return local()
 

@@ -217,12 +217,14 @@ def reduced(
     *,
     agree: Any = None,
     disagree: tuple[type[Exception], str] | None = None,
+    agreed_into: list[bool] | None = None,
 ) -> Any:
     """``local()`` (1-D float64) summed over the ranks with a status word.
 
     Every rank raises if ``local()`` raised on any rank, if the ranks called
     different operations (``code``) or hold diverged states, or if ``agree()``
-    differs between ranks (``reduce_checked``).
+    differs between ranks and ``agreed_into`` is not given; where it is, whether
+    ``agree()`` agreed is appended to it (``reduce_checked``).
     """
     xp = op._xp
     return reduce_checked(
@@ -236,6 +238,7 @@ def reduced(
         tag=tag(op, code),
         agree=agree,
         disagree=disagree,
+        agreed_into=agreed_into,
     )
 
 

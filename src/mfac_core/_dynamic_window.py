@@ -37,6 +37,10 @@ from ._errors import FactorizationError
 from ._finite import float32_overflow_said_by_caller
 
 
+class NoGradient(Exception):
+    """No rank of a sharded window had a gradient (:func:`collective_step`): nothing changed."""
+
+
 class StepCheck(NamedTuple):
     """What :meth:`DynamicIHVP._update_and_matvec_checked` found.
 
@@ -207,6 +211,7 @@ def place(
     pending: Any = None,
     speculation: Speculation | None = None,
     store: RowStore | None = None,
+    present: bool | None = None,
 ) -> tuple[Array, Any, Any]:
     """Put gradient ``g`` into ``slot``; return it (checked) and its Gram row (float64).
 
@@ -228,6 +233,7 @@ def place(
     ``NotFiniteStep`` with the row put back.
     ``store`` (a :class:`RowStore` for ``slot``) writes the row on the host in one read of
     ``g`` and judges ``g``'s values there, the row then put back if they are refused.
+    ``present`` (sharded only): whether this rank has a gradient (see :func:`written_row`).
     """
     xp = op._xp
     old = None if store is not None else xp.asarray(op._G[slot, ...], copy=True)
@@ -235,7 +241,7 @@ def place(
     product = None
     try:
         if b is None:
-            g, b, product = written_row(op, slot, g, store)
+            g, b, product = written_row(op, slot, g, store, present)
             if speculation is not None:
                 speculation.X = g[:, None]
                 speculation.P = b[:, None] if product is None else product
@@ -291,18 +297,26 @@ def place(
 
 
 def written_row(
-    op: Any, slot: int, g: Array, store: RowStore | None = None
+    op: Any, slot: int, g: Array, store: RowStore | None = None, present: bool | None = None
 ) -> tuple[Array, Any, Any]:
     """Write ``g`` into ``slot``; return it, its Gram row and ``G g`` (float64, summed).
 
     ``G g`` (``(m, 1)``) is ``None`` when it is the row (see :func:`products`).
     Unsharded, ``g`` was checked by the caller. Sharded, it is checked here and the
     row reduced with the status word: one reduction of m + 20 numbers (2 m + 20 for a
-    2-byte window, whose row and ``G g`` differ).
+    2-byte window, whose row and ``G g`` differ). ``present`` (sharded, a step of
+    :func:`collective_step`) is whether this rank has a gradient (``g`` is zeros if
+    not); it is the status word's argument digest, so that a rank without one learns
+    in the same reduction whether any rank had one, and raises ``NoGradient`` (the
+    slot's row put back by :func:`place`) where none had.
     """
     xp = op._xp
     m = op.num_grads
     checked = [g]
+    same: list[bool] = []
+    agreement: dict[str, Any] = {}
+    if present is not None:
+        agreement = {"agree": lambda: present, "agreed_into": same}
 
     def local() -> Array:
         if op._collective_checks:
@@ -316,17 +330,35 @@ def written_row(
         return row if product is None else xp.concat([row, product[:, 0]])
 
     if op.storage_dtype is None:
-        return checked[0], op._reduced("update", local, m), None
-    total = op._reduced("update", local, 2 * m)
+        total = op._reduced("update", local, m, **agreement)
+        no_gradient(present, same)
+        return checked[0], total, None
+    total = op._reduced("update", local, 2 * m, **agreement)
+    no_gradient(present, same)
     return checked[0], total[:m], total[m:][:, None]
 
 
-def insert(op: Any, g: Array, *, speculation: Speculation | None = None) -> tuple[Array, Any]:
+def no_gradient(present: bool | None, same: list[bool]) -> None:
+    """Raise ``NoGradient`` where no rank had a gradient, decided alike on every rank.
+
+    A rank with a gradient goes on; one without goes on too unless every rank is
+    known to hold its flag. A group too large for exact agreement checks knows
+    nothing (``reduce_checked``): every rank then goes on (the absent ones with
+    zeros), as they do where only some ranks lack a gradient.
+    """
+    if present is False and same[0]:
+        raise NoGradient("no rank had a gradient")
+
+
+def insert(
+    op: Any, g: Array, *, speculation: Speculation | None = None, present: bool | None = None
+) -> tuple[Array, Any]:
     """Insert gradient ``g``; return it (checked) and ``G g`` (float64, ``(m, 1)``).
 
     With a ``speculation`` (unsharded only), NaN and infinity are refused
     whatever ``check_finite``, and the step's product may be computed before
-    the checks are read (``_dynamic_factor.edited``).
+    the checks are read (``_dynamic_factor.edited``). ``present``: see
+    :func:`collective_step`.
     """
     pending = None
     store = None
@@ -342,7 +374,9 @@ def insert(op: Any, g: Array, *, speculation: Speculation | None = None) -> tupl
             if store is None:
                 g = checked_values(op, g, finite=finite)
     slot = op._window[0] if op.is_full else op._free[-1]
-    g, _, product = place(op, slot, g, pending=pending, speculation=speculation, store=store)
+    g, _, product = place(
+        op, slot, g, pending=pending, speculation=speculation, store=store, present=present
+    )
     if op.is_full:
         op._window.popleft()
     else:
@@ -417,6 +451,40 @@ def update_and_matvec_finite(
     except NotFiniteStep:
         return None
     return speculation.s
+
+
+@float32_overflow_said_by_caller
+def collective_step(
+    op: Any,
+    g: Array,
+    /,
+    *,
+    present: bool,
+    strict: bool,
+    agree: Callable[[Array], bool] | None = None,
+) -> Array | None:
+    """The window's part of a distributed ``MFAC`` step: insert ``g``, return ``F^{-1} g``.
+
+    Sharded windows only. ``present`` is whether this rank has a gradient (``g`` is
+    zeros if not, as for a parameter without one): the reduction of ``g``'s Gram row
+    tells every rank whether any rank had one, and where none had, every rank raises
+    ``NoGradient`` with the window as it was, as one process's step without a
+    gradient does nothing; where some had, every rank inserts its ``g``. ``strict``
+    and ``agree``: as :func:`update_and_matvec_finite` (None for a step not finite);
+    otherwise as :meth:`DynamicIHVP.update_and_matvec`.
+    """
+    if not op._collective_checks:
+        raise ValueError("collective_step is for sharded windows only")
+    if strict:
+        speculation = Speculation(op, strict=True, agree=agree)
+        try:
+            insert(op, g, speculation=speculation, present=present)
+        except NotFiniteStep:
+            return None
+        return speculation.s
+    g, product = insert(op, g, present=present)
+    X = g[:, None]
+    return op._refined(X, op._finish(X, product))[:, 0]
 
 
 def remove_slot(op: Any, slot: int, /) -> None:

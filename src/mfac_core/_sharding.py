@@ -336,6 +336,7 @@ def reduce_checked(
     tag: object = 0,
     agree: Callable[[], object] | None = None,
     disagree: tuple[type[Exception], str] | None = None,
+    agreed_into: list[bool] | None = None,
 ) -> Array:
     """All-reduce ``local()`` with a status word; every rank raises if any rank failed.
 
@@ -371,6 +372,13 @@ def reduce_checked(
         ``(exception class, message)`` raised on every rank when ``agree``
         differs between ranks (default: ValueError, "the ranks passed different
         arguments").
+    agreed_into : list, optional
+        Where given, whether ``agree`` is known to be the same on every rank is
+        appended to it, and ranks that differ raise nothing: ``agree`` is then a
+        value that the ranks may hold differently, such as a flag, of which a
+        rank learns whether every rank holds its own (exactly for two values,
+        whose digests differ in a piece). False where they differ, and in a group
+        larger than ``MAX_AGREEMENT_RANKS``, which compares nothing.
 
     Returns
     -------
@@ -387,8 +395,8 @@ def reduce_checked(
         On a rank whose ``local()`` raised: that exception, after the reduction.
         On every other rank, if some rank failed: an exception of the same class
         (TypeError, IndexError, ValueError, else RuntimeError) naming how many
-        ranks failed. Then, if ``agree`` differs between ranks, ``disagree`` on
-        every rank.
+        ranks failed. Then, if ``agree`` differs between ranks and ``agreed_into``
+        is not given, ``disagree`` on every rank.
     """
     if dtype != xp.float64:
         raise ValueError(f"internal error: checked reductions are float64, not {dtype}")
@@ -428,7 +436,9 @@ def reduce_checked(
             f"{what} failed on {failed} other rank(s) of {comm.size} (their errors say "
             f"why); rank {comm.rank} left its state as it was"
         )
-    if not same_args:
+    if agreed_into is not None:
+        agreed_into.append(same_args and comm.size <= MAX_AGREEMENT_RANKS)
+    elif not same_args:
         kind, message = disagree or (ValueError, f"{what}: the ranks passed different arguments")
         raise kind(message)
     return total[:length]

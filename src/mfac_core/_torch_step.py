@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ._dynamic_checks import Refused
-from ._dynamic_window import update_and_matvec_finite
+from ._dynamic_window import NoGradient, collective_step
 from ._errors import FactorizationError
 from ._finite import float32_overflow_said_by_caller
 from ._torch_distributed import all_gather, dtensor_class, local
@@ -31,12 +31,15 @@ class Unstorable(Exception):
 @float32_overflow_said_by_caller
 def step(opt: Any) -> None:
     """The step itself, after the closure."""
-    if all(p.grad is None for group in opt.param_groups for p in group["params"]):
+    present = any(p.grad is not None for group in opt.param_groups for p in group["params"])
+    if not present and opt._comm is None:
         return  # nothing to step with: no window insert, no momentum decay, no count
     live_entry(opt)  # a state cleared by the user starts afresh before the window takes g
     g = gather(opt)
     if opt._comm is not None:
-        distributed_step(opt, g)
+        # Collective even on a rank without gradients (its g is zeros): it joins the
+        # step's reductions, which tell every rank whether any rank had one.
+        distributed_step(opt, g, present)
         return
     if g.dtype != opt.ihvp.dtype:
         # float64 gradients for a 2-byte window: float32 steps. Cast before the check
@@ -146,8 +149,14 @@ def left_out(opt: Any, exc: Exception) -> None:
     )
 
 
-def distributed_step(opt: Any, g: torch.Tensor) -> None:
-    """The step across processes: every rank decides alike (see the class's Notes)."""
+def distributed_step(opt: Any, g: torch.Tensor, present: bool) -> None:
+    """The step across processes: every rank decides alike (see the class's Notes).
+
+    ``present``: whether any parameter of this rank has a gradient. Where no rank's
+    has, the step does nothing on every rank (one process's empty step); where some
+    rank's has, a rank without one steps with zeros for its coordinates (as for any
+    parameter without a gradient) and moves none of its parameters.
+    """
     lo, hi = opt._columns
     x = g[lo:hi]
     strict = opt.defaults["errors"] == "raise"
@@ -161,10 +170,11 @@ def distributed_step(opt: Any, g: torch.Tensor) -> None:
         # Strict, a step not finite on any rank is refused on every rank before the
         # window commits to the gradient: the step's own reduction of the product (its
         # all-gather, or the sum of its flag) decides, moved before the commit.
-        if strict:
-            s = update_and_matvec_finite(opt.ihvp, x, agree=agree)
-        else:
-            s = opt.ihvp.update_and_matvec(x)
+        s = collective_step(
+            opt.ihvp, x, present=present, strict=strict, agree=agree if strict else None
+        )
+    except NoGradient:
+        return  # no rank had a gradient: no window insert, no momentum decay, no count
     except (FactorizationError, ValueError) as exc:
         hopeless = isinstance(exc, Refused) and exc.hopeless
         if isinstance(exc, FactorizationError) or hopeless:
