@@ -9,6 +9,7 @@ show users ``jax.config.update("jax_enable_x64", True)``, run in a child process
 
 from __future__ import annotations
 
+import dataclasses
 import doctest
 import json
 import math
@@ -583,6 +584,20 @@ def test_window_kappa_bounds_say_what_dynamic_ihvp_warns_of(rng):
     lows, ups = jax.jit(jax.vmap(lambda s: s.kappa_bounds()))(batch)
     want = [(lower, upper), tuple(float(b) for b in bounds(other))]
     assert [(float(lo), float(up)) for lo, up in zip(lows, ups, strict=True)] == want
+
+
+def test_window_kappa_bounds_lower_never_exceeds_upper():
+    # Regression: for m equal gradients the ones vector's quotient (sum of the m^2 Gram
+    # entries / m) is the trace, and the two sums rounded it an ulp above the trace:
+    # lower 2.2100000000000004 > upper 2.21 here (m = 5, g = [1.1], damp 1).
+    for zero_init in (True, False):
+        state = mj.window_init(5, 1, damp=1.0, dtype=jnp.float64, zero_init=zero_init)
+        # The Gram and count five updates with g leave (not stepped: a compile per window).
+        gram = jnp.full((5, 5), 1.1 * 1.1, dtype=jnp.float64)
+        state = dataclasses.replace(state, gram=gram, count=jnp.asarray(5, jnp.int32))
+        lower, upper = (float(b) for b in state.kappa_bounds())
+        kappa = 1.0 + 5 * 1.1**2 / 5.0
+        assert lower <= upper and math.isclose(lower, kappa, rel_tol=1e-14)
 
 
 def test_window_refuses_bad_arguments():

@@ -204,7 +204,7 @@ class WindowState:
         Returns
         -------
         lower : jax.Array
-            A lower bound of kappa (float64, 0-d).
+            A lower bound of kappa (float64, 0-d), at most ``upper``.
         upper : jax.Array
             An upper bound of kappa (float64, 0-d).
 
@@ -223,8 +223,13 @@ class WindowState:
         k = self.count.astype(jnp.float64) if not self.zero_init else float(self.num_grads)
         shift = _shift(self, self.count, self.damp)
         diagonal = jnp.diagonal(self.gram)
+        trace = jnp.sum(diagonal)
         top = jnp.maximum(jnp.max(diagonal), jnp.sum(self.gram) / jnp.maximum(k, 1.0))
-        return 1.0 + top / shift, 1.0 + jnp.sum(diagonal) / shift
+        # Equal gradients make the ones vector's quotient the trace itself, which the two
+        # sums' roundings put an ulp above the trace (lower > upper): capped there. The cap
+        # keeps a lower bound, as lambda_max <= trace.
+        top = jnp.minimum(top, trace)
+        return 1.0 + top / shift, 1.0 + trace / shift
 
 
 jax.tree_util.register_dataclass(WindowState)
