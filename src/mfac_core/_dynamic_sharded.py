@@ -317,12 +317,7 @@ def collective_product(
     checked: list[Array] = []
 
     def check() -> Array:
-        Xc = op._check_input(X, name, n, ndims, vector=name == "x")
-        if name == "x" and Xc.ndim == 2 and Xc.shape[1] != 1:
-            raise ValueError(
-                f"x must have shape ({n},) or ({n}, 1), got {tuple(Xc.shape)}; "
-                "use matmat for several vectors"
-            )
+        Xc = op._check_input(X, name, n, ndims, several="matmat" if name == "x" else "")
         X2 = Xc[:, None] if Xc.ndim == 1 else Xc
         if k is not None and X2.shape[1] != k:
             raise ValueError(f"X must have {k} columns on every rank, got {X2.shape[1]}")

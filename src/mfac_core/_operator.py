@@ -174,20 +174,19 @@ class LinearOperator:
         return self._xp
 
     def _check_input(
-        self, x: Array, name: str, n: int, ndims: tuple[int, ...], *, vector: bool = False
+        self, x: Array, name: str, n: int, ndims: tuple[int, ...], *, several: str = ""
     ) -> Any:
-        """``x`` checked, and promoted to the operator's dtype where that is lossless.
-
-        ``vector``: one vector is wanted, ``(n,)`` or ``(n, 1)``, which the message says
-        (the column count itself is the caller's to check).
-        """
+        """``x`` checked, promoted where lossless; one vector where ``several`` names matmat."""
         x = check_operand(self._xp, self.device, self.dtype, x, name, owner=self)
-        if x.ndim not in ndims or x.shape[0] != n:
-            cols = "1" if vector else "k"
+        wide = bool(several) and x.shape[1:] not in ((), (1,))
+        if x.ndim not in ndims or x.shape[0] != n or wide:
+            cols = "1" if several else "k"
             want = " or ".join({1: f"({n},)", 2: f"({n}, {cols})"}[k] for k in ndims)
             # NaN: a Dask array's unknown length (from boolean indexing).
             unknown = any(s != s for s in x.shape)
             hint = f" (unknown: call {name}.compute_chunk_sizes())" if unknown else ""
+            if several and x.ndim == 2 and x.shape[0] == n:
+                hint = f"; use {several} for several vectors"
             raise ValueError(f"{name} must have shape {want}, got {tuple(x.shape)}{hint}")
         if self.check_finite:
             # A rank's shard (a sharded operator's layout) has local indices: name none.
@@ -198,15 +197,8 @@ class LinearOperator:
 
     def _vector(self, x: Array, n: int, apply: Any, several: str) -> Any:
         """Apply ``apply`` to a vector given as ``(n,)`` or ``(n, 1)``, keeping the shape."""
-        x = self._check_input(x, "x", n, (1, 2), vector=True)
-        if x.ndim == 1:
-            return apply(x)
-        if x.shape[1] != 1:
-            raise ValueError(
-                f"x must have shape ({n},) or ({n}, 1), got {tuple(x.shape)}; "
-                f"use {several} for several vectors"
-            )
-        return apply(x[:, 0])[:, None]
+        x = self._check_input(x, "x", n, (1, 2), several=several)
+        return apply(x) if x.ndim == 1 else apply(x[:, 0])[:, None]
 
     @float32_overflow_once
     def matvec(self, x: Array, /) -> Array:
