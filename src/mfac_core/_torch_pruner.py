@@ -2,65 +2,33 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from . import _host_rows, pruning
-from ._errors import close_abandoned
+from . import pruning
 from ._pruning_inputs import check_choices
-from ._torch_layout import format_bytes, itemsize, logger
+from ._torch_pruner_grads import collected_gradients, modes_and_buffers_kept
 from ._torch_pruner_inputs import (
     check_block,
+    check_damping_grid,
     check_differentiable,
-    check_finite_row,
     check_fisher_dtype,
-    check_float16,
     check_masks,
     check_weights_current,
     checked_state,
     chosen_weights,
     pruner_state,
 )
-from ._validation import check_damp, check_dampings, check_fraction
+from ._validation import check_damp, check_fraction
 
 __all__ = ["MFACPruner"]
 
 #: Copies of the weights by name (their dtype), and the same weights flat in the
 #: Fisher's dtype: where :meth:`MFACPruner.prune` started.
 _Base = tuple[dict[str, torch.Tensor], torch.Tensor]
-
-
-@contextlib.contextmanager
-def _modes_and_buffers_kept(model: nn.Module) -> Iterator[None]:
-    """Restore every module's train/eval mode and buffers on exit, raised or not.
-
-    Forward passes in train mode update batch norm's running statistics (and
-    ``num_batches_tracked``) in place; gradients for a pruning step should leave the
-    model the user evaluates as it was. A buffer the forward pass replaced by another
-    tensor is put back too.
-    """
-    modes = [(module, module.training) for module in model.modules()]
-    copies: dict[int, torch.Tensor] = {}
-    buffers = []
-    for module in model.modules():
-        for name, buf in module.named_buffers(recurse=False):
-            if id(buf) not in copies:  # a buffer shared by two modules is copied once
-                copies[id(buf)] = buf.detach().clone()
-            buffers.append((module, name, buf))
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for module, name, buf in buffers:
-                if getattr(module, name, None) is not buf:
-                    setattr(module, name, buf)
-                buf.copy_(copies[id(buf)])
-        for module, training in modes:
-            module.training = training
 
 
 class MFACPruner:
@@ -173,10 +141,8 @@ class MFACPruner:
         if isinstance(num_grads, bool) or not isinstance(num_grads, int) or num_grads < 1:
             raise ValueError(f"num_grads must be an int >= 1, got {num_grads!r}")
         check_choices(saliency, update)
-        # Checked here, as torch.optim checks its hyper-parameters, not at the first
-        # prune() (where a bad selection_block_size was reported as "block_size").
-        # With m: a damping whose shift m damp overflows is refused here, not after the
-        # m forward and backward passes of the first prune().
+        # Checked here, as torch.optim checks its hyper-parameters, not after the m forward
+        # and backward passes of the first prune() (a damping whose m damp overflows too).
         damp = check_damp(damp, num_grads=num_grads)
         block_size = check_block(block_size, "block_size")
         selection_block_size = check_block(selection_block_size, "selection_block_size")
@@ -193,9 +159,7 @@ class MFACPruner:
         self.device = first.device
         self.dtype = first.dtype if dtype is None else dtype
         self._theta_dtype = _theta_dtype(self.dtype)
-        self.masks = {
-            name: torch.ones_like(w, dtype=torch.bool) for name, w in self.weights.items()
-        }
+        self.masks = {n: torch.ones_like(w, dtype=torch.bool) for n, w in self.weights.items()}
         self.dim = sum(w.numel() for w in self.weights.values())
         self.selected_damps: list[float] = []
 
@@ -344,25 +308,9 @@ class MFACPruner:
         """
         check_weights_current(self.model, self.weights)
         check_differentiable(self.weights)
-        mask = self.flat_mask()  # checked before the m x d allocation
-        size = self.num_grads * self.dim * itemsize(self.dtype)
-        logger.info(
-            "MFACPruner allocates num_grads=%d x dim=%d %s gradients on %s: %d bytes (%s)",
-            self.num_grads,
-            self.dim,
-            str(self.dtype).removeprefix("torch."),
-            self.device,
-            size,
-            format_bytes(size),
+        return collected_gradients(
+            self.model, self.weights, self.flat_mask(), loader, loss_fn, self.num_grads, self.dtype
         )
-        # Through NumPy on the CPU (huge pages): the saliency's passes stream it.
-        G = _host_rows.zeros(
-            torch, (self.num_grads, self.dim), dtype=self.dtype, device=self.device
-        )
-        with _modes_and_buffers_kept(self.model):
-            _fill(self.model, self.weights, self.dtype, G, mask, loader, loss_fn)
-        # In place (no second m x d array); the pruning functions zero them again.
-        return G.masked_fill_(~mask, 0)
 
     # -- pruning --------------------------------------------------------------------------
 
@@ -455,13 +403,7 @@ class MFACPruner:
         sparsity = check_fraction(sparsity, "sparsity")
         check_weights_current(self.model, self.weights)
         check_masks(self.masks, self.weights)  # before they are copied to restore them
-        if (dampings is None) != (select_damp is None):
-            raise ValueError("give both dampings (the grid) and select_damp (the held-out loss)")
-        if dampings is not None:  # before the gradients' forward and backward passes
-            check_dampings(dampings, "dampings", num_grads=self.num_grads)
-            # Wrapped below in a callable, it was called (and failed) only after them.
-            if not callable(select_damp):
-                raise TypeError(f"select_damp must be callable, got {type(select_damp).__name__}")
+        check_damping_grid(dampings, select_damp, num_grads=self.num_grads)
         before = (
             {name: w.detach().clone() for name, w in self.weights.items()},
             {name: m.clone() for name, m in self.masks.items()},
@@ -486,7 +428,7 @@ class MFACPruner:
             chosen.append(next(damp for r, damp in candidates if r is result))
             candidates.clear()
 
-        with _modes_and_buffers_kept(self.model):
+        with modes_and_buffers_kept(self.model):
             try:
                 result = pruning.gradual_prune(
                     self.flat_weights() if base is None else base[1],
@@ -505,16 +447,10 @@ class MFACPruner:
                 )
                 self._write(result.theta, result.mask, base)
             except BaseException:
-                self._restore(*before)
+                _restore(self.weights, self.masks, *before)
                 raise
         if dampings is not None:
             self.selected_damps = chosen
-
-    @torch.no_grad()
-    def _restore(self, weights: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> None:
-        for name, w in self.weights.items():
-            w.copy_(weights[name])
-            self.masks[name] = masks[name]
 
     # -- checkpoints ----------------------------------------------------------------------
 
@@ -529,42 +465,17 @@ class MFACPruner:
         Returns
         -------
         dict
-            ``"masks"``: each layer's boolean mask by name (copies, in the order
-            of the pruned weights); ``"selected_damps"``: the list
-            :attr:`selected_damps`; ``"options"``: ``num_grads``, ``block_size``,
-            ``damp``, ``saliency``, ``update``, ``selection_block_size`` and
-            ``dtype`` (its name, such as ``"float32"``). Tensors, strings,
-            numbers, ``None``, lists and dicts only: ``torch.load(...,
-            weights_only=True)`` reads it.
+            ``"masks"``: each layer's boolean mask by name (copies, in the order of the
+            pruned weights); ``"selected_damps"``: the list :attr:`selected_damps`;
+            ``"options"``: ``num_grads``, ``block_size``, ``damp``, ``saliency``,
+            ``update``, ``selection_block_size`` and ``dtype`` (its name, such as
+            ``"float32"``). Tensors, strings, numbers, ``None``, lists and dicts
+            only: ``torch.load(..., weights_only=True)`` reads it.
 
         Raises
         ------
         TypeError, ValueError
             For assigned :attr:`masks` that do not fit the weights.
-
-        Examples
-        --------
-        >>> import io
-        >>> import torch
-        >>> from mfac_core.torch import MFACPruner
-        >>> _ = torch.manual_seed(0)
-        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(),
-        ...                             torch.nn.Linear(16, 2))
-        >>> data = [(torch.randn(4, 8), torch.randint(0, 2, (4,))) for _ in range(8)]
-        >>> pruner = MFACPruner(model, num_grads=8, block_size=32, damp=1e-3)
-        >>> pruner.prune(data, torch.nn.functional.cross_entropy, sparsity=0.5)
-        >>> buffer = io.BytesIO()
-        >>> torch.save({"model": model.state_dict(), "pruner": pruner.state_dict()}, buffer)
-        >>> _ = buffer.seek(0)
-        >>> saved = torch.load(buffer, weights_only=True)
-        >>> model2 = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(),
-        ...                              torch.nn.Linear(16, 2))
-        >>> model2.load_state_dict(saved["model"])
-        <All keys matched successfully>
-        >>> pruner2 = MFACPruner(model2)
-        >>> pruner2.load_state_dict(saved["pruner"])
-        >>> round(pruner2.sparsity(), 2), pruner2.num_grads, pruner2.damp
-        (0.5, 8, 0.001)
         """
         return pruner_state(self)
 
@@ -588,25 +499,16 @@ class MFACPruner:
 
         Raises
         ------
-        ValueError
-            For something other than such a dict (missing or unknown keys),
-            masks that are missing for a pruned layer, name a layer that is
-            not pruned or do not have its weight's shape, or an option out of
-            range (as ``MFACPruner(...)`` refuses it), each naming the key.
-        TypeError
-            For a mask that is not a boolean tensor, a block size or
-            ``num_grads`` that is not an int, or a chosen damping that is not a
-            number.
+        ValueError, TypeError
+            For a state that :meth:`state_dict` does not give, naming its key:
+            missing or unknown keys, masks that do not fit the pruned layers
+            (as :attr:`masks`), options the constructor refuses, or chosen
+            dampings that are not positive finite numbers.
         """
-        plan = checked_state(self, state_dict)
-        # Everything passed: set it all.
-        for key in ("num_grads", "block_size", "damp", "saliency", "update"):
-            setattr(self, key, plan[key])
-        self.selection_block_size = plan["selection_block_size"]
-        self.dtype = plan["dtype"]
+        # Everything checked before anything is set.
+        for key, value in checked_state(self, state_dict).items():
+            setattr(self, key, value)
         self._theta_dtype = _theta_dtype(self.dtype)
-        self.masks = plan["masks"]
-        self.selected_damps = plan["selected_damps"]
 
     @torch.no_grad()
     def apply_masks(self) -> None:
@@ -637,81 +539,17 @@ def _theta_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def _fill(
-    model: nn.Module,
+@torch.no_grad()
+def _restore(
     weights: dict[str, torch.Tensor],
-    dtype: torch.dtype,
-    G: torch.Tensor,
-    mask: torch.Tensor,
-    loader: Iterable[Any],
-    loss_fn: Callable[[Any, Any], Any],
+    masks: dict[str, torch.Tensor],
+    saved_weights: dict[str, torch.Tensor],
+    saved_masks: dict[str, torch.Tensor],
 ) -> None:
-    """Write one gradient of ``weights`` (by name) per batch into each row of ``G``."""
-    num_grads = int(G.shape[0])
-    params = list(weights.values())
-    row = 0
-    while row < num_grads:
-        got = False
-        batches = iter(loader)
-        try:
-            for batch in batches:
-                got = True
-                row = _fill_row(model, weights, params, dtype, G, mask, batch, loss_fn, row)
-                if row == num_grads:
-                    # Not closed: a longer one-shot iterator serves prune()'s next step.
-                    break
-        except BaseException as exc:
-            # An error abandons the iterator: a generator's finally blocks and with
-            # statements run now, not when it is collected (never, while the caller
-            # holds it), and this frame, which the traceback holds, lets it go.
-            close_abandoned(batches, exc)
-            del batches
-            raise
-        if not got and row:
-            raise ValueError(
-                f"the data loader yielded {row} batches and then none when iterated "
-                f"again: num_grads={num_grads} needs {num_grads}; pass a "
-                "loader that can be iterated more than once (a list, a DataLoader) "
-                "or a smaller num_grads"
-            )
-        if not got:
-            raise ValueError(
-                "the data loader yielded no batches (an iterator exhausted already? "
-                "prune() with steps > 1 iterates the loader again at every step: pass "
-                "a list or a DataLoader)"
-            )
-
-
-def _fill_row(
-    model: nn.Module,
-    weights: dict[str, torch.Tensor],
-    params: list[torch.Tensor],
-    dtype: torch.dtype,
-    G: torch.Tensor,
-    mask: torch.Tensor,
-    batch: Any,
-    loss_fn: Callable[[Any, Any], Any],
-    row: int,
-) -> int:
-    """Write the gradient of ``batch``'s loss into ``G[row]``; the next row."""
-    inputs, targets = batch[0], batch[1]
-    with torch.enable_grad():
-        loss = loss_fn(model(inputs), targets)
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-    offset = 0
-    for name, w, g in zip(weights, params, grads, strict=True):
-        n = w.numel()
-        if g is None:
-            G[row, offset : offset + n] = 0
-        else:
-            # A sparse gradient (nn.Embedding(sparse=True)) is dense here.
-            g = (g.to_dense() if g.layout != torch.strided else g).reshape(-1)
-            G[row, offset : offset + n] = g
-            if dtype == torch.float16:
-                check_float16(G[row, offset : offset + n], g, name, row)
-        offset += n
-    check_finite_row(G[row], mask, weights, row)  # one sync per batch
-    return row + 1
+    """Put the weights and masks (by name) back to the saved copies."""
+    for name, w in weights.items():
+        w.copy_(saved_weights[name])
+        masks[name] = saved_masks[name]
 
 
 def _write_weights(

@@ -332,6 +332,20 @@ def checked_state(pruner: Any, state_dict: Any) -> dict[str, Any]:
     }
 
 
+def check_damping_grid(dampings: Any, select_damp: Any, *, num_grads: int) -> None:
+    """Refuse ``prune``'s grid of dampings without its held-out loss, or a bad one.
+
+    Checked before the gradients' forward and backward passes: wrapped in a callable
+    by ``prune``, a ``select_damp`` that is none was called (and failed) only after them.
+    """
+    if (dampings is None) != (select_damp is None):
+        raise ValueError("give both dampings (the grid) and select_damp (the held-out loss)")
+    if dampings is not None:
+        check_dampings(dampings, "dampings", num_grads=num_grads)
+        if not callable(select_damp):
+            raise TypeError(f"select_damp must be callable, got {type(select_damp).__name__}")
+
+
 def _checked_options(options: Any) -> dict[str, Any]:
     """The options of a saved pruner, checked as ``MFACPruner(...)`` checks them."""
     where = "state_dict['options']"
