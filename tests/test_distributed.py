@@ -487,6 +487,19 @@ def test_reduce_checked_rejects_a_payload_of_the_wrong_length() -> None:
     assert all(isinstance(r, RuntimeError) for r in results)
 
 
+def test_run_spmd_threads_raises_what_is_not_a_ranks_exception() -> None:
+    # pytest.raises or pytest.fail in a rank raise pytest's Failed, a BaseException: it
+    # ended its thread unseen and the rank's result stayed None, so a check made in the
+    # ranks could not fail. It is raised in the caller, after the other ranks stopped.
+    def fn(comm: ThreadComm) -> object:
+        if comm.rank == 1:
+            pytest.fail("a check in rank 1")
+        return comm.allreduce_sum(np.zeros(1))
+
+    with pytest.raises(pytest.fail.Exception, match="a check in rank 1"):
+        run_spmd_threads(fn, 2, timeout=10)
+
+
 def test_run_spmd_threads_validates_size() -> None:
     with pytest.raises(ValueError, match="size"):
         run_spmd_threads(lambda comm: None, 0)

@@ -388,6 +388,27 @@ def test_a_distributed_state_of_parameters_in_another_order_is_refused_on_every_
         assert "parameter 0 of group 0 has shape (5,) in the state, (3,)" in results[1][0]
 
 
+def test_ranks_built_with_different_errors_are_refused_on_every_rank() -> None:
+    # errors= decides collectively (a strict step refuses its gradient before the window
+    # commits, a lenient one keeps it and may step with the previous window, one more
+    # reduction): ranks built with different ones diverged at their first step not finite,
+    # every later step refused as "replicated states diverged", where the window's own
+    # options (num_grads, damp, ...) are compared at construction.
+    def rank(comm: Communicator) -> Any:
+        errors = ("skip", "raise")[comm.rank % 2]
+        try:
+            MFAC(make_model().parameters(), **OPTIONS, errors=errors, comm=comm)
+        except ValueError as exc:
+            refused = str(exc)
+        else:
+            refused = None
+        return refused
+
+    for r in run_spmd_threads(rank, 2):
+        assert isinstance(r, str), r
+        assert "the same errors on every rank (this rank's is" in r, r
+
+
 def test_distributed_optimizers_do_not_pickle() -> None:
     import pickle
 

@@ -177,6 +177,10 @@ def run_spmd_threads(
     ------
     ValueError
         If ``size`` is not an integer >= 1.
+    BaseException
+        What a rank raised that is not an ``Exception`` (``pytest.fail``'s, that of
+        ``pytest.raises`` in a rank, ``SystemExit``), after every rank stopped: a
+        check made in a rank fails the caller.
 
     Examples
     --------
@@ -189,6 +193,7 @@ def run_spmd_threads(
         raise ValueError(f"size must be an integer >= 1, got {size!r}")
     group = _ThreadGroup(size, timeout)
     results: list[Any] = [None] * size
+    escaped: list[BaseException] = []
 
     def target(rank: int) -> None:
         try:
@@ -196,12 +201,17 @@ def run_spmd_threads(
         except Exception as exc:  # reported to the caller per rank
             results[rank] = exc
             group.fail()
+        except BaseException as exc:  # pytest.fail's, SystemExit: the caller's to raise
+            escaped.append(exc)
+            group.fail()
 
     threads = [threading.Thread(target=target, args=(r,), daemon=True) for r in range(size)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    if escaped:
+        raise escaped[0]
     return results
 
 

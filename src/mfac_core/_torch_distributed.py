@@ -12,6 +12,7 @@ import torch
 
 from ._dynamic_setup import WindowOptions
 from ._sharded_dynamic import ShardedDynamicIHVP
+from ._sharding import reduce_checked
 from .distributed import TorchComm
 
 
@@ -73,7 +74,40 @@ def sharded_window(
     """
     checked = WindowOptions(zero_init=zero_init, check_finite=True)
     num_grads = opt.defaults["num_grads"]
-    return ShardedDynamicIHVP(num_grads, width, comm=opt._comm, options=checked, **options)
+    window = ShardedDynamicIHVP(num_grads, width, comm=opt._comm, options=checked, **options)
+    check_same_errors(opt, options["xp"], options["device"])
+    return window
+
+
+def check_same_errors(opt: Any, xp: Any, device: Any) -> None:
+    """Refuse, on every rank, ranks built with different ``errors``.
+
+    The window compares its own options at construction; ``errors`` is the step's, and
+    its decisions are collective: a strict step refuses a gradient whose step is not
+    finite before the window commits to it, a lenient one keeps it, and only a lenient
+    step takes one the window cannot take with the previous window (one more
+    reduction). Ranks that differ would leave their replicated windows diverged, or
+    wait for each other. One reduction of the status word, at construction.
+    """
+    comm = opt._comm
+    errors = opt.defaults["errors"]
+    reduce_checked(
+        comm,
+        xp,
+        lambda: xp.zeros((0,), dtype=xp.float64, device=device),
+        length=0,
+        dtype=xp.float64,
+        device=device,
+        what="MFAC",
+        tag=("MFAC", "errors"),
+        agree=lambda: errors,
+        disagree=(
+            ValueError,
+            f"MFAC must be built with the same errors on every rank (this rank's is "
+            f"{errors!r}): its steps decide collectively whether the window takes a "
+            "gradient",
+        ),
+    )
 
 
 def window_columns(opt: Any, width: int) -> tuple[int, int]:
