@@ -564,7 +564,10 @@ def probe_vectors(xp: Any, b: Array, slot: int) -> Array:
     its entries are at most the other gradients' norms over ``|g|``: its quotient
     overflows only where those span 150 decades.
     """
-    probes = xp.stack([xp.ones_like(b), b / (b[slot] + TINY)], axis=1)
+    # Written into, not stacked: array_api_compat's stack is a Python wrapper, which a
+    # host step does not pay for (tests/test_overhead.py).
+    probes = xp.ones((b.shape[0], 2), dtype=b.dtype, device=device_of(b))
+    probes[:, 1] = b / (b[slot] + TINY)
     probes[slot, :] = 1.0
     return probes
 
