@@ -1025,6 +1025,31 @@ def test_a_window_that_recovered_by_row_edits_warns_of_the_next_hopeless_gradien
     assert op.state_dict()["edits"] > m  # all by row edits
 
 
+def test_a_far_larger_leaving_gradient_keeps_the_warn_once_note_of_a_hopeless_window(rng):
+    # The host's upper bound was the old trace less the leaving entry plus the new one: a
+    # leaving gradient 1e17 times the others' squared norms (possible after set_damp) took
+    # their digits, the bound fell below the rule and cleared the note of a window still
+    # hopeless, which then warned again at the next edit (the device's sum did not).
+    m, d = 4, 16
+    op = DynamicIHVP(m, d, damp=1e4, dtype="float64", options=WindowOptions(refactor_every=1000))
+    big = rng.standard_normal(d)
+    big *= math.sqrt(1e19) / np.linalg.norm(big)  # |g|^2 / damp = 1e15: taken
+    with pytest.warns(IllConditionedWarning):
+        op.update(big)
+    for g in rng.standard_normal((m - 1, d)):
+        op.update(g)
+    op.set_damp(1e-12)  # the others alone: kappa about 1e13 (warned of already)
+    edits = op.state_dict()["edits"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for g in 1e-3 * rng.standard_normal((2, d)):
+            op.update(g)  # the big one leaves first: the window stays hopeless, warned of
+    window = op.window()
+    eps = np.finfo(np.float64).eps
+    assert eps * condition_number(window, op.damp) ** 1.5 >= 1
+    assert op.state_dict()["edits"] == edits + 2  # by row edits
+
+
 def test_remove_takes_numpy_integers_and_copies_are_independent(rng):
     import copy
 

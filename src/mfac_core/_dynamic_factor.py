@@ -527,10 +527,13 @@ def edited_gram_sums(op: Any, slot: int, b: Array, k: int) -> tuple[Any, Any]:
     with np.errstate(all="ignore"):
         if type(gram) is np.ndarray and type(b) is np.ndarray:
             # The host's sums as NumPy scalars, without the namespace's per-call cost (a
-            # small step's time is a few such calls).
-            old, new = float(gram[slot, slot]), float(b[slot])
-            total = float(gram.trace())
-            trace = total - old + new
+            # small step's time is a few such calls). The edited diagonal's own sum, as
+            # the device's: the old trace less the leaving entry lost the others' digits
+            # where that entry was far larger (after set_damp), and an upper bound below
+            # the true trace cleared the warn-once note of a window still hopeless.
+            diagonal = gram.diagonal().copy()
+            diagonal[slot] = b[slot]
+            trace = float(diagonal.sum())
             if getattr(op, "_warned_hopeless", False) or not _capacitance.is_imprecise(
                 1.0 + trace / op._shift(k), eps=_capacitance.EPS64
             ):
@@ -538,9 +541,7 @@ def edited_gram_sums(op: Any, slot: int, b: Array, k: int) -> tuple[Any, Any]:
                 # bounds the window's kappa within the rule, nor where the window has
                 # warned already: only the trace decides then (warn_if_edit_hopeless).
                 return None, np.float64(trace)
-            # total + new bounds the edited trace, whose subtraction of the old entry may
-            # lose digits (a leaving gradient far larger than the rest).
-            return host_quotient(gram, slot, b, total + new), np.float64(trace)
+            return host_quotient(gram, slot, b, trace), np.float64(trace)
         edited = xp.asarray(gram, copy=True)
         edited[slot, :] = b
         edited[:, slot] = b
@@ -563,14 +564,17 @@ def probe_vectors(xp: Any, b: Array, slot: int) -> Array:
     its entries are at most the other gradients' norms over ``|g|``: its quotient
     overflows only where those span 150 decades.
     """
-    probes = xp.stack([xp.ones_like(b), b / (b[slot] + TINY)], axis=1)
+    # Written into, not stacked: array_api_compat's stack is a Python wrapper, which a
+    # host step does not pay for (tests/test_overhead.py).
+    probes = xp.ones((b.shape[0], 2), dtype=b.dtype, device=device_of(b))
+    probes[:, 1] = b / (b[slot] + TINY)
     probes[slot, :] = 1.0
     return probes
 
 
 def host_quotient(gram: np.ndarray, slot: int, b: np.ndarray, trace: float) -> Any:
-    """:func:`edited_gram_sums`' bound on the host, less its rounding per ``trace`` (at
-    least the edited Gram's), or None where it is not finite.
+    """:func:`edited_gram_sums`' bound on the host, less its rounding per ``trace`` (the
+    edited Gram's), or None where it is not finite.
 
     With each test vector ``v`` less its 1 at ``slot`` (``t``), ``v^T G v = t^T gram t + 2
     b.t + b[slot]``: the old row and column of ``gram`` only ever meet a zero, without

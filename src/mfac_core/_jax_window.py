@@ -24,6 +24,7 @@ from ._capacitance import (
     relative_column_drift,
     smallest_window_damp,
 )
+from ._dynamic_factor import TINY, rayleigh_slack
 from ._jax_common import (
     check_dtype,
     check_vector,
@@ -188,8 +189,10 @@ class WindowState:
         the window (``m`` with ``zero_init``): the condition number of ``F``
         where ``d`` exceeds the gradients' rank, and what the float64 factor's
         rounding scales with. ``lambda_max`` is bounded from below by the
-        largest squared norm and by the Gram matrix's quotient with the ones
-        vector (nearly collinear gradients), and from above by its trace; both
+        largest squared norm and, as a row edit of the core window bounds it,
+        by the Gram matrix's Rayleigh quotients with the ones vector and with
+        the newest gradient's Gram row (nearly collinear gradients, of one sign
+        or spread in sign), less their rounding; from above by its trace. All
         are read from the stored Gram matrix (no pass over the window), so the
         method runs under :func:`jax.jit` and :func:`jax.vmap`.
 
@@ -222,12 +225,23 @@ class WindowState:
         # the same quotient as over all m slots, divided by k instead of m.
         k = self.count.astype(jnp.float64) if not self.zero_init else float(self.num_grads)
         shift = _shift(self, self.count, self.damp)
-        diagonal = jnp.diagonal(self.gram)
+        gram = self.gram
+        m = self.num_grads
+        diagonal = jnp.diagonal(gram)
         trace = jnp.sum(diagonal)
-        top = jnp.maximum(jnp.max(diagonal), jnp.sum(self.gram) / jnp.maximum(k, 1.0))
-        # Equal gradients make the ones vector's quotient the trace itself, which the two
-        # sums' roundings put an ulp above the trace (lower > upper): capped there. The cap
-        # keeps a lower bound, as lambda_max <= trace.
+        ones = jnp.sum(gram) / jnp.maximum(k, 1.0)
+        # The newest gradient's Gram row as DynamicIHVP's row edit takes it
+        # (_dynamic_factor.probe_vectors): gradients spread in sign cancel in the ones
+        # vector's quotient, not in this one.
+        newest = (self.pos - 1) % m
+        row = jnp.take(gram, newest, axis=0)
+        v = (row / (row[newest] + TINY)).at[newest].set(1.0)
+        quotient = jnp.dot(v, gram @ v) / jnp.dot(v, v)
+        # Less the quotients' rounding, as the core's (both are below lambda_max then).
+        best = jnp.maximum(ones, quotient) - rayleigh_slack(m) * trace
+        top = jnp.maximum(jnp.max(diagonal), jnp.where(jnp.isfinite(best), best, 0.0))
+        # The roundings of the sums can put a quotient of equal gradients an ulp above
+        # the trace (lower > upper): capped there, still a lower bound (lambda_max <= trace).
         top = jnp.minimum(top, trace)
         return 1.0 + top / shift, 1.0 + trace / shift
 
