@@ -598,13 +598,16 @@ def rayleigh_slack(k: int) -> float:
     computed Rayleigh quotient of a k x k Gram matrix so that it stays below the exact
     one.
 
-    Its sums of at most ``k + 3`` terms err by at most ``(k + 3) eps`` times the sum of
-    the terms' magnitudes, ``|v|^T |G| |v| <= (v^T v) trace(G)`` (``|G_ij| <= sqrt(G_ii
-    G_jj)`` and Cauchy-Schwarz), and the division by ``v^T v`` once more: twice that
-    covers both with room. The bound is ``2 (k + 4) eps trace <= 2 k (k + 4) eps
-    lambda_max``, a relative ``2e-12`` at k = 64: no warning it could miss matters.
+    The numerator ``v^T (G v)``, a product of k terms per entry and then a sum of k,
+    errs by at most about ``2 k eps`` times ``|v|^T |G| |v| <= (v^T v) trace(G)``
+    (``|G_ij| <= sqrt(G_ii G_jj)`` and Cauchy-Schwarz); the denominator's sum of k
+    squares and the division add about ``(k + 1) eps`` of the quotient, itself at most
+    the trace: ``(3 k + 2) eps trace`` in all, which ``3 (k + 4) eps trace`` covers with
+    room (the probe vector's own rounding does not matter: any v gives a quotient at
+    most lambda_max). That is ``<= 3 k (k + 4) eps lambda_max``, a relative ``3e-12`` at
+    k = 64: no warning it could miss matters.
     """
-    return 2.0 * (k + 4) * _capacitance.EPS64
+    return 3.0 * (k + 4) * _capacitance.EPS64
 
 
 def judge(
