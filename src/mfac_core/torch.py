@@ -228,15 +228,14 @@ class MFAC(torch.optim.Optimizer):
 
     Notes
     -----
-    A step reads the ``m x d`` window twice, the floor of the dynamic
-    algorithm (:meth:`DynamicIHVP.update_and_matvec`); gradients never enter
-    autograd. Parameters whose ``grad`` is ``None`` are not moved and their
-    momentum only decays; a step in which every ``grad`` is ``None`` does
-    nothing (distributed: on every rank, and only when it is so on every
-    rank; a rank without gradients among ranks with some takes the step
-    with zeros for its coordinates and moves none of its parameters). With
-    ``masks`` the optimizer equals a dense :class:`MFAC` over a model made
-    of just the kept coordinates, whose entries alone it reads and moves.
+    A step reads the ``m x d`` window twice, the floor of the dynamic algorithm
+    (:meth:`DynamicIHVP.update_and_matvec`); gradients never enter autograd. Parameters
+    whose ``grad`` is ``None`` are not moved and their momentum only decays; a step in
+    which every ``grad`` is ``None`` does nothing (distributed: on every rank, and only
+    when it is so on every rank; a rank without gradients among ranks with some takes
+    the step with zeros for its coordinates and moves none of its parameters). With
+    ``masks`` the optimizer equals a dense :class:`MFAC` over a model made of just the
+    kept coordinates, whose entries alone it reads and moves.
 
     A bad gradient does not end a run, as with AMP's ``GradScaler``: one
     holding NaN or infinity, or so large that the window with it would leave
