@@ -607,6 +607,28 @@ def test_window_kappa_bounds_lower_never_exceeds_upper():
         assert lower <= upper and math.isclose(lower, kappa, rel_tol=1e-14)
 
 
+def test_window_kappa_bounds_lower_covers_the_ones_quotient_sum():
+    # Regression: the ones vector's quotient is one sum of the m^2 Gram entries, which
+    # XLA's CPU reduction rounded 128 eps above its value for m = 32 equal entries; less
+    # only rayleigh_slack(m) (108 eps of the trace), lower read 12 eps above kappa.
+    from fractions import Fraction
+
+    eps, m = float(jnp.finfo(jnp.float64).eps), 32
+    state = mj.window_init(m, 1, damp=1.0, dtype=jnp.float64, zero_init=True)
+    for c, rel in ((1.9443723372522754, 1e-14), (1.9443723372522754, 1e-12), (1.5, 0.0)):
+        # Nearly collinear gradients: lambda_max = (m - 1) c + diag, the ones quotient's.
+        diag, damp = c * (1 + rel * m), c * 1e-6
+        gram = np.full((m, m), c)
+        np.fill_diagonal(gram, diag)
+        count = jnp.asarray(m, jnp.int32)
+        window = dataclasses.replace(state, gram=jnp.asarray(gram), count=count, damp=damp)
+        lower, upper = (float(b) for b in window.kappa_bounds())
+        kappa = 1 + ((m - 1) * Fraction(c) + Fraction(diag)) / (m * Fraction(damp))
+        # One rounding of 1 + top / shift each (top <= lambda_max), no more.
+        assert Fraction(lower) <= kappa * (1 + 2 * Fraction(eps)) and kappa <= Fraction(upper)
+        assert lower >= 0.5 * float(kappa)  # still nearly tight
+
+
 def test_window_refuses_bad_arguments():
     for kwargs, exc, match in (
         ({"damp": 0.0}, ValueError, "damp"),

@@ -229,7 +229,11 @@ class WindowState:
         m = self.num_grads
         diagonal = jnp.diagonal(gram)
         trace = jnp.sum(diagonal)
-        ones = jnp.sum(gram) / jnp.maximum(k, 1.0)
+        # The ones vector's quotient is one sum of the m^2 Gram entries (not the 2 m terms
+        # of a product's that rayleigh_slack covers): XLA's order may err by about m^2 eps
+        # of their magnitudes, at most k trace (as rayleigh_slack's), over k: (m^2 + 1) eps
+        # trace; 2 (m^2 + 1) covers it with room (m = 32 erred by 128 eps on the CPU).
+        ones = jnp.sum(gram) / jnp.maximum(k, 1.0) - 2.0 * (m * m + 1) * EPS64 * trace
         # The newest gradient's Gram row as DynamicIHVP's row edit takes it
         # (_dynamic_factor.probe_vectors): gradients spread in sign cancel in the ones
         # vector's quotient, not in this one.
@@ -237,8 +241,8 @@ class WindowState:
         row = jnp.take(gram, newest, axis=0)
         v = (row / (row[newest] + TINY)).at[newest].set(1.0)
         quotient = jnp.dot(v, gram @ v) / jnp.dot(v, v)
-        # Less the quotients' rounding, as the core's (both are below lambda_max then).
-        best = jnp.maximum(ones, quotient) - rayleigh_slack(m) * trace
+        # Less its rounding, as the core's (both quotients are below lambda_max then).
+        best = jnp.maximum(ones, quotient - rayleigh_slack(m) * trace)
         top = jnp.maximum(jnp.max(diagonal), jnp.where(jnp.isfinite(best), best, 0.0))
         # The roundings of the sums can put a quotient of equal gradients an ulp above
         # the trace (lower > upper): capped there, still a lower bound (lambda_max <= trace).
