@@ -436,7 +436,12 @@ def update_and_matvec_checked(op: Any, g: Array, /, *, strict: bool = False) -> 
 
 @float32_overflow_said_by_caller
 def update_and_matvec_finite(
-    op: Any, g: Array, /, *, agree: Callable[[Array], bool] | None = None
+    op: Any,
+    g: Array,
+    /,
+    *,
+    agree: Callable[[Array], bool] | None = None,
+    present: bool | None = None,
 ) -> Array | None:
     """:meth:`DynamicIHVP.update_and_matvec`, or None, the window unchanged, for a step not finite.
 
@@ -444,10 +449,11 @@ def update_and_matvec_finite(
     not on one rank): the step of a distributed ``MFAC(errors="raise")``. ``agree(s)``,
     where given, is that decision (collective; see ``_dynamic_factor.Speculation``),
     taken before the window commits to ``g``; without it the window reduces a flag.
+    ``present``: see :func:`collective_step`.
     """
     speculation = Speculation(op, strict=True, agree=agree)
     try:
-        insert(op, g, speculation=speculation)
+        insert(op, g, speculation=speculation, present=present)
     except NotFiniteStep:
         return None
     return speculation.s
@@ -476,12 +482,7 @@ def collective_step(
     if not op._collective_checks:
         raise ValueError("collective_step is for sharded windows only")
     if strict:
-        speculation = Speculation(op, strict=True, agree=agree)
-        try:
-            insert(op, g, speculation=speculation, present=present)
-        except NotFiniteStep:
-            return None
-        return speculation.s
+        return update_and_matvec_finite(op, g, agree=agree, present=present)
     g, product = insert(op, g, present=present)
     X = g[:, None]
     return op._refined(X, op._finish(X, product))[:, 0]
