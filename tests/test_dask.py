@@ -339,7 +339,7 @@ def test_a_failed_block_wise_construction_holds_no_chunk_set_up_in_the_cluster(
             da.from_array(G, chunks=(4, 5)), damp=damp, block_size=5, check_finite=check_finite
         )
     gc.collect()
-    assert set(client.refcount) - before == set()
+    assert _keys_held_after(client, before) == set()
     assert "G[1, 3]" in str(kept.value)  # kept until here, with its traceback
 
 
