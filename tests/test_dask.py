@@ -16,8 +16,21 @@ from conftest import rounded
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mfac_core import DaskStaticIHVP, FactorizationError, IllConditionedWarning, StaticIHVP
-from mfac_core.pruning import obs_saliency, obs_update, prune
+from mfac_core import (
+    DaskStaticIHVP,
+    FactorizationError,
+    IllConditionedWarning,
+    SpectralIHVP,
+    StaticIHVP,
+)
+from mfac_core.pruning import (
+    damping_sweep,
+    gradual_prune,
+    obs_saliency,
+    obs_update,
+    prune,
+    select_damping,
+)
 from mfac_core.testing import SpectralOracle, assert_close, extended_precision_inverse, problems
 
 da = pytest.importorskip("dask.array")
@@ -246,6 +259,38 @@ def test_pruning_saliencies_and_update(bs, rng):
     res_np = prune(theta, G, sparsity=0.5, damp=damp, block_size=bs)
     assert np.array_equal(res.mask.compute(), res_np.mask)
     assert_close(res.theta.compute(), res_np.theta, kappa=kappa)
+
+
+def _never_computed(block):
+    raise AssertionError("a chunk of G was computed")
+
+
+def test_spectral_operator_and_damping_selection_refuse_dask_before_reading_g(rng):
+    # The spectral set-up's eigh has no Dask version: it failed as an AttributeError of
+    # array_api_compat's namespace, after the Gram's pass over G (and, for gradual_prune,
+    # after grad_fn's gradients).
+    m, d = 4, 30
+    G = da.from_array(rng.standard_normal((m, d)), chunks=(m, 10))
+    G = G.map_blocks(_never_computed, dtype=G.dtype, meta=np.empty((0, 0)))
+    theta = da.from_array(rng.standard_normal(d), chunks=10)
+    match = "SpectralIHVP takes no Dask arrays"
+    with pytest.raises(TypeError, match=match):
+        SpectralIHVP(G, damp=1e-2)
+    with pytest.raises(TypeError, match=match):
+        damping_sweep(theta, G, [1e-2, 1.0], sparsity=0.5)
+    with pytest.raises(TypeError, match=match):
+        select_damping(theta, G, [1e-2, 1.0], sparsity=0.5, loss=lambda dp, res: 0.0)
+    calls = []
+
+    def grad_fn(t, mask):
+        calls.append(1)
+        return G
+
+    with pytest.raises(TypeError, match=match):
+        gradual_prune(
+            theta, grad_fn, sparsity=0.5, steps=2, damp=[1e-2, 1.0], select_damp=lambda *a: 0.0
+        )
+    assert calls == []
 
 
 # -- set-up checks and errors ------------------------------------------------------------------

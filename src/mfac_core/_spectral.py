@@ -96,7 +96,8 @@ class SpectralIHVP(LinearOperator):
         For a G that is not 2-D, empty, or holds NaN/inf, for ``damp <= 0``
         and for ``block_size < 1``.
     TypeError
-        For an integer or complex G, or a G that is not an array.
+        For an integer or complex G, a G that is not an array, or a Dask
+        array (the set-up's eigendecomposition has no Dask version).
 
     See Also
     --------

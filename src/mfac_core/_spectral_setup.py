@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from . import _capacitance, _pieces
-from ._compat import Array, detached, device
+from ._compat import Array, detached, device, is_dask_namespace
 from ._dtypes import compute_dtype, half_dtype_name
 from ._gram import columns_gram, rows_gram
 from ._layout import BlockGroup, block_groups, checked_gram, chunk_culprit, chunks
@@ -27,7 +27,7 @@ from ._validation import (
     check_gradients,
 )
 
-__all__ = ["build", "derived", "eigen_groups", "warn_if_any_hopeless"]
+__all__ = ["build", "check_namespace", "derived", "eigen_groups", "warn_if_any_hopeless"]
 
 
 def build(op: Any, G: Array, *, damp: Any, block_size: Any, check_finite: Any) -> None:
@@ -35,6 +35,7 @@ def build(op: Any, G: Array, *, damp: Any, block_size: Any, check_finite: Any) -
     check_finite = check_flag(check_finite, "check_finite")
     G = detached(G)  # the operator stores G, never its autograd graph
     xp = check_gradients(G, require_finite=False, half=True)
+    check_namespace(xp)
     m, d = (int(n) for n in G.shape)
     damp = check_damp(damp, num_grads=m)
     check_float64_available(xp)
@@ -59,6 +60,22 @@ def build(op: Any, G: Array, *, damp: Any, block_size: Any, check_finite: Any) -
     op.power = -1.0
     _set_damp(op, damp)
     _warn_if_hopeless(op)
+
+
+def check_namespace(xp: Any) -> None:
+    """Refuse Dask arrays before any pass over G: the set-up's ``eigh`` has none for them.
+
+    A Dask G failed only after the Gram's pass over it, as an ``AttributeError`` of
+    ``array_api_compat``'s Dask namespace (so did the damping sweep and selection of
+    :mod:`mfac_core.pruning`, which build this operator).
+    """
+    if is_dask_namespace(xp):
+        raise TypeError(
+            "SpectralIHVP takes no Dask arrays (nor do damping_sweep, select_damping and "
+            "gradual_prune's select_damp of mfac_core.pruning, which build one): its set-up "
+            "needs an eigendecomposition, which Dask lacks. Compute the arrays into NumPy "
+            "ones first, or prune at one damping (prune, DaskStaticIHVP)"
+        )
 
 
 def derived(op: Any, *, damp: float | None = None, power: float | None = None) -> Any:

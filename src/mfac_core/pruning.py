@@ -70,6 +70,7 @@ from ._pruning_obs import (
     updated_weights,
 )
 from ._spectral import SpectralIHVP
+from ._spectral_setup import check_namespace as check_spectral_namespace
 from ._static import static_ihvp
 from ._validation import check_choice, check_count, check_dampings, check_fraction
 
@@ -398,8 +399,9 @@ def gradual_prune(
         the first ``grad_fn`` call.
     TypeError
         For a ``grad_fn``, ``callback`` or ``select_damp`` that is not
-        callable, or a ``select_damp`` that returns something other than a
-        real number.
+        callable, a ``select_damp`` that returns something other than a
+        real number, or ``select_damp`` with Dask arrays (as
+        :func:`select_damping`).
     FactorizationError
         If the damped Fisher of a step's gradients cannot be factorised in
         float64 (as for :func:`prune`).
@@ -441,6 +443,8 @@ def gradual_prune(
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable, got {type(callback).__name__}")
     grid = damping_grid(damp, select_damp, saliency, update)
+    if grid is not None:
+        check_spectral_namespace(xp)  # select_damping's operator, before the first gradients
     # Before the first gradients, not by the first step's prune().
     check_step_options(
         saliency, update, None if grid is not None else damp, block_size, joint_block_size
@@ -562,8 +566,9 @@ def damping_sweep(
     Raises
     ------
     TypeError
-        For arrays of different libraries or dtypes, or dampings that are not
-        a sequence of numbers.
+        For arrays of different libraries or dtypes, Dask arrays (the
+        :class:`~mfac_core.SpectralIHVP` set-up needs an eigendecomposition),
+        or dampings that are not a sequence of numbers.
     ValueError
         For mismatched shapes or devices, a sparsity outside ``[0, 1)``, a
         damping that is not finite and positive, or NaN or infinity in a
@@ -692,8 +697,9 @@ def select_damping(
     Raises
     ------
     TypeError
-        For arrays of different libraries or dtypes, a ``loss`` that is not
-        callable or returns something other than a real number.
+        For arrays of different libraries or dtypes, Dask arrays (as
+        :func:`damping_sweep`), a ``loss`` that is not callable or returns
+        something other than a real number.
     ValueError
         For mismatched shapes, a sparsity outside ``[0, 1)``, a damping that
         is not finite and positive, ``update="joint"``, a non-finite loss, or
