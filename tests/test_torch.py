@@ -1335,6 +1335,40 @@ def test_pruner_gradients_leave_batch_norm_statistics_as_they_were():
     _assert_buffers_and_modes(model, saved)
 
 
+def test_pruner_scores_each_damping_and_takes_each_step_from_the_model_as_it_was():
+    # Regression: prune() put the modes and buffers back only when it returned, so a
+    # held-out loss that left the model in eval mode (and ran batch norm in train mode on
+    # the held-out data first) had the next step's gradients taken in eval mode, from
+    # moved statistics, and the next damping scored from the model the last one left.
+    model = _batch_norm_model()
+    saved = _buffers_and_modes(model)
+    x_val, y_val = loader(seed=1, n=1)[0]
+    seen, modes_seen = [], []
+
+    def loss_fn(out, y):
+        # After the batch's forward pass, which moved the statistics: the modes only.
+        modes_seen.append(_buffers_and_modes(model)[1])
+        return F.cross_entropy(out, y)
+
+    @torch.no_grad()
+    def val_loss(m):
+        seen.append(_buffers_and_modes(m))
+        m(x_val)  # train mode: moves the running statistics
+        m.eval()
+        return float(F.cross_entropy(m(x_val), y_val))
+
+    pruner = MFACPruner(model, num_grads=4, block_size=8, damp=1e-3)
+    pruner.prune(
+        loader(), loss_fn, sparsity=0.6, steps=2, dampings=[1e-3, 1e-1], select_damp=val_loss
+    )
+    assert len(seen) == 2 * 2 and len(modes_seen) == 2 * 4
+    assert all(modes == saved[1] for modes in modes_seen)
+    for buffers, modes in seen:
+        assert modes == saved[1]
+        assert all(torch.equal(b, saved[0][k]) for k, b in buffers.items())
+    _assert_buffers_and_modes(model, saved)
+
+
 def test_pruner_failing_leaves_the_model_exactly_as_it_was():
     # Regression: a failed prune() restored the weights and masks only: batch norm's
     # running statistics stayed moved, and a select_damp's model.eval() stayed.

@@ -10,7 +10,7 @@ from torch import nn
 
 from . import pruning
 from ._pruning_inputs import check_choices
-from ._torch_pruner_grads import collected_gradients, modes_and_buffers_kept
+from ._torch_pruner_grads import collected_gradients, held_out_loss, modes_and_buffers_kept
 from ._torch_pruner_inputs import (
     check_block,
     check_damping_grid,
@@ -340,9 +340,9 @@ class MFACPruner:
         weights and masks are restored to what they were before the call.
         Either way the model's buffers (batch norm's running statistics) and
         its modules' train/eval modes are afterwards what they were before
-        the call, whatever the forward passes, ``loss_fn`` or ``select_damp``
-        did to them (see :meth:`collect_grads`): only the chosen weights
-        change.
+        the call, as they are for every ``select_damp`` call and every step's
+        gradients, whatever ``loss_fn`` or ``select_damp`` did to them (see
+        :meth:`collect_grads`): only the chosen weights change.
 
         Parameters
         ----------
@@ -422,7 +422,7 @@ class MFACPruner:
             self._write(result.theta, result.mask, base)
             assert select_damp is not None
             candidates.append((result, damp))
-            return select_damp(self.model)
+            return held_out_loss(self.model, select_damp)
 
         def step_done(step: int, result: pruning.PruneResult) -> None:
             chosen.append(next(damp for r, damp in candidates if r is result))

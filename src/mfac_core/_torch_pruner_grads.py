@@ -14,7 +14,7 @@ from ._errors import close_abandoned
 from ._torch_layout import format_bytes, itemsize, logger
 from ._torch_pruner_inputs import check_finite_row, check_float16
 
-__all__ = ["collected_gradients", "modes_and_buffers_kept"]
+__all__ = ["collected_gradients", "held_out_loss", "modes_and_buffers_kept"]
 
 
 @contextlib.contextmanager
@@ -44,6 +44,18 @@ def modes_and_buffers_kept(model: nn.Module) -> Iterator[None]:
                 buf.copy_(copies[id(buf)])
         for module, training in modes:
             module.training = training
+
+
+def held_out_loss(model: nn.Module, select_damp: Callable[[nn.Module], Any]) -> Any:
+    """``select_damp(model)``, with the model's modes and buffers put back after it.
+
+    A held-out loss commonly calls ``model.eval()`` and leaves it so: the next step's
+    gradients were then taken in eval mode (and from batch norm statistics that a
+    train-mode forward pass of the held-out data had moved), and the next damping's
+    candidate was scored from the model as the last one left it.
+    """
+    with modes_and_buffers_kept(model):
+        return select_damp(model)
 
 
 def collected_gradients(
