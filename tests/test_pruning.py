@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mfac_core import EmpiricalFisher, StaticIHVP, pruning
+from mfac_core import EmpiricalFisher, SpectralIHVP, StaticIHVP, pruning
 from mfac_core.pruning import (
     PruneResult,
     gradual_prune,
@@ -751,6 +751,11 @@ def test_bad_shapes_and_types(rng):
         prune(theta, G, sparsity=0.5, mask=mask.astype(np.int64))
     with pytest.raises(TypeError, match="dtype"):  # float64 weights, float32 operator: lossy
         obs_saliency(theta, StaticIHVP(G.astype(np.float32), damp=0.1))
+    # Named: SpectralIHVP has matvec and diagonal, so "not an operator" said nothing.
+    with pytest.raises(TypeError, match=r"got SpectralIHVP, which lacks entries$"):
+        obs_update(theta, SpectralIHVP(G, damp=0.1), mask)
+    with pytest.raises(TypeError, match=r"got ndarray, which lacks .*matvec"):
+        obs_saliency(theta, G)
     promoted = obs_saliency(theta.astype(np.float32), ihvp)  # lossless: promoted
     assert promoted.dtype == np.float64
     with pytest.raises(TypeError):

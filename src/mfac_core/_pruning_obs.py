@@ -107,6 +107,10 @@ class InverseFisherOperator(Protocol):
         """
 
 
+#: What InverseFisherOperator asks of an operator (runtime_checkable checks all of them).
+_MEMBERS = ("shape", "dtype", "device", "block_size", "xp", "matvec", "diagonal", "entries")
+
+
 def _refuse_sharded(ihvp: Any, what: str) -> None:
     """Refuse a column-sharded operator, on every rank alike and before any collective.
 
@@ -128,9 +132,12 @@ def _refuse_sharded(ihvp: Any, what: str) -> None:
 def _check_operator(ihvp: Any, theta: Array) -> Any:
     """The operator's checks; returns ``theta`` in its dtype (promoted where lossless)."""
     if not isinstance(ihvp, InverseFisherOperator):
+        # Named: the library's own SpectralIHVP has matvec and diagonal, but not entries.
+        missing = [name for name in _MEMBERS if not hasattr(ihvp, name)]
         raise TypeError(
             f"ihvp must be an inverse-Fisher operator such as StaticIHVP (see "
-            f"InverseFisherOperator), got {type(ihvp).__name__}"
+            f"InverseFisherOperator), got {type(ihvp).__name__}, which lacks "
+            f"{', '.join(missing)}"
         )
     d = theta.shape[0]
     if tuple(ihvp.shape) != (d, d):
