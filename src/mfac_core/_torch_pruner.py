@@ -70,11 +70,11 @@ class MFACPruner:
         Prune the same fraction of every block of this many weights instead
         of selecting globally.
     dtype : torch.dtype, optional
-        The dtype of the Fisher computations (default: the weights' dtype).
+        The dtype of the Fisher computations (default: the weights' dtype
+        when the pruner is built, kept if the model is cast later).
         ``torch.float64`` gives more accurate OBS updates at small damping;
         ``torch.float16`` or ``torch.bfloat16`` store the gradients in 2 bytes
-        (half the memory of float32) and compute in float32, with float32
-        weights (:mod:`mfac_core.pruning`'s 2-byte gradients). Weights of a
+        and compute in float32, with float32 weights. Weights of a
         wider dtype than the computations' (float64 weights, a float32
         Fisher) are not rounded to it: the kept weights change by the update
         computed in the narrower dtype, added to them in their own dtype (one
