@@ -432,6 +432,33 @@ def test_non_finite_and_singular_G(bs, rng):
         )
 
 
+@pytest.mark.parametrize("check_finite", [True, False])
+def test_a_gram_whose_chunk_sum_overflows_raises_its_error_not_a_runtime_warning(check_finite):
+    # Each chunk's Gram is finite (squared row norms 1e308 per chunk of two columns), and so
+    # are the +inf and -inf that two chunks of G hold in one row: the sum over the chunks
+    # overflowed, or made inf - inf, in NumPy's sum, whose RuntimeWarning came before the
+    # error, and was the error where warnings are errors (this suite's setting). Run here
+    # (synchronous scheduler): a worker process's warning does not reach the client.
+    import dask
+
+    big = np.full((2, 6), np.sqrt(0.5e308))
+    big[1, 1::2] *= -1  # rows neither equal nor opposite
+    opposite = np.ones((2, 6))
+    opposite[0, 1], opposite[0, 4] = np.inf, -np.inf
+    with dask.config.set(scheduler="synchronous"), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(
+            ValueError if check_finite else FactorizationError, match=r"overflow|finite"
+        ):
+            DaskStaticIHVP(da.from_array(big, chunks=(2, 2)), damp=1.0, check_finite=check_finite)
+        with pytest.raises(
+            ValueError if check_finite else FactorizationError, match=r"G\[0, 1\] is inf"
+        ):
+            DaskStaticIHVP(
+                da.from_array(opposite, chunks=(2, 3)), damp=1.0, check_finite=check_finite
+            )
+
+
 def test_operand_errors(rng):
     G, damp = _data(rng, 4, 20, "float64")
     op = DaskStaticIHVP(da.from_array(G, chunks=(4, 5)), damp=damp)

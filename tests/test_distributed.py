@@ -106,6 +106,22 @@ def test_thread_comm_sums_in_rank_order() -> None:
         np.testing.assert_array_equal(r, expected)
 
 
+def test_thread_comm_adds_beyond_float64_without_a_warning_as_an_engine_does() -> None:
+    # gloo and NCCL add inf and NaN without a word, and the operators report what they
+    # find in the sum; ThreadComm's NumPy addition warned on every rank, which raised that
+    # RuntimeWarning where warnings are errors (this suite's setting) instead of the
+    # operator's own error.
+    parts = [np.array([1e308, np.inf]), np.array([1e308, -np.inf])]
+
+    def fn(comm: ThreadComm) -> np.ndarray:
+        return comm.allreduce_sum(parts[comm.rank])
+
+    results = run_spmd_threads(fn, 2, timeout=10)
+    for r in results:
+        assert isinstance(r, np.ndarray), r
+        assert np.isposinf(r[0]) and np.isnan(r[1]), r
+
+
 def test_thread_comm_reports_mismatched_shapes() -> None:
     def fn(comm: ThreadComm) -> np.ndarray:
         return comm.allreduce_sum(np.zeros(2 + comm.rank))

@@ -27,7 +27,7 @@ from mfac_core import (
     WindowOptions,
 )
 from mfac_core.distributed import CommCall, Communicator, CountingComm
-from mfac_core.testing import SpectralOracle, assert_close, run_spmd_threads
+from mfac_core.testing import SpectralOracle, assert_close, condition_number, run_spmd_threads
 
 
 def _starts(widths: list[int]) -> list[int]:
@@ -365,6 +365,65 @@ def test_nearly_collinear_rows_are_exact_in_one_reduction() -> None:
     slots = results[0][2]
     gram = results[0][1]["gram"][np.ix_(slots, slots)]
     np.testing.assert_allclose(gram, G @ G.T, rtol=1e-12)
+
+
+@pytest.mark.parametrize(("dtype", "big"), [("float64", 1e308), ("float32", 3e38)])
+@pytest.mark.parametrize("warning", ["ignore", "error"])
+@pytest.mark.parametrize("method", ["matvec", "matmat"])
+def test_refinement_of_a_product_that_overflows_on_one_rank_only(
+    dtype: str, big: float, warning: str, method: str
+) -> None:
+    # Rank 0's shard of F^-1 x is beyond the dtype's range, rank 1's is finite: rank 0
+    # stopped before refining and rank 1 waited in the residual's reduction (a hang), or,
+    # with warnings as errors, rank 0 raised in the middle of the call. Every rank now
+    # learns it from the residual's reduced G Y and keeps its product, as the
+    # single-process window keeps its finite coordinates; the warning is said at the end.
+    G = (np.random.default_rng(3).standard_normal((3, 6)) * 0.01).astype(dtype)
+    x = np.array([big] * 3 + [1.0] * 3, dtype=dtype)
+    options = WindowOptions(refine=1)
+
+    def fn(comm: Communicator) -> np.ndarray:
+        s = slice(3 * comm.rank, 3 * comm.rank + 3)
+        op = ShardedDynamicIHVP(3, 3, comm=comm, damp=0.5, dtype=dtype, options=options)
+        for g in G:
+            op.update(g[s])
+        return op.matvec(x[s]) if method == "matvec" else op.matmat(x[s, None])[:, 0]
+
+    single = DynamicIHVP(3, 6, damp=0.5, dtype=dtype, options=options)
+    for g in G:
+        single.update(g)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        want = single.matvec(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter(warning, RuntimeWarning)
+        results = run_spmd_threads(fn, 2, timeout=10)
+    if warning == "error":
+        assert isinstance(results[0], RuntimeWarning), results
+        assert f"exceeds {dtype}'s range" in str(results[0])
+    else:
+        assert not np.all(np.isfinite(results[0])), results
+    assert isinstance(results[1], np.ndarray), results
+    assert np.all(np.isfinite(want[3:])) and np.all(np.isfinite(results[1]))
+    assert_close(results[1], want[3:], kappa=condition_number(G.astype(np.float64), 0.5))
+
+
+def test_a_nan_on_one_rank_is_no_overflow_on_the_others() -> None:
+    # Unchecked, rank 0's NaN reaches rank 1's shard through the reduction; rank 1 took it
+    # for an overflow of its own and raised its warning (an error in this suite) in the
+    # middle of the refined call, while rank 0 waited in the residual's reduction.
+    G = np.random.default_rng(0).standard_normal((3, 6))
+    options = WindowOptions(check_finite=False, refine=1)
+
+    def fn(comm: Communicator) -> np.ndarray:
+        s = slice(3 * comm.rank, 3 * comm.rank + 3)
+        op = ShardedDynamicIHVP(3, 3, comm=comm, damp=0.5, dtype="float64", options=options)
+        for g in G:
+            op.update(g[s])
+        return op.matvec(np.full(3, np.nan if comm.rank == 0 else 1.0))
+
+    results = run_spmd_threads(fn, 2, timeout=10)
+    assert all(isinstance(r, np.ndarray) and np.all(np.isnan(r)) for r in results), results
 
 
 def test_row_edits_bound_kappa_alike_on_every_rank() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import itertools
 import pickle
+import warnings
 from typing import Any
 
 import numpy as np
@@ -24,6 +25,7 @@ from mfac_core.distributed import Communicator, CountingComm, SingleProcessComm
 from mfac_core.testing import (
     SpectralOracle,
     assert_close,
+    condition_number,
     extended_precision_inverse,
     problems,
     run_spmd_threads,
@@ -286,6 +288,59 @@ def test_refinement(layout: str) -> None:
             ]
     else:
         assert all(r["matmat"] == [] for r in results)
+
+
+@pytest.mark.parametrize(("dtype", "big"), [("float64", 1e308), ("float32", 3e38)])
+@pytest.mark.parametrize("warning", ["ignore", "error"])
+def test_refinement_of_a_product_that_overflows_on_one_rank_only(
+    dtype: str, big: float, warning: str
+) -> None:
+    # Rank 0's shard of F^-1 x is beyond the dtype's range, rank 1's is finite. Rank 0
+    # stopped before refining (its result tested alone) while rank 1 waited in the
+    # residual's reduction for it (a hang; gloo's until its timeout), and with warnings as
+    # errors rank 0 raised the overflow's warning in the middle of the call. Now every rank
+    # learns it from the residual's reduced G Y and keeps its product, as the
+    # single-process operator keeps its finite coordinates, and the warning is said when
+    # the call returns.
+    G = np.random.default_rng(3).standard_normal((3, 6)) * 0.01
+    x = np.array([big] * 3 + [1.0] * 3, dtype=dtype)
+
+    def fn(comm: Communicator) -> np.ndarray:
+        s = slice(3 * comm.rank, 3 * comm.rank + 3)
+        op = ShardedStaticIHVP(G[:, s].astype(dtype), comm=comm, damp=0.5, refine=1)
+        return op.matvec(x[s])
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        want = StaticIHVP(G.astype(dtype), damp=0.5, refine=1).matvec(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter(warning, RuntimeWarning)
+        results = run_spmd_threads(fn, 2, timeout=10)
+    if warning == "error":
+        assert isinstance(results[0], RuntimeWarning), results
+        assert f"exceeds {dtype}'s range" in str(results[0])
+    else:
+        assert not np.all(np.isfinite(results[0])), results
+    assert isinstance(results[1], np.ndarray), results
+    assert np.all(np.isfinite(want[3:])) and np.all(np.isfinite(results[1]))
+    assert_close(results[1], want[3:], kappa=condition_number(G, 0.5))
+
+
+def test_a_nan_on_one_rank_is_no_overflow_on_the_others() -> None:
+    # Unchecked, rank 0's NaN spreads through the reduction to rank 1's shard. Rank 1,
+    # whose x is finite, took it for an overflow of its own: it said so in the middle of
+    # the refined call, which, as an error (this suite's setting), stopped it while rank 0
+    # waited in the residual's reduction. A rank's result is tested against its inputs
+    # only where one of its own operations overflowed.
+    G = np.random.default_rng(0).standard_normal((3, 6))
+
+    def fn(comm: Communicator) -> np.ndarray:
+        s = slice(3 * comm.rank, 3 * comm.rank + 3)
+        op = ShardedStaticIHVP(G[:, s], comm=comm, damp=0.5, check_finite=False, refine=1)
+        return op.matvec(np.full(3, np.nan if comm.rank == 0 else 1.0))
+
+    results = run_spmd_threads(fn, 2, timeout=10)
+    assert all(isinstance(r, np.ndarray) and np.all(np.isnan(r)) for r in results), results
 
 
 @pytest.mark.filterwarnings("ignore::mfac_core.IllConditionedWarning")

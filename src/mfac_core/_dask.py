@@ -89,6 +89,17 @@ def _chunk_gram(G: Any) -> Any:
     return _layout.chunk_gram(_NP, G, group, list(_layout.pieces(group, width)), product)[0]
 
 
+def _gram_sum(parts: Any, axis: Any = None, keepdims: bool = False, **_: Any) -> Any:
+    """The sum of the chunks' Gram parts over ``axis``: ``np.sum``, without its warnings.
+
+    Parts whose sum overflows (or whose infinities cancel to NaN) leave a non-finite
+    diagonal, which the set-up reports as the error that says so; NumPy's RuntimeWarning
+    would come first, and be the error where warnings are errors, as in ``chunk_gram``.
+    """
+    with np.errstate(over="ignore", invalid="ignore"):
+        return np.sum(parts, axis=axis, keepdims=keepdims)
+
+
 def _whole(G: Any, factor: _capacitance.CapacitanceFactor, damp: float) -> GFormFactor:
     """One chunk's columns of the full operator's G-form (the factor is the whole one)."""
     G = np.asarray(G)
@@ -442,8 +453,13 @@ class DaskStaticIHVP(StaticIHVP):
                 )
                 for part in G.to_delayed(optimize_graph=False).ravel()
             ]
-            # One reduction: dask sums the chunks' parts in a tree.
-            gram = np.asarray(da.stack(parts).sum(axis=0).compute())
+            # One reduction: dask sums the chunks' parts in a tree (as .sum does). No local
+            # holds its graph: the failure below lets go of G's chunks through G and parts.
+            gram = np.asarray(
+                da.reduction(
+                    da.stack(parts), _gram_sum, _gram_sum, axis=0, dtype=np.float64
+                ).compute()
+            )
             if check_finite and not np.all(np.isfinite(np.diagonal(gram))):
                 self._raise_non_finite(G)
             factor = _capacitance.factorize(

@@ -314,8 +314,8 @@ class DynamicIHVP(WindowCopies):
         """Check ``operation``'s argument with ``local()`` (it may raise)."""
         local()
 
-    def _residual(self, X: Array, Y: Array, scale: float) -> Array:
-        """``X - F Y`` in float64 for the refinement (``Y`` float64)."""
+    def _residual(self, X: Array, Y: Array, scale: float) -> Array | None:
+        """``X - F Y`` in float64 for the refinement (``Y`` float64); sharded: or None."""
         whole = (BlockGroup(0, 1, self.dim),)
         return fisher_residual(self._xp, self._G, whole, X, Y, damp=self.damp, scale=scale)
 

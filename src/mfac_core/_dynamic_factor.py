@@ -241,10 +241,13 @@ def refined(op: Any, X: Array, Y: Array, factor: SlotFactor | None = None) -> Ar
     # gradient being inserted (``Speculation.settle``).
     scale = 1.0 / (op.num_grads if op.zero_init else len(factor.slots))
 
-    def residual(X: Array, Y64: Array) -> Array:
+    def residual(X: Array, Y64: Array) -> Array | None:
         return op._residual(X, Y64, scale)
 
-    return refine(op._xp, lambda R: solved(op, R, factor), residual, X, Y, op.refine)
+    def solve(R: Array) -> Array:
+        return solved(op, R, factor)
+
+    return refine(op._xp, solve, residual, X, Y, op.refine, collective=op._collective_checks)
 
 
 # -- the operator's factor replaced (DynamicIHVP._commit, set_damp) ------------------------

@@ -276,11 +276,12 @@ def pieces_of(op: Any) -> list[Any]:
     return list(pieces(whole, width))
 
 
-def sharded_residual(op: Any, X: Array, Y: Array, scale: float) -> Array:
+def sharded_residual(op: Any, X: Array, Y: Array, scale: float) -> Array | None:
     """This rank's rows of ``X - F Y`` in float64, with ``G Y`` summed over the ranks.
 
     As ``fisher_residual`` (one block, bounded float64 column pieces), with the one
-    reduction of the m x k product that the sum over d needs.
+    reduction of the m x k product that the sum over d needs. None on every rank
+    where the reduced ``G Y`` is not finite (``_refine.refine``, collective).
     """
     xp = op._xp
     spans = [(c0, c1) for _, _, c0, c1 in pieces_of(op)]
@@ -288,6 +289,8 @@ def sharded_residual(op: Any, X: Array, Y: Array, scale: float) -> Array:
     for c0, c1 in spans:
         P = P + xp.astype(op._G[:, c0:c1], xp.float64) @ Y[c0:c1, ...]
     P = summed(op, P)
+    if not bool(xp.all(xp.isfinite(P))):
+        return None
     X64 = xp.astype(X, xp.float64)
     parts = [
         X64[c0:c1, ...]

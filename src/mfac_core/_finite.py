@@ -54,6 +54,7 @@ __all__ = [
     "note_intermediate",
     "note_result_overflow",
     "raise_non_finite",
+    "shard_overflow_once",
 ]
 
 
@@ -202,6 +203,11 @@ class _Call:
     #: A step inside overflowed (NumPy's flags, or a non-finite float64 coefficient:
     #: ``note_intermediate``): the call tests a float32 result too.
     suspect: bool = False
+    #: The steps test their own results, not the call (``shard_overflow_once``).
+    steps_test: bool = False
+    #: NumPy flagged an operation of this call (on this rank): ``shard_overflow_once``
+    #: then tests the result against the inputs.
+    flagged: bool = False
 
     def say_noted(self) -> None:
         """Warn of each overflow noted, once."""
@@ -315,6 +321,9 @@ def note_intermediate(*arrays: Any) -> None:
 def _numpy_flagged(kind: str, flag: int) -> None:
     """NumPy's error callback inside a public call: an operation overflowed (or gave NaN)."""
     _suspect()
+    pending = _pending.get()
+    if pending is not None:
+        pending.flagged = True
 
 
 def _suspect() -> None:
@@ -410,12 +419,37 @@ def float32_overflow_said_by_caller(method: _F) -> _F:
     return _gathered(method, say=False)
 
 
-def _gathered(method: _F, *, say: bool) -> _F:
+def shard_overflow_once(method: _F) -> _F:
+    """``method``, a call of a column-sharded operator, with its overflow said once at its end.
+
+    As :func:`float32_overflow_once`, except that the call's result is tested
+    against its inputs only where NumPy flagged an operation of this rank: a rank's
+    shard of the result is not finite where another rank's input was (a NaN spread by
+    a reduction), which its own inputs cannot tell. The steps inside (``combine``: its
+    result against the reduced coefficients it reads) test theirs, and the call says
+    what they noted when it returns, after its last reduction: said inside, a warning
+    that is an error stopped one rank while the others waited in the next reduction.
+    """
+    return _gathered(method, say=True, steps_test=True)
+
+
+def _tested(pending: _Call, result: Any, inputs: tuple[Any, ...]) -> None:
+    """Test ``result`` of a call with ``inputs`` (a float64 sum that overflows flags too)."""
+    note_result_overflow(result, *inputs)
+    if pending.suspect:
+        _overflowed(result, inputs, ("float32",))
+
+
+def _gathered(method: _F, *, say: bool, steps_test: bool = False) -> _F:
     @functools.wraps(method)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        if _pending.get() is not None:
-            return method(*args, **kwargs)
-        pending = _Call(says=say)
+        outer = _pending.get()
+        if outer is not None:
+            result = method(*args, **kwargs)
+            if outer.steps_test:
+                _tested(outer, result, (*args, *kwargs.values()))
+            return result
+        pending = _Call(says=say, steps_test=steps_test)
         token = _pending.set(pending)
         try:
             # NumPy's warnings ("overflow encountered in multiply", one per operation)
@@ -423,11 +457,10 @@ def _gathered(method: _F, *, say: bool) -> _F:
             # then tested, float32 too. Inner errstates (narrowed's) still hold.
             with np.errstate(over="call", invalid="call", call=_numpy_flagged):
                 result = method(*args, **kwargs)
-                if say:  # (a float64 sum that overflows flags too: float32 is tested alone)
-                    inputs = (*args, *kwargs.values())
-                    note_result_overflow(result, *inputs)
-                    if pending.suspect:
-                        _overflowed(result, inputs, ("float32",))
+                if say and not steps_test:
+                    _tested(pending, result, (*args, *kwargs.values()))
+                elif say and pending.flagged:  # this rank's step overflowed (projection)
+                    _overflowed(result, (*args, *kwargs.values()), ("float64", "float32"))
         finally:
             _pending.reset(token)
         if say:

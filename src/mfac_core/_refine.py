@@ -73,25 +73,36 @@ def fisher_residual(
 def refine(
     xp: Any,
     apply: Callable[[Array], Array],
-    residual: Callable[[Array, Array], Array],
+    residual: Callable[[Array, Array], Array | None],
     X: Array,
     Y: Array,
     steps: int,
+    *,
+    collective: bool = False,
 ) -> Array:
     """``steps`` refinement steps of ``Y ~ F^{-1} X``; returns Y in X's dtype.
 
     ``apply`` is the operator's own product (in the storage dtype),
     ``residual(X, Y64)`` the float64 residual ``X - F Y64``. The iterate is
-    kept in float64 between steps.
+    kept in float64 between steps. ``collective``: ``X`` and ``Y`` are one rank's
+    shards, and ``residual`` reduces over the ranks; it returns None on every rank
+    where the reduced ``G Y64`` is not finite, which ends the refinement there.
     """
-    if not steps or float32_overflow_noted() or note_result_overflow(Y, X):
+    if not steps:
+        return Y
+    if not collective and (float32_overflow_noted() or note_result_overflow(Y, X)):
         # A product beyond float32's (or float64's) range, said once at the end of the
         # call, is infinity, which the residual would spread to every coordinate as
         # NaN: its finite coordinates are kept as they are, at the dtype's rounding.
+        # Not decided from a shard: ranks whose shard is finite would wait in the
+        # residual's reduction for those that stopped; its reduced G Y tells every rank.
         return Y
     Y64 = xp.astype(Y, xp.float64)
     for _ in range(steps):
-        Y64 = Y64 + _correction(xp, apply, residual(X, Y64), X.dtype)
+        R = residual(X, Y64)
+        if R is None:
+            break
+        Y64 = Y64 + _correction(xp, apply, R, X.dtype)
     return narrowed(xp, Y64, X.dtype)
 
 

@@ -26,6 +26,7 @@ from ._dynamic_sharded import (
     sharded_residual,
     summed,
 )
+from ._finite import shard_overflow_once
 from ._sharding import ShardLayout, copied_identity
 from ._validation import check_count, namespace_of
 from .distributed import Communicator, check_communicator
@@ -253,7 +254,7 @@ class ShardedDynamicIHVP(DynamicIHVP):
     def _agreed(self, operation: str, local: Callable[[], Any]) -> None:
         agreed(self, f"{OWNER}.{operation}", OPERATIONS[operation], local)
 
-    def _residual(self, X: Array, Y: Array, scale: float) -> Array:
+    def _residual(self, X: Array, Y: Array, scale: float) -> Array | None:
         return sharded_residual(self, X, Y, scale)
 
     # -- copies and pickles: the communicator is shared, never pickled ----------------
@@ -279,6 +280,7 @@ class ShardedDynamicIHVP(DynamicIHVP):
 
     # -- products: this rank's entries, checked inside the reduction --------------------
 
+    @shard_overflow_once
     def matvec(self, x: Array, /) -> Array:
         """Apply ``F^{-1}`` to this rank's entries of one vector; collective.
 
@@ -301,6 +303,7 @@ class ShardedDynamicIHVP(DynamicIHVP):
         y = collective_product(self, x, "x", (1, 2), 1)
         return y[:, 0] if getattr(x, "ndim", 2) == 1 else y
 
+    @shard_overflow_once
     def matmat(self, X: Array, /) -> Array:
         """Apply ``F^{-1}`` to this rank's rows of k vectors; collective.
 

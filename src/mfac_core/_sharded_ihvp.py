@@ -14,6 +14,7 @@ from typing import Any
 from . import _sharded_static, _static
 from ._compat import Array, detached, device
 from ._deprecation import legacy_options, register_sharded_form, warn_deprecated
+from ._finite import shard_overflow_once
 from ._operator import LinearOperator
 from ._sharding import ShardLayout
 from ._validation import check_float64_available, namespace_of
@@ -219,6 +220,9 @@ class ShardedStaticIHVP(_static._BlockOperatorBase):
         return new
 
     # -- products: this rank's shards, checked inside the collective ------------------
+    # Each public call says an overflow once, when it returns (shard_overflow_once), as
+    # the single-process operators do: said inside, by a step, a warning that is an error
+    # stopped one rank while the others waited in the refinement's reductions.
 
     def _apply(self, x: Any, *, vector: bool) -> Array:
         # F^{-1} is symmetric: the adjoint products are the products.
@@ -233,6 +237,7 @@ class ShardedStaticIHVP(_static._BlockOperatorBase):
             owner=self,
         )
 
+    @shard_overflow_once
     def matvec(self, x: Array, /) -> Array:
         """Apply ``F^{-1}`` to this rank's shard of a vector; collective.
 
@@ -248,6 +253,7 @@ class ShardedStaticIHVP(_static._BlockOperatorBase):
         """
         return self._apply(x, vector=True)
 
+    @shard_overflow_once
     def rmatvec(self, x: Array, /) -> Array:
         """Apply ``F^{-1}`` as :meth:`matvec` does (the operator is symmetric); collective.
 
@@ -263,6 +269,7 @@ class ShardedStaticIHVP(_static._BlockOperatorBase):
         """
         return self._apply(x, vector=True)
 
+    @shard_overflow_once
     def matmat(self, X: Array, /) -> Array:
         """Apply ``F^{-1}`` to this rank's rows of k vectors; collective.
 
@@ -278,6 +285,7 @@ class ShardedStaticIHVP(_static._BlockOperatorBase):
         """
         return self._apply(X, vector=False)
 
+    @shard_overflow_once
     def rmatmat(self, X: Array, /) -> Array:
         """Apply ``F^{-1}`` as :meth:`matmat` does (the operator is symmetric); collective.
 
@@ -293,6 +301,7 @@ class ShardedStaticIHVP(_static._BlockOperatorBase):
         """
         return self._apply(X, vector=False)
 
+    @shard_overflow_once
     def diagonal(self) -> Array:
         """Return this rank's ``d_local`` diagonal entries of ``F^{-1}``; no communication.
 
@@ -304,6 +313,7 @@ class ShardedStaticIHVP(_static._BlockOperatorBase):
         """
         return self._shard.diagonal(self._xp, self.device, self.dtype)
 
+    @shard_overflow_once
     def entries(self, rows: Array, cols: Array, /) -> Array:
         """Selected entries ``[F^{-1}][rows[k], cols[k]]`` at global indices; collective.
 

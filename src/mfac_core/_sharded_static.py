@@ -597,6 +597,7 @@ class ShardedStatic:
                 X,
                 Y,
                 self.agreed.refine,
+                collective=True,
             )
         return Y[:, 0] if one_d else Y
 
@@ -660,8 +661,12 @@ class ShardedStatic:
             scale=1.0 / self.agreed.num_grads,
         )
 
-    def _full_residual(self, comm: Communicator, xp: Any, X: Array, Y: Array) -> Array:
-        """``X - F Y`` in float64: ``G Y`` summed over ranks (one reduction), then local."""
+    def _full_residual(self, comm: Communicator, xp: Any, X: Array, Y: Array) -> Array | None:
+        """``X - F Y`` in float64: ``G Y`` summed over ranks (one reduction), then local.
+
+        None on every rank where the reduced ``G Y`` is not finite: some rank's
+        shard of Y overflowed (``_refine.refine``, collective).
+        """
         G = self.G
         m, n = G.shape
         k = Y.shape[1]
@@ -671,6 +676,8 @@ class ShardedStatic:
             hi = min(lo + width, n)
             P = P + xp.astype(G[:, lo:hi], xp.float64) @ Y[lo:hi, ...]
         P = xp.reshape(comm.allreduce_sum(xp.reshape(P, (-1,))), (m, k))
+        if not bool(xp.all(xp.isfinite(P))):
+            return None
         X64 = xp.astype(X, xp.float64)
         parts = []
         for lo in range(0, n, width):
