@@ -84,6 +84,40 @@ def test_lambda_max_bounds_on_stacks_of_psd_matrices(m, seed, rank, stack):
     assert np.all(to_numpy(lo) >= true / m - tol)
 
 
+def _largest_orthogonal_to_a_cluster(rng, m, d):
+    """A gradient orthogonal to m - 1 nearly collinear ones of a slightly smaller norm: the
+    unit vector of the Gram's largest diagonal entry is an eigenvector of its eigenvalue
+    about lambda_max / (m - 1), where power iterations started there stay."""
+    G = np.zeros((m, d))
+    G[1:, 1:] = rng.standard_normal(d - 1) + 1e-6 * rng.standard_normal((m - 1, d - 1))
+    G[0, 0] = 1.01 * float(np.max(np.linalg.norm(G[1:], axis=1)))
+    return G
+
+
+def test_lambda_max_lower_bound_finds_a_cluster_beside_the_largest_entry(rng):
+    # Regression: the bound was the largest diagonal entry's eigenvalue, 1/15 of lambda_max.
+    gram = (lambda G: G @ G.T)(_largest_orthogonal_to_a_cluster(rng, 16, 40))
+    lo, _ = (float(v) for v in lambda_max_bounds(XP, gram))
+    true = float(np.linalg.eigvalsh(gram)[-1])
+    assert true * (1 - 1e-6) <= lo <= true * (1 + 1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_hopeless_cluster_beside_the_largest_gradient_warns(rng, dtype):
+    # Regression: kappa = 1e11 was estimated as 3.3e9 (the isolated gradient's eigenvalue,
+    # 1/31 of lambda_max), below the rule's 2.7e10: the product of the cluster's mean came
+    # back 24 % off (float64 G; 1.1e-4 for float32 G) without a warning.
+    from mfac_core.testing import condition_number
+
+    G = _largest_orthogonal_to_a_cluster(rng, 32, 120).astype(dtype)
+    damp = float(np.linalg.norm(G.astype(np.float64), 2) ** 2) / (32 * 1e11)
+    kappa = condition_number(G, damp)
+    with pytest.warns(IllConditionedWarning, match="kappa >= ") as caught:
+        StaticIHVP(G, damp=damp)
+    warned = float(str(caught[0].message).split("kappa >= ")[1].split(",")[0])
+    assert kappa * 0.99 <= warned <= kappa * 1.01  # printed to 3 digits
+
+
 def test_hopeless_zero_sum_gradients_warn(rng):
     # Regression: a power iteration started from the all-ones vector stayed in the null
     # space of these gradients and reported kappa = 1, so no warning was given.

@@ -146,6 +146,37 @@ def test_hopeless_warning_and_lower_bound(chunked, rng):
     assert lo >= 0.75 * kappa * (1 - 1e-6)
 
 
+def test_hopeless_cluster_beside_the_largest_column_warns_on_both_paths(chunked, rng):
+    # Each block of 8 columns: column 0 orthogonal to 7 nearly collinear ones of a slightly
+    # smaller norm, so e_0, the start of the power iterations at S_b's largest diagonal
+    # entry, is an eigenvector of lambda_max(S_b) / 7. Regression: kappa = 5.4e14 (eps kappa
+    # = 0.12) was estimated from that eigenvalue as 3.3e13, below the dense rule's 1/32 (1.4e14),
+    # and did not warn.
+    from mfac_core.testing import condition_number
+
+    m, s = 12, 8
+    blocks = []
+    for _ in range(2):
+        u = rng.standard_normal(m)
+        u /= np.linalg.norm(u)
+        Gb = u[:, None] + 1e-7 * rng.standard_normal((m, s))
+        w = rng.standard_normal(m)
+        w -= (w @ u) * u
+        Gb[:, 0] = 1.01 * w / np.linalg.norm(w)
+        blocks.append(Gb)
+    G = np.hstack(blocks)
+    top = max(float(np.linalg.eigvalsh(b.T @ b / m)[-1]) for b in blocks)
+    damp = top / 1.2e15
+    kappa = condition_number(G, damp, block_size=s)
+    assert 2.0**-52 * kappa >= 1 / 16
+    for build in (StaticIHVP, _general):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            build(G, damp=damp, block_size=s)
+        # The bound is lambda_max(F_b) over max_j (F_b^{-1})_jj's bound of lambda_min.
+        assert kappa / 4 <= _warned_kappa(caught) <= kappa * 1.01
+
+
 @pytest.mark.parametrize("xp_name", ["numpy", "torch"])
 @pytest.mark.parametrize("block_size", [None, 4])
 def test_blocks_spanned_by_the_gradients_do_not_warn(rng, xp_name, block_size):

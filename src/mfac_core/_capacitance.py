@@ -21,6 +21,7 @@ applies to G (``W = U^{-T} G``); the dynamic operator edits rows of ``U``.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Callable
@@ -100,40 +101,81 @@ def lambda_max_bounds(xp: Any, gram: Array, /) -> tuple[Any, Any]:
     """Lower and upper bounds of the largest eigenvalue of each PSD matrix of a stack.
 
     The upper bound is the trace. The lower bound is the largest Rayleigh quotient
-    of a few power iterations started from the unit vector of the largest diagonal
-    entry: its quotient is that entry, at least ``trace / k >= lambda_max / k``, and
-    power iterations on a PSD matrix never lower the quotient, so the bound cannot
-    collapse to zero for a nonzero Gram (a start such as the all-ones vector can
-    lie in the null space, e.g. for gradients that sum to zero).
+    of a few power iterations started from two unit vectors (:func:`power_bounds`):
+    that of the largest diagonal entry, whose quotient is at least ``trace / k >=
+    lambda_max / k``, so the bound cannot collapse to zero for a nonzero Gram (a
+    start such as the all-ones vector can lie in the null space, e.g. for gradients
+    that sum to zero); and that of the largest ``||A e_i||^2 / A_ii``, the quotient
+    after one step from ``e_i``, where the largest diagonal entry belongs to an
+    eigenvector of a smaller eigenvalue (a gradient orthogonal to the others, beside
+    k - 1 nearly collinear ones of a slightly smaller norm: its start alone stayed
+    at ``lambda_max / (k - 1)``).
 
     Returns arrays of the stack's leading shape (float64).
     """
-    return power_bounds(xp, xp.linalg.diagonal(gram), lambda v: gram @ v)
+    return power_bounds(
+        xp,
+        xp.linalg.diagonal(gram),
+        lambda v: gram @ v,
+        column_norms2=xp.sum(gram * gram, axis=-2),
+    )
 
 
-def power_bounds(xp: Any, diag: Array, matvec: Callable[[Array], Array], /) -> tuple[Any, Any]:
+def power_bounds(
+    xp: Any,
+    diag: Array,
+    matvec: Callable[[Array], Array],
+    /,
+    *,
+    column_norms2: Array | None = None,
+) -> tuple[Any, Any]:
     """:func:`lambda_max_bounds` of a stack given by its diagonal and its product.
 
-    ``diag`` is ``(..., k)``, ``matvec`` maps a ``(..., k, 1)`` stack of vectors to the
-    matrices' products with them; a caller that holds a factor rather than the matrix
-    (the dense blocks' set-up) passes products through it. Each product serves both a
-    Rayleigh quotient and the next iterate.
+    ``diag`` is ``(..., k)``, ``matvec`` maps a ``(..., k, n)`` stack of vectors (in the
+    columns, n of 1 or 2) to the matrices' products with them; a caller that holds a
+    factor rather than the matrix (the dense blocks' set-up) passes products through it.
+    Each product serves both a Rayleigh quotient and the next iterate. The iterations
+    start from the unit vector of the largest diagonal entry and from a second vector:
+    where the squared column norms ``||A e_i||^2`` are given (``(..., k)``), the unit
+    vector of the largest ``||A e_i||^2 / A_ii`` (for a PSD matrix the Rayleigh
+    quotient of ``A e_i``, at least ``tr(A^2) / tr(A) >= lambda_max^2 / tr(A)``);
+    otherwise fixed pseudo-random signs (:func:`_signs`), which a caller holding only a
+    factor gets for O(k^2), where the columns' norms would cost a product of factors.
     """
     upper = xp.sum(diag, axis=-1)
     k = diag.shape[-1]
-    start = xp.argmax(diag, axis=-1)
-    v = xp.astype(xp.arange(k, device=device(diag)) == start[..., None], diag.dtype)[..., None]
+    index = xp.arange(k, device=device(diag))
+    first = xp.astype(index == xp.argmax(diag, axis=-1)[..., None], diag.dtype)
+    if column_norms2 is not None:
+        # A zero diagonal entry has a zero column (PSD): its ratio is 0, not 0 / 0.
+        best = xp.argmax(column_norms2 / xp.where(diag > 0, diag, 1.0), axis=-1)
+        second = xp.astype(index == best[..., None], diag.dtype)
+    else:
+        signs = xp.asarray(_signs(k), dtype=diag.dtype, device=device(diag))
+        second = xp.broadcast_to(signs, diag.shape)
+    v = xp.stack([first, second], axis=-1)
     lower = xp.max(diag, axis=-1)
     w = matvec(v)
     for _ in range(_POWER_ITERATIONS):
-        # Rescale so that the iterates neither overflow nor underflow.
-        scale = xp.max(xp.abs(w), axis=(-2, -1), keepdims=True)
+        # Rescale each iterate so that it neither overflows nor underflows.
+        scale = xp.max(xp.abs(w), axis=-2, keepdims=True)
         v = w / xp.where(scale > 0, scale, 1.0)
-        norm2 = xp.sum(v * v, axis=(-2, -1))
+        norm2 = xp.sum(v * v, axis=-2)
         w = matvec(v)
-        rayleigh = xp.sum(v * w, axis=(-2, -1)) / xp.where(norm2 > 0, norm2, 1.0)
-        lower = xp.maximum(lower, rayleigh)
+        rayleigh = xp.sum(v * w, axis=-2) / xp.where(norm2 > 0, norm2, 1.0)
+        lower = xp.maximum(lower, xp.max(rayleigh, axis=-1))
     return lower, upper
+
+
+@functools.cache
+def _signs(k: int) -> tuple[float, ...]:
+    """``k`` fixed pseudo-random signs: the parity of the bits of ``i`` times 2654435761.
+
+    Pseudo-random rather than all equal or alternating, which gradients that cancel in
+    pairs (``g, -g``) or in sign patterns make orthogonal to the top eigenvector; fixed,
+    so that the same gradients give the same bound (and warning) on every call.
+    """
+    return tuple(-1.0 if (i * 2654435761 & 0xFFFFFFFF).bit_count() & 1 else 1.0 for i in range(k))
 
 
 def excess_bounds(xp: Any, gram: Array, /, *, shift: float, scale: float) -> tuple[Any, Any]:

@@ -141,6 +141,9 @@ def fill_block_inverses(
                 # upper bound leaves that open (they cost a third of the factorisation).
                 # NumPy's products here are the threads' only BLAS calls: at damp 1e-15,
                 # m = 256, B = 128, d = 1e6 on two threads, 10-30 % more CPU, no stall.
+                # Without S_b's columns (a product of factors, O(s^3) a block: 12x the
+                # set-up at m = 256, B = 128, d = 131072 on two threads) the second start is
+                # _capacitance's fixed pseudo-random signs.
                 Lt = np.swapaxes(L, -1, -2)
                 power, _ = _capacitance.power_bounds(np, S_diag, lambda v: L @ (Lt @ v) - damp * v)
                 lam_lo = np.maximum(lam_lo, power)
