@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from . import _capacitance, _engine, _host_rows, _pieces
+from ._attributes import reassign
 from ._capacitance import DRIFT_TOL, CapacitanceFactor, relative_column_drift
 from ._compat import Array, host_values, take
 from ._compat import device as device_of
@@ -270,7 +271,7 @@ def redamped(op: Any, damp: float) -> None:
     op._agreed("set_damp", lambda: _window_damp(op, given))
     damp = _window_damp(op, damp)
     factor = factorized(op, op._gram, list(op._factor.slots), damp)
-    op.damp = damp
+    reassign(op, "damp", damp)
     op._commit(factor, refactored=True)
 
 

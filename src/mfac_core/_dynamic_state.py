@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from . import _host_rows
+from ._attributes import BUILT_WITH, reassign
 from ._capacitance import DRIFT_TOL, CapacitanceFactor, check_window_damp
 from ._compat import Array, detached, is_finite_array
 from ._dtypes import byte_order_note, untyped_note
@@ -73,6 +74,8 @@ class WindowCopies(LinearOperator):
     """
 
     _G: Any
+    # zero_init scales the damping of the factor's shift.
+    _fixed = (*BUILT_WITH, "zero_init")
 
     def __copy__(self: _Window) -> _Window:
         return copy.deepcopy(self)
@@ -142,7 +145,7 @@ class LoadedState:
 
     def commit(self, op: Any) -> None:
         """Replace the state of ``op`` by this one (nothing here can fail)."""
-        op.damp = self.damp
+        reassign(op, "damp", self.damp)
         op._G[...] = self.grads
         op._gram = self.gram
         op._exact_gram = self.exact

@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from ._attributes import BUILT_WITH
 from ._compat import Array
 from ._finite import float32_overflow_once
 from ._gradient_repr import gradient_items
@@ -147,6 +148,7 @@ class SpectralIHVP(LinearOperator):
     damp: float
     kappa: float
     error_scale: float
+    _fixed = (*BUILT_WITH, "power", "kappa", "error_scale")
     _groups: tuple[Group, ...]
 
     def __init__(

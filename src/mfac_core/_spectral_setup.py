@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from . import _capacitance, _pieces
+from ._attributes import reassign
 from ._compat import Array, detached, device, is_dask_namespace
 from ._dtypes import compute_dtype, half_dtype_name
 from ._gram import columns_gram, rows_gram
@@ -83,7 +84,7 @@ def derived(op: Any, *, damp: float | None = None, power: float | None = None) -
     # A shallow copy shares G and the eigenpairs: O(m) per group, never O(d m).
     new = copy.copy(op)
     if power is not None:
-        new.power = power
+        reassign(new, "power", power)
     if damp is not None:
         _set_damp(new, damp)
         _warn_if_hopeless(new)
@@ -91,8 +92,10 @@ def derived(op: Any, *, damp: float | None = None, power: float | None = None) -
 
 
 def _set_damp(op: Any, damp: float) -> None:
-    op.damp = damp
-    op.error_scale, op.kappa = spectrum_bounds(op.xp, op._groups, op.num_grads, damp)
+    error_scale, kappa = spectrum_bounds(op.xp, op._groups, op.num_grads, damp)
+    # Also a derived operator's, a copy of its source's attributes: set anew.
+    for name, value in (("damp", damp), ("error_scale", error_scale), ("kappa", kappa)):
+        reassign(op, name, value)
 
 
 def _warn_if_hopeless(op: Any, damp: float | None = None) -> None:

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from . import _capacitance, _engine, _setup, _store, _streaming
+from ._attributes import BUILT_WITH
 from ._compat import Array, detached, device
 from ._deprecation import (
     STATIC_LEGACY,
@@ -92,6 +93,8 @@ def static_ihvp(G: Array, /, **options: Any) -> StaticIHVP:
 
 class _BlockOperatorBase(LinearOperator):
     """What the forward and inverse operators share: G's sizes, damp and the block layout."""
+
+    _fixed = BUILT_WITH
 
     def _init_layout(
         self,
