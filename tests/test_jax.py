@@ -942,6 +942,29 @@ def test_mfac_refuses_updates_of_another_pytree_with_the_same_shapes():
     assert isinstance(updates, tuple) and updates[0].shape == (3,)
 
 
+@pytest.mark.parametrize(
+    ("init_key", "update_key"),
+    [(np.int64(0), 0), (0, np.int32(0)), (True, 1), (1.0, np.int64(1)), (np.str_("a"), "a")],
+)
+def test_mfac_takes_updates_whose_dict_keys_equal_the_parameters(init_key, update_key):
+    # Regression: the paths compared were keystr's strings, which write each key's own repr,
+    # so updates keyed 0 for parameters keyed np.int64(0) (keys equal to a dict and to JAX's
+    # tree structures, which adam takes) were refused as "of another pytree".
+    a, b = jnp.ones(3, jnp.float32), jnp.arange(2.0, dtype=jnp.float32)
+    params, updates = [{init_key: a}, b], [{update_key: a}, b]
+    adam = optax.adam(0.1)
+    adam.update(updates, adam.init(params), params)
+    opt = mj.mfac(4, 0.1)
+    want, _ = opt.update(params, opt.init(params))
+    for update in (opt.update, jax.jit(opt.update)):
+        got, _ = update(updates, opt.init(params))
+        assert list(got[0]) == [update_key]
+        np.testing.assert_array_equal(np.asarray(got[0][update_key]), np.asarray(want[0][init_key]))
+        np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
+    with pytest.raises(ValueError, match=r"leaf 0 of the updates is at \[0\]\['0'\] but"):
+        opt.update([{"0": a}, b], opt.init([{0: a}, b]))
+
+
 @pytest.mark.parametrize("other", [{"num_grads": 8}, {"zero_init": False}])
 def test_mfac_refuses_the_state_of_another_mfac(other):
     # Regression: update took the window size and normalisation from the state alone, so
