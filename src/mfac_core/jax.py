@@ -177,21 +177,30 @@ def _typed_sharding(x: Any) -> Any:
     """The sharding in ``x``'s type, or None where it names no mesh axis.
 
     Only JAX's explicit sharding (mesh axes of ``AxisType.Explicit``) puts a sharding
-    in the type.
+    in the type. A concrete array's is its own (on its devices): its type's names only an
+    abstract mesh, on which ``jax.device_put`` cannot place an array.
     """
     sharding = getattr(jax.typeof(x), "sharding", None)
     spec = getattr(sharding, "spec", None)
     if spec is None or all(axis is None for axis in spec):
         return None
-    return sharding
+    return sharding if isinstance(x, jax.core.Tracer) else x.sharding
 
 
 def _resharded(y: Any, sharding: Any, *, unsharded: bool = False) -> Any:
-    """``y`` with ``sharding`` in its type, or with its mesh but no axis (None: as it is)."""
+    """``y`` with ``sharding`` in its type, or with its mesh but no axis (None: as it is).
+
+    The sharding of a concrete array (on its devices) goes by ``jax.device_put``: outside
+    of ``jax.set_mesh``, ``jax.sharding.reshard`` refuses an array not yet on the mesh (the
+    new window, a zero update), where adam's eager ``init`` and ``update`` need no mesh
+    context. A traced array's (an abstract mesh) needs ``reshard``.
+    """
     if sharding is None:
         return y
     if unsharded:
         sharding = sharding.update(spec=jax.sharding.PartitionSpec())
+    if isinstance(sharding.mesh, jax.sharding.Mesh):
+        return jax.device_put(y, sharding)
     return jax.sharding.reshard(y, sharding)
 
 
