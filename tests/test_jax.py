@@ -942,6 +942,29 @@ def test_mfac_refuses_updates_of_another_pytree_with_the_same_shapes():
     assert isinstance(updates, tuple) and updates[0].shape == (3,)
 
 
+@pytest.mark.parametrize(
+    ("init_key", "update_key"),
+    [(np.int64(0), 0), (0, np.int32(0)), (True, 1), (1.0, np.int64(1)), (np.str_("a"), "a")],
+)
+def test_mfac_takes_updates_whose_dict_keys_equal_the_parameters(init_key, update_key):
+    # Regression: the paths compared were keystr's strings, which write each key's own repr,
+    # so updates keyed 0 for parameters keyed np.int64(0) (keys equal to a dict and to JAX's
+    # tree structures, which adam takes) were refused as "of another pytree".
+    a, b = jnp.ones(3, jnp.float32), jnp.arange(2.0, dtype=jnp.float32)
+    params, updates = [{init_key: a}, b], [{update_key: a}, b]
+    adam = optax.adam(0.1)
+    adam.update(updates, adam.init(params), params)
+    opt = mj.mfac(4, 0.1)
+    want, _ = opt.update(params, opt.init(params))
+    for update in (opt.update, jax.jit(opt.update)):
+        got, _ = update(updates, opt.init(params))
+        assert list(got[0]) == [update_key]
+        np.testing.assert_array_equal(np.asarray(got[0][update_key]), np.asarray(want[0][init_key]))
+        np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
+    with pytest.raises(ValueError, match=r"leaf 0 of the updates is at \[0\]\['0'\] but"):
+        opt.update([{"0": a}, b], opt.init([{0: a}, b]))
+
+
 @pytest.mark.parametrize("other", [{"num_grads": 8}, {"zero_init": False}])
 def test_mfac_refuses_the_state_of_another_mfac(other):
     # Regression: update took the window size and normalisation from the state alone, so
@@ -1363,6 +1386,58 @@ def test_mfac_under_explicit_sharding_gives_each_update_its_leafs_type(rng):
     for k in values:
         np.testing.assert_array_equal(np.asarray(updates[k]), np.asarray(want[k]))
     assert not np.any(np.asarray(updates["n"]))
+
+
+_EAGER_SHARDED_CHILD = """
+import jax, jax.numpy as jnp, numpy as np, optax
+from mfac_core import jax as mj
+jax.config.update("jax_enable_x64", True)
+P = jax.sharding.PartitionSpec
+mesh = jax.make_mesh((2,), ("x",), axis_types=(jax.sharding.AxisType.Explicit,))
+along_x = jax.sharding.NamedSharding(mesh, P("x"))
+rng = np.random.default_rng(0)
+values = {k: rng.standard_normal(n).astype(np.float32) for k, n in (("a", 4), ("b", 3))}
+want, _ = (opt := mj.mfac(4, 0.1)).update(values, opt.init(values))
+grads = {
+    "a": jax.device_put(values["a"], along_x),
+    "b": jnp.asarray(values["b"]),
+    "n": jax.device_put(jnp.zeros(2, jnp.int32), along_x),
+}
+updates, state = opt.update(grads, opt.init(grads))  # eager, outside of jax.set_mesh
+again, _ = jax.jit(opt.update)(grads, state)
+floats = {k: grads[k] for k in values}
+adams, _ = (adam := optax.adam(0.1)).update(floats, adam.init(floats))
+for k in grads:  # the types of adam's updates ("b" is on the mesh, as the window is)
+    typed = jax.typeof((adams if k in values else grads)[k])
+    assert jax.typeof(updates[k]) == typed and jax.typeof(again[k]) == typed, k
+for k in values:
+    np.testing.assert_array_equal(np.asarray(updates[k]), np.asarray(want[k]))
+assert not np.any(np.asarray(updates["n"]))
+cols = jax.sharding.NamedSharding(mesh, P(None, "x"))
+stacked = {k: jax.device_put(np.stack([grads[k]] * 2), cols) for k in ("a", "n")}
+with jax.set_mesh(mesh):  # under vmap the leaves' meshes are abstract: reshard, as before
+    batched = jax.vmap(lambda g: opt.update(g, opt.init(g))[0])(stacked)
+assert all(jax.typeof(batched[k]) == jax.typeof(stacked[k]) for k in stacked)
+print("sharded ok")
+"""
+
+
+@pytest.mark.skipif(not hasattr(jax, "set_mesh"), reason="JAX without explicit sharding")
+def test_mfac_on_a_two_device_mesh_needs_no_mesh_context_outside_of_jit():
+    # Regression: init and an eager update put the new window and a zero update on the
+    # parameters' mesh with jax.sharding.reshard, which outside of jax.set_mesh refuses an
+    # array not yet on a mesh of two devices ("Please enter your `jit` into a mesh
+    # context"), where adam's eager init and update work. Two CPU devices: in a child.
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2"
+    env = {**os.environ, "PYTHONPATH": PACKAGE_PARENT, "XLA_FLAGS": flags.strip()}
+    proc = subprocess.run(
+        [sys.executable, "-c", _EAGER_SHARDED_CHILD],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0 and "sharded ok" in proc.stdout, proc.stdout + proc.stderr
 
 
 def test_window_refuses_a_damping_whose_shift_overflows_with_the_cores_message(rng):

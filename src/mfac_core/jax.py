@@ -133,7 +133,8 @@ class MFACState(NamedTuple):
         Their shapes, which every update's leaves must have: the window's
         coordinates are the float leaves' entries in this layout.
     param_paths : tuple of str
-        Their paths in the parameters' pytree (``jax.tree_util.keystr``), which
+        Their paths in the parameters' pytree (``jax.tree_util.keystr``, dict
+        keys that compare equal written alike: ``np.int64(0)`` as ``0``), which
         every update's leaves must have: an update of another pytree (keys
         renamed) would be preconditioned in the wrong coordinates. Empty (not
         checked) for a state built without them.
@@ -176,21 +177,30 @@ def _typed_sharding(x: Any) -> Any:
     """The sharding in ``x``'s type, or None where it names no mesh axis.
 
     Only JAX's explicit sharding (mesh axes of ``AxisType.Explicit``) puts a sharding
-    in the type.
+    in the type. A concrete array's is its own (on its devices): its type's names only an
+    abstract mesh, on which ``jax.device_put`` cannot place an array.
     """
     sharding = getattr(jax.typeof(x), "sharding", None)
     spec = getattr(sharding, "spec", None)
     if spec is None or all(axis is None for axis in spec):
         return None
-    return sharding
+    return sharding if isinstance(x, jax.core.Tracer) else x.sharding
 
 
 def _resharded(y: Any, sharding: Any, *, unsharded: bool = False) -> Any:
-    """``y`` with ``sharding`` in its type, or with its mesh but no axis (None: as it is)."""
+    """``y`` with ``sharding`` in its type, or with its mesh but no axis (None: as it is).
+
+    The sharding of a concrete array (on its devices) goes by ``jax.device_put``: outside
+    of ``jax.set_mesh``, ``jax.sharding.reshard`` refuses an array not yet on the mesh (the
+    new window, a zero update), where adam's eager ``init`` and ``update`` need no mesh
+    context. A traced array's (an abstract mesh) needs ``reshard``.
+    """
     if sharding is None:
         return y
     if unsharded:
         sharding = sharding.update(spec=jax.sharding.PartitionSpec())
+    if isinstance(sharding.mesh, jax.sharding.Mesh):
+        return jax.device_put(y, sharding)
     return jax.sharding.reshard(y, sharding)
 
 
@@ -212,6 +222,22 @@ def _float_mask(tree: Any) -> Any:
     return jax.tree_util.tree_map(_is_float, tree)
 
 
+def _same_key(entry: Any) -> Any:
+    """A key-path entry with its dict key in one spelling among the keys equal to it.
+
+    Keys that compare equal are one key to a dict and to JAX's tree structures (adam
+    takes the updates ``{0: g}`` for the parameters ``{np.int64(0): p}``), but ``keystr``
+    writes each its own ``repr``: a NumPy scalar key becomes its Python value, and a
+    ``bool`` or integral ``float`` key the ``int`` it equals.
+    """
+    if not isinstance(entry, jax.tree_util.DictKey):
+        return entry
+    key = entry.key.item() if isinstance(entry.key, np.generic) else entry.key
+    if isinstance(key, (bool, float)) and float(key).is_integer():
+        key = int(key)
+    return jax.tree_util.DictKey(key)
+
+
 def _leaf_paths(tree: Any) -> tuple[str, ...]:
     """The paths of the leaves of ``tree`` (``jax.tree_util.tree_leaves`` order), as strings.
 
@@ -219,7 +245,8 @@ def _leaf_paths(tree: Any) -> tuple[str, ...]:
     a dict) are the same tree, as their coordinates are the same.
     """
     return tuple(
-        jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]
+        jax.tree_util.keystr(tuple(_same_key(entry) for entry in path))
+        for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]
     )
 
 
