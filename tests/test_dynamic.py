@@ -771,6 +771,30 @@ def test_load_state_dict_checks_the_whole_gram_against_the_gradients(dtype, edit
     np.testing.assert_array_equal(dst.matvec(x), src.matvec(x))
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_load_state_dict_names_a_changed_gram_not_the_factor(dtype):
+    # An off-diagonal Gram entry (and its mirror) changed by 1e-3 of its size: the factor,
+    # computed from the Gram as it was, matches neither, and the refusal blamed the factor
+    # ("a permuted slot order or a corrupted factor"), which is as saved.
+    src = _unit_window(dtype)
+    bad = src.state_dict()
+    gram = bad["gram"] = bad["gram"].copy()
+    a, b = bad["window_slots"][:2]
+    gram[a, b] = gram[b, a] = gram[a, b] + 1e-3 * np.sqrt(gram[a, a] * gram[b, b])
+    dst = _unit_window(dtype)
+    before = dst.state_dict()
+    for load in (dst.load_state_dict, dst.check_state_dict):
+        with pytest.raises(ValueError, match="Gram matrix does not match its gradients"):
+            load(bad)
+    _assert_same_state(dst.state_dict(), before)
+    # A factor changed alone is still named as the factor.
+    U = src.state_dict()["factor"].copy()
+    U[0, -1] += 1e-3 * np.abs(U).max()
+    with pytest.raises(ValueError, match="factor does not match its Gram matrix"):
+        dst.load_state_dict({**src.state_dict(), "factor": U})
+    _assert_same_state(dst.state_dict(), before)
+
+
 def test_load_state_dict_tolerates_the_rounding_its_gram_carries():
     # The stored Gram was summed in float64 (exact_gram): an entry off by a float64 unit
     # of the row norms loads, one off by 1e-9 does not (d = 40: the bound is 4 (d + 1)

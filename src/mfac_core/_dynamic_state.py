@@ -191,6 +191,10 @@ class LoadedState:
         grads, gram, U, window, free, slots, edits, saved_damp, target, exact = parts[0]
         k = len(window)
         cls._check_gram(op, gram, xp.reshape(total, (m, m)), exact=exact)
+        # After the Gram's check: a Gram changed after it was computed no longer matches
+        # the factor either, and was named as a corrupted factor. Replicated (the ranks
+        # agreed on gram and U bit for bit), so every rank raises alike.
+        cls._check_factor(op, gram, U, list(slots), k, saved_damp)
         gram = xp.asarray(gram, copy=True)
         if refactor and target != saved_damp:
             return cls(
@@ -363,7 +367,6 @@ class LoadedState:
         for name, array in (("grads", grads), ("gram", gram), ("factor", U)):
             if not is_finite_array(xp, array):
                 raise ValueError(f"state['{name}'] holds NaN or infinity")
-        cls._check_factor(op, gram, U, list(slots), k, saved_damp)
         # States saved before the Gram rows were summed in float64 lack the flag; a
         # float64 window's Gram always was.
         # Absent (None) in states saved before the flag; a bool wherever it is given.
