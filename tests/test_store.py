@@ -528,7 +528,8 @@ def _bad_cases(G):
     nan[3, 7] = np.nan
     return [
         ("too few", lambda: iter(G[:-1]), {}, ValueError, f"ended after {m - 1} of"),
-        ("too many", lambda: iter(np.vstack([G, G[:1]])), {}, ValueError, "exceed"),
+        # Not "after the 8-th" (nor "1-th", "3-th"): the count asked for.
+        ("too many", lambda: iter(np.vstack([G, G[:1]])), {}, ValueError, "after the 8 asked"),
         ("batch too many", lambda: iter([G[:5], G[3:]]), {}, ValueError, "exceed"),
         ("trailing None", lambda: iter([*G, None]), {}, ValueError, "yielded None after the 8"),
         (

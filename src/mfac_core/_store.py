@@ -503,8 +503,8 @@ def gather_gradients(
             )
         if extra is not _END:
             raise ValueError(
-                f"the gradients exceed num_grads={m}: more were yielded after the "
-                f"{m}-th (take the first ones with itertools.islice)"
+                f"the gradients exceed num_grads={m}: the iterable yielded more after the "
+                f"{m} asked for (take the first ones with itertools.islice)"
             )
         assert target is not None  # made with the first of the m >= 1 gradients
         target.finish()  # only now a .npy file that numpy.load reads
