@@ -705,6 +705,12 @@ def test_load_state_dict_of_version_1(rng):
         since_refactor=state["edits"],
     )
     dst = DynamicIHVP(4, 10, damp=0.1, dtype="float64")
+    # A key missing from it is named as version 1 names it (it said "lacks window_slots",
+    # a key that no version 1 state has).
+    for key in ("age_order", "factor_order", "since_refactor"):
+        partial = {k: v for k, v in old.items() if k != key}
+        with pytest.raises(ValueError, match=rf"state_dict lacks {key}$"):
+            dst.load_state_dict(partial)
     dst.load_state_dict(old)
     x = rng.standard_normal(10)
     np.testing.assert_array_equal(dst.matvec(x), src.matvec(x))

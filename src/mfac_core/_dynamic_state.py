@@ -37,6 +37,8 @@ STATE_KEYS = frozenset(
         *("age_order", "factor_order", "since_refactor", "shard_rank", "shard_widths"),
     )
 )
+#: This version's names of the keys that version 1 named by age and permutation.
+V1_NAMES = {"window_slots": "age_order", "factor_slots": "factor_order", "edits": "since_refactor"}
 #: Columns of a loaded factor that ``load_state_dict`` checks against the Gram matrix.
 FACTOR_SAMPLE = 8
 #: The rounding of a Gram entry, in units of (d + ranks) eps |g_i| |g_j|, that
@@ -258,13 +260,7 @@ class LoadedState:
             )
         version = state.get("version")
         if version == 1:
-            # Version 1 named the slot lists by age and permutation.
-            state = {
-                **state,
-                "window_slots": state.get("age_order"),
-                "factor_slots": state.get("factor_order"),
-                "edits": state.get("since_refactor"),
-            }
+            state = {**state, **{new: state.get(old) for new, old in V1_NAMES.items()}}
         elif version != STATE_VERSION:
             raise ValueError(
                 f"not a DynamicIHVP state_dict of a known version (got version "
@@ -289,7 +285,8 @@ class LoadedState:
             "factor_slots",
             "edits",
         )
-        missing = [k for k in keys if state.get(k) is None]
+        # Named as the state names them: a version 1 state has no "window_slots" to add.
+        missing = [V1_NAMES.get(k, k) if version == 1 else k for k in keys if state.get(k) is None]
         if missing:
             raise ValueError(f"DynamicIHVP state_dict lacks {', '.join(missing)}")
         cls._check_layout(op, state)
