@@ -793,6 +793,8 @@ def test_from_gradients_path_ending_in_a_separator(tmp_path, rng, monkeypatch):
         (os.path.join(tmp_path, "a", "b", ""), FileNotFoundError, r"not exist: .*b;"),
         ("f.npy" + os.sep, FileExistsError, r"grads_out: .*f\.npy.* exists"),
         (str(tmp_path) + os.sep, IsADirectoryError, "is a folder"),  # as before
+        # Inside a file: its folder "does not exist" was untrue (the CLI's -o says so too).
+        (os.path.join("f.npy", "G.npy"), NotADirectoryError, r"f\.npy, which is a file, not"),
         ("", ValueError, "grads_out is an empty path"),  # was the working directory's EISDIR
     ]:
         with pytest.raises(exc, match=match):

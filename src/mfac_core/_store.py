@@ -247,6 +247,10 @@ def check_new_path(target: Any, name: str) -> str:
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         # Said before the data loader is read, not when the first gradient is stored.
+        if os.path.exists(folder):  # "G.npy/out.npy": "does not exist" was untrue
+            raise NotADirectoryError(
+                f"{name}: {path!r} is inside {folder}, which is a file, not a folder"
+            )
         raise FileNotFoundError(f"{name}: the folder of {path!r} does not exist: {folder}")
     return path
 
