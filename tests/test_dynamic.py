@@ -716,6 +716,23 @@ def test_load_state_dict_of_version_1(rng):
     np.testing.assert_array_equal(dst.matvec(x), src.matvec(x))
 
 
+def test_load_state_dict_takes_its_sizes_as_ints(rng):
+    # An array of sizes raised NumPy's "The truth value of an array with more than one
+    # element is ambiguous", naming no key; a float size passed as the int it equals.
+    src = DynamicIHVP(3, 8, damp=0.1, dtype="float64")
+    src.update(rng.standard_normal(8))
+    state = src.state_dict()
+    dst = DynamicIHVP(3, 8, damp=0.1, dtype="float64")
+    before = dst.state_dict()
+    for key, value in [("num_grads", np.array([3, 3])), ("dim", 8.0), ("num_grads", True)]:
+        with pytest.raises(ValueError, match=rf"^state\['{key}'\] must be an int"):
+            dst.load_state_dict({**state, key: value})
+    with pytest.raises(ValueError, match=r"is for num_grads, dim = \(3, 9\)"):
+        dst.load_state_dict({**state, "dim": 9})
+    _assert_same_state(dst.state_dict(), before)
+    dst.load_state_dict({**state, "num_grads": np.int64(3)})  # NumPy's ints are ints
+
+
 def test_load_state_dict_refuses_unknown_keys(rng):
     # They were dropped unread: a misspelt "exact_gram" loaded the state with the looser
     # Gram check of states saved before it, without a word.

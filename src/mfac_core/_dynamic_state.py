@@ -291,10 +291,17 @@ class LoadedState:
             raise ValueError(f"DynamicIHVP state_dict lacks {', '.join(missing)}")
         cls._check_layout(op, state)
         m, d, xp = op.num_grads, op.dim, op._xp
-        if (state["num_grads"], state["dim"]) != (m, d):
+        try:
+            # As ints: compared as given, an array of sizes raised NumPy's "truth value of an
+            # array ... is ambiguous", and 4.0 passed for 4.
+            sizes = tuple(
+                check_count(state[k], f"state['{k}']", minimum=0) for k in ("num_grads", "dim")
+            )
+        except TypeError as exc:
+            raise ValueError(str(exc)) from None
+        if sizes != (m, d):
             raise ValueError(
-                f"state_dict is for num_grads, dim = "
-                f"{(state['num_grads'], state['dim'])}, this operator has {(m, d)}"
+                f"state_dict is for num_grads, dim = {sizes}, this operator has {(m, d)}"
             )
         try:
             saved_zero_init = check_flag(state["zero_init"], "state['zero_init']")
