@@ -192,6 +192,28 @@ def test_overflowing_gram_is_not_called_nan():
         StaticIHVP(np.full((3, 20), 1e160), damp=1.0)
 
 
+@pytest.mark.parametrize("block_size", [None, 2, 10], ids=["full", "dense-blocks", "woodbury"])
+def test_overflowing_kappa_of_a_finite_gram_is_not_called_a_non_finite_gram(block_size):
+    # Duplicated gradients of squared norm 3e9 and the smallest normal damping: the Gram is
+    # finite, only kappa = 1 + lambda_max / (m damp) overflows. The error said "the Gram
+    # matrix of these gradients is not finite ... hold NaN or infinity, or are so large
+    # that their squared norms overflow", none of which is so.
+    G = np.full((4, 30), 1e4)
+    damp = float(np.finfo(np.float64).tiny)
+    with pytest.raises(FactorizationError) as static:
+        StaticIHVP(G, damp=damp, block_size=block_size)
+    errors = [static.value]
+    if block_size is None:
+        with pytest.raises(FactorizationError) as window:
+            DynamicIHVP.from_window(G, damp=damp)
+        errors.append(window.value)
+    for err in errors:
+        message = str(err)
+        assert "not numerically positive definite" in message, message
+        assert "not finite" not in message and "overflow" not in message, message
+        assert "kappa beyond float64's range" in message and "increase damp" in message
+
+
 @pytest.mark.parametrize("k", [1, 7, 50])
 def test_cholesky_inverse_of_a_stack(xp_device, rng, dtype, k):
     # What the dense blocks of StaticIHVP store: (U^T U)^{-1}, symmetric, rounded once.

@@ -705,9 +705,32 @@ def test_load_state_dict_of_version_1(rng):
         since_refactor=state["edits"],
     )
     dst = DynamicIHVP(4, 10, damp=0.1, dtype="float64")
+    # A key missing from it is named as version 1 names it (it said "lacks window_slots",
+    # a key that no version 1 state has).
+    for key in ("age_order", "factor_order", "since_refactor"):
+        partial = {k: v for k, v in old.items() if k != key}
+        with pytest.raises(ValueError, match=rf"state_dict lacks {key}$"):
+            dst.load_state_dict(partial)
     dst.load_state_dict(old)
     x = rng.standard_normal(10)
     np.testing.assert_array_equal(dst.matvec(x), src.matvec(x))
+
+
+def test_load_state_dict_takes_its_sizes_as_ints(rng):
+    # An array of sizes raised NumPy's "The truth value of an array with more than one
+    # element is ambiguous", naming no key; a float size passed as the int it equals.
+    src = DynamicIHVP(3, 8, damp=0.1, dtype="float64")
+    src.update(rng.standard_normal(8))
+    state = src.state_dict()
+    dst = DynamicIHVP(3, 8, damp=0.1, dtype="float64")
+    before = dst.state_dict()
+    for key, value in [("num_grads", np.array([3, 3])), ("dim", 8.0), ("num_grads", True)]:
+        with pytest.raises(ValueError, match=rf"^state\['{key}'\] must be an int"):
+            dst.load_state_dict({**state, key: value})
+    with pytest.raises(ValueError, match=r"is for num_grads, dim = \(3, 9\)"):
+        dst.load_state_dict({**state, "dim": 9})
+    _assert_same_state(dst.state_dict(), before)
+    dst.load_state_dict({**state, "num_grads": np.int64(3)})  # NumPy's ints are ints
 
 
 def test_load_state_dict_refuses_unknown_keys(rng):
@@ -769,6 +792,30 @@ def test_load_state_dict_checks_the_whole_gram_against_the_gradients(dtype, edit
     dst.load_state_dict(src.state_dict())  # the sound state loads, bit for bit
     x = np.ones(40, dtype=dtype)
     np.testing.assert_array_equal(dst.matvec(x), src.matvec(x))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_load_state_dict_names_a_changed_gram_not_the_factor(dtype):
+    # An off-diagonal Gram entry (and its mirror) changed by 1e-3 of its size: the factor,
+    # computed from the Gram as it was, matches neither, and the refusal blamed the factor
+    # ("a permuted slot order or a corrupted factor"), which is as saved.
+    src = _unit_window(dtype)
+    bad = src.state_dict()
+    gram = bad["gram"] = bad["gram"].copy()
+    a, b = bad["window_slots"][:2]
+    gram[a, b] = gram[b, a] = gram[a, b] + 1e-3 * np.sqrt(gram[a, a] * gram[b, b])
+    dst = _unit_window(dtype)
+    before = dst.state_dict()
+    for load in (dst.load_state_dict, dst.check_state_dict):
+        with pytest.raises(ValueError, match="Gram matrix does not match its gradients"):
+            load(bad)
+    _assert_same_state(dst.state_dict(), before)
+    # A factor changed alone is still named as the factor.
+    U = src.state_dict()["factor"].copy()
+    U[0, -1] += 1e-3 * np.abs(U).max()
+    with pytest.raises(ValueError, match="factor does not match its Gram matrix"):
+        dst.load_state_dict({**src.state_dict(), "factor": U})
+    _assert_same_state(dst.state_dict(), before)
 
 
 def test_load_state_dict_tolerates_the_rounding_its_gram_carries():

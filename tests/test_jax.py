@@ -298,6 +298,21 @@ def test_static_names_the_first_non_finite_entry_as_the_core_does(rng):
         assert str(ours.value) == str(core.value)
 
 
+def test_static_overflowing_kappa_of_a_finite_gram_is_worded_as_the_core_words_it():
+    # Finite gradients (squared norms 3e9), duplicated, and the smallest normal damping:
+    # only kappa overflows. The refusal said "the gradients are finite, but so large that
+    # their squared norms overflow float64".
+    G = np.full((3, 7), 2e4)
+    damp = float(np.finfo(np.float64).tiny)
+    with pytest.raises(FactorizationError) as ours:
+        mj.static_ihvp(jnp.asarray(G), damp=damp)
+    with pytest.raises(FactorizationError) as core:
+        mfac_core.StaticIHVP(G, damp=damp)
+    assert str(ours.value) == str(core.value)
+    assert "not numerically positive definite" in str(ours.value)
+    assert "overflow" not in str(ours.value)
+
+
 def test_static_failures_are_worded_as_the_core_words_them(rng):
     """A failed factorisation, the ill-conditioned warning and the 64-bit mode are worded
     by the core's helpers (one wording, so a fix lands once); the warning names the

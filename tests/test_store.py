@@ -528,7 +528,8 @@ def _bad_cases(G):
     nan[3, 7] = np.nan
     return [
         ("too few", lambda: iter(G[:-1]), {}, ValueError, f"ended after {m - 1} of"),
-        ("too many", lambda: iter(np.vstack([G, G[:1]])), {}, ValueError, "exceed"),
+        # Not "after the 8-th" (nor "1-th", "3-th"): the count asked for.
+        ("too many", lambda: iter(np.vstack([G, G[:1]])), {}, ValueError, "after the 8 asked"),
         ("batch too many", lambda: iter([G[:5], G[3:]]), {}, ValueError, "exceed"),
         ("trailing None", lambda: iter([*G, None]), {}, ValueError, "yielded None after the 8"),
         (
@@ -792,6 +793,8 @@ def test_from_gradients_path_ending_in_a_separator(tmp_path, rng, monkeypatch):
         (os.path.join(tmp_path, "a", "b", ""), FileNotFoundError, r"not exist: .*b;"),
         ("f.npy" + os.sep, FileExistsError, r"grads_out: .*f\.npy.* exists"),
         (str(tmp_path) + os.sep, IsADirectoryError, "is a folder"),  # as before
+        # Inside a file: its folder "does not exist" was untrue (the CLI's -o says so too).
+        (os.path.join("f.npy", "G.npy"), NotADirectoryError, r"f\.npy, which is a file, not"),
         ("", ValueError, "grads_out is an empty path"),  # was the working directory's EISDIR
     ]:
         with pytest.raises(exc, match=match):

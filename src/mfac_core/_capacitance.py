@@ -257,15 +257,19 @@ def factorization_error(
     *,
     gram_dtype: str = "float64",
     culprit: str | None = None,
+    gram_finite: bool = False,
 ) -> FactorizationError:
     """The one wording of a failed factorisation: it names damp and kappa.
 
     For a Gram that is not finite, ``culprit`` (where the gradients were looked at) names
     their first NaN or infinity (``"G[4, 7] is nan"``, as the refusals of ``check_finite``
     word it), or is :data:`FINITE` for finite gradients whose squared norms overflow.
+    ``gram_finite`` says that the Gram's diagonal (which bounds every entry) was found
+    finite: a kappa that is not finite then overflowed by itself (``lambda_max / shift``
+    with a damping near float64's smallest normal number), and the Gram is not blamed.
     """
     lo, hi = kappa
-    if not (math.isfinite(lo) and math.isfinite(hi)):
+    if not (math.isfinite(lo) and math.isfinite(hi)) and not gram_finite:
         head = f"the Gram matrix of these gradients is not finite (damp={damp:g}): "
         if culprit == FINITE:
             return FactorizationError(
@@ -286,9 +290,18 @@ def factorization_error(
     )
     return FactorizationError(
         f"the damped Fisher of these gradients is not numerically positive definite "
-        f"(damp={damp:g}, condition number kappa between {lo:.3g} and {hi:.3g}); {cause}"
+        f"(damp={damp:g}, condition number kappa {_kappa_range(lo, hi)}); {cause}"
         "increase damp, or remove duplicated or nearly collinear gradients"
     )
+
+
+def _kappa_range(lo: float, hi: float) -> str:
+    """``"between 3e+12 and 6e+12"``, or what is known where a bound overflowed float64."""
+    if math.isfinite(hi):
+        return f"between {lo:.3g} and {hi:.3g}"
+    if math.isfinite(lo):
+        return f"at least {lo:.3g}"
+    return f"beyond float64's range (above {np.finfo(np.float64).max:.3g})"
 
 
 def is_hopeless(kappa_lower: Any, *, eps: float) -> Any:
@@ -570,13 +583,16 @@ def factorize(
                 "term plus the gradients' squared norms exceed float64's range; decrease "
                 "damp, or rescale the gradients (the damping scales with their square)"
             ) from None
+        # Each off-diagonal entry is bounded by the diagonal's: a Gram that is not
+        # finite has a diagonal that is not, and gradients behind it to look at.
+        finite = bool(xp.all(xp.isfinite(xp.linalg.diagonal(gram))))
         culprit = None
-        if locate is not None and not bool(xp.all(xp.isfinite(xp.linalg.diagonal(gram)))):
-            # Each off-diagonal entry is bounded by the diagonal's: a Gram that is not
-            # finite has a diagonal that is not, and gradients behind it to look at.
+        if locate is not None and not finite:
             found = locate()
             culprit = FINITE if found is None else found
-        raise factorization_error(damp, kappa, gram_dtype=gram_dtype, culprit=culprit) from None
+        raise factorization_error(
+            damp, kappa, gram_dtype=gram_dtype, culprit=culprit, gram_finite=finite
+        ) from None
     U = xp.matrix_transpose(L)
     if out is not None:
         out[...] = U

@@ -38,6 +38,8 @@ STATE_KEYS = frozenset(
         *("age_order", "factor_order", "since_refactor", "shard_rank", "shard_widths"),
     )
 )
+#: This version's names of the keys that version 1 named by age and permutation.
+V1_NAMES = {"window_slots": "age_order", "factor_slots": "factor_order", "edits": "since_refactor"}
 #: Columns of a loaded factor that ``load_state_dict`` checks against the Gram matrix.
 FACTOR_SAMPLE = 8
 #: The rounding of a Gram entry, in units of (d + ranks) eps |g_i| |g_j|, that
@@ -194,6 +196,10 @@ class LoadedState:
         grads, gram, U, window, free, slots, edits, saved_damp, target, exact = parts[0]
         k = len(window)
         cls._check_gram(op, gram, xp.reshape(total, (m, m)), exact=exact)
+        # After the Gram's check: a Gram changed after it was computed no longer matches
+        # the factor either, and was named as a corrupted factor. Replicated (the ranks
+        # agreed on gram and U bit for bit), so every rank raises alike.
+        cls._check_factor(op, gram, U, list(slots), k, saved_damp)
         gram = xp.asarray(gram, copy=True)
         if refactor and target != saved_damp:
             return cls(
@@ -257,13 +263,7 @@ class LoadedState:
             )
         version = state.get("version")
         if version == 1:
-            # Version 1 named the slot lists by age and permutation.
-            state = {
-                **state,
-                "window_slots": state.get("age_order"),
-                "factor_slots": state.get("factor_order"),
-                "edits": state.get("since_refactor"),
-            }
+            state = {**state, **{new: state.get(old) for new, old in V1_NAMES.items()}}
         elif version != STATE_VERSION:
             raise ValueError(
                 f"not a DynamicIHVP state_dict of a known version (got version "
@@ -288,15 +288,23 @@ class LoadedState:
             "factor_slots",
             "edits",
         )
-        missing = [k for k in keys if state.get(k) is None]
+        # Named as the state names them: a version 1 state has no "window_slots" to add.
+        missing = [V1_NAMES.get(k, k) if version == 1 else k for k in keys if state.get(k) is None]
         if missing:
             raise ValueError(f"DynamicIHVP state_dict lacks {', '.join(missing)}")
         cls._check_layout(op, state)
         m, d, xp = op.num_grads, op.dim, op._xp
-        if (state["num_grads"], state["dim"]) != (m, d):
+        try:
+            # As ints: compared as given, an array of sizes raised NumPy's "truth value of an
+            # array ... is ambiguous", and 4.0 passed for 4.
+            sizes = tuple(
+                check_count(state[k], f"state['{k}']", minimum=0) for k in ("num_grads", "dim")
+            )
+        except TypeError as exc:
+            raise ValueError(str(exc)) from None
+        if sizes != (m, d):
             raise ValueError(
-                f"state_dict is for num_grads, dim = "
-                f"{(state['num_grads'], state['dim'])}, this operator has {(m, d)}"
+                f"state_dict is for num_grads, dim = {sizes}, this operator has {(m, d)}"
             )
         try:
             saved_zero_init = check_flag(state["zero_init"], "state['zero_init']")
@@ -366,7 +374,6 @@ class LoadedState:
         for name, array in (("grads", grads), ("gram", gram), ("factor", U)):
             if not is_finite_array(xp, array):
                 raise ValueError(f"state['{name}'] holds NaN or infinity")
-        cls._check_factor(op, gram, U, list(slots), k, saved_damp)
         # States saved before the Gram rows were summed in float64 lack the flag; a
         # float64 window's Gram always was.
         # Absent (None) in states saved before the flag; a bool wherever it is given.

@@ -321,18 +321,19 @@ def static_ihvp(G: Any, /, *, damp: float) -> StaticIHVP:
         )
     damp = check_damp(damp, num_grads=int(G.shape[0]))
     dtype = check_dtype(G.dtype, "G")
-    U, kappa_bound, kappa_lower, finite = _static_setup(G, damp, _chunk_width(G))
+    U, kappa_bound, kappa_lower, finite, gram_finite = _static_setup(G, damp, _chunk_width(G))
     # Outside of tracing these are concrete, and a failure is an exception as in
     # mfac_core.StaticIHVP; under jit or vmap the checks are skipped (NaN results).
     # The wording and the rule are the core's (mfac_core._capacitance).
     if not concrete_true(finite):
         kappa = (float(kappa_lower), float(kappa_bound))
-        if not (np.isfinite(kappa[0]) and np.isfinite(kappa[1])):
+        gram_ok = concrete_true(gram_finite)
+        if not ((np.isfinite(kappa[0]) and np.isfinite(kappa[1])) or gram_ok):
             # A Gram that is not finite: G is concrete here (finite is), so its first NaN
             # or infinity can be named as mfac_core.StaticIHVP names it. One more read of
             # G, on failure only.
             raise _capacitance.non_finite_gram_error(damp, non_finite_entry(jnp, G, "G"))
-        raise _capacitance.factorization_error(damp, kappa)
+        raise _capacitance.factorization_error(damp, kappa, gram_finite=gram_ok)
     del dtype
     lower = concrete_float(kappa_lower)
     if lower is not None:
@@ -341,8 +342,11 @@ def static_ihvp(G: Any, /, *, damp: float) -> StaticIHVP:
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
-def _static_setup(G: Any, damp: float, width: int) -> tuple[Any, Any, Any, Any]:
-    """U, the upper and a lower bound of kappa, and whether the factor is finite.
+def _static_setup(G: Any, damp: float, width: int) -> tuple[Any, Any, Any, Any, Any]:
+    """U, the upper and a lower bound of kappa, whether the factor and the Gram are finite.
+
+    The Gram's diagonal bounds its every entry: where it is finite and kappa is not,
+    kappa overflowed by itself (a damping near float64's smallest normal number).
 
     Jitted as a whole so that an eager :func:`static_ihvp` compiles once per
     shape instead of dispatching a dozen small operations.
@@ -355,7 +359,8 @@ def _static_setup(G: Any, damp: float, width: int) -> tuple[Any, Any, Any, Any]:
     # iterations from the largest diagonal entry (which no Gram can make vanish) below.
     # Scaled so that gradients near float64's largest number do not overflow them.
     excess_lo, excess_hi = _capacitance.excess_bounds(jnp, gram, shift=m * damp, scale=1.0)
-    return U, 1.0 + excess_hi, 1.0 + excess_lo, jnp.all(jnp.isfinite(U))
+    gram_finite = jnp.all(jnp.isfinite(jnp.diagonal(gram)))
+    return U, 1.0 + excess_hi, 1.0 + excess_lo, jnp.all(jnp.isfinite(U)), gram_finite
 
 
 @functools.partial(jax.jit, static_argnums=3)

@@ -494,9 +494,9 @@ class StaticIHVP(_BlockOperatorBase):
             If a path names an existing file (or a symbolic link, even a dangling one).
         IsADirectoryError
             If a path names a folder.
-        FileNotFoundError
-            If a path's folder does not exist, or a path ending in a separator names a folder
-            that does not exist (before any gradient is read).
+        FileNotFoundError, NotADirectoryError
+            If a path's folder does not exist (or is a file), or a path ending in a separator
+            names a folder that does not exist (before any gradient is read).
         OSError
             If the disk cannot hold the new file: its space is reserved when it is made
             (``posix_fallocate``, where the platform has it), after the first gradient, so that

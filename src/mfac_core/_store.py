@@ -247,6 +247,10 @@ def check_new_path(target: Any, name: str) -> str:
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         # Said before the data loader is read, not when the first gradient is stored.
+        if os.path.exists(folder):  # "G.npy/out.npy": "does not exist" was untrue
+            raise NotADirectoryError(
+                f"{name}: {path!r} is inside {folder}, which is a file, not a folder"
+            )
         raise FileNotFoundError(f"{name}: the folder of {path!r} does not exist: {folder}")
     return path
 
@@ -503,8 +507,8 @@ def gather_gradients(
             )
         if extra is not _END:
             raise ValueError(
-                f"the gradients exceed num_grads={m}: more were yielded after the "
-                f"{m}-th (take the first ones with itertools.islice)"
+                f"the gradients exceed num_grads={m}: the iterable yielded more after the "
+                f"{m} asked for (take the first ones with itertools.islice)"
             )
         assert target is not None  # made with the first of the m >= 1 gradients
         target.finish()  # only now a .npy file that numpy.load reads
