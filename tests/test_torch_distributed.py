@@ -304,6 +304,94 @@ def test_a_rank_without_gradients_joins_the_step() -> None:
     np.testing.assert_allclose(whole @ whole.T, gram, rtol=0, atol=1e-13 * scale)
 
 
+def _one_rank_edit(model: Any, opt: Any, case: str) -> Any:
+    """Make ``case``'s step fail on this rank alone; return what undoes it."""
+    group = opt.param_groups[0]
+    weight = model[0].weight
+    if case in ("lr", "momentum"):
+        saved = group[case]
+        group[case] = "0.1" if case == "lr" else None
+        return lambda: group.__setitem__(case, saved)
+    if case == "params":  # a parameter removed from its group by hand
+        removed = group["params"].pop()
+        return lambda: group["params"].append(removed)
+    if case == "sparse":
+        dense = weight.grad
+        weight.grad = dense.to_sparse()
+        return lambda: setattr(weight, "grad", dense)
+    if case == "layout":  # a masked parameter's memory layout changed
+        data = weight.data
+        weight.data = data.t().contiguous().t()
+        return lambda: setattr(weight, "data", data)
+    old = weight.data
+    # Either resized (p.data = ...) or float64 in a float32 optimizer (model.double()).
+    weight.data = torch.zeros(3, 6) if case == "resized" else old.double()
+    grad, weight.grad = weight.grad, None
+    weight.grad = torch.zeros_like(weight)
+
+    def undo() -> None:
+        weight.data, weight.grad = old, None
+        weight.grad = grad
+
+    return undo
+
+
+def _one_rank_fails(comm: Communicator, case: str, errors: str) -> dict[str, Any]:
+    model = make_model().float()
+    masks = {model[0].weight: torch.arange(48).reshape(8, 6) % 3 > 0} if case == "layout" else None
+    opt = MFAC(model.parameters(), **OPTIONS, errors=errors, comm=comm, masks=masks)
+    out: dict[str, Any] = {}
+    for i, (x, y) in enumerate(batches(3)):
+        opt.zero_grad()
+        F.cross_entropy(model(x.float()), y).backward()
+        undo = _one_rank_edit(model, opt, case) if i == 1 and comm.rank == 1 else None
+        before = copy.deepcopy((opt.state_dict(), model.state_dict()))
+        try:
+            opt.step()
+        except (TypeError, RuntimeError) as exc:
+            out["raised"] = (type(exc), str(exc))
+            # The failed step changed nothing on any rank.
+            _assert_same_tree((opt.state_dict(), model.state_dict()), before)
+            if undo is not None:
+                undo()
+            opt.step()  # the same step again, on every rank
+    out["params"] = flat(model)
+    out["counts"] = (opt.steps, opt.skipped_steps, opt.rejected_grads)
+    return out
+
+
+#: A one-rank edit that the step refuses: its class and its message on the failing rank.
+ONE_RANK_FAILURES = {
+    "lr": (TypeError, "lr of parameter group 0 is '0.1'"),
+    "momentum": (TypeError, "momentum of parameter group 0 is None"),
+    "params": (RuntimeError, "no longer lists the parameters"),
+    "sparse": (RuntimeError, "does not support sparse gradients"),
+    "layout": (RuntimeError, "memory layout of the masked parameter 0 of group 0"),
+    "resized": (RuntimeError, "parameter 0 of group 0 (shape (3, 6)) had 48 entries"),
+    "float64": (RuntimeError, "parameter 0 of group 0 (shape (8, 6)) is float64"),
+}
+
+
+@pytest.mark.parametrize("errors", ["skip", "raise"])
+@pytest.mark.parametrize("case", sorted(ONE_RANK_FAILURES))
+def test_a_check_that_fails_on_one_rank_raises_on_every_rank(case: str, errors: str) -> None:
+    # The step's checks of its parameters and options ran before its first reduction:
+    # the failing rank raised and the others waited in the reduction (a hang until the
+    # group's timeout). Now they run inside it and every rank raises, unchanged.
+    results = run_spmd_threads(_one_rank_fails, 3, case, errors, timeout=5)
+    for r in results:
+        assert not isinstance(r, Exception), r
+    kind, message = ONE_RANK_FAILURES[case]
+    assert results[1]["raised"][0] is kind and message in results[1]["raised"][1]
+    for rank in (0, 2):
+        assert results[rank]["raised"][0] is kind
+        assert "failed on 1 other rank(s) of 3" in results[rank]["raised"][1]
+    # Then the step taken again on every rank: the three steps of every rank, alike.
+    for r in results:
+        assert r["counts"] == (3, 0, 0)
+        np.testing.assert_array_equal(r["params"], results[0]["params"])
+
+
 def _checkpoint_threads(comm: Communicator, saved: list[Any] | None, size_ok: bool) -> Any:
     model = make_model()
     opt = MFAC(model.parameters(), **OPTIONS, comm=comm)

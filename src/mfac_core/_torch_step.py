@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ._dynamic_checks import Refused
-from ._dynamic_window import NoGradient, collective_step
+from ._dynamic_window import NoGradient, RankPart, collective_step
 from ._errors import FactorizationError
 from ._finite import float32_overflow_said_by_caller
 from ._torch_distributed import all_gather, dtensor_class, local
@@ -35,12 +35,12 @@ def step(opt: Any) -> None:
     if not present and opt._comm is None:
         return  # nothing to step with: no window insert, no momentum decay, no count
     live_entry(opt)  # a state cleared by the user starts afresh before the window takes g
-    g = gather(opt)
     if opt._comm is not None:
         # Collective even on a rank without gradients (its g is zeros): it joins the
         # step's reductions, which tell every rank whether any rank had one.
-        distributed_step(opt, g, present)
+        distributed_step(opt, present)
         return
+    g = gather(opt)
     if g.dtype != opt.ihvp.dtype:
         # float64 gradients for a 2-byte window: float32 steps. Cast before the check
         # below, so that a finite entry beyond float32's range counts as not finite.
@@ -149,16 +149,23 @@ def left_out(opt: Any, exc: Exception) -> None:
     )
 
 
-def distributed_step(opt: Any, g: torch.Tensor, present: bool) -> None:
+def distributed_step(opt: Any, present: bool) -> None:
     """The step across processes: every rank decides alike (see the class's Notes).
 
     ``present``: whether any parameter of this rank has a gradient. Where no rank's
     has, the step does nothing on every rank (one process's empty step); where some
     rank's has, a rank without one steps with zeros for its coordinates (as for any
     parameter without a gradient) and moves none of its parameters.
+
+    The flat gradient is gathered, and its parameters and options checked, inside
+    the step's first reduction (the window's Gram row): a check that fails on one
+    rank only (a parameter resized there, a sparse gradient, an option edited into
+    a string) raises on every rank, where the other ranks waited in the reduction
+    for the one that raised until the group's timeout.
     """
     lo, hi = opt._columns
-    x = g[lo:hi]
+    x = opt._grad[lo:hi]  # a view, filled by gather() in the reduction
+    part = RankPart(present, lambda: gather(opt))
     strict = opt.defaults["errors"] == "raise"
     agreed: list[tuple[torch.Tensor, bool]] = []
 
@@ -170,9 +177,7 @@ def distributed_step(opt: Any, g: torch.Tensor, present: bool) -> None:
         # Strict, a step not finite on any rank is refused on every rank before the
         # window commits to the gradient: the step's own reduction of the product (its
         # all-gather, or the sum of its flag) decides, moved before the commit.
-        s = collective_step(
-            opt.ihvp, x, present=present, strict=strict, agree=agree if strict else None
-        )
+        s = collective_step(opt.ihvp, x, part=part, strict=strict, agree=agree if strict else None)
     except NoGradient:
         return  # no rank had a gradient: no window insert, no momentum decay, no count
     except (FactorizationError, ValueError) as exc:
