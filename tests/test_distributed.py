@@ -426,6 +426,40 @@ def test_reduce_checked_raises_on_every_rank_for_different_tags() -> None:
     assert len(set(results)) == 1
 
 
+def test_reduce_checked_with_diverged_reports_failures_before_different_tags() -> None:
+    # diverged: the tag holds the caller's state, which local() checks; a rank that
+    # refused its own value (whose tag then differs) raises as for any failure, and every
+    # other rank with it, in the same class; ranks that differ without failing raise
+    # diverged's RuntimeError.
+    def fn(comm: ThreadComm, fail: bool) -> object:
+        def local() -> np.ndarray:
+            if fail and comm.rank == 1:
+                raise TypeError("rank 1's own refusal")
+            return np.ones(3)
+
+        try:
+            reduce_checked(
+                comm,
+                np,
+                local,
+                length=3,
+                dtype=np.float64,
+                device="cpu",
+                what="op",
+                tag=("op", comm.rank == 1),
+                diverged="the states differ",
+            )
+        except (TypeError, RuntimeError) as exc:
+            return type(exc), str(exc)
+        return "no error"
+
+    failed = run_spmd_threads(fn, 3, True)
+    assert failed[1] == (TypeError, "rank 1's own refusal")
+    for r in (failed[0], failed[2]):
+        assert r[0] is TypeError and "failed on 1 other rank(s) of 3" in r[1], r
+    assert run_spmd_threads(fn, 3, False) == [(RuntimeError, "the states differ")] * 3
+
+
 def test_reduce_checked_with_many_simulated_ranks() -> None:
     size = 2**20 + 7
     length = 3

@@ -392,6 +392,61 @@ def test_a_check_that_fails_on_one_rank_raises_on_every_rank(case: str, errors: 
         np.testing.assert_array_equal(r["params"], results[0]["params"])
 
 
+def _options_differ(comm: Communicator, key: str, tensor: bool) -> dict[str, Any]:
+    model = make_model()
+    if tensor:  # one-element tensors, as a scheduler changes them in place
+        options = {k: torch.tensor(OPTIONS[k]) for k in ("lr", "momentum", "weight_decay")}
+        opt = MFAC(model.parameters(), **{**OPTIONS, **options}, comm=comm)
+    else:
+        opt = MFAC(model.parameters(), **OPTIONS, comm=comm)
+    group = opt.param_groups[0]
+    out: dict[str, Any] = {}
+    for i, (x, y) in enumerate(batches(3)):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        if i == 1 and comm.rank == 1:
+            # As a scheduler stepped on this rank only.
+            value = group[key] * 0.5
+            group[key] = group[key].clone().fill_(value) if tensor else float(value)
+        before = copy.deepcopy((opt.state_dict(), model.state_dict()))
+        try:
+            opt.step()
+        except RuntimeError as exc:
+            out["raised"] = str(exc)
+            _assert_same_tree((opt.state_dict(), model.state_dict()), before)
+            group[key] = torch.tensor(OPTIONS[key]) if tensor else OPTIONS[key]
+            opt.step()
+    if not tensor:
+        # A weight decay of -0.0 steps as 0.0 does: not a difference.
+        opt.zero_grad()
+        F.cross_entropy(model(batches(4)[3][0]), batches(4)[3][1]).backward()
+        group["weight_decay"] = -0.0 if comm.rank == 1 else 0.0
+        opt.step()
+    out["params"] = flat(model)
+    out["counts"] = (opt.steps, opt.skipped_steps, opt.rejected_grads)
+    return out
+
+
+@pytest.mark.parametrize("tensor", [False, True])
+@pytest.mark.parametrize("key", ["lr", "momentum", "weight_decay"])
+def test_ranks_whose_group_options_differ_are_refused_on_every_rank(key: str, tensor: bool) -> None:
+    # The options are replicated like the window's (ranks built with different
+    # num_grads, damp or errors are refused): ranks whose options differed (a scheduler
+    # stepped on one rank only) moved their replicas of the parameters apart in silence.
+    # The step's first reduction compares them in its tag: no reduction more.
+    results = run_spmd_threads(_options_differ, 3, key, tensor, timeout=5)
+    for r in results:
+        assert not isinstance(r, Exception), r
+        assert "hold different lr, momentum or weight_decay" in r["raised"], r["raised"]
+        # The step taken again with the options alike: the replicas stay equal.
+        assert r["counts"] == (3 if tensor else 4, 0, 0)
+        np.testing.assert_array_equal(r["params"], results[0]["params"])
+    assert (
+        f"(lr, momentum, weight_decay) per group: [({0.025 if key == 'lr' else 0.05}"
+        in (results[1]["raised"])
+    )
+
+
 def _checkpoint_threads(comm: Communicator, saved: list[Any] | None, size_ok: bool) -> Any:
     model = make_model()
     opt = MFAC(model.parameters(), **OPTIONS, comm=comm)

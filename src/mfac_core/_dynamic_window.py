@@ -51,10 +51,20 @@ class RankPart(NamedTuple):
         step's rank-local checks, which fill ``g``. Where it raises on one rank,
         every rank raises with the window as it was (``reduce_checked``), instead
         of the other ranks waiting in the reduction for the one that raised.
+    state : object
+        The optimiser's replicated state beside the window's (anything
+        ``_sharding.digest`` takes; None for none), compared in the reduction's
+        tag: where it differs between ranks, every rank raises ``RuntimeError``
+        with the message ``diverged`` (where no rank's checks failed: else as for
+        any failure, ``reduce_checked``).
+    diverged : str or None
+        That message.
     """
 
     present: bool
     prepare: Callable[[], object] | None = None
+    state: object = None
+    diverged: str | None = None
 
 
 class StepCheck(NamedTuple):
@@ -335,6 +345,8 @@ def written_row(
     present = None if part is None else part.present
     if part is not None:
         agreement = {"agree": lambda: present, "agreed_into": same}
+        if part.state is not None:
+            agreement.update(state=part.state, diverged=part.diverged)
 
     def local() -> Array:
         if part is not None and part.prepare is not None:

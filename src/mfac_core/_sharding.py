@@ -337,6 +337,7 @@ def reduce_checked(
     agree: Callable[[], object] | None = None,
     disagree: tuple[type[Exception], str] | None = None,
     agreed_into: list[bool] | None = None,
+    diverged: str | None = None,
 ) -> Array:
     """All-reduce ``local()`` with a status word; every rank raises if any rank failed.
 
@@ -379,6 +380,14 @@ def reduce_checked(
         rank learns whether every rank holds its own (exactly for two values,
         whose digests differ in a piece). False where they differ, and in a group
         larger than ``MAX_AGREEMENT_RANKS``, which compares nothing.
+    diverged : str, optional
+        The message of the ``RuntimeError`` raised where the tags differ, for a
+        ``tag`` that holds the caller's replicated state beside the operation's
+        (default: the ranks called different operations, or their states
+        diverged). Where given, the tags are compared only where no rank's
+        ``local()`` raised: ``local()`` checks that state, so a value that it
+        refused on one rank may be why the tags differ, and every rank then
+        raises as for any failure, the failing rank its own exception.
 
     Returns
     -------
@@ -390,7 +399,8 @@ def reduce_checked(
     ------
     RuntimeError
         On every rank, the same, if the tags differ between ranks (checked
-        first; a rank's own error, if any, is its cause).
+        first, but with ``diverged`` after the failures; a rank's own error, if
+        any, is its cause).
     Exception
         On a rank whose ``local()`` raised: that exception, after the reduction.
         On every other rank, if some rank failed: an exception of the same class
@@ -418,15 +428,16 @@ def reduce_checked(
     total = comm.allreduce_sum(xp.concat([xp.astype(payload, dtype), status]))
     word = host_values(total[length:])
     same_tag, same_args = agreement(word, comm.size)
-    if not same_tag:
+    counts = decode_status(word)  # valid whatever the tags: its places are the same
+    if not same_tag and (diverged is None or not any(counts.values())):
         raise RuntimeError(
-            f"{what}: the ranks called different collective operations (or one on "
+            diverged
+            or f"{what}: the ranks called different collective operations (or one on "
             "different operators), or their replicated states diverged (reset, "
             "load_state_dict or another edit on some ranks only); every rank must call "
             "the same operations in the same order. Every rank raised this and left its "
             "state as it was"
         ) from error
-    counts = decode_status(word)
     if any(counts.values()):
         if error is not None:
             raise error

@@ -161,11 +161,13 @@ def distributed_step(opt: Any, present: bool) -> None:
     the step's first reduction (the window's Gram row): a check that fails on one
     rank only (a parameter resized there, a sparse gradient, an option edited into
     a string) raises on every rank, where the other ranks waited in the reduction
-    for the one that raised until the group's timeout.
+    for the one that raised until the group's timeout. The reduction's tag holds
+    the groups' options (:func:`group_options`), which every rank must share.
     """
     lo, hi = opt._columns
     x = opt._grad[lo:hi]  # a view, filled by gather() in the reduction
-    part = RankPart(present, lambda: gather(opt))
+    options = group_options(opt)
+    part = RankPart(present, lambda: gather(opt), options, diverged_options(options))
     strict = opt.defaults["errors"] == "raise"
     agreed: list[tuple[torch.Tensor, bool]] = []
 
@@ -212,6 +214,63 @@ def distributed_step(opt: Any, present: bool) -> None:
     # Strict, agree made the reduction before the commit; otherwise it is made here.
     s, finite = agreed[0] if agreed else agreed_step(opt, s)
     moved(opt, s, finite)
+
+
+def group_options(opt: Any) -> tuple[Any, ...]:
+    """Every group's ``lr``, ``momentum`` and ``weight_decay``, as the ranks must share them.
+
+    Replicated like the window's options: ranks whose options differ (a scheduler
+    stepped on some ranks only) would move their replicas of the parameters (DDP), or
+    their shards of one parameter (FSDP2), by different rules without a word; in the
+    step's first reduction's tag, they raise instead. Numbers compare by their float64
+    value, one-element tensors by their value in the step's dtype, as the step uses
+    them (read in one transfer: a device sync beside the reduction's own), anything
+    else by its type's name. Never raises: a rank whose options the step refuses
+    (:func:`check_options`) joins the reduction with what it holds, where every rank
+    raises for its refusal.
+    """
+    raw = [group.get(key) for group in opt.param_groups for key in GROUP_KEYS]
+    taken = [isinstance(v, torch.Tensor) and readable(opt, v) for v in raw]
+    tensors = [
+        v.detach().reshape(()).to(opt.device, opt.dtype)
+        for v, t in zip(raw, taken, strict=True)
+        if t
+    ]
+    read = iter(torch.stack(tensors).tolist() if tensors else [])
+    # + 0.0: -0.0 steps as 0.0 does, and must compare equal to it.
+    return tuple(next(read) + 0.0 if t else number(v) for v, t in zip(raw, taken, strict=True))
+
+
+def readable(opt: Any, value: torch.Tensor) -> bool:
+    """Whether a tensor option is one that the step takes (:func:`check_options`)."""
+    try:
+        check_tensor_option(opt, value, "a group option")
+    except TypeError:
+        return False
+    return value.numel() == 1
+
+
+def number(value: Any) -> Any:
+    """A group option that is not a tensor, as :func:`group_options` compares it."""
+    if isinstance(value, numbers.Real):
+        try:
+            return float(value) + 0.0
+        except (OverflowError, TypeError, ValueError):  # an int beyond float64's range
+            pass
+    return (type(value).__name__,)
+
+
+def diverged_options(options: tuple[Any, ...]) -> str:
+    """The message of the step's first reduction where the ranks' tags differ."""
+    per_group = [options[i : i + len(GROUP_KEYS)] for i in range(0, len(options), len(GROUP_KEYS))]
+    return (
+        "MFAC step: the ranks' parameter groups hold different lr, momentum or weight_decay "
+        "(a scheduler stepped, or an option edited, on some ranks only: their parameters "
+        "would move by different rules; this rank's (lr, momentum, weight_decay) per group: "
+        f"{per_group}), or their windows diverged (reset, load_state_dict or another edit "
+        "on some ranks only), or they called different collective operations. Every rank "
+        "raised this and left its optimizer as it was"
+    )
 
 
 def agreed_step(opt: Any, s: torch.Tensor) -> tuple[torch.Tensor, bool]:
