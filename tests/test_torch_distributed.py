@@ -392,6 +392,39 @@ def test_a_check_that_fails_on_one_rank_raises_on_every_rank(case: str, errors: 
         np.testing.assert_array_equal(r["params"], results[0]["params"])
 
 
+def _failing_differently(comm: Communicator, errors: str) -> Any:
+    model = make_model().float()
+    opt = MFAC(model.parameters(), **OPTIONS, errors=errors, comm=comm)
+    x, y = batches(1)[0]
+    F.cross_entropy(model(x.float()), y).backward()
+    if comm.rank == 0:
+        model[0].weight.grad.view(-1)[0] = float("nan")  # in rank 0's columns
+    undo = _one_rank_edit(model, opt, "resized") if comm.rank == 1 else None
+    try:
+        opt.step()
+        outcome = None
+    except (FloatingPointError, RuntimeError, ValueError) as exc:
+        outcome = type(exc)
+    if undo is not None:
+        undo()
+    return outcome, (opt.steps, opt.skipped_steps, opt.rejected_grads)
+
+
+@pytest.mark.parametrize("errors", ["skip", "raise"])
+def test_ranks_failing_differently_decide_alike(errors: str) -> None:
+    # A NaN in rank 0's part of the gradient (a ValueError in the reduction, which skips
+    # the step) and a resized parameter on rank 1 (a RuntimeError): rank 1 raised its
+    # own error while the others skipped the step and went on, their skip counted, to
+    # wait for rank 1 in the next step. Now every rank is told the first class, alike.
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always", MFACStepWarning)
+        results = run_spmd_threads(_failing_differently, 3, errors, timeout=5)
+    if errors == "skip":
+        assert results == [(None, (0, 1, 0))] * 3, results
+    else:
+        assert results == [(FloatingPointError, (0, 0, 0))] * 3, results
+
+
 def _options_differ(comm: Communicator, key: str, tensor: bool) -> dict[str, Any]:
     model = make_model()
     if tensor:  # one-element tensors, as a scheduler changes them in place
