@@ -264,12 +264,13 @@ def diverged_options(options: tuple[Any, ...]) -> str:
     """The message of the step's first reduction where the ranks' tags differ."""
     per_group = [options[i : i + len(GROUP_KEYS)] for i in range(0, len(options), len(GROUP_KEYS))]
     return (
-        "MFAC step: the ranks' parameter groups hold different lr, momentum or weight_decay "
-        "(a scheduler stepped, or an option edited, on some ranks only: their parameters "
-        "would move by different rules; this rank's (lr, momentum, weight_decay) per group: "
-        f"{per_group}), or their windows diverged (reset, load_state_dict or another edit "
-        "on some ranks only), or they called different collective operations. Every rank "
-        "raised this and left its optimizer as it was"
+        "MFAC step: the ranks' replicated states differ: the lr, momentum or weight_decay "
+        "of their parameter groups (a scheduler stepped, or an option edited, on some ranks "
+        "only: their parameters would move by different rules; this rank's (lr, momentum, "
+        f"weight_decay) per group: {per_group}), or their windows (opt.state cleared, "
+        "reset, load_state_dict or another edit on some ranks only), or they called "
+        "different collective operations. Every rank raised this and left its optimizer "
+        "as it was"
     )
 
 
