@@ -733,6 +733,21 @@ def _gloo_optimizer(comm: Communicator, root: str) -> dict[str, Any]:
             )
         )
     out["absent"] = (moved, fopt.steps)
+    # Rank 1's lr edited into a string, then only halved (a scheduler stepped there
+    # only): every rank raises, promptly (it waited for gloo's timeout), and no rank moves.
+    group, before = fopt.param_groups[0], flat(sharded)
+    out["one_rank"] = []
+    for edited in ("0.05", OPTIONS["lr"] / 2):
+        fopt.zero_grad()
+        F.cross_entropy(sharded(x), y).backward()
+        if comm.rank == 1:
+            group["lr"] = edited
+        try:
+            fopt.step()
+        except (TypeError, RuntimeError) as exc:
+            out["one_rank"].append(type(exc).__name__)
+        group["lr"] = OPTIONS["lr"]
+    out["one_rank"].append(bool(np.array_equal(before, flat(sharded))) and fopt.steps)
     return out
 
 
@@ -758,6 +773,7 @@ def test_ddp_and_fsdp2_over_gloo() -> None:
         ([True, False], STEPS + 1),
         ([False, False], STEPS + 1),
     ]
+    assert [r["one_rank"] for r in results] == [["TypeError", "RuntimeError", STEPS + 1]] * 2
     # FSDP2 shards each parameter's rows: the window holds this rank's local shards only.
     assert sum(r["fsdp_window"] for r in results) == want.size
 
