@@ -449,7 +449,7 @@ def test_reduce_checked_with_diverged_reports_failures_before_different_tags() -
                 device="cpu",
                 what="op",
                 tag=("op", comm.rank == 1),
-                diverged="the states differ",
+                diverged=lambda: "the states differ",
             )
         except (TypeError, RuntimeError) as exc:
             return type(exc), str(exc)

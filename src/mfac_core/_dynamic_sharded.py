@@ -219,7 +219,7 @@ def reduced(
     disagree: tuple[type[Exception], str] | None = None,
     agreed_into: list[bool] | None = None,
     state: object = None,
-    diverged: str | None = None,
+    diverged: Callable[[], str] | None = None,
 ) -> Any:
     """``local()`` (1-D float64) summed over the ranks with a status word.
 
@@ -228,7 +228,7 @@ def reduced(
     differs between ranks and ``agreed_into`` is not given; where it is, whether
     ``agree()`` agreed is appended to it (``reduce_checked``). ``state``, where not
     None, is the caller's replicated state, compared in the tag with the window's;
-    ``diverged`` is then the message where the tags differ.
+    ``diverged()`` is then the message where the tags differ.
     """
     xp = op._xp
     return reduce_checked(

@@ -55,16 +55,16 @@ class RankPart(NamedTuple):
         The optimiser's replicated state beside the window's (anything
         ``_sharding.digest`` takes; None for none), compared in the reduction's
         tag: where it differs between ranks, every rank raises ``RuntimeError``
-        with the message ``diverged`` (where no rank's checks failed: else as for
-        any failure, ``reduce_checked``).
-    diverged : str or None
-        That message.
+        with the message ``diverged()`` (where no rank's checks failed: else as
+        for any failure, ``reduce_checked``).
+    diverged : callable or None
+        Gives that message (made only where it is raised).
     """
 
     present: bool
     prepare: Callable[[], object] | None = None
     state: object = None
-    diverged: str | None = None
+    diverged: Callable[[], str] | None = None
 
 
 class StepCheck(NamedTuple):

@@ -341,7 +341,7 @@ def reduce_checked(
     agree: Callable[[], object] | None = None,
     disagree: tuple[type[Exception], str] | None = None,
     agreed_into: list[bool] | None = None,
-    diverged: str | None = None,
+    diverged: Callable[[], str] | None = None,
 ) -> Array:
     """All-reduce ``local()`` with a status word; every rank raises if any rank failed.
 
@@ -384,8 +384,8 @@ def reduce_checked(
         rank learns whether every rank holds its own (exactly for two values,
         whose digests differ in a piece). False where they differ, and in a group
         larger than ``MAX_AGREEMENT_RANKS``, which compares nothing.
-    diverged : str, optional
-        The message of the ``RuntimeError`` raised where the tags differ, for a
+    diverged : callable, optional
+        Gives the message of the ``RuntimeError`` raised where the tags differ, for a
         ``tag`` that holds the caller's replicated state beside the operation's
         (default: the ranks called different operations, or their states
         diverged). Where given, the tags are compared only where no rank's
@@ -437,8 +437,9 @@ def reduce_checked(
     counts = decode_status(word)  # valid whatever the tags: its places are the same
     if not same_tag and (diverged is None or not any(counts.values())):
         raise RuntimeError(
-            diverged
-            or f"{what}: the ranks called different collective operations (or one on "
+            diverged()
+            if diverged is not None
+            else f"{what}: the ranks called different collective operations (or one on "
             "different operators), or their replicated states diverged (reset, "
             "load_state_dict or another edit on some ranks only); every rank must call "
             "the same operations in the same order. Every rank raised this and left its "

@@ -167,7 +167,7 @@ def distributed_step(opt: Any, present: bool) -> None:
     lo, hi = opt._columns
     x = opt._grad[lo:hi]  # a view, filled by gather() in the reduction
     options = group_options(opt)
-    part = RankPart(present, lambda: gather(opt), options, diverged_options(options))
+    part = RankPart(present, lambda: gather(opt), options, lambda: diverged_options(options))
     strict = opt.defaults["errors"] == "raise"
     agreed: list[tuple[torch.Tensor, bool]] = []
 
