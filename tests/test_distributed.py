@@ -192,7 +192,8 @@ def test_gather_ints_and_layout(size: int) -> None:
         ({1: ValueError}, {ValueError}),
         ({0: TypeError, 2: TypeError}, {TypeError}),
         ({2: IndexError}, {IndexError}),
-        ({0: ValueError, 1: TypeError}, {ValueError, TypeError}),
+        # Every rank raises the first class (rank 0 too, its ValueError the cause).
+        ({0: ValueError, 1: TypeError}, {TypeError}),
         ({1: KeyError}, {KeyError, RuntimeError}),
     ],
 )
@@ -214,12 +215,13 @@ def test_reduce_checked_raises_on_every_rank(
     results = run_spmd_threads(fn, size, timeout=10)
     for rank, r in enumerate(results):
         assert isinstance(r, Exception), r
-        if rank in failing:
-            assert type(r) is failing[rank]  # its own error, with its own message
-            assert f"rank {rank}" in str(r)
+        if type(r) is failing.get(rank):
+            assert f"rank {rank}" in str(r)  # its own error, with its own message
         else:
             assert type(r) in kinds
             assert "failed on" in str(r)
+            if rank in failing:  # it failed with another class than the first
+                assert type(r.__cause__) is failing[rank]
     # Ranks that did not fail agree on one class.
     assert len({type(r) for rank, r in enumerate(results) if rank not in failing}) <= 1
 
@@ -440,6 +442,65 @@ def test_reduce_checked_raises_on_every_rank_for_different_tags() -> None:
     results = run_spmd_threads(fn, 3)
     assert all("different collective operations" in r for r in results), results
     assert len(set(results)) == 1
+
+
+def test_reduce_checked_with_diverged_reports_failures_before_different_tags() -> None:
+    # diverged: the tag holds the caller's state, which local() checks; a rank that
+    # refused its own value (whose tag then differs) raises as for any failure, and every
+    # other rank with it, in the same class; ranks that differ without failing raise
+    # diverged's RuntimeError.
+    def fn(comm: ThreadComm, fail: bool) -> object:
+        def local() -> np.ndarray:
+            if fail and comm.rank == 1:
+                raise TypeError("rank 1's own refusal")
+            return np.ones(3)
+
+        try:
+            reduce_checked(
+                comm,
+                np,
+                local,
+                length=3,
+                dtype=np.float64,
+                device="cpu",
+                what="op",
+                tag=("op", comm.rank == 1),
+                diverged=lambda: "the states differ",
+            )
+        except (TypeError, RuntimeError) as exc:
+            return type(exc), str(exc)
+        return "no error"
+
+    failed = run_spmd_threads(fn, 3, True)
+    assert failed[1] == (TypeError, "rank 1's own refusal")
+    for r in (failed[0], failed[2]):
+        assert r[0] is TypeError and "failed on 1 other rank(s) of 3" in r[1], r
+    assert run_spmd_threads(fn, 3, False) == [(RuntimeError, "the states differ")] * 3
+
+
+def test_reduce_checked_raises_one_class_on_every_rank_where_ranks_failed_differently() -> None:
+    # Rank 0 refuses a value (ValueError), rank 1 fails otherwise (RuntimeError): rank 1
+    # raised its own RuntimeError while the others raised ValueError, so a caller that
+    # decides from the class (a NaN skips an optimiser's step) decided differently there.
+    def fn(comm: ThreadComm) -> object:
+        def local() -> np.ndarray:
+            if comm.rank < 2:
+                raise (ValueError, RuntimeError)[comm.rank](f"rank {comm.rank}'s own")
+            return np.ones(3)
+
+        try:
+            reduce_checked(comm, np, local, length=3, dtype=np.float64, device="cpu", what="op")
+        except Exception as exc:
+            return type(exc), str(exc), exc.__cause__
+        return "no error"
+
+    results = run_spmd_threads(fn, 3)
+    assert results[0] == (ValueError, "rank 0's own", None)
+    kind, message, cause = results[1]
+    assert kind is ValueError and "failed on 1 other rank(s) of 3" in message
+    assert "and on this rank with the error that caused this" in message
+    assert isinstance(cause, RuntimeError) and str(cause) == "rank 1's own"
+    assert results[2][0] is ValueError and "failed on 2 other rank(s) of 3" in results[2][1]
 
 
 def test_reduce_checked_with_many_simulated_ranks() -> None:

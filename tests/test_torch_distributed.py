@@ -304,6 +304,182 @@ def test_a_rank_without_gradients_joins_the_step() -> None:
     np.testing.assert_allclose(whole @ whole.T, gram, rtol=0, atol=1e-13 * scale)
 
 
+def _one_rank_edit(model: Any, opt: Any, case: str) -> Any:
+    """Make ``case``'s step fail on this rank alone; return what undoes it."""
+    group = opt.param_groups[0]
+    weight = model[0].weight
+    if case in ("lr", "momentum"):
+        saved = group[case]
+        group[case] = "0.1" if case == "lr" else None
+        return lambda: group.__setitem__(case, saved)
+    if case == "params":  # a parameter removed from its group by hand
+        removed = group["params"].pop()
+        return lambda: group["params"].append(removed)
+    if case == "sparse":
+        dense = weight.grad
+        weight.grad = dense.to_sparse()
+        return lambda: setattr(weight, "grad", dense)
+    if case == "layout":  # a masked parameter's memory layout changed
+        data = weight.data
+        weight.data = data.t().contiguous().t()
+        return lambda: setattr(weight, "data", data)
+    old = weight.data
+    # Either resized (p.data = ...) or float64 in a float32 optimizer (model.double()).
+    weight.data = torch.zeros(3, 6) if case == "resized" else old.double()
+    grad, weight.grad = weight.grad, None
+    weight.grad = torch.zeros_like(weight)
+
+    def undo() -> None:
+        weight.data, weight.grad = old, None
+        weight.grad = grad
+
+    return undo
+
+
+def _one_rank_fails(comm: Communicator, case: str, errors: str) -> dict[str, Any]:
+    model = make_model().float()
+    masks = {model[0].weight: torch.arange(48).reshape(8, 6) % 3 > 0} if case == "layout" else None
+    opt = MFAC(model.parameters(), **OPTIONS, errors=errors, comm=comm, masks=masks)
+    out: dict[str, Any] = {}
+    for i, (x, y) in enumerate(batches(3)):
+        opt.zero_grad()
+        F.cross_entropy(model(x.float()), y).backward()
+        undo = _one_rank_edit(model, opt, case) if i == 1 and comm.rank == 1 else None
+        before = copy.deepcopy((opt.state_dict(), model.state_dict()))
+        try:
+            opt.step()
+        except (TypeError, RuntimeError) as exc:
+            out["raised"] = (type(exc), str(exc))
+            # The failed step changed nothing on any rank.
+            _assert_same_tree((opt.state_dict(), model.state_dict()), before)
+            if undo is not None:
+                undo()
+            opt.step()  # the same step again, on every rank
+    out["params"] = flat(model)
+    out["counts"] = (opt.steps, opt.skipped_steps, opt.rejected_grads)
+    return out
+
+
+#: A one-rank edit that the step refuses: its class and its message on the failing rank.
+ONE_RANK_FAILURES = {
+    "lr": (TypeError, "lr of parameter group 0 is '0.1'"),
+    "momentum": (TypeError, "momentum of parameter group 0 is None"),
+    "params": (RuntimeError, "no longer lists the parameters"),
+    "sparse": (RuntimeError, "does not support sparse gradients"),
+    "layout": (RuntimeError, "memory layout of the masked parameter 0 of group 0"),
+    "resized": (RuntimeError, "parameter 0 of group 0 (shape (3, 6)) had 48 entries"),
+    "float64": (RuntimeError, "parameter 0 of group 0 (shape (8, 6)) is float64"),
+}
+
+
+@pytest.mark.parametrize("errors", ["skip", "raise"])
+@pytest.mark.parametrize("case", sorted(ONE_RANK_FAILURES))
+def test_a_check_that_fails_on_one_rank_raises_on_every_rank(case: str, errors: str) -> None:
+    # The step's checks of its parameters and options ran before its first reduction:
+    # the failing rank raised and the others waited in the reduction (a hang until the
+    # group's timeout). Now they run inside it and every rank raises, unchanged.
+    results = run_spmd_threads(_one_rank_fails, 3, case, errors, timeout=5)
+    for r in results:
+        assert not isinstance(r, Exception), r
+    kind, message = ONE_RANK_FAILURES[case]
+    assert results[1]["raised"][0] is kind and message in results[1]["raised"][1]
+    for rank in (0, 2):
+        assert results[rank]["raised"][0] is kind
+        assert "failed on 1 other rank(s) of 3" in results[rank]["raised"][1]
+    # Then the step taken again on every rank: the three steps of every rank, alike.
+    for r in results:
+        assert r["counts"] == (3, 0, 0)
+        np.testing.assert_array_equal(r["params"], results[0]["params"])
+
+
+def _failing_differently(comm: Communicator, errors: str) -> Any:
+    model = make_model().float()
+    opt = MFAC(model.parameters(), **OPTIONS, errors=errors, comm=comm)
+    x, y = batches(1)[0]
+    F.cross_entropy(model(x.float()), y).backward()
+    if comm.rank == 0:
+        model[0].weight.grad.view(-1)[0] = float("nan")  # in rank 0's columns
+    undo = _one_rank_edit(model, opt, "resized") if comm.rank == 1 else None
+    try:
+        opt.step()
+        outcome = None
+    except (FloatingPointError, RuntimeError, ValueError) as exc:
+        outcome = type(exc)
+    if undo is not None:
+        undo()
+    return outcome, (opt.steps, opt.skipped_steps, opt.rejected_grads)
+
+
+@pytest.mark.parametrize("errors", ["skip", "raise"])
+def test_ranks_failing_differently_decide_alike(errors: str) -> None:
+    # A NaN in rank 0's part of the gradient (a ValueError in the reduction, which skips
+    # the step) and a resized parameter on rank 1 (a RuntimeError): rank 1 raised its
+    # own error while the others skipped the step and went on, their skip counted, to
+    # wait for rank 1 in the next step. Now every rank is told the first class, alike.
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always", MFACStepWarning)
+        results = run_spmd_threads(_failing_differently, 3, errors, timeout=5)
+    if errors == "skip":
+        assert results == [(None, (0, 1, 0))] * 3, results
+    else:
+        assert results == [(FloatingPointError, (0, 0, 0))] * 3, results
+
+
+def _options_differ(comm: Communicator, key: str, tensor: bool) -> dict[str, Any]:
+    model = make_model()
+    if tensor:  # one-element tensors, as a scheduler changes them in place
+        options = {k: torch.tensor(OPTIONS[k]) for k in ("lr", "momentum", "weight_decay")}
+        opt = MFAC(model.parameters(), **{**OPTIONS, **options}, comm=comm)
+    else:
+        opt = MFAC(model.parameters(), **OPTIONS, comm=comm)
+    group = opt.param_groups[0]
+    out: dict[str, Any] = {}
+    for i, (x, y) in enumerate(batches(3)):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        if i == 1 and comm.rank == 1:
+            # As a scheduler stepped on this rank only.
+            value = group[key] * 0.5
+            group[key] = group[key].clone().fill_(value) if tensor else float(value)
+        before = copy.deepcopy((opt.state_dict(), model.state_dict()))
+        try:
+            opt.step()
+        except RuntimeError as exc:
+            out["raised"] = str(exc)
+            _assert_same_tree((opt.state_dict(), model.state_dict()), before)
+            group[key] = torch.tensor(OPTIONS[key]) if tensor else OPTIONS[key]
+            opt.step()
+    if not tensor:
+        # A weight decay of -0.0 steps as 0.0 does: not a difference.
+        opt.zero_grad()
+        F.cross_entropy(model(batches(4)[3][0]), batches(4)[3][1]).backward()
+        group["weight_decay"] = -0.0 if comm.rank == 1 else 0.0
+        opt.step()
+    out["params"] = flat(model)
+    out["counts"] = (opt.steps, opt.skipped_steps, opt.rejected_grads)
+    return out
+
+
+@pytest.mark.parametrize("tensor", [False, True])
+@pytest.mark.parametrize("key", ["lr", "momentum", "weight_decay"])
+def test_ranks_whose_group_options_differ_are_refused_on_every_rank(key: str, tensor: bool) -> None:
+    # The options are replicated like the window's (ranks built with different
+    # num_grads, damp or errors are refused): ranks whose options differed (a scheduler
+    # stepped on one rank only) moved their replicas of the parameters apart in silence.
+    # The step's first reduction compares them in its tag: no reduction more.
+    results = run_spmd_threads(_options_differ, 3, key, tensor, timeout=5)
+    for r in results:
+        assert not isinstance(r, Exception), r
+        assert "the lr, momentum or weight_decay of their parameter groups" in r["raised"]
+        # The step taken again with the options alike: the replicas stay equal.
+        assert r["counts"] == (3 if tensor else 4, 0, 0)
+        np.testing.assert_array_equal(r["params"], results[0]["params"])
+    assert (
+        f"(lr, momentum, weight_decay) per group: [({0.025 if key == 'lr' else 0.05}"
+        in (results[1]["raised"])
+    )
+
+
 def _checkpoint_threads(comm: Communicator, saved: list[Any] | None, size_ok: bool) -> Any:
     model = make_model()
     opt = MFAC(model.parameters(), **OPTIONS, comm=comm)
@@ -557,6 +733,21 @@ def _gloo_optimizer(comm: Communicator, root: str) -> dict[str, Any]:
             )
         )
     out["absent"] = (moved, fopt.steps)
+    # Rank 1's lr edited into a string, then only halved (a scheduler stepped there
+    # only): every rank raises, promptly (it waited for gloo's timeout), and no rank moves.
+    group, before = fopt.param_groups[0], flat(sharded)
+    out["one_rank"] = []
+    for edited in ("0.05", OPTIONS["lr"] / 2):
+        fopt.zero_grad()
+        F.cross_entropy(sharded(x), y).backward()
+        if comm.rank == 1:
+            group["lr"] = edited
+        try:
+            fopt.step()
+        except (TypeError, RuntimeError) as exc:
+            out["one_rank"].append(type(exc).__name__)
+        group["lr"] = OPTIONS["lr"]
+    out["one_rank"].append(bool(np.array_equal(before, flat(sharded))) and fopt.steps)
     return out
 
 
@@ -582,6 +773,7 @@ def test_ddp_and_fsdp2_over_gloo() -> None:
         ([True, False], STEPS + 1),
         ([False, False], STEPS + 1),
     ]
+    assert [r["one_rank"] for r in results] == [["TypeError", "RuntimeError", STEPS + 1]] * 2
     # FSDP2 shards each parameter's rows: the window holds this rank's local shards only.
     assert sum(r["fsdp_window"] for r in results) == want.size
 

@@ -304,8 +304,8 @@ class DynamicIHVP(WindowCopies):
     ) -> Array:
         """``local()``: the sum over the coordinates that ``operation`` needs, checked.
 
-        ``length`` and the ``agree=``, ``disagree=`` and ``agreed_into=`` of
-        ``agreement`` serve the sharded operator's reduction
+        ``length`` and the ``agree=``, ``disagree=``, ``agreed_into=``, ``state=``
+        and ``diverged=`` of ``agreement`` serve the sharded operator's reduction
         (``_sharding.reduce_checked``).
         """
         return local()

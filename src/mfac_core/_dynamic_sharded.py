@@ -218,13 +218,17 @@ def reduced(
     agree: Any = None,
     disagree: tuple[type[Exception], str] | None = None,
     agreed_into: list[bool] | None = None,
+    state: object = None,
+    diverged: Callable[[], str] | None = None,
 ) -> Any:
     """``local()`` (1-D float64) summed over the ranks with a status word.
 
     Every rank raises if ``local()`` raised on any rank, if the ranks called
     different operations (``code``) or hold diverged states, or if ``agree()``
     differs between ranks and ``agreed_into`` is not given; where it is, whether
-    ``agree()`` agreed is appended to it (``reduce_checked``).
+    ``agree()`` agreed is appended to it (``reduce_checked``). ``state``, where not
+    None, is the caller's replicated state, compared in the tag with the window's;
+    ``diverged()`` is then the message where the tags differ.
     """
     xp = op._xp
     return reduce_checked(
@@ -235,10 +239,11 @@ def reduced(
         dtype=xp.float64,
         device=op.device,
         what=what,
-        tag=tag(op, code),
+        tag=tag(op, code) if state is None else (*tag(op, code), state),
         agree=agree,
         disagree=disagree,
         agreed_into=agreed_into,
+        diverged=diverged,
     )
 
 

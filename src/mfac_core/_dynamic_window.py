@@ -41,6 +41,32 @@ class NoGradient(Exception):
     """No rank of a sharded window had a gradient (:func:`collective_step`): nothing changed."""
 
 
+class RankPart(NamedTuple):
+    """A distributed optimiser's part in the first reduction of its step (:func:`collective_step`).
+
+    present : bool
+        Whether this rank has a gradient (``g`` is zeros if not).
+    prepare : callable or None
+        Called first inside the reduction's local part, before ``g`` is read: the
+        step's rank-local checks, which fill ``g``. Where it raises on one rank,
+        every rank raises with the window as it was (``reduce_checked``), instead
+        of the other ranks waiting in the reduction for the one that raised.
+    state : object
+        The optimiser's replicated state beside the window's (anything
+        ``_sharding.digest`` takes; None for none), compared in the reduction's
+        tag: where it differs between ranks, every rank raises ``RuntimeError``
+        with the message ``diverged()`` (where no rank's checks failed: else as
+        for any failure, ``reduce_checked``).
+    diverged : callable or None
+        Gives that message (made only where it is raised).
+    """
+
+    present: bool
+    prepare: Callable[[], object] | None = None
+    state: object = None
+    diverged: Callable[[], str] | None = None
+
+
 class StepCheck(NamedTuple):
     """What :meth:`DynamicIHVP._update_and_matvec_checked` found.
 
@@ -211,7 +237,7 @@ def place(
     pending: Any = None,
     speculation: Speculation | None = None,
     store: RowStore | None = None,
-    present: bool | None = None,
+    part: RankPart | None = None,
 ) -> tuple[Array, Any, Any]:
     """Put gradient ``g`` into ``slot``; return it (checked) and its Gram row (float64).
 
@@ -233,7 +259,7 @@ def place(
     ``NotFiniteStep`` with the row put back.
     ``store`` (a :class:`RowStore` for ``slot``) writes the row on the host in one read of
     ``g`` and judges ``g``'s values there, the row then put back if they are refused.
-    ``present`` (sharded only): whether this rank has a gradient (see :func:`written_row`).
+    ``part`` (sharded only): the optimiser's part in the row's reduction (:func:`written_row`).
     """
     xp = op._xp
     old = None if store is not None else xp.asarray(op._G[slot, ...], copy=True)
@@ -241,7 +267,7 @@ def place(
     product = None
     try:
         if b is None:
-            g, b, product = written_row(op, slot, g, store, present)
+            g, b, product = written_row(op, slot, g, store, part)
             if speculation is not None:
                 speculation.X = g[:, None]
                 speculation.P = b[:, None] if product is None else product
@@ -297,16 +323,17 @@ def place(
 
 
 def written_row(
-    op: Any, slot: int, g: Array, store: RowStore | None = None, present: bool | None = None
+    op: Any, slot: int, g: Array, store: RowStore | None = None, part: RankPart | None = None
 ) -> tuple[Array, Any, Any]:
     """Write ``g`` into ``slot``; return it, its Gram row and ``G g`` (float64, summed).
 
     ``G g`` (``(m, 1)``) is ``None`` when it is the row (see :func:`products`).
     Unsharded, ``g`` was checked by the caller. Sharded, it is checked here and the
     row reduced with the status word: one reduction of m + 20 numbers (2 m + 20 for a
-    2-byte window, whose row and ``G g`` differ). ``present`` (sharded, a step of
-    :func:`collective_step`) is whether this rank has a gradient (``g`` is zeros if
-    not); it is the status word's argument digest, so that a rank without one learns
+    2-byte window, whose row and ``G g`` differ). ``part`` (sharded, a step of
+    :func:`collective_step`): its ``prepare`` runs first in this rank's part of the
+    reduction, and its ``present`` (whether this rank has a gradient; ``g`` is zeros
+    if not) is the status word's argument digest, so that a rank without one learns
     in the same reduction whether any rank had one, and raises ``NoGradient`` (the
     slot's row put back by :func:`place`) where none had.
     """
@@ -315,10 +342,15 @@ def written_row(
     checked = [g]
     same: list[bool] = []
     agreement: dict[str, Any] = {}
-    if present is not None:
+    present = None if part is None else part.present
+    if part is not None:
         agreement = {"agree": lambda: present, "agreed_into": same}
+        if part.state is not None:
+            agreement.update(state=part.state, diverged=part.diverged)
 
     def local() -> Array:
+        if part is not None and part.prepare is not None:
+            part.prepare()
         if op._collective_checks:
             checked[0] = check_gradient(op, g)
         if store is not None:
@@ -351,13 +383,13 @@ def no_gradient(present: bool | None, same: list[bool]) -> None:
 
 
 def insert(
-    op: Any, g: Array, *, speculation: Speculation | None = None, present: bool | None = None
+    op: Any, g: Array, *, speculation: Speculation | None = None, part: RankPart | None = None
 ) -> tuple[Array, Any]:
     """Insert gradient ``g``; return it (checked) and ``G g`` (float64, ``(m, 1)``).
 
     With a ``speculation`` (unsharded only), NaN and infinity are refused
     whatever ``check_finite``, and the step's product may be computed before
-    the checks are read (``_dynamic_factor.edited``). ``present``: see
+    the checks are read (``_dynamic_factor.edited``). ``part``: see
     :func:`collective_step`.
     """
     pending = None
@@ -375,7 +407,7 @@ def insert(
                 g = checked_values(op, g, finite=finite)
     slot = op._window[0] if op.is_full else op._free[-1]
     g, _, product = place(
-        op, slot, g, pending=pending, speculation=speculation, store=store, present=present
+        op, slot, g, pending=pending, speculation=speculation, store=store, part=part
     )
     if op.is_full:
         op._window.popleft()
@@ -441,7 +473,7 @@ def update_and_matvec_finite(
     /,
     *,
     agree: Callable[[Array], bool] | None = None,
-    present: bool | None = None,
+    part: RankPart | None = None,
 ) -> Array | None:
     """:meth:`DynamicIHVP.update_and_matvec`, or None, the window unchanged, for a step not finite.
 
@@ -449,11 +481,11 @@ def update_and_matvec_finite(
     not on one rank): the step of a distributed ``MFAC(errors="raise")``. ``agree(s)``,
     where given, is that decision (collective; see ``_dynamic_factor.Speculation``),
     taken before the window commits to ``g``; without it the window reduces a flag.
-    ``present``: see :func:`collective_step`.
+    ``part``: see :func:`collective_step`.
     """
     speculation = Speculation(op, strict=True, agree=agree)
     try:
-        insert(op, g, speculation=speculation, present=present)
+        insert(op, g, speculation=speculation, part=part)
     except NotFiniteStep:
         return None
     return speculation.s
@@ -465,25 +497,27 @@ def collective_step(
     g: Array,
     /,
     *,
-    present: bool,
+    part: RankPart,
     strict: bool,
     agree: Callable[[Array], bool] | None = None,
 ) -> Array | None:
     """The window's part of a distributed ``MFAC`` step: insert ``g``, return ``F^{-1} g``.
 
-    Sharded windows only. ``present`` is whether this rank has a gradient (``g`` is
-    zeros if not, as for a parameter without one): the reduction of ``g``'s Gram row
+    Sharded windows only. ``part.present`` is whether this rank has a gradient (``g``
+    is zeros if not, as for a parameter without one): the reduction of ``g``'s Gram row
     tells every rank whether any rank had one, and where none had, every rank raises
     ``NoGradient`` with the window as it was, as one process's step without a
-    gradient does nothing; where some had, every rank inserts its ``g``. ``strict``
+    gradient does nothing; where some had, every rank inserts its ``g``.
+    ``part.prepare`` (the optimiser's checks of the step, which fill ``g``) runs in
+    that reduction, so that a check that fails on one rank raises on every rank. ``strict``
     and ``agree``: as :func:`update_and_matvec_finite` (None for a step not finite);
     otherwise as :meth:`DynamicIHVP.update_and_matvec`.
     """
     if not op._collective_checks:
         raise ValueError("collective_step is for sharded windows only")
     if strict:
-        return update_and_matvec_finite(op, g, agree=agree, present=present)
-    g, product = insert(op, g, present=present)
+        return update_and_matvec_finite(op, g, agree=agree, part=part)
+    g, product = insert(op, g, part=part)
     X = g[:, None]
     return op._refined(X, op._finish(X, product))[:, 0]
 

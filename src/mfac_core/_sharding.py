@@ -270,9 +270,13 @@ def encode_status(error: Exception | None, tag: object = 0, agree: object = None
     """
     word = [0.0] * len(_KINDS)
     if error is not None:
-        index = next((k for k, kind in enumerate(_KINDS) if isinstance(error, kind)), -1)
-        word[index] = 1.0
+        word[_KINDS.index(_kind(error))] = 1.0
     return [*word, *_pieces(digest(tag)), *_pieces(digest(agree))]
+
+
+def _kind(error: Exception) -> type[Exception]:
+    """The class of ``_KINDS`` that ``error`` is counted as (RuntimeError for any other)."""
+    return next((kind for kind in _KINDS if isinstance(error, kind)), RuntimeError)
 
 
 def decode_status(word: Sequence[float]) -> dict[type[Exception], int]:
@@ -337,6 +341,7 @@ def reduce_checked(
     agree: Callable[[], object] | None = None,
     disagree: tuple[type[Exception], str] | None = None,
     agreed_into: list[bool] | None = None,
+    diverged: Callable[[], str] | None = None,
 ) -> Array:
     """All-reduce ``local()`` with a status word; every rank raises if any rank failed.
 
@@ -379,6 +384,14 @@ def reduce_checked(
         rank learns whether every rank holds its own (exactly for two values,
         whose digests differ in a piece). False where they differ, and in a group
         larger than ``MAX_AGREEMENT_RANKS``, which compares nothing.
+    diverged : callable, optional
+        Gives the message of the ``RuntimeError`` raised where the tags differ, for a
+        ``tag`` that holds the caller's replicated state beside the operation's
+        (default: the ranks called different operations, or their states
+        diverged). Where given, the tags are compared only where no rank's
+        ``local()`` raised: ``local()`` checks that state, so a value that it
+        refused on one rank may be why the tags differ, and every rank then
+        raises as for any failure, the failing rank its own exception.
 
     Returns
     -------
@@ -390,13 +403,16 @@ def reduce_checked(
     ------
     RuntimeError
         On every rank, the same, if the tags differ between ranks (checked
-        first; a rank's own error, if any, is its cause).
+        first, but with ``diverged`` after the failures; a rank's own error, if
+        any, is its cause).
     Exception
-        On a rank whose ``local()`` raised: that exception, after the reduction.
-        On every other rank, if some rank failed: an exception of the same class
-        (TypeError, IndexError, ValueError, else RuntimeError) naming how many
-        ranks failed. Then, if ``agree`` differs between ranks and ``agreed_into``
-        is not given, ``disagree`` on every rank.
+        If some rank failed, on every rank an exception of one class: the first
+        of TypeError, IndexError, ValueError and RuntimeError (for any other)
+        that a rank failed with. A rank whose ``local()`` raised that class
+        raises its own exception, after the reduction; every other rank one
+        naming how many ranks failed (a rank that failed with another class,
+        its own exception as the cause). Then, if ``agree`` differs between
+        ranks and ``agreed_into`` is not given, ``disagree`` on every rank.
     """
     if dtype != xp.float64:
         raise ValueError(f"internal error: checked reductions are float64, not {dtype}")
@@ -418,24 +434,29 @@ def reduce_checked(
     total = comm.allreduce_sum(xp.concat([xp.astype(payload, dtype), status]))
     word = host_values(total[length:])
     same_tag, same_args = agreement(word, comm.size)
-    if not same_tag:
+    counts = decode_status(word)  # valid whatever the tags: its places are the same
+    if not same_tag and (diverged is None or not any(counts.values())):
         raise RuntimeError(
-            f"{what}: the ranks called different collective operations (or one on "
+            diverged()
+            if diverged is not None
+            else f"{what}: the ranks called different collective operations (or one on "
             "different operators), or their replicated states diverged (reset, "
             "load_state_dict or another edit on some ranks only); every rank must call "
             "the same operations in the same order. Every rank raised this and left its "
             "state as it was"
         ) from error
-    counts = decode_status(word)
     if any(counts.values()):
-        if error is not None:
-            raise error
         kind = next(k for k in _KINDS if counts[k])
-        failed = sum(counts.values())
+        if error is not None and _kind(error) is kind:
+            raise error
+        # Every rank raises the same class, also a rank that failed with another: a
+        # caller may decide from it (a NaN skips a step), alike on every rank.
+        others = sum(counts.values()) - (error is not None)
+        own = "" if error is None else ", and on this rank with the error that caused this"
         raise kind(
-            f"{what} failed on {failed} other rank(s) of {comm.size} (their errors say "
-            f"why); rank {comm.rank} left its state as it was"
-        )
+            f"{what} failed on {others} other rank(s) of {comm.size} (their errors say "
+            f"why){own}; rank {comm.rank} left its state as it was"
+        ) from error
     if agreed_into is not None:
         agreed_into.append(same_args and comm.size <= MAX_AGREEMENT_RANKS)
     elif not same_args:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ._dynamic_checks import Refused
-from ._dynamic_window import NoGradient, collective_step
+from ._dynamic_window import NoGradient, RankPart, collective_step
 from ._errors import FactorizationError
 from ._finite import float32_overflow_said_by_caller
 from ._torch_distributed import all_gather, dtensor_class, local
@@ -35,12 +35,12 @@ def step(opt: Any) -> None:
     if not present and opt._comm is None:
         return  # nothing to step with: no window insert, no momentum decay, no count
     live_entry(opt)  # a state cleared by the user starts afresh before the window takes g
-    g = gather(opt)
     if opt._comm is not None:
         # Collective even on a rank without gradients (its g is zeros): it joins the
         # step's reductions, which tell every rank whether any rank had one.
-        distributed_step(opt, g, present)
+        distributed_step(opt, present)
         return
+    g = gather(opt)
     if g.dtype != opt.ihvp.dtype:
         # float64 gradients for a 2-byte window: float32 steps. Cast before the check
         # below, so that a finite entry beyond float32's range counts as not finite.
@@ -149,16 +149,25 @@ def left_out(opt: Any, exc: Exception) -> None:
     )
 
 
-def distributed_step(opt: Any, g: torch.Tensor, present: bool) -> None:
+def distributed_step(opt: Any, present: bool) -> None:
     """The step across processes: every rank decides alike (see the class's Notes).
 
     ``present``: whether any parameter of this rank has a gradient. Where no rank's
     has, the step does nothing on every rank (one process's empty step); where some
     rank's has, a rank without one steps with zeros for its coordinates (as for any
     parameter without a gradient) and moves none of its parameters.
+
+    The flat gradient is gathered, and its parameters and options checked, inside
+    the step's first reduction (the window's Gram row): a check that fails on one
+    rank only (a parameter resized there, a sparse gradient, an option edited into
+    a string) raises on every rank, where the other ranks waited in the reduction
+    for the one that raised until the group's timeout. The reduction's tag holds
+    the groups' options (:func:`group_options`), which every rank must share.
     """
     lo, hi = opt._columns
-    x = g[lo:hi]
+    x = opt._grad[lo:hi]  # a view, filled by gather() in the reduction
+    options = group_options(opt)
+    part = RankPart(present, lambda: gather(opt), options, lambda: diverged_options(options))
     strict = opt.defaults["errors"] == "raise"
     agreed: list[tuple[torch.Tensor, bool]] = []
 
@@ -170,9 +179,7 @@ def distributed_step(opt: Any, g: torch.Tensor, present: bool) -> None:
         # Strict, a step not finite on any rank is refused on every rank before the
         # window commits to the gradient: the step's own reduction of the product (its
         # all-gather, or the sum of its flag) decides, moved before the commit.
-        s = collective_step(
-            opt.ihvp, x, present=present, strict=strict, agree=agree if strict else None
-        )
+        s = collective_step(opt.ihvp, x, part=part, strict=strict, agree=agree if strict else None)
     except NoGradient:
         return  # no rank had a gradient: no window insert, no momentum decay, no count
     except (FactorizationError, ValueError) as exc:
@@ -207,6 +214,64 @@ def distributed_step(opt: Any, g: torch.Tensor, present: bool) -> None:
     # Strict, agree made the reduction before the commit; otherwise it is made here.
     s, finite = agreed[0] if agreed else agreed_step(opt, s)
     moved(opt, s, finite)
+
+
+def group_options(opt: Any) -> tuple[Any, ...]:
+    """Every group's ``lr``, ``momentum`` and ``weight_decay``, as the ranks must share them.
+
+    Replicated like the window's options: ranks whose options differ (a scheduler
+    stepped on some ranks only) would move their replicas of the parameters (DDP), or
+    their shards of one parameter (FSDP2), by different rules without a word; in the
+    step's first reduction's tag, they raise instead. Numbers compare by their float64
+    value, one-element tensors by their value in the step's dtype, as the step uses
+    them (read in one transfer: a device sync beside the reduction's own), anything
+    else by its type's name. Never raises: a rank whose options the step refuses
+    (:func:`check_options`) joins the reduction with what it holds, where every rank
+    raises for its refusal.
+    """
+    raw = [group.get(key) for group in opt.param_groups for key in GROUP_KEYS]
+    taken = [isinstance(v, torch.Tensor) and readable(opt, v) for v in raw]
+    tensors = [
+        v.detach().reshape(()).to(opt.device, opt.dtype)
+        for v, t in zip(raw, taken, strict=True)
+        if t
+    ]
+    read = iter(torch.stack(tensors).tolist() if tensors else [])
+    # + 0.0: -0.0 steps as 0.0 does, and must compare equal to it.
+    return tuple(next(read) + 0.0 if t else number(v) for v, t in zip(raw, taken, strict=True))
+
+
+def readable(opt: Any, value: torch.Tensor) -> bool:
+    """Whether a tensor option is one that the step takes (:func:`check_options`)."""
+    try:
+        check_tensor_option(opt, value, "a group option")
+    except TypeError:
+        return False
+    return value.numel() == 1
+
+
+def number(value: Any) -> Any:
+    """A group option that is not a tensor, as :func:`group_options` compares it."""
+    if isinstance(value, numbers.Real):
+        try:
+            return float(value) + 0.0
+        except (OverflowError, TypeError, ValueError):  # an int beyond float64's range
+            pass
+    return (type(value).__name__,)
+
+
+def diverged_options(options: tuple[Any, ...]) -> str:
+    """The message of the step's first reduction where the ranks' tags differ."""
+    per_group = [options[i : i + len(GROUP_KEYS)] for i in range(0, len(options), len(GROUP_KEYS))]
+    return (
+        "MFAC step: the ranks' replicated states differ: the lr, momentum or weight_decay "
+        "of their parameter groups (a scheduler stepped, or an option edited, on some ranks "
+        "only: their parameters would move by different rules; this rank's (lr, momentum, "
+        f"weight_decay) per group: {per_group}), or their windows (opt.state cleared, "
+        "reset, load_state_dict or another edit on some ranks only), or they called "
+        "different collective operations. Every rank raised this and left its optimizer "
+        "as it was"
+    )
 
 
 def agreed_step(opt: Any, s: torch.Tensor) -> tuple[torch.Tensor, bool]:

@@ -457,10 +457,10 @@ class MFAC(torch.optim.Optimizer):
             With ``errors="raise"``, for a gradient the window cannot take; the optimizer is as
             it was.
         RuntimeError
-            For sparse gradients, parameter groups edited by hand (not with
-            :meth:`add_param_group`), a parameter whose size (or, masked, memory layout) or
-            device changed since construction, or a float64 parameter in an optimizer built
-            without one (e.g. ``model.double()`` after construction); nothing changes.
+            For sparse gradients, groups edited by hand (not with :meth:`add_param_group`), a
+            parameter whose size (or, masked, memory layout) or device changed since
+            construction, a float64 parameter in an optimizer built without one (e.g.
+            ``model.double()`` since), or ranks whose groups' options differ; nothing changes.
         TypeError
             For a group's ``lr``, ``momentum`` or ``weight_decay`` edited into other than a real
             number or a one-element real tensor on the parameters' device or the CPU; nothing
