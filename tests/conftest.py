@@ -337,3 +337,29 @@ def engine_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
     else:
         monkeypatch.setattr(_engine, "host_view", lambda xp, A: None)
     return request.param
+
+
+def check_product_overflowing_on_rank_0(
+    fn: Callable[[Any], Any], want: np.ndarray, *, dtype: str, warning: str, kappa: float
+) -> None:
+    """Run a sharded product on 2 thread ranks whose rank 0's shard overflows ``dtype``.
+
+    Rank 0 says so (its ``RuntimeWarning``, raised with ``warning="error"``) or returns
+    its non-finite shard; rank 1, whose shard is finite, returns it as one process would
+    (``want[3:]``): every rank stopped refining together, none waited for another.
+    """
+    import warnings
+
+    from mfac_core.testing import assert_close, run_spmd_threads
+
+    with warnings.catch_warnings():
+        warnings.simplefilter(warning, RuntimeWarning)  # type: ignore[arg-type]
+        results = run_spmd_threads(fn, 2, timeout=10)
+    if warning == "error":
+        assert isinstance(results[0], RuntimeWarning), results
+        assert f"exceeds {dtype}'s range" in str(results[0])
+    else:
+        assert not np.all(np.isfinite(results[0])), results
+    assert isinstance(results[1], np.ndarray), results
+    assert np.all(np.isfinite(want[3:])) and np.all(np.isfinite(results[1]))
+    assert_close(results[1], want[3:], kappa=kappa)

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import check_product_overflowing_on_rank_0
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -395,17 +396,9 @@ def test_refinement_of_a_product_that_overflows_on_one_rank_only(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         want = single.matvec(x)
-    with warnings.catch_warnings():
-        warnings.simplefilter(warning, RuntimeWarning)
-        results = run_spmd_threads(fn, 2, timeout=10)
-    if warning == "error":
-        assert isinstance(results[0], RuntimeWarning), results
-        assert f"exceeds {dtype}'s range" in str(results[0])
-    else:
-        assert not np.all(np.isfinite(results[0])), results
-    assert isinstance(results[1], np.ndarray), results
-    assert np.all(np.isfinite(want[3:])) and np.all(np.isfinite(results[1]))
-    assert_close(results[1], want[3:], kappa=condition_number(G.astype(np.float64), 0.5))
+    check_product_overflowing_on_rank_0(
+        fn, want, dtype=dtype, warning=warning, kappa=condition_number(G.astype(np.float64), 0.5)
+    )
 
 
 def test_a_nan_on_one_rank_is_no_overflow_on_the_others() -> None:

@@ -42,17 +42,7 @@ def set_unless_fixed(obj: Any, name: str, value: Any) -> None:
 
 
 def reassign(obj: Any, name: str, value: Any) -> None:
-    """Set a fixed attribute, from the method that recomputed what depends on it.
-
-    Parameters
-    ----------
-    obj : object
-        The operator.
-    name : str
-        The attribute.
-    value : object
-        Its new value.
-    """
+    """Set a fixed attribute, once what depends on it is recomputed."""  # numpydoc ignore=PR01
     object.__setattr__(obj, name, value)
 
 
