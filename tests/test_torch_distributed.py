@@ -197,7 +197,8 @@ def _assert_same_tree(a: Any, b: Any) -> None:
     """Equal nested dicts and lists, their tensors equal bit for bit."""
     assert type(a) is type(b)
     if isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+        assert a.dtype == b.dtype and a.shape == b.shape and a.layout == b.layout
+        assert torch.equal(a.to_dense(), b.to_dense())  # torch.equal has no sparse kernel
     elif isinstance(a, dict):
         assert a.keys() == b.keys()
         for key in a:
@@ -308,10 +309,12 @@ def _one_rank_edit(model: Any, opt: Any, case: str) -> Any:
     """Make ``case``'s step fail on this rank alone; return what undoes it."""
     group = opt.param_groups[0]
     weight = model[0].weight
-    if case in ("lr", "momentum"):
-        saved = group[case]
-        group[case] = "0.1" if case == "lr" else None
-        return lambda: group.__setitem__(case, saved)
+    if case in ("lr", "momentum", "sparse lr"):
+        key = case.removeprefix("sparse ")
+        saved = group[key]
+        edits = {"lr": "0.1", "momentum": None, "sparse lr": torch.tensor([saved]).to_sparse()}
+        group[key] = edits[case]
+        return lambda: group.__setitem__(key, saved)
     if case == "params":  # a parameter removed from its group by hand
         removed = group["params"].pop()
         return lambda: group["params"].append(removed)
@@ -364,6 +367,8 @@ def _one_rank_fails(comm: Communicator, case: str, errors: str) -> dict[str, Any
 ONE_RANK_FAILURES = {
     "lr": (TypeError, "lr of parameter group 0 is '0.1'"),
     "momentum": (TypeError, "momentum of parameter group 0 is None"),
+    # Read (as the ranks compare it) before the first reduction: it raised there.
+    "sparse lr": (TypeError, "lr of parameter group 0 is a sparse_coo tensor"),
     "params": (RuntimeError, "no longer lists the parameters"),
     "sparse": (RuntimeError, "does not support sparse gradients"),
     "layout": (RuntimeError, "memory layout of the masked parameter 0 of group 0"),

@@ -382,6 +382,15 @@ def check_tensor_option(opt: Any, value: torch.Tensor, where: str) -> None:
             f"MFAC: {where} is a {value.dtype} tensor: a step needs a real one (the step "
             "was not taken, nothing changed)"
         )
+    if value.is_nested or value.layout != torch.strided:
+        # A sparse or nested one-element tensor passed the checks above and failed in
+        # the middle of the step (after the window had taken the gradient), and before
+        # a distributed step's first reduction, where the other ranks waited for it.
+        kind = "nested" if value.is_nested else str(value.layout).removeprefix("torch.")
+        raise TypeError(
+            f"MFAC: {where} is a {kind} tensor: a step needs a dense one (the step was not "
+            "taken, nothing changed)"
+        )
     if value.device.type != "cpu" and value.device != opt.device:
         # A 0-d CPU tensor goes into any device's arithmetic as a number; others do not.
         raise TypeError(
