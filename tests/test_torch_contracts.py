@@ -370,6 +370,24 @@ def test_a_meta_tensor_learning_rate_is_refused_by_name():
         MFAC([p], lr=torch.tensor(0.1, device="meta"), num_grads=2)
 
 
+@pytest.mark.parametrize(
+    ("value", "kind"),
+    [
+        (torch.tensor([0.1]).to_sparse(), "sparse_coo"),
+        (torch.nested.nested_tensor([torch.tensor([0.1])]), "nested"),
+    ],
+)
+def test_a_sparse_or_nested_tensor_learning_rate_is_refused_when_given(value, kind):
+    # A sparse one was taken here and refused by every step; a nested one failed with
+    # torch's NotImplementedError of its item().
+    p = nn.Parameter(torch.zeros(2))
+    with pytest.raises(ValueError, match=rf"^lr is a {kind} tensor: a step needs a dense one"):
+        MFAC([p], lr=value, num_grads=2)
+    opt = MFAC([p], lr=0.1, num_grads=2)
+    with pytest.raises(ValueError, match=rf"^lr of .* is a {kind} tensor"):
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(2))], "lr": value})
+
+
 def test_a_tensor_learning_rate_that_requires_grad_is_refused_by_name():
     # The refusal showed only the shape and dtype, "got shape (), dtype torch.float32",
     # of a one-element float tensor: what was wrong, requires_grad, went unsaid.
