@@ -314,6 +314,9 @@ def test_a_group_option_edited_into_a_non_number_is_refused_before_the_step(key,
         ("momentum", torch.tensor(0.5, device="meta"), "a tensor on meta"),
         ("weight_decay", torch.tensor(0.1, device="meta"), "a tensor on meta"),
         ("momentum", torch.tensor(0.5 + 0j), "a torch.complex64 tensor"),
+        ("lr", torch.tensor([0.1]).to_sparse(), "a sparse_coo tensor"),
+        ("weight_decay", torch.tensor([[0.1]]).to_sparse_csr(), "a sparse_csr tensor"),
+        ("momentum", torch.nested.nested_tensor([torch.tensor([0.5])]), "a nested tensor"),
     ],
 )
 def test_a_tensor_group_option_the_step_cannot_use_is_refused_before_the_step(key, value, said):
@@ -321,6 +324,8 @@ def test_a_tensor_group_option_the_step_cannot_use_is_refused_before_the_step(ke
     # stands in for it) or a complex one passed the type check and failed after the window
     # had taken the gradient ("Tensor on device meta is not on the expected device cpu!",
     # "result type ComplexFloat can't be cast to the desired output type Float").
+    # A sparse or nested one failed there too ("reshape is not implemented for sparse
+    # tensors"), and before a distributed step's first reduction (other ranks hung).
     model, opt = trained(steps=2)
     for p in model.parameters():
         p.grad = torch.ones_like(p)
@@ -363,6 +368,24 @@ def test_a_meta_tensor_learning_rate_is_refused_by_name():
     p = nn.Parameter(torch.zeros(2))
     with pytest.raises(ValueError, match=r"^lr is a tensor on the meta device"):
         MFAC([p], lr=torch.tensor(0.1, device="meta"), num_grads=2)
+
+
+@pytest.mark.parametrize(
+    ("value", "kind"),
+    [
+        (torch.tensor([0.1]).to_sparse(), "sparse_coo"),
+        (torch.nested.nested_tensor([torch.tensor([0.1])]), "nested"),
+    ],
+)
+def test_a_sparse_or_nested_tensor_learning_rate_is_refused_when_given(value, kind):
+    # A sparse one was taken here and refused by every step; a nested one failed with
+    # torch's NotImplementedError of its item().
+    p = nn.Parameter(torch.zeros(2))
+    with pytest.raises(ValueError, match=rf"^lr is a {kind} tensor: a step needs a dense one"):
+        MFAC([p], lr=value, num_grads=2)
+    opt = MFAC([p], lr=0.1, num_grads=2)
+    with pytest.raises(ValueError, match=rf"^lr of .* is a {kind} tensor"):
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(2))], "lr": value})
 
 
 def test_a_tensor_learning_rate_that_requires_grad_is_refused_by_name():

@@ -197,7 +197,8 @@ def _assert_same_tree(a: Any, b: Any) -> None:
     """Equal nested dicts and lists, their tensors equal bit for bit."""
     assert type(a) is type(b)
     if isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+        assert a.dtype == b.dtype and a.shape == b.shape and a.layout == b.layout
+        assert torch.equal(a.to_dense(), b.to_dense())  # torch.equal has no sparse kernel
     elif isinstance(a, dict):
         assert a.keys() == b.keys()
         for key in a:
@@ -308,10 +309,12 @@ def _one_rank_edit(model: Any, opt: Any, case: str) -> Any:
     """Make ``case``'s step fail on this rank alone; return what undoes it."""
     group = opt.param_groups[0]
     weight = model[0].weight
-    if case in ("lr", "momentum"):
-        saved = group[case]
-        group[case] = "0.1" if case == "lr" else None
-        return lambda: group.__setitem__(case, saved)
+    if case in ("lr", "momentum", "sparse lr"):
+        key = case.removeprefix("sparse ")
+        saved = group[key]
+        edits = {"lr": "0.1", "momentum": None, "sparse lr": torch.tensor([saved]).to_sparse()}
+        group[key] = edits[case]
+        return lambda: group.__setitem__(key, saved)
     if case == "params":  # a parameter removed from its group by hand
         removed = group["params"].pop()
         return lambda: group["params"].append(removed)
@@ -364,6 +367,8 @@ def _one_rank_fails(comm: Communicator, case: str, errors: str) -> dict[str, Any
 ONE_RANK_FAILURES = {
     "lr": (TypeError, "lr of parameter group 0 is '0.1'"),
     "momentum": (TypeError, "momentum of parameter group 0 is None"),
+    # Read (as the ranks compare it) before the first reduction: it raised there.
+    "sparse lr": (TypeError, "lr of parameter group 0 is a sparse_coo tensor"),
     "params": (RuntimeError, "no longer lists the parameters"),
     "sparse": (RuntimeError, "does not support sparse gradients"),
     "layout": (RuntimeError, "memory layout of the masked parameter 0 of group 0"),
@@ -474,10 +479,32 @@ def test_ranks_whose_group_options_differ_are_refused_on_every_rank(key: str, te
         # The step taken again with the options alike: the replicas stay equal.
         assert r["counts"] == (3 if tensor else 4, 0, 0)
         np.testing.assert_array_equal(r["params"], results[0]["params"])
-    assert (
-        f"(lr, momentum, weight_decay) per group: [({0.025 if key == 'lr' else 0.05}"
-        in (results[1]["raised"])
-    )
+    said = 0.025 if key == "lr" else 0.05
+    shown = f"('tensor', {said}" if tensor else said  # a float32 tensor: 0.025000000372...
+    assert f"(lr, momentum, weight_decay) per group: [({shown}" in results[1]["raised"]
+
+
+def _tensor_or_number(comm: Communicator, key: str) -> bool:
+    value = 0.0 if key == "momentum" else OPTIONS[key]
+    option = torch.tensor(value, dtype=torch.float64) if comm.rank == 0 else value
+    model = make_model()
+    opt = MFAC(model.parameters(), **{**OPTIONS, key: option}, comm=comm)
+    x, y = batches(1)[0]
+    F.cross_entropy(model(x), y).backward()
+    before = copy.deepcopy((opt.state_dict(), model.state_dict()))
+    with pytest.raises(RuntimeError, match="the lr, momentum or weight_decay of their"):
+        opt.step()
+    _assert_same_tree((opt.state_dict(), model.state_dict()), before)
+    return True
+
+
+@pytest.mark.parametrize("key", ["lr", "momentum", "weight_decay"])
+def test_a_tensor_option_and_a_number_of_one_value_differ(key: str) -> None:
+    # They compared equal (both read as float64): a zero momentum tensor writes the
+    # momentum buffer where a zero float leaves it, so that once the momentum was raised
+    # the replicas moved apart without a word; lr and weight decay go through other
+    # kernels (addcmul_, add_ with alpha) with their own rounding.
+    assert run_spmd_threads(_tensor_or_number, 2, key, timeout=5) == [True, True]
 
 
 def _checkpoint_threads(comm: Communicator, saved: list[Any] | None, size_ok: bool) -> Any:

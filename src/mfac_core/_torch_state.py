@@ -95,6 +95,10 @@ def check_option(value: Any, key: str, where: str) -> Any:
     them too: a group whose ``momentum`` was made a tensor saved a state that no load took.
     """
     if isinstance(value, torch.Tensor):
+        if value.is_nested or value.layout != torch.strided:
+            # Every step refuses it (_torch_step.check_tensor_option): refused when given.
+            kind = "nested" if value.is_nested else str(value.layout).removeprefix("torch.")
+            raise ValueError(f"{where} is a {kind} tensor: a step needs a dense one")
         if value.numel() != 1 or not value.is_floating_point() or value.requires_grad:
             # torch's own words first (its optimizer harness matches them for lr);
             # requires_grad is named, or the message would show a valid shape and dtype.

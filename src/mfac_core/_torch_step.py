@@ -225,9 +225,11 @@ def group_options(opt: Any) -> tuple[Any, ...]:
     step's first reduction's tag, they raise instead. Numbers compare by their float64
     value, one-element tensors by their value in the step's dtype, as the step uses
     them (read in one transfer: a device sync beside the reduction's own), anything
-    else by its type's name. Never raises: a rank whose options the step refuses
-    (:func:`check_options`) joins the reduction with what it holds, where every rank
-    raises for its refusal.
+    else by its type's name. A tensor never equals a number: the step applies them by
+    other operations (a zero tensor momentum writes the momentum buffer, a zero float
+    leaves it), whose replicas would move apart. Never raises: a rank whose options the
+    step refuses (:func:`check_options`) joins the reduction with what it holds, where
+    every rank raises for its refusal.
     """
     raw = [group.get(key) for group in opt.param_groups for key in GROUP_KEYS]
     taken = [isinstance(v, torch.Tensor) and readable(opt, v) for v in raw]
@@ -238,7 +240,9 @@ def group_options(opt: Any) -> tuple[Any, ...]:
     ]
     read = iter(torch.stack(tensors).tolist() if tensors else [])
     # + 0.0: -0.0 steps as 0.0 does, and must compare equal to it.
-    return tuple(next(read) + 0.0 if t else number(v) for v, t in zip(raw, taken, strict=True))
+    return tuple(
+        ("tensor", next(read) + 0.0) if t else number(v) for v, t in zip(raw, taken, strict=True)
+    )
 
 
 def readable(opt: Any, value: torch.Tensor) -> bool:
@@ -381,6 +385,15 @@ def check_tensor_option(opt: Any, value: torch.Tensor, where: str) -> None:
         raise TypeError(
             f"MFAC: {where} is a {value.dtype} tensor: a step needs a real one (the step "
             "was not taken, nothing changed)"
+        )
+    if value.is_nested or value.layout != torch.strided:
+        # A sparse or nested one-element tensor passed the checks above and failed in
+        # the middle of the step (after the window had taken the gradient), and before
+        # a distributed step's first reduction, where the other ranks waited for it.
+        kind = "nested" if value.is_nested else str(value.layout).removeprefix("torch.")
+        raise TypeError(
+            f"MFAC: {where} is a {kind} tensor: a step needs a dense one (the step was not "
+            "taken, nothing changed)"
         )
     if value.device.type != "cpu" and value.device != opt.device:
         # A 0-d CPU tensor goes into any device's arithmetic as a number; others do not.
