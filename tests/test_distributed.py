@@ -482,6 +482,7 @@ def test_reduce_checked_raises_one_class_on_every_rank_where_ranks_failed_differ
     # Rank 0 refuses a value (ValueError), rank 1 fails otherwise (RuntimeError): rank 1
     # raised its own RuntimeError while the others raised ValueError, so a caller that
     # decides from the class (a NaN skips an optimiser's step) decided differently there.
+    # ValueError, the class callers recover from, comes last: every rank raises the other.
     def fn(comm: ThreadComm) -> object:
         def local() -> np.ndarray:
             if comm.rank < 2:
@@ -495,12 +496,12 @@ def test_reduce_checked_raises_one_class_on_every_rank_where_ranks_failed_differ
         return "no error"
 
     results = run_spmd_threads(fn, 3)
-    assert results[0] == (ValueError, "rank 0's own", None)
-    kind, message, cause = results[1]
-    assert kind is ValueError and "failed on 1 other rank(s) of 3" in message
+    assert results[1] == (RuntimeError, "rank 1's own", None)
+    kind, message, cause = results[0]
+    assert kind is RuntimeError and "failed on 1 other rank(s) of 3" in message
     assert "and on this rank with the error that caused this" in message
-    assert isinstance(cause, RuntimeError) and str(cause) == "rank 1's own"
-    assert results[2][0] is ValueError and "failed on 2 other rank(s) of 3" in results[2][1]
+    assert isinstance(cause, ValueError) and str(cause) == "rank 0's own"
+    assert results[2][0] is RuntimeError and "failed on 2 other rank(s) of 3" in results[2][1]
 
 
 def test_reduce_checked_with_many_simulated_ranks() -> None:

@@ -50,8 +50,11 @@ __all__ = [
 ]
 
 # The exception classes a status word can carry, in the order a rank that saw
-# several kinds of failure among its peers reports them.
-_KINDS: tuple[type[Exception], ...] = (TypeError, IndexError, ValueError, RuntimeError)
+# several kinds of failure among its peers reports them. ValueError last: it is the
+# class callers recover from (a gradient holding NaN skips an optimizer's step), so
+# another rank's hard failure is not hidden behind it, as one process checks its
+# arguments before it looks for NaN.
+_KINDS: tuple[type[Exception], ...] = (TypeError, IndexError, RuntimeError, ValueError)
 
 
 def gather_ints(
@@ -264,7 +267,7 @@ def encode_status(error: Exception | None, tag: object = 0, agree: object = None
     -------
     list of float
         ``STATUS_LENGTH`` numbers: 1 at the index of the first class of
-        (TypeError, IndexError, ValueError, RuntimeError) that ``error`` is an
+        (TypeError, IndexError, RuntimeError, ValueError) that ``error`` is an
         instance of (RuntimeError for any other exception), 0 at the other
         three, then the pieces of the two digests, each with its square.
     """
