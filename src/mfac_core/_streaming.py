@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from . import _engine, _pieces
+from ._attributes import reassign
 from ._capacitance import CapacitanceFactor
 from ._compat import Array, array_namespace, canonical_device, is_torch_namespace
 from ._gform import GFormFactor, whitened_diagonal, whitened_pairs
@@ -487,5 +488,6 @@ def init_streamed(
     op._factors = (StreamedGForm.build(group, host, gform.factor, op.damp, target),)
     op._G = None  # the streamed pieces are a copy; G itself is not kept
     op.kappa_bound = result.kappa_hi
-    op.device = target
+    # Part of the set-up: the host-built operator's products run on the target.
+    reassign(op, "device", target)
     op._warn_if_hopeless(result.woodbury_lo, result.dense_lo)
