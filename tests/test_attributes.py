@@ -57,6 +57,26 @@ def test_a_built_with_attribute_cannot_be_assigned(
     np.testing.assert_array_equal(to_numpy(op.matvec(x)), y)
 
 
+@pytest.mark.parametrize("kind", list(_BUILDERS))
+def test_a_built_with_attribute_cannot_be_deleted(kind: str) -> None:
+    # Deleted, a fixed attribute was no longer held: assigning it again passed, and the
+    # refinement and repr took a damping the factor was not built with.
+    rng = np.random.default_rng(5)
+    G, x = rng.standard_normal((4, 12)), rng.standard_normal(12)
+    op = _BUILDERS[kind](G)
+    before, y = _values(op), op.matvec(x)
+    for name in type(op)._fixed:
+        if name in before:
+            with pytest.raises(AttributeError, match=rf"\.{name} cannot be deleted"):
+                delattr(op, name)
+    assert _values(op) == before
+    np.testing.assert_array_equal(op.matvec(x), y)
+    # Other attributes are deleted as usual.
+    op.note = 1
+    del op.note
+    assert not hasattr(op, "note")
+
+
 @pytest.mark.parametrize(
     ("kind", "hint"),
     [

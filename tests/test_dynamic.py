@@ -355,6 +355,34 @@ def test_constructor_refuses_bad_arguments():
         DynamicIHVP(2.5, 5, damp=1.0, dtype="float64")
 
 
+def test_a_window_or_gram_no_array_can_hold_is_refused_naming_its_sizes():
+    # NumPy (beneath PyTorch's CPU windows and array-api-strict's) said only "Maximum
+    # allowed dimension exceeded" or "array is too big", naming no argument; each case
+    # is checked before either buffer is made (nothing is allocated).
+    torch = pytest.importorskip("torch")
+    strict = pytest.importorskip("array_api_strict")
+    huge, big = 10**19, 10**10
+    window = r"window: num_grads=2 x dim=10000000000000000000 values of {} bytes"
+    gram = r"Gram matrix: num_grads=10000000000 x num_grads=10000000000 values of 8 bytes"
+    cases = [
+        (2, huge, "float32", None, window.format(4)),
+        (2, huge, "float64", strict, window.format(8)),
+        (2, huge, torch.float32, torch, window.format(4)),
+        (2, huge, "float16", None, window.format(2)),
+        (2, huge, torch.bfloat16, torch, window.format(2)),
+        (big, big, "float32", None, r"window: num_grads=10000000000 x dim=10000000000"),
+        # A window small enough to allocate beside a Gram matrix that is not.
+        (big, 1, "float64", None, gram),
+        (big, 1, "float32", strict, gram),
+        (big, 1, torch.float16, torch, gram),
+    ]
+    for m, d, dtype, xp, match in cases:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(ValueError, match=match):
+                DynamicIHVP(m, d, damp=0.1, dtype=dtype, xp=xp)
+
+
 def test_bad_gradients_are_refused_and_leave_the_window_unchanged(rng, strict_device1):
     op = DynamicIHVP(3, 6, damp=0.1, dtype="float64")
     for _ in range(4):

@@ -889,6 +889,20 @@ def test_sharded_copies_share_the_communicator() -> None:
     _ok(run_spmd_threads(rank, 2))
 
 
+def test_a_shard_no_array_can_hold_is_refused_on_every_rank() -> None:
+    # One rank's columns beyond what an array can address: NumPy's "Maximum allowed
+    # dimension exceeded" named no argument; now every rank raises, the others saying so.
+    def rank(comm: Communicator) -> Any:
+        dim = 10**19 if comm.rank else 4
+        with pytest.raises(ValueError) as info:
+            ShardedDynamicIHVP(3, dim, damp=0.1, dtype="float64", comm=comm)
+        return str(info.value)
+
+    results = _ok(run_spmd_threads(rank, 2, timeout=20))
+    assert "window: num_grads=3 x dim=10000000000000000000" in results[1], results[1]
+    assert "failed on 1 other rank" in results[0], results[0]
+
+
 def test_todense_and_arithmetic_are_refused_when_sharded() -> None:
     def rank(comm: Communicator) -> Any:
         op = ShardedDynamicIHVP(3, 4 + comm.rank, damp=0.1, dtype="float64", comm=comm)

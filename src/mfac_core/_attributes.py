@@ -37,8 +37,31 @@ def set_unless_fixed(obj: Any, name: str, value: Any) -> None:
         For an attribute of ``_fixed`` that ``obj`` already holds.
     """
     if name in getattr(type(obj), "_fixed", ()) and name in obj.__dict__:
-        raise AttributeError(_refusal(obj, name))
+        raise AttributeError(_refusal(obj, name, "assigned"))
     object.__setattr__(obj, name, value)
+
+
+def delete_unless_fixed(obj: Any, name: str) -> None:
+    """``del obj.name``, refused for a name of ``type(obj)._fixed``.
+
+    The ``__delattr__`` of :class:`~mfac_core.LinearOperator`: a fixed attribute deleted
+    could then be assigned anew, as :func:`set_unless_fixed` refuses only a held one.
+
+    Parameters
+    ----------
+    obj : object
+        The operator.
+    name : str
+        The attribute.
+
+    Raises
+    ------
+    AttributeError
+        For an attribute of ``_fixed``.
+    """
+    if name in getattr(type(obj), "_fixed", ()):
+        raise AttributeError(_refusal(obj, name, "deleted"))
+    object.__delattr__(obj, name)
 
 
 def reassign(obj: Any, name: str, value: Any) -> None:
@@ -46,9 +69,9 @@ def reassign(obj: Any, name: str, value: Any) -> None:
     object.__setattr__(obj, name, value)
 
 
-def _refusal(obj: Any, name: str) -> str:
+def _refusal(obj: Any, name: str, done: str) -> str:
     cls = type(obj).__name__
-    message = f"{cls}.{name} cannot be assigned: the operator was built with it"
+    message = f"{cls}.{name} cannot be {done}: the operator was built with it"
     if name != "damp":
         return f"{message}; build another operator"
     if hasattr(obj, "set_damp"):

@@ -94,8 +94,8 @@ class DynamicIHVP(WindowCopies):
     Raises
     ------
     ValueError
-        For ``num_grads < 1``, ``dim < 1`` or a damping that is not finite
-        and > 0 (or too small for the dtype, above).
+        For ``num_grads < 1``, ``dim < 1``, a damping that is not finite and > 0 (or too
+        small for the dtype, above), or a window or Gram matrix no array can address.
     TypeError
         For a ``num_grads`` or ``dim`` that is not an int, a dtype that is
         not a floating one the namespace stores, an ``options`` that is not a

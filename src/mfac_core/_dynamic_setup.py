@@ -37,6 +37,7 @@ from ._finite import check_finite, non_finite_entry
 from ._gram import rows_gram
 from ._layout import BlockGroup, chunk_gram, pieces
 from ._operator import LinearOperator
+from ._store import check_store_size
 from ._validation import (
     check_count,
     check_damp,
@@ -210,6 +211,24 @@ def window_dtypes(xp: Any, dtype: Any) -> tuple[Any, Any, str | None]:
     return dtype, xp.float32, name
 
 
+def check_window_size(owner: str, num_grads: int, dim: int, itemsize: int) -> None:
+    """Refuse a window or Gram matrix larger than one array can address, before either is made.
+
+    Past that NumPy (beneath PyTorch's CPU windows and array-api-strict's too) said only
+    "Maximum allowed dimension exceeded" or "array is too big", naming no argument.
+    The m x m float64 Gram matrix (and the factors' buffers of its size) is checked as
+    well: with d < m it is the larger one.
+    """
+    check_store_size((num_grads, dim), itemsize, f"{owner}'s window", what="one array")
+    check_store_size(
+        (num_grads, num_grads),
+        8,
+        f"{owner}'s float64 Gram matrix",
+        sizes=("num_grads", "num_grads"),
+        what="one array",
+    )
+
+
 def build(
     op: Any,
     num_grads: int,
@@ -251,6 +270,9 @@ def build(
         )
     dtype, _, storage = window_dtypes(xp, dtype)
     check_window_damp(xp, dtype, num_grads, op.zero_init, op.damp)
+    # 2-byte storage, or the float32 or float64 the window is.
+    itemsize = 2 if storage else (4 if dtype == xp.float32 else 8)
+    check_window_size(type(op).__name__, num_grads, dim, itemsize)
     # A name or None as the namespace means it (JAX's zeros take no name).
     device = resolved_device(xp, device)
     G = _host_rows.zeros(xp, (num_grads, dim), dtype=dtype, device=device)

@@ -17,7 +17,7 @@ import numbers
 import sys
 from typing import Any
 
-from ._attributes import set_unless_fixed
+from ._attributes import delete_unless_fixed, set_unless_fixed
 from ._compat import (
     Array,
     is_array_api_obj,
@@ -97,7 +97,7 @@ class LinearOperator:
     # Attributes a subclass rebuilds on demand (scratch buffers): left out of pickles
     # and deep copies.
     _transient: tuple[str, ...] = ()
-    __setattr__ = set_unless_fixed
+    __setattr__, __delattr__ = set_unless_fixed, delete_unless_fixed
 
     def __init__(
         self,

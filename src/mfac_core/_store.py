@@ -311,22 +311,31 @@ def open_store(target: Any, shape: tuple[int, int], dtype: Any, name: str) -> Gr
 
 
 def check_store_size(
-    shape: tuple[int, int], itemsize: int, name: str, *, at_least: bool = False
+    shape: tuple[int, int],
+    itemsize: int,
+    name: str,
+    *,
+    at_least: bool = False,
+    sizes: tuple[str, str] = ("num_grads", "dim"),
+    what: str = "one array (or .npy file)",
 ) -> int:
     """The bytes of an ``(m, d)`` store of ``itemsize``-byte values; refused beyond NumPy's limit.
 
     ``at_least``: the dtype is not known yet and ``itemsize`` is the smallest one.
-    Past it NumPy said only "array is too big", "Maximum allowed dimension exceeded" or,
-    for a file, an overflow warning and "[Errno 22] Invalid argument".
+    ``sizes``: the arguments that gave ``m`` and ``d``, which the error names; ``what``
+    the kind of buffer. Past the limit NumPy said only "array is too big", "Maximum
+    allowed dimension exceeded" or, for a file, an overflow warning and "[Errno 22]
+    Invalid argument".
     """
     m, d = shape
     nbytes = m * d * itemsize
     if nbytes > np.iinfo(np.intp).max:
         # Decimal: an int of any size in a few digits (float() of 10**400 overflows).
         size = f"{'at least ' if at_least else ''}{itemsize}"
+        rows, cols = sizes
         raise ValueError(
-            f"{name}: num_grads={short_repr(m)} x dim={short_repr(d)} values of {size} bytes "
-            f"take {decimal.Decimal(nbytes):.3e} bytes, more than one array (or .npy file) "
+            f"{name}: {rows}={short_repr(m)} x {cols}={short_repr(d)} values of {size} bytes "
+            f"take {decimal.Decimal(nbytes):.3e} bytes, more than {what} "
             f"can address ({np.iinfo(np.intp).max:.3e})"
         )
     return nbytes
