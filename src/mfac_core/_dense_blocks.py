@@ -138,7 +138,8 @@ def fill_block_inverses(
             if _capacitance.is_imprecise(hi, eps=_capacitance.EPS64, dense=True):
                 # The lower bound decides the operator's only use of it, the warning that
                 # float64 has no digit left: sharpened by power iterations only where the
-                # upper bound leaves that open (they cost a third of the factorisation).
+                # upper bound leaves that open (from two starting vectors, they cost about as
+                # much as the factorisation).
                 # NumPy's products here are the threads' only BLAS calls: at damp 1e-15,
                 # m = 256, B = 128, d = 1e6 on two threads, 10-30 % more CPU, no stall.
                 # Without S_b's columns (a product of factors, O(s^3) a block: 12x the
