@@ -57,6 +57,18 @@ def test_a_built_with_attribute_cannot_be_assigned(
     np.testing.assert_array_equal(to_numpy(op.matvec(x)), y)
 
 
+def test_a_window_cannot_be_given_a_block_size() -> None:
+    # A window is never block-wise: the assigned block_size was taken and repr reported
+    # block_size=3 for a window whose products are the full Woodbury ones.
+    rng = np.random.default_rng(1)
+    op = DynamicIHVP.from_window(rng.standard_normal((4, 12)), damp=0.1)
+    text = repr(op)
+    with pytest.raises(AttributeError, match=r"DynamicIHVP\.block_size cannot be assigned"):
+        op.block_size = 3
+    assert "block_size" not in vars(op)
+    assert repr(op) == text
+
+
 @pytest.mark.parametrize("kind", list(_BUILDERS))
 def test_a_built_with_attribute_cannot_be_deleted(kind: str) -> None:
     # Deleted, a fixed attribute was no longer held: assigning it again passed, and the

@@ -34,10 +34,19 @@ def set_unless_fixed(obj: Any, name: str, value: Any) -> None:
     Raises
     ------
     AttributeError
-        For an attribute of ``_fixed`` that ``obj`` already holds.
+        For an attribute of ``_fixed`` that ``obj`` already holds, or one of
+        :data:`BUILT_WITH` that its class is not built with (a window's ``block_size``,
+        which ``repr`` would then report as if the window were block-wise).
     """
-    if name in getattr(type(obj), "_fixed", ()) and name in obj.__dict__:
-        raise AttributeError(_refusal(obj, name, "assigned"))
+    fixed = getattr(type(obj), "_fixed", None)
+    if fixed is not None:
+        if name in fixed and name in obj.__dict__:
+            raise AttributeError(_refusal(obj, name, "assigned"))
+        if name in BUILT_WITH and name not in fixed:
+            raise AttributeError(
+                f"{type(obj).__name__}.{name} cannot be assigned: the operator is not built "
+                "with one"
+            )
     object.__setattr__(obj, name, value)
 
 

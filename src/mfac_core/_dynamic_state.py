@@ -76,8 +76,8 @@ class WindowCopies(LinearOperator):
     """
 
     _G: Any
-    # zero_init scales the damping of the factor's shift.
-    _fixed = (*BUILT_WITH, "zero_init")
+    # zero_init scales the damping of the factor's shift; a window is never block-wise.
+    _fixed = (*(name for name in BUILT_WITH if name != "block_size"), "zero_init")
 
     def __copy__(self: _Window) -> _Window:
         return copy.deepcopy(self)
