@@ -654,6 +654,11 @@ def test_ihvp_missing_output_folder(files, capsys):
     # A "folder" that is a file exists: it is said to be a file.
     status = run(["ihvp", files["G"], files["v"], "-o", files["G"] / "out.npy", "--damp", DAMP])
     assert_user_error(capsys, status, "which is a file, not a folder")
+    # So is one further up: no folder can be made below it.
+    out = files["G"] / "sub" / "out.npy"
+    status = run(["ihvp", files["G"], files["v"], "-o", out, "--damp", DAMP])
+    err = assert_user_error(capsys, status, "which is a file, not a folder")
+    assert f"inside {files['G']}," in err
 
 
 def test_ihvp_output_is_a_directory(files, capsys):

@@ -432,8 +432,13 @@ def _check_output(path: str, overwrite: bool, inputs: dict[str, str]) -> None:
     folder = os.path.dirname(os.path.abspath(target))
     if not os.path.isdir(folder):
         # Said before the inputs are read and the operator is built, not after.
-        if os.path.exists(folder):  # -o G.npy/out.npy: "does not exist" was untrue
-            raise UserError(f"output {path} is inside {folder}, which is a file, not a folder")
+        # -o G.npy/out.npy or G.npy/sub/out.npy: "does not exist" was untrue or beside
+        # the point, as no folder can be made below a file.
+        above = folder
+        while not os.path.exists(above) and os.path.dirname(above) != above:
+            above = os.path.dirname(above)
+        if os.path.exists(above) and not os.path.isdir(above):
+            raise UserError(f"output {path} is inside {above}, which is a file, not a folder")
         raise UserError(f"output folder does not exist: {folder}")
 
 
