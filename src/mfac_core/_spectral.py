@@ -84,8 +84,8 @@ class SpectralIHVP(LinearOperator):
         0.5 or 1 for the results of :meth:`sqrt`, :meth:`inv_sqrt` and
         :meth:`inverse`.
     kappa : float
-        The condition number of F (the largest over the blocks), exact from the
-        eigenvalues (docs/beyond.rst, "Closed forms").
+        The largest condition number of F's diagonal blocks (not ``cond`` of the whole
+        block-diagonal F, which can be larger), exact from the eigenvalues (docs/beyond.rst).
     error_scale : float
         ``1 + max Lambda / (m damp)``, an upper bound of ``kappa`` over the
         whole operator: the factor of ``eps(float64)`` in the part of a
