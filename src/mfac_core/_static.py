@@ -363,7 +363,7 @@ class StaticIHVP(_BlockOperatorBase):
         ----------
         G : torch.Tensor, shape (m, d)
             The float32 or float64 gradients, one per row, in host memory
-            (pinned, for a CUDA device), with ``d > m``.
+            (pinned or not: the operator's own copy is pinned for CUDA), with ``d > m``.
         device : str or torch.device
             Where products run: a CUDA device (e.g. ``"cuda"``), or ``"cpu"``
             (the same schedule on the host, without overlap). Inputs and
