@@ -94,8 +94,8 @@ class SpectralIHVP(LinearOperator):
     Raises
     ------
     ValueError
-        For a G that is not 2-D, empty, or holds NaN/inf, for ``damp <= 0``
-        and for ``block_size < 1``.
+        For a G that is not 2-D, empty, or holds NaN/inf (a ``FactorizationError``
+        with ``check_finite=False``), for ``damp <= 0`` and ``block_size < 1``.
     TypeError
         For an integer or complex G, a G that is not an array, or a Dask
         array (the set-up's eigendecomposition has no Dask version).

@@ -216,9 +216,9 @@ class StaticIHVP(_BlockOperatorBase):
         For an integer or complex G, or a G that is not an array, and for an
         unknown keyword.
     FactorizationError
-        If the capacitance matrix cannot be factorised in float64 (possible
-        only when ``kappa`` approaches 1e16, e.g. duplicated gradients with a
-        tiny damping).
+        If the capacitance matrix cannot be factorised in float64 (``kappa``
+        near 1e16, e.g. duplicated gradients with a tiny damping), and for a G
+        holding NaN/inf with ``check_finite=False``.
 
     See Also
     --------
