@@ -217,6 +217,21 @@ def test_meta_parameters_are_refused_clearly():
         MFACPruner(model)
 
 
+def test_pruner_checks_num_grads_as_its_load_and_the_optimizer_do():
+    # Regression: a num_grads that is not an int (2.0, True, None) was a ValueError, unlike
+    # MFAC's, DynamicIHVP's and the pruner's own load_state_dict's TypeError, and a NumPy
+    # integer (from a grid of options) was refused as "must be an int >= 1, got np.int64(8)".
+    model = nn.Linear(3, 2)
+    for bad in (2.0, True, None, "8"):
+        with pytest.raises(TypeError, match="num_grads must be an int"):
+            MFACPruner(model, num_grads=bad)
+    with pytest.raises(ValueError, match="num_grads must be >= 1, got 0"):
+        MFACPruner(model, num_grads=0)
+    pruner = MFACPruner(model, num_grads=np.int64(8))
+    assert pruner.num_grads == 8 and type(pruner.num_grads) is int
+    assert pruner.state_dict()["options"]["num_grads"] == 8
+
+
 def test_pruner_refuses_a_damping_whose_shift_overflows_when_built():
     # Regression: accepted, then refused by the first prune() after its m forward and
     # backward passes (m damp, the capacitance's shift, beyond float64's range).

@@ -814,6 +814,21 @@ def test_two_byte_windows_are_not_distributed(grad_dtype: torch.dtype) -> None:
         )
 
 
+def test_two_byte_parameters_are_told_the_float32_window_that_works() -> None:
+    # Regression: 2-byte parameters (whose window is 2-byte by default) were refused with
+    # "use float32 or float64 parameters and no 2-byte grad_dtype", which names no way out
+    # for the parameters given, while grad_dtype=torch.float32 works for them.
+    from mfac_core.distributed import SingleProcessComm
+
+    model = torch.nn.Linear(3, 2).to(torch.bfloat16)
+    with pytest.raises(ValueError, match=r"grad_dtype=torch\.float32"):
+        MFAC(model.parameters(), lr=0.1, num_grads=4, comm=SingleProcessComm())
+    opt = MFAC(
+        model.parameters(), lr=0.1, num_grads=4, comm=SingleProcessComm(), grad_dtype=torch.float32
+    )
+    assert opt.ihvp.dtype == torch.float32 and opt.ihvp.storage_dtype is None
+
+
 def test_distributed_window_is_the_sharded_class() -> None:
     from mfac_core import DynamicIHVP, ShardedDynamicIHVP
     from mfac_core.distributed import SingleProcessComm

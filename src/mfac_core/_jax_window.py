@@ -304,12 +304,13 @@ def window_init(
     RuntimeError
         If JAX's 64-bit mode is off.
     ValueError
-        If ``num_grads``, ``dim`` or ``refactor_every`` is not an int
-        ``>= 1``, or ``damp`` is not finite and positive, or below the
+        If ``num_grads`` or ``dim`` is below 1 or ``refactor_every`` below 0,
+        or ``damp`` is not finite and positive, or below the
         window's floor (see ``damp``; a traced one is not checked here).
     TypeError
-        If ``damp`` is neither a real number nor a 0-d real array, or
-        ``dtype`` is neither float32 nor float64.
+        If ``num_grads``, ``dim`` or ``refactor_every`` is not an int (or, for
+        ``refactor_every``, an integer array), ``damp`` is neither a real number
+        nor a 0-d real array, or ``dtype`` is neither float32 nor float64.
 
     Examples
     --------

@@ -430,9 +430,9 @@ def select_pruned(
     Raises
     ------
     ValueError
-        For a sparsity outside ``[0, 1)``, a ``count`` larger than the number
-        of kept weights (in some block), scores holding NaN at a kept weight, or mismatched
-        shapes.
+        For neither or both of ``sparsity`` and ``count``, a sparsity outside ``[0, 1)``,
+        a ``count`` larger than the number of kept weights (in some block), scores holding
+        NaN at a kept weight, or mismatched shapes.
     TypeError
         For arrays of different libraries or a non-boolean mask.
 

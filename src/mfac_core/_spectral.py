@@ -84,8 +84,8 @@ class SpectralIHVP(LinearOperator):
         0.5 or 1 for the results of :meth:`sqrt`, :meth:`inv_sqrt` and
         :meth:`inverse`.
     kappa : float
-        The condition number of F (the largest over the blocks), exact from the
-        eigenvalues (docs/beyond.rst, "Closed forms").
+        The largest condition number of F's diagonal blocks (not ``cond`` of the whole
+        block-diagonal F, which can be larger), exact from the eigenvalues (docs/beyond.rst).
     error_scale : float
         ``1 + max Lambda / (m damp)``, an upper bound of ``kappa`` over the
         whole operator: the factor of ``eps(float64)`` in the part of a
@@ -94,8 +94,8 @@ class SpectralIHVP(LinearOperator):
     Raises
     ------
     ValueError
-        For a G that is not 2-D, empty, or holds NaN/inf, for ``damp <= 0``
-        and for ``block_size < 1``.
+        For a G that is not 2-D, empty, or holds NaN/inf (a ``FactorizationError``
+        with ``check_finite=False``), for ``damp <= 0`` and ``block_size < 1``.
     TypeError
         For an integer or complex G, a G that is not an array, or a Dask
         array (the set-up's eigendecomposition has no Dask version).

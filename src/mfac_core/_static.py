@@ -216,9 +216,9 @@ class StaticIHVP(_BlockOperatorBase):
         For an integer or complex G, or a G that is not an array, and for an
         unknown keyword.
     FactorizationError
-        If the capacitance matrix cannot be factorised in float64 (possible
-        only when ``kappa`` approaches 1e16, e.g. duplicated gradients with a
-        tiny damping).
+        If the capacitance matrix cannot be factorised in float64 (``kappa``
+        near 1e16, e.g. duplicated gradients with a tiny damping), and for a G
+        holding NaN/inf with ``check_finite=False``.
 
     See Also
     --------
@@ -363,7 +363,7 @@ class StaticIHVP(_BlockOperatorBase):
         ----------
         G : torch.Tensor, shape (m, d)
             The float32 or float64 gradients, one per row, in host memory
-            (pinned, for a CUDA device), with ``d > m``.
+            (pinned or not: the operator's own copy is pinned for CUDA), with ``d > m``.
         device : str or torch.device
             Where products run: a CUDA device (e.g. ``"cuda"``), or ``"cpu"``
             (the same schedule on the host, without overlap). Inputs and

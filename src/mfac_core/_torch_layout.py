@@ -129,8 +129,8 @@ def layout(opt: Any) -> None:
     if opt.grad_dtype in HALF_GRAD_DTYPES and opt._comm is not None:
         raise ValueError(
             f"a window of {opt.grad_dtype} is not available for a distributed optimizer "
-            "(comm= or DTensor parameters): use float32 or float64 parameters and no "
-            "2-byte grad_dtype"
+            "(comm= or DTensor parameters): pass grad_dtype=torch.float32 for 2-byte "
+            "parameters, and no 2-byte grad_dtype"
         )
 
 

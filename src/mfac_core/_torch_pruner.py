@@ -22,7 +22,7 @@ from ._torch_pruner_inputs import (
     chosen_weights,
     pruner_state,
 )
-from ._validation import check_damp, check_fraction
+from ._validation import check_count, check_damp, check_fraction
 
 __all__ = ["MFACPruner"]
 
@@ -103,7 +103,7 @@ class MFACPruner:
         ``selection_block_size`` below 1 or a ``damp`` that is not finite
         and positive, or weights on the meta device.
     TypeError
-        For a ``model`` that is not a module, a ``block_size`` or
+        For a ``model`` that is not a module, a ``num_grads``, ``block_size`` or
         ``selection_block_size`` that is not an int, or a ``dtype`` other
         than the four above.
 
@@ -138,8 +138,7 @@ class MFACPruner:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if isinstance(num_grads, bool) or not isinstance(num_grads, int) or num_grads < 1:
-            raise ValueError(f"num_grads must be an int >= 1, got {num_grads!r}")
+        num_grads = check_count(num_grads, "num_grads")
         check_choices(saliency, update)
         # Checked here, as torch.optim checks its hyper-parameters, not after the m forward
         # and backward passes of the first prune() (a damping whose m damp overflows too).

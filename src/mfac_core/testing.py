@@ -220,10 +220,11 @@ def assert_close(
 
     Notes
     -----
-    The products of the M-FAC operators make an unavoidable relative error
-    of ``c * eps * kappa`` (``kappa = 1 + ||G||_2^2 / (m damp)``): the O(dm)
-    passes ``G x`` and ``G^T c`` run in the storage precision, and an error
-    of ``eps * ||x|| / damp`` in ``F^{-1} x`` is ``eps * kappa`` relative to
+    The products of the M-FAC operators make a relative error of up to
+    ``c * eps * kappa`` (``kappa = 1 + ||G||_2^2 / (m damp)``): an error of
+    ``eps * ||x|| / damp`` in ``F^{-1} x`` (passes ``G x`` and ``G^T c`` summed in
+    the storage precision, as the paper's implementation does; the operators sum theirs in
+    float64, docs/mathematics.rst, "Exact passes") is ``eps * kappa`` relative to
     a result that may be as small as ``||x|| / (damp kappa)``. The constant
     ``c`` collects the rounding of length-``d`` and length-``m`` inner
     products and of the float64 m x m work; rounding errors of dot

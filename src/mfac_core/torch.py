@@ -162,9 +162,9 @@ class MFAC(torch.optim.Optimizer):
         DTensors sharded on dimension 0 (``torch.distributed.fsdp.fully_shard``)
         need no ``comm``: the optimizer uses their device mesh's group. See
         "Distributed training" in the documentation and Notes. Not with a
-        2-byte ``grad_dtype``. Every rank passes the same ``num_grads``,
-        ``damp``, ``zero_init`` and ``errors`` (a ``ValueError`` on every rank
-        otherwise).
+        2-byte window (2-byte parameters need ``grad_dtype=torch.float32``).
+        Every rank passes the same ``num_grads``, ``damp``, ``zero_init`` and
+        ``errors`` (a ``ValueError`` on every rank otherwise).
     masks : dict of torch.Tensor to torch.Tensor, optional
         Sparse mode: a boolean mask (``True`` = kept) of the shape and device
         of each masked parameter, keyed by the parameter itself, e.g.
