@@ -14,6 +14,7 @@ Artefacts live in pytest's cache directory (``.pytest_cache``); with the cache p
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import subprocess
 from collections.abc import Callable, Iterable
@@ -77,7 +78,8 @@ def cached_file(config: pytest.Config, name: str, key: str, produce: Callable[[]
             return existing
     built = produce()
     target = directory / f"{key}{built.suffix}"
-    partial = target.with_name(target.name + ".partial")
+    # One name per process: parallel test workers (pytest-xdist) may build the same key at once.
+    partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
     shutil.copyfile(built, partial)
     partial.replace(target)  # atomic: a concurrent run sees the whole file or none
     return target

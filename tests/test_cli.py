@@ -1004,7 +1004,7 @@ def test_readme_quickstart_runs():
     assert commands and all(c.count("\n") == 1 for c in commands), commands
     setup = text.split("## Set-up", 1)[1].split("\n## ", 1)[0]
     assert "pip install . && mfac-core demo\n" in setup
-    assert 'pip install ".[test]" && python -m pytest -q tests\n' in setup
+    assert 'pip install ".[test]" && python -m pytest -q -n auto --dist loadfile tests\n' in setup
     # The examples' torch comes from the CPU index: the extra does not pull the CUDA build.
     assert "--index-url https://download.pytorch.org/whl/cpu" in setup
 
