@@ -101,6 +101,16 @@ def test_fractions_refuse_values_outside_their_interval(value):
         prune(np.ones(10), G, sparsity=value)
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -1.0])
+def test_an_interval_to_infinity_is_said_to_be_open(value):
+    # "must be finite and lie in [0, inf]" contradicted itself.
+    torch = pytest.importorskip("torch")
+    from mfac_core.torch import MFAC
+
+    with pytest.raises(ValueError, match=r"lr must be finite and lie in \[0, inf\),"):
+        MFAC([torch.nn.Parameter(torch.zeros(3))], lr=value)
+
+
 def test_choices_refuse_unknown_options():
     with pytest.raises(ValueError, match="saliency must be one of"):
         prune(np.ones(10), G, sparsity=0.5, saliency=3)

@@ -359,7 +359,7 @@ class DaskStaticIHVP(StaticIHVP):
                 "ShardedStaticIHVP(G_local, comm=comm, damp=...)"
             )
         if check_flag(legacy["overwrite_G"], "overwrite_G"):
-            warn_deprecated("overwrite_G=True (ignored: no W is stored)", "nothing")
+            warn_deprecated("overwrite_G=True (ignored: no W is stored)", "the call without it")
         check_finite = check_flag(check_finite, "check_finite")
         if check_count(refine, "refine", minimum=0):
             raise ValueError(

@@ -154,7 +154,9 @@ def legacy_refactor_every(update_method: Any, refactor_every: Any) -> Any:
             "options=WindowOptions(refactor_every=0) (a full factorisation at every update)",
         )
         return 0
-    warn_deprecated('update_method="incremental"', "nothing (incremental edits are the default)")
+    warn_deprecated(
+        'update_method="incremental"', "the call without it (incremental edits are the default)"
+    )
     return refactor_every
 
 

@@ -159,7 +159,7 @@ class ShardedStaticIHVP(_static._BlockOperatorBase):
             check_float64_available(xp)
         overwrite_G = legacy["overwrite_G"]
         if overwrite_G is True:
-            warn_deprecated("overwrite_G=True (ignored: no W is stored)", "nothing")
+            warn_deprecated("overwrite_G=True (ignored: no W is stored)", "the call without it")
         shard = _sharded_static.build(
             comm,
             xp,

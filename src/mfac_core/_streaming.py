@@ -221,14 +221,14 @@ def check_stream_to(
     if not is_torch_namespace(xp):
         raise TypeError(
             "streaming (StaticIHVP.streamed) needs G as a PyTorch tensor in host memory "
-            "(pinned, for a CUDA target); this G is not a PyTorch tensor"
+            "(pinned or not: the operator pins its own copy); this G is not a PyTorch tensor"
         )
     import torch
 
     if G.device.type != "cpu":
         raise ValueError(
             f"StaticIHVP.streamed streams G from host memory, but G is on {G.device}; pass "
-            "a CPU (pinned) G, or build StaticIHVP(G, ...) on G's device"
+            "a CPU G, or build StaticIHVP(G, ...) on G's device"
         )
     try:
         target = torch.device(stream_to)

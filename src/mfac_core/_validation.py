@@ -311,7 +311,10 @@ def check_number(
     above = v > low if low_open else v >= low
     below = v < high if high_open else v <= high
     if not (math.isfinite(v) and above and below):
-        interval = ("(" if low_open else "[") + f"{low:g}, {high:g}" + (")" if high_open else "]")
+        # An infinite end is open: the value must be finite ("[0, inf]" contradicted that).
+        opening = "(" if low_open or low == -math.inf else "["
+        closing = ")" if high_open or high == math.inf else "]"
+        interval = f"{opening}{low:g}, {high:g}{closing}"
         raise ValueError(f"{name} must be finite and lie in {interval}, got {short_repr(value)}")
     return v
 
