@@ -4,7 +4,7 @@ Usage::
 
     python benchmarks/jax_optimizer.py             # d = 1e6, m = 64, 256, 1024, float32
     python benchmarks/jax_optimizer.py --m 256 --d 2e6 --repeat 7
-    python benchmarks/jax_optimizer.py --quick     # CI smoke run (< 30 s): d = 1e5, m = 32, 128
+    python benchmarks/jax_optimizer.py --quick     # CI smoke run (< 30 s): d = 1e5, m = 32
 
 Everything runs on JAX's CPU backend, in 64-bit mode (the m x m work is float64; the
 window is float32 unless ``--dtype float64``). Measured, interleaved round-robin with
@@ -86,7 +86,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.d = args.d or 1e5
-        args.m = args.m or [32, 128]
+        args.m = args.m or [32]
         args.repeat = args.repeat or 3
     args.d = int(args.d or 1e6)
     args.m = args.m or [64, 256, 1024]
