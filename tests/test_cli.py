@@ -712,6 +712,23 @@ def test_ihvp_writes_to_standard_output_and_devices(files, capsys):
         assert stat.S_ISCHR(os.stat(os.devnull).st_mode)
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/stdout"), reason="needs /dev/stdout")
+def test_ihvp_dash_is_standard_output(files):
+    # "-o -" wrote a file named "-" beside the inputs, where most tools write to stdout.
+    want = StaticIHVP(np.load(files["G"]), damp=DAMP).matvec(np.load(files["v"]))
+    cwd = files["G"].parent
+    argv = ["ihvp", str(files["G"]), str(files["v"]), "-o", "-", "--damp", str(DAMP)]
+    env = dict(os.environ)
+    root = str(Path(mfac_core.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    proc = subprocess.run(
+        [sys.executable, "-m", "mfac_core", *argv], cwd=cwd, capture_output=True, env=env
+    )
+    assert proc.returncode == 0, proc.stderr.decode()
+    np.testing.assert_array_equal(np.load(io.BytesIO(proc.stdout)), want)
+    assert not (cwd / "-").exists()
+
+
 @pytest.mark.skipif(not hasattr(socket, "AF_UNIX"), reason="no Unix sockets here")
 def test_ihvp_output_that_is_a_socket_is_refused(files, capsys, tmp_path):
     path = tmp_path / "s.npy"

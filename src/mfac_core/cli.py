@@ -89,6 +89,15 @@ def _int_at_least(text: str, minimum: int) -> int:
     return value
 
 
+def _output_path(text: str) -> str:
+    """``-o``'s path: ``-`` is standard output, as for most tools (a file so named is ``./-``)."""
+    if text != "-":
+        return text
+    if not os.path.exists("/dev/stdout"):
+        raise argparse.ArgumentTypeError("'-' (standard output) needs /dev/stdout; name a file")
+    return "/dev/stdout"
+
+
 def _positive_int(text: str) -> int:
     return _int_at_least(text, 1)
 
@@ -151,8 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--output",
         metavar="OUT.npy",
         required=True,
+        type=_output_path,
         help="where to save the results (.npy): a file, or a named pipe or character device "
-        "such as /dev/stdout, which is written to",
+        "such as /dev/stdout ('-'), which is written to",
     )
     ihvp.add_argument(
         "--damp",
