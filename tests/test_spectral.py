@@ -693,6 +693,21 @@ def test_one_gradient_whose_eigenvalue_and_damping_overflow_is_refused(block_siz
         assert (op.damp, op.kappa, op.error_scale) == before
 
 
+@pytest.mark.parametrize("block_size", [None, 7, 3])
+def test_forms_of_vectors_whose_squares_pass_float64s_range(rng, block_size):
+    # Regression: the forms of blocks wider than m summed damp**power * Q_b R_b^T with the
+    # power applied after the products: vectors of 4e159 (whose squares overflow) at damp
+    # 1e300 gave inf and "a result exceeds float64's range" for forms of 1e21, where the
+    # products, and blocks no wider than m, were right. c a power of two: exact scaling.
+    G, R, c = rng.standard_normal((4, 10)), rng.standard_normal((3, 10)), 2.0**530
+    op = SpectralIHVP(G, damp=1e300, block_size=block_size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow to report
+        q, B = op.quadratic(R * c), op.bilinear(R * c, R[:2] * c)
+    assert_close(q / c / c, op.quadratic(R), kappa=op.kappa, dtype="float64")
+    assert_close(B / c / c, op.bilinear(R, R[:2]), kappa=op.kappa, dtype="float64")
+
+
 def test_sweeps_warn_at_a_hopeless_damping_as_with_damp_does(rng):
     # Regression: sweep() and diagonal(damps=...) at a damping where eps(float64) kappa
     # >= 1 gave no IllConditionedWarning where with_damp() and the constructor warn, and
