@@ -662,6 +662,52 @@ def test_weights_at_the_largest_damping(rng):
         assert_close(op.diagonal() * c * c, want.diagonal(), kappa=want.kappa)
 
 
+@pytest.mark.parametrize("block_size", [None, 1])
+def test_one_gradient_whose_eigenvalue_and_damping_overflow_is_refused(block_size):
+    # Regression: for m = 1, F's largest eigenvalue damp + |g|^2 overflows float64 with
+    # each term finite (damp up to a quarter of the range): its weight became 0, so the
+    # product and diagonal along g were 1 / damp, 4.8x the exact 1 / (damp + |g|^2), and
+    # trace() dropped that term (7 % off), silently; kappa was inf with NumPy's overflow
+    # warning. StaticIHVP refuses such a G and damping; so does SpectralIHVP, at every
+    # damping that reaches it (with_damp, sweep, diagonal), leaving the operator as it was.
+    G = np.zeros((1, 4))
+    G[0, 0] = math.sqrt(0.94 * sys.float_info.max)  # the Gram's eigenvalue 0.94 of the range
+    top = sys.float_info.max / 4  # the largest damping for m = 1
+    match = "overflows float64"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a clear error, no NumPy warning before it
+        with pytest.raises(ValueError, match=match):
+            SpectralIHVP(G, damp=top, block_size=block_size)
+        op = SpectralIHVP(G, damp=top / 8, block_size=block_size)  # in range: exact
+        x = np.array([1.0, 0.0, 0.0, 0.0])
+        want = 1.0 / (top / 8 + G[0, 0] ** 2)
+        assert (op @ x)[0] == pytest.approx(want, rel=1e-12)
+        before = (op.damp, op.kappa, op.error_scale)
+        for call in (
+            lambda: op.with_damp(top),
+            lambda: op.sweep(x, damps=[1.0, top]),
+            lambda: op.diagonal(damps=[top, 1.0]),
+        ):
+            with pytest.raises(ValueError, match=match):
+                call()
+        assert (op.damp, op.kappa, op.error_scale) == before
+
+
+@pytest.mark.parametrize("block_size", [None, 7, 3])
+def test_forms_of_vectors_whose_squares_pass_float64s_range(rng, block_size):
+    # Regression: the forms of blocks wider than m summed damp**power * Q_b R_b^T with the
+    # power applied after the products: vectors of 4e159 (whose squares overflow) at damp
+    # 1e300 gave inf and "a result exceeds float64's range" for forms of 1e21, where the
+    # products, and blocks no wider than m, were right. c a power of two: exact scaling.
+    G, R, c = rng.standard_normal((4, 10)), rng.standard_normal((3, 10)), 2.0**530
+    op = SpectralIHVP(G, damp=1e300, block_size=block_size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow to report
+        q, B = op.quadratic(R * c), op.bilinear(R * c, R[:2] * c)
+    assert_close(q / c / c, op.quadratic(R), kappa=op.kappa, dtype="float64")
+    assert_close(B / c / c, op.bilinear(R, R[:2]), kappa=op.kappa, dtype="float64")
+
+
 def test_sweeps_warn_at_a_hopeless_damping_as_with_damp_does(rng):
     # Regression: sweep() and diagonal(damps=...) at a damping where eps(float64) kappa
     # >= 1 gave no IllConditionedWarning where with_damp() and the constructor warn, and

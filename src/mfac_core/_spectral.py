@@ -33,8 +33,8 @@ from ._operator import LinearOperator
 from ._spectral_forms import checked_rows, forms_of
 from ._spectral_groups import Group, applied, checked_power, diagonal_of, logdet_of, trace_of
 from ._spectral_sample import drawn
-from ._spectral_setup import build, derived, warn_if_any_hopeless
-from ._validation import check_count, check_damp, check_dampings
+from ._spectral_setup import build, derived, sweep_damps
+from ._validation import check_count, check_damp
 
 __all__ = ["SpectralIHVP"]
 
@@ -95,7 +95,8 @@ class SpectralIHVP(LinearOperator):
     ------
     ValueError
         For a G that is not 2-D, empty, or holds NaN/inf (a ``FactorizationError``
-        with ``check_finite=False``), for ``damp <= 0`` and ``block_size < 1``.
+        with ``check_finite=False``), for ``damp <= 0``, ``block_size < 1``, and where F's
+        largest eigenvalue passes float64's range (also at a damping of ``with_damp``, a sweep).
     TypeError
         For an integer or complex G, a G that is not an array, or a Dask
         array (the set-up's eigendecomposition has no Dask version).
@@ -178,7 +179,7 @@ class SpectralIHVP(LinearOperator):
         Raises
         ------
         TypeError, ValueError
-            For a damping that is not a finite positive real number.
+            For a damping that is not a finite positive real number, or too large for F.
 
         Examples
         --------
@@ -369,9 +370,8 @@ class SpectralIHVP(LinearOperator):
         >>> Y.shape, bool(np.allclose(Y[1], op @ x))
         ((2, 20), True)
         """
-        dl = check_dampings(damps, num_grads=self.num_grads)
-        x = self._check_input(x, "x", self.dim, (1, 2))
-        warn_if_any_hopeless(self, dl)
+        x = self._check_input(x, "x", self.dim, (1, 2))  # before the dampings' warning
+        dl = sweep_damps(self, damps)
         Y = applied(self._xp, self._groups, x if x.ndim == 2 else x[:, None], dl, self.power)
         return Y if x.ndim == 2 else Y[..., 0]
 
@@ -413,8 +413,8 @@ class SpectralIHVP(LinearOperator):
         >>> D.shape, bool(np.allclose(D[1], np.diag(op.todense())))
         ((2, 20), True)
         """
-        dl = [self.damp] if damps is None else check_dampings(damps, num_grads=self.num_grads)
-        warn_if_any_hopeless(self, dl)
+        # The operator's own damping was checked and warned of when it was set.
+        dl = [self.damp] if damps is None else sweep_damps(self, damps)
         out = diagonal_of(self._xp, self._groups, dl, self.power)
         return out[0, ...] if damps is None else out
 

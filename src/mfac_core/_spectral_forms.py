@@ -79,8 +79,10 @@ class Forms:
             acc = xp.zeros((Q.shape[0], Rb.shape[0]), dtype=xp.float64, device=self.device)
             for g, (a, _, sc), pq in zip(self.groups, forms, PQ, strict=True):
                 if a:
+                    # a before the product, as w meets the projections: Q R^T may pass
+                    # float64's range where a Q R^T does not (a huge damping).
                     s, e = g.group.start, g.group.end
-                    acc = acc + a * (Q64[:, s:e] @ xp.matrix_transpose(R64[:, s:e]))
+                    acc = acc + (a * Q64[:, s:e]) @ xp.matrix_transpose(R64[:, s:e])
                 acc = acc + sc * xp.sum(xp.matrix_transpose(pq) @ g.project(Rb), axis=0)
             parts.append(narrowed(xp, acc, self.dtype))
         if not parts:
@@ -99,7 +101,7 @@ class Forms:
             for g, (a, w, sc) in zip(self.groups, forms, strict=True):
                 if a:
                     Rg = R64[:, g.group.start : g.group.end]
-                    acc = acc + a * xp.sum(Rg * Rg, axis=1)
+                    acc = acc + xp.sum((a * Rg) * Rg, axis=1)  # as in bilinear()
                 P = g.project(Rb)  # (count, r, n)
                 acc = acc + sc * xp.sum(w[..., None] * P * P, axis=(0, 1))
             parts.append(narrowed(xp, acc, self.dtype))

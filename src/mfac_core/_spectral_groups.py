@@ -49,6 +49,7 @@ __all__ = [
     "GramEigen",
     "Group",
     "applied",
+    "check_top_in_range",
     "checked_power",
     "coefficients",
     "conditioning",
@@ -266,9 +267,30 @@ def checked_power(current: float, power: float, what: str) -> float:
     return power
 
 
+def check_top_in_range(groups: Any, m: int, damp: float) -> float:
+    """The largest eigenvalue of the Grams, refused where F's, ``damp + top / m``, overflows.
+
+    Only for ``m = 1`` can it with both terms finite (``check_damp`` keeps ``m damp``
+    within a quarter of float64's range): every weight and spectral sum would meet
+    ``inf`` there, and the direction's weight become 0 (products of ``1 / damp`` for
+    ``1 / (damp + |g|^2)``). StaticIHVP refuses the same G and damping.
+    """
+    top = max(float(g.xp.max(g.top[:, -1])) for g in groups)
+    if math.isinf(damp + top / m):
+        raise ValueError(
+            f"F's largest eigenvalue, damp + |g|^2 / m, overflows float64 (damp={damp:g}, "
+            f"largest eigenvalue of the Gram {top:g}, m={m}): decrease damp, or rescale the "
+            "gradients (the damping scales with their square)"
+        )
+    return top
+
+
 def spectrum_bounds(xp: Any, groups: Any, m: int, damp: float) -> tuple[float, float]:
-    """``(error_scale, kappa)`` of the operator at ``damp`` (see ``SpectralIHVP``)."""
-    top = max(float(xp.max(g.top[:, -1])) for g in groups)
+    """``(error_scale, kappa)`` of the operator at ``damp`` (see ``SpectralIHVP``).
+
+    Raises ValueError where F's largest eigenvalue overflows (:func:`check_top_in_range`).
+    """
+    top = check_top_in_range(groups, m, damp)
     kappa = 1.0
     for g in groups:
         t = g.top

@@ -19,16 +19,31 @@ from ._dtypes import compute_dtype, half_dtype_name
 from ._gram import columns_gram, rows_gram
 from ._layout import BlockGroup, block_groups, checked_gram, chunk_culprit, chunks
 from ._operator import LinearOperator
-from ._spectral_groups import ColumnEigen, GramEigen, Group, conditioning, spectrum_bounds
+from ._spectral_groups import (
+    ColumnEigen,
+    GramEigen,
+    Group,
+    check_top_in_range,
+    conditioning,
+    spectrum_bounds,
+)
 from ._validation import (
     check_block_size,
     check_damp,
+    check_dampings,
     check_flag,
     check_float64_available,
     check_gradients,
 )
 
-__all__ = ["build", "check_namespace", "derived", "eigen_groups", "warn_if_any_hopeless"]
+__all__ = [
+    "build",
+    "check_namespace",
+    "derived",
+    "eigen_groups",
+    "sweep_damps",
+    "warn_if_any_hopeless",
+]
 
 
 def build(op: Any, G: Array, *, damp: Any, block_size: Any, check_finite: Any) -> None:
@@ -134,6 +149,18 @@ def warn_if_any_hopeless(op: Any, damps: list[float]) -> None:
     low = min(damps)
     if low < op.damp:
         _warn_if_hopeless(op, low)
+
+
+def sweep_damps(op: Any, damps: Any) -> list[float]:
+    """The dampings of a sweep or ``diagonal(damps=...)``, checked, warned of as ``with_damp``.
+
+    Refused as ``with_damp`` refuses them: not finite dampings > 0, or a damping at which
+    F's largest eigenvalue overflows (the largest decides); then the smallest may warn.
+    """
+    dl = check_dampings(damps, num_grads=op.num_grads)
+    check_top_in_range(op._groups, op.num_grads, max(dl))
+    warn_if_any_hopeless(op, dl)
+    return dl
 
 
 def eigen_groups(
