@@ -845,3 +845,30 @@ def test_a_nonzero_scale_that_underflows_is_refused_as_its_reciprocal_is():
         F / -(np.longdouble(2) ** -1100)  # its inverse overflows: not 'a product of 0'
     assert np.array_equal((F * 0.0).todense(), np.zeros((6, 6)))  # a zero asked for
     assert np.array_equal((F * Fraction(0)).todense(), np.zeros((6, 6)))
+
+
+# -- the operator's dtype as SciPy's takes it; the arithmetic's operands (review of SciPy use) ---
+
+
+def test_an_operator_dtype_is_real_floating_and_a_name_is_the_librarys_dtype(rng):
+    # Regression: a complex dtype was taken, and A.T and x @ A (the adjoint) were silently
+    # conjugated; an integer one made 2.5 * A report int64 and to_scipy() cast SciPy's
+    # float vectors to int. dtype="float64" (as SciPy takes it) refused float32 operands
+    # that dtype=np.dtype("float64") promotes, and np.float64 printed as a class.
+    for bad in (np.complex128, "complex64", np.int64, np.bool_, None, "garbage"):
+        with pytest.raises(TypeError, match="dtype must be a real floating dtype of numpy"):
+            LinearOperator(shape=(3, 3), dtype=bad, xp=np, device="cpu")
+    M = rng.standard_normal((3, 3)) + 1j * rng.standard_normal((3, 3))
+    with pytest.raises(TypeError, match=r"got dtype\('complex128'\)"):
+        _Matrix(M, np, "cpu")  # whose A.T would have been M^H
+    x32 = rng.standard_normal(3).astype(np.float32)
+    for given in ("float64", np.float64, "f8"):
+        op = _IdentityOnDevice(np, "cpu", given)
+        assert op.dtype == np.dtype("float64") and isinstance(op.dtype, np.dtype)
+        assert "dtype=float64," in repr(op)
+        y = op @ x32
+        assert y.dtype == np.float64 and np.array_equal(y, x32.astype(np.float64))
+    torch = pytest.importorskip("torch")
+    assert _IdentityOnDevice(torch, "cpu", "float32").dtype is torch.float32
+    with pytest.raises(TypeError, match="real floating dtype of torch"):
+        _IdentityOnDevice(torch, "cpu", torch.complex64)

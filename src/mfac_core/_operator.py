@@ -28,6 +28,7 @@ from ._compat import (
     restored_device,
     same_device,
 )
+from ._dtypes import operator_dtype
 from ._finite import check_finite, float32_overflow_once, note_arithmetic_overflow
 from ._scipy_export import scipy_operator
 from ._validation import (
@@ -58,8 +59,8 @@ class LinearOperator:
     ----------
     shape : tuple of int
         ``(M, N)``.
-    dtype : dtype
-        The dtype of the operator, in its array namespace.
+    dtype : dtype or str
+        The dtype of the operator, a real floating one of its array namespace (or its name).
     xp : module
         The (array-api-compat wrapped) namespace of the operator's arrays, as
         ``array_api_compat.array_namespace`` gives it; the library module
@@ -115,8 +116,8 @@ class LinearOperator:
         ):
             raise ValueError(f"shape must be a pair of non-negative ints, got {shape!r}")
         self.shape = (int(shape[0]), int(shape[1]))
-        self.dtype = dtype
         self._xp = library_namespace(xp)
+        self.dtype = operator_dtype(self._xp, dtype)
         # As its arrays report it: None and names ("cpu") as the namespace means them.
         self.device = resolved_device(self._xp, device)
         self._symmetric = bool(symmetric)
