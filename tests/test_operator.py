@@ -872,3 +872,30 @@ def test_an_operator_dtype_is_real_floating_and_a_name_is_the_librarys_dtype(rng
     assert _IdentityOnDevice(torch, "cpu", "float32").dtype is torch.float32
     with pytest.raises(TypeError, match="real floating dtype of torch"):
         _IdentityOnDevice(torch, "cpu", torch.complex64)
+
+
+def test_a_complex_factor_and_a_left_array_of_other_dimensions_are_refused_by_name(rng):
+    # Regression: np.complex128(2) * A said "scalar operands are not allowed with @, use *
+    # instead" (a NumPy scalar taken for an array); A * 2j that a scalar was expected; and
+    # an array of 0 or 3 dimensions on the left, or a row of the wrong length, was told
+    # Python's "unsupported operand" or offered the shape (M, 1), which x @ A refuses.
+    F = EmpiricalFisher(rng.standard_normal((3, 6)), damp=0.5)
+    for scaled in (
+        lambda: F * 2j,
+        lambda: 2j * F,
+        lambda: np.complex128(2) * F,
+        lambda: F * np.complex64(2),
+        lambda: F / 2j,
+        lambda: F.dot(1j),
+    ):
+        with pytest.raises(TypeError, match=r"operators are real, and so are their factors"):
+            scaled()
+    with pytest.raises(TypeError, match="a bool is no factor"):
+        True * F
+    for x in (np.array(2.0), np.ones((2, 6, 1)), np.ones(5), np.ones((6, 1))):
+        for product in (lambda x: x @ F, lambda x: x * F):
+            with pytest.raises(ValueError, match=r"^x @ A needs x of shape \(6,\) or \(k, 6\)"):
+                product(x)
+    x = rng.standard_normal(6)
+    assert_close(x @ F, F.todense() @ x)  # F is symmetric
+    assert_close(x @ (2.0 * F), 2.0 * (F.todense() @ x))

@@ -36,6 +36,7 @@ from ._validation import (
     check_flag,
     check_operand,
     check_strided,
+    non_real_factor_error,
     reciprocal_factor,
     resolved_device,
     scale_factor,
@@ -345,6 +346,8 @@ class LinearOperator:
             return _ProductOperator(self, x)
         if isinstance(x, numbers.Real) and not isinstance(x, bool):
             return _ScaledOperator(self, scale_factor(x))
+        if isinstance(x, numbers.Number):
+            raise non_real_factor_error("A * c", x)
         if not is_array_api_obj(x):
             foreign = _foreign_operator_error("A @ S", x)
             if foreign is not None:
@@ -383,12 +386,8 @@ class LinearOperator:
             raise ValueError("scalar operands are not allowed with @, use * instead")
         if isinstance(other, LinearOperator):
             return _ProductOperator(other, self)
-        # x @ A == (A^T @ x^T)^T for a row vector or a stack of rows.
         if is_array_api_obj(other):
-            if other.ndim == 1:
-                return self.transpose().matvec(other)
-            if other.ndim == 2:
-                return _row_product(self, other)
+            return _row_product(self, other)
         _raise_if_foreign_operator("S @ A", other)
         return NotImplemented
 
@@ -397,8 +396,8 @@ class LinearOperator:
         return self.dot(other)
 
     def __rmul__(self, other: Any) -> Any:
-        if isinstance(other, numbers.Real) and not isinstance(other, bool):
-            return _ScaledOperator(self, scale_factor(other))
+        if isinstance(other, numbers.Number):
+            return self.dot(other)  # c * A is A * c, a real c's scaled operator
         if is_array_api_obj(other):
             # SciPy's x * A is x @ A, as A * x is A @ x.
             return self.__rmatmul__(other)
@@ -408,6 +407,8 @@ class LinearOperator:
     def __truediv__(self, other: Any) -> Any:
         if isinstance(other, numbers.Real) and not isinstance(other, bool):
             return _ScaledOperator(self, reciprocal_factor(other))
+        if isinstance(other, numbers.Number):
+            raise non_real_factor_error("A / c", other)
         return NotImplemented
 
     def __neg__(self) -> LinearOperator:
@@ -584,7 +585,11 @@ def _raise_if_foreign_operator(expression: str, other: Any) -> None:
 
 
 def _row_product(A: LinearOperator, x: Array) -> Array:
-    """``x @ A`` for a stack of rows ``x``: ``(A^T @ x^T)^T``, ``x`` checked as given.
+    """``x @ A`` for a row or a stack of rows ``x``: ``(A^T @ x^T)^T``, ``x`` checked as given.
+
+    A shape other than ``(M,)`` or ``(k, M)`` is refused here, as ``A @ x`` refuses it
+    (the row's own ``matvec`` would offer ``(M, 1)``, which ``x @ A`` does not take, and
+    an array of 0 or 3 dimensions was left to Python's "unsupported operand").
 
     ``matmat`` of ``x^T`` checks it, but its messages would name the transpose:
     "X must have shape (M, k), got (N, 2)" for an x of shape (2, N), and
@@ -595,13 +600,15 @@ def _row_product(A: LinearOperator, x: Array) -> Array:
     """
     T = A.transpose()
     if A.layout is not None:
-        return T.matmat(x.T).T
+        return T.matvec(x) if x.ndim == 1 else T.matmat(x.T).T
     m = A.shape[0]
     x = check_operand(A._xp, A.device, A.dtype, x, "x", owner=A)
-    if x.shape[1] != m:
+    if x.ndim not in (1, 2) or x.shape[-1] != m:
         raise ValueError(f"x @ A needs x of shape ({m},) or (k, {m}), got {tuple(x.shape)}")
     if A.check_finite and not T.check_finite:
         check_finite(A._xp, x, "x")  # a subclass's transpose that does not check
+    if x.ndim == 1:
+        return T.matvec(x)  # its messages name x as given
     try:
         return T.matmat(x.T).T
     except ValueError:
