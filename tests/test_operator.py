@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from fractions import Fraction
 from typing import Any
 
@@ -899,3 +900,19 @@ def test_a_complex_factor_and_a_left_array_of_other_dimensions_are_refused_by_na
     x = rng.standard_normal(6)
     assert_close(x @ F, F.todense() @ x)  # F is symmetric
     assert_close(x @ (2.0 * F), 2.0 * (F.todense() @ x))
+
+
+def test_todense_of_an_overflowing_composite_says_it_once_as_its_products_do(rng):
+    # Regression: todense() was no public call to the overflow reports: NumPy's own
+    # "overflow encountered in multiply" and "invalid value encountered in reduce" came with
+    # the library's warning, where A @ x says the library's alone.
+    F = EmpiricalFisher(rng.standard_normal((3, 6)), damp=0.5)
+    for dtype, big in ((np.float64, 1e308), (np.float32, 1e38)):
+        A = EmpiricalFisher(rng.standard_normal((3, 6)).astype(dtype), damp=0.5) * big * big
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            D = A.todense()
+        assert not np.isfinite(D).all()
+        messages = [str(w.message) for w in caught]
+        assert len(messages) == 1 and "exceeds" in messages[0], messages
+    assert np.array_equal((2.0 * F).todense(), 2.0 * F.todense())

@@ -471,6 +471,7 @@ class LinearOperator:
     H = property(lambda self: self.adjoint(), doc="The adjoint, as :meth:`adjoint`.")
     T = property(lambda self: self.transpose(), doc="The transpose, as :meth:`transpose`.")
 
+    @float32_overflow_once
     def todense(self, *, max_entries: int = DEFAULT_MAX_DENSE_ENTRIES) -> Array:
         """Build the operator as a dense ``(M, N)`` array of its namespace and device.
 
@@ -502,8 +503,7 @@ class LinearOperator:
                 f"max_entries={max_entries}; use matvec/matmat, diagonal() or entries() instead, "
                 "or raise max_entries"
             )
-        eye = self._xp.eye(n, dtype=self.dtype, device=self.device)
-        return self._matmat(eye)
+        return self._matmat(self._xp.eye(n, dtype=self.dtype, device=self.device))
 
     def to_scipy(self) -> Any:
         """A :class:`scipy.sparse.linalg.LinearOperator` that calls this operator.
