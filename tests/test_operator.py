@@ -916,3 +916,17 @@ def test_todense_of_an_overflowing_composite_says_it_once_as_its_products_do(rng
         messages = [str(w.message) for w in caught]
         assert len(messages) == 1 and "exceeds" in messages[0], messages
     assert np.array_equal((2.0 * F).todense(), 2.0 * F.todense())
+
+
+@pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
+def test_a_numpy_matrix_is_refused_as_one_everywhere(rng):
+    # Regression: SciPy's operators take np.matrix; here it was "x must be an array of an
+    # Array-API library (NumPy, ...), got matrix", "expected an array, a scalar or an
+    # mfac_core LinearOperator" for A @ M, and Python's "unsupported operand" for M @ A.
+    F = EmpiricalFisher(rng.standard_normal((3, 6)), damp=0.5)
+    M = np.asmatrix(rng.standard_normal((6, 2)))
+    calls = (F.matvec, F.matmat, F.rmatvec, F.rmatmat, F.dot, F.__matmul__)
+    for call in (*calls, lambda M: M.T @ F, lambda M: M * F, lambda M: F * M):
+        with pytest.raises(TypeError, match=r"is a numpy\.matrix, .* np\.asarray\(X?x?\)"):
+            call(M)
+    assert_close(F @ np.asarray(M), F.todense() @ np.asarray(M))

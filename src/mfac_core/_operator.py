@@ -37,6 +37,7 @@ from ._validation import (
     check_operand,
     check_strided,
     non_real_factor_error,
+    numpy_matrix_error,
     reciprocal_factor,
     resolved_device,
     scale_factor,
@@ -562,6 +563,8 @@ def _foreign_operator_error(expression: str, other: Any) -> TypeError | None:
     """
     if isinstance(other, LinearOperator) or is_array_api_obj(other):
         return None
+    if (matrix := numpy_matrix_error("x", other)) is not None:
+        return matrix
     # A SciPy sparse matrix or array (only where SciPy's sparse module is loaded: no import).
     sparse = sys.modules.get("scipy.sparse")
     if sparse is not None and sparse.issparse(other):

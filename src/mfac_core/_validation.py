@@ -71,6 +71,7 @@ __all__ = [
     "reciprocal_factor",
     "scale_factor",
     "non_real_factor_error",
+    "numpy_matrix_error",
     "short_repr",
     "resolved_device",
     "described",
@@ -88,8 +89,25 @@ _META_HOLDS_NOTHING = (
 )
 
 
+def numpy_matrix_error(name: str, x: Any) -> TypeError | None:
+    """The refusal of a :class:`numpy.matrix` ``x`` (which SciPy's operators take), or None.
+
+    It is no Array-API array: it was refused as "an array of an Array-API library ... got
+    matrix", though it is NumPy's, or met Python's "unsupported operand" on the left of ``@``.
+    """
+    if not isinstance(x, np.matrix):
+        return None
+    return TypeError(
+        f"{name} is a numpy.matrix, whose shapes (always 2-D) and * (a matrix product) the "
+        f"operators do not follow; pass a plain array, np.asarray({name})"
+    )
+
+
 def namespace_of(x: Array, name: str) -> Any:
     """The array namespace of ``x``, or a ``TypeError`` naming the argument."""
+    matrix = numpy_matrix_error(name, x)
+    if matrix is not None:
+        raise matrix
     # NumPy's functions would read the masked entries' values (or fail deep inside on the
     # mask's broadcasting): the mask is the caller's to resolve. numpy.ma is imported
     # lazily; where it is not, x is no masked array.
