@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from fractions import Fraction
 from typing import Any
 
@@ -845,3 +846,87 @@ def test_a_nonzero_scale_that_underflows_is_refused_as_its_reciprocal_is():
         F / -(np.longdouble(2) ** -1100)  # its inverse overflows: not 'a product of 0'
     assert np.array_equal((F * 0.0).todense(), np.zeros((6, 6)))  # a zero asked for
     assert np.array_equal((F * Fraction(0)).todense(), np.zeros((6, 6)))
+
+
+# -- the operator's dtype as SciPy's takes it; the arithmetic's operands (review of SciPy use) ---
+
+
+def test_an_operator_dtype_is_real_floating_and_a_name_is_the_librarys_dtype(rng):
+    # Regression: a complex dtype was taken, and A.T and x @ A (the adjoint) were silently
+    # conjugated; an integer one made 2.5 * A report int64 and to_scipy() cast SciPy's
+    # float vectors to int. dtype="float64" (as SciPy takes it) refused float32 operands
+    # that dtype=np.dtype("float64") promotes, and np.float64 printed as a class.
+    for bad in (np.complex128, "complex64", np.int64, np.bool_, None, "garbage"):
+        with pytest.raises(TypeError, match="dtype must be a real floating dtype of numpy"):
+            LinearOperator(shape=(3, 3), dtype=bad, xp=np, device="cpu")
+    M = rng.standard_normal((3, 3)) + 1j * rng.standard_normal((3, 3))
+    with pytest.raises(TypeError, match=r"got dtype\('complex128'\)"):
+        _Matrix(M, np, "cpu")  # whose A.T would have been M^H
+    x32 = rng.standard_normal(3).astype(np.float32)
+    for given in ("float64", np.float64, "f8"):
+        op = _IdentityOnDevice(np, "cpu", given)
+        assert op.dtype == np.dtype("float64") and isinstance(op.dtype, np.dtype)
+        assert "dtype=float64," in repr(op)
+        y = op @ x32
+        assert y.dtype == np.float64 and np.array_equal(y, x32.astype(np.float64))
+    torch = pytest.importorskip("torch")
+    assert _IdentityOnDevice(torch, "cpu", "float32").dtype is torch.float32
+    with pytest.raises(TypeError, match="real floating dtype of torch"):
+        _IdentityOnDevice(torch, "cpu", torch.complex64)
+
+
+def test_a_complex_factor_and_a_left_array_of_other_dimensions_are_refused_by_name(rng):
+    # Regression: np.complex128(2) * A said "scalar operands are not allowed with @, use *
+    # instead" (a NumPy scalar taken for an array); A * 2j that a scalar was expected; and
+    # an array of 0 or 3 dimensions on the left, or a row of the wrong length, was told
+    # Python's "unsupported operand" or offered the shape (M, 1), which x @ A refuses.
+    F = EmpiricalFisher(rng.standard_normal((3, 6)), damp=0.5)
+    for scaled in (
+        lambda: F * 2j,
+        lambda: 2j * F,
+        lambda: np.complex128(2) * F,
+        lambda: F * np.complex64(2),
+        lambda: F / 2j,
+        lambda: F.dot(1j),
+    ):
+        with pytest.raises(TypeError, match=r"operators are real, and so are their factors"):
+            scaled()
+    with pytest.raises(TypeError, match="a bool is no factor"):
+        True * F
+    for x in (np.array(2.0), np.ones((2, 6, 1)), np.ones(5), np.ones((6, 1))):
+        for product in (lambda x: x @ F, lambda x: x * F):
+            with pytest.raises(ValueError, match=r"^x @ A needs x of shape \(6,\) or \(k, 6\)"):
+                product(x)
+    x = rng.standard_normal(6)
+    assert_close(x @ F, F.todense() @ x)  # F is symmetric
+    assert_close(x @ (2.0 * F), 2.0 * (F.todense() @ x))
+
+
+def test_todense_of_an_overflowing_composite_says_it_once_as_its_products_do(rng):
+    # Regression: todense() was no public call to the overflow reports: NumPy's own
+    # "overflow encountered in multiply" and "invalid value encountered in reduce" came with
+    # the library's warning, where A @ x says the library's alone.
+    F = EmpiricalFisher(rng.standard_normal((3, 6)), damp=0.5)
+    for dtype, big in ((np.float64, 1e308), (np.float32, 1e38)):
+        A = EmpiricalFisher(rng.standard_normal((3, 6)).astype(dtype), damp=0.5) * big * big
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            D = A.todense()
+        assert not np.isfinite(D).all()
+        messages = [str(w.message) for w in caught]
+        assert len(messages) == 1 and "exceeds" in messages[0], messages
+    assert np.array_equal((2.0 * F).todense(), 2.0 * F.todense())
+
+
+@pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
+def test_a_numpy_matrix_is_refused_as_one_everywhere(rng):
+    # Regression: SciPy's operators take np.matrix; here it was "x must be an array of an
+    # Array-API library (NumPy, ...), got matrix", "expected an array, a scalar or an
+    # mfac_core LinearOperator" for A @ M, and Python's "unsupported operand" for M @ A.
+    F = EmpiricalFisher(rng.standard_normal((3, 6)), damp=0.5)
+    M = np.asmatrix(rng.standard_normal((6, 2)))
+    calls = (F.matvec, F.matmat, F.rmatvec, F.rmatmat, F.dot, F.__matmul__)
+    for call in (*calls, lambda M: M.T @ F, lambda M: M * F, lambda M: F * M):
+        with pytest.raises(TypeError, match=r"is a numpy\.matrix, .* np\.asarray\(X?x?\)"):
+            call(M)
+    assert_close(F @ np.asarray(M), F.todense() @ np.asarray(M))

@@ -14,7 +14,14 @@ from typing import Any
 
 import numpy as np
 
-from ._compat import Array, device, is_jax_namespace, is_numpy_namespace, is_torch_namespace
+from ._compat import (
+    Array,
+    device,
+    is_jax_namespace,
+    is_numpy_namespace,
+    is_torch_namespace,
+    namespace_name,
+)
 
 __all__ = [
     "FLOATING_DTYPES",
@@ -26,6 +33,7 @@ __all__ = [
     "is_numpy_bfloat16",
     "jax_two_byte_note",
     "numpy_bfloat16",
+    "operator_dtype",
     "untyped_note",
 ]
 
@@ -98,6 +106,42 @@ def compute_dtype(xp: Any, G: Array) -> Any:
     if half_dtype_name(xp, G.dtype) is None:
         return G.dtype
     return xp.empty(0, dtype=xp.float32, device=device(G)).dtype
+
+
+def operator_dtype(xp: Any, dtype: Any) -> Any:
+    """``dtype``, an operator's, as its library's dtype object; a real floating one only.
+
+    A name (``"float64"``, as SciPy's operators take it) or a scalar type
+    (``numpy.float64``) becomes the dtype object that arrays report, as
+    :func:`compute_dtype` gives it, so that an operand's promotion (float32 to a float64
+    operator) and ``repr`` see the one object. A complex or integer dtype is refused:
+    the operators' transpose is their adjoint, which holds for real ones only (a complex
+    operator's ``A.T`` and ``x @ A`` would be silently conjugated), and their arithmetic
+    (``2.5 * A``) has floating results.
+    """
+    numpy = is_numpy_namespace(xp)
+    if isinstance(dtype, str) and not numpy and dtype in (*FLOATING_DTYPES, *HALF_DTYPES):
+        dtype = getattr(xp, dtype, dtype)
+    if isinstance(dtype, type) or (numpy and isinstance(dtype, str)):
+        # NumPy's names and scalar types, and CuPy's and JAX's (their arrays' dtypes are NumPy's).
+        try:
+            dtype = np.dtype(dtype)
+        except TypeError:
+            pass
+    try:
+        real = half_dtype_name(xp, dtype) is not None or bool(xp.isdtype(dtype, "real floating"))
+    except (TypeError, ValueError, AttributeError):  # not a dtype of xp (None, a name)
+        real = False
+    if not real:
+        hint = (
+            " (SciPy's dtype=None, inferred from a product, is not taken)" if dtype is None else ""
+        )
+        raise TypeError(
+            f"dtype must be a real floating dtype of {namespace_name(xp)} (float32 or float64, "
+            f"or a 2-byte float), got {dtype!r}{hint}: the operators are real (their "
+            "transpose is their adjoint, and their arithmetic has floating results)"
+        )
+    return dtype
 
 
 def untyped_note(name: str, dtype: Any) -> str:

@@ -28,6 +28,7 @@ from ._compat import (
     restored_device,
     same_device,
 )
+from ._dtypes import operator_dtype
 from ._finite import check_finite, float32_overflow_once, note_arithmetic_overflow
 from ._scipy_export import scipy_operator
 from ._validation import (
@@ -35,6 +36,8 @@ from ._validation import (
     check_flag,
     check_operand,
     check_strided,
+    non_real_factor_error,
+    numpy_matrix_error,
     reciprocal_factor,
     resolved_device,
     scale_factor,
@@ -58,8 +61,8 @@ class LinearOperator:
     ----------
     shape : tuple of int
         ``(M, N)``.
-    dtype : dtype
-        The dtype of the operator, in its array namespace.
+    dtype : dtype or str
+        The dtype of the operator, a real floating one of its array namespace (or its name).
     xp : module
         The (array-api-compat wrapped) namespace of the operator's arrays, as
         ``array_api_compat.array_namespace`` gives it; the library module
@@ -115,8 +118,8 @@ class LinearOperator:
         ):
             raise ValueError(f"shape must be a pair of non-negative ints, got {shape!r}")
         self.shape = (int(shape[0]), int(shape[1]))
-        self.dtype = dtype
         self._xp = library_namespace(xp)
+        self.dtype = operator_dtype(self._xp, dtype)
         # As its arrays report it: None and names ("cpu") as the namespace means them.
         self.device = resolved_device(self._xp, device)
         self._symmetric = bool(symmetric)
@@ -344,6 +347,8 @@ class LinearOperator:
             return _ProductOperator(self, x)
         if isinstance(x, numbers.Real) and not isinstance(x, bool):
             return _ScaledOperator(self, scale_factor(x))
+        if isinstance(x, numbers.Number):
+            raise non_real_factor_error("A * c", x)
         if not is_array_api_obj(x):
             foreign = _foreign_operator_error("A @ S", x)
             if foreign is not None:
@@ -382,12 +387,8 @@ class LinearOperator:
             raise ValueError("scalar operands are not allowed with @, use * instead")
         if isinstance(other, LinearOperator):
             return _ProductOperator(other, self)
-        # x @ A == (A^T @ x^T)^T for a row vector or a stack of rows.
         if is_array_api_obj(other):
-            if other.ndim == 1:
-                return self.transpose().matvec(other)
-            if other.ndim == 2:
-                return _row_product(self, other)
+            return _row_product(self, other)
         _raise_if_foreign_operator("S @ A", other)
         return NotImplemented
 
@@ -396,8 +397,8 @@ class LinearOperator:
         return self.dot(other)
 
     def __rmul__(self, other: Any) -> Any:
-        if isinstance(other, numbers.Real) and not isinstance(other, bool):
-            return _ScaledOperator(self, scale_factor(other))
+        if isinstance(other, numbers.Number):
+            return self.dot(other)  # c * A is A * c, a real c's scaled operator
         if is_array_api_obj(other):
             # SciPy's x * A is x @ A, as A * x is A @ x.
             return self.__rmatmul__(other)
@@ -407,6 +408,8 @@ class LinearOperator:
     def __truediv__(self, other: Any) -> Any:
         if isinstance(other, numbers.Real) and not isinstance(other, bool):
             return _ScaledOperator(self, reciprocal_factor(other))
+        if isinstance(other, numbers.Number):
+            raise non_real_factor_error("A / c", other)
         return NotImplemented
 
     def __neg__(self) -> LinearOperator:
@@ -469,6 +472,7 @@ class LinearOperator:
     H = property(lambda self: self.adjoint(), doc="The adjoint, as :meth:`adjoint`.")
     T = property(lambda self: self.transpose(), doc="The transpose, as :meth:`transpose`.")
 
+    @float32_overflow_once
     def todense(self, *, max_entries: int = DEFAULT_MAX_DENSE_ENTRIES) -> Array:
         """Build the operator as a dense ``(M, N)`` array of its namespace and device.
 
@@ -500,8 +504,7 @@ class LinearOperator:
                 f"max_entries={max_entries}; use matvec/matmat, diagonal() or entries() instead, "
                 "or raise max_entries"
             )
-        eye = self._xp.eye(n, dtype=self.dtype, device=self.device)
-        return self._matmat(eye)
+        return self._matmat(self._xp.eye(n, dtype=self.dtype, device=self.device))
 
     def to_scipy(self) -> Any:
         """A :class:`scipy.sparse.linalg.LinearOperator` that calls this operator.
@@ -560,6 +563,8 @@ def _foreign_operator_error(expression: str, other: Any) -> TypeError | None:
     """
     if isinstance(other, LinearOperator) or is_array_api_obj(other):
         return None
+    if (matrix := numpy_matrix_error("x", other)) is not None:
+        return matrix
     # A SciPy sparse matrix or array (only where SciPy's sparse module is loaded: no import).
     sparse = sys.modules.get("scipy.sparse")
     if sparse is not None and sparse.issparse(other):
@@ -583,7 +588,11 @@ def _raise_if_foreign_operator(expression: str, other: Any) -> None:
 
 
 def _row_product(A: LinearOperator, x: Array) -> Array:
-    """``x @ A`` for a stack of rows ``x``: ``(A^T @ x^T)^T``, ``x`` checked as given.
+    """``x @ A`` for a row or a stack of rows ``x``: ``(A^T @ x^T)^T``, ``x`` checked as given.
+
+    A shape other than ``(M,)`` or ``(k, M)`` is refused here, as ``A @ x`` refuses it
+    (the row's own ``matvec`` would offer ``(M, 1)``, which ``x @ A`` does not take, and
+    an array of 0 or 3 dimensions was left to Python's "unsupported operand").
 
     ``matmat`` of ``x^T`` checks it, but its messages would name the transpose:
     "X must have shape (M, k), got (N, 2)" for an x of shape (2, N), and
@@ -594,13 +603,15 @@ def _row_product(A: LinearOperator, x: Array) -> Array:
     """
     T = A.transpose()
     if A.layout is not None:
-        return T.matmat(x.T).T
+        return T.matvec(x) if x.ndim == 1 else T.matmat(x.T).T
     m = A.shape[0]
     x = check_operand(A._xp, A.device, A.dtype, x, "x", owner=A)
-    if x.shape[1] != m:
+    if x.ndim not in (1, 2) or x.shape[-1] != m:
         raise ValueError(f"x @ A needs x of shape ({m},) or (k, {m}), got {tuple(x.shape)}")
     if A.check_finite and not T.check_finite:
         check_finite(A._xp, x, "x")  # a subclass's transpose that does not check
+    if x.ndim == 1:
+        return T.matvec(x)  # its messages name x as given
     try:
         return T.matmat(x.T).T
     except ValueError:

@@ -70,6 +70,8 @@ __all__ = [
     "check_writeable",
     "reciprocal_factor",
     "scale_factor",
+    "non_real_factor_error",
+    "numpy_matrix_error",
     "short_repr",
     "resolved_device",
     "described",
@@ -87,8 +89,25 @@ _META_HOLDS_NOTHING = (
 )
 
 
+def numpy_matrix_error(name: str, x: Any) -> TypeError | None:
+    """The refusal of a :class:`numpy.matrix` ``x`` (which SciPy's operators take), or None.
+
+    It is no Array-API array: it was refused as "an array of an Array-API library ... got
+    matrix", though it is NumPy's, or met Python's "unsupported operand" on the left of ``@``.
+    """
+    if not isinstance(x, np.matrix):
+        return None
+    return TypeError(
+        f"{name} is a numpy.matrix, whose shapes (always 2-D) and * (a matrix product) the "
+        f"operators do not follow; pass a plain array, np.asarray({name})"
+    )
+
+
 def namespace_of(x: Array, name: str) -> Any:
     """The array namespace of ``x``, or a ``TypeError`` naming the argument."""
+    matrix = numpy_matrix_error(name, x)
+    if matrix is not None:
+        raise matrix
     # NumPy's functions would read the masked entries' values (or fail deep inside on the
     # mask's broadcasting): the mask is the caller's to resolve. numpy.ma is imported
     # lazily; where it is not, x is no masked array.
@@ -265,6 +284,26 @@ def reciprocal_factor(divisor: Any) -> float:
             "scaled operator would be 0; multiply by 0.0 if that is meant"
         )
     return scale_factor(alpha, f"1 / {short_repr(divisor)}")
+
+
+def non_real_factor_error(expression: str, value: Any) -> TypeError:
+    """The refusal of a scalar factor that is a number but not a real one (complex, bool).
+
+    SciPy's operators take a complex factor (their result is complex). Without this
+    refusal a complex factor fell through to the handling of arrays: NumPy's
+    ``np.complex128(2) * A`` was told that "scalar operands are not allowed with @, use *
+    instead", and ``A * 2j`` that a scalar was expected. ``expression`` shows the
+    operation, with ``A`` for the operator and ``c`` for the factor.
+    """
+    if isinstance(value, (bool, np.bool_)):
+        why = "a bool is no factor; pass 0.0 or 1.0"
+    else:
+        scipy_form = expression.replace("A", "A.to_scipy()")
+        why = (
+            "mfac_core operators are real, and so are their factors; SciPy's operators "
+            f"take complex ones: {scipy_form} (A NumPy-backed)"
+        )
+    return TypeError(f"{expression} with c = {value!r}, a {type(value).__name__}: {why}")
 
 
 def short_repr(value: Any) -> str:
