@@ -52,10 +52,28 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     More workers than CPUs only contend, and each holds JAX and PyTorch (``_WORKER_MEMORY``).
     """
     workers = min(_cpus(), _MAX_WORKERS)
-    if hasattr(os, "sysconf") and "SC_AVPHYS_PAGES" in os.sysconf_names:
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        workers = min(workers, free // _WORKER_MEMORY)
+    available = _available_memory()
+    if available is not None:
+        workers = min(workers, available // _WORKER_MEMORY)
     return max(1, workers)
+
+
+def _available_memory() -> int | None:
+    """Bytes that new processes may take, or None where the system does not say.
+
+    Linux's ``MemAvailable`` counts the page cache it would drop; the free pages alone
+    (``SC_AVPHYS_PAGES``) would leave one worker on a machine that has read large files.
+    """
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    if hasattr(os, "sysconf") and "SC_AVPHYS_PAGES" in os.sysconf_names:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return None
 
 
 def _share_the_cpus(config: pytest.Config) -> None:
