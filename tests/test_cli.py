@@ -729,6 +729,28 @@ def test_ihvp_dash_is_standard_output(files):
     assert not (cwd / "-").exists()
 
 
+def test_ihvp_dash_into_a_redirected_file(files, tmp_path):
+    # Regression: "-o -" reopened /dev/stdout, which for "> out.npy" is that file:
+    # refused as existing ("pass --overwrite"), and with --overwrite renamed over,
+    # which for ">> log" dropped what the log held.
+    want = StaticIHVP(np.load(files["G"]), damp=DAMP).matvec(np.load(files["v"]))
+    env = dict(os.environ)
+    root = str(Path(mfac_core.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    argv = ["ihvp", str(files["G"]), str(files["v"]), "-o", "-", "--damp", str(DAMP)]
+    log = tmp_path / "log"
+    log.write_bytes(b"before\n")
+    with open(log, "ab") as out:  # the shell's >>
+        proc = subprocess.run(
+            [sys.executable, "-m", "mfac_core", *argv], stdout=out, stderr=subprocess.PIPE, env=env
+        )
+    assert proc.returncode == 0, proc.stderr.decode()
+    data = log.read_bytes()
+    assert data.startswith(b"before\n")
+    np.testing.assert_array_equal(np.load(io.BytesIO(data[len(b"before\n") :])), want)
+    assert b"wrote standard output" in proc.stderr
+
+
 @pytest.mark.skipif(not hasattr(socket, "AF_UNIX"), reason="no Unix sockets here")
 def test_ihvp_output_that_is_a_socket_is_refused(files, capsys, tmp_path):
     path = tmp_path / "s.npy"

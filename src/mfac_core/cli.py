@@ -48,6 +48,9 @@ PROG = "mfac-core"
 #: Exit status of user errors (as argparse uses for bad arguments).
 EXIT_USAGE = 2
 
+#: ``-o``'s name for standard output, as most tools take it (a file so named is ``./-``).
+STDOUT = "-"
+
 #: The first bytes of every .npy file.
 _NPY_MAGIC = b"\x93NUMPY"
 
@@ -87,15 +90,6 @@ def _int_at_least(text: str, minimum: int) -> int:
     if value < minimum:
         raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {text!r}")
     return value
-
-
-def _output_path(text: str) -> str:
-    """``-o``'s path: ``-`` is standard output, as for most tools (a file so named is ``./-``)."""
-    if text != "-":
-        return text
-    if not os.path.exists("/dev/stdout"):
-        raise argparse.ArgumentTypeError("'-' (standard output) needs /dev/stdout; name a file")
-    return "/dev/stdout"
 
 
 def _positive_int(text: str) -> int:
@@ -160,9 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--output",
         metavar="OUT.npy",
         required=True,
-        type=_output_path,
-        help="where to save the results (.npy): a file, or a named pipe or character device "
-        "such as /dev/stdout ('-'), which is written to",
+        help="where to save the results (.npy): a file, '-' for standard output, or a named "
+        "pipe or character device such as /dev/null, which is written to",
     )
     ihvp.add_argument(
         "--damp",
@@ -418,6 +411,8 @@ def _same_file(a: str, b: str) -> bool:
 def _check_output(path: str, overwrite: bool, inputs: dict[str, str]) -> None:
     if not path:
         raise UserError("-o/--output is empty: give the path of the .npy file to write")
+    if path == STDOUT:
+        return  # whatever standard output is (a pipe, a file, >> a log), it is written to
     if path.endswith(("/", os.sep)) and not os.path.isdir(path):
         raise UserError(f"-o/--output names a folder, not a file: {path}")
     for what, source in inputs.items():
@@ -555,6 +550,20 @@ def _save(path: str, arr: np.ndarray, overwrite: bool, inputs: dict[str, str]) -
     directly instead; opening a named pipe waits for its reader.
     """
     _check_output(path, overwrite, inputs)
+    if path == STDOUT:
+        # Written to the process's own stream, not reopened as /dev/stdout: reopening
+        # a file redirected with > or >> took it for an output to replace (refused as
+        # existing, or with --overwrite renamed over, dropping what >> appended to).
+        binary = getattr(sys.stdout, "buffer", None)
+        if binary is None:  # main() called with sys.stdout replaced by a text-only stream
+            raise UserError("standard output takes no bytes here: name a file with -o")
+        try:
+            sys.stdout.flush()
+            np.save(_Writer(binary), arr, allow_pickle=False)
+            binary.flush()
+        except OSError as exc:
+            raise UserError(f"cannot write to standard output: {exc.strerror or exc}") from None
+        return
     if _special_kind(path) in _STREAM_KINDS:
         try:
             with open(path, "wb") as fh:
@@ -697,8 +706,9 @@ def _cmd_ihvp(
     if not args.quiet:
         k = 1 if V.ndim == 1 else V.shape[0]
         blocks = "" if args.block_size is None else f", block size {op.block_size}"
+        where = "standard output" if args.output == STDOUT else args.output
         print(
-            f"{PROG}: wrote {args.output}: {k} vector{'' if k == 1 else 's'}, m={m}, d={d}"
+            f"{PROG}: wrote {where}: {k} vector{'' if k == 1 else 's'}, m={m}, d={d}"
             f"{blocks}, {dtype}, kappa <= {op.kappa_bound:.3g}; set-up {t1 - t0:.3g} s, "
             f"products {t2 - t1:.3g} s",
             file=stderr,
