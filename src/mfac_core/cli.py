@@ -32,7 +32,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from typing import BinaryIO, NamedTuple, TextIO
+from typing import Any, BinaryIO, NamedTuple, TextIO
 
 import numpy as np
 import numpy.lib.format as npy_format
@@ -557,19 +557,11 @@ def _save(path: str, arr: np.ndarray, overwrite: bool, inputs: dict[str, str]) -
         binary = getattr(sys.stdout, "buffer", None)
         if binary is None:  # main() called with sys.stdout replaced by a text-only stream
             raise UserError("standard output takes no bytes here: name a file with -o")
-        try:
-            sys.stdout.flush()
-            np.save(_Writer(binary), arr, allow_pickle=False)
-            binary.flush()
-        except OSError as exc:
-            raise UserError(f"cannot write to standard output: {exc.strerror or exc}") from None
+        sys.stdout.flush()
+        _write_stream(lambda: contextlib.nullcontext(binary), arr, "to standard output")
         return
     if _special_kind(path) in _STREAM_KINDS:
-        try:
-            with open(path, "wb") as fh:
-                np.save(_Writer(fh), arr, allow_pickle=False)
-        except OSError as exc:  # a reader that went away: "Broken pipe"
-            raise UserError(f"cannot write output {path}: {exc.strerror or exc}") from None
+        _write_stream(lambda: open(path, "wb"), arr, f"output {path}")
         return
     path = _output_target(path)
     folder = os.path.dirname(os.path.abspath(path))
@@ -592,6 +584,16 @@ def _save(path: str, arr: np.ndarray, overwrite: bool, inputs: dict[str, str]) -
         if isinstance(exc, OSError):  # a full disk, a rename refused: name the output
             raise UserError(f"cannot write output {path}: {exc.strerror or exc}") from None
         raise
+
+
+def _write_stream(opened: Callable[[], Any], arr: np.ndarray, where: str) -> None:
+    """``arr`` as .npy into the stream ``opened()`` gives (a pipe, a device, stdout), flushed."""
+    try:
+        with opened() as fh:
+            np.save(_Writer(fh), arr, allow_pickle=False)
+            fh.flush()
+    except OSError as exc:  # a reader that went away: "Broken pipe"
+        raise UserError(f"cannot write {where}: {exc.strerror or exc}") from None
 
 
 class _Writer:
