@@ -105,10 +105,10 @@ def test_fortran_ordered_passes_are_the_c_ordered_bits(isa, storage, shape, rng)
             np.testing.assert_array_equal(got[~one], want[~one])
             terms = np.abs(C[one]) @ Gn + np.abs(a[one, None] * np.atleast_2d(x)[-1:])
             _assert_sums_close(got[one], want[one], terms, m + 1, dt)
-    wide_f, wide_c = np.full((m, n), np.nan), np.full((m, n), np.nan)
-    _fused.widen64(F, wide_f, **cols)
-    _fused.widen64(G, wide_c, **cols)
-    np.testing.assert_array_equal(wide_f, wide_c)
+    gram_f, gram_c = np.full((m, m), np.nan), np.full((m, m), np.nan)
+    _fused.rows_gram64(F, gram_f, **cols)
+    _fused.rows_gram64(G, gram_c, **cols)
+    np.testing.assert_array_equal(gram_f, gram_c)
     # Block-wise calls: 3 blocks of n // 3 columns, two vectors a block (the tiles' bits) and
     # one (the direct kernels').
     s = n // 3
@@ -224,7 +224,7 @@ def test_extension_checks_a_transposed_buffer():
     with pytest.raises(ValueError, match="V holds"):
         P.combine64(V[:9], 10, 0, 4, Ct, 1, a, y, True, False, y, False, 10, 0, 10, 0, 0, True)
     with pytest.raises(ValueError, match="V holds"):
-        P.widen64(V[:9], 10, 0, 4, np.zeros((4, 10)), 10, 0, 10, 0, 0, True)
+        P.rows_gram64(V[:9], 10, 0, 4, np.zeros((4, 4)), 0, 10, 0, 0, True)
 
 
 def _assert_product_close(got, want, G, damp, **kw):

@@ -782,80 +782,105 @@ def test_block_calls_refuse_bad_shapes():
         )  # fmt: skip
 
 
-# -- widen64: float64 column pieces of the set-up's Gram -------------------------------------
+# -- rows_gram64: the set-up's float64 Gram ----------------------------------------------------
 
 
-def _every_value(storage):
-    """An array of ``storage`` holding its special values: ±0, subnormals, the extremes,
-    ±inf and NaNs (every bit pattern of a 2-byte type), then random values."""
-    if storage in ("float16", "bfloat16"):
-        bits = np.arange(2**16, dtype=np.uint16)
-        return bits.view(ml_dtypes.bfloat16) if storage == "bfloat16" else bits.view(np.float16)
-    info = np.finfo(storage)
-    special = [0.0, info.smallest_subnormal, info.smallest_normal, info.tiny / 3, info.max]
-    special += [np.inf, np.nan, 1.0, info.eps]
-    values = np.array(special + [-v for v in special], dtype=storage)
-    rng = np.random.default_rng(5)
-    scaled = rng.standard_normal(3_000) * 2.0 ** rng.integers(-140, 120, 3_000)
-    return np.concatenate([values, scaled.astype(storage)])
+def _gram_values(storage, m, ld, rng):
+    """m x ld of ``storage``: rows of very different size, -0, subnormals (float32 and
+    float16: their products are exact in float64 too) and the type's extremes."""
+    V = rng.standard_normal((m, ld)) * np.logspace(0, -3, m)[:, None]
+    G = V.astype(storage if storage != "bfloat16" else ml_dtypes.bfloat16)
+    info = ml_dtypes.finfo(G.dtype) if storage == "bfloat16" else np.finfo(storage)
+    G[0, 1], G[1 % m, 2], G[2 % m, 3] = -0.0, info.smallest_subnormal, info.smallest_normal
+    G[-1, 5] = 2.0**500 if storage == "float64" else info.max / 4  # its square in float64
+    return G
 
 
-def _same_values(got, source):
-    """Bit for bit NumPy's cast of ``source``, except that a NaN need only stay a NaN (F16C
-    quiets signalling ones)."""
-    with np.errstate(invalid="ignore"):  # ml_dtypes warns of signalling NaNs
-        want = source.astype(np.float64)
-    nan = np.isnan(want)
-    np.testing.assert_array_equal(np.isnan(got), nan)
-    np.testing.assert_array_equal(got.view(np.uint64)[~nan], want.view(np.uint64)[~nan])
+def _gamma(n):
+    """The float64 bound of a sum of n terms, relative to the sum of their magnitudes."""
+    eps = float(np.finfo(np.float64).eps)
+    return n * eps / (1 - n * eps)
+
+
+def _assert_gram_close(got, X):
+    """got: the float64 Gram of X (products exact, sums in float64 in some order) against
+    longdouble's, within the float64 bound of sums of n terms (magnitudes: |X| |X|^T)."""
+    Xl = X.astype(np.float64).astype(np.longdouble)
+    want = Xl @ Xl.T
+    terms = np.abs(X.astype(np.float64)) @ np.abs(X.astype(np.float64)).T
+    err = np.abs(got.astype(np.longdouble) - want).astype(np.float64)
+    assert np.all(err <= _gamma(X.shape[1] + 1) * terms), np.max(err / terms)
 
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("storage", ["float32", "float64", "float16", "bfloat16"])
-def test_widen64_equals_numpys_cast(monkeypatch, isa, storage):
-    """Every value (every pattern of the 2-byte types, -0 and subnormals included) widened
-    as NumPy's cast does, at odd offsets and widths (vector columns and the tail one at a
-    time), with the columns shared among three threads in pieces of odd width."""
+@pytest.mark.parametrize("m", [1, 7, 20])
+def test_rows_gram64_is_the_float64_gram(monkeypatch, isa, storage, m, rng):
+    """The Gram of every column range (odd offsets, fewer columns than a chunk, several
+    chunks and a tail) within the float64 bound of longdouble's, exactly symmetric, the same
+    bits on one thread and on three (pieces of odd width), and the same bits from a
+    Fortran-ordered G; the uint16 bits of 2-byte G with storage= naming them."""
     if storage == "bfloat16" and ml_dtypes is None:
         pytest.skip("ml_dtypes is not installed")
-    monkeypatch.setenv("MFAC_CORE_NUM_THREADS", "3")
-    monkeypatch.setattr(_fused, "_MIN_WIDEN_WORK", 1)
-    monkeypatch.setattr(_fused, "_WIDEN_PIECE", 5 * 64)
-    values = _every_value(storage)
-    m = 5
-    ld = -(-values.size // m) + 3
-    G = np.resize(values, m * ld).reshape(m, ld)
+    monkeypatch.setattr(_fused, "_MIN_GRAM_WORK", 1)
+    monkeypatch.setattr(_fused, "_PIECE_WORK", 5 * 64 * m)
+    ld = 4_000
+    G = _gram_values(storage, m, ld, rng)
     for start, stop in [(0, ld), (3, ld - 2), (7, 7 + 37), (1, 2), (4, 4)]:
-        out = np.full((m, stop - start), -1.0)
-        _fused.widen64(G, out, start=start, stop=stop, isa=isa)
-        _same_values(out, G[:, start:stop])
-    if G.dtype.itemsize == 2:  # the uint16 bits, with storage= naming them
-        out = np.empty((m, ld))
-        _fused.widen64(G.view(np.uint16), out, start=0, stop=ld, storage=storage, isa=isa)
-        _same_values(out, G)
+        one, three = np.full((m, m), np.nan), np.full((m, m), np.nan)
+        monkeypatch.setenv("MFAC_CORE_NUM_THREADS", "1")
+        _fused.rows_gram64(G, one, start=start, stop=stop, isa=isa)
+        monkeypatch.setenv("MFAC_CORE_NUM_THREADS", "3")
+        _fused.rows_gram64(G, three, start=start, stop=stop, isa=isa)
+        _assert_gram_close(one, G[:, start:stop])
+        np.testing.assert_array_equal(one, one.T)
+        np.testing.assert_array_equal(one.view(np.uint64), three.view(np.uint64))
+        fortran = np.full((m, m), np.nan)
+        _fused.rows_gram64(np.asfortranarray(G), fortran, start=start, stop=stop, isa=isa)
+        np.testing.assert_array_equal(one.view(np.uint64), fortran.view(np.uint64))
+    if G.dtype.itemsize == 2:
+        bits = np.empty((m, m))
+        _fused.rows_gram64(G.view(np.uint16), bits, start=0, stop=ld, storage=storage, isa=isa)
+        _fused.rows_gram64(G, one, start=0, stop=ld, isa=isa)
+        np.testing.assert_array_equal(bits.view(np.uint64), one.view(np.uint64))
 
 
-def test_widen64_refuses_what_it_cannot_write():
+@pytest.mark.parametrize("storage", ["float32", "float16"])
+def test_rows_gram64_diagonal_shows_what_is_not_finite(storage):
+    """A NaN or infinity of G (or a square beyond float64) leaves its row's diagonal entry
+    non-finite, and only those: the set-up's finite check reads the diagonal."""
+    G = np.ones((6, 300), storage)
+    G[1, 250], G[4, 3] = np.nan, np.inf
+    out = np.empty((6, 6))
+    _fused.rows_gram64(G, out, start=0, stop=300)
+    np.testing.assert_array_equal(np.isfinite(np.diagonal(out)), [1, 0, 1, 1, 0, 1])
+
+
+def test_rows_gram64_refuses_what_it_cannot_write():
     """A G the kernels cannot read in place, or an out that is not a C-ordered, writeable
-    float64 array of the piece's shape, is a TypeError; nothing is written."""
+    m x m float64 array, is a TypeError; bad columns or threads a ValueError; nothing is
+    written. No columns give zeros."""
     G = np.arange(40, dtype=np.float32).reshape(4, 10)
-    out = np.zeros((4, 6))
+    out = np.zeros((4, 4))
     for bad in (G[:, ::2], G.astype(np.int32), np.asfortranarray(G)[:, ::2]):
         with pytest.raises(TypeError, match="G"):
-            _fused.widen64(bad, np.zeros((4, 5)), start=0, stop=5)
-    ro = np.zeros((4, 6))
+            _fused.rows_gram64(bad, np.zeros((4, 4)), start=0, stop=5)
+    ro = np.zeros((4, 4))
     ro.flags.writeable = False
-    for bad_out in (np.zeros((4, 7)), np.zeros((4, 6), np.float32), np.zeros((6, 4)).T, ro):
+    for bad_out in (np.zeros((4, 5)), np.zeros((4, 4), np.float32), np.zeros((8, 4))[::2], ro):
         with pytest.raises(TypeError, match="out must be"):
-            _fused.widen64(G, bad_out, start=2, stop=8)
+            _fused.rows_gram64(G, bad_out, start=2, stop=8)
     with pytest.raises(ValueError, match="columns"):
-        _fused.widen64(G, np.zeros((4, 6)), start=6, stop=12)
+        _fused.rows_gram64(G, out, start=6, stop=12)
     for bad_threads in (0, True, 1.5):
         with pytest.raises(ValueError, match="threads"):
-            _fused.widen64(G, out, start=2, stop=8, threads=bad_threads)
+            _fused.rows_gram64(G, out, start=2, stop=8, threads=bad_threads)
     np.testing.assert_array_equal(out, 0.0)
-    _fused.widen64(G, out, start=2, stop=8, threads=1)
-    np.testing.assert_array_equal(out, G[:, 2:8])
+    _fused.rows_gram64(G, out, start=2, stop=8, threads=1)
+    X = G[:, 2:8].astype(np.float64)
+    np.testing.assert_array_equal(out, X @ X.T)
+    _fused.rows_gram64(G, out, start=3, stop=3)
+    np.testing.assert_array_equal(out, 0.0)
 
 
 def test_an_extension_built_before_the_isa_choice_still_imports(monkeypatch):

@@ -65,7 +65,7 @@ __all__ = [
     "combine",
     "combine_blocks",
     "from_numpy",
-    "gram_widener",
+    "gram_kernel",
     "host_view",
     "lift",
     "project",
@@ -78,38 +78,39 @@ __all__ = [
 ]
 
 
-def gram_widener(xp: Any, G: Array) -> Callable[[int, int], Any] | None:
-    """``widen(lo, hi)``: ``G[:, lo:hi]`` as float64 in ``xp``, or None where it cannot serve.
+#: The most rows (m) whose set-up Gram the C extension sums (:func:`gram_kernel`). Its
+#: tiles add a chunk of a few hundred columns at a time into the m x m sums, which stay in
+#: the core's cache up to about this m; past it BLAS's ``dsyrk`` on float64 pieces is the
+#: faster, and the pieces' widening is a small part of its time (m/2 multiply-adds per
+#: entry widened).
+GRAM_KERNEL_MAX_ROWS = 256
 
-    The float64 column pieces of the set-up's Gram (``_layout.chunk_gram``), written by the
-    C extension (:func:`mfac_core._fused.widen64`) into one buffer that every piece
-    reuses: each result is valid until the next call. The values are ``xp.astype``'s (the
-    casts are exact), and so is every bit of the Gram. Serves float32 and 2-byte NumPy
-    arrays and PyTorch CPU tensors that the kernels read in place; float64 G (no cast),
-    other arrays, and a build without the extension keep ``xp.astype`` (None).
 
-    One thread widens: between BLAS calls OpenBLAS's other threads spin on the other
-    cores, and a second widening thread made the set-up slower (m = 64, d = 1e6, two
-    cores: 198 ms with two, 132 ms with one, 167 ms with ``astype``; benchmarks/RESULTS.md).
-    What it saves is NumPy's software float16 cast and a fresh float64 array per piece.
+def gram_kernel(xp: Any, G: Array) -> Callable[[int, int], Any] | None:
+    """``gram(lo, hi)``: ``X @ X^T`` of ``X = G[:, lo:hi]`` in float64, in ``xp``; or None.
+
+    The set-up's Gram pieces (``_layout.chunk_gram``), summed by the C extension
+    (:func:`mfac_core._fused.rows_gram64`) from G in its storage dtype, with no float64 copy
+    of G: the products are exact, the sums in float64, as ``xp.astype`` and ``@`` give them
+    in another order. Serves float32 and 2-byte NumPy arrays and PyTorch CPU tensors that
+    the kernels read in place, up to :data:`GRAM_KERNEL_MAX_ROWS` rows; float64 G (BLAS sums
+    it in place), other arrays, and a build without the extension keep ``xp.astype`` and
+    ``@`` (None).
     """
-    if not _fused.available():
+    if G.shape[0] > GRAM_KERNEL_MAX_ROWS or not _fused.available():
         return None
     host = host_view(xp, G)
     if host is None:
         return None
     view, storage = host
     m = view.shape[0]
-    buffer = [np.empty(0)]
 
-    def widen(lo: int, hi: int) -> Any:
-        if buffer[0].size < m * (hi - lo):
-            buffer[0] = np.empty(m * (hi - lo))
-        out = buffer[0][: m * (hi - lo)].reshape(m, hi - lo)
-        _fused.widen64(view, out, start=lo, stop=hi, storage=storage, threads=1)
+    def gram(lo: int, hi: int) -> Any:
+        out = np.empty((m, m))
+        _fused.rows_gram64(view, out, start=lo, stop=hi, storage=storage)
         return as_library(xp, out)
 
-    return widen
+    return gram
 
 
 _warned_slow = False

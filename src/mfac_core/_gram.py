@@ -1,7 +1,8 @@
 """The set-ups' float64 Gram products, through NumPy's BLAS for PyTorch CPU tensors.
 
-Every set-up sums Gram matrices of float64 column pieces (``X X^T``, and ``X^T X`` of
-the blocks no wider than m): the one BLAS-3 work of a CPU set-up (``_layout.chunk_gram``).
+A set-up sums Gram matrices of float64 column pieces (``X X^T``, and ``X^T X`` of
+the blocks no wider than m) wherever the C extension's own Gram does not serve
+(``_engine.gram_kernel``): the one BLAS-3 work of such a set-up (``_layout.chunk_gram``).
 NumPy's OpenBLAS sees that the two operands are one array and its transpose and calls
 ``dsyrk`` (half the flops of a ``dgemm``). PyTorch's CPU build calls MKL's ``dgemm``
 under its OpenMP threads, which wait for each other where another process keeps a core

@@ -120,15 +120,15 @@ def chunk_gram(
     product: Callable[[Any], Any],
     progress: Callable[[int], None] | None = None,
     *,
-    widen: Callable[[int, int], Any] | None = None,
+    gram: Callable[[int, int], Any] | None = None,
 ) -> Any:
     """``product`` summed over the pieces of one chunk, in float64.
 
     ``product`` maps a ``(blocks, m, width)`` float64 stack to a stack of small
     matrices; the pieces of one block are added up, so a block wider than a
-    piece never has a float64 copy in memory at once. ``widen(lo, hi)``, where given,
-    returns ``G[:, lo:hi]`` as float64 for the pieces of one block (``_engine.gram_widener``:
-    the same values and layout as ``xp.astype``, written by the C extension's threads).
+    piece never has a float64 copy in memory at once. ``gram(lo, hi)``, where given, is
+    ``product`` of the columns ``G[:, lo:hi]`` of one block's piece, from G itself
+    (``_engine.gram_kernel``: the C extension's rows' Gram, with no float64 copy).
     """
     acc = None
     for piece in chunk:
@@ -138,12 +138,12 @@ def chunk_gram(
         # RuntimeWarning would come first, and be the error where warnings are errors.
         # np.errstate is local to this context.
         with np.errstate(over="ignore", invalid="ignore"):
-            if widen is not None and b1 - b0 == 1:
-                X = widen(*piece_columns(group, piece))[None, ...]
+            if gram is not None and b1 - b0 == 1:
+                P = gram(*piece_columns(group, piece))[None, ...]
             else:
                 X = xp.astype(piece_stack(xp, G, group, piece), xp.float64)
-            P = product(X)
-            del X  # before the next piece is cast: two float64 pieces at once otherwise
+                P = product(X)
+                del X  # before the next piece is cast: two float64 pieces at once otherwise
             acc = P if acc is None else acc + P
         if progress is not None:
             progress((b1 - b0) * (c1 - c0))
@@ -159,7 +159,7 @@ def checked_gram(
     *,
     check: bool,
     progress: Callable[[int], None] | None = None,
-    widen: Callable[[int, int], Any] | None = None,
+    gram: Callable[[int, int], Any] | None = None,
 ) -> Any:
     """:func:`chunk_gram`, and with ``check`` a ValueError that says where G is not finite.
 
@@ -167,11 +167,11 @@ def checked_gram(
     non-finite: the Gram's diagonal checks G at no extra pass. Only on failure is the
     chunk read again, to say where.
     """
-    gram = chunk_gram(xp, G, group, chunk, product, progress, widen=widen)
-    if check and not bool(xp.all(xp.isfinite(xp.linalg.diagonal(gram)))):
+    acc = chunk_gram(xp, G, group, chunk, product, progress, gram=gram)
+    if check and not bool(xp.all(xp.isfinite(xp.linalg.diagonal(acc)))):
         lo, hi = chunk_columns(group, chunk)
         raise_non_finite(xp, G[:, lo:hi], "G", offset=lo)
-    return gram
+    return acc
 
 
 def chunk_columns(group: BlockGroup, chunk: list[Piece]) -> tuple[int, int]:

@@ -88,10 +88,10 @@ def _checked_gram(
     product: Any,
     track: _Tracker,
     check: bool,
-    widen: Callable[[int, int], Any] | None = None,
+    gram: Callable[[int, int], Any] | None = None,
 ) -> Any:
     return checked_gram(
-        xp, G, group, chunk, product, check=check, progress=track.advance, widen=widen
+        xp, G, group, chunk, product, check=check, progress=track.advance, gram=gram
     )
 
 
@@ -168,17 +168,17 @@ def factorize_gform_groups(
 ) -> SetupResult:
     """Factorise every group of ``F = damp I + G^T G / m`` for the G-form (``_gform``).
 
-    The set-up is one pass over G: each chunk's Gram matrices summed in float64 from
-    float64 column pieces (docs/mathematics.rst, "Exact passes": products of float32
-    or 2-byte values are exact in float64), factorised in float64. Groups of blocks
-    no wider than m keep the float64 inverses of their Cholesky factors
-    (:class:`DenseBlockFactors`),
-    the others the factor stack of their blocks (:class:`GFormFactor`), over G itself;
-    results are in ``dtype``.
+    The set-up is one pass over G: each chunk's Gram matrices summed in float64
+    (docs/mathematics.rst, "Exact passes": products of float32 or 2-byte values are
+    exact in float64), by the C extension from G in its storage dtype where it serves
+    (``_engine.gram_kernel``), else from float64 column pieces; factorised in float64.
+    Groups of blocks no wider than m keep the float64 inverses of their Cholesky factors
+    (:class:`DenseBlockFactors`), the others the factor stack of their blocks
+    (:class:`GFormFactor`), over G itself; results are in ``dtype``.
     """
     m = G.shape[0]
     track = _Tracker(progress, G.shape[1])
-    widen = _engine.gram_widener(xp, G)
+    kernel = _engine.gram_kernel(xp, G)
 
     def product(X: Array) -> Array:
         return rows_gram(xp, X)
@@ -191,7 +191,7 @@ def factorize_gform_groups(
         stacks = []
         kappa_lo = kappa_hi = 1.0
         for chunk in chunks(group, _pieces.gram_piece_width(xp, G)):
-            gram = _checked_gram(xp, G, group, chunk, product, track, check_finite, widen)
+            gram = _checked_gram(xp, G, group, chunk, product, track, check_finite, kernel)
             factor = _capacitance.factorize(
                 xp,
                 gram,

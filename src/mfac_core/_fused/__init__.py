@@ -55,12 +55,12 @@ __all__ = [
     "max_threads",
     "project64",
     "project64_blocks",
+    "rows_gram64",
     "share",
     "store_row",
     "stores",
     "supports64",
     "supports_blocks",
-    "widen64",
 ]
 
 #: Entries of V per thread below which fewer threads are used (starting a thread costs about
@@ -73,14 +73,9 @@ _PIECE_WORK = 2**21
 #: Pieces start at multiples of this many columns (whole vector tiles).
 _ALIGN = 64
 
-#: Entries per thread of :func:`widen64` below which fewer threads are used: a copy is
-#: quicker than a pass per entry (about 60 us for 2**18 float32 entries to float64 on one
-#: core), and starting a thread costs about 50 us.
-_MIN_WIDEN_WORK = 2**18
-
-#: Entries in one piece of :func:`widen64`'s work (1 MiB of float64 written): small, so that
-#: a thread whose core is busy does fewer of them.
-_WIDEN_PIECE = 2**17
+#: Multiply-adds per thread of :func:`rows_gram64` (m * m * columns) below which fewer
+#: threads are used: 2**24 take about 1 ms on one core, and starting a thread about 50 us.
+_MIN_GRAM_WORK = 2**24
 
 #: Whether this CPU runs AVX-512 as two 256-bit halves (AMD Zen 4): see :func:`_auto_isa`.
 #: False with an extension built before it had the test (the widest ISA then serves, as
@@ -166,7 +161,7 @@ def _check_out(out: Any, name: str, shape: tuple[int, ...] | int) -> None:
         )
 
 
-def widen64(
+def rows_gram64(
     G: Any,
     out: np.ndarray,
     /,
@@ -177,14 +172,14 @@ def widen64(
     isa: str | None = None,
     threads: int | None = None,
 ) -> None:
-    """``out[...] = G[:, start:stop]`` as float64, on up to ``threads`` threads.
+    """``out[...] = X @ X.T`` for ``X = G[:, start:stop]``, every product and sum in float64.
 
     Parameters
     ----------
     G : numpy.ndarray
         (m, ld), as for :func:`project64`.
     out : numpy.ndarray
-        (m, stop - start) float64, C-ordered, aligned and writeable.
+        (m, m) float64, C-ordered, aligned and writeable.
     start, stop : int
         The columns of G, ``0 <= start <= stop <= ld``.
     storage, isa : str, optional
@@ -194,29 +189,41 @@ def widen64(
 
     Notes
     -----
-    The values are NumPy's casts (all four conversions are exact, ``-0.0``, subnormals
-    and infinities included; a signalling NaN of 2-byte storage may come back quiet).
-    The columns are shared among threads in pieces of whole vectors.
+    The set-up's Gram, with no float64 copy of G: the kernel widens a few hundred columns
+    at a time into the core's cache and sums their products in register tiles (a float64
+    piece written to memory for ``dsyrk`` cost 20-25 % over it; benchmarks/RESULTS.md).
+    The products of float32 and 2-byte items are exact in float64; the sums run in another
+    order than BLAS's. The columns go in pieces that depend on the shape only, each its own
+    Gram, summed in order: the bits are the same on any number of threads. ``out`` is exactly
+    symmetric.
     """
     G, m, ld, code_st, trans = _check64(G, start, stop, storage)
+    _check_out(out, "out", (m, m))
+    most = _check_threads(threads)
     n = stop - start
-    _check_out(out, "out", (m, n))
+    if m == 0 or n == 0:
+        out[...] = 0.0
+        return
+    code = _isa_code(isa)
+    pieces = _pieces(m, n)
+    parts = [out] + [np.empty((m, m)) for _ in pieces[1:]]
+    threads = max(1, min(most, len(pieces), (m * m * n) // _MIN_GRAM_WORK))
+
+    def call(j0: int, j1: int, p: int) -> None:
+        _passes.rows_gram64(G, ld, start, m, parts[p], j0, j1, code, code_st, trans)
+
+    _share(call, pieces, threads)
+    for part in parts[1:]:
+        out += part
+
+
+def _check_threads(threads: Any) -> int:
+    """The most threads of a call: ``threads``, or :func:`max_threads` for None."""
     if threads is not None and (
         isinstance(threads, bool) or int(threads) != threads or threads < 1
     ):
         raise ValueError(f"threads must be a positive int or None, got {threads!r}")
-    if m == 0 or n == 0:
-        return
-    code = _isa_code(isa)
-    width = max(_ALIGN, -(-_WIDEN_PIECE // (m * _ALIGN)) * _ALIGN)
-    pieces = [(lo, min(lo + width, n)) for lo in range(0, n, width)]
-    most = max_threads() if threads is None else int(threads)
-    threads = max(1, min(most, len(pieces), (m * n) // _MIN_WIDEN_WORK))
-
-    def call(j0: int, j1: int, p: int) -> None:
-        _passes.widen64(G, ld, start, m, out, n, j0, j1, code, code_st, trans)
-
-    _share(call, pieces, threads)
+    return max_threads() if threads is None else int(threads)
 
 
 # -- float64 sums over G in its storage dtype ----------------------------------------------

@@ -19,21 +19,25 @@
 #define GTW (2 * BV)
 
 /*
- * The upper triangle of W^T W (W: m rows of p doubles, p a multiple of BLOCK_PAD, the columns
- * past the block's zero) into A (p x p, row i at A + i p), in register tiles of GR rows by GTW
- * columns over all m rows: tiles that reach below the diagonal are whole (their lower part is
- * not read).
+ * The upper triangle of W^T W (W: `rows` rows of p doubles) in A (row i at A + i p), in register
+ * tiles of GR rows by GTW columns, i0 and j0 < s (p a multiple of GR and GTW; W's columns past s
+ * zero): written where `first`, else added to A's. Tiles that reach below the diagonal are whole
+ * (their lower part is not read). The dense blocks' Grams (block_gram) and the rows' Gram of the
+ * set-up (rows_gram64, _passes_impl.h).
  */
-ISA_ATTR static void NAME(block_gram)(const double *W, Py_ssize_t m, Py_ssize_t p,
-                                        Py_ssize_t s, double *A)
+ISA_ATTR static void NAME(gram_tiles)(const double *W, Py_ssize_t rows, Py_ssize_t p,
+                                      Py_ssize_t s, double *A, int first)
 {
     for (Py_ssize_t i0 = 0; i0 < s; i0 += GR) {
         for (Py_ssize_t j0 = i0 / GTW * GTW; j0 < s; j0 += GTW) {
             NAME(vd) acc[GR][2];
-            for (int r = 0; r < GR; r++)
-                acc[r][0] = acc[r][1] = (NAME(vd)){0};
+            for (int r = 0; r < GR; r++) {
+                double *a = A + (i0 + r) * p + j0;
+                acc[r][0] = first ? (NAME(vd)){0} : *(NAME(vd) *)a;
+                acc[r][1] = first ? (NAME(vd)){0} : *(NAME(vd) *)(a + BV);
+            }
             const double *w = W;
-            for (Py_ssize_t k = 0; k < m; k++, w += p) {
+            for (Py_ssize_t k = 0; k < rows; k++, w += p) {
                 const NAME(vd) b0 = *(const NAME(vd) *)(w + j0);
                 const NAME(vd) b1 = *(const NAME(vd) *)(w + j0 + BV);
                 for (int r = 0; r < GR; r++) {
@@ -48,6 +52,14 @@ ISA_ATTR static void NAME(block_gram)(const double *W, Py_ssize_t m, Py_ssize_t 
             }
         }
     }
+}
+
+/* The upper triangle of W^T W (W: m rows of p doubles, p a multiple of BLOCK_PAD, the columns
+   past the block's s zero) into A (p x p, row i at A + i p). */
+ISA_ATTR static void NAME(block_gram)(const double *W, Py_ssize_t m, Py_ssize_t p,
+                                        Py_ssize_t s, double *A)
+{
+    NAME(gram_tiles)(W, m, p, s, A, 1);
 }
 
 /* y[k] -= c x[k], k < n. */

@@ -3,7 +3,7 @@
  *
  *   project64: Y[k, i] = sum_j V[i, j] X[k, j], in float64              (up to 8 vectors)
  *   combine64: Y[k, j] = a[k] X[k, j] + sum_i C[k, i] V[i, j], in float64, rounded once
- *   widen64:   D[i, j] = V[i, j] as float64 (the set-up's float64 Gram pieces; see there)
+ *   rows_gram64: A = V V^T in float64 (the set-up's Gram, with no float64 copy of V; see there)
  *   cast16:    float32 <-> float16 with F16C (a 2-byte window's row writes; see there)
  *   store_row: a window's row write and its gradient's largest magnitude, one loop (see there)
  *   block_factors, block_inverses: dense blocks' Grams, Cholesky factors and their inverses
@@ -286,6 +286,8 @@ typedef void (*combine64t_fn)(const void *, Py_ssize_t, Py_ssize_t, const double
 
 /* One instruction set's kernels. */
 /* The dense blocks' kernels of one instruction set (_blocks_impl.h). */
+typedef void (*rows_gram64_fn)(const void *, Py_ssize_t, Py_ssize_t, Py_ssize_t, Py_ssize_t,
+                               Py_ssize_t, Py_ssize_t, int, double *, double *);
 typedef int (*block_factor_fn)(const double *, Py_ssize_t, Py_ssize_t, Py_ssize_t, double, double,
                                double *, double *, double *);
 typedef void (*block_inverse_fn)(double *, Py_ssize_t, double *);
@@ -303,6 +305,8 @@ typedef struct {
     project64t_fn project64t[ST_COUNT][2];
     combine64t_fn combine64t[ST_COUNT];
     widen64t_fn widen64t[ST_COUNT];
+    /* The rows' float64 Gram over a column range (the set-up's; _passes_impl.h). */
+    rows_gram64_fn rows_gram64[ST_COUNT];
     /* The dense blocks' Gram and factor, and the factor's inverse (_blocks_impl.h). */
     block_factor_fn block_factor;
     block_inverse_fn block_inverse;
@@ -331,6 +335,7 @@ typedef struct {
       {project64t_bf16_x32_##I, project64t_bf16_x64_##I}},                                  \
      {combine64t_f32_##I, combine64t_f64_##I, combine64t_f16_##I, combine64t_bf16_##I},     \
      {widen64t_f32_##I, widen64t_f64_##I, widen64t_f16_##I, widen64t_bf16_##I},             \
+     {rows_gram64_f32_##I, rows_gram64_f64_##I, rows_gram64_f16_##I, rows_gram64_bf16_##I}, \
      block_factor_##I,                                                                      \
      block_lower_inverse_##I,                                                               \
      narrow_grams_##I,                                                                      \
@@ -383,7 +388,7 @@ static PyObject *py_best_isa(PyObject *self, PyObject *args)
     return PyLong_FromLong(best_isa());
 }
 
-/* Whether project64, combine64 and widen64 take a Fortran-ordered V (their `trans`): an
+/* Whether project64, combine64 and rows_gram64 take a Fortran-ordered V (their `trans`): an
    extension built before they did has no such function. */
 static PyObject *py_transposed(PyObject *self, PyObject *args)
 {
@@ -629,50 +634,64 @@ done:
     return result;
 }
 
-/* widen64(V, ld, col0, m, D, n, j0, j1, isa, storage[, trans]) (trans: V transposed, as for
-   project64): D (m x n float64, C-ordered) gets the
-   columns j0 <= j < j1 of the m x n block of V (m rows of ld items of the storage type, the
-   block's columns from col0), as float64: one thread's share of a float64 column piece of the
-   set-up's Gram. The conversions are exact, and are those of the passes' loads (a signalling
-   NaN of 2-byte storage comes back quiet where F16C or the hardware's conversions widen it). A
-   copy in NumPy (astype) runs on one thread; the callers split the columns over threads. */
-static PyObject *py_widen64(PyObject *self, PyObject *args)
+/* The rows' Gram tiles: m rounded up to ROWS_GRAM_PAD (a multiple of every instruction set's
+   tile sizes, GR and GTW of _blocks_impl.h), and chunks of columns whose widened transpose (kc
+   rows of mp doubles) is at most ROWS_GRAM_BYTES, 8 to ROWS_GRAM_KC columns. */
+#define ROWS_GRAM_PAD 16
+#ifndef ROWS_GRAM_BYTES
+#define ROWS_GRAM_BYTES (128 * 1024)
+#endif
+#define ROWS_GRAM_KC 256
+
+/* rows_gram64(V, ld, col0, m, A, j0, j1, isa, storage[, trans]) (trans: V transposed, as for
+   project64): A (m x m float64, C-ordered) = the Gram V_b V_b^T of the columns j0 <= j < j1 of
+   the m x (ld - col0) block of V (m rows of ld items of the storage type, the block's columns
+   from col0), every product and sum in float64 (the products of float32 and 2-byte items are
+   exact): one thread's share of the set-up's Gram, which the callers sum. Each entry sums its
+   products over a chunk's columns in order, then over the chunks: not BLAS's order, so the
+   last bits of A are not dsyrk's. */
+static PyObject *py_rows_gram64(PyObject *self, PyObject *args)
 {
     (void)self;
-    Py_buffer V, D;
-    Py_ssize_t ld, col0, m, n, j0, j1;
+    Py_buffer V, A;
+    Py_ssize_t ld, col0, m, j0, j1;
     int isa, storage, trans = 0;
-    if (!PyArg_ParseTuple(args, "y*nnnw*nnnii|p", &V, &ld, &col0, &m, &D, &n, &j0, &j1, &isa,
+    if (!PyArg_ParseTuple(args, "y*nnnw*nnii|p", &V, &ld, &col0, &m, &A, &j0, &j1, &isa,
                           &storage, &trans))
         return NULL;
     PyObject *result = NULL;
-    void *raw = NULL;
+    void *raw = NULL, *raw_acc = NULL;
     const Kernels *kern = pick_kernels(isa);
     if (kern == NULL || check_storage(storage) < 0)
         goto done;
     const Py_ssize_t size = storage_size[storage];
-    if ((trans ? check_shape_t : check_shape)(&V, size, m, ld, col0, n, j0, j1) < 0 ||
-        check_len(&D, m, n, 8, "D") < 0)
+    if ((trans ? check_shape_t : check_shape)(&V, size, m, ld, col0, ld - col0, j0, j1) < 0 ||
+        check_len(&A, m, m, 8, "A") < 0)
         goto done;
-    if (trans) {
-        void *tile = scratch(m, TLD64(sizeof(double)) * (Py_ssize_t)sizeof(double), &raw);
-        if (tile == NULL)
-            goto done;
-        const widen64t_fn fn = kern->widen64t[storage];
-        Py_BEGIN_ALLOW_THREADS
-        fn((const char *)V.buf + col0 * m * size, m, m, D.buf, n, j0, j1, tile);
-        Py_END_ALLOW_THREADS
-    } else {
-        const widen64_fn fn = kern->widen64[storage];
-        Py_BEGIN_ALLOW_THREADS
-        fn((const char *)V.buf + col0 * size, ld, m, D.buf, n, j0, j1);
-        Py_END_ALLOW_THREADS
-    }
+    const Py_ssize_t mp = (m + ROWS_GRAM_PAD - 1) / ROWS_GRAM_PAD * ROWS_GRAM_PAD;
+    Py_ssize_t kc = ROWS_GRAM_BYTES / (mp * (Py_ssize_t)sizeof(double)) / 8 * 8;
+    kc = kc < 8 ? 8 : kc > ROWS_GRAM_KC ? ROWS_GRAM_KC : kc;
+    double *W = scratch(kc, mp * (Py_ssize_t)sizeof(double), &raw);
+    double *acc = W == NULL ? NULL : scratch(mp, mp * (Py_ssize_t)sizeof(double), &raw_acc);
+    if (acc == NULL)
+        goto done;
+    const rows_gram64_fn fn = kern->rows_gram64[storage];
+    const char *base = (const char *)V.buf + col0 * (trans ? m : 1) * size;
+    double *out = A.buf;
+    Py_BEGIN_ALLOW_THREADS
+    memset(W, 0, (size_t)(kc * mp) * sizeof(double));
+    memset(acc, 0, (size_t)(mp * mp) * sizeof(double));
+    fn(base, trans ? m : ld, m, j0, j1, kc, mp, trans, W, acc);
+    for (Py_ssize_t i = 0; i < m; i++)
+        for (Py_ssize_t j = i; j < m; j++)
+            out[i * m + j] = out[j * m + i] = acc[i * mp + j];
+    Py_END_ALLOW_THREADS
     result = Py_NewRef(Py_None);
 done:
     free(raw);
+    free(raw_acc);
     PyBuffer_Release(&V);
-    PyBuffer_Release(&D);
+    PyBuffer_Release(&A);
     return result;
 }
 
@@ -1080,11 +1099,11 @@ static PyMethodDef methods[] = {
     {"avx512_halves", py_avx512_halves, METH_NOARGS,
      "Whether this CPU runs AVX-512 as two 256-bit halves (AMD family 19h)."},
     {"transposed", py_transposed, METH_NOARGS,
-     "Whether project64, combine64 and widen64 read a Fortran-ordered V (trans)."},
+     "Whether project64, combine64 and rows_gram64 read a Fortran-ordered V (trans)."},
     {"project64", py_project64, METH_VARARGS, "Y = X V^T over a column range, in float64."},
     {"combine64", py_combine64, METH_VARARGS,
      "Y = a X + C V over a column range, in float64, rounded once; whether it overflowed."},
-    {"widen64", py_widen64, METH_VARARGS, "D = V's columns as float64, over a column range."},
+    {"rows_gram64", py_rows_gram64, METH_VARARGS, "A = the float64 Gram of V's rows, over a column range."},
     {"cast16", py_cast16, METH_VARARGS,
      "float32 <-> float16 bits with F16C; False where the CPU has none."},
     {"store_row", py_store_row, METH_VARARGS,

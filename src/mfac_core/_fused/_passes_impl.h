@@ -675,7 +675,7 @@ COMBINE64_FN(bf16, uint16_t, LOAD1_BF16, float, LOADV_F32, STAGED, stage_bf16, 1
 
 /*
  * widen64: the columns j0 <= j < j1 of m rows of V (row i at V + i ld), as float64, to D (row i
- * at D + i ldd): the float64 column pieces of the set-up's Gram (_passes.c). Each item goes
+ * at D + i ldd): the dense blocks' float64 rows (block_factors, _passes.c). Each item goes
  * through the loads of project64 and combine64 (float32 rows widened as loaded, 2-byte rows
  * through one vf of the staging's widening to float32, then widened as loaded), so the values
  * are theirs, which are exact.
@@ -824,6 +824,85 @@ TRANSPOSE_FN(f32, float, float, NAME(t8f), NAME(t8i), T8_LOAD_F32, LOAD1_F32)
 TRANSPOSE_FN(f64, double, double, NAME(t8d), NAME(t8l), T8_LOAD_F64, LOAD1_F64)
 TRANSPOSE_FN(f16, uint16_t, float, NAME(t8f), NAME(t8i), T8_LOAD_F16, LOAD1_F16)
 TRANSPOSE_FN(bf16, uint16_t, float, NAME(t8f), NAME(t8i), T8_LOAD_BF16, LOAD1_BF16)
+
+/*
+ * rows_gram64: the float64 Gram of the m rows of V (row i at V + i ld) over the columns j0 <= j
+ * < j1, its upper tiles added to A (mp x mp, row i at A + i mp; mp a multiple of the tiles'
+ * sizes). A chunk of kc columns at a time is transposed and widened into W (kc rows of mp
+ * doubles, row k holding column js + k of every row of V; its columns m to mp - 1 zero), then
+ * gram_tiles (_blocks_impl.h) adds W^T W's register tiles, reading W from the core's cache.
+ * No float64 copy of V is written to memory: a piece widened there and given to dsyrk cost
+ * the set-up 20-25 % over the BLAS floor (benchmarks/RESULTS.md). While a chunk's eight rows
+ * are transposed, their next chunk is fetched into L2 (the m rows are m streams, more than the
+ * hardware's prefetchers follow). With `trans`, V is Fortran-ordered and passed as its
+ * transpose (ld = m items a row, its row j V's column j): a chunk of W is its rows, widened.
+ * Every item goes through the loads of the passes (exact conversions).
+ */
+ISA_ATTR static void NAME(gram_tiles)(const double *W, Py_ssize_t rows, Py_ssize_t p,
+                                      Py_ssize_t s, double *A, int first);
+
+#define ROWS_GRAM_FN(SUFFIX, S, VT, MT, LOAD8, LOAD1, WIDEN8, VEC)                          \
+    ISA_ATTR static void NAME(rows_gram64_##SUFFIX)(                                        \
+        const void *Vp, Py_ssize_t ld, Py_ssize_t m, Py_ssize_t j0, Py_ssize_t j1,          \
+        Py_ssize_t kc, Py_ssize_t mp, int trans, double *W, double *A)                      \
+    {                                                                                       \
+        const S *V = Vp;                                                                    \
+        for (Py_ssize_t js = j0; js < j1; js += kc) {                                       \
+            const Py_ssize_t w = js + kc < j1 ? kc : j1 - js;                               \
+            if (trans) {                                                                    \
+                for (Py_ssize_t k = 0; k < w; k++) {                                        \
+                    const S *v = V + (js + k) * ld;                                         \
+                    double *d = W + k * mp;                                                 \
+                    Py_ssize_t i = 0;                                                       \
+                    for (; i + VBYTES / 4 <= m; i += VBYTES / 4)                            \
+                        VEC(v + i, d + i);                                                  \
+                    for (; i < m; i++)                                                      \
+                        d[i] = LOAD1(v + i);                                                \
+                }                                                                           \
+                NAME(gram_tiles)(W, w, mp, m, A, 0);                                        \
+                continue;                                                                   \
+            }                                                                               \
+            const Py_ssize_t next = j1 - (js + w) < kc ? j1 - (js + w) : kc;                \
+            Py_ssize_t c = 0;                                                               \
+            for (; c + 8 <= m; c += 8) {                                                    \
+                const S *p = V + c * ld + js;                                               \
+                for (int q = 0; q < 8; q++)                                                 \
+                    for (Py_ssize_t b = 0; b < next * (Py_ssize_t)sizeof(S); b += 64)       \
+                        __builtin_prefetch((const char *)(p + q * ld + w) + b, 0, 2);       \
+                Py_ssize_t k = 0;                                                           \
+                for (; k + 8 <= w; k += 8) {                                                \
+                    VT r[8], o[8];                                                          \
+                    for (int q = 0; q < 8; q++)                                             \
+                        LOAD8(p + q * ld + k, &r[q]);                                       \
+                    T8_TRANSPOSE(VT, MT, r, o);                                             \
+                    for (int q = 0; q < 8; q++)                                             \
+                        WIDEN8(o[q], W + (k + q) * mp + c);                                 \
+                }                                                                           \
+                for (; k < w; k++)                                                          \
+                    for (int q = 0; q < 8; q++)                                             \
+                        W[k * mp + c + q] = LOAD1(p + q * ld + k);                          \
+            }                                                                               \
+            for (; c < m; c++)                                                              \
+                for (Py_ssize_t k = 0; k < w; k++)                                          \
+                    W[k * mp + c] = LOAD1(V + c * ld + js + k);                             \
+            NAME(gram_tiles)(W, w, mp, m, A, 0);                                            \
+        }                                                                                   \
+    }
+
+/* Eight float32 (or float64) items of a transposed row to eight doubles at q. */
+#define WIDEN8_F32(o, q)                                                                    \
+    (*(NAME(t8d) *)(q) =                                                                    \
+         (NAME(t8d)){(o)[0], (o)[1], (o)[2], (o)[3], (o)[4], (o)[5], (o)[6], (o)[7]})
+#define WIDEN8_F64(o, q) (*(NAME(t8d) *)(q) = (o))
+
+ROWS_GRAM_FN(f32, float, NAME(t8f), NAME(t8i), T8_LOAD_F32, LOAD1_F32, WIDEN8_F32,
+             WIDEN64_VEC_F32)
+ROWS_GRAM_FN(f64, double, NAME(t8d), NAME(t8l), T8_LOAD_F64, LOAD1_F64, WIDEN8_F64,
+             WIDEN64_VEC_F64)
+ROWS_GRAM_FN(f16, uint16_t, NAME(t8f), NAME(t8i), T8_LOAD_F16, LOAD1_F16, WIDEN8_F32,
+             WIDEN64_VEC_F16)
+ROWS_GRAM_FN(bf16, uint16_t, NAME(t8f), NAME(t8i), T8_LOAD_BF16, LOAD1_BF16, WIDEN8_F32,
+             WIDEN64_VEC_BF16)
 
 /*
  * One vector (kk = 1, a product's two passes) over Gt in place, no tile: the transposes of the
@@ -1275,6 +1354,9 @@ WIDEN64T_FN(bf16, uint16_t, float)
 #undef T8_LOAD_F16
 #undef T8_TRANSPOSE
 #undef TRANSPOSE_FN
+#undef ROWS_GRAM_FN
+#undef WIDEN8_F32
+#undef WIDEN8_F64
 #undef PROJECT64T_PANELS
 #undef PROJECT64T_FN
 #undef PROJECT64T_FNS
