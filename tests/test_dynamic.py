@@ -420,9 +420,15 @@ def test_bad_gradients_are_refused_and_leave_the_window_unchanged(rng, strict_de
 def test_remove_refuses_unknown_slots(rng):
     op = DynamicIHVP(3, 4, damp=0.1, dtype="float64")
     op.update(rng.standard_normal(4))
-    for slot in (1, -1, 3, 0.0, True):
+    for slot in (1, -1, 3, np.int64(2)):
         with pytest.raises(ValueError, match="holds no gradient"):
             op.remove(slot)
+    for slot in (0.0, True, "0", None):  # slot 0 holds the gradient: the type is what is wrong
+        with pytest.raises(TypeError, match=r"slot must be an int .*\[0\]"):
+            op.remove(slot)
+    assert op.slots == [0]
+    op.remove(np.int64(0))
+    assert op.slots == []
 
 
 def test_a_damping_mismatch_on_load_prints_every_digit():

@@ -412,6 +412,8 @@ class DynamicIHVP(WindowCopies):
 
         Raises
         ------
+        TypeError
+            If ``slot`` is not an int.
         ValueError
             If ``slot`` holds no gradient.
         FactorizationError

@@ -528,9 +528,14 @@ def remove_slot(op: Any, slot: int, /) -> None:
 
     def check() -> int:
         try:
-            index = operator.index(given) if not isinstance(given, bool) else -1
+            if isinstance(given, bool):
+                raise TypeError
+            index = operator.index(given)
         except TypeError:
-            index = -1  # not an integer: reported as holding no gradient below
+            raise TypeError(
+                f"slot must be an int (one of the window's slots {list(op._window)}), got "
+                f"{given!r} ({type(given).__name__})"
+            ) from None
         if index not in op._window:
             raise ValueError(
                 f"slot {given!r} holds no gradient; the window's slots are {list(op._window)}"

@@ -768,10 +768,13 @@ class _PowerOperator(LinearOperator):
         if A.shape[0] != A.shape[1]:
             raise ValueError(f"only a square operator has powers, got shape {A.shape}")
         if p < 0:
-            raise ValueError(
-                f"the power of an operator must be >= 0, got {p} (mfac_core's inverse "
-                "operators are separate classes, e.g. StaticIHVP for EmpiricalFisher)"
+            hint = (
+                f"{type(A).__name__}.inverse() is its inverse"
+                if callable(getattr(A, "inverse", None))
+                else "mfac_core's inverse operators are separate classes, e.g. StaticIHVP "
+                "for EmpiricalFisher"
             )
+            raise ValueError(f"the power of an operator must be >= 0, got {p} ({hint})")
         super().__init__(**_same_space(A))
         self.A, self.p = A, p
 
