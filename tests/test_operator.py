@@ -345,7 +345,7 @@ def test_integer_powers_as_scipy(rng):
     assert_close(
         (EmpiricalFisher(G, damp=0.5) ** 2).todense(), F @ F, kappa=condition_number(G, 0.5) ** 2
     )
-    with pytest.raises(ValueError, match=">= 0.*separate classes"):
+    with pytest.raises(ValueError, match=r">= 0.*separate classes"):
         op**-1
     # An operator with an inverse of its own is pointed to it.
     with pytest.raises(ValueError, match=r">= 0.*SpectralIHVP\.inverse\(\) is its inverse"):
