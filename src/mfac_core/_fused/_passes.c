@@ -634,10 +634,10 @@ done:
     return result;
 }
 
-/* The rows' Gram tiles: m rounded up to ROWS_GRAM_PAD (a multiple of every instruction set's
-   tile sizes, GR and GTW of _blocks_impl.h), and chunks of columns whose widened transpose (kc
-   rows of mp doubles) is at most ROWS_GRAM_BYTES, 8 to ROWS_GRAM_KC columns. */
-#define ROWS_GRAM_PAD 16
+/* The rows' Gram tiles (gram_tiles, _blocks_impl.h): their rows of W hold mp doubles, m rounded
+   up to every instruction set's tiles (rows: 4, 6 or 8; columns: 4, 8 or 16), and chunks of
+   columns whose widened transpose (kc rows of mp doubles) is at most ROWS_GRAM_BYTES, 8 to
+   ROWS_GRAM_KC columns. */
 #ifndef ROWS_GRAM_BYTES
 #define ROWS_GRAM_BYTES (128 * 1024)
 #endif
@@ -668,7 +668,8 @@ static PyObject *py_rows_gram64(PyObject *self, PyObject *args)
     if ((trans ? check_shape_t : check_shape)(&V, size, m, ld, col0, ld - col0, j0, j1) < 0 ||
         check_len(&A, m, m, 8, "A") < 0)
         goto done;
-    const Py_ssize_t mp = (m + ROWS_GRAM_PAD - 1) / ROWS_GRAM_PAD * ROWS_GRAM_PAD;
+    const Py_ssize_t m6 = (m + 5) / 6 * 6, by8 = (m6 + 7) / 8 * 8, by16 = (m + 15) / 16 * 16;
+    const Py_ssize_t mp = by8 > by16 ? by8 : by16;
     Py_ssize_t kc = ROWS_GRAM_BYTES / (mp * (Py_ssize_t)sizeof(double)) / 8 * 8;
     kc = kc < 8 ? 8 : kc > ROWS_GRAM_KC ? ROWS_GRAM_KC : kc;
     double *W = scratch(kc, mp * (Py_ssize_t)sizeof(double), &raw);
