@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import doctest
 import json
+import logging
 import math
 import os
 import re
@@ -163,6 +164,35 @@ def test_static_under_jit_and_as_a_pytree(dtype, rng):
         jnp.asarray(x, dtype=dtype)
     )
     assert_close(y, eager, kappa=woodbury_kappa(G, damp))
+
+
+def test_static_compiles_once_per_shape_not_once_per_damping(rng):
+    """A damping sweep on one G reuses the compiled set-up and passes: the damping is an
+    argument of the programs, not part of their key (a static one compiled them anew)."""
+    G = jnp.asarray(gaussian(rng, (5, 13), "float64"))
+    x, X = jnp.ones(13), jnp.ones((13, 2))
+
+    def products(damp: float) -> None:
+        op = mj.static_ihvp(G, damp=damp)
+        jax.block_until_ready((op.matvec(x), op.matmat(X), op.diagonal()))
+
+    products(0.1)  # compiles for this shape
+    compiled = []
+
+    class Record(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage().startswith("Compiling "):
+                compiled.append(record.getMessage())
+
+    handler = Record(logging.WARNING)
+    logging.getLogger("jax").addHandler(handler)
+    try:
+        with jax.log_compiles(True):
+            for damp in (0.25, 3.0, 1e-3):
+                products(damp)
+    finally:
+        logging.getLogger("jax").removeHandler(handler)
+    assert compiled == []
 
 
 def test_static_vmap_over_vectors_operators_and_blocks(rng):
