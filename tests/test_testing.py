@@ -669,6 +669,37 @@ def test_problems_bad_arguments():
         problems(max_m=0)
 
 
+@settings(max_examples=20)
+@given(data=st.data())
+def test_problems_draw_their_shapes_from_shapes(data):
+    shapes = [(1, 1), (3, 17), (6, 2)]
+    p = data.draw(problems(dtype="float32", shapes=shapes), label="problem")
+    assert (p.m, p.d) in shapes
+    assert p.G.shape == (p.m, p.d) and p.x.shape == (p.d,)
+    assert p.block_size is None or 1 <= p.block_size <= p.d + 2
+    assert np.all(p.G.astype(np.float32) == p.G) and p.damp > 0
+
+
+def test_problems_draw_every_one_of_shapes():
+    shapes = [(2, 5), (4, 1), (np.int64(1), 3)]
+    for m, d in shapes:
+        find(
+            problems(shapes=shapes),
+            lambda p, m=m, d=d: (p.m, p.d) == (m, d),
+            settings=FIND,
+        )
+
+
+def test_problems_refuses_bad_shapes():
+    for shapes in ([], (5, 3), [(5, 3, 1)], "ab", [[2]], {(1, 2)}):
+        with pytest.raises(TypeError, match=r"shapes must be a non-empty sequence of \(m, d\)"):
+            problems(shapes=shapes)
+    with pytest.raises(ValueError, match=r"shapes\[1\]\[1\] must be >= 1"):
+        problems(shapes=[(1, 2), (3, 0)])
+    with pytest.raises(TypeError, match=r"shapes\[0\]\[0\] must be an int"):
+        problems(shapes=[(2.0, 2)])
+
+
 def test_import_without_hypothesis():
     code = (
         "import sys\n"

@@ -137,7 +137,7 @@ class StaticIHVP:
         require_x64("StaticIHVP.matvec")
         require_unbatched(self.G, "operators")
         x = check_vector(x, "x", self.dim, np.dtype(self.G.dtype))
-        return _static_apply(self.G, self.U, x, self.damp)
+        return _static_apply(self.G, self.U, x, _traced_damp(self.damp))
 
     def matmat(self, X: Any, /) -> Any:
         """Apply ``F^{-1}`` to the columns of ``X``, in O(dmn).
@@ -168,7 +168,7 @@ class StaticIHVP:
         X = check_vector(X, "X", self.dim, np.dtype(self.G.dtype), matrix=True)
         if X.ndim == 1:
             return self.matvec(X)
-        return _static_apply_columns(self.G, self.U, X, self.damp)
+        return _static_apply_columns(self.G, self.U, X, _traced_damp(self.damp))
 
     def __repr__(self) -> str:
         items = f"num_grads={self.num_grads}, damp={self.damp!r}"
@@ -200,12 +200,21 @@ class StaticIHVP:
         """
         require_x64("StaticIHVP.diagonal")
         require_unbatched(self.G, "operators")
-        return _static_diagonal(self.G, self.U, self.damp, _chunk_width(self.G))
+        return _static_diagonal(self.G, self.U, _traced_damp(self.damp), _chunk_width(self.G))
 
 
 # Registered by a call, not as a decorator, so that the class stays a class where the
 # documentation is built with JAX mocked.
 jax.tree_util.register_dataclass(StaticIHVP)
+
+
+def _traced_damp(damp: float) -> Any:
+    """The damping as a float64 argument of the jitted passes, not a static one.
+
+    A static damping is part of the compiled program's key: every new damping (a sweep,
+    a damping search) would compile the set-up and the passes again for the same shape.
+    """
+    return np.float64(damp)
 
 
 def _chunk_width(G: Any) -> int:
@@ -321,7 +330,9 @@ def static_ihvp(G: Any, /, *, damp: float) -> StaticIHVP:
         )
     damp = check_damp(damp, num_grads=int(G.shape[0]))
     dtype = check_dtype(G.dtype, "G")
-    U, kappa_bound, kappa_lower, finite, gram_finite = _static_setup(G, damp, _chunk_width(G))
+    U, kappa_bound, kappa_lower, finite, gram_finite = _static_setup(
+        G, _traced_damp(damp), _chunk_width(G)
+    )
     # Outside of tracing these are concrete, and a failure is an exception as in
     # mfac_core.StaticIHVP; under jit or vmap the checks are skipped (NaN results).
     # The wording and the rule are the core's (mfac_core._capacitance).
@@ -341,8 +352,8 @@ def static_ihvp(G: Any, /, *, damp: float) -> StaticIHVP:
     return StaticIHVP(G=G, U=U, kappa_bound=kappa_bound, damp=damp)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def _static_setup(G: Any, damp: float, width: int) -> tuple[Any, Any, Any, Any, Any]:
+@functools.partial(jax.jit, static_argnums=2)
+def _static_setup(G: Any, damp: Any, width: int) -> tuple[Any, Any, Any, Any, Any]:
     """U, the upper and a lower bound of kappa, whether the factor and the Gram are finite.
 
     The Gram's diagonal bounds its every entry: where it is finite and kappa is not,
@@ -363,21 +374,21 @@ def _static_setup(G: Any, damp: float, width: int) -> tuple[Any, Any, Any, Any, 
     return U, 1.0 + excess_hi, 1.0 + excess_lo, jnp.all(jnp.isfinite(U)), gram_finite
 
 
-@functools.partial(jax.jit, static_argnums=3)
-def _static_apply(G: Any, U: Any, x: Any, damp: float) -> Any:
+@jax.jit
+def _static_apply(G: Any, U: Any, x: Any, damp: Any) -> Any:
     """``F^{-1} x`` of the G-form, rounded once to G's dtype."""
     a = solve_upper(U, solve_upper_t(U, project64(G, x)))
     return (combine64(G, x, a) / damp).astype(G.dtype)
 
 
-@functools.partial(jax.jit, static_argnums=3)
-def _static_apply_columns(G: Any, U: Any, X: Any, damp: float) -> Any:
+@jax.jit
+def _static_apply_columns(G: Any, U: Any, X: Any, damp: Any) -> Any:
     """:func:`_static_apply` of each column of ``X``: a loop, not a (k, m, d) temporary."""
     return lax.map(lambda x: _static_apply(G, U, x, damp), X.T).T
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3))
-def _static_diagonal(G: Any, U: Any, damp: float, width: int) -> Any:
+@functools.partial(jax.jit, static_argnums=3)
+def _static_diagonal(G: Any, U: Any, damp: Any, width: int) -> Any:
     """``(1 - ||U^{-T} g_j||^2) / damp`` per column, whitened in float64 chunk by chunk."""
     d = G.shape[1]
     full = d // width

@@ -391,12 +391,24 @@ def _hypothesis() -> Any:
     return st
 
 
+def _check_shapes(shapes: Any) -> list[tuple[int, int]]:
+    """``shapes`` as a non-empty list of ``(m, d)`` pairs of counts (for :func:`problems`)."""
+    pairs = list(shapes) if isinstance(shapes, (list, tuple)) else None
+    if not pairs or any(not isinstance(p, (list, tuple)) or len(p) != 2 for p in pairs):
+        raise TypeError(f"shapes must be a non-empty sequence of (m, d) pairs, got {shapes!r}")
+    return [
+        (check_count(m, f"shapes[{i}][0]"), check_count(d, f"shapes[{i}][1]"))
+        for i, (m, d) in enumerate(pairs)
+    ]
+
+
 def problems(
     *,
     dtype: str = "float64",
     max_m: int = 8,
     max_d: int = 40,
     block_sizes: bool = True,
+    shapes: Any = None,
 ) -> Any:
     """A Hypothesis strategy of :class:`Problem` instances.
 
@@ -421,6 +433,11 @@ def problems(
         Upper bounds of m and d.
     block_sizes : bool, optional
         Whether to draw block sizes; ``False`` always gives ``None``.
+    shapes : sequence of (int, int), optional
+        Pairs ``(m, d)`` to draw the shape from, in place of the ranges of
+        ``max_m`` and ``max_d``; the values stay random. For a library that
+        compiles a program per shape (JAX's ``jit``), a few shapes that
+        repeat let the examples reuse their compilations.
 
     Returns
     -------
@@ -433,7 +450,8 @@ def problems(
         If ``dtype`` is neither ``"float32"`` nor ``"float64"``, or
         ``max_m`` or ``max_d`` is below 1.
     TypeError
-        If ``max_m`` or ``max_d`` is not an int, or ``block_sizes`` not a bool.
+        If ``max_m`` or ``max_d`` is not an int, ``block_sizes`` not a bool,
+        or ``shapes`` not a non-empty sequence of pairs of ints.
     ImportError
         If Hypothesis is not installed.
     """
@@ -444,13 +462,17 @@ def problems(
     # as 1, and block_sizes="no" drew block sizes.
     max_m, max_d = check_count(max_m, "max_m"), check_count(max_d, "max_d")
     block_sizes = check_flag(block_sizes, "block_sizes")
+    shape_list = None if shapes is None else _check_shapes(shapes)
     log_kappa_max = 4.0 if dtype == "float32" else 6.0
     store = np.float32 if dtype == "float32" else np.float64
 
     @st.composite
     def draw_problem(draw: Any) -> Problem:
-        m = draw(st.integers(1, max_m), label="m")
-        d = draw(st.integers(1, max_d), label="d")
+        if shape_list is None:
+            m = draw(st.integers(1, max_m), label="m")
+            d = draw(st.integers(1, max_d), label="d")
+        else:
+            m, d = draw(st.sampled_from(shape_list), label="(m, d)")
         g_kind = draw(st.sampled_from(_G_KINDS), label="G kind")
         x_kind = draw(st.sampled_from(_X_KINDS), label="x kind")
         seed = draw(st.integers(0, 2**32 - 1), label="seed")
