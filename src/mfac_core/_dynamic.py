@@ -65,18 +65,15 @@ class DynamicIHVP(WindowCopies):
     device : optional
         The device of the buffers (default: the namespace's default).
     options : WindowOptions, optional
-        The rarely changed options (default ``WindowOptions()``): the
-        authors' zero-initialised window (``zero_init``), when to refactorise
-        (``refactor_every``), the checks for NaN and infinity
-        (``check_finite``) and iterative refinement (``refine``); see
-        :class:`~mfac_core.WindowOptions`. They are the attributes of the
-        same names.
+        The rarely changed options (default ``WindowOptions()``): the authors'
+        zero-initialised window (``zero_init``), when to refactorise (``refactor_every``), the
+        checks for NaN and infinity (``check_finite``) and iterative refinement (``refine``);
+        see :class:`~mfac_core.WindowOptions`. They are the attributes of the same names.
     **deprecated
-        ``zero_init=``, ``refactor_every=``, ``check_finite=`` and
-        ``refine=`` (use ``options=WindowOptions(...)``),
-        ``update_method="refactor"`` (use ``WindowOptions(refactor_every=0)``) and the sharded
-        spelling (a communicator; it builds a
-        :class:`~mfac_core.ShardedDynamicIHVP`) still work, with a
+        ``zero_init=``, ``refactor_every=``, ``check_finite=`` and ``refine=`` (use
+        ``options=WindowOptions(...)``), ``update_method="refactor"`` (use
+        ``WindowOptions(refactor_every=0)``) and the sharded spelling (a communicator; it
+        builds a :class:`~mfac_core.ShardedDynamicIHVP`) still work, with a
         ``DeprecationWarning``; they will be removed.
 
     Attributes
@@ -394,7 +391,7 @@ class DynamicIHVP(WindowCopies):
         return update_and_matvec_checked(self, g, strict=strict)
 
     def remove_oldest(self) -> None:
-        """Remove the oldest gradient of the window."""
+        """Remove the oldest gradient of the window (a ValueError where it is empty)."""
         if not self._window:
             raise ValueError("the window is empty")
         self.remove(self._window[0])
