@@ -827,9 +827,10 @@ TRANSPOSE_FN(bf16, uint16_t, float, NAME(t8f), NAME(t8i), T8_LOAD_BF16, LOAD1_BF
 
 /*
  * rows_gram64: the float64 Gram of the m rows of V (row i at V + i ld) over the columns j0 <= j
- * < j1, its upper tiles added to A (mp x mp, row i at A + i mp; mp a multiple of the tiles'
- * sizes). A chunk of kc columns at a time is transposed and widened into W (kc rows of mp
- * doubles, row k holding column js + k of every row of V; its columns m to mp - 1 zero), then
+ * < j1, its upper tiles added to A (mp x mp, row i at A + i mp; mp at least m rounded up to
+ * the tiles' rows and to their columns: _passes.c). A chunk of kc columns at a time is
+ * transposed and widened into W (kc rows of mp doubles, row k holding column js + k of every
+ * row of V; its columns m to mp - 1 zero), then
  * gram_tiles (_blocks_impl.h) adds W^T W's register tiles, reading W from the core's cache.
  * No float64 copy of V is written to memory: a piece widened there and given to dsyrk cost
  * the set-up 20-25 % over the BLAS floor (benchmarks/RESULTS.md). While a chunk's eight rows
