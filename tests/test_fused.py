@@ -818,12 +818,11 @@ def _assert_gram_close(got, X):
 def test_rows_gram64_is_the_float64_gram(monkeypatch, isa, storage, m, rng):
     """The Gram of every column range (odd offsets, fewer columns than a chunk, several
     chunks and a tail) within the float64 bound of longdouble's, exactly symmetric, the same
-    bits on one thread and on three (pieces of odd width), and the same bits from a
+    bits on one thread and on three (up to 32 pieces, a shorter last), and the same bits from a
     Fortran-ordered G; the uint16 bits of 2-byte G with storage= naming them."""
     if storage == "bfloat16" and ml_dtypes is None:
         pytest.skip("ml_dtypes is not installed")
-    monkeypatch.setattr(_fused, "_MIN_GRAM_WORK", 1)
-    monkeypatch.setattr(_fused, "_PIECE_WORK", 5 * 64 * m)
+    monkeypatch.setattr(_fused, "_MIN_GRAM_WORK", 1)  # pieces of 64 columns: up to 32
     ld = 4_000
     G = _gram_values(storage, m, ld, rng)
     for start, stop in [(0, ld), (3, ld - 2), (7, 7 + 37), (1, 2), (4, 4)]:

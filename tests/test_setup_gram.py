@@ -60,7 +60,7 @@ def test_the_kernels_gram_is_the_cast_pieces_gram(monkeypatch, name, block_size)
     """The set-up's Grams with the kernel are those of ``xp.astype`` and BLAS to float64's
     rounding (relative to each entry's row and column norms: the rows differ by 1e30), for
     the full set-up and blocks wider than a piece (a ragged last block too), and the kernel
-    serves each case, every column once."""
+    serves each case, every column once, up to eight pieces of one block a call."""
     xp, G = _case(name)
     calls = []
     kernel = _engine.gram_kernel
@@ -74,6 +74,8 @@ def test_the_kernels_gram_is_the_cast_pieces_gram(monkeypatch, name, block_size)
     monkeypatch.setattr(_engine, "gram_kernel", spy)
     after = _grams(xp, G, kernel=True, block_size=block_size, monkeypatch=monkeypatch)
     assert sum(calls) == G.shape[1]
+    if block_size is None:  # 64 pieces of 37 columns and one of 5, eight pieces a call
+        assert calls == [8 * 37] * 8 + [5]
     assert len(before) == len(after)
     d, eps = G.shape[1], np.finfo(np.float64).eps
     for a, b in zip(before, after, strict=True):

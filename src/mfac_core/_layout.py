@@ -112,6 +112,14 @@ def group_stack(xp: Any, A: Array, group: BlockGroup) -> Any:
     return piece_stack(xp, A, group, (0, group.count, 0, group.size))
 
 
+#: Pieces of one block that one call of the set-up's Gram kernel sums (``chunk_gram``'s
+#: ``gram``): it writes no float64 piece, so it need not take the pieces one at a time,
+#: and a span of eight (an eighth of a full set-up's G) gives its threads work enough to
+#: share; progress is reported per span. A fixed count, so that the sums' order, and so
+#: the Gram's bits, do not depend on the thread count.
+GRAM_KERNEL_SPAN = 8
+
+
 def chunk_gram(
     xp: Any,
     G: Array,
@@ -127,27 +135,49 @@ def chunk_gram(
     ``product`` maps a ``(blocks, m, width)`` float64 stack to a stack of small
     matrices; the pieces of one block are added up, so a block wider than a
     piece never has a float64 copy in memory at once. ``gram(lo, hi)``, where given, is
-    ``product`` of the columns ``G[:, lo:hi]`` of one block's piece, from G itself
-    (``_engine.gram_kernel``: the C extension's rows' Gram, with no float64 copy).
+    ``product`` of the columns ``G[:, lo:hi]`` of one block, from G itself
+    (``_engine.gram_kernel``: the C extension's rows' Gram, with no float64 copy), over
+    up to :data:`GRAM_KERNEL_SPAN` consecutive pieces of that block at a time.
     """
     acc = None
-    for piece in chunk:
-        b0, b1, c0, c1 = piece
+    for span in _spans(chunk, GRAM_KERNEL_SPAN if gram is not None else 1):
+        b0, b1 = span[0][0], span[0][1]
         # Squared norms beyond float64 leave inf on the Gram's diagonal, which its users
         # report as an error that says so (checked_gram, the factorisations); NumPy's own
         # RuntimeWarning would come first, and be the error where warnings are errors.
         # np.errstate is local to this context.
         with np.errstate(over="ignore", invalid="ignore"):
             if gram is not None and b1 - b0 == 1:
-                P = gram(*piece_columns(group, piece))[None, ...]
+                lo, hi = piece_columns(group, span[0])[0], piece_columns(group, span[-1])[1]
+                P = gram(lo, hi)[None, ...]
             else:
-                X = xp.astype(piece_stack(xp, G, group, piece), xp.float64)
+                X = xp.astype(piece_stack(xp, G, group, span[0]), xp.float64)
                 P = product(X)
                 del X  # before the next piece is cast: two float64 pieces at once otherwise
             acc = P if acc is None else acc + P
         if progress is not None:
-            progress((b1 - b0) * (c1 - c0))
+            progress(sum((p[1] - p[0]) * (p[3] - p[2]) for p in span))
     return acc
+
+
+def _spans(chunk: list[Piece], most: int) -> list[list[Piece]]:
+    """The pieces of a chunk in runs of up to ``most`` consecutive pieces of one block (a
+    piece of several blocks alone)."""
+    spans: list[list[Piece]] = []
+    for piece in chunk:
+        last = spans[-1][-1] if spans else None
+        joins = (
+            last is not None
+            and len(spans[-1]) < most
+            and piece[1] - piece[0] == 1
+            and last[:2] == piece[:2]
+            and last[3] == piece[2]
+        )
+        if joins:
+            spans[-1].append(piece)
+        else:
+            spans.append([piece])
+    return spans
 
 
 def checked_gram(

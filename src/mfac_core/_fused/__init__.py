@@ -73,9 +73,13 @@ _PIECE_WORK = 2**21
 #: Pieces start at multiples of this many columns (whole vector tiles).
 _ALIGN = 64
 
-#: Multiply-adds per thread of :func:`rows_gram64` (m * m * columns) below which fewer
-#: threads are used: 2**24 take about 1 ms on one core, and starting a thread about 50 us.
+#: Multiply-adds (m * m a column) of one piece of :func:`rows_gram64`'s work: 2**24 take
+#: about 1 ms on one core, and starting a thread about 50 us.
 _MIN_GRAM_WORK = 2**24
+
+#: The most pieces of one :func:`rows_gram64` call: each sums into an m x m buffer of its
+#: own (32 of them: 16 MiB at m = 256), and they are added up in order.
+_GRAM_MAX_PIECES = 32
 
 #: Whether this CPU runs AVX-512 as two 256-bit halves (AMD Zen 4): see :func:`_auto_isa`.
 #: False with an extension built before it had the test (the widest ISA then serves, as
@@ -193,8 +197,9 @@ def rows_gram64(
     at a time into the core's cache and sums their products in register tiles (a float64
     piece written to memory for ``dsyrk`` cost 20-25 % over it; benchmarks/RESULTS.md).
     The products of float32 and 2-byte items are exact in float64; the sums run in another
-    order than BLAS's. The columns go in pieces that depend on the shape only, each its own
-    Gram, summed in order: the bits are the same on any number of threads. ``out`` is exactly
+    order than BLAS's. The columns go in pieces that depend on the shape only (up to 32,
+    of about 2**24 multiply-adds each), each its own Gram, summed in order: the bits are
+    the same on any number of threads. ``out`` is exactly
     symmetric.
     """
     G, m, ld, code_st, trans = _check64(G, start, stop, storage)
@@ -205,9 +210,9 @@ def rows_gram64(
         out[...] = 0.0
         return
     code = _isa_code(isa)
-    pieces = _pieces(m, n)
+    pieces = _gram_pieces(m, n)
     parts = [out] + [np.empty((m, m)) for _ in pieces[1:]]
-    threads = max(1, min(most, len(pieces), (m * m * n) // _MIN_GRAM_WORK))
+    threads = max(1, min(most, len(pieces)))
 
     def call(j0: int, j1: int, p: int) -> None:
         _passes.rows_gram64(G, ld, start, m, parts[p], j0, j1, code, code_st, trans)
@@ -215,6 +220,15 @@ def rows_gram64(
     _share(call, pieces, threads)
     for part in parts[1:]:
         out += part
+
+
+def _gram_pieces(m: int, n: int) -> list[tuple[int, int]]:
+    """:func:`rows_gram64`'s column ranges of ``[0, n)``: about ``_MIN_GRAM_WORK``
+    multiply-adds each (``m * m`` a column), at most ``_GRAM_MAX_PIECES`` (each has an
+    m x m sum of its own), whole vector tiles; they depend on the shape only."""
+    count = min(_GRAM_MAX_PIECES, max(1, (m * m * n) // _MIN_GRAM_WORK))
+    width = -(-n // (count * _ALIGN)) * _ALIGN
+    return [(lo, min(lo + width, n)) for lo in range(0, n, width)]
 
 
 def _check_threads(threads: Any) -> int:
