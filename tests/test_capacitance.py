@@ -338,4 +338,7 @@ def test_gradients_spread_over_decades_warn_before_their_products_lose_every_dig
     assert any(w.category is IllConditionedWarning for w in caught)
     want = extended_precision_inverse(G64, damp, G64[0])
     got = np.asarray(op.matvec(G[0]), dtype=np.float64)
-    assert np.linalg.norm(got - want) > 1e-2 * np.linalg.norm(want)  # the warning was due
+    # The warning was due: the result is hundreds of float32 roundings off, where the bound
+    # of a trusted product is 8 (how far exactly, 0.4 to 47 % here, rests on the rounding of
+    # the Gram's and the passes' sums, which their order sets).
+    assert np.linalg.norm(got - want) > 1e-4 * np.linalg.norm(want)
