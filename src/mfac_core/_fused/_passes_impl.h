@@ -790,6 +790,16 @@ ISA_ATTR static inline __attribute__((always_inline)) void NAME(t8_f16)(const ui
         }                                                                                   \
     } while (0)
 
+/* o[q] = the q-th items of the eight rows at p (row r at p + r ld), loaded by LOAD8: one 8 x 8
+   block transposed, for the transposes below and the rows' Gram (rows_gram64). */
+#define T8_BLOCK(VT, MT, LOAD8, p, ld, o)                                                   \
+    do {                                                                                    \
+        VT r_[8];                                                                           \
+        for (int q_ = 0; q_ < 8; q_++)                                                      \
+            LOAD8((p) + q_ * (ld), &r_[q_]);                                                \
+        T8_TRANSPOSE(VT, MT, r_, o);                                                        \
+    } while (0)
+
 /* tile[i ldtile + c] = Vt[c ldt + i] (as T, exactly) for i < m, c < w. */
 #define TRANSPOSE_FN(SUFFIX, S, T, VT, MT, LOAD8, LOAD1)                                    \
     ISA_ATTR static void NAME(transpose_##SUFFIX)(const S *Vt, Py_ssize_t ldt, Py_ssize_t m, \
@@ -804,10 +814,8 @@ ISA_ATTR static inline __attribute__((always_inline)) void NAME(t8_f16)(const ui
                 __builtin_prefetch(ahead + b, 0, T_LOC);                                     \
             Py_ssize_t i = 0;                                                               \
             for (; i + 8 <= m; i += 8) {                                                    \
-                VT r[8], o[8];                                                              \
-                for (int q = 0; q < 8; q++)                                                 \
-                    LOAD8(p + q * ldt + i, &r[q]);                                          \
-                T8_TRANSPOSE(VT, MT, r, o);                                                 \
+                VT o[8];                                                                    \
+                T8_BLOCK(VT, MT, LOAD8, p + i, ldt, o);                                     \
                 for (int q = 0; q < 8; q++)                                                 \
                     *(VT *)(tile + (i + q) * ldtile + c) = o[q];                            \
             }                                                                               \
@@ -872,10 +880,8 @@ ISA_ATTR static void NAME(gram_tiles)(const double *W, Py_ssize_t rows, Py_ssize
                         __builtin_prefetch((const char *)(p + q * ld + w) + b, 0, 2);       \
                 Py_ssize_t k = 0;                                                           \
                 for (; k + 8 <= w; k += 8) {                                                \
-                    VT r[8], o[8];                                                          \
-                    for (int q = 0; q < 8; q++)                                             \
-                        LOAD8(p + q * ld + k, &r[q]);                                       \
-                    T8_TRANSPOSE(VT, MT, r, o);                                             \
+                    VT o[8];                                                                \
+                    T8_BLOCK(VT, MT, LOAD8, p + k, ld, o);                                  \
                     for (int q = 0; q < 8; q++)                                             \
                         WIDEN8(o[q], W + (k + q) * mp + c);                                 \
                 }                                                                           \
@@ -1354,6 +1360,7 @@ WIDEN64T_FN(bf16, uint16_t, float)
 #undef T8_LOAD_BF16
 #undef T8_LOAD_F16
 #undef T8_TRANSPOSE
+#undef T8_BLOCK
 #undef TRANSPOSE_FN
 #undef ROWS_GRAM_FN
 #undef WIDEN8_F32
