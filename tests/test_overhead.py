@@ -8,8 +8,10 @@ and a small pass of the C extension neither reads the environment nor starts a t
 
 from __future__ import annotations
 
+import os
 import pickle
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -46,21 +48,44 @@ def test_numpy_solve_is_scipys_bit_for_bit(batch, order, lower, trans):
         want = scipy.linalg.solve_triangular(
             T, B, lower=lower, trans=int(trans), check_finite=False
         )
-        got = numpy_linalg._trtrs(T, B, lower, trans)
+        got = numpy_linalg.trtrs(T, B, lower, trans)
         assert got is not None
         assert got.shape == want.shape and got.strides == want.strides
+        if B.ndim > 1 and B.shape[-1] > 1:  # a column at a time: each column's own solve
+            want = np.concatenate(
+                [
+                    scipy.linalg.solve_triangular(
+                        T, B[..., j : j + 1], lower=lower, trans=int(trans), check_finite=False
+                    )
+                    for j in range(B.shape[-1])
+                ],
+                axis=-1,
+            )
         np.testing.assert_array_equal(got, want)
+
+
+def test_numpy_solve_for_many_columns_is_scipys_whole_solve():
+    # Past ONE_THREAD_WORK the columns go to LAPACK together (BLAS's threads pay then).
+    rng = np.random.default_rng(5)
+    n = 16
+    L = _factors(rng, n, ())
+    k = numpy_linalg.ONE_THREAD_WORK // (n * n) + 1
+    B = rng.standard_normal((n, k))
+    want = scipy.linalg.solve_triangular(L, B, lower=True, check_finite=False)
+    got = numpy_linalg.trtrs(L, B, True, False)
+    assert got.strides == want.strides
+    np.testing.assert_array_equal(got, want)
 
 
 def test_numpy_solve_leaves_other_systems_to_scipy():
     rng = np.random.default_rng(0)
     L = _factors(rng, 4, ())
     assert (
-        numpy_linalg._trtrs(L.astype(np.float32), np.ones((4, 1), np.float32), True, False) is None
+        numpy_linalg.trtrs(L.astype(np.float32), np.ones((4, 1), np.float32), True, False) is None
     )
-    assert numpy_linalg._trtrs(L, np.ones((0, 1)), True, False) is None  # empty
-    assert numpy_linalg._trtrs(L, np.ones((2, 4, 1)), True, False) is None  # broadcast
-    assert numpy_linalg._trtrs(L[None], np.ones((4, 1)), True, False) is None
+    assert numpy_linalg.trtrs(L, np.ones((0, 1)), True, False) is None  # empty
+    assert numpy_linalg.trtrs(L, np.ones((2, 4, 1)), True, False) is None  # broadcast
+    assert numpy_linalg.trtrs(L[None], np.ones((4, 1)), True, False) is None
 
 
 def test_numpy_solve_of_a_singular_factor_raises_as_scipy():
@@ -69,7 +94,7 @@ def test_numpy_solve_of_a_singular_factor_raises_as_scipy():
     with pytest.raises(np.linalg.LinAlgError, match="singular matrix") as want:
         scipy.linalg.solve_triangular(T, np.ones(3), lower=True, check_finite=False)
     with pytest.raises(np.linalg.LinAlgError) as got:
-        numpy_linalg._trtrs(T, np.ones(3), True, False)
+        numpy_linalg.trtrs(T, np.ones(3), True, False)
     assert str(got.value) == str(want.value)
 
 
@@ -166,3 +191,70 @@ def test_cumulative_sum_is_the_namespaces_bit_for_bit(lib, include_initial):
     want = xp.cumulative_sum(x, include_initial=include_initial)
     assert got.dtype == want.dtype and tuple(got.shape) == tuple(want.shape)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+# -- PyTorch's intra-op team (docs/guidance.rst, "CPU threads") ---------------------------------
+
+
+def _thread_cpu_ms() -> dict[int, float]:
+    """CPU milliseconds of each thread of this process (Linux's per-thread counters)."""
+    tick = 1000.0 / os.sysconf("SC_CLK_TCK")
+    out = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        out[int(tid)] = (int(fields[11]) + int(fields[12])) * tick
+    return out
+
+
+def _others_cpu_ms(calls) -> float:
+    """CPU ms that threads alive before and after ``calls`` (not this one) spent meanwhile.
+
+    Each call is followed by 30 ms of sleep, in which a woken OpenMP team spins (libgomp's
+    default waits about 5-10 ms) and then sleeps. The library's own threads end with each
+    call, so only threads that outlive it (PyTorch's and BLAS's teams) are counted.
+    """
+    me = threading.get_native_id()
+    before = _thread_cpu_ms()
+    for call in calls:
+        call()
+        time.sleep(0.03)
+    after = _thread_cpu_ms()
+    return sum(after[t] - before[t] for t in after.keys() & before.keys() if t != me)
+
+
+def test_pytorch_cpu_operators_leave_pytorchs_intra_op_team_asleep():
+    # A PyTorch operation on the team (a reduction over x, a 64 x 64 x 2 product, a solve
+    # for two right-hand sides) wakes it; its threads then spin on the cores that the
+    # passes' threads want, 3-6 ms of a 10**6-entry product on 2 cores
+    # (benchmarks/torch_cpu.py). The library does that small work with NumPy and SciPy on
+    # the calling thread instead.
+    torch = pytest.importorskip("torch")
+    if not os.path.isdir("/proc/self/task") or torch.get_num_threads() < 2:
+        pytest.skip("needs Linux's per-thread CPU counters and a PyTorch team of 2 threads")
+    wake = torch.ones(2**20, dtype=torch.float32)
+    woken = _others_cpu_ms([lambda: wake + 1.0] * 10)
+    if woken < 30.0:  # OMP_WAIT_POLICY=passive, or a team that never spins: nothing to see
+        pytest.skip(f"PyTorch's team does not spin after a call here ({woken:.0f} ms)")
+    m, d = 8, 2**16  # two rows of d: more entries than PyTorch's grain for its team
+    gen = torch.Generator().manual_seed(0)
+    G = torch.randn(m, d, generator=gen)
+    X = torch.randn(d, 3, generator=gen)
+    xp = array_namespace(G)
+    op = StaticIHVP(G, damp=0.1)
+    windows = [DynamicIHVP(m, d, damp=0.1, dtype=dt, xp=xp) for dt in ("float32", "bfloat16")]
+    for window in windows:
+        for row in G:  # a full window: its steps edit a row of the factor
+            window.update(row)
+    calls = [lambda: op @ G[0], lambda: op @ X, lambda: op.T @ X]
+    for window in windows:
+        calls += [lambda w=window: w.update_and_matvec(G[1]), lambda w=window: w.update(G[2])]
+        calls += [lambda w=window: w @ X]
+    for call in calls:
+        call()  # first calls: anything made once
+    spent = _others_cpu_ms(calls * 2)
+    # Each wake costs 5-10 ms of spinning here (``woken`` / 10); a clock tick is 10 ms.
+    assert spent < max(30.0, woken / 2), (spent, woken)

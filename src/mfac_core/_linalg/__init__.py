@@ -12,12 +12,13 @@ by namespace, not branches inside the algorithms.
 
 from __future__ import annotations
 
+import math
 from functools import cache
 from typing import Any
 
 import numpy as np
 
-from .. import _engine
+from .. import _engine, _pieces
 from .._compat import (
     array_namespace,
     device,
@@ -74,7 +75,23 @@ def cholesky(xp: Any, a: Any, /) -> Any:
 
 
 def solve_triangular(xp: Any, t: Any, b: Any, /, *, lower: bool = True, trans: bool = False) -> Any:
-    """``t^{-1} b`` (or ``t^{-T} b`` with ``trans``) for triangular ``t``, batched."""
+    """``t^{-1} b`` (or ``t^{-T} b`` with ``trans``) for triangular ``t``, batched.
+
+    PyTorch CPU tensors with several right-hand sides or matrices are solved by
+    SciPy's LAPACK on their memory (no copy): PyTorch solves them on its intra-op team,
+    as :func:`_host_views` says (one right-hand side of one matrix it solves on the
+    calling thread, also for autograd).
+    """
+    several = (b.ndim >= 2 and b.shape[-1] > 1) or math.prod(t.shape[:-2]) > 1
+    views = None if not several or _pieces.is_accelerator(xp, t) else _host_views(xp, t, b)
+    if views is not None:
+        t_host, b_host = views
+        try:
+            direct = _numpy.trtrs(t_host, b_host, lower, trans)
+        except np.linalg.LinAlgError:  # singular: the library's own infinities, as elsewhere
+            direct = None
+        if direct is not None:
+            return xp.asarray(direct)
     return _backend_for(xp).solve_triangular(t, b, lower, trans)
 
 

@@ -10,7 +10,7 @@ import numpy as np
 from .._errors import NotPositiveDefinite
 from ._backend import Backend
 
-__all__ = ["make_backend"]
+__all__ = ["make_backend", "trtrs"]
 
 
 def make_backend() -> Backend:
@@ -31,7 +31,7 @@ def make_backend() -> Backend:
             raise NotPositiveDefinite(str(exc)) from None
 
     def solve(t: Any, b: Any, lower: bool, trans: bool) -> Any:
-        direct = _trtrs(t, b, lower, trans)
+        direct = trtrs(t, b, lower, trans)
         if direct is not None:
             return direct
         return scipy.linalg.solve_triangular(
@@ -63,7 +63,7 @@ def make_backend() -> Backend:
     return Backend(chol, solve, inverse, matmul_into=matmul_into)
 
 
-def _trtrs(t: Any, b: Any, lower: bool, trans: bool) -> Any:
+def trtrs(t: Any, b: Any, lower: bool, trans: bool) -> Any:
     """``scipy.linalg.solve_triangular(t, b, ...)`` for float64 NumPy systems, by its LAPACK calls.
 
     SciPy's wrapper (batch dispatch, validation, the LAPACK lookup) took 10-20 us a call,
@@ -73,6 +73,12 @@ def _trtrs(t: Any, b: Any, lower: bool, trans: bool) -> Any:
     stacks of one batch shape (``b`` 2-D per matrix): ``dtrtrs`` with the same arguments
     per matrix, stacked as SciPy stacks them, so the same bits. None for anything else
     (broadcasting, other dtypes, empty arrays), which goes through SciPy.
+
+    Several right-hand sides are solved one at a time (each SciPy's bits for that column
+    alone, in SciPy's memory layout) up to :data:`ONE_THREAD_WORK` multiply-adds: for two
+    or more, OpenBLAS's ``dtrtrs`` wakes its threads at any order, and they then spin
+    for about 0.1 s on the cores that the C extension's passes want (an 8-vector product
+    of 64 x 10**6 float32 entries took 107 ms against 76 ms on 2 cores).
     """
     if not (
         type(t) is np.ndarray
@@ -107,7 +113,24 @@ def _lapack() -> Any:
     return lapack
 
 
+#: The most multiply-adds (order^2 x columns) that :func:`trtrs` solves a column at a time
+#: on the calling thread: 64 x 10**6 (some 30 ms) is about what OpenBLAS's woken threads
+#: cost the passes; a larger solve is worth BLAS's threads.
+ONE_THREAD_WORK = 2**26
+
+
 def _trtrs_one(t: np.ndarray, b: np.ndarray, lower: bool, trans: bool) -> np.ndarray:
+    """:func:`_trtrs_call` for one matrix, a column at a time where that is cheap enough."""
+    n, k = t.shape[0], (b.shape[1] if b.ndim == 2 else 1)
+    if k == 1 or n * n * k > ONE_THREAD_WORK:
+        return _trtrs_call(t, b, lower, trans)
+    out = np.empty(b.shape, order="F")  # dtrtrs's layout for a 2-D b
+    for j in range(k):
+        out[:, j] = _trtrs_call(t, b[:, j], lower, trans)
+    return out
+
+
+def _trtrs_call(t: np.ndarray, b: np.ndarray, lower: bool, trans: bool) -> np.ndarray:
     """SciPy's ``_solve_triangular`` for one float64 system: its ``dtrtrs`` call and errors."""
     lapack = _lapack()
     # As SciPy: trtrs reads Fortran order, so another t is solved as its transpose.
