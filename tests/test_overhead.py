@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from mfac_core import DynamicIHVP, StaticIHVP, WindowOptions, _fused
+from mfac_core import DynamicIHVP, SpectralIHVP, StaticIHVP, WindowOptions, _fused
 from mfac_core._compat import array_namespace, cumulative_sum, take
 from mfac_core._linalg import _numpy as numpy_linalg
 
@@ -64,12 +64,17 @@ def test_numpy_solve_is_scipys_bit_for_bit(batch, order, lower, trans):
         np.testing.assert_array_equal(got, want)
 
 
-def test_numpy_solve_for_many_columns_is_scipys_whole_solve():
-    # Past ONE_THREAD_WORK the columns go to LAPACK together (BLAS's threads pay then).
+@pytest.mark.parametrize("many", ["columns", "work"])
+def test_numpy_solve_for_many_columns_is_scipys_whole_solve(many):
+    # Past ONE_THREAD_COLUMNS or ONE_THREAD_WORK the columns go to LAPACK together (BLAS's
+    # threads pay then; a call per column would cost more).
     rng = np.random.default_rng(5)
-    n = 16
-    L = _factors(rng, n, ())
-    k = numpy_linalg.ONE_THREAD_WORK // (n * n) + 1
+    n = 16 if many == "columns" else 2100
+    L = _factors(rng, 16, ()) if many == "columns" else np.eye(n) + np.tril(np.ones((n, n))) / n
+    k = numpy_linalg.ONE_THREAD_COLUMNS + 1
+    if many == "work":
+        k = min(k - 1, numpy_linalg.ONE_THREAD_WORK // (n * n) + 1)
+        assert n * n * k > numpy_linalg.ONE_THREAD_WORK
     B = rng.standard_normal((n, k))
     want = scipy.linalg.solve_triangular(L, B, lower=True, check_finite=False)
     got = numpy_linalg.trtrs(L, B, True, False)
@@ -248,19 +253,28 @@ def _check_pytorchs_team_stays_asleep(torch) -> None:
     woken = _others_cpu_ms([lambda: wake + 1.0] * 10)
     if woken < 30.0:  # OMP_WAIT_POLICY=passive, or a team that never spins: nothing to see
         pytest.skip(f"PyTorch's team does not spin after a call here ({woken:.0f} ms)")
-    m, d = 8, 2**16  # two rows of d: more entries than PyTorch's grain for its team
+    # m = 64: PyTorch multiplies a 64 x 64 x 2 product and solves two right-hand sides
+    # on its team (at m = 8 it need not); d: more entries than PyTorch's grain.
+    m, d = 64, 2**15
     gen = torch.Generator().manual_seed(0)
-    G = torch.randn(m, d, generator=gen)
+    G = torch.randn(m + 8, d, generator=gen)
     X = torch.randn(d, 3, generator=gen)
     xp = array_namespace(G)
-    op = StaticIHVP(G, damp=0.1)
+    op, spectral = StaticIHVP(G[:m], damp=0.1), SpectralIHVP(G[:m], damp=0.1)
     windows = [DynamicIHVP(m, d, damp=0.1, dtype=dt, xp=xp) for dt in ("float32", "bfloat16")]
+    # A window that refactorises at every update (its Cholesky factor and kappa bounds).
+    windows.append(
+        DynamicIHVP(m, d, damp=0.1, dtype="float32", xp=xp, options=WindowOptions(refactor_every=0))
+    )
     for window in windows:
-        for row in G:  # a full window: its steps edit a row of the factor
+        for row in G[:m]:  # a full window: its steps edit a row of the factor
             window.update(row)
-    calls = [lambda: op @ G[0], lambda: op @ X, lambda: op.T @ X]
+    filling = DynamicIHVP(m, d, damp=0.1, dtype="float32", xp=xp)
+    filling.update(G[0])
+    calls = [lambda: op @ G[0], lambda: op @ X, lambda: op.T @ X, lambda: spectral @ X]
+    calls += [lambda: filling.update(G[m + 1]), lambda: windows[0].set_damp(0.2)]
     for window in windows:
-        calls += [lambda w=window: w.update_and_matvec(G[1]), lambda w=window: w.update(G[2])]
+        calls += [lambda w=window: w.update_and_matvec(G[m]), lambda w=window: w.update(G[2])]
         calls += [lambda w=window: w @ X]
     for call in calls:
         call()  # first calls: anything made once
@@ -268,3 +282,22 @@ def _check_pytorchs_team_stays_asleep(torch) -> None:
     spent = _others_cpu_ms(calls * 2)
     # Each wake costs 5-10 ms of spinning here (``woken`` / 10); a clock tick is 10 ms.
     assert spent < max(30.0, woken / 2), (spent, woken)
+
+
+@pytest.mark.parametrize("block_size", [None, 25])
+def test_pytorch_cpu_results_stay_on_the_cpu_under_a_default_device(block_size):
+    # Results that NumPy computed come back on the operands' device, not PyTorch's
+    # default one (``torch.device("meta")`` here: a result there has no values).
+    torch = pytest.importorskip("torch")
+    gen = torch.Generator().manual_seed(1)
+    G, X = torch.randn(8, 100, generator=gen), torch.randn(100, 3, generator=gen)
+    op = StaticIHVP(G, damp=0.1, block_size=block_size)
+    window = DynamicIHVP(8, 100, damp=0.1, dtype="float32", xp=array_namespace(G))
+    for row in G:
+        window.update(row)
+    want = [op @ X, op @ X[:, 0], window @ X]
+    with torch.device("meta"):
+        got = [op @ X, op @ X[:, 0], window @ X]
+    for y, w in zip(got, want, strict=True):
+        assert y.device.type == "cpu"
+        torch.testing.assert_close(y, w, rtol=0, atol=0)

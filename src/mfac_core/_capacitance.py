@@ -111,8 +111,14 @@ def lambda_max_bounds(xp: Any, gram: Array, /) -> tuple[Any, Any]:
     k - 1 nearly collinear ones of a slightly smaller norm: its start alone stayed
     at ``lambda_max / (k - 1)``).
 
-    Returns arrays of the stack's leading shape (float64).
+    Returns arrays of the stack's leading shape (float64). A PyTorch CPU stack is
+    iterated by NumPy on its memory: PyTorch multiplies even 8 x 8 x 2 on its intra-op
+    team, which then spins on the cores that the passes want.
     """
+    views = _linalg.host_views(xp, gram)
+    if views is not None:
+        bounds = lambda_max_bounds(_linalg.host_namespace(), views[0])
+        return tuple(xp.asarray(b, device=device(gram)) for b in bounds)
     return power_bounds(
         xp,
         xp.linalg.diagonal(gram),

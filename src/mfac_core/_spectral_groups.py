@@ -37,7 +37,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from . import _engine, _pieces
+from . import _engine, _linalg, _pieces
 from ._capacitance import EPS64
 from ._compat import Array, array_namespace, device
 from ._finite import narrowed
@@ -155,11 +155,12 @@ class GramEigen:
                 parts.append(Y_b)
             Y = parts[0] if len(parts) == 1 else xp.concat(parts, axis=1)
             return Y[..., None]
-        Z = Ut @ _engine.project_blocks(xp, G, g, X)  # (count, m, k)
+        # The small products by NumPy for PyTorch CPU tensors (_linalg.matmul).
+        Z = _linalg.matmul(xp, Ut, _engine.project_blocks(xp, G, g, X))  # (count, m, k)
         out = []
         for (scale, c), alpha in zip(H, alphas, strict=True):
             # alpha (X - G^T A) with A = -U (h * Z) / alpha: f(damp) X + G^T U diag(h) U^T G X.
-            A = self.U @ (c[..., None] * Z) * (-scale / alpha)
+            A = _linalg.matmul(xp, self.U, c[..., None] * Z) * (-scale / alpha)
             out.append(_engine.combine_blocks(xp, G, g, X, A, alpha=alpha, dtype=self.dtype))
         return xp.stack(out)
 

@@ -34,9 +34,13 @@ from ._cupy import CUPY_LINALG_CHOICES, get_cupy_linalg, set_cupy_linalg
 
 __all__ = [
     "CUPY_LINALG_CHOICES",
+    "HOST_CHOLESKY_ORDER",
     "cholesky",
     "cholesky_inverse",
     "get_cupy_linalg",
+    "host_namespace",
+    "host_views",
+    "matmul",
     "matmul_into",
     "replace_row",
     "replaced_row",
@@ -61,13 +65,22 @@ def _backend_for(xp: Any) -> Backend:
     return _fallback.make_backend(xp)
 
 
+#: The order from which a PyTorch CPU factorisation stays PyTorch's: OpenBLAS's
+#: ``dpotrf`` wakes its threads from about order 256 too (measured at 256 and 1024).
+HOST_CHOLESKY_ORDER = 256
+
+
 def cholesky(xp: Any, a: Any, /) -> Any:
     """Lower Cholesky factor of each SPD matrix in the stack ``a``.
 
     Raises ``NotPositiveDefinite`` when any matrix is not numerically positive
     definite, whether the library raises or (CuPy, JAX) returns NaN.
     """
-    factor = _backend_for(xp).cholesky(a)
+    views = host_views(xp, a) if a.shape[-1] < HOST_CHOLESKY_ORDER else None
+    if views is not None:  # PyTorch's factorisation wakes its team even at order 8
+        factor = xp.asarray(_backend_for(host_namespace()).cholesky(views[0]), device=device(a))
+    else:
+        factor = _backend_for(xp).cholesky(a)
     diag = xp.linalg.diagonal(factor)
     if not bool(xp.all(xp.isfinite(factor))) or not bool(xp.all(diag > 0)):
         raise NotPositiveDefinite("factor has non-finite or non-positive pivots")
@@ -83,15 +96,15 @@ def solve_triangular(xp: Any, t: Any, b: Any, /, *, lower: bool = True, trans: b
     calling thread, also for autograd).
     """
     several = (b.ndim >= 2 and b.shape[-1] > 1) or math.prod(t.shape[:-2]) > 1
-    views = None if not several or _pieces.is_accelerator(xp, t) else _host_views(xp, t, b)
+    views = host_views(xp, t, b) if several else None
     if views is not None:
         t_host, b_host = views
         try:
             direct = _numpy.trtrs(t_host, b_host, lower, trans)
         except np.linalg.LinAlgError:  # singular: the library's own infinities, as elsewhere
             direct = None
-        if direct is not None:
-            return xp.asarray(direct)
+        if direct is not None:  # on b's device (a default device set by the user is not)
+            return xp.asarray(direct, device=device(b))
     return _backend_for(xp).solve_triangular(t, b, lower, trans)
 
 
@@ -130,6 +143,19 @@ def cholesky_inverse(xp: Any, U: Any, dtype: Any, /, *, out: Any = None) -> Any:
     return out
 
 
+def matmul(xp: Any, a: Any, b: Any, /) -> Any:
+    """``a @ b`` of small float64 matrices; NumPy's for PyTorch CPU tensors.
+
+    PyTorch multiplies even 64 x 64 x 2 on its intra-op team, which then spins on the
+    cores that the passes want (:func:`_host_views`); NumPy's small products do not
+    wake OpenBLAS's threads. The result is on the operands' device.
+    """
+    views = host_views(xp, a, b)
+    if views is None:
+        return a @ b
+    return xp.asarray(np.matmul(*views), device=device(b))
+
+
 def matmul_into(xp: Any, a: Any, b: Any, out: Any, /) -> None:
     """``out[...] = a @ b``, without a temporary where the library allows it."""
     into = _backend_for(xp).matmul_into
@@ -153,13 +179,24 @@ def replace_row(
     views = None if deferred else _host_views(xp, U, b, out)
     if views is not None:
         Uh, bh, outh = views
-        replace_row(_host_namespace(), Uh, p, bh, float(c), outh)  # into out's memory
+        replace_row(host_namespace(), Uh, p, bh, float(c), outh)  # into out's memory
         return out
     backend = _backend_for(xp)
     if backend.replace is None:
         return _rowedit.replace(xp, backend.solve_triangular, U, p, b, c, out, deferred=deferred)
     U = backend.replace(U, p, b, float(c), out)
     return (U, None) if deferred else U
+
+
+def host_views(xp: Any, *arrays: Any) -> tuple[Any, ...] | None:
+    """:func:`_host_views` of arrays off the device route (``_pieces.is_accelerator``).
+
+    For small float64 work that PyTorch would run on its intra-op team; the caller
+    computes with :func:`host_namespace` and wraps its results on the arrays' device.
+    """
+    if _pieces.is_accelerator(xp, arrays[0]):
+        return None
+    return _host_views(xp, *arrays)
 
 
 def _host_views(xp: Any, *arrays: Any) -> tuple[Any, ...] | None:
@@ -178,7 +215,8 @@ def _host_views(xp: Any, *arrays: Any) -> tuple[Any, ...] | None:
 
 
 @cache
-def _host_namespace() -> Any:
+def host_namespace() -> Any:
+    """The array namespace of :func:`host_views`' arrays (NumPy's)."""
     return array_namespace(np.empty(0))
 
 

@@ -74,11 +74,13 @@ def trtrs(t: Any, b: Any, lower: bool, trans: bool) -> Any:
     per matrix, stacked as SciPy stacks them, so the same bits. None for anything else
     (broadcasting, other dtypes, empty arrays), which goes through SciPy.
 
-    Several right-hand sides are solved one at a time (each SciPy's bits for that column
-    alone, in SciPy's memory layout) up to :data:`ONE_THREAD_WORK` multiply-adds: for two
-    or more, OpenBLAS's ``dtrtrs`` wakes its threads at any order, and they then spin
-    for about 0.1 s on the cores that the C extension's passes want (an 8-vector product
-    of 64 x 10**6 float32 entries took 107 ms against 76 ms on 2 cores).
+    Up to :data:`ONE_THREAD_COLUMNS` right-hand sides are solved one at a time (each
+    SciPy's bits for that column alone, in SciPy's memory layout) where that is at most
+    :data:`ONE_THREAD_WORK` multiply-adds: for two or more, OpenBLAS's ``dtrtrs`` wakes
+    its threads at any order, and they then spin for about 0.1 s on the cores that the C
+    extension's passes want (an 8-vector product of 64 x 10**6 float32 entries took 107
+    ms against 76 ms on 2 cores). Each column costs a LAPACK call (1-7 us at orders 16 to
+    256), which more columns would pay many times over.
     """
     if not (
         type(t) is np.ndarray
@@ -118,11 +120,16 @@ def _lapack() -> Any:
 #: cost the passes; a larger solve is worth BLAS's threads.
 ONE_THREAD_WORK = 2**26
 
+#: The most right-hand sides that :func:`trtrs` solves a column at a time: a call per
+#: column (1.3 us at order 64) costs 16 columns about 20 us, a product of many vectors
+#: at small d more than its passes.
+ONE_THREAD_COLUMNS = 16
+
 
 def _trtrs_one(t: np.ndarray, b: np.ndarray, lower: bool, trans: bool) -> np.ndarray:
     """:func:`_trtrs_call` for one matrix, a column at a time where that is cheap enough."""
     n, k = t.shape[0], (b.shape[1] if b.ndim == 2 else 1)
-    if k == 1 or n * n * k > ONE_THREAD_WORK:
+    if k == 1 or k > ONE_THREAD_COLUMNS or n * n * k > ONE_THREAD_WORK:
         return _trtrs_call(t, b, lower, trans)
     out = np.empty(b.shape, order="F")  # dtrtrs's layout for a 2-D b
     for j in range(k):
