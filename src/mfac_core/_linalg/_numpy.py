@@ -79,8 +79,8 @@ def trtrs(t: Any, b: Any, lower: bool, trans: bool) -> Any:
     :data:`ONE_THREAD_WORK` multiply-adds: for two or more, OpenBLAS's ``dtrtrs`` wakes
     its threads at any order, and they then spin for about 0.1 s on the cores that the C
     extension's passes want (an 8-vector product of 64 x 10**6 float32 entries took 107
-    ms against 76 ms on 2 cores). Each column costs a LAPACK call (1-7 us at orders 16 to
-    256), which more columns would pay many times over.
+    ms against 76 ms on 2 cores). Each column costs a LAPACK call (1-8 us at orders 8 to
+    256), which many more columns would pay many times over.
     """
     if not (
         type(t) is np.ndarray
@@ -121,9 +121,11 @@ def _lapack() -> Any:
 ONE_THREAD_WORK = 2**26
 
 #: The most right-hand sides that :func:`trtrs` solves a column at a time: a call per
-#: column (1.3 us at order 64) costs 16 columns about 20 us, a product of many vectors
-#: at small d more than its passes.
-ONE_THREAD_COLUMNS = 16
+#: column (1-8 us at orders 8 to 256) costs 256 columns 0.2-2 ms, a few times one
+#: call's time with OpenBLAS's threads awake; but waking them stalled the passes that
+#: followed (32 columns of order 64 at d = 1e3 took 11 ms against 0.4 ms), and asleep
+#: they cost a millisecond or more to wake. Past it, a call per column costs more.
+ONE_THREAD_COLUMNS = 256
 
 
 def _trtrs_one(t: np.ndarray, b: np.ndarray, lower: bool, trans: bool) -> np.ndarray:
