@@ -93,13 +93,14 @@ def test_numpy_solve_leaves_other_systems_to_scipy():
     assert numpy_linalg.trtrs(L[None], np.ones((4, 1)), True, False) is None
 
 
-def test_numpy_solve_of_a_singular_factor_raises_as_scipy():
+@pytest.mark.parametrize("shape", [(3,), (3, 2)])
+def test_numpy_solve_of_a_singular_factor_raises_as_scipy(shape):
     T = np.eye(3)
     T[1, 1] = 0.0
     with pytest.raises(np.linalg.LinAlgError, match="singular matrix") as want:
-        scipy.linalg.solve_triangular(T, np.ones(3), lower=True, check_finite=False)
+        scipy.linalg.solve_triangular(T, np.ones(shape), lower=True, check_finite=False)
     with pytest.raises(np.linalg.LinAlgError) as got:
-        numpy_linalg.trtrs(T, np.ones(3), True, False)
+        numpy_linalg.trtrs(T, np.ones(shape), True, False)
     assert str(got.value) == str(want.value)
 
 

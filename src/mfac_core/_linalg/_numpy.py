@@ -134,8 +134,14 @@ def _trtrs_one(t: np.ndarray, b: np.ndarray, lower: bool, trans: bool) -> np.nda
     if k == 1 or k > ONE_THREAD_COLUMNS or n * n * k > ONE_THREAD_WORK:
         return _trtrs_call(t, b, lower, trans)
     out = np.empty(b.shape, order="F")  # dtrtrs's layout for a 2-D b
+    # _trtrs_call's arguments, chosen once: the loop's calls are most of its time.
+    dtrtrs, fortran = _lapack().dtrtrs, t.flags.f_contiguous
+    a, lo, tr = (t, int(lower), int(trans)) if fortran else (t.T, int(not lower), int(not trans))
     for j in range(k):
-        out[:, j] = _trtrs_call(t, b[:, j], lower, trans)
+        x, info = dtrtrs(a, b[:, j], lower=lo, trans=tr)
+        if info:  # the same call again, for its error
+            _trtrs_call(t, b[:, j], lower, trans)
+        out[:, j] = x
     return out
 
 
