@@ -21,8 +21,8 @@ pages, so the same memory speed), interleaved in one process, with the operators
 default options (``check_finite=True``); before each timed run the process sleeps 30 ms,
 so that every run starts with PyTorch's team asleep and pays only for what its own call
 wakes. The floor of a row is its NumPy twin, which no PyTorch operation touches: a ratio
-near 1.00x says the PyTorch route adds nothing. A window allocates its own buffer
-(PyTorch's allocator or NumPy's), so the window rows also compare two allocators' pages.
+near 1.00x says the PyTorch route adds nothing. A window allocates its own buffer, over
+NumPy's memory in both libraries (``_host_rows.zeros``).
 
 The *idle threads* columns say what each call wakes (Linux only): the CPU time per call
 of the process's threads that outlive it (PyTorch's team, NumPy's and SciPy's OpenBLAS
