@@ -40,7 +40,14 @@ from typing import Any
 
 import numpy as np
 
-from mfac_core._timing import Timing, best_time, fmt_time, interleaved, markdown_table
+from mfac_core._timing import (
+    Timing,
+    best_time,
+    fmt_time,
+    interleaved,
+    markdown_table,
+    other_threads_cpu_ms,
+)
 
 __all__ = [
     "Bandwidth",
@@ -57,6 +64,7 @@ __all__ = [
     "markdown_table",
     "measure_bandwidth",
     "memory_probe",
+    "other_threads_cpu_ms",
     "run_child",
 ]
 

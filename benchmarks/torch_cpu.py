@@ -35,9 +35,7 @@ set here): what a user's process does.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -57,35 +55,11 @@ def _quiet() -> None:
     time.sleep(0.03)
 
 
-def _thread_cpu_ms() -> dict[int, float] | None:
-    """CPU milliseconds of each thread of this process, or None off Linux."""
-    if not os.path.isdir("/proc/self/task"):
-        return None
-    tick = 1000.0 / os.sysconf("SC_CLK_TCK")
-    out = {}
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            with open(f"/proc/self/task/{tid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:  # the thread ended meanwhile
-            continue
-        out[int(tid)] = (int(fields[11]) + int(fields[12])) * tick
-    return out
-
-
 def idle_threads_ms(fn: Any, calls: int = 3) -> float | None:
     """CPU ms per call of the threads (not this one) that outlive ``fn``'s calls."""
-    time.sleep(0.3)
-    before = _thread_cpu_ms()
-    if before is None:
-        return None
-    for _ in range(calls):
-        fn(None)
-        time.sleep(0.3)
-    after = _thread_cpu_ms() or {}
-    me = threading.get_native_id()
-    spent = sum(after[t] - before[t] for t in after.keys() & before.keys() if t != me)
-    return spent / calls
+    time.sleep(0.3)  # what an earlier candidate woke sleeps first
+    spent = common.other_threads_cpu_ms([lambda: fn(None)] * calls, pause=0.3)
+    return None if spent is None else spent / calls
 
 
 def pairs(torch: Any, m: int, d: int, k: int, rng: np.random.Generator) -> dict[str, Any]:

@@ -20,6 +20,7 @@ import scipy.linalg
 from mfac_core import DynamicIHVP, SpectralIHVP, StaticIHVP, WindowOptions, _fused
 from mfac_core._compat import array_namespace, cumulative_sum, take
 from mfac_core._linalg import _numpy as numpy_linalg
+from mfac_core._timing import other_threads_cpu_ms
 
 
 def _factors(rng: np.random.Generator, n: int, batch: tuple[int, ...]) -> np.ndarray:
@@ -202,34 +203,14 @@ def test_cumulative_sum_is_the_namespaces_bit_for_bit(lib, include_initial):
 # -- PyTorch's intra-op team (docs/guidance.rst, "CPU threads") ---------------------------------
 
 
-def _thread_cpu_ms() -> dict[int, float]:
-    """CPU milliseconds of each thread of this process (Linux's per-thread counters)."""
-    tick = 1000.0 / os.sysconf("SC_CLK_TCK")
-    out = {}
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            with open(f"/proc/self/task/{tid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:  # the thread ended meanwhile
-            continue
-        out[int(tid)] = (int(fields[11]) + int(fields[12])) * tick
-    return out
-
-
 def _others_cpu_ms(calls) -> float:
-    """CPU ms that threads alive before and after ``calls`` (not this one) spent meanwhile.
+    """CPU ms of the threads that outlive ``calls``, each followed by 30 ms of sleep.
 
-    Each call is followed by 30 ms of sleep, in which a woken OpenMP team spins (libgomp's
-    default waits about 5-10 ms) and then sleeps. The library's own threads end with each
-    call, so only threads that outlive it (PyTorch's and BLAS's teams) are counted.
+    A woken OpenMP team spins (libgomp's default waits about 5-10 ms), then sleeps.
     """
-    me = threading.get_native_id()
-    before = _thread_cpu_ms()
-    for call in calls:
-        call()
-        time.sleep(0.03)
-    after = _thread_cpu_ms()
-    return sum(after[t] - before[t] for t in after.keys() & before.keys() if t != me)
+    spent = other_threads_cpu_ms(calls, pause=0.03)
+    assert spent is not None  # Linux: checked by the caller
+    return spent
 
 
 def test_pytorch_cpu_operators_leave_pytorchs_intra_op_team_asleep():

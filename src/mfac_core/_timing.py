@@ -9,7 +9,9 @@ indicator.
 from __future__ import annotations
 
 import gc
+import os
 import statistics
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -17,7 +19,15 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Timing", "best_time", "copy_bandwidth", "fmt_time", "interleaved", "markdown_table"]
+__all__ = [
+    "Timing",
+    "best_time",
+    "copy_bandwidth",
+    "fmt_time",
+    "interleaved",
+    "markdown_table",
+    "other_threads_cpu_ms",
+]
 
 
 @dataclass
@@ -98,3 +108,38 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
 
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([line(cells[0]), sep, *(line(r) for r in cells[1:])])
+
+
+def other_threads_cpu_ms(calls: Sequence[Callable[[], Any]], *, pause: float) -> float | None:
+    """CPU ms that idle threads spent while ``calls`` ran, each followed by ``pause`` s.
+
+    The threads counted are this process's threads other than the calling one that
+    lived before and after the calls: BLAS's and PyTorch's teams, which spin for a while
+    after a call that woke them (the library's own threads end with each call). From
+    Linux's per-thread counters (a clock tick, 10 ms, at a time); None elsewhere.
+    """
+    before = _thread_cpu_ms()
+    if before is None:
+        return None
+    for call in calls:
+        call()
+        time.sleep(pause)
+    after = _thread_cpu_ms() or {}
+    me = threading.get_native_id()
+    return sum(after[t] - before[t] for t in after.keys() & before.keys() if t != me)
+
+
+def _thread_cpu_ms() -> dict[int, float] | None:
+    """CPU milliseconds of each thread of this process, or None off Linux."""
+    if not os.path.isdir("/proc/self/task"):
+        return None
+    tick = 1000.0 / os.sysconf("SC_CLK_TCK")
+    out = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        out[int(tid)] = (int(fields[11]) + int(fields[12])) * tick
+    return out
