@@ -11,7 +11,6 @@ import math
 from collections.abc import Callable
 from typing import Any, ClassVar, TypeAlias
 
-import numpy as np
 from array_api_compat import array_namespace as _array_namespace
 from array_api_compat import (
     device,
@@ -157,6 +156,7 @@ def cumulative_sum(xp: Any, x: Any, /, *, include_initial: bool = False) -> Any:
     """
     if not is_numpy_namespace(xp):
         return xp.cumulative_sum(x, include_initial=include_initial)
+    import numpy as np
 
     total = x.cumsum(axis=0)
     if not include_initial:
