@@ -283,3 +283,30 @@ def test_pytorch_cpu_results_stay_on_the_cpu_under_a_default_device(block_size):
     for y, w in zip(got, want, strict=True):
         assert y.device.type == "cpu"
         torch.testing.assert_close(y, w, rtol=0, atol=0)
+
+
+def test_pytorch_forward_mode_tangents_are_not_dropped_by_the_host_routes():
+    # A dual tensor of forward-mode AD does not require grad; NumPy views of it would
+    # drop its tangent. The operators are linear: the tangent along X is A @ X itself.
+    torch = pytest.importorskip("torch")
+    forward_ad = pytest.importorskip("torch.autograd.forward_ad")
+    gen = torch.Generator().manual_seed(2)
+    G = torch.randn(8, 40, generator=gen, dtype=torch.float64)
+    X = torch.randn(40, 3, generator=gen, dtype=torch.float64)
+    window = DynamicIHVP(8, 40, damp=1e-2, dtype="float64", xp=array_namespace(G))
+    for row in G:
+        window.update(row)
+    ops = [
+        StaticIHVP(G, damp=1e-2),
+        StaticIHVP(G, damp=1e-2, block_size=10),
+        SpectralIHVP(G, damp=1e-2),
+        window,
+    ]
+    for op in ops:
+        want = op @ X
+        with forward_ad.dual_level():
+            primal, tangent = forward_ad.unpack_dual(op @ forward_ad.make_dual(X, X))
+        assert tangent is not None, type(op).__name__
+        scale = float(torch.linalg.norm(want))  # normwise: an entry may cancel to zero
+        assert float(torch.linalg.norm(primal - want)) <= 1e-12 * scale, type(op).__name__
+        assert float(torch.linalg.norm(tangent - want)) <= 1e-12 * scale, type(op).__name__

@@ -36,6 +36,7 @@ the public call that returns it, from one sum of the result (``_finite``).
 from __future__ import annotations
 
 import contextlib
+import sys
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
@@ -174,16 +175,31 @@ def host_view(xp: Any, A: Array) -> tuple[np.ndarray, str | None] | None:
 
 
 def vector_view(xp: Any, X: Array) -> np.ndarray | None:
-    """``X`` (n, k) as a NumPy array of its values, or None (autograd, another device)."""
+    """``X`` (n, k) as a NumPy array of its values, or None (autograd, another device).
+
+    Autograd includes forward mode: inside a dual level (``torch.autograd.forward_ad``)
+    a tensor may carry a tangent without ``requires_grad``, which NumPy would drop.
+    """
     if isinstance(X, np.ndarray):
         return X
-    if is_torch_namespace(xp) and X.device.type == "cpu" and not X.requires_grad:
+    if (
+        is_torch_namespace(xp)
+        and X.device.type == "cpu"
+        and not X.requires_grad
+        and not _forward_ad_active()
+    ):
         if str(X.dtype) in ("torch.float32", "torch.float64"):
             try:
                 return X.numpy()
             except RuntimeError:  # no plain storage (see host_view)
                 return None
     return None
+
+
+def _forward_ad_active() -> bool:
+    """Whether PyTorch's forward-mode AD has a dual level open (tangents may flow)."""
+    forward_ad = sys.modules.get("torch.autograd.forward_ad")
+    return forward_ad is not None and getattr(forward_ad, "_current_level", -1) >= 0
 
 
 def _same(Y: Any) -> Any:
