@@ -285,6 +285,8 @@ def test_pytorch_cpu_results_stay_on_the_cpu_under_a_default_device(block_size):
         torch.testing.assert_close(y, w, rtol=0, atol=0)
 
 
+# PyTorch's forward-mode AD scripts some of its helpers with torch.jit, which 2.13 deprecates.
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 def test_pytorch_forward_mode_tangents_are_not_dropped_by_the_host_routes():
     # A dual tensor of forward-mode AD does not require grad; NumPy views of it would
     # drop its tangent. The operators are linear: the tangent along X is A @ X itself.
