@@ -312,3 +312,18 @@ def test_pytorch_forward_mode_tangents_are_not_dropped_by_the_host_routes():
         scale = float(torch.linalg.norm(want))  # normwise: an entry may cancel to zero
         assert float(torch.linalg.norm(primal - want)) <= 1e-12 * scale, type(op).__name__
         assert float(torch.linalg.norm(tangent - want)) <= 1e-12 * scale, type(op).__name__
+
+
+def test_the_simulated_device_route_checks_finiteness_as_a_gpu_does():
+    # Where CPU tensors stand for a GPU's (the tests' device path), the finiteness check
+    # takes a GPU tensor's route (one reduction, one read), not the host's NumPy view.
+    pytest.importorskip("torch")
+    import torch
+    from _counting import counting, device_path
+
+    gen = torch.Generator().manual_seed(3)
+    G, x = torch.randn(8, 100, generator=gen), torch.randn(100, generator=gen)
+    op = StaticIHVP(G, damp=0.1)
+    with device_path(), counting() as count:
+        op @ x
+    assert count.names["aminmax"] >= 1, count.names

@@ -228,10 +228,11 @@ def detached(x: Any) -> Any:
 _NUMPY_VIEWABLE = ("torch.float32", "torch.float64")  # NumPy's float16 sums are slow
 
 
-def is_finite_array(xp: Any, x: Any) -> bool:
+def is_finite_array(xp: Any, x: Any, /, *, host_view: bool = True) -> bool:
     """Whether the floating array ``x`` holds no NaN and no infinity (one transfer).
 
-    A float32 or float64 PyTorch CPU tensor is read by NumPy, on this thread: a
+    With ``host_view`` (False where CPU tensors stand for a GPU's, in tests), a float32
+    or float64 PyTorch CPU tensor is read by NumPy, on this thread: a
     PyTorch reduction wakes its intra-op threads, which then spin for milliseconds
     on the cores that the C extension's passes, called right after, need (3.5-6 ms
     a product of 10**6 float32 entries on 2 cores). Another tensor's least and
@@ -239,7 +240,7 @@ def is_finite_array(xp: Any, x: Any) -> bool:
     writes a boolean tensor of x's size first, 20x the time of the one reduction.
     """
     if is_torch_array(x) and x.numel() > 0:
-        if x.device.type == "cpu" and str(x.dtype) in _NUMPY_VIEWABLE:
+        if host_view and x.device.type == "cpu" and str(x.dtype) in _NUMPY_VIEWABLE:
             try:
                 view = x.detach().numpy()
             except RuntimeError:  # no plain storage, or a negative view: PyTorch reads it

@@ -64,7 +64,8 @@ def check_finite(xp: Any, x: Array, name: str, *, locate: bool = True) -> None:
     Without ``locate`` the message names none: for one rank's shard of an array, whose
     indices are not the user's.
     """
-    if not is_finite_array(xp, x):
+    # Inside host_results_stand_for_a_device, the route of a GPU's tensors (no NumPy view).
+    if not is_finite_array(xp, x, host_view=_torch_cpu_checked[0]):
         if not locate:
             raise ValueError(f"{name} must not contain NaN or infinity")
         raise_non_finite(xp, x, name)
