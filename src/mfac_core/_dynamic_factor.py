@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _capacitance, _engine, _host_rows, _pieces
+from . import _capacitance, _engine, _host_rows, _linalg, _pieces
 from ._attributes import reassign
 from ._capacitance import DRIFT_TOL, CapacitanceFactor, relative_column_drift
 from ._compat import Array, host_values, take
@@ -529,10 +529,9 @@ def edited_gram_sums(op: Any, slot: int, b: Array, k: int) -> tuple[Any, Any]:
     # A PyTorch CPU window's m x m arrays are summed by NumPy too: PyTorch runs even a
     # 64 x 64 x 2 product on its intra-op (OpenMP) team, whose threads then spin for
     # milliseconds on the cores that the step's passes, right after, want.
-    if not _pieces.is_accelerator(xp, gram):
-        gram_view, b_view = _engine.vector_view(xp, gram), _engine.vector_view(xp, b)
-        if gram_view is not None and b_view is not None:
-            gram, b = gram_view, b_view
+    views = _linalg.host_views(xp, gram, b)
+    if views is not None:
+        gram, b = views
     # A gradient whose squared norm overflows is refused by its own check, in words:
     # these sums' overflow or inf - inf is no finding of NumPy's to warn of.
     with np.errstate(all="ignore"):
