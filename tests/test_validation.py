@@ -542,6 +542,34 @@ def test_sparse_and_nested_torch_tensors_are_refused_by_name():
         assert torch.equal(op @ x, y)  # the refusals changed nothing
 
 
+def test_vmapped_torch_tensors_are_refused_by_name_and_other_transforms_still_work():
+    # Regression: torch.vmap over a product failed deep inside, at the first read of a
+    # value on the host ("Cannot access data pointer of Tensor that doesn't have storage").
+    torch = pytest.importorskip("torch")
+    Gt = torch.asarray(G)
+    X = torch.asarray(np.linspace(-1.0, 1.0, 3 * G.shape[1]).reshape(3, -1))
+    op = StaticIHVP(Gt, damp=0.1)
+    window = DynamicIHVP(3, G.shape[1], damp=0.1, dtype="float64", xp=torch)
+    window.update(Gt[0])
+    before = window @ X[0]
+    batched = r"^{} is batched by torch\.func\.vmap.*A\.matmat\(X\.T\)\.T"
+    with pytest.raises(TypeError, match=batched.format("x")):
+        torch.vmap(op.matvec)(X)
+    with pytest.raises(TypeError, match=batched.format("x")):  # batched under a grad level
+        torch.vmap(torch.func.grad(lambda v: (op @ v).sum()))(X)
+    with pytest.raises(TypeError, match=batched.format("g")):
+        torch.vmap(window.update)(X)
+    with pytest.raises(TypeError, match=batched.format("G")):
+        torch.vmap(lambda g: SpectralIHVP(g[None], damp=0.1) @ X[0])(X)
+    assert len(window) == 1 and torch.equal(window @ X[0], before)
+    # The transforms that hold one tensor per level go through (the library's own path).
+    dense = op.todense()
+    torch.testing.assert_close(torch.func.jacfwd(op.matvec)(X[0]), dense, rtol=1e-12, atol=0)
+    torch.testing.assert_close(torch.func.jacrev(op.matvec)(X[0]), dense, rtol=1e-12, atol=0)
+    hessian = torch.func.hessian(lambda v: v @ (op @ v))(X[0])
+    torch.testing.assert_close(hessian, 2 * dense, rtol=1e-12, atol=1e-12 * dense.abs().max())
+
+
 def test_masked_arrays_are_refused_by_name():
     # Regression: a numpy.ma.MaskedArray passed the checks as a NumPy array; its mask was
     # then ignored (prune kept and moved a masked weight as its stored value) or broke

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 from collections.abc import Callable
 from typing import Any, ClassVar, TypeAlias
 
@@ -56,6 +57,7 @@ __all__ = [
     "is_numpy_namespace",
     "is_torch_array",
     "is_torch_namespace",
+    "is_vmapped",
     "is_writeable_array",
     "library_namespace",
     "may_share_memory",
@@ -211,6 +213,27 @@ def restored_device(token: Any) -> Any:
 
         return next(d for d in jax.devices(token[1]) if d.id == token[2])
     return token
+
+
+def is_vmapped(x: Any) -> bool:
+    """Whether ``x`` is a PyTorch tensor batched by ``torch.func.vmap`` (at any level).
+
+    Such a tensor has no storage of its own: reading its values on the host (a check, a
+    NumPy view, ``tolist``) fails ("Cannot access data pointer"). Other ``torch.func``
+    wrappers (``grad``, ``jvp``, ``jacrev``) hold one tensor each and are read as it.
+    PyTorch exposes the test only in ``torch._C._functorch``; without it, False.
+    """
+    if not is_torch_array(x):
+        return False
+    functorch: Any = getattr(sys.modules["torch"]._C, "_functorch", None)
+    try:
+        while functorch.is_functorch_wrapped_tensor(x):
+            if functorch.is_batchedtensor(x):
+                return True
+            x = functorch.get_unwrapped(x)
+    except AttributeError:  # another PyTorch, without these functions (or None)
+        return False
+    return False
 
 
 def detached(x: Any) -> Any:

@@ -34,6 +34,7 @@ import numpy as np
 
 from ._compat import Array, detached, is_finite_array, is_torch_array
 from ._errors import user_stacklevel
+from ._torch_compile import eager_under_torch_compile
 
 __all__ = [
     "FLOAT32_OVERFLOW",
@@ -468,7 +469,8 @@ def _gathered(method: _F, *, say: bool, steps_test: bool = False) -> _F:
             pending.say_noted()
         return result
 
-    return wrapper  # type: ignore[return-value]
+    # A public call: under torch.compile it runs eagerly too (its checks decide on the host).
+    return eager_under_torch_compile(wrapper)  # type: ignore[return-value]
 
 
 #: Whether :func:`narrowed` tests PyTorch CPU results: not where they stand for a GPU's.

@@ -34,6 +34,7 @@ from ._spectral_forms import checked_rows, forms_of
 from ._spectral_groups import Group, applied, checked_power, diagonal_of, logdet_of, trace_of
 from ._spectral_sample import drawn
 from ._spectral_setup import build, derived, sweep_damps
+from ._torch_compile import eager_under_torch_compile
 from ._validation import check_count, check_damp
 
 __all__ = ["SpectralIHVP"]
@@ -152,6 +153,7 @@ class SpectralIHVP(LinearOperator):
     _fixed = (*BUILT_WITH, "power", "kappa", "error_scale")
     _groups: tuple[Group, ...]
 
+    @eager_under_torch_compile
     def __init__(
         self, G: Array, /, *, damp: float, block_size: int | None = None, check_finite: bool = True
     ) -> None:
@@ -163,6 +165,7 @@ class SpectralIHVP(LinearOperator):
 
     # -- damping, spectrum and derived operators (``_spectral_setup.derived``) -----------------
 
+    @eager_under_torch_compile
     def with_damp(self, damp: float, /) -> SpectralIHVP:
         """The same power of F at another damping, sharing the set-up (O(m)).
 
@@ -192,6 +195,7 @@ class SpectralIHVP(LinearOperator):
         """
         return derived(self, damp=check_damp(damp, num_grads=self.num_grads))
 
+    @eager_under_torch_compile
     def sqrt(self) -> SpectralIHVP:
         """The square root of this operator: ``F^{-1/2}`` for ``F^{-1}``, ``F^{1/2}`` for ``F``.
 
@@ -217,6 +221,7 @@ class SpectralIHVP(LinearOperator):
         """
         return derived(self, power=checked_power(self.power, self.power / 2, "sqrt"))
 
+    @eager_under_torch_compile
     def inv_sqrt(self) -> SpectralIHVP:
         """The inverse square root of this operator: ``F^{1/2}`` for ``F^{-1}``.
 
@@ -241,6 +246,7 @@ class SpectralIHVP(LinearOperator):
         """
         return derived(self, power=checked_power(self.power, -self.power / 2, "inv_sqrt"))
 
+    @eager_under_torch_compile
     def inverse(self) -> SpectralIHVP:
         """The inverse of this operator (``F`` for ``F^{-1}``), sharing the set-up.
 
@@ -497,6 +503,7 @@ class SpectralIHVP(LinearOperator):
 
     # -- sampling (``_spectral_sample``) -------------------------------------------------------
 
+    @eager_under_torch_compile
     def sample(self, n: int, /, *, rng: Any) -> Array:
         """``n`` draws from ``N(0, A)`` for this operator A (``N(0, F^{-1})``), O(d m) each.
 

@@ -30,6 +30,7 @@ from ._group_factors import GroupFactor
 from ._layout import block_groups
 from ._operator import LinearOperator
 from ._refine import fisher_residual, refine
+from ._torch_compile import eager_under_torch_compile
 from ._validation import (
     check_block_size,
     check_count,
@@ -291,6 +292,7 @@ class StaticIHVP(_BlockOperatorBase):
                 return sharded(*args, **kwargs)
         return super().__new__(cls)
 
+    @eager_under_torch_compile
     def __init__(
         self,
         G: Array,
@@ -340,6 +342,7 @@ class StaticIHVP(_BlockOperatorBase):
         self._warn_if_hopeless(result.woodbury_lo, result.dense_lo)
 
     @classmethod
+    @eager_under_torch_compile
     def streamed(
         cls,
         G: Array,
@@ -421,6 +424,7 @@ class StaticIHVP(_BlockOperatorBase):
         return xp
 
     @classmethod
+    @eager_under_torch_compile
     def from_gradients(
         cls,
         gradients: Iterable[Array],
@@ -691,6 +695,7 @@ class EmpiricalFisher(_BlockOperatorBase):
     True
     """
 
+    @eager_under_torch_compile
     def __init__(
         self, G: Array, /, *, damp: float, block_size: int | None = None, check_finite: bool = True
     ) -> None:

@@ -36,6 +36,7 @@ from ._compat import (
     is_jax_namespace,
     is_torch_array,
     is_torch_namespace,
+    is_vmapped,
     is_writeable_array,
     namespace_name,
     same_device,
@@ -130,7 +131,7 @@ def namespace_of(x: Array, name: str) -> Any:
 
 
 def check_strided(x: Array, name: str) -> None:
-    """Refuse a PyTorch sparse or nested tensor (``TypeError`` naming the argument).
+    """Refuse a PyTorch sparse, nested or vmapped tensor (``TypeError`` naming the argument).
 
     They are tensors to array-api-compat, but the operators' slicing, checks and passes
     need strided memory: they failed deep inside (NotImplementedError "Could not run
@@ -142,6 +143,14 @@ def check_strided(x: Array, name: str) -> None:
         raise TypeError(
             f"{name} is a nested PyTorch tensor; the operators take dense (strided) "
             f"tensors: stack its components, e.g. torch.stack({name}.unbind())"
+        )
+    if is_vmapped(x):
+        # Its first read on the host failed deep inside: "Cannot access data pointer".
+        raise TypeError(
+            f"{name} is batched by torch.func.vmap, which the operators cannot take: their "
+            "checks and factorisations read values on the host. Call them outside of vmap; "
+            "products of several vectors are one call, e.g. A.matmat(X.T).T for "
+            "torch.vmap(A.matvec)(X)"
         )
     if is_torch_array(x) and str(x.layout) != "torch.strided":
         raise TypeError(
