@@ -23,6 +23,15 @@ also edits its factor (O(m^2)) and checks its drift; its floor is the same sums,
 ratio holds that work too. One child process per thread count (``OPENBLAS_NUM_THREADS``,
 ``OMP_NUM_THREADS`` and ``MFAC_CORE_NUM_THREADS``), so that every library starts with it.
 
+**torch.compile** (PyTorch CPU float32 tensors, one thread): once ``torch._dynamo`` is
+imported, each public call of an operator goes through a twin excluded from tracing
+(``torch.compiler.disable``), so that a compiled function that calls it has one graph
+break there and the call runs as eagerly. The floor is the same call without that
+exclusion (the method it wraps, ``__wrapped__``); then the call as users make it, and
+``sin(op @ cos(x))`` eagerly and compiled (inductor; TorchDynamo's eager backend with
+``--quick``, which generates no code): the compiled function's excess over the eager one
+is TorchDynamo's, at the graph break (its guards, the resumed frame).
+
 **Optimizer** (one torch thread): ``MFAC.step()`` against ``torch.optim.Adam.step()`` on
 a small ReLU MLP (d about 1e4 and 1e5, m = 32), the gradients set beforehand, a new one
 each step (views into a bank filled once, the same for both optimizers).
@@ -136,6 +145,45 @@ def product_rows(m: int, d: int, dtype: Any, repeat: int, budget: float) -> list
     return rows
 
 
+def compiled_rows(repeat: int, budget: float, quick: bool) -> list[list[str]]:
+    import torch
+    import torch._dynamo  # what torch.compile imports: the exclusion is on from here
+
+    torch.set_num_threads(1)
+    backend = "eager" if quick else "inductor"
+    rows = []
+    for m, d in QUICK_SIZES if quick else SIZES[1:]:
+        rows += compiled_size_rows(m, d, repeat, budget, backend)
+    return rows
+
+
+def compiled_size_rows(m: int, d: int, repeat: int, budget: float, backend: str) -> list[list[str]]:
+    import torch
+
+    rng = np.random.default_rng(0)
+    G = torch.from_numpy(make_grads(rng, m, d, np.float32))
+    x = torch.from_numpy(rng.standard_normal(d).astype(np.float32))
+    op = StaticIHVP(G, damp=DAMP)
+    unexcluded = type(op).matvec.__wrapped__
+
+    def around(v: Any) -> Any:
+        return torch.sin(op @ torch.cos(v))
+
+    traced = torch.compile(around, backend=backend)
+    fns = {
+        "op.matvec(x) without its exclusion (floor)": lambda i: unexcluded(op, x),
+        "op.matvec(x)": lambda i: op.matvec(x),
+        "sin(op @ cos(x)), eager": lambda i: around(x),
+        f"sin(op @ cos(x)), compiled ({backend})": lambda i: traced(x),
+    }
+    t = timed(fns, repeat, budget)
+    floor = next(iter(t.values()))
+    return [
+        [f"{m}", f"{d:.0e}", what, common.fmt_time(per), common.fmt_ratio(per / floor)]
+        for what, per in t.items()
+    ]
+
+
 def stepper(params: list[Any], opt: Any, bank: Any) -> Callable[[int], Any]:
     """``step(i)``: the gradients set to row ``i`` of ``bank`` (views), then ``opt.step()``."""
     offsets = np.cumsum([0] + [p.numel() for p in params])
@@ -187,7 +235,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--threads", type=int, action="append", default=None, help="default 1 and 2")
     p.add_argument("--repeat", type=int, default=None, help="runs per timing (best of)")
-    p.add_argument("--no-torch", action="store_true", help="skip the optimizer table")
+    p.add_argument("--no-torch", action="store_true", help="skip the PyTorch tables")
     p.add_argument("--quick", action="store_true", help="smoke run: two sizes, one thread, < 20 s")
     p.add_argument(_CHILD, type=str, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -201,6 +249,8 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     """The tables of one process: ``args.child`` is "products" or "optimizer"."""
     if args.child == "optimizer":
         return {"rows": optimizer_rows(args.repeat, args.budget, args.quick)}
+    if args.child == "compiled":
+        return {"rows": compiled_rows(args.repeat, args.budget, args.quick)}
     rows = []
     for m, d in QUICK_SIZES if args.quick else SIZES:
         for dtype in (np.float32, np.float64):
@@ -239,6 +289,10 @@ def main(argv: list[str] | None = None) -> int:
             rows = common.run_child([*base, _CHILD, "optimizer"], env=env)["rows"]
             print("## MFAC.step() against Adam.step(), one torch thread\n")
             print(common.markdown_table(["d", "candidate", "per step", "/ Adam"], rows) + "\n")
+            rows = common.run_child([*base, _CHILD, "compiled"], env=env)["rows"]
+            print("## PyTorch CPU operators under torch.compile, one thread\n")
+            headers = ["m", "d", "candidate", "per call", "/ floor"]
+            print(common.markdown_table(headers, rows) + "\n")
     foreign = monitor.foreign_cores()
     load = " / ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "-"
     if foreign is not None:

@@ -31,6 +31,7 @@ from ._compat import (
 from ._dtypes import operator_dtype
 from ._finite import check_finite, float32_overflow_once, note_arithmetic_overflow
 from ._scipy_export import scipy_operator
+from ._torch_compile import eager_under_torch_compile
 from ._validation import (
     check_count,
     check_flag,
@@ -97,8 +98,7 @@ class LinearOperator:
     #: own products; the base class only refuses what would mix shards and whole
     #: vectors (``todense``, ``to_scipy``, arithmetic).
     layout: Any = None
-    # Attributes a subclass rebuilds on demand (scratch buffers): left out of pickles
-    # and deep copies.
+    # Scratch buffers that a subclass rebuilds on demand: not pickled, not deep-copied.
     _transient: tuple[str, ...] = ()
     __setattr__, __delattr__ = set_unless_fixed, delete_unless_fixed
 
@@ -140,8 +140,7 @@ class LinearOperator:
         self.__dict__.update(state)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> LinearOperator:
-        # What copy.deepcopy does by default, through the pickling state (the namespace
-        # is a module, which deepcopy cannot copy).
+        # deepcopy's default, through the pickling state (a module cannot be deep-copied).
         new = type(self).__new__(type(self))
         memo[id(self)] = new
         new.__setstate__(copy.deepcopy(self.__getstate__(), memo))
@@ -315,6 +314,7 @@ class LinearOperator:
         """
         return self._rmatmat(self._check_input(X, "X", self.shape[0], (2,)))
 
+    @eager_under_torch_compile
     def dot(self, x: Array, /) -> Any:
         """Multiply by an operator, a scalar or an array, as SciPy's ``dot`` does.
 
@@ -377,11 +377,13 @@ class LinearOperator:
             "to_scipy() to SciPy (whose operators compose with it)"
         )
 
+    @eager_under_torch_compile
     def __matmul__(self, other: Any) -> Any:
         if isinstance(other, numbers.Number):
             raise ValueError("scalar operands are not allowed with @, use * instead")
         return self.dot(other)
 
+    @eager_under_torch_compile
     def __rmatmul__(self, other: Any) -> Any:
         if isinstance(other, numbers.Number):
             raise ValueError("scalar operands are not allowed with @, use * instead")
