@@ -149,8 +149,42 @@ def test_a_numpy_operator_inside_a_compiled_function_runs_as_eagerly():
     np.testing.assert_array_equal(out, fn(x))
 
 
+def count_compiled_ops(fn, *args):
+    """How many operations of ``fn`` TorchDynamo put into graphs (the rest ran eagerly)."""
+    ops = []
+
+    def backend(gm, example_inputs):
+        ops.extend(n for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    torch.compile(fn, backend=backend)(*args)
+    return len(ops)
+
+
+@pytest.mark.parametrize(
+    "apply",
+    [
+        lambda A, v: A(v),
+        lambda A, v: A.matvec(v),
+        lambda A, v: A.rmatvec(v),
+        lambda A, v: A.dot(v),
+        lambda A, v: A.T(v),
+        lambda A, v: A.matmat(v[:, None])[:, 0],
+    ],
+    ids=["A(x)", "matvec", "rmatvec", "dot", "A.T(x)", "matmat"],
+)
+def test_the_code_around_a_called_operator_compiles(apply):
+    # The forms docs/torch.rst recommends: Dynamo resumes after the call, so both the
+    # code before it and the code after it are in graphs (4 operations, cos * sin +).
+    S, x = mfac_core.StaticIHVP(gradients(), damp=1e-2), vector()
+    assert count_compiled_ops(lambda v: torch.sin(apply(S, torch.cos(v) * 2)) + 1, x) >= 4
+
+
 def test_a_product_is_one_graph_break_and_fullgraph_says_why():
     S, x = mfac_core.StaticIHVP(gradients(), damp=1e-2), vector()
+    with pytest.raises(torch._dynamo.exc.Unsupported):  # whether or not it was called before
+        compiled(lambda v: S.diagonal() * v, fullgraph=True)(x)
+    torch._dynamo.reset()
     S.matvec(x)  # the excluded call exists: the first trace has no extra break
 
     def around(v):
@@ -197,8 +231,9 @@ def test_calls_in_other_threads_do_not_see_a_compiled_call_as_their_own():
         torch.testing.assert_close(r, want, rtol=0, atol=0)
 
 
-# Calls that only compose operators (no array is read or written): Dynamo traces them.
-COMPOSING = {"adjoint", "transpose", "to_scipy"}
+# Calls that only compose operators (no array is read or written), and x @ A, which hands
+# x to rmatvec or rmatmat (excluded, Dynamo resumes after them in a helper): traced.
+COMPOSING = {"adjoint", "transpose", "to_scipy", "__rmatmul__"}
 
 
 @pytest.mark.parametrize(
@@ -227,3 +262,22 @@ def test_every_public_call_that_reads_arrays_runs_eagerly_under_torch_compile(cl
         if not getattr(fn, "eager_under_torch_compile", False):
             missing.append(name)
     assert missing == []
+
+
+def test_pytorch_before_2_3_without_torch_compiler_is_compiling(monkeypatch):
+    # torch.compiler.is_compiling came with PyTorch 2.3 (pyproject allows 2.1): every call
+    # once torch._dynamo was imported raised AttributeError, MFAC's step too (where
+    # torch.compile had been called).
+    from mfac_core.torch import MFAC
+
+    # As there: torch._dynamo's own is_compiling (here torch.compiler's, which it calls).
+    monkeypatch.setattr(torch._dynamo, "is_compiling", torch.compiler.is_compiling)
+    monkeypatch.delattr(torch.compiler, "is_compiling")
+    # Eager calls only: this PyTorch's compiler itself needs torch.compiler.is_compiling.
+    S, x = mfac_core.StaticIHVP(gradients(), damp=1e-2), vector()
+    torch.testing.assert_close(S(x), S.matmat(x[:, None])[:, 0], rtol=0, atol=0)
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = MFAC([p], lr=0.1, num_grads=2, damp=1e-2)
+    p.grad = torch.tensor([1.0, 2.0, 3.0])
+    opt.step()
+    assert opt.steps == 1 and not torch.equal(p.detach(), torch.ones(3))

@@ -552,7 +552,7 @@ def test_vmapped_torch_tensors_are_refused_by_name_and_other_transforms_still_wo
     window = DynamicIHVP(3, G.shape[1], damp=0.1, dtype="float64", xp=torch)
     window.update(Gt[0])
     before = window @ X[0]
-    batched = r"^{} is batched by torch\.func\.vmap.*A\.matmat\(X\.T\)\.T"
+    batched = r"^{} is batched by torch\.func\.vmap.*A\.rmatmat\(X\.T\)\.T"
     with pytest.raises(TypeError, match=batched.format("x")):
         torch.vmap(op.matvec)(X)
     with pytest.raises(TypeError, match=batched.format("x")):  # batched under a grad level
@@ -561,6 +561,17 @@ def test_vmapped_torch_tensors_are_refused_by_name_and_other_transforms_still_wo
         torch.vmap(window.update)(X)
     with pytest.raises(TypeError, match=batched.format("G")):
         torch.vmap(lambda g: SpectralIHVP(g[None], damp=0.1) @ X[0])(X)
+    # Dampings too: their item() and tolist() failed inside (PyTorch's vmap error, naming
+    # no argument; "Cannot access data pointer").
+    spectral = SpectralIHVP(Gt, damp=0.1)
+    dampings = torch.tensor([[0.1, 0.2], [0.3, 0.4]], dtype=torch.float64)
+    with pytest.raises(TypeError, match=batched.format("damps")):
+        torch.vmap(lambda d: spectral.sweep(X[0], damps=d))(dampings)
+    with pytest.raises(TypeError, match=batched.format("damp")):
+        torch.vmap(window.set_damp)(dampings[:, 0])
+    with pytest.raises(TypeError, match=batched.format("damp")):
+        torch.vmap(lambda d: spectral.with_damp(d) @ X[0])(dampings[:, 0])
+    assert window.damp == spectral.damp == 0.1
     assert len(window) == 1 and torch.equal(window @ X[0], before)
     # The transforms that hold one tensor per level go through (the library's own path).
     dense = op.todense()

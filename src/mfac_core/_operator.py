@@ -383,7 +383,6 @@ class LinearOperator:
             raise ValueError("scalar operands are not allowed with @, use * instead")
         return self.dot(other)
 
-    @eager_under_torch_compile
     def __rmatmul__(self, other: Any) -> Any:
         if isinstance(other, numbers.Number):
             raise ValueError("scalar operands are not allowed with @, use * instead")

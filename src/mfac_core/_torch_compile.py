@@ -12,7 +12,7 @@ Excluded means every frame below the call, not only the call's own. After a grap
 TorchDynamo runs a call for real but still compiles the frames it calls, where
 ``torch.compiler.is_compiling()`` is False: so once ``torch._dynamo`` is imported
 (``torch.compile`` imports it), the outermost public call always runs through the
-excluded function (about 0.5 us a call), and the calls inside it (a composite's parts)
+excluded function (about 1 us a call), and the calls inside it (a composite's parts)
 see that they are inside. Before, the check is one lookup; PyTorch is never imported
 for it, and the excluded function is made on first use (``torch.compiler.disable``
 imports ``torch._dynamo``, seconds, which an eager user never needs).
@@ -26,7 +26,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-__all__ = ["EAGER_REASON", "eager_under_torch_compile"]
+__all__ = ["EAGER_REASON", "eager_under_torch_compile", "torch_compiling"]
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -63,8 +63,8 @@ def eager_under_torch_compile(method: _F) -> _F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         if "torch._dynamo" not in sys.modules:
             return method(*args, **kwargs)
-        # Tracing (is_compiling) reads no thread-local state: Dynamo may not trace it.
-        if not sys.modules["torch"].compiler.is_compiling() and getattr(_thread, "inside", False):
+        # Tracing (torch_compiling) reads no thread-local state: Dynamo may not trace it.
+        if not torch_compiling() and getattr(_thread, "inside", False):
             return method(*args, **kwargs)
         if not excluded:
             excluded.append(_excluded(run_inside))
@@ -72,6 +72,20 @@ def eager_under_torch_compile(method: _F) -> _F:
 
     wrapper.eager_under_torch_compile = True  # type: ignore[attr-defined]
     return wrapper  # type: ignore[return-value]
+
+
+def torch_compiling() -> bool:
+    """Whether TorchDynamo traces the caller (False where it was never imported).
+
+    ``torch.compiler.is_compiling`` came with PyTorch 2.3; before, ``torch._dynamo``'s.
+    """
+    if "torch._dynamo" not in sys.modules:
+        return False
+    torch = sys.modules["torch"]
+    is_compiling = getattr(torch.compiler, "is_compiling", None)
+    if is_compiling is None:
+        is_compiling = torch._dynamo.is_compiling
+    return bool(is_compiling())
 
 
 def _excluded(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -146,17 +146,22 @@ def check_strided(x: Array, name: str) -> None:
         )
     if is_vmapped(x):
         # Its first read on the host failed deep inside: "Cannot access data pointer".
-        raise TypeError(
-            f"{name} is batched by torch.func.vmap, which the operators cannot take: their "
-            "checks and factorisations read values on the host. Call them outside of vmap; "
-            "products of several vectors are one call, e.g. A.matmat(X.T).T for "
-            "torch.vmap(A.matvec)(X)"
-        )
+        raise vmapped_error(name)
     if is_torch_array(x) and str(x.layout) != "torch.strided":
         raise TypeError(
             f"{name} is a PyTorch tensor of layout {x.layout}; the operators take dense "
             f"(strided) tensors: pass {name}.to_dense()"
         )
+
+
+def vmapped_error(name: str) -> TypeError:
+    """The one wording of an argument batched by ``torch.func.vmap`` (see ``is_vmapped``)."""
+    return TypeError(
+        f"{name} is batched by torch.func.vmap, which the operators cannot take: their "
+        "checks and factorisations read values on the host. Call them outside of vmap "
+        "(products of several vectors are one call: A.matmat(X.T).T for "
+        "torch.vmap(A.matvec)(X), A.rmatmat(X.T).T for torch.vmap(A.rmatvec)(X))"
+    )
 
 
 def _dtype_name(xp: Any, dtype: Any) -> str | None:
@@ -449,6 +454,8 @@ def check_damp(damp: Any, name: str = "damp", *, num_grads: int | None = None) -
     ``num_grads`` (m), also at most :func:`largest_damp`: ``m damp`` must stay within a
     quarter of float64's range.
     """
+    if is_vmapped(damp):  # its item() raised PyTorch's vmap error, naming no argument
+        raise vmapped_error(name)
     given = damp
     damp = scalar_value(damp)
     if isinstance(damp, bool) or not isinstance(damp, numbers.Real):
@@ -493,6 +500,8 @@ def is_number_list(value: Any) -> bool:
 
 def check_dampings(damps: Any, name: str = "damps", *, num_grads: int | None = None) -> list[float]:
     """A non-empty sequence or 1-d array of dampings (:func:`check_damp`), as Python floats."""
+    if is_vmapped(damps):  # its tolist() failed deep inside ("Cannot access data pointer")
+        raise vmapped_error(name)
     if not is_number_list(damps):
         raise TypeError(
             f"{name} must be a sequence of real numbers (or a 1-d array), "

@@ -22,6 +22,7 @@ level ``INFO``) when they allocate them.
 from __future__ import annotations
 
 import inspect
+import sys
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
@@ -470,9 +471,11 @@ class MFAC(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if torch.compiler.is_compiling():
+        if "torch._dynamo" in sys.modules:
             # The window's update decides on the host (finiteness, factorisation), which
-            # torch.compile cannot trace: it runs eagerly, one graph break per step.
+            # torch.compile cannot trace: it runs eagerly, one graph break per step. Also
+            # when called for real after an earlier graph break (loss.backward()), where
+            # Dynamo would still compile the frames it calls.
             _eager_step()(self)
         else:
             self._step()
