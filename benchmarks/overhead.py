@@ -28,7 +28,7 @@ imported, each public call of an operator goes through a twin excluded from trac
 (``torch.compiler.disable``), so that a compiled function that calls it has one graph
 break there and the call runs as eagerly. The floor is the same call without that
 exclusion (the method it wraps, ``__wrapped__``); then the call as users make it, and
-``sin(op @ cos(x))`` eagerly and compiled (inductor; TorchDynamo's eager backend with
+``sin(op(cos(x)))`` eagerly and compiled (inductor; TorchDynamo's eager backend with
 ``--quick``, which generates no code): the compiled function's excess over the eager one
 is TorchDynamo's, at the graph break (its guards, the resumed frame).
 
@@ -167,14 +167,14 @@ def compiled_size_rows(m: int, d: int, repeat: int, budget: float, backend: str)
     unexcluded = type(op).matvec.__wrapped__
 
     def around(v: Any) -> Any:
-        return torch.sin(op @ torch.cos(v))
+        return torch.sin(op(torch.cos(v)))
 
     traced = torch.compile(around, backend=backend)
     fns = {
         "op.matvec(x) without its exclusion (floor)": lambda i: unexcluded(op, x),
         "op.matvec(x)": lambda i: op.matvec(x),
-        "sin(op @ cos(x)), eager": lambda i: around(x),
-        f"sin(op @ cos(x)), compiled ({backend})": lambda i: traced(x),
+        "sin(op(cos(x))), eager": lambda i: around(x),
+        f"sin(op(cos(x))), compiled ({backend})": lambda i: traced(x),
     }
     t = timed(fns, repeat, budget)
     floor = next(iter(t.values()))
