@@ -24,7 +24,7 @@ from ._finite import float32_overflow_once
 from ._gradient_repr import gradient_items
 from ._layout import BlockGroup
 from ._refine import fisher_residual
-from ._torch_compile import eager_under_torch_compile
+from ._torch_compile import eager_methods_under_torch_compile
 
 __all__ = ["DynamicIHVP"]
 
@@ -32,6 +32,19 @@ __all__ = ["DynamicIHVP"]
 _SlotFactor = SlotFactor
 
 
+@eager_methods_under_torch_compile(
+    "__init__",
+    "from_window",
+    "reset",
+    "window",
+    "update",
+    "remove_oldest",
+    "remove",
+    "state_dict",
+    "set_damp",
+    "check_state_dict",
+    "load_state_dict",
+)
 class DynamicIHVP(WindowCopies):
     r"""The inverse damped Fisher of a sliding window of the last gradients.
 
@@ -175,7 +188,6 @@ class DynamicIHVP(WindowCopies):
         forward = _deprecation.sharded_form(cls, "DynamicIHVP", kwargs) if args else None
         return super().__new__(cls if forward is None else forward)
 
-    @eager_under_torch_compile
     def __init__(
         self,
         num_grads: int,
@@ -206,7 +218,6 @@ class DynamicIHVP(WindowCopies):
         return "refactor" if self.refactor_every == 0 else "incremental"
 
     @classmethod
-    @eager_under_torch_compile
     def from_window(
         cls, G: Array, /, *, damp: float, num_grads: int | None = None, **options: Any
     ) -> DynamicIHVP:
@@ -255,7 +266,6 @@ class DynamicIHVP(WindowCopies):
 
     # -- bookkeeping -------------------------------------------------------------------
 
-    @eager_under_torch_compile
     def reset(self) -> None:
         """Empty the window (or, with ``zero_init``, fill it with zero gradients)."""
         emptied(self)
@@ -274,7 +284,6 @@ class DynamicIHVP(WindowCopies):
         """The window slots: buffer rows of its gradients, oldest first."""  # numpydoc ignore=RT01
         return list(self._window)
 
-    @eager_under_torch_compile
     def window(self) -> Array:
         """Return the window's gradients, oldest first.
 
@@ -327,7 +336,6 @@ class DynamicIHVP(WindowCopies):
         """The buffer's Gram matrix accumulated in float64 (O(m^2 d), on the rare path)."""
         return self._summed(local_gram(self._xp, self._G))
 
-    @eager_under_torch_compile
     def update(self, g: Array, /) -> None:
         """Insert gradient ``g``; a full window drops its oldest.
 
@@ -396,14 +404,12 @@ class DynamicIHVP(WindowCopies):
         """
         return update_and_matvec_checked(self, g, strict=strict)
 
-    @eager_under_torch_compile
     def remove_oldest(self) -> None:
         """Remove the oldest gradient of the window (a ValueError where it is empty)."""
         if not self._window:
             raise ValueError("the window is empty")
         self.remove(self._window[0])
 
-    @eager_under_torch_compile
     def remove(self, slot: int, /) -> None:
         """Remove the gradient in buffer row ``slot`` (see :attr:`slots`).
 
@@ -444,7 +450,6 @@ class DynamicIHVP(WindowCopies):
 
     # -- checkpoints (_dynamic_state) --------------------------------------------------
 
-    @eager_under_torch_compile
     def state_dict(self) -> dict[str, Any]:
         """Return the window's state as plain arrays and numbers (for checkpoints).
 
@@ -462,7 +467,6 @@ class DynamicIHVP(WindowCopies):
         """
         return saved_state(self)
 
-    @eager_under_torch_compile
     def set_damp(self, damp: float, /) -> None:
         """Change the damping, refactorising from the stored Gram matrix (O(m^3), no pass over G).
 
@@ -490,7 +494,6 @@ class DynamicIHVP(WindowCopies):
         """
         redamped(self, damp)
 
-    @eager_under_torch_compile
     def check_state_dict(self, state: Mapping[str, Any], /, *, damp: float | None = None) -> None:
         """Check that :meth:`load_state_dict` would accept ``state``, changing nothing.
 
@@ -508,7 +511,6 @@ class DynamicIHVP(WindowCopies):
         """
         LoadedState.check(self, state, damp=damp, refactor=False)
 
-    @eager_under_torch_compile
     def load_state_dict(self, state: Mapping[str, Any], /, *, damp: float | None = None) -> None:
         """Restore a state from :meth:`state_dict` (same sizes, dtype and device).
 

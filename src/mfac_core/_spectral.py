@@ -34,12 +34,13 @@ from ._spectral_forms import checked_rows, forms_of
 from ._spectral_groups import Group, applied, checked_power, diagonal_of, logdet_of, trace_of
 from ._spectral_sample import drawn
 from ._spectral_setup import build, derived, sweep_damps
-from ._torch_compile import eager_under_torch_compile
+from ._torch_compile import eager_methods_under_torch_compile
 from ._validation import check_count, check_damp
 
 __all__ = ["SpectralIHVP"]
 
 
+@eager_methods_under_torch_compile("__init__", "with_damp", "sqrt", "inv_sqrt", "inverse", "sample")
 class SpectralIHVP(LinearOperator):
     r"""``F^{-1}`` (and ``F^{-1/2}``, ``F^{1/2}``, ``F``) from the eigenvalues of the Gram.
 
@@ -153,7 +154,6 @@ class SpectralIHVP(LinearOperator):
     _fixed = (*BUILT_WITH, "power", "kappa", "error_scale")
     _groups: tuple[Group, ...]
 
-    @eager_under_torch_compile
     def __init__(
         self, G: Array, /, *, damp: float, block_size: int | None = None, check_finite: bool = True
     ) -> None:
@@ -165,7 +165,6 @@ class SpectralIHVP(LinearOperator):
 
     # -- damping, spectrum and derived operators (``_spectral_setup.derived``) -----------------
 
-    @eager_under_torch_compile
     def with_damp(self, damp: float, /) -> SpectralIHVP:
         """The same power of F at another damping, sharing the set-up (O(m)).
 
@@ -195,7 +194,6 @@ class SpectralIHVP(LinearOperator):
         """
         return derived(self, damp=check_damp(damp, num_grads=self.num_grads))
 
-    @eager_under_torch_compile
     def sqrt(self) -> SpectralIHVP:
         """The square root of this operator: ``F^{-1/2}`` for ``F^{-1}``, ``F^{1/2}`` for ``F``.
 
@@ -221,7 +219,6 @@ class SpectralIHVP(LinearOperator):
         """
         return derived(self, power=checked_power(self.power, self.power / 2, "sqrt"))
 
-    @eager_under_torch_compile
     def inv_sqrt(self) -> SpectralIHVP:
         """The inverse square root of this operator: ``F^{1/2}`` for ``F^{-1}``.
 
@@ -246,7 +243,6 @@ class SpectralIHVP(LinearOperator):
         """
         return derived(self, power=checked_power(self.power, -self.power / 2, "inv_sqrt"))
 
-    @eager_under_torch_compile
     def inverse(self) -> SpectralIHVP:
         """The inverse of this operator (``F`` for ``F^{-1}``), sharing the set-up.
 
@@ -503,7 +499,6 @@ class SpectralIHVP(LinearOperator):
 
     # -- sampling (``_spectral_sample``) -------------------------------------------------------
 
-    @eager_under_torch_compile
     def sample(self, n: int, /, *, rng: Any) -> Array:
         """``n`` draws from ``N(0, A)`` for this operator A (``N(0, F^{-1})``), O(d m) each.
 

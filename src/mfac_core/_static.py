@@ -30,7 +30,7 @@ from ._group_factors import GroupFactor
 from ._layout import block_groups
 from ._operator import LinearOperator
 from ._refine import fisher_residual, refine
-from ._torch_compile import eager_under_torch_compile
+from ._torch_compile import eager_methods_under_torch_compile
 from ._validation import (
     check_block_size,
     check_count,
@@ -140,6 +140,7 @@ class _BlockOperatorBase(LinearOperator):
             _capacitance.warn_if_passes_hopeless(dense_lo, damp=self.damp, dense=True)
 
 
+@eager_methods_under_torch_compile("__init__", "streamed", "from_gradients")
 class StaticIHVP(_BlockOperatorBase):
     r"""The inverse of the damped empirical Fisher of m gradients, ``F^{-1}``.
 
@@ -292,7 +293,6 @@ class StaticIHVP(_BlockOperatorBase):
                 return sharded(*args, **kwargs)
         return super().__new__(cls)
 
-    @eager_under_torch_compile
     def __init__(
         self,
         G: Array,
@@ -342,7 +342,6 @@ class StaticIHVP(_BlockOperatorBase):
         self._warn_if_hopeless(result.woodbury_lo, result.dense_lo)
 
     @classmethod
-    @eager_under_torch_compile
     def streamed(
         cls,
         G: Array,
@@ -424,7 +423,6 @@ class StaticIHVP(_BlockOperatorBase):
         return xp
 
     @classmethod
-    @eager_under_torch_compile
     def from_gradients(
         cls,
         gradients: Iterable[Array],
@@ -649,6 +647,7 @@ class StaticIHVP(_BlockOperatorBase):
 show_init_signature(StaticIHVP)
 
 
+@eager_methods_under_torch_compile("__init__")
 class EmpiricalFisher(_BlockOperatorBase):
     """The damped empirical Fisher ``F = damp * I + G.T @ G / m`` as an operator.
 
@@ -695,7 +694,6 @@ class EmpiricalFisher(_BlockOperatorBase):
     True
     """
 
-    @eager_under_torch_compile
     def __init__(
         self, G: Array, /, *, damp: float, block_size: int | None = None, check_finite: bool = True
     ) -> None:

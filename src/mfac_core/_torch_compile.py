@@ -26,9 +26,15 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-__all__ = ["EAGER_REASON", "eager_under_torch_compile", "torch_compiling"]
+__all__ = [
+    "EAGER_REASON",
+    "eager_methods_under_torch_compile",
+    "eager_under_torch_compile",
+    "torch_compiling",
+]
 
 _F = TypeVar("_F", bound=Callable[..., Any])
+_C = TypeVar("_C", bound=type)
 
 #: What ``torch.compile(fullgraph=True)`` says when it meets an operator's call.
 EAGER_REASON = (
@@ -72,6 +78,27 @@ def eager_under_torch_compile(method: _F) -> _F:
 
     wrapper.eager_under_torch_compile = True  # type: ignore[attr-defined]
     return wrapper  # type: ignore[return-value]
+
+
+def eager_methods_under_torch_compile(*names: str) -> Callable[[_C], _C]:
+    """A class decorator: the class's own methods ``names`` as :func:`eager_under_torch_compile`.
+
+    For the calls of a class that read or write arrays but are not public products
+    (``float32_overflow_once`` excludes those already): building it, a window's edits
+    and checkpoints. A classmethod stays one; a name the class does not define itself
+    fails at import (``KeyError``).
+    """
+
+    def decorate(cls: _C) -> _C:
+        for name in names:
+            member = cls.__dict__[name]
+            if isinstance(member, classmethod):
+                setattr(cls, name, classmethod(eager_under_torch_compile(member.__func__)))
+            else:
+                setattr(cls, name, eager_under_torch_compile(member))
+        return cls
+
+    return decorate
 
 
 def torch_compiling() -> bool:

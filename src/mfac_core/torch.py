@@ -472,10 +472,8 @@ class MFAC(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         if "torch._dynamo" in sys.modules:
-            # The window's update decides on the host (finiteness, factorisation), which
-            # torch.compile cannot trace: it runs eagerly, one graph break per step. Also
-            # when called for real after an earlier graph break (loss.backward()), where
-            # Dynamo would still compile the frames it calls.
+            # The update decides on the host, which torch.compile cannot trace: eagerly, one
+            # graph break (also run for real after a break, where Dynamo compiles frames).
             _eager_step()(self)
         else:
             self._step()
