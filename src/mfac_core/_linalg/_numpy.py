@@ -100,11 +100,30 @@ def trtrs(t: Any, b: Any, lower: bool, trans: bool) -> Any:
     batch = t.shape[:-2]
     if b.ndim != t.ndim or b.shape[:-2] != batch or b.shape[-2] != t.shape[-1]:
         return None
+    if batch == (1,):  # one block (a full operator's factor): no loop, no reshape
+        return _stacked_one(_trtrs_one(t[0], b[0], lower, trans))
     # A stack of factors (one per block) has one batch axis: a plain loop over it.
     indices = range(batch[0]) if len(batch) == 1 else np.ndindex(batch)
     parts = [_trtrs_one(t[i], b[i], lower, trans) for i in indices]
     out = np.stack(parts)  # as SciPy stacks them (each solution's own memory order kept)
     return np.reshape(out, batch + out.shape[1:])
+
+
+def _stacked_one(x: np.ndarray) -> np.ndarray:
+    """``np.stack([x])`` of a 2-D ``x``, its layout included, as a view of x (not a copy).
+
+    The stack's strides: x's size for the batch axis, and NumPy's canonical strides of
+    x's order inside (C where both orders hold). The copy and its dispatch cost a small
+    product's two solves 1 us each.
+    """
+    if x.ndim != 2 or not (x.flags.c_contiguous or x.flags.f_contiguous):
+        return np.stack([x])
+    (rows, cols), size = x.shape, x.itemsize
+    if x.flags.c_contiguous:
+        memory, inner = x, (cols * size, size)
+    else:
+        memory, inner = x.T, (size, rows * size)
+    return np.ndarray((1, rows, cols), x.dtype, buffer=memory, strides=(x.nbytes, *inner))
 
 
 @cache
