@@ -244,6 +244,9 @@ COMPOSING = {"adjoint", "transpose", "to_scipy", "__rmatmul__"}
         mfac_core.EmpiricalFisher,
         mfac_core.SpectralIHVP,
         mfac_core.DynamicIHVP,
+        mfac_core.ShardedStaticIHVP,
+        mfac_core.ShardedDynamicIHVP,
+        mfac_core.DaskStaticIHVP,
     ],
     ids=lambda c: c.__name__,
 )
@@ -281,3 +284,23 @@ def test_pytorch_before_2_3_without_torch_compiler_is_compiling(monkeypatch):
     p.grad = torch.tensor([1.0, 2.0, 3.0])
     opt.step()
     assert opt.steps == 1 and not torch.equal(p.detach(), torch.ones(3))
+
+
+def test_a_subclass_of_mfac_keeps_its_own_step_eagerly_and_compiled():
+    from mfac_core.torch import MFAC
+
+    # The subclass's own _step runs (it was skipped under torch.compile, where MFAC's own
+    # step ran in its place); its call of MFAC's _step is excluded from tracing.
+    calls = []
+
+    class Logged(MFAC):
+        def _step(self):
+            calls.append(self.steps)
+            super()._step()
+
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = Logged([p], lr=0.1, num_grads=2, damp=1e-2)
+    p.grad = torch.tensor([1.0, 2.0, 3.0])
+    opt.step()
+    compiled(lambda: opt.step())()
+    assert calls == [0, 1] and opt.steps == 2

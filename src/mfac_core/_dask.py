@@ -52,6 +52,7 @@ from ._gform import GFormFactor
 from ._group_factors import GroupFactor
 from ._layout import BlockGroup, block_groups
 from ._static import StaticIHVP
+from ._torch_compile import eager_methods_under_torch_compile
 from ._validation import check_count, check_flag, check_index_array, check_same_space
 
 __all__ = ["DaskStaticIHVP"]
@@ -240,6 +241,7 @@ def _check_numpy_chunks(G: Any) -> None:
     )
 
 
+@eager_methods_under_torch_compile("__init__", "from_gradients", "diagonal", "entries")
 class DaskStaticIHVP(StaticIHVP):
     r"""``F^{-1}`` of :class:`~mfac_core.StaticIHVP` for a Dask array G chunked along d.
 

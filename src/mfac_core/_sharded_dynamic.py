@@ -28,12 +28,14 @@ from ._dynamic_sharded import (
 )
 from ._finite import shard_overflow_once
 from ._sharding import ShardLayout, copied_identity
+from ._torch_compile import eager_methods_under_torch_compile
 from ._validation import check_count, namespace_of
 from .distributed import Communicator, check_communicator
 
 __all__ = ["ShardedDynamicIHVP"]
 
 
+@eager_methods_under_torch_compile("__init__", "from_window", "rmatvec", "rmatmat")
 class ShardedDynamicIHVP(DynamicIHVP):
     r"""The sliding window of :class:`~mfac_core.DynamicIHVP`, its columns sharded over ranks.
 

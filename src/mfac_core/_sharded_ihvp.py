@@ -17,12 +17,14 @@ from ._deprecation import legacy_options, register_sharded_form, warn_deprecated
 from ._finite import shard_overflow_once
 from ._operator import LinearOperator
 from ._sharding import ShardLayout
+from ._torch_compile import eager_methods_under_torch_compile
 from ._validation import check_float64_available, namespace_of
 from .distributed import Communicator, check_communicator
 
 __all__ = ["ShardedStaticIHVP"]
 
 
+@eager_methods_under_torch_compile("__init__")
 class ShardedStaticIHVP(_static._BlockOperatorBase):
     r"""``F^{-1}`` of :class:`~mfac_core.StaticIHVP`, G's columns sharded over ranks.
 

@@ -11,11 +11,12 @@ compiles, and the call itself runs as it does eagerly, with its results bit for 
 Excluded means every frame below the call, not only the call's own. After a graph break
 TorchDynamo runs a call for real but still compiles the frames it calls, where
 ``torch.compiler.is_compiling()`` is False: so once ``torch._dynamo`` is imported
-(``torch.compile`` imports it), the outermost public call always runs through the
-excluded function (about 1 us a call), and the calls inside it (a composite's parts)
-see that they are inside. Before, the check is one lookup; PyTorch is never imported
-for it, and the excluded function is made on first use (``torch.compiler.disable``
-imports ``torch._dynamo``, seconds, which an eager user never needs).
+(``torch.compile`` imports it, and with PyTorch 2.13 so does building any
+``torch.optim`` optimizer), the outermost public call always runs through the excluded
+function (about 1 us a call), and the calls inside it (a composite's parts) see that
+they are inside. Before, the check is one lookup; PyTorch is never imported for it, and
+the excluded function is made on first use (``torch.compiler.disable`` imports
+``torch._dynamo``, seconds, which a user of NumPy operators never needs).
 """
 
 from __future__ import annotations

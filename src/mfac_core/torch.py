@@ -22,7 +22,6 @@ level ``INFO``) when they allocate them.
 from __future__ import annotations
 
 import inspect
-import sys
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
@@ -31,6 +30,7 @@ from typing import Any
 import torch
 
 from ._errors import user_stacklevel
+from ._torch_compile import eager_under_torch_compile
 from ._torch_layout import grow, layout, new_window
 from ._torch_pruner import MFACPruner
 from ._torch_sparse import check_masks, flat_mask, masks_from_list
@@ -69,21 +69,6 @@ __test__ = {
 
 class MFACStepWarning(RuntimeWarning):
     """An :class:`MFAC` step was skipped, or its gradient left out of the window."""
-
-
-_EAGER_STEP: dict[str, Callable[..., Any]] = {}
-
-
-def _eager_step() -> Callable[..., Any]:
-    """MFAC's step excluded from torch.compile (created on the first compiled step).
-
-    Made lazily because ``torch.compiler.disable`` imports torch._dynamo (seconds), which
-    an eager user never needs.
-    """
-    fn = _EAGER_STEP.get("step")
-    if fn is None:
-        fn = _EAGER_STEP["step"] = torch.compiler.disable(MFAC._step)
-    return fn
 
 
 class MFAC(torch.optim.Optimizer):
@@ -471,15 +456,13 @@ class MFAC(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if "torch._dynamo" in sys.modules:
-            # The update decides on the host, which torch.compile cannot trace: eagerly, one
-            # graph break (also run for real after a break, where Dynamo compiles frames).
-            _eager_step()(self)
-        else:
-            self._step()
+        # The update decides on the host, which torch.compile cannot trace: _step runs
+        # eagerly (eager_under_torch_compile), one graph break.
+        self._step()
         return loss
 
     # no_grad again: this runs on its own when a compiled function calls it eagerly.
+    @eager_under_torch_compile
     @torch.no_grad()
     def _step(self) -> None:
         """The step itself, after the closure."""
