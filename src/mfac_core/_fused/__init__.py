@@ -130,6 +130,9 @@ def _pieces(m: int, n: int) -> list[tuple[int, int]]:
 def _run(call: Callable[[int, int, int], None], m: int, n: int) -> int:
     """``call(j0, j1, p)`` for every piece ``p`` (``_pieces``); the number of pieces."""
     pieces = _pieces(m, n)
+    if len(pieces) == 1:  # no other thread could take work: no team, no closure per piece
+        call(*pieces[0], 0)
+        return 1
     # The environment is read only where a second thread could take work.
     most = min(len(pieces), (m * n) // _MIN_THREAD_WORK)
     _share(call, pieces, max(1, min(max_threads(), most)) if most > 1 else 1)
