@@ -27,18 +27,13 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-__all__ = [
-    "EAGER_REASON",
-    "eager_methods_under_torch_compile",
-    "eager_under_torch_compile",
-    "torch_compiling",
-]
+__all__ = ["eager_methods_under_torch_compile", "eager_under_torch_compile"]
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 _C = TypeVar("_C", bound=type)
 
 #: What ``torch.compile(fullgraph=True)`` says when it meets an operator's call.
-EAGER_REASON = (
+_EAGER_REASON = (
     "mfac_core's operators run eagerly under torch.compile: their passes are C or CUDA "
     "kernels, and their checks (finiteness, overflow, factorisation) decide on the host"
 )
@@ -70,8 +65,8 @@ def eager_under_torch_compile(method: _F) -> _F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         if "torch._dynamo" not in sys.modules:
             return method(*args, **kwargs)
-        # Tracing (torch_compiling) reads no thread-local state: Dynamo may not trace it.
-        if not torch_compiling() and getattr(_thread, "inside", False):
+        # Tracing (_tracing) reads no thread-local state: Dynamo may not trace it.
+        if not _tracing() and getattr(_thread, "inside", False):
             return method(*args, **kwargs)
         if not excluded:
             excluded.append(_excluded(run_inside))
@@ -102,13 +97,11 @@ def eager_methods_under_torch_compile(*names: str) -> Callable[[_C], _C]:
     return decorate
 
 
-def torch_compiling() -> bool:
-    """Whether TorchDynamo traces the caller (False where it was never imported).
+def _tracing() -> bool:
+    """Whether TorchDynamo (imported) traces the caller.
 
     ``torch.compiler.is_compiling`` came with PyTorch 2.3; before, ``torch._dynamo``'s.
     """
-    if "torch._dynamo" not in sys.modules:
-        return False
     torch = sys.modules["torch"]
     is_compiling = getattr(torch.compiler, "is_compiling", None)
     if is_compiling is None:
@@ -121,6 +114,6 @@ def _excluded(fn: Callable[..., Any]) -> Callable[..., Any]:
     # break of its own, and PyTorch is imported wherever torch._dynamo is.
     torch = sys.modules["torch"]
     try:
-        return torch.compiler.disable(fn, reason=EAGER_REASON)
+        return torch.compiler.disable(fn, reason=_EAGER_REASON)
     except TypeError:  # PyTorch before 2.7 takes no reason
         return torch.compiler.disable(fn)
