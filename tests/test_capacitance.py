@@ -84,6 +84,20 @@ def test_lambda_max_bounds_on_stacks_of_psd_matrices(m, seed, rank, stack):
     assert np.all(to_numpy(lo) >= true / m - tol)
 
 
+@pytest.mark.parametrize("lead", [(), (2,)])
+@pytest.mark.parametrize("lib", ["numpy", "torch"])
+def test_lambda_max_bounds_of_empty_matrices_are_zero(lib, lead):
+    # Regression: a 0 x 0 Gram raised "attempt to get argmax of an empty sequence".
+    if lib == "torch":
+        torch = pytest.importorskip("torch")
+        xp, gram = array_namespace(torch.zeros(0)), torch.zeros((*lead, 0, 0), dtype=torch.float64)
+    else:
+        xp, gram = XP, np.zeros((*lead, 0, 0))
+    lo, hi = lambda_max_bounds(xp, gram)
+    assert tuple(lo.shape) == lead and tuple(hi.shape) == lead
+    assert not np.any(to_numpy(lo)) and not np.any(to_numpy(hi))
+
+
 def _largest_orthogonal_to_a_cluster(rng, m, d):
     """A gradient orthogonal to m - 1 nearly collinear ones of a slightly smaller norm: the
     unit vector of the Gram's largest diagonal entry is an eigenvector of its eigenvalue

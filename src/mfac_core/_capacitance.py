@@ -150,6 +150,9 @@ def power_bounds(
     """
     upper = xp.sum(diag, axis=-1)
     k = diag.shape[-1]
+    if k == 0:
+        # A 0 x 0 matrix has no eigenvalue: both bounds are the empty sum, 0.
+        return upper, upper
     index = xp.arange(k, device=device(diag))
     first = xp.astype(index == xp.argmax(diag, axis=-1)[..., None], diag.dtype)
     if column_norms2 is not None:
