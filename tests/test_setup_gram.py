@@ -104,3 +104,45 @@ def test_non_finite_g_is_still_reported_where_it_is(where):
     G[where] = np.nan
     with pytest.raises(ValueError, match=rf"G\[{where[0]}, {where[1]}\] is nan"):
         StaticIHVP(G, damp=1e-3)
+
+
+def _shared_mean_pair(d):
+    """Two float32 gradients of one sign and nearly one size (a shared mean, sign noise):
+    every product of a Gram entry is about the same number, which a running sum over the
+    columns rounds the same way at every step."""
+    rng = np.random.default_rng(2)
+    a = np.array([1.2616, 1.2985], np.float32)
+    return (a[:, None] + 2.0**-9 * rng.choice([-1.0, 1.0], size=(2, d))).astype(np.float32)
+
+
+def test_kernel_gram_rounding_does_not_grow_with_the_columns():
+    """Regression: each entry was one running sum over the columns, 15600 eps(float64) of
+    the terms' sum off at d = 2e5 (dsyrk 37). The chunks' sums are now summed in levels
+    (kc, a span of chunks, the spans: a few hundred terms each way), well inside the bound
+    of 1000 terms summed, where one sum over d = 2e5 columns is not."""
+    d = 200_000
+    G = _shared_mean_pair(d)
+    out = np.empty((2, 2))
+    _fused.rows_gram64(G, out, start=0, stop=d)
+    Gl = G.astype(np.longdouble)
+    err = np.abs(out.astype(np.longdouble) - Gl @ Gl.T).astype(np.float64)
+    terms = np.abs(G.astype(np.float64)) @ np.abs(G.astype(np.float64)).T
+    assert np.all(err <= 1000 * np.finfo(np.float64).eps * terms), np.max(err / terms)
+
+
+def test_product_of_the_mean_is_exact_in_float32_for_a_shared_mean_pair():
+    """The same gradients at kappa = 1e6: the product of their mean was 85 eps(float32) off
+    the exact inverse of their Fisher (the Gram's rounding, amplified by kappa^1.5)."""
+    from mfac_core.testing import condition_number, extended_precision_inverse
+
+    if np.finfo(np.longdouble).eps >= np.finfo(np.float64).eps:
+        pytest.skip("numpy.longdouble is float64 here: no reference beyond float64")
+    G = _shared_mean_pair(200_000)
+    G64 = G.astype(np.float64)
+    damp = float(np.linalg.norm(G64, 2) ** 2 / (2 * (1e6 - 1)))
+    assert condition_number(G64, damp) == pytest.approx(1e6, rel=1e-6)
+    x = G.mean(axis=0)
+    want = extended_precision_inverse(G64, damp, x.astype(np.float64))
+    got = StaticIHVP(G, damp=damp) @ x
+    err = np.linalg.norm(got.astype(np.float64) - want) / np.linalg.norm(want)
+    assert err <= 8 * np.finfo(np.float32).eps, err / np.finfo(np.float32).eps

@@ -30,6 +30,7 @@ import stat
 import sys
 import tempfile
 import time
+import tokenize
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, BinaryIO, NamedTuple, TextIO
@@ -361,10 +362,19 @@ def _check_npy_header(fh: BinaryIO, path: str, what: str, size: int) -> _NpyHead
             shape, fortran, dtype = npy_format.read_array_header_1_0(fh)
         else:
             shape, fortran, dtype = npy_format.read_array_header_2_0(fh)
-    except (ValueError, EOFError) as exc:
+    except (ValueError, EOFError, tokenize.TokenError) as exc:
+        # NumPy tokenizes the header before it parses it: an unbalanced bracket is
+        # tokenize's error, not NumPy's ValueError.
         raise UserError(
             f"{what} file {path} has a truncated or corrupt .npy header: {exc}"
         ) from None
+    if any(n < 0 for n in shape):
+        # NumPy's header check takes any ints: a negative count would pass the size check
+        # below and be read as "the rest" by a reshape.
+        raise UserError(
+            f"{what} file {path} has a corrupt .npy header: shape {shape} has a negative "
+            "dimension"
+        )
     if dtype.kind == "V" and dtype.fields is None and dtype.itemsize in _UNTYPED:
         raise UserError(
             f"{what} in {path} holds raw {dtype.itemsize}-byte values (dtype {dtype}), as "

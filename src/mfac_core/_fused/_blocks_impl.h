@@ -23,7 +23,10 @@
  * The upper triangle of W^T W (W: `rows` rows of p doubles) in A (row i at A + i p), in register
  * tiles of R rows by GTW columns, i0 and j0 < s (the tiles inside p; W's columns past s zero):
  * written where `first`, else added to A's. Tiles that reach below the diagonal are whole (their
- * lower part is not read).
+ * lower part is not read). Each tile's sums start from zero and go to A once, after the rows:
+ * a sum running from A's value over rows after rows rounds at A's size at every row, and for
+ * products of one sign and size (float32 gradients with a shared mean) those roundings lean one
+ * way, to an error growing with the rows summed rather than with their square root.
  */
 ISA_ATTR static inline __attribute__((always_inline)) void
 NAME(gram_tiles_r)(const double *W, Py_ssize_t rows, Py_ssize_t p, Py_ssize_t s, double *A,
@@ -32,11 +35,8 @@ NAME(gram_tiles_r)(const double *W, Py_ssize_t rows, Py_ssize_t p, Py_ssize_t s,
     for (Py_ssize_t i0 = 0; i0 < s; i0 += R) {
         for (Py_ssize_t j0 = i0 / GTW * GTW; j0 < s; j0 += GTW) {
             NAME(vd) acc[8][2];
-            for (int r = 0; r < R; r++) {
-                double *a = A + (i0 + r) * p + j0;
-                acc[r][0] = first ? (NAME(vd)){0} : *(NAME(vd) *)a;
-                acc[r][1] = first ? (NAME(vd)){0} : *(NAME(vd) *)(a + BV);
-            }
+            for (int r = 0; r < R; r++)
+                acc[r][0] = acc[r][1] = (NAME(vd)){0};
             const double *w = W;
             for (Py_ssize_t k = 0; k < rows; k++, w += p) {
                 const NAME(vd) b0 = *(const NAME(vd) *)(w + j0);
@@ -48,8 +48,13 @@ NAME(gram_tiles_r)(const double *W, Py_ssize_t rows, Py_ssize_t p, Py_ssize_t s,
                 }
             }
             for (int r = 0; r < R; r++) {
-                *(NAME(vd) *)(A + (i0 + r) * p + j0) = acc[r][0];
-                *(NAME(vd) *)(A + (i0 + r) * p + j0 + BV) = acc[r][1];
+                NAME(vd) *a = (NAME(vd) *)(A + (i0 + r) * p + j0); /* a[1]: BV doubles on */
+                if (!first) {
+                    acc[r][0] += a[0];
+                    acc[r][1] += a[1];
+                }
+                a[0] = acc[r][0];
+                a[1] = acc[r][1];
             }
         }
     }

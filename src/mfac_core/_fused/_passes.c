@@ -287,7 +287,7 @@ typedef void (*combine64t_fn)(const void *, Py_ssize_t, Py_ssize_t, const double
 /* One instruction set's kernels. */
 /* The dense blocks' kernels of one instruction set (_blocks_impl.h). */
 typedef void (*rows_gram64_fn)(const void *, Py_ssize_t, Py_ssize_t, Py_ssize_t, Py_ssize_t,
-                               Py_ssize_t, Py_ssize_t, int, double *, double *);
+                               Py_ssize_t, Py_ssize_t, int, double *, double *, double *);
 typedef int (*block_factor_fn)(const double *, Py_ssize_t, Py_ssize_t, Py_ssize_t, double, double,
                                double *, double *, double *);
 typedef void (*block_inverse_fn)(double *, Py_ssize_t, double *);
@@ -648,8 +648,9 @@ done:
    the m x (ld - col0) block of V (m rows of ld items of the storage type, the block's columns
    from col0), every product and sum in float64 (the products of float32 and 2-byte items are
    exact): one thread's share of the set-up's Gram, which the callers sum. Each entry sums its
-   products over a chunk's columns in order, then over the chunks: not BLAS's order, so the
-   last bits of A are not dsyrk's. */
+   products over a chunk's columns in order, then the chunks' sums over a span of them, then
+   the spans' (ROWS_GRAM_SPAN, _passes_impl.h): not BLAS's order, so the last bits of A are not
+   dsyrk's. */
 static PyObject *py_rows_gram64(PyObject *self, PyObject *args)
 {
     (void)self;
@@ -660,7 +661,7 @@ static PyObject *py_rows_gram64(PyObject *self, PyObject *args)
                           &storage, &trans))
         return NULL;
     PyObject *result = NULL;
-    void *raw = NULL, *raw_acc = NULL;
+    void *raw = NULL, *raw_acc = NULL, *raw_span = NULL;
     const Kernels *kern = pick_kernels(isa);
     if (kern == NULL || check_storage(storage) < 0)
         goto done;
@@ -674,7 +675,8 @@ static PyObject *py_rows_gram64(PyObject *self, PyObject *args)
     kc = kc < 8 ? 8 : kc > ROWS_GRAM_KC ? ROWS_GRAM_KC : kc;
     double *W = scratch(kc, mp * (Py_ssize_t)sizeof(double), &raw);
     double *acc = W == NULL ? NULL : scratch(mp, mp * (Py_ssize_t)sizeof(double), &raw_acc);
-    if (acc == NULL)
+    double *span = acc == NULL ? NULL : scratch(mp, mp * (Py_ssize_t)sizeof(double), &raw_span);
+    if (span == NULL)
         goto done;
     const rows_gram64_fn fn = kern->rows_gram64[storage];
     const char *base = (const char *)V.buf + col0 * (trans ? m : 1) * size;
@@ -682,7 +684,8 @@ static PyObject *py_rows_gram64(PyObject *self, PyObject *args)
     Py_BEGIN_ALLOW_THREADS
     memset(W, 0, (size_t)(kc * mp) * sizeof(double));
     memset(acc, 0, (size_t)(mp * mp) * sizeof(double));
-    fn(base, trans ? m : ld, m, j0, j1, kc, mp, trans, W, acc);
+    memset(span, 0, (size_t)(mp * mp) * sizeof(double));
+    fn(base, trans ? m : ld, m, j0, j1, kc, mp, trans, W, span, acc);
     for (Py_ssize_t i = 0; i < m; i++)
         for (Py_ssize_t j = i; j < m; j++)
             out[i * m + j] = out[j * m + i] = acc[i * mp + j];
@@ -691,6 +694,7 @@ static PyObject *py_rows_gram64(PyObject *self, PyObject *args)
 done:
     free(raw);
     free(raw_acc);
+    free(raw_span);
     PyBuffer_Release(&V);
     PyBuffer_Release(&A);
     return result;
