@@ -19,7 +19,7 @@ import pytest
 import mfac_core
 from mfac_core import IllConditionedWarning, StaticIHVP
 from mfac_core._demo import BOUND_CONSTANT, SINGLE_BOUND
-from mfac_core.cli import ProgressBar, _nonfinite_rows, main
+from mfac_core.cli import ProgressBar, UserError, _nonfinite_rows, main
 from mfac_core.testing import assert_close, condition_number
 
 M, D = 6, 40
@@ -194,6 +194,13 @@ def test_ihvp_float16_grads_are_read_in_place_for_float32(tmp_path):
     # The operator reads float16 storage itself (float32 products): a float32 copy of
     # the mapped file (twice its size) is not needed.
     import tracemalloc
+
+    from mfac_core import _fused
+
+    if not _fused.available():
+        # Without the C extension the passes widen column pieces to float64, a piece of
+        # at least a few MiB: this G (0.8 MB) is one piece.
+        pytest.skip("the C extension mfac_core._fused._passes was not built")
 
     rng = np.random.default_rng(3)
     m, d = 8, 50_000
@@ -580,6 +587,31 @@ def test_ihvp_truncated_file_is_not_out_of_memory(files, capsys):
     status = run(["ihvp", short, files["v"], "-o", files["out"], "--damp", DAMP])
     assert_user_error(capsys, status, "truncated or corrupt", f"{M * D * 8} bytes of data")
     assert not files["out"].exists()
+
+
+@pytest.mark.parametrize(
+    ("header", "said"),
+    [
+        (b"(-6, 20)", "negative dimension"),  # failed deep inside np.load's mapping
+        (b"(-1, 10)", "negative dimension"),  # from a pipe: read as 12 x 10, exit 0
+        (b"(6, 2**9", "truncated or corrupt"),  # tokenize's error, not NumPy's
+    ],
+)
+def test_ihvp_corrupt_header_shape_is_a_user_error(files, capsys, header, said):
+    from mfac_core.cli import _parse_stream
+
+    G = np.random.default_rng(0).standard_normal((6, 20))
+    bad = files["out"].parent / "bad.npy"
+    with io.BytesIO() as buf:
+        np.save(buf, G)
+        data = buf.getvalue().replace(b"(6, 20)", header.ljust(7))
+    bad.write_bytes(data)
+    np.save(files["out"].parent / "v20.npy", G[0])
+    status = run(["ihvp", bad, files["out"].parent / "v20.npy", "-o", files["out"], "--damp", DAMP])
+    assert_user_error(capsys, status, said)
+    assert not files["out"].exists()
+    with pytest.raises(UserError, match=said):  # the path of a pipe
+        _parse_stream(io.BytesIO(data), "/dev/stdin", "GRADS")
 
 
 @pytest.mark.skipif(not os.path.isdir("/dev/fd"), reason="needs /dev/fd (process substitution)")

@@ -372,8 +372,7 @@ def _check_npy_header(fh: BinaryIO, path: str, what: str, size: int) -> _NpyHead
         # NumPy's header check takes any ints: a negative count would pass the size check
         # below and be read as "the rest" by a reshape.
         raise UserError(
-            f"{what} file {path} has a corrupt .npy header: shape {shape} has a negative "
-            "dimension"
+            f"{what} file {path} has a corrupt .npy header: shape {shape} has a negative dimension"
         )
     if dtype.kind == "V" and dtype.fields is None and dtype.itemsize in _UNTYPED:
         raise UserError(
