@@ -431,3 +431,24 @@ def test_refine_over_narrow_storage_beyond_kappa_1e7(storage):
         window.update_and_matvec(x),  # x = G[0], oldest first: the same window
     ):
         assert rel(got, want) <= BOUND * EPS32
+
+
+def test_without_the_c_extension_the_products_say_once_that_they_are_slower(monkeypatch):
+    """A build without a C compiler computes the same products through float64 column
+    pieces, and says so once per process, at the first product that the kernels would
+    have served (not at each one, and not for float64 gradients, which BLAS serves)."""
+    from mfac_core import _engine, _fused
+
+    rng = np.random.default_rng(0)
+    G, x = rng.standard_normal((4, 300)).astype(np.float32), rng.standard_normal(300)
+    x = x.astype(np.float32)
+    want = StaticIHVP(G, damp=0.1) @ x
+    monkeypatch.setattr(_fused, "available", lambda: False)
+    monkeypatch.setattr(_engine, "_warned_slow", False)
+    with pytest.warns(UserWarning, match="C extension was not built") as caught:
+        op = StaticIHVP(G, damp=0.1)
+        got = op @ x
+        op @ x
+        StaticIHVP(G.astype(np.float64), damp=0.1) @ x.astype(np.float64)
+    assert len(caught) == 1
+    np.testing.assert_allclose(got, want, rtol=8 * np.finfo(np.float32).eps)
