@@ -421,6 +421,26 @@ def test_assert_close_fails_on_real_errors(rng, dtype_name, mistake):
         assert_close(wrong, so.matvec(x), kappa=kappa)
 
 
+def test_assert_close_at_kappa_one_catches_what_kappa_lets_through(rng):
+    # The Notes: with kappa = cond(F) = 1e4 a float32 comparison passes a damping 1 % off
+    # (tolerance 12 %); the library's float32 products are exact to a few eps32 at any
+    # kappa up to about 1e6, so kappa=1 against the extended-precision oracle passes them
+    # and fails a damping 0.1 % off (a random vector's product is about x / damp).
+    m, d = 8, 400
+    G = rng.standard_normal((m, d)).astype(np.float32)
+    G64 = G.astype(np.float64)
+    damp = float(np.linalg.norm(G64, 2) ** 2 / (m * (1e4 - 1)))
+    kappa = condition_number(G64, damp)
+    x = rng.standard_normal(d).astype(np.float32)
+    want = extended_precision_inverse(G64, damp, x.astype(np.float64))
+    wrong = StaticIHVP(G, damp=1.01 * damp) @ x
+    assert_close(wrong, want, kappa=kappa)  # lets it through, as the Notes say
+    assert_close(StaticIHVP(G, damp=damp) @ x, want)
+    for damping in (1.001 * damp, 0.999 * damp):
+        with pytest.raises(AssertionError, match="relative error"):
+            assert_close(StaticIHVP(G, damp=damping) @ x, want)
+
+
 def test_assert_close_fails_on_missing_1_over_m_near_kappa_one(rng):
     # Huge damping: kappa - 1 = 1e-6, a missing 1/m changes F^{-1} x by ~ (m - 1) 1e-6.
     m, d = 4, 10
