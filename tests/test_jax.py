@@ -1562,3 +1562,27 @@ def test_static_ihvp_of_gradients_near_float64s_largest_number_does_not_warn(rng
     x = G[0] + G[1]
     want = core.matvec(x)
     assert_close(np.asarray(op.matvec(jnp.asarray(x))), want, kappa=300.0, dtype="float64")
+
+
+def test_gram_and_projection_sums_do_not_lean_one_way():
+    # Regression: XLA's CPU dot summed each entry of G G^T and of G x over all columns in
+    # one running sum; for two float32 gradients with a shared mean, whose products have one
+    # sign and size, those roundings leaned one way, and the product of their mean at
+    # kappa = 1e6 was 1160 eps(float32) off (mfac_core.StaticIHVP over JAX arrays) and 150
+    # (mfac_core.jax.static_ihvp), against the documented 8.
+    if np.finfo(np.longdouble).eps >= np.finfo(np.float64).eps:
+        pytest.skip("numpy.longdouble is float64 here: no reference beyond float64")
+    rng = np.random.default_rng(2)
+    d = 200_000
+    a = np.array([1.2616, 1.2985], np.float32)
+    G = (a[:, None] + 2.0**-9 * rng.choice([-1.0, 1.0], size=(2, d))).astype(np.float32)
+    G64 = G.astype(np.float64)
+    damp = float(np.linalg.norm(G64, 2) ** 2 / (2 * (1e6 - 1)))
+    x = G.mean(axis=0)
+    want = extended_precision_inverse(G64, damp, x.astype(np.float64))
+    eps32 = np.finfo(np.float32).eps
+    Gj = jnp.asarray(G)
+    for op in (mfac_core.StaticIHVP(Gj, damp=damp), mj.static_ihvp(Gj, damp=damp)):
+        got = np.asarray(op @ jnp.asarray(x), np.float64)
+        err = np.linalg.norm(got - want) / np.linalg.norm(want)
+        assert err <= 8 * eps32, (type(op).__module__, err / eps32)

@@ -48,6 +48,7 @@ from ._compat import (
     Array,
     device,
     is_cupy_namespace,
+    is_jax_namespace,
     is_numpy_namespace,
     is_torch_namespace,
     is_writeable_array,
@@ -59,6 +60,7 @@ from ._finite import (
     narrowed,
     note_intermediate,
 )
+from ._gram import contract_columns
 from ._layout import BlockGroup, piece_stack, pieces
 
 __all__ = [
@@ -482,11 +484,12 @@ def _project_pieces(xp: Any, G: Array, X: Array, start: int, stop: int | None) -
     m = G.shape[0]
     stop = G.shape[1] if stop is None else stop
     k = X.shape[1]
-    if G.dtype == xp.float64:
+    if G.dtype == xp.float64 and not is_jax_namespace(xp):
         return G[:, start:stop] @ _f64(xp, X)
     P = xp.zeros((m, k), dtype=xp.float64, device=device(G))
     for c0, c1 in _spans(xp, G, start, stop):
-        P = P + _f64(xp, G[:, c0:c1]) @ _f64(xp, X[c0 - start : c1 - start, ...])
+        Gp, Xp = _f64(xp, G[:, c0:c1]), _f64(xp, X[c0 - start : c1 - start, ...])
+        P = P + contract_columns(xp, Gp, Xp)
     return P
 
 

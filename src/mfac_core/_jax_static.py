@@ -16,6 +16,7 @@ from jax import lax
 
 from . import _capacitance, _pieces
 from ._finite import non_finite_entry
+from ._gram import contract_columns
 from ._jax_common import (
     check_dtype,
     check_vector,
@@ -228,11 +229,17 @@ def _chunk_width(G: Any) -> int:
 
 
 def _gram_f64(G: Any, width: int) -> Any:
-    """``G G^T`` accumulated in float64, over column chunks of ``width`` columns.
+    """``G G^T`` accumulated in float64.
 
-    Converting all of G to float64 at once would need twice the memory of a
-    float32 G; the chunks bound the extra memory (:func:`_chunk_width`).
+    On the CPU, :func:`mfac_core._gram.contract_columns` over G itself: blocks of a few
+    hundred columns widened to float64 as they are read, the sums in levels (XLA's ``dot``
+    over a whole chunk summed each entry in one running sum). On a GPU, chunks of
+    ``width`` columns (:func:`_chunk_width`) widened to float64, one ``dot`` each
+    (cuBLAS blocks its sums): converting all of G at once would need twice the memory of a
+    float32 G.
     """
+    if not _pieces.is_accelerator(jnp, G):
+        return contract_columns(jnp, G, G.T)
     m, d = G.shape
     full = d // width
 
