@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 
 from mfac_core import SpectralIHVP, StaticIHVP
 from mfac_core._dynamic_setup import local_gram
-from mfac_core._gram import columns_gram, rows_gram
+from mfac_core._gram import columns_gram, contract_columns, rows_gram
 
 torch = pytest.importorskip("torch")
 xpt = pytest.importorskip("array_api_compat.torch")
@@ -70,3 +72,61 @@ def test_torch_and_numpy_float32_operators_agree_bit_for_bit(cls, block_size):
     a = cls(G, damp=1e-3, block_size=block_size) @ x
     b = cls(torch.from_numpy(G), damp=1e-3, block_size=block_size) @ torch.from_numpy(x)
     np.testing.assert_array_equal(b.numpy(), a)
+
+
+def _leaning_pair(d: int) -> np.ndarray:
+    """Two float32 gradients with a shared mean, in float64: every product of their Gram
+    and of their mean's projection has one sign and about one size."""
+    signs = np.random.default_rng(0).choice([-1.0, 1.0], size=(2, d))
+    a = np.array([[1.2616], [1.2985]], np.float32)
+    return (a + 2.0**-9 * signs).astype(np.float32).astype(np.float64)
+
+
+def _libraries():
+    """``(name, namespace, make)`` of each library at hand, and the context JAX needs."""
+    out = [("numpy", np, lambda a: a), ("torch", xpt, torch.from_numpy)]
+    out.append(("torch autograd", xpt, lambda a: torch.from_numpy(a).requires_grad_(True)))
+    try:
+        import jax
+        import jax.numpy as jnp
+    except ImportError:
+        return out, contextlib.nullcontext()
+    from mfac_core._compat import array_namespace
+
+    return [*out, ("jax", array_namespace(jnp.zeros(1)), jnp.asarray)], jax.enable_x64(True)
+
+
+@pytest.mark.parametrize("d", [1_000, 200_000])
+def test_long_contractions_do_not_lean_one_way(d):
+    # Regression: PyTorch's CPU matmul of float64 and XLA's CPU dot summed each entry over
+    # all d columns in one running sum, which leans one way for such products: PyTorch 2940
+    # eps(float64) of the terms' sum (Gram) and 10100 (projection) at d = 2e5, JAX 950 and
+    # 8400 at d = 1e6. Sums in levels, as BLAS's: within 1000 here (NumPy's: 37 and 54).
+    G = _leaning_pair(d)
+    x = G.mean(axis=0)[:, None]
+    Gl, xl = G.astype(np.longdouble), x.astype(np.longdouble)
+    libs, x64 = _libraries()
+    eps = np.finfo(np.float64).eps
+    with x64:
+        for name, xp, make in libs:
+            A, B = make(G), make(x)
+            for got, want, terms in (
+                (contract_columns(xp, A, B), Gl @ xl, np.abs(G) @ np.abs(x)),
+                (contract_columns(xp, A, A.T), Gl @ Gl.T, np.abs(G) @ np.abs(G).T),
+            ):
+                got = np.asarray(got.detach() if name == "torch autograd" else got, np.float64)
+                err = np.abs(got.astype(np.longdouble) - want).astype(np.float64)
+                assert np.all(err <= 1000 * eps * terms), (name, np.max(err / terms) / eps)
+
+
+def test_long_contractions_keep_autograd():
+    # A tensor that requires grad goes through PyTorch's own products of blocks of columns
+    # (not NumPy's view): its gradient is that of the plain product, to rounding.
+    G = _leaning_pair(3_000)
+    A = torch.from_numpy(G).requires_grad_(True)
+    B = torch.from_numpy(G.mean(axis=0)[:, None])
+    got = contract_columns(xpt, A, B)
+    assert got.requires_grad
+    (grad,) = torch.autograd.grad(got.sum(), A)
+    np.testing.assert_array_equal(grad.numpy(), np.broadcast_to(B.numpy().T, G.shape))
+    np.testing.assert_allclose(got.detach().numpy(), G @ B.numpy(), rtol=1e-13)

@@ -1586,3 +1586,23 @@ def test_gram_and_projection_sums_do_not_lean_one_way():
         got = np.asarray(op @ jnp.asarray(x), np.float64)
         err = np.linalg.norm(got - want) / np.linalg.norm(want)
         assert err <= 8 * eps32, (type(op).__module__, err / eps32)
+
+
+def test_reverse_mode_through_the_blocked_gram():
+    # The host Gram sums blocks of 256 columns in loops (_gram.contract_columns): their trip
+    # counts are static, so they are scans, which jax.grad goes through (a while loop is not).
+    rng = np.random.default_rng(0)
+    m, damp = 4, 0.1
+    G = jnp.asarray(rng.standard_normal((m, 3000)) / 50)
+    x = jnp.asarray(rng.standard_normal(3000))
+
+    def loss(G):
+        return jnp.sum(jnp.sin(mj.static_ihvp(G, damp=damp) @ x))
+
+    def dense(G):  # Woodbury's form in plain jax.numpy, whose gradient JAX derives too
+        a = jnp.linalg.solve(G @ G.T + m * damp * jnp.eye(m), G @ x)
+        return jnp.sum(jnp.sin((x - G.T @ a) / damp))
+
+    assert "while[" not in str(jax.make_jaxpr(jax.grad(loss))(G))
+    got, want = np.asarray(jax.grad(loss)(G)), np.asarray(jax.grad(dense)(G))
+    assert np.linalg.norm(got - want) <= 1e-10 * np.linalg.norm(want)

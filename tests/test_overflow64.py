@@ -320,4 +320,6 @@ def test_a_result_that_requires_grad_is_tested_without_pytorchs_warning():
         with pytest.raises(ValueError, match=r"x\[3\] is nan"):
             op.matvec(bad)
     assert y.requires_grad
-    assert torch.equal(y.detach(), op.matvec(x.detach()))
+    # Autograd's route sums in PyTorch's operations, the other in NumPy's BLAS.
+    want = op.matvec(x.detach())
+    assert float(torch.linalg.norm(y.detach() - want)) <= 1e-14 * float(torch.linalg.norm(want))

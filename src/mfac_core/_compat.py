@@ -39,6 +39,7 @@ __all__ = [
     "array_namespace",
     "canonical_device",
     "cumulative_sum",
+    "forward_ad_active",
     "detached",
     "device_scoped_names",
     "host_values",
@@ -213,6 +214,16 @@ def restored_device(token: Any) -> Any:
 
         return next(d for d in jax.devices(token[1]) if d.id == token[2])
     return token
+
+
+def forward_ad_active() -> bool:
+    """Whether PyTorch's forward-mode AD has a dual level open (tangents may flow).
+
+    Inside one, a tensor may carry a tangent without ``requires_grad``, which a NumPy view
+    of it would drop.
+    """
+    forward_ad = sys.modules.get("torch.autograd.forward_ad")
+    return forward_ad is not None and getattr(forward_ad, "_current_level", -1) >= 0
 
 
 def is_vmapped(x: Any) -> bool:

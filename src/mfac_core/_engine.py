@@ -36,7 +36,6 @@ the public call that returns it, from one sum of the result (``_finite``).
 from __future__ import annotations
 
 import contextlib
-import sys
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
@@ -47,8 +46,8 @@ from . import _fused, _pieces
 from ._compat import (
     Array,
     device,
+    forward_ad_active,
     is_cupy_namespace,
-    is_jax_namespace,
     is_numpy_namespace,
     is_torch_namespace,
     is_writeable_array,
@@ -188,7 +187,7 @@ def vector_view(xp: Any, X: Array) -> np.ndarray | None:
         is_torch_namespace(xp)
         and X.device.type == "cpu"
         and not X.requires_grad
-        and not _forward_ad_active()
+        and not forward_ad_active()
     ):
         if str(X.dtype) in ("torch.float32", "torch.float64"):
             try:
@@ -196,12 +195,6 @@ def vector_view(xp: Any, X: Array) -> np.ndarray | None:
             except RuntimeError:  # no plain storage (see host_view)
                 return None
     return None
-
-
-def _forward_ad_active() -> bool:
-    """Whether PyTorch's forward-mode AD has a dual level open (tangents may flow)."""
-    forward_ad = sys.modules.get("torch.autograd.forward_ad")
-    return forward_ad is not None and getattr(forward_ad, "_current_level", -1) >= 0
 
 
 def _same(Y: Any) -> Any:
@@ -484,8 +477,8 @@ def _project_pieces(xp: Any, G: Array, X: Array, start: int, stop: int | None) -
     m = G.shape[0]
     stop = G.shape[1] if stop is None else stop
     k = X.shape[1]
-    if G.dtype == xp.float64 and not is_jax_namespace(xp):
-        return G[:, start:stop] @ _f64(xp, X)
+    if G.dtype == xp.float64:  # no float64 copy to bound: one contraction
+        return contract_columns(xp, G[:, start:stop], _f64(xp, X))
     P = xp.zeros((m, k), dtype=xp.float64, device=device(G))
     for c0, c1 in _spans(xp, G, start, stop):
         Gp, Xp = _f64(xp, G[:, c0:c1]), _f64(xp, X[c0 - start : c1 - start, ...])

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from ._compat import Array, is_jax_namespace, is_torch_namespace
+from ._compat import Array, forward_ad_active, is_jax_namespace, is_torch_namespace
 from ._pieces import is_accelerator
 
 __all__ = ["columns_gram", "contract_columns", "rows_gram"]
@@ -58,12 +58,47 @@ def contract_columns(xp: Any, A: Array, B: Array, /) -> Array:
     terms' sum off, their mean's projection 8400; the product 1160 eps(float32) off at
     kappa = 1e6). There the sums go in levels, as BLAS and cuBLAS block theirs: products
     of :data:`JAX_BLOCK_TERMS` (or m) columns, summed from zero in spans of
-    :data:`JAX_SPAN_BLOCKS`, then the spans (:func:`_jax_contract`). Elsewhere, and for
-    JAX on a GPU (cuBLAS; a loop of small products would be launches), ``A @ B``.
+    :data:`JAX_SPAN_BLOCKS`, then the spans (:func:`_jax_contract`). PyTorch's CPU
+    ``matmul`` of float64 sums alike (a float64 G's product 200x NumPy's error): its
+    tensors go to NumPy's BLAS over the same memory, or, where autograd must see the
+    operations, to products of blocks of columns summed by ``sum`` (:func:`_blocks`).
+    Elsewhere, and for JAX and PyTorch on a GPU (cuBLAS; a loop of small products would
+    be launches), ``A @ B``.
     """
-    if not is_jax_namespace(xp) or is_accelerator(xp, A):
+    if is_accelerator(xp, A):
+        return A @ B
+    if is_torch_namespace(xp):
+        a, b = _numpy_view(xp, A), _numpy_view(xp, B)
+        if a is not None and b is not None:
+            import torch
+
+            return torch.from_numpy(a @ b)
+        return _blocks(xp, A, B)
+    if not is_jax_namespace(xp):
         return A @ B
     return _jax_contract()(A, B)
+
+
+def _blocks(xp: Any, A: Array, B: Array) -> Array:
+    """:func:`contract_columns` as one batched product of blocks of columns, then ``sum``.
+
+    Each block's entries sum :data:`JAX_BLOCK_TERMS` (or m) terms; ``xp.sum`` adds the
+    blocks (PyTorch's sums are cascaded, not one running sum). The stack of partial
+    products is no larger than ``A``.
+    """
+    lead, m, w, k = tuple(A.shape[:-2]), A.shape[-2], A.shape[-1], B.shape[-1]
+    c = max(JAX_BLOCK_TERMS, m)
+    n = w // c
+    if n < 2:
+        return A @ B
+    nlead = len(lead)
+    blocks = xp.permute_dims(
+        xp.reshape(A[..., : n * c], (*lead, m, n, c)), (*range(nlead), nlead + 1, nlead, nlead + 2)
+    )
+    out = xp.sum(blocks @ xp.reshape(B[..., : n * c, :], (*lead, n, c, k)), axis=-3)
+    if n * c < w:
+        out = out + A[..., n * c :] @ B[..., n * c :, :]
+    return out
 
 
 @functools.cache
@@ -89,18 +124,21 @@ def _jax_contract() -> Callable[[Any, Any], Any]:
             a = lax.dynamic_slice_in_dim(A, j * c, c, a_axis).astype(f64)
             return a @ lax.dynamic_slice_in_dim(B, j * c, c, b_axis).astype(f64)
 
-        def span(j0: Any, j1: Any) -> Any:
-            return lax.fori_loop(j0 + 1, j1, lambda j, acc: acc + block(j), block(j0))
+        # Static trip counts: the loops are scans, which reverse-mode autodiff goes through.
+        def span(j0: Any, count: int) -> Any:
+            return lax.fori_loop(0, count - 1, lambda i, acc: acc + block(j0 + 1 + i), block(j0))
 
-        spans = n // JAX_SPAN_BLOCKS
-        out = lax.fori_loop(
-            0,
-            spans,
-            lambda s, total: total + span(s * JAX_SPAN_BLOCKS, (s + 1) * JAX_SPAN_BLOCKS),
-            jax.numpy.zeros((*A.shape[:-1], B.shape[-1]), f64),
-        )
-        if spans * JAX_SPAN_BLOCKS < n:
-            out = out + span(spans * JAX_SPAN_BLOCKS, n)
+        spans, rest = divmod(n, JAX_SPAN_BLOCKS)
+        out = jax.numpy.zeros((*A.shape[:-1], B.shape[-1]), f64)
+        if spans:
+            out = lax.fori_loop(
+                0,
+                spans,
+                lambda s, total: total + span(s * JAX_SPAN_BLOCKS, JAX_SPAN_BLOCKS),
+                out,
+            )
+        if rest:
+            out = out + span(spans * JAX_SPAN_BLOCKS, rest)
         if n * c < A.shape[-1]:
             out = out + A[..., n * c :].astype(f64) @ B[..., n * c :, :].astype(f64)
         return out
@@ -127,6 +165,8 @@ def _numpy_view(xp: Any, X: Array) -> np.ndarray | None:
     import torch
 
     if X.device.type != "cpu" or X.dtype != torch.float64 or X.requires_grad:
+        return None
+    if forward_ad_active():  # a dual tensor's view would drop its tangent
         return None
     try:
         return X.numpy()
