@@ -598,7 +598,7 @@ def test_ihvp_truncated_file_is_not_out_of_memory(files, capsys):
     ],
 )
 def test_ihvp_corrupt_header_shape_is_a_user_error(files, capsys, header, said):
-    from mfac_core.cli import _parse_stream
+    from mfac_core._cli_input import parse_stream
 
     G = np.random.default_rng(0).standard_normal((6, 20))
     bad = files["out"].parent / "bad.npy"
@@ -611,7 +611,7 @@ def test_ihvp_corrupt_header_shape_is_a_user_error(files, capsys, header, said):
     assert_user_error(capsys, status, said)
     assert not files["out"].exists()
     with pytest.raises(UserError, match=said):  # the path of a pipe
-        _parse_stream(io.BytesIO(data), "/dev/stdin", "GRADS")
+        parse_stream(io.BytesIO(data), "/dev/stdin", "GRADS")
 
 
 @pytest.mark.skipif(not os.path.isdir("/dev/fd"), reason="needs /dev/fd (process substitution)")
@@ -1183,7 +1183,7 @@ def test_ihvp_out_of_memory_and_interrupt_exit_statuses(
 
 _MAP_LARGER_THAN_ALLOWED = """
 import resource, sys
-from mfac_core.cli import _load
+from mfac_core._cli_input import load
 
 # The process may hold 256 MiB of private writable memory more than it does now; the
 # file is 1 GiB. A private ("c") map counts in full, a read-only one does not.
@@ -1191,7 +1191,7 @@ with open("/proc/self/status") as f:
     data = next(int(line.split()[1]) for line in f if line.startswith("VmData:")) * 1024
 hard = resource.getrlimit(resource.RLIMIT_DATA)[1]
 resource.setrlimit(resource.RLIMIT_DATA, (data + 2**28, hard))
-G = _load(sys.argv[1], "GRADS", mmap=True)
+G = load(sys.argv[1], "GRADS", mmap=True)
 print(G.shape, G.flags.writeable)
 """
 

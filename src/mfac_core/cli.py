@@ -22,24 +22,20 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
-import math
 import os
 import re
 import stat
 import sys
 import tempfile
 import time
-import tokenize
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any, BinaryIO, NamedTuple, TextIO
+from typing import Any, BinaryIO, TextIO
 
 import numpy as np
-import numpy.lib.format as npy_format
 
 from . import __version__
-from ._store import UNFINISHED_MAGIC
+from ._cli_input import UserError, load
 from ._validation import check_damp
 
 __all__ = ["main"]
@@ -51,21 +47,6 @@ EXIT_USAGE = 2
 
 #: ``-o``'s name for standard output, as most tools take it (a file so named is ``./-``).
 STDOUT = "-"
-
-#: The first bytes of every .npy file.
-_NPY_MAGIC = b"\x93NUMPY"
-
-#: Bytes read at a time from a pipe.
-_STREAM_CHUNK = 1 << 20
-
-#: A bound on the magic, version, length and header of an .npy file (numpy refuses
-#: headers over 10000 bytes unless told otherwise).
-_MAX_HEADER_BYTES = 1 << 16
-
-
-class UserError(Exception):
-    """An error of the user's input: printed as one line, no traceback."""
-
 
 # -- argument types ------------------------------------------------------------------------
 
@@ -280,132 +261,6 @@ def _wants_progress(args: argparse.Namespace, stream: TextIO) -> bool:
 
 
 # -- ihvp ----------------------------------------------------------------------------------
-
-
-def _load(path: str, what: str, mmap: bool) -> np.ndarray:
-    """The array of the .npy file ``path``, memory-mapped if ``mmap`` and ``path`` is a file.
-
-    A pipe (``/dev/stdin``, ``<(cat G.npy)``) cannot be mapped nor read twice: it is read
-    once, into memory, and parsed from there.
-    """
-    if not os.path.exists(path):
-        raise UserError(f"{what} file not found: {path}")
-    if os.path.isdir(path):
-        raise UserError(f"{what} is a directory, not an .npy file: {path}")
-    arr: np.ndarray | None = None
-    try:
-        with open(path, "rb") as fh:
-            if not fh.seekable():
-                arr = _parse_stream(fh, path, what)
-            else:
-                _check_npy_header(fh, path, what, os.fstat(fh.fileno()).st_size)
-    except OSError as exc:
-        raise UserError(f"cannot read {what} file {path}: {exc.strerror or exc}") from None
-    if arr is not None:
-        return arr
-    try:
-        try:
-            # Read-only: a copy-on-write ("c") map is private and writeable, so the
-            # system charges all of it to the process's memory at once and refuses a
-            # GRADS larger than memory (ENOMEM), which is what the map is for.
-            arr = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
-        except ValueError:
-            if not mmap:
-                raise
-            arr = np.load(path, allow_pickle=False)  # e.g. an empty array cannot be mapped
-    except (ValueError, OSError, EOFError) as exc:
-        raise UserError(f"cannot read {what} file {path}: {exc}") from None
-    return arr
-
-
-#: The types that numpy.save writes as untyped ("void") values of 1 or 2 bytes.
-_UNTYPED = {
-    2: "bfloat16",
-    1: "the 8-bit floats (float8_e4m3fn, float8_e5m2, ...) and small integers",
-}
-
-
-class _NpyHeader(NamedTuple):
-    shape: tuple[int, ...]
-    fortran_order: bool
-    dtype: np.dtype
-    offset: int  # of the data, from the start of the file
-
-
-def _check_npy_header(fh: BinaryIO, path: str, what: str, size: int) -> _NpyHeader:
-    """The .npy header at the start of ``fh``, checked against the file's ``size`` in bytes.
-
-    The data must be as long as the header says: a truncated or corrupt file would
-    otherwise be mapped or allocated at the size its header claims (a 1 KB file whose
-    header says 800 GB read as "out of memory").
-    """
-    magic = fh.read(len(_NPY_MAGIC))
-    if size == 0:
-        raise UserError(f"{what} file {path} is empty (0 bytes), not an .npy file")
-    if magic[:2] == b"PK":
-        raise UserError(
-            f"{what} file {path} is an .npz archive; save a single array with numpy.save"
-        )
-    if magic == UNFINISHED_MAGIC:
-        raise UserError(
-            f"{what} file {path} is unfinished, rows are missing: StaticIHVP.from_gradients "
-            "is still filling it (wait for it to return), or its process stopped before the "
-            "last gradient (killed, or out of time: collect the gradients again into a new "
-            "file)"
-        )
-    if magic != _NPY_MAGIC:
-        raise UserError(f"{what} file {path} is not an .npy file (written by numpy.save)")
-    try:
-        fh.seek(0)
-        major, _ = npy_format.read_magic(fh)
-        if major == 1:
-            shape, fortran, dtype = npy_format.read_array_header_1_0(fh)
-        else:
-            shape, fortran, dtype = npy_format.read_array_header_2_0(fh)
-    except (ValueError, EOFError, tokenize.TokenError) as exc:
-        # NumPy tokenizes the header before it parses it: an unbalanced bracket is
-        # tokenize's error, not NumPy's ValueError.
-        raise UserError(
-            f"{what} file {path} has a truncated or corrupt .npy header: {exc}"
-        ) from None
-    if any(n < 0 for n in shape):
-        # NumPy's header check takes any ints: a negative count would pass the size check
-        # below and be read as "the rest" by a reshape.
-        raise UserError(
-            f"{what} file {path} has a corrupt .npy header: shape {shape} has a negative dimension"
-        )
-    if dtype.kind == "V" and dtype.fields is None and dtype.itemsize in _UNTYPED:
-        raise UserError(
-            f"{what} in {path} holds raw {dtype.itemsize}-byte values (dtype {dtype}), as "
-            f"numpy.save writes {_UNTYPED[dtype.itemsize]} of ml_dtypes (JAX's arrays "
-            "converted to NumPy); the file does not record which type: save them as "
-            "float32, e.g. numpy.save(path, numpy.asarray(x, dtype=numpy.float32))"
-        )
-    if dtype.hasobject or dtype.kind not in "fiub" or dtype.itemsize > 8:
-        raise UserError(f"{what} in {path} must hold real numbers, got dtype {dtype}")
-    offset = fh.tell()
-    need = math.prod(shape) * dtype.itemsize
-    if size - offset < need:
-        raise UserError(
-            f"{what} file {path} is truncated or corrupt: its header says shape {shape} of "
-            f"{dtype} ({need} bytes of data), but {max(size - offset, 0)} bytes follow the header"
-        )
-    return _NpyHeader(shape, fortran, dtype, offset)
-
-
-def _parse_stream(fh: BinaryIO, path: str, what: str) -> np.ndarray:
-    """The array of an .npy stream (a pipe), read once into memory, without a second copy."""
-    data = bytearray()
-    while chunk := fh.read(_STREAM_CHUNK):
-        data += chunk
-    # The header is at most numpy's own limit on header sizes; parse a copy of that prefix.
-    head = _check_npy_header(io.BytesIO(bytes(data[:_MAX_HEADER_BYTES])), path, what, len(data))
-    count = math.prod(head.shape)
-    if count == 0:
-        return np.empty(head.shape, dtype=head.dtype)
-    # A view of the bytearray: writeable, as the mapped file is, and no copy of the data.
-    flat = np.frombuffer(data, dtype=head.dtype, count=count, offset=head.offset)
-    return flat.reshape(head.shape, order="F" if head.fortran_order else "C")
 
 
 def _same_file(a: str, b: str) -> bool:
@@ -664,8 +519,8 @@ def _cmd_ihvp(
             "save one of them to a file"
         )
     _check_output(args.output, args.overwrite, inputs)
-    G = G_file = _load(args.grads, "GRADS", mmap=True)
-    V = V_file = _load(args.vecs, "VECS", mmap=False)
+    G = G_file = load(args.grads, "GRADS", mmap=True)
+    V = V_file = load(args.vecs, "VECS", mmap=False)
     if G.ndim != 2:
         raise UserError(
             f"GRADS must have shape (m, d), one gradient per row; {args.grads} has shape {G.shape}"
