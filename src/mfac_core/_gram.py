@@ -1,4 +1,4 @@
-"""The set-ups' float64 Gram products, through NumPy's BLAS for PyTorch CPU tensors.
+"""The float64 products over G's columns: the set-ups' Grams, and the long contractions.
 
 A set-up sums Gram matrices of float64 column pieces (``X X^T``, and ``X^T X`` of
 the blocks no wider than m) wherever the C extension's own Gram does not serve
@@ -10,10 +10,11 @@ busy: StaticIHVP's set-up of a 64 x 10**6 float32 tensor took 244 ms on one Zen 
 against 183 ms through NumPy, and 595 against 220 ms on two cores with one of them busy
 (alike on two quiet cores; benchmarks/RESULTS.md). So a PyTorch CPU tensor's Gram is
 NumPy's, over the same memory (no copy either way), and equals a NumPy array's bit for
-bit. Other libraries and
-devices, and tensors NumPy cannot view (autograd, torch.func's wrappers), keep ``@``,
-except JAX's: XLA's CPU ``dot`` sums a long contraction as one running sum per entry
-(:func:`contract_columns`), where BLAS and cuBLAS block their sums.
+bit. Other libraries and devices, and tensors NumPy cannot view (autograd, forward-mode
+tangents, torch.func's wrappers), go through :func:`contract_columns`, every long
+contraction over the columns (the engine's projection too where no kernel serves): ``@``,
+except where a library sums it as one running sum per entry (XLA's CPU ``dot``, PyTorch's
+CPU ``matmul``), where BLAS and cuBLAS block their sums.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def contract_columns(xp: Any, A: Array, B: Array, /) -> Array:
     On JAX's CPU backend the stacks may be of any floating dtype: each block is widened to
     float64 as it is sliced, so that no float64 copy of them is made.
 
-    On JAX, XLA's CPU ``dot`` sums the w terms of an entry one after the other, and where
+    XLA's CPU ``dot`` sums the w terms of an entry one after the other, and where
     they have one sign and size (a squared norm; gradients with a shared mean) the
     roundings lean one way: an error growing with w, not with its square root (two
     float32 gradients with a shared mean at w = 1e6: a Gram entry 950 eps(float64) of its
