@@ -595,6 +595,8 @@ def test_ihvp_truncated_file_is_not_out_of_memory(files, capsys):
         (b"(-6, 20)", "negative dimension"),  # failed deep inside np.load's mapping
         (b"(-1, 10)", "negative dimension"),  # from a pipe: read as 12 x 10, exit 0
         (b"(6, 2**9", "truncated or corrupt"),  # tokenize's error, not NumPy's
+        (b"(0, %d)" % 2**70, "beyond any array's size"),  # OverflowError in np.memmap
+        (b"(True, 20)", "not an integer"),
     ],
 )
 def test_ihvp_corrupt_header_shape_is_a_user_error(files, capsys, header, said):
@@ -604,7 +606,12 @@ def test_ihvp_corrupt_header_shape_is_a_user_error(files, capsys, header, said):
     bad = files["out"].parent / "bad.npy"
     with io.BytesIO() as buf:
         np.save(buf, G)
-        data = buf.getvalue().replace(b"(6, 20)", header.ljust(7))
+        data = buf.getvalue()
+    # The same header length: the new shape takes (or gives back) padding before its "\n".
+    end = data.index(b"\n")
+    text = data[:end].replace(b"(6, 20)", header)
+    text = text[:end] if len(text) >= end else text.ljust(end)
+    data = text + data[end:]
     bad.write_bytes(data)
     np.save(files["out"].parent / "v20.npy", G[0])
     status = run(["ihvp", bad, files["out"].parent / "v20.npy", "-o", files["out"], "--damp", DAMP])

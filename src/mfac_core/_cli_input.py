@@ -140,11 +140,19 @@ def _check_npy_header(fh: BinaryIO, path: str, what: str, size: int) -> _NpyHead
         raise UserError(
             f"{what} file {path} has a truncated or corrupt .npy header: {exc}"
         ) from None
-    if any(n < 0 for n in shape):
-        # NumPy's header check takes any ints: a negative count would pass the size check
-        # below and be read as "the rest" by a reshape.
+    # NumPy's header check takes any ints: a negative count would pass the size check below
+    # and be read as "the rest" by a reshape; a bool, or a count beside a zero that no array
+    # can have, would fail deep inside the mapping.
+    limit = np.iinfo(np.intp).max
+    if any(type(n) is not int or n < 0 for n in shape):
         raise UserError(
-            f"{what} file {path} has a corrupt .npy header: shape {shape} has a negative dimension"
+            f"{what} file {path} has a corrupt .npy header: shape {shape} has a negative "
+            "dimension or one that is not an integer"
+        )
+    if math.prod(n for n in shape if n) > limit:
+        raise UserError(
+            f"{what} file {path} has a corrupt .npy header: shape {shape} is beyond any "
+            f"array's size ({limit} items)"
         )
     if dtype.kind == "V" and dtype.fields is None and dtype.itemsize in _UNTYPED:
         raise UserError(

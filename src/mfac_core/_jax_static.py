@@ -228,6 +228,25 @@ def _chunk_width(G: Any) -> int:
     return min(d, _pieces.piece_width(jnp, G, m, host=_pieces.LARGE_PIECE_ENTRIES))
 
 
+@jax.custom_jvp
+def _host_gram(G: Any) -> Any:
+    """``G G^T`` in float64 on the CPU, its sums in levels (``_gram.contract_columns``).
+
+    Its derivative is ``dG G^T + G dG^T`` in plain float64 products, as the Gram was before
+    the levels: differentiated through them, the loops' scans kept every block widened to
+    float64 for the reverse pass, 2.2-2.7x the time and 1.5x the memory of ``jax.grad``
+    with respect to G (m = 8 and 32, d = 2e5).
+    """
+    return contract_columns(jnp, G, G.T)
+
+
+@_host_gram.defjvp
+def _host_gram_jvp(primals: Any, tangents: Any) -> tuple[Any, Any]:
+    (G,), (dG,) = primals, tangents
+    half = dG.astype(jnp.float64) @ G.astype(jnp.float64).T
+    return _host_gram(G), half + half.T
+
+
 def _gram_f64(G: Any, width: int) -> Any:
     """``G G^T`` accumulated in float64.
 
@@ -239,7 +258,7 @@ def _gram_f64(G: Any, width: int) -> Any:
     float32 G.
     """
     if not _pieces.is_accelerator(jnp, G):
-        return contract_columns(jnp, G, G.T)
+        return _host_gram(G)
     m, d = G.shape
     full = d // width
 
