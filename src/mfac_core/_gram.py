@@ -30,10 +30,10 @@ from ._pieces import is_accelerator
 
 __all__ = ["columns_gram", "contract_columns", "rows_gram"]
 
-#: Columns of one product of :func:`contract_columns` on JAX (or m, where larger), and the
-#: products summed from zero before they join the total.
-JAX_BLOCK_TERMS = 256
-JAX_SPAN_BLOCKS = 64
+#: Columns of one product of :func:`contract_columns`'s blocks (or m, where larger), and (on
+#: JAX) the blocks' products summed from zero before they join the total.
+BLOCK_TERMS = 256
+SPAN_BLOCKS = 64
 
 
 def rows_gram(xp: Any, X: Array, /) -> Array:
@@ -58,8 +58,8 @@ def contract_columns(xp: Any, A: Array, B: Array, /) -> Array:
     float32 gradients with a shared mean at w = 1e6: a Gram entry 950 eps(float64) of its
     terms' sum off, their mean's projection 8400; the product 1160 eps(float32) off at
     kappa = 1e6). There the sums go in levels, as BLAS and cuBLAS block theirs: products
-    of :data:`JAX_BLOCK_TERMS` (or m) columns, summed from zero in spans of
-    :data:`JAX_SPAN_BLOCKS`, then the spans (:func:`_jax_contract`). PyTorch's CPU
+    of :data:`BLOCK_TERMS` (or m) columns, summed from zero in spans of
+    :data:`SPAN_BLOCKS`, then the spans (:func:`_jax_contract`). PyTorch's CPU
     ``matmul`` of float64 sums alike (a float64 G's product 200x NumPy's error): its
     tensors go to NumPy's BLAS over the same memory, or, where autograd must see the
     operations, to products of blocks of columns summed by ``sum`` (:func:`_blocks`).
@@ -80,16 +80,21 @@ def contract_columns(xp: Any, A: Array, B: Array, /) -> Array:
     return _jax_contract()(A, B)
 
 
+def _blocking(A: Any) -> tuple[int, int]:
+    """``(c, n)``: columns of one block of ``A`` (:data:`BLOCK_TERMS`, or m), whole blocks."""
+    c = max(BLOCK_TERMS, A.shape[-2])
+    return c, A.shape[-1] // c
+
+
 def _blocks(xp: Any, A: Array, B: Array) -> Array:
     """:func:`contract_columns` as one batched product of blocks of columns, then ``sum``.
 
-    Each block's entries sum :data:`JAX_BLOCK_TERMS` (or m) terms; ``xp.sum`` adds the
+    Each block's entries sum :data:`BLOCK_TERMS` (or m) terms; ``xp.sum`` adds the
     blocks (PyTorch's sums are cascaded, not one running sum). The stack of partial
     products is no larger than ``A``.
     """
     lead, m, w, k = tuple(A.shape[:-2]), A.shape[-2], A.shape[-1], B.shape[-1]
-    c = max(JAX_BLOCK_TERMS, m)
-    n = w // c
+    c, n = _blocking(A)
     if n < 2:
         return A @ B
     nlead = len(lead)
@@ -115,8 +120,7 @@ def _jax_contract() -> Callable[[Any, Any], Any]:
 
     def contract(A: Any, B: Any) -> Any:
         a_axis, b_axis = A.ndim - 1, B.ndim - 2
-        c = max(JAX_BLOCK_TERMS, A.shape[-2])
-        n = A.shape[-1] // c
+        c, n = _blocking(A)
         f64 = jax.numpy.float64
         if n < 2:
             return A.astype(f64) @ B.astype(f64)
@@ -129,17 +133,17 @@ def _jax_contract() -> Callable[[Any, Any], Any]:
         def span(j0: Any, count: int) -> Any:
             return lax.fori_loop(0, count - 1, lambda i, acc: acc + block(j0 + 1 + i), block(j0))
 
-        spans, rest = divmod(n, JAX_SPAN_BLOCKS)
+        spans, rest = divmod(n, SPAN_BLOCKS)
         out = jax.numpy.zeros((*A.shape[:-1], B.shape[-1]), f64)
         if spans:
             out = lax.fori_loop(
                 0,
                 spans,
-                lambda s, total: total + span(s * JAX_SPAN_BLOCKS, JAX_SPAN_BLOCKS),
+                lambda s, total: total + span(s * SPAN_BLOCKS, SPAN_BLOCKS),
                 out,
             )
         if rest:
-            out = out + span(spans * JAX_SPAN_BLOCKS, rest)
+            out = out + span(spans * SPAN_BLOCKS, rest)
         if n * c < A.shape[-1]:
             out = out + A[..., n * c :].astype(f64) @ B[..., n * c :, :].astype(f64)
         return out
@@ -148,15 +152,15 @@ def _jax_contract() -> Callable[[Any, Any], Any]:
 
 
 def _gram(xp: Any, X: Array, *, rows: bool) -> Array:
-    host = _numpy_view(xp, X)
+    Xt = xp.matrix_transpose(X)
+    if rows:  # over the columns, which may be many (NumPy's view of a tensor there too)
+        return contract_columns(xp, X, Xt)
+    host = _numpy_view(xp, X)  # X^T X sums over the m rows
     if host is None:
-        Xt = xp.matrix_transpose(X)
-        # X^T X sums over the m rows; X X^T over the columns, which may be many.
-        return contract_columns(xp, X, Xt) if rows else Xt @ X
-    Ht = np.swapaxes(host, -1, -2)
+        return Xt @ X
     import torch
 
-    return torch.from_numpy(host @ Ht if rows else Ht @ host)
+    return torch.from_numpy(np.swapaxes(host, -1, -2) @ host)
 
 
 def _numpy_view(xp: Any, X: Array) -> np.ndarray | None:
