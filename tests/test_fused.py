@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import itertools
+import math
 import os
 import sys
 import types
@@ -473,6 +474,54 @@ def test_project64_sums_a_cancelling_product_in_float64(rng):
         assert np.all(np.abs(y - exact) <= (n + 2) * EPS64 * mag), isa
         assert np.all(np.abs(y - exact) <= 1e-6 * np.abs(exact)), isa
     assert np.median(np.abs((G @ x).astype(np.float64) - exact) / np.abs(exact)) > 1e-4
+
+
+def _leaning(m, d, seed=2):
+    """m float32 gradients of one sign and nearly one size (a shared mean, sign noise), and
+    x their mean: every product of ``G x`` is about one number, which one running sum rounds
+    the same way step after step. Also each row's exact ``G x`` (math.fsum of the float64
+    products, exact for float32 items) and its terms' magnitudes."""
+    rng = np.random.default_rng(seed)
+    a = (1.25 + 0.05 * rng.random(m)).astype(np.float32)
+    G = (a[:, None] + np.float32(2.0**-9) * rng.choice([-1, 1], size=(m, d))).astype(np.float32)
+    x = G.mean(axis=0)
+    G64, x64 = G.astype(np.float64), x.astype(np.float64)
+    exact = np.array([math.fsum(row * x64) for row in G64])
+    return G, x, exact, np.abs(G64) @ np.abs(x64)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize(("m", "d"), [(2, 200_000), (1, 600_000), (64, 100_000)])
+def test_project64_rounding_does_not_grow_with_the_columns(isa, m, d):
+    """Regression: a lane's sum ran over a whole chunk of 4096 columns (project1t's, a
+    Fortran-ordered G's one vector, over 4096 rows): two gradients at d = 2e5 were 53
+    (AVX-512), 120 (AVX2) and 225 (SSE2) eps(float64) of their terms' sum off, 64 of them
+    through project1t 487. Runs of 128 terms, then levels: under 1 now, for C- and
+    Fortran-ordered G and one or two vectors (their bits alike: project64t is project64's
+    order). m = 1 takes a piece of 128 chunks (level 0 carried twice)."""
+    G, x, exact, terms = _leaning(m, d)
+    X = np.stack([x, x])
+    for order in "CF":
+        Gx = np.asfortranarray(G) if order == "F" else G
+        for K in (1, 2):
+            P = _fused.project64(Gx, X[:K], start=0, stop=d, isa=isa)
+            err = np.max(np.abs(P - exact) / terms) / EPS64
+            assert err <= 2, (order, K, err)
+    np.testing.assert_array_equal(
+        _fused.project64(G, X, start=0, stop=d, isa=isa),
+        _fused.project64(np.asfortranarray(G), X, start=0, stop=d, isa=isa),
+    )
+
+
+def test_project64_adds_the_pieces_in_pairs(monkeypatch):
+    """The threads' pieces are added as a balanced tree: 200 pieces (as m = 64 gives at
+    d = 6.5e6) added one after the other left the pair's product 16 eps(float64) of its
+    terms off, against 0.8 in pairs."""
+    monkeypatch.setattr(_fused, "_PIECE_WORK", 2**12)
+    G, x, exact, terms = _leaning(2, 400_000)
+    assert len(_fused._pieces(2, 400_000)) >= 200
+    P = _fused.project64(G, x, start=0, stop=400_000)
+    assert np.max(np.abs(P - exact) / terms) <= 2 * EPS64
 
 
 @pytest.mark.parametrize(

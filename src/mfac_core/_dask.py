@@ -87,7 +87,11 @@ def _chunk_gram(G: Any) -> Any:
         return X @ _NP.matrix_transpose(X)
 
     width = _pieces.piece_width(_NP, G, m, host=_pieces.LARGE_PIECE_ENTRIES)
-    return _layout.chunk_gram(_NP, G, group, list(_layout.pieces(group, width)), product)[0]
+    chunk = list(_layout.pieces(group, width))
+    # The C extension's Gram in levels where it serves: BLAS's sum over a piece of 2e6
+    # columns leans one way for gradients with a shared mean (_dynamic_setup.local_gram).
+    gram = _engine.gram_kernel(_NP, G)
+    return _layout.chunk_gram(_NP, G, group, chunk, product, gram=gram)[0]
 
 
 def _gram_sum(parts: Any, axis: Any = None, keepdims: bool = False, **_: Any) -> Any:

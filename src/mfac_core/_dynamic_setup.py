@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _host_rows, _pieces
+from . import _engine, _host_rows, _pieces
 from ._capacitance import check_window_damp
 from ._compat import (
     Array,
@@ -146,16 +146,20 @@ def default_namespace() -> Any:
 def local_gram(xp: Any, G: Array) -> Array:
     """``G G^T`` of the rows of ``G`` (of a shard: of its columns), accumulated in float64.
 
-    O(m^2 d): column pieces of G converted to float64 (:func:`_pieces.piece_width`), one
-    BLAS-3 product each; products of float32 or 2-byte values are exact in
-    float64, so each entry errs by at most d eps64 |g_i| |g_j|.
+    O(m^2 d): the C extension's Gram from G in its storage dtype where it serves
+    (``_engine.gram_kernel``, summed in levels as the static set-up's is), else column
+    pieces of G converted to float64 (:func:`_pieces.piece_width`), one BLAS-3 product
+    each; products of float32 or 2-byte values are exact in float64. (BLAS's sum over a
+    piece of 2e6 columns left two float32 gradients with a shared mean 30 eps(float32) off
+    at kappa = 1e6, d = 4e6; the kernel's levels 2.)
     """
     m, d = G.shape
     if not d:  # a shard without columns
         return xp.zeros((m, m), dtype=xp.float64, device=device_of(G))
     whole = BlockGroup(0, 1, d)
     chunk = list(pieces(whole, _pieces.piece_width(xp, G, m, host=_pieces.LARGE_PIECE_ENTRIES)))
-    return chunk_gram(xp, G, whole, chunk, lambda X: rows_gram(xp, X))[0, ...]
+    gram = _engine.gram_kernel(xp, G)
+    return chunk_gram(xp, G, whole, chunk, lambda X: rows_gram(xp, X), gram=gram)[0, ...]
 
 
 def window_dtypes(xp: Any, dtype: Any) -> tuple[Any, Any, str | None]:

@@ -266,7 +266,7 @@ def _local_gram(
     def product(X: Array) -> Array:
         return rows_gram(xp, X)
 
-    gram = chunk_gram(xp, G, group, chunk, product, advance)
+    gram = chunk_gram(xp, G, group, chunk, product, advance, gram=_engine.gram_kernel(xp, G))
     # A NaN or infinity in this rank's columns makes its Gram diagonal non-finite.
     if check and not bool(xp.all(xp.isfinite(xp.linalg.diagonal(gram)))):
         raise _non_finite(xp, G, offset)

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _capacitance, _pieces
+from . import _capacitance, _engine, _pieces
 from ._attributes import reassign
 from ._compat import Array, detached, device, is_dask_namespace
 from ._dtypes import compute_dtype, half_dtype_name
@@ -189,12 +189,23 @@ def eigen_groups(
     def columns(X: Array) -> Array:
         return columns_gram(xp, X)
 
+    # The C extension's Gram (in levels, with no float64 copy of G) where it serves, as
+    # StaticIHVP's set-up.
+    kernel = _engine.gram_kernel(xp, G)
     out: list[Group] = []
     for g in groups:
         dense = g.size <= m
         vals, vecs = [], []
         for chunk in chunks(g, max(width, g.size) if dense else width):
-            gram = checked_gram(xp, G, g, chunk, columns if dense else rows, check=check_finite)
+            gram = checked_gram(
+                xp,
+                G,
+                g,
+                chunk,
+                columns if dense else rows,
+                check=check_finite,
+                gram=None if dense else kernel,
+            )
             if not check_finite and not bool(xp.all(xp.isfinite(xp.linalg.diagonal(gram)))):
                 # Unchecked NaN or infinity in G: eigh would fail with a bare LinAlgError
                 # (or return NaN). Each off-diagonal entry is bounded by the diagonal's,

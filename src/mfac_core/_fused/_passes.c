@@ -153,6 +153,36 @@ static inline double bf16_to_double(uint16_t b)
     return (double)f;
 }
 
+/* Long sums in levels (project64's and rows_gram64's sums over the columns). Products of one
+   sign and about one size (a squared norm; gradients with a shared mean, and a vector near
+   their span) round the same way at every step of one running sum: its error grows with the
+   count of terms, not with its square root. So the kernels sum runs of a few hundred terms
+   from zero, add the runs' sums into level 0 of `lv` (LEVELS x n doubles, zero to begin with),
+   and levels_carry adds each level into the next after LEVEL_SPAN additions, the last into
+   Y: an entry's rounding grows with the runs' length and LEVEL_SPAN a level, as a blocked
+   BLAS's does, up to 64 x 64 additions to level 0 (far more columns than a thread's piece
+   has) before Y takes a sum. At the end (flush) every level goes up, in order. The order
+   depends on the count of additions alone, never on timing. */
+#define LEVELS 2
+#define LEVEL_SPAN 64
+static void levels_carry(double *lv, int *count, Py_ssize_t n, double *Y, int flush)
+{
+    if (!flush)
+        count[0]++;
+    for (int l = 0; l < LEVELS; l++) {
+        if (!flush && count[l] < LEVEL_SPAN)
+            return;
+        double *src = lv + l * n, *dst = l + 1 < LEVELS ? src + n : Y;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            dst[i] += src[i];
+            src[i] = 0.0;
+        }
+        count[l] = 0;
+        if (l + 1 < LEVELS)
+            count[l + 1]++;
+    }
+}
+
 /* The x86 copies convert halves with F16C (vcvtph2ps), which every CPU with AVX2 or AVX-512F
    has; best_isa checks it too. */
 #ifdef MFAC_X86
@@ -269,7 +299,7 @@ enum { ST_F32 = 0, ST_F64 = 1, ST_F16 = 2, ST_BF16 = 3, ST_COUNT = 4 };
 static const Py_ssize_t storage_size[ST_COUNT] = {4, 8, 2, 2};
 
 typedef void (*project64_fn)(const void *, Py_ssize_t, Py_ssize_t, const void *, Py_ssize_t, int,
-                             double *, Py_ssize_t, Py_ssize_t, float *);
+                             double *, Py_ssize_t, Py_ssize_t, float *, double *);
 typedef void (*widen64_fn)(const void *, Py_ssize_t, Py_ssize_t, double *, Py_ssize_t,
                            Py_ssize_t, Py_ssize_t);
 typedef void (*combine64_fn)(const void *, Py_ssize_t, Py_ssize_t, const double *, int,
@@ -277,7 +307,7 @@ typedef void (*combine64_fn)(const void *, Py_ssize_t, Py_ssize_t, const double 
                              int, Py_ssize_t, Py_ssize_t, double *, float *);
 /* The kernels over a transposed V: their scratch (tiles, a row's sums) at the end. */
 typedef void (*project64t_fn)(const void *, Py_ssize_t, Py_ssize_t, const void *, Py_ssize_t,
-                              int, double *, Py_ssize_t, Py_ssize_t, void *, void *);
+                              int, double *, Py_ssize_t, Py_ssize_t, void *, void *, double *);
 typedef void (*widen64t_fn)(const void *, Py_ssize_t, Py_ssize_t, double *, Py_ssize_t,
                             Py_ssize_t, Py_ssize_t, void *);
 typedef void (*combine64t_fn)(const void *, Py_ssize_t, Py_ssize_t, const double *, int,
@@ -524,7 +554,7 @@ static PyObject *py_project64(PyObject *self, PyObject *args)
                           &j0, &j1, &isa, &storage, &trans))
         return NULL;
     PyObject *result = NULL;
-    void *raw = NULL, *raw_sums = NULL;
+    void *raw = NULL, *raw_sums = NULL, *raw_lv = NULL;
     const Kernels *kern = pick_kernels(isa);
     if (kern == NULL || check_storage(storage) < 0 || check_kk(kk) < 0)
         goto done;
@@ -532,16 +562,21 @@ static PyObject *py_project64(PyObject *self, PyObject *args)
     if ((trans ? check_shape_t : check_shape)(&V, size, m, ld, col0, n, j0, j1) < 0 ||
         check_len(&X, kk, n, x64 ? 8 : 4, "X") < 0 || check_len(&Y, kk, m, 8, "Y") < 0)
         goto done;
+    /* The levels of the sums (levels_carry): LEVELS x kk x m doubles. */
+    double *lv = scratch(LEVELS * kk, m * (Py_ssize_t)sizeof(double), &raw_lv);
+    if (lv == NULL)
+        goto done;
     if (trans) {
-        /* A tile of m x SUBT items (float64 at most) and m x 8 vectors of sums (64 bytes). */
+        /* A tile of m x SUBT items (float64 at most), and m x 8 vectors of sums (64 bytes)
+           for a run and as many for its chunk. */
         void *tile = scratch(m, SUBT * (Py_ssize_t)sizeof(double), &raw);
-        void *sums = tile == NULL ? NULL : scratch(m, 8 * 64, &raw_sums);
+        void *sums = tile == NULL ? NULL : scratch(m, 2 * 8 * 64, &raw_sums);
         if (sums == NULL)
             goto done;
         const project64t_fn fn = kern->project64t[storage][x64];
         Py_BEGIN_ALLOW_THREADS
         fn((const char *)V.buf + col0 * m * size, m, m, X.buf, n, (int)kk, Y.buf, j0, j1, tile,
-           sums);
+           sums, lv);
         Py_END_ALLOW_THREADS
     } else {
         float *sbuf = stage_buffer(&raw);
@@ -549,13 +584,14 @@ static PyObject *py_project64(PyObject *self, PyObject *args)
             goto done;
         const project64_fn fn = kern->project64[storage][x64];
         Py_BEGIN_ALLOW_THREADS
-        fn((const char *)V.buf + col0 * size, ld, m, X.buf, n, (int)kk, Y.buf, j0, j1, sbuf);
+        fn((const char *)V.buf + col0 * size, ld, m, X.buf, n, (int)kk, Y.buf, j0, j1, sbuf, lv);
         Py_END_ALLOW_THREADS
     }
     result = Py_NewRef(Py_None);
 done:
     free(raw);
     free(raw_sums);
+    free(raw_lv);
     PyBuffer_Release(&V);
     PyBuffer_Release(&X);
     PyBuffer_Release(&Y);
@@ -648,9 +684,8 @@ done:
    the m x (ld - col0) block of V (m rows of ld items of the storage type, the block's columns
    from col0), every product and sum in float64 (the products of float32 and 2-byte items are
    exact): one thread's share of the set-up's Gram, which the callers sum. Each entry sums its
-   products over a chunk's columns in order, then the chunks' sums over a span of them, then
-   the spans' (ROWS_GRAM_SPAN, _passes_impl.h): not BLAS's order, so the last bits of A are not
-   dsyrk's. */
+   products over a chunk's columns in order, then the chunks' sums in levels (levels_carry):
+   not BLAS's order, so the last bits of A are not dsyrk's. */
 static PyObject *py_rows_gram64(PyObject *self, PyObject *args)
 {
     (void)self;
@@ -675,7 +710,8 @@ static PyObject *py_rows_gram64(PyObject *self, PyObject *args)
     kc = kc < 8 ? 8 : kc > ROWS_GRAM_KC ? ROWS_GRAM_KC : kc;
     double *W = scratch(kc, mp * (Py_ssize_t)sizeof(double), &raw);
     double *acc = W == NULL ? NULL : scratch(mp, mp * (Py_ssize_t)sizeof(double), &raw_acc);
-    double *span = acc == NULL ? NULL : scratch(mp, mp * (Py_ssize_t)sizeof(double), &raw_span);
+    double *span =
+        acc == NULL ? NULL : scratch(LEVELS * mp, mp * (Py_ssize_t)sizeof(double), &raw_span);
     if (span == NULL)
         goto done;
     const rows_gram64_fn fn = kern->rows_gram64[storage];
@@ -684,7 +720,7 @@ static PyObject *py_rows_gram64(PyObject *self, PyObject *args)
     Py_BEGIN_ALLOW_THREADS
     memset(W, 0, (size_t)(kc * mp) * sizeof(double));
     memset(acc, 0, (size_t)(mp * mp) * sizeof(double));
-    memset(span, 0, (size_t)(mp * mp) * sizeof(double));
+    memset(span, 0, (size_t)(LEVELS * mp * mp) * sizeof(double));
     fn(base, trans ? m : ld, m, j0, j1, kc, mp, trans, W, span, acc);
     for (Py_ssize_t i = 0; i < m; i++)
         for (Py_ssize_t j = i; j < m; j++)

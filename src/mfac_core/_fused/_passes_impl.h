@@ -149,10 +149,17 @@ ISA_ATTR static void NAME(stage_f32)(const float *V, Py_ssize_t ld, Py_ssize_t r
  * while the columns go by, so one conversion of V's items serves NV vectors and one load of X
  * serves R rows; past NV vectors the panel's columns are read again, from cache. The sums
  * wait in sums[][] between groups of vectors and between the SUB64 columns of a staging.
- * Each chunk's sums go to Y in a fixed order: the result depends on j0 and j1, never on
- * timing.
+ * They start from zero every RUN64 columns (a lane sums 128 terms) and are then added, lane
+ * by lane, to the chunk's (folds[][]); a chunk's sums go to level 0 of lv (levels_carry,
+ * _passes.c). A lane's running sum over a whole chunk leaned one way where the products have
+ * one sign and size: two float32 gradients with a shared mean and x their mean were 53
+ * (AVX-512), 120 (AVX2) and 225 (SSE2) eps(float64) of the terms' sum off at d = 2e5, 0.6
+ * now. Runs of 32 terms cost eight vectors 5-10 % (the runs' additions); 128 ran as fast as
+ * none. The order is fixed by j0 and j1: the result never depends on timing.
  */
 #define CHUNK64 4096
+#define RUN64 (128 * (VBYTES / 8))
+#define RUN1T 128
 /* Sums in registers: 8 of the 16 vector registers of SSE2/AVX2, 16 of AVX-512's 32. */
 #define ACC64 (VBYTES == 64 ? 16 : 8)
 
@@ -199,20 +206,29 @@ ISA_ATTR static void NAME(stage_f32)(const float *V, Py_ssize_t ld, Py_ssize_t r
     do {                                                                                    \
         for (int r = 0; r < (R); r++)                                                       \
             for (int v = 0; v < kk; v++)                                                    \
-                sums[r][v] = (NAME(vd)){0};                                                 \
-        for (Py_ssize_t js = jc; js < jt; js += sub) {                                      \
-            const Py_ssize_t jse = js + sub < jt ? js + sub : jt;                           \
-            WHERE(S, STG, R)                                                                \
-            PROJECT64_GROUPS(T, LOADT, LOADX, NVMAX, R)                                     \
+                folds[r][v] = (NAME(vd)){0};                                                \
+        for (Py_ssize_t jr = jc; jr < jt; jr += RUN64) {                                    \
+            const Py_ssize_t jre = jr + RUN64 < jt ? jr + RUN64 : jt;                       \
+            for (int r = 0; r < (R); r++)                                                   \
+                for (int v = 0; v < kk; v++)                                                \
+                    sums[r][v] = (NAME(vd)){0};                                             \
+            for (Py_ssize_t js = jr; js < jre; js += sub) {                                 \
+                const Py_ssize_t jse = js + sub < jre ? js + sub : jre;                     \
+                WHERE(S, STG, R)                                                            \
+                PROJECT64_GROUPS(T, LOADT, LOADX, NVMAX, R)                                 \
+            }                                                                               \
+            for (int r = 0; r < (R); r++)                                                   \
+                for (int v = 0; v < kk; v++)                                                \
+                    folds[r][v] += sums[r][v];                                              \
         }                                                                                   \
         for (int r = 0; r < (R); r++)                                                       \
             for (int v = 0; v < kk; v++) {                                                  \
                 double s = 0.0;                                                             \
                 for (int l = 0; l < lanes; l++)                                             \
-                    s += sums[r][v][l];                                                     \
+                    s += folds[r][v][l];                                                    \
                 for (Py_ssize_t j = jt; j < je; j++)                                        \
                     s += LOAD1(V + (i0 + r) * ld + j) * (double)X[v * ldx + j];             \
-                Y[v * m + i0 + r] += s;                                                     \
+                lv[v * m + i0 + r] += s;                                                    \
             }                                                                               \
     } while (0)
 
@@ -241,10 +257,13 @@ ISA_ATTR static void NAME(stage_f32)(const float *V, Py_ssize_t ld, Py_ssize_t r
     const XT *X = Xp;                                                                       \
     const int lanes = VBYTES / 8;                                                           \
     const int staging = (WHEN);                                                             \
-    const Py_ssize_t sub = staging ? SUB64 : CHUNK64;                                       \
-    NAME(vd) sums[8][8];                                                                    \
+    const Py_ssize_t sub = staging ? SUB64 : RUN64;                                         \
+    NAME(vd) sums[8][8], folds[8][8];                                                       \
+    int count[LEVELS] = {0};                                                                \
     for (Py_ssize_t i = 0; i < kk * m; i++)                                                 \
         Y[i] = 0.0;                                                                         \
+    for (Py_ssize_t i = 0; i < LEVELS * kk * m; i++)                                        \
+        lv[i] = 0.0;                                                                        \
     for (Py_ssize_t jc = j0; jc < j1; jc += CHUNK64) {                                      \
         const Py_ssize_t je = jc + CHUNK64 < j1 ? jc + CHUNK64 : j1;                        \
         const Py_ssize_t jt = jc + ((je - jc) / (2 * lanes)) * (2 * lanes);                 \
@@ -255,12 +274,14 @@ ISA_ATTR static void NAME(stage_f32)(const float *V, Py_ssize_t ld, Py_ssize_t r
         } else {                                                                            \
             PROJECT64_PANELS(S, LOAD1, T, LOADT, LOADX, WHERE, STG, ACC64 / 4, 4)           \
         }                                                                                   \
-    }
+        levels_carry(lv, count, kk * m, Y, 0);                                              \
+    }                                                                                       \
+    levels_carry(lv, count, kk * m, Y, 1);
 
 #define PROJECT64_FN(SUFFIX, S, LOAD1, T, LOADT, WHERE, STG, WHEN, XSUFFIX, XT, LOADX)      \
     ISA_ATTR static void NAME(project64_##SUFFIX##_##XSUFFIX)(                              \
         const void *Vp, Py_ssize_t ld, Py_ssize_t m, const void *Xp, Py_ssize_t ldx, int kk, \
-        double *Y, Py_ssize_t j0, Py_ssize_t j1, float *sbuf)                               \
+        double *Y, Py_ssize_t j0, Py_ssize_t j1, float *sbuf, double *lv)                   \
     {                                                                                       \
         (void)sbuf;                                                                         \
         PROJECT64_BODY(S, LOAD1, T, LOADT, WHERE, STG, WHEN, XT, LOADX)                     \
@@ -847,35 +868,26 @@ TRANSPOSE_FN(bf16, uint16_t, float, NAME(t8f), NAME(t8i), T8_LOAD_BF16, LOAD1_BF
  * transpose (ld = m items a row, its row j V's column j): a chunk of W is its rows, widened.
  * Every item goes through the loads of the passes (exact conversions).
  *
- * The sums go in three levels, as a blocked BLAS's do in two: each chunk's from zero (at most
- * kc terms), ROWS_GRAM_SPAN chunks' sums into Sp, then Sp into A. An entry's rounding then
- * grows with kc + ROWS_GRAM_SPAN + the spans, not with the columns: one running sum over the
- * columns, whose roundings lean one way for products of one sign and size (float32 gradients
- * with a shared mean, and every diagonal entry), left an entry 15600 eps(float64) of its terms'
- * sum off at d = 2e5 (now 21, dsyrk 37) and a float32 product 85 eps(float32) off at kappa =
- * 1e6 (tests/test_setup_gram.py). The levels cost nothing measurable (m = 64, d = 1e6: 118 ms).
+ * The sums go in levels, as a blocked BLAS's do: each chunk's from zero (at most kc terms),
+ * then the chunks' sums in levels of LEVEL_SPAN (levels_carry, _passes.c; Sp holds them) into
+ * A. An entry's rounding then grows with kc and LEVEL_SPAN a level, not with the columns: one
+ * running sum over the columns, whose roundings lean one way for products of one sign and size
+ * (float32 gradients with a shared mean, and every diagonal entry), left an entry 15600
+ * eps(float64) of its terms' sum off at d = 2e5 (now 21, dsyrk 37) and a float32 product 85
+ * eps(float32) off at kappa = 1e6 (tests/test_setup_gram.py). The levels cost nothing
+ * measurable (m = 64, d = 1e6: 118 ms).
  */
 ISA_ATTR static void NAME(gram_tiles)(const double *W, Py_ssize_t rows, Py_ssize_t p,
                                       Py_ssize_t s, double *A, int first);
 
-#define ROWS_GRAM_SPAN 64
-
-/* A chunk's tiles (w rows of W) into the span's sums Sp, and Sp into A after ROWS_GRAM_SPAN
-   chunks or at the end (flush). Sp's entries outside the tiles stay zero (zeroed once). */
+/* A chunk's tiles (w rows of W) into level 0 of Sp, and the levels on. A level is mp x mp:
+   the tiles' rows run past m to a whole tile (zero sums), and entries outside the tiles stay
+   zero. */
 ISA_ATTR static void NAME(rows_gram_chunk)(const double *W, Py_ssize_t w, Py_ssize_t mp,
-                                           Py_ssize_t m, double *Sp, double *A, int *chunks,
-                                           int flush)
+                                           Py_ssize_t m, double *Sp, double *A, int *count)
 {
-    if (w > 0) {
-        NAME(gram_tiles)(W, w, mp, m, Sp, *chunks == 0);
-        ++*chunks;
-    }
-    if (*chunks > 0 && (flush || *chunks == ROWS_GRAM_SPAN)) {
-        for (Py_ssize_t i = 0; i < m; i++)
-            for (Py_ssize_t j = i / (VBYTES / 8) * (VBYTES / 8); j < mp; j += VBYTES / 8)
-                *(NAME(vd) *)(A + i * mp + j) += *(const NAME(vd) *)(Sp + i * mp + j);
-        *chunks = 0;
-    }
+    NAME(gram_tiles)(W, w, mp, m, Sp, count[0] == 0);
+    levels_carry(Sp, count, mp * mp, A, 0);
 }
 
 #define ROWS_GRAM_FN(SUFFIX, S, VT, MT, LOAD8, LOAD1, WIDEN8, VEC)                          \
@@ -884,7 +896,7 @@ ISA_ATTR static void NAME(rows_gram_chunk)(const double *W, Py_ssize_t w, Py_ssi
         Py_ssize_t kc, Py_ssize_t mp, int trans, double *W, double *Sp, double *A)          \
     {                                                                                       \
         const S *V = Vp;                                                                    \
-        int chunks = 0;                                                                     \
+        int count[LEVELS] = {0};                                                            \
         for (Py_ssize_t js = j0; js < j1; js += kc) {                                       \
             const Py_ssize_t w = js + kc < j1 ? kc : j1 - js;                               \
             if (trans) {                                                                    \
@@ -897,7 +909,7 @@ ISA_ATTR static void NAME(rows_gram_chunk)(const double *W, Py_ssize_t w, Py_ssi
                     for (; i < m; i++)                                                      \
                         d[i] = LOAD1(v + i);                                                \
                 }                                                                           \
-                NAME(rows_gram_chunk)(W, w, mp, m, Sp, A, &chunks, 0);                      \
+                NAME(rows_gram_chunk)(W, w, mp, m, Sp, A, count);                        \
                 continue;                                                                   \
             }                                                                               \
             const Py_ssize_t next = j1 - (js + w) < kc ? j1 - (js + w) : kc;                \
@@ -921,9 +933,9 @@ ISA_ATTR static void NAME(rows_gram_chunk)(const double *W, Py_ssize_t w, Py_ssi
             for (; c < m; c++)                                                              \
                 for (Py_ssize_t k = 0; k < w; k++)                                          \
                     W[k * mp + c] = LOAD1(V + c * ld + js + k);                             \
-            NAME(rows_gram_chunk)(W, w, mp, m, Sp, A, &chunks, 0);                          \
+            NAME(rows_gram_chunk)(W, w, mp, m, Sp, A, count);                            \
         }                                                                                   \
-        NAME(rows_gram_chunk)(W, 0, mp, m, Sp, A, &chunks, 1);                              \
+        levels_carry(Sp, count, mp * mp, A, 1);                                             \
     }
 
 /* Eight float32 (or float64) items of a transposed row to eight doubles at q. */
@@ -954,9 +966,9 @@ ROWS_GRAM_FN(bf16, uint16_t, NAME(t8f), NAME(t8i), T8_LOAD_BF16, LOAD1_BF16, WID
  * blocks of 4 pieces in registers, each block over a 16 KiB tile of rows re-read from L1, read
  * G's rows at half the speed of a GEMV at m = 256, float32, AVX-512: the first block's reads,
  * a few lines of each row, were not fetched ahead), and the last m % (2 lanes) items one by
- * one. Each item's sum runs over the columns of one chunk of CHUNK64 (from j0) in order, and
- * the chunks' sums are added to Y in order: the result depends on j0 and j1, never on the
- * threads.
+ * one. Each item's sum runs over the columns of one run of RUN1T (from j0) in order, as many
+ * terms as a lane of project64 sums in a run, and the runs' sums go to level 0 of lv
+ * (levels_carry, _passes.c): the result depends on j0 and j1, never on the threads.
  *
  * Both serve m whose last m % (2 lanes) items, one by one, are at most an eighth of the others
  * (direct1t), and where items are left, whole vectors of 256 bytes a row (project1t_serves) or
@@ -1048,15 +1060,18 @@ ISA_ATTR static inline int NAME(combine1t_serves)(Py_ssize_t m, Py_ssize_t size)
 #define PROJECT1T_FN(SUFFIX, ST, LOAD1, LOAD2, XSUFFIX, XT)                                 \
     ISA_ATTR static void NAME(project1t_##SUFFIX##_##XSUFFIX)(                              \
         const ST *V, Py_ssize_t ldt, Py_ssize_t m, const XT *X, double *Y, Py_ssize_t j0,   \
-        Py_ssize_t j1, double *sums)                                                        \
+        Py_ssize_t j1, double *sums, double *lv)                                            \
     {                                                                                       \
         typedef ST S;                                                                       \
         const int lanes = VBYTES / 8;                                                       \
         const Py_ssize_t step = 2 * lanes, mv = m / step * step;                            \
+        int count[LEVELS] = {0};                                                            \
         for (Py_ssize_t i = 0; i < m; i++)                                                  \
             Y[i] = 0.0;                                                                     \
-        for (Py_ssize_t jc = j0; jc < j1; jc += CHUNK64) {                                  \
-            const Py_ssize_t je = jc + CHUNK64 < j1 ? jc + CHUNK64 : j1;                    \
+        for (Py_ssize_t i = 0; i < LEVELS * m; i++)                                         \
+            lv[i] = 0.0;                                                                    \
+        for (Py_ssize_t jc = j0; jc < j1; jc += RUN1T) {                                    \
+            const Py_ssize_t je = jc + RUN1T < j1 ? jc + RUN1T : j1;                        \
             for (Py_ssize_t i = 0; i < m; i++)                                              \
                 sums[i] = 0.0;                                                              \
             const Py_ssize_t np = mv / step;                                                \
@@ -1085,8 +1100,10 @@ ISA_ATTR static inline int NAME(combine1t_serves)(Py_ssize_t m, Py_ssize_t size)
                     sums[i] += LOAD1(V + j * ldt + i) * xj;                                 \
             }                                                                               \
             for (Py_ssize_t i = 0; i < m; i++)                                              \
-                Y[i] += sums[i];                                                            \
+                lv[i] += sums[i];                                                           \
+            levels_carry(lv, count, m, Y, 0);                                               \
         }                                                                                   \
+        levels_carry(lv, count, m, Y, 1);                                                   \
     }
 #define PROJECT1T_FNS(SUFFIX, S, LOAD1, LOAD2)                                              \
     PROJECT1T_FN(SUFFIX, S, LOAD1, LOAD2, x32, float)                                       \
@@ -1207,12 +1224,13 @@ COMBINE1T_FN(f64, double, LOAD1_F64, LOAD2_F64)
 COMBINE1T_FN(f16, uint16_t, LOAD1_F16, LOAD2_F16)
 COMBINE1T_FN(bf16, uint16_t, LOAD1_BF16, LOAD2_BF16)
 /*
- * project64t: project64 over Gt. The columns go in the chunks of project64 (CHUNK64 from j0),
- * each chunk in tiles of SUBT columns, all m rows at once; every row's vectors of sums wait in
- * sums_raw (m x 8 vd) from tile to tile, and take the same FMAs in the same order as in
- * project64's registers (a row's sums depend on its own items only, whatever its panel). At
- * the chunk's end they are added up lane by lane, the last columns one by one, and added to
- * Y, as project64 does: the same bits.
+ * project64t: project64 over Gt. The columns go in the chunks and runs of project64 (CHUNK64
+ * from j0, RUN64 from the chunk's start), each run in tiles of SUBT columns, all m rows at
+ * once; every row's vectors of sums wait in sums_raw (m x 8 vd) from tile to tile, and take
+ * the same FMAs in the same order as in project64's registers (a row's sums depend on its own
+ * items only, whatever its panel). At a run's end they are added to the chunk's (the next m x
+ * 8 vd of sums_raw), and at the chunk's end added up lane by lane, the last columns one by
+ * one, and added to level 0 of lv, as project64 does: the same bits.
  */
 #define PROJECT64T_PANELS(T, LOADT, LOADX, NVMAX, R)                                        \
     for (Py_ssize_t i0 = 0; i0 < m;) {                                                      \
@@ -1230,48 +1248,63 @@ COMBINE1T_FN(bf16, uint16_t, LOAD1_BF16, LOAD2_BF16)
 #define PROJECT64T_FN(SUFFIX, S, LOAD1, T, LOADT, XSUFFIX, XT, LOADX)                       \
     ISA_ATTR static void NAME(project64t_##SUFFIX##_##XSUFFIX)(                             \
         const void *Vp, Py_ssize_t ldt, Py_ssize_t m, const void *Xp, Py_ssize_t ldx, int kk, \
-        double *Y, Py_ssize_t j0, Py_ssize_t j1, void *tile_raw, void *sums_raw)            \
+        double *Y, Py_ssize_t j0, Py_ssize_t j1, void *tile_raw, void *sums_raw, double *lv) \
     {                                                                                       \
         const S *V = Vp;                                                                    \
         const XT *X = Xp;                                                                   \
         if (kk == 1 && NAME(direct1t)(m) && NAME(project1t_serves)(m, sizeof(S))) {         \
-            NAME(project1t_##SUFFIX##_##XSUFFIX)(V, ldt, m, X, Y, j0, j1, sums_raw);        \
+            NAME(project1t_##SUFFIX##_##XSUFFIX)(V, ldt, m, X, Y, j0, j1, sums_raw, lv);    \
             return;                                                                         \
         }                                                                                   \
         const int lanes = VBYTES / 8;                                                       \
         T *tile = tile_raw;                                                                 \
         NAME(vd)(*all)[8] = sums_raw;                                                       \
+        NAME(vd)(*folds)[8] = all + m;                                                      \
         const Py_ssize_t sld = SUBT;                                                        \
+        int count[LEVELS] = {0};                                                            \
         for (Py_ssize_t i = 0; i < kk * m; i++)                                             \
             Y[i] = 0.0;                                                                     \
+        for (Py_ssize_t i = 0; i < LEVELS * kk * m; i++)                                    \
+            lv[i] = 0.0;                                                                    \
         for (Py_ssize_t jc = j0; jc < j1; jc += CHUNK64) {                                  \
             const Py_ssize_t je = jc + CHUNK64 < j1 ? jc + CHUNK64 : j1;                    \
             const Py_ssize_t jt = jc + ((je - jc) / (2 * lanes)) * (2 * lanes);             \
             for (Py_ssize_t i = 0; i < m; i++)                                              \
                 for (int v = 0; v < kk; v++)                                                \
-                    all[i][v] = (NAME(vd)){0};                                              \
-            for (Py_ssize_t js = jc; js < jt; js += SUBT) {                                 \
-                const Py_ssize_t jse = js + SUBT < jt ? js + SUBT : jt;                     \
-                const Py_ssize_t joff = js;                                                 \
-                NAME(transpose_##SUFFIX)(V + js * ldt, ldt, m, jse - js, tile, SUBT);       \
-                if (kk == 1) {                                                              \
-                    PROJECT64T_PANELS(T, LOADT, LOADX, 1, 8)                                \
-                } else if (kk == 2 && ACC64 == 16) {                                        \
-                    PROJECT64T_PANELS(T, LOADT, LOADX, 2, 8)                                \
-                } else {                                                                    \
-                    PROJECT64T_PANELS(T, LOADT, LOADX, ACC64 / 4, 4)                        \
+                    folds[i][v] = (NAME(vd)){0};                                            \
+            for (Py_ssize_t jr = jc; jr < jt; jr += RUN64) {                                \
+                const Py_ssize_t jre = jr + RUN64 < jt ? jr + RUN64 : jt;                   \
+                for (Py_ssize_t i = 0; i < m; i++)                                          \
+                    for (int v = 0; v < kk; v++)                                            \
+                        all[i][v] = (NAME(vd)){0};                                          \
+                for (Py_ssize_t js = jr; js < jre; js += SUBT) {                            \
+                    const Py_ssize_t jse = js + SUBT < jre ? js + SUBT : jre;               \
+                    const Py_ssize_t joff = js;                                             \
+                    NAME(transpose_##SUFFIX)(V + js * ldt, ldt, m, jse - js, tile, SUBT);   \
+                    if (kk == 1) {                                                          \
+                        PROJECT64T_PANELS(T, LOADT, LOADX, 1, 8)                            \
+                    } else if (kk == 2 && ACC64 == 16) {                                    \
+                        PROJECT64T_PANELS(T, LOADT, LOADX, 2, 8)                            \
+                    } else {                                                                \
+                        PROJECT64T_PANELS(T, LOADT, LOADX, ACC64 / 4, 4)                    \
+                    }                                                                       \
                 }                                                                           \
+                for (Py_ssize_t i = 0; i < m; i++)                                          \
+                    for (int v = 0; v < kk; v++)                                            \
+                        folds[i][v] += all[i][v];                                           \
             }                                                                               \
             for (Py_ssize_t i = 0; i < m; i++)                                              \
                 for (int v = 0; v < kk; v++) {                                              \
                     double s = 0.0;                                                         \
                     for (int l = 0; l < lanes; l++)                                         \
-                        s += all[i][v][l];                                                  \
+                        s += folds[i][v][l];                                                \
                     for (Py_ssize_t j = jt; j < je; j++)                                    \
                         s += LOAD1(V + j * ldt + i) * (double)X[v * ldx + j];               \
-                    Y[v * m + i] += s;                                                      \
+                    lv[v * m + i] += s;                                                     \
                 }                                                                           \
+            levels_carry(lv, count, kk * m, Y, 0);                                          \
         }                                                                                   \
+        levels_carry(lv, count, kk * m, Y, 1);                                              \
     }
 #define PROJECT64T_FNS(SUFFIX, S, LOAD1, T, LOADT)                                          \
     PROJECT64T_FN(SUFFIX, S, LOAD1, T, LOADT, x32, float, LOADV_F32)                        \
@@ -1355,6 +1388,8 @@ WIDEN64T_FN(bf16, uint16_t, float)
 #undef DIRECT
 #undef STAGED
 #undef CHUNK64
+#undef RUN64
+#undef RUN1T
 #undef ACC64
 #undef PROJECT64_PANEL
 #undef PROJECT64_GROUPS
