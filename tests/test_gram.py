@@ -1,4 +1,5 @@
-"""The set-ups' float64 Grams (``_gram``): NumPy's BLAS for PyTorch CPU tensors."""
+"""The set-ups' float64 Grams and the long contractions (``_gram``): NumPy's BLAS for PyTorch
+CPU tensors, those that autograd, forward-mode AD and ``torch.func`` see included."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import contextlib
 import numpy as np
 import pytest
 
-from mfac_core import SpectralIHVP, StaticIHVP
+from mfac_core import SpectralIHVP, StaticIHVP, _gram
 from mfac_core._dynamic_setup import local_gram
 from mfac_core._gram import columns_gram, contract_columns, rows_gram
 
@@ -42,7 +43,7 @@ def test_a_strided_torch_piece_is_read_in_place():
 def test_tensors_numpy_cannot_view_keep_torchs_product():
     X = torch.from_numpy(_stack((4, 30))).requires_grad_(True)
     R = rows_gram(xpt, X)
-    assert R.requires_grad  # torch's own product: autograd sees it
+    assert R.requires_grad  # an autograd Function's product: autograd sees it
     np.testing.assert_allclose(R.detach().numpy(), (X @ X.T).detach().numpy(), rtol=1e-14)
     F = torch.from_numpy(_stack((4, 30))).to(torch.float32)  # not float64: not NumPy's
     np.testing.assert_array_equal(rows_gram(xpt, F).numpy(), (F @ F.T).numpy())
@@ -120,8 +121,8 @@ def test_long_contractions_do_not_lean_one_way(d):
 
 
 def test_long_contractions_keep_autograd():
-    # A tensor that requires grad goes through PyTorch's own products of blocks of columns
-    # (not NumPy's view): its gradient is that of the plain product, to rounding.
+    # A tensor that requires grad goes through an autograd Function over NumPy's view: its
+    # gradient is that of the plain product (here a sum of one term each: exact).
     G = _leaning_pair(3_000)
     A = torch.from_numpy(G).requires_grad_(True)
     B = torch.from_numpy(G.mean(axis=0)[:, None])
@@ -130,3 +131,217 @@ def test_long_contractions_keep_autograd():
     (grad,) = torch.autograd.grad(got.sum(), A)
     np.testing.assert_array_equal(grad.numpy(), np.broadcast_to(B.numpy().T, G.shape))
     np.testing.assert_allclose(got.detach().numpy(), G @ B.numpy(), rtol=1e-13)
+
+
+def _cc(A, B):
+    return contract_columns(xpt, A, B)
+
+
+def _operands(lead=(2,), m=3, w=600, k=2, seed=5):
+    """``(A, B)``, float64 tensors ``(*lead, m, w)`` and ``(*lead, w, k)``: w over 2 blocks."""
+    assert w > 2 * _gram.BLOCK_TERMS
+    A = torch.from_numpy(_stack((*lead, m, w), seed))
+    return A, torch.from_numpy(_stack((*lead, w, k), seed + 1))
+
+
+def _assert_sums(got, *pairs, ulps=64):
+    """``got`` is the sum of the products of ``pairs`` (NumPy arrays) to ``ulps`` of its terms."""
+    want = sum(a.astype(np.longdouble) @ b.astype(np.longdouble) for a, b in pairs)
+    terms = sum(np.abs(a) @ np.abs(b) for a, b in pairs)
+    err = np.abs(np.asarray(got, np.float64).astype(np.longdouble) - want).astype(np.float64)
+    eps = np.finfo(np.float64).eps
+    assert np.all(err <= ulps * eps * terms), np.max(err / terms) / eps
+
+
+@pytest.fixture
+def no_blocks(monkeypatch):
+    """Fails a test whose contraction takes the products of blocks (``_blocks``)."""
+
+    def refused(*args):
+        raise AssertionError("contract_columns took the products of blocks of columns")
+
+    monkeypatch.setattr(_gram, "_blocks", refused)
+
+
+@pytest.mark.parametrize("grads", [(True, True), (True, False), (False, True)])
+def test_the_autograd_routes_derivatives_pass_gradcheck(grads, no_blocks):
+    # First and second order, reverse and forward mode (forward over reverse too), over two
+    # blocks and a batch axis. One operand alone requiring grad: each gradient needs the
+    # other operand saved (a save or a product of the wrong operand, a transpose on the
+    # wrong side, a jvp missing a term, fails here).
+    A, B = _operands()
+    A.requires_grad_(grads[0])
+    B.requires_grad_(grads[1])
+    # fast_mode: random projections of the Jacobians (entry by entry, 6000 inputs: 20 s).
+    assert torch.autograd.gradcheck(_cc, (A, B), check_forward_ad=True, fast_mode=True)
+    assert torch.autograd.gradgradcheck(_cc, (A, B), check_fwd_over_rev=True, fast_mode=True)
+
+
+def test_legacy_vmap_takes_the_products_of_blocks():
+    # Batched cotangents (autograd.grad's is_grads_batched, gradcheck's batched checks) and
+    # gradcheck's batched tangents go through torch._vmap_internals, which has no rule for
+    # autograd Functions: the forward meets tensors without storage, and sums by blocks.
+    A, B = _operands()
+    A.requires_grad_(True)
+    B.requires_grad_(True)
+    checks = {"check_batched_grad": True, "fast_mode": True}
+    assert torch.autograd.gradcheck(
+        _cc, (A, B), check_forward_ad=True, check_batched_forward_grad=True, **checks
+    )
+    assert torch.autograd.gradgradcheck(_cc, (A, B), **checks)
+    V = torch.from_numpy(_stack((4, 2, 3, 2), seed=13))
+    (grads,) = torch.autograd.grad(_cc(A, B), A, V, is_grads_batched=True)
+    torch.testing.assert_close(grads, V @ B.detach().mT, rtol=1e-12, atol=1e-12)
+
+
+def test_a_rows_grams_derivatives_pass_gradcheck(no_blocks):
+    # One tensor, both operands (X and its transpose): the two gradients add up.
+    X = torch.from_numpy(_stack((2, 3, 600), seed=7)).requires_grad_(True)
+
+    def gram(X):
+        return rows_gram(xpt, X)
+
+    assert torch.autograd.gradcheck(gram, (X,), check_forward_ad=True, fast_mode=True)
+    assert torch.autograd.gradgradcheck(gram, (X,), fast_mode=True)
+
+
+def _primal(A, B, seed=9):
+    """The product, with tangents on both operands, by forward-mode AD."""
+    fwAD = torch.autograd.forward_ad
+    dA, dB = _operands(seed=seed)
+    with fwAD.dual_level():
+        return fwAD.unpack_dual(_cc(fwAD.make_dual(A, dA), fwAD.make_dual(B, dB))).primal
+
+
+#: The routes past NumPy's plain view: autograd, forward-mode AD, ``torch.func``'s wrappers.
+ROUTES = {
+    "A requires grad": lambda A, B: _cc(A.requires_grad_(True), B).detach(),
+    "B requires grad": lambda A, B: _cc(A, B.requires_grad_(True)).detach(),
+    "dual tensors": _primal,
+    "torch.func.vjp": lambda A, B: torch.func.vjp(_cc, A, B)[0],
+    "torch.func.jvp": lambda A, B: torch.func.jvp(_cc, (A, B), (A / 3, 2 * B))[0],
+    "torch.func.vmap": lambda A, B: torch.func.vmap(_cc)(A, B),
+    "vmap(vjp)": lambda A, B: torch.func.vmap(lambda a, b: torch.func.vjp(_cc, a, b)[0])(A, B),
+}
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_every_route_is_numpys_product_bit_for_bit(route, no_blocks):
+    # The products of blocks, summed by torch's sum, differed in the last bits.
+    A, B = _operands()
+    want = _cc(A, B).numpy()
+    np.testing.assert_array_equal(ROUTES[route](A.clone(), B.clone()).numpy(), want)
+
+
+@pytest.mark.parametrize("in_dims", [(0, None), (None, 2), (1, 0)])
+def test_vmap_moves_the_batch_to_the_stacks_front(in_dims, no_blocks):
+    # The forward reads storage, which vmap's batched tensors have not: the rule makes one
+    # stack of each operand, its batch in front (an operand without one, broadcast).
+    A, B = _operands(lead=())
+    As = torch.stack([A, 2 * A, -A], dim=in_dims[0]) if in_dims[0] is not None else A
+    Bs = torch.stack([B, B + 1, B / 3], dim=in_dims[1]) if in_dims[1] is not None else B
+    got = torch.func.vmap(_cc, in_dims=in_dims)(As, Bs)
+    for i in range(3):
+        a = As.select(in_dims[0], i) if in_dims[0] is not None else A
+        b = Bs.select(in_dims[1], i) if in_dims[1] is not None else B
+        np.testing.assert_array_equal(got[i].numpy(), _cc(a, b).numpy())
+
+
+@pytest.mark.parametrize("tangents", ["both", "A", "B"])
+def test_forward_mode_tangents_are_products_of_the_tangents(tangents, no_blocks):
+    # dA @ B + A @ dB; an operand without a tangent gives no term.
+    fwAD = torch.autograd.forward_ad
+    A, B = _operands()
+    dA, dB = _operands(seed=9)
+    with fwAD.dual_level():
+        a = fwAD.make_dual(A, dA) if tangents != "B" else A
+        b = fwAD.make_dual(B, dB) if tangents != "A" else B
+        primal, tangent = fwAD.unpack_dual(_cc(a, b))
+    np.testing.assert_array_equal(primal.numpy(), _cc(A, B).numpy())
+    pairs = {"both": [(dA, B), (A, dB)], "A": [(dA, B)], "B": [(A, dB)]}[tangents]
+    _assert_sums(tangent.numpy(), *[(x.numpy(), y.numpy()) for x, y in pairs])
+
+
+#: Transforms of ``f(A, B)`` (a product of float64 stacks), compared with torch's own product.
+TRANSFORMS = {
+    "grad": lambda f, A, B: torch.func.grad(lambda a: f(a, B).square().sum())(A),
+    "grad of B": lambda f, A, B: torch.func.grad(lambda b: f(A, b).square().sum())(B),
+    "jvp": lambda f, A, B: torch.func.jvp(f, (A, B), (2 * A, B / 3))[1],
+    "vjp": lambda f, A, B: torch.func.vjp(f, A, B)[1](torch.ones(2, 3, 2, dtype=A.dtype)),
+    "jacrev": lambda f, A, B: torch.func.jacrev(f, argnums=(0, 1))(A[0], B[0]),
+    "jacfwd": lambda f, A, B: torch.func.jacfwd(f, argnums=(0, 1))(A[0], B[0]),
+    "hessian": lambda f, A, B: torch.func.hessian(lambda b: f(A[0], b).pow(3).sum())(B[0]),
+    "vmap(grad)": lambda f, A, B: torch.func.vmap(
+        torch.func.grad(lambda a, b: f(a, b).square().sum(), argnums=(0, 1))
+    )(A, B),
+    "jvp(grad)": lambda f, A, B: torch.func.jvp(
+        torch.func.grad(lambda a: f(a, B[0]).square().sum()), (A[0],), (A[0] / 7,)
+    )[1],
+    "grad(vmap)": lambda f, A, B: torch.func.grad(
+        lambda a: torch.func.vmap(lambda x: f(x, B[0]))(a).square().sum()
+    )(A),
+}
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS)
+def test_torch_func_transforms_go_through_numpys_product(transform, no_blocks):
+    # grad, vjp and jvp hand the Function's forward unwrapped tensors; vmap its rule.
+    A, B = _operands()
+    got = TRANSFORMS[transform](_cc, A, B)
+    want = TRANSFORMS[transform](torch.matmul, A, B)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_functionalized_and_traced_products_are_of_the_tensors_values():
+    # functionalize's wrappers have a NumPy view of memory that does not hold their values
+    # (the product was 50 off), and has no rule for autograd Functions; a make_fx trace kept
+    # NumPy's product as a constant of its graph. Both take torch's products of blocks.
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    A, B = _operands(lead=())
+    A2 = torch.from_numpy(_stack(A.shape, seed=11))
+    got = torch.func.functionalize(lambda a: _cc(a, B))(A)
+    torch.testing.assert_close(got, A @ B, rtol=1e-12, atol=1e-12)
+    for requires_grad in (False, True):
+        traced = make_fx(_cc)(A.clone().requires_grad_(requires_grad), B)
+        torch.testing.assert_close(traced(A2, B), A2 @ B, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("layout", ["every other column", "broadcast"])
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_operands_that_numpy_would_not_hand_to_blas_are_copied(layout, requires_grad):
+    # NumPy's matmul sums such an operand's products in its own loops, one running sum per
+    # entry: 15000 eps of the terms' sum (every other column of G) and 1700 (a broadcast
+    # vector) here. Copied to C order: BLAS's sums.
+    G = _leaning_pair(200_000)
+    if layout == "every other column":
+        wide = np.zeros((2, 2 * G.shape[1]))
+        wide[:, ::2] = G
+        A, B = torch.from_numpy(wide)[:, ::2], torch.from_numpy(G.mean(axis=0)[:, None])
+    else:
+        A, B = torch.from_numpy(G), torch.tensor(1 / 3, dtype=torch.float64).expand(G.shape[1], 1)
+    got = _cc(A.requires_grad_(requires_grad), B).detach()
+    _assert_sums(got.numpy(), (G, B.numpy()), ulps=1000)
+
+
+def test_derivatives_of_long_contractions_do_not_lean_one_way(no_blocks):
+    # The gradients sum over k and m, but their derivatives with respect to the cotangent
+    # (double backward: the jvp by two vjps) and forward mode's tangent products sum over
+    # w: products of torch's matmul there were 10100 eps(float64) of the terms' sum off.
+    G = _leaning_pair(200_000)
+    x = G.mean(axis=0)[:, None]
+    Gt, xt = torch.from_numpy(G), torch.from_numpy(x)
+    cotangent = torch.zeros(2, 1, dtype=torch.float64, requires_grad=True)
+    A = Gt.clone().requires_grad_(True)
+    (grad_A,) = torch.autograd.grad(_cc(A, xt), A, cotangent, create_graph=True)
+    (by_A,) = torch.autograd.grad(grad_A, cotangent, Gt)
+    B = xt.clone().requires_grad_(True)
+    (grad_B,) = torch.autograd.grad(_cc(Gt, B), B, cotangent, create_graph=True)
+    (by_B,) = torch.autograd.grad(grad_B, cotangent, xt)
+    fwAD = torch.autograd.forward_ad
+    with fwAD.dual_level():
+        tangent = fwAD.unpack_dual(_cc(fwAD.make_dual(Gt, Gt), xt)).tangent
+    jvp = torch.func.jvp(lambda b: _cc(Gt, b), (xt,), (xt,))[1]
+    vmapped = torch.func.vmap(_cc, in_dims=(None, 0))(Gt, xt[None])[0]
+    for got in (by_A, by_B, tangent, jvp, vmapped):
+        _assert_sums(got.detach().numpy(), (G, x), ulps=1000)

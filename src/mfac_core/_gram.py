@@ -10,11 +10,12 @@ busy: StaticIHVP's set-up of a 64 x 10**6 float32 tensor took 244 ms on one Zen 
 against 183 ms through NumPy, and 595 against 220 ms on two cores with one of them busy
 (alike on two quiet cores; benchmarks/RESULTS.md). So a PyTorch CPU tensor's Gram is
 NumPy's, over the same memory (no copy either way), and equals a NumPy array's bit for
-bit. Other libraries and devices, and tensors NumPy cannot view (autograd, forward-mode
-tangents, torch.func's wrappers), go through :func:`contract_columns`, every long
-contraction over the columns (the engine's projection too where no kernel serves): ``@``,
-except where a library sums it as one running sum per entry (XLA's CPU ``dot``, PyTorch's
-CPU ``matmul``), where BLAS and cuBLAS block their sums.
+bit. :func:`contract_columns` is every long contraction over the columns (a rows Gram,
+the engine's projection where no kernel serves): ``@``, except where a library sums it
+as one running sum per entry (XLA's CPU ``dot``, PyTorch's CPU ``matmul``), where BLAS
+and cuBLAS block their sums. A PyTorch CPU tensor that autograd, forward-mode AD or
+``torch.func`` must see gets NumPy's product too, through an autograd Function whose
+derivatives are its own products.
 """
 
 from __future__ import annotations
@@ -25,7 +26,13 @@ from typing import Any
 
 import numpy as np
 
-from ._compat import Array, forward_ad_active, is_jax_namespace, is_torch_namespace
+from ._compat import (
+    Array,
+    array_namespace,
+    forward_ad_active,
+    is_jax_namespace,
+    is_torch_namespace,
+)
 from ._pieces import is_accelerator
 
 __all__ = ["columns_gram", "contract_columns", "rows_gram"]
@@ -61,10 +68,16 @@ def contract_columns(xp: Any, A: Array, B: Array, /) -> Array:
     of :data:`BLOCK_TERMS` (or m) columns, summed from zero in spans of
     :data:`SPAN_BLOCKS`, then the spans (:func:`_jax_contract`). PyTorch's CPU
     ``matmul`` of float64 sums alike (a float64 G's product 200x NumPy's error): its
-    tensors go to NumPy's BLAS over the same memory, or, where autograd must see the
-    operations, to products of blocks of columns summed by ``sum`` (:func:`_blocks`).
-    Elsewhere, and for JAX and PyTorch on a GPU (cuBLAS; a loop of small products would
-    be launches), ``A @ B``.
+    tensors go to NumPy's BLAS over the same memory (:func:`_host_matmul`), and so do
+    those that autograd, forward-mode AD or ``torch.func`` must see, through an autograd
+    Function whose derivatives are its own products (:func:`_host_contraction`; its
+    product is the plain route's bit for bit). Tensors of another dtype (a direct call:
+    the engine widens its pieces first), under ``torch.func.functionalize`` (no rule for
+    autograd Functions), or without storage where the Function's forward reads them
+    (traced by ``make_fx``; batched by the legacy vmap of ``autograd.grad``'s
+    ``is_grads_batched``) go to products of blocks of columns summed by ``sum``
+    (:func:`_blocks`). Elsewhere, and for JAX and PyTorch on a GPU (cuBLAS; a loop of
+    small products would be launches), ``A @ B``.
     """
     if is_accelerator(xp, A):
         return A @ B
@@ -73,11 +86,106 @@ def contract_columns(xp: Any, A: Array, B: Array, /) -> Array:
         if a is not None and b is not None:
             import torch
 
-            return torch.from_numpy(a @ b)
+            return torch.from_numpy(_host_matmul(a, b))
+        if A.dtype == xp.float64 and B.dtype == xp.float64 and not _functionalizing():
+            return _host_contraction().apply(A, B)
         return _blocks(xp, A, B)
     if not is_jax_namespace(xp):
         return A @ B
     return _jax_contract()(A, B)
+
+
+def _host_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a @ b`` by NumPy, each operand in a layout that NumPy hands to BLAS.
+
+    Where an operand's last two axes have a zero stride, or strides of no whole row or
+    column (a broadcast cotangent, a view with odd strides), NumPy's ``matmul`` runs its
+    own loops, one running sum per entry: that operand is copied to C order.
+    """
+    return _blas_operand(a) @ _blas_operand(b)
+
+
+def _blas_operand(a: np.ndarray) -> np.ndarray:
+    """``a``, or its C-ordered copy where NumPy's ``matmul`` would not hand it to BLAS."""
+    size, (rows, cols), (row_step, col_step) = a.itemsize, a.shape[-2:], a.strides[-2:]
+    c_order = col_step == size and row_step % size == 0 and row_step >= cols * size
+    f_order = row_step == size and col_step % size == 0 and col_step >= rows * size
+    return a if c_order or f_order else np.ascontiguousarray(a)
+
+
+@functools.cache
+def _host_contraction() -> Any:
+    """The autograd Function of :func:`contract_columns` for PyTorch CPU float64 tensors.
+
+    Its forward is NumPy's product over the tensors' memory (:func:`_host_matmul`), the
+    plain route's own sums. Its backward and its forward-mode derivative are products of
+    the Function itself: the gradients sum over k and m, but their derivatives with
+    respect to the cotangent (double backward) and the tangents' products sum over w,
+    which torch's ``matmul`` would sum in one running sum. ``torch.func``'s ``grad``,
+    ``vjp`` and ``jvp`` hand the forward their unwrapped tensors; ``vmap`` would hand it
+    batched ones, without storage, so its rule is one product of stacks with the batch
+    in front (an operand without one broadcast to it).
+    """
+    import torch
+
+    class HostContraction(torch.autograd.Function):
+        @staticmethod
+        def forward(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+            a, b = _storage_view(A), _storage_view(B)
+            if a is None or b is None:  # traced, or batched by the legacy vmap (gradcheck's)
+                return _blocks(array_namespace(A, B), A, B)
+            return torch.from_numpy(_host_matmul(a, b))
+
+        @staticmethod
+        def setup_context(ctx: Any, inputs: tuple[torch.Tensor, ...], output: Any) -> None:
+            A, B = inputs
+            # Each operand's gradient needs the other operand alone (as torch's matmul
+            # saves): a widened piece of G is not kept for a gradient that does not use it.
+            needs = ctx.needs_input_grad
+            ctx.save_for_backward(A if needs[1] else None, B if needs[0] else None)
+            if forward_ad_active():  # torch.func.jvp opens a dual level too
+                ctx.save_for_forward(A, B)
+
+        @staticmethod
+        def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, Any]:
+            A, B = ctx.saved_tensors
+            grad_A = None if B is None else HostContraction.apply(grad, B.mT)
+            grad_B = None if A is None else HostContraction.apply(A.mT, grad)
+            return grad_A, grad_B
+
+        @staticmethod
+        def jvp(ctx: Any, dA: torch.Tensor | None, dB: torch.Tensor | None) -> torch.Tensor:
+            A, B = ctx.saved_tensors
+            if dA is None:
+                return HostContraction.apply(A, dB)
+            out = HostContraction.apply(dA, B)
+            return out if dB is None else out + HostContraction.apply(A, dB)
+
+        @staticmethod
+        def vmap(info: Any, in_dims: tuple[Any, Any], A: torch.Tensor, B: torch.Tensor) -> Any:
+            def front(X: torch.Tensor, dim: int | None) -> torch.Tensor:
+                return X.expand(info.batch_size, *X.shape) if dim is None else X.movedim(dim, 0)
+
+            return HostContraction.apply(front(A, in_dims[0]), front(B, in_dims[1])), 0
+
+    return HostContraction
+
+
+def _functionalizing() -> bool:
+    """Whether ``torch.func.functionalize`` is transforming this call (at any level).
+
+    It has no rule for autograd Functions: their calls fail ("NYI"), even of plain tensors.
+    PyTorch exposes its stack of transforms only in ``torch._C._functorch``; without it,
+    False.
+    """
+    import torch
+
+    functorch: Any = getattr(torch._C, "_functorch", None)
+    try:
+        stack = functorch.get_interpreter_stack() or ()
+        return any(t.key() == functorch.TransformType.Functionalize for t in stack)
+    except AttributeError:  # another PyTorch, without these functions (or None)
+        return False
 
 
 def _blocking(A: Any) -> tuple[int, int]:
@@ -164,7 +272,7 @@ def _gram(xp: Any, X: Array, *, rows: bool) -> Array:
 
 
 def _numpy_view(xp: Any, X: Array) -> np.ndarray | None:
-    """The NumPy view of a PyTorch CPU float64 tensor, or None."""
+    """The NumPy view of a PyTorch CPU float64 tensor that no derivative sees, or None."""
     if not is_torch_namespace(xp):
         return None
     import torch
@@ -173,7 +281,28 @@ def _numpy_view(xp: Any, X: Array) -> np.ndarray | None:
         return None
     if forward_ad_active():  # a dual tensor's view would drop its tangent
         return None
+    return _storage_view(X)
+
+
+def _storage_view(X: Any) -> np.ndarray | None:
+    """The NumPy array over a CPU tensor's memory, past autograd, or None.
+
+    None for a ``torch.func`` wrapper too (``functionalize``'s has a NumPy view, of memory
+    that does not hold its values), and while PyTorch traces its operations (``make_fx``,
+    ``torch.export``): NumPy's product would be a constant of the trace.
+    """
+    import torch
+
+    C: Any = torch._C
     try:
-        return X.numpy()
-    except RuntimeError:  # no plain storage (a torch.func wrapper, the conjugate bit)
+        if C._functorch.is_functorch_wrapped_tensor(X):
+            return None
+        modes = C._TorchDispatchModeKey
+        if any(C._get_dispatch_mode(k) is not None for k in (modes.PROXY, modes.FAKE)):
+            return None
+    except AttributeError:  # another PyTorch, without these functions
+        pass
+    try:
+        return X.detach().numpy()
+    except RuntimeError:  # no plain storage (legacy vmap's batches, the conjugate bit)
         return None

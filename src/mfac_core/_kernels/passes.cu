@@ -23,7 +23,8 @@
 //     So X is loaded once per R rows, and the groups of a block share its loads through L1. The
 //     lanes' sums are then added in shared memory, in a fixed order (chains of 8 lanes, then the
 //     chains in order), and written to P, or to `partial` (one entry per slice).
-//   project64_sum  adds the slices' partial sums of each entry of P in slice order.
+//   project64_sum  adds the slices' partial sums of each entry of P: spans of 32 slices, each
+//     from zero in slice order, then the spans' sums in order.
 // The launcher picks `groups` (the fewest, up to 8, that cover m), and the slices: as many as
 // make about PASS_TARGET_BLOCKS blocks (_plan.py), each lane keeping PASS_MIN_LANE_COLUMNS (64)
 // columns or more, so the grid does not grow with the number of columns past that.
@@ -368,8 +369,12 @@ __device__ __forceinline__ void combine64(const typename St::item* G, mfac_index
                                     yk);
 }
 
-// project64's second launch: P[b][q] = sum_s partial[b][s][q] in slice order, q < per (= kk m);
-// one thread per entry of P.
+// project64's second launch: P[b][q] = sum_s partial[b][s][q], q < per (= kk m); one thread
+// per entry of P. The slices go in spans of MFAC_SLICE_SPAN, each summed from zero in slice
+// order, then the spans' sums in order (the C extension's levels, _passes.c levels_carry): up to
+// PASS_TARGET_BLOCKS slices' sums of one sign and size (a vector near the gradients' span) added
+// one after the other round the same way at each step.
+#define MFAC_SLICE_SPAN 32
 extern "C" __global__ void __launch_bounds__(MFAC_THREADS, MFAC_MIN_BLOCKS)
 project64_sum(const double* __restrict__ partial, int slices, long long per, long long total,
               double* __restrict__ P, long long pb)
@@ -378,9 +383,15 @@ project64_sum(const double* __restrict__ partial, int slices, long long per, lon
     if (e >= total) return;
     const mfac_index b = e / per, q = e % per;
     const double* p = partial + b * slices * per + q;
-    double sum = p[0];
-    for (int s = 1; s < slices; ++s) sum += p[s * per];
-    P[b * pb + q] = sum;
+    double sum = 0.0, span = 0.0;
+    for (int s = 0; s < slices; ++s) {
+        span += p[s * per];
+        if (s % MFAC_SLICE_SPAN == MFAC_SLICE_SPAN - 1) {
+            sum += span;
+            span = 0.0;
+        }
+    }
+    P[b * pb + q] = sum + span;
 }
 
 // The kernels, one per storage type S and type of X (and of Y), named as _plan.py names them.
