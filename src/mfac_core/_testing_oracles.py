@@ -24,6 +24,7 @@ from ._compat import (
     is_torch_namespace,
 )
 from ._finite import non_finite_error
+from ._summation import sum_in_pairs
 from ._validation import check_block_size, check_damp, check_number, scalar_value
 
 # -- conversion ---------------------------------------------------------------------------
@@ -434,24 +435,8 @@ def _gram_and_projection(Gb: np.ndarray, xb: np.ndarray) -> tuple[np.ndarray, np
             Gc = Gb[:, c : c + _TERMS]
             yield np.concatenate((Gc @ Gc.T, (Gc @ xb[c : c + _TERMS])[:, None]), axis=1)
 
-    total = _sum_in_pairs(parts())
+    total = sum_in_pairs(parts())
     return total[:, :-1], total[:, -1]
-
-
-def _sum_in_pairs(parts: Iterator[np.ndarray]) -> np.ndarray:
-    # A binary counter of partial sums: a part's rounding grows with the log of their count,
-    # and no more than that log of them is held at once.
-    stack: list[tuple[int, np.ndarray]] = []
-    for part in parts:
-        level = 0
-        while stack and stack[-1][0] == level:
-            part = stack.pop()[1] + part
-            level += 1
-        stack.append((level, part))
-    total = stack.pop()[1]
-    while stack:
-        total = stack.pop()[1] + total
-    return total
 
 
 def _solve_spd(A: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from .._summation import sum_in_pairs
 from ._ext import ISAS, STORAGES, available, best_isa
 from ._ext import isa_code as _isa_code
 from ._ext import passes as _passes
@@ -442,20 +443,10 @@ def project64(
                 )
 
             _run(call, m, n)
-            out[k0 : k0 + kk] = _pairwise_sum(partial)
+            # The pieces in pairs: a few thousand pieces of 2**15 columns at m = 64,
+            # d = 1e8, of one sign and size, added in order would lean one way.
+            out[k0 : k0 + kk] = sum_in_pairs(partial)
     return out[0] if one else out
-
-
-def _pairwise_sum(parts: np.ndarray) -> np.ndarray:
-    """The sum of ``parts`` over its first axis, in pairs: each piece's rounding grows with
-    the log of their count, not with it (pieces' sums of one sign and size, as a vector
-    near the gradients' span gives, lean one way added one after the other: a few thousand
-    pieces of 2**15 columns at m = 64, d = 1e8). The order is fixed by the count alone."""
-    while len(parts) > 1:
-        half = len(parts) // 2
-        paired = parts[:half] + parts[half : 2 * half]
-        parts = np.concatenate((paired, parts[2 * half :])) if len(parts) % 2 else paired
-    return parts[0]
 
 
 def combine64(
