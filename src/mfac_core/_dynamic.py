@@ -223,7 +223,7 @@ class DynamicIHVP(WindowCopies):
     ) -> DynamicIHVP:
         """Build a window holding the gradients in the rows of ``G`` (oldest first).
 
-        The set-up is BLAS-3: one Gram product (accumulated in float64) and one factorisation.
+        The set-up is one Gram product (accumulated in float64) and one factorisation.
 
         Parameters
         ----------

@@ -151,7 +151,7 @@ def local_gram(xp: Any, G: Array) -> Array:
     pieces of G converted to float64 (:func:`_pieces.piece_width`), one BLAS-3 product
     each; products of float32 or 2-byte values are exact in float64. (BLAS's sum over a
     piece of 2e6 columns left two float32 gradients with a shared mean 30 eps(float32) off
-    at kappa = 1e6, d = 4e6; the kernel's levels 2.)
+    at kappa = 1e6, d = 4e6; the kernel's levels 1.2.)
     """
     m, d = G.shape
     if not d:  # a shard without columns

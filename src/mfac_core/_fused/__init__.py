@@ -405,9 +405,11 @@ def project64(
     Notes
     -----
     G's items are converted to float64 as they are loaded; every product and sum is in
-    float64. One read of G serves up to 8 vectors (groups of 8 past that). The partial
-    sums of the column pieces are added in their order: the result does not depend on
-    the threads or their timing. It may depend, in the last bits, on how many vectors
+    float64, in levels: runs of 128 terms a lane from zero, chunks of 4096 columns, levels
+    of 64 chunks, and the column pieces' partial sums added in pairs (the order fixed by
+    the shape), so that sums of one sign and size do not round one way step after step.
+    One read of G serves up to 8 vectors (groups of 8 past that). The result does not
+    depend on the threads or their timing. It may depend, in the last bits, on how many vectors
     share the call where :func:`_auto_isa` picks the instruction set by the group's size
     (2-byte rows on a core with split AVX-512 units): both sum in float64.
     """

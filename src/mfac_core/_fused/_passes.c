@@ -160,11 +160,26 @@ static inline double bf16_to_double(uint16_t b)
    from zero, add the runs' sums into level 0 of `lv` (LEVELS x n doubles, zero to begin with),
    and levels_carry adds each level into the next after LEVEL_SPAN additions, the last into
    Y: an entry's rounding grows with the runs' length and LEVEL_SPAN a level, as a blocked
-   BLAS's does, up to 64 x 64 additions to level 0 (far more columns than a thread's piece
-   has) before Y takes a sum. At the end (flush) every level goes up, in order. The order
+   BLAS's does, up to 64 x 64 additions to level 0 before Y takes a sum (project64's chunks:
+   2**24 columns, more than a thread's piece has; rows_gram64's: 2**20, past which Y's own
+   running sum is short). At the end (flush) every level goes up, in order. The order
    depends on the count of additions alone, never on timing. */
 #define LEVELS 2
 #define LEVEL_SPAN 64
+/* The run of project1t (_passes_impl.h), the shortest of the passes' runs: a range no longer
+   than it is one run of every pass, and takes no levels (no buffer for them either). */
+#define RUN1T 128
+/* Where a pass's partial sums go: level 0 of lv (zeroed here), or Y itself where the range is
+   one piece (`one`: a narrow block, one call each), the same bits (one sum added to zeros)
+   without the levels' zeroing and carries, which cost blocks of 32 to 128 columns 3-14 %. The
+   caller carries the levels only where this returned lv. */
+static double *levels_start(double *lv, Py_ssize_t n, double *Y, int one)
+{
+    if (one)
+        return Y;
+    memset(lv, 0, (size_t)(LEVELS * n) * sizeof(double));
+    return lv;
+}
 static void levels_carry(double *lv, int *count, Py_ssize_t n, double *Y, int flush)
 {
     if (!flush)
@@ -562,9 +577,10 @@ static PyObject *py_project64(PyObject *self, PyObject *args)
     if ((trans ? check_shape_t : check_shape)(&V, size, m, ld, col0, n, j0, j1) < 0 ||
         check_len(&X, kk, n, x64 ? 8 : 4, "X") < 0 || check_len(&Y, kk, m, 8, "Y") < 0)
         goto done;
-    /* The levels of the sums (levels_carry): LEVELS x kk x m doubles. */
-    double *lv = scratch(LEVELS * kk, m * (Py_ssize_t)sizeof(double), &raw_lv);
-    if (lv == NULL)
+    /* The levels of the sums (levels_carry): LEVELS x kk x m doubles, where the range has
+       more than one run (a narrow block's call, one of many, allocates none). */
+    double *lv = NULL;
+    if (j1 - j0 > RUN1T && (lv = scratch(LEVELS * kk, m * (Py_ssize_t)sizeof(double), &raw_lv)) == NULL)
         goto done;
     if (trans) {
         /* A tile of m x SUBT items (float64 at most), and m x 8 vectors of sums (64 bytes)

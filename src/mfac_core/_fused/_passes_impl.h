@@ -159,7 +159,6 @@ ISA_ATTR static void NAME(stage_f32)(const float *V, Py_ssize_t ld, Py_ssize_t r
  */
 #define CHUNK64 4096
 #define RUN64 (128 * (VBYTES / 8))
-#define RUN1T 128
 /* Sums in registers: 8 of the 16 vector registers of SSE2/AVX2, 16 of AVX-512's 32. */
 #define ACC64 (VBYTES == 64 ? 16 : 8)
 
@@ -201,15 +200,19 @@ ISA_ATTR static void NAME(stage_f32)(const float *V, Py_ssize_t ld, Py_ssize_t r
     }
 
 /* The chunk's rows i0 to i0 + R - 1: sums over the whole vectors' columns (staged SUB64 at a
-   time, or in one go), then the last columns one by one, added to Y. */
+   time, or a run in one go), each run's from zero and the runs' added lane by lane (folds;
+   `runs`: more than one), then the last columns one by one, added to the level L. */
 #define PROJECT64_ROWS(S, LOAD1, T, LOADT, LOADX, WHERE, STG, NVMAX, R)                     \
     do {                                                                                    \
         for (int r = 0; r < (R); r++)                                                       \
             for (int v = 0; v < kk; v++)                                                    \
+                sums[r][v] = (NAME(vd)){0};                                                 \
+        for (int r = 0; r < (R) && runs; r++)                                               \
+            for (int v = 0; v < kk; v++)                                                    \
                 folds[r][v] = (NAME(vd)){0};                                                \
         for (Py_ssize_t jr = jc; jr < jt; jr += RUN64) {                                    \
             const Py_ssize_t jre = jr + RUN64 < jt ? jr + RUN64 : jt;                       \
-            for (int r = 0; r < (R); r++)                                                   \
+            for (int r = 0; r < (R) && jr > jc; r++) /* each run from zero */              \
                 for (int v = 0; v < kk; v++)                                                \
                     sums[r][v] = (NAME(vd)){0};                                             \
             for (Py_ssize_t js = jr; js < jre; js += sub) {                                 \
@@ -217,18 +220,20 @@ ISA_ATTR static void NAME(stage_f32)(const float *V, Py_ssize_t ld, Py_ssize_t r
                 WHERE(S, STG, R)                                                            \
                 PROJECT64_GROUPS(T, LOADT, LOADX, NVMAX, R)                                 \
             }                                                                               \
-            for (int r = 0; r < (R); r++)                                                   \
-                for (int v = 0; v < kk; v++)                                                \
-                    folds[r][v] += sums[r][v];                                              \
+            if (runs)                                                                       \
+                for (int r = 0; r < (R); r++)                                               \
+                    for (int v = 0; v < kk; v++)                                            \
+                        folds[r][v] += sums[r][v];                                          \
         }                                                                                   \
+        NAME(vd)(*const tot)[8] = runs ? folds : sums;                                      \
         for (int r = 0; r < (R); r++)                                                       \
             for (int v = 0; v < kk; v++) {                                                  \
                 double s = 0.0;                                                             \
                 for (int l = 0; l < lanes; l++)                                             \
-                    s += folds[r][v][l];                                                    \
+                    s += tot[r][v][l];                                                      \
                 for (Py_ssize_t j = jt; j < je; j++)                                        \
                     s += LOAD1(V + (i0 + r) * ld + j) * (double)X[v * ldx + j];             \
-                lv[v * m + i0 + r] += s;                                                    \
+                L[v * m + i0 + r] += s;                                                     \
             }                                                                               \
     } while (0)
 
@@ -262,11 +267,12 @@ ISA_ATTR static void NAME(stage_f32)(const float *V, Py_ssize_t ld, Py_ssize_t r
     int count[LEVELS] = {0};                                                                \
     for (Py_ssize_t i = 0; i < kk * m; i++)                                                 \
         Y[i] = 0.0;                                                                         \
-    for (Py_ssize_t i = 0; i < LEVELS * kk * m; i++)                                        \
-        lv[i] = 0.0;                                                                        \
+    double *const L = levels_start(lv, kk * m, Y, j1 - j0 <= CHUNK64);                     \
     for (Py_ssize_t jc = j0; jc < j1; jc += CHUNK64) {                                      \
         const Py_ssize_t je = jc + CHUNK64 < j1 ? jc + CHUNK64 : j1;                        \
         const Py_ssize_t jt = jc + ((je - jc) / (2 * lanes)) * (2 * lanes);                 \
+        /* Whether the chunk has more than one run (else its sums are the run's). */        \
+        const int runs = jt - jc > RUN64;                                                   \
         if (kk == 1) {                                                                      \
             PROJECT64_PANELS(S, LOAD1, T, LOADT, LOADX, WHERE, STG, 1, 8)                   \
         } else if (kk == 2 && ACC64 == 16) {                                                \
@@ -274,9 +280,11 @@ ISA_ATTR static void NAME(stage_f32)(const float *V, Py_ssize_t ld, Py_ssize_t r
         } else {                                                                            \
             PROJECT64_PANELS(S, LOAD1, T, LOADT, LOADX, WHERE, STG, ACC64 / 4, 4)           \
         }                                                                                   \
-        levels_carry(lv, count, kk * m, Y, 0);                                              \
+        if (L != Y)                                                                         \
+            levels_carry(lv, count, kk * m, Y, 0);                                          \
     }                                                                                       \
-    levels_carry(lv, count, kk * m, Y, 1);
+    if (L != Y)                                                                             \
+        levels_carry(lv, count, kk * m, Y, 1);
 
 #define PROJECT64_FN(SUFFIX, S, LOAD1, T, LOADT, WHERE, STG, WHEN, XSUFFIX, XT, LOADX)      \
     ISA_ATTR static void NAME(project64_##SUFFIX##_##XSUFFIX)(                              \
@@ -1068,8 +1076,7 @@ ISA_ATTR static inline int NAME(combine1t_serves)(Py_ssize_t m, Py_ssize_t size)
         int count[LEVELS] = {0};                                                            \
         for (Py_ssize_t i = 0; i < m; i++)                                                  \
             Y[i] = 0.0;                                                                     \
-        for (Py_ssize_t i = 0; i < LEVELS * m; i++)                                         \
-            lv[i] = 0.0;                                                                    \
+        double *const L = levels_start(lv, m, Y, j1 - j0 <= RUN1T);                         \
         for (Py_ssize_t jc = j0; jc < j1; jc += RUN1T) {                                    \
             const Py_ssize_t je = jc + RUN1T < j1 ? jc + RUN1T : j1;                        \
             for (Py_ssize_t i = 0; i < m; i++)                                              \
@@ -1100,10 +1107,12 @@ ISA_ATTR static inline int NAME(combine1t_serves)(Py_ssize_t m, Py_ssize_t size)
                     sums[i] += LOAD1(V + j * ldt + i) * xj;                                 \
             }                                                                               \
             for (Py_ssize_t i = 0; i < m; i++)                                              \
-                lv[i] += sums[i];                                                           \
-            levels_carry(lv, count, m, Y, 0);                                               \
+                L[i] += sums[i];                                                            \
+            if (L != Y)                                                                     \
+                levels_carry(lv, count, m, Y, 0);                                           \
         }                                                                                   \
-        levels_carry(lv, count, m, Y, 1);                                                   \
+        if (L != Y)                                                                         \
+            levels_carry(lv, count, m, Y, 1);                                               \
     }
 #define PROJECT1T_FNS(SUFFIX, S, LOAD1, LOAD2)                                              \
     PROJECT1T_FN(SUFFIX, S, LOAD1, LOAD2, x32, float)                                       \
@@ -1264,17 +1273,20 @@ COMBINE1T_FN(bf16, uint16_t, LOAD1_BF16, LOAD2_BF16)
         int count[LEVELS] = {0};                                                            \
         for (Py_ssize_t i = 0; i < kk * m; i++)                                             \
             Y[i] = 0.0;                                                                     \
-        for (Py_ssize_t i = 0; i < LEVELS * kk * m; i++)                                    \
-            lv[i] = 0.0;                                                                    \
+        double *const L = levels_start(lv, kk * m, Y, j1 - j0 <= CHUNK64);                 \
         for (Py_ssize_t jc = j0; jc < j1; jc += CHUNK64) {                                  \
             const Py_ssize_t je = jc + CHUNK64 < j1 ? jc + CHUNK64 : j1;                    \
             const Py_ssize_t jt = jc + ((je - jc) / (2 * lanes)) * (2 * lanes);             \
+            const int runs = jt - jc > RUN64; /* else the chunk's sums are its run's */     \
             for (Py_ssize_t i = 0; i < m; i++)                                              \
+                for (int v = 0; v < kk; v++)                                                \
+                    all[i][v] = (NAME(vd)){0};                                              \
+            for (Py_ssize_t i = 0; i < m && runs; i++)                                      \
                 for (int v = 0; v < kk; v++)                                                \
                     folds[i][v] = (NAME(vd)){0};                                            \
             for (Py_ssize_t jr = jc; jr < jt; jr += RUN64) {                                \
                 const Py_ssize_t jre = jr + RUN64 < jt ? jr + RUN64 : jt;                   \
-                for (Py_ssize_t i = 0; i < m; i++)                                          \
+                for (Py_ssize_t i = 0; i < m && jr > jc; i++) /* each run from zero */     \
                     for (int v = 0; v < kk; v++)                                            \
                         all[i][v] = (NAME(vd)){0};                                          \
                 for (Py_ssize_t js = jr; js < jre; js += SUBT) {                            \
@@ -1289,22 +1301,25 @@ COMBINE1T_FN(bf16, uint16_t, LOAD1_BF16, LOAD2_BF16)
                         PROJECT64T_PANELS(T, LOADT, LOADX, ACC64 / 4, 4)                    \
                     }                                                                       \
                 }                                                                           \
-                for (Py_ssize_t i = 0; i < m; i++)                                          \
+                for (Py_ssize_t i = 0; i < m && runs; i++)                                  \
                     for (int v = 0; v < kk; v++)                                            \
                         folds[i][v] += all[i][v];                                           \
             }                                                                               \
+            NAME(vd)(*const tot)[8] = runs ? folds : all;                                   \
             for (Py_ssize_t i = 0; i < m; i++)                                              \
                 for (int v = 0; v < kk; v++) {                                              \
                     double s = 0.0;                                                         \
                     for (int l = 0; l < lanes; l++)                                         \
-                        s += folds[i][v][l];                                                \
+                        s += tot[i][v][l];                                                  \
                     for (Py_ssize_t j = jt; j < je; j++)                                    \
                         s += LOAD1(V + j * ldt + i) * (double)X[v * ldx + j];               \
-                    lv[v * m + i] += s;                                                     \
+                    L[v * m + i] += s;                                                      \
                 }                                                                           \
-            levels_carry(lv, count, kk * m, Y, 0);                                          \
+            if (L != Y)                                                                     \
+                levels_carry(lv, count, kk * m, Y, 0);                                      \
         }                                                                                   \
-        levels_carry(lv, count, kk * m, Y, 1);                                              \
+        if (L != Y)                                                                         \
+            levels_carry(lv, count, kk * m, Y, 1);                                          \
     }
 #define PROJECT64T_FNS(SUFFIX, S, LOAD1, T, LOADT)                                          \
     PROJECT64T_FN(SUFFIX, S, LOAD1, T, LOADT, x32, float, LOADV_F32)                        \
@@ -1389,7 +1404,6 @@ WIDEN64T_FN(bf16, uint16_t, float)
 #undef STAGED
 #undef CHUNK64
 #undef RUN64
-#undef RUN1T
 #undef ACC64
 #undef PROJECT64_PANEL
 #undef PROJECT64_GROUPS
