@@ -226,6 +226,24 @@ def forward_ad_active() -> bool:
     return forward_ad is not None and getattr(forward_ad, "_current_level", -1) >= 0
 
 
+def tracks_derivatives(x: Any) -> bool:
+    """Whether PyTorch takes derivatives through ``x``.
+
+    Autograd (``requires_grad``), a forward-mode dual level, or a ``torch.func`` transform
+    (a wrapped tensor). PyTorch exposes the last test only in ``torch._C._functorch``;
+    without it, only the first two count.
+    """
+    if not is_torch_array(x):
+        return False
+    if x.requires_grad or forward_ad_active():
+        return True
+    functorch: Any = getattr(sys.modules["torch"]._C, "_functorch", None)
+    try:
+        return bool(functorch.is_functorch_wrapped_tensor(x))
+    except AttributeError:  # another PyTorch, without these functions (or None)
+        return False
+
+
 def is_vmapped(x: Any) -> bool:
     """Whether ``x`` is a PyTorch tensor batched by ``torch.func.vmap`` (at any level).
 

@@ -226,6 +226,7 @@ def finished(op: Any, X: Array, P: Array, factor: SlotFactor | None = None) -> A
 
 def solved(op: Any, X: Array, factor: SlotFactor | None = None) -> Array:
     """``F^{-1} X`` without refinement: ``G X`` summed over the coordinates, then finished."""
+    X = _engine.widened_for_derivatives(op._xp, X)
     return finished(op, X, op._summed(_engine.project(op._xp, op._G, X)), factor)
 
 

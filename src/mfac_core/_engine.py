@@ -51,6 +51,7 @@ from ._compat import (
     is_numpy_namespace,
     is_torch_namespace,
     is_writeable_array,
+    tracks_derivatives,
 )
 from ._dtypes import is_numpy_bfloat16
 from ._errors import user_stacklevel
@@ -68,6 +69,7 @@ __all__ = [
     "combine_blocks",
     "from_numpy",
     "gram_kernel",
+    "widened_for_derivatives",
     "host_view",
     "lift",
     "project",
@@ -415,6 +417,28 @@ def _f64(xp: Any, A: Array) -> Array:
     return A if A.dtype == xp.float64 else xp.astype(A, xp.float64)
 
 
+def widened_for_derivatives(xp: Any, X: Array, /) -> Array:
+    """``X`` in float64 where PyTorch takes derivatives through it, else ``X`` itself.
+
+    Both passes widen ``X``, and autograd rounds each widening's float64 gradient to X's
+    dtype on its own; for a vector near the gradients' span the two cancel (float32 G,
+    kappa = 1e4: a gradient 4774 eps(float32) off, 0.3 where they meet in float64 and are
+    rounded once). So the caller of both passes widens ``X`` once. Where no derivative is
+    taken the kernels read ``X`` as it is (no float64 copy).
+    """
+    return _f64(xp, X) if tracks_derivatives(X) else X
+
+
+def _over_rows(xp: Any, A: Array, B: Array) -> Array:
+    """``A @ B`` summed over G's m rows (``G^T A``, ``C G``); where PyTorch takes
+    derivatives, through ``contract_columns``: their derivatives (``G @ cotangent``) sum
+    over the columns, which torch's ``matmul`` does in one running sum (10122 eps(float64)
+    of the terms for gradients with a shared mean, against BLAS's 54)."""
+    if tracks_derivatives(A) or tracks_derivatives(B):
+        return contract_columns(xp, A, B)
+    return A @ B
+
+
 def _spans(xp: Any, G: Array, start: int, stop: int) -> Iterator[tuple[int, int]]:
     width = _pieces.piece_width(xp, G, G.shape[0])
     for c0 in range(start, stop, width):
@@ -519,14 +543,16 @@ def combine(
     X64 = _f64(xp, X)
     a = _alphas(xp, alpha, X.shape[1], device(G))
     if G.dtype == xp.float64:
-        return narrowed(xp, a * (X64 - xp.matrix_transpose(G[:, start:stop]) @ A), dtype)
+        return narrowed(
+            xp, a * (X64 - _over_rows(xp, xp.matrix_transpose(G[:, start:stop]), A)), dtype
+        )
     out = xp.empty(X.shape, dtype=dtype, device=device(X))
     writable = is_writeable_array(out)
     parts = []
     for c0, c1 in _spans(xp, G, start, stop):
         lo, hi = c0 - start, c1 - start
         Gp = _f64(xp, G[:, c0:c1])
-        Y = narrowed(xp, a * (X64[lo:hi, ...] - xp.matrix_transpose(Gp) @ A), dtype)
+        Y = narrowed(xp, a * (X64[lo:hi, ...] - _over_rows(xp, xp.matrix_transpose(Gp), A)), dtype)
         if writable:
             out[lo:hi, ...] = Y
         else:
@@ -570,13 +596,13 @@ def lift(
     a = xp.reshape(_f64(xp, alphas), (-1, 1))
     x64 = _f64(xp, x)
     if G.dtype == xp.float64:
-        return narrowed(xp, C @ G[:, start:stop] + a * x64[None, :], dtype)
+        return narrowed(xp, _over_rows(xp, C, G[:, start:stop]) + a * x64[None, :], dtype)
     out = xp.empty((C.shape[0], stop - start), dtype=dtype, device=device(x))
     writable = is_writeable_array(out)
     parts = []
     for c0, c1 in _spans(xp, G, start, stop):
         lo, hi = c0 - start, c1 - start
-        Y = narrowed(xp, C @ _f64(xp, G[:, c0:c1]) + a * x64[None, lo:hi], dtype)
+        Y = narrowed(xp, _over_rows(xp, C, _f64(xp, G[:, c0:c1])) + a * x64[None, lo:hi], dtype)
         if writable:
             out[:, lo:hi] = Y
         else:
@@ -678,6 +704,6 @@ def combine_blocks(
         b0, b1 = piece[0], piece[1]
         Gp = _f64(xp, piece_stack(xp, G, group, piece))
         Xp = _f64(xp, _block_rows(xp, X, group, piece))
-        Y = narrowed(xp, a * (Xp - xp.matrix_transpose(Gp) @ A[b0:b1, ...]), dtype)
+        Y = narrowed(xp, a * (Xp - _over_rows(xp, xp.matrix_transpose(Gp), A[b0:b1, ...])), dtype)
         parts.append(xp.reshape(Y, (Y.shape[0] * Y.shape[1], k)))  # not -1: k may be 0
     return parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)

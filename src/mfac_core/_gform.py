@@ -68,6 +68,7 @@ class GFormFactor(FoundNamespace):
 
     def apply(self, X: Array, /) -> Array:
         xp, g = self.xp, self.group
+        X = _engine.widened_for_derivatives(xp, X)
         P = _engine.project_blocks(xp, self.G, g, X)
         A = self.factor.solve(P)
         return _engine.combine_blocks(xp, self.G, g, X, A, alpha=1.0 / self.damp, dtype=self.dtype)

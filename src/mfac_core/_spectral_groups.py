@@ -133,6 +133,7 @@ class GramEigen:
     def apply(self, X: Array, damps: list[float], power: float) -> Array:
         """``f(F_b) X_b`` at each damping: ``(K, count * size, k)`` of ``dtype``."""
         xp, g, G = self.xp, self.group, self.G
+        X = _engine.widened_for_derivatives(xp, X)
         Ut = xp.matrix_transpose(self.U)
         alphas = [dp**power for dp in damps]
         H = [self.weights(dp, power) for dp in damps]  # K x (s, (count, m))

@@ -705,6 +705,7 @@ class EmpiricalFisher(_BlockOperatorBase):
         # damp X + G^T (G X) / m block by block, both passes summed in float64 by the
         # engine's alpha (X - G^T A) (see _fisher_terms for alpha, X and A).
         xp, m = self._xp, self.num_grads
+        X = _engine.widened_for_derivatives(xp, X)
         parts = []
         for g in self._groups:
             Xg = X[g.start : g.end, ...]
