@@ -324,6 +324,32 @@ def test_operands_that_numpy_would_not_hand_to_blas_are_copied(layout, requires_
     _assert_sums(got.numpy(), (G, B.numpy()), ulps=1000)
 
 
+def test_under_functionalize_the_operators_refuse_rather_than_read_stale_memory():
+    # The finite check read functionalize's wrapper through a NumPy view of memory that does
+    # not hold its values: a false overflow error, or a NaN of x let through, by what the
+    # allocator had left there. PyTorch gives no values there: a clear refusal.
+    from mfac_core import StaticIHVP
+
+    rng = np.random.default_rng(0)
+    op = StaticIHVP(torch.from_numpy(rng.standard_normal((4, 600)) / 25), damp=1e-2)
+    x = torch.from_numpy(rng.standard_normal(600))
+    pool = [torch.full((600,), float("nan"), dtype=torch.float64) for _ in range(20)]
+    del pool  # the allocator's free blocks of x's size now hold NaN
+    with pytest.raises(TypeError, match="cannot run under functionalize"):
+        torch.func.functionalize(lambda v: op @ v)(x)
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_a_fortran_ordered_g_is_summed_in_blocks(requires_grad):
+    # OpenBLAS's dgemv over a column-major matrix adds its columns one after the other:
+    # 10123 eps of the terms' sum for G stored as the columns of its transpose, 54 in C order.
+    G = _leaning_pair(200_000)
+    A = torch.from_numpy(np.asfortranarray(G))
+    B = torch.from_numpy(np.stack([G.mean(axis=0), G[0]], axis=1))
+    got = _cc(A.requires_grad_(requires_grad), B).detach()
+    _assert_sums(got.numpy(), (G, B.numpy()), ulps=100)
+
+
 def test_derivatives_of_long_contractions_do_not_lean_one_way(no_blocks):
     # The gradients sum over k and m, but their derivatives with respect to the cotangent
     # (double backward: the jvp by two vjps) and forward mode's tangent products sum over

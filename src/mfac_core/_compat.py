@@ -235,8 +235,11 @@ def tracks_derivatives(x: Any) -> bool:
     """
     if not is_torch_array(x):
         return False
-    if x.requires_grad or forward_ad_active():
-        return True
+    return bool(x.requires_grad) or forward_ad_active() or _functorch_wrapped(x)
+
+
+def _functorch_wrapped(x: Any) -> bool:
+    """Whether the tensor ``x`` is a ``torch.func`` wrapper (False where PyTorch does not say)."""
     functorch: Any = getattr(sys.modules["torch"]._C, "_functorch", None)
     try:
         return bool(functorch.is_functorch_wrapped_tensor(x))
@@ -294,13 +297,24 @@ def is_finite_array(xp: Any, x: Any, /, *, host_view: bool = True) -> bool:
     if is_torch_array(x) and x.numel() > 0:
         if host_view and x.device.type == "cpu" and str(x.dtype) in _NUMPY_VIEWABLE:
             try:
-                view = x.detach().numpy()
+                # functionalize's wrapper has a NumPy view of memory that does not hold its
+                # values (NaN there read as an overflow): PyTorch reads wrappers.
+                view = None if _functorch_wrapped(x) else x.detach().numpy()
             except RuntimeError:  # no plain storage, or a negative view: PyTorch reads it
                 view = None
             if view is not None:  # NaN propagates through both; no temporary of x's size
                 return math.isfinite(view.max()) and math.isfinite(view.min())
         lo, hi = x.detach().aminmax()
-        return all(math.isfinite(v) for v in xp.stack((lo, hi)).tolist())
+        try:
+            return all(math.isfinite(v) for v in xp.stack((lo, hi)).tolist())
+        except RuntimeError as exc:  # values without storage: torch.func.functionalize's
+            if not _functorch_wrapped(x):
+                raise
+            raise TypeError(
+                "mfac_core reads values of the arrays it is given and computes (its checks "
+                "for NaN, infinity and overflow), which torch.func.functionalize does not "
+                "give: the operators cannot run under functionalize"
+            ) from exc
     return bool(xp.all(xp.isfinite(x)))
 
 
