@@ -39,20 +39,18 @@ __all__ = [
     "array_namespace",
     "canonical_device",
     "cumulative_sum",
-    "forward_ad_active",
     "detached",
-    "device_scoped_names",
-    "host_values",
-    "is_finite_array",
-    "picklable_device",
-    "restored_device",
-    "same_device",
     "device",
+    "device_scoped_names",
+    "forward_ad_active",
+    "host_values",
     "is_array_api_obj",
     "is_array_api_strict_namespace",
     "is_cupy_namespace",
     "is_dask_array",
     "is_dask_namespace",
+    "is_finite_array",
+    "is_functorch_wrapped",
     "is_jax_array",
     "is_jax_namespace",
     "is_numpy_namespace",
@@ -63,8 +61,12 @@ __all__ = [
     "library_namespace",
     "may_share_memory",
     "namespace_name",
+    "picklable_device",
+    "restored_device",
+    "same_device",
     "size",
     "take",
+    "tracks_derivatives",
 ]
 
 
@@ -235,10 +237,10 @@ def tracks_derivatives(x: Any) -> bool:
     """
     if not is_torch_array(x):
         return False
-    return bool(x.requires_grad) or forward_ad_active() or _functorch_wrapped(x)
+    return bool(x.requires_grad) or forward_ad_active() or is_functorch_wrapped(x)
 
 
-def _functorch_wrapped(x: Any) -> bool:
+def is_functorch_wrapped(x: Any) -> bool:
     """Whether the tensor ``x`` is a ``torch.func`` wrapper (False where PyTorch does not say)."""
     functorch: Any = getattr(sys.modules["torch"]._C, "_functorch", None)
     try:
@@ -299,7 +301,7 @@ def is_finite_array(xp: Any, x: Any, /, *, host_view: bool = True) -> bool:
             try:
                 # functionalize's wrapper has a NumPy view of memory that does not hold its
                 # values (NaN there read as an overflow): PyTorch reads wrappers.
-                view = None if _functorch_wrapped(x) else x.detach().numpy()
+                view = None if is_functorch_wrapped(x) else x.detach().numpy()
             except RuntimeError:  # no plain storage, or a negative view: PyTorch reads it
                 view = None
             if view is not None:  # NaN propagates through both; no temporary of x's size
@@ -308,7 +310,7 @@ def is_finite_array(xp: Any, x: Any, /, *, host_view: bool = True) -> bool:
         try:
             return all(math.isfinite(v) for v in xp.stack((lo, hi)).tolist())
         except RuntimeError as exc:  # values without storage: torch.func.functionalize's
-            if not _functorch_wrapped(x):
+            if not is_functorch_wrapped(x):
                 raise
             raise TypeError(
                 "mfac_core reads values of the arrays it is given and computes (its checks "

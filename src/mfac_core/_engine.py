@@ -69,7 +69,6 @@ __all__ = [
     "combine_blocks",
     "from_numpy",
     "gram_kernel",
-    "widened_for_derivatives",
     "host_view",
     "lift",
     "project",
@@ -79,6 +78,7 @@ __all__ = [
     "take_columns",
     "uses_kernels",
     "vector_view",
+    "widened_for_derivatives",
 ]
 
 

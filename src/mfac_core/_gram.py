@@ -30,6 +30,7 @@ from ._compat import (
     Array,
     array_namespace,
     forward_ad_active,
+    is_functorch_wrapped,
     is_jax_namespace,
     is_torch_namespace,
 )
@@ -319,10 +320,10 @@ def _storage_view(X: Any) -> np.ndarray | None:
     """
     import torch
 
+    if is_functorch_wrapped(X):
+        return None
     C: Any = torch._C
     try:
-        if C._functorch.is_functorch_wrapped_tensor(X):
-            return None
         modes = C._TorchDispatchModeKey
         if any(C._get_dispatch_mode(k) is not None for k in (modes.PROXY, modes.FAKE)):
             return None
