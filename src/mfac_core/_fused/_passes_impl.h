@@ -280,11 +280,9 @@ ISA_ATTR static void NAME(stage_f32)(const float *V, Py_ssize_t ld, Py_ssize_t r
         } else {                                                                            \
             PROJECT64_PANELS(S, LOAD1, T, LOADT, LOADX, WHERE, STG, ACC64 / 4, 4)           \
         }                                                                                   \
-        if (L != Y)                                                                         \
-            levels_carry(lv, count, kk * m, Y, 0);                                          \
+        levels_carry(L, count, kk * m, Y, 0);                                               \
     }                                                                                       \
-    if (L != Y)                                                                             \
-        levels_carry(lv, count, kk * m, Y, 1);
+    levels_carry(L, count, kk * m, Y, 1);
 
 #define PROJECT64_FN(SUFFIX, S, LOAD1, T, LOADT, WHERE, STG, WHEN, XSUFFIX, XT, LOADX)      \
     ISA_ATTR static void NAME(project64_##SUFFIX##_##XSUFFIX)(                              \
@@ -1108,11 +1106,9 @@ ISA_ATTR static inline int NAME(combine1t_serves)(Py_ssize_t m, Py_ssize_t size)
             }                                                                               \
             for (Py_ssize_t i = 0; i < m; i++)                                              \
                 L[i] += sums[i];                                                            \
-            if (L != Y)                                                                     \
-                levels_carry(lv, count, m, Y, 0);                                           \
+            levels_carry(L, count, m, Y, 0);                                                \
         }                                                                                   \
-        if (L != Y)                                                                         \
-            levels_carry(lv, count, m, Y, 1);                                               \
+        levels_carry(L, count, m, Y, 1);                                                    \
     }
 #define PROJECT1T_FNS(SUFFIX, S, LOAD1, LOAD2)                                              \
     PROJECT1T_FN(SUFFIX, S, LOAD1, LOAD2, x32, float)                                       \
@@ -1315,11 +1311,9 @@ COMBINE1T_FN(bf16, uint16_t, LOAD1_BF16, LOAD2_BF16)
                         s += LOAD1(V + j * ldt + i) * (double)X[v * ldx + j];               \
                     L[v * m + i] += s;                                                      \
                 }                                                                           \
-            if (L != Y)                                                                     \
-                levels_carry(lv, count, kk * m, Y, 0);                                      \
+            levels_carry(L, count, kk * m, Y, 0);                                           \
         }                                                                                   \
-        if (L != Y)                                                                         \
-            levels_carry(lv, count, kk * m, Y, 1);                                          \
+        levels_carry(L, count, kk * m, Y, 1);                                               \
     }
 #define PROJECT64T_FNS(SUFFIX, S, LOAD1, T, LOADT)                                          \
     PROJECT64T_FN(SUFFIX, S, LOAD1, T, LOADT, x32, float, LOADV_F32)                        \
