@@ -98,17 +98,21 @@ ISA_ATTR static inline __attribute__((always_inline)) void NAME(stage_f16_vec)(c
 ISA_ATTR static void NAME(stage_bf16)(const uint16_t *V, Py_ssize_t ld, Py_ssize_t rows,
                                       Py_ssize_t j0, Py_ssize_t j1, float *buf)
 {
-    for (Py_ssize_t r = 0; r < rows; r++)
+    for (Py_ssize_t r = 0; r < rows; r++) {
+        fetch_l1(V + r * ld + j0, 2 * AHEAD16, 2 * (j1 - j0));
         for (Py_ssize_t j = j0; j < j1; j += VBYTES / 4)
             NAME(stage_bf16_vec)(V + r * ld + j, buf + r * SUB64 + (j - j0));
+    }
 }
 
 ISA_ATTR static void NAME(stage_f16)(const uint16_t *V, Py_ssize_t ld, Py_ssize_t rows,
                                      Py_ssize_t j0, Py_ssize_t j1, float *buf)
 {
-    for (Py_ssize_t r = 0; r < rows; r++)
+    for (Py_ssize_t r = 0; r < rows; r++) {
+        fetch_l1(V + r * ld + j0, 2 * AHEAD16, 2 * (j1 - j0));
         for (Py_ssize_t j = j0; j < j1; j += VBYTES / 4)
             NAME(stage_f16_vec)(V + r * ld + j, buf + r * SUB64 + (j - j0));
+    }
 }
 
 /* Float32 rows are staged too where a tile's rows are read more than once (more vectors than
@@ -448,9 +452,11 @@ _Static_assert(SUB64 % (C1_U16 * VBYTES / 8) == 0, "SUB64 must be a multiple of 
                     NAME(vd) acc[C1_U16];                                                   \
                     COMBINE64_SUMS_IN(acc, C1_U16);                                         \
                     for (Py_ssize_t r = 0; r < rows; r++) {                                 \
-                        if (stage_next)                                                     \
+                        if (stage_next) {                                                   \
+                            fetch_l1(vn + r * ld, 2 * AHEAD16, 2 * C1_U16 * lanes);          \
                             for (int q = 0; q < C1_U16 * lanes; q += VBYTES / 4)            \
                                 NAME(STG##_vec)(vn + r * ld + q, qn + r * SUB64 + q);       \
+                        }                                                                   \
                         const float *row = src + r * SUB64 + (j - js);                      \
                         const double c = Ct[8 * (i0 + r)];                                  \
                         for (int u = 0; u < C1_U16; u++)                                    \
