@@ -736,6 +736,52 @@ def test_torch_g_that_requires_grad_keeps_no_graph(kind):
     assert alive() is None, "the operator keeps G's autograd graph alive"
 
 
+@pytest.mark.parametrize("kind", ["static", "fisher", "spectral", "sharded", "window", "update"])
+def test_torch_func_reverse_mode_through_g_is_refused_not_zero(kind):
+    # Regression: the operators store G detached, so torch.func.grad (jacrev, vjp) of a
+    # function that builds one from its input returned zeros for that input, silently
+    # (eager autograd says it: the result does not require grad). Refused now, by name;
+    # G.detach() holds G constant, and derivatives in x are as before.
+    torch = pytest.importorskip("torch")
+    from mfac_core import DynamicIHVP, EmpiricalFisher, SpectralIHVP
+
+    gen = torch.Generator().manual_seed(0)
+    G = torch.randn(4, 10, generator=gen, dtype=torch.float64)
+    x = torch.randn(10, generator=gen, dtype=torch.float64)
+    window = DynamicIHVP(4, 10, damp=0.5, dtype="float64", xp=torch)
+    window.update(G[0])
+    before = window @ x
+
+    def build(G):
+        if kind == "sharded":
+            return ShardedStaticIHVP(G, damp=0.5, comm=SingleProcessComm())
+        if kind == "window":
+            return DynamicIHVP.from_window(G, damp=0.5)
+        if kind == "update":
+            window.update(G[1])
+            return window
+        cls = {"static": StaticIHVP, "fisher": EmpiricalFisher, "spectral": SpectralIHVP}[kind]
+        return cls(G, damp=0.5)
+
+    name = "g" if kind == "update" else "G"
+    match = rf"^{name} requires grad under a torch\.func transform.*{name}\.detach\(\)"
+    for transform in (torch.func.grad, torch.func.jacrev):
+        with pytest.raises(TypeError, match=match):
+            transform(lambda G: (build(G) @ x).sum())(G)
+    with pytest.raises(TypeError, match=match):
+        torch.func.vjp(lambda G: build(G) @ x, G)
+    assert len(window) == 1 and torch.equal(window @ x, before)  # the refusals changed nothing
+    if kind in ("sharded", "update"):
+        return  # under torch.func: a window's writes are PyTorch's to refuse, as collectives
+    # Held constant: the derivative in G is zero by the user's choice, and the one in x,
+    # taken at the same level, is the dense inverse's (F^{-1} symmetric: grad = F^{-1} 1).
+    zero = torch.func.grad(lambda G: (build(G.detach()) @ x).sum())(G)
+    assert torch.equal(zero, torch.zeros_like(G))
+    want = build(G) @ torch.ones(10, dtype=torch.float64)
+    got = torch.func.grad(lambda v: (build(G) @ v).sum())(x)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12 * float(want.abs().max()))
+
+
 @pytest.mark.parametrize("kind", ["static", "spectral", "sharded"])
 @pytest.mark.parametrize("block_size", [None, 2])
 def test_gram_overflow_is_the_error_that_says_so_not_numpys_warning(kind, block_size):

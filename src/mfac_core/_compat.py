@@ -65,6 +65,7 @@ __all__ = [
     "restored_device",
     "same_device",
     "size",
+    "stored",
     "take",
     "tracks_derivatives",
 ]
@@ -279,6 +280,23 @@ def detached(x: Any) -> Any:
     if is_torch_array(x) and x.requires_grad:
         return x.detach()
     return x
+
+
+def stored(x: Any, name: str) -> Any:
+    """``x`` as an operator stores it: :func:`detached`, or refused under ``torch.func``.
+
+    Eager autograd says that the history is dropped (the result does not require grad, and
+    ``backward`` fails on it). Under a ``torch.func`` transform that takes reverse-mode
+    derivatives through ``x`` (``grad``, ``jacrev``, ``vjp``) it would not: the transform
+    returns zeros for them. So a wrapped ``x`` that requires grad is refused there.
+    """
+    if is_torch_array(x) and x.requires_grad and is_functorch_wrapped(x):
+        raise TypeError(
+            f"{name} requires grad under a torch.func transform (grad, jacrev, vjp): the "
+            "operators store it without autograd history, so its derivative would come "
+            f"out as zero. Pass {name}.detach() to hold it constant."
+        )
+    return detached(x)
 
 
 #: The dtypes of PyTorch CPU tensors that NumPy reads in place (``Tensor.numpy()``).

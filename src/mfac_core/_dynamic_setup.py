@@ -18,10 +18,10 @@ from ._capacitance import check_window_damp
 from ._compat import (
     Array,
     array_namespace,
-    detached,
     is_dask_namespace,
     is_jax_namespace,
     is_numpy_namespace,
+    stored,
 )
 from ._compat import device as device_of
 from ._deprecation import (
@@ -358,7 +358,7 @@ def fill(op: Any, xp: Any, G: Array, *, checked: bool = False) -> None:
         return
     if op.check_finite and not checked:
         check_finite(xp, G, "G")
-    G = detached(G)
+    G = stored(G, "G")
     gram = op._summed(local_gram(xp, G))
     # Both conventions put the k gradients into slots 0..k-1, oldest first.
     if op.zero_init:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import _sharded_static, _static
-from ._compat import Array, detached, device
+from ._compat import Array, device, stored
 from ._deprecation import legacy_options, register_sharded_form, warn_deprecated
 from ._finite import shard_overflow_once
 from ._operator import LinearOperator
@@ -146,7 +146,7 @@ class ShardedStaticIHVP(_static._BlockOperatorBase):
                 "out= and stream_to= are not available for a column-sharded "
                 "operator; each rank keeps its columns of G in memory"
             )
-        G = detached(G_local)
+        G = stored(G_local, "G")
         # A bad communicator cannot join a reduction: it raises on its rank alone.
         comm = check_communicator(comm)
         refusal: Exception | None = None

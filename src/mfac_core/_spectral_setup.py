@@ -14,7 +14,7 @@ import numpy as np
 
 from . import _capacitance, _engine, _pieces
 from ._attributes import reassign
-from ._compat import Array, detached, device, is_dask_namespace
+from ._compat import Array, device, is_dask_namespace, stored
 from ._dtypes import compute_dtype, half_dtype_name
 from ._gram import columns_gram, rows_gram
 from ._layout import BlockGroup, block_groups, checked_gram, chunk_culprit, chunks
@@ -49,7 +49,7 @@ __all__ = [
 def build(op: Any, G: Array, *, damp: Any, block_size: Any, check_finite: Any) -> None:
     """The body of :class:`SpectralIHVP`'s constructor: the checks, the set-up, the state."""
     check_finite = check_flag(check_finite, "check_finite")
-    G = detached(G)  # the operator stores G, never its autograd graph
+    G = stored(G, "G")  # the operator stores G, never its autograd graph
     xp = check_gradients(G, require_finite=False, half=True)
     check_namespace(xp)
     m, d = (int(n) for n in G.shape)

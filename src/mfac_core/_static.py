@@ -13,7 +13,7 @@ from typing import Any
 
 from . import _capacitance, _engine, _setup, _store, _streaming
 from ._attributes import BUILT_WITH
-from ._compat import Array, detached, device
+from ._compat import Array, device, stored
 from ._deprecation import (
     STATIC_LEGACY,
     legacy_options,
@@ -164,7 +164,8 @@ class StaticIHVP(_BlockOperatorBase):
         keeps G by reference (no copy): G must not be modified while the
         operator is in use. A PyTorch G that requires grad is detached, as
         :class:`~mfac_core.DynamicIHVP` does: the operator keeps no autograd graph alive,
-        and its results are not differentiable in G.
+        and its results are not differentiable in G (under ``torch.func.grad``,
+        ``jacrev`` or ``vjp`` such a G is refused: their answer would be zero).
         For a ``dask.array.Array`` G use :class:`~mfac_core.DaskStaticIHVP`.
     damp : float
         The damping ``lambda > 0`` (absolute, as in the M-FAC paper, whose
@@ -308,7 +309,7 @@ class StaticIHVP(_BlockOperatorBase):
         legacy = legacy_options("StaticIHVP", deprecated, STATIC_LEGACY)
         overwrite_G = check_flag(legacy["overwrite_G"], "overwrite_G")
         # The operator stores G (or factors of it): never its autograd graph.
-        G = detached(G)
+        G = stored(G, "G")
         if legacy["stream_to"] is not None:
             warn_deprecated(
                 "StaticIHVP(G, stream_to=device)", "StaticIHVP.streamed(G, device=device, damp=...)"
@@ -404,7 +405,7 @@ class StaticIHVP(_BlockOperatorBase):
         if cls is not StaticIHVP:
             raise TypeError(f"{cls.__name__} cannot be streamed; use StaticIHVP.streamed")
         op = super().__new__(cls)
-        G = detached(G)
+        G = stored(G, "G")
         op._init_checked(G, damp, None, check_finite, 0, progress)
         _streaming.init_streamed(op, G, device, overwrite_G=False, out=None, progress=progress)
         return op
@@ -664,7 +665,8 @@ class EmpiricalFisher(_BlockOperatorBase):
         of the stored gradients,
         whose results are float32. A PyTorch G that
         requires grad is detached: the operator keeps no autograd graph alive,
-        and its results are not differentiable in G.
+        and its results are not differentiable in G (refused under ``torch.func``'s
+        reverse mode, as for :class:`StaticIHVP`).
     damp : float
         The damping ``lambda > 0``.
     block_size : int, optional
@@ -697,7 +699,7 @@ class EmpiricalFisher(_BlockOperatorBase):
     def __init__(
         self, G: Array, /, *, damp: float, block_size: int | None = None, check_finite: bool = True
     ) -> None:
-        G = detached(G)  # the operator stores G, never its autograd graph
+        G = stored(G, "G")  # the operator stores G, never its autograd graph
         self._init_layout(G, damp, block_size, check_finite, half=True, inverse=False)
         self._G = G
 
