@@ -736,7 +736,9 @@ def test_torch_g_that_requires_grad_keeps_no_graph(kind):
     assert alive() is None, "the operator keeps G's autograd graph alive"
 
 
-@pytest.mark.parametrize("kind", ["static", "fisher", "spectral", "sharded", "window", "update"])
+@pytest.mark.parametrize(
+    "kind", ["static", "fisher", "spectral", "sharded", "window", "update", "stream", "load"]
+)
 def test_torch_func_reverse_mode_through_g_is_refused_not_zero(kind):
     # Regression: the operators store G detached, so torch.func.grad (jacrev, vjp) of a
     # function that builds one from its input returned zeros for that input, silently
@@ -760,18 +762,27 @@ def test_torch_func_reverse_mode_through_g_is_refused_not_zero(kind):
         if kind == "update":
             window.update(G[1])
             return window
+        if kind == "stream":  # rows written into a store made at the same level
+            out = torch.empty(4, 10, dtype=torch.float64) + 0 * G
+            return StaticIHVP.from_gradients(list(G), num_grads=4, dim=10, damp=0.5, grads_out=out)
+        if kind == "load":
+            loaded = DynamicIHVP(4, 10, damp=0.5, dtype="float64", xp=torch)
+            loaded.load_state_dict({**state, "grads": G})
+            return loaded
         cls = {"static": StaticIHVP, "fisher": EmpiricalFisher, "spectral": SpectralIHVP}[kind]
         return cls(G, damp=0.5)
 
-    name = "g" if kind == "update" else "G"
-    match = rf"^{name} requires grad under a torch\.func transform.*{name}\.detach\(\)"
+    state = DynamicIHVP.from_window(G, damp=0.5).state_dict()
+    name = {"update": "g", "stream": "gradient 0", "load": 'state_dict\\["grads"\\]'}.get(kind, "G")
+    fix = "its " if kind == "stream" else name
+    match = rf"^{name} requires grad under a torch\.func transform.*{fix}\.detach\(\)"
     for transform in (torch.func.grad, torch.func.jacrev):
         with pytest.raises(TypeError, match=match):
             transform(lambda G: (build(G) @ x).sum())(G)
     with pytest.raises(TypeError, match=match):
         torch.func.vjp(lambda G: build(G) @ x, G)
     assert len(window) == 1 and torch.equal(window @ x, before)  # the refusals changed nothing
-    if kind in ("sharded", "update"):
+    if kind in ("sharded", "update", "stream", "load"):
         return  # under torch.func: a window's writes are PyTorch's to refuse, as collectives
     # Held constant: the derivative in G is zero by the user's choice, and the one in x,
     # taken at the same level, is the dense inverse's (F^{-1} symmetric: grad = F^{-1} 1).

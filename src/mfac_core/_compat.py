@@ -291,10 +291,11 @@ def stored(x: Any, name: str) -> Any:
     returns zeros for them. So a wrapped ``x`` that requires grad is refused there.
     """
     if is_torch_array(x) and x.requires_grad and is_functorch_wrapped(x):
+        fix = "its .detach()" if " " in name else f"{name}.detach()"
         raise TypeError(
-            f"{name} requires grad under a torch.func transform (grad, jacrev, vjp): the "
-            "operators store it without autograd history, so its derivative would come "
-            f"out as zero. Pass {name}.detach() to hold it constant."
+            f"{name} requires grad under a torch.func transform (grad, jacrev, vjp): "
+            "mfac_core stores it without autograd history, so its derivative would come "
+            f"out as zero. Pass {fix} to hold it constant."
         )
     return detached(x)
 

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from . import _host_rows
 from ._attributes import BUILT_WITH, reassign
 from ._capacitance import DRIFT_TOL, CapacitanceFactor, check_window_damp
-from ._compat import Array, detached, is_finite_array
+from ._compat import Array, is_finite_array, stored
 from ._dtypes import byte_order_note, untyped_note
 from ._dynamic_factor import SlotFactor, evenly_spaced, factorized
 from ._dynamic_setup import local_gram
@@ -324,7 +324,9 @@ class LoadedState:
             )
         target = saved_damp if damp is None else check_damp(damp)
         check_window_damp(xp, op._G.dtype, m, op.zero_init, target)
-        grads, gram, U = (detached(state[k]) for k in ("grads", "gram", "factor"))
+        grads, gram, U = (
+            stored(state[k], f'state_dict["{k}"]') for k in ("grads", "gram", "factor")
+        )
         for name, array, dtype in (
             ("grads", grads, op._G.dtype),
             ("gram", gram, xp.float64),

@@ -33,10 +33,10 @@ import numpy as np
 from ._compat import (
     Array,
     array_namespace,
-    detached,
     device,
     is_jax_namespace,
     namespace_name,
+    stored,
 )
 from ._dtypes import byte_order_note, half_dtype_name, numpy_bfloat16, untyped_note
 from ._errors import add_note, close_abandoned, user_stacklevel
@@ -571,7 +571,7 @@ def _checked_rows(
     """One item as ``(k, d)`` rows in the store's dtype (G's rows from ``row``), or an error."""
     name = f"gradient {index}"
     # The store keeps values, not the autograd graph of each gradient written into it.
-    item = detached(item)
+    item = stored(item, name)
     check_same_space(xp, device(store), item, name, owner="the gradient store")
     if item.ndim == 2 and item.shape[0] == 0 and item.shape[1] == d:
         raise ValueError(
