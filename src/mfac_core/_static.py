@@ -161,11 +161,10 @@ class StaticIHVP(_BlockOperatorBase):
         bfloat16, NumPy bfloat16 of ml_dtypes: JAX's, ``numpy.asarray`` of a
         JAX array, no copy), whose results are float32 (docs/mathematics.rst,
         "2-byte storage"). The operator lives in G's namespace and on G's device and
-        keeps G by reference (no copy): G must not be modified while the
-        operator is in use. A PyTorch G that requires grad is detached, as
-        :class:`~mfac_core.DynamicIHVP` does: the operator keeps no autograd graph alive,
-        and its results are not differentiable in G (under ``torch.func.grad``,
-        ``jacrev`` or ``vjp`` such a G is refused: their answer would be zero).
+        keeps G by reference (no copy): G must not be modified while the operator is in
+        use. A PyTorch G that requires grad is detached, as :class:`~mfac_core.DynamicIHVP`
+        does: the operator keeps no autograd graph, and its results are not differentiable
+        in G (refused under ``torch.func.grad``, ``jacrev``, ``vjp``: they would give zero).
         For a ``dask.array.Array`` G use :class:`~mfac_core.DaskStaticIHVP`.
     damp : float
         The damping ``lambda > 0`` (absolute, as in the M-FAC paper, whose
