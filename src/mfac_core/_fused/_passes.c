@@ -59,8 +59,9 @@ _Static_assert(PANEL_ROWS >= 1 && PANEL_ROWS <= 8, "PANEL_ROWS must be between 1
    items into L1 (prefetcht0), in project64 and in combine64 with one row of C. A panel's 8
    rows are 8 streams, each 8 KiB long in a chunk, and without the fetches the rows' reads
    and the conversions took turns rather than overlapping: one vector, m = 64, d = 1e6, one
-   core of a Zen 4, bfloat16 rows 7.4-7.6 -> 6.5 ms (project64, AVX2) and 8.1 -> 7.3 ms
-   (combine64), float16 alike; two vectors (the window's step) 9.0 -> 8.6 ms. 128 and
+   core of a Zen 4, bfloat16 rows 7.1 -> 6.2 ms (project64, AVX2) and 7.8 -> 7.1 ms
+   (combine64), float16 7.7 -> 6.2 and 7.7 -> 6.8 ms; two vectors (the window's step)
+   9.0 -> 8.6 ms. 128 and
    384-1024 columns ran 2-10 % slower than 256, fetches into L2 (prefetcht1) 10-15 %
    (benchmarks/results/stage_fetch-cpu-zen4-2026-12-07.txt). The passes now read 2-byte rows
    from memory as fast as from L3 (9-9.5 G items a second): the conversions and FMAs set the
