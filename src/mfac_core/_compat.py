@@ -35,6 +35,7 @@ Array: TypeAlias = Any
 
 __all__ = [
     "Array",
+    "FUNCTIONALIZE_REFUSAL",
     "FoundNamespace",
     "array_namespace",
     "canonical_device",
@@ -43,6 +44,7 @@ __all__ = [
     "device",
     "device_scoped_names",
     "forward_ad_active",
+    "functionalizing",
     "host_values",
     "is_array_api_obj",
     "is_array_api_strict_namespace",
@@ -250,6 +252,29 @@ def is_functorch_wrapped(x: Any) -> bool:
         return False
 
 
+def functionalizing() -> bool:
+    """Whether ``torch.func.functionalize`` is transforming this call (at any level).
+
+    PyTorch exposes its stack of transforms only in ``torch._C._functorch``; without it
+    (or without PyTorch loaded), False.
+    """
+    torch = sys.modules.get("torch")
+    functorch: Any = getattr(getattr(torch, "_C", None), "_functorch", None)
+    try:
+        stack = functorch.get_interpreter_stack() or ()
+        return any(t.key() == functorch.TransformType.Functionalize for t in stack)
+    except AttributeError:  # another PyTorch, without these functions (or None)
+        return False
+
+
+#: Why the operators refuse to run under ``torch.func.functionalize``.
+FUNCTIONALIZE_REFUSAL = (
+    "mfac_core reads values of the arrays it is given and computes (its checks for NaN, "
+    "infinity and overflow, its set-up's factorization), which torch.func.functionalize "
+    "does not give: the operators cannot run under functionalize"
+)
+
+
 def is_vmapped(x: Any) -> bool:
     """Whether ``x`` is a PyTorch tensor batched by ``torch.func.vmap`` (at any level).
 
@@ -331,11 +356,7 @@ def is_finite_array(xp: Any, x: Any, /, *, host_view: bool = True) -> bool:
         except RuntimeError as exc:  # values without storage: torch.func.functionalize's
             if not is_functorch_wrapped(x):
                 raise
-            raise TypeError(
-                "mfac_core reads values of the arrays it is given and computes (its checks "
-                "for NaN, infinity and overflow), which torch.func.functionalize does not "
-                "give: the operators cannot run under functionalize"
-            ) from exc
+            raise TypeError(FUNCTIONALIZE_REFUSAL) from exc
     return bool(xp.all(xp.isfinite(x)))
 
 

@@ -30,6 +30,7 @@ from ._compat import (
     Array,
     array_namespace,
     forward_ad_active,
+    functionalizing,
     is_functorch_wrapped,
     is_jax_namespace,
     is_torch_namespace,
@@ -88,7 +89,7 @@ def contract_columns(xp: Any, A: Array, B: Array, /) -> Array:
             import torch
 
             return torch.from_numpy(_host_matmul(a, b))
-        if A.dtype == xp.float64 and B.dtype == xp.float64 and not _functionalizing():
+        if A.dtype == xp.float64 and B.dtype == xp.float64 and not functionalizing():
             return _host_contraction().apply(A, B)
         return _blocks(xp, A, B)
     if not is_jax_namespace(xp):
@@ -196,23 +197,6 @@ def _host_contraction() -> Any:
             return HostContraction.apply(front(A, in_dims[0]), front(B, in_dims[1])), 0
 
     return HostContraction
-
-
-def _functionalizing() -> bool:
-    """Whether ``torch.func.functionalize`` is transforming this call (at any level).
-
-    It has no rule for autograd Functions: their calls fail ("NYI"), even of plain tensors.
-    PyTorch exposes its stack of transforms only in ``torch._C._functorch``; without it,
-    False.
-    """
-    import torch
-
-    functorch: Any = getattr(torch._C, "_functorch", None)
-    try:
-        stack = functorch.get_interpreter_stack() or ()
-        return any(t.key() == functorch.TransformType.Functionalize for t in stack)
-    except AttributeError:  # another PyTorch, without these functions (or None)
-        return False
 
 
 def _blocking(A: Any) -> tuple[int, int]:

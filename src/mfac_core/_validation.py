@@ -27,10 +27,12 @@ from typing import Any
 import numpy as np
 
 from ._compat import (
+    FUNCTIONALIZE_REFUSAL,
     Array,
     array_namespace,
     canonical_device,
     device,
+    functionalizing,
     is_array_api_obj,
     is_jax_array,
     is_jax_namespace,
@@ -125,6 +127,10 @@ def namespace_of(x: Array, name: str) -> Any:
             f"array-api-strict), got {type(x).__name__}"
         )
     check_strided(x, name)
+    if is_torch_array(x) and functionalizing():
+        # Refused at the door: the set-up read a plain G's values through its own
+        # intermediates, which hold none there, and failed as "not positive definite".
+        raise TypeError(FUNCTIONALIZE_REFUSAL)
     if getattr(x, "is_meta", False) is True:
         raise ValueError(f"{name} is a PyTorch tensor on the meta device, {_META_HOLDS_NOTHING}")
     return array_namespace(x)
