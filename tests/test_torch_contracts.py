@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import fractions
+import math
 import os
 import re
 import subprocess
@@ -305,6 +306,39 @@ def test_a_group_option_edited_into_a_non_number_is_refused_before_the_step(key,
     del opt.param_groups[1][key]
     with pytest.raises(TypeError, match=f"{key} of parameter group 1 is missing"):
         opt.step()
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("lr", float("nan")),
+        ("lr", -0.1),
+        ("lr", math.inf),
+        ("momentum", 1.0),
+        ("momentum", -0.5),
+        ("weight_decay", float("nan")),
+        ("weight_decay", -1e-4),
+    ],
+)
+def test_a_group_option_edited_out_of_its_range_is_refused_before_the_step(key, value):
+    # Regression: the step read only the option's type, so a NaN or infinite lr (a
+    # scheduler's, or edited in) made every parameter NaN with no warning, and a negative
+    # one stepped uphill; the constructor refuses them. A number's range costs nothing.
+    model, opt = trained(steps=2)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    before = everything(opt)
+    params = [p.detach().clone() for p in model.parameters()]
+    kept, opt.param_groups[0][key] = opt.param_groups[0][key], value
+    said = rf"^MFAC: {key} of parameter group 0 must be finite and lie in .*nothing changed\)$"
+    with pytest.raises(ValueError, match=said):
+        opt.step()
+    with pytest.raises(ValueError, match=key):
+        type(opt)(model.parameters(), **{key: value})  # as the constructor says
+    opt.param_groups[0][key] = kept
+    same(everything(opt), before)
+    for p, q in zip(model.parameters(), params, strict=True):
+        assert torch.equal(p, q)
 
 
 @pytest.mark.parametrize(

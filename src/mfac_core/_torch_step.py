@@ -18,8 +18,8 @@ from ._errors import FactorizationError
 from ._finite import float32_overflow_said_by_caller
 from ._torch_distributed import all_gather, dtensor_class, local
 from ._torch_sparse import check_layouts
-from ._torch_state import GROUP_KEYS, live_entry
-from ._validation import short_repr
+from ._torch_state import GROUP_BOUNDS, GROUP_KEYS, live_entry
+from ._validation import check_number, short_repr
 
 
 class Unstorable(Exception):
@@ -357,7 +357,8 @@ def check_params(opt: Any) -> None:
 def check_options(opt: Any) -> None:
     """Refuse a group option edited into what a step cannot use, before anything changes.
 
-    Only types are read (a tensor ``lr``'s value would cost a device sync per step): a
+    Numbers are checked against their ranges (``GROUP_BOUNDS``, as the constructor checks
+    them). Of a tensor only the type is read (its value would cost a device sync per step): a
     ``None`` or a string failed in the middle of the parameters' move, after the window
     had taken the gradient, with Python's bare "bad operand type" (a ``None`` momentum or
     weight decay was taken for zero). A tensor's device and dtype are read too: one on
@@ -370,7 +371,14 @@ def check_options(opt: Any) -> None:
             if isinstance(value, torch.Tensor) and value.numel() == 1:
                 check_tensor_option(opt, value, f"{key} of parameter group {j}")
                 continue
-            if isinstance(value, numbers.Real):
+            if isinstance(value, numbers.Real) and not isinstance(value, bool):
+                # A number's range costs nothing to check: a NaN, infinite or negative lr
+                # (a scheduler's, or edited in) made every parameter NaN without a word.
+                try:
+                    check_number(value, f"{key} of parameter group {j}", **GROUP_BOUNDS[key])
+                except ValueError as exc:
+                    untaken = "(the step was not taken, nothing changed)"
+                    raise ValueError(f"MFAC: {exc} {untaken}") from None
                 continue
             got = "missing" if key not in group else short_repr(value)
             raise TypeError(
