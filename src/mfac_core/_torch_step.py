@@ -7,6 +7,7 @@ public.
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any
 
@@ -18,8 +19,8 @@ from ._errors import FactorizationError
 from ._finite import float32_overflow_said_by_caller
 from ._torch_distributed import all_gather, dtensor_class, local
 from ._torch_sparse import check_layouts
-from ._torch_state import GROUP_BOUNDS, GROUP_KEYS, live_entry
-from ._validation import check_number, short_repr
+from ._torch_state import GROUP_KEYS, live_entry
+from ._validation import short_repr
 
 
 class Unstorable(Exception):
@@ -195,6 +196,9 @@ def distributed_step(opt: Any, present: bool) -> None:
             left_out(opt, exc)
             s = opt.ihvp.matvec(x)
         else:
+            # An option's value refused inside the reduction (every rank shares the
+            # options, which the reduction's tag compares) raises as itself here.
+            check_option_values(opt)
             # The window checks its shard inside the reduction of the Gram row, so a NaN
             # or infinity on any rank raises on every rank, and the window is kept.
             where = (
@@ -357,8 +361,8 @@ def check_params(opt: Any) -> None:
 def check_options(opt: Any) -> None:
     """Refuse a group option edited into what a step cannot use, before anything changes.
 
-    Numbers are checked against their ranges (``GROUP_BOUNDS``, as the constructor checks
-    them). Of a tensor only the type is read (its value would cost a device sync per step): a
+    A number must be finite (:func:`check_option_values`). Of a tensor only the type is
+    read (its value would cost a device sync per step): a
     ``None`` or a string failed in the middle of the parameters' move, after the window
     had taken the gradient, with Python's bare "bad operand type" (a ``None`` momentum or
     weight decay was taken for zero). A tensor's device and dtype are read too: one on
@@ -372,19 +376,42 @@ def check_options(opt: Any) -> None:
                 check_tensor_option(opt, value, f"{key} of parameter group {j}")
                 continue
             if isinstance(value, numbers.Real) and not isinstance(value, bool):
-                # A number's range costs nothing to check: a NaN, infinite or negative lr
-                # (a scheduler's, or edited in) made every parameter NaN without a word.
-                try:
-                    check_number(value, f"{key} of parameter group {j}", **GROUP_BOUNDS[key])
-                except ValueError as exc:
-                    untaken = "(the step was not taken, nothing changed)"
-                    raise ValueError(f"MFAC: {exc} {untaken}") from None
                 continue
             got = "missing" if key not in group else short_repr(value)
             raise TypeError(
                 f"MFAC: {key} of parameter group {j} is {got}: a step needs a real number "
                 "(or a one-element tensor) there (the step was not taken, nothing changed)"
             )
+    check_option_values(opt)
+
+
+def check_option_values(opt: Any) -> None:
+    """Refuse a group option that is a NaN or infinite number (a ``ValueError``).
+
+    A NaN or infinite ``lr`` (a scheduler's, or edited in) made every parameter NaN
+    without a word. Finiteness only: a schedule that ends at zero by repeated products
+    (``LinearLR``) ends a hair below it (-3e-19), which torch's optimizers take and a
+    range check would refuse at the end of every such schedule. Called by
+    :func:`check_options`, and again where a distributed step's reduction reports a
+    ``ValueError`` (which there stands for a gradient holding NaN or infinity).
+    """
+    for j, group in enumerate(opt.param_groups):
+        for key in GROUP_KEYS:
+            value = group.get(key)
+            if isinstance(value, numbers.Real) and not _finite_float(value):
+                raise ValueError(
+                    f"MFAC: {key} of parameter group {j} is {short_repr(value)}: a step needs "
+                    "a finite number there (the step was not taken, nothing changed)"
+                )
+
+
+def _finite_float(value: numbers.Real) -> bool:
+    """Whether the step's ``float(value)`` is finite (an int or fraction past float's range
+    is not: it would overflow there)."""
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
 
 
 def check_tensor_option(opt: Any, value: torch.Tensor, where: str) -> None:
