@@ -27,6 +27,8 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from ._compat import FUNCTIONALIZE_REFUSAL, functionalizing
+
 __all__ = ["eager_methods_under_torch_compile", "eager_under_torch_compile"]
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -63,6 +65,10 @@ def eager_under_torch_compile(method: _F) -> _F:
 
     @functools.wraps(method)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if "torch" in sys.modules and functionalizing():
+            # Also the calls that take no tensor (a window's reset, a diagonal): their
+            # reads of the operator's own tensors, functional there, read no values.
+            raise TypeError(FUNCTIONALIZE_REFUSAL)
         if "torch._dynamo" not in sys.modules:
             return method(*args, **kwargs)
         # Tracing (_tracing) reads no thread-local state: Dynamo may not trace it.
