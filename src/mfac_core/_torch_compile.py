@@ -56,6 +56,7 @@ def eager_under_torch_compile(method: _F) -> _F:
     # Named as ``method``: torch.compile(fullgraph=True) names it in its error.
     @functools.wraps(method)
     def run_inside(*args: Any, **kwargs: Any) -> Any:
+        _refuse_under_functionalize()
         outer = getattr(_thread, "inside", False)
         _thread.inside = True
         try:
@@ -65,11 +66,8 @@ def eager_under_torch_compile(method: _F) -> _F:
 
     @functools.wraps(method)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        if "torch" in sys.modules and functionalizing():
-            # Also the calls that take no tensor (a window's reset, a diagonal): their
-            # reads of the operator's own tensors, functional there, read no values.
-            raise TypeError(FUNCTIONALIZE_REFUSAL)
         if "torch._dynamo" not in sys.modules:
+            _refuse_under_functionalize()
             return method(*args, **kwargs)
         # Tracing (_tracing) reads no thread-local state: Dynamo may not trace it.
         if not _tracing() and getattr(_thread, "inside", False):
@@ -80,6 +78,17 @@ def eager_under_torch_compile(method: _F) -> _F:
 
     wrapper.eager_under_torch_compile = True  # type: ignore[attr-defined]
     return wrapper  # type: ignore[return-value]
+
+
+def _refuse_under_functionalize() -> None:
+    """Refuse an outermost public call under ``torch.func.functionalize``.
+
+    Also the calls that take no tensor (a window's reset, a diagonal): their reads of the
+    operator's own tensors, functional there, read no values. Checked where TorchDynamo
+    does not trace (it cannot trace PyTorch's transform stack: a graph break of its own).
+    """
+    if "torch" in sys.modules and functionalizing():
+        raise TypeError(FUNCTIONALIZE_REFUSAL)
 
 
 def eager_methods_under_torch_compile(*names: str) -> Callable[[_C], _C]:
