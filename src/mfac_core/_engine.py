@@ -62,6 +62,7 @@ from ._finite import (
 )
 from ._gram import contract_columns
 from ._layout import BlockGroup, piece_stack, pieces
+from ._pass_derivatives import pass_functions
 
 __all__ = [
     "as_library",
@@ -70,6 +71,7 @@ __all__ = [
     "from_numpy",
     "gram_kernel",
     "host_view",
+    "kernels_under_derivatives",
     "lift",
     "project",
     "project_blocks",
@@ -473,7 +475,22 @@ def project(xp: Any, G: Array, X: Array, *, start: int = 0, stop: int | None = N
             (Xh,) = route.views
             P = _project_routed(route, route.mod.ascontiguousarray(Xh.T), start, stop)
             return route.back(route.mod.ascontiguousarray(P.T))
+    if kernels_under_derivatives(xp, G, X):
+        stop = G.shape[1] if stop is None else stop
+        return pass_functions(project, combine)[0].apply(X, G, start, stop)
     return _project_pieces(xp, G, X, start, stop)
+
+
+def kernels_under_derivatives(xp: Any, G: Array, *arrays: Array) -> bool:
+    """Whether PyTorch takes derivatives through ``arrays`` (not through ``G``, a constant)
+    of a pass that the host kernels can read G for: then an autograd Function of
+    ``_pass_derivatives`` runs the kernels and states the derivatives as passes."""
+    return (
+        is_torch_namespace(xp)
+        and any(tracks_derivatives(A) for A in arrays)
+        and not tracks_derivatives(G)
+        and host_view(xp, G) is not None
+    )
 
 
 def project_rows(xp: Any, G: Array, rows: Array) -> Array:
@@ -540,6 +557,8 @@ def combine(
                 dtype=out_dtype, storage=route.storage,
             )  # fmt: skip
             return route.back(mod.ascontiguousarray(Y.T))
+    if kernels_under_derivatives(xp, G, X, A):
+        return pass_functions(project, combine)[1].apply(X, A, G, alpha, dtype, start, stop)
     X64 = _f64(xp, X)
     a = _alphas(xp, alpha, X.shape[1], device(G))
     if G.dtype == xp.float64:

@@ -141,7 +141,12 @@ class GramEigen:
         # at an extreme damping they would leave float64's range where the others' A, in
         # which s / f(damp) is about 1, does not.
         in_range = all(_LIFT_SCALES[0] <= abs(sc) <= _LIFT_SCALES[1] for sc, _ in H)
-        if X.shape[1] == 1 and g.count <= _LIFT_BLOCKS and in_range:
+        # Where PyTorch differentiates X over a G the kernels read, the combinations below
+        # run in them under autograd Functions (_pass_derivatives); the lift has none (its
+        # pieces are float64 copies of G's: a product 4.8x the no-grad one at m = 64,
+        # d = 1e6, float32).
+        lift = not _engine.kernels_under_derivatives(xp, G, X)
+        if X.shape[1] == 1 and g.count <= _LIFT_BLOCKS and in_range and lift:
             # One vector: per block, all K results from one more read of its columns (the
             # engine's lift, x shared by the K rows of coefficients).
             P = _engine.project_blocks(xp, G, g, X)[..., 0]  # (count, m)
