@@ -43,13 +43,27 @@ def _folded(batch_size: int, X: Any, dim: int | None) -> tuple[Any, Callable[[An
 
 @functools.cache
 def pass_functions(project: Callable[..., Any], combine: Callable[..., Any]) -> tuple[Any, Any]:
-    """``(Project, Combine)``: autograd Functions of the engine's ``project`` and ``combine``.
+    """Autograd Functions of the engine's ``project`` and ``combine``.
 
-    ``Project.apply(X, G, start, stop)`` is ``project(xp, G, X, start=start, stop=stop)``;
-    ``Combine.apply(X, A, G, alpha, dtype, start, stop)`` is ``combine(xp, G, X, A, ...)``.
-    Their gradients in ``X`` and ``A`` call ``project`` and ``combine`` again, which
-    come back here where those gradients are themselves differentiated; their ``vmap``
-    rules (``jacrev``, ``hessian``) fold the batch into the passes' columns.
+    Parameters
+    ----------
+    project, combine : callable
+        ``_engine.project`` and ``_engine.combine``, which call these Functions back where
+        derivatives are taken.
+
+    Returns
+    -------
+    tuple
+        ``(Project, Combine)``: ``Project.apply(X, G, start, stop)`` is
+        ``project(xp, G, X, start=start, stop=stop)``, and
+        ``Combine.apply(X, A, G, alpha, dtype, start, stop)`` is
+        ``combine(xp, G, X, A, alpha=alpha, dtype=dtype, start=start, stop=stop)``.
+
+    Notes
+    -----
+    Their gradients in ``X`` and ``A`` call ``project`` and ``combine`` again, which come
+    back here where those gradients are themselves differentiated; their ``vmap`` rules
+    (``jacrev``, ``hessian``) fold the batch into the passes' columns.
     """
     import torch
 
