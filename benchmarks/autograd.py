@@ -8,6 +8,8 @@ Usage::
 Where ``x`` requires grad, a product's passes over G run in the C extension's kernels under
 autograd Functions (``mfac_core._pass_derivatives``) whose gradients are passes again
 (``SpectralIHVP`` then takes its combinations rather than its ``lift``, which has none).
+``DynamicIHVP`` keeps the float64 pieces: its rows change in place while a graph may hold
+them.
 Each row times, interleaved in one process: the product without autograd (the floor), the
 product of an ``x`` that requires grad, and that product followed by its backward
 (``y.backward(v)``: two more passes). The last is about twice the floor: a backward is a

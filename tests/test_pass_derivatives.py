@@ -142,3 +142,62 @@ def test_without_kernels_the_derivatives_are_unchanged(monkeypatch):
     (g,) = torch.autograd.grad(op @ x, x, torch.ones(30))
     want = dense @ torch.ones(30, dtype=torch.float64)
     torch.testing.assert_close(g.double(), want, rtol=0, atol=4e-7 * float(want.abs().max()))
+
+
+@needs_kernels
+def test_a_window_edited_before_the_backward_still_gives_its_gradient():
+    # A review's finding: the Functions read G when the gradient is taken, and a window's
+    # rows change in place (through NumPy: PyTorch's version counter does not see it), so an
+    # update between the product and its backward mixed new rows with the old factor. A
+    # window keeps the pieces' route, whose graph holds float64 copies.
+    gen = torch.Generator().manual_seed(4)
+    G = torch.randn(5, 24, generator=gen)
+    window = DynamicIHVP(5, 24, damp=0.3, dtype=torch.float32, xp=torch)
+    for g in G:
+        window.update(g.clone())
+    G64 = G.to(torch.float64)
+    dense = torch.linalg.inv(0.3 * torch.eye(24, dtype=torch.float64) + G64.T @ G64 / 5)
+    x = torch.randn(24, generator=gen, requires_grad=True)
+    y = window @ x
+    window.update(torch.randn(24, generator=gen))
+    (g,) = torch.autograd.grad(y, x, torch.ones(24))
+    want = dense @ torch.ones(24, dtype=torch.float64)
+    torch.testing.assert_close(g.double(), want, rtol=0, atol=4e-7 * float(want.abs().max()))
+    # An operator's G modified in place by PyTorch: its version check says so.
+    Gs = G.clone()
+    op = StaticIHVP(Gs, damp=0.3)
+    y = op @ x
+    Gs.mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(y, x, torch.ones(24))
+
+
+@needs_kernels
+def test_autograds_legacy_batches_of_cotangents():
+    # A review's finding: is_grads_batched, jacobian(vectorize=True) and gradcheck's batched
+    # check hand the backward a batched tensor without storage; the kernels cannot read it
+    # and the pieces' slices have no batching rule there ("aten::alias").
+    from mfac_core._compat import array_namespace
+    from mfac_core._engine import combine, project
+
+    gen = torch.Generator().manual_seed(5)
+    G = torch.randn(5, 24, generator=gen)
+    G64 = G.to(torch.float64)
+    dense = torch.linalg.inv(0.3 * torch.eye(24, dtype=torch.float64) + G64.T @ G64 / 5)
+    op = StaticIHVP(G, damp=0.3)
+    x = torch.randn(24, generator=gen, requires_grad=True)
+    (J,) = torch.autograd.grad(op @ x, x, torch.eye(24), is_grads_batched=True)
+    tol = {"rtol": 0, "atol": 4e-7 * float(dense.abs().max())}
+    torch.testing.assert_close(J.double(), dense, **tol)
+    J2 = torch.autograd.functional.jacobian(op.matvec, x.detach(), vectorize=True)
+    torch.testing.assert_close(J2.double(), dense, **tol)
+    xp = array_namespace(G)
+    X = torch.randn(24, 2, generator=gen, dtype=torch.float64, requires_grad=True)
+    A = torch.randn(5, 2, generator=gen, dtype=torch.float64, requires_grad=True)
+
+    def comb(X, A):
+        return combine(xp, G, X, A, alpha=0.7, dtype=torch.float64)
+
+    assert torch.autograd.gradcheck(lambda X: project(xp, G, X), (X,), check_batched_grad=True)
+    assert torch.autograd.gradcheck(comb, (X, A), check_batched_grad=True)
+    assert torch.autograd.gradgradcheck(comb, (X, A), check_batched_grad=True)

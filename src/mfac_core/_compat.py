@@ -55,6 +55,7 @@ __all__ = [
     "is_functorch_wrapped",
     "is_jax_array",
     "is_jax_namespace",
+    "is_legacy_batched",
     "is_numpy_namespace",
     "is_torch_array",
     "is_torch_namespace",
@@ -273,6 +274,19 @@ FUNCTIONALIZE_REFUSAL = (
     "infinity and overflow, its set-up's factorization), which torch.func.functionalize "
     "does not give: the operators cannot run under functionalize"
 )
+
+
+def is_legacy_batched(x: Any) -> bool:
+    """Whether ``x`` is batched by autograd's legacy vmap (``is_grads_batched``,
+    ``jacobian(vectorize=True)``, gradcheck's batched check): no storage, no slicing rule.
+    PyTorch exposes the test only in ``torch._C._functorch``; without it, False."""
+    if not is_torch_array(x):
+        return False
+    functorch: Any = getattr(sys.modules["torch"]._C, "_functorch", None)
+    try:
+        return bool(functorch.is_legacy_batchedtensor(x))
+    except AttributeError:  # another PyTorch, without these functions (or None)
+        return False
 
 
 def is_vmapped(x: Any) -> bool:

@@ -221,13 +221,17 @@ def finished(op: Any, X: Array, P: Array, factor: SlotFactor | None = None) -> A
         xp = op._xp
         return narrowed(xp, xp.astype(X, xp.float64) / op.damp, op.dtype)
     A = factor.coefficients(P)
-    return _engine.combine(op._xp, op._G, X, A, alpha=1.0 / op.damp, dtype=op.dtype)
+    # The window's rows change in place (constant_G=False: the pieces keep copies).
+    return _engine.combine(
+        op._xp, op._G, X, A, alpha=1.0 / op.damp, dtype=op.dtype, constant_G=False
+    )
 
 
 def solved(op: Any, X: Array, factor: SlotFactor | None = None) -> Array:
     """``F^{-1} X`` without refinement: ``G X`` summed over the coordinates, then finished."""
     X = _engine.widened_for_derivatives(op._xp, X)
-    return finished(op, X, op._summed(_engine.project(op._xp, op._G, X)), factor)
+    P = _engine.project(op._xp, op._G, X, constant_G=False)
+    return finished(op, X, op._summed(P), factor)
 
 
 def refined(op: Any, X: Array, Y: Array, factor: SlotFactor | None = None) -> Array:

@@ -356,7 +356,7 @@ def collective_product(
     def local() -> Array:
         if not checked:
             check()
-        return xp.reshape(_engine.project(xp, op._G, checked[0]), (-1,))
+        return xp.reshape(_engine.project(xp, op._G, checked[0], constant_G=False), (-1,))
 
     P = reduced(op, local, op.num_grads * k, what, OP_PRODUCT)
     X2 = checked[0]

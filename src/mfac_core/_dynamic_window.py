@@ -109,7 +109,7 @@ def products(op: Any, slot: int, g: Array, rows: Any = None) -> tuple[Any, Any]:
         # would come first, and be the error where warnings are errors (np.errstate is
         # local to this context).
         with np.errstate(over="ignore", invalid="ignore"):
-            return _engine.project(xp, op._G, g[:, None])[:, 0], None
+            return _engine.project(xp, op._G, g[:, None], constant_G=False)[:, 0], None
     rows = paired_rows(xp, op._G[slot, ...], g) if rows is None else _engine.as_library(xp, rows)
     P = _engine.project_rows(xp, op._G, rows)
     return P[:, 0], P[:, 1:]

@@ -48,6 +48,7 @@ from ._compat import (
     device,
     forward_ad_active,
     is_cupy_namespace,
+    is_legacy_batched,
     is_numpy_namespace,
     is_torch_namespace,
     is_writeable_array,
@@ -463,11 +464,20 @@ def square_sums(xp: Any, G: Array, /) -> Array:
     return parts[0] if len(parts) == 1 else xp.concat(parts)
 
 
-def project(xp: Any, G: Array, X: Array, *, start: int = 0, stop: int | None = None) -> Array:
+def project(
+    xp: Any,
+    G: Array,
+    X: Array,
+    *,
+    start: int = 0,
+    stop: int | None = None,
+    constant_G: bool = True,
+) -> Array:
     """``G[:, start:stop] @ X`` summed in float64: float64, shape ``(m, k)``.
 
     ``X`` is ``(stop - start, k)`` of any floating dtype (its values are exact in
-    float64 when they come from float32 or a 2-byte dtype).
+    float64 when they come from float32 or a 2-byte dtype). ``constant_G``: as for
+    :func:`kernels_under_derivatives`.
     """
     route = _kernel_operands(xp, G, X)
     if route is not None:
@@ -475,19 +485,26 @@ def project(xp: Any, G: Array, X: Array, *, start: int = 0, stop: int | None = N
             (Xh,) = route.views
             P = _project_routed(route, route.mod.ascontiguousarray(Xh.T), start, stop)
             return route.back(route.mod.ascontiguousarray(P.T))
-    if kernels_under_derivatives(xp, G, X):
+    if kernels_under_derivatives(xp, G, X, constant_G=constant_G):
         stop = G.shape[1] if stop is None else stop
         return pass_functions(project, combine)[0].apply(X, G, start, stop)
     return _project_pieces(xp, G, X, start, stop)
 
 
-def kernels_under_derivatives(xp: Any, G: Array, *arrays: Array) -> bool:
+def kernels_under_derivatives(xp: Any, G: Array, *arrays: Array, constant_G: bool = True) -> bool:
     """Whether PyTorch takes derivatives through ``arrays`` (not through ``G``, a constant)
     of a pass that the host kernels can read G for: then an autograd Function of
-    ``_pass_derivatives`` runs the kernels and states the derivatives as passes."""
+    ``_pass_derivatives`` runs the kernels and states the derivatives as passes.
+
+    Not for a G whose rows change while a graph may still hold it (``constant_G=False``: a
+    window's, written through NumPy, which PyTorch's version counter does not see): the
+    Functions read G when the gradient is taken, the pieces' route keeps float64 copies.
+    Not for autograd's legacy batches either (no storage, no slicing rule)."""
     return (
-        is_torch_namespace(xp)
+        constant_G
+        and is_torch_namespace(xp)
         and any(tracks_derivatives(A) for A in arrays)
+        and not any(is_legacy_batched(A) for A in arrays)
         and not tracks_derivatives(G)
         and host_view(xp, G) is not None
     )
@@ -538,10 +555,12 @@ def combine(
     dtype: Any,
     start: int = 0,
     stop: int | None = None,
+    constant_G: bool = True,
 ) -> Array:
     """``alpha * (X - G[:, start:stop]^T A)``, every sum in float64, rounded once to ``dtype``.
 
-    ``X`` is ``(n, k)`` (``n = stop - start``), ``A`` ``(m, k)`` float64.
+    ``X`` is ``(n, k)`` (``n = stop - start``), ``A`` ``(m, k)`` float64. ``constant_G``:
+    as for :func:`kernels_under_derivatives`.
     """
     stop = G.shape[1] if stop is None else stop
     note_intermediate(A)  # an overflowed solve raised no flag: the result is tested
@@ -557,7 +576,7 @@ def combine(
                 dtype=out_dtype, storage=route.storage,
             )  # fmt: skip
             return route.back(mod.ascontiguousarray(Y.T))
-    if kernels_under_derivatives(xp, G, X, A):
+    if kernels_under_derivatives(xp, G, X, A, constant_G=constant_G):
         return pass_functions(project, combine)[1].apply(X, A, G, alpha, dtype, start, stop)
     X64 = _f64(xp, X)
     a = _alphas(xp, alpha, X.shape[1], device(G))

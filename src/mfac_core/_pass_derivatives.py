@@ -4,13 +4,16 @@ Where autograd, forward-mode AD or ``torch.func`` takes derivatives through the 
 a product (``x``, and the ``m x k`` coefficients ``A`` solved from ``G x``), the kernels
 cannot run the passes as they are: they read NumPy views and record nothing. The pieces'
 route that does record (``contract_columns``) widens each piece of a float32 G to float64
-for each pass: ``StaticIHVP``, m = 64, d = 1e6, one thread, 95 ms a product against 17 for
-the kernels. These Functions run the kernels in their forward and state their
+for each pass: ``StaticIHVP``, m = 64, d = 1e6, one thread, 127 ms a product against 24
+for the kernels. These Functions run the kernels in their forward and state their
 derivatives as passes again: the projection's gradient is a combination and the
 combination's a projection, both exact sums in float64 (the engine's), so that
 derivatives of any order read G through the kernels, or through the pieces where those
-cannot serve (a batched or traced tensor without storage). G is a constant: the
-operators store it detached. Forward mode does not come here: under a dual level every
+cannot serve (a batched or traced tensor without storage; autograd's legacy batches of
+cotangents take one float64 copy of G's columns). G is a constant: the operators store it
+detached, and the Functions save it for the backward (PyTorch's in-place check). A window,
+whose rows change in place through NumPy (unseen by that check), does not come here
+(``_engine.kernels_under_derivatives``), nor does forward mode: under a dual level every
 tensor counts as tracked (``_compat.tracks_derivatives``), G too, and the pieces serve.
 
 ``pass_functions(project, combine)`` builds them around the engine's own functions, which
@@ -23,7 +26,8 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-from ._compat import array_namespace
+from ._compat import array_namespace, is_legacy_batched
+from ._gram import contract_columns
 
 __all__ = ["pass_functions"]
 
@@ -77,16 +81,21 @@ def pass_functions(project: Callable[..., Any], combine: Callable[..., Any]) -> 
 
         @staticmethod
         def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-            X, ctx.G, ctx.start, ctx.stop = inputs
+            X, G, ctx.start, ctx.stop = inputs
+            ctx.save_for_backward(G)  # PyTorch's in-place check on G, at the gradient
             ctx.x_dtype = X.dtype
 
         @staticmethod
         def backward(ctx: Any, grad: Any) -> tuple[Any, None, None, None]:
+            (G,) = ctx.saved_tensors
+            if is_legacy_batched(grad):
+                Gt = G[:, ctx.start : ctx.stop].to(torch.float64).mT
+                return (Gt @ grad.to(torch.float64)).to(ctx.x_dtype), None, None, None
             # G^T grad, as the combination -(0 - G^T grad): exact, and summed in float64.
             grad = grad.contiguous()
             zero = torch.zeros((ctx.stop - ctx.start, grad.shape[1]), dtype=torch.float64)
             xp = array_namespace(grad)
-            GtP = combine(xp, ctx.G, zero, grad, alpha=-1.0, dtype=xp.float64,
+            GtP = combine(xp, G, zero, grad, alpha=-1.0, dtype=xp.float64,
                           start=ctx.start, stop=ctx.stop)  # fmt: skip
             return GtP.to(ctx.x_dtype), None, None, None
 
@@ -104,18 +113,24 @@ def pass_functions(project: Callable[..., Any], combine: Callable[..., Any]) -> 
 
         @staticmethod
         def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-            X, _, ctx.G, ctx.alpha, ctx.dtype, ctx.start, ctx.stop = inputs
+            X, _, G, ctx.alpha, ctx.dtype, ctx.start, ctx.stop = inputs
+            ctx.save_for_backward(G)  # PyTorch's in-place check on G, at the gradient
             ctx.x_dtype = X.dtype
 
         @staticmethod
         def backward(ctx: Any, grad: Any) -> tuple[Any, ...]:
-            grad = grad.contiguous()
-            xp = array_namespace(grad)
+            (G,) = ctx.saved_tensors
             needs = ctx.needs_input_grad
             grad_X = (ctx.alpha * grad.to(torch.float64)).to(ctx.x_dtype) if needs[0] else None
             grad_A = None
-            if needs[1]:
-                P = project(xp, ctx.G, grad, start=ctx.start, stop=ctx.stop)
+            if needs[1] and is_legacy_batched(grad):
+                # Autograd's legacy batch (is_grads_batched) has no storage for the kernels,
+                # and no rule for the pieces' slices: one float64 copy of the columns.
+                G64 = G[:, ctx.start : ctx.stop].to(torch.float64)
+                grad_A = -ctx.alpha * contract_columns(torch, G64, grad.to(torch.float64))
+            elif needs[1]:
+                xp = array_namespace(grad)
+                P = project(xp, G, grad.contiguous(), start=ctx.start, stop=ctx.stop)
                 grad_A = -ctx.alpha * P
             return grad_X, grad_A, None, None, None, None, None
 
