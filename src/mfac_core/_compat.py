@@ -244,13 +244,23 @@ def tracks_derivatives(x: Any) -> bool:
     return bool(x.requires_grad) or forward_ad_active() or is_functorch_wrapped(x)
 
 
-def is_functorch_wrapped(x: Any) -> bool:
-    """Whether the tensor ``x`` is a ``torch.func`` wrapper (False where PyTorch does not say)."""
-    functorch: Any = getattr(sys.modules["torch"]._C, "_functorch", None)
+def _functorch() -> Any:
+    """``torch._C._functorch``, where PyTorch keeps its transforms' tests; None without it
+    (or without PyTorch loaded)."""
+    return getattr(getattr(sys.modules.get("torch"), "_C", None), "_functorch", None)
+
+
+def _functorch_says(test: str, x: Any) -> bool:
+    """``torch._C._functorch.<test>(x)``; False where PyTorch has no such test."""
     try:
-        return bool(functorch.is_functorch_wrapped_tensor(x))
+        return bool(getattr(_functorch(), test)(x))
     except AttributeError:  # another PyTorch, without these functions (or None)
         return False
+
+
+def is_functorch_wrapped(x: Any) -> bool:
+    """Whether the tensor ``x`` is a ``torch.func`` wrapper (False where PyTorch does not say)."""
+    return _functorch_says("is_functorch_wrapped_tensor", x)
 
 
 def functionalizing() -> bool:
@@ -259,8 +269,7 @@ def functionalizing() -> bool:
     PyTorch exposes its stack of transforms only in ``torch._C._functorch``; without it
     (or without PyTorch loaded), False.
     """
-    torch = sys.modules.get("torch")
-    functorch: Any = getattr(getattr(torch, "_C", None), "_functorch", None)
+    functorch = _functorch()
     try:
         stack = functorch.get_interpreter_stack() or ()
         return any(t.key() == functorch.TransformType.Functionalize for t in stack)
@@ -280,13 +289,7 @@ def is_legacy_batched(x: Any) -> bool:
     """Whether ``x`` is batched by autograd's legacy vmap (``is_grads_batched``,
     ``jacobian(vectorize=True)``, gradcheck's batched check): no storage, no slicing rule.
     PyTorch exposes the test only in ``torch._C._functorch``; without it, False."""
-    if not is_torch_array(x):
-        return False
-    functorch: Any = getattr(sys.modules["torch"]._C, "_functorch", None)
-    try:
-        return bool(functorch.is_legacy_batchedtensor(x))
-    except AttributeError:  # another PyTorch, without these functions (or None)
-        return False
+    return is_torch_array(x) and _functorch_says("is_legacy_batchedtensor", x)
 
 
 def is_vmapped(x: Any) -> bool:
@@ -299,7 +302,7 @@ def is_vmapped(x: Any) -> bool:
     """
     if not is_torch_array(x):
         return False
-    functorch: Any = getattr(sys.modules["torch"]._C, "_functorch", None)
+    functorch = _functorch()
     try:
         while functorch.is_functorch_wrapped_tensor(x):
             if functorch.is_batchedtensor(x):
