@@ -363,6 +363,44 @@ def test_a_schedule_that_ends_a_hair_below_zero_keeps_stepping():
 
 
 @pytest.mark.parametrize(
+    ("key", "value"), [("lr", None), ("lr", -0.01), ("momentum", 1.0), ("weight_decay", -0.1)]
+)
+def test_every_state_the_optimizer_stepped_with_loads_again(key, value):
+    # Regression: a state saved at the end of a LinearLR schedule (lr = -3e-19) or after a
+    # group edit outside the constructor's range (which steps take, as torch's optimizers
+    # do) was refused by load_state_dict ("lr of state_dict['param_groups'][0] must be
+    # finite and lie in [0, inf)"): a run could not resume from its own checkpoint.
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    opt = MFAC(model.parameters(), lr=0.1, momentum=0.5, num_grads=4, damp=1e-2)
+    if value is None:
+        sched = torch.optim.lr_scheduler.LinearLR(opt, 0.1, 0.0, total_iters=7)
+        for _ in range(8):
+            for p in model.parameters():
+                p.grad = torch.randn_like(p)
+            opt.step()
+            sched.step()
+        assert opt.param_groups[0]["lr"] < 0
+    else:
+        opt.param_groups[0][key] = value
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        opt.step()
+    twin = copy.deepcopy(model)
+    resumed = MFAC(twin.parameters(), lr=0.1, num_grads=4, damp=1e-2)
+    resumed.load_state_dict(opt.state_dict())
+    assert resumed.param_groups[0][key] == opt.param_groups[0][key]
+    for _ in range(2):
+        grads = [torch.randn_like(p) for p in model.parameters()]
+        for a, b, g in zip(model.parameters(), twin.parameters(), grads, strict=True):
+            a.grad, b.grad = g.clone(), g.clone()
+        opt.step()
+        resumed.step()
+    for a, b in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
     ("key", "value", "said"),
     [
         ("lr", torch.tensor(0.1, device="meta"), "a tensor on meta, but the parameters are on cpu"),

@@ -86,14 +86,20 @@ GROUP_BOUNDS: dict[str, dict[str, Any]] = {
 }
 
 
-def check_option(value: Any, key: str, where: str) -> Any:
-    """A group option in its range: a real number (as a float), or a one-element float tensor.
+def check_option(value: Any, key: str, where: str, *, ranged: bool = True) -> Any:
+    """A group option: a finite real number (as a float), or a one-element float tensor.
+
+    With ``ranged`` (the constructor's and ``add_param_group``'s check) the value must lie
+    in its range (:data:`GROUP_BOUNDS`); without it (a load's), finite is enough, as for a
+    step, so that every state the optimizer saved loads again (a ``LinearLR`` schedule
+    down to zero ends at -3e-19).
 
     A tensor is kept (as torch's optimizers keep a tensor ``lr``), so that a scheduler or
     the user can change it in place; its value is read here once, to check it. The step
     takes one-element tensors for every option, so a load and ``add_param_group`` take
     them too: a group whose ``momentum`` was made a tensor saved a state that no load took.
     """
+    bounds = GROUP_BOUNDS[key] if ranged else {}
     if isinstance(value, torch.Tensor):
         if value.is_nested or value.layout != torch.strided:
             # Every step refuses it (_torch_step.check_tensor_option): refused when given.
@@ -110,16 +116,17 @@ def check_option(value: Any, key: str, where: str) -> Any:
             )
         if value.is_meta:  # float() below would fail with "item() cannot be called on meta"
             raise ValueError(f"{where} is a tensor on the meta device, which holds no value")
-        check_number(float(value), where, **GROUP_BOUNDS[key])
+        check_number(float(value), where, **bounds)
         return value
-    return check_number(value, where, **GROUP_BOUNDS[key])
+    return check_number(value, where, **bounds)
 
 
-def check_group(group: Mapping[str, Any], where: str) -> None:
+def check_group(group: Mapping[str, Any], where: str, *, ranged: bool = True) -> None:
+    """Refuse a group that lacks an option or holds one :func:`check_option` refuses."""
     for key in GROUP_KEYS:
         if key not in group:
             raise ValueError(f"{where} has no {key!r}")
-        check_option(group[key], key, f"{key} of {where}")
+        check_option(group[key], key, f"{key} of {where}", ranged=ranged)
 
 
 def check_option_devices(group: Mapping[str, Any], where: str) -> None:
@@ -489,7 +496,7 @@ def check_groups(opt: Any, base: Mapping[str, Any]) -> list[dict[str, Any]]:
                 f"optimizer's group {len(group['params'])}"
             )
         try:
-            check_group(saved, where)
+            check_group(saved, where, ranged=False)  # what a step takes: finite
         except TypeError as exc:  # one kind of error for every malformed state
             raise ValueError(str(exc)) from None
         ids.extend(saved["params"])

@@ -526,6 +526,10 @@ class MFAC(torch.optim.Optimizer):
         whose slot lists are Python lists (:meth:`DynamicIHVP.state_dict`'s form, which earlier
         checkpoints hold).
 
+        The groups' ``lr``, ``momentum`` and ``weight_decay`` are checked as a step checks
+        them (finite), not for the constructor's ranges: a state saved at the end of a
+        schedule down to zero (``LinearLR`` ends at -3e-19) loads again.
+
         Parameters
         ----------
         state_dict : dict
