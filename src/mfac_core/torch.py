@@ -524,11 +524,8 @@ class MFAC(torch.optim.Optimizer):
         A state saved by mfac_core 0.x before the state moved into ``state_dict["state"]`` (a
         top-level ``"mfac"`` entry beside an empty ``"state"``) loads too, and so does a window
         whose slot lists are Python lists (:meth:`DynamicIHVP.state_dict`'s form, which earlier
-        checkpoints hold).
-
-        The groups' ``lr``, ``momentum`` and ``weight_decay`` are checked as a step checks
-        them (finite), not for the constructor's ranges: a state saved at the end of a
-        schedule down to zero (``LinearLR`` ends at -3e-19) loads again.
+        checkpoints hold). Group options must be finite, as for a step, not in the
+        constructor's ranges (``LinearLR`` down to zero ends at -3e-19).
 
         Parameters
         ----------
