@@ -322,9 +322,11 @@ def _one_rank_edit(model: Any, opt: Any, case: str) -> Any:
         dense = weight.grad
         weight.grad = dense.to_sparse()
         return lambda: setattr(weight, "grad", dense)
-    if case == "layout":  # a masked parameter's memory layout changed
+    if case == "layout":  # a masked parameter no longer dense in memory (a strided slice)
         data = weight.data
-        weight.data = data.t().contiguous().t()
+        wide = torch.zeros(data.shape[0], 2 * data.shape[1], dtype=data.dtype)
+        wide[:, ::2] = data
+        weight.data = wide[:, ::2]
         return lambda: setattr(weight, "data", data)
     old = weight.data
     # Either resized (p.data = ...) or float64 in a float32 optimizer (model.double()).
@@ -371,7 +373,7 @@ ONE_RANK_FAILURES = {
     "sparse lr": (TypeError, "lr of parameter group 0 is a sparse_coo tensor"),
     "params": (RuntimeError, "no longer lists the parameters"),
     "sparse": (RuntimeError, "does not support sparse gradients"),
-    "layout": (RuntimeError, "memory layout of the masked parameter 0 of group 0"),
+    "layout": (RuntimeError, "masked parameter 0 of group 0 (shape (8, 6)) is not dense"),
     "resized": (RuntimeError, "parameter 0 of group 0 (shape (3, 6)) had 48 entries"),
     "float64": (RuntimeError, "parameter 0 of group 0 (shape (8, 6)) is float64"),
 }

@@ -10,34 +10,58 @@ optimizer (``opt``, an :class:`mfac_core.torch.MFAC`); nothing here is public.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
 
-class Kept(NamedTuple):
+class Kept:
     """Where a masked parameter's kept coordinates are.
 
-    ``order`` lists the parameter's dimensions from the largest stride to the smallest,
-    so that ``t.permute(order)`` of a dense tensor (channels-last included) is
-    contiguous and its flat view is the memory itself; ``positions`` holds the kept
-    coordinates' places in that flat view (int64, on the parameter's device).
+    ``positions`` holds their places in the parameter's row-major (logical) order, sorted
+    (int64, on the parameter's device): the order of the window's columns and of the
+    momentum, whatever the parameter's memory layout, so that a layout changed after
+    construction (``module.to(memory_format=torch.channels_last)``), a load into an
+    optimizer built under another layout, a copy and ``add_param_group`` all read the
+    same coordinates. The step reads and writes a dense tensor through its memory (a
+    flat view, no copy): :meth:`places` gives the kept coordinates' places there for
+    the tensor's strides, computed once per layout.
     """
 
-    order: tuple[int, ...]
-    positions: torch.Tensor
+    def __init__(self, shape: tuple[int, ...], positions: torch.Tensor) -> None:
+        self.shape = shape
+        self.positions = positions
+        self._places: dict[tuple[int, ...], tuple[tuple[int, ...], torch.Tensor]] = {}
 
-    def flat(self, t: torch.Tensor) -> torch.Tensor:
-        """``t`` flat in the parameter's memory order (a view where ``t`` is laid out alike)."""
-        return t.permute(self.order).reshape(-1)
+    def places(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``t`` flat in its memory order (a view) and the kept places there; None if
+        ``t`` is not dense (no flat view of its memory exists)."""
+        strides = t.stride()
+        hit = self._places.get(strides)
+        if hit is None:
+            order = memory_order(t)
+            if not t.permute(order).is_contiguous():
+                return None
+            # A row-major place, split into its coordinates, times t's strides.
+            place = torch.zeros_like(self.positions)
+            rest = self.positions
+            for size, stride in zip(reversed(self.shape), reversed(strides), strict=True):
+                place += (rest % size) * stride
+                rest = rest // size
+            if len(self._places) >= 4:  # a parameter sees one or two layouts
+                self._places.clear()
+            hit = self._places[strides] = (order, place)
+        order, place = hit
+        return t.permute(order).view(-1), place
 
     def read(self, t: torch.Tensor, out: torch.Tensor) -> None:
         """Write the kept entries of ``t`` (a gradient or the parameter) into ``out``."""
-        flat = self.flat(t)
+        found = self.places(t)
+        flat, place = found if found is not None else (t.reshape(-1), self.positions)
         if flat.dtype == out.dtype:
-            torch.index_select(flat, 0, self.positions, out=out)
+            torch.index_select(flat, 0, place, out=out)
         else:
-            out.copy_(flat.index_select(0, self.positions))
+            out.copy_(flat.index_select(0, place))
 
 
 def memory_order(t: torch.Tensor) -> tuple[int, ...]:
@@ -47,21 +71,19 @@ def memory_order(t: torch.Tensor) -> tuple[int, ...]:
 
 def kept_index(p: torch.Tensor, mask: torch.Tensor) -> Kept:
     """The :class:`Kept` of a parameter and its (checked) mask."""
-    order = memory_order(p)
-    flat = mask.permute(order).reshape(-1)
-    return Kept(order, flat.nonzero().reshape(-1))
+    return Kept(tuple(p.shape), mask.reshape(-1).nonzero().reshape(-1))
 
 
 def check_layouts(opt: Any) -> None:
-    """Refuse a step if a masked parameter's memory layout changed since construction.
+    """Refuse a step if a masked parameter is no longer dense in memory.
 
-    The window's coordinates are the kept entries in the memory order the parameter had
-    then (e.g. before ``module.to(memory_format=torch.channels_last)``): in another
-    layout the flat view the step writes through does not exist, and a new order would
-    not match the window's columns. Nothing has changed when this raises.
+    The step writes a masked parameter's kept entries in place through a flat view of its
+    memory, which a dense tensor (any order of its dimensions, channels-last included) has
+    and a strided slice (``p.data = big[:, ::2]``) has not. Nothing has changed when this
+    raises.
     """
     for p, kept in opt._kept.items():
-        if p.permute(kept.order).is_contiguous():
+        if kept.places(p) is not None:
             continue
         where = next(
             f"parameter {i} of group {j} (shape {tuple(p.shape)})"
@@ -70,11 +92,9 @@ def check_layouts(opt: Any) -> None:
             if q is p
         )
         raise RuntimeError(
-            f"MFAC: the memory layout of the masked {where} changed since the optimizer "
-            f"was built (strides now {p.stride()}, dimensions were in the order "
-            f"{kept.order}, e.g. by module.to(memory_format=...)): the window holds its kept "
-            "entries in the layout it had; restore that layout, or build the optimizer "
-            "after changing it (the step was not taken, nothing changed)"
+            f"MFAC: the masked {where} is not dense in memory (strides {p.stride()}): a "
+            "step writes its kept entries in place through a flat view of its memory; "
+            "make its data contiguous (the step was not taken, nothing changed)"
         )
 
 

@@ -476,7 +476,8 @@ def gather(opt: Any) -> torch.Tensor:
             if kept is not None:  # a masked parameter: its kept entries only
                 kept.read(p.grad, seg)
                 if decay:
-                    add_scaled(seg, kept.flat(p.detach()).index_select(0, kept.positions), wd)
+                    flat, place = kept.places(p.detach())  # dense: check_layouts
+                    add_scaled(seg, flat.index_select(0, place), wd)
                 continue
             seg.copy_(local(p.grad).reshape(-1))
             if decay:
@@ -564,10 +565,10 @@ def move(local: torch.Tensor, d_p: torch.Tensor, lr: Any) -> None:
 
 def move_kept(p: torch.Tensor, kept: Any, d_p: torch.Tensor, lr: Any) -> None:
     """:func:`move` of a masked parameter's kept entries; the pruned ones are not touched."""
-    flat = p.permute(kept.order).view(-1)  # a view: checked dense at construction
+    flat, place = kept.places(p)  # a view of its memory: dense (check_layouts)
     if flat.dtype == d_p.dtype and not isinstance(lr, torch.Tensor):
-        flat.index_add_(0, kept.positions, d_p, alpha=-lr)  # one pass, as move()'s add_
+        flat.index_add_(0, place, d_p, alpha=-lr)  # one pass, as move()'s add_
         return
-    values = flat.index_select(0, kept.positions)
+    values = flat.index_select(0, place)
     move(values, d_p, lr)
-    flat.index_copy_(0, kept.positions, values)
+    flat.index_copy_(0, place, values)

@@ -444,7 +444,7 @@ class MFAC(torch.optim.Optimizer):
             it was.
         RuntimeError
             For sparse gradients, groups edited by hand (not with :meth:`add_param_group`), a
-            parameter whose size (or, masked, memory layout) or device changed since
+            parameter whose size or device changed (or, masked, that is no longer dense) since
             construction, a float64 parameter in an optimizer built without one (e.g.
             ``model.double()`` since), or ranks whose groups' options differ; nothing changes.
         TypeError
