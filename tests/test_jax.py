@@ -598,6 +598,36 @@ def test_window_refuses_a_hopeless_gradient_and_stays_unchanged():
     assert bool(jnp.all(jnp.isfinite(y))) and int(state.pos) == 1
 
 
+def test_a_lowered_damping_does_not_lock_the_window(rng):
+    """Regression: after the damping was lowered, a gradient taken before (eps kappa
+    about 0.4 at damp 1, 35 at 1e-2) made the window refuse every later gradient, judged
+    by the window's largest squared norm: the old one could never leave, every direction
+    was NaN (and through apply_if_finite the parameters turned NaN). The new gradient's
+    own norm is judged, as DynamicIHVP judges it: the window takes the gradients, as
+    DynamicIHVP does, and once the large one has left, its products are right."""
+    m, d = 4, 10
+    big = np.zeros(d, np.float32)
+    big[0] = 4e7  # |g|^2 = 1.6e15
+    small = [rng.standard_normal(d).astype(np.float32) * 1e-3 for _ in range(m + 2)]
+    state = mj.window_init(m, d, damp=1.0, dtype=jnp.float32)
+    state, y = mj.window_update_and_matvec(state, jnp.asarray(big))
+    assert bool(jnp.all(jnp.isfinite(y)))
+    core = DynamicIHVP(m, d, damp=1.0, dtype=np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", IllConditionedWarning)
+        core.update(big)
+        core.set_damp(1e-2)
+        for g in small:
+            state, y = mj.window_update_and_matvec(state, jnp.asarray(g), damp=1e-2)
+            want = core.update_and_matvec(g)
+    assert int(state.pos) == (1 + len(small)) % m  # every gradient taken
+    rows = [np.asarray(r, np.float64) for r in state.gradients()]
+    assert not any(r[0] == 4e7 for r in rows)  # the large one has left
+    oracle, kappa = window_oracle(rows, m, d, 1e-2, True, small[-1].astype(np.float64))
+    assert_close(y, oracle, kappa=kappa)
+    assert_close(want, oracle, kappa=kappa)
+
+
 def test_window_kappa_bounds_say_what_dynamic_ihvp_warns_of(rng):
     """The window never warns (nothing can from inside jit), where DynamicIHVP warns
     (eps kappa**1.5 >= 1) of a gradient it takes: its kappa_bounds() give the bounds

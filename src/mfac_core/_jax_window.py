@@ -436,11 +436,12 @@ def _insert(state: WindowState, g: Any, damp: Any) -> tuple[WindowState, Any, An
     )
     # A gradient holding NaN/inf (or overflowing float64) makes g.g non-finite: refuse it
     # and keep the window as it was, rather than poisoning every later step. So is one
-    # that makes eps(float64) kappa >= 1 (kappa >= 1 + max_i |g_i|^2 / shift), where the
-    # float64 work leaves no correct digit: a float32 gradient of 1e30 beside ones of 1
-    # would otherwise give products of rounding noise (DynamicIHVP refuses such a
-    # gradient too, judging the new gradient's own |g|^2).
-    hopeless = is_hopeless(1.0 + jnp.max(jnp.diagonal(gram)) / shift, eps=EPS64)
+    # that makes eps(float64) kappa >= 1 (kappa >= 1 + |g|^2 / shift), where the float64
+    # work leaves no correct digit: a float32 gradient of 1e30 beside ones of 1 would
+    # otherwise give products of rounding noise. The new gradient's own |g|^2, as
+    # DynamicIHVP judges it: the window's largest refused every gradient after a lowered
+    # damping had left an older one hopeless, which then could never leave the window.
+    hopeless = is_hopeless(1.0 + b[slot] / shift, eps=EPS64)
     # A traced damping (an injected hyper-parameter) cannot be checked by value before
     # the step; one that a concrete damping would fail with (not finite, not positive,
     # below the window's floor, or with m damp overflowing) refuses the gradient instead.
