@@ -178,6 +178,31 @@ def solve_upper(U: Any, B: Any) -> Any:
     return X[:, 0] if vec else X
 
 
+@jax.custom_jvp
+def edited_factor(U: Any, C: Any) -> Any:
+    """``U``, an upper factor of ``C = U^T U`` made without its derivatives (a row edit).
+
+    A sliding window's O(m^2) edit reuses the factor of the previous window, computed
+    with the damping then: its derivative in the damping (and in the rows it kept) was
+    lost, and ``jax.grad`` through a traced damping gave another value (a sign off).
+    The derivatives here are those of the Cholesky factor of ``C``, whatever made
+    ``U``: ``C`` is only read when they are taken (XLA drops it otherwise).
+    """
+    return U
+
+
+@edited_factor.defjvp
+def _edited_factor_jvp(primals: tuple[Any, Any], tangents: tuple[Any, Any]) -> tuple[Any, Any]:
+    # U through this function again: its own derivatives, under a second derivative.
+    U = edited_factor(*primals)
+    dC = tangents[1]
+    # C = L L^T with L = U^T: dL = L Phi(L^{-1} dC L^{-T}), Phi the lower triangle with
+    # half the diagonal. Linear in dC, so that reverse mode transposes it.
+    A = solve_upper_t(U, solve_upper_t(U, dC).T)
+    Phi = jnp.tril(A, -1) + 0.5 * jnp.diag(jnp.diagonal(A))
+    return U, (U.T @ Phi).T
+
+
 # -- the passes over the gradients, summed in float64 ----------------------------------------
 #
 # Written as fused elementwise loops, which XLA runs as one loop over G. Measured with XLA's

@@ -30,6 +30,7 @@ from ._jax_common import (
     check_vector,
     combine64,
     concrete_float,
+    edited_factor,
     hyper_count,
     hyper_damp,
     project64,
@@ -425,7 +426,8 @@ def _insert(state: WindowState, g: Any, damp: Any) -> tuple[WindowState, Any, An
         U, margin = replaced_row(jnp, state.factor, 0, b_age[:-1], b_age[-1] + shift)
         want = jnp.diagonal(gram)[idx] + shift
         drift = relative_column_drift(jnp, U, want)
-        return U, (margin > 0) & (drift <= DRIFT_TOL)
+        C = gram[idx][:, idx] + shift * jnp.eye(m, dtype=jnp.float64)  # as _refactor's
+        return edited_factor(U, C), (margin > 0) & (drift <= DRIFT_TOL)
 
     def skip(_: Any) -> tuple[Any, Any]:
         return state.factor, jnp.zeros((), bool)
