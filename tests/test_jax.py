@@ -764,6 +764,8 @@ def test_window_refuses_bad_arguments():
         ({"damp": 0.0}, ValueError, "damp"),
         ({"dtype": jnp.int32}, TypeError, "float32 or float64"),
         ({"dtype": jnp.float16}, TypeError, "float32 or float64"),
+        # NumPy reads None as float64: a window twice the size asked for, silently.
+        ({"dtype": None}, TypeError, "float32 or float64.*got None"),
         ({"refactor_every": -1}, ValueError, "refactor_every must be >= 0"),
     ):
         args = {"damp": 0.1, "dtype": jnp.float32, **kwargs}

@@ -53,7 +53,10 @@ def require_unbatched(array: Any, what: str) -> None:
 
 
 def check_dtype(dtype: Any, name: str) -> np.dtype:
-    """``dtype`` as a NumPy dtype, float32 or float64."""
+    """``dtype`` as a NumPy dtype, float32 or float64 (``None`` refused: NumPy reads it as
+    float64, and a window would double in memory without a word)."""
+    if dtype is None:
+        raise floating_dtype_error(name, None)
     try:
         dt = np.dtype(dtype)
     except TypeError:
