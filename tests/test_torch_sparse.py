@@ -245,6 +245,40 @@ def test_a_state_with_other_masks_is_refused_and_nothing_changes():
     dense.load_state_dict(full.state_dict())
 
 
+def test_a_state_saved_before_the_row_major_order_loads_only_where_it_reads_alike():
+    # States saved before "mask_order" hold a masked parameter's kept entries in its
+    # memory order then: the same coordinates for a row-major parameter, unknown for a
+    # channels-last one (C), which is refused, the optimizer unchanged.
+    A, b, C, masks = _params()
+    opt = MFAC([A, b, C], num_grads=M, damp=1e-2, momentum=0.5, masks=masks)
+    _run(opt, [A, b, C], _grads(2, [A.shape, b.shape, C.shape]))
+    old = opt.state_dict()
+    assert old["state"][0].pop("mask_order") == 1  # row-major
+    other = MFAC([A, b, C], num_grads=M, damp=1e-2, momentum=0.5, masks=masks)
+    before = copy.deepcopy(other.state_dict())
+    with pytest.raises(ValueError, match=r"no 'mask_order'.*masked parameter 2 of group 0"):
+        other.load_state_dict(old)
+    assert torch.equal(
+        other.state_dict()["state"][0]["window"]["grads"], before["state"][0]["window"]["grads"]
+    )
+    bad = opt.state_dict()
+    bad["state"][0]["mask_order"] = 2
+    with pytest.raises(ValueError, match=r"'mask_order' must be 1 \(row-major\), got 2"):
+        other.load_state_dict(bad)
+    # Row-major parameters only: the old state's order is this one's, and it loads.
+    row_major = {A: masks[A]}
+    opt = MFAC([A, b], num_grads=M, damp=1e-2, masks=row_major)
+    _run(opt, [A, b], _grads(2, [A.shape, b.shape]))
+    old = opt.state_dict()
+    del old["state"][0]["mask_order"]
+    other = MFAC([A, b], num_grads=M, damp=1e-2, masks=row_major)
+    other.load_state_dict(old)
+    assert torch.equal(
+        other.state_dict()["state"][0]["window"]["grads"],
+        opt.state_dict()["state"][0]["window"]["grads"],
+    )
+
+
 def test_a_masked_state_of_parameters_in_another_order_is_refused():
     # Regression: a(4) masked TFTF and b(2) masked TF flatten to the masks TFTFTF in
     # either order (both keep 3 coordinates), so neither the masks nor the sizes told

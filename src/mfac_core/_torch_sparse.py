@@ -98,6 +98,44 @@ def check_layouts(opt: Any) -> None:
         )
 
 
+#: ``"mask_order"`` of a state with masks: the kept entries' order in the window and the
+#: momentum, 1 for row-major (an int: DCP's flattened states take no strings). States
+#: saved before it existed hold them in the parameters' memory order.
+MASK_ORDER = 1
+
+
+def check_mask_order(opt: Any, saved: Mapping[str, Any]) -> None:
+    """Refuse a state with masks whose columns this optimizer would read in another order.
+
+    ``saved`` is MFAC's saved entry (or a pickle's extra state): a ``"mask_order"`` of
+    :data:`MASK_ORDER` is this version's. Without one (saved by an earlier development
+    version) the window held each masked parameter's kept entries in its memory order,
+    which is the row-major order only for a parameter laid out row-major: one laid out
+    otherwise now is refused, since the order it had when saved is unknown.
+    """
+    order = saved.get("mask_order")
+    if not opt._masks or (type(order) is int and order == MASK_ORDER):
+        return
+    if order is not None:
+        raise ValueError(
+            f"the MFAC state's 'mask_order' must be {MASK_ORDER} (row-major), got {order!r}"
+        )
+    for j, group in enumerate(opt.param_groups):
+        for i, p in enumerate(group["params"]):
+            kept = opt._kept.get(p)
+            found = None if kept is None else kept.places(p)
+            if kept is None or (found is not None and torch.equal(found[1], kept.positions)):
+                continue
+            raise ValueError(
+                f"the MFAC state has no 'mask_order': it was saved by an earlier version, "
+                "whose window held a masked parameter's kept entries in the parameter's "
+                f"memory order; the masked parameter {i} of group {j} (shape "
+                f"{tuple(p.shape)}) is not laid out row-major now (strides {p.stride()}), "
+                "and the order it had when saved is unknown: load the state into an "
+                "optimizer built with that parameter contiguous if it was so when saved"
+            )
+
+
 def check_masks(masks: Any, groups: list[dict[str, Any]]) -> dict[torch.Tensor, torch.Tensor]:
     """``MFAC(masks=...)``: checked copies of the masks, by parameter (empty for none)."""
     if masks is None:

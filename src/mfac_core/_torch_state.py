@@ -21,7 +21,7 @@ from ._compat import array_namespace
 from ._sharding import reduce_checked
 from ._torch_checkpoint import packed, packed_shapes, unpacked, unpacked_shapes
 from ._torch_layout import layout, new_window
-from ._torch_sparse import check_saved_mask, masks_list
+from ._torch_sparse import MASK_ORDER, check_mask_order, check_saved_mask, masks_list
 from ._validation import check_damp, check_number
 
 #: The options of a parameter group.
@@ -181,8 +181,9 @@ def saved_entry(opt: Any) -> dict[str, Any]:
         # The same on every rank: DCP keeps one copy of it.
         "param_shapes": param_shapes(opt),
     }
-    if opt._masks:  # sparse mode: which coordinates the window and momentum hold
+    if opt._masks:  # sparse mode: which coordinates the window and momentum hold, in order
         saved["mask"] = entry["mask"].clone()
+        saved["mask_order"] = MASK_ORDER
     if opt._comm is not None:
         # Under a key naming the rank and the world size: torch.distributed.checkpoint
         # keeps one copy of a key that every rank saves, and these are the rank's own.
@@ -323,13 +324,15 @@ def check_state(
     if missing:
         raise ValueError(f"the MFAC state has no {missing}")
     unknown = sorted(
-        set(extra) - {*ENTRY_KEYS, "window", "shards", "mask", "param_shapes"}, key=str
+        set(extra) - {*ENTRY_KEYS, "window", "shards", "mask", "mask_order", "param_shapes"},
+        key=str,
     )
     if unknown:
         raise ValueError(f"the MFAC state has unknown keys {unknown}")
     # Before the mask: a permuted order of parameters explains a mask that differs.
     check_param_shapes(opt, extra.get("param_shapes"))
     check_saved_mask(opt, extra.get("mask"))
+    check_mask_order(opt, extra)
     counts = {}
     for key in ENTRY_KEYS[1:]:
         value = extra.get(key, 0)  # the counters are absent from older checkpoints
@@ -726,6 +729,7 @@ def pickled(opt: Any, parent_getstate: Callable[[], dict[str, Any]]) -> dict[str
     state["_mfac"] = {"window": opt.ihvp.state_dict()}
     if opt._masks:
         state["_mfac"]["masks"] = masks_list(opt)
+        state["_mfac"]["mask_order"] = MASK_ORDER
     return state
 
 
@@ -734,6 +738,7 @@ def restore(opt: Any, extra: Mapping[str, Any]) -> None:
     opt._frozen = True
     opt._comm = None
     layout(opt)
+    check_mask_order(opt, extra)
     opt.ihvp = new_window(opt, extra["window"]["damp"])
     window, _ = check_window(opt, extra["window"], None)
     opt.ihvp.load_state_dict(window)

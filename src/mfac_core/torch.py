@@ -33,7 +33,7 @@ from ._errors import user_stacklevel
 from ._torch_compile import eager_under_torch_compile
 from ._torch_layout import grow, layout, new_window
 from ._torch_pruner import MFACPruner
-from ._torch_sparse import check_masks, flat_mask, masks_from_list
+from ._torch_sparse import MASK_ORDER, check_masks, flat_mask, masks_from_list
 from ._torch_state import (
     GLOBAL_KEYS,
     check_group,
@@ -326,13 +326,14 @@ class MFAC(torch.optim.Optimizer):
         # flattened state from the keys of the live one, so "window" must be among them.
         live = {"window": self.ihvp, **without_window(entry)}
         live.pop("mask", None)
+        live.pop("mask_order", None)
         # The shapes of the parameters now (a group added since, or a pickle's): DCP
         # rebuilds a flattened state from the live entry's keys, so it is among them.
         live["param_shapes"] = param_shapes(self)
         if self._masks:
-            # As state_dict() saves it: DCP rebuilds a flattened state from the live
-            # entry's keys only, and a load without the mask would be refused.
-            live["mask"] = flat_mask(self)
+            # As state_dict() saves them: DCP rebuilds a flattened state from the live
+            # entry's keys only, and a load without them would be refused.
+            live["mask"], live["mask_order"] = flat_mask(self), MASK_ORDER
         self.state[self._first] = live
 
     @property
