@@ -650,6 +650,17 @@ def _gloo_optimizer(comm: Communicator, root: str) -> dict[str, Any]:
     opt = MFAC(model.parameters(), **OPTIONS, comm=comm)
     _train(ddp, opt, data[:STEPS], comm)
     out["ddp"] = flat(model)
+    # FSDP2's usual recipe: each layer, then the root, with no mesh=: each call makes
+    # its own mesh, equal to the others (so here, before any mesh of this process, which
+    # later calls reuse). Regression: refused as not "DTensors of one 1-D device mesh".
+    layered = make_model()
+    for layer in (layered[0], layered[2]):
+        fully_shard(layer)
+    fully_shard(layered)
+    out["meshes"] = len({id(p.device_mesh) for p in layered.parameters()})
+    lopt = MFAC(layered.parameters(), **OPTIONS)
+    _train(layered, lopt, data[:STEPS], comm)
+    out["fsdp_layers"] = flat(layered)
     # FSDP2: parameters and gradients are DTensors sharded on dimension 0.
     mesh = init_device_mesh("cpu", (comm.size,))
     sharded = make_model()
@@ -792,6 +803,8 @@ def test_ddp_and_fsdp2_over_gloo() -> None:
         assert_params_close(r["ddp"], want)
         assert_params_close(r["fsdp"], want)
         np.testing.assert_array_equal(r["restored"], r["fsdp"])
+        np.testing.assert_array_equal(r["fsdp_layers"], r["fsdp"])
+        assert r["meshes"] == 2, r["meshes"]
         assert r["api_no_step"] and r["api_restored"]
         assert r["options_restored"] == {"flatten": True, "full": True}, r["options_restored"]
         assert r["same_window"]

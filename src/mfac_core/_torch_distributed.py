@@ -41,9 +41,11 @@ def check_dtensors(opt: Any, flat: list[torch.Tensor]) -> bool:
         return False
     from torch.distributed.tensor import Shard
 
-    meshes = {id(p.device_mesh) for p in flat if isinstance(p, dtensor)}
     mesh = flat[0].device_mesh  # type: ignore[attr-defined]
-    if len(kinds) > 1 or len(meshes) > 1 or mesh.ndim != 1:
+    # Equal, not the same object: fully_shard without mesh= makes a mesh per call (a
+    # layer's, then the root's), all over the same ranks.
+    one_mesh = all(p.device_mesh == mesh for p in flat if isinstance(p, dtensor))
+    if len(kinds) > 1 or not one_mesh or mesh.ndim != 1:
         raise ValueError(
             "MFAC over DTensor parameters needs all parameters to be DTensors of one "
             "1-D device mesh (as torch.distributed.fsdp.fully_shard makes them)"
