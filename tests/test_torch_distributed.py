@@ -564,6 +564,58 @@ def test_ddp_mode_checkpoints_resume_bit_for_bit() -> None:
         MFAC(make_model().parameters(), **OPTIONS).load_state_dict(state)
 
 
+def _one_rank_bad_window(comm: Communicator, edit: str) -> Any:
+    model = make_model()
+    opt = MFAC(model.parameters(), **OPTIONS, comm=comm)
+    x, y = batches(1)[0]
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    state = opt.state_dict()
+    before = copy.deepcopy(state)
+    if comm.rank == 1:  # rank 1's checkpoint file is stale, or of another run
+        (window,) = state["state"][0]["window"].values()
+        if edit == "num_grads":
+            window["num_grads"] += 1
+        else:
+            window["grads"] = window["grads"].to(torch.float32)
+    try:
+        opt.load_state_dict(state)
+    except ValueError as exc:
+        failed = str(exc)
+    else:
+        failed = None
+    after = opt.state_dict()
+    same = all(
+        torch.equal(torch.as_tensor(a), torch.as_tensor(b))
+        for a, b in zip(_leaves(before), _leaves(after), strict=True)
+    )
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()  # the group still works
+    return failed, same, opt.steps
+
+
+def _leaves(tree: Any) -> list[Any]:
+    if isinstance(tree, dict):
+        return [leaf for key in sorted(tree, key=str) for leaf in _leaves(tree[key])]
+    if isinstance(tree, (list, tuple)):
+        return [leaf for item in tree for leaf in _leaves(item)]
+    return [tree] if isinstance(tree, (torch.Tensor, int, float)) else []
+
+
+@pytest.mark.parametrize("edit", ["num_grads", "dtype"])
+def test_a_window_state_bad_on_one_rank_is_refused_on_every_rank(edit: str) -> None:
+    # Regression: the window's sizes and dtype were checked after the collective check of
+    # the rest of the state, on each rank alone: the bad rank raised, the other waited in
+    # the window's own collective check until the group's timeout (30 min by default).
+    results = run_spmd_threads(_one_rank_bad_window, 2, edit, timeout=20)
+    for r in results:
+        assert not isinstance(r, Exception), r
+    assert "the MFAC state's 'window'" in results[1][0]
+    assert "failed on 1 other rank(s) of 2" in results[0][0]
+    assert all(r[1] and r[2] == 2 for r in results), results
+
+
 def _permuted_threads(comm: Communicator, permuted: tuple[int, ...]) -> Any:
     gen = torch.Generator().manual_seed(0)
     a, b = (nn.Parameter(torch.randn(n, generator=gen, dtype=torch.float64)) for n in (5, 3))

@@ -457,6 +457,9 @@ def check_distributed_state(opt: Any, state_dict: Any, damp: float | None) -> Si
         mine.update(shard)
         flat.append({**state_dict, "state": {holder(state_dict): mine}})
         flat.append(check_state(opt, flat[0], damp, window=False))
+        # The window's own checks of this rank's part, here: raised after the reduction,
+        # they left the other ranks waiting in the window's collective checks (a hang).
+        window_unpacked(opt, mine.get("window"))
         return torch.zeros(0, dtype=torch.float64, device=opt.device)
 
     reduce_checked(
@@ -621,22 +624,27 @@ def check_window(opt: Any, window: Any, damp: float | None) -> tuple[dict[str, A
 
     Returns the state and the damping to load it with (``None``: its own).
     """
+    out = window_unpacked(opt, window)
+    target = None if damp is None else check_damp(damp)
+    try:
+        opt.ihvp.check_state_dict(out, damp=target)
+    except (TypeError, ValueError) as exc:  # one kind of error for every malformed state
+        raise ValueError(f"the MFAC state's 'window': {exc}") from None
+    return out, target
+
+
+def window_unpacked(opt: Any, window: Any) -> dict[str, Any]:
+    """The window's state on this device, its sizes and dtype checked (this rank's part)."""
     where = "the MFAC state's 'window'"  # the entry sits on the first parameter that trains
     if not isinstance(window, Mapping):
         raise ValueError(f"{where} must be a dict")
     check_window_sizes(opt, window, where)
     check_window_dtype(opt, window, where)
     # Tensors to this device; the core detaches them, and checks everything else.
-    out = {
+    return {
         k: v.to(device=opt.device) if isinstance(v, torch.Tensor) else v
         for k, v in unpacked(window, opt.ihvp.num_grads, where).items()
     }
-    target = None if damp is None else check_damp(damp)
-    try:
-        opt.ihvp.check_state_dict(out, damp=target)
-    except (TypeError, ValueError) as exc:  # one kind of error for every malformed state
-        raise ValueError(f"{where}: {exc}") from None
-    return out, target
 
 
 def check_window_dtype(opt: Any, window: Mapping[str, Any], where: str) -> None:
