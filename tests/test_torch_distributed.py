@@ -15,6 +15,7 @@ learning rate carry that through with a factor of order one per step, hence
 from __future__ import annotations
 
 import copy
+import math
 import os
 import tempfile
 import warnings
@@ -208,7 +209,7 @@ def _assert_same_tree(a: Any, b: Any) -> None:
         for x, y in zip(a, b, strict=True):
             _assert_same_tree(x, y)
     else:
-        assert a == b
+        assert a == b or (a != a and b != b)  # a NaN option, kept as it was
 
 
 def test_a_nonfinite_step_on_one_rank_skips_the_step_on_every_rank() -> None:
@@ -309,10 +310,16 @@ def _one_rank_edit(model: Any, opt: Any, case: str) -> Any:
     """Make ``case``'s step fail on this rank alone; return what undoes it."""
     group = opt.param_groups[0]
     weight = model[0].weight
-    if case in ("lr", "momentum", "sparse lr"):
-        key = case.removeprefix("sparse ")
+    if case in ("lr", "momentum", "sparse lr", "nan lr", "inf momentum"):
+        key = case.split()[-1]
         saved = group[key]
-        edits = {"lr": "0.1", "momentum": None, "sparse lr": torch.tensor([saved]).to_sparse()}
+        edits = {
+            "lr": "0.1",
+            "momentum": None,
+            "sparse lr": torch.tensor([saved]).to_sparse(),
+            "nan lr": math.nan,
+            "inf momentum": math.inf,
+        }
         group[key] = edits[case]
         return lambda: group.__setitem__(key, saved)
     if case == "params":  # a parameter removed from its group by hand
@@ -353,7 +360,7 @@ def _one_rank_fails(comm: Communicator, case: str, errors: str) -> dict[str, Any
         before = copy.deepcopy((opt.state_dict(), model.state_dict()))
         try:
             opt.step()
-        except (TypeError, RuntimeError) as exc:
+        except (TypeError, RuntimeError, ValueError) as exc:
             out["raised"] = (type(exc), str(exc))
             # The failed step changed nothing on any rank.
             _assert_same_tree((opt.state_dict(), model.state_dict()), before)
@@ -376,7 +383,13 @@ ONE_RANK_FAILURES = {
     "layout": (RuntimeError, "masked parameter 0 of group 0 (shape (8, 6)) is not dense"),
     "resized": (RuntimeError, "parameter 0 of group 0 (shape (3, 6)) had 48 entries"),
     "float64": (RuntimeError, "parameter 0 of group 0 (shape (8, 6)) is float64"),
+    # Regression: the other ranks took the ValueError for a gradient holding NaN on
+    # another rank, skipped the step and counted it (errors="raise": FloatingPointError).
+    "nan lr": (ValueError, "lr of parameter group 0 is nan"),
+    "inf momentum": (ValueError, "momentum of parameter group 0 is inf"),
 }
+#: What the other ranks say, where it is not "failed on 1 other rank(s) of 3".
+OTHER_RANKS_SAY = dict.fromkeys(["nan lr", "inf momentum"], "NaN or infinite on another rank")
 
 
 @pytest.mark.parametrize("errors", ["skip", "raise"])
@@ -392,7 +405,8 @@ def test_a_check_that_fails_on_one_rank_raises_on_every_rank(case: str, errors: 
     assert results[1]["raised"][0] is kind and message in results[1]["raised"][1]
     for rank in (0, 2):
         assert results[rank]["raised"][0] is kind
-        assert "failed on 1 other rank(s) of 3" in results[rank]["raised"][1]
+        say = OTHER_RANKS_SAY.get(case, "failed on 1 other rank(s) of 3")
+        assert say in results[rank]["raised"][1]
     # Then the step taken again on every rank: the three steps of every rank, alike.
     for r in results:
         assert r["counts"] == (3, 0, 0)

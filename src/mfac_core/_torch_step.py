@@ -196,9 +196,22 @@ def distributed_step(opt: Any, present: bool) -> None:
             left_out(opt, exc)
             s = opt.ihvp.matvec(x)
         else:
-            # An option's value refused inside the reduction (every rank shares the
-            # options, which the reduction's tag compares) raises as itself here.
-            check_option_values(opt)
+            # A ValueError on every rank: a gradient holding NaN or infinity on some
+            # rank, or an option's value refused on some (set on one rank only: every
+            # rank raises then, none counts a skipped step). One more reduction tells
+            # them apart, on this path only, which every rank takes alike.
+            refused = torch.zeros(1, dtype=torch.float64)
+            try:
+                check_option_values(opt)
+            except ValueError as own:
+                refused[0], error = 1.0, own
+            if float(opt._comm.allreduce_sum(refused.to(opt.device))[0]) > 0.0:
+                if refused[0]:
+                    raise error from exc
+                raise ValueError(
+                    "MFAC: a group's lr, momentum or weight_decay is NaN or infinite on "
+                    "another rank (the step was not taken, nothing changed)"
+                ) from exc
             # The window checks its shard inside the reduction of the Gram row, so a NaN
             # or infinity on any rank raises on every rank, and the window is kept.
             where = (
