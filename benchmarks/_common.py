@@ -173,6 +173,16 @@ def machine_facts() -> list[tuple[str, str]]:
     return facts
 
 
+def print_heading(script: str) -> None:
+    """A benchmark's first lines: the script, the mfac_core it measures, the machine facts."""
+    import mfac_core
+
+    name = os.path.basename(script)
+    print(f"# benchmarks/{name} (mfac_core {mfac_core.__version__} at {mfac_core.__file__})")
+    for key, value in machine_facts():
+        print(f"- {key}: {value}")
+
+
 def _fused_summary() -> str:
     """Which mfac_core is imported; whether its C extension is built, its instruction set."""
     try:

@@ -29,7 +29,6 @@ import numpy as np
 sys.path.append(str(Path(__file__).resolve().parent))
 import _common as common
 
-import mfac_core
 from mfac_core import DynamicIHVP, EmpiricalFisher, SpectralIHVP, StaticIHVP, _fused
 
 
@@ -98,9 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         print("PyTorch is not installed: nothing to measure")
         return 0
-    print(f"# benchmarks/autograd.py (mfac_core {mfac_core.__version__} at {mfac_core.__file__})")
-    for key, value in common.machine_facts():
-        print(f"- {key}: {value}")
+    common.print_heading(__file__)
     print(f"- C extension: {_fused.available()}, threads {_fused.max_threads()}")
     print(f"- float32 G, m = {args.m}, d = {args.d}, repeat = {args.repeat} (best of)\n")
     headers = ["operator", "no grad (floor)", "x requires grad", "and backward"]

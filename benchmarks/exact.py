@@ -274,9 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.setup_child:
         print(json.dumps({"rows": setup_tables(args, rng)}))
         return 0
-    print(f"# benchmarks/exact.py (mfac_core {mfac_core.__version__} at {mfac_core.__file__})")
-    for key, value in common.machine_facts():
-        print(f"- {key}: {value}")
+    common.print_heading(__file__)
     print(
         f"- C extension: {_fused.available()} ({_fused.best_isa()}), threads {_fused.max_threads()}"
     )

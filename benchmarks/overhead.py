@@ -57,7 +57,6 @@ import numpy as np
 sys.path.append(str(Path(__file__).resolve().parent))
 import _common as common
 
-import mfac_core
 from mfac_core import DynamicIHVP, StaticIHVP
 
 _CHILD = "--child"
@@ -264,9 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(child(args)))
         return 0
     monitor = common.CpuMonitor()
-    print(f"# benchmarks/overhead.py (mfac_core {mfac_core.__version__} at {mfac_core.__file__})")
-    for key, value in common.machine_facts():
-        print(f"- {key}: {value}")
+    common.print_heading(__file__)
     print(f"- repeat = {args.repeat} (best of), interleaved with the floors\n")
     base = [__file__, "--repeat", str(args.repeat)] + (["--quick"] if args.quick else [])
     headers = ["m", "d", "dtype", "candidate", "per call", "/ floor"]

@@ -46,7 +46,6 @@ import numpy as np
 sys.path.append(str(Path(__file__).resolve().parent))
 import _common as common
 
-import mfac_core
 from mfac_core import DynamicIHVP, StaticIHVP, _compat, _fused
 
 
@@ -115,9 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         print("PyTorch is not installed: nothing to compare")
         return 0
-    print(f"# benchmarks/torch_cpu.py (mfac_core {mfac_core.__version__} at {mfac_core.__file__})")
-    for key, value in common.machine_facts():
-        print(f"- {key}: {value}")
+    common.print_heading(__file__)
     print(f"- torch {torch.__version__}, intra-op threads {torch.get_num_threads()}")
     print(
         f"- C extension: {_fused.available()} ({_fused.best_isa()}), threads {_fused.max_threads()}"
