@@ -335,6 +335,9 @@ def test_option_and_dtype_errors(rng):
     for bad in (Gd.astype(np.float16), Gd.astype(np.int64), Gd.astype(np.complex128)):
         with pytest.raises(TypeError, match="real floating dtype"):
             DaskStaticIHVP(bad, damp=damp)
+    # As docs/dask.rst says: 2-byte storage is named, and the cast that works.
+    with pytest.raises(TypeError, match=r"2-byte storage .* cast G to float32"):
+        DaskStaticIHVP(Gd.astype(np.float16), damp=damp)
     with pytest.raises(ValueError, match="2-D array"):
         DaskStaticIHVP(Gd[0], damp=damp)
 

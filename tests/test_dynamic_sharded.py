@@ -641,6 +641,22 @@ def test_a_window_and_its_deep_copy_applied_in_different_orders_raise_on_every_r
         assert "different collective operations" in r, r
 
 
+def test_a_nan_in_one_ranks_window_is_named_there() -> None:
+    # As every operator names it: the entry of the rank's own G (its global column is not
+    # known yet: the widths are summed in the same reduction).
+    def rank(comm: Communicator) -> Any:
+        G = np.random.default_rng(comm.rank).standard_normal((3, 4))
+        if comm.rank == 1:
+            G[1, 3] = np.inf
+        with pytest.raises(ValueError) as info:
+            ShardedDynamicIHVP.from_window(G, damp=0.1, comm=comm)
+        return str(info.value)
+
+    results = _ok(run_spmd_threads(rank, 2, timeout=20))
+    assert results[1] == "G must not contain NaN or infinity: G[1, 3] is inf"
+    assert "failed on 1 other rank" in results[0]
+
+
 def test_dask_windows_are_refused_on_every_rank() -> None:
     # The window over Dask failed deep inside its first product (a matmul of mismatched
     # core dimensions); a Dask array cannot cross a communicator either.

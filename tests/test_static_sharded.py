@@ -477,6 +477,23 @@ def test_nan_in_one_shard(block_size: int | None) -> None:
         assert str(unchecked[1]).endswith(f"the gradients hold NaN or infinity: {named}")
 
 
+def test_a_nan_in_one_ranks_x_is_named_there() -> None:
+    # As every operator names it (docs/mathematics.rst): the entry of the rank's own x, and
+    # its global coordinate. Regression: "x must not contain NaN or infinity", no more.
+    def fn(comm: Any) -> Any:
+        G = np.random.default_rng(comm.rank).standard_normal((3, 4))
+        op = ShardedStaticIHVP(G, damp=0.1, comm=comm)
+        x = np.ones(4)
+        x[2] = np.nan if comm.rank == 1 else 1.0
+        return op.matvec(x)
+
+    results = run_spmd_threads(fn, 2, timeout=20)
+    _all_raise(results, ValueError, own=1)
+    assert (
+        str(results[1]) == "x must not contain NaN or infinity: x[2] (global coordinate 6) is nan"
+    )
+
+
 # The threads' sum overflows in NumPy, which warns; a real engine sums silently.
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
 def test_gram_overflow_seen_from_the_reduced_values() -> None:

@@ -385,6 +385,12 @@ class DaskStaticIHVP(StaticIHVP):
                 f"G has unknown chunk sizes (shape {G.shape}); call G.compute_chunk_sizes() first"
             )
         # float32 and float64 only: Dask's namespace has no 2-byte float dtype.
+        if G.dtype.name in ("float16", "bfloat16"):
+            raise TypeError(
+                f"G must have a real floating dtype (float32 or float64), got {G.dtype}: "
+                "2-byte storage is not available for Dask arrays; cast G to float32 "
+                "(G.astype('float32'))"
+            )
         self._init_layout(G, damp, block_size, check_finite, check_G=False)
         m, d, B = self.num_grads, self.dim, self.block_size
         if len(G.chunks[0]) != 1:

@@ -89,7 +89,7 @@ def agreed_rows(comm: Communicator, G: Array, num_grads: int | None, check: bool
         if num_grads is not None and k > check_count(num_grads, "num_grads"):
             raise ValueError(f"G holds {k} gradients, more than num_grads={num_grads}")
         if check:
-            check_finite(xp, G, "G", locate=False)  # a shard: its indices are local
+            check_finite(xp, G, "G", shard=(1, None))  # its start: from this reduction
         flat = [0.0] * comm.size
         flat[comm.rank] = float(k)
         return xp.asarray(flat, dtype=xp.float64, device=device_of(G))

@@ -59,17 +59,30 @@ __all__ = [
 ]
 
 
-def check_finite(xp: Any, x: Array, name: str, *, locate: bool = True) -> None:
+def check_finite(
+    xp: Any, x: Array, name: str, *, shard: tuple[int, int | None] | None = None
+) -> None:
     """Raise ``ValueError`` if ``x`` holds NaN or infinity, naming its first such entry.
 
-    Without ``locate`` the message names none: for one rank's shard of an array, whose
-    indices are not the user's.
+    ``shard`` is ``(axis, start)`` for one rank's shard of an array (the argument the
+    user passed on this rank), whose coordinates run along ``axis`` from the global
+    ``start`` (None where not yet known): the entry is named by its index in the shard,
+    and its global coordinate, ``x[4] (global coordinate 17) is nan``.
     """
     # Inside host_results_stand_for_a_device, the route of a GPU's tensors (no NumPy view).
-    if not is_finite_array(xp, x, host_view=_torch_cpu_checked[0]):
-        if not locate:
-            raise ValueError(f"{name} must not contain NaN or infinity")
+    if is_finite_array(xp, x, host_view=_torch_cpu_checked[0]):
+        return
+    if shard is None:
         raise_non_finite(xp, x, name)
+        return
+    found = first_non_finite(xp, x)
+    if found is None:  # an overflow of the check's own sums: the general wording
+        raise_non_finite(xp, x, name)
+        return
+    index, value = found
+    axis, start = shard
+    where = f" (global coordinate {start + index[axis]})" if start is not None and index else ""
+    raise entry_error(name, entry_name(name, index, value).replace(" is ", f"{where} is ", 1))
 
 
 #: Entries of the pieces in which :func:`non_finite_entry` scans a 2-D array: its

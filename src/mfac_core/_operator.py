@@ -193,8 +193,9 @@ class LinearOperator:
                 hint = f"; use {several} for several vectors"
             raise ValueError(f"{name} must have shape {want}, got {tuple(x.shape)}{hint}")
         if self.check_finite:
-            # A rank's shard (a sharded operator's layout) has local indices: name none.
-            check_finite(self._xp, x, name, locate=self.layout is None)
+            # A rank's shard (a sharded operator's layout): its index and global coordinate.
+            shard = None if self.layout is None else (0, self.layout.start)
+            check_finite(self._xp, x, name, shard=shard)
         return x
 
     # -- the SciPy interface ---------------------------------------------------------

@@ -519,7 +519,7 @@ class ShardedStatic:
         elif x.ndim != 2 or x.shape[0] != n:
             raise ValueError(f"X must be this rank's rows, of shape ({n}, k); got {tuple(x.shape)}")
         if check:
-            check_finite(xp, x, name, locate=False)  # a shard: its indices are local
+            check_finite(xp, x, name, shard=(0, self.layout.start))
         return x if x.ndim == 2 else x[:, None]
 
     def apply(

@@ -165,7 +165,7 @@ _PIECE_BITS = 16
 _PIECES = DIGEST_BITS // _PIECE_BITS
 
 #: The largest group whose agreement checks are exact: ``size * (2**16 - 1)**2 < 2**53``
-#: (2,097,184 ranks); a larger group skips them (its counts of failures stay exact).
+#: (2,097,216 ranks); a larger group skips them (its counts of failures stay exact).
 MAX_AGREEMENT_RANKS = (2**53 - 1) // (2**_PIECE_BITS - 1) ** 2
 
 #: The length of the status word appended to every checked reduction (float64): one
