@@ -265,6 +265,14 @@ def test_a_state_saved_before_the_row_major_order_loads_only_where_it_reads_alik
     bad["state"][0]["mask_order"] = 2
     with pytest.raises(ValueError, match=r"'mask_order' must be 1 \(row-major\), got 2"):
         other.load_state_dict(bad)
+    # A state saved without masks holds row-major order: it loads into masks that keep
+    # every coordinate, channels-last C too (it was refused as "no 'mask_order'").
+    dense = MFAC([A, b, C], num_grads=M, damp=1e-2, momentum=0.5)
+    _run(dense, [A, b, C], _grads(2, [A.shape, b.shape, C.shape]))
+    full = {A: torch.ones_like(masks[A]), C: torch.ones_like(masks[C])}
+    MFAC([A, b, C], num_grads=M, damp=1e-2, momentum=0.5, masks=full).load_state_dict(
+        dense.state_dict()
+    )
     # Row-major parameters only: the old state's order is this one's, and it loads.
     row_major = {A: masks[A]}
     opt = MFAC([A, b], num_grads=M, damp=1e-2, masks=row_major)

@@ -25,22 +25,28 @@ class Kept:
     optimizer built under another layout, a copy and ``add_param_group`` all read the
     same coordinates. The step reads and writes a dense tensor through its memory (a
     flat view, no copy): :meth:`places` gives the kept coordinates' places there for
-    the tensor's strides, computed once per layout.
+    the tensor's strides: the positions themselves for a row-major tensor, else computed
+    once for the parameter's layout and kept (one index of the kept coordinates' size;
+    a gradient in yet another layout is read through a copy, not given one of its own).
     """
 
     def __init__(self, shape: tuple[int, ...], positions: torch.Tensor) -> None:
         self.shape = shape
         self.positions = positions
-        self._places: dict[tuple[int, ...], tuple[tuple[int, ...], torch.Tensor]] = {}
+        self._layout: tuple[tuple[int, ...], tuple[int, ...], torch.Tensor] | None = None
 
-    def places(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def places(
+        self, t: torch.Tensor, *, keep: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``t`` flat in its memory order (a view) and the kept places there; None if
-        ``t`` is not dense (no flat view of its memory exists)."""
+        ``t`` is not dense (no flat view of its memory exists), or, without ``keep``, if
+        its layout is neither row-major nor the one kept."""
+        if t.is_contiguous():  # row-major: the places are the positions
+            return t.view(-1), self.positions
         strides = t.stride()
-        hit = self._places.get(strides)
-        if hit is None:
+        if self._layout is None or self._layout[0] != strides:
             order = memory_order(t)
-            if not t.permute(order).is_contiguous():
+            if not keep or not t.permute(order).is_contiguous():
                 return None
             # A row-major place, split into its coordinates, times t's strides.
             place = torch.zeros_like(self.positions)
@@ -48,15 +54,13 @@ class Kept:
             for size, stride in zip(reversed(self.shape), reversed(strides), strict=True):
                 place += (rest % size) * stride
                 rest = rest // size
-            if len(self._places) >= 4:  # a parameter sees one or two layouts
-                self._places.clear()
-            hit = self._places[strides] = (order, place)
-        order, place = hit
+            self._layout = (strides, order, place)
+        _, order, place = self._layout
         return t.permute(order).view(-1), place
 
     def read(self, t: torch.Tensor, out: torch.Tensor) -> None:
         """Write the kept entries of ``t`` (a gradient or the parameter) into ``out``."""
-        found = self.places(t)
+        found = self.places(t, keep=False)
         flat, place = found if found is not None else (t.reshape(-1), self.positions)
         if flat.dtype == out.dtype:
             torch.index_select(flat, 0, place, out=out)
@@ -104,17 +108,18 @@ def check_layouts(opt: Any) -> None:
 MASK_ORDER = 1
 
 
-def check_mask_order(opt: Any, saved: Mapping[str, Any]) -> None:
+def check_mask_order(opt: Any, masked: bool, order: Any) -> None:
     """Refuse a state with masks whose columns this optimizer would read in another order.
 
-    ``saved`` is MFAC's saved entry (or a pickle's extra state): a ``"mask_order"`` of
-    :data:`MASK_ORDER` is this version's. Without one (saved by an earlier development
-    version) the window held each masked parameter's kept entries in its memory order,
-    which is the row-major order only for a parameter laid out row-major: one laid out
-    otherwise now is refused, since the order it had when saved is unknown.
+    ``masked``: whether the state was saved with masks (``"mask"``, or a pickle's
+    ``"masks"``); ``order`` its ``"mask_order"``, :data:`MASK_ORDER` in this version's.
+    Without one (saved by an earlier development version) the window held each masked
+    parameter's kept entries in its memory order then, which is read as row-major where
+    the parameter is row-major now (right if it was so when saved, which the state does
+    not say); one laid out otherwise now is refused. A state saved without masks holds
+    every parameter in row-major order.
     """
-    order = saved.get("mask_order")
-    if not opt._masks or (type(order) is int and order == MASK_ORDER):
+    if not (opt._masks and masked) or (type(order) is int and order == MASK_ORDER):
         return
     if order is not None:
         raise ValueError(

@@ -332,7 +332,7 @@ def check_state(
     # Before the mask: a permuted order of parameters explains a mask that differs.
     check_param_shapes(opt, extra.get("param_shapes"))
     check_saved_mask(opt, extra.get("mask"))
-    check_mask_order(opt, extra)
+    check_mask_order(opt, extra.get("mask") is not None, extra.get("mask_order"))
     counts = {}
     for key in ENTRY_KEYS[1:]:
         value = extra.get(key, 0)  # the counters are absent from older checkpoints
@@ -746,7 +746,7 @@ def restore(opt: Any, extra: Mapping[str, Any]) -> None:
     opt._frozen = True
     opt._comm = None
     layout(opt)
-    check_mask_order(opt, extra)
+    check_mask_order(opt, extra.get("masks") is not None, extra.get("mask_order"))
     opt.ihvp = new_window(opt, extra["window"]["damp"])
     window, _ = check_window(opt, extra["window"], None)
     opt.ihvp.load_state_dict(window)
