@@ -299,12 +299,13 @@ def test_non_finite_inputs_are_named_where_they_are():
     bad[3, 9] = np.inf
     with pytest.raises(ValueError, match=r"^G must not contain NaN or infinity: G\[3, 9\] is inf$"):
         DynamicIHVP.from_window(bad, damp=1.0)
-    # A rank's shard has local indices: its message names none.
+    # A rank's shard: the entry of the rank's own argument, and its global coordinate.
     from mfac_core import ShardedDynamicIHVP
     from mfac_core.distributed import SingleProcessComm
 
     sharded = ShardedDynamicIHVP(3, 10, damp=1.0, dtype="float64", comm=SingleProcessComm())
-    with pytest.raises(ValueError, match=r"^x must not contain NaN or infinity$"):
+    said = r"^x must not contain NaN or infinity: x\[3\] \(global coordinate 3\) is -inf$"
+    with pytest.raises(ValueError, match=said):
         sharded.matvec(x)
 
 
