@@ -609,6 +609,30 @@ def test_window_derivatives_in_a_traced_damping_are_those_of_the_dense_inverse(r
             assert abs(float(got) - want) <= 100 * kappa * eps * size
 
 
+def test_derivatives_through_a_refused_gradient_stay_those_of_the_window(rng):
+    """Regression: a step that refused a gradient holding NaN still computed with it (a
+    select kept the old state), and reverse mode multiplied the zero cotangents by its
+    NaN partials: jax.grad in the damping of a loss after the loop was NaN, where the loss
+    and forward mode were finite. The refused branch now computes with zeros."""
+    m, d = 4, 10
+    G = rng.standard_normal((8, d))
+    G[3, 0] = np.nan  # refused at step 3
+    x = jnp.asarray(rng.standard_normal(d))
+
+    def loss(lam, rows):
+        state = mj.window_init(m, d, damp=0.1, dtype=jnp.float64)
+        for g in rows:
+            state, _ = mj.window_update_and_matvec(state, jnp.asarray(g), damp=lam)
+        return jnp.vdot(x, mj.window_matvec(state, x))
+
+    lam = jnp.asarray(0.1)
+    got = float(jax.grad(loss)(lam, G))
+    # The refused gradient changes nothing: the loop without it, and forward mode.
+    want = float(jax.grad(loss)(lam, np.delete(G, 3, axis=0)))
+    assert got == pytest.approx(want, rel=1e-12)
+    assert got == pytest.approx(float(jax.jvp(lambda v: loss(v, G), (lam,), (1.0,))[1]), rel=1e-12)
+
+
 def test_window_refuses_non_finite_gradients_and_stays_unchanged(rng):
     m, d = 3, 10
     state = mj.window_init(m, d, damp=0.1, dtype=jnp.float32)

@@ -388,16 +388,25 @@ def _check_state(state: Any, what: str) -> None:
     require_unbatched(state.grads, "windows")
 
 
-def _insert(state: WindowState, g: Any, damp: Any) -> tuple[WindowState, Any, Any]:
+def _insert(state: WindowState, g: Any, damp: Any) -> tuple[WindowState, Any, Any, Any]:
     """Insert ``g`` with the damping ``damp`` (float64, 0-d).
 
-    Returns the new state, the Gram row ``G g`` (slot order) and success. A
+    Returns the new state, the Gram row ``G g`` (slot order), success, and ``g`` as the
+    passes read it (zeros for a gradient holding NaN or infinity, which is refused). A
     damping other than the state's changes the shift of ``C``: the factor is then
     recomputed from the Gram matrix (O(m^3)) instead of edited.
     """
     m = state.num_grads
     g = check_vector(g, "g", state.dim, np.dtype(state.dtype))
     slot = state.pos
+    # |g|^2 first: NaN or infinity in g (or an overflow) makes it non-finite. Such a
+    # gradient is refused, and its branch still computes (a select keeps the old state):
+    # reverse mode multiplied the zero cotangents by that branch's NaN partials, and
+    # every derivative through a later step was NaN. It computes with zeros instead.
+    g64 = g.astype(jnp.float64)
+    norm2 = jnp.vdot(g64, g64)
+    finite = jnp.isfinite(norm2)
+    g = jnp.where(finite, g, jnp.zeros_like(g))
     # Pass 1 reads the window before the row is replaced: G g holds the new Gram row
     # except at the slot, whose entry is g.g. The other order (write g, then G g, as
     # DynamicIHVP does) needs the old row to undo a refused write, and XLA's CPU
@@ -407,8 +416,7 @@ def _insert(state: WindowState, g: Any, damp: Any) -> tuple[WindowState, Any, An
     # shift k damp is added; unless k damp < eps(float64) |g|^2 the shift absorbs it,
     # and otherwise the gradient is refused, never half-inserted.
     b = project64(state.grads, g)  # pass 1 over the window, summed in float64
-    g64 = g.astype(jnp.float64)
-    b = b.at[slot].set(jnp.vdot(g64, g64))
+    b = b.at[slot].set(jnp.where(finite, norm2, 0.0))
     count = jnp.minimum(state.count + 1, m)
     pos = (slot + 1) % m
     gram = state.gram.at[slot, :].set(b).at[:, slot].set(b)
@@ -448,7 +456,7 @@ def _insert(state: WindowState, g: Any, damp: Any) -> tuple[WindowState, Any, An
     # the step; one that a concrete damping would fail with (not finite, not positive,
     # below the window's floor, or with m damp overflowing) refuses the gradient instead.
     good_damp = jnp.isfinite(damp) & (damp >= _damp_floor(state)) & (damp <= largest_damp(m))
-    ok = ok & jnp.isfinite(b[slot]) & ~hopeless & good_damp
+    ok = ok & finite & ~hopeless & good_damp
     new = WindowState(
         # One in-place write: the slot's own old row is the only other value read.
         grads=lax.dynamic_update_index_in_dim(
@@ -469,7 +477,7 @@ def _insert(state: WindowState, g: Any, damp: Any) -> tuple[WindowState, Any, An
         zero_init=state.zero_init,
         refactor_every=state.refactor_every,
     )
-    return new, b, ok
+    return new, b, ok, g
 
 
 def _finish(state: WindowState, X: Any, P: Any) -> Any:
@@ -502,7 +510,7 @@ def _update_jit(state: WindowState, g: Any, damp: Any) -> WindowState:
 
 @jax.jit
 def _update_and_matvec_jit(state: WindowState, g: Any, damp: Any) -> tuple[WindowState, Any]:
-    new, b, ok = _insert(state, g, damp)
+    new, b, ok, g = _insert(state, g, damp)
     out = _finish(new, g, b)
     return new, jnp.where(ok, out, jnp.nan)
 
