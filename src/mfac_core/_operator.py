@@ -193,8 +193,7 @@ class LinearOperator:
                 hint = f"; use {several} for several vectors"
             raise ValueError(f"{name} must have shape {want}, got {tuple(x.shape)}{hint}")
         if self.check_finite:
-            # A rank's shard (a sharded operator's layout): its index and global coordinate.
-            shard = None if self.layout is None else (0, self.layout.start)
+            shard = None if self.layout is None else (0, self.layout.start)  # a rank's part
             check_finite(self._xp, x, name, shard=shard)
         return x
 
