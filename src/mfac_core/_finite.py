@@ -82,7 +82,7 @@ def check_finite(
     index, value = found
     axis, start = shard
     where = f" (global coordinate {start + index[axis]})" if start is not None and index else ""
-    raise entry_error(name, entry_name(name, index, value).replace(" is ", f"{where} is ", 1))
+    raise entry_error(name, entry_name(name, index, value, note=where))
 
 
 #: Entries of the pieces in which :func:`non_finite_entry` scans a 2-D array: its
@@ -109,10 +109,13 @@ def non_finite_entry(xp: Any, x: Array, name: str, *, offset: int = 0) -> str | 
     return entry_name(name, index, value)
 
 
-def entry_name(name: str, index: list[int], value: float) -> str:
-    """``"G[2, 5] is nan"``: the entry ``index`` of ``name``, which holds ``value``."""
+def entry_name(name: str, index: list[int], value: float, *, note: str = "") -> str:
+    """``"G[2, 5] is nan"``: the entry ``index`` of ``name``, which holds ``value``.
+
+    ``note`` goes after the index: ``"x[2] (global coordinate 6) is nan"``.
+    """
     where = f"{name}[{', '.join(map(str, index))}]" if index else name
-    return f"{where} is {value}"
+    return f"{where}{note} is {value}"
 
 
 def first_non_finite(xp: Any, x: Array) -> tuple[list[int], float] | None:

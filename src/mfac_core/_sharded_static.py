@@ -34,7 +34,7 @@ from . import _capacitance, _engine, _pieces, _setup
 from ._compat import Array, array_namespace, device
 from ._dtypes import half_dtype_name
 from ._errors import FactorizationError
-from ._finite import check_finite, first_non_finite
+from ._finite import check_finite, entry_name, first_non_finite
 from ._gform import GFormFactor, whitened_pairs
 from ._gram import rows_gram
 from ._layout import BlockGroup, block_groups, chunk_gram, chunks
@@ -233,8 +233,8 @@ def _non_finite_entry(xp: Any, G: Array, offset: int) -> str | None:
     found = first_non_finite(xp, G)
     if found is None:
         return None
-    (row, col), value = found
-    return f"G_local[{row}, {col}] (global column {offset + col}) is {value}"
+    index, value = found
+    return entry_name("G_local", index, value, note=f" (global column {offset + index[1]})")
 
 
 def _non_finite(xp: Any, G: Array, offset: int) -> ValueError:

@@ -200,13 +200,13 @@ def distributed_step(opt: Any, present: bool) -> None:
             # rank, or an option's value refused on some (set on one rank only: every
             # rank raises then, none counts a skipped step). One more reduction tells
             # them apart, on this path only, which every rank takes alike.
-            refused = torch.zeros(1, dtype=torch.float64)
+            error: ValueError | None = None
             try:
                 check_option_values(opt)
             except ValueError as own:
-                refused[0], error = 1.0, own
-            if float(opt._comm.allreduce_sum(refused.to(opt.device))[0]) > 0.0:
-                if refused[0]:
+                error = own
+            if ranks_with(opt, error is not None):
+                if error is not None:
                     raise error from exc
                 raise ValueError(
                     "MFAC: a group's lr, momentum or weight_decay is NaN or infinite on "
@@ -295,6 +295,12 @@ def diverged_options(options: tuple[Any, ...]) -> str:
     )
 
 
+def ranks_with(opt: Any, flag: bool) -> int:
+    """How many ranks pass ``flag`` True (one all-reduce; every rank must call it)."""
+    count = torch.tensor([float(flag)], dtype=torch.float64, device=opt.device)
+    return round(float(opt._comm.allreduce_sum(count)[0]))
+
+
 def agreed_step(opt: Any, s: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """The step from this rank's part ``s``, and whether it is finite on every rank.
 
@@ -303,8 +309,7 @@ def agreed_step(opt: Any, s: torch.Tensor) -> tuple[torch.Tensor, bool]:
     the same gathered step on every rank.
     """
     if opt._sharded:
-        bad = torch.tensor([float(not bool(torch.isfinite(s).all()))], dtype=torch.float64)
-        return s, float(opt._comm.allreduce_sum(bad.to(opt.device))[0]) == 0.0
+        return s, ranks_with(opt, not bool(torch.isfinite(s).all())) == 0
     s = all_gather(opt, s)
     return s, bool(torch.isfinite(s).all())
 
