@@ -439,6 +439,45 @@ def test_x64_off_is_refused_with_a_clear_error_and_no_truncation(rng):
     ]
 
 
+def test_core_operators_refuse_x64_off_at_each_call_not_only_when_built(rng):
+    # The Array-API operators over JAX arrays checked the mode only when built (and
+    # EmpiricalFisher never): one built inside jax.enable_x64(True) and used after it
+    # summed its float64 passes in float32, 2.6e-3 off (21,798 eps32) with no error.
+    from mfac_core import EmpiricalFisher, SpectralIHVP, StaticIHVP
+
+    G = rng.standard_normal((4, 12)).astype(np.float32)
+    x, idx = jnp.asarray(G[1]), jnp.asarray(np.array([0, 3]))
+    ops = {
+        "StaticIHVP": StaticIHVP(jnp.asarray(G), damp=0.5),
+        "block-wise": StaticIHVP(jnp.asarray(G), damp=0.5, block_size=5),
+        "SpectralIHVP": SpectralIHVP(jnp.asarray(G), damp=0.5),
+        "EmpiricalFisher": EmpiricalFisher(jnp.asarray(G), damp=0.5),
+    }
+    calls = {
+        "matvec": lambda op: op.matvec(x),
+        "@": lambda op: (2 * op) @ x,
+        "todense": lambda op: op.todense(),
+        "diagonal": lambda op: op.diagonal(),
+        "entries": lambda op: op.entries(idx, idx),
+        "sweep": lambda op: op.sweep(x, damps=[0.5, 1.0]),
+        "logdet": lambda op: op.logdet(),
+        "sample": lambda op: op.sample(2, rng=0),
+        "with_damp": lambda op: op.with_damp(1.0),
+    }
+    with jax.enable_x64(False):
+        for op in ops.values():
+            for call_name, call in calls.items():
+                if not hasattr(op, call_name) and call_name not in ("@", "matvec"):
+                    continue
+                with pytest.raises(RuntimeError, match="jax_enable_x64"):
+                    call(op)
+        with pytest.raises(RuntimeError, match="jax_enable_x64"):
+            EmpiricalFisher(jnp.asarray(G), damp=0.5)
+    # Back in the mode, every operator is as it was.
+    for op in ops.values():
+        assert op.matvec(x).dtype == jnp.float32
+
+
 # -- the sliding window --------------------------------------------------------------------------
 
 
@@ -1162,6 +1201,40 @@ def test_products_are_exact_for_vectors_in_the_span(kappa, rng):
         cols = [0, 7, d - 1]
         want_d = [extended_precision_inverse(G64, damp, np.eye(d)[:, j])[j] for j in cols]
         assert np.all(np.abs(D[cols] - want_d) <= 8 * eps32 * np.abs(want_d))
+
+
+@pytest.mark.parametrize("kappa", [1e3, 1e5, 1e7])
+def test_reverse_mode_is_exact_for_cotangents_in_the_span(kappa, rng):
+    # The products' derivatives add the parts from each pass (and, in G, from the
+    # factor): each was rounded to float32 first, and near the gradients' span their sum
+    # cancelled: vjp 47,837 eps32 off at kappa = 1e7, a gradient in G 48,155, a window's
+    # vjp 36,710. Now every part is summed in float64 and rounded once.
+    m, d = 16, 600
+    mean = rng.standard_normal(d)
+    G = mean + rng.standard_normal((m, d))
+    G = (G / (np.linalg.norm(G, 2) / np.sqrt(m))).astype(np.float32)
+    G64 = G.astype(np.float64)
+    damp = float(np.linalg.norm(G64, 2) ** 2 / (m * (kappa - 1.0)))
+    state = mj.window_init(m, d, damp=damp, dtype=jnp.float32, zero_init=False)
+    for g in G:
+        state = mj.window_update(state, jnp.asarray(g))
+    eps32 = float(np.finfo(np.float32).eps)
+    Finv = np.linalg.inv(damp * np.eye(d) + G64.T @ G64 / m)  # kappa**2 eps64 << eps32
+    zero = jnp.zeros(d, jnp.float32)
+    for w in (G64.mean(axis=0).astype(np.float32), G[m // 2]):
+        want = Finv @ w.astype(np.float64)
+        op = mj.static_ihvp(jnp.asarray(G), damp=damp)
+        for f in (op.matvec, lambda x: mj.window_matvec(state, x)):
+            (got,) = jax.vjp(f, zero)[1](jnp.asarray(w))
+            err = np.linalg.norm(np.asarray(got, np.float64) - want)
+            assert err <= 8 * eps32 * np.linalg.norm(want)
+        # d(w^T F^-1 w)/dG = -2 (G y) y^T / m for y = F^-1 w (F symmetric).
+        got_G = jax.grad(lambda G, w=w: jnp.vdot(w, mj.static_ihvp(G, damp=damp).matvec(w)))(
+            jnp.asarray(G)
+        )
+        want_G = -2.0 * np.outer(G64 @ want, want) / m
+        err = np.linalg.norm(np.asarray(got_G, np.float64) - want_G)
+        assert err <= 8 * eps32 * np.linalg.norm(want_G)
 
 
 # -- optax: hyper-parameters, leaves, defaults (issue 22) ------------------------------------

@@ -793,6 +793,115 @@ def test_torch_func_reverse_mode_through_g_is_refused_not_zero(kind):
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12 * float(want.abs().max()))
 
 
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "static",
+        "block-wise",
+        "diagonal",
+        "entries",
+        "spectral",
+        "spectral diagonal",
+        "with_damp",
+        "fisher",
+        "from_window",
+        "updates",
+        "set_damp",
+    ],
+)
+@pytest.mark.parametrize("dtype", ["float64", "float32", "bfloat16"])
+def test_forward_mode_through_g_is_the_dense_inverses_derivative(kind, dtype):
+    # Forward mode (torch.func.jvp, jacfwd, forward_ad dual tensors) differentiates
+    # through G: a G with a tangent is stored with it, and every computation from it
+    # carries the tangent. The derivative is the dense inverse's, -F^{-1} dF F^{-1} x.
+    # Regression: the set-up's Gram kernel read a float32 or 2-byte dual tensor's values
+    # alone, so its tangent missed the Gram's (65 % off, eager forward_ad only).
+    torch = pytest.importorskip("torch")
+    from mfac_core import DynamicIHVP, EmpiricalFisher, SpectralIHVP
+
+    gen = torch.Generator().manual_seed(1)
+    G, T = (torch.randn(4, 10, generator=gen, dtype=torch.float64) for _ in range(2))
+    x = torch.randn(10, generator=gen, dtype=torch.float64)
+    rows, cols = torch.tensor([0, 3, 9, 3]), torch.tensor([1, 3, 2, 3])
+    eye = torch.eye(10, dtype=torch.float64)
+
+    def dense(G):
+        F = 0.5 * eye + G.T @ G / 4
+        if kind == "block-wise":
+            F = F * torch.block_diag(torch.ones(5, 5), torch.ones(5, 5))
+        if kind == "fisher":
+            return F @ x
+        if kind in ("diagonal", "spectral diagonal"):
+            return torch.diagonal(torch.linalg.inv(F))
+        return torch.linalg.inv(F)[rows, cols] if kind == "entries" else torch.linalg.solve(F, x)
+
+    def window(G):
+        if kind == "from_window":
+            return DynamicIHVP.from_window(G, damp=0.5)
+        op = DynamicIHVP(4, 10, damp=0.5 if kind == "updates" else 2.0, dtype=G.dtype, xp=torch)
+        for g in G:
+            op.update(g)
+        if kind == "set_damp":
+            op.set_damp(0.5)
+        return op
+
+    def ours(G):
+        v = x.to(torch.float32 if G.dtype == torch.bfloat16 else G.dtype)
+        if kind in ("static", "float32", "block-wise", "diagonal", "entries"):
+            op = StaticIHVP(G, damp=0.5, block_size=5 if kind == "block-wise" else None)
+            if kind == "diagonal":
+                return op.diagonal()
+            return op.entries(rows, cols) if kind == "entries" else op @ v
+        if kind.startswith("spectral") or kind == "with_damp":
+            op = SpectralIHVP(G, damp=0.5 if kind != "with_damp" else 3.0)
+            op = op.with_damp(0.5) if kind == "with_damp" else op
+            return op.diagonal() if kind == "spectral diagonal" else op @ v
+        if kind == "fisher":
+            return EmpiricalFisher(G, damp=0.5) @ v
+        return window(G) @ v
+
+    if dtype == "bfloat16" and kind in ("from_window", "updates", "set_damp"):
+        pytest.skip("a window stores 2-byte gradients only from float32 ones")
+    G, T = (A.to(getattr(torch, dtype)) for A in (G, T))  # the stored values: exact below
+    want = torch.func.jvp(dense, (G.double(),), (T.double(),))[1]
+    got = torch.func.jvp(ours, (G,), (T,))[1]
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(G, T)
+        eager = torch.autograd.forward_ad.unpack_dual(ours(dual)).tangent
+    kappa = SpectralOracle(G.double().numpy(), 0.5).kappa
+    result = torch.float32 if dtype == "bfloat16" else G.dtype  # 2-byte G: float32 results
+    for tangent in (got, eager):
+        assert tangent is not None and tangent.dtype == result
+        assert_close(tangent.numpy(), want.numpy(), kappa=kappa**2)  # eps of its dtype
+
+
+def test_forward_mode_through_a_loaded_state_is_refused():
+    # A state loads as saved: its Gram matrix and factor are not recomputed from its
+    # gradients, so a tangent of state_dict["grads"] reached the product alone, as if
+    # they were constants (26 % off the derivative). Refused, the window unchanged.
+    torch = pytest.importorskip("torch")
+    from mfac_core import DynamicIHVP
+
+    gen = torch.Generator().manual_seed(2)
+    G = torch.randn(4, 10, generator=gen, dtype=torch.float64)
+    x = torch.randn(10, generator=gen, dtype=torch.float64)
+    state = DynamicIHVP.from_window(G, damp=0.5).state_dict()
+    window = DynamicIHVP.from_window(G[:2], damp=0.5, num_grads=4)
+    before = window @ x
+
+    def load(key, value):
+        window.load_state_dict({**state, key: value})
+        return window @ x
+
+    for key in ("grads", "gram", "factor"):
+        match = rf'^state_dict\["{key}"\] carries derivatives.*loads as saved'
+        with pytest.raises(TypeError, match=match):
+            torch.func.jvp(lambda v, key=key: load(key, v), (state[key],), (state[key],))
+        with pytest.raises(TypeError, match=match), torch.autograd.forward_ad.dual_level():
+            load(key, torch.autograd.forward_ad.make_dual(state[key], state[key]))
+    assert len(window) == 2 and torch.equal(window @ x, before)
+
+
 @pytest.mark.parametrize("kind", ["static", "spectral", "sharded"])
 @pytest.mark.parametrize("block_size", [None, 2])
 def test_gram_overflow_is_the_error_that_says_so_not_numpys_warning(kind, block_size):

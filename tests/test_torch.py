@@ -1299,6 +1299,35 @@ def test_pruner_changes_float64_weights_by_a_float32_update_only(update):
         assert torch.any(change[kept] != 0)
 
 
+@pytest.mark.parametrize("steps", [1, 2])
+def test_pruner_refuses_an_update_that_leaves_the_weights_dtype(steps):
+    # Regression: a float16 model's kept weight that the update moved past 65504 became
+    # infinity, silently (the next prune then refused the model). Now a ValueError names
+    # it, and the weights and masks are as before the call (a step's write included).
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 1, bias=False)).half()
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[40000.0, 39000.0, 0.5, 0.25]]))
+    # Inputs 0 and 1 equal: pruning weight 1 moves weight 0 by about +39000.
+    data = []
+    for _ in range(4):
+        x = torch.randn(8, 1)
+        data.append(
+            (torch.cat([x, x, torch.randn(8, 2)], 1).half() * 1e-3, torch.zeros(8, 1).half())
+        )
+
+    def loss(out, y):
+        return ((out.float() - y.float()) ** 2).mean()
+
+    pruner = MFACPruner(model, num_grads=4, block_size=None, damp=1e-6)
+    weight, mask = model[0].weight.detach().clone(), pruner.masks["0"]
+    with pytest.raises(
+        ValueError, match=r"leaves torch\.float16's range .*weight '0'\[0, 0\] is 7"
+    ):
+        pruner.prune(data, loss, sparsity=0.75, steps=steps)
+    assert torch.equal(model[0].weight, weight) and torch.equal(pruner.masks["0"], mask)
+
+
 def _batch_norm_model():
     torch.manual_seed(7)
     model = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3))

@@ -43,8 +43,10 @@ __all__ = [
     "detached",
     "device",
     "device_scoped_names",
+    "differentiated",
     "forward_ad_active",
     "functionalizing",
+    "has_tangent",
     "host_values",
     "is_array_api_obj",
     "is_array_api_strict_namespace",
@@ -65,6 +67,7 @@ __all__ = [
     "may_share_memory",
     "namespace_name",
     "picklable_device",
+    "refuse_derivatives",
     "restored_device",
     "same_device",
     "size",
@@ -322,6 +325,36 @@ def detached(x: Any) -> Any:
     if is_torch_array(x) and x.requires_grad:
         return x.detach()
     return x
+
+
+def has_tangent(x: Any) -> bool:
+    """Whether the PyTorch tensor ``x`` carries a forward-mode tangent at the current level
+    (``torch.autograd.forward_ad``, ``torch.func.jvp`` and ``jacfwd``)."""
+    if not (is_torch_array(x) and forward_ad_active()):
+        return False
+    return sys.modules["torch.autograd.forward_ad"].unpack_dual(x).tangent is not None
+
+
+def differentiated(x: Any) -> bool:
+    """Whether a derivative taken now would flow through ``x``: autograd records it
+    (``requires_grad`` with grad mode on, ``torch.func.grad`` and ``vjp`` included) or it
+    carries a forward-mode tangent."""
+    if not is_torch_array(x):
+        return False
+    recorded = bool(x.requires_grad) and sys.modules["torch"].is_grad_enabled()
+    return recorded or has_tangent(x)
+
+
+def refuse_derivatives(x: Any, name: str, why: str, *, tangent_only: bool = False) -> None:
+    """Raise ``TypeError`` if a derivative would flow through ``x``, where ``why`` it would
+    come out wrong; ``tangent_only``: only a forward-mode tangent counts (the caller stores
+    ``x`` detached, which eager autograd says)."""
+    if has_tangent(x) if tangent_only else differentiated(x):
+        fix = "its .detach()" if " " in name else f"{name}.detach()"
+        raise TypeError(
+            f"{name} carries derivatives (autograd, forward-mode AD or torch.func), but {why}: "
+            f"its derivative would come out wrong. Pass {fix} to hold it constant."
+        )
 
 
 def stored(x: Any, name: str) -> Any:

@@ -17,12 +17,18 @@ from typing import Any, TypeVar
 from . import _host_rows
 from ._attributes import BUILT_WITH, reassign
 from ._capacitance import DRIFT_TOL, CapacitanceFactor, check_window_damp
-from ._compat import Array, is_finite_array, stored
+from ._compat import Array, is_finite_array, refuse_derivatives, stored
 from ._dtypes import byte_order_note, untyped_note
 from ._dynamic_factor import SlotFactor, evenly_spaced, factorized
 from ._dynamic_setup import local_gram
 from ._operator import LinearOperator
 from ._validation import check_count, check_damp, check_flag, check_same_space
+
+#: Why a loaded state's tangents are refused: they would reach the products only
+#: through the gradients, as if the Gram matrix and factor were constants.
+_AS_SAVED = (
+    "a state loads as saved (its Gram matrix and factor are not recomputed from its gradients)"
+)
 
 #: The format version of ``state_dict``.
 STATE_VERSION = 2
@@ -324,6 +330,8 @@ class LoadedState:
             )
         target = saved_damp if damp is None else check_damp(damp)
         check_window_damp(xp, op._G.dtype, m, op.zero_init, target)
+        for key in ("grads", "gram", "factor"):
+            refuse_derivatives(state[key], f'state_dict["{key}"]', _AS_SAVED, tangent_only=True)
         grads, gram, U = (
             stored(state[k], f'state_dict["{k}"]') for k in ("grads", "gram", "factor")
         )

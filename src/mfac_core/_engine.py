@@ -47,6 +47,7 @@ from ._compat import (
     Array,
     device,
     forward_ad_active,
+    has_tangent,
     is_cupy_namespace,
     is_legacy_batched,
     is_numpy_namespace,
@@ -156,7 +157,10 @@ def host_view(xp: Any, A: Array) -> tuple[np.ndarray, str | None] | None:
     elif is_torch_namespace(xp):
         import torch
 
-        if A.device.type != "cpu" or A.requires_grad or A.dtype == torch.float64:
+        # A tangent of forward mode rides without requires_grad; NumPy would drop it.
+        if A.device.type != "cpu" or A.requires_grad or has_tangent(A):
+            return None
+        if A.dtype == torch.float64:
             return None
         if A.dtype not in (torch.bfloat16, torch.float32, torch.float16):
             return None

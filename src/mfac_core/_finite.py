@@ -34,6 +34,7 @@ import numpy as np
 
 from ._compat import Array, detached, is_finite_array, is_torch_array
 from ._errors import user_stacklevel
+from ._jax_mode import check_operator_mode
 from ._torch_compile import eager_under_torch_compile
 
 __all__ = [
@@ -467,6 +468,8 @@ def _gathered(method: _F, *, say: bool, steps_test: bool = False) -> _F:
             if outer.steps_test:
                 _tested(outer, result, (*args, *kwargs.values()))
             return result
+        if args:  # an operator's call: a JAX one may have been built in jax.enable_x64
+            check_operator_mode(args[0])
         pending = _Call(says=say, steps_test=steps_test)
         token = _pending.set(pending)
         try:

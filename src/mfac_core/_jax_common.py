@@ -17,13 +17,13 @@ import numpy as np
 from jax import lax
 
 from ._dtypes import FLOATING_DTYPES
+from ._jax_mode import x64_off_error
 from ._validation import (
     check_count,
     check_damp,
     dtype_mismatch_error,
     floating_dtype_error,
     real_scalar_error,
-    x64_off_error,
 )
 
 # -- checks --------------------------------------------------------------------------------

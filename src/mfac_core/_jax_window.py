@@ -392,7 +392,9 @@ def _insert(state: WindowState, g: Any, damp: Any) -> tuple[WindowState, Any, An
     """Insert ``g`` with the damping ``damp`` (float64, 0-d).
 
     Returns the new state, the Gram row ``G g`` (slot order), success, and ``g`` as the
-    passes read it (zeros for a gradient holding NaN or infinity, which is refused). A
+    passes read it, in float64 (zeros for a gradient holding NaN or infinity, which is
+    refused): widened once, so that reverse mode adds its passes' cotangents of it in
+    float64 and rounds them once (see :func:`_matvec_jit`). A
     damping other than the state's changes the shift of ``C``: the factor is then
     recomputed from the Gram matrix (O(m^3)) instead of edited.
     """
@@ -407,6 +409,7 @@ def _insert(state: WindowState, g: Any, damp: Any) -> tuple[WindowState, Any, An
     norm2 = jnp.vdot(g64, g64)
     finite = jnp.isfinite(norm2)
     g = jnp.where(finite, g, jnp.zeros_like(g))
+    g64 = jnp.where(finite, g64, jnp.zeros_like(g64))
     # Pass 1 reads the window before the row is replaced: G g holds the new Gram row
     # except at the slot, whose entry is g.g. The other order (write g, then G g, as
     # DynamicIHVP does) needs the old row to undo a refused write, and XLA's CPU
@@ -415,7 +418,7 @@ def _insert(state: WindowState, g: Any, damp: Any) -> tuple[WindowState, Any, An
     # so a duplicated gradient's 2 x 2 block may be indefinite by rounding before the
     # shift k damp is added; unless k damp < eps(float64) |g|^2 the shift absorbs it,
     # and otherwise the gradient is refused, never half-inserted.
-    b = project64(state.grads, g)  # pass 1 over the window, summed in float64
+    b = project64(state.grads, g64)  # pass 1 over the window, summed in float64
     b = b.at[slot].set(jnp.where(finite, norm2, 0.0))
     count = jnp.minimum(state.count + 1, m)
     pos = (slot + 1) % m
@@ -477,7 +480,7 @@ def _insert(state: WindowState, g: Any, damp: Any) -> tuple[WindowState, Any, An
         zero_init=state.zero_init,
         refactor_every=state.refactor_every,
     )
-    return new, b, ok, g
+    return new, b, ok, g64
 
 
 def _finish(state: WindowState, X: Any, P: Any) -> Any:
@@ -517,6 +520,10 @@ def _update_and_matvec_jit(state: WindowState, g: Any, damp: Any) -> tuple[Windo
 
 @jax.jit
 def _matvec_jit(state: WindowState, x: Any) -> Any:
+    # x widened once: reverse mode adds the two passes' cotangents of it in float64 and
+    # rounds them once (widened in each pass, each was rounded to x's dtype first, and
+    # their float32 sum was eps(float32) kappa off for cotangents near the window's span).
+    x = x.astype(jnp.float64)
     if x.ndim == 1:
         return _finish(state, x, project64(state.grads, x))
     P = jax.vmap(project64, in_axes=(None, 1), out_axes=1)(state.grads, x)

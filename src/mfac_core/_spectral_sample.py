@@ -22,12 +22,14 @@ from ._compat import (
     is_torch_namespace,
     namespace_name,
 )
+from ._jax_mode import check_float64_available
 
 __all__ = ["drawn", "standard_normal"]
 
 
 def drawn(op: Any, n: int, rng: Any) -> Array:
     """The body of :meth:`SpectralIHVP.sample`: ``A^{1/2} z`` for n standard normal z."""
+    check_float64_available(op.xp)  # a JAX operator built inside jax.enable_x64
     if op.power not in (-1.0, 1.0):
         # The draws are A^{1/2} z: say so in terms of sample(), not of the sqrt() inside.
         raise ValueError(

@@ -17,6 +17,7 @@ from ._attributes import reassign
 from ._compat import Array, device, is_dask_namespace, stored
 from ._dtypes import compute_dtype, half_dtype_name
 from ._gram import columns_gram, rows_gram
+from ._jax_mode import check_float64_available
 from ._layout import BlockGroup, block_groups, checked_gram, chunk_culprit, chunks
 from ._operator import LinearOperator
 from ._spectral_groups import (
@@ -32,7 +33,6 @@ from ._validation import (
     check_damp,
     check_dampings,
     check_flag,
-    check_float64_available,
     check_gradients,
 )
 
@@ -96,6 +96,7 @@ def check_namespace(xp: Any) -> None:
 
 def derived(op: Any, *, damp: float | None = None, power: float | None = None) -> Any:
     """``op`` at another (checked) damping or power, sharing G and the eigenpairs."""
+    check_float64_available(op.xp)  # a JAX operator built inside jax.enable_x64
     # A shallow copy shares G and the eigenpairs: O(m) per group, never O(d m).
     new = copy.copy(op)
     if power is not None:

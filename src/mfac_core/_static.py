@@ -27,6 +27,7 @@ from ._dtypes import compute_dtype, half_dtype_name
 from ._finite import float32_overflow_once, narrowed
 from ._gradient_repr import gradient_items
 from ._group_factors import GroupFactor
+from ._jax_mode import check_float64_available
 from ._layout import block_groups
 from ._operator import LinearOperator
 from ._refine import fisher_residual, refine
@@ -36,7 +37,6 @@ from ._validation import (
     check_count,
     check_damp,
     check_flag,
-    check_float64_available,
     check_gradients,
     check_index_array,
 )
@@ -108,6 +108,7 @@ class _BlockOperatorBase(LinearOperator):
         inverse: bool = True,
     ) -> Any:
         xp = check_gradients(G, require_finite=check and check_G, half=half)
+        check_float64_available(xp)
         m, d = G.shape
         # An inverse's capacitance matrix carries the shift m damp; F itself does not.
         self.damp = check_damp(damp, num_grads=int(m) if inverse else None)
@@ -418,7 +419,6 @@ class StaticIHVP(_BlockOperatorBase):
             raise TypeError(f"progress must be callable or None, got {type(progress).__name__}")
         # G's finiteness is checked on the Gram diagonals, without a pass of its own.
         xp = self._init_layout(G, damp, block_size, check_finite, check_G=False, half=True)
-        check_float64_available(xp)
         self.refine = check_count(refine, "refine", minimum=0)
         return xp
 

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from . import pruning
+from ._finite import entry_name
 from ._pruning_inputs import check_choices
 from ._torch_pruner_grads import collected_gradients, held_out_loss, modes_and_buffers_kept
 from ._torch_pruner_inputs import (
@@ -371,8 +372,10 @@ class MFACPruner:
         ValueError
             For a sparsity outside ``[0, 1)``, ``steps < 1``, an unknown
             ``schedule``, only one of ``dampings`` and ``select_damp``,
-            ``dampings`` with the joint update, or a non-finite held-out
-            loss; and as :meth:`collect_grads`.
+            ``dampings`` with the joint update, a non-finite held-out loss, or
+            an update that leaves the weights' dtype's range (float16 past
+            65504: the weights are then as before the call); and as
+            :meth:`collect_grads`.
         TypeError
             For a ``select_damp`` that is not callable or returns something
             other than a real number.
@@ -565,14 +568,44 @@ def _write_weights(
     values of theta's dtype, exact in the wider one (unless one is below 2**-29 of
     the other, for float32 in float64), so a weight the pruning left alone is
     unchanged, bit for bit, and an updated one is rounded once.
+
+    Nothing is written where an updated weight leaves its dtype's range (a float16
+    model's weight past 65504 became infinity, silently): a ``ValueError`` names it.
     """
-    offset = 0
+    offsets, offset = {}, 0
     for name, w in weights.items():
-        n = w.numel()
-        new = theta[offset : offset + n].view(w.shape)
+        offsets[name], offset = offset, offset + w.numel()
+
+    def new_weight(name: str) -> torch.Tensor:
+        w, offset = weights[name], offsets[name]
+        new = theta[offset : offset + w.numel()].view(w.shape)
         if base is not None:
-            start, start_theta = base[0][name], base[1][offset : offset + n].view(w.shape)
-            new = start + (new.to(start.dtype) - start_theta.to(start.dtype))
-        w.copy_(new)
-        masks[name] = mask[offset : offset + n].reshape(w.shape).clone()
-        offset += n
+            start, start_theta = base[0][name], base[1][offset : offset + w.numel()]
+            new = start + (new.to(start.dtype) - start_theta.view(w.shape).to(start.dtype))
+        return new
+
+    def overflows(name: str) -> torch.Tensor:
+        new = new_weight(name)
+        return torch.isfinite(new) & ~torch.isfinite(new.to(weights[name].dtype))
+
+    # Only a narrower range can be left (float16 weights, float32 theta); one transfer
+    # for all such layers (a pruning step writes rarely, but a model has many).
+    narrower = [
+        name
+        for name, w in weights.items()
+        if torch.finfo(w.dtype).max < torch.finfo(theta.dtype).max
+    ]
+    if narrower and bool(torch.stack([overflows(name).any() for name in narrower]).any()):
+        name = next(name for name in narrower if overflows(name).any())
+        index = [int(i) for i in torch.nonzero(overflows(name))[0]]
+        dtype = weights[name].dtype
+        value = float(new_weight(name)[tuple(index)])
+        raise ValueError(
+            f"the pruning update leaves {dtype}'s range (largest {torch.finfo(dtype).max:g}): "
+            f"{entry_name(f'weight {name!r}', index, value)}; prune with a larger damping "
+            "or in more steps, or keep the weights in a wider dtype"
+        )
+    for name, w in weights.items():
+        w.copy_(new_weight(name))
+        offset = offsets[name]
+        masks[name] = mask[offset : offset + w.numel()].reshape(w.shape).clone()

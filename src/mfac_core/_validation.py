@@ -61,7 +61,6 @@ __all__ = [
     "check_dampings",
     "largest_damp",
     "check_flag",
-    "check_float64_available",
     "check_floating",
     "check_fraction",
     "check_gradients",
@@ -706,32 +705,6 @@ def dtype_mismatch_error(name: str, got: Any, *, owner: object, dtype: Any) -> T
     return TypeError(
         f"{name} has dtype {got} but {owner} has dtype {dtype}; cast it explicitly "
         "first (no silent loss of precision)"
-    )
-
-
-def check_float64_available(xp: Any) -> None:
-    """Refuse a JAX namespace without 64-bit mode: the m x m work needs float64.
-
-    Without it JAX turns float64 into float32 with only a warning, which would
-    factorise the capacitance matrix in float32, never what the precision
-    statements assume.
-    """
-    if not is_jax_namespace(xp):
-        return
-    import jax
-
-    if not jax.config.read("jax_enable_x64"):
-        raise x64_off_error("mfac_core")
-
-
-def x64_off_error(what: str) -> RuntimeError:
-    """The one wording of JAX's 64-bit mode being off, for the function ``what``."""
-    return RuntimeError(
-        f"{what} does its m x m work in float64, which needs JAX's 64-bit mode; it is "
-        'off. Enable it at start-up with jax.config.update("jax_enable_x64", True), or '
-        "around both the tracing and the calls (or the operator's construction) with "
-        "`with jax.enable_x64(True): ...`. float32 gradients and parameters stay float32 "
-        "in that mode."
     )
 
 
