@@ -1235,6 +1235,54 @@ def test_reverse_mode_is_exact_for_cotangents_in_the_span(kappa, rng):
         want_G = -2.0 * np.outer(G64 @ want, want) / m
         err = np.linalg.norm(np.asarray(got_G, np.float64) - want_G)
         assert err <= 8 * eps32 * np.linalg.norm(want_G)
+    # d tr(F^-1)/dG = -(2/m) G F^-2 = -2 m C^-2 G (G F^-1 = m C^-1 G): from C with exact
+    # sums (float32 products are exact in float64), its solves lose 2 eps64 kappa.
+    C = np.array([[math.fsum(G64[i] * G64[j]) for j in range(m)] for i in range(m)])
+    C += m * damp * np.eye(m)
+    want_D = -2.0 * m * np.linalg.solve(C, np.linalg.solve(C, G64))
+    got_D = jax.grad(lambda G: jnp.sum(mj.static_ihvp(G, damp=damp).diagonal()))(jnp.asarray(G))
+    err = np.linalg.norm(np.asarray(got_D, np.float64) - want_D)
+    assert err <= 8 * eps32 * np.linalg.norm(want_D)
+
+
+def test_static_derivatives_count_the_factor_through_g_and_the_damping(rng):
+    # The products' and the diagonal's derivatives read U as the factor of m damp I +
+    # G G^T and count its tangent through G and damp themselves: with U computed from a
+    # traced damping (as a caller may), every order agrees with the dense inverse's.
+    from mfac_core import _jax_static
+
+    m, d = 5, 14
+    G, x = jnp.asarray(rng.standard_normal((m, d))), jnp.asarray(rng.standard_normal(d))
+
+    def factor(G, damp):
+        return jnp.linalg.cholesky(G @ G.T + m * damp * jnp.eye(m)).T
+
+    def dense(G, damp):
+        return jnp.linalg.inv(damp * jnp.eye(d) + G.T @ G / m)
+
+    ours = {
+        "product": lambda G, damp: _jax_static._static_apply(G, factor(G, damp), x, damp),
+        "diagonal": lambda G, damp: _jax_static._static_diagonal(G, factor(G, damp), damp, 4),
+    }
+    theirs = {
+        "product": lambda G, damp: dense(G, damp) @ x,
+        "diagonal": lambda G, damp: jnp.diagonal(dense(G, damp)),
+    }
+    for name, f in ours.items():
+        g = theirs[name]
+        for derivative in (
+            lambda f: jax.jacfwd(f, argnums=(0, 1))(G, 0.3),
+            lambda f: jax.jacrev(f, argnums=(0, 1))(G, 0.3),
+            lambda f: jax.hessian(lambda G, damp: jnp.sum(f(G, damp) ** 2), argnums=1)(G, 0.3),
+        ):
+            for got, want in zip(
+                jax.tree_util.tree_leaves(derivative(f)),
+                jax.tree_util.tree_leaves(derivative(g)),
+                strict=True,
+            ):
+                assert_close(
+                    np.asarray(got), np.asarray(want), kappa=woodbury_kappa(np.asarray(G), 0.3) ** 2
+                )
 
 
 # -- optax: hyper-parameters, leaves, defaults (issue 22) ------------------------------------

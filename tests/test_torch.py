@@ -217,6 +217,16 @@ def test_meta_parameters_are_refused_clearly():
         MFACPruner(model)
 
 
+def test_pruner_refuses_weights_without_entries():
+    # Regression: built over a model whose only weight had no entries, sparsity() raised
+    # ZeroDivisionError and prune() named an internal "theta". A zero-size weight beside
+    # others is pruned with them (it has nothing to prune).
+    with pytest.raises(ValueError, match=r"hold no entries \('0' all of size 0\)"):
+        MFACPruner(nn.Sequential(nn.Linear(0, 3)))
+    pruner = MFACPruner(nn.Sequential(nn.Linear(0, 3), nn.Linear(3, 2)))
+    assert pruner.dim == 6 and pruner.sparsity() == 0.0
+
+
 def test_pruner_checks_num_grads_as_its_load_and_the_optimizer_do():
     # Regression: a num_grads that is not an int (2.0, True, None) was a ValueError, unlike
     # MFAC's, DynamicIHVP's and the pruner's own load_state_dict's TypeError, and a NumPy

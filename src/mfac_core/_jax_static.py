@@ -449,21 +449,67 @@ def _static_apply_columns(G: Any, U: Any, X: Any, damp: Any) -> Any:
 @functools.partial(jax.jit, static_argnums=3)
 def _static_diagonal(G: Any, U: Any, damp: Any, width: int) -> Any:
     """``(1 - ||U^{-T} g_j||^2) / damp`` per column, whitened in float64 chunk by chunk."""
-    d = G.shape[1]
+    return _diagonal64(G, U, damp, width).astype(G.dtype)
+
+
+def _by_columns(d: int, width: int, part: Any) -> Any:
+    """``part(take)`` for each chunk of ``width`` columns, joined: (d,) float64.
+
+    ``take(A)`` is the chunk's columns of an (m, d) ``A``.
+    """
     full = d // width
-
-    def chunk(X: Any) -> Any:
-        Z = solve_upper_t(U, X.astype(jnp.float64))
-        return ((1.0 - jnp.sum(Z * Z, axis=0)) / damp).astype(G.dtype)
-
-    out = jnp.zeros((d,), G.dtype)
+    out = jnp.zeros((d,), jnp.float64)
     if full:
 
         def body(i: Any, acc: Any) -> Any:
-            part = chunk(lax.dynamic_slice_in_dim(G, i * width, width, axis=1))
-            return lax.dynamic_update_slice_in_dim(acc, part, i * width, axis=0)
+            chunk = part(lambda A: lax.dynamic_slice_in_dim(A, i * width, width, axis=1))
+            return lax.dynamic_update_slice_in_dim(acc, chunk, i * width, axis=0)
 
         out = lax.fori_loop(0, full, body, out)
     if full * width < d:
-        out = out.at[full * width :].set(chunk(G[:, full * width :]))
+        out = out.at[full * width :].set(part(lambda A: A[:, full * width :]))
     return out
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
+def _diagonal64(G: Any, U: Any, damp: Any, width: int) -> Any:
+    """The diagonal of ``F^{-1}`` in float64, from ``U``, the factor of ``G`` and ``damp``."""
+
+    def part(take: Any) -> Any:
+        Z = solve_upper_t(U, take(G).astype(jnp.float64))
+        return (1.0 - jnp.sum(Z * Z, axis=0)) / damp
+
+    return _by_columns(G.shape[1], width, part)
+
+
+@functools.partial(_diagonal64.defjvp, symbolic_zeros=True)
+def _diagonal64_jvp(
+    width: int, primals: tuple[Any, ...], tangents: tuple[Any, ...]
+) -> tuple[Any, Any]:
+    # The derivative of [F^{-1}]_jj itself: with z_j = C^{-1} g_j (then G F^{-1} e_j =
+    # m z_j), -d(damp) |F^{-1} e_j|^2 - (2 / damp) (z_j . dg_j - z_j . (dG G^T) z_j), in
+    # float64 and rounded once. Through the factor (whose tangent is G's and damp's,
+    # counted here), the parts cancelled after rounding to G's dtype: eps kappa off.
+    # dG is widened once (an m x d float64 tangent, as the Gram's): the two terms nearly
+    # cancel where the gradients cover coordinate j, and reverse mode must add their
+    # cotangents in float64 before the one rounding to G's dtype.
+    G, U, damp = primals
+    dG, _, ddamp = tangents
+    m = G.shape[0]
+    dG = None if isinstance(dG, SymbolicZero) else dG.astype(jnp.float64)
+    H = None if dG is None else dG @ G.astype(jnp.float64).T
+
+    def part(take: Any) -> Any:
+        X = take(G).astype(jnp.float64)
+        Z = solve_upper(U, solve_upper_t(U, X))  # C^{-1} g_j for the chunk's columns
+        out = jnp.zeros(X.shape[1], jnp.float64)
+        if not isinstance(ddamp, SymbolicZero):
+            # |F^{-1} e_j|^2 = (1 - g_j . z_j - m damp |z_j|^2) / damp^2, as C z_j = g_j.
+            norm2 = 1.0 - jnp.sum(X * Z, axis=0) - m * damp * jnp.sum(Z * Z, axis=0)
+            out = out - ddamp * norm2 / damp**2
+        if H is not None:
+            dX = take(dG)
+            out = out - (2.0 / damp) * (jnp.sum(Z * dX, axis=0) - jnp.sum(Z * (H @ Z), axis=0))
+        return out
+
+    return _diagonal64(G, U, damp, width), _by_columns(G.shape[1], width, part)

@@ -80,6 +80,11 @@ def chosen_weights(model: nn.Module, layers: Sequence[str] | None) -> dict[str, 
             "the model's weights are on the meta device (no values): materialise the "
             "model (e.g. model.to_empty(device=...) and load its weights) before pruning"
         )
+    if not any(w.numel() for w in weights.values()):
+        raise ValueError(
+            f"the chosen weights hold no entries ({', '.join(map(repr, weights))} all of "
+            "size 0): there is nothing to prune"
+        )
     return weights
 
 
