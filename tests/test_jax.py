@@ -1177,20 +1177,25 @@ def test_mfac_refuses_the_state_of_another_mfac(other):
     opt.update(grads, opt.init(params))
 
 
+def _shared_mean_problem(rng, kappa):
+    """16 float32 gradients of 600 coordinates with a shared mean (an optimizer's), the
+    damping that gives them ``kappa``, and their static operator and window."""
+    m, d = 16, 600
+    G = rng.standard_normal(d) + rng.standard_normal((m, d))
+    G = (G / (np.linalg.norm(G, 2) / np.sqrt(m))).astype(np.float32)
+    damp = float(np.linalg.norm(G.astype(np.float64), 2) ** 2 / (m * (kappa - 1.0)))
+    state = mj.window_init(m, d, damp=damp, dtype=jnp.float32, zero_init=False)
+    for g in G:
+        state = mj.window_update(state, jnp.asarray(g))
+    return G, damp, mj.static_ihvp(jnp.asarray(G), damp=damp), state
+
+
 @pytest.mark.parametrize("kappa", [1e3, 1e5, 1e7])
 def test_products_are_exact_for_vectors_in_the_span(kappa, rng):
     # Gradients with a shared mean (an optimizer's), x = their mean and a stored gradient:
     # float32 sums lose eps32 * kappa here; the float64 passes keep float32's rounding.
-    m, d = 16, 600
-    mean = rng.standard_normal(d)
-    G = mean + rng.standard_normal((m, d))
-    G = (G / (np.linalg.norm(G, 2) / np.sqrt(m))).astype(np.float32)
-    G64 = G.astype(np.float64)
-    damp = float(np.linalg.norm(G64, 2) ** 2 / (m * (kappa - 1.0)))
-    op = mj.static_ihvp(jnp.asarray(G), damp=damp)
-    state = mj.window_init(m, d, damp=damp, dtype=jnp.float32, zero_init=False)
-    for g in G:
-        state = mj.window_update(state, jnp.asarray(g))
+    G, damp, op, state = _shared_mean_problem(rng, kappa)
+    G64, (m, d) = G.astype(np.float64), G.shape
     eps32 = float(np.finfo(np.float32).eps)
     for x in (G64.mean(axis=0).astype(np.float32), G[m // 2]):
         want = extended_precision_inverse(G64, damp, x.astype(np.float64))
@@ -1209,21 +1214,13 @@ def test_reverse_mode_is_exact_for_cotangents_in_the_span(kappa, rng):
     # factor): each was rounded to float32 first, and near the gradients' span their sum
     # cancelled: vjp 47,837 eps32 off at kappa = 1e7, a gradient in G 48,155, a window's
     # vjp 36,710. Now every part is summed in float64 and rounded once.
-    m, d = 16, 600
-    mean = rng.standard_normal(d)
-    G = mean + rng.standard_normal((m, d))
-    G = (G / (np.linalg.norm(G, 2) / np.sqrt(m))).astype(np.float32)
-    G64 = G.astype(np.float64)
-    damp = float(np.linalg.norm(G64, 2) ** 2 / (m * (kappa - 1.0)))
-    state = mj.window_init(m, d, damp=damp, dtype=jnp.float32, zero_init=False)
-    for g in G:
-        state = mj.window_update(state, jnp.asarray(g))
+    G, damp, op, state = _shared_mean_problem(rng, kappa)
+    G64, (m, d) = G.astype(np.float64), G.shape
     eps32 = float(np.finfo(np.float32).eps)
     Finv = np.linalg.inv(damp * np.eye(d) + G64.T @ G64 / m)  # kappa**2 eps64 << eps32
     zero = jnp.zeros(d, jnp.float32)
     for w in (G64.mean(axis=0).astype(np.float32), G[m // 2]):
         want = Finv @ w.astype(np.float64)
-        op = mj.static_ihvp(jnp.asarray(G), damp=damp)
         for f in (op.matvec, lambda x: mj.window_matvec(state, x)):
             (got,) = jax.vjp(f, zero)[1](jnp.asarray(w))
             err = np.linalg.norm(np.asarray(got, np.float64) - want)

@@ -36,6 +36,7 @@ Array: TypeAlias = Any
 __all__ = [
     "Array",
     "FUNCTIONALIZE_REFUSAL",
+    "SHARDED_SUMS",
     "FoundNamespace",
     "array_namespace",
     "canonical_device",
@@ -325,6 +326,12 @@ def detached(x: Any) -> Any:
     if is_torch_array(x) and x.requires_grad:
         return x.detach()
     return x
+
+
+#: Why a sharded operator refuses what a derivative would flow through
+#: (:func:`refuse_derivatives`): a ``Communicator`` sums values only (``TorchComm``
+#: detaches), so the terms that reach a rank from the others' columns would be missing.
+SHARDED_SUMS = "a sharded operator's sums over the ranks (comm.allreduce_sum) carry none"
 
 
 def has_tangent(x: Any) -> bool:

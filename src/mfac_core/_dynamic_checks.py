@@ -12,10 +12,16 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from ._capacitance import EPS64, is_hopeless
-from ._compat import Array, is_numpy_namespace, is_torch_namespace, refuse_derivatives, stored
+from ._compat import (
+    SHARDED_SUMS,
+    Array,
+    is_numpy_namespace,
+    is_torch_namespace,
+    refuse_derivatives,
+    stored,
+)
 from ._finite import non_finite_entry, non_finite_error
 from ._pieces import is_accelerator
-from ._sharding import NO_DERIVATIVES
 from ._validation import check_operand
 
 
@@ -138,7 +144,7 @@ def checked_operand(op: Any, g: Array) -> Array:
     # The window stores gradients, never their autograd history.
     g = check_operand(op._xp, op.device, op.dtype, g, "g", owner=op)
     if op._collective_checks:  # sharded: checked inside the reduction of g's row
-        refuse_derivatives(g, "g", NO_DERIVATIVES, tangent_only=True)
+        refuse_derivatives(g, "g", SHARDED_SUMS, tangent_only=True)
     g = stored(g, "g")
     if g.ndim != 1 or g.shape[0] != op.dim:
         raise ValueError(f"g must have shape ({op.dim},), got {tuple(g.shape)}")

@@ -12,19 +12,12 @@ from collections.abc import Callable
 from typing import Any
 
 from . import _engine, _pieces
-from ._compat import Array, array_namespace, refuse_derivatives
+from ._compat import SHARDED_SUMS, Array, array_namespace, refuse_derivatives
 from ._compat import device as device_of
 from ._dynamic_setup import default_namespace
 from ._finite import check_finite
 from ._layout import BlockGroup, pieces
-from ._sharding import (
-    NO_DERIVATIVES,
-    ShardLayout,
-    dask_refusal,
-    host_values,
-    identity_draw,
-    reduce_checked,
-)
+from ._sharding import ShardLayout, dask_refusal, host_values, identity_draw, reduce_checked
 from ._validation import check_count, namespace_of
 from .distributed import Communicator
 
@@ -90,7 +83,7 @@ def agreed_rows(comm: Communicator, G: Array, num_grads: int | None, check: bool
         if refusal is not None:
             raise refusal
         xp = namespace_of(G, "G")
-        refuse_derivatives(G, "G", NO_DERIVATIVES, tangent_only=True)
+        refuse_derivatives(G, "G", SHARDED_SUMS, tangent_only=True)
         if G.ndim != 2:
             raise ValueError(f"G must be 2-D (k, d), got shape {tuple(G.shape)}")
         k = int(G.shape[0])
@@ -334,7 +327,7 @@ def collective_product(
 
     def check() -> Array:
         Xc = op._check_input(X, name, n, ndims, several="matmat" if name == "x" else "")
-        refuse_derivatives(Xc, name, NO_DERIVATIVES)
+        refuse_derivatives(Xc, name, SHARDED_SUMS)
         X2 = Xc[:, None] if Xc.ndim == 1 else Xc
         if k is not None and X2.shape[1] != k:
             raise ValueError(f"X must have {k} columns on every rank, got {X2.shape[1]}")

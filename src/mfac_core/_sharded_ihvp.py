@@ -12,12 +12,12 @@ from collections.abc import Callable
 from typing import Any
 
 from . import _sharded_static, _static
-from ._compat import Array, device, refuse_derivatives, stored
+from ._compat import SHARDED_SUMS, Array, device, refuse_derivatives, stored
 from ._deprecation import legacy_options, register_sharded_form, warn_deprecated
 from ._finite import shard_overflow_once
 from ._jax_mode import check_float64_available
 from ._operator import LinearOperator
-from ._sharding import NO_DERIVATIVES, ShardLayout
+from ._sharding import ShardLayout
 from ._torch_compile import eager_methods_under_torch_compile
 from ._validation import namespace_of
 from .distributed import Communicator, check_communicator
@@ -153,7 +153,7 @@ class ShardedStaticIHVP(_static._BlockOperatorBase):
         refusal: Exception | None = None
         try:
             xp = namespace_of(G, "G_local")
-            refuse_derivatives(G, "G", NO_DERIVATIVES, tangent_only=True)
+            refuse_derivatives(G, "G", SHARDED_SUMS, tangent_only=True)
         except (TypeError, ValueError) as exc:
             # A G_local that is no array (None from a loader, a list, a masked array), or
             # one with a tangent, joins the set-up's first reduction in NumPy, where it is

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from . import _capacitance, _engine, _pieces, _setup
-from ._compat import Array, array_namespace, device, refuse_derivatives
+from ._compat import SHARDED_SUMS, Array, array_namespace, device, refuse_derivatives
 from ._dtypes import half_dtype_name
 from ._errors import FactorizationError
 from ._finite import check_finite, entry_name, first_non_finite
@@ -40,14 +40,7 @@ from ._gram import rows_gram
 from ._layout import BlockGroup, block_groups, chunk_gram, chunks
 from ._refine import fisher_residual
 from ._refine import refine as refine_steps
-from ._sharding import (
-    NO_DERIVATIVES,
-    ShardLayout,
-    dask_refusal,
-    host_values,
-    identity_draw,
-    reduce_checked,
-)
+from ._sharding import ShardLayout, dask_refusal, host_values, identity_draw, reduce_checked
 from ._validation import (
     check_count,
     check_damp,
@@ -517,7 +510,7 @@ class ShardedStatic:
         name = "x" if vector else "X"
         n = self.width
         x = check_operand(xp, dev, dtype, x, name, owner=owner)
-        refuse_derivatives(x, name, NO_DERIVATIVES)
+        refuse_derivatives(x, name, SHARDED_SUMS)
         if vector:
             if x.ndim not in (1, 2) or x.shape[0] != n or (x.ndim == 2 and x.shape[1] != 1):
                 raise ValueError(

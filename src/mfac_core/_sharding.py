@@ -35,7 +35,6 @@ from .distributed import Communicator
 __all__ = [
     "DIGEST_BITS",
     "MAX_AGREEMENT_RANKS",
-    "NO_DERIVATIVES",
     "STATUS_LENGTH",
     "ShardLayout",
     "agreement",
@@ -49,11 +48,6 @@ __all__ = [
     "identity_draw",
     "reduce_checked",
 ]
-
-#: Why a sharded operator refuses what a derivative would flow through: a
-#: ``Communicator`` sums values only (``TorchComm`` detaches), so the terms that reach
-#: a rank from the others' columns would be missing from its derivatives.
-NO_DERIVATIVES = "a sharded operator's sums over the ranks (comm.allreduce_sum) carry none"
 
 # The exception classes a status word can carry, in the order a rank that saw
 # several kinds of failure among its peers reports them. ValueError last: it is the

@@ -372,10 +372,9 @@ class MFACPruner:
         ValueError
             For a sparsity outside ``[0, 1)``, ``steps < 1``, an unknown
             ``schedule``, only one of ``dampings`` and ``select_damp``,
-            ``dampings`` with the joint update, a non-finite held-out loss, or
-            an update that leaves the weights' dtype's range (float16 past
-            65504: the weights are then as before the call); and as
-            :meth:`collect_grads`.
+            ``dampings`` with the joint update, a non-finite held-out loss, an
+            update past the weights' dtype's range (float16: 65504; the weights
+            then as before the call); and as :meth:`collect_grads`.
         TypeError
             For a ``select_damp`` that is not callable or returns something
             other than a real number.

@@ -161,7 +161,12 @@ def prune(
         would round to 0, a subnormal or infinity). OBS and OBD saliencies
         are ranked by a float64 key (their fourth root), exactly where they
         are beyond the range of theta's dtype (float32 saliencies overflow
-        for ``|theta_i| sqrt(F_ii)`` above about 2.6e19).
+        for ``|theta_i| sqrt(F_ii)`` above about 2.6e19), as long as
+        ``F_ii`` and ``[F^{-1}]_ii`` themselves are within it: beyond (float32
+        gradients of about 1e20 and more, or a damping beyond float32's
+        range) the keys tie and the tied weights go by index (an ``F_ii``
+        that overflows is warned of, a ``[F^{-1}]_ii`` that underflows to 0
+        is not, as no result that underflows is).
     update : {"single", "joint", "none"}, optional
         The update of the remaining weights: the paper's summed single-weight
         OBS update (default), the joint OBS update within each block, or none
