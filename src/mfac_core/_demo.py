@@ -35,7 +35,9 @@ condition number of the (block-diagonal) F:
 - float64: ``||y_hat - y|| / ||y|| <= C eps(float64) sqrt(kappa) ||x|| / (damp ||y||)``
   with ``C = BOUND_CONSTANT``, plus ``C eps(longdouble) ||x|| / (damp ||y||)``
   for the rounding of the reference's residuals (``1/sqrt(kappa)`` of the
-  bound even where ``longdouble`` is float64).
+  bound even where ``longdouble`` is float64); a block no wider than m (the
+  full F where d <= m), which factorises F_b itself, as the README states:
+  ``C eps(float64) kappa``.
 """
 
 from __future__ import annotations
@@ -275,14 +277,22 @@ def block_kappa(G: np.ndarray, damp: float, block: int) -> float:
 
 
 def error_ratios(
-    Y: np.ndarray, reference: np.ndarray, X: np.ndarray, *, damp: float, kappa: float, dtype: Any
+    Y: np.ndarray,
+    reference: np.ndarray,
+    X: np.ndarray,
+    *,
+    damp: float,
+    kappa: float,
+    dtype: Any,
+    dense: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per column: the relative error of ``Y`` and the bound StaticIHVP documents for it.
 
     ``reference`` is :func:`reference_products` of the stored gradients, ``X`` the
     vectors as given to the operator. float32: ``SINGLE_BOUND eps(float32) +
     eps(float64) kappa^1.5``; float64: ``C (eps(float64) sqrt(kappa) + eps(longdouble))
-    ||x|| / (damp ||y||)``, ``C = BOUND_CONSTANT`` (see the module's docstring).
+    ||x|| / (damp ||y||)``, ``C = BOUND_CONSTANT``, or ``C eps(float64) kappa`` for
+    ``dense`` blocks (no wider than m: see the module's docstring).
     """
     X = X.astype(np.float64)
     ref_norm = np.linalg.norm(reference, axis=0)
@@ -291,6 +301,8 @@ def error_ratios(
     if np.dtype(dtype) == np.float32:
         single = SINGLE_BOUND * float(np.finfo(np.float32).eps) + eps64 * kappa**1.5
         return error, np.full_like(error, single)
+    if dense:
+        return error, np.full_like(error, BOUND_CONSTANT * eps64 * kappa)
     wide = float(np.finfo(np.longdouble).eps)
     scale = np.linalg.norm(X, axis=0) / (damp * ref_norm)
     return error, BOUND_CONSTANT * (eps64 * math.sqrt(kappa) + wide) * scale
@@ -311,7 +323,8 @@ columns:
              {s:g} eps(float32) + eps(float64) kappa^1.5; float64 C eps(float64) sqrt(kappa)
              ||x|| / (damp ||y||), C = {c:g} (plus the reference's eps(long double) in the
              sum); ||x|| / (damp ||y||) is 1 for x orthogonal to the gradients and up to
-             kappa in their span
+             kappa in their span; dense blocks (B <= m, or the full F where d <= m)
+             C eps(float64) kappa
   set-up     best of {r} builds of StaticIHVP; floor: best float64 G @ G.T of a float64
              copy of G (BLAS dsyrk; whole, or in pieces of {p} columns; {f} tries of each
              per round), timed in the same rounds as the builds
@@ -384,7 +397,9 @@ def run_demo(
             # Against the stored gradients and vectors (rounded to dtype), as the bound is.
             kappa = block_kappa(G.astype(np.float64), damp, block)
             reference = reference_products(G, X, damp=damp, block=block)
-            error, bound = error_ratios(Y, reference, X, damp=damp, kappa=kappa, dtype=dtype)
+            error, bound = error_ratios(
+                Y, reference, X, damp=damp, kappa=kappa, dtype=dtype, dense=block <= m
+            )
             checks.append((name, kappa, error, bound))
             candidates[f"setup {name}"] = functools.partial(_build, G, damp, size)
             candidates[f"ihvp {name}"] = functools.partial(_apply, op, x)

@@ -24,9 +24,11 @@ import argparse
 import contextlib
 import os
 import re
+import signal
 import stat
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -272,11 +274,57 @@ def _same_file(a: str, b: str) -> bool:
         return False
 
 
+class _Terminated(BaseException):
+    """SIGTERM, raised in the run as SIGINT raises ``KeyboardInterrupt``."""
+
+
+@contextlib.contextmanager
+def _terminated_as_interrupted() -> Any:
+    """Inside: SIGTERM raises :class:`_Terminated`, so that a run cleans up as after Ctrl-C
+    (its temporary output file removed: the default action left it behind).
+
+    Only where SIGTERM has its default action and in the main thread (a program that
+    calls :func:`main` and handles SIGTERM itself keeps its handler); restored after.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def terminated(signum: int, frame: Any) -> None:
+        raise _Terminated
+
+    signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _stdout_is(path: str) -> bool:
+    """Whether standard output is the regular file ``path`` (False where it cannot tell)."""
+    try:
+        out = os.fstat(sys.stdout.fileno())
+        return stat.S_ISREG(out.st_mode) and os.path.samestat(out, os.stat(path))
+    except (AttributeError, OSError, ValueError):  # no descriptor (a StringIO), no file
+        return False
+
+
 def _check_output(path: str, overwrite: bool, inputs: dict[str, str]) -> None:
     if not path:
         raise UserError("-o/--output is empty: give the path of the .npy file to write")
     if path == STDOUT:
-        return  # whatever standard output is (a pipe, a file, >> a log), it is written to
+        # Whatever standard output is (a pipe, a file, >> a log), it is written to; but
+        # not an input redirected there (> G.npy, >> G.npy, 1<> VECS.npy wrote into it).
+        for what, source in inputs.items():
+            if _stdout_is(source):
+                raise UserError(
+                    f"standard output (-o -) is the {what} file {source}; the inputs are "
+                    "never replaced: redirect standard output elsewhere"
+                )
+        return
     if path.endswith(("/", os.sep)) and not os.path.isdir(path):
         raise UserError(f"-o/--output names a folder, not a file: {path}")
     for what, source in inputs.items():
@@ -619,7 +667,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     -------
     int
         The exit status: 0 on success, 1 if the demo's check fails, 2 for a
-        usage or input error (the message goes to stderr, without a traceback).
+        usage or input error (the message goes to stderr, without a traceback),
+        130 when interrupted, 143 when terminated (SIGTERM, where it has its
+        default action: it is handled during the run, and restored).
     """
     stdout, stderr = sys.stdout, sys.stderr
     parser = build_parser()
@@ -649,13 +699,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             caught.clear()
 
         try:
-            status = command(args, stdout, stderr, flush_warnings)
+            with _terminated_as_interrupted():
+                status = command(args, stdout, stderr, flush_warnings)
         except _USER_ERRORS as exc:
             status, error = EXIT_USAGE, str(exc) or type(exc).__name__
         except MemoryError:
             status, error = 1, "out of memory"
         except KeyboardInterrupt:
             status, error = 130, "interrupted"
+        except _Terminated:
+            status, error = 128 + signal.SIGTERM, "terminated"
         flush_warnings()
     if error is not None:
         print(f"{PROG}: error: {error}", file=stderr)
