@@ -227,6 +227,23 @@ def test_pruner_refuses_weights_without_entries():
     assert pruner.dim == 6 and pruner.sparsity() == 0.0
 
 
+def test_pruner_names_the_layer_of_a_non_finite_kept_weight():
+    # Regression: named by its place in the flat vector of all weights ("theta[37] is
+    # nan"), which the pruner's user never sees. A pruned weight may hold anything.
+    model = make_model(6)
+    pruner = MFACPruner(model, num_grads=4, block_size=8)
+    with torch.no_grad():
+        model[2].weight[1, 2] = float("nan")
+    weights = {name: w.detach().clone() for name, w in pruner.weights.items()}
+    with pytest.raises(ValueError, match=r"weight '2'\[1, 2\] is nan \(a weight that its mask"):
+        pruner.prune(loader(), F.cross_entropy, sparsity=0.5)
+    for name, w in pruner.weights.items():  # as before the call
+        assert torch.equal(w.nan_to_num(), weights[name].nan_to_num()), name
+    pruner.masks["2"][1, 2] = False
+    pruner.prune(loader(), F.cross_entropy, sparsity=0.5)
+    assert model[2].weight[1, 2] == 0
+
+
 def test_pruner_checks_num_grads_as_its_load_and_the_optimizer_do():
     # Regression: a num_grads that is not an int (2.0, True, None) was a ValueError, unlike
     # MFAC's, DynamicIHVP's and the pruner's own load_state_dict's TypeError, and a NumPy

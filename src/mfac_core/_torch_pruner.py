@@ -17,6 +17,7 @@ from ._torch_pruner_inputs import (
     check_damping_grid,
     check_differentiable,
     check_fisher_dtype,
+    check_kept_weights,
     check_masks,
     check_weights_current,
     checked_state,
@@ -403,7 +404,7 @@ class MFACPruner:
         """
         sparsity = check_fraction(sparsity, "sparsity")
         check_weights_current(self.model, self.weights)
-        check_masks(self.masks, self.weights)  # before they are copied to restore them
+        check_kept_weights(self.masks, self.weights)  # before they are copied to restore them
         check_damping_grid(dampings, select_damp, num_grads=self.num_grads)
         before = (
             {name: w.detach().clone() for name, w in self.weights.items()},

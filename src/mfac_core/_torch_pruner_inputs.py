@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._compat import array_namespace
+from ._finite import non_finite_error
 from ._validation import check_choice, check_count, check_damp, check_dampings
 
 __all__ = [
@@ -386,3 +388,20 @@ def _check_keys(state: Mapping[str, Any], keys: Sequence[str], what: str) -> Non
     if missing or unknown:
         found = (("missing", missing), ("unknown", unknown))
         raise ValueError(f"{what}: " + "; ".join(f"{w} {ks}" for w, ks in found if ks))
+
+
+def check_kept_weights(masks: Any, weights: Mapping[str, torch.Tensor]) -> None:
+    """:func:`check_masks`, then NaN or infinity among the kept weights, named by layer.
+
+    The pruning functions name an entry of the flat ``theta`` (``theta[37] is nan``),
+    which the pruner's user never sees.
+    """
+    check_masks(masks, weights)
+    # One transfer for the finite layers (the usual case), one per layer otherwise.
+    kept = {name: torch.where(masks[name], w.detach(), 0) for name, w in weights.items()}
+    if bool(torch.stack([torch.isfinite(k).all() for k in kept.values()]).all()):
+        return
+    for name, k in kept.items():
+        error = non_finite_error(array_namespace(k), k, f"weight {name!r}")
+        if error is not None:
+            raise ValueError(f"{error} (a weight that its mask keeps)")
