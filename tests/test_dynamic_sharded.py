@@ -1078,7 +1078,9 @@ def test_two_byte_window_with_an_empty_rank(lib: str, dtype: str) -> None:
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("how", ["update", "update_and_matvec", "matvec", "from_window"])
+@pytest.mark.parametrize(
+    "how", ["update", "update_and_matvec", "torch.func.jvp", "matvec", "from_window"]
+)
 def test_derivatives_through_the_sums_over_ranks_are_refused_on_every_rank(how: str) -> None:
     # A Communicator sums values only (TorchComm detaches): over two gloo ranks the
     # tangent of a product through a window's updates was 70-110 % off, with no error.
@@ -1098,6 +1100,12 @@ def test_derivatives_through_the_sums_over_ranks_are_refused_on_every_rank(how: 
         with pytest.raises(TypeError) as info:
             if how == "matvec":
                 op.matvec(x_local.clone().requires_grad_() if bad else x_local)
+            elif how == "torch.func.jvp":  # the row put back was refused by the transform
+                g = G_local[2]
+                if bad:
+                    torch.func.jvp(op.update_and_matvec, (g,), (torch.ones_like(g),))
+                else:
+                    op.update_and_matvec(g)
             else:  # one dual level at a time in a process: rank 1's
                 with fwAD.dual_level() if bad else contextlib.nullcontext():
                     g = (

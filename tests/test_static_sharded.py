@@ -982,7 +982,9 @@ def test_a_shard_that_is_no_array_raises_on_every_rank(bad: Any) -> None:
     assert "G_local must be an array" in str(results[1])
 
 
-@pytest.mark.parametrize("how", ["requires_grad", "tangent", "torch.func.grad", "G tangent"])
+@pytest.mark.parametrize(
+    "how", ["requires_grad", "tangent", "torch.func.grad", "G tangent", "G under torch.func.grad"]
+)
 def test_derivatives_through_the_sums_over_ranks_are_refused_on_every_rank(how: str) -> None:
     # A Communicator sums values only (TorchComm detaches): a gradient in x over two gloo
     # ranks was 5-8 % off, a tangent of G 70-110 % (and a crash under torch.func.jvp),
@@ -997,6 +999,15 @@ def test_derivatives_through_the_sums_over_ranks_are_refused_on_every_rank(how: 
         lo, hi = bounds[comm.rank], bounds[comm.rank + 1]
         G_local, x_local = torch.asarray(G[:, lo:hi]), torch.asarray(x[lo:hi])
         bad = comm.rank == 1
+        if how == "G under torch.func.grad":  # refused on that rank before, alone
+            with pytest.raises(TypeError) as info:
+                if bad:
+                    torch.func.grad(
+                        lambda G: ShardedStaticIHVP(G, damp=0.1, comm=comm).matvec(x_local).sum()
+                    )(G_local)
+                else:
+                    ShardedStaticIHVP(G_local, damp=0.1, comm=comm)
+            return str(info.value), True
         if how == "G tangent":
             with pytest.raises(TypeError) as info:
                 if bad:  # one dual level at a time in a process: this rank's
@@ -1026,7 +1037,9 @@ def test_derivatives_through_the_sums_over_ranks_are_refused_on_every_rank(how: 
     for r in results:
         assert not isinstance(r, BaseException), r
         assert r[1], "a refused product changed the operator"
-    name = "G" if how == "G tangent" else "x"
-    assert results[1][0].startswith(f"{name} carries derivatives"), results[1][0]
-    assert "comm.allreduce_sum" in results[1][0] and f"{name}.detach()" in results[1][0]
+    name = "G" if how.startswith("G ") else "x"
+    said = "requires grad under a torch.func" if how == "G under torch.func.grad" else "carries"
+    assert results[1][0].startswith(f"{name} {said}"), results[1][0]
+    assert f"{name}.detach()" in results[1][0]
+    assert said != "carries" or "comm.allreduce_sum" in results[1][0]
     assert "failed on 1 other rank" in results[0][0], results[0][0]

@@ -1326,31 +1326,39 @@ def test_pruner_changes_float64_weights_by_a_float32_update_only(update):
         assert torch.any(change[kept] != 0)
 
 
-@pytest.mark.parametrize("steps", [1, 2])
-def test_pruner_refuses_an_update_that_leaves_the_weights_dtype(steps):
+@pytest.mark.parametrize(
+    ("dtype", "big", "scale", "gain", "steps"),
+    [
+        (torch.float16, 4e4, 1e-3, 1.0, 1),
+        (torch.float16, 4e4, 1e-3, 1.0, 2),
+        (torch.bfloat16, 2e38, 1e-35, 4e15, 1),  # inputs and loss scaled: finite gradients
+        (torch.float32, 2e38, 1e-35, 4e15, 1),
+    ],
+)
+def test_pruner_refuses_an_update_that_leaves_the_weights_dtype(dtype, big, scale, gain, steps):
     # Regression: a float16 model's kept weight that the update moved past 65504 became
-    # infinity, silently (the next prune then refused the model). Now a ValueError names
-    # it, and the weights and masks are as before the call (a step's write included).
+    # infinity, silently (the next prune then refused the model); so did a bfloat16 or
+    # float32 one past float32's range, where the update itself overflowed. Now a
+    # ValueError names it, and the weights and masks are as before the call.
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 1, bias=False)).half()
+    model = nn.Sequential(nn.Linear(4, 1, bias=False)).to(dtype)
     with torch.no_grad():
-        model[0].weight.copy_(torch.tensor([[40000.0, 39000.0, 0.5, 0.25]]))
-    # Inputs 0 and 1 equal: pruning weight 1 moves weight 0 by about +39000.
+        model[0].weight.copy_(torch.tensor([[big, 0.975 * big, 0.5, 0.25]]))
+    # Inputs 0 and 1 equal: pruning weight 1 moves weight 0 by about as much again.
     data = []
     for _ in range(4):
         x = torch.randn(8, 1)
         data.append(
-            (torch.cat([x, x, torch.randn(8, 2)], 1).half() * 1e-3, torch.zeros(8, 1).half())
+            ((torch.cat([x, x, torch.randn(8, 2)], 1) * scale).to(dtype), torch.zeros(8, 1))
         )
 
     def loss(out, y):
-        return ((out.float() - y.float()) ** 2).mean()
+        return (((out.float() - y) * gain) ** 2).mean()
 
     pruner = MFACPruner(model, num_grads=4, block_size=None, damp=1e-6)
     weight, mask = model[0].weight.detach().clone(), pruner.masks["0"]
-    with pytest.raises(
-        ValueError, match=r"leaves torch\.float16's range .*weight '0'\[0, 0\] is 7"
-    ):
+    match = rf"{dtype}'s range .*weight '0'\[0, 0\] is"
+    with pytest.raises(ValueError, match=match):
         pruner.prune(data, loss, sparsity=0.75, steps=steps)
     assert torch.equal(model[0].weight, weight) and torch.equal(pruner.masks["0"], mask)
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import _engine, _pieces
-from ._compat import SHARDED_SUMS, Array, array_namespace, refuse_derivatives
+from ._compat import SHARDED_SUMS, Array, array_namespace, refuse_derivatives, stored
 from ._compat import device as device_of
 from ._dynamic_setup import default_namespace
 from ._finite import check_finite
@@ -84,6 +84,7 @@ def agreed_rows(comm: Communicator, G: Array, num_grads: int | None, check: bool
             raise refusal
         xp = namespace_of(G, "G")
         refuse_derivatives(G, "G", SHARDED_SUMS, tangent_only=True)
+        stored(G, "G")  # refused under torch.func.grad here, on every rank
         if G.ndim != 2:
             raise ValueError(f"G must be 2-D (k, d), got shape {tuple(G.shape)}")
         k = int(G.shape[0])

@@ -265,13 +265,17 @@ def place(
     old = None if store is not None else xp.asarray(op._G[slot, ...], copy=True)
     gram = None
     product = None
+    # Whether the row is written: a gradient refused before (under torch.func, where a
+    # write of the old row back is refused too) puts nothing back.
+    writing: list[bool] = []
     try:
         if b is None:
-            g, b, product = written_row(op, slot, g, store, part)
+            g, b, product = written_row(op, slot, g, store, part, writing)
             if speculation is not None:
                 speculation.X = g[:, None]
                 speculation.P = b[:, None] if product is None else product
         else:
+            writing.append(True)
             op._G[slot, ...] = g
         # The rest of the window's Gram was finite: NaN or infinity in it (which
         # check_finite=False lets in) is g's.
@@ -307,7 +311,7 @@ def place(
     except BaseException:
         if store is not None:
             store.restore()
-        else:
+        elif writing:
             op._G[slot, ...] = old
         raise
     if gram is not None:
@@ -323,7 +327,12 @@ def place(
 
 
 def written_row(
-    op: Any, slot: int, g: Array, store: RowStore | None = None, part: RankPart | None = None
+    op: Any,
+    slot: int,
+    g: Array,
+    store: RowStore | None = None,
+    part: RankPart | None = None,
+    writing: list[bool] | None = None,
 ) -> tuple[Array, Any, Any]:
     """Write ``g`` into ``slot``; return it, its Gram row and ``G g`` (float64, summed).
 
@@ -335,7 +344,8 @@ def written_row(
     reduction, and its ``present`` (whether this rank has a gradient; ``g`` is zeros
     if not) is the status word's argument digest, so that a rank without one learns
     in the same reduction whether any rank had one, and raises ``NoGradient`` (the
-    slot's row put back by :func:`place`) where none had.
+    slot's row put back by :func:`place`) where none had. ``writing`` gets ``True``
+    when the row is about to be written (so that a refusal before it puts nothing back).
     """
     xp = op._xp
     m = op.num_grads
@@ -357,6 +367,8 @@ def written_row(
             store.write()
             row, product = store.products()
         else:
+            if writing is not None:
+                writing.append(True)
             _engine.assign_row(xp, op._G, slot, checked[0])
             row, product = products(op, slot, checked[0])
         return row if product is None else xp.concat([row, product[:, 0]])

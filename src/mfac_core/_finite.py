@@ -462,14 +462,14 @@ def _tested(pending: _Call, result: Any, inputs: tuple[Any, ...]) -> None:
 def _gathered(method: _F, *, say: bool, steps_test: bool = False) -> _F:
     @functools.wraps(method)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if args:  # an operator's call: a JAX one may have been built in jax.enable_x64
+            check_operator_mode(args[0])  # (inside another's call too: a user's operator)
         outer = _pending.get()
         if outer is not None:
             result = method(*args, **kwargs)
             if outer.steps_test:
                 _tested(outer, result, (*args, *kwargs.values()))
             return result
-        if args:  # an operator's call: a JAX one may have been built in jax.enable_x64
-            check_operator_mode(args[0])
         pending = _Call(says=say, steps_test=steps_test)
         token = _pending.set(pending)
         try:

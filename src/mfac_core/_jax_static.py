@@ -427,17 +427,22 @@ def _apply64_jvp(primals: tuple[Any, ...], tangents: tuple[Any, ...]) -> tuple[A
     # tangent of U is not used). Differentiated through the factor, the parts through U
     # and through G cancel to the result; each was rounded to G's dtype first, so
     # derivatives in G of products near the gradients' span were eps(float32) kappa off.
-    # (Symbolic zeros: a derivative in x alone makes no pass over a zero dG.)
+    # The part G^T dG y / m goes through F^{-1} G^T = m G^T C^{-1}: an m x m solve, not
+    # F^{-1} of a vector in the gradients' span, whose float64 error (eps sqrt(kappa)
+    # kappa) second derivatives amplified by kappa again. (Symbolic zeros: a derivative
+    # in x alone makes no pass over a zero dG.)
     G, U, x, damp = primals
     dG, _, dx, ddamp = tangents
     y = _apply64(G, U, x, damp)
     t = jnp.zeros_like(y) if isinstance(dx, SymbolicZero) else dx
     if not isinstance(ddamp, SymbolicZero):
         t = t - ddamp * y
-    if not isinstance(dG, SymbolicZero):
-        m = G.shape[0]
-        t = combine64(G, combine64(dG, t, project64(G, y) / m), project64(dG, y) / m)
-    return y, _apply64(G, U, t, damp)
+    if isinstance(dG, SymbolicZero):
+        return y, _apply64(G, U, t, damp)
+    m = G.shape[0]
+    t = combine64(dG, t, project64(G, y) / m)
+    c = solve_upper(U, solve_upper_t(U, project64(dG, y)))
+    return y, combine64(G, _apply64(G, U, t, damp), c)
 
 
 @jax.jit

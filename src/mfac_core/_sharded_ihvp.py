@@ -147,17 +147,19 @@ class ShardedStaticIHVP(_static._BlockOperatorBase):
                 "out= and stream_to= are not available for a column-sharded "
                 "operator; each rank keeps its columns of G in memory"
             )
-        G = stored(G_local, "G")
         # A bad communicator cannot join a reduction: it raises on its rank alone.
         comm = check_communicator(comm)
         refusal: Exception | None = None
+        G = G_local
         try:
             xp = namespace_of(G, "G_local")
             refuse_derivatives(G, "G", SHARDED_SUMS, tangent_only=True)
+            G = stored(G, "G")
         except (TypeError, ValueError) as exc:
             # A G_local that is no array (None from a loader, a list, a masked array), or
-            # one with a tangent, joins the set-up's first reduction in NumPy, where it is
-            # refused, so that every rank raises instead of the others waiting in it.
+            # one that derivatives flow through (a tangent; under torch.func.grad), joins
+            # the set-up's first reduction in NumPy, where it is refused, so that every
+            # rank raises instead of the others waiting in it.
             xp, refusal = None, exc
         else:
             check_float64_available(xp)

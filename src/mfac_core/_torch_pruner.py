@@ -585,18 +585,17 @@ def _write_weights(
         return new
 
     def overflows(name: str) -> torch.Tensor:
-        new = new_weight(name)
-        return torch.isfinite(new) & ~torch.isfinite(new.to(weights[name].dtype))
+        # The kept weights were finite (prune checks them): a kept value that is not is
+        # the update's, beyond float32 or the weights' dtype. (A pruned one may hold
+        # anything until the masks zero it.)
+        w, offset = weights[name], offsets[name]
+        kept = mask[offset : offset + w.numel()].view(w.shape)
+        return kept & ~torch.isfinite(new_weight(name).to(w.dtype))
 
-    # Only a narrower range can be left (float16 weights, float32 theta); one transfer
-    # for all such layers (a pruning step writes rarely, but a model has many).
-    narrower = [
-        name
-        for name, w in weights.items()
-        if torch.finfo(w.dtype).max < torch.finfo(theta.dtype).max
-    ]
-    if narrower and bool(torch.stack([overflows(name).any() for name in narrower]).any()):
-        name = next(name for name in narrower if overflows(name).any())
+    # One transfer for all layers (a pruning step writes rarely, but a model has many).
+    names = list(weights)
+    if names and bool(torch.stack([overflows(name).any() for name in names]).any()):
+        name = next(name for name in names if overflows(name).any())
         index = [int(i) for i in torch.nonzero(overflows(name))[0]]
         dtype = weights[name].dtype
         value = float(new_weight(name)[tuple(index)])
