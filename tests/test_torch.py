@@ -1327,15 +1327,18 @@ def test_pruner_changes_float64_weights_by_a_float32_update_only(update):
 
 
 @pytest.mark.parametrize(
-    ("dtype", "big", "scale", "gain", "steps"),
+    ("dtype", "fisher", "big", "scale", "gain", "steps"),
     [
-        (torch.float16, 4e4, 1e-3, 1.0, 1),
-        (torch.float16, 4e4, 1e-3, 1.0, 2),
-        (torch.bfloat16, 2e38, 1e-35, 4e15, 1),  # inputs and loss scaled: finite gradients
-        (torch.float32, 2e38, 1e-35, 4e15, 1),
+        (torch.float16, None, 4e4, 1e-3, 1.0, 1),
+        (torch.float16, None, 4e4, 1e-3, 1.0, 2),
+        (torch.bfloat16, None, 2e38, 1e-35, 4e15, 1),  # inputs, loss scaled: finite gradients
+        (torch.float32, None, 2e38, 1e-35, 4e15, 1),
+        (torch.float64, torch.float32, 2e38, 1e-35, 4e15, 1),  # the Fisher's theta overflows
     ],
 )
-def test_pruner_refuses_an_update_that_leaves_the_weights_dtype(dtype, big, scale, gain, steps):
+def test_pruner_refuses_an_update_that_leaves_the_weights_dtype(
+    dtype, fisher, big, scale, gain, steps
+):
     # Regression: a float16 model's kept weight that the update moved past 65504 became
     # infinity, silently (the next prune then refused the model); so did a bfloat16 or
     # float32 one past float32's range, where the update itself overflowed. Now a
@@ -1355,9 +1358,10 @@ def test_pruner_refuses_an_update_that_leaves_the_weights_dtype(dtype, big, scal
     def loss(out, y):
         return (((out.float() - y) * gain) ** 2).mean()
 
-    pruner = MFACPruner(model, num_grads=4, block_size=None, damp=1e-6)
+    pruner = MFACPruner(model, num_grads=4, block_size=None, damp=1e-6, dtype=fisher)
     weight, mask = model[0].weight.detach().clone(), pruner.masks["0"]
-    match = rf"{dtype}'s range .*weight '0'\[0, 0\] is"
+    wider = "the weights" if fisher is None else r"the Fisher \(dtype=\)"
+    match = rf"{fisher or dtype}'s range .*weight '0'\[0, 0\] is .* keep {wider} in a wider"
     with pytest.raises(ValueError, match=match):
         pruner.prune(data, loss, sparsity=0.75, steps=steps)
     assert torch.equal(model[0].weight, weight) and torch.equal(pruner.masks["0"], mask)

@@ -25,6 +25,7 @@ import contextlib
 import contextvars
 import functools
 import math
+import types
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -462,8 +463,10 @@ def _tested(pending: _Call, result: Any, inputs: tuple[Any, ...]) -> None:
 def _gathered(method: _F, *, say: bool, steps_test: bool = False) -> _F:
     @functools.wraps(method)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        if args:  # an operator's call: a JAX one may have been built in jax.enable_x64
-            check_operator_mode(args[0])  # (inside another's call too: a user's operator)
+        # An operator's call (inside another's too: a user's operator): a JAX one may have
+        # been built in jax.enable_x64. The engine's calls (a namespace first) are not.
+        if args and not isinstance(args[0], types.ModuleType):
+            check_operator_mode(args[0])
         outer = _pending.get()
         if outer is not None:
             result = method(*args, **kwargs)

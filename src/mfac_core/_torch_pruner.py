@@ -597,12 +597,14 @@ def _write_weights(
     if names and bool(torch.stack([overflows(name).any() for name in names]).any()):
         name = next(name for name in names if overflows(name).any())
         index = [int(i) for i in torch.nonzero(overflows(name))[0]]
-        dtype = weights[name].dtype
+        # The narrower of the weights' dtype and the Fisher's (theta's) overflowed.
+        dtype = min(weights[name].dtype, theta.dtype, key=lambda t: torch.finfo(t).max)
         value = float(new_weight(name)[tuple(index)])
+        wider = "the weights" if dtype == weights[name].dtype else "the Fisher (dtype=)"
         raise ValueError(
             f"the pruning update leaves {dtype}'s range (largest {torch.finfo(dtype).max:g}): "
             f"{entry_name(f'weight {name!r}', index, value)}; prune with a larger damping "
-            "or in more steps, or keep the weights in a wider dtype"
+            f"or in more steps, or keep {wider} in a wider dtype"
         )
     for name, w in weights.items():
         w.copy_(new_weight(name))
