@@ -1315,6 +1315,32 @@ def test_second_derivatives_in_g_are_as_exact_as_a_dense_solves():
         assert err <= 100 * np.finfo(np.float64).eps * kappa, (err, kappa)
 
 
+def test_forward_jacobians_through_a_jitted_window_step_compile(rng):
+    # Regression: jax.jacfwd through window_update_and_matvec (and optax's mfac update)
+    # with the window a traced argument crashed XLA's CPU compiler ("Failed to translate
+    # module to LLVM IR": a float32 x float64 multiply from combine64's row slices).
+    m, d = 16, 64
+    state = mj.window_init(m, d, damp=0.1, dtype=jnp.float32)
+    for g in rng.standard_normal((3, d)).astype(np.float32):
+        state = mj.window_update(state, jnp.asarray(g))
+    g = jnp.asarray(rng.standard_normal(d).astype(np.float32))
+
+    def step(state, g):
+        return mj.window_update_and_matvec(state, g)[1]
+
+    forward = jax.jacfwd(lambda g: jax.jit(step)(state, g))(g)
+    reverse = jax.jacrev(lambda g: jax.jit(step)(state, g))(g)
+    assert_close(
+        np.asarray(forward),
+        np.asarray(reverse),
+        kappa=woodbury_kappa(np.asarray(state.grads, np.float64), 0.1) * 8,
+    )
+    opt = mj.mfac(m, 0.1)
+    opt_state = opt.init({"w": jnp.zeros(d, jnp.float32)})
+    jac = jax.jacfwd(lambda g: opt.update({"w": g}, opt_state)[0]["w"])(g)
+    assert jac.shape == (d, d) and bool(jnp.all(jnp.isfinite(jac)))
+
+
 # -- optax: hyper-parameters, leaves, defaults (issue 22) ------------------------------------
 
 

@@ -251,11 +251,14 @@ def combine64(G: Any, x: Any, a: Any) -> Any:
     m = G.shape[0]
     full = m // _ROW_GROUP
 
+    # Each row read by its own index: rows of one (8, d) slice, under jax.jacfwd of a
+    # jitted step whose window is traced, made XLA's CPU backend emit a float32 x float64
+    # multiply ("Failed to translate module to LLVM IR"); this form is no slower.
     def body(k: Any, y: Any) -> Any:
-        rows = lax.dynamic_slice_in_dim(G, k * _ROW_GROUP, _ROW_GROUP, axis=0)
-        c = lax.dynamic_slice_in_dim(a, k * _ROW_GROUP, _ROW_GROUP)
         for r in range(_ROW_GROUP):
-            y = y + c[r] * rows[r].astype(jnp.float64)
+            i = k * _ROW_GROUP + r
+            row = lax.dynamic_index_in_dim(G, i, axis=0, keepdims=False)
+            y = y + lax.dynamic_index_in_dim(a, i, keepdims=False) * row.astype(jnp.float64)
         return y
 
     y = jnp.zeros(G.shape[1:], jnp.float64)
