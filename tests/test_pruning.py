@@ -5,6 +5,7 @@ from __future__ import annotations
 import doctest
 import itertools
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -118,6 +119,20 @@ def test_saliencies_where_theta_squared_leaves_the_float32_range(rng, damp):
         want = t64**2 / (2 * np.diag(Finv)) if want is None else want
         assert np.all(np.isfinite(got))
         np.testing.assert_allclose(got, want, rtol=8 * eps, atol=0)
+
+
+@pytest.mark.parametrize("update", ["single", "joint"])
+def test_an_update_whose_coefficients_overflow_names_them(update):
+    # Regression: float32 gradients of ~1e20 (a well-conditioned F, damping scaled with
+    # them) overflowed theta_q / [F^-1]_qq, refused as "x must not contain NaN or
+    # infinity: x[3] is inf", an x the caller never passed.
+    rng = np.random.default_rng(14)
+    G = (rng.standard_normal((40, 20)) * 1e20).astype(np.float32)
+    theta = rng.standard_normal(20).astype(np.float32)
+    with pytest.raises(ValueError, match=r"coefficients .* overflow float32"):
+        with warnings.catch_warnings():  # NumPy's own, of the overflowing division
+            warnings.simplefilter("ignore", RuntimeWarning)
+            prune(theta, G, sparsity=0.5, damp=1e38, update=update)
 
 
 @pytest.mark.parametrize(

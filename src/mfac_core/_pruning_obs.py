@@ -696,6 +696,15 @@ def updated_weights(
         coef = _joint_coefficients(xp, theta, ihvp, selected, B, max_joint_size)
     else:
         coef = xp.where(selected, theta / (ihvp.diagonal() if diag is None else diag), zero)
+    # The weights are finite (checked): a coefficient that is not overflowed (F^{-1} of
+    # the Fisher's scale below theta / 3.4e38 in float32), which the product refused as
+    # an "x" the caller never passed.
+    if not is_dask_namespace(xp) and not bool(xp.all(xp.isfinite(coef))):
+        raise ValueError(
+            f"the OBS update's coefficients (theta over entries of F^-1) overflow "
+            f"{theta.dtype}: the Fisher's scale is beyond it (rescale the gradients and "
+            "the damping, or use float64)"
+        )
     return xp.where(gone, zero, theta - ihvp.matvec(coef))
 
 

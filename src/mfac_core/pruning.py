@@ -187,8 +187,9 @@ def prune(
     Raises
     ------
     ValueError
-        For a sparsity outside ``[0, 1)``, wrong shapes, unknown choices, or
-        NaN or infinity in a weight that ``mask`` keeps.
+        For a sparsity outside ``[0, 1)``, wrong shapes, unknown choices,
+        NaN or infinity in a weight that ``mask`` keeps, or an update whose
+        coefficients overflow theta's dtype (a Fisher's scale beyond it).
     TypeError
         For arrays of different libraries or dtypes.
     FactorizationError
