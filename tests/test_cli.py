@@ -1252,6 +1252,21 @@ def test_ihvp_out_of_memory_and_interrupt_exit_statuses(
     )
 
 
+def test_ihvp_out_of_memory_while_reading_is_the_out_of_memory_status(files, capsys, monkeypatch):
+    # Regression: out of memory while GRADS was mapped or read exited 2 with "cannot read
+    # GRADS file ...: [Errno 12] Cannot allocate memory"; the docs give 1 and "out of memory".
+    import errno
+
+    def no_memory(*args, **kwargs):
+        raise OSError(errno.ENOMEM, "Cannot allocate memory")
+
+    monkeypatch.setattr(np, "load", no_memory)
+    got = run(["ihvp", files["G"], files["v"], "-o", files["out"], "--damp", DAMP])
+    out, err = capsys.readouterr()
+    assert got == 1 and err == "mfac-core: error: out of memory\n" and out == ""
+    assert not files["out"].exists()
+
+
 _MAP_LARGER_THAN_ALLOWED = """
 import resource, sys
 from mfac_core._cli_input import load

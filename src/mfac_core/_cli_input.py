@@ -8,6 +8,7 @@ read once, into memory, and parsed from there. Errors are :class:`UserError`, wh
 
 from __future__ import annotations
 
+import errno
 import io
 import math
 import os
@@ -59,6 +60,8 @@ def load(path: str, what: str, mmap: bool) -> np.ndarray:
     UserError
         For a missing, unreadable, truncated or corrupt file, or one that is not an
         ``.npy`` file of real numbers.
+    MemoryError
+        Where the system has no memory to map or read it.
     """
     if not os.path.exists(path):
         raise UserError(f"{what} file not found: {path}")
@@ -86,6 +89,9 @@ def load(path: str, what: str, mmap: bool) -> np.ndarray:
                 raise
             arr = np.load(path, allow_pickle=False)  # e.g. an empty array cannot be mapped
     except (ValueError, OSError, EOFError) as exc:
+        if isinstance(exc, OSError) and exc.errno == errno.ENOMEM:
+            # Out of memory when mapped or read, as anywhere else: exit 1, not 2.
+            raise MemoryError(f"reading {what} file {path}") from None
         raise UserError(f"cannot read {what} file {path}: {exc}") from None
     return arr
 
