@@ -17,7 +17,7 @@ from ._torch_pruner_inputs import (
     check_damping_grid,
     check_differentiable,
     check_fisher_dtype,
-    check_kept_weights,
+    check_kept_layers,
     check_masks,
     check_weights_current,
     checked_state,
@@ -404,7 +404,7 @@ class MFACPruner:
         """
         sparsity = check_fraction(sparsity, "sparsity")
         check_weights_current(self.model, self.weights)
-        check_kept_weights(self.masks, self.weights)  # before they are copied to restore them
+        check_kept_layers(self.masks, self.weights)  # before they are copied to restore them
         check_damping_grid(dampings, select_damp, num_grads=self.num_grads)
         before = (
             {name: w.detach().clone() for name, w in self.weights.items()},
@@ -587,10 +587,12 @@ def _write_weights(
     def overflows(name: str) -> torch.Tensor:
         # The kept weights were finite (prune checks them): a kept value that is not is
         # the update's, beyond float32 or the weights' dtype. (A pruned one may hold
-        # anything until the masks zero it.)
+        # anything until the masks zero it.) theta's cast says it without the base's
+        # arithmetic: with a base the weights are wider, and finite theta stays finite.
         w, offset = weights[name], offsets[name]
+        part = theta[offset : offset + w.numel()].view(w.shape)
         kept = mask[offset : offset + w.numel()].view(w.shape)
-        return kept & ~torch.isfinite(new_weight(name).to(w.dtype))
+        return kept & ~torch.isfinite(part.to(w.dtype))
 
     # One transfer for all layers (a pruning step writes rarely, but a model has many).
     names = list(weights)

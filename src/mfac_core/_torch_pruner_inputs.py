@@ -24,6 +24,7 @@ __all__ = [
     "check_finite_row",
     "check_fisher_dtype",
     "check_float16",
+    "check_kept_layers",
     "check_masks",
     "check_weights_current",
     "chosen_weights",
@@ -390,7 +391,7 @@ def _check_keys(state: Mapping[str, Any], keys: Sequence[str], what: str) -> Non
         raise ValueError(f"{what}: " + "; ".join(f"{w} {ks}" for w, ks in found if ks))
 
 
-def check_kept_weights(masks: Any, weights: Mapping[str, torch.Tensor]) -> None:
+def check_kept_layers(masks: Any, weights: Mapping[str, torch.Tensor]) -> None:
     """:func:`check_masks`, then NaN or infinity among the kept weights, named by layer.
 
     The pruning functions name an entry of the flat ``theta`` (``theta[37] is nan``),
