@@ -342,6 +342,24 @@ def test_option_and_dtype_errors(rng):
         DaskStaticIHVP(Gd[0], damp=damp)
 
 
+def test_2_byte_vectors_are_widened_as_numpys(rng):
+    # Regression: Dask's namespace names no 2-byte dtype, so a float16 or bfloat16 vector
+    # was refused ("float32 or float64"), which the NumPy operator widens exactly.
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    G = rng.standard_normal((5, 30)).astype(np.float32)
+    numpy_op = StaticIHVP(G, damp=0.1)
+    dask_op = DaskStaticIHVP(da.from_array(G, chunks=(5, 7)), damp=0.1)
+    for dtype in (np.float16, ml_dtypes.bfloat16):
+        x = rng.standard_normal(30).astype(dtype)
+        got = dask_op.matvec(da.from_array(x, chunks=10)).compute()
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got, numpy_op.matvec(x))
+    unknown = da.from_array(x.astype(np.float32), chunks=9)
+    unknown = unknown[unknown == unknown]  # boolean indexing: length unknown
+    with pytest.raises(ValueError, match=r"compute_chunk_sizes\(\)"):
+        dask_op.matvec(unknown)
+
+
 @pytest.mark.parametrize("check_finite", [True, False])
 def test_a_failed_construction_holds_no_chunk_of_G_in_the_cluster(client, check_finite, rng):
     # G is persisted before its Gram is summed; a failure's traceback (which a notebook

@@ -557,9 +557,18 @@ def _mismatched_call(comm: Communicator, case: str) -> Any:
     g = rng.standard_normal(d)[lo:hi]
     if case == "reset" and comm.rank == 0:
         op.reset()
+    saved = op.state_dict()
+    if case == "check-vs-load":
+        op.update(g)
     before = op.state_dict()
     try:
-        if case == "update-vs-matvec" and comm.rank == 0:
+        if case == "check-vs-load":
+            # Same length and tag once: the others loaded while rank 0 checked, silently.
+            if comm.rank == 0:
+                op.check_state_dict(saved)
+            else:
+                op.load_state_dict(saved)
+        elif case == "update-vs-matvec" and comm.rank == 0:
             op.update(g)  # m + 20 numbers, as the others' matvec
         elif case == "step-vs-matvec" and comm.rank == 0:
             op.update_and_matvec(g)
@@ -572,7 +581,7 @@ def _mismatched_call(comm: Communicator, case: str) -> Any:
     return "no error"
 
 
-@pytest.mark.parametrize("case", ["update-vs-matvec", "step-vs-matvec", "reset"])
+@pytest.mark.parametrize("case", ["update-vs-matvec", "step-vs-matvec", "reset", "check-vs-load"])
 def test_different_operations_or_diverged_states_raise_on_every_rank(case: str) -> None:
     # Same reduction length (m + 20) on every rank: without the tag in the status
     # word the sums would mix and some ranks return a wrong answer silently.

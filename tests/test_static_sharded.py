@@ -477,6 +477,20 @@ def test_nan_in_one_shard(block_size: int | None) -> None:
         assert str(unchecked[1]).endswith(f"the gradients hold NaN or infinity: {named}")
 
 
+@pytest.mark.parametrize("block_size", [None, 3])
+def test_an_error_of_the_progress_callable_is_its_own(block_size: int | None) -> None:
+    # Regression: blocked, the set-up read any ValueError as its finiteness check's
+    # and raised "the squared norms of G_local's rows overflow float64" instead.
+    def stop(done: int, total: int) -> None:
+        raise ValueError("stopped by the caller")
+
+    results = _build_on_threads(
+        lambda rank, G: (G, 0.1), [3, 6, 3], block_size=block_size, progress=stop
+    )
+    _all_raise(results, ValueError)
+    assert all(str(r) == "stopped by the caller" for r in results)
+
+
 def test_a_nan_in_one_ranks_x_is_named_there() -> None:
     # As every operator names it (docs/mathematics.rst): the entry of the rank's own x, and
     # its global coordinate. Regression: "x must not contain NaN or infinity", no more.

@@ -17,6 +17,7 @@ import numpy as np
 from ._compat import (
     Array,
     device,
+    is_dask_namespace,
     is_jax_namespace,
     is_numpy_namespace,
     is_torch_namespace,
@@ -56,6 +57,12 @@ def half_dtype_name(xp: Any, dtype: Any) -> str | None:
     """
     if is_jax_namespace(xp):
         return None
+    if is_dask_namespace(xp):
+        # Dask's namespace names no 2-byte dtype, but its arrays hold NumPy's: a vector's
+        # is widened exactly as NumPy's (DaskStaticIHVP refuses a 2-byte G itself).
+        if dtype == np.float16:
+            return "float16"
+        return "bfloat16" if is_numpy_bfloat16(dtype) else None
     # Not ``dtype == getattr(xp, "float16", None)``: a NumPy dtype equals None (float64).
     half = getattr(xp, "float16", None)
     if half is not None and dtype == half:

@@ -426,7 +426,8 @@ class DynamicIHVP(WindowCopies):
         TypeError
             If ``slot`` is not an int.
         ValueError
-            If ``slot`` holds no gradient.
+            If ``slot`` holds no gradient, or (without ``zero_init``) if a remaining
+            gradient would be too large for the smaller window, as :meth:`update` says.
         FactorizationError
             If the remaining window cannot be factorised (it is then unchanged).
         """

@@ -63,6 +63,8 @@ class Pending(NamedTuple):
     shift: float = 1.0
     quotient: Any = None
     trace: Any = None
+    #: Whether ``g`` is known to be finite (called only where ``|g|^2`` overflows).
+    known_finite: Callable[[], bool] | None = None
 
     def arrays(self) -> list[Any]:
         """The 0-d arrays to read, in the order :meth:`judge` takes their values."""
@@ -95,7 +97,7 @@ class Pending(NamedTuple):
             judge_gradient(op, self.g, values[0], finite=self.finite)
             values = values[1:]
         if self.norm2 is not None:
-            judge_conditioning(values[0], self.shift)
+            judge_conditioning(values[0], self.shift, known_finite=self.known_finite)
             values = values[1:]
         return values[(self.quotient is not None) + (self.trace is not None) :]
 
@@ -107,12 +109,16 @@ def with_norm(
     *,
     quotient: Any = None,
     trace: Any = None,
+    known_finite: Callable[[], bool] | None = None,
 ) -> Pending:
     """``pending`` with the gradient's squared norm to judge against ``shift``, and the
-    edited Gram's ``quotient`` and ``trace`` to read (:meth:`Pending.kappa_bounds`)."""
+    edited Gram's ``quotient`` and ``trace`` to read (:meth:`Pending.kappa_bounds`);
+    ``known_finite``: see :func:`judge_conditioning`."""
     if pending is None:
-        return Pending(None, None, False, norm2, shift, quotient, trace)
-    return pending._replace(norm2=norm2, shift=shift, quotient=quotient, trace=trace)
+        return Pending(None, None, False, norm2, shift, quotient, trace, known_finite)
+    return pending._replace(
+        norm2=norm2, shift=shift, quotient=quotient, trace=trace, known_finite=known_finite
+    )
 
 
 def check_gradient(op: Any, g: Array, *, deferred: bool = False, finite: bool = False) -> Any:
@@ -242,23 +248,59 @@ def check_representable(op: Any, g: Array, biggest: float) -> None:
         if not math.isfinite(biggest):  # a NaN or infinity given is reported as such
             raise non_finite_refusal(op, g)
         raise Refused(
-            f"g does not fit the window's {op.storage_dtype} storage: an entry "
-            f"({biggest:g}) overflows its range (largest finite {top:g}); scale the "
+            f"g does not fit the window's {op.storage_dtype} storage: an entry of magnitude "
+            f"{biggest:g} overflows its range (largest finite {top:g}); scale the "
             "gradients or store them in a wider dtype",
             finite=True,
         )
 
 
-def judge_conditioning(norm2: float, shift: float) -> None:
+def judge_removal(op: Any, remaining: list[int]) -> None:
+    """Refuse a removal that leaves a gradient the window would refuse to take.
+
+    Without ``zero_init`` the normalisation ``1/k`` becomes ``1/(k - 1)``: a remaining
+    gradient may then make ``eps(float64) kappa >= 1`` (:func:`judge_conditioning`),
+    where no digit of a product is correct. The Gram matrix is replicated, so every
+    rank of a sharded window decides alike.
+    """
+    if not remaining:
+        return
+    xp = op._xp
+    idx = xp.asarray(remaining, dtype=xp.int64, device=op.device)
+    norm2 = float(xp.max(xp.take(xp.linalg.diagonal(op._gram), idx, axis=0)))
+    shift = op._shift(len(remaining))
+    kappa = 1.0 + norm2 / shift
+    if is_hopeless(kappa, eps=EPS64):
+        raise ValueError(
+            f"the window without this gradient would hold one too large for it: its squared "
+            f"norm {norm2:.3g} against the damping term {shift:.3g} ({len(remaining)} damp) "
+            f"makes kappa >= {kappa:.3g}, at or beyond 1/eps(float64) = {1 / EPS64:.3g}, as "
+            "update refuses; remove that gradient first, or increase damp (set_damp)"
+        )
+
+
+def judge_conditioning(
+    norm2: float, shift: float, *, known_finite: Callable[[], bool] | None = None
+) -> None:
     """Refuse a gradient whose squared norm makes ``eps(float64) kappa >= 1``.
 
     ``norm2 = |g|^2`` is a diagonal entry of the window's Gram matrix with ``g``,
     so ``kappa >= 1 + norm2 / shift`` (``shift = k damp``, or ``m damp`` with
     ``zero_init``): the same rule as the JAX window's. The float64 factor and
     passes then leave no correct digit in any product with that window, and a
-    window keeps such a gradient for m steps. A ``norm2`` that is not finite is
-    left to the other checks (NaN, infinity, the factorisation).
+    window keeps such a gradient for m steps. A ``norm2`` that overflows float64
+    is the rule's last case where ``known_finite()`` says ``g`` is finite (a
+    float64 gradient of entries beyond ~1e154); otherwise a ``norm2`` that is not
+    finite is left to the other checks (NaN, infinity, the factorisation).
     """
+    if norm2 == math.inf and known_finite is not None and known_finite():
+        raise Refused(
+            "g is too large for this window: its squared norm overflows float64, so the "
+            "condition number kappa >= 1 + |g|^2 / (k damp) is beyond 1/eps(float64) and no "
+            "digit of a product would be correct; clip or scale the gradients",
+            finite=True,
+            hopeless=True,
+        )
     kappa = 1.0 + norm2 / shift
     if math.isfinite(norm2) and is_hopeless(kappa, eps=EPS64):
         raise Refused(

@@ -10,7 +10,8 @@ changes the operator (the free factor buffer is scratch).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +20,7 @@ import numpy as np
 from . import _capacitance, _engine, _host_rows, _linalg, _pieces
 from ._attributes import reassign
 from ._capacitance import DRIFT_TOL, CapacitanceFactor, relative_column_drift
-from ._compat import Array, host_values, take
+from ._compat import Array, has_tangent, host_values, take
 from ._compat import device as device_of
 from ._dynamic_checks import KappaBounds, Pending, with_norm
 from ._errors import NotPositiveDefinite
@@ -270,14 +271,99 @@ def committed(op: Any, factor: SlotFactor, *, refactored: bool) -> None:
         op._edits += 1
 
 
+#: What an edit of a window replaces (never edits in place): :func:`all_or_nothing` keeps
+#: them, and puts them back where the edit is cut short.
+_REPLACED = (
+    "_factor",
+    "_version",
+    "_edits",
+    "refactor_count",
+    "damp",
+    "_gram",
+    "_exact_gram",
+    "_window",
+    "_free",
+    "_warned_hopeless",
+)
+
+
+@contextmanager
+def all_or_nothing(
+    op: Any, *, slot: int | None = None, undo: Callable[[], None] | None = None
+) -> Iterator[None]:
+    """Make the edit of ``op`` in the ``with`` block all of it, or none of it.
+
+    The block's statements cannot fail, but an interrupt (Ctrl-C, or any exception a
+    signal's handler raises) is raised between two of them, and a warning that is an
+    error by a filter may refuse the edit: then the attributes of ``_REPLACED`` are
+    put back (the block assigns them new objects, the window's deques included), with
+    the Gram matrix's row and column ``slot``, which the block may edit in place (it
+    writes both alike), and whatever ``undo`` restores (a buffer row).
+    """
+    saved = [(name, getattr(op, name, False)) for name in _REPLACED]
+    gram = op._gram
+    row = None if slot is None else op._xp.asarray(gram[slot, :], copy=True)
+    try:
+        yield
+    except BaseException:
+        for name, value in saved:
+            object.__setattr__(op, name, value)
+        # Only a row that changed: under torch.func a write into the captured Gram is refused.
+        if row is not None and not bool(op._xp.all(gram[slot, :] == row)):
+            gram[slot, :] = row
+            gram[:, slot] = row
+        if undo is not None:
+            undo()
+        raise
+
+
+def completed(commit: Callable[[], None]) -> None:
+    """Run ``commit`` to its end, also where an interrupt is raised in it, then raise that.
+
+    For commits that replace the whole state (a reset, a loaded state), where putting the
+    old one back would need a copy of the buffer: ``commit`` cannot fail otherwise and must
+    give the same state when run again.
+    """
+    interrupt: BaseException | None = None
+    for _ in range(3):  # an interrupt in the rerun too: run it once more
+        try:
+            commit()
+        except BaseException as exc:
+            interrupt = interrupt or exc
+            continue
+        break
+    if interrupt is not None:
+        raise interrupt
+
+
+def warned_anew(op: Any, factor: CapacitanceFactor) -> bool:
+    """Warn where ``factor``'s window is hopeless, whether or not the window warned before.
+
+    For a new set-up of the window (another damping, a loaded state): returns whether it
+    is hopeless, the warn-once note that the caller commits with the factor.
+    """
+    if factor.kappa is None:
+        return False
+    hopeless = _is_hopeless(factor.kappa[0])
+    if hopeless:
+        damp = factor.shift / (op.num_grads if op.zero_init else max(factor.size, 1))
+        _capacitance.warn_if_passes_hopeless(factor.kappa[0], damp=damp)
+    return hopeless
+
+
 def redamped(op: Any, damp: float) -> None:
     """The body of :meth:`DynamicIHVP.set_damp` (see there): refactorised, then committed."""
     given = damp
     op._agreed("set_damp", lambda: _window_damp(op, given))
     damp = _window_damp(op, damp)
-    factor = factorized(op, op._gram, list(op._factor.slots), damp)
-    reassign(op, "damp", damp)
-    op._commit(factor, refactored=True)
+    factor = factorized(op, op._gram, list(op._factor.slots), damp, warn=False)
+    # Another damping is a new set-up: it warns where the window is hopeless with it,
+    # also after a warning with the old one (a smaller damping would pass in silence).
+    hopeless = warned_anew(op, factor.factor)
+    with all_or_nothing(op):
+        op._warned_hopeless = hopeless
+        reassign(op, "damp", damp)
+        op._commit(factor, refactored=True)
 
 
 def _window_damp(op: Any, damp: Any) -> float:
@@ -354,11 +440,15 @@ def warn_if_hopeless(op: Any, factor: CapacitanceFactor) -> None:
     """
     if factor.kappa is None:
         return
-    hopeless = bool(_capacitance.is_imprecise(factor.kappa[0], eps=_capacitance.EPS64))
-    if hopeless and not getattr(op, "_warned_hopeless", False):
-        damp = factor.shift / (op.num_grads if op.zero_init else max(factor.size, 1))
-        _capacitance.warn_if_passes_hopeless(factor.kappa[0], damp=damp)
-    op._warned_hopeless = hopeless
+    if getattr(op, "_warned_hopeless", False):
+        op._warned_hopeless = _is_hopeless(factor.kappa[0])
+    else:
+        op._warned_hopeless = warned_anew(op, factor)
+
+
+def _is_hopeless(kappa: float) -> bool:
+    """Whether eps(float64) * kappa**1.5 >= 1 for a lower bound ``kappa``."""
+    return bool(_capacitance.is_imprecise(kappa, eps=_capacitance.EPS64))
 
 
 def warn_if_edit_hopeless(op: Any, bounds: KappaBounds | None) -> None:
@@ -420,7 +510,14 @@ def edited(
     # The new gradient's Gram diagonal bounds kappa from below: a gradient that makes
     # the window hopeless is refused (read with the step's other checks).
     quotient, trace = edited_gram_sums(op, slot, b, k)
-    pending = with_norm(pending, b[slot], op._shift(k), quotient=quotient, trace=trace)
+    pending = with_norm(
+        pending,
+        b[slot],
+        op._shift(k),
+        quotient=quotient,
+        trace=trace,
+        known_finite=lambda: known_finite(op, speculation, locate),
+    )
     if gram is not None:
         bounds = judge(op, pending, [])[1]
         return factorized(op, gram, slots, exact=True, warn=False, locate=locate), True, bounds
@@ -431,6 +528,9 @@ def edited(
         op.update_method == "incremental"
         and len(current.slots) == k == op.num_grads
         and op._edits < op.refactor_every
+        # The edit's arithmetic reads the new row's pivot as a float: a forward-mode
+        # tangent of the row (or of the window's Gram) goes the full factorisation's way.
+        and not (has_tangent(b) or has_tangent(op._gram))
     ):
         xp = op._xp
         row = current.slots.index(slot)
@@ -483,6 +583,22 @@ def edited(
     gram[slot, :] = b
     gram[:, slot] = b
     return factorized(op, gram, slots, warn=False, locate=locate), True, bounds
+
+
+def known_finite(
+    op: Any, speculation: Speculation | None, locate: Callable[[], str | None] | None
+) -> bool:
+    """Whether the gradient just put in is finite: checked so, or found so (rare path).
+
+    Its values were checked where the window checks them, and where a step's
+    speculation refuses NaN and infinity (unsharded; as ``insert`` asks); else
+    ``locate`` (:func:`factorized`'s) finds no NaN or infinity in it.
+    """
+    if op.check_finite:
+        return True
+    if speculation is not None and not speculation.say_overflow and not op._collective_checks:
+        return True
+    return locate is not None and locate() is None
 
 
 def drift(op: Any, edited: SlotFactor, new_diagonal: Array) -> Array:

@@ -32,7 +32,7 @@ from ._deprecation import (
     warn_deprecated,
 )
 from ._dtypes import HALF_DTYPES, compute_dtype, half_dtype_name, numpy_bfloat16, untyped_note
-from ._dynamic_factor import factorized
+from ._dynamic_factor import completed, factorized
 from ._finite import check_finite, non_finite_entry
 from ._gram import rows_gram
 from ._layout import BlockGroup, chunk_gram, pieces
@@ -309,19 +309,24 @@ def build(
 def emptied(op: Any) -> None:
     """The body of :meth:`DynamicIHVP.reset` (see there)."""
     m = op.num_grads
-    op._G[...] = 0
-    op._gram[...] = 0
-    op._exact_gram = True
-    op._edits = 0
-    op._version += 1
-    op.refactor_count = 0
-    if op.zero_init:
-        op._window = deque(range(m))
-        op._free = []
-    else:
-        op._window = deque()
-        op._free = list(range(m - 1, -1, -1))
-    op._commit(factorized(op, op._gram, list(op._window)), refactored=True)
+    xp = op._xp
+    gram = xp.zeros((m, m), dtype=xp.float64, device=op.device)
+    window = deque(range(m)) if op.zero_init else deque()
+    factor = factorized(op, gram, list(window))
+    version = op._version + 1
+    free = [] if op.zero_init else list(range(m - 1, -1, -1))
+
+    def commit() -> None:
+        op._G[...] = 0
+        op._gram = gram
+        op._exact_gram = True
+        op._edits = 0
+        op._version = version
+        op.refactor_count = 0
+        op._window, op._free = deque(window), list(free)
+        op._commit(factor, refactored=True)
+
+    completed(commit)
 
 
 def filled(
@@ -332,7 +337,7 @@ def filled(
     if G.ndim != 2:
         raise ValueError(f"G must be 2-D (k, d), got shape {tuple(G.shape)}")
     k, d = G.shape
-    num_grads = k if num_grads is None else check_count(num_grads, "num_grads")
+    num_grads = window_size(G, num_grads)
     if k > num_grads:
         raise ValueError(f"G holds {k} gradients, more than num_grads={num_grads}")
     # The deprecated keywords merged here, so that their warnings name from_window.
@@ -343,6 +348,18 @@ def filled(
         check_finite(xp, G, "G")
     fill(op, xp, G, checked=True)
     return op
+
+
+def window_size(G: Array, num_grads: Any) -> int:
+    """``from_window``'s ``num_grads`` checked, or G's row count where it is None."""
+    if num_grads is not None:
+        return check_count(num_grads, "num_grads")
+    if G.shape[0] == 0:
+        raise ValueError(
+            f"G holds no gradients (shape {tuple(G.shape)}): pass num_grads, the window's "
+            "size, to start from an empty window"
+        )
+    return int(G.shape[0])
 
 
 def fill(op: Any, xp: Any, G: Array, *, checked: bool = False) -> None:

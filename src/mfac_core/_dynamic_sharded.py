@@ -32,7 +32,7 @@ NUM_SETTINGS = 10
 # replicated states diverged (``reset`` on some ranks only, any number of times),
 # raise instead of mixing their sums.
 OP_UPDATE, OP_PRODUCT, OP_REMOVE, OP_SET_DAMP = 1, 2, 3, 4
-OP_LOAD, OP_FROM_WINDOW, OP_INIT = 5, 6, 7
+OP_LOAD, OP_FROM_WINDOW, OP_INIT, OP_CHECK_STATE = 5, 6, 7, 8
 OP_COLUMNS = 8
 
 #: The operations that the window's methods name (``DynamicIHVP._reduced``), by code.
@@ -42,6 +42,8 @@ OPERATIONS = {
     "remove": OP_REMOVE,
     "set_damp": OP_SET_DAMP,
     "load_state_dict": OP_LOAD,
+    # Its own code: one rank's check beside the others' load raises on every rank.
+    "check_state_dict": OP_CHECK_STATE,
 }
 
 #: The class's name in the messages of its collective checks.
@@ -201,11 +203,12 @@ def tag(op: Any, code: int) -> tuple[Any, ...]:
     on one rank would bring back: ranks whose counts differ raise, whatever
     the sequence of local edits. ``load_state_dict`` replaces the state, so
     its tag is the operation's alone: loading every rank from one checkpoint
-    mends diverged states (and restarts the count on every rank). Every tag
+    mends diverged states (and restarts the count on every rank); so is that of
+    ``check_state_dict``, which may check a state for diverged windows. Every tag
     holds the operator's identity, so that ranks applying two windows in
     different orders raise instead of adding one's sums to the other's.
     """
-    if code == OP_LOAD:
+    if code in (OP_LOAD, OP_CHECK_STATE):
         return ("DynamicIHVP", code, op._identity)
     return ("DynamicIHVP", code, op._identity, op._version)
 

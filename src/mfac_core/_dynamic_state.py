@@ -19,7 +19,7 @@ from ._attributes import BUILT_WITH, reassign
 from ._capacitance import DRIFT_TOL, CapacitanceFactor, check_window_damp
 from ._compat import Array, is_finite_array, refuse_derivatives, stored
 from ._dtypes import byte_order_note, untyped_note
-from ._dynamic_factor import SlotFactor, evenly_spaced, factorized
+from ._dynamic_factor import SlotFactor, completed, evenly_spaced, factorized, warned_anew
 from ._dynamic_setup import local_gram
 from ._operator import LinearOperator
 from ._validation import check_count, check_damp, check_flag, check_same_space
@@ -152,15 +152,27 @@ class LoadedState:
     exact: bool
 
     def commit(self, op: Any) -> None:
-        """Replace the state of ``op`` by this one (nothing here can fail)."""
-        reassign(op, "damp", self.damp)
-        op._G[...] = self.grads
-        op._gram = self.gram
-        op._exact_gram = self.exact
-        op._window, op._free = deque(self.window), list(self.free)
-        op._factor = self.factor
-        op._edits = self.edits
-        op._version = 0
+        """Replace the state of ``op`` by this one (nothing here can fail but a warning).
+
+        A loaded window is a new set-up: it warns where it is hopeless whatever the
+        operator warned of before (a refactorised factor knows; a loaded one is judged
+        by the window's next edits), and an interrupt completes the load before it is
+        raised (``completed``).
+        """
+        hopeless = warned_anew(op, self.factor.factor)
+
+        def commit() -> None:
+            reassign(op, "damp", self.damp)
+            op._G[...] = self.grads
+            op._gram = self.gram
+            op._exact_gram = self.exact
+            op._window, op._free = deque(self.window), list(self.free)
+            op._factor = self.factor
+            op._edits = self.edits
+            op._version = 0
+            op._warned_hopeless = hopeless
+
+        completed(commit)
 
     @classmethod
     def check(
@@ -188,7 +200,7 @@ class LoadedState:
             return gram, U, window, free, slots, edits, saved_damp, target, exact
 
         total = op._reduced(
-            "load_state_dict",
+            "load_state_dict" if refactor else "check_state_dict",
             local,
             m * m,
             agree=replicated,
@@ -213,7 +225,7 @@ class LoadedState:
                 gram,
                 window,
                 free,
-                factorized(op, gram, list(slots), target),
+                factorized(op, gram, list(slots), target, warn=False),
                 0,
                 target,
                 exact,

@@ -9,6 +9,7 @@ put back and the operator is as it was.
 from __future__ import annotations
 
 import operator
+from collections import deque
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -23,11 +24,13 @@ from ._dynamic_checks import (
     checked_values,
     gradient_culprit,
     judge_gradient,
+    judge_removal,
     values_checked,
 )
 from ._dynamic_factor import (
     NotFiniteStep,
     Speculation,
+    all_or_nothing,
     edited,
     factorized,
     warn_if_edit_hopeless,
@@ -238,6 +241,7 @@ def place(
     speculation: Speculation | None = None,
     store: RowStore | None = None,
     part: RankPart | None = None,
+    slots: tuple[deque[int], list[int]] | None = None,
 ) -> tuple[Array, Any, Any]:
     """Put gradient ``g`` into ``slot``; return it (checked) and its Gram row (float64).
 
@@ -260,6 +264,8 @@ def place(
     ``store`` (a :class:`RowStore` for ``slot``) writes the row on the host in one read of
     ``g`` and judges ``g``'s values there, the row then put back if they are refused.
     ``part`` (sharded only): the optimiser's part in the row's reduction (:func:`written_row`).
+    ``slots``: the window's new ``(_window, _free)``, committed with the row and the factor,
+    all of them or (an interrupt between two statements) none (``all_or_nothing``).
     """
     xp = op._xp
     old = None if store is not None else xp.asarray(op._G[slot, ...], copy=True)
@@ -268,7 +274,16 @@ def place(
     # Whether the row is written: a gradient refused before (under torch.func, where a
     # write of the old row back is refused too) puts nothing back.
     writing: list[bool] = []
-    try:
+
+    def put_back() -> None:
+        if store is not None:
+            store.restore()
+        elif writing:
+            op._G[slot, ...] = old
+
+    # One block from the row's write to the commit: whatever stops it (a refusal, an
+    # error, an interrupt between two statements) leaves the window as it was.
+    with all_or_nothing(op, slot=slot, undo=put_back):
         if b is None:
             g, b, product = written_row(op, slot, g, store, part, writing)
             if speculation is not None:
@@ -308,18 +323,14 @@ def place(
         else:
             # A row edit has no kappa bounds of its own: those edited() read decide.
             warn_if_edit_hopeless(op, bounds)
-    except BaseException:
-        if store is not None:
-            store.restore()
-        elif writing:
-            op._G[slot, ...] = old
-        raise
-    if gram is not None:
-        op._gram = gram
-        op._exact_gram = True
-    op._gram[slot, :] = b
-    op._gram[:, slot] = b
-    op._commit(factor, refactored=refactored)
+        if gram is not None:
+            op._gram = gram
+            op._exact_gram = True
+        op._gram[slot, :] = b
+        op._gram[:, slot] = b
+        op._commit(factor, refactored=refactored)
+        if slots is not None:
+            op._window, op._free = slots
     return g, b, (b[:, None] if product is None else product)
 
 
@@ -418,14 +429,22 @@ def insert(
             if store is None:
                 g = checked_values(op, g, finite=finite)
     slot = op._window[0] if op.is_full else op._free[-1]
-    g, _, product = place(
-        op, slot, g, pending=pending, speculation=speculation, store=store, part=part
-    )
+    window, free = deque(op._window), list(op._free)
     if op.is_full:
-        op._window.popleft()
+        window.popleft()
     else:
-        op._free.pop()
-    op._window.append(slot)
+        free.pop()
+    window.append(slot)
+    g, _, product = place(
+        op,
+        slot,
+        g,
+        pending=pending,
+        speculation=speculation,
+        store=store,
+        part=part,
+        slots=(window, free),
+    )
     return g, product
 
 
@@ -557,25 +576,32 @@ def remove_slot(op: Any, slot: int, /) -> None:
     op._agreed("remove", check)
     slot = check()
     xp = op._xp
+    window = deque(s for s in op._window if s != slot)
     if op.zero_init:
+        window.appendleft(slot)
         place(
             op,
             slot,
             xp.zeros((op.dim,), dtype=op.dtype, device=op.device),
             xp.zeros((op.num_grads,), dtype=xp.float64, device=op.device),
+            slots=(window, list(op._free)),
         )
-        op._window.remove(slot)
-        op._window.appendleft(slot)
         return
     # The normalisation 1/k changes: refactorise without the slot (its Gram row
     # is not read), then clear it; a failure leaves the window as it was.
-    factor = factorized(op, op._gram, [s for s in op._window if s != slot])
-    op._window.remove(slot)
-    op._free.append(slot)
-    op._G[slot, ...] = 0
-    op._gram[slot, :] = 0
-    op._gram[:, slot] = 0
-    op._commit(factor, refactored=True)
+    judge_removal(op, list(window))
+    factor = factorized(op, op._gram, list(window))
+    old = xp.asarray(op._G[slot, ...], copy=True)
+
+    def put_back() -> None:
+        op._G[slot, ...] = old
+
+    with all_or_nothing(op, slot=slot, undo=put_back):
+        op._window, op._free = window, [*op._free, slot]
+        op._G[slot, ...] = 0
+        op._gram[slot, :] = 0
+        op._gram[:, slot] = 0
+        op._commit(factor, refactored=True)
 
 
 # -- products ----------------------------------------------------------------------

@@ -14,7 +14,7 @@ from ._compat import Array
 from ._compat import device as device_of
 from ._deprecation import register_sharded_form, show_init_signature
 from ._dynamic import DynamicIHVP
-from ._dynamic_setup import WindowOptions, build, fill, window_options
+from ._dynamic_setup import WindowOptions, build, fill, window_options, window_size
 from ._dynamic_sharded import (
     OPERATIONS,
     OWNER,
@@ -29,7 +29,7 @@ from ._dynamic_sharded import (
 from ._finite import shard_overflow_once
 from ._sharding import ShardLayout, copied_identity
 from ._torch_compile import eager_methods_under_torch_compile
-from ._validation import check_count, namespace_of
+from ._validation import namespace_of
 from .distributed import Communicator, check_communicator
 
 __all__ = ["ShardedDynamicIHVP"]
@@ -227,8 +227,8 @@ class ShardedDynamicIHVP(DynamicIHVP):
         comm = check_communicator(comm)
         num_grads = agreed_rows(comm, G, num_grads, _checks_finite(options))
         xp = namespace_of(G, "G")
-        k, d = G.shape
-        num_grads = k if num_grads is None else check_count(num_grads, "num_grads")
+        d = G.shape[1]
+        num_grads = window_size(G, num_grads)
         op = cls(
             num_grads,
             d,

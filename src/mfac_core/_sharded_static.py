@@ -422,9 +422,12 @@ def build(
                     exc if entry is None else _capacitance.non_finite_gram_error(agreed.damp, entry)
                 )
                 return _own_row(xp, dev, comm, [1.0, 1.0, 1.0, 1.0, 1.0])
-            except ValueError:
-                # The check's refusal named the shard's columns: name the global ones.
-                if agreed.check_finite:
+            except ValueError as exc:
+                # Name the global columns; another ValueError (progress's) is the caller's.
+                if agreed.check_finite and (
+                    _non_finite_entry(xp, G, start) is not None
+                    or str(exc).startswith("the squared norms of")
+                ):
                     raise _non_finite(xp, G, start) from None
                 raise
             state["factors"] = result.factors
