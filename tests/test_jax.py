@@ -1773,6 +1773,92 @@ def test_mfac_on_a_two_device_mesh_needs_no_mesh_context_outside_of_jit():
     assert proc.returncode == 0 and "sharded ok" in proc.stdout, proc.stdout + proc.stderr
 
 
+_SHARD_MAP_CHILD = """
+import numpy as np, jax, jax.numpy as jnp
+jax.config.update("jax_enable_x64", True)
+from jax.sharding import Mesh, PartitionSpec as P
+from mfac_core import jax as mj
+
+mesh = Mesh(np.array(jax.devices()), ("x",))
+rng = np.random.default_rng(0)
+m, d = 4, 64
+G = jnp.asarray(rng.standard_normal((2, d)), jnp.float32)
+W = jnp.asarray(rng.standard_normal((2, m, d)), jnp.float32)
+base = mj.window_init(m, d, damp=0.1, dtype=jnp.float32)
+states = jax.vmap(lambda w: mj.window_update(base, w[0]))(W)
+for _ in range(m):  # full windows: the next update is a row edit
+    states = jax.vmap(mj.window_update)(states, G)
+
+
+def own_window(S, g):  # each device its own window and gradient
+    s = jax.tree_util.tree_map(lambda a: a[0], S)
+    s, y = mj.window_update_and_matvec(s, g[0])
+    return jax.tree_util.tree_map(lambda a: a[None], s), y[None]
+
+
+def own_optimizer(w):  # a window made on the device, over the device's own parameters
+    opt = mj.mfac(m, 0.1)
+    p = {"w": w[0]}
+    return opt.update({"w": jnp.sin(p["w"])}, opt.init(p), p)[0]["w"][None]
+
+
+def own_operator(Gl, x):
+    return (mj.static_ihvp(Gl, damp=0.1) @ x[0])[None]
+
+
+spec = P("x")
+two = (spec, spec)
+_, Y = jax.jit(jax.shard_map(own_window, mesh=mesh, in_specs=two, out_specs=two))(states, G)
+want = jax.vmap(mj.window_update_and_matvec)(states, G)[1]
+assert np.array_equal(np.asarray(Y), np.asarray(want))
+U = jax.jit(jax.shard_map(own_optimizer, mesh=mesh, in_specs=spec, out_specs=spec))(G)
+opt = mj.mfac(m, 0.1)
+want = [opt.update({"w": jnp.sin(G[i])}, opt.init({"w": G[i]}))[0]["w"] for i in range(2)]
+assert np.array_equal(np.asarray(U), np.asarray(jnp.stack(want)))
+Gs = W.reshape(2 * m, d)
+Y = jax.jit(jax.shard_map(own_operator, mesh=mesh, in_specs=two, out_specs=spec))(Gs, G)
+for i in range(2):
+    want = mj.static_ihvp(Gs[i * m : (i + 1) * m], damp=0.1) @ G[i]
+    assert np.array_equal(np.asarray(Y[i]), np.asarray(want))
+print("shard_map ok")
+"""
+
+
+@pytest.mark.skipif(not hasattr(jax, "shard_map"), reason="JAX without jax.shard_map")
+def test_windows_and_operators_of_each_devices_own_arrays_under_shard_map():
+    # Regression: the passes' loops started from zeros, and a window's skipped edit gave
+    # constants, which shard_map types as the same on every device, while the loops'
+    # and the edit's results vary over them: "scan body function carry input and carry
+    # output must have equal types" (and "cond branches must have equal output types").
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2"
+    env = {**os.environ, "PYTHONPATH": PACKAGE_PARENT, "XLA_FLAGS": flags.strip()}
+    proc = subprocess.run(
+        [sys.executable, "-c", _SHARD_MAP_CHILD],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0 and "shard_map ok" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_a_refactor_every_beyond_int32_means_never():
+    # Regression: window_init and mfac raised a bare OverflowError for 2**31, and an
+    # injected 2**40 (int64 in 64-bit mode) wrapped to 0: a refactorisation every step.
+    top = np.iinfo(np.int32).max
+    state = mj.window_init(2, 3, damp=0.1, dtype=jnp.float64, refactor_every=2**40)
+    assert int(state.refactor_every) == top
+    inject = optax.inject_hyperparams(mj.mfac, static_args=("num_grads",))
+    opt = inject(num_grads=2, damp=0.1, refactor_every=2**40)
+    params = {"w": jnp.ones(3, jnp.float64)}
+    opt_state = opt.init(params)
+    for k in range(6):
+        _, opt_state = opt.update({"w": jnp.arange(3.0) + k}, opt_state, params)
+    window = opt_state.inner_state.window
+    assert int(window.refactor_every) == top
+    assert int(window.refactors) == 0  # zero_init: every step an edit (wrapped: 6 of 6)
+
+
 def test_window_refuses_a_damping_whose_shift_overflows_with_the_cores_message(rng):
     """m damp beyond float64's range: refused at the door in DynamicIHVP's words.
 

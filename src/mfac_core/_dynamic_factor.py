@@ -289,27 +289,35 @@ _REPLACED = (
 
 @contextmanager
 def all_or_nothing(
-    op: Any, *, slot: int | None = None, undo: Callable[[], None] | None = None
-) -> Iterator[None]:
+    op: Any, *, undo: Callable[[], None] | None = None
+) -> Iterator[Callable[[int, Any], None]]:
     """Make the edit of ``op`` in the ``with`` block all of it, or none of it.
 
-    The block's statements cannot fail, but an interrupt (Ctrl-C, or any exception a
-    signal's handler raises) is raised between two of them, and a warning that is an
-    error by a filter may refuse the edit: then the attributes of ``_REPLACED`` are
-    put back (the block assigns them new objects, the window's deques included), with
-    the Gram matrix's row and column ``slot``, which the block may edit in place (it
-    writes both alike), and whatever ``undo`` restores (a buffer row).
+    Whatever stops the block (a refusal, an error, a warning that a filter makes an
+    error, or an interrupt, which Python raises between two statements) puts back the
+    attributes of ``_REPLACED`` (the block assigns them new objects, the window's
+    deques included), the Gram rows written through the function the block is given
+    (``set_row(slot, b)`` sets row and column ``slot`` of the window's Gram matrix, in
+    place), and whatever ``undo`` restores (a buffer row). A row not written is not
+    put back: no device read on a refused step, and no write into a Gram that
+    torch.func captured.
     """
     saved = [(name, getattr(op, name, False)) for name in _REPLACED]
     gram = op._gram
-    row = None if slot is None else op._xp.asarray(gram[slot, :], copy=True)
+    rows: list[tuple[int, Any]] = []
+
+    def set_row(slot: int, b: Any) -> None:
+        if op._gram is gram:  # the saved Gram itself is edited: keep the row first
+            rows.append((slot, op._xp.asarray(gram[slot, :], copy=True)))
+        op._gram[slot, :] = b
+        op._gram[:, slot] = b
+
     try:
-        yield
+        yield set_row
     except BaseException:
         for name, value in saved:
             object.__setattr__(op, name, value)
-        # Only a row that changed: under torch.func a write into the captured Gram is refused.
-        if row is not None and not bool(op._xp.all(gram[slot, :] == row)):
+        for slot, row in reversed(rows):
             gram[slot, :] = row
             gram[:, slot] = row
         if undo is not None:

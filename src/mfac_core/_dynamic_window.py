@@ -283,7 +283,7 @@ def place(
 
     # One block from the row's write to the commit: whatever stops it (a refusal, an
     # error, an interrupt between two statements) leaves the window as it was.
-    with all_or_nothing(op, slot=slot, undo=put_back):
+    with all_or_nothing(op, undo=put_back) as set_row:
         if b is None:
             g, b, product = written_row(op, slot, g, store, part, writing)
             if speculation is not None:
@@ -326,8 +326,7 @@ def place(
         if gram is not None:
             op._gram = gram
             op._exact_gram = True
-        op._gram[slot, :] = b
-        op._gram[:, slot] = b
+        set_row(slot, b)
         op._commit(factor, refactored=refactored)
         if slots is not None:
             op._window, op._free = slots
@@ -596,11 +595,10 @@ def remove_slot(op: Any, slot: int, /) -> None:
     def put_back() -> None:
         op._G[slot, ...] = old
 
-    with all_or_nothing(op, slot=slot, undo=put_back):
+    with all_or_nothing(op, undo=put_back) as set_row:
         op._window, op._free = window, [*op._free, slot]
         op._G[slot, ...] = 0
-        op._gram[slot, :] = 0
-        op._gram[:, slot] = 0
+        set_row(slot, 0)
         op._commit(factor, refactored=True)
 
 

@@ -129,6 +129,18 @@ def hyper_count(value: Any, name: str, *, minimum: int = 1) -> Any:
     return check_count(value, name, minimum=minimum)
 
 
+def edit_limit(every: Any) -> Any:
+    """``refactor_every`` as the window's int32 leaf: beyond int32's range it means never.
+
+    Clamped to int32's largest value, not wrapped (an injected 2**40, int64 in 64-bit
+    mode, became 0: a full refactorisation at every step).
+    """
+    top = int(np.iinfo(np.int32).max)
+    if isinstance(every, (int, np.integer)):
+        return jnp.asarray(min(int(every), top), jnp.int32)
+    return jnp.minimum(jnp.asarray(every).astype(jnp.int64), top).astype(jnp.int32)
+
+
 def concrete_float(value: Any) -> float | None:
     """``float(value)`` for a concrete 0-d value; None under tracing (checks are then skipped)."""
     try:
@@ -240,7 +252,9 @@ def project64(G: Any, x: Any) -> Any:
         g = lax.dynamic_slice_in_dim(G, c * w, w, axis=1).astype(jnp.float64)
         return acc + g * lax.dynamic_slice_in_dim(x64, c * w, w)
 
-    out = jnp.sum(lax.fori_loop(0, full, body, jnp.zeros((m, w), jnp.float64)), axis=1)
+    # The loops start from the first slab's products, not from zeros: under shard_map a
+    # carry must have the type of the body's result, varying over the devices as G and x.
+    out = jnp.sum(lax.fori_loop(1, full, body, G[:, :w].astype(jnp.float64) * x64[:w]), axis=1)
     if full * w < d:
         out = out + jnp.sum(G[:, full * w :].astype(jnp.float64) * x64[full * w :], axis=1)
     return out
@@ -261,10 +275,14 @@ def combine64(G: Any, x: Any, a: Any) -> Any:
             y = y + lax.dynamic_index_in_dim(a, i, keepdims=False) * row.astype(jnp.float64)
         return y
 
-    y = jnp.zeros(G.shape[1:], jnp.float64)
-    if full:
-        y = lax.fori_loop(0, full, body, y)
-    for i in range(full * _ROW_GROUP, m):
+    # The first row starts the sum, not zeros: a carry of the body's type (project64).
+    first = _ROW_GROUP if full else m
+    y = a[0] * G[0].astype(jnp.float64)
+    for i in range(1, first):
+        y = y + a[i] * G[i].astype(jnp.float64)
+    if full > 1:
+        y = lax.fori_loop(1, full, body, y)
+    for i in range(max(full * _ROW_GROUP, first), m):
         y = y + a[i] * G[i].astype(jnp.float64)
     return x.astype(jnp.float64) - y
 

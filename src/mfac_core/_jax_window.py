@@ -30,6 +30,7 @@ from ._jax_common import (
     check_vector,
     combine64,
     concrete_float,
+    edit_limit,
     edited_factor,
     hyper_count,
     hyper_damp,
@@ -349,7 +350,7 @@ def window_init(
         refactors=jnp.zeros((), jnp.int32),
         damp=damp64,
         zero_init=zero_init,
-        refactor_every=jnp.asarray(every, jnp.int32),
+        refactor_every=edit_limit(every),
     )
 
 
@@ -440,13 +441,14 @@ def _insert(state: WindowState, g: Any, damp: Any) -> tuple[WindowState, Any, An
         C = gram[idx][:, idx] + shift * jnp.eye(m, dtype=jnp.float64)  # as _refactor's
         return edited_factor(U, C), (margin > 0) & (drift <= DRIFT_TOL)
 
+    # Under shard_map both branches' results must vary over the devices alike: the
+    # edit's vary as the window and g do, so skip's are made to (an exact no-op select).
     def skip(_: Any) -> tuple[Any, Any]:
-        return state.factor, jnp.zeros((), bool)
+        same = b[0] == b[0]
+        return jnp.where(same, state.factor, state.factor), same & use_edit & False
 
     U, edited = lax.cond(use_edit, edit, skip, None)
-    U, ok = lax.cond(
-        edited, lambda _: (U, jnp.ones((), bool)), lambda _: _refactor(gram, pos, shift), None
-    )
+    U, ok = lax.cond(edited, lambda _: (U, edited), lambda _: _refactor(gram, pos, shift), None)
     # A gradient holding NaN/inf (or overflowing float64) makes g.g non-finite: refuse it
     # and keep the window as it was, rather than poisoning every later step. So is one
     # that makes eps(float64) kappa >= 1 (kappa >= 1 + |g|^2 / shift), where the float64

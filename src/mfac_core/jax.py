@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ._jax_common import hyper, hyper_count, require_unbatched, require_x64
+from ._jax_common import edit_limit, hyper, hyper_count, require_unbatched, require_x64
 from ._jax_static import StaticIHVP, static_ihvp
 from ._jax_window import (
     WindowState,
@@ -364,7 +364,7 @@ def mfac(
     ``m x d`` window in place instead of copying it every step. A step then
     reads the window twice (``G g`` and ``G^T c``) and does O(m^2) float64
     work: a Cholesky row replacement and two triangular solves (O(m^3) at
-    the first m steps without ``zero_init``, every ``refactor_every`` steps
+    the first m steps without ``zero_init``, after ``refactor_every`` edits
     and when ``damp`` changes). Flattening and unflattening the pytree adds
     two O(d) copies.
 
@@ -510,9 +510,7 @@ def mfac(
             return jax.tree_util.tree_unflatten(treedef, out), state
         window = state.window
         if refactor_every is not None:
-            window = dataclasses.replace(
-                window, refactor_every=jnp.asarray(refactor_every, jnp.int32)
-            )
+            window = dataclasses.replace(window, refactor_every=edit_limit(refactor_every))
         picked = [i for i, w in enumerate(windowed) if w]
         for i in picked:
             if not _is_float(leaves[i]):

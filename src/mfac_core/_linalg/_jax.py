@@ -58,7 +58,10 @@ def make_backend() -> Backend:
                 rows = panel_rows(diagonal_block(jnp, qJ, bJ, dJ), VJ, bJ, tail)
                 return tail + qJ @ VJ, lax.dynamic_update_slice(out, rows, (p + j, p))
 
-            _, out = lax.fori_loop(0, r, row, (jnp.zeros((r,), U.dtype), out))
+            # The first row outside the loop: its carry then has the body's type (under
+            # shard_map, varying over the devices as U), which zeros do not.
+            first = row(0, (jnp.zeros((r,), U.dtype), out))
+            _, out = lax.fori_loop(1, r, row, first)
         rhs = jnp.concatenate([b, jnp.zeros((1,), b.dtype)])
         col = solve(out, rhs[:, None], False, True)[:n, 0]
         margin, corner = appended(jnp, c, col)
