@@ -329,6 +329,10 @@ def _one_rank_edit(model: Any, opt: Any, case: str) -> Any:
         dense = weight.grad
         weight.grad = dense.to_sparse()
         return lambda: setattr(weight, "grad", dense)
+    if case == "expanded":  # entries that share memory (stride 0): torch writes none
+        data = weight.data
+        weight.data = data[:, :1].expand(data.shape)
+        return lambda: setattr(weight, "data", data)
     if case == "layout":  # a masked parameter no longer dense in memory (a strided slice)
         data = weight.data
         wide = torch.zeros(data.shape[0], 2 * data.shape[1], dtype=data.dtype)
@@ -381,7 +385,8 @@ ONE_RANK_FAILURES = {
     "params": (RuntimeError, "no longer lists the parameters"),
     "sparse": (RuntimeError, "does not support sparse gradients"),
     "layout": (RuntimeError, "masked parameter 0 of group 0 (shape (8, 6)) is not dense"),
-    "resized": (RuntimeError, "parameter 0 of group 0 (shape (3, 6)) had 48 entries"),
+    "expanded": (RuntimeError, "parameter 0 of group 0 (shape (8, 6)) has entries that share"),
+    "resized": (RuntimeError, "parameter 0 of group 0 (shape (3, 6)) had shape (8, 6)"),
     "float64": (RuntimeError, "parameter 0 of group 0 (shape (8, 6)) is float64"),
     # Regression: the other ranks took the ValueError for a gradient holding NaN on
     # another rank, skipped the step and counted it (errors="raise": FloatingPointError).
@@ -638,7 +643,10 @@ def _permuted_threads(comm: Communicator, permuted: tuple[int, ...]) -> Any:
     opt.step()
     state = opt.state_dict()
     c, d = (nn.Parameter(p.detach().clone()) for p in (a, b))
-    target = MFAC([d, c] if comm.rank in permuted else [c, d], **OPTIONS, comm=comm)
+    try:
+        target = MFAC([d, c] if comm.rank in permuted else [c, d], **OPTIONS, comm=comm)
+    except ValueError as exc:
+        return str(exc), None
     try:
         target.load_state_dict(state)
     except ValueError as exc:
@@ -647,14 +655,19 @@ def _permuted_threads(comm: Communicator, permuted: tuple[int, ...]) -> Any:
 
 
 def test_a_distributed_state_of_parameters_in_another_order_is_refused_on_every_rank() -> None:
-    # The parameters' shapes are global (the same on every rank, kept once by DCP); one
-    # rank's mismatch is refused on every rank, before anything changes.
-    for permuted in ((0, 1), (1,)):
-        results = run_spmd_threads(_permuted_threads, 2, permuted)
-        for r in results:
-            assert not isinstance(r, Exception), r
-            assert r[0] is not None and r[1] == 0, r
-        assert "parameter 0 of group 0 has shape (5,) in the state, (3,)" in results[1][0]
+    # The parameters' shapes are global (the same on every rank, kept once by DCP); a
+    # mismatch is refused on every rank, before anything changes.
+    results = run_spmd_threads(_permuted_threads, 2, (0, 1))
+    for r in results:
+        assert not isinstance(r, Exception), r
+        assert r[0] is not None and r[1] == 0, r
+        assert "parameter 0 of group 0 has shape (5,) in the state, (3,)" in r[0]
+    # One rank's parameters in another order: refused on every rank when built, as the
+    # ranks' layouts differ (the load was refused; the window, never compared, would
+    # have stepped other coordinates on each rank).
+    for r in run_spmd_threads(_permuted_threads, 2, (1,)):
+        assert not isinstance(r, Exception), r
+        assert r[1] is None and "the same parameters on every rank" in r[0], r
 
 
 def test_ranks_built_with_different_errors_are_refused_on_every_rank() -> None:
@@ -676,6 +689,125 @@ def test_ranks_built_with_different_errors_are_refused_on_every_rank() -> None:
     for r in run_spmd_threads(rank, 2):
         assert isinstance(r, str), r
         assert "the same errors on every rank (this rank's is" in r, r
+
+
+#: A construction that fails on one rank: the keywords given to that rank only, and
+#: the class and message of its refusal.
+ONE_RANK_CONSTRUCTIONS: dict[str, tuple[dict[str, Any], type[Exception], str]] = {
+    "grad_dtype bfloat16": (
+        {"grad_dtype": torch.bfloat16},
+        ValueError,
+        "not available for a distributed optimizer",
+    ),
+    "grad_dtype float64": ({"grad_dtype": torch.float64}, TypeError, "grad_dtype must be None"),
+    "negative damp": ({"damp": -1.0}, ValueError, "damp must be finite and > 0"),
+    "zero damp": ({"damp": 0.0}, ValueError, "damp must be finite and > 0"),
+    "num_grads": ({"num_grads": 0}, ValueError, "num_grads must be >= 1"),
+    "negative lr": ({"lr": -1.0}, ValueError, "lr must be finite"),
+    "nan lr": ({"lr": math.nan}, ValueError, "lr must be finite"),
+    "momentum": ({"momentum": 2.0}, ValueError, "momentum must be finite and lie in [0, 1)"),
+    "errors": ({"errors": "bogus"}, ValueError, "errors must be one of"),
+    "zero_init": ({"zero_init": "yes"}, TypeError, "zero_init must be True or False"),
+    "masks": ({"masks": "bad"}, TypeError, "masks must be a dict"),
+    "params": ({"params": 3}, TypeError, "not iterable"),
+    "expanded": ({"params": "expanded"}, ValueError, "has entries that share memory"),
+}
+
+
+def _one_rank_constructs_badly(comm: Communicator, case: str) -> Any:
+    model = make_model().float()
+    options: dict[str, Any] = {"params": model.parameters(), **OPTIONS}
+    if comm.rank == 1:
+        options.update(ONE_RANK_CONSTRUCTIONS[case][0])
+        if options["params"] == "expanded":
+            expanded = nn.Parameter(torch.zeros(3, 1).expand(3, 4))
+            options["params"] = [*model.parameters(), expanded]
+    try:
+        MFAC(**options, comm=comm)
+    except (TypeError, ValueError) as exc:
+        return type(exc), str(exc)
+    return None
+
+
+@pytest.mark.parametrize("case", sorted(ONE_RANK_CONSTRUCTIONS))
+def test_a_bad_argument_on_one_rank_is_refused_on_every_rank(case: str) -> None:
+    # Regression: the constructor checked its arguments before any reduction: the rank
+    # given a bad one raised at once, the others waited in the window's reduction (a
+    # hang until gloo's timeout). Now every rank raises, in the construction's first
+    # reduction, as ShardedDynamicIHVP does: that rank its own error, the others one of
+    # its class naming how many ranks failed.
+    results = run_spmd_threads(_one_rank_constructs_badly, 3, case, timeout=10)
+    _, kind, message = ONE_RANK_CONSTRUCTIONS[case]
+    assert results[1][0] is kind and message in results[1][1], results[1]
+    for rank in (0, 2):
+        assert results[rank] == (kind, results[rank][1]), results[rank]
+        assert "MFAC failed on 1 other rank(s) of 3" in results[rank][1], results[rank]
+
+
+def _layouts(comm: Communicator, case: str) -> Any:
+    gen = torch.Generator().manual_seed(0)
+    a = nn.Parameter(torch.randn(3, 4, generator=gen))
+    b = nn.Parameter(torch.randn(5, generator=gen))
+    keep = torch.tensor([True, True, False, False, True])
+    masks: dict[Any, Any] | None = {b: keep}
+    params: Any = [a, b]
+    other = comm.rank == 1
+    if case == "masks elsewhere" and other:
+        masks = {b: keep.flip(0)}
+    elif case == "masks kept counts" and other:
+        masks = {b: torch.ones(5, dtype=torch.bool).logical_and(torch.arange(5) > 0)}
+    elif case == "mask and none" and other:
+        masks = None
+    elif case == "all-kept mask and none" and other:  # other operations, other rounding
+        masks = {b: torch.ones(5, dtype=torch.bool)}
+    elif case == "equal masks":  # copies of one mask
+        masks = {b: keep.clone()}
+    elif case == "order" and other:
+        params = [b, a]
+    elif case == "shapes" and other:
+        a.data = a.data.reshape(4, 3)  # the same number of coordinates
+    elif case == "dtypes" and other:
+        b.data = b.data.double()
+    elif case == "groups" and other:
+        params = [{"params": [a]}, {"params": [b]}]
+    try:
+        opt = MFAC(params, lr=0.1, num_grads=3, damp=0.1, comm=comm, masks=masks)
+    except ValueError as exc:
+        return str(exc)
+    for _ in range(2):
+        for p in (a, b):
+            p.grad = torch.ones_like(p)
+        opt.step()
+    return torch.cat([a.detach().reshape(-1), b.detach().double()])
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "masks elsewhere",
+        "masks kept counts",
+        "mask and none",
+        "all-kept mask and none",
+        "equal masks",
+        "order",
+        "shapes",
+        "dtypes",
+        "groups",
+    ],
+)
+def test_ranks_whose_layouts_differ_are_refused_on_every_rank(case: str) -> None:
+    # Regression: masks keeping as many coordinates elsewhere, or parameters in another
+    # order, built and stepped without a word, the window's columns other coordinates on
+    # each rank: the replicas diverged. Masks keeping other counts raised "ranks reduced
+    # arrays of different shapes" at the first step. Now every rank raises at
+    # construction, naming what differs.
+    results = run_spmd_threads(_layouts, 2, case, timeout=10)
+    if case == "equal masks":
+        torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
+        return
+    what = "the same masks on every rank" if "mask" in case else "the same parameters on every"
+    for r in results:
+        assert isinstance(r, str) and what in r and "rank(s) [1] differ from rank 0" in r, r
 
 
 def test_distributed_optimizers_do_not_pickle() -> None:
@@ -732,6 +864,12 @@ def _gloo_optimizer(comm: Communicator, root: str) -> dict[str, Any]:
     sharded = make_model()
     fully_shard(sharded, mesh=mesh)
     fopt = MFAC(sharded.parameters(), **OPTIONS)
+    # A bad damp on one rank, no comm: every rank raises, in the first reduction over the
+    # parameters' mesh (it raised on rank 1 alone, rank 0 waited for gloo's timeout).
+    try:
+        MFAC(sharded.parameters(), **{**OPTIONS, "damp": -1.0 if comm.rank else 0.1})
+    except ValueError as exc:
+        out["fsdp_refused"] = str(exc)
     _train(sharded, fopt, data[:4], comm)
     path = os.path.join(root, "fsdp")
     dcp.save({"model": sharded.state_dict(), "optim": fopt.state_dict()}, checkpoint_id=path)
@@ -875,6 +1013,8 @@ def test_ddp_and_fsdp2_over_gloo() -> None:
         assert r["options_restored"] == {"flatten": True, "full": True}, r["options_restored"]
         assert r["same_window"]
         assert r["skip"][:2] == (1, True), r["skip"]
+    assert "MFAC failed on 1 other rank(s) of 2" in results[0]["fsdp_refused"]
+    assert "damp must be finite and > 0, got -1.0" in results[1]["fsdp_refused"]
     assert [r["absent"] for r in results] == [
         ([True, False], STEPS + 1),
         ([False, False], STEPS + 1),

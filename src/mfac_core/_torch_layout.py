@@ -1,4 +1,5 @@
-"""MFAC's layout: the parameters' slices of the flat vector, the window, its memory.
+"""MFAC's layout: its construction's checks, the parameters' slices of the flat vector,
+the window, its memory.
 
 Functions of the optimizer (``opt``, an :class:`mfac_core.torch.MFAC`) that
 :mod:`mfac_core.torch` calls, and the memory report that :class:`MFACPruner` shares;
@@ -7,7 +8,9 @@ nothing here is public.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -16,8 +19,16 @@ from . import _torch_distributed
 from ._compat import array_namespace
 from ._dynamic import DynamicIHVP
 from ._dynamic_setup import WindowOptions
-from ._torch_distributed import check_dtensors, local, window_columns
-from ._torch_sparse import check_not_sharded, kept_index
+from ._torch_distributed import (
+    agreed_construction,
+    check_dtensors,
+    first_tensor,
+    local,
+    mesh_comm,
+    window_columns,
+)
+from ._torch_sparse import check_masks, check_not_sharded, kept_index
+from ._validation import check_choice, check_count, check_damp, check_flag, check_number
 
 logger = logging.getLogger("mfac_core.torch")
 
@@ -45,11 +56,156 @@ def itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
+#: The range of each group option, as :func:`check_option` checks it.
+GROUP_BOUNDS: dict[str, dict[str, Any]] = {
+    "lr": {"low": 0.0},
+    "momentum": {"low": 0.0, "high": 1.0, "high_open": True},
+    "weight_decay": {"low": 0.0},
+}
+
+
+def check_option(value: Any, key: str, where: str, *, ranged: bool = True) -> Any:
+    """A group option: a finite real number (as a float), or a one-element float tensor.
+
+    With ``ranged`` (the constructor's and ``add_param_group``'s check) the value must lie
+    in its range (:data:`GROUP_BOUNDS`); without it (a load's), finite is enough, as for a
+    step, so that every state the optimizer saved loads again (a ``LinearLR`` schedule
+    down to zero ends at -3e-19).
+
+    A tensor is kept (as torch's optimizers keep a tensor ``lr``), so that a scheduler or
+    the user can change it in place; its value is read here once, to check it. The step
+    takes one-element tensors for every option, so a load and ``add_param_group`` take
+    them too: a group whose ``momentum`` was made a tensor saved a state that no load took.
+    """
+    bounds = GROUP_BOUNDS[key] if ranged else {}
+    if isinstance(value, torch.Tensor):
+        if value.is_nested or value.layout != torch.strided:
+            # Every step refuses it (_torch_step.check_tensor_option): refused when given.
+            kind = "nested" if value.is_nested else str(value.layout).removeprefix("torch.")
+            raise ValueError(f"{where} is a {kind} tensor: a step needs a dense one")
+        if value.numel() != 1 or not value.is_floating_point() or value.requires_grad:
+            # torch's own words first (its optimizer harness matches them for lr);
+            # requires_grad is named, or the message would show a valid shape and dtype.
+            raise ValueError(
+                (f"Tensor {key} must be 1-element: " if value.numel() != 1 else "")
+                + f"{where} as a tensor must be a one-element floating tensor without grad, "
+                f"got shape {tuple(value.shape)}, dtype {value.dtype}"
+                + (f", requires_grad=True (pass {key}.detach())" if value.requires_grad else "")
+            )
+        if value.is_meta:  # float() below would fail with "item() cannot be called on meta"
+            raise ValueError(f"{where} is a tensor on the meta device, which holds no value")
+        check_number(float(value), where, **bounds)
+        return value
+    return check_number(value, where, **bounds)
+
+
+def build(opt: Any, params: Any, options: Mapping[str, Any]) -> None:
+    """``MFAC.__init__`` up to its window: every check, the groups, the masks, the layout.
+
+    ``options``: the constructor's keywords but ``comm`` (``opt._comm``, or None, set
+    and checked by the caller: a bad communicator cannot join a reduction).
+    Distributed, the checks are collective and the ranks' layouts compared
+    (:func:`_torch_distributed.agreed_construction`): every rank raises alike if one
+    rank's checks fail or the layouts differ.
+    """
+    given: list[Any] = []
+    error: Exception | None = None
+    try:
+        if not isinstance(params, torch.Tensor):  # which torch refuses, with its own words
+            with contextlib.suppress(TypeError):  # not iterable: torch refuses it, later
+                # As torch lists them; listed here to find their device and mesh.
+                params = given = list(params)
+        if opt._comm is None:
+            # DTensor parameters: their device mesh's group, found before any check.
+            opt._comm = mesh_comm(first_tensor(given))
+        checked(opt, params, options)
+    except Exception as exc:  # every failure must reach the other ranks
+        if opt.__dict__.get("_comm") is None:  # one process
+            raise
+        error = exc
+    if opt._comm is not None:
+        agreed_construction(opt, error, given)
+
+
+def checked(opt: Any, params: Any, options: Mapping[str, Any]) -> None:
+    """This rank's part of :func:`build`: its arguments checked, its groups and layout."""
+    # Imported here: _torch_state imports this module (layout, new_window).
+    lr = check_option(options["lr"], "lr", "lr")
+    momentum = check_option(options["momentum"], "momentum", "momentum")
+    weight_decay = check_option(options["weight_decay"], "weight_decay", "weight_decay")
+    num_grads = check_count(options["num_grads"], "num_grads")
+    damp = check_damp(options["damp"])
+    errors = check_choice(options["errors"], "errors", ("skip", "raise"))
+    defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}
+    torch.optim.Optimizer.__init__(opt, params, defaults)
+    opt._frozen = True
+    # Added after the groups exist, so that add_param_group does not copy these
+    # window-wide options into every group (where changing them would do nothing).
+    opt.defaults.update(
+        num_grads=int(num_grads),
+        damp=damp,
+        zero_init=check_flag(options["zero_init"], "zero_init"),
+        errors=errors,
+        grad_dtype=options["grad_dtype"],
+    )
+    check_param_tensors(opt.param_groups)  # before check_masks reads their shapes
+    opt._masks = check_masks(options["masks"], opt.param_groups)
+    layout(opt)
+
+
+def self_overlapping(t: torch.Tensor) -> bool:
+    """Whether ``t`` has a dimension of size > 1 and stride 0, as ``expand()`` makes.
+
+    Such a tensor's entries share memory, and torch refuses to write one in place
+    ("more than one element of the written-to tensor refers to a single memory
+    location"). Other overlaps torch finds "too hard" to tell and lets be: so does this.
+    """
+    strides = t.stride()
+    return 0 in strides and any(n > 1 and s == 0 for n, s in zip(t.shape, strides, strict=True))
+
+
+def check_param_tensors(groups: list[dict[str, Any]]) -> None:
+    """Refuse parameters that no step can write: not dense, or whose entries share memory.
+
+    A lazy module's parameter has no size yet; a nested tensor failed deep inside the
+    construction (its shape cannot be read); a
+    sparse one was taken, and then no step could use it (its gradient is sparse too); an
+    expanded one (stride 0) failed in the middle of the step, after the window had taken
+    the gradient and earlier parameters had moved. Checked first, before anything reads
+    a parameter's shape.
+    """
+    for j, group in enumerate(groups):
+        for i, p in enumerate(group["params"]):
+            if isinstance(p, torch.nn.parameter.UninitializedParameter):
+                # A lazy module's (nn.LazyLinear): torch's own error came from numel().
+                raise ValueError(
+                    f"MFAC: parameter {i} of group {j} is not initialised yet (a lazy "
+                    "module's): the window is allocated when the optimizer is built, for "
+                    "the parameters' sizes; run one forward pass first"
+                )
+            if p.is_nested or p.layout != torch.strided:
+                kind = "nested" if p.is_nested else str(p.layout).removeprefix("torch.")
+                raise TypeError(
+                    f"MFAC needs dense (torch.strided) parameters, got a {kind} tensor "
+                    f"(parameter {i} of group {j}): a step writes every parameter's "
+                    "entries in place through a flat view"
+                )
+            if self_overlapping(local(p)):
+                raise ValueError(
+                    f"MFAC: parameter {i} of group {j} (shape {tuple(p.shape)}, strides "
+                    f"{local(p).stride()}) has entries that share memory (a dimension of "
+                    "size > 1 with stride 0, as expand() makes): a step writes the "
+                    "parameter in place, which torch refuses for such a tensor; give it "
+                    "memory of its own (e.g. nn.Parameter(t.clone()))"
+                )
+
+
 def layout(opt: Any) -> None:
     """Check the parameters and map each to its slice of the flat vector."""
     flat = [p for group in opt.param_groups for p in group["params"]]
     if not flat:
         raise ValueError("MFAC got an empty parameter list")
+    check_param_tensors(opt.param_groups)
     first = flat[0]
     seen: set[int] = set()
     for p in flat:
@@ -102,7 +258,7 @@ def layout(opt: Any) -> None:
         for p in group["params"]:
             kept = opt._kept.get(p)
             n = local(p).numel() if kept is None else kept.positions.numel()
-            layout.append((p, offset, offset + n))
+            layout.append((p, offset, offset + n, p.shape))
             offset += n
         opt._slices.append(layout)
     # d counts every (kept) coordinate; sharded parameters hold ``offset`` of them here.
@@ -184,6 +340,14 @@ def grow(opt: Any) -> None:
     saved = {k: opt.__dict__[k] for k in LAYOUT_ATTRS}
     try:
         layout(opt)
+        for old, new in zip(saved["_slices"], opt._slices, strict=False):
+            for (*_, was), (*_, now) in zip(old, new, strict=True):
+                if now != was:  # .data replaced since: the window's columns are not its
+                    raise RuntimeError(
+                        f"MFAC: a parameter of shape {tuple(now)} had shape {tuple(was)} when "
+                        "the optimizer was built (its .data replaced since?): the window "
+                        "holds its coordinates as they were; build a new optimizer"
+                    )
         if opt.dtype != saved["dtype"]:
             raise ValueError(
                 f"the new parameters would change the step's dtype from {saved['dtype']} "

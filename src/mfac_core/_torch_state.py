@@ -20,9 +20,9 @@ import torch
 from ._compat import array_namespace
 from ._sharding import reduce_checked
 from ._torch_checkpoint import packed, packed_shapes, unpacked, unpacked_shapes
-from ._torch_layout import layout, new_window
+from ._torch_layout import check_option, layout, new_window
 from ._torch_sparse import MASK_ORDER, check_mask_order, check_saved_mask, masks_list
-from ._validation import check_damp, check_number
+from ._validation import check_damp
 
 #: The options of a parameter group.
 GROUP_KEYS = ("lr", "momentum", "weight_decay")
@@ -76,49 +76,6 @@ def live_entry(opt: Any) -> dict[str, Any]:
 def without_window(entry: Mapping[str, Any]) -> dict[str, Any]:
     """MFAC's state entry without its ``"window"`` (the live operator, or its saved state)."""
     return {k: v for k, v in entry.items() if k != "window"}
-
-
-#: The range of each group option, as :func:`check_option` checks it.
-GROUP_BOUNDS: dict[str, dict[str, Any]] = {
-    "lr": {"low": 0.0},
-    "momentum": {"low": 0.0, "high": 1.0, "high_open": True},
-    "weight_decay": {"low": 0.0},
-}
-
-
-def check_option(value: Any, key: str, where: str, *, ranged: bool = True) -> Any:
-    """A group option: a finite real number (as a float), or a one-element float tensor.
-
-    With ``ranged`` (the constructor's and ``add_param_group``'s check) the value must lie
-    in its range (:data:`GROUP_BOUNDS`); without it (a load's), finite is enough, as for a
-    step, so that every state the optimizer saved loads again (a ``LinearLR`` schedule
-    down to zero ends at -3e-19).
-
-    A tensor is kept (as torch's optimizers keep a tensor ``lr``), so that a scheduler or
-    the user can change it in place; its value is read here once, to check it. The step
-    takes one-element tensors for every option, so a load and ``add_param_group`` take
-    them too: a group whose ``momentum`` was made a tensor saved a state that no load took.
-    """
-    bounds = GROUP_BOUNDS[key] if ranged else {}
-    if isinstance(value, torch.Tensor):
-        if value.is_nested or value.layout != torch.strided:
-            # Every step refuses it (_torch_step.check_tensor_option): refused when given.
-            kind = "nested" if value.is_nested else str(value.layout).removeprefix("torch.")
-            raise ValueError(f"{where} is a {kind} tensor: a step needs a dense one")
-        if value.numel() != 1 or not value.is_floating_point() or value.requires_grad:
-            # torch's own words first (its optimizer harness matches them for lr);
-            # requires_grad is named, or the message would show a valid shape and dtype.
-            raise ValueError(
-                (f"Tensor {key} must be 1-element: " if value.numel() != 1 else "")
-                + f"{where} as a tensor must be a one-element floating tensor without grad, "
-                f"got shape {tuple(value.shape)}, dtype {value.dtype}"
-                + (f", requires_grad=True (pass {key}.detach())" if value.requires_grad else "")
-            )
-        if value.is_meta:  # float() below would fail with "item() cannot be called on meta"
-            raise ValueError(f"{where} is a tensor on the meta device, which holds no value")
-        check_number(float(value), where, **bounds)
-        return value
-    return check_number(value, where, **bounds)
 
 
 def check_group(group: Mapping[str, Any], where: str, *, ranged: bool = True) -> None:

@@ -7,6 +7,7 @@ public.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from typing import Any
@@ -18,6 +19,7 @@ from ._dynamic_window import NoGradient, RankPart, collective_step
 from ._errors import FactorizationError
 from ._finite import float32_overflow_said_by_caller
 from ._torch_distributed import all_gather, dtensor_class, local
+from ._torch_layout import self_overlapping
 from ._torch_sparse import check_layouts
 from ._torch_state import GROUP_KEYS, live_entry
 from ._validation import short_repr
@@ -315,7 +317,7 @@ def agreed_step(opt: Any, s: torch.Tensor) -> tuple[torch.Tensor, bool]:
 
 
 def check_params(opt: Any) -> None:
-    """Refuse a step after the groups' parameters were edited, or one changed size or dtype.
+    """Refuse a step after the groups' parameters were edited, or one changed size, dtype or memory.
 
     The parameters stay the same objects through ``p.data = ...`` and ``model.double()``
     after the optimizer was built: a new size would not fit its slice of the flat vector,
@@ -326,7 +328,7 @@ def check_params(opt: Any) -> None:
     groups = opt.param_groups
     edited = len(groups) != len(opt._slices) or any(
         len(group["params"]) != len(layout)
-        or any(p is not q for p, (q, _, _) in zip(group["params"], layout, strict=False))
+        or any(p is not q for p, (q, *_) in zip(group["params"], layout, strict=False))
         for group, layout in zip(groups, opt._slices, strict=False)
     )
     if edited:
@@ -343,18 +345,27 @@ def check_params(opt: Any) -> None:
     narrow = opt.dtype != torch.float64
     dtensor = dtensor_class() or ()  # isinstance(p, ()) is False
     for j, layout in enumerate(opt._slices):
-        for i, (p, lo, hi) in enumerate(layout):
-            mask = opt._masks.get(p)  # a masked parameter: its mask's shape
-            if mask is not None:
-                changed = p.shape != mask.shape
-            else:
-                changed = (p.to_local() if isinstance(p, dtensor) else p).numel() != hi - lo
-            if changed:
-                was = f"shape {tuple(mask.shape)}" if mask is not None else f"{hi - lo} entries"
+        for i, (p, lo, hi, shape) in enumerate(layout):
+            mine = p.to_local() if isinstance(p, dtensor) else p
+            # The shape, not the size alone: a transposed .data of the same size paired
+            # the window's columns with other entries (steps 46 % off, without a word).
+            if p.shape != shape or (p not in opt._masks and mine.numel() != hi - lo):
                 raise RuntimeError(
-                    f"MFAC: {_where(p, i, j)} had {was} when the optimizer was built (its "
-                    ".data replaced since?): the window holds its coordinates as they were; "
+                    f"MFAC: {_where(p, i, j)} had shape {tuple(shape)} when the optimizer was "
+                    "built (its .data replaced since?): the window holds its coordinates as "
+                    "they were; "
                     "build a new optimizer (the step was not taken, nothing changed)"
+                )
+            if self_overlapping(mine):
+                # torch refused the in-place move in the middle of the step, after the
+                # window had taken the gradient and earlier parameters had moved.
+                raise RuntimeError(
+                    f"MFAC: {_where(p, i, j)} has entries that share memory (strides "
+                    f"{mine.stride()}: a dimension of size > 1 with stride 0, as expand() "
+                    "makes; its .data replaced since?): a step writes the parameter in "
+                    "place, which torch refuses for such a tensor; give it memory of its "
+                    "own, e.g. p.data = p.data.clone() (the step was not taken, nothing "
+                    "changed)"
                 )
             if p.device != opt.device:
                 # e.g. model.cuda() after construction (torch's modules keep their
@@ -483,7 +494,7 @@ def gather(opt: Any) -> torch.Tensor:
     for group, layout in zip(opt.param_groups, opt._slices, strict=True):
         wd = scalar(group["weight_decay"])
         decay = used(wd)
-        for p, lo, hi in layout:
+        for p, lo, hi, _ in layout:
             seg = g[lo:hi]
             if p.grad is None:
                 seg.zero_()
@@ -524,7 +535,7 @@ def add_scaled(out: torch.Tensor, x: torch.Tensor, c: Any) -> None:
 def culprit(opt: Any) -> str:
     """Which parameter made the flat gradient non-finite (for the message)."""
     for j, layout in enumerate(opt._slices):
-        for i, (p, lo, hi) in enumerate(layout):
+        for i, (p, lo, hi, _) in enumerate(layout):
             seg = opt._grad[lo:hi]
             if not bool(torch.isfinite(seg.to(opt.ihvp.dtype)).all()):
                 what = (
@@ -547,7 +558,7 @@ def apply(opt: Any, s: torch.Tensor) -> None:
     momentum = opt._entry["momentum_buffer"]
     for group, layout in zip(opt.param_groups, opt._slices, strict=True):
         lr, mu = scalar(group["lr"]), scalar(group["momentum"])
-        for p, lo, hi in layout:
+        for p, lo, hi, _ in layout:
             d_p = s[lo:hi]
             if used(mu):
                 buf = momentum[lo:hi]
@@ -559,11 +570,14 @@ def apply(opt: Any, s: torch.Tensor) -> None:
                 d_p = buf.add_(d_p)
             if p.grad is None:
                 continue
-            kept = opt._kept.get(p)
-            if kept is None:
-                move(local(p), d_p, lr)
-            else:
-                move_kept(p.detach(), kept, d_p, lr)
+            # A parameter made under torch.inference_mode is written in it, as torch's
+            # optimizers write it (the step runs outside, where its writes are refused).
+            with torch.inference_mode() if p.is_inference() else contextlib.nullcontext():
+                kept = opt._kept.get(p)
+                if kept is None:
+                    move(local(p), d_p, lr)
+                else:
+                    move_kept(p.detach(), kept, d_p, lr)
 
 
 # -- checkpoints ----------------------------------------------------------------------

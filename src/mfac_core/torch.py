@@ -31,14 +31,13 @@ import torch
 
 from ._errors import user_stacklevel
 from ._torch_compile import eager_under_torch_compile
-from ._torch_layout import grow, layout, new_window
+from ._torch_layout import build, grow, new_window
 from ._torch_pruner import MFACPruner
-from ._torch_sparse import MASK_ORDER, check_masks, flat_mask, masks_from_list
+from ._torch_sparse import MASK_ORDER, flat_mask, masks_from_list
 from ._torch_state import (
     GLOBAL_KEYS,
     check_group,
     check_new_group,
-    check_option,
     check_option_devices,
     fresh_entry,
     live_entry,
@@ -51,7 +50,6 @@ from ._torch_state import (
     without_window,
 )
 from ._torch_step import step as take_step
-from ._validation import check_choice, check_count, check_damp, check_flag
 from .distributed import Communicator, check_communicator
 
 __all__ = ["MFAC", "MFACPruner", "MFACStepWarning"]
@@ -149,8 +147,9 @@ class MFAC(torch.optim.Optimizer):
         need no ``comm``: the optimizer uses their device mesh's group. See
         "Distributed training" in the documentation and Notes. Not with a
         2-byte window (2-byte parameters need ``grad_dtype=torch.float32``).
-        Every rank passes the same ``num_grads``, ``damp``, ``zero_init`` and
-        ``errors`` (a ``ValueError`` on every rank otherwise).
+        Every rank passes the same ``num_grads``, ``damp``, ``zero_init``, ``errors``,
+        parameters (shapes and dtypes, in order) and ``masks`` (a ``ValueError`` on every
+        rank otherwise); every error below is raised on every rank.
     masks : dict of torch.Tensor to torch.Tensor, optional
         Sparse mode: a boolean mask (``True`` = kept) of the shape and device
         of each masked parameter, keyed by the parameter itself, e.g.
@@ -195,16 +194,16 @@ class MFAC(torch.optim.Optimizer):
     Raises
     ------
     ValueError
-        For parameters on different devices or on the meta device, no parameters,
-        a parameter listed twice, out-of-range hyper-parameters, a tensor ``lr``,
-        ``momentum`` or ``weight_decay`` on another device than the parameters'
-        or the CPU, or masks of the wrong shape or device, for a tensor that is
-        not a parameter, or keeping no coordinate at all.
+        For parameters on different devices or on the meta device, no parameters, a parameter
+        listed twice or whose entries share memory (a stride 0, as ``expand()`` makes),
+        out-of-range hyper-parameters, a tensor ``lr``, ``momentum`` or ``weight_decay`` on
+        another device than the parameters' or the CPU, or masks of the wrong shape or device,
+        for a tensor that is not a parameter, or keeping no coordinate at all.
     TypeError
-        For parameters of another dtype than the four above, masks that
-        are not boolean tensors (or keyed by name), a ``grad_dtype`` other
-        than ``None``, the two 2-byte dtypes and the step's dtype, or a
-        ``zero_init`` that is not a bool.
+        For parameters of another dtype than the four above or not dense (nested, sparse),
+        masks that are not boolean tensors (or keyed by name), a ``grad_dtype`` other than
+        ``None``, the two 2-byte dtypes and the step's dtype, or a ``zero_init`` that is not
+        a bool.
 
     Warns
     -----
@@ -266,10 +265,11 @@ class MFAC(torch.optim.Optimizer):
 
     # Set by _torch_layout.layout (with device, _sharded, _slices and _columns): the
     # parameter that holds the state, the flat gradient (reused by every step), and the
-    # number of coordinates.
+    # number of coordinates; before it, the masks by parameter (sparse mode; else empty).
     _first: torch.Tensor
     _grad: torch.Tensor
     dim: int
+    _masks: dict[torch.Tensor, torch.Tensor]
     #: The dtype of the flat gradient, the momentum and the step.
     dtype: torch.dtype
     #: The window's storage dtype.
@@ -290,29 +290,25 @@ class MFAC(torch.optim.Optimizer):
         comm: Communicator | None = None,
         masks: Mapping[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
-        lr = check_option(lr, "lr", "lr")
-        momentum = check_option(momentum, "momentum", "momentum")
-        weight_decay = check_option(weight_decay, "weight_decay", "weight_decay")
-        num_grads = check_count(num_grads, "num_grads")
-        damp = check_damp(damp)
-        check_choice(errors, "errors", ("skip", "raise"))
         self._frozen = False
-        super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay})
-        self._frozen = True
-        # Added after the groups exist, so that add_param_group does not copy these
-        # window-wide options into every group (where changing them would do nothing).
-        self.defaults.update(
-            num_grads=int(num_grads),
-            damp=damp,
-            zero_init=check_flag(zero_init, "zero_init"),
-            errors=errors,
-            grad_dtype=grad_dtype,
-        )
+        # A bad communicator cannot join a reduction: it raises on its rank alone.
         self._comm: Communicator | None = None if comm is None else check_communicator(comm)
+        options = {
+            "lr": lr,
+            "num_grads": num_grads,
+            "damp": damp,
+            "momentum": momentum,
+            "weight_decay": weight_decay,
+            "zero_init": zero_init,
+            "errors": errors,
+            "grad_dtype": grad_dtype,
+            "masks": masks,
+        }
         with outside_inference():
-            self._masks = check_masks(masks, self.param_groups)
-            layout(self)
-            self.ihvp = new_window(self, damp)
+            # Every check, the groups and the layout; distributed, collective (every rank
+            # raises if one rank's check fails) and the ranks' layouts compared.
+            build(self, params, options)
+            self.ihvp = new_window(self, self.defaults["damp"])
             # The optimizer's state lives on one parameter, as torch.optim.LBFGS keeps
             # its global state: never empty, so that torch.distributed.checkpoint finds
             # it initialised and does not call step() with zero gradients to create it.
@@ -445,9 +441,10 @@ class MFAC(torch.optim.Optimizer):
             it was.
         RuntimeError
             For sparse gradients, groups edited by hand (not with :meth:`add_param_group`), a
-            parameter whose size or device changed (or, masked, that is no longer dense) since
-            construction, a float64 parameter in an optimizer built without one (e.g.
-            ``model.double()`` since), or ranks whose groups' options differ; nothing changes.
+            parameter whose size or device changed, whose entries came to share memory (or,
+            masked, that is no longer dense) since construction, a float64 parameter in an
+            optimizer built without one (e.g. ``model.double()`` since), or ranks whose groups'
+            options differ; nothing changes.
         TypeError
             For a group's ``lr``, ``momentum`` or ``weight_decay`` edited into other than a real
             number or a one-element real tensor on the parameters' device or the CPU; nothing
