@@ -414,7 +414,8 @@ class DynamicIHVP(WindowCopies):
         """Remove the gradient in buffer row ``slot`` (see :attr:`slots`).
 
         With ``zero_init`` the slot is set to a zero gradient and becomes the
-        next one to be replaced.
+        next one to be replaced. Without it the smaller window warns where it is
+        hopeless (``IllConditionedWarning``), as a set-up does.
 
         Parameters
         ----------
@@ -426,8 +427,7 @@ class DynamicIHVP(WindowCopies):
         TypeError
             If ``slot`` is not an int.
         ValueError
-            If ``slot`` holds no gradient, or (without ``zero_init``) if a remaining
-            gradient would be too large for the smaller window, as :meth:`update` says.
+            If ``slot`` holds no gradient.
         FactorizationError
             If the remaining window cannot be factorised (it is then unchanged).
         """

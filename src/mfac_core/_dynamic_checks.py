@@ -255,30 +255,6 @@ def check_representable(op: Any, g: Array, biggest: float) -> None:
         )
 
 
-def judge_removal(op: Any, remaining: list[int]) -> None:
-    """Refuse a removal that leaves a gradient the window would refuse to take.
-
-    Without ``zero_init`` the normalisation ``1/k`` becomes ``1/(k - 1)``: a remaining
-    gradient may then make ``eps(float64) kappa >= 1`` (:func:`judge_conditioning`),
-    where no digit of a product is correct. The Gram matrix is replicated, so every
-    rank of a sharded window decides alike.
-    """
-    if not remaining:
-        return
-    xp = op._xp
-    idx = xp.asarray(remaining, dtype=xp.int64, device=op.device)
-    norm2 = float(xp.max(xp.take(xp.linalg.diagonal(op._gram), idx, axis=0)))
-    shift = op._shift(len(remaining))
-    kappa = 1.0 + norm2 / shift
-    if is_hopeless(kappa, eps=EPS64):
-        raise ValueError(
-            f"the window without this gradient would hold one too large for it: its squared "
-            f"norm {norm2:.3g} against the damping term {shift:.3g} ({len(remaining)} damp) "
-            f"makes kappa >= {kappa:.3g}, at or beyond 1/eps(float64) = {1 / EPS64:.3g}, as "
-            "update refuses; remove that gradient first, or increase damp (set_damp)"
-        )
-
-
 def judge_conditioning(
     norm2: float, shift: float, *, known_finite: Callable[[], bool] | None = None
 ) -> None:

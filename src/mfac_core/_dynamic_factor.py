@@ -296,18 +296,18 @@ def all_or_nothing(
     Whatever stops the block (a refusal, an error, a warning that a filter makes an
     error, or an interrupt, which Python raises between two statements) puts back the
     attributes of ``_REPLACED`` (the block assigns them new objects, the window's
-    deques included), the Gram rows written through the function the block is given
-    (``set_row(slot, b)`` sets row and column ``slot`` of the window's Gram matrix, in
-    place), and whatever ``undo`` restores (a buffer row). A row not written is not
-    put back: no device read on a refused step, and no write into a Gram that
-    torch.func captured.
+    deques included), the Gram row that the block set through the function it is given
+    (``set_row(slot, b)`` sets row and column ``slot`` in place, keeping the old row
+    first), and whatever ``undo`` restores (a buffer row). A row not set is not put
+    back: no device read on a refused step, and no write into a Gram that torch.func
+    captured, which it refuses.
     """
     saved = [(name, getattr(op, name, False)) for name in _REPLACED]
     gram = op._gram
     rows: list[tuple[int, Any]] = []
 
     def set_row(slot: int, b: Any) -> None:
-        if op._gram is gram:  # the saved Gram itself is edited: keep the row first
+        if op._gram is gram:  # not a Gram recomputed in the block, which is dropped
             rows.append((slot, op._xp.asarray(gram[slot, :], copy=True)))
         op._gram[slot, :] = b
         op._gram[:, slot] = b
@@ -317,7 +317,7 @@ def all_or_nothing(
     except BaseException:
         for name, value in saved:
             object.__setattr__(op, name, value)
-        for slot, row in reversed(rows):
+        for slot, row in rows:
             gram[slot, :] = row
             gram[:, slot] = row
         if undo is not None:

@@ -312,7 +312,7 @@ def emptied(op: Any) -> None:
     xp = op._xp
     gram = xp.zeros((m, m), dtype=xp.float64, device=op.device)
     window = deque(range(m)) if op.zero_init else deque()
-    factor = factorized(op, gram, list(window))
+    factor = factorized(op, gram, list(window), warn=False)  # no gradients: not hopeless
     version = op._version + 1
     free = [] if op.zero_init else list(range(m - 1, -1, -1))
 
@@ -323,6 +323,7 @@ def emptied(op: Any) -> None:
         op._edits = 0
         op._version = version
         op.refactor_count = 0
+        op._warned_hopeless = False
         op._window, op._free = deque(window), list(free)
         op._commit(factor, refactored=True)
 

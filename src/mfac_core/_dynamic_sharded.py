@@ -32,8 +32,7 @@ NUM_SETTINGS = 10
 # replicated states diverged (``reset`` on some ranks only, any number of times),
 # raise instead of mixing their sums.
 OP_UPDATE, OP_PRODUCT, OP_REMOVE, OP_SET_DAMP = 1, 2, 3, 4
-OP_LOAD, OP_FROM_WINDOW, OP_INIT, OP_CHECK_STATE = 5, 6, 7, 8
-OP_COLUMNS = 8
+OP_LOAD, OP_FROM_WINDOW, OP_INIT, OP_COLUMNS, OP_CHECK_STATE = 5, 6, 7, 8, 9
 
 #: The operations that the window's methods name (``DynamicIHVP._reduced``), by code.
 OPERATIONS = {

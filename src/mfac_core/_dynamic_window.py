@@ -24,7 +24,6 @@ from ._dynamic_checks import (
     checked_values,
     gradient_culprit,
     judge_gradient,
-    judge_removal,
     values_checked,
 )
 from ._dynamic_factor import (
@@ -35,6 +34,7 @@ from ._dynamic_factor import (
     factorized,
     warn_if_edit_hopeless,
     warn_if_hopeless,
+    warned_anew,
 )
 from ._errors import FactorizationError
 from ._finite import float32_overflow_said_by_caller
@@ -180,9 +180,10 @@ class RowStore:
         # between bytecodes) surfaces as the extension returns, the row already written.
         # Whether the extension ran is told by ``old``'s first item, set here to bits the
         # row's first item does not have and overwritten by the extension with that item.
-        self.old, self.first = old, _first_bits(row)
-        if self.first is not None:
-            _bits(old)[0] = ~self.first
+        first = _first_bits(row)
+        if first is not None:  # the marker before the buffer is installed: an interrupt
+            _bits(old)[0] = ~first  # between the two left a stale one, restored as the row
+        self.old, self.first = old, first
         if self.op.storage_dtype is None:
             biggest = _host_rows.store_row(self.gv, row, old=old, storage=self.storage)
         else:
@@ -326,10 +327,10 @@ def place(
         if gram is not None:
             op._gram = gram
             op._exact_gram = True
-        set_row(slot, b)
         op._commit(factor, refactored=refactored)
         if slots is not None:
             op._window, op._free = slots
+        set_row(slot, b)  # last (all_or_nothing)
     return g, b, (b[:, None] if product is None else product)
 
 
@@ -588,8 +589,10 @@ def remove_slot(op: Any, slot: int, /) -> None:
         return
     # The normalisation 1/k changes: refactorise without the slot (its Gram row
     # is not read), then clear it; a failure leaves the window as it was.
-    judge_removal(op, list(window))
-    factor = factorized(op, op._gram, list(window))
+    factor = factorized(op, op._gram, list(window), warn=False)
+    # A smaller window is a new set-up: it warns where it is hopeless (the normalisation
+    # 1/k grows, and with it kappa), whether or not the window warned before.
+    hopeless = warned_anew(op, factor.factor)
     old = xp.asarray(op._G[slot, ...], copy=True)
 
     def put_back() -> None:
@@ -597,9 +600,10 @@ def remove_slot(op: Any, slot: int, /) -> None:
 
     with all_or_nothing(op, undo=put_back) as set_row:
         op._window, op._free = window, [*op._free, slot]
-        op._G[slot, ...] = 0
-        set_row(slot, 0)
+        op._warned_hopeless = hopeless
         op._commit(factor, refactored=True)
+        op._G[slot, ...] = 0
+        set_row(slot, 0)  # last (all_or_nothing)
 
 
 # -- products ----------------------------------------------------------------------
