@@ -1802,8 +1802,9 @@ def own_optimizer(w):  # a window made on the device, over the device's own para
     return opt.update({"w": jnp.sin(p["w"])}, opt.init(p), p)[0]["w"][None]
 
 
-def own_operator(Gl, x):
-    return (mj.static_ihvp(Gl, damp=0.1) @ x[0])[None]
+def own_operator(Gl, x):  # d past one span of the Gram's blocks, and the diagonal
+    op = mj.static_ihvp(Gl, damp=0.1)
+    return (op @ x[0])[None], op.diagonal()[None]
 
 
 spec = P("x")
@@ -1815,11 +1816,14 @@ U = jax.jit(jax.shard_map(own_optimizer, mesh=mesh, in_specs=spec, out_specs=spe
 opt = mj.mfac(m, 0.1)
 want = [opt.update({"w": jnp.sin(G[i])}, opt.init({"w": G[i]}))[0]["w"] for i in range(2)]
 assert np.array_equal(np.asarray(U), np.asarray(jnp.stack(want)))
-Gs = W.reshape(2 * m, d)
-Y = jax.jit(jax.shard_map(own_operator, mesh=mesh, in_specs=two, out_specs=spec))(Gs, G)
+D = 20_000
+Gs = jnp.asarray(rng.standard_normal((2 * m, D)), jnp.float32)
+X = jnp.asarray(rng.standard_normal((2, D)), jnp.float32)
+Y, Z = jax.jit(jax.shard_map(own_operator, mesh=mesh, in_specs=two, out_specs=two))(Gs, X)
 for i in range(2):
-    want = mj.static_ihvp(Gs[i * m : (i + 1) * m], damp=0.1) @ G[i]
-    assert np.array_equal(np.asarray(Y[i]), np.asarray(want))
+    op = mj.static_ihvp(Gs[i * m : (i + 1) * m], damp=0.1)
+    assert np.array_equal(np.asarray(Y[i]), np.asarray(op @ X[i]))
+    assert np.array_equal(np.asarray(Z[i]), np.asarray(op.diagonal()))
 print("shard_map ok")
 """
 

@@ -348,6 +348,15 @@ def test_a_step_after_a_parameter_was_reshaped_is_refused():
         before = copy.deepcopy(opt.state_dict())
         with pytest.raises(RuntimeError, match=r"\(shape \(3, 4\)\) had shape \(4, 3\) when"):
             opt.step()
+        # Nor through a copy, or a state loaded into an optimizer built over the new shape.
+        twin = copy.deepcopy(opt)  # its parameters are copies, without gradients
+        for p in twin.param_groups[0]["params"]:
+            p.grad = torch.randn(p.shape)
+        with pytest.raises(RuntimeError, match=r"had shape \(4, 3\) when"):
+            twin.step()
+        fresh = MFAC(model.parameters(), lr=0.1, num_grads=2, masks=None)
+        with pytest.raises(ValueError, match="the MFAC state is of other parameters"):
+            fresh.load_state_dict(opt.state_dict())
         extra = nn.Parameter(torch.zeros(2))
         with pytest.raises(RuntimeError, match=r"of shape \(3, 4\) had shape \(4, 3\) when"):
             opt.add_param_group({"params": [extra]})
@@ -392,8 +401,16 @@ def test_parameters_whose_entries_share_memory_are_refused_before_anything_chang
     p.data = p.data.clone()  # memory of its own: the same step goes through, once
     opt.step()
     assert opt.steps == 1
-    # A stride 0 along a dimension of size 1 shares nothing (torch writes it): accepted.
+    # A stride 0 along a dimension of size 1 shares nothing (torch writes it): accepted;
+    # so are a tensor without entries and a frozen expanded one, which no step writes
+    # (a fixed positional table), as they were before.
     MFAC([nn.Parameter(torch.randn(3, 1).expand(3, 1))], lr=0.1, num_grads=2).step()
+    empty = nn.Parameter(torch.zeros(1, 0).expand(4, 0))
+    table = nn.Parameter(torch.randn(1, 4, generator=gen).expand(6, 4), requires_grad=False)
+    opt = MFAC([q, empty, table], lr=0.1, num_grads=2)
+    q.grad = torch.randn(4, generator=gen)
+    opt.step()
+    assert opt.steps == 1
 
 
 @pytest.mark.parametrize("kind", ["nested", "sparse_coo", "sparse_csr"])

@@ -870,6 +870,10 @@ def _gloo_optimizer(comm: Communicator, root: str) -> dict[str, Any]:
         MFAC(sharded.parameters(), **{**OPTIONS, "damp": -1.0 if comm.rank else 0.1})
     except ValueError as exc:
         out["fsdp_refused"] = str(exc)
+    try:  # named parameters too: the mesh was looked for in tensors alone
+        MFAC(sharded.named_parameters(), **{**OPTIONS, "damp": -1.0 if comm.rank else 0.1})
+    except ValueError as exc:
+        out["fsdp_refused_named"] = str(exc)
     _train(sharded, fopt, data[:4], comm)
     path = os.path.join(root, "fsdp")
     dcp.save({"model": sharded.state_dict(), "optim": fopt.state_dict()}, checkpoint_id=path)
@@ -1013,8 +1017,9 @@ def test_ddp_and_fsdp2_over_gloo() -> None:
         assert r["options_restored"] == {"flatten": True, "full": True}, r["options_restored"]
         assert r["same_window"]
         assert r["skip"][:2] == (1, True), r["skip"]
-    assert "MFAC failed on 1 other rank(s) of 2" in results[0]["fsdp_refused"]
-    assert "damp must be finite and > 0, got -1.0" in results[1]["fsdp_refused"]
+    for key in ("fsdp_refused", "fsdp_refused_named"):
+        assert "MFAC failed on 1 other rank(s) of 2" in results[0][key]
+        assert "damp must be finite and > 0, got -1.0" in results[1][key]
     assert [r["absent"] for r in results] == [
         ([True, False], STEPS + 1),
         ([False, False], STEPS + 1),

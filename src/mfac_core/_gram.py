@@ -253,16 +253,19 @@ def _jax_contract() -> Callable[[Any, Any], Any]:
             return lax.fori_loop(0, count - 1, lambda i, acc: acc + block(j0 + 1 + i), block(j0))
 
         spans, rest = divmod(n, SPAN_BLOCKS)
-        out = jax.numpy.zeros((*A.shape[:-1], B.shape[-1]), f64)
+        # Loops start from their first term, not from zeros: under shard_map a carry has
+        # the type of the body's result, which varies over the devices as A and B do.
         if spans:
             out = lax.fori_loop(
-                0,
+                1,
                 spans,
                 lambda s, total: total + span(s * SPAN_BLOCKS, SPAN_BLOCKS),
-                out,
+                span(0, SPAN_BLOCKS),
             )
-        if rest:
-            out = out + span(spans * SPAN_BLOCKS, rest)
+            if rest:
+                out = out + span(spans * SPAN_BLOCKS, rest)
+        else:
+            out = span(0, rest)  # n >= 2 blocks
         if n * c < A.shape[-1]:
             out = out + A[..., n * c :].astype(f64) @ B[..., n * c :, :].astype(f64)
         return out

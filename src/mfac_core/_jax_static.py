@@ -267,13 +267,13 @@ def _gram_f64(G: Any, width: int) -> Any:
         X = X.astype(jnp.float64)
         return X @ X.T
 
-    gram = jnp.zeros((m, m), jnp.float64)
-    if full:
+    def body(i: Any, acc: Any) -> Any:
+        return acc + chunk_gram(lax.dynamic_slice_in_dim(G, i * width, width, axis=1))
 
-        def body(i: Any, acc: Any) -> Any:
-            return acc + chunk_gram(lax.dynamic_slice_in_dim(G, i * width, width, axis=1))
-
-        gram = lax.fori_loop(0, full, body, gram) if full > 1 else chunk_gram(G[:, :width])
+    # From the first chunk, not from zeros (a carry of the body's type: project64).
+    gram = chunk_gram(G[:, :width]) if full else jnp.zeros((m, m), jnp.float64)
+    if full > 1:
+        gram = lax.fori_loop(1, full, body, gram)
     if full * width < d:
         gram = gram + chunk_gram(G[:, full * width :])
     return gram
@@ -464,13 +464,14 @@ def _by_columns(d: int, width: int, part: Any) -> Any:
     """
     full = d // width
     out = jnp.zeros((d,), jnp.float64)
+
+    def body(i: Any, acc: Any) -> Any:
+        chunk = part(lambda A: lax.dynamic_slice_in_dim(A, i * width, width, axis=1))
+        return lax.dynamic_update_slice_in_dim(acc, chunk, i * width, axis=0)
+
     if full:
-
-        def body(i: Any, acc: Any) -> Any:
-            chunk = part(lambda A: lax.dynamic_slice_in_dim(A, i * width, width, axis=1))
-            return lax.dynamic_update_slice_in_dim(acc, chunk, i * width, axis=0)
-
-        out = lax.fori_loop(0, full, body, out)
+        # The first chunk before the loop: a carry of the body's type (project64).
+        out = lax.fori_loop(1, full, body, body(0, out))
     if full * width < d:
         out = out.at[full * width :].set(part(lambda A: A[:, full * width :]))
     return out

@@ -161,6 +161,8 @@ def first_tensor(given: Sequence[Any]) -> torch.Tensor | None:
         found = found.get("params")
         if isinstance(found, Sequence) and found:
             found = found[0]
+    if isinstance(found, tuple) and len(found) == 2 and isinstance(found[0], str):
+        found = found[1]  # named_parameters()' (name, parameter), as torch.optim takes
     return found if isinstance(found, torch.Tensor) else None
 
 

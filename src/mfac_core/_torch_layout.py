@@ -161,7 +161,33 @@ def self_overlapping(t: torch.Tensor) -> bool:
     location"). Other overlaps torch finds "too hard" to tell and lets be: so does this.
     """
     strides = t.stride()
-    return 0 in strides and any(n > 1 and s == 0 for n, s in zip(t.shape, strides, strict=True))
+    return (
+        0 in strides
+        and t.numel() > 0  # no entries: nothing shared (torch writes such a tensor)
+        and any(n > 1 and s == 0 for n, s in zip(t.shape, strides, strict=True))
+    )
+
+
+def check_groups_laid_out(opt: Any, groups: list[dict[str, Any]], outcome: str) -> None:
+    """Refuse ``groups`` that no longer list the parameters the window is laid out over.
+
+    The flat vector and the window are laid out over the parameters as built (and as
+    added by ``add_param_group``); ``outcome`` says what the refusal left unchanged.
+    """
+    edited = len(groups) != len(opt._slices) or any(
+        len(group["params"]) != len(layout)
+        or any(p is not q for p, (q, *_) in zip(group["params"], layout, strict=False))
+        for group, layout in zip(groups, opt._slices, strict=False)
+    )
+    if edited:
+        raise RuntimeError(
+            "MFAC: opt.param_groups no longer lists the parameters the optimizer was built "
+            f"with ({[len(layout) for layout in opt._slices]} per group, now "
+            f"{[len(group['params']) for group in groups]}, or others): a parameter added "
+            "to or removed from a group, or a group appended, would be left out of (or "
+            "kept in) the window; use add_param_group(), or build a new optimizer "
+            f"({outcome})"
+        )
 
 
 def check_param_tensors(groups: list[dict[str, Any]]) -> None:
@@ -170,9 +196,10 @@ def check_param_tensors(groups: list[dict[str, Any]]) -> None:
     A lazy module's parameter has no size yet; a nested tensor failed deep inside the
     construction (its shape cannot be read); a
     sparse one was taken, and then no step could use it (its gradient is sparse too); an
-    expanded one (stride 0) failed in the middle of the step, after the window had taken
-    the gradient and earlier parameters had moved. Checked first, before anything reads
-    a parameter's shape.
+    expanded one (stride 0) that requires grad failed in the middle of the step, after
+    the window had taken the gradient and earlier parameters had moved (a step writes a
+    parameter with a gradient only: the step checks those again). Checked first, before
+    anything reads a parameter's shape.
     """
     for j, group in enumerate(groups):
         for i, p in enumerate(group["params"]):
@@ -190,7 +217,7 @@ def check_param_tensors(groups: list[dict[str, Any]]) -> None:
                     f"(parameter {i} of group {j}): a step writes every parameter's "
                     "entries in place through a flat view"
                 )
-            if self_overlapping(local(p)):
+            if p.requires_grad and self_overlapping(local(p)):  # a frozen one is never written
                 raise ValueError(
                     f"MFAC: parameter {i} of group {j} (shape {tuple(p.shape)}, strides "
                     f"{local(p).stride()}) has entries that share memory (a dimension of "
@@ -339,6 +366,8 @@ def grow(opt: Any) -> None:
     entry = dict(opt._entry)
     saved = {k: opt.__dict__[k] for k in LAYOUT_ATTRS}
     try:
+        # The groups before the new one, as laid out: a hand edit failed in the zip below.
+        check_groups_laid_out(opt, opt.param_groups[:-1], "the group was not added")
         layout(opt)
         for old, new in zip(saved["_slices"], opt._slices, strict=False):
             for (*_, was), (*_, now) in zip(old, new, strict=True):

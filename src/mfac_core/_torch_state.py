@@ -39,8 +39,16 @@ def param_shapes(opt: Any) -> torch.Tensor:
     Global shapes (a DTensor's ``shape``): the same on every rank. A load compares them
     with its own (:func:`check_param_shapes`).
     """
-    shapes = [tuple(p.shape) for group in opt.param_groups for p in group["params"]]
-    return packed_shapes(shapes, opt.device)
+    return packed_shapes(layout_shapes(opt), opt.device)
+
+
+def layout_shapes(opt: Any) -> list[tuple[int, ...]]:
+    """The parameters' shapes when the optimizer laid them out (the window's coordinates).
+
+    Not their shapes now: a ``.data`` of the same size in another shape is refused by the
+    step, and saved as it was laid out, so that a load or a copy refuses it as well.
+    """
+    return [tuple(shape) for layout in opt._slices for *_, shape in layout]
 
 
 def fresh_entry(grad: torch.Tensor) -> dict[str, Any]:
@@ -691,7 +699,7 @@ def pickled(opt: Any, parent_getstate: Callable[[], dict[str, Any]]) -> dict[str
     state["state"] = defaultdict(
         dict, {p: without_window(e) if p is opt._first else e for p, e in opt.state.items()}
     )
-    state["_mfac"] = {"window": opt.ihvp.state_dict()}
+    state["_mfac"] = {"window": opt.ihvp.state_dict(), "shapes": layout_shapes(opt)}
     if opt._masks:
         state["_mfac"]["masks"] = masks_list(opt)
         state["_mfac"]["mask_order"] = MASK_ORDER
@@ -703,6 +711,11 @@ def restore(opt: Any, extra: Mapping[str, Any]) -> None:
     opt._frozen = True
     opt._comm = None
     layout(opt)
+    shapes = extra.get("shapes")  # as laid out (pickles of earlier versions: as now)
+    if shapes is not None and len(shapes) == sum(len(layout) for layout in opt._slices):
+        # The copy steps as the original would: a parameter reshaped since is refused.
+        laid = iter(torch.Size(shape) for shape in shapes)
+        opt._slices = [[(*entry[:3], next(laid)) for entry in group] for group in opt._slices]
     check_mask_order(opt, extra.get("masks") is not None, extra.get("mask_order"))
     opt.ihvp = new_window(opt, extra["window"]["damp"])
     window, _ = check_window(opt, extra["window"], None)

@@ -19,7 +19,7 @@ from ._dynamic_window import NoGradient, RankPart, collective_step
 from ._errors import FactorizationError
 from ._finite import float32_overflow_said_by_caller
 from ._torch_distributed import all_gather, dtensor_class, local
-from ._torch_layout import self_overlapping
+from ._torch_layout import check_groups_laid_out, self_overlapping
 from ._torch_sparse import check_layouts
 from ._torch_state import GROUP_KEYS, live_entry
 from ._validation import short_repr
@@ -325,22 +325,7 @@ def check_params(opt: Any) -> None:
     float32 without a word. (2-byte parameters, or float32 ones in a float64 optimizer,
     are stepped in a wider dtype and rounded once, as at construction.)
     """
-    groups = opt.param_groups
-    edited = len(groups) != len(opt._slices) or any(
-        len(group["params"]) != len(layout)
-        or any(p is not q for p, (q, *_) in zip(group["params"], layout, strict=False))
-        for group, layout in zip(groups, opt._slices, strict=False)
-    )
-    if edited:
-        # The flat vector and the window are laid out over the parameters as built.
-        raise RuntimeError(
-            "MFAC: opt.param_groups no longer lists the parameters the optimizer was built "
-            f"with ({[len(layout) for layout in opt._slices]} per group, now "
-            f"{[len(group['params']) for group in groups]}, or others): a parameter added "
-            "to or removed from a group, or a group appended, would be left out of (or "
-            "kept in) the window; use add_param_group(), or build a new optimizer (the "
-            "step was not taken, nothing changed)"
-        )
+    check_groups_laid_out(opt, opt.param_groups, "the step was not taken, nothing changed")
     # Every step: only comparisons per parameter; the messages are built where one fails.
     narrow = opt.dtype != torch.float64
     dtensor = dtensor_class() or ()  # isinstance(p, ()) is False
@@ -356,7 +341,7 @@ def check_params(opt: Any) -> None:
                     "they were; "
                     "build a new optimizer (the step was not taken, nothing changed)"
                 )
-            if self_overlapping(mine):
+            if p.grad is not None and self_overlapping(mine):  # the step writes it
                 # torch refused the in-place move in the middle of the step, after the
                 # window had taken the gradient and earlier parameters had moved.
                 raise RuntimeError(

@@ -379,7 +379,8 @@ class MFAC(torch.optim.Optimizer):
             parameter listed twice, parameters on another device, parameters that would change
             the step's dtype (float64 ones added to a float32 optimizer) or the window's storage
             dtype (float32 ones added to a bfloat16 optimizer without ``grad_dtype``), or a
-            distributed optimizer. The optimizer is then unchanged.
+            distributed optimizer; ``TypeError`` for nested or sparse parameters, ``RuntimeError``
+            for groups edited by hand or a parameter reshaped since. Nothing then changes.
         """
         frozen = check_new_group(self, param_group)
         super().add_param_group(param_group)
