@@ -206,12 +206,12 @@ def test_jax_static_setup_and_diagonal(device: bool, monkeypatch: pytest.MonkeyP
         traced = str(jax.make_jaxpr(lambda G: static_ihvp(G, damp=0.1).diagonal())(G))
         concrete = static_ihvp(G, damp=0.1)
         diag = concrete.diagonal()
-    # lax.fori_loop over the chunks (a scan: its trip count is static, which reverse-mode
-    # autodiff needs); one chunk on a device (the Gram of the whole G, and a loop of one for
-    # the diagonal).
+    # lax.fori_loop over the chunks after the first (a scan: its trip count is static,
+    # which reverse-mode autodiff needs; the first chunk starts the carry, for shard_map);
+    # one chunk on a device (the Gram of the whole G and the diagonal's one chunk: no loop).
     assert "while[" not in traced
     lengths = [int(n) for n in re.findall(r"length=(\d+)", traced)]
-    assert lengths == ([1] if device else [1, 4]), traced
+    assert lengths == ([] if device else [1, 3]), traced
     assert diag.shape == (512,)
     # The chunk widths given to the jitted set-up and diagonal (traced, then concrete).
     width = 512 if device else 128

@@ -256,12 +256,11 @@ def _jax_contract() -> Callable[[Any, Any], Any]:
         # Loops start from their first term, not from zeros: under shard_map a carry has
         # the type of the body's result, which varies over the devices as A and B do.
         if spans:
-            out = lax.fori_loop(
-                1,
-                spans,
-                lambda s, total: total + span(s * SPAN_BLOCKS, SPAN_BLOCKS),
-                span(0, SPAN_BLOCKS),
-            )
+            out = span(0, SPAN_BLOCKS)
+            if spans > 1:
+                out = lax.fori_loop(
+                    1, spans, lambda s, total: total + span(s * SPAN_BLOCKS, SPAN_BLOCKS), out
+                )
             if rest:
                 out = out + span(spans * SPAN_BLOCKS, rest)
         else:

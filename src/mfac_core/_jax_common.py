@@ -254,7 +254,8 @@ def project64(G: Any, x: Any) -> Any:
 
     # The loops start from the first slab's products, not from zeros: under shard_map a
     # carry must have the type of the body's result, varying over the devices as G and x.
-    out = jnp.sum(lax.fori_loop(1, full, body, G[:, :w].astype(jnp.float64) * x64[:w]), axis=1)
+    acc = G[:, :w].astype(jnp.float64) * x64[:w]
+    out = jnp.sum(lax.fori_loop(1, full, body, acc) if full > 1 else acc, axis=1)
     if full * w < d:
         out = out + jnp.sum(G[:, full * w :].astype(jnp.float64) * x64[full * w :], axis=1)
     return out

@@ -469,9 +469,10 @@ def _by_columns(d: int, width: int, part: Any) -> Any:
         chunk = part(lambda A: lax.dynamic_slice_in_dim(A, i * width, width, axis=1))
         return lax.dynamic_update_slice_in_dim(acc, chunk, i * width, axis=0)
 
-    if full:
-        # The first chunk before the loop: a carry of the body's type (project64).
-        out = lax.fori_loop(1, full, body, body(0, out))
+    if full:  # the first chunk before the loop: a carry of the body's type (project64)
+        out = body(0, out)
+    if full > 1:
+        out = lax.fori_loop(1, full, body, out)
     if full * width < d:
         out = out.at[full * width :].set(part(lambda A: A[:, full * width :]))
     return out

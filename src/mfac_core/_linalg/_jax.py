@@ -60,8 +60,8 @@ def make_backend() -> Backend:
 
             # The first row outside the loop: its carry then has the body's type (under
             # shard_map, varying over the devices as U), which zeros do not.
-            first = row(0, (jnp.zeros((r,), U.dtype), out))
-            _, out = lax.fori_loop(1, r, row, first)
+            carry = row(0, (jnp.zeros((r,), U.dtype), out))
+            _, out = lax.fori_loop(1, r, row, carry) if r > 1 else carry
         rhs = jnp.concatenate([b, jnp.zeros((1,), b.dtype)])
         col = solve(out, rhs[:, None], False, True)[:n, 0]
         margin, corner = appended(jnp, c, col)
