@@ -1761,16 +1761,17 @@ def test_mfac_on_a_two_device_mesh_needs_no_mesh_context_outside_of_jit():
     # parameters' mesh with jax.sharding.reshard, which outside of jax.set_mesh refuses an
     # array not yet on a mesh of two devices ("Please enter your `jit` into a mesh
     # context"), where adam's eager init and update work. Two CPU devices: in a child.
+    proc = _on_two_devices(_EAGER_SHARDED_CHILD)
+    assert proc.returncode == 0 and "sharded ok" in proc.stdout, proc.stdout + proc.stderr
+
+
+def _on_two_devices(source: str) -> subprocess.CompletedProcess[str]:
+    """Run ``source`` in a child Python whose JAX has two CPU devices (set before import)."""
     flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2"
     env = {**os.environ, "PYTHONPATH": PACKAGE_PARENT, "XLA_FLAGS": flags.strip()}
-    proc = subprocess.run(
-        [sys.executable, "-c", _EAGER_SHARDED_CHILD],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
+    return subprocess.run(
+        [sys.executable, "-c", source], env=env, cwd=ROOT, capture_output=True, text=True
     )
-    assert proc.returncode == 0 and "sharded ok" in proc.stdout, proc.stdout + proc.stderr
 
 
 _SHARD_MAP_CHILD = """
@@ -1834,15 +1835,7 @@ def test_windows_and_operators_of_each_devices_own_arrays_under_shard_map():
     # constants, which shard_map types as the same on every device, while the loops'
     # and the edit's results vary over them: "scan body function carry input and carry
     # output must have equal types" (and "cond branches must have equal output types").
-    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2"
-    env = {**os.environ, "PYTHONPATH": PACKAGE_PARENT, "XLA_FLAGS": flags.strip()}
-    proc = subprocess.run(
-        [sys.executable, "-c", _SHARD_MAP_CHILD],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
+    proc = _on_two_devices(_SHARD_MAP_CHILD)
     assert proc.returncode == 0 and "shard_map ok" in proc.stdout, proc.stdout + proc.stderr
 
 

@@ -330,7 +330,7 @@ def place(
         op._commit(factor, refactored=refactored)
         if slots is not None:
             op._window, op._free = slots
-        set_row(slot, b)  # last (all_or_nothing)
+        set_row(slot, b)
     return g, b, (b[:, None] if product is None else product)
 
 
@@ -603,7 +603,7 @@ def remove_slot(op: Any, slot: int, /) -> None:
         op._warned_hopeless = hopeless
         op._commit(factor, refactored=True)
         op._G[slot, ...] = 0
-        set_row(slot, 0)  # last (all_or_nothing)
+        set_row(slot, 0)
 
 
 # -- products ----------------------------------------------------------------------
